@@ -1,0 +1,147 @@
+"""The `trainbus` command: run training with plugins, list plugins; user mistakes get one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trainbus.proto import PROTOCOL_VERSION
+
+from .config import ConfigError, load_config, registered_plugins, resolve_plugin
+from .spec import SpecError
+
+__version__ = "0.1.0"
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="trainbus: PyTorch training whose plugins run in their own processes.")
+plugins_app = typer.Typer(no_args_is_help=True, help="Plugins: what is installed.")
+app.add_typer(plugins_app, name="plugins")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit code 2."""
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"trainbus {__version__} (protocol v{PROTOCOL_VERSION})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+@app.command()
+def run(
+    target: Optional[str] = typer.Argument(None, help="path/to/file.py:function or package.module:function "
+                                                      "returning a TrainingSpec; default: the digits demo."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML run config."),
+    plugins: Optional[str] = typer.Option(None, "--plugins", "-p", help="Comma-separated plugin names "
+                                                                        "(replaces the config's list; '' for none)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the number of epochs."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for every RNG (default 0)."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where run directories go (default ./runs)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    hparam: list[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE (VALUE parsed as JSON if it can be)."),
+) -> None:
+    """Train, with every plugin in its own process; prints the run id, the outcome and where results are."""
+    from .session import run_training
+
+    cfg = load_config(config)
+    if target is not None:
+        cfg.target = target
+    if plugins is not None:
+        cfg.plugins = [resolve_plugin(name.strip(), {}) for name in plugins.split(",") if name.strip()]
+    for key, value in (("epochs", epochs), ("seed", seed), ("device", device)):
+        if value is not None:
+            setattr(cfg, key, value)
+    if runs_dir is not None:
+        cfg.runs_dir = str(runs_dir)
+    for item in hparam:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r} must look like KEY=VALUE")
+        try:
+            cfg.hyperparameters[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            cfg.hyperparameters[key] = raw
+    from .config import check_run
+
+    check_run(cfg, "command line")
+    _check_plugin_settings(cfg.plugins)
+    err.print(f"trainbus: run starting: target {cfg.target}, plugins {', '.join(p.name for p in cfg.plugins) or 'none'}")
+    result = run_training(cfg, install_sigint=True)
+    _print_summary(result)
+    raise typer.Exit(code={"completed": 0, "stopped": 0, "interrupted": 130}.get(result.status, 1))
+
+
+@plugins_app.command("list")
+def plugins_list() -> None:
+    """Every installed plugin with a one-line description and its settings (with defaults)."""
+    known = registered_plugins()
+    table = Table("plugin", "delivery", "description", "settings (defaults)")
+    for name, info in zip(known, _describe(list(known.values()))):
+        if "error" in info:
+            table.add_row(name, "?", f"[red]cannot load: {info['error']}[/red]", "")
+            continue
+        settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in info["settings"].items()) or "-"
+        table.add_row(name, info["delivery"], info["description"], settings)
+    out.print(table)
+
+
+def _describe(items: list[str]) -> list[dict]:
+    """Ask a plugin-side process to describe plugins: the kernel never imports plugin code itself."""
+    proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", *items],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise UserError(f"could not load plugins: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+    return json.loads(proc.stdout)
+
+
+def _check_plugin_settings(plugins) -> None:
+    if not plugins:
+        return
+    infos = _describe([f"{p.target}={json.dumps(p.settings)}" for p in plugins])
+    for p, info in zip(plugins, infos):
+        if "error" in info:
+            raise UserError(f"plugin {p.name}: {info['error']}")
+
+
+def _print_summary(result) -> None:
+    o = result.outcome
+    colour = {"completed": "green", "stopped": "yellow"}.get(result.status, "red")
+    out.print(f"\n[bold]run {result.run_id}[/bold]: [{colour}]{result.status}[/{colour}] "
+              f"after {o['epochs_completed']} epochs, {o['steps']} steps, {result.duration_s:.1f} s")
+    if o["stop_reasons"]:
+        out.print("  stopped by: " + "; ".join(o["stop_reasons"]))
+    if result.error:
+        out.print(f"  error: {result.error}")
+    if o["validation_loss"] is not None:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in o["validation_metrics"].items())
+        out.print(f"  validation loss {o['validation_loss']:.4f}" + (f", {metrics}" if metrics else ""))
+    for name, p in result.plugins.items():
+        if p["restarts"] or p["state"] == "failed":
+            out.print(f"  plugin {name}: {p['state']}, {p['restarts']} restarts ({'; '.join(p['crashes'][-3:])})")
+    for name, acked in result.undrained.items():
+        out.print(f"  plugin {name}: did not catch up (acked up to seq {acked})")
+    out.print(f"  results: {result.run_dir}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except (UserError, ConfigError, SpecError) as exc:
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(2)

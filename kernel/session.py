@@ -1,0 +1,134 @@
+"""One run from start to end: run directory, bus and plugins, the loop, Ctrl-C, the summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainbus.proto import events as ev
+
+from .bus import Bus
+from .config import RunConfig
+from .loop import Loop, pick_device, seed_everything
+from .spec import build_spec
+from .supervisor import PluginSpec
+
+log = logging.getLogger("trainbus.kernel")
+
+FINAL_WEIGHTS = "final.pt"
+PLUGIN_EXIT_TIMEOUT_S = 5.0  # after the last event, plugins get this long to exit on their own
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: str
+    status: str  # completed | stopped | failed | interrupted
+    duration_s: float
+    outcome: dict[str, Any]
+    plugins: dict[str, Any]
+    undrained: dict[str, int] = field(default_factory=dict)  # durable plugins that did not catch up
+    bus: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool = False) -> RunResult:
+    """Train per the config with its plugins attached; never raises for what a plugin does."""
+    run_id = run_id or new_run_id()
+    run_dir = Path(cfg.runs_dir).resolve() / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    handler = _log_to(run_dir / "kernel.log")
+    started = time.monotonic()
+
+    seed_everything(cfg.seed)
+    hyperparameters = dict(cfg.hyperparameters)
+    spec = build_spec(cfg.target, hyperparameters)
+    if cfg.epochs is not None:
+        spec.epochs = cfg.epochs
+    device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)
+
+    plugins = [PluginSpec(p.name, p.target, p.settings, console=(p.name == "console")) for p in cfg.plugins]
+    bus = Bus(run_id, run_dir, plugins)
+    interrupts = _Interrupts(install_sigint)
+    loop = Loop(spec, bus, device, stop_requested=interrupts.requested)
+    status, error = "completed", None
+    try:
+        bus.start()
+        missing = bus.wait_ready(cfg.ready_timeout_s)
+        if missing:
+            log.warning("plugins not ready after %.0f s, training anyway: %s", cfg.ready_timeout_s, ", ".join(missing))
+        outcome = loop.run()
+        if outcome.stopped_early:
+            status = "interrupted" if interrupts.count else "stopped"
+    except KeyboardInterrupt:
+        status, error = "interrupted", "interrupted (second Ctrl-C)"
+        bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error})
+    except Exception as exc:
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
+        log.error("training failed:\n%s", tail)
+        bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error, "traceback": tail})
+    finally:
+        interrupts.restore()
+    if status in ("completed", "stopped"):  # the trained weights, loadable with torch.load(weights_only=True)
+        torch.save({"model_state_dict": spec.model.state_dict(), "optimizer_state_dict": spec.optimizer.state_dict(),
+                    "epoch": loop.epoch, "step": loop.step}, run_dir / FINAL_WEIGHTS)
+    undrained = bus.wait_drained(cfg.drain_timeout_s if status != "interrupted" else 2.0)
+    bus.close(PLUGIN_EXIT_TIMEOUT_S)
+    result = RunResult(run_id=run_id, run_dir=str(run_dir), status=status,
+                       duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
+                       plugins=bus.supervisor.summary(), undrained=undrained, bus=dict(bus.counters), error=error)
+    (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    logging.getLogger("trainbus").removeHandler(handler)
+    handler.close()
+    return result
+
+
+class _Interrupts:
+    """First Ctrl-C: stop at the next batch boundary and let plugins drain. Second: stop at once."""
+
+    def __init__(self, install: bool):
+        self.count = 0
+        self._previous = None
+        if install and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.count += 1
+        if self.count == 1:
+            os.write(2, b"\ntrainbus: stopping at the next batch boundary (Ctrl-C again to stop now)\n")
+            return
+        raise KeyboardInterrupt
+
+    def requested(self) -> bool:
+        return self.count > 0
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _log_to(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("trainbus")
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    return handler

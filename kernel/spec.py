@@ -1,0 +1,96 @@
+"""The training spec a user provides, and loading it from `file.py:function` or `package.module:function`."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+class SpecError(Exception):
+    """The user's target cannot be loaded or does not return a TrainingSpec; the message says the fix."""
+
+
+@dataclass
+class TrainingSpec:
+    """Everything the loop needs. Built by a user function; the kernel owns it from then on.
+
+    Example (`train.py:build`, run with `trainbus run train.py:build`)::
+
+        def build(hyperparameters):
+            model = torch.nn.Linear(4, 2)
+            return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                loss_fn=torch.nn.functional.cross_entropy,
+                                train_loader=..., validation_loader=..., epochs=3)
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    train_loader: Any  # any iterable of (inputs, targets); a torch DataLoader usually
+    validation_loader: Any = None
+    epochs: int = 1
+    metrics: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    scheduler: Any = None  # torch.optim.lr_scheduler.*; stepped once per epoch
+
+    def check(self) -> None:
+        if not isinstance(self.model, torch.nn.Module):
+            raise SpecError(f"TrainingSpec.model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise SpecError(f"TrainingSpec.optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
+        if not callable(self.loss_fn):
+            raise SpecError("TrainingSpec.loss_fn must be callable(outputs, targets) -> loss tensor")
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise SpecError(f"TrainingSpec.epochs must be a positive integer, got {self.epochs!r}")
+
+
+DEFAULT_TARGET = "trainbus.kernel.digits:build"
+
+
+def load_target(target: str) -> Callable[..., TrainingSpec]:
+    """Resolve `path/to/file.py:function` or `package.module:function` to the function."""
+    module_part, sep, func_name = target.rpartition(":")
+    if not sep or not module_part or not func_name:
+        raise SpecError(f"target {target!r} must look like path/to/file.py:function or package.module:function")
+    if module_part.endswith(".py") or "/" in module_part:
+        path = Path(module_part)
+        if not path.is_file():
+            raise SpecError(f"target file {path} does not exist; check the path before ':{func_name}'")
+        name = f"trainbus_user_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_part.startswith(exc.name):
+                raise SpecError(f"cannot import module {module_part!r}; is it installed or on PYTHONPATH?") from None
+            raise
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise SpecError(f"{module_part} has no attribute {func_name!r}; name a function that returns a TrainingSpec")
+    if not callable(func) or isinstance(func, type):
+        raise SpecError(f"{target} is a {type(func).__name__}, not a function; name a function that returns a TrainingSpec")
+    return func
+
+
+def build_spec(target: str, hyperparameters: dict[str, Any]) -> TrainingSpec:
+    """Call the user's function (with the hyperparameters if it takes them) and check its result."""
+    func = load_target(target)
+    import inspect
+
+    params = inspect.signature(func).parameters
+    spec = func(dict(hyperparameters)) if params else func()
+    if not isinstance(spec, TrainingSpec):
+        raise SpecError(f"{target} returned {type(spec).__name__}; it must return trainbus.kernel.TrainingSpec")
+    spec.check()
+    return spec

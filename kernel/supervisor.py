@@ -1,0 +1,221 @@
+"""Spawns plugin processes and keeps them alive: exit watch, heartbeat liveness, restart with backoff."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from trainbus.proto import events as ev, pack
+
+# Paranoid Pirate (zguide ch. 4) numbers: a peer silent for HEARTBEAT_LIVENESS intervals is hung.
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_LIVENESS = 3
+STARTUP_TIMEOUT_S = 30.0  # spawn -> hello; a plugin importing torch on a loaded box needs a few s
+TERM_GRACE_S = 1.0  # SIGTERM -> SIGKILL for a hung or leftover plugin
+# Restart backoff: doubles from INTERVAL_INIT_S up to INTERVAL_MAX_S, back to the start after a
+# healthy HEALTHY_RESET_S; more than MAX_RESTARTS within RESTART_WINDOW_S and the plugin is failed.
+INTERVAL_INIT_S = 0.25
+INTERVAL_MAX_S = 8.0
+HEALTHY_RESET_S = 10.0
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class PluginSpec:
+    """What the run's config says about one plugin."""
+
+    name: str
+    target: str  # "module:Class", resolved from the entry-point registry or given directly
+    settings: dict[str, Any] = field(default_factory=dict)
+    console: bool = False  # draws on the kernel's terminal instead of logging to the run dir
+
+
+@dataclass
+class Child:
+    """One supervised plugin and the state of its current process."""
+
+    spec: PluginSpec
+    proc: subprocess.Popen | None = None
+    state: str = "pending"  # pending|starting|running|backoff|terminating|exited|failed
+    started_at: float = 0.0
+    last_seen: float = 0.0
+    next_start_at: float = 0.0
+    backoff_s: float = INTERVAL_INIT_S
+    restart_times: deque = field(default_factory=deque)
+    kill_at: float = 0.0
+    leaving: bool = False  # said bye: an exit is on purpose
+    restarts: int = 0
+    crashes: list = field(default_factory=list)  # human-readable reasons, for the run summary
+
+
+class Supervisor:
+    """Owns the plugin processes of one run; ticked by the bus thread, which also feeds it liveness."""
+
+    def __init__(self, specs: list[PluginSpec], env: dict[str, str], run_dir: Path, emit: Emit,
+                 heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S):
+        self.children = {s.name: Child(s) for s in specs}
+        self.env = env
+        self.log_dir = Path(run_dir) / "plugins"
+        self.emit = emit
+        self.liveness_s = heartbeat_interval_s * HEARTBEAT_LIVENESS
+        self.stopping = False
+
+    # -- called by the bus ------------------------------------------------------------------------
+
+    def start_all(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for child in self.children.values():
+            self._spawn(child, time.monotonic())
+
+    def seen(self, name: str, pid: int | None = None) -> None:
+        child = self.children.get(name)
+        if child and child.proc and (pid is None or pid == child.proc.pid):
+            child.last_seen = time.monotonic()
+            if child.state == "starting":
+                child.state = "running"
+
+    def leaving(self, name: str) -> None:
+        if name in self.children:
+            self.children[name].leaving = True
+
+    def tick(self, now: float) -> None:
+        for child in self.children.values():
+            self._check(child, now)
+
+    def live_names(self) -> list[str]:
+        return [c.spec.name for c in self.children.values() if c.state in ("starting", "running")]
+
+    def shutdown(self, deadline_s: float) -> None:
+        """Stop restarting; give live plugins until the deadline to exit, then TERM, then KILL."""
+        self.stopping = True
+        end = time.monotonic() + deadline_s
+        procs = [c.proc for c in self.children.values() if c.proc and c.proc.poll() is None]
+        while procs and time.monotonic() < end:
+            procs = [p for p in procs if p.poll() is None]
+            time.sleep(0.02)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in procs:
+                _signal_group(p, sig)
+            grace_end = time.monotonic() + TERM_GRACE_S
+            while procs and time.monotonic() < grace_end:
+                procs = [p for p in procs if p.poll() is None]
+                time.sleep(0.02)
+        for child in self.children.values():
+            if child.proc:
+                child.proc.wait()  # reap, so no zombie outlives the run
+                if child.state not in ("failed",):
+                    child.state = "exited"
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {"state": c.state, "restarts": c.restarts, "crashes": list(c.crashes)}
+            for name, c in self.children.items()
+        }
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _spawn(self, child: Child, now: float) -> None:
+        spec = child.spec
+        env = dict(self.env, TRAINBUS_PLUGIN_NAME=spec.name,
+                   TRAINBUS_PLUGIN_SETTINGS=pack(spec.settings).hex())
+        cmd = [sys.executable, "-m", "trainbus.sdk", spec.target]
+        if spec.console:
+            out = None  # inherit the kernel's terminal
+        else:
+            out = open(self.log_dir / f"{spec.name}.log", "ab")
+        try:
+            child.proc = subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=True,  # own process group: Ctrl-C reaches the kernel only
+            )
+        finally:
+            if out:
+                out.close()
+        child.state = "starting"
+        child.started_at = child.last_seen = now
+        child.leaving = False
+        self.emit(ev.PLUGIN_STARTED, {"plugin": spec.name, "pid": child.proc.pid, "restarts": child.restarts})
+
+    def _check(self, child: Child, now: float) -> None:
+        if child.state == "backoff":
+            if now >= child.next_start_at and not self.stopping:
+                child.restarts += 1
+                self._spawn(child, now)
+                self.emit(ev.PLUGIN_RESTARTED, {"plugin": child.spec.name, "pid": child.proc.pid,
+                                                "restarts": child.restarts})
+            return
+        if child.proc is None or child.state in ("exited", "failed"):
+            return
+        code = child.proc.poll()
+        if code is not None:
+            self._on_exit(child, code, now)
+            return
+        if child.state == "terminating":
+            if now >= child.kill_at:
+                _signal_group(child.proc, signal.SIGKILL)
+            return
+        if self.stopping:
+            return
+        if child.state == "running" and now - child.last_seen > self.liveness_s:
+            self._declare_hung(child, now, f"silent for {now - child.last_seen:.1f} s")
+        elif child.state == "starting" and now - child.started_at > STARTUP_TIMEOUT_S:
+            self._declare_hung(child, now, f"no hello within {STARTUP_TIMEOUT_S:.0f} s")
+
+    def _declare_hung(self, child: Child, now: float, why: str) -> None:
+        self.emit(ev.PLUGIN_HUNG, {"plugin": child.spec.name, "pid": child.proc.pid, "reason": why})
+        child.crashes.append(f"hung ({why})")
+        _signal_group(child.proc, signal.SIGTERM)
+        _signal_group(child.proc, signal.SIGCONT)  # a stopped process must run to see SIGTERM
+        child.state = "terminating"
+        child.kill_at = now + TERM_GRACE_S
+
+    def _on_exit(self, child: Child, code: int, now: float) -> None:
+        name = child.spec.name
+        hung = child.state == "terminating"
+        if (code == 0 or child.leaving) and not hung:
+            child.state = "exited"
+            self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
+            return
+        if self.stopping:
+            child.state = "exited"
+            return
+        cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        if not hung:
+            child.crashes.append(cause)
+        self.emit(ev.PLUGIN_CRASHED, {"plugin": name, "exit_code": code, "cause": cause, "hung": hung})
+        # Healthy for long enough: forget the old backoff, as Paranoid Pirate does on a good reply.
+        if now - child.started_at >= HEALTHY_RESET_S:
+            child.backoff_s = INTERVAL_INIT_S
+        while child.restart_times and now - child.restart_times[0] > RESTART_WINDOW_S:
+            child.restart_times.popleft()
+        if len(child.restart_times) >= MAX_RESTARTS:
+            child.state = "failed"
+            self.emit(ev.PLUGIN_FAILED, {
+                "plugin": name,
+                "reason": f"{len(child.restart_times) + 1} failures within {RESTART_WINDOW_S:.0f} s; "
+                          f"last: {cause}",
+                "log": str(self.log_dir / f"{name}.log"),
+            })
+            return
+        child.restart_times.append(now)
+        child.state = "backoff"
+        child.next_start_at = now + child.backoff_s
+        child.backoff_s = min(child.backoff_s * 2, INTERVAL_MAX_S)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,191 @@
+"""Progress bars in the kernel's terminal: epoch and batch, loss, metrics, ETA."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from trainbus.proto import BEST_EFFORT, Event
+from trainbus.sdk import Plugin, SettingsError
+
+MAX_LINE_CHARS = 160  # a warning is one terminal line; the full text is in the run's logs
+WARNING_LEVELS = ("warning", "error")
+# rich estimates speed from the last 30 s of updates by default, which never holds two epoch ends;
+# a day's window makes the epoch ETA the run's mean pace (the batch bar is reset every epoch anyway).
+SPEED_WINDOW_S = 24 * 3600.0
+
+
+class ConsolePlugin(Plugin):
+    """Progress bars in the kernel's terminal: epoch and batch, loss, metrics, ETA."""
+
+    delivery = BEST_EFFORT  # a missed frame only delays a redraw
+    settings = {"refresh_per_second": 4.0, "show_batches": True}
+
+    def setup(self) -> None:
+        if self.settings["refresh_per_second"] <= 0:
+            raise SettingsError(f"refresh_per_second must be > 0, got {self.settings['refresh_per_second']}")
+        # rich detects the terminal: on a pipe or a file it writes plain text with no escape codes,
+        # and we draw no bars at all, just one line per epoch.
+        self.console = Console()
+        self.draws_bars = self.console.is_interactive
+        self.progress: Progress | None = None
+        self.epoch_task: TaskID | None = None
+        self.batch_task: TaskID | None = None
+        self.epochs_total: int | None = None
+        self.batches_per_epoch: int | None = None  # unknown (indeterminate bar) until an epoch ends
+        self.epoch_started_at: float | None = None
+
+    def teardown(self) -> None:
+        self._stop_bars()
+
+    # lifecycle
+
+    def on_start_training_session(self, event: Event) -> None:
+        data = event.data
+        self.epochs_total = _int(data.get("epochs"))
+        self._say(f"training {data.get('model') or 'a model'} ({_fmt(data.get('parameters'))} parameters) "
+                  f"on {data.get('device') or '?'} for {_fmt(self.epochs_total)} epochs")
+        if self.progress is not None and self.epoch_task is not None:
+            self.progress.update(self.epoch_task, total=self.epochs_total)
+
+    def on_start_epoch(self, event: Event) -> None:
+        self.epoch_started_at = time.monotonic()
+        self._start_bars()  # here, not in setup: a plugin restarted mid-run never sees the session start
+        if self.progress is not None and self.batch_task is not None:
+            self.progress.reset(self.batch_task, total=self.batches_per_epoch,
+                                description=f"epoch {event.epoch} train", loss="")
+
+    def on_end_training_batch(self, event: Event) -> None:
+        if self.progress is None or self.batch_task is None:
+            return
+        data = event.data
+        running = _mean(data.get("training_loss_total"), data.get("training_batch_count"))
+        loss = data.get("loss") if running is None else running
+        self.progress.update(self.batch_task, loss=f"loss {_fmt(loss)}")
+        index = _int(data.get("batch_index"))
+        if index is not None:  # the index, not a count of events: a best-effort plugin may miss some
+            self.progress.update(self.batch_task, completed=index + 1)
+        else:
+            self.progress.advance(self.batch_task)
+
+    def on_end_training_loop(self, event: Event) -> None:
+        count = _int(event.data.get("training_batch_count"))
+        if count:  # the largest epoch seen: a stop can cut one short
+            self.batches_per_epoch = max(self.batches_per_epoch or 0, count)
+        if self.progress is not None and self.batch_task is not None:
+            self.progress.update(self.batch_task, total=self.batches_per_epoch, completed=count or 0)
+
+    def on_start_validation_loop(self, event: Event) -> None:
+        if self.progress is not None and self.batch_task is not None:
+            self.progress.update(self.batch_task, description=f"epoch {event.epoch} validation")
+
+    def on_end_epoch(self, event: Event) -> None:
+        data = event.data
+        if self.progress is not None and self.epoch_task is not None:
+            self.progress.update(self.epoch_task, completed=event.epoch,
+                                 loss=f"val loss {_fmt(data.get('validation_loss'))}")
+        elapsed_s = time.monotonic() - self.epoch_started_at if self.epoch_started_at is not None else None
+        self._say(_epoch_summary(event.epoch, self.epochs_total, data, elapsed_s))
+
+    def on_end_training_session(self, event: Event) -> None:
+        data = event.data
+        self._stop_bars()  # the last line goes below the bars, not above them
+        line = f"finished: {_fmt(data.get('epochs_completed'))} epochs, {_fmt(data.get('steps'))} steps"
+        if data.get("stopped_early"):
+            reasons = "; ".join(str(r) for r in data.get("stop_reasons") or [])
+            line += f"; stopped early: {reasons or 'no reason given'}"
+        self._say(line)
+
+    # kernel warnings
+
+    def on_plugin_crashed(self, event: Event) -> None:
+        data = event.data
+        after = " after hanging" if data.get("hung") else ""
+        self._warn(f"plugin {data.get('plugin')} crashed{after} ({data.get('cause') or 'unknown cause'})")
+
+    def on_plugin_hung(self, event: Event) -> None:
+        self._warn(f"plugin {event.data.get('plugin')} hung ({event.data.get('reason') or 'no reason given'})")
+
+    def on_plugin_failed(self, event: Event) -> None:
+        data = event.data
+        self._warn(f"plugin {data.get('plugin')} given up: {data.get('reason')}; see {data.get('log')}", "error")
+
+    def on_log(self, event: Event) -> None:
+        level = event.data.get("level")
+        if level in WARNING_LEVELS:
+            self._warn(f"{event.data.get('plugin')}: {event.data.get('text')}", level)
+
+    # drawing
+
+    def _start_bars(self) -> None:
+        if not self.draws_bars or self.progress is not None:
+            return
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+            console=self.console, refresh_per_second=self.settings["refresh_per_second"],
+            speed_estimate_period=SPEED_WINDOW_S, transient=True,  # the epoch lines stay; the bars go
+        )
+        self.epoch_task = self.progress.add_task("epochs", total=self.epochs_total, loss="")
+        if self.settings["show_batches"]:
+            self.batch_task = self.progress.add_task("batches", total=self.batches_per_epoch, loss="")
+        self.progress.start()
+
+    def _stop_bars(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.progress = self.epoch_task = self.batch_task = None
+
+    def _say(self, line: str, style: str = "") -> None:
+        # Text, not a str: a "[...]" in a loss name or a log line is printed, not read as markup.
+        # While the bars are live, rich prints above them.
+        self.console.print(Text(line, style=style), soft_wrap=True)
+
+    def _warn(self, text: str, level: str = "warning") -> None:
+        self._say(_one_line(f"{level}: {text}"), "bold red" if level == "error" else "yellow")
+
+
+def _epoch_summary(epoch: int, epochs_total: int | None, data: dict[str, Any], elapsed_s: float | None) -> str:
+    parts = [f"epoch {epoch}/{_fmt(epochs_total)}",
+             f"train loss {_fmt(data.get('training_loss'))}",
+             f"val loss {_fmt(data.get('validation_loss'))}"]
+    for name, value in (data.get("validation_metrics") or {}).items():
+        parts.append(f"val {name} {_fmt(value)}")
+    if data.get("lr") is not None:
+        parts.append(f"lr {_fmt(data['lr'])}")
+    if elapsed_s is not None:
+        parts.append(f"{elapsed_s:.1f} s")
+    return "  ".join(parts)
+
+
+def _one_line(text: str) -> str:
+    """First line, plus the last for a multi-line text (a traceback's last line is the exception)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return line if len(line) <= MAX_LINE_CHARS else line[:MAX_LINE_CHARS - 3] + "..."
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "?"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _mean(total: Any, count: Any) -> float | None:
+    if not isinstance(total, (int, float)) or not isinstance(count, int) or count <= 0:
+        return None
+    return float(total) / count

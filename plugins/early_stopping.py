@@ -1,0 +1,125 @@
+"""Stops training when a monitored metric stops improving (monitor, mode, patience, min_delta)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from trainbus.proto import DURABLE, Event
+from trainbus.sdk import Plugin, SettingsError
+
+MODES = ("min", "max")
+# "validation_accuracy" is looked up as end_epoch's validation_metrics["accuracy"] when it is not a key itself.
+METRIC_GROUPS = ("validation", "training")
+
+
+@dataclass
+class Tracking:
+    """What the plugin knows about the monitored value; saved after every epoch so a restart resumes it."""
+
+    seq: int = 0  # the last end_epoch counted; a replay of it after a restart is skipped
+    best: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0  # epochs since the best, reset by an improvement
+
+
+class EarlyStoppingPlugin(Plugin):
+    """Stops training when a monitored metric stops improving (monitor, mode, patience, min_delta).
+
+    Example settings: {"monitor": "validation_accuracy", "mode": "max", "patience": 5, "min_delta": 0.001}.
+    An epoch improves on the best by more than min_delta, or it counts towards patience; a NaN never improves.
+    """
+
+    # Durable: a decision-maker that misses an epoch stops late. Its counts survive a restart through
+    # <run_dir>/plugins/<name>.state.json, because a replay starts at the last ack, not at seq 1.
+    delivery = DURABLE
+    settings = {"monitor": "validation_loss", "mode": "min", "patience": 3, "min_delta": 0.0}
+
+    def setup(self) -> None:
+        s = self.settings
+        if s["mode"] not in MODES:
+            raise SettingsError(f"early_stopping mode must be 'min' (lower is better) or 'max', got {s['mode']!r}")
+        if s["patience"] < 1:
+            raise SettingsError(f"early_stopping patience must be at least 1 epoch, got {s['patience']}")
+        if s["min_delta"] < 0:
+            raise SettingsError(f"early_stopping min_delta is a margin and must be >= 0 (mode gives the direction), "
+                                f"got {s['min_delta']}")
+        if not s["monitor"]:
+            raise SettingsError("early_stopping monitor must name a value of end_epoch, e.g. 'validation_loss'")
+        self.state_path = Path(self.run_dir) / "plugins" / f"{self.name}.state.json"
+        self.tracking = _load(self.state_path)
+        self.warned_missing = False
+
+    def on_end_epoch(self, event: Event) -> None:
+        t, monitor, patience = self.tracking, self.settings["monitor"], self.settings["patience"]
+        if event.seq <= t.seq:
+            return
+        value = resolve(event.data, monitor)
+        if value is None:
+            self._warn_missing(event.data)
+        elif self._improves(value):
+            t.best, t.best_epoch, t.bad_epochs = value, event.epoch, 0
+        else:
+            t.bad_epochs += 1
+        t.seq = event.seq
+        _save(self.state_path, t)
+        # Sent again every epoch past patience: if a crash ate the first, the next one gets through.
+        if t.bad_epochs >= patience:
+            best = "no finite value yet" if t.best is None else f"best {t.best:.6g} at epoch {t.best_epoch}"
+            epochs = "epoch" if t.bad_epochs == 1 else "epochs"
+            self.stop(f"no improvement in {monitor} for {t.bad_epochs} {epochs} ({best})")
+
+    def _improves(self, value: float) -> bool:
+        best, min_delta = self.tracking.best, self.settings["min_delta"]
+        if math.isnan(value):
+            return False
+        if best is None:
+            return True
+        return value < best - min_delta if self.settings["mode"] == "min" else value > best + min_delta
+
+    def _warn_missing(self, data: dict[str, Any]) -> None:
+        if self.warned_missing:
+            return
+        self.warned_missing = True
+        self.log(f"{self.settings['monitor']!r} is not in end_epoch, so these epochs are not counted; "
+                 f"available: {', '.join(available(data)) or 'nothing'}", level="warning")
+
+
+def resolve(data: dict[str, Any], monitor: str) -> float | None:
+    """The monitored number in an end_epoch's data: a top-level key, or a metric in its group's dict."""
+    value = data.get(monitor)
+    for group in METRIC_GROUPS:
+        metrics = data.get(f"{group}_metrics")
+        if value is None and monitor.startswith(f"{group}_") and isinstance(metrics, dict):
+            value = metrics.get(monitor.removeprefix(f"{group}_"))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def available(data: dict[str, Any]) -> list[str]:
+    """Every name `resolve` would find in this end_epoch, for the warning that says what to monitor."""
+    names = [key for key in data if resolve(data, key) is not None]
+    for group in METRIC_GROUPS:
+        metrics = data.get(f"{group}_metrics")
+        if isinstance(metrics, dict):
+            names += [f"{group}_{name}" for name in metrics if resolve(data, f"{group}_{name}") is not None]
+    return sorted(set(names))
+
+
+def _load(path: Path) -> Tracking:
+    try:
+        return Tracking(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):  # none yet, or unreadable: start over, which can only delay a stop
+        return Tracking()
+
+
+def _save(path: Path, tracking: Tracking) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(asdict(tracking)))
+    os.replace(temporary, path)  # atomic: a crash leaves the old state or the new one, never half

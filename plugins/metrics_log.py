@@ -1,0 +1,126 @@
+"""JSON Lines in the run directory: one record per epoch and every N steps, readable with pandas."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from trainbus.proto import DURABLE, Event
+from trainbus.sdk import Plugin, SettingsError
+
+# On restart we look for the last written seq in this much of the file's end: records are a few
+# hundred bytes, so it holds thousands of them.
+TAIL_BYTES = 1 << 20
+
+
+class MetricsLogPlugin(Plugin):
+    """JSON Lines in the run directory: one record per epoch and every N steps, readable with pandas.
+
+    Every record is flat (`training_accuracy`, not `{"training_metrics": {"accuracy": ...}}`) and
+    carries `kind` and the `seq` of the event it came from, so
+    `pandas.read_json(path, lines=True).query("kind == 'epoch'")` gives one column per metric.
+    `time` is the event's wall time in seconds since the epoch. Non-finite numbers are written as null.
+    """
+
+    delivery = DURABLE  # a log with holes is worse than a late one
+    settings = {"filename": "metrics.jsonl", "every_n_steps": 50}  # every_n_steps 0: no step records
+    _file: IO[str] | None = None
+
+    def setup(self) -> None:
+        if self.settings["every_n_steps"] < 0:
+            raise SettingsError(f"every_n_steps must be >= 0, got {self.settings['every_n_steps']}")
+        self.path = Path(self.run_dir) / self.settings["filename"]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A restarted durable plugin is replayed from its last ack, which may trail what it wrote.
+        self.last_seq = _recover(self.path) if self.path.exists() else 0
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def teardown(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    # records
+
+    def on_end_training_batch(self, event: Event) -> None:
+        every = self.settings["every_n_steps"]
+        if not every or event.step % every:
+            return
+        data = event.data
+        self._write(event, "step", loss=data.get("loss"), batch_index=data.get("batch_index"),
+                    training_loss_mean=_mean(data.get("training_loss_total"), data.get("training_batch_count")))
+
+    def on_end_epoch(self, event: Event) -> None:
+        data = event.data
+        self._write(event, "epoch", training_loss=data.get("training_loss"),
+                    validation_loss=data.get("validation_loss"), lr=data.get("lr"),
+                    **_flatten("training", data.get("training_metrics")),
+                    **_flatten("validation", data.get("validation_metrics")))
+        os.fsync(self._file.fileno())  # once an epoch is cheap, and an epoch is what people come back for
+
+    def on_metric(self, event: Event) -> None:
+        data = event.data
+        self._write(event, "metric", name=data.get("name"), value=data.get("value"), plugin=data.get("plugin"),
+                    step=event.step if data.get("step") is None else data["step"])
+
+    def on_end_training_session(self, event: Event) -> None:
+        data = event.data
+        reasons = data.get("stop_reasons") or []
+        self._write(event, "session_end", epochs_completed=data.get("epochs_completed"), steps=data.get("steps"),
+                    stopped_early=data.get("stopped_early"), stop_reasons="; ".join(str(r) for r in reasons),
+                    training_loss=data.get("training_loss"), validation_loss=data.get("validation_loss"),
+                    **_flatten("validation", data.get("validation_metrics")))
+
+    def _write(self, event: Event, kind: str, **fields: Any) -> None:
+        if event.seq <= self.last_seq:
+            return  # written before a restart; the replay brings it again
+        record = {"kind": kind, "seq": event.seq, "step": event.step, "epoch": event.epoch, "time": event.ts}
+        record.update(fields)
+        line = json.dumps({key: _json_value(value) for key, value in record.items()}, allow_nan=False)
+        self._file.write(line + "\n")
+        self._file.flush()  # in the OS's hands now: a crash of this process loses nothing
+        self.last_seq = event.seq
+
+
+def _recover(path: Path) -> int:
+    """The seq of the last complete record; a torn last line (a crash mid-write) is cut off first."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - TAIL_BYTES)
+        f.seek(start)
+        tail = f.read()
+        complete = tail.rfind(b"\n") + 1
+        if start + complete < size and (complete or not start):
+            f.truncate(start + complete)
+    for line in reversed(tail[:complete].splitlines()):
+        try:
+            return int(json.loads(line)["seq"])
+        except (ValueError, KeyError, TypeError):
+            continue  # the first line of the tail may be partial
+    return 0
+
+
+def _flatten(prefix: str, metrics: Any) -> dict[str, Any]:
+    if not isinstance(metrics, dict):
+        return {}
+    # A metric named "loss" would overwrite the loop's own training_loss / validation_loss column.
+    return {f"{prefix}_{name}": value for name, value in metrics.items() if name != "loss"}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN or Infinity; pandas reads null as NaN
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _mean(total: Any, count: Any) -> float | None:
+    if not isinstance(total, (int, float)) or not isinstance(count, int) or count <= 0:
+        return None
+    return float(total) / count

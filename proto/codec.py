@@ -1,0 +1,200 @@
+"""Bytes live here: encode and decode every envelope and control message, with limits and type checks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+
+from .messages import CONTROL_SCHEMAS, DELIVERY_CLASSES, LOG_LEVELS, PROTOCOL_VERSION, Event
+
+# Limits on what a peer may make us allocate. A hostile or garbled message fails fast with
+# ProtocolError instead of costing memory; sockets also cap whole messages (MAX_MESSAGE_BYTES).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a replay batch is the largest message (REPLAY_BATCH_MAX_BYTES)
+MAX_STR_BYTES = 1024 * 1024
+MAX_BIN_BYTES = 1024 * 1024
+MAX_ARRAY_LEN = 100_000
+MAX_MAP_LEN = 10_000
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    """max_ext_len=0 still lets a zero-length ext (e.g. c7 00 01) through as an ExtType: refuse it too."""
+    raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+_UNPACK_LIMITS = dict(
+    raw=False,
+    strict_map_key=True,  # map keys must be str or bytes: no tuple/int keys smuggled in
+    max_str_len=MAX_STR_BYTES,
+    max_bin_len=MAX_BIN_BYTES,
+    max_array_len=MAX_ARRAY_LEN,
+    max_map_len=MAX_MAP_LEN,
+    max_ext_len=0,  # no ext types, ever
+    ext_hook=_reject_ext,
+    use_list=True,
+)
+
+
+class ProtocolError(ValueError):
+    """A message that is not valid protocol v1: garbled bytes, a wrong type, a missing field."""
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack-encode plain data; the one place our bytes are produced."""
+    try:
+        return msgpack.packb(obj, use_bin_type=True, datetime=False, default=_plain)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"cannot encode {type(obj).__name__}: {exc}") from exc
+
+
+def _plain(obj: Any) -> Any:
+    """Numbers from numpy or torch (anything with .tolist()) go out as plain msgpack values."""
+    tolist = getattr(obj, "tolist", None)
+    if tolist is None:
+        raise TypeError(f"cannot serialize {type(obj).__name__}")
+    return tolist()
+
+
+def unpack(raw: bytes) -> Any:
+    """msgpack-decode one message under the limits; anything wrong raises ProtocolError."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"expected bytes, got {type(raw).__name__}")
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        return msgpack.unpackb(raw, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises several unrelated types; all mean "garbled"
+        raise ProtocolError(f"undecodable message: {exc.__class__.__name__}: {exc}") from exc
+
+
+# -- events -------------------------------------------------------------------------------------
+
+def event_to_map(event: Event) -> dict[str, Any]:
+    return {
+        "v": event.v,
+        "seq": event.seq,
+        "run": event.run,
+        "type": event.type,
+        "ts": event.ts,
+        "step": event.step,
+        "epoch": event.epoch,
+        "data": event.data,
+    }
+
+
+def event_from_map(m: Any) -> Event:
+    if not isinstance(m, dict):
+        raise ProtocolError(f"event envelope must be a map, got {type(m).__name__}")
+    _check_version(m)
+    seq = _field(m, "seq", int, "event")
+    if seq < 1:
+        raise ProtocolError(f"event seq must be >= 1, got {seq}")
+    data = _field(m, "data", dict, "event")
+    return Event(
+        seq=seq,
+        run=_field(m, "run", str, "event"),
+        type=_field(m, "type", str, "event"),
+        ts=float(_field(m, "ts", float, "event")),
+        step=_field(m, "step", int, "event"),
+        epoch=_field(m, "epoch", int, "event"),
+        data=data,
+        v=m["v"],
+    )
+
+
+def encode_event(event: Event) -> bytes:
+    return pack(event_to_map(event))
+
+
+def decode_event(raw: bytes) -> Event:
+    return event_from_map(unpack(raw))
+
+
+# -- control messages ---------------------------------------------------------------------------
+
+def control(type_: str, **fields: Any) -> dict[str, Any]:
+    """Build a control message and check it against its schema (so a bad one fails at the sender)."""
+    return check_control({"v": PROTOCOL_VERSION, "type": type_, **fields})
+
+
+def encode_control(message: dict[str, Any]) -> bytes:
+    return pack(check_control(message))
+
+
+def decode_control(raw: bytes) -> dict[str, Any]:
+    """Decode and check a control message; a replay_batch's events come back as Event objects."""
+    message = check_control(unpack(raw))
+    if message["type"] == "replay_batch":
+        message["events"] = [event_from_map(e) for e in message["events"]]
+    return message
+
+
+def check_control(m: Any) -> dict[str, Any]:
+    """Validate a control message map; return it with only the schema's fields (unknown ones dropped)."""
+    if not isinstance(m, dict):
+        raise ProtocolError(f"control message must be a map, got {type(m).__name__}")
+    _check_version(m)
+    kind = _field(m, "type", str, "control")
+    schema = CONTROL_SCHEMAS.get(kind)
+    if schema is None:
+        raise ProtocolError(f"unknown control message type {kind!r}")
+    out: dict[str, Any] = {"v": m["v"], "type": kind}
+    for name, expected in schema.items():
+        out[name] = _field(m, name, expected, kind)
+    _check_values(out)
+    return out
+
+
+def _check_values(m: dict[str, Any]) -> None:
+    kind = m["type"]
+    if kind == "hello" and m["delivery"] not in DELIVERY_CLASSES:
+        raise ProtocolError(f"hello.delivery must be one of {DELIVERY_CLASSES}, got {m['delivery']!r}")
+    if kind == "log" and m["level"] not in LOG_LEVELS:
+        raise ProtocolError(f"log.level must be one of {LOG_LEVELS}, got {m['level']!r}")
+    if kind == "metric" and not math.isfinite(m["value"]):
+        raise ProtocolError(f"metric.value must be finite, got {m['value']!r}")
+    if kind in ("ack", "replay"):
+        seq = m["seq"] if kind == "ack" else m["from_seq"]
+        if seq < 0:
+            raise ProtocolError(f"{kind} seq must be >= 0, got {seq}")
+    if kind == "replay_batch":
+        for e in m["events"]:
+            event_from_map(e)
+
+
+# -- field checks -------------------------------------------------------------------------------
+
+def _check_version(m: dict) -> None:
+    v = m.get("v")
+    if not _is_type(v, int):
+        raise ProtocolError(f"missing or non-integer protocol version 'v': {v!r}")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {v} is not supported (this side speaks {PROTOCOL_VERSION})")
+
+
+def _field(m: dict, name: str, expected: Any, where: str) -> Any:
+    if name not in m:
+        raise ProtocolError(f"{where}: missing field {name!r}")
+    value = m[name]
+    if not _is_type(value, expected):
+        raise ProtocolError(f"{where}.{name}: expected {_type_name(expected)}, got {type(value).__name__}")
+    return value
+
+
+def _is_type(value: Any, expected: Any) -> bool:
+    if isinstance(expected, tuple):
+        return any(_is_type(value, t) for t in expected)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected == list[str]:
+        return isinstance(value, list) and all(isinstance(x, str) for x in value)
+    return isinstance(value, expected)
+
+
+def _type_name(expected: Any) -> str:
+    if isinstance(expected, tuple):
+        return " or ".join(_type_name(t) for t in expected)
+    return getattr(expected, "__name__", str(expected))

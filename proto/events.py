@@ -1,0 +1,72 @@
+"""Event names, spelled once: the lifecycle hooks users know from bz, and the kernel's own events."""
+
+from __future__ import annotations
+
+# The 14 lifecycle events, in the order a run meets them (bz's hook names, unchanged).
+START_TRAINING_SESSION = "start_training_session"
+LOAD_CHECKPOINT = "load_checkpoint"
+START_EPOCH = "start_epoch"
+START_TRAINING_LOOP = "start_training_loop"
+START_TRAINING_BATCH = "start_training_batch"
+END_TRAINING_BATCH = "end_training_batch"
+END_TRAINING_LOOP = "end_training_loop"
+START_VALIDATION_LOOP = "start_validation_loop"
+START_VALIDATION_BATCH = "start_validation_batch"
+END_VALIDATION_BATCH = "end_validation_batch"
+END_VALIDATION_LOOP = "end_validation_loop"
+SAVE_CHECKPOINT = "save_checkpoint"
+END_EPOCH = "end_epoch"
+END_TRAINING_SESSION = "end_training_session"
+
+LIFECYCLE_EVENTS: tuple[str, ...] = (
+    START_TRAINING_SESSION,
+    LOAD_CHECKPOINT,
+    START_EPOCH,
+    START_TRAINING_LOOP,
+    START_TRAINING_BATCH,
+    END_TRAINING_BATCH,
+    END_TRAINING_LOOP,
+    START_VALIDATION_LOOP,
+    START_VALIDATION_BATCH,
+    END_VALIDATION_BATCH,
+    END_VALIDATION_LOOP,
+    SAVE_CHECKPOINT,
+    END_EPOCH,
+    END_TRAINING_SESSION,
+)
+
+# Per-batch events: by far the most frequent, so the kernel coalesces them into bursts.
+BATCH_EVENTS: frozenset[str] = frozenset(
+    {START_TRAINING_BATCH, END_TRAINING_BATCH, START_VALIDATION_BATCH, END_VALIDATION_BATCH}
+)
+
+# Kernel events: published by the kernel itself, never by the loop's seams.
+HEARTBEAT = "heartbeat"  # the kernel is alive; plugins exit cleanly when it stops coming
+METRIC = "metric"  # a plugin's metric reply, republished for every subscriber
+LOG = "log"  # a plugin's log reply (a failing handler's traceback arrives this way)
+PLUGIN_STARTED = "plugin_started"
+PLUGIN_READY = "plugin_ready"  # the plugin said hello: it is subscribed and will see what follows
+PLUGIN_EXITED = "plugin_exited"  # left on purpose (exit code 0 or a goodbye); not restarted
+PLUGIN_CRASHED = "plugin_crashed"
+PLUGIN_HUNG = "plugin_hung"
+PLUGIN_RESTARTED = "plugin_restarted"
+PLUGIN_FAILED = "plugin_failed"  # restarted too often; given up for the rest of the run
+STOP_REQUESTED = "stop_requested"  # a stop reply was accepted; training ends at the next boundary
+RUN_FAILED = "run_failed"
+
+KERNEL_EVENTS: tuple[str, ...] = (
+    HEARTBEAT,
+    METRIC,
+    LOG,
+    PLUGIN_STARTED,
+    PLUGIN_READY,
+    PLUGIN_EXITED,
+    PLUGIN_CRASHED,
+    PLUGIN_HUNG,
+    PLUGIN_RESTARTED,
+    PLUGIN_FAILED,
+    STOP_REQUESTED,
+    RUN_FAILED,
+)
+
+ALL_EVENTS: frozenset[str] = frozenset(LIFECYCLE_EVENTS + KERNEL_EVENTS)

@@ -1,0 +1,68 @@
+"""The message shapes of protocol v1: the event envelope and every control message, as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+# Delivery classes a plugin declares in its hello.
+BEST_EFFORT = "best_effort"  # live PUB/SUB only; gaps are counted, not repaired
+DURABLE = "durable"  # acks what it processed; missed events are replayed from the journal
+DELIVERY_CLASSES = (BEST_EFFORT, DURABLE)
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One published event: the envelope of every frame on the events socket and every journal record."""
+
+    seq: int  # gap-free per run, starting at 1
+    run: str
+    type: str
+    ts: float  # wall time, seconds since the epoch
+    step: int  # optimizer steps taken so far in this run
+    epoch: int  # 0 before the first epoch starts, then 1-based
+    data: dict[str, Any] = field(default_factory=dict)
+    v: int = PROTOCOL_VERSION
+
+
+# Control messages: plugin -> kernel on the DEALER/ROUTER socket, and kernel -> plugin replies to it.
+# Each entry is field -> type; every field is required. `int` never admits bool; `float` admits int.
+_STR_LIST = list[str]
+CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
+    # plugin -> kernel
+    "hello": {
+        "name": str,
+        "pid": int,
+        "subscriptions": _STR_LIST,  # event-type prefixes; [""] means everything
+        "replies": _STR_LIST,  # reply types it may send (stop, metric, log, checkpoint_now)
+        "delivery": str,  # one of DELIVERY_CLASSES
+    },
+    "heartbeat": {},
+    "ack": {"seq": int},  # everything up to and including seq has been processed
+    "replay": {"from_seq": int},  # send me the journal from this seq on
+    "bye": {"reason": str},  # leaving on purpose: do not restart me
+    "stop": {"reason": str},
+    "metric": {"name": str, "value": float, "step": (int, type(None))},
+    "log": {"level": str, "text": str},
+    "checkpoint_now": {"reason": str},
+    # kernel -> plugin
+    "welcome": {
+        "run": str,
+        "heartbeat_interval_s": float,
+        "resume_from": int,  # a durable plugin's first unacknowledged seq; 1 for a new one
+    },
+    "replay_batch": {
+        "events": list,  # encoded-ready envelopes (maps), in seq order
+        "done": bool,  # True when the batch reaches the journal's end
+    },
+}
+
+PLUGIN_TO_KERNEL = frozenset(
+    {"hello", "heartbeat", "ack", "replay", "bye", "stop", "metric", "log", "checkpoint_now"}
+)
+REPLY_TYPES = frozenset({"stop", "metric", "log", "checkpoint_now"})
+KERNEL_TO_PLUGIN = frozenset({"welcome", "replay_batch"})

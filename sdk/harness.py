@@ -1,0 +1,53 @@
+"""Drive a plugin without sockets: feed it events, read back the replies it would have sent."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from trainbus.proto import Event, check_control, events as ev
+
+from .plugin import Plugin
+
+
+class Harness:
+    """A fake kernel for plugin authors' tests.
+
+    Example::
+
+        h = Harness(EarlyStoppingPlugin({"patience": 1}))
+        h.feed("end_epoch", validation_loss=0.5)
+        h.feed("end_epoch", validation_loss=0.6)
+        assert h.replies_of("stop")
+    """
+
+    def __init__(self, plugin: Plugin, run_id: str = "test-run"):
+        self.plugin = plugin
+        self.run_id = run_id
+        self.seq = 0
+        self.step = 0
+        self.epoch = 0
+        self.replies: list[dict[str, Any]] = []
+        plugin.run_id = run_id
+        plugin.setup()
+
+    def feed(self, type_: str, *, step: int | None = None, epoch: int | None = None, **data: Any) -> list[dict]:
+        """Deliver one event; return the replies the handler sent (already checked against the protocol)."""
+        if type_ not in ev.ALL_EVENTS:
+            raise ValueError(f"unknown event type {type_!r}")
+        self.seq += 1
+        self.step = self.step if step is None else step
+        self.epoch = self.epoch if epoch is None else epoch
+        event = Event(seq=self.seq, run=self.run_id, type=type_, ts=time.time(), step=self.step,
+                      epoch=self.epoch, data=data)
+        self.plugin.handle(event)
+        new = [check_control(m) for m in self.plugin.outbox]
+        self.plugin.outbox.clear()
+        self.replies.extend(new)
+        return new
+
+    def replies_of(self, type_: str) -> list[dict[str, Any]]:
+        return [r for r in self.replies if r["type"] == type_]
+
+    def close(self) -> None:
+        self.plugin.teardown()

@@ -1,0 +1,37 @@
+"""Find a plugin class from `module:Class` and describe it (name, one line, settings) as plain data."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .plugin import Plugin
+
+
+class PluginLoadError(Exception):
+    pass
+
+
+def load_plugin_class(target: str) -> type[Plugin]:
+    module_name, sep, class_name = target.partition(":")
+    if not sep or not module_name or not class_name:
+        raise PluginLoadError(f"plugin target {target!r} must look like package.module:Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PluginLoadError(f"cannot import plugin module {module_name!r}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+        raise PluginLoadError(f"{target} is not a trainbus.sdk.Plugin subclass")
+    return cls
+
+
+def describe(target: str) -> dict[str, Any]:
+    cls = load_plugin_class(target)
+    return {
+        "target": target,
+        "description": cls.description(),
+        "delivery": cls.delivery,
+        "settings": dict(cls.settings),
+        "events": cls.handled_events(),
+    }

@@ -1,0 +1,135 @@
+"""The Plugin base class: do-nothing handlers named after the events, settings, and reply helpers."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+from trainbus.proto import BEST_EFFORT, DELIVERY_CLASSES, Event, control, events as ev
+
+# Every event a plugin can handle, as `on_<name>`.
+HANDLED_EVENTS: tuple[str, ...] = ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS
+
+
+class SettingsError(ValueError):
+    """A plugin setting that does not exist or has the wrong type."""
+
+
+class Plugin:
+    """Subclass, override the handlers you need, run with `python -m trainbus.sdk module:Class`.
+
+    Example::
+
+        class LossPrinter(Plugin):
+            '''Prints the validation loss after every epoch.'''
+            settings = {"prefix": "val"}
+
+            def on_end_epoch(self, event):
+                print(self.settings["prefix"], event.data["validation_loss"])
+                if event.data["validation_loss"] < 0.01:
+                    self.stop("good enough")
+
+    A handler that raises is reported to the kernel with its traceback and the plugin goes on.
+    Handlers run one at a time, in seq order. Keep each one shorter than a minute (HANDLER_TIMEOUT_S)
+    or the supervisor treats the plugin as hung; do long work in a thread of your own.
+    """
+
+    name: str = ""  # defaults to the class name in snake_case
+    delivery: str = BEST_EFFORT  # or DURABLE: every event exactly in order, across restarts
+    settings: dict[str, Any] = {}  # defaults; the run's config overrides them per key
+    handler_timeout_s: float = 60.0  # a handler running longer than this counts as a hang
+
+    def __init__(self, settings: dict[str, Any] | None = None, run_id: str = "", run_dir: str = "."):
+        cls = type(self)
+        self.name = cls.name or _snake(cls.__name__)
+        if self.delivery not in DELIVERY_CLASSES:
+            raise SettingsError(f"{cls.__name__}.delivery must be one of {DELIVERY_CLASSES}")
+        self.settings = merge_settings(cls, settings or {})
+        self.run_id = run_id
+        self.run_dir = run_dir
+        self.outbox: list[dict[str, Any]] = []  # replies waiting to be sent (or inspected in tests)
+        # event type -> the handler to call: the class's own on_<type>, or on_event for the rest
+        self._handlers = {name: getattr(self, f"on_{name}") if _overrides(cls, f"on_{name}") else self.on_event
+                          for name in HANDLED_EVENTS}
+
+    # methods to override.
+
+    def setup(self) -> None:
+        """Called once in the plugin process before the first event."""
+
+    def teardown(self) -> None:
+        """Called once at the end of the run, or when the kernel is gone: flush and close here."""
+
+    def on_event(self, event: Event) -> None:
+        """Called for events that have no handler of their own, when a plugin overrides it."""
+
+    # replies
+
+    def stop(self, reason: str) -> None:
+        """Ask the kernel to end training cleanly at the next step boundary."""
+        self.outbox.append(control("stop", reason=str(reason)))
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        """Publish a metric through the kernel, so every subscriber (log, TensorBoard, attach) sees it."""
+        self.outbox.append(control("metric", name=str(name), value=float(value), step=step))
+
+    def log(self, text: str, level: str = "info") -> None:
+        self.outbox.append(control("log", level=level, text=str(text)))
+
+    def checkpoint_now(self, reason: str) -> None:
+        """Ask the kernel for a checkpoint at the next step boundary."""
+        self.outbox.append(control("checkpoint_now", reason=str(reason)))
+
+    # dispatch
+
+    def handle(self, event: Event) -> None:
+        self._handlers.get(event.type, self.on_event)(event)
+
+    @classmethod
+    def handled_events(cls) -> list[str]:
+        """Event types this class overrides a handler for; [""] (everything) if it overrides on_event."""
+        if _overrides(cls, "on_event"):
+            return [""]
+        return [name for name in HANDLED_EVENTS if _overrides(cls, f"on_{name}")]
+
+    @classmethod
+    def description(cls) -> str:
+        doc = inspect.getdoc(cls) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+for _name in HANDLED_EVENTS:  # do-nothing handlers, one per event: on_start_epoch(event), ...
+    def _noop(self, event: Event) -> None:
+        """Override to handle this event."""
+    _noop.__name__ = f"on_{_name}"
+    setattr(Plugin, _noop.__name__, _noop)
+
+
+def merge_settings(cls: type, given: dict[str, Any]) -> dict[str, Any]:
+    defaults = dict(cls.settings)
+    for key, value in given.items():
+        if key not in defaults:
+            known = ", ".join(sorted(defaults)) or "none"
+            raise SettingsError(f"plugin {cls.name or _snake(cls.__name__)} has no setting {key!r} (known: {known})")
+        default = defaults[key]
+        if default is not None and not _same_kind(default, value):
+            raise SettingsError(f"setting {key!r} must be {type(default).__name__}, got {type(value).__name__} {value!r}")
+        defaults[key] = value
+    return defaults
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def _overrides(cls: type, attr: str) -> bool:
+    return getattr(cls, attr, None) is not getattr(Plugin, attr, None)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower().removesuffix("_plugin")

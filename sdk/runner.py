@@ -1,0 +1,401 @@
+"""Runs a Plugin in its own process: connect, hello, heartbeat, receive, replay, dispatch, ack, exit.
+
+Two threads. The I/O thread owns both sockets: it reads events and control replies into the inbox,
+sends what the main thread queued, heartbeats, and watches the kernel. The main thread runs the
+handlers in seq order. Heartbeats stop when a handler runs past `handler_timeout_s`, so a plugin
+that is truly stuck is declared hung by the kernel, while a slow one is not.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from trainbus.proto import (
+    DURABLE,
+    MAX_MESSAGE_BYTES,
+    Event,
+    ProtocolError,
+    control,
+    decode_control,
+    decode_event,
+    encode_control,
+    events as ev,
+    unpack,
+)
+
+from .plugin import Plugin
+
+HEARTBEAT_LIVENESS = 3  # kernel silent this many intervals -> gone (zguide's Paranoid Pirate)
+CONNECT_TIMEOUT_S = 30.0  # no heartbeat from the kernel this long after start: give up
+INBOX_MAX_EVENTS = 10_000  # live events held for a slow handler; beyond it they are dropped (and replayed)
+ACK_INTERVAL_S = 0.05
+MAX_HANDLER_ATTEMPTS = 3  # a poison event is tried this often, then dead-lettered
+MAX_REPORTED_TRACEBACKS = 20  # after this many, failures are counted, not each sent to the kernel
+FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
+PR_SET_PDEATHSIG = 1
+
+
+class KernelGone(Exception):
+    pass
+
+
+class _IO(threading.Thread):
+    """Owns the SUB and DEALER sockets; the only thread that touches them."""
+
+    def __init__(self, events_endpoint: str, control_endpoint: str, topics: list[str],
+                 hello: dict[str, Any], handler_timeout_s: float, kernel_pid: int | None):
+        super().__init__(name="trainbus-plugin-io", daemon=True)
+        self.inbox: collections.deque = collections.deque()  # ("event", Event) | ("control", msg)
+        self.outbox: collections.deque = collections.deque()  # control messages to send
+        self.wake = threading.Condition()
+        self.hello = hello
+        self.handler_timeout_s = handler_timeout_s
+        self.kernel_pid = kernel_pid
+        self.busy_since: float | None = None  # set by the main thread around each handler
+        self.gone: str | None = None  # why the kernel is considered gone
+        self.closing = threading.Event()
+        self.dropped = 0
+        self.malformed = 0
+        self.heartbeat_interval_s = 1.0
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 50_000)
+        self.sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        for topic in topics:
+            self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self.sub.connect(events_endpoint)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 1000)  # let the last acks out
+        self.dealer.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.dealer.connect(control_endpoint)
+
+    def put(self, item: tuple) -> None:
+        with self.wake:
+            self.inbox.append(item)
+            self.wake.notify()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.outbox.append(msg)
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # never die silently: the main thread sees gone and exits
+            self.gone = f"I/O thread failed: {exc!r}"
+        finally:
+            with self.wake:
+                self.wake.notify()
+            self.sub.close()
+            self._flush_outbox()
+            self.dealer.close()
+            self.ctx.term()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sub, zmq.POLLIN)
+        poller.register(self.dealer, zmq.POLLIN)
+        started = time.monotonic()
+        last_kernel = None  # monotonic time of the last message from the kernel
+        said_hello = False
+        next_heartbeat = 0.0
+        while not self.closing.is_set():
+            ready = dict(poller.poll(50))
+            now = time.monotonic()
+            if self.sub in ready:
+                last_kernel = now
+                self._read_events()
+                if not said_hello:  # the first event proves our subscription is live: no slow joiner
+                    self.dealer.send(encode_control(self.hello))
+                    said_hello = True
+            if self.dealer in ready:
+                last_kernel = now
+                self._read_control()
+            self._flush_outbox()
+            if said_hello and now >= next_heartbeat and not self._handler_stuck(now):
+                self.dealer.send(encode_control(control("heartbeat")), zmq.NOBLOCK)
+                next_heartbeat = now + self.heartbeat_interval_s
+            reason = self._kernel_gone(now, started, last_kernel)
+            if reason:
+                self.gone = reason
+                return
+
+    def _read_events(self) -> None:
+        while True:
+            try:
+                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                if len(frames) != 2:
+                    raise ProtocolError(f"expected 2 frames, got {len(frames)}")
+                event = decode_event(frames[1])
+            except ProtocolError:
+                self.malformed += 1
+                continue
+            if event.type == ev.HEARTBEAT:
+                self.heartbeat_interval_s = float(event.data.get("interval_s", 1.0))
+            if len(self.inbox) >= INBOX_MAX_EVENTS and event.type not in FINAL_EVENTS:
+                self.dropped += 1  # a durable plugin notices the gap and replays it
+                continue
+            self.put(("event", event))
+
+    def _read_control(self) -> None:
+        while True:
+            try:
+                raw = self.dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self.put(("control", decode_control(raw)))
+            except ProtocolError:
+                self.malformed += 1
+
+    def _flush_outbox(self) -> None:
+        while self.outbox:
+            msg = self.outbox.popleft()
+            try:
+                self.dealer.send(encode_control(msg), zmq.NOBLOCK)
+            except zmq.Again:  # kernel not reading: keep it for the next round
+                self.outbox.appendleft(msg)
+                return
+
+    def _handler_stuck(self, now: float) -> bool:
+        busy = self.busy_since
+        return busy is not None and now - busy > self.handler_timeout_s
+
+    def _kernel_gone(self, now: float, started: float, last_kernel: float | None) -> str | None:
+        if self.kernel_pid is not None and os.getppid() != self.kernel_pid:
+            return "the kernel process exited"
+        if last_kernel is None:
+            return f"no kernel heartbeat within {CONNECT_TIMEOUT_S:.0f} s" if now - started > CONNECT_TIMEOUT_S else None
+        window = self.heartbeat_interval_s * HEARTBEAT_LIVENESS
+        if now - last_kernel > window:
+            return f"no kernel heartbeat for {now - last_kernel:.1f} s"
+        return None
+
+
+class Runner:
+    """Drives one plugin instance: ordering, gap detection, replay, retries, dead letters, acks."""
+
+    def __init__(self, plugin: Plugin, events_endpoint: str, control_endpoint: str, kernel_pid: int | None = None):
+        self.plugin = plugin
+        self.durable = plugin.delivery == DURABLE
+        # A durable plugin needs every seq to see gaps; a best-effort one only what it handles.
+        topics = [""] if self.durable else sorted(set(plugin.handled_events()) | {ev.HEARTBEAT, *FINAL_EVENTS})
+        if "" in plugin.handled_events():
+            topics = [""]
+        hello = control("hello", name=plugin.name, pid=os.getpid(), subscriptions=topics,
+                        replies=["stop", "metric", "log", "checkpoint_now"], delivery=plugin.delivery)
+        self.io = _IO(events_endpoint, control_endpoint, topics, hello, plugin.handler_timeout_s, kernel_pid)
+        self.counts_gaps = topics == [""]
+        self.next_seq = 0  # durable: the next seq to process; best-effort: the next expected
+        self.replaying = False
+        self.gaps = 0
+        self.failures = 0
+        self.dead_letters = 0
+        self.acked = 0
+        self.processed = 0
+        self.finished = False
+        self._last_ack = 0.0
+
+    def run(self) -> int:
+        self.io.start()
+        welcome = self._wait_welcome()
+        if welcome is None:
+            return self._finish(f"kernel unreachable: {self.io.gone}")
+        self.io.heartbeat_interval_s = welcome["heartbeat_interval_s"]
+        self.plugin.run_id = welcome["run"]
+        self.next_seq = welcome["resume_from"]
+        self.plugin.setup()
+        if self.durable:
+            self._request_replay()
+        while not self.finished:
+            item = self._next_item()
+            if item is None:
+                return self._finish(self.io.gone)
+            kind, payload = item
+            if kind == "event":
+                self._on_live(payload)
+            elif payload["type"] == "replay_batch":
+                self._on_replay(payload)
+            self._maybe_ack()
+        return self._finish(None)
+
+    # -- ordering ---------------------------------------------------------------------------------
+
+    def _on_live(self, event: Event) -> None:
+        if event.type == ev.HEARTBEAT and event.type not in self.plugin.handled_events():
+            return
+        if not self.durable:
+            if self.counts_gaps and self.next_seq and event.seq > self.next_seq:
+                self.gaps += event.seq - self.next_seq
+            self.next_seq = event.seq + 1
+            self._dispatch(event)
+            return
+        if self.replaying or event.seq < self.next_seq:
+            return  # replay covers it, or we have seen it
+        if event.seq > self.next_seq:
+            self.gaps += event.seq - self.next_seq
+            self._request_replay()
+            return
+        self._dispatch(event)
+        self.next_seq += 1
+
+    def _on_replay(self, batch: dict[str, Any]) -> None:
+        for event in batch["events"]:
+            if event.seq == self.next_seq:
+                self._dispatch(event)
+                self.next_seq += 1
+                if self.finished:
+                    return
+        if batch["done"] and (not batch["events"] or batch["events"][-1].seq < self.next_seq):
+            self.replaying = False
+        else:
+            self._request_replay()
+
+    def _request_replay(self) -> None:
+        self.replaying = True
+        self.io.send(control("replay", from_seq=self.next_seq))
+
+    # -- dispatch ---------------------------------------------------------------------------------
+
+    def _dispatch(self, event: Event) -> None:
+        handled = False
+        for attempt in range(1, MAX_HANDLER_ATTEMPTS + 1):
+            self.io.busy_since = time.monotonic()
+            try:
+                self.plugin.handle(event)
+                handled = True
+                break
+            except Exception:
+                error = traceback.format_exc()
+            finally:
+                self.io.busy_since = None
+                self._send_replies()
+        if not handled:
+            self._report_failure(event, error)
+        self.processed += 1
+        if event.type in FINAL_EVENTS:
+            self.finished = True
+
+    def _report_failure(self, event: Event, error: str) -> None:
+        self.failures += 1
+        if self.durable:
+            self.dead_letters += 1
+            path = Path(self.plugin.run_dir) / "plugins" / f"{self.plugin.name}.deadletter.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps({"seq": event.seq, "type": event.type, "attempts": MAX_HANDLER_ATTEMPTS,
+                                    "traceback": error}) + "\n")
+        if self.failures <= MAX_REPORTED_TRACEBACKS:
+            what = "dead-lettered after" if self.durable else "failed after"
+            self.io.send(control("log", level="error",
+                                 text=f"handler for {event.type} (seq {event.seq}) {what} {MAX_HANDLER_ATTEMPTS} "
+                                      f"attempts:\n{error}"))
+        print(f"[{self.plugin.name}] handler for {event.type} seq {event.seq} failed:\n{error}", file=sys.stderr)
+
+    def _send_replies(self) -> None:
+        while self.plugin.outbox:
+            self.io.send(self.plugin.outbox.pop(0))
+
+    # -- acks, waiting, exit ----------------------------------------------------------------------
+
+    def _maybe_ack(self, force: bool = False) -> None:
+        if not self.durable:
+            return
+        done = self.next_seq - 1
+        now = time.monotonic()
+        if done > self.acked and (force or now - self._last_ack >= ACK_INTERVAL_S):
+            self.io.send(control("ack", seq=done))
+            self.acked, self._last_ack = done, now
+
+    def _next_item(self) -> tuple | None:
+        io = self.io
+        with io.wake:
+            while not io.inbox:
+                if io.gone or not io.is_alive():
+                    return None
+                io.wake.wait(ACK_INTERVAL_S)
+                if not io.inbox:
+                    self._maybe_ack(force=True)
+            return io.inbox.popleft()
+
+    def _wait_welcome(self) -> dict[str, Any] | None:
+        while True:
+            item = self._next_item()
+            if item is None:
+                return None
+            if item[0] == "control" and item[1]["type"] == "welcome":
+                return item[1]
+
+    def _finish(self, gone: str | None) -> int:
+        try:
+            self.plugin.teardown()
+        except Exception:
+            traceback.print_exc()
+        self._maybe_ack(force=True)
+        stats = f"processed {self.processed}, gaps {self.gaps}, failures {self.failures}, " \
+                f"dead letters {self.dead_letters}, dropped {self.io.dropped}, malformed {self.io.malformed}"
+        if gone:
+            print(f"[{self.plugin.name}] kernel gone ({gone}); exiting. {stats}", file=sys.stderr)
+        else:
+            if self.gaps and not self.durable:
+                self.io.send(control("log", level="warning", text=f"missed {self.gaps} events (best-effort gaps)"))
+            print(f"[{self.plugin.name}] run ended. {stats}", file=sys.stderr)
+        self.io.closing.set()
+        self.io.join(timeout=3)
+        return 0
+
+
+def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None) -> int:
+    """Entry point inside a plugin process: read the kernel's environment, connect, run to the end."""
+    env = os.environ
+    missing = [k for k in ("TRAINBUS_EVENTS", "TRAINBUS_CONTROL") if k not in env]
+    if missing:
+        print(f"error: {', '.join(missing)} not set; start plugins through `trainbus run`, or set the kernel's "
+              f"endpoints (see PROTOCOL.md)", file=sys.stderr)
+        return 2
+    kernel_pid = int(env["TRAINBUS_KERNEL_PID"]) if "TRAINBUS_KERNEL_PID" in env else None
+    if kernel_pid is not None:
+        _die_with_parent(kernel_pid)
+    if settings is None and "TRAINBUS_PLUGIN_SETTINGS" in env:
+        settings = unpack(bytes.fromhex(env["TRAINBUS_PLUGIN_SETTINGS"]))
+    plugin = plugin_cls(settings or {}, run_id=env.get("TRAINBUS_RUN_ID", ""), run_dir=env.get("TRAINBUS_RUN_DIR", "."))
+    if env.get("TRAINBUS_PLUGIN_NAME"):
+        plugin.name = env["TRAINBUS_PLUGIN_NAME"]
+    runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid)
+    # SIGTERM (supervisor, or a hang): finish the current handler, tear down, ack, exit.
+    signal.signal(signal.SIGTERM, lambda *_: _terminate(runner))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the kernel; it tells us when to stop
+    return runner.run()
+
+
+def _terminate(runner: Runner) -> None:
+    runner.io.gone = runner.io.gone or "terminated (SIGTERM)"
+    with runner.io.wake:
+        runner.io.wake.notify()
+    raise SystemExit(runner._finish(runner.io.gone))
+
+
+def _die_with_parent(kernel_pid: int) -> None:
+    """SIGTERM us when the kernel dies, even by SIGKILL; exit now if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the heartbeat watch still ends us within a few seconds
+    if os.getppid() != kernel_pid:
+        sys.exit(0)

@@ -1,0 +1,88 @@
+"""Plugins the tests attach to real runs: recorders, and hostile ones that raise, exit, hang or die."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from trainbus.sdk import DURABLE, Plugin
+
+
+def _append_fsynced(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Recorder(Plugin):
+    """Appends `seq type` of every event it handles to a file, fsynced, so a kill -9 loses nothing it saw."""
+
+    delivery = DURABLE
+    settings = {"path": "", "sleep_s": 0.0, "kill_at_steps": [], "marker_dir": ""}
+
+    def on_event(self, event):
+        _append_fsynced(self.settings["path"], f"{event.seq} {event.type}")
+        if self.settings["sleep_s"]:
+            time.sleep(self.settings["sleep_s"])
+        if event.type == "end_training_batch" and event.step in self.settings["kill_at_steps"]:
+            marker = os.path.join(self.settings["marker_dir"], f"killed-{event.step}")
+            if not os.path.exists(marker):  # die once per step, not again on replay
+                _append_fsynced(marker, str(time.time()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+class LiveRecorder(Recorder):
+    """The best-effort twin of Recorder: what it misses it does not get back."""
+
+    delivery = "best_effort"
+
+
+class Raiser(Plugin):
+    """Raises in every handler."""
+
+    def on_event(self, event):
+        raise RuntimeError(f"hostile plugin refuses {event.type}")
+
+
+class ExitAtStart(Plugin):
+    """Exits with an error before handling anything."""
+
+    def setup(self):
+        sys.exit(3)
+
+
+class SelfKill(Plugin):
+    """SIGKILLs itself at a given step (mid-epoch)."""
+
+    settings = {"step": 20}
+
+    def on_end_training_batch(self, event):
+        if event.step >= self.settings["step"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Stopper(Plugin):
+    """Replies stop at the end of a given epoch."""
+
+    settings = {"epoch": 1}
+
+    def on_end_epoch(self, event):
+        if event.epoch >= self.settings["epoch"]:
+            self.stop(f"enough after epoch {event.epoch}")
+
+
+class Poison(Plugin):
+    """Durable; its handler always fails on one event type, and records the rest."""
+
+    delivery = DURABLE
+    settings = {"path": "", "poison_type": "end_training_loop"}
+
+    def on_event(self, event):
+        if event.type == self.settings["poison_type"]:
+            raise ValueError(f"poison {event.seq}")
+        _append_fsynced(self.settings["path"], f"{event.seq} {event.type}")

@@ -1,0 +1,243 @@
+"""The built-in plugins, driven without sockets: feed events through the Harness, check replies and files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from trainbus.plugins.console import ConsolePlugin
+from trainbus.plugins.early_stopping import EarlyStoppingPlugin
+from trainbus.plugins.metrics_log import MetricsLogPlugin
+from trainbus.sdk import Harness, SettingsError
+
+
+def feed_run(h: Harness, losses: list[float | None], batches: int = 4, stop_reasons: list[str] | None = None) -> None:
+    """The loop's event sequence (kernel/loop.py) for one epoch per validation loss in `losses`."""
+    step = 0
+    h.feed("start_training_session", hyperparameters={"lr": 0.1}, epochs=len(losses), device="cpu",
+           model="Net", parameters=1234)
+    for epoch, validation_loss in enumerate(losses, start=1):
+        h.feed("start_epoch", epoch=epoch)
+        h.feed("start_training_loop")
+        total = 0.0
+        for index in range(batches):
+            h.feed("start_training_batch", batch_index=index)
+            step += 1
+            total += 1.0 / epoch
+            h.feed("end_training_batch", step=step, batch_index=index, loss=1.0 / epoch,
+                   training_loss_total=total, training_batch_count=index + 1)
+        train = {"training_loss_total": total, "training_batch_count": batches, "training_loss": total / batches,
+                 "training_metrics": {"accuracy": 0.5}}
+        h.feed("end_training_loop", **train)
+        h.feed("start_validation_loop")
+        validation = {"validation_loss_total": None, "validation_batch_count": 0, "validation_loss": validation_loss,
+                      "validation_metrics": {"accuracy": None if validation_loss is None else 0.9}}
+        h.feed("end_validation_loop", **validation)
+        h.feed("end_epoch", **train, **validation, hyperparameters={"lr": 0.1}, lr=0.1)
+    h.feed("end_training_session", epochs_completed=len(losses), steps=step, stopped_early=bool(stop_reasons),
+           stop_reasons=stop_reasons or [], training_loss=None, validation_loss=losses[-1],
+           validation_metrics={"accuracy": 0.9})
+
+
+class Recorder:
+    """Stands in for a Harness to capture a run's events, so two plugin instances can be fed the same ones."""
+
+    def __init__(self):
+        self.events: list[tuple[str, dict]] = []
+
+    def feed(self, type_: str, **kwargs) -> list:
+        self.events.append((type_, kwargs))
+        return []
+
+
+def epochs_fed(h: Harness, values: list[float], key: str = "validation_loss") -> list[int]:
+    """Feed one end_epoch per value; return the epochs after which a stop was replied."""
+    stopped_at = []
+    for epoch, value in enumerate(values, start=1):
+        data = {key: value} if key.endswith("loss") else {"validation_metrics": {key.split("_", 1)[1]: value}}
+        if any(r["type"] == "stop" for r in h.feed("end_epoch", epoch=epoch, **data)):
+            stopped_at.append(epoch)
+    return stopped_at
+
+
+# early stopping
+
+
+@pytest.mark.parametrize("mode, values", [
+    ("min", [1.0, 0.8, 0.9, 0.85, 0.81, 0.95]),  # best 0.8 at epoch 2; 3 bad epochs end at epoch 5
+    ("max", [0.1, 0.5, 0.4, 0.45, 0.49, 0.3]),
+])
+def test_early_stopping_stops_after_exactly_patience_bad_epochs(tmp_path, mode, values):
+    h = Harness(EarlyStoppingPlugin({"mode": mode, "patience": 3}, run_dir=str(tmp_path)))
+    stopped_at = epochs_fed(h, values)
+    assert stopped_at[0] == 5
+    reason = h.replies_of("stop")[0]["reason"]
+    assert "validation_loss" in reason and "3 epochs" in reason and "epoch 2" in reason
+
+
+def test_early_stopping_an_improvement_resets_patience(tmp_path):
+    h = Harness(EarlyStoppingPlugin({"patience": 2}, run_dir=str(tmp_path)))
+    assert epochs_fed(h, [1.0, 1.1, 0.9, 1.0]) == []
+
+
+def test_early_stopping_min_delta_counts_small_improvements_as_none(tmp_path):
+    values = [1.0, 0.95, 0.85, 0.80, 0.76]  # only 0.85 beats the best by more than 0.1
+    strict = Harness(EarlyStoppingPlugin({"patience": 2, "min_delta": 0.1}, run_dir=str(tmp_path / "a")))
+    assert epochs_fed(strict, values) == [5]
+    lenient = Harness(EarlyStoppingPlugin({"patience": 2}, run_dir=str(tmp_path / "b")))
+    assert epochs_fed(lenient, values) == []
+
+
+def test_early_stopping_resolves_validation_accuracy_from_the_metrics_dict(tmp_path):
+    h = Harness(EarlyStoppingPlugin({"monitor": "validation_accuracy", "mode": "max", "patience": 1},
+                                    run_dir=str(tmp_path)))
+    assert epochs_fed(h, [0.5, 0.6, 0.6], key="validation_accuracy") == [3]
+    assert "best 0.6 at epoch 2" in h.replies_of("stop")[0]["reason"]
+    assert not h.replies_of("log")
+
+
+def test_early_stopping_nan_never_improves(tmp_path):
+    h = Harness(EarlyStoppingPlugin({"patience": 2}, run_dir=str(tmp_path)))
+    assert epochs_fed(h, [1.0, math.nan, math.nan]) == [3]
+
+
+def test_early_stopping_warns_once_when_the_monitored_key_is_missing(tmp_path):
+    h = Harness(EarlyStoppingPlugin({"monitor": "validation_f1", "patience": 1}, run_dir=str(tmp_path)))
+    for epoch in (1, 2, 3):
+        h.feed("end_epoch", epoch=epoch, validation_loss=1.0, validation_metrics={"accuracy": 0.5})
+    (warning,) = h.replies_of("log")
+    assert warning["level"] == "warning" and "'validation_f1'" in warning["text"]
+    assert "validation_accuracy" in warning["text"] and "validation_loss" in warning["text"]
+    assert not h.replies_of("stop")
+
+
+@pytest.mark.parametrize("settings", [{"mode": "minimum"}, {"patience": 0}, {"min_delta": -0.1}])
+def test_early_stopping_rejects_bad_settings_in_setup(tmp_path, settings):
+    with pytest.raises(SettingsError, match="early_stopping"):
+        Harness(EarlyStoppingPlugin(settings, run_dir=str(tmp_path)))
+
+
+def test_early_stopping_resumes_its_counts_after_a_restart(tmp_path):
+    first = Harness(EarlyStoppingPlugin({"patience": 3}, run_dir=str(tmp_path)))
+    assert epochs_fed(first, [1.0, 1.1]) == []  # best at epoch 1, one bad epoch, then a crash
+    restarted = Harness(EarlyStoppingPlugin({"patience": 3}, run_dir=str(tmp_path)))
+    # The replay brings seqs 1-2 again (skipped, already counted), then two more bad epochs.
+    assert epochs_fed(restarted, [1.0, 1.1, 1.2, 1.3]) == [4]
+
+
+# metrics log
+
+
+def read_records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_log_writes_flat_step_epoch_metric_and_session_records(tmp_path):
+    h = Harness(MetricsLogPlugin({"every_n_steps": 2}, run_dir=str(tmp_path)))
+    feed_run(h, [0.5, math.nan], batches=4)
+    h.feed("metric", plugin="gpu_monitor", name="gpu_util", value=0.75, step=8)
+    h.close()
+    records = read_records(tmp_path / "metrics.jsonl")
+    assert [r["kind"] for r in records] == ["step", "step", "epoch", "step", "step", "epoch", "session_end", "metric"]
+    step = records[0]
+    assert step == {"kind": "step", "seq": step["seq"], "step": 2, "epoch": 1, "time": step["time"], "loss": 1.0,
+                    "batch_index": 1, "training_loss_mean": 1.0}
+    epoch = records[2]
+    assert {"seq", "step", "epoch", "time", "training_loss", "validation_loss", "lr", "training_accuracy",
+            "validation_accuracy"} <= set(epoch)
+    assert epoch["epoch"] == 1 and epoch["step"] == 4 and epoch["validation_loss"] == 0.5
+    assert records[5]["validation_loss"] is None  # NaN is not JSON; null reads as NaN in pandas
+    assert {k: records[7][k] for k in ("name", "value", "step", "plugin")} == \
+        {"name": "gpu_util", "value": 0.75, "step": 8, "plugin": "gpu_monitor"}
+    assert all(not isinstance(v, (dict, list)) for r in records for v in r.values())  # flat columns
+    assert [r["seq"] for r in records] == sorted(r["seq"] for r in records)
+
+
+def test_metrics_log_session_end_record(tmp_path):
+    h = Harness(MetricsLogPlugin(run_dir=str(tmp_path)))
+    feed_run(h, [0.5], stop_reasons=["early_stopping: stop: patience"])
+    h.close()
+    end = read_records(tmp_path / "metrics.jsonl")[-1]
+    assert end["kind"] == "session_end" and end["stopped_early"] is True
+    assert end["stop_reasons"] == "early_stopping: stop: patience" and end["validation_accuracy"] == 0.9
+
+
+def test_metrics_log_restart_does_not_duplicate_replayed_records(tmp_path):
+    run = Recorder()
+    feed_run(run, [0.5, 0.4, 0.3])
+    crash_at = len(run.events) // 2
+
+    def feed(harness, events):
+        for type_, kwargs in events:
+            harness.feed(type_, **kwargs)
+
+    first = Harness(MetricsLogPlugin({"every_n_steps": 1}, run_dir=str(tmp_path / "crashed")))
+    feed(first, run.events[:crash_at])  # then it crashes, before acking all it wrote: no teardown
+    path = tmp_path / "crashed" / "metrics.jsonl"
+    with open(path, "a") as f:
+        f.write('{"kind": "step", "seq": 99')  # and it died mid-write
+    restarted = Harness(MetricsLogPlugin({"every_n_steps": 1}, run_dir=str(tmp_path / "crashed")))
+    feed(restarted, run.events)  # the replay starts from seq 1 here, the worst case
+    restarted.close()
+    clean = Harness(MetricsLogPlugin({"every_n_steps": 1}, run_dir=str(tmp_path / "clean")))
+    feed(clean, run.events)
+    clean.close()
+
+    def without_time(records):
+        return [{k: v for k, v in r.items() if k != "time"} for r in records]
+    assert without_time(read_records(path)) == without_time(read_records(tmp_path / "clean" / "metrics.jsonl"))
+
+
+# console
+
+
+def test_console_without_a_tty_prints_plain_epoch_lines_and_warnings(tmp_path, capsys):
+    h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
+    feed_run(h, [0.5, None])
+    h.feed("start_epoch", epoch=3)
+    h.feed("end_training_batch", batch_index=None, loss=None, training_loss_total=None, training_batch_count=None)
+    h.feed("end_epoch", training_loss=None, validation_loss=None, validation_metrics=None, lr=None)
+    h.feed("plugin_crashed", plugin="gpu_monitor", exit_code=-9, cause="signal SIGKILL", hung=False)
+    h.feed("plugin_hung", plugin="slow", pid=12, reason="silent for 3.2 s")
+    h.feed("plugin_failed", plugin="gpu_monitor", reason="6 failures within 60 s", log="runs/x/plugins/gpu.log")
+    h.feed("log", plugin="metrics_log", level="error", text="handler failed:\nTraceback ...\nKeyError: 'x'")
+    h.feed("log", plugin="metrics_log", level="info", text="all good")
+    h.feed("end_training_session", epochs_completed=None, steps=None, stopped_early=True, stop_reasons=None)
+    h.close()
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    lines = out.splitlines()
+    assert any(line.startswith("epoch 1/2  train loss 1  val loss 0.5  val accuracy 0.9  lr 0.1  ") for line in lines)
+    assert any(line.startswith("epoch 2/2  train loss 0.5  val loss ?  val accuracy ?") for line in lines)
+    assert any(line.startswith("epoch 3/2  train loss ?  val loss ?") for line in lines)
+    assert "warning: plugin gpu_monitor crashed (signal SIGKILL)" in lines
+    assert "warning: plugin slow hung (silent for 3.2 s)" in lines
+    assert any(line.startswith("error: plugin gpu_monitor given up: 6 failures") for line in lines)
+    assert "error: metrics_log: handler failed: ... KeyError: 'x'" in lines
+    assert "all good" not in out
+    assert lines[-1] == "finished: ? epochs, ? steps; stopped early: no reason given"
+
+
+def test_console_trims_a_long_warning_to_one_line(tmp_path, capsys):
+    h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
+    h.feed("log", plugin="p", level="warning", text="x" * 1000)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert len(line) <= 160 and line.endswith("...")
+
+
+def test_console_draws_bars_on_a_terminal_and_stops_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich: treat the captured stdout as a terminal
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    plugin = ConsolePlugin({"refresh_per_second": 20.0}, run_dir=str(tmp_path))
+    h = Harness(plugin)
+    feed_run(h, [0.5, None, 0.3])
+    assert plugin.batches_per_epoch == 4 and plugin.progress is None  # stopped at the session's end
+    h.close()
+    assert "epoch 3/3" in capsys.readouterr().out
+
+
+def test_console_rejects_a_non_positive_refresh_rate(tmp_path):
+    with pytest.raises(SettingsError):
+        Harness(ConsolePlugin({"refresh_per_second": 0.0}, run_dir=str(tmp_path)))

@@ -1,0 +1,291 @@
+"""The codec: encode and decode are inverses, and decoding anything raises nothing but ProtocolError."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from trainbus.proto import (
+    CONTROL_SCHEMAS,
+    MAX_MESSAGE_BYTES,
+    Event,
+    ProtocolError,
+    control,
+    decode_control,
+    decode_event,
+    encode_control,
+    encode_event,
+    event_to_map,
+    events as ev,
+    pack,
+    unpack,
+)
+from trainbus.proto.codec import MAX_ARRAY_LEN, MAX_BIN_BYTES, MAX_MAP_LEN, MAX_STR_BYTES
+from trainbus.proto.messages import KERNEL_TO_PLUGIN, PLUGIN_TO_KERNEL
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+EVENT = Event(seq=7, run="run-1", type=ev.END_EPOCH, ts=1_700_000_000.25, step=120, epoch=2,
+              data={"training_loss": 0.5, "validation_loss": None, "training_metrics": {"accuracy": 0.9},
+                    "stop_reasons": ["a", "b"], "blob": b"\x00\xff", "stopped_early": False})
+HEARTBEAT = Event(seq=1, run="run-1", type=ev.HEARTBEAT, ts=1_700_000_000.0, step=0, epoch=0,
+                  data={"interval_s": 1.0})
+
+# One or more valid messages of every control type; test_examples_cover_every_schema keeps this complete.
+VALID_CONTROL: dict[str, list[dict]] = {
+    "hello": [dict(name="metrics_log", pid=4242, subscriptions=[""], replies=["stop", "metric"], delivery="durable"),
+              dict(name="x", pid=1, subscriptions=["heartbeat", "end_epoch"], replies=[], delivery="best_effort")],
+    "heartbeat": [{}],
+    "ack": [dict(seq=0), dict(seq=2**63)],
+    "replay": [dict(from_seq=1), dict(from_seq=0)],
+    "bye": [dict(reason="done")],
+    "stop": [dict(reason="validation loss went up 3 epochs in a row")],
+    "metric": [dict(name="grad_norm", value=1.5, step=10), dict(name="n", value=3, step=None)],
+    "log": [dict(level=level, text="héllo") for level in ("debug", "info", "warning", "error")],
+    "checkpoint_now": [dict(reason="best so far")],
+    "welcome": [dict(run="run-1", heartbeat_interval_s=1.0, resume_from=1),
+                dict(run="r", heartbeat_interval_s=2, resume_from=99)],
+    "replay_batch": [dict(events=[event_to_map(HEARTBEAT), event_to_map(EVENT)], done=True),
+                     dict(events=[], done=False)],
+}
+CONTROL_EXAMPLES = [(kind, fields) for kind, examples in VALID_CONTROL.items() for fields in examples]
+
+
+def _expected_decoded(kind: str, fields: dict) -> dict:
+    """What decode_control returns: the same map, except replay_batch events arrive as Event objects."""
+    expected = {"v": 1, "type": kind, **fields}
+    if kind == "replay_batch":
+        expected["events"] = [Event(**e) for e in fields["events"]]
+    return expected
+
+
+# -- (a) round trips ----------------------------------------------------------------------------
+
+def test_examples_cover_every_schema():
+    assert set(VALID_CONTROL) == set(CONTROL_SCHEMAS) == PLUGIN_TO_KERNEL | KERNEL_TO_PLUGIN
+
+
+def test_event_round_trip():
+    assert decode_event(encode_event(EVENT)) == EVENT
+    assert decode_event(encode_event(HEARTBEAT)) == HEARTBEAT
+
+
+@pytest.mark.parametrize(("kind", "fields"), CONTROL_EXAMPLES, ids=[k for k, _ in CONTROL_EXAMPLES])
+def test_control_round_trip(kind, fields):
+    message = control(kind, **fields)
+    assert decode_control(encode_control(message)) == _expected_decoded(kind, fields)
+
+
+def test_unknown_control_fields_are_dropped_and_missing_ones_rejected():
+    raw = pack({"v": 1, "type": "stop", "reason": "r", "added_in_v1_1": [1, 2]})
+    assert decode_control(raw) == {"v": 1, "type": "stop", "reason": "r"}
+    with pytest.raises(ProtocolError, match="missing field 'reason'"):
+        decode_control(pack({"v": 1, "type": "stop"}))
+
+
+def test_control_rejects_bad_values_at_the_sender():
+    for kind, fields in [("hello", dict(VALID_CONTROL["hello"][0], delivery="sometimes")),
+                         ("log", dict(level="fatal", text="x")),
+                         ("metric", dict(name="m", value=math.nan, step=None)),
+                         ("metric", dict(name="m", value=math.inf, step=None)),
+                         ("ack", dict(seq=-1)),
+                         ("replay", dict(from_seq=-5)),
+                         ("replay_batch", dict(events=[{"v": 1}], done=True))]:
+        with pytest.raises(ProtocolError):
+            control(kind, **fields)
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text()
+    | st.binary(max_size=16),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+events_strategy = st.builds(
+    Event,
+    seq=st.integers(1, 2**63),
+    run=st.text(max_size=20),
+    type=st.sampled_from(sorted(ev.ALL_EVENTS)) | st.text(max_size=20),
+    ts=st.floats(allow_nan=False),
+    step=st.integers(-(2**63), 2**63),
+    epoch=st.integers(-(2**63), 2**63),
+    data=st.dictionaries(st.text(max_size=8), json_like, max_size=5),
+)
+
+
+@FUZZ
+@given(events_strategy)
+def test_any_event_round_trips(event):
+    assert decode_event(encode_event(event)) == event
+
+
+# -- (b) nothing but ProtocolError escapes decoding -----------------------------------------------
+
+def _decodes_or_protocol_error(raw: bytes) -> None:
+    """Each decoder either succeeds or raises ProtocolError; any other exception fails the test."""
+    for decode in (decode_event, decode_control, unpack):
+        try:
+            decode(raw)
+        except ProtocolError:
+            pass
+
+
+VALID_ENCODINGS = [encode_event(EVENT), encode_event(HEARTBEAT)] + [
+    encode_control(control(kind, **fields)) for kind, fields in CONTROL_EXAMPLES]
+
+
+@st.composite
+def mutated_encodings(draw) -> bytes:
+    """Valid messages truncated, extended or with bytes overwritten: reaches far deeper than pure noise."""
+    raw = bytearray(draw(st.sampled_from(VALID_ENCODINGS)))
+    for _ in range(draw(st.integers(1, 4))):
+        if raw and draw(st.booleans()):
+            raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
+        else:
+            raw[draw(st.integers(0, len(raw))):draw(st.integers(0, len(raw)))] = draw(st.binary(max_size=8))
+    return bytes(raw)
+
+
+@FUZZ
+@given(st.binary(max_size=256))
+def test_random_bytes_raise_only_protocol_error(raw):
+    _decodes_or_protocol_error(raw)
+
+
+@FUZZ
+@given(mutated_encodings())
+def test_mutated_messages_raise_only_protocol_error(raw):
+    _decodes_or_protocol_error(raw)
+
+
+any_msgpack = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=12)
+    | st.binary(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=16,
+)
+
+
+@FUZZ
+@given(any_msgpack)
+def test_random_structures_raise_only_protocol_error(obj):
+    _decodes_or_protocol_error(msgpack.packb(obj, use_bin_type=True))
+
+
+VALID_MAPS = [event_to_map(EVENT)] + [{"v": 1, "type": kind, **fields} for kind, fields in CONTROL_EXAMPLES]
+
+
+@st.composite
+def right_keys_wrong_values(draw) -> dict:
+    """A valid envelope or control map with some of its fields (v and type included) replaced at random."""
+    base = dict(draw(st.sampled_from(VALID_MAPS)))
+    for key in draw(st.lists(st.sampled_from(sorted(base)), min_size=1, max_size=len(base), unique=True)):
+        base[key] = draw(any_msgpack)
+    return base
+
+
+@FUZZ
+@given(right_keys_wrong_values())
+def test_wrong_typed_fields_raise_only_protocol_error(m):
+    raw = msgpack.packb(m, use_bin_type=True)
+    _decodes_or_protocol_error(raw)
+    try:
+        decoded = decode_control(raw)
+    except ProtocolError:
+        return
+    # whatever got through has exactly its schema's fields
+    assert set(decoded) == {"v", "type"} | set(CONTROL_SCHEMAS[decoded["type"]])
+
+
+# -- (c) limits and strictness ----------------------------------------------------------------------
+
+def _envelope(**changes) -> dict:
+    return dict(event_to_map(EVENT), **changes)
+
+
+LIMIT_CASES = {
+    "string over MAX_STR_BYTES": msgpack.packb(
+        {"v": 1, "type": "log", "level": "info", "text": "x" * (MAX_STR_BYTES + 1)}),
+    "binary over MAX_BIN_BYTES": msgpack.packb(_envelope(data={"blob": b"x" * (MAX_BIN_BYTES + 1)})),
+    "array over MAX_ARRAY_LEN": msgpack.packb(
+        {"v": 1, "type": "replay_batch", "events": [None] * (MAX_ARRAY_LEN + 1), "done": True}),
+    "map over MAX_MAP_LEN": msgpack.packb(_envelope(data={str(i): i for i in range(MAX_MAP_LEN + 1)})),
+    "ext type": msgpack.packb(_envelope(data={"when": msgpack.ExtType(1, b"abcd")})),
+    "zero-length ext type": msgpack.packb(_envelope(data={"when": msgpack.ExtType(1, b"")})),
+    "map with int keys": msgpack.packb(_envelope(data={1: "one"})),
+    "bool where int expected (seq=True)": msgpack.packb(_envelope(seq=True)),
+    "v=2": msgpack.packb(_envelope(v=2)),
+    "v missing": msgpack.packb({k: v for k, v in event_to_map(EVENT).items() if k != "v"}),
+    "seq 0": msgpack.packb(_envelope(seq=0)),
+    "trailing bytes": encode_event(EVENT) + b"\xc0",
+    "invalid utf-8": msgpack.packb(_envelope(run=b"\xff\xfe"), use_bin_type=False),
+    "not a map": msgpack.packb([1, 2, 3]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIMIT_CASES))
+def test_event_limits(case):
+    with pytest.raises(ProtocolError):
+        decode_event(LIMIT_CASES[case])
+
+
+@pytest.mark.parametrize("raw", [
+    msgpack.packb({"v": 1, "type": "launch_missiles"}),
+    msgpack.packb({"v": 2, "type": "heartbeat"}),
+    msgpack.packb({"v": True, "type": "heartbeat"}),
+    msgpack.packb({"v": 1, "type": "ack", "seq": True}),
+    msgpack.packb({"v": 1, "type": "ack", "seq": 1.0}),
+    msgpack.packb({"v": 1, "type": "metric", "name": "m", "value": False, "step": None}),
+    msgpack.packb({"v": 1, "type": "hello", "name": "x", "pid": 1, "subscriptions": [1], "replies": [],
+                   "delivery": "durable"}),
+    msgpack.packb({"v": 1, "type": "replay_batch", "events": [{"v": 1, "seq": 1}], "done": True}),
+    msgpack.packb({"v": 1, "type": "replay_batch", "events": [], "done": 1}),
+    msgpack.packb({"v": 1, 7: "heartbeat"}),
+], ids=["unknown type", "v=2", "v=True", "ack seq=True", "ack seq float", "metric value bool",
+        "hello subscriptions not str", "replay_batch bad event", "done not bool", "int key"])
+def test_control_limits(raw):
+    with pytest.raises(ProtocolError):
+        decode_control(raw)
+
+
+def test_message_over_max_message_bytes():
+    # Every field is within its own limit; only the whole message is too big.
+    chunk = "x" * (MAX_STR_BYTES - 64)
+    raw = msgpack.packb(_envelope(data={str(i): chunk for i in range(MAX_MESSAGE_BYTES // len(chunk) + 1)}))
+    assert len(raw) > MAX_MESSAGE_BYTES
+    for decode in (decode_event, decode_control, unpack):
+        with pytest.raises(ProtocolError, match="exceeds"):
+            decode(raw)
+
+
+def test_non_bytes_input_is_a_protocol_error():
+    for decode in (decode_event, decode_control, unpack):
+        with pytest.raises(ProtocolError):
+            decode("not bytes")  # type: ignore[arg-type]
+
+
+def test_unencodable_values_are_a_protocol_error():
+    with pytest.raises(ProtocolError):
+        pack({"x": object()})
+    with pytest.raises(ProtocolError):
+        pack(2**64)  # beyond msgpack's integers
+    with pytest.raises(ProtocolError):
+        encode_event(Event(seq=1, run="r", type=ev.METRIC, ts=0.0, step=0, epoch=0, data={"x": {1, 2}}))
+
+
+# -- (d) numbers from numpy ------------------------------------------------------------------------
+
+def test_numpy_scalars_pack_as_plain_numbers():
+    data = {"f32": np.float32(0.5), "f64": np.float64(0.25), "i64": np.int64(-3), "u8": np.uint8(200),
+            "flag": np.bool_(True), "vector": np.arange(3, dtype=np.int32)}
+    decoded = unpack(pack(data))
+    assert decoded == {"f32": 0.5, "f64": 0.25, "i64": -3, "u8": 200, "flag": True, "vector": [0, 1, 2]}
+    assert type(decoded["i64"]) is int and type(decoded["flag"]) is bool and type(decoded["f32"]) is float
+    event = Event(seq=1, run="r", type=ev.END_TRAINING_BATCH, ts=1.0, step=np.int64(4), epoch=1,
+                  data={"loss": np.float32(2.0)})
+    assert decode_event(encode_event(event)) == Event(seq=1, run="r", type=ev.END_TRAINING_BATCH, ts=1.0,
+                                                      step=4, epoch=1, data={"loss": 2.0})
