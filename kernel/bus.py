@@ -53,7 +53,9 @@ class Peer:
     pid: int
     delivery: str
     subscriptions: list[str]
+    votes: list[str]
     last_seen: float
+    acked: int = 0
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Bus:
         self._fast_heartbeats = True
         self._position = (0, 0)  # (step, epoch) of the latest published event, for kernel events
         self._final_seq = 0  # seq of end_training_session or run_failed: what durable plugins drain to
+        self._last_seq_of: dict[str, int] = {}  # event type -> seq of its latest instance
 
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.PUB)
@@ -138,6 +141,20 @@ class Bus:
                 self._ready.wait(min(left, 0.05))
         self._fast_heartbeats = False
         return missing
+
+    def await_votes(self, type_: str, timeout_s: float) -> list[str]:
+        """Wait until every live plugin voting at `type_` handled its latest instance; return who did not."""
+        if timeout_s <= 0 or not any(type_ in p.votes for p in self._peers.values()):
+            return []
+        self.flush_now()
+        target = self._last_seq_of.get(type_, 0)
+        end = time.monotonic() + timeout_s
+        while True:
+            waiting = [p.name for p in list(self._peers.values())
+                       if type_ in p.votes and p.acked < target and self._is_live(p)]
+            if not waiting or time.monotonic() >= end:
+                return waiting
+            time.sleep(0.002)
 
     def wait_drained(self, timeout_s: float) -> dict[str, int]:
         """Wait until every durable plugin acked the last event; return {name: acked} of laggards."""
@@ -221,6 +238,7 @@ class Bus:
                 envelope["data"] = {"error": f"event data not encodable: {exc}"}
                 records.append(pack(envelope))
             topics.append(type_.encode())
+            self._last_seq_of[type_] = self._seq
             if type_ in (ev.END_TRAINING_SESSION, ev.RUN_FAILED):
                 self._final_seq = self._seq
             self._position = (step, epoch)
@@ -253,7 +271,7 @@ class Bus:
         peer = self._peers.get(identity)
         now = time.monotonic()
         if kind == "hello":
-            peer = Peer(msg["name"], msg["pid"], msg["delivery"], msg["subscriptions"], now)
+            peer = Peer(msg["name"], msg["pid"], msg["delivery"], msg["subscriptions"], msg["votes"], now)
             self._peers[identity] = peer
             resume_from = self.acked.get(peer.name, 0) + 1 if peer.delivery == DURABLE else self._seq + 1
             self._send(identity, control("welcome", run=self.run_id, resume_from=resume_from,
@@ -268,8 +286,10 @@ class Bus:
         if kind == "heartbeat":
             return
         if kind == "ack":
-            if peer and peer.delivery == DURABLE:
-                self.acked[name] = max(self.acked.get(name, 0), min(msg["seq"], self._seq))
+            if peer:
+                peer.acked = max(peer.acked, min(msg["seq"], self._seq))
+                if peer.delivery == DURABLE:
+                    self.acked[name] = max(self.acked.get(name, 0), peer.acked)
         elif kind == "replay":
             self._flush()
             batch = self.journal.read_range(max(msg["from_seq"], 1), REPLAY_BATCH_MAX_EVENTS, REPLAY_BATCH_MAX_BYTES)
@@ -300,9 +320,14 @@ class Bus:
         return [n for n in self.supervisor.live_names() if n not in said_hello]
 
     def _durable_live(self) -> list[str]:
-        live = set(self.supervisor.live_names()) | {p.name for p in self._peers.values()
-                                                     if p.name not in self.supervisor.children}
-        return sorted({p.name for p in self._peers.values() if p.delivery == DURABLE} & live)
+        return sorted({p.name for p in list(self._peers.values()) if p.delivery == DURABLE and self._is_live(p)})
+
+    def _is_live(self, peer: Peer) -> bool:
+        """A supervised peer lives while its process does; an external one while it keeps talking."""
+        child = self.supervisor.children.get(peer.name)
+        if child is not None:
+            return child.proc is not None and child.proc.pid == peer.pid and child.state in ("starting", "running")
+        return time.monotonic() - peer.last_seen < self.supervisor.liveness_s
 
 
 def _bind(socket: zmq.Socket, endpoint: str | None, ipc_path: Path) -> str:

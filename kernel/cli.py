@@ -81,7 +81,8 @@ def run(
 
     check_run(cfg, "command line")
     _check_plugin_settings(cfg.plugins)
-    err.print(f"trainbus: run starting: target {cfg.target}, plugins {', '.join(p.name for p in cfg.plugins) or 'none'}")
+    print(f"trainbus: run starting: target {cfg.target}, plugins {', '.join(p.name for p in cfg.plugins) or 'none'}",
+          file=sys.stderr)
     result = run_training(cfg, install_sigint=True)
     _print_summary(result)
     raise typer.Exit(code={"completed": 0, "stopped": 0, "interrupted": 130}.get(result.status, 1))

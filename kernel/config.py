@@ -35,6 +35,7 @@ class RunConfig:
     device: str = "auto"
     ready_timeout_s: float = 15.0  # wait this long for every plugin's hello before training starts
     drain_timeout_s: float = 30.0  # at the end, wait this long for durable plugins to catch up
+    vote_timeout_s: float = 5.0  # at end_epoch, wait at most this long for plugins that vote there
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     plugins: list[PluginConfig] = field(default_factory=list)
 

@@ -17,6 +17,7 @@ from .spec import TrainingSpec
 class Publisher(Protocol):
     def publish(self, type_: str, step: int, epoch: int, data: dict[str, Any]) -> None: ...
     def take_replies(self) -> list: ...
+    def await_votes(self, type_: str, timeout_s: float) -> list[str]: ...
 
 
 @dataclass
@@ -50,11 +51,13 @@ def pick_device() -> torch.device:
 class Loop:
     """Runs a TrainingSpec and publishes its lifecycle; asks `stop_requested()` at every step boundary."""
 
-    def __init__(self, spec: TrainingSpec, bus: Publisher, device: torch.device, stop_requested=lambda: False):
+    def __init__(self, spec: TrainingSpec, bus: Publisher, device: torch.device, stop_requested=lambda: False,
+                 vote_timeout_s: float = 0.0):
         self.spec = spec
         self.bus = bus
         self.device = device
         self.stop_requested = stop_requested  # Ctrl-C, wired by the CLI
+        self.vote_timeout_s = vote_timeout_s  # longest wait at end_epoch for plugins that vote there
         # On CUDA, per-step losses stay on the device and are read in bursts by the bus thread;
         # on the CPU .item() costs no sync and is cheaper than tensor arithmetic.
         self._scalar = (lambda t: t.detach()) if device.type == "cuda" else (lambda t: t.item())
@@ -83,8 +86,12 @@ class Loop:
             out.validation_metrics = validation.get("validation_metrics", {})
             self._publish(ev.END_EPOCH, **train, **validation, hyperparameters=spec.hyperparameters,
                           lr=spec.optimizer.param_groups[0]["lr"])
-            # termination conditions
+            # termination conditions: a stop from a batch, or a vote on this epoch (bounded wait)
             if out.stopped_early:
+                break
+            self.bus.await_votes(ev.END_EPOCH, self.vote_timeout_s)
+            replies = self.bus.take_replies()
+            if (replies or self.stop_requested()) and self._apply(merge_replies(replies)):
                 break
         out.steps = self.step
         self._publish(ev.END_TRAINING_SESSION, epochs_completed=out.epochs_completed, steps=self.step,

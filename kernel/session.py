@@ -66,7 +66,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
     plugins = [PluginSpec(p.name, p.target, p.settings, console=(p.name == "console")) for p in cfg.plugins]
     bus = Bus(run_id, run_dir, plugins)
     interrupts = _Interrupts(install_sigint)
-    loop = Loop(spec, bus, device, stop_requested=interrupts.requested)
+    loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s)
     status, error = "completed", None
     try:
         bus.start()

@@ -37,6 +37,7 @@ class EarlyStoppingPlugin(Plugin):
     # Durable: a decision-maker that misses an epoch stops late. Its counts survive a restart through
     # <run_dir>/plugins/<name>.state.json, because a replay starts at the last ack, not at seq 1.
     delivery = DURABLE
+    votes = ("end_epoch",)  # the kernel waits for the verdict, so a stop lands at this epoch's end
     settings = {"monitor": "validation_loss", "mode": "min", "patience": 3, "min_delta": 0.0}
 
     def setup(self) -> None:

@@ -40,6 +40,7 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         "subscriptions": _STR_LIST,  # event-type prefixes; [""] means everything
         "replies": _STR_LIST,  # reply types it may send (stop, metric, log, checkpoint_now)
         "delivery": str,  # one of DELIVERY_CLASSES
+        "votes": _STR_LIST,  # event types whose stop vote the kernel awaits (bounded) before going on
     },
     "heartbeat": {},
     "ack": {"seq": int},  # everything up to and including seq has been processed

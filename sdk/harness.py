@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from typing import Any
 
@@ -21,8 +22,10 @@ class Harness:
         assert h.replies_of("stop")
     """
 
-    def __init__(self, plugin: Plugin, run_id: str = "test-run"):
+    def __init__(self, plugin: Plugin, run_id: str = "test-run", run_dir: str | None = None):
         self.plugin = plugin
+        if run_dir is not None or plugin.run_dir == ".":  # never write into the caller's cwd by default
+            plugin.run_dir = run_dir or tempfile.mkdtemp(prefix="trainbus-harness-")
         self.run_id = run_id
         self.seq = 0
         self.step = 0

@@ -39,6 +39,9 @@ class Plugin:
     delivery: str = BEST_EFFORT  # or DURABLE: every event exactly in order, across restarts
     settings: dict[str, Any] = {}  # defaults; the run's config overrides them per key
     handler_timeout_s: float = 60.0  # a handler running longer than this counts as a hang
+    # Event types at which the kernel waits (at most its vote_timeout_s) for this plugin to handle the
+    # event before going on, so a stop decided there lands at that boundary: ("end_epoch",) for early stopping.
+    votes: tuple[str, ...] = ()
 
     def __init__(self, settings: dict[str, Any] | None = None, run_id: str = "", run_dir: str = "."):
         cls = type(self)

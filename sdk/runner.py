@@ -198,7 +198,8 @@ class Runner:
         if "" in plugin.handled_events():
             topics = [""]
         hello = control("hello", name=plugin.name, pid=os.getpid(), subscriptions=topics,
-                        replies=["stop", "metric", "log", "checkpoint_now"], delivery=plugin.delivery)
+                        replies=["stop", "metric", "log", "checkpoint_now"], delivery=plugin.delivery,
+                        votes=list(plugin.votes))
         self.io = _IO(events_endpoint, control_endpoint, topics, hello, plugin.handler_timeout_s, kernel_pid)
         self.counts_gaps = topics == [""]
         self.next_seq = 0  # durable: the next seq to process; best-effort: the next expected
@@ -288,6 +289,8 @@ class Runner:
         if not handled:
             self._report_failure(event, error)
         self.processed += 1
+        if event.type in self.plugin.votes:  # the kernel is waiting for exactly this
+            self.io.send(control("ack", seq=event.seq))
         if event.type in FINAL_EVENTS:
             self.finished = True
 
@@ -354,7 +357,8 @@ class Runner:
         else:
             if self.gaps and not self.durable:
                 self.io.send(control("log", level="warning", text=f"missed {self.gaps} events (best-effort gaps)"))
-            print(f"[{self.plugin.name}] run ended. {stats}", file=sys.stderr)
+            if not sys.stderr.isatty():  # the plugin's log file; on a terminal (console) it would be noise
+                print(f"[{self.plugin.name}] run ended. {stats}", file=sys.stderr)
         self.io.closing.set()
         self.io.join(timeout=3)
         return 0
