@@ -27,6 +27,7 @@ from trainbus.proto import (
     encode_control,
     events as ev,
     pack,
+    unpack,
 )
 
 from .journal import JOURNAL_NAME, Journal
@@ -233,10 +234,12 @@ class Bus:
             envelope = {"v": PROTOCOL_VERSION, "seq": self._seq, "run": self.run_id, "type": type_,
                         "ts": ts, "step": step, "epoch": epoch, "data": data}
             try:
-                records.append(pack(envelope))
+                raw = pack(envelope)
+                unpack(raw)  # what no peer could decode (int map keys, over-long values) is not sent
             except ProtocolError as exc:  # a user metric of an odd type: keep the seq, say why
                 envelope["data"] = {"error": f"event data not encodable: {exc}"}
-                records.append(pack(envelope))
+                raw = pack(envelope)
+            records.append(raw)
             topics.append(type_.encode())
             self._last_seq_of[type_] = self._seq
             if type_ in (ev.END_TRAINING_SESSION, ev.RUN_FAILED):

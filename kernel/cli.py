@@ -19,12 +19,12 @@ from .spec import SpecError
 
 __version__ = "0.1.0"
 
+# rich_markup_mode=None: usage errors print as click's plain "Error: ..." line, not a framed panel.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="trainbus: PyTorch training whose plugins run in their own processes.")
-plugins_app = typer.Typer(no_args_is_help=True, help="Plugins: what is installed.")
+                  rich_markup_mode=None, help="trainbus: PyTorch training whose plugins run in their own processes.")
+plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Plugins: what is installed.")
 app.add_typer(plugins_app, name="plugins")
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)  # paths and ids stay on one line, copyable
 
 
 class UserError(Exception):
@@ -81,9 +81,7 @@ def run(
 
     check_run(cfg, "command line")
     _check_plugin_settings(cfg.plugins)
-    print(f"trainbus: run starting: target {cfg.target}, plugins {', '.join(p.name for p in cfg.plugins) or 'none'}",
-          file=sys.stderr)
-    result = run_training(cfg, install_sigint=True)
+    result = run_training(cfg, install_sigint=True, announce=lambda line: print(f"trainbus: {line}", file=sys.stderr))
     _print_summary(result)
     raise typer.Exit(code={"completed": 0, "stopped": 0, "interrupted": 130}.get(result.status, 1))
 
@@ -112,6 +110,7 @@ def _describe(items: list[str]) -> list[dict]:
 
 
 def _check_plugin_settings(plugins) -> None:
+    plugins = [p for p in plugins if not p.command]  # a command plugin checks its own settings
     if not plugins:
         return
     infos = _describe([f"{p.target}={json.dumps(p.settings)}" for p in plugins])
@@ -144,5 +143,5 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except (UserError, ConfigError, SpecError) as exc:
-        err.print(f"error: {exc}", markup=False)
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

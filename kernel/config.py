@@ -22,8 +22,9 @@ class ConfigError(Exception):
 @dataclass
 class PluginConfig:
     name: str
-    target: str  # module:Class
+    target: str  # module:Class, run by the SDK; or "" when command is given
     settings: dict[str, Any] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)  # any program speaking PROTOCOL.md, any language
 
 
 @dataclass
@@ -45,7 +46,7 @@ class RunConfig:
 
 _RUN_KEYS = {f.name: f.type for f in fields(RunConfig) if f.name not in ("hyperparameters", "plugins")}
 _TOP_KEYS = ("run", "hyperparameters", "plugins")
-_PLUGIN_KEYS = ("enabled", "target", "settings", "config")  # `config` is bz's spelling of settings
+_PLUGIN_KEYS = ("enabled", "target", "command", "settings", "config")  # `config` is bz's spelling of settings
 
 
 def registered_plugins() -> dict[str, str]:
@@ -85,6 +86,12 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         target = body.get("target")
         if target is not None:
             target = _typed(target, "str", f"{where}: plugins.{name}.target")
+        command = body.get("command")
+        if command is not None:
+            if not (isinstance(command, list) and command and all(isinstance(c, str) for c in command)):
+                raise ConfigError(f"{where}: plugins.{name}.command must be a non-empty list of strings")
+            cfg.plugins.append(PluginConfig(name=name, target="", settings=dict(settings), command=command))
+            continue
         cfg.plugins.append(resolve_plugin(name, settings, target))
     check_run(cfg, where)
     return cfg

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import msgpack
 
-from trainbus.proto import ProtocolError, event_from_map, pack
+from trainbus.proto import MAX_MESSAGE_BYTES, ProtocolError, event_from_map
 from trainbus.proto.codec import _UNPACK_LIMITS
 
 JOURNAL_NAME = "events"
@@ -29,15 +29,15 @@ class Journal:
         self.fsync_interval_s = fsync_interval_s
         self._offsets = array("q")  # byte offset of seq i+1 (plus one trailing end offset)
         self._first_seq = 1
-        existing = list(read_records(self.path)) if self.path.exists() else []
-        self._file = open(self.path, "ab")
         size = 0
-        for offset, record in existing:
-            if not self._offsets:
-                self._first_seq = record["seq"]
-            self._offsets.append(offset)
-            size = offset + len(pack(record))
-        if existing and self._file.tell() != size:
+        if self.path.exists():
+            for offset, end, record in read_records(self.path):
+                if not self._offsets:
+                    self._first_seq = record["seq"]
+                self._offsets.append(offset)
+                size = end
+        self._file = open(self.path, "ab")
+        if self._file.tell() != size:
             self._file.truncate(size)  # drop a torn tail left by a crash
             self._file.seek(size)
         self._last_fsync = time.monotonic()
@@ -85,23 +85,23 @@ class Journal:
             self._file.close()
 
 
-def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(offset, event map) for every whole, valid record; a torn or garbled tail ends the read."""
-    unpacker = msgpack.Unpacker(**_UNPACK_LIMITS)
+def read_records(path: Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(offset, end offset, event map) for every whole, valid record; a torn or garbled tail ends the read."""
     with open(path, "rb") as f:
-        unpacker.feed(f.read())
-    while True:
-        offset = unpacker.tell()
-        try:
-            record = next(unpacker)
-            event_from_map(record)
-        except StopIteration:
-            return  # end of file, or a torn last record (the unpacker waits for bytes that never come)
-        except (ProtocolError, ValueError, msgpack.UnpackException):
-            return  # garbage after a crash: everything before it stands
-        yield offset, record
+        # Streaming from the file: a journal of any size is read in chunks, never whole.
+        unpacker = msgpack.Unpacker(f, max_buffer_size=2 * MAX_MESSAGE_BYTES, **_UNPACK_LIMITS)
+        while True:
+            offset = unpacker.tell()
+            try:
+                record = next(unpacker)
+                event_from_map(record)
+            except StopIteration:
+                return  # end of file, or a torn last record (the unpacker waits for bytes that never come)
+            except (ProtocolError, ValueError, msgpack.UnpackException):
+                return  # garbage after a crash: everything before it stands
+            yield offset, unpacker.tell(), record
 
 
 def read_events(path: Path) -> list:
     """Every event of a journal, decoded; what `trainbus runs` and the tests read."""
-    return [event_from_map(record) for _, record in read_records(Path(path) / JOURNAL_NAME if Path(path).is_dir() else path)]
+    return [event_from_map(record) for _, _, record in read_records(Path(path) / JOURNAL_NAME if Path(path).is_dir() else path)]

@@ -120,7 +120,7 @@ class Loop:
             with torch.no_grad():
                 for name, fn in spec.metrics.items():
                     metric_totals[name] = metric_totals[name] + self._value(fn(outputs, targets))
-            self._publish(ev.END_TRAINING_BATCH, batch_index=batch_index, loss=loss_value,
+            self._publish(ev.END_TRAINING_BATCH, batch_index=batch_index, batch_size=len(targets), loss=loss_value,
                           training_loss_total=loss_total, training_batch_count=count)
             # replies and Ctrl-C act here, between steps, and nowhere else
             replies = self.bus.take_replies()

@@ -12,7 +12,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,7 +21,7 @@ from trainbus.proto import events as ev
 from .bus import Bus
 from .config import RunConfig
 from .loop import Loop, pick_device, seed_everything
-from .spec import build_spec
+from .spec import SpecError, build_spec
 from .supervisor import PluginSpec
 
 log = logging.getLogger("trainbus.kernel")
@@ -47,29 +47,35 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool = False) -> RunResult:
-    """Train per the config with its plugins attached; never raises for what a plugin does."""
+def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool = False,
+                 announce: Callable[[str], None] = lambda line: None) -> RunResult:
+    """Train per the config with its plugins attached; never raises for what a plugin does.
+
+    Raises SpecError when the user's target cannot be built: nothing has started by then.
+    """
+    started = time.monotonic()
+    seed_everything(cfg.seed)
+    spec = build_spec(cfg.target, dict(cfg.hyperparameters))
+    if cfg.epochs is not None:
+        spec.epochs = cfg.epochs
+    device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError("device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
+
     run_id = run_id or new_run_id()
     run_dir = Path(cfg.runs_dir).resolve() / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     handler = _log_to(run_dir / "kernel.log")
-    started = time.monotonic()
 
-    seed_everything(cfg.seed)
-    hyperparameters = dict(cfg.hyperparameters)
-    spec = build_spec(cfg.target, hyperparameters)
-    if cfg.epochs is not None:
-        spec.epochs = cfg.epochs
-    device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)
-
-    plugins = [PluginSpec(p.name, p.target, p.settings, console=(p.name == "console")) for p in cfg.plugins]
+    plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console")) for p in cfg.plugins]
     bus = Bus(run_id, run_dir, plugins)
     interrupts = _Interrupts(install_sigint)
     loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s)
     status, error = "completed", None
     try:
         bus.start()
+        announce(f"run {run_id} on {device}: {cfg.target}, plugins: {', '.join(p.name for p in cfg.plugins) or 'none'}")
         missing = bus.wait_ready(cfg.ready_timeout_s)
         if missing:
             log.warning("plugins not ready after %.0f s, training anyway: %s", cfg.ready_timeout_s, ", ".join(missing))

@@ -79,7 +79,7 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
     if func is None:
         raise SpecError(f"{module_part} has no attribute {func_name!r}; name a function that returns a TrainingSpec")
     if not callable(func) or isinstance(func, type):
-        raise SpecError(f"{target} is a {type(func).__name__}, not a function; name a function that returns a TrainingSpec")
+        raise SpecError(f"{target} is not a function (it is a {type(func).__name__}); name a function that returns a TrainingSpec")
     return func
 
 

@@ -37,6 +37,7 @@ class PluginSpec:
     name: str
     target: str  # "module:Class", resolved from the entry-point registry or given directly
     settings: dict[str, Any] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)  # instead of target: any program speaking the protocol
     console: bool = False  # draws on the kernel's terminal instead of logging to the run dir
 
 
@@ -128,7 +129,7 @@ class Supervisor:
         spec = child.spec
         env = dict(self.env, TRAINBUS_PLUGIN_NAME=spec.name,
                    TRAINBUS_PLUGIN_SETTINGS=pack(spec.settings).hex())
-        cmd = [sys.executable, "-m", "trainbus.sdk", spec.target]
+        cmd = spec.command or [sys.executable, "-m", "trainbus.sdk", spec.target]
         if spec.console:
             out = None  # inherit the kernel's terminal
         else:

@@ -53,7 +53,7 @@ class ConsolePlugin(Plugin):
             self.progress.update(self.epoch_task, total=self.epochs_total)
 
     def on_start_epoch(self, event: Event) -> None:
-        self.epoch_started_at = time.monotonic()
+        self.epoch_started_at = event.ts  # the kernel's clock: events may reach us in bursts
         self._start_bars()  # here, not in setup: a plugin restarted mid-run never sees the session start
         if self.progress is not None and self.batch_task is not None:
             self.progress.reset(self.batch_task, total=self.batches_per_epoch,
@@ -88,7 +88,7 @@ class ConsolePlugin(Plugin):
         if self.progress is not None and self.epoch_task is not None:
             self.progress.update(self.epoch_task, completed=event.epoch,
                                  loss=f"val loss {_fmt(data.get('validation_loss'))}")
-        elapsed_s = time.monotonic() - self.epoch_started_at if self.epoch_started_at is not None else None
+        elapsed_s = event.ts - self.epoch_started_at if self.epoch_started_at is not None else None
         self._say(_epoch_summary(event.epoch, self.epochs_total, data, elapsed_s))
 
     def on_end_training_session(self, event: Event) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgpack
 
-from .messages import CONTROL_SCHEMAS, DELIVERY_CLASSES, LOG_LEVELS, PROTOCOL_VERSION, Event
+from .messages import CONTROL_SCHEMAS, DELIVERY_CLASSES, LOG_LEVELS, PROTOCOL_VERSION, Default, Event
 
 # Limits on what a peer may make us allocate. A hostile or garbled message fails fast with
 # ProtocolError instead of costing memory; sockets also cap whole messages (MAX_MESSAGE_BYTES).
@@ -141,7 +141,11 @@ def check_control(m: Any) -> dict[str, Any]:
         raise ProtocolError(f"unknown control message type {kind!r}")
     out: dict[str, Any] = {"v": m["v"], "type": kind}
     for name, expected in schema.items():
-        out[name] = _field(m, name, expected, kind)
+        if isinstance(expected, Default):
+            default = list(expected.value) if isinstance(expected.value, tuple) else expected.value
+            out[name] = _field(m, name, expected.type, kind) if name in m else default
+        else:
+            out[name] = _field(m, name, expected, kind)
     _check_values(out)
     return out
 

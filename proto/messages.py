@@ -29,8 +29,16 @@ class Event:
     v: int = PROTOCOL_VERSION
 
 
+@dataclass(frozen=True)
+class Default:
+    """An optional field: absent means `value`. Fields added within v1 are optional, so older peers still speak v1."""
+
+    type: Any
+    value: Any
+
+
 # Control messages: plugin -> kernel on the DEALER/ROUTER socket, and kernel -> plugin replies to it.
-# Each entry is field -> type; every field is required. `int` never admits bool; `float` admits int.
+# Each entry is field -> type (required) or Default (optional). `int` never admits bool; `float` admits int.
 _STR_LIST = list[str]
 CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
     # plugin -> kernel
@@ -40,7 +48,7 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         "subscriptions": _STR_LIST,  # event-type prefixes; [""] means everything
         "replies": _STR_LIST,  # reply types it may send (stop, metric, log, checkpoint_now)
         "delivery": str,  # one of DELIVERY_CLASSES
-        "votes": _STR_LIST,  # event types whose stop vote the kernel awaits (bounded) before going on
+        "votes": Default(_STR_LIST, ()),  # event types whose stop vote the kernel awaits (bounded)
     },
     "heartbeat": {},
     "ack": {"seq": int},  # everything up to and including seq has been processed

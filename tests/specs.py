@@ -1,0 +1,46 @@
+"""Small training specs for tests: deterministic, a few batches, loadable as tests/specs.py:NAME."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainbus.kernel import TrainingSpec
+
+TRAIN_BATCHES = 3
+VALIDATION_BATCHES = 2
+
+
+def tiny(hyperparameters: dict) -> TrainingSpec:
+    """A linear classifier on random data: TRAIN_BATCHES and VALIDATION_BATCHES batches of 4 per epoch."""
+    g = torch.Generator().manual_seed(123)
+    x, y = torch.randn(4 * TRAIN_BATCHES, 5, generator=g), torch.randint(0, 3, (4 * TRAIN_BATCHES,), generator=g)
+    vx, vy = torch.randn(4 * VALIDATION_BATCHES, 5, generator=g), torch.randint(0, 3, (4 * VALIDATION_BATCHES,), generator=g)
+    model = torch.nn.Linear(5, 3)
+    return TrainingSpec(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=torch.nn.functional.cross_entropy,
+        train_loader=DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True),
+        validation_loader=DataLoader(TensorDataset(vx, vy), batch_size=4),
+        epochs=2,
+        hyperparameters={"lr": 0.1},
+    )
+
+
+def failing(hyperparameters: dict) -> TrainingSpec:
+    """A spec whose loss function raises in the second epoch: the run fails, the kernel says why."""
+    spec = tiny(hyperparameters)
+    calls = {"n": 0}
+
+    def loss_fn(outputs, targets):
+        calls["n"] += 1
+        if calls["n"] > TRAIN_BATCHES + VALIDATION_BATCHES:
+            raise FloatingPointError("loss exploded")
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    spec.loss_fn = loss_fn
+    return spec
+
+
+not_a_function = 42

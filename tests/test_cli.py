@@ -1,0 +1,74 @@
+"""The `trainbus` command as a user meets it: version, plugin list, a real run, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import TESTS_DIR, trainbus_cmd
+
+
+def trainbus(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(trainbus_cmd() + list(args), capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def test_version():
+    r = trainbus("--version")
+    assert r.returncode == 0 and r.stdout.startswith("trainbus ") and "protocol v1" in r.stdout
+
+
+def test_plugins_list_describes_every_builtin():
+    r = trainbus("plugins", "list")
+    assert r.returncode == 0, r.stderr
+    for name in ("console", "metrics_log", "early_stopping"):
+        assert name in r.stdout
+    assert "patience=3" in r.stdout  # settings with their defaults
+
+
+def test_run_prints_id_outcome_and_results(tmp_path):
+    r = trainbus("run", "--epochs", "1", "--plugins", "metrics_log", "--runs-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    run_dir = next(tmp_path.iterdir())
+    assert f"run {run_dir.name}" in r.stdout and "completed" in r.stdout and str(run_dir) in r.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert (run_dir / "metrics.jsonl").read_text().strip(), "metrics_log wrote its records"
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUT = {
+    "missing target file": (lambda t: ["run", "no/such/file.py:build"], "does not exist"),
+    "target not a function": (lambda t: ["run", f"{TESTS_DIR / 'specs.py'}:not_a_function"], "is not a function"),
+    "missing function": (lambda t: ["run", f"{TESTS_DIR / 'specs.py'}:nope"], "has no attribute 'nope'"),
+    "unknown module": (lambda t: ["run", "no_such_pkg.mod:build"], "cannot import module"),
+    "unknown plugin": (lambda t: ["run", "--plugins", "console,bogus"], "unknown plugin 'bogus'"),
+    "malformed toml": (lambda t: ["run", "--config", _write(t, "bad.toml", "[run\nepochs=")], "not valid TOML"),
+    "unknown config key": (lambda t: ["run", "--config", _write(t, "k.toml", "[run]\nepochz = 3\n")],
+                           "unknown key 'epochz'"),
+    "wrong config type": (lambda t: ["run", "--config", _write(t, "t.toml", "[run]\nepochs = 'three'\n")],
+                          "must be an integer"),
+    "bad plugin setting": (lambda t: ["run", "--config", _write(
+        t, "s.toml", "[plugins.early_stopping.settings]\npatiencee = 2\n")], "no setting 'patiencee'"),
+    "flag of wrong type": (lambda t: ["run", "--epochs", "many"], "Invalid value for '--epochs'"),
+    "unknown flag": (lambda t: ["run", "--epocks", "3"], "No such option"),
+    "missing config file": (lambda t: ["run", "--config", str(t / "nope.toml")], "does not exist"),
+    "no gpu": (lambda t: ["run", "--device", "tpu"], "device must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_gets_one_clear_line_and_no_traceback(case, tmp_path):
+    make_args, expected = BAD_INPUT[case]
+    r = trainbus(*make_args(tmp_path), "--runs-dir", str(tmp_path / "runs"))
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout
+    error_lines = [line for line in r.stderr.splitlines() if line.lower().startswith("error")]
+    assert len(error_lines) == 1 and expected in error_lines[0], r.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing half-started"

@@ -1,0 +1,105 @@
+"""Whole runs over real sockets and real plugin processes: event order, raw-protocol plugins, isolation."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from trainbus.kernel.config import PluginConfig, RunConfig
+from trainbus.kernel.journal import read_events
+from trainbus.kernel.session import FINAL_WEIGHTS, run_training
+from trainbus.proto import events as ev
+
+from conftest import TESTS_DIR
+from specs import TRAIN_BATCHES, VALIDATION_BATCHES
+
+TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
+
+
+def expected_lifecycle(epochs: int) -> list[str]:
+    seq = [ev.START_TRAINING_SESSION]
+    for _ in range(epochs):
+        seq += [ev.START_EPOCH, ev.START_TRAINING_LOOP]
+        seq += [ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH] * TRAIN_BATCHES
+        seq += [ev.END_TRAINING_LOOP, ev.START_VALIDATION_LOOP]
+        seq += [ev.START_VALIDATION_BATCH, ev.END_VALIDATION_BATCH] * VALIDATION_BATCHES
+        seq += [ev.END_VALIDATION_LOOP, ev.END_EPOCH]
+    return seq + [ev.END_TRAINING_SESSION]
+
+
+def recorded(path: Path) -> list[tuple[int, str]]:
+    return [(int(s), t) for s, t in (line.split()[:2] for line in path.read_text().splitlines())]
+
+
+def test_subscriber_sees_every_event_in_exact_order(runs_dir, tmp_path):
+    rec = tmp_path / "seen.txt"
+    cfg = RunConfig(target=TINY, epochs=2, runs_dir=str(runs_dir),
+                    plugins=[PluginConfig("rec", "fixture_plugins:Recorder", {"path": str(rec)})])
+    result = run_training(cfg)
+    assert result.status == "completed"
+    seen = recorded(rec)
+    # every seq from 1 to end_training_session, once each, in order, no gap
+    assert [s for s, _ in seen] == list(range(1, len(seen) + 1))
+    assert seen[-1][1] == ev.END_TRAINING_SESSION
+    assert [t for _, t in seen if t in ev.LIFECYCLE_EVENTS] == expected_lifecycle(2)
+    # what the subscriber got is exactly what the journal holds
+    journal = [(e.seq, e.type) for e in read_events(result.run_dir)]
+    assert journal[: len(seen)] == seen
+
+
+def test_raw_pyzmq_plugin_stop_ends_training_at_a_step_boundary(runs_dir, tmp_path):
+    out = tmp_path / "raw.txt"
+    stop_at = 5
+    cfg = RunConfig(epochs=3, runs_dir=str(runs_dir), hyperparameters={"batch_size": 16}, plugins=[
+        PluginConfig("raw", "", command=[sys.executable, str(TESTS_DIR / "raw_plugin.py"), str(out), str(stop_at)])])
+    result = run_training(cfg)
+    assert result.status == "stopped", result
+    assert any("raw plugin saw step" in r for r in result.outcome["stop_reasons"])
+    steps_per_epoch = -(-1438 // 16)  # the digits split: 1,438 training images
+    assert stop_at <= result.outcome["steps"] < steps_per_epoch, "stop must land inside the first epoch"
+    events = read_events(result.run_dir)
+    types = [e.type for e in events if e.type in ev.LIFECYCLE_EVENTS or e.type == ev.STOP_REQUESTED]
+    # the batch in flight finishes, then the epoch closes cleanly: no further training batch
+    after_stop = types[types.index(ev.STOP_REQUESTED) + 1:]
+    assert after_stop[0] == ev.END_TRAINING_LOOP and ev.START_TRAINING_BATCH not in after_stop
+    assert after_stop[-1] == ev.END_TRAINING_SESSION
+    assert "stop-sent-at-step" in out.read_text()
+
+
+def _final_state(run_dir: str) -> dict:
+    return torch.load(Path(run_dir) / FINAL_WEIGHTS, weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    for key in a["model_state_dict"]:
+        assert torch.equal(a["model_state_dict"][key], b["model_state_dict"][key]), key
+    for pa, pb in zip(a["optimizer_state_dict"]["state"].values(), b["optimizer_state_dict"]["state"].values()):
+        for k in pa:
+            assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])), k
+
+
+def test_hostile_plugins_cannot_change_or_stop_training(runs_dir):
+    base = run_training(RunConfig(epochs=3, runs_dir=str(runs_dir), seed=7, plugins=[]))
+    hostile = run_training(RunConfig(epochs=3, runs_dir=str(runs_dir), seed=7, plugins=[
+        PluginConfig("raiser", "fixture_plugins:Raiser"),
+        PluginConfig("exit_at_start", "fixture_plugins:ExitAtStart"),
+        PluginConfig("self_kill", "fixture_plugins:SelfKill", {"step": 40}),
+    ]))
+    assert base.status == hostile.status == "completed"
+    assert_same_weights(_final_state(base.run_dir), _final_state(hostile.run_dir))
+    assert hostile.plugins["exit_at_start"]["crashes"], "the crash must be seen and reported"
+    assert any("SIGKILL" in c for c in hostile.plugins["self_kill"]["crashes"])
+    logs = [e for e in read_events(hostile.run_dir) if e.type == ev.LOG and e.data["plugin"] == "raiser"]
+    assert logs and "hostile plugin refuses" in logs[0].data["text"]
+
+
+def test_training_exception_fails_the_run_and_tells_plugins(runs_dir, tmp_path):
+    rec = tmp_path / "seen.txt"
+    result = run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:failing", runs_dir=str(runs_dir),
+                                    plugins=[PluginConfig("rec", "fixture_plugins:Recorder", {"path": str(rec)})]))
+    assert result.status == "failed" and "loss exploded" in result.error
+    failed = [e for e in read_events(result.run_dir) if e.type == ev.RUN_FAILED]
+    assert len(failed) == 1 and "FloatingPointError" in failed[0].data["traceback"]
+    assert recorded(rec)[-1] == (failed[0].seq, ev.RUN_FAILED), "a durable plugin sees the failure last"
