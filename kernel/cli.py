@@ -15,6 +15,7 @@ from rich.table import Table
 from trainbus.proto import PROTOCOL_VERSION
 
 from .config import ConfigError, load_config, registered_plugins, resolve_plugin
+from .checkpointing import CheckpointError
 from .spec import SpecError
 
 __version__ = "0.1.0"
@@ -55,6 +56,8 @@ def run(
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where run directories go (default ./runs)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     hparam: list[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE (VALUE parsed as JSON if it can be)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="RUN_ID, run directory or checkpoint file: continue "
+                                                                "from its newest verified checkpoint."),
 ) -> None:
     """Train, with every plugin in its own process; prints the run id, the outcome and where results are."""
     from .session import run_training
@@ -64,7 +67,7 @@ def run(
         cfg.target = target
     if plugins is not None:
         cfg.plugins = [resolve_plugin(name.strip(), {}) for name in plugins.split(",") if name.strip()]
-    for key, value in (("epochs", epochs), ("seed", seed), ("device", device)):
+    for key, value in (("epochs", epochs), ("seed", seed), ("device", device), ("resume", resume)):
         if value is not None:
             setattr(cfg, key, value)
     if runs_dir is not None:
@@ -142,6 +145,6 @@ def _print_summary(result) -> None:
 def main() -> None:
     try:
         app(standalone_mode=True)
-    except (UserError, ConfigError, SpecError) as exc:
+    except (UserError, ConfigError, SpecError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

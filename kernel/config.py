@@ -37,6 +37,10 @@ class RunConfig:
     ready_timeout_s: float = 15.0  # wait this long for every plugin's hello before training starts
     drain_timeout_s: float = 30.0  # at the end, wait this long for durable plugins to catch up
     vote_timeout_s: float = 5.0  # at end_epoch, wait at most this long for plugins that vote there
+    # The kernel owns the model, so it decides when to snapshot; the checkpoint plugin decides what to keep.
+    checkpoint_every_n_epochs: int = 1
+    checkpoint_every_n_steps: int = 0  # 0: off
+    resume: str = ""  # run id, run dir or checkpoint file: continue from its newest verified checkpoint
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     plugins: list[PluginConfig] = field(default_factory=list)
 
@@ -112,6 +116,9 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
     if cfg.epochs is not None and cfg.epochs < 1:
         raise ConfigError(f"{where}: epochs must be >= 1, got {cfg.epochs}")
+    for key in ("checkpoint_every_n_epochs", "checkpoint_every_n_steps"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{where}: {key} must be >= 0 (0 turns it off), got {getattr(cfg, key)}")
     names = [p.name for p in cfg.plugins]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

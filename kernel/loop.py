@@ -13,6 +13,8 @@ from trainbus.proto import events as ev
 from .replies import Control, merge_replies
 from .spec import TrainingSpec
 
+RESUME_FORMAT = 1  # version of the "trainbus" resume state inside a checkpoint
+
 
 class Publisher(Protocol):
     def publish(self, type_: str, step: int, epoch: int, data: dict[str, Any]) -> None: ...
@@ -52,18 +54,28 @@ class Loop:
     """Runs a TrainingSpec and publishes its lifecycle; asks `stop_requested()` at every step boundary."""
 
     def __init__(self, spec: TrainingSpec, bus: Publisher, device: torch.device, stop_requested=lambda: False,
-                 vote_timeout_s: float = 0.0):
+                 vote_timeout_s: float = 0.0, checkpointer=None):
         self.spec = spec
         self.bus = bus
         self.device = device
         self.stop_requested = stop_requested  # Ctrl-C, wired by the CLI
         self.vote_timeout_s = vote_timeout_s  # longest wait at end_epoch for plugins that vote there
+        self.checkpointer = checkpointer  # None: no snapshots
         # On CUDA, per-step losses stay on the device and are read in bursts by the bus thread;
         # on the CPU .item() costs no sync and is cheaper than tensor arithmetic.
         self._scalar = (lambda t: t.detach()) if device.type == "cuda" else (lambda t: t.item())
         self.step = 0
         self.epoch = 0
+        self.first_epoch = 1
         self.outcome = Outcome()
+        self.latest_metrics: dict[str, float] = {}  # flat, from the last end_epoch: what checkpoints rank by
+        # The training epoch in progress, kept on self so a snapshot can carry it.
+        self.batches_done = 0
+        self.loss_total: Any = 0.0
+        self.metric_totals: dict[str, Any] = {}
+        self.epoch_rng_state: dict[str, Any] = {}  # RNG as the epoch's data iterator was created
+        self._resume: dict[str, Any] | None = None  # mid-epoch resume state, used once
+        self._loaded_from: str | None = None
 
     def _publish(self, type_: str, **data: Any) -> None:
         self.bus.publish(type_, self.step, self.epoch, data)
@@ -74,7 +86,10 @@ class Loop:
         self._publish(ev.START_TRAINING_SESSION, hyperparameters=spec.hyperparameters, epochs=spec.epochs,
                       device=str(self.device), model=type(spec.model).__name__,
                       parameters=sum(p.numel() for p in spec.model.parameters()))
-        for self.epoch in range(1, spec.epochs + 1):
+        if self._loaded_from is not None:
+            self._publish(ev.LOAD_CHECKPOINT, path=self._loaded_from, epoch=self.first_epoch,
+                          batches_done=self._resume["batches_done"] if self._resume else 0)
+        for self.epoch in range(self.first_epoch, spec.epochs + 1):
             self._publish(ev.START_EPOCH)
             train = self._train_epoch()
             validation = self._validate() if spec.validation_loader is not None else {}
@@ -84,6 +99,9 @@ class Loop:
             out.training_loss = train["training_loss"]
             out.validation_loss = validation.get("validation_loss")
             out.validation_metrics = validation.get("validation_metrics", {})
+            self.latest_metrics = _flat_metrics(train, validation)
+            if self.checkpointer is not None and self.checkpointer.due_at_epoch(self.epoch) and not out.stopped_early:
+                self._checkpoint("epoch", epoch_complete=True)
             self._publish(ev.END_EPOCH, **train, **validation, hyperparameters=spec.hyperparameters,
                           lr=spec.optimizer.param_groups[0]["lr"])
             # termination conditions: a stop from a batch, or a vote on this epoch (bounded wait)
@@ -104,8 +122,8 @@ class Loop:
         spec, model = self.spec, self.spec.model
         model.train()
         self._publish(ev.START_TRAINING_LOOP)
-        loss_total, count, metric_totals = 0.0, 0, {name: 0.0 for name in spec.metrics}
-        for batch_index, (inputs, targets) in enumerate(spec.train_loader):
+        batches = self._start_epoch_data()
+        for batch_index, (inputs, targets) in batches:
             self._publish(ev.START_TRAINING_BATCH, batch_index=batch_index)
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             # forward backward update
@@ -115,22 +133,44 @@ class Loop:
             loss.backward()
             spec.optimizer.step()
             self.step += 1
+            self.batches_done = batch_index + 1
             loss_value = self._scalar(loss)
-            loss_total, count = loss_total + loss_value, count + 1
+            self.loss_total = self.loss_total + loss_value
             with torch.no_grad():
                 for name, fn in spec.metrics.items():
-                    metric_totals[name] = metric_totals[name] + self._value(fn(outputs, targets))
+                    self.metric_totals[name] = self.metric_totals[name] + self._value(fn(outputs, targets))
             self._publish(ev.END_TRAINING_BATCH, batch_index=batch_index, batch_size=len(targets), loss=loss_value,
-                          training_loss_total=loss_total, training_batch_count=count)
-            # replies and Ctrl-C act here, between steps, and nowhere else
+                          training_loss_total=self.loss_total, training_batch_count=self.batches_done)
+            # replies, checkpoints and Ctrl-C act here, between steps, and nowhere else
             replies = self.bus.take_replies()
-            if (replies or self.stop_requested()) and self._apply(merge_replies(replies)):
+            control = merge_replies(replies) if replies else Control()
+            if self.checkpointer is not None and (control.checkpoint_now or self.checkpointer.due_at_step(self.step)):
+                self._checkpoint("checkpoint_now" if control.checkpoint_now else "step", epoch_complete=False)
+            if (replies or self.stop_requested()) and self._apply(control):
                 break
-        metrics = {name: _mean(total, count) for name, total in metric_totals.items()}
-        summary = {"training_loss_total": _float(loss_total), "training_batch_count": count,
-                   "training_loss": _mean(loss_total, count), "training_metrics": metrics}
+        count = self.batches_done
+        metrics = {name: _mean(total, count) for name, total in self.metric_totals.items()}
+        summary = {"training_loss_total": _float(self.loss_total), "training_batch_count": count,
+                   "training_loss": _mean(self.loss_total, count), "training_metrics": metrics}
         self._publish(ev.END_TRAINING_LOOP, **summary)
         return summary
+
+    def _start_epoch_data(self):
+        """The epoch's (batch_index, batch) iterator; after a mid-epoch resume, the same order, skipped ahead."""
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            _set_rng(resume["epoch_rng_state"])  # the sampler draws its shuffle from this state
+        self.epoch_rng_state = _get_rng(python=False)
+        iterator = iter(self.spec.train_loader)
+        self.batches_done, self.loss_total = 0, 0.0
+        self.metric_totals = {name: 0.0 for name in self.spec.metrics}
+        if resume is not None:
+            for _ in range(resume["batches_done"]):  # data order as the uninterrupted run had it
+                next(iterator)
+            self.batches_done, self.loss_total = resume["batches_done"], resume["loss_total"]
+            self.metric_totals = dict(resume["metric_totals"])
+            _set_rng(resume["rng"])
+        return enumerate(iterator, start=self.batches_done)
 
     @torch.no_grad()
     def _validate(self) -> dict[str, Any]:
@@ -154,6 +194,51 @@ class Loop:
         self._publish(ev.END_VALIDATION_LOOP, **summary)
         return summary
 
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def training_state(self, epoch_complete: bool) -> dict[str, Any]:
+        """What a checkpoint holds: the keys users expect, plus what resume needs to continue exactly."""
+        spec = self.spec
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "model_state_dict": spec.model.state_dict(),
+            "optimizer_state_dict": spec.optimizer.state_dict(),
+            "scheduler_state_dict": spec.scheduler.state_dict() if spec.scheduler is not None else None,
+            "metrics": dict(self.latest_metrics),
+            "hyperparameters": dict(spec.hyperparameters),
+            "trainbus": {
+                "format": RESUME_FORMAT, "epoch": self.epoch, "step": self.step,
+                "epoch_complete": epoch_complete, "batches_done": self.batches_done,
+                "loss_total": self.loss_total, "metric_totals": dict(self.metric_totals),
+                "epoch_rng_state": self.epoch_rng_state, "rng": _get_rng(python=True),
+            },
+        }
+
+    def _checkpoint(self, reason: str, epoch_complete: bool) -> None:
+        if not self.checkpointer.has_persister():
+            self._publish(ev.CHECKPOINT_SKIPPED, reason="no checkpoint plugin is attached (add --plugins checkpoint)")
+            return
+        snapshot = self.checkpointer.take(self.training_state(epoch_complete))
+        if snapshot is None:  # never wait for a disk: skip, say so, the next one will land
+            self._publish(ev.CHECKPOINT_SKIPPED, reason="both snapshot buffers are still being persisted")
+            return
+        self._publish(ev.SAVE_CHECKPOINT, reason=reason, metrics=dict(self.latest_metrics), **snapshot.event_data())
+
+    def resume(self, state: dict[str, Any], path: str) -> None:
+        """Continue from a checkpoint whose weights restore_weights() loaded: same step, epoch, data order, RNG."""
+        resume = state["trainbus"]
+        self.step, self.latest_metrics = resume["step"], dict(state.get("metrics") or {})
+        if resume["epoch_complete"]:
+            self.first_epoch = resume["epoch"] + 1
+            _set_rng(resume["rng"])
+        else:
+            self.first_epoch = resume["epoch"]
+            self._resume = resume
+        self._loaded_from = path
+
+    # -- replies ----------------------------------------------------------------------------------
+
     def _apply(self, control: Control) -> bool:
         """Act on merged replies at a step boundary; True when training should stop now."""
         if self.stop_requested() and not control.should_stop:
@@ -167,6 +252,59 @@ class Loop:
 
     def _value(self, x: Any) -> Any:
         return self._scalar(x) if isinstance(x, torch.Tensor) else float(x)
+
+
+def restore_weights(spec: TrainingSpec, state: dict[str, Any]) -> None:
+    """Load model, optimizer and scheduler state from a checkpoint; raises ValueError when it does not fit."""
+    resume = state["trainbus"]
+    if resume.get("format") != RESUME_FORMAT:
+        raise ValueError(f"resume format {resume.get('format')} is not {RESUME_FORMAT}")
+    try:
+        spec.model.load_state_dict(state["model_state_dict"])
+        spec.optimizer.load_state_dict(state["optimizer_state_dict"])
+        if spec.scheduler is not None and state.get("scheduler_state_dict") is not None:
+            spec.scheduler.load_state_dict(state["scheduler_state_dict"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
+
+
+def _get_rng(python: bool) -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if python:
+        states["python"] = random.getstate()
+        numpy = _numpy()
+        if numpy is not None:
+            states["numpy"] = numpy.random.get_state()
+    return states
+
+
+def _set_rng(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    numpy = _numpy()
+    if "numpy" in states and numpy is not None:
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        numpy.random.set_state((name, numpy.asarray(keys, dtype=numpy.uint32), pos, has_gauss, cached))
+
+
+def _numpy():
+    import sys
+
+    return sys.modules.get("numpy")  # only if the user's code uses it: never import it for them
+
+
+def _flat_metrics(train: dict[str, Any], validation: dict[str, Any]) -> dict[str, float]:
+    flat = {k: v for k, v in (("training_loss", train.get("training_loss")),
+                              ("validation_loss", validation.get("validation_loss"))) if v is not None}
+    for prefix, summary, key in (("training", train, "training_metrics"), ("validation", validation, "validation_metrics")):
+        flat.update({f"{prefix}_{name}": value for name, value in (summary.get(key) or {}).items() if value is not None})
+    return flat
 
 
 def _float(x: Any) -> float:

@@ -20,7 +20,9 @@ from trainbus.proto import events as ev
 
 from .bus import Bus
 from .config import RunConfig
-from .loop import Loop, pick_device, seed_everything
+from .loop import Loop, pick_device, restore_weights, seed_everything
+from .checkpointing import CheckpointError, Checkpointer, find_checkpoint, load_checkpoint
+from .snapshot import SnapshotBuffers
 from .spec import SpecError, build_spec
 from .supervisor import PluginSpec
 
@@ -61,6 +63,14 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
     device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecError("device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
+    spec.model.to(device)  # before loading optimizer state, which follows its parameters' device
+    resume_from = find_checkpoint(cfg.resume, cfg.runs_dir) if cfg.resume else None
+    resume_state = load_checkpoint(resume_from) if resume_from else None
+    if resume_state is not None:
+        try:
+            restore_weights(spec, resume_state)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {resume_from} does not fit this spec: {exc}") from None
 
     run_id = run_id or new_run_id()
     run_dir = Path(cfg.runs_dir).resolve() / run_id
@@ -70,8 +80,13 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
 
     plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console")) for p in cfg.plugins]
     bus = Bus(run_id, run_dir, plugins)
+    checkpointer = Checkpointer(SnapshotBuffers(run_id, run_dir), bus, cfg.checkpoint_every_n_epochs,
+                                cfg.checkpoint_every_n_steps)
     interrupts = _Interrupts(install_sigint)
-    loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s)
+    loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s,
+                checkpointer=checkpointer)
+    if resume_state is not None:
+        loop.resume(resume_state, str(resume_from))
     status, error = "completed", None
     try:
         bus.start()
@@ -97,6 +112,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
                     "epoch": loop.epoch, "step": loop.step}, run_dir / FINAL_WEIGHTS)
     undrained = bus.wait_drained(cfg.drain_timeout_s if status != "interrupted" else 2.0)
     bus.close(PLUGIN_EXIT_TIMEOUT_S)
+    checkpointer.close()
     result = RunResult(run_id=run_id, run_dir=str(run_dir), status=status,
                        duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
                        plugins=bus.supervisor.summary(), undrained=undrained, bus=dict(bus.counters), error=error)

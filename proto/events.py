@@ -53,6 +53,9 @@ PLUGIN_RESTARTED = "plugin_restarted"
 PLUGIN_FAILED = "plugin_failed"  # restarted too often; given up for the rest of the run
 STOP_REQUESTED = "stop_requested"  # a stop reply was accepted; training ends at the next boundary
 RUN_FAILED = "run_failed"
+CHECKPOINT_SAVED = "checkpoint_saved"  # a persister made a snapshot durable (path, sha256, size)
+CHECKPOINT_FAILED = "checkpoint_failed"  # a persister could not (reason); earlier files stand
+CHECKPOINT_SKIPPED = "checkpoint_skipped"  # no snapshot taken: both buffers busy, or no persister
 
 KERNEL_EVENTS: tuple[str, ...] = (
     HEARTBEAT,
@@ -67,6 +70,9 @@ KERNEL_EVENTS: tuple[str, ...] = (
     PLUGIN_FAILED,
     STOP_REQUESTED,
     RUN_FAILED,
+    CHECKPOINT_SAVED,
+    CHECKPOINT_FAILED,
+    CHECKPOINT_SKIPPED,
 )
 
 ALL_EVENTS: frozenset[str] = frozenset(LIFECYCLE_EVENTS + KERNEL_EVENTS)

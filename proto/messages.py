@@ -49,6 +49,7 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         "replies": _STR_LIST,  # reply types it may send (stop, metric, log, checkpoint_now)
         "delivery": str,  # one of DELIVERY_CLASSES
         "votes": Default(_STR_LIST, ()),  # event types whose stop vote the kernel awaits (bounded)
+        "capabilities": Default(_STR_LIST, ()),  # e.g. "checkpoint": persists save_checkpoint snapshots
     },
     "heartbeat": {},
     "ack": {"seq": int},  # everything up to and including seq has been processed
@@ -58,6 +59,9 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
     "metric": {"name": str, "value": float, "step": (int, type(None))},
     "log": {"level": str, "text": str},
     "checkpoint_now": {"reason": str},
+    # a persister's verdict on one save_checkpoint (by its seq); the kernel republishes it as an event
+    "checkpoint_saved": {"seq": int, "path": str, "step": int, "epoch": int, "sha256": str, "size": int},
+    "checkpoint_failed": {"seq": int, "reason": str},
     # kernel -> plugin
     "welcome": {
         "run": str,
@@ -71,7 +75,8 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 PLUGIN_TO_KERNEL = frozenset(
-    {"hello", "heartbeat", "ack", "replay", "bye", "stop", "metric", "log", "checkpoint_now"}
+    {"hello", "heartbeat", "ack", "replay", "bye", "stop", "metric", "log", "checkpoint_now",
+     "checkpoint_saved", "checkpoint_failed"}
 )
 REPLY_TYPES = frozenset({"stop", "metric", "log", "checkpoint_now"})
 KERNEL_TO_PLUGIN = frozenset({"welcome", "replay_batch"})

@@ -5,12 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from trainbus.kernel.bus import Bus
 from trainbus.kernel.config import PluginConfig, RunConfig
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import FINAL_WEIGHTS, run_training
 from trainbus.proto import events as ev
+from trainbus.proto.codec import MAX_ARRAY_LEN, MAX_STR_BYTES
 
 from conftest import TESTS_DIR
 from specs import TRAIN_BATCHES, VALIDATION_BATCHES
@@ -103,3 +106,17 @@ def test_training_exception_fails_the_run_and_tells_plugins(runs_dir, tmp_path):
     failed = [e for e in read_events(result.run_dir) if e.type == ev.RUN_FAILED]
     assert len(failed) == 1 and "FloatingPointError" in failed[0].data["traceback"]
     assert recorded(rec)[-1] == (failed[0].seq, ev.RUN_FAILED), "a durable plugin sees the failure last"
+
+
+@pytest.mark.parametrize("data", [{1: "int key"}, {"s": "x" * (MAX_STR_BYTES + 1)}, {"a": [0] * (MAX_ARRAY_LEN + 1)}],
+                         ids=["int key", "long string", "long array"])
+def test_event_data_no_peer_could_decode_is_replaced_not_sent(tmp_path, data):
+    """pack() accepts more than unpack(): the bus checks, keeps the seq, and says why in the data."""
+    bus = Bus("r", tmp_path, plugins=[])
+    bus.start()
+    bus.publish(ev.METRIC, 0, 0, data)
+    bus.publish(ev.METRIC, 0, 0, {"fine": 1.0})
+    bus.close(0)
+    metrics = [e for e in read_events(tmp_path) if e.type == ev.METRIC]
+    assert "not encodable" in metrics[0].data["error"]
+    assert metrics[1].data == {"fine": 1.0} and metrics[1].seq == metrics[0].seq + 1

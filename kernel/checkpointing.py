@@ -1,0 +1,105 @@
+"""When to snapshot, which buffer is free, and finding and loading a verified checkpoint to resume from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .snapshot import SnapshotBuffers
+
+CHECKPOINT_DIR = "checkpoints"
+MANIFEST = "manifest.jsonl"  # one JSON object per durable checkpoint, written last (after the file)
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint where the user pointed; the message says what was looked at."""
+
+
+class Checkpointer:
+    """The kernel's half of checkpointing: a schedule and two snapshot buffers."""
+
+    def __init__(self, buffers: SnapshotBuffers, bus, every_n_epochs: int, every_n_steps: int):
+        self.buffers = buffers
+        self.bus = bus
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+
+    def has_persister(self) -> bool:
+        """A checkpoint plugin said hello and was not given up; without one, no snapshot is taken."""
+        return self.bus.has_persister()
+
+    def due_at_step(self, step: int) -> bool:
+        return self.every_n_steps > 0 and step % self.every_n_steps == 0 and self.has_persister()
+
+    def due_at_epoch(self, epoch: int) -> bool:
+        return self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0 and self.has_persister()
+
+    def take(self, state: dict[str, Any]):
+        """Copy the state into a free buffer (None if both are busy); the bus keeps it busy until persisted."""
+        snapshot = self.buffers.take(state, self.bus.snapshot_slot_free)
+        if snapshot is not None:
+            self.bus.reserve_snapshot_slot(snapshot.slot)
+        return snapshot
+
+    def close(self) -> None:
+        self.buffers.close()
+
+
+def find_checkpoint(where: str, runs_dir: str) -> Path:
+    """The newest checkpoint whose file matches its manifest entry, under a run id, run dir or file."""
+    path = Path(where)
+    if not path.exists():
+        path = Path(runs_dir) / where
+    if not path.exists():
+        raise CheckpointError(f"--resume {where}: no such run id in {runs_dir} and no such path")
+    if path.is_file():
+        manifest, wanted = path.parent / MANIFEST, path.name
+    else:
+        directory = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+        manifest, wanted = directory / MANIFEST, None
+    entries = _read_manifest(manifest)
+    if wanted is not None:
+        entries = [e for e in entries if e.get("file") == wanted]
+    for entry in sorted(entries, key=lambda e: (e.get("step", 0), e.get("time", 0)), reverse=True):
+        file = manifest.parent / entry["file"]
+        if file.is_file() and file.stat().st_size == entry.get("size") and _sha256(file) == entry.get("sha256"):
+            return file
+    raise CheckpointError(f"--resume {where}: no verified checkpoint in {manifest} "
+                          f"(a file must exist and match its manifest entry's size and sha256)")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """torch.load with weights_only=True: a checkpoint carrying pickled code is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for a pickle payload, anything for a damaged file
+        raise CheckpointError(f"refusing checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "trainbus" not in state:
+        raise CheckpointError(f"{path} is not a trainbus checkpoint (no 'trainbus' resume state)")
+    return state
+
+
+def _read_manifest(manifest: Path) -> list[dict[str, Any]]:
+    if not manifest.is_file():
+        raise CheckpointError(f"no checkpoint manifest at {manifest}")
+    entries = []
+    for line in manifest.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line after a crash
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+            entries.append(entry)
+    return entries
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
