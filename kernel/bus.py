@@ -44,6 +44,7 @@ REPLAY_BATCH_MAX_EVENTS = 512  # one replay_batch; the plugin asks for the next 
 REPLAY_BATCH_MAX_BYTES = 4 * 1024 * 1024
 STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said hello (slow joiners)
 LINGER_MS = 1000
+SLOT_RESERVED = -1
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Peer:
     delivery: str
     subscriptions: list[str]
     votes: list[str]
+    capabilities: list[str]
     last_seen: float
     acked: int = 0
 
@@ -90,6 +92,8 @@ class Bus:
         self._position = (0, 0)  # (step, epoch) of the latest published event, for kernel events
         self._final_seq = 0  # seq of end_training_session or run_failed: what durable plugins drain to
         self._last_seq_of: dict[str, int] = {}  # event type -> seq of its latest instance
+        self._slot_seq: dict[int, int] = {}  # snapshot buffer slot -> seq of the save_checkpoint using it
+        self._settled: set[int] = set()  # save_checkpoint seqs a persister reported saved or failed
 
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.PUB)
@@ -163,7 +167,7 @@ class Bus:
         end = time.monotonic() + timeout_s
         while True:
             target = self._final_seq or self._seq
-            laggards = {n: self.acked.get(n, 0) for n in self._durable_live() if self.acked.get(n, 0) < target}
+            laggards = {n: self.acked.get(n, 0) for n in self._durable_pending() if self.acked.get(n, 0) < target}
             if not laggards or time.monotonic() >= end:
                 return laggards
             time.sleep(0.02)
@@ -183,6 +187,9 @@ class Bus:
         self.pub.close()
         self.router.close()
         self.ctx.term()
+        for endpoint in (self.events_endpoint, self.control_endpoint):
+            if endpoint.startswith("ipc://"):  # libzmq leaves the socket file behind
+                Path(endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
     @property
     def last_seq(self) -> int:
@@ -242,6 +249,8 @@ class Bus:
             records.append(raw)
             topics.append(type_.encode())
             self._last_seq_of[type_] = self._seq
+            if type_ == ev.SAVE_CHECKPOINT:
+                self._slot_seq[data["slot"]] = self._seq
             if type_ in (ev.END_TRAINING_SESSION, ev.RUN_FAILED):
                 self._final_seq = self._seq
             self._position = (step, epoch)
@@ -274,7 +283,8 @@ class Bus:
         peer = self._peers.get(identity)
         now = time.monotonic()
         if kind == "hello":
-            peer = Peer(msg["name"], msg["pid"], msg["delivery"], msg["subscriptions"], msg["votes"], now)
+            peer = Peer(msg["name"], msg["pid"], msg["delivery"], msg["subscriptions"], msg["votes"],
+                        msg["capabilities"], now)
             self._peers[identity] = peer
             resume_from = self.acked.get(peer.name, 0) + 1 if peer.delivery == DURABLE else self._seq + 1
             self._send(identity, control("welcome", run=self.run_id, resume_from=resume_from,
@@ -307,6 +317,13 @@ class Bus:
         elif kind == "log":
             self._emit(ev.LOG, {"plugin": name, "level": msg["level"], "text": msg["text"]})
             log.log(logging.getLevelName(msg["level"].upper()), "[%s] %s", name, msg["text"])
+        elif kind in ("checkpoint_saved", "checkpoint_failed"):
+            self._settled.add(msg["seq"])
+            fields = {k: v for k, v in msg.items() if k not in ("v", "type")}
+            event = ev.CHECKPOINT_SAVED if kind == "checkpoint_saved" else ev.CHECKPOINT_FAILED
+            self._emit(event, {"plugin": name, **fields})
+            if kind == "checkpoint_failed":
+                log.warning("[%s] checkpoint failed: %s", name, msg["reason"])
         elif kind in ("stop", "checkpoint_now"):
             self._replies.append(Reply(kind, name, msg["reason"]))
         else:
@@ -322,8 +339,52 @@ class Bus:
         said_hello = {p.name for p in self._peers.values()}
         return [n for n in self.supervisor.live_names() if n not in said_hello]
 
-    def _durable_live(self) -> list[str]:
-        return sorted({p.name for p in list(self._peers.values()) if p.delivery == DURABLE and self._is_live(p)})
+    def _durable_pending(self) -> list[str]:
+        """Durable plugins the final drain waits for: live ones, and supervised ones on their way back.
+
+        A durable plugin killed or hung near the end is in backoff (or terminating) while the drain
+        runs; it comes back, is replayed from its last ack and catches up, so the drain waits for it
+        too. Only a plugin the supervisor has given up on (failed) or that left (exited) is not waited for.
+        """
+        names = {p.name for p in list(self._peers.values()) if p.delivery == DURABLE}
+        pending = set()
+        for name in names:
+            child = self.supervisor.children.get(name)
+            if child is not None:
+                if child.state not in ("exited", "failed"):
+                    pending.add(name)
+            elif any(self._is_live(p) for p in list(self._peers.values()) if p.name == name):
+                pending.add(name)
+        return sorted(pending)
+
+    def reserve_snapshot_slot(self, slot: int) -> None:
+        """Called by the training thread as it fills a slot: busy until its event is numbered and handled."""
+        self._slot_seq[slot] = SLOT_RESERVED
+
+    def has_persister(self) -> bool:
+        """Some plugin that persists snapshots said hello and has not been given up on."""
+        return any("checkpoint" in p.capabilities and self._may_return(p) for p in list(self._peers.values()))
+
+    def snapshot_slot_free(self, slot: int) -> bool:
+        """A buffer may be reused once every persister handled the snapshot in it (acked, saved or failed).
+
+        A persister that crashed mid-write keeps the buffer busy: restarted, it replays that
+        save_checkpoint and needs the bytes still there.
+        """
+        seq = self._slot_seq.get(slot)
+        if seq == SLOT_RESERVED:
+            return False  # its save_checkpoint is queued, not yet numbered
+        if seq is None or seq in self._settled:
+            return True
+        persisters = [p for p in list(self._peers.values()) if "checkpoint" in p.capabilities and self._may_return(p)]
+        return all(self.acked.get(p.name, p.acked) >= seq for p in persisters)
+
+    def _may_return(self, peer: Peer) -> bool:
+        """Live, or supervised and coming back (restarting); not failed, not left."""
+        child = self.supervisor.children.get(peer.name)
+        if child is not None:
+            return child.state not in ("exited", "failed")
+        return self._is_live(peer)
 
     def _is_live(self, peer: Peer) -> bool:
         """A supervised peer lives while its process does; an external one while it keeps talking."""

@@ -65,6 +65,7 @@ class SnapshotBuffers:
                            "offset": offset, "nbytes": nbytes})
             offset += -(-nbytes // ALIGN) * ALIGN
         buffer = self._map(slot, offset)
+        buffer[:HEADER_BYTES].zero_()  # no id while the copy runs: a reader can tell a torn snapshot
         snapshot_id, self._next_id = self._next_id, self._next_id + 1
         for t, entry in zip(tensors, layout):
             view = buffer[entry["offset"]: entry["offset"] + entry["nbytes"]].view(t.dtype).view(t.shape)

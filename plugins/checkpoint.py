@@ -1,0 +1,273 @@
+"""Writes the kernel's checkpoint snapshots to disk atomically, with top-k/last/max-total retention.
+
+The kernel copies the training state into a buffer file and publishes save_checkpoint. This plugin
+maps the buffer and rebuilds the state (_snapshot_reader), then makes it durable (_durable_files) in
+this order: temp file, fsync, rename, fsync of the directory, then one manifest line (fsynced). A
+checkpoint exists once its manifest line does; resume (kernel/checkpointing.py) trusts only files
+that match their line's size and sha256.
+
+Retention, after ModelCheckpoint in PyTorch Lightning:
+- save_top_k: -1 keeps every checkpoint; k > 0 keeps the k best by `monitor` (the k newest without
+  one); 0 keeps none for its rank. A snapshot that would not be kept is not written at all.
+- save_last: the newest checkpoint is always kept, and `last.pt` is a hard link to it (a copy where
+  the filesystem has none), replaced atomically and listed in the manifest, so
+  `--resume <run>/checkpoints/last.pt` works like any other file.
+- max_total: at most this many checkpoints (last.pt not counted); the oldest go first, never the
+  newest (with save_last) nor the best.
+Old files are deleted only after the new one is durable. Only files named in the manifest are ever
+deleted; their lines stay, and resume skips a line whose file is gone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import string
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from trainbus.proto import DURABLE, Event
+from trainbus.sdk import Plugin, SettingsError
+
+from ._durable_files import (
+    append_manifest,
+    read_manifest,
+    remove_stale_temporaries,
+    replace_with_link,
+    write_atomically,
+)
+from ._snapshot_reader import SnapshotError, read_snapshot
+
+# The checkpoint directory's layout, shared with kernel/checkpointing.py's find_checkpoint.
+CHECKPOINT_DIR = "checkpoints"  # under the run directory, unless `dirpath` says otherwise
+MANIFEST = "manifest.jsonl"
+LAST = "last.pt"  # a hard link to the newest checkpoint
+SUFFIX = ".pt"
+MODES = ("min", "max")
+
+
+class CheckpointPlugin(Plugin):
+    """Writes the kernel's checkpoint snapshots to disk atomically, with top-k/last/max-total retention.
+
+    Example settings: {"monitor": "validation_loss", "mode": "min", "save_top_k": 3, "max_total": 5,
+    "filename": "epoch{epoch:03d}-{validation_loss:.4f}"}. Files load with
+    torch.load(path, weights_only=True).
+    """
+
+    delivery = DURABLE  # a missed snapshot is a lost checkpoint; the kernel reuses a buffer once we answer
+    capabilities = ("checkpoint",)
+    handler_timeout_s = 600.0  # writing and fsyncing a large model can take minutes on a slow disk
+    settings = {
+        "dirpath": "",  # "" = <run_dir>/checkpoints; a relative path is relative to the run directory
+        "filename": "epoch{epoch:03d}-step{step:06d}",  # fields: epoch, step, any metric ({validation_loss:.4f})
+        "monitor": "",  # a metric of the event's "metrics" to rank by; "" = no ranking
+        "mode": "min",
+        "save_top_k": -1,
+        "save_last": True,
+        "max_total": 0,  # 0 = unlimited
+    }
+
+    def setup(self) -> None:
+        s = self.settings
+        if s["mode"] not in MODES:
+            raise SettingsError(f"checkpoint mode must be 'min' (lower is better) or 'max', got {s['mode']!r}")
+        if s["save_top_k"] < -1:
+            raise SettingsError(f"checkpoint save_top_k must be -1 (keep all), 0 or a count, got {s['save_top_k']}")
+        if s["save_top_k"] == 0 and not s["save_last"]:
+            raise SettingsError("checkpoint save_top_k=0 with save_last=false would keep nothing")
+        if s["max_total"] < 0:
+            raise SettingsError(f"checkpoint max_total must be 0 (unlimited) or a count, got {s['max_total']}")
+        _check_filename(s["filename"])
+        directory = Path(s["dirpath"]).expanduser() if s["dirpath"] else Path(CHECKPOINT_DIR)
+        self.directory = Path(self.run_dir) / directory  # an absolute dirpath stays as it is
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.directory)
+        except OSError as exc:  # not fatal here: each save will report the cause as checkpoint_failed
+            self.log(f"checkpoint directory {self.directory}: {_describe(exc)}", level="warning")
+
+    def on_save_checkpoint(self, event: Event) -> None:
+        # Never raises: a handler that raises is retried, and a full disk would only fill up again.
+        try:
+            self._save(event)
+        except SnapshotError as exc:
+            self._fail(event, str(exc))
+        except OSError as exc:  # the directory or the manifest: name what could not be touched
+            self._fail(event, f"{_describe(exc)} at {exc.filename or self.directory}")
+        except Exception as exc:  # a bug must not cost every later checkpoint
+            print(traceback.format_exc(), file=sys.stderr)
+            self._fail(event, f"unexpected {type(exc).__name__}: {exc}")
+
+    # -- one snapshot -----------------------------------------------------------------------------
+
+    def _save(self, event: Event) -> None:
+        s, data, directory = self.settings, event.data, self.directory
+        directory.mkdir(parents=True, exist_ok=True)
+        manifest = directory / MANIFEST
+        entries = read_manifest(manifest)
+        done = _already_saved(entries, event, directory)
+        if done is not None:  # replayed after a crash between the manifest line and the ack
+            self.checkpoint_saved(event, str(directory / done["file"]), done["sha256"], done["size"])
+            return
+        metrics = data.get("metrics") or {}
+        entry = {"file": self._file_name(event, metrics), "step": event.step, "epoch": event.epoch,
+                 "metrics": metrics, "run": event.run, "seq": event.seq,
+                 "snapshot_id": data.get("snapshot_id"), "reason": data.get("reason", "")}
+        if entry["file"] not in self._keep(current_entries(entries, directory), entry):
+            self.log(self._not_kept(metrics), level="info")
+            return
+        path = directory / entry["file"]
+        try:
+            sha256, size = write_atomically(read_snapshot(data), path)
+        except OSError as exc:
+            self._fail(event, f"{_describe(exc)} writing {path}")
+            return
+        entry.update(sha256=sha256, size=size, time=time.time())
+        try:
+            append_manifest(manifest, entry)
+        except OSError as exc:  # not durable without its line, and nothing would ever delete it
+            path.unlink(missing_ok=True)
+            self._fail(event, f"{_describe(exc)} writing {manifest}")
+            return
+        self.checkpoint_saved(event, str(path), sha256, size)
+        # the new checkpoint is durable: from here on a failure costs only tidiness
+        if s["save_last"]:
+            self._link_last(entry)
+        self._retain(directory, read_manifest(manifest))
+
+    def _file_name(self, event: Event, metrics: dict[str, Any]) -> str:
+        fields = {**metrics, "epoch": event.epoch, "step": event.step}
+        try:
+            name = render_filename(self.settings["filename"], fields)
+        except (ValueError, TypeError) as exc:  # a metric of an unexpected type: fall back, never lose the save
+            name = render_filename(CheckpointPlugin.settings["filename"], fields)
+            self.log(f"checkpoint filename {self.settings['filename']!r}: {exc}; saved as {name}", level="warning")
+        return name
+
+    def _keep(self, entries: list[dict[str, Any]], new: dict[str, Any] | None = None) -> set[str]:
+        s = self.settings
+        if new is not None:
+            entries = [e for e in entries if e["file"] != new["file"]] + [new]
+        return files_to_keep(entries, s["monitor"], s["mode"], s["save_top_k"], s["save_last"], s["max_total"])
+
+    def _not_kept(self, metrics: dict[str, Any]) -> str:
+        s, value = self.settings, metric_value(metrics, self.settings["monitor"])
+        if value is None:
+            return f"snapshot not written: {s['monitor']!r} is not among its metrics ({', '.join(metrics) or 'none'})"
+        return f"snapshot not written: {s['monitor']} {value:.6g} is not among the best {s['save_top_k']}"
+
+    def _link_last(self, entry: dict[str, Any]) -> None:
+        try:
+            replace_with_link(self.directory / entry["file"], self.directory / LAST)
+            append_manifest(self.directory / MANIFEST, {**entry, "file": LAST, "alias_of": entry["file"]})
+        except OSError as exc:
+            self.log(f"could not update {self.directory / LAST}: {_describe(exc)}", level="warning")
+
+    def _retain(self, directory: Path, entries: list[dict[str, Any]]) -> None:
+        current = current_entries(entries, directory)
+        keep = self._keep(current)
+        for entry in current:
+            if entry["file"] not in keep:
+                try:
+                    (directory / entry["file"]).unlink(missing_ok=True)
+                except OSError as exc:
+                    self.log(f"could not delete old checkpoint {entry['file']}: {_describe(exc)}", level="warning")
+
+    def _fail(self, event: Event, reason: str) -> None:
+        # The kernel logs checkpoint_failed as a warning; the plugin's own log gets it too.
+        print(f"[{self.name}] checkpoint at step {event.step} failed: {reason}", file=sys.stderr)
+        self.checkpoint_failed(event, reason)
+
+
+# -- what is on disk ------------------------------------------------------------------------------
+
+def current_entries(entries: list[dict[str, Any]], directory: Path) -> list[dict[str, Any]]:
+    """The checkpoints on disk now, oldest first: each file's latest entry; last.pt is not one of them."""
+    latest: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if entry["file"] == LAST or "alias_of" in entry:
+            continue
+        latest.pop(entry["file"], None)  # a rewritten name counts from its latest write
+        latest[entry["file"]] = entry
+    return [e for e in latest.values() if (directory / e["file"]).is_file()]
+
+
+def _already_saved(entries: list[dict[str, Any]], event: Event, directory: Path) -> dict[str, Any] | None:
+    for entry in reversed(entries):
+        if entry.get("run") == event.run and entry.get("seq") == event.seq and "alias_of" not in entry:
+            file = directory / entry["file"]
+            return entry if file.is_file() and file.stat().st_size == entry.get("size") else None
+    return None
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+def files_to_keep(entries: list[dict[str, Any]], monitor: str, mode: str, save_top_k: int,
+                  save_last: bool, max_total: int) -> set[str]:
+    """Which of these checkpoints (oldest first; the last is the newest) the settings keep."""
+    if not entries:
+        return set()
+    files = [e["file"] for e in entries]
+    newest = {files[-1]} if save_last else set()
+    scored = [(metric_value(e.get("metrics") or {}, monitor), i) for i, e in enumerate(entries)] if monitor else []
+    ranked = [files[i] for _, i in sorted((v if mode == "min" else -v, i) for v, i in scored if v is not None)]
+    if save_top_k == -1:
+        chosen = files
+    elif monitor:
+        chosen = ranked[:save_top_k]  # ties: the older stays, as in Lightning
+    else:
+        chosen = files[len(files) - save_top_k:] if save_top_k else []  # no ranking: the k newest
+    keep = newest | set(chosen)
+    guarded = newest | (set(ranked[:1]) & keep)  # max_total never removes the newest nor the best
+    for file in files:  # oldest first
+        if max_total <= 0 or len(keep) <= max_total:
+            break
+        if file in keep and file not in guarded:
+            keep.discard(file)
+    return keep
+
+
+def metric_value(metrics: dict[str, Any], name: str) -> float | None:
+    """A finite number to rank by, or None (missing, not a number, NaN: never among the best)."""
+    value = metrics.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+# -- file names -----------------------------------------------------------------------------------
+
+class _Fields(dict):
+    def __missing__(self, key: str) -> float:
+        return math.nan  # a metric not measured yet (a step checkpoint before the first epoch ends)
+
+
+def render_filename(template: str, fields: dict[str, Any]) -> str:
+    values = _Fields({k: math.nan if v is None else v for k, v in fields.items()})
+    name = template.format_map(values)
+    return name if name.endswith(SUFFIX) else name + SUFFIX
+
+
+def _check_filename(template: str) -> None:
+    where = f"checkpoint filename {template!r}"
+    if not template or "/" in template or os.sep in template or template.startswith("."):
+        raise SettingsError(f"{where}: must be a plain file name (no '/', not starting with '.')")
+    try:
+        names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        if any(not n.isidentifier() for n in names):
+            raise ValueError("fields must be names: epoch, step or a metric such as validation_loss")
+        name = render_filename(template, {"epoch": 0, "step": 0})
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise SettingsError(f"{where}: {exc}") from None
+    if name == LAST:
+        raise SettingsError(f"{where}: {LAST} is the link to the newest checkpoint")
+
+
+def _describe(exc: OSError) -> str:
+    """"No space left on device (errno 28)": what went wrong, in the words users search for."""
+    if exc.errno is None:
+        return str(exc)
+    return f"{exc.strerror or os.strerror(exc.errno)} (errno {exc.errno})"

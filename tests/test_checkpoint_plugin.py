@@ -1,0 +1,358 @@
+"""The checkpoint plugin, driven without sockets: real snapshots from kernel/snapshot.py, real files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainbus.kernel.checkpointing import find_checkpoint, load_checkpoint
+from trainbus.kernel.snapshot import SnapshotBuffers
+from trainbus.plugins.checkpoint import CheckpointPlugin, files_to_keep
+from trainbus.proto import Event, pack, unpack
+from trainbus.sdk import Harness, SettingsError
+
+LOSSES = [0.5, 0.3, 0.4, 0.2, 0.6]  # validation loss after epochs 1..5: the best two are epochs 4 and 2
+
+
+class Trainer:
+    """A small model and Adam after real steps, and the state the kernel's loop would snapshot."""
+
+    def __init__(self, width: int = 4):
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=0.01)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1)
+        self.step, self.epoch = 0, 0
+        self.width = width
+
+    def train_epoch(self) -> None:
+        self.epoch += 1
+        self.step += 1
+        self.model(torch.randn(8, self.width)).pow(2).mean().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.scheduler.step()
+
+    def state(self, metrics: dict) -> dict:
+        """The shape of kernel/loop.py's training_state()."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "model_state_dict": self.model.state_dict(),
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "scheduler_state_dict": self.scheduler.state_dict(),
+            "metrics": dict(metrics),
+            "hyperparameters": {"lr": 0.01, "width": self.width},
+            "trainbus": {"format": 1, "epoch": self.epoch, "step": self.step, "epoch_complete": True,
+                         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
+        }
+
+
+@pytest.fixture
+def buffers(tmp_path):
+    b = SnapshotBuffers(f"test-{os.getpid()}-{tmp_path.name}", tmp_path)
+    yield b
+    b.close()
+
+
+def snapshot_data(buffers: SnapshotBuffers, state: dict, metrics: dict, reason: str = "epoch") -> dict:
+    """A save_checkpoint event's data as a plugin receives it: through msgpack, tuples become lists."""
+    snapshot = buffers.take(state, lambda slot: slot == 0)
+    return unpack(pack({**snapshot.event_data(), "reason": reason, "metrics": metrics}))
+
+
+def save(h: Harness, trainer: Trainer, buffers: SnapshotBuffers, validation_loss: float | None = None) -> list[dict]:
+    metrics = {"training_loss": 1.0} if validation_loss is None else {"validation_loss": validation_loss,
+                                                                        "validation_accuracy": 0.9}
+    data = snapshot_data(buffers, trainer.state(metrics), metrics)
+    return h.feed("save_checkpoint", step=trainer.step, epoch=trainer.epoch, **data)
+
+
+def run_epochs(h: Harness, buffers: SnapshotBuffers, losses: list[float], width: int = 4) -> Trainer:
+    trainer = Trainer(width)
+    for loss in losses:
+        trainer.train_epoch()
+        save(h, trainer, buffers, loss)
+    return trainer
+
+
+def checkpoints(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.suffix == ".pt")
+
+
+def manifest(directory: Path) -> list[dict]:
+    """Every entry; a torn line (a crash mid-append) is skipped, as kernel/checkpointing.py does."""
+    entries = []
+    for line in (directory / "manifest.jsonl").read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return entries
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def harness(tmp_path: Path, **settings) -> Harness:
+    return Harness(CheckpointPlugin(settings), run_dir=str(tmp_path))
+
+
+# -- one checkpoint -------------------------------------------------------------------------------
+
+def test_a_checkpoint_loads_with_weights_only_and_equals_the_training_state(tmp_path, buffers):
+    h = harness(tmp_path)
+    trainer = Trainer()
+    trainer.train_epoch()  # Adam's state exists from the first step on
+    metrics = {"validation_loss": 0.25, "validation_accuracy": 0.9}
+    state = trainer.state(metrics)
+    replies = h.feed("save_checkpoint", step=1, epoch=1, **snapshot_data(buffers, state, metrics))
+
+    path = tmp_path / "checkpoints" / "epoch001-step000001.pt"
+    loaded = torch.load(path, weights_only=True)
+    assert set(loaded) == {"epoch", "step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict",
+                           "metrics", "hyperparameters", "trainbus"}
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(loaded["model_state_dict"][name], tensor)
+    original = trainer.optimizer.state_dict()
+    assert list(loaded["optimizer_state_dict"]["state"]) == list(original["state"]) == [0, 1, 2, 3]  # int keys
+    for index, moments in original["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(loaded["optimizer_state_dict"]["state"][index][key], value)
+    assert loaded["optimizer_state_dict"]["param_groups"][0]["betas"] == (0.9, 0.999)  # a tuple again
+    assert loaded["trainbus"]["rng"]["python"] == state["trainbus"]["rng"]["python"]  # nested tuples
+    assert torch.equal(loaded["trainbus"]["rng"]["torch"], state["trainbus"]["rng"]["torch"])
+    assert loaded["scheduler_state_dict"] == trainer.scheduler.state_dict()
+    assert loaded["metrics"] == {"validation_loss": 0.25, "validation_accuracy": 0.9}
+
+    entry = manifest(path.parent)[0]
+    assert entry["file"] == path.name and entry["size"] == path.stat().st_size and entry["sha256"] == sha256(path)
+    assert (entry["step"], entry["epoch"], entry["seq"]) == (1, 1, 1)
+    assert replies == [{"v": 1, "type": "checkpoint_saved", "seq": 1, "path": str(path), "step": 1, "epoch": 1,
+                        "sha256": entry["sha256"], "size": entry["size"]}]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_last_pt_is_the_newest_checkpoint_and_resume_accepts_it(tmp_path, buffers):
+    h = harness(tmp_path)
+    run_epochs(h, buffers, [0.5, 0.4])
+    directory = tmp_path / "checkpoints"
+    newest = directory / "epoch002-step000002.pt"
+    assert (directory / "last.pt").stat().st_ino == newest.stat().st_ino
+    # kernel/checkpointing.py is the reader: the run directory, and last.pt itself, resolve to the newest
+    assert find_checkpoint(str(directory / "last.pt"), str(tmp_path)) == directory / "last.pt"
+    assert sha256(find_checkpoint(str(tmp_path), str(tmp_path))) == sha256(newest)
+    assert load_checkpoint(directory / "last.pt")["epoch"] == 2
+
+
+def test_a_replayed_save_is_answered_from_the_manifest_not_written_twice(tmp_path, buffers):
+    h = harness(tmp_path)
+    trainer = Trainer()
+    trainer.train_epoch()
+    data = snapshot_data(buffers, trainer.state({}), {})
+    event = Event(seq=7, run=h.run_id, type="save_checkpoint", ts=0.0, step=1, epoch=1, data=data)
+    h.plugin.handle(event)
+    h.plugin.handle(event)  # the plugin crashed after the manifest line, before its ack
+    first, second = h.plugin.outbox
+    assert first == second and first["type"] == "checkpoint_saved"
+    assert [e["file"] for e in manifest(tmp_path / "checkpoints")] == ["epoch001-step000001.pt", "last.pt"]
+
+
+def test_filename_takes_metrics_and_survives_a_missing_one(tmp_path, buffers):
+    h = harness(tmp_path, filename="e{epoch:02d}-{validation_loss:.3f}")
+    trainer = run_epochs(h, buffers, [0.12345])
+    trainer.train_epoch()
+    save(h, trainer, buffers, validation_loss=None)  # a step checkpoint before any validation
+    assert checkpoints(tmp_path / "checkpoints") == ["e01-0.123.pt", "e02-nan.pt", "last.pt"]
+
+
+def test_a_torn_manifest_line_does_not_swallow_the_next_entry(tmp_path, buffers):
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    (directory / "manifest.jsonl").write_text('{"file": "epoch000-step0')  # a crash mid-append
+    run_epochs(harness(tmp_path), buffers, [0.5])
+    assert [e["file"] for e in manifest(directory)] == ["epoch001-step000001.pt", "last.pt"]
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+def test_top_k_keeps_the_best_by_the_monitor_and_the_newest(tmp_path, buffers):
+    h = harness(tmp_path, monitor="validation_loss", mode="min", save_top_k=2)
+    run_epochs(h, buffers, LOSSES)
+    directory = tmp_path / "checkpoints"
+    assert checkpoints(directory) == ["epoch002-step000002.pt", "epoch004-step000004.pt",
+                                      "epoch005-step000005.pt", "last.pt"]
+    assert len(h.replies_of("checkpoint_saved")) == 5  # each was written; older ones were deleted later
+    assert len([e for e in manifest(directory) if "alias_of" not in e]) == 5  # lines stay; resume skips gone files
+
+
+def test_mode_max_ranks_the_other_way(tmp_path, buffers):
+    h = harness(tmp_path, monitor="validation_loss", mode="max", save_top_k=1, save_last=False)
+    run_epochs(h, buffers, LOSSES)
+    assert checkpoints(tmp_path / "checkpoints") == ["epoch005-step000005.pt"]
+
+
+def test_keep_last_only(tmp_path, buffers):
+    h = harness(tmp_path, save_top_k=0, save_last=True)
+    run_epochs(h, buffers, LOSSES)
+    assert checkpoints(tmp_path / "checkpoints") == ["epoch005-step000005.pt", "last.pt"]
+
+
+def test_best_only_writes_nothing_that_would_not_be_kept(tmp_path, buffers):
+    h = harness(tmp_path, monitor="validation_loss", save_top_k=1, save_last=False)
+    run_epochs(h, buffers, LOSSES)
+    assert checkpoints(tmp_path / "checkpoints") == ["epoch004-step000004.pt"]
+    assert [r["step"] for r in h.replies_of("checkpoint_saved")] == [1, 2, 4]  # epochs 3 and 5: not better
+    assert len(h.replies_of("log")) == 2 and "not among the best 1" in h.replies_of("log")[0]["text"]
+    assert not h.replies_of("checkpoint_failed")
+
+
+def test_max_total_removes_the_oldest(tmp_path, buffers):
+    h = harness(tmp_path, max_total=2)
+    run_epochs(h, buffers, LOSSES)
+    assert checkpoints(tmp_path / "checkpoints") == ["epoch004-step000004.pt", "epoch005-step000005.pt", "last.pt"]
+
+
+def test_max_total_never_removes_the_best(tmp_path, buffers):
+    h = harness(tmp_path, monitor="validation_loss", max_total=2)
+    run_epochs(h, buffers, [0.1, 0.5, 0.4, 0.3])
+    assert checkpoints(tmp_path / "checkpoints") == ["epoch001-step000001.pt", "epoch004-step000004.pt", "last.pt"]
+
+
+@pytest.mark.parametrize(("settings", "kept"), [
+    ({"monitor": "", "save_top_k": -1, "save_last": True, "max_total": 0}, {"a", "b", "c", "d"}),
+    ({"monitor": "", "save_top_k": 2, "save_last": False, "max_total": 0}, {"c", "d"}),  # no monitor: k newest
+    ({"monitor": "loss", "save_top_k": 2, "save_last": False, "max_total": 0}, {"b", "c"}),
+    ({"monitor": "loss", "save_top_k": 1, "save_last": True, "max_total": 0}, {"b", "d"}),
+    ({"monitor": "loss", "save_top_k": 1, "save_last": True, "max_total": 1}, {"b", "d"}),  # both guarded
+    ({"monitor": "loss", "save_top_k": -1, "save_last": False, "max_total": 3}, {"b", "c", "d"}),
+])
+def test_files_to_keep(settings, kept):
+    entries = [{"file": "a", "metrics": {"loss": 0.9}}, {"file": "b", "metrics": {"loss": 0.1}},
+               {"file": "c", "metrics": {"loss": 0.1}}, {"file": "d", "metrics": {"loss": float("nan")}}]
+    assert files_to_keep(entries, mode="min", **settings) == kept
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+def test_a_reused_buffer_is_reported_not_written(tmp_path, buffers):
+    h = harness(tmp_path)
+    trainer = Trainer()
+    trainer.train_epoch()
+    stale = snapshot_data(buffers, trainer.state({}), {})
+    snapshot_data(buffers, trainer.state({}), {})  # the kernel reused slot 0 for the next snapshot
+    replies = h.feed("save_checkpoint", step=1, epoch=1, **stale)
+    assert [(r["type"], r["reason"]) for r in replies] == [
+        ("checkpoint_failed", "snapshot overwritten before it could be persisted")]
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_a_vanished_buffer_is_reported(tmp_path, buffers):
+    h = harness(tmp_path)
+    trainer = Trainer()
+    data = snapshot_data(buffers, trainer.state({}), {})
+    buffers.close()  # the kernel ended and removed its buffers
+    (reply,) = h.feed("save_checkpoint", step=0, epoch=0, **data)
+    assert reply["type"] == "checkpoint_failed" and "cannot be read" in reply["reason"]
+
+
+def test_a_directory_that_cannot_exist_fails_the_save_with_its_cause(tmp_path, buffers):
+    (tmp_path / "a-file").write_text("not a directory")
+    h = harness(tmp_path, dirpath=str(tmp_path / "a-file" / "checkpoints"))
+    (said,) = h.plugin.outbox  # at setup, and not fatal
+    assert "Not a directory (errno 20)" in said["text"]
+    h.plugin.outbox.clear()
+    trainer = Trainer()
+    trainer.train_epoch()
+    replies = save(h, trainer, buffers, 0.5)
+    assert [r["type"] for r in replies] == ["checkpoint_failed"]
+    assert "Not a directory (errno 20)" in replies[0]["reason"]
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, buffers):
+    h = harness(tmp_path)
+    trainer = run_epochs(h, buffers, [0.5])
+    directory = tmp_path / "checkpoints"
+    before = {name: sha256(directory / name) for name in checkpoints(directory)}
+    lines = (directory / "manifest.jsonl").read_text()
+    trainer.train_epoch()
+    blocked = directory / f".tmp-epoch002-step000002.pt-{os.getpid()}"
+    blocked.mkdir()  # root ignores permissions; a directory where the temp file goes fails any user
+    (reply,) = save(h, trainer, buffers, 0.4)
+    assert reply["type"] == "checkpoint_failed"
+    assert reply["reason"].startswith("Is a directory (errno 21) writing ")
+    assert "epoch002-step000002.pt" in reply["reason"]
+    assert {name: sha256(directory / name) for name in checkpoints(directory)} == before
+    assert (directory / "manifest.jsonl").read_text() == lines
+    assert blocked.is_dir()  # not ours to remove
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 64 KiB filesystem, for a real "No space left on device"; skipped where mounting is not allowed."""
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mountpoint)],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mountpoint
+    subprocess.run(["umount", str(mountpoint)], capture_output=True, timeout=10)
+
+
+def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, buffers, tiny_tmpfs):
+    h = harness(tmp_path, dirpath=str(tiny_tmpfs))
+    run_epochs(h, buffers, [0.5])  # a small model fits
+    before = {name: sha256(tiny_tmpfs / name) for name in checkpoints(tiny_tmpfs)}
+    lines = (tiny_tmpfs / "manifest.jsonl").read_text()
+    big = Trainer(width=200)  # ~160 KB of weights, three times that with Adam's moments
+    big.train_epoch()
+    big.epoch, big.step = 2, 2
+    (reply,) = save(h, big, buffers, 0.4)
+    assert reply["type"] == "checkpoint_failed"
+    assert reply["reason"].startswith(f"No space left on device (errno 28) writing {tiny_tmpfs}/epoch002")
+    assert {name: sha256(tiny_tmpfs / name) for name in checkpoints(tiny_tmpfs)} == before
+    assert (tiny_tmpfs / "manifest.jsonl").read_text() == lines
+    assert not [p for p in tiny_tmpfs.iterdir() if p.name.startswith(".tmp-")]
+    assert sha256(find_checkpoint(str(tiny_tmpfs), str(tmp_path))) == before["epoch001-step000001.pt"]
+
+
+# -- setup ----------------------------------------------------------------------------------------
+
+def test_setup_removes_temporaries_of_dead_writers_only(tmp_path):
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [directory / f".tmp-epoch001-step000001.pt-{dead.pid}", directory / f".tmp-last.pt-{os.getpid()}"]
+    live = directory / f".tmp-epoch001-step000001.pt-{os.getppid()}"  # another live process writing here
+    for path in [*stale, live]:
+        path.write_bytes(b"partial")
+    harness(tmp_path)
+    assert [p.exists() for p in stale] == [False, False] and live.exists()
+
+
+@pytest.mark.parametrize("settings", [
+    {"mode": "lowest"},
+    {"save_top_k": 0, "save_last": False},
+    {"save_top_k": -2},
+    {"max_total": -1},
+    {"filename": "sub/epoch{epoch}"},
+    {"filename": "{}"},
+    {"filename": "last"},
+    {"unknown": 1},
+])
+def test_bad_settings_are_refused(tmp_path, settings):
+    with pytest.raises(SettingsError):
+        harness(tmp_path, **settings)
