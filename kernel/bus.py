@@ -14,7 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -161,14 +161,14 @@ class Bus:
                 return waiting
             time.sleep(0.002)
 
-    def wait_drained(self, timeout_s: float) -> dict[str, int]:
+    def wait_drained(self, timeout_s: float, abort: Callable[[], bool] = lambda: False) -> dict[str, int]:
         """Wait until every durable plugin acked the last event; return {name: acked} of laggards."""
         self.flush_now()
         end = time.monotonic() + timeout_s
         while True:
             target = self._final_seq or self._seq
             laggards = {n: self.acked.get(n, 0) for n in self._durable_pending() if self.acked.get(n, 0) < target}
-            if not laggards or time.monotonic() >= end:
+            if not laggards or time.monotonic() >= end or abort():
                 return laggards
             time.sleep(0.02)
 
@@ -177,10 +177,10 @@ class Bus:
         while self._queue and time.monotonic() < end and self._thread.is_alive():
             time.sleep(0.002)
 
-    def close(self, plugin_exit_timeout_s: float = 5.0) -> None:
+    def close(self, plugin_exit_timeout_s: float = 5.0, abort: Callable[[], bool] = lambda: False) -> None:
         """Flush, let plugins exit (bounded), stop the bus thread, close sockets and the journal."""
         self.flush_now()
-        self.supervisor.shutdown(plugin_exit_timeout_s)
+        self.supervisor.shutdown(plugin_exit_timeout_s, abort)
         self._closing.set()
         self._thread.join(timeout=10)
         self.journal.close()

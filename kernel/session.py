@@ -105,14 +105,17 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
         tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
         log.error("training failed:\n%s", tail)
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error, "traceback": tail})
-    finally:
-        interrupts.restore()
+    # From here on a second Ctrl-C no longer raises: it cuts the drain and the plugins' exit short.
+    interrupts.begin_closing()
     if status in ("completed", "stopped"):  # the trained weights, loadable with torch.load(weights_only=True)
         torch.save({"model_state_dict": spec.model.state_dict(), "optimizer_state_dict": spec.optimizer.state_dict(),
                     "epoch": loop.epoch, "step": loop.step}, run_dir / FINAL_WEIGHTS)
-    undrained = bus.wait_drained(cfg.drain_timeout_s if status != "interrupted" else 2.0)
-    bus.close(PLUGIN_EXIT_TIMEOUT_S)
+    undrained = bus.wait_drained(cfg.drain_timeout_s if status != "interrupted" else 2.0, abort=interrupts.hurry)
+    bus.close(PLUGIN_EXIT_TIMEOUT_S, abort=interrupts.hurry)
     checkpointer.close()
+    interrupts.restore()
+    if interrupts.hurry() and status in ("completed", "stopped"):
+        status, error = "interrupted", "interrupted (second Ctrl-C) while plugins drained"
     result = RunResult(run_id=run_id, run_dir=str(run_dir), status=status,
                        duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
                        plugins=bus.supervisor.summary(), undrained=undrained, bus=dict(bus.counters), error=error)
@@ -127,6 +130,8 @@ class _Interrupts:
 
     def __init__(self, install: bool):
         self.count = 0
+        self.closing = False  # training is over: a Ctrl-C now hurries the shutdown instead of raising
+        self._count_at_closing = 0
         self._previous = None
         if install and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
@@ -134,9 +139,18 @@ class _Interrupts:
     def _on_sigint(self, signum, frame) -> None:
         self.count += 1
         if self.count == 1:
-            os.write(2, b"\ntrainbus: stopping at the next batch boundary (Ctrl-C again to stop now)\n")
+            message = "not waiting for plugins to drain" if self.closing else "stopping at the next batch boundary"
+            os.write(2, f"\ntrainbus: {message} (Ctrl-C again to stop now)\n".encode())
             return
-        raise KeyboardInterrupt
+        if not self.closing:
+            raise KeyboardInterrupt
+
+    def begin_closing(self) -> None:
+        self.closing, self._count_at_closing = True, self.count
+
+    def hurry(self) -> bool:
+        """Ctrl-C twice in all, or once since training ended: stop waiting for plugins."""
+        return self.count >= 2 or self.count > self._count_at_closing
 
     def requested(self) -> bool:
         return self.count > 0

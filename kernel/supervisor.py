@@ -96,12 +96,12 @@ class Supervisor:
     def live_names(self) -> list[str]:
         return [c.spec.name for c in self.children.values() if c.state in ("starting", "running")]
 
-    def shutdown(self, deadline_s: float) -> None:
-        """Stop restarting; give live plugins until the deadline to exit, then TERM, then KILL."""
+    def shutdown(self, deadline_s: float, abort: Callable[[], bool] = lambda: False) -> None:
+        """Stop restarting; give live plugins until the deadline (or abort()) to exit, then TERM, then KILL."""
         self.stopping = True
         end = time.monotonic() + deadline_s
         procs = [c.proc for c in self.children.values() if c.proc and c.proc.poll() is None]
-        while procs and time.monotonic() < end:
+        while procs and time.monotonic() < end and not abort():
             procs = [p for p in procs if p.poll() is None]
             time.sleep(0.02)
         for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -199,9 +199,11 @@ class Runner:
             topics = [""]
         hello = control("hello", name=plugin.name, pid=os.getpid(), subscriptions=topics,
                         replies=["stop", "metric", "log", "checkpoint_now"], delivery=plugin.delivery,
-                        votes=list(plugin.votes))
+                        votes=list(plugin.votes), capabilities=list(plugin.capabilities))
         self.io = _IO(events_endpoint, control_endpoint, topics, hello, plugin.handler_timeout_s, kernel_pid)
         self.counts_gaps = topics == [""]
+        # A plugin with on_event handles every type, heartbeats included (a replay hands them over too).
+        self.wants_heartbeats = bool({ev.HEARTBEAT, ""} & set(plugin.handled_events()))
         self.next_seq = 0  # durable: the next seq to process; best-effort: the next expected
         self.replaying = False
         self.gaps = 0
@@ -210,6 +212,7 @@ class Runner:
         self.acked = 0
         self.processed = 0
         self.finished = False
+        self._ended = False  # _finish ran: teardown happens once, whichever way the plugin ends
         self._last_ack = 0.0
 
     def run(self) -> int:
@@ -220,7 +223,9 @@ class Runner:
         self.io.heartbeat_interval_s = welcome["heartbeat_interval_s"]
         self.plugin.run_id = welcome["run"]
         self.next_seq = welcome["resume_from"]
+        self.plugin.bind_sender(self.io.send)  # replies from the plugin's own threads (a sampler) go out at once
         self.plugin.setup()
+        self._send_replies()  # what setup said (a monitor's "idle" line) goes out before any event
         if self.durable:
             self._request_replay()
         while not self.finished:
@@ -238,7 +243,13 @@ class Runner:
     # -- ordering ---------------------------------------------------------------------------------
 
     def _on_live(self, event: Event) -> None:
-        if event.type == ev.HEARTBEAT and event.type not in self.plugin.handled_events():
+        if event.type == ev.HEARTBEAT and not self.wants_heartbeats:
+            # Not for this plugin, but its seq is no gap: step over it. (Returning without moving
+            # next_seq counted every heartbeat as a missed event, and sent a durable plugin to replay.)
+            if not self.durable:
+                self.next_seq = event.seq + 1
+            elif not self.replaying and event.seq == self.next_seq:
+                self.next_seq += 1
             return
         if not self.durable:
             if self.counts_gaps and self.next_seq and event.seq > self.next_seq:
@@ -262,6 +273,7 @@ class Runner:
                 self.next_seq += 1
                 if self.finished:
                     return
+                self._maybe_ack()  # a batch is up to 512 events: ack as we go, so a kill costs little redo
         if batch["done"] and (not batch["events"] or batch["events"][-1].seq < self.next_seq):
             self.replaying = False
         else:
@@ -345,6 +357,9 @@ class Runner:
                 return item[1]
 
     def _finish(self, gone: str | None) -> int:
+        if self._ended:  # a SIGTERM arriving while the run loop is already finishing
+            return 0
+        self._ended = True
         try:
             self.plugin.teardown()
         except Exception:
@@ -388,6 +403,10 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None) -> int
 
 
 def _terminate(runner: Runner) -> None:
+    # PR_SET_PDEATHSIG follows the parent *thread*: a plugin restarted from the kernel's bus thread is
+    # re-parented to another kernel thread as each one dies, and signalled again every time (3 SIGTERMs
+    # seen from one kill -9). Handle the first; the rest would run teardown again from inside it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     runner.io.gone = runner.io.gone or "terminated (SIGTERM)"
     with runner.io.wake:
         runner.io.wake.notify()

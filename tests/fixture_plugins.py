@@ -86,3 +86,49 @@ class Poison(Plugin):
         if event.type == self.settings["poison_type"]:
             raise ValueError(f"poison {event.seq}")
         _append_fsynced(self.settings["path"], f"{event.seq} {event.type}")
+
+
+class LaggingLiveRecorder(LiveRecorder):
+    """A slow best-effort Recorder with a small inbox, so it really misses events in a short run.
+
+    The SDK holds up to INBOX_MAX_EVENTS (10,000) live events for a slow handler; a test run of a few
+    seconds never fills that, so this plugin shrinks it in its own process to reach the drop path.
+    """
+
+    settings = {**LiveRecorder.settings, "inbox_max_events": 20}
+
+    def setup(self):
+        from trainbus.sdk import runner
+
+        runner.INBOX_MAX_EVENTS = self.settings["inbox_max_events"]
+
+
+class DurableExitAtStart(ExitAtStart):
+    """ExitAtStart as a durable plugin: the kernel keeps supervising it through the final drain."""
+
+    delivery = DURABLE
+
+
+class CountingPoison(Poison):
+    """Poison that also appends `seq` to attempts_path on every try, so the retry count is visible."""
+
+    settings = {**Poison.settings, "attempts_path": ""}
+
+    def on_event(self, event):
+        if event.type == self.settings["poison_type"]:
+            _append_fsynced(self.settings["attempts_path"], str(event.seq))
+        super().on_event(event)
+
+
+class EnvelopeRecorder(Plugin):
+    """Durable; appends every event's whole envelope as one JSON line, fsynced: what the subscriber received."""
+
+    delivery = DURABLE
+    settings = {"path": ""}
+
+    def on_event(self, event):
+        import json
+
+        from trainbus.proto import event_to_map
+
+        _append_fsynced(self.settings["path"], json.dumps(event_to_map(event)))

@@ -1,0 +1,180 @@
+"""Running a kernel in a process of its own and watching its journal grow: how a test acts on a live run.
+
+A test that signals a kernel or its plugins from outside needs the run in another process (run_training
+via `python -c`), and needs to see what the run did so far without waiting for its end: JournalTail
+reads the journal file incrementally with a plain msgpack.Unpacker. Nothing here is mocked.
+
+    kernel = KernelProcess(cfg, tmp_path)
+    pid = kernel.wait_ready("checkpoint")           # the plugin's pid once it said hello
+    kernel.wait_event("checkpoint_saved")           # the first such event in the journal
+    kernel.kill()                                   # SIGKILL, reaped
+    result = kernel.result()                        # the RunResult as a dict (for a run left to finish)
+
+Child processes must import the test fixtures (fixture_targets, fixture_plugins): tests/conftest.py
+puts this folder on PYTHONPATH for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import psutil
+
+from trainbus.kernel.config import RunConfig
+from trainbus.kernel.journal import JOURNAL_NAME
+from trainbus.proto import Event, event_from_map
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.01) -> Any:
+    """The first truthy value of predicate(), polled; AssertionError naming `what` after timeout_s."""
+    end = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def process_gone(pid: int) -> bool:
+    """Exited; a zombie waiting for a reaper that is not us counts as exited."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def of(events: list[Event], type_: str, plugin_name: str | None = None) -> list[Event]:
+    """The events of one type (and, for plugin_* and checkpoint_* events, of one plugin), in seq order."""
+    return [e for e in events if e.type == type_ and (plugin_name is None or e.data.get("plugin") == plugin_name)]
+
+
+class JournalTail:
+    """Reads a live run's journal as it grows, with a plain msgpack.Unpacker: how a test watches a run."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.offset = 0
+        self.unpacker = msgpack.Unpacker(raw=False)
+        self.events: list[Event] = []
+
+    def poll(self) -> list[Event]:
+        """Every event journaled so far (a torn last record waits in the unpacker for its rest)."""
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+            self.offset += len(data)
+            self.unpacker.feed(data)
+            self.events.extend(event_from_map(m) for m in self.unpacker)
+        return self.events
+
+    def of(self, type_: str, plugin_name: str | None = None) -> list[Event]:
+        return of(self.poll(), type_, plugin_name)
+
+    def step(self) -> int:
+        """The step of the latest end_training_batch, 0 before the first."""
+        batches = self.of("end_training_batch")
+        return batches[-1].step if batches else 0
+
+    def running_pid(self, name: str, not_in=()) -> int | None:
+        """The pid of the plugin's latest process, once that process has said hello (plugin_ready)."""
+        events = self.poll()
+        started = of(events, "plugin_started", name)
+        if not started or started[-1].data["pid"] in not_in:
+            return None
+        pid = started[-1].data["pid"]
+        return pid if any(e.data["pid"] == pid for e in of(events, "plugin_ready", name)) else None
+
+
+# The child: the config as JSON in argv[1] (plugins as PluginConfig fields), the run id in argv[2].
+KERNEL_SCRIPT = """
+import json, sys
+from dataclasses import asdict
+from trainbus.kernel.config import PluginConfig, RunConfig
+from trainbus.kernel.session import run_training
+raw = json.loads(sys.argv[1])
+raw["plugins"] = [PluginConfig(**p) for p in raw["plugins"]]
+result = run_training(RunConfig(**raw), run_id=sys.argv[2])
+print(json.dumps(asdict(result)))
+"""
+
+
+class KernelProcess:
+    """A kernel in a process of its own (run_training via python -c), so the test can signal it and its plugins."""
+
+    def __init__(self, cfg: RunConfig, tmp_path: Path, run_id: str | None = None, env: dict[str, str] | None = None):
+        self.run_id = run_id or "run-" + secrets.token_hex(3)
+        self.run_dir = Path(cfg.runs_dir).resolve() / self.run_id
+        self.stderr_path = Path(tmp_path) / f"{self.run_id}.stderr"
+        with open(self.stderr_path, "wb") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-c", KERNEL_SCRIPT, json.dumps(cfg.to_dict()), self.run_id],
+                                         stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                         env=None if env is None else {**os.environ, **env})
+        self.journal = JournalTail(self.run_dir / JOURNAL_NAME)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"kernel exited {self.proc.returncode} early; stderr:\n{self.stderr()}")
+
+    def wait_step(self, step: int, timeout_s: float = 30.0) -> int:
+        """The kernel's latest step once it is at least `step`."""
+        def reached():
+            self._check_alive()
+            return self.journal.step() >= step and self.journal.step()
+        return wait_until(reached, timeout_s, f"kernel step {step}")
+
+    def wait_ready(self, name: str, timeout_s: float = 30.0, not_in=()) -> int:
+        """The pid of the plugin's process once it said hello; a process other than those in not_in."""
+        def ready():
+            self._check_alive()
+            return self.journal.running_pid(name, not_in)
+        return wait_until(ready, timeout_s, f"plugin {name} ready")
+
+    def wait_event(self, type_: str, where: Callable[[Event], bool] = lambda e: True, timeout_s: float = 30.0,
+                   after_seq: int = 0) -> Event:
+        """The first journaled event of `type_` after `after_seq` for which `where` holds."""
+        def found():
+            hits = [e for e in self.journal.of(type_) if e.seq > after_seq and where(e)]
+            if not hits:
+                self._check_alive()  # checked after reading: an event written just before exiting still counts
+            return hits[0] if hits else None
+        return wait_until(found, timeout_s, f"a {type_} event")
+
+    def result(self, timeout_s: float = 60.0) -> dict:
+        """The run's RunResult as a dict, once the kernel exits on its own; AssertionError with stderr otherwise."""
+        try:
+            out, _ = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"kernel did not finish in {timeout_s:.0f} s; stderr:\n{self.stderr()}")
+        assert self.proc.returncode == 0, f"kernel exited {self.proc.returncode}; stderr:\n{self.stderr()}"
+        return json.loads(out.strip().splitlines()[-1])
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()[-4000:]
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL the kernel (not its plugins: they notice it is gone and exit) and reap it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
+            self.proc.communicate()
+        self.proc.wait()
