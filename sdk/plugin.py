@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any
+import threading
+from typing import Any, Callable
 
 from trainbus.proto import BEST_EFFORT, DELIVERY_CLASSES, Event, control, events as ev
 
@@ -42,6 +43,11 @@ class Plugin:
     # Event types at which the kernel waits (at most its vote_timeout_s) for this plugin to handle the
     # event before going on, so a stop decided there lands at that boundary: ("end_epoch",) for early stopping.
     votes: tuple[str, ...] = ()
+    # What this plugin does for the kernel: "checkpoint" = persists save_checkpoint snapshots (the
+    # kernel takes snapshots only while such a plugin is live, and reuses a buffer once it acks).
+    capabilities: tuple[str, ...] = ()
+    # Accept setting keys that `settings` does not declare (the bz adapter: bz plugins read free-form config).
+    open_settings: bool = False
 
     def __init__(self, settings: dict[str, Any] | None = None, run_id: str = "", run_dir: str = "."):
         cls = type(self)
@@ -52,6 +58,9 @@ class Plugin:
         self.run_id = run_id
         self.run_dir = run_dir
         self.outbox: list[dict[str, Any]] = []  # replies waiting to be sent (or inspected in tests)
+        # Bound by the runner (bind_sender): replies made on a thread of the plugin's own go out through it.
+        self._send_now: Callable[[dict[str, Any]], None] | None = None
+        self._handler_thread: threading.Thread | None = None
         # event type -> the handler to call: the class's own on_<type>, or on_event for the rest
         self._handlers = {name: getattr(self, f"on_{name}") if _overrides(cls, f"on_{name}") else self.on_event
                           for name in HANDLED_EVENTS}
@@ -67,22 +76,43 @@ class Plugin:
     def on_event(self, event: Event) -> None:
         """Called for events that have no handler of their own, when a plugin overrides it."""
 
-    # replies
+    # replies: from a handler they go out when it returns; from a thread of the plugin's own, at once
 
     def stop(self, reason: str) -> None:
         """Ask the kernel to end training cleanly at the next step boundary."""
-        self.outbox.append(control("stop", reason=str(reason)))
+        self._reply(control("stop", reason=str(reason)))
 
     def metric(self, name: str, value: float, step: int | None = None) -> None:
         """Publish a metric through the kernel, so every subscriber (log, TensorBoard, attach) sees it."""
-        self.outbox.append(control("metric", name=str(name), value=float(value), step=step))
+        self._reply(control("metric", name=str(name), value=float(value), step=step))
 
     def log(self, text: str, level: str = "info") -> None:
-        self.outbox.append(control("log", level=level, text=str(text)))
+        self._reply(control("log", level=level, text=str(text)))
 
     def checkpoint_now(self, reason: str) -> None:
         """Ask the kernel for a checkpoint at the next step boundary."""
-        self.outbox.append(control("checkpoint_now", reason=str(reason)))
+        self._reply(control("checkpoint_now", reason=str(reason)))
+
+    def checkpoint_saved(self, event: Event, path: str, sha256: str, size: int) -> None:
+        """A persister's report: the snapshot of this save_checkpoint event is durable at path."""
+        self._reply(control("checkpoint_saved", seq=event.seq, path=str(path), step=event.step,
+                            epoch=event.epoch, sha256=sha256, size=int(size)))
+
+    def checkpoint_failed(self, event: Event, reason: str) -> None:
+        """A persister's report: this snapshot could not be written; earlier checkpoints stand."""
+        self._reply(control("checkpoint_failed", seq=event.seq, reason=str(reason)))
+
+    def bind_sender(self, send: Callable[[dict[str, Any]], None]) -> None:
+        """Called by the runner on the handler thread: `send` queues a message for its I/O thread, thread-safely."""
+        self._send_now = send
+        self._handler_thread = threading.current_thread()
+
+    def _reply(self, message: dict[str, Any]) -> None:
+        send = self._send_now
+        if send is not None and threading.current_thread() is not self._handler_thread:
+            send(message)  # a sampler thread: no handler will return to drain the outbox for it
+        else:
+            self.outbox.append(message)
 
     # dispatch
 
@@ -112,6 +142,9 @@ for _name in HANDLED_EVENTS:  # do-nothing handlers, one per event: on_start_epo
 def merge_settings(cls: type, given: dict[str, Any]) -> dict[str, Any]:
     defaults = dict(cls.settings)
     for key, value in given.items():
+        if key not in defaults and getattr(cls, "open_settings", False):
+            defaults[key] = value
+            continue
         if key not in defaults:
             known = ", ".join(sorted(defaults)) or "none"
             raise SettingsError(f"plugin {cls.name or _snake(cls.__name__)} has no setting {key!r} (known: {known})")
