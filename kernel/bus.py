@@ -19,6 +19,7 @@ from typing import Any, Callable
 import zmq
 
 from trainbus.proto import (
+    JOURNAL_NAME,
     DURABLE,
     PROTOCOL_VERSION,
     ProtocolError,
@@ -30,7 +31,7 @@ from trainbus.proto import (
     unpack,
 )
 
-from .journal import JOURNAL_NAME, Journal
+from .journal import Journal
 from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
 
 log = logging.getLogger("trainbus.kernel")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,18 @@ def find_checkpoint(where: str, runs_dir: str) -> Path:
         manifest, wanted = directory / MANIFEST, None
     entries = _read_manifest(manifest)
     if wanted is not None:
-        entries = [e for e in entries if e.get("file") == wanted]
+        # A named file is verified by its bytes: it must match some manifest entry's size and sha256.
+        # (Fix: last.pt is re-linked before its own manifest line is appended, so a crash between the
+        # two left it holding the newest checkpoint under an older line, and `--resume .../last.pt`
+        # refused a file identical to a verified checkpoint.)
+        file = manifest.parent / wanted
+        size = file.stat().st_size
+        if any(e.get("size") == size for e in entries):  # hash only a file that could match
+            digest = _sha256(file)
+            if any(e.get("size") == size and e.get("sha256") == digest for e in entries):
+                return file
+        raise CheckpointError(f"--resume {where}: {file.name} matches no entry of {manifest} "
+                              f"(a checkpoint must match a manifest entry's size and sha256)")
     for entry in sorted(entries, key=lambda e: (e.get("step", 0), e.get("time", 0)), reverse=True):
         file = manifest.parent / entry["file"]
         if file.is_file() and file.stat().st_size == entry.get("size") and _sha256(file) == entry.get("sha256"):
@@ -77,10 +89,28 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for a pickle payload, anything for a damaged file
-        raise CheckpointError(f"refusing checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        reason = _unpickler_reason(exc)
+        if reason is not None:
+            # Fix: torch's first line ("...you have two options, <ANSI bold>...") named neither the cause
+            # nor the object refused; say both, in one line.
+            raise CheckpointError(f"refusing checkpoint {path}: it holds pickled Python objects, not only "
+                                  f"tensors and plain data ({reason}); trainbus loads checkpoints with "
+                                  f"weights_only=True and runs no code from them") from None
+        raise CheckpointError(f"refusing checkpoint {path}: {_first_line(exc)}") from None
     if not isinstance(state, dict) or "trainbus" not in state:
         raise CheckpointError(f"{path} is not a trainbus checkpoint (no 'trainbus' resume state)")
     return state
+
+
+def _first_line(exc: Exception) -> str:
+    """The first line of an exception's message, without terminal escape codes (torch bolds some words)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _unpickler_reason(exc: Exception) -> str | None:
+    """torch's "Unsupported global: GLOBAL mod.Cls was not an allowed global by default" clause, if that is the cause."""
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\.?$)", str(exc), re.MULTILINE)
+    return found.group(1).strip() if found else None
 
 
 def _read_manifest(manifest: Path) -> list[dict[str, Any]]:

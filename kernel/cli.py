@@ -10,9 +10,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from trainbus.proto import PROTOCOL_VERSION
+from trainbus.proto import JOURNAL_NAME, PROTOCOL_VERSION
 
 from .config import ConfigError, load_config, registered_plugins, resolve_plugin
 from .checkpointing import CheckpointError
@@ -25,6 +26,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None, help="trainbus: PyTorch training whose plugins run in their own processes.")
 plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Plugins: what is installed.")
 app.add_typer(plugins_app, name="plugins")
+runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Runs: what a runs directory holds.")
+app.add_typer(runs_app, name="runs")
 out = Console(highlight=False, soft_wrap=True)  # paths and ids stay on one line, copyable
 
 
@@ -99,8 +102,28 @@ def plugins_list() -> None:
             table.add_row(name, "?", f"[red]cannot load: {info['error']}[/red]", "")
             continue
         settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in info["settings"].items()) or "-"
-        table.add_row(name, info["delivery"], info["description"], settings)
+        table.add_row(name, info["delivery"], escape(info["description"]), escape(settings))
     out.print(table)
+
+
+@runs_app.command("plot")
+def runs_plot(
+    run: str = typer.Argument(..., help="Run id (a folder of --runs-dir) or a run directory."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the PNGs go (default RUN_DIR/plots)."),
+) -> None:
+    """Draw a run's plots (loss, metrics, resources) from its journal alone."""
+    run_dir = Path(run) if Path(run).is_dir() else runs_dir / run
+    if not (run_dir / JOURNAL_NAME).is_file():
+        raise UserError(f"no run {run!r}: {run_dir / JOURNAL_NAME} does not exist (is --runs-dir right?)")
+    # The visualization plugin's code draws them, in its own process: the kernel imports no plugin.
+    cmd = [sys.executable, "-m", "trainbus.plugins.visualization", "--plot", str(run_dir)]
+    proc = subprocess.run(cmd + (["--out", str(out_dir)] if out_dir else []), capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise UserError(lines[-1].removeprefix("error: ") if lines else f"plotting failed (exit {proc.returncode})")
+    out.print(proc.stdout.rstrip(), markup=False)
 
 
 def _describe(items: list[str]) -> list[dict]:

@@ -6,14 +6,14 @@ import os
 import time
 from array import array
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import msgpack
 
-from trainbus.proto import MAX_MESSAGE_BYTES, ProtocolError, event_from_map
-from trainbus.proto.codec import _UNPACK_LIMITS
+from trainbus.proto import Event
+from trainbus.proto.codec import UNPACK_LIMITS
+from trainbus.proto.journal_format import iter_records, read_journal
 
-JOURNAL_NAME = "events"
 
 # fsync policy: every append reaches the OS page cache at once (so a kernel crash, even SIGKILL,
 # loses nothing), and the file is fsynced at most once per FSYNC_INTERVAL_S and when closed, so a
@@ -31,7 +31,7 @@ class Journal:
         self._first_seq = 1
         size = 0
         if self.path.exists():
-            for offset, end, record in read_records(self.path):
+            for offset, end, record in iter_records(self.path):
                 if not self._offsets:
                     self._first_seq = record["seq"]
                 self._offsets.append(offset)
@@ -74,7 +74,7 @@ class Journal:
         with open(self.path, "rb") as f:
             f.seek(self._offsets[index])
             blob = f.read(end_of(stop - 1) - self._offsets[index])
-        unpacker = msgpack.Unpacker(**_UNPACK_LIMITS)
+        unpacker = msgpack.Unpacker(**UNPACK_LIMITS)
         unpacker.feed(blob)
         return list(unpacker)
 
@@ -85,23 +85,6 @@ class Journal:
             self._file.close()
 
 
-def read_records(path: Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """(offset, end offset, event map) for every whole, valid record; a torn or garbled tail ends the read."""
-    with open(path, "rb") as f:
-        # Streaming from the file: a journal of any size is read in chunks, never whole.
-        unpacker = msgpack.Unpacker(f, max_buffer_size=2 * MAX_MESSAGE_BYTES, **_UNPACK_LIMITS)
-        while True:
-            offset = unpacker.tell()
-            try:
-                record = next(unpacker)
-                event_from_map(record)
-            except StopIteration:
-                return  # end of file, or a torn last record (the unpacker waits for bytes that never come)
-            except (ProtocolError, ValueError, msgpack.UnpackException):
-                return  # garbage after a crash: everything before it stands
-            yield offset, unpacker.tell(), record
-
-
-def read_events(path: Path) -> list:
-    """Every event of a journal, decoded; what `trainbus runs` and the tests read."""
-    return [event_from_map(record) for _, _, record in read_records(Path(path) / JOURNAL_NAME if Path(path).is_dir() else path)]
+def read_events(path: Path) -> list[Event]:
+    """Every event of a journal (file or run directory), decoded; what `trainbus runs` and the tests read."""
+    return list(read_journal(path))

@@ -111,6 +111,14 @@ class CheckpointPlugin(Plugin):
         done = _already_saved(entries, event, directory)
         if done is not None:  # replayed after a crash between the manifest line and the ack
             self.checkpoint_saved(event, str(directory / done["file"]), done["sha256"], done["size"])
+            # Fix: the crash may also have cut short what follows the manifest line (last.pt re-linked
+            # but its line not yet written, or old files not yet deleted). Finish both; they are
+            # idempotent. Before, last.pt stayed behind its manifest line until the next save.
+            if s["save_last"]:
+                current = current_entries(entries, directory)
+                if current and current[-1]["file"] == done["file"] and not self._last_is(done, entries):
+                    self._link_last(done)
+            self._retain(directory, read_manifest(manifest))
             return
         metrics = data.get("metrics") or {}
         entry = {"file": self._file_name(event, metrics), "step": event.step, "epoch": event.epoch,
@@ -165,6 +173,15 @@ class CheckpointPlugin(Plugin):
             append_manifest(self.directory / MANIFEST, {**entry, "file": LAST, "alias_of": entry["file"]})
         except OSError as exc:
             self.log(f"could not update {self.directory / LAST}: {_describe(exc)}", level="warning")
+
+    def _last_is(self, entry: dict[str, Any], entries: list[dict[str, Any]]) -> bool:
+        """last.pt names entry's file and its latest manifest line says so."""
+        lines = [e for e in entries if e["file"] == LAST]
+        try:
+            linked = os.path.samefile(self.directory / LAST, self.directory / entry["file"])
+        except OSError:
+            return False
+        return linked and bool(lines) and lines[-1].get("seq") == entry.get("seq") and lines[-1].get("run") == entry.get("run")
 
     def _retain(self, directory: Path, entries: list[dict[str, Any]]) -> None:
         current = current_entries(entries, directory)

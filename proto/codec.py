@@ -23,7 +23,7 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack ext type {code} is not allowed")
 
 
-_UNPACK_LIMITS = dict(
+UNPACK_LIMITS = dict(
     raw=False,
     strict_map_key=True,  # map keys must be str or bytes: no tuple/int keys smuggled in
     max_str_len=MAX_STR_BYTES,
@@ -63,7 +63,7 @@ def unpack(raw: bytes) -> Any:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        return msgpack.unpackb(raw, **_UNPACK_LIMITS)
+        return msgpack.unpackb(raw, **UNPACK_LIMITS)
     except Exception as exc:  # msgpack raises several unrelated types; all mean "garbled"
         raise ProtocolError(f"undecodable message: {exc.__class__.__name__}: {exc}") from exc
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PROTOCOL_VERSION = 1
+JOURNAL_NAME = "events"  # the run journal's file name inside a run directory (PROTOCOL.md, the journal)
 
 # Delivery classes a plugin declares in its hello.
 BEST_EFFORT = "best_effort"  # live PUB/SUB only; gaps are counted, not repaired

@@ -16,7 +16,9 @@ import msgpack
 import pytest
 
 from trainbus.kernel.config import PluginConfig, RunConfig
-from trainbus.kernel.journal import JOURNAL_NAME, Journal, read_events, read_records
+from trainbus.kernel.journal import Journal, read_events
+from trainbus.proto import JOURNAL_NAME
+from trainbus.proto.journal_format import iter_records as read_records
 from trainbus.kernel.session import run_training
 from trainbus.proto import PROTOCOL_VERSION, pack
 

@@ -23,7 +23,8 @@ import torch
 
 from trainbus.kernel.bus import Bus
 from trainbus.kernel.config import PluginConfig, RunConfig
-from trainbus.kernel.journal import JOURNAL_NAME, read_events
+from trainbus.kernel.journal import read_events
+from trainbus.proto import JOURNAL_NAME
 from trainbus.kernel.session import FINAL_WEIGHTS, run_training
 from trainbus.kernel.supervisor import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S, MAX_RESTARTS
 

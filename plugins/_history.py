@@ -1,0 +1,142 @@
+"""A run's record for plots and reports, built from its events: live from the bus or afterwards from its journal.
+
+The same `History.update` reads both, so the plots drawn during a run and the ones `trainbus runs
+plot` draws from the journal later come out the same. Events after the run's final one (a monitor's
+last reading, plugin exits) are not part of the record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+from trainbus.proto import JOURNAL_NAME, Event, events as ev
+from trainbus.proto.journal_format import read_journal
+
+
+FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    step: int
+    training_loss: float | None
+    validation_loss: float | None
+    training_metrics: dict[str, float]
+    validation_metrics: dict[str, float]
+    lr: float | None
+
+
+@dataclass
+class History:
+    """What happened in a run, in the order it happened; `every_n_steps` thins the per-step loss curve."""
+
+    every_n_steps: int = 1
+    run_id: str = ""
+    started_ts: float | None = None  # wall time of start_training_session (or the first event seen)
+    ended_ts: float | None = None
+    epochs_total: int | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    epochs: list[EpochRecord] = field(default_factory=list)
+    step_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    readings: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # tag -> [(wall time, value)]
+    end: dict[str, Any] | None = None  # end_training_session's data
+    failure: dict[str, Any] | None = None  # run_failed's data
+    last_seq: int = 0
+    last_step: int = 0
+    last_epoch: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.end is not None or self.failure is not None
+
+    def update(self, event: Event) -> None:
+        """Take one event into the record; a seq already seen, or anything after the final event, is ignored."""
+        if event.seq <= self.last_seq or self.finished:
+            return
+        self.last_seq, self.last_step, self.last_epoch = event.seq, event.step, event.epoch
+        self.run_id = self.run_id or event.run
+        if self.started_ts is None:
+            self.started_ts = event.ts
+        data = event.data
+        if event.type == ev.START_TRAINING_SESSION:
+            self.started_ts = event.ts
+            self.epochs_total = _int(data.get("epochs"))
+            self.hyperparameters = dict(data.get("hyperparameters") or {})
+        elif event.type == ev.END_TRAINING_BATCH:
+            loss = _number(data.get("loss"))
+            if loss is not None and self.every_n_steps and event.step % self.every_n_steps == 0:
+                self.step_losses.append((event.step, loss))
+        elif event.type == ev.END_EPOCH:
+            self.epochs.append(EpochRecord(
+                epoch=event.epoch, step=event.step,
+                training_loss=_number(data.get("training_loss")), validation_loss=_number(data.get("validation_loss")),
+                training_metrics=_numbers(data.get("training_metrics")),
+                validation_metrics=_numbers(data.get("validation_metrics")), lr=_number(data.get("lr"))))
+        elif event.type == ev.METRIC:
+            value = _number(data.get("value"))
+            if value is not None:
+                tag = metric_tag(str(data.get("plugin") or "plugin"), str(data.get("name") or "value"))
+                self.readings.setdefault(tag, []).append((event.ts, value))
+        elif event.type == ev.END_TRAINING_SESSION:
+            self.end, self.ended_ts = dict(data), event.ts
+        elif event.type == ev.RUN_FAILED:
+            self.failure, self.ended_ts = dict(data), event.ts
+
+    # derived facts
+
+    def best_validation(self) -> EpochRecord | None:
+        scored = [e for e in self.epochs if e.validation_loss is not None]
+        return min(scored, key=lambda e: e.validation_loss) if scored else None
+
+    def duration_s(self) -> float | None:
+        if self.started_ts is None or self.ended_ts is None:
+            return None
+        return self.ended_ts - self.started_ts
+
+    # from a journal
+
+    @classmethod
+    def from_journal(cls, run_dir: str | Path, every_n_steps: int = 1, before_seq: int | None = None) -> "History":
+        history = cls(every_n_steps=every_n_steps)
+        history.backfill(run_dir, before_seq)
+        return history
+
+    def backfill(self, run_dir: str | Path, before_seq: int | None = None) -> int:
+        """Read the events this record lacks from the run's journal (a restarted plugin's past); return how many."""
+        path = Path(run_dir) / JOURNAL_NAME
+        if not path.is_file():
+            return 0
+        taken = 0
+        for event in read_journal(path):
+            if before_seq is not None and event.seq >= before_seq:
+                break
+            if event.seq > self.last_seq and not self.finished:
+                self.update(event)
+                taken += 1
+        return taken
+
+
+def metric_tag(plugin: str, name: str) -> str:
+    """A metric's name for TensorBoard and plots: monitors name theirs `cpu/...`; others get their plugin's prefix."""
+    return name if "/" in name else f"{plugin}/{name}"
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _numbers(values: Any) -> dict[str, float]:
+    if not isinstance(values, dict):
+        return {}
+    return {str(k): v for k, v in ((k, _number(v)) for k, v in values.items()) if v is not None}
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

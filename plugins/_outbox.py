@@ -1,0 +1,245 @@
+"""A durable mail outbox: messages are .eml files on disk, sent over SMTP with backoff by whoever holds its lock.
+
+A message is written (fsynced, renamed into place) before the event that caused it is acknowledged,
+so a crash of the e-mail plugin never loses it: the next incarnation, or the background sender the
+plugin leaves behind when the run ends with mail still unsent, finds it here. Sent messages move to
+sent/, and ones that could not go out within the retry window (or were refused for good) to failed/.
+One flock on the folder makes sure two senders never send the same message.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import fcntl
+import json
+import os
+import smtplib
+import socket
+import ssl
+import stat
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+SECURITY_MODES = ("starttls", "ssl", "none")
+DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
+SETTINGS_FILE = "smtp.json"  # what a background sender needs; never a password
+LOCK_FILE = ".lock"
+PERMANENT_SMTP_CODE = 500  # a 5xx reply (bad address, refused auth) will not get better by retrying
+
+Say = Callable[[str, str], None]  # (text, level)
+
+
+class SmtpConfigError(ValueError):
+    """An SMTP setting that cannot work: the message names the setting and the fix."""
+
+
+@dataclass
+class SmtpConfig:
+    host: str
+    port: int
+    security: str
+    username: str
+    password_env: str
+    password_file: str
+    timeout_s: float
+    min_interval_s: float  # rate limit: at least this long between two messages
+    retry_initial_s: float
+    retry_max_s: float
+    retry_window_s: float  # a message not sent this long after it was written is given up
+
+    def check(self) -> None:
+        if self.security not in SECURITY_MODES:
+            raise SmtpConfigError(f"email security must be one of {', '.join(SECURITY_MODES)}, got {self.security!r}")
+        if not self.host:
+            raise SmtpConfigError("email host must name the SMTP server")
+        if self.username and self.password() is None:
+            raise SmtpConfigError(f"email username {self.username!r} is set but no password is: export "
+                                  f"{self.password_env or 'a variable named by password_env'} or set password_file")
+        if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
+            raise SmtpConfigError("email retry_initial_s must be > 0 and retry_max_s >= retry_initial_s")
+
+    def resolved_port(self) -> int:
+        return self.port or DEFAULT_PORTS[self.security]
+
+    def password(self) -> str | None:
+        """From password_file (which must be 0600 or stricter) or the variable password_env; never from config."""
+        if self.password_file:
+            path = Path(self.password_file).expanduser()
+            try:
+                mode = path.stat().st_mode
+            except OSError as exc:
+                raise SmtpConfigError(f"email password_file {path} cannot be read: {exc}") from None
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise SmtpConfigError(f"email password_file {path} is readable by others (mode {mode & 0o777:o}); "
+                                      f"chmod 600 it")
+            return path.read_text().strip()
+        if self.password_env and self.password_env in os.environ:
+            return os.environ[self.password_env]
+        return None
+
+
+def send_message(raw: bytes, config: SmtpConfig) -> None:
+    """One SMTP session for one message; raises OSError or smtplib.SMTPException when it does not go out."""
+    message = email.message_from_bytes(raw, policy=email.policy.SMTP)
+    local = socket.gethostname()  # not getfqdn(): that may wait on DNS for seconds
+    if config.security == "ssl":
+        client = smtplib.SMTP_SSL(config.host, config.resolved_port(), local_hostname=local,
+                                  timeout=config.timeout_s, context=ssl.create_default_context())
+    else:
+        client = smtplib.SMTP(config.host, config.resolved_port(), local_hostname=local, timeout=config.timeout_s)
+    with client:
+        if config.security == "starttls":
+            client.starttls(context=ssl.create_default_context())
+        if config.username:
+            client.login(config.username, config.password() or "")
+        client.send_message(message)
+
+
+@dataclass
+class _Attempts:
+    count: int = 0
+    next_at: float = 0.0  # monotonic
+    backoff_s: float = 0.0
+
+
+@dataclass
+class Outbox:
+    """The folder: <name>.eml waiting, sent/<name>.eml done, failed/<name>.eml given up."""
+
+    path: Path
+    _attempts: dict[str, _Attempts] = field(default_factory=dict)
+    _last_sent_at: float = float("-inf")
+    _lock_fd: int | None = None
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        for folder in (self.path, self.path / "sent", self.path / "failed"):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # writing
+
+    def put(self, name: str, raw: bytes) -> bool:
+        """Store a message durably under `name`; False if one of that name was stored before (a replayed event)."""
+        if self.known(name):
+            return False
+        temporary = self.path / f".{name}.tmp"
+        with open(temporary, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.path / name)
+        _fsync_dir(self.path)
+        return True
+
+    def known(self, name: str) -> bool:
+        return any((folder / name).exists() for folder in (self.path, self.path / "sent", self.path / "failed"))
+
+    def pending(self) -> list[Path]:
+        return sorted(self.path.glob("*.eml"))
+
+    def count(self) -> int:
+        return sum(len(list(folder.glob("*.eml"))) for folder in (self.path, self.path / "sent", self.path / "failed"))
+
+    def save_config(self, config: SmtpConfig) -> None:
+        temporary = self.path / f".{SETTINGS_FILE}.tmp"
+        temporary.write_text(json.dumps(asdict(config)))
+        os.replace(temporary, self.path / SETTINGS_FILE)
+
+    def load_config(self) -> SmtpConfig:
+        return SmtpConfig(**json.loads((self.path / SETTINGS_FILE).read_text()))
+
+    # the lock: one sender at a time
+
+    def try_lock(self) -> bool:
+        if self._lock_fd is not None:
+            return True
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    # sending
+
+    def deliver_due(self, config: SmtpConfig, say: Say) -> float | None:
+        """Send every message whose time has come (the lock must be held); return seconds until the next is due.
+
+        None means nothing is pending. Never raises for the network: a failure schedules a retry with a
+        doubling backoff, a 5xx refusal or an expired retry window moves the message to failed/.
+        """
+        waits = []
+        for path in self.pending():
+            now = time.monotonic()
+            attempts = self._attempts.setdefault(path.name, _Attempts(backoff_s=config.retry_initial_s))
+            if now < attempts.next_at:
+                waits.append(attempts.next_at - now)
+                continue
+            if time.time() - path.stat().st_mtime > config.retry_window_s:
+                self._give_up(path, f"not sent within retry_window_s {config.retry_window_s:g} "
+                                    f"({attempts.count} attempts)", say)
+                continue
+            spacing = self._last_sent_at + config.min_interval_s - now
+            if spacing > 0:  # rate limit
+                waits.append(spacing)
+                break
+            try:
+                send_message(path.read_bytes(), config)
+            except (OSError, smtplib.SMTPException) as exc:
+                attempts.count += 1
+                code = _smtp_code(exc)
+                if code >= PERMANENT_SMTP_CODE:
+                    self._give_up(path, f"refused by the server: {code} {exc}", say)
+                    continue
+                attempts.next_at = now + attempts.backoff_s
+                attempts.backoff_s = min(attempts.backoff_s * 2, config.retry_max_s)
+                if attempts.count == 1:
+                    say(f"e-mail {path.name} not sent ({type(exc).__name__}: {exc}); retrying with backoff "
+                        f"for up to {config.retry_window_s:g} s", "warning")
+                waits.append(attempts.next_at - now)
+                continue
+            self._last_sent_at = time.monotonic()
+            os.replace(path, self.path / "sent" / path.name)
+            self._attempts.pop(path.name, None)
+        if not self.pending():
+            return None
+        return max(0.0, min(waits)) if waits else 0.0
+
+    def _give_up(self, path: Path, why: str, say: Say) -> None:
+        os.replace(path, self.path / "failed" / path.name)
+        self._attempts.pop(path.name, None)
+        say(f"e-mail {path.name} given up: {why}; it is kept in {self.path / 'failed'}", "error")
+
+
+def deliver_until_empty(outbox: Outbox, config: SmtpConfig, say: Say, poll_s: float = 1.0) -> None:
+    """The background sender's loop (the lock must be held): send, wait for the next due time, until none is left."""
+    while True:
+        wait = outbox.deliver_due(config, say)
+        if wait is None:
+            return
+        time.sleep(min(max(wait, 0.01), poll_s))
+
+
+def _smtp_code(exc: Exception) -> int:
+    """The server's reply code for a refusal (every recipient refused counts as its lowest code); 0 for network errors."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
+        return min(code for code, _ in exc.recipients.values())
+    return getattr(exc, "smtp_code", 0) or 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

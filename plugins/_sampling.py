@@ -1,0 +1,113 @@
+"""A clock of a monitor's own: a daemon thread samples at an interval and publishes readings as metrics.
+
+A plugin's handler thread runs only when an event arrives, so a monitor that must read the machine
+every few seconds cannot live there. `SamplingPlugin` starts a thread in setup and stops it in
+teardown; each tick calls `sample()` and sends every finite reading as a metric reply, which the
+SDK hands straight to its I/O thread (Plugin.bind_sender), so readings flow during long stretches
+with no events, such as a validation loop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from typing import Any
+
+import psutil
+
+from trainbus.sdk import Plugin, SettingsError
+
+MIN_INTERVAL_S = 0.05  # below this a monitor measures mostly itself
+# A sample that raises is reported once per kind of error, then counted: a monitor never spams.
+KERNEL_PID_ENV = "TRAINBUS_KERNEL_PID"
+
+
+class SamplingPlugin(Plugin):
+    """Base class of the resource monitors: override `prepare` and `sample`; `interval_s` is the clock."""
+
+    settings: dict[str, Any] = {"interval_s": 5.0}
+
+    # methods to override.
+
+    def prepare(self) -> str | None:
+        """Open what sampling needs (on the handler thread); return why the monitor must stay idle, or None."""
+        return None
+
+    def prime(self) -> None:
+        """Take the readings that only start a measurement, on the sampler thread, one interval before the first."""
+
+    def sample(self) -> dict[str, float]:
+        """One reading per metric name; called on the sampler thread every interval_s."""
+        return {}
+
+    # the clock
+
+    def setup(self) -> None:
+        interval_s = self.settings["interval_s"]
+        if not interval_s >= MIN_INTERVAL_S:
+            raise SettingsError(f"{self.name} interval_s must be at least {MIN_INTERVAL_S} s, got {interval_s}")
+        self._stopping = threading.Event()
+        self._errors_seen: set[str] = set()
+        self.samples_taken = 0
+        self._thread: threading.Thread | None = None
+        why_idle = self.prepare()
+        if why_idle:
+            self.say_once(f"{self.name} monitor idle: {why_idle}")
+            return
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-sampler", daemon=True)
+        self._thread.start()
+
+    def teardown(self) -> None:
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            self._stopping.set()
+            thread.join(timeout=max(2.0, self.settings["interval_s"]))
+
+    def say_once(self, line: str, level: str = "warning") -> None:
+        """One line in the plugin's own log and one in the kernel's: for things said once per run."""
+        print(line, file=sys.stderr, flush=True)
+        self.log(line, level=level)
+
+    def _run(self) -> None:
+        try:
+            self.prime()
+        except Exception as exc:
+            self._report(exc)
+        while not self._stopping.wait(self.settings["interval_s"]):
+            self.tick()
+
+    def tick(self) -> dict[str, float]:
+        """Take one sample and publish it; errors are reported once per kind and never escape."""
+        try:
+            readings = self.sample()
+        except Exception as exc:  # a monitor that raises must not stop sampling, nor the run
+            self._report(exc)
+            return {}
+        self.samples_taken += 1
+        for name, value in readings.items():
+            if value is not None and math.isfinite(value):
+                self.metric(name, float(value))
+        return readings
+
+    def _report(self, exc: Exception) -> None:
+        kind = type(exc).__name__
+        if kind not in self._errors_seen:
+            self._errors_seen.add(kind)
+            self.say_once(f"{self.name} sample failed ({kind}: {exc}); sampling goes on, repeats not reported")
+
+
+def training_process(pid: int) -> psutil.Process | None:
+    """The process to watch: `pid` when given, else the kernel's (TRAINBUS_KERNEL_PID); None when neither.
+
+    On another machine than the kernel there is no training process to see, only the machine itself.
+    """
+    if not pid:
+        pid = int(os.environ.get(KERNEL_PID_ENV) or 0)
+    if not pid:
+        return None
+    try:
+        return psutil.Process(pid)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None

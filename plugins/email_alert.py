@@ -1,0 +1,313 @@
+"""E-mail when training ends (with the loss plot), when the run fails, and when a plugin is given up.
+
+Handlers never touch the network: each writes its message into a durable outbox on disk
+(<run_dir>/plugins/<name>.outbox) and returns, so the event is acknowledged only once the mail is
+safe. A sender thread delivers from there, rate-limited and retried with backoff. If mail is still
+unsent when the run ends (the server is down), the plugin leaves a background sender behind,
+`python -m trainbus.plugins.email_alert --deliver OUTBOX`, which keeps trying within the retry window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+
+from trainbus.proto import DURABLE, Event, events as ev
+from trainbus.sdk import Plugin, SettingsError
+
+from ._history import History
+from ._outbox import Outbox, SmtpConfig, SmtpConfigError, deliver_until_empty
+from ._plots import PlotSize, loss_figure, png_bytes
+
+TEARDOWN_FLUSH_S = 2.0  # at the end, unsent mail gets this long in the plugin before a background sender takes it
+LOCK_RETRY_S = 1.0  # another sender (a previous incarnation's background one) holds the outbox: look again
+IDLE_POLL_S = 5.0
+DELIVERER_LOCK_WAIT_S = 30.0  # a background sender waits this long for the plugin process to let go
+TRACEBACK_TAIL_LINES = 30
+PLUGIN_LOG_TAIL_LINES = 20
+SUBJECT_MAX_CHARS = 150
+PLOT_STEP_EVERY = 10
+SENDER_PID_FILE = "sender.pid"
+FINAL_KINDS = ("end", "failure")  # always sent, whatever max_messages says
+
+
+class EmailAlertPlugin(Plugin):
+    """E-mail on end of training (with the loss plot), run failure and a plugin given up; durable, retried, never blocking.
+
+    SMTP settings: host, port (0: 587 for starttls, 465 for ssl, 25 for none), security, username. The
+    password comes from the environment variable named by password_env, or from password_file (mode
+    0600), never from the config. At most max_messages per run (the end or failure mail always goes),
+    at least min_interval_s apart; a message the server cannot take is retried with backoff from
+    retry_initial_s up to retry_max_s for retry_window_s.
+    """
+
+    name = "email"
+    delivery = DURABLE  # a mail is written before its event is acked: a crash loses none
+    settings = {
+        "host": "localhost", "port": 0, "security": "starttls", "username": "",
+        "password_env": "TRAINBUS_SMTP_PASSWORD", "password_file": "",
+        "sender": "", "recipients": [], "subject_prefix": "[trainbus]",
+        "on_end": True, "on_failure": True, "on_plugin_failed": True, "attach_loss_plot": True,
+        "max_messages": 10, "min_interval_s": 5.0,
+        "retry_initial_s": 2.0, "retry_max_s": 300.0, "retry_window_s": 6 * 3600.0, "timeout_s": 10.0,
+    }
+
+    def __init__(self, settings: dict[str, Any] | None = None, run_id: str = "", run_dir: str = "."):
+        if settings and "password" in settings:
+            raise SettingsError("email: a password never goes in the config; set password_env (the name of an "
+                                "environment variable) or password_file (a file only you can read, mode 0600)")
+        super().__init__(settings, run_id=run_id, run_dir=run_dir)
+
+    def setup(self) -> None:
+        s = self.settings
+        recipients = s["recipients"]
+        if not recipients or not all(isinstance(r, str) and "@" in r for r in recipients):
+            raise SettingsError(f"email recipients must be a list of addresses, got {recipients!r}")
+        self.smtp = smtp_config(s)
+        try:
+            self.smtp.check()
+        except SmtpConfigError as exc:
+            raise SettingsError(str(exc)) from None
+        self.mail = Outbox(Path(self.run_dir) / "plugins" / f"{self.name}.outbox")
+        self.mail.save_config(self.smtp)
+        self.history = History(every_n_steps=PLOT_STEP_EVERY)
+        self.started = False
+        self.said_limit = False
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._deliver, name="email-sender", daemon=True)
+        self._thread.start()
+
+    def teardown(self) -> None:
+        if not hasattr(self, "_thread"):
+            return
+        deadline = time.monotonic() + TEARDOWN_FLUSH_S
+        self._wake.set()
+        while self.mail.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=1.0)
+        if not self._thread.is_alive():
+            self.mail.unlock()  # else it is mid-send; our exit releases the lock for the background sender
+        if self.mail.pending():
+            pid = start_background_sender(self.mail.path)
+            _say(f"email: {len(self.mail.pending())} message(s) not sent yet; background sender pid {pid} "
+                 f"keeps trying for up to {self.smtp.retry_window_s:g} s (log: {self.mail.path / 'sender.log'})")
+
+    # events
+
+    def on_event(self, event: Event) -> None:
+        if not self.started:
+            self.started = True
+            if event.seq > 1:  # a restart: the journal, where readable, has the epochs before our replay
+                self.history.backfill(self.run_dir, before_seq=event.seq)
+        self.history.update(event)
+        s = self.settings
+        if event.type == ev.END_TRAINING_SESSION and s["on_end"]:
+            self._queue(event, "end", end_message(self.history, event, self.run_dir, s["attach_loss_plot"]))
+        elif event.type == ev.RUN_FAILED and s["on_failure"]:
+            self._queue(event, "failure", failure_message(self.history, event, self.run_dir))
+        elif event.type == ev.PLUGIN_FAILED and s["on_plugin_failed"]:
+            self._queue(event, "plugin-failed", plugin_failed_message(event))
+
+    def _queue(self, event: Event, kind: str, message: EmailMessage) -> None:
+        name = f"{event.seq:010d}-{kind}.eml"
+        if self.mail.known(name):
+            return  # written before a restart; the replay brought its event again
+        if kind not in FINAL_KINDS and self.mail.count() >= self.settings["max_messages"]:
+            if not self.said_limit:
+                self.said_limit = True
+                self.log(f"email: max_messages {self.settings['max_messages']} reached; "
+                         f"only the end-of-run mail goes out from now on", level="warning")
+            return
+        s = self.settings
+        subject = message["Subject"]
+        del message["Subject"]  # assigning a header adds one; the builder's goes, the prefixed one comes
+        message["Subject"] = _one_line(f"{s['subject_prefix']} {subject}".strip())[:SUBJECT_MAX_CHARS]
+        message["From"] = s["sender"] or f"trainbus@{socket.gethostname()}"
+        message["To"] = ", ".join(s["recipients"])
+        message["Date"] = formatdate(event.ts, localtime=True)
+        message["Message-ID"] = make_msgid(idstring=f"{event.run}.{event.seq}", domain=socket.gethostname())
+        self.mail.put(name, message.as_bytes())
+        self._wake.set()
+
+    # the sender thread
+
+    def _deliver(self) -> None:
+        while not self._stopping.is_set():
+            if not self.mail.try_lock():
+                self._wake.wait(LOCK_RETRY_S)
+                continue
+            self._wake.clear()
+            wait = self.mail.deliver_due(self.smtp, self._report)
+            self._wake.wait(IDLE_POLL_S if wait is None else min(wait, IDLE_POLL_S))
+
+    def _report(self, text: str, level: str) -> None:
+        _say(text)
+        self.log(text, level=level)
+
+
+# messages
+
+
+def end_message(history: History, event: Event, run_dir: str, attach_plot: bool) -> EmailMessage:
+    data = event.data
+    status = "stopped early" if data.get("stopped_early") else "completed"
+    best = history.best_validation()
+    epochs = data.get("epochs_completed")
+    final_loss = data.get("validation_loss")
+    lines = [
+        f"Run: {event.run}",
+        f"Status: {status}",
+        f"Duration: {_duration(history.duration_s())}",
+        f"Epochs: {epochs}" + (f" of {history.epochs_total}" if history.epochs_total else ""),
+        f"Steps: {data.get('steps')}",
+        f"Best validation loss: {_fmt(best.validation_loss)} (epoch {best.epoch})" if best else
+        "Best validation loss: none",
+        f"Final validation loss: {_fmt(final_loss)}",
+        f"Final training loss: {_fmt(data.get('training_loss'))}",
+    ]
+    lines += [f"Final validation {name}: {_fmt(value)}" for name, value in (data.get("validation_metrics") or {}).items()]
+    if data.get("stopped_early"):
+        lines.append("Stopped by: " + "; ".join(str(r) for r in data.get("stop_reasons") or []))
+    lines.append(f"Run directory: {run_dir}")
+    message = EmailMessage()
+    message["Subject"] = f"run {event.run} {status}: validation loss {_fmt(final_loss)} after {epochs} epochs"
+    message.set_content("\n".join(lines) + "\n")
+    if attach_plot:
+        fig = loss_figure(history, PlotSize())
+        if fig is not None:
+            message.add_attachment(png_bytes(fig, PlotSize()), maintype="image", subtype="png", filename="loss.png")
+    return message
+
+
+def failure_message(history: History, event: Event, run_dir: str) -> EmailMessage:
+    data = event.data
+    error = str(data.get("error") or "unknown error")
+    tail = "\n".join(str(data.get("traceback") or "").splitlines()[-TRACEBACK_TAIL_LINES:])
+    lines = [
+        f"Run: {event.run}",
+        "Status: failed",
+        f"Error: {error}",
+        f"At: epoch {event.epoch}, step {event.step}",
+        f"Duration: {_duration(history.duration_s())}",
+        f"Run directory: {run_dir}",
+        "",
+        "Traceback (last lines):",
+        tail or "(none recorded)",
+    ]
+    message = EmailMessage()
+    message["Subject"] = f"run {event.run} FAILED: {error}"
+    message.set_content("\n".join(lines) + "\n")
+    return message
+
+
+def plugin_failed_message(event: Event) -> EmailMessage:
+    data = event.data
+    plugin = data.get("plugin") or "?"
+    lines = [
+        f"Run: {event.run}",
+        f"Plugin: {plugin}",
+        f"Reason: {data.get('reason')}",
+        f"Plugin log: {data.get('log')}",
+        f"At: epoch {event.epoch}, step {event.step}",
+        "Training goes on without this plugin.",
+    ]
+    tail = _tail(data.get("log"), PLUGIN_LOG_TAIL_LINES)
+    if tail:
+        lines += ["", "Plugin log (last lines):", tail]
+    message = EmailMessage()
+    message["Subject"] = f"run {event.run}: plugin {plugin} given up"
+    message.set_content("\n".join(lines) + "\n")
+    return message
+
+
+# the background sender
+
+
+def smtp_config(settings: dict[str, Any]) -> SmtpConfig:
+    keys = ("host", "port", "security", "username", "password_env", "password_file", "timeout_s",
+            "min_interval_s", "retry_initial_s", "retry_max_s", "retry_window_s")
+    return SmtpConfig(**{key: settings[key] for key in keys})
+
+
+def start_background_sender(outbox_dir: Path) -> int:
+    """A detached process (its own session, so the supervisor's cleanup of our group spares it) that empties the outbox."""
+    log = open(outbox_dir / "sender.log", "ab")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "trainbus.plugins.email_alert", "--deliver", str(outbox_dir)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        log.close()
+    (outbox_dir / SENDER_PID_FILE).write_text(f"{proc.pid}\n")  # written here, so it exists once teardown is over
+    return proc.pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainbus.plugins.email_alert",
+                                     description="Send what an e-mail plugin's outbox still holds, then exit.")
+    parser.add_argument("--deliver", metavar="OUTBOX", required=True, help="the outbox folder (<run_dir>/plugins/email.outbox)")
+    args = parser.parse_args(argv)
+    outbox = Outbox(Path(args.deliver))
+    try:
+        config = outbox.load_config()
+        deadline = time.monotonic() + DELIVERER_LOCK_WAIT_S
+        while not outbox.try_lock():
+            if time.monotonic() > deadline:
+                _say("email sender: another sender holds the outbox; leaving it to that one")
+                return 0
+            time.sleep(0.2)
+        deliver_until_empty(outbox, config, lambda text, level: _say(f"email sender: {text}"))
+        _say("email sender: outbox empty; exiting")
+        return 0
+    finally:
+        pid_file = outbox.path / SENDER_PID_FILE
+        if pid_file.exists() and pid_file.read_text().strip() == str(os.getpid()):
+            pid_file.unlink(missing_ok=True)
+
+
+# formatting
+
+
+def _say(text: str) -> None:
+    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {text}", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    return f"{seconds:.2f} s ({datetime.timedelta(seconds=round(seconds))})"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "none" if value is None else str(value)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _tail(path: Any, lines: int) -> str:
+    try:
+        with open(str(path), "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+    except (OSError, TypeError):
+        return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

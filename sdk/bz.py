@@ -1,0 +1,219 @@
+"""bz compatibility: a plugin written for the bz CLI runs out of process with one changed import.
+
+Change ``from bz.plugins import Plugin`` to ``from trainbus.sdk.bz import Plugin`` and run it with
+``[plugins.mine] target = "mymodule:MyPlugin"`` (bz's ``config = {...}`` table works too). Its hook
+methods (``end_epoch(self, context)``, any of the 14) are called in event order with a ``context``
+rebuilt from the events, the way bz filled it in process:
+
+- ``epoch`` counts from 0 inside the first epoch and goes up by one after each ``end_epoch``;
+- ``training_loss_total``/``training_batch_count`` (and the validation pair) are the running totals,
+  reset at the start of each loop; ``training_metrics``/``validation_metrics`` are the loop's means
+  (per loop, not per batch: the kernel does not publish per-batch metrics);
+- ``hyperparameters`` and ``extra`` (``run_id``, ``run_dir``, ``step``, checkpoint paths) as in bz;
+- setting ``context.should_stop_training = True`` sends a stop reply; set at ``end_epoch`` it stops
+  training at that epoch's end, since such a plugin votes there.
+
+``context.model`` and ``context.optimizer`` do not exist out of process: touching them raises
+``NotInThisProcess`` (an AttributeError, so ``hasattr(context, "model")`` is simply False), which
+says where the weights are instead. ``self.config`` is the plugin's config table; ``self.logger``
+records at INFO and above reach the kernel's log.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from typing import Any
+
+from trainbus.proto import DURABLE, Event, events as ev
+
+from .plugin import Plugin as _SdkPlugin
+
+__all__ = ["Context", "NotInThisProcess", "Plugin"]
+
+HOOKS: tuple[str, ...] = ev.LIFECYCLE_EVENTS  # bz's 14 hook names are the lifecycle event names
+OUT_OF_PROCESS_HINT = (
+    "context.{name} does not exist here: this bz plugin runs in its own process, and the model and optimizer "
+    "stay in the training process. To work with the weights, attach the `checkpoint` plugin and load its files "
+    "(<run_dir>/checkpoints/, and the run's final weights <run_dir>/final.pt) with "
+    "torch.load(path, weights_only=True) -- keys model_state_dict and optimizer_state_dict."
+)
+LOG_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
+
+
+class NotInThisProcess(AttributeError):
+    """Something that lives in the training process (context.model, context.optimizer) was touched from a plugin."""
+
+
+class Context:
+    """bz's training context, rebuilt from the events in the plugin's own process."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.training_loss_total = 0.0
+        self.training_batch_count = 0
+        self.validation_loss_total = 0.0
+        self.validation_batch_count = 0
+        self.training_metrics: dict[str, float] = {}
+        self.validation_metrics: dict[str, float] = {}
+        self.hyperparameters: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}
+        self.should_stop_training = False
+
+    @property
+    def model(self) -> Any:
+        raise NotInThisProcess(OUT_OF_PROCESS_HINT.format(name="model"))
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        raise NotInThisProcess(OUT_OF_PROCESS_HINT.format(name="model"))
+
+    @property
+    def optimizer(self) -> Any:
+        raise NotInThisProcess(OUT_OF_PROCESS_HINT.format(name="optimizer"))
+
+    @optimizer.setter
+    def optimizer(self, value: Any) -> None:
+        raise NotInThisProcess(OUT_OF_PROCESS_HINT.format(name="optimizer"))
+
+    def update(self, event: Event) -> None:
+        """Bring the context to where bz's would be when the hook for this event runs."""
+        data, kind = event.data, event.type
+        self.extra.update(run_id=event.run, step=event.step)
+        if kind == ev.START_TRAINING_SESSION:
+            self.hyperparameters = dict(data.get("hyperparameters") or {})
+            self.epoch = 0
+        elif kind == ev.END_TRAINING_SESSION:
+            self.epoch = int(data.get("epochs_completed") or self.epoch)
+        elif event.epoch:
+            self.epoch = event.epoch - 1  # bz counts epochs from 0 and moves on after end_epoch
+        if kind == ev.START_VALIDATION_LOOP:  # bz resets these before its hook, and training's after it
+            self.validation_loss_total, self.validation_batch_count = 0.0, 0
+            self.validation_metrics = {name: 0.0 for name in self.validation_metrics}
+        for group in ("training", "validation"):
+            if f"{group}_loss_total" in data and data[f"{group}_loss_total"] is not None:
+                setattr(self, f"{group}_loss_total", float(data[f"{group}_loss_total"]))
+            if isinstance(data.get(f"{group}_batch_count"), int):
+                setattr(self, f"{group}_batch_count", data[f"{group}_batch_count"])
+            if isinstance(data.get(f"{group}_metrics"), dict):
+                setattr(self, f"{group}_metrics", dict(data[f"{group}_metrics"]))
+        if kind == ev.END_EPOCH and isinstance(data.get("hyperparameters"), dict):
+            self.hyperparameters = dict(data["hyperparameters"])
+        for key in ("checkpoint_path", "path"):
+            if kind in (ev.SAVE_CHECKPOINT, ev.LOAD_CHECKPOINT) and isinstance(data.get(key), str):
+                self.extra["checkpoint_path"] = data[key]
+
+    def after(self, event: Event) -> None:
+        """What bz did to the context after the hook ran."""
+        if event.type == ev.START_TRAINING_LOOP:
+            self.training_loss_total, self.training_batch_count = 0.0, 0
+            self.training_metrics = {name: 0.0 for name in self.training_metrics}
+        elif event.type == ev.END_EPOCH:
+            self.epoch = event.epoch
+
+
+class _BzConstruction(type):
+    """Builds a bz plugin the way bz did, `cls(config=...)`, when the SDK's runner asks for `cls(settings, run_id=, run_dir=)`."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if set(kwargs) != {"run_id", "run_dir"} or len(args) > 1:
+            return super().__call__(*args, **kwargs)  # the author's own call: bz's signature
+        config = dict(args[0] if args else {})
+        accepts_config = "config" in inspect.signature(cls.__init__).parameters
+        plugin = super().__call__(config=config) if accepts_config else super().__call__()
+        if "_handlers" not in plugin.__dict__:  # an __init__ that never called super().__init__()
+            Plugin.__init__(plugin, config=config)
+        if not accepts_config:
+            plugin.config = config
+        plugin.settings = config
+        plugin.run_id, plugin.run_dir = kwargs["run_id"], kwargs["run_dir"]
+        plugin.context.extra["run_dir"] = kwargs["run_dir"]
+        _forward_logging(plugin)
+        return plugin
+
+
+class Plugin(_SdkPlugin, metaclass=_BzConstruction):
+    """A bz plugin: override any of the 14 hooks, each taking `context` (see this module's docstring)."""
+
+    delivery = DURABLE  # in bz every hook saw every batch, in order; so does a bz plugin here
+    open_settings = True  # bz config is free-form: self.config.get("patience", 3)
+    settings: dict[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if _overrides_hook(cls, ev.END_EPOCH) and "votes" not in cls.__dict__:
+            cls.votes = (ev.END_EPOCH,)  # bz ran hooks inline: a stop set at end_epoch lands at that epoch
+
+    def __init__(self, name: str | None = None, config: dict[str, Any] | None = None):
+        super().__init__({})
+        if name:
+            self.name = name
+        self.config = config if config is not None else {}
+        self.logger = logging.getLogger(f"bz.plugin.{self.name}")
+        self.context = Context()
+        self._stop_sent = False
+
+    # bz's hooks (do nothing; override the ones you need)
+
+    def run_stage(self, stage: str, context: Context) -> None:
+        method = getattr(self, stage, None)
+        if method is not None:
+            method(context)
+
+    # dispatch
+
+    @classmethod
+    def handled_events(cls) -> list[str]:
+        return list(HOOKS)  # the context needs every lifecycle event, whatever the hooks
+
+    def handle(self, event: Event) -> None:
+        if event.type not in HOOKS:
+            return
+        context = self.context
+        context.update(event)
+        try:
+            if _overrides_hook(type(self), event.type):
+                getattr(self, event.type)(context)
+        finally:  # a hook that raises still leaves the context where bz's would be, and its stop stands
+            context.after(event)
+            if context.should_stop_training and not self._stop_sent:
+                self._stop_sent = True
+                self.stop(f"{self.name} set context.should_stop_training at {event.type} (epoch {event.epoch})")
+
+
+for _hook in HOOKS:  # do-nothing hooks taking context, as bz's base class has them
+    def _noop(self, context: Context) -> None:
+        """Override to act at this point of training."""
+    _noop.__name__ = _hook
+    setattr(Plugin, _hook, _noop)
+
+
+def _overrides_hook(cls: type, hook: str) -> bool:
+    return getattr(cls, hook, None) is not getattr(Plugin, hook, None)
+
+
+class _ToKernel(logging.Handler):
+    """Log records of the plugin's process become log replies, so they land in the kernel's log and journal."""
+
+    def __init__(self, plugin: Plugin):
+        super().__init__(level=logging.INFO)
+        self.plugin = plugin
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = LOG_LEVELS.get(record.levelno, "error" if record.levelno > logging.WARNING else "info")
+            self.plugin.log(f"{record.name}: {self.format(record)}", level=level)
+        except Exception:
+            self.handleError(record)
+
+
+def _forward_logging(plugin: Plugin) -> None:
+    root = logging.getLogger()
+    if any(isinstance(h, _ToKernel) for h in root.handlers):
+        return
+    stderr = logging.StreamHandler(sys.stderr)  # the plugin's own log file keeps everything too
+    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(stderr)
+    root.addHandler(_ToKernel(plugin))
+    root.setLevel(logging.INFO)

@@ -1,0 +1,248 @@
+"""E-mail, end to end against a real SMTP server (aiosmtpd on 127.0.0.1): success, failure, a plugin given up, server down."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
+from trainbus.kernel.session import run_training
+from trainbus.plugins.email_alert import EmailAlertPlugin
+from trainbus.proto import Event
+from trainbus.sdk import Harness, SettingsError
+
+from conftest import TESTS_DIR
+
+TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
+FAILING = f"{TESTS_DIR / 'specs.py'}:failing"
+TIMED = f"{TESTS_DIR / 'timed_targets.py'}:digits_for_seconds"
+RECIPIENT = "ops@example.com"
+
+
+class Inbox:
+    """An aiosmtpd handler that keeps every message it is given, parsed."""
+
+    def __init__(self):
+        self.messages: list[email.message.EmailMessage] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        return "250 OK"
+
+    def wait_for(self, count: int, timeout_s: float = 10.0) -> list[email.message.EmailMessage]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.messages
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int) -> tuple[Controller, Inbox]:
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    return controller, inbox
+
+
+@pytest.fixture
+def smtp():
+    controller, inbox = start_server(free_port())
+    yield controller.port, inbox
+    controller.stop()
+
+
+def email_plugin(port: int, **overrides) -> PluginConfig:
+    settings = {"host": "127.0.0.1", "port": port, "security": "none", "recipients": [RECIPIENT],
+                "min_interval_s": 0.0, "retry_initial_s": 0.2, "retry_max_s": 0.5}
+    return resolve_plugin("email", {**settings, **overrides})
+
+
+def fields(message) -> dict[str, str]:
+    """`Name: value` lines of the plain-text body."""
+    body = message.get_body(preferencelist=("plain",)).get_content()
+    return dict(line.split(": ", 1) for line in body.splitlines() if ": " in line and not line.startswith(" "))
+
+
+def test_end_of_training_mail_has_the_summary_and_the_loss_plot(smtp, runs_dir):
+    port, inbox = smtp
+    result = run_training(RunConfig(target=TINY, epochs=3, runs_dir=str(runs_dir), plugins=[email_plugin(port)]))
+    assert result.status == "completed"
+    [message] = inbox.wait_for(1)
+    assert message["Subject"] == (f"[trainbus] run {result.run_id} completed: validation loss "
+                                  f"{result.outcome['validation_loss']:.6g} after 3 epochs")
+    assert message["To"] == RECIPIENT
+    body = fields(message)
+    assert body["Run"] == result.run_id and body["Status"] == "completed"
+    assert body["Epochs"] == "3 of 3"
+    assert float(body["Final validation loss"]) == pytest.approx(result.outcome["validation_loss"], rel=1e-5)
+    assert float(body["Best validation loss"].split()[0]) <= float(body["Final validation loss"])
+    assert "epoch" in body["Best validation loss"]
+    assert float(body["Duration"].split()[0]) >= 0
+    [attachment] = list(message.iter_attachments())
+    assert attachment.get_filename() == "loss.png" and attachment.get_content_type() == "image/png"
+    png = attachment.get_content()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (960, 600)
+    outbox = Path(result.run_dir) / "plugins" / "email.outbox"
+    assert not list(outbox.glob("*.eml")) and len(list((outbox / "sent").glob("*.eml"))) == 1
+
+
+def test_run_failure_mail_has_the_error_and_the_traceback_tail(smtp, runs_dir):
+    port, inbox = smtp
+    result = run_training(RunConfig(target=FAILING, epochs=3, runs_dir=str(runs_dir), plugins=[email_plugin(port)]))
+    assert result.status == "failed"
+    [message] = inbox.wait_for(1)
+    assert message["Subject"].startswith(f"[trainbus] run {result.run_id} FAILED: FloatingPointError: loss exploded")
+    body = message.get_body(preferencelist=("plain",)).get_content()
+    assert fields(message)["Error"] == "FloatingPointError: loss exploded"
+    assert "Traceback (last lines):" in body and "in loss_fn" in body and body.rstrip().endswith("loss exploded")
+
+
+CRASHER = "raise SystemExit(3)  # dies on import, every time: the supervisor gives it up\n"
+STOP_WHEN_GIVEN_UP = '''
+from trainbus.sdk import Plugin
+
+
+class StopWhenGivenUp(Plugin):
+    """Ends the run once the supervisor has given a plugin up, so the test need not wait for all epochs."""
+
+    def on_plugin_failed(self, event):
+        self.stop(f"plugin {event.data['plugin']} was given up")
+'''
+
+
+def test_a_plugin_given_up_is_mailed_and_training_goes_on(smtp, runs_dir, tmp_path, monkeypatch):
+    port, inbox = smtp
+    (tmp_path / "crasher.py").write_text(CRASHER)
+    (tmp_path / "stop_when_given_up.py").write_text(STOP_WHEN_GIVEN_UP)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{TESTS_DIR}")
+    plugins = [email_plugin(port), PluginConfig("crasher", "crasher:Anything"),
+               PluginConfig("stopper", "stop_when_given_up:StopWhenGivenUp")]
+    result = run_training(RunConfig(target=TIMED, epochs=100, runs_dir=str(runs_dir), plugins=plugins,
+                                    hyperparameters={"epoch_s": 0.3}))
+    assert result.status == "stopped" and result.plugins["crasher"]["state"] == "failed"
+    messages = inbox.wait_for(2)
+    given_up = [m for m in messages if "given up" in m["Subject"]]
+    assert [m["Subject"] for m in given_up] == [f"[trainbus] run {result.run_id}: plugin crasher given up"]
+    body = fields(given_up[0])
+    assert body["Plugin"] == "crasher" and "failures within" in body["Reason"]
+    assert body["Plugin log"].endswith("crasher.log")
+    ended = [m for m in messages if "stopped early" in m["Subject"]]
+    assert len(ended) == 1 and "was given up" in fields(ended[0])["Stopped by"]
+
+
+def test_mail_goes_out_once_the_server_is_back(runs_dir):
+    port = free_port()  # nothing listens here yet
+    result = run_training(RunConfig(target=TINY, epochs=2, runs_dir=str(runs_dir), plugins=[email_plugin(port)]))
+    assert result.status == "completed"  # an unreachable server costs the run nothing
+    outbox = Path(result.run_dir) / "plugins" / "email.outbox"
+    assert len(list(outbox.glob("*.eml"))) == 1
+    pid = int((outbox / "sender.pid").read_text())  # the background sender the plugin left behind
+    controller, inbox = start_server(port)
+    try:
+        [message] = inbox.wait_for(1, timeout_s=15)
+        assert message["Subject"].startswith(f"[trainbus] run {result.run_id} completed")
+        _wait_gone(pid, timeout_s=10)
+    finally:
+        controller.stop()
+    assert not list(outbox.glob("*.eml")) and len(list((outbox / "sent").glob("*.eml"))) == 1
+    assert "outbox empty" in (outbox / "sender.log").read_text()
+
+
+def _wait_gone(pid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"background sender {pid} still running")
+
+
+# without a kernel: settings, durability, idempotence
+
+
+def _end_event(seq: int = 40) -> Event:
+    return Event(seq=seq, run="r1", type="end_training_session", ts=time.time(), step=10, epoch=2,
+                 data={"epochs_completed": 2, "steps": 10, "stopped_early": False, "stop_reasons": [],
+                       "training_loss": 0.5, "validation_loss": 0.4, "validation_metrics": {"accuracy": 0.9}})
+
+
+def test_a_replayed_event_is_not_mailed_twice_and_a_restart_sends_what_is_pending(tmp_path):
+    port = free_port()
+    settings = {"host": "127.0.0.1", "port": port, "security": "none", "recipients": [RECIPIENT],
+                "min_interval_s": 0.0, "retry_initial_s": 0.1, "retry_max_s": 0.2}
+    first = EmailAlertPlugin(settings, run_id="r1", run_dir=str(tmp_path))
+    first.setup()
+    first.handle(_end_event())
+    first.handle(_end_event())  # the same seq again, as a replay after a crash brings it
+    outbox = tmp_path / "plugins" / "email.outbox"
+    assert len(list(outbox.glob("*.eml"))) == 1
+    first._stopping.set()  # "crash": the sender thread stops, the file stays
+    first._wake.set()
+    first._thread.join(2)
+    first.mail.unlock()
+    controller, inbox = start_server(port)
+    try:
+        second = EmailAlertPlugin(settings, run_id="r1", run_dir=str(tmp_path))
+        second.setup()
+        second.handle(_end_event())  # replayed once more: still one mail
+        [message] = inbox.wait_for(1)
+        second.teardown()
+    finally:
+        controller.stop()
+    assert "completed" in message["Subject"]
+    assert len(list((outbox / "sent").glob("*.eml"))) == 1 and not list(outbox.glob("*.eml"))
+
+
+def test_a_password_never_comes_from_the_config(tmp_path, monkeypatch):
+    with pytest.raises(SettingsError, match="password_env"):
+        EmailAlertPlugin({"password": "hunter2", "recipients": [RECIPIENT]})
+    secret = tmp_path / "smtp-password"
+    secret.write_text("hunter2\n")
+    secret.chmod(0o644)
+    loose = {"username": "me", "password_file": str(secret), "recipients": [RECIPIENT], "password_env": ""}
+    with pytest.raises(SettingsError, match="chmod 600"):
+        Harness(EmailAlertPlugin(loose), run_dir=str(tmp_path))
+    secret.chmod(0o600)
+    plugin = EmailAlertPlugin(loose, run_dir=str(tmp_path))
+    Harness(plugin, run_dir=str(tmp_path)).close()
+    assert plugin.smtp.password() == "hunter2"
+    monkeypatch.delenv("TRAINBUS_SMTP_PASSWORD", raising=False)
+    with pytest.raises(SettingsError, match="no password"):
+        Harness(EmailAlertPlugin({"username": "me", "recipients": [RECIPIENT]}), run_dir=str(tmp_path))
+    monkeypatch.setenv("TRAINBUS_SMTP_PASSWORD", "from-env")
+    plugin = EmailAlertPlugin({"username": "me", "recipients": [RECIPIENT]}, run_dir=str(tmp_path))
+    Harness(plugin, run_dir=str(tmp_path)).close()
+    assert plugin.smtp.password() == "from-env"
+    saved = (tmp_path / "plugins" / "email.outbox" / "smtp.json").read_text()
+    assert "from-env" not in saved and "hunter2" not in saved
+
+
+def test_plugin_failed_mails_are_capped_but_the_end_mail_always_goes(tmp_path):
+    plugin = EmailAlertPlugin({"host": "127.0.0.1", "port": free_port(), "security": "none",
+                               "recipients": [RECIPIENT], "max_messages": 2, "retry_initial_s": 60.0,
+                               "retry_max_s": 60.0}, run_id="r1", run_dir=str(tmp_path))
+    h = Harness(plugin, run_id="r1", run_dir=str(tmp_path))
+    for name in ("a", "b", "c", "d"):
+        h.feed("plugin_failed", plugin=name, reason="5 failures within 60 s", log="/nonexistent.log")
+    h.feed("end_training_session", epochs_completed=1, steps=3, stopped_early=False, stop_reasons=[],
+           training_loss=1.0, validation_loss=1.0, validation_metrics={})
+    plugin._stopping.set()
+    plugin._wake.set()
+    names = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "plugins" / "email.outbox").glob("*.eml"))
+    assert names == ["end.eml", "plugin-failed.eml", "plugin-failed.eml"]
+    assert len([r for r in h.replies_of("log") if "max_messages" in r["text"]]) == 1

@@ -1,0 +1,375 @@
+"""Resource monitors: each sampler without sockets, then a real run with all of them, then disk's reply over real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import psutil
+import pytest
+import zmq
+
+from trainbus.kernel.config import RunConfig, resolve_plugin
+from trainbus.kernel.journal import read_events
+from trainbus.kernel.session import run_training
+from trainbus.plugins import gpu_monitor
+from trainbus.plugins.cpu_monitor import CpuMonitorPlugin
+from trainbus.plugins.disk_monitor import DiskMonitorPlugin
+from trainbus.plugins.gpu_monitor import GpuMonitorPlugin
+from trainbus.plugins.memory_monitor import MemoryMonitorPlugin
+from trainbus.plugins.perf_monitor import PerfMonitorPlugin, percentile
+from trainbus.proto import Event, control, decode_control, encode_control, encode_event
+from trainbus.sdk import Harness
+
+from conftest import TESTS_DIR
+
+INTERVAL_S = 0.5
+TIMED = f"{TESTS_DIR / 'timed_targets.py'}:digits_for_seconds"  # epochs of a set length, whatever the machine
+MONITORS = ("cpu", "memory", "disk", "gpu", "perf")
+
+
+def metrics(replies: list[dict]) -> dict[str, float]:
+    return {r["name"]: r["value"] for r in replies if r["type"] == "metric"}
+
+
+def busy(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+# samplers, without sockets
+
+
+def test_cpu_sees_a_busy_process_and_every_core(tmp_path):
+    plugin = CpuMonitorPlugin({"interval_s": 60.0, "pid": os.getpid()}, run_dir=str(tmp_path))
+    h = Harness(plugin)
+    plugin.prime()  # what the sampler thread does first; the counters are per thread in psutil
+    wall_before, cpu_before = time.monotonic(), _cpu_s()
+    busy(0.4)
+    readings = plugin.tick()
+    used_percent = 100 * (_cpu_s() - cpu_before) / (time.monotonic() - wall_before)
+    h.close()
+    cores = psutil.cpu_count()
+    assert {f"cpu/core{i}_percent" for i in range(cores)} <= set(readings)
+    assert 0 <= readings["cpu/system_percent"] <= 100
+    assert all(0 <= readings[f"cpu/core{i}_percent"] <= 100 for i in range(cores))
+    # what this process really used (however loaded the machine is), not idle
+    assert readings["cpu/process_percent"] == pytest.approx(used_percent, abs=15)
+    assert readings["cpu/process_percent"] > 10
+    assert metrics(plugin.outbox) == readings  # each reading went out as a metric reply
+
+
+def _cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def test_sampler_thread_replies_without_waiting_for_a_handler(tmp_path):
+    """The runner binds a thread-safe send; readings from the sampler thread use it, not the handler outbox."""
+    plugin = MemoryMonitorPlugin({"interval_s": 0.05}, run_dir=str(tmp_path))
+    sent: list[dict] = []
+    plugin.bind_sender(sent.append)
+    plugin.setup()
+    deadline = time.monotonic() + 5
+    while not any(m["type"] == "metric" for m in sent) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    plugin.teardown()
+    assert plugin.outbox == []
+    names = {m["name"] for m in sent if m["type"] == "metric"}
+    assert {"memory/used_bytes", "memory/total_bytes", "memory/percent", "memory/swap_percent"} <= names
+
+
+def test_memory_readings_are_consistent_and_it_warns_once(tmp_path):
+    plugin = MemoryMonitorPlugin({"interval_s": 60.0, "warn_percent": 0.0, "pid": os.getpid()}, run_dir=str(tmp_path))
+    h = Harness(plugin)
+    first, second = plugin.tick(), plugin.tick()
+    h.close()
+    assert 0 < first["memory/used_bytes"] <= first["memory/total_bytes"]
+    assert 0 <= first["memory/percent"] <= 100
+    assert first["memory/process_rss_bytes"] > 10 * 1024 ** 2
+    assert second["memory/process_rss_bytes"] >= 0
+    warnings = [r for r in plugin.outbox if r["type"] == "log" and r["level"] == "warning"]
+    assert len(warnings) == 1 and "memory nearly exhausted" in warnings[0]["text"]
+
+
+def test_disk_replies_checkpoint_now_once_when_space_is_low(tmp_path):
+    plugin = DiskMonitorPlugin({"interval_s": 60.0, "min_free_gib": 1e9}, run_dir=str(tmp_path))
+    h = Harness(plugin)
+    plugin.prime()
+    readings = [plugin.tick() for _ in range(3)]
+    h.close()
+    usage = psutil.disk_usage(str(tmp_path))
+    assert readings[0]["disk/total_bytes"] == usage.total
+    assert 0 < readings[0]["disk/free_bytes"] <= usage.total
+    assert readings[-1]["disk/read_bytes_per_s"] >= 0
+    checkpoints = [r for r in plugin.outbox if r["type"] == "checkpoint_now"]
+    assert len(checkpoints) == 1 and "min_free_gib" in checkpoints[0]["reason"]
+    assert sum(r["type"] == "log" and r["level"] == "warning" for r in plugin.outbox) == 1
+
+
+def test_gpu_without_nvml_says_why_once_and_stays_idle(tmp_path, monkeypatch, capsys):
+    class Missing:
+        NVMLError = type("NVMLError", (Exception,), {})
+
+        def nvmlInit(self):
+            raise self.NVMLError("NVML Shared Library Not Found")
+
+    monkeypatch.setattr(gpu_monitor, "pynvml", Missing())
+    plugin = GpuMonitorPlugin({"interval_s": 0.05}, run_dir=str(tmp_path))
+    h = Harness(plugin)
+    time.sleep(0.2)
+    h.feed("end_training_session")
+    h.close()
+    assert plugin._thread is None  # no sampler: idle
+    logs = [r for r in h.replies if r["type"] == "log"]
+    assert len(logs) == 1 and "idle" in logs[0]["text"] and "NVML" in logs[0]["text"]
+    assert not h.replies_of("metric")
+    assert capsys.readouterr().err.count("gpu monitor idle") == 1
+
+
+def test_gpu_reads_every_device_and_leaves_out_what_is_not_supported(tmp_path, monkeypatch):
+    class FakeError(Exception):
+        pass
+
+    class NotSupported(FakeError):
+        pass
+
+    class FakeNvml:
+        NVMLError, NVMLError_NotSupported, NVML_TEMPERATURE_GPU = FakeError, NotSupported, 0
+        power_calls = 0
+
+        def nvmlInit(self): pass
+        def nvmlShutdown(self): pass
+        def nvmlDeviceGetCount(self): return 2
+        def nvmlDeviceGetHandleByIndex(self, i): return i
+        def nvmlDeviceGetUtilizationRates(self, h): return namedtuple("U", "gpu memory")(80 + h, 40)
+        def nvmlDeviceGetMemoryInfo(self, h): return namedtuple("M", "used total")(2 * 1024 ** 3, 16 * 1024 ** 3)
+        def nvmlDeviceGetTemperature(self, h, sensor): return 65
+
+        def nvmlDeviceGetPowerUsage(self, h):
+            if h == 1:
+                FakeNvml.power_calls += 1
+                raise NotSupported()
+            return 250_000  # milliwatts
+
+    monkeypatch.setattr(gpu_monitor, "pynvml", FakeNvml())
+    plugin = GpuMonitorPlugin({"interval_s": 60.0}, run_dir=str(tmp_path))
+    h = Harness(plugin)
+    first, second = plugin.tick(), plugin.tick()
+    h.close()
+    assert first == second
+    assert first["gpu/gpu0_util_percent"] == 80 and first["gpu/gpu1_util_percent"] == 81
+    assert first["gpu/gpu0_memory_used_bytes"] == 2 * 1024 ** 3
+    assert first["gpu/gpu1_temperature_c"] == 65
+    assert first["gpu/gpu0_power_w"] == 250.0 and "gpu/gpu1_power_w" not in first
+    assert FakeNvml.power_calls == 1  # not supported: asked once, then left out
+    assert not [r for r in plugin.outbox if r["type"] == "log"]
+
+
+def _batch(plugin: PerfMonitorPlugin, kind: str, index: int, ts: float, seq: list[int]) -> None:
+    seq[0] += 1
+    data = {"batch_index": index} if kind == "start_training_batch" else {"batch_index": index, "batch_size": 32}
+    plugin.handle(Event(seq=seq[0], run="r", type=kind, ts=ts, step=index, epoch=1, data=data))
+
+
+def test_perf_splits_each_step_into_data_wait_and_compute(tmp_path):
+    plugin = PerfMonitorPlugin({"interval_s": 60.0}, run_dir=str(tmp_path))
+    h = Harness(plugin)
+    seq, t = [0], 1000.0
+    plugin.handle(Event(seq=1, run="r", type="start_training_loop", ts=t, step=0, epoch=1))
+    for index in range(11):  # every step: 30 ms waiting for data, then 10 ms of compute
+        t += 0.030
+        _batch(plugin, "start_training_batch", index, t, seq)
+        t += 0.010
+        _batch(plugin, "end_training_batch", index, t, seq)
+    readings = plugin.tick()
+    h.close()
+    assert readings["perf/steps_per_s"] == pytest.approx(25.0)  # 40 ms a step
+    assert readings["perf/samples_per_s"] == pytest.approx(25.0 * 32)
+    assert readings["perf/step_time_p50_ms"] == pytest.approx(40.0)
+    assert readings["perf/step_time_p95_ms"] == pytest.approx(40.0)
+    assert readings["perf/data_wait_share"] == pytest.approx(0.75)
+    assert readings["perf/compute_share"] == pytest.approx(0.25)
+    assert plugin.tick() == {}  # no steps in this interval: nothing published
+    assert percentile([1.0, 2.0, 3.0, 4.0, 100.0], 50) == 3.0
+    assert percentile([float(i) for i in range(1, 101)], 95) == 95.0
+
+
+# a real run
+
+
+@pytest.fixture(scope="module")
+def monitored_run(tmp_path_factory):
+    """Digits for 3 epochs of 0.8 s with every monitor (0.5 s interval), the metrics log and TensorBoard attached."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    plugins = [resolve_plugin(name, {"interval_s": INTERVAL_S}) for name in MONITORS]
+    plugins += [resolve_plugin("metrics_log", {}), resolve_plugin("visualization", {"plots": False})]
+    wall_before, cpu_before = time.monotonic(), _cpu_s()
+    result = run_training(RunConfig(target=TIMED, epochs=3, runs_dir=str(runs_dir), plugins=plugins,
+                                    hyperparameters={"epoch_s": 0.8}))
+    result.kernel_cpu_percent = 100 * (_cpu_s() - cpu_before) / (time.monotonic() - wall_before)
+    records = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return result, records, read_events(result.run_dir)
+
+
+def test_monitor_readings_reach_the_metrics_log_within_two_intervals(monitored_run):
+    result, records, events = monitored_run
+    assert result.status == "completed", result
+    assert all(p["state"] == "exited" and not p["restarts"] for p in result.plugins.values()), result.plugins
+    started = next(e.ts for e in events if e.type == "start_training_session")
+    readings: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        if r["kind"] == "metric":
+            readings.setdefault(r["name"], []).append((r["time"], r["value"]))
+    for name in ("cpu/process_percent", "memory/used_bytes", "disk/free_bytes", "perf/steps_per_s"):
+        assert name in readings, f"no {name} in the metrics log; got {sorted(readings)}"
+        first_time = readings[name][0][0]
+        assert first_time <= started + 2 * INTERVAL_S + 0.5, f"{name} first logged {first_time - started:.2f} s in"
+
+    values = {name: [v for _, v in points] for name, points in readings.items()}
+    # Training keeps the kernel busy: its readings are far above an idle process's ~0 %, and in line with
+    # what this (the kernel's) process used over the whole run, however loaded the test machine is.
+    assert max(values["cpu/process_percent"]) > max(20.0, 0.5 * result.kernel_cpu_percent)
+    assert all(0 <= v <= 100 for v in values["cpu/system_percent"] + values["memory/percent"])
+    assert all(0 < v for v in values["memory/process_rss_bytes"])
+    total = values["memory/total_bytes"][0]
+    assert all(0 < v <= total for v in values["memory/used_bytes"])
+    assert all(v > 0 for v in values["disk/free_bytes"] + values["perf/steps_per_s"] + values["perf/samples_per_s"])
+    assert all(0 <= v <= 1 for v in values["perf/data_wait_share"] + values["perf/compute_share"])
+    p50s, p95s = values["perf/step_time_p50_ms"], values["perf/step_time_p95_ms"]
+    assert all(0 < a <= b for a, b in zip(p50s, p95s))
+
+
+def test_monitor_readings_reach_tensorboard(monitored_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result, _, _ = monitored_run
+    accumulator = EventAccumulator(str(Path(result.run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"cpu/process_percent", "memory/percent", "disk/free_bytes", "perf/steps_per_s"} <= tags
+    assert all(0 <= s.value <= 100 for s in accumulator.Scalars("memory/percent"))
+
+
+def test_without_a_gpu_the_gpu_monitor_says_why_in_one_line_and_the_run_finishes(monitored_run):
+    result, records, events = monitored_run
+    assert result.plugins["gpu"]["state"] == "exited"
+    gpu_logs = [e for e in events if e.type == "log" and e.data.get("plugin") == "gpu"]
+    if gpu_monitor.pynvml is not None and _has_gpu():
+        pytest.skip("this machine has a GPU")
+    assert len(gpu_logs) == 1 and "idle" in gpu_logs[0].data["text"]
+    assert len(gpu_logs[0].data["text"].splitlines()) == 1
+    assert not [r for r in records if r["kind"] == "metric" and r["plugin"] == "gpu"]
+    plugin_log = (Path(result.run_dir) / "plugins" / "gpu.log").read_text()
+    assert plugin_log.count("gpu monitor idle") == 1
+
+
+def _has_gpu() -> bool:
+    try:
+        gpu_monitor.pynvml.nvmlInit()
+        return gpu_monitor.pynvml.nvmlDeviceGetCount() > 0
+    except Exception:
+        return False
+
+
+# disk's reply over real sockets, against a minimal stand-in kernel on TCP (as from another machine)
+
+
+def test_disk_low_space_reply_reaches_the_kernel_socket(tmp_path):
+    ctx = zmq.Context()
+    pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
+    for socket in (pub, router):
+        socket.setsockopt(zmq.LINGER, 0)
+    pub.bind("tcp://127.0.0.1:*")
+    router.bind("tcp://127.0.0.1:*")
+    env = dict(os.environ, TRAINBUS_EVENTS=pub.getsockopt_string(zmq.LAST_ENDPOINT),
+               TRAINBUS_CONTROL=router.getsockopt_string(zmq.LAST_ENDPOINT), TRAINBUS_RUN_ID="remote",
+               TRAINBUS_RUN_DIR=str(tmp_path), TRAINBUS_PLUGIN_NAME="disk",
+               TRAINBUS_PLUGIN_SETTINGS=_settings_hex({"interval_s": 0.1, "min_free_gib": 1e9}))
+    env.pop("TRAINBUS_KERNEL_PID", None)
+    proc = subprocess.Popen([sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.disk_monitor:DiskMonitorPlugin"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    received: list[dict] = []
+    seq = 0
+
+    def publish(kind: str, **data) -> None:
+        nonlocal seq
+        seq += 1
+        pub.send_multipart([kind.encode(), encode_event(Event(seq, "remote", kind, time.time(), 0, 0, data))])
+
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _samples(received) < 3:
+            publish("heartbeat", interval_s=1.0)
+            while router.poll(100):
+                identity, raw = router.recv_multipart()
+                message = decode_control(raw)
+                received.append(message)
+                if message["type"] == "hello":
+                    router.send_multipart([identity, encode_control(
+                        control("welcome", run="remote", heartbeat_interval_s=1.0, resume_from=1))])
+        publish("end_training_session")
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        pub.close()
+        router.close()
+        ctx.term()
+    checkpoints = [m for m in received if m["type"] == "checkpoint_now"]
+    assert len(checkpoints) == 1, received  # once, though every sample after it is still below the threshold
+    assert "min_free_gib" in checkpoints[0]["reason"]
+    assert any(m["type"] == "log" and m["level"] == "warning" for m in received)
+    assert _samples(received) >= 3
+
+
+def _samples(received: list[dict]) -> int:
+    return sum(m["type"] == "metric" and m["name"] == "disk/free_bytes" for m in received)
+
+
+def _settings_hex(settings: dict) -> str:
+    from trainbus.proto import pack
+
+    return pack(settings).hex()
+
+
+def test_disk_low_space_in_a_real_run_triggers_a_checkpoint(tmp_path):
+    """Threshold above the free space: disk warns once and asks; the kernel snapshots; the plugin writes it."""
+    disk = resolve_plugin("disk", {"interval_s": 0.2, "min_free_gib": 1e9})
+    checkpoint = resolve_plugin("checkpoint", {})
+    result = run_training(RunConfig(target=TIMED, epochs=2, runs_dir=str(tmp_path), plugins=[disk, checkpoint],
+                                    hyperparameters={"epoch_s": 0.5}, checkpoint_every_n_epochs=0))
+    assert result.status == "completed"
+    events = read_events(result.run_dir)
+    warnings = [e for e in events if e.type == "log" and e.data.get("plugin") == "disk"]
+    assert len(warnings) == 1 and "asked for a checkpoint" in warnings[0].data["text"]
+    saves = [e for e in events if e.type == "save_checkpoint"]
+    assert [e.data["reason"] for e in saves] == ["checkpoint_now"], "one reply, one checkpoint, none scheduled"
+    saved = [e for e in events if e.type == "checkpoint_saved"]
+    assert len(saved) == 1 and saved[0].data["seq"] == saves[0].seq and Path(saved[0].data["path"]).is_file()
+
+
+
+
+def test_plugins_list_shows_every_builtin_with_one_line_and_its_settings():
+    from trainbus.kernel.config import registered_plugins
+    from trainbus.sdk.loader import describe
+
+    env = dict(os.environ, COLUMNS="400")  # one table row per plugin, nothing wrapped
+    proc = subprocess.run([str(Path(sys.executable).parent / "trainbus"), "plugins", "list"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("│")[1].strip(): line for line in proc.stdout.splitlines() if line.count("│") >= 4}
+    for name in (*MONITORS, "visualization", "email"):
+        info = describe(registered_plugins()[name])
+        assert info["description"] and "\n" not in info["description"]
+        assert info["description"] in rows[name], rows.get(name)
+        assert "interval_s=5.0" in rows[name] or name in ("visualization", "email")
+    assert 'min_free_gib=1.0' in rows["disk"] and "recipients=[]" in rows["email"]
+    assert "plot_every_n_epochs=1" in rows["visualization"]

@@ -1,0 +1,151 @@
+"""Visualization: TensorBoard files read back with TensorBoard's own EventAccumulator, PNGs, and plots from a journal."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from trainbus.kernel.config import RunConfig, resolve_plugin
+from trainbus.kernel.journal import read_events
+from trainbus.kernel.session import run_training
+from trainbus.plugins._history import History
+from trainbus.proto.journal_format import read_journal
+from trainbus.plugins.visualization import plot_run
+
+from conftest import TESTS_DIR
+
+WIDTH_PX, HEIGHT_PX = 800, 500
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIMED = f"{TESTS_DIR / 'timed_targets.py'}:digits_for_seconds"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk, which always comes first."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def visualized_run(tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("runs")
+    plugins = [resolve_plugin("visualization", {"plot_width_px": WIDTH_PX, "plot_height_px": HEIGHT_PX,
+                                                "every_n_steps": 5}),
+               resolve_plugin("cpu", {"interval_s": 0.3})]
+    result = run_training(RunConfig(target=TIMED, epochs=3, runs_dir=str(runs_dir), plugins=plugins,
+                                    hyperparameters={"epoch_s": 0.4}))
+    assert result.status == "completed", result
+    return result, read_events(result.run_dir)
+
+
+def test_tensorboard_files_hold_losses_metrics_lr_and_readings(visualized_run):
+    result, events = visualized_run
+    accumulator = EventAccumulator(str(Path(result.run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"loss/train_step", "loss/training", "loss/validation", "metrics/training_accuracy",
+            "metrics/validation_accuracy", "lr", "cpu/process_percent"} <= tags, tags
+
+    epochs = [e for e in events if e.type == "end_epoch"]
+    for tag, key in (("loss/training", "training_loss"), ("loss/validation", "validation_loss"), ("lr", "lr")):
+        scalars = accumulator.Scalars(tag)
+        assert [s.step for s in scalars] == [e.step for e in epochs]
+        assert [s.value for s in scalars] == pytest.approx([e.data[key] for e in epochs], rel=1e-6)
+    accuracy = accumulator.Scalars("metrics/validation_accuracy")
+    assert [s.value for s in accuracy] == pytest.approx([e.data["validation_metrics"]["accuracy"] for e in epochs],
+                                                        rel=1e-6)
+    steps = accumulator.Scalars("loss/train_step")
+    batches = {e.step: e.data["loss"] for e in events if e.type == "end_training_batch"}
+    assert steps and all(s.step % 5 == 0 for s in steps)
+    assert [s.value for s in steps] == pytest.approx([batches[s.step] for s in steps], rel=1e-6)
+    final = next(e.seq for e in events if e.type == "end_training_session")  # the plugin's last event
+    cpu = [e for e in events if e.type == "metric" and e.data["name"] == "cpu/process_percent" and e.seq < final]
+    assert [s.value for s in accumulator.Scalars("cpu/process_percent")] == pytest.approx([e.data["value"] for e in cpu])
+
+
+def test_pngs_exist_with_the_configured_size(visualized_run):
+    result, _ = visualized_run
+    plots = Path(result.run_dir) / "plots"
+    names = sorted(p.name for p in plots.glob("*.png"))
+    assert {"loss.png", "metrics.png", "resources-cpu.png"} <= set(names), names
+    for path in plots.glob("*.png"):
+        assert path.stat().st_size > 5_000  # drawn, not blank
+        assert png_size(path) == (WIDTH_PX, HEIGHT_PX)
+    assert not list(plots.glob("*.tmp"))
+
+
+def test_plots_from_the_journal_alone_match_the_live_ones(visualized_run, tmp_path):
+    result, _ = visualized_run
+    out = tmp_path / "replotted"
+    proc = subprocess.run([sys.executable, "-m", "trainbus.plugins.visualization", "--plot", result.run_dir,
+                           "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    live = {p.name: p.read_bytes() for p in (Path(result.run_dir) / "plots").glob("*.png")}
+    again = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert set(again) == set(live)
+    for name in live:
+        assert png_size(out / name) == (WIDTH_PX, HEIGHT_PX)
+        assert again[name] == live[name], f"{name} drawn from the journal differs from the live one"
+
+
+def test_plot_command_says_what_is_wrong_with_a_directory_that_is_not_a_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainbus.plugins.visualization", "--plot", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no journal" in proc.stderr
+
+
+def test_a_torn_journal_tail_is_left_out(visualized_run, tmp_path):
+    result, events = visualized_run
+    torn = tmp_path / "run"
+    torn.mkdir()
+    whole = (Path(result.run_dir) / "events").read_bytes()
+    (torn / "events").write_bytes(whole + whole[:37])  # a crash in the middle of the next record
+    assert [e.seq for e in read_journal(torn / "events")][: len(events)] == [e.seq for e in events]
+    assert {p.name for p in plot_run(torn)} >= {"loss.png", "metrics.png"}
+
+
+def test_history_stops_at_the_final_event_and_keeps_the_best_epoch(visualized_run):
+    result, events = visualized_run
+    history = History.from_journal(result.run_dir)
+    epochs = [e for e in events if e.type == "end_epoch"]
+    assert [e.epoch for e in history.epochs] == [1, 2, 3]
+    best = min(epochs, key=lambda e: e.data["validation_loss"])
+    assert history.best_validation().epoch == best.epoch
+    final = next(e for e in events if e.type == "end_training_session")
+    assert history.last_seq == final.seq  # readings published after the end are not part of the record
+    assert history.duration_s() > 0
+
+
+def test_a_restarted_plugin_backfills_from_the_journal_and_tensorboard_drops_the_overlap(visualized_run, tmp_path):
+    """As after a crash: a new instance is replayed from its last ack (here: the second epoch's start) onward."""
+    import shutil
+
+    from trainbus.plugins.visualization import VisualizationPlugin
+
+    result, events = visualized_run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(Path(result.run_dir) / "events", run_dir / "events")
+    shutil.copytree(Path(result.run_dir) / "tensorboard", run_dir / "tensorboard")  # what the first instance wrote
+    settings = {"plot_width_px": WIDTH_PX, "plot_height_px": HEIGHT_PX, "every_n_steps": 5}
+    plugin = VisualizationPlugin(settings, run_id=result.run_id, run_dir=str(run_dir))
+    plugin.setup()
+    resume = next(e.seq for e in events if e.type == "start_epoch" and e.epoch == 2)
+    for event in events:
+        if event.seq >= resume:
+            plugin.handle(event)
+            if event.type == "end_training_session":
+                break
+    plugin.teardown()
+    for name in ("loss.png", "metrics.png"):
+        assert (run_dir / "plots" / name).read_bytes() == (Path(result.run_dir) / "plots" / name).read_bytes()
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    assert [s.step for s in accumulator.Scalars("loss/training")] == [e.step for e in events if e.type == "end_epoch"]
+    steps = [s.step for s in accumulator.Scalars("loss/train_step")]
+    assert steps == sorted(set(steps))  # no step written twice
