@@ -30,8 +30,7 @@ import msgpack
 import psutil
 
 from trainbus.kernel.config import RunConfig
-from trainbus.kernel.journal import JOURNAL_NAME
-from trainbus.proto import Event, event_from_map
+from trainbus.proto import JOURNAL_NAME, Event, event_from_map
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.01) -> Any:
