@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .snapshot import SnapshotBuffers
+from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST, read_manifest, sha256_of
 
-CHECKPOINT_DIR = "checkpoints"
-MANIFEST = "manifest.jsonl"  # one JSON object per durable checkpoint, written last (after the file)
+from .snapshot import SnapshotBuffers
 
 
 class CheckpointError(Exception):
@@ -62,7 +59,9 @@ def find_checkpoint(where: str, runs_dir: str) -> Path:
     else:
         directory = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
         manifest, wanted = directory / MANIFEST, None
-    entries = _read_manifest(manifest)
+    if not manifest.is_file():
+        raise CheckpointError(f"--resume {where}: no checkpoint manifest at {manifest}")
+    entries = read_manifest(manifest)
     if wanted is not None:
         # A named file is verified by its bytes: it must match some manifest entry's size and sha256.
         # (Fix: last.pt is re-linked before its own manifest line is appended, so a crash between the
@@ -71,14 +70,14 @@ def find_checkpoint(where: str, runs_dir: str) -> Path:
         file = manifest.parent / wanted
         size = file.stat().st_size
         if any(e.get("size") == size for e in entries):  # hash only a file that could match
-            digest = _sha256(file)
+            digest = sha256_of(file)
             if any(e.get("size") == size and e.get("sha256") == digest for e in entries):
                 return file
         raise CheckpointError(f"--resume {where}: {file.name} matches no entry of {manifest} "
                               f"(a checkpoint must match a manifest entry's size and sha256)")
     for entry in sorted(entries, key=lambda e: (e.get("step", 0), e.get("time", 0)), reverse=True):
         file = manifest.parent / entry["file"]
-        if file.is_file() and file.stat().st_size == entry.get("size") and _sha256(file) == entry.get("sha256"):
+        if file.is_file() and file.stat().st_size == entry.get("size") and sha256_of(file) == entry.get("sha256"):
             return file
     raise CheckpointError(f"--resume {where}: no verified checkpoint in {manifest} "
                           f"(a file must exist and match its manifest entry's size and sha256)")
@@ -111,25 +110,3 @@ def _unpickler_reason(exc: Exception) -> str | None:
     """torch's "Unsupported global: GLOBAL mod.Cls was not an allowed global by default" clause, if that is the cause."""
     found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\.?$)", str(exc), re.MULTILINE)
     return found.group(1).strip() if found else None
-
-
-def _read_manifest(manifest: Path) -> list[dict[str, Any]]:
-    if not manifest.is_file():
-        raise CheckpointError(f"no checkpoint manifest at {manifest}")
-    entries = []
-    for line in manifest.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line after a crash
-        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
-            entries.append(entry)
-    return entries
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -9,20 +9,14 @@ never overwrites one still being written; when both are busy the snapshot is ski
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-# How tensors and non-msgpack containers appear in the state tree of a save_checkpoint event.
-TENSOR_KEY = "__tensor__"  # {"__tensor__": index into the event's "tensors" list}
-TUPLE_KEY = "__tuple__"  # {"__tuple__": [items]}
-ITEMS_KEY = "__items__"  # {"__items__": [[key, value], ...]}: a dict whose keys are not all str
-HEADER_BYTES = 64  # b"TRAINBUS" + snapshot id (int64), then padding; tensors start here
-MAGIC = b"TRAINBUS"
-ALIGN = 64  # every tensor starts on a 64-byte boundary, so any dtype can view it
+from trainbus.proto.checkpoint_format import ALIGN, HEADER_BYTES, ITEMS_KEY, TENSOR_KEY, TUPLE_KEY, pack_header
+
 SLOTS = 2
 SHM_DIR = Path("/dev/shm")
 
@@ -72,7 +66,7 @@ class SnapshotBuffers:
             view.copy_(t.detach())
         if any(t.is_cuda for t in tensors):
             torch.cuda.synchronize()  # the persister reads the buffer as soon as the event arrives
-        buffer[:HEADER_BYTES].copy_(torch.frombuffer(bytearray(_header(snapshot_id)), dtype=torch.uint8))
+        buffer[:HEADER_BYTES].copy_(torch.frombuffer(bytearray(pack_header(snapshot_id)), dtype=torch.uint8))
         return Snapshot(slot, snapshot_id, str(self.paths[slot]), layout, tree)
 
     def _map(self, slot: int, nbytes: int) -> torch.Tensor:
@@ -105,17 +99,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _header(snapshot_id: int) -> bytes:
-    return MAGIC + struct.pack("<q", snapshot_id) + bytes(HEADER_BYTES - len(MAGIC) - 8)
-
-
-def read_header(buffer: bytes) -> int | None:
-    """The snapshot id a buffer holds now (a persister checks it against the event's), or None."""
-    if len(buffer) < HEADER_BYTES or buffer[: len(MAGIC)] != MAGIC:
-        return None
-    return struct.unpack("<q", buffer[len(MAGIC): len(MAGIC) + 8])[0]
 
 
 def _flatten(obj: Any, tensors: list[torch.Tensor]) -> Any:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from trainbus.proto.checkpoint_format import read_manifest, sha256_of  # noqa: F401  (re-exported for the plugin)
 
 TEMP_PREFIX = ".tmp-"  # .tmp-<name>-<pid>: removed at setup when that process is gone
 
@@ -69,6 +69,7 @@ class _HashingWriter:
 
 def write_atomically(state: Any, path: Path, pacer: Pacer | None = None) -> tuple[str, int]:
     """torch.save to a temp file, fsync, rename over path, fsync the directory; (sha256, size)."""
+    import torch  # here, not at the top: the e-mail plugin shares this module and needs no torch
     temporary = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}")
     created = False
     try:
@@ -121,14 +122,6 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def remove_stale_temporaries(directory: Path) -> None:
     """Delete temp files left by a writer that died; leave those of a live process (a shared dirpath)."""
     for path in directory.glob(f"{TEMP_PREFIX}*"):
@@ -146,23 +139,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def read_manifest(path: Path) -> list[dict[str, Any]]:
-    """Every entry, oldest first; a torn last line (a crash mid-append) is skipped."""
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    entries = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
-            entries.append(entry)
-    return entries
 
 
 def append_manifest(path: Path, entry: dict[str, Any]) -> None:

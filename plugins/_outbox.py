@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ._durable_files import fsync_directory
+
 SECURITY_MODES = ("starttls", "ssl", "none")
 DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
 SETTINGS_FILE = "smtp.json"  # what a background sender needs; never a password
@@ -131,7 +133,7 @@ class Outbox:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, self.path / name)
-        _fsync_dir(self.path)
+        fsync_directory(self.path)
         return True
 
     def known(self, name: str) -> bool:
@@ -237,9 +239,3 @@ def _smtp_code(exc: Exception) -> int:
     return getattr(exc, "smtp_code", 0) or 0
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,9 +1,4 @@
-"""Rebuilds the training state from a kernel snapshot buffer (the format of kernel/snapshot.py).
-
-Restated here rather than imported: plugins never import the kernel. The buffer is a file (in
-/dev/shm) starting with a 64-byte header, b"TRAINBUS" + the snapshot id as a little-endian int64;
-each tensor starts on a 64-byte boundary at the offset the event's "tensors" list gives.
-"""
+"""Rebuilds the training state from a kernel snapshot buffer (format: trainbus.proto.checkpoint_format)."""
 
 from __future__ import annotations
 
@@ -12,13 +7,7 @@ from typing import Any
 
 import torch
 
-# How the state tree marks what msgpack cannot carry.
-TENSOR_KEY = "__tensor__"  # {"__tensor__": index into the event's "tensors"}
-TUPLE_KEY = "__tuple__"  # {"__tuple__": [items]}
-ITEMS_KEY = "__items__"  # {"__items__": [[key, value], ...]}: a dict whose keys are not all str
-HEADER_BYTES = 64  # b"TRAINBUS" + little-endian int64 snapshot id, then padding
-MAGIC = b"TRAINBUS"
-
+from trainbus.proto.checkpoint_format import HEADER_BYTES, ITEMS_KEY, MAGIC, TENSOR_KEY, TUPLE_KEY, parse_header
 
 class SnapshotError(Exception):
     """The buffer does not hold what the event describes: gone, overwritten, or not that layout."""
@@ -53,10 +42,7 @@ def read_snapshot(data: dict[str, Any], account=lambda nbytes: None) -> Any:
 
 
 def _header_id(buffer: torch.Tensor) -> int | None:
-    header = bytes(buffer[:HEADER_BYTES].numpy()) if buffer.numel() >= HEADER_BYTES else b""
-    if header[: len(MAGIC)] != MAGIC:
-        return None
-    return int.from_bytes(header[len(MAGIC): len(MAGIC) + 8], "little", signed=True)
+    return parse_header(bytes(buffer[:HEADER_BYTES].numpy()) if buffer.numel() >= HEADER_BYTES else b"")
 
 
 def _copy_tensor(buffer: torch.Tensor, index: int, spec: dict[str, Any], size: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from trainbus.proto import DURABLE, Event
+from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
 from trainbus.sdk import Plugin, SettingsError
 
 from ._durable_files import (
@@ -45,8 +46,6 @@ from ._durable_files import (
 from ._snapshot_reader import SnapshotError, read_snapshot
 
 # The checkpoint directory's layout, shared with kernel/checkpointing.py's find_checkpoint.
-CHECKPOINT_DIR = "checkpoints"  # under the run directory, unless `dirpath` says otherwise
-MANIFEST = "manifest.jsonl"
 LAST = "last.pt"  # a hard link to the newest checkpoint
 SUFFIX = ".pt"
 MODES = ("min", "max")
