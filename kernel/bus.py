@@ -36,9 +36,11 @@ from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
 
 log = logging.getLogger("trainbus.kernel")
 
-# Per-batch events wait at most this long in the bus before they go out as one burst; waking a
-# subscriber costs ~35 us on a busy 2-core box (DESIGN.md), so bursts, not single messages.
-FLUSH_INTERVAL_S = 0.02
+# Per-batch events wait at most this long in the bus before they go out as one burst; every other
+# event wakes the bus at once. Each wake-up costs training the GIL and every plugin a wake of its own
+# (~35 us a message on a busy 2-core box, DESIGN.md): 20 ms bursts cost the tiny MLP ~+7 % with no
+# plugin, 100 ms ~+5 %, and ~6 points less with the default plugins (docs/benchmarks.md).
+FLUSH_INTERVAL_S = 0.1
 EVENTS_HWM = 50_000  # per subscriber; a PUB queue past this drops (durable plugins then replay)
 CONTROL_MAX_MESSAGE_BYTES = 1024 * 1024  # what a plugin may send us
 REPLAY_BATCH_MAX_EVENTS = 512  # one replay_batch; the plugin asks for the next when done (pull = flow control)
@@ -106,6 +108,13 @@ class Bus:
         self.router.setsockopt(zmq.SNDHWM, 1000)
         self.router.setsockopt(zmq.RCVHWM, 10_000)
         self.router.setsockopt(zmq.LINGER, 0)
+        # The training thread's doorbell: a non-batch event is flushed at once, not at the next tick.
+        self._wake_rx = self.ctx.socket(zmq.PULL)
+        self._wake_rx.bind(f"inproc://trainbus-wake-{id(self)}")
+        self._wake_tx = self.ctx.socket(zmq.PUSH)  # used by the training thread only
+        self._wake_tx.setsockopt(zmq.LINGER, 0)
+        self._wake_tx.setsockopt(zmq.SNDHWM, 1)  # one pending ring is enough; more would be dropped
+        self._wake_tx.connect(f"inproc://trainbus-wake-{id(self)}")
         self.events_endpoint = _bind(self.pub, events_endpoint, self.run_dir / "events.sock")
         self.control_endpoint = _bind(self.router, control_endpoint, self.run_dir / "control.sock")
 
@@ -128,6 +137,11 @@ class Bus:
     def publish(self, type_: str, step: int, epoch: int, data: dict[str, Any]) -> None:
         """Queue an event; never blocks. Tensor values are read to floats later, in the bus thread."""
         self._queue.append((type_, time.time(), step, epoch, data))
+        if type_ not in ev.BATCH_EVENTS:
+            try:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.Again:  # a ring is already pending: the bus is waking anyway
+                pass
 
     def take_replies(self) -> list[Reply]:
         out = []
@@ -185,8 +199,8 @@ class Bus:
         self._closing.set()
         self._thread.join(timeout=10)
         self.journal.close()
-        self.pub.close()
-        self.router.close()
+        for socket in (self.pub, self.router, self._wake_tx, self._wake_rx):
+            socket.close()
         self.ctx.term()
         for endpoint in (self.events_endpoint, self.control_endpoint):
             if endpoint.startswith("ipc://"):  # libzmq leaves the socket file behind
@@ -201,10 +215,14 @@ class Bus:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
         next_heartbeat = 0.0
         while not self._closing.is_set():
             try:
-                if poller.poll(FLUSH_INTERVAL_S * 1000):
+                ready = dict(poller.poll(FLUSH_INTERVAL_S * 1000))
+                if self._wake_rx in ready:
+                    _drain(self._wake_rx)
+                if self.router in ready:
                     self._drain_control()
                 now = time.monotonic()
                 if now >= next_heartbeat:
@@ -393,6 +411,14 @@ class Bus:
         if child is not None:
             return child.proc is not None and child.proc.pid == peer.pid and child.state in ("starting", "running")
         return time.monotonic() - peer.last_seen < self.supervisor.liveness_s
+
+
+def _drain(socket: zmq.Socket) -> None:
+    while True:
+        try:
+            socket.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 def _bind(socket: zmq.Socket, endpoint: str | None, ipc_path: Path) -> str:

@@ -133,11 +133,13 @@ class _IO(threading.Thread):
                 return
 
     def _read_events(self) -> None:
+        """Everything the SUB socket holds, handed to the main thread with one wake-up per burst."""
+        burst = []
         while True:
             try:
                 frames = self.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             try:
                 if len(frames) != 2:
                     raise ProtocolError(f"expected 2 frames, got {len(frames)}")
@@ -147,10 +149,14 @@ class _IO(threading.Thread):
                 continue
             if event.type == ev.HEARTBEAT:
                 self.heartbeat_interval_s = float(event.data.get("interval_s", 1.0))
-            if len(self.inbox) >= INBOX_MAX_EVENTS and event.type not in FINAL_EVENTS:
+            if len(self.inbox) + len(burst) >= INBOX_MAX_EVENTS and event.type not in FINAL_EVENTS:
                 self.dropped += 1  # a durable plugin notices the gap and replays it
                 continue
-            self.put(("event", event))
+            burst.append(("event", event))
+        if burst:
+            with self.wake:
+                self.inbox.extend(burst)
+                self.wake.notify()
 
     def _read_control(self) -> None:
         while True:

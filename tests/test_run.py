@@ -55,12 +55,12 @@ def test_subscriber_sees_every_event_in_exact_order(runs_dir, tmp_path):
 def test_raw_pyzmq_plugin_stop_ends_training_at_a_step_boundary(runs_dir, tmp_path):
     out = tmp_path / "raw.txt"
     stop_at = 5
-    cfg = RunConfig(epochs=3, runs_dir=str(runs_dir), hyperparameters={"batch_size": 16}, plugins=[
+    cfg = RunConfig(epochs=3, runs_dir=str(runs_dir), hyperparameters={"batch_size": 4}, plugins=[
         PluginConfig("raw", "", command=[sys.executable, str(TESTS_DIR / "raw_plugin.py"), str(out), str(stop_at)])])
     result = run_training(cfg)
     assert result.status == "stopped", result
     assert any("raw plugin saw step" in r for r in result.outcome["stop_reasons"])
-    steps_per_epoch = -(-1438 // 16)  # the digits split: 1,438 training images
+    steps_per_epoch = -(-1438 // 4)  # the digits split: 1,438 training images
     assert stop_at <= result.outcome["steps"] < steps_per_epoch, "stop must land inside the first epoch"
     events = read_events(result.run_dir)
     types = [e.type for e in events if e.type in ev.LIFECYCLE_EVENTS or e.type == ev.STOP_REQUESTED]
