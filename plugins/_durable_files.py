@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,59 +14,30 @@ from trainbus.proto.checkpoint_format import read_manifest, sha256_of  # noqa: F
 TEMP_PREFIX = ".tmp-"  # .tmp-<name>-<pid>: removed at setup when that process is gone
 
 
-PACE_CHUNK_BYTES = 4 * 1024 * 1024  # a paced writer writes and hashes this much, then may sleep
-
-
-class Pacer:
-    """Caps a stream of memory traffic at bytes_per_s by sleeping between chunks (0 = no cap).
-
-    Why: on a box where the training step saturates the memory bus, a persister streaming a big
-    snapshot at full speed takes that bandwidth from training (scripts/bench/checkpoint_stall.py).
-    Paced, a persist takes longer; the kernel absorbs that by skipping snapshots, never by waiting.
-    """
-
-    def __init__(self, bytes_per_s: float):
-        self.bytes_per_s = bytes_per_s
-        self.started = time.monotonic()
-        self.done = 0
-
-    def account(self, nbytes: int) -> None:
-        self.done += nbytes
-        if self.bytes_per_s > 0:
-            ahead_s = self.done / self.bytes_per_s - (time.monotonic() - self.started)
-            if ahead_s > 0:
-                time.sleep(ahead_s)
-
-
 class _HashingWriter:
     """A file for torch.save that hashes the bytes on their way out: no second pass over the file."""
 
-    def __init__(self, file, pacer: Pacer | None = None):
+    def __init__(self, file):
         self.file = file
-        self.pacer = pacer or Pacer(0)
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), PACE_CHUNK_BYTES):
-            chunk = view[start: start + PACE_CHUNK_BYTES]
-            try:
-                self.file.write(chunk)
-            except OSError as exc:  # torch re-raises it as a RuntimeError; keep the errno
-                self.error = exc
-                raise
-            self.sha256.update(chunk)
-            self.size += len(chunk)
-            self.pacer.account(len(chunk))
-        return len(view)
+        try:
+            written = self.file.write(data)
+        except OSError as exc:  # torch re-raises it as a RuntimeError; keep the errno
+            self.error = exc
+            raise
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return written
 
     def flush(self) -> None:
         self.file.flush()
 
 
-def write_atomically(state: Any, path: Path, pacer: Pacer | None = None) -> tuple[str, int]:
+def write_atomically(state: Any, path: Path) -> tuple[str, int]:
     """torch.save to a temp file, fsync, rename over path, fsync the directory; (sha256, size)."""
     import torch  # here, not at the top: the e-mail plugin shares this module and needs no torch
     temporary = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}")
@@ -75,7 +45,7 @@ def write_atomically(state: Any, path: Path, pacer: Pacer | None = None) -> tupl
     try:
         with open(temporary, "wb") as f:
             created = True
-            writer = _HashingWriter(f, pacer)
+            writer = _HashingWriter(f)
             try:
                 torch.save(state, writer)
             except RuntimeError:

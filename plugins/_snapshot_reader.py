@@ -13,11 +13,8 @@ class SnapshotError(Exception):
     """The buffer does not hold what the event describes: gone, overwritten, or not that layout."""
 
 
-def read_snapshot(data: dict[str, Any], account=lambda nbytes: None) -> Any:
-    """The state tree of a save_checkpoint event with its tensors, copied out of the buffer.
-
-    `account(nbytes)` is called after each tensor's copy (a pacer may sleep there).
-    """
+def read_snapshot(data: dict[str, Any]) -> Any:
+    """The state tree of a save_checkpoint event with its tensors, copied out of the buffer."""
     path, wanted = data.get("buffer"), data.get("snapshot_id")
     try:
         size = os.stat(path).st_size
@@ -29,10 +26,7 @@ def read_snapshot(data: dict[str, Any], account=lambda nbytes: None) -> Any:
         raise SnapshotError(f"snapshot buffer {path} holds no snapshot (no {MAGIC.decode()} header)")
     if found != wanted:
         raise SnapshotError("snapshot overwritten before it could be persisted")
-    tensors = []
-    for i, spec in enumerate(data.get("tensors") or []):
-        tensors.append(_copy_tensor(buffer, i, spec, size))
-        account(tensors[-1].numel() * tensors[-1].element_size())
+    tensors = [_copy_tensor(buffer, i, spec, size) for i, spec in enumerate(data.get("tensors") or [])]
     if _header_id(buffer) != wanted:  # re-read: a buffer reused while we copied is not this snapshot
         raise SnapshotError("snapshot overwritten before it could be persisted")
     try:

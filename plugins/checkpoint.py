@@ -36,7 +36,6 @@ from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
 from trainbus.sdk import Plugin, SettingsError
 
 from ._durable_files import (
-    Pacer,
     append_manifest,
     read_manifest,
     remove_stale_temporaries,
@@ -71,15 +70,10 @@ class CheckpointPlugin(Plugin):
         "save_top_k": -1,
         "save_last": True,
         "max_total": 0,  # 0 = unlimited
-        # Cap on the persister's memory traffic (copy out of the buffer, then write + hash), MB/s; 0 = none.
-        # Keeps a big persist from starving a memory-bound training step (docs/benchmarks.md).
-        "persist_mb_per_s": 400.0,
     }
 
     def setup(self) -> None:
         s = self.settings
-        if s["persist_mb_per_s"] < 0:
-            raise SettingsError(f"persist_mb_per_s must be >= 0 (0 = no cap), got {s['persist_mb_per_s']}")
         if s["mode"] not in MODES:
             raise SettingsError(f"checkpoint mode must be 'min' (lower is better) or 'max', got {s['mode']!r}")
         if s["save_top_k"] < -1:
@@ -143,8 +137,7 @@ class CheckpointPlugin(Plugin):
             return
         path = directory / entry["file"]
         try:
-            pacer = Pacer(self.settings["persist_mb_per_s"] * 1e6)
-            sha256, size = write_atomically(read_snapshot(data, pacer.account), path, pacer)
+            sha256, size = write_atomically(read_snapshot(data), path)
         except OSError as exc:
             self._fail(event, f"{_describe(exc)} writing {path}")
             return
