@@ -219,7 +219,8 @@ class Bus:
         next_heartbeat = 0.0
         while not self._closing.is_set():
             try:
-                ready = dict(poller.poll(FLUSH_INTERVAL_S * 1000))
+                wait_s = min(FLUSH_INTERVAL_S, max(0.0, self.supervisor.next_deadline() - time.monotonic()))
+                ready = dict(poller.poll(wait_s * 1000))
                 if self._wake_rx in ready:
                     _drain(self._wake_rx)
                 if self.router in ready:
@@ -314,8 +315,11 @@ class Bus:
         name = peer.name if peer else "?"
         if peer:
             peer.last_seen = now
-            self.supervisor.seen(name, peer.pid)
         if kind == "heartbeat":
+            # Liveness counts heartbeats only (Paranoid Pirate): a SIGSTOPped plugin is declared hung
+            # HEARTBEAT_LIVENESS intervals after its last heartbeat, 2-3 s after the stop.
+            if peer:
+                self.supervisor.seen(name, peer.pid)
             return
         if kind == "ack":
             if peer:

@@ -26,6 +26,7 @@ INTERVAL_MAX_S = 8.0
 HEALTHY_RESET_S = 10.0
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
+PLUGIN_NICE = 10  # plugins run below training's priority: a busy plugin takes idle CPU, not training's
 
 Emit = Callable[[str, dict[str, Any]], None]
 
@@ -93,6 +94,18 @@ class Supervisor:
         for child in self.children.values():
             self._check(child, now)
 
+    def next_deadline(self) -> float:
+        """When tick() next has something to decide (a liveness window ending, a restart due); inf if never."""
+        deadlines = [float("inf")]
+        for c in self.children.values():
+            if c.state == "running":
+                deadlines.append(c.last_seen + self.liveness_s)
+            elif c.state == "backoff":
+                deadlines.append(c.next_start_at)
+            elif c.state == "terminating":
+                deadlines.append(c.kill_at)
+        return min(deadlines)
+
     def live_names(self) -> list[str]:
         return [c.spec.name for c in self.children.values() if c.state in ("starting", "running")]
 
@@ -143,6 +156,7 @@ class Supervisor:
         finally:
             if out:
                 out.close()
+        _lower_priority(child.proc.pid)
         child.state = "starting"
         child.started_at = child.last_seen = now
         child.leaving = False
@@ -213,6 +227,20 @@ class Supervisor:
         child.state = "backoff"
         child.next_start_at = now + child.backoff_s
         child.backoff_s = min(child.backoff_s * 2, INTERVAL_MAX_S)
+
+
+def _lower_priority(pid: int) -> None:
+    """Plugins yield the CPU to training: nice PLUGIN_NICE, for the process and its session's autogroup.
+
+    Each plugin runs in a session of its own, and with sched_autogroup (most Linux kernels) a session's
+    group gets an equal share against the kernel's whatever its nice; so lower the group too.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, PLUGIN_NICE)
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write(str(PLUGIN_NICE))
+    except OSError:  # not permitted, or no autogroups: plugins run at the kernel's priority
+        pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
