@@ -27,3 +27,12 @@ def runs_dir(tmp_path) -> Path:
 def trainbus_cmd() -> list[str]:
     """The installed console script, next to the interpreter running the tests."""
     return [str(Path(sys.executable).parent / "trainbus")]
+
+
+@pytest.fixture
+def kernels():
+    """Kernel subprocesses (tests/kernel_process.KernelProcess) a test started; killed at teardown if it failed halfway."""
+    started: list = []
+    yield started
+    for kernel in started:
+        kernel.kill()

@@ -82,15 +82,6 @@ def seeded_rng() -> tuple[random.Random, int]:
     return random.Random(seed), seed
 
 
-@pytest.fixture
-def kernels():
-    """Kernel subprocesses started by a test; killed at teardown if the test failed halfway."""
-    started: list[KernelProcess] = []
-    yield started
-    for kernel in started:
-        kernel.kill()
-
-
 # -- comparing states and checking files -----------------------------------------------------------
 
 

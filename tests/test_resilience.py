@@ -122,15 +122,6 @@ def fault_free(tmp_path_factory):
     return get
 
 
-@pytest.fixture
-def kernels():
-    """Kernel subprocesses started by a test; killed at teardown if the test failed halfway."""
-    started: list[KernelProcess] = []
-    yield started
-    for kernel in started:
-        kernel.kill()
-
-
 def restart_delays(events, name: str, deaths: list[float]) -> list[float]:
     """Seconds from each death to the plugin_restarted that followed it."""
     restarted = [e.ts for e in of(events, "plugin_restarted", name)]
