@@ -36,6 +36,8 @@ from trainbus.kernel.loop import Loop
 from trainbus.kernel.session import FINAL_WEIGHTS, run_training
 from trainbus.kernel.spec import build_spec
 from trainbus.kernel.supervisor import MAX_RESTARTS
+from trainbus.proto import checkpoint_format
+from trainbus.proto.checkpoint_format import sha256_of
 
 TRAINBUS = Path(sys.executable).with_name("trainbus")
 PACED = "fixture_targets:paced_digits"  # the digits demo with a sleep per step: same weights, known pace
@@ -113,22 +115,7 @@ def assert_same_final_state(run_dir, reference_dir) -> None:
 
 def read_manifest(directory: Path) -> list[dict]:
     """Every whole line of the manifest; a torn last line (a kill mid-append) is skipped, as resume does."""
-    path = directory / "manifest.jsonl"
-    entries = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return entries
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return checkpoint_format.read_manifest(directory / checkpoint_format.MANIFEST)
 
 
 def final_names(directory: Path) -> set[str]:
@@ -400,7 +387,7 @@ def test_a_full_disk_fails_that_checkpoint_keeps_the_earlier_ones_and_training_c
     entries = [e for e in read_manifest(directory) if "alias_of" not in e]
     assert [e["epoch"] for e in entries] == [1]
     path = directory / entries[0]["file"]
-    assert (path.stat().st_size, sha256(path)) == (entries[0]["size"], entries[0]["sha256"])
+    assert (path.stat().st_size, sha256_of(path)) == (entries[0]["size"], entries[0]["sha256"])
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert find_checkpoint(str(directory), "") == path
     assert final_names(directory) == {path.name, LAST}  # no partial file under a final name
@@ -509,7 +496,7 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_in_one_line_and_exit_2
     path = directory / "epoch001-step000045.pt"
     torch.save({"epoch": 1, "step": 45, "model_state_dict": model.state_dict(), "extra": Tripwire(str(marker)),
                 "trainbus": {"format": 1, "epoch": 1, "step": 45, "epoch_complete": True}}, path)
-    entry = {"file": path.name, "step": 45, "epoch": 1, "size": path.stat().st_size, "sha256": sha256(path)}
+    entry = {"file": path.name, "step": 45, "epoch": 1, "size": path.stat().st_size, "sha256": sha256_of(path)}
     (directory / "manifest.jsonl").write_text(json.dumps(entry) + "\n")  # listed, with the right hash
 
     proc = run_cli(tmp_path, "--resume", "poisoned")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import subprocess
@@ -16,6 +14,7 @@ from trainbus.kernel.checkpointing import find_checkpoint, load_checkpoint
 from trainbus.kernel.snapshot import SnapshotBuffers
 from trainbus.plugins.checkpoint import CheckpointPlugin, files_to_keep
 from trainbus.proto import Event, pack, unpack
+from trainbus.proto.checkpoint_format import MANIFEST, read_manifest, sha256_of
 from trainbus.sdk import Harness, SettingsError
 
 LOSSES = [0.5, 0.3, 0.4, 0.2, 0.6]  # validation loss after epochs 1..5: the best two are epochs 4 and 2
@@ -88,18 +87,9 @@ def checkpoints(directory: Path) -> list[str]:
 
 
 def manifest(directory: Path) -> list[dict]:
-    """Every entry; a torn line (a crash mid-append) is skipped, as kernel/checkpointing.py does."""
-    entries = []
-    for line in (directory / "manifest.jsonl").read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return entries
+    """Every entry; a torn line (a crash mid-append) is skipped, as resume does."""
+    return read_manifest(directory / MANIFEST)
 
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def harness(tmp_path: Path, **settings) -> Harness:
@@ -134,7 +124,7 @@ def test_a_checkpoint_loads_with_weights_only_and_equals_the_training_state(tmp_
     assert loaded["metrics"] == {"validation_loss": 0.25, "validation_accuracy": 0.9}
 
     entry = manifest(path.parent)[0]
-    assert entry["file"] == path.name and entry["size"] == path.stat().st_size and entry["sha256"] == sha256(path)
+    assert entry["file"] == path.name and entry["size"] == path.stat().st_size and entry["sha256"] == sha256_of(path)
     assert (entry["step"], entry["epoch"], entry["seq"]) == (1, 1, 1)
     assert replies == [{"v": 1, "type": "checkpoint_saved", "seq": 1, "path": str(path), "step": 1, "epoch": 1,
                         "sha256": entry["sha256"], "size": entry["size"]}]
@@ -149,7 +139,7 @@ def test_last_pt_is_the_newest_checkpoint_and_resume_accepts_it(tmp_path, buffer
     assert (directory / "last.pt").stat().st_ino == newest.stat().st_ino
     # kernel/checkpointing.py is the reader: the run directory, and last.pt itself, resolve to the newest
     assert find_checkpoint(str(directory / "last.pt"), str(tmp_path)) == directory / "last.pt"
-    assert sha256(find_checkpoint(str(tmp_path), str(tmp_path))) == sha256(newest)
+    assert sha256_of(find_checkpoint(str(tmp_path), str(tmp_path))) == sha256_of(newest)
     assert load_checkpoint(directory / "last.pt")["epoch"] == 2
 
 
@@ -281,7 +271,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, buffers)
     h = harness(tmp_path)
     trainer = run_epochs(h, buffers, [0.5])
     directory = tmp_path / "checkpoints"
-    before = {name: sha256(directory / name) for name in checkpoints(directory)}
+    before = {name: sha256_of(directory / name) for name in checkpoints(directory)}
     lines = (directory / "manifest.jsonl").read_text()
     trainer.train_epoch()
     blocked = directory / f".tmp-epoch002-step000002.pt-{os.getpid()}"
@@ -290,7 +280,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, buffers)
     assert reply["type"] == "checkpoint_failed"
     assert reply["reason"].startswith("Is a directory (errno 21) writing ")
     assert "epoch002-step000002.pt" in reply["reason"]
-    assert {name: sha256(directory / name) for name in checkpoints(directory)} == before
+    assert {name: sha256_of(directory / name) for name in checkpoints(directory)} == before
     assert (directory / "manifest.jsonl").read_text() == lines
     assert blocked.is_dir()  # not ours to remove
 
@@ -314,7 +304,7 @@ def tiny_tmpfs(tmp_path):
 def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, buffers, tiny_tmpfs):
     h = harness(tmp_path, dirpath=str(tiny_tmpfs))
     run_epochs(h, buffers, [0.5])  # a small model fits
-    before = {name: sha256(tiny_tmpfs / name) for name in checkpoints(tiny_tmpfs)}
+    before = {name: sha256_of(tiny_tmpfs / name) for name in checkpoints(tiny_tmpfs)}
     lines = (tiny_tmpfs / "manifest.jsonl").read_text()
     big = Trainer(width=200)  # ~160 KB of weights, three times that with Adam's moments
     big.train_epoch()
@@ -322,10 +312,10 @@ def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, 
     (reply,) = save(h, big, buffers, 0.4)
     assert reply["type"] == "checkpoint_failed"
     assert reply["reason"].startswith(f"No space left on device (errno 28) writing {tiny_tmpfs}/epoch002")
-    assert {name: sha256(tiny_tmpfs / name) for name in checkpoints(tiny_tmpfs)} == before
+    assert {name: sha256_of(tiny_tmpfs / name) for name in checkpoints(tiny_tmpfs)} == before
     assert (tiny_tmpfs / "manifest.jsonl").read_text() == lines
     assert not [p for p in tiny_tmpfs.iterdir() if p.name.startswith(".tmp-")]
-    assert sha256(find_checkpoint(str(tiny_tmpfs), str(tmp_path))) == before["epoch001-step000001.pt"]
+    assert sha256_of(find_checkpoint(str(tiny_tmpfs), str(tmp_path))) == before["epoch001-step000001.pt"]
 
 
 # -- setup ----------------------------------------------------------------------------------------

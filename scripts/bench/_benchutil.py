@@ -188,3 +188,15 @@ def quiet_note(foreign: list[float], threshold: float) -> str:
     noisy = sum(1 for f in foreign if f > threshold)
     return (f"other processes used median {median(foreign):.2f} / max {max(foreign):.2f} cores during the runs"
             + (f"; {noisy} run(s) above {threshold:.2f} even after retries" if noisy else ""))
+
+
+def filesystem_of(path: Path) -> str:
+    """'device (fstype, mounted at mountpoint)' of the mount holding path."""
+    path = path.resolve()
+    best = ("?", "?", "/")
+    with open("/proc/mounts") as f:
+        for line in f:
+            dev, mnt, fstype = line.split()[:3]
+            if (path == Path(mnt) or Path(mnt) in path.parents) and len(mnt) >= len(best[2]):
+                best = (dev, fstype, mnt)
+    return f"{best[0]} ({best[1]}, mounted at {best[2]})"

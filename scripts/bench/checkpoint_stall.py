@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchutil import REPO, CpuWatch, machine_line, table, wait_quiet  # noqa: E402
+from _benchutil import REPO, CpuWatch, filesystem_of, machine_line, table, wait_quiet  # noqa: E402
 from trainbus.kernel import TrainingSpec  # noqa: E402
 from trainbus.kernel.checkpointing import Checkpointer  # noqa: E402
 from trainbus.kernel.config import RunConfig, resolve_plugin  # noqa: E402
@@ -323,17 +323,6 @@ def _cpu_of(pid: int) -> float:
 
 
 # -- report -----------------------------------------------------------------------------------------
-
-def filesystem_of(path: Path) -> str:
-    path = path.resolve()
-    best = ("?", "?", "/")
-    with open("/proc/mounts") as f:
-        for line in f:
-            dev, mnt, fstype = line.split()[:3]
-            if (path == Path(mnt) or Path(mnt) in path.parents) and len(mnt) >= len(best[2]):
-                best = (dev, fstype, mnt)
-    return f"{best[0]} ({best[1]}, mounted at {best[2]})"
-
 
 def ms(xs: list[float]) -> tuple[str, str, str]:
     if not xs:

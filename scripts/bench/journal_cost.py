@@ -49,6 +49,7 @@ from _benchutil import (
     CpuWatch,
     Subscribers,
     batch_data,
+    filesystem_of,
     machine_line,
     median,
     quiet_note,
@@ -61,18 +62,6 @@ from trainbus.kernel.journal import FSYNC_INTERVAL_S, Journal
 from trainbus.kernel.session import run_training
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto import events as ev
-
-
-def filesystem_of(path: Path) -> str:
-    """'device fstype mountpoint' of the mount holding path."""
-    path = path.resolve()
-    best = ("?", "?", "/")
-    with open("/proc/mounts") as f:
-        for line in f:
-            dev, mnt, fstype = line.split()[:3]
-            if (path == Path(mnt) or Path(mnt) in path.parents) and len(mnt) >= len(best[2]):
-                best = (dev, fstype, mnt)
-    return f"{best[0]} ({best[1]}, mounted at {best[2]})"
 
 
 # -- part 1: the journal --------------------------------------------------------------------------
