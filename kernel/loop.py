@@ -10,7 +10,7 @@ import torch
 
 from trainbus.proto import events as ev
 
-from .replies import Control, merge_replies
+from .replies import NO_CONTROL, Control, merge_replies
 from .spec import TrainingSpec
 
 RESUME_FORMAT = 1  # version of the "trainbus" resume state inside a checkpoint
@@ -143,7 +143,7 @@ class Loop:
                           training_loss_total=self.loss_total, training_batch_count=self.batches_done)
             # replies, checkpoints and Ctrl-C act here, between steps, and nowhere else
             replies = self.bus.take_replies()
-            control = merge_replies(replies) if replies else Control()
+            control = merge_replies(replies) if replies else NO_CONTROL
             if self.checkpointer is not None and (control.checkpoint_now or self.checkpointer.due_at_step(self.step)):
                 self._checkpoint("checkpoint_now" if control.checkpoint_now else "step", epoch_complete=False)
             if (replies or self.stop_requested()) and self._apply(control):

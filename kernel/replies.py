@@ -14,6 +14,9 @@ class Control:
     reasons: tuple[str, ...] = field(default_factory=tuple)  # "plugin: reason", for events and the summary
 
 
+NO_CONTROL = Control()  # the usual step boundary: nothing asked; shared so the hot path builds nothing
+
+
 def merge_replies(replies) -> Control:
     """Any stop wins; any checkpoint_now asks for one checkpoint; reasons are kept in arrival order."""
     stop = any(r.type == "stop" for r in replies)
