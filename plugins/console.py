@@ -37,6 +37,7 @@ class ConsolePlugin(Plugin):
         self.epochs_total: int | None = None
         self.batches_per_epoch: int | None = None  # unknown (indeterminate bar) until an epoch ends
         self.epoch_started_at: float | None = None
+        self.skip_reasons: set[str] = set()  # each reason for skipping a checkpoint is shown once
 
     def teardown(self) -> None:
         self._stop_bars()
@@ -112,6 +113,15 @@ class ConsolePlugin(Plugin):
     def on_plugin_failed(self, event: Event) -> None:
         data = event.data
         self._warn(f"plugin {data.get('plugin')} given up: {data.get('reason')}; see {data.get('log')}", "error")
+
+    def on_checkpoint_failed(self, event: Event) -> None:
+        self._warn(f"checkpoint at step {event.step} failed: {event.data.get('reason')}")
+
+    def on_checkpoint_skipped(self, event: Event) -> None:
+        reason = str(event.data.get("reason"))
+        if reason not in self.skip_reasons:
+            self.skip_reasons.add(reason)
+            self._warn(f"checkpoint at step {event.step} skipped: {reason} (shown once)")
 
     def on_log(self, event: Event) -> None:
         level = event.data.get("level")

@@ -220,6 +220,19 @@ def test_console_without_a_tty_prints_plain_epoch_lines_and_warnings(tmp_path, c
     assert lines[-1] == "finished: ? epochs, ? steps; stopped early: no reason given"
 
 
+def test_console_warns_of_failed_checkpoints_and_of_each_reason_for_skipping_once(tmp_path, capsys):
+    h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
+    h.feed("checkpoint_failed", step=40, plugin="checkpoint", seq=7, reason="No space left on device (errno 28)")
+    for step in (60, 80):
+        h.feed("checkpoint_skipped", step=step, reason="both snapshot buffers are still being persisted")
+    h.feed("checkpoint_skipped", step=100, reason="no room for a 805 MB snapshot buffer (/dev/shm: No space left on device)")
+    assert capsys.readouterr().out.splitlines() == [
+        "warning: checkpoint at step 40 failed: No space left on device (errno 28)",
+        "warning: checkpoint at step 60 skipped: both snapshot buffers are still being persisted (shown once)",
+        "warning: checkpoint at step 100 skipped: no room for a 805 MB snapshot buffer (/dev/shm: No space left on "
+        "device) (shown once)"]
+
+
 def test_console_trims_a_long_warning_to_one_line(tmp_path, capsys):
     h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
     h.feed("log", plugin="p", level="warning", text="x" * 1000)
