@@ -41,6 +41,9 @@ class RunConfig:
     checkpoint_every_n_epochs: int = 1
     checkpoint_every_n_steps: int = 0  # 0: off
     resume: str = ""  # run id, run dir or checkpoint file: continue from its newest verified checkpoint
+    # Where the kernel's two snapshot buffers live (each the size of the training state): "" = /dev/shm,
+    # or the run directory when /dev/shm is missing or too small (Docker's default is 64 MB).
+    snapshot_dir: str = ""
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     plugins: list[PluginConfig] = field(default_factory=list)
 

@@ -219,7 +219,11 @@ class Loop:
         if not self.checkpointer.has_persister():
             self._publish(ev.CHECKPOINT_SKIPPED, reason="no checkpoint plugin is attached (add --plugins checkpoint)")
             return
-        snapshot = self.checkpointer.take(self.training_state(epoch_complete))
+        try:
+            snapshot = self.checkpointer.take(self.training_state(epoch_complete))
+        except OSError as exc:  # no room for the buffer anywhere: training goes on, the next one may fit
+            self._publish(ev.CHECKPOINT_SKIPPED, reason=str(exc))
+            return
         if snapshot is None:  # never wait for a disk: skip, say so, the next one will land
             self._publish(ev.CHECKPOINT_SKIPPED, reason="both snapshot buffers are still being persisted")
             return

@@ -19,10 +19,10 @@ import torch
 from trainbus.proto import events as ev
 
 from .bus import Bus
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .loop import Loop, pick_device, restore_weights, seed_everything
 from .checkpointing import CheckpointError, Checkpointer, find_checkpoint, load_checkpoint
-from .snapshot import SnapshotBuffers
+from .snapshot import SnapshotBuffers, snapshot_directories
 from .spec import SpecError, build_spec
 from .supervisor import PluginSpec
 
@@ -63,6 +63,9 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
     device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecError("device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
+    if cfg.snapshot_dir and not (os.path.isdir(cfg.snapshot_dir) and os.access(cfg.snapshot_dir, os.W_OK)):
+        raise ConfigError(f"snapshot_dir {cfg.snapshot_dir}: not a writable directory; create it, or leave "
+                          f"snapshot_dir empty for /dev/shm")
     spec.model.to(device)  # before loading optimizer state, which follows its parameters' device
     resume_from = find_checkpoint(cfg.resume, cfg.runs_dir) if cfg.resume else None
     resume_state = load_checkpoint(resume_from) if resume_from else None
@@ -80,8 +83,8 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
 
     plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console")) for p in cfg.plugins]
     bus = Bus(run_id, run_dir, plugins)
-    checkpointer = Checkpointer(SnapshotBuffers(run_id, run_dir), bus, cfg.checkpoint_every_n_epochs,
-                                cfg.checkpoint_every_n_steps)
+    buffers = SnapshotBuffers(run_id, snapshot_directories(run_dir, cfg.snapshot_dir))
+    checkpointer = Checkpointer(buffers, bus, cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps)
     interrupts = _Interrupts(install_sigint)
     loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s,
                 checkpointer=checkpointer)

@@ -1,8 +1,10 @@
 """Writes the kernel's checkpoint snapshots to disk atomically, with top-k/last/max-total retention.
 
 The kernel copies the training state into a buffer file and publishes save_checkpoint. This plugin
-maps the buffer and rebuilds the state (_snapshot_reader), then makes it durable (_durable_files) in
-this order: temp file, fsync, rename, fsync of the directory, then one manifest line (fsynced). A
+maps the buffer and rebuilds the state around it (_snapshot_reader: no copy), then makes it durable
+(_durable_files: direct I/O, hashed on the way, paced by _pacing while training leaves no core
+spare) in this order: temp file, fsync, check that the buffer still holds the snapshot, rename,
+fsync of the directory, then one manifest line (fsynced). A
 checkpoint exists once its manifest line does; resume (kernel/checkpointing.py) trusts only files
 that match their line's size and sha256.
 
@@ -48,7 +50,7 @@ from ._snapshot_reader import SnapshotError, read_snapshot
 LAST = "last.pt"  # a hard link to the newest checkpoint
 SUFFIX = ".pt"
 MODES = ("min", "max")
-PERSIST_NICE = 10  # the persister's scheduling priority: below training's (0), so training gets the cores first
+PRIORITIES = ("idle", "low")  # the writing thread: SCHED_IDLE, or the nice the kernel gives every plugin
 
 
 class CheckpointPlugin(Plugin):
@@ -70,6 +72,11 @@ class CheckpointPlugin(Plugin):
         "save_top_k": -1,
         "save_last": True,
         "max_total": 0,  # 0 = unlimited
+        # "idle": write only on CPU that training leaves idle (SCHED_IDLE): the least cost to training,
+        # but where training keeps every core busy a checkpoint takes longer and later snapshots are
+        # skipped meanwhile. "low": nice 10 like every plugin: steadier checkpoints, ~15 % slower
+        # training while one is written on a box with no core to spare.
+        "priority": "idle",
     }
 
     def setup(self) -> None:
@@ -83,6 +90,8 @@ class CheckpointPlugin(Plugin):
         if s["max_total"] < 0:
             raise SettingsError(f"checkpoint max_total must be 0 (unlimited) or a count, got {s['max_total']}")
         _check_filename(s["filename"])
+        if s["priority"] not in PRIORITIES:
+            raise SettingsError(f"checkpoint priority must be 'idle' (only idle CPU) or 'low' (nice 10), got {s['priority']!r}")
         directory = Path(s["dirpath"]).expanduser() if s["dirpath"] else Path(CHECKPOINT_DIR)
         self.directory = Path(self.run_dir) / directory  # an absolute dirpath stays as it is
         try:
@@ -91,11 +100,11 @@ class CheckpointPlugin(Plugin):
         except OSError as exc:  # not fatal here: each save will report the cause as checkpoint_failed
             self.log(f"checkpoint directory {self.directory}: {_describe(exc)}", level="warning")
 
-    def bind_sender(self, send) -> None:
-        # The runner binds its sender only in a process of the plugin's own (a Harness never does): the
-        # place to set that process's priority, not the caller's.
-        super().bind_sender(send)
-        _yield_to_training()
+    def bind_sender(self, send, progress=None) -> None:
+        # The runner binds its sender only in a process of the plugin's own, on the thread that runs
+        # the handlers (a Harness never does): the place to set that thread's priority, not the caller's.
+        super().bind_sender(send, progress)
+        yield_to_training(self.settings["priority"])
 
     def on_save_checkpoint(self, event: Event) -> None:
         # Never raises: a handler that raises is retried, and a full disk would only fill up again.
@@ -137,7 +146,9 @@ class CheckpointPlugin(Plugin):
             return
         path = directory / entry["file"]
         try:
-            sha256, size = write_atomically(read_snapshot(data), path)
+            snapshot = read_snapshot(data)
+            sha256, size = write_atomically(snapshot.state, path, before_replace=snapshot.check,
+                                            progress=self.still_working)
         except OSError as exc:
             self._fail(event, f"{_describe(exc)} writing {path}")
             return
@@ -207,25 +218,22 @@ class CheckpointPlugin(Plugin):
         self.checkpoint_failed(event, reason)
 
 
-def _yield_to_training() -> None:
-    """Fix (scripts/bench/checkpoint_stall.py): persisting a ~800 MB snapshot costs this process ~2.7
-    CPU-seconds (copy out, torch.save, sha256). At training's priority and with torch's default thread
-    pool it took a core and more from training on a 2-core box (throughput ~0.33x while it persisted).
-    The persister yields instead: a lower priority and one torch thread. A persist then takes longer
-    while the cores are busy, which the kernel absorbs by skipping snapshots, never by waiting."""
-    try:
-        os.nice(max(0, PERSIST_NICE - os.nice(0)))  # only ever lower it
-    except OSError:  # not permitted: run at the priority we have
-        pass
-    # With sched_autogroup (most desktop and many server kernels), a process's nice only ranks it within
-    # its session's group, and the supervisor starts each plugin in a session of its own: that group
-    # would still get an equal share against the kernel's. Lower the group's own priority too.
-    try:
-        with open("/proc/self/autogroup", "w") as f:
-            f.write(str(PERSIST_NICE))
-    except OSError:  # no autogroups (or not Linux): the nice above is what counts
-        pass
+def yield_to_training(priority: str) -> None:
+    """Lower the calling thread (the one that writes checkpoints) below training, and give it one torch thread.
+
+    Fix (scripts/bench/checkpoint_stall.py): at training's priority with torch's thread pool, the
+    persister took a core and more from training on a 2-core box (0.33x throughput while it wrote);
+    at nice 10 it still cost 15-20 %: the scheduler hands a niced thread the core in every short gap
+    training leaves, and training's threads, which wait for each other, wait a time slice to get it
+    back. A SCHED_IDLE thread runs only where no other thread wants the core and gives it up the
+    moment one does: ~4 %. Only this thread: the I/O thread keeps heartbeating at the plugin's nice.
+    """
     torch.set_num_threads(1)
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+        except OSError:  # not permitted here: the plugin's nice stands
+            pass
 
 
 # -- what is on disk ------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class Plugin:
         # Bound by the runner (bind_sender): replies made on a thread of the plugin's own go out through it.
         self._send_now: Callable[[dict[str, Any]], None] | None = None
         self._handler_thread: threading.Thread | None = None
+        self._progress: Callable[[], None] | None = None
         # event type -> the handler to call: the class's own on_<type>, or on_event for the rest
         self._handlers = {name: getattr(self, f"on_{name}") if _overrides(cls, f"on_{name}") else self.on_event
                           for name in HANDLED_EVENTS}
@@ -102,10 +103,19 @@ class Plugin:
         """A persister's report: this snapshot could not be written; earlier checkpoints stand."""
         self._reply(control("checkpoint_failed", seq=event.seq, reason=str(reason)))
 
-    def bind_sender(self, send: Callable[[dict[str, Any]], None]) -> None:
-        """Called by the runner on the handler thread: `send` queues a message for its I/O thread, thread-safely."""
+    def bind_sender(self, send: Callable[[dict[str, Any]], None], progress: Callable[[], None] | None = None) -> None:
+        """Called by the runner on the handler thread: `send` queues a message for its I/O thread, thread-safely;
+        `progress` restarts the handler's hang clock (still_working)."""
         self._send_now = send
         self._handler_thread = threading.current_thread()
+        self._progress = progress
+
+    def still_working(self) -> None:
+        """From a long handler: it is getting somewhere. Its hang clock (handler_timeout_s) starts again,
+        so a handler that moves slowly but surely (a large checkpoint at idle priority) is not taken
+        for hung; one that stops calling this is, handler_timeout_s later."""
+        if self._progress is not None:
+            self._progress()
 
     def _reply(self, message: dict[str, Any]) -> None:
         send = self._send_now

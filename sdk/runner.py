@@ -178,6 +178,11 @@ class _IO(threading.Thread):
                 self.outbox.appendleft(msg)
                 return
 
+    def still_working(self) -> None:
+        """The running handler said it is making progress (Plugin.still_working): restart its clock."""
+        if self.busy_since is not None:
+            self.busy_since = time.monotonic()
+
     def _handler_stuck(self, now: float) -> bool:
         busy = self.busy_since
         return busy is not None and now - busy > self.handler_timeout_s
@@ -229,7 +234,8 @@ class Runner:
         self.io.heartbeat_interval_s = welcome["heartbeat_interval_s"]
         self.plugin.run_id = welcome["run"]
         self.next_seq = welcome["resume_from"]
-        self.plugin.bind_sender(self.io.send)  # replies from the plugin's own threads (a sampler) go out at once
+        # replies from the plugin's own threads (a sampler) go out at once
+        self.plugin.bind_sender(self.io.send, progress=self.io.still_working)
         self.plugin.setup()
         self._send_replies()  # what setup said (a monitor's "idle" line) goes out before any event
         if self.durable:

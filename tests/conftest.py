@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,3 +37,28 @@ def kernels():
     yield started
     for kernel in started:
         kernel.kill()
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """mount_tmpfs(name, size_bytes) -> a fresh tmpfs of that size under tmp_path, for a real ENOSPC;
+    unmounted at teardown; the test is skipped where mounting is not allowed (needs CAP_SYS_ADMIN)."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: int) -> Path:
+        mount_point = tmp_path / name
+        mount_point.mkdir()
+        pages = -(-size // 4096)
+        try:
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * 4096}", "tmpfs", str(mount_point)],
+                                  capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.skip(f"cannot mount a tmpfs here: {exc}")
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {proc.stderr.strip() or proc.returncode}")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in mounted:
+        subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=30)

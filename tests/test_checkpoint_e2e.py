@@ -349,23 +349,10 @@ def checkpoint_size_of_the_digits_demo() -> int:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    """A tmpfs that holds one checkpoint of the digits demo and not two; unmounted at teardown."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
+def small_tmpfs(mount_tmpfs):
+    """A tmpfs that holds one checkpoint of the digits demo and not two."""
     size = checkpoint_size_of_the_digits_demo()
-    pages = -(-(size * 3 // 2) // 4096)  # room for 1.5 checkpoints: the 2nd's temp file does not fit
-    try:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * 4096}", "tmpfs", str(mount_point)],
-                              capture_output=True, text=True, timeout=30, check=False)
-    except FileNotFoundError:
-        pytest.skip("no `mount` command here: the disk-full test needs a small tmpfs")
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {proc.stderr.strip() or proc.returncode}")
-    try:
-        yield mount_point, size
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True, timeout=30)
+    return mount_tmpfs("small", size * 3 // 2), size  # room for 1.5 checkpoints: the 2nd's temp file does not fit
 
 
 def test_a_full_disk_fails_that_checkpoint_keeps_the_earlier_ones_and_training_completes(tmp_path, small_tmpfs):
@@ -460,6 +447,21 @@ def test_retention_policy_on_a_real_run(tmp_path, policy):
 
 
 # -- what resume says when it cannot, or must not -----------------------------------------------------
+
+
+def test_no_room_for_a_snapshot_buffer_skips_that_checkpoint_and_training_completes(tmp_path, mount_tmpfs):
+    # A snapshot_dir too small for the digits demo's state: before buffers were allocated up front, the
+    # copy into a sparse file on a full tmpfs killed training with SIGBUS.
+    cfg = config(tmp_path / "runs", [checkpointer()], epochs=2, every_n_epochs=1)
+    cfg.snapshot_dir = str(mount_tmpfs("shm", 16 * 1024))
+    result = run_training(cfg)
+
+    assert result.status == "completed" and result.outcome["epochs_completed"] == 2
+    events = read_events(result.run_dir)
+    skipped = of(events, "checkpoint_skipped")
+    assert len(skipped) == 2 and not of(events, "save_checkpoint")
+    assert skipped[0].data["reason"].startswith("no room for a ")
+    assert "No space left on device" in skipped[0].data["reason"]
 
 
 def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:

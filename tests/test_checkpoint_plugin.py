@@ -56,7 +56,7 @@ class Trainer:
 
 @pytest.fixture
 def buffers(tmp_path):
-    b = SnapshotBuffers(f"test-{os.getpid()}-{tmp_path.name}", tmp_path)
+    b = SnapshotBuffers(f"test-{os.getpid()}-{tmp_path.name}", [tmp_path])
     yield b
     b.close()
 
@@ -286,19 +286,8 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, buffers)
 
 
 @pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A 64 KiB filesystem, for a real "No space left on device"; skipped where mounting is not allowed."""
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mountpoint)],
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mountpoint
-    subprocess.run(["umount", str(mountpoint)], capture_output=True, timeout=10)
+def tiny_tmpfs(mount_tmpfs):
+    return mount_tmpfs("tiny", 64 * 1024)
 
 
 def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, buffers, tiny_tmpfs):
@@ -338,6 +327,7 @@ def test_setup_removes_temporaries_of_dead_writers_only(tmp_path):
     {"save_top_k": 0, "save_last": False},
     {"save_top_k": -2},
     {"max_total": -1},
+    {"priority": "high"},
     {"filename": "sub/epoch{epoch}"},
     {"filename": "{}"},
     {"filename": "last"},

@@ -60,6 +60,8 @@ BAD_INPUT = {
     "unknown flag": (lambda t: ["run", "--epocks", "3"], "No such option"),
     "missing config file": (lambda t: ["run", "--config", str(t / "nope.toml")], "does not exist"),
     "no gpu": (lambda t: ["run", "--device", "tpu"], "device must be one of"),
+    "missing snapshot dir": (lambda t: ["run", "--config", _write(t, "d.toml", f"[run]\nsnapshot_dir = '{t}/nope'\n")],
+                             "not a writable directory"),
 }
 
 

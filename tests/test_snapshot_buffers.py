@@ -1,0 +1,71 @@
+"""The kernel's snapshot buffers on real files: allocation up front, fallback, background preparation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainbus.kernel.snapshot import SnapshotBuffers, snapshot_directories
+from trainbus.plugins._snapshot_reader import read_snapshot
+from trainbus.proto import pack, unpack
+
+MB = 1 << 20
+
+
+def state_of(nbytes: int) -> dict:
+    return {"w": torch.arange(nbytes // 4, dtype=torch.float32), "epoch": 1}
+
+
+def test_the_second_buffer_is_allocated_off_the_training_thread(tmp_path):
+    buffers = SnapshotBuffers(f"test-{os.getpid()}-prep", [tmp_path])
+    try:
+        first = buffers.take(state_of(8 * MB), lambda slot: slot == 0)
+        buffers._join_preparation()  # what the next take() does first
+        second = tmp_path / f"{buffers.name}-slot1"
+        size = second.stat().st_size
+        assert size >= 8 * MB and second.stat().st_blocks * 512 >= size  # allocated, not sparse
+        inode = second.stat().st_ino
+        snapshot = buffers.take(state_of(8 * MB), lambda slot: slot == 1)
+        assert snapshot.buffer == str(second) and second.stat().st_ino == inode  # used as prepared
+        assert first.buffer != snapshot.buffer
+    finally:
+        buffers.close()
+    assert not list(tmp_path.glob("trainbus-*"))
+
+
+def test_default_places_are_shm_then_the_run_directory_or_the_chosen_one_alone(tmp_path):
+    assert snapshot_directories(tmp_path) == [Path("/dev/shm"), tmp_path]
+    assert snapshot_directories(tmp_path, "/mnt/fast") == [Path("/mnt/fast")]
+
+
+def test_a_full_shm_falls_back_to_the_run_directory(tmp_path, mount_tmpfs):
+    shm = mount_tmpfs("shm", 64 * 1024)  # Docker's /dev/shm is 64 MB: too small for most models
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    buffers = SnapshotBuffers(f"test-{os.getpid()}-fallback", [shm, run_dir])
+    try:
+        state = state_of(1 * MB)
+        snapshot = buffers.take(state, lambda slot: slot == 0)
+        assert Path(snapshot.buffer).parent == run_dir
+        mapped = read_snapshot(unpack(pack(snapshot.event_data())))
+        assert torch.equal(mapped.state["w"], state["w"])
+        assert list(shm.iterdir()) == []  # the failed attempt left nothing behind
+    finally:
+        buffers.close()
+
+
+def test_no_room_anywhere_is_one_error_naming_each_place(tmp_path, mount_tmpfs):
+    shm, run_dir = mount_tmpfs("shm", 64 * 1024), mount_tmpfs("run", 64 * 1024)
+    buffers = SnapshotBuffers(f"test-{os.getpid()}-full", [shm, run_dir])
+    try:
+        with pytest.raises(OSError) as raised:
+            buffers.take(state_of(1 * MB), lambda slot: slot == 0)
+        message = str(raised.value)
+        assert message.startswith("no room for a 1 MB snapshot buffer")
+        assert f"{shm}: No space left on device" in message and f"{run_dir}: No space left on device" in message
+        assert list(shm.iterdir()) == [] and list(run_dir.iterdir()) == []
+    finally:
+        buffers.close()
