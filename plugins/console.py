@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from trainbus.proto import BEST_EFFORT, Event
+from trainbus.proto import BEST_EFFORT, Event, events as ev
 from trainbus.sdk import Plugin, SettingsError
 
 MAX_LINE_CHARS = 160  # a warning is one terminal line; the full text is in the run's logs
@@ -23,6 +23,14 @@ class ConsolePlugin(Plugin):
 
     delivery = BEST_EFFORT  # a missed frame only delays a redraw
     settings = {"refresh_per_second": 4.0, "show_batches": True}
+
+    def subscriptions(self) -> list[str]:
+        # Without a batch bar to advance (not a terminal, or show_batches off) there is nothing to do
+        # per step: leave those events out, and with them a wake-up per burst of steps.
+        events = super().subscriptions()
+        if self.settings["show_batches"] and Console().is_interactive:
+            return events
+        return [e for e in events if e != ev.END_TRAINING_BATCH]
 
     def setup(self) -> None:
         if self.settings["refresh_per_second"] <= 0:

@@ -6,7 +6,7 @@ import tempfile
 import time
 from typing import Any
 
-from trainbus.proto import Event, check_control, events as ev
+from trainbus.proto import DURABLE, Event, check_control, events as ev
 
 from .plugin import Plugin
 
@@ -32,10 +32,14 @@ class Harness:
         self.epoch = 0
         self.replies: list[dict[str, Any]] = []
         plugin.run_id = run_id
+        self.subscribed = set(plugin.subscriptions())
         plugin.setup()
 
     def feed(self, type_: str, *, step: int | None = None, epoch: int | None = None, **data: Any) -> list[dict]:
-        """Deliver one event; return the replies the handler sent (already checked against the protocol)."""
+        """Deliver one event; return the replies the handler sent (already checked against the protocol).
+
+        An event type the plugin does not subscribe to is not delivered, as over sockets (a durable
+        plugin gets every type, like any plugin handling every type through on_event)."""
         if type_ not in ev.ALL_EVENTS:
             raise ValueError(f"unknown event type {type_!r}")
         self.seq += 1
@@ -43,7 +47,8 @@ class Harness:
         self.epoch = self.epoch if epoch is None else epoch
         event = Event(seq=self.seq, run=self.run_id, type=type_, ts=time.time(), step=self.step,
                       epoch=self.epoch, data=data)
-        self.plugin.handle(event)
+        if self.plugin.delivery == DURABLE or "" in self.subscribed or type_ in self.subscribed:
+            self.plugin.handle(event)
         new = [check_control(m) for m in self.plugin.outbox]
         self.plugin.outbox.clear()
         self.replies.extend(new)

@@ -129,6 +129,11 @@ class Plugin:
     def handle(self, event: Event) -> None:
         self._handlers.get(event.type, self.on_event)(event)
 
+    def subscriptions(self) -> list[str]:
+        """The event types this instance is sent: handled_events(), unless overridden to leave out types
+        that this instance, with its settings, has no use for (each one is a wake-up per burst)."""
+        return self.handled_events()
+
     @classmethod
     def handled_events(cls) -> list[str]:
         """Event types this class overrides a handler for; [""] (everything) if it overrides on_event."""

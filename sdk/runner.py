@@ -205,8 +205,9 @@ class Runner:
         self.plugin = plugin
         self.durable = plugin.delivery == DURABLE
         # A durable plugin needs every seq to see gaps; a best-effort one only what it handles.
-        topics = [""] if self.durable else sorted(set(plugin.handled_events()) | {ev.HEARTBEAT, *FINAL_EVENTS})
-        if "" in plugin.handled_events():
+        wanted = plugin.subscriptions()
+        topics = [""] if self.durable else sorted(set(wanted) | {ev.HEARTBEAT, *FINAL_EVENTS})
+        if "" in wanted:
             topics = [""]
         hello = control("hello", name=plugin.name, pid=os.getpid(), subscriptions=topics,
                         replies=["stop", "metric", "log", "checkpoint_now"], delivery=plugin.delivery,
@@ -214,7 +215,7 @@ class Runner:
         self.io = _IO(events_endpoint, control_endpoint, topics, hello, plugin.handler_timeout_s, kernel_pid)
         self.counts_gaps = topics == [""]
         # A plugin with on_event handles every type, heartbeats included (a replay hands them over too).
-        self.wants_heartbeats = bool({ev.HEARTBEAT, ""} & set(plugin.handled_events()))
+        self.wants_heartbeats = bool({ev.HEARTBEAT, ""} & set(wanted))
         self.next_seq = 0  # durable: the next seq to process; best-effort: the next expected
         self.replaying = False
         self.gaps = 0

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from trainbus.plugins.console import ConsolePlugin
+from trainbus.sdk.runner import Runner
 from trainbus.plugins.early_stopping import EarlyStoppingPlugin
 from trainbus.plugins.metrics_log import MetricsLogPlugin
 from trainbus.sdk import Harness, SettingsError
@@ -249,6 +250,24 @@ def test_console_draws_bars_on_a_terminal_and_stops_them(tmp_path, capsys, monke
     assert plugin.batches_per_epoch == 4 and plugin.progress is None  # stopped at the session's end
     h.close()
     assert "epoch 3/3" in capsys.readouterr().out
+
+
+def test_console_asks_for_per_step_events_only_when_it_draws_a_batch_bar(tmp_path, monkeypatch):
+    def subscribed(**settings) -> set[str]:
+        return set(ConsolePlugin(settings, run_dir=str(tmp_path)).subscriptions())
+
+    assert "end_training_batch" not in subscribed()  # pytest's stdout is no terminal: epoch lines only
+    assert "end_epoch" in subscribed()
+    runner = Runner(ConsolePlugin(run_dir=str(tmp_path)), f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    try:  # what the SDK says in its hello, and so what the kernel's PUB socket sends it
+        assert "end_epoch" in runner.io.hello["subscriptions"]
+        assert "end_training_batch" not in runner.io.hello["subscriptions"]
+    finally:
+        runner.io.ctx.destroy(linger=0)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    assert "end_training_batch" in subscribed()
+    assert "end_training_batch" not in subscribed(show_batches=False)
 
 
 def test_console_rejects_a_non_positive_refresh_rate(tmp_path):
