@@ -412,6 +412,10 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None) -> int
     # SIGTERM (supervisor, or a hang): finish the current handler, tear down, ack, exit.
     signal.signal(signal.SIGTERM, lambda *_: _terminate(runner))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the kernel; it tells us when to stop
+    # A plugin is a background process group in the kernel's session: on a terminal with `stty tostop`
+    # the console's writes would stop it (SIGTTOU), and a stopped plugin is declared hung and killed.
+    # Ignored, the write goes through, as it would for the kernel.
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     return runner.run()
 
 

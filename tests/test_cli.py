@@ -74,3 +74,46 @@ def test_bad_input_gets_one_clear_line_and_no_traceback(case, tmp_path):
     error_lines = [line for line in r.stderr.splitlines() if line.lower().startswith("error")]
     assert len(error_lines) == 1 and expected in error_lines[0], r.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing half-started"
+
+
+def test_the_console_draws_on_a_terminal_with_tostop(tmp_path):
+    """On a real terminal whose line discipline stops background writers (`stty tostop`), the console
+    plugin (a background process group in the kernel's session) still draws and the run completes."""
+    import os
+    import pty
+    import select
+    import termios
+    import time
+
+    from conftest import trainbus_cmd
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a session leader on the pty, in the foreground, like a shell's job
+        try:
+            attrs = termios.tcgetattr(0)
+            attrs[3] |= termios.TOSTOP
+            termios.tcsetattr(0, termios.TCSANOW, attrs)
+            os.execv(trainbus_cmd()[0], [*trainbus_cmd(), "run", "--plugins", "console", "--epochs", "2",
+                                         "--runs-dir", str(tmp_path / "runs")])
+        finally:
+            os._exit(127)
+    output, deadline = b"", time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+    else:
+        os.kill(pid, 9)
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    text = output.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    assert "finished: 2 epochs" in text  # the console's own last line: it ran, it was not stopped
+    hung = [line for line in text.splitlines() if "hung" in line or "crashed" in line]
+    assert not hung, hung
