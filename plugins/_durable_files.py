@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -151,7 +152,10 @@ def write_atomically(state: Any, path: Path, before_replace: Callable[[], None] 
 
 
 def _without_crc32():
-    from torch.utils.serialization import config  # torch >= 2.6
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # a torch without the option: it computes the CRC, nothing else changes
+        return contextlib.nullcontext()
     return config.patch({"save.compute_crc32": False})
 
 

@@ -2,11 +2,10 @@
 
 The kernel copies the training state into a buffer file and publishes save_checkpoint. This plugin
 maps the buffer and rebuilds the state around it (_snapshot_reader: no copy), then makes it durable
-(_durable_files: direct I/O, hashed on the way, paced by _pacing while training leaves no core
-spare) in this order: temp file, fsync, check that the buffer still holds the snapshot, rename,
-fsync of the directory, then one manifest line (fsynced). A
-checkpoint exists once its manifest line does; resume (kernel/checkpointing.py) trusts only files
-that match their line's size and sha256.
+(_durable_files: direct I/O, hashed on the way, on CPU that training leaves idle) in this order:
+temp file, fsync, check that the buffer still holds the snapshot, rename, fsync of the directory,
+then one manifest line (fsynced). A checkpoint exists once its manifest line does; resume
+(kernel/checkpointing.py) trusts only files that match their line's size and sha256.
 
 Retention, after ModelCheckpoint in PyTorch Lightning:
 - save_top_k: -1 keeps every checkpoint; k > 0 keeps the k best by `monitor` (the k newest without
@@ -74,8 +73,8 @@ class CheckpointPlugin(Plugin):
         "max_total": 0,  # 0 = unlimited
         # "idle": write only on CPU that training leaves idle (SCHED_IDLE): the least cost to training,
         # but where training keeps every core busy a checkpoint takes longer and later snapshots are
-        # skipped meanwhile. "low": nice 10 like every plugin: steadier checkpoints, ~15 % slower
-        # training while one is written on a box with no core to spare.
+        # skipped meanwhile. "low": nice 10 (SCHED_BATCH) like every plugin: steadier checkpoints,
+        # ~15 % slower training while one is written on a box with no core to spare.
         "priority": "idle",
     }
 
