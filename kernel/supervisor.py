@@ -245,9 +245,12 @@ def _lower_priority(pid: int) -> None:
     what it says (3-4 %).
     """
     try:
-        os.setpriority(os.PRIO_PROCESS, pid, PLUGIN_NICE)
         os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
-    except (OSError, AttributeError):  # not permitted, or not Linux: plugins run at the kernel's priority
+    except (OSError, AttributeError):  # not Linux: wake-ups may preempt
+        pass
+    try:  # only ever lower it: a kernel started at nice 15 gives its plugins 15, not 10
+        os.setpriority(os.PRIO_PROCESS, pid, max(PLUGIN_NICE, os.getpriority(os.PRIO_PROCESS, pid)))
+    except OSError:  # not permitted: plugins run at the kernel's priority
         pass
 
 

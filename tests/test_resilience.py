@@ -386,6 +386,23 @@ def test_plugins_exit_when_the_kernel_is_killed(tmp_path, kernels):
     print(f"plugins gone {time.monotonic() - killed:.2f} s after the kernel")
 
 
+def test_plugins_run_in_the_kernels_session_in_groups_of_their_own_below_training(tmp_path, kernels):
+    # The kernel's session: one scheduling autogroup for the run (a session of its own would give a
+    # plugin a share of its own). Its own process group: what a restart kills, and not where Ctrl-C goes.
+    cfg = config(tmp_path, [PluginConfig("metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin")],
+                 epochs=50, target=PACED, batch_size=16)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    pid = kernel.wait_ready("metrics_log")
+    kernel_pid = kernel.proc.pid
+    assert os.getsid(pid) == os.getsid(kernel_pid)
+    assert os.getpgid(pid) == pid != os.getpgid(kernel_pid)
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.sched_getscheduler(pid) == os.SCHED_BATCH and os.getpriority(os.PRIO_PROCESS, pid) == max(10, ours)
+    assert os.sched_getscheduler(kernel_pid) == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, kernel_pid) == ours
+    kernel.kill()
+
+
 # -- 6. a poison event is dead-lettered, and delivery goes on -------------------------------------------
 
 
