@@ -143,22 +143,20 @@ class Supervisor:
         env = dict(self.env, TRAINBUS_PLUGIN_NAME=spec.name,
                    TRAINBUS_PLUGIN_SETTINGS=pack(spec.settings).hex())
         cmd = spec.command or [sys.executable, "-m", "trainbus.sdk", spec.target]
-        if spec.console:
-            out = None  # inherit the kernel's terminal
-        else:
-            out = open(self.log_dir / f"{spec.name}.log", "ab")
+        log = open(self.log_dir / f"{spec.name}.log", "ab")
         try:
             child.proc = subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT if out else None,
+                # The console draws on the kernel's terminal (its stdout); what any plugin says on stderr
+                # (the SDK's end-of-run counts, a traceback) goes to its log, not between the bars.
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=None if spec.console else log,
+                stderr=log,
                 # Its own process group (Ctrl-C reaches the kernel only; the group is what gets killed)
                 # in the kernel's session: with sched_autogroup a session is a scheduling group, and
                 # one of its own would get an equal share against the kernel's whatever its nice.
                 process_group=0,
             )
         finally:
-            if out:
-                out.close()
+            log.close()
         _lower_priority(child.proc.pid)
         child.state = "starting"
         child.started_at = child.last_seen = now
