@@ -37,6 +37,16 @@ def test_run_prints_id_outcome_and_results(tmp_path):
     assert (run_dir / "metrics.jsonl").read_text().strip(), "metrics_log wrote its records"
 
 
+def test_the_terminal_gets_what_the_console_draws_and_plugins_diagnostics_go_to_their_logs(tmp_path):
+    r = trainbus("run", "--epochs", "1", "--plugins", "console,metrics_log", "--runs-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    run_dir = next(tmp_path.iterdir())
+    assert "epoch 1/1" in r.stdout and "finished: 1 epochs" in r.stdout  # the console, on the kernel's stdout
+    assert "run ended" not in r.stdout + r.stderr  # the SDK's counts, one line per plugin
+    for name in ("console", "metrics_log"):
+        assert f"[{name}] run ended. processed " in (run_dir / "plugins" / f"{name}.log").read_text()
+
+
 def _write(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
