@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -12,6 +13,8 @@ from trainbus.proto import events as ev
 
 from .replies import NO_CONTROL, Control, merge_replies
 from .spec import TrainingSpec
+
+log = logging.getLogger("trainbus.kernel")
 
 RESUME_FORMAT = 1  # version of the "trainbus" resume state inside a checkpoint
 
@@ -222,6 +225,7 @@ class Loop:
         try:
             snapshot = self.checkpointer.take(self.training_state(epoch_complete))
         except OSError as exc:  # no room for the buffer anywhere: training goes on, the next one may fit
+            log.warning("checkpoint at step %d skipped: %s", self.step, exc)
             self._publish(ev.CHECKPOINT_SKIPPED, reason=str(exc))
             return
         if snapshot is None:  # never wait for a disk: skip, say so, the next one will land

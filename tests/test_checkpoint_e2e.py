@@ -462,6 +462,7 @@ def test_no_room_for_a_snapshot_buffer_skips_that_checkpoint_and_training_comple
     assert len(skipped) == 2 and not of(events, "save_checkpoint")
     assert skipped[0].data["reason"].startswith("no room for a ")
     assert "No space left on device" in skipped[0].data["reason"]
+    assert f"checkpoint at step {skipped[0].step} skipped: no room for a " in (Path(result.run_dir) / "kernel.log").read_text()
 
 
 def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
