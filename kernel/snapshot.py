@@ -127,7 +127,7 @@ class SnapshotBuffers:
                 failures.append(f"{directory}: {exc.strerror}")
                 continue
             try:
-                os.posix_fallocate(fd, 0, nbytes)
+                _reserve(fd, nbytes)
             except OSError as exc:
                 path.unlink(missing_ok=True)
                 failures.append(f"{directory}: {exc.strerror}")
@@ -162,6 +162,15 @@ class SnapshotBuffers:
             if buffer is not None:
                 buffer.path.unlink(missing_ok=True)
         self._buffers = [None] * SLOTS
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """Give the file its size with the space allocated (ENOSPC now, not SIGBUS during the copy)."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:  # macOS: a sparse file; a full disk would show during the copy
+        os.ftruncate(fd, nbytes)
+    else:
+        fallocate(fd, 0, nbytes)
 
 
 def _map(buffer: _Buffer) -> torch.Tensor:
