@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -45,7 +44,7 @@ def snapshot_directories(run_dir: Path, chosen: str = "") -> list[Path]:
 class _Buffer:
     path: Path
     nbytes: int  # allocated
-    tensor: torch.Tensor | None = None  # uint8, the whole file, mapped shared: by the training thread, at first use
+    tensor: torch.Tensor  # uint8, the whole file, mapped shared
 
 
 class SnapshotBuffers:
@@ -56,12 +55,12 @@ class SnapshotBuffers:
     /dev/shm too small for the state (Docker's default is 64 MB) falls back to the run directory.
 
     Fix (scripts/bench/checkpoint_stall.py): the first snapshot into each slot stalled training
-    0.24-1.3 s (4-19x the copy): allocating 200,000 fresh pages as the copy touched them. Once the
-    first snapshot has told the size, a background thread allocates the other slot's file (one
-    fallocate, the GIL released), so only the run's first snapshot pays for that. The thread does
-    nothing else: filling the page tables there too (madvise) or running it at idle priority made
-    training's steps stall for up to a second (mmap_lock and the GIL held by a thread that the
-    scheduler would not run).
+    0.24-1.3 s (4-19x the copy): the copy faulting in 200,000 fresh pages, and the second slot's
+    first use fell while the first snapshot was being persisted, where it cost that window 5-10 %
+    of its throughput. Both slots are now allocated and paged in (fallocate, MAP_POPULATE) at the
+    run's first snapshot, in one stall the run pays once; every later snapshot is the copy alone.
+    Doing it in a background thread instead stalled training's steps for up to a second whatever
+    its priority (mmap_lock and the GIL), inside the first persist.
     """
 
     def __init__(self, run_id: str, directories: list[Path]):
@@ -71,7 +70,6 @@ class SnapshotBuffers:
         # The kernel's pid in the name: a buffer whose kernel died (kill -9) is found and removed later.
         self.name = f"trainbus-{os.getpid()}-{run_id}"
         self._buffers: list[_Buffer | None] = [None] * SLOTS
-        self._preparing: threading.Thread | None = None
         self._next_id = 1
 
     def take(self, state: dict[str, Any], is_free: Callable[[int], bool]) -> Snapshot | None:
@@ -90,10 +88,7 @@ class SnapshotBuffers:
             layout.append({"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
                            "offset": offset, "nbytes": nbytes})
             offset += -(-nbytes // ALIGN) * ALIGN
-        self._join_preparation()
         buffer = self._buffer(slot, offset)
-        if buffer.tensor is None:
-            buffer.tensor = _map(buffer)
         data = buffer.tensor
         data[:HEADER_BYTES].zero_()  # no id while the copy runs: a reader can tell a torn snapshot
         snapshot_id, self._next_id = self._next_id, self._next_id + 1
@@ -103,7 +98,12 @@ class SnapshotBuffers:
         if any(t.is_cuda for t in tensors):
             torch.cuda.synchronize()  # the persister reads the buffer as soon as the event arrives
         data[:HEADER_BYTES].copy_(torch.frombuffer(bytearray(pack_header(snapshot_id)), dtype=torch.uint8))
-        self._prepare_others(offset)
+        for other in range(SLOTS):  # the run's first snapshot (or a grown state): the other slot now, not mid-persist
+            if other != slot and is_free(other):
+                try:
+                    self._buffer(other, offset)
+                except OSError:  # no room for it: the snapshot that needs it says so
+                    pass
         return Snapshot(slot, snapshot_id, str(buffer.path), layout, tree)
 
     def _buffer(self, slot: int, nbytes: int) -> _Buffer:
@@ -113,7 +113,8 @@ class SnapshotBuffers:
             self._buffers[slot] = None
             if current is not None:
                 current.path.unlink(missing_ok=True)
-            self._buffers[slot] = _Buffer(self._allocate(slot, nbytes), nbytes)
+            path = self._allocate(slot, nbytes)
+            self._buffers[slot] = _Buffer(path, nbytes, _map(path, nbytes))
         return self._buffers[slot]
 
     def _allocate(self, slot: int, nbytes: int) -> Path:
@@ -137,27 +138,7 @@ class SnapshotBuffers:
             return path
         raise OSError(f"no room for a {nbytes / 1e6:.0f} MB snapshot buffer ({'; '.join(failures) or 'no writable directory'})")
 
-    def _prepare_others(self, nbytes: int) -> None:
-        slots = [i for i, b in enumerate(self._buffers) if b is None or b.nbytes < nbytes]
-        if slots:
-            self._preparing = threading.Thread(target=self._prepare, args=(slots, nbytes), daemon=True,
-                                               name="trainbus-snapshot-prepare")
-            self._preparing.start()
-
-    def _prepare(self, slots: list[int], nbytes: int) -> None:
-        for slot in slots:
-            try:
-                self._buffer(slot, nbytes)
-            except OSError:  # no room: the snapshot that needs this slot tries again and reports it
-                pass
-
-    def _join_preparation(self) -> None:
-        if self._preparing is not None:
-            self._preparing.join()  # done long before the next snapshot, unless snapshots come back to back
-            self._preparing = None
-
     def close(self) -> None:
-        self._join_preparation()
         for buffer in self._buffers:
             if buffer is not None:
                 buffer.path.unlink(missing_ok=True)
@@ -173,10 +154,11 @@ def _reserve(fd: int, nbytes: int) -> None:
         fallocate(fd, 0, nbytes)
 
 
-def _map(buffer: _Buffer) -> torch.Tensor:
-    fd = os.open(buffer.path, os.O_RDWR | os.O_CLOEXEC)
+def _map(path: Path, nbytes: int) -> torch.Tensor:
+    """The whole file, mapped shared, its page tables filled now (the copy then takes no page faults)."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        mapping = mmap.mmap(fd, buffer.nbytes, flags=mmap.MAP_SHARED)
+        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     finally:
         os.close(fd)
     return torch.frombuffer(mapping, dtype=torch.uint8)

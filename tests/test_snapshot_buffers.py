@@ -19,11 +19,10 @@ def state_of(nbytes: int) -> dict:
     return {"w": torch.arange(nbytes // 4, dtype=torch.float32), "epoch": 1}
 
 
-def test_the_second_buffer_is_allocated_off_the_training_thread(tmp_path):
+def test_both_buffers_are_allocated_at_the_first_snapshot(tmp_path):
     buffers = SnapshotBuffers(f"test-{os.getpid()}-prep", [tmp_path])
     try:
-        first = buffers.take(state_of(8 * MB), lambda slot: slot == 0)
-        buffers._join_preparation()  # what the next take() does first
+        first = buffers.take(state_of(8 * MB), lambda slot: True)  # no persist in flight yet: both free
         second = tmp_path / f"{buffers.name}-slot1"
         size = second.stat().st_size
         assert size >= 8 * MB and second.stat().st_blocks * 512 >= size  # allocated, not sparse
@@ -31,6 +30,11 @@ def test_the_second_buffer_is_allocated_off_the_training_thread(tmp_path):
         snapshot = buffers.take(state_of(8 * MB), lambda slot: slot == 1)
         assert snapshot.buffer == str(second) and second.stat().st_ino == inode  # used as prepared
         assert first.buffer != snapshot.buffer
+        # A grown state (Adam's moments appear after step 1) while slot 1 is being persisted: slot 0 grows,
+        # slot 1 stays as it is until it is free.
+        buffers.take(state_of(16 * MB), lambda slot: slot == 0)
+        assert Path(first.buffer).stat().st_size >= 16 * MB
+        assert second.stat().st_ino == inode and second.stat().st_size < 16 * MB
     finally:
         buffers.close()
     assert not list(tmp_path.glob("trainbus-*"))

@@ -17,9 +17,8 @@ of state per checkpoint. The target is `build` in this file, run by the real ker
     steps, more often than the plugin can write: snapshots are skipped, never waited for.
 (a) The stall. In the runs with checkpoints, Loop._checkpoint (training_state() + the copy into a snapshot buffer
     + publishing) is timed as the loop experiences it: each call's wall time. A run's first snapshot
-    allocates its buffer and faults its pages in; the kernel then prepares the other slot in the
-    background. Shown apart: fresh (allocated by the take), first use of a prepared buffer, and the
-    steady state (a reused buffer), which is what every later checkpoint costs.
+    allocates both buffers and pages them in. Shown apart: that first one, the first use of the
+    second buffer, and the steady state (a reused buffer), which is what every later checkpoint costs.
     (a') The same Checkpointer.take on a real SnapshotBuffers with nothing else running, as a control.
 (b) Inline: torch.save of the same state to a file in the run directory's file system, flush, fsync:
     what a training loop that saves for itself stalls for.
@@ -93,8 +92,8 @@ def hyperparameters(args) -> dict:
 class StallClock:
     """Wraps Loop._checkpoint and SnapshotBuffers.take in this process: each call's wall time, and
     which buffer its snapshot went into: "fresh" (allocated by that take: the run's first snapshot,
-    or a state that grew), "prepared" (first use of a buffer the kernel allocated in the background),
-    "reused", or "skipped" (both busy)."""
+    which allocates both, or a state that grew), "prepared" (first use of the buffer allocated with
+    the first), "reused", or "skipped" (both busy)."""
 
     def __init__(self):
         self.calls: list[dict] = []  # {"s": seconds, "kind": ...}
@@ -106,7 +105,6 @@ class StallClock:
         clock = self
 
         def take(buffers, state, is_free):
-            buffers._join_preparation()  # what take() does first anyway: the buffers as this take finds them
             before = list(buffers._buffers)
             snapshot = clock._real_take(buffers, state, is_free)
             if snapshot is None:
@@ -235,7 +233,6 @@ def checkpointer_take(loop: Loop, workdir: Path, reps: int) -> tuple[list[float]
     fresh, reused = [], []
     try:
         for i in range(reps + 1):
-            buffers._join_preparation()  # the other slot, prepared after the first take: not this measurement
             started = time.perf_counter()
             snapshot = checkpointer.take(loop.training_state(epoch_complete=False))
             (fresh if i == 0 else reused).append(time.perf_counter() - started)
@@ -347,8 +344,8 @@ def _cpu_of(pid: int) -> float:
 
 # -- report -----------------------------------------------------------------------------------------
 
-STALL_KINDS = {"reused": "reused buffer", "prepared": "first use of a buffer prepared in the background",
-               "fresh": "fresh buffer (allocated by the take: the run's first)", "skipped": "skipped: both buffers busy"}
+STALL_KINDS = {"reused": "reused buffer", "prepared": "first use of the second buffer (allocated with the first)",
+               "fresh": "fresh buffers (the run's first: both allocated)", "skipped": "skipped: both buffers busy"}
 
 def _throughput_rows(r: dict, base_rate: float, indent: str) -> list[list]:
     rows = []
