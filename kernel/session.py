@@ -111,8 +111,12 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
     # From here on a second Ctrl-C no longer raises: it cuts the drain and the plugins' exit short.
     interrupts.begin_closing()
     if status in ("completed", "stopped"):  # the trained weights, loadable with torch.load(weights_only=True)
-        torch.save({"model_state_dict": spec.model.state_dict(), "optimizer_state_dict": spec.optimizer.state_dict(),
-                    "epoch": loop.epoch, "step": loop.step}, run_dir / FINAL_WEIGHTS)
+        try:
+            _save_final_weights(spec, loop, run_dir / FINAL_WEIGHTS)
+        except (OSError, RuntimeError) as exc:  # a full disk at the end of a long run: say so, close cleanly
+            status, error = "failed", (f"training {status}, but the final weights could not be saved to "
+                                       f"{run_dir / FINAL_WEIGHTS}: {_reason(exc)}")
+            log.error("%s", error)
     undrained = bus.wait_drained(cfg.drain_timeout_s if status != "interrupted" else 2.0, abort=interrupts.hurry)
     bus.close(PLUGIN_EXIT_TIMEOUT_S, abort=interrupts.hurry)
     checkpointer.close()
@@ -126,6 +130,27 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
     logging.getLogger("trainbus").removeHandler(handler)
     handler.close()
     return result
+
+
+def _save_final_weights(spec, loop: Loop, path: Path) -> None:
+    """torch.save to a temporary name, then rename: never a partial file under the final name."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "wb") as f:  # a file object: a failed write raises its OSError (ENOSPC), not torch's own
+            torch.save({"model_state_dict": spec.model.state_dict(), "optimizer_state_dict": spec.optimizer.state_dict(),
+                        "epoch": loop.epoch, "step": loop.step}, f)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong in the words users search for; torch wraps a failed write's OSError in a RuntimeError."""
+    cause = exc if isinstance(exc, OSError) else exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"{cause.strerror} (errno {cause.errno})"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Interrupts:

@@ -30,7 +30,7 @@ import torch
 from fixture_targets import paced_digits
 from kernel_process import KernelProcess, of, process_gone, wait_until
 from trainbus.kernel.checkpointing import find_checkpoint, load_checkpoint
-from trainbus.kernel.config import RunConfig, resolve_plugin
+from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.loop import Loop
 from trainbus.kernel.session import FINAL_WEIGHTS, run_training
@@ -463,6 +463,21 @@ def test_no_room_for_a_snapshot_buffer_skips_that_checkpoint_and_training_comple
     assert skipped[0].data["reason"].startswith("no room for a ")
     assert "No space left on device" in skipped[0].data["reason"]
     assert f"checkpoint at step {skipped[0].step} skipped: no room for a " in (Path(result.run_dir) / "kernel.log").read_text()
+
+
+def test_a_disk_full_at_the_end_fails_the_run_in_one_line_and_closes_it_cleanly(tmp_path, mount_tmpfs):
+    # A multi-day run whose disk fills up by the end: no traceback out of run_training, no partial
+    # final.pt, plugins stopped, summary written. (Before, torch.save's error escaped and skipped all that.)
+    runs = mount_tmpfs("runs", 4 << 20)  # the run's journal and logs fit; 8 MB of final weights do not
+    result = run_training(config(runs, [PluginConfig("metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin")],
+                                 epochs=1, target=HEAVY, ballast_mb=8, step_sleep_s=0.0))
+    assert result.status == "failed"
+    assert result.error.startswith("training completed, but the final weights could not be saved to ")
+    assert result.error.endswith("No space left on device (errno 28)")
+    run_dir = Path(result.run_dir)
+    assert not (run_dir / FINAL_WEIGHTS).exists() and not list(run_dir.glob(f".{FINAL_WEIGHTS}*"))
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    assert result.plugins["metrics_log"]["state"] == "exited"
 
 
 def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
