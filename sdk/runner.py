@@ -74,7 +74,10 @@ class _IO(threading.Thread):
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 50_000)
         self.sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        for topic in topics:
+        # Heartbeat last: the PUB side applies one subscriber's subscriptions in the order they were
+        # sent, so the first heartbeat received (which releases our hello) proves every other topic is
+        # in place. In sorted order, start_training_session came after heartbeat and could be missed.
+        for topic in sorted(topics, key=lambda t: t == ev.HEARTBEAT):
             self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.sub.connect(events_endpoint)
         self.dealer = self.ctx.socket(zmq.DEALER)

@@ -60,5 +60,5 @@ def mount_tmpfs(tmp_path):
         return mount_point
 
     yield mount
-    for mount_point in mounted:
-        subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=30)
+    for mount_point in mounted:  # lazily: a process of a failed test may still hold a file open there
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
