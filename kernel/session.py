@@ -136,7 +136,7 @@ def _save_final_weights(spec, loop: Loop, path: Path) -> None:
     """torch.save to a temporary name, then rename: never a partial file under the final name."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        with open(temporary, "wb") as f:  # a file object: a failed write raises its OSError (ENOSPC), not torch's own
+        with open(temporary, "wb") as f:  # a file object: torch's error then carries the OSError (ENOSPC) as its context
             torch.save({"model_state_dict": spec.model.state_dict(), "optimizer_state_dict": spec.optimizer.state_dict(),
                         "epoch": loop.epoch, "step": loop.step}, f)
         os.replace(temporary, path)
