@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import subprocess
+import termios
+import time
 
 import pytest
 
@@ -89,14 +94,6 @@ def test_bad_input_gets_one_clear_line_and_no_traceback(case, tmp_path):
 def test_the_console_draws_on_a_terminal_with_tostop(tmp_path):
     """On a real terminal whose line discipline stops background writers (`stty tostop`), the console
     plugin (a background process group in the kernel's session) still draws and the run completes."""
-    import os
-    import pty
-    import select
-    import termios
-    import time
-
-    from conftest import trainbus_cmd
-
     pid, fd = pty.fork()
     if pid == 0:  # the child: a session leader on the pty, in the foreground, like a shell's job
         try:

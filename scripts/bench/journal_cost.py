@@ -124,6 +124,15 @@ def journal_bench(args, workdir: Path, records: list[bytes]) -> None:
     print()
 
 
+def _append_timed(journal: Journal, records: list[bytes], k: int, batch: int, calls: list[float]) -> tuple[int, int]:
+    """Append the next `batch` records (cycling through them), its wall time added to calls; (next k, records appended)."""
+    chunk = records[k:k + batch]
+    t = time.perf_counter()
+    journal.append(chunk, journal.last_seq + 1)
+    calls.append(time.perf_counter() - t)
+    return (k + batch if k + 2 * batch <= len(records) else 0), len(chunk)
+
+
 def _journal_tight(args, jdir: Path, records: list[bytes]) -> dict:
     results: dict[tuple, list] = {}
     for rep in range(args.reps):
@@ -133,12 +142,8 @@ def _journal_tight(args, jdir: Path, records: list[bytes]) -> dict:
                 journal = Journal(path, fsync_interval_s=interval)
                 calls, n, k = [], 0, 0
                 while n < args.journal_events:
-                    chunk = records[k:k + batch]
-                    k = k + batch if k + 2 * batch <= len(records) else 0
-                    t = time.perf_counter()
-                    journal.append(chunk, journal.last_seq + 1)
-                    calls.append(time.perf_counter() - t)
-                    n += len(chunk)
+                    k, appended = _append_timed(journal, records, k, batch, calls)
+                    n += appended
                     if interval == 0.0 and len(calls) >= args.max_fsync_appends:
                         break
                 size = path.stat().st_size
@@ -162,12 +167,8 @@ def _journal_paced(args, jdir: Path, records: list[bytes]) -> dict:
         next_at = start
         while time.perf_counter() - start < args.paced_s:
             next_at += FLUSH_INTERVAL_S
-            chunk = records[k:k + batch]
-            k = k + batch if k + 2 * batch <= len(records) else 0
-            t = time.perf_counter()
-            journal.append(chunk, journal.last_seq + 1)
-            calls.append(time.perf_counter() - t)
-            n += len(chunk)
+            k, appended = _append_timed(journal, records, k, batch, calls)
+            n += appended
             time.sleep(max(0.0, next_at - time.perf_counter()))
         wall = time.perf_counter() - start
         out[name] = (calls, _fsyncs - fsyncs0, wall, n)
