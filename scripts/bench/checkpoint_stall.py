@@ -107,21 +107,18 @@ class StallClock:
         def take(buffers, state, is_free):
             before = list(buffers._buffers)
             snapshot = clock._real_take(buffers, state, is_free)
-            if snapshot is None:
-                clock._kind = "skipped"
-                return None
-            buffer = buffers._buffers[snapshot.slot]
-            clock._kind = ("fresh" if buffer is not before[snapshot.slot]
-                           else "reused" if id(buffer) in clock._used else "prepared")
-            clock._used.add(id(buffer))
+            if snapshot is not None:
+                buffer = buffers._buffers[snapshot.slot]
+                clock._kind = ("fresh" if buffer is not before[snapshot.slot]
+                               else "reused" if id(buffer) in clock._used else "prepared")
+                clock._used.add(id(buffer))
             return snapshot
 
         def checkpoint(loop, reason, epoch_complete):
-            clock._kind = None
+            clock._kind = None  # stays None when no snapshot is taken: both buffers busy
             started = time.perf_counter()
             clock._real_checkpoint(loop, reason, epoch_complete)
-            took = {"kind": clock._kind or "skipped"}
-            clock.calls.append({"s": time.perf_counter() - started, **took})
+            clock.calls.append({"s": time.perf_counter() - started, "kind": clock._kind or "skipped"})
 
         SnapshotBuffers.take, Loop._checkpoint = take, checkpoint
         return self
