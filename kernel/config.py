@@ -44,6 +44,9 @@ class RunConfig:
     # Where the kernel's two snapshot buffers live (each the size of the training state): "" = /dev/shm,
     # or the run directory when /dev/shm is missing or too small (Docker's default is 64 MB).
     snapshot_dir: str = ""
+    # While training runs, malloc keeps the CPU memory training frees for its next step instead of giving it
+    # back to the OS and page-faulting it in again (kernel/memory.py); false: glibc's defaults throughout.
+    keep_freed_memory: bool = True
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     plugins: list[PluginConfig] = field(default_factory=list)
 

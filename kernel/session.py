@@ -22,6 +22,7 @@ from .bus import Bus
 from .config import ConfigError, RunConfig
 from .loop import Loop, pick_device, restore_weights, seed_everything
 from .checkpointing import CheckpointError, Checkpointer, find_checkpoint, load_checkpoint
+from .memory import keep_freed_memory
 from .snapshot import SnapshotBuffers, snapshot_directories
 from .spec import SpecError, build_spec
 from .supervisor import PluginSpec
@@ -97,7 +98,8 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
         missing = bus.wait_ready(cfg.ready_timeout_s)
         if missing:
             log.warning("plugins not ready after %.0f s, training anyway: %s", cfg.ready_timeout_s, ", ".join(missing))
-        outcome = loop.run()
+        with keep_freed_memory(cfg.keep_freed_memory):
+            outcome = loop.run()
         if outcome.stopped_early:
             status = "interrupted" if interrupts.count else "stopped"
     except KeyboardInterrupt:

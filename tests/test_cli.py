@@ -75,6 +75,8 @@ BAD_INPUT = {
     "unknown flag": (lambda t: ["run", "--epocks", "3"], "No such option"),
     "missing config file": (lambda t: ["run", "--config", str(t / "nope.toml")], "does not exist"),
     "no gpu": (lambda t: ["run", "--device", "tpu"], "device must be one of"),
+    "not a boolean": (lambda t: ["run", "--config", _write(t, "b.toml", "[run]\nkeep_freed_memory = 'yes'\n")],
+                      "run.keep_freed_memory must be true or false"),
     "missing snapshot dir": (lambda t: ["run", "--config", _write(t, "d.toml", f"[run]\nsnapshot_dir = '{t}/nope'\n")],
                              "not a writable directory"),
 }
