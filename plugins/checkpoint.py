@@ -25,6 +25,7 @@ import math
 import os
 import string
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -49,7 +50,8 @@ from ._snapshot_reader import SnapshotError, read_snapshot
 LAST = "last.pt"  # a hard link to the newest checkpoint
 SUFFIX = ".pt"
 MODES = ("min", "max")
-PRIORITIES = ("idle", "low")  # the writing thread: SCHED_IDLE, or the nice the kernel gives every plugin
+# The writing thread's priority: nice 19; the nice 10 the kernel gives every plugin; SCHED_IDLE.
+PRIORITIES = {"background": 19, "low": None, "idle": None}
 
 
 class CheckpointPlugin(Plugin):
@@ -71,11 +73,13 @@ class CheckpointPlugin(Plugin):
         "save_top_k": -1,
         "save_last": True,
         "max_total": 0,  # 0 = unlimited
-        # "idle": write only on CPU that training leaves idle (SCHED_IDLE): the least cost to training,
-        # but where training keeps every core busy a checkpoint takes longer and later snapshots are
-        # skipped meanwhile. "low": nice 10 (SCHED_BATCH) like every plugin: steadier checkpoints,
-        # ~15 % slower training while one is written on a box with no core to spare.
-        "priority": "idle",
+        # The writing thread, on a box where training keeps every core busy (docs/benchmarks.md):
+        # "background": nice 19: all the CPU training leaves idle, and ~1.5 % of a busy core, so a
+        # checkpoint always lands (805 MB: ~12 s on 2 busy cores) and training loses ~4 %.
+        # "low": nice 10 like every plugin: checkpoints land sooner, training loses more meanwhile.
+        # "idle": SCHED_IDLE, only CPU that training leaves idle: where training never leaves any,
+        # a checkpoint waits (minutes) and the snapshots due meanwhile are skipped.
+        "priority": "background",
     }
 
     def setup(self) -> None:
@@ -90,7 +94,8 @@ class CheckpointPlugin(Plugin):
             raise SettingsError(f"checkpoint max_total must be 0 (unlimited) or a count, got {s['max_total']}")
         _check_filename(s["filename"])
         if s["priority"] not in PRIORITIES:
-            raise SettingsError(f"checkpoint priority must be 'idle' (only idle CPU) or 'low' (nice 10), got {s['priority']!r}")
+            raise SettingsError(f"checkpoint priority must be 'background' (nice 19, the default), 'low' (nice 10) or "
+                                f"'idle' (only idle CPU), got {s['priority']!r}")
         directory = Path(s["dirpath"]).expanduser() if s["dirpath"] else Path(CHECKPOINT_DIR)
         self.directory = Path(self.run_dir) / directory  # an absolute dirpath stays as it is
         try:
@@ -220,19 +225,22 @@ class CheckpointPlugin(Plugin):
 def yield_to_training(priority: str) -> None:
     """Lower the calling thread (the one that writes checkpoints) below training, and give it one torch thread.
 
-    Fix (scripts/bench/checkpoint_stall.py): at training's priority with torch's thread pool, the
-    persister took a core and more from training on a 2-core box (0.33x throughput while it wrote);
-    at nice 10 it still cost 15-20 %: the scheduler hands a niced thread the core in every short gap
-    training leaves, and training's threads, which wait for each other, wait a time slice to get it
-    back. A SCHED_IDLE thread runs only where no other thread wants the core and gives it up the
-    moment one does: ~4 %. Only this thread: the I/O thread keeps heartbeating at the plugin's nice.
+    Only this thread: the plugin's I/O thread keeps heartbeating at the plugin's nice (10, SCHED_BATCH).
+    Measured (scripts/bench/checkpoint_stall.py, 2 cores both busy with training): at training's
+    priority with torch's thread pool the persister took 0.33x of training's throughput; at nice 10
+    ~10 %; at nice 19 ~4 %, and an 805 MB checkpoint lands in ~12 s. SCHED_IDLE costs nothing
+    measurable, but a training that never leaves a core idle starves it: no checkpoint lands until
+    training pauses, so it is a choice, not the default. Lowering is always permitted; an
+    unprivileged thread can never raise itself back (RLIMIT_NICE), so a setting picks one level.
     """
     torch.set_num_threads(1)
-    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
-        try:
+    try:
+        if priority == "idle" and hasattr(os, "SCHED_IDLE"):
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
-        except OSError:  # not permitted here: the plugin's nice stands
-            pass
+        elif PRIORITIES.get(priority) is not None:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PRIORITIES[priority])  # Linux: this thread
+    except OSError:  # not permitted here: the plugin's nice stands
+        pass
 
 
 # -- what is on disk ------------------------------------------------------------------------------

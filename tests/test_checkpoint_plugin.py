@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -336,3 +338,33 @@ def test_setup_removes_temporaries_of_dead_writers_only(tmp_path):
 def test_bad_settings_are_refused(tmp_path, settings):
     with pytest.raises(SettingsError):
         harness(tmp_path, **settings)
+
+
+WRITER_PRIORITY = """
+import json, os, sys, threading
+from trainbus.plugins.checkpoint import yield_to_training
+
+os.nice(10)  # what the supervisor gives every plugin
+seen = {}
+def writer():
+    yield_to_training(sys.argv[1])
+    tid = threading.get_native_id()
+    seen["writer"] = [os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)]
+t = threading.Thread(target=writer)
+t.start()
+t.join()
+seen["main"] = [os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())]
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("priority, policy, nice", [
+    ("background", os.SCHED_OTHER, 19), ("low", os.SCHED_OTHER, 10), ("idle", os.SCHED_IDLE, 10)])
+def test_the_writing_thread_alone_goes_below_the_plugin(priority, policy, nice):
+    if os.getpriority(os.PRIO_PROCESS, 0) > 10:
+        pytest.skip("this test starts from a nice below 10")
+    done = subprocess.run([sys.executable, "-c", WRITER_PRIORITY, priority], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["writer"] == [policy, nice]
+    assert seen["main"] == [os.SCHED_OTHER, 10]  # the plugin's other threads (its heartbeat) stay where they were
