@@ -75,7 +75,7 @@ class CheckpointPlugin(Plugin):
         "max_total": 0,  # 0 = unlimited
         # The writing thread, on a box where training keeps every core busy (docs/benchmarks.md):
         # "background": nice 19: all the CPU training leaves idle, and ~1.5 % of a busy core, so a
-        # checkpoint always lands (805 MB: ~12 s on 2 busy cores) and training loses ~4 %.
+        # checkpoint always lands (805 MB: ~13 s on 2 busy cores) and training loses 2-8 % meanwhile.
         # "low": nice 10 like every plugin: checkpoints land sooner, training loses more meanwhile.
         # "idle": SCHED_IDLE, only CPU that training leaves idle: where training never leaves any,
         # a checkpoint waits (minutes) and the snapshots due meanwhile are skipped.
@@ -226,10 +226,10 @@ def yield_to_training(priority: str) -> None:
     """Lower the calling thread (the one that writes checkpoints) below training, and give it one torch thread.
 
     Only this thread: the plugin's I/O thread keeps heartbeating at the plugin's nice (10, SCHED_BATCH).
-    Measured (scripts/bench/checkpoint_stall.py, 2 cores both busy with training): at training's
-    priority with torch's thread pool the persister took 0.33x of training's throughput; at nice 10
-    ~10 %; at nice 19 ~4 %, and an 805 MB checkpoint lands in ~12 s. SCHED_IDLE costs nothing
-    measurable, but a training that never leaves a core idle starves it: no checkpoint lands until
+    Measured (scripts/bench/checkpoint_stall.py, 2 cores both busy with training; training's step
+    next to a persist, x alone): at training's priority with torch's thread pool 0.54x; nice 10
+    0.85x; nice 19 0.93x (0.92-1.0x in real runs), an 805 MB checkpoint landing in ~13 s. SCHED_IDLE
+    0.95x, but a training that never leaves a core idle starves it: no checkpoint lands until
     training pauses, so it is a choice, not the default. Lowering is always permitted; an
     unprivileged thread can never raise itself back (RLIMIT_NICE), so a setting picks one level.
     """

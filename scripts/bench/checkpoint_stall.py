@@ -27,11 +27,12 @@ of state per checkpoint. The target is `build` in this file, run by the real ker
 (e) One level down, where throughput goes while a persist runs: the same training step timed alone,
     and next to a process running the checkpoint plugin's own persist path in a loop (read_snapshot +
     write_atomically of the same snapshot, to the same disk), once at training's priority and torch's
-    default threads, once at nice 10 (the plugin with priority = "low"), once at SCHED_IDLE (the
-    default, plugins/checkpoint.py yield_to_training), and once at SCHED_IDLE but writing to
-    /dev/null through the same writer (no disk, no fsync). Started as the supervisor starts plugins:
-    a process group of its own in the bench's session.
-    Interleaved rounds (alone, each variant; --ab-rounds), medians per variant.
+    default threads, then as each of the plugin's `priority` settings sets its writing thread
+    (plugins/checkpoint.py yield_to_training): nice 10 ("low"), nice 19 ("background", the default),
+    SCHED_IDLE ("idle"). Started as the supervisor starts plugins: a process group of its own in the
+    bench's session. Interleaved rounds (alone, each variant; --ab-rounds), medians per variant.
+Training runs as the kernel runs it: with [run] keep_freed_memory (kernel/memory.py); --release-memory
+runs everything with glibc's defaults instead, where every step page-faults its gradients in afresh.
 Targets: stall <= 1.5x the bare copy; inline save + fsync >= 5x the stall; throughput while the
 plugin persists >= 0.9x the run without checkpoints.
 """
@@ -39,6 +40,7 @@ plugin persists >= 0.9x the run without checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -58,6 +60,7 @@ from trainbus.kernel.checkpointing import Checkpointer  # noqa: E402
 from trainbus.kernel.config import RunConfig, resolve_plugin  # noqa: E402
 from trainbus.kernel.journal import read_events  # noqa: E402
 from trainbus.kernel.loop import Loop  # noqa: E402
+from trainbus.kernel.memory import keep_freed_memory  # noqa: E402
 from trainbus.kernel.session import run_training  # noqa: E402
 from trainbus.kernel.snapshot import SnapshotBuffers, snapshot_directories  # noqa: E402
 
@@ -132,7 +135,7 @@ def run(args, workdir: Path, steps: int, every: int) -> dict:
     plugins = [resolve_plugin("checkpoint", {"save_top_k": 1, "save_last": False})] if every else []
     cfg = RunConfig(target=TARGET, epochs=1, seed=0, device="cpu", runs_dir=str(workdir / "runs"), plugins=plugins,
                     hyperparameters={**hyperparameters(args), "steps": steps}, checkpoint_every_n_epochs=0,
-                    checkpoint_every_n_steps=every, drain_timeout_s=300)
+                    checkpoint_every_n_steps=every, drain_timeout_s=300, keep_freed_memory=not args.release_memory)
     wait_quiet(args.quiet_cores, args.quiet_wait_s)
     watch, children0 = CpuWatch(), _children_cpu_s()
     with StallClock() as clock:
@@ -259,14 +262,14 @@ def inline_save(loop: Loop, directory: Path, reps: int) -> list[float]:
 PERSIST_VARIANTS = {
     "plain": "persister at training's priority, torch's default threads",
     "low": "persister at nice 10, 1 thread (priority = \"low\")",
-    "idle": "persister at SCHED_IDLE, 1 thread (priority = \"idle\", the default)",
-    "idle-nowrite": "... SCHED_IDLE, writing to /dev/null (no disk, no fsync)",
+    "background": "persister at nice 19, 1 thread (priority = \"background\", the default)",
+    "idle": "persister at SCHED_IDLE, 1 thread (priority = \"idle\")",
 }
 
 
 def persist_loop(snapshot_file: Path, variant: str, directory: Path) -> None:
     """The checkpoint plugin's persist path, over and over, until killed (a child process of the bench)."""
-    from trainbus.plugins._durable_files import DirectWriter, write_atomically
+    from trainbus.plugins._durable_files import write_atomically
     from trainbus.plugins._snapshot_reader import read_snapshot
     from trainbus.plugins.checkpoint import yield_to_training
     from trainbus.proto import unpack
@@ -274,21 +277,15 @@ def persist_loop(snapshot_file: Path, variant: str, directory: Path) -> None:
     data = unpack(snapshot_file.read_bytes())
     if variant != "plain":
         os.nice(10)  # what the supervisor gives every plugin
-        yield_to_training(variant.split("-")[0])
+        yield_to_training(variant)
     while True:
         snapshot = read_snapshot(data)
-        if variant.endswith("nowrite"):
-            fd = os.open(os.devnull, os.O_WRONLY)
-            writer = DirectWriter(fd)
-            torch.save(snapshot.state, writer)
-            writer.finish()
-            os.close(fd)
-        else:
-            write_atomically(snapshot.state, directory / "persist-loop.pt", before_replace=snapshot.check)
+        write_atomically(snapshot.state, directory / "persist-loop.pt", before_replace=snapshot.check)
         del snapshot
 
 
-def persister_ab(loop: Loop, workdir: Path, steps: int, rounds: int) -> list[tuple[str, float, float, float]]:
+def persister_ab(loop: Loop, workdir: Path, steps: int, rounds: int,
+                 keep_memory: bool) -> list[tuple[str, float, float, float]]:
     """(variant, steps/s of the training step, persister cores, other processes' cores): rounds of alone, each
     variant; each variant's medians over the rounds."""
     from trainbus.proto import pack
@@ -308,9 +305,9 @@ def persister_ab(loop: Loop, workdir: Path, steps: int, rounds: int) -> list[tup
             spec.optimizer.step()
         return n / (time.perf_counter() - started)
 
-    step_rate(3)
     measured: dict[str, list[tuple[float, float, float]]] = {}
-    try:
+    with keep_freed_memory(keep_memory), contextlib.closing(buffers):  # training as the kernel runs it
+        step_rate(10)  # warm: the allocator has settled (kernel/memory.py)
         for _ in range(rounds):
             for variant in ["alone", *PERSIST_VARIANTS]:
                 proc = None
@@ -327,8 +324,6 @@ def persister_ab(loop: Loop, workdir: Path, steps: int, rounds: int) -> list[tup
                     proc.kill()
                     proc.wait()
                 measured.setdefault(variant, []).append((value, share, foreign))
-    finally:
-        buffers.close()
     return [(variant, *(statistics.median(m[i] for m in ms) for i in range(3))) for variant, ms in measured.items()]
 
 
@@ -368,19 +363,21 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--baseline-steps", type=int, default=40, help="steps of the run without checkpoints")
-    p.add_argument("--steps", type=int, default=80, help="steps of the run with checkpoints")
+    p.add_argument("--steps", type=int, default=160, help="steps of the run with checkpoints")
     p.add_argument("--pairs", type=int, default=3, help="(d): runs without and with checkpoints, interleaved, this many of each")
-    p.add_argument("--every", type=int, default=20, help="a snapshot due every N steps in that run")
+    p.add_argument("--every", type=int, default=40, help="a snapshot due every N steps in that run")
     p.add_argument("--overload-steps", type=int, default=30, help="steps of a run whose persister never idles (0: skip)")
     p.add_argument("--overload-every", type=int, default=3, help="a snapshot due every N steps in that run")
     p.add_argument("--warmup", type=int, default=2, help="first steps of each run not counted")
-    p.add_argument("--reps", type=int, default=5, help="repetitions of the bare copy and of Checkpointer.take")
+    p.add_argument("--reps", type=int, default=9, help="repetitions of the bare copy and of Checkpointer.take")
     p.add_argument("--inline-reps", type=int, default=2, help="repetitions of the inline torch.save + fsync")
     p.add_argument("--quiet-cores", type=float, default=0.3, help="before each run, wait until others use <= this")
     p.add_argument("--quiet-wait-s", type=float, default=20.0)
     p.add_argument("--ab-steps", type=int, default=10, help="steps per measurement in (e); 0: skip (e)")
     p.add_argument("--ab-rounds", type=int, default=3, help="rounds of (e): alone and every variant, interleaved")
     p.add_argument("--keep", action="store_true", help="keep the bench's run directories")
+    p.add_argument("--release-memory", action="store_true",
+                   help="train with [run] keep_freed_memory = false (glibc's defaults: every large tensor page-faults)")
     p.add_argument("--persist-loop", nargs=3, help=argparse.SUPPRESS)  # (e)'s child: snapshot file, variant, dir
     args = p.parse_args()
     if args.persist_loop:
@@ -393,7 +390,8 @@ def main() -> int:
     print(machine_line())
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     print(f"memory: {mem:.1f} GiB; run dirs and inline file on {filesystem_of(workdir)}; "
-          f"snapshot buffers in /dev/shm ({filesystem_of(Path('/dev/shm'))})")
+          f"snapshot buffers in /dev/shm ({filesystem_of(Path('/dev/shm'))}); "
+          f"training with keep_freed_memory = {str(not args.release_memory).lower()}")
     started = time.monotonic()
     try:
         baselines, mains = [], []
@@ -414,7 +412,7 @@ def main() -> int:
         inline_s = inline_save(loop, workdir, args.inline_reps)
         standalone_foreign = watch.stop()
         del tensors
-        ab = persister_ab(loop, workdir, args.ab_steps, args.ab_rounds) if args.ab_steps else []
+        ab = persister_ab(loop, workdir, args.ab_steps, args.ab_rounds, not args.release_memory) if args.ab_steps else []
         del loop
     finally:
         if not args.keep:
