@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+# Tests compare final weights bit for bit across processes (resume, kill -9 of the checkpoint plugin). MKL's
+# conditional numerical reproducibility: the same code path in every process, whatever a buffer's alignment.
+# Set before the first MKL call; plugin and kernel processes inherit it.
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
