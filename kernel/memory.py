@@ -18,12 +18,10 @@ Only glibc has these knobs; elsewhere this does nothing.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-log = logging.getLogger("trainbus.kernel")
 
 # mallopt parameters and glibc's defaults (malloc.h, mallopt(3))
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -40,20 +38,32 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
+_lock = threading.Lock()
+_holders = 0  # trainings inside keep_freed_memory now (run_training may run in several threads)
+
+
 @contextmanager
 def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """Inside: malloc keeps freed memory for the next allocation. Yields whether it could.
 
     glibc stops adapting its mmap threshold once mallopt is called; the threshold stays where it
-    had grown to, which is what a long-running process has anyway.
+    had grown to, which is what a long-running process has anyway. The defaults come back when the
+    last training in the process leaves.
     """
+    global _holders
     libc = _glibc() if enabled else None
-    if libc is None or not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD)):
+    if libc is None:
         yield False
         return
+    with _lock:
+        _holders += 1
+        kept = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
     try:
-        yield True
+        yield kept
     finally:
-        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
+        with _lock:
+            _holders -= 1
+            if _holders == 0:
+                libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+                libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)
