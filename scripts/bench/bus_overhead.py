@@ -9,7 +9,8 @@ and the digits CNN, `model = "cnn"`, the "small CNN"), torch.set_num_threads(1) 
 
 - bare: the spec's model, optimizer, data and epochs in a plain PyTorch loop doing exactly the work of
   the trainbus loop on the CPU (zero_grad, forward, loss, backward, step, loss.item(), the spec's
-  accuracy metric read with .item(), running totals, a validation pass each epoch), no events;
+  accuracy metric read with .item(), running totals, a validation pass each epoch), no events; with
+  freed memory kept as run_training keeps it (kernel/memory.py), so only the bus differs;
 - trainbus, 0 plugins: `run_training(RunConfig(..., plugins=[]))` (bus thread, journal, PUB socket);
 - trainbus, default plugins: the same with console + metrics_log (the plugins `trainbus run` starts
   with no config); console's stdout/stderr, inherited from this process, go to a log file.
@@ -76,6 +77,7 @@ from trainbus.kernel.bus import EVENTS_HWM, Bus
 from trainbus.kernel.config import DEFAULT_PLUGINS, RunConfig, load_config
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.loop import Loop, seed_everything
+from trainbus.kernel.memory import keep_freed_memory
 from trainbus.kernel.session import run_training
 from trainbus.kernel.spec import DEFAULT_TARGET, build_spec
 from trainbus.kernel.supervisor import PluginSpec
@@ -97,34 +99,35 @@ def bare_run(hp: dict, epochs: int, seed: int, cpu: list | None = None) -> list[
     model, opt, loss_fn, metrics = spec.model, spec.optimizer, spec.loss_fn, spec.metrics
     model.to(device)
     stamps = []
-    cpu0 = time.thread_time()
-    for _epoch in range(1, epochs + 1):
-        model.train()
-        ts: list[float] = []
-        loss_total, count, metric_totals = 0.0, 0, {name: 0.0 for name in metrics}
-        for inputs, targets in spec.train_loader:
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
-            outputs = model(inputs)
-            loss = loss_fn(outputs, targets)
-            loss.backward()
-            opt.step()
-            loss_value = loss.item()
-            loss_total, count = loss_total + loss_value, count + 1
-            with torch.no_grad():
-                for name, fn in metrics.items():
-                    metric_totals[name] = metric_totals[name] + fn(outputs, targets).item()
-            ts.append(time.time())  # where the trainbus loop publishes end_training_batch
-        stamps.append(ts)
-        model.eval()
-        with torch.no_grad():
-            for inputs, targets in spec.validation_loader:
+    with keep_freed_memory():  # as run_training trains ([run] keep_freed_memory)
+        cpu0 = time.thread_time()
+        for _epoch in range(1, epochs + 1):
+            model.train()
+            ts: list[float] = []
+            loss_total, count, metric_totals = 0.0, 0, {name: 0.0 for name in metrics}
+            for inputs, targets in spec.train_loader:
+                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                opt.zero_grad(set_to_none=True)
                 outputs = model(inputs)
-                loss_fn(outputs, targets).item()
-                for name, fn in metrics.items():
-                    fn(outputs, targets).item()
-        if spec.scheduler is not None:
-            spec.scheduler.step()
+                loss = loss_fn(outputs, targets)
+                loss.backward()
+                opt.step()
+                loss_value = loss.item()
+                loss_total, count = loss_total + loss_value, count + 1
+                with torch.no_grad():
+                    for name, fn in metrics.items():
+                        metric_totals[name] = metric_totals[name] + fn(outputs, targets).item()
+                ts.append(time.time())  # where the trainbus loop publishes end_training_batch
+            stamps.append(ts)
+            model.eval()
+            with torch.no_grad():
+                for inputs, targets in spec.validation_loader:
+                    outputs = model(inputs)
+                    loss_fn(outputs, targets).item()
+                    for name, fn in metrics.items():
+                        fn(outputs, targets).item()
+            if spec.scheduler is not None:
+                spec.scheduler.step()
     if cpu is not None:
         cpu.append(time.thread_time() - cpu0)
     return stamps
