@@ -50,8 +50,8 @@ from ._snapshot_reader import SnapshotError, read_snapshot
 LAST = "last.pt"  # a hard link to the newest checkpoint
 SUFFIX = ".pt"
 MODES = ("min", "max")
-# The writing thread's priority: nice 19; the nice 10 the kernel gives every plugin; SCHED_IDLE.
-PRIORITIES = {"background": 19, "low": None, "idle": None}
+PRIORITIES = ("background", "low", "idle")  # the writing thread: nice 19; the plugin's nice 10; SCHED_IDLE
+BACKGROUND_NICE = 19
 
 
 class CheckpointPlugin(Plugin):
@@ -237,8 +237,8 @@ def yield_to_training(priority: str) -> None:
     try:
         if priority == "idle" and hasattr(os, "SCHED_IDLE"):
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
-        elif PRIORITIES.get(priority) is not None:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PRIORITIES[priority])  # Linux: this thread
+        elif priority == "background":
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)  # Linux: this thread only
     except OSError:  # not permitted here: the plugin's nice stands
         pass
 
