@@ -74,9 +74,8 @@ class _IO(threading.Thread):
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 50_000)
         self.sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        # Heartbeat last: the PUB side applies one subscriber's subscriptions in the order they were
-        # sent, so the first heartbeat received (which releases our hello) proves every other topic is
-        # in place. In sorted order, start_training_session came after heartbeat and could be missed.
+        # Heartbeat last (PROTOCOL.md, startup): the first event received releases our hello. Set before
+        # connect, libzmq sends them all together once the connection is made.
         for topic in sorted(topics, key=lambda t: t == ev.HEARTBEAT):
             self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.sub.connect(events_endpoint)
@@ -232,12 +231,13 @@ class Runner:
 
     def run(self) -> int:
         self.io.start()
-        welcome = self._wait_welcome()
+        welcome, early = self._wait_welcome()
         if welcome is None:
             return self._finish(f"kernel unreachable: {self.io.gone}")
         self.io.heartbeat_interval_s = welcome["heartbeat_interval_s"]
         self.plugin.run_id = welcome["run"]
         self.next_seq = welcome["resume_from"]
+        early = collections.deque(item for item in early if item[0] != "event" or item[1].seq >= self.next_seq)
         # replies from the plugin's own threads (a sampler) go out at once
         self.plugin.bind_sender(self.io.send, progress=self.io.still_working)
         self.plugin.setup()
@@ -245,7 +245,7 @@ class Runner:
         if self.durable:
             self._request_replay()
         while not self.finished:
-            item = self._next_item()
+            item = early.popleft() if early else self._next_item()
             if item is None:
                 return self._finish(self.io.gone)
             kind, payload = item
@@ -364,13 +364,18 @@ class Runner:
                     self._maybe_ack(force=True)
             return io.inbox.popleft()
 
-    def _wait_welcome(self) -> dict[str, Any] | None:
+    def _wait_welcome(self) -> tuple[dict[str, Any] | None, collections.deque]:
+        """The welcome, and what arrived before it, in order: the kernel answers hello on its ROUTER and
+        publishes on its PUB, so start_training_session can overtake the welcome (a best-effort plugin
+        that dropped it never saw the session start)."""
+        early: collections.deque = collections.deque()
         while True:
             item = self._next_item()
             if item is None:
-                return None
+                return None, early
             if item[0] == "control" and item[1]["type"] == "welcome":
-                return item[1]
+                return item[1], early
+            early.append(item)
 
     def _finish(self, gone: str | None) -> int:
         if self._ended:  # a SIGTERM arriving while the run loop is already finishing
