@@ -12,7 +12,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import zmq
 
 from trainbus.kernel.config import RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
@@ -23,10 +22,11 @@ from trainbus.plugins.disk_monitor import DiskMonitorPlugin
 from trainbus.plugins.gpu_monitor import GpuMonitorPlugin
 from trainbus.plugins.memory_monitor import MemoryMonitorPlugin
 from trainbus.plugins.perf_monitor import PerfMonitorPlugin, percentile
-from trainbus.proto import Event, control, decode_control, encode_control, encode_event
+from trainbus.proto import Event
 from trainbus.sdk import Harness
 
 from conftest import TESTS_DIR
+from stand_in_kernel import StandInKernel
 
 INTERVAL_S = 0.5
 TIMED = f"{TESTS_DIR / 'timed_targets.py'}:digits_for_seconds"  # epochs of a set length, whatever the machine
@@ -282,46 +282,25 @@ def _has_gpu() -> bool:
 
 
 def test_disk_low_space_reply_reaches_the_kernel_socket(tmp_path):
-    ctx = zmq.Context()
-    pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
-    for socket in (pub, router):
-        socket.setsockopt(zmq.LINGER, 0)
-    pub.bind("tcp://127.0.0.1:*")
-    router.bind("tcp://127.0.0.1:*")
-    env = dict(os.environ, TRAINBUS_EVENTS=pub.getsockopt_string(zmq.LAST_ENDPOINT),
-               TRAINBUS_CONTROL=router.getsockopt_string(zmq.LAST_ENDPOINT), TRAINBUS_RUN_ID="remote",
-               TRAINBUS_RUN_DIR=str(tmp_path), TRAINBUS_PLUGIN_NAME="disk",
-               TRAINBUS_PLUGIN_SETTINGS=_settings_hex({"interval_s": 0.1, "min_free_gib": 1e9}))
-    env.pop("TRAINBUS_KERNEL_PID", None)
-    proc = subprocess.Popen([sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.disk_monitor:DiskMonitorPlugin"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    kernel = StandInKernel("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", run_id="remote")
+    proc = kernel.start_plugin("trainbus.plugins.disk_monitor:DiskMonitorPlugin", "disk",
+                               {"interval_s": 0.1, "min_free_gib": 1e9}, tmp_path)
     received: list[dict] = []
-    seq = 0
-
-    def publish(kind: str, **data) -> None:
-        nonlocal seq
-        seq += 1
-        pub.send_multipart([kind.encode(), encode_event(Event(seq, "remote", kind, time.time(), 0, 0, data))])
-
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and _samples(received) < 3:
-            publish("heartbeat", interval_s=1.0)
-            while router.poll(100):
-                identity, raw = router.recv_multipart()
-                message = decode_control(raw)
+            kernel.publish("heartbeat", interval_s=1.0)
+            while (got := kernel.receive(100)) is not None:
+                identity, message = got
                 received.append(message)
                 if message["type"] == "hello":
-                    router.send_multipart([identity, encode_control(
-                        control("welcome", run="remote", heartbeat_interval_s=1.0, resume_from=1))])
-        publish("end_training_session")
+                    kernel.welcome(identity, resume_from=1)
+        kernel.publish("end_training_session")
         assert proc.wait(timeout=10) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-        pub.close()
-        router.close()
-        ctx.term()
+        kernel.close()
     checkpoints = [m for m in received if m["type"] == "checkpoint_now"]
     assert len(checkpoints) == 1, received  # once, though every sample after it is still below the threshold
     assert "min_free_gib" in checkpoints[0]["reason"]
@@ -333,10 +312,6 @@ def _samples(received: list[dict]) -> int:
     return sum(m["type"] == "metric" and m["name"] == "disk/free_bytes" for m in received)
 
 
-def _settings_hex(settings: dict) -> str:
-    from trainbus.proto import pack
-
-    return pack(settings).hex()
 
 
 def test_disk_low_space_in_a_real_run_triggers_a_checkpoint(tmp_path):
