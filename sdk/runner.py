@@ -74,9 +74,9 @@ class _IO(threading.Thread):
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 50_000)
         self.sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        # Heartbeat last (PROTOCOL.md, startup): the first event received releases our hello. Set before
-        # connect, libzmq sends them all together once the connection is made.
-        for topic in sorted(topics, key=lambda t: t == ev.HEARTBEAT):
+        # Before connect: libzmq sends them all together once the connection is made, so the first
+        # event received (which releases our hello) finds every topic in place (PROTOCOL.md, startup).
+        for topic in topics:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.sub.connect(events_endpoint)
         self.dealer = self.ctx.socket(zmq.DEALER)
