@@ -240,7 +240,7 @@ def _lower_priority(pid: int) -> None:
     whose nice had to be lowered too, and within which a thread at SCHED_IDLE (the checkpoint
     persister) was idle only against its own group: it still cost training 15-20 %. In the
     kernel's session, plugin threads compete with training's threads directly and SCHED_IDLE means
-    what it says (3-4 %).
+    what it says (3-4 %). (The persister's thread now runs at nice 19 instead: plugins/checkpoint.py.)
     """
     try:
         os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))

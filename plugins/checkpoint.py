@@ -2,7 +2,7 @@
 
 The kernel copies the training state into a buffer file and publishes save_checkpoint. This plugin
 maps the buffer and rebuilds the state around it (_snapshot_reader: no copy), then makes it durable
-(_durable_files: direct I/O, hashed on the way, on CPU that training leaves idle) in this order:
+(_durable_files: direct I/O, hashed on the way, its thread at the lowest priority) in this order:
 temp file, fsync, check that the buffer still holds the snapshot, rename, fsync of the directory,
 then one manifest line (fsynced). A checkpoint exists once its manifest line does; resume
 (kernel/checkpointing.py) trusts only files that match their line's size and sha256.

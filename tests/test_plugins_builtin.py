@@ -8,10 +8,10 @@ import math
 import pytest
 
 from trainbus.plugins.console import ConsolePlugin
-from trainbus.sdk.runner import Runner
 from trainbus.plugins.early_stopping import EarlyStoppingPlugin
 from trainbus.plugins.metrics_log import MetricsLogPlugin
 from trainbus.sdk import Harness, SettingsError
+from trainbus.sdk.runner import Runner
 
 
 def feed_run(h: Harness, losses: list[float | None], batches: int = 4, stop_reasons: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The kernel's snapshot buffers on real files: allocation up front, fallback, background preparation."""
+"""The kernel's snapshot buffers on real files: allocation up front (both slots at the first snapshot), fallback."""
 
 from __future__ import annotations
 
