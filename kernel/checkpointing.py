@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import torch
 
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST, read_manifest, sha256_of
 
+from .peers import Refused
 from .snapshot import SnapshotBuffers
 
 
@@ -17,18 +20,35 @@ class CheckpointError(Exception):
     """No usable checkpoint where the user pointed; the message says what was looked at."""
 
 
-class Checkpointer:
-    """The kernel's half of checkpointing: a schedule and two snapshot buffers."""
+SLOT_RESERVED = -1  # a slot being filled: its save_checkpoint is queued, not yet numbered
+RECENT_SAVES = 64  # save_checkpoint seqs a persister may still settle
 
-    def __init__(self, buffers: SnapshotBuffers, bus, every_n_epochs: int, every_n_steps: int):
+
+class Checkpointer:
+    """The kernel's half of checkpointing: the schedule, two snapshot buffers, and who has settled each.
+
+    The training thread asks whether one is due and takes it; the bus thread numbers its event
+    (`numbered`) and applies persisters' verdicts (`settle`). A buffer is reused once every persister
+    acked its save_checkpoint or settled it; a persister that crashed mid-write keeps it busy, since
+    restarted it replays that event and needs the bytes still there.
+    """
+
+    def __init__(self, buffers: SnapshotBuffers, peers, every_n_epochs: int, every_n_steps: int,
+                 directories: list[Path]):
         self.buffers = buffers
-        self.bus = bus
+        self.peers = peers
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
+        self.directories = [Path(d).resolve() for d in directories]  # where a settled checkpoint may be
+        self._slot_seq: dict[int, int] = {}  # slot -> seq of the save_checkpoint using it
+        self._settled: dict[int, set[str]] = {}  # save_checkpoint seq -> persisters that reported on it
+        self._recent: collections.deque[int] = collections.deque(maxlen=RECENT_SAVES)
+
+    # -- the training thread ----------------------------------------------------------------------
 
     def has_persister(self) -> bool:
         """A checkpoint plugin said hello and was not given up; without one, no snapshot is taken."""
-        return self.bus.has_persister()
+        return bool(self.peers.named("checkpoint", time.monotonic()))
 
     def due_at_step(self, step: int) -> bool:
         return self.every_n_steps > 0 and step % self.every_n_steps == 0 and self.has_persister()
@@ -37,14 +57,50 @@ class Checkpointer:
         return self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0 and self.has_persister()
 
     def take(self, state: dict[str, Any]):
-        """Copy the state into a free buffer (None if both are busy); the bus keeps it busy until persisted."""
-        snapshot = self.buffers.take(state, self.bus.snapshot_slot_free)
+        """Copy the state into a free buffer (None if both are busy); it stays busy until persisted."""
+        snapshot = self.buffers.take(state, self.slot_free)
         if snapshot is not None:
-            self.bus.reserve_snapshot_slot(snapshot.slot)
+            self._slot_seq[snapshot.slot] = SLOT_RESERVED
         return snapshot
 
     def close(self) -> None:
         self.buffers.close()
+
+    # -- the bus thread ---------------------------------------------------------------------------
+
+    def numbered(self, seq: int, data: dict[str, Any]) -> None:
+        """A save_checkpoint event got its seq."""
+        old = self._slot_seq.get(data["slot"])
+        self._settled.pop(old, None)
+        self._slot_seq[data["slot"]] = seq
+        self._settled[seq] = set()
+        self._recent.append(seq)
+
+    def settle(self, peer, msg: dict[str, Any], published_seq: int) -> None:
+        """A persister's checkpoint_saved/failed: only for a save_checkpoint it was sent, only for a path
+        inside the checkpoint directories. Raises Refused otherwise."""
+        seq = msg["seq"]
+        if seq > published_seq or seq not in self._recent:
+            raise Refused("settle_seq", f"{peer.name}: {msg['type']} for seq {seq}, which is no save_checkpoint "
+                                        f"it was sent")
+        if msg["type"] == "checkpoint_saved" and not self._inside(msg["path"]):
+            raise Refused("settle_path", f"{peer.name}: checkpoint_saved names {msg['path']!r}, outside "
+                                         f"{', '.join(map(str, self.directories))}")
+        self._settled.setdefault(seq, set()).add(peer.name)
+
+    def slot_free(self, slot: int) -> bool:
+        seq = self._slot_seq.get(slot)
+        if seq is None:
+            return True
+        if seq == SLOT_RESERVED:
+            return False
+        settled = self._settled.get(seq, set())
+        return all(p.name in settled or self.peers.position(p.name) >= seq
+                   for p in self.peers.named("checkpoint", time.monotonic()))
+
+    def _inside(self, path: str) -> bool:
+        resolved = Path(path).resolve()
+        return any(resolved.is_relative_to(d) for d in self.directories)
 
 
 def find_checkpoint(where: str, runs_dir: str) -> Path:
@@ -63,10 +119,8 @@ def find_checkpoint(where: str, runs_dir: str) -> Path:
         raise CheckpointError(f"--resume {where}: no checkpoint manifest at {manifest}")
     entries = read_manifest(manifest)
     if wanted is not None:
-        # A named file is verified by its bytes: it must match some manifest entry's size and sha256.
-        # (Fix: last.pt is re-linked before its own manifest line is appended, so a crash between the
-        # two left it holding the newest checkpoint under an older line, and `--resume .../last.pt`
-        # refused a file identical to a verified checkpoint.)
+        # A named file is verified by its bytes: it must match some manifest entry's size and sha256
+        # (last.pt is re-linked before its manifest line is appended, so its own line may not exist yet).
         file = manifest.parent / wanted
         size = file.stat().st_size
         if any(e.get("size") == size for e in entries):  # hash only a file that could match
@@ -90,7 +144,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as exc:  # UnpicklingError for a pickle payload, anything for a damaged file
         reason = _unpickler_reason(exc)
         if reason is not None:
-            # Fix: torch's first line ("...you have two options, <ANSI bold>...") named neither the cause
+            # torch's first line ("...you have two options, <ANSI bold>...") names neither the cause
             # nor the object refused; say both, in one line.
             raise CheckpointError(f"refusing checkpoint {path}: it holds pickled Python objects, not only "
                                   f"tensors and plain data ({reason}); trainbus loads checkpoints with "

@@ -150,10 +150,13 @@ def _print_summary(result) -> None:
     colour = {"completed": "green", "stopped": "yellow"}.get(result.status, "red")
     out.print(f"\n[bold]run {result.run_id}[/bold]: [{colour}]{result.status}[/{colour}] "
               f"after {o['epochs_completed']} epochs, {o['steps']} steps, {result.duration_s:.1f} s")
-    if o["stop_reasons"]:
-        out.print("  stopped by: " + "; ".join(o["stop_reasons"]))
+    # The kernel's own stop for an error (the journal's disk) is said once, as the error; texts are not markup
+    # (a reason naming "[run] runs_dir" would lose its brackets).
+    reasons = [r for r in o["stop_reasons"] if not (result.error and r == f"kernel: stop: {result.error}")]
+    if reasons:
+        out.print("  stopped by: " + escape("; ".join(reasons)))
     if result.error:
-        out.print(f"  error: {result.error}")
+        out.print(f"  error: {escape(result.error)}")
     if o["validation_loss"] is not None:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in o["validation_metrics"].items())
         out.print(f"  validation loss {o['validation_loss']:.4f}" + (f", {metrics}" if metrics else ""))

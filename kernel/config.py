@@ -8,6 +8,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from .limits import PeerLimits
 from .spec import DEFAULT_TARGET
 
 PLUGIN_ENTRY_POINT_GROUP = "trainbus.plugins"
@@ -47,15 +48,23 @@ class RunConfig:
     # While training runs, malloc keeps the CPU memory training frees for its next step instead of giving it
     # back to the OS and page-faulting it in again (kernel/memory.py); false: glibc's defaults throughout.
     keep_freed_memory: bool = True
+    # Events held in memory while the journal's disk refuses writes (full, quota, I/O error); past this the
+    # run stops cleanly, naming the disk (kernel/journal.py).
+    journal_backlog_mb: float = 64.0
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     plugins: list[PluginConfig] = field(default_factory=list)
+    limits: dict[str, float] = field(default_factory=dict)  # [limits]: per-peer rate and size caps (PeerLimits)
+
+    def peer_limits(self) -> PeerLimits:
+        return PeerLimits(**self.limits)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-_RUN_KEYS = {f.name: f.type for f in fields(RunConfig) if f.name not in ("hyperparameters", "plugins")}
-_TOP_KEYS = ("run", "hyperparameters", "plugins")
+_RUN_KEYS = {f.name: f.type for f in fields(RunConfig) if f.name not in ("hyperparameters", "plugins", "limits")}
+_LIMIT_KEYS = {f.name: f.type for f in fields(PeerLimits)}
+_TOP_KEYS = ("run", "hyperparameters", "plugins", "limits")
 _PLUGIN_KEYS = ("enabled", "target", "command", "settings", "config")  # `config` is bz's spelling of settings
 
 
@@ -86,6 +95,12 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     for key, value in run.items():
         setattr(cfg, key, _typed(value, _RUN_KEYS[key], f"{where}: run.{key}"))
     cfg.hyperparameters = dict(_table(raw.get("hyperparameters", {}), f"{where}: [hyperparameters]"))
+    limits = _table(raw.get("limits", {}), f"{where}: [limits]")
+    _no_unknown(limits, _LIMIT_KEYS, f"{where}: [limits]")
+    for key, value in limits.items():
+        cfg.limits[key] = _typed(value, _LIMIT_KEYS[key], f"{where}: limits.{key}")
+        if cfg.limits[key] <= 0:
+            raise ConfigError(f"{where}: limits.{key} must be > 0, got {value!r}")
     plugins = _table(raw.get("plugins", {name: {} for name in DEFAULT_PLUGINS}), f"{where}: [plugins]")
     for name, body in plugins.items():
         body = _table(body, f"{where}: [plugins.{name}]")
@@ -125,6 +140,8 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
     for key in ("checkpoint_every_n_epochs", "checkpoint_every_n_steps"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: {key} must be >= 0 (0 turns it off), got {getattr(cfg, key)}")
+    if cfg.journal_backlog_mb <= 0:
+        raise ConfigError(f"{where}: journal_backlog_mb must be > 0, got {cfg.journal_backlog_mb}")
     names = [p.name for p in cfg.plugins]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -103,16 +103,20 @@ class Loop:
             out.validation_loss = validation.get("validation_loss")
             out.validation_metrics = validation.get("validation_metrics", {})
             self.latest_metrics = _flat_metrics(train, validation)
-            if self.checkpointer is not None and self.checkpointer.due_at_epoch(self.epoch) and not out.stopped_early:
-                self._checkpoint("epoch", epoch_complete=True)
+            # the epoch's boundary: replies that came during validation, end_epoch, the votes on it
+            early = self.bus.take_replies()
+            checkpointed = not out.stopped_early and self._maybe_checkpoint(
+                merge_replies(early), self.checkpointer is not None and self.checkpointer.due_at_epoch(self.epoch),
+                "epoch", epoch_complete=True)
             self._publish(ev.END_EPOCH, **train, **validation, hyperparameters=spec.hyperparameters,
                           lr=spec.optimizer.param_groups[0]["lr"])
-            # termination conditions: a stop from a batch, or a vote on this epoch (bounded wait)
             if out.stopped_early:
                 break
             self.bus.await_votes(ev.END_EPOCH, self.vote_timeout_s)
-            replies = self.bus.take_replies()
-            if (replies or self.stop_requested()) and self._apply(merge_replies(replies)):
+            late = self.bus.take_replies()
+            if not checkpointed:  # a checkpoint_now that came with the votes: still this epoch's boundary
+                self._maybe_checkpoint(merge_replies(late), False, "epoch", epoch_complete=True)
+            if (early or late or self.stop_requested()) and self._apply(merge_replies(early + late)):
                 break
         out.steps = self.step
         self._publish(ev.END_TRAINING_SESSION, epochs_completed=out.epochs_completed, steps=self.step,
@@ -144,7 +148,7 @@ class Loop:
                     self.metric_totals[name] = self.metric_totals[name] + self._value(fn(outputs, targets))
             self._publish(ev.END_TRAINING_BATCH, batch_index=batch_index, batch_size=len(targets), loss=loss_value,
                           training_loss_total=self.loss_total, training_batch_count=self.batches_done)
-            # replies, checkpoints and Ctrl-C act here, between steps, and nowhere else
+            # replies, checkpoints and Ctrl-C act here, between steps, and at the epoch's end
             replies = self.bus.take_replies()
             control = merge_replies(replies) if replies else NO_CONTROL
             if self.checkpointer is not None and (control.checkpoint_now or self.checkpointer.due_at_step(self.step)):
@@ -217,6 +221,13 @@ class Loop:
                 "epoch_rng_state": self.epoch_rng_state, "rng": _get_rng(python=True),
             },
         }
+
+    def _maybe_checkpoint(self, control: Control, due: bool, scheduled: str, epoch_complete: bool) -> bool:
+        """Take a checkpoint when one is due or a plugin asked for one; True when one was attempted."""
+        if self.checkpointer is None or not (due or control.checkpoint_now):
+            return False
+        self._checkpoint("checkpoint_now" if control.checkpoint_now else scheduled, epoch_complete)
+        return True
 
     def _checkpoint(self, reason: str, epoch_complete: bool) -> None:
         if not self.checkpointer.has_persister():

@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -18,14 +20,22 @@ import torch
 
 from trainbus.proto import events as ev
 
+from trainbus.proto import JOURNAL_NAME
+from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
+
 from .bus import Bus
-from .config import ConfigError, RunConfig
-from .loop import Loop, pick_device, restore_weights, seed_everything
 from .checkpointing import CheckpointError, Checkpointer, find_checkpoint, load_checkpoint
+from .config import ConfigError, RunConfig
+from .control import Dispatcher
+from .credentials import Credentials, socket_dir
+from .journal import Journal
+from .limits import PeerLimits
+from .loop import Loop, pick_device, restore_weights, seed_everything
 from .memory import keep_freed_memory
+from .peers import Peers
 from .snapshot import SnapshotBuffers, snapshot_directories
 from .spec import SpecError, build_spec
-from .supervisor import PluginSpec
+from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
 
 log = logging.getLogger("trainbus.kernel")
 
@@ -77,15 +87,18 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
             raise CheckpointError(f"checkpoint {resume_from} does not fit this spec: {exc}") from None
 
     run_id = run_id or new_run_id()
+    Path(cfg.runs_dir).mkdir(parents=True, exist_ok=True)
     run_dir = Path(cfg.runs_dir).resolve() / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir.mkdir()
+    run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints and sockets are nobody else's
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     handler = _log_to(run_dir / "kernel.log")
 
     plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console")) for p in cfg.plugins]
-    bus = Bus(run_id, run_dir, plugins)
     buffers = SnapshotBuffers(run_id, snapshot_directories(run_dir, cfg.snapshot_dir))
-    checkpointer = Checkpointer(buffers, bus, cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps)
+    bus, checkpointer, sockets = open_bus(run_id, run_dir, plugins, cfg.peer_limits(), buffers,
+                                          cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps,
+                                          journal_backlog_bytes=int(cfg.journal_backlog_mb * 2**20))
     interrupts = _Interrupts(install_sigint)
     loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s,
                 checkpointer=checkpointer)
@@ -95,7 +108,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
     try:
         bus.start()
         announce(f"run {run_id} on {device}: {cfg.target}, plugins: {', '.join(p.name for p in cfg.plugins) or 'none'}")
-        missing = bus.wait_ready(cfg.ready_timeout_s)
+        missing = wait_ready(bus, cfg.ready_timeout_s)
         if missing:
             log.warning("plugins not ready after %.0f s, training anyway: %s", cfg.ready_timeout_s, ", ".join(missing))
         with keep_freed_memory(cfg.keep_freed_memory):
@@ -110,6 +123,9 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
         tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
         log.error("training failed:\n%s", tail)
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error, "traceback": tail})
+    if bus.failure is not None:  # the journal's disk: the loop stopped at a step boundary for it
+        status, error = "failed", bus.failure
+        log.error("%s", error)
     # From here on a second Ctrl-C no longer raises: it cuts the drain and the plugins' exit short.
     interrupts.begin_closing()
     if status in ("completed", "stopped"):  # the trained weights, loadable with torch.load(weights_only=True)
@@ -119,26 +135,85 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
             status, error = "failed", (f"training {status}, but the final weights could not be saved to "
                                        f"{run_dir / FINAL_WEIGHTS}: {_reason(exc)}")
             log.error("%s", error)
-    undrained = bus.wait_drained(cfg.drain_timeout_s if status != "interrupted" else 2.0, abort=interrupts.hurry)
-    bus.close(PLUGIN_EXIT_TIMEOUT_S, abort=interrupts.hurry)
+    # While the journal's disk still refuses the final event no durable plugin can reach it: no waiting for that.
+    hurry = lambda: interrupts.hurry() or (bus.failure is not None and bus.journal.error is not None)  # noqa: E731
+    undrained = wait_drained(bus, cfg.drain_timeout_s if status != "interrupted" else 2.0, abort=hurry)
+    bus.flush_now()
+    bus.supervisor.shutdown(PLUGIN_EXIT_TIMEOUT_S, hurry)
+    journal_error = bus.close()
+    if sockets != run_dir:
+        shutil.rmtree(sockets, ignore_errors=True)
     checkpointer.close()
     interrupts.restore()
+    if journal_error is not None and bus.journal.backlog_bytes and status != "failed":
+        status, error = "failed", bus.journal.overflow_message()
     if interrupts.hurry() and status in ("completed", "stopped"):
         status, error = "interrupted", "interrupted (second Ctrl-C) while plugins drained"
     result = RunResult(run_id=run_id, run_dir=str(run_dir), status=status,
                        duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
                        plugins=bus.supervisor.summary(), undrained=undrained, bus=dict(bus.counters), error=error)
-    (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    try:
+        (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    except OSError as exc:
+        (run_dir / "summary.json").unlink(missing_ok=True)  # never a torn summary
+        print(f"trainbus: could not write {run_dir / 'summary.json'} ({_reason(exc)}); the run ended {status}",
+              file=sys.stderr)
     logging.getLogger("trainbus").removeHandler(handler)
     handler.close()
     return result
+
+
+def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: PeerLimits | None = None,
+             buffers: SnapshotBuffers | None = None, every_n_epochs: int = 0, every_n_steps: int = 0,
+             journal_backlog_bytes: int | None = None) -> tuple[Bus, Checkpointer | None, Path]:
+    """The run's bus with everything it serves: supervisor, credentials and peers, the checkpoint half.
+
+    Returns the bus (not started), the checkpointer (None without buffers) and the sockets' directory.
+    """
+    credentials = Credentials()
+    credentials.write_attach_file(run_dir)
+    journal = Journal(run_dir / JOURNAL_NAME, **({} if journal_backlog_bytes is None
+                                                  else {"backlog_max_bytes": journal_backlog_bytes}))
+    sockets, _ = socket_dir(run_dir)
+    bus = Bus(run_id, journal, sockets, HEARTBEAT_INTERVAL_S)
+    env = dict(os.environ, TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir), RUN_ID=run_id, RUN_DIR=str(run_dir),
+               TRAINBUS_EVENTS=bus.events_endpoint, TRAINBUS_CONTROL=bus.control_endpoint,
+               TRAINBUS_KERNEL_PID=str(os.getpid()))
+    supervisor = Supervisor(plugins, env, run_dir, bus.emit, HEARTBEAT_INTERVAL_S, token_for=credentials.token_for)
+    peers = Peers(credentials, supervisor, limits or PeerLimits(), supervisor.liveness_s)
+    checkpointer = None
+    if buffers is not None:
+        # A persister's checkpoint_saved must name a file here: the run's checkpoints/, or a dirpath its config set.
+        directories = [run_dir / CHECKPOINT_DIR] + [run_dir / p.settings["dirpath"] for p in plugins
+                                                    if isinstance(p.settings.get("dirpath"), str) and p.settings["dirpath"]]
+        checkpointer = Checkpointer(buffers, peers, every_n_epochs, every_n_steps, directories)
+    bus.serve(supervisor, Dispatcher(bus, supervisor, peers, checkpointer))
+    return bus, checkpointer, sockets
+
+
+def wait_ready(bus: Bus, timeout_s: float) -> list[str]:
+    """Wait until every spawned plugin said hello (or failed); return the names still missing."""
+    def missing() -> list[str]:
+        welcomed = bus.control.peers.welcomed_names()
+        return [n for n in bus.supervisor.live_names() if n not in welcomed]
+    bus.wait(lambda: not missing(), timeout_s)
+    bus.fast_heartbeats = False
+    return missing()
+
+
+def wait_drained(bus: Bus, timeout_s: float, abort: Callable[[], bool] = lambda: False) -> dict[str, int]:
+    """Wait until every durable plugin that may still return acked the final event; return {name: acked} of laggards."""
+    bus.flush_now()
+    behind = lambda: bus.control.peers.durable_behind(bus.final_seq, time.monotonic())  # noqa: E731
+    bus.wait(lambda: not behind() or abort(), timeout_s)
+    return behind()
 
 
 def _save_final_weights(spec, loop: Loop, path: Path) -> None:
     """torch.save to a temporary name, then rename: never a partial file under the final name."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        with open(temporary, "wb") as f:  # a file object: torch's error then carries the OSError (ENOSPC) as its context
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:  # a file object: torch's error then carries the OSError (ENOSPC) as its context
             torch.save({"model_state_dict": spec.model.state_dict(), "optimizer_state_dict": spec.optimizer.state_dict(),
                         "epoch": loop.epoch, "step": loop.step}, f)
         os.replace(temporary, path)
@@ -191,8 +266,27 @@ class _Interrupts:
             self._previous = None
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """kernel.log on a full disk: lines that cannot be written are counted, not printed as tracebacks."""
+
+    failed_writes = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed_writes += 1
+        if self.failed_writes == 1:
+            print(f"trainbus: cannot write {self.baseFilename} ({sys.exc_info()[1]}); kernel log lines are being lost",
+                  file=sys.stderr)
+
+    def close(self) -> None:
+        """The last lines' flush fails on a full disk too: lost lines, not a traceback at the run's very end."""
+        try:
+            super().close()
+        except OSError:
+            self.failed_writes += 1
+
+
 def _log_to(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
+    handler = _QuietFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("trainbus")
     root.setLevel(logging.INFO)

@@ -64,9 +64,11 @@ class Supervisor:
     """Owns the plugin processes of one run; ticked by the bus thread, which also feeds it liveness."""
 
     def __init__(self, specs: list[PluginSpec], env: dict[str, str], run_dir: Path, emit: Emit,
-                 heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S):
+                 heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+                 token_for: Callable[[str], str] = lambda name: ""):
         self.children = {s.name: Child(s) for s in specs}
         self.env = env
+        self.token_for = token_for  # the secret a plugin's hello must carry (kernel/credentials.py)
         self.log_dir = Path(run_dir) / "plugins"
         self.emit = emit
         self.liveness_s = heartbeat_interval_s * HEARTBEAT_LIVENESS
@@ -79,12 +81,27 @@ class Supervisor:
         for child in self.children.values():
             self._spawn(child, time.monotonic())
 
-    def seen(self, name: str, pid: int | None = None) -> None:
+    def seen(self, name: str, pid: int, now: float) -> None:
+        """The plugin's current process sent something: it is alive."""
         child = self.children.get(name)
-        if child and child.proc and (pid is None or pid == child.proc.pid):
-            child.last_seen = time.monotonic()
+        if child and child.proc and pid == child.proc.pid:
+            child.last_seen = now
             if child.state == "starting":
                 child.state = "running"
+
+    def spawned(self, name: str) -> bool:
+        return name in self.children
+
+    def is_current(self, name: str, pid: int) -> bool:
+        """`pid` is the live process the supervisor started for `name`."""
+        child = self.children.get(name)
+        return (child is not None and child.proc is not None and child.proc.pid == pid
+                and child.state in ("starting", "running"))
+
+    def coming_back(self, name: str) -> bool:
+        """Alive, or being restarted: neither given up on (failed) nor gone on purpose (exited)."""
+        child = self.children.get(name)
+        return child is not None and child.state not in ("exited", "failed")
 
     def leaving(self, name: str) -> None:
         if name in self.children:
@@ -140,7 +157,7 @@ class Supervisor:
 
     def _spawn(self, child: Child, now: float) -> None:
         spec = child.spec
-        env = dict(self.env, TRAINBUS_PLUGIN_NAME=spec.name,
+        env = dict(self.env, TRAINBUS_PLUGIN_NAME=spec.name, TRAINBUS_SECRET=self.token_for(spec.name),
                    TRAINBUS_PLUGIN_SETTINGS=pack(spec.settings).hex())
         cmd = spec.command or [sys.executable, "-m", "trainbus.sdk", spec.target]
         log = open(self.log_dir / f"{spec.name}.log", "ab")
@@ -234,13 +251,8 @@ def _lower_priority(pid: int) -> None:
     """Plugins yield the CPU to training: nice PLUGIN_NICE and SCHED_BATCH (threads started later inherit both).
 
     SCHED_BATCH: a plugin thread that wakes (events arrive in bursts every 0.1 s) never preempts a
-    training thread; it runs on a free core, or when the running thread's slice ends.
-
-    Fix (scripts/bench/checkpoint_stall.py): plugins ran in sessions of their own, each an autogroup
-    whose nice had to be lowered too, and within which a thread at SCHED_IDLE (the checkpoint
-    persister) was idle only against its own group: it still cost training 15-20 %. In the
-    kernel's session, plugin threads compete with training's threads directly and SCHED_IDLE means
-    what it says (3-4 %). (The persister's thread now runs at nice 19 instead: plugins/checkpoint.py.)
+    training thread; it runs on a free core, or when the running thread's slice ends. Plugins stay in
+    the kernel's session, so they compete with training's threads directly (docs/architecture.md).
     """
     try:
         os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))

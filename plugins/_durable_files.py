@@ -124,7 +124,7 @@ def write_atomically(state: Any, path: Path, before_replace: Callable[[], None] 
     """
     import torch  # here, not at the top: the e-mail plugin shares this module and needs no torch
     temporary = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         writer = DirectWriter(fd, progress)
         with _without_crc32():

@@ -104,7 +104,10 @@ def event_from_map(m: Any) -> Event:
 
 
 def encode_event(event: Event) -> bytes:
-    return pack(event_to_map(event))
+    """The envelope's bytes; ProtocolError when a peer could not decode them (int map keys, over-long values)."""
+    raw = pack(event_to_map(event))
+    unpack(raw)
+    return raw
 
 
 def decode_event(raw: bytes) -> Event:
@@ -120,6 +123,16 @@ def control(type_: str, **fields: Any) -> dict[str, Any]:
 
 def encode_control(message: dict[str, Any]) -> bytes:
     return pack(check_control(message))
+
+
+def encode_replay_batch(count: int, records: bytes, done: bool) -> bytes:
+    """A replay_batch whose `count` events are journal records spliced in as stored: the same bytes as
+    packing their decoded maps, without decoding and re-encoding each one."""
+    packer = msgpack.Packer(use_bin_type=True, datetime=False)
+    head = b"".join((packer.pack_map_header(4), packer.pack("v"), packer.pack(PROTOCOL_VERSION),
+                     packer.pack("type"), packer.pack("replay_batch"), packer.pack("done"), packer.pack(done),
+                     packer.pack("events"), packer.pack_array_header(count)))
+    return head + records
 
 
 def decode_control(raw: bytes) -> dict[str, Any]:

@@ -51,6 +51,9 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         "delivery": str,  # one of DELIVERY_CLASSES
         "votes": Default(_STR_LIST, ()),  # event types whose stop vote the kernel awaits (bounded)
         "capabilities": Default(_STR_LIST, ()),  # e.g. "checkpoint": persists save_checkpoint snapshots
+        # Proof of who the peer is: TRAINBUS_SECRET for a spawned plugin, the run's credential file for one
+        # attached by hand. A remote peer proves itself with its CURVE key instead and may leave it empty.
+        "secret": Default(str, ""),
     },
     "heartbeat": {},
     "ack": {"seq": int},  # everything up to and including seq has been processed
@@ -73,6 +76,8 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         "events": list,  # encoded-ready envelopes (maps), in seq order
         "done": bool,  # True when the batch reaches the journal's end
     },
+    # the kernel will not act on this peer's messages: a hello it turned down, or a message before any hello
+    "refused": {"reason": str},
 }
 
 PLUGIN_TO_KERNEL = frozenset(
@@ -80,4 +85,4 @@ PLUGIN_TO_KERNEL = frozenset(
      "checkpoint_saved", "checkpoint_failed"}
 )
 REPLY_TYPES = frozenset({"stop", "metric", "log", "checkpoint_now"})
-KERNEL_TO_PLUGIN = frozenset({"welcome", "replay_batch"})
+KERNEL_TO_PLUGIN = frozenset({"welcome", "replay_batch", "refused"})

@@ -45,6 +45,8 @@ MAX_HANDLER_ATTEMPTS = 3  # a poison event is tried this often, then dead-letter
 MAX_REPORTED_TRACEBACKS = 20  # after this many, failures are counted, not each sent to the kernel
 FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
 PR_SET_PDEATHSIG = 1
+SECRET_ENV = "TRAINBUS_SECRET"  # the kernel's per-plugin secret (PROTOCOL.md, environment)
+CREDENTIAL_FILE = "credential"  # in the run directory, owner-only: the secret of plugins attached by hand
 
 
 class KernelGone(Exception):
@@ -65,6 +67,7 @@ class _IO(threading.Thread):
         self.kernel_pid = kernel_pid
         self.busy_since: float | None = None  # set by the main thread around each handler
         self.gone: str | None = None  # why the kernel is considered gone
+        self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
         self.closing = threading.Event()
         self.dropped = 0
         self.malformed = 0
@@ -80,6 +83,9 @@ class _IO(threading.Thread):
             self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self.sub.connect(events_endpoint)
         self.dealer = self.ctx.socket(zmq.DEALER)
+        # Our own routing id: when libzmq reconnects (the kernel dropped an oversized message's connection)
+        # the kernel still knows us, instead of seeing an unknown peer whose acks it ignores.
+        self.dealer.setsockopt(zmq.ROUTING_ID, f"{hello['name']}-{hello['pid']}-{os.urandom(4).hex()}".encode()[:255])
         self.dealer.setsockopt(zmq.LINGER, 1000)  # let the last acks out
         self.dealer.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.dealer.connect(control_endpoint)
@@ -167,9 +173,16 @@ class _IO(threading.Thread):
             except zmq.Again:
                 return
             try:
-                self.put(("control", decode_control(raw)))
+                msg = decode_control(raw)
             except ProtocolError:
                 self.malformed += 1
+                continue
+            if msg["type"] == "refused":  # the kernel will not act on anything we send: nothing to do here
+                self.refused = msg["reason"]
+                self.gone = f"refused by the kernel: {msg['reason']}"
+                self.closing.set()
+                return
+            self.put(("control", msg))
 
     def _flush_outbox(self) -> None:
         while self.outbox:
@@ -203,7 +216,8 @@ class _IO(threading.Thread):
 class Runner:
     """Drives one plugin instance: ordering, gap detection, replay, retries, dead letters, acks."""
 
-    def __init__(self, plugin: Plugin, events_endpoint: str, control_endpoint: str, kernel_pid: int | None = None):
+    def __init__(self, plugin: Plugin, events_endpoint: str, control_endpoint: str, kernel_pid: int | None = None,
+                 secret: str = ""):
         self.plugin = plugin
         self.durable = plugin.delivery == DURABLE
         # A durable plugin needs every seq to see gaps; a best-effort one only what it handles.
@@ -213,7 +227,7 @@ class Runner:
             topics = [""]
         hello = control("hello", name=plugin.name, pid=os.getpid(), subscriptions=topics,
                         replies=["stop", "metric", "log", "checkpoint_now"], delivery=plugin.delivery,
-                        votes=list(plugin.votes), capabilities=list(plugin.capabilities))
+                        votes=list(plugin.votes), capabilities=list(plugin.capabilities), secret=secret)
         self.io = _IO(events_endpoint, control_endpoint, topics, hello, plugin.handler_timeout_s, kernel_pid)
         self.counts_gaps = topics == [""]
         # A plugin with on_event handles every type, heartbeats included (a replay hands them over too).
@@ -397,7 +411,7 @@ class Runner:
                 print(f"[{self.plugin.name}] run ended. {stats}", file=sys.stderr)
         self.io.closing.set()
         self.io.join(timeout=3)
-        return 0
+        return 1 if self.io.refused else 0
 
 
 def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None) -> int:
@@ -416,7 +430,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None) -> int
     plugin = plugin_cls(settings or {}, run_id=env.get("TRAINBUS_RUN_ID", ""), run_dir=env.get("TRAINBUS_RUN_DIR", "."))
     if env.get("TRAINBUS_PLUGIN_NAME"):
         plugin.name = env["TRAINBUS_PLUGIN_NAME"]
-    runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid)
+    runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid, _secret(env))
     # SIGTERM (supervisor, or a hang): finish the current handler, tear down, ack, exit.
     signal.signal(signal.SIGTERM, lambda *_: _terminate(runner))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the kernel; it tells us when to stop
@@ -425,6 +439,18 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None) -> int
     # Ignored, the write goes through, as it would for the kernel.
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     return runner.run()
+
+
+def _secret(env) -> str:
+    """What proves us to the kernel: the secret it spawned us with (taken out of the environment, so our
+    own children do not inherit it), else the run's credential file for a plugin attached by hand."""
+    secret = env.pop(SECRET_ENV, "")
+    if secret or "TRAINBUS_RUN_DIR" not in env:
+        return secret
+    try:
+        return (Path(env["TRAINBUS_RUN_DIR"]) / CREDENTIAL_FILE).read_text().strip()
+    except OSError:
+        return ""  # the kernel refuses the hello and says why
 
 
 def _terminate(runner: Runner) -> None:

@@ -17,6 +17,7 @@ sub = ctx.socket(zmq.SUB)
 sub.setsockopt(zmq.SUBSCRIBE, b"")
 sub.connect(os.environ["TRAINBUS_EVENTS"])
 dealer = ctx.socket(zmq.DEALER)
+dealer.setsockopt(zmq.ROUTING_ID, f"raw-{os.getpid()}".encode())  # a reconnect keeps our identity
 dealer.setsockopt(zmq.LINGER, 1000)
 dealer.connect(os.environ["TRAINBUS_CONTROL"])
 
@@ -33,8 +34,8 @@ with open(out_path, "w") as out:
             topic, raw = sub.recv_multipart()
             event = msgpack.unpackb(raw)
             if not said_hello:  # our subscription is live once the first event arrives
-                send("hello", name="raw", pid=os.getpid(), subscriptions=[""], replies=["stop"],
-                     delivery="best_effort", votes=[])
+                send("hello", name=os.environ.get("TRAINBUS_PLUGIN_NAME", "raw"), pid=os.getpid(), subscriptions=[""],
+                     replies=["stop"], delivery="best_effort", votes=[], secret=os.environ["TRAINBUS_SECRET"])
                 said_hello = True
             out.write(f"{event['seq']} {event['type']} {event['step']}\n")
             if event["type"] == "end_training_batch" and event["step"] >= stop_at_step and not stopped:

@@ -39,9 +39,9 @@ HEARTBEAT = Event(seq=1, run="run-1", type=ev.HEARTBEAT, ts=1_700_000_000.0, ste
 # One or more valid messages of every control type; test_examples_cover_every_schema keeps this complete.
 VALID_CONTROL: dict[str, list[dict]] = {
     "hello": [dict(name="metrics_log", pid=4242, subscriptions=[""], replies=["stop", "metric"], delivery="durable",
-                   votes=[], capabilities=[]),
+                   votes=[], capabilities=[], secret=""),
               dict(name="x", pid=1, subscriptions=["heartbeat", "end_epoch"], replies=[], delivery="best_effort",
-                   votes=["end_epoch"], capabilities=["checkpoint"])],
+                   votes=["end_epoch"], capabilities=["checkpoint"], secret="ab" * 32)],
     "heartbeat": [{}],
     "ack": [dict(seq=0), dict(seq=2**63)],
     "replay": [dict(from_seq=1), dict(from_seq=0)],
@@ -57,6 +57,7 @@ VALID_CONTROL: dict[str, list[dict]] = {
                 dict(run="r", heartbeat_interval_s=2, resume_from=99)],
     "replay_batch": [dict(events=[event_to_map(HEARTBEAT), event_to_map(EVENT)], done=True),
                      dict(events=[], done=False)],
+    "refused": [dict(reason="hello as 'metrics_log' refused: wrong secret")],
 }
 CONTROL_EXAMPLES = [(kind, fields) for kind, examples in VALID_CONTROL.items() for fields in examples]
 

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainbus.kernel.bus import Bus
 from trainbus.kernel.config import PluginConfig, RunConfig
 from trainbus.kernel.journal import read_events
-from trainbus.kernel.session import FINAL_WEIGHTS, run_training
+from trainbus.kernel.session import FINAL_WEIGHTS, open_bus, run_training
 from trainbus.proto import events as ev
 from trainbus.proto.codec import MAX_ARRAY_LEN, MAX_STR_BYTES
 
@@ -19,7 +18,6 @@ from conftest import TESTS_DIR
 from specs import TRAIN_BATCHES, VALIDATION_BATCHES
 
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
-
 
 def expected_lifecycle(epochs: int) -> list[str]:
     seq = [ev.START_TRAINING_SESSION]
@@ -31,10 +29,8 @@ def expected_lifecycle(epochs: int) -> list[str]:
         seq += [ev.END_VALIDATION_LOOP, ev.END_EPOCH]
     return seq + [ev.END_TRAINING_SESSION]
 
-
 def recorded(path: Path) -> list[tuple[int, str]]:
     return [(int(s), t) for s, t in (line.split()[:2] for line in path.read_text().splitlines())]
-
 
 def test_subscriber_sees_every_event_in_exact_order(runs_dir, tmp_path):
     rec = tmp_path / "seen.txt"
@@ -50,7 +46,6 @@ def test_subscriber_sees_every_event_in_exact_order(runs_dir, tmp_path):
     # what the subscriber got is exactly what the journal holds
     journal = [(e.seq, e.type) for e in read_events(result.run_dir)]
     assert journal[: len(seen)] == seen
-
 
 def test_raw_pyzmq_plugin_stop_ends_training_at_a_step_boundary(runs_dir, tmp_path):
     out = tmp_path / "raw.txt"
@@ -70,10 +65,8 @@ def test_raw_pyzmq_plugin_stop_ends_training_at_a_step_boundary(runs_dir, tmp_pa
     assert after_stop[-1] == ev.END_TRAINING_SESSION
     assert "stop-sent-at-step" in out.read_text()
 
-
 def _final_state(run_dir: str) -> dict:
     return torch.load(Path(run_dir) / FINAL_WEIGHTS, weights_only=True)
-
 
 def assert_same_weights(a: dict, b: dict) -> None:
     for key in a["model_state_dict"]:
@@ -81,7 +74,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
     for pa, pb in zip(a["optimizer_state_dict"]["state"].values(), b["optimizer_state_dict"]["state"].values()):
         for k in pa:
             assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])), k
-
 
 def test_hostile_plugins_cannot_change_or_stop_training(runs_dir):
     base = run_training(RunConfig(epochs=3, runs_dir=str(runs_dir), seed=7, plugins=[]))
@@ -100,7 +92,6 @@ def test_hostile_plugins_cannot_change_or_stop_training(runs_dir):
     logs = [e for e in read_events(hostile.run_dir) if e.type == ev.LOG and e.data["plugin"] == "raiser"]
     assert logs and "hostile plugin refuses" in logs[0].data["text"]
 
-
 def test_training_exception_fails_the_run_and_tells_plugins(runs_dir, tmp_path):
     rec = tmp_path / "seen.txt"
     result = run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:failing", runs_dir=str(runs_dir),
@@ -110,16 +101,16 @@ def test_training_exception_fails_the_run_and_tells_plugins(runs_dir, tmp_path):
     assert len(failed) == 1 and "FloatingPointError" in failed[0].data["traceback"]
     assert recorded(rec)[-1] == (failed[0].seq, ev.RUN_FAILED), "a durable plugin sees the failure last"
 
-
 @pytest.mark.parametrize("data", [{1: "int key"}, {"s": "x" * (MAX_STR_BYTES + 1)}, {"a": [0] * (MAX_ARRAY_LEN + 1)}],
                          ids=["int key", "long string", "long array"])
 def test_event_data_no_peer_could_decode_is_replaced_not_sent(tmp_path, data):
     """pack() accepts more than unpack(): the bus checks, keeps the seq, and says why in the data."""
-    bus = Bus("r", tmp_path, plugins=[])
+    bus, _, _ = open_bus("r", tmp_path, plugins=[])
     bus.start()
     bus.publish(ev.METRIC, 0, 0, data)
     bus.publish(ev.METRIC, 0, 0, {"fine": 1.0})
-    bus.close(0)
+    bus.flush_now()
+    bus.close()
     metrics = [e for e in read_events(tmp_path) if e.type == ev.METRIC]
     assert "not encodable" in metrics[0].data["error"]
     assert len(metrics) == 2 and metrics[1].data == {"fine": 1.0}, "the bad event kept its place; nothing lost"

@@ -1,0 +1,144 @@
+"""What each control message does: one handler per type, reached through a table, after the peer is checked.
+
+Nothing from a peer that was not welcomed is acted on, and a welcomed peer only within its grant
+(kernel/peers.py); every refusal is counted with its reason and told to the peer once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any
+
+from trainbus.proto import ProtocolError, control, decode_control, encode_control, encode_replay_batch, events as ev
+
+from .limits import truncate
+from .peers import Peer, Refused
+
+log = logging.getLogger("trainbus.kernel")
+
+REPLAY_BATCH_MAX_EVENTS = 512  # one replay_batch; the plugin asks for the next when done (pull = flow control)
+REPLAY_BATCH_MAX_BYTES = 4 * 1024 * 1024
+TOLD_MAX = 1024  # (peer, refusal) pairs logged and answered once; a flood of new identities is only counted
+
+
+class Dispatcher:
+    """Dispatches the bus's control messages to the peer table, the checkpointer and the loop's replies."""
+
+    def __init__(self, bus, supervisor, peers, checkpointer=None):
+        self.bus, self.peers, self.checkpointer = bus, peers, checkpointer
+        self.counters = bus.counters
+        self._told: collections.OrderedDict = collections.OrderedDict()
+        self.handlers = {
+            "heartbeat": _nothing, "ack": self._on_ack, "replay": self._on_replay,
+            "bye": lambda peer, msg: supervisor.leaving(peer.name),
+            "metric": self._on_metric, "log": self._on_log,
+            "stop": self._on_reply, "checkpoint_now": self._on_reply,
+            "checkpoint_saved": self._on_settle, "checkpoint_failed": self._on_settle,
+        }
+
+    def handle(self, identity: bytes, raw: bytes) -> None:
+        try:
+            msg = decode_control(raw)
+        except ProtocolError as exc:
+            self.counters["malformed"] += 1
+            if self.counters["malformed"] <= 10:
+                log.warning("dropped a malformed control message: %s", exc)
+            return
+        kind, now = msg["type"], time.monotonic()
+        try:
+            if kind == "hello":
+                self._on_hello(identity, msg, now)
+                return
+            handler = self.handlers.get(kind)
+            if handler is None:  # a kernel-to-plugin type sent our way
+                self.counters["unexpected"] += 1
+                return
+            peer = self.peers.get(identity)
+            if peer is None:
+                raise Refused("unknown_peer", f"{kind} from a peer that was not welcomed: say hello first")
+            self.peers.seen(peer, now)
+            self.peers.check_allowed(peer, kind)
+            handler(peer, msg)
+        except Refused as refusal:
+            self._refuse(identity, refusal)
+
+    def _refuse(self, identity: bytes, refusal: Refused) -> None:
+        """Count every refusal; log it and tell the peer once per (peer, reason)."""
+        self.counters[f"refused_{refusal.code}"] += 1
+        key = (identity, refusal.code)
+        if key in self._told:
+            return
+        self._told[key] = True
+        if len(self._told) > TOLD_MAX:
+            self._told.popitem(last=False)
+        log.warning("refused: %s", refusal)
+        self.bus.send(identity, encode_control(control("refused", reason=str(refusal))))
+
+    # -- one handler per message type -------------------------------------------------------------
+
+    def _on_hello(self, identity: bytes, msg: dict[str, Any], now: float) -> None:
+        peer = self.peers.welcome(identity, msg, now)
+        self.bus.send(identity, encode_control(control(
+            "welcome", run=self.bus.run_id, resume_from=self.peers.resume_from(peer, self.bus.last_seq + 1),
+            heartbeat_interval_s=self.bus.heartbeat_interval_s)))
+        self.bus.emit(ev.PLUGIN_READY, {"plugin": peer.name, "pid": peer.pid, "delivery": peer.delivery})
+
+    def _on_ack(self, peer: Peer, msg: dict[str, Any]) -> None:
+        self.peers.ack(peer, msg["seq"], self.bus.journal.written_seq)
+
+    def _on_replay(self, peer: Peer, msg: dict[str, Any]) -> None:
+        peer.replay_from = max(msg["from_seq"], 1)  # served by serve_replays; a newer request replaces it
+
+    def serve_replays(self, now: float) -> None:
+        """One batch per peer per round, within each peer's replay rate; the journal's bytes as stored."""
+        journal = self.bus.journal
+        for peer in self.peers:
+            if peer.replay_from is None or not peer.budget.replays.take(now):
+                continue
+            from_seq, peer.replay_from = max(peer.replay_from, journal.first_seq), None
+            count, records = journal.read_range(from_seq, REPLAY_BATCH_MAX_EVENTS, REPLAY_BATCH_MAX_BYTES)
+            done = from_seq + count - 1 >= journal.written_seq
+            self.bus.send(peer.identity, encode_replay_batch(count, records, done))
+            self.counters["replayed"] += count
+
+    def _on_metric(self, peer: Peer, msg: dict[str, Any]) -> None:
+        name, cut = truncate(msg["name"], peer.budget.limits.metric_name_max_chars)
+        if self._admit(peer, "metric", len(name), cut):
+            step = msg["step"] if msg["step"] is not None else self.bus.step
+            self.bus.emit(ev.METRIC, {"plugin": peer.name, "name": name, "value": msg["value"], "step": step})
+
+    def _on_log(self, peer: Peer, msg: dict[str, Any]) -> None:
+        text, cut = truncate(msg["text"], peer.budget.limits.log_text_max_chars)
+        if self._admit(peer, "log", len(text), cut):
+            self.bus.emit(ev.LOG, {"plugin": peer.name, "level": msg["level"], "text": text})
+            log.log(logging.getLevelName(msg["level"].upper()), "[%s] %s", peer.name, text)
+
+    def _admit(self, peer: Peer, kind: str, nbytes: int, truncated: bool) -> bool:
+        """Within the peer's rate and byte budget; drops are counted, and logged once per peer."""
+        self.counters[f"{kind}_truncated"] += truncated
+        if peer.budget.admit(kind, nbytes, time.monotonic()):
+            return True
+        self.counters[f"{kind}_dropped"] += 1
+        peer.counters[f"{kind}_dropped"] += 1
+        if peer.counters[f"{kind}_dropped"] == 1:
+            log.warning("[%s] sends %s messages faster than its limit; dropping the excess (counted)", peer.name, kind)
+        return False
+
+    def _on_reply(self, peer: Peer, msg: dict[str, Any]) -> None:
+        self.bus.reply(msg["type"], peer.name, truncate(msg["reason"], 1000)[0])
+
+    def _on_settle(self, peer: Peer, msg: dict[str, Any]) -> None:
+        if self.checkpointer is None:
+            raise Refused("settle_seq", f"{peer.name}: {msg['type']}, but this run takes no snapshots")
+        self.checkpointer.settle(peer, msg, self.bus.journal.written_seq)
+        fields = {k: truncate(v, 1000)[0] if isinstance(v, str) else v for k, v in msg.items() if k not in ("v", "type")}
+        event = ev.CHECKPOINT_SAVED if msg["type"] == "checkpoint_saved" else ev.CHECKPOINT_FAILED
+        self.bus.emit(event, {"plugin": peer.name, **fields})
+        if event == ev.CHECKPOINT_FAILED:
+            log.warning("[%s] checkpoint failed: %s", peer.name, fields["reason"])
+
+
+def _nothing(peer: Peer, msg: dict[str, Any]) -> None:
+    """A heartbeat: being received was the point (Peers.seen ran)."""

@@ -1,0 +1,65 @@
+"""Who may speak to a run: the per-run secret, each plugin's token, the attach credential, owner-only paths."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+CREDENTIAL_FILE = "credential"  # in the run directory, 0600: what a plugin attached by hand proves itself with
+ATTACH = "attach"  # the token of the credential file: any name no spawned plugin holds
+SECRET_ENV = "TRAINBUS_SECRET"
+SUN_PATH_MAX = 100  # sockaddr_un.sun_path holds 108 bytes on Linux, 104 on macOS; keep a margin
+
+
+class Credentials:
+    """One run's secret and the tokens derived from it.
+
+    A spawned plugin gets the token for its own name (HMAC of the run secret), so a plugin can claim no
+    other plugin's name; the credential file's token lets a hand-started plugin take any name that no
+    spawned plugin holds. A remote peer will prove itself by its CURVE key instead (ZAP's User-Id), the
+    same way: an identity the kernel checks, mapped to the names and roles it grants.
+    """
+
+    def __init__(self) -> None:
+        self._secret = secrets.token_bytes(32)
+
+    def token_for(self, name: str) -> str:
+        return hmac.new(self._secret, f"plugin:{name}".encode(), hashlib.sha256).hexdigest()
+
+    def attach_token(self) -> str:
+        return hmac.new(self._secret, ATTACH.encode(), hashlib.sha256).hexdigest()
+
+    def check(self, name: str, token: str, spawned: bool) -> str | None:
+        """None when `token` proves the right to `name`; else why not."""
+        if not token:
+            return "no secret in hello (spawned plugins read TRAINBUS_SECRET; attached ones the run's credential file)"
+        if hmac.compare_digest(token, self.token_for(name)):
+            return None
+        if hmac.compare_digest(token, self.attach_token()):
+            return f"name {name!r} belongs to a plugin this run spawned" if spawned else None
+        return "wrong secret"
+
+    def write_attach_file(self, run_dir: Path) -> Path:
+        """The attach token, owner-only, in the run directory (never world-readable, not even briefly)."""
+        path = Path(run_dir) / CREDENTIAL_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.attach_token() + "\n")
+        return path
+
+
+def socket_dir(run_dir: Path) -> tuple[Path, bool]:
+    """Where the run's ipc sockets go: the run directory, or a fresh owner-only directory under the temp
+    dir when the run directory's path is too long for a Unix socket. (dir, True when it is ours to remove)."""
+    if len(str(run_dir / "control.sock")) < SUN_PATH_MAX:
+        return run_dir, False
+    short = Path(tempfile.mkdtemp(prefix="trainbus-"))  # 0700 by construction
+    if len(str(short / "control.sock")) >= SUN_PATH_MAX:
+        shutil.rmtree(short, ignore_errors=True)
+        raise OSError(f"no socket path short enough under {tempfile.gettempdir()}; set TMPDIR to a short directory")
+    return short, True

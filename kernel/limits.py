@@ -1,0 +1,73 @@
+"""What one peer may cost the kernel: rate buckets and size caps for metric, log and replay traffic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Per-peer defaults ([limits] in the run's config overrides each). A monitor reports a few readings a
+# second and a logger a few lines; ten times that is still far below what costs training anything
+# (docs/benchmarks.md, "Hostile peers"), while a flood is cut at the bucket.
+METRICS_PER_S = 200.0
+LOGS_PER_S = 50.0
+BYTES_PER_S = 256 * 1024  # metric + log payload bytes: a byte budget, whatever the message count
+REPLAY_BATCHES_PER_S = 50.0  # 50 x 512 events: a crashed durable plugin still catches up at 25k events/s
+BURST_S = 2.0  # a bucket holds this many seconds of its rate: short bursts pass untouched
+METRIC_NAME_MAX_CHARS = 200
+LOG_TEXT_MAX_CHARS = 16 * 1024  # a long traceback fits
+TRUNCATED = " [... truncated {} chars]"
+
+
+@dataclass
+class PeerLimits:
+    """The configured per-peer limits; one instance per run, shared by every peer's buckets."""
+
+    metrics_per_s: float = METRICS_PER_S
+    logs_per_s: float = LOGS_PER_S
+    bytes_per_s: float = BYTES_PER_S
+    replay_batches_per_s: float = REPLAY_BATCHES_PER_S
+    metric_name_max_chars: int = METRIC_NAME_MAX_CHARS
+    log_text_max_chars: int = LOG_TEXT_MAX_CHARS
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `rate * BURST_S` saved up. Time is a parameter (tests pass a fake clock)."""
+
+    def __init__(self, rate: float, now: float):
+        self.rate = rate
+        self.capacity = max(1.0, rate * BURST_S)
+        self.tokens = self.capacity
+        self.updated = now
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Spend `cost` tokens if there are that many; False (nothing spent) otherwise."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < cost:
+            return False
+        self.tokens -= cost
+        return True
+
+
+class PeerBudget:
+    """One peer's buckets: metric and log messages, their bytes, and replay batches."""
+
+    def __init__(self, limits: PeerLimits, now: float):
+        self.limits = limits
+        self.metrics = TokenBucket(limits.metrics_per_s, now)
+        self.logs = TokenBucket(limits.logs_per_s, now)
+        self.bytes = TokenBucket(limits.bytes_per_s, now)
+        self.replays = TokenBucket(limits.replay_batches_per_s, now)
+
+    def admit(self, kind: str, nbytes: int, now: float) -> bool:
+        """A metric or log message of `nbytes` payload may go through (both its buckets had room)."""
+        bucket = self.metrics if kind == "metric" else self.logs
+        if not bucket.take(now):
+            return False
+        return self.bytes.take(now, min(nbytes, self.bytes.capacity))
+
+
+def truncate(text: str, max_chars: int) -> tuple[str, bool]:
+    """`text` cut to max_chars with a marker saying how much was cut; (text, was_truncated)."""
+    if len(text) <= max_chars:
+        return text, False
+    return text[:max_chars] + TRUNCATED.format(len(text) - max_chars), True

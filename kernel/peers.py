@@ -1,0 +1,186 @@
+"""Who is on the control socket: hellos checked against credentials, what each peer may do, acks, liveness.
+
+A peer is known only after a hello that proves its name (kernel/credentials.py). From then on it may
+move only its own ack position, never past what was published; send only the reply types it declared;
+and it is alive while it sends anything at all. The table is bounded and forgets peers that are gone.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from trainbus.proto import DURABLE
+
+from .credentials import Credentials
+from .limits import PeerBudget, PeerLimits
+
+MAX_PEERS = 64  # welcomed peers at once; a hello past this is refused
+MAX_NAMES = 256  # names whose ack position and role are remembered across reconnects and restarts
+ALWAYS_ALLOWED = frozenset({"heartbeat", "ack", "replay", "bye"})
+PERSISTER_MESSAGES = frozenset({"checkpoint_saved", "checkpoint_failed"})
+
+
+class Refused(Exception):
+    """A message the kernel will not act on: `code` is the counter's name, the text says why."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+class Supervision(Protocol):
+    """The narrow questions peers ask the supervisor about the plugins it spawned."""
+
+    def spawned(self, name: str) -> bool: ...
+    def is_current(self, name: str, pid: int) -> bool: ...
+    def coming_back(self, name: str) -> bool: ...
+    def seen(self, name: str, pid: int, now: float) -> None: ...
+
+
+@dataclass
+class Peer:
+    """A welcomed peer: what its hello said and what it has done since."""
+
+    identity: bytes
+    name: str
+    pid: int
+    delivery: str
+    replies: frozenset[str]
+    votes: tuple[str, ...]
+    capabilities: tuple[str, ...]
+    spawned: bool
+    last_seen: float
+    budget: PeerBudget
+    acked: int = 0  # highest seq this connection acked (votes read it)
+    replay_from: int | None = None  # a replay asked for and not yet served (newer requests replace it)
+    counters: collections.Counter = field(default_factory=collections.Counter)
+
+
+class Peers:
+    def __init__(self, credentials: Credentials, supervisor: Supervision, limits: PeerLimits, liveness_s: float):
+        self.credentials = credentials
+        self.supervisor = supervisor
+        self.limits = limits
+        self.liveness_s = liveness_s
+        self._by_identity: dict[bytes, Peer] = {}
+        self._by_name: collections.OrderedDict[str, Peer] = collections.OrderedDict()  # latest hello per name
+        self.positions: dict[str, int] = {}  # durable name -> highest seq acked, across its restarts
+
+    def __iter__(self):
+        return iter(list(self._by_identity.values()))
+
+    def get(self, identity: bytes) -> Peer | None:
+        return self._by_identity.get(identity)
+
+    # -- hello ------------------------------------------------------------------------------------
+
+    def welcome(self, identity: bytes, hello: dict[str, Any], now: float) -> Peer:
+        """Register the peer a hello names, or raise Refused saying why not."""
+        name, pid = hello["name"], hello["pid"]
+        spawned = self.supervisor.spawned(name)
+        why = self.credentials.check(name, hello["secret"], spawned)
+        if why:
+            raise Refused("hello_secret", f"hello as {name!r} refused: {why}")
+        if spawned and not self.supervisor.is_current(name, pid):
+            raise Refused("hello_pid", f"hello as {name!r} refused: pid {pid} is not the process the kernel started")
+        holder = self._by_name.get(name)
+        if holder is not None and holder.identity != identity and holder.identity in self._by_identity:
+            if self.is_live(holder, now):
+                raise Refused("hello_name_taken", f"hello as {name!r} refused: a live peer holds that name")
+            del self._by_identity[holder.identity]
+        if identity not in self._by_identity and len(self._by_identity) >= MAX_PEERS:
+            self.forget_dead(now)
+            if len(self._by_identity) >= MAX_PEERS:
+                raise Refused("hello_table_full", f"hello as {name!r} refused: {MAX_PEERS} peers already attached")
+        peer = Peer(identity, name, pid, hello["delivery"], frozenset(hello["replies"]), tuple(hello["votes"]),
+                    tuple(hello["capabilities"]), spawned, now, PeerBudget(self.limits, now))
+        self._by_identity[identity] = peer
+        self._by_name[name] = peer
+        self._by_name.move_to_end(name)
+        while len(self._by_name) > MAX_NAMES:
+            self._forget_name(next(iter(self._by_name)))
+        self.seen(peer, now)
+        return peer
+
+    def resume_from(self, peer: Peer, next_seq: int) -> int:
+        """Where a durable peer starts: after its name's last ack; a best-effort one: what comes next."""
+        return self.positions.get(peer.name, 0) + 1 if peer.delivery == DURABLE else next_seq
+
+    # -- what a welcomed peer may do --------------------------------------------------------------
+
+    def check_allowed(self, peer: Peer, kind: str) -> None:
+        """Raise Refused unless this peer's hello granted it `kind` messages."""
+        if kind in ALWAYS_ALLOWED:
+            return
+        if kind in PERSISTER_MESSAGES:
+            if "checkpoint" not in peer.capabilities:
+                raise Refused("not_persister", f"{peer.name}: {kind} from a peer without the checkpoint capability")
+            return
+        if kind not in peer.replies:
+            raise Refused("not_declared", f"{peer.name}: {kind} is not among the replies its hello declared")
+
+    def seen(self, peer: Peer, now: float) -> None:
+        """Any message is a sign of life (zguide: treat any incoming data as a heartbeat)."""
+        peer.last_seen = now
+        if peer.spawned:
+            self.supervisor.seen(peer.name, peer.pid, now)
+
+    def ack(self, peer: Peer, seq: int, published_seq: int) -> None:
+        """Moves this peer's own position only, and never past what was published."""
+        peer.acked = max(peer.acked, min(seq, published_seq))
+        if peer.delivery == DURABLE:
+            self.positions[peer.name] = max(self.positions.get(peer.name, 0), peer.acked)
+
+    def position(self, name: str) -> int:
+        peer = self._by_name.get(name)
+        return self.positions.get(name, peer.acked if peer else 0)
+
+    # -- liveness ---------------------------------------------------------------------------------
+
+    def is_live(self, peer: Peer, now: float) -> bool:
+        """A spawned peer lives while its process does; an attached one while it keeps talking."""
+        if peer.spawned:
+            return self.supervisor.is_current(peer.name, peer.pid)
+        return now - peer.last_seen < self.liveness_s
+
+    def may_return(self, name: str, now: float) -> bool:
+        """Live, or spawned and on its way back (restarting); not failed, not left."""
+        peer = self._by_name.get(name)
+        if peer is None:
+            return False
+        if peer.spawned:
+            return self.supervisor.coming_back(name)
+        return peer.identity in self._by_identity and self.is_live(peer, now)
+
+    def forget_dead(self, now: float) -> None:
+        """Drop connections that are gone; their names keep their ack positions."""
+        for identity, peer in list(self._by_identity.items()):
+            if not self.is_live(peer, now) and (peer.spawned or now - peer.last_seen > 2 * self.liveness_s):
+                del self._by_identity[identity]
+
+    def _forget_name(self, name: str) -> None:
+        peer = self._by_name.pop(name)
+        self._by_identity.pop(peer.identity, None)
+        self.positions.pop(name, None)
+
+    # -- questions the bus and the checkpointer ask -----------------------------------------------
+
+    def named(self, names_with: str, now: float) -> list[Peer]:
+        """The latest peer of each name with capability `names_with` that may still return."""
+        return [p for p in list(self._by_name.values()) if names_with in p.capabilities and self.may_return(p.name, now)]
+
+    def voters_behind(self, type_: str, seq: int, now: float) -> list[str]:
+        return [p.name for p in self if type_ in p.votes and p.acked < seq and self.is_live(p, now)]
+
+    def has_voters(self, type_: str) -> bool:
+        return any(type_ in p.votes for p in self)
+
+    def durable_behind(self, seq: int, now: float) -> dict[str, int]:
+        """Durable names that may still return and have not acked `seq`: what the end-of-run drain waits for."""
+        return {p.name: self.positions.get(p.name, 0) for p in list(self._by_name.values())
+                if p.delivery == DURABLE and self.may_return(p.name, now) and self.positions.get(p.name, 0) < seq}
+
+    def welcomed_names(self) -> set[str]:
+        return {p.name for p in self}

@@ -1,0 +1,97 @@
+"""The loop alone, in this process, against a recording bus: the exact event list, and replies at every boundary."""
+
+from __future__ import annotations
+
+import torch
+
+from trainbus.kernel.checkpointing import Checkpointer
+from trainbus.kernel.loop import Loop
+from trainbus.kernel.replies import Reply, merge_replies
+from trainbus.kernel.snapshot import SnapshotBuffers
+from trainbus.proto import events as ev
+
+from specs import TRAIN_BATCHES, VALIDATION_BATCHES, tiny
+
+
+class RecordingBus:
+    """What the loop publishes, in order; replies handed in as if they arrived while a given event was out."""
+
+    def __init__(self, replies_at: dict[tuple[str, int], list[Reply]] | None = None):
+        self.events: list[tuple[str, int, dict]] = []  # (type, epoch, data)
+        self.replies_at = dict(replies_at or {})
+        self._pending: list[Reply] = []
+
+    def publish(self, type_: str, step: int, epoch: int, data: dict) -> None:
+        self.events.append((type_, epoch, data))
+        self._pending += self.replies_at.pop((type_, epoch), [])
+
+    def take_replies(self) -> list[Reply]:
+        out, self._pending = self._pending, []
+        return out
+
+    def await_votes(self, type_: str, timeout_s: float) -> list[str]:
+        return []
+
+    def types(self) -> list[str]:
+        return [t for t, _, _ in self.events]
+
+
+class OnePersister:
+    """The peer table as the checkpointer sees it: one live persister that settles everything at once."""
+
+    class _Peer:
+        name = "checkpoint"
+        capabilities = ("checkpoint",)
+
+    def named(self, capability: str, now: float) -> list:
+        return [self._Peer()]
+
+    def position(self, name: str) -> int:
+        return 1 << 62
+
+
+def epoch_events(checkpoint_before_end: bool = False) -> list[str]:
+    batches = [ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH] * TRAIN_BATCHES
+    validation = [ev.START_VALIDATION_BATCH, ev.END_VALIDATION_BATCH] * VALIDATION_BATCHES
+    return ([ev.START_EPOCH, ev.START_TRAINING_LOOP, *batches, ev.END_TRAINING_LOOP,
+             ev.START_VALIDATION_LOOP, *validation, ev.END_VALIDATION_LOOP]
+            + ([ev.SAVE_CHECKPOINT] if checkpoint_before_end else []) + [ev.END_EPOCH])
+
+
+def test_a_run_publishes_exactly_the_lifecycle_in_order():
+    bus = RecordingBus()
+    outcome = Loop(tiny({}), bus, torch.device("cpu")).run()
+    assert bus.types() == [ev.START_TRAINING_SESSION, *epoch_events(), *epoch_events(), ev.END_TRAINING_SESSION]
+    assert outcome.epochs_completed == 2 and outcome.steps == 2 * TRAIN_BATCHES and not outcome.stopped_early
+
+
+def test_checkpoint_now_during_validation_snapshots_at_that_epochs_boundary(tmp_path):
+    asked = Reply("checkpoint_now", "watcher", "validation looks odd")
+    bus = RecordingBus({(ev.START_VALIDATION_BATCH, 1): [asked]})
+    buffers = SnapshotBuffers("loop-test", [tmp_path])
+    checkpointer = Checkpointer(buffers, OnePersister(), every_n_epochs=0, every_n_steps=0, directories=[tmp_path])
+    try:
+        Loop(tiny({}), bus, torch.device("cpu"), checkpointer=checkpointer).run()
+    finally:
+        checkpointer.close()
+    assert bus.types() == [ev.START_TRAINING_SESSION, *epoch_events(checkpoint_before_end=True), *epoch_events(),
+                           ev.END_TRAINING_SESSION]
+    saves = [(epoch, data) for type_, epoch, data in bus.events if type_ == ev.SAVE_CHECKPOINT]
+    assert len(saves) == 1 and saves[0][0] == 1
+    assert saves[0][1]["reason"] == "checkpoint_now"
+    assert saves[0][1]["state"]["trainbus"]["epoch_complete"] is True
+    assert saves[0][1]["state"]["step"] == TRAIN_BATCHES
+
+
+def test_a_stop_during_validation_ends_the_run_at_that_epochs_end():
+    bus = RecordingBus({(ev.START_VALIDATION_BATCH, 1): [Reply("stop", "early", "enough")]})
+    outcome = Loop(tiny({}), bus, torch.device("cpu")).run()
+    assert outcome.epochs_completed == 1 and outcome.stopped_early
+    assert outcome.stop_reasons == ["early: stop: enough"]
+    assert bus.types()[-3:] == [ev.END_EPOCH, ev.STOP_REQUESTED, ev.END_TRAINING_SESSION]
+
+
+def test_stop_reasons_hold_stop_replies_only():
+    control = merge_replies([Reply("checkpoint_now", "a", "save"), Reply("stop", "b", "done"), Reply("log", "c", "x")])
+    assert control.should_stop and control.checkpoint_now
+    assert control.reasons == ("b: stop: done",) and control.checkpoint_reasons == ("a: save",)
