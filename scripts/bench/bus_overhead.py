@@ -67,6 +67,7 @@ from _benchutil import (
     CpuWatch,
     Subscribers,
     batch_data,
+    close_bus,
     machine_line,
     median,
     quiet_note,
@@ -78,7 +79,7 @@ from trainbus.kernel.config import DEFAULT_PLUGINS, RunConfig, load_config
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.loop import Loop, seed_everything
 from trainbus.kernel.memory import keep_freed_memory
-from trainbus.kernel.session import run_training
+from trainbus.kernel.session import open_bus, run_training, wait_drained, wait_ready
 from trainbus.kernel.spec import DEFAULT_TARGET, build_spec
 from trainbus.kernel.supervisor import PluginSpec
 from trainbus.proto import events as ev
@@ -312,12 +313,13 @@ def bench_events(args, workdir: Path) -> None:
 
     raw_subs.wait_ready(lambda: raw_send(HEARTBEAT, 0, {"interval_s": 1.0}))
 
-    (workdir / "bus").mkdir()
-    bus = Bus("bench-bus", workdir / "bus", [])
+    bus_dir = workdir / "bus"
+    bus_dir.mkdir()
+    bus, _, sockets = open_bus("bench-bus", bus_dir, [])
     bus.start()
     bus_subs = Subscribers(1, bus.events_endpoint, workdir)
     bus_subs.wait_ready(lambda: time.sleep(0.02))  # the bus heartbeats every 0.1 s until wait_ready
-    bus.wait_ready(0)
+    wait_ready(bus, 0)
 
     results: dict[str, list] = {"raw": [], "bus": []}
     foreign = []
@@ -356,7 +358,7 @@ def bench_events(args, workdir: Path) -> None:
 
     raw_subs.finish(lambda: raw_send(FINAL, 0, {}))
     bus_subs.finish(lambda: bus.publish(FINAL, 0, 1, {}))
-    bus.close()
+    close_bus(bus, bus_dir, sockets)
     pub.close()
     ctx.term()
 
@@ -401,7 +403,8 @@ class _NullPublisher:
 
 class _InstrumentedBus(Bus):
     """The kernel's Bus, timing its flushes (CPU and wall, in the bus thread) and snapshotting the
-    training thread's and the plugins' CPU time between wait_ready (training starts) and wait_drained."""
+    training thread's and the plugins' CPU time between wait_ready (training starts) and wait_drained
+    (diagnose puts _instrumented_wait_ready/_drained in place of session's wait_ready/wait_drained)."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -427,18 +430,20 @@ class _InstrumentedBus(Bus):
                 pass
         return time.thread_time(), self.flush_cpu, self.flush_wall, self.flushed_events, plugin_cpu
 
-    # *args/**kwargs: whatever the kernel's signatures grow, pass it on
-    def wait_ready(self, *args, **kwargs):
-        missing = super().wait_ready(*args, **kwargs)
-        self.snaps.append(self._snapshot())
-        return missing
 
-    def wait_drained(self, *args, **kwargs):
-        # before the plugins exit (their CPU time goes with them); a moment to handle the last flush
-        self.flush_now()
-        time.sleep(0.05)
-        self.snaps.append(self._snapshot())
-        return super().wait_drained(*args, **kwargs)
+# *args/**kwargs: whatever the kernel's signatures grow, pass it on
+def _instrumented_wait_ready(bus: _InstrumentedBus, *args, **kwargs):
+    missing = wait_ready(bus, *args, **kwargs)
+    bus.snaps.append(bus._snapshot())
+    return missing
+
+
+def _instrumented_wait_drained(bus: _InstrumentedBus, *args, **kwargs):
+    # before the plugins exit (their CPU time goes with them); a moment to handle the last flush
+    bus.flush_now()
+    time.sleep(0.05)
+    bus.snaps.append(bus._snapshot())
+    return wait_drained(bus, *args, **kwargs)
 
 
 def diagnose(args, workdir: Path, measure: Measurer) -> None:
@@ -472,14 +477,16 @@ def diagnose(args, workdir: Path, measure: Measurer) -> None:
             buses.append(_InstrumentedBus(*a, **kw))
             return buses[-1]
 
-        session.Bus = make_bus
+        # run_training builds its bus in session.open_bus, which calls session's Bus
+        session.Bus, session.wait_ready, session.wait_drained = (make_bus, _instrumented_wait_ready,
+                                                                  _instrumented_wait_drained)
         flush_interval = busmod.FLUSH_INTERVAL_S
         if variant == what_if:
             busmod.FLUSH_INTERVAL_S = 0.1  # a module constant the bus thread reads on every round
         try:
             stamps, _, _ = trainbus_run(hp, epochs, args.seed, plugins, workdir / "runs", log)
         finally:
-            session.Bus = Bus
+            session.Bus, session.wait_ready, session.wait_drained = Bus, wait_ready, wait_drained
             busmod.FLUSH_INTERVAL_S = flush_interval
         steps = sum(len(s) for s in stamps)
         (c0, fc0, fw0, fe0, p0), (c1, fc1, fw1, fe1, p1) = buses[0].snaps[:2]
@@ -525,7 +532,7 @@ def flush_cost(workdir: Path) -> None:
 
     run_dir = workdir / "flush-cost"
     run_dir.mkdir()
-    bus = Bus("bench-flush-cost-run", run_dir, [])  # not started: we drive _flush() ourselves
+    bus, _, sockets = open_bus("bench-flush-cost-run", run_dir, [])  # not started: we drive _flush() ourselves
     sub = bus.ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.setsockopt(zmq.RCVHWM, 0)
@@ -612,10 +619,10 @@ def flush_cost(workdir: Path) -> None:
     for name, cost in parts:
         rows.append([name, f"{cost * 1e6:.2f}", f"{cost / whole * 100:.0f} %"])
     sub.close()
-    bus.journal.close()  # the bus was never started: close its parts by hand
-    bus.pub.close()
-    bus.router.close()
-    bus.ctx.term()
+    bus.journal.close()  # the bus was never started (Bus.close() joins its thread): close its parts by hand
+    bus.ctx.destroy(linger=0)  # every socket of the bus, then the context
+    if sockets != run_dir:
+        shutil.rmtree(sockets, ignore_errors=True)
     print(table(["bus thread, per event, no contention", "us", "of _flush"], rows,
                 f"the bus thread's cost per event (flushes of {burst} events, on this thread, nothing else running)"))
     print()
@@ -631,9 +638,9 @@ def plugin_cpu(workdir: Path) -> None:
         run_dir = workdir / f"plugin-cpu-{len(rows)}"
         run_dir.mkdir()
         with output_to(workdir / "trainbus-output.log"):
-            bus = Bus("bench-plugin-cpu", run_dir, [specs[name]] if name in specs else [])
+            bus, _, sockets = open_bus("bench-plugin-cpu", run_dir, [specs[name]] if name in specs else [])
             bus.start()
-            missing = bus.wait_ready(15)
+            missing = wait_ready(bus, 15)
             subs = None
             if name not in specs:
                 subs = Subscribers(1, bus.events_endpoint, workdir)
@@ -658,8 +665,8 @@ def plugin_cpu(workdir: Path) -> None:
             bus.publish(ev.END_TRAINING_SESSION, steps, 1, {})
             if subs:
                 subs.finish(lambda: bus.publish(FINAL, steps, 1, {}))
-            bus.wait_drained(5)
-            bus.close()
+            wait_drained(bus, 5)
+            close_bus(bus, run_dir, sockets)
         if missing:
             raise RuntimeError(f"plugin {name} never said hello")
         rows.append([name, f"{(c1 - c0) / steps * 1e6:.1f}", f"{(c1 - c0) / steps / 2 * 1e6:.1f}"])

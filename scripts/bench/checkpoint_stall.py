@@ -213,23 +213,23 @@ def bare_copy(tensors: list[torch.Tensor], reps: int) -> list[float]:
     return times
 
 
-class _AlwaysFree:
-    """The bus's side of Checkpointer, with no plugin: every slot free, always a persister."""
+class _AlwaysFree(Checkpointer):
+    """Checkpointer with no plugin and no bus: every slot free, always a persister."""
+
+    def __init__(self, buffers: SnapshotBuffers):
+        super().__init__(buffers, peers=None, every_n_epochs=0, every_n_steps=1, directories=[])
 
     def has_persister(self) -> bool:
         return True
 
-    def snapshot_slot_free(self, slot: int) -> bool:
+    def slot_free(self, slot: int) -> bool:
         return True
-
-    def reserve_snapshot_slot(self, slot: int) -> None:
-        pass
 
 
 def checkpointer_take(loop: Loop, workdir: Path, reps: int) -> tuple[list[float], list[float]]:
     """(first takes into fresh buffers, later takes into reused ones): Checkpointer.take of training_state()."""
     buffers = SnapshotBuffers(f"bench-{os.getpid()}", snapshot_directories(workdir))
-    checkpointer = Checkpointer(buffers, _AlwaysFree(), 0, 1)
+    checkpointer = _AlwaysFree(buffers)
     fresh, reused = [], []
     try:
         for i in range(reps + 1):
@@ -291,7 +291,7 @@ def persister_ab(loop: Loop, workdir: Path, steps: int, rounds: int,
     from trainbus.proto import pack
 
     buffers = SnapshotBuffers(f"bench-ab-{os.getpid()}", snapshot_directories(workdir))
-    snapshot = Checkpointer(buffers, _AlwaysFree(), 0, 1).take(loop.training_state(epoch_complete=False))
+    snapshot = _AlwaysFree(buffers).take(loop.training_state(epoch_complete=False))
     snapshot_file = workdir / "snapshot.msgpack"
     snapshot_file.write_bytes(pack({**snapshot.event_data(), "reason": "step", "metrics": {}}))
     spec = loop.spec

@@ -49,6 +49,7 @@ from _benchutil import (
     CpuWatch,
     Subscribers,
     batch_data,
+    close_bus,
     filesystem_of,
     machine_line,
     median,
@@ -59,7 +60,7 @@ from _benchutil import (
 from trainbus.kernel.bus import EVENTS_HWM, FLUSH_INTERVAL_S, Bus
 from trainbus.kernel.config import RunConfig
 from trainbus.kernel.journal import FSYNC_INTERVAL_S, Journal
-from trainbus.kernel.session import run_training
+from trainbus.kernel.session import open_bus, run_training, wait_ready
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto import events as ev
 
@@ -244,12 +245,12 @@ def fanout_bench(args, workdir: Path) -> None:
     for k in [int(x) for x in args.subscribers.split(",")]:
         run_dir = workdir / f"fanout-{k}"
         run_dir.mkdir()
-        bus = Bus(f"bench-fanout-{k}", run_dir, [])
+        bus, _, sockets = open_bus(f"bench-fanout-{k}", run_dir, [])
         bus.start()
         subs = Subscribers(k, bus.events_endpoint, workdir) if k else None
         if subs:
             subs.wait_ready(lambda: time.sleep(0.02))  # the bus heartbeats every 0.1 s until wait_ready
-        bus.wait_ready(0)
+        wait_ready(bus, 0)
         procs = [psutil.Process(p.pid) for p in subs.procs] if subs else []
         sub_cpu = lambda: sum(sum(p.cpu_times()[:2]) for p in procs)
         burst, pace = [], []
@@ -301,7 +302,7 @@ def fanout_bench(args, workdir: Path) -> None:
                          min(r[0] for r in got.values()) / args.steps if got else None))
         if subs:
             subs.finish(lambda: bus.publish(FINAL, 0, 1, {}))
-        bus.close()
+        close_bus(bus, run_dir, sockets)
 
         def b(i):
             return median([x[i] for x in burst])
