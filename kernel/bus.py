@@ -235,16 +235,7 @@ class Bus:
         for _ in range(written):
             self.pub.send_multipart(self._unpublished.popleft(), zmq.NOBLOCK)
         self.counters["events"] += written
-        if self.journal.error is not None:
-            self._disk_trouble()
-
-    def _disk_trouble(self) -> None:
-        """Log the first failed write; stop the run once the events held back outgrow their bound."""
-        self.counters["journal_write_errors"] += 1
-        if self.counters["journal_write_errors"] == 1:
-            log.warning("journal %s: %s; holding events in memory and retrying", self.journal.path,
-                        self.journal.error.strerror)
-        if self.journal.overflowing and self.failure is None:
+        if self.journal.overflowing and self.failure is None:  # the disk stays full: stop at the next step
             self.failure = self.journal.overflow_message()
             self.reply("stop", "kernel", self.failure)
 

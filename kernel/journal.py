@@ -7,6 +7,7 @@ the caller publishes only what is written. Once space returns the file is comple
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from array import array
@@ -18,6 +19,8 @@ import msgpack
 from trainbus.proto import Event
 from trainbus.proto.codec import UNPACK_LIMITS
 from trainbus.proto.journal_format import iter_records, read_journal
+
+log = logging.getLogger("trainbus.kernel")
 
 # fsync policy: every append reaches the OS page cache at once (so a kernel crash, even SIGKILL,
 # loses nothing), and the file is fsynced at most once per FSYNC_INTERVAL_S and when closed, so a
@@ -53,6 +56,7 @@ class Journal:
         self.backlog_bytes = 0
         self.error: OSError | None = None  # why the backlog is not empty
         self._retry_at = 0.0  # after a failed write, the next try waits until then
+        self.failed_writes = 0
         self._last_fsync = time.monotonic()
 
     @property
@@ -93,7 +97,11 @@ class Journal:
         try:
             _write_all(self._fd, blob, self._size)
         except OSError as exc:
+            if self.error is None:
+                log.warning("journal %s: %s; holding events in memory (at most %g MiB) and retrying", self.path,
+                            exc.strerror, self.backlog_max_bytes / 2**20)
             self.error, self._retry_at = exc, now + RETRY_INTERVAL_S
+            self.failed_writes += 1
             try:
                 os.ftruncate(self._fd, self._size)  # a torn record never stays in the file
             except OSError:
@@ -104,6 +112,8 @@ class Journal:
             self._offsets.append(offset)
             offset += len(raw)
         written, self._size = len(self._backlog), offset
+        if self.error is not None:
+            log.warning("journal %s: writable again; %d held events written", self.path, written)
         self._backlog, self.backlog_bytes, self.error = [], 0, None
         self._maybe_fsync()
         return written

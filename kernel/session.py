@@ -146,12 +146,14 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
     checkpointer.close()
     interrupts.restore()
     if journal_error is not None and bus.journal.backlog_bytes and status != "failed":
-        status, error = "failed", bus.journal.overflow_message()
+        status, error = "failed", (f"the run's last {bus.journal.backlog_bytes} bytes of events could not be "
+                                   f"journaled ({journal_error.strerror}): free space on the disk holding "
+                                   f"{bus.journal.path}")
     if interrupts.hurry() and status in ("completed", "stopped"):
         status, error = "interrupted", "interrupted (second Ctrl-C) while plugins drained"
     result = RunResult(run_id=run_id, run_dir=str(run_dir), status=status,
                        duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
-                       plugins=bus.supervisor.summary(), undrained=undrained, bus=dict(bus.counters), error=error)
+                       plugins=bus.supervisor.summary(), undrained=undrained, bus=_counters(bus), error=error)
     try:
         (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     except OSError as exc:
@@ -207,6 +209,14 @@ def wait_drained(bus: Bus, timeout_s: float, abort: Callable[[], bool] = lambda:
     behind = lambda: bus.control.peers.durable_behind(bus.final_seq, time.monotonic())  # noqa: E731
     bus.wait(lambda: not behind() or abort(), timeout_s)
     return behind()
+
+
+def _counters(bus: Bus) -> dict[str, int]:
+    """What the bus counted (events, refusals by reason, drops), plus the journal's refused writes."""
+    counters = {k: v for k, v in bus.counters.items() if v}
+    if bus.journal.failed_writes:
+        counters["journal_write_errors"] = bus.journal.failed_writes
+    return counters
 
 
 def _save_final_weights(spec, loop: Loop, path: Path) -> None:

@@ -341,16 +341,19 @@ class Runner:
         if self.durable:
             self.dead_letters += 1
             path = Path(self.plugin.run_dir) / "plugins" / f"{self.plugin.name}.deadletter.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as f:
-                f.write(json.dumps({"seq": event.seq, "type": event.type, "attempts": MAX_HANDLER_ATTEMPTS,
-                                    "traceback": error}) + "\n")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a") as f:
+                    f.write(json.dumps({"seq": event.seq, "type": event.type, "attempts": MAX_HANDLER_ATTEMPTS,
+                                        "traceback": error}) + "\n")
+            except OSError as exc:  # its disk is full: the log reply below still tells the kernel
+                error += f"(and the dead letter could not be written to {path}: {exc.strerror or exc})\n"
         if self.failures <= MAX_REPORTED_TRACEBACKS:
             what = "dead-lettered after" if self.durable else "failed after"
             self.io.send(control("log", level="error",
                                  text=f"handler for {event.type} (seq {event.seq}) {what} {MAX_HANDLER_ATTEMPTS} "
                                       f"attempts:\n{error}"))
-        print(f"[{self.plugin.name}] handler for {event.type} seq {event.seq} failed:\n{error}", file=sys.stderr)
+        _say(f"[{self.plugin.name}] handler for {event.type} seq {event.seq} failed:\n{error}")
 
     def _send_replies(self) -> None:
         while self.plugin.outbox:
@@ -398,20 +401,28 @@ class Runner:
         try:
             self.plugin.teardown()
         except Exception:
-            traceback.print_exc()
+            _say(traceback.format_exc().rstrip())
         self._maybe_ack(force=True)
         stats = f"processed {self.processed}, gaps {self.gaps}, failures {self.failures}, " \
                 f"dead letters {self.dead_letters}, dropped {self.io.dropped}, malformed {self.io.malformed}"
         if gone:
-            print(f"[{self.plugin.name}] kernel gone ({gone}); exiting. {stats}", file=sys.stderr)
+            _say(f"[{self.plugin.name}] kernel gone ({gone}); exiting. {stats}")
         else:
             if self.gaps and not self.durable:
                 self.io.send(control("log", level="warning", text=f"missed {self.gaps} events (best-effort gaps)"))
             if not sys.stderr.isatty():  # the plugin's log file; on a terminal (console) it would be noise
-                print(f"[{self.plugin.name}] run ended. {stats}", file=sys.stderr)
+                _say(f"[{self.plugin.name}] run ended. {stats}")
         self.io.closing.set()
         self.io.join(timeout=3)
         return 1 if self.io.refused else 0
+
+
+def _say(text: str) -> None:
+    """A line for the plugin's log (its stderr); on a full disk it is lost and the plugin goes on."""
+    try:
+        print(text, file=sys.stderr)
+    except OSError:
+        pass
 
 
 def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None) -> int:

@@ -1,0 +1,277 @@
+"""The run directory's disk fills up while training runs: a real tmpfs, a real ENOSPC, real processes.
+
+Full for a second, then freed: nothing is lost, the journal is complete and gap-free and every durable
+plugin ends with every seq. Full for good: the run stops at a step boundary, `trainbus run` says so in
+one line naming the disk and the fix, exits 1, and leaves a journal that ends at a whole record.
+Nothing is mocked: a filler file takes every free page of the tmpfs, and keeps taking what is freed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import psutil
+import pytest
+
+from conftest import trainbus_cmd
+from fixture_plugins import Poison
+from kernel_process import KernelProcess, of, wait_until
+from trainbus.kernel.config import PluginConfig, RunConfig
+from trainbus.kernel.journal import read_events
+from trainbus.kernel.session import run_training
+from trainbus.proto import JOURNAL_NAME
+from trainbus.proto.journal_format import iter_records
+
+PACED = "fixture_targets:paced_digits"  # the digits demo with a sleep per step (tests/fixture_targets.py)
+STEPS_PER_EPOCH = 45  # the digits demo at batch size 32
+FIX = "free space there"  # the words of the one line that says what to do (kernel/journal.py)
+
+
+class Filler:
+    """Keeps a filesystem full: writes a file until ENOSPC, then takes every page that is freed, until released.
+
+    A refused journal write is truncated back to its last whole record, which frees pages; the filler takes
+    them at once, so the disk stays full for the kernel however it retries.
+    """
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / "filler"
+        self.full = threading.Event()
+        self.error: OSError | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="filler", daemon=True)
+
+    def __enter__(self) -> Filler:
+        self._thread.start()
+        assert self.full.wait(30), f"the filler never saw ENOSPC: {self.error}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Stop filling and delete the filler: the space is back."""
+        self._stop.set()
+        self._thread.join(10)
+        self.path.unlink(missing_ok=True)
+
+    def _run(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            big, small = bytes(1 << 20), bytes(4096)
+            while not self._stop.is_set():
+                try:
+                    os.write(fd, small if self.full.is_set() else big)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        self.error = exc
+                        self.full.set()
+                        return
+                    self.full.set()
+                    time.sleep(0.002)
+        finally:
+            os.close(fd)
+
+
+def whole_journal(path: Path) -> list[dict]:
+    """The journal read two ways, ours and msgpack's plain Unpacker; they agree, the seqs run 1..N, the file
+    ends at the end of its last whole record. Returns the records."""
+    records = list(iter_records(path))
+    assert records, f"{path} holds no record"
+    assert path.stat().st_size == records[-1][1], "the journal does not end at a whole record"
+    maps = [record for _, _, record in records]
+    with open(path, "rb") as f:
+        assert list(msgpack.Unpacker(f, raw=False)) == maps  # nothing torn, nothing extra, anyone can read it
+    assert [m["seq"] for m in maps] == list(range(1, len(maps) + 1)), "the journal has a gap"
+    assert [(e.seq, e.type) for e in read_events(path)] == [(m["seq"], m["type"]) for m in maps]
+    return maps
+
+
+def recorded(path: Path) -> list[tuple[int, str]]:
+    """(seq, type) lines a fixture_plugins.Recorder wrote, in the order it handled them."""
+    return [(int(seq), type_) for seq, type_ in (line.split(" ", 1) for line in path.read_text().splitlines())]
+
+
+def no_traceback_in(run_dir: Path) -> None:
+    for path in [run_dir / "kernel.log", *sorted((run_dir / "plugins").glob("*.log"))]:
+        if path.exists():
+            assert "Traceback" not in path.read_text(errors="replace"), f"{path}:\n{path.read_text()[-3000:]}"
+
+
+# -- (a) full for a second, then freed ---------------------------------------------------------------
+
+
+def test_a_disk_full_for_a_second_loses_nothing(tmp_path, mount_tmpfs, kernels):
+    runs = mount_tmpfs("runs", 8 << 20)
+    record = tmp_path / "recorder.txt"  # outside the tmpfs: the durable plugin itself never meets the full disk
+    cfg = RunConfig(target=PACED, epochs=4, seed=0, device="cpu", runs_dir=str(runs), checkpoint_every_n_epochs=0,
+                    drain_timeout_s=60, hyperparameters={"step_sleep_s": 0.02},
+                    plugins=[PluginConfig("recorder", "fixture_plugins:Recorder", {"path": str(record)})])
+    assert cfg.journal_backlog_mb >= 64  # the default: a second of events is far below it
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_ready("recorder")
+    kernel.wait_step(STEPS_PER_EPOCH + 10)  # mid-epoch 2
+    journal = kernel.run_dir / JOURNAL_NAME
+
+    with Filler(runs):
+        time.sleep(0.3)  # what fitted in the journal's last page is written by now
+        held_at, step_at = journal.stat().st_size, kernel.journal.step()
+        time.sleep(1.0)
+        assert journal.stat().st_size == held_at, "the journal grew on a full disk"
+        assert kernel.proc.poll() is None, f"the kernel exited on a full disk:\n{kernel.stderr()}"
+    freed_step = kernel.wait_step(step_at + 1, timeout_s=10)  # journaled again once the space is back
+
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed", result
+    assert result["error"] is None and result["undrained"] == {}
+    assert result["bus"].get("journal_write_errors", 0) >= 1, "the kernel never met the full disk"
+    assert result["outcome"]["epochs_completed"] == 4 and not result["outcome"]["stopped_early"]
+    assert json.loads((kernel.run_dir / "summary.json").read_text())["status"] == "completed"
+
+    maps = whole_journal(journal)
+    types = [m["type"] for m in maps]
+    assert types.count("end_training_batch") == 4 * STEPS_PER_EPOCH  # every step of the held-back second too
+    assert freed_step > step_at
+    final = next(m["seq"] for m in maps if m["type"] == "end_training_session")
+
+    # the durable plugin handled every seq up to the final event, once and in order, each with the journal's type
+    assert recorded(record) == [(m["seq"], m["type"]) for m in maps[:final]]
+    assert result["plugins"]["recorder"]["restarts"] == 0  # held-back events never looked like a dead kernel
+
+    assert "Traceback" not in kernel.stderr()
+    no_traceback_in(kernel.run_dir)
+
+
+# -- (b) full for good -------------------------------------------------------------------------------
+
+
+def run_config(path: Path, plugins: str | None) -> Path:
+    """A TOML config: paced digits for far longer than the test lasts, a 0.05 MB journal backlog."""
+    text = (f'[run]\ntarget = "{PACED}"\nepochs = 50\ndevice = "cpu"\njournal_backlog_mb = 0.05\n'
+            'checkpoint_every_n_epochs = 0\n\n[hyperparameters]\nstep_sleep_s = 0.02\n')
+    path.write_text(text)
+    return path
+
+
+def processes_of(run_dir: Path) -> list[psutil.Process]:
+    """Live processes whose environment names this run directory (the kernel's plugins)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("TRAINBUS_RUN_DIR") == str(run_dir) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("plugins", ["none", "defaults"])
+def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs, plugins):
+    """`trainbus run` on a disk that fills up for good, with no plugin and with the default ones (console and
+    metrics_log, which write into the run directory too): exit 1, one line naming the disk and the fix, no
+    traceback anywhere, a journal ending at a whole record, the summary written or one line saying why not."""
+    runs = mount_tmpfs("runs", 4 << 20)
+    cmd = [*trainbus_cmd(), "run", "--config", str(run_config(tmp_path / "run.toml", plugins)),
+           "--runs-dir", str(runs)]
+    if plugins == "none":
+        cmd += ["--plugins", ""]
+    stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
+    with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True)
+    try:
+        # the run has started and trains: only then does the disk fill up
+        journal = wait_until(lambda: next((p for p in runs.glob(f"*/{JOURNAL_NAME}") if p.stat().st_size > 8000), None),
+                             60, "the run's journal", poll_s=0.05)
+        run_dir = journal.parent
+        with Filler(runs):
+            started = time.monotonic()
+            proc.wait(timeout=90)
+            stopped_after = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = stdout_path.read_text(), stderr_path.read_text()
+    both = out + err
+    assert proc.returncode == 1, both
+    assert "Traceback" not in both, both
+
+    # one line names the disk (the journal's path on it) and the fix, and it is said once
+    lines = [line for line in both.splitlines() if FIX in line]
+    assert len(lines) == 1, both
+    assert str(run_dir) in lines[0] and "No space left on device" in lines[0], lines[0]
+    assert "[run] runs_dir" in lines[0] and "[run] journal_backlog_mb" in lines[0], lines[0]
+
+    # stopped at a step boundary long before the 50 epochs were done
+    match = re.search(r"failed after (\d+) epochs, (\d+) steps", out)
+    assert match, out
+    assert int(match[2]) < 50 * STEPS_PER_EPOCH and stopped_after < 60, (match[0], stopped_after)
+
+    # the journal ends at a whole record, gap-free from 1
+    whole_journal(journal)
+
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        written = json.loads(summary.read_text())
+        assert written["status"] == "failed" and FIX in written["error"]
+    else:
+        said = [line for line in err.splitlines() if str(summary) in line]
+        assert len(said) == 1 and said[0].startswith("trainbus: could not write") and "failed" in said[0], err
+
+    no_traceback_in(run_dir)
+    if plugins == "defaults":
+        # the plugins were stopped (not left behind), and none crashed on the full disk
+        wait_until(lambda: not processes_of(run_dir), 10, "the plugins to exit")
+        assert "restarts" not in out and "crashed" not in out, out
+
+
+# -- a plugin on a full disk -------------------------------------------------------------------------
+
+
+class FullDiskPoison(Poison):
+    """Poison (durable, its handler fails on one event type) whose log (stderr) and dead-letter folder are on
+    a full disk: what a plugin meets when the run directory's disk fills while events still reach it."""
+
+    settings = {**Poison.settings, "full_dir": ""}
+
+    def setup(self):
+        full = Path(self.settings["full_dir"])
+        self.run_dir = str(full)  # the SDK writes dead letters to <run_dir>/plugins/
+        fd = os.open(full / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+def test_a_plugin_whose_log_and_dead_letters_cannot_be_written_goes_on(tmp_path, mount_tmpfs):
+    """A failing handler's dead letter and the SDK's line on stderr both meet ENOSPC: the plugin is not taken
+    down by that (no crash, no restart), the kernel still hears of each failure, every other event is handled."""
+    full = mount_tmpfs("full", 64 << 10)
+    (full / "plugins").mkdir()
+    (full / "stderr.log").touch()
+    record = tmp_path / "handled.txt"
+    cfg = RunConfig(epochs=2, seed=0, device="cpu", runs_dir=str(tmp_path / "runs"), checkpoint_every_n_epochs=0,
+                    plugins=[PluginConfig("poison", "test_disk_full:FullDiskPoison",
+                                          {"path": str(record), "poison_type": "end_epoch", "full_dir": str(full)})])
+    with Filler(full):
+        result = run_training(cfg)
+
+    assert result.status == "completed" and result.undrained == {}, result
+    assert result.plugins["poison"] == {"state": "exited", "restarts": 0, "crashes": []}, result.plugins
+    events = read_events(result.run_dir)
+    epochs = of(events, "end_epoch")
+    logs = [e for e in of(events, "log", "poison") if "dead-lettered" in e.data["text"]]
+    assert [int(re.search(r"seq (\d+)", e.data["text"])[1]) for e in logs] == [e.seq for e in epochs]
+    for e in logs:  # the kernel hears where the dead letter could not go, and why
+        assert "the dead letter could not be written to" in e.data["text"], e.data["text"]
+        assert "No space left on device" in e.data["text"], e.data["text"]
+    final = next(e.seq for e in events if e.type == "end_training_session")
+    assert recorded(record) == [(e.seq, e.type) for e in events[:final] if e.type != "end_epoch"]

@@ -1,0 +1,474 @@
+"""Units with fake clocks and a fake supervisor: rate buckets and caps (kernel/limits.py), who may say
+hello and what a welcomed peer may do (kernel/peers.py, kernel/credentials.py), replay batches spliced
+from journal bytes (proto/codec.py), and the journal on a real full tmpfs (kernel/journal.py).
+
+Time is a parameter of everything here, so nothing sleeps except the journal's retry interval.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from trainbus.kernel.credentials import CREDENTIAL_FILE, Credentials
+from trainbus.kernel.journal import RETRY_INTERVAL_S, Journal, decode_records, read_events
+from trainbus.kernel.limits import BURST_S, TRUNCATED, PeerBudget, PeerLimits, TokenBucket, truncate
+from trainbus.kernel.peers import ALWAYS_ALLOWED, MAX_NAMES, MAX_PEERS, PERSISTER_MESSAGES, Peers, Refused
+from trainbus.proto import (BEST_EFFORT, DURABLE, Event, control, decode_control, encode_event, encode_replay_batch,
+                            event_from_map, pack)
+from trainbus.proto.journal_format import iter_records
+
+LIVENESS_S = 3.0
+T0 = 1000.0  # the fake clock's start
+
+
+# -- TokenBucket -------------------------------------------------------------------------------------
+
+
+def test_a_bucket_starts_full_with_burst_seconds_of_its_rate():
+    bucket = TokenBucket(10.0, now=T0)
+    assert bucket.capacity == 10.0 * BURST_S
+    assert sum(bucket.take(T0) for _ in range(100)) == int(10.0 * BURST_S)  # the burst, then nothing
+    assert not bucket.take(T0)
+
+
+def test_a_bucket_refills_at_its_rate_and_never_past_its_capacity():
+    bucket = TokenBucket(10.0, now=T0)
+    while bucket.take(T0):
+        pass
+    assert not bucket.take(T0 + 0.05)  # half a token
+    assert bucket.take(T0 + 0.1)  # 0.5 + 0.5: one
+    assert not bucket.take(T0 + 0.1)
+    assert [bucket.take(T0 + 0.6) for _ in range(6)] == [True] * 5 + [False]  # 0.5 s: five tokens
+    # an hour idle saves up the capacity, no more
+    assert sum(bucket.take(T0 + 3600) for _ in range(1000)) == bucket.capacity
+
+
+def test_a_refused_take_spends_nothing_and_cost_counts():
+    bucket = TokenBucket(100.0, now=T0)  # capacity 200
+    assert bucket.take(T0, cost=150)
+    assert not bucket.take(T0, cost=60)  # 50 left
+    assert bucket.tokens == pytest.approx(50)
+    assert bucket.take(T0, cost=50)
+    assert not bucket.take(T0 + 0.1, cost=11)  # +10
+    assert bucket.take(T0 + 0.1, cost=10)
+
+
+def test_a_tiny_rate_still_lets_one_through():
+    bucket = TokenBucket(0.1, now=T0)  # 0.2 tokens of burst would admit nothing, ever
+    assert bucket.capacity == 1.0
+    assert bucket.take(T0) and not bucket.take(T0 + 5)
+    assert bucket.take(T0 + 10)
+
+
+def test_a_clock_that_goes_nowhere_gives_nothing():
+    bucket = TokenBucket(5.0, now=T0)
+    taken = sum(bucket.take(T0) for _ in range(20))
+    assert taken == 10 and not any(bucket.take(T0) for _ in range(100))
+
+
+# -- PeerBudget and truncate -------------------------------------------------------------------------
+
+
+def test_the_byte_budget_holds_whatever_the_message_count():
+    limits = PeerLimits(metrics_per_s=1000.0, bytes_per_s=1000.0)  # 2000 messages, 2000 bytes of burst
+    budget = PeerBudget(limits, T0)
+    assert budget.admit("metric", 1500, T0)
+    assert not budget.admit("metric", 600, T0)  # 500 bytes left
+    assert budget.admit("metric", 500, T0)
+    assert not budget.admit("metric", 1, T0)
+    assert not budget.admit("metric", 200, T0 + 0.1)  # 100 bytes back
+    assert budget.admit("metric", 100, T0 + 0.1)
+    assert budget.admit("metric", 1000, T0 + 1.1)  # a second: 1000 bytes
+
+
+def test_one_message_larger_than_the_byte_bucket_passes_when_it_is_full_and_then_empties_it():
+    budget = PeerBudget(PeerLimits(bytes_per_s=100.0), T0)  # capacity 200 bytes
+    assert budget.admit("log", 10**6, T0)
+    assert not budget.admit("log", 1, T0)
+    assert budget.admit("log", 10**6, T0 + 2.0)  # full again after BURST_S
+
+
+def test_metric_and_log_messages_have_separate_count_buckets_and_share_the_bytes():
+    limits = PeerLimits(metrics_per_s=1.0, logs_per_s=2.0, bytes_per_s=10**6)
+    budget = PeerBudget(limits, T0)
+    assert [budget.admit("metric", 1, T0) for _ in range(3)] == [True, True, False]  # capacity 2
+    assert [budget.admit("log", 1, T0) for _ in range(5)] == [True] * 4 + [False]  # capacity 4
+    shared = PeerBudget(PeerLimits(metrics_per_s=100.0, logs_per_s=100.0, bytes_per_s=50.0), T0)  # 100 bytes
+    assert shared.admit("metric", 60, T0)
+    assert not shared.admit("log", 60, T0)  # the metric took the log's bytes
+
+
+def test_truncate_marks_how_much_was_cut():
+    assert truncate("short", 10) == ("short", False)
+    assert truncate("x" * 10, 10) == ("x" * 10, False)
+    text, cut = truncate("abcdefghij" * 3, 12)
+    assert cut and text == "abcdefghijab" + TRUNCATED.format(18)
+    assert text.endswith(" [... truncated 18 chars]")
+
+
+# -- Peers: hello ------------------------------------------------------------------------------------
+
+
+class FakeSupervision:
+    """The supervisor as Peers sees it: spawned names with the pid of their live process (None while down)."""
+
+    def __init__(self, **current: int | None):
+        self.current = dict(current)  # spawned name -> live pid, or None
+        self.restarting: set[str] = set()  # spawned names that are down and will be started again
+        self.seen_calls: list[tuple[str, int, float]] = []
+
+    def spawned(self, name: str) -> bool:
+        return name in self.current
+
+    def is_current(self, name: str, pid: int) -> bool:
+        return self.current.get(name) is not None and self.current[name] == pid
+
+    def coming_back(self, name: str) -> bool:
+        return name in self.current and (self.current[name] is not None or name in self.restarting)
+
+    def seen(self, name: str, pid: int, now: float) -> None:
+        self.seen_calls.append((name, pid, now))
+
+
+def hello(name: str, pid: int, secret: str, delivery: str = DURABLE, replies=("stop", "metric"), votes=(),
+          capabilities=()) -> dict:
+    """A hello as the codec hands it to the kernel (checked against its schema)."""
+    return control("hello", name=name, pid=pid, subscriptions=[""], replies=list(replies), delivery=delivery,
+                   votes=list(votes), capabilities=list(capabilities), secret=secret)
+
+
+@pytest.fixture
+def table():
+    credentials = Credentials()
+    supervision = FakeSupervision(trainer_log=101, checkpoint=202)
+    return Peers(credentials, supervision, PeerLimits(), LIVENESS_S), credentials, supervision
+
+
+def refusal(peers: Peers, identity: bytes, message: dict, now: float = T0) -> Refused:
+    with pytest.raises(Refused) as caught:
+        peers.welcome(identity, message, now)
+    return caught.value
+
+
+def test_a_spawned_plugin_with_its_own_token_is_welcomed(table):
+    peers, credentials, supervision = table
+    peer = peers.welcome(b"a", hello("trainer_log", 101, credentials.token_for("trainer_log")), T0)
+    assert peer.spawned and peer.name == "trainer_log" and peers.get(b"a") is peer
+    assert supervision.seen_calls == [("trainer_log", 101, T0)]  # the hello is a sign of life
+    assert peers.welcomed_names() == {"trainer_log"}
+
+
+def test_a_wrong_or_missing_secret_is_refused(table):
+    peers, credentials, _ = table
+    wrong = refusal(peers, b"a", hello("trainer_log", 101, "0" * 64))
+    assert wrong.code == "hello_secret" and "wrong secret" in str(wrong)
+    missing = refusal(peers, b"a", hello("trainer_log", 101, ""))
+    assert missing.code == "hello_secret" and "no secret" in str(missing)
+    # another plugin's token proves nothing about this name
+    other = refusal(peers, b"a", hello("trainer_log", 101, credentials.token_for("checkpoint")))
+    assert other.code == "hello_secret"
+    # a token of another run's credentials neither
+    assert refusal(peers, b"a", hello("trainer_log", 101, Credentials().token_for("trainer_log"))).code == "hello_secret"
+    assert peers.get(b"a") is None and not peers.welcomed_names()
+
+
+def test_the_attach_token_takes_free_names_only(table):
+    peers, credentials, _ = table
+    refused = refusal(peers, b"a", hello("checkpoint", 202, credentials.attach_token()))
+    assert refused.code == "hello_secret" and "belongs to a plugin this run spawned" in str(refused)
+    peer = peers.welcome(b"b", hello("by_hand", 999, credentials.attach_token()), T0)
+    assert not peer.spawned and peers.welcomed_names() == {"by_hand"}
+
+
+def test_a_spawned_name_from_a_process_the_kernel_did_not_start_is_refused(table):
+    peers, credentials, _ = table
+    refused = refusal(peers, b"a", hello("trainer_log", 55, credentials.token_for("trainer_log")))
+    assert refused.code == "hello_pid"
+
+
+def test_a_name_held_by_a_live_peer_is_refused_and_a_dead_holder_is_replaced(table):
+    peers, credentials, supervision = table
+    attach = credentials.attach_token()
+    first = peers.welcome(b"first", hello("by_hand", 1, attach), T0)
+    taken = refusal(peers, b"second", hello("by_hand", 2, attach), T0 + LIVENESS_S - 0.1)
+    assert taken.code == "hello_name_taken"
+    assert peers.welcome(b"first", hello("by_hand", 1, attach), T0 + 1) is not first  # the holder itself may say hello again
+    # silent past the liveness window: the name goes to the newcomer, the old connection is dropped
+    second = peers.welcome(b"second", hello("by_hand", 2, attach), T0 + 1 + LIVENESS_S + 0.1)
+    assert peers.get(b"second") is second and peers.get(b"first") is None
+    # a spawned plugin restarted: its old process is not current any more, the new one takes the name
+    token = credentials.token_for("checkpoint")
+    peers.welcome(b"old", hello("checkpoint", 202, token), T0)
+    supervision.current["checkpoint"] = 303
+    new = peers.welcome(b"new", hello("checkpoint", 303, token), T0 + 0.5)
+    assert peers.get(b"new") is new and peers.get(b"old") is None
+
+
+def test_the_peer_table_is_bounded_and_dead_peers_make_room(table):
+    peers, credentials, _ = table
+    attach = credentials.attach_token()
+    for i in range(MAX_PEERS):
+        peers.welcome(b"p%d" % i, hello(f"p{i}", i, attach), T0)
+    full = refusal(peers, b"late", hello("late", 7, attach), T0 + 1)
+    assert full.code == "hello_table_full"
+    peers.welcome(b"p0", hello("p0", 0, attach), T0 + 1)  # one already in the table is no newcomer
+    # the rest fall silent; past twice the liveness window they are forgotten and the newcomer fits
+    peers.seen(peers.get(b"p1"), T0 + 2 * LIVENESS_S + 1)
+    late = peers.welcome(b"late", hello("late", 7, attach), T0 + 2 * LIVENESS_S + 1.5)
+    assert peers.get(b"late") is late
+    assert {p.name for p in peers} == {"p1", "late"}
+
+
+def test_forget_dead_drops_gone_connections_and_keeps_their_positions(table):
+    peers, credentials, supervision = table
+    attach = credentials.attach_token()
+    spawned = peers.welcome(b"s", hello("checkpoint", 202, credentials.token_for("checkpoint")), T0)
+    attached = peers.welcome(b"h", hello("by_hand", 9, attach), T0)
+    peers.ack(spawned, 5, published_seq=10)
+    peers.ack(attached, 4, published_seq=10)
+    peers.forget_dead(T0 + LIVENESS_S + 1)  # attached: silent but not yet twice the window; spawned: current
+    assert {p.name for p in peers} == {"checkpoint", "by_hand"}
+    peers.forget_dead(T0 + 2 * LIVENESS_S + 1)
+    assert {p.name for p in peers} == {"checkpoint"}
+    supervision.current["checkpoint"] = None  # its process died
+    peers.forget_dead(T0 + 2 * LIVENESS_S + 1)
+    assert not list(peers)
+    assert peers.position("checkpoint") == 5 and peers.position("by_hand") == 4  # names keep where they were
+    # and a spawned plugin on its way back is still waited for, one that failed is not
+    supervision.restarting.add("checkpoint")
+    assert peers.durable_behind(10, T0 + 10) == {"checkpoint": 5}
+    supervision.restarting.clear()
+    assert peers.durable_behind(10, T0 + 10) == {}
+
+
+def test_remembered_names_are_bounded_oldest_first(table):
+    peers, credentials, _ = table
+    attach = credentials.attach_token()
+    for i in range(MAX_NAMES + 1):
+        now = T0 + i * 10 * LIVENESS_S  # each earlier peer is long dead by the next hello
+        peer = peers.welcome(b"n%d" % i, hello(f"n{i}", i, attach), now)
+        peers.ack(peer, i + 1, published_seq=10**6)
+        peers.forget_dead(now)
+    assert peers.position("n0") == 0  # forgotten
+    assert peers.position("n1") == 2 and peers.position(f"n{MAX_NAMES}") == MAX_NAMES + 1
+
+
+# -- Peers: acks and grants --------------------------------------------------------------------------
+
+
+def test_an_ack_moves_only_the_peers_own_position_and_never_past_what_was_published(table):
+    peers, credentials, supervision = table
+    a = peers.welcome(b"a", hello("trainer_log", 101, credentials.token_for("trainer_log")), T0)
+    b = peers.welcome(b"b", hello("checkpoint", 202, credentials.token_for("checkpoint")), T0)
+    live = peers.welcome(b"c", hello("live", 3, credentials.attach_token(), delivery=BEST_EFFORT), T0)
+
+    peers.ack(a, 10**9, published_seq=7)  # an ack from the future: clamped
+    assert a.acked == 7 and peers.position("trainer_log") == 7
+    assert b.acked == 0 and peers.position("checkpoint") == 0  # nobody else moved
+    peers.ack(a, 3, published_seq=20)  # going back does not move it back
+    assert peers.position("trainer_log") == 7
+    peers.ack(a, 12, published_seq=20)
+    assert peers.position("trainer_log") == 12 and peers.resume_from(a, 21) == 13
+    peers.ack(live, 15, published_seq=20)
+    assert live.acked == 15 and "live" not in peers.positions  # best-effort: no durable position
+    assert peers.resume_from(live, 21) == 21
+    # its restarted process resumes after the name's position, whatever its new connection acked
+    supervision.current["trainer_log"] = 111
+    again = peers.welcome(b"a2", hello("trainer_log", 111, credentials.token_for("trainer_log")), T0 + 1)
+    assert again.acked == 0 and peers.resume_from(again, 21) == 13
+
+
+def test_a_peer_may_send_only_what_its_hello_declared(table):
+    peers, credentials, _ = table
+    plain = peers.welcome(b"a", hello("trainer_log", 101, credentials.token_for("trainer_log"), replies=["metric"]), T0)
+    for kind in ALWAYS_ALLOWED | {"metric"}:
+        peers.check_allowed(plain, kind)
+    for kind in ("stop", "log", "checkpoint_now"):
+        with pytest.raises(Refused) as caught:
+            peers.check_allowed(plain, kind)
+        assert caught.value.code == "not_declared" and kind in str(caught.value)
+    for kind in PERSISTER_MESSAGES:
+        with pytest.raises(Refused) as caught:
+            peers.check_allowed(plain, kind)
+        assert caught.value.code == "not_persister"
+    persister = peers.welcome(b"b", hello("checkpoint", 202, credentials.token_for("checkpoint"), replies=[],
+                                          capabilities=["checkpoint"]), T0)
+    for kind in PERSISTER_MESSAGES:
+        peers.check_allowed(persister, kind)  # the capability grants them, no reply declaration needed
+    with pytest.raises(Refused):
+        peers.check_allowed(persister, "stop")
+
+
+# -- Credentials -------------------------------------------------------------------------------------
+
+
+def test_the_attach_file_is_owner_only_whatever_the_umask(tmp_path):
+    credentials = Credentials()
+    old = os.umask(0)
+    try:
+        path = credentials.write_attach_file(tmp_path)
+    finally:
+        os.umask(old)
+    assert path == tmp_path / CREDENTIAL_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == credentials.attach_token() + "\n"
+    assert credentials.check("any_free_name", path.read_text().strip(), spawned=False) is None
+    with pytest.raises(FileExistsError):  # never over an existing file (a planted one, a symlink)
+        credentials.write_attach_file(tmp_path)
+
+
+def test_tokens_differ_per_name_and_per_run():
+    one, two = Credentials(), Credentials()
+    assert one.token_for("a") != one.token_for("b") != one.attach_token()
+    assert one.token_for("a") != two.token_for("a")
+    assert one.token_for("a") == one.token_for("a")
+
+
+# -- replay batches from journal bytes ---------------------------------------------------------------
+
+
+def sample_events(n: int, run: str = "run-x") -> list[bytes]:
+    kinds = ["end_training_batch", "metric", "log", "heartbeat", "end_epoch"]
+    return [encode_event(Event(seq, run, kinds[seq % len(kinds)], 1.7e9 + seq / 7, seq * 3, seq // 10,
+                               {"loss": seq / 3, "text": "é" * (seq % 4), "nested": {"xs": list(range(seq % 5))},
+                                "none": None, "flag": seq % 2 == 0}))
+            for seq in range(1, n + 1)]
+
+
+@pytest.mark.parametrize("from_seq,max_events,max_bytes", [(1, 512, 1 << 22), (5, 7, 1 << 22), (1, 512, 600),
+                                                         (30, 512, 1 << 22), (31, 512, 1 << 22), (99, 3, 1)])
+def test_a_replay_batch_decodes_to_the_journals_events(tmp_path, from_seq, max_events, max_bytes):
+    raws = sample_events(30)
+    journal = Journal(tmp_path / "events")
+    assert journal.append(raws, 1) == 30
+    count, blob = journal.read_range(from_seq, max_events, max_bytes)
+    expected = [event_from_map(m) for m in decode_records(b"".join(raws))][from_seq - 1:from_seq - 1 + count]
+    assert count == len(expected) and (count == 0) == (from_seq > 30)
+    for done in (True, False):
+        raw = encode_replay_batch(count, blob, done)
+        message = decode_control(raw)
+        assert message["type"] == "replay_batch" and message["done"] is done
+        assert message["events"] == expected
+        # the same bytes as packing the decoded maps: splicing is only a shortcut
+        maps = [msgpack.unpackb(r, raw=False) for r in raws[from_seq - 1:from_seq - 1 + count]]
+        assert raw == pack({"v": 1, "type": "replay_batch", "done": done, "events": maps})
+    journal.close()
+
+
+def test_an_empty_replay_batch_is_valid():
+    message = decode_control(encode_replay_batch(0, b"", True))
+    assert message["events"] == [] and message["done"] is True
+
+
+# -- the journal on a full disk ----------------------------------------------------------------------
+
+
+def record(seq: int, size: int = 1000) -> bytes:
+    return encode_event(Event(seq, "r", "metric", 1.5, seq, 1, {"name": "x", "value": seq / 3, "pad": "p" * size}))
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the filesystem refuses: every free page taken."""
+    path = directory / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (bytes(1 << 16), bytes(4096), b"\0"):
+            while True:
+                try:
+                    os.write(fd, chunk)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+    finally:
+        os.close(fd)
+    return path
+
+
+def assert_whole(path: Path, seqs: list[int]) -> None:
+    """The file holds exactly these seqs, whole, and ends at the last one's end."""
+    records = list(iter_records(path))
+    assert [r["seq"] for _, _, r in records] == seqs
+    assert path.stat().st_size == (records[-1][1] if records else 0)
+    with open(path, "rb") as f:
+        assert [m["seq"] for m in msgpack.Unpacker(f, raw=False)] == seqs
+
+
+def test_an_append_on_a_full_disk_keeps_the_file_whole_and_the_events_in_memory_until_space_returns(mount_tmpfs):
+    disk = mount_tmpfs("journal", 64 << 10)
+    path = disk / "events"
+    journal = Journal(path, backlog_max_bytes=5000)
+    assert journal.append([record(s) for s in range(1, 11)], 1) == 10  # ~10 KB: the last page part-used
+    size = path.stat().st_size
+    assert size % 4096, "the journal's last page must have room left, for a torn write to be possible"
+    filler = fill(disk)
+
+    # 4 KB that do not fit: the write is cut back to the last whole record, the events wait
+    assert journal.append([record(s) for s in range(11, 15)], 11) == 0
+    assert journal.error is not None and journal.error.errno == errno.ENOSPC
+    assert (journal.written_seq, journal.last_seq) == (10, 14)
+    assert_whole(path, list(range(1, 11)))
+    assert journal.read_range(11, 10, 1 << 20) == (0, b"")  # nothing unwritten is ever served
+    assert not journal.overflowing
+    with pytest.raises(ValueError, match="journal gap"):  # numbering goes on behind the backlog
+        journal.append([record(11)], 11)
+
+    time.sleep(RETRY_INTERVAL_S + 0.05)
+    assert journal.append([record(15), record(16)], 15) == 0  # tried again: still full
+    assert_whole(path, list(range(1, 11)))
+    assert journal.overflowing  # ~6 KB held, over the 5000-byte bound
+    message = journal.overflow_message()
+    assert str(path) in message and "No space left on device" in message
+    assert "[run] journal_backlog_mb" in message and "[run] runs_dir" in message
+
+    filler.unlink()
+    time.sleep(RETRY_INTERVAL_S + 0.05)
+    assert journal.append([record(17)], 17) == 7  # the backlog, oldest first, and the new one
+    assert journal.error is None and journal.backlog_bytes == 0 and not journal.overflowing
+    assert (journal.written_seq, journal.last_seq) == (17, 17)
+    assert_whole(path, list(range(1, 18)))
+    assert [e.seq for e in read_events(path)] == list(range(1, 18))
+    count, blob = journal.read_range(11, 100, 1 << 20)
+    assert count == 7 and [m["seq"] for m in decode_records(blob)] == list(range(11, 18))
+    assert journal.close() is None
+
+    reopened = Journal(path)  # and it reopens where it ended
+    assert reopened.last_seq == 17
+    reopened.close()
+
+
+def test_appends_between_retries_only_queue(mount_tmpfs):
+    disk = mount_tmpfs("journal", 32 << 10)
+    path = disk / "events"
+    journal = Journal(path)
+    journal.append([record(1, 3000)], 1)
+    filler = fill(disk)
+    assert journal.append([record(2, 3000)], 2) == 0
+    filler.unlink()  # space is back, but the next try waits for the retry interval
+    assert journal.append([record(3)], 3) == 0
+    assert journal.last_seq == 3 and journal.written_seq == 1
+    time.sleep(RETRY_INTERVAL_S + 0.05)
+    assert journal.append([], 4) == 2  # an empty append is a retry
+    assert_whole(path, [1, 2, 3])
+    journal.close()
+
+
+def test_close_on_a_disk_that_stays_full_returns_the_error_and_leaves_whole_records(mount_tmpfs):
+    disk = mount_tmpfs("journal", 32 << 10)
+    path = disk / "events"
+    journal = Journal(path)
+    journal.append([record(s) for s in range(1, 6)], 1)
+    fill(disk)
+    assert journal.append([record(s) for s in range(6, 12)], 6) == 0
+    time.sleep(RETRY_INTERVAL_S + 0.05)  # close tries once more, and the disk still refuses
+    error = journal.close()
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC
+    assert journal.close() is error  # closing twice is harmless
+    assert_whole(path, [1, 2, 3, 4, 5])
+    assert Journal(path).last_seq == 5
