@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from trainbus.proto import DURABLE, Event
 from trainbus.sdk import Plugin, SettingsError
@@ -14,6 +14,9 @@ from trainbus.sdk import Plugin, SettingsError
 # On restart we look for the last written seq in this much of the file's end: records are a few
 # hundred bytes, so it holds thousands of them.
 TAIL_BYTES = 1 << 20
+# Records held while the disk refuses writes (full, quota): they go out with the next write that fits.
+# Past this many, the handler fails (retried, then dead-lettered) rather than hold more.
+MAX_HELD_RECORDS = 10_000
 
 
 class MetricsLogPlugin(Plugin):
@@ -27,7 +30,7 @@ class MetricsLogPlugin(Plugin):
 
     delivery = DURABLE  # a log with holes is worse than a late one
     settings = {"filename": "metrics.jsonl", "every_n_steps": 50}  # every_n_steps 0: no step records
-    _file: IO[str] | None = None
+    _fd: int | None = None
 
     def setup(self) -> None:
         if self.settings["every_n_steps"] < 0:
@@ -36,14 +39,16 @@ class MetricsLogPlugin(Plugin):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A restarted durable plugin is replayed from its last ack, which may trail what it wrote.
         self.last_seq = _recover(self.path) if self.path.exists() else 0
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        self._size = os.fstat(self._fd).st_size  # the end of the last whole line
+        self._held: list[bytes] = []
 
     def teardown(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            self._write_held()
+            self._fsync()
+            os.close(self._fd)
+            self._fd = None
 
     # records
 
@@ -61,7 +66,7 @@ class MetricsLogPlugin(Plugin):
                     validation_loss=data.get("validation_loss"), lr=data.get("lr"),
                     **_flatten("training", data.get("training_metrics")),
                     **_flatten("validation", data.get("validation_metrics")))
-        os.fsync(self._file.fileno())  # once an epoch is cheap, and an epoch is what people come back for
+        self._fsync()  # once an epoch is cheap, and an epoch is what people come back for
 
     def on_metric(self, event: Event) -> None:
         data = event.data
@@ -82,9 +87,36 @@ class MetricsLogPlugin(Plugin):
         record = {"kind": kind, "seq": event.seq, "step": event.step, "epoch": event.epoch, "time": event.ts}
         record.update(fields)
         line = json.dumps({key: _json_value(value) for key, value in record.items()}, allow_nan=False)
-        self._file.write(line + "\n")
-        self._file.flush()  # in the OS's hands now: a crash of this process loses nothing
+        if len(self._held) >= MAX_HELD_RECORDS:
+            raise OSError(f"{self.path}: {len(self._held)} records wait for room on the disk; no more are held")
+        self._held.append((line + "\n").encode())
+        self._write_held()  # in the OS's hands now: a crash of this process loses nothing
         self.last_seq = event.seq
+
+    def _write_held(self) -> None:
+        """All or nothing: a refused write is cut back to the last whole line, and the lines wait for the next
+        write (never a torn line, never a line twice)."""
+        if not self._held:
+            return
+        blob = b"".join(self._held)
+        try:
+            done = 0
+            while done < len(blob):
+                done += os.pwrite(self._fd, blob[done:], self._size + done)
+        except OSError as exc:
+            os.ftruncate(self._fd, self._size)
+            if len(self._held) == 1:  # the first record held back: say so once per outage
+                self.log(f"cannot write {self.path} ({exc.strerror}); holding records until there is room",
+                         level="warning")
+            return
+        self._size += len(blob)
+        self._held.clear()
+
+    def _fsync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError:  # the data is in the page cache; the next fsync (or the OS) writes it
+            pass
 
 
 def _recover(path: Path) -> int:

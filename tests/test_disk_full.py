@@ -275,3 +275,23 @@ def test_a_plugin_whose_log_and_dead_letters_cannot_be_written_goes_on(tmp_path,
         assert "No space left on device" in e.data["text"], e.data["text"]
     final = next(e.seq for e in events if e.type == "end_training_session")
     assert recorded(record) == [(e.seq, e.type) for e in events[:final] if e.type != "end_epoch"]
+
+
+def test_metrics_log_on_a_full_disk_holds_records_and_writes_each_once(tmp_path, mount_tmpfs):
+    """A refused write is cut back to the last whole line; the held records go out with the next write that
+    fits: every record once, none torn, none twice (a buffered file wrote the same line once per retry)."""
+    from trainbus.plugins.metrics_log import MetricsLogPlugin
+    from trainbus.sdk import Harness
+
+    disk = mount_tmpfs("metrics", 64 << 10)
+    h = Harness(MetricsLogPlugin({"filename": str(disk / "metrics.jsonl"), "every_n_steps": 1}), run_dir=str(tmp_path))
+    for step in range(1, 6):
+        h.feed("end_training_batch", step=step, epoch=1, loss=0.5, batch_index=step - 1)
+    with Filler(disk):
+        for step in range(6, 66):  # more than the last page of the file holds
+            h.feed("end_training_batch", step=step, epoch=1, loss=0.5, batch_index=step - 1)
+        assert len(h.replies_of("log")) == 1, "the outage is said once"
+    h.feed("end_epoch", step=65, epoch=1, training_loss=0.5)
+    h.close()
+    lines = (disk / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == list(range(1, 67))
