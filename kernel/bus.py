@@ -59,6 +59,7 @@ class Bus:
         self._final_seq = 0  # seq of end_training_session or run_failed: what durable plugins drain to
         self._last_seq_of: dict[str, int] = {}  # event type -> seq of its latest instance
         self._closing = threading.Event()
+        self._urgent = False  # a kernel event was emitted: flush at once, not with the next burst
         self.idle = threading.Condition()  # notified after every round of the bus thread
 
         self.ctx = zmq.Context()
@@ -102,6 +103,7 @@ class Bus:
         """A kernel event, numbered in order with the loop's events (called from the bus thread)."""
         step, epoch = self._position
         self._queue.append((type_, time.time(), step, epoch, data))
+        self._urgent = True
 
     def reply(self, type_: str, plugin: str, reason: str) -> None:
         """A stop or checkpoint_now for the loop's next step boundary."""
@@ -167,12 +169,13 @@ class Bus:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
-        next_heartbeat, more = 0.0, False
+        next_heartbeat, next_flush, more = 0.0, 0.0, False
         while not self._closing.is_set():
             try:
-                due = min(next_heartbeat, self.supervisor.next_deadline(), time.monotonic() + FLUSH_INTERVAL_S)
-                ready = dict(poller.poll(0 if more else max(0.0, due - time.monotonic()) * 1000))
-                if self._wake_rx in ready:
+                due = min(next_heartbeat, self.supervisor.next_deadline(), next_flush)
+                ready = dict(poller.poll(0 if more or self._urgent else max(0.0, due - time.monotonic()) * 1000))
+                rung = self._wake_rx in ready
+                if rung:
                     _drain(self._wake_rx)
                 more = (more or self.router in ready) and self._read_control(CONTROL_PER_WAKE)
                 now = time.monotonic()
@@ -181,7 +184,12 @@ class Bus:
                     interval = STARTUP_HEARTBEAT_INTERVAL_S if self.fast_heartbeats else self.heartbeat_interval_s
                     next_heartbeat = now + interval
                     self.control.peers.forget_dead(now)
-                self._flush()
+                # Control traffic alone does not flush: per-batch events keep their bursts however often a peer
+                # talks (a flood of heartbeats or replay requests flushed, and woke every plugin, per message).
+                if rung or self._urgent or now >= next_flush:
+                    self._urgent = False
+                    self._flush()
+                    next_flush = now + FLUSH_INTERVAL_S
                 self.control.serve_replays(now)
                 self.supervisor.tick(now)
             except Exception:  # the bus must never take training down: log, count, go on
