@@ -1,9 +1,8 @@
-"""The kernel's wire: numbers, journals and publishes events; reads control messages and dispatches them.
+"""The kernel's wire: numbers, journals and publishes events; reads control messages and hands them on.
 
-All sockets live in one bus thread. The training thread only appends to a deque (`publish`) and
-drains replies (`take_replies`), so it never waits on a plugin, a socket or the disk. Who a peer is
-and what it may do is kernel/peers.py; snapshot slots are kernel/checkpointing.py; the supervisor
-and the wiring are kernel/session.py.
+All sockets live in one bus thread; the training thread only appends to a deque (`publish`) and drains
+replies (`take_replies`), so it never waits on a plugin, a socket or the disk. What a control message
+does is kernel/control.py, who may send it kernel/peers.py; kernel/session.py wires them together.
 """
 
 from __future__ import annotations
@@ -26,10 +25,9 @@ from .tensors import materialize_tensors
 
 log = logging.getLogger("trainbus.kernel")
 
-# Per-batch events wait at most this long in the bus before they go out as one burst; every other
-# event wakes the bus at once. Each wake-up costs training the GIL and every plugin a wake of its own
-# (~35 us a message on a busy 2-core box, DESIGN.md): 20 ms bursts cost the tiny MLP ~+7 % with no
-# plugin, 100 ms ~+5 %, and ~6 points less with the default plugins (docs/benchmarks.md).
+# Per-batch events wait at most this long before they go out as one burst; every other event wakes the
+# bus at once. Each wake-up costs training the GIL and every plugin a wake of its own (~35 us a message on
+# a busy 2-core box, DESIGN.md); 100 ms bursts cost the tiny MLP ~2 points less than 20 ms (docs/benchmarks.md).
 FLUSH_INTERVAL_S = 0.1
 # Per subscriber. With every plugin-made string capped (kernel/limits.py) an event is at most ~17 KiB and
 # usually ~200 B, so a stalled subscriber holds a few MB; a PUB queue past this drops (durable plugins replay).
@@ -48,14 +46,14 @@ class Bus:
         self.run_id = run_id
         self.journal = journal
         self.heartbeat_interval_s = heartbeat_interval_s
-        self._seq = journal.last_seq
+        self.last_seq = journal.last_seq  # the last seq numbered
         self._queue: collections.deque = collections.deque()  # (type, ts, step, epoch, data)
         self._unpublished: collections.deque = collections.deque()  # (topic, raw) numbered, not yet journaled
         self._replies: collections.deque[Reply] = collections.deque()
         self.counters = collections.Counter()
         self.failure: str | None = None  # why the run must stop (the journal's backlog overflowed)
         self.fast_heartbeats = True
-        self._position = (0, 0)  # (step, epoch) of the latest numbered event, for kernel events
+        self.position = (0, 0)  # (step, epoch) of the latest numbered event, for kernel events
         self._final_seq = 0  # seq of end_training_session or run_failed: what durable plugins drain to
         self._last_seq_of: dict[str, int] = {}  # event type -> seq of its latest instance
         self._closing = threading.Event()
@@ -81,7 +79,7 @@ class Bus:
         self._thread = threading.Thread(target=self._run, name="trainbus-bus", daemon=True)
 
     def serve(self, supervisor, control) -> None:
-        """Who the bus serves: the supervisor it ticks, the control dispatcher it feeds. Before start()."""
+        """The supervisor it ticks and the dispatcher it feeds (kernel/session.py); before start()."""
         self.supervisor, self.control = supervisor, control
 
     # -- the training thread's side ---------------------------------------------------------------
@@ -101,7 +99,7 @@ class Bus:
 
     def emit(self, type_: str, data: dict[str, Any]) -> None:
         """A kernel event, numbered in order with the loop's events (called from the bus thread)."""
-        step, epoch = self._position
+        step, epoch = self.position
         self._queue.append((type_, time.time(), step, epoch, data))
         self._urgent = True
 
@@ -110,10 +108,7 @@ class Bus:
         self._replies.append(Reply(type_, plugin, reason))
 
     def take_replies(self) -> list[Reply]:
-        out = []
-        while self._replies:
-            out.append(self._replies.popleft())
-        return out
+        return [self._replies.popleft() for _ in range(len(self._replies))]  # the bus thread only appends
 
     def wait(self, done, timeout_s: float) -> bool:
         """Block the calling thread until done() holds (checked after each bus round) or timeout_s passes."""
@@ -140,16 +135,8 @@ class Bus:
         return peers.voters_behind(type_, seq, time.monotonic())
 
     @property
-    def last_seq(self) -> int:
-        return self._seq
-
-    @property
-    def step(self) -> int:
-        return self._position[0]
-
-    @property
     def final_seq(self) -> int:
-        return self._final_seq or self._seq
+        return self._final_seq or self.last_seq
 
     def close(self) -> OSError | None:
         """Stop the bus thread after a last flush; close sockets and the journal (its last error, if any)."""
@@ -208,7 +195,7 @@ class Bus:
             return
         # Events wait for the disk and nothing is published before it is journaled: a sign of life only,
         # repeating the last journaled seq (PROTOCOL.md, the journal), so plugins do not take us for gone.
-        step, epoch = self._position
+        step, epoch = self.position
         beat = Event(max(1, self.journal.written_seq), self.run_id, ev.HEARTBEAT, time.time(), step, epoch,
                      {"interval_s": self.heartbeat_interval_s, "held_back": len(self._unpublished)})
         self.pub.send_multipart((ev.HEARTBEAT.encode(), encode_event(beat)), zmq.NOBLOCK)
@@ -223,22 +210,22 @@ class Bus:
         if not batch and not self._unpublished:
             return
         materialize_tensors(batch)
-        first_seq, records = self._seq + 1, []
+        first_seq, records = self.last_seq + 1, []
         for type_, ts, step, epoch, data in batch:
-            self._seq += 1
+            self.last_seq += 1
             try:
-                raw = encode_event(Event(self._seq, self.run_id, type_, ts, step, epoch, data))
+                raw = encode_event(Event(self.last_seq, self.run_id, type_, ts, step, epoch, data))
             except ProtocolError as exc:  # a user metric of an odd type: keep the seq, say why
-                raw = encode_event(Event(self._seq, self.run_id, type_, ts, step, epoch,
+                raw = encode_event(Event(self.last_seq, self.run_id, type_, ts, step, epoch,
                                          {"error": f"event data not encodable: {exc}"}))
             records.append(raw)
             self._unpublished.append((type_.encode(), raw))
-            self._last_seq_of[type_] = self._seq
+            self._last_seq_of[type_] = self.last_seq
             if type_ == ev.SAVE_CHECKPOINT:
-                self.control.checkpointer.numbered(self._seq, data)
+                self.control.checkpointer.numbered(self.last_seq, data)
             if type_ in FINAL_EVENTS:
-                self._final_seq = self._seq
-            self._position = (step, epoch)
+                self._final_seq = self.last_seq
+            self.position = (step, epoch)
         written = self.journal.append(records, first_seq)  # journal first: a published event is always replayable
         for _ in range(written):
             self.pub.send_multipart(self._unpublished.popleft(), zmq.NOBLOCK)
@@ -268,10 +255,7 @@ class Bus:
 
 
 def _take_all(queue: collections.deque) -> list:
-    out = []
-    while queue:
-        out.append(queue.popleft())
-    return out
+    return [queue.popleft() for _ in range(len(queue))]  # other threads only append
 
 
 def _drain(socket: zmq.Socket) -> None:

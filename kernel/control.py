@@ -106,7 +106,7 @@ class Dispatcher:
     def _on_metric(self, peer: Peer, msg: dict[str, Any]) -> None:
         name, cut = truncate(msg["name"], peer.budget.limits.metric_name_max_chars)
         if self._admit(peer, "metric", len(name), cut):
-            step = msg["step"] if msg["step"] is not None else self.bus.step
+            step = msg["step"] if msg["step"] is not None else self.bus.position[0]
             self.bus.emit(ev.METRIC, {"plugin": peer.name, "name": name, "value": msg["value"], "step": step})
 
     def _on_log(self, peer: Peer, msg: dict[str, Any]) -> None:
