@@ -54,13 +54,11 @@ class SnapshotBuffers:
     kernel reports (the snapshot is skipped) rather than a SIGBUS that kills training mid-copy; a
     /dev/shm too small for the state (Docker's default is 64 MB) falls back to the run directory.
 
-    Fix (scripts/bench/checkpoint_stall.py): the first snapshot into each slot stalled training
-    0.24-1.3 s (4-19x the copy): the copy faulting in 200,000 fresh pages, and the second slot's
-    first use fell while the first snapshot was being persisted, where it cost that window 5-10 %
-    of its throughput. Both slots are now allocated and paged in (fallocate, MAP_POPULATE) at the
-    run's first snapshot, in one stall the run pays once; every later snapshot is the copy alone.
-    Doing it in a background thread instead stalled training's steps for up to a second whatever
-    its priority (mmap_lock and the GIL), inside the first persist.
+    Both slots are allocated and paged in (fallocate, MAP_POPULATE) at the run's first snapshot, in
+    one stall the run pays once; every later snapshot is the copy alone. Measured
+    (scripts/bench/checkpoint_stall.py): a slot's first use costs 0.24-1.3 s (4-19x the copy, 200,000
+    fresh pages), and the second slot's would fall inside the first persist. A background thread
+    doing it stalls training's steps for up to a second whatever its priority (mmap_lock, the GIL).
     """
 
     def __init__(self, run_id: str, directories: list[Path]):

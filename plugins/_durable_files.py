@@ -25,7 +25,7 @@ STAGING_BYTES = 4 << 20  # small enough that hashing reads what was just copied 
 class DirectWriter:
     """The file object torch.save writes to: bytes go to disk around the page cache, hashed on the way.
 
-    Fix (scripts/bench/checkpoint_stall.py): a buffered write of an 805 MB checkpoint cost the
+    Why (scripts/bench/checkpoint_stall.py): a buffered write of an 805 MB checkpoint costs the
     persister 1.4-2.7 CPU-seconds, the kernel finding and filling 200,000 fresh page-cache pages,
     on the cores and memory bus that training uses. With O_DIRECT the disk reads the bytes itself:
     what is left is one copy into a reused, aligned staging buffer and the sha256 of that buffer

@@ -1,8 +1,8 @@
 """Rebuilds the training state from a kernel snapshot buffer (format: trainbus.proto.checkpoint_format).
 
 The tensors are views of one private mapping of the buffer file, not copies: the persister reads
-each byte once, on its way to the file. Fix (scripts/bench/checkpoint_stall.py): cloning them cost
-0.4-2.5 CPU-seconds per 805 MB snapshot (fresh pages for every clone) and one more pass through
+each byte once, on its way to the file. Cloning them would cost 0.4-2.5 CPU-seconds per 805 MB
+snapshot (fresh pages for every clone; scripts/bench/checkpoint_stall.py) and one more pass through
 the memory bus that training shares.
 """
 

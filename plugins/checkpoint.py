@@ -132,9 +132,8 @@ class CheckpointPlugin(Plugin):
         done = _already_saved(entries, event, directory)
         if done is not None:  # replayed after a crash between the manifest line and the ack
             self.checkpoint_saved(event, str(directory / done["file"]), done["sha256"], done["size"])
-            # Fix: the crash may also have cut short what follows the manifest line (last.pt re-linked
-            # but its line not yet written, or old files not yet deleted). Finish both; they are
-            # idempotent. Before, last.pt stayed behind its manifest line until the next save.
+            # The crash may also have cut short what follows the manifest line (last.pt re-linked but
+            # its line not yet written, or old files not yet deleted). Finish both; they are idempotent.
             if s["save_last"]:
                 current = current_entries(entries, directory)
                 if current and current[-1]["file"] == done["file"] and not self._last_is(done, entries):

@@ -274,8 +274,8 @@ class Runner:
 
     def _on_live(self, event: Event) -> None:
         if event.type == ev.HEARTBEAT and not self.wants_heartbeats:
-            # Not for this plugin, but its seq is no gap: step over it. (Returning without moving
-            # next_seq counted every heartbeat as a missed event, and sent a durable plugin to replay.)
+            # Not for this plugin, but its seq is no gap: step over it (else every heartbeat would count
+            # as a missed event, and send a durable plugin to replay).
             if not self.durable:
                 self.next_seq = event.seq + 1
             elif not self.replaying and event.seq == self.next_seq:
