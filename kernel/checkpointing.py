@@ -34,12 +34,13 @@ class Checkpointer:
     """
 
     def __init__(self, buffers: SnapshotBuffers, peers, every_n_epochs: int, every_n_steps: int,
-                 directories: list[Path]):
+                 directories: list[Path], first_seq: int = 1):
         self.buffers = buffers
         self.peers = peers
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.directories = [Path(d).resolve() for d in directories]  # where a settled checkpoint may be
+        self.first_seq = first_seq  # this kernel process numbers from here on (a resumed run's journal goes on)
         self._slot_seq: dict[int, int] = {}  # slot -> seq of the save_checkpoint using it
         self._settled: dict[int, set[str]] = {}  # save_checkpoint seq -> persisters that reported on it
         self._recent: collections.deque[int] = collections.deque(maxlen=RECENT_SAVES)
@@ -76,10 +77,13 @@ class Checkpointer:
         self._settled[seq] = set()
         self._recent.append(seq)
 
-    def settle(self, peer, msg: dict[str, Any], published_seq: int) -> None:
+    def settle(self, peer, msg: dict[str, Any], published_seq: int) -> bool:
         """A persister's checkpoint_saved/failed: only for a save_checkpoint it was sent, only for a path
-        inside the checkpoint directories. Raises Refused otherwise."""
+        inside the checkpoint directories (raises Refused otherwise). False when there is nothing to settle:
+        a save_checkpoint of an earlier kernel process, replayed to a persister after a resume."""
         seq = msg["seq"]
+        if seq < self.first_seq:
+            return False
         if seq > published_seq or seq not in self._recent:
             raise Refused("settle_seq", f"{peer.name}: {msg['type']} for seq {seq}, which is no save_checkpoint "
                                         f"it was sent")
@@ -87,6 +91,7 @@ class Checkpointer:
             raise Refused("settle_path", f"{peer.name}: checkpoint_saved names {msg['path']!r}, outside "
                                          f"{', '.join(map(str, self.directories))}")
         self._settled.setdefault(seq, set()).add(peer.name)
+        return True
 
     def slot_free(self, slot: int) -> bool:
         seq = self._slot_seq.get(slot)

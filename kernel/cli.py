@@ -15,7 +15,7 @@ from rich.table import Table
 
 from trainbus.proto import JOURNAL_NAME, PROTOCOL_VERSION
 
-from .config import ConfigError, load_config, registered_plugins, resolve_plugin
+from .config import ConfigError, config_of_run, load_config, registered_plugins, resolve_plugin
 from .checkpointing import CheckpointError
 from .spec import SpecError
 
@@ -59,13 +59,19 @@ def run(
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where run directories go (default ./runs)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     hparam: list[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE (VALUE parsed as JSON if it can be)."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="RUN_ID, run directory or checkpoint file: continue "
-                                                                "from its newest verified checkpoint."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="RUN_ID or run directory: continue that run in place "
+                                                                "from its newest verified checkpoint, with its config "
+                                                                "(options given override it); a checkpoint file (or "
+                                                                "--config given too): a new run starting from it."),
 ) -> None:
     """Train, with every plugin in its own process; prints the run id, the outcome and where results are."""
     from .session import run_training
 
     cfg = load_config(config)
+    continuing = _run_to_continue(resume, runs_dir or Path(cfg.runs_dir)) if resume and config is None else None
+    if continuing is not None:
+        cfg = config_of_run(continuing)
+        cfg.runs_dir = str(continuing.parent)
     if target is not None:
         cfg.target = target
     if plugins is not None:
@@ -87,9 +93,18 @@ def run(
 
     check_run(cfg, "command line")
     _check_plugin_settings(cfg.plugins)
-    result = run_training(cfg, install_sigint=True, announce=lambda line: print(f"trainbus: {line}", file=sys.stderr))
+    result = run_training(cfg, run_id=continuing.name if continuing else None, continue_run=continuing is not None,
+                          install_sigint=True, announce=lambda line: print(f"trainbus: {line}", file=sys.stderr))
     _print_summary(result)
     raise typer.Exit(code={"completed": 0, "stopped": 0, "interrupted": 130}.get(result.status, 1))
+
+
+def _run_to_continue(resume: str, runs_dir: Path) -> Path | None:
+    """The run directory `--resume` names (a run id under runs_dir, or a run directory); None for a file."""
+    for candidate in (Path(resume), runs_dir / resume):
+        if candidate.is_dir() and (candidate / "config.json").is_file():
+            return candidate.resolve()
+    return None
 
 
 @plugins_app.command("list")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
+
+from trainbus.proto import ProtocolError, pack
 
 from .limits import PeerLimits
 from .spec import DEFAULT_TARGET
@@ -14,6 +20,11 @@ from .spec import DEFAULT_TARGET
 PLUGIN_ENTRY_POINT_GROUP = "trainbus.plugins"
 DEFAULT_PLUGINS = ("console", "metrics_log")
 DEVICES = ("auto", "cpu", "cuda")
+SEED_LIMIT = 2**32  # numpy and torch take 32-bit seeds: [0, 2**32)
+# A plugin's settings reach its process in one environment variable (TRAINBUS_PLUGIN_SETTINGS, msgpack as hex: two
+# characters a byte), and `trainbus run` checks them in one argument (JSON); Linux refuses any one string over
+# 128 KiB (MAX_ARG_STRLEN) and the plugin could not start. 60 KiB encoded leaves room for the variable's name.
+SETTINGS_MAX_BYTES = 60 * 1024
 
 
 class ConfigError(Exception):
@@ -60,6 +71,20 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def config_of_run(run_dir: Path) -> RunConfig:
+    """The config a run was started with (its config.json), to continue it in place."""
+    path = Path(run_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+        raw["plugins"] = [PluginConfig(**p) for p in raw.get("plugins", [])]
+        cfg = RunConfig(**raw)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot continue {run_dir}: {path} is unreadable ({exc}); resume from one of its "
+                          f"checkpoint files instead: --resume {Path(run_dir) / 'checkpoints' / 'last.pt'}") from None
+    check_run(cfg, str(path))
+    return cfg
 
 
 _RUN_KEYS = {f.name: f.type for f in fields(RunConfig) if f.name not in ("hyperparameters", "plugins", "limits")}
@@ -146,6 +171,79 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{where}: plugin {dupes[0]!r} is configured twice")
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise ConfigError(f"{where}: seed must be between 0 and {SEED_LIMIT - 1} (numpy and torch take 32-bit seeds), "
+                          f"got {cfg.seed}")
+    for plugin in cfg.plugins:
+        _check_plugin(plugin, where)
+
+
+def _check_plugin(p: PluginConfig, where: str) -> None:
+    """What would keep the plugin's process from starting: settings too big for its environment, no program."""
+    try:
+        size = max(len(pack(p.settings)), len(json.dumps(p.settings, default=str).encode()))
+    except (ProtocolError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: plugin {p.name!r}: its settings cannot be sent to it ({exc}); use strings, "
+                          f"numbers, booleans, lists and tables") from None
+    if size > SETTINGS_MAX_BYTES:
+        raise ConfigError(f"{where}: plugin {p.name!r}: its settings take {size:,} bytes encoded, over the "
+                          f"{SETTINGS_MAX_BYTES:,} that fit in the environment variable its process gets them in; "
+                          f"put large data in a file and give its path as a setting")
+    if p.command and shutil.which(p.command[0]) is None:
+        program = p.command[0]
+        if os.sep in program:
+            why = "is not an executable file" if os.path.exists(program) else "does not exist"
+            fix = f"fix the path in plugins.{p.name}.command"
+        else:
+            why = "is not on PATH"
+            fix = f"install it, or give its path in plugins.{p.name}.command (./{program} for one in this folder)"
+        raise ConfigError(f"{where}: plugin {p.name!r}: program {program!r} {why}; {fix}")
+
+
+def apply_set(cfg: RunConfig, key: str, value: Any) -> None:
+    """One `--set KEY=VALUE`. A KEY with a dot sets a plugin of this run's setting: `NAME.SETTING` or
+    `plugins.NAME.settings.SETTING`; `hyperparameters.KEY` is a hyperparameter whose name has dots; any
+    other KEY is a hyperparameter."""
+    where = f"--set {key}"
+    head, dot, rest = key.partition(".")
+    if not dot:
+        cfg.hyperparameters[key] = value
+        return
+    if head == "hyperparameters" and rest:
+        cfg.hyperparameters[rest] = value
+        return
+    if head == "plugins":
+        name, _, tail = rest.partition(".")
+        section, _, setting = tail.partition(".")
+        if not (name and section == "settings" and setting):
+            raise ConfigError(f"{where}: a plugin's setting is set as plugins.NAME.settings.SETTING=VALUE "
+                              f"(or NAME.SETTING=VALUE)")
+    else:
+        name, setting = head, rest
+    plugin = next((p for p in cfg.plugins if p.name == name), None)
+    if plugin is None:
+        configured = ", ".join(p.name for p in cfg.plugins) or "none"
+        raise ConfigError(f"{where}: {name!r} is not a plugin of this run (its plugins: {configured}); add it with "
+                          f"--plugins or the config, or set a hyperparameter whose name has a dot as "
+                          f"hyperparameters.{key}=VALUE")
+    if not setting:
+        raise ConfigError(f"{where}: name the setting: {name}.SETTING=VALUE")
+    plugin.settings[setting] = value
+
+
+def check_runs_dir(runs_dir: str) -> None:
+    """ConfigError unless run directories can be made under runs_dir. Tried for real (a directory made and removed
+    in its nearest existing folder): mode bits do not stop root, a read-only mount or a file in the path does."""
+    path = Path(runs_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.exists(p))
+    fix = "pick a writable place with --runs-dir or [run] runs_dir"
+    if not existing.is_dir():
+        raise ConfigError(f"runs_dir {runs_dir}: {existing} is a file, not a directory; {fix}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".trainbus-probe-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(f"runs_dir {runs_dir}: cannot create directories in {existing} "
+                          f"({exc.strerror or exc}); {fix}") from None
 
 
 def _no_unknown(table: dict, known, where: str) -> None:

@@ -74,7 +74,8 @@ class Dispatcher:
         if len(self._told) > TOLD_MAX:
             self._told.popitem(last=False)
         log.warning("refused: %s", refusal)
-        self.bus.send(identity, encode_control(control("refused", reason=str(refusal))))
+        self.bus.send(identity, encode_control(control("refused", reason=str(refusal),
+                                                       welcome_lost=refusal.welcome_lost)))
 
     # -- one handler per message type -------------------------------------------------------------
 
@@ -132,7 +133,8 @@ class Dispatcher:
     def _on_settle(self, peer: Peer, msg: dict[str, Any]) -> None:
         if self.checkpointer is None:
             raise Refused("settle_seq", f"{peer.name}: {msg['type']}, but this run takes no snapshots")
-        self.checkpointer.settle(peer, msg, self.bus.journal.written_seq)
+        if not self.checkpointer.settle(peer, msg, self.bus.journal.written_seq):
+            return
         fields = {k: truncate(v, 1000)[0] if isinstance(v, str) else v for k, v in msg.items() if k not in ("v", "type")}
         event = ev.CHECKPOINT_SAVED if msg["type"] == "checkpoint_saved" else ev.CHECKPOINT_FAILED
         self.bus.emit(event, {"plugin": peer.name, **fields})

@@ -47,6 +47,7 @@ class Credentials:
     def write_attach_file(self, run_dir: Path) -> Path:
         """The attach token, owner-only, in the run directory (never world-readable, not even briefly)."""
         path = Path(run_dir) / CREDENTIAL_FILE
+        path.unlink(missing_ok=True)  # a continued run: the previous kernel's credential is void
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.attach_token() + "\n")

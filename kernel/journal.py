@@ -7,6 +7,7 @@ the caller publishes only what is written. Once space returns the file is comple
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import time
@@ -31,8 +32,15 @@ BACKLOG_MAX_BYTES = 64 * 1024 * 1024
 RETRY_INTERVAL_S = 0.2  # a refused write is tried again this often, not at every flush
 
 
+class JournalInUse(OSError):
+    """Another process (a kernel still running this run) holds the journal."""
+
+
 class Journal:
-    """Appends encoded events in seq order and reads ranges of them back by seq."""
+    """Appends encoded events in seq order and reads ranges of them back by seq.
+
+    The open journal is locked (flock): a second kernel on the same run is refused, not interleaved.
+    """
 
     def __init__(self, path: Path, fsync_interval_s: float = FSYNC_INTERVAL_S,
                  backlog_max_bytes: int = BACKLOG_MAX_BYTES):
@@ -50,6 +58,11 @@ class Journal:
                 self._size = end
         flags = getattr(os, "O_CLOEXEC", 0)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise JournalInUse(f"{self.path} is held by another process: the run is still going") from None
         os.ftruncate(self._fd, self._size)  # drop a torn tail left by a crash
         self._read_fd = os.open(self.path, os.O_RDONLY | flags)
         self._backlog: list[bytes] = []  # numbered records the disk has not taken yet

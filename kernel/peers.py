@@ -29,6 +29,11 @@ class Refused(Exception):
         super().__init__(reason)
         self.code = code
 
+    @property
+    def welcome_lost(self) -> bool:
+        """The peer itself is turned away (not welcomed, or a hello refused), not just one message."""
+        return self.code == "unknown_peer" or self.code.startswith("hello_")
+
 
 class Supervision(Protocol):
     """The narrow questions peers ask the supervisor about the plugins it spawned."""

@@ -28,7 +28,7 @@ from .checkpointing import CheckpointError, Checkpointer, find_checkpoint, load_
 from .config import ConfigError, RunConfig
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
-from .journal import Journal
+from .journal import Journal, JournalInUse
 from .limits import PeerLimits
 from .loop import Loop, pick_device, restore_weights, seed_everything
 from .memory import keep_freed_memory
@@ -61,9 +61,11 @@ def new_run_id() -> str:
 
 
 def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool = False,
-                 announce: Callable[[str], None] = lambda line: None) -> RunResult:
+                 announce: Callable[[str], None] = lambda line: None, continue_run: bool = False) -> RunResult:
     """Train per the config with its plugins attached; never raises for what a plugin does.
 
+    continue_run: `run_id` names an existing run, continued in place from its newest checkpoint (cfg.resume):
+    same directory, its journal going on from its last whole seq, its logs and outputs appended to.
     Raises SpecError when the user's target cannot be built: nothing has started by then.
     """
     started = time.monotonic()
@@ -89,7 +91,11 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
     run_id = run_id or new_run_id()
     Path(cfg.runs_dir).mkdir(parents=True, exist_ok=True)
     run_dir = Path(cfg.runs_dir).resolve() / run_id
-    run_dir.mkdir()
+    if continue_run:
+        check_not_running(run_dir)
+        (run_dir / "summary.json").unlink(missing_ok=True)  # the run is going again
+    else:
+        run_dir.mkdir()
     run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints and sockets are nobody else's
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     handler = _log_to(run_dir / "kernel.log")
@@ -104,6 +110,10 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
                 checkpointer=checkpointer)
     if resume_state is not None:
         loop.resume(resume_state, str(resume_from))
+        at = resume_state["trainbus"]
+        where = f"epoch {at['epoch']}" + ("" if at["epoch_complete"] else f", batch {at['batches_done']}")
+        announce(f"{'continuing run ' + run_id if continue_run else 'resuming'} from {resume_from} "
+                 f"({where}, step {at['step']})")
     status, error = "completed", None
     try:
         bus.start()
@@ -188,9 +198,20 @@ def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: Peer
         # A persister's checkpoint_saved must name a file here: the run's checkpoints/, or a dirpath its config set.
         directories = [run_dir / CHECKPOINT_DIR] + [run_dir / p.settings["dirpath"] for p in plugins
                                                     if isinstance(p.settings.get("dirpath"), str) and p.settings["dirpath"]]
-        checkpointer = Checkpointer(buffers, peers, every_n_epochs, every_n_steps, directories)
+        checkpointer = Checkpointer(buffers, peers, every_n_epochs, every_n_steps, directories,
+                                    first_seq=journal.last_seq + 1)
     bus.serve(supervisor, Dispatcher(bus, supervisor, peers, checkpointer))
     return bus, checkpointer, sockets
+
+
+def check_not_running(run_dir: Path) -> None:
+    """ConfigError when a kernel still holds the run's journal (two kernels must never write one run)."""
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
+    try:
+        Journal(run_dir / JOURNAL_NAME).close()
+    except JournalInUse as exc:
+        raise ConfigError(f"--resume {run_dir.name}: {exc}; wait for it to end, or stop it (Ctrl-C)") from None
 
 
 def wait_ready(bus: Bus, timeout_s: float) -> list[str]:

@@ -54,7 +54,12 @@ class History:
         return self.end is not None or self.failure is not None
 
     def update(self, event: Event) -> None:
-        """Take one event into the record; a seq already seen, or anything after the final event, is ignored."""
+        """Take one event into the record; a seq already seen, or anything after the final event, is ignored.
+
+        A run continued in place (`--resume RUN_ID`) starts a new session in the same journal: the record
+        goes on, and what the earlier process trained after its last checkpoint (done again) is dropped."""
+        if event.type == ev.START_TRAINING_SESSION and event.seq > self.last_seq:
+            self.end = self.failure = None
         if event.seq <= self.last_seq or self.finished:
             return
         self.last_seq, self.last_step, self.last_epoch = event.seq, event.step, event.epoch
@@ -63,9 +68,14 @@ class History:
             self.started_ts = event.ts
         data = event.data
         if event.type == ev.START_TRAINING_SESSION:
-            self.started_ts = event.ts
+            if not self.epochs and not self.step_losses:  # the run's first session: when it started
+                self.started_ts = event.ts
             self.epochs_total = _int(data.get("epochs"))
             self.hyperparameters = dict(data.get("hyperparameters") or {})
+        elif event.type == ev.LOAD_CHECKPOINT:
+            resumed = _int(data.get("epoch")) or 0
+            self.epochs = [e for e in self.epochs if e.epoch < resumed]
+            self.step_losses = [(step, loss) for step, loss in self.step_losses if step <= event.step]
         elif event.type == ev.END_TRAINING_BATCH:
             loss = _number(data.get("loss"))
             if loss is not None and self.every_n_steps and event.step % self.every_n_steps == 0:

@@ -77,7 +77,12 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         "done": bool,  # True when the batch reaches the journal's end
     },
     # the kernel will not act on this peer's messages: a hello it turned down, or a message before any hello
-    "refused": {"reason": str},
+    "refused": {
+        "reason": str,
+        # True: the peer is not (or no longer) welcome, nothing it sends is acted on (a refused hello, an unknown
+        # routing id); False: only the message named in `reason` was not acted on (outside the peer's grant)
+        "welcome_lost": Default(bool, True),
+    },
 }
 
 PLUGIN_TO_KERNEL = frozenset(

@@ -177,6 +177,9 @@ class _IO(threading.Thread):
             except ProtocolError:
                 self.malformed += 1
                 continue
+            if msg["type"] == "refused" and not msg["welcome_lost"]:  # one message outside our grant
+                _say(f"[{self.hello['name']}] the kernel did not act on a message: {msg['reason']}")
+                continue
             if msg["type"] == "refused":  # the kernel will not act on anything we send: nothing to do here
                 self.refused = msg["reason"]
                 self.gone = f"refused by the kernel: {msg['reason']}"

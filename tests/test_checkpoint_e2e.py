@@ -37,6 +37,7 @@ from trainbus.kernel.session import FINAL_WEIGHTS, run_training
 from trainbus.kernel.spec import build_spec
 from trainbus.kernel.supervisor import MAX_RESTARTS
 from trainbus.proto import checkpoint_format
+from trainbus.plugins._history import History
 from trainbus.proto.checkpoint_format import sha256_of
 
 TRAINBUS = Path(sys.executable).with_name("trainbus")
@@ -230,6 +231,42 @@ def test_resume_after_kill_9_of_the_kernel_is_exact(tmp_path, kernels, where):
     assert_same_final_state(resumed.run_dir, reference.run_dir)
     # and the last epoch's validation metrics, computed after the resume, are the uninterrupted run's
     assert resumed.outcome["validation_loss"] == reference.outcome["validation_loss"]
+
+
+def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels):
+    """kill -9 mid-epoch, then `trainbus run --resume ID` and nothing else: the same directory and config, the
+    journal going on gap-free, the weights of an uninterrupted run, and a history with every epoch once."""
+    epochs, seed, runs = 3, 5, tmp_path / "runs"
+    cfg = config(runs, [checkpointer(), resolve_plugin("metrics_log", {"every_n_steps": 0})], epochs, target=PACED,
+                 seed=seed, every_n_steps=7, step_sleep_s=0.02)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_event("checkpoint_saved", lambda e: e.data["epoch"] == 2, timeout_s=60)
+    kernel.kill()
+    killed_at = kernel.journal.step()
+    before = kernel.journal.poll()[-1].seq
+
+    proc = subprocess.run([str(TRAINBUS), "run", "--resume", kernel.run_id, "--runs-dir", str(runs)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"continuing run {kernel.run_id} from" in proc.stderr and "epoch 2, batch" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in runs.iterdir()) == [kernel.run_id], "continued in place, no new run directory"
+    summary = json.loads((kernel.run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["outcome"]["epochs_completed"] == epochs
+
+    events = read_events(kernel.run_dir)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)) and len(events) > before
+    assert len(of(events, "start_training_session")) == 2 and len(of(events, "load_checkpoint")) == 1
+    resumed_at = of(events, "load_checkpoint")[0].step
+    assert STEPS_PER_EPOCH < resumed_at <= killed_at
+    history = History.from_journal(kernel.run_dir)
+    assert [e.epoch for e in history.epochs] == [1, 2, 3] and history.finished
+    records = [json.loads(line) for line in (kernel.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2, 3], "each epoch's record once"
+
+    reference = run_training(config(tmp_path / "reference", [checkpointer()], epochs, target=PACED, seed=seed,
+                                    every_n_steps=7, step_sleep_s=0.0))
+    assert_same_final_state(kernel.run_dir, reference.run_dir)
 
 
 # -- 2. kill -9 the checkpoint plugin while it writes ----------------------------------------------

@@ -320,8 +320,15 @@ def test_the_attach_file_is_owner_only_whatever_the_umask(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text() == credentials.attach_token() + "\n"
     assert credentials.check("any_free_name", path.read_text().strip(), spawned=False) is None
-    with pytest.raises(FileExistsError):  # never over an existing file (a planted one, a symlink)
-        credentials.write_attach_file(tmp_path)
+    # A continued run replaces it, and never writes through a link planted in its place.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("untouched")
+    path.unlink()
+    path.symlink_to(elsewhere)
+    again = Credentials()
+    again.write_attach_file(tmp_path)
+    assert not path.is_symlink() and path.read_text() == again.attach_token() + "\n"
+    assert elsewhere.read_text() == "untouched"
 
 
 def test_tokens_differ_per_name_and_per_run():
