@@ -278,13 +278,24 @@ def restore_weights(spec: TrainingSpec, state: dict[str, Any]) -> None:
     resume = state["trainbus"]
     if resume.get("format") != RESUME_FORMAT:
         raise ValueError(f"resume format {resume.get('format')} is not {RESUME_FORMAT}")
+    wanted, saved = set(spec.model.state_dict()), set(state.get("model_state_dict") or {})
+    if wanted != saved:
+        raise ValueError(f"missing keys {_first(wanted - saved)}, unexpected keys {_first(saved - wanted)}")
     try:
         spec.model.load_state_dict(state["model_state_dict"])
         spec.optimizer.load_state_dict(state["optimizer_state_dict"])
         if spec.scheduler is not None and state.get("scheduler_state_dict") is not None:
             spec.scheduler.load_state_dict(state["scheduler_state_dict"])
     except (KeyError, RuntimeError, ValueError) as exc:
-        raise ValueError(str(exc).splitlines()[0]) from None
+        # torch's first line is a header ("Error(s) in loading state_dict for ...:"); the cause follows it
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(" ".join(lines[:2])[:300]) from None
+
+
+def _first(keys: set[str], n: int = 4) -> str:
+    """A few keys, sorted, and how many more: enough to see which model the checkpoint was made for."""
+    shown = sorted(keys)[:n]
+    return "[" + ", ".join(shown) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]" if keys else "none"
 
 
 def _get_rng(python: bool) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainbus.kernel.checkpointing import Checkpointer
@@ -95,3 +96,16 @@ def test_stop_reasons_hold_stop_replies_only():
     control = merge_replies([Reply("checkpoint_now", "a", "save"), Reply("stop", "b", "done"), Reply("log", "c", "x")])
     assert control.should_stop and control.checkpoint_now
     assert control.reasons == ("b: stop: done",) and control.checkpoint_reasons == ("a: save",)
+
+
+def test_a_checkpoint_for_another_model_names_the_keys_in_one_line():
+    from trainbus.kernel.loop import restore_weights
+
+    spec = tiny({})
+    other = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Linear(8, 3))
+    state = {"trainbus": {"format": 1}, "model_state_dict": other.state_dict(), "optimizer_state_dict": {}}
+    with pytest.raises(ValueError) as raised:
+        restore_weights(spec, state)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "missing keys [bias, weight]" in message and "unexpected keys [0.bias, 0.weight, 1.bias, 1.weight]" in message
