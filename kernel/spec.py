@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
+import sysconfig
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +17,15 @@ import torch
 
 class SpecError(Exception):
     """The user's target cannot be loaded or does not return a TrainingSpec; the message says the fix."""
+
+
+class UserCodeError(SpecError):
+    """The user's own code raised while their target was imported or called. The message is one line; `trace` is
+    the traceback trimmed to their frames (the kernel's and libraries' frames around it left out)."""
+
+    def __init__(self, message: str, trace: str):
+        super().__init__(message)
+        self.trace = trace
 
 
 @dataclass
@@ -67,14 +79,19 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
         sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise _user_code_error(exc, f"importing {path}") from None
     else:
         try:
             module = importlib.import_module(module_part)
         except ModuleNotFoundError as exc:
             if exc.name and module_part.startswith(exc.name):
                 raise SpecError(f"cannot import module {module_part!r}; is it installed or on PYTHONPATH?") from None
-            raise
+            raise _user_code_error(exc, f"importing {module_part}") from None
+        except Exception as exc:
+            raise _user_code_error(exc, f"importing {module_part}") from None
     func = getattr(module, func_name, None)
     if func is None:
         raise SpecError(f"{module_part} has no attribute {func_name!r}; name a function that returns a TrainingSpec")
@@ -89,8 +106,30 @@ def build_spec(target: str, hyperparameters: dict[str, Any]) -> TrainingSpec:
     import inspect
 
     params = inspect.signature(func).parameters
-    spec = func(dict(hyperparameters)) if params else func()
+    try:
+        spec = func(dict(hyperparameters)) if params else func()
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise _user_code_error(exc, target) from None
     if not isinstance(spec, TrainingSpec):
         raise SpecError(f"{target} returned {type(spec).__name__}; it must return trainbus.kernel.TrainingSpec")
     spec.check()
     return spec
+
+
+# Where frames are not the user's: the standard library, installed packages, this kernel.
+_NOT_USER_ROOTS = tuple({os.path.abspath(p) + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                         if (p := sysconfig.get_paths().get(key))}
+                        | {os.path.dirname(os.path.abspath(__file__)) + os.sep})
+
+
+def _user_code_error(exc: Exception, what: str) -> UserCodeError:
+    """The user's exception as one line, and its traceback trimmed to their frames (their files)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__.tb_next)  # tb_next: past our own frame
+              if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(_NOT_USER_ROOTS)]
+    header = ["Traceback (most recent call last; your code only):\n"] if frames else []  # none: a SyntaxError
+    trace = "".join([*header, *traceback.format_list(frames), *traceback.format_exception_only(type(exc), exc)])
+    text = (str(exc).strip().splitlines() or [""])[0]
+    where = f" (in your code: {frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return UserCodeError(f"{what} raised {type(exc).__name__}{': ' + text if text else ''}{where}", trace)

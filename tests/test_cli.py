@@ -7,12 +7,14 @@ import os
 import pty
 import select
 import subprocess
+import sys
 import termios
 import time
 
 import pytest
 
 from conftest import TESTS_DIR, trainbus_cmd
+from trainbus.kernel.config import SETTINGS_MAX_BYTES, ConfigError, RunConfig
 
 
 def trainbus(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -79,6 +81,33 @@ BAD_INPUT = {
                       "run.keep_freed_memory must be true or false"),
     "missing snapshot dir": (lambda t: ["run", "--config", _write(t, "d.toml", f"[run]\nsnapshot_dir = '{t}/nope'\n")],
                              "not a writable directory"),
+    "negative seed": (lambda t: ["run", "--seed", "-1"], "seed must be between 0 and 4294967295"),
+    "seed over 32 bits": (lambda t: ["run", "--seed", str(2**32)], "seed must be between 0 and 4294967295"),
+    "seed over 32 bits in a config": (lambda t: ["run", "--config", _write(t, "seed.toml", f"[run]\nseed = {2**40}\n")],
+                                      "seed must be between 0 and 4294967295"),
+    "plugin program not on PATH": (lambda t: ["run", "--config", _write(
+        t, "p.toml", "[plugins.go_monitor]\ncommand = ['no-such-trainbus-monitor', '--fast']\n")],
+        "plugin 'go_monitor': program 'no-such-trainbus-monitor' is not on PATH"),
+    "plugin program path missing": (lambda t: ["run", "--config", _write(
+        t, "q.toml", f"[plugins.go_monitor]\ncommand = ['{t}/monitor-bin']\n")], "monitor-bin' does not exist"),
+    "plugin settings too big": (lambda t: ["run", "--config", _write(
+        t, "big.toml", f"[plugins.early_stopping.settings]\nmonitor = '{'m' * (SETTINGS_MAX_BYTES + 1)}'\n")],
+        "plugin 'early_stopping': its settings take"),
+    "plugin settings too big via --set": (lambda t: ["run", "--plugins", "early_stopping", "--set",
+                                                     f"early_stopping.monitor={'m' * (SETTINGS_MAX_BYTES + 1)}"],
+                                          f"over the {SETTINGS_MAX_BYTES:,} that fit"),
+    "--set for a plugin not in the run": (
+        lambda t: ["run", "--set", "plugins.early_stopping.settings.patience=1"],
+        "'early_stopping' is not a plugin of this run (its plugins: console, metrics_log)"),
+    "--set for an unknown plugin": (lambda t: ["run", "--set", "early_stoping.patience=1"],
+                                    "'early_stoping' is not a plugin of this run"),
+    "--set plugins. without settings": (lambda t: ["run", "--set", "plugins.console.target=x"],
+                                        "plugins.NAME.settings.SETTING=VALUE"),
+    "--set an unknown plugin setting": (lambda t: ["run", "--plugins", "early_stopping", "--set",
+                                                   "early_stopping.patiencee=2"], "no setting 'patiencee'"),
+    "--set a plugin setting of the wrong type": (lambda t: ["run", "--plugins", "early_stopping", "--set",
+                                                            "plugins.early_stopping.settings.patience=soon"],
+                                                 "setting 'patience' must be int"),
 }
 
 
@@ -126,3 +155,100 @@ def test_the_console_draws_on_a_terminal_with_tostop(tmp_path):
     assert "finished: 2 epochs" in text  # the console's own last line: it ran, it was not stopped
     hung = [line for line in text.splitlines() if "hung" in line or "crashed" in line]
     assert not hung, hung
+
+
+def _one_line(r: subprocess.CompletedProcess, expected: str) -> str:
+    """Exit 2 and exactly one `error:` line holding `expected`; returns that line."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    error_lines = [line for line in r.stderr.splitlines() if line.lower().startswith("error")]
+    assert len(error_lines) == 1 and expected in error_lines[0], r.stderr
+    return error_lines[0]
+
+
+@pytest.mark.parametrize("how", ["under a file", "read-only mount", "mode 0555"])
+def test_an_unwritable_runs_dir_gets_one_line_before_anything_starts(how, tmp_path, mount_tmpfs):
+    """Tried for real, not judged from mode bits: root (as the tests run) writes through 0555, not through a
+    read-only mount or a file in the path."""
+    if how == "under a file":
+        (tmp_path / "a-file").write_text("")
+        parent = tmp_path / "a-file"
+    elif how == "read-only mount":
+        parent = mount_tmpfs("ro", 1 << 20)
+        remount = subprocess.run(["mount", "-o", "remount,ro", str(parent)], capture_output=True, text=True)
+        if remount.returncode != 0:
+            pytest.skip(f"cannot remount read-only here: {remount.stderr.strip()}")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes through mode bits")
+        parent = tmp_path / "locked"
+        parent.mkdir(mode=0o555)
+    runs = parent / "runs"
+    try:
+        r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--plugins", "", "--runs-dir", str(runs), timeout=60)
+    finally:
+        if how == "mode 0555":
+            parent.chmod(0o755)
+    assert "Traceback" not in r.stderr + r.stdout
+    line = _one_line(r, f"runs_dir {runs}")
+    assert "--runs-dir" in line  # the fix
+    assert not os.path.exists(runs)
+
+
+def test_run_training_turns_a_run_directory_it_cannot_make_into_a_config_error(tmp_path):
+    """The kernel's own mkdir (a runs dir that went away after the CLI's check, or run_training called directly)."""
+    from trainbus.kernel.session import run_training
+
+    (tmp_path / "a-file").write_text("")
+    cfg = RunConfig(target=f"{TESTS_DIR / 'specs.py'}:tiny", runs_dir=str(tmp_path / "a-file" / "runs"), plugins=[])
+    with pytest.raises(ConfigError, match="runs_dir .*a-file/runs: cannot create"):
+        run_training(cfg)
+
+
+USER_CODE = {
+    "build raises": ("def helper(lr):\n    raise ValueError('lr must be positive')\n\n"
+                     "def build(hyperparameters):\n    helper(-1)\n",
+                     "raised ValueError: lr must be positive", ["line 5, in build", "line 2, in helper"]),
+    "import raises": ("import json\njson.loads('{')\n\ndef build(hyperparameters):\n    pass\n",
+                      "raised JSONDecodeError: Expecting property name", ["line 2, in <module>"]),
+    "syntax error": ("def build(hyperparameters)\n    pass\n", "raised SyntaxError", []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_CODE))
+def test_an_exception_in_the_users_code_shows_their_frames_then_one_line(case, tmp_path):
+    source, expected, frames = USER_CODE[case]
+    target = tmp_path / "train.py"
+    target.write_text(source)
+    r = trainbus("run", f"{target}:build", "--plugins", "", "--runs-dir", str(tmp_path / "runs"), timeout=60)
+    _one_line(r, expected)
+    lines = r.stderr.rstrip("\n").splitlines()
+    assert lines[-1].startswith("error: ") and str(target) in lines[-1], r.stderr  # the one line comes last
+    for frame in frames:
+        assert f'File "{target}", {frame}' in r.stderr, r.stderr
+    # Only their frames (a SyntaxError names its file too): not the CLI's, kernel's, typer's, click's, importlib's.
+    files = [line.split('"')[1] for line in lines if line.startswith('  File "')]
+    assert files and set(files) == {str(target)}, r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_set_reaches_a_plugins_settings_and_leaves_hyperparameters_alone(tmp_path):
+    r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--epochs", "1", "--plugins", "early_stopping",
+                 "--set", "plugins.early_stopping.settings.patience=1", "--set", "early_stopping.min_delta=0.5",
+                 "--set", "hyperparameters.optimizer.lr=0.01", "--set", "lr=0.2", "--runs-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    config = json.loads((next(tmp_path.iterdir()) / "config.json").read_text())
+    assert config["plugins"][0]["settings"] == {"patience": 1, "min_delta": 0.5}
+    assert config["hyperparameters"] == {"optimizer.lr": 0.01, "lr": 0.2}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MAX_ARG_STRLEN is Linux's")
+def test_settings_at_the_cap_fit_in_one_environment_string_and_one_argument():
+    """SETTINGS_MAX_BYTES is below what Linux takes in one string (MAX_ARG_STRLEN, 128 KiB): settings at the cap
+    reach a process as TRAINBUS_PLUGIN_SETTINGS (hex) and as `trainbus.sdk --describe TARGET=JSON`."""
+    target = "trainbus.plugins.early_stopping:EarlyStoppingPlugin="
+    env = dict(os.environ, TRAINBUS_PLUGIN_SETTINGS="ab" * SETTINGS_MAX_BYTES)
+    subprocess.run([sys.executable, "-c", "pass", target + "x" * SETTINGS_MAX_BYTES], env=env, check=True, timeout=60)
+    with pytest.raises(OSError) as raised:  # the limit is real: twice the cap in hex does not fit
+        subprocess.run([sys.executable, "-c", "pass"], timeout=60,
+                       env=dict(env, TRAINBUS_PLUGIN_SETTINGS="ab" * 2 * SETTINGS_MAX_BYTES))
+    assert raised.value.errno == 7  # E2BIG
