@@ -15,9 +15,10 @@ from rich.table import Table
 
 from trainbus.proto import JOURNAL_NAME, PROTOCOL_VERSION
 
-from .config import ConfigError, config_of_run, load_config, registered_plugins, resolve_plugin
+from .config import (ConfigError, apply_set, check_runs_dir, config_of_run, load_config, registered_plugins,
+                     resolve_plugin)
 from .checkpointing import CheckpointError
-from .spec import SpecError
+from .spec import SpecError, UserCodeError
 
 __version__ = "0.1.0"
 
@@ -58,7 +59,10 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for every RNG (default 0)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where run directories go (default ./runs)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    hparam: list[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE (VALUE parsed as JSON if it can be)."),
+    hparam: list[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE (VALUE parsed as JSON if it can be); "
+                                                       "NAME.SETTING=VALUE or plugins.NAME.settings.SETTING=VALUE "
+                                                       "sets a setting of this run's plugin NAME; "
+                                                       "hyperparameters.A.B=VALUE a hyperparameter named A.B."),
     resume: Optional[str] = typer.Option(None, "--resume", help="RUN_ID or run directory: continue that run in place "
                                                                 "from its newest verified checkpoint, with its config "
                                                                 "(options given override it); a checkpoint file (or "
@@ -86,12 +90,14 @@ def run(
         if not sep or not key:
             raise UserError(f"--set {item!r} must look like KEY=VALUE")
         try:
-            cfg.hyperparameters[key] = json.loads(raw)
+            value = json.loads(raw)
         except json.JSONDecodeError:
-            cfg.hyperparameters[key] = raw
+            value = raw
+        apply_set(cfg, key, value)
     from .config import check_run
 
     check_run(cfg, "command line")
+    check_runs_dir(cfg.runs_dir)
     _check_plugin_settings(cfg.plugins)
     result = run_training(cfg, run_id=continuing.name if continuing else None, continue_run=continuing is not None,
                           install_sigint=True, announce=lambda line: print(f"trainbus: {line}", file=sys.stderr))
@@ -141,6 +147,48 @@ def runs_plot(
     out.print(proc.stdout.rstrip(), markup=False)
 
 
+@runs_app.command("list")
+def runs_list(
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON array of runs instead of a table."),
+) -> None:
+    """Every run, newest first: status, target, start, duration, epochs, last validation, plugin trouble."""
+    from . import runs
+
+    try:
+        found = runs.list_runs(runs_dir)
+    except runs.RunLookupError as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        print(runs.as_json(found))
+    else:
+        runs.print_list(_wide(), found, runs_dir)
+
+
+@runs_app.command("show")
+def runs_show(
+    run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run directory."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
+) -> None:
+    """One run in detail: status, per-epoch metrics, plugins and their state, the error, where its files are."""
+    from . import runs
+
+    try:
+        details = runs.run_details(runs.resolve_run(run, runs_dir))
+    except runs.RunLookupError as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        print(runs.as_json(details))
+    else:
+        runs.print_show(_wide(), details)
+
+
+def _wide() -> Console:
+    """`out` on a terminal; piped or redirected, wide enough that no table row wraps."""
+    return out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=400)
+
+
 def _describe(items: list[str]) -> list[dict]:
     """Ask a plugin-side process to describe plugins: the kernel never imports plugin code itself."""
     proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", *items],
@@ -187,5 +235,7 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except (UserError, ConfigError, SpecError, CheckpointError) as exc:
+        if isinstance(exc, UserCodeError):  # their build() raised: their frames, then the one line
+            print(exc.trace, end="", file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

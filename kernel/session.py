@@ -33,6 +33,7 @@ from .limits import PeerLimits
 from .loop import Loop, pick_device, restore_weights, seed_everything
 from .memory import keep_freed_memory
 from .peers import Peers
+from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers, snapshot_directories
 from .spec import SpecError, build_spec
 from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
@@ -89,14 +90,15 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
             raise CheckpointError(f"checkpoint {resume_from} does not fit this spec: {exc}") from None
 
     run_id = run_id or new_run_id()
-    Path(cfg.runs_dir).mkdir(parents=True, exist_ok=True)
+    _make_dir(Path(cfg.runs_dir), cfg.runs_dir, parents=True, exist_ok=True)
     run_dir = Path(cfg.runs_dir).resolve() / run_id
     if continue_run:
         check_not_running(run_dir)
         (run_dir / "summary.json").unlink(missing_ok=True)  # the run is going again
     else:
-        run_dir.mkdir()
+        _make_dir(run_dir, cfg.runs_dir)
     run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints and sockets are nobody else's
+    write_kernel_pid(run_dir)  # `trainbus runs list`: a run without summary.json is running while this pid lives
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     handler = _log_to(run_dir / "kernel.log")
 
@@ -250,6 +252,15 @@ def _save_final_weights(spec, loop: Loop, path: Path) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _make_dir(path: Path, runs_dir: str, **how) -> None:
+    """mkdir, or a ConfigError naming runs_dir: a read-only mount, no permission, a file in the way (exit 2)."""
+    try:
+        path.mkdir(**how)
+    except OSError as exc:
+        raise ConfigError(f"runs_dir {runs_dir}: cannot create {path} ({_reason(exc)}); pick a writable place "
+                          f"with --runs-dir or [run] runs_dir") from None
 
 
 def _reason(exc: Exception) -> str:

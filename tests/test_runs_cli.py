@@ -1,0 +1,243 @@
+"""`trainbus runs list` and `trainbus runs show` over a runs directory of real runs, one of each status:
+completed, stopped (by a plugin), failed (the target raises), interrupted (Ctrl-C), running (a kernel in
+another process) and died (that kernel killed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from trainbus.kernel.cli import app
+from trainbus.kernel.config import PluginConfig, RunConfig
+from trainbus.kernel.runs import TAIL_BYTES, journal_tail, last_event_of, list_runs
+from trainbus.kernel.session import run_training
+from trainbus.proto import JOURNAL_NAME, Event, event_to_map, pack
+
+from conftest import TESTS_DIR, trainbus_cmd
+from kernel_process import JournalTail, KernelProcess, process_gone, wait_until
+
+TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
+FAILING = f"{TESTS_DIR / 'specs.py'}:failing"
+PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
+ENDED = {"a-completed": "completed", "b-stopped": "stopped", "c-failed": "failed", "d-interrupted": "interrupted"}
+
+
+def _interrupted_run(runs_dir: Path) -> None:
+    """A run in this process that gets Ctrl-C (SIGINT, as the terminal sends it) after its second step."""
+    journal = JournalTail(runs_dir / "d-interrupted" / JOURNAL_NAME)
+    sent = threading.Event()
+
+    def press_ctrl_c():
+        try:
+            wait_until(lambda: journal.step() >= 2, 60, "2 steps of the interrupted run", poll_s=0.02)
+        except AssertionError:
+            return
+        sent.set()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
+    presser.start()
+    cfg = RunConfig(target=PACED, epochs=3, runs_dir=str(runs_dir),
+                    hyperparameters={"batch_size": 256, "step_sleep_s": 0.2})
+    result = run_training(cfg, run_id="d-interrupted", install_sigint=True)
+    presser.join(5)
+    assert sent.is_set() and result.status == "interrupted", result
+
+
+@pytest.fixture(scope="module")
+def every_status(tmp_path_factory):
+    """A runs directory with one run of each ended status and a kernel still running (the fixture's kernel)."""
+    tmp = tmp_path_factory.mktemp("runs_cli")
+    runs_dir = tmp / "runs"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", str(TESTS_DIR))  # plugin processes import tests/fixture_plugins.py
+        # the running one first: its process starts (imports torch) while the others run here
+        kernel = KernelProcess(RunConfig(target=PACED, epochs=100, runs_dir=str(runs_dir), hyperparameters={
+            "batch_size": 256, "step_sleep_s": 0.25}), tmp, run_id="e-running")
+        try:
+            assert run_training(RunConfig(target=TINY, epochs=2, runs_dir=str(runs_dir)),
+                                run_id="a-completed").status == "completed"
+            stopper = PluginConfig("stopper", "fixture_plugins:Stopper", {"epoch": 1})
+            assert run_training(RunConfig(target=TINY, epochs=50, runs_dir=str(runs_dir), plugins=[stopper]),
+                                run_id="b-stopped").status == "stopped"
+            assert run_training(RunConfig(target=FAILING, epochs=2, runs_dir=str(runs_dir)),
+                                run_id="c-failed").status == "failed"
+            _interrupted_run(runs_dir)
+            kernel.wait_event("end_epoch", timeout_s=60)  # the running one has an epoch to show
+            yield runs_dir, kernel
+        finally:
+            kernel.kill()
+
+
+def cli(*args: str):
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_list_shows_each_run_with_its_status_newest_first(every_status):
+    runs_dir, kernel = every_status
+    runs = json.loads(cli("runs", "list", "--runs-dir", str(runs_dir), "--json"))
+    by_id = {r["id"]: r for r in runs}
+    assert {r["id"]: r["status"] for r in runs} == {**ENDED, "e-running": "running"}
+    # newest first: the in-process runs were started one after another; the kernel process started before them
+    ended = [r["id"] for r in runs if r["id"] in ENDED]
+    assert ended == sorted(ENDED, reverse=True)
+
+    completed = by_id["a-completed"]
+    assert completed["target"] == TINY and completed["epochs_completed"] == 2 and completed["epochs"] == 2
+    assert completed["steps"] == 6 and completed["validation_loss"] > 0 and completed["duration_s"] > 0
+    assert completed["started_at"] and completed["error"] is None and completed["plugin_trouble"] == []
+
+    stopped = by_id["b-stopped"]
+    assert any("enough after epoch 1" in reason for reason in stopped["stop_reasons"])
+    assert 1 <= stopped["epochs_completed"] < 50
+
+    failed = by_id["c-failed"]
+    assert "FloatingPointError: loss exploded" in failed["error"] and failed["epochs_completed"] == 1
+
+    interrupted = by_id["d-interrupted"]
+    assert 2 <= interrupted["steps"] < 6 and interrupted["epochs_completed"] == 1  # within epoch 1 (6 steps)
+    assert any("Ctrl-C" in reason for reason in interrupted["stop_reasons"])
+
+    running = by_id["e-running"]
+    assert running["pid"] == kernel.pid and str(kernel.pid) in running["detail"]
+    assert running["epochs_completed"] >= 1 and running["epochs"] == 100 and running["validation_loss"] > 0
+    assert running["last_event"]["age_s"] < 10 and running["duration_s"] > 0
+
+    table = cli("runs", "list", "--runs-dir", str(runs_dir))
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["run", "status", "target"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    for run_id, status in {**ENDED, "e-running": "running"}.items():
+        assert rows[run_id].split()[1] == status, table
+    assert "specs.py:tiny" in rows["a-completed"] and " 2/2 " in rows["a-completed"]
+    assert "fixture_targets.py:paced_digits" in rows["e-running"] and "/100" in rows["e-running"]
+    assert [line.split()[0] for line in lines[1:]].index("d-interrupted") < \
+        [line.split()[0] for line in lines[1:]].index("a-completed")
+
+
+def test_show_tells_one_run_in_detail(every_status):
+    runs_dir, _ = every_status
+    completed = json.loads(cli("runs", "show", "a-completed", "--runs-dir", str(runs_dir), "--json"))
+    assert [row["epoch"] for row in completed["epoch_table"]] == [1, 2]
+    assert all(row["validation_loss"] > 0 and row["training_loss"] > 0 for row in completed["epoch_table"])
+    assert completed["best"]["validation_loss"] == min(r["validation_loss"] for r in completed["epoch_table"])
+    assert completed["device"] == "cpu" and completed["model"] == "Linear"
+    files = {Path(f["path"]).name for f in completed["files"]}
+    assert {"config.json", JOURNAL_NAME, "summary.json", "final.pt", "kernel.log", "kernel.pid"} <= files
+
+    text = cli("runs", "show", "a-completed", "--runs-dir", str(runs_dir))
+    assert text.startswith("run a-completed: completed")
+    assert str(runs_dir / "a-completed" / "summary.json") in text and "best" in text
+    epoch_rows = [line.split() for line in text.splitlines() if line[:1].isdigit()]
+    assert [row[0].rstrip("*") for row in epoch_rows] == ["1", "2"]
+
+    # by its path, and the plugin that stopped it, with its state and log
+    stopped = json.loads(cli("runs", "show", str(runs_dir / "b-stopped"), "--json"))
+    assert stopped["status"] == "stopped" and stopped["plugins"]["stopper"]["state"] == "exited"
+    assert stopped["plugins"]["stopper"]["log"] == str(runs_dir / "b-stopped" / "plugins" / "stopper.log")
+    text = cli("runs", "show", str(runs_dir / "b-stopped"))
+    assert "enough after epoch 1" in text and "stopper" in text and "stopper.log" in text
+
+    failed = cli("runs", "show", "c-f", "--runs-dir", str(runs_dir))  # a unique start of an id will do
+    assert failed.startswith("run c-failed: failed") and "error       FloatingPointError: loss exploded" in failed
+
+    interrupted = json.loads(cli("runs", "show", "d-interrupted", "--runs-dir", str(runs_dir), "--json"))
+    assert interrupted["status"] == "interrupted" and [r["epoch"] for r in interrupted["epoch_table"]] == [1]
+
+
+def test_a_running_kernel_and_then_a_killed_one(every_status):
+    runs_dir, kernel = every_status
+    shown = json.loads(cli("runs", "show", "e-running", "--runs-dir", str(runs_dir), "--json"))
+    assert shown["status"] == "running" and shown["pid"] == kernel.pid and shown["epoch_table"]
+    assert shown["last_event"]["type"] and shown["plugins"] == {}
+    text = cli("runs", "show", "e-running", "--runs-dir", str(runs_dir))
+    assert text.startswith(f"run e-running: running (kernel pid {kernel.pid} is alive)") and "running for" in text
+
+    kernel.kill()
+    assert process_gone(kernel.pid)
+    runs = {r["id"]: r for r in json.loads(cli("runs", "list", "--runs-dir", str(runs_dir), "--json"))}
+    died = runs["e-running"]
+    assert died["status"] == "died" and "is gone" in died["detail"] and died["epochs_completed"] >= 1
+    text = cli("runs", "show", "e-running", "--runs-dir", str(runs_dir))
+    assert text.startswith(f"run e-running: died (kernel pid {kernel.pid} is gone and wrote no summary.json)")
+
+
+def test_the_installed_command_and_a_run_that_is_not_there(every_status):
+    runs_dir, _ = every_status
+    r = subprocess.run(trainbus_cmd() + ["runs", "list", "--runs-dir", str(runs_dir)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "a-completed" in r.stdout and "completed" in r.stdout, r.stderr
+    r = subprocess.run(trainbus_cmd() + ["runs", "show", "nope", "--runs-dir", str(runs_dir)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: no run 'nope': ")
+    assert str(runs_dir / "nope") in r.stderr, "names what it looked at"
+
+
+def _write_long_journal(path: Path, batches_before: int, batches_after: int) -> int:
+    """A journal of a run in epoch 2: epoch 1 with many batches, its end_epoch, then more batches. Returns its last seq."""
+    seq = 0
+
+    def event(type_, step, epoch, **data):
+        nonlocal seq
+        seq += 1
+        return pack(event_to_map(Event(seq=seq, run="long", type=type_, ts=time.time() - 3600 + seq * 1e-4,
+                                       step=step, epoch=epoch, data=data)))
+    with open(path, "wb") as f:
+        f.write(event("start_training_session", 0, 0, epochs=5, device="cpu", model="Big", parameters=1))
+        step = 0
+        for epoch, batches in ((1, batches_before), (2, batches_after)):
+            f.write(event("start_epoch", step, epoch))
+            chunk = []
+            for i in range(batches):
+                step += 1
+                chunk.append(event("end_training_batch", step, epoch, batch_index=i, loss=0.5, batch_size=32))
+                if len(chunk) == 10_000:
+                    f.write(b"".join(chunk))
+                    chunk = []
+            f.write(b"".join(chunk))
+            if epoch == 1:
+                f.write(event("end_epoch", step, epoch, training_loss=0.5, validation_loss=0.25,
+                              validation_metrics={"accuracy": 0.9}))
+    return seq
+
+
+def test_list_reads_only_the_tail_of_a_long_journal(tmp_path, monkeypatch):
+    """A run without a summary (and, from before kernel.pid, without a pid file): list reads its journal's head
+    and a bounded tail, never the whole of it; its last end_epoch, out of the tail, is found by its bytes."""
+    run_dir = tmp_path / "runs" / "long"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"target": "big.py:build", "epochs": None}))
+    journal = run_dir / JOURNAL_NAME
+    last_seq = _write_long_journal(journal, batches_before=150_000, batches_after=20_000)
+    assert journal.stat().st_size > 8 * TAIL_BYTES and journal.stat().st_size - 20_000 * 60 > TAIL_BYTES
+
+    import trainbus.kernel.runs as runs_module
+
+    def no_streaming(*_):
+        raise AssertionError("list decoded the whole journal")
+    monkeypatch.setattr(runs_module, "stream_journal", no_streaming)
+    started = time.monotonic()
+    (run,) = list_runs(tmp_path / "runs")
+    elapsed = time.monotonic() - started
+    assert run["status"] == "died" and "no kernel.pid" in run["detail"]
+    assert run["last_event"]["seq"] == last_seq and run["steps"] == 170_000
+    assert run["epochs_completed"] == 1 and run["epochs"] == 5
+    assert run["validation_loss"] == 0.25 and run["validation_metrics"] == {"accuracy": 0.9}
+    assert elapsed < 1.0, f"listing one long run took {elapsed:.2f} s"
+
+    # a tail that starts in the middle of a record still yields whole, consecutive records up to the end
+    for cut in (300, 1000, 123_457):
+        tail = journal_tail(journal, cut)
+        assert tail and tail[-1].seq == last_seq and [e.seq for e in tail] == list(range(tail[0].seq, last_seq + 1))
+    assert last_event_of(journal, "end_epoch").epoch == 1
