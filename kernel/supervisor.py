@@ -155,7 +155,9 @@ class Supervisor:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _spawn(self, child: Child, now: float) -> None:
+    def _spawn(self, child: Child, now: float) -> bool:
+        """Start the plugin's process; False (and the plugin failed, said once) when it cannot be started at all:
+        a program that is missing or not executable does not appear by retrying."""
         spec = child.spec
         env = dict(self.env, TRAINBUS_PLUGIN_NAME=spec.name, TRAINBUS_SECRET=self.token_for(spec.name),
                    TRAINBUS_PLUGIN_SETTINGS=pack(spec.settings).hex())
@@ -172,6 +174,12 @@ class Supervisor:
                 # one of its own would get an equal share against the kernel's whatever its nice.
                 process_group=0,
             )
+        except OSError as exc:
+            child.proc, child.state = None, "failed"
+            child.crashes.append(f"cannot start {cmd[0]}: {exc.strerror or exc}")
+            self.emit(ev.PLUGIN_FAILED, {"plugin": spec.name, "reason": child.crashes[-1],
+                                         "log": str(self.log_dir / f"{spec.name}.log")})
+            return False
         finally:
             log.close()
         _lower_priority(child.proc.pid)
@@ -179,12 +187,14 @@ class Supervisor:
         child.started_at = child.last_seen = now
         child.leaving = False
         self.emit(ev.PLUGIN_STARTED, {"plugin": spec.name, "pid": child.proc.pid, "restarts": child.restarts})
+        return True
 
     def _check(self, child: Child, now: float) -> None:
         if child.state == "backoff":
             if now >= child.next_start_at and not self.stopping:
                 child.restarts += 1
-                self._spawn(child, now)
+                if not self._spawn(child, now):
+                    return
                 self.emit(ev.PLUGIN_RESTARTED, {"plugin": child.spec.name, "pid": child.proc.pid,
                                                 "restarts": child.restarts})
             return

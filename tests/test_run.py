@@ -114,3 +114,19 @@ def test_event_data_no_peer_could_decode_is_replaced_not_sent(tmp_path, data):
     metrics = [e for e in read_events(tmp_path) if e.type == ev.METRIC]
     assert "not encodable" in metrics[0].data["error"]
     assert len(metrics) == 2 and metrics[1].data == {"fine": 1.0}, "the bad event kept its place; nothing lost"
+
+
+def test_a_plugin_program_that_cannot_be_started_fails_that_plugin_and_training_goes_on(runs_dir, tmp_path):
+    """The CLI checks the program first; one that vanishes or cannot be executed by the time it is started
+    is that plugin's failure (said once), never the run's."""
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\n")
+    result = run_training(RunConfig(target=TINY, runs_dir=str(runs_dir), ready_timeout_s=5, plugins=[
+        PluginConfig("ghost", "", command=[str(tmp_path / "missing-program")]),
+        PluginConfig("noexec", "", command=[str(script)])]))
+    assert result.status == "completed", result
+    for name in ("ghost", "noexec"):
+        assert result.plugins[name]["state"] == "failed" and result.plugins[name]["restarts"] == 0
+        assert "cannot start" in result.plugins[name]["crashes"][0]
+    failed = [e for e in read_events(result.run_dir) if e.type == ev.PLUGIN_FAILED]
+    assert sorted(e.data["plugin"] for e in failed) == ["ghost", "noexec"]
