@@ -52,7 +52,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 def run(
     target: Optional[str] = typer.Argument(None, help="path/to/file.py:function or package.module:function "
                                                       "returning a TrainingSpec; default: the digits demo."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML run config."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML run config, or bz's JSON one (.json)."),
     plugins: Optional[str] = typer.Option(None, "--plugins", "-p", help="Comma-separated plugin names "
                                                                         "(replaces the config's list; '' for none)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the number of epochs."),
@@ -153,16 +153,16 @@ def runs_list(
     as_json: bool = typer.Option(False, "--json", help="One JSON array of runs instead of a table."),
 ) -> None:
     """Every run, newest first: status, target, start, duration, epochs, last validation, plugin trouble."""
-    from . import runs
+    from . import runs, runs_view
 
     try:
         found = runs.list_runs(runs_dir)
     except runs.RunLookupError as exc:
         raise UserError(str(exc)) from None
     if as_json:
-        print(runs.as_json(found))
+        print(runs_view.as_json(found))
     else:
-        runs.print_list(_wide(), found, runs_dir)
+        runs_view.print_list(_wide(), found, runs_dir)
 
 
 @runs_app.command("show")
@@ -172,16 +172,16 @@ def runs_show(
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
 ) -> None:
     """One run in detail: status, per-epoch metrics, plugins and their state, the error, where its files are."""
-    from . import runs
+    from . import runs, runs_view
 
     try:
         details = runs.run_details(runs.resolve_run(run, runs_dir))
     except runs.RunLookupError as exc:
         raise UserError(str(exc)) from None
     if as_json:
-        print(runs.as_json(details))
+        print(runs_view.as_json(details))
     else:
-        runs.print_show(_wide(), details)
+        runs_view.print_show(_wide(), details)
 
 
 def _wide() -> Console:
@@ -226,6 +226,9 @@ def _print_summary(result) -> None:
     for name, p in result.plugins.items():
         if p["restarts"] or p["state"] == "failed":
             out.print(f"  plugin {name}: {p['state']}, {p['restarts']} restarts ({'; '.join(p['crashes'][-3:])})")
+        if p.get("errors_logged"):
+            out.print(f"  plugin {name}: {p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged "
+                      f"(see {Path(result.run_dir) / 'plugins' / f'{name}.log'})")
     for name, acked in result.undrained.items():
         out.print(f"  plugin {name}: did not catch up (acked up to seq {acked})")
     out.print(f"  results: {result.run_dir}")

@@ -19,28 +19,22 @@ import os
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import msgpack
-
-from trainbus.proto import JOURNAL_NAME, Event, ProtocolError, event_from_map, event_to_map, pack
+from trainbus.proto import JOURNAL_NAME, Event
 from trainbus.proto import events as ev
-from trainbus.proto.codec import MAX_MESSAGE_BYTES, UNPACK_LIMITS
+from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_head, journal_tail, last_event_of,
+                                          stream_journal)
+
+from .runs_view import duration_text
 
 KERNEL_PID = "kernel.pid"  # the kernel's process id, written as the run directory is made (0600)
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 STATUSES = ("running", "completed", "stopped", "failed", "interrupted", "died")
 
-HEAD_BYTES = 256 * 1024  # where start_training_session is: after the plugins' hellos (heartbeats at 100 ms)
-TAIL_BYTES = 1024 * 1024  # where a run without a summary is now: thousands of events
 SMALL_TAIL_BYTES = 64 * 1024  # an ended run's last event
-EPOCH_SCAN_BYTES = 16 * 1024 * 1024  # how far back a running run's last end_epoch is looked for, bytes only
 STALE_S = 10.0  # no kernel.pid (a run from before there was one): heartbeats every second, or it is gone
-
-# Every journal record is an event envelope packed by proto.codec: a map whose first key is "v". Its first
-# bytes mark where a record may start when reading from the middle of a journal (derived, not spelled out).
-_RECORD_START = pack(event_to_map(Event(seq=1, run="", type="", ts=0.0, step=0, epoch=0)))[:3]
 
 
 class RunLookupError(Exception):
@@ -121,104 +115,6 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
     else:
         looked = f"{(runs_dir / run).resolve()} does not exist, and no run id there starts with {run!r}"
     raise RunLookupError(f"no run {run!r}: {looked} (is --runs-dir right? `trainbus runs list` shows the runs)")
-
-
-# -- reading a journal in bounded pieces ---------------------------------------------------------
-
-_FREQUENT = ev.BATCH_EVENTS | {ev.HEARTBEAT}
-
-
-def _records(unpacker: msgpack.Unpacker) -> Iterator[dict[str, Any]]:
-    """The unpacker's whole, valid event maps, gap-free by seq, up to the first torn, garbled or out-of-order one.
-
-    The per-batch events and heartbeats (nearly all of a long journal) get a check of their envelope's types
-    inline, the rare kinds event_from_map's full one: a fifth of the cost of decoding every record to an Event.
-    """
-    previous = None
-    try:
-        for r in unpacker:
-            if not (type(r) is dict and r.get("type") in _FREQUENT and type(r.get("seq")) is int
-                    and type(r.get("step")) is int and type(r.get("epoch")) is int and type(r.get("data")) is dict
-                    and type(r.get("ts")) is float and type(r.get("run")) is str and "v" in r):
-                event_from_map(r)
-            if previous is not None and r["seq"] != previous + 1:
-                return
-            previous = r["seq"]
-            yield r
-    except (ProtocolError, ValueError, msgpack.UnpackException):
-        return
-
-
-def _event(r: dict[str, Any]) -> Event:
-    """A map _records passed as an Event."""
-    return Event(seq=r["seq"], run=r["run"], type=r["type"], ts=float(r["ts"]), step=r["step"], epoch=r["epoch"],
-                 data=r["data"], v=r["v"])
-
-
-def _parse(data: bytes) -> list[Event]:
-    """The whole, valid events at the start of `data`."""
-    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1), **UNPACK_LIMITS)
-    unpacker.feed(data)
-    return [_event(r) for r in _records(unpacker)]
-
-
-def stream_journal(path: Path) -> Iterator[dict[str, Any]]:
-    """Every whole event map of a journal, streamed (any size; what proto.journal_format.iter_records reads)."""
-    with open(path, "rb") as f:
-        yield from _records(msgpack.Unpacker(f, max_buffer_size=2 * MAX_MESSAGE_BYTES, **UNPACK_LIMITS))
-
-
-def journal_head(path: Path, max_bytes: int = HEAD_BYTES) -> list[Event]:
-    """The events in the journal's first max_bytes."""
-    try:
-        with open(path, "rb") as f:
-            return _parse(f.read(max_bytes))
-    except OSError:
-        return []
-
-
-def journal_tail(path: Path, max_bytes: int = TAIL_BYTES) -> list[Event]:
-    """The events in the journal's last max_bytes, found without reading what comes before them."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            start = max(0, size - max_bytes)
-            f.seek(start)
-            data = f.read(size - start)
-    except OSError:
-        return []
-    if start == 0:
-        return _parse(data)
-    at, single = data.find(_RECORD_START), []
-    while at != -1:
-        events = _parse(data[at:])
-        if len(events) >= 2:  # a false start inside a record does not go on as consecutive, valid events
-            return events
-        single = single or events
-        at = data.find(_RECORD_START, at + 1)
-    return single
-
-
-def last_event_of(path: Path, type_: str, max_bytes: int = EPOCH_SCAN_BYTES) -> Event | None:
-    """The journal's last event of one type within its last max_bytes, found by its bytes (no decoding)."""
-    marker = pack("type") + pack(type_)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            start = max(0, size - max_bytes)
-            f.seek(start)
-            data = f.read(size - start)
-    except OSError:
-        return None
-    end = len(data)
-    while (hit := data.rfind(marker, 0, end)) != -1:
-        begin = data.rfind(_RECORD_START, max(0, hit - 4096), hit)
-        if begin != -1:
-            events = _parse(data[begin:begin + 1024 * 1024])
-            if events and events[0].type == type_:
-                return events[0]
-        end = hit
-    return None
 
 
 # -- what a run is -------------------------------------------------------------------------------
@@ -319,7 +215,7 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
         status, detail = "running", f"no {KERNEL_PID}; the journal grew {age:.0f} s ago"
     else:
         status, detail = "died", f"no {SUMMARY} and no {KERNEL_PID}" + (
-            f"; the journal last grew {_duration(age)} ago" if age is not None else "; no events")
+            f"; the journal last grew {duration_text(age)} ago" if age is not None else "; no events")
     info.update(status=status, detail=detail, pid=pid, last_event=_event_brief(last, now))
     if last is None:
         return
@@ -394,9 +290,9 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     last_record: dict[str, Any] | None = None
     for record in stream_journal(journal) if journal.is_file() else ():
         last_record = record
-        if record["type"] in _FREQUENT:
+        if record["type"] in FREQUENT_TYPES:
             continue
-        e = _event(record)
+        e = as_event(record)
         type_, data = e.type, e.data
         if type_ == ev.START_EPOCH:
             epoch_started[e.epoch] = e.ts
@@ -441,7 +337,7 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         bus=summary.get("bus") or {}, files=_files(run_dir))
     if info["error"] is None and error is not None:
         info["error"] = error
-    last = _event(last_record) if last_record is not None else None
+    last = as_event(last_record) if last_record is not None else None
     if last is not None and info["status"] in ("running", "died"):
         info["last_event"] = _event_brief(last, now)
         if info["status"] == "running":  # the streamed read went further than the overview's tail
@@ -500,183 +396,3 @@ def _files(run_dir: Path) -> list[dict[str, Any]]:
         except OSError:
             continue
     return found
-
-
-# -- printing ------------------------------------------------------------------------------------
-
-STATUS_STYLE = {"completed": "green", "stopped": "yellow", "running": "cyan", "interrupted": "magenta",
-                "failed": "red", "died": "red", "unreadable": "red"}
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = float(seconds)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, s = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes}m {s:02d}s"
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h {m:02d}m"
-
-
-def _when(iso: str | None) -> str:
-    return "-" if not iso else iso[:19].replace("T", " ")
-
-
-def _num(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
-
-
-def _short_target(target: str | None) -> str:
-    """/long/path/to/train.py:build -> train.py:build; a module target as it is."""
-    if not target:
-        return "-"
-    module, sep, function = target.rpartition(":")
-    return (Path(module).name + sep + function) if "/" in module else target
-
-
-def _epochs(run: dict[str, Any]) -> str:
-    done, planned = run.get("epochs_completed"), run.get("epochs")
-    if done is None:
-        return "-"
-    return f"{done}/{planned}" if planned else str(done)
-
-
-def _validation(run: dict[str, Any]) -> str:
-    parts = [f"loss {_num(run['validation_loss'])}"] if run.get("validation_loss") is not None else []
-    parts += [f"{k} {_num(v)}" for k, v in (run.get("validation_metrics") or {}).items()]
-    return ", ".join(parts) or "-"
-
-
-def _print_table(console, table) -> None:
-    """A table; to a file or a pipe without the padding rich gives each row's last cell."""
-    if console.is_terminal:
-        console.print(table)
-        return
-    with console.capture() as captured:
-        console.print(table)
-    console.out("\n".join(line.rstrip() for line in captured.get().splitlines()), highlight=False)
-
-
-def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    if not runs:
-        console.print(f"no runs in {escape(str(Path(runs_dir).resolve()))}")
-        return
-    from rich.table import Column
-
-    fixed = dict(no_wrap=True)
-    table = Table(Column("run", **fixed), Column("status", **fixed), Column("target", overflow="fold"),
-                  Column("started", **fixed), Column("duration", **fixed), Column("epochs", **fixed),
-                  Column("val loss", **fixed), Column("val metrics"), Column("plugin trouble"),
-                  box=None, pad_edge=False)
-    for run in runs:
-        style = STATUS_STYLE.get(run["status"], "")
-        metrics = ", ".join(f"{k} {_num(v)}" for k, v in (run.get("validation_metrics") or {}).items())
-        table.add_row(escape(run["id"]), f"[{style}]{run['status']}[/{style}]" if style else run["status"],
-                      escape(_short_target(run.get("target"))), _when(run.get("started_at"))[:16],
-                      _duration(run.get("duration_s")), _epochs(run), _num(run.get("validation_loss")),
-                      escape(metrics) or "-", escape("; ".join(run.get("plugin_trouble") or [])) or "-")
-    _print_table(console, table)
-
-
-def print_show(console, run: dict[str, Any]) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    def line(label: str, text: str) -> None:
-        console.print(f"  {label:<12}{text}")
-
-    style = STATUS_STYLE.get(run["status"], "")
-    console.print(f"[bold]run {escape(run['id'])}[/bold]: [{style}]{run['status']}[/{style}]"
-                  + (f" ({escape(run['detail'])})" if run.get("detail") else ""))
-    line("directory", escape(run["dir"]))
-    line("target", escape(run.get("target") or "-"))
-    if run.get("device") or run.get("model"):
-        line("model", escape(f"{run.get('model') or '?'}, {run.get('parameters') or '?'} parameters, "
-                             f"on {run.get('device') or '?'}"))
-    if run.get("hyperparameters"):
-        line("hyperparams", escape(", ".join(f"{k}={json.dumps(v)}" for k, v in run["hyperparameters"].items())))
-    latest = " (the latest session)" if len(run.get("sessions") or []) > 1 and run["status"] != "running" else ""
-    line("started", f"{_when(run.get('started_at'))}, {'running for' if run['status'] == 'running' else 'lasted'} "
-                    f"{_duration(run.get('duration_s'))}{latest}")
-    resumed = [s for s in run.get("sessions") or [] if s.get("resumed_from")]
-    if len(run.get("sessions") or []) > 1 or resumed:
-        line("sessions", escape(f"{len(run['sessions'])}; latest resumed from {resumed[-1]['resumed_from']}"
-                                if resumed else str(len(run["sessions"]))))
-    line("epochs", f"{_epochs(run)}, {run.get('steps') if run.get('steps') is not None else '-'} steps")
-    if run.get("last_event"):
-        e = run["last_event"]
-        line("last event", escape(f"{e['type']} (seq {e['seq']}, epoch {e['epoch']}, step {e['step']}) "
-                                  f"{_duration(e['age_s'])} ago"))
-    if run.get("stop_reasons"):
-        line("stopped by", escape("; ".join(run["stop_reasons"])))
-    if run.get("error"):
-        line("error", f"[red]{escape(run['error'])}[/red]")
-    line("validation", escape(_validation(run) + " (last epoch)" if _validation(run) != "-" else "-"))
-    if run.get("best"):
-        line("best", f"validation loss {_num(run['best']['validation_loss'])} at epoch {run['best']['epoch']}")
-
-    rows = run.get("epoch_table") or []
-    if rows:
-        metric_names = list(dict.fromkeys(k for row in rows for k in row["validation_metrics"]))
-        table = Table("epoch", "steps", "train loss", "val loss", *[f"val {m}" for m in metric_names], "lr", "time",
-                      box=None, pad_edge=False, title="epochs", title_justify="left")
-        best_epoch = run["best"]["epoch"] if run.get("best") else None
-        for row in rows:
-            mark = "*" if row["epoch"] == best_epoch else ""
-            table.add_row(f"{row['epoch']}{mark}", str(row["step"]), _num(row["training_loss"]),
-                          _num(row["validation_loss"]), *[_num(row["validation_metrics"].get(m)) for m in metric_names],
-                          f"{row['lr']:.3g}" if isinstance(row.get("lr"), (int, float)) else "-",
-                          _duration(row.get("duration_s")))
-        console.print()
-        _print_table(console, table)
-
-    plugins = run.get("plugins") or {}
-    if plugins:
-        table = Table("plugin", "state", "restarts", "trouble", "log", box=None, pad_edge=False, title="plugins",
-                      title_justify="left")
-        for name, p in plugins.items():
-            trouble = list(p.get("crashes") or [])[-3:]
-            if p.get("reason"):
-                trouble.append(p["reason"])
-            if "undrained_acked_seq" in p:
-                trouble.append(f"did not catch up (acked to seq {p['undrained_acked_seq']})")
-            state = p.get("state") or "-"
-            table.add_row(escape(name), f"[red]{state}[/red]" if state == "failed" else escape(state),
-                          str(p.get("restarts", 0)), escape("; ".join(trouble)) or "-", escape(p.get("log") or "-"))
-        console.print()
-        _print_table(console, table)
-
-    checkpoints = run.get("checkpoints") or {}
-    if checkpoints.get("saved") or checkpoints.get("failed") or checkpoints.get("skipped"):
-        console.print()
-        console.print(f"checkpoints: {len(checkpoints['saved'])} saved, {checkpoints['failed']} failed, "
-                      f"{checkpoints['skipped']} skipped")
-        for c in checkpoints["saved"][-3:]:
-            console.print(escape(f"  {c['path']} (epoch {c['epoch']}, step {c['step']})"))
-
-    files = run.get("files") or []
-    if files:
-        console.print()
-        console.print("files")
-        for f in files:
-            size = (f"{f['files']} file{'' if f['files'] == 1 else 's'}, {_bytes(f['bytes'])}" if f["kind"] == "folder"
-                    else _bytes(f["bytes"]))
-            console.print(escape(f"  {f['path']}{'/' if f['kind'] == 'folder' else ''}  ({size})"))
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def as_json(value: Any) -> str:
-    return json.dumps(value, indent=2, default=str)

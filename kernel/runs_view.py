@@ -1,0 +1,188 @@
+"""How `trainbus runs list` and `trainbus runs show` print what kernel.runs found: tables, lines, or JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+STATUS_STYLE = {"completed": "green", "stopped": "yellow", "running": "cyan", "interrupted": "magenta",
+                "failed": "red", "died": "red", "unreadable": "red"}
+
+
+def duration_text(seconds: float | None) -> str:
+    """12.3 s, 4m 05s, 2h 07m; "-" for None."""
+    if seconds is None:
+        return "-"
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m {s:02d}s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m"
+
+
+def _when(iso: str | None) -> str:
+    return "-" if not iso else iso[:19].replace("T", " ")
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _short_target(target: str | None) -> str:
+    """/long/path/to/train.py:build -> train.py:build; a module target as it is."""
+    if not target:
+        return "-"
+    module, sep, function = target.rpartition(":")
+    return (Path(module).name + sep + function) if "/" in module else target
+
+
+def _epochs(run: dict[str, Any]) -> str:
+    done, planned = run.get("epochs_completed"), run.get("epochs")
+    if done is None:
+        return "-"
+    return f"{done}/{planned}" if planned else str(done)
+
+
+def _validation(run: dict[str, Any]) -> str:
+    parts = [f"loss {_num(run['validation_loss'])}"] if run.get("validation_loss") is not None else []
+    parts += [f"{k} {_num(v)}" for k, v in (run.get("validation_metrics") or {}).items()]
+    return ", ".join(parts) or "-"
+
+
+def _print_table(console, table) -> None:
+    """A table; to a file or a pipe without the padding rich gives each row's last cell."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    with console.capture() as captured:
+        console.print(table)
+    console.out("\n".join(line.rstrip() for line in captured.get().splitlines()), highlight=False)
+
+
+def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
+    """One row per run (runs.list_runs's dicts)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not runs:
+        console.print(f"no runs in {escape(str(Path(runs_dir).resolve()))}")
+        return
+    from rich.table import Column
+
+    fixed = dict(no_wrap=True)
+    table = Table(Column("run", **fixed), Column("status", **fixed), Column("target", overflow="fold"),
+                  Column("started", **fixed), Column("duration", **fixed), Column("epochs", **fixed),
+                  Column("val loss", **fixed), Column("val metrics"), Column("plugin trouble"),
+                  box=None, pad_edge=False)
+    for run in runs:
+        style = STATUS_STYLE.get(run["status"], "")
+        metrics = ", ".join(f"{k} {_num(v)}" for k, v in (run.get("validation_metrics") or {}).items())
+        table.add_row(escape(run["id"]), f"[{style}]{run['status']}[/{style}]" if style else run["status"],
+                      escape(_short_target(run.get("target"))), _when(run.get("started_at"))[:16],
+                      duration_text(run.get("duration_s")), _epochs(run), _num(run.get("validation_loss")),
+                      escape(metrics) or "-", escape("; ".join(run.get("plugin_trouble") or [])) or "-")
+    _print_table(console, table)
+
+
+def print_show(console, run: dict[str, Any]) -> None:
+    """One run (runs.run_details's dict): its lines, then its epochs, plugins, checkpoints and files."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    def line(label: str, text: str) -> None:
+        console.print(f"  {label:<12}{text}")
+
+    style = STATUS_STYLE.get(run["status"], "")
+    console.print(f"[bold]run {escape(run['id'])}[/bold]: [{style}]{run['status']}[/{style}]"
+                  + (f" ({escape(run['detail'])})" if run.get("detail") else ""))
+    line("directory", escape(run["dir"]))
+    line("target", escape(run.get("target") or "-"))
+    if run.get("device") or run.get("model"):
+        line("model", escape(f"{run.get('model') or '?'}, {run.get('parameters') or '?'} parameters, "
+                             f"on {run.get('device') or '?'}"))
+    if run.get("hyperparameters"):
+        line("hyperparams", escape(", ".join(f"{k}={json.dumps(v)}" for k, v in run["hyperparameters"].items())))
+    latest = " (the latest session)" if len(run.get("sessions") or []) > 1 and run["status"] != "running" else ""
+    line("started", f"{_when(run.get('started_at'))}, {'running for' if run['status'] == 'running' else 'lasted'} "
+                    f"{duration_text(run.get('duration_s'))}{latest}")
+    resumed = [s for s in run.get("sessions") or [] if s.get("resumed_from")]
+    if len(run.get("sessions") or []) > 1 or resumed:
+        line("sessions", escape(f"{len(run['sessions'])}; latest resumed from {resumed[-1]['resumed_from']}"
+                                if resumed else str(len(run["sessions"]))))
+    line("epochs", f"{_epochs(run)}, {run.get('steps') if run.get('steps') is not None else '-'} steps")
+    if run.get("last_event"):
+        e = run["last_event"]
+        line("last event", escape(f"{e['type']} (seq {e['seq']}, epoch {e['epoch']}, step {e['step']}) "
+                                  f"{duration_text(e['age_s'])} ago"))
+    if run.get("stop_reasons"):
+        line("stopped by", escape("; ".join(run["stop_reasons"])))
+    if run.get("error"):
+        line("error", f"[red]{escape(run['error'])}[/red]")
+    line("validation", escape(_validation(run) + " (last epoch)" if _validation(run) != "-" else "-"))
+    if run.get("best"):
+        line("best", f"validation loss {_num(run['best']['validation_loss'])} at epoch {run['best']['epoch']}")
+
+    rows = run.get("epoch_table") or []
+    if rows:
+        metric_names = list(dict.fromkeys(k for row in rows for k in row["validation_metrics"]))
+        table = Table("epoch", "steps", "train loss", "val loss", *[f"val {m}" for m in metric_names], "lr", "time",
+                      box=None, pad_edge=False, title="epochs", title_justify="left")
+        best_epoch = run["best"]["epoch"] if run.get("best") else None
+        for row in rows:
+            mark = "*" if row["epoch"] == best_epoch else ""
+            table.add_row(f"{row['epoch']}{mark}", str(row["step"]), _num(row["training_loss"]),
+                          _num(row["validation_loss"]), *[_num(row["validation_metrics"].get(m)) for m in metric_names],
+                          f"{row['lr']:.3g}" if isinstance(row.get("lr"), (int, float)) else "-",
+                          duration_text(row.get("duration_s")))
+        console.print()
+        _print_table(console, table)
+
+    plugins = run.get("plugins") or {}
+    if plugins:
+        table = Table("plugin", "state", "restarts", "trouble", "log", box=None, pad_edge=False, title="plugins",
+                      title_justify="left")
+        for name, p in plugins.items():
+            trouble = list(p.get("crashes") or [])[-3:]
+            if p.get("reason"):
+                trouble.append(p["reason"])
+            if "undrained_acked_seq" in p:
+                trouble.append(f"did not catch up (acked to seq {p['undrained_acked_seq']})")
+            state = p.get("state") or "-"
+            table.add_row(escape(name), f"[red]{state}[/red]" if state == "failed" else escape(state),
+                          str(p.get("restarts", 0)), escape("; ".join(trouble)) or "-", escape(p.get("log") or "-"))
+        console.print()
+        _print_table(console, table)
+
+    checkpoints = run.get("checkpoints") or {}
+    if checkpoints.get("saved") or checkpoints.get("failed") or checkpoints.get("skipped"):
+        console.print()
+        console.print(f"checkpoints: {len(checkpoints['saved'])} saved, {checkpoints['failed']} failed, "
+                      f"{checkpoints['skipped']} skipped")
+        for c in checkpoints["saved"][-3:]:
+            console.print(escape(f"  {c['path']} (epoch {c['epoch']}, step {c['step']})"))
+
+    files = run.get("files") or []
+    if files:
+        console.print()
+        console.print("files")
+        for f in files:
+            size = (f"{f['files']} file{'' if f['files'] == 1 else 's'}, {_bytes(f['bytes'])}" if f["kind"] == "folder"
+                    else _bytes(f["bytes"]))
+            console.print(escape(f"  {f['path']}{'/' if f['kind'] == 'folder' else ''}  ({size})"))
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def as_json(value: Any) -> str:
+    """What --json prints."""
+    return json.dumps(value, indent=2, default=str)
