@@ -99,12 +99,20 @@ def registered_plugins() -> dict[str, str]:
 
 
 def load_config(path: Path | None) -> RunConfig:
-    """Read a TOML config; no file means every default (and the default plugins)."""
+    """Read a TOML config, or bz's JSON one (a .json file); no file means every default (and the default plugins)."""
     if path is None:
         return RunConfig(plugins=[resolve_plugin(n, {}) for n in DEFAULT_PLUGINS])
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.suffix == ".json":
+        from .bz_config import from_bz  # here, not above: bz_config builds on this module
+
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        return parse_config(from_bz(raw, str(path)), where=str(path))
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:

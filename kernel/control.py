@@ -30,6 +30,7 @@ class Dispatcher:
         self.bus, self.peers, self.checkpointer = bus, peers, checkpointer
         self.counters = bus.counters
         self._told: collections.OrderedDict = collections.OrderedDict()
+        self.errors_logged: collections.Counter = collections.Counter()  # plugin name -> error-level log replies
         self.handlers = {
             "heartbeat": _nothing, "ack": self._on_ack, "replay": self._on_replay,
             "bye": lambda peer, msg: supervisor.leaving(peer.name),
@@ -114,6 +115,8 @@ class Dispatcher:
         text, cut = truncate(msg["text"], peer.budget.limits.log_text_max_chars)
         if self._admit(peer, "log", len(text), cut):
             self.bus.emit(ev.LOG, {"plugin": peer.name, "level": msg["level"], "text": text})
+            if msg["level"] == "error":
+                self.errors_logged[peer.name] += 1
             log.log(logging.getLevelName(msg["level"].upper()), "[%s] %s", peer.name, text)
 
     def _admit(self, peer: Peer, kind: str, nbytes: int, truncated: bool) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from .bz import Plugin as BzPlugin, constructor_arguments
 from .loader import PluginLoadError, describe, load_plugin_class
 from .plugin import SettingsError, merge_settings
 from .runner import run
@@ -34,7 +35,10 @@ def _describe(targets: list[str]) -> int:
         try:
             info = describe(target)
             if settings_json:
-                merge_settings(load_plugin_class(target), json.loads(settings_json))
+                cls = load_plugin_class(target)
+                settings = merge_settings(cls, json.loads(settings_json))
+                if issubclass(cls, BzPlugin):  # its constructor's parameters are filled from its config table
+                    constructor_arguments(cls, settings)
         except (PluginLoadError, SettingsError) as exc:
             info = {"target": target, "error": str(exc)}
         out.append(info)

@@ -1,9 +1,14 @@
 """bz compatibility: a plugin written for the bz CLI runs out of process with one changed import.
 
 Change ``from bz.plugins import Plugin`` to ``from trainbus.sdk.bz import Plugin`` and run it with
-``[plugins.mine] target = "mymodule:MyPlugin"`` (bz's ``config = {...}`` table works too). Its hook
-methods (``end_epoch(self, context)``, any of the 14) are called in event order with a ``context``
-rebuilt from the events, the way bz filled it in process:
+``[plugins.mine] target = "mymodule:MyPlugin"`` and its ``config = {...}`` table (``settings`` works
+too). The plugin is constructed from that table as bz's examples construct theirs (constructor_arguments):
+an ``__init__(self, config=None)`` gets the whole table; any other parameters are filled by name from
+its keys (``__init__(self, save_dir="checkpoints", max_checkpoints=5)``); and a constructor with one
+required parameter that the table does not name gets the whole table as it (bz's e-mail example,
+``__init__(self, email_config)``, configured with the e-mail settings themselves). Its hook methods
+(``end_epoch(self, context)``, any of the 14) are called in event order with a ``context`` rebuilt from
+the events, the way bz filled it in process:
 
 - ``epoch`` counts from 0 inside the first epoch and goes up by one after each ``end_epoch``;
 - ``training_loss_total``/``training_batch_count`` (and the validation pair) are the running totals,
@@ -15,7 +20,9 @@ rebuilt from the events, the way bz filled it in process:
 
 ``context.model`` and ``context.optimizer`` do not exist out of process: touching them raises
 ``NotInThisProcess`` (an AttributeError, so ``hasattr(context, "model")`` is simply False), which
-says where the weights are instead. ``self.config`` is the plugin's config table; ``self.logger``
+says where the weights are instead. It is not retried (the retry would run on an instance that already
+acted on the event) and is reported once: the kernel's log and console, the plugin's log, and the
+plugin's ``errors_logged`` in summary.json. ``self.config`` is the plugin's config table; ``self.logger``
 records at INFO and above reach the kernel's log.
 """
 
@@ -28,21 +35,22 @@ from typing import Any
 
 from trainbus.proto import DURABLE, Event, events as ev
 
-from .plugin import Plugin as _SdkPlugin
+from .plugin import Plugin as _SdkPlugin, SettingsError
+from .runner import NotRetryable
 
-__all__ = ["Context", "NotInThisProcess", "Plugin"]
+__all__ = ["Context", "NotInThisProcess", "Plugin", "constructor_arguments"]
 
 HOOKS: tuple[str, ...] = ev.LIFECYCLE_EVENTS  # bz's 14 hook names are the lifecycle event names
+# Said first on the console's one line (160 characters), so the way out comes early.
 OUT_OF_PROCESS_HINT = (
-    "context.{name} does not exist here: this bz plugin runs in its own process, and the model and optimizer "
-    "stay in the training process. To work with the weights, attach the `checkpoint` plugin and load its files "
-    "(<run_dir>/checkpoints/, and the run's final weights <run_dir>/final.pt) with "
-    "torch.load(path, weights_only=True) -- keys model_state_dict and optimizer_state_dict."
+    "context.{name} is not in this process: bz plugins run in their own process here; attach the `checkpoint` "
+    "plugin and load its files (<run_dir>/checkpoints/, the final weights <run_dir>/final.pt) with "
+    "torch.load(path, weights_only=True): keys model_state_dict, optimizer_state_dict."
 )
 LOG_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
 
 
-class NotInThisProcess(AttributeError):
+class NotInThisProcess(AttributeError, NotRetryable):
     """Something that lives in the training process (context.model, context.optimizer) was touched from a plugin."""
 
 
@@ -113,19 +121,42 @@ class Context:
             self.epoch = event.epoch
 
 
+def constructor_arguments(cls: type, config: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments a bz plugin class is constructed with, from its config table (this module's
+    docstring says the rules); SettingsError, naming the parameters, when the table cannot fill them."""
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # past self
+    named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = [p.name for p in parameters if p.name in named and p.default is p.empty]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    if "config" in named:  # bz's own construction: cls(config=...)
+        return {"config": config}
+    if len(required) == 1 and config and not set(config) & set(named):
+        return {required[0]: config}  # __init__(self, email_config) with the e-mail settings as its config
+    signature = f"{cls.__name__}({', '.join(named + ['**kwargs'] * takes_any)})"
+    missing = [name for name in required if name not in config]
+    if missing:
+        raise SettingsError(f"{signature} needs {', '.join(map(repr, missing))} in its config table "
+                            f"(given: {', '.join(map(repr, config)) or 'nothing'})")
+    unknown = [key for key in config if key not in named]
+    if unknown and not takes_any:
+        raise SettingsError(f"{signature} has no parameter {unknown[0]!r} for its config key of that name")
+    return dict(config)
+
+
 class _BzConstruction(type):
-    """Builds a bz plugin the way bz did, `cls(config=...)`, when the SDK's runner asks for `cls(settings, run_id=, run_dir=)`."""
+    """Builds a bz plugin from its config table (constructor_arguments) when the SDK's runner asks for
+    `cls(settings, run_id=, run_dir=)`."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if set(kwargs) != {"run_id", "run_dir"} or len(args) > 1:
             return super().__call__(*args, **kwargs)  # the author's own call: bz's signature
         config = dict(args[0] if args else {})
-        accepts_config = "config" in inspect.signature(cls.__init__).parameters
-        plugin = super().__call__(config=config) if accepts_config else super().__call__()
-        if "_handlers" not in plugin.__dict__:  # an __init__ that never called super().__init__()
-            Plugin.__init__(plugin, config=config)
-        if not accepts_config:
-            plugin.config = config
+        arguments = constructor_arguments(cls, config)
+        plugin = cls.__new__(cls)
+        # bz's base first, so an __init__ that never calls super().__init__() (as bz's examples do not) still
+        # gets it, and what that __init__ sets is not overwritten.
+        Plugin.__init__(plugin, config=config)
+        plugin.__init__(**arguments)
         plugin.settings = config
         plugin.run_id, plugin.run_dir = kwargs["run_id"], kwargs["run_dir"]
         plugin.context.extra["run_dir"] = kwargs["run_dir"]

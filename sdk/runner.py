@@ -53,6 +53,12 @@ class KernelGone(Exception):
     pass
 
 
+class NotRetryable(Exception):
+    """A handler failure that trying the same event again on the same instance cannot mend: the retry would
+    fail alike, or worse pass on state the failed attempt left (bz's context.model). Such a failure is not
+    retried, and each distinct one is reported once; repeats are counted (the end-of-run line, `failures`)."""
+
+
 class _IO(threading.Thread):
     """Owns the SUB and DEALER sockets; the only thread that touches them."""
 
@@ -240,6 +246,7 @@ class Runner:
         self.gaps = 0
         self.failures = 0
         self.dead_letters = 0
+        self._reported_once: set[str] = set()  # NotRetryable failures already told, as "Type: message"
         self.acked = 0
         self.processed = 0
         self.finished = False
@@ -319,27 +326,29 @@ class Runner:
     # -- dispatch ---------------------------------------------------------------------------------
 
     def _dispatch(self, event: Event) -> None:
-        handled = False
+        failure: Exception | None = None
         for attempt in range(1, MAX_HANDLER_ATTEMPTS + 1):
             self.io.busy_since = time.monotonic()
             try:
                 self.plugin.handle(event)
-                handled = True
+                failure = None
                 break
-            except Exception:
-                error = traceback.format_exc()
+            except Exception as exc:
+                failure, error = exc, traceback.format_exc()
+                if isinstance(exc, NotRetryable):
+                    break
             finally:
                 self.io.busy_since = None
                 self._send_replies()
-        if not handled:
-            self._report_failure(event, error)
+        if failure is not None:
+            self._report_failure(event, error, attempt, failure)
         self.processed += 1
         if event.type in self.plugin.votes:  # the kernel is waiting for exactly this
             self.io.send(control("ack", seq=event.seq))
         if event.type in FINAL_EVENTS:
             self.finished = True
 
-    def _report_failure(self, event: Event, error: str) -> None:
+    def _report_failure(self, event: Event, error: str, attempts: int, failure: Exception) -> None:
         self.failures += 1
         if self.durable:
             self.dead_letters += 1
@@ -347,16 +356,30 @@ class Runner:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "a") as f:
-                    f.write(json.dumps({"seq": event.seq, "type": event.type, "attempts": MAX_HANDLER_ATTEMPTS,
+                    f.write(json.dumps({"seq": event.seq, "type": event.type, "attempts": attempts,
                                         "traceback": error}) + "\n")
             except OSError as exc:  # its disk is full: the log reply below still tells the kernel
                 error += f"(and the dead letter could not be written to {path}: {exc.strerror or exc})\n"
+        if isinstance(failure, NotRetryable):
+            self._report_once(event, error, failure)
+            return
         if self.failures <= MAX_REPORTED_TRACEBACKS:
             what = "dead-lettered after" if self.durable else "failed after"
             self.io.send(control("log", level="error",
                                  text=f"handler for {event.type} (seq {event.seq}) {what} {MAX_HANDLER_ATTEMPTS} "
                                       f"attempts:\n{error}"))
         _say(f"[{self.plugin.name}] handler for {event.type} seq {event.seq} failed:\n{error}")
+
+    def _report_once(self, event: Event, error: str, failure: NotRetryable) -> None:
+        """Each distinct failure once (at most MAX_REPORTED_TRACEBACKS of them): its own message first (the
+        console shows one line), then where, then the traceback."""
+        what = f"{type(failure).__name__}: {failure}"
+        if what in self._reported_once or len(self._reported_once) >= MAX_REPORTED_TRACEBACKS:
+            return
+        self._reported_once.add(what)
+        text = f"{what}\n(handler for {event.type}, seq {event.seq}; not retried, and reported once)\n{error}"
+        self.io.send(control("log", level="error", text=text))
+        _say(f"[{self.plugin.name}] {text}")
 
     def _send_replies(self) -> None:
         while self.plugin.outbox:

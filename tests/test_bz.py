@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -11,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from trainbus.kernel.config import parse_config
+from trainbus.kernel.config import ConfigError, load_config, parse_config
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
 from trainbus.proto import DURABLE
 from trainbus.sdk import Harness
-from trainbus.sdk.bz import NotInThisProcess, Plugin as BzPlugin
-from trainbus.sdk.plugin import merge_settings
+from trainbus.sdk.bz import NotInThisProcess, Plugin as BzPlugin, constructor_arguments
+from trainbus.sdk.plugin import SettingsError, merge_settings
 
 from conftest import TESTS_DIR
 
@@ -115,13 +116,104 @@ BZ_PLUGINS = {
     ''',
 }
 
+# bz's documentation examples (docs/examples/plugins.md), in their shape: constructors with arguments of their
+# own, instead of config, and the checkpoint example reaching for context.model.
+BZ_DOC_PLUGINS = {
+    "bz_doc_logging": '''
+        import json
+
+        from bz.plugins import Plugin
+
+
+        class LoggingPlugin(Plugin):
+            def __init__(self, log_file="training_log.json"):
+                self.log_file = log_file
+                self.log_data = []
+
+            def end_epoch(self, context):
+                loss = context.training_loss_total / context.training_batch_count
+                self.log_data.append({"event": "epoch_complete", "epoch": context.epoch, "training_loss": loss})
+
+            def end_training_session(self, context):
+                self.log_data.append({"event": "training_complete", "total_epochs": context.epoch})
+                with open(self.log_file, "w") as f:
+                    json.dump(self.log_data, f)
+    ''',
+    "bz_doc_email": '''
+        import smtplib
+        from email.mime.text import MIMEText
+
+        from bz.plugins import Plugin
+
+
+        class EmailNotificationPlugin(Plugin):
+            def __init__(self, email_config):
+                self.email_config = email_config
+                self.best_validation_loss = float("inf")
+
+            def end_epoch(self, context):
+                if context.validation_batch_count > 0:
+                    loss = context.validation_loss_total / context.validation_batch_count
+                    self.best_validation_loss = min(self.best_validation_loss, loss)
+
+            def end_training_session(self, context):
+                msg = MIMEText(f"Total epochs: {context.epoch}\\nBest validation loss: {self.best_validation_loss:.4f}")
+                msg["From"] = self.email_config["from_email"]
+                msg["To"] = self.email_config["to_email"]
+                msg["Subject"] = "Training Complete"
+                try:
+                    server = smtplib.SMTP(self.email_config["smtp_server"], self.email_config["smtp_port"])
+                    server.starttls()
+                    server.login(self.email_config["username"], self.email_config["password"])
+                    server.send_message(msg)
+                    server.quit()
+                except Exception as e:
+                    print(f"Failed to send email notification: {e}")
+    ''',
+    "bz_doc_checkpoint": '''
+        import os
+
+        import torch
+
+        from bz.plugins import Plugin
+
+
+        class SmartCheckpointPlugin(Plugin):
+            def __init__(self, save_dir="checkpoints", max_checkpoints=5, save_best_only=True):
+                self.save_dir = save_dir
+                self.max_checkpoints = max_checkpoints
+                self.save_best_only = save_best_only
+                self.best_validation_loss = float("inf")
+                self.checkpoint_files = []
+                os.makedirs(save_dir, exist_ok=True)
+
+            def end_epoch(self, context):
+                if context.validation_batch_count > 0:
+                    validation_loss = context.validation_loss_total / context.validation_batch_count
+                    should_save = not self.save_best_only
+                    if validation_loss < self.best_validation_loss:
+                        self.best_validation_loss = validation_loss  # recorded before the save: a retry would skip it
+                        should_save = True
+                    if should_save:
+                        self._save_checkpoint(context, validation_loss)
+
+            def _save_checkpoint(self, context, validation_loss):
+                path = os.path.join(self.save_dir, f"checkpoint_epoch_{context.epoch}_loss_{validation_loss:.4f}.pth")
+                torch.save({"epoch": context.epoch, "model_state_dict": context.model.state_dict(),
+                            "optimizer_state_dict": context.optimizer.state_dict()}, path)
+                self.checkpoint_files.append(path)
+                if len(self.checkpoint_files) > self.max_checkpoints:
+                    os.remove(self.checkpoint_files.pop(0))
+    ''',
+}
+
 
 @pytest.fixture
 def bz_modules(tmp_path, monkeypatch) -> Path:
     """The bz plugins above, with only the import line changed, importable by plugin processes."""
     folder = tmp_path / "bz_plugins"
     folder.mkdir()
-    for module, source in BZ_PLUGINS.items():
+    for module, source in {**BZ_PLUGINS, **BZ_DOC_PLUGINS}.items():
         source = textwrap.dedent(source)
         assert source.count(BZ_IMPORT) == 1
         (folder / f"{module}.py").write_text(source.replace(BZ_IMPORT, OUR_IMPORT))
@@ -167,12 +259,99 @@ def test_bz_plugins_run_out_of_process_as_written(bz_modules, tmp_path):
     # plotter: a PNG at the end
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # context.model: a clear error in the kernel's log, and training unaffected
-    errors = [e.data["text"] for e in events if e.type == "log" and e.data["plugin"] == "weights"]
-    assert errors and all("NotInThisProcess" in text for text in errors)
-    assert "checkpoint" in errors[0] and "weights_only=True" in errors[0]
+    # context.model: touched at both epochs, a clear error in the kernel's log once, and training unaffected
+    [error] = [e.data["text"] for e in events if e.type == "log" and e.data["plugin"] == "weights"]
+    assert "NotInThisProcess" in error and "checkpoint" in error and "weights_only=True" in error
+    dead = (Path(result.run_dir) / "plugins" / "weights.deadletter.jsonl").read_text().splitlines()
+    assert [json.loads(line)["attempts"] for line in dead] == [1, 1]
+    assert result.plugins["weights"]["errors_logged"] == 1
     assert {name: p["restarts"] for name, p in result.plugins.items()} == dict.fromkeys(
         ["json_log", "early_stop", "plotter", "weights"], 0)
+
+
+class SmtpGreetings:
+    """An aiosmtpd handler that notes who connected. It offers no STARTTLS, so bz's example stops there: what
+    this test needs is that the plugin reached the server its email_config names."""
+
+    def __init__(self):
+        self.hostnames: list[str] = []
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        self.hostnames.append(hostname)
+        return responses
+
+
+@pytest.fixture
+def smtp_greetings():
+    from aiosmtpd.controller import Controller
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    greetings = SmtpGreetings()
+    controller = Controller(greetings, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield port, greetings
+    controller.stop()
+
+
+def test_bz_documentation_plugins_run_from_bz_json_config(bz_modules, tmp_path, smtp_greetings, capfd):
+    port, greetings = smtp_greetings
+    log_file, save_dir = tmp_path / "training_log.json", tmp_path / "bz_checkpoints"
+    email_config = {"smtp_server": "127.0.0.1", "smtp_port": port, "username": "me@example.com",
+                    "password": "app-password", "from_email": "me@example.com", "to_email": "ops@example.com"}
+    # bz's config file as its docs write it; only `target` (the module path of a custom plugin) is ours
+    config_file = tmp_path / "bz_config.json"
+    config_file.write_text(json.dumps({
+        "training": {"epochs": 3, "device": "cpu", "batch_size": 4},
+        "plugins": {
+            "console_out": {"enabled": True, "config": {"update_interval": 1, "show_progress": True}},
+            "tensorboard": {"enabled": False, "config": {"log_dir": "runs/experiment"}},
+            "logging_plugin": {"enabled": True, "target": "bz_doc_logging:LoggingPlugin",
+                               "config": {"log_file": str(log_file)}},
+            "email_plugin": {"enabled": True, "target": "bz_doc_email:EmailNotificationPlugin", "config": email_config},
+            "smart_checkpoint": {"enabled": True, "target": "bz_doc_checkpoint:SmartCheckpointPlugin",
+                                 "config": {"save_dir": str(save_dir), "max_checkpoints": 2}},
+        },
+        "hyperparameters": {"lr": 0.1},
+    }))
+    cfg = load_config(config_file)
+    cfg.target, cfg.runs_dir = TINY, str(tmp_path / "runs")
+    # The console shows what it is sent before the run's end; on a busy machine (torch's import alone can take
+    # 15 s) the checkpoint plugin's error would come later. So: training waits for every plugin to be ready,
+    # and at each end_epoch for the bz plugins, which vote there (the error goes out before the vote).
+    cfg.ready_timeout_s = cfg.vote_timeout_s = 120.0
+    result = run_training(cfg)
+    run_dir = Path(result.run_dir)
+    events = read_events(run_dir)
+    assert result.status == "completed" and result.outcome["epochs_completed"] == 3
+
+    # constructed with their arguments from the config table: by name, and the e-mail settings as email_config
+    assert [r["event"] for r in json.loads(log_file.read_text())] == ["epoch_complete"] * 3 + ["training_complete"]
+    assert save_dir.is_dir() and greetings.hostnames  # the e-mail plugin reached the server it was configured with
+    assert "Failed to send email notification: STARTTLS" in (run_dir / "plugins" / "email_plugin.log").read_text()
+
+    # context.model: each improving epoch touched it (the first always does), and was neither retried nor retold
+    improving, best = 0, float("inf")
+    for e in events:
+        if e.type == "end_epoch" and e.data["validation_loss"] < best:
+            improving, best = improving + 1, e.data["validation_loss"]
+    dead_letters = (run_dir / "plugins" / "smart_checkpoint.deadletter.jsonl").read_text().splitlines()
+    dead = [(json.loads(line)["type"], json.loads(line)["attempts"]) for line in dead_letters]
+    assert improving >= 1 and dead == [("end_epoch", 1)] * improving
+    [error] = [e for e in events if e.type == "log" and e.data["plugin"] == "smart_checkpoint"]
+    assert error.data["level"] == "error"
+    assert error.data["text"].startswith("NotInThisProcess: context.model is not in this process")
+    assert "weights_only=True" in error.data["text"] and "not retried" in error.data["text"]
+    plugin_log = (run_dir / "plugins" / "smart_checkpoint.log").read_text()
+    assert plugin_log.count("Traceback (most recent call last)") == 1
+    assert f"failures {improving}, dead letters {improving}" in plugin_log  # the repeats are counted, not retold
+    console = capfd.readouterr().out
+    assert console.count("error: smart_checkpoint: NotInThisProcess: context.model is not in this process") == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {name: p["errors_logged"] for name, p in summary["plugins"].items()} == {
+        "console": 0, "logging_plugin": 0, "email_plugin": 0, "smart_checkpoint": 1}
+    assert all(p["restarts"] == 0 for p in summary["plugins"].values())
 
 
 # the adapter without sockets
@@ -286,6 +465,54 @@ def test_bz_config_is_free_form_and_reaches_the_plugin(bz_modules):
     assert bare.config == {"k": 1} and bare.run_id == "r"
 
 
+def test_constructor_parameters_are_filled_from_the_config_table(bz_modules):
+    from bz_doc_checkpoint import SmartCheckpointPlugin
+    from bz_doc_email import EmailNotificationPlugin
+
+    smtp = {"smtp_server": "localhost", "smtp_port": 25}
+    assert constructor_arguments(SmartCheckpointPlugin, {"max_checkpoints": 2}) == {"max_checkpoints": 2}
+    assert constructor_arguments(EmailNotificationPlugin, smtp) == {"email_config": smtp}  # bz's docs' form
+    assert constructor_arguments(EmailNotificationPlugin, {"email_config": smtp}) == {"email_config": smtp}
+    with pytest.raises(SettingsError, match=r"EmailNotificationPlugin\(email_config\) needs 'email_config'"):
+        constructor_arguments(EmailNotificationPlugin, {})
+    with pytest.raises(SettingsError, match="has no parameter 'max_checkpoint'"):
+        constructor_arguments(SmartCheckpointPlugin, {"max_checkpoint": 2})
+
+    plugin = SmartCheckpointPlugin({"save_dir": str(bz_modules / "saved"), "save_best_only": False},
+                                   run_id="r", run_dir=str(bz_modules))
+    assert (plugin.save_dir, plugin.max_checkpoints, plugin.save_best_only) == (str(bz_modules / "saved"), 5, False)
+    assert plugin.config == {"save_dir": str(bz_modules / "saved"), "save_best_only": False}
+    assert plugin.context.epoch == 0 and plugin.run_dir == str(bz_modules)  # bz's base, though __init__ skipped it
+
+
+def test_bz_json_config_maps_bz_names_to_ours(tmp_path, caplog):
+    config_file = tmp_path / "bz_config.json"
+    config_file.write_text(json.dumps({  # bz's docs/usage.md example
+        "training": {"epochs": 10, "batch_size": 64, "learning_rate": 0.001, "device": "auto", "compile": True,
+                     "checkpoint_interval": 5, "early_stopping_patience": 3, "early_stopping_min_delta": 0.001},
+        "plugins": {"console_out": {"enabled": True, "config": {"update_interval": 1, "show_progress": True}},
+                    "tensorboard": {"enabled": True, "config": {"log_dir": "runs/experiment", "flush_interval": 10}}},
+        "metrics": {"metrics": ["accuracy", "precision", "recall"]},
+        "hyperparameters": {"lr": 0.001, "batch_size": 64, "optimizer": "adam", "weight_decay": 0.0001},
+    }))
+    cfg = load_config(config_file)
+    assert (cfg.epochs, cfg.device, cfg.checkpoint_every_n_epochs) == (10, "auto", 5)
+    assert cfg.hyperparameters == {"batch_size": 64, "learning_rate": 0.001, "compile": True, "lr": 0.001,
+                                   "optimizer": "adam", "weight_decay": 0.0001}
+    assert {p.name: p.settings for p in cfg.plugins} == {
+        "console": {"show_batches": True}, "visualization": {}, "early_stopping": {"patience": 3, "min_delta": 0.001}}
+    assert cfg.plugins[0].target == "trainbus.plugins.console:ConsolePlugin"
+    said = caplog.text
+    assert "metrics not read" in said and "update_interval not used" in said and "log_dir, flush_interval" in said
+
+    for bad, message in [({"optuna": {"enabled": True}}, "optuna.enabled"), ({"trainer": {}}, "unknown key 'trainer'"),
+                         ({"plugins": {"email_plugin": {"config": {}}}}, "unknown plugin 'email_plugin'"),
+                         ({"plugins": {"console_out": {}, "console": {}}}, "the same plugin here")]:
+        config_file.write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=message):
+            load_config(config_file)
+
+
 def test_plugins_list_describes_a_bz_plugin_and_accepts_its_config(bz_modules):
     proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe",
                            'bz_early_stop:EarlyStoppingPlugin={"patience": 2, "min_delta": 0.1}'],
@@ -293,3 +520,8 @@ def test_plugins_list_describes_a_bz_plugin_and_accepts_its_config(bz_modules):
     [info] = json.loads(proc.stdout)
     assert "error" not in info, info
     assert info["description"].startswith("Stops when the validation loss") and info["delivery"] == DURABLE
+    # what `trainbus run` asks before anything starts: can the constructor be called with this config?
+    proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe",
+                           "bz_doc_email:EmailNotificationPlugin={}"], capture_output=True, text=True, timeout=60)
+    [info] = json.loads(proc.stdout)
+    assert "needs 'email_config' in its config table" in info["error"]

@@ -1,0 +1,88 @@
+"""bz's JSON config file (bz_config.json) read as written: its sections and built-in plugins mapped to ours.
+
+bz's form (https://github.com/dbuzinski/bz-cli, docs/usage.md)::
+
+    {"training": {"epochs": 10, "device": "auto", "checkpoint_interval": 5, "batch_size": 64, ...},
+     "plugins": {"console_out": {"enabled": true}, "tensorboard": {"enabled": true, "config": {...}},
+                 "email_plugin": {"enabled": true, "target": "my_plugins:EmailNotificationPlugin",
+                                  "config": {"smtp_server": "...", ...}}},
+     "hyperparameters": {"lr": 0.001}}
+
+becomes the tables parse_config reads. A custom plugin is named by its module path, `target`, as in TOML
+(bz found its own by registry or entry point, which point at bz's classes). What has no meaning here is
+said once, as a warning, rather than dropped in silence.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .config import DEFAULT_PLUGINS, ConfigError
+
+log = logging.getLogger("trainbus.kernel")
+
+# bz's built-in plugin -> ours, and the config keys that mean the same there (bz's others do not apply:
+# console_out's update_interval, as rich redraws on its own; tensorboard's log_dir, as its files stay in the run).
+BUILTIN_PLUGINS: dict[str, tuple[str, dict[str, str]]] = {
+    "console_out": ("console", {"show_progress": "show_batches"}),
+    "tensorboard": ("visualization", {}),
+    "early_stopping": ("early_stopping", {key: key for key in ("patience", "min_delta", "monitor", "mode")}),
+}
+# bz's `training` keys that are run settings here. Its others (batch_size, learning_rate, compile) go to the
+# spec's build(hyperparameters), as bz's train.py read them from its config.
+TRAINING_TO_RUN = {"epochs": "epochs", "device": "device", "checkpoint_interval": "checkpoint_every_n_epochs"}
+TRAINING_TO_EARLY_STOPPING = {"early_stopping_patience": "patience", "early_stopping_min_delta": "min_delta"}
+SECTIONS = ("training", "plugins", "hyperparameters", "metrics", "optuna", "environment")
+NOT_READ = ("metrics", "environment")  # metrics are the spec's own; environment picked bz's config file
+
+
+def from_bz(raw: Any, where: str) -> dict[str, Any]:
+    """bz's config as the [run], [hyperparameters] and [plugins] tables of ours; ConfigError for what cannot be."""
+    table = _table(raw, where)
+    for key in table:
+        if key not in SECTIONS:
+            raise ConfigError(f"{where}: unknown key {key!r}; a bz config has {', '.join(SECTIONS)}")
+    if _table(table.get("optuna") or {}, f"{where}: optuna").get("enabled"):
+        raise ConfigError(f"{where}: optuna.enabled: trainbus runs no hyperparameter sweeps; run one config per trial")
+    ignored = [key for key in NOT_READ if table.get(key)]
+    if ignored:
+        log.warning("%s: %s not read (a trainbus spec computes its own metrics)", where, " and ".join(ignored))
+
+    training = _table(table.get("training", {}), f"{where}: training")
+    run = {TRAINING_TO_RUN[key]: value for key, value in training.items() if key in TRAINING_TO_RUN}
+    hyperparameters = {key: value for key, value in training.items()
+                       if key not in TRAINING_TO_RUN and key not in TRAINING_TO_EARLY_STOPPING}
+    hyperparameters.update(_table(table.get("hyperparameters", {}), f"{where}: hyperparameters"))
+
+    plugins: dict[str, Any] = {}
+    given = table.get("plugins", {name: {} for name in DEFAULT_PLUGINS})
+    for name, body in _table(given, f"{where}: plugins").items():
+        ours, body = _plugin(name, _table(body, f"{where}: plugins.{name}"), where)
+        if ours in plugins:
+            raise ConfigError(f"{where}: plugins {name!r} and {ours!r} are the same plugin here; keep one")
+        plugins[ours] = body
+    early_stopping = {ours: training[key] for key, ours in TRAINING_TO_EARLY_STOPPING.items()
+                      if training.get(key) is not None}
+    if "patience" in early_stopping and "early_stopping" not in plugins:  # bz: a patience turns early stopping on
+        plugins["early_stopping"] = {"config": early_stopping}
+    return {"run": run, "hyperparameters": hyperparameters, "plugins": plugins}
+
+
+def _plugin(name: str, body: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    body = {key: value for key, value in body.items() if key != "dependencies"}  # each runs in its own process
+    if name not in BUILTIN_PLUGINS:
+        return name, body
+    ours, keys = BUILTIN_PLUGINS[name]
+    config = _table(body.get("config", {}), f"{where}: plugins.{name}.config")
+    unused = [key for key in config if key not in keys]
+    if unused:
+        log.warning("%s: plugins.%s.config: %s not used by trainbus's %s plugin", where, name, ", ".join(unused), ours)
+    body["config"] = {keys[key]: value for key, value in config.items() if key in keys}
+    return ours, body
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(value).__name__}")
+    return value
