@@ -93,12 +93,14 @@ class Loop:
             self._publish(ev.LOAD_CHECKPOINT, path=self._loaded_from, epoch=self.first_epoch,
                           batches_done=self._resume["batches_done"] if self._resume else 0)
         for self.epoch in range(self.first_epoch, spec.epochs + 1):
-            self._publish(ev.START_EPOCH)
-            train = self._train_epoch()
+            planned = planned_batches(spec.train_loader)
+            self._publish(ev.START_EPOCH, batches_planned=planned)
+            train = self._train_epoch(planned)
             validation = self._validate() if spec.validation_loader is not None else {}
             if spec.scheduler is not None:
                 spec.scheduler.step()
-            out.epochs_completed = self.epoch
+            if not train["partial"]:  # an epoch a stop cut short still validates and ends, but is not done
+                out.epochs_completed = self.epoch
             out.training_loss = train["training_loss"]
             out.validation_loss = validation.get("validation_loss")
             out.validation_metrics = validation.get("validation_metrics", {})
@@ -125,11 +127,12 @@ class Loop:
                       validation_metrics=out.validation_metrics)
         return out
 
-    def _train_epoch(self) -> dict[str, Any]:
+    def _train_epoch(self, planned: int | None) -> dict[str, Any]:
         spec, model = self.spec, self.spec.model
         model.train()
         self._publish(ev.START_TRAINING_LOOP)
         batches = self._start_epoch_data()
+        cut_short = False
         for batch_index, (inputs, targets) in batches:
             self._publish(ev.START_TRAINING_BATCH, batch_index=batch_index)
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
@@ -154,11 +157,15 @@ class Loop:
             if self.checkpointer is not None and (control.checkpoint_now or self.checkpointer.due_at_step(self.step)):
                 self._checkpoint("checkpoint_now" if control.checkpoint_now else "step", epoch_complete=False)
             if (replies or self.stop_requested()) and self._apply(control):
+                cut_short = True
                 break
         count = self.batches_done
         metrics = {name: _mean(total, count) for name, total in self.metric_totals.items()}
+        # Without a length, a stop after the last batch cannot be told from one before it: partial, to be safe.
+        partial = cut_short and (planned is None or count < planned)
         summary = {"training_loss_total": _float(self.loss_total), "training_batch_count": count,
-                   "training_loss": _mean(self.loss_total, count), "training_metrics": metrics}
+                   "training_loss": _mean(self.loss_total, count), "training_metrics": metrics,
+                   "batches_planned": planned, "partial": partial}
         self._publish(ev.END_TRAINING_LOOP, **summary)
         return summary
 
@@ -296,6 +303,14 @@ def _first(keys: set[str], n: int = 4) -> str:
     """A few keys, sorted, and how many more: enough to see which model the checkpoint was made for."""
     shown = sorted(keys)[:n]
     return "[" + ", ".join(shown) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]" if keys else "none"
+
+
+def planned_batches(loader: Any) -> int | None:
+    """The batches an epoch of this loader holds: its len() (a DataLoader over a sized dataset), else None."""
+    try:
+        return len(loader)
+    except (TypeError, NotImplementedError):  # an iterable dataset, a generator: unknown until it runs out
+        return None
 
 
 def _get_rng(python: bool) -> dict[str, Any]:

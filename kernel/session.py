@@ -35,7 +35,7 @@ from .memory import keep_freed_memory
 from .peers import Peers
 from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers, snapshot_directories
-from .spec import SpecError, build_spec
+from .spec import SpecError, TrainingSpec, build_spec
 from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
 
 log = logging.getLogger("trainbus.kernel")
@@ -99,7 +99,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
         _make_dir(run_dir, cfg.runs_dir)
     run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints and sockets are nobody else's
     write_kernel_pid(run_dir)  # `trainbus runs list`: a run without summary.json is running while this pid lives
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec), indent=2, default=str) + "\n")
     handler = _log_to(run_dir / "kernel.log")
 
     plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console")) for p in cfg.plugins]
@@ -165,7 +165,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
         status, error = "interrupted", "interrupted (second Ctrl-C) while plugins drained"
     result = RunResult(run_id=run_id, run_dir=str(run_dir), status=status,
                        duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
-                       plugins=bus.supervisor.summary(), undrained=undrained, bus=_counters(bus), error=error)
+                       plugins=_plugin_summary(bus), undrained=undrained, bus=_counters(bus), error=error)
     try:
         (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     except OSError as exc:
@@ -232,6 +232,26 @@ def wait_drained(bus: Bus, timeout_s: float, abort: Callable[[], bool] = lambda:
     behind = lambda: bus.control.peers.durable_behind(bus.final_seq, time.monotonic())  # noqa: E731
     bus.wait(lambda: not behind() or abort(), timeout_s)
     return behind()
+
+
+def effective_config(cfg: RunConfig, spec: TrainingSpec) -> dict[str, Any]:
+    """The config as the run used it, for config.json: the hyperparameters and epochs of the built spec.
+
+    A build() fills in its own defaults (the digits demo's lr, batch size, ...), so the spec's
+    hyperparameters are what trained; those given that the spec does not name are kept, so a run continued
+    from this file builds the same spec again."""
+    config = cfg.to_dict()
+    config["hyperparameters"] = {**cfg.hyperparameters, **spec.hyperparameters}
+    config["epochs"] = spec.epochs
+    return config
+
+
+def _plugin_summary(bus: Bus) -> dict[str, dict[str, Any]]:
+    """The supervisor's account of each plugin, with the errors it reported (a failed handler's log reply)."""
+    summary = bus.supervisor.summary()
+    for name, entry in summary.items():
+        entry["errors_logged"] = bus.control.errors_logged[name]
+    return summary
 
 
 def _counters(bus: Bus) -> dict[str, int]:

@@ -28,6 +28,9 @@ class EpochRecord:
     training_metrics: dict[str, float]
     validation_metrics: dict[str, float]
     lr: float | None
+    partial: bool = False  # a stop cut its training short: its numbers are over `batches` batches only
+    batches: int | None = None
+    batches_planned: int | None = None
 
 
 @dataclass
@@ -85,7 +88,9 @@ class History:
                 epoch=event.epoch, step=event.step,
                 training_loss=_number(data.get("training_loss")), validation_loss=_number(data.get("validation_loss")),
                 training_metrics=_numbers(data.get("training_metrics")),
-                validation_metrics=_numbers(data.get("validation_metrics")), lr=_number(data.get("lr"))))
+                validation_metrics=_numbers(data.get("validation_metrics")), lr=_number(data.get("lr")),
+                partial=data.get("partial") is True, batches=_int(data.get("training_batch_count")),
+                batches_planned=_int(data.get("batches_planned"))))
         elif event.type == ev.METRIC:
             value = _number(data.get("value"))
             if value is not None:
@@ -99,7 +104,8 @@ class History:
     # derived facts
 
     def best_validation(self) -> EpochRecord | None:
-        scored = [e for e in self.epochs if e.validation_loss is not None]
+        """The whole epoch with the lowest validation loss (an epoch cut short is not a candidate)."""
+        scored = [e for e in self.epochs if e.validation_loss is not None and not e.partial]
         return min(scored, key=lambda e: e.validation_loss) if scored else None
 
     def duration_s(self) -> float | None:

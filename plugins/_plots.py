@@ -12,24 +12,45 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ._history import History
+from ._history import EpochRecord, History
 
 PNG_METADATA = {"Software": None}  # no version string: the same run draws the same bytes on any machine
 MAX_PANELS = 6
-# A reading's unit is the end of its name (names carry units): how to scale it and what to call the axis.
-UNITS: tuple[tuple[str, float, str], ...] = (
-    ("_bytes_per_s", 1024 ** -2, "MiB/s"),
-    ("_bytes", 1024 ** -3, "GiB"),
-    ("_percent", 1.0, "%"),
-    ("_share", 100.0, "% of step time"),
-    ("_per_s", 1.0, "per second"),
-    ("_ms", 1.0, "ms"),
-    ("_c", 1.0, "°C"),
-    ("_w", 1.0, "W"),
+SPARSE_POINTS = 20  # a series with fewer readings is drawn with markers: a single reading is a dot, not nothing
+PER_CORE = re.compile(r"/core\d+_")  # cpu/core3_percent: drawn thin and grey, one legend entry for them all
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One quantity on one axis: the readings whose tag matches `pattern`, scaled into `unit`."""
+
+    pattern: str
+    scale: float
+    unit: str  # the y label; "{0}" is the pattern's first group
+    title: str = ""
+
+
+# A reading's name ends in its unit (names carry units), and a few names say more than their unit: a
+# process's CPU % is of one core (up to 100 x cores), a core's is of that core; steps/s are not samples/s.
+# The first rule that matches a tag (`<monitor>/<name>`) places it; readings with the same quantity share a
+# panel, panels in this order.
+AXES: tuple[Axis, ...] = (
+    Axis(r"^cpu/process_percent$", 1.0, "% of one core", "training process and its children"),
+    Axis(r"^cpu/\w+_percent$", 1.0, "% busy", "system and each core"),
+    Axis(r"^(memory|disk)/(\w+_)?percent$", 1.0, "% used"),
+    Axis(r"[/_]bytes_per_s$", 1024 ** -2, "MiB/s"),
+    Axis(r"[/_]([a-z]+)_per_s$", 1.0, "{0}/s"),
+    Axis(r"[/_]bytes$", 1024 ** -3, "GiB"),
+    Axis(r"[/_]share$", 100.0, "% of step time"),
+    Axis(r"[/_]percent$", 1.0, "%"),
+    Axis(r"[/_]ms$", 1.0, "ms"),
+    Axis(r"[/_]c$", 1.0, "°C"),
+    Axis(r"[/_]w$", 1.0, "W"),
 )
 
 
@@ -46,12 +67,8 @@ def loss_figure(history: History, size: PlotSize) -> Figure | None:
         return None
     fig = _figure(size)
     epoch_axes, step_axes = fig.subplots(2, 1)
-    epochs = [e.epoch for e in history.epochs]
-    for label, values in (("training", [e.training_loss for e in history.epochs]),
-                          ("validation", [e.validation_loss for e in history.epochs])):
-        points = [(x, y) for x, y in zip(epochs, values) if y is not None]
-        if points:
-            epoch_axes.plot(*zip(*points), marker="o", label=label)
+    _per_epoch(epoch_axes, history.epochs, lambda e: e.training_loss, "training")
+    _per_epoch(epoch_axes, history.epochs, lambda e: e.validation_loss, "validation")
     best = history.best_validation()
     if best is not None:
         epoch_axes.axvline(best.epoch, color="grey", linestyle=":", label=f"best validation (epoch {best.epoch})")
@@ -77,35 +94,49 @@ def metrics_figure(history: History, size: PlotSize) -> Figure | None:
             ax.plot(*zip(*points), marker="o", label="learning rate")
         else:
             for group in ("training", "validation"):
-                points = [(e.epoch, getattr(e, f"{group}_metrics")[name]) for e in history.epochs
-                          if name in getattr(e, f"{group}_metrics")]
-                if points:
-                    ax.plot(*zip(*points), marker="o", label=group)
+                _per_epoch(ax, history.epochs, lambda e: getattr(e, f"{group}_metrics").get(name), group)
         _finish(ax, name, "epoch" if ax is axes[-1] else "", name, integer_x=True)
     return fig
 
 
+def _per_epoch(ax, epochs: list[EpochRecord], value_of: Callable[[EpochRecord], float | None], label: str) -> None:
+    """One per-epoch series: whole epochs joined by a line; an epoch a stop cut short as a hollow marker, said so."""
+    whole = [(e.epoch, value_of(e)) for e in epochs if not e.partial and value_of(e) is not None]
+    color = ax.plot(*zip(*whole), marker="o", label=label)[0].get_color() if whole else None
+    for e in epochs:
+        if e.partial and value_of(e) is not None:
+            done = f"{e.batches if e.batches is not None else '?'}/{e.batches_planned or '?'} batches"
+            ax.plot([e.epoch], [value_of(e)], marker="o", markerfacecolor="none", linestyle="none", color=color,
+                    label=f"{label}, epoch {e.epoch} cut short ({done})")
+
+
 def resource_figures(history: History, size: PlotSize) -> dict[str, Figure]:
-    """One figure per monitor (`cpu`, `memory`, ...): its readings against time since the run started, a panel per unit."""
-    by_source: dict[str, dict[str, list[str]]] = {}  # source -> unit label -> tags
+    """One figure per monitor (`cpu`, `memory`, ...): its readings over time since the start, a panel per quantity."""
+    by_source: dict[str, dict[tuple[int, str, str], list[str]]] = {}  # source -> (rank, unit, title) -> tags
     for tag in sorted(history.readings, key=_natural):
-        unit = _unit(tag)
-        if unit is not None:
-            source = tag.split("/", 1)[0]
-            by_source.setdefault(source, {}).setdefault(unit[2], []).append(tag)
+        placed = _axis(tag)
+        if placed is not None:
+            rank, axis, unit = placed
+            by_source.setdefault(tag.split("/", 1)[0], {}).setdefault((rank, unit, axis.title), []).append(tag)
     figures = {}
     start = history.started_ts or 0.0  # readings from before the session started come out negative: monitors start first
-    for source, units in by_source.items():
-        labels = list(units)[:MAX_PANELS]
+    for source, panels in by_source.items():
+        keys = sorted(panels)[:MAX_PANELS]
         fig = _figure(size)
-        axes = fig.subplots(len(labels), 1, squeeze=False, sharex=True)[:, 0]
-        for ax, label in zip(axes, labels):
-            for tag in units[label]:
-                scale = _unit(tag)[1]
+        axes = fig.subplots(len(keys), 1, squeeze=False, sharex=True)[:, 0]
+        for ax, (rank, unit, title) in zip(axes, keys):
+            cores_labelled = False
+            for tag in panels[(rank, unit, title)]:
                 points = history.readings[tag]
-                ax.plot([ts - start for ts, _ in points], [v * scale for _, v in points], linewidth=1.0,
-                        label=tag.split("/", 1)[-1])
-            _finish(ax, "", "seconds since start" if ax is axes[-1] else "", label)
+                style: dict = {"linewidth": 1.0, "label": tag.split("/", 1)[-1]}
+                if len(points) < SPARSE_POINTS:
+                    style.update(marker="o", markersize=3)
+                if PER_CORE.search(tag):
+                    style.update(color="grey", linewidth=0.6, alpha=0.6,
+                                 label="_nolegend_" if cores_labelled else "each core")
+                    cores_labelled = True
+                ax.plot([ts - start for ts, _ in points], [v * AXES[rank].scale for _, v in points], **style)
+            _finish(ax, title, "seconds since start" if ax is axes[-1] else "", unit)
         fig.suptitle(f"{source} readings")
         figures[f"resources-{_safe(source)}.png"] = fig
     return figures
@@ -159,11 +190,12 @@ def _finish(ax, title: str, xlabel: str, ylabel: str, integer_x: bool = False) -
         ax.legend(fontsize="small", loc="best")
 
 
-def _unit(tag: str) -> tuple[str, float, str] | None:
-    name = "_" + tag.rsplit("/", 1)[-1]  # memory/percent reads as _percent, disk/free_bytes as _free_bytes
-    for unit in UNITS:
-        if name.endswith(unit[0]):
-            return unit
+def _axis(tag: str) -> tuple[int, Axis, str] | None:
+    """The rule that places a reading (its rank in AXES), and its unit; None: not plotted (no unit in its name)."""
+    for rank, axis in enumerate(AXES):
+        match = re.search(axis.pattern, tag)
+        if match:
+            return rank, axis, axis.unit.format(*match.groups())
     return None
 
 

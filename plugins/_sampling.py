@@ -5,6 +5,10 @@ every few seconds cannot live there. `SamplingPlugin` starts a thread in setup a
 teardown; each tick calls `sample()` and sends every finite reading as a metric reply, which the
 SDK hands straight to its I/O thread (Plugin.bind_sender), so readings flow during long stretches
 with no events, such as a validation loop.
+
+When: once as the training session starts, then after FIRST_READING_AFTER_S, the gap doubling up
+to interval_s (`reading_gaps`), and a last time as the plugin stops at the run's end. A run of a
+few seconds so has a curve to plot, and a long one is read at its interval.
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ import math
 import os
 import sys
 import threading
-from typing import Any
+import time
+from typing import Any, Iterator
 
 import psutil
 
+from trainbus.proto import Event
 from trainbus.sdk import Plugin, SettingsError
 
 MIN_INTERVAL_S = 0.05  # below this a monitor measures mostly itself
+# psutil's CPU % is a difference between two calls: over less than ~0.1 s it is mostly noise.
+FIRST_READING_AFTER_S = 0.2
 # A sample that raises is reported once per kind of error, then counted: a monitor never spams.
 KERNEL_PID_ENV = "TRAINBUS_KERNEL_PID"
 
@@ -36,10 +44,10 @@ class SamplingPlugin(Plugin):
         return None
 
     def prime(self) -> None:
-        """Take the readings that only start a measurement, on the sampler thread, one interval before the first."""
+        """Take the readings that only start a measurement, on the sampler thread, before the first reading."""
 
     def sample(self) -> dict[str, float]:
-        """One reading per metric name; called on the sampler thread every interval_s."""
+        """One reading per metric name; called on the sampler thread (when: the module's docstring)."""
         return {}
 
     # the clock
@@ -49,8 +57,11 @@ class SamplingPlugin(Plugin):
         if not interval_s >= MIN_INTERVAL_S:
             raise SettingsError(f"{self.name} interval_s must be at least {MIN_INTERVAL_S} s, got {interval_s}")
         self._stopping = threading.Event()
+        # Wakes the sampler before its gap is up: the session started (handler thread), or teardown.
+        self._wake = threading.Event()
         self._errors_seen: set[str] = set()
         self.samples_taken = 0
+        self._last_reading_s = -math.inf  # monotonic time of the last tick
         self._thread: threading.Thread | None = None
         why_idle = self.prepare()
         if why_idle:
@@ -63,7 +74,11 @@ class SamplingPlugin(Plugin):
         thread = getattr(self, "_thread", None)
         if thread is not None:
             self._stopping.set()
+            self._wake.set()  # for its last reading
             thread.join(timeout=max(2.0, self.settings["interval_s"]))
+
+    def on_start_training_session(self, event: Event) -> None:
+        self._wake.set()  # a reading now, and the quick first gaps again from here
 
     def say_once(self, line: str, level: str = "warning") -> None:
         """One line in the plugin's own log and one in the kernel's: for things said once per run."""
@@ -75,8 +90,19 @@ class SamplingPlugin(Plugin):
             self.prime()
         except Exception as exc:
             self._report(exc)
-        while not self._stopping.wait(self.settings["interval_s"]):
+        gaps = reading_gaps(self.settings["interval_s"])
+        while True:
+            woken = self._wake.wait(next(gaps))
+            if self._stopping.is_set():
+                break
+            if woken:
+                self._wake.clear()
+                gaps = reading_gaps(self.settings["interval_s"])
+                if time.monotonic() - self._last_reading_s < MIN_INTERVAL_S:
+                    continue  # just read: a second reading now would measure nothing
             self.tick()
+        if time.monotonic() - self._last_reading_s >= MIN_INTERVAL_S:
+            self.tick()  # the run's end: published after its final event, so in the journal (trainbus runs show)
 
     def tick(self) -> dict[str, float]:
         """Take one sample and publish it; errors are reported once per kind and never escape."""
@@ -86,6 +112,7 @@ class SamplingPlugin(Plugin):
             self._report(exc)
             return {}
         self.samples_taken += 1
+        self._last_reading_s = time.monotonic()
         for name, value in readings.items():
             if value is not None and math.isfinite(value):
                 self.metric(name, float(value))
@@ -96,6 +123,17 @@ class SamplingPlugin(Plugin):
         if kind not in self._errors_seen:
             self._errors_seen.add(kind)
             self.say_once(f"{self.name} sample failed ({kind}: {exc}); sampling goes on, repeats not reported")
+
+
+def reading_gaps(interval_s: float) -> Iterator[float]:
+    """Seconds between readings: FIRST_READING_AFTER_S (or interval_s if shorter), doubling up to interval_s.
+
+    zguide's doubling backoff run the other way: quick readings while a run is young, the configured rate
+    once it is under way (0.2, 0.4, 0.8, 1.6, 3.2, 5, 5, ... for the default 5 s)."""
+    gap_s = min(FIRST_READING_AFTER_S, interval_s)
+    while True:
+        yield gap_s
+        gap_s = min(2 * gap_s, interval_s)
 
 
 def training_process(pid: int) -> psutil.Process | None:

@@ -67,7 +67,9 @@ class CheckpointPlugin(Plugin):
     handler_timeout_s = 600.0  # writing and fsyncing a large model can take minutes on a slow disk
     settings = {
         "dirpath": "",  # "" = <run_dir>/checkpoints; a relative path is relative to the run directory
-        "filename": "epoch{epoch:03d}-step{step:06d}",  # fields: epoch, step, any metric ({validation_loss:.4f})
+        # fields: epoch, step, any metric ({validation_loss:.4f}); a metric not measured yet reads "na", and a
+        # name an earlier checkpoint has gets "-step{step:06d}" added (unique_name)
+        "filename": "epoch{epoch:03d}-step{step:06d}",
         "monitor": "",  # a metric of the event's "metrics" to rank by; "" = no ranking
         "mode": "min",
         "save_top_k": -1,
@@ -141,7 +143,9 @@ class CheckpointPlugin(Plugin):
             self._retain(directory, read_manifest(manifest))
             return
         metrics = data.get("metrics") or {}
-        entry = {"file": self._file_name(event, metrics), "step": event.step, "epoch": event.epoch,
+        taken = {e["file"] for e in current_entries(entries, directory)} | {LAST}
+        name = unique_name(self._file_name(event, metrics), event.step, taken)
+        entry = {"file": name, "step": event.step, "epoch": event.epoch,
                  "metrics": metrics, "run": event.run, "seq": event.seq,
                  "snapshot_id": data.get("snapshot_id"), "reason": data.get("reason", "")}
         if entry["file"] not in self._keep(current_entries(entries, directory), entry):
@@ -300,15 +304,39 @@ def metric_value(metrics: dict[str, Any], name: str) -> float | None:
 
 # -- file names -----------------------------------------------------------------------------------
 
-class _Fields(dict):
-    def __missing__(self, key: str) -> float:
-        return math.nan  # a metric not measured yet (a step checkpoint before the first epoch ends)
+NOT_MEASURED = "na"  # a template's metric with no value yet (a step checkpoint before the first validation)
 
 
 def render_filename(template: str, fields: dict[str, Any]) -> str:
-    values = _Fields({k: math.nan if v is None else v for k, v in fields.items()})
-    name = template.format_map(values)
+    """The template filled in, with SUFFIX; a field with no value (missing, None, NaN) is "na", whatever its format."""
+    parts = []
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        parts.append(literal.replace("{", "{{").replace("}", "}}"))
+        if name is None:
+            continue
+        value = fields.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            parts.append(NOT_MEASURED)
+        else:
+            parts.append("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
+    name = "".join(parts).format_map(fields)
     return name if name.endswith(SUFFIX) else name + SUFFIX
+
+
+def unique_name(name: str, step: int, taken: set[str]) -> str:
+    """`name`, or where a checkpoint on disk has it, the same with the step added (and a count, if need be).
+
+    A template without {step} (epoch and loss, say) names every step checkpoint of an epoch alike; each
+    one must still be a file of its own, not silently the last of them."""
+    if name not in taken:
+        return name
+    stem = name[: -len(SUFFIX)]
+    if f"step{step:06d}" not in stem:  # the default template has the step already
+        stem = f"{stem}-step{step:06d}"
+    candidate, count = stem + SUFFIX, 2
+    while candidate in taken:
+        candidate, count = f"{stem}-{count}{SUFFIX}", count + 1
+    return candidate
 
 
 def _check_filename(template: str) -> None:
@@ -319,7 +347,7 @@ def _check_filename(template: str) -> None:
         names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
         if any(not n.isidentifier() for n in names):
             raise ValueError("fields must be names: epoch, step or a metric such as validation_loss")
-        name = render_filename(template, {"epoch": 0, "step": 0})
+        name = render_filename(template, {**{n: 0.0 for n in names}, "epoch": 0, "step": 0})  # every format checked
     except (ValueError, TypeError, KeyError, IndexError) as exc:
         raise SettingsError(f"{where}: {exc}") from None
     if name == LAST:

@@ -43,7 +43,10 @@ class ConsolePlugin(Plugin):
         self.epoch_task: TaskID | None = None
         self.batch_task: TaskID | None = None
         self.epochs_total: int | None = None
-        self.batches_per_epoch: int | None = None  # unknown (indeterminate bar) until an epoch ends
+        # The kernel's batches_planned (len of the loader) at start_epoch; without one, unknown (an indeterminate
+        # bar) until a whole epoch ends.
+        self.batches_per_epoch: int | None = None
+        self.cut_short: str | None = None  # "8/75 batches of epoch 5": the last epoch, when a stop cut it short
         self.epoch_started_at: float | None = None
         self.skip_reasons: set[str] = set()  # each reason for skipping a checkpoint is shown once
 
@@ -62,6 +65,7 @@ class ConsolePlugin(Plugin):
 
     def on_start_epoch(self, event: Event) -> None:
         self.epoch_started_at = event.ts  # the kernel's clock: events may reach us in bursts
+        self.batches_per_epoch = _int(event.data.get("batches_planned")) or self.batches_per_epoch
         self._start_bars()  # here, not in setup: a plugin restarted mid-run never sees the session start
         if self.progress is not None and self.batch_task is not None:
             self.progress.reset(self.batch_task, total=self.batches_per_epoch,
@@ -77,12 +81,17 @@ class ConsolePlugin(Plugin):
         index = _int(data.get("batch_index"))
         if index is not None:  # the index, not a count of events: a best-effort plugin may miss some
             self.progress.update(self.batch_task, completed=index + 1)
+            if self.batches_per_epoch and self.epoch_task is not None:  # the run's ETA from its first epoch on
+                self.progress.update(self.epoch_task, completed=event.epoch - 1 + (index + 1) / self.batches_per_epoch)
         else:
             self.progress.advance(self.batch_task)
 
     def on_end_training_loop(self, event: Event) -> None:
         count = _int(event.data.get("training_batch_count"))
-        if count:  # the largest epoch seen: a stop can cut one short
+        planned = _int(event.data.get("batches_planned"))
+        if planned:
+            self.batches_per_epoch = planned
+        elif count:  # the largest epoch seen: a stop can cut one short
             self.batches_per_epoch = max(self.batches_per_epoch or 0, count)
         if self.progress is not None and self.batch_task is not None:
             self.progress.update(self.batch_task, total=self.batches_per_epoch, completed=count or 0)
@@ -93,7 +102,8 @@ class ConsolePlugin(Plugin):
 
     def on_end_epoch(self, event: Event) -> None:
         data = event.data
-        if self.progress is not None and self.epoch_task is not None:
+        self.cut_short = f"{_batches(data)} of epoch {event.epoch}" if data.get("partial") is True else None
+        if self.progress is not None and self.epoch_task is not None and self.cut_short is None:
             self.progress.update(self.epoch_task, completed=event.epoch,
                                  loss=f"val loss {_fmt(data.get('validation_loss'))}")
         elapsed_s = event.ts - self.epoch_started_at if self.epoch_started_at is not None else None
@@ -102,7 +112,10 @@ class ConsolePlugin(Plugin):
     def on_end_training_session(self, event: Event) -> None:
         data = event.data
         self._stop_bars()  # the last line goes below the bars, not above them
-        line = f"finished: {_fmt(data.get('epochs_completed'))} epochs, {_fmt(data.get('steps'))} steps"
+        line = f"finished: {_fmt(data.get('epochs_completed'))} epochs"
+        if self.cut_short:
+            line += f" and {self.cut_short}"
+        line += f", {_fmt(data.get('steps'))} steps"
         if data.get("stopped_early"):
             reasons = "; ".join(str(r) for r in data.get("stop_reasons") or [])
             line += f"; stopped early: {reasons or 'no reason given'}"
@@ -167,7 +180,10 @@ class ConsolePlugin(Plugin):
 
 
 def _epoch_summary(epoch: int, epochs_total: int | None, data: dict[str, Any], elapsed_s: float | None) -> str:
-    parts = [f"epoch {epoch}/{_fmt(epochs_total)}",
+    head = f"epoch {epoch}/{_fmt(epochs_total)}"
+    if data.get("partial") is True:  # its losses and metrics are over these batches only
+        head += f" partial ({_batches(data)})"
+    parts = [head,
              f"train loss {_fmt(data.get('training_loss'))}",
              f"val loss {_fmt(data.get('validation_loss'))}"]
     for name, value in (data.get("validation_metrics") or {}).items():
@@ -177,6 +193,12 @@ def _epoch_summary(epoch: int, epochs_total: int | None, data: dict[str, Any], e
     if elapsed_s is not None:
         parts.append(f"{elapsed_s:.1f} s")
     return "  ".join(parts)
+
+
+def _batches(data: dict[str, Any]) -> str:
+    """"8/75 batches" of an epoch: trained of planned (planned unknown: "8 batches")."""
+    count, planned = _fmt(_int(data.get("training_batch_count"))), _int(data.get("batches_planned"))
+    return f"{count}/{_fmt(planned)} batches" if planned else f"{count} batches"
 
 
 def _one_line(text: str) -> str:

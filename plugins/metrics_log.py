@@ -24,7 +24,9 @@ class MetricsLogPlugin(Plugin):
 
     Every record is flat (`training_accuracy`, not `{"training_metrics": {"accuracy": ...}}`) and
     carries `kind` and the `seq` of the event it came from, so
-    `pandas.read_json(path, lines=True).query("kind == 'epoch'")` gives one column per metric.
+    `pandas.read_json(path, lines=True).query("kind == 'epoch'")` gives one column per metric. An epoch
+    that a stop cut short (Ctrl-C, a plugin's stop) is a `partial_epoch` record: its means are over
+    `training_batch_count` of `batches_planned` batches, so it is not mixed in with the whole epochs.
     `time` is the event's wall time in seconds since the epoch. Non-finite numbers are written as null.
     """
 
@@ -62,8 +64,10 @@ class MetricsLogPlugin(Plugin):
 
     def on_end_epoch(self, event: Event) -> None:
         data = event.data
-        self._write(event, "epoch", training_loss=data.get("training_loss"),
+        kind = "partial_epoch" if data.get("partial") is True else "epoch"
+        self._write(event, kind, training_loss=data.get("training_loss"),
                     validation_loss=data.get("validation_loss"), lr=data.get("lr"),
+                    training_batch_count=data.get("training_batch_count"), batches_planned=data.get("batches_planned"),
                     **_flatten("training", data.get("training_metrics")),
                     **_flatten("validation", data.get("validation_metrics")))
         self._fsync()  # once an epoch is cheap, and an epoch is what people come back for
@@ -140,8 +144,8 @@ def _recover(path: Path) -> int:
 def _flatten(prefix: str, metrics: Any) -> dict[str, Any]:
     if not isinstance(metrics, dict):
         return {}
-    # A metric named "loss" would overwrite the loop's own training_loss / validation_loss column.
-    return {f"{prefix}_{name}": value for name, value in metrics.items() if name != "loss"}
+    # A metric named "loss" or "batch_count" would overwrite the loop's own column of that name.
+    return {f"{prefix}_{name}": value for name, value in metrics.items() if name not in ("loss", "batch_count")}
 
 
 def _json_value(value: Any) -> Any:

@@ -76,6 +76,16 @@ class Stopper(Plugin):
             self.stop(f"enough after epoch {event.epoch}")
 
 
+class StopAtStep(Plugin):
+    """Replies stop once, at a given step: a stop in the middle of an epoch."""
+
+    settings = {"step": 8}
+
+    def on_end_training_batch(self, event):
+        if event.step == self.settings["step"]:
+            self.stop(f"enough at step {event.step}")
+
+
 class Poison(Plugin):
     """Durable; its handler always fails on one event type, and records the rest."""
 

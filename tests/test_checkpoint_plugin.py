@@ -163,7 +163,22 @@ def test_filename_takes_metrics_and_survives_a_missing_one(tmp_path, buffers):
     trainer = run_epochs(h, buffers, [0.12345])
     trainer.train_epoch()
     save(h, trainer, buffers, validation_loss=None)  # a step checkpoint before any validation
-    assert checkpoints(tmp_path / "checkpoints") == ["e01-0.123.pt", "e02-nan.pt", "last.pt"]
+    assert checkpoints(tmp_path / "checkpoints") == ["e01-0.123.pt", "e02-na.pt", "last.pt"]
+
+
+def test_step_checkpoints_under_an_epoch_and_loss_template_are_each_a_file_of_their_own(tmp_path, buffers):
+    h = harness(tmp_path, filename="epoch{epoch:03d}-{validation_loss:.4f}")
+    trainer = Trainer()
+    trainer.train_epoch()  # epoch 1, step 1
+    paths = []
+    for step, validation_loss in ((1, None), (2, None), (2, None), (3, 0.5), (4, 0.5)):  # step 2 twice: a redo
+        trainer.step = step
+        (reply,) = save(h, trainer, buffers, validation_loss)
+        paths.append(Path(reply["path"]).name)
+    assert paths == ["epoch001-na.pt", "epoch001-na-step000002.pt", "epoch001-na-step000002-2.pt",
+                     "epoch001-0.5000.pt", "epoch001-0.5000-step000004.pt"]
+    assert checkpoints(tmp_path / "checkpoints") == sorted(paths + ["last.pt"])
+    assert [e["file"] for e in manifest(tmp_path / "checkpoints") if "alias_of" not in e] == paths
 
 
 def test_a_torn_manifest_line_does_not_swallow_the_next_entry(tmp_path, buffers):

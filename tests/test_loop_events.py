@@ -92,6 +92,60 @@ def test_a_stop_during_validation_ends_the_run_at_that_epochs_end():
     assert bus.types()[-3:] == [ev.END_EPOCH, ev.STOP_REQUESTED, ev.END_TRAINING_SESSION]
 
 
+class StopAfterBatch(RecordingBus):
+    """A stop reply arrives while the first epoch's batch `batch_index` is out."""
+
+    def __init__(self, batch_index: int):
+        super().__init__()
+        self.batch_index = batch_index
+
+    def publish(self, type_: str, step: int, epoch: int, data: dict) -> None:
+        super().publish(type_, step, epoch, data)
+        if type_ == ev.END_TRAINING_BATCH and epoch == 1 and data["batch_index"] == self.batch_index:
+            self._pending.append(Reply("stop", "user", "enough"))
+
+    def data_of(self, type_: str) -> list[dict]:
+        return [data for t, _, data in self.events if t == type_]
+
+
+class Unsized:
+    """A loader without a length (an iterable dataset, a generator)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+@pytest.mark.parametrize("stop_after, sized, partial", [
+    (0, True, True),  # 1 of 3 batches
+    (TRAIN_BATCHES - 1, True, False),  # after the last batch: the epoch is whole
+    (TRAIN_BATCHES - 1, False, True),  # no length: any stop inside the loop counts as partial
+])
+def test_an_epoch_that_a_stop_cuts_short_says_partial_and_is_not_counted(stop_after, sized, partial):
+    spec = tiny({})
+    if not sized:
+        spec.train_loader = Unsized(spec.train_loader)
+    bus = StopAfterBatch(stop_after)
+    outcome = Loop(spec, bus, torch.device("cpu")).run()
+    planned = TRAIN_BATCHES if sized else None
+    assert bus.data_of(ev.START_EPOCH) == [{"batches_planned": planned}]
+    for type_ in (ev.END_TRAINING_LOOP, ev.END_EPOCH):
+        (data,) = bus.data_of(type_)
+        assert (data["partial"], data["batches_planned"], data["training_batch_count"]) == \
+            (partial, planned, stop_after + 1)
+    assert outcome.stopped_early and outcome.epochs_completed == (0 if partial else 1)
+    assert bus.data_of(ev.END_TRAINING_SESSION)[0]["epochs_completed"] == outcome.epochs_completed
+
+
+def test_whole_epochs_say_so_and_publish_their_planned_batches():
+    bus = StopAfterBatch(-1)  # never stops
+    Loop(tiny({}), bus, torch.device("cpu")).run()
+    assert bus.data_of(ev.START_EPOCH) == [{"batches_planned": TRAIN_BATCHES}] * 2
+    assert [(d["partial"], d["batches_planned"]) for d in bus.data_of(ev.END_EPOCH)] == [(False, TRAIN_BATCHES)] * 2
+
+
 def test_stop_reasons_hold_stop_replies_only():
     control = merge_replies([Reply("checkpoint_now", "a", "save"), Reply("stop", "b", "done"), Reply("log", "c", "x")])
     assert control.should_stop and control.checkpoint_now

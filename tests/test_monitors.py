@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import namedtuple
+from itertools import islice
 from pathlib import Path
 
 import psutil
@@ -16,12 +17,15 @@ import pytest
 from trainbus.kernel.config import RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
-from trainbus.plugins import gpu_monitor
+from trainbus.plugins import _sampling, gpu_monitor
+from trainbus.plugins._history import History
+from trainbus.plugins._plots import PlotSize, png_bytes, resource_figures
 from trainbus.plugins.cpu_monitor import CpuMonitorPlugin
 from trainbus.plugins.disk_monitor import DiskMonitorPlugin
 from trainbus.plugins.gpu_monitor import GpuMonitorPlugin
 from trainbus.plugins.memory_monitor import MemoryMonitorPlugin
 from trainbus.plugins.perf_monitor import PerfMonitorPlugin, percentile
+from trainbus.plugins.visualization import plot_run
 from trainbus.proto import Event
 from trainbus.sdk import Harness
 
@@ -201,6 +205,28 @@ def test_perf_splits_each_step_into_data_wait_and_compute(tmp_path):
     assert percentile([float(i) for i in range(1, 101)], 95) == 95.0
 
 
+def test_readings_come_quickly_at_first_then_at_the_interval():
+    assert list(islice(_sampling.reading_gaps(5.0), 7)) == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    assert list(islice(_sampling.reading_gaps(0.05), 3)) == [0.05, 0.05, 0.05]  # an interval below the first gap
+
+
+def test_a_monitor_reads_as_the_session_starts_and_once_more_as_it_stops(tmp_path, monkeypatch):
+    monkeypatch.setattr(_sampling, "FIRST_READING_AFTER_S", 60.0)  # no reading on the clock during this test
+    plugin = MemoryMonitorPlugin({"interval_s": 60.0}, run_dir=str(tmp_path))
+    sent: list = []
+    plugin.bind_sender(sent.append)
+    plugin.setup()
+    plugin.handle(Event(seq=1, run="r", type="start_training_session", ts=0.0, step=0, epoch=0, data={}))
+    deadline = time.monotonic() + 10
+    while not metrics(sent) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "memory/used_bytes" in metrics(sent), "no reading as the session started"
+    time.sleep(2 * _sampling.MIN_INTERVAL_S)  # a reading right after another would measure nothing, and is not taken
+    sent.append("teardown")
+    plugin.teardown()
+    assert "memory/used_bytes" in metrics(sent[sent.index("teardown") + 1:]), "no last reading as it stopped"
+
+
 # a real run
 
 
@@ -244,6 +270,43 @@ def test_monitor_readings_reach_the_metrics_log_within_two_intervals(monitored_r
     assert all(0 <= v <= 1 for v in values["perf/data_wait_share"] + values["perf/compute_share"])
     p50s, p95s = values["perf/step_time_p50_ms"], values["perf/step_time_p95_ms"]
     assert all(0 < a <= b for a, b in zip(p50s, p95s))
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """Digits for 2 epochs of 1 s with every monitor as it comes (5 s interval), and no plugin that must drain."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    plugins = [resolve_plugin(name, {}) for name in MONITORS]
+    result = run_training(RunConfig(target=TIMED, epochs=2, runs_dir=str(runs_dir), plugins=plugins,
+                                    hyperparameters={"epoch_s": 1.0}))
+    assert result.status == "completed", result
+    return result
+
+
+def test_a_two_second_run_has_readings_from_every_monitor_and_plots_one_quantity_per_axis(short_run, tmp_path):
+    history = History.from_journal(short_run.run_dir)  # what plots are drawn from: the record up to the final event
+    tags = {"cpu": "cpu/process_percent", "memory": "memory/used_bytes", "disk": "disk/free_bytes",
+            "perf": "perf/steps_per_s"}
+    if gpu_monitor.pynvml is not None and _has_gpu():
+        tags["gpu"] = "gpu/gpu0_util_percent"
+    for tag in tags.values():
+        readings = history.readings.get(tag, [])
+        assert len(readings) >= 2, f"{tag}: {readings}; the run's readings: {sorted(history.readings)}"
+
+    written = {path.name: path for path in plot_run(short_run.run_dir, tmp_path)}  # as `trainbus runs plot` draws
+    size = PlotSize()  # the visualization plugin's default
+    figures = resource_figures(history, size)
+    for monitor in tags:
+        name = f"resources-{monitor}.png"
+        assert written[name].read_bytes() == png_bytes(figures[name], size), f"{name} is not the figure checked here"
+        for ax in figures[name].axes:
+            assert ax.get_ylabel(), f"{name}: a panel without a unit"
+            assert any(len(line.get_xdata()) for line in ax.get_lines()), f"{name}: empty panel ({ax.get_ylabel()})"
+    cpu = figures["resources-cpu.png"].axes
+    assert [ax.get_ylabel() for ax in cpu] == ["% of one core", "% busy"]  # up to 100 x cores apart from 0-100
+    assert [line.get_label() for line in cpu[0].get_lines()] == ["process_percent"]
+    perf_units = [ax.get_ylabel() for ax in figures["resources-perf.png"].axes]
+    assert {"steps/s", "samples/s", "ms", "% of step time"} == set(perf_units) and len(perf_units) == 4
 
 
 def test_monitor_readings_reach_tensorboard(monitored_run):

@@ -4,42 +4,53 @@ from __future__ import annotations
 
 import json
 import math
+import time
+
+from pathlib import Path
 
 import pytest
 
+from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
+from trainbus.kernel.session import run_training
 from trainbus.plugins.console import ConsolePlugin
 from trainbus.plugins.early_stopping import EarlyStoppingPlugin
 from trainbus.plugins.metrics_log import MetricsLogPlugin
 from trainbus.sdk import Harness, SettingsError
 from trainbus.sdk.runner import Runner
 
+from conftest import TESTS_DIR
 
-def feed_run(h: Harness, losses: list[float | None], batches: int = 4, stop_reasons: list[str] | None = None) -> None:
-    """The loop's event sequence (kernel/loop.py) for one epoch per validation loss in `losses`."""
+
+def feed_run(h: Harness, losses: list[float | None], batches: int = 4, stop_reasons: list[str] | None = None,
+             cut_at: int | None = None) -> None:
+    """The loop's event sequence (kernel/loop.py) for one epoch per validation loss in `losses`.
+
+    cut_at: a stop ends the last epoch's training after this many batches (a partial epoch)."""
     step = 0
     h.feed("start_training_session", hyperparameters={"lr": 0.1}, epochs=len(losses), device="cpu",
            model="Net", parameters=1234)
     for epoch, validation_loss in enumerate(losses, start=1):
-        h.feed("start_epoch", epoch=epoch)
+        h.feed("start_epoch", epoch=epoch, batches_planned=batches)
         h.feed("start_training_loop")
+        trained = cut_at if cut_at is not None and epoch == len(losses) else batches
         total = 0.0
-        for index in range(batches):
+        for index in range(trained):
             h.feed("start_training_batch", batch_index=index)
             step += 1
             total += 1.0 / epoch
             h.feed("end_training_batch", step=step, batch_index=index, loss=1.0 / epoch,
                    training_loss_total=total, training_batch_count=index + 1)
-        train = {"training_loss_total": total, "training_batch_count": batches, "training_loss": total / batches,
-                 "training_metrics": {"accuracy": 0.5}}
+        train = {"training_loss_total": total, "training_batch_count": trained, "training_loss": total / trained,
+                 "training_metrics": {"accuracy": 0.5}, "batches_planned": batches, "partial": trained < batches}
         h.feed("end_training_loop", **train)
         h.feed("start_validation_loop")
         validation = {"validation_loss_total": None, "validation_batch_count": 0, "validation_loss": validation_loss,
                       "validation_metrics": {"accuracy": None if validation_loss is None else 0.9}}
         h.feed("end_validation_loop", **validation)
         h.feed("end_epoch", **train, **validation, hyperparameters={"lr": 0.1}, lr=0.1)
-    h.feed("end_training_session", epochs_completed=len(losses), steps=step, stopped_early=bool(stop_reasons),
-           stop_reasons=stop_reasons or [], training_loss=None, validation_loss=losses[-1],
-           validation_metrics={"accuracy": 0.9})
+    h.feed("end_training_session", epochs_completed=len(losses) - (cut_at is not None), steps=step,
+           stopped_early=bool(stop_reasons), stop_reasons=stop_reasons or [], training_loss=None,
+           validation_loss=losses[-1], validation_metrics={"accuracy": 0.9})
 
 
 class Recorder:
@@ -165,6 +176,18 @@ def test_metrics_log_session_end_record(tmp_path):
     assert end["stop_reasons"] == "early_stopping: stop: patience" and end["validation_accuracy"] == 0.9
 
 
+def test_metrics_log_writes_an_epoch_a_stop_cut_short_as_a_partial_epoch(tmp_path):
+    h = Harness(MetricsLogPlugin({"every_n_steps": 0}, run_dir=str(tmp_path)))
+    feed_run(h, [0.5, 0.4], batches=75, cut_at=8, stop_reasons=["kernel: stop: interrupted (Ctrl-C)"])
+    h.close()
+    records = read_records(tmp_path / "metrics.jsonl")
+    assert [r["kind"] for r in records] == ["epoch", "partial_epoch", "session_end"]
+    whole, partial, end = records
+    assert (whole["training_batch_count"], whole["batches_planned"]) == (75, 75)
+    assert (partial["epoch"], partial["training_batch_count"], partial["batches_planned"]) == (2, 8, 75)
+    assert end["epochs_completed"] == 1
+
+
 def test_metrics_log_restart_does_not_duplicate_replayed_records(tmp_path):
     run = Recorder()
     feed_run(run, [0.5, 0.4, 0.3])
@@ -221,6 +244,34 @@ def test_console_without_a_tty_prints_plain_epoch_lines_and_warnings(tmp_path, c
     assert lines[-1] == "finished: ? epochs, ? steps; stopped early: no reason given"
 
 
+def test_console_says_an_epoch_a_stop_cut_short_is_partial(tmp_path, capsys):
+    h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
+    feed_run(h, [0.5, 0.4], batches=75, cut_at=8, stop_reasons=["kernel: stop: interrupted (Ctrl-C)"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("epoch 1/2  train loss 1  val loss 0.5") for line in lines), lines
+    assert any(line.startswith("epoch 2/2 partial (8/75 batches)  train loss 0.5  val loss 0.4") for line in lines)
+    assert lines[-1] == ("finished: 1 epochs and 8/75 batches of epoch 2, 83 steps; "
+                         "stopped early: kernel: stop: interrupted (Ctrl-C)")
+
+
+def test_console_shows_the_first_epochs_batch_total_and_an_eta(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich: treat the captured stdout as a terminal
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    plugin = ConsolePlugin({"refresh_per_second": 20.0}, run_dir=str(tmp_path))
+    h = Harness(plugin)
+    h.feed("start_training_session", hyperparameters={}, epochs=4, device="cpu", model="Net", parameters=1)
+    h.feed("start_epoch", epoch=1, batches_planned=75)
+    for index in range(3):
+        h.feed("end_training_batch", epoch=1, step=index + 1, batch_index=index, loss=1.0, training_loss_total=1.0,
+               training_batch_count=index + 1)
+        time.sleep(0.02)  # rich's speed estimate needs time to pass between updates
+    epochs, batches = (plugin.progress.tasks[task] for task in (plugin.epoch_task, plugin.batch_task))
+    assert (batches.total, batches.completed) == (75, 3)  # not "3/?"
+    assert epochs.completed == pytest.approx(3 / 75)  # the run's bar moves within its first epoch ...
+    assert epochs.time_remaining is not None and batches.time_remaining is not None  # ... so both have an ETA
+    h.close()
+
+
 def test_console_warns_of_failed_checkpoints_and_of_each_reason_for_skipping_once(tmp_path, capsys):
     h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
     h.feed("checkpoint_failed", step=40, plugin="checkpoint", seq=7, reason="No space left on device (errno 28)")
@@ -273,3 +324,32 @@ def test_console_asks_for_per_step_events_only_when_it_draws_a_batch_bar(tmp_pat
 def test_console_rejects_a_non_positive_refresh_rate(tmp_path):
     with pytest.raises(SettingsError):
         Harness(ConsolePlugin({"refresh_per_second": 0.0}, run_dir=str(tmp_path)))
+
+
+# a real run, stopped in the middle of an epoch
+
+
+def test_a_run_stopped_mid_epoch_is_reported_partial_and_config_json_has_its_hyperparameters(runs_dir, capfd):
+    """Digits with 45 slowed batches an epoch; a plugin's stop at step 8 lands a few batches later, within epoch 1."""
+    plugins = [resolve_plugin("console", {}), resolve_plugin("metrics_log", {"every_n_steps": 0}),
+               PluginConfig("stopper", "fixture_plugins:StopAtStep", {"step": 8})]
+    result = run_training(RunConfig(target=f"{TESTS_DIR / 'timed_targets.py'}:digits_slowly", epochs=2,
+                                    runs_dir=str(runs_dir), plugins=plugins, hyperparameters={"batch_s": 0.03}))
+    assert result.status == "stopped" and result.outcome["epochs_completed"] == 0, result
+    trained = result.outcome["steps"]
+    assert 8 <= trained < 45  # cut short
+
+    out = capfd.readouterr().out  # the console plugin draws on the kernel's stdout
+    assert f"epoch 1/2 partial ({trained}/45 batches)" in out, out
+    assert f"finished: 0 epochs and {trained}/45 batches of epoch 1, {trained} steps; stopped early: " \
+           f"stopper: stop: enough at step 8" in out, out
+
+    records = read_records(Path(result.run_dir) / "metrics.jsonl")
+    (partial,) = [r for r in records if r["kind"] in ("epoch", "partial_epoch")]
+    assert (partial["kind"], partial["training_batch_count"], partial["batches_planned"]) == \
+        ("partial_epoch", trained, 45)
+
+    config = json.loads((Path(result.run_dir) / "config.json").read_text())
+    assert config["hyperparameters"] == {"lr": 1e-3, "batch_size": 32, "hidden": 128, "validation_fraction": 0.2,
+                                         "model": "mlp", "batch_s": 0.03}  # the build's defaults, and what was given
+    assert config["epochs"] == 2

@@ -149,3 +149,26 @@ def test_a_restarted_plugin_backfills_from_the_journal_and_tensorboard_drops_the
     assert [s.step for s in accumulator.Scalars("loss/training")] == [e.step for e in events if e.type == "end_epoch"]
     steps = [s.step for s in accumulator.Scalars("loss/train_step")]
     assert steps == sorted(set(steps))  # no step written twice
+
+
+def test_an_epoch_a_stop_cut_short_is_drawn_apart_and_is_never_the_best():
+    from trainbus.plugins._plots import PlotSize, loss_figure, metrics_figure
+    from trainbus.proto import Event
+
+    def epoch(seq: int, number: int, validation_loss: float, batches: int) -> Event:
+        data = {"training_loss": 1.0 / number, "validation_loss": validation_loss, "training_batch_count": batches,
+                "batches_planned": 75, "partial": batches < 75, "validation_metrics": {"accuracy": 0.9}}
+        return Event(seq=seq, run="r", type="end_epoch", ts=float(seq), step=75 * (number - 1) + batches,
+                     epoch=number, data=data)
+
+    history = History()
+    for event in (Event(seq=1, run="r", type="start_training_session", ts=0.0, step=0, epoch=0, data={"epochs": 3}),
+                  epoch(2, 1, 0.5, 75), epoch(3, 2, 0.4, 75), epoch(4, 3, 0.3, 8)):
+        history.update(event)
+    assert [(e.epoch, e.partial, e.batches) for e in history.epochs] == [(1, False, 75), (2, False, 75), (3, True, 8)]
+    assert history.best_validation().epoch == 2  # epoch 3's lower loss is over 8 of its 75 batches
+
+    for axes in (loss_figure(history, PlotSize()).axes[0], metrics_figure(history, PlotSize()).axes[0]):
+        lines = {line.get_label(): list(line.get_xdata()) for line in axes.get_lines()}
+        assert lines["validation"] == [1, 2]  # the whole epochs' line stops before the cut one
+        assert lines["validation, epoch 3 cut short (8/75 batches)"] == [3]
