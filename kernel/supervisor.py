@@ -221,7 +221,7 @@ class Supervisor:
         elif child.state == "starting" and now - child.started_at > STARTUP_CPU_S:
             cpu_s = _cpu_seconds(child.proc.pid)
             if cpu_s > STARTUP_CPU_S or now - child.started_at > STARTUP_TIMEOUT_S:
-                self._declare_hung(child, now, f"no hello after {now - child.started_at:.0f} s ({cpu_s:.0f} s of CPU)")
+                self._declare_hung(child, now, f"no hello after {now - child.started_at:.0f} s ({cpu_s:.1f} s of CPU)")
 
     def _declare_hung(self, child: Child, now: float, why: str) -> None:
         self.emit(ev.PLUGIN_HUNG, {"plugin": child.spec.name, "pid": child.proc.pid, "reason": why})
