@@ -318,6 +318,9 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+WAITED_S = 0.1  # what one event costs the slow plugins below, so what waiting for one would cost the kernel
+
+
 @pytest.mark.parametrize("batch_size", [64, pytest.param(16, marks=pytest.mark.slow)])
 def test_slow_plugins_never_block_the_kernel(tmp_path, monkeypatch, one_torch_thread, batch_size):
     """A short run (23 steps at batch 64): the durable plugin, at 100 ms an event, must still drain all of it."""
@@ -342,8 +345,11 @@ def test_slow_plugins_never_block_the_kernel(tmp_path, monkeypatch, one_torch_th
     slow, fast = median(step_times(read_events(result.run_dir))), median(step_times(read_events(baseline.run_dir)))
     print(f"slowest publish {max(publish_s) * 1e6:.0f} us of {len(publish_s)}; "
           f"median step {slow * 1000:.2f} ms with slow plugins, {fast * 1000:.2f} ms without")
-    assert max(publish_s) < 0.005, f"slowest publish took {max(publish_s) * 1000:.1f} ms"
-    assert slow < 1.5 * fast, f"median step {slow * 1000:.2f} ms with slow plugins, {fast * 1000:.2f} ms without"
+    # A kernel that waited for these plugins would spend their 100 ms per event in a publish or a step; the
+    # bounds sit far below that and far above what a busy 2-core box adds to a sub-millisecond step (a 1.5x
+    # ratio alone failed on scheduling noise: 1.22 vs 0.79 ms).
+    assert max(publish_s) < WAITED_S / 2, f"slowest publish took {max(publish_s) * 1000:.1f} ms"
+    assert slow < 1.5 * fast + WAITED_S / 5, f"median step {slow * 1000:.2f} ms with slow plugins, {fast * 1000:.2f} ms without"
 
     # the durable one caught up with everything in the final drain
     assert result.status == "completed" and result.undrained == {}
