@@ -54,13 +54,13 @@ class Credentials:
         return path
 
 
-def socket_dir(run_dir: Path) -> tuple[Path, bool]:
+def socket_dir(run_dir: Path) -> Path:
     """Where the run's ipc sockets go: the run directory, or a fresh owner-only directory under the temp
-    dir when the run directory's path is too long for a Unix socket. (dir, True when it is ours to remove)."""
+    dir (the caller removes it) when the run directory's path is too long for a Unix socket."""
     if len(str(run_dir / "control.sock")) < SUN_PATH_MAX:
-        return run_dir, False
+        return run_dir
     short = Path(tempfile.mkdtemp(prefix="trainbus-"))  # 0700 by construction
     if len(str(short / "control.sock")) >= SUN_PATH_MAX:
         shutil.rmtree(short, ignore_errors=True)
         raise OSError(f"no socket path short enough under {tempfile.gettempdir()}; set TMPDIR to a short directory")
-    return short, True
+    return short

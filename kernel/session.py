@@ -18,9 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from trainbus.proto import events as ev
-
-from trainbus.proto import JOURNAL_NAME
+from trainbus.proto import JOURNAL_NAME, events as ev
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
 
 from .bus import Bus
@@ -28,7 +26,7 @@ from .checkpointing import CheckpointError, Checkpointer, find_checkpoint, load_
 from .config import ConfigError, RunConfig
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
-from .journal import Journal, JournalInUse
+from .journal import BACKLOG_MAX_BYTES, Journal, JournalInUse
 from .limits import PeerLimits
 from .loop import Loop, pick_device, restore_weights, seed_everything
 from .memory import keep_freed_memory
@@ -150,11 +148,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
     # While the journal's disk still refuses the final event no durable plugin can reach it: no waiting for that.
     hurry = lambda: interrupts.hurry() or (bus.failure is not None and bus.journal.error is not None)  # noqa: E731
     undrained = wait_drained(bus, cfg.drain_timeout_s if status != "interrupted" else 2.0, abort=hurry)
-    bus.flush_now()
-    bus.supervisor.shutdown(PLUGIN_EXIT_TIMEOUT_S, hurry)
-    journal_error = bus.close()
-    if sockets != run_dir:
-        shutil.rmtree(sockets, ignore_errors=True)
+    journal_error = close_bus(bus, run_dir, sockets, PLUGIN_EXIT_TIMEOUT_S, hurry)
     checkpointer.close()
     interrupts.restore()
     if journal_error is not None and bus.journal.backlog_bytes and status != "failed":
@@ -179,16 +173,15 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
 
 def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: PeerLimits | None = None,
              buffers: SnapshotBuffers | None = None, every_n_epochs: int = 0, every_n_steps: int = 0,
-             journal_backlog_bytes: int | None = None) -> tuple[Bus, Checkpointer | None, Path]:
+             journal_backlog_bytes: int = BACKLOG_MAX_BYTES) -> tuple[Bus, Checkpointer | None, Path]:
     """The run's bus with everything it serves: supervisor, credentials and peers, the checkpoint half.
 
     Returns the bus (not started), the checkpointer (None without buffers) and the sockets' directory.
     """
     credentials = Credentials()
     credentials.write_attach_file(run_dir)
-    journal = Journal(run_dir / JOURNAL_NAME, **({} if journal_backlog_bytes is None
-                                                  else {"backlog_max_bytes": journal_backlog_bytes}))
-    sockets, _ = socket_dir(run_dir)
+    journal = Journal(run_dir / JOURNAL_NAME, backlog_max_bytes=journal_backlog_bytes)
+    sockets = socket_dir(run_dir)
     bus = Bus(run_id, journal, sockets, HEARTBEAT_INTERVAL_S)
     env = dict(os.environ, TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir), RUN_ID=run_id, RUN_DIR=str(run_dir),
                TRAINBUS_EVENTS=bus.events_endpoint, TRAINBUS_CONTROL=bus.control_endpoint,
@@ -204,6 +197,18 @@ def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: Peer
                                     first_seq=journal.last_seq + 1)
     bus.serve(supervisor, Dispatcher(bus, supervisor, peers, checkpointer))
     return bus, checkpointer, sockets
+
+
+def close_bus(bus: Bus, run_dir: Path, sockets: Path, plugin_exit_timeout_s: float = PLUGIN_EXIT_TIMEOUT_S,
+              abort: Callable[[], bool] = lambda: False) -> OSError | None:
+    """Flush, let plugins exit (bounded, or until abort()), stop the bus with its journal and sockets, remove a
+    sockets' directory of its own; the journal's last error, if any."""
+    bus.flush_now()
+    bus.supervisor.shutdown(plugin_exit_timeout_s, abort)
+    error = bus.close()
+    if sockets != run_dir:
+        shutil.rmtree(sockets, ignore_errors=True)
+    return error
 
 
 def check_not_running(run_dir: Path) -> None:

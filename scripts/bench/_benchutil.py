@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -51,16 +50,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | No
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
-
-
-def close_bus(bus, run_dir: Path, sockets: Path, plugin_exit_timeout_s: float = 5.0) -> None:
-    """Close a started bus from session.open_bus as run_training does: flush, let plugins exit, stop the bus
-    (its journal and sockets); a sockets' directory of its own (a run_dir path too long for ipc) removed."""
-    bus.flush_now()
-    bus.supervisor.shutdown(plugin_exit_timeout_s)
-    bus.close()
-    if sockets != run_dir:
-        shutil.rmtree(sockets, ignore_errors=True)
 
 
 def envelope(seq: int, run: str, type_: str, step: int, data: dict) -> dict:

@@ -67,7 +67,6 @@ from _benchutil import (
     CpuWatch,
     Subscribers,
     batch_data,
-    close_bus,
     machine_line,
     median,
     quiet_note,
@@ -79,7 +78,7 @@ from trainbus.kernel.config import DEFAULT_PLUGINS, RunConfig, load_config
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.loop import Loop, seed_everything
 from trainbus.kernel.memory import keep_freed_memory
-from trainbus.kernel.session import open_bus, run_training, wait_drained, wait_ready
+from trainbus.kernel.session import close_bus, open_bus, run_training, wait_drained, wait_ready
 from trainbus.kernel.spec import DEFAULT_TARGET, build_spec
 from trainbus.kernel.supervisor import PluginSpec
 from trainbus.proto import events as ev

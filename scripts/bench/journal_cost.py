@@ -49,7 +49,6 @@ from _benchutil import (
     CpuWatch,
     Subscribers,
     batch_data,
-    close_bus,
     filesystem_of,
     machine_line,
     median,
@@ -60,7 +59,7 @@ from _benchutil import (
 from trainbus.kernel.bus import EVENTS_HWM, FLUSH_INTERVAL_S, Bus
 from trainbus.kernel.config import RunConfig
 from trainbus.kernel.journal import FSYNC_INTERVAL_S, Journal
-from trainbus.kernel.session import open_bus, run_training, wait_ready
+from trainbus.kernel.session import close_bus, open_bus, run_training, wait_ready
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto import events as ev
 
