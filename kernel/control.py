@@ -20,6 +20,7 @@ log = logging.getLogger("trainbus.kernel")
 
 REPLAY_BATCH_MAX_EVENTS = 512  # one replay_batch; the plugin asks for the next when done (pull = flow control)
 REPLAY_BATCH_MAX_BYTES = 4 * 1024 * 1024
+REASON_MAX_CHARS = 1000  # a stop's or a settlement's reason and path, as republished and logged
 TOLD_MAX = 1024  # (peer, refusal) pairs logged and answered once; a flood of new identities is only counted
 
 
@@ -131,14 +132,14 @@ class Dispatcher:
         return False
 
     def _on_reply(self, peer: Peer, msg: dict[str, Any]) -> None:
-        self.bus.reply(msg["type"], peer.name, truncate(msg["reason"], 1000)[0])
+        self.bus.reply(msg["type"], peer.name, truncate(msg["reason"], REASON_MAX_CHARS)[0])
 
     def _on_settle(self, peer: Peer, msg: dict[str, Any]) -> None:
         if self.checkpointer is None:
             raise Refused("settle_seq", f"{peer.name}: {msg['type']}, but this run takes no snapshots")
         if not self.checkpointer.settle(peer, msg, self.bus.journal.written_seq):
             return
-        fields = {k: truncate(v, 1000)[0] if isinstance(v, str) else v for k, v in msg.items() if k not in ("v", "type")}
+        fields = {k: truncate(v, REASON_MAX_CHARS)[0] if isinstance(v, str) else v for k, v in msg.items() if k not in ("v", "type")}
         event = ev.CHECKPOINT_SAVED if msg["type"] == "checkpoint_saved" else ev.CHECKPOINT_FAILED
         self.bus.emit(event, {"plugin": peer.name, **fields})
         if event == ev.CHECKPOINT_FAILED:
