@@ -283,15 +283,11 @@ class Runner:
     # -- ordering ---------------------------------------------------------------------------------
 
     def _on_live(self, event: Event) -> None:
-        if event.type == ev.HEARTBEAT and not self.wants_heartbeats:
-            # Not for this plugin, but its seq is no gap: step over it (else every heartbeat would count
-            # as a missed event, and send a durable plugin to replay).
-            if not self.durable:
-                self.next_seq = event.seq + 1
-            elif not self.replaying and event.seq == self.next_seq:
-                self.next_seq += 1
-            return
+        unwanted = event.type == ev.HEARTBEAT and not self.wants_heartbeats
         if not self.durable:
+            if unwanted:  # not for this plugin, but its seq is no gap: step over it
+                self.next_seq = event.seq + 1
+                return
             if self.counts_gaps and self.next_seq and event.seq > self.next_seq:
                 self.gaps += event.seq - self.next_seq
             self.next_seq = event.seq + 1
@@ -300,10 +296,13 @@ class Runner:
         if self.replaying or event.seq < self.next_seq:
             return  # replay covers it, or we have seen it
         if event.seq > self.next_seq:
+            # Heartbeats included: while the kernel waits for our vote, a heartbeat may be the only thing
+            # that shows we missed the event it waits for (it went by while an earlier replay was in flight).
             self.gaps += event.seq - self.next_seq
             self._request_replay()
             return
-        self._dispatch(event)
+        if not unwanted:
+            self._dispatch(event)
         self.next_seq += 1
 
     def _on_replay(self, batch: dict[str, Any]) -> None:

@@ -36,6 +36,17 @@ class Recorder(Plugin):
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
+class EpochVoter(Plugin):
+    """Durable, votes at end_epoch and handles nothing else: heartbeats are not for it."""
+
+    delivery = DURABLE
+    votes = ("end_epoch",)
+    settings = {"path": ""}
+
+    def on_end_epoch(self, event):
+        _append_fsynced(self.settings["path"], f"{event.seq} {event.type}")
+
+
 class LiveRecorder(Recorder):
     """The best-effort twin of Recorder: what it misses it does not get back."""
 

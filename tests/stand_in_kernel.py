@@ -11,7 +11,7 @@ from pathlib import Path
 
 import zmq
 
-from trainbus.proto import Event, control, decode_control, encode_control, encode_event, pack
+from trainbus.proto import Event, control, decode_control, encode_control, encode_event, encode_replay_batch, pack
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -21,6 +21,7 @@ class StandInKernel:
         """Endpoints to bind: "tcp://127.0.0.1:*" (as from another machine) or "ipc://..."."""
         self.run_id = run_id
         self.seq = 0
+        self.journal: list[bytes] = []  # every event published, encoded, for replay()
         self.ctx = zmq.Context()
         self.pub, self.router = self.ctx.socket(zmq.PUB), self.ctx.socket(zmq.ROUTER)
         for socket, endpoint in ((self.pub, events_endpoint), (self.router, control_endpoint)):
@@ -37,10 +38,17 @@ class StandInKernel:
         return subprocess.Popen([sys.executable, "-m", "trainbus.sdk", target], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-    def publish(self, kind: str, **data) -> None:
+    def publish(self, kind: str, live: bool = True, **data) -> None:
+        """The next event, journaled; sent on the PUB unless not `live` (as if this subscriber dropped it)."""
         self.seq += 1
-        event = Event(self.seq, self.run_id, kind, time.time(), 0, 0, data)
-        self.pub.send_multipart([kind.encode(), encode_event(event)])
+        self.journal.append(encode_event(Event(self.seq, self.run_id, kind, time.time(), 0, 0, data)))
+        if live:
+            self.pub.send_multipart([kind.encode(), self.journal[-1]])
+
+    def replay(self, identity: bytes, from_seq: int) -> None:
+        """One replay_batch: every journaled event from from_seq on."""
+        records = self.journal[from_seq - 1:]
+        self.router.send_multipart([identity, encode_replay_batch(len(records), b"".join(records), True)])
 
     def receive(self, timeout_ms: int) -> tuple[bytes, dict] | None:
         """The next control message and its sender's identity, or None after timeout_ms."""
