@@ -18,8 +18,10 @@ from typing import Any
 import zmq
 
 from trainbus.proto import Event, ProtocolError, encode_event, events as ev
+from trainbus.proto.run_state import RunState
 
 from .journal import Journal
+from .remote import Listener
 from .replies import Reply
 from .tensors import materialize_tensors
 
@@ -36,14 +38,20 @@ CONTROL_MAX_MESSAGE_BYTES = 256 * 1024  # what a peer may send us; larger drops 
 CONTROL_PER_WAKE = 256  # control messages read per wake-up: heartbeats and flushes never wait behind a flood
 STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said hello (slow joiners)
 LINGER_MS = 1000
+# The dispatcher knows a connection by socket and routing id: a peer on one socket can never pose as one on the
+# other by picking its routing id (a local one as a remote key's connection, or the reverse).
+LOCAL, REMOTE = b"L", b"R"
 FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
 
 
 class Bus:
     """Publishes events in seq order through the journal, and dispatches control messages to their owners."""
 
-    def __init__(self, run_id: str, journal: Journal, socket_dir: Path, heartbeat_interval_s: float):
+    def __init__(self, run_id: str, journal: Journal, socket_dir: Path, heartbeat_interval_s: float,
+                 remote: Listener | None = None):
+        """`remote`: the run's TCP endpoints (kernel/remote.py), served beside the ipc ones by this thread."""
         self.run_id = run_id
+        self.remote = remote
         self.journal = journal
         self.heartbeat_interval_s = heartbeat_interval_s
         self.last_seq = journal.last_seq  # the last seq numbered
@@ -56,6 +64,8 @@ class Bus:
         self.position = (0, 0)  # (step, epoch) of the latest numbered event, for kernel events
         self._final_seq = 0  # seq of end_training_session or run_failed: what durable plugins drain to
         self._last_seq_of: dict[str, int] = {}  # event type -> seq of its latest instance
+        # What a `snapshot` answers (trainbus attach): every numbered event folded in, here on the bus thread.
+        self.run_state = RunState(run_id, journal.last_seq)
         self._closing = threading.Event()
         self._urgent = False  # a kernel event was emitted: flush at once, not with the next burst
         self.idle = threading.Condition()  # notified after every round of the bus thread
@@ -149,6 +159,8 @@ class Bus:
         for socket in (self.pub, self.router, self._wake_tx, self._wake_rx):
             socket.close()
         self.ctx.term()
+        if self.remote is not None:
+            self.remote.close()
         for endpoint in (self.events_endpoint, self.control_endpoint):
             Path(endpoint.removeprefix("ipc://")).unlink(missing_ok=True)  # libzmq leaves the file behind
         return error
@@ -159,6 +171,8 @@ class Bus:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        if self.remote is not None:
+            poller.register(self.remote.router, zmq.POLLIN)
         next_heartbeat, next_flush, more = 0.0, 0.0, False
         while not self._closing.is_set():
             try:
@@ -167,7 +181,8 @@ class Bus:
                 rung = self._wake_rx in ready
                 if rung:
                     _drain(self._wake_rx)
-                more = (more or self.router in ready) and self._read_control(CONTROL_PER_WAKE)
+                control_ready = self.router in ready or (self.remote is not None and self.remote.router in ready)
+                more = (more or control_ready) and self._read_control(CONTROL_PER_WAKE)
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     self._heartbeat()
@@ -201,7 +216,7 @@ class Bus:
         step, epoch = self.position
         beat = Event(max(1, self.journal.written_seq), self.run_id, ev.HEARTBEAT, time.time(), step, epoch,
                      {"interval_s": self.heartbeat_interval_s, "held_back": len(self._unpublished)})
-        self.pub.send_multipart((ev.HEARTBEAT.encode(), encode_event(beat)), zmq.NOBLOCK)
+        self._send_event((ev.HEARTBEAT.encode(), encode_event(beat)))
 
     def _flush(self) -> None:
         batch = _take_all(self._queue)
@@ -216,11 +231,14 @@ class Bus:
         first_seq, records = self.last_seq + 1, []
         for type_, ts, step, epoch, data in batch:
             self.last_seq += 1
+            event = Event(self.last_seq, self.run_id, type_, ts, step, epoch, data)
             try:
-                raw = encode_event(Event(self.last_seq, self.run_id, type_, ts, step, epoch, data))
+                raw = encode_event(event)
             except ProtocolError as exc:  # a user metric of an odd type: keep the seq, say why
-                raw = encode_event(Event(self.last_seq, self.run_id, type_, ts, step, epoch,
-                                         {"error": f"event data not encodable: {exc}"}))
+                event = Event(self.last_seq, self.run_id, type_, ts, step, epoch,
+                              {"error": f"event data not encodable: {exc}"})
+                raw = encode_event(event)
+            self.run_state.fold(event)
             records.append(raw)
             self._unpublished.append((type_.encode(), raw))
             self._last_seq_of[type_] = self.last_seq
@@ -231,28 +249,57 @@ class Bus:
             self.position = (step, epoch)
         written = self.journal.append(records, first_seq)  # journal first: a published event is always replayable
         for _ in range(written):
-            self.pub.send_multipart(self._unpublished.popleft(), zmq.NOBLOCK)
+            self._send_event(self._unpublished.popleft())
         self.counters["events"] += written
         if self.journal.overflowing and self.failure is None:  # the disk stays full: stop at the next step
             self.failure = self.journal.overflow_message()
             self.reply("stop", "kernel", self.failure)
 
+    def _send_event(self, frames: tuple[bytes, bytes]) -> None:
+        self.pub.send_multipart(frames, zmq.NOBLOCK)
+        if self.remote is not None:
+            self.remote.pub.send_multipart(frames, zmq.NOBLOCK)
+
     def _read_control(self, budget: int) -> bool:
-        """Handle up to `budget` control messages; True when more are waiting."""
+        """Handle up to `budget` control messages (of each socket); True when more are waiting."""
+        more = False
         for _ in range(budget):
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) != 2:
+                self.counters["malformed"] += 1
+                continue
+            self.control.handle(LOCAL + frames[0], frames[1])
+        else:
+            more = True
+        return self._read_remote(budget) or more
+
+    def _read_remote(self, budget: int) -> bool:
+        """The TCP control socket: each message with its connection's CURVE key (the ZAP User-Id), which the
+        dispatcher maps to a key name and role; never anything the message itself says."""
+        if self.remote is None:
+            return False
+        for _ in range(budget):
+            try:
+                frames = self.remote.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return False
             if len(frames) != 2:
                 self.counters["malformed"] += 1
                 continue
-            self.control.handle(*frames)
+            user_id = frames[1].get("User-Id")
+            if not user_id:  # cannot be, behind CURVE and ZAP; if it ever were, such a peer is nobody
+                self.counters["unauthenticated"] += 1
+                continue
+            self.control.handle(REMOTE + frames[0].bytes, frames[1].bytes, user_id=user_id)
         return True
 
     def send(self, identity: bytes, raw: bytes) -> None:
+        router = self.remote.router if identity[:1] == REMOTE and self.remote is not None else self.router
         try:
-            self.router.send_multipart((identity, raw), zmq.NOBLOCK)
+            router.send_multipart((identity[1:], raw), zmq.NOBLOCK)
         except (zmq.Again, zmq.ZMQError):  # gone or stalled peer: it will ask again
             self.counters["unroutable"] += 1
 

@@ -6,14 +6,14 @@ import collections
 import re
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST, read_manifest, sha256_of
 
 from .peers import Refused
-from .snapshot import SnapshotBuffers
+
+if TYPE_CHECKING:  # torch comes with them; `trainbus` commands that only read runs start without it
+    from .snapshot import SnapshotBuffers
 
 
 class CheckpointError(Exception):
@@ -56,6 +56,11 @@ class Checkpointer:
 
     def due_at_epoch(self, epoch: int) -> bool:
         return self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0 and self.has_persister()
+
+    def prepare(self, state: dict[str, Any]) -> None:
+        """Have the buffers made for snapshots of this state's size, away from the training thread."""
+        if self.has_persister():
+            self.buffers.prepare(state)
 
     def take(self, state: dict[str, Any]):
         """Copy the state into a free buffer (None if both are busy); it stays busy until persisted."""
@@ -144,6 +149,8 @@ def find_checkpoint(where: str, runs_dir: str) -> Path:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """torch.load with weights_only=True: a checkpoint carrying pickled code is refused."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for a pickle payload, anything for a damaged file

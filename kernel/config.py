@@ -20,6 +20,7 @@ from .spec import DEFAULT_TARGET
 PLUGIN_ENTRY_POINT_GROUP = "trainbus.plugins"
 DEFAULT_PLUGINS = ("console", "metrics_log")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
 SEED_LIMIT = 2**32  # numpy and torch take 32-bit seeds: [0, 2**32)
 # A plugin's settings reach its process in one environment variable (TRAINBUS_PLUGIN_SETTINGS, msgpack as hex: two
 # characters a byte), and `trainbus run` checks them in one argument (JSON); Linux refuses any one string over
@@ -62,6 +63,17 @@ class RunConfig:
     # Events held in memory while the journal's disk refuses writes (full, quota, I/O error); past this the
     # run stops cleanly, naming the disk (kernel/journal.py).
     journal_backlog_mb: float = 64.0
+    # How a batch becomes an optimizer step, as Lightning names them (kernel/stepping.py)
+    precision: str = "32"  # "32", "bf16-mixed", "16-mixed" (CUDA), "bf16-true"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 0.0  # the gradients' 2-norm clipped to this; 0: off
+    compile: bool = False  # torch.compile the model's forward
+    # Across ranks (torchrun, srun): each loader's sampler replaced by a DistributedSampler, as Lightning does
+    distributed_sampler: bool = True
+    # HOST:PORT: also serve control (PORT) and events (PORT + 1; PORT 0: a free pair) on TCP, CURVE only, for
+    # remote plugins and `trainbus attach` (kernel/remote.py); "" = ipc only. Needs keys (`trainbus keys`).
+    listen: str = ""
+    keys_dir: str = ""  # "" = $TRAINBUS_KEYS_DIR, else ~/.config/trainbus/keys
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     plugins: list[PluginConfig] = field(default_factory=list)
     limits: dict[str, float] = field(default_factory=dict)  # [limits]: per-peer rate and size caps (PeerLimits)
@@ -79,6 +91,8 @@ def config_of_run(run_dir: Path) -> RunConfig:
     try:
         raw = json.loads(path.read_text())
         raw["plugins"] = [PluginConfig(**p) for p in raw.get("plugins", [])]
+        if "flags" in raw:  # what the spec function was called with (kernel/flags.py): given to it again
+            raw["hyperparameters"] = raw.pop("flags")
         cfg = RunConfig(**raw)
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"cannot continue {run_dir}: {path} is unreadable ({exc}); resume from one of its "
@@ -173,6 +187,12 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
     for key in ("checkpoint_every_n_epochs", "checkpoint_every_n_steps"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: {key} must be >= 0 (0 turns it off), got {getattr(cfg, key)}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.accumulate_grad_batches < 1:
+        raise ConfigError(f"{where}: accumulate_grad_batches must be >= 1, got {cfg.accumulate_grad_batches}")
+    if cfg.gradient_clip_val < 0:
+        raise ConfigError(f"{where}: gradient_clip_val must be >= 0 (0 turns clipping off), got {cfg.gradient_clip_val}")
     if cfg.journal_backlog_mb <= 0:
         raise ConfigError(f"{where}: journal_backlog_mb must be > 0, got {cfg.journal_backlog_mb}")
     names = [p.name for p in cfg.plugins]

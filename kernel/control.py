@@ -11,7 +11,8 @@ import logging
 import time
 from typing import Any
 
-from trainbus.proto import ProtocolError, control, decode_control, encode_control, encode_replay_batch, events as ev
+from trainbus.proto import (DURABLE, ProtocolError, control, decode_control, encode_control, encode_replay_batch,
+                            events as ev)
 
 from .limits import truncate
 from .peers import Peer, Refused
@@ -20,8 +21,11 @@ log = logging.getLogger("trainbus.kernel")
 
 REPLAY_BATCH_MAX_EVENTS = 512  # one replay_batch; the plugin asks for the next when done (pull = flow control)
 REPLAY_BATCH_MAX_BYTES = 4 * 1024 * 1024
+SNAPSHOT_COST = 10  # replay batches one snapshot costs a peer's budget (it is built on the bus thread)
 REASON_MAX_CHARS = 1000  # a stop's or a settlement's reason and path, as republished and logged
 TOLD_MAX = 1024  # (peer, refusal) pairs logged and answered once; a flood of new identities is only counted
+COMMAND_IDS_KEPT = 4096  # (sender, id) of stop/checkpoint_now commands seen: a resent one is ignored
+COMMAND_ID_MAX_CHARS = 128  # of an id, what is remembered (the memory kept is bounded whatever peers send)
 
 
 class Dispatcher:
@@ -32,15 +36,19 @@ class Dispatcher:
         self.counters = bus.counters
         self._told: collections.OrderedDict = collections.OrderedDict()
         self.errors_logged: collections.Counter = collections.Counter()  # plugin name -> error-level log replies
+        self._command_ids: collections.OrderedDict = collections.OrderedDict()
+        self.supervisor = supervisor
         self.handlers = {
             "heartbeat": _nothing, "ack": self._on_ack, "replay": self._on_replay,
-            "bye": lambda peer, msg: supervisor.leaving(peer.name),
+            "bye": self._on_bye,
             "metric": self._on_metric, "log": self._on_log,
             "stop": self._on_reply, "checkpoint_now": self._on_reply,
             "checkpoint_saved": self._on_settle, "checkpoint_failed": self._on_settle,
+            "snapshot": self._on_snapshot,
         }
 
-    def handle(self, identity: bytes, raw: bytes) -> None:
+    def handle(self, identity: bytes, raw: bytes, user_id: str = "") -> None:
+        """One message from the connection `identity`; `user_id` is its CURVE key (z85) on TCP, "" on ipc."""
         try:
             msg = decode_control(raw)
         except ProtocolError as exc:
@@ -51,14 +59,14 @@ class Dispatcher:
         kind, now = msg["type"], time.monotonic()
         try:
             if kind == "hello":
-                self._on_hello(identity, msg, now)
+                self._on_hello(identity, msg, now, user_id)
                 return
             handler = self.handlers.get(kind)
             if handler is None:  # a kernel-to-plugin type sent our way
                 self.counters["unexpected"] += 1
                 return
             peer = self.peers.get(identity)
-            if peer is None:
+            if peer is None or peer.user_id != user_id:  # another key on a welcomed peer's routing id is not it
                 raise Refused("unknown_peer", f"{kind} from a peer that was not welcomed: say hello first")
             self.peers.seen(peer, now)
             self.peers.check_allowed(peer, kind)
@@ -81,15 +89,32 @@ class Dispatcher:
 
     # -- one handler per message type -------------------------------------------------------------
 
-    def _on_hello(self, identity: bytes, msg: dict[str, Any], now: float) -> None:
-        peer = self.peers.welcome(identity, msg, now)
+    def _on_hello(self, identity: bytes, msg: dict[str, Any], now: float, user_id: str) -> None:
+        peer = self.peers.welcome(identity, msg, now, user_id)
         self.bus.send(identity, encode_control(control(
             "welcome", run=self.bus.run_id, resume_from=self.peers.resume_from(peer, self.bus.last_seq + 1),
             heartbeat_interval_s=self.bus.heartbeat_interval_s)))
         self.bus.emit(ev.PLUGIN_READY, {"plugin": peer.name, "pid": peer.pid, "delivery": peer.delivery})
 
+    def _on_bye(self, peer: Peer, msg: dict[str, Any]) -> None:
+        if peer.spawned:  # its exit, seen by the supervisor, is the event
+            self.supervisor.leaving(peer.name)
+        else:  # a peer attached by hand (attach, a remote plugin) has no process of ours: its goodbye is the exit
+            self.bus.emit(ev.PLUGIN_EXITED, {"plugin": peer.name, "exit_code": 0})
+
     def _on_ack(self, peer: Peer, msg: dict[str, Any]) -> None:
         self.peers.ack(peer, msg["seq"], self.bus.journal.written_seq)
+
+    def _on_snapshot(self, peer: Peer, msg: dict[str, Any]) -> None:
+        """The run's state as of the last numbered event (zguide's Clone pattern, PROTOCOL.md §7.4)."""
+        replays = peer.budget.replays
+        if not replays.take(time.monotonic(), min(SNAPSHOT_COST, replays.capacity)):
+            self.counters["snapshot_dropped"] += 1  # too often: the peer asks again
+            return
+        state = self.bus.run_state
+        acked = {name: self.peers.position(name) for name, p in state.plugins.items() if p["delivery"] == DURABLE}
+        self.bus.send(peer.identity, encode_control(control("run_state", seq=state.seq, state=state.to_map(acked))))
+        self.counters["snapshots"] += 1
 
     def _on_replay(self, peer: Peer, msg: dict[str, Any]) -> None:
         peer.replay_from = max(msg["from_seq"], 1)  # served by serve_replays; a newer request replaces it
@@ -132,7 +157,18 @@ class Dispatcher:
         return False
 
     def _on_reply(self, peer: Peer, msg: dict[str, Any]) -> None:
-        self.bus.reply(msg["type"], peer.name, truncate(msg["reason"], REASON_MAX_CHARS)[0])
+        if msg["id"]:  # a command resent (a client retrying after a reconnect, or replaying it) acts once
+            sent = (peer.user_id or peer.name, msg["id"][:COMMAND_ID_MAX_CHARS])
+            if sent in self._command_ids:
+                self.counters["duplicate_command"] += 1
+                return
+            self._command_ids[sent] = True
+            if len(self._command_ids) > COMMAND_IDS_KEPT:
+                self._command_ids.popitem(last=False)
+        reason = truncate(msg["reason"], REASON_MAX_CHARS)[0]
+        if peer.key_name:  # who sent it, journaled with the stop_requested it leads to
+            log.info("[%s] %s from key %s (%s): %s", peer.name, msg["type"], peer.key_name, peer.role, reason)
+        self.bus.reply(msg["type"], peer.label, reason)
 
     def _on_settle(self, peer: Peer, msg: dict[str, Any]) -> None:
         if self.checkpointer is None:

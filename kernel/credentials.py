@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .keys import ClientKey, KeyRing
+
 CREDENTIAL_FILE = "credential"  # in the run directory, 0600: what a plugin attached by hand proves itself with
 ATTACH = "attach"  # the token of the credential file: any name no spawned plugin holds
 SECRET_ENV = "TRAINBUS_SECRET"
@@ -21,12 +23,13 @@ class Credentials:
 
     A spawned plugin gets the token for its own name (HMAC of the run secret), so a plugin can claim no
     other plugin's name; the credential file's token lets a hand-started plugin take any name that no
-    spawned plugin holds. A remote peer will prove itself by its CURVE key instead (ZAP's User-Id), the
-    same way: an identity the kernel checks, mapped to the names and roles it grants.
+    spawned plugin holds. A remote peer proves itself by its CURVE key instead (ZAP's User-Id): a key in
+    the key directory, whose role (monitor, control) says what it may send (kernel/peers.py).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keyring: KeyRing | None = None) -> None:
         self._secret = secrets.token_bytes(32)
+        self.keyring = keyring  # the authorized CURVE keys when the run listens on TCP (kernel/keys.py)
 
     def token_for(self, name: str) -> str:
         return hmac.new(self._secret, f"plugin:{name}".encode(), hashlib.sha256).hexdigest()
@@ -43,6 +46,10 @@ class Credentials:
         if hmac.compare_digest(token, self.attach_token()):
             return f"name {name!r} belongs to a plugin this run spawned" if spawned else None
         return "wrong secret"
+
+    def remote_key(self, user_id: str, now: float) -> ClientKey | None:
+        """The authorized key a TCP connection's User-Id (its z85 CURVE key) names, now; None once revoked."""
+        return self.keyring.lookup(user_id, now) if self.keyring is not None else None
 
     def write_attach_file(self, run_dir: Path) -> Path:
         """The attach token, owner-only, in the run directory (never world-readable, not even briefly)."""

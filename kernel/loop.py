@@ -11,8 +11,10 @@ import torch
 
 from trainbus.proto import events as ev
 
+from .distributed import AGREE_EVERY, Ranks
 from .replies import NO_CONTROL, Control, merge_replies
 from .spec import TrainingSpec
+from .stepping import Stepper
 
 log = logging.getLogger("trainbus.kernel")
 
@@ -36,6 +38,8 @@ class Outcome:
     training_loss: float | None = None
     validation_loss: float | None = None
     validation_metrics: dict[str, float] = field(default_factory=dict)
+    best_validation_loss: float | None = None  # the lowest of a whole epoch's, this session
+    best_epoch: int | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -57,8 +61,13 @@ class Loop:
     """Runs a TrainingSpec and publishes its lifecycle; asks `stop_requested()` at every step boundary."""
 
     def __init__(self, spec: TrainingSpec, bus: Publisher, device: torch.device, stop_requested=lambda: False,
-                 vote_timeout_s: float = 0.0, checkpointer=None):
+                 vote_timeout_s: float = 0.0, checkpointer=None, stepper: Stepper | None = None,
+                 ranks: Ranks | None = None, session_info: dict[str, Any] | None = None):
         self.spec = spec
+        self.ranks = ranks  # None: one process; else this rank's place (rank 0 alone has a bus that publishes)
+        self.session_info = session_info or {}  # more for start_training_session (the cluster)
+        # precision, accumulation, clipping, compile; the model is on `device` by now
+        self.stepper = stepper or Stepper(spec.model, spec.optimizer, device)
         self.bus = bus
         self.device = device
         self.stop_requested = stop_requested  # Ctrl-C, wired by the CLI
@@ -78,6 +87,9 @@ class Loop:
         self.metric_totals: dict[str, Any] = {}
         self.epoch_rng_state: dict[str, Any] = {}  # RNG as the epoch's data iterator was created
         self._resume: dict[str, Any] | None = None  # mid-epoch resume state, used once
+        self._deferred_checkpoint: str | None = None  # asked for mid-accumulation: taken at the next optimizer step
+        self._size_known = checkpointer is None  # the state's full size is known after the first optimizer step
+        self._held: list = []  # across ranks: rank 0's replies until the ranks next agree
         self._loaded_from: str | None = None
 
     def _publish(self, type_: str, **data: Any) -> None:
@@ -88,7 +100,8 @@ class Loop:
         spec.model.to(self.device)
         self._publish(ev.START_TRAINING_SESSION, hyperparameters=spec.hyperparameters, epochs=spec.epochs,
                       device=str(self.device), model=type(spec.model).__name__,
-                      parameters=sum(p.numel() for p in spec.model.parameters()))
+                      parameters=sum(p.numel() for p in spec.model.parameters()), **self.stepper.options,
+                      **self.session_info)
         if self._loaded_from is not None:
             self._publish(ev.LOAD_CHECKPOINT, path=self._loaded_from, epoch=self.first_epoch,
                           batches_done=self._resume["batches_done"] if self._resume else 0)
@@ -104,21 +117,28 @@ class Loop:
             out.training_loss = train["training_loss"]
             out.validation_loss = validation.get("validation_loss")
             out.validation_metrics = validation.get("validation_metrics", {})
+            if (not train["partial"] and isinstance(out.validation_loss, float)
+                    and (out.best_validation_loss is None or out.validation_loss < out.best_validation_loss)):
+                out.best_validation_loss, out.best_epoch = out.validation_loss, self.epoch
             self.latest_metrics = _flat_metrics(train, validation)
             # the epoch's boundary: replies that came during validation, end_epoch, the votes on it
-            early = self.bus.take_replies()
-            checkpointed = not out.stopped_early and self._maybe_checkpoint(
-                merge_replies(early), self.checkpointer is not None and self.checkpointer.due_at_epoch(self.epoch),
-                "epoch", epoch_complete=True)
+            early, self._held = self._held + self.bus.take_replies(), []
+            due = self._deferred_checkpoint or (  # a checkpoint asked for in the epoch's last batches, or the schedule's
+                "epoch" if self.checkpointer is not None and self.checkpointer.due_at_epoch(self.epoch) else None)
+            self._deferred_checkpoint = None
+            checkpoint = self._decide(early, due)[1]
+            checkpointed = checkpoint is not None and not out.stopped_early
+            if checkpointed:
+                self._checkpoint(checkpoint, epoch_complete=True)
             self._publish(ev.END_EPOCH, **train, **validation, hyperparameters=spec.hyperparameters,
                           lr=spec.optimizer.param_groups[0]["lr"])
             if out.stopped_early:
                 break
             self.bus.await_votes(ev.END_EPOCH, self.vote_timeout_s)
-            late = self.bus.take_replies()
-            if not checkpointed:  # a checkpoint_now that came with the votes: still this epoch's boundary
-                self._maybe_checkpoint(merge_replies(late), False, "epoch", epoch_complete=True)
-            if (early or late or self.stop_requested()) and self._apply(merge_replies(early + late)):
+            control, checkpoint = self._decide(early + self.bus.take_replies(), None)
+            if checkpoint is not None and not checkpointed:  # a checkpoint_now that came with the votes
+                self._checkpoint(checkpoint, epoch_complete=True)
+            if self._apply(control):
                 break
         out.steps = self.step
         self._publish(ev.END_TRAINING_SESSION, epochs_completed=out.epochs_completed, steps=self.step,
@@ -128,8 +148,8 @@ class Loop:
         return out
 
     def _train_epoch(self, planned: int | None) -> dict[str, Any]:
-        spec, model = self.spec, self.spec.model
-        model.train()
+        spec, stepper = self.spec, self.stepper
+        spec.model.train()
         self._publish(ev.START_TRAINING_LOOP)
         batches = self._start_epoch_data()
         cut_short = False
@@ -137,11 +157,9 @@ class Loop:
             self._publish(ev.START_TRAINING_BATCH, batch_index=batch_index)
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             # forward backward update
-            spec.optimizer.zero_grad(set_to_none=True)
-            outputs = model(inputs)
-            loss = spec.loss_fn(outputs, targets)
-            loss.backward()
-            spec.optimizer.step()
+            outputs, loss = stepper.batch(inputs, targets, spec.loss_fn)
+            if stepper.due():
+                stepper.step()
             self.step += 1
             self.batches_done = batch_index + 1
             loss_value = self._scalar(loss)
@@ -151,20 +169,20 @@ class Loop:
                     self.metric_totals[name] = self.metric_totals[name] + self._value(fn(outputs, targets))
             self._publish(ev.END_TRAINING_BATCH, batch_index=batch_index, batch_size=len(targets), loss=loss_value,
                           training_loss_total=self.loss_total, training_batch_count=self.batches_done)
+            if not self._size_known and not stepper.pending:  # once: Adam's moments exist from the first step on
+                self._size_known = True
+                self.checkpointer.prepare(self.training_state(epoch_complete=False))
             # replies, checkpoints and Ctrl-C act here, between steps, and at the epoch's end
-            replies = self.bus.take_replies()
-            control = merge_replies(replies) if replies else NO_CONTROL
-            if self.checkpointer is not None and (control.checkpoint_now or self.checkpointer.due_at_step(self.step)):
-                self._checkpoint("checkpoint_now" if control.checkpoint_now else "step", epoch_complete=False)
-            if (replies or self.stop_requested()) and self._apply(control):
+            if self._step_boundary(self.bus.take_replies()):
                 cut_short = True
                 break
-        count = self.batches_done
-        metrics = {name: _mean(total, count) for name, total in self.metric_totals.items()}
+        stepper.step()  # an epoch's last batches step, however few (a stop's too: they were trained on)
+        loss_total, count, totals = self._over_ranks(self.loss_total, self.batches_done, self.metric_totals)
+        metrics = {name: _mean(total, count) for name, total in totals.items()}
         # Without a length, a stop after the last batch cannot be told from one before it: partial, to be safe.
-        partial = cut_short and (planned is None or count < planned)
-        summary = {"training_loss_total": _float(self.loss_total), "training_batch_count": count,
-                   "training_loss": _mean(self.loss_total, count), "training_metrics": metrics,
+        partial = cut_short and (planned is None or self.batches_done < planned)  # planned: this rank's share
+        summary = {"training_loss_total": _float(loss_total), "training_batch_count": count,
+                   "training_loss": _mean(loss_total, count), "training_metrics": metrics,
                    "batches_planned": planned, "partial": partial}
         self._publish(ev.END_TRAINING_LOOP, **summary)
         return summary
@@ -175,6 +193,9 @@ class Loop:
         if resume is not None:
             _set_rng(resume["epoch_rng_state"])  # the sampler draws its shuffle from this state
         self.epoch_rng_state = _get_rng(python=False)
+        sampler = getattr(self.spec.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # a DistributedSampler shuffles by (seed, epoch)
+            sampler.set_epoch(self.epoch)
         iterator = iter(self.spec.train_loader)
         self.batches_done, self.loss_total = 0, 0.0
         self.metric_totals = {name: 0.0 for name in self.spec.metrics}
@@ -195,13 +216,14 @@ class Loop:
         for batch_index, (inputs, targets) in enumerate(spec.validation_loader):
             self._publish(ev.START_VALIDATION_BATCH, batch_index=batch_index)
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            outputs = model(inputs)
-            loss_value = self._scalar(spec.loss_fn(outputs, targets))
+            outputs, loss = self.stepper.evaluate(inputs, targets, spec.loss_fn)
+            loss_value = self._scalar(loss)
             loss_total, count = loss_total + loss_value, count + 1
             for name, fn in spec.metrics.items():
                 metric_totals[name] = metric_totals[name] + self._value(fn(outputs, targets))
             self._publish(ev.END_VALIDATION_BATCH, batch_index=batch_index, loss=loss_value,
                           validation_loss_total=loss_total, validation_batch_count=count)
+        loss_total, count, metric_totals = self._over_ranks(loss_total, count, metric_totals)
         metrics = {name: _mean(total, count) for name, total in metric_totals.items()}
         summary = {"validation_loss_total": _float(loss_total), "validation_batch_count": count,
                    "validation_loss": _mean(loss_total, count), "validation_metrics": metrics}
@@ -210,7 +232,7 @@ class Loop:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def training_state(self, epoch_complete: bool) -> dict[str, Any]:
+    def training_state(self, epoch_complete: bool, rank_rng: list | None = None) -> dict[str, Any]:
         """What a checkpoint holds: the keys users expect, plus what resume needs to continue exactly."""
         spec = self.spec
         return {
@@ -226,22 +248,60 @@ class Loop:
                 "epoch_complete": epoch_complete, "batches_done": self.batches_done,
                 "loss_total": self.loss_total, "metric_totals": dict(self.metric_totals),
                 "epoch_rng_state": self.epoch_rng_state, "rng": _get_rng(python=True),
+                "rank_rng": rank_rng,  # across ranks: each rank's RNG, in rank order (rng is rank 0's)
+                "loss_scaler": self.stepper.state_dict(),
             },
         }
 
-    def _maybe_checkpoint(self, control: Control, due: bool, scheduled: str, epoch_complete: bool) -> bool:
-        """Take a checkpoint when one is due or a plugin asked for one; True when one was attempted."""
-        if self.checkpointer is None or not (due or control.checkpoint_now):
-            return False
-        self._checkpoint("checkpoint_now" if control.checkpoint_now else scheduled, epoch_complete)
-        return True
+    def _over_ranks(self, loss_total: Any, count: int, metric_totals: dict[str, Any]) -> tuple[Any, int, dict[str, Any]]:
+        """An epoch's totals over every rank's share of the data (one process: as they are)."""
+        if self.ranks is None:
+            return loss_total, count, metric_totals
+        names = list(metric_totals)
+        sums = self.ranks.sum([_float(loss_total), count, *(_float(metric_totals[n]) for n in names)])
+        return sums[0], int(sums[1]), dict(zip(names, sums[2:]))
+
+    def _step_boundary(self, replies: list) -> bool:
+        """Replies, checkpoints and Ctrl-C between two steps; True when training stops here."""
+        if self.checkpointer is not None and self.checkpointer.due_at_step(self.step):
+            self._deferred_checkpoint = self._deferred_checkpoint or "step"
+        if self.ranks is not None:
+            self._held += replies
+            if self.step % AGREE_EVERY:
+                return False
+            replies, self._held = self._held, []
+        elif not (replies or self._deferred_checkpoint or self.stop_requested()):
+            return False  # the usual step: nothing asked
+        control, self._deferred_checkpoint = self._decide(replies, self._deferred_checkpoint)
+        if self._deferred_checkpoint and not self.stepper.pending:  # partial accumulations are in no checkpoint
+            reason, self._deferred_checkpoint = self._deferred_checkpoint, None
+            self._checkpoint(reason, epoch_complete=False)
+        return self._apply(control)
+
+    def _decide(self, replies: list, checkpoint: str | None) -> tuple[Control, str | None]:
+        """What this boundary does: the replies merged, and the checkpoint to take (why), or None. In one
+        process, as they are; across ranks, rank 0's decision on every rank (kernel/distributed.py)."""
+        control = merge_replies(replies) if replies else NO_CONTROL
+        if control.checkpoint_now:
+            checkpoint = "checkpoint_now"
+        if self.ranks is None:
+            return control, checkpoint
+        agreed = self.ranks.agree(Control(should_stop=control.should_stop or self.stop_requested(),
+                                          checkpoint_now=checkpoint is not None))
+        if self.ranks.is_main:
+            return control, checkpoint
+        return agreed, "checkpoint_now" if agreed.checkpoint_now else None
 
     def _checkpoint(self, reason: str, epoch_complete: bool) -> None:
+        # every rank's RNG, so each resumes its own (the ranks are here together: they agreed on this checkpoint)
+        rank_rng = self.ranks.gather(_get_rng(python=True)) if self.ranks is not None else None
+        if self.checkpointer is None:  # another rank: rank 0 takes it
+            return
         if not self.checkpointer.has_persister():
             self._publish(ev.CHECKPOINT_SKIPPED, reason="no checkpoint plugin is attached (add --plugins checkpoint)")
             return
         try:
-            snapshot = self.checkpointer.take(self.training_state(epoch_complete))
+            snapshot = self.checkpointer.take(self.training_state(epoch_complete, rank_rng))
         except OSError as exc:  # no room for the buffer anywhere: training goes on, the next one may fit
             log.warning("checkpoint at step %d skipped: %s", self.step, exc)
             self._publish(ev.CHECKPOINT_SKIPPED, reason=str(exc))
@@ -253,8 +313,12 @@ class Loop:
 
     def resume(self, state: dict[str, Any], path: str) -> None:
         """Continue from a checkpoint whose weights restore_weights() loaded: same step, epoch, data order, RNG."""
-        resume = state["trainbus"]
+        resume = dict(state["trainbus"])
+        ranks = resume.get("rank_rng")
+        if self.ranks is not None and ranks and len(ranks) == self.ranks.world_size:
+            resume["rng"] = ranks[self.ranks.rank]  # this rank's own; with another world size, rank 0's for all
         self.step, self.latest_metrics = resume["step"], dict(state.get("metrics") or {})
+        self.stepper.load_state_dict(resume.get("loss_scaler"))
         if resume["epoch_complete"]:
             self.first_epoch = resume["epoch"] + 1
             _set_rng(resume["rng"])

@@ -18,8 +18,11 @@ from .limits import PeerBudget, PeerLimits
 
 MAX_PEERS = 64  # welcomed peers at once; a hello past this is refused
 MAX_NAMES = 256  # names whose ack position and role are remembered across reconnects and restarts
-ALWAYS_ALLOWED = frozenset({"heartbeat", "ack", "replay", "bye"})
+ALWAYS_ALLOWED = frozenset({"heartbeat", "ack", "replay", "bye", "snapshot"})  # reads of the run, and staying alive
 PERSISTER_MESSAGES = frozenset({"checkpoint_saved", "checkpoint_failed"})
+# What only a control-role key may send over TCP: what steers the run or frees its snapshot buffers. A monitor-role
+# key watches (events, replays, snapshots) and reports (metric, log: a GPU monitor on the machine with the GPU).
+CONTROL_ROLE_ONLY = frozenset({"stop", "checkpoint_now"}) | PERSISTER_MESSAGES
 
 
 class Refused(Exception):
@@ -32,7 +35,7 @@ class Refused(Exception):
     @property
     def welcome_lost(self) -> bool:
         """The peer itself is turned away (not welcomed, or a hello refused), not just one message."""
-        return self.code == "unknown_peer" or self.code.startswith("hello_")
+        return self.code in ("unknown_peer", "key_revoked") or self.code.startswith("hello_")
 
 
 class Supervision(Protocol):
@@ -58,9 +61,17 @@ class Peer:
     spawned: bool
     last_seen: float
     budget: PeerBudget
+    user_id: str = ""  # a remote peer's CURVE key (z85, ZAP's User-Id); "" on ipc
+    key_name: str = ""  # that key's name in the key directory
+    role: str = ""  # that key's role at hello (kernel/keys.py); "" on ipc
     acked: int = 0  # highest seq this connection acked (votes read it)
     replay_from: int | None = None  # a replay asked for and not yet served (newer requests replace it)
     counters: collections.Counter = field(default_factory=collections.Counter)
+
+    @property
+    def label(self) -> str:
+        """How its replies are attributed (stop_requested's reasons): a remote peer by its key too."""
+        return f"{self.name} (key {self.key_name})" if self.key_name else self.name
 
 
 class Peers:
@@ -81,11 +92,20 @@ class Peers:
 
     # -- hello ------------------------------------------------------------------------------------
 
-    def welcome(self, identity: bytes, hello: dict[str, Any], now: float) -> Peer:
-        """Register the peer a hello names, or raise Refused saying why not."""
+    def welcome(self, identity: bytes, hello: dict[str, Any], now: float, user_id: str = "") -> Peer:
+        """Register the peer a hello names, or raise Refused saying why not. A remote peer (`user_id`, its
+        CURVE key) proves itself by that key, not by a secret, and may take any name no spawned plugin holds."""
         name, pid = hello["name"], hello["pid"]
         spawned = self.supervisor.spawned(name)
-        why = self.credentials.check(name, hello["secret"], spawned)
+        key = self.credentials.remote_key(user_id, now) if user_id else None
+        if not user_id:
+            why = self.credentials.check(name, hello["secret"], spawned)
+        elif key is None:
+            why = "its key is no longer authorized (revoked)"
+        elif spawned:
+            why = f"name {name!r} belongs to a plugin this run spawned"
+        else:
+            why = None
         if why:
             raise Refused("hello_secret", f"hello as {name!r} refused: {why}")
         if spawned and not self.supervisor.is_current(name, pid):
@@ -100,7 +120,8 @@ class Peers:
             if len(self._by_identity) >= MAX_PEERS:
                 raise Refused("hello_table_full", f"hello as {name!r} refused: {MAX_PEERS} peers already attached")
         peer = Peer(identity, name, pid, hello["delivery"], frozenset(hello["replies"]), tuple(hello["votes"]),
-                    tuple(hello["capabilities"]), spawned, now, PeerBudget(self.limits, now))
+                    tuple(hello["capabilities"]), spawned, now, PeerBudget(self.limits, now), user_id,
+                    key.name if key else "", key.role if key else "")
         self._by_identity[identity] = peer
         self._by_name[name] = peer
         self._by_name.move_to_end(name)
@@ -116,7 +137,14 @@ class Peers:
     # -- what a welcomed peer may do --------------------------------------------------------------
 
     def check_allowed(self, peer: Peer, kind: str) -> None:
-        """Raise Refused unless this peer's hello granted it `kind` messages."""
+        """Raise Refused unless this peer's hello (and, remote, its key's role) granted it `kind` messages."""
+        if peer.user_id:
+            key = self.credentials.remote_key(peer.user_id, peer.last_seen)
+            if key is None:
+                raise Refused("key_revoked", f"{peer.name}: key {peer.key_name} is no longer authorized (revoked)")
+            if kind in CONTROL_ROLE_ONLY and key.role != "control":
+                raise Refused("role", f"{peer.name}: {kind} refused: key {key.name} has role {key.role}; "
+                                      f"only a control-role key may send it")
         if kind in ALWAYS_ALLOWED:
             return
         if kind in PERSISTER_MESSAGES:

@@ -158,7 +158,9 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     target, started_at (ISO 8601) and started_ts (seconds since 1970), duration_s (of the latest session
     when the run was continued in place), epochs_completed,
     epochs (planned), steps, training_loss, validation_loss and validation_metrics (the last epoch's),
-    stop_reasons, error, plugin_trouble, last_event (for a run without a summary: where the journal ends).
+    stop_reasons, error, plugin_trouble, last_event (for a run without a summary: where the journal ends),
+    flags (what the spec function was called with, kernel/flags.py), ended_ts (when the kernel ended, or the
+    last event of one that died), last_seq, best (the lowest whole-epoch validation loss and its epoch).
     """
     now = time.time() if now is None else now
     run_dir = Path(run_dir).resolve()
@@ -179,6 +181,7 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         "epochs_completed": None, "epochs": starts[-1].data.get("epochs") if starts else config.get("epochs"),
         "steps": None, "training_loss": None, "validation_loss": None, "validation_metrics": {},
         "stop_reasons": [], "error": None, "plugin_trouble": [], "last_event": None,
+        "flags": config.get("flags") or {}, "ended_ts": None, "last_seq": None, "best": None,
     }
     summary = _read_json(run_dir / SUMMARY)
     if summary is None or summary.get("status") not in STATUSES:
@@ -192,7 +195,14 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     # a failed run's outcome says 0 steps (the loop counts them at its end): the journal's last event knows
     last = journal_tail(journal, SMALL_TAIL_BYTES)[-1:]
     steps = max([outcome.get("steps") or 0] + [e.step for e in last])
+    best = outcome.get("best_validation_loss")
+    try:
+        ended = (run_dir / SUMMARY).stat().st_mtime  # written last, as the kernel ended
+    except OSError:
+        ended = None
     info.update(
+        ended_ts=ended, last_seq=last[0].seq if last else None,
+        best={"validation_loss": best, "epoch": outcome.get("best_epoch")} if best is not None else None,
         status=summary["status"], duration_s=summary.get("duration_s"),
         epochs_completed=outcome.get("epochs_completed"), steps=steps,
         training_loss=outcome.get("training_loss"), validation_loss=outcome.get("validation_loss"),
@@ -219,6 +229,9 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
     info.update(status=status, detail=detail, pid=pid, last_event=_event_brief(last, now))
     if last is None:
         return
+    info["last_seq"] = last.seq
+    if status == "died":
+        info["ended_ts"] = last.ts
     end = now if status == "running" else last.ts
     info["duration_s"] = round(end - started, 3) if started is not None else None
     info["steps"] = last.step
@@ -253,13 +266,19 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
 def list_runs(runs_dir: Path, now: float | None = None) -> list[dict[str, Any]]:
     """Every run of runs_dir in brief (run_overview), newest first."""
     now = time.time() if now is None else now
-    runs = []
-    for run_dir in find_runs(runs_dir):
-        try:
-            runs.append(run_overview(run_dir, now))
-        except OSError as exc:  # someone else's run (0700), a disk error: one row that says so
-            runs.append({"id": run_dir.name, "dir": str(run_dir.resolve()), "status": "unreadable",
-                         "detail": f"{exc.strerror or exc}", "started_at": None, "started_ts": None})
+    return newest_first([overview_or_unreadable(run_dir, now) for run_dir in find_runs(runs_dir)])
+
+
+def overview_or_unreadable(run_dir: Path, now: float) -> dict[str, Any]:
+    """run_overview, or for a run that cannot be read (someone else's, 0700; a disk error) a row that says so."""
+    try:
+        return run_overview(run_dir, now)
+    except OSError as exc:
+        return {"id": run_dir.name, "dir": str(run_dir.resolve()), "status": "unreadable",
+                "detail": f"{exc.strerror or exc}", "started_at": None, "started_ts": None}
+
+
+def newest_first(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: (r.get("started_ts") or 0.0, r["id"]), reverse=True)
 
 

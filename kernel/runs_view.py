@@ -75,16 +75,66 @@ def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
 
     fixed = dict(no_wrap=True)
     table = Table(Column("run", **fixed), Column("status", **fixed), Column("target", overflow="fold"),
-                  Column("started", **fixed), Column("duration", **fixed), Column("epochs", **fixed),
+                  Column("flags", overflow="fold"), Column("started", **fixed), Column("duration", **fixed), Column("epochs", **fixed),
                   Column("val loss", **fixed), Column("val metrics"), Column("plugin trouble"),
                   box=None, pad_edge=False)
     for run in runs:
         style = STATUS_STYLE.get(run["status"], "")
         metrics = ", ".join(f"{k} {_num(v)}" for k, v in (run.get("validation_metrics") or {}).items())
         table.add_row(escape(run["id"]), f"[{style}]{run['status']}[/{style}]" if style else run["status"],
-                      escape(_short_target(run.get("target"))), _when(run.get("started_at"))[:16],
+                      escape(_short_target(run.get("target"))), escape(flags_text(run.get("flags"))),
+                      _when(run.get("started_at"))[:16],
                       duration_text(run.get("duration_s")), _epochs(run), _num(run.get("validation_loss")),
                       escape(metrics) or "-", escape("; ".join(run.get("plugin_trouble") or [])) or "-")
+    _print_table(console, table)
+
+
+def flags_text(flags: dict[str, Any] | None) -> str:
+    """lr=0.01 epochs=5; "-" for none."""
+    return " ".join(f"{k}={_value(v)}" for k, v in (flags or {}).items()) or "-"
+
+
+def _value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What `runs compare` shows of each run (runs.run_overview's dicts): its flags and its final metrics."""
+    rows = []
+    for run in runs:
+        best = run.get("best") or {}
+        metrics = {"training_loss": run.get("training_loss"), "validation_loss": run.get("validation_loss"),
+                   **{f"validation_{k}": v for k, v in (run.get("validation_metrics") or {}).items()},
+                   "best_validation_loss": best.get("validation_loss"), "best_epoch": best.get("epoch")}
+        rows.append({"id": run["id"], "status": run["status"], "target": run.get("target"),
+                     "flags": run.get("flags") or {}, "metrics": metrics,
+                     "epochs_completed": run.get("epochs_completed"), "steps": run.get("steps"),
+                     "duration_s": run.get("duration_s")})
+    return rows
+
+
+def print_comparison(console, rows: list[dict[str, Any]], runs_dir: Path) -> None:
+    """One row per run: run, status, target, a column per flag, a column per metric (comparison's dicts)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not rows:
+        console.print(f"no runs in {escape(str(Path(runs_dir).resolve()))}")
+        return
+    flag_names = list(dict.fromkeys(k for row in rows for k in row["flags"]))
+    metric_names = list(dict.fromkeys(k for row in rows for k in row["metrics"]))
+    headers = [m.replace("validation_", "val ").replace("training_", "train ").replace("_", " ") for m in metric_names]
+    table = Table("run", "status", "target", *flag_names, *headers, "epochs done", "steps", "time", box=None,
+                  pad_edge=False)
+    for row in rows:
+        style = STATUS_STYLE.get(row["status"], "")
+        table.add_row(escape(row["id"]), f"[{style}]{row['status']}[/{style}]" if style else row["status"],
+                      escape(_short_target(row["target"])),
+                      *[escape(_value(row["flags"][k])) if k in row["flags"] else "-" for k in flag_names],
+                      *[_num(row["metrics"].get(m)) if m != "best_epoch" else str(row["metrics"].get(m) or "-")
+                        for m in metric_names],
+                      str(row["epochs_completed"] if row["epochs_completed"] is not None else "-"),
+                      str(row["steps"] if row["steps"] is not None else "-"), duration_text(row["duration_s"]))
     _print_table(console, table)
 
 
@@ -104,6 +154,8 @@ def print_show(console, run: dict[str, Any]) -> None:
     if run.get("device") or run.get("model"):
         line("model", escape(f"{run.get('model') or '?'}, {run.get('parameters') or '?'} parameters, "
                              f"on {run.get('device') or '?'}"))
+    if run.get("flags"):
+        line("flags", escape(flags_text(run["flags"])))
     if run.get("hyperparameters"):
         line("hyperparams", escape(", ".join(f"{k}={json.dumps(v)}" for k, v in run["hyperparameters"].items())))
     latest = " (the latest session)" if len(run.get("sessions") or []) > 1 and run["status"] != "running" else ""

@@ -20,20 +20,27 @@ import torch
 
 from trainbus.proto import JOURNAL_NAME, events as ev
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
+from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir, write_connection_file
 
-from .bus import Bus
+from .bus import CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
 from .checkpointing import CheckpointError, Checkpointer, find_checkpoint, load_checkpoint
+from .cluster import ClusterError, detect
 from .config import ConfigError, RunConfig
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
+from .distributed import LAUNCH_RUN_ID, Ranks, distribute
 from .journal import BACKLOG_MAX_BYTES, Journal, JournalInUse
 from .limits import PeerLimits
 from .loop import Loop, pick_device, restore_weights, seed_everything
+from .keys import KeyStore
 from .memory import keep_freed_memory
 from .peers import Peers
+from .remote import ListenError, Listener, check_listen
+from .registry import record_run
 from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers, snapshot_directories
-from .spec import SpecError, TrainingSpec, build_spec
+from .spec import SpecError, TrainingSpec, build_with_flags
+from .stepping import Stepper, SteppingError
 from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
 
 log = logging.getLogger("trainbus.kernel")
@@ -53,43 +60,97 @@ class RunResult:
     undrained: dict[str, int] = field(default_factory=dict)  # durable plugins that did not catch up
     bus: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    cluster: dict[str, Any] = field(default_factory=dict)  # kernel/cluster.py: launcher, rank, world size, node
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
+RUN_ENV = ("RUN_ID", "RUN_DIR", "TRAINBUS_RUN_ID", "TRAINBUS_RUN_DIR")  # what user code sees while its run trains
+
+
 def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool = False,
-                 announce: Callable[[str], None] = lambda line: None, continue_run: bool = False) -> RunResult:
+                 announce: Callable[[str], None] = lambda line: None, continue_run: bool = False,
+                 metric_settings: dict[str, str] | None = None) -> RunResult:
+    """_run_training, with RUN_ENV as it was once it returns: a process that trains run after run (a notebook, a
+    test, the daemon) never hands one run's directory to what it starts next."""
+    saved = {name: os.environ.get(name) for name in RUN_ENV}
+    try:
+        return _run_training(cfg, run_id, install_sigint, announce, continue_run, metric_settings)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, announce: Callable[[str], None],
+                  continue_run: bool, metric_settings: dict[str, str] | None) -> RunResult:
     """Train per the config with its plugins attached; never raises for what a plugin does.
 
     continue_run: `run_id` names an existing run, continued in place from its newest checkpoint (cfg.resume):
     same directory, its journal going on from its last whole seq, its logs and outputs appended to.
     Raises SpecError when the user's target cannot be built: nothing has started by then.
+    metric_settings: "plugin: setting" -> the metric it names (a monitor); ConfigError, before the run directory
+    is made, for one this spec does not produce.
     """
     started = time.monotonic()
     seed_everything(cfg.seed)
-    spec = build_spec(cfg.target, dict(cfg.hyperparameters))
-    if cfg.epochs is not None:
-        spec.epochs = cfg.epochs
+    try:
+        cluster = detect()
+    except ClusterError as exc:
+        raise ConfigError(str(exc)) from None
     device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecError("device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
+    if device.type == "cuda" and cluster.distributed:
+        device = torch.device("cuda", cluster.local_rank)  # one GPU a process, as torchrun and srun lay them out
+    ranks = Ranks(cluster, device) if cluster.distributed else None
+    run_id = run_id or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
+    if ranks is not None:
+        run_id = ranks.share(run_id)  # rank 0's: one run, one directory
+    run_dir = Path(cfg.runs_dir).resolve() / run_id
+    # The user's code (build, loaders, loss, metrics) sees where its run is, as plugins do: Guild's names and ours.
+    os.environ.update(RUN_ID=run_id, RUN_DIR=str(run_dir), TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir))
+    spec, flags = build_with_flags(cfg.target, dict(cfg.hyperparameters))
+    if cfg.epochs is not None:
+        spec.epochs = cfg.epochs
+    check_metric_settings(spec, metric_settings or {})
     if cfg.snapshot_dir and not (os.path.isdir(cfg.snapshot_dir) and os.access(cfg.snapshot_dir, os.W_OK)):
         raise ConfigError(f"snapshot_dir {cfg.snapshot_dir}: not a writable directory; create it, or leave "
                           f"snapshot_dir empty for /dev/shm")
+    keys = KeyStore(keys_dir(cfg.keys_dir)) if cfg.listen else None
+    if keys is not None:
+        try:
+            check_listen(cfg.listen, keys)  # before anything starts: a key file others can read stops us here
+        except (ListenError, KeyFileError) as exc:
+            raise ConfigError(str(exc)) from None
     spec.model.to(device)  # before loading optimizer state, which follows its parameters' device
+    try:
+        stepper = Stepper(spec.model, spec.optimizer, device, cfg.precision, cfg.accumulate_grad_batches,
+                          cfg.gradient_clip_val, cfg.compile)
+    except SteppingError as exc:
+        raise ConfigError(str(exc)) from None
     resume_from = find_checkpoint(cfg.resume, cfg.runs_dir) if cfg.resume else None
+    if ranks is not None:  # rank 0's pick: a checkpoint landing meanwhile (a killed run's writer) must not split them
+        resume_from = ranks.share(resume_from)
     resume_state = load_checkpoint(resume_from) if resume_from else None
     if resume_state is not None:
         try:
             restore_weights(spec, resume_state)
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {resume_from} does not fit this spec: {exc}") from None
+    if ranks is not None:
+        try:
+            distribute(spec, stepper, ranks, device, cfg)
+        except ValueError as exc:  # a loader it cannot shard: names it and the opt-out
+            raise ConfigError(str(exc)) from None
+        if not ranks.is_main:
+            return _run_other_rank(spec, stepper, ranks, device, cfg, resume_state, resume_from, run_id, run_dir)
 
-    run_id = run_id or new_run_id()
     _make_dir(Path(cfg.runs_dir), cfg.runs_dir, parents=True, exist_ok=True)
-    run_dir = Path(cfg.runs_dir).resolve() / run_id
     if continue_run:
         check_not_running(run_dir)
         (run_dir / "summary.json").unlink(missing_ok=True)  # the run is going again
@@ -97,17 +158,23 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
         _make_dir(run_dir, cfg.runs_dir)
     run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints and sockets are nobody else's
     write_kernel_pid(run_dir)  # `trainbus runs list`: a run without summary.json is running while this pid lives
-    (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec), indent=2, default=str) + "\n")
+    (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags), indent=2, default=str) + "\n")
+    record_run(run_dir)  # the run registry: running (never raises; a registry it cannot write costs a warning)
     handler = _log_to(run_dir / "kernel.log")
 
     plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console")) for p in cfg.plugins]
     buffers = SnapshotBuffers(run_id, snapshot_directories(run_dir, cfg.snapshot_dir))
     bus, checkpointer, sockets = open_bus(run_id, run_dir, plugins, cfg.peer_limits(), buffers,
                                           cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps,
-                                          journal_backlog_bytes=int(cfg.journal_backlog_mb * 2**20))
+                                          journal_backlog_bytes=int(cfg.journal_backlog_mb * 2**20),
+                                          listen=cfg.listen, keys=keys)
+    if bus.remote is not None:
+        announce(f"listening with CURVE on {bus.remote.control_endpoint} (control) and {bus.remote.events_endpoint} "
+                 f"(events); clients: {run_dir / CONNECTION_FILE}")
+    bus.run_state.run["target"] = cfg.target  # what `trainbus attach` shows; no event carries it
     interrupts = _Interrupts(install_sigint)
     loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s,
-                checkpointer=checkpointer)
+                checkpointer=checkpointer, stepper=stepper, ranks=ranks, session_info={"cluster": cluster.describe()})
     if resume_state is not None:
         loop.resume(resume_state, str(resume_from))
         at = resume_state["trainbus"]
@@ -136,6 +203,8 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
     if bus.failure is not None:  # the journal's disk: the loop stopped at a step boundary for it
         status, error = "failed", bus.failure
         log.error("%s", error)
+    if ranks is not None:
+        ranks.close()
     # From here on a second Ctrl-C no longer raises: it cuts the drain and the plugins' exit short.
     interrupts.begin_closing()
     if status in ("completed", "stopped"):  # the trained weights, loadable with torch.load(weights_only=True)
@@ -159,30 +228,81 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
         status, error = "interrupted", "interrupted (second Ctrl-C) while plugins drained"
     result = RunResult(run_id=run_id, run_dir=str(run_dir), status=status,
                        duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
-                       plugins=_plugin_summary(bus), undrained=undrained, bus=_counters(bus), error=error)
+                       plugins=_plugin_summary(bus), undrained=undrained, bus=_counters(bus), error=error,
+                       cluster=cluster.describe())
     try:
         (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     except OSError as exc:
         (run_dir / "summary.json").unlink(missing_ok=True)  # never a torn summary
         print(f"trainbus: could not write {run_dir / 'summary.json'} ({_reason(exc)}); the run ended {status}",
               file=sys.stderr)
+    record_run(run_dir)  # the run registry: how it ended
     logging.getLogger("trainbus").removeHandler(handler)
     handler.close()
     return result
 
 
+class _Silent:
+    """The bus of a rank other than 0: it publishes nothing and hears nothing (rank 0 tells it what to do)."""
+
+    def publish(self, type_: str, step: int, epoch: int, data: dict[str, Any]) -> None:
+        pass
+
+    def take_replies(self) -> list:
+        return []
+
+    def await_votes(self, type_: str, timeout_s: float) -> list[str]:
+        return []
+
+
+def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: torch.device, cfg: RunConfig,
+                    resume_state: dict[str, Any] | None, resume_from: Path | None, run_id: str, run_dir: Path) -> RunResult:
+    """Train as one of ranks 1..N-1: the same loop, no bus, no plugins, no files (rank 0 keeps the run)."""
+    started = time.monotonic()
+    loop = Loop(spec, _Silent(), device, vote_timeout_s=cfg.vote_timeout_s, stepper=stepper, ranks=ranks)
+    if resume_state is not None:
+        loop.resume(resume_state, str(resume_from))
+    with keep_freed_memory(cfg.keep_freed_memory):
+        outcome = loop.run()  # an exception's traceback prints as it goes up; torchrun then ends the group
+    ranks.close()
+    return RunResult(run_id=run_id, run_dir=str(run_dir), status="stopped" if outcome.stopped_early else "completed",
+                     duration_s=round(time.monotonic() - started, 3), outcome=asdict(outcome), plugins={},
+                     cluster=ranks.cluster.describe())
+
+
+def check_metric_settings(spec: TrainingSpec, metric_settings: dict[str, str]) -> None:
+    """ConfigError for a plugin setting naming a metric that no epoch of this spec will report."""
+    produced = spec.metric_names()
+    for where, metric in metric_settings.items():
+        if metric not in produced:
+            raise ConfigError(f"plugin {where} = {metric!r} is not a metric this run produces; set it to one of: "
+                              f"{', '.join(produced)}")
+
+
 def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: PeerLimits | None = None,
              buffers: SnapshotBuffers | None = None, every_n_epochs: int = 0, every_n_steps: int = 0,
-             journal_backlog_bytes: int = BACKLOG_MAX_BYTES) -> tuple[Bus, Checkpointer | None, Path]:
-    """The run's bus with everything it serves: supervisor, credentials and peers, the checkpoint half.
+             journal_backlog_bytes: int = BACKLOG_MAX_BYTES, listen: str = "",
+             keys: KeyStore | None = None) -> tuple[Bus, Checkpointer | None, Path]:
+    """The run's bus with everything it serves: supervisor, credentials and peers, the checkpoint half; with
+    `listen` (HOST:PORT) and `keys`, its TCP endpoints too, described in <run_dir>/connection.json.
 
     Returns the bus (not started), the checkpointer (None without buffers) and the sockets' directory.
     """
-    credentials = Credentials()
+    remote = None
+    if listen and keys is not None:
+        try:
+            remote = Listener(listen, keys, EVENTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+        except (ListenError, KeyFileError) as exc:
+            raise ConfigError(str(exc)) from None
+        write_connection_file(run_dir, run_id, remote.control_endpoint, remote.events_endpoint, remote.server_key)
+        log.info("listening on TCP (CURVE): control %s events %s", remote.control_endpoint, remote.events_endpoint)
+    credentials = Credentials(remote.keyring if remote else None)
     credentials.write_attach_file(run_dir)
     journal = Journal(run_dir / JOURNAL_NAME, backlog_max_bytes=journal_backlog_bytes)
     sockets = socket_dir(run_dir)
-    bus = Bus(run_id, journal, sockets, HEARTBEAT_INTERVAL_S)
+    bus = Bus(run_id, journal, sockets, HEARTBEAT_INTERVAL_S, remote)
+    # Where a hand-attached client finds them when they are not in the run directory (PROTOCOL.md, environment).
+    log.info("sockets: events %s control %s", bus.events_endpoint, bus.control_endpoint)
     env = dict(os.environ, TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir), RUN_ID=run_id, RUN_DIR=str(run_dir),
                TRAINBUS_EVENTS=bus.events_endpoint, TRAINBUS_CONTROL=bus.control_endpoint,
                TRAINBUS_KERNEL_PID=str(os.getpid()))
@@ -190,7 +310,8 @@ def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: Peer
     peers = Peers(credentials, supervisor, limits or PeerLimits(), supervisor.liveness_s)
     checkpointer = None
     if buffers is not None:
-        # A persister's checkpoint_saved must name a file here: the run's checkpoints/, or a dirpath its config set.
+        # A persister's checkpoint_saved must name a file here: the run's checkpoints/, or a dirpath its config set
+        # (the checkpoint plugin declares dirpath a PATH setting: relative, inside the run directory).
         directories = [run_dir / CHECKPOINT_DIR] + [run_dir / p.settings["dirpath"] for p in plugins
                                                     if isinstance(p.settings.get("dirpath"), str) and p.settings["dirpath"]]
         checkpointer = Checkpointer(buffers, peers, every_n_epochs, every_n_steps, directories,
@@ -239,14 +360,16 @@ def wait_drained(bus: Bus, timeout_s: float, abort: Callable[[], bool] = lambda:
     return behind()
 
 
-def effective_config(cfg: RunConfig, spec: TrainingSpec) -> dict[str, Any]:
+def effective_config(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any]) -> dict[str, Any]:
     """The config as the run used it, for config.json: the hyperparameters and epochs of the built spec.
 
     A build() fills in its own defaults (the digits demo's lr, batch size, ...), so the spec's
-    hyperparameters are what trained; those given that the spec does not name are kept, so a run continued
-    from this file builds the same spec again."""
+    hyperparameters are what trained; those given that the spec does not name are kept. `flags` are the
+    arguments the spec function was called with (kernel/flags.py): a run continued from this file is given
+    them again (config_of_run), so it builds the same spec."""
     config = cfg.to_dict()
     config["hyperparameters"] = {**cfg.hyperparameters, **spec.hyperparameters}
+    config["flags"] = flags
     config["epochs"] = spec.epochs
     return config
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +22,8 @@ from trainbus.proto.checkpoint_format import ALIGN, HEADER_BYTES, ITEMS_KEY, TEN
 
 SLOTS = 2
 SHM_DIR = Path("/dev/shm")
+PREPARER = Path(__file__).with_name("_prepare_buffers.py")
+PREPARE_TIMEOUT_S = 120.0  # a preparer that takes longer is killed; the first snapshot allocates for itself
 
 
 @dataclass
@@ -54,11 +58,14 @@ class SnapshotBuffers:
     kernel reports (the snapshot is skipped) rather than a SIGBUS that kills training mid-copy; a
     /dev/shm too small for the state (Docker's default is 64 MB) falls back to the run directory.
 
-    Both slots are allocated and paged in (fallocate, MAP_POPULATE) at the run's first snapshot, in
-    one stall the run pays once; every later snapshot is the copy alone. Measured
-    (scripts/bench/checkpoint_stall.py): a slot's first use costs 0.24-1.3 s (4-19x the copy, 200,000
-    fresh pages), and the second slot's would fall inside the first persist. A background thread
-    doing it stalls training's steps for up to a second whatever its priority (mmap_lock, the GIL).
+    Both slots are allocated and their pages written by a process of their own (kernel/_prepare_buffers.py),
+    started by prepare() once the state's size is known (the loop calls it after the first optimizer
+    step, when Adam's moments exist); the first snapshot waits for it if it is still at work, and maps
+    what it made. A fresh page costs the first writer; made by another process, the kernel's copy only
+    maps existing pages. Measured (scripts/bench/checkpoint_stall.py, docs/benchmarks.md): allocating
+    and paging in both slots inside the first snapshot stalled it 0.7-4.5 s (805 MB, 10-60x the
+    copy); a background thread doing it stalled training's steps instead (mmap_lock, the GIL).
+    Without prepare() (a snapshot before the first step), take() allocates both slots itself.
     """
 
     def __init__(self, run_id: str, directories: list[Path]):
@@ -69,7 +76,39 @@ class SnapshotBuffers:
         self.name = f"trainbus-{os.getpid()}-{run_id}"
         self._buffers: list[_Buffer | None] = [None] * SLOTS
         self._next_id = 1
+        self._preparer: tuple[subprocess.Popen, int] | None = None  # (process, bytes a slot) while it works
 
+    def prepare(self, state: dict[str, Any]) -> None:
+        """Have both slots made for a state like this one, in another process, unless they exist or are underway."""
+        if self._preparer is not None or any(self._buffers) or not self.directories:
+            return
+        nbytes = _layout(_tensors(state))[1]
+        process = subprocess.Popen([sys.executable, "-I", str(PREPARER), str(nbytes), self.name,
+                                    *map(str, self.directories)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   stdin=subprocess.DEVNULL, text=True)
+        self._preparer = (process, nbytes)
+
+    def _adopt_prepared(self) -> None:
+        """Map what the preparer made (waiting for it if it is still at work); a slot it could not make is
+        allocated by _buffer() as before, which names the places tried."""
+        process, nbytes = self._preparer
+        self._preparer = None
+        try:
+            out = process.communicate(timeout=PREPARE_TIMEOUT_S)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out = process.communicate()[0]
+            self._remove_prepared()
+            return
+        for line in out.splitlines():
+            slot, _, path = line.partition(" ")
+            if slot.isdigit() and int(slot) < SLOTS and not path.startswith("error") and self._buffers[int(slot)] is None:
+                self._buffers[int(slot)] = _Buffer(Path(path), nbytes, _map(Path(path), nbytes))
+
+    def _remove_prepared(self) -> None:
+        for directory in self.directories:
+            for slot in range(SLOTS):
+                (directory / f"{self.name}-slot{slot}").unlink(missing_ok=True)
     def take(self, state: dict[str, Any], is_free: Callable[[int], bool]) -> Snapshot | None:
         """Copy state into a free buffer; None when both are still being persisted.
 
@@ -78,14 +117,11 @@ class SnapshotBuffers:
         slot = next((i for i in range(SLOTS) if is_free(i)), None)
         if slot is None:
             return None
+        if self._preparer is not None:
+            self._adopt_prepared()
         tensors: list[torch.Tensor] = []
         tree = _flatten(state, tensors)
-        layout, offset = [], HEADER_BYTES
-        for t in tensors:
-            nbytes = t.numel() * t.element_size()
-            layout.append({"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                           "offset": offset, "nbytes": nbytes})
-            offset += -(-nbytes // ALIGN) * ALIGN
+        layout, offset = _layout(tensors)
         buffer = self._buffer(slot, offset)
         data = buffer.tensor
         data[:HEADER_BYTES].zero_()  # no id while the copy runs: a reader can tell a torn snapshot
@@ -137,6 +173,11 @@ class SnapshotBuffers:
         raise OSError(f"no room for a {nbytes / 1e6:.0f} MB snapshot buffer ({'; '.join(failures) or 'no writable directory'})")
 
     def close(self) -> None:
+        if self._preparer is not None:
+            self._preparer[0].kill()
+            self._preparer[0].communicate()
+            self._preparer = None
+            self._remove_prepared()
         for buffer in self._buffers:
             if buffer is not None:
                 buffer.path.unlink(missing_ok=True)
@@ -153,10 +194,11 @@ def _reserve(fd: int, nbytes: int) -> None:
 
 
 def _map(path: Path, nbytes: int) -> torch.Tensor:
-    """The whole file, mapped shared, its page tables filled now (the copy then takes no page faults)."""
+    """The whole file, mapped shared. Not MAP_POPULATE: filling 200,000 page-table entries up front took
+    2.0-2.5 s here where the copy's own faults on the same pages took 0.3-0.4 s (805 MB on /dev/shm)."""
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
     finally:
         os.close(fd)
     return torch.frombuffer(mapping, dtype=torch.uint8)
@@ -178,6 +220,23 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _tensors(state: Any) -> list[torch.Tensor]:
+    tensors: list[torch.Tensor] = []
+    _flatten(state, tensors)
+    return tensors
+
+
+def _layout(tensors: list[torch.Tensor]) -> tuple[list[dict[str, Any]], int]:
+    """Where each tensor goes in a buffer (ALIGN-aligned, after the header), and the buffer's size."""
+    layout, offset = [], HEADER_BYTES
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        layout.append({"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                       "offset": offset, "nbytes": nbytes})
+        offset += -(-nbytes // ALIGN) * ALIGN
+    return layout, offset
 
 
 def _flatten(obj: Any, tensors: list[torch.Tensor]) -> Any:

@@ -10,9 +10,10 @@ import sysconfig
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # torch loads with the user's code: the CLI's other commands start without it (1.4 s)
+    import torch
 
 
 class SpecError(Exception):
@@ -32,13 +33,14 @@ class UserCodeError(SpecError):
 class TrainingSpec:
     """Everything the loop needs. Built by a user function; the kernel owns it from then on.
 
-    Example (`train.py:build`, run with `trainbus run train.py:build`)::
+    Example (`train.py:build`, run with `trainbus run train.py:build lr=0.05`; its parameters are the run's
+    flags, kernel/flags.py; a function taking one `hyperparameters` dict works too)::
 
-        def build(hyperparameters):
+        def build(lr: float = 0.1, epochs: int = 3):
             model = torch.nn.Linear(4, 2)
-            return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
                                 loss_fn=torch.nn.functional.cross_entropy,
-                                train_loader=..., validation_loader=..., epochs=3)
+                                train_loader=..., validation_loader=..., epochs=epochs)
     """
 
     model: torch.nn.Module
@@ -51,7 +53,15 @@ class TrainingSpec:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     scheduler: Any = None  # torch.optim.lr_scheduler.*; stepped once per epoch
 
+    def metric_names(self) -> list[str]:
+        """The metrics every epoch of this spec reports (end_epoch's, and what checkpoints are ranked by: the
+        loop's _flat_metrics), which a plugin's monitor setting may name."""
+        groups = ("training", "validation") if self.validation_loader is not None else ("training",)
+        return [f"{group}_{name}" for group in groups for name in ("loss", *self.metrics)]
+
     def check(self) -> None:
+        import torch
+
         if not isinstance(self.model, torch.nn.Module):
             raise SpecError(f"TrainingSpec.model must be a torch.nn.Module, got {type(self.model).__name__}")
         if not isinstance(self.optimizer, torch.optim.Optimizer):
@@ -74,15 +84,18 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
         path = Path(module_part)
         if not path.is_file():
             raise SpecError(f"target file {path} does not exist; check the path before ':{func_name}'")
-        name = f"trainbus_user_{path.stem}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise _user_code_error(exc, f"importing {path}") from None
+        module = _loaded_files.get(_file_key(path))  # the CLI read its flags: its code runs once, not twice
+        if module is None:
+            name = f"trainbus_user_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as exc:
+                raise _user_code_error(exc, f"importing {path}") from None
+            _loaded_files[_file_key(path)] = module
     else:
         try:
             module = importlib.import_module(module_part)
@@ -100,14 +113,30 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
     return func
 
 
-def build_spec(target: str, hyperparameters: dict[str, Any]) -> TrainingSpec:
-    """Call the user's function (with the hyperparameters if it takes them) and check its result."""
-    func = load_target(target)
-    import inspect
+_loaded_files: dict[tuple[str, int, int], Any] = {}  # (path, mtime_ns, size) -> module: an edited file loads anew
 
-    params = inspect.signature(func).parameters
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def build_spec(target: str, hyperparameters: dict[str, Any]) -> TrainingSpec:
+    """Call the user's function with its flags (or the hyperparameters dict) and check its result."""
+    return build_with_flags(target, hyperparameters)[0]
+
+
+def build_with_flags(target: str, hyperparameters: dict[str, Any]) -> tuple[TrainingSpec, dict[str, Any]]:
+    """build_spec, and the arguments the function was called with (its flags, defaults filled in: kernel/flags.py).
+
+    A flag that is unknown or of the wrong type raises FlagError (a SpecError) before the user's function runs."""
+    from . import flags  # here: flags builds on this module's SpecError
+
+    func = load_target(target)
+    signature = flags.signature_of(func)
+    arguments = flags.resolve(signature, hyperparameters, target)
     try:
-        spec = func(dict(hyperparameters)) if params else func()
+        spec = flags.call(func, signature, arguments)
     except SpecError:
         raise
     except Exception as exc:
@@ -115,7 +144,7 @@ def build_spec(target: str, hyperparameters: dict[str, Any]) -> TrainingSpec:
     if not isinstance(spec, TrainingSpec):
         raise SpecError(f"{target} returned {type(spec).__name__}; it must return trainbus.kernel.TrainingSpec")
     spec.check()
-    return spec
+    return spec, arguments
 
 
 # Where frames are not the user's: the standard library, installed packages, this kernel.

@@ -160,8 +160,10 @@ def png_bytes(fig: Figure, size: PlotSize) -> bytes:
     return buffer.getvalue()
 
 
-def render_all(history: History, out_dir: str | Path, size: PlotSize) -> list[Path]:
-    """Write every plot the history has data for into out_dir, atomically; return the files written."""
+def render_all(history: History, out_dir: str | Path, size: PlotSize,
+               progress: Callable[[], None] = lambda: None) -> list[Path]:
+    """Write every plot the history has data for into out_dir, atomically; return the files written.
+    `progress` is called after each file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -171,6 +173,7 @@ def render_all(history: History, out_dir: str | Path, size: PlotSize) -> list[Pa
         temporary.write_bytes(png_bytes(fig, size))
         os.replace(temporary, path)  # a reader (a browser, an e-mail) never sees half a PNG
         written.append(path)
+        progress()
     return written
 
 

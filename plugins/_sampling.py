@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import psutil
 
 from trainbus.proto import Event
-from trainbus.sdk import Plugin, SettingsError
+from trainbus.sdk import Plugin, Setting
 
 MIN_INTERVAL_S = 0.05  # below this a monitor measures mostly itself
 # psutil's CPU % is a difference between two calls: over less than ~0.1 s it is mostly noise.
@@ -31,11 +31,16 @@ FIRST_READING_AFTER_S = 0.2
 # A sample that raises is reported once per kind of error, then counted: a monitor never spams.
 KERNEL_PID_ENV = "TRAINBUS_KERNEL_PID"
 
+# The settings every monitor (or those watching a process) declares.
+INTERVAL_S = Setting(5.0, "seconds between readings, once the first few (0.2 s apart, doubling) are taken",
+                     min=MIN_INTERVAL_S)
+PID = Setting(0, "the process watched, with its children (0: the kernel's)", min=0)
+
 
 class SamplingPlugin(Plugin):
     """Base class of the resource monitors: override `prepare` and `sample`; `interval_s` is the clock."""
 
-    settings: dict[str, Any] = {"interval_s": 5.0}
+    settings: dict[str, Any] = {"interval_s": INTERVAL_S}
 
     # methods to override.
 
@@ -53,9 +58,6 @@ class SamplingPlugin(Plugin):
     # the clock
 
     def setup(self) -> None:
-        interval_s = self.settings["interval_s"]
-        if not interval_s >= MIN_INTERVAL_S:
-            raise SettingsError(f"{self.name} interval_s must be at least {MIN_INTERVAL_S} s, got {interval_s}")
         self._stopping = threading.Event()
         # Wakes the sampler before its gap is up: the session started (handler thread), or teardown.
         self._wake = threading.Event()

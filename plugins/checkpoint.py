@@ -35,7 +35,7 @@ import torch
 
 from trainbus.proto import DURABLE, Event
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
-from trainbus.sdk import Plugin, SettingsError
+from trainbus.sdk import METRIC, PATH, Plugin, Setting, SettingsError
 
 from ._durable_files import (
     append_manifest,
@@ -66,40 +66,39 @@ class CheckpointPlugin(Plugin):
     capabilities = ("checkpoint",)
     handler_timeout_s = 600.0  # writing and fsyncing a large model can take minutes on a slow disk
     settings = {
-        "dirpath": "",  # "" = <run_dir>/checkpoints; a relative path is relative to the run directory
-        # fields: epoch, step, any metric ({validation_loss:.4f}); a metric not measured yet reads "na", and a
-        # name an earlier checkpoint has gets "-step{step:06d}" added (unique_name)
-        "filename": "epoch{epoch:03d}-step{step:06d}",
-        "monitor": "",  # a metric of the event's "metrics" to rank by; "" = no ranking
-        "mode": "min",
-        "save_top_k": -1,
-        "save_last": True,
-        "max_total": 0,  # 0 = unlimited
+        # The kernel accepts a checkpoint_saved only for a file in <run_dir>/checkpoints or this dirpath
+        # (kernel/checkpointing.py), so it is a PATH: inside the run directory.
+        "dirpath": Setting("", f"where checkpoints go, relative to the run directory ('': {CHECKPOINT_DIR})", kind=PATH),
+        # a metric not measured yet reads "na", and a name an earlier checkpoint has gets "-step{step:06d}"
+        # added (unique_name)
+        "filename": Setting("epoch{epoch:03d}-step{step:06d}", "file name template; fields: epoch, step and any "
+                            "metric, e.g. {validation_loss:.4f}; .pt is added",
+                            rule="a plain file name: no '/', not starting with '.', not last.pt"),
+        "monitor": Setting("", "the metric checkpoints are ranked by for save_top_k ('': none, the newest are kept)",
+                           kind=METRIC),
+        "mode": Setting("min", "min: lower monitor is better; max: higher is better", choices=MODES),
+        "save_top_k": Setting(-1, "keep the k best by monitor (the k newest without one); -1: keep all", min=-1),
+        "save_last": Setting(True, f"always keep the newest, linked as {LAST}"),
+        "max_total": Setting(0, "at most this many checkpoints, oldest removed first (0: unlimited)", min=0),
         # The writing thread, on a box where training keeps every core busy (docs/benchmarks.md):
         # "background": nice 19: all the CPU training leaves idle, and ~1.5 % of a busy core, so a
         # checkpoint always lands (805 MB: ~13 s on 2 busy cores) and training loses 2-8 % meanwhile.
         # "low": nice 10 like every plugin: checkpoints land sooner, training loses more meanwhile.
         # "idle": SCHED_IDLE, only CPU that training leaves idle: where training never leaves any,
         # a checkpoint waits (minutes) and the snapshots due meanwhile are skipped.
-        "priority": "background",
+        "priority": Setting("background", "the writing thread: background (nice 19), low (nice 10) or idle "
+                            "(SCHED_IDLE: only CPU training leaves idle)", choices=PRIORITIES),
     }
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        if settings["save_top_k"] == 0 and not settings["save_last"]:
+            raise SettingsError("save_top_k = 0 with save_last = false would keep nothing; keep one of them")
+        _check_filename(settings["filename"])
 
     def setup(self) -> None:
         s = self.settings
-        if s["mode"] not in MODES:
-            raise SettingsError(f"checkpoint mode must be 'min' (lower is better) or 'max', got {s['mode']!r}")
-        if s["save_top_k"] < -1:
-            raise SettingsError(f"checkpoint save_top_k must be -1 (keep all), 0 or a count, got {s['save_top_k']}")
-        if s["save_top_k"] == 0 and not s["save_last"]:
-            raise SettingsError("checkpoint save_top_k=0 with save_last=false would keep nothing")
-        if s["max_total"] < 0:
-            raise SettingsError(f"checkpoint max_total must be 0 (unlimited) or a count, got {s['max_total']}")
-        _check_filename(s["filename"])
-        if s["priority"] not in PRIORITIES:
-            raise SettingsError(f"checkpoint priority must be 'background' (nice 19, the default), 'low' (nice 10) or "
-                                f"'idle' (only idle CPU), got {s['priority']!r}")
-        directory = Path(s["dirpath"]).expanduser() if s["dirpath"] else Path(CHECKPOINT_DIR)
-        self.directory = Path(self.run_dir) / directory  # an absolute dirpath stays as it is
+        self.directory = Path(self.run_dir) / (s["dirpath"] or CHECKPOINT_DIR)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.directory)
@@ -177,7 +176,7 @@ class CheckpointPlugin(Plugin):
         try:
             name = render_filename(self.settings["filename"], fields)
         except (ValueError, TypeError) as exc:  # a metric of an unexpected type: fall back, never lose the save
-            name = render_filename(CheckpointPlugin.settings["filename"], fields)
+            name = render_filename(CheckpointPlugin.settings["filename"].default, fields)
             self.log(f"checkpoint filename {self.settings['filename']!r}: {exc}; saved as {name}", level="warning")
         return name
 
@@ -340,18 +339,19 @@ def unique_name(name: str, step: int, taken: set[str]) -> str:
 
 
 def _check_filename(template: str) -> None:
-    where = f"checkpoint filename {template!r}"
+    """A template that makes a plain file name in the checkpoint directory: no path of its own, so it stays there."""
+    where = f"filename = {template!r} is not allowed"
     if not template or "/" in template or os.sep in template or template.startswith("."):
-        raise SettingsError(f"{where}: must be a plain file name (no '/', not starting with '.')")
+        raise SettingsError(f"{where}; it must be a plain file name (no '/', not starting with '.')")
     try:
         names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
         if any(not n.isidentifier() for n in names):
             raise ValueError("fields must be names: epoch, step or a metric such as validation_loss")
         name = render_filename(template, {**{n: 0.0 for n in names}, "epoch": 0, "step": 0})  # every format checked
     except (ValueError, TypeError, KeyError, IndexError) as exc:
-        raise SettingsError(f"{where}: {exc}") from None
+        raise SettingsError(f"{where} ({exc}); fields are epoch, step or a metric, e.g. {{validation_loss:.4f}}") from None
     if name == LAST:
-        raise SettingsError(f"{where}: {LAST} is the link to the newest checkpoint")
+        raise SettingsError(f"{where}; {LAST} is the link to the newest checkpoint, pick another name")
 
 
 def _describe(exc: OSError) -> str:

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.text import Text
 
 from trainbus.proto import BEST_EFFORT, Event, events as ev
-from trainbus.sdk import Plugin, SettingsError
+from trainbus.sdk import Plugin, Setting
 
 MAX_LINE_CHARS = 160  # a warning is one terminal line; the full text is in the run's logs
 WARNING_LEVELS = ("warning", "error")
@@ -22,7 +22,10 @@ class ConsolePlugin(Plugin):
     """Progress bars in the kernel's terminal: epoch and batch, loss, metrics, ETA."""
 
     delivery = BEST_EFFORT  # a missed frame only delays a redraw
-    settings = {"refresh_per_second": 4.0, "show_batches": True}
+    settings = {
+        "refresh_per_second": Setting(4.0, "how often the bars are redrawn on a terminal", min=0.1),
+        "show_batches": Setting(True, "draw a batch bar under the epoch bar (on a terminal)"),
+    }
 
     def subscriptions(self) -> list[str]:
         # Without a batch bar to advance (not a terminal, or show_batches off) there is nothing to do
@@ -33,8 +36,6 @@ class ConsolePlugin(Plugin):
         return [e for e in events if e != ev.END_TRAINING_BATCH]
 
     def setup(self) -> None:
-        if self.settings["refresh_per_second"] <= 0:
-            raise SettingsError(f"refresh_per_second must be > 0, got {self.settings['refresh_per_second']}")
         # rich detects the terminal: on a pipe or a file it writes plain text with no escape codes,
         # and we draw no bars at all, just one line per epoch.
         self.console = Console()

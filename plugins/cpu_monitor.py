@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import psutil
 
-from ._sampling import SamplingPlugin, training_process
+from trainbus.sdk import Setting
+
+from ._sampling import INTERVAL_S, PID, SamplingPlugin, training_process
 
 
 class CpuMonitorPlugin(SamplingPlugin):
@@ -16,7 +18,11 @@ class CpuMonitorPlugin(SamplingPlugin):
     """
 
     name = "cpu"
-    settings = {"interval_s": 5.0, "per_core": True, "pid": 0}
+    settings = {
+        "interval_s": INTERVAL_S,
+        "per_core": Setting(True, "also publish each core's percent (cpu/core<N>_percent)"),
+        "pid": PID,
+    }
 
     def prepare(self) -> str | None:
         self.process = training_process(self.settings["pid"])

@@ -6,7 +6,9 @@ import time
 
 import psutil
 
-from ._sampling import SamplingPlugin
+from trainbus.sdk import Setting
+
+from ._sampling import INTERVAL_S, SamplingPlugin
 
 GIB = 1024 ** 3
 REARM_FACTOR = 1.1  # after a low-space alarm, free space must climb 10 % above the threshold to re-arm it
@@ -22,7 +24,11 @@ class DiskMonitorPlugin(SamplingPlugin):
     """
 
     name = "disk"
-    settings = {"interval_s": 5.0, "min_free_gib": 1.0, "path": ""}
+    settings = {
+        "interval_s": INTERVAL_S,
+        "min_free_gib": Setting(1.0, "below this much free space, ask for a checkpoint once and warn", min=0),
+        "path": Setting("", "a path on the filesystem watched, only read ('': the run directory)"),
+    }
 
     def prepare(self) -> str | None:
         self.path = self.settings["path"] or self.run_dir

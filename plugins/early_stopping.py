@@ -10,11 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from trainbus.proto import DURABLE, Event
-from trainbus.sdk import Plugin, SettingsError
+from trainbus.sdk import METRIC, Plugin, Setting, SettingsError
+from trainbus.sdk.runner import NotRetryable
 
 MODES = ("min", "max")
 # "validation_accuracy" is looked up as end_epoch's validation_metrics["accuracy"] when it is not a key itself.
 METRIC_GROUPS = ("validation", "training")
+
+
+class MonitorMissing(SettingsError, NotRetryable):
+    """The monitored value is not in end_epoch: reported once, as an error (`trainbus run` refuses such a monitor
+    before it starts when the run's metrics can be known then; this is for the runs where they cannot)."""
 
 
 @dataclass
@@ -38,22 +44,22 @@ class EarlyStoppingPlugin(Plugin):
     # <run_dir>/plugins/<name>.state.json, because a replay starts at the last ack, not at seq 1.
     delivery = DURABLE
     votes = ("end_epoch",)  # the kernel waits for the verdict, so a stop lands at this epoch's end
-    settings = {"monitor": "validation_loss", "mode": "min", "patience": 3, "min_delta": 0.0}
+    settings = {
+        "monitor": Setting("validation_loss", "the end_epoch value watched: validation_loss, validation_<metric>, "
+                                              "training_loss, training_<metric>", kind=METRIC),
+        "mode": Setting("min", "min: lower is better; max: higher is better", choices=MODES),
+        "patience": Setting(3, "epochs without improvement before training stops", min=1),
+        "min_delta": Setting(0.0, "how much an epoch must beat the best by to count as an improvement", min=0),
+    }
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        if not settings["monitor"]:
+            raise SettingsError("monitor = '' is not allowed; it must name a value of end_epoch, e.g. 'validation_loss'")
 
     def setup(self) -> None:
-        s = self.settings
-        if s["mode"] not in MODES:
-            raise SettingsError(f"early_stopping mode must be 'min' (lower is better) or 'max', got {s['mode']!r}")
-        if s["patience"] < 1:
-            raise SettingsError(f"early_stopping patience must be at least 1 epoch, got {s['patience']}")
-        if s["min_delta"] < 0:
-            raise SettingsError(f"early_stopping min_delta is a margin and must be >= 0 (mode gives the direction), "
-                                f"got {s['min_delta']}")
-        if not s["monitor"]:
-            raise SettingsError("early_stopping monitor must name a value of end_epoch, e.g. 'validation_loss'")
         self.state_path = Path(self.run_dir) / "plugins" / f"{self.name}.state.json"
         self.tracking = _load(self.state_path)
-        self.warned_missing = False
 
     def on_end_epoch(self, event: Event) -> None:
         t, monitor, patience = self.tracking, self.settings["monitor"], self.settings["patience"]
@@ -61,8 +67,9 @@ class EarlyStoppingPlugin(Plugin):
             return
         value = resolve(event.data, monitor)
         if value is None:
-            self._warn_missing(event.data)
-        elif self._improves(value):
+            raise MonitorMissing(f"early_stopping monitor {monitor!r} is not in this run's end_epoch; set monitor to "
+                                 f"one of: {', '.join(available(event.data)) or 'nothing'}")
+        if self._improves(value):
             t.best, t.best_epoch, t.bad_epochs = value, event.epoch, 0
         else:
             t.bad_epochs += 1
@@ -81,13 +88,6 @@ class EarlyStoppingPlugin(Plugin):
         if best is None:
             return True
         return value < best - min_delta if self.settings["mode"] == "min" else value > best + min_delta
-
-    def _warn_missing(self, data: dict[str, Any]) -> None:
-        if self.warned_missing:
-            return
-        self.warned_missing = True
-        self.log(f"{self.settings['monitor']!r} is not in end_epoch, so these epochs are not counted; "
-                 f"available: {', '.join(available(data)) or 'nothing'}", level="warning")
 
 
 def resolve(data: dict[str, Any], monitor: str) -> float | None:

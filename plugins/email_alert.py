@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from trainbus.proto import DURABLE, Event, events as ev
-from trainbus.sdk import Plugin, SettingsError
+from trainbus.sdk import Plugin, Setting, SettingsError
 
 from ._history import History
-from ._outbox import Outbox, SmtpConfig, SmtpConfigError, deliver_until_empty
+from ._outbox import SECURITY_MODES, Outbox, SmtpConfig, SmtpConfigError, deliver_until_empty
 from ._plots import PlotSize, loss_figure, png_bytes
 
 TEARDOWN_FLUSH_S = 2.0  # at the end, unsent mail gets this long in the plugin before a background sender takes it
@@ -54,12 +54,25 @@ class EmailAlertPlugin(Plugin):
     name = "email"
     delivery = DURABLE  # a mail is written before its event is acked: a crash loses none
     settings = {
-        "host": "localhost", "port": 0, "security": "starttls", "username": "",
-        "password_env": "TRAINBUS_SMTP_PASSWORD", "password_file": "",
-        "sender": "", "recipients": [], "subject_prefix": "[trainbus]",
-        "on_end": True, "on_failure": True, "on_plugin_failed": True, "attach_loss_plot": True,
-        "max_messages": 10, "min_interval_s": 5.0,
-        "retry_initial_s": 2.0, "retry_max_s": 300.0, "retry_window_s": 6 * 3600.0, "timeout_s": 10.0,
+        "host": Setting("localhost", "the SMTP server"),
+        "port": Setting(0, "its port (0: 587 for starttls, 465 for ssl, 25 for none)", min=0, max=65535),
+        "security": Setting("starttls", "how the connection is encrypted", choices=SECURITY_MODES),
+        "username": Setting("", "SMTP login ('': none)"),
+        "password_env": Setting("TRAINBUS_SMTP_PASSWORD", "the environment variable holding the password"),
+        "password_file": Setting("", "or a file holding it, mode 0600"),
+        "sender": Setting("", "the From address ('': trainbus@<hostname>)"),
+        "recipients": Setting([], "the addresses mail goes to", rule="one or more e-mail addresses"),
+        "subject_prefix": Setting("[trainbus]", "put before every subject"),
+        "on_end": Setting(True, "mail when training ends, with the loss plot"),
+        "on_failure": Setting(True, "mail when the run fails"),
+        "on_plugin_failed": Setting(True, "mail when a plugin is given up"),
+        "attach_loss_plot": Setting(True, "attach loss.png to the end-of-training mail"),
+        "max_messages": Setting(10, "at most this many per run (the end or failure mail always goes)", min=0),
+        "min_interval_s": Setting(5.0, "at least this long between two messages", min=0),
+        "retry_initial_s": Setting(2.0, "first wait before retrying a message the server did not take", min=0.001),
+        "retry_max_s": Setting(300.0, "the retry wait doubles up to this", min=0.001),
+        "retry_window_s": Setting(6 * 3600.0, "a message not sent this long after it was written is given up", min=0),
+        "timeout_s": Setting(10.0, "SMTP connection timeout", min=0.001),
     }
 
     def __init__(self, settings: dict[str, Any] | None = None, run_id: str = "", run_dir: str = "."):
@@ -68,16 +81,19 @@ class EmailAlertPlugin(Plugin):
                                 "environment variable) or password_file (a file only you can read, mode 0600)")
         super().__init__(settings, run_id=run_id, run_dir=run_dir)
 
-    def setup(self) -> None:
-        s = self.settings
-        recipients = s["recipients"]
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        recipients = settings["recipients"]
         if not recipients or not all(isinstance(r, str) and "@" in r for r in recipients):
-            raise SettingsError(f"email recipients must be a list of addresses, got {recipients!r}")
-        self.smtp = smtp_config(s)
+            raise SettingsError(f"recipients = {recipients!r} is not allowed; it must be a list of one or more "
+                                f"addresses, e.g. [\"you@example.com\"]")
         try:
-            self.smtp.check()
+            smtp_config(settings).check()
         except SmtpConfigError as exc:
             raise SettingsError(str(exc)) from None
+
+    def setup(self) -> None:
+        self.smtp = smtp_config(self.settings)
         self.mail = Outbox(Path(self.run_dir) / "plugins" / f"{self.name}.outbox")
         self.mail.save_config(self.smtp)
         self.history = History(every_n_steps=PLOT_STEP_EVERY)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ._sampling import SamplingPlugin
+from ._sampling import INTERVAL_S, SamplingPlugin
 
 try:  # nvidia-ml-py; a machine without the package still runs the monitor, idle
     import pynvml
@@ -25,7 +25,7 @@ class GpuMonitorPlugin(SamplingPlugin):
     """
 
     name = "gpu"
-    settings = {"interval_s": 5.0}
+    settings = {"interval_s": INTERVAL_S}
 
     def prepare(self) -> str | None:
         self.initialised = False

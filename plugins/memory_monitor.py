@@ -6,7 +6,9 @@ import time
 
 import psutil
 
-from ._sampling import SamplingPlugin, training_process
+from trainbus.sdk import Setting
+
+from ._sampling import INTERVAL_S, PID, SamplingPlugin, training_process
 
 GIB = 1024 ** 3
 # USS (memory unique to the process) is read from /proc/<pid>/smaps, which costs time in proportion to the
@@ -25,7 +27,12 @@ class MemoryMonitorPlugin(SamplingPlugin):
     """
 
     name = "memory"
-    settings = {"interval_s": 5.0, "warn_percent": 90.0, "uss": True, "pid": 0}
+    settings = {
+        "interval_s": INTERVAL_S,
+        "warn_percent": Setting(90.0, "warn once when system memory use reaches this percent", min=0, max=100),
+        "uss": Setting(True, "also read the process's USS (memory unique to it), while that read is cheap"),
+        "pid": PID,
+    }
 
     def prepare(self) -> str | None:
         self.process = training_process(self.settings["pid"])

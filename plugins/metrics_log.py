@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from trainbus.proto import DURABLE, Event
-from trainbus.sdk import Plugin, SettingsError
+from trainbus.sdk import PATH, Plugin, Setting
 
 # On restart we look for the last written seq in this much of the file's end: records are a few
 # hundred bytes, so it holds thousands of them.
@@ -31,12 +31,13 @@ class MetricsLogPlugin(Plugin):
     """
 
     delivery = DURABLE  # a log with holes is worse than a late one
-    settings = {"filename": "metrics.jsonl", "every_n_steps": 50}  # every_n_steps 0: no step records
+    settings = {
+        "filename": Setting("metrics.jsonl", "the JSON Lines file, in the run directory", kind=PATH),
+        "every_n_steps": Setting(50, "a step record every this many steps (0: none)", min=0),
+    }
     _fd: int | None = None
 
     def setup(self) -> None:
-        if self.settings["every_n_steps"] < 0:
-            raise SettingsError(f"every_n_steps must be >= 0, got {self.settings['every_n_steps']}")
         self.path = Path(self.run_dir) / self.settings["filename"]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A restarted durable plugin is replayed from its last ack, which may trail what it wrote.

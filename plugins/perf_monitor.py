@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from trainbus.proto import Event
 
-from ._sampling import SamplingPlugin
+from ._sampling import INTERVAL_S, SamplingPlugin
 
 MS_PER_S = 1000.0
 
@@ -35,7 +35,7 @@ class PerfMonitorPlugin(SamplingPlugin):
     """
 
     name = "perf"
-    settings = {"interval_s": 5.0}
+    settings = {"interval_s": INTERVAL_S}
 
     def prepare(self) -> str | None:
         self._lock = threading.Lock()  # handlers add steps, the sampler thread takes them

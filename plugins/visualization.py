@@ -1,6 +1,6 @@
 """TensorBoard event files and PNG plots of a run, live; `python -m trainbus.plugins.visualization --plot RUN_DIR` redraws the plots from a journal.
 
-Live, the plugin writes `<run_dir>/tensorboard/` with torch's SummaryWriter and redraws
+Live, the plugin writes `<run_dir>/tensorboard/` with TensorBoard's own event file writer and redraws
 `<run_dir>/plots/*.png` every N epochs and at the end. Afterwards, `--plot` rebuilds the same
 History from `<run_dir>/events` alone and draws the same plots (what `trainbus runs plot` runs).
 """
@@ -14,8 +14,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# TensorBoard's writer, not torch's SummaryWriter: importing torch holds the GIL for seconds (tens on a busy
+# machine), and a plugin that imports it after its hello stops heartbeating meanwhile and is taken for hung.
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event as TensorBoardEvent
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.text.summary_v2 import text_pb
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
 from trainbus.proto import DURABLE, Event, events as ev
-from trainbus.sdk import Plugin, SettingsError
+from trainbus.sdk import Plugin, Setting
+from trainbus.sdk.plugin import merge_settings
 
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto.journal_format import read_journal
@@ -25,7 +34,7 @@ from ._plots import PlotSize, render_all
 
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
-FLUSH_INTERVAL_S = 5  # SummaryWriter's flush_secs: how stale a live TensorBoard may be
+FLUSH_INTERVAL_S = 5  # the writer's flush_secs: how stale a live TensorBoard may be
 
 
 class VisualizationPlugin(Plugin):
@@ -38,18 +47,24 @@ class VisualizationPlugin(Plugin):
     """
 
     delivery = DURABLE  # a plot with a missing epoch is wrong, not late
-    settings = {"tensorboard": True, "plots": True, "plot_every_n_epochs": 1, "every_n_steps": 10,
-                "plot_width_px": 960, "plot_height_px": 600, "plot_dpi": 100}
+    settings = {
+        "tensorboard": Setting(True, f"write TensorBoard event files to <run_dir>/{TENSORBOARD_DIR}/"),
+        "plots": Setting(True, f"draw PNG plots in <run_dir>/{PLOTS_DIR}/"),
+        "plot_every_n_epochs": Setting(1, "redraw the plots every this many epochs, and at the end (0: at the end only)",
+                                       min=0),
+        "every_n_steps": Setting(10, "a per-step loss point every this many steps (0: none)", min=0),
+        "plot_width_px": Setting(960, "plot width in pixels", min=1),
+        "plot_height_px": Setting(600, "plot height in pixels", min=1),
+        "plot_dpi": Setting(100, "plot resolution, dots per inch", min=1),
+    }
 
     def setup(self) -> None:
         s = self.settings
-        for key in ("plot_every_n_epochs", "every_n_steps", "plot_width_px", "plot_height_px", "plot_dpi"):
-            if s[key] < (0 if key in ("plot_every_n_epochs", "every_n_steps") else 1):
-                raise SettingsError(f"visualization {key} must be positive, got {s[key]}")
         self.size = plot_size(s)
         self.history = History(every_n_steps=s["every_n_steps"])
         self.writer = None
         self.started = False
+        self.already_written = 0  # summaries of earlier instances, on disk: the first this many writes are skipped
 
     def teardown(self) -> None:
         if self.writer is not None:
@@ -77,19 +92,22 @@ class VisualizationPlugin(Plugin):
         """At the first event: open the writer, and after a restart redo what the previous instance saw.
 
         A restarted plugin is replayed from its last ack, so the events before it come from the journal
-        (when it is readable here): they go into the History again, and into a TensorBoard file that starts
-        by purging everything the old writer wrote (purge_step 0), so nothing is lost and nothing doubled.
+        (when it is readable here): they go into the History again, and their summaries into a new
+        TensorBoard file, all but those the earlier instances' files already hold. Every instance writes the
+        same summaries in the same order (the run's events from seq 1), and a kill -9 leaves a file holding a
+        prefix of them, so the files hold the first `already_written` of them: those are skipped. Nothing is
+        written twice and nothing is purged: TensorBoard purges what it read when a file starts a new
+        session (SessionLog.START, the writer's purge_step), and the live TensorBoard would show a run that
+        empties and fills again.
         """
         self.started = True
         journal = Path(self.run_dir) / JOURNAL_NAME
         rebuild = event.seq > 1 and journal.is_file()
         if self.settings["tensorboard"]:
-            # Imported here: torch costs seconds to import, and `trainbus plugins list` imports this module
-            # only to describe it.
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(Path(self.run_dir) / TENSORBOARD_DIR), flush_secs=FLUSH_INTERVAL_S,
-                                        purge_step=0 if rebuild else None)
+            log_dir = Path(self.run_dir) / TENSORBOARD_DIR
+            if event.seq == 1 or rebuild:  # the run's summaries from the first on, as the earlier instances wrote them
+                self.already_written = summaries_in(log_dir)
+            self.writer = EventFileWriter(str(log_dir), flush_secs=FLUSH_INTERVAL_S)
         if rebuild:
             for past in itertools.takewhile(lambda e: e.seq < event.seq, read_journal(journal)):
                 self.history.update(past)
@@ -97,7 +115,7 @@ class VisualizationPlugin(Plugin):
                     self._write_scalars(past)
 
     def _write_scalars(self, event: Event) -> None:
-        data, step, add = event.data, event.step, self.writer.add_scalar
+        data, step, add = event.data, event.step, self._add_scalar
         if event.type == ev.END_TRAINING_BATCH:
             every = self.settings["every_n_steps"]
             if every and step % every == 0 and _is_number(data.get("loss")):
@@ -116,11 +134,30 @@ class VisualizationPlugin(Plugin):
                 walltime=event.ts)
         elif event.type == ev.START_TRAINING_SESSION and data.get("hyperparameters"):
             rows = "\n".join(f"| {k} | {json.dumps(v)} |" for k, v in sorted(data["hyperparameters"].items()))
-            self.writer.add_text("hyperparameters", "| name | value |\n|---|---|\n" + rows, step)
+            self._write(text_pb("hyperparameters", "| name | value |\n|---|---|\n" + rows), step, event.ts)
+
+    def _add_scalar(self, tag: str, value: float, step: int, walltime: float) -> None:
+        self._write(Summary(value=[Summary.Value(tag=tag, simple_value=float(value))]), step, walltime)
+
+    def _write(self, summary: Summary, step: int, walltime: float) -> None:
+        """One summary into the event file, unless an earlier instance's files already hold it (see _start)."""
+        if self.already_written:
+            self.already_written -= 1
+            return
+        self.writer.add_event(TensorBoardEvent(wall_time=walltime, step=step, summary=summary))
 
     def _plot(self) -> None:
         if self.settings["plots"]:
-            render_all(self.history, Path(self.run_dir) / PLOTS_DIR, self.size)
+            # A figure costs up to a second of CPU, many on a busy machine: each one counts as progress, so a
+            # plugin drawing several is never taken for hung (handler_timeout_s).
+            render_all(self.history, Path(self.run_dir) / PLOTS_DIR, self.size, progress=self.still_working)
+
+
+def summaries_in(log_dir: Path) -> int:
+    """How many summaries (scalars, texts) the TensorBoard event files in log_dir hold; a torn last record
+    (a writer killed mid-write) is not counted, as TensorBoard does not read it."""
+    files = sorted(log_dir.glob("events.out.tfevents.*")) if log_dir.is_dir() else []
+    return sum(1 for path in files for record in LegacyEventFileLoader(str(path)).Load() if record.HasField("summary"))
 
 
 def plot_size(settings: dict[str, Any]) -> PlotSize:
@@ -130,7 +167,7 @@ def plot_size(settings: dict[str, Any]) -> PlotSize:
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Draw a finished (or running) run's plots from its journal alone, with the run's own plot settings."""
     run_dir = Path(run_dir)
-    settings = {**VisualizationPlugin.settings, **_configured_settings(run_dir)}
+    settings = merge_settings(VisualizationPlugin, _configured_settings(run_dir))
     history = History.from_journal(run_dir, every_n_steps=settings["every_n_steps"])
     return render_all(history, Path(out_dir) if out_dir else run_dir / PLOTS_DIR, plot_size(settings))
 

@@ -7,6 +7,7 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 JOURNAL_NAME = "events"  # the run journal's file name inside a run directory (PROTOCOL.md, the journal)
+SUMMARY_NAME = "summary.json"  # written by the kernel when a run has ended: its presence means "over"
 
 # Delivery classes a plugin declares in its hello.
 BEST_EFFORT = "best_effort"  # live PUB/SUB only; gaps are counted, not repaired
@@ -59,13 +60,16 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
     "ack": {"seq": int},  # everything up to and including seq has been processed
     "replay": {"from_seq": int},  # send me the journal from this seq on
     "bye": {"reason": str},  # leaving on purpose: do not restart me
-    "stop": {"reason": str},
+    # `id`: a command id of the sender's choosing; the kernel acts once per (sender, id), so a resent command
+    # (a client retrying after a reconnect) is ignored. "" (the default): no deduplication.
+    "stop": {"reason": str, "id": Default(str, "")},
     "metric": {"name": str, "value": float, "step": (int, type(None))},
     "log": {"level": str, "text": str},
-    "checkpoint_now": {"reason": str},
+    "checkpoint_now": {"reason": str, "id": Default(str, "")},
     # a persister's verdict on one save_checkpoint (by its seq); the kernel republishes it as an event
     "checkpoint_saved": {"seq": int, "path": str, "step": int, "epoch": int, "sha256": str, "size": int},
     "checkpoint_failed": {"seq": int, "reason": str},
+    "snapshot": {},  # send me the run's state as of now (a run_state answer): how `trainbus attach` starts
     # kernel -> plugin
     "welcome": {
         "run": str,
@@ -75,6 +79,10 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
     "replay_batch": {
         "events": list,  # encoded-ready envelopes (maps), in seq order
         "done": bool,  # True when the batch reaches the journal's end
+    },
+    "run_state": {
+        "seq": int,  # the state includes every event up to and including this seq, and none after it
+        "state": dict,  # proto/run_state.py RunState.to_map(): run, progress, series, plugins, ended, ...
     },
     # the kernel will not act on this peer's messages: a hello it turned down, or a message before any hello
     "refused": {
@@ -87,7 +95,7 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
 
 PLUGIN_TO_KERNEL = frozenset(
     {"hello", "heartbeat", "ack", "replay", "bye", "stop", "metric", "log", "checkpoint_now",
-     "checkpoint_saved", "checkpoint_failed"}
+     "checkpoint_saved", "checkpoint_failed", "snapshot"}
 )
 REPLY_TYPES = frozenset({"stop", "metric", "log", "checkpoint_now"})
-KERNEL_TO_PLUGIN = frozenset({"welcome", "replay_batch", "refused"})
+KERNEL_TO_PLUGIN = frozenset({"welcome", "replay_batch", "run_state", "refused"})

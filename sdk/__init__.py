@@ -3,7 +3,8 @@
 from trainbus.proto import BEST_EFFORT, DURABLE, Event
 
 from .harness import Harness
-from .plugin import Plugin, SettingsError
+from .plugin import Plugin
 from .runner import run
+from .settings import METRIC, PATH, Setting, SettingsError
 
-__all__ = ["BEST_EFFORT", "DURABLE", "Event", "Harness", "Plugin", "SettingsError", "run"]
+__all__ = ["BEST_EFFORT", "DURABLE", "Event", "Harness", "METRIC", "PATH", "Plugin", "Setting", "SettingsError", "run"]

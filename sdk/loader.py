@@ -6,6 +6,7 @@ import importlib
 from typing import Any
 
 from .plugin import Plugin
+from .settings import describe_settings
 
 
 class PluginLoadError(Exception):
@@ -32,6 +33,6 @@ def describe(target: str) -> dict[str, Any]:
         "target": target,
         "description": cls.description(),
         "delivery": cls.delivery,
-        "settings": dict(cls.settings),
+        "settings": describe_settings(cls.settings),  # name -> type, default, constraint, help, kind
         "events": cls.handled_events(),
     }

@@ -9,12 +9,10 @@ from typing import Any, Callable
 
 from trainbus.proto import BEST_EFFORT, DELIVERY_CLASSES, Event, control, events as ev
 
+from .settings import Setting, SettingsError, check_value, declared
+
 # Every event a plugin can handle, as `on_<name>`.
 HANDLED_EVENTS: tuple[str, ...] = ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS
-
-
-class SettingsError(ValueError):
-    """A plugin setting that does not exist or has the wrong type."""
 
 
 class Plugin:
@@ -38,7 +36,9 @@ class Plugin:
 
     name: str = ""  # defaults to the class name in snake_case
     delivery: str = BEST_EFFORT  # or DURABLE: every event exactly in order, across restarts
-    settings: dict[str, Any] = {}  # defaults; the run's config overrides them per key
+    # name -> Setting(default, help, min=, max=, choices=, kind=), or a plain default (its type inferred);
+    # the run's config overrides them per key, each value checked against its declaration
+    settings: dict[str, Setting | Any] = {}
     handler_timeout_s: float = 60.0  # a handler running longer than this counts as a hang
     # Event types at which the kernel waits (at most its vote_timeout_s) for this plugin to handle the
     # event before going on, so a stop decided there lands at that boundary: ("end_epoch",) for early stopping.
@@ -54,7 +54,10 @@ class Plugin:
         self.name = cls.name or _snake(cls.__name__)
         if self.delivery not in DELIVERY_CLASSES:
             raise SettingsError(f"{cls.__name__}.delivery must be one of {DELIVERY_CLASSES}")
-        self.settings = merge_settings(cls, settings or {})
+        try:
+            self.settings = merge_settings(cls, settings or {})
+        except SettingsError as exc:
+            raise SettingsError(f"plugin {self.name}: {exc}") from None
         self.run_id = run_id
         self.run_dir = run_dir
         self.outbox: list[dict[str, Any]] = []  # replies waiting to be sent (or inspected in tests)
@@ -76,6 +79,11 @@ class Plugin:
 
     def on_event(self, event: Event) -> None:
         """Called for events that have no handler of their own, when a plugin overrides it."""
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        """Raise SettingsError for values that are allowed one by one but not together (or not by a rule a
+        Setting can say). Runs in the constructor and in `--describe`, so before the run starts."""
 
     # replies: from a handler they go out when it returns; from a thread of the plugin's own, at once
 
@@ -155,27 +163,19 @@ for _name in HANDLED_EVENTS:  # do-nothing handlers, one per event: on_start_epo
 
 
 def merge_settings(cls: type, given: dict[str, Any]) -> dict[str, Any]:
-    defaults = dict(cls.settings)
+    """The class's defaults with `given` on top, every value checked and converted (sdk/settings.py), then
+    check_settings; SettingsError in one line, naming the setting, the value and what is allowed."""
+    specs = declared(cls.settings)
+    merged = {key: spec.default for key, spec in specs.items()}
     for key, value in given.items():
-        if key not in defaults and getattr(cls, "open_settings", False):
-            defaults[key] = value
-            continue
-        if key not in defaults:
-            known = ", ".join(sorted(defaults)) or "none"
-            raise SettingsError(f"plugin {cls.name or _snake(cls.__name__)} has no setting {key!r} (known: {known})")
-        default = defaults[key]
-        if default is not None and not _same_kind(default, value):
-            raise SettingsError(f"setting {key!r} must be {type(default).__name__}, got {type(value).__name__} {value!r}")
-        defaults[key] = value
-    return defaults
-
-
-def _same_kind(default: Any, value: Any) -> bool:
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    return isinstance(value, type(default))
+        if key in specs:
+            merged[key] = check_value(key, specs[key], value)
+        elif getattr(cls, "open_settings", False):
+            merged[key] = value
+        else:
+            raise SettingsError(f"no setting {key!r} (known: {', '.join(sorted(specs)) or 'none'})")
+    cls.check_settings(merged)
+    return merged
 
 
 def _overrides(cls: type, attr: str) -> bool:

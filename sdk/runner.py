@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -34,6 +35,9 @@ from trainbus.proto import (
     events as ev,
     unpack,
 )
+from trainbus.proto.messages import SUMMARY_NAME
+from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir, load_public, load_secret,
+                                   read_connection_file, secure_client)
 
 from .plugin import Plugin
 
@@ -63,7 +67,9 @@ class _IO(threading.Thread):
     """Owns the SUB and DEALER sockets; the only thread that touches them."""
 
     def __init__(self, events_endpoint: str, control_endpoint: str, topics: list[str],
-                 hello: dict[str, Any], handler_timeout_s: float, kernel_pid: int | None):
+                 hello: dict[str, Any], handler_timeout_s: float, kernel_pid: int | None,
+                 secure: Callable[[zmq.Socket], None] | None = None):
+        """`secure`, when given, is applied to both sockets before they connect (a remote kernel's CURVE keys)."""
         super().__init__(name="trainbus-plugin-io", daemon=True)
         self.inbox: collections.deque = collections.deque()  # ("event", Event) | ("control", msg)
         self.outbox: collections.deque = collections.deque()  # control messages to send
@@ -74,8 +80,10 @@ class _IO(threading.Thread):
         self.busy_since: float | None = None  # set by the main thread around each handler
         self.gone: str | None = None  # why the kernel is considered gone
         self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
+        self.not_acted: collections.deque[str] = collections.deque(maxlen=16)  # single messages refused (attach shows)
         self.closing = threading.Event()
         self.dropped = 0
+        self.said_hello = False
         self.malformed = 0
         self.heartbeat_interval_s = 1.0
         self.ctx = zmq.Context()
@@ -87,6 +95,8 @@ class _IO(threading.Thread):
         # event received (which releases our hello) finds every topic in place (PROTOCOL.md, startup).
         for topic in topics:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        if secure is not None:
+            secure(self.sub)
         self.sub.connect(events_endpoint)
         self.dealer = self.ctx.socket(zmq.DEALER)
         # Our own routing id: when libzmq reconnects (the kernel dropped an oversized message's connection)
@@ -94,6 +104,8 @@ class _IO(threading.Thread):
         self.dealer.setsockopt(zmq.ROUTING_ID, f"{hello['name']}-{hello['pid']}-{os.urandom(4).hex()}".encode()[:255])
         self.dealer.setsockopt(zmq.LINGER, 1000)  # let the last acks out
         self.dealer.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        if secure is not None:
+            secure(self.dealer)
         self.dealer.connect(control_endpoint)
 
     def put(self, item: tuple) -> None:
@@ -113,6 +125,8 @@ class _IO(threading.Thread):
             with self.wake:
                 self.wake.notify()
             self.sub.close()
+            if self.said_hello and self.gone is None:  # leaving on purpose: a peer attached by hand is then gone
+                self.outbox.append(control("bye", reason="done"))
             self._flush_outbox()
             self.dealer.close()
             self.ctx.term()
@@ -123,7 +137,6 @@ class _IO(threading.Thread):
         poller.register(self.dealer, zmq.POLLIN)
         started = time.monotonic()
         last_kernel = None  # monotonic time of the last message from the kernel
-        said_hello = False
         next_heartbeat = 0.0
         while not self.closing.is_set():
             ready = dict(poller.poll(50))
@@ -131,14 +144,14 @@ class _IO(threading.Thread):
             if self.sub in ready:
                 last_kernel = now
                 self._read_events()
-                if not said_hello:  # the first event proves our subscription is live: no slow joiner
+                if not self.said_hello:  # the first event proves our subscription is live: no slow joiner
                     self.dealer.send(encode_control(self.hello))
-                    said_hello = True
+                    self.said_hello = True
             if self.dealer in ready:
                 last_kernel = now
                 self._read_control()
             self._flush_outbox()
-            if said_hello and now >= next_heartbeat and not self._handler_stuck(now):
+            if self.said_hello and now >= next_heartbeat and not self._handler_stuck(now):
                 self.dealer.send(encode_control(control("heartbeat")), zmq.NOBLOCK)
                 next_heartbeat = now + self.heartbeat_interval_s
             reason = self._kernel_gone(now, started, last_kernel)
@@ -185,6 +198,7 @@ class _IO(threading.Thread):
                 continue
             if msg["type"] == "refused" and not msg["welcome_lost"]:  # one message outside our grant
                 _say(f"[{self.hello['name']}] the kernel did not act on a message: {msg['reason']}")
+                self.not_acted.append(msg["reason"])
                 continue
             if msg["type"] == "refused":  # the kernel will not act on anything we send: nothing to do here
                 self.refused = msg["reason"]
@@ -226,7 +240,7 @@ class Runner:
     """Drives one plugin instance: ordering, gap detection, replay, retries, dead letters, acks."""
 
     def __init__(self, plugin: Plugin, events_endpoint: str, control_endpoint: str, kernel_pid: int | None = None,
-                 secret: str = ""):
+                 secret: str = "", secure: Callable[[zmq.Socket], None] | None = None):
         self.plugin = plugin
         self.durable = plugin.delivery == DURABLE
         # A durable plugin needs every seq to see gaps; a best-effort one only what it handles.
@@ -237,7 +251,7 @@ class Runner:
         hello = control("hello", name=plugin.name, pid=os.getpid(), subscriptions=topics,
                         replies=["stop", "metric", "log", "checkpoint_now"], delivery=plugin.delivery,
                         votes=list(plugin.votes), capabilities=list(plugin.capabilities), secret=secret)
-        self.io = _IO(events_endpoint, control_endpoint, topics, hello, plugin.handler_timeout_s, kernel_pid)
+        self.io = _IO(events_endpoint, control_endpoint, topics, hello, plugin.handler_timeout_s, kernel_pid, secure)
         self.counts_gaps = topics == [""]
         # A plugin with on_event handles every type, heartbeats included (a replay hands them over too).
         self.wants_heartbeats = bool({ev.HEARTBEAT, ""} & set(wanted))
@@ -450,14 +464,35 @@ def _say(text: str) -> None:
         pass
 
 
-def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None) -> int:
-    """Entry point inside a plugin process: read the kernel's environment, connect, run to the end."""
+def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connect: str = "", key: str = "",
+        server_key: str = "") -> int:
+    """Entry point inside a plugin process: read the kernel's environment, connect, run to the end.
+
+    connect: a remote kernel's HOST:PORT (control; events on PORT + 1) or its connection.json, reached over
+    TCP with CURVE: `key` is this client's secret key file, `server_key` the server's public key file
+    (default: the connection file's key, else server.key in the key directory), pinned.
+    """
     env = os.environ
+    if connect:
+        try:
+            control_endpoint, events_endpoint, secure = remote_endpoints(connect, key, server_key)
+        except (KeyFileError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        env = {k: v for k, v in env.items() if k not in (SECRET_ENV, "TRAINBUS_KERNEL_PID")}
+        env.update(TRAINBUS_EVENTS=events_endpoint, TRAINBUS_CONTROL=control_endpoint)
+    else:
+        secure = None
     missing = [k for k in ("TRAINBUS_EVENTS", "TRAINBUS_CONTROL") if k not in env]
     if missing:
         print(f"error: {', '.join(missing)} not set; start plugins through `trainbus run`, or set the kernel's "
               f"endpoints (see PROTOCOL.md)", file=sys.stderr)
         return 2
+    ended = run_summary(env.get("TRAINBUS_RUN_DIR")) if "TRAINBUS_KERNEL_PID" not in env else None
+    if ended is not None:  # attached by hand to a run that is over: say so now, not after the connect timeout
+        print(f"run {env['TRAINBUS_RUN_DIR']} has ended ({ended.get('status', '?')}); there is nothing to attach to",
+              file=sys.stderr)
+        return 0
     kernel_pid = int(env["TRAINBUS_KERNEL_PID"]) if "TRAINBUS_KERNEL_PID" in env else None
     if kernel_pid is not None:
         _die_with_parent(kernel_pid)
@@ -466,7 +501,8 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None) -> int
     plugin = plugin_cls(settings or {}, run_id=env.get("TRAINBUS_RUN_ID", ""), run_dir=env.get("TRAINBUS_RUN_DIR", "."))
     if env.get("TRAINBUS_PLUGIN_NAME"):
         plugin.name = env["TRAINBUS_PLUGIN_NAME"]
-    runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid, _secret(env))
+    runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid,
+                    "" if connect else _secret(env), secure)
     # SIGTERM (supervisor, or a hang): finish the current handler, tear down, ack, exit.
     signal.signal(signal.SIGTERM, lambda *_: _terminate(runner))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the kernel; it tells us when to stop
@@ -475,6 +511,33 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None) -> int
     # Ignored, the write goes through, as it would for the kernel.
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     return runner.run()
+
+
+def run_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
+    """The run's summary.json, which its kernel writes when the run is over; None while it runs (or no run_dir)."""
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY_NAME).read_text()) if run_dir else None
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def remote_endpoints(connect: str, key: str, server_key: str = "") -> tuple[str, str, Callable[[zmq.Socket], None]]:
+    """(control, events, secure) for a remote kernel: `secure(socket)` makes a socket a CURVE client with our
+    key and the server's key pinned (trainbus.proto.remote.secure_client)."""
+    if not key:
+        raise ValueError("--connect needs --key FILE: this client's secret key (`trainbus keys generate client`)")
+    if connect.endswith(".json"):
+        info = read_connection_file(Path(connect))
+        control_endpoint, events_endpoint = info["control"], info["events"]
+        pinned: bytes | Path = Path(server_key) if server_key else info["server_key"].encode("ascii")
+    else:
+        control_endpoint, events_endpoint = endpoints(connect)
+        pinned = Path(server_key) if server_key else keys_dir() / f"{SERVER_KEY}.key"
+    if isinstance(pinned, Path):
+        load_public(pinned)  # a missing or unreadable key is said now, not left to a handshake that never ends
+    load_secret(Path(key))
+    return control_endpoint, events_endpoint, functools.partial(secure_client, key_file=Path(key), server_key=pinned)
 
 
 def _secret(env) -> str:

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 from trainbus.kernel.digits import build
 
+GATE_TIMEOUT_S = 300.0  # a gate the test never opens fails the run instead of hanging it
+
 
 class _Paced:
-    """Yields a loader's batches, sleeping `step_sleep_s` before each: the arithmetic is untouched."""
+    """Yields a loader's batches, sleeping `step_sleep_s` before each: the arithmetic is untouched.
 
-    def __init__(self, loader, step_sleep_s: float):
+    With a `gate` file, batch N (counted over every epoch from 1) is not yielded before the file says N or
+    more (open_gate): a test that must act during the run holds training where it needs it, however slowly
+    a busy machine runs the test and the plugins."""
+
+    def __init__(self, loader, step_sleep_s: float, gate: Path | None = None):
         self.loader = loader
         self.step_sleep_s = step_sleep_s
+        self.gate = gate
+        self.batches = 0
 
     def __iter__(self):
         for batch in self.loader:
             time.sleep(self.step_sleep_s)
+            self.batches += 1
+            if self.gate is not None:
+                _wait_for_gate(self.gate, self.batches)
             yield batch
 
     def __len__(self):
@@ -31,6 +44,66 @@ def paced_digits(hyperparameters: dict):
     for a test to act at chosen steps from outside.
     """
     step_sleep_s = float(hyperparameters.pop("step_sleep_s", 0.01))
+    gate = hyperparameters.pop("gate", "")
     spec = build(hyperparameters)
-    spec.train_loader = _Paced(spec.train_loader, step_sleep_s)
+    spec.train_loader = _Paced(spec.train_loader, step_sleep_s, Path(gate) if gate else None)
+    return spec
+
+
+def open_gate(gate: Path, batches: int) -> None:
+    """Let a gated run (paced_digits' `gate`) train up to `batches` batches; atomically, the run reads it."""
+    temporary = gate.with_name(gate.name + ".tmp")
+    temporary.write_text(str(batches))
+    os.replace(temporary, gate)
+
+
+def _wait_for_gate(gate: Path, batch: int) -> None:
+    deadline = time.monotonic() + GATE_TIMEOUT_S
+    while _opened_to(gate) < batch:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{gate} held batch {batch} for {GATE_TIMEOUT_S:.0f} s: the test never opened it")
+        time.sleep(0.01)
+
+
+def _opened_to(gate: Path) -> int:
+    try:
+        return int(gate.read_text())
+    except FileNotFoundError:
+        return 0
+
+
+class _RankProbe:
+    """A scheduler (stepped at each epoch's end, after validation) that appends this rank's view to
+    RUN_DIR/probe-rank<R>.jsonl: its training batches so far and a hash of its weights, bit for bit."""
+
+    def __init__(self, model, step_sleep_s: float = 0.0):
+        self.model, self.batches, self.step_sleep_s = model, 0, step_sleep_s
+        model.register_forward_hook(self._count)
+
+    def _count(self, module, args, output):
+        self.batches += module.training
+        if module.training and self.step_sleep_s:
+            time.sleep(self.step_sleep_s)  # pacing (the arithmetic is untouched), so a test can act mid-run
+
+    def step(self):
+        import hashlib
+        import json
+
+        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in self.model.parameters()))
+        path = Path(os.environ["RUN_DIR"]) / f"probe-rank{os.environ.get('RANK', '0')}.jsonl"
+        with open(path, "a") as f:
+            f.write(json.dumps({"batches": self.batches, "weights": digest.hexdigest()}) + "\n")
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def probed_digits(hyperparameters: dict):
+    """The digits demo, each rank recording its weights and batches at every epoch's end (_RankProbe)."""
+    step_sleep_s = float(hyperparameters.pop("step_sleep_s", 0.0))
+    spec = build(hyperparameters)
+    spec.scheduler = _RankProbe(spec.model, step_sleep_s)
     return spec

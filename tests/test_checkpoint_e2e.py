@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixture_targets import paced_digits
+from fixture_targets import open_gate, paced_digits
 from kernel_process import KernelProcess, of, process_gone, wait_until
 from trainbus.kernel.checkpointing import find_checkpoint, load_checkpoint
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
@@ -36,7 +36,7 @@ from trainbus.kernel.loop import Loop
 from trainbus.kernel.session import FINAL_WEIGHTS, run_training
 from trainbus.kernel.spec import build_spec
 from trainbus.kernel.supervisor import MAX_RESTARTS
-from trainbus.proto import checkpoint_format
+from trainbus.proto import Event, checkpoint_format
 from trainbus.plugins._history import History
 from trainbus.proto.checkpoint_format import sha256_of
 
@@ -47,6 +47,7 @@ TRAIN_SAMPLES = 1797 - int(1797 * 0.2)  # kernel/digits.py: 1,797 images, 20 % h
 STEPS_PER_EPOCH = math.ceil(TRAIN_SAMPLES / 32)  # 45
 BALLAST_MB = 32  # a ~33 MB checkpoint: a write (torch.save + fsync) takes a few hundred ms here
 KILLS_PER_RUN = 4  # < MAX_RESTARTS + 1: the 6th failure within 60 s would get the plugin given up
+STARTUP_S = 180  # kernel/supervisor.py STARTUP_TIMEOUT_S: a (re)started plugin imports torch, starved on a busy box
 TEMP_PREFIX = ".tmp-"  # plugins/_durable_files.py: where a checkpoint is written before its rename
 LAST = "last.pt"
 
@@ -250,7 +251,7 @@ def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels):
                           capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr
     assert f"continuing run {kernel.run_id} from" in proc.stderr and "epoch 2, batch" in proc.stderr, proc.stderr
-    assert sorted(p.name for p in runs.iterdir()) == [kernel.run_id], "continued in place, no new run directory"
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == [kernel.run_id], "continued in place, no new run directory"
     summary = json.loads((kernel.run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["outcome"]["epochs_completed"] == epochs
 
@@ -297,22 +298,36 @@ def heavy_reference(tmp_path_factory):
 def kill_the_checkpoint_plugin_while_it_writes(tmp_path: Path, kernels: list, heavy_reference, kills: int,
                                                epochs: int = 9) -> None:
     rng, seed = seeded_rng()
+    gate = tmp_path / "gate"  # training goes only as far as the test lets it: the kills land before the run ends
     cfg = config(tmp_path / "runs", [checkpointer(max_total=3)], epochs, target=HEAVY, every_n_steps=5,
-                 step_sleep_s=0.02)
+                 step_sleep_s=0.02, gate=str(gate))
+    cfg.ready_timeout_s = STARTUP_S  # a persister live from the first step
     kernel = KernelProcess(cfg, tmp_path)
     reference = heavy_reference(epochs)  # started now, if not already run: it trains while this run starts
     kernels.append(kernel)
     directory = kernel.run_dir / "checkpoints"
     audit = CheckpointAudit(directory)
 
-    first = kernel.wait_event("checkpoint_saved", timeout_s=60)
+    def train_until_saved(after_seq: int) -> Event:
+        """Let training on, a checkpoint interval (5 steps) at a time, until a save_checkpoint after after_seq."""
+        for _ in range(epochs * STEPS_PER_EPOCH // 5):
+            saves = [e for e in kernel.journal.of("save_checkpoint") if e.seq > after_seq]
+            if saves:
+                return saves[0]
+            allowed = kernel.journal.step() + 5
+            open_gate(gate, allowed)
+            kernel.wait_step(allowed, timeout_s=STARTUP_S)
+        raise AssertionError(f"no save_checkpoint after seq {after_seq} in the whole run")
+
+    train_until_saved(0)
+    first = kernel.wait_event("checkpoint_saved", timeout_s=STARTUP_S)
     write_s = first.ts - next(e.ts for e in kernel.journal.of("save_checkpoint") if e.seq == first.data["seq"])
     killed_pids, deaths, log = [], [], []
     after_seq = 0
     for i in range(kills):
-        pid = kernel.wait_ready("checkpoint", not_in=killed_pids)
+        pid = kernel.wait_ready("checkpoint", timeout_s=STARTUP_S, not_in=killed_pids)
         ready = [e for e in kernel.journal.of("plugin_ready", "checkpoint") if e.data["pid"] == pid][-1]
-        save = kernel.wait_event("save_checkpoint", after_seq=max(after_seq, ready.seq))
+        save = train_until_saved(max(after_seq, ready.seq))
         after_seq = save.seq
         delay = rng.uniform(0.0, 1.5 * write_s)
         time.sleep(max(0.0, save.ts + delay - time.time()))
@@ -326,7 +341,8 @@ def kill_the_checkpoint_plugin_while_it_writes(tmp_path: Path, kernels: list, he
         problems = audit.check(strict=False)  # the restarted plugin is still in backoff: nothing moves
         assert not problems, f"after {log[-1]} (seed {seed}):\n" + "\n".join(problems)
 
-    result = kernel.result(timeout_s=120)
+    open_gate(gate, epochs * STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=STARTUP_S + 120)
     why = f"(seed {seed}; a write took {write_s * 1000:.0f} ms)\n" + "\n".join(log)
     print(why)
     assert result["status"] == "completed", why
@@ -354,6 +370,7 @@ def kill_the_checkpoint_plugin_while_it_writes(tmp_path: Path, kernels: list, he
     assert not list(Path("/dev/shm").glob(f"trainbus-*-{kernel.run_id}-slot*")), "snapshot buffers left behind"
 
 
+@pytest.mark.timeout(KILLS_PER_RUN * STARTUP_S)  # a hang guard: each kill waits for a restarted plugin's torch import
 @pytest.mark.parametrize("round_", range(2))
 def test_checkpoint_plugin_killed_while_writing_loses_nothing(tmp_path, kernels, heavy_reference, round_):
     """2 runs x KILLS_PER_RUN kills at random delays after save_checkpoint events (8 in all)."""
@@ -361,6 +378,7 @@ def test_checkpoint_plugin_killed_while_writing_loses_nothing(tmp_path, kernels,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(KILLS_PER_RUN * STARTUP_S)
 @pytest.mark.parametrize("round_", range(5))
 def test_checkpoint_plugin_killed_while_writing_soak(tmp_path, kernels, heavy_reference, round_):
     """5 more runs x KILLS_PER_RUN kills (20 in all)."""
@@ -385,18 +403,28 @@ def checkpoint_size_of_the_digits_demo() -> int:
     return buffer.tell()
 
 
+FULL_DISK_RUN = "full-disk"
+
+
 @pytest.fixture
-def small_tmpfs(mount_tmpfs):
-    """A tmpfs that holds one checkpoint of the digits demo and not two."""
+def small_tmpfs(tmp_path, mount_tmpfs):
+    """A tmpfs that holds one checkpoint of the digits demo and not two, as the checkpoints/ of run FULL_DISK_RUN.
+
+    A checkpoint directory is inside its run's, so the run directory is made first (with a config.json, so that
+    run_training goes on in it, continue_run) and the tmpfs mounted in it."""
     size = checkpoint_size_of_the_digits_demo()
-    return mount_tmpfs("small", size * 3 // 2), size  # room for 1.5 checkpoints: the 2nd's temp file does not fit
+    run_dir = tmp_path / "runs" / FULL_DISK_RUN
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}\n")
+    # room for 1.5 checkpoints: the 2nd's temp file does not fit
+    return mount_tmpfs(f"runs/{FULL_DISK_RUN}/checkpoints", size * 3 // 2), size
 
 
 def test_a_full_disk_fails_that_checkpoint_keeps_the_earlier_ones_and_training_completes(tmp_path, small_tmpfs):
     mount_point, size = small_tmpfs
-    directory = mount_point / "checkpoints"
-    result = run_training(config(tmp_path / "runs", [checkpointer(dirpath=str(directory))], epochs=3,
-                                 every_n_epochs=1))
+    directory = mount_point
+    result = run_training(config(tmp_path / "runs", [checkpointer()], epochs=3, every_n_epochs=1),
+                          run_id=FULL_DISK_RUN, continue_run=True)
 
     assert result.status == "completed" and result.outcome["epochs_completed"] == 3
     assert (Path(result.run_dir) / FINAL_WEIGHTS).is_file()
@@ -491,6 +519,7 @@ def test_no_room_for_a_snapshot_buffer_skips_that_checkpoint_and_training_comple
     # copy into a sparse file on a full tmpfs killed training with SIGBUS.
     cfg = config(tmp_path / "runs", [checkpointer()], epochs=2, every_n_epochs=1)
     cfg.snapshot_dir = str(mount_tmpfs("shm", 16 * 1024))
+    cfg.ready_timeout_s = STARTUP_S  # snapshots are taken only while a persister is live: it is, from the first step
     result = run_training(cfg)
 
     assert result.status == "completed" and result.outcome["epochs_completed"] == 2
@@ -562,7 +591,7 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_in_one_line_and_exit_2
     assert lines[0].startswith(f"error: refusing checkpoint {relative}: it holds pickled Python objects"), lines[0]
     assert "Tripwire" in lines[0] and "\x1b" not in lines[0]
     assert not marker.exists(), "loading the checkpoint ran code from it"
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["poisoned"]  # no run was started
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == ["poisoned"]  # no run was started
     # the tripwire works: what an unpickler does with it (restore its state) touches the marker
     Tripwire.__new__(Tripwire).__setstate__({"path": str(marker)})
     assert marker.exists()

@@ -273,7 +273,7 @@ def test_a_vanished_buffer_is_reported(tmp_path, buffers):
 
 def test_a_directory_that_cannot_exist_fails_the_save_with_its_cause(tmp_path, buffers):
     (tmp_path / "a-file").write_text("not a directory")
-    h = harness(tmp_path, dirpath=str(tmp_path / "a-file" / "checkpoints"))
+    h = harness(tmp_path, dirpath="a-file/checkpoints")  # relative to the run directory, tmp_path
     (said,) = h.plugin.outbox  # at setup, and not fatal
     assert "Not a directory (errno 20)" in said["text"]
     h.plugin.outbox.clear()
@@ -308,7 +308,7 @@ def tiny_tmpfs(mount_tmpfs):
 
 
 def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, buffers, tiny_tmpfs):
-    h = harness(tmp_path, dirpath=str(tiny_tmpfs))
+    h = harness(tmp_path, dirpath=tiny_tmpfs.name)  # mounted in the run directory, tmp_path
     run_epochs(h, buffers, [0.5])  # a small model fits
     before = {name: sha256_of(tiny_tmpfs / name) for name in checkpoints(tiny_tmpfs)}
     lines = (tiny_tmpfs / "manifest.jsonl").read_text()

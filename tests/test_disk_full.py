@@ -285,7 +285,7 @@ def test_metrics_log_on_a_full_disk_holds_records_and_writes_each_once(tmp_path,
     from trainbus.sdk import Harness
 
     disk = mount_tmpfs("metrics", 64 << 10)
-    h = Harness(MetricsLogPlugin({"filename": str(disk / "metrics.jsonl"), "every_n_steps": 1}), run_dir=str(tmp_path))
+    h = Harness(MetricsLogPlugin({"filename": f"{disk.name}/metrics.jsonl", "every_n_steps": 1}), run_dir=str(tmp_path))
     for step in range(1, 6):
         h.feed("end_training_batch", step=step, epoch=1, loss=0.5, batch_index=step - 1)
     with Filler(disk):

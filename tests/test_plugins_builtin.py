@@ -13,10 +13,10 @@ import pytest
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.kernel.session import run_training
 from trainbus.plugins.console import ConsolePlugin
-from trainbus.plugins.early_stopping import EarlyStoppingPlugin
+from trainbus.plugins.early_stopping import EarlyStoppingPlugin, MonitorMissing
 from trainbus.plugins.metrics_log import MetricsLogPlugin
 from trainbus.sdk import Harness, SettingsError
-from trainbus.sdk.runner import Runner
+from trainbus.sdk.runner import NotRetryable, Runner
 
 from conftest import TESTS_DIR
 
@@ -115,13 +115,14 @@ def test_early_stopping_nan_never_improves(tmp_path):
     assert epochs_fed(h, [1.0, math.nan, math.nan]) == [3]
 
 
-def test_early_stopping_warns_once_when_the_monitored_key_is_missing(tmp_path):
+def test_early_stopping_fails_its_handler_when_the_monitored_key_is_missing(tmp_path):
+    """Not retried and reported once, as an error naming what the run does produce, not cut short."""
     h = Harness(EarlyStoppingPlugin({"monitor": "validation_f1", "patience": 1}, run_dir=str(tmp_path)))
-    for epoch in (1, 2, 3):
-        h.feed("end_epoch", epoch=epoch, validation_loss=1.0, validation_metrics={"accuracy": 0.5})
-    (warning,) = h.replies_of("log")
-    assert warning["level"] == "warning" and "'validation_f1'" in warning["text"]
-    assert "validation_accuracy" in warning["text"] and "validation_loss" in warning["text"]
+    with pytest.raises(MonitorMissing) as raised:
+        h.feed("end_epoch", epoch=1, validation_loss=1.0, validation_metrics={"accuracy": 0.5})
+    assert isinstance(raised.value, NotRetryable)
+    assert str(raised.value) == ("early_stopping monitor 'validation_f1' is not in this run's end_epoch; set monitor "
+                                 "to one of: validation_accuracy, validation_loss")
     assert not h.replies_of("stop")
 
 

@@ -46,13 +46,16 @@ VALID_CONTROL: dict[str, list[dict]] = {
     "ack": [dict(seq=0), dict(seq=2**63)],
     "replay": [dict(from_seq=1), dict(from_seq=0)],
     "bye": [dict(reason="done")],
-    "stop": [dict(reason="validation loss went up 3 epochs in a row")],
+    "stop": [dict(reason="validation loss went up 3 epochs in a row", id=""), dict(reason="from the terminal", id="c-1")],
     "metric": [dict(name="grad_norm", value=1.5, step=10), dict(name="n", value=3, step=None)],
     "log": [dict(level=level, text="héllo") for level in ("debug", "info", "warning", "error")],
-    "checkpoint_now": [dict(reason="best so far")],
+    "checkpoint_now": [dict(reason="best so far", id=""), dict(reason="now", id="c-2")],
     "checkpoint_saved": [dict(seq=40, path="/runs/r/checkpoints/epoch001.pt", step=45, epoch=1, sha256="ab" * 32,
                               size=123456)],
     "checkpoint_failed": [dict(seq=41, reason="No space left on device (errno 28)")],
+    "snapshot": [{}],
+    "run_state": [dict(seq=0, state={}),
+                  dict(seq=7, state={"run": {"id": "run-1", "epochs": 2}, "series": {"loss": {"value": 0.5}}})],
     "welcome": [dict(run="run-1", heartbeat_interval_s=1.0, resume_from=1),
                 dict(run="r", heartbeat_interval_s=2, resume_from=99)],
     "replay_batch": [dict(events=[event_to_map(HEARTBEAT), event_to_map(EVENT)], done=True),
@@ -92,7 +95,7 @@ def test_control_round_trip(kind, fields):
 
 def test_unknown_control_fields_are_dropped_and_missing_ones_rejected():
     raw = pack({"v": 1, "type": "stop", "reason": "r", "added_in_v1_1": [1, 2]})
-    assert decode_control(raw) == {"v": 1, "type": "stop", "reason": "r"}
+    assert decode_control(raw) == {"v": 1, "type": "stop", "reason": "r", "id": ""}  # id: optional, added in v1
     with pytest.raises(ProtocolError, match="missing field 'reason'"):
         decode_control(pack({"v": 1, "type": "stop"}))
 

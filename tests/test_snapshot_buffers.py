@@ -40,6 +40,34 @@ def test_both_buffers_are_allocated_at_the_first_snapshot(tmp_path):
     assert not list(tmp_path.glob("trainbus-*"))
 
 
+def test_prepared_buffers_are_made_by_another_process_and_the_first_snapshot_maps_them(tmp_path):
+    buffers = SnapshotBuffers(f"test-{os.getpid()}-prepared", [tmp_path])
+    try:
+        buffers.prepare(state_of(8 * MB))
+        process = buffers._preparer[0]
+        assert process.wait(timeout=60) == 0 and process.pid != os.getpid()
+        made = {slot: tmp_path / f"{buffers.name}-slot{slot}" for slot in (0, 1)}
+        inodes = {slot: path.stat().st_ino for slot, path in made.items()}
+        for path in made.values():  # allocated and every page written: resident, not sparse
+            assert path.stat().st_size >= 8 * MB and path.stat().st_blocks * 512 >= path.stat().st_size
+            assert oct(path.stat().st_mode & 0o777) == "0o600"
+        first = buffers.take(state_of(8 * MB), lambda slot: True)
+        second = buffers.take(state_of(8 * MB), lambda slot: slot == 1)
+        assert {first.buffer, second.buffer} == {str(p) for p in made.values()}
+        assert {slot: path.stat().st_ino for slot, path in made.items()} == inodes  # used as made
+        assert read_snapshot(first.event_data()).state["w"].equal(state_of(8 * MB)["w"])
+    finally:
+        buffers.close()
+    assert not list(tmp_path.glob("trainbus-*"))
+
+
+def test_closing_while_the_preparer_works_leaves_nothing_behind(tmp_path):
+    buffers = SnapshotBuffers(f"test-{os.getpid()}-closing", [tmp_path])
+    buffers.prepare(state_of(64 * MB))
+    buffers.close()
+    assert not list(tmp_path.glob("trainbus-*"))
+
+
 def test_default_places_are_shm_then_the_run_directory_or_the_chosen_one_alone(tmp_path):
     assert snapshot_directories(tmp_path) == [Path("/dev/shm"), tmp_path]
     assert snapshot_directories(tmp_path, "/mnt/fast") == [Path("/mnt/fast")]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import struct
 import subprocess
 import sys
@@ -18,10 +21,18 @@ from trainbus.proto.journal_format import read_journal
 from trainbus.plugins.visualization import plot_run
 
 from conftest import TESTS_DIR
+from fixture_targets import open_gate
+from kernel_process import KernelProcess, wait_until
 
 WIDTH_PX, HEIGHT_PX = 800, 500
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIMED = f"{TESTS_DIR / 'timed_targets.py'}:digits_for_seconds"
+DRAIN_TIMEOUT_S = 300  # only a broken plugin takes this long to reach the final event
+PACED = "fixture_targets:paced_digits"  # the digits demo, held by the test where it must act (its `gate`)
+STEPS_PER_EPOCH = 45  # kernel/digits.py: 1,437 training images in batches of 32
+STARTUP_S = 180  # kernel/supervisor.py STARTUP_TIMEOUT_S: a restarted plugin imports torch, starved on a busy box
+# A hang guard, not a pace: these runs wait on plugins that a busy machine starves (the drain, two restarts).
+pytestmark = pytest.mark.timeout(DRAIN_TIMEOUT_S + 3 * STARTUP_S)
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -37,9 +48,11 @@ def visualized_run(tmp_path_factory):
     plugins = [resolve_plugin("visualization", {"plot_width_px": WIDTH_PX, "plot_height_px": HEIGHT_PX,
                                                 "every_n_steps": 5}),
                resolve_plugin("cpu", {"interval_s": 0.3})]
+    # The plugin's last plots follow the final event, which a starved plugin reaches long after training ends:
+    # the run waits for its ack of that event (the drain), not for a time that fits an idle machine.
     result = run_training(RunConfig(target=TIMED, epochs=3, runs_dir=str(runs_dir), plugins=plugins,
-                                    hyperparameters={"epoch_s": 0.4}))
-    assert result.status == "completed", result
+                                    hyperparameters={"epoch_s": 0.4}, drain_timeout_s=DRAIN_TIMEOUT_S))
+    assert result.status == "completed" and not result.undrained, result
     return result, read_events(result.run_dir)
 
 
@@ -121,7 +134,7 @@ def test_history_stops_at_the_final_event_and_keeps_the_best_epoch(visualized_ru
     assert history.duration_s() > 0
 
 
-def test_a_restarted_plugin_backfills_from_the_journal_and_tensorboard_drops_the_overlap(visualized_run, tmp_path):
+def test_a_restarted_plugin_backfills_from_the_journal_and_writes_nothing_twice(visualized_run, tmp_path):
     """As after a crash: a new instance is replayed from its last ack (here: the second epoch's start) onward."""
     import shutil
 
@@ -172,3 +185,70 @@ def test_an_epoch_a_stop_cut_short_is_drawn_apart_and_is_never_the_best():
         lines = {line.get_label(): list(line.get_xdata()) for line in axes.get_lines()}
         assert lines["validation"] == [1, 2]  # the whole epochs' line stops before the cut one
         assert lines["validation, epoch 3 cut short (8/75 batches)"] == [3]
+
+
+def test_a_plugin_killed_twice_mid_run_leaves_every_scalar_once_and_nothing_for_tensorboard_to_purge(
+        tmp_path, kernels, caplog):
+    """kill -9 of the visualization plugin after it drew epoch 1, and again after its successor drew again: TensorBoard's
+    own reader finds every scalar of the run exactly once, purges nothing, and the PNGs are the journal's."""
+    gate = tmp_path / "gate"
+    plugins = [resolve_plugin("visualization", {"every_n_steps": 5}), resolve_plugin("cpu", {"interval_s": 0.3})]
+    cfg = RunConfig(target=PACED, epochs=3, device="cpu", runs_dir=str(tmp_path / "runs"), plugins=plugins,
+                    hyperparameters={"step_sleep_s": 0.005, "gate": str(gate)}, drain_timeout_s=DRAIN_TIMEOUT_S)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    loss_png = kernel.run_dir / "plots" / "loss.png"
+    drawn = lambda: loss_png.stat().st_mtime_ns if loss_png.exists() else 0  # noqa: E731
+    killed: list[int] = []
+    for held_at in (STEPS_PER_EPOCH + 5, 2 * STEPS_PER_EPOCH + 5):  # in epoch 2, then in epoch 3
+        before = drawn()
+        open_gate(gate, held_at)
+        pid = kernel.wait_ready("visualization", timeout_s=STARTUP_S, not_in=killed)
+        # this process drew the plots of an end_epoch (epoch 1, then epoch 2 or its replayed 1) and flushed
+        # TensorBoard after it: mid-run, with files of its own to lose
+        wait_until(lambda: drawn() > before, STARTUP_S, f"plots drawn by plugin pid {pid}")
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    open_gate(gate, 3 * STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=DRAIN_TIMEOUT_S + 2 * STARTUP_S)
+    assert result["status"] == "completed" and not result["undrained"], result
+    summary = result["plugins"]["visualization"]
+    assert (summary["restarts"], summary["crashes"]) == (2, ["signal SIGKILL"] * 2), summary
+
+    run_dir = Path(result["run_dir"])
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 3  # a file per process
+    with caplog.at_level(logging.INFO, logger="tensorboard"):
+        accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+        accumulator.Reload()
+    assert not [r.getMessage() for r in caplog.records if "purg" in r.getMessage().lower()]
+    want = scalars_from_the_journal(read_events(run_dir), every_n_steps=5)
+    assert set(accumulator.Tags()["scalars"]) == set(want)
+    for tag, points in want.items():
+        got = [(s.step, s.value) for s in accumulator.Scalars(tag)]
+        assert [step for step, _ in got] == [step for step, _ in points], tag
+        assert [value for _, value in got] == pytest.approx([value for _, value in points], rel=1e-6), tag
+    assert len(want["loss/train_step"]) == 3 * STEPS_PER_EPOCH // 5 and len(want["loss/validation"]) == 3
+    assert len(accumulator.Tensors("hyperparameters")) == 1
+
+    live = {p.name: p.read_bytes() for p in (run_dir / "plots").glob("*.png")}
+    again = {p.name: p.read_bytes() for p in map(Path, plot_run(run_dir, tmp_path / "replotted"))}
+    assert {"loss.png", "metrics.png", "resources-cpu.png"} <= set(live) and live == again
+
+
+def scalars_from_the_journal(events, every_n_steps: int) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar the plugin's docstring promises, from the run's events up to the final one: {tag: [(step, value)]}."""
+    want: dict[str, list[tuple[int, float]]] = {}
+    for e in events:
+        if e.type == "end_training_session":
+            break
+        if e.type == "end_training_batch" and e.step % every_n_steps == 0:
+            want.setdefault("loss/train_step", []).append((e.step, e.data["loss"]))
+        elif e.type == "end_epoch":
+            for key, tag in (("training_loss", "loss/training"), ("validation_loss", "loss/validation"), ("lr", "lr")):
+                want.setdefault(tag, []).append((e.step, e.data[key]))
+            for group in ("training", "validation"):
+                for name, value in e.data[f"{group}_metrics"].items():
+                    want.setdefault(f"metrics/{group}_{name}", []).append((e.step, value))
+        elif e.type == "metric":
+            want.setdefault(e.data["name"], []).append((e.step, e.data["value"]))
+    return want

@@ -21,6 +21,17 @@ SUBSCRIBER = HERE / "_subscriber.py"
 DATA, MARK, FINAL, HEARTBEAT = "end_training_batch", "end_training_loop", "end_training_session", "heartbeat"
 
 
+def add_rerun_options(p) -> None:
+    """The options of the benches that run a noisy run again (CpuWatch, wait_quiet) and keep their runs."""
+    p.add_argument("--quiet-cores", type=float, default=0.25,
+                   help="a run during which other processes used more CPU than this (in cores) is run again")
+    p.add_argument("--max-retries", type=int, default=2)
+    p.add_argument("--quiet-wait-s", type=float, default=10.0,
+                   help="before a retry, wait up to this long for the other processes to calm down")
+    p.add_argument("--retry-budget-s", type=float, default=100.0, help="no retries after this many seconds")
+    p.add_argument("--keep", action="store_true", help="keep the runs under runs/bench-*")
+
+
 def machine_line(torch_threads: int | None = None) -> str:
     """Cores, Python, torch, pyzmq/libzmq, msgpack, and the load average when the bench started."""
     parts = [f"{len(os.sched_getaffinity(0))} cores ({platform.machine()})", f"Python {platform.python_version()}"]

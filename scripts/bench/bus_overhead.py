@@ -66,6 +66,7 @@ from _benchutil import (
     REPO,
     CpuWatch,
     Subscribers,
+    add_rerun_options,
     batch_data,
     machine_line,
     median,
@@ -88,14 +89,18 @@ TARGETS = {"tiny MLP": 0.10, "small CNN": 0.02}
 
 # -- part 1: per-step time ------------------------------------------------------------------------
 
-def bare_run(hp: dict, epochs: int, seed: int, cpu: list | None = None) -> list[list[float]]:
-    """The trainbus loop's work on the CPU without trainbus; returns per-epoch step stamps.
+def bare_run(hp: dict, epochs: int, seed: int, cpu: list | None = None, target: str = DEFAULT_TARGET,
+             device: str = "cpu") -> list[list[float]]:
+    """The trainbus loop's work without trainbus; returns per-epoch step stamps.
 
-    With `cpu` (a list), appends this thread's CPU seconds for the training (not the spec's build)."""
+    With `cpu` (a list), appends this thread's CPU seconds for the training (not the spec's build).
+    On CUDA, values stay on the device as the loop keeps them, and an epoch's last stamp is taken once the
+    device has finished it (the loop's end_training_loop reads the epoch's loss total: a sync)."""
     seed_everything(seed)
-    spec = build_spec(DEFAULT_TARGET, hp)
+    spec = build_spec(target, hp)
     spec.epochs = epochs
-    device = torch.device("cpu")
+    device = torch.device(device)
+    scalar = (lambda t: t.detach()) if device.type == "cuda" else (lambda t: t.item())  # as Loop._scalar
     model, opt, loss_fn, metrics = spec.model, spec.optimizer, spec.loss_fn, spec.metrics
     model.to(device)
     stamps = []
@@ -112,20 +117,26 @@ def bare_run(hp: dict, epochs: int, seed: int, cpu: list | None = None) -> list[
                 loss = loss_fn(outputs, targets)
                 loss.backward()
                 opt.step()
-                loss_value = loss.item()
+                loss_value = scalar(loss)
                 loss_total, count = loss_total + loss_value, count + 1
                 with torch.no_grad():
                     for name, fn in metrics.items():
-                        metric_totals[name] = metric_totals[name] + fn(outputs, targets).item()
+                        metric_totals[name] = metric_totals[name] + scalar(fn(outputs, targets))
                 ts.append(time.time())  # where the trainbus loop publishes end_training_batch
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                ts[-1] = time.time()
             stamps.append(ts)
             model.eval()
             with torch.no_grad():
                 for inputs, targets in spec.validation_loader:
-                    outputs = model(inputs)
-                    loss_fn(outputs, targets).item()
+                    outputs = model(inputs.to(device))
+                    targets = targets.to(device)
+                    scalar(loss_fn(outputs, targets))
                     for name, fn in metrics.items():
-                        fn(outputs, targets).item()
+                        scalar(fn(outputs, targets))
+            if device.type == "cuda":  # the loop reads the validation totals too: no work left for the next epoch
+                torch.cuda.synchronize()
             if spec.scheduler is not None:
                 spec.scheduler.step()
     if cpu is not None:
@@ -153,9 +164,12 @@ def output_to(path: Path):
             os.close(f)
 
 
-def trainbus_run(hp: dict, epochs: int, seed: int, plugins: list, runs_dir: Path, log: Path):
-    """run_training, and the per-epoch stamps of its end_training_batch events from the journal."""
-    cfg = RunConfig(epochs=epochs, seed=seed, runs_dir=str(runs_dir), device="cpu",
+def trainbus_run(hp: dict, epochs: int, seed: int, plugins: list, runs_dir: Path, log: Path,
+                 target: str = DEFAULT_TARGET, device: str = "cpu"):
+    """run_training, and the per-epoch stamps of its end_training_batch events from the journal.
+
+    On CUDA an epoch's last stamp is its end_training_loop's, published once the device has finished the epoch."""
+    cfg = RunConfig(target=target, epochs=epochs, seed=seed, runs_dir=str(runs_dir), device=device,
                     hyperparameters=dict(hp), plugins=list(plugins))
     with output_to(log):
         t0 = time.time()
@@ -168,6 +182,8 @@ def trainbus_run(hp: dict, epochs: int, seed: int, plugins: list, runs_dir: Path
     for e in events:
         if e.type == ev.END_TRAINING_BATCH:
             by_epoch.setdefault(e.epoch, []).append(e.ts)
+        elif e.type == ev.END_TRAINING_LOOP and device == "cuda":
+            by_epoch[e.epoch][-1] = e.ts
     start = next(e.ts for e in events if e.type == ev.START_TRAINING_SESSION)
     end = next(e.ts for e in events if e.type == ev.END_TRAINING_SESSION)
     return [by_epoch[k] for k in sorted(by_epoch)], start - t0, t1 - end
@@ -690,13 +706,7 @@ def main() -> int:
     p.add_argument("--skip-steps", action="store_true", help="leave out the per-step tables")
     p.add_argument("--skip-events", action="store_true", help="leave out events/s")
     p.add_argument("--skip-diagnose", action="store_true", help="leave out the overhead breakdown")
-    p.add_argument("--quiet-cores", type=float, default=0.25,
-                   help="a run during which other processes used more CPU than this (in cores) is run again")
-    p.add_argument("--max-retries", type=int, default=2)
-    p.add_argument("--quiet-wait-s", type=float, default=10.0,
-                   help="before a retry, wait up to this long for the other processes to calm down")
-    p.add_argument("--retry-budget-s", type=float, default=100.0, help="no retries after this many seconds")
-    p.add_argument("--keep", action="store_true", help="keep the runs under runs/bench-*")
+    add_rerun_options(p)
     args = p.parse_args()
 
     workdir = REPO / "runs" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

@@ -1,0 +1,88 @@
+"""Which cluster environment launched this process: torchrun (TorchElastic), SLURM's srun, or none.
+
+Read from the environment the launcher sets, as Lightning's TorchElasticEnvironment and SLURMEnvironment do,
+so `trainbus run` under `torchrun` or `srun` needs no flags. torchrun's variables win when both are set
+(torchrun inside a SLURM allocation: it is the launcher of this process).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+TORCHELASTIC_VARS = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # Lightning's detect()
+SLURM_INTERACTIVE = ("bash", "interactive")  # `srun --pty bash`: a shell, not the job's tasks
+
+
+class ClusterError(ValueError):
+    """The launcher's variables contradict each other; the message names them."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    kind: str  # "single", "torchelastic" or "slurm"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    node_rank: int = 0
+    main_address: str = "127.0.0.1"
+    main_port: int = 0  # 0: not set (a single process needs none)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> dict:
+        """What start_training_session and summary.json say about it."""
+        return asdict(self)
+
+
+def detect(env: Mapping[str, str] | None = None) -> Cluster:
+    env = os.environ if env is None else env
+    if all(name in env for name in TORCHELASTIC_VARS):
+        cluster = Cluster("torchelastic", rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
+                          local_rank=_int(env, "LOCAL_RANK"), node_rank=_int(env, "GROUP_RANK"),
+                          main_address=env.get("MASTER_ADDR", "127.0.0.1"), main_port=_int(env, "MASTER_PORT", 0))
+    elif "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in SLURM_INTERACTIVE:
+        job = env.get("SLURM_JOB_ID", "")
+        # Lightning's default: a port from the job id, so every task of the job agrees without talking
+        port = _int(env, "MASTER_PORT", 15000 + int(job[-4:]) if job[-4:].isdigit() else 0)
+        cluster = Cluster("slurm", rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_NTASKS"),
+                          local_rank=_int(env, "SLURM_LOCALID", 0), node_rank=_int(env, "SLURM_NODEID", 0),
+                          main_address=env.get("MASTER_ADDR") or first_host(env.get("SLURM_NODELIST", "127.0.0.1")),
+                          main_port=port)
+    else:
+        return Cluster("single")
+    if not 0 <= cluster.rank < cluster.world_size:
+        raise ClusterError(f"{cluster.kind}: rank {cluster.rank} is not below world size {cluster.world_size}; "
+                           f"the launcher's variables do not agree")
+    return cluster
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07" (zero-padding kept)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise ClusterError(f"SLURM_NODELIST {nodelist!r} is not a node list")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + re.split(r"[,-]", ranges, maxsplit=1)[0]
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    value = env.get(name)
+    if value is None:
+        if default is None:
+            raise ClusterError(f"{name} is not set, though the launcher set the others of its variables")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ClusterError(f"{name}={value!r} is not an integer") from None

@@ -1,0 +1,140 @@
+"""The key directory: the kernel host's CURVE pair, client pairs by role, revocation, who is authorized now.
+
+Layout (0700, secret files 0600; pyzmq writes every file, `zmq.auth.create_certificates`):
+
+    server.key  server.key_secret            the kernel host's pair; clients pin server.key
+    monitor/NAME.key  monitor/NAME.key_secret    a client that may watch (events, replays, metric and log)
+    control/NAME.key  control/NAME.key_secret    a client that may also steer (stop, checkpoint_now)
+    revoked/NAME~FINGERPRINT.key                 a revoked client's public key, kept for `keys list`
+
+A client is authorized while its public key is in monitor/ or control/: the ZAP authenticator asks at
+every handshake, and the control socket at most once a second (`KeyRing.lookup`), so `trainbus keys
+revoke` takes effect on a running kernel too. The secret halves of client pairs are for the clients'
+machines: copy each one there and delete it here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq.auth
+
+from trainbus.proto.remote import ROLES, SECRET_SUFFIX, SERVER_KEY, KeyFileError, check_secret_file, load_public
+
+REVOKED = "revoked"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+REFRESH_INTERVAL_S = 1.0  # how stale the control socket's view of revocations may be
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    name: str
+    role: str  # one of ROLES, or "revoked"
+    public: str  # z85: the CURVE User-Id of its connections
+    path: Path
+
+
+class KeyStore:
+    """One key directory: generate, list and revoke key pairs."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    @property
+    def server_secret(self) -> Path:
+        return self.directory / f"{SERVER_KEY}{SECRET_SUFFIX}"
+
+    @property
+    def server_public(self) -> Path:
+        return self.directory / f"{SERVER_KEY}.key"
+
+    def generate_server(self, force: bool = False) -> tuple[Path, Path]:
+        if self.server_secret.exists() and not force:
+            raise KeyFileError(f"{self.server_secret} exists; clients pin its public key, so replacing it locks "
+                               f"them out: give --force to do it anyway")
+        return self._create(self.directory, SERVER_KEY)
+
+    def generate_client(self, name: str, role: str) -> tuple[Path, Path]:
+        if role not in ROLES:
+            raise KeyFileError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        if not NAME_PATTERN.fullmatch(name) or name == SERVER_KEY:
+            raise KeyFileError(f"key name {name!r}: use letters, digits, _ . @ - (up to 64), not {SERVER_KEY!r}")
+        held = [k for k in self.clients() if k.name == name and k.role != REVOKED]
+        if held:
+            raise KeyFileError(f"a {held[0].role} key named {name!r} exists ({held[0].path}); revoke it first, "
+                               f"or pick another name")
+        return self._create(self.directory / role, name)
+
+    def revoke(self, name: str) -> ClientKey:
+        """Move the client's public key to revoked/ and delete its secret half; it is refused from now on."""
+        for key in self.clients():
+            if key.name == name and key.role != REVOKED:
+                (self.directory / REVOKED).mkdir(mode=0o700, exist_ok=True)
+                fingerprint = hashlib.sha256(key.public.encode()).hexdigest()[:8]  # a name can be revoked twice
+                key.path.replace(self.directory / REVOKED / f"{name}~{fingerprint}.key")
+                key.path.with_suffix(SECRET_SUFFIX).unlink(missing_ok=True)
+                return key
+        raise KeyFileError(f"no client key named {name!r} in {self.directory}; `trainbus keys list` shows them")
+
+    def clients(self) -> list[ClientKey]:
+        """Every client key, authorized (by role) and revoked."""
+        found = []
+        for role in (*ROLES, REVOKED):
+            for path in sorted((self.directory / role).glob("*.key")):
+                name = path.name.removesuffix(".key").partition("~")[0]
+                found.append(ClientKey(name, role, load_public(path).decode("ascii"), path))
+        return found
+
+    def check_secrets(self) -> None:
+        """KeyFileError naming the first secret file here that is empty or readable by others."""
+        for path in sorted(self.directory.glob(f"**/*{SECRET_SUFFIX}")):
+            check_secret_file(path)
+
+    def _create(self, directory: Path, name: str) -> tuple[Path, Path]:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory.chmod(0o700)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        # Inside a 0700 directory nobody else can open the secret file before it is tightened below
+        # (pyzmq writes it with the umask's mode, 0644 by default).
+        public, secret = zmq.auth.create_certificates(directory, name)
+        Path(secret).chmod(0o600)
+        return Path(public), Path(secret)
+
+
+class KeyRing:
+    """Who is authorized now: z85 public key -> ClientKey, read from the role directories.
+
+    Re-read at every handshake (a few small files) and otherwise at most once every REFRESH_INTERVAL_S.
+    Read from two threads (the ZAP authenticator's and the bus's); the map is swapped whole.
+    """
+
+    def __init__(self, store: KeyStore):
+        self.store = store
+        self._lock = threading.Lock()
+        self._checked = float("-inf")
+        self._by_public: dict[str, ClientKey] = {}
+
+    def lookup(self, public: str, now: float | None = None, fresh: bool = False) -> ClientKey | None:
+        """The authorized key with this z85 public key, or None."""
+        now = time.monotonic() if now is None else now
+        if fresh or now - self._checked >= REFRESH_INTERVAL_S:
+            self._refresh(now)
+        return self._by_public.get(public)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """zmq.auth's credentials provider: asked at every CURVE handshake with the client's z85 key."""
+        return self.lookup(key.decode("ascii", "replace"), fresh=True) is not None
+
+    def _refresh(self, now: float) -> None:
+        with self._lock:
+            self._checked = now
+            try:
+                keys = [k for k in self.store.clients() if k.role in ROLES]
+            except (KeyFileError, OSError):  # a file being written or garbled: nobody new gets in meanwhile
+                keys = []
+            self._by_public = {k.public: k for k in keys}

@@ -1,0 +1,218 @@
+"""The run registry: one SQLite table per runs directory, so `trainbus runs list` (and the daemon) need not read
+every run directory to know what ran.
+
+`<runs_dir>/registry.sqlite` holds one row per run: status, target, flags, start and end, duration, the last and
+best metrics, plugin trouble, last seq and step. The run directories stay the source of truth: a row is what
+`runs.run_overview` read from its directory at one moment (`observed_ts`), and `trainbus runs reindex` rebuilds
+the whole table from the directories.
+
+Who writes: the kernel, as its run starts and once it ended (kernel/session.py, `record_run`); `runs list`, for
+the rows it finds out of date (a running run, a directory with no row, a row whose directory moved). A row only
+ever gives way to a newer observation, so a slow `runs list` never puts back what a kernel wrote after it looked.
+
+Several writers (kernels, the daemon, `runs list` loops) share the file safely: WAL mode (readers never wait for a
+writer), every write is one short `BEGIN IMMEDIATE` transaction (no lock upgrade that could deadlock), and a writer
+waits up to BUSY_TIMEOUT_S for another. A registry that cannot be written never fails a run: one warning line,
+and the run directory still holds the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .runs import STATUSES as RUN_STATUSES
+from .runs import _iso, find_runs, newest_first, overview_or_unreadable, run_overview
+
+REGISTRY_NAME = "registry.sqlite"
+SCHEMA_VERSION = 1  # PRAGMA user_version; a newer trainbus adds columns in _migrate
+BUSY_TIMEOUT_S = 5.0  # a write waits this long for another writer's transaction (each takes milliseconds)
+QUEUED = "queued"  # a run the daemon has not started: it has no directory yet
+STATUSES = (QUEUED, *RUN_STATUSES)
+LIVE = ("running",)  # a status that changes with no one to write it (a kernel killed): read anew at every list
+
+# The columns, and which of them hold JSON (dicts and lists); every other value is a plain SQL value.
+COLUMNS = {
+    "id": "TEXT PRIMARY KEY", "dir": "TEXT", "status": "TEXT NOT NULL", "detail": "TEXT", "pid": "INTEGER",
+    "target": "TEXT", "flags": "TEXT", "started_ts": "REAL", "ended_ts": "REAL", "duration_s": "REAL",
+    "epochs_completed": "INTEGER", "epochs": "INTEGER", "steps": "INTEGER", "last_seq": "INTEGER",
+    "training_loss": "REAL", "validation_loss": "REAL", "validation_metrics": "TEXT",
+    "best_validation_loss": "REAL", "best_epoch": "INTEGER", "stop_reasons": "TEXT", "error": "TEXT",
+    "plugin_trouble": "TEXT", "last_event": "TEXT", "observed_ts": "REAL NOT NULL",
+}
+JSON_COLUMNS = ("flags", "validation_metrics", "stop_reasons", "plugin_trouble", "last_event")
+
+_warned: set[str] = set()
+
+
+class RegistryError(Exception):
+    """The registry file is from a newer trainbus, or not a registry; `trainbus runs reindex` can rebuild it."""
+
+
+class Registry:
+    """A connection to one runs directory's registry; use as a context manager."""
+
+    def __init__(self, runs_dir: Path, busy_timeout_s: float = BUSY_TIMEOUT_S):
+        self.path = Path(runs_dir) / REGISTRY_NAME
+        if not self.path.exists():  # owner-only, like everything of a run; SQLite gives its -wal and -shm the same
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+        # isolation_level=None: no implicit transactions; each write below says BEGIN IMMEDIATE itself
+        self.db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
+        try:
+            self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            self.db.execute("PRAGMA journal_mode = WAL")  # persistent: said once per file, cheap to repeat
+            self.db.execute("PRAGMA synchronous = NORMAL")  # WAL stays consistent; a power cut may lose the last rows
+            self._migrate()
+        except BaseException:
+            self.db.close()
+            raise
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")  # take the write lock now (waiting busy_timeout), never mid-transaction
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        if self.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return
+        with self._write():
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RegistryError(f"{self.path} was written by a newer trainbus (schema {version}); "
+                                    f"upgrade trainbus, or delete it and run `trainbus runs reindex`")
+            if version == 0:
+                columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
+                self.db.execute(f"CREATE TABLE IF NOT EXISTS runs ({columns})")
+                self.db.execute("CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status)")
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    def record(self, runs: Iterable[dict[str, Any]], observed_ts: float) -> None:
+        """Upsert runs (run_overview's dicts) as seen at observed_ts; a row observed later is kept as it is."""
+        names = list(COLUMNS)
+        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != "id")
+        sql = (f"INSERT INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+               f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE excluded.observed_ts >= runs.observed_ts")
+        rows = [_to_row(run, observed_ts) for run in runs if run.get("status") in STATUSES]
+        with self._write():
+            self.db.executemany(sql, rows)
+
+    def forget(self, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        if ids:
+            with self._write():
+                self.db.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in ids])
+
+    def replace(self, runs: Iterable[dict[str, Any]], observed_ts: float) -> None:
+        """Every row but the queued ones replaced by `runs`, in one transaction (readers see before or after)."""
+        rows = [_to_row(run, observed_ts) for run in runs if run.get("status") in STATUSES]
+        with self._write():
+            self.db.execute("DELETE FROM runs WHERE status != ?", (QUEUED,))
+            self.db.executemany(f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) "
+                                f"VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def runs(self, now: float) -> dict[str, dict[str, Any]]:
+        """Every row, as run_overview's dicts, by id."""
+        cursor = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM runs")
+        return {row[0]: _from_row(row, now) for row in cursor}
+
+
+def _to_row(run: dict[str, Any], observed_ts: float) -> tuple:
+    best = run.get("best") or {}
+    values = {**run, "best_validation_loss": best.get("validation_loss"), "best_epoch": best.get("epoch"),
+              "observed_ts": observed_ts}
+    return tuple(json.dumps(values.get(n), default=str) if n in JSON_COLUMNS else values.get(n) for n in COLUMNS)
+
+
+def _from_row(row: tuple, now: float) -> dict[str, Any]:
+    run = {n: (json.loads(v) if n in JSON_COLUMNS and v is not None else v) for n, v in zip(COLUMNS, row)}
+    best, epoch = run.pop("best_validation_loss"), run.pop("best_epoch")
+    run["best"] = {"validation_loss": best, "epoch": epoch} if best is not None else None
+    run["started_at"] = _iso(run["started_ts"])
+    if run["last_event"] and run["status"] == "died" and run["ended_ts"] is not None:
+        run["last_event"]["age_s"] = round(max(0.0, now - run["ended_ts"]), 1)  # the age as of now
+    run.pop("observed_ts")
+    return run
+
+
+# -- what the kernel and the CLI call ----------------------------------------------------------------
+
+def record_run(run_dir: Path) -> None:
+    """The kernel's word on its run, as it starts and once it ended. Never raises: a registry that cannot be
+    written costs one warning line; the run directory still holds the run."""
+    run_dir = Path(run_dir)
+    try:
+        observed = time.time()
+        with Registry(run_dir.parent) as registry:
+            registry.record([run_overview(run_dir, observed)], observed)
+    except Exception as exc:  # noqa: BLE001 -- anything the index does wrong must not touch training
+        warn(run_dir.parent, exc)
+
+
+def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None = None,
+              now: float | None = None) -> list[dict[str, Any]]:
+    """The runs of runs_dir, newest first (runs.list_runs's dicts), through the registry: a row is read from its
+    directory only when it may be out of date, and written back. Without a usable registry, from the directories.
+
+    statuses: keep only these; target: keep runs whose target contains it."""
+    now = time.time() if now is None else now
+    dirs = {path.name: path.resolve() for path in find_runs(runs_dir)}
+    try:
+        with Registry(runs_dir) as registry:
+            known = registry.runs(now)
+            stale = [name for name, path in dirs.items()
+                     if name not in known or known[name]["status"] in LIVE or known[name]["dir"] != str(path)]
+            fresh = {name: overview_or_unreadable(dirs[name], now) for name in stale}
+            try:
+                registry.record(fresh.values(), now)
+                registry.forget(i for i, run in known.items() if i not in dirs and run["status"] != QUEUED)
+            except sqlite3.Error as exc:  # readable but not writable (someone else's runs dir): list all the same
+                warn(runs_dir, exc)
+        known.update(fresh)
+        found = [known[name] for name in dirs] + [run for i, run in known.items() if run["status"] == QUEUED
+                                                  and i not in dirs]
+    except (sqlite3.Error, OSError, RegistryError) as exc:
+        warn(runs_dir, exc)
+        found = [overview_or_unreadable(path, now) for path in dirs.values()]
+    return newest_first([run for run in found if (not statuses or run["status"] in statuses)
+                         and (target is None or target in (run.get("target") or ""))])
+
+
+def reindex(runs_dir: Path) -> list[dict[str, Any]]:
+    """Rebuild the registry from the run directories (queued rows are kept); the runs found, newest first."""
+    now = time.time()
+    found = [overview_or_unreadable(path, now) for path in find_runs(runs_dir)]
+    with Registry(runs_dir) as registry:
+        registry.replace(found, now)
+    return newest_first(found)
+
+
+def warn(runs_dir: Path, exc: Exception) -> None:
+    """One line on stderr, once per registry and process."""
+    path = str(Path(runs_dir).resolve() / REGISTRY_NAME)
+    if path in _warned:
+        return
+    _warned.add(path)
+    reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else f"{exc.strerror or exc}"
+    print(f"trainbus: warning: run registry {path} not usable ({reason}); the run directories still hold every "
+          f"run (`trainbus runs reindex` rebuilds it)", file=sys.stderr)

@@ -1,0 +1,116 @@
+"""The kernel's TCP side: a CURVE PUB and ROUTER beside the ipc pair, behind a ZAP authenticator that fails closed.
+
+Only with `--listen HOST:PORT` ([run] listen). Control binds PORT and events PORT + 1 (PORT 0: a free
+pair). Both sockets are CURVE servers with the host's key; every handshake goes to zmq.auth's
+authenticator, started in this object's own context before any bind, which asks the key directory
+(kernel/keys.py KeyRing) whether the client's key is authorized. ZAP_ENFORCE_DOMAIN makes a missing
+authenticator a refusal: without it libzmq lets any client key in when nobody answers ("Stonehouse").
+The bus thread owns the sockets once built; the authenticator runs on its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from trainbus.proto.remote import HANDSHAKE_IVL_MS, load_secret
+
+from .keys import REVOKED, KeyRing, KeyStore
+
+ZAP_DOMAIN = "trainbus"
+FREE_PAIR_ATTEMPTS = 20  # PORT 0: tries at a free control port whose PORT + 1 is free too
+EVENTS_MAX_INBOUND_BYTES = 4096  # a SUB only sends subscriptions (topic prefixes) to the PUB
+CONTROL_RCVHWM = 1000  # per connection: a flooding peer fills its own queue, not the others'
+TCP_KEEPALIVE_IDLE_S = 60  # a peer whose machine vanished is noticed and its connection closed
+
+
+class ListenError(Exception):
+    """--listen cannot be served as asked; the text names the fix."""
+
+
+def check_listen(host_port: str, store: KeyStore) -> tuple[str, int]:
+    """(host, port) of `--listen HOST:PORT`, once the keys it needs are there and private; else ListenError or
+    KeyFileError naming the fix. Loopback too needs keys: any local user can reach a loopback port."""
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65534:
+        raise ListenError(f"--listen {host_port!r}: give HOST:PORT, e.g. 127.0.0.1:5555 (events use PORT + 1)")
+    if not store.server_secret.exists() or not any(k.role != REVOKED for k in store.clients()):
+        raise ListenError(f"--listen {host_port} needs CURVE keys, and {store.directory} has "
+                          f"{'no client key' if store.server_secret.exists() else 'no server key'}: run "
+                          f"`trainbus keys generate server` and `trainbus keys generate client NAME --role "
+                          f"monitor` (or control) on this host (README, remote access)")
+    store.check_secrets()  # the kernel refuses to start on a secret file others can read
+    return host, int(port)
+
+
+class Listener:
+    """The run's TCP endpoints: `control_endpoint` (ROUTER) and `events_endpoint` (PUB), CURVE only."""
+
+    def __init__(self, host_port: str, store: KeyStore, events_hwm: int, control_max_bytes: int):
+        host, port = check_listen(host_port, store)
+        public, secret = load_secret(store.server_secret)
+        self.server_key = public
+        self.keyring = KeyRing(store)
+        self.ctx = zmq.Context()
+        # Before any bind, so no handshake can find nobody answering; and with ZAP_ENFORCE_DOMAIN, if it ever
+        # stops answering, nobody gets in.
+        self.authenticator = ThreadAuthenticator(self.ctx, log=logging.getLogger("trainbus.kernel.zap"))
+        self.authenticator.start()
+        self.authenticator.configure_curve_callback(ZAP_DOMAIN, self.keyring)
+        self.router = self._socket(zmq.ROUTER, secret, ROUTER_MANDATORY=1, MAXMSGSIZE=control_max_bytes,
+                                   SNDHWM=1000, RCVHWM=CONTROL_RCVHWM, LINGER=0)
+        self.pub = self._socket(zmq.PUB, secret, SNDHWM=events_hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES,
+                                LINGER=1000)
+        try:
+            self._bind(host, port)
+        except BaseException:
+            self.close()
+            raise
+        self.control_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _socket(self, kind: int, secret: bytes, **options: int) -> zmq.Socket:
+        socket = self.ctx.socket(kind)
+        socket.curve_server = True
+        socket.curve_secretkey = secret
+        socket.zap_domain = ZAP_DOMAIN.encode()
+        socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        socket.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        socket.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+        for name, value in options.items():
+            socket.setsockopt(getattr(zmq, name), value)
+        return socket
+
+    def _bind(self, host: str, port: int) -> None:
+        if host.startswith("["):
+            for socket in (self.router, self.pub):
+                socket.setsockopt(zmq.IPV6, 1)
+        if port:
+            try:
+                self.router.bind(f"tcp://{host}:{port}")
+                self.pub.bind(f"tcp://{host}:{port + 1}")
+            except zmq.ZMQError as exc:
+                raise ListenError(f"--listen {host}:{port}: cannot bind port {port} and {port + 1} ({exc}); "
+                                  f"pick another PORT, or 0 for a free pair") from None
+            return
+        for _ in range(FREE_PAIR_ATTEMPTS):
+            try:
+                self.router.bind(f"tcp://{host}:*")
+            except zmq.ZMQError as exc:
+                raise ListenError(f"--listen {host}:0: cannot bind on {host} ({exc})") from None
+            endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+            try:
+                self.pub.bind(f"tcp://{host}:{int(endpoint.rpartition(':')[2]) + 1}")
+                return
+            except zmq.ZMQError:
+                self.router.unbind(endpoint)
+        raise ListenError(f"--listen {host}:0: found no free pair of ports PORT, PORT + 1; give a PORT")
+
+    def close(self) -> None:
+        self.router.close()
+        self.pub.close()  # its LINGER lets the last events out, for a bounded second
+        self.authenticator.stop()
+        self.ctx.term()

@@ -1,0 +1,103 @@
+"""How one batch becomes an optimizer step: precision, gradient accumulation, gradient clipping, torch.compile.
+
+Lightning's names and meanings, so its users need not relearn them:
+- precision "32": as the model is; "bf16-mixed" / "16-mixed": forward and loss under torch.autocast
+  (16-mixed scales the loss with a GradScaler, CUDA only); "bf16-true": the model's floating-point
+  parameters and inputs in bfloat16.
+- accumulate_grad_batches k: the optimizer steps once every k batches, on the mean of their gradients
+  (each loss divided by k); an epoch's last batches step too, however many they are.
+- gradient_clip_val v: the gradients' total 2-norm clipped to v before each optimizer step (after unscaling).
+- compile: the forward pass through torch.compile(model); the model itself (its state_dict keys, what
+  checkpoints hold) is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+
+class SteppingError(ValueError):
+    """A combination this device cannot run; the message names the fix."""
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "16-mixed" and device.type != "cuda":
+        raise SteppingError(f"precision 16-mixed needs a CUDA device (float16 autocast with a loss scaler), "
+                            f"this run is on {device.type}; use bf16-mixed on the CPU")
+
+
+class Stepper:
+    """Runs forward, backward and (every k batches) the optimizer step for the loop; owns the loss scaler."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 precision: str = "32", accumulate_grad_batches: int = 1, gradient_clip_val: float = 0.0,
+                 compile: bool = False):
+        check_precision(precision, device)
+        self.options = {"precision": precision, "accumulate_grad_batches": accumulate_grad_batches,
+                        "gradient_clip_val": gradient_clip_val, "compile": compile}  # as start_training_session says
+        self.model, self.optimizer = model, optimizer
+        self.k, self.clip = accumulate_grad_batches, gradient_clip_val
+        self.pending = 0  # batches whose gradients are accumulated but not yet stepped
+        mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        self._autocast = (lambda: torch.autocast(device.type, dtype=mixed)) if mixed else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+        self._cast_inputs = precision == "bf16-true"
+        if self._cast_inputs:
+            model.to(torch.bfloat16)  # the same Parameter objects: the optimizer keeps them
+        self._compile = compile
+        self.forward = torch.compile(model) if compile else model
+        self._ddp: Any = None  # DistributedDataParallel around the model, across ranks
+
+    def distribute(self, ddp: Any) -> None:
+        """Train through DDP from here on (the model itself stays what checkpoints hold)."""
+        self._ddp = ddp
+        self.forward = torch.compile(ddp) if self._compile else ddp
+
+    def batch(self, inputs: Any, targets: Any, loss_fn) -> tuple[Any, torch.Tensor]:
+        """Forward and backward for one batch: (outputs, the batch's own loss, neither scaled nor divided)."""
+        if self.pending == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        # across ranks, gradients are all-reduced on the batch that completes an accumulation only
+        syncing = self._ddp is None or self.pending + 1 >= self.k
+        with contextlib.nullcontext() if syncing else self._ddp.no_sync():
+            outputs, loss = self.evaluate(inputs, targets, loss_fn)
+            scaled = loss / self.k if self.k > 1 else loss
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        self.pending += 1
+        return outputs, loss
+
+    def evaluate(self, inputs: Any, targets: Any, loss_fn) -> tuple[Any, torch.Tensor]:
+        """The forward pass and loss at the run's precision (validation calls it under no_grad)."""
+        if self._cast_inputs and torch.is_floating_point(inputs):
+            inputs = inputs.to(torch.bfloat16)
+        with self._autocast():
+            outputs = self.forward(inputs)
+            return outputs, loss_fn(outputs, targets)
+
+    def due(self) -> bool:
+        return self.pending >= self.k
+
+    def step(self) -> None:
+        """The optimizer step on what is accumulated (a no-op when nothing is)."""
+        if self.pending == 0:
+            return
+        if self.clip:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.pending = 0
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

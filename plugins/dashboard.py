@@ -1,0 +1,282 @@
+"""`trainbus attach`'s client: a live terminal dashboard of a run, JSON lines for scripts, or one command sent.
+
+    python -m trainbus.plugins.dashboard RUN_DIR|ENDPOINT [--json] [--control] [--stop REASON | --checkpoint REASON]
+
+Like any plugin it is a separate process on the bus (sdk/attach.py does the connecting); `trainbus attach`
+finds the run, answers at once for one that has ended, and runs this for a live one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import select
+import sys
+import termios
+import time
+import tty
+from typing import Any
+
+from trainbus.proto import event_to_map, events as ev
+from trainbus.proto.run_state import RunState
+from trainbus.sdk.attach import CLIENT_PREFIX, AttachError, Attachment, RunEnded, target_of
+from trainbus.sdk.runner import run_summary
+
+MONITORS = ("cpu", "memory", "disk", "gpu", "perf")  # the resource monitors' metric name prefixes
+COMMAND_ECHO_TIMEOUT_S = 30.0  # a one-shot command waits this long to see the kernel journal it
+REFRESH_S = 0.25  # at most this often a redraw; rich's own refresh is off (we redraw when events came)
+SPARKS = "▁▂▃▄▅▆▇█"
+KEYS = {"s": "stop", "c": "checkpoint_now"}  # --control: the key, then y to confirm
+FINAL = (ev.END_TRAINING_SESSION, ev.RUN_FAILED)
+
+
+def sparkline(values: list[float], width: int = 30) -> str:
+    values = values[-width:]
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(SPARKS[int((v - low) / span * (len(SPARKS) - 1))] for v in values)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m {seconds % 60:02d}s"
+
+
+def _reading(name: str, value: float) -> str:
+    """A resource reading; bytes in binary units."""
+    if not name.endswith("_bytes"):
+        return f"{value:.4g}"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(value)
+
+
+def outcome(state: RunState) -> str:
+    """How the run ended, from its final event: completed, stopped, or failed with its error."""
+    ended = state.ended or {}
+    if ended.get("type") == ev.RUN_FAILED:
+        return f"failed: {ended.get('error') or '?'}"
+    return "stopped" if ended.get("stopped_early") else "completed"
+
+
+# -- the dashboard --------------------------------------------------------------------------------
+
+def render(state: RunState, status: str, footer: str = ""):
+    """One frame: run, progress, metrics, resources, plugins."""
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    run, p = state.run, state.progress
+    head = Table.grid(padding=(0, 2))
+    head.add_row(f"[bold]run {escape(str(run.get('id') or '?'))}[/bold]", status)
+    head.add_row("target", escape(str(run.get("target") or "-")))
+    head.add_row("device", escape(f"{run.get('device') or '-'}  model {run.get('model') or '-'} "
+                                  f"({run.get('parameters') or '?'} parameters)"))
+    rate, eta = state.steps_per_s(), state.eta_s()
+    planned = p.get("batches_planned")
+    head.add_row("progress", f"epoch {p.get('epoch', 0)}/{run.get('epochs') or '?'}  "
+                             f"batch {p.get('batches_done', 0)}/{planned or '?'}  step {p.get('step', 0)}  "
+                             f"{f'{rate:.1f} steps/s' if rate else '- steps/s'}  ETA {_duration(eta)}")
+    parts: list[Any] = [head]
+    if run.get("epochs") and planned:
+        total = run["epochs"] * planned
+        done = min(total, (max(p.get("epoch", 1), 1) - 1) * planned + p.get("batches_done", 0))
+        bar = Table.grid(padding=(0, 2))
+        bar.add_row(ProgressBar(total=total, completed=done, width=60), f"{100 * done / total:.0f} %")
+        parts.append(bar)
+    titled = dict(box=None, pad_edge=False, title_justify="left")
+    metrics = Table("metric", "latest", "step", "history", title="metrics", **titled)
+    resources = Table("resource", "latest", "history", title="resources", **titled)
+    cores = []
+    for name, s in sorted(state.series.items()):
+        if name.split("/")[0] in MONITORS:
+            if "/core" in name:  # one row per core would fill the screen: summarised below
+                cores.append(s["value"])
+                continue
+            resources.add_row(escape(name), _reading(name, s["value"]), sparkline(list(s["history"])))
+        else:
+            metrics.add_row(escape(name), f"{s['value']:.4g}", str(s.get("step", "")), sparkline(list(s["history"])))
+    if cores:
+        resources.add_row(f"cpu/cores ({len(cores)}, mean)", f"{sum(cores) / len(cores):.4g}",
+                          f"min {min(cores):.4g}  max {max(cores):.4g}")
+    parts += [metrics, resources]
+    plugins = Table("plugin", "state", "restarts", "lag", "errors", "trouble", title="plugins", **titled)
+    clients = [name for name in state.plugins if name.startswith(CLIENT_PREFIX)]
+    for name, plugin in sorted(state.plugins.items()):
+        if name in clients:  # attached views like this one: counted below, not plugins of the run
+            continue
+        lag = "-" if plugin.get("lag") is None else str(plugin["lag"])
+        colour = {"running": "green", "failed": "red", "crashed": "red", "hung": "red"}.get(plugin.get("state"), "")
+        text = escape(str(plugin.get("state")))
+        plugins.add_row(escape(name), f"[{colour}]{text}[/{colour}]" if colour else text,
+                        str(plugin.get("restarts", 0)), lag, str(plugin.get("errors", 0)),
+                        escape(str(plugin.get("reason") or "")))
+    parts.append(plugins)
+    if len(clients) > 1:
+        parts.append(f"{len(clients)} clients have attached (trainbus attach)")
+    if state.stop_reasons:
+        parts.append(f"stop requested: {escape('; '.join(state.stop_reasons))}")
+    if state.checkpoint:
+        checkpoint = state.checkpoint
+        parts.append(f"last checkpoint: {escape(str(checkpoint.get('path')))} (step {checkpoint.get('step')})")
+    if footer:
+        parts.append(footer)
+    return Group(*parts)
+
+
+class Keys:
+    """Single keys from the terminal (cbreak mode), without blocking; nothing when stdin is not a terminal."""
+
+    def __init__(self):
+        self.saved = None
+
+    def __enter__(self):
+        if sys.stdin.isatty():
+            self.saved = termios.tcgetattr(sys.stdin)
+            tty.setcbreak(sys.stdin)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, self.saved)
+
+    def read(self) -> str:
+        if self.saved is None or not select.select([sys.stdin], [], [], 0)[0]:
+            return ""
+        return sys.stdin.read(1)
+
+
+def dashboard(attachment: Attachment, steer: bool) -> int:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.markup import escape
+
+    console = Console()
+    pending, said = "", ""  # a command waiting for its y; what the last command did
+    keys_help = "keys: s stop · c checkpoint now · q quit" if steer else "q quit"
+    with Keys() as keys, Live(console=console, auto_refresh=False, transient=False) as live:
+        def reconnecting(why: str) -> None:
+            if attachment.state is not None:
+                status = f"[yellow]reconnecting: {escape(why)}[/yellow]"
+                live.update(render(attachment.state, status), refresh=True)
+        attachment.on_reconnect = reconnecting
+        drawn = 0.0
+        live.update(f"attaching to {escape(attachment.target.events)} ...", refresh=True)
+        for item in attachment:
+            state = attachment.state
+            if state is None:
+                continue
+            key = keys.read().lower()
+            if key == "q":
+                return 0
+            if pending and key:
+                if key == "y":
+                    send_command(attachment, pending, "from the terminal")
+                    said = escape(f"sent {pending} as {attachment.peer_name}")
+                pending = ""
+            elif steer and key in KEYS:
+                pending = KEYS[key]
+            if attachment.refusals:
+                said = f"[red]refused: {escape(attachment.refusals.pop())}[/red]"
+            ended = item is not None and item[0] == "event" and item[1].type in FINAL
+            now = time.monotonic()
+            if ended or now - drawn >= REFRESH_S:
+                again = f" (reconnected {attachment.reconnects}x)" if attachment.reconnects else ""
+                status = f"[bold]run ended: {escape(outcome(state))}[/bold]" if ended else f"[cyan]live[/cyan]{again}"
+                footer = f"{pending}? y to confirm, any other key to cancel" if pending else f"{said}  {keys_help}"
+                live.update(render(state, status, footer), refresh=True)
+                drawn = now
+    return 0
+
+
+# -- scripts: JSON lines, and one command ---------------------------------------------------------
+
+def json_lines(attachment: Attachment) -> int:
+    """The snapshot as one line ({"type": "snapshot", "seq", "state"}), then each event's envelope, one a line."""
+    attachment.on_reconnect = lambda why: print(f"trainbus attach: {why}; reconnecting", file=sys.stderr)
+    for item in attachment:
+        if item is None:
+            continue
+        kind, value = item
+        line = ({"type": "snapshot", "seq": value.seq, "run": value.run.get("id"), "state": value.to_map()}
+                if kind == "snapshot" else event_to_map(value))
+        print(json.dumps(line, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)), flush=True)
+    return 0
+
+
+def send_command(attachment: Attachment, kind: str, reason: str) -> None:
+    """The command, after a log line naming it: the kernel journals both under our peer name (who sent it)."""
+    attachment.send("log", level="info", text=f"{kind} requested with trainbus attach: {reason}")
+    attachment.send(kind, reason=reason)
+
+
+def one_command(attachment: Attachment, kind: str, reason: str) -> int:
+    """Send stop or checkpoint_now once attached. Done when the kernel journaled it (our log line came back) and a
+    heartbeat followed with no refusal (a monitor-role key's stop is refused at once, on the control socket)."""
+    end, sent, echo = time.monotonic() + COMMAND_ECHO_TIMEOUT_S, False, None
+    for item in attachment:
+        if attachment.refusals:
+            print(f"error: the kernel refused: {attachment.refusals[0]}", file=sys.stderr)
+            return 1
+        event = item[1] if item is not None and item[0] == "event" else None
+        if item is not None and item[0] == "snapshot" and not sent:
+            send_command(attachment, kind, reason)
+            sent = True
+        elif event is not None and event.type == ev.LOG and event.data.get("plugin") == attachment.peer_name \
+                and kind in str(event.data.get("text")):
+            echo = event
+        elif echo is not None and event is not None and event.type in (ev.HEARTBEAT, *FINAL):
+            print(f"{kind} sent to run {attachment.state.run.get('id')} as {attachment.peer_name} "
+                  f"(journaled at seq {echo.seq})")
+            return 0
+        if time.monotonic() > end:
+            break
+    print(f"error: {kind} was not confirmed by the kernel within {COMMAND_ECHO_TIMEOUT_S:.0f} s", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="trainbus attach", description=__doc__.splitlines()[0])
+    parser.add_argument("where", help="run directory, or ENDPOINT (ipc://DIR/events.sock, or EVENTS,CONTROL)")
+    parser.add_argument("--key", default="", help="this client's secret key file: WHERE is a remote kernel's "
+                                                   "HOST:PORT or connection.json, reached over TCP + CURVE")
+    parser.add_argument("--server-key", default="", help="the server's public key file (pinned)")
+    parser.add_argument("--json", action="store_true", help="JSON lines: the snapshot, then every event")
+    parser.add_argument("--control", action="store_true", help="keys s (stop) and c (checkpoint now), confirmed")
+    parser.add_argument("--stop", metavar="REASON", help="send stop with REASON, confirm, exit")
+    parser.add_argument("--checkpoint", metavar="REASON", help="send checkpoint_now with REASON, confirm, exit")
+    args = parser.parse_args(argv)
+    try:
+        target = target_of(args.where, args.key, args.server_key)
+        summary = run_summary(target.run_dir)
+        if summary is not None:
+            raise RunEnded(summary)
+        command = ("stop", args.stop) if args.stop else ("checkpoint_now", args.checkpoint) if args.checkpoint else None
+        attachment = Attachment(target, steer=bool(args.control or command))
+        if command:
+            return one_command(attachment, *command)
+        return json_lines(attachment) if args.json else dashboard(attachment, args.control)
+    except RunEnded as ended:
+        print(str(ended))
+        return 1 if args.stop or args.checkpoint else 0
+    except AttachError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):  # `| head` closed the pipe: not an error
+        sys.exit(main(sys.argv[1:]))

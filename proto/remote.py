@@ -1,0 +1,114 @@
+"""The wire's remote side: CURVE key files, the connection file, and the client's socket setup over TCP.
+
+A kernel that listens on TCP does so with CURVE only (PROTOCOL.md, security). Key files are pyzmq's
+(`zmq.auth.create_certificates`, read with `zmq.auth.load_certificate`); a secret one must be the owner's
+alone. `secure_client` is the one place a client (an SDK plugin, `trainbus attach`) sets a socket up:
+its own key pair, and the server's public key pinned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+KEYS_DIR_ENV = "TRAINBUS_KEYS_DIR"
+DEFAULT_KEYS_DIR = Path("~/.config/trainbus/keys")
+SERVER_KEY = "server"  # <keys dir>/server.key (public) and server.key_secret: the kernel host's pair
+ROLES = ("monitor", "control")  # monitor: events, replays, metric/log; control: stop and checkpoint_now too
+SECRET_SUFFIX = ".key_secret"  # zmq.auth's names: NAME.key is public, NAME.key_secret holds both halves
+CONNECTION_FILE = "connection.json"  # in the run directory: the TCP endpoints and the server's public key
+# libzmq drops a TCP connection whose CURVE handshake is not done within this (its default is 30 s): a client
+# that connects and says nothing, or garbage, costs a file descriptor this long at most.
+HANDSHAKE_IVL_MS = 5000
+
+
+class KeyFileError(Exception):
+    """A key file that is missing, unreadable, empty or readable by others; the text names the file and the fix."""
+
+
+def keys_dir(override: str | os.PathLike | None = None) -> Path:
+    """The key directory: the given one, else $TRAINBUS_KEYS_DIR, else ~/.config/trainbus/keys."""
+    return Path(override or os.environ.get(KEYS_DIR_ENV) or DEFAULT_KEYS_DIR).expanduser()
+
+
+def check_secret_file(path: Path) -> None:
+    """KeyFileError unless `path` is a non-empty file that only its owner can read (0600 or stricter)."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise KeyFileError(f"key file {path}: {exc.strerror}; generate it with `trainbus keys generate`") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(f"secret key file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):o}); "
+                           f"fix: chmod 600 {path}")
+    if info.st_size == 0:
+        raise KeyFileError(f"secret key file {path} is empty; fix: generate it again with `trainbus keys generate`")
+
+
+def load_secret(path: Path) -> tuple[bytes, bytes]:
+    """(public, secret) z85 keys of a secret key file, after checking it is the owner's alone."""
+    path = Path(path)
+    check_secret_file(path)
+    public, secret = _load(path)
+    if not secret:
+        raise KeyFileError(f"{path} holds no secret key; give the {SECRET_SUFFIX} file, not the public one")
+    return public, secret
+
+
+def load_public(path: Path) -> bytes:
+    """The z85 public key of a key file (public or secret)."""
+    return _load(Path(path))[0]
+
+
+def _load(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"key file {path} is not a readable CURVE key ({exc}); "
+                           f"generate one with `trainbus keys generate`") from None
+
+
+def secure_client(socket: zmq.Socket, key_file: Path, server_key: bytes | Path) -> None:
+    """Make `socket` a CURVE client before it connects: its own key pair from `key_file` (a .key_secret file,
+    owner-only), the server's public key pinned (z85 bytes, or a key file holding it). A server holding any
+    other key fails the handshake, and the socket never receives a byte."""
+    public, secret = load_secret(Path(key_file))
+    pinned = server_key if isinstance(server_key, bytes) else load_public(Path(server_key))
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_serverkey = pinned
+    socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+
+
+def endpoints(host_port: str) -> tuple[str, str]:
+    """(control, events) TCP endpoints of `HOST:PORT`: control on PORT, events on PORT + 1."""
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65535:
+        raise ValueError(f"{host_port!r} is not HOST:PORT (a port from 1 to 65534: events use PORT + 1)")
+    return f"tcp://{host}:{port}", f"tcp://{host}:{int(port) + 1}"
+
+
+def write_connection_file(run_dir: Path, run_id: str, control: str, events: str, server_key: bytes) -> Path:
+    """<run_dir>/connection.json (0600), like Jupyter's connection files: what a remote client needs besides
+    its own key. The server's key in it is public; the file is owner-only as everything in a run directory."""
+    path = Path(run_dir) / CONNECTION_FILE
+    temporary = path.with_name(f".{path.name}.tmp")
+    content = {"run": run_id, "transport": "tcp", "control": control, "events": events,
+               "server_key": server_key.decode("ascii")}
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(json.dumps(content, indent=2) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def read_connection_file(path: Path) -> dict[str, str]:
+    """A connection file's content: run, control, events, server_key (z85 text)."""
+    try:
+        content = json.loads(Path(path).read_text())
+        return {k: str(content[k]) for k in ("run", "control", "events", "server_key")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KeyFileError(f"connection file {path} is unreadable ({exc}); copy the run's {CONNECTION_FILE} again")

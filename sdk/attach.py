@@ -1,0 +1,314 @@
+"""Attaching to a live run from outside: a snapshot, then every event after it in seq order; reconnects; steers.
+
+zguide's Clone pattern (PROTOCOL.md §7.4): subscribe to everything and say hello, buffer the live events,
+ask for a `snapshot`; the kernel's `run_state` is the run as of seq S, so buffered events up to S are
+dropped and the rest follow without gap or duplicate. A gap in the live stream (a SUB queue overflowed) is
+filled with `replay`, as a durable plugin does (§12). When the kernel's heartbeats stop, the client
+reconnects with a doubling backoff, a bounded number of times, and goes on from the seq it needs next.
+
+    attachment = Attachment(target_of("runs/20250101-120000-a1b2c3"))
+    for item in attachment:          # ("snapshot", RunState) once, then ("event", Event) ...
+        ...                          # attachment.state is the run as of the last item
+"""
+
+from __future__ import annotations
+
+import collections
+import getpass
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import zmq
+
+from trainbus.proto import BEST_EFFORT, Event, control, events as ev
+from trainbus.proto.messages import SUMMARY_NAME
+from trainbus.proto.remote import KeyFileError
+from trainbus.proto.run_state import RunState
+
+from .runner import CREDENTIAL_FILE, _IO, remote_endpoints, run_summary
+
+RECONNECT_FIRST_S = 0.5  # backoff after the kernel went silent: 0.5, 1, 2, 4, 8, 8 ... (zguide's ppworker)
+RECONNECT_MAX_S = 8.0
+RECONNECT_ATTEMPTS = 8  # about a minute of trying, then the client gives up (AttachError)
+SNAPSHOT_RETRY_S = 5.0  # no run_state this long after asking (the answer was lost): ask again
+PLUGINS_REFRESH_S = 5.0  # a fresh snapshot this often, for what only the kernel knows (durable plugins' acks)
+BUFFER_MAX_EVENTS = 50_000  # live events held while the snapshot is on its way; past it they are replayed
+POLL_S = 0.1
+FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
+KERNEL_PID = "kernel.pid"  # the run's kernel's pid, in the run directory (kernel/runs.py)
+CLIENT_PREFIX = "attach-"  # the peer names of attached clients (client_name)
+SOCKETS_LINE = re.compile(r"sockets: events (\S+) control (\S+)")  # kernel.log (kernel/session.py open_bus)
+
+
+class AttachError(Exception):
+    """Nothing to attach to, refused by the kernel, or gone for good: the text says which."""
+
+
+@dataclass
+class Target:
+    """Where a run's kernel listens, and how to prove who we are there."""
+
+    events: str  # the kernel's PUB endpoint
+    control: str  # its ROUTER endpoint
+    run_dir: Path | None = None  # for the credential (ipc) and for telling an ended run (summary.json)
+    # Applied to both sockets before they connect: a remote kernel's CURVE keys (tcp). None on ipc, where the
+    # credential file proves us; the TCP work fills this in (one function: client keys onto a socket).
+    secure: Callable[[zmq.Socket], None] | None = None
+
+    def secret(self) -> str:
+        if self.run_dir is None:
+            return ""
+        try:
+            return (self.run_dir / CREDENTIAL_FILE).read_text().strip()
+        except OSError:
+            return ""  # the kernel refuses the hello and says why
+
+
+def target_of(where: str, key: str = "", server_key: str = "") -> Target:
+    """RUN_DIR, or ENDPOINT: `ipc://DIR/events.sock` (its control.sock beside it) or `EVENTS,CONTROL`; with
+    `key` (this client's secret key file), a remote kernel's HOST:PORT or connection.json over TCP + CURVE."""
+    if key:
+        try:
+            control_endpoint, events, secure = remote_endpoints(where, key, server_key)
+        except (KeyFileError, ValueError) as exc:
+            raise AttachError(str(exc)) from None
+        return Target(events, control_endpoint, None, secure)
+    if "://" in where:
+        events, _, control_endpoint = where.partition(",")
+        if not control_endpoint:
+            if not events.startswith("ipc://") or not events.endswith("events.sock"):
+                raise AttachError(f"{where}: give both endpoints as EVENTS,CONTROL (only an ipc events.sock "
+                                  f"names its control socket)")
+            control_endpoint = events[: -len("events.sock")] + "control.sock"
+        run_dir = Path(events.removeprefix("ipc://")).parent if events.startswith("ipc://") else None
+        return Target(events, control_endpoint, run_dir if run_dir and (run_dir / CREDENTIAL_FILE).exists() else None)
+    run_dir = Path(where).resolve()
+    if (run_dir / "events.sock").exists():
+        return Target(f"ipc://{run_dir / 'events.sock'}", f"ipc://{run_dir / 'control.sock'}", run_dir)
+    try:  # a run directory too deep for a Unix socket path: its kernel says where they are
+        found = SOCKETS_LINE.findall((run_dir / "kernel.log").read_text(errors="replace"))
+    except OSError:
+        found = []
+    if found:
+        return Target(*found[-1], run_dir)
+    raise AttachError(f"no live kernel sockets for {run_dir} (no events.sock; kernel.log names none)")
+
+
+def kernel_died(run_dir: Path | None) -> str | None:
+    """Why the run's kernel is known to be gone without a summary (killed, out of memory); None if not known."""
+    if run_dir is None:
+        return None
+    try:
+        pid = int((Path(run_dir) / KERNEL_PID).read_text().split()[0])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"the run's kernel (pid {pid}) is gone and wrote no {SUMMARY_NAME}: the run died"
+    except (OSError, ValueError, IndexError):
+        pass  # no pid file, or a process that is not ours: alive as far as we can tell
+    return None
+
+
+def client_name() -> str:
+    """Who we are, as the kernel journals it with every command we send: attach-USER@HOST-PID."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{CLIENT_PREFIX}{user}@{socket.gethostname()}-{os.getpid()}"[:200]
+
+
+class Attachment:
+    """One attached client: iterate for ("snapshot", RunState) once, then ("event", Event), gap-free, in seq order.
+
+    Iteration yields None every POLL_S when nothing arrived (a dashboard redraws then), and ends after
+    the run's final event. It raises AttachError when the kernel refuses us or cannot be reached again.
+    """
+
+    def __init__(self, target: Target, steer: bool = False, name: str | None = None):
+        self.target = target
+        self.name = name or client_name()
+        self.peer_name = self.name  # this connection's name: the name, then name.1, name.2 ... after reconnects
+        self.on_reconnect: Callable[[str], None] = lambda why: None  # told before each try (a line for the user)
+        self.replies = ["stop", "checkpoint_now", "log"] if steer else []
+        self.state: RunState | None = None
+        self.next_seq = 0  # the next seq to hand out; 0 until the snapshot came
+        self.gaps = 0  # events the live stream missed (all filled by replay)
+        self.refusals: list[str] = []  # why the kernel did not act on a message of ours (a monitor key's stop)
+        self.reconnects = 0
+        self._io: _IO | None = None
+        self._buffer: collections.deque[Event] = collections.deque()  # live events while a snapshot is pending
+        self._replaying = False
+        self._asked_snapshot = 0.0  # when the latest snapshot was asked for (monotonic), 0: none pending
+        self._ready: collections.deque = collections.deque()  # items for the caller, in order
+
+    # -- the caller's side ------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[tuple[str, Any] | None]:
+        try:
+            self._connect()
+            while True:
+                while self._ready:
+                    item = self._ready.popleft()
+                    yield item
+                    if item[0] == "event" and item[1].type in FINAL_EVENTS:
+                        return
+                if not self._step():
+                    yield None
+        finally:
+            self.close()
+
+    def send(self, type_: str, **fields: Any) -> None:
+        """A reply to the kernel (stop, checkpoint_now, log): it acts on it and journals it under our name."""
+        if self._io is not None:
+            self._io.send(control(type_, **fields))
+
+    def close(self) -> None:
+        io, self._io = self._io, None
+        if io is not None:
+            io.send(control("bye", reason="detached"))
+            io.closing.set()
+            io.join(timeout=3)
+
+    # -- one connection ---------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        # A new name per connection: the kernel keeps the old one's name for its liveness window (3 s) after we
+        # leave, and refuses a second hello under a name a live peer holds.
+        self.peer_name = self.name if not self.reconnects else f"{self.name}.{self.reconnects}"
+        hello = control("hello", name=self.peer_name, pid=os.getpid(), subscriptions=[""], replies=self.replies,
+                        delivery=BEST_EFFORT, votes=[], capabilities=[], secret=self.target.secret())
+        self._io = _IO(self.target.events, self.target.control, [""], hello, handler_timeout_s=float("inf"),
+                       kernel_pid=None, secure=self.target.secure)
+        self._io.start()
+        self._asked_snapshot, self._replaying = 0.0, False
+        self._buffer.clear()
+
+    def _step(self) -> bool:
+        """Handle what the connection brought within POLL_S; False when nothing did."""
+        io = self._io
+        with io.wake:
+            if not io.inbox and not io.gone:
+                io.wake.wait(POLL_S)
+            items = [io.inbox.popleft() for _ in range(len(io.inbox))]
+        while io.not_acted:
+            self.refusals.append(io.not_acted.popleft())
+        for kind, payload in items:
+            if kind == "event":
+                self._on_live(payload)
+            elif payload["type"] == "welcome":
+                self._on_welcome()
+            elif payload["type"] == "run_state":
+                self._on_run_state(payload)
+            elif payload["type"] == "replay_batch":
+                self._on_replay(payload)
+        now = time.monotonic()
+        if self._asked_snapshot and now - self._asked_snapshot > (SNAPSHOT_RETRY_S if not self.next_seq
+                                                                  else PLUGINS_REFRESH_S):
+            self._ask_snapshot()
+        if io.gone or not io.is_alive():
+            self._reconnect(io.gone or "connection closed")
+        return bool(items)
+
+    def _on_welcome(self) -> None:
+        if self.next_seq:  # a reconnect: we know where we are; the journal has what went by meanwhile
+            self._request_replay()
+        self._ask_snapshot()  # first time: the clone's start; later: the refresh of plugins' positions
+
+    def _ask_snapshot(self) -> None:
+        self._asked_snapshot = time.monotonic()
+        self._io.send(control("snapshot"))
+
+    def _on_run_state(self, msg: dict[str, Any]) -> None:
+        self._asked_snapshot = time.monotonic()  # the next refresh is due PLUGINS_REFRESH_S from now
+        fresh = RunState.from_map(msg["seq"], msg["state"])
+        if self.state is not None:  # a refresh: take only what the kernel alone knows
+            for name, plugin in fresh.plugins.items():
+                if name in self.state.plugins:
+                    self.state.plugins[name].update(acked=plugin.get("acked"), lag=plugin.get("lag"))
+            return
+        self.state, self.next_seq = fresh, msg["seq"] + 1
+        self._ready.append(("snapshot", fresh))
+        buffered, self._buffer = self._buffer, collections.deque()
+        for event in buffered:
+            self._on_live(event)
+
+    def _on_live(self, event: Event) -> None:
+        if not self.next_seq:
+            if len(self._buffer) >= BUFFER_MAX_EVENTS:
+                self._buffer.popleft()  # its seq will be missing: a gap, replayed
+            self._buffer.append(event)
+            return
+        if self._replaying or event.seq < self.next_seq:
+            return  # the replay covers it, or it is at or before the snapshot (a held-back heartbeat too)
+        if event.seq > self.next_seq:
+            self.gaps += event.seq - self.next_seq
+            self._request_replay()
+            return
+        self._deliver(event)
+
+    def _on_replay(self, batch: dict[str, Any]) -> None:
+        for event in batch["events"]:
+            if event.seq == self.next_seq:
+                self._deliver(event)
+        if batch["done"] and (not batch["events"] or batch["events"][-1].seq < self.next_seq):
+            self._replaying = False
+        else:
+            self._request_replay()
+
+    def _request_replay(self) -> None:
+        self._replaying = True
+        self._io.send(control("replay", from_seq=self.next_seq))
+
+    def _deliver(self, event: Event) -> None:
+        self.state.fold(event)
+        self.next_seq = event.seq + 1
+        self._ready.append(("event", event))
+
+    # -- reconnecting -----------------------------------------------------------------------------
+
+    def _reconnect(self, why: str) -> None:
+        """The kernel went silent: try again with a doubling backoff, a bounded number of times."""
+        io = self._io
+        refused = io.refused
+        self.close()
+        if refused:
+            raise AttachError(f"the kernel refused us: {refused}")
+        delay_s = RECONNECT_FIRST_S
+        for _ in range(RECONNECT_ATTEMPTS):
+            summary = run_summary(self.target.run_dir)
+            if summary is not None:
+                raise RunEnded(summary)
+            dead = kernel_died(self.target.run_dir)
+            if dead:
+                raise AttachError(dead)
+            self.on_reconnect(why)
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, RECONNECT_MAX_S)
+            self.reconnects += 1
+            self._connect()
+            if self._wait_heard(delay_s + 2.0):
+                return
+            self.close()
+        raise AttachError(f"lost the kernel ({why}) and could not reach it again after {RECONNECT_ATTEMPTS} tries")
+
+    def _wait_heard(self, timeout_s: float) -> bool:
+        """Anything from the kernel within timeout_s (its heartbeat comes every second)."""
+        end = time.monotonic() + timeout_s
+        io = self._io
+        with io.wake:
+            while not io.inbox and not io.gone and time.monotonic() < end:
+                io.wake.wait(POLL_S)
+            return bool(io.inbox)
+
+
+class RunEnded(AttachError):
+    """The run ended while we were away: its summary.json says how."""
+
+    def __init__(self, summary: dict[str, Any]):
+        super().__init__(f"run {summary.get('run_id', '?')} has ended: {summary.get('status', '?')}")
+        self.summary = summary

@@ -1,0 +1,133 @@
+"""Typed plugin settings: each one's type, default, constraint and help declared once, and values checked against it.
+
+A plugin declares ``settings = {"patience": Setting(3, "epochs without improvement before stopping", min=1)}``;
+a plain value (``{"patience": 3}``) still works and is a Setting whose type is its default's, with no constraint
+and no help. Values are checked, and strings from the command line (``--set early_stopping.patience=1``) are
+converted, in the plugin's constructor and in ``python -m trainbus.sdk --describe``, which `trainbus run` asks
+before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from trainbus.proto.settings_format import METRIC, PATH
+
+__all__ = ["METRIC", "PATH", "Setting", "SettingsError", "check_value", "declared", "describe_settings"]
+
+# The article-and-noun each type is called by in an error ("must be an integer >= 0").
+TYPE_PHRASES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+                dict: "a table"}
+
+
+class SettingsError(ValueError):
+    """A plugin setting that does not exist or whose value is not allowed."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its default, one line of help, and what is allowed (type from the default unless given)."""
+
+    default: Any
+    help: str = ""
+    type: type | None = None  # None: the default's type (any type for a default of None)
+    min: float | None = None  # inclusive bounds, for numbers
+    max: float | None = None
+    choices: tuple[Any, ...] = ()
+    kind: str = ""  # METRIC or PATH (proto/settings_format.py), for a str setting
+    rule: str = ""  # what the plugin's check_settings also requires, in a few words, for `trainbus plugins list`
+
+    def __post_init__(self) -> None:
+        if self.type is None and self.default is not None:
+            object.__setattr__(self, "type", type(self.default))
+
+    def constraint(self) -> str:
+        """What is allowed beyond the type, in a few words; "" when any value of the type is."""
+        if self.rule:
+            return self.rule
+        if self.choices:
+            return "one of " + ", ".join(map(repr, self.choices))
+        if self.kind == METRIC:
+            return "a metric the run produces"
+        if self.kind == PATH:
+            return "a path inside the run directory (relative, no '..')"
+        if self.min is not None and self.max is not None:
+            return f"between {self.min:g} and {self.max:g}"
+        if self.min is not None:
+            return f">= {self.min:g}"
+        if self.max is not None:
+            return f"<= {self.max:g}"
+        return ""
+
+    def allowed(self) -> str:
+        """The type and the constraint together: "an integer >= 1", "one of 'min', 'max'"."""
+        constraint = self.constraint()
+        if self.choices or self.type is None:
+            return constraint or "any value"
+        phrase = TYPE_PHRASES.get(self.type, self.type.__name__)
+        return f"{phrase}: {constraint}" if self.kind or self.rule else " ".join(filter(None, (phrase, constraint)))
+
+
+def declared(settings: dict[str, Any]) -> dict[str, Setting]:
+    """A class's `settings`, every entry a Setting (a plain default becomes one)."""
+    return {key: value if isinstance(value, Setting) else Setting(value) for key, value in settings.items()}
+
+
+def check_value(key: str, setting: Setting, value: Any) -> Any:
+    """The value as the plugin gets it (a string converted to the declared type), or SettingsError in one line."""
+    converted = _converted(setting.type, value)
+    if converted is _REFUSED or not _within(setting, converted):
+        raise SettingsError(f"{key} = {_shown(value)} is not allowed; it must be {setting.allowed()}")
+    return converted
+
+
+def describe_settings(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every setting as plain data, for `trainbus plugins list` and its --json."""
+    return {key: {"type": s.type.__name__ if s.type else "any", "default": s.default, "constraint": s.constraint(),
+                  "help": s.help, "kind": s.kind} for key, s in declared(settings).items()}
+
+
+_REFUSED = object()
+
+
+def _converted(kind: type | None, value: Any) -> Any:
+    """value as `kind`; a string is read as one (the command line gives every value as text); else _REFUSED."""
+    if kind is None or (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)):
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str):
+        return _REFUSED
+    text = value.strip()
+    try:
+        if kind is bool:
+            return {"true": True, "false": False}.get(text.lower(), _REFUSED)
+        if kind in (int, float):
+            return kind(text)
+        if kind in (list, dict):
+            parsed = json.loads(text)
+            return parsed if isinstance(parsed, kind) else _REFUSED
+    except ValueError:
+        pass
+    return _REFUSED
+
+
+def _within(setting: Setting, value: Any) -> bool:
+    if setting.choices:
+        return value in setting.choices
+    if setting.kind == PATH:
+        path = PurePosixPath(value)
+        return not path.is_absolute() and ".." not in path.parts and not value.startswith("~")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        return (setting.min is None or value >= setting.min) and (setting.max is None or value <= setting.max)
+    return True
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)

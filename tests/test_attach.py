@@ -1,0 +1,302 @@
+"""`trainbus attach` against real runs: the dashboard in tmux, JSON lines mid-run, an ended run, a stop sent.
+
+Runs are real kernels in their own processes (tests/kernel_process.py) training the digits demo slowly
+enough to attach mid-run (tests/timed_targets.py); the client is the installed `trainbus` command. Waits
+are bounded polls with margins for a busy 2-core machine; nothing asserts a wall-clock gap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainbus.kernel.config import RunConfig, resolve_plugin
+from trainbus.proto import event_to_map, events as ev, pack
+from trainbus.proto.journal_format import read_journal
+from trainbus.proto.messages import Event
+from trainbus.proto.run_state import HISTORY_POINTS, MAX_PLUGINS, MAX_SERIES, RunState
+from trainbus.sdk.runner import HEARTBEAT_LIVENESS
+
+from conftest import TESTS_DIR, trainbus_cmd
+from kernel_process import KernelProcess, wait_until
+
+SLOW = f"{TESTS_DIR / 'timed_targets.py'}:digits_slowly"  # 45 batches an epoch, each batch_s late
+SCREEN_TIMEOUT_S = 30.0  # a busy machine: the dashboard's start (a Python process, rich) can take seconds
+
+
+def live_run(runs_dir, tmp_path, kernels, epochs: int, batch_s: float, monitors: bool = True) -> KernelProcess:
+    """A kernel training SLOW with the cpu and memory monitors sampling every 0.5 s."""
+    plugins = [resolve_plugin(name, {"interval_s": 0.5}) for name in ("cpu", "memory")] if monitors else []
+    cfg = RunConfig(target=SLOW, epochs=epochs, runs_dir=str(runs_dir), hyperparameters={"batch_s": batch_s},
+                    plugins=plugins)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    return kernel
+
+
+def attach_cmd(kernel: KernelProcess, *flags: str) -> list[str]:
+    return [*trainbus_cmd(), "attach", kernel.run_id, "--runs-dir", str(kernel.run_dir.parent), *flags]
+
+
+def as_json(event: Event) -> dict:
+    return json.loads(json.dumps(event_to_map(event)))
+
+
+# -- (1) the dashboard, read off a terminal ----------------------------------------------------------
+
+@pytest.fixture
+def tmux():
+    """capture(), and start(command) in a detached tmux session on a server of its own; killed at teardown."""
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    server = f"trainbus-test-{secrets.token_hex(4)}"
+
+    class Tmux:
+        def start(self, command: str) -> None:
+            subprocess.run(["tmux", "-L", server, "new-session", "-d", "-x", "200", "-y", "60", command],
+                           check=True, timeout=30, env=os.environ)
+
+        def keys(self, *keys: str) -> None:
+            subprocess.run(["tmux", "-L", server, "send-keys", *keys], check=True, timeout=30)
+
+        def capture(self) -> str:
+            proc = subprocess.run(["tmux", "-L", server, "capture-pane", "-p", "-J"], capture_output=True,
+                                  text=True, timeout=30)
+            return proc.stdout
+
+    yield Tmux()
+    subprocess.run(["tmux", "-L", server, "kill-server"], capture_output=True, timeout=30)
+
+
+def screen_step(screen: str) -> int | None:
+    found = re.findall(r"step (\d+)\s+\S+ steps/s", screen)
+    return int(found[-1]) if found else None
+
+
+def test_dashboard_shows_a_live_run_and_then_that_it_ended(runs_dir, tmp_path, kernels, tmux):
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=4, batch_s=0.08)  # ~15 s: outlasts a slow start
+    kernel.wait_ready("memory", timeout_s=60)
+    kernel.wait_step(2, timeout_s=60)
+    command = " ".join(attach_cmd(kernel, "--control"))
+    tmux.start(f"{command}; echo ATTACH-EXIT=$?; sleep 300")
+    attached = time.monotonic()
+
+    def everything_shown():
+        screen = tmux.capture()
+        wanted = [f"run {kernel.run_id}", "digits_slowly", "device", "cpu", "progress", "loss",
+                  "memory/", "cpu/", "plugins", "running"]
+        return screen if all(w in screen for w in wanted) and screen_step(screen) is not None else None
+
+    screen = wait_until(everything_shown, SCREEN_TIMEOUT_S, "the dashboard's progress, metrics and plugin rows",
+                        poll_s=0.2)
+    print(f"dashboard complete {time.monotonic() - attached:.1f} s after attaching")
+    assert re.search(r"epoch \d/4\s+batch \d+/45", screen), screen
+    assert re.search(r"^\s*memory\s+running", screen, re.M) and re.search(r"^\s*cpu\s+running", screen, re.M), screen
+    first_step = screen_step(screen)
+    wait_until(lambda: (screen_step(tmux.capture()) or 0) > first_step, SCREEN_TIMEOUT_S, "the step to move on screen",
+               poll_s=0.2)
+
+    # --control: c asks, y confirms; the kernel journals the command under the client's name
+    tmux.keys("c")
+    wait_until(lambda: "checkpoint_now? y to confirm" in tmux.capture(), SCREEN_TIMEOUT_S, "the confirmation",
+               poll_s=0.2)
+    tmux.keys("y")
+    asked = kernel.wait_event(ev.LOG, lambda e: e.data["plugin"].startswith("attach-")
+                              and "checkpoint_now requested" in e.data["text"], timeout_s=SCREEN_TIMEOUT_S)
+    wait_until(lambda: f"sent checkpoint_now as {asked.data['plugin']}" in tmux.capture(), SCREEN_TIMEOUT_S,
+               "the dashboard to say it was sent", poll_s=0.2)
+
+    kernel.result(timeout_s=120)
+    screen = wait_until(lambda: "ATTACH-EXIT=" in tmux.capture() and tmux.capture(), SCREEN_TIMEOUT_S,
+                        "attach to exit after the run ended", poll_s=0.2)
+    assert "run ended: completed" in screen, screen
+    assert "ATTACH-EXIT=0" in screen, screen
+    assert "epoch 4/4" in screen, screen
+
+
+# -- (2) JSON lines attached mid-run: the snapshot, then every later event, equal to the journal's ---------
+
+def test_json_lines_mid_run_have_no_gap_after_the_snapshot_and_equal_the_journal(runs_dir, tmp_path, kernels):
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=4, batch_s=0.05)  # ~10 s: outlasts a slow start
+    kernel.wait_step(10, timeout_s=60)
+    out = tmp_path / "attach.jsonl"
+    with open(out, "w") as stdout:
+        proc = subprocess.run(attach_cmd(kernel, "--json"), stdout=stdout, stderr=subprocess.PIPE, text=True,
+                              timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    kernel.result(timeout_s=120)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    snapshot, events = lines[0], lines[1:]
+    assert snapshot["type"] == "snapshot", f"attached after the run ended: {snapshot}"
+    assert snapshot["run"] == kernel.run_id
+    seq = snapshot["seq"]
+    assert seq > 1 and snapshot["state"]["progress"]["step"] >= 10, "attached mid-run"
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(seq + 1, seq + 1 + len(seqs))), "strictly increasing, no gap after the snapshot"
+    assert events[-1]["type"] == ev.END_TRAINING_SESSION
+    journal = {e.seq: e for e in read_journal(kernel.run_dir)}
+    assert events == [as_json(journal[s]) for s in seqs], "the events are the journal's"
+
+    # Clone: the snapshot plus the events after it is the state the journal folds to
+    cloned = RunState.from_map(seq, snapshot["state"])
+    for e in events:
+        cloned.fold(journal[e["seq"]])
+    whole = RunState(kernel.run_id)
+    for s in sorted(journal):
+        if s <= seqs[-1]:
+            whole.fold(journal[s])
+    for part in ("progress", "series", "stop_reasons", "ended"):
+        assert cloned.to_map()[part] == whole.to_map()[part], part
+
+
+def test_json_lines_go_on_without_a_gap_after_the_kernel_stalled_and_came_back(runs_dir, tmp_path, kernels):
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=5, batch_s=0.05, monitors=False)
+    kernel.wait_step(5, timeout_s=60)
+    out, err = tmp_path / "attach.jsonl", tmp_path / "attach.stderr"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(attach_cmd(kernel, "--json"), stdout=stdout, stderr=stderr, text=True)
+        try:
+            wait_until(lambda: out.read_text().count("\n") >= 2 or proc.poll() is not None, 60, "attach's first lines")
+            assert ev.END_TRAINING_SESSION not in out.read_text(), "the run must outlast the attach's start"
+            kernel.signal(signal.SIGSTOP)  # heartbeats stop: the client takes the kernel for gone
+            time.sleep(HEARTBEAT_LIVENESS * 1.0 + 2.0)
+            kernel.signal(signal.SIGCONT)
+            proc.wait(timeout=180)
+        finally:
+            kernel.signal(signal.SIGCONT)
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err.read_text()
+    assert proc.returncode == 0, stderr
+    assert "reconnecting" in stderr
+    kernel.result(timeout_s=120)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    seqs = [e["seq"] for e in lines[1:]]
+    assert seqs == list(range(lines[0]["seq"] + 1, lines[0]["seq"] + 1 + len(seqs)))
+    assert lines[-1]["type"] == ev.END_TRAINING_SESSION
+    journal = {e.seq: e for e in read_journal(kernel.run_dir)}
+    assert lines[1:] == [as_json(journal[s]) for s in seqs]
+
+
+# -- (3) an ended run is told at once; a stop from the terminal is journaled with who sent it -------------
+
+def run_quickly(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """The command's result; it must not have waited for a kernel (a client waits 30 s for a first heartbeat)."""
+    started = time.monotonic()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, **kwargs)
+    assert time.monotonic() - started < 20, f"{command} took {time.monotonic() - started:.0f} s"
+    return proc
+
+
+def test_attach_to_an_ended_run_says_so_at_once(runs_dir, tmp_path, kernels):
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=1, batch_s=0.0, monitors=False)
+    kernel.result(timeout_s=120)
+    proc = run_quickly(attach_cmd(kernel))
+    assert proc.returncode == 0, proc.stderr
+    assert f"run {kernel.run_id}: completed" in proc.stdout
+    proc = run_quickly(attach_cmd(kernel, "--json"))
+    assert json.loads(proc.stdout)["status"] == "completed"
+    proc = run_quickly(attach_cmd(kernel, "--stop", "too late"))
+    assert proc.returncode == 1, "a command that reached nothing fails"
+    # the endpoint form, and a plugin attached by hand, are told too
+    endpoint = f"ipc://{kernel.run_dir / 'events.sock'}"
+    proc = run_quickly([*trainbus_cmd(), "attach", endpoint])
+    assert proc.returncode == 0 and "has ended: completed" in proc.stdout, proc.stdout + proc.stderr
+    env = {**os.environ, "TRAINBUS_EVENTS": endpoint, "TRAINBUS_CONTROL": endpoint.replace("events", "control"),
+           "TRAINBUS_RUN_DIR": str(kernel.run_dir)}
+    env.pop("TRAINBUS_KERNEL_PID", None)
+    proc = run_quickly([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:Recorder"], env=env)
+    assert proc.returncode == 0 and "has ended (completed)" in proc.stderr, proc.stderr
+
+
+def test_stop_from_attach_is_journaled_with_who_sent_it(runs_dir, tmp_path, kernels):
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=3, batch_s=0.05)
+    kernel.wait_step(3, timeout_s=60)
+    proc = subprocess.run(attach_cmd(kernel, "--stop", "enough from the terminal"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    name = re.search(r"as (attach-\S+)", proc.stdout).group(1)
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "stopped"
+    journal = list(read_journal(kernel.run_dir))
+    logs = [e for e in journal if e.type == ev.LOG and e.data["plugin"] == name]
+    assert logs and "stop requested with trainbus attach" in logs[0].data["text"]
+    stops = [e for e in journal if e.type == ev.STOP_REQUESTED]
+    assert stops and f"{name}: stop: enough from the terminal" in stops[0].data["reasons"]
+    # it said goodbye: the run shows it as exited, not as a plugin still running
+    exits = [e for e in journal if e.type == ev.PLUGIN_EXITED and e.data["plugin"] == name]
+    assert exits and exits[0].seq > logs[0].seq
+
+
+def test_attach_over_tcp_with_curve_keys_watches_and_only_a_control_key_stops(runs_dir, tmp_path, kernels):
+    keys = tmp_path / "keys"
+    for args in (["server"], ["client", "watcher", "--role", "monitor"], ["client", "pilot", "--role", "control"]):
+        subprocess.run([*trainbus_cmd(), "keys", "generate", *args, "--keys-dir", str(keys)], check=True,
+                       capture_output=True, timeout=60)
+    cfg = RunConfig(target=SLOW, epochs=8, runs_dir=str(runs_dir), hyperparameters={"batch_s": 0.05}, plugins=[],
+                    listen="127.0.0.1:0", keys_dir=str(keys))
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_step(3, timeout_s=60)
+    connection = kernel.run_dir / "connection.json"
+
+    def remote(key: str, *flags: str) -> list[str]:
+        return [*trainbus_cmd(), "attach", str(connection), "--key", str(key), *flags]
+
+    monitor, control = keys / "monitor" / "watcher.key_secret", keys / "control" / "pilot.key_secret"
+    out = tmp_path / "remote.jsonl"
+    with open(out, "w") as stdout:
+        watcher = subprocess.Popen(remote(monitor, "--json"), stdout=stdout, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: out.read_text().count("\n") >= 2 or watcher.poll() is not None, 60, "a remote snapshot")
+            refused = subprocess.run(remote(monitor, "--stop", "not mine to stop"), capture_output=True, text=True,
+                                     timeout=120)
+            assert refused.returncode == 1 and "only a control-role key" in refused.stderr, refused.stderr
+            sent = subprocess.run(remote(control, "--stop", "the pilot stops it"), capture_output=True, text=True,
+                                  timeout=120)
+            assert sent.returncode == 0, sent.stderr
+            watcher.wait(timeout=120)
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+    assert kernel.result(timeout_s=120)["status"] == "stopped"
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["type"] == "snapshot" and lines[-1]["type"] == ev.END_TRAINING_SESSION
+    seqs = [e["seq"] for e in lines[1:]]
+    assert seqs == list(range(lines[0]["seq"] + 1, lines[0]["seq"] + 1 + len(seqs)))
+    reasons = [r for e in read_journal(kernel.run_dir) if e.type == ev.STOP_REQUESTED for r in e.data["reasons"]]
+    assert len(reasons) == 1 and reasons[0].startswith("attach-") and "the pilot stops it" in reasons[0], reasons
+
+
+# -- the snapshot's bounds ---------------------------------------------------------------------------
+
+def test_a_snapshot_stays_bounded_however_long_and_wide_the_run():
+    state = RunState("r")
+    seq = 0
+    for i in range(MAX_SERIES * 2):  # twice the series it keeps, each with twice the history, long names
+        for step in range(HISTORY_POINTS * 2):
+            seq += 1
+            state.fold(Event(seq, "r", ev.METRIC, 1.0, step, 1, {"plugin": "p" * 200, "name": f"{i:03d}" + "n" * 197,
+                                                                  "value": 1.0 / (step + 1), "step": step}))
+    for i in range(MAX_PLUGINS * 2):
+        seq += 1
+        state.fold(Event(seq, "r", ev.PLUGIN_FAILED, 1.0, 0, 1, {"plugin": f"{i}" + "x" * 300, "reason": "y" * 5000,
+                                                                  "log": "z"}))
+    seq += 1
+    state.fold(Event(seq, "r", ev.END_EPOCH, 1.0, 0, 1, {"training_metrics": "not a map", "lr": True}))
+    snapshot = state.to_map()
+    assert len(snapshot["series"]) == MAX_SERIES and len(snapshot["plugins"]) == MAX_PLUGINS
+    assert all(len(s["history"]) == HISTORY_POINTS for s in snapshot["series"].values())
+    assert snapshot["dropped"]["series_dropped"] > 0 and not snapshot["dropped"].get("fold_errors")
+    size = len(pack(snapshot))
+    assert size < 1024 * 1024, f"{size} bytes"
+    assert RunState.from_map(seq, json.loads(json.dumps(snapshot))).to_map() == snapshot

@@ -1,0 +1,51 @@
+"""Cluster environments as their launchers set them: torchrun's variables, srun's, neither."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainbus.kernel.cluster import Cluster, ClusterError, detect, first_host
+
+TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+            "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "41000", "TORCHELASTIC_RUN_ID": "job"}
+SRUN = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+        "SLURM_NODELIST": "gpu[07-09,12]", "SLURM_JOB_ID": "123456", "SLURM_JOB_NAME": "train.sh"}
+
+
+def test_no_launcher_is_a_single_process():
+    assert detect({}) == Cluster("single") and not detect({}).distributed
+
+
+def test_torchrun():
+    assert detect(TORCHRUN) == Cluster("torchelastic", rank=3, world_size=4, local_rank=1, node_rank=1,
+                                       main_address="10.0.0.5", main_port=41000)
+
+
+def test_srun_with_the_main_node_and_port_derived_as_lightning_does():
+    assert detect(SRUN) == Cluster("slurm", rank=5, world_size=8, local_rank=1, node_rank=2,
+                                   main_address="gpu07", main_port=15000 + 3456)
+    assert detect({**SRUN, "MASTER_ADDR": "head", "MASTER_PORT": "1234"}).main_address == "head"
+
+
+def test_torchrun_inside_a_slurm_allocation_is_torchrun():
+    assert detect({**SRUN, **TORCHRUN}).kind == "torchelastic"
+
+
+def test_an_interactive_srun_shell_is_not_a_job():
+    assert detect({**SRUN, "SLURM_JOB_NAME": "bash"}).kind == "single"
+
+
+@pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("gpu[07-09,12],cpu1", "gpu07"),
+                                             ("a-b[3,5]", "a-b3"), ("x[010-012]", "x010")])
+def test_first_host_of_a_node_list(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("env, message", [
+    ({**TORCHRUN, "RANK": "4"}, "rank 4 is not below world size 4"),
+    ({**TORCHRUN, "WORLD_SIZE": "four"}, "WORLD_SIZE='four' is not an integer"),
+    ({k: v for k, v in TORCHRUN.items() if k != "WORLD_SIZE"}, "WORLD_SIZE is not set"),
+])
+def test_contradicting_variables_are_one_clear_error(env, message):
+    with pytest.raises(ClusterError, match=message):
+        detect(env)

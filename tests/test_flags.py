@@ -1,0 +1,286 @@
+"""Operations with flags: `trainbus run train.py:build lr=0.01 epochs=3` calls build(lr=0.01, epochs=3).
+
+The flags come from the function's signature and docstring; --help-flags prints them; an unknown flag or a value
+of the wrong type is one line naming the valid flags (exit 2, nothing made); the resolved flags are in config.json,
+`runs list` and `runs compare`. The run's code and its plugins see RUN_ID and RUN_DIR. Real runs, real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from trainbus.kernel.config import config_of_run
+from trainbus.kernel.flags import (FlagError, Flag, docstring_help, help_text, parse_words, resolve,
+                                   signature_of)
+
+from conftest import TESTS_DIR, trainbus_cmd
+
+TRAIN = '''
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainbus.kernel import TrainingSpec
+
+
+def build(lr: float = 0.1, epochs: int = 2, width=5, shuffle: bool = True, tag: str | None = None,
+          env_out: str = ""):
+    """A linear classifier on random data.
+
+    Args:
+        lr: Learning rate of SGD.
+        epochs (int): How many epochs
+            to train.
+        width: Input width.
+
+    Returns:
+        The spec.
+    """
+    seen = {"build": {k: os.environ.get(k) for k in ("RUN_ID", "RUN_DIR", "TRAINBUS_RUN_ID", "TRAINBUS_RUN_DIR")}}
+    g = torch.Generator().manual_seed(123)
+    x, y = torch.randn(12, width, generator=g), torch.randint(0, 3, (12,), generator=g)
+    model = torch.nn.Linear(width, 3)
+
+    def loss_fn(outputs, targets):
+        if env_out and "training" not in seen:  # while training: the run directory exists, write into it
+            seen["training"] = {k: os.environ.get(k) for k in ("RUN_ID", "RUN_DIR")}
+            (Path(os.environ["RUN_DIR"]) / "artifact.txt").write_text("made by user code")
+            Path(env_out).write_text(json.dumps(seen))
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), loss_fn=loss_fn,
+                        train_loader=DataLoader(TensorDataset(x, y), batch_size=4, shuffle=shuffle),
+                        validation_loader=DataLoader(TensorDataset(x, y), batch_size=4), epochs=epochs,
+                        hyperparameters={"lr": lr, "derived": width * 3})
+'''
+
+ENV_PLUGIN = '''
+import json
+import os
+
+from trainbus.sdk import Plugin
+
+
+class EnvWriter(Plugin):
+    """Writes the run's RUN_ID and RUN_DIR as its process sees them."""
+
+    settings = {"path": ""}
+
+    def on_start_training_session(self, event):
+        with open(self.settings["path"], "w") as f:
+            json.dump({k: os.environ.get(k) for k in ("RUN_ID", "RUN_DIR", "TRAINBUS_RUN_ID", "TRAINBUS_RUN_DIR")}, f)
+'''
+
+
+def trainbus(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(trainbus_cmd() + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def train_py(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("flags")
+    (folder / "train.py").write_text(TRAIN)
+    (folder / "env_plugin.py").write_text(ENV_PLUGIN)
+    return folder / "train.py"
+
+
+# -- the signature and the docstring ---------------------------------------------------------------
+
+def test_flags_come_from_the_signature_annotations_defaults_and_docstring(train_py):
+    from trainbus.kernel.spec import load_target
+
+    sig = signature_of(load_target(f"{train_py}:build"))
+    assert not sig.takes_dict and not sig.takes_extra
+    assert [(f.name, f.type, f.default, f.optional) for f in sig.flags] == [
+        ("lr", float, 0.1, False), ("epochs", int, 2, False), ("width", int, 5, False),
+        ("shuffle", bool, True, False), ("tag", str, None, True), ("env_out", str, "", False)]
+    assert {f.name: f.help for f in sig.flags}["epochs"] == "How many epochs to train."
+
+
+def test_a_function_taking_the_hyperparameters_dict_takes_any_flag():
+    def build(hyperparameters):
+        return hyperparameters
+
+    def typed(params: dict):
+        return params
+
+    for func in (build, typed):
+        sig = signature_of(func)
+        assert sig.takes_dict
+        assert parse_words(sig, ["lr=0.5", "model=cnn", "layers=[1, 2]"], "t") == {
+            "lr": 0.5, "model": "cnn", "layers": [1, 2]}  # JSON when it parses, else the text (as --set)
+        assert resolve(sig, {"lr": 0.5}, "t") == {"lr": 0.5}
+
+
+def test_numpy_style_docstrings_give_help_too():
+    doc = textwrap.dedent("""\
+        Train.
+
+        Parameters
+        ----------
+        lr : float
+            Learning rate,
+            halved at each plateau.
+        hidden : int
+            Width.
+
+        Returns
+        -------
+        TrainingSpec
+        """)
+    assert docstring_help(doc) == {"lr": "Learning rate, halved at each plateau.", "hidden": "Width."}
+
+
+def test_values_are_typed_and_checked():
+    def build(lr: float = 0.1, epochs: int = 2, fast: bool = False, name: str = "a", seed: int | None = None,
+              anything=None, **extra):
+        pass
+
+    sig = signature_of(build)
+    assert sig.takes_extra
+    assert parse_words(sig, ["lr=1e-3", "epochs=7", "fast=yes", "name=42", "seed=none", "anything=[1]", "more=x"],
+                       "t") == {"lr": 0.001, "epochs": 7, "fast": True, "name": "42", "seed": None,
+                                "anything": [1], "more": "x"}
+    # typed values (a config file, --set, config.json): an int widens to a float, text is parsed, defaults filled in
+    assert resolve(sig, {"lr": 1, "epochs": "3"}, "t") == {"lr": 1.0, "epochs": 3, "fast": False, "name": "a",
+                                                           "seed": None, "anything": None}
+    for words, expected in ((["epochs=2.5"], "flag epochs: '2.5' is not an integer"),
+                            (["fast=maybe"], "flag fast: 'maybe' is not true or false"),
+                            (["lr"], "'lr' is not a flag: flags are NAME=VALUE")):
+        with pytest.raises(FlagError, match=expected):
+            parse_words(sig, words, "t")
+    with pytest.raises(FlagError, match="flag epochs: true is not an integer"):
+        resolve(sig, {"epochs": True}, "t")
+
+    def needs(data_dir: str):
+        pass
+
+    with pytest.raises(FlagError, match="flag 'data_dir' is required: add data_dir=VALUE"):
+        resolve(signature_of(needs), {}, "t")
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+def test_help_flags_prints_each_flag_with_type_default_and_help(train_py, tmp_path):
+    r = trainbus("run", f"{train_py}:build", "--help-flags", "--runs-dir", str(tmp_path / "runs"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"usage: trainbus run {train_py}:build [NAME=VALUE ...]"
+    assert "A linear classifier on random data." in lines
+    rows = {line.split()[0]: line.split(None, 3) for line in lines[lines.index("flags:") + 2:]}
+    assert rows["lr"] == ["lr", "float", "0.1", "Learning rate of SGD."]
+    assert rows["epochs"] == ["epochs", "int", "2", "How many epochs to train."]
+    assert rows["width"][:3] == ["width", "int", "5"]
+    assert rows["tag"] == ["tag", "str|none", "null"]
+    assert not (tmp_path / "runs").exists()
+    # a dict function says what it takes
+    r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--help-flags")
+    assert r.returncode == 0 and "takes the hyperparameters as one dict" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("words, expected", [
+    (["lrr=0.1"], "unknown flag 'lrr'; flags of "),
+    (["lr=fast"], "flag lr: 'fast' is not a number; flags of "),
+    (["epochs=1.5"], "flag epochs: '1.5' is not an integer; flags of "),
+])
+def test_an_unknown_flag_or_a_bad_value_is_one_line_naming_the_flags_and_nothing_is_made(train_py, tmp_path, words,
+                                                                                          expected):
+    r = trainbus("run", f"{train_py}:build", *words, "--plugins", "", "--runs-dir", str(tmp_path / "runs"))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and expected in r.stderr, r.stderr
+    assert "lr (float, default 0.1), epochs (int, default 2), width (int, default 5)" in r.stderr  # the valid flags
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def flag_runs(train_py, tmp_path_factory):
+    """Two runs of train.py with different flags (one with a plugin that writes its environment) and one of a
+    function taking the hyperparameters dict, all through the command line."""
+    tmp = tmp_path_factory.mktemp("flag_runs")
+    runs_dir = tmp / "runs"
+    env_user, env_plugin = tmp / "env_user.json", tmp / "env_plugin.json"
+    settings = json.dumps(str(env_plugin))
+    config = tmp / "run.toml"
+    config.write_text(f'[plugins.envwriter]\ntarget = "env_plugin:EnvWriter"\nsettings = {{ path = {settings} }}\n')
+    env = dict(os.environ, PYTHONPATH=f"{TESTS_DIR}{os.pathsep}{train_py.parent}")
+    ids = []
+    for args in (["lr=0.05", "epochs=1", f"env_out={env_user}", "--config", str(config)],
+                 ["lr=0.2", "shuffle=false"]):
+        r = subprocess.run(trainbus_cmd() + ["run", f"{train_py}:build", *args, "--runs-dir", str(runs_dir)]
+                           + ([] if "--config" in args else ["--plugins", ""]),
+                           capture_output=True, text=True, timeout=180, env=env)
+        assert r.returncode == 0, r.stderr
+        ids.append(r.stdout.split("run ")[1].split(":")[0])
+    r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "lr=0.3", "note=dict", "--epochs", "1", "--plugins", "",
+                 "--runs-dir", str(runs_dir), timeout=180)
+    assert r.returncode == 0, r.stderr
+    ids.append(r.stdout.split("run ")[1].split(":")[0])
+    return runs_dir, ids, env_user, env_plugin
+
+
+def test_the_resolved_flags_are_in_config_json_and_a_continued_run_gets_them_again(flag_runs):
+    runs_dir, (first, second, tiny), _, _ = flag_runs
+    config = json.loads((runs_dir / first / "config.json").read_text())
+    assert config["flags"] == {"lr": 0.05, "epochs": 1, "width": 5, "shuffle": True, "tag": None,
+                               "env_out": config["flags"]["env_out"]}
+    assert config["hyperparameters"]["derived"] == 15  # what the spec said, beside the flags
+    assert config["epochs"] == 1
+    assert config_of_run(runs_dir / first).hyperparameters == config["flags"]  # not the spec's extra keys
+    tiny_config = json.loads((runs_dir / tiny / "config.json").read_text())
+    assert tiny_config["flags"] == {"lr": 0.3, "note": "dict"}  # what the dict function was given
+
+
+def test_runs_list_and_compare_show_the_flags(flag_runs):
+    runs_dir, (first, second, tiny), _, _ = flag_runs
+    r = trainbus("runs", "list", "--runs-dir", str(runs_dir))
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert "lr=0.05 epochs=1 width=5 shuffle=true tag=null" in rows[first]
+    assert "lr=0.2 epochs=2 width=5 shuffle=false" in rows[second]
+    assert "lr=0.3 note=dict" in rows[tiny]
+
+    r = trainbus("runs", "compare", first, second, "--runs-dir", str(runs_dir), "--json")
+    assert r.returncode == 0, r.stderr
+    compared = json.loads(r.stdout)
+    assert [c["id"] for c in compared] == [first, second]
+    assert [c["flags"]["lr"] for c in compared] == [0.05, 0.2]
+    for c in compared:
+        assert c["status"] == "completed"
+        assert isinstance(c["metrics"]["validation_loss"], float) and isinstance(c["metrics"]["training_loss"], float)
+        assert c["metrics"]["best_validation_loss"] <= c["metrics"]["validation_loss"]
+    r = trainbus("runs", "compare", first[:17], second, "--runs-dir", str(runs_dir))  # a unique start of an id
+    assert r.returncode == 0, r.stderr
+    header, *lines = r.stdout.splitlines()
+    assert header.split()[:9] == ["run", "status", "target", "lr", "epochs", "width", "shuffle", "tag", "env_out"]
+    assert "val loss" in header and "best val loss" in header
+    assert lines[0].split()[3:5] == ["0.05", "1"] and lines[1].split()[3:5] == ["0.2", "2"]
+
+
+def test_the_users_code_and_a_plugin_see_run_id_and_run_dir(flag_runs):
+    runs_dir, (first, _, _), env_user, env_plugin = flag_runs
+    run_dir = str((runs_dir / first).resolve())
+    expected = {"RUN_ID": first, "RUN_DIR": run_dir}
+    seen = json.loads(env_user.read_text())
+    assert seen["build"] == {**expected, "TRAINBUS_RUN_ID": first, "TRAINBUS_RUN_DIR": run_dir}
+    assert seen["training"] == expected
+    assert (runs_dir / first / "artifact.txt").read_text() == "made by user code"
+    assert json.loads(env_plugin.read_text()) == {**expected, "TRAINBUS_RUN_ID": first, "TRAINBUS_RUN_DIR": run_dir}
+
+
+def test_help_text_of_a_function_without_parameters():
+    def build():
+        """Nothing to set."""
+
+    assert help_text(build, signature_of(build), "t.py:build").splitlines()[-1] == "t.py:build takes no flags."
+    with pytest.raises(FlagError, match="unknown flag 'lr'; flags of t.py:build: none"):
+        resolve(signature_of(build), {"lr": 1}, "t.py:build")
+    assert Flag("x", int, 3).describe() == "x (int, default 3)"

@@ -1,0 +1,204 @@
+"""Typed plugin settings: declared once (type, default, constraint, help), checked before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from trainbus.kernel.config import PluginConfig, RunConfig, registered_plugins
+from trainbus.kernel.session import run_training
+from trainbus.plugins.early_stopping import EarlyStoppingPlugin
+from trainbus.sdk import PATH, Plugin, Setting, SettingsError
+from trainbus.sdk.loader import describe
+from trainbus.sdk.plugin import merge_settings
+
+from conftest import TESTS_DIR, trainbus_cmd
+
+TINY = f"{TESTS_DIR / 'specs.py'}:tiny"  # reports training_loss and validation_loss, no other metric
+
+
+class PlainSettings(Plugin):
+    """A third-party plugin as they are written today: a dict of defaults."""
+
+    settings = {"every": 5, "rate": 0.5, "label": "x", "on": True, "names": [], "anything": None}
+
+
+class Declared(Plugin):
+    settings = {
+        "every": Setting(5, "steps between two things", min=0),
+        "share": Setting(0.5, "a fraction", min=0, max=1),
+        "mode": Setting("min", "direction", choices=("min", "max")),
+        "out": Setting("out.txt", "what it writes", kind=PATH),
+    }
+
+
+def trainbus(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(trainbus_cmd() + list(args), capture_output=True, text=True, cwd=cwd, timeout=180)
+
+
+# -- declarations and values, in the plugin's process ------------------------------------------------
+
+def test_plain_defaults_are_settings_of_their_types_and_strings_from_the_command_line_are_read_as_them():
+    merged = merge_settings(PlainSettings, {"every": "7", "rate": 1, "on": "false", "names": '["a", "b"]',
+                                            "anything": "left as given"})
+    assert merged == {"every": 7, "rate": 1.0, "label": "x", "on": False, "names": ["a", "b"],
+                      "anything": "left as given"}
+    assert type(merged["rate"]) is float
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"every": "abc"}, "every = 'abc' is not allowed; it must be an integer"),
+    ({"every": True}, "every = true is not allowed; it must be an integer"),
+    ({"rate": "fast"}, "rate = 'fast' is not allowed; it must be a number"),
+    ({"label": 3}, "label = 3 is not allowed; it must be a string"),
+    ({"on": "yes"}, "on = 'yes' is not allowed; it must be true or false"),
+    ({"names": "a,b"}, "names = 'a,b' is not allowed; it must be a list"),
+    ({"evry": 1}, "no setting 'evry' (known: anything, every, label, names, on, rate)"),
+])
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_setting_the_value_and_what_is_allowed(given, message):
+    with pytest.raises(SettingsError) as raised:
+        PlainSettings(given)
+    assert str(raised.value) == f"plugin plain_settings: {message}"
+
+
+@pytest.mark.parametrize("given, allowed", [
+    ({"every": -3}, "every = -3 is not allowed; it must be an integer >= 0"),
+    ({"share": 1.5}, "share = 1.5 is not allowed; it must be a number between 0 and 1"),
+    ({"share": "nan"}, "share = 'nan' is not allowed; it must be a number between 0 and 1"),
+    ({"mode": "lowest"}, "mode = 'lowest' is not allowed; it must be one of 'min', 'max'"),
+    ({"out": "/tmp/elsewhere.txt"}, "out = '/tmp/elsewhere.txt' is not allowed; it must be a string: a path inside "
+                                    "the run directory (relative, no '..')"),
+    ({"out": "logs/../../up.txt"}, "out = 'logs/../../up.txt' is not allowed"),
+    ({"out": "~/home.txt"}, "out = '~/home.txt' is not allowed"),
+])
+def test_a_value_outside_its_constraint_is_refused(given, allowed):
+    with pytest.raises(SettingsError) as raised:
+        Declared(given)
+    assert str(raised.value).startswith(f"plugin declared: {allowed}"), str(raised.value)
+
+
+def test_a_path_inside_the_run_directory_is_allowed():
+    assert Declared({"out": "logs/out.txt"}).settings["out"] == "logs/out.txt"
+
+
+def test_describe_gives_every_setting_with_type_default_constraint_and_help():
+    info = describe("test_plugin_settings:Declared")
+    assert info["settings"]["every"] == {"type": "int", "default": 5, "constraint": ">= 0",
+                                         "help": "steps between two things", "kind": ""}
+    assert info["settings"]["out"]["kind"] == PATH
+    plain = describe("test_plugin_settings:PlainSettings")["settings"]
+    assert plain["rate"] == {"type": "float", "default": 0.5, "constraint": "", "help": "", "kind": ""}
+    assert plain["anything"]["type"] == "any"
+
+
+def test_every_builtin_setting_is_declared_with_help():
+    for name, target in registered_plugins().items():
+        for key, setting in describe(target)["settings"].items():
+            assert setting["help"], f"{name}.{key} has no help"
+            assert setting["type"] != "any", f"{name}.{key} has no type"
+
+
+# -- `trainbus run`: one line, exit 2, nothing started ------------------------------------------------
+
+BAD_SETTINGS = {
+    "a negative step interval": (["--plugins", "metrics_log", "--set", "metrics_log.every_n_steps=-3"],
+                                 "plugin metrics_log: every_n_steps = -3 is not allowed; it must be an integer >= 0"),
+    "a word for an integer": (["--plugins", "early_stopping", "--set", "early_stopping.patience=abc"],
+                              "plugin early_stopping: patience = 'abc' is not allowed; it must be an integer >= 1"),
+    "a mode that is not one": (["--plugins", "early_stopping", "--set", "early_stopping.mode=lowest"],
+                               "mode = 'lowest' is not allowed; it must be one of 'min', 'max'"),
+    "a monitor the run never produces": (
+        ["--plugins", "early_stopping", "--set", "early_stopping.monitor=validation_accuracy"],
+        "plugin early_stopping: monitor = 'validation_accuracy' is not a metric this run produces; set it to one of: "
+        "training_loss, validation_loss"),
+    "a checkpoint monitor the run never produces": (
+        ["--plugins", "checkpoint", "--set", "checkpoint.monitor=val_loss"],
+        "plugin checkpoint: monitor = 'val_loss' is not a metric this run produces"),
+    "checkpoints outside the run directory": (["--plugins", "checkpoint", "--set", "checkpoint.dirpath=/tmp/ckpt"],
+                                              "plugin checkpoint: dirpath = '/tmp/ckpt' is not allowed"),
+    "checkpoints above the run directory": (["--plugins", "checkpoint", "--set", "checkpoint.dirpath=../ckpt"],
+                                            "plugin checkpoint: dirpath = '../ckpt' is not allowed"),
+    "a checkpoint name that is a path": (["--plugins", "checkpoint", "--set", "checkpoint.filename=../e{epoch}"],
+                                         "plugin checkpoint: filename = '../e{epoch}' is not allowed; it must be a "
+                                         "plain file name"),
+    "a metrics log outside the run directory": (
+        ["--plugins", "metrics_log", "--set", "metrics_log.filename=/tmp/metrics.jsonl"],
+        "plugin metrics_log: filename = '/tmp/metrics.jsonl' is not allowed; it must be a string: a path inside the "
+        "run directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_a_bad_setting_is_one_line_exit_2_and_no_run_directory(case, tmp_path):
+    args, expected = BAD_SETTINGS[case]
+    runs = tmp_path / "runs"
+    r = trainbus("run", TINY, "--epochs", "1", *args, "--runs-dir", str(runs), cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
+    assert not runs.exists(), "nothing was started"
+
+
+def test_a_bad_setting_in_the_config_file_is_refused_the_same_way(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("[plugins.visualization.settings]\nplot_dpi = 0\n")
+    r = trainbus("run", TINY, "--config", str(config), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == ("error: plugin visualization: plot_dpi = 0 is not allowed; it must be "
+                                              "an integer >= 1\n"), r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_set_values_reach_the_plugin_as_their_declared_types(tmp_path):
+    r = trainbus("run", TINY, "--epochs", "1", "--plugins", "early_stopping,metrics_log",
+                 "--set", 'early_stopping.patience="1"', "--set", "early_stopping.min_delta=0",
+                 "--set", "early_stopping.monitor=training_loss", "--set", "metrics_log.filename=logs/metrics.jsonl",
+                 "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (run_dir,) = (path.parent for path in (tmp_path / "runs").glob("*/config.json"))
+    settings = {p["name"]: p["settings"] for p in json.loads((run_dir / "config.json").read_text())["plugins"]}
+    assert settings["early_stopping"] == {"patience": 1, "min_delta": 0.0, "monitor": "training_loss"}
+    assert (run_dir / "logs" / "metrics.jsonl").read_text().strip()
+    assert json.loads((run_dir / "summary.json").read_text())["plugins"]["early_stopping"]["errors_logged"] == 0
+
+
+def test_a_monitor_missing_at_run_time_fails_the_plugin_visibly_once(tmp_path):
+    """Not through `trainbus run` (which refuses it first): the first end_epoch says it, as an error, once."""
+    cfg = RunConfig(target=TINY, epochs=2, device="cpu", runs_dir=str(tmp_path),
+                    plugins=[PluginConfig("early_stopping", registered_plugins()["early_stopping"],
+                                          {"monitor": "validation_f1"})])
+    result = run_training(cfg)
+    assert result.status == "completed"
+    assert result.plugins["early_stopping"]["errors_logged"] == 1
+    log = (Path(result.run_dir) / "plugins" / "early_stopping.log").read_text()
+    assert ("MonitorMissing: early_stopping monitor 'validation_f1' is not in this run's end_epoch; set monitor to "
+            "one of: ") in log
+    assert "validation_loss" in log
+
+
+# -- `trainbus plugins list` ---------------------------------------------------------------------------
+
+def test_plugins_list_json_has_every_setting_and_the_table_shows_them_uncut_on_a_narrow_terminal(tmp_path):
+    r = trainbus("plugins", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(r.stdout)
+    assert set(listed) == set(registered_plugins())
+    assert listed["early_stopping"]["settings"]["patience"] == {
+        "type": "int", "default": 3, "constraint": ">= 1", "kind": "",
+        "help": EarlyStoppingPlugin.settings["patience"].help}
+    # as on an 80-column terminal: long cells fold onto more lines, none is cut with an ellipsis
+    narrow = subprocess.run(trainbus_cmd() + ["plugins", "list"], capture_output=True, text=True, timeout=180,
+                            env=dict(os.environ, COLUMNS="80", TTY_COMPATIBLE="1", NO_COLOR="1"))
+    assert narrow.returncode == 0, narrow.stderr
+    text = re.sub(r"\x1b\[[0-9;]*m", "", narrow.stdout)  # bold is a style, not a colour: NO_COLOR keeps it
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines() if "│" in line) <= 80  # headings are left to the terminal
+    cells = [cell.strip() for line in text.splitlines() for cell in line.split("│")[1:-1]]
+    for name, info in listed.items():
+        assert f"{name} ({info['delivery']}): {info['description']}" in text
+        assert set(info["settings"]) <= set(cells), name

@@ -1,0 +1,170 @@
+"""The run registry (RUNS_DIR/registry.sqlite): what kernels record, what `runs list` reads through it, rebuilt from
+the run directories by `runs reindex`, shared by several writing processes, and never a reason for a run to fail.
+Real runs and real processes; the registry is the real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from trainbus.kernel.cli import UserError, app
+from trainbus.kernel.config import RunConfig
+from trainbus.kernel.registry import REGISTRY_NAME, Registry, list_runs
+from trainbus.kernel.session import run_training
+
+from conftest import TESTS_DIR
+from kernel_process import KernelProcess
+
+TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
+FAILING = f"{TESTS_DIR / 'specs.py'}:failing"
+
+WRITER = """
+import sys, time
+from trainbus.kernel.registry import Registry
+runs_dir, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for i in range(count):  # a connection per write, as a kernel makes one
+    with Registry(runs_dir) as registry:
+        registry.record([{"id": f"{name}-{i % 5}", "status": "queued", "target": "t.py:build", "flags": {"i": i}}],
+                        time.time())
+print(count)
+"""
+
+LISTER = """
+import os, sys, time
+from trainbus.kernel.registry import list_runs
+runs_dir, stop = sys.argv[1], sys.argv[2]
+lists, deadline = 0, time.monotonic() + 150
+while not os.path.exists(stop) and time.monotonic() < deadline:
+    list_runs(runs_dir)
+    lists += 1
+print(lists)
+"""
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _comparable(runs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in run.items() if k != "dir"} for run in runs]
+
+
+@pytest.fixture(scope="module")
+def ended_runs(tmp_path_factory):
+    """A runs directory with a completed run (given hyperparameters) and a failed one, made in this process."""
+    runs_dir = tmp_path_factory.mktemp("registry") / "runs"
+    assert run_training(RunConfig(target=TINY, epochs=2, runs_dir=str(runs_dir), plugins=[],
+                                  hyperparameters={"lr": 0.3}), run_id="a-completed").status == "completed"
+    assert run_training(RunConfig(target=FAILING, epochs=2, runs_dir=str(runs_dir), plugins=[]),
+                        run_id="b-failed").status == "failed"
+    return runs_dir
+
+
+def test_the_kernel_records_its_run_as_it_ends(ended_runs):
+    with Registry(ended_runs) as registry:
+        rows = registry.runs(time.time())
+    completed, failed = rows["a-completed"], rows["b-failed"]
+    assert completed["status"] == "completed" and failed["status"] == "failed"
+    assert completed["target"] == TINY and completed["flags"] == {"lr": 0.3}
+    assert completed["epochs_completed"] == 2 and completed["steps"] == 6 and completed["last_seq"] > 0
+    assert completed["best"]["epoch"] in (1, 2) and completed["best"]["validation_loss"] <= completed["validation_loss"]
+    assert completed["ended_ts"] >= completed["started_ts"] and completed["duration_s"] > 0
+    assert "loss exploded" in failed["error"]
+    assert (ended_runs / REGISTRY_NAME).stat().st_mode & 0o777 == 0o600
+
+
+def test_runs_list_reads_through_the_registry_with_filters(ended_runs):
+    listed = json.loads(cli("runs", "list", "--runs-dir", str(ended_runs), "--json"))
+    assert [r["id"] for r in listed] == ["b-failed", "a-completed"]  # newest first
+    assert [r["id"] for r in list_runs(ended_runs, statuses=("failed",))] == ["b-failed"]
+    assert [r["id"] for r in list_runs(ended_runs, target="specs.py:tiny")] == ["a-completed"]
+    assert cli("runs", "list", "--runs-dir", str(ended_runs), "--status", "completed,died").splitlines()[1].split()[:2] \
+        == ["a-completed", "completed"]
+    with pytest.raises(UserError, match="'done' is not a status; statuses: queued, running, completed"):
+        CliRunner().invoke(app, ["runs", "list", "--runs-dir", str(ended_runs), "--status", "done"],
+                           catch_exceptions=False)
+
+
+def test_reindex_of_a_copied_runs_dir_reproduces_the_list(ended_runs, tmp_path):
+    before = list_runs(ended_runs)
+    copy = tmp_path / "copy"
+    shutil.copytree(ended_runs, copy, ignore=shutil.ignore_patterns(f"{REGISTRY_NAME}*"))
+    assert cli("runs", "reindex", "--runs-dir", str(copy)).startswith("2 runs indexed in ")
+    with Registry(copy) as registry:
+        assert sorted(registry.runs(time.time())) == ["a-completed", "b-failed"]
+    after = list_runs(copy)
+    assert _comparable(after) == _comparable(before)
+    assert {r["dir"] for r in after} == {str((copy / r["id"]).resolve()) for r in after}
+    # a copy that took the old registry along: its rows name the old directories, and list reads them anew
+    moved = tmp_path / "moved"
+    shutil.copytree(ended_runs, moved)
+    assert _comparable(list_runs(moved)) == _comparable(before)
+    with Registry(moved) as registry:
+        assert {r["dir"] for r in registry.runs(time.time()).values()} == {str((moved / i).resolve())
+                                                                           for i in ("a-completed", "b-failed")}
+
+
+def test_a_row_only_gives_way_to_a_newer_observation(tmp_path):
+    with Registry(tmp_path) as registry:
+        registry.record([{"id": "r", "status": "completed", "target": "new"}], observed_ts=200.0)
+        registry.record([{"id": "r", "status": "running", "target": "old"}], observed_ts=100.0)  # a slow lister
+        assert registry.runs(300.0)["r"]["status"] == "completed"
+        registry.record([{"id": "r", "status": "running", "target": "again"}], observed_ts=300.0)  # continued
+        assert registry.runs(300.0)["r"]["target"] == "again"
+
+
+def test_a_registry_that_cannot_be_written_costs_one_warning_line_and_never_the_run(tmp_path, capfd):
+    runs_dir = tmp_path / "runs"
+    (runs_dir / REGISTRY_NAME).mkdir(parents=True)  # not a database file: every open fails
+    result = run_training(RunConfig(target=TINY, epochs=1, runs_dir=str(runs_dir), plugins=[]), run_id="r1")
+    assert result.status == "completed"
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "registry" in line]
+    assert len(warnings) == 1 and "not usable" in warnings[0] and "runs reindex" in warnings[0], warnings
+    assert [r["id"] for r in list_runs(runs_dir)] == ["r1"]  # read from the run directory instead
+
+
+def test_concurrent_writers_and_a_list_loop_never_see_a_locked_or_corrupt_registry(tmp_path):
+    """Three kernels, two processes writing a row per connection as fast as they can, and a `runs list` loop."""
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    stop = tmp_path / "stop"
+    lister = subprocess.Popen([sys.executable, "-c", LISTER, str(runs_dir), str(stop)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(runs_dir), f"w{n}", "150"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(2)]
+    kernels = [KernelProcess(RunConfig(target=TINY, epochs=3, runs_dir=str(runs_dir), plugins=[]), tmp_path,
+                             run_id=f"k{n}") for n in range(3)]
+    try:
+        for kernel in kernels:
+            assert kernel.result(timeout_s=150)["status"] == "completed"
+        for writer in writers:
+            out, err = writer.communicate(timeout=150)
+            assert writer.returncode == 0 and out.strip() == "150", err
+    finally:
+        stop.write_text("")
+        for process in writers + [lister]:
+            if process.poll() is None:
+                process.wait(timeout=60)
+        for kernel in kernels:
+            kernel.kill()
+    out, err = lister.communicate(timeout=60)
+    assert lister.returncode == 0 and int(out) > 0, err
+    assert "warning" not in err and "locked" not in err, err
+    for kernel in kernels:
+        assert "registry" not in kernel.stderr(), kernel.stderr()
+    with sqlite3.connect(runs_dir / REGISTRY_NAME) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    runs = {r["id"]: r for r in list_runs(runs_dir)}
+    assert {i: r["status"] for i, r in runs.items() if i.startswith("k")} == {f"k{n}": "completed" for n in range(3)}
+    assert sorted(i for i in runs if i.startswith("w")) == sorted(f"w{n}-{i}" for n in range(2) for i in range(5))
+    assert runs["w0-4"]["flags"] == {"i": 149}  # the last write of each row won

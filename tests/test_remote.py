@@ -1,0 +1,438 @@
+"""A kernel on TCP lets nobody in without an authorized CURVE key, and each key only as far as its role goes.
+
+Real kernels in their own processes listening on 127.0.0.1 (port 0: a free pair), raw pyzmq clients as an
+outsider would write them, the SDK's remote mode (`python -m trainbus.sdk ... --connect`), a real kill -9,
+and, where this machine allows it (root, `ip netns`), a client in a second network namespace over a veth
+pair. Parametrized after pyzmq's zmq/tests/test_auth.py. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from kernel_process import KernelProcess, of, wait_until
+from trainbus.kernel.bus import CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM
+from trainbus.kernel.config import RunConfig
+from trainbus.kernel.journal import read_events
+from trainbus.kernel.keys import REFRESH_INTERVAL_S, KeyStore
+from trainbus.kernel.remote import Listener
+from trainbus.proto import pack
+from trainbus.proto.remote import CONNECTION_FILE, HANDSHAKE_IVL_MS, read_connection_file, secure_client
+
+PACED = "fixture_targets:paced_digits"
+STEPS_PER_EPOCH = 45
+LIMITS = dict(raw=False, strict_map_key=True, max_str_len=1 << 20, max_bin_len=1 << 20, max_array_len=100_000,
+              max_map_len=10_000, max_ext_len=0)
+NOTHING_WINDOW_S = 2.0  # how long a refused client listens for anything at all (a good one hears ~20 heartbeats)
+LIVENESS_S = 3.5  # a killed peer's name is held while it counts as live: 3 heartbeat intervals (peers.py)
+
+
+@pytest.fixture
+def keys(tmp_path) -> dict[str, Path]:
+    """A key directory with a server pair, a monitor key, a control key and a revoked key; plus, outside it,
+    an unknown client key and another server's key. Values are the secret files (public for `other_server`)."""
+    store = KeyStore(tmp_path / "keys")
+    store.generate_server()
+    found = {"dir": store.directory, "server": store.server_secret}
+    for name, role in (("watcher", "monitor"), ("pilot", "control"), ("former", "control"), ("late", "control")):
+        found[name] = store.generate_client(name, role)[1]
+    found["former"] = revoke_keeping_a_copy(store, "former", tmp_path)
+    outside = KeyStore(tmp_path / "elsewhere")
+    found["stranger"] = outside.generate_client("stranger", "control")[1]
+    found["other_server"] = outside.generate_server()[0]
+    return found
+
+
+def revoke_keeping_a_copy(store: KeyStore, name: str, where: Path) -> Path:
+    """Revoke a client key; its holder keeps a copy of the secret that the revocation deletes here."""
+    secret = next(k.path for k in store.clients() if k.name == name).with_suffix(".key_secret")
+    kept = where / secret.name
+    shutil.copy(secret, kept)
+    kept.chmod(0o600)
+    store.revoke(name)
+    return kept
+
+
+def listening_config(runs: Path, keys_dir: Path, host: str = "127.0.0.1", epochs: int = 2,
+                     step_sleep_s: float = 0.03) -> RunConfig:
+    return RunConfig(target=PACED, epochs=epochs, device="cpu", runs_dir=str(runs), plugins=[],
+                     hyperparameters={"step_sleep_s": step_sleep_s}, checkpoint_every_n_epochs=0,
+                     listen=f"{host}:0", keys_dir=str(keys_dir))
+
+
+def connection(kernel: KernelProcess, timeout_s: float = 60.0) -> dict[str, str]:
+    path = kernel.run_dir / CONNECTION_FILE
+
+    def written():
+        kernel._check_alive()
+        return path.exists() and read_connection_file(path)
+    return wait_until(written, timeout_s, "the run's connection file")
+
+
+class RemoteClient:
+    """SUB + DEALER on a kernel's TCP endpoints in raw pyzmq + msgpack; CURVE when given a key file."""
+
+    def __init__(self, conn: dict[str, str], key_file: Path | None = None, server_key: bytes | Path | None = None):
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.ROUTING_ID, f"remote-{secrets.token_hex(4)}".encode())
+        for sock in (self.sub, self.dealer):
+            sock.setsockopt(zmq.LINGER, 0)
+            if key_file is not None:
+                secure_client(sock, key_file, server_key or conn["server_key"].encode())
+        self.sub.connect(conn["events"])
+        self.dealer.connect(conn["control"])
+
+    def send(self, type_: str, **fields) -> None:
+        self.dealer.send(msgpack.packb({"v": 1, "type": type_, **fields}, use_bin_type=True), zmq.NOBLOCK)
+
+    def hello(self, name: str, replies=("stop", "checkpoint_now")) -> None:
+        self.send("hello", name=name, pid=os.getpid(), subscriptions=[""], replies=list(replies),
+                  delivery="best_effort")
+
+    def next_event(self, timeout_s: float) -> dict | None:
+        if not self.sub.poll(int(timeout_s * 1000)):
+            return None
+        return msgpack.unpackb(self.sub.recv_multipart()[1], **LIMITS)
+
+    def reply(self, timeout_s: float, type_: str | None = None) -> dict | None:
+        """The next control message (of `type_`, others skipped) within timeout_s, or None."""
+        end = time.monotonic() + timeout_s
+        while (left := end - time.monotonic()) > 0:
+            if not self.dealer.poll(int(left * 1000)):
+                return None
+            msg = msgpack.unpackb(self.dealer.recv(), **LIMITS)
+            if type_ is None or msg["type"] == type_:
+                return msg
+        return None
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+def heard_within(client: RemoteClient, seconds: float) -> int:
+    """Events plus control messages the client received in `seconds`."""
+    count, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        count += client.next_event(0.05) is not None
+        count += client.reply(0.01) is not None
+    return count
+
+
+# -- 1. who gets nothing ----------------------------------------------------------------------------
+
+
+def unauthenticated(keys):
+    return dict(key_file=None)  # plain TCP, no CURVE
+
+
+def wrong_server_key(keys):
+    return dict(key_file=keys["pilot"], server_key=keys["other_server"])  # a good key, but another server pinned
+
+
+def unknown_key(keys):
+    return dict(key_file=keys["stranger"])  # a well-formed key the key directory never had
+
+
+def revoked_key(keys):
+    return dict(key_file=keys["former"])  # a control key, revoked before the kernel started
+
+
+def revoked_while_running(keys):
+    kept = revoke_keeping_a_copy(KeyStore(keys["dir"]), "late", keys["dir"].parent)  # `trainbus keys revoke late`
+    return dict(key_file=kept)
+
+
+@pytest.mark.parametrize("client", [unauthenticated, wrong_server_key, unknown_key, revoked_key, revoked_while_running],
+                         ids=lambda f: f.__name__)
+def test_a_client_without_an_authorized_key_gets_nothing(client, keys, runs_dir, tmp_path, kernels):
+    """Each bad client subscribes to everything, says hello and sends stop and checkpoint_now while the run
+    trains: it receives not one byte (no event, no `refused`), the run trains to its end, and nothing it sent
+    reached the dispatcher. A monitor-role client connected alongside hears events the whole time."""
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"]), tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    kernel.wait_event("start_training_session", timeout_s=120)
+    bad, good = RemoteClient(conn, **client(keys)), RemoteClient(conn, keys["watcher"])
+    try:
+        bad.hello("intruder")
+        bad.send("stop", reason="hostile")
+        bad.send("checkpoint_now", reason="hostile")
+        assert heard_within(bad, NOTHING_WINDOW_S) == 0
+        step_then = kernel.journal.step()
+        assert good.next_event(5.0) is not None, "the authorized monitor hears the run meanwhile"
+    finally:
+        bad.close()
+        good.close()
+    assert step_then < 2 * STEPS_PER_EPOCH - 5, f"the run was nearly over (step {step_then}): pace it slower"
+
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed" and not result["outcome"]["stopped_early"], result
+    assert not [k for k in result["bus"] if k.startswith("refused_")], result["bus"]
+    events = read_events(result["run_dir"])
+    assert not of(events, "plugin_ready") and not of(events, "stop_requested")
+
+
+# -- 2. roles ---------------------------------------------------------------------------------------
+
+
+def test_a_monitor_key_watches_but_cannot_stop_and_a_control_key_can(keys, runs_dir, tmp_path, kernels):
+    """Authority comes from the connection's key, never from what a message says: the monitor-role peer
+    declares stop in its hello and sends it; it is refused (counted, logged, told once) while its acks,
+    replays and heartbeats work, and a built-in monitor run remotely with that key reports its readings.
+    The control-role peer's stop ends the run, attributed to its key; resent with the same command id it
+    acts once."""
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=3), tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    monitor = subprocess.Popen([sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.cpu_monitor:CpuMonitorPlugin",
+                                "--connect", str(kernel.run_dir / CONNECTION_FILE), "--key", str(keys["watcher"])],
+                               env={**os.environ, "TRAINBUS_PLUGIN_NAME": "remote_cpu"},
+                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "remote_cpu.log", "wb"))
+    kernel.wait_event("start_training_session", timeout_s=120)
+    watcher, pilot = RemoteClient(conn, keys["watcher"]), RemoteClient(conn, keys["pilot"])
+    try:
+        kernel.wait_event("metric", lambda e: e.data["plugin"] == "remote_cpu", timeout_s=60)
+        assert watcher.next_event(10.0) is not None
+        watcher.hello("watcher_view")
+        assert watcher.reply(10.0, "welcome") is not None
+        watcher.send("stop", reason="a monitor trying to steer")
+        refused = watcher.reply(10.0, "refused")
+        assert refused is not None and refused["welcome_lost"] is False, refused
+        assert "role monitor" in refused["reason"], refused
+        watcher.send("checkpoint_now", reason="again")  # refused and counted too (told once per peer and reason)
+        watcher.send("heartbeat")
+        watcher.send("ack", seq=1)
+        watcher.send("replay", from_seq=1)
+        batch = watcher.reply(10.0, "replay_batch")
+        assert batch is not None and batch["events"][0]["seq"] == 1, batch
+        KeyStore(keys["dir"]).revoke("watcher")  # while connected: its control messages are refused from now on
+        time.sleep(REFRESH_INTERVAL_S)
+        watcher.send("heartbeat")
+        revoked = watcher.reply(10.0, "refused")
+        assert revoked is not None and revoked["welcome_lost"] is True and "revoked" in revoked["reason"], revoked
+        assert kernel.journal.step() < 3 * STEPS_PER_EPOCH - 10, "the monitor's stop came too late to prove anything"
+
+        pilot.hello("pilot_console")
+        assert pilot.reply(10.0, "welcome") is not None
+        pilot.send("stop", reason="enough, says the pilot", id="cmd-1")
+        pilot.send("stop", reason="enough, says the pilot", id="cmd-1")  # a resend: ignored
+        result = kernel.result(timeout_s=120)
+    finally:
+        watcher.close()
+        pilot.close()
+        monitor.kill()
+        monitor.wait()
+    assert result["status"] == "stopped", result
+    assert result["outcome"]["stop_reasons"] == ["pilot_console (key pilot): stop: enough, says the pilot"], result
+    assert result["bus"].get("refused_role") == 2 and result["bus"].get("duplicate_command") == 1, result["bus"]
+    assert result["bus"].get("refused_key_revoked", 0) >= 1, result["bus"]
+    log = (kernel.run_dir / "kernel.log").read_text()
+    assert "refused: watcher_view: stop refused: key watcher has role monitor" in log, log[-2000:]
+    assert "stop from key pilot (control)" in log
+
+
+# -- 3. fail closed ---------------------------------------------------------------------------------
+
+
+def _silence_authenticator(listener: Listener, how: str) -> zmq.Socket | None:
+    """Stop the kernel's ZAP authenticator; `silent`: put a handler in its place that never answers."""
+    listener.authenticator.stop()
+    if how == "absent":
+        return None
+    mute = listener.ctx.socket(zmq.REP)
+    mute.setsockopt(zmq.LINGER, 0)
+    wait_until(lambda: _try_bind(mute, "inproc://zeromq.zap.01"), 5.0, "the ZAP endpoint to be free")
+    return mute
+
+
+def _try_bind(sock: zmq.Socket, endpoint: str) -> bool:
+    try:
+        sock.bind(endpoint)
+        return True
+    except zmq.ZMQError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["absent", "silent"])
+def test_with_the_authenticator_not_answering_nobody_gets_in(how, keys):
+    """The kernel's TCP listener with its authenticator gone (ZAP_ENFORCE_DOMAIN: no handler is a refusal) or
+    hung (the handshake times out): even a control-role key hears nothing and reaches nothing."""
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    conn = {"control": listener.control_endpoint, "events": listener.events_endpoint,
+            "server_key": listener.server_key.decode()}
+    mute = None
+    try:
+        before = RemoteClient(conn, keys["pilot"])  # the same key while the authenticator answers: it gets in
+
+        def heard() -> bool:
+            listener.pub.send_multipart((b"heartbeat", pack({"n": 0})))
+            return before.next_event(0.05) is not None
+        wait_until(heard, 10.0, "an event through a working authenticator")
+        before.close()
+        mute = _silence_authenticator(listener, how)
+        after = RemoteClient(conn, keys["pilot"])
+        after.send("hello", name="x")
+        end = time.monotonic() + NOTHING_WINDOW_S
+        while time.monotonic() < end:
+            listener.pub.send_multipart((b"heartbeat", pack({"n": 1})))
+            assert after.next_event(0.05) is None, "an event reached a client no authenticator let in"
+        assert not listener.router.poll(100), "a message from a client no authenticator let in"
+        after.close()
+    finally:
+        if mute is not None:
+            mute.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("sends", [b"", b"GET / HTTP/1.1\r\n\r\n" + bytes(range(256)) * 4])
+def test_a_connection_that_never_completes_the_handshake_is_closed_within_its_timeout(sends, keys):
+    """Raw TCP connections to both endpoints that send nothing, or garbage: the listener closes every one
+    within HANDSHAKE_IVL (plus a margin for a loaded machine), so they cannot pile up file descriptors."""
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    raw = []
+    try:
+        for endpoint in (listener.control_endpoint, listener.events_endpoint) * 10:
+            host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+            tcp = socket.create_connection((host, int(port)), timeout=5)
+            tcp.sendall(sends)
+            raw.append(tcp)
+        deadline = time.monotonic() + HANDSHAKE_IVL_MS / 1000 + 5.0
+        for tcp in raw:
+            tcp.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                while tcp.recv(4096):  # the greeting's first bytes, then nothing: end of stream
+                    pass
+            except ConnectionResetError:
+                pass  # closed with a reset: closed all the same
+            except socket.timeout:
+                pytest.fail(f"a connection that sent {len(sends)} bytes was still open after the handshake timeout")
+    finally:
+        for tcp in raw:
+            tcp.close()
+        listener.close()
+
+
+# -- 4. key files -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["group_readable", "empty", "no_keys"])
+def test_the_kernel_refuses_to_start_on_a_bad_key_file_naming_it_and_the_fix(fault, keys, tmp_path):
+    secret = keys["watcher"]
+    if fault == "group_readable":
+        secret.chmod(0o644)
+    elif fault == "empty":
+        secret.write_bytes(b"")
+    keys_dir = tmp_path / "empty-keys" if fault == "no_keys" else keys["dir"]
+    proc = subprocess.run([str(Path(sys.executable).parent / "trainbus"), "run", "--plugins", "", "--epochs", "1",
+                           "--runs-dir", str(tmp_path / "runs"), "--listen", "127.0.0.1:0", "--keys-dir",
+                           str(keys_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    expected = {"group_readable": f"chmod 600 {secret}", "empty": f"{secret} is empty",
+                "no_keys": "trainbus keys generate server"}[fault]
+    assert expected in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing may have started"
+
+
+def test_keys_cli_generates_lists_and_revokes(tmp_path):
+    cli = [str(Path(sys.executable).parent / "trainbus"), "keys"]
+    where = ["--keys-dir", str(tmp_path / "k")]
+    for args in (["generate", "server"], ["generate", "client", "ana", "--role", "control"], ["revoke", "ana"]):
+        proc = subprocess.run(cli + args + where, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "k" / "server.key_secret").stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / "k" / "control" / "ana.key_secret").exists()
+    listing = subprocess.run(cli + ["list"] + where, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "COLUMNS": "300"}).stdout
+    assert "ana" in listing and "revoked" in listing
+    proc = subprocess.run(cli + ["generate", "client", "bo", "--role", "admin"] + where, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "monitor, control" in proc.stderr
+
+
+# -- 5. a remote plugin, durable across kill -9 -----------------------------------------------------
+
+
+def _network_namespace(request):
+    """(kernel host address, command prefix) for a client in a second network namespace joined by a veth pair
+    made here, removed at teardown; skip where this machine cannot (not root, no `ip netns`)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 for a second network namespace")
+    tag = secrets.token_hex(3)
+    ns, host_end, ns_end = f"tb{tag}", f"tbh{tag}", f"tbn{tag}"
+    octet = 16 + secrets.randbelow(200)
+    setup = [["ip", "netns", "add", ns], ["ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end],
+             ["ip", "link", "set", ns_end, "netns", ns], ["ip", "addr", "add", f"10.213.{octet}.1/30", "dev", host_end],
+             ["ip", "link", "set", host_end, "up"],
+             ["ip", "netns", "exec", ns, "ip", "addr", "add", f"10.213.{octet}.2/30", "dev", ns_end],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", ns_end, "up"],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]]
+
+    def teardown():
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    request.addfinalizer(teardown)
+    for cmd in setup:
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            pytest.skip(f"cannot make a network namespace here ({' '.join(cmd)} failed)")
+    return f"10.213.{octet}.1", ["ip", "netns", "exec", ns]
+
+
+@pytest.mark.parametrize("where", ["loopback", "netns"])
+def test_a_remote_plugin_over_curve_is_durable_across_kill_9_and_its_stop_works(where, request, keys, runs_dir,
+                                                                                 tmp_path, kernels):
+    """`python -m trainbus.sdk fixture_remote:RemoteRecorder --connect connection.json --key pilot` records
+    every event; killed -9 early in the run and started again, it replays what it missed: every journaled seq
+    is recorded, in order. Late in the run it sends stop with its control-role key, and the run stops there."""
+    host, prefix = ("127.0.0.1", []) if where == "loopback" else _network_namespace(request)
+    stop_at = 3 * STEPS_PER_EPOCH + 10
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], host=host, epochs=4, step_sleep_s=0.05), tmp_path)
+    kernels.append(kernel)
+    connection(kernel)
+    record = tmp_path / "remote.txt"
+    env = {**os.environ, "TRAINBUS_PLUGIN_NAME": "remote_recorder",
+           "TRAINBUS_PLUGIN_SETTINGS": pack({"path": str(record), "stop_at_step": stop_at}).hex()}
+    command = prefix + [sys.executable, "-m", "trainbus.sdk", "fixture_remote:RemoteRecorder", "--connect",
+                        str(kernel.run_dir / CONNECTION_FILE), "--key", str(keys["pilot"])]
+    log = open(tmp_path / "remote.log", "ab")
+    first = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: record.exists() and len(record.read_text().splitlines()) >= 20, 120,
+                   "the remote plugin's first 20 events")
+        first.kill()
+        first.wait(10)
+        killed_at = kernel.journal.step()
+        time.sleep(LIVENESS_S)  # its name is held while the killed connection counts as live
+        second = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        result = kernel.result(timeout_s=180)
+        second.wait(30)
+    finally:
+        for proc in (first, locals().get("second")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        log.close()
+    assert killed_at < stop_at - 20, f"the plugin was killed at step {killed_at}, too late to prove anything"
+    assert result["status"] == "stopped", (result, (tmp_path / "remote.log").read_text()[-3000:])
+    assert result["outcome"]["stop_reasons"] == [f"remote_recorder (key pilot): stop: remote stop at step {stop_at}"]
+    assert result["undrained"] == {}, result
+    final = of(read_events(result["run_dir"]), "end_training_session")[0].seq
+    recorded = [int(line.split()[0]) for line in record.read_text().splitlines()]
+    assert set(range(1, final + 1)) <= set(recorded), "an event the remote plugin never handled"
+    restarts = sum(later <= earlier for earlier, later in zip(recorded, recorded[1:]))
+    assert restarts <= 1, "in seq order, but for the redelivery after its one restart"
