@@ -100,6 +100,7 @@ class Dispatcher:
         if peer.spawned:  # its exit, seen by the supervisor, is the event
             self.supervisor.leaving(peer.name)
         else:  # a peer attached by hand (attach, a remote plugin) has no process of ours: its goodbye is the exit
+            self.peers.left(peer)
             self.bus.emit(ev.PLUGIN_EXITED, {"plugin": peer.name, "exit_code": 0})
 
     def _on_ack(self, peer: Peer, msg: dict[str, Any]) -> None:

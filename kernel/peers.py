@@ -193,6 +193,11 @@ class Peers:
             if not self.is_live(peer, now) and (peer.spawned or now - peer.last_seen > 2 * self.liveness_s):
                 del self._by_identity[identity]
 
+    def left(self, peer: Peer) -> None:
+        """A peer attached by hand said bye: its connection is done, and its name free for a new hello at once
+        (its durable position is kept, so it resumes where it acked)."""
+        self._by_identity.pop(peer.identity, None)
+
     def _forget_name(self, name: str) -> None:
         peer = self._by_name.pop(name)
         self._by_identity.pop(peer.identity, None)

@@ -1,0 +1,377 @@
+"""proto/PROTOCOL.md, statement by statement, against a real kernel (its own process, its real ipc sockets)
+and a client written from the spec alone: raw pyzmq + msgpack, attached with the run's credential.
+
+Each check names the statement of the conformance table (PROTOCOL.md, appendix) it holds, e.g. [C12].
+Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+from pathlib import Path
+
+import msgpack
+import zmq
+
+from kernel_process import KernelProcess, of, wait_until
+from test_trust import LIMITS, Intruder, attach_credential, config, short_runs, wait_sockets  # noqa: F401
+from trainbus.kernel.config import PluginConfig, resolve_plugin
+from trainbus.kernel.journal import read_events
+from trainbus.kernel.session import run_training
+from trainbus.proto import decode_control, decode_event, pack
+from trainbus.sdk import Plugin
+
+ENVELOPE_KEYS = {"v", "seq", "run", "type", "ts", "step", "epoch", "data"}
+NAME = "conformance"
+
+
+class Client(Intruder):
+    """The spec's client: SUB to everything, DEALER with its own routing id, hello after the first event."""
+
+    def __init__(self, run_dir):
+        super().__init__(run_dir, NAME, subscribe=True)
+        self.events: list[tuple[list[bytes], dict]] = []  # (frames, envelope) as received on the SUB
+        self.said_hello, self.next_beat = False, 0.0
+
+    def hello(self, *args, **fields) -> None:
+        super().hello(*args, **fields)
+        self.said_hello = True
+
+    def beat(self) -> None:
+        """[C60] a heartbeat every half interval after hello: an attached peer lives while it talks."""
+        if self.said_hello and time.monotonic() >= self.next_beat:
+            self.send("heartbeat")
+            self.next_beat = time.monotonic() + 0.5
+
+    def receive(self, timeout_s: float = 0.0) -> dict | None:
+        self.beat()
+        return super().receive(timeout_s)
+
+    def drain_events(self, timeout_s: float = 0.0) -> None:
+        self.beat()
+        while self.sub.poll(int(timeout_s * 1000)):
+            self.beat()
+            frames = self.sub.recv_multipart()
+            self.events.append((frames, msgpack.unpackb(frames[-1], **LIMITS)))
+            timeout_s = 0.0
+
+    def wait_event(self, where, timeout_s: float = 30.0) -> dict:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            for _, event in self.events:
+                if where(event):
+                    return event
+            self.drain_events(0.1)
+        raise AssertionError(f"no such event within {timeout_s:.0f} s")
+
+    def request(self, type_: str, answer: str, timeout_s: float = 20.0, **fields) -> dict:
+        self.send(type_, **fields)
+        return self.wait_reply(answer, timeout_s)
+
+
+def test_the_wire_of_a_real_run_is_as_specified(short_runs, tmp_path, kernels):  # noqa: F811
+    """Envelopes and frames [C12, C14], welcome [C36], malformed input dropped and counted and never fatal [C9,
+    C69-C71], metric/log republishing [C46, C47], replay batches [C40], run_state [C51],
+    command ids [C44], checkpoints without a persister [C26], final events [C31], bye of an attached peer [C42]."""
+    kernel = KernelProcess(config(short_runs, epochs=2, step_sleep_s=0.03), tmp_path)
+    kernels.append(kernel)
+    wait_sockets(kernel)
+    client = Client(kernel.run_dir)
+    try:
+        client.drain_events(60.0)  # the first event proves the subscription is live: then hello
+        assert client.events, "no event within 60 s of connecting"
+        client.hello(NAME, attach_credential(kernel.run_dir), replies=["metric", "log", "checkpoint_now"])
+        welcome = client.wait_reply("welcome")
+        # [C36] welcome: run id, the heartbeat interval, and for best_effort the next seq to be published
+        assert welcome["v"] == 1 and welcome["run"] == kernel.run_id, welcome
+        assert type(welcome["heartbeat_interval_s"]) is float and welcome["heartbeat_interval_s"] == 1.0, welcome
+        ready = client.wait_event(lambda e: e["type"] == "plugin_ready" and e["data"]["plugin"] == NAME)
+        assert 1 < welcome["resume_from"] <= ready["seq"], (welcome, ready["seq"])
+        assert ready["data"]["delivery"] == "best_effort" and ready["data"]["pid"] == os.getpid()
+        client.wait_event(lambda e: e["type"] == "start_epoch", timeout_s=120)
+
+        # [C9, C69-C71] malformed control input: dropped, counted, never acted on, no answer
+        malformed = [
+            [b"", msgpack.packb({"v": 1, "type": "checkpoint_now", "reason": "a REQ's delimiter frame"})],
+            [msgpack.packb({"v": 2, "type": "checkpoint_now", "reason": "v=2"})],
+            [msgpack.packb({"v": True, "type": "checkpoint_now", "reason": "v=true"})],
+            [msgpack.packb({"v": 1.0, "type": "checkpoint_now", "reason": "v=1.0"})],
+            [msgpack.packb({"v": 1, "type": "launch_missiles"})],
+            [msgpack.packb({"v": 1, "type": "checkpoint_now"})],  # a missing required field
+            [msgpack.packb({"v": 1, "type": "ack", "seq": True})],  # bool where an int is expected
+            [msgpack.packb({"v": 1, "type": "ack", "seq": -1})],  # breaks a constraint
+            [msgpack.packb({"v": 1, "type": "log", "level": "fatal", "text": "not a level"})],
+            [msgpack.packb({"v": 1, "type": "metric", "name": "conf/nan", "value": math.nan, "step": None})],
+            [msgpack.packb({"v": 1, "type": "metric", "name": "conf/bool", "value": True, "step": None})],
+            [msgpack.packb({"v": 1, 7: "heartbeat"})],  # a map key that is not a string
+            [msgpack.packb({"v": 1, "type": "heartbeat", "x": msgpack.ExtType(1, b"")})],  # an ext type
+            [b"\xc1 not msgpack"],
+        ]
+        for frames in malformed:
+            client.dealer.send_multipart(frames)
+        # [C46] a metric reply: republished with the sender's name, a nil step filled in, an int value accepted
+        client.send("metric", name="conf/reading", value=3, step=None, unknown_extra_field="ignored")  # [C33]
+        client.send("log", level="warning", text="conformance says hi")  # [C47]
+        metric = client.wait_event(lambda e: e["type"] == "metric" and e["data"]["name"] == "conf/reading")
+        assert metric["data"] == {"plugin": NAME, "name": "conf/reading", "value": 3.0,
+                                  "step": metric["data"]["step"]} and type(metric["data"]["step"]) is int, metric
+        log_event = client.wait_event(lambda e: e["type"] == "log" and e["data"]["plugin"] == NAME)
+        assert log_event["data"] == {"plugin": NAME, "level": "warning", "text": "conformance says hi"}
+        # [C44] a command id acts once per (sender, id): the resend is counted, not acted on
+        client.send("checkpoint_now", reason="conformance", id="cmd-1")
+        client.send("checkpoint_now", reason="conformance again", id="cmd-1")
+
+        # [C40] replay: from_seq 0 means 1; consecutive events from from_seq, <= 512 a batch, done at the end
+        replayed, next_seq = [], 0
+        while True:
+            batch = client.request("replay", "replay_batch", from_seq=next_seq)
+            seqs = [e["seq"] for e in batch["events"]]
+            assert seqs == list(range(max(next_seq, 1), max(next_seq, 1) + len(seqs))), seqs[:5]
+            assert 0 < len(seqs) <= 512 and all(set(e) >= ENVELOPE_KEYS for e in batch["events"])
+            replayed += batch["events"]
+            next_seq = seqs[-1] + 1
+            if batch["done"]:
+                break
+        # [C51] snapshot -> run_state: the state as of seq, no later event folded in
+        run_state = client.request("snapshot", "run_state")
+        assert type(run_state["seq"]) is int and run_state["seq"] >= next_seq - 1, run_state["seq"]
+        state = run_state["state"]
+        assert state["run"]["id"] == kernel.run_id and state["progress"]["step"] >= 0, state
+        assert state["plugins"][NAME]["delivery"] == "best_effort", state["plugins"]
+
+        final = client.wait_event(lambda e: e["type"] == "end_training_session", timeout_s=120)
+        client.send("bye", reason="conformance done")  # [C42]
+        client.drain_events(1.0)
+    finally:
+        client.close()
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed", result
+    bus = result["bus"]
+    assert bus.get("malformed") == len(malformed), bus  # every one dropped and counted, once
+    assert bus.get("duplicate_command") == 1, bus
+    assert not any(k.startswith("refused_") and v for k, v in bus.items()), bus  # no refusal: nothing was acted on
+
+    events = read_events(kernel.run_dir)
+    # [C14, C85] the journal's seqs are 1, 2, 3, ... with no gap
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    # [C12] every event as received: two frames, the topic is its type, v 1, the run's id, typed fields
+    journal = {e.seq: e for e in events}
+    assert client.events
+    for frames, envelope in client.events:
+        assert len(frames) == 2 and frames[0] == envelope["type"].encode(), frames[0]
+        assert set(envelope) >= ENVELOPE_KEYS and envelope["v"] == 1 and envelope["run"] == kernel.run_id
+        for key in ("v", "seq", "step", "epoch"):
+            assert type(envelope[key]) is int, (key, envelope)
+        assert type(envelope["ts"]) is float and isinstance(envelope["data"], dict)
+        assert journal[envelope["seq"]].type == envelope["type"]  # [C78] the same event the journal holds
+    received = [envelope["seq"] for _, envelope in client.events]
+    assert received == sorted(received), "[C14] events arrive in seq order"
+    # [C40, C78] what replay served is what the journal holds
+    assert [e["seq"] for e in replayed] == list(range(1, len(replayed) + 1))
+    assert all(journal[e["seq"]].type == e["type"] and journal[e["seq"]].ts == e["ts"] for e in replayed)
+    # the malformed checkpoint_now / stop never reached the loop; the one valid checkpoint_now did (once)
+    assert not of(events, "stop_requested")
+    assert len(of(events, "checkpoint_skipped")) == 1, [e.data for e in of(events, "checkpoint_skipped")]
+    assert not of(events, "save_checkpoint"), "[C26] published only while a checkpoint plugin is attached"
+    assert [e.data["name"] for e in of(events, "metric")] == ["conf/reading"]
+    assert not [e for e in of(events, "log") if "not a level" in e.data["text"]]
+    # [C31] after the final event: only heartbeats, supervisor events and late replies
+    after = [e.type for e in events if e.seq > final["seq"]]
+    assert all(t == "heartbeat" or t.startswith("plugin_") or t in ("metric", "log") for t in after), after
+    # [C42] the attached peer's bye is its exit
+    exited = [e for e in of(events, "plugin_exited") if e.data["plugin"] == NAME]
+    assert len(exited) == 1 and exited[0].data["exit_code"] == 0
+
+
+def test_a_kernel_heartbeat_comes_every_interval_and_each_names_it(short_runs, tmp_path, kernels):  # noqa: F811
+    """[C58] the kernel's heartbeat event: every interval_s (1 s) while training, data.interval_s the interval;
+    [C17] kernel events carry the step and epoch of the last event sent."""
+    kernel = KernelProcess(config(short_runs, epochs=1, step_sleep_s=0.1), tmp_path)
+    kernels.append(kernel)
+    result = kernel.result(timeout_s=180)
+    assert result["status"] == "completed", result
+    events = read_events(kernel.run_dir)
+    start = of(events, "start_training_session")[0].seq
+    end = of(events, "end_training_session")[0].seq
+    beats = [e for e in of(events, "heartbeat") if start < e.seq < end]
+    assert len(beats) >= 3, "the run must last a few seconds"
+    assert all(b.data["interval_s"] == 1.0 for b in beats)
+    gaps = [b.ts - a.ts for a, b in zip(beats, beats[1:])]
+    assert max(gaps) <= 2.0 and min(gaps) >= 0.5, gaps  # 2 intervals: as the hostile-load tests allow
+    # a heartbeat numbered behind batch events still in their 100 ms burst carries the last event *sent*
+    seen: set[tuple[int, int]] = {(0, 0)}
+    for e in events:
+        if e.type == "heartbeat":
+            assert (e.step, e.epoch) in seen, e
+        else:
+            seen.add((e.step, e.epoch))
+
+
+def test_a_vote_holds_the_kernel_at_end_epoch_boundedly_and_a_stop_before_the_ack_lands_there(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C54] after an event a peer votes at, the kernel waits for its ack, at most vote_timeout_s: a silent voter
+    costs that much and no more; [C55] a stop sent before the ack lands at that epoch's boundary."""
+    cfg = config(short_runs, epochs=4, step_sleep_s=0.05)
+    cfg.vote_timeout_s = 3.0
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    wait_sockets(kernel)
+    client = Client(kernel.run_dir)
+    try:
+        client.drain_events(60.0)
+        client.hello(NAME, attach_credential(kernel.run_dir), replies=["stop"], votes=["end_epoch"])
+        client.wait_reply("welcome")
+        ready = client.wait_event(lambda e: e["type"] == "plugin_ready" and e["data"]["plugin"] == NAME)
+        silent = client.wait_event(lambda e: e["type"] == "end_epoch" and e["seq"] > ready["seq"], timeout_s=120)
+        # say nothing but heartbeats: the kernel waits vote_timeout_s, then trains on
+        voted = client.wait_event(lambda e: e["type"] == "end_epoch" and e["epoch"] == silent["epoch"] + 1,
+                                  timeout_s=120)
+        time.sleep(1.0)  # a slow voter: the kernel waits for it
+        client.send("stop", reason="conformance: stop at this epoch")
+        client.send("ack", seq=voted["seq"])
+        final = client.wait_event(lambda e: e["type"] == "end_training_session", timeout_s=120)
+    finally:
+        client.close()
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "stopped", result
+    events = read_events(kernel.run_dir)
+    starts = {e.epoch: e for e in of(events, "start_epoch")}
+    waited = starts[silent["epoch"] + 1].ts - silent["ts"]
+    assert 2.5 <= waited <= 3.0 + 2.0, f"a silent voter held the boundary {waited:.2f} s (vote_timeout_s 3)"
+    assert silent["epoch"] + 2 not in starts, "the stop sent before the ack must land at that epoch's end"
+    assert final["data"]["epochs_completed"] == voted["epoch"] and final["data"]["stopped_early"] is True
+    assert final["data"]["stop_reasons"] == [f"{NAME}: stop: conformance: stop at this epoch"], final["data"]
+
+
+class EnvProbe(Plugin):
+    """A spawned plugin that writes down the environment it was given (the secret: only whether it is left)."""
+
+    settings = {"path": ""}
+
+    def setup(self):
+        names = ("TRAINBUS_RUN_ID", "TRAINBUS_RUN_DIR", "TRAINBUS_KERNEL_PID", "TRAINBUS_PLUGIN_NAME", "RUN_ID",
+                 "RUN_DIR", "TRAINBUS_EVENTS", "TRAINBUS_CONTROL")
+        seen = {name: os.environ.get(name) for name in names}
+        seen.update(secret_left=os.environ.get("TRAINBUS_SECRET"), ppid=os.getppid(), pgid=os.getpgid(0), pid=os.getpid())
+        with open(self.settings["path"], "w") as f:
+            json.dump(seen, f)
+
+
+def test_a_spawned_plugin_gets_the_environment_of_section_2_and_the_reference_client_drops_its_secret(
+        short_runs, tmp_path):  # noqa: F811
+    """[C2, C8] the environment a spawned plugin gets; [C4] the reference client takes TRAINBUS_SECRET out of its
+    environment once read (and its hello, proved by it, was welcomed); [C59] fast heartbeats while it starts."""
+    out = tmp_path / "env.json"
+    cfg = config(short_runs, plugins=[PluginConfig("probe", "test_protocol_conformance:EnvProbe", {"path": str(out)})],
+                 epochs=1, step_sleep_s=0.0)
+    result = run_training(cfg)
+    assert result.status == "completed", result
+    seen = json.loads(out.read_text())
+    run_dir = str(Path(result.run_dir).resolve())
+    assert seen["TRAINBUS_RUN_ID"] == seen["RUN_ID"] == result.run_id
+    assert str(Path(seen["TRAINBUS_RUN_DIR"]).resolve()) == str(Path(seen["RUN_DIR"]).resolve()) == run_dir
+    assert Path(seen["TRAINBUS_RUN_DIR"]).is_absolute()
+    assert seen["TRAINBUS_KERNEL_PID"] == str(os.getpid()) == str(seen["ppid"]), seen  # the kernel is the parent
+    assert seen["pgid"] == seen["pid"] != os.getpgid(0), "a process group of its own"
+    assert seen["TRAINBUS_PLUGIN_NAME"] == "probe"
+    assert seen["TRAINBUS_EVENTS"].startswith("ipc://") and seen["TRAINBUS_CONTROL"].startswith("ipc://")
+    assert seen["secret_left"] is None, "the reference client must drop TRAINBUS_SECRET once read"
+    events = read_events(result.run_dir)
+    assert [e.data["plugin"] for e in of(events, "plugin_ready")] == ["probe"]  # its hello was proved
+    assert all(e.run == result.run_id for e in events)
+    # [C59] heartbeats every 0.1 s while the spawned plugin starts (slow joiners), then every interval_s
+    start = of(events, "start_training_session")[0].seq
+    early = [e.ts for e in of(events, "heartbeat") if e.seq < start]
+    assert len(early) >= 3, "the plugin's start must take a few startup heartbeats"
+    assert max(b - a for a, b in zip(early, early[1:])) <= 0.5, early
+
+
+def test_optional_fields_added_within_v1_default_and_unknown_envelope_fields_are_ignored():
+    """[C56] a hello without votes, capabilities and secret means [], [] and ""; [C18] a receiver ignores an
+    envelope field it does not know."""
+    hello = decode_control(pack({"v": 1, "type": "hello", "name": "old", "pid": 1, "subscriptions": [""],
+                                 "replies": [], "delivery": "best_effort"}))
+    assert (hello["votes"], hello["capabilities"], hello["secret"]) == ([], [], "")
+    event = decode_event(pack({"v": 1, "seq": 3, "run": "r", "type": "log", "ts": 1.0, "step": 0, "epoch": 0,
+                               "data": {}, "added_in_v1_9": "x"}))
+    assert (event.seq, event.type, event.data) == (3, "log", {})
+
+
+def test_durable_resume_from_is_one_past_the_last_ack_in_a_kernel_process_and_1_in_a_new_one(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C74] a durable name that comes back to the same kernel is welcomed with resume_from = 1 + its last ack,
+    and at once after its bye [C94];
+    [C75] a new kernel process (the run resumed after kill -9) answers resume_from = 1."""
+    cfg = config(short_runs, plugins=[resolve_plugin("checkpoint", {})], epochs=3, step_sleep_s=0.03,
+                 every_n_steps=10)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    wait_sockets(kernel)
+
+    def durable_hello(first_try: bool = False) -> tuple[Client, dict]:
+        """Welcomed as NAME, durable. An attached name is free once its holder's bye was handled [C94], or its
+        holder was silent for the liveness window: a refused hello is tried again on a new connection, unless
+        `first_try` (the bye is known to be handled)."""
+        end = time.monotonic() + 30.0
+        while True:
+            client = Client(kernel.run_dir)
+            client.drain_events(60.0)
+            client.hello(NAME, attach_credential(kernel.run_dir), delivery="durable")
+            answer = None
+            deadline = time.monotonic() + 10.0
+            while answer is None and time.monotonic() < deadline:
+                msg = client.receive(0.1)
+                if msg is not None and msg["type"] in ("welcome", "refused"):
+                    answer = msg
+            if answer is not None and answer["type"] == "welcome":
+                return client, answer
+            client.close()
+            assert answer is not None and "live peer holds" in answer["reason"], answer
+            assert not first_try, f"refused though the holder's bye was handled: {answer}"
+            assert time.monotonic() < end, "the name was never freed"
+            time.sleep(1.0)
+
+    client, welcome = durable_hello()
+    try:
+        assert welcome["resume_from"] == 1, welcome  # a new name
+        acked = client.wait_event(lambda e: e["type"] == "end_training_batch" and e["step"] >= 5, timeout_s=120)["seq"]
+        client.send("ack", seq=acked)
+        client.send("bye", reason="back soon")
+        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME, timeout_s=60)
+    finally:
+        client.close()
+    client, welcome = durable_hello(first_try=True)  # the same name, a new connection, the same kernel
+    try:
+        assert welcome["resume_from"] == acked + 1, (welcome, acked)
+        client.send("bye", reason="back after the kernel")
+    finally:
+        client.close()
+    kernel.wait_event("checkpoint_saved", timeout_s=120)
+    kernel.kill()
+
+    resumed = subprocess.Popen([str(Path(sys.executable).with_name("trainbus")), "run", "--resume", kernel.run_id,
+                                "--runs-dir", str(short_runs)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        def restarted():
+            assert resumed.poll() is None, resumed.communicate()[1]
+            return [e for e in kernel.journal.of("start_training_session") if e.seq > acked]
+        wait_until(restarted, 120, "the resumed run's start_training_session")
+        client, welcome = durable_hello()
+        try:
+            assert welcome["resume_from"] == 1, welcome  # [C75] acks live in the kernel process's memory
+            client.send("bye", reason="done")
+        finally:
+            client.close()
+        _, stderr = resumed.communicate(timeout=180)
+        assert resumed.returncode == 0, stderr
+    finally:
+        if resumed.poll() is None:
+            resumed.kill()
+            resumed.wait()
