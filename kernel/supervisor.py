@@ -37,6 +37,28 @@ PLUGIN_NICE = 10  # plugins run below training's priority: a busy plugin takes i
 Emit = Callable[[str, dict[str, Any]], None]
 
 
+class Processes:
+    """What the supervisor does to the OS: start a plugin's process, signal its process group, read its CPU time.
+    Its decisions (liveness, hung, backoff, giving up) are its own and take `now` from the caller; tests hand
+    it a fake Processes and a fake clock (tests/test_supervisor_clock.py)."""
+
+    def spawn(self, cmd: list[str], env: dict[str, str], stdout, stderr) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            # Its own process group (Ctrl-C reaches the kernel only; the group is what gets killed)
+            # in the kernel's session: with sched_autogroup a session is a scheduling group, and
+            # one of its own would get an equal share against the kernel's whatever its nice.
+            cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, process_group=0,
+        )
+        _lower_priority(proc.pid)
+        return proc
+
+    def signal(self, proc: subprocess.Popen, sig: int) -> None:
+        _signal_group(proc, sig)
+
+    def cpu_seconds(self, pid: int) -> float:
+        return _cpu_seconds(pid)
+
+
 @dataclass
 class PluginSpec:
     """What the run's config says about one plugin."""
@@ -71,7 +93,8 @@ class Supervisor:
 
     def __init__(self, specs: list[PluginSpec], env: dict[str, str], run_dir: Path, emit: Emit,
                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
-                 token_for: Callable[[str], str] = lambda name: ""):
+                 token_for: Callable[[str], str] = lambda name: "", processes: Processes | None = None):
+        self.processes = processes or Processes()
         self.children = {s.name: Child(s) for s in specs}
         self.env = env
         self.token_for = token_for  # the secret a plugin's hello must carry (kernel/credentials.py)
@@ -82,10 +105,10 @@ class Supervisor:
 
     # -- called by the bus ------------------------------------------------------------------------
 
-    def start_all(self) -> None:
+    def start_all(self, now: float | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for child in self.children.values():
-            self._spawn(child, time.monotonic())
+            self._spawn(child, time.monotonic() if now is None else now)
 
     def seen(self, name: str, pid: int, now: float) -> None:
         """The plugin's current process sent something: it is alive."""
@@ -142,7 +165,7 @@ class Supervisor:
             time.sleep(0.02)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for p in procs:
-                _signal_group(p, sig)
+                self.processes.signal(p, sig)
             grace_end = time.monotonic() + TERM_GRACE_S
             while procs and time.monotonic() < grace_end:
                 procs = [p for p in procs if p.poll() is None]
@@ -170,16 +193,9 @@ class Supervisor:
         cmd = spec.command or [sys.executable, "-m", "trainbus.sdk", spec.target]
         log = open(self.log_dir / f"{spec.name}.log", "ab")
         try:
-            child.proc = subprocess.Popen(
-                # The console draws on the kernel's terminal (its stdout); what any plugin says on stderr
-                # (the SDK's end-of-run counts, a traceback) goes to its log, not between the bars.
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=None if spec.console else log,
-                stderr=log,
-                # Its own process group (Ctrl-C reaches the kernel only; the group is what gets killed)
-                # in the kernel's session: with sched_autogroup a session is a scheduling group, and
-                # one of its own would get an equal share against the kernel's whatever its nice.
-                process_group=0,
-            )
+            # The console draws on the kernel's terminal (its stdout); what any plugin says on stderr
+            # (the SDK's end-of-run counts, a traceback) goes to its log, not between the bars.
+            child.proc = self.processes.spawn(cmd, env, None if spec.console else log, log)
         except OSError as exc:
             child.proc, child.state = None, "failed"
             child.crashes.append(f"cannot start {cmd[0]}: {exc.strerror or exc}")
@@ -188,7 +204,6 @@ class Supervisor:
             return False
         finally:
             log.close()
-        _lower_priority(child.proc.pid)
         child.state = "starting"
         child.started_at = child.last_seen = now
         child.leaving = False
@@ -212,22 +227,22 @@ class Supervisor:
             return
         if child.state == "terminating":
             if now >= child.kill_at:
-                _signal_group(child.proc, signal.SIGKILL)
+                self.processes.signal(child.proc, signal.SIGKILL)
             return
         if self.stopping:
             return
         if child.state == "running" and now - child.last_seen > self.liveness_s:
             self._declare_hung(child, now, f"silent for {now - child.last_seen:.1f} s")
         elif child.state == "starting" and now - child.started_at > STARTUP_CPU_S:
-            cpu_s = _cpu_seconds(child.proc.pid)
+            cpu_s = self.processes.cpu_seconds(child.proc.pid)
             if cpu_s > STARTUP_CPU_S or now - child.started_at > STARTUP_TIMEOUT_S:
                 self._declare_hung(child, now, f"no hello after {now - child.started_at:.0f} s ({cpu_s:.1f} s of CPU)")
 
     def _declare_hung(self, child: Child, now: float, why: str) -> None:
         self.emit(ev.PLUGIN_HUNG, {"plugin": child.spec.name, "pid": child.proc.pid, "reason": why})
         child.crashes.append(f"hung ({why})")
-        _signal_group(child.proc, signal.SIGTERM)
-        _signal_group(child.proc, signal.SIGCONT)  # a stopped process must run to see SIGTERM
+        self.processes.signal(child.proc, signal.SIGTERM)
+        self.processes.signal(child.proc, signal.SIGCONT)  # a stopped process must run to see SIGTERM
         child.state = "terminating"
         child.kill_at = now + TERM_GRACE_S
 

@@ -240,7 +240,10 @@ class Runner:
     """Drives one plugin instance: ordering, gap detection, replay, retries, dead letters, acks."""
 
     def __init__(self, plugin: Plugin, events_endpoint: str, control_endpoint: str, kernel_pid: int | None = None,
-                 secret: str = "", secure: Callable[[zmq.Socket], None] | None = None):
+                 secret: str = "", secure: Callable[[zmq.Socket], None] | None = None,
+                 make_io: Callable[..., _IO] = _IO):
+        """`make_io` builds the I/O thread from (events_endpoint, control_endpoint, topics, hello,
+        handler_timeout_s, kernel_pid, secure): tests pass a fake without sockets (tests/test_sdk_runner.py)."""
         self.plugin = plugin
         self.durable = plugin.delivery == DURABLE
         # A durable plugin needs every seq to see gaps; a best-effort one only what it handles.
@@ -251,7 +254,8 @@ class Runner:
         hello = control("hello", name=plugin.name, pid=os.getpid(), subscriptions=topics,
                         replies=["stop", "metric", "log", "checkpoint_now"], delivery=plugin.delivery,
                         votes=list(plugin.votes), capabilities=list(plugin.capabilities), secret=secret)
-        self.io = _IO(events_endpoint, control_endpoint, topics, hello, plugin.handler_timeout_s, kernel_pid, secure)
+        self.io = make_io(events_endpoint, control_endpoint, topics, hello, plugin.handler_timeout_s, kernel_pid,
+                          secure)
         self.counts_gaps = topics == [""]
         # A plugin with on_event handles every type, heartbeats included (a replay hands them over too).
         self.wants_heartbeats = bool({ev.HEARTBEAT, ""} & set(wanted))

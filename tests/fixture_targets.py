@@ -1,4 +1,6 @@
-"""Training targets the tests run: the digits demo, paced so a run lasts a known wall time."""
+"""Training targets the tests run: the digits demo, paced so a run lasts a known wall time (paced_digits,
+digits_slowly, digits_for_seconds: monitors sample on a clock), or probed (probed_digits). The small
+synthetic specs (tiny, failing) are in specs.py."""
 
 from __future__ import annotations
 
@@ -47,6 +49,39 @@ def paced_digits(hyperparameters: dict):
     gate = hyperparameters.pop("gate", "")
     spec = build(hyperparameters)
     spec.train_loader = _Paced(spec.train_loader, step_sleep_s, Path(gate) if gate else None)
+    return spec
+
+
+def digits_slowly(hyperparameters: dict):
+    """The digits demo (45 training batches an epoch), each batch `batch_s` seconds slower (default 0.03)."""
+    batch_s = float(hyperparameters.pop("batch_s", 0.03))
+    spec = build(hyperparameters)
+    spec.train_loader = _Paced(spec.train_loader, batch_s)
+    return spec
+
+
+class _ForSeconds:
+    """Cycles through a loader's batches, busy, until `seconds` have passed since the epoch's first batch."""
+
+    def __init__(self, loader, seconds: float):
+        self.loader = loader
+        self.seconds = seconds
+
+    def __iter__(self):
+        end = time.monotonic() + self.seconds
+        while True:
+            for batch in self.loader:
+                yield batch
+                if time.monotonic() >= end:
+                    return
+
+
+def digits_for_seconds(hyperparameters: dict):
+    """The digits demo, each training epoch lasting `epoch_s` seconds (default 0.5) of real computation,
+    however fast the machine."""
+    epoch_s = float(hyperparameters.pop("epoch_s", 0.5))
+    spec = build(hyperparameters)
+    spec.train_loader = _ForSeconds(spec.train_loader, epoch_s)
     return spec
 
 

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from trainbus.kernel import TrainingSpec
+from trainbus.proto import events as ev
 
 TRAIN_BATCHES = 3
 VALIDATION_BATCHES = 2
@@ -44,3 +45,20 @@ def failing(hyperparameters: dict) -> TrainingSpec:
 
 
 not_a_function = 42
+
+
+# -- what the loop publishes for `tiny` (kernel/loop.py) ------------------------------------------
+
+
+def epoch_events(checkpoint_before_end: bool = False) -> list[str]:
+    """The event types of one epoch of `tiny`, in order; a save_checkpoint before end_epoch if asked for."""
+    batches = [ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH] * TRAIN_BATCHES
+    validation = [ev.START_VALIDATION_BATCH, ev.END_VALIDATION_BATCH] * VALIDATION_BATCHES
+    return ([ev.START_EPOCH, ev.START_TRAINING_LOOP, *batches, ev.END_TRAINING_LOOP,
+             ev.START_VALIDATION_LOOP, *validation, ev.END_VALIDATION_LOOP]
+            + ([ev.SAVE_CHECKPOINT] if checkpoint_before_end else []) + [ev.END_EPOCH])
+
+
+def lifecycle(epochs: int) -> list[str]:
+    """The lifecycle event types of a whole run of `tiny` over `epochs` epochs, in order."""
+    return [ev.START_TRAINING_SESSION, *epoch_events() * epochs, ev.END_TRAINING_SESSION]

@@ -1,7 +1,7 @@
 """`trainbus attach` against real runs: the dashboard in tmux, JSON lines mid-run, an ended run, a stop sent.
 
 Runs are real kernels in their own processes (tests/kernel_process.py) training the digits demo slowly
-enough to attach mid-run (tests/timed_targets.py); the client is the installed `trainbus` command. Waits
+enough to attach mid-run (tests/fixture_targets.py); the client is the installed `trainbus` command. Waits
 are bounded polls with margins for a busy 2-core machine; nothing asserts a wall-clock gap.
 """
 
@@ -29,7 +29,7 @@ from trainbus.sdk.runner import HEARTBEAT_LIVENESS
 from conftest import TESTS_DIR, trainbus_cmd
 from kernel_process import KernelProcess, wait_until
 
-SLOW = f"{TESTS_DIR / 'timed_targets.py'}:digits_slowly"  # 45 batches an epoch, each batch_s late
+SLOW = f"{TESTS_DIR / 'fixture_targets.py'}:digits_slowly"  # 45 batches an epoch, each batch_s late
 SCREEN_TIMEOUT_S = 30.0  # a busy machine: the dashboard's start (a Python process, rich) can take seconds
 
 

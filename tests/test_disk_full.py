@@ -23,6 +23,7 @@ import pytest
 
 from conftest import trainbus_cmd
 from fixture_plugins import Poison
+from helpers import recorded
 from kernel_process import KernelProcess, of, wait_until
 from trainbus.kernel.config import PluginConfig, RunConfig
 from trainbus.kernel.journal import read_events
@@ -93,11 +94,6 @@ def whole_journal(path: Path) -> list[dict]:
     assert [m["seq"] for m in maps] == list(range(1, len(maps) + 1)), "the journal has a gap"
     assert [(e.seq, e.type) for e in read_events(path)] == [(m["seq"], m["type"]) for m in maps]
     return maps
-
-
-def recorded(path: Path) -> list[tuple[int, str]]:
-    """(seq, type) lines a fixture_plugins.Recorder wrote, in the order it handled them."""
-    return [(int(seq), type_) for seq, type_ in (line.split(" ", 1) for line in path.read_text().splitlines())]
 
 
 def no_traceback_in(run_dir: Path) -> None:

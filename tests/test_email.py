@@ -23,7 +23,7 @@ from conftest import TESTS_DIR
 
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
 FAILING = f"{TESTS_DIR / 'specs.py'}:failing"
-TIMED = f"{TESTS_DIR / 'timed_targets.py'}:digits_for_seconds"
+TIMED = f"{TESTS_DIR / 'fixture_targets.py'}:digits_for_seconds"
 RECIPIENT = "ops@example.com"
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import secrets
 from pathlib import Path
 
 import msgpack
@@ -21,6 +20,8 @@ from trainbus.proto import JOURNAL_NAME
 from trainbus.proto.journal_format import iter_records as read_records
 from trainbus.kernel.session import run_training
 from trainbus.proto import PROTOCOL_VERSION, pack
+
+from helpers import recorded, seeded_rng
 
 TESTS_DIR = Path(__file__).resolve().parent
 ENVELOPE_KEYS = {"v", "seq", "run", "type", "ts", "step", "epoch", "data"}
@@ -75,7 +76,7 @@ def test_a_finished_journal_is_plain_msgpack_and_equals_what_the_subscriber_rece
     assert received == [json.loads(json.dumps(r)) for r in records[:final]]
 
     # the best-effort one got a subset, each seq with the journal's type
-    live = [(int(seq), type_) for seq, type_ in (line.split(" ") for line in (tmp / "live.txt").read_text().splitlines())]
+    live = recorded(tmp / "live.txt")
     assert live and live[-1] == (final, "end_training_session")
     assert all(records[seq - 1]["type"] == type_ for seq, type_ in live)
     assert [seq for seq, _ in live] == sorted({seq for seq, _ in live})
@@ -121,8 +122,7 @@ def journal_bytes(finished_run) -> tuple[bytes, list[dict], list[int]]:
 
 def test_a_journal_cut_at_any_byte_reopens_with_the_whole_records_before_the_cut(finished_run, tmp_path):
     raw, records, ends = journal_bytes(finished_run)
-    seed = int(os.environ.get("TRAINBUS_TEST_SEED", secrets.randbits(32)))
-    rng = random.Random(seed)
+    rng, seed = seeded_rng()
     cuts = {0, 1, len(raw) - 1, len(raw), ends[0], ends[0] + 1, ends[len(ends) // 2] - 1}
     cuts |= set(rng.sample(range(len(raw)), 50))
     for cut in sorted(cuts):

@@ -11,7 +11,7 @@ from trainbus.kernel.replies import Reply, merge_replies
 from trainbus.kernel.snapshot import SnapshotBuffers
 from trainbus.proto import events as ev
 
-from specs import TRAIN_BATCHES, VALIDATION_BATCHES, tiny
+from specs import TRAIN_BATCHES, epoch_events, lifecycle, tiny
 
 
 class RecordingBus:
@@ -51,18 +51,10 @@ class OnePersister:
         return 1 << 62
 
 
-def epoch_events(checkpoint_before_end: bool = False) -> list[str]:
-    batches = [ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH] * TRAIN_BATCHES
-    validation = [ev.START_VALIDATION_BATCH, ev.END_VALIDATION_BATCH] * VALIDATION_BATCHES
-    return ([ev.START_EPOCH, ev.START_TRAINING_LOOP, *batches, ev.END_TRAINING_LOOP,
-             ev.START_VALIDATION_LOOP, *validation, ev.END_VALIDATION_LOOP]
-            + ([ev.SAVE_CHECKPOINT] if checkpoint_before_end else []) + [ev.END_EPOCH])
-
-
 def test_a_run_publishes_exactly_the_lifecycle_in_order():
     bus = RecordingBus()
     outcome = Loop(tiny({}), bus, torch.device("cpu")).run()
-    assert bus.types() == [ev.START_TRAINING_SESSION, *epoch_events(), *epoch_events(), ev.END_TRAINING_SESSION]
+    assert bus.types() == lifecycle(2)
     assert outcome.epochs_completed == 2 and outcome.steps == 2 * TRAIN_BATCHES and not outcome.stopped_early
 
 

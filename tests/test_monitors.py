@@ -33,7 +33,7 @@ from conftest import TESTS_DIR
 from stand_in_kernel import StandInKernel
 
 INTERVAL_S = 0.5
-TIMED = f"{TESTS_DIR / 'timed_targets.py'}:digits_for_seconds"  # epochs of a set length, whatever the machine
+TIMED = f"{TESTS_DIR / 'fixture_targets.py'}:digits_for_seconds"  # epochs of a set length, whatever the machine
 MONITORS = ("cpu", "memory", "disk", "gpu", "perf")
 
 

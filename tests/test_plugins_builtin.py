@@ -334,7 +334,7 @@ def test_a_run_stopped_mid_epoch_is_reported_partial_and_config_json_has_its_hyp
     """Digits with 45 slowed batches an epoch; a plugin's stop at step 8 lands a few batches later, within epoch 1."""
     plugins = [resolve_plugin("console", {}), resolve_plugin("metrics_log", {"every_n_steps": 0}),
                PluginConfig("stopper", "fixture_plugins:StopAtStep", {"step": 8})]
-    result = run_training(RunConfig(target=f"{TESTS_DIR / 'timed_targets.py'}:digits_slowly", epochs=2,
+    result = run_training(RunConfig(target=f"{TESTS_DIR / 'fixture_targets.py'}:digits_slowly", epochs=2,
                                     runs_dir=str(runs_dir), plugins=plugins, hyperparameters={"batch_s": 0.03}))
     assert result.status == "stopped" and result.outcome["epochs_completed"] == 0, result
     trained = result.outcome["steps"]

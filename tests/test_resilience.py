@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import secrets
 import signal
 import subprocess
 import sys
@@ -22,12 +20,13 @@ import pytest
 import torch
 
 from trainbus.kernel.bus import Bus
-from trainbus.kernel.config import PluginConfig, RunConfig
+from trainbus.kernel.config import PluginConfig
 from trainbus.kernel.journal import read_events
 from trainbus.proto import JOURNAL_NAME
 from trainbus.kernel.session import FINAL_WEIGHTS, run_training
 from trainbus.kernel.supervisor import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S, MAX_RESTARTS
 
+from helpers import assert_same_weights, recorded, run_config, seeded_rng
 from kernel_process import JournalTail, KernelProcess, of, process_gone, wait_until
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -42,30 +41,12 @@ TICK_SLACK_S = 0.1  # the bus wakes at each liveness deadline; the rest is sched
 # -- building runs and reading them -----------------------------------------------------------------
 
 
-def config(tmp_path: Path, plugins=(), epochs: int = 1, target: str | None = None, drain_timeout_s: float = 30.0,
-           **hyperparameters) -> RunConfig:
-    cfg = RunConfig(epochs=epochs, seed=0, device="cpu", runs_dir=str(tmp_path / "runs"),
-                    drain_timeout_s=drain_timeout_s, hyperparameters=hyperparameters, plugins=list(plugins))
-    if target:
-        cfg.target = target
-    return cfg
-
-
 def plugin(name: str, cls: str, **settings) -> PluginConfig:
     return PluginConfig(name=name, target=f"fixture_plugins:{cls}", settings=settings)
 
 
 def steps_per_epoch(batch_size: int) -> int:
     return math.ceil(TRAIN_SAMPLES / batch_size)
-
-
-def recorded(path: Path) -> list[tuple[int, str]]:
-    """(seq, type) lines a Recorder wrote, in the order its handler saw them (duplicates after a replay kept)."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        seq, _, type_ = line.partition(" ")
-        out.append((int(seq), type_))
-    return out
 
 
 def assert_saw_every_seq(path: Path, events) -> None:
@@ -81,32 +62,6 @@ def assert_saw_every_seq(path: Path, events) -> None:
     assert not wrong, f"handler saw events that differ from the journal: {wrong[:10]}"
 
 
-def assert_same_weights(run_dir: str | Path, reference_dir: str | Path) -> None:
-    """Every tensor of final.pt equal (torch.equal), model and optimizer, to the fault-free run's."""
-    got = torch.load(Path(run_dir) / FINAL_WEIGHTS, weights_only=True)
-    want = torch.load(Path(reference_dir) / FINAL_WEIGHTS, weights_only=True)
-    model, model_ref = got["model_state_dict"], want["model_state_dict"]
-    assert model.keys() == model_ref.keys()
-    for key in model:
-        assert torch.equal(model[key], model_ref[key]), f"model tensor {key} differs from the fault-free run"
-    opt, opt_ref = got["optimizer_state_dict"], want["optimizer_state_dict"]
-    assert opt["param_groups"] == opt_ref["param_groups"]
-    assert opt["state"].keys() == opt_ref["state"].keys()
-    for param_id, state in opt["state"].items():
-        assert state.keys() == opt_ref["state"][param_id].keys()
-        for key, value in state.items():
-            ref = opt_ref["state"][param_id][key]
-            same = torch.equal(value, ref) if isinstance(value, torch.Tensor) else value == ref
-            assert same, f"optimizer state {param_id}.{key} differs from the fault-free run"
-    assert (got["epoch"], got["step"]) == (want["epoch"], want["step"])
-
-
-def seeded_rng() -> tuple[random.Random, int]:
-    """Random steps, reproducible from the seed printed in every failure (TRAINBUS_TEST_SEED=... to replay)."""
-    seed = int(os.environ.get("TRAINBUS_TEST_SEED", secrets.randbits(32)))
-    return random.Random(seed), seed
-
-
 @pytest.fixture(scope="module")
 def fault_free(tmp_path_factory):
     """Run dirs of plugin-free runs of the digits demo, by (epochs, batch_size), each run once per module."""
@@ -114,7 +69,8 @@ def fault_free(tmp_path_factory):
 
     def get(epochs: int, batch_size: int) -> str:
         if (epochs, batch_size) not in cache:
-            result = run_training(config(tmp_path_factory.mktemp("fault_free"), epochs=epochs, batch_size=batch_size))
+            runs = tmp_path_factory.mktemp("fault_free") / "runs"
+            result = run_training(run_config(runs, epochs=epochs, batch_size=batch_size))
             assert result.status == "completed"
             cache[epochs, batch_size] = result.run_dir
         return cache[epochs, batch_size]
@@ -139,8 +95,8 @@ def test_durable_plugin_killing_itself_at_three_random_steps_changes_nothing(tmp
     markers = tmp_path / "markers"
     markers.mkdir()
     record = tmp_path / "rec.txt"
-    cfg = config(tmp_path, [plugin("rec", "Recorder", path=str(record), kill_at_steps=kill_steps,
-                                   marker_dir=str(markers))], epochs=epochs, batch_size=batch_size)
+    cfg = run_config(tmp_path / "runs", [plugin("rec", "Recorder", path=str(record), kill_at_steps=kill_steps,
+                                                marker_dir=str(markers))], epochs=epochs, batch_size=batch_size)
     result = run_training(cfg)
     why = f"(seed {seed}, kills at steps {kill_steps})"
 
@@ -165,8 +121,8 @@ def test_durable_plugin_killed_from_outside_at_three_random_steps_changes_nothin
     total = epochs * steps_per_epoch(batch_size)
     kill_steps = sorted(rng.sample(range(10, total // 2), 3))
     record = tmp_path / "rec.txt"
-    cfg = config(tmp_path, [plugin("rec", "Recorder", path=str(record))], epochs=epochs, target=PACED,
-                 batch_size=batch_size, step_sleep_s=0.01)
+    cfg = run_config(tmp_path / "runs", [plugin("rec", "Recorder", path=str(record))], epochs=epochs, target=PACED,
+                     batch_size=batch_size, step_sleep_s=0.01)
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
     deaths, killed_at, killed_pids = [], [], []
@@ -210,8 +166,8 @@ def test_durable_plugin_killing_itself_soak(tmp_path, fault_free, round_):
 def test_stopped_durable_plugin_is_declared_hung_killed_restarted_and_loses_nothing(tmp_path, kernels):
     """SIGSTOP at step 20 of a ~3 s run: the hang, the kill and the restart may fall in training or in the drain."""
     record = tmp_path / "rec.txt"
-    cfg = config(tmp_path, [plugin("rec", "Recorder", path=str(record))], epochs=2, target=PACED,
-                 batch_size=16, step_sleep_s=0.01)
+    cfg = run_config(tmp_path / "runs", [plugin("rec", "Recorder", path=str(record))], epochs=2, target=PACED,
+                     batch_size=16, step_sleep_s=0.01)
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
     pid = kernel.wait_ready("rec")
@@ -270,7 +226,7 @@ def check_backoff_then_failed(events, name: str) -> None:
 
 def test_plugin_exiting_at_start_backs_off_then_is_failed_and_training_completes(tmp_path):
     """Durable, so the kernel keeps supervising it through the final drain: a short run sees the whole schedule."""
-    cfg = config(tmp_path, [plugin("exiter", "DurableExitAtStart")], epochs=1)
+    cfg = run_config(tmp_path / "runs", [plugin("exiter", "DurableExitAtStart")], epochs=1)
     result = run_training(cfg)
 
     assert result.status == "completed" and result.outcome["epochs_completed"] == 1
@@ -283,8 +239,8 @@ def test_plugin_exiting_at_start_backs_off_then_is_failed_and_training_completes
 
 @pytest.mark.slow
 def test_best_effort_plugin_exiting_at_start_is_failed_while_training_goes_on(tmp_path):
-    cfg = config(tmp_path, [plugin("exiter", "ExitAtStart")], epochs=2, target=PACED, batch_size=16,
-                 step_sleep_s=0.075)  # ~14 s of training; the schedule takes ~10 s
+    cfg = run_config(tmp_path / "runs", [plugin("exiter", "ExitAtStart")], epochs=2, target=PACED, batch_size=16,
+                     step_sleep_s=0.075)  # ~14 s of training; the schedule takes ~10 s
     result = run_training(cfg)
 
     assert result.status == "completed" and result.outcome["epochs_completed"] == 2
@@ -333,11 +289,11 @@ def test_slow_plugins_never_block_the_kernel(tmp_path, monkeypatch, one_torch_th
         publish_s.append(time.perf_counter() - started)
 
     monkeypatch.setattr(Bus, "publish", timed_publish)
-    baseline = run_training(config(tmp_path / "baseline", epochs=1, batch_size=batch_size))
+    baseline = run_training(run_config(tmp_path / "baseline" / "runs", epochs=1, batch_size=batch_size))
     durable, live = tmp_path / "durable.txt", tmp_path / "live.txt"
-    cfg = config(tmp_path, [plugin("durable", "Recorder", path=str(durable), sleep_s=0.1),
-                            plugin("live", "LaggingLiveRecorder", path=str(live), sleep_s=0.1)],
-                 epochs=1, batch_size=batch_size, drain_timeout_s=120)
+    cfg = run_config(tmp_path / "runs", [plugin("durable", "Recorder", path=str(durable), sleep_s=0.1),
+                                         plugin("live", "LaggingLiveRecorder", path=str(live), sleep_s=0.1)],
+                     epochs=1, batch_size=batch_size, drain_timeout_s=120)
     publish_s.clear()
     result = run_training(cfg)
 
@@ -377,7 +333,7 @@ def test_plugins_exit_when_the_kernel_is_killed(tmp_path, kernels):
     plugins = [plugin("rec", "Recorder", path=str(tmp_path / "rec.txt"), sleep_s=0.01),
                plugin("live", "LiveRecorder", path=str(tmp_path / "live.txt")),
                PluginConfig("metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin")]
-    cfg = config(tmp_path, plugins, epochs=50, target=PACED, batch_size=16)
+    cfg = run_config(tmp_path / "runs", plugins, epochs=50, target=PACED, batch_size=16)
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
     pids = {name: kernel.wait_ready(name) for name in names}
@@ -395,8 +351,8 @@ def test_plugins_exit_when_the_kernel_is_killed(tmp_path, kernels):
 def test_plugins_run_in_the_kernels_session_in_groups_of_their_own_below_training(tmp_path, kernels):
     # The kernel's session: one scheduling autogroup for the run (a session of its own would give a
     # plugin a share of its own). Its own process group: what a restart kills, and not where Ctrl-C goes.
-    cfg = config(tmp_path, [PluginConfig("metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin")],
-                 epochs=50, target=PACED, batch_size=16)
+    cfg = run_config(tmp_path / "runs", [PluginConfig("metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin")],
+                     epochs=50, target=PACED, batch_size=16)
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
     pid = kernel.wait_ready("metrics_log")
@@ -414,8 +370,9 @@ def test_plugins_run_in_the_kernels_session_in_groups_of_their_own_below_trainin
 
 def test_poison_event_is_dead_lettered_after_the_retry_limit_and_later_events_still_arrive(tmp_path):
     record, attempts = tmp_path / "poison.txt", tmp_path / "attempts.txt"
-    cfg = config(tmp_path, [plugin("poison", "CountingPoison", path=str(record), attempts_path=str(attempts),
-                                   poison_type="end_training_loop")], epochs=2, batch_size=64)
+    cfg = run_config(tmp_path / "runs", [plugin("poison", "CountingPoison", path=str(record),
+                                                attempts_path=str(attempts), poison_type="end_training_loop")],
+                     epochs=2, batch_size=64)
     result = run_training(cfg)
 
     assert result.status == "completed" and result.undrained == {}

@@ -3,34 +3,20 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from trainbus.kernel.config import PluginConfig, RunConfig
 from trainbus.kernel.journal import read_events
-from trainbus.kernel.session import FINAL_WEIGHTS, open_bus, run_training
+from trainbus.kernel.session import open_bus, run_training
 from trainbus.proto import events as ev
 from trainbus.proto.codec import MAX_ARRAY_LEN, MAX_STR_BYTES
 
 from conftest import TESTS_DIR
-from specs import TRAIN_BATCHES, VALIDATION_BATCHES
+from helpers import assert_same_weights, recorded
+from specs import lifecycle
 
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
-
-def expected_lifecycle(epochs: int) -> list[str]:
-    seq = [ev.START_TRAINING_SESSION]
-    for _ in range(epochs):
-        seq += [ev.START_EPOCH, ev.START_TRAINING_LOOP]
-        seq += [ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH] * TRAIN_BATCHES
-        seq += [ev.END_TRAINING_LOOP, ev.START_VALIDATION_LOOP]
-        seq += [ev.START_VALIDATION_BATCH, ev.END_VALIDATION_BATCH] * VALIDATION_BATCHES
-        seq += [ev.END_VALIDATION_LOOP, ev.END_EPOCH]
-    return seq + [ev.END_TRAINING_SESSION]
-
-def recorded(path: Path) -> list[tuple[int, str]]:
-    return [(int(s), t) for s, t in (line.split()[:2] for line in path.read_text().splitlines())]
 
 def test_subscriber_sees_every_event_in_exact_order(runs_dir, tmp_path):
     rec = tmp_path / "seen.txt"
@@ -42,7 +28,7 @@ def test_subscriber_sees_every_event_in_exact_order(runs_dir, tmp_path):
     # every seq from 1 to end_training_session, once each, in order, no gap
     assert [s for s, _ in seen] == list(range(1, len(seen) + 1))
     assert seen[-1][1] == ev.END_TRAINING_SESSION
-    assert [t for _, t in seen if t in ev.LIFECYCLE_EVENTS] == expected_lifecycle(2)
+    assert [t for _, t in seen if t in ev.LIFECYCLE_EVENTS] == lifecycle(2)
     # what the subscriber got is exactly what the journal holds
     journal = [(e.seq, e.type) for e in read_events(result.run_dir)]
     assert journal[: len(seen)] == seen
@@ -65,16 +51,6 @@ def test_raw_pyzmq_plugin_stop_ends_training_at_a_step_boundary(runs_dir, tmp_pa
     assert after_stop[-1] == ev.END_TRAINING_SESSION
     assert "stop-sent-at-step" in out.read_text()
 
-def _final_state(run_dir: str) -> dict:
-    return torch.load(Path(run_dir) / FINAL_WEIGHTS, weights_only=True)
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    for key in a["model_state_dict"]:
-        assert torch.equal(a["model_state_dict"][key], b["model_state_dict"][key]), key
-    for pa, pb in zip(a["optimizer_state_dict"]["state"].values(), b["optimizer_state_dict"]["state"].values()):
-        for k in pa:
-            assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])), k
-
 def test_hostile_plugins_cannot_change_or_stop_training(runs_dir):
     base = run_training(RunConfig(epochs=3, runs_dir=str(runs_dir), seed=7, plugins=[]))
     # Paced (same weights as unpaced, fixture_targets.py) so the run outlasts the self-kill at step 20
@@ -86,7 +62,7 @@ def test_hostile_plugins_cannot_change_or_stop_training(runs_dir):
         PluginConfig("self_kill", "fixture_plugins:SelfKill", {"step": 20}),
     ]))
     assert base.status == hostile.status == "completed"
-    assert_same_weights(_final_state(base.run_dir), _final_state(hostile.run_dir))
+    assert_same_weights(hostile.run_dir, base.run_dir)
     assert hostile.plugins["exit_at_start"]["crashes"], "the crash must be seen and reported"
     assert any("SIGKILL" in c for c in hostile.plugins["self_kill"]["crashes"])
     logs = [e for e in read_events(hostile.run_dir) if e.type == ev.LOG and e.data["plugin"] == "raiser"]

@@ -17,11 +17,7 @@ def test_an_event_that_arrives_before_the_welcome_is_handled(tmp_path):
     kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
     proc = kernel.start_plugin("fixture_plugins:LiveRecorder", "live", {"path": str(record)}, tmp_path)
     try:
-        deadline, hello = time.monotonic() + 30, None
-        while hello is None and time.monotonic() < deadline:
-            kernel.publish("heartbeat", interval_s=1.0)  # releases the plugin's hello
-            hello = kernel.receive(100)
-        assert hello is not None and hello[1]["type"] == "hello", hello
+        hello = _hello(kernel)
         resume_from = kernel.seq + 1
         kernel.publish("start_training_session", epochs=3)
         time.sleep(0.5)  # the plugin's I/O thread has it queued before the welcome exists
@@ -46,11 +42,7 @@ def test_a_durable_plugin_that_missed_the_event_a_vote_waits_for_replays_it_on_t
     kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
     proc = kernel.start_plugin("fixture_plugins:EpochVoter", "voter", {"path": str(record)}, tmp_path)
     try:
-        deadline, hello = time.monotonic() + 30, None
-        while hello is None and time.monotonic() < deadline:
-            kernel.publish("heartbeat", interval_s=1.0)  # releases the plugin's hello
-            hello = kernel.receive(100)
-        assert hello is not None and hello[1]["type"] == "hello", hello
+        hello = _hello(kernel)
         identity = hello[0]
         kernel.welcome(identity, 1)
         request = _next(kernel, "replay")
@@ -71,6 +63,16 @@ def test_a_durable_plugin_that_missed_the_event_a_vote_waits_for_replays_it_on_t
             proc.kill()
         kernel.close()
     assert record.read_text().split() == [str(end_epoch), "end_epoch"]
+
+
+def _hello(kernel: StandInKernel) -> tuple[bytes, dict]:
+    """(routing id, hello) of the plugin, once a heartbeat has released it (its subscription is live); 30 s at most."""
+    deadline, hello = time.monotonic() + 30, None
+    while hello is None and time.monotonic() < deadline:
+        kernel.publish("heartbeat", interval_s=1.0)
+        hello = kernel.receive(100)
+    assert hello is not None and hello[1]["type"] == "hello", hello
+    return hello
 
 
 def _next(kernel: StandInKernel, kind: str) -> dict:

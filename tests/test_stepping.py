@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import trainbus_cmd
+from helpers import assert_same_weights
 from trainbus.kernel.config import RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
-from trainbus.kernel.session import FINAL_WEIGHTS, run_training
+from trainbus.kernel.session import run_training
 from trainbus.kernel.stepping import Stepper, SteppingError, check_precision
 
 SPECS = str(Path(__file__).resolve().parent / "specs.py")
@@ -126,11 +127,7 @@ def test_resume_inside_an_accumulation_cycle_is_exact(tmp_path):
     mid_epoch = next(path for path, s in states.items() if s["batches_done"] == 2 and not s["epoch_complete"])
     resumed = run_training(config(tmp_path / "resumed", resume=mid_epoch))
     assert resumed.status == "completed"
-    final = [torch.load(Path(r.run_dir) / FINAL_WEIGHTS, weights_only=True) for r in (reference, resumed)]
-    reference_weights, resumed_weights = (f["model_state_dict"] for f in final)
-    assert reference_weights.keys() == resumed_weights.keys()
-    for name, value in reference_weights.items():
-        assert torch.equal(value, resumed_weights[name]), name
+    assert_same_weights(resumed.run_dir, reference.run_dir)
 
 
 @pytest.mark.parametrize("run_table, error", [

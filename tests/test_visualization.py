@@ -26,7 +26,7 @@ from kernel_process import KernelProcess, wait_until
 
 WIDTH_PX, HEIGHT_PX = 800, 500
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TIMED = f"{TESTS_DIR / 'timed_targets.py'}:digits_for_seconds"
+TIMED = f"{TESTS_DIR / 'fixture_targets.py'}:digits_for_seconds"
 DRAIN_TIMEOUT_S = 300  # only a broken plugin takes this long to reach the final event
 PACED = "fixture_targets:paced_digits"  # the digits demo, held by the test where it must act (its `gate`)
 STEPS_PER_EPOCH = 45  # kernel/digits.py: 1,437 training images in batches of 32

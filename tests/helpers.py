@@ -1,0 +1,72 @@
+"""Helpers the test modules share: building a run's config, reading what a Recorder saw, comparing weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import secrets
+from pathlib import Path
+
+import torch
+
+from trainbus.kernel.config import RunConfig
+from trainbus.kernel.session import FINAL_WEIGHTS
+
+_RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def run_config(runs_dir: str | Path, plugins=(), epochs: int | None = 1, target: str | None = None,
+               **settings) -> RunConfig:
+    """A run on the CPU, seed 0, in `runs_dir`: each of `settings` that names a RunConfig field sets it
+    (drain_timeout_s=60, checkpoint_every_n_epochs=0, seed=7, ...), the rest are hyperparameters
+    (batch_size=16, step_sleep_s=0.01, ...)."""
+    fields = {k: v for k, v in settings.items() if k in _RUN_FIELDS}
+    hyperparameters = {k: v for k, v in settings.items() if k not in _RUN_FIELDS}
+    cfg = RunConfig(**{"seed": 0, "device": "cpu", **fields}, epochs=epochs, runs_dir=str(runs_dir),
+                    hyperparameters=hyperparameters, plugins=list(plugins))
+    if target:
+        cfg.target = target
+    return cfg
+
+
+def recorded(path: str | Path) -> list[tuple[int, str]]:
+    """(seq, type) lines a fixture_plugins.Recorder (or LiveRecorder, EpochVoter) wrote, in the order its
+    handler saw them (duplicates after a replay kept)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        seq, _, type_ = line.partition(" ")
+        out.append((int(seq), type_))
+    return out
+
+
+def assert_same_tree(got, want, where: str) -> None:
+    """Equal nested state: every tensor torch.equal (dtype and shape too), everything else ==."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), \
+            f"{where} differs from the reference run"
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), f"{where}: keys {sorted(got)} != {sorted(want)}"
+        for key in want:
+            assert_same_tree(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), f"{where}: lengths differ"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_tree(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def assert_same_weights(run_dir: str | Path, reference_dir: str | Path) -> None:
+    """final.pt of both runs: model and optimizer state identical tensor by tensor, same epoch and step."""
+    got = torch.load(Path(run_dir) / FINAL_WEIGHTS, weights_only=True)
+    want = torch.load(Path(reference_dir) / FINAL_WEIGHTS, weights_only=True)
+    assert_same_tree(got["model_state_dict"], want["model_state_dict"], "model_state_dict")
+    assert_same_tree(got["optimizer_state_dict"], want["optimizer_state_dict"], "optimizer_state_dict")
+    assert (got["epoch"], got["step"]) == (want["epoch"], want["step"])
+
+
+def seeded_rng() -> tuple[random.Random, int]:
+    """Random choices, reproducible from the seed printed in every failure (TRAINBUS_TEST_SEED=... to replay)."""
+    seed = int(os.environ.get("TRAINBUS_TEST_SEED", secrets.randbits(32)))
+    return random.Random(seed), seed

@@ -1,0 +1,208 @@
+"""The SDK Runner's ordering logic without sockets: gaps and replay, duplicates, acks, votes.
+
+The Runner is the real one; its I/O thread is replaced (Runner's `make_io`) by FakeKernelIO, a kernel
+reduced to an inbox and a journal: it answers a replay request at once from what it has published.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+from trainbus.proto import DURABLE, Event, control, decode_control, encode_control
+from trainbus.proto.codec import event_to_map
+from trainbus.sdk.plugin import Plugin
+from trainbus.sdk.runner import Runner
+
+RUN = "r1"
+
+
+def event(seq: int, type_: str) -> Event:
+    return Event(seq=seq, run=RUN, type=type_, ts=0.0, step=0, epoch=0)
+
+
+# One short run: its journal, seq 1..N.
+JOURNAL = [event(seq, t) for seq, t in enumerate(
+    ["start_training_session", "start_epoch", "heartbeat", "start_training_loop", "end_training_loop",
+     "end_epoch", "heartbeat", "end_training_session"], start=1)]
+
+
+class _Inbox(collections.deque):
+    """The Runner's inbox; an item is handed to the fake kernel as the Runner takes it (`taken`)."""
+
+    def __init__(self, taken):
+        super().__init__()
+        self.taken = taken
+
+    def popleft(self):
+        return self.taken(super().popleft())
+
+
+class FakeKernelIO:
+    """What the Runner uses of its I/O thread (sdk/runner.py _IO), with a scripted kernel behind it.
+
+    `live(seqs)`: the events the plugin receives live, in that order (a seq left out is one it missed); a
+    durable plugin gets them after the answer to its first replay request (it caught up before the run
+    began). A replay is answered in its place in the inbox, as the kernel would when it reads the request:
+    the journal from `from_seq` up to the newest event published before the answer (the newest the Runner
+    has taken live), in batches of `batch` events."""
+
+    def __init__(self, events_endpoint, control_endpoint, topics, hello, handler_timeout_s, kernel_pid, secure,
+                 resume_from: int = 1, batch: int = 2):
+        self.topics, self.hello = topics, hello
+        self.inbox = _Inbox(self._taken)
+        self.wake = threading.Condition()
+        self.closing = threading.Event()
+        self.gone = self.refused = self.busy_since = None
+        self.heartbeat_interval_s = 1.0
+        self.dropped = self.malformed = 0
+        self.sent: list[dict] = []
+        self.published = 0
+        self.batch = batch
+        self.pending: list = []  # live events held back until the first replay request (durable)
+        self.inbox.append(("control", control("welcome", run=RUN, heartbeat_interval_s=1.0, resume_from=resume_from)))
+
+    def live(self, seqs) -> FakeKernelIO:
+        items = [("event", JOURNAL[seq - 1]) for seq in seqs]
+        if self.hello["delivery"] == DURABLE:
+            self.pending = items
+        else:
+            self.inbox.extend(items)
+        return self
+
+    def _taken(self, item):
+        if item[0] == "event":
+            self.published = max(self.published, item[1].seq)
+        elif item[0] == "replay":
+            start = item[1] - 1
+            events = JOURNAL[start:max(start, min(start + self.batch, self.published))]
+            done = start + len(events) >= self.published
+            # as the I/O thread decodes it: the events as Event objects
+            return "control", decode_control(encode_control(control("replay_batch", done=done,
+                                                                    events=[event_to_map(e) for e in events])))
+        return item
+
+    # -- the _IO interface ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False  # an empty inbox ends the run: the kernel has nothing more
+
+    def join(self, timeout=None) -> None:
+        pass
+
+    def still_working(self) -> None:
+        pass
+
+    def send(self, msg: dict) -> None:
+        self.sent.append(msg)
+        if msg["type"] == "replay":
+            self.inbox.append(("replay", msg["from_seq"]))
+            self.inbox.extend(self.pending)
+            self.pending = []
+
+    def of(self, type_: str) -> list[dict]:
+        return [m for m in self.sent if m["type"] == type_]
+
+
+class Seen(Plugin):
+    """Durable; what its handler saw, in order, as (seq, type)."""
+
+    delivery = DURABLE
+
+    def setup(self):
+        self.seen = []
+
+    def on_event(self, event):
+        self.seen.append((event.seq, event.type))
+
+
+class LiveSeen(Seen):
+    delivery = "best_effort"
+
+
+class Voter(Plugin):
+    """Durable, handles end_epoch only, and the kernel waits for it there."""
+
+    delivery = DURABLE
+    votes = ("end_epoch",)
+
+    def setup(self):
+        self.seen = []
+
+    def on_end_epoch(self, event):
+        self.seen.append((event.seq, event.type))
+
+
+def run(plugin: Plugin, live, **io) -> tuple[Runner, FakeKernelIO]:
+    runner = Runner(plugin, "", "", make_io=lambda *args: FakeKernelIO(*args, **io).live(live))
+    assert runner.run() == 0
+    return runner, runner.io
+
+
+ALL = [(e.seq, e.type) for e in JOURNAL]
+
+
+def test_every_event_live_is_handled_once_in_order_with_no_replay_but_the_first():
+    runner, io = run(Seen(), range(1, 9))
+    assert runner.plugin.seen == ALL
+    assert runner.gaps == 0
+    assert [m["from_seq"] for m in io.of("replay")] == [1]  # a durable plugin asks once, at the start
+    assert io.topics == [""]
+
+
+def test_a_missed_event_is_a_gap_that_a_replay_fills_in_order():
+    runner, io = run(Seen(), [1, 2, 4, 5, 6, 7, 8])  # 3 never arrived live
+    assert runner.plugin.seen == ALL
+    assert runner.gaps == 1
+    # from the gap on, in batches of two: the live copies that came meanwhile are not handled twice
+    assert [m["from_seq"] for m in io.of("replay")] == [1, 3, 5, 7]
+
+
+def test_a_missed_heartbeat_is_a_gap_too():
+    # a heartbeat may be all that shows a durable plugin it missed the event a vote waits for
+    assert JOURNAL[6].type == "heartbeat"
+    runner, io = run(Seen(), [1, 2, 3, 4, 5, 6, 8])
+    assert runner.plugin.seen == ALL
+    assert runner.gaps == 1
+    assert [m["from_seq"] for m in io.of("replay")] == [1, 7]
+
+
+def test_duplicates_live_and_from_replays_are_handled_once():
+    runner, _ = run(Seen(), [1, 2, 2, 1, 3, 5, 4, 6, 6, 7, 8])
+    assert runner.plugin.seen == ALL
+    assert runner.gaps == 1  # 4 came after 5: a gap, filled by the replay; the late live 4 is dropped
+
+
+def test_resume_from_skips_what_was_acknowledged_before_a_restart():
+    runner, io = run(Seen(), range(1, 9), resume_from=5)
+    assert runner.plugin.seen == ALL[4:]
+    assert io.of("replay")[0]["from_seq"] == 5
+
+
+def test_acks_rise_and_end_at_the_last_event_handled():
+    runner, io = run(Seen(), [1, 2, 4, 5, 6, 7, 8])
+    acks = [m["seq"] for m in io.of("ack")]
+    assert acks and acks == sorted(set(acks)) and acks[-1] == 8
+    assert runner.acked == 8
+
+
+def test_a_voter_acks_the_voted_event_itself_and_sees_only_its_handlers():
+    runner, io = run(Voter(), range(1, 9))
+    assert runner.plugin.seen == [(6, "end_epoch")]
+    sent = io.sent
+    vote = sent.index(control("ack", seq=6))
+    # the vote goes out as the event is handled, before any later event could be acked
+    assert all(m["seq"] <= 6 for m in sent[:vote] if m["type"] == "ack")
+    assert io.of("ack")[-1]["seq"] == 8
+
+
+def test_a_best_effort_plugin_counts_gaps_and_never_asks_for_a_replay():
+    runner, io = run(LiveSeen(), [1, 2, 4, 5, 8])
+    assert runner.plugin.seen == [ALL[i - 1] for i in (1, 2, 4, 5, 8)]
+    assert not io.of("replay") and not io.of("ack")
+    assert runner.gaps == 3  # 3, 6 and 7: seqs it was sent ("" topic) but never got
+    warning = [m for m in io.of("log") if m["level"] == "warning"]
+    assert warning and "missed" in warning[0]["text"]

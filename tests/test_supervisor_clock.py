@@ -1,0 +1,225 @@
+"""The supervisor's timing decisions on a fake clock: liveness window, hung, restart backoff, giving up.
+
+The Supervisor is the real one; only what it does to the OS (start a process, signal its group, read its
+CPU time) is a fake (FakeProcesses), and `now` is whatever the test says. No sleeps, no processes.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from trainbus.kernel import supervisor
+from trainbus.kernel.supervisor import (HEALTHY_RESET_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S,
+                                        INTERVAL_MAX_S, MAX_RESTARTS, RESTART_WINDOW_S, STARTUP_CPU_S,
+                                        STARTUP_TIMEOUT_S, TERM_GRACE_S, PluginSpec, Supervisor)
+from trainbus.proto import events as ev
+
+LIVENESS_S = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
+T0 = 1000.0  # the fake clock's start: any monotonic value
+
+
+class FakeProc:
+    """A child process as the supervisor sees it (pid, poll, wait), whose exit the test decides."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self) -> int | None:
+        return self.returncode
+
+
+class FakeProcesses:
+    """Records spawns and signals; a SIGKILL ends the process (-9), as the kernel would."""
+
+    def __init__(self):
+        self.procs: list[FakeProc] = []
+        self.signals: list[tuple[int, int]] = []
+        self.cpu_s = 0.0
+
+    def spawn(self, cmd, env, stdout, stderr) -> FakeProc:
+        self.procs.append(FakeProc(4000 + len(self.procs)))
+        return self.procs[-1]
+
+    def signal(self, proc: FakeProc, sig: int) -> None:
+        self.signals.append((proc.pid, sig))
+        if sig == signal.SIGKILL and proc.returncode is None:
+            proc.returncode = -signal.SIGKILL
+
+    def cpu_seconds(self, pid: int) -> float:
+        return self.cpu_s
+
+
+class Harness:
+    """One plugin "p" under a real Supervisor; `events` is what it emitted, as (type, data)."""
+
+    def __init__(self, tmp_path):
+        self.events: list[tuple[str, dict]] = []
+        self.os = FakeProcesses()
+        self.sup = Supervisor([PluginSpec("p", "fixture_plugins:Recorder")], {}, tmp_path,
+                              lambda type_, data: self.events.append((type_, data)), processes=self.os)
+        self.sup.start_all(now=T0)
+
+    @property
+    def child(self):
+        return self.sup.children["p"]
+
+    @property
+    def proc(self) -> FakeProc:
+        return self.os.procs[-1]
+
+    def types(self) -> list[str]:
+        return [t for t, _ in self.events]
+
+    def hello(self, now: float) -> None:
+        self.sup.seen("p", self.proc.pid, now)
+
+    def crash(self, now: float, code: int = 1) -> None:
+        self.proc.returncode = code
+        self.sup.tick(now)
+
+
+@pytest.fixture
+def h(tmp_path) -> Harness:
+    return Harness(tmp_path)
+
+
+def test_a_peer_heard_within_the_liveness_window_is_alive(h):
+    h.hello(T0 + 0.5)
+    assert h.child.state == "running"
+    assert h.sup.next_deadline() == T0 + 0.5 + LIVENESS_S
+    for k in range(1, 20):  # heartbeats every interval keep it alive indefinitely
+        now = T0 + 0.5 + k * HEARTBEAT_INTERVAL_S
+        h.sup.tick(now)
+        h.hello(now)
+    assert h.child.state == "running" and ev.PLUGIN_HUNG not in h.types()
+
+
+def test_silent_past_the_liveness_window_is_hung_then_killed_after_the_grace(h):
+    h.hello(T0)
+    h.sup.tick(T0 + LIVENESS_S)  # exactly the window: not yet
+    assert h.child.state == "running"
+    h.sup.tick(T0 + LIVENESS_S + 0.01)
+    assert h.child.state == "terminating"
+    assert ev.PLUGIN_HUNG in h.types()
+    assert (h.proc.pid, signal.SIGTERM) in h.os.signals and (h.proc.pid, signal.SIGCONT) in h.os.signals
+    hung_at = T0 + LIVENESS_S + 0.01
+    assert h.sup.next_deadline() == hung_at + TERM_GRACE_S
+    h.sup.tick(hung_at + TERM_GRACE_S - 0.01)  # ignores SIGTERM; no SIGKILL before the grace ends
+    assert (h.proc.pid, signal.SIGKILL) not in h.os.signals
+    h.sup.tick(hung_at + TERM_GRACE_S)
+    assert (h.proc.pid, signal.SIGKILL) in h.os.signals
+    h.sup.tick(hung_at + TERM_GRACE_S + 0.01)  # the killed process is reaped: a hung crash, restart backs off
+    crashed = [d for t, d in h.events if t == ev.PLUGIN_CRASHED]
+    assert crashed and crashed[-1]["hung"] is True
+    assert h.child.state == "backoff"
+
+
+def test_a_seen_from_a_stale_pid_does_not_keep_the_plugin_alive(h):
+    h.hello(T0)
+    h.sup.seen("p", h.proc.pid + 1000, T0 + LIVENESS_S)  # an old process of the same name
+    h.sup.tick(T0 + LIVENESS_S + 0.01)
+    assert h.child.state == "terminating"
+
+
+def test_no_hello_is_hung_by_cpu_time_or_else_by_the_wall_clock(tmp_path):
+    busy = Harness(tmp_path / "busy")
+    busy.os.cpu_s = 0.1  # slow because the box is loaded, not stuck
+    busy.sup.tick(T0 + STARTUP_CPU_S + 1)
+    assert busy.child.state == "starting"
+    busy.os.cpu_s = STARTUP_CPU_S + 0.5  # spinning without a hello
+    busy.sup.tick(T0 + STARTUP_CPU_S + 2)
+    assert busy.child.state == "terminating" and "s of CPU" in busy.events[-1][1]["reason"]
+
+    idle = Harness(tmp_path / "idle")
+    idle.sup.tick(T0 + STARTUP_TIMEOUT_S)
+    assert idle.child.state == "starting"
+    idle.sup.tick(T0 + STARTUP_TIMEOUT_S + 0.01)
+    assert idle.child.state == "terminating"
+
+
+def test_restarts_back_off_doubling_up_to_the_cap(h, monkeypatch):
+    # Crashing within HEALTHY_RESET_S of each start, it would be given up on before the cap; not here.
+    monkeypatch.setattr(supervisor, "MAX_RESTARTS", 100)
+    now = T0
+    delays = []
+    for _ in range(8):
+        h.hello(now)
+        now += 0.1
+        h.crash(now)
+        assert h.child.state == "backoff"
+        due = h.child.next_start_at
+        delays.append(due - now)
+        h.sup.tick(due - 0.001)  # not before it is due
+        assert h.child.state == "backoff"
+        h.sup.tick(due)
+        assert h.child.state == "starting" and h.types()[-1] == ev.PLUGIN_RESTARTED
+        now = due + 0.1
+    want = [min(INTERVAL_INIT_S * 2 ** k, INTERVAL_MAX_S) for k in range(8)]
+    assert delays == pytest.approx(want)
+    assert h.child.restarts == 8
+
+
+def test_healthy_long_enough_resets_the_backoff(h):
+    for now in (T0 + 0.1, T0 + 1.0, T0 + 3.0):  # three quick crashes: 0.25, 0.5, 1.0
+        h.hello(now - 0.05)
+        h.crash(now)
+        h.sup.tick(h.child.next_start_at)
+    assert h.child.backoff_s == INTERVAL_INIT_S * 8
+    started = h.child.started_at
+    h.hello(started)
+    h.crash(started + HEALTHY_RESET_S)
+    assert h.child.next_start_at - (started + HEALTHY_RESET_S) == pytest.approx(INTERVAL_INIT_S)
+
+
+def test_too_many_failures_within_the_window_gives_up(h):
+    now = T0
+    for n in range(MAX_RESTARTS):
+        h.crash(now + 0.1)
+        assert h.child.state == "backoff", n
+        now = h.child.next_start_at
+        h.sup.tick(now)
+    h.crash(now + 0.1)
+    assert h.child.state == "failed"
+    failed = [d for t, d in h.events if t == ev.PLUGIN_FAILED]
+    assert len(failed) == 1 and f"{MAX_RESTARTS + 1} failures" in failed[0]["reason"]
+    spawned = len(h.os.procs)
+    h.sup.tick(now + 100)  # given up: never started again
+    assert len(h.os.procs) == spawned and not h.sup.coming_back("p")
+
+
+def test_failures_spread_beyond_the_window_are_forgiven(h):
+    now = T0
+    for _ in range(MAX_RESTARTS * 3):
+        h.crash(now + 0.1)
+        assert h.child.state == "backoff"
+        now = h.child.next_start_at
+        h.sup.tick(now)
+        now += RESTART_WINDOW_S / MAX_RESTARTS + 1  # fewer than MAX_RESTARTS in any window
+    assert h.child.state == "starting" and ev.PLUGIN_FAILED not in h.types()
+
+
+def test_a_clean_exit_or_a_goodbye_is_not_restarted(tmp_path):
+    clean = Harness(tmp_path / "clean")
+    clean.crash(T0 + 1, code=0)
+    assert clean.child.state == "exited" and clean.types()[-1] == ev.PLUGIN_EXITED
+
+    bye = Harness(tmp_path / "bye")
+    bye.sup.leaving("p")
+    bye.crash(T0 + 1, code=3)
+    assert bye.child.state == "exited"
+    bye.sup.tick(T0 + 100)
+    assert len(bye.os.procs) == 1
+
+
+def test_while_stopping_nothing_is_restarted_or_declared_hung(h):
+    h.hello(T0)
+    h.crash(T0 + 0.1)
+    h.sup.stopping = True  # what shutdown() sets first
+    h.sup.tick(h.child.next_start_at + 1)
+    assert h.child.state == "backoff" and len(h.os.procs) == 1
