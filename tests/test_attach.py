@@ -158,6 +158,7 @@ def test_json_lines_mid_run_have_no_gap_after_the_snapshot_and_equal_the_journal
         assert cloned.to_map()[part] == whole.to_map()[part], part
 
 
+@pytest.mark.slow  # a 5 s stall and the reconnect backoff (~20 s): run with -m slow
 def test_json_lines_go_on_without_a_gap_after_the_kernel_stalled_and_came_back(runs_dir, tmp_path, kernels):
     kernel = live_run(runs_dir, tmp_path, kernels, epochs=5, batch_s=0.05, monitors=False)
     kernel.wait_step(5, timeout_s=60)

@@ -78,6 +78,7 @@ def test_a_job_step_as_srun_starts_it_is_detected(tmp_path, monkeypatch, env, ki
     assert (run_dir / JOURNAL_NAME).is_file()
 
 
+@pytest.mark.slow  # three two-process runs (~40 s on 2 cores): run with -m slow
 def test_a_two_process_run_killed_mid_epoch_resumes_exactly(tmp_path):
     """kill -9 of the launcher's whole process group (agent and both ranks) once an epoch-2 checkpoint is on
     disk, then `--resume ID`: the final weights of an uninterrupted two-process run."""

@@ -224,6 +224,7 @@ def check_backoff_then_failed(events, name: str) -> None:
     assert gaps[-1] / gaps[0] > 4, f"gaps between starts do not roughly double: {gaps}"
 
 
+@pytest.mark.slow  # real backoff in real time (~13 s); CI checks the same decisions under a fake clock (test_supervisor_clock.py)
 def test_plugin_exiting_at_start_backs_off_then_is_failed_and_training_completes(tmp_path):
     """Durable, so the kernel keeps supervising it through the final drain: a short run sees the whole schedule."""
     cfg = run_config(tmp_path / "runs", [plugin("exiter", "DurableExitAtStart")], epochs=1)
