@@ -19,6 +19,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
+from fixture_targets import open_gate
 from kernel_process import KernelProcess, of, wait_until
 from test_trust import LIMITS, Intruder, attach_credential, config, short_runs, wait_sockets  # noqa: F401
 from trainbus.kernel.config import PluginConfig, resolve_plugin
@@ -28,6 +29,7 @@ from trainbus.proto import decode_control, decode_event, pack
 from trainbus.sdk import Plugin
 
 ENVELOPE_KEYS = {"v", "seq", "run", "type", "ts", "step", "epoch", "data"}
+STEPS_PER_EPOCH = 45  # the digits demo at batch size 32
 NAME = "conformance"
 
 
@@ -79,7 +81,11 @@ def test_the_wire_of_a_real_run_is_as_specified(short_runs, tmp_path, kernels): 
     """Envelopes and frames [C12, C14], welcome [C36], malformed input dropped and counted and never fatal [C9,
     C69-C71], metric/log republishing [C46, C47], replay batches [C40], run_state [C51],
     command ids [C44], checkpoints without a persister [C26], final events [C31], bye of an attached peer [C42]."""
-    kernel = KernelProcess(config(short_runs, epochs=2, step_sleep_s=0.03), tmp_path)
+    cfg = config(short_runs, epochs=2, step_sleep_s=0.03)
+    gate = tmp_path / "gate"  # the last batch waits for the client's bye to be handled: the run is live for it
+    open_gate(gate, 2 * STEPS_PER_EPOCH - 1)
+    cfg.hyperparameters["gate"] = str(gate)
+    kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
     wait_sockets(kernel)
     client = Client(kernel.run_dir)
@@ -145,10 +151,13 @@ def test_the_wire_of_a_real_run_is_as_specified(short_runs, tmp_path, kernels): 
         assert state["run"]["id"] == kernel.run_id and state["progress"]["step"] >= 0, state
         assert state["plugins"][NAME]["delivery"] == "best_effort", state["plugins"]
 
-        final = client.wait_event(lambda e: e["type"] == "end_training_session", timeout_s=120)
         client.send("bye", reason="conformance done")  # [C42]
-        client.drain_events(1.0)
+        client.said_hello = False  # gone: it says nothing more (a heartbeat now would come from an unknown peer)
+        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME, timeout_s=120)
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
+        final = client.wait_event(lambda e: e["type"] == "end_training_session", timeout_s=120)
     finally:
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
         client.close()
     result = kernel.result(timeout_s=120)
     assert result["status"] == "completed", result
