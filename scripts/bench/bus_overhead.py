@@ -218,6 +218,12 @@ class Measurer:
         self.foreign: list[float] = []
         self.retries = 0
 
+    def closing_line(self) -> str:
+        """What a bench prints last: how long it took, how many runs were repeated, the load it ended in."""
+        load = os.getloadavg()
+        return (f"total {time.monotonic() - self.started:.0f} s; {self.retries} run(s) repeated for noise; "
+                f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end")
+
     def settle(self) -> None:
         """Before a repetition: wait (bounded) for other processes to calm down, within the budget."""
         if time.monotonic() - self.started < self.args.retry_budget_s:
@@ -714,7 +720,6 @@ def main() -> int:
     torch.set_num_threads(1)
     print(machine_line() + f"; torch default threads here: {torch.get_num_interop_threads()} inter-op")
     print(f"default plugins: {', '.join(DEFAULT_PLUGINS)}; work dir {workdir}", flush=True)
-    started = time.monotonic()
     measure = Measurer(args)
     try:
         if not args.skip_steps:
@@ -728,9 +733,7 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    load = os.getloadavg()
-    print(f"total {time.monotonic() - started:.0f} s; {measure.retries} run(s) repeated for noise; "
-          f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end")
+    print(measure.closing_line())
     return 0
 
 

@@ -309,7 +309,6 @@ def main() -> int:
     print(machine_line() + f", Lightning {L.__version__}"
           + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
     print(f"work dir {workdir} (console's and Lightning's output in output.log)", flush=True)
-    started = time.monotonic()
     measure = Measurer(args)
     verdicts = []
     try:
@@ -329,9 +328,7 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     print("acceptance (issue #15), overheads over bare, paired:")
     print("\n".join(verdicts))
-    load = os.getloadavg()
-    print(f"total {time.monotonic() - started:.0f} s; {measure.retries} run(s) repeated for noise; "
-          f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end")
+    print(measure.closing_line())
     return 0
 
 
