@@ -18,6 +18,7 @@ from .limits import PeerLimits
 from .spec import DEFAULT_TARGET
 
 PLUGIN_ENTRY_POINT_GROUP = "trainbus.plugins"
+BUILTIN_DISTRIBUTION = "trainbus"  # its entry points are the built-in plugins, whose names no package can take
 DEFAULT_PLUGINS = ("console", "metrics_log")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
@@ -107,9 +108,41 @@ _TOP_KEYS = ("run", "hyperparameters", "plugins", "limits")
 _PLUGIN_KEYS = ("enabled", "target", "command", "settings", "config")  # `config` is bz's spelling of settings
 
 
+def plugin_entry_points() -> dict[str, list[tuple[str, str]]]:
+    """Plugin name -> every (distribution, "module:Class") that registers it in the `trainbus.plugins` entry-point
+    group, the built-ins' first; read from installed metadata, nothing imported."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for ep in entry_points(group=PLUGIN_ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, []).append((ep.dist.name if ep.dist else "?", ep.value))
+    for sources in found.values():
+        sources.sort(key=lambda source: source[0] != BUILTIN_DISTRIBUTION)
+    return found
+
+
 def registered_plugins() -> dict[str, str]:
-    """Plugin name -> "module:Class" from installed distributions' `trainbus.plugins` entry points."""
-    return {ep.name: ep.value for ep in entry_points(group=PLUGIN_ENTRY_POINT_GROUP)}
+    """Plugin name -> "module:Class" from installed distributions' `trainbus.plugins` entry points. A built-in's
+    name is reserved (another package's entry point of that name is left out), and a name two other packages
+    both register is left out: which one `--plugins NAME` meant cannot be told (plugin_name_clashes says why)."""
+    return {name: sources[0][1] for name, sources in plugin_entry_points().items()
+            if len(sources) == 1 or sources[0][0] == BUILTIN_DISTRIBUTION}
+
+
+def plugin_name_clashes() -> dict[str, str]:
+    """Plugin name -> one line on the packages that all register it: which one runs, and how to fix it."""
+    clashes = {}
+    for name, sources in plugin_entry_points().items():
+        if len(sources) < 2:
+            continue
+        who = " and ".join(f"{dist} ({target})" for dist, target in sources)
+        others = [dist for dist, _ in sources if dist != BUILTIN_DISTRIBUTION]
+        if sources[0][0] == BUILTIN_DISTRIBUTION:
+            table = f'[project.entry-points."{PLUGIN_ENTRY_POINT_GROUP}"]'
+            clashes[name] = (f"plugin name {name!r} is registered by {who}: the built-in one runs; rename the entry "
+                             f"point in {' and '.join(others)}'s {table}")
+        else:
+            clashes[name] = (f"plugin name {name!r} is registered by {who}, so it names neither; rename one of the "
+                             f"entry points, or name the class: [plugins.{name}] target = \"{sources[0][1]}\"")
+    return clashes
 
 
 def load_config(path: Path | None) -> RunConfig:
@@ -172,6 +205,8 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
 def resolve_plugin(name: str, settings: dict[str, Any], target: str | None = None) -> PluginConfig:
     if target is None:
         known = registered_plugins()
+        if name not in known and name in (clashes := plugin_name_clashes()):
+            raise ConfigError(clashes[name])
         if name not in known:
             raise ConfigError(f"unknown plugin {name!r}; known: {', '.join(sorted(known))} "
                               f"(or give a target = \"module:Class\" for your own)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import traceback
 from typing import Any
 
 from .plugin import Plugin
@@ -21,10 +22,19 @@ def load_plugin_class(target: str) -> type[Plugin]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise PluginLoadError(f"cannot import plugin module {module_name!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 -- the module's own code raised: say what and where, in one line
+        raise PluginLoadError(f"cannot import plugin module {module_name!r}: {_where_raised(exc)}") from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
         raise PluginLoadError(f"{target} is not a trainbus.sdk.Plugin subclass")
     return cls
+
+
+def _where_raised(exc: Exception) -> str:
+    """`File.py, line N: Type: message` for the innermost frame of exc (a SyntaxError names its line itself)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}, line {frames[-1].lineno}: " if frames and not isinstance(exc, SyntaxError) else ""
+    return f"{where}{type(exc).__name__}: {exc}"
 
 
 def describe(target: str) -> dict[str, Any]:

@@ -1,0 +1,75 @@
+"""`trainbus runs delete`: an ended run's directory and its registry row removed, never a run a kernel still holds."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Iterator
+
+from trainbus.proto import JOURNAL_NAME
+
+from . import registry
+from .runs import run_overview
+
+
+class RemovalError(Exception):
+    """The run cannot be deleted (still running, or the files would not go); the message says why and the fix."""
+
+
+def check_ended(run_dir: Path) -> None:
+    """RemovalError unless the run in run_dir has ended: its kernel is gone and nothing holds its journal."""
+    status = run_overview(run_dir)["status"]
+    if status == "running":
+        raise RemovalError(_running(run_dir))
+    with _journal_locked(run_dir):  # a kernel whose pid file says otherwise (one continuing the run) holds it
+        pass
+
+
+def delete_run(run_dir: Path) -> None:
+    """Remove run_dir with everything in it, then its row in the runs directory's registry.
+
+    The journal's lock is held while the files go: a kernel continuing this run at that moment is refused
+    (its journal is in use) instead of writing into a directory that is going away. A registry that cannot be
+    written costs a warning: `runs list` forgets a row whose directory is gone the next time it reads."""
+    run_dir = Path(run_dir)
+    with _journal_locked(run_dir):
+        try:
+            shutil.rmtree(run_dir)
+        except OSError as exc:
+            raise RemovalError(f"cannot delete run {run_dir.name}: {exc.filename or run_dir}: "
+                               f"{exc.strerror or exc} (some of its files may be gone)") from None
+    runs_dir = run_dir.parent
+    if not (runs_dir / registry.REGISTRY_NAME).exists():  # no registry there: none is made just to forget in
+        return
+    try:
+        with registry.Registry(runs_dir) as rows:
+            rows.forget([run_dir.name])
+    except (sqlite3.Error, OSError, registry.RegistryError) as exc:
+        registry.warn(runs_dir, exc)
+
+
+@contextlib.contextmanager
+def _journal_locked(run_dir: Path) -> Iterator[None]:
+    """The run's journal locked as a kernel locks it (kernel/journal.py); RemovalError when a kernel holds it.
+    A run without a journal (it failed before its first event) has nothing to lock."""
+    try:
+        fd = os.open(Path(run_dir) / JOURNAL_NAME, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RemovalError(_running(run_dir)) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _running(run_dir: Path) -> str:
+    return f"run {run_dir.name} is running; stop it first with `trainbus runs stop {run_dir.name}`"

@@ -1,0 +1,152 @@
+"""A plugin in a package of its own, found by its entry point: built and pip-installed here (offline, no index),
+listed by `trainbus plugins list`, run by name with `trainbus run --plugins`. An entry point whose module raises
+on import is one line, and a name a package takes from a built-in, or two packages share, is said clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainbus.kernel.config import ConfigError, plugin_name_clashes, registered_plugins, resolve_plugin
+
+from conftest import TESTS_DIR
+
+TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
+
+PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=70.1"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "tinyplug"
+version = "0.1.0"
+
+[project.entry-points."trainbus.plugins"]
+tinyplug = "tinyplug:TinyPlugin"
+tinybroken = "tinyplug_broken:BrokenPlugin"
+console = "tinyplug:TinyPlugin"
+
+[tool.setuptools]
+py-modules = ["tinyplug", "tinyplug_broken"]
+"""
+
+PLUGIN = '''\
+"""A plugin from a package of its own."""
+import os
+from pathlib import Path
+
+from trainbus.sdk import DURABLE, Plugin, Setting
+
+
+class TinyPlugin(Plugin):
+    """Writes a line per epoch into its run's directory."""
+
+    delivery = DURABLE  # the run waits for it to catch up before it ends: its last line is written
+    settings = {"word": Setting("epoch", "what each line starts with")}
+
+    def on_end_epoch(self, event):
+        with open(Path(os.environ["RUN_DIR"]) / "tinyplug.txt", "a") as f:
+            f.write(f"{self.settings['word']} {event.epoch}\\n")
+'''
+
+BROKEN = '''\
+"""A plugin whose module raises as it is imported."""
+raise RuntimeError("tinybroken needs a licence server")
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory) -> dict[str, str]:
+    """The environment of a `trainbus` command that has the tinyplug package: built and installed with pip,
+    offline, into a folder of its own, which PYTHONPATH names (the tests folder too, for specs.py)."""
+    tmp = tmp_path_factory.mktemp("plugin_package")
+    package, site = tmp / "tinyplug", tmp / "site"
+    package.mkdir()
+    for name, text in (("pyproject.toml", PYPROJECT), ("tinyplug.py", PLUGIN), ("tinyplug_broken.py", BROKEN)):
+        (package / name).write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", "--no-cache-dir", "--disable-pip-version-check", "--target", str(site),
+                           str(package)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"pip could not build and install the package offline:\n{proc.stderr}"
+    assert (site / "tinyplug-0.1.0.dist-info" / "entry_points.txt").is_file()
+    return {**os.environ, "PYTHONPATH": os.pathsep.join((str(site), str(TESTS_DIR)))}
+
+
+def trainbus(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainbus.kernel.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_the_package_plugin_is_listed_with_its_settings(plugin_env):
+    proc = trainbus(plugin_env, "plugins", "list")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "tinyplug (durable): Writes a line per epoch into its run's directory." in lines
+    row = next(line for line in lines if "what each line starts with" in line)
+    assert [cell.strip() for cell in row.strip("│ ").split("│")] == ["word", "str", '"epoch"', "-",
+                                                                     "what each line starts with"]
+    # its broken entry point: one line where its description would be; the other plugins are listed all the same
+    broken = [line for line in lines if line.startswith("tinybroken")]
+    assert broken == [f"tinybroken: cannot load: cannot import plugin module 'tinyplug_broken': "
+                      f"{Path(plugin_env['PYTHONPATH'].split(os.pathsep)[0]) / 'tinyplug_broken.py'}, line 2: "
+                      f"RuntimeError: tinybroken needs a licence server"]
+    assert any(line.startswith("console (best_effort): ") for line in lines) and "Traceback" not in proc.stderr
+    # the package's `console` is not the built-in's: said once, on stderr
+    assert proc.stderr.splitlines() == [
+        "trainbus: warning: plugin name 'console' is registered by trainbus "
+        "(trainbus.plugins.console:ConsolePlugin) and tinyplug (tinyplug:TinyPlugin): the built-in one runs; "
+        "rename the entry point in tinyplug's [project.entry-points.\"trainbus.plugins\"]"]
+
+
+def test_the_package_plugin_runs_by_name(plugin_env, tmp_path):
+    runs_dir = tmp_path / "runs"
+    proc = trainbus(plugin_env, "run", TINY, "--plugins", "tinyplug,console", "--epochs", "2", "--device", "cpu",
+                    "--runs-dir", str(runs_dir), "--set", "tinyplug.word=done")
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = [p for p in runs_dir.iterdir() if p.is_dir()]
+    # its process found the package and read its setting; the built-in console ran as `console` (the package's
+    # class under that name would have written here too)
+    assert (run_dir / "tinyplug.txt").read_text() == "done 1\ndone 2\n"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["plugins"]["tinyplug"]["state"] == "exited" and summary["plugins"]["tinyplug"]["restarts"] == 0
+    assert "warning: plugin name 'console' is registered by trainbus" in proc.stderr
+
+
+def test_a_broken_entry_point_is_one_line_and_no_run(plugin_env, tmp_path):
+    runs_dir = tmp_path / "runs"
+    proc = trainbus(plugin_env, "run", TINY, "--plugins", "tinybroken", "--runs-dir", str(runs_dir))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: plugin tinybroken: cannot import plugin module 'tinyplug_broken': ")
+    assert proc.stderr.strip().endswith("tinyplug_broken.py, line 2: RuntimeError: tinybroken needs a licence server")
+    assert not runs_dir.exists() or not any(runs_dir.iterdir())
+
+
+def _dist_info(site: Path, name: str, entry_points: dict[str, str]) -> None:
+    """An installed distribution's metadata, as pip writes it: what entry points are read from."""
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = "".join(f"{key} = {value}\n" for key, value in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[trainbus.plugins]\n{lines}")
+
+
+def test_a_name_two_packages_register_names_neither(tmp_path, monkeypatch):
+    _dist_info(tmp_path / "site", "alpha_plugins", {"shared": "alpha:Shared", "metrics_log": "alpha:Log"})
+    _dist_info(tmp_path / "site", "beta_plugins", {"shared": "beta:Shared"})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    known = registered_plugins()
+    assert "shared" not in known and known["metrics_log"] == "trainbus.plugins.metrics_log:MetricsLogPlugin"
+    with pytest.raises(ConfigError) as raised:
+        resolve_plugin("shared", {})
+    message = str(raised.value)
+    assert "alpha_plugins (alpha:Shared) and beta_plugins (beta:Shared)" in message
+    assert 'target = "alpha:Shared"' in message, "names the way to pick one"
+    assert resolve_plugin("metrics_log", {}).target == known["metrics_log"], "a built-in's name stays the built-in's"
+    assert set(plugin_name_clashes()) == {"shared", "metrics_log"}

@@ -1,0 +1,95 @@
+"""`trainbus runs stop` and `trainbus runs delete` on real runs: a live kernel (held mid-epoch by a gate) refused
+deletion and stopped from the command line, an ended run told so in one line, the deletion confirmed on a real
+terminal (a pty) or with --yes, and the registry forgetting what was deleted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from trainbus.kernel.registry import Registry
+from trainbus.kernel.session import run_training
+from trainbus.proto import events as ev
+from trainbus.proto.journal_format import read_journal
+
+from conftest import TESTS_DIR, trainbus_cmd
+from fixture_targets import open_gate
+from helpers import run_config
+from kernel_process import KernelProcess
+
+PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
+TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
+
+
+def trainbus(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*trainbus_cmd(), *args], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, **kwargs)
+
+
+def on_a_terminal(args: list[str], answer: str) -> tuple[int, str]:
+    """The command with a pty as its stdin, `answer` typed ahead (the terminal holds it until the prompt reads);
+    its exit code and what it printed."""
+    controller, terminal = os.openpty()
+    try:
+        proc = subprocess.Popen([*trainbus_cmd(), *args], stdin=terminal, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        os.close(terminal)
+        os.write(controller, answer.encode())
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        os.close(controller)
+    return proc.returncode, output
+
+
+def one_line(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    return proc.stderr.strip()
+
+
+def test_stop_a_live_run_then_delete_it(runs_dir, tmp_path, kernels):
+    gate = tmp_path / "gate"
+    kernel = KernelProcess(run_config(runs_dir, epochs=3, target=PACED, batch_size=256, step_sleep_s=0.0,
+                                      gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    # an ended run beside it, trained in this process while the kernel's process starts
+    assert run_training(run_config(runs_dir, target=TINY), run_id="a-ended").status == "completed"
+    open_gate(gate, 2)
+    kernel.wait_step(2, timeout_s=60)  # now held before its third batch: live until the gate opens
+    where = ("--runs-dir", str(runs_dir))
+
+    # a running run is not deleted, nor anything named with it
+    proc = trainbus("runs", "delete", "a-ended", kernel.run_id, "--yes", *where)
+    assert proc.returncode == 2 and one_line(proc) == \
+        f"error: run {kernel.run_id} is running; stop it first with `trainbus runs stop {kernel.run_id}`"
+    assert (runs_dir / "a-ended").is_dir() and kernel.run_dir.is_dir()
+
+    proc = trainbus("runs", "stop", kernel.run_id, "--reason", "enough for today", *where)
+    assert proc.returncode == 0, proc.stderr
+    assert f"stop sent to run {kernel.run_id} as attach-" in proc.stdout
+    open_gate(gate, 10**6)
+    assert kernel.result(timeout_s=120)["status"] == "stopped"
+    stops = [e for e in read_journal(kernel.run_dir) if e.type == ev.STOP_REQUESTED]
+    assert len(stops) == 1 and stops[0].data["reasons"][0].endswith(": stop: enough for today"), stops
+
+    proc = trainbus("runs", "stop", kernel.run_id, *where)
+    assert proc.returncode == 1 and one_line(proc) == \
+        f"error: run {kernel.run_id} has already ended (stopped); there is nothing to stop"
+
+    # no terminal to ask on: --yes or nothing
+    proc = trainbus("runs", "delete", kernel.run_id, *where)
+    assert proc.returncode == 2 and one_line(proc) == \
+        f"error: deleting {kernel.run_id} needs a yes: add --yes (stdin is not a terminal to ask on)"
+    # on a terminal it asks; anything but yes keeps the run
+    code, output = on_a_terminal(["runs", "delete", kernel.run_id, *where], "n\n")
+    assert code == 1 and f"Delete 1 run ({kernel.run_id}) with every file in it? [y/N]" in output, output
+    assert "nothing deleted" in output and kernel.run_dir.is_dir()
+    code, output = on_a_terminal(["runs", "delete", kernel.run_id, *where], "y\n")
+    assert code == 0 and f"deleted run {kernel.run_id} ({kernel.run_dir})" in output, output
+    assert not kernel.run_dir.exists()
+
+    proc = trainbus("runs", "delete", "a-e", "--yes", *where)  # a unique start of an id will do
+    assert proc.returncode == 0 and proc.stdout == f"deleted run a-ended ({runs_dir.resolve() / 'a-ended'})\n"
+    assert not (runs_dir / "a-ended").exists()
+    # the registry forgot both at once (what reads it alone, as the daemon does, sees no stale row)
+    with Registry(runs_dir) as registry:
+        assert registry.runs(0.0) == {}
