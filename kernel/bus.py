@@ -55,7 +55,7 @@ class Bus:
         self.journal = journal
         self.heartbeat_interval_s = heartbeat_interval_s
         self.last_seq = journal.last_seq  # the last seq numbered
-        self._queue: collections.deque = collections.deque()  # (type, ts, step, epoch, data)
+        self._queue: collections.deque = collections.deque()  # (type, ts, step, epoch, data); step None: emit's
         self._unpublished: collections.deque = collections.deque()  # (topic, raw) numbered, not yet journaled
         self._replies: collections.deque[Reply] = collections.deque()
         self.counters = collections.Counter()
@@ -108,9 +108,9 @@ class Bus:
                 pass
 
     def emit(self, type_: str, data: dict[str, Any]) -> None:
-        """A kernel event, numbered in order with the loop's events (called from the bus thread)."""
-        step, epoch = self.position
-        self._queue.append((type_, time.time(), step, epoch, data))
+        """A kernel event, numbered in order with the loop's events (called from the bus thread). Its step and
+        epoch are filled in as it is numbered: per-batch events queued before it (not yet flushed) come first."""
+        self._queue.append((type_, time.time(), None, None, data))
         self._urgent = True
 
     def reply(self, type_: str, plugin: str, reason: str) -> None:
@@ -150,6 +150,11 @@ class Bus:
     @property
     def final_seq(self) -> int:
         return self._final_seq or self.last_seq
+
+    @property
+    def ended(self) -> bool:
+        """The run's final event is numbered: from here plugins drain and are stopped (bus thread)."""
+        return bool(self._final_seq)
 
     def close(self) -> OSError | None:
         """Stop the bus thread after a last flush; close sockets and the journal (its last error, if any)."""
@@ -230,6 +235,8 @@ class Bus:
         materialize_tensors(batch)
         first_seq, records = self.last_seq + 1, []
         for type_, ts, step, epoch, data in batch:
+            if step is None:  # a kernel event (emit): where the event before it left the loop
+                step, epoch = self.position
             self.last_seq += 1
             event = Event(self.last_seq, self.run_id, type_, ts, step, epoch, data)
             try:

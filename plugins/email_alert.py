@@ -1,4 +1,4 @@
-"""E-mail when training ends (with the loss plot), when the run fails, and when a plugin is given up.
+"""E-mail when training ends (with the loss plot), when the run fails or dies, and when a plugin is given up.
 
 Handlers never touch the network: each writes its message into a durable outbox on disk
 (<run_dir>/plugins/<name>.outbox) and returns, so the event is acknowledged only once the mail is
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainbus.proto import DURABLE, Event, events as ev
-from trainbus.sdk import Plugin, Setting, SettingsError
+from trainbus.sdk import KernelGoneInfo, Plugin, Setting, SettingsError
 
 from ._history import History
 from ._outbox import SECURITY_MODES, Outbox, SmtpConfig, SmtpConfigError, deliver_until_empty
@@ -38,15 +38,15 @@ PLUGIN_LOG_TAIL_LINES = 20
 SUBJECT_MAX_CHARS = 150
 PLOT_STEP_EVERY = 10
 SENDER_PID_FILE = "sender.pid"
-FINAL_KINDS = ("end", "failure")  # always sent, whatever max_messages says
+FINAL_KINDS = ("end", "failure", "died")  # always sent, whatever max_messages says
 
 
 class EmailAlertPlugin(Plugin):
-    """E-mail on end of training (with the loss plot), run failure and a plugin given up; durable, retried, never blocking.
+    """E-mail when training ends (with the loss plot), the run fails or dies, or a plugin is given up; durable, never blocking.
 
     SMTP settings: host, port (0: 587 for starttls, 465 for ssl, 25 for none), security, username. The
     password comes from the environment variable named by password_env, or from password_file (mode
-    0600), never from the config. At most max_messages per run (the end or failure mail always goes),
+    0600), never from the config. At most max_messages per run (the end, failure or died mail always goes),
     at least min_interval_s apart; a message the server cannot take is retried with backoff from
     retry_initial_s up to retry_max_s for retry_window_s.
     """
@@ -65,9 +65,10 @@ class EmailAlertPlugin(Plugin):
         "subject_prefix": Setting("[trainbus]", "put before every subject"),
         "on_end": Setting(True, "mail when training ends, with the loss plot"),
         "on_failure": Setting(True, "mail when the run fails"),
+        "on_died": Setting(True, "mail when the run dies: its kernel killed (kill -9, out of memory) mid-run"),
         "on_plugin_failed": Setting(True, "mail when a plugin is given up"),
         "attach_loss_plot": Setting(True, "attach loss.png to the end-of-training mail"),
-        "max_messages": Setting(10, "at most this many per run (the end or failure mail always goes)", min=0),
+        "max_messages": Setting(10, "at most this many per run (the end, failure or died mail always goes)", min=0),
         "min_interval_s": Setting(5.0, "at least this long between two messages", min=0),
         "retry_initial_s": Setting(2.0, "first wait before retrying a message the server did not take", min=0.001),
         "retry_max_s": Setting(300.0, "the retry wait doubles up to this", min=0.001),
@@ -131,14 +132,22 @@ class EmailAlertPlugin(Plugin):
         self.history.update(event)
         s = self.settings
         if event.type == ev.END_TRAINING_SESSION and s["on_end"]:
-            self._queue(event, "end", end_message(self.history, event, self.run_dir, s["attach_loss_plot"]))
+            message = end_message(self.history, event, self.run_dir, s["attach_loss_plot"])
+            self._queue(event.seq, event.ts, "end", message)
         elif event.type == ev.RUN_FAILED and s["on_failure"]:
-            self._queue(event, "failure", failure_message(self.history, event, self.run_dir))
+            self._queue(event.seq, event.ts, "failure", failure_message(self.history, event, self.run_dir))
         elif event.type == ev.PLUGIN_FAILED and s["on_plugin_failed"]:
-            self._queue(event, "plugin-failed", plugin_failed_message(event))
+            self._queue(event.seq, event.ts, "plugin-failed", plugin_failed_message(event))
 
-    def _queue(self, event: Event, kind: str, message: EmailMessage) -> None:
-        name = f"{event.seq:010d}-{kind}.eml"
+    def on_kernel_gone(self, info: KernelGoneInfo) -> None:
+        """Queued like the others; teardown, which the SDK runs right after, sends it or leaves it to a
+        background sender, so it goes out although this process is about to exit."""
+        if self.settings["on_died"]:
+            self._queue(info.last_seq or 0, time.time(), "died", died_message(info))
+
+    def _queue(self, seq: int, ts: float, kind: str, message: EmailMessage) -> None:
+        """Write the message for the event at `seq` (at `ts`) into the outbox, once, and wake the sender."""
+        name = f"{seq:010d}-{kind}.eml"
         if self.mail.known(name):
             return  # written before a restart; the replay brought its event again
         if kind not in FINAL_KINDS and self.mail.count() >= self.settings["max_messages"]:
@@ -153,8 +162,8 @@ class EmailAlertPlugin(Plugin):
         message["Subject"] = _one_line(f"{s['subject_prefix']} {subject}".strip())[:SUBJECT_MAX_CHARS]
         message["From"] = s["sender"] or f"trainbus@{socket.gethostname()}"
         message["To"] = ", ".join(s["recipients"])
-        message["Date"] = formatdate(event.ts, localtime=True)
-        message["Message-ID"] = make_msgid(idstring=f"{event.run}.{event.seq}", domain=socket.gethostname())
+        message["Date"] = formatdate(ts, localtime=True)
+        message["Message-ID"] = make_msgid(idstring=f"{self.run_id}.{seq}", domain=socket.gethostname())
         self.mail.put(name, message.as_bytes())
         self._wake.set()
 
@@ -225,6 +234,26 @@ def failure_message(history: History, event: Event, run_dir: str) -> EmailMessag
     ]
     message = EmailMessage()
     message["Subject"] = f"run {event.run} FAILED: {error}"
+    message.set_content("\n".join(lines) + "\n")
+    return message
+
+
+def died_message(info: KernelGoneInfo) -> EmailMessage:
+    lines = [
+        f"Run: {info.run_id}",
+        "Status: died",
+        f"Reason: {info.reason}",
+        f"Last step: {_fmt(info.last_step)}",
+        f"Last seq: {_fmt(info.last_seq)}",
+        f"Last epoch: {_fmt(info.last_epoch)}",
+        f"Run directory: {info.run_dir}",
+        "",
+        "The kernel ended without finishing the run (killed, out of memory, the machine went down), so it wrote",
+        "no summary.json; `trainbus runs list` shows the run as died. Its kernel.log and plugins/ are in the run",
+        f"directory; with checkpoints, `trainbus run --resume {info.run_id}` continues it from the newest one.",
+    ]
+    message = EmailMessage()
+    message["Subject"] = f"run {info.run_id} DIED at step {_fmt(info.last_step)}: {info.reason}"
     message.set_content("\n".join(lines) + "\n")
     return message
 

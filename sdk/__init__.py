@@ -3,8 +3,9 @@
 from trainbus.proto import BEST_EFFORT, DURABLE, Event
 
 from .harness import Harness
-from .plugin import Plugin
+from .plugin import KernelGoneInfo, Plugin
 from .runner import run
 from .settings import METRIC, PATH, Setting, SettingsError
 
-__all__ = ["BEST_EFFORT", "DURABLE", "Event", "Harness", "METRIC", "PATH", "Plugin", "Setting", "SettingsError", "run"]
+__all__ = ["BEST_EFFORT", "DURABLE", "Event", "Harness", "KernelGoneInfo", "METRIC", "PATH", "Plugin", "Setting",
+           "SettingsError", "run"]

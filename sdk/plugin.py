@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from trainbus.proto import BEST_EFFORT, DELIVERY_CLASSES, Event, control, events as ev
@@ -13,6 +14,19 @@ from .settings import Setting, SettingsError, check_value, declared
 
 # Every event a plugin can handle, as `on_<name>`.
 HANDLED_EVENTS: tuple[str, ...] = ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS
+
+
+@dataclass(frozen=True)
+class KernelGoneInfo:
+    """What a plugin knows when its kernel died mid-run (Plugin.on_kernel_gone): why it thinks so, and the
+    last event it handled in order (None for each if it handled none)."""
+
+    reason: str  # "the kernel process exited", "no kernel heartbeat for 3.2 s"
+    run_id: str
+    run_dir: str
+    last_seq: int | None
+    last_step: int | None
+    last_epoch: int | None
 
 
 class Plugin:
@@ -40,6 +54,8 @@ class Plugin:
     # the run's config overrides them per key, each value checked against its declaration
     settings: dict[str, Setting | Any] = {}
     handler_timeout_s: float = 60.0  # a handler running longer than this counts as a hang
+    # on_kernel_gone gets this long; then teardown runs and the process exits, whether or not the hook returned
+    kernel_gone_timeout_s: float = 10.0
     # Event types at which the kernel waits (at most its vote_timeout_s) for this plugin to handle the
     # event before going on, so a stop decided there lands at that boundary: ("end_epoch",) for early stopping.
     votes: tuple[str, ...] = ()
@@ -76,6 +92,13 @@ class Plugin:
 
     def teardown(self) -> None:
         """Called once at the end of the run, or when the kernel is gone: flush and close here."""
+
+    def on_kernel_gone(self, info: KernelGoneInfo) -> None:
+        """Called once, before teardown, when the kernel died without ending the run (killed, out of memory,
+        the node went down): the run is `died` in `trainbus runs list`. The last word a plugin gets (an
+        alert, say); it runs on a thread of its own for at most `kernel_gone_timeout_s`, and an exception
+        is logged. Not called when the run ended (the plugin saw end_training_session or run_failed), when
+        the kernel stopped this plugin, or before setup."""
 
     def on_event(self, event: Event) -> None:
         """Called for events that have no handler of their own, when a plugin overrides it."""

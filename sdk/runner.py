@@ -39,7 +39,7 @@ from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir, load_public, load_secret,
                                    read_connection_file, secure_client)
 
-from .plugin import Plugin
+from .plugin import KernelGoneInfo, Plugin
 
 HEARTBEAT_LIVENESS = 3  # kernel silent this many intervals -> gone (zguide's Paranoid Pirate)
 CONNECT_TIMEOUT_S = 30.0  # no heartbeat from the kernel this long after start: give up
@@ -48,6 +48,11 @@ ACK_INTERVAL_S = 0.05
 MAX_HANDLER_ATTEMPTS = 3  # a poison event is tried this often, then dead-lettered
 MAX_REPORTED_TRACEBACKS = 20  # after this many, failures are counted, not each sent to the kernel
 FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
+KERNEL_EXITED = "the kernel process exited"
+# PR_SET_PDEATHSIG fires as the parent *thread* dies: on a kill -9 the kernel's threads die one by one, and the
+# SIGTERM often comes before we are re-parented away from the kernel. Watched, that took under a millisecond;
+# this long tells it from the SIGTERM of a kernel that lives on (its shutdown, a hang).
+KERNEL_EXIT_GRACE_S = 0.25
 PR_SET_PDEATHSIG = 1
 SECRET_ENV = "TRAINBUS_SECRET"  # the kernel's per-plugin secret (PROTOCOL.md, environment)
 CREDENTIAL_FILE = "credential"  # in the run directory, owner-only: the secret of plugins attached by hand
@@ -79,6 +84,7 @@ class _IO(threading.Thread):
         self.kernel_pid = kernel_pid
         self.busy_since: float | None = None  # set by the main thread around each handler
         self.gone: str | None = None  # why the kernel is considered gone
+        self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
         self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
         self.not_acted: collections.deque[str] = collections.deque(maxlen=16)  # single messages refused (attach shows)
         self.closing = threading.Event()
@@ -156,7 +162,7 @@ class _IO(threading.Thread):
                 next_heartbeat = now + self.heartbeat_interval_s
             reason = self._kernel_gone(now, started, last_kernel)
             if reason:
-                self.gone = reason
+                self.gone, self.lost_kernel = reason, True
                 return
 
     def _read_events(self) -> None:
@@ -225,9 +231,20 @@ class _IO(threading.Thread):
         busy = self.busy_since
         return busy is not None and now - busy > self.handler_timeout_s
 
+    def kernel_exited(self, grace_s: float = 0.0) -> bool:
+        """The kernel that spawned us is no longer our parent (orphans are re-parented), or is not within grace_s."""
+        if self.kernel_pid is None:
+            return False
+        deadline = time.monotonic() + grace_s
+        while os.getppid() == self.kernel_pid:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
     def _kernel_gone(self, now: float, started: float, last_kernel: float | None) -> str | None:
-        if self.kernel_pid is not None and os.getppid() != self.kernel_pid:
-            return "the kernel process exited"
+        if self.kernel_exited():
+            return KERNEL_EXITED
         if last_kernel is None:
             return f"no kernel heartbeat within {CONNECT_TIMEOUT_S:.0f} s" if now - started > CONNECT_TIMEOUT_S else None
         window = self.heartbeat_interval_s * HEARTBEAT_LIVENESS
@@ -267,7 +284,9 @@ class Runner:
         self._reported_once: set[str] = set()  # NotRetryable failures already told, as "Type: message"
         self.acked = 0
         self.processed = 0
+        self.last_event: Event | None = None  # the last event taken in seq order, handled or stepped over
         self.finished = False
+        self._set_up = False  # setup() returned: only then may on_kernel_gone run
         self._ended = False  # _finish ran: teardown happens once, whichever way the plugin ends
         self._last_ack = 0.0
 
@@ -283,6 +302,7 @@ class Runner:
         # replies from the plugin's own threads (a sampler) go out at once
         self.plugin.bind_sender(self.io.send, progress=self.io.still_working)
         self.plugin.setup()
+        self._set_up = True
         self._send_replies()  # what setup said (a monitor's "idle" line) goes out before any event
         if self.durable:
             self._request_replay()
@@ -305,6 +325,7 @@ class Runner:
         if not self.durable:
             if unwanted:  # not for this plugin, but its seq is no gap: step over it
                 self.next_seq = event.seq + 1
+                self.last_event = event
                 return
             if self.counts_gaps and self.next_seq and event.seq > self.next_seq:
                 self.gaps += event.seq - self.next_seq
@@ -319,7 +340,9 @@ class Runner:
             self.gaps += event.seq - self.next_seq
             self._request_replay()
             return
-        if not unwanted:
+        if unwanted:
+            self.last_event = event
+        else:
             self._dispatch(event)
         self.next_seq += 1
 
@@ -343,6 +366,7 @@ class Runner:
     # -- dispatch ---------------------------------------------------------------------------------
 
     def _dispatch(self, event: Event) -> None:
+        self.last_event = event
         failure: Exception | None = None
         for attempt in range(1, MAX_HANDLER_ATTEMPTS + 1):
             self.io.busy_since = time.monotonic()
@@ -441,6 +465,8 @@ class Runner:
         if self._ended:  # a SIGTERM arriving while the run loop is already finishing
             return 0
         self._ended = True
+        if gone and self._kernel_died():
+            self._tell_kernel_gone(gone)
         try:
             self.plugin.teardown()
         except Exception:
@@ -458,6 +484,34 @@ class Runner:
         self.io.closing.set()
         self.io.join(timeout=3)
         return 1 if self.io.refused else 0
+
+    def _kernel_died(self) -> bool:
+        """The kernel is gone with the run unfinished: not refused, not stopped by a live kernel, not after the
+        run's final event, and no summary.json (a kernel that ends a run writes it, even a failed one)."""
+        return (self._set_up and self.io.lost_kernel and not self.finished
+                and run_summary(self.plugin.run_dir) is None)
+
+    def _tell_kernel_gone(self, reason: str) -> None:
+        """Plugin.on_kernel_gone on a thread of its own, waited for at most kernel_gone_timeout_s: a hook
+        that hangs must not keep a dead run's plugin alive."""
+        last = self.last_event
+        info = KernelGoneInfo(reason=reason, run_id=self.plugin.run_id, run_dir=str(self.plugin.run_dir),
+                              last_seq=last.seq if last else None, last_step=last.step if last else None,
+                              last_epoch=last.epoch if last else None)
+        hook = threading.Thread(target=self._run_kernel_gone, args=(info,), name="trainbus-kernel-gone", daemon=True)
+        hook.start()
+        hook.join(self.plugin.kernel_gone_timeout_s)
+        if hook.is_alive():
+            self.failures += 1
+            _say(f"[{self.plugin.name}] on_kernel_gone still running after kernel_gone_timeout_s "
+                 f"{self.plugin.kernel_gone_timeout_s:g} s; going on without it")
+
+    def _run_kernel_gone(self, info: KernelGoneInfo) -> None:
+        try:
+            self.plugin.on_kernel_gone(info)
+        except Exception:  # as any handler's: logged, and the plugin goes on (to its teardown)
+            self.failures += 1
+            _say(f"[{self.plugin.name}] on_kernel_gone failed:\n{traceback.format_exc().rstrip()}")
 
 
 def _say(text: str) -> None:
@@ -561,10 +615,15 @@ def _terminate(runner: Runner) -> None:
     # re-parented to another kernel thread as each one dies, and signalled again every time (3 SIGTERMs
     # seen from one kill -9). Handle the first; the rest would run teardown again from inside it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    runner.io.gone = runner.io.gone or "terminated (SIGTERM)"
-    with runner.io.wake:
-        runner.io.wake.notify()
-    raise SystemExit(runner._finish(runner.io.gone))
+    if runner._ended:  # already finishing (the I/O thread saw the kernel go first): let that run to its end
+        return
+    io = runner.io
+    if io.gone is None and io.kernel_exited(KERNEL_EXIT_GRACE_S):  # PR_SET_PDEATHSIG's, not the kernel's own
+        io.lost_kernel, io.gone = True, io.gone or KERNEL_EXITED
+    io.gone = io.gone or "terminated (SIGTERM)"
+    with io.wake:
+        io.wake.notify()
+    raise SystemExit(runner._finish(io.gone))
 
 
 def _die_with_parent(kernel_pid: int) -> None:

@@ -1,4 +1,5 @@
-"""The SDK Runner's ordering logic without sockets: gaps and replay, duplicates, acks, votes.
+"""The SDK Runner's ordering logic without sockets: gaps and replay, duplicates, acks, votes; the last word
+(on_kernel_gone) when the kernel dies.
 
 The Runner is the real one; its I/O thread is replaced (Runner's `make_io`) by FakeKernelIO, a kernel
 reduced to an inbox and a journal: it answers a replay request at once from what it has published.
@@ -9,10 +10,13 @@ from __future__ import annotations
 import collections
 import threading
 
+import pytest
+
 from trainbus.proto import DURABLE, Event, control, decode_control, encode_control
 from trainbus.proto.codec import event_to_map
-from trainbus.sdk.plugin import Plugin
-from trainbus.sdk.runner import Runner
+from trainbus.proto.messages import SUMMARY_NAME
+from trainbus.sdk.plugin import KernelGoneInfo, Plugin
+from trainbus.sdk.runner import KERNEL_EXITED, Runner
 
 RUN = "r1"
 
@@ -54,6 +58,7 @@ class FakeKernelIO:
         self.wake = threading.Condition()
         self.closing = threading.Event()
         self.gone = self.refused = self.busy_since = None
+        self.lost_kernel = False
         self.heartbeat_interval_s = 1.0
         self.dropped = self.malformed = 0
         self.sent: list[dict] = []
@@ -206,3 +211,72 @@ def test_a_best_effort_plugin_counts_gaps_and_never_asks_for_a_replay():
     assert runner.gaps == 3  # 3, 6 and 7: seqs it was sent ("" topic) but never got
     warning = [m for m in io.of("log") if m["level"] == "warning"]
     assert warning and "missed" in warning[0]["text"]
+
+
+# the kernel gone: the last word
+
+
+class LastWord(Seen):
+    """Durable; records its on_kernel_gone (the info) and its teardown, in order."""
+
+    def setup(self):
+        super().setup()
+        self.calls = []
+
+    def on_kernel_gone(self, info):
+        self.calls.append(info)
+
+    def teardown(self):
+        self.calls.append("teardown")
+
+
+def run_until_gone(plugin: Plugin, live, gone: str = KERNEL_EXITED, lost_kernel: bool = True) -> Runner:
+    """The scripted events, then the I/O thread's verdict as _IO gives it: gone (why), and whether the kernel
+    was lost (died, fell silent) rather than left us (its SIGTERM, a refusal)."""
+    def make_io(*args):
+        io = FakeKernelIO(*args).live(live)
+        io.gone, io.lost_kernel = gone, lost_kernel
+        return io
+    runner = Runner(plugin, "", "", make_io=make_io)
+    runner.run()
+    return runner
+
+
+def test_a_kernel_lost_mid_run_gets_one_last_word_with_the_last_event_before_teardown(tmp_path):
+    runner = run_until_gone(LastWord(run_dir=str(tmp_path)), range(1, 6))
+    assert runner.plugin.calls == [KernelGoneInfo(reason=KERNEL_EXITED, run_id=RUN, run_dir=str(tmp_path),
+                                                  last_seq=5, last_step=0, last_epoch=0), "teardown"]
+
+
+@pytest.mark.parametrize("case", ["run ended", "kernel lives", "summary written"])
+def test_no_last_word_when_the_run_ended_or_the_kernel_lives(tmp_path, case):
+    if case == "summary written":  # the kernel ended the run, and we missed its final event
+        (tmp_path / SUMMARY_NAME).write_text('{"status": "completed"}')
+    live = range(1, 9) if case == "run ended" else range(1, 6)
+    runner = run_until_gone(LastWord(run_dir=str(tmp_path)), live, lost_kernel=case != "kernel lives",
+                            gone="terminated (SIGTERM)" if case == "kernel lives" else KERNEL_EXITED)
+    assert runner.plugin.calls == ["teardown"]
+
+
+class FailingLastWord(LastWord):
+    def on_kernel_gone(self, info):
+        raise RuntimeError("no mail server")
+
+
+class HangingLastWord(LastWord):
+    kernel_gone_timeout_s = 0.1
+    release = threading.Event()
+
+    def on_kernel_gone(self, info):
+        self.release.wait(60)
+
+
+def test_a_last_word_that_raises_or_hangs_is_logged_and_teardown_still_runs(tmp_path, capsys):
+    failing = run_until_gone(FailingLastWord(run_dir=str(tmp_path)), range(1, 6))
+    hanging = run_until_gone(HangingLastWord(run_dir=str(tmp_path)), range(1, 6))
+    HangingLastWord.release.set()
+    assert failing.plugin.calls == hanging.plugin.calls == ["teardown"]
+    assert failing.failures == hanging.failures == 1
+    err = capsys.readouterr().err
+    assert "on_kernel_gone failed" in err and "RuntimeError: no mail server" in err
+    assert "on_kernel_gone still running after kernel_gone_timeout_s 0.1 s" in err
