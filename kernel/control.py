@@ -15,6 +15,7 @@ from trainbus.proto import (DURABLE, ProtocolError, control, decode_control, enc
                             events as ev)
 
 from .limits import truncate
+from .live_plugins import LivePlugins
 from .peers import Peer, Refused
 
 log = logging.getLogger("trainbus.kernel")
@@ -38,6 +39,7 @@ class Dispatcher:
         self.errors_logged: collections.Counter = collections.Counter()  # plugin name -> error-level log replies
         self._command_ids: collections.OrderedDict = collections.OrderedDict()
         self.supervisor = supervisor
+        self.live = LivePlugins(bus, supervisor, peers, checkpointer)
         self.handlers = {
             "heartbeat": _nothing, "ack": self._on_ack, "replay": self._on_replay,
             "bye": self._on_bye,
@@ -45,6 +47,7 @@ class Dispatcher:
             "stop": self._on_reply, "checkpoint_now": self._on_reply,
             "checkpoint_saved": self._on_settle, "checkpoint_failed": self._on_settle,
             "snapshot": self._on_snapshot,
+            "attach_plugin": self.live.attach, "detach_plugin": self.live.detach,  # the owner's only (peers.py)
         }
 
     def handle(self, identity: bytes, raw: bytes, user_id: str = "") -> None:

@@ -47,6 +47,10 @@ class Credentials:
             return f"name {name!r} belongs to a plugin this run spawned" if spawned else None
         return "wrong secret"
 
+    def proves_owner(self, token: str) -> bool:
+        """`token` is the credential file's: its sender can read the run's owner-only directory, so it is the owner."""
+        return bool(token) and hmac.compare_digest(token, self.attach_token())
+
     def remote_key(self, user_id: str, now: float) -> ClientKey | None:
         """The authorized key a TCP connection's User-Id (its z85 CURVE key) names, now; None once revoked."""
         return self.keyring.lookup(user_id, now) if self.keyring is not None else None

@@ -23,6 +23,10 @@ PERSISTER_MESSAGES = frozenset({"checkpoint_saved", "checkpoint_failed"})
 # What only a control-role key may send over TCP: what steers the run or frees its snapshot buffers. A monitor-role
 # key watches (events, replays, snapshots) and reports (metric, log: a GPU monitor on the machine with the GPU).
 CONTROL_ROLE_ONLY = frozenset({"stop", "checkpoint_now"}) | PERSISTER_MESSAGES
+# What only the run's owner may send: it starts and stops processes on the kernel's host. The owner is a local peer
+# whose hello carried the run's credential file (0600 in the 0700 run directory); not a spawned plugin, whose
+# secret is its own name's, and not a remote key, whatever its role (a control key steers training, no more).
+OWNER_ONLY = frozenset({"attach_plugin", "detach_plugin"})
 
 
 class Refused(Exception):
@@ -64,6 +68,7 @@ class Peer:
     user_id: str = ""  # a remote peer's CURVE key (z85, ZAP's User-Id); "" on ipc
     key_name: str = ""  # that key's name in the key directory
     role: str = ""  # that key's role at hello (kernel/keys.py); "" on ipc
+    owner: bool = False  # its hello proved the run's owner (kernel/credentials.py): it may send OWNER_ONLY commands
     acked: int = 0  # highest seq this connection acked (votes read it)
     replay_from: int | None = None  # a replay asked for and not yet served (newer requests replace it)
     counters: collections.Counter = field(default_factory=collections.Counter)
@@ -121,7 +126,8 @@ class Peers:
                 raise Refused("hello_table_full", f"hello as {name!r} refused: {MAX_PEERS} peers already attached")
         peer = Peer(identity, name, pid, hello["delivery"], frozenset(hello["replies"]), tuple(hello["votes"]),
                     tuple(hello["capabilities"]), spawned, now, PeerBudget(self.limits, now), user_id,
-                    key.name if key else "", key.role if key else "")
+                    key.name if key else "", key.role if key else "",
+                    owner=not user_id and not spawned and self.credentials.proves_owner(hello["secret"]))
         self._by_identity[identity] = peer
         self._by_name[name] = peer
         self._by_name.move_to_end(name)
@@ -147,6 +153,12 @@ class Peers:
                                       f"only a control-role key may send it")
         if kind in ALWAYS_ALLOWED:
             return
+        if kind in OWNER_ONLY:
+            if not peer.owner:
+                raise Refused("not_owner", f"{peer.name}: {kind} refused: only the run's owner may attach or detach "
+                                           f"plugins (a local client with the run's credential file, as `trainbus "
+                                           f"plugins attach` is); not a plugin of the run, not a remote key")
+            return
         if kind in PERSISTER_MESSAGES:
             if "checkpoint" not in peer.capabilities:
                 raise Refused("not_persister", f"{peer.name}: {kind} from a peer without the checkpoint capability")
@@ -165,6 +177,15 @@ class Peers:
         peer.acked = max(peer.acked, min(seq, published_seq))
         if peer.delivery == DURABLE:
             self.positions[peer.name] = max(self.positions.get(peer.name, 0), peer.acked)
+
+    def start_at(self, name: str, after_seq: int) -> None:
+        """A plugin attached to the live run as `name`: durable, it is welcomed with resume_from = after_seq + 1
+        (0: from seq 1), whatever an earlier process of that name acked; that process's connection is forgotten, so
+        nothing it still had in flight moves the new one's position."""
+        earlier = self._by_name.get(name)
+        if earlier is not None:
+            self._by_identity.pop(earlier.identity, None)
+        self.positions[name] = after_seq
 
     def position(self, name: str) -> int:
         peer = self._by_name.get(name)

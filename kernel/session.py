@@ -19,11 +19,11 @@ from typing import Any, Callable
 import torch
 
 from trainbus.proto import JOURNAL_NAME, events as ev
-from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
+from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
 from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir, write_connection_file
 
 from .bus import CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
-from .checkpointing import CheckpointError, Checkpointer, find_checkpoint, load_checkpoint
+from .checkpointing import CheckpointError, Checkpointer, find_checkpoint, load_checkpoint, persister_directory
 from .cluster import ClusterError, detect
 from .config import ConfigError, RunConfig
 from .control import Dispatcher
@@ -112,6 +112,12 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
     if ranks is not None:
         run_id = ranks.share(run_id)  # rank 0's: one run, one directory
     run_dir = Path(cfg.runs_dir).resolve() / run_id
+    if cluster.restart_count and not continue_run and (run_dir / "config.json").is_file():
+        # torchrun restarted the group after a rank failed (--max-restarts): the run the failed group trained goes
+        # on in place, from its newest checkpoint; with none yet, from where it began (its start or --resume file)
+        continue_run = True
+        if (run_dir / CHECKPOINT_DIR / MANIFEST).is_file():
+            cfg.resume = str(run_dir)
     # The user's code (build, loaders, loss, metrics) sees where its run is, as plugins do: Guild's names and ours.
     os.environ.update(RUN_ID=run_id, RUN_DIR=str(run_dir), TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir))
     spec, flags = build_with_flags(cfg.target, dict(cfg.hyperparameters))
@@ -312,8 +318,8 @@ def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: Peer
     if buffers is not None:
         # A persister's checkpoint_saved must name a file here: the run's checkpoints/, or a dirpath its config set
         # (the checkpoint plugin declares dirpath a PATH setting: relative, inside the run directory).
-        directories = [run_dir / CHECKPOINT_DIR] + [run_dir / p.settings["dirpath"] for p in plugins
-                                                    if isinstance(p.settings.get("dirpath"), str) and p.settings["dirpath"]]
+        directories = [run_dir / CHECKPOINT_DIR] + [d for p in plugins
+                                                    if (d := persister_directory(run_dir, p.settings)) is not None]
         checkpointer = Checkpointer(buffers, peers, every_n_epochs, every_n_steps, directories,
                                     first_seq=journal.last_seq + 1)
     bus.serve(supervisor, Dispatcher(bus, supervisor, peers, checkpointer))

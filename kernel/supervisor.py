@@ -25,6 +25,9 @@ HEARTBEAT_LIVENESS = 3
 STARTUP_CPU_S = 30.0
 STARTUP_TIMEOUT_S = 180.0
 TERM_GRACE_S = 1.0  # SIGTERM -> SIGKILL for a hung or leftover plugin
+# SIGTERM -> SIGKILL for a plugin its owner detached: it finishes its teardown (a log's last flush, a checkpoint
+# being written, an outbox's last mail attempt) in this time; the SDK's teardown normally takes milliseconds.
+DETACH_GRACE_S = 30.0
 # Restart backoff: doubles from INTERVAL_INIT_S up to INTERVAL_MAX_S, back to the start after a
 # healthy HEALTHY_RESET_S; more than MAX_RESTARTS within RESTART_WINDOW_S and the plugin is failed.
 INTERVAL_INIT_S = 0.25
@@ -76,7 +79,7 @@ class Child:
 
     spec: PluginSpec
     proc: subprocess.Popen | None = None
-    state: str = "pending"  # pending|starting|running|backoff|terminating|exited|failed
+    state: str = "pending"  # pending|starting|running|backoff|terminating|detaching|exited|failed
     started_at: float = 0.0
     last_seen: float = 0.0
     next_start_at: float = 0.0
@@ -86,6 +89,8 @@ class Child:
     leaving: bool = False  # said bye: an exit is on purpose
     restarts: int = 0
     crashes: list = field(default_factory=list)  # human-readable reasons, for the run summary
+    # detach(): called with the exit code once the detached process is gone (None: there was no process to stop)
+    on_detached: Callable[[int | None], None] | None = None
 
 
 class Supervisor:
@@ -122,15 +127,46 @@ class Supervisor:
         return name in self.children
 
     def is_current(self, name: str, pid: int) -> bool:
-        """`pid` is the live process the supervisor started for `name`."""
+        """`pid` is the live process the supervisor started for `name` (one being detached too: its teardown's
+        last acks and logs are its own)."""
         child = self.children.get(name)
         return (child is not None and child.proc is not None and child.proc.pid == pid
-                and child.state in ("starting", "running"))
+                and child.state in ("starting", "running", "detaching"))
 
     def coming_back(self, name: str) -> bool:
-        """Alive, or being restarted: neither given up on (failed) nor gone on purpose (exited)."""
+        """Alive, or being restarted: neither given up on (failed) nor gone or going on purpose (exited, detaching)."""
         child = self.children.get(name)
-        return child is not None and child.state not in ("exited", "failed")
+        return child is not None and child.state not in ("exited", "failed", "detaching")
+
+    def attached(self, name: str) -> Child | None:
+        """The plugin of that name while it is the run's: starting, running, restarting or stopping."""
+        child = self.children.get(name)
+        return child if child is not None and child.state not in ("exited", "failed") else None
+
+    def attach(self, spec: PluginSpec, now: float) -> Child:
+        """Start a plugin in the live run, supervised from then on like those of its config. A name that exited or
+        failed starts afresh (backoff and restart count too); the caller checked that no live one holds it."""
+        child = self.children[spec.name] = Child(spec)
+        self._spawn(child, now)
+        return child
+
+    def detach(self, name: str, now: float, done: Callable[[int | None], None]) -> None:
+        """Stop an attached plugin for good: SIGTERM (it tears down and exits), SIGKILL after DETACH_GRACE_S; never
+        restarted, and no crash. done(exit code) once it is gone; done(None) at once when no process runs (it was
+        waiting to be restarted)."""
+        child = self.children[name]
+        if child.proc is None or child.state == "backoff":
+            child.state = "exited"
+            done(None)
+            return
+        child.state, child.on_detached = "detaching", done
+        child.kill_at = now + DETACH_GRACE_S
+        code = child.proc.poll()
+        if code is not None:  # it exited a moment ago, unseen yet: that exit is the one asked for
+            self._on_exit(child, code, now)
+            return
+        self.processes.signal(child.proc, signal.SIGTERM)
+        self.processes.signal(child.proc, signal.SIGCONT)  # a stopped process must run to see SIGTERM
 
     def leaving(self, name: str) -> None:
         if name in self.children:
@@ -148,18 +184,19 @@ class Supervisor:
                 deadlines.append(c.last_seen + self.liveness_s)
             elif c.state == "backoff":
                 deadlines.append(c.next_start_at)
-            elif c.state == "terminating":
+            elif c.state in ("terminating", "detaching"):
                 deadlines.append(c.kill_at)
         return min(deadlines)
 
     def live_names(self) -> list[str]:
-        return [c.spec.name for c in self.children.values() if c.state in ("starting", "running")]
+        # a copy first: the bus thread may attach a plugin while the training thread asks
+        return [c.spec.name for c in list(self.children.values()) if c.state in ("starting", "running")]
 
     def shutdown(self, deadline_s: float, abort: Callable[[], bool] = lambda: False) -> None:
         """Stop restarting; give live plugins until the deadline (or abort()) to exit, then TERM, then KILL."""
         self.stopping = True
         end = time.monotonic() + deadline_s
-        procs = [c.proc for c in self.children.values() if c.proc and c.proc.poll() is None]
+        procs = [c.proc for c in list(self.children.values()) if c.proc and c.proc.poll() is None]
         while procs and time.monotonic() < end and not abort():
             procs = [p for p in procs if p.poll() is None]
             time.sleep(0.02)
@@ -170,7 +207,7 @@ class Supervisor:
             while procs and time.monotonic() < grace_end:
                 procs = [p for p in procs if p.poll() is None]
                 time.sleep(0.02)
-        for child in self.children.values():
+        for child in list(self.children.values()):
             if child.proc:
                 child.proc.wait()  # reap, so no zombie outlives the run
                 if child.state not in ("failed",):
@@ -225,7 +262,7 @@ class Supervisor:
         if code is not None:
             self._on_exit(child, code, now)
             return
-        if child.state == "terminating":
+        if child.state in ("terminating", "detaching"):
             if now >= child.kill_at:
                 self.processes.signal(child.proc, signal.SIGKILL)
             return
@@ -248,6 +285,11 @@ class Supervisor:
 
     def _on_exit(self, child: Child, code: int, now: float) -> None:
         name = child.spec.name
+        if child.state == "detaching":  # its owner asked it to go: whatever its exit code, not a crash
+            child.state = "exited"
+            self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
+            child.on_detached(code)
+            return
         hung = child.state == "terminating"
         if (code == 0 or child.leaving) and not hung:
             child.state = "exited"

@@ -51,6 +51,8 @@ PLUGIN_CRASHED = "plugin_crashed"
 PLUGIN_HUNG = "plugin_hung"
 PLUGIN_RESTARTED = "plugin_restarted"
 PLUGIN_FAILED = "plugin_failed"  # restarted too often; given up for the rest of the run
+PLUGIN_ATTACHED = "plugin_attached"  # the run's owner started a plugin in the live run (who, what, from which seq)
+PLUGIN_DETACHED = "plugin_detached"  # the run's owner stopped one; its exit follows as plugin_exited
 STOP_REQUESTED = "stop_requested"  # a stop reply was accepted; training ends at the next boundary
 RUN_FAILED = "run_failed"
 CHECKPOINT_SAVED = "checkpoint_saved"  # a persister made a snapshot durable (path, sha256, size)
@@ -68,6 +70,8 @@ KERNEL_EVENTS: tuple[str, ...] = (
     PLUGIN_HUNG,
     PLUGIN_RESTARTED,
     PLUGIN_FAILED,
+    PLUGIN_ATTACHED,
+    PLUGIN_DETACHED,
     STOP_REQUESTED,
     RUN_FAILED,
     CHECKPOINT_SAVED,

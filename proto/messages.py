@@ -70,6 +70,11 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
     "checkpoint_saved": {"seq": int, "path": str, "step": int, "epoch": int, "sha256": str, "size": int},
     "checkpoint_failed": {"seq": int, "reason": str},
     "snapshot": {},  # send me the run's state as of now (a run_state answer): how `trainbus attach` starts
+    # The run's owner's commands (a local peer whose hello carried the run's credential): start a plugin, by its
+    # installed name, in the live run, or stop one. A durable plugin attached starts at the current seq, or with
+    # from_start at seq 1. Each is answered with one command_result.
+    "attach_plugin": {"name": str, "settings": dict, "from_start": Default(bool, False), "id": Default(str, "")},
+    "detach_plugin": {"name": str, "id": Default(str, "")},
     # kernel -> plugin
     "welcome": {
         "run": str,
@@ -84,6 +89,8 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         "seq": int,  # the state includes every event up to and including this seq, and none after it
         "state": dict,  # proto/run_state.py RunState.to_map(): run, progress, series, plugins, ended, ...
     },
+    # the answer to attach_plugin or detach_plugin: `text` is one line for a person (a pid, or what was wrong)
+    "command_result": {"id": str, "ok": bool, "text": str},
     # the kernel will not act on this peer's messages: a hello it turned down, or a message before any hello
     "refused": {
         "reason": str,
@@ -95,7 +102,7 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
 
 PLUGIN_TO_KERNEL = frozenset(
     {"hello", "heartbeat", "ack", "replay", "bye", "stop", "metric", "log", "checkpoint_now",
-     "checkpoint_saved", "checkpoint_failed", "snapshot"}
+     "checkpoint_saved", "checkpoint_failed", "snapshot", "attach_plugin", "detach_plugin"}
 )
 REPLY_TYPES = frozenset({"stop", "metric", "log", "checkpoint_now"})
-KERNEL_TO_PLUGIN = frozenset({"welcome", "replay_batch", "run_state", "refused"})
+KERNEL_TO_PLUGIN = frozenset({"welcome", "replay_batch", "run_state", "command_result", "refused"})

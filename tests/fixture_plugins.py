@@ -153,3 +153,16 @@ class EnvelopeRecorder(Plugin):
         from trainbus.proto import event_to_map
 
         _append_fsynced(self.settings["path"], json.dumps(event_to_map(event)))
+
+
+class Usurper(Plugin):
+    """A plugin of the run that asks the kernel to attach another plugin at a given step: only the run's owner
+    may, so the kernel refuses it (and the SDK logs the refusal to this plugin's log)."""
+
+    settings = {"step": 5, "plugin": "metrics_log"}
+
+    def on_end_training_batch(self, event):
+        if event.step == self.settings["step"]:
+            from trainbus.proto import control
+
+            self.outbox.append(control("attach_plugin", name=self.settings["plugin"], settings={}))

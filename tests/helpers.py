@@ -40,6 +40,21 @@ def recorded(path: str | Path) -> list[tuple[int, str]]:
     return out
 
 
+def metrics_records_expected(events, every_n_steps: int) -> list[tuple[str, int]]:
+    """(kind, seq) of every record plugins/metrics_log.py writes for these events, in order."""
+    expected = []
+    for e in events:
+        if e.type == "end_training_batch" and e.step % every_n_steps == 0:
+            expected.append(("step", e.seq))
+        elif e.type == "end_epoch":
+            expected.append(("epoch", e.seq))
+        elif e.type == "metric":
+            expected.append(("metric", e.seq))
+        elif e.type == "end_training_session":
+            expected.append(("session_end", e.seq))
+    return expected
+
+
 def assert_same_tree(got, want, where: str) -> None:
     """Equal nested state: every tensor torch.equal (dtype and shape too), everything else ==."""
     if isinstance(want, torch.Tensor):

@@ -19,7 +19,8 @@ import pytest
 from trainbus.kernel.credentials import CREDENTIAL_FILE, Credentials
 from trainbus.kernel.journal import RETRY_INTERVAL_S, Journal, decode_records, read_events
 from trainbus.kernel.limits import BURST_S, TRUNCATED, PeerBudget, PeerLimits, TokenBucket, truncate
-from trainbus.kernel.peers import ALWAYS_ALLOWED, MAX_NAMES, MAX_PEERS, PERSISTER_MESSAGES, Peers, Refused
+from trainbus.kernel.keys import ClientKey
+from trainbus.kernel.peers import ALWAYS_ALLOWED, MAX_NAMES, MAX_PEERS, OWNER_ONLY, PERSISTER_MESSAGES, Peers, Refused
 from trainbus.proto import (BEST_EFFORT, DURABLE, Event, control, decode_control, encode_event, encode_replay_batch,
                             event_from_map, pack)
 from trainbus.proto.journal_format import iter_records
@@ -304,6 +305,34 @@ def test_a_peer_may_send_only_what_its_hello_declared(table):
         peers.check_allowed(persister, kind)  # the capability grants them, no reply declaration needed
     with pytest.raises(Refused):
         peers.check_allowed(persister, "stop")
+
+
+class OneKey:
+    """A key ring holding one authorized client key (kernel/keys.py KeyRing's lookup)."""
+
+    def __init__(self, key: ClientKey):
+        self.key = key
+
+    def lookup(self, public: str, now: float | None = None) -> ClientKey | None:
+        return self.key if public == self.key.public else None
+
+
+def test_only_the_runs_owner_may_attach_or_detach_plugins(tmp_path):
+    """The owner is a local peer proving itself with the attach credential; a spawned plugin (its own token) and a
+    remote key (even a control one) are refused, with welcome_lost false."""
+    control_key = ClientKey("pilot", "control", "K" * 40, tmp_path / "pilot.key")
+    credentials = Credentials(OneKey(control_key))
+    peers = Peers(credentials, FakeSupervision(trainer_log=101), PeerLimits(), LIVENESS_S)
+    owner = peers.welcome(b"o", hello("cli", 7, credentials.attach_token(), replies=[]), T0)
+    spawned = peers.welcome(b"s", hello("trainer_log", 101, credentials.token_for("trainer_log")), T0)
+    remote = peers.welcome(b"r", hello("pilot_peer", 8, "", replies=["stop"]), T0, user_id=control_key.public)
+    for kind in OWNER_ONLY:
+        peers.check_allowed(owner, kind)  # no reply declaration needed: the credential is the grant
+        for peer in (spawned, remote):
+            with pytest.raises(Refused) as caught:
+                peers.check_allowed(peer, kind)
+            assert caught.value.code == "not_owner" and not caught.value.welcome_lost
+    peers.check_allowed(remote, "stop")  # what its role allows it still may
 
 
 # -- Credentials -------------------------------------------------------------------------------------

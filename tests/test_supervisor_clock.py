@@ -13,7 +13,7 @@ import pytest
 from trainbus.kernel import supervisor
 from trainbus.kernel.supervisor import (HEALTHY_RESET_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S,
                                         INTERVAL_MAX_S, MAX_RESTARTS, RESTART_WINDOW_S, STARTUP_CPU_S,
-                                        STARTUP_TIMEOUT_S, TERM_GRACE_S, PluginSpec, Supervisor)
+                                        STARTUP_TIMEOUT_S, TERM_GRACE_S, DETACH_GRACE_S, PluginSpec, Supervisor)
 from trainbus.proto import events as ev
 
 LIVENESS_S = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
@@ -223,3 +223,35 @@ def test_while_stopping_nothing_is_restarted_or_declared_hung(h):
     h.sup.stopping = True  # what shutdown() sets first
     h.sup.tick(h.child.next_start_at + 1)
     assert h.child.state == "backoff" and len(h.os.procs) == 1
+
+
+def test_a_detached_plugin_is_terminated_not_restarted_and_no_crash(h):
+    """Detach: SIGTERM, and its exit, whatever the code, is plugin_exited; nothing restarts it, it is not a crash;
+    one that ignores SIGTERM is killed after DETACH_GRACE_S. Attached again, it starts afresh."""
+    h.hello(T0)
+    exits = []
+    h.sup.detach("p", T0 + 1, exits.append)
+    assert h.child.state == "detaching" and (h.proc.pid, signal.SIGTERM) in h.os.signals
+    assert not h.sup.coming_back("p") and h.sup.is_current("p", h.proc.pid)  # its last acks are still its own
+    h.sup.tick(T0 + 1 + LIVENESS_S * 2)  # silent while it tears down: not hung
+    assert h.child.state == "detaching" and (h.proc.pid, signal.SIGKILL) not in h.os.signals
+    h.sup.tick(T0 + 1 + DETACH_GRACE_S)
+    assert (h.proc.pid, signal.SIGKILL) in h.os.signals
+    h.sup.tick(T0 + 2 + DETACH_GRACE_S)
+    assert exits == [-signal.SIGKILL] and h.child.state == "exited" and h.child.crashes == []
+    assert h.types()[-1] == ev.PLUGIN_EXITED and ev.PLUGIN_CRASHED not in h.types()
+    h.sup.tick(T0 + 100)
+    assert len(h.os.procs) == 1 and h.sup.attached("p") is None
+
+    again = h.sup.attach(PluginSpec("p", "fixture_plugins:Recorder"), T0 + 101)
+    assert again is h.child and h.child.state == "starting" and len(h.os.procs) == 2
+    assert h.types()[-1] == ev.PLUGIN_STARTED and h.child.restarts == 0
+
+
+def test_a_plugin_detached_while_waiting_to_restart_just_stays_down(h):
+    h.crash(T0 + 0.1)
+    exits = []
+    h.sup.detach("p", T0 + 0.2, exits.append)
+    assert exits == [None] and h.child.state == "exited"
+    h.sup.tick(T0 + 100)
+    assert len(h.os.procs) == 1

@@ -30,6 +30,7 @@ import msgpack
 import pytest
 import zmq
 
+from helpers import metrics_records_expected
 from kernel_process import KernelProcess, of, process_gone, wait_until
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
@@ -188,21 +189,6 @@ def test_stop_from_a_peer_without_a_valid_hello_is_refused_and_counted(short_run
 
 
 # -- 2. a peer posing as a durable plugin cannot move its position ---------------------------------
-
-
-def metrics_records_expected(events, every_n_steps: int) -> list[tuple[str, int]]:
-    """(kind, seq) of every record plugins/metrics_log.py writes for these events, in order."""
-    expected = []
-    for e in events:
-        if e.type == "end_training_batch" and e.step % every_n_steps == 0:
-            expected.append(("step", e.seq))
-        elif e.type == "end_epoch":
-            expected.append(("epoch", e.seq))
-        elif e.type == "metric":
-            expected.append(("metric", e.seq))
-        elif e.type == "end_training_session":
-            expected.append(("session_end", e.seq))
-    return expected
 
 
 def test_hello_as_a_spawned_plugin_with_the_attach_credential_is_refused_and_its_ack_moves_nothing(

@@ -1,0 +1,172 @@
+"""`trainbus plugins attach` and `detach` on live runs: real kernels in their own processes, the installed
+`trainbus` command, a raw owner peer and a plugin of the run that is not the owner. Nothing is mocked.
+
+Training is held by a gate (tests/fixture_targets.py paced_digits): batch N is not trained before the test
+opens the gate to N, so "attached at step 10, detached at step 65" holds however slowly a busy box runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from conftest import trainbus_cmd
+from fixture_targets import open_gate
+from helpers import assert_same_weights, metrics_records_expected, run_config
+from kernel_process import KernelProcess, of, process_gone, wait_until
+from test_trust import (PACED, STEPS_PER_EPOCH, Intruder, attach_credential, short_runs,  # noqa: F401 (a fixture)
+                        wait_sockets)
+from trainbus.kernel.config import PluginConfig
+from trainbus.kernel.journal import read_events
+from trainbus.kernel.runs import run_details
+
+EPOCHS = 2
+EVERY_N_STEPS = 5  # metrics_log's step records
+ATTACH_AT, DETACH_AT = 10, 65  # steps: in epoch 1, and in epoch 2
+STARTUP_S = 120  # a kernel (torch) or plugin starting on a busy box
+
+
+def config(runs: Path, plugins=(), **settings):
+    """The paced digits demo (held by a `gate`, if given; its weights are the unpaced run's), no checkpoints."""
+    return run_config(runs, plugins, EPOCHS, PACED, step_sleep_s=0.0, checkpoint_every_n_epochs=0, **settings)
+
+
+def plugins_cli(kernel: KernelProcess, *words: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*trainbus_cmd(), "plugins", *words, "--runs-dir", str(kernel.run_dir.parent)],
+                          capture_output=True, text=True, timeout=STARTUP_S)
+
+
+def step_records(path: Path) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "step"] if path.exists() else []
+
+
+def test_a_plugin_attached_mid_run_records_from_then_on_detaches_cleanly_and_changes_no_weight(
+        short_runs, tmp_path, kernels):
+    """metrics_log attached at step 10 writes step 15 onwards, the end of epoch 1 and nothing before; detached at
+    step 65 it exits 0 (no restart, no trouble) and the run completes. Attached again with --from-start (into
+    another file) it replays the run from seq 1: that file is every record the journal calls for. The final
+    weights are those of the same run with nothing attached."""
+    gate = tmp_path / "gate"
+    kernel = KernelProcess(config(short_runs, gate=str(gate)), tmp_path)
+    reference = KernelProcess(config(tmp_path / "reference"), tmp_path)
+    kernels += [kernel, reference]
+    open_gate(gate, ATTACH_AT)
+    kernel.wait_step(ATTACH_AT, timeout_s=STARTUP_S)
+
+    attached = plugins_cli(kernel, "attach", kernel.run_id, "metrics_log", f"every_n_steps={EVERY_N_STEPS}")
+    assert attached.returncode == 0, attached.stderr
+    said = re.fullmatch(rf"started metrics_log in run {kernel.run_id} \(pid (\d+), from seq (\d+)\)\n", attached.stdout)
+    assert said, attached.stdout
+    pid = kernel.wait_ready("metrics_log", timeout_s=STARTUP_S)
+    assert pid == int(said[1])
+    open_gate(gate, DETACH_AT)
+    log = kernel.run_dir / "metrics.jsonl"
+    wait_until(lambda: step_records(log) and step_records(log)[-1]["step"] == DETACH_AT, STARTUP_S,
+               f"metrics_log's record of step {DETACH_AT}")
+    detached = plugins_cli(kernel, "detach", kernel.run_id, "metrics_log")
+    assert (detached.returncode, detached.stdout) == (0, "stopped metrics_log (exit code 0)\n"), \
+        (detached.stderr, (kernel.run_dir / "plugins" / "metrics_log.log").read_text())
+    assert process_gone(pid)
+
+    replayed = plugins_cli(kernel, "attach", kernel.run_id, "metrics_log", f"every_n_steps={EVERY_N_STEPS}",
+                           "filename=replayed.jsonl", "--from-start")
+    assert replayed.returncode == 0 and replayed.stdout.endswith("from seq 1)\n"), (replayed.stdout, replayed.stderr)
+    open_gate(gate, EPOCHS * STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=STARTUP_S)
+    assert result["status"] == "completed" and result["outcome"]["steps"] == EPOCHS * STEPS_PER_EPOCH, result
+    events = read_events(result["run_dir"])
+
+    # the journal says who attached and detached what, and from which seq
+    first, second = of(events, "plugin_attached", "metrics_log")
+    assert first.data["by"].startswith("attach-") and first.data["from_seq"] == int(said[2]), first.data
+    assert first.data["settings"] == {"every_n_steps": EVERY_N_STEPS} and first.step == ATTACH_AT, first.data
+    assert (second.data["from_seq"], second.data["settings"]["filename"]) == (1, "replayed.jsonl"), second.data
+    [detach] = of(events, "plugin_detached", "metrics_log")
+    assert detach.data["by"].startswith("attach-") and detach.step == DETACH_AT, detach.data
+    exited = of(events, "plugin_exited", "metrics_log")[0]  # (the second's exit at the run's end may go unjournaled)
+    assert exited.data["exit_code"] == 0 and detach.seq < exited.seq < second.seq, exited
+    assert not of(events, "plugin_crashed") and not of(events, "plugin_restarted")
+
+    # from the moment it was attached until it was detached: step 15 on, epoch 1's end, nothing earlier or later
+    detached_at = next(e.seq for e in events if e.type == "end_training_batch" and e.step == DETACH_AT)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["kind"], r["seq"]) for r in lines] == [
+        r for r in metrics_records_expected(events, EVERY_N_STEPS) if first.data["from_seq"] <= r[1] <= detached_at]
+    assert [r["step"] for r in lines if r["kind"] == "step"] == list(range(15, DETACH_AT + 1, EVERY_N_STEPS))
+    assert [r["epoch"] for r in lines if r["kind"] == "epoch"] == [1]
+    # from the start: the whole run, as if it had been there all along
+    lines = [json.loads(line) for line in (kernel.run_dir / "replayed.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["seq"]) for r in lines] == metrics_records_expected(events, EVERY_N_STEPS)
+
+    # not trouble: no restart, nothing undrained, `runs show` lists none
+    assert result["plugins"]["metrics_log"] == {"state": "exited", "restarts": 0, "crashes": [], "errors_logged": 0}
+    assert result["undrained"] == {}
+    details = run_details(kernel.run_dir)  # what `trainbus runs show RUN --json` prints
+    assert details["plugin_trouble"] == [] and details["plugins"]["metrics_log"]["state"] == "exited", details
+    # neither the attach nor the detach changed training
+    assert_same_weights(result["run_dir"], reference.result(timeout_s=STARTUP_S)["run_dir"])
+
+
+def test_only_the_runs_owner_may_attach_and_each_mistake_is_one_line(short_runs, tmp_path, kernels):
+    """A plugin of the run asking to attach another is refused (refused_not_owner, logged by it, nothing
+    attached). The owner (a raw peer with the run's credential) gets a command_result for each mistake:
+    an unknown plugin lists the installed ones, a second attach says already attached, a detach of what is not
+    attached lists what is. The CLI says each mistake in one `error:` line, exit 2."""
+    gate = tmp_path / "gate"
+    usurper = PluginConfig("usurper", "fixture_plugins:Usurper", {"step": 3, "plugin": "metrics_log"})
+    kernel = KernelProcess(config(short_runs, [usurper], gate=str(gate), ready_timeout_s=STARTUP_S), tmp_path)
+    kernels.append(kernel)
+    wait_sockets(kernel)
+    open_gate(gate, 5)
+    kernel.wait_step(5, timeout_s=STARTUP_S)
+    usurper_log = kernel.run_dir / "plugins" / "usurper.log"
+    wait_until(lambda: usurper_log.exists() and "did not act on a message" in usurper_log.read_text(), STARTUP_S,
+               "the kernel's refusal, in the usurper's log")
+    assert "attach_plugin refused: only the run's owner may attach or detach plugins" in usurper_log.read_text()
+
+    owner = Intruder(kernel.run_dir, "owner")
+    try:
+        owner.hello("owner", attach_credential(kernel.run_dir))
+        owner.wait_reply("welcome")
+
+        def command(type_: str, **fields) -> dict:
+            owner.send(type_, id=type_ + fields["name"], **fields)
+            return owner.wait_reply("command_result")
+
+        unknown = command("attach_plugin", name="nosuch", settings={})
+        assert not unknown["ok"] and re.match(r"unknown plugin 'nosuch'; installed: .*\bmetrics_log\b", unknown["text"])
+        started = command("attach_plugin", name="cpu", settings={"interval_s": 0.5})
+        assert started["ok"] and started["id"] == "attach_plugincpu", started
+        kernel.wait_ready("cpu", timeout_s=STARTUP_S)  # its SIGTERM handler is in place: a clean exit
+        again = command("attach_plugin", name="cpu", settings={})
+        assert not again["ok"] and again["text"].startswith("cpu is already attached"), again
+        missing = command("detach_plugin", name="metrics_log")
+        assert missing["text"] == f"metrics_log is not attached to run {kernel.run_id}; attached: cpu, usurper"
+        stopped = command("detach_plugin", name="cpu")
+        assert stopped["ok"] and stopped["text"] == "stopped cpu (exit code 0)", stopped
+    finally:
+        owner.close()
+
+    for words, error in [
+            (("attach", kernel.run_id, "nosuch"), "unknown plugin 'nosuch'; installed: "),
+            (("attach", kernel.run_id, "memory", "--from-start"), "--from-start replays the journal to a durable "
+                                                                   "plugin; memory is best_effort"),
+            (("attach", kernel.run_id, "metrics_log", "every_n_steps=-1"), "plugin metrics_log: every_n_steps = -1 "
+                                                                           "is not allowed"),
+            (("detach", kernel.run_id, "metrics_log"), f"metrics_log is not attached to run {kernel.run_id}")]:
+        said = plugins_cli(kernel, *words)
+        assert said.returncode == 2 and said.stdout == "", (words, said.stdout, said.stderr)
+        assert said.stderr.startswith(f"error: {error}") and said.stderr.count("\n") == 1, (words, said.stderr)
+
+    open_gate(gate, EPOCHS * STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=STARTUP_S)
+    assert result["status"] == "completed", result
+    assert result["bus"].get("refused_not_owner") == 1, result["bus"]
+    events = read_events(result["run_dir"])
+    assert [e.data["plugin"] for e in of(events, "plugin_attached")] == ["cpu"]
+    assert of(events, "plugin_attached")[0].data["by"] == "owner"
+    ended = plugins_cli(kernel, "attach", kernel.run_id, "metrics_log")
+    assert ended.returncode == 2 and ended.stderr == (f"error: run {kernel.run_id} is not running (completed): there "
+                                                      f"is nothing to attach metrics_log to\n"), ended.stderr
