@@ -113,6 +113,13 @@ class Checkpointer:
         return any(resolved.is_relative_to(d) for d in self.directories)
 
 
+def persister_directory(run_dir: Path, settings: dict[str, Any]) -> Path | None:
+    """Where a persister with these settings writes besides the run's checkpoints/: the `dirpath` the checkpoint
+    plugin declares a PATH setting (relative, inside the run directory); None when it sets none."""
+    dirpath = settings.get("dirpath")
+    return Path(run_dir) / dirpath if isinstance(dirpath, str) and dirpath else None
+
+
 def find_checkpoint(where: str, runs_dir: str) -> Path:
     """The newest checkpoint whose file matches its manifest entry, under a run id, run dir or file."""
     path = Path(where)
@@ -125,6 +132,9 @@ def find_checkpoint(where: str, runs_dir: str) -> Path:
     else:
         directory = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
         manifest, wanted = directory / MANIFEST, None
+    if not manifest.is_file() and path.is_dir() and (path / "config.json").is_file():
+        raise CheckpointError(f"--resume {where}: that run has no checkpoints (it ran without the checkpoint "
+                              f"plugin, or ended before its first); run it again instead")
     if not manifest.is_file():
         raise CheckpointError(f"--resume {where}: no checkpoint manifest at {manifest}")
     entries = read_manifest(manifest)

@@ -7,18 +7,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from trainbus.proto import JOURNAL_NAME, PROTOCOL_VERSION
+from trainbus.proto import DURABLE, JOURNAL_NAME, PROTOCOL_VERSION
 from trainbus.proto.settings_format import METRIC
 
-from .config import (ConfigError, apply_set, check_runs_dir, config_of_run, load_config, registered_plugins,
-                     resolve_plugin)
+from .config import (ConfigError, apply_set, check_runs_dir, config_of_run, load_config, plugin_name_clashes,
+                     registered_plugins, resolve_plugin)
 from .checkpointing import CheckpointError
 from .spec import SpecError, UserCodeError
 
@@ -27,13 +27,17 @@ __version__ = "0.1.0"
 # rich_markup_mode=None: usage errors print as click's plain "Error: ..." line, not a framed panel.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="trainbus: PyTorch training whose plugins run in their own processes.")
-plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Plugins: what is installed.")
+plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Plugins: what is installed; attach one to a live run, or detach it.")
 app.add_typer(plugins_app, name="plugins")
 runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Runs: what a runs directory holds.")
 app.add_typer(runs_app, name="runs")
 keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="CURVE keys for remote plugins and attach: a server pair per host, a client pair per person.")
 app.add_typer(keys_app, name="keys")
+daemon_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="The kernel daemon: a queue of runs for one runs directory that outlives crashes.")
+app.add_typer(daemon_app, name="daemon")
 KEYS_DIR_HELP = "Key directory (default $TRAINBUS_KEYS_DIR, else ~/.config/trainbus/keys)."
 out = Console(highlight=False, soft_wrap=True)  # paths and ids stay on one line, copyable
 
@@ -89,6 +93,21 @@ def run(
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train in this many processes (DDP: gloo on CPU, NCCL on "
                                                        "CUDA), launched through torch.distributed.run."),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="Restart the processes up to this many times "
+                                                                      "when one fails (torchrun's --max-restarts); "
+                                                                      "the restarted ones continue the run from its "
+                                                                      "newest checkpoint."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Machines training this run, each running this same "
+                                                         "command (--nproc processes each); with --rdzv-endpoint."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT where the --nnodes machines "
+                                                                             "meet (torchrun's c10d rendezvous): one "
+                                                                             "of them, and a port free there."),
+    detach: bool = typer.Option(False, "--detach", help="Queue the run for the daemon of --runs-dir, print its id "
+                                                        "and return at once (`trainbus daemon start` runs the queue)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="With --detach: GPUs this run needs; the daemon "
+                                                                   "starts it when that many are free, with "
+                                                                   "CUDA_VISIBLE_DEVICES naming them (default 1 when "
+                                                                   "the daemon has GPUs)."),
 ) -> None:
     """Train, with every plugin in its own process; prints the run id, the outcome and where results are."""
     from .session import run_training
@@ -119,18 +138,21 @@ def run(
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r} must look like KEY=VALUE")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        apply_set(cfg, key, value)
+        apply_set(cfg, key, _typed_word(raw))
     from .config import check_run
 
     check_run(cfg, "command line")
     check_runs_dir(cfg.runs_dir)
+    _warn_name_clashes(cfg.plugins)
     metric_settings = _check_plugin_settings(cfg.plugins)
-    if nproc > 1:
-        _launch(nproc)
+    if gpus is not None and not detach:
+        raise UserError("--gpus places a queued run: add --detach (a run started here uses the GPUs "
+                        "CUDA_VISIBLE_DEVICES shows it)")
+    if detach:
+        _submit(cfg, continuing, gpus)
+        return
+    if nproc > 1 or nnodes > 1 or max_restarts or rdzv_endpoint:
+        _launch(nproc, nnodes, rdzv_endpoint, max_restarts)
     result = run_training(cfg, run_id=continuing.name if continuing else None, continue_run=continuing is not None,
                           install_sigint=True, announce=lambda line: print(f"trainbus: {line}", file=sys.stderr),
                           metric_settings=metric_settings)
@@ -139,8 +161,12 @@ def run(
     raise typer.Exit(code={"completed": 0, "stopped": 0, "interrupted": 130}.get(result.status, 1))
 
 
-def _launch(nproc: int) -> None:
-    """This same command in `nproc` processes under torch.distributed.run (rank 0 keeps the run); exits."""
+LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")  # `run`'s, handed to torchrun
+
+
+def _launch(nproc: int, nnodes: int, rdzv_endpoint: str | None, max_restarts: int) -> None:
+    """This same command in `nproc` processes (on each of `nnodes` machines) under torch.distributed.run, which
+    restarts them up to `max_restarts` times; rank 0 keeps the run. Exits."""
     from torch.distributed.run import main as torchrun
 
     from .cluster import detect
@@ -148,20 +174,66 @@ def _launch(nproc: int) -> None:
     from .session import new_run_id
 
     if detect().distributed:
-        raise UserError("--nproc inside torchrun or srun: the launcher already started the processes; drop --nproc")
+        raise UserError("--nproc, --nnodes or --max-restarts inside torchrun or srun: the launcher already started "
+                        "the processes; drop them")
+    if nnodes > 1 and not rdzv_endpoint:
+        raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every machine: one of "
+                        f"them, and a port free there")
+    if rdzv_endpoint and nnodes == 1:
+        raise UserError("--rdzv-endpoint is where the machines of a --nnodes run meet: add --nnodes N, or drop it")
     argv, words = [], iter(sys.argv[1:])
-    for word in words:  # the command as given, less --nproc
-        if word == "--nproc":
+    for word in words:  # the command as given, less what is torchrun's
+        if word in LAUNCH_OPTIONS:
             next(words, None)
-        elif not word.startswith("--nproc="):
+        elif not word.startswith(tuple(f"{option}=" for option in LAUNCH_OPTIONS)):
             argv.append(word)
-    os.environ[LAUNCH_RUN_ID] = new_run_id()  # every rank, and a restarted group, trains the same run
+    meet = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint] if nnodes > 1 \
+        else ["--standalone"]
+    # every rank, and a restarted group, trains the same run (the daemon names it for a queued one)
+    os.environ[LAUNCH_RUN_ID] = os.environ.get(LAUNCH_RUN_ID) or new_run_id()
     try:
-        torchrun(["--standalone", "--nproc-per-node", str(nproc), "-m", "trainbus.kernel.cli", *argv])
+        torchrun([*meet, "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
+                  "-m", "trainbus.kernel.cli", *argv])
     except Exception as exc:  # torch's ChildFailedError: which rank failed and how is above, from torchrun
         print(f"error: a training process failed ({type(exc).__name__}); its output is above", file=sys.stderr)
         raise typer.Exit(code=1) from None
     raise typer.Exit()
+
+
+def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:
+    """`run --detach`: this command, checked and less --detach and --gpus, queued for the daemon; its id printed."""
+    from . import daemon
+    from .registry import JobError
+    from .session import new_run_id
+
+    words, argv = iter(sys.argv[sys.argv.index("run", 1) + 1:]), []
+    for word in words:
+        if word == "--gpus":
+            next(words, None)
+        elif word != "--detach" and not word.startswith("--gpus="):
+            argv.append(word)
+    run_id = continuing.name if continuing is not None else new_run_id()
+    runs_dir = Path(cfg.runs_dir)
+    try:
+        told = daemon.submit(runs_dir, run_id, argv, gpus, cfg.target, dict(cfg.hyperparameters), continuing,
+                             env=dict(os.environ))
+    except JobError as exc:
+        raise UserError(str(exc)) from None
+    print(run_id)
+    where = escape(str(runs_dir.resolve()))
+    if told:
+        print(f"trainbus: queued run {run_id} for the daemon of {where}", file=sys.stderr)
+    else:
+        print(f"trainbus: queued run {run_id}; no daemon serves {where} yet: start one with "
+              f"`trainbus daemon start --runs-dir {where}`", file=sys.stderr)
+
+
+def _typed_word(raw: str):
+    """A value from the command line: JSON when it parses (5, true, [1, 2]), else the text itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
 
 
 def _is_flag_word(word: str) -> bool:
@@ -199,6 +271,8 @@ def plugins_list(
     """Every installed plugin with a one-line description and every setting: type, default, what is allowed, help."""
     known = registered_plugins()
     described = dict(zip(known, _describe(list(known.values()))))
+    for line in plugin_name_clashes().values():  # on stderr: --json stays one JSON object
+        print(f"trainbus: warning: {line}", file=sys.stderr)
     if as_json:
         print(json.dumps(described, indent=2))
         return
@@ -219,6 +293,68 @@ def plugins_list(
             table.add_row(key, s["type"], escape(json.dumps(s["default"])), escape(s["constraint"] or "-"),
                           escape(s["help"]))
         console.print(table)
+
+
+@plugins_app.command("attach")
+def plugins_attach(
+    run: str = typer.Argument(..., help="A running run: its id (a folder of --runs-dir, or a unique start of one) or "
+                                        "its directory."),
+    name: str = typer.Argument(..., help="An installed plugin's name (`trainbus plugins list`)."),
+    setting_words: Optional[list[str]] = typer.Argument(None, metavar="[SETTING=VALUE]...",
+                                                        help="Its settings, typed and checked as `trainbus run "
+                                                             "--set NAME.SETTING=VALUE` does."),
+    from_start: bool = typer.Option(False, "--from-start", help="A durable plugin handles the run from seq 1 (the "
+                                                                "journal, replayed); default: from the current seq."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+) -> None:
+    """Start a plugin in a live run, as its owner; prints its pid. It is supervised (restarted) like the run's own."""
+    from .live_plugins import installed_target
+
+    run_dir = _live_run_dir(run, runs_dir, f"attach {name} to")
+    plugin = resolve_plugin(name, {}, installed_target(name))
+    for word in setting_words or []:
+        key, sep, raw = word.partition("=")
+        if not sep or not key:
+            raise UserError(f"{word!r} must look like SETTING=VALUE")
+        plugin.settings[key] = _typed_word(raw)
+    deliveries: dict[str, str] = {}
+    _check_plugin_settings([plugin], deliveries)  # a metric a setting names: the plugin checks it at its end_epoch
+    if from_start and deliveries[name] != DURABLE:
+        raise UserError(f"--from-start replays the journal to a durable plugin; {name} is {deliveries[name]}: it "
+                        f"sees the live events only (drop --from-start)")
+    _owner_command(run_dir, ["attach", name, "--settings", json.dumps(plugin.settings)] + ["--from-start"] * from_start)
+
+
+@plugins_app.command("detach")
+def plugins_detach(
+    run: str = typer.Argument(..., help="A running run: its id (a folder of --runs-dir, or a unique start of one) or "
+                                        "its directory."),
+    name: str = typer.Argument(..., help="The plugin's name, as the run has it."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+) -> None:
+    """Stop a plugin of a live run for good, as its owner: it finishes its teardown and exits (not restarted)."""
+    _owner_command(_live_run_dir(run, runs_dir, f"detach {name} from"), ["detach", name])
+
+
+def _live_run_dir(run: str, runs_dir: Path, doing: str) -> Path:
+    """The run directory of a running run; UserError for an unknown run or one that has ended."""
+    from . import runs
+
+    try:
+        run_dir = runs.resolve_run(run, runs_dir)
+    except runs.RunLookupError as exc:
+        raise UserError(str(exc)) from None
+    status = runs.run_overview(run_dir)["status"]
+    if status != "running":
+        raise UserError(f"run {run_dir.name} is not running ({status}): there is nothing to {doing}")
+    return run_dir
+
+
+def _owner_command(run_dir: Path, words: list[str]) -> NoReturn:
+    """This process becomes the client that sends the run's kernel one owner's command (sdk/command.py: the kernel
+    imports no sdk code) and prints its answer; exec keeps the exit code."""
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "trainbus.sdk.command", str(run_dir), *words])
 
 
 @runs_app.command("plot")
@@ -330,6 +466,73 @@ def runs_show(
         runs_view.print_show(_wide(), details)
 
 
+@runs_app.command("stop")
+def runs_stop(
+    run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run "
+                                        "directory."),
+    reason: str = typer.Option("trainbus runs stop", "--reason", help="Why: journaled with who sent the stop."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+) -> None:
+    """Stop a running run at its next step boundary, as `trainbus attach RUN --stop REASON` does; exits once the
+    kernel journaled the stop. A run queued for the daemon is taken off the queue. A run that has ended: one
+    line, exit 1."""
+    from . import daemon, runs
+
+    queued = daemon.queued_job(runs_dir, run)  # before the directory lookup: a queued run may have none yet
+    if queued is not None:
+        daemon.cancel(runs_dir, queued)
+        out.print(f"cancelled {queued}: it was queued and never started")
+        return
+    try:
+        run_dir = runs.resolve_run(run, runs_dir)
+    except runs.RunLookupError as exc:
+        raise UserError(str(exc)) from None
+    status = runs.run_overview(run_dir)["status"]
+    if status != "running":
+        print(f"error: run {run_dir.name} has already ended ({status}); there is nothing to stop", file=sys.stderr)
+        raise typer.Exit(code=1)
+    _stop_running_run(run_dir, reason)
+
+
+def _stop_running_run(run_dir: Path, reason: str) -> NoReturn:
+    """Stop the live run in run_dir: the attach client sends stop (journaled under its peer name) and exits once
+    the kernel journaled it."""
+    _attach_client(str(run_dir), ["--stop", reason])
+
+
+@runs_app.command("delete")
+def runs_delete(
+    run_ids: list[str] = typer.Argument(..., metavar="RUN...", help="Runs to delete (ids, unique starts of ids, "
+                                                                    "run directories)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask (needed when stdin is not a terminal)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+) -> None:
+    """Delete ended runs: each run directory, with every file in it, and its row in the run registry. A running
+    run is refused (stop it first with `trainbus runs stop`); nothing is deleted unless every run named can be."""
+    from . import run_removal, runs
+
+    try:
+        run_dirs = list(dict.fromkeys(runs.resolve_run(run, runs_dir) for run in run_ids))
+        for run_dir in run_dirs:
+            run_removal.check_ended(run_dir)
+    except (runs.RunLookupError, run_removal.RemovalError) as exc:
+        raise UserError(str(exc)) from None
+    names = ", ".join(d.name for d in run_dirs)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"deleting {names} needs a yes: add --yes (stdin is not a terminal to ask on)")
+        if not typer.confirm(f"Delete {len(run_dirs)} run{'s' * (len(run_dirs) != 1)} ({names}) with every file "
+                             f"in {'them' if len(run_dirs) != 1 else 'it'}?"):
+            out.print("nothing deleted")
+            raise typer.Exit(code=1)
+    for run_dir in run_dirs:
+        try:
+            run_removal.delete_run(run_dir)
+        except run_removal.RemovalError as exc:
+            raise UserError(str(exc)) from None
+        out.print(f"deleted run {run_dir.name} ({escape(str(run_dir))})")
+
+
 @app.command()
 def attach(
     run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one), a run directory, "
@@ -368,10 +571,15 @@ def attach(
                 runs_view.print_show(_wide(), runs.run_details(run_dir))
             raise typer.Exit(code=1 if stop or checkpoint else 0)  # a command had nothing to reach
         where = str(run_dir)
-    # The client is a plugin-side process (the kernel imports no sdk or plugin code); exec keeps the terminal.
     flags = ["--json"] * as_json + ["--control"] * control + (["--stop", stop] if stop is not None else []) \
         + (["--checkpoint", checkpoint] if checkpoint is not None else []) \
         + (["--key", str(key)] if key is not None else []) + (["--server-key", str(server_key)] if server_key else [])
+    _attach_client(where, flags)
+
+
+def _attach_client(where: str, flags: list[str]) -> NoReturn:
+    """This process becomes the attach client (plugins/dashboard.py) for WHERE, a live run: the client is a
+    plugin-side process (the kernel imports no sdk or plugin code); exec keeps the terminal and the exit code."""
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, "-m", "trainbus.plugins.dashboard", where, *flags])
 
@@ -390,10 +598,11 @@ def _describe(items: list[str]) -> list[dict]:
     return json.loads(proc.stdout)
 
 
-def _check_plugin_settings(plugins) -> dict[str, str]:
+def _check_plugin_settings(plugins, deliveries: dict[str, str] | None = None) -> dict[str, str]:
     """Every plugin's settings checked against their declarations (a plugin-side process, before anything
     starts), and put in the form the plugin reads ("1" for an integer setting is 1). Returns the settings that
-    name a metric, "plugin: setting" -> metric, for run_training to check against what the run produces."""
+    name a metric, "plugin: setting" -> metric, for run_training to check against what the run produces;
+    fills `deliveries`, when given, with each plugin's delivery class."""
     plugins = [p for p in plugins if not p.command]  # a command plugin checks its own settings
     if not plugins:
         return {}
@@ -403,11 +612,21 @@ def _check_plugin_settings(plugins) -> dict[str, str]:
         if "error" in info:
             raise UserError(f"plugin {p.name}: {info['error']}")
         p.settings.update(info["values"])
+        if deliveries is not None:
+            deliveries[p.name] = info["delivery"]
         for key, s in info["settings"].items():
             value = p.settings.get(key, s["default"])
             if s["kind"] == METRIC and value:
                 metric_settings[f"{p.name}: {key}"] = value
     return metric_settings
+
+
+def _warn_name_clashes(plugins) -> None:
+    """A built-in this run uses whose name a package registers too: say which one runs, before it starts."""
+    clashes, known = plugin_name_clashes(), registered_plugins()
+    for p in plugins:
+        if p.name in clashes and p.target == known.get(p.name):
+            print(f"trainbus: warning: {clashes[p.name]}", file=sys.stderr)
 
 
 def _print_summary(result) -> None:
@@ -502,6 +721,196 @@ def keys_revoke(
     except KeyFileError as exc:
         raise UserError(str(exc)) from None
     out.print(f"revoked {key.role} key {key.name} ({key.public})")
+
+
+RUNS_DIR_OPTION = typer.Option(Path("runs"), "--runs-dir", help="The runs directory it serves (default ./runs).")
+
+
+@daemon_app.command("start")
+def daemon_start(
+    runs_dir: Path = RUNS_DIR_OPTION,
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="The devices runs are placed on, comma-separated "
+                                                            "(0,1 or GPU UUIDs; '' for none); default: every GPU "
+                                                            "NVML sees."),
+    max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="Runs training at once (default 1)."),
+    foreground: bool = typer.Option(False, "--foreground", help="Stay in the foreground, logging to stderr too "
+                                                                "(for systemd: docs/daemon.md)."),
+    listen: Optional[str] = typer.Option(None, "--listen", help="HOST:PORT: also serve requests over TCP with "
+                                                                "CURVE (PORT 0: a free one): monitor keys may ask "
+                                                                "status, control keys may submit and cancel runs."),
+    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
+    quiet: bool = typer.Option(False, "--quiet", hidden=True, help="No log lines on stderr."),
+) -> None:
+    """Start the daemon for a runs directory: it runs the queued runs (`trainbus run ... --detach`) in order."""
+    from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
+
+    from . import daemon
+    from .keys import KeyStore
+    from .remote import ListenError, check_listen
+
+    check_runs_dir(str(runs_dir))
+    devices = None if gpus is None else [d.strip() for d in gpus.split(",") if d.strip()]
+    try:
+        if listen:
+            check_listen(listen, KeyStore(default_keys_dir(keys_dir)))
+        if foreground:
+            raise typer.Exit(code=daemon.serve(runs_dir, devices, max_concurrent, foreground_log=not quiet,
+                                               listen=listen, keys_dir=keys_dir and str(keys_dir)))
+        argv = ["--runs-dir", str(runs_dir.resolve()), "--max-concurrent", str(max_concurrent)]
+        argv += ["--gpus", gpus] if gpus is not None else []
+        argv += ["--listen", listen] if listen else []
+        argv += ["--keys-dir", str(keys_dir.resolve())] if keys_dir else []
+        answer = daemon.start_background(runs_dir, argv)
+    except (daemon.DaemonError, ListenError, KeyFileError) as exc:
+        raise UserError(str(exc)) from None
+    out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])} (devices: "
+              f"{','.join(answer['devices']) or 'none'}, max concurrent {answer['max_concurrent']}); "
+              f"log: {escape(str(daemon.daemon_dir(runs_dir) / daemon.LOG_FILE))}")
+
+
+@daemon_app.command("stop")
+def daemon_stop(runs_dir: Path = RUNS_DIR_OPTION) -> None:
+    """Stop the daemon; its runs go on training and the next daemon adopts them."""
+    from . import daemon
+
+    try:
+        answer = daemon.stop(runs_dir)
+    except daemon.DaemonError as exc:
+        raise UserError(str(exc)) from None
+    if answer is None:
+        out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}")
+        return
+    running = answer.get("running") or []
+    out.print("daemon stopped" + (f"; still training (adopted by the next daemon): {', '.join(running)}"
+                                  if running else ""))
+
+
+REMOTE_OPTION = typer.Option(None, "--remote", metavar="HOST:PORT",
+                             help="A daemon started with --listen, over TCP with CURVE (needs --key, --server-key).")
+KEY_OPTION = typer.Option(None, "--key", help="With --remote: this client's secret key file (`trainbus keys`).")
+SERVER_KEY_OPTION = typer.Option(None, "--server-key", help="With --remote: the daemon host's public server key "
+                                                           "file, or its .daemon/remote.json.")
+
+
+def _remote(remote: str | None, key: Path | None, server_key: Path | None):
+    from .daemon import RemoteDaemon
+
+    if remote is None:
+        return None
+    if key is None or server_key is None:
+        raise UserError("--remote needs --key (your secret key file) and --server-key (the daemon host's public key "
+                        "file or .daemon/remote.json)")
+    return RemoteDaemon(remote, key, server_key)
+
+
+def _ask(runs_dir: Path, remote, op: str, **fields) -> dict:
+    """The daemon's answer, or one error line: none answering, or its refusal."""
+    from . import daemon
+
+    answer = daemon.request(runs_dir, op, remote=remote, **fields)
+    where = remote.host_port if remote else escape(str(runs_dir.resolve()))
+    if answer is None:
+        raise UserError(f"no daemon answered at {where}" + (" (is the key authorized there, and the server key "
+                                                            "its?)" if remote else ""))
+    if not answer.get("ok"):
+        raise UserError(f"the daemon at {where} refused: {answer.get('error')}")
+    return answer
+
+
+@daemon_app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def daemon_submit(
+    ctx: typer.Context,
+    remote: Optional[str] = REMOTE_OPTION, key: Optional[Path] = KEY_OPTION,
+    server_key: Optional[Path] = SERVER_KEY_OPTION,
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="GPUs the run needs (as `run --gpus`)."),
+) -> None:
+    """Queue `trainbus run ARGS...` on a remote daemon (`-- ARGS`, as they are to be run on that host, in the
+    daemon's directory and environment); prints the run id. Locally, `trainbus run ... --detach` checks the
+    arguments first and is the way."""
+    target = _remote(remote, key, server_key)
+    if target is None:
+        raise UserError("daemon submit is for a remote daemon (--remote); here, use `trainbus run ... --detach`")
+    answer = _ask(Path("."), target, "submit", argv=list(ctx.args), gpus=gpus)
+    print(answer["run"])
+
+
+@daemon_app.command("cancel")
+def daemon_cancel(
+    run: str = typer.Argument(..., help="A queued run's id."), runs_dir: Path = RUNS_DIR_OPTION,
+    remote: Optional[str] = REMOTE_OPTION, key: Optional[Path] = KEY_OPTION,
+    server_key: Optional[Path] = SERVER_KEY_OPTION,
+) -> None:
+    """Take a queued run off the queue (a running one is stopped with `trainbus runs stop`)."""
+    from . import daemon
+    from .registry import JobError
+
+    target = _remote(remote, key, server_key)
+    if target is not None:
+        _ask(runs_dir, target, "cancel", run=run)
+    else:
+        try:
+            daemon.cancel(runs_dir, run)
+        except JobError as exc:
+            raise UserError(str(exc)) from None
+    out.print(f"cancelled {escape(run)}")
+
+
+@daemon_app.command("status")
+def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
+                  as_json: bool = typer.Option(False, "--json", help="One JSON object."),
+                  remote: Optional[str] = REMOTE_OPTION, key: Optional[Path] = KEY_OPTION,
+                  server_key: Optional[Path] = SERVER_KEY_OPTION) -> None:
+    """Whether a daemon serves the runs directory: its pid, devices, the runs it watches, the queue.
+    Exit code 0 when one does, 3 when none (as `systemctl status`)."""
+    from . import daemon
+    from .registry import REGISTRY_NAME, Registry
+
+    target = _remote(remote, key, server_key)
+    if target is not None:
+        answer = _ask(runs_dir, target, "status")
+    else:
+        answer = daemon.request(runs_dir, "status") if runs_dir.is_dir() else None
+    queued = (answer or {}).get("queued", [])
+    if answer is None and (runs_dir / REGISTRY_NAME).is_file():
+        with Registry(runs_dir) as registry:
+            queued = [job["id"] for job in registry.jobs(["queued"])]
+    if answer is not None:
+        answer = {k: v for k, v in answer.items() if k not in ("ok", "queued")}
+    if as_json:
+        print(json.dumps({"serving": answer is not None, **(answer or {}), "queued": queued}))
+    elif answer is None:
+        out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"
+                  + (f"; {len(queued)} run(s) queued" if queued else ""))
+    else:
+        watched = answer.get("running") or {}
+        out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])}: devices "
+                  f"{','.join(answer['devices']) or 'none'}, max concurrent {answer['max_concurrent']}")
+        for run_id, info in watched.items():
+            out.print(f"  running {run_id} (pid {info['pid']}"
+                      + (f", CUDA_VISIBLE_DEVICES={','.join(info['devices'])}" if info["devices"] else "") + ")")
+        out.print(f"  queued: {', '.join(queued) or 'none'}")
+    raise typer.Exit(code=0 if answer is not None else 3)
+
+
+@runs_app.command("resume")
+def runs_resume(
+    run: str = typer.Argument(..., help="Run id (or a unique start of one), or a run directory."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    detach: bool = typer.Option(False, "--detach", help="Queue it for the daemon instead of training here."),
+) -> None:
+    """Continue a run in place from its newest verified checkpoint (`trainbus run --resume RUN`)."""
+    from . import runs
+
+    try:
+        run_dir = runs.resolve_run(run, runs_dir)
+    except runs.RunLookupError as exc:
+        raise UserError(str(exc)) from None
+    status = runs.run_overview(run_dir)["status"]
+    if status == "running":
+        raise UserError(f"run {run_dir.name} is running; nothing to resume (`trainbus runs stop` stops it)")
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "trainbus.kernel.cli", "run", "--resume", str(run_dir),
+                              *(["--detach"] if detach else [])])
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from .runs import STATUSES as RUN_STATUSES
 from .runs import _iso, find_runs, newest_first, overview_or_unreadable, run_overview
 
 REGISTRY_NAME = "registry.sqlite"
-SCHEMA_VERSION = 1  # PRAGMA user_version; a newer trainbus adds columns in _migrate
+SCHEMA_VERSION = 2  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs)
 BUSY_TIMEOUT_S = 5.0  # a write waits this long for another writer's transaction (each takes milliseconds)
 QUEUED = "queued"  # a run the daemon has not started: it has no directory yet
 STATUSES = (QUEUED, *RUN_STATUSES)
@@ -48,7 +48,23 @@ COLUMNS = {
 }
 JSON_COLUMNS = ("flags", "validation_metrics", "stop_reasons", "plugin_trouble", "last_event")
 
+# The daemon's queue (kernel/daemon.py): how to start each submitted run, and where its process is. A job's run
+# also has a row in `runs` from the moment it is queued (status queued, no dir), which its kernel's own record
+# replaces once it has a directory.
+JOB_COLUMNS = {
+    "id": "TEXT PRIMARY KEY", "state": "TEXT NOT NULL", "submitted_ts": "REAL NOT NULL", "argv": "TEXT NOT NULL",
+    "cwd": "TEXT NOT NULL", "env": "TEXT", "gpus": "INTEGER", "devices": "TEXT", "pid": "INTEGER",
+    "pid_started": "REAL", "started_ts": "REAL", "ended_ts": "REAL", "exit_code": "INTEGER", "detail": "TEXT",
+}
+JOB_JSON_COLUMNS = ("argv", "env", "devices")
+JOB_STATES = ("queued", "starting", "running", "ended", "cancelled")
+JOB_ACTIVE = ("queued", "starting", "running")  # a job in one of these holds its run id
+
 _warned: set[str] = set()
+
+
+class JobError(Exception):
+    """A submission or cancellation the queue cannot take (the CLI prints one line, exit 2)."""
 
 
 class RegistryError(Exception):
@@ -97,11 +113,15 @@ class Registry:
             if version > SCHEMA_VERSION:
                 raise RegistryError(f"{self.path} was written by a newer trainbus (schema {version}); "
                                     f"upgrade trainbus, or delete it and run `trainbus runs reindex`")
-            if version == 0:
+            if version < 1:
                 columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
                 self.db.execute(f"CREATE TABLE IF NOT EXISTS runs ({columns})")
                 self.db.execute("CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status)")
-                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version < 2:
+                columns = ", ".join(f"{name} {kind}" for name, kind in JOB_COLUMNS.items())
+                self.db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns})")
+                self.db.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submitted_ts)")
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- writing -------------------------------------------------------------------------------------
 
@@ -115,6 +135,41 @@ class Registry:
         with self._write():
             self.db.executemany(sql, rows)
 
+    # -- the daemon's queue ---------------------------------------------------------------------------
+
+    def submit(self, job: dict[str, Any], run: dict[str, Any], observed_ts: float) -> None:
+        """Queue `job` and show its run as queued, in one transaction. JobError when its run id is already
+        queued or running (a run is continued by one kernel at a time)."""
+        with self._write():
+            held = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job["id"],)).fetchone()
+            if held is not None and held[0] in JOB_ACTIVE:
+                raise JobError(f"run {job['id']} is already {held[0]} in the daemon's queue")
+            self.db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(JOB_COLUMNS)}) "
+                            f"VALUES ({', '.join('?' * len(JOB_COLUMNS))})", _job_row(job))
+            self.db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) "
+                            f"VALUES ({', '.join('?' * len(COLUMNS))})", _to_row(run, observed_ts))
+
+    def jobs(self, states: Iterable[str] = JOB_STATES) -> list[dict[str, Any]]:
+        """The jobs in these states, oldest submission first."""
+        states = list(states)
+        cursor = self.db.execute(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE state IN "
+                                 f"({', '.join('?' * len(states))}) ORDER BY submitted_ts, id", states)
+        return [{n: (json.loads(v) if n in JOB_JSON_COLUMNS and v is not None else v)
+                 for n, v in zip(JOB_COLUMNS, row)} for row in cursor]
+
+    def move_job(self, job_id: str, from_states: Iterable[str], **fields: Any) -> bool:
+        """Set `fields` (state among them) on a job still in one of from_states; False when it was not (someone
+        cancelled it, or another daemon took it): the compare and the set are one transaction."""
+        from_states = list(from_states)
+        names = list(fields)
+        values = [json.dumps(fields[n]) if n in JOB_JSON_COLUMNS and fields[n] is not None else fields[n]
+                  for n in names]
+        with self._write():
+            cursor = self.db.execute(
+                f"UPDATE jobs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ? AND state IN "
+                f"({', '.join('?' * len(from_states))})", [*values, job_id, *from_states])
+            return cursor.rowcount == 1
+
     def forget(self, ids: Iterable[str]) -> None:
         ids = list(ids)
         if ids:
@@ -122,10 +177,11 @@ class Registry:
                 self.db.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in ids])
 
     def replace(self, runs: Iterable[dict[str, Any]], observed_ts: float) -> None:
-        """Every row but the queued ones replaced by `runs`, in one transaction (readers see before or after)."""
+        """Every row with a directory replaced by `runs`, in one transaction (readers see before or after); the
+        daemon's runs that have none (queued, or failed before their kernel made one) are kept."""
         rows = [_to_row(run, observed_ts) for run in runs if run.get("status") in STATUSES]
         with self._write():
-            self.db.execute("DELETE FROM runs WHERE status != ?", (QUEUED,))
+            self.db.execute("DELETE FROM runs WHERE dir IS NOT NULL")
             self.db.executemany(f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) "
                                 f"VALUES ({', '.join('?' * len(COLUMNS))})", rows)
 
@@ -142,6 +198,11 @@ def _to_row(run: dict[str, Any], observed_ts: float) -> tuple:
     values = {**run, "best_validation_loss": best.get("validation_loss"), "best_epoch": best.get("epoch"),
               "observed_ts": observed_ts}
     return tuple(json.dumps(values.get(n), default=str) if n in JSON_COLUMNS else values.get(n) for n in COLUMNS)
+
+
+def _job_row(job: dict[str, Any]) -> tuple:
+    return tuple(json.dumps(job.get(n)) if n in JOB_JSON_COLUMNS and job.get(n) is not None else job.get(n)
+                 for n in JOB_COLUMNS)
 
 
 def _from_row(row: tuple, now: float) -> dict[str, Any]:
@@ -180,16 +241,22 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
     try:
         with Registry(runs_dir) as registry:
             known = registry.runs(now)
+            started = {job["id"]: job for job in registry.jobs(["starting", "running"])}  # by the daemon
             stale = [name for name, path in dirs.items()
-                     if name not in known or known[name]["status"] in LIVE or known[name]["dir"] != str(path)]
+                     if name not in known or known[name]["status"] in LIVE or known[name]["dir"] != str(path)
+                     or (known[name]["status"] == QUEUED and name in started)]
             fresh = {name: overview_or_unreadable(dirs[name], now) for name in stale}
             try:
                 registry.record(fresh.values(), now)
-                registry.forget(i for i, run in known.items() if i not in dirs and run["status"] != QUEUED)
+                registry.forget(i for i, run in known.items() if i not in dirs and run["dir"] is not None)
             except sqlite3.Error as exc:  # readable but not writable (someone else's runs dir): list all the same
                 warn(runs_dir, exc)
         known.update(fresh)
-        found = [known[name] for name in dirs] + [run for i, run in known.items() if run["status"] == QUEUED
+        for i, job in started.items():  # started, and its kernel has not made the run directory yet
+            if i in known and known[i]["status"] == QUEUED and i not in dirs:
+                known[i] = {**known[i], "status": "running", "pid": job["pid"],
+                            "detail": f"started by the daemon (pid {job['pid']}); its kernel is starting"}
+        found = [known[name] for name in dirs] + [run for i, run in known.items() if run["dir"] is None
                                                   and i not in dirs]
     except (sqlite3.Error, OSError, RegistryError) as exc:
         warn(runs_dir, exc)
@@ -199,7 +266,8 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
 
 
 def reindex(runs_dir: Path) -> list[dict[str, Any]]:
-    """Rebuild the registry from the run directories (queued rows are kept); the runs found, newest first."""
+    """Rebuild the registry from the run directories (the daemon's runs without one are kept); the runs found,
+    newest first."""
     now = time.time()
     found = [overview_or_unreadable(path, now) for path in find_runs(runs_dir)]
     with Registry(runs_dir) as registry:

@@ -45,6 +45,30 @@ def check_listen(host_port: str, store: KeyStore) -> tuple[str, int]:
     return host, int(port)
 
 
+def start_authenticator(ctx: zmq.Context, keyring: KeyRing) -> ThreadAuthenticator:
+    """zmq.auth's ZAP handler for `ctx`, asking `keyring` at every CURVE handshake; start it before any bind."""
+    authenticator = ThreadAuthenticator(ctx, log=logging.getLogger("trainbus.kernel.zap"))
+    authenticator.start()
+    authenticator.configure_curve_callback(ZAP_DOMAIN, keyring)
+    return authenticator
+
+
+def curve_server(ctx: zmq.Context, kind: int, secret: bytes, **options: int) -> zmq.Socket:
+    """A socket that only completes CURVE handshakes the authenticator approves (ZAP_ENFORCE_DOMAIN: no
+    authenticator answering is a refusal), with keepalive so a vanished peer's connection is closed."""
+    socket = ctx.socket(kind)
+    socket.curve_server = True
+    socket.curve_secretkey = secret
+    socket.zap_domain = ZAP_DOMAIN.encode()
+    socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+    socket.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    socket.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+    for name, value in options.items():
+        socket.setsockopt(getattr(zmq, name), value)
+    return socket
+
+
 class Listener:
     """The run's TCP endpoints: `control_endpoint` (ROUTER) and `events_endpoint` (PUB), CURVE only."""
 
@@ -56,9 +80,7 @@ class Listener:
         self.ctx = zmq.Context()
         # Before any bind, so no handshake can find nobody answering; and with ZAP_ENFORCE_DOMAIN, if it ever
         # stops answering, nobody gets in.
-        self.authenticator = ThreadAuthenticator(self.ctx, log=logging.getLogger("trainbus.kernel.zap"))
-        self.authenticator.start()
-        self.authenticator.configure_curve_callback(ZAP_DOMAIN, self.keyring)
+        self.authenticator = start_authenticator(self.ctx, self.keyring)
         self.router = self._socket(zmq.ROUTER, secret, ROUTER_MANDATORY=1, MAXMSGSIZE=control_max_bytes,
                                    SNDHWM=1000, RCVHWM=CONTROL_RCVHWM, LINGER=0)
         self.pub = self._socket(zmq.PUB, secret, SNDHWM=events_hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES,
@@ -72,17 +94,7 @@ class Listener:
         self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _socket(self, kind: int, secret: bytes, **options: int) -> zmq.Socket:
-        socket = self.ctx.socket(kind)
-        socket.curve_server = True
-        socket.curve_secretkey = secret
-        socket.zap_domain = ZAP_DOMAIN.encode()
-        socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-        socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
-        socket.setsockopt(zmq.TCP_KEEPALIVE, 1)
-        socket.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
-        for name, value in options.items():
-            socket.setsockopt(getattr(zmq, name), value)
-        return socket
+        return curve_server(self.ctx, kind, secret, **options)
 
     def _bind(self, host: str, port: int) -> None:
         if host.startswith("["):

@@ -279,7 +279,9 @@ def overview_or_unreadable(run_dir: Path, now: float) -> dict[str, Any]:
 
 
 def newest_first(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(runs, key=lambda r: (r.get("started_ts") or 0.0, r["id"]), reverse=True)
+    """Newest start first; runs that have not started (queued for the daemon) above them, by id (submission)."""
+    return sorted(runs, key=lambda r: (r.get("started_ts") is None and r.get("status") == "queued",
+                                       r.get("started_ts") or 0.0, r["id"]), reverse=True)
 
 
 def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:

@@ -68,3 +68,32 @@ def mount_tmpfs(tmp_path):
     yield mount
     for mount_point in mounted:  # lazily: a process of a failed test may still hold a file open there
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def trainbus(*args: str, check: bool = True, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    """`trainbus ARGS` in a child process, its output captured; check: exit 0 or fail with its output."""
+    done = subprocess.run([*trainbus_cmd(), *args], capture_output=True, text=True, timeout=timeout_s)
+    if check:
+        assert done.returncode == 0, f"trainbus {' '.join(args)}: rc {done.returncode}\n{done.stdout}{done.stderr}"
+    return done
+
+
+@pytest.fixture
+def daemons():
+    """A list the test appends each runs directory it started a daemon for; each is stopped at the end (the runs
+    it started are the test's to end). `start_daemon` appends for you."""
+    served: list[Path] = []
+    yield served
+    for runs in served:
+        trainbus("daemon", "stop", "--runs-dir", str(runs), check=False)
+
+
+def start_daemon(daemons: list[Path], runs: Path, *extra: str) -> int:
+    """`trainbus daemon start` for runs (stopped at the test's end); the daemon's pid."""
+    from trainbus.kernel.daemon import PID_FILE, daemon_dir
+
+    done = trainbus("daemon", "start", "--runs-dir", str(runs), *extra)
+    assert "serves" in done.stdout, done.stdout
+    daemons.append(runs)
+    return int((daemon_dir(runs) / PID_FILE).read_text())
+

@@ -142,3 +142,27 @@ def probed_digits(hyperparameters: dict):
     spec = build(hyperparameters)
     spec.scheduler = _RankProbe(spec.model, step_sleep_s)
     return spec
+
+
+
+class _SaysDevices:
+    """A loader that, as training starts, writes the CUDA_VISIBLE_DEVICES its process was given to
+    RUN_DIR/devices.txt (the run directory exists by then; at build time it does not yet)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        seen = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+        (Path(os.environ["RUN_DIR"]) / "devices.txt").write_text(seen)
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def devices_digits(hyperparameters: dict):
+    """paced_digits that records the daemon's placement, as the user's code sees it (_SaysDevices)."""
+    spec = paced_digits(hyperparameters)
+    spec.train_loader = _SaysDevices(spec.train_loader)
+    return spec

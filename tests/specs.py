@@ -50,6 +50,11 @@ not_a_function = 42
 # -- what the loop publishes for `tiny` (kernel/loop.py) ------------------------------------------
 
 
+def unbuildable(hyperparameters: dict) -> TrainingSpec:
+    """A target whose build raises: the run fails before its kernel makes a run directory."""
+    raise ValueError("no data at /nowhere")
+
+
 def epoch_events(checkpoint_before_end: bool = False) -> list[str]:
     """The event types of one epoch of `tiny`, in order; a save_checkpoint before end_epoch if asked for."""
     batches = [ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH] * TRAIN_BATCHES

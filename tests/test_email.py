@@ -1,12 +1,16 @@
-"""E-mail, end to end against a real SMTP server (aiosmtpd on 127.0.0.1): success, failure, a plugin given up, server down."""
+"""E-mail, end to end against a real SMTP server (aiosmtpd on 127.0.0.1): success, failure, a plugin given up, the
+kernel killed (the run died), server down."""
 
 from __future__ import annotations
 
 import email
 import email.policy
+import json
 import os
+import signal
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,16 +18,22 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
+from trainbus.kernel.daemon import daemon_dir
+from trainbus.kernel.registry import Registry, list_runs
+from trainbus.kernel.runs import KERNEL_PID
 from trainbus.kernel.session import run_training
 from trainbus.plugins.email_alert import EmailAlertPlugin
-from trainbus.proto import Event
+from trainbus.proto import JOURNAL_NAME, Event
 from trainbus.sdk import Harness, SettingsError
 
-from conftest import TESTS_DIR
+from conftest import TESTS_DIR, start_daemon, trainbus_cmd
+from fixture_targets import open_gate
+from kernel_process import JournalTail, process_gone, wait_until
 
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
 FAILING = f"{TESTS_DIR / 'specs.py'}:failing"
 TIMED = f"{TESTS_DIR / 'fixture_targets.py'}:digits_for_seconds"
+PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
 RECIPIENT = "ops@example.com"
 
 
@@ -97,6 +107,7 @@ def test_end_of_training_mail_has_the_summary_and_the_loss_plot(smtp, runs_dir):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (960, 600)
     outbox = Path(result.run_dir) / "plugins" / "email.outbox"
     assert not list(outbox.glob("*.eml")) and len(list((outbox / "sent").glob("*.eml"))) == 1
+    assert not list(outbox.rglob("*-died.eml")), "a run that ended is no run that died"
 
 
 def test_run_failure_mail_has_the_error_and_the_traceback_tail(smtp, runs_dir):
@@ -141,6 +152,62 @@ def test_a_plugin_given_up_is_mailed_and_training_goes_on(smtp, runs_dir, tmp_pa
     assert body["Plugin log"].endswith("crasher.log")
     ended = [m for m in messages if "stopped early" in m["Subject"]]
     assert len(ended) == 1 and "was given up" in fields(ended[0])["Stopped by"]
+
+
+@pytest.mark.parametrize("started_by", ["trainbus run", "the daemon"])
+def test_a_killed_kernel_is_mailed_as_a_died_run_and_listed_as_died(started_by, smtp, runs_dir, tmp_path, daemons):
+    """[C96] A run held at its third step (the target's gate), its kernel killed with SIGKILL: started by a plain
+    `trainbus run`, and by the daemon (`run --detach`)."""
+    port, inbox = smtp
+    gate = tmp_path / "gate"
+    open_gate(gate, 3)
+    settings = {"host": "127.0.0.1", "port": port, "security": "none", "recipients": json.dumps([RECIPIENT]),
+                "min_interval_s": 0}
+    sets = [f"gate={gate}", "step_sleep_s=0"] + [f"email.{key}={value}" for key, value in settings.items()]
+    cmd = trainbus_cmd() + ["run", PACED, "--plugins", "email", "--epochs", "5", "--device", "cpu",
+                            "--runs-dir", str(runs_dir)] + [word for s in sets for word in ("--set", s)]
+    if started_by == "the daemon":
+        start_daemon(daemons, runs_dir)
+        cmd.append("--detach")  # the submitting process returns at once; the daemon starts the kernel
+    with open(tmp_path / "kernel.stderr", "wb") as stderr:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    if started_by == "the daemon":
+        assert proc.wait(60) == 0, (tmp_path / "kernel.stderr").read_text()
+
+    def alive() -> bool:
+        assert started_by == "the daemon" or proc.poll() is None, (tmp_path / "kernel.stderr").read_text()[-3000:]
+        return True
+
+    try:
+        pid_file = wait_until(lambda: alive() and next(runs_dir.glob(f"*/{KERNEL_PID}"), None), 120, "the run")
+        run_dir = pid_file.parent
+        journal = JournalTail(run_dir / JOURNAL_NAME)
+        wait_until(lambda: alive() and journal.step() >= 3, 120, "3 training steps")
+        plugin_pid = journal.running_pid("email")
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        proc.wait(30)
+        if started_by == "the daemon":  # it noticed, and says how to continue the run
+            wait_until(lambda: "the kernel died" in (daemon_dir(runs_dir) / "daemon.log").read_text(), 30,
+                       "the daemon's word")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    [message] = inbox.wait_for(1, timeout_s=30)
+    body = fields(message)
+    step, seq = int(body["Last step"]), int(body["Last seq"])
+    assert message["Subject"] == f"[trainbus] run {run_dir.name} DIED at step {step}: the kernel process exited"
+    assert body["Status"] == "died" and body["Reason"] == "the kernel process exited"
+    assert Path(body["Run directory"]) == run_dir.resolve()
+    seen = {e.seq: e for e in journal.poll()}
+    assert seen[seq].step == step, "the last event the plugin handled, as the journal has it"
+    wait_until(lambda: process_gone(plugin_pid), 30, "the e-mail plugin to exit")
+
+    [died] = [r for r in list_runs(runs_dir) if r["id"] == run_dir.name]
+    assert died["status"] == "died" and died["steps"] == 3 and died["last_seq"] == max(seen) >= seq
+    with Registry(runs_dir) as registry:  # written back: the next list need not read the directory again
+        assert registry.runs(time.time())[run_dir.name]["status"] == "died"
 
 
 def test_mail_goes_out_once_the_server_is_back(runs_dir):

@@ -1,0 +1,649 @@
+"""The kernel daemon: a queue of runs for one runs directory that outlives its own crashes.
+
+The queue is the run registry's `jobs` table (kernel/registry.py): `trainbus run ... --detach` writes a job
+(the `trainbus run` arguments, working directory and environment it was given) and the daemon starts it as
+`python -m trainbus.kernel.cli run ...` in its own session, so that killing the daemon never stops a run.
+Every state change is one registry transaction, so a daemon killed at any moment leaves a queue the next one
+reads as it was: a job still `queued` is started, a `running` one whose process is alive is adopted (watched
+by pid and start time, as it is no longer our child) and one whose process is gone is settled from its run
+directory (completed, failed, ... or died: its kernel vanished; `trainbus runs resume ID` continues it).
+
+One daemon per runs directory: it holds an flock on `.daemon/daemon.pid` for as long as it lives, and the kernel
+drops the lock with the process however it ends. Its control endpoint is an ipc socket in the owner-only
+`.daemon` directory (only the owner's processes can connect), answering status, wake and stop.
+
+Placement: strict submission order. A job asks for `gpus` devices (None: one when the daemon has any, else
+none); it starts when fewer than `max_concurrent` jobs run and that many of the daemon's devices are free, with
+CUDA_VISIBLE_DEVICES naming exactly those (empty for a job that asked for none, so it cannot take a device
+another run holds). A job that asks for more devices than the daemon has is failed at once, with the reason.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import zmq
+
+from .credentials import SUN_PATH_MAX
+from .registry import JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, record_run
+from .runs import CONFIG, kernel_process, run_overview
+
+log = logging.getLogger("trainbus.daemon")
+
+DAEMON_DIR = ".daemon"
+PID_FILE = "daemon.pid"
+LOG_FILE = "daemon.log"
+REMOTE_FILE = "remote.json"  # the TCP endpoint and the server's public key, for `--remote` clients
+ENDPOINT_FILE = "endpoint"  # the control socket's ipc endpoint (in DAEMON_DIR unless that path is too long)
+OUTPUT_DIR = "output"  # one file per job: its process's stdout and stderr
+TICK_S = 1.0  # the queue is looked at this often without a wake-up (submit wakes the daemon at once)
+CONTROL_MAX_BYTES = 64 * 1024
+LOG_MAX_BYTES = 10 * 1024 * 1024  # daemon.log is rotated at this size, 3 old files kept
+OUTPUT_TAIL_BYTES = 2000  # of a job that failed before its run had a directory, what the listing shows
+REQUEST_TIMEOUT_S = 3.0
+
+
+class DaemonError(Exception):
+    """The daemon cannot do what was asked (one line, naming the fix)."""
+
+
+@dataclass
+class Watched:
+    """A job whose process runs: our child (popen) or adopted from a previous daemon (pid and start time)."""
+    job_id: str
+    pid: int
+    pid_started: float | None
+    devices: list[str]
+    popen: subprocess.Popen | None = None
+
+    def exit_code(self) -> int | None:
+        """None while it runs; its exit code (or -1 when it was not our child and the code is unknown)."""
+        if self.popen is not None:
+            return self.popen.poll()
+        return None if process_alive(self.pid, self.pid_started) else -1
+
+
+def process_alive(pid: int, started: float | None) -> bool:
+    """Whether `pid` is still the process that started at `started` (a reused pid is someone else)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def process_start_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def launched_for(run_id: str) -> int | None:
+    """The pid of a live process started for run_id (its TRAINBUS_LAUNCH_RUN_ID), among this user's; None.
+    Only asked after a daemon died mid-start: a scan of every process is fine then, not per tick."""
+    import psutil
+
+    for process in psutil.process_iter(["uids"]):
+        try:
+            if process.info["uids"] and process.info["uids"].real == os.getuid() \
+                    and process.environ().get("TRAINBUS_LAUNCH_RUN_ID") == run_id and process.pid != os.getpid():
+                return process.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return None
+
+
+def daemon_dir(runs_dir: Path) -> Path:
+    return Path(runs_dir).resolve() / DAEMON_DIR
+
+
+def make_daemon_dir(runs_dir: Path) -> Path:
+    path = daemon_dir(runs_dir)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)  # the control socket inside is reachable by whoever can enter this directory
+    (path / OUTPUT_DIR).mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def wanted_devices(job: dict[str, Any], devices: list[str]) -> int:
+    return job["gpus"] if job.get("gpus") is not None else (1 if devices else 0)
+
+
+def place(queued: list[dict[str, Any]], busy: set[str], running: int, devices: list[str],
+          max_concurrent: int) -> tuple[list[tuple[dict[str, Any], list[str]]], list[tuple[dict[str, Any], str]]]:
+    """Which queued jobs start now and on which devices, and which can never start (with why).
+
+    Strict submission order: the first job that must wait holds every job behind it, so a run asking for
+    two GPUs is not starved by a stream of one-GPU runs."""
+    starts: list[tuple[dict[str, Any], list[str]]] = []
+    never: list[tuple[dict[str, Any], str]] = []
+    free = [d for d in devices if d not in busy]
+    for job in queued:
+        want = wanted_devices(job, devices)
+        if want > len(devices):
+            never.append((job, f"asks for {want} GPU{'s' * (want != 1)} and the daemon has {len(devices)} "
+                               f"({','.join(devices) or 'none'}); start the daemon with --gpus listing them"))
+            continue
+        if running >= max_concurrent or want > len(free):
+            break
+        starts.append((job, free[:want]))
+        free = free[want:]
+        running += 1
+    return starts, never
+
+
+def detected_devices() -> list[str]:
+    """Every GPU NVML sees, by index; none without NVML (no driver, or no GPU)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 -- pynvml raises NVMLError_* or ImportError: either way, no GPUs to place
+        return []
+
+
+class Daemon:
+    """The queue's owner for one runs directory. `tick(now)` does one round: settle what ended, start what can."""
+
+    def __init__(self, runs_dir: Path, devices: list[str], max_concurrent: int = 1,
+                 python: str = sys.executable):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.devices = devices
+        self.max_concurrent = max_concurrent
+        self.python = python
+        self.watched: dict[str, Watched] = {}
+        self.adopted = False
+        self.woken = False  # a submission asked for a round now
+
+    # -- one round ------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        with Registry(self.runs_dir) as registry:
+            if not self.adopted:
+                self._adopt(registry, now)
+                self.adopted = True
+            for watched in list(self.watched.values()):
+                code = watched.exit_code()
+                if code is not None:
+                    self._settle(registry, watched, code, now)
+            busy = {d for w in self.watched.values() for d in w.devices}
+            starts, never = place(registry.jobs(["queued"]), busy, len(self.watched), self.devices,
+                                  self.max_concurrent)
+            for job, why in never:
+                self._fail_unstarted(registry, job, why, now)
+            for job, devices in starts:
+                self._start(registry, job, devices, now)
+
+    def _adopt(self, registry: Registry, now: float) -> None:
+        """A previous daemon's jobs: watch the ones still running, settle the ones that ended meanwhile."""
+        for job in registry.jobs(["starting", "running"]):
+            pid, started = job["pid"], job["pid_started"]
+            if pid is None:  # the previous daemon died between taking the job and recording its process
+                run_dir = self.runs_dir / job["id"]
+                kernel, alive = kernel_process(run_dir) if run_dir.is_dir() else (None, None)
+                found = kernel if alive else launched_for(job["id"])  # started, its directory not made yet
+                if found is not None:
+                    pid, started = found, process_start_time(found)
+                elif not (run_dir / CONFIG).is_file():
+                    registry.move_job(job["id"], ["starting"], state="queued")
+                    log.info("%s: was being started when the daemon went down; queued again", job["id"])
+                    continue
+            watched = Watched(job["id"], pid or -1, started, job["devices"] or [])
+            if pid is not None and process_alive(pid, started):
+                self.watched[job["id"]] = watched
+                log.info("%s: still running (pid %d); adopted", job["id"], pid)
+            else:
+                self._settle(registry, watched, -1, now)
+
+    def _start(self, registry: Registry, job: dict[str, Any], devices: list[str], now: float) -> None:
+        if not registry.move_job(job["id"], ["queued"], state="starting", devices=devices, started_ts=now):
+            return  # cancelled meanwhile
+        env = dict(job["env"] or os.environ)
+        env.update(TRAINBUS_LAUNCH_RUN_ID=job["id"], CUDA_VISIBLE_DEVICES=",".join(devices))
+        output = make_daemon_dir(self.runs_dir) / OUTPUT_DIR / f"{job['id']}.log"
+        try:
+            with open(output, "ab") as out:
+                popen = subprocess.Popen([self.python, "-m", "trainbus.kernel.cli", "run", *job["argv"]],
+                                         cwd=job["cwd"], env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:  # the working directory is gone, the python moved, ...
+            self._fail_unstarted(registry, job, f"could not start: {exc}", now, from_states=["starting"])
+            return
+        started = process_start_time(popen.pid)
+        registry.move_job(job["id"], ["starting"], state="running", pid=popen.pid, pid_started=started, env=None)
+        self.watched[job["id"]] = Watched(job["id"], popen.pid, started, devices, popen)
+        log.info("%s: started (pid %d%s); output %s", job["id"], popen.pid,
+                 f", CUDA_VISIBLE_DEVICES={','.join(devices)}" if devices else "", output)
+
+    def _settle(self, registry: Registry, watched: Watched, code: int, now: float) -> None:
+        """A job's process is gone: the job ends, and its run's registry row says what the directory says."""
+        self.watched.pop(watched.job_id, None)
+        run_dir = self.runs_dir / watched.job_id
+        if (run_dir / CONFIG).is_file():
+            record_run(run_dir)  # a kernel killed by SIGKILL wrote nothing: its directory says died
+            status = run_overview(run_dir, now)["status"]
+            detail = f"run {status}" + (f", exit code {code}" if code >= 0 else "")
+            if status == "died":
+                log.warning("%s: the kernel died (no summary); `trainbus runs resume %s` continues it",
+                            watched.job_id, watched.job_id)
+        else:
+            detail = f"ended before its run had a directory (exit code {code}): {self._output_tail(watched.job_id)}"
+            self._record_unstarted(registry, watched.job_id, "failed", detail, now)
+        registry.move_job(watched.job_id, JOB_ACTIVE, state="ended", ended_ts=now, exit_code=code, detail=detail,
+                          env=None)
+        log.info("%s: %s", watched.job_id, detail)
+
+    def _fail_unstarted(self, registry: Registry, job: dict[str, Any], why: str, now: float,
+                        from_states: list[str] | None = None) -> None:
+        if registry.move_job(job["id"], from_states or ["queued"], state="ended", ended_ts=now, detail=why, env=None):
+            self._record_unstarted(registry, job["id"], "failed", why, now)
+            log.warning("%s: not started: %s", job["id"], why)
+
+    def _record_unstarted(self, registry: Registry, run_id: str, status: str, error: str, now: float) -> None:
+        rows = registry.runs(now)
+        row = rows.get(run_id) or {"id": run_id}
+        if row.get("dir") is None:  # a run that has a directory is described by it
+            registry.record([{**row, "status": status, "error": error, "ended_ts": now}], now)
+
+    def _output_tail(self, job_id: str) -> str:
+        path = daemon_dir(self.runs_dir) / OUTPUT_DIR / f"{job_id}.log"
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - OUTPUT_TAIL_BYTES))
+                lines = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return f"no output ({path})"
+        errors = [line for line in lines if line.startswith("error:")]
+        return (errors or lines or ["no output"])[-1].strip()
+
+    def status(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "runs_dir": str(self.runs_dir), "devices": self.devices,
+                "max_concurrent": self.max_concurrent,
+                "running": {w.job_id: {"pid": w.pid, "devices": w.devices} for w in self.watched.values()}}
+
+
+# -- the daemon process --------------------------------------------------------------------------------
+
+class Lock:
+    """The flock on daemon.pid: one daemon per runs directory, released by the kernel however we exit."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / PID_FILE
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 32).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise DaemonError(f"a daemon (pid {holder}) already serves {directory.parent}; "
+                              f"`trainbus daemon status --runs-dir {directory.parent}` shows it") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foreground_log: bool = True,
+          listen: str | None = None, keys_dir: str | None = None) -> int:
+    """Run the daemon until `stop` or SIGTERM/SIGINT; its runs go on training. Returns the exit code.
+
+    listen: HOST:PORT of a TCP endpoint (CURVE, the keys of `trainbus keys`) beside the local one: a monitor
+    key may ask status, a control key may also submit and cancel runs."""
+    directory = make_daemon_dir(runs_dir)
+    lock = Lock(directory)
+    _log_to(directory / LOG_FILE, foreground_log)
+    daemon = Daemon(runs_dir, detected_devices() if devices is None else devices, max_concurrent)
+    context = zmq.Context()
+    socket, endpoint, socket_home = _bind_control(context, directory)
+    try:
+        remote = Remote(listen, keys_dir, directory) if listen else None
+    except Exception as exc:  # ListenError, KeyFileError, DaemonError: each names its fix
+        log.error("error: %s", exc)
+        socket.close(linger=0)
+        context.term()
+        os.close(lock.fd)
+        return 2
+    stopping: list[str] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stopping.append(signal.Signals(signum).name))
+    log.info("daemon pid %d serving %s: devices %s, max_concurrent %d, control %s%s", os.getpid(), daemon.runs_dir,
+             ",".join(daemon.devices) or "none", max_concurrent, endpoint,
+             f", remote {remote.endpoint}" if remote else "")
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+    if remote:
+        poller.register(remote.socket, zmq.POLLIN)
+    try:
+        daemon.tick(time.time())
+        next_tick = time.monotonic() + TICK_S
+        while not stopping:
+            ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000))))
+            if socket in ready:
+                _answer(socket, lambda frames: LOCAL, daemon, stopping)
+            if remote and remote.socket in ready:
+                _answer(remote.socket, remote.role_of, daemon, stopping)
+            if time.monotonic() >= next_tick or daemon.woken:
+                daemon.woken = False
+                daemon.tick(time.time())
+                next_tick = time.monotonic() + TICK_S
+        log.info("daemon stopping (%s); %d run(s) still training, adopted by the next daemon: %s", stopping[0],
+                 len(daemon.watched), ", ".join(daemon.watched) or "none")
+    finally:
+        socket.close(linger=0)
+        if remote:
+            remote.close()
+        context.term()
+        (directory / ENDPOINT_FILE).unlink(missing_ok=True)
+        if socket_home != directory:
+            import shutil
+
+            shutil.rmtree(socket_home, ignore_errors=True)
+        os.close(lock.fd)
+    return 0
+
+
+LOCAL = "owner"  # the ipc endpoint's peers: only the owner can enter the 0700 directory it is in
+# What each peer may ask: a remote monitor key the state, a control key also the queue; the owner everything.
+OPS = {"status": ("monitor", "control", LOCAL), "submit": ("control", LOCAL), "cancel": ("control", LOCAL),
+       "wake": (LOCAL,), "stop": (LOCAL,)}
+ARGV_MAX_WORDS = 256
+
+
+class Remote:
+    """The daemon's TCP endpoint: one CURVE ROUTER behind the ZAP authenticator (kernel/remote.py), each
+    request carrying its connection's key (ZAP's User-Id), whose role says what it may ask (OPS)."""
+
+    def __init__(self, listen: str, keys_dir: str | None, directory: Path):
+        from trainbus.proto.remote import keys_dir as default_keys_dir
+        from trainbus.proto.remote import load_secret
+
+        from .keys import KeyRing, KeyStore
+        from .remote import check_listen, curve_server, start_authenticator
+
+        store = KeyStore(default_keys_dir(keys_dir))
+        host, port = check_listen(listen, store)
+        public, secret = load_secret(store.server_secret)
+        self.keyring = KeyRing(store)
+        self.context = zmq.Context()
+        self.authenticator = start_authenticator(self.context, self.keyring)
+        self.socket = curve_server(self.context, zmq.ROUTER, secret, MAXMSGSIZE=CONTROL_MAX_BYTES, LINGER=0,
+                                   RCVHWM=100, SNDHWM=100)
+        try:
+            self.socket.bind(f"tcp://{host}:{port or '*'}")
+        except zmq.ZMQError as exc:
+            self.close()
+            raise DaemonError(f"--listen {listen}: cannot bind ({exc}); pick another port, or 0 for a free one") \
+                from None
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        temporary = directory / ".remote.tmp"
+        temporary.write_text(json.dumps({"endpoint": self.endpoint, "server_key": public.decode()}) + "\n")
+        os.replace(temporary, directory / REMOTE_FILE)
+
+    def role_of(self, frames: list[zmq.Frame]) -> str | None:
+        key = self.keyring.lookup(frames[-1].get("User-Id") or "")
+        return key.role if key is not None else None  # revoked since its handshake: nobody
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.authenticator.stop()
+        self.context.term()
+
+
+def _answer(socket: zmq.Socket, role_of: Callable[[list[zmq.Frame]], str | None], daemon: Daemon,
+            stopping: list[str]) -> None:
+    for _ in range(64):  # bounded per round: a flood of requests never starves the queue
+        try:
+            frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        if len(frames) != 2:  # not one of ours: dropped unanswered
+            continue
+        try:
+            request = msgpack.unpackb(frames[1].bytes, raw=False)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            request = None
+        op = request.get("op") if isinstance(request, dict) else None
+        role = role_of(frames)
+        if op not in OPS:
+            reply = {"ok": False, "error": f"unknown request; ops: {', '.join(OPS)}"}
+        elif role not in OPS[op]:
+            reply = {"ok": False, "error": f"{op} is not granted to this key (role {role or 'none'})"}
+        else:
+            reply = _do(op, request, daemon, stopping)
+        try:
+            socket.send_multipart([frames[0], msgpack.packb(reply, default=str)], zmq.NOBLOCK)
+        except zmq.ZMQError:  # the peer is gone, or not reading: its answer is dropped
+            pass
+
+
+def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str]) -> dict[str, Any]:
+    if op == "status":
+        with Registry(daemon.runs_dir) as registry:
+            queued = [job["id"] for job in registry.jobs(["queued"])]
+        return {"ok": True, **daemon.status(), "queued": queued}
+    if op == "wake":
+        daemon.woken = True
+        return {"ok": True}
+    if op == "stop":
+        stopping.append("stop requested")
+        return {"ok": True, "running": list(daemon.watched)}
+    if op == "cancel":
+        try:
+            cancel(daemon.runs_dir, str(request.get("run", "")))
+        except JobError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True}
+    argv, gpus = request.get("argv"), request.get("gpus")
+    if not (isinstance(argv, list) and len(argv) <= ARGV_MAX_WORDS and all(isinstance(w, str) for w in argv)) \
+            or not (gpus is None or (isinstance(gpus, int) and 0 <= gpus <= 1024)):
+        return {"ok": False, "error": f"submit needs argv (at most {ARGV_MAX_WORDS} strings) and gpus "
+                                      f"(a count, or nil)"}
+    from .session import new_run_id
+
+    run_id = new_run_id()
+    target = argv[0] if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
+    argv = [*argv, "--runs-dir", str(daemon.runs_dir)]  # the last one given counts: this daemon's, whatever it said
+    try:
+        submit(daemon.runs_dir, run_id, argv, gpus, target, {}, None, env=None, cwd=os.getcwd(), wake=False)
+    except JobError as exc:
+        return {"ok": False, "error": str(exc)}
+    daemon.woken = True
+    return {"ok": True, "run": run_id}
+
+
+def _bind_control(context: zmq.Context, directory: Path) -> tuple[zmq.Socket, str, Path]:
+    home = directory
+    if len(str(directory / "control.sock")) >= SUN_PATH_MAX:  # a long runs path: a short owner-only temp dir
+        home = Path(tempfile.mkdtemp(prefix="trainbus-daemon-"))
+    endpoint = f"ipc://{home / 'control.sock'}"
+    (home / "control.sock").unlink(missing_ok=True)  # a previous daemon killed with SIGKILL left it
+    socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_BYTES)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.bind(endpoint)
+    os.chmod(home / "control.sock", 0o600)
+    temporary = directory / f".{ENDPOINT_FILE}.tmp"
+    temporary.write_text(endpoint + "\n")
+    os.replace(temporary, directory / ENDPOINT_FILE)
+    return socket, endpoint, home
+
+
+def _log_to(path: Path, also_stderr: bool) -> None:
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=3)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handler.setFormatter(formatter)
+    log.addHandler(handler)
+    if also_stderr:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(formatter)
+        log.addHandler(stream)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+# -- what the CLI calls ----------------------------------------------------------------------------------
+
+@dataclass
+class RemoteDaemon:
+    """A daemon's TCP endpoint as a client names it: HOST:PORT, this client's secret key file and the daemon
+    host's public server key (a key file, or the daemon's .daemon/remote.json)."""
+    host_port: str
+    key_file: Path
+    server_key: Path
+
+    def connect(self, socket: zmq.Socket) -> None:
+        from trainbus.proto.remote import secure_client
+
+        server_key: bytes | Path = self.server_key
+        if self.server_key.suffix == ".json":
+            server_key = json.loads(self.server_key.read_text())["server_key"].encode()
+        secure_client(socket, self.key_file, server_key)
+        socket.connect(f"tcp://{self.host_port}")
+
+
+def request(runs_dir: Path | None, op: str, timeout_s: float = REQUEST_TIMEOUT_S, remote: RemoteDaemon | None = None,
+            **fields: Any) -> dict[str, Any] | None:
+    """The daemon's answer to `op`: the local one of runs_dir, or `remote`; None when none answers in time."""
+    endpoint = None
+    if remote is None:
+        try:
+            endpoint = (daemon_dir(runs_dir) / ENDPOINT_FILE).read_text().strip()
+        except OSError:
+            return None
+    context = zmq.Context.instance()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, 16 * CONTROL_MAX_BYTES)  # a status of many runs
+    try:
+        if remote is None:
+            socket.connect(endpoint)
+        else:
+            remote.connect(socket)
+        socket.send(msgpack.packb({"op": op, **fields}))
+        if not socket.poll(int(timeout_s * 1000)):
+            return None
+        reply = msgpack.unpackb(socket.recv(), raw=False)
+        return reply if isinstance(reply, dict) else None
+    except (zmq.ZMQError, ValueError):
+        return None
+    finally:
+        socket.close()
+
+
+def submit(runs_dir: Path, run_id: str, argv: list[str], gpus: int | None, target: str | None,
+           flags: dict[str, Any], resumes: Path | None, env: dict[str, str] | None = None, cwd: str | None = None,
+           wake: bool = True) -> bool:
+    """Queue a run for the daemon of runs_dir (running or not), to be started as `trainbus run ARGV` in `cwd`
+    with `env` (default: this process's; None from a remote peer: the daemon's own). True when a running daemon
+    was told at once."""
+    runs_dir = Path(runs_dir).resolve()
+    now = time.time()
+    job = {"id": run_id, "state": "queued", "submitted_ts": now, "argv": argv, "cwd": cwd or os.getcwd(),
+           "env": env, "gpus": gpus}
+    if resumes is not None:
+        run = {**run_overview(resumes, now), "status": "queued", "detail": "queued to be resumed"}
+    else:
+        run = {"id": run_id, "dir": None, "status": "queued", "target": target, "flags": flags, "started_ts": None,
+               "detail": f"submitted {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}"}
+    make_daemon_dir(runs_dir)
+    with Registry(runs_dir) as registry:
+        registry.submit(job, run, now)
+    return wake and request(runs_dir, "wake") is not None
+
+
+def queued_job(runs_dir: Path, run: str) -> str | None:
+    """The id of the queued run `run` names (its id or a unique start of it); None when it names none."""
+    if not (Path(runs_dir) / REGISTRY_NAME).is_file():
+        return None
+    with Registry(runs_dir) as registry:
+        ids = [job["id"] for job in registry.jobs(["queued"])]
+    matches = [i for i in ids if i == run] or [i for i in ids if i.startswith(run)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def cancel(runs_dir: Path, run_id: str) -> None:
+    """Take a queued run off the queue (JobError when it is not queued)."""
+    runs_dir = Path(runs_dir).resolve()
+    with Registry(runs_dir) as registry:
+        if not registry.move_job(run_id, ["queued"], state="cancelled", ended_ts=time.time(), env=None):
+            raise JobError(f"run {run_id} is not queued (it started, ended or was never submitted)")
+        run_dir = runs_dir / run_id
+        if (run_dir / CONFIG).is_file():  # a queued resume: the run is again what its directory says
+            now = time.time()
+            registry.record([run_overview(run_dir, now)], now)
+        else:
+            registry.forget([run_id])
+
+
+def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -> dict[str, Any]:
+    """`daemon start`: the foreground daemon in its own session, detached from this terminal; returns its status
+    once it answers. DaemonError with the log's last lines when it exits first."""
+    directory = make_daemon_dir(runs_dir)
+    with open(directory / LOG_FILE, "ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "trainbus.kernel.cli", "daemon", "start", "--foreground",
+                                    "--quiet", *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DaemonError(f"the daemon exited at start: {_last_line(directory / LOG_FILE)}")
+        answer = request(runs_dir, "status", timeout_s=0.5)
+        if answer is not None and answer.get("pid") == process.pid:
+            return answer
+        time.sleep(0.1)
+    process.terminate()
+    raise DaemonError(f"the daemon did not answer within {timeout_s:.0f} s; see {directory / LOG_FILE}")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "no log"
+
+
+def stop(runs_dir: Path, timeout_s: float = 30.0) -> dict[str, Any] | None:
+    """Ask the daemon to exit and wait until it has; None when none was running."""
+    answer = request(runs_dir, "stop")
+    if answer is None:
+        return None
+    pid_path = daemon_dir(runs_dir) / PID_FILE
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(pid_path, os.O_RDONLY)
+        except OSError:
+            return answer
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken: the daemon has exited
+            return answer
+        except BlockingIOError:
+            time.sleep(0.1)
+        finally:
+            os.close(fd)
+    raise DaemonError(f"the daemon did not exit within {timeout_s:.0f} s; see {daemon_dir(runs_dir) / LOG_FILE}")

@@ -1,0 +1,256 @@
+"""The kernel daemon (kernel/daemon.py): placement as a pure function, and the real daemon process with real
+runs: a queue that outlives `kill -9` of the daemon, two runs placed on a configured two-device list at once,
+one daemon per runs directory, a run that fails before it has a directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainbus.kernel.daemon import Daemon, daemon_dir, place
+from trainbus.kernel.registry import Registry, list_runs
+from trainbus.proto import JOURNAL_NAME
+from trainbus.proto import events as ev
+
+from conftest import TESTS_DIR, start_daemon, trainbus
+from fixture_targets import open_gate
+from helpers import assert_same_weights
+from kernel_process import JournalTail, process_gone, wait_until
+
+PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
+DEVICES = f"{TESTS_DIR / 'fixture_targets.py'}:devices_digits"
+UNBUILDABLE = f"{TESTS_DIR / 'specs.py'}:unbuildable"
+TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
+WAIT_S = 120  # a run of a few seconds, on a busy 2-core machine
+
+
+# -- placement ----------------------------------------------------------------------------------------------
+
+def job(name: str, gpus: int | None = None) -> dict:
+    return {"id": name, "gpus": gpus}
+
+
+def test_placement_starts_in_submission_order_within_max_concurrent_and_free_devices():
+    starts, never = place([job("a", 1), job("b", 1), job("c", 1)], set(), 0, ["0", "1"], max_concurrent=3)
+    assert [(j["id"], d) for j, d in starts] == [("a", ["0"]), ("b", ["1"])] and never == []
+    starts, _ = place([job("c", 1)], {"1"}, 1, ["0", "1"], max_concurrent=3)  # a freed the device 0
+    assert [(j["id"], d) for j, d in starts] == [("c", ["0"])]
+    starts, _ = place([job("a", 0), job("b", 0)], set(), 0, [], max_concurrent=1)
+    assert [j["id"] for j, _ in starts] == ["a"]  # one at a time by default
+
+
+def test_placement_holds_everything_behind_a_job_that_must_wait():
+    # b needs both devices: c (one device, one is free) does not jump ahead of it
+    starts, never = place([job("b", 2), job("c", 1)], {"0"}, 1, ["0", "1"], max_concurrent=4)
+    assert starts == [] and never == []
+
+
+def test_placement_defaults_to_one_device_when_the_daemon_has_some_and_none_without():
+    starts, _ = place([job("a")], set(), 0, ["7"], max_concurrent=2)
+    assert starts[0][1] == ["7"]
+    starts, _ = place([job("a")], set(), 0, [], max_concurrent=2)
+    assert starts[0][1] == []
+
+
+def test_placement_fails_a_job_that_asks_for_more_devices_than_the_daemon_has():
+    starts, never = place([job("a", 3), job("b", 1)], set(), 0, ["0", "1"], max_concurrent=2)
+    assert [j["id"] for j, _ in starts] == ["b"]
+    assert [j["id"] for j, _ in never] == ["a"] and "asks for 3 GPUs and the daemon has 2 (0,1)" in never[0][1]
+
+
+# -- a daemon's rounds, with processes that are not training runs ---------------------------------------------
+
+def test_a_daemon_that_died_mid_start_is_followed_by_one_that_adopts_the_started_run_and_requeues_the_other(
+        tmp_path):
+    """Two jobs taken (`starting`) with no process recorded: one had been started (a process carries its run
+    id), one not. The next daemon adopts the first, queues the second again and starts it once the first ends;
+    `true` stands in for python, so each started job ends at once without a run directory."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with Registry(runs) as registry:
+        for run_id in ("a", "b"):
+            registry.submit({"id": run_id, "state": "queued", "submitted_ts": 1.0 if run_id == "a" else 2.0,
+                             "argv": [], "cwd": str(tmp_path), "gpus": None},
+                            {"id": run_id, "dir": None, "status": "queued", "started_ts": None}, 1.0)
+            assert registry.move_job(run_id, ["queued"], state="starting")
+    started = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                               env={**os.environ, "TRAINBUS_LAUNCH_RUN_ID": "a"})
+    try:
+        daemon = Daemon(runs, [], max_concurrent=1, python=shutil.which("true"))
+        daemon.tick(100.0)
+        assert {i: w.pid for i, w in daemon.watched.items()} == {"a": started.pid}
+        with Registry(runs) as registry:
+            assert [job["id"] for job in registry.jobs(["queued"])] == ["b"]  # held: one at a time
+        started.kill()
+        started.wait()
+        daemon.tick(101.0)  # a settled (its process gone, no directory), b started
+        daemon.tick(102.0)
+        wait_until(lambda: daemon.tick(103.0) or not daemon.watched, 30, "b's `true` to exit")
+        with Registry(runs) as registry:
+            ended = {job["id"]: job for job in registry.jobs(["ended"])}
+            assert set(ended) == {"a", "b"} and ended["b"]["exit_code"] == 0
+            assert registry.runs(200.0)["b"]["status"] == "failed"  # it never made a run directory
+    finally:
+        started.kill()
+
+
+# -- the daemon process -------------------------------------------------------------------------------------
+
+cli = trainbus
+
+
+def submit(runs: Path, target: str = PACED, *extra: str) -> str:
+    done = cli("run", target, "--detach", "--runs-dir", str(runs), "--plugins", "", "--device", "cpu",
+               "--set", "batch_size=256", *extra)
+    return done.stdout.strip()
+
+
+def listed(runs: Path, through_cli: bool = False) -> dict[str, dict]:
+    """The runs as `trainbus runs list --json` shows them; polled in this process (a CLI start costs a second)."""
+    if through_cli:
+        return {run["id"]: run for run in json.loads(cli("runs", "list", "--runs-dir", str(runs), "--json").stdout)}
+    return {run["id"]: run for run in json.loads(json.dumps(list_runs(runs), default=str))}
+
+
+def test_the_queue_outlives_a_killed_daemon_and_a_running_run_outlives_it(tmp_path, daemons):
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    runs.mkdir()
+    first_pid = start_daemon(daemons, runs)
+    first = submit(runs)
+    second = submit(runs, PACED, "--set", f"gate={gate}", "--set", "step_sleep_s=0")
+    third = submit(runs, PACED, "--set", "lr=0.002")
+    assert listed(runs)[third]["status"] == "queued"
+
+    journal = JournalTail(runs / second / JOURNAL_NAME)
+    open_gate(gate, 2)
+    wait_until(lambda: (runs / second / JOURNAL_NAME).exists() and journal.step() >= 2, WAIT_S,
+               "the second run at its gate")
+    kernel = int((runs / second / "kernel.pid").read_text())
+    os.kill(first_pid, signal.SIGKILL)  # the daemon, during the second run
+    wait_until(lambda: process_gone(first_pid), 30, "the daemon gone")
+    open_gate(gate, 10_000)
+    assert not process_gone(kernel), "killing the daemon stopped the run it had started"
+
+    start_daemon(daemons, runs)  # adopts the second, then starts the third once the second has ended
+    wait_until(lambda: listed(runs)[third]["status"] == "completed", WAIT_S, "the third run completed")
+    found = listed(runs, through_cli=True)
+    assert [found[i]["status"] for i in (first, second, third)] == ["completed"] * 3
+    starts = [e for e in JournalTail(runs / second / JOURNAL_NAME).poll() if e.type == ev.START_TRAINING_SESSION]
+    assert len(starts) == 1, "the second run was started again instead of adopted"
+    assert found[third]["started_ts"] >= found[second]["ended_ts"] - 1.0, "two runs trained at once (max 1)"
+    log = (daemon_dir(runs) / "daemon.log").read_text()
+    assert f"{second}: still running (pid {kernel}); adopted" in log
+
+
+def test_two_runs_asking_for_a_gpu_each_run_at_once_on_two_devices_and_a_third_waits(tmp_path, daemons):
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    runs.mkdir()
+    start_daemon(daemons, runs, "--gpus", "0,1", "--max-concurrent", "3")
+    ids = [submit(runs, DEVICES, "--gpus", "1", "--set", f"gate={gate}", "--set", "step_sleep_s=0")
+           for _ in range(3)]
+    for run_id in ids[:2]:
+        wait_until(lambda: (runs / run_id / "devices.txt").exists(), WAIT_S, f"{run_id} training")
+    seen = sorted((runs / run_id / "devices.txt").read_text() for run_id in ids[:2])
+    assert seen == ["0", "1"]
+    status = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json").stdout)
+    assert sorted(status["running"]) == sorted(ids[:2]) and status["queued"] == [ids[2]]
+    assert listed(runs, through_cli=True)[ids[2]]["status"] == "queued"
+
+    open_gate(gate, 10_000)
+    wait_until(lambda: all(r["status"] == "completed" for r in listed(runs).values()), WAIT_S, "all three done")
+    assert (runs / ids[2] / "devices.txt").read_text() in ("0", "1")
+
+
+def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_directory(tmp_path, daemons):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    pid = start_daemon(daemons, runs)
+    again = cli("daemon", "start", "--runs-dir", str(runs), check=False)
+    assert again.returncode == 2 and f"a daemon (pid {pid}) already serves {runs}" in again.stderr
+
+    failing = submit(runs, UNBUILDABLE)
+    wait_until(lambda: listed(runs)[failing]["status"] == "failed", WAIT_S, "the failing run settled")
+    run = listed(runs)[failing]
+    assert run["dir"] is None and "ended before its run had a directory" in run["error"]
+
+    stopped = cli("daemon", "stop", "--runs-dir", str(runs))
+    assert "daemon stopped" in stopped.stdout
+    assert cli("daemon", "status", "--runs-dir", str(runs), check=False).returncode == 3
+
+    waiting = submit(runs, UNBUILDABLE)  # no daemon: it waits in the queue, and can be taken off it
+    assert "no daemon serves" in cli("daemon", "status", "--runs-dir", str(runs), check=False).stdout
+    assert listed(runs)[waiting]["status"] == "queued"
+    stopped = cli("runs", "stop", waiting[:-2], "--runs-dir", str(runs)).stdout
+    assert f"cancelled {waiting}: it was queued and never started" in stopped
+    assert waiting not in listed(runs)
+    again = cli("daemon", "cancel", waiting, "--runs-dir", str(runs), check=False)
+    assert again.returncode == 2 and f"run {waiting} is not queued" in again.stderr
+
+
+def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unknown_key_gets_nothing(tmp_path,
+                                                                                                      daemons):
+    from trainbus.kernel.keys import KeyStore
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    store = KeyStore(tmp_path / "keys")
+    store.generate_server()
+    watcher, pilot = (store.generate_client(name, role)[1] for name, role in (("w", "monitor"), ("p", "control")))
+    stranger = KeyStore(tmp_path / "elsewhere").generate_client("s", "control")[1]
+    start_daemon(daemons, runs, "--listen", "127.0.0.1:0", "--keys-dir", str(store.directory))
+    remote = json.loads((daemon_dir(runs) / "remote.json").read_text())
+    host_port = remote["endpoint"].removeprefix("tcp://")
+
+    def over_tcp(key: Path, command: str, *args: str) -> subprocess.CompletedProcess:
+        return cli("daemon", command, "--remote", host_port, "--key", str(key), "--server-key",
+                   str(daemon_dir(runs) / "remote.json"), *args, check=False)
+
+    status = over_tcp(watcher, "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["serving"] is True, status.stderr
+    refused = over_tcp(watcher, "submit", "--", TINY, "--epochs", "1")
+    assert refused.returncode == 2 and "submit is not granted to this key (role monitor)" in refused.stderr
+    nobody = over_tcp(stranger, "status")
+    assert nobody.returncode == 2 and f"no daemon answered at {host_port}" in nobody.stderr
+
+    submitted = over_tcp(pilot, "submit", "--", TINY, "--epochs", "1", "--plugins", "", "--device", "cpu")
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = submitted.stdout.strip()
+    wait_until(lambda: listed(runs).get(run_id, {}).get("status") == "completed", WAIT_S, "the remote submission")
+    assert (runs / run_id / "config.json").is_file()  # in the daemon's runs directory, whatever cwd it has
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_the_daemon_is_died_and_runs_resume_ends_it_with_the_uninterrupted_weights(tmp_path,
+                                                                                                     daemons):
+    """The other branch of the killed-daemon case (CI runs the adopted branch above, and exact resume of a
+    killed kernel in tests/test_checkpoint_e2e.py)."""
+    runs, gate, reference = tmp_path / "runs", tmp_path / "gate", tmp_path / "reference"
+    runs.mkdir()
+    daemon = start_daemon(daemons, runs)
+    settings = ("--epochs", "3", "--set", "step_sleep_s=0", "--plugins", "checkpoint")
+    victim = submit(runs, PACED, *settings, "--set", f"gate={gate}")
+    open_gate(gate, 8)  # into the second epoch, once the first one's checkpoint is written
+    journal = JournalTail(runs / victim / JOURNAL_NAME)
+    wait_until(lambda: (runs / victim / JOURNAL_NAME).exists() and journal.step() >= 8
+               and (runs / victim / "checkpoints" / "manifest.jsonl").exists(), WAIT_S, "epoch 2, a checkpoint")
+    kernel = int((runs / victim / "kernel.pid").read_text())
+    os.kill(daemon, signal.SIGKILL)
+    os.kill(kernel, signal.SIGKILL)
+    wait_until(lambda: process_gone(kernel) and process_gone(daemon), 30, "both gone")
+
+    start_daemon(daemons, runs)
+    wait_until(lambda: listed(runs)[victim]["status"] == "died", WAIT_S, "the run settled as died")
+    assert "the kernel died" in (daemon_dir(runs) / "daemon.log").read_text()
+    open_gate(gate, 10_000)
+    cli("runs", "resume", victim, "--runs-dir", str(runs), "--detach")
+    wait_until(lambda: listed(runs)[victim]["status"] == "completed", WAIT_S, "the resumed run completed")
+    cli("run", PACED, "--runs-dir", str(reference), "--plugins", "", "--device", "cpu", "--set", "batch_size=256",
+        *settings)
+    assert_same_weights(runs / victim, next(p for p in reference.iterdir() if p.is_dir()))
