@@ -338,13 +338,7 @@ def plugins_detach(
 
 def _live_run_dir(run: str, runs_dir: Path, doing: str) -> Path:
     """The run directory of a running run; UserError for an unknown run or one that has ended."""
-    from . import runs
-
-    try:
-        run_dir = runs.resolve_run(run, runs_dir)
-    except runs.RunLookupError as exc:
-        raise UserError(str(exc)) from None
-    status = runs.run_overview(run_dir)["status"]
+    run_dir, status = _run_and_status(run, runs_dir)
     if status != "running":
         raise UserError(f"run {run_dir.name} is not running ({status}): there is nothing to {doing}")
     return run_dir
@@ -476,18 +470,14 @@ def runs_stop(
     """Stop a running run at its next step boundary, as `trainbus attach RUN --stop REASON` does; exits once the
     kernel journaled the stop. A run queued for the daemon is taken off the queue. A run that has ended: one
     line, exit 1."""
-    from . import daemon, runs
+    from . import daemon
 
     queued = daemon.queued_job(runs_dir, run)  # before the directory lookup: a queued run may have none yet
     if queued is not None:
         daemon.cancel(runs_dir, queued)
         out.print(f"cancelled {queued}: it was queued and never started")
         return
-    try:
-        run_dir = runs.resolve_run(run, runs_dir)
-    except runs.RunLookupError as exc:
-        raise UserError(str(exc)) from None
-    status = runs.run_overview(run_dir)["status"]
+    run_dir, status = _run_and_status(run, runs_dir)
     if status != "running":
         print(f"error: run {run_dir.name} has already ended ({status}); there is nothing to stop", file=sys.stderr)
         raise typer.Exit(code=1)
@@ -899,18 +889,24 @@ def runs_resume(
     detach: bool = typer.Option(False, "--detach", help="Queue it for the daemon instead of training here."),
 ) -> None:
     """Continue a run in place from its newest verified checkpoint (`trainbus run --resume RUN`)."""
+    run_dir, status = _run_and_status(run, runs_dir)
+    if status == "running":
+        raise UserError(f"run {run_dir.name} is running; nothing to resume (`trainbus runs stop` stops it)")
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "trainbus.kernel.cli", "run", "--resume", str(run_dir),
+                              *(["--detach"] if detach else [])])
+
+
+def _run_and_status(run: str, runs_dir: Path) -> tuple[Path, str]:
+    """The run directory `run` names (an id, a unique start of one, a directory) and its status; UserError for
+    no such run."""
     from . import runs
 
     try:
         run_dir = runs.resolve_run(run, runs_dir)
     except runs.RunLookupError as exc:
         raise UserError(str(exc)) from None
-    status = runs.run_overview(run_dir)["status"]
-    if status == "running":
-        raise UserError(f"run {run_dir.name} is running; nothing to resume (`trainbus runs stop` stops it)")
-    sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "trainbus.kernel.cli", "run", "--resume", str(run_dir),
-                              *(["--detach"] if detach else [])])
+    return run_dir, runs.run_overview(run_dir)["status"]
 
 
 def main() -> None:
