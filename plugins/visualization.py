@@ -18,6 +18,7 @@ from typing import Any
 # machine), and a plugin that imports it after its hello stops heartbeating meanwhile and is taken for hung.
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event as TensorBoardEvent
+from tensorboard.compat.proto.event_pb2 import SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -64,7 +65,8 @@ class VisualizationPlugin(Plugin):
         self.history = History(every_n_steps=s["every_n_steps"])
         self.writer = None
         self.started = False
-        self.already_written = 0  # summaries of earlier instances, on disk: the first this many writes are skipped
+        self.already_written = 0  # records of earlier instances, on disk: the first this many writes are skipped
+        self.last_step = 0  # the highest step a summary was written (or skipped) at
 
     def teardown(self) -> None:
         if self.writer is not None:
@@ -96,9 +98,9 @@ class VisualizationPlugin(Plugin):
         TensorBoard file, all but those the earlier instances' files already hold. Every instance writes the
         same summaries in the same order (the run's events from seq 1), and a kill -9 leaves a file holding a
         prefix of them, so the files hold the first `already_written` of them: those are skipped. Nothing is
-        written twice and nothing is purged: TensorBoard purges what it read when a file starts a new
+        written twice and a restart purges nothing: TensorBoard purges what it read when a file starts a new
         session (SessionLog.START, the writer's purge_step), and the live TensorBoard would show a run that
-        empties and fills again.
+        empties and fills again. The one purge is a continued run's (_purge_after), a record like the others.
         """
         self.started = True
         journal = Path(self.run_dir) / JOURNAL_NAME
@@ -132,19 +134,34 @@ class VisualizationPlugin(Plugin):
             metric_step = data["step"] if isinstance(data.get("step"), int) else step
             add(metric_tag(str(data.get("plugin")), str(data.get("name"))), data["value"], metric_step,
                 walltime=event.ts)
-        elif event.type == ev.START_TRAINING_SESSION and data.get("hyperparameters"):
-            rows = "\n".join(f"| {k} | {json.dumps(v)} |" for k, v in sorted(data["hyperparameters"].items()))
-            self._write(text_pb("hyperparameters", "| name | value |\n|---|---|\n" + rows), step, event.ts)
+        elif event.type == ev.START_TRAINING_SESSION:
+            if step < self.last_step:  # a run continued from a checkpoint: its steps after `step` train again
+                self._purge_after(step, event.ts)
+            if data.get("hyperparameters"):
+                rows = "\n".join(f"| {k} | {json.dumps(v)} |" for k, v in sorted(data["hyperparameters"].items()))
+                self._write(text_pb("hyperparameters", "| name | value |\n|---|---|\n" + rows), step, event.ts)
 
     def _add_scalar(self, tag: str, value: float, step: int, walltime: float) -> None:
         self._write(Summary(value=[Summary.Value(tag=tag, simple_value=float(value))]), step, walltime)
 
+    def _purge_after(self, step: int, walltime: float) -> None:
+        """TensorBoard's own way to drop the points a continued run trains again (what torch's SummaryWriter
+        does with purge_step): a SessionLog START at step + 1 makes its reader forget every point at that step
+        or later read before it, so a killed session's last steps are not drawn beside the new ones."""
+        self.last_step = step
+        self._record(TensorBoardEvent(wall_time=walltime, step=step + 1,
+                                      session_log=SessionLog(status=SessionLog.START)))
+
     def _write(self, summary: Summary, step: int, walltime: float) -> None:
-        """One summary into the event file, unless an earlier instance's files already hold it (see _start)."""
+        self.last_step = max(self.last_step, step)
+        self._record(TensorBoardEvent(wall_time=walltime, step=step, summary=summary))
+
+    def _record(self, record: TensorBoardEvent) -> None:
+        """One record into the event file, unless an earlier instance's files already hold it (see _start)."""
         if self.already_written:
             self.already_written -= 1
             return
-        self.writer.add_event(TensorBoardEvent(wall_time=walltime, step=step, summary=summary))
+        self.writer.add_event(record)
 
     def _plot(self) -> None:
         if self.settings["plots"]:
@@ -154,10 +171,12 @@ class VisualizationPlugin(Plugin):
 
 
 def summaries_in(log_dir: Path) -> int:
-    """How many summaries (scalars, texts) the TensorBoard event files in log_dir hold; a torn last record
-    (a writer killed mid-write) is not counted, as TensorBoard does not read it."""
+    """How many records this plugin wrote (summaries: scalars, texts; session starts: _purge_after) the
+    TensorBoard event files in log_dir hold; a torn last record (a writer killed mid-write) is not counted, as
+    TensorBoard does not read it."""
     files = sorted(log_dir.glob("events.out.tfevents.*")) if log_dir.is_dir() else []
-    return sum(1 for path in files for record in LegacyEventFileLoader(str(path)).Load() if record.HasField("summary"))
+    return sum(1 for path in files for record in LegacyEventFileLoader(str(path)).Load()
+               if record.HasField("summary") or record.HasField("session_log"))
 
 
 def plot_size(settings: dict[str, Any]) -> PlotSize:

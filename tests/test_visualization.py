@@ -252,3 +252,43 @@ def scalars_from_the_journal(events, every_n_steps: int) -> dict[str, list[tuple
         elif e.type == "metric":
             want.setdefault(e.data["name"], []).append((e.step, e.data["value"]))
     return want
+
+
+def test_a_continued_run_shows_each_step_once_with_the_values_it_trained_again(tmp_path):
+    """A run killed at step 10 and continued from its checkpoint at step 6: steps 7-10 train again. TensorBoard's
+    reader shows each step once, with the continued session's value, however the plugin was restarted."""
+    from trainbus.plugins.visualization import VisualizationPlugin
+    from trainbus.proto import JOURNAL_NAME, Event, event_to_map, pack
+
+    events, seq = [], 0
+
+    def add(type_, step, **data):
+        nonlocal seq
+        seq += 1
+        events.append(Event(seq=seq, run="r", type=type_, ts=1000.0 + seq, step=step, epoch=1, data=data))
+
+    add("start_training_session", 0, hyperparameters={"lr": 0.1})
+    for step in range(1, 11):
+        add("end_training_batch", step, loss=1.0)
+    killed_at = seq
+    add("start_training_session", 6, hyperparameters={"lr": 0.1})  # continued from step 6's checkpoint
+    for step in range(7, 13):
+        add("end_training_batch", step, loss=2.0)
+    add("end_training_session", 12)
+    (tmp_path / JOURNAL_NAME).write_bytes(b"".join(pack(event_to_map(e)) for e in events))
+
+    def instance(first_seq: int, last_seq: int) -> None:
+        plugin = VisualizationPlugin({"every_n_steps": 1, "plots": False}, run_id="r", run_dir=str(tmp_path))
+        plugin.setup()
+        for event in events[first_seq - 1:last_seq]:
+            plugin.handle(event)
+        plugin.teardown()
+
+    instance(1, killed_at - 3)  # the first kernel's plugin, behind when the kernel was killed
+    instance(killed_at + 1, killed_at + 3)  # the continued run's, then killed itself
+    instance(killed_at + 4, seq)  # and restarted (replayed from its last ack)
+
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    points = [(s.step, s.value) for s in accumulator.Scalars("loss/train_step")]
+    assert points == [(step, 1.0) for step in range(1, 7)] + [(step, 2.0) for step in range(7, 13)]
