@@ -237,6 +237,8 @@ class Bus:
         for type_, ts, step, epoch, data in batch:
             if step is None:  # a kernel event (emit): where the event before it left the loop
                 step, epoch = self.position
+                if "step" in data and data["step"] is None:  # a metric reported without its own step
+                    data["step"] = step
             self.last_seq += 1
             event = Event(self.last_seq, self.run_id, type_, ts, step, epoch, data)
             try:

@@ -138,8 +138,8 @@ class Dispatcher:
     def _on_metric(self, peer: Peer, msg: dict[str, Any]) -> None:
         name, cut = truncate(msg["name"], peer.budget.limits.metric_name_max_chars)
         if self._admit(peer, "metric", len(name), cut):
-            step = msg["step"] if msg["step"] is not None else self.bus.position[0]
-            self.bus.emit(ev.METRIC, {"plugin": peer.name, "name": name, "value": msg["value"], "step": step})
+            # no step of its own: the step it is numbered at (the bus fills it in), as the event's own step
+            self.bus.emit(ev.METRIC, {"plugin": peer.name, "name": name, "value": msg["value"], "step": msg["step"]})
 
     def _on_log(self, peer: Peer, msg: dict[str, Any]) -> None:
         text, cut = truncate(msg["text"], peer.budget.limits.log_text_max_chars)

@@ -65,6 +65,7 @@ class VisualizationPlugin(Plugin):
         self.history = History(every_n_steps=s["every_n_steps"])
         self.writer = None
         self.started = False
+        self.ended = False
         self.already_written = 0  # records of earlier instances, on disk: the first this many writes are skipped
         self.last_step = 0  # the highest step a summary was written (or skipped) at
 
@@ -74,6 +75,8 @@ class VisualizationPlugin(Plugin):
             self.writer = None
 
     def on_event(self, event: Event) -> None:
+        if self.ended:  # a monitor's last reading numbered after the final event: the run's record is closed
+            return
         if not self.started:
             self._start(event)
         self.history.update(event)
@@ -86,6 +89,7 @@ class VisualizationPlugin(Plugin):
             if self.writer is not None:
                 self.writer.flush()
         elif event.type in FINAL_EVENTS:
+            self.ended = True
             self._plot()
             if self.writer is not None:
                 self.writer.flush()
