@@ -453,7 +453,17 @@ def runs_show(
     try:
         details = runs.run_details(runs.resolve_run(run, runs_dir))
     except runs.RunLookupError as exc:
-        raise UserError(str(exc)) from None
+        from . import daemon
+
+        details = daemon.run_without_directory(runs_dir, run)  # queued, or failed before its kernel made one
+        if details is None:
+            raise UserError(str(exc)) from None
+        if not as_json:
+            out.print(f"run {details['id']}: {details['status']}" + (f" ({escape(details['error'])})"
+                                                                     if details.get("error") else ""))
+            out.print(f"  command: trainbus run {escape(' '.join(details['argv']))}")
+            out.print(f"  output: {escape(details['output'])}")
+            return
     if as_json:
         print(runs_view.as_json(details))
     else:

@@ -269,7 +269,9 @@ class Daemon:
         rows = registry.runs(now)
         row = rows.get(run_id) or {"id": run_id}
         if row.get("dir") is None:  # a run that has a directory is described by it
-            registry.record([{**row, "status": status, "error": error, "ended_ts": now}], now)
+            job = next((j for j in registry.jobs(JOB_ACTIVE + ("ended",)) if j["id"] == run_id), {})
+            started = job.get("started_ts") or now  # listed where it ran, among the others (newest first)
+            registry.record([{**row, "status": status, "error": error, "started_ts": started, "ended_ts": now}], now)
 
     def _output_tail(self, job_id: str) -> str:
         path = daemon_dir(self.runs_dir) / OUTPUT_DIR / f"{job_id}.log"
@@ -583,6 +585,21 @@ def queued_job(runs_dir: Path, run: str) -> str | None:
         ids = [job["id"] for job in registry.jobs(["queued"])]
     matches = [i for i in ids if i == run] or [i for i in ids if i.startswith(run)]
     return matches[0] if len(matches) == 1 else None
+
+
+def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
+    """A submitted run that has no run directory (queued, or failed before its kernel made one), as the registry
+    has it, with its command and its output file; None when run_id names none."""
+    if not (Path(runs_dir) / REGISTRY_NAME).is_file():
+        return None
+    now = time.time()
+    with Registry(runs_dir) as registry:
+        row = registry.runs(now).get(run_id)
+        job = next((j for j in registry.jobs() if j["id"] == run_id), None)
+    if row is None or row.get("dir") is not None or job is None:
+        return None
+    return {**row, "argv": job["argv"], "submitted_ts": job["submitted_ts"], "job": job["state"],
+            "output": str(daemon_dir(runs_dir) / OUTPUT_DIR / f"{run_id}.log")}
 
 
 def cancel(runs_dir: Path, run_id: str) -> None:

@@ -179,6 +179,9 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     wait_until(lambda: listed(runs)[failing]["status"] == "failed", WAIT_S, "the failing run settled")
     run = listed(runs)[failing]
     assert run["dir"] is None and "ended before its run had a directory" in run["error"]
+    assert "no data at /nowhere" in run["error"]  # the target's own error line, from the run's output
+    shown = cli("runs", "show", failing, "--runs-dir", str(runs)).stdout
+    assert f"run {failing}: failed" in shown and f"output: {daemon_dir(runs) / 'output' / failing}.log" in shown
 
     stopped = cli("daemon", "stop", "--runs-dir", str(runs))
     assert "daemon stopped" in stopped.stdout
