@@ -191,6 +191,9 @@ def _launch(nproc: int, nnodes: int, rdzv_endpoint: str | None, max_restarts: in
         else ["--standalone"]
     # every rank, and a restarted group, trains the same run (the daemon names it for a queued one)
     os.environ[LAUNCH_RUN_ID] = os.environ.get(LAUNCH_RUN_ID) or new_run_id()
+    # torchrun hands its workers one TCP store for the whole job, and a restarted group's processes read
+    # the failed group's gloo addresses from it (connection refused): rank 0 hosts a fresh one each round instead
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun([*meet, "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
                   "-m", "trainbus.kernel.cli", *argv])

@@ -29,6 +29,7 @@ class Cluster:
     node_rank: int = 0
     main_address: str = "127.0.0.1"
     main_port: int = 0  # 0: not set (a single process needs none)
+    restart_count: int = 0  # torchrun's restarts of the group so far (--max-restarts): above 0, the run goes on
 
     @property
     def distributed(self) -> bool:
@@ -48,7 +49,8 @@ def detect(env: Mapping[str, str] | None = None) -> Cluster:
     if all(name in env for name in TORCHELASTIC_VARS):
         cluster = Cluster("torchelastic", rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
                           local_rank=_int(env, "LOCAL_RANK"), node_rank=_int(env, "GROUP_RANK"),
-                          main_address=env.get("MASTER_ADDR", "127.0.0.1"), main_port=_int(env, "MASTER_PORT", 0))
+                          main_address=env.get("MASTER_ADDR", "127.0.0.1"), main_port=_int(env, "MASTER_PORT", 0),
+                          restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0))
     elif "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in SLURM_INTERACTIVE:
         job = env.get("SLURM_JOB_ID", "")
         # Lightning's default: a port from the job id, so every task of the job agrees without talking

@@ -58,10 +58,6 @@ SECRET_ENV = "TRAINBUS_SECRET"  # the kernel's per-plugin secret (PROTOCOL.md, e
 CREDENTIAL_FILE = "credential"  # in the run directory, owner-only: the secret of plugins attached by hand
 
 
-class KernelGone(Exception):
-    pass
-
-
 class NotRetryable(Exception):
     """A handler failure that trying the same event again on the same instance cannot mend: the retry would
     fail alike, or worse pass on state the failed attempt left (bz's context.model). Such a failure is not
@@ -347,10 +343,15 @@ class Runner:
         self.next_seq += 1
 
     def _on_replay(self, batch: dict[str, Any]) -> None:
-        for event in batch["events"]:
+        events = batch["events"]
+        for index, event in enumerate(events):
             if event.seq == self.next_seq:
                 self._dispatch(event)
                 self.next_seq += 1
+                if self.finished and (index + 1 < len(events) or not batch["done"]):
+                    # events after a final one: an earlier session's end, and the run was continued (--resume,
+                    # a group torchrun restarted); this kernel's session goes on
+                    self.finished = False
                 if self.finished:
                     return
                 self._maybe_ack()  # a batch is up to 512 events: ack as we go, so a kill costs little redo

@@ -97,6 +97,16 @@ class StopAtStep(Plugin):
             self.stop(f"enough at step {event.step}")
 
 
+class CheckpointAtStep(Plugin):
+    """Replies checkpoint_now once, at a given step."""
+
+    settings = {"step": 8}
+
+    def on_end_training_batch(self, event):
+        if event.step == self.settings["step"]:
+            self.checkpoint_now(f"now, at step {event.step}")
+
+
 class Poison(Plugin):
     """Durable; its handler always fails on one event type, and records the rest."""
 

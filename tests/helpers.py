@@ -6,6 +6,7 @@ import dataclasses
 import os
 import random
 import secrets
+import socket
 from pathlib import Path
 
 import torch
@@ -85,3 +86,10 @@ def seeded_rng() -> tuple[random.Random, int]:
     """Random choices, reproducible from the seed printed in every failure (TRAINBUS_TEST_SEED=... to replay)."""
     seed = int(os.environ.get("TRAINBUS_TEST_SEED", secrets.randbits(32)))
     return random.Random(seed), seed
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS's pick: never a fixed one another test may hold)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

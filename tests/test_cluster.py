@@ -19,6 +19,7 @@ def test_no_launcher_is_a_single_process():
 def test_torchrun():
     assert detect(TORCHRUN) == Cluster("torchelastic", rank=3, world_size=4, local_rank=1, node_rank=1,
                                        main_address="10.0.0.5", main_port=41000)
+    assert detect({**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "2"}).restart_count == 2  # a group torchrun restarted
 
 
 def test_srun_with_the_main_node_and_port_derived_as_lightning_does():

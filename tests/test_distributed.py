@@ -6,15 +6,15 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
+import psutil
 import pytest
-import torch
 
 from conftest import TESTS_DIR, trainbus_cmd
+from helpers import assert_same_weights, free_port, seeded_rng
+from kernel_process import wait_until
 from trainbus.kernel.journal import read_events
-from trainbus.kernel.session import FINAL_WEIGHTS
 from trainbus.proto import JOURNAL_NAME
 
 PROBED = f"{TESTS_DIR / 'fixture_targets.py'}:probed_digits"
@@ -53,17 +53,26 @@ def test_two_processes_train_the_demo_as_one_run(tmp_path):
     assert epochs[-1].data["validation_metrics"]["accuracy"] > 0.8
 
 
-def test_a_stop_reaches_every_rank_at_the_same_step(tmp_path):
+def test_a_stop_and_a_checkpoint_reach_every_rank_at_the_same_step(tmp_path):
+    """A checkpoint is a collective (every rank's RNG gathered): a rank that missed it would hang the run,
+    which the bounded train() turns into a failure."""
+    rng, seed = seeded_rng()
+    checkpoint_at = rng.randint(1, 30)  # mid-epoch, or just before an epoch's end (23 steps an epoch)
     config = tmp_path / "run.toml"
-    config.write_text('[plugins.stopper]\ntarget = "fixture_plugins:StopAtStep"\nsettings = {step = 10}\n')
+    config.write_text('[plugins.stopper]\ntarget = "fixture_plugins:StopAtStep"\nsettings = {step = 40}\n'
+                      f'[plugins.checkpointer]\ntarget = "fixture_plugins:CheckpointAtStep"\n'
+                      f'settings = {{step = {checkpoint_at}}}\n')
     proc, run_dir = train(tmp_path, "--nproc", "2", "--epochs", "3", "--config", str(config))
     events = read_events(run_dir)
     [stop] = [e for e in events if e.type == "stop_requested"]
-    assert "enough at step 10" in stop.data["reasons"][0] and stop.step >= 10
+    assert "enough at step 40" in stop.data["reasons"][0] and stop.step >= 40
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["outcome"]["steps"] == stop.step
     rank0, rank1 = probes(run_dir)
     assert rank0 == rank1 and rank0[-1]["batches"] == stop.step  # both stopped after the same batch
+    # taken where the ranks next agreed after the reply came (no checkpoint plugin: rank 0 says it skipped it)
+    [checkpoint] = [e for e in events if e.type == "checkpoint_skipped"]
+    assert checkpoint_at <= checkpoint.step <= stop.step, f"TRAINBUS_TEST_SEED={seed}"
 
 
 @pytest.mark.parametrize("env, kind", [({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
@@ -78,31 +87,74 @@ def test_a_job_step_as_srun_starts_it_is_detected(tmp_path, monkeypatch, env, ki
     assert (run_dir / JOURNAL_NAME).is_file()
 
 
-@pytest.mark.slow  # three two-process runs (~40 s on 2 cores): run with -m slow
-def test_a_two_process_run_killed_mid_epoch_resumes_exactly(tmp_path):
-    """kill -9 of the launcher's whole process group (agent and both ranks) once an epoch-2 checkpoint is on
-    disk, then `--resume ID`: the final weights of an uninterrupted two-process run."""
-    config = tmp_path / "run.toml"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[list[str], Path]:
+    """The two-process run the kill tests interrupt (a checkpoint every 8 steps, 23 steps an epoch), trained
+    without a break: its arguments, and its run directory."""
+    where = tmp_path_factory.mktemp("reference")
+    config = where / "run.toml"
     config.write_text("[run]\ncheckpoint_every_n_steps = 8\ncheckpoint_every_n_epochs = 0\n")
-    common = ["--nproc", "2", "--epochs", "3", "--plugins", "checkpoint", "--config", str(config)]
-    _, reference = train(tmp_path / "reference", *common)
+    args = ["--nproc", "2", "--epochs", "3", "--plugins", "checkpoint", "--config", str(config)]
+    with pytest.MonkeyPatch.context() as patch:  # the autouse PYTHONPATH fixture is per test
+        patch.setenv("PYTHONPATH", str(TESTS_DIR))
+        _, run_dir = train(where, *args)
+    return args, run_dir
 
-    runs = tmp_path / "killed" / "runs"
-    proc = subprocess.Popen(trainbus_cmd() + ["run", PROBED, "--device", "cpu", "--runs-dir", str(runs), *common,
-                                              "--set", "step_sleep_s=0.03"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+def start_paced(runs: Path, args: list[str], output: Path) -> subprocess.Popen:
+    """The reference's run, slowed (30 ms a batch, the arithmetic untouched) so that a test can act mid-epoch."""
+    with open(output, "w") as out:
+        return subprocess.Popen(trainbus_cmd() + ["run", PROBED, "--device", "cpu", "--runs-dir", str(runs), *args,
+                                                  "--set", "step_sleep_s=0.03"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_checkpoint(runs: Path, epoch: int, proc: subprocess.Popen) -> Path:
+    """The run's directory, once a checkpoint of that epoch is on disk."""
+    def saved() -> Path | None:
+        assert proc.poll() is None, "the run ended before the checkpoint the test waits for"
+        journals = list(runs.glob(f"*/{JOURNAL_NAME}"))
+        if journals and any(e.type == "checkpoint_saved" and e.epoch == epoch for e in read_events(journals[0].parent)):
+            return journals[0].parent
+        return None
+    return wait_until(saved, 180, f"an epoch-{epoch} checkpoint", poll_s=0.2)
+
+
+def kill_launch(proc: subprocess.Popen) -> None:
+    """kill -9 of the launcher and everything under it: torchrun starts each rank in a session of its own, out
+    of the launcher's process group."""
+    family = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    for process in family:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The training process of that rank among the launcher's (torchrun's) children: the one with RANK=rank."""
+    for child in psutil.Process(launcher).children(recursive=True):
+        try:
+            if "trainbus.kernel.cli" in child.cmdline() and child.environ().get("RANK") == str(rank):
+                return child.pid
+        except psutil.Error:  # gone meanwhile
+            continue
+    raise AssertionError(f"no training process of rank {rank} under pid {launcher}")
+
+
+@pytest.mark.slow  # three two-process runs (~40 s on 2 cores): run with -m slow
+def test_a_two_process_run_killed_mid_epoch_resumes_exactly(tmp_path, reference):
+    """kill -9 of the launcher, both ranks and the plugins once an epoch-2 checkpoint is on disk, then
+    `--resume ID`: the final weights of an uninterrupted two-process run."""
+    args, reference_dir = reference
+    runs = tmp_path / "runs"
+    proc = start_paced(runs, args, tmp_path / "output.txt")
     try:
-        deadline, saved = time.monotonic() + 180, []
-        while not saved and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            journals = list(runs.glob(f"*/{JOURNAL_NAME}"))
-            saved = [e for e in read_events(journals[0].parent) if e.type == "checkpoint_saved" and e.epoch == 2] \
-                if journals else []
-        assert saved, "no epoch-2 checkpoint within 180 s"
+        run_dir = wait_for_checkpoint(runs, 2, proc)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    run_dir = journals[0].parent
+        kill_launch(proc)
     assert not (run_dir / "summary.json").exists()  # killed, not finished
 
     resumed = subprocess.run(trainbus_cmd() + ["run", "--nproc", "2", "--resume", run_dir.name, "--runs-dir", str(runs)],
@@ -112,6 +164,55 @@ def test_a_two_process_run_killed_mid_epoch_resumes_exactly(tmp_path):
     assert [e.seq for e in events] == list(range(1, len(events) + 1))  # one journal, gap-free across the resume
     [load] = [e for e in events if e.type == "load_checkpoint"]
     assert load.data["epoch"] >= 2
-    final = [torch.load(d / FINAL_WEIGHTS, weights_only=True)["model_state_dict"] for d in (reference, run_dir)]
-    assert final[0].keys() == final[1].keys()
-    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    assert_same_weights(run_dir, reference_dir)
+
+
+@pytest.mark.slow  # a two-process run and its restart (~25 s each on 2 cores): run with -m slow
+@pytest.mark.parametrize("rank", [0, 1])  # 0 owns the journal and the plugins; 1 dies under rank 0's collective
+def test_a_rank_killed_mid_epoch_is_restarted_and_the_run_goes_on_exactly(tmp_path, reference, rank):
+    """`--max-restarts 1`: kill -9 of one rank once an epoch-2 checkpoint is on disk; torchrun restarts the
+    group, which continues the same run in place from that checkpoint: the reference's final weights."""
+    args, reference_dir = reference
+    runs = tmp_path / "runs"
+    proc = start_paced(runs, [*args, "--max-restarts", "1"], tmp_path / "output.txt")
+    try:
+        run_dir = wait_for_checkpoint(runs, 2, proc)
+        os.kill(rank_pid(proc.pid, rank), signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "output.txt").read_text()
+    finally:
+        if proc.poll() is None:
+            kill_launch(proc)
+    assert [p.name for p in runs.iterdir() if p.is_dir()] == [run_dir.name]  # the same run, not a new one
+    events = read_events(run_dir)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))  # one journal, gap-free across the restart
+    sessions = [e for e in events if e.type == "start_training_session"]
+    assert [s.data["cluster"]["restart_count"] for s in sessions] == [0, 1]
+    [load] = [e for e in events if e.type == "load_checkpoint"]
+    assert load.data["epoch"] >= 2 and load.seq > sessions[1].seq
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert_same_weights(run_dir, reference_dir)
+
+
+def test_two_agents_stand_in_for_two_machines(tmp_path):
+    """--nnodes 2: two `trainbus run`s meet at one rendezvous endpoint, one process each; rank 0's node owns the
+    run (one directory, one journal), and both train it."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = trainbus_cmd() + ["run", PROBED, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--epochs", "2",
+                                "--plugins", "metrics_log", "--nnodes", "2", "--rdzv-endpoint", endpoint]
+    agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+              for _ in range(2)]
+    try:
+        outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                kill_launch(agent)
+    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(outputs)
+    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    events = read_events(run_dir)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    [start] = [e for e in events if e.type == "start_training_session"]
+    assert start.data["cluster"]["world_size"] == 2 and start.data["cluster"]["node_rank"] == 0
+    assert "".join(outputs).count("completed after 2 epochs") == 1  # told once, by rank 0's node
+    rank0, rank1 = probes(run_dir)  # rank 1, on the other node, trained the same run in the same directory
+    assert len(rank0) == 2 and rank0 == rank1

@@ -52,8 +52,8 @@ class FakeKernelIO:
     has taken live), in batches of `batch` events."""
 
     def __init__(self, events_endpoint, control_endpoint, topics, hello, handler_timeout_s, kernel_pid, secure,
-                 resume_from: int = 1, batch: int = 2):
-        self.topics, self.hello = topics, hello
+                 resume_from: int = 1, batch: int = 2, journal: list[Event] = JOURNAL):
+        self.topics, self.hello, self.journal = topics, hello, journal
         self.inbox = _Inbox(self._taken)
         self.wake = threading.Condition()
         self.closing = threading.Event()
@@ -68,7 +68,7 @@ class FakeKernelIO:
         self.inbox.append(("control", control("welcome", run=RUN, heartbeat_interval_s=1.0, resume_from=resume_from)))
 
     def live(self, seqs) -> FakeKernelIO:
-        items = [("event", JOURNAL[seq - 1]) for seq in seqs]
+        items = [("event", self.journal[seq - 1]) for seq in seqs]
         if self.hello["delivery"] == DURABLE:
             self.pending = items
         else:
@@ -80,7 +80,7 @@ class FakeKernelIO:
             self.published = max(self.published, item[1].seq)
         elif item[0] == "replay":
             start = item[1] - 1
-            events = JOURNAL[start:max(start, min(start + self.batch, self.published))]
+            events = self.journal[start:max(start, min(start + self.batch, self.published))]
             done = start + len(events) >= self.published
             # as the I/O thread decodes it: the events as Event objects
             return "control", decode_control(encode_control(control("replay_batch", done=done,
@@ -185,6 +185,14 @@ def test_resume_from_skips_what_was_acknowledged_before_a_restart():
     runner, io = run(Seen(), range(1, 9), resume_from=5)
     assert runner.plugin.seen == ALL[4:]
     assert io.of("replay")[0]["from_seq"] == 5
+
+
+def test_an_earlier_sessions_end_replayed_in_a_continued_run_is_not_the_end():
+    # a run that failed, then went on in place (--resume, a group torchrun restarted): one journal, two sessions
+    continued = JOURNAL[:3] + [event(4, "run_failed"), event(5, "start_training_session"),
+                               event(6, "end_training_session")]
+    runner, _ = run(Seen(), [5, 6], journal=continued)
+    assert runner.plugin.seen == [(e.seq, e.type) for e in continued] and runner.finished
 
 
 def test_acks_rise_and_end_at_the_last_event_handled():

@@ -178,15 +178,21 @@ def trainbus_run(hp: dict, epochs: int, seed: int, plugins: list, runs_dir: Path
     if result.status != "completed":
         raise RuntimeError(f"trainbus run {result.run_dir} ended {result.status}: {result.error}; see {log}")
     events = read_events(result.run_dir)
+    start = next(e.ts for e in events if e.type == ev.START_TRAINING_SESSION)
+    end = next(e.ts for e in events if e.type == ev.END_TRAINING_SESSION)
+    return batch_stamps(events, device), start - t0, t1 - end
+
+
+def batch_stamps(events, device: str = "cpu") -> list[list[float]]:
+    """A journal's per-epoch step stamps: its end_training_batch events' ts (on CUDA an epoch's last is its
+    end_training_loop's, published once the device has finished the epoch)."""
     by_epoch: dict[int, list[float]] = {}
     for e in events:
         if e.type == ev.END_TRAINING_BATCH:
             by_epoch.setdefault(e.epoch, []).append(e.ts)
         elif e.type == ev.END_TRAINING_LOOP and device == "cuda":
             by_epoch[e.epoch][-1] = e.ts
-    start = next(e.ts for e in events if e.type == ev.START_TRAINING_SESSION)
-    end = next(e.ts for e in events if e.type == ev.END_TRAINING_SESSION)
-    return [by_epoch[k] for k in sorted(by_epoch)], start - t0, t1 - end
+    return [by_epoch[k] for k in sorted(by_epoch)]
 
 
 def run_mean(stamps: list[list[float]], skip_epochs: int = 1) -> float:
