@@ -160,6 +160,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
     if continue_run:
         check_not_running(run_dir)
         (run_dir / "summary.json").unlink(missing_ok=True)  # the run is going again
+        for stale in run_dir.glob(RANK_ERROR.format("*")):  # the last session's: this one's failures are new
+            stale.unlink(missing_ok=True)
     else:
         _make_dir(run_dir, cfg.runs_dir)
     run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints and sockets are nobody else's
@@ -204,6 +206,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
     except Exception as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
+        if ranks is not None:  # a collective failing here is mostly another rank's failure: say whose, and why
+            error, tail = rank_errors(run_dir, error, tail)
         log.error("training failed:\n%s", tail)
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error, "traceback": tail})
     if bus.failure is not None:  # the journal's disk: the loop stopped at a step boundary for it
@@ -248,6 +252,40 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
     return result
 
 
+RANK_ERROR = "rank{}.error.json"  # in the run directory: what failed on a rank other than 0, for rank 0 to report
+RANK_ERROR_WAIT_S = 2.0  # a rank's file is written before it exits; rank 0 may see the broken collective first
+
+
+def write_rank_error(run_dir: Path, rank: int, exc: BaseException) -> None:
+    """What failed on this rank, for rank 0's run_failed and summary (the directory every rank shares)."""
+    tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
+    try:
+        (Path(run_dir) / RANK_ERROR.format(rank)).write_text(
+            json.dumps({"rank": rank, "error": f"{type(exc).__name__}: {exc}", "traceback": tail}))
+    except OSError:  # its traceback is on its stderr all the same
+        pass
+
+
+def rank_errors(run_dir: Path, error: str, tail: str) -> tuple[str, str]:
+    """Rank 0's error and traceback, led by those the other ranks wrote (waiting RANK_ERROR_WAIT_S for them)."""
+    deadline = time.monotonic() + RANK_ERROR_WAIT_S
+    while True:
+        found = sorted(Path(run_dir).glob(RANK_ERROR.format("*")))
+        if found or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    others = []
+    for path in found:
+        try:
+            others.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    if not others:
+        return error, tail
+    lead = "; ".join(f"rank {o['rank']}: {o['error']}" for o in others)
+    return f"{lead} (rank 0: {error})", "".join(f"rank {o['rank']}:\n{o['traceback']}" for o in others) + tail
+
+
 class _Silent:
     """The bus of a rank other than 0: it publishes nothing and hears nothing (rank 0 tells it what to do)."""
 
@@ -268,8 +306,19 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
     loop = Loop(spec, _Silent(), device, vote_timeout_s=cfg.vote_timeout_s, stepper=stepper, ranks=ranks)
     if resume_state is not None:
         loop.resume(resume_state, str(resume_from))
-    with keep_freed_memory(cfg.keep_freed_memory):
-        outcome = loop.run()  # an exception's traceback prints as it goes up; torchrun then ends the group
+    # A SIGTERM or Ctrl-C reaches every rank (torchrun and srun pass them on): rank 0 decides, and every rank
+    # stops at the step it broadcasts; one rank stopping alone would leave the others waiting in a collective.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _Interrupts.SIGNALS} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        with keep_freed_memory(cfg.keep_freed_memory):
+            outcome = loop.run()  # an exception's traceback prints as it goes up; torchrun then ends the group
+    except Exception as exc:
+        write_rank_error(run_dir, ranks.rank, exc)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     ranks.close()
     return RunResult(run_id=run_id, run_dir=str(run_dir), status="stopped" if outcome.stopped_early else "completed",
                      duration_s=round(time.monotonic() - started, 3), outcome=asdict(outcome), plugins={},
@@ -427,21 +476,25 @@ def _reason(exc: Exception) -> str:
 
 
 class _Interrupts:
-    """First Ctrl-C: stop at the next batch boundary and let plugins drain. Second: stop at once."""
+    """First Ctrl-C or SIGTERM (kill, systemd stop, SLURM preemption, torchrun ending the group): stop at the
+    next batch boundary, let plugins drain, write the summary (interrupted). Second: stop at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, install: bool):
         self.count = 0
         self.closing = False  # training is over: a Ctrl-C now hurries the shutdown instead of raising
         self._count_at_closing = 0
-        self._previous = None
+        self._previous: dict[int, Any] = {}
         if install and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
 
-    def _on_sigint(self, signum, frame) -> None:
+    def _on_signal(self, signum, frame) -> None:
         self.count += 1
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if self.count == 1:
             message = "not waiting for plugins to drain" if self.closing else "stopping at the next batch boundary"
-            os.write(2, f"\ntrainbus: {message} (Ctrl-C again to stop now)\n".encode())
+            os.write(2, f"\ntrainbus: {name}: {message} ({name} again to stop now)\n".encode())
             return
         if not self.closing:
             raise KeyboardInterrupt
@@ -457,9 +510,9 @@ class _Interrupts:
         return self.count > 0
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 class _QuietFileHandler(logging.FileHandler):

@@ -166,3 +166,28 @@ def devices_digits(hyperparameters: dict):
     spec = paced_digits(hyperparameters)
     spec.train_loader = _SaysDevices(spec.train_loader)
     return spec
+
+
+class _FailsOnRank:
+    """Yields a loader's batches; on the rank named, raises at its `at`-th training batch."""
+
+    def __init__(self, loader, rank: str, at: int):
+        self.loader, self.rank, self.at = loader, rank, at
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader, 1):
+            if os.environ.get("RANK") == self.rank and i == self.at:
+                raise ValueError(f"bad batch {i} on rank {self.rank}")
+            yield batch
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def fails_on_rank_1(hyperparameters: dict):
+    """The digits demo whose rank 1 raises at its third training batch (`fail_at`): the user's error on a rank
+    other than 0, which rank 0 reports."""
+    at = int(hyperparameters.pop("fail_at", 3))
+    spec = build(hyperparameters)
+    spec.train_loader = _FailsOnRank(spec.train_loader, "1", at)
+    return spec

@@ -216,3 +216,17 @@ def test_two_agents_stand_in_for_two_machines(tmp_path):
     assert "".join(outputs).count("completed after 2 epochs") == 1  # told once, by rank 0's node
     rank0, rank1 = probes(run_dir)  # rank 1, on the other node, trained the same run in the same directory
     assert len(rank0) == 2 and rank0 == rank1
+
+
+def test_a_rank_that_raises_is_named_with_its_error_in_rank_0s_journal_and_summary(tmp_path):
+    target = f"{TESTS_DIR / 'fixture_targets.py'}:fails_on_rank_1"
+    proc = subprocess.run(trainbus_cmd() + ["run", target, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
+                                            "--nproc", "2", "--epochs", "2", "--plugins", ""],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed", summary
+    assert summary["error"].startswith("rank 1: ValueError: bad batch 3 on rank 1"), summary["error"]
+    [failed] = [e for e in read_events(run_dir) if e.type == "run_failed"]
+    assert failed.data["error"] == summary["error"] and "in __iter__" in failed.data["traceback"]

@@ -128,3 +128,35 @@ def test_a_plugin_that_never_says_hello_is_hung_by_its_cpu_time_or_the_wall_cloc
     assert float(spun.removeprefix("no hello after ").split(" s")[0]) < 120, spun
     slept = first_hang("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"], cpu_s=1.0, wall_s=3.0)
     assert float(slept.removeprefix("no hello after ").split(" s")[0]) >= 3 and cpu_of(slept) < 0.3, slept
+
+
+def test_sigterm_stops_a_run_at_the_next_batch_and_it_ends_interrupted_with_its_plugins_drained(tmp_path):
+    """`kill`, systemd's stop, SLURM's preemption: what Ctrl-C does, not a death without a summary."""
+    import json
+    import signal
+    import subprocess
+
+    from conftest import trainbus_cmd
+    from fixture_targets import open_gate
+    from kernel_process import JournalTail, wait_until
+
+    gate, runs = tmp_path / "gate", tmp_path / "runs"
+    open_gate(gate, 3)
+    proc = subprocess.Popen(trainbus_cmd() + ["run", f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits", "--device",
+                                              "cpu", "--runs-dir", str(runs), "--plugins", "metrics_log", "--epochs",
+                                              "2", "--set", f"gate={gate}", "--set", "step_sleep_s=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        journal = wait_until(lambda: next(runs.glob("*/events"), None), 120, "the run's journal")
+        tail = JournalTail(journal)
+        wait_until(lambda: tail.step() >= 3, 120, "3 steps")
+        proc.send_signal(signal.SIGTERM)
+        open_gate(gate, 10_000)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "SIGTERM: stopping at the next batch boundary" in err
+    summary = json.loads((journal.parent / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and not summary["undrained"], summary
+    assert summary["outcome"]["epochs_completed"] < 2
