@@ -64,6 +64,8 @@ class RunConfig:
     # Events held in memory while the journal's disk refuses writes (full, quota, I/O error); past this the
     # run stops cleanly, naming the disk (kernel/journal.py).
     journal_backlog_mb: float = 64.0
+    # The journal's active file is compressed into a closed segment at this size (kernel/journal.py).
+    journal_segment_mb: float = 8.0
     # How a batch becomes an optimizer step, as Lightning names them (kernel/stepping.py)
     precision: str = "32"  # "32", "bf16-mixed", "16-mixed" (CUDA), "bf16-true"
     accumulate_grad_batches: int = 1
@@ -230,6 +232,8 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: gradient_clip_val must be >= 0 (0 turns clipping off), got {cfg.gradient_clip_val}")
     if cfg.journal_backlog_mb <= 0:
         raise ConfigError(f"{where}: journal_backlog_mb must be > 0, got {cfg.journal_backlog_mb}")
+    if cfg.journal_segment_mb <= 0:
+        raise ConfigError(f"{where}: journal_segment_mb must be > 0, got {cfg.journal_segment_mb}")
     names = [p.name for p in cfg.plugins]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

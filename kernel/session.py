@@ -29,7 +29,7 @@ from .config import ConfigError, RunConfig
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
 from .distributed import LAUNCH_RUN_ID, Ranks, distribute
-from .journal import BACKLOG_MAX_BYTES, Journal, JournalInUse
+from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse
 from .limits import PeerLimits
 from .loop import Loop, pick_device, restore_weights, seed_everything
 from .keys import KeyStore
@@ -175,6 +175,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
     bus, checkpointer, sockets = open_bus(run_id, run_dir, plugins, cfg.peer_limits(), buffers,
                                           cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps,
                                           journal_backlog_bytes=int(cfg.journal_backlog_mb * 2**20),
+                                          journal_segment_bytes=int(cfg.journal_segment_mb * 2**20),
                                           listen=cfg.listen, keys=keys)
     if bus.remote is not None:
         announce(f"listening with CURVE on {bus.remote.control_endpoint} (control) and {bus.remote.events_endpoint} "
@@ -336,7 +337,8 @@ def check_metric_settings(spec: TrainingSpec, metric_settings: dict[str, str]) -
 
 def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: PeerLimits | None = None,
              buffers: SnapshotBuffers | None = None, every_n_epochs: int = 0, every_n_steps: int = 0,
-             journal_backlog_bytes: int = BACKLOG_MAX_BYTES, listen: str = "",
+             journal_backlog_bytes: int = BACKLOG_MAX_BYTES, journal_segment_bytes: int = SEGMENT_BYTES,
+             listen: str = "",
              keys: KeyStore | None = None) -> tuple[Bus, Checkpointer | None, Path]:
     """The run's bus with everything it serves: supervisor, credentials and peers, the checkpoint half; with
     `listen` (HOST:PORT) and `keys`, its TCP endpoints too, described in <run_dir>/connection.json.
@@ -353,7 +355,8 @@ def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: Peer
         log.info("listening on TCP (CURVE): control %s events %s", remote.control_endpoint, remote.events_endpoint)
     credentials = Credentials(remote.keyring if remote else None)
     credentials.write_attach_file(run_dir)
-    journal = Journal(run_dir / JOURNAL_NAME, backlog_max_bytes=journal_backlog_bytes)
+    journal = Journal(run_dir / JOURNAL_NAME, backlog_max_bytes=journal_backlog_bytes,
+                      segment_bytes=journal_segment_bytes)
     sockets = socket_dir(run_dir)
     bus = Bus(run_id, journal, sockets, HEARTBEAT_INTERVAL_S, remote)
     # Where a hand-attached client finds them when they are not in the run directory (PROTOCOL.md, environment).

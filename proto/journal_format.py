@@ -1,15 +1,19 @@
-"""Reading the run journal file: concatenated msgpack envelopes; a torn or garbled tail ends the read.
+"""Reading the run journal: concatenated msgpack envelopes; a torn or garbled tail ends the read.
 
-Read whole, streamed (iter_records, read_journal, stream_journal), or in bounded pieces from either end
-(journal_head, journal_tail, last_event_of): a journal of many GB costs a reader of its ends no more than one
-of a few KB.
+A journal is its closed segments (`events.<first>-<last>.gz`, gzip, oldest first) then the active file
+(`events`); every reader here takes the active file's path (or the run directory) and reads them all, in seq
+order. Read whole, streamed (read_journal, stream_journal), or in bounded pieces from either end (journal_head,
+journal_tail, last_event_of): a journal of many GB costs a reader of its ends no more than one of a few KB.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import re
+import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, NamedTuple
 
 import msgpack
 
@@ -23,6 +27,9 @@ EPOCH_SCAN_BYTES = 16 * 1024 * 1024  # how far back a running run's last end_epo
 _TYPE_KEY_REACH = 4096  # how far a record's "type" key may be from its start: after v, seq and the run id
 _RECORD_WINDOW = 1024 * 1024  # the bytes decoded from where a record found by its bytes starts
 
+SEGMENT_SUFFIX = ".gz"
+_SEGMENT_ERRORS = (OSError, EOFError, zlib.error)  # a segment unreadable, cut short or garbled: the read ends there
+
 # Nearly all of a long journal: the per-batch events and heartbeats.
 FREQUENT_TYPES = ev.BATCH_EVENTS | {ev.HEARTBEAT}
 
@@ -34,6 +41,70 @@ FREQUENT_TYPES = ev.BATCH_EVENTS | {ev.HEARTBEAT}
 _ENVELOPE = event_to_map(Event(seq=1, run="", type="", ts=0.0, step=0, epoch=0))
 _FIRST_KEY = pack(next(iter(_ENVELOPE)))
 _RECORD_START = pack(_ENVELOPE).split(_FIRST_KEY, 1)[0] + _FIRST_KEY
+
+
+# -- the journal's files -------------------------------------------------------------------------
+
+class Segment(NamedTuple):
+    """A closed segment: the gzip of the consecutive records first..last, named for them."""
+    first: int
+    last: int
+    path: Path
+
+
+def segment_name(active: str | Path, first: int, last: int) -> str:
+    """A closed segment's file name: zero-padded so that names sort in seq order (`ls`, `zcat events.*.gz`)."""
+    return f"{Path(active).name}.{first:012d}-{last:012d}{SEGMENT_SUFFIX}"
+
+
+def closed_segments(active: str | Path) -> list[Segment]:
+    """The journal's closed segments beside its active file, oldest first."""
+    active = Path(active)
+    pattern = re.compile(re.escape(active.name) + r"\.(\d+)-(\d+)" + re.escape(SEGMENT_SUFFIX))
+    try:
+        names = os.listdir(active.parent)
+    except OSError:
+        return []
+    found = (pattern.fullmatch(name) for name in names)
+    return sorted(Segment(int(m[1]), int(m[2]), active.parent / m[0]) for m in found if m)
+
+
+def _active_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / JOURNAL_NAME if path.is_dir() else path
+
+
+def _open_journal(path: str | Path) -> tuple[IO[bytes] | None, list[Segment]]:
+    """The active file, opened, and the closed segments before it. The active file is opened first: a rotation
+    after that closes it into a segment listed here too (its records are then read twice and skipped once), never
+    one that neither holds."""
+    active = _active_path(path)
+    try:
+        f = open(active, "rb")
+    except OSError:
+        f = None
+    return f, closed_segments(active)
+
+
+def _chained(path: str | Path, records: Callable[[IO[bytes]], Iterator[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """`records` of each closed segment, then of the active file, skipping seqs already read."""
+    active, segments = _open_journal(path)
+    last = 0
+    try:
+        for segment in segments:
+            try:
+                with gzip.open(segment.path, "rb") as f:
+                    for r in records(f):
+                        if r["seq"] > last:
+                            last = r["seq"]
+                            yield r
+            except _SEGMENT_ERRORS:
+                return
+        if active is not None:
+            yield from (r for r in records(active) if r["seq"] > last)
+    finally:
+        if active is not None:
+            active.close()
 
 
 # -- streaming the whole journal -----------------------------------------------------------------
@@ -59,17 +130,17 @@ def _file_unpacker(f) -> msgpack.Unpacker:
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """(offset, end offset, event map) for every whole, valid record, streamed: any size, never read whole."""
+    """(offset, end offset, event map) for every whole, valid record of one file (the active file, say), streamed:
+    any size, never read whole."""
     with open(path, "rb") as f:
         yield from _valid_records(_file_unpacker(f), event_from_map)
 
 
 def read_journal(path: str | Path) -> Iterator[Event]:
-    """Every whole event of a journal, in order; `path` is the journal file or its run directory."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / JOURNAL_NAME
-    for _, _, record in iter_records(path):
+    """Every whole event of a journal, closed segments and active file, in order; `path` is the active file or
+    its run directory."""
+    checked = lambda f: (r for _, _, r in _valid_records(_file_unpacker(f), event_from_map))  # noqa: E731
+    for record in _chained(path, checked):
         yield event_from_map(record)
 
 
@@ -82,14 +153,19 @@ def _check_quickly(r: Any) -> None:
         event_from_map(r)
 
 
-def _consecutive(unpacker: msgpack.Unpacker) -> Iterator[dict[str, Any]]:
-    """The unpacker's whole, valid event maps, gap-free by seq, up to the first torn, garbled or out-of-order one."""
+def _consecutive_maps(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The records up to the first that does not follow the one before it (a segment missing, say)."""
     previous = None
-    for _, _, r in _valid_records(unpacker, _check_quickly):
+    for r in records:
         if previous is not None and r["seq"] != previous + 1:
             return
         previous = r["seq"]
         yield r
+
+
+def _consecutive(unpacker: msgpack.Unpacker) -> Iterator[dict[str, Any]]:
+    """The unpacker's whole, valid event maps, gap-free by seq, up to the first torn, garbled or out-of-order one."""
+    return _consecutive_maps(r for _, _, r in _valid_records(unpacker, _check_quickly))
 
 
 def as_event(r: dict[str, Any]) -> Event:
@@ -100,8 +176,7 @@ def as_event(r: dict[str, Any]) -> Event:
 
 def stream_journal(path: str | Path) -> Iterator[dict[str, Any]]:
     """Every whole event map of a journal, streamed and gap-free by seq; the frequent kinds checked quickly."""
-    with open(path, "rb") as f:
-        yield from _consecutive(_file_unpacker(f))
+    yield from _consecutive_maps(_chained(path, lambda f: _consecutive(_file_unpacker(f))))
 
 
 # -- reading the ends of a journal ---------------------------------------------------------------
@@ -113,25 +188,58 @@ def _parse(data: bytes) -> Iterator[Event]:
     return (as_event(r) for r in _consecutive(unpacker))
 
 
+def _first_seq(data: bytes) -> int | None:
+    """The seq of the record `data` starts with, if it starts with a whole one."""
+    return next((e.seq for e in _parse(data[:_RECORD_WINDOW])), None)
+
+
 def _read_end(path: str | Path, max_bytes: int) -> tuple[int, bytes] | None:
-    """(where they start, the bytes) of the file's last max_bytes; None when it cannot be read."""
+    """(where they start: 0 at a record's start, the bytes) of the journal's last max_bytes, reaching into the
+    closed segments when the active file holds less; None when it cannot be read."""
+    active, segments = _open_journal(path)
+    if active is None:
+        return None
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with active:
+            size = os.fstat(active.fileno()).st_size
             start = max(0, size - max_bytes)
-            f.seek(start)
-            return start, f.read(size - start)
-    except OSError:
+            active.seek(start)
+            data = active.read(size - start)
+        before = _first_seq(data) if start == 0 and data else None
+        for segment in reversed(segments):  # newest first, those before the active file's first record
+            if start > 0 or len(data) >= max_bytes:
+                break
+            if before is not None and segment.last >= before:
+                continue  # rotated after the active file was opened: its records are in `data` already
+            with gzip.open(segment.path, "rb") as f:
+                older = f.read()
+            start = max(0, len(older) - (max_bytes - len(data)))
+            data = older[start:] + data
+            before = segment.first
+        return start, data
+    except _SEGMENT_ERRORS:
         return None
 
 
 def journal_head(path: str | Path, max_bytes: int = HEAD_BYTES) -> list[Event]:
     """The events in the journal's first max_bytes."""
+    active, segments = _open_journal(path)
+    pieces, size = [], 0
     try:
-        with open(path, "rb") as f:
-            return list(_parse(f.read(max_bytes)))
-    except OSError:
-        return []
+        for segment in segments:
+            if size >= max_bytes:
+                break
+            with gzip.open(segment.path, "rb") as f:
+                pieces.append(f.read(max_bytes - size))
+            size += len(pieces[-1])
+        if active is not None and size < max_bytes:
+            pieces.append(active.read(max_bytes - size))
+    except _SEGMENT_ERRORS:
+        pass  # what was read stands
+    finally:
+        if active is not None:
+            active.close()
+    return list(_parse(b"".join(pieces)))
 
 
 def journal_tail(path: str | Path, max_bytes: int = TAIL_BYTES) -> list[Event]:

@@ -182,14 +182,15 @@ def test_an_empty_or_missing_journal_starts_at_seq_1(tmp_path):
 def test_a_journal_larger_than_msgpacks_default_buffer_reopens(tmp_path):
     """msgpack.Unpacker.feed refuses more than 100 MiB at once: reading must stream, or a long run cannot resume."""
     path = tmp_path / JOURNAL_NAME
-    journal = Journal(path)
+    unrotated = 2**40  # an active file this large: a journal from before segments, or one whose disk refused them
+    journal = Journal(path, segment_bytes=unrotated)
     padding = "x" * (1000 * 1000)  # under the 1 MiB string limit
     batch = [pack({**envelope(seq), "data": {"padding": padding}}) for seq in range(1, 111)]
     journal.append(batch, 1)
     journal.close()
     assert path.stat().st_size > 100 * 1024 * 1024
 
-    reopened = Journal(path)
+    reopened = Journal(path, segment_bytes=unrotated)
     assert reopened.last_seq == 110
     assert decode_records(reopened.read_range(110, 1, 1)[1])[0]["seq"] == 110
     reopened.append([pack(envelope(111))], 111)
