@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,16 +28,24 @@ from trainbus.proto.run_state import HISTORY_POINTS, MAX_PLUGINS, MAX_SERIES, Ru
 from trainbus.sdk.runner import HEARTBEAT_LIVENESS
 
 from conftest import TESTS_DIR, trainbus_cmd
+from fixture_targets import open_gate
 from kernel_process import KernelProcess, wait_until
 
 SLOW = f"{TESTS_DIR / 'fixture_targets.py'}:digits_slowly"  # 45 batches an epoch, each batch_s late
+GATED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"  # the same, held where a gate file says (open_gate)
+STEPS_PER_EPOCH = 45
 SCREEN_TIMEOUT_S = 30.0  # a busy machine: the dashboard's start (a Python process, rich) can take seconds
 
 
-def live_run(runs_dir, tmp_path, kernels, epochs: int, batch_s: float, monitors: bool = True) -> KernelProcess:
-    """A kernel training SLOW with the cpu and memory monitors sampling every 0.5 s."""
+def live_run(runs_dir, tmp_path, kernels, epochs: int, batch_s: float, monitors: bool = True,
+             gate: Path | None = None) -> KernelProcess:
+    """A kernel training SLOW with the cpu and memory monitors sampling every 0.5 s; GATED by `gate` if given:
+    it trains only as far as the test lets it, so it outlasts a slow start without a long fixed run."""
     plugins = [resolve_plugin(name, {"interval_s": 0.5}) for name in ("cpu", "memory")] if monitors else []
-    cfg = RunConfig(target=SLOW, epochs=epochs, runs_dir=str(runs_dir), hyperparameters={"batch_s": batch_s},
+    target, hyperparameters = SLOW, {"batch_s": batch_s}
+    if gate is not None:
+        target, hyperparameters = GATED, {"step_sleep_s": batch_s, "gate": str(gate)}
+    cfg = RunConfig(target=target, epochs=epochs, runs_dir=str(runs_dir), hyperparameters=hyperparameters,
                     plugins=plugins)
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
@@ -83,7 +92,9 @@ def screen_step(screen: str) -> int | None:
 
 
 def test_dashboard_shows_a_live_run_and_then_that_it_ended(runs_dir, tmp_path, kernels, tmux):
-    kernel = live_run(runs_dir, tmp_path, kernels, epochs=4, batch_s=0.08)  # ~15 s: outlasts a slow start
+    gate = tmp_path / "gate"  # epoch 1, then the run waits for the dashboard to show it
+    open_gate(gate, STEPS_PER_EPOCH)
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=2, batch_s=0.05, gate=gate)
     kernel.wait_ready("memory", timeout_s=60)
     kernel.wait_step(2, timeout_s=60)
     command = " ".join(attach_cmd(kernel, "--control"))
@@ -92,16 +103,17 @@ def test_dashboard_shows_a_live_run_and_then_that_it_ended(runs_dir, tmp_path, k
 
     def everything_shown():
         screen = tmux.capture()
-        wanted = [f"run {kernel.run_id}", "digits_slowly", "device", "cpu", "progress", "loss",
+        wanted = [f"run {kernel.run_id}", "paced_digits", "device", "cpu", "progress", "loss",
                   "memory/", "cpu/", "plugins", "running"]
         return screen if all(w in screen for w in wanted) and screen_step(screen) is not None else None
 
     screen = wait_until(everything_shown, SCREEN_TIMEOUT_S, "the dashboard's progress, metrics and plugin rows",
                         poll_s=0.2)
     print(f"dashboard complete {time.monotonic() - attached:.1f} s after attaching")
-    assert re.search(r"epoch \d/4\s+batch \d+/45", screen), screen
+    assert re.search(r"epoch \d/2\s+batch \d+/45", screen), screen
     assert re.search(r"^\s*memory\s+running", screen, re.M) and re.search(r"^\s*cpu\s+running", screen, re.M), screen
     first_step = screen_step(screen)
+    open_gate(gate, 2 * STEPS_PER_EPOCH - 1)  # on to the last batch, where the run waits for the checkpoint_now
     wait_until(lambda: (screen_step(tmux.capture()) or 0) > first_step, SCREEN_TIMEOUT_S, "the step to move on screen",
                poll_s=0.2)
 
@@ -115,24 +127,35 @@ def test_dashboard_shows_a_live_run_and_then_that_it_ended(runs_dir, tmp_path, k
     wait_until(lambda: f"sent checkpoint_now as {asked.data['plugin']}" in tmux.capture(), SCREEN_TIMEOUT_S,
                "the dashboard to say it was sent", poll_s=0.2)
 
+    open_gate(gate, 2 * STEPS_PER_EPOCH)
     kernel.result(timeout_s=120)
     screen = wait_until(lambda: "ATTACH-EXIT=" in tmux.capture() and tmux.capture(), SCREEN_TIMEOUT_S,
                         "attach to exit after the run ended", poll_s=0.2)
     assert "run ended: completed" in screen, screen
     assert "ATTACH-EXIT=0" in screen, screen
-    assert "epoch 4/4" in screen, screen
+    assert "epoch 2/2" in screen, screen
 
 
 # -- (2) JSON lines attached mid-run: the snapshot, then every later event, equal to the journal's ---------
 
 def test_json_lines_mid_run_have_no_gap_after_the_snapshot_and_equal_the_journal(runs_dir, tmp_path, kernels):
-    kernel = live_run(runs_dir, tmp_path, kernels, epochs=4, batch_s=0.05)  # ~10 s: outlasts a slow start
+    gate = tmp_path / "gate"  # the run waits at step 20 until attach has written its snapshot
+    open_gate(gate, 20)
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=2, batch_s=0.0, gate=gate)
     kernel.wait_step(10, timeout_s=60)
-    out = tmp_path / "attach.jsonl"
-    with open(out, "w") as stdout:
-        proc = subprocess.run(attach_cmd(kernel, "--json"), stdout=stdout, stderr=subprocess.PIPE, text=True,
-                              timeout=180)
-    assert proc.returncode == 0, proc.stderr
+    out, err = tmp_path / "attach.jsonl", tmp_path / "attach.stderr"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(attach_cmd(kernel, "--json"), stdout=stdout, stderr=stderr, text=True)
+    try:
+        wait_until(lambda: out.read_text().count("\n") >= 1 or proc.poll() is not None, 60, "attach's snapshot")
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
+        proc.wait(timeout=180)
+    finally:
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.read_text()
     kernel.result(timeout_s=120)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     snapshot, events = lines[0], lines[1:]

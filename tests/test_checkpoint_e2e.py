@@ -203,14 +203,32 @@ def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels):
     """kill -9 mid-epoch, then `trainbus run --resume ID` and nothing else: the same directory and config, the
     journal going on gap-free, the weights of an uninterrupted run, and a history with every epoch once."""
     epochs, seed, runs = 3, 5, tmp_path / "runs"
+    gate, held_at = tmp_path / "gate", STEPS_PER_EPOCH  # training goes only as far as the gate says
+    open_gate(gate, held_at)
     cfg = config(runs, [checkpointer(), resolve_plugin("metrics_log", {"every_n_steps": 0})], epochs, target=PACED,
-                 seed=seed, every_n_steps=7, step_sleep_s=0.02)
+                 seed=seed, every_n_steps=7, step_sleep_s=0.0, gate=str(gate))
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
-    kernel.wait_event("checkpoint_saved", lambda e: e.data["epoch"] == 2, timeout_s=60)
+
+    def saved_in_epoch_2() -> bool:
+        """Once a checkpoint of epoch 2 is on disk; till then epoch 2 goes on a checkpoint interval at a time (one
+        due while the previous one is still being written is skipped, so the next must be let through)."""
+        nonlocal held_at
+        events = kernel.journal.poll()
+        settled = {e.data["seq"] for e in of(events, "checkpoint_saved") + of(events, "checkpoint_failed")}
+        if any(e.data["epoch"] == 2 for e in of(events, "checkpoint_saved")):
+            return True
+        pending = [e for e in of(events, "save_checkpoint") if e.epoch == 2 and e.seq not in settled]
+        if not pending and kernel.journal.step() >= held_at:
+            held_at += 7
+            open_gate(gate, held_at)
+        return False
+
+    wait_until(saved_in_epoch_2, 60, "a checkpoint of epoch 2")
     kernel.kill()
     killed_at = kernel.journal.step()
     before = kernel.journal.poll()[-1].seq
+    open_gate(gate, epochs * STEPS_PER_EPOCH)  # the resumed run reads the same gate
 
     proc = subprocess.run([str(TRAINBUS), "run", "--resume", kernel.run_id, "--runs-dir", str(runs)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=180, check=False)
@@ -261,7 +279,8 @@ def heavy_reference(tmp_path_factory):
 
 
 def kill_the_checkpoint_plugin_while_it_writes(tmp_path: Path, kernels: list, heavy_reference, kills: int,
-                                               epochs: int = 9) -> None:
+                                               epochs: int = 2) -> None:
+    """Each kill takes about one checkpoint interval of the gated run (5 steps): 2 epochs hold 18 intervals."""
     rng, seed = seeded_rng()
     gate = tmp_path / "gate"  # training goes only as far as the test lets it: the kills land before the run ends
     cfg = config(tmp_path / "runs", [checkpointer(max_total=3)], epochs, target=HEAVY, every_n_steps=5,

@@ -151,8 +151,9 @@ def test_a_disk_full_for_a_second_loses_nothing(tmp_path, mount_tmpfs, kernels):
 
 
 def run_config(path: Path, plugins: str | None) -> Path:
-    """A TOML config: paced digits for far longer than the test lasts, a 0.05 MB journal backlog."""
-    text = (f'[run]\ntarget = "{PACED}"\nepochs = 50\ndevice = "cpu"\njournal_backlog_mb = 0.05\n'
+    """A TOML config: paced digits for far longer than the test lasts, a 0.01 MB journal backlog (about 40 steps of
+    events: the run stops a second or so after the disk fills)."""
+    text = (f'[run]\ntarget = "{PACED}"\nepochs = 50\ndevice = "cpu"\njournal_backlog_mb = 0.01\n'
             'checkpoint_every_n_epochs = 0\n\n[hyperparameters]\nstep_sleep_s = 0.02\n')
     path.write_text(text)
     return path

@@ -8,7 +8,6 @@ import email.policy
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
+from trainbus.kernel import supervisor
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.kernel.daemon import daemon_dir
 from trainbus.kernel.registry import Registry, list_runs
@@ -28,6 +28,7 @@ from trainbus.sdk import Harness, SettingsError
 
 from conftest import TESTS_DIR, start_daemon, trainbus_cmd
 from fixture_targets import open_gate
+from helpers import free_port
 from kernel_process import JournalTail, process_gone, wait_until
 
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
@@ -52,12 +53,6 @@ class Inbox:
         while len(self.messages) < count and time.monotonic() < deadline:
             time.sleep(0.05)
         return self.messages
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(port: int) -> tuple[Controller, Inbox]:
@@ -139,6 +134,9 @@ def test_a_plugin_given_up_is_mailed_and_training_goes_on(smtp, runs_dir, tmp_pa
     (tmp_path / "crasher.py").write_text(CRASHER)
     (tmp_path / "stop_when_given_up.py").write_text(STOP_WHEN_GIVEN_UP)
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{TESTS_DIR}")
+    # given up after its second failure, not its sixth (the full backoff costs ~8 s): how many failures it takes
+    # is the supervisor's to test (test_supervisor_clock.py); what is mailed then is this test's
+    monkeypatch.setattr(supervisor, "MAX_RESTARTS", 1)
     plugins = [email_plugin(port), PluginConfig("crasher", "crasher:Anything"),
                PluginConfig("stopper", "stop_when_given_up:StopWhenGivenUp")]
     result = run_training(RunConfig(target=TIMED, epochs=100, runs_dir=str(runs_dir), plugins=plugins,

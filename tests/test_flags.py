@@ -212,18 +212,23 @@ def flag_runs(train_py, tmp_path_factory):
     config = tmp / "run.toml"
     config.write_text(f'[plugins.envwriter]\ntarget = "env_plugin:EnvWriter"\nsettings = {{ path = {settings} }}\n')
     env = dict(os.environ, PYTHONPATH=f"{TESTS_DIR}{os.pathsep}{train_py.parent}")
+    runs = [["run", f"{train_py}:build", "lr=0.05", "epochs=1", f"env_out={env_user}", "--config", str(config)],
+            ["run", f"{train_py}:build", "lr=0.2", "shuffle=false", "--plugins", ""],
+            ["run", f"{TESTS_DIR / 'specs.py'}:tiny", "lr=0.3", "note=dict", "--epochs", "1", "--plugins", ""]]
+    # all three at once: each is mostly a process importing torch, and they share nothing but runs_dir
+    procs = [subprocess.Popen(trainbus_cmd() + args + ["--runs-dir", str(runs_dir)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for args in runs]
     ids = []
-    for args in (["lr=0.05", "epochs=1", f"env_out={env_user}", "--config", str(config)],
-                 ["lr=0.2", "shuffle=false"]):
-        r = subprocess.run(trainbus_cmd() + ["run", f"{train_py}:build", *args, "--runs-dir", str(runs_dir)]
-                           + ([] if "--config" in args else ["--plugins", ""]),
-                           capture_output=True, text=True, timeout=180, env=env)
-        assert r.returncode == 0, r.stderr
-        ids.append(r.stdout.split("run ")[1].split(":")[0])
-    r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "lr=0.3", "note=dict", "--epochs", "1", "--plugins", "",
-                 "--runs-dir", str(runs_dir), timeout=180)
-    assert r.returncode == 0, r.stderr
-    ids.append(r.stdout.split("run ")[1].split(":")[0])
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=180)
+            assert proc.returncode == 0, err
+            ids.append(out.split("run ")[1].split(":")[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return runs_dir, ids, env_user, env_plugin
 
 

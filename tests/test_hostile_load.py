@@ -11,6 +11,9 @@ lasts, and reads heartbeats, step times and plugin events from the journal after
     6. 10 stalled subscribers, plus peers sending 1 MB metric names (over the control socket's
        MAXMSGSIZE: libzmq drops the connection) and 200 KB ones (under it: truncated) 50 times a second
        each: kernel RSS and the journal stay bounded, training completes
+    7. (issue #12) 10^5 hostile messages over CURVE from authorized keys and 200 raw TCP connections sending
+       garbage or nothing: the kernel stays up, the final weights equal an unattacked run's, every raw
+       connection is closed within the handshake timeout, the kernel's file descriptors return to baseline
 
 Each has a short CI variant (a few seconds of attack) and a `slow` one with the spec's full figures.
 Figures are printed as `HOSTILE <name>: ...` lines (pytest -s) for docs/benchmarks.md.
@@ -77,7 +80,7 @@ def _attack_main(mode: str, params: dict) -> dict:
                 return count, nbytes
             count, nbytes = count + 1, nbytes + len(raw)
 
-    duration, out = float(params["duration_s"]), {}
+    duration, out = float(params.get("duration_s", 0)), {}  # the tcp mode lasts as long as its frames take
     if mode == "replay":  # acceptance 4: a welcomed peer asking for the whole journal, over and over
         s = dealer(f"replayer-{os.getpid()}".encode())
         answer = hello(s, params["name"], params["delivery"], [])
@@ -182,11 +185,180 @@ def _attack_main(mode: str, params: dict) -> dict:
         huge.disable_monitor()
         out = {**sent, "connects": connects, "disconnects": disconnects}
 
+    elif mode == "tcp":  # remote acceptance 6: hostile frames from authorized keys, raw connections, over TCP
+        start = time.time()
+        out = _tcp_attack(ctx, params)
+        end = time.time()
+
     else:
         raise SystemExit(f"unknown mode {mode}")
     ctx.destroy(linger=200)
     cpu = os.times()
     return {"start": start, "end": end, "cpu_s": round(cpu.user + cpu.system, 2), **out}
+
+
+CONTROL_TYPES = ("hello", "heartbeat", "ack", "replay", "bye", "stop", "metric", "log", "checkpoint_now",
+                 "checkpoint_saved", "checkpoint_failed", "snapshot", "attach_plugin", "detach_plugin",
+                 "welcome", "replay_batch", "run_state", "refused", "no_such_type")  # PROTOCOL.md's, both ways
+FIELDS = ("name", "pid", "seq", "from_seq", "reason", "value", "step", "level", "text", "replies", "delivery",
+          "subscriptions", "id", "settings", "path", "events", "capabilities", "votes")
+# ZMTP 3.0's 64-byte greeting asking for CURVE (RFC 23): a raw connection sends a cut of it, then stalls
+ZMTP_GREETING = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\x00") + b"\x00" + bytes(31)
+OVERSIZED_BYTES = 300 * 1024  # over the control socket's MAXMSGSIZE (256 KiB): libzmq drops the connection
+
+
+def _junk(rng: random.Random, depth: int = 0):
+    """A random msgpack-able value: wrong types for any field, huge and negative ints, nested containers."""
+    kinds = ["none", "int", "big", "neg", "float", "nan", "str", "bin", "bool"] + ["list", "map"] * (depth < 3)
+    kind = rng.choice(kinds)
+    if kind in ("list", "map"):
+        items = [_junk(rng, depth + 1) for _ in range(rng.randrange(4))]
+        return items if kind == "list" else {str(i) if rng.random() < 0.5 else i: v for i, v in enumerate(items)}
+    return {"none": None, "int": rng.randrange(100), "big": 2**64 - 1, "neg": -2**63, "float": rng.random(),
+            "nan": float("nan"), "str": "x" * rng.randrange(300), "bin": os.urandom(rng.randrange(64)),
+            "bool": True}[kind]
+
+
+def _hostile_frame(rng: random.Random, pack, name: str) -> tuple[str, list[bytes]]:
+    """(kind, frames) of one message an authorized but hostile peer sends. It never declared stop or
+    checkpoint_now in its hello, so even a well-formed one of those is refused, whatever its key's role."""
+    roll = rng.random()
+    if roll < 0.20:
+        return "bytes", [os.urandom(rng.randrange(1, 512))]
+    if roll < 0.40:
+        return "msgpack", [pack(_junk(rng))]
+    if roll < 0.60:  # a real type with fields of wrong types, or missing
+        fields = {f: _junk(rng) for f in rng.sample(FIELDS, rng.randrange(len(FIELDS)))}
+        return "wrong_types", [pack({"v": 1, "type": rng.choice(CONTROL_TYPES), **fields})]
+    if roll < 0.66:
+        return "bad_envelope", [pack({"v": rng.choice([0, 2, "1", None]), "type": rng.choice(CONTROL_TYPES)})]
+    if roll < 0.70:
+        return "multipart", [os.urandom(rng.randrange(64)) for _ in range(rng.randrange(2, 5))]
+    if roll < 0.80:  # replay floods: from the start, from nowhere, from the far future
+        return "replay", [pack({"v": 1, "type": "replay", "from_seq": rng.choice([0, 1, 1, 2**62])})]
+    if roll < 0.85:
+        return "snapshot", [pack({"v": 1, "type": "snapshot"})]
+    if roll < 0.92:
+        big = rng.random() < 0.02  # under MAXMSGSIZE: truncated by the kernel
+        return "metric", [pack({"v": 1, "type": "metric", "name": "n" * (200_000 if big else 10),
+                                "value": rng.random(), "step": None})]
+    if roll < 0.97:
+        return "ack", [pack({"v": 1, "type": "ack", "seq": rng.choice([0, 2**62, 2**63 - 1])})]
+    if roll < 0.99:
+        return "steer", [pack({"v": 1, "type": rng.choice(["stop", "checkpoint_now"]), "reason": "hostile"})]
+    return "hello", [pack({"v": 1, "type": "hello", "name": name, "pid": os.getpid(), "subscriptions": [""],
+                           "replies": ["metric", "log"], "delivery": rng.choice(["best_effort", "durable"])})]
+
+
+def _watch_closed(raw: list, give_up_s: float, closed_after: list) -> None:
+    """Append, for each raw connection, the seconds from its connect until the kernel closed it (None: not
+    closed within give_up_s). Reads what the kernel sends (its greeting) until end of stream or a reset."""
+    import select
+
+    pending = {tcp: connected_at for tcp, connected_at in raw}
+    end = time.monotonic() + give_up_s
+    while pending and time.monotonic() < end:
+        readable, _, _ = select.select(list(pending), [], [], 0.05)
+        for tcp in readable:
+            try:
+                if tcp.recv(65536):
+                    continue
+            except BlockingIOError:
+                continue
+            except OSError:  # a reset: closed all the same
+                pass
+            closed_after.append(time.monotonic() - pending.pop(tcp))
+    closed_after.extend([None] * len(pending))
+
+
+def _tcp_attack(ctx, params: dict) -> dict:
+    """Raw TCP connections (random bytes, a cut ZMTP greeting, or nothing) left open at both TCP endpoints,
+    then `frames` hostile messages over CURVE from a monitor-role and a control-role key, welcomed first,
+    plus a few over MAXMSGSIZE on a connection of their own."""
+    import socket
+    import threading
+
+    import msgpack
+    import zmq
+    import zmq.auth
+    from zmq.utils.monitor import recv_monitor_message
+
+    rng = random.Random(params["seed"])
+    server_key = params["server_key"].encode()
+
+    def pack(value) -> bytes:
+        return msgpack.packb(value, use_bin_type=True)
+
+    raw = []
+    for i in range(int(params["connections"])):
+        host, port = params[("control", "events")[i % 2]].removeprefix("tcp://").rsplit(":", 1)
+        tcp = socket.create_connection((host, int(port)), timeout=30)
+        sends = (b"", os.urandom(rng.randrange(1, 4096)), ZMTP_GREETING[:rng.randrange(1, 64)])[i % 3]
+        tcp.sendall(sends)
+        tcp.setblocking(False)
+        raw.append((tcp, time.monotonic()))
+    closed_after: list = []
+    watcher = threading.Thread(target=_watch_closed, args=(raw, float(params["close_give_up_s"]), closed_after))
+    watcher.start()
+
+    def dealer(key_file: str, routing_id: bytes) -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(key_file)
+        s.curve_serverkey = server_key
+        s.setsockopt(zmq.ROUTING_ID, routing_id)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDTIMEO, 60_000)  # every frame goes out, as fast as the kernel reads
+        s.connect(params["control"])
+        return s
+
+    peers = [(dealer(params[role + "_key"], f"{role}-{os.getpid()}".encode()), f"hostile-{role}")
+             for role in ("monitor", "control")]
+    for s, name in peers:
+        s.send(pack({"v": 1, "type": "hello", "name": name, "pid": os.getpid(), "subscriptions": [""],
+                     "replies": ["metric", "log"], "delivery": "best_effort"}))
+        if not s.poll(30_000):
+            raise SystemExit(f"{name}: no answer to hello in 30 s")
+        answer = msgpack.unpackb(s.recv(), raw=False)
+        assert answer["type"] == "welcome", answer
+    oversized = dealer(params["monitor_key"], b"oversized")
+    monitor = oversized.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+    frames = int(params["frames"])
+    n_oversized = max(1, frames // 2000)  # each costs the connection: the next goes out once it reconnected
+    by_kind: dict[str, int] = {"oversized": n_oversized}
+    received = disconnects = 0
+
+    def next_oversized(wait_ms: int) -> None:
+        """Count the kernel's drops of the oversized connection; after each, queue the next oversized message."""
+        nonlocal disconnects
+        while disconnects < n_oversized and monitor.poll(wait_ms):
+            disconnects += recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+            if disconnects < n_oversized:
+                oversized.send(os.urandom(OVERSIZED_BYTES))
+
+    oversized.send(os.urandom(OVERSIZED_BYTES))
+    for n in range(frames - n_oversized):
+        s, name = peers[n % 2]
+        kind, message = _hostile_frame(rng, pack, name)
+        s.send_multipart(message)
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+        if n % 64 == 0:  # what the kernel answers (replay batches, refusals, run states): read and dropped
+            for s, _ in peers:
+                while s.poll(0):
+                    s.recv_multipart()
+                    received += 1
+            next_oversized(0)
+    end = time.monotonic() + 30
+    while disconnects < n_oversized and time.monotonic() < end:
+        next_oversized(100)
+    oversized.disable_monitor()
+    watcher.join()
+    for tcp, _ in raw:
+        tcp.close()
+    closed = [c for c in closed_after if c is not None]
+    return {"frames": frames, "by_kind": by_kind, "answers_received": received,
+            "oversized_disconnects": disconnects, "raw_connections": len(raw),
+            "raw_still_open": closed_after.count(None), "raw_close_s_max": round(max(closed, default=0.0), 2)}
 
 
 if __name__ == "__main__":
@@ -363,12 +535,13 @@ def replay_flood(tmp_path, kernels, baseline_step_s: float, epochs: int, attack_
 
 
 def test_replay_flood_short(tmp_path, kernels, replay_baselines):
-    """CI: ~5 s of 200 replay(1)/s from a durable attached peer; step time recorded, asserted generously.
+    """CI: ~4 s of 200 replay(1)/s from a durable attached peer; step time recorded, asserted generously.
 
     Two runs on a shared 2-core box differ by up to ~50 % in step time whatever they do, so the CI check is
     against the better of two yardsticks (the attack-free run, and this run's own steps outside the attack):
     a real slowdown shows against both."""
-    figures = replay_flood(tmp_path, kernels, replay_baselines(10), epochs=10, attack_s=5.0, delivery="durable")
+    # the baseline's median step needs no more than a few epochs: thousands of steps at batch 4
+    figures = replay_flood(tmp_path, kernels, replay_baselines(4), epochs=8, attack_s=4.0, delivery="durable")
     same_run = figures["step_ms_attacked"] / (figures["step_ms_same_run_outside_attack"] or float("inf"))
     assert min(figures["step_ratio"], same_run) < 1.5, figures
 
@@ -413,9 +586,9 @@ def garbage_flood(tmp_path, kernels, epochs: int, attack_s: float) -> dict:
 
 
 def test_garbage_flood_short(tmp_path, kernels):
-    """CI: ~3 s of random-bytes messages at up to 20,000/s; every plugin stays, metrics.jsonl is complete."""
-    figures = garbage_flood(tmp_path, kernels, epochs=7, attack_s=3.0)
-    assert figures["sent"] >= 0.25 * 20_000 * 3.0, figures  # the attack really happened, even on a busy box
+    """CI: ~2 s of random-bytes messages at up to 20,000/s; every plugin stays, metrics.jsonl is complete."""
+    figures = garbage_flood(tmp_path, kernels, epochs=5, attack_s=2.0)
+    assert figures["sent"] >= 0.25 * 20_000 * 2.0, figures  # the attack really happened, even on a busy box
 
 
 @pytest.mark.slow
@@ -467,8 +640,8 @@ def stalled_and_huge(tmp_path, kernels, epochs: int, attack_s: float) -> dict:
 
 
 def test_stalled_subscribers_and_huge_names_short(tmp_path, kernels):
-    """CI: ~5 s of 10 stalled subscribers, 1 MB and 200 KB metric names at 50/s each."""
-    stalled_and_huge(tmp_path, kernels, epochs=9, attack_s=5.0)
+    """CI: ~3 s of 10 stalled subscribers, 1 MB and 200 KB metric names at 50/s each."""
+    stalled_and_huge(tmp_path, kernels, epochs=6, attack_s=3.0)
 
 
 @pytest.mark.slow
@@ -476,3 +649,86 @@ def test_stalled_subscribers_and_huge_names_short(tmp_path, kernels):
 def test_stalled_subscribers_and_huge_names_30s(tmp_path, kernels):
     """The spec's figures, 30 s of it: the stalled subscribers' queues fill up to their high-water mark."""
     stalled_and_huge(tmp_path, kernels, epochs=36, attack_s=30.0)
+
+
+# -- 7. the TCP endpoint: hostile frames from authorized keys, raw connections ---------------------
+
+from fixture_targets import open_gate  # noqa: E402
+from helpers import assert_same_weights, run_config  # noqa: E402
+from kernel_process import wait_until  # noqa: E402
+from test_remote import PACED, STEPS_PER_EPOCH, connection, keys  # noqa: E402, F401 (keys: a fixture)
+from trainbus.kernel.session import run_training  # noqa: E402
+from trainbus.proto.remote import HANDSHAKE_IVL_MS  # noqa: E402
+
+TCP_EPOCHS = 2
+HELD_BEFORE_END = 5  # steps: the gate holds the run there until the attack is over, however long it takes
+CLOSE_MARGIN_S = 5.0  # past HANDSHAKE_IVL, for a loaded machine (test_remote's handshake test allows the same)
+FDS_SETTLE_S = 30.0  # the kernel closes what the attack left open within this (a bounded wait, not a figure)
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def tcp_attack(tmp_path, kernels, keys, frames: int, connections: int) -> dict:
+    """A listening run held by a gate a few steps before its end (so the attack always overlaps it), attacked
+    over TCP; then the gate opens and the run must end as an unattacked run of the same seed ends."""
+    total = TCP_EPOCHS * STEPS_PER_EPOCH
+    gate = tmp_path / "gate"
+    open_gate(gate, total - HELD_BEFORE_END)
+    kernel = KernelProcess(run_config(tmp_path / "runs", epochs=TCP_EPOCHS, target=PACED, step_sleep_s=0.02,
+                                      gate=str(gate), checkpoint_every_n_epochs=0, listen="127.0.0.1:0",
+                                      keys_dir=str(keys["dir"])), tmp_path)
+    kernels.append(kernel)
+    # the unattacked run, here while that kernel starts (torch is imported here already: a second or two)
+    reference = run_training(run_config(tmp_path / "reference", epochs=TCP_EPOCHS, target=PACED, step_sleep_s=0.0,
+                                        checkpoint_every_n_epochs=0))
+    assert reference.status == "completed", reference
+    conn = connection(kernel)
+    kernel.wait_step(1, timeout_s=60)
+    fds_before = open_fds(kernel.pid)  # the listener is up and training runs
+    seed = int(os.environ.get("TRAINBUS_TEST_SEED", random.randrange(2**32)))  # TRAINBUS_TEST_SEED=... replays it
+    attack = Attack("tcp", kernel, control=conn["control"], events=conn["events"], server_key=conn["server_key"],
+                    monitor_key=str(keys["watcher"]), control_key=str(keys["pilot"]), frames=frames,
+                    connections=connections, seed=seed, close_give_up_s=HANDSHAKE_IVL_MS / 1000 + 30)
+    kernels.append(attack)  # killed at teardown too, if the test fails halfway
+    memory = watch(kernel, attack)
+    report = attack.report(timeout_s=600)
+    kernel._check_alive()
+    fds_after_attack = open_fds(kernel.pid)  # the attacker has exited; what it opened may still be closing
+    wait_until(lambda: open_fds(kernel.pid) <= fds_before, FDS_SETTLE_S,
+               f"the kernel's open file descriptors back to their {fds_before} of before the attack", poll_s=0.1)
+    open_gate(gate, total)
+    result, events = finish(kernel)
+    figures = {**report, "seed": seed, "attack_s": round(report["end"] - report["start"], 1),
+               "fds_before": fds_before, "fds_after_attack": fds_after_attack,
+               "kernel_malformed": result["bus"].get("malformed", 0),
+               "kernel_refused": {k: v for k, v in result["bus"].items() if k.startswith("refused_")},
+               "rss_growth_mb": round((memory["rss_max"] - memory["rss_first"]) / 2**20, 1)}
+    figures.pop("start"), figures.pop("end")
+    print(f"\nHOSTILE tcp_attack: {json.dumps(figures)}")
+
+    assert report["raw_still_open"] == 0, figures
+    assert report["raw_close_s_max"] <= HANDSHAKE_IVL_MS / 1000 + CLOSE_MARGIN_S, figures
+    assert report["oversized_disconnects"] >= 1, figures
+    # every garbled message reached the kernel during the run and was dropped there (none slipped through)
+    garbled = sum(report["by_kind"].get(k, 0) for k in ("bytes", "msgpack", "multipart", "bad_envelope"))
+    assert figures["kernel_malformed"] >= 0.9 * garbled, figures
+    assert not result["outcome"]["stopped_early"] and not result["outcome"]["stop_reasons"], result["outcome"]
+    assert not of(events, "stop_requested")
+    assert_same_weights(result["run_dir"], reference.run_dir)
+    return figures
+
+
+def test_tcp_attack_short(tmp_path, kernels, keys):
+    """CI: 10^4 hostile frames over CURVE and 30 raw connections; the same checks as the spec's figures."""
+    tcp_attack(tmp_path, kernels, keys, frames=10_000, connections=30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tcp_attack_full(tmp_path, kernels, keys):
+    """The spec (issue #12): 10^5 hostile frames at the TCP control endpoint during a run and 200 raw TCP
+    connections sending garbage or nothing: the kernel stays up, the run's final weights equal an unattacked
+    run's, the connections are closed within the handshake timeout, file descriptors return to their baseline."""
+    tcp_attack(tmp_path, kernels, keys, frames=100_000, connections=200)

@@ -225,7 +225,7 @@ def test_a_vote_holds_the_kernel_at_end_epoch_boundedly_and_a_stop_before_the_ac
         short_runs, tmp_path, kernels):  # noqa: F811
     """[C54] after an event a peer votes at, the kernel waits for its ack, at most vote_timeout_s: a silent voter
     costs that much and no more; [C55] a stop sent before the ack lands at that epoch's boundary."""
-    cfg = config(short_runs, epochs=4, step_sleep_s=0.05)
+    cfg = config(short_runs, epochs=4, step_sleep_s=0.03)
     cfg.vote_timeout_s = 3.0
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
@@ -316,8 +316,14 @@ def test_durable_resume_from_is_one_past_the_last_ack_in_a_kernel_process_and_1_
     """[C74] a durable name that comes back to the same kernel is welcomed with resume_from = 1 + its last ack,
     and at once after its bye [C94];
     [C75] a new kernel process (the run resumed after kill -9) answers resume_from = 1."""
-    cfg = config(short_runs, plugins=[resolve_plugin("checkpoint", {})], epochs=3, step_sleep_s=0.03,
+    cfg = config(short_runs, plugins=[resolve_plugin("checkpoint", {})], epochs=3, step_sleep_s=0.0,
                  every_n_steps=10)
+    # Training goes as far as the gate says, however slow the box: not a batch before the first welcome (the
+    # client sees step 5 live), then to held_at_step in the killed kernel and again in the resumed one (it
+    # reads the same gate), which both wait there while the client talks to them, then to the end.
+    gate, held_at_step = tmp_path / "gate", 12
+    open_gate(gate, 0)
+    cfg.hyperparameters["gate"] = str(gate)
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
     wait_sockets(kernel)
@@ -348,6 +354,7 @@ def test_durable_resume_from_is_one_past_the_last_ack_in_a_kernel_process_and_1_
     client, welcome = durable_hello()
     try:
         assert welcome["resume_from"] == 1, welcome  # a new name
+        open_gate(gate, held_at_step)  # a checkpoint at step 10, then both kernels wait
         acked = client.wait_event(lambda e: e["type"] == "end_training_batch" and e["step"] >= 5, timeout_s=120)["seq"]
         client.send("ack", seq=acked)
         client.send("bye", reason="back soon")
@@ -377,6 +384,7 @@ def test_durable_resume_from_is_one_past_the_last_ack_in_a_kernel_process_and_1_
             client.send("bye", reason="done")
         finally:
             client.close()
+        open_gate(gate, 3 * STEPS_PER_EPOCH)
         _, stderr = resumed.communicate(timeout=180)
         assert resumed.returncode == 0, stderr
     finally:

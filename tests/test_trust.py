@@ -30,6 +30,7 @@ import msgpack
 import pytest
 import zmq
 
+from fixture_targets import open_gate
 from helpers import metrics_records_expected
 from kernel_process import KernelProcess, of, process_gone, wait_until
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
@@ -150,7 +151,11 @@ def test_stop_from_a_peer_without_a_valid_hello_is_refused_and_counted(short_run
     hello carries a wrong secret, one whose hello carries none. Each sends stop (and checkpoint_now, metric,
     log); the run trains every epoch, and each refusal is counted with its reason in summary.json."""
     epochs = 2
-    kernel = KernelProcess(config(short_runs, epochs=epochs, step_sleep_s=0.03), tmp_path)
+    cfg = config(short_runs, epochs=epochs, step_sleep_s=0.0)
+    gate = tmp_path / "gate"  # the run waits at step 20 until every refusal is in
+    open_gate(gate, 20)
+    cfg.hyperparameters["gate"] = str(gate)
+    kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
     kernel.wait_event("start_training_session", timeout_s=120)
     no_hello, wrong, missing = (Intruder(kernel.run_dir, label) for label in ("no-hello", "wrong-secret", "no-secret"))
@@ -171,6 +176,7 @@ def test_stop_from_a_peer_without_a_valid_hello_is_refused_and_counted(short_run
     finally:
         for peer in (no_hello, wrong, missing):
             peer.close()
+        open_gate(gate, epochs * STEPS_PER_EPOCH)
     assert step_when_refused < epochs * STEPS_PER_EPOCH - 5, \
         f"the stops were refused at step {step_when_refused}, too late to prove anything: pace the run slower"
     assert "say hello first" in reasons[0]
@@ -525,9 +531,12 @@ def test_another_user_can_reach_neither_sockets_nor_journal_nor_checkpoints(tmp_
         probe = base / "probe.txt"
         probe.write_text("readable by anyone\n")
         probe.chmod(0o644)
-        epochs = 3  # ~4 s of training: the probe below runs while the run is live (its sockets exist)
-        kernel = KernelProcess(config(base, [resolve_plugin("checkpoint", {})], epochs=epochs, step_sleep_s=0.03,
-                                      every_n_steps=10), tmp_path)
+        epochs = 3
+        cfg = config(base, [resolve_plugin("checkpoint", {})], epochs=epochs, step_sleep_s=0.0, every_n_steps=10)
+        gate = tmp_path / "gate"  # the run waits at step 12, live (its sockets exist), until the probe is done
+        open_gate(gate, 12)
+        cfg.hyperparameters["gate"] = str(gate)
+        kernel = KernelProcess(cfg, tmp_path)
         kernels.append(kernel)
         saved = kernel.wait_event("checkpoint_saved", timeout_s=120)
         run_dir = kernel.run_dir
@@ -556,6 +565,7 @@ def test_another_user_can_reach_neither_sockets_nor_journal_nor_checkpoints(tmp_
         assert results.pop(str(probe)) == "read" and results.pop(str(base)) == "listed", report
         assert results == {p: "PermissionError" for p in results}, report
 
+        open_gate(gate, epochs * STEPS_PER_EPOCH)
         result = kernel.result(timeout_s=120)
         assert_completed(result, epochs)
         assert refused_counters(result) == {}, result["bus"]
