@@ -55,6 +55,7 @@ class Bus:
         self.journal = journal
         self.heartbeat_interval_s = heartbeat_interval_s
         self.last_seq = journal.last_seq  # the last seq numbered
+        self.session_seq = journal.last_seq + 1  # this kernel's first: earlier ones are a continued run's past
         self._queue: collections.deque = collections.deque()  # (type, ts, step, epoch, data); step None: emit's
         self._unpublished: collections.deque = collections.deque()  # (topic, raw) numbered, not yet journaled
         self._replies: collections.deque[Reply] = collections.deque()

@@ -96,7 +96,7 @@ class Dispatcher:
         peer = self.peers.welcome(identity, msg, now, user_id)
         self.bus.send(identity, encode_control(control(
             "welcome", run=self.bus.run_id, resume_from=self.peers.resume_from(peer, self.bus.last_seq + 1),
-            heartbeat_interval_s=self.bus.heartbeat_interval_s)))
+            heartbeat_interval_s=self.bus.heartbeat_interval_s, session_seq=self.bus.session_seq)))
         self.bus.emit(ev.PLUGIN_READY, {"plugin": peer.name, "pid": peer.pid, "delivery": peer.delivery})
 
     def _on_bye(self, peer: Peer, msg: dict[str, Any]) -> None:

@@ -80,6 +80,8 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         "run": str,
         "heartbeat_interval_s": float,
         "resume_from": int,  # a durable plugin's first unacknowledged seq; 1 for a new one
+        # the first seq this kernel numbered: a final event before it ends an earlier session of a continued run
+        "session_seq": Default(int, 1),
     },
     "replay_batch": {
         "events": list,  # encoded-ready envelopes (maps), in seq order

@@ -282,6 +282,7 @@ class Runner:
         self.processed = 0
         self.last_event: Event | None = None  # the last event taken in seq order, handled or stepped over
         self.finished = False
+        self.session_seq = 1  # the first seq this kernel numbered (welcome)
         self._set_up = False  # setup() returned: only then may on_kernel_gone run
         self._ended = False  # _finish ran: teardown happens once, whichever way the plugin ends
         self._last_ack = 0.0
@@ -294,6 +295,9 @@ class Runner:
         self.io.heartbeat_interval_s = welcome["heartbeat_interval_s"]
         self.plugin.run_id = welcome["run"]
         self.next_seq = welcome["resume_from"]
+        # A continued run (--resume, torchrun restarting the group) replays its earlier sessions' final events
+        # (run_failed, end_training_session): only this kernel's own final event ends the plugin.
+        self.session_seq = welcome["session_seq"]
         early = collections.deque(item for item in early if item[0] != "event" or item[1].seq >= self.next_seq)
         # replies from the plugin's own threads (a sampler) go out at once
         self.plugin.bind_sender(self.io.send, progress=self.io.still_working)
@@ -343,15 +347,10 @@ class Runner:
         self.next_seq += 1
 
     def _on_replay(self, batch: dict[str, Any]) -> None:
-        events = batch["events"]
-        for index, event in enumerate(events):
+        for event in batch["events"]:
             if event.seq == self.next_seq:
                 self._dispatch(event)
                 self.next_seq += 1
-                if self.finished and (index + 1 < len(events) or not batch["done"]):
-                    # events after a final one: an earlier session's end, and the run was continued (--resume,
-                    # a group torchrun restarted); this kernel's session goes on
-                    self.finished = False
                 if self.finished:
                     return
                 self._maybe_ack()  # a batch is up to 512 events: ack as we go, so a kill costs little redo
@@ -387,7 +386,7 @@ class Runner:
         self.processed += 1
         if event.type in self.plugin.votes:  # the kernel is waiting for exactly this
             self.io.send(control("ack", seq=event.seq))
-        if event.type in FINAL_EVENTS:
+        if event.type in FINAL_EVENTS and event.seq >= self.session_seq:  # before it: an earlier session's end
             self.finished = True
 
     def _report_failure(self, event: Event, error: str, attempts: int, failure: Exception) -> None:

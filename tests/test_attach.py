@@ -34,7 +34,7 @@ from kernel_process import KernelProcess, wait_until
 SLOW = f"{TESTS_DIR / 'fixture_targets.py'}:digits_slowly"  # 45 batches an epoch, each batch_s late
 GATED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"  # the same, held where a gate file says (open_gate)
 STEPS_PER_EPOCH = 45
-SCREEN_TIMEOUT_S = 30.0  # a busy machine: the dashboard's start (a Python process, rich) can take seconds
+SCREEN_TIMEOUT_S = 90.0  # a busy machine: the dashboard's start (a Python process, rich) can take tens of seconds
 
 
 def live_run(runs_dir, tmp_path, kernels, epochs: int, batch_s: float, monitors: bool = True,

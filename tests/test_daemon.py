@@ -135,18 +135,20 @@ def test_the_queue_outlives_a_killed_daemon_and_a_running_run_outlives_it(tmp_pa
     kernel = int((runs / second / "kernel.pid").read_text())
     os.kill(first_pid, signal.SIGKILL)  # the daemon, during the second run
     wait_until(lambda: process_gone(first_pid), 30, "the daemon gone")
-    open_gate(gate, 10_000)
+    open_gate(gate, 4)
+    wait_until(lambda: journal.step() >= 4, WAIT_S, "the second run training on without a daemon")
     assert not process_gone(kernel), "killing the daemon stopped the run it had started"
 
-    start_daemon(daemons, runs)  # adopts the second, then starts the third once the second has ended
+    start_daemon(daemons, runs)  # adopts the second (still held at its gate), then starts the third after it
+    log = daemon_dir(runs) / "daemon.log"
+    wait_until(lambda: f"{second}: still running (pid {kernel}); adopted" in log.read_text(), 30, "the adoption")
+    open_gate(gate, 10_000)
     wait_until(lambda: listed(runs)[third]["status"] == "completed", WAIT_S, "the third run completed")
     found = listed(runs, through_cli=True)
     assert [found[i]["status"] for i in (first, second, third)] == ["completed"] * 3
     starts = [e for e in JournalTail(runs / second / JOURNAL_NAME).poll() if e.type == ev.START_TRAINING_SESSION]
     assert len(starts) == 1, "the second run was started again instead of adopted"
     assert found[third]["started_ts"] >= found[second]["ended_ts"] - 1.0, "two runs trained at once (max 1)"
-    log = (daemon_dir(runs) / "daemon.log").read_text()
-    assert f"{second}: still running (pid {kernel}); adopted" in log
 
 
 def test_two_runs_asking_for_a_gpu_each_run_at_once_on_two_devices_and_a_third_waits(tmp_path, daemons):

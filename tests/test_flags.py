@@ -262,7 +262,10 @@ def test_runs_list_and_compare_show_the_flags(flag_runs):
         assert c["status"] == "completed"
         assert isinstance(c["metrics"]["validation_loss"], float) and isinstance(c["metrics"]["training_loss"], float)
         assert c["metrics"]["best_validation_loss"] <= c["metrics"]["validation_loss"]
-    r = trainbus("runs", "compare", first[:17], second, "--runs-dir", str(runs_dir))  # a unique start of an id
+    # a unique start of an id (the runs started in the same second: their ids differ in the random part)
+    others = [p.name for p in runs_dir.iterdir() if p.is_dir() and p.name != first]
+    prefix = next(first[:n] for n in range(16, len(first) + 1) if not any(o.startswith(first[:n]) for o in others))
+    r = trainbus("runs", "compare", prefix, second, "--runs-dir", str(runs_dir))
     assert r.returncode == 0, r.stderr
     header, *lines = r.stdout.splitlines()
     assert header.split()[:9] == ["run", "status", "target", "lr", "epochs", "width", "shuffle", "tag", "env_out"]

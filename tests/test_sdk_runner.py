@@ -52,7 +52,7 @@ class FakeKernelIO:
     has taken live), in batches of `batch` events."""
 
     def __init__(self, events_endpoint, control_endpoint, topics, hello, handler_timeout_s, kernel_pid, secure,
-                 resume_from: int = 1, batch: int = 2, journal: list[Event] = JOURNAL):
+                 resume_from: int = 1, batch: int = 2, journal: list[Event] = JOURNAL, session_seq: int = 1):
         self.topics, self.hello, self.journal = topics, hello, journal
         self.inbox = _Inbox(self._taken)
         self.wake = threading.Condition()
@@ -65,7 +65,8 @@ class FakeKernelIO:
         self.published = 0
         self.batch = batch
         self.pending: list = []  # live events held back until the first replay request (durable)
-        self.inbox.append(("control", control("welcome", run=RUN, heartbeat_interval_s=1.0, resume_from=resume_from)))
+        self.inbox.append(("control", control("welcome", run=RUN, heartbeat_interval_s=1.0, resume_from=resume_from,
+                                              session_seq=session_seq)))
 
     def live(self, seqs) -> FakeKernelIO:
         items = [("event", self.journal[seq - 1]) for seq in seqs]
@@ -191,8 +192,14 @@ def test_an_earlier_sessions_end_replayed_in_a_continued_run_is_not_the_end():
     # a run that failed, then went on in place (--resume, a group torchrun restarted): one journal, two sessions
     continued = JOURNAL[:3] + [event(4, "run_failed"), event(5, "start_training_session"),
                                event(6, "end_training_session")]
-    runner, _ = run(Seen(), [5, 6], journal=continued)
+    runner, _ = run(Seen(), [5, 6], journal=continued, session_seq=5)
     assert runner.plugin.seen == [(e.seq, e.type) for e in continued] and runner.finished
+
+
+def test_this_sessions_final_event_ends_a_replay_though_heartbeats_were_numbered_after_it():
+    ended = JOURNAL[:3] + [event(4, "end_training_session"), event(5, "heartbeat"), event(6, "heartbeat")]
+    runner, _ = run(Seen(), [5, 6], journal=ended, batch=8)
+    assert runner.plugin.seen == [(e.seq, e.type) for e in ended[:4]] and runner.finished
 
 
 def test_acks_rise_and_end_at_the_last_event_handled():
