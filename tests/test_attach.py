@@ -71,8 +71,11 @@ def tmux():
 
     class Tmux:
         def start(self, command: str) -> None:
+            # the pane's size is the terminal's: COLUMNS/LINES from the test's environment (pytest-xdist's
+            # workers have them) would make rich draw for another size
+            env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
             subprocess.run(["tmux", "-L", server, "new-session", "-d", "-x", "200", "-y", "60", command],
-                           check=True, timeout=30, env=os.environ)
+                           check=True, timeout=30, env=env)
 
         def keys(self, *keys: str) -> None:
             subprocess.run(["tmux", "-L", server, "send-keys", *keys], check=True, timeout=30)

@@ -48,8 +48,10 @@ def _attack_main(mode: str, params: dict) -> dict:
 
     ctx = zmq.Context()
     run_dir = Path(params["run_dir"])
-    control_endpoint = f"ipc://{run_dir / 'control.sock'}"
-    events_endpoint = f"ipc://{run_dir / 'events.sock'}"
+    from trainbus.sdk.attach import target_of
+
+    target = target_of(str(run_dir))  # the run directory's sockets, or where kernel.log says (a path too long)
+    control_endpoint, events_endpoint = target.control, target.events
 
     def pack(type_: str, **fields) -> bytes:
         return msgpack.packb({"v": 1, "type": type_, **fields}, use_bin_type=True)
