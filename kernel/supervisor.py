@@ -24,14 +24,6 @@ HEARTBEAT_LIVENESS = 3
 # STARTUP_CPU_S of its own CPU time, or STARTUP_TIMEOUT_S of wall time, whichever comes first.
 STARTUP_CPU_S = 30.0
 STARTUP_TIMEOUT_S = 180.0
-# Silent past the liveness window with a thread runnable (or in disk I/O) and using CPU is busy or starved, not
-# stuck: a thread holding the GIL in C code (torch.save at nice 10 beside two CPU burners kept a checkpoint
-# plugin's I/O thread from heartbeating for seconds, and it was killed mid-write again and again). Such a plugin
-# gets another window while it uses at least SILENT_PROGRESS_CPU_S of CPU per window, up to SILENT_BUSY_MAX_S
-# of silence. A stopped (SIGSTOP), blocked or deadlocked process is hung at the first window, as before; an
-# SDK plugin whose handler spins past handler_timeout_s (60 s) is hung SILENT_BUSY_MAX_S later than before.
-SILENT_PROGRESS_CPU_S = 0.01
-SILENT_BUSY_MAX_S = 30.0
 TERM_GRACE_S = 1.0  # SIGTERM -> SIGKILL for a hung or leftover plugin
 # SIGTERM -> SIGKILL for a plugin its owner detached: it finishes its teardown (a log's last flush, a checkpoint
 # being written, an outbox's last mail attempt) in this time; the SDK's teardown normally takes milliseconds.
@@ -69,9 +61,6 @@ class Processes:
     def cpu_seconds(self, pid: int) -> float:
         return _cpu_seconds(pid)
 
-    def runnable(self, pid: int) -> bool:
-        return _any_thread_working(pid)
-
 
 @dataclass
 class PluginSpec:
@@ -100,8 +89,6 @@ class Child:
     leaving: bool = False  # said bye: an exit is on purpose
     restarts: int = 0
     crashes: list = field(default_factory=list)  # human-readable reasons, for the run summary
-    busy_cpu: float | None = None  # silent but working: its CPU seconds when last given another window
-    busy_until: float = 0.0  # ... and when that window ends
     # detach(): called with the exit code once the detached process is gone (None: there was no process to stop)
     on_detached: Callable[[int | None], None] | None = None
 
@@ -133,7 +120,6 @@ class Supervisor:
         child = self.children.get(name)
         if child and child.proc and pid == child.proc.pid:
             child.last_seen = now
-            child.busy_cpu = None
             if child.state == "starting":
                 child.state = "running"
 
@@ -195,7 +181,7 @@ class Supervisor:
         deadlines = [float("inf")]
         for c in self.children.values():
             if c.state == "running":
-                deadlines.append(max(c.last_seen + self.liveness_s, c.busy_until if c.busy_cpu is not None else 0))
+                deadlines.append(c.last_seen + self.liveness_s)
             elif c.state == "backoff":
                 deadlines.append(c.next_start_at)
             elif c.state in ("terminating", "detaching"):
@@ -282,26 +268,12 @@ class Supervisor:
             return
         if self.stopping:
             return
-        if child.state == "running" and now - child.last_seen > self.liveness_s and not self._busy(child, now):
-            busy = f", busy for the last {now - child.last_seen - self.liveness_s:.0f} s" if child.busy_cpu else ""
-            self._declare_hung(child, now, f"silent for {now - child.last_seen:.1f} s{busy}")
+        if child.state == "running" and now - child.last_seen > self.liveness_s:
+            self._declare_hung(child, now, f"silent for {now - child.last_seen:.1f} s")
         elif child.state == "starting" and now - child.started_at > STARTUP_CPU_S:
             cpu_s = self.processes.cpu_seconds(child.proc.pid)
             if cpu_s > STARTUP_CPU_S or now - child.started_at > STARTUP_TIMEOUT_S:
                 self._declare_hung(child, now, f"no hello after {now - child.started_at:.0f} s ({cpu_s:.1f} s of CPU)")
-
-    def _busy(self, child: Child, now: float) -> bool:
-        """Silent past its window, but runnable and using CPU (SILENT_PROGRESS_CPU_S): another window, up to
-        SILENT_BUSY_MAX_S of silence."""
-        if child.busy_cpu is not None and now <= child.busy_until:
-            return True
-        if now - child.last_seen > SILENT_BUSY_MAX_S or not self.processes.runnable(child.proc.pid):
-            return False
-        cpu = self.processes.cpu_seconds(child.proc.pid)
-        if child.busy_cpu is not None and cpu - child.busy_cpu < SILENT_PROGRESS_CPU_S:
-            return False
-        child.busy_cpu, child.busy_until = cpu, now + self.liveness_s
-        return True
 
     def _declare_hung(self, child: Child, now: float, why: str) -> None:
         self.emit(ev.PLUGIN_HUNG, {"plugin": child.spec.name, "pid": child.proc.pid, "reason": why})
@@ -365,27 +337,6 @@ def _lower_priority(pid: int) -> None:
         os.setpriority(os.PRIO_PROCESS, pid, max(PLUGIN_NICE, os.getpriority(os.PRIO_PROCESS, pid)))
     except OSError:  # not permitted: plugins run at the kernel's priority
         pass
-
-
-def _any_thread_working(pid: int) -> bool:
-    """Whether any thread of the process is running or waiting for a CPU (R) or in disk I/O (D). Every thread:
-    the process's own state is its main thread's, which sleeps while a writer thread does the work."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:  # not Linux, or gone
-        try:
-            return psutil.Process(pid).status() in (psutil.STATUS_RUNNING, psutil.STATUS_DISK_SLEEP)
-        except psutil.Error:
-            return False
-    for tid in tasks[:256]:  # bounded: a plugin with more threads than that is judged on its first 256
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                state = f.read().rpartition(b")")[2].split(maxsplit=1)[0]  # after "(comm)", which may hold spaces
-        except (OSError, IndexError):
-            continue
-        if state in (b"R", b"D"):
-            return True
-    return False
 
 
 def _cpu_seconds(pid: int) -> float:
