@@ -88,8 +88,10 @@ class Stopper(Plugin):
 
 
 class StopAtStep(Plugin):
-    """Replies stop once, at a given step: a stop in the middle of an epoch."""
+    """Replies stop once, at a given step: a stop in the middle of an epoch. Durable: on a busy box a
+    best-effort plugin may start after that step, or have it dropped, and never stop the run."""
 
+    delivery = DURABLE
     settings = {"step": 8}
 
     def on_end_training_batch(self, event):
@@ -98,8 +100,9 @@ class StopAtStep(Plugin):
 
 
 class CheckpointAtStep(Plugin):
-    """Replies checkpoint_now once, at a given step."""
+    """Replies checkpoint_now once, at a given step (durable, as StopAtStep)."""
 
+    delivery = DURABLE
     settings = {"step": 8}
 
     def on_end_training_batch(self, event):
