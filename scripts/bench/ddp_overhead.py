@@ -164,9 +164,11 @@ def main() -> int:
                 per_rep[variant].append(run_mean(stamps))
             print(f"  rep {rep + 1}/{args.reps}: "
                   + ", ".join(f"{v} {per_rep[v][-1] * 1e6:.0f}" for v in VARIANTS) + " us/step", flush=True)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+    except BaseException:  # a failed launch: its output stays for whoever reads the error
+        print(f"kept {workdir} for its output.log", file=sys.stderr)
+        raise
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
     over = {v: median([a / b for a, b in zip(per_rep[v], per_rep[BARE])]) - 1 for v in VARIANTS}
     rows = [[v, f"{median(per_rep[v]) * 1e6:.0f}", f"{min(per_rep[v]) * 1e6:.0f}-{max(per_rep[v]) * 1e6:.0f}",
              "-" if v == BARE else f"{over[v] * 100:+.1f} %"] for v in VARIANTS]
