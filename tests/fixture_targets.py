@@ -144,7 +144,6 @@ def probed_digits(hyperparameters: dict):
     return spec
 
 
-
 class _SaysDevices:
     """A loader that, as training starts, writes the CUDA_VISIBLE_DEVICES its process was given to
     RUN_DIR/devices.txt (the run directory exists by then; at build time it does not yet)."""
