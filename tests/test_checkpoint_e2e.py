@@ -212,9 +212,13 @@ def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels):
 
     def saved_in_epoch_2() -> bool:
         """Once a checkpoint of epoch 2 is on disk; till then epoch 2 goes on a checkpoint interval at a time (one
-        due while the previous one is still being written is skipped, so the next must be let through)."""
+        due while the previous one is still being written is skipped, so the next must be let through), from the
+        time the checkpoint plugin is ready: training never waits for a plugin, and on a busy machine its start
+        (importing torch) can outlast an epoch."""
         nonlocal held_at
         events = kernel.journal.poll()
+        if not of(events, "plugin_ready", "checkpoint"):
+            return False
         settled = {e.data["seq"] for e in of(events, "checkpoint_saved") + of(events, "checkpoint_failed")}
         if any(e.data["epoch"] == 2 for e in of(events, "checkpoint_saved")):
             return True
@@ -224,7 +228,7 @@ def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels):
             open_gate(gate, held_at)
         return False
 
-    wait_until(saved_in_epoch_2, 60, "a checkpoint of epoch 2")
+    wait_until(saved_in_epoch_2, 120, "a checkpoint of epoch 2")
     kernel.kill()
     killed_at = kernel.journal.step()
     before = kernel.journal.poll()[-1].seq
