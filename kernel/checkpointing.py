@@ -44,6 +44,9 @@ class Checkpointer:
         self._slot_seq: dict[int, int] = {}  # slot -> seq of the save_checkpoint using it
         self._settled: dict[int, set[str]] = {}  # save_checkpoint seq -> persisters that reported on it
         self._recent: collections.deque[int] = collections.deque(maxlen=RECENT_SAVES)
+        # Set by the bus thread when a persister says hello; read by the training thread, which prepares the
+        # buffers then (a persister importing torch is often not ready at the first step).
+        self.persister_seen = False
 
     # -- the training thread ----------------------------------------------------------------------
 
@@ -73,6 +76,10 @@ class Checkpointer:
         self.buffers.close()
 
     # -- the bus thread ---------------------------------------------------------------------------
+
+    def welcomed(self, peer) -> None:
+        if "checkpoint" in peer.capabilities:
+            self.persister_seen = True
 
     def numbered(self, seq: int, data: dict[str, Any]) -> None:
         """A save_checkpoint event got its seq."""

@@ -94,6 +94,8 @@ class Dispatcher:
 
     def _on_hello(self, identity: bytes, msg: dict[str, Any], now: float, user_id: str) -> None:
         peer = self.peers.welcome(identity, msg, now, user_id)
+        if self.checkpointer is not None:
+            self.checkpointer.welcomed(peer)
         self.bus.send(identity, encode_control(control(
             "welcome", run=self.bus.run_id, resume_from=self.peers.resume_from(peer, self.bus.last_seq + 1),
             heartbeat_interval_s=self.bus.heartbeat_interval_s, session_seq=self.bus.session_seq)))

@@ -88,7 +88,7 @@ class Loop:
         self.epoch_rng_state: dict[str, Any] = {}  # RNG as the epoch's data iterator was created
         self._resume: dict[str, Any] | None = None  # mid-epoch resume state, used once
         self._deferred_checkpoint: str | None = None  # asked for mid-accumulation: taken at the next optimizer step
-        self._size_known = checkpointer is None  # the state's full size is known after the first optimizer step
+        self._buffers_asked = checkpointer is None  # once the state's full size is known and a persister is here
         self._held: list = []  # across ranks: rank 0's replies until the ranks next agree
         self._loaded_from: str | None = None
 
@@ -169,8 +169,9 @@ class Loop:
                     self.metric_totals[name] = self.metric_totals[name] + self._value(fn(outputs, targets))
             self._publish(ev.END_TRAINING_BATCH, batch_index=batch_index, batch_size=len(targets), loss=loss_value,
                           training_loss_total=self.loss_total, training_batch_count=self.batches_done)
-            if not self._size_known and not stepper.pending:  # once: Adam's moments exist from the first step on
-                self._size_known = True
+            # Once: Adam's moments exist from the first step on, and the buffers are for a persister's use.
+            if not self._buffers_asked and not stepper.pending and self.checkpointer.persister_seen:
+                self._buffers_asked = True
                 self.checkpointer.prepare(self.training_state(epoch_complete=False))
             # replies, checkpoints and Ctrl-C act here, between steps, and at the epoch's end
             if self._step_boundary(self.bus.take_replies()):

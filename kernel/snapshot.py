@@ -8,10 +8,13 @@ never overwrites one still being written; when both are busy the snapshot is ski
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import mmap
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,10 +23,13 @@ import torch
 
 from trainbus.proto.checkpoint_format import ALIGN, HEADER_BYTES, ITEMS_KEY, TENSOR_KEY, TUPLE_KEY, pack_header
 
+log = logging.getLogger(__name__)
+
 SLOTS = 2
 SHM_DIR = Path("/dev/shm")
 PREPARER = Path(__file__).with_name("_prepare_buffers.py")
 PREPARE_TIMEOUT_S = 120.0  # a preparer that takes longer is killed; the first snapshot allocates for itself
+MADV_POPULATE_WRITE = 23  # Linux 5.14+ (asm-generic/mman-common.h); older kernels say EINVAL and the copy faults
 
 
 @dataclass
@@ -60,12 +66,15 @@ class SnapshotBuffers:
 
     Both slots are allocated and their pages written by a process of their own (kernel/_prepare_buffers.py),
     started by prepare() once the state's size is known (the loop calls it after the first optimizer
-    step, when Adam's moments exist); the first snapshot waits for it if it is still at work, and maps
-    what it made. A fresh page costs the first writer; made by another process, the kernel's copy only
-    maps existing pages. Measured (scripts/bench/checkpoint_stall.py, docs/benchmarks.md): allocating
-    and paging in both slots inside the first snapshot stalled it 0.7-4.5 s (805 MB, 10-60x the
-    copy); a background thread doing it stalled training's steps instead (mmap_lock, the GIL).
-    Without prepare() (a snapshot before the first step), take() allocates both slots itself.
+    step, when Adam's moments exist, or later when a persister first says hello). A thread here waits
+    for it, maps what it made and fills the mapping's page tables (MADV_POPULATE_WRITE, through ctypes,
+    so without the GIL); the first snapshot joins that thread, normally long done. A fresh page costs
+    its first writer, and a page not yet mapped here costs the copy a fault: measured
+    (scripts/bench/checkpoint_stall.py, docs/benchmarks.md), allocating and paging in both slots inside
+    the first snapshot stalled it 0.7-4.5 s (805 MB, 10-60x the copy); a background thread allocating
+    them stalled training's steps instead (mmap_lock, the GIL); pages made by the preparer but faulted
+    in by the copy, 2.1x the copy. Without prepare() (a snapshot before the first step), take()
+    allocates both slots itself.
     """
 
     def __init__(self, run_id: str, directories: list[Path]):
@@ -76,34 +85,47 @@ class SnapshotBuffers:
         self.name = f"trainbus-{os.getpid()}-{run_id}"
         self._buffers: list[_Buffer | None] = [None] * SLOTS
         self._next_id = 1
-        self._preparer: tuple[subprocess.Popen, int] | None = None  # (process, bytes a slot) while it works
+        self._preparer: subprocess.Popen | None = None
+        self._adopter: threading.Thread | None = None  # waits for the preparer, maps and populates its buffers
 
     def prepare(self, state: dict[str, Any]) -> None:
         """Have both slots made for a state like this one, in another process, unless they exist or are underway."""
-        if self._preparer is not None or any(self._buffers) or not self.directories:
+        if self._adopter is not None or any(self._buffers) or not self.directories:
             return
         nbytes = _layout(_tensors(state))[1]
-        process = subprocess.Popen([sys.executable, "-I", str(PREPARER), str(nbytes), self.name,
-                                    *map(str, self.directories)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                   stdin=subprocess.DEVNULL, text=True)
-        self._preparer = (process, nbytes)
+        self._preparer = subprocess.Popen([sys.executable, "-I", str(PREPARER), str(nbytes), self.name,
+                                           *map(str, self.directories)], stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+        self._adopter = threading.Thread(target=self._adopt_prepared, args=(self._preparer, nbytes),
+                                         name="trainbus-snapshot-buffers", daemon=True)
+        self._adopter.start()
 
-    def _adopt_prepared(self) -> None:
-        """Map what the preparer made (waiting for it if it is still at work); a slot it could not make is
-        allocated by _buffer() as before, which names the places tried."""
-        process, nbytes = self._preparer
-        self._preparer = None
+    def _adopt_prepared(self, process: subprocess.Popen, nbytes: int) -> None:
+        """(Its own thread.) Map what the preparer made and fill the page tables; a slot it could not make is
+        allocated by _buffer() as before, which names the places tried. take() reads the slots once this ends."""
         try:
             out = process.communicate(timeout=PREPARE_TIMEOUT_S)[0]
         except subprocess.TimeoutExpired:
             process.kill()
-            out = process.communicate()[0]
+            process.communicate()
+            self._remove_prepared()
+            return
+        if process.returncode != 0:  # killed by close(), or failed: whatever it made is not to be used
             self._remove_prepared()
             return
         for line in out.splitlines():
             slot, _, path = line.partition(" ")
-            if slot.isdigit() and int(slot) < SLOTS and not path.startswith("error") and self._buffers[int(slot)] is None:
-                self._buffers[int(slot)] = _Buffer(Path(path), nbytes, _map(Path(path), nbytes))
+            if slot.isdigit() and int(slot) < SLOTS and not path.startswith("error"):
+                buffer = _Buffer(Path(path), nbytes, _map(Path(path), nbytes))
+                _populate(buffer.tensor)
+                self._buffers[int(slot)] = buffer
+                log.info("snapshot buffer %s: %.0f MB, made before the first snapshot by a preparer process", path,
+                         nbytes / 1e6)
+
+    def _join_adopter(self) -> None:
+        if self._adopter is not None:
+            self._adopter.join()
+            self._adopter = self._preparer = None
 
     def _remove_prepared(self) -> None:
         for directory in self.directories:
@@ -117,11 +139,13 @@ class SnapshotBuffers:
         slot = next((i for i in range(SLOTS) if is_free(i)), None)
         if slot is None:
             return None
-        if self._preparer is not None:
-            self._adopt_prepared()
+        self._join_adopter()
         tensors: list[torch.Tensor] = []
         tree = _flatten(state, tensors)
         layout, offset = _layout(tensors)
+        if not any(self._buffers):
+            log.info("snapshot buffers: %.0f MB each, allocated by the run's first snapshot (no persister was ready "
+                     "to have them made before it)", offset / 1e6)
         buffer = self._buffer(slot, offset)
         data = buffer.tensor
         data[:HEADER_BYTES].zero_()  # no id while the copy runs: a reader can tell a torn snapshot
@@ -174,10 +198,8 @@ class SnapshotBuffers:
 
     def close(self) -> None:
         if self._preparer is not None:
-            self._preparer[0].kill()
-            self._preparer[0].communicate()
-            self._preparer = None
-            self._remove_prepared()
+            self._preparer.kill()  # the adopter thread sees it fail and removes what it made
+        self._join_adopter()
         for buffer in self._buffers:
             if buffer is not None:
                 buffer.path.unlink(missing_ok=True)
@@ -202,6 +224,16 @@ def _map(path: Path, nbytes: int) -> torch.Tensor:
     finally:
         os.close(fd)
     return torch.frombuffer(mapping, dtype=torch.uint8)
+
+
+def _populate(data: torch.Tensor) -> None:
+    """Map every page of a prepared buffer writable now, in this (non-training) thread: ctypes drops the GIL for
+    the call, and the pages exist, so this is page-table work only. Not possible here: the copy faults them in."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(data.data_ptr()), ctypes.c_size_t(data.numel()), MADV_POPULATE_WRITE)
+    except (OSError, AttributeError):  # no libc to load (not Linux)
+        pass
 
 
 def remove_stale_buffers(directory: Path) -> None:

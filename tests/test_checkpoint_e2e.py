@@ -257,6 +257,28 @@ def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels):
     assert_same_weights(kernel.run_dir, reference.run_dir)
 
 
+def test_snapshot_buffers_are_prepared_for_a_persister_that_says_hello_after_the_first_step(tmp_path, kernels):
+    """The buffers are made by a preparer process before the first snapshot even when the checkpoint plugin is
+    not there at the first step (the loop used to ask for them at that step only, so a late persister's first
+    snapshot allocated and paged in both buffers on the training thread: seconds for a large model)."""
+    gate = tmp_path / "gate"
+    open_gate(gate, 3)
+    cfg = config(tmp_path / "runs", [checkpointer()], 1, target=PACED, every_n_epochs=1, step_sleep_s=0.0,
+                 gate=str(gate))
+    cfg.ready_timeout_s = 0.0  # training starts at once, before the plugin has imported torch
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_step(3, timeout_s=STARTUP_S)
+    kernel.wait_ready("checkpoint", timeout_s=STARTUP_S)
+    assert of(kernel.journal.poll(), "plugin_ready", "checkpoint")[0].step >= 1, "the persister came after step 1"
+    open_gate(gate, STEPS_PER_EPOCH)
+    assert kernel.result(timeout_s=STARTUP_S)["status"] == "completed"
+    assert of(read_events(kernel.run_dir), "checkpoint_saved"), "the epoch's checkpoint was written"
+    log = (kernel.run_dir / "kernel.log").read_text()
+    assert "made before the first snapshot by a preparer process" in log, log
+    assert "allocated by the run's first snapshot" not in log, log
+
+
 # -- 2. kill -9 the checkpoint plugin while it writes ----------------------------------------------
 
 
