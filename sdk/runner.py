@@ -270,8 +270,10 @@ class Runner:
         self.io = make_io(events_endpoint, control_endpoint, topics, hello, plugin.handler_timeout_s, kernel_pid,
                           secure)
         self.counts_gaps = topics == [""]
-        # A plugin with on_event handles every type, heartbeats included (a replay hands them over too).
-        self.wants_heartbeats = bool({ev.HEARTBEAT, ""} & set(wanted))
+        # What is dispatched; the rest (a durable plugin is sent every seq, a best-effort one heartbeats) is
+        # stepped over in order, without a handler call: a durable plugin that handles a few types then costs
+        # training little per step. A plugin with on_event handles every type, heartbeats included.
+        self.wanted = None if "" in wanted else frozenset(wanted) | FINAL_EVENTS | frozenset(plugin.votes)
         self.next_seq = 0  # durable: the next seq to process; best-effort: the next expected
         self.replaying = False
         self.gaps = 0
@@ -321,7 +323,7 @@ class Runner:
     # -- ordering ---------------------------------------------------------------------------------
 
     def _on_live(self, event: Event) -> None:
-        unwanted = event.type == ev.HEARTBEAT and not self.wants_heartbeats
+        unwanted = self.wanted is not None and event.type not in self.wanted
         if not self.durable:
             if unwanted:  # not for this plugin, but its seq is no gap: step over it
                 self.next_seq = event.seq + 1
@@ -349,7 +351,10 @@ class Runner:
     def _on_replay(self, batch: dict[str, Any]) -> None:
         for event in batch["events"]:
             if event.seq == self.next_seq:
-                self._dispatch(event)
+                if self.wanted is None or event.type in self.wanted:
+                    self._dispatch(event)
+                else:
+                    self.last_event = event
                 self.next_seq += 1
                 if self.finished:
                     return

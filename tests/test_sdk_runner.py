@@ -188,6 +188,26 @@ def test_resume_from_skips_what_was_acknowledged_before_a_restart():
     assert io.of("replay")[0]["from_seq"] == 5
 
 
+def test_a_durable_plugin_steps_over_what_it_does_not_handle_without_a_handler_call_and_acks_it_all():
+    class EpochsOnly(Plugin):
+        delivery = DURABLE
+
+        def setup(self):
+            self.calls = []
+
+        def handle(self, event):  # every dispatch, handled type or not
+            self.calls.append(event.type)
+            super().handle(event)
+
+        def on_end_epoch(self, event):
+            pass
+
+    runner, io = run(EpochsOnly(), [1, 2, 4, 5, 6, 7, 8])  # 3 (a heartbeat) missed: still a gap, replayed
+    assert runner.plugin.calls == ["end_epoch", "end_training_session"]  # the final event always
+    assert runner.gaps == 1 and runner.next_seq == 9 and io.of("ack")[-1]["seq"] == 8
+    assert runner.last_event.seq == 8
+
+
 def test_an_earlier_sessions_end_replayed_in_a_continued_run_is_not_the_end():
     # a run that failed, then went on in place (--resume, a group torchrun restarted): one journal, two sessions
     continued = JOURNAL[:3] + [event(4, "run_failed"), event(5, "start_training_session"),
