@@ -31,6 +31,9 @@ log = logging.getLogger("trainbus.kernel")
 # bus at once. Each wake-up costs training the GIL and every plugin a wake of its own (~35 us a message on
 # a busy 2-core box, DESIGN.md); 100 ms bursts cost the tiny MLP ~2 points less than 20 ms (docs/benchmarks.md).
 FLUSH_INTERVAL_S = 0.1
+# The loop's per-step events carry only numbers it made (batch index and size, losses, counts): their bytes
+# need no decode to prove a peer can read them. 2 us of the bus thread's GIL an event, each step twice.
+STEP_EVENTS = frozenset({ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH})
 # Per subscriber. With every plugin-made string capped (kernel/limits.py) an event is at most ~17 KiB and
 # usually ~200 B, so a stalled subscriber holds a few MB; a PUB queue past this drops (durable plugins replay).
 EVENTS_HWM = 10_000
@@ -243,7 +246,7 @@ class Bus:
             self.last_seq += 1
             event = Event(self.last_seq, self.run_id, type_, ts, step, epoch, data)
             try:
-                raw = encode_event(event)
+                raw = encode_event(event, check=type_ not in STEP_EVENTS)
             except ProtocolError as exc:  # a user metric of an odd type: keep the seq, say why
                 event = Event(self.last_seq, self.run_id, type_, ts, step, epoch,
                               {"error": f"event data not encodable: {exc}"})
