@@ -17,6 +17,12 @@ from trainbus.kernel.session import FINAL_WEIGHTS
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
 
+# A plugin's start (Python, its imports, torch for some) beside two CPU burners on 2 cores took over the kernel's
+# default 15 s ready_timeout_s, and training went on without it. Tests whose checks need their plugins from the
+# first step wait this long for them; the kernel starts as soon as every plugin said hello.
+PLUGIN_START_S = 120.0
+
+
 def run_config(runs_dir: str | Path, plugins=(), epochs: int | None = 1, target: str | None = None,
                **settings) -> RunConfig:
     """A run on the CPU, seed 0, in `runs_dir`: each of `settings` that names a RunConfig field sets it

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from fixture_targets import open_gate, paced_digits
-from helpers import assert_same_weights, run_config, seeded_rng
+from helpers import PLUGIN_START_S, assert_same_weights, run_config, seeded_rng
 from kernel_process import KernelProcess, of, process_gone, wait_until
 from trainbus.kernel.checkpointing import find_checkpoint, load_checkpoint
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
@@ -67,9 +67,11 @@ def heavy_digits(hyperparameters: dict):
 
 def config(runs: Path, plugins=(), epochs: int = 3, target: str | None = None, every_n_steps: int = 0,
            every_n_epochs: int = 0, **settings) -> RunConfig:
-    """run_config with checkpoints only where asked for, and a longer drain (a checkpoint plugin catching up)."""
+    """run_config with checkpoints only where asked for, a longer drain (a checkpoint plugin catching up), and the
+    plugins waited for before training (a snapshot is taken only while a persister is there)."""
     return run_config(runs, plugins, epochs, target, checkpoint_every_n_steps=every_n_steps,
-                      checkpoint_every_n_epochs=every_n_epochs, drain_timeout_s=60, **settings)
+                      checkpoint_every_n_epochs=every_n_epochs, drain_timeout_s=60,
+                      **{"ready_timeout_s": PLUGIN_START_S, **settings})
 
 
 def checkpointer(**settings):
@@ -312,7 +314,6 @@ def kill_the_checkpoint_plugin_while_it_writes(tmp_path: Path, kernels: list, he
     gate = tmp_path / "gate"  # training goes only as far as the test lets it: the kills land before the run ends
     cfg = config(tmp_path / "runs", [checkpointer(max_total=3)], epochs, target=HEAVY, every_n_steps=5,
                  step_sleep_s=0.02, gate=str(gate))
-    cfg.ready_timeout_s = STARTUP_S  # a persister live from the first step
     kernel = KernelProcess(cfg, tmp_path)
     reference = heavy_reference(epochs)  # started now, if not already run: it trains while this run starts
     kernels.append(kernel)
@@ -530,7 +531,6 @@ def test_no_room_for_a_snapshot_buffer_skips_that_checkpoint_and_training_comple
     # copy into a sparse file on a full tmpfs killed training with SIGBUS.
     cfg = config(tmp_path / "runs", [checkpointer()], epochs=2, every_n_epochs=1)
     cfg.snapshot_dir = str(mount_tmpfs("shm", 16 * 1024))
-    cfg.ready_timeout_s = STARTUP_S  # snapshots are taken only while a persister is live: it is, from the first step
     result = run_training(cfg)
 
     assert result.status == "completed" and result.outcome["epochs_completed"] == 2

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import trainbus_cmd
 from fixture_plugins import Poison
-from helpers import recorded
+from helpers import PLUGIN_START_S, recorded
 from kernel_process import KernelProcess, of, wait_until
 from trainbus.kernel.config import PluginConfig, RunConfig
 from trainbus.kernel.journal import read_events
@@ -256,6 +256,7 @@ def test_a_plugin_whose_log_and_dead_letters_cannot_be_written_goes_on(tmp_path,
     (full / "stderr.log").touch()
     record = tmp_path / "handled.txt"
     cfg = RunConfig(epochs=2, seed=0, device="cpu", runs_dir=str(tmp_path / "runs"), checkpoint_every_n_epochs=0,
+                    ready_timeout_s=PLUGIN_START_S,  # every event handled: the plugin is there from the first
                     plugins=[PluginConfig("poison", "test_disk_full:FullDiskPoison",
                                           {"path": str(record), "poison_type": "end_epoch", "full_dir": str(full)})])
     with Filler(full):

@@ -30,6 +30,7 @@ from trainbus.proto import Event
 from trainbus.sdk import Harness
 
 from conftest import TESTS_DIR
+from helpers import PLUGIN_START_S
 from stand_in_kernel import StandInKernel
 
 INTERVAL_S = 0.5
@@ -404,7 +405,8 @@ def test_disk_low_space_in_a_real_run_triggers_a_checkpoint(tmp_path):
     disk = resolve_plugin("disk", {"interval_s": 0.2, "min_free_gib": 1e9})
     checkpoint = resolve_plugin("checkpoint", {})
     result = run_training(RunConfig(target=TIMED, epochs=2, runs_dir=str(tmp_path), plugins=[disk, checkpoint],
-                                    hyperparameters={"epoch_s": 0.5}, checkpoint_every_n_epochs=0))
+                                    hyperparameters={"epoch_s": 0.5}, checkpoint_every_n_epochs=0,
+                                    ready_timeout_s=PLUGIN_START_S))
     assert result.status == "completed"
     events = read_events(result.run_dir)
     warnings = [e for e in events if e.type == "log" and e.data.get("plugin") == "disk"]

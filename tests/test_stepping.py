@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import trainbus_cmd
-from helpers import assert_same_weights
+from helpers import PLUGIN_START_S, assert_same_weights
 from trainbus.kernel.config import RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
@@ -113,7 +113,8 @@ def test_resume_inside_an_accumulation_cycle_is_exact(tmp_path):
     def config(runs: Path, resume: str = "") -> RunConfig:
         return RunConfig(target=f"{SPECS}:tiny", epochs=3, device="cpu", runs_dir=str(runs), resume=resume,
                          plugins=[resolve_plugin("checkpoint", {"save_top_k": -1})], accumulate_grad_batches=2,
-                         checkpoint_every_n_steps=1, checkpoint_every_n_epochs=0, drain_timeout_s=60)
+                         checkpoint_every_n_steps=1, checkpoint_every_n_epochs=0, drain_timeout_s=60,
+                         ready_timeout_s=PLUGIN_START_S)
 
     reference = run_training(config(tmp_path / "reference"))
     assert reference.status == "completed"
