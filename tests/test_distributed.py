@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from conftest import TESTS_DIR, trainbus_cmd
-from helpers import assert_same_weights, free_port, seeded_rng
+from helpers import PLUGIN_START_S, assert_same_weights, free_port, seeded_rng
 from kernel_process import wait_until
 from trainbus.kernel.journal import read_events
 from trainbus.proto import JOURNAL_NAME
@@ -93,7 +93,8 @@ def reference(tmp_path_factory) -> tuple[list[str], Path]:
     without a break: its arguments, and its run directory."""
     where = tmp_path_factory.mktemp("reference")
     config = where / "run.toml"
-    config.write_text("[run]\ncheckpoint_every_n_steps = 8\ncheckpoint_every_n_epochs = 0\n")
+    config.write_text(f"[run]\ncheckpoint_every_n_steps = 8\ncheckpoint_every_n_epochs = 0\n"
+                      f"ready_timeout_s = {PLUGIN_START_S}\n")  # checkpoints from the first steps on
     args = ["--nproc", "2", "--epochs", "3", "--plugins", "checkpoint", "--config", str(config)]
     with pytest.MonkeyPatch.context() as patch:  # the autouse PYTHONPATH fixture is per test
         patch.setenv("PYTHONPATH", str(TESTS_DIR))

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import run_config
+from helpers import PLUGIN_START_S, run_config
 from trainbus.kernel.journal import SEGMENT_BYTES, Journal, decode_records
 from trainbus.kernel.config import resolve_plugin
 from trainbus.kernel.runs import run_details, run_overview
@@ -128,7 +128,8 @@ def test_an_active_file_from_before_segments_is_closed_into_several(tmp_path):
 
 def test_a_continued_run_goes_on_after_the_last_seq_of_a_journal_in_segments(tmp_path):
     checkpoint = [resolve_plugin("checkpoint", {})]  # a continued run starts from its newest checkpoint
-    first = run_training(run_config(tmp_path, checkpoint, epochs=1, target=TINY, journal_segment_mb=0.002))
+    first = run_training(run_config(tmp_path, checkpoint, epochs=1, target=TINY, journal_segment_mb=0.002,
+                                    ready_timeout_s=PLUGIN_START_S))
     assert first.status == "completed", first.error
     journal = Path(first.run_dir) / JOURNAL_NAME
     before = [e.seq for e in read_journal(journal)]
