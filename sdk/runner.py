@@ -323,7 +323,7 @@ class Runner:
     # -- ordering ---------------------------------------------------------------------------------
 
     def _on_live(self, event: Event) -> None:
-        unwanted = self.wanted is not None and event.type not in self.wanted
+        unwanted = not self._wants(event)
         if not self.durable:
             if unwanted:  # not for this plugin, but its seq is no gap: step over it
                 self.next_seq = event.seq + 1
@@ -348,10 +348,13 @@ class Runner:
             self._dispatch(event)
         self.next_seq += 1
 
+    def _wants(self, event: Event) -> bool:
+        return self.wanted is None or event.type in self.wanted
+
     def _on_replay(self, batch: dict[str, Any]) -> None:
         for event in batch["events"]:
             if event.seq == self.next_seq:
-                if self.wanted is None or event.type in self.wanted:
+                if self._wants(event):
                     self._dispatch(event)
                 else:
                     self.last_event = event
