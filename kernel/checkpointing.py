@@ -54,11 +54,24 @@ class Checkpointer:
         """A checkpoint plugin said hello and was not given up; without one, no snapshot is taken."""
         return bool(self.peers.named("checkpoint", time.monotonic()))
 
+    def why_none(self) -> str:
+        """Why no snapshot can be taken (has_persister() is False), for the checkpoint_skipped a user reads."""
+        starting = self.peers.starting()
+        if starting:
+            return f"no checkpoint plugin has said hello yet (still starting: {', '.join(starting)})"
+        return "no checkpoint plugin is attached (add --plugins checkpoint)"
+
     def due_at_step(self, step: int) -> bool:
-        return self.every_n_steps > 0 and step % self.every_n_steps == 0 and self.has_persister()
+        return self.every_n_steps > 0 and step % self.every_n_steps == 0 and self._scheduled()
 
     def due_at_epoch(self, epoch: int) -> bool:
-        return self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0 and self.has_persister()
+        return self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0 and self._scheduled()
+
+    def _scheduled(self) -> bool:
+        """A scheduled checkpoint is due with a persister, or while plugins are still starting (one may be a
+        persister: the snapshot is skipped and said so, rather than a slow start looking checkpointed). In a run
+        with no persister at all, nothing is said."""
+        return self.has_persister() or bool(self.peers.starting())
 
     def prepare(self, state: dict[str, Any]) -> None:
         """Have the buffers made for snapshots of this state's size, away from the training thread."""

@@ -299,7 +299,7 @@ class Loop:
         if self.checkpointer is None:  # another rank: rank 0 takes it
             return
         if not self.checkpointer.has_persister():
-            self._publish(ev.CHECKPOINT_SKIPPED, reason="no checkpoint plugin is attached (add --plugins checkpoint)")
+            self._publish(ev.CHECKPOINT_SKIPPED, reason=self.checkpointer.why_none())
             return
         try:
             snapshot = self.checkpointer.take(self.training_state(epoch_complete, rank_rng))

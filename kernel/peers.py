@@ -208,6 +208,10 @@ class Peers:
             return self.supervisor.coming_back(name)
         return peer.identity in self._by_identity and self.is_live(peer, now)
 
+    def starting(self) -> list[str]:
+        """Spawned plugins that have not said hello yet: what they can do (persist checkpoints) is not known."""
+        return self.supervisor.starting()
+
     def forget_dead(self, now: float) -> None:
         """Drop connections that are gone; their names keep their ack positions."""
         for identity, peer in list(self._by_identity.items()):

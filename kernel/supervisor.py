@@ -87,6 +87,7 @@ class Child:
     restart_times: deque = field(default_factory=deque)
     kill_at: float = 0.0
     leaving: bool = False  # said bye: an exit is on purpose
+    greeted: bool = False  # some process of it said hello: the kernel knows what it can do (its capabilities)
     restarts: int = 0
     crashes: list = field(default_factory=list)  # human-readable reasons, for the run summary
     # detach(): called with the exit code once the detached process is gone (None: there was no process to stop)
@@ -121,7 +122,7 @@ class Supervisor:
         if child and child.proc and pid == child.proc.pid:
             child.last_seen = now
             if child.state == "starting":
-                child.state = "running"
+                child.state, child.greeted = "running", True
 
     def spawned(self, name: str) -> bool:
         return name in self.children
@@ -137,6 +138,11 @@ class Supervisor:
         """Alive, or being restarted: neither given up on (failed) nor gone or going on purpose (exited, detaching)."""
         child = self.children.get(name)
         return child is not None and child.state not in ("exited", "failed", "detaching")
+
+    def starting(self) -> list[str]:
+        """Plugins of the run that never said hello yet, and still may (starting, or restarting before their first)."""
+        return [name for name, child in list(self.children.items())
+                if not child.greeted and child.state not in ("exited", "failed", "detaching")]
 
     def attached(self, name: str) -> Child | None:
         """The plugin of that name while it is the run's: starting, running, restarting or stopping."""

@@ -51,6 +51,41 @@ class OnePersister:
         return 1 << 62
 
 
+class NoPersister:
+    """The peer table with no persister known: `starting` names the plugins that have not said hello yet."""
+
+    def __init__(self, starting: list[str]):
+        self._starting = starting
+
+    def named(self, capability: str, now: float) -> list:
+        return []
+
+    def starting(self) -> list[str]:
+        return self._starting
+
+
+@pytest.mark.parametrize("starting", [["checkpoint"], []])
+def test_a_checkpoint_without_a_persister_is_skipped_saying_why(tmp_path, starting):
+    """A persister still starting (a slow import past ready_timeout_s): scheduled and asked-for checkpoints are
+    skipped, each with that reason; with none configured the schedule is silent and checkpoint_now says so."""
+    asked = Reply("checkpoint_now", "watcher", "now please")
+    bus = RecordingBus({(ev.START_TRAINING_BATCH, 1): [asked]})
+    buffers = SnapshotBuffers("loop-test", [tmp_path])
+    checkpointer = Checkpointer(buffers, NoPersister(starting), every_n_epochs=1, every_n_steps=0,
+                                directories=[tmp_path])
+    try:
+        Loop(tiny({}), bus, torch.device("cpu"), checkpointer=checkpointer).run()
+    finally:
+        checkpointer.close()
+    assert ev.SAVE_CHECKPOINT not in bus.types()
+    skipped = [(epoch, data["reason"]) for type_, epoch, data in bus.events if type_ == ev.CHECKPOINT_SKIPPED]
+    if starting:
+        why = "no checkpoint plugin has said hello yet (still starting: checkpoint)"
+        assert skipped == [(1, why), (1, why), (2, why)]  # checkpoint_now at a step, then each epoch's
+    else:
+        assert skipped == [(1, "no checkpoint plugin is attached (add --plugins checkpoint)")]
+
+
 def test_a_run_publishes_exactly_the_lifecycle_in_order():
     bus = RecordingBus()
     outcome = Loop(tiny({}), bus, torch.device("cpu")).run()

@@ -255,3 +255,25 @@ def test_a_plugin_detached_while_waiting_to_restart_just_stays_down(h):
     assert exits == [None] and h.child.state == "exited"
     h.sup.tick(T0 + 100)
     assert len(h.os.procs) == 1
+
+
+def test_a_plugin_is_starting_until_its_first_hello_through_restarts_and_not_after(h):
+    """What a checkpoint_skipped says while no persister is known: plugins that may still turn out to be one."""
+    assert h.sup.starting() == ["p"]
+    h.crash(T0 + 0.1)  # died before its first hello: restarting, still not known
+    assert h.child.state == "backoff" and h.sup.starting() == ["p"]
+    h.sup.tick(h.child.next_start_at)
+    h.hello(h.child.next_start_at + 0.5)
+    assert h.sup.starting() == []
+    h.crash(h.child.next_start_at + 1.0)  # known now: its capabilities outlive the restart
+    assert h.child.state == "backoff" and h.sup.starting() == []
+
+
+def test_a_plugin_given_up_before_any_hello_is_no_longer_starting(h):
+    now = T0
+    for _ in range(MAX_RESTARTS):
+        h.crash(now + 0.1)
+        now = h.child.next_start_at
+        h.sup.tick(now)
+    h.crash(now + 0.1)
+    assert h.child.state == "failed" and h.sup.starting() == []
