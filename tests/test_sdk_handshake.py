@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
+import zmq
 from stand_in_kernel import StandInKernel
 
-from trainbus.proto import encode_replay_batch
+from trainbus.proto import control, encode_replay_batch
+from trainbus.sdk.runner import _IO
 
 
 def test_an_event_that_arrives_before_the_welcome_is_handled(tmp_path):
@@ -90,3 +92,35 @@ def _acked(kernel: StandInKernel, seq: int) -> None:
     while acked < seq:  # bounded by _next's 20 s
         acked = _next(kernel, "ack")["seq"]
     assert acked == seq
+
+
+def test_event_messages_of_the_wrong_frame_count_or_garbled_are_counted_and_the_next_one_is_read(tmp_path):
+    """The I/O thread reads frames one by one: a message of 1 or 3 frames, or a garbled envelope, is dropped and
+    counted without taking a frame of the next message with it."""
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    hello = control("hello", name="p", pid=1, subscriptions=[""], replies=[], delivery="durable")
+    io = _IO(kernel.pub.getsockopt_string(zmq.LAST_ENDPOINT), kernel.router.getsockopt_string(zmq.LAST_ENDPOINT),
+             [""], hello, 5.0, None)  # not started: this thread reads, as the I/O thread would
+    try:
+        for _ in range(200):  # until the subscription is live (a slow joiner misses what came before)
+            kernel.publish("heartbeat", interval_s=1.0)
+            if io.sub.poll(50):
+                break
+        io._read_events()
+        io.inbox.clear()
+        kernel.pub.send(b"end_epoch")
+        kernel.pub.send_multipart([b"end_epoch", b"\x81", b"extra"])
+        kernel.pub.send_multipart([b"end_epoch", b"\xc1 not msgpack"])
+        kernel.publish("end_epoch", training_loss=0.5)
+        deadline = time.monotonic() + 10
+        while not io.inbox and time.monotonic() < deadline:
+            io.sub.poll(100)
+            io._read_events()
+        assert io.malformed == 3
+        assert [(kind, e.type, e.seq, e.data) for kind, e in io.inbox] == \
+            [("event", "end_epoch", kernel.seq, {"training_loss": 0.5})]
+    finally:
+        io.sub.close()
+        io.dealer.close()
+        io.ctx.term()
+        kernel.close()
