@@ -86,17 +86,14 @@ def event_to_map(event: Event) -> dict[str, Any]:
 def event_from_map(m: Any) -> Event:
     # Every plugin decodes every event it is sent, twice a training step on a small model: what msgpack produces
     # for a well-formed envelope is checked by exact type (msgpack makes no subclasses; bool is not int here), and
-    # the Event is filled in without its frozen __init__ (~1.5 us of object.__setattr__). Anything else takes the
-    # checking path below, which names what is wrong. 4.0 -> 0.6 us an event (docs/benchmarks.md).
+    # built with Event.fast. Anything else takes the checking path below, which names what is wrong (4.0 -> 0.8 us).
     if type(m) is dict:
         v, seq, run, type_, ts = m.get("v"), m.get("seq"), m.get("run"), m.get("type"), m.get("ts")
         step, epoch, data = m.get("step"), m.get("epoch"), m.get("data")
         if (type(v) is int and v == PROTOCOL_VERSION and type(seq) is int and seq >= 1 and type(run) is str
                 and type(type_) is str and type(ts) is float and type(step) is int and type(epoch) is int
                 and type(data) is dict):
-            event = object.__new__(Event)
-            event.__dict__.update(seq=seq, run=run, type=type_, ts=ts, step=step, epoch=epoch, data=data, v=v)
-            return event
+            return Event.fast(seq, run, type_, ts, step, epoch, data)
     return _checked_event_from_map(m)
 
 

@@ -30,6 +30,15 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
     v: int = PROTOCOL_VERSION
 
+    @classmethod
+    def fast(cls, seq: int, run: str, type_: str, ts: float, step: int, epoch: int, data: dict[str, Any]) -> Event:
+        """Event(...) for values already known to be right (the bus's own, a checked decode): the same fields set
+        without the frozen __init__'s object.__setattr__ per field (~1.5 -> 0.3 us; one per event, everywhere)."""
+        event = object.__new__(cls)
+        event.__dict__.update(seq=seq, run=run, type=type_, ts=ts, step=step, epoch=epoch, data=data,
+                              v=PROTOCOL_VERSION)
+        return event
+
 
 @dataclass(frozen=True)
 class Default:

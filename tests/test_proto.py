@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import msgpack
@@ -247,6 +247,14 @@ LIMIT_CASES = {
     "invalid utf-8": msgpack.packb(_envelope(run=b"\xff\xfe"), use_bin_type=False),
     "not a map": msgpack.packb([1, 2, 3]),
 }
+
+
+def test_a_fast_built_event_is_the_same_frozen_event():
+    fast = Event.fast(EVENT.seq, EVENT.run, EVENT.type, EVENT.ts, EVENT.step, EVENT.epoch, EVENT.data)
+    assert fast == EVENT and repr(fast) == repr(EVENT) and replace(fast, seq=9) == replace(EVENT, seq=9)
+    with pytest.raises(FrozenInstanceError):
+        fast.seq = 2
+    assert decode_event(encode_event(EVENT)) == EVENT
 
 
 def test_an_integer_ts_is_read_as_a_float_like_any_other():

@@ -638,10 +638,10 @@ def flush_cost(workdir: Path) -> None:
 
     parts = [("build envelope + data dicts", timed(build)),
              ("proto.pack (msgpack)", timed(pack_all)),
-             ("proto.unpack (decode check, if the bus does one)", timed(unpack_all)),
+             ("proto.unpack (the decode check, user data only)", timed(unpack_all)),
              (f"Journal.append, {burst}-event batches", timed(append)),
-             ("pub.send_multipart((topic, raw), NOBLOCK)", timed(send_multipart)),
-             ("  alternative: two pub.send() with int flags", timed(send_two))]
+             ("two pub.send() with int flags (the bus's send)", timed(send_two)),
+             ("  was: pub.send_multipart((topic, raw), NOBLOCK)", timed(send_multipart))]
     journal.close()
     for name, cost in parts:
         rows.append([name, f"{cost * 1e6:.2f}", f"{cost / whole * 100:.0f} %"])
