@@ -272,8 +272,8 @@ class Bus:
 
     def _send_event(self, frames: tuple[bytes, bytes]) -> None:
         # Two sends with int flags: send_multipart's per-frame flag arithmetic on pyzmq's enums is most of its
-        # cost (4.2 -> 1.8 us an event, docs/benchmarks.md). A PUB never blocks: at its high-water mark it drops the
-        # whole message for that subscriber.
+        # cost (2.9 -> 1.3 us an event uncontended, docs/benchmarks.md). A PUB never blocks: at its high-water
+        # mark it drops the whole message for that subscriber.
         topic, raw = frames
         for pub in self._pubs:
             pub.send(topic, _MORE)
