@@ -153,10 +153,14 @@ def encode_replay_batch(count: int, records: bytes, done: bool) -> bytes:
 
 def decode_control(raw: bytes) -> dict[str, Any]:
     """Decode and check a control message; a replay_batch's events come back as Event objects."""
-    message = check_control(unpack(raw))
-    if message["type"] == "replay_batch":
-        message["events"] = [event_from_map(e) for e in message["events"]]
-    return message
+    m = unpack(raw)
+    if type(m) is dict and m.get("type") == "replay_batch" and type(m.get("events")) is list:
+        # Each event checked once, as it becomes an Event (check_control would check it, then we would again).
+        events = [event_from_map(e) for e in m["events"]]
+        message = check_control(dict(m, events=[]))
+        message["events"] = events
+        return message
+    return check_control(m)
 
 
 def check_control(m: Any) -> dict[str, Any]:
