@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 
 from trainbus.proto import Event, ProtocolError, encode_event, events as ev
+from trainbus.proto.codec import new_packer
 from trainbus.proto.run_state import RunState
 
 from .journal import Journal
@@ -73,6 +74,7 @@ class Bus:
         self.run_state = RunState(run_id, journal.last_seq)
         self._closing = threading.Event()
         self._urgent = False  # a kernel event was emitted: flush at once, not with the next burst
+        self._packer = new_packer()  # the bus thread's own: it encodes every event
         self.idle = threading.Condition()  # notified after every round of the bus thread
 
         self.ctx = zmq.Context()
@@ -248,7 +250,7 @@ class Bus:
             self.last_seq += 1
             event = Event.fast(self.last_seq, self.run_id, type_, ts, step, epoch, data)
             try:
-                raw = encode_event(event, check=type_ not in STEP_EVENTS)
+                raw = encode_event(event, check=type_ not in STEP_EVENTS, packer=self._packer)
             except ProtocolError as exc:  # a user metric of an odd type: keep the seq, say why
                 event = Event(self.last_seq, self.run_id, type_, ts, step, epoch,
                               {"error": f"event data not encodable: {exc}"})

@@ -26,7 +26,7 @@ from trainbus.proto import (
     pack,
     unpack,
 )
-from trainbus.proto.codec import MAX_ARRAY_LEN, MAX_BIN_BYTES, MAX_MAP_LEN, MAX_STR_BYTES
+from trainbus.proto.codec import MAX_ARRAY_LEN, MAX_BIN_BYTES, MAX_MAP_LEN, MAX_STR_BYTES, new_packer
 from trainbus.proto.messages import KERNEL_TO_PLUGIN, PLUGIN_TO_KERNEL
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -255,6 +255,13 @@ def test_a_fast_built_event_is_the_same_frozen_event():
     with pytest.raises(FrozenInstanceError):
         fast.seq = 2
     assert decode_event(encode_event(EVENT)) == EVENT
+
+
+def test_a_kept_packer_makes_pack_s_bytes_and_survives_what_it_cannot_encode():
+    packer = new_packer()
+    with pytest.raises(ProtocolError):
+        encode_event(replace(EVENT, data={"odd": object()}), packer=packer)
+    assert encode_event(EVENT, packer=packer) == encode_event(EVENT)
 
 
 def test_an_integer_ts_is_read_as_a_float_like_any_other():
