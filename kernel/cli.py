@@ -511,29 +511,45 @@ def runs_delete(
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
 ) -> None:
     """Delete ended runs: each run directory, with every file in it, and its row in the run registry. A running
-    run is refused (stop it first with `trainbus runs stop`); nothing is deleted unless every run named can be."""
-    from . import run_removal, runs
+    run, or one the daemon has queued, is refused (stop it first with `trainbus runs stop`); nothing is deleted
+    unless every run named can be."""
+    from . import daemon, run_removal, runs
 
+    run_dirs: dict[Path, None] = {}  # in the order named, once each
+    records: dict[str, Path] = {}  # the daemon's runs that failed before they had a directory: their output
     try:
-        run_dirs = list(dict.fromkeys(runs.resolve_run(run, runs_dir) for run in run_ids))
-        for run_dir in run_dirs:
-            run_removal.check_ended(run_dir)
+        for run in run_ids:
+            try:
+                run_dir = runs.resolve_run(run, runs_dir)
+            except runs.RunLookupError:
+                record = daemon.run_without_directory(runs_dir, run)
+                if record is None:
+                    raise
+                run_removal.check_not_submitted(runs_dir, record["id"])
+                records[record["id"]] = Path(record["output"])
+            else:
+                run_removal.check_ended(run_dir)
+                run_dirs[run_dir] = None
     except (runs.RunLookupError, run_removal.RemovalError) as exc:
         raise UserError(str(exc)) from None
-    names = ", ".join(d.name for d in run_dirs)
+    names = ", ".join([*(d.name for d in run_dirs), *records])
+    count = len(run_dirs) + len(records)
     if not yes:
         if not sys.stdin.isatty():
             raise UserError(f"deleting {names} needs a yes: add --yes (stdin is not a terminal to ask on)")
-        if not typer.confirm(f"Delete {len(run_dirs)} run{'s' * (len(run_dirs) != 1)} ({names}) with every file "
-                             f"in {'them' if len(run_dirs) != 1 else 'it'}?"):
+        if not typer.confirm(f"Delete {count} run{'s' * (count != 1)} ({names}) with every file "
+                             f"in {'them' if count != 1 else 'it'}?"):
             out.print("nothing deleted")
             raise typer.Exit(code=1)
-    for run_dir in run_dirs:
-        try:
+    try:
+        for run_dir in run_dirs:
             run_removal.delete_run(run_dir)
-        except run_removal.RemovalError as exc:
-            raise UserError(str(exc)) from None
-        out.print(f"deleted run {run_dir.name} ({escape(str(run_dir))})")
+            out.print(f"deleted run {run_dir.name} ({escape(str(run_dir))})")
+        for run_id, output in records.items():
+            run_removal.delete_record(runs_dir, run_id, output)
+            out.print(f"deleted run {run_id} (it never had a directory; its output {escape(str(output))})")
+    except run_removal.RemovalError as exc:
+        raise UserError(str(exc)) from None
 
 
 @app.command()

@@ -21,12 +21,49 @@ class RemovalError(Exception):
 
 
 def check_ended(run_dir: Path) -> None:
-    """RemovalError unless the run in run_dir has ended: its kernel is gone and nothing holds its journal."""
+    """RemovalError unless the run in run_dir has ended: its kernel is gone, nothing holds its journal and the
+    daemon does not have it queued to be resumed."""
     status = run_overview(run_dir)["status"]
     if status == "running":
-        raise RemovalError(_running(run_dir))
+        raise RemovalError(_running(run_dir.name))
+    check_not_submitted(run_dir.parent, run_dir.name)
     with _journal_locked(run_dir):  # a kernel whose pid file says otherwise (one continuing the run) holds it
         pass
+
+
+def check_not_submitted(runs_dir: Path, run_id: str) -> None:
+    """RemovalError when the daemon of runs_dir holds run_id: queued (to be started or resumed) or started, even
+    before its kernel made or locked the run's directory."""
+    if not (Path(runs_dir) / registry.REGISTRY_NAME).is_file():
+        return
+    try:
+        with registry.Registry(runs_dir) as rows:
+            job = next((j for j in rows.jobs(registry.JOB_ACTIVE) if j["id"] == run_id), None)
+    except (sqlite3.Error, OSError, registry.RegistryError) as exc:  # the daemon's queue unknown: keep the run
+        raise RemovalError(f"cannot tell whether the daemon holds run {run_id}: "
+                           f"{Path(runs_dir) / registry.REGISTRY_NAME}: {exc}") from None
+    if job is None:
+        return
+    if job["state"] == "queued":
+        raise RemovalError(f"run {run_id} is queued for the daemon; take it off the queue first with "
+                           f"`trainbus runs stop {run_id}`")
+    raise RemovalError(_running(run_id))
+
+
+def delete_record(runs_dir: Path, run_id: str, output: Path) -> None:
+    """Remove a daemon's run that never had a directory (it failed before its kernel made one): its registry
+    row and its output file."""
+    check_not_submitted(runs_dir, run_id)
+    try:
+        with registry.Registry(runs_dir) as rows:
+            rows.forget([run_id])
+    except (sqlite3.Error, OSError, registry.RegistryError) as exc:
+        raise RemovalError(f"cannot delete run {run_id} from {Path(runs_dir) / registry.REGISTRY_NAME}: {exc} "
+                           f"(is the runs directory yours and writable?)") from None
+    try:
+        Path(output).unlink(missing_ok=True)
+    except OSError as exc:
+        raise RemovalError(f"cannot delete {output}: {exc.strerror or exc}") from None
 
 
 def delete_run(run_dir: Path) -> None:
@@ -65,11 +102,11 @@ def _journal_locked(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RemovalError(_running(run_dir)) from None
+            raise RemovalError(_running(Path(run_dir).name)) from None
         yield
     finally:
         os.close(fd)
 
 
-def _running(run_dir: Path) -> str:
-    return f"run {run_dir.name} is running; stop it first with `trainbus runs stop {run_dir.name}`"
+def _running(run_id: str) -> str:
+    return f"run {run_id} is running; stop it first with `trainbus runs stop {run_id}`"

@@ -184,6 +184,10 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     assert "no data at /nowhere" in run["error"]  # the target's own error line, from the run's output
     shown = cli("runs", "show", failing, "--runs-dir", str(runs)).stdout
     assert f"run {failing}: failed" in shown and f"output: {daemon_dir(runs) / 'output' / failing}.log" in shown
+    output = daemon_dir(runs) / "output" / f"{failing}.log"
+    deleted = cli("runs", "delete", failing, "--yes", "--runs-dir", str(runs)).stdout
+    assert f"deleted run {failing} (it never had a directory; its output {output})" in deleted
+    assert failing not in listed(runs) and not output.exists()
 
     stopped = cli("daemon", "stop", "--runs-dir", str(runs))
     assert "daemon stopped" in stopped.stdout
@@ -192,6 +196,10 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     waiting = submit(runs, UNBUILDABLE)  # no daemon: it waits in the queue, and can be taken off it
     assert "no daemon serves" in cli("daemon", "status", "--runs-dir", str(runs), check=False).stdout
     assert listed(runs)[waiting]["status"] == "queued"
+    refused = cli("runs", "delete", waiting, "--yes", "--runs-dir", str(runs), check=False)
+    assert refused.returncode == 2 and refused.stderr.strip() == (f"error: run {waiting} is queued for the daemon; "
+                                                                 f"take it off the queue first with "
+                                                                 f"`trainbus runs stop {waiting}`")
     stopped = cli("runs", "stop", waiting[:-2], "--runs-dir", str(runs)).stdout
     assert f"cancelled {waiting}: it was queued and never started" in stopped
     assert waiting not in listed(runs)

@@ -1,14 +1,17 @@
 """`trainbus runs stop` and `trainbus runs delete` on real runs: a live kernel (held mid-epoch by a gate) refused
 deletion and stopped from the command line, an ended run told so in one line, the deletion confirmed on a real
-terminal (a pty) or with --yes, and the registry forgetting what was deleted."""
+terminal (a pty) or with --yes, and the registry forgetting what was deleted; a run the daemon has queued to be
+resumed kept until it is taken off the queue."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 
+from trainbus.kernel import daemon
 from trainbus.kernel.registry import Registry
 from trainbus.kernel.session import run_training
+from trainbus.proto import JOURNAL_NAME
 from trainbus.proto import events as ev
 from trainbus.proto.journal_format import read_journal
 
@@ -93,3 +96,21 @@ def test_stop_a_live_run_then_delete_it(runs_dir, tmp_path, kernels):
     # the registry forgot both at once (what reads it alone, as the daemon does, sees no stale row)
     with Registry(runs_dir) as registry:
         assert registry.runs(0.0) == {}
+
+
+def test_a_run_queued_to_be_resumed_is_not_deleted_until_taken_off_the_queue(runs_dir):
+    assert run_training(run_config(runs_dir, target=TINY), run_id="a-queued").status == "completed"
+    # as `trainbus runs resume a-queued --detach` queues it for a daemon not running yet
+    daemon.submit(runs_dir, "a-queued", ["a-queued"], None, None, {}, resumes=runs_dir / "a-queued", wake=False)
+    where = ("--runs-dir", str(runs_dir))
+
+    proc = trainbus("runs", "delete", "a-queued", "--yes", *where)
+    assert proc.returncode == 2 and one_line(proc) == \
+        "error: run a-queued is queued for the daemon; take it off the queue first with `trainbus runs stop a-queued`"
+    assert (runs_dir / "a-queued" / JOURNAL_NAME).is_file()
+
+    proc = trainbus("runs", "stop", "a-queued", *where)
+    assert proc.returncode == 0 and "cancelled a-queued: it was queued and never started" in proc.stdout
+    proc = trainbus("runs", "delete", "a-queued", "--yes", *where)
+    assert proc.returncode == 0, proc.stderr
+    assert not (runs_dir / "a-queued").exists()
