@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench/vs_lightning.py               # CPU: tiny MLP and small CNN, ~5 min (estimate)
     .venv/bin/python scripts/bench/vs_lightning.py --threads 1   # the same with torch on one intra-op thread
     .venv/bin/python scripts/bench/vs_lightning.py --quick       # ~1-2 min: fewer repetitions and epochs
+    .venv/bin/python scripts/bench/vs_lightning.py --only cnn --reps 9   # one model, more repetitions
     .venv/bin/python scripts/bench/vs_lightning.py --device cuda # the launch-bound and compute-bound GPU models
 
 Seven variants of the same training (the spec's model, optimizer, data, batch size, epochs and one
@@ -287,6 +288,8 @@ def main() -> int:
                    help="epochs per run, the first not measured (default 21 on CPU, 11 on CUDA)")
     p.add_argument("--quick", action="store_true",
                    help="by default 2 repetitions of 4 epochs, retries for 20 s at most: ~1-2 min on CPU")
+    p.add_argument("--only", choices=[c.name.split()[-1].lower() for c in CPU_CASES + GPU_CASES], action="append",
+                   help="just this model (repeatable; default: both of the device's), e.g. --only cnn")
     p.add_argument("--seed", type=int, default=0)
     add_rerun_options(p)
     args = p.parse_args()
@@ -303,6 +306,11 @@ def main() -> int:
     workdir = REPO / "runs" / f"bench-vs-lightning-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     workdir.mkdir(parents=True)
     cases = GPU_CASES if args.device == "cuda" else CPU_CASES
+    if args.only:
+        cases = [c for c in cases if c.name.split()[-1].lower() in args.only]
+        if not cases:
+            p.error(f"--only {' '.join(args.only)}: not a model of --device {args.device} (cpu: mlp, cnn; "
+                    f"cuda: launch-bound, compute-bound)")
     for case in cases:
         if case.target == GPU_TARGET:
             case.hp["device"] = args.device
