@@ -154,7 +154,7 @@ def test_a_plugin_given_up_is_mailed_and_training_goes_on(smtp, runs_dir, tmp_pa
 
 @pytest.mark.parametrize("started_by", ["trainbus run", "the daemon"])
 def test_a_killed_kernel_is_mailed_as_a_died_run_and_listed_as_died(started_by, smtp, runs_dir, tmp_path, daemons):
-    """[C96] A run held at its third step (the target's gate), its kernel killed with SIGKILL: started by a plain
+    """[C102] A run held at its third step (the target's gate), its kernel killed with SIGKILL: started by a plain
     `trainbus run`, and by the daemon (`run --detach`)."""
     port, inbox = smtp
     gate = tmp_path / "gate"

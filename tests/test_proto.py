@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
@@ -344,3 +345,19 @@ def test_protocol_md_names_every_event_control_type_and_field():
     names |= set(event_to_map(EVENT))
     missing = sorted(name for name in names if f"`{name}`" not in spec)
     assert not missing, f"proto/PROTOCOL.md does not document: {missing}"
+
+
+def test_the_conformance_table_names_each_statement_once_and_only_tests_that_exist():
+    """PROTOCOL.md's appendix: unique statement ids, and every test it cites is a test function in that file."""
+    tests_dir = Path(__file__).resolve().parent
+    spec = (tests_dir.parent / "proto" / "PROTOCOL.md").read_text(encoding="utf-8")
+    rows = [line.split("|") for line in spec.splitlines() if re.match(r"\| C\d+ \|", line)]
+    ids = [cells[1].strip() for cells in rows]
+    assert len(rows) > 90 and len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    missing = []
+    for cells in rows:
+        for path, function in re.findall(r"(tests/[\w/]+\.py)::(\w+)", cells[-2]):
+            source = tests_dir.parent / path
+            if not source.is_file() or f"def {function}(" not in source.read_text(encoding="utf-8"):
+                missing.append(f"{cells[1].strip()}: {path}::{function}")
+    assert not missing, missing

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -196,6 +197,24 @@ def test_the_wire_of_a_real_run_is_as_specified(short_runs, tmp_path, kernels): 
     # [C42] the attached peer's bye is its exit
     exited = [e for e in of(events, "plugin_exited") if e.data["plugin"] == NAME]
     assert len(exited) == 1 and exited[0].data["exit_code"] == 0
+    # [C95] every data key of every event this run journaled is named in its type's row of the event tables
+    undocumented = sorted({(e.type, key) for e in events for key in e.data if key not in documented_keys(e.type)})
+    assert not undocumented, f"proto/PROTOCOL.md's event tables do not name: {undocumented}"
+
+
+def documented_keys(type_: str, _rows: dict[str, str] = {}) -> set[str]:
+    """The `names` in PROTOCOL.md's table row for an event type, with those of the rows it takes every key of."""
+    if not _rows:
+        spec = (Path(__file__).resolve().parents[1] / "proto" / "PROTOCOL.md").read_text(encoding="utf-8")
+        for line in spec.splitlines():
+            cells = line.split("|")
+            if line.startswith("| `") and len(cells) > 2:
+                _rows.setdefault(cells[1].strip().strip("`"), line)
+    row = _rows.get(type_, "")
+    names = set(re.findall(r"`([a-z_]+)`", row))
+    for other in re.findall(r"every key of `([a-z_]+)`", row):
+        names |= documented_keys(other)
+    return names
 
 
 def test_a_kernel_heartbeat_comes_every_interval_and_each_names_it(short_runs, tmp_path, kernels):  # noqa: F811

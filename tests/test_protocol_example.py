@@ -1,0 +1,72 @@
+"""PROTOCOL.md §14's complete plugin, run as printed: spawned by the kernel from a `command`, and attached by hand
+to a live run with only TRAINBUS_RUN_DIR set. Either way it prints end_epoch and its stop ends the run after
+exactly two epochs (it votes at end_epoch, so the stop lands at that boundary)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from trainbus.kernel.config import PluginConfig
+from trainbus.kernel.journal import read_events
+from trainbus.kernel.session import run_training
+
+from conftest import TESTS_DIR
+from fixture_targets import open_gate
+from helpers import run_config
+from kernel_process import KernelProcess, of
+from test_trust import short_runs  # noqa: F401
+
+PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
+STOP = "raw_example: stop: two epochs are enough"
+
+
+def example(tmp_path: Path) -> Path:
+    spec = (TESTS_DIR.parent / "proto" / "PROTOCOL.md").read_text(encoding="utf-8")
+    section = spec[spec.index("## 14."):spec.index("## 15.")]
+    script = tmp_path / "raw_example.py"
+    script.write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    return script
+
+
+def assert_stopped_after_two_epochs(run_dir: Path, printed: str) -> None:
+    events = read_events(run_dir)
+    final = of(events, "end_training_session")[0].data
+    assert final["epochs_completed"] == 2 and final["stopped_early"] and final["stop_reasons"] == [STOP], final
+    assert [e.epoch for e in of(events, "end_epoch")] == [1, 2]
+    assert re.search(r"epoch 1: validation_loss=\d", printed) and "epoch 2: validation_loss=" in printed, printed
+
+
+def test_the_example_spawned_by_the_kernel_stops_the_run_after_two_epochs(short_runs, tmp_path):  # noqa: F811
+    plugin = PluginConfig("raw_example", "", {}, [sys.executable, str(example(tmp_path))])
+    result = run_training(run_config(short_runs, [plugin], epochs=4, target=PACED, batch_size=256,
+                                     step_sleep_s=0.0, ready_timeout_s=120))
+    assert result.status == "stopped", result
+    run_dir = Path(result.run_dir)
+    assert_stopped_after_two_epochs(run_dir, (run_dir / "plugins" / "raw_example.log").read_text())
+
+
+def test_the_example_attached_by_hand_stops_the_run_after_two_epochs(short_runs, tmp_path, kernels):  # noqa: F811
+    gate = tmp_path / "gate"
+    kernel = KernelProcess(run_config(short_runs, epochs=4, target=PACED, batch_size=256, step_sleep_s=0.0,
+                                      gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    open_gate(gate, 1)
+    kernel.wait_step(1, timeout_s=120)  # held in epoch 1 until the example is in
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINBUS_")}
+    plugin = subprocess.Popen([sys.executable, str(example(tmp_path))], env={**env, "TRAINBUS_RUN_DIR": str(kernel.run_dir)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        kernel.wait_event("plugin_ready", lambda e: e.data["plugin"] == "raw_example", timeout_s=90)
+        open_gate(gate, 10**6)
+        assert kernel.result(timeout_s=180)["status"] == "stopped"
+        printed, _ = plugin.communicate(timeout=60)
+    finally:
+        if plugin.poll() is None:
+            plugin.kill()
+            print(plugin.communicate()[0])  # what it said, for a failure
+    assert plugin.returncode == 0, printed
+    assert_stopped_after_two_epochs(kernel.run_dir, printed)
