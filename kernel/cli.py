@@ -118,6 +118,7 @@ def run(
     cfg = load_config(config)
     continuing = _run_to_continue(resume, runs_dir or Path(cfg.runs_dir)) if resume and config is None else None
     if continuing is not None:
+        _check_resumable(continuing, epochs)
         cfg = config_of_run(continuing)
         cfg.runs_dir = str(continuing.parent)
     if target is not None:
@@ -256,6 +257,18 @@ def _apply_flags(cfg, flag_words: list[str], help_flags: bool) -> None:
         print(help_text(func, signature, cfg.target))
         raise typer.Exit()
     cfg.hyperparameters.update(parse_words(signature, flag_words, cfg.target))
+
+
+def _check_resumable(run_dir: Path, epochs: int | None) -> None:
+    """UserError for a run that has trained every epoch it planned, unless --epochs asks for more: resuming it
+    would train nothing and leave a summary of that."""
+    from .runs import run_overview
+
+    run = run_overview(run_dir)
+    done = run.get("epochs_completed") or 0
+    if run["status"] == "completed" and (epochs is None or epochs <= done):
+        raise UserError(f"run {run_dir.name} has completed ({done} epochs); nothing to resume (to train it longer: "
+                        f"`trainbus run --resume {run_dir.name} --epochs N` with N above {done})")
 
 
 def _run_to_continue(resume: str, runs_dir: Path) -> Path | None:

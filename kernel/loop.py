@@ -326,6 +326,7 @@ class Loop:
         else:
             self.first_epoch = resume["epoch"]
             self._resume = resume
+        self.outcome.epochs_completed = self.first_epoch - 1  # the run's count, not this session's
         self._loaded_from = path
 
     # -- replies ----------------------------------------------------------------------------------

@@ -575,6 +575,29 @@ def test_resume_from_nothing_is_one_clear_line_and_exit_2(tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run was started
 
 
+def test_a_completed_run_is_resumed_only_to_train_it_longer(tmp_path):
+    """A completed run's --resume would train nothing and rewrite its summary: refused in one line, the summary
+    untouched; with --epochs above its count it trains the epochs after the last and the summary counts all."""
+    runs = tmp_path / "runs"
+    result = run_training(config(runs, [checkpointer()], 2, target=PACED, every_n_epochs=1, step_sleep_s=0.0,
+                                 batch_size=256))
+    run_dir = Path(result.run_dir)
+    before = (run_dir / "summary.json").read_text()
+    for args in ((), ("--epochs", "2")):
+        proc = run_cli(tmp_path, "--resume", run_dir.name, "--runs-dir", str(runs), *args)
+        assert proc.returncode == 2 and proc.stderr == (
+            f"error: run {run_dir.name} has completed (2 epochs); nothing to resume (to train it longer: "
+            f"`trainbus run --resume {run_dir.name} --epochs N` with N above 2)\n"), proc.stderr
+    assert (run_dir / "summary.json").read_text() == before
+
+    proc = run_cli(tmp_path, "--resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "3")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["outcome"]["epochs_completed"] == 3, summary
+    assert isinstance(summary["outcome"]["validation_loss"], float)
+    assert [e.epoch for e in of(read_events(run_dir), "end_epoch")] == [1, 2, 3]
+
+
 class Tripwire:
     """Touches a file when unpickled: if a resume ever ran code from a checkpoint, the file would exist."""
 
