@@ -672,6 +672,9 @@ def _print_summary(result) -> None:
     if reasons:
         out.print("  stopped by: " + escape("; ".join(reasons)))
     if result.error:
+        if result.trace:  # the user's code raised: their frames first, on stderr (the whole one is in kernel.log)
+            out.file.flush()
+            print(result.trace, end="", file=sys.stderr, flush=True)
         out.print(f"  error: {escape(result.error)}")
     if o["validation_loss"] is not None:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in o["validation_metrics"].items())

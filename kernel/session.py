@@ -39,7 +39,7 @@ from .remote import ListenError, Listener, check_listen
 from .registry import record_run
 from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers, snapshot_directories
-from .spec import SpecError, TrainingSpec, build_with_flags
+from .spec import SpecError, TrainingSpec, build_with_flags, user_trace
 from .stepping import Stepper, SteppingError
 from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
 
@@ -60,6 +60,7 @@ class RunResult:
     undrained: dict[str, int] = field(default_factory=dict)  # durable plugins that did not catch up
     bus: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    trace: str = ""  # a failure's traceback trimmed to the user's frames ("" when none of their code raised it)
     cluster: dict[str, Any] = field(default_factory=dict)  # kernel/cluster.py: launcher, rank, world size, node
 
 
@@ -190,7 +191,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
         where = f"epoch {at['epoch']}" + ("" if at["epoch_complete"] else f", batch {at['batches_done']}")
         announce(f"{'continuing run ' + run_id if continue_run else 'resuming'} from {resume_from} "
                  f"({where}, step {at['step']})")
-    status, error = "completed", None
+    status, error, trace = "completed", None, ""
     try:
         bus.start()
         announce(f"run {run_id} on {device}: {cfg.target}, plugins: {', '.join(p.name for p in cfg.plugins) or 'none'}")
@@ -206,6 +207,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error})
     except Exception as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
+        where, trace = user_trace(exc)
+        error += where
         tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
         if ranks is not None:  # a collective failing here is mostly another rank's failure: say whose, and why
             error, tail = rank_errors(run_dir, error, tail)
@@ -240,7 +243,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
     result = RunResult(run_id=run_id, run_dir=str(run_dir), status=status,
                        duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
                        plugins=_plugin_summary(bus), undrained=undrained, bus=_counters(bus), error=error,
-                       cluster=cluster.describe())
+                       trace=trace, cluster=cluster.describe())
     try:
         (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     except OSError as exc:

@@ -155,10 +155,19 @@ _NOT_USER_ROOTS = tuple({os.path.abspath(p) + os.sep for key in ("stdlib", "plat
 
 def _user_code_error(exc: Exception, what: str) -> UserCodeError:
     """The user's exception as one line, and its traceback trimmed to their frames (their files)."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__.tb_next)  # tb_next: past our own frame
-              if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(_NOT_USER_ROOTS)]
-    header = ["Traceback (most recent call last; your code only):\n"] if frames else []  # none: a SyntaxError
-    trace = "".join([*header, *traceback.format_list(frames), *traceback.format_exception_only(type(exc), exc)])
+    where, trace = user_trace(exc)
     text = (str(exc).strip().splitlines() or [""])[0]
-    where = f" (in your code: {frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
     return UserCodeError(f"{what} raised {type(exc).__name__}{': ' + text if text else ''}{where}", trace)
+
+
+def user_trace(exc: BaseException) -> tuple[str, str]:
+    """Where in the user's code `exc` was raised (" (in your code: FILE, line N)", or "" when none of their code
+    ran) and its traceback trimmed to their frames: "" without any (a lone exception line would only repeat
+    the one-line error), except for a SyntaxError, whose file, line and caret are the point."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(_NOT_USER_ROOTS)]
+    if not frames and not isinstance(exc, SyntaxError):
+        return "", ""
+    header = ["Traceback (most recent call last; your code only):\n"] if frames else []
+    trace = "".join([*header, *traceback.format_list(frames), *traceback.format_exception_only(type(exc), exc)])
+    return (f" (in your code: {frames[-1].filename}, line {frames[-1].lineno})" if frames else ""), trace

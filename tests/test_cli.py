@@ -232,6 +232,23 @@ def test_an_exception_in_the_users_code_shows_their_frames_then_one_line(case, t
     assert not (tmp_path / "runs").exists()
 
 
+def test_an_exception_in_the_users_code_while_training_shows_their_frames_and_where(tmp_path):
+    target = tmp_path / "train.py"
+    target.write_text("from trainbus.kernel.digits import build as digits\n\n"
+                      "def check(outputs):\n    raise ValueError('boom in user helper')\n\n"
+                      "def loss(outputs, targets):\n    check(outputs)\n\n"
+                      "def build(hyperparameters):\n    spec = digits(hyperparameters)\n    spec.loss_fn = loss\n"
+                      "    return spec\n")
+    r = trainbus("run", f"{target}:build", "--plugins", "", "--runs-dir", str(tmp_path / "runs"), timeout=120)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    for frame in ("line 7, in loss", "line 4, in check"):
+        assert f'File "{target}", {frame}' in r.stderr, r.stderr
+    # their frames only: not the loop's, torch's or the CLI's (the whole traceback is in the run's kernel.log)
+    files = [line.split('"')[1] for line in r.stderr.splitlines() if line.startswith('  File "')]
+    assert files and set(files) == {str(target)}, r.stderr
+    assert f"error: ValueError: boom in user helper (in your code: {target}, line 4)" in r.stdout, r.stdout
+
+
 def test_set_reaches_a_plugins_settings_and_leaves_hyperparameters_alone(tmp_path):
     r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--epochs", "1", "--plugins", "early_stopping",
                  "--set", "plugins.early_stopping.settings.patience=1", "--set", "early_stopping.min_delta=0.5",
