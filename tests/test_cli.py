@@ -112,6 +112,21 @@ BAD_INPUT = {
 }
 
 
+DEMO_BAD_SET = {
+    "lr=abc": "the demo's lr must be a positive number, got 'abc' (e.g. --set lr=0.001)",
+    "hidden=-5": "the demo's hidden must be a whole number of at least 1, got -5 (e.g. --set hidden=128)",
+    "batch_size=0": "the demo's batch_size must be a whole number of at least 1, got 0 (e.g. --set batch_size=32)",
+    "model=cnn2": "the demo's model must be mlp or cnn, got 'cnn2' (e.g. --set model=cnn)",
+}
+
+
+@pytest.mark.parametrize("word", sorted(DEMO_BAD_SET))
+def test_a_bad_hyperparameter_for_the_demo_is_one_line_naming_it_and_a_value_that_works(word, tmp_path):
+    r = trainbus("run", "--plugins", "", "--set", word, "--runs-dir", str(tmp_path / "runs"))
+    assert r.returncode == 2 and r.stderr == f"error: {DEMO_BAD_SET[word]}\n", r.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing half-started"
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_input_gets_one_clear_line_and_no_traceback(case, tmp_path):
     make_args, expected = BAD_INPUT[case]
