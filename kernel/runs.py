@@ -348,7 +348,9 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
             p["undrained_acked_seq"] = undrained[name]
     session = sessions[-1] if sessions else {}
     rows = [epochs[k] for k in sorted(epochs)]
-    losses = [(row["validation_loss"], row["epoch"]) for row in rows if isinstance(row.get("validation_loss"), float)]
+    # the best of whole epochs, as the loop's (summary.json's) is: a partial epoch's validation is not comparable
+    losses = [(row["validation_loss"], row["epoch"]) for row in rows
+              if isinstance(row.get("validation_loss"), float) and not row["partial"]]
     best = min(losses) if losses else None
     info.update(
         sessions=sessions, device=session.get("device"), model=session.get("model"),
@@ -374,7 +376,8 @@ def _epoch_row(e: Event, started: float | None) -> dict[str, Any]:
             "validation_loss": data.get("validation_loss"),
             "training_metrics": data.get("training_metrics") or {},
             "validation_metrics": data.get("validation_metrics") or {}, "lr": data.get("lr"),
-            "duration_s": round(e.ts - started, 3) if started is not None else None, "ended_at": _iso(e.ts)}
+            "duration_s": round(e.ts - started, 3) if started is not None else None, "ended_at": _iso(e.ts),
+            "partial": data.get("partial") is True}  # a stop cut its training short: its losses are over part of it
 
 
 def _plugin_event(p: dict[str, Any], type_: str, data: dict[str, Any]) -> None:

@@ -185,7 +185,7 @@ def print_show(console, run: dict[str, Any]) -> None:
                       box=None, pad_edge=False, title="epochs", title_justify="left")
         best_epoch = run["best"]["epoch"] if run.get("best") else None
         for row in rows:
-            mark = "*" if row["epoch"] == best_epoch else ""
+            mark = "*" if row["epoch"] == best_epoch else " (partial)" if row.get("partial") else ""
             table.add_row(f"{row['epoch']}{mark}", str(row["step"]), _num(row["training_loss"]),
                           _num(row["validation_loss"]), *[_num(row["validation_metrics"].get(m)) for m in metric_names],
                           f"{row['lr']:.3g}" if isinstance(row.get("lr"), (int, float)) else "-",

@@ -243,3 +243,18 @@ def test_list_reads_only_the_tail_of_a_long_journal(tmp_path, monkeypatch):
         tail = journal_tail(journal, cut)
         assert tail and tail[-1].seq == last_seq and [e.seq for e in tail] == list(range(tail[0].seq, last_seq + 1))
     assert last_event_of(journal, "end_epoch").epoch == 1
+
+
+def test_a_stop_mid_epoch_leaves_that_epoch_out_of_the_best(tmp_path, monkeypatch):
+    """A partial epoch's validation follows fewer batches: never the run's best, in runs show as in summary.json."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))  # the plugin process imports tests/fixture_plugins.py
+    stopper = PluginConfig("stopper", "fixture_plugins:StopAtStep", {"step": 20})  # 6 steps an epoch: in epoch 4
+    result = run_training(RunConfig(target=PACED, epochs=10, runs_dir=str(tmp_path / "runs"), plugins=[stopper],
+                                    ready_timeout_s=120, hyperparameters={"batch_size": 256, "step_sleep_s": 0.05}))
+    assert result.status == "stopped"
+    shown = json.loads(cli("runs", "show", result.run_id, "--runs-dir", str(tmp_path / "runs"), "--json"))
+    partial = [row for row in shown["epoch_table"] if row["partial"]]
+    assert len(partial) == 1 and partial[0] == shown["epoch_table"][-1], shown["epoch_table"]
+    assert shown["best"]["epoch"] == result.outcome["best_epoch"] != partial[0]["epoch"], shown["best"]
+    text = cli("runs", "show", result.run_id, "--runs-dir", str(tmp_path / "runs"))
+    assert f"{partial[0]['epoch']} (partial)" in text, text
