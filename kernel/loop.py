@@ -60,7 +60,7 @@ def pick_device() -> torch.device:
 class Loop:
     """Runs a TrainingSpec and publishes its lifecycle; asks `stop_requested()` at every step boundary."""
 
-    def __init__(self, spec: TrainingSpec, bus: Publisher, device: torch.device, stop_requested=lambda: False,
+    def __init__(self, spec: TrainingSpec, bus: Publisher, device: torch.device, stop_requested=lambda: "",
                  vote_timeout_s: float = 0.0, checkpointer=None, stepper: Stepper | None = None,
                  ranks: Ranks | None = None, session_info: dict[str, Any] | None = None):
         self.spec = spec
@@ -70,7 +70,7 @@ class Loop:
         self.stepper = stepper or Stepper(spec.model, spec.optimizer, device)
         self.bus = bus
         self.device = device
-        self.stop_requested = stop_requested  # Ctrl-C, wired by the CLI
+        self.stop_requested = stop_requested  # Ctrl-C or SIGTERM, wired by the CLI: its name, or "" for none
         self.vote_timeout_s = vote_timeout_s  # longest wait at end_epoch for plugins that vote there
         self.checkpointer = checkpointer  # None: no snapshots
         # On CUDA, per-step losses stay on the device and are read in bursts by the bus thread;
@@ -287,7 +287,7 @@ class Loop:
             checkpoint = "checkpoint_now"
         if self.ranks is None:
             return control, checkpoint
-        agreed = self.ranks.agree(Control(should_stop=control.should_stop or self.stop_requested(),
+        agreed = self.ranks.agree(Control(should_stop=control.should_stop or bool(self.stop_requested()),
                                           checkpoint_now=checkpoint is not None))
         if self.ranks.is_main:
             return control, checkpoint
@@ -333,8 +333,9 @@ class Loop:
 
     def _apply(self, control: Control) -> bool:
         """Act on merged replies at a step boundary; True when training should stop now."""
-        if self.stop_requested() and not control.should_stop:
-            control = Control(should_stop=True, reasons=("kernel: stop: interrupted (Ctrl-C)",))
+        signal_name = self.stop_requested()
+        if signal_name and not control.should_stop:
+            control = Control(should_stop=True, reasons=(f"kernel: stop: interrupted ({signal_name})",))
         if not control.should_stop:
             return False
         self.outcome.stopped_early = True

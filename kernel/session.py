@@ -489,6 +489,7 @@ class _Interrupts:
 
     def __init__(self, install: bool):
         self.count = 0
+        self.first = ""  # the first signal's name: what the run's stop reason says
         self.closing = False  # training is over: a Ctrl-C now hurries the shutdown instead of raising
         self._count_at_closing = 0
         self._previous: dict[int, Any] = {}
@@ -499,6 +500,7 @@ class _Interrupts:
         self.count += 1
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if self.count == 1:
+            self.first = name
             message = "not waiting for plugins to drain" if self.closing else "stopping at the next batch boundary"
             os.write(2, f"\ntrainbus: {name}: {message} ({name} again to stop now)\n".encode())
             return
@@ -512,8 +514,9 @@ class _Interrupts:
         """Ctrl-C twice in all, or once since training ended: stop waiting for plugins."""
         return self.count >= 2 or self.count > self._count_at_closing
 
-    def requested(self) -> bool:
-        return self.count > 0
+    def requested(self) -> str:
+        """The first signal's name ("Ctrl-C", "SIGTERM"); "" while none came."""
+        return self.first
 
     def restore(self) -> None:
         for sig, previous in self._previous.items():

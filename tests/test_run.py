@@ -160,3 +160,4 @@ def test_sigterm_stops_a_run_at_the_next_batch_and_it_ends_interrupted_with_its_
     summary = json.loads((journal.parent / "summary.json").read_text())
     assert summary["status"] == "interrupted" and not summary["undrained"], summary
     assert summary["outcome"]["epochs_completed"] < 2
+    assert summary["outcome"]["stop_reasons"] == ["kernel: stop: interrupted (SIGTERM)"], summary["outcome"]
