@@ -394,7 +394,8 @@ def runs_list(
     status: Optional[str] = typer.Option(None, "--status", help="Only runs of these statuses (comma-separated)."),
     target: Optional[str] = typer.Option(None, "--target", help="Only runs whose target contains this text."),
 ) -> None:
-    """Every run, newest first: status, target, flags, start, duration, epochs, last validation, plugin trouble."""
+    """Every run, newest first: status, target, flags, start, duration, epochs, last validation, plugin trouble,
+    error."""
     from . import registry, runs, runs_view
 
     statuses = tuple(s.strip() for s in (status or "").split(",") if s.strip())
@@ -478,7 +479,11 @@ def runs_show(
             out.print(f"run {details['id']}: {details['status']}" + (f" ({escape(details['error'])})"
                                                                      if details.get("error") else ""))
             out.print(f"  command: trainbus run {escape(' '.join(details['argv']))}")
-            out.print(f"  output: {escape(details['output'])}")
+            if Path(details["output"]).exists():
+                out.print(f"  output: {escape(details['output'])}")
+            else:  # queued, or failed at placement: no process has written any
+                out.print("  output: none yet (it is queued)" if details["job"] == "queued"
+                          else "  output: none (the daemon never started a process for it)")
             return
     if as_json:
         print(runs_view.as_json(details))
@@ -559,8 +564,10 @@ def runs_delete(
             run_removal.delete_run(run_dir)
             out.print(f"deleted run {run_dir.name} ({escape(str(run_dir))})")
         for run_id, output in records.items():
+            had_output = output.exists()  # none for a run that failed at placement: it never had a process
             run_removal.delete_record(runs_dir, run_id, output)
-            out.print(f"deleted run {run_id} (it never had a directory; its output {escape(str(output))})")
+            out.print(f"deleted run {run_id} (it never had a directory"
+                      + (f"; its output {escape(str(output))})" if had_output else ")"))
     except run_removal.RemovalError as exc:
         raise UserError(str(exc)) from None
 
@@ -784,8 +791,8 @@ def daemon_start(
     from .remote import ListenError, check_listen
 
     check_runs_dir(str(runs_dir))
-    devices = None if gpus is None else [d.strip() for d in gpus.split(",") if d.strip()]
     try:
+        devices = None if gpus is None else daemon.parse_devices(gpus)
         if listen:
             check_listen(listen, KeyStore(default_keys_dir(keys_dir)))
         if foreground:
@@ -828,6 +835,8 @@ SERVER_KEY_OPTION = typer.Option(None, "--server-key", help="With --remote: the 
 
 
 def _remote(remote: str | None, key: Path | None, server_key: Path | None):
+    from trainbus.proto.remote import KeyFileError
+
     from .daemon import RemoteDaemon
 
     if remote is None:
@@ -835,7 +844,10 @@ def _remote(remote: str | None, key: Path | None, server_key: Path | None):
     if key is None or server_key is None:
         raise UserError("--remote needs --key (your secret key file) and --server-key (the daemon host's public key "
                         "file or .daemon/remote.json)")
-    return RemoteDaemon(remote, key, server_key)
+    try:
+        return RemoteDaemon(remote, key, server_key)
+    except (KeyFileError, ValueError) as exc:  # as `trainbus attach --key` says them (sdk/attach.py target_of)
+        raise UserError(str(exc)) from None
 
 
 def _ask(runs_dir: Path, remote, op: str, **fields) -> dict:

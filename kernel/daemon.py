@@ -25,12 +25,13 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +55,10 @@ CONTROL_MAX_BYTES = 64 * 1024
 LOG_MAX_BYTES = 10 * 1024 * 1024  # daemon.log is rotated at this size, 3 old files kept
 OUTPUT_TAIL_BYTES = 2000  # of a job that failed before its run had a directory, what the listing shows
 REQUEST_TIMEOUT_S = 3.0
+# What CUDA_VISIBLE_DEVICES takes: an index, or a UUID as `nvidia-smi -L` prints it (GPU-..., MIG-... and the
+# older MIG-GPU-.../GI/CI form).
+DEVICE_PATTERN = re.compile(r"[0-9]+|GPU-[0-9A-Fa-f-]+|MIG-(GPU-)?[0-9A-Fa-f-]+(/[0-9]+/[0-9]+)?")
+Z85_KEY_CHARS = 40  # a CURVE public key as text (z85 of 32 bytes), as remote.json holds it
 
 
 class DaemonError(Exception):
@@ -152,6 +157,22 @@ def place(queued: list[dict[str, Any]], busy: set[str], running: int, devices: l
         free = free[want:]
         running += 1
     return starts, never
+
+
+def parse_devices(text: str) -> list[str]:
+    """The devices of `--gpus`: comma-separated indices or UUIDs ('' for none), each once; DaemonError naming the
+    first that is neither. Their existence is not checked: NVML may be absent, or the driver not up yet."""
+    devices: list[str] = []
+    for item in (d.strip() for d in text.split(",")):
+        if not item:
+            continue
+        if not DEVICE_PATTERN.fullmatch(item):
+            raise DaemonError(f"--gpus {item!r} is not a device: give indices (0,1) or UUIDs (GPU-..., MIG-...; "
+                              f"`nvidia-smi -L` lists them), comma-separated, or '' for none")
+        if item in devices:
+            raise DaemonError(f"--gpus lists {item} twice; two runs would share it: list each device once")
+        devices.append(item)
+    return devices
 
 
 def detected_devices() -> list[str]:
@@ -512,19 +533,50 @@ def _log_to(path: Path, also_stderr: bool) -> None:
 @dataclass
 class RemoteDaemon:
     """A daemon's TCP endpoint as a client names it: HOST:PORT, this client's secret key file and the daemon
-    host's public server key (a key file, or the daemon's .daemon/remote.json)."""
+    host's public server key (a key file, or the daemon's .daemon/remote.json).
+
+    Both keys are read when it is made (KeyFileError, or ValueError for HOST:PORT, naming the fix): a mistake
+    found only at connect would look like a daemon that does not answer."""
     host_port: str
     key_file: Path
     server_key: Path
+    server_public: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        from trainbus.proto.remote import load_secret
+
+        host, _, port = self.host_port.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--remote {self.host_port!r}: give HOST:PORT, the daemon's --listen address "
+                             f"(the endpoint in its .daemon/{REMOTE_FILE})")
+        self.server_public = server_key_of(Path(self.server_key))
+        load_secret(Path(self.key_file))
 
     def connect(self, socket: zmq.Socket) -> None:
         from trainbus.proto.remote import secure_client
 
-        server_key: bytes | Path = self.server_key
-        if self.server_key.suffix == ".json":
-            server_key = json.loads(self.server_key.read_text())["server_key"].encode()
-        secure_client(socket, self.key_file, server_key)
+        secure_client(socket, self.key_file, self.server_public)
         socket.connect(f"tcp://{self.host_port}")
+
+
+def server_key_of(path: Path) -> bytes:
+    """The z85 public key a client pins for a daemon, from the daemon host's server key file or from the
+    daemon's .daemon/remote.json; KeyFileError naming the file and the fix when it is neither."""
+    from trainbus.proto.remote import KeyFileError, load_public
+
+    if path.suffix != ".json":
+        return load_public(path)
+    fix = f"copy RUNS_DIR/{DAEMON_DIR}/{REMOTE_FILE} (or the server.key of `trainbus keys`) from the daemon host"
+    try:
+        key = json.loads(path.read_text())["server_key"]
+        if not (isinstance(key, str) and key.isascii() and len(key) == Z85_KEY_CHARS):
+            raise ValueError(key)
+    except OSError as exc:
+        raise KeyFileError(f"server key file {path}: {exc.strerror}; {fix}") from None
+    except (ValueError, KeyError, TypeError):
+        raise KeyFileError(f"server key file {path} is not a daemon's {REMOTE_FILE} (no server_key in it); "
+                           f"{fix}") from None
+    return key.encode()
 
 
 def request(runs_dir: Path | None, op: str, timeout_s: float = REQUEST_TIMEOUT_S, remote: RemoteDaemon | None = None,

@@ -77,7 +77,7 @@ def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
     table = Table(Column("run", **fixed), Column("status", **fixed), Column("target", overflow="fold"),
                   Column("flags", overflow="fold"), Column("started", **fixed), Column("duration", **fixed), Column("epochs", **fixed),
                   Column("val loss", **fixed), Column("val metrics"), Column("plugin trouble"),
-                  box=None, pad_edge=False)
+                  Column("error", overflow="fold"), box=None, pad_edge=False)
     for run in runs:
         style = STATUS_STYLE.get(run["status"], "")
         metrics = ", ".join(f"{k} {_num(v)}" for k, v in (run.get("validation_metrics") or {}).items())
@@ -85,8 +85,14 @@ def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
                       escape(_short_target(run.get("target"))), escape(flags_text(run.get("flags"))),
                       _when(run.get("started_at"))[:16],
                       duration_text(run.get("duration_s")), _epochs(run), _num(run.get("validation_loss")),
-                      escape(metrics) or "-", escape("; ".join(run.get("plugin_trouble") or [])) or "-")
+                      escape(metrics) or "-", escape("; ".join(run.get("plugin_trouble") or [])) or "-",
+                      escape(_first_line(run.get("error"))))
     _print_table(console, table)
+
+
+def _first_line(text: str | None) -> str:
+    """A row's cell of a text that may run to many lines (an exception's message); `runs show` has it whole."""
+    return (text or "").strip().split("\n", 1)[0] or "-"
 
 
 def flags_text(flags: dict[str, Any] | None) -> str:

@@ -52,7 +52,14 @@ def check_secret_file(path: Path) -> None:
 def load_secret(path: Path) -> tuple[bytes, bytes]:
     """(public, secret) z85 keys of a secret key file, after checking it is the owner's alone."""
     path = Path(path)
-    check_secret_file(path)
+    try:
+        check_secret_file(path)
+    except KeyFileError:
+        # A public key file is 0644 as pyzmq writes it: "chmod 600" would be the wrong fix for it.
+        if path.is_file() and not _load(path)[1]:
+            raise KeyFileError(f"{path} holds no secret key; give the {SECRET_SUFFIX} file, not the public "
+                               f"one") from None
+        raise
     public, secret = _load(path)
     if not secret:
         raise KeyFileError(f"{path} holds no secret key; give the {SECRET_SUFFIX} file, not the public one")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from trainbus.kernel.daemon import Daemon, daemon_dir, place
+from trainbus.kernel.daemon import Daemon, DaemonError, daemon_dir, parse_devices, place
 from trainbus.kernel.registry import Registry, list_runs
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto import events as ev
@@ -63,6 +63,18 @@ def test_placement_fails_a_job_that_asks_for_more_devices_than_the_daemon_has():
     starts, never = place([job("a", 3), job("b", 1)], set(), 0, ["0", "1"], max_concurrent=2)
     assert [j["id"] for j, _ in starts] == ["b"]
     assert [j["id"] for j, _ in never] == ["a"] and "asks for 3 GPUs and the daemon has 2 (0,1)" in never[0][1]
+
+
+def test_devices_are_indices_or_uuids_each_once():
+    uuid = "GPU-8f6e3c1a-1234-5678-9abc-def012345678"
+    assert parse_devices(f" 0, 3,,{uuid},MIG-{uuid[4:]},MIG-{uuid}/1/0") == \
+        ["0", "3", uuid, f"MIG-{uuid[4:]}", f"MIG-{uuid}/1/0"]
+    assert parse_devices("") == []
+    for bad in ("abc", "0,gpu1", "-1", "1.5", "GPU-xyz", "\u0663"):  # the last: an Arabic-Indic 3, a digit to \d
+        with pytest.raises(DaemonError, match="is not a device: give indices"):
+            parse_devices(bad)
+    with pytest.raises(DaemonError, match="lists 1 twice"):
+        parse_devices("0,1,1")
 
 
 # -- a daemon's rounds, with processes that are not training runs ---------------------------------------------
@@ -205,6 +217,64 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     assert waiting not in listed(runs)
     again = cli("daemon", "cancel", waiting, "--runs-dir", str(runs), check=False)
     assert again.returncode == 2 and f"run {waiting} is not queued" in again.stderr
+
+
+def one_error_line(done: subprocess.CompletedProcess) -> str:
+    """The single `error: ...` line a user mistake gets (exit 2, no traceback)."""
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+    return done.stderr.strip()
+
+
+def test_gpus_that_are_not_devices_are_refused_before_a_daemon_starts(tmp_path, daemons):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    daemons.append(runs)  # stopped at the end should one start all the same
+    refused = one_error_line(cli("daemon", "start", "--runs-dir", str(runs), "--gpus", "0,abc", check=False))
+    assert "--gpus 'abc' is not a device: give indices (0,1) or UUIDs" in refused
+    assert not daemon_dir(runs).exists()
+
+
+def test_a_run_asking_for_more_gpus_than_the_daemon_has_fails_with_the_reason_listed(tmp_path, daemons):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    start_daemon(daemons, runs, "--gpus", "")
+    run_id = submit(runs, PACED, "--gpus", "2")
+    wait_until(lambda: listed(runs)[run_id]["status"] == "failed", WAIT_S, "the run failed at placement")
+    reason = "asks for 2 GPUs and the daemon has 0 (none); start the daemon with --gpus listing them"
+    row = next(line for line in cli("runs", "list", "--runs-dir", str(runs)).stdout.splitlines() if run_id in line)
+    assert row.split()[1] == "failed" and row.endswith(reason)
+
+    output = daemon_dir(runs) / "output" / f"{run_id}.log"
+    shown = cli("runs", "show", run_id, "--runs-dir", str(runs)).stdout
+    assert f"run {run_id}: failed ({reason})" in shown and not output.exists()
+    assert "output: none (the daemon never started a process for it)" in shown
+    deleted = cli("runs", "delete", run_id, "--yes", "--runs-dir", str(runs)).stdout
+    assert deleted.strip() == f"deleted run {run_id} (it never had a directory)"
+
+
+def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path):
+    """No daemon is needed: the keys are read before anything is sent."""
+    from trainbus.kernel.keys import KeyStore
+
+    store = KeyStore(tmp_path / "keys")
+    store.generate_server()
+    public, secret = store.generate_client("p", "control")
+    garbage = tmp_path / "garbage.key_secret"
+    garbage.write_text("not a key\n")
+    garbage.chmod(0o600)
+    no_server_key = tmp_path / "remote.json"
+    mistakes = [  # (command, --key, --server-key, what the line says)
+        (["status"], tmp_path / "nosuch.key", store.server_public, "nosuch.key: No such file or directory"),
+        (["cancel", "x"], garbage, store.server_public, f"key file {garbage} is not a readable CURVE key"),
+        (["submit", "--", TINY], public, store.server_public, f"{public} holds no secret key; give the .key_secret"),
+        (["status"], secret, no_server_key, f"server key file {no_server_key}: No such file or directory; copy"),
+        (["cancel", "x"], secret, tmp_path / "nosuch.key", "nosuch.key is not a readable CURVE key"),
+    ]
+    for command, key, server_key, said in mistakes:
+        done = cli("daemon", command[0], "--remote", "127.0.0.1:5555", "--key", str(key), "--server-key",
+                   str(server_key), *command[1:], check=False)
+        assert said in one_error_line(done), (command, done.stderr)
 
 
 def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unknown_key_gets_nothing(tmp_path,

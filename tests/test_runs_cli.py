@@ -122,6 +122,7 @@ def test_list_shows_each_run_with_its_status_newest_first(every_status):
     for run_id, status in {**ENDED, "e-running": "running"}.items():
         assert rows[run_id].split()[1] == status, table
     assert "specs.py:tiny" in rows["a-completed"] and " 2/2 " in rows["a-completed"]
+    assert "  FloatingPointError: loss exploded" in rows["c-failed"] and rows["a-completed"].endswith(" -")
     assert "fixture_targets.py:paced_digits" in rows["e-running"] and "/100" in rows["e-running"]
     assert [line.split()[0] for line in lines[1:]].index("d-interrupted") < \
         [line.split()[0] for line in lines[1:]].index("a-completed")
