@@ -596,6 +596,9 @@ def attach(
     """
     from . import runs, runs_view
 
+    if control and not sys.stdin.isatty():
+        raise UserError("--control reads its keys from a terminal, and stdin is not one: from a script, use "
+                        "--stop REASON or --checkpoint REASON")
     where = run
     if "://" not in run and key is None:
         try:

@@ -266,7 +266,12 @@ def main(argv: list[str]) -> int:
         attachment = Attachment(target, steer=bool(args.control or command))
         if command:
             return one_command(attachment, *command)
-        return json_lines(attachment) if args.json else dashboard(attachment, args.control)
+        if args.json:
+            return json_lines(attachment)
+        if not sys.stdout.isatty():  # rich's Live draws only its last frame where it cannot redraw in place
+            print("trainbus attach: stdout is not a terminal: the dashboard is drawn once, when the run ends "
+                  "(--json streams every event as it comes)", file=sys.stderr)
+        return dashboard(attachment, args.control)
     except RunEnded as ended:
         print(str(ended))
         return 1 if args.stop or args.checkpoint else 0

@@ -234,6 +234,10 @@ def test_attach_to_an_ended_run_says_so_at_once(runs_dir, tmp_path, kernels):
     assert json.loads(proc.stdout)["status"] == "completed"
     proc = run_quickly(attach_cmd(kernel, "--stop", "too late"))
     assert proc.returncode == 1, "a command that reached nothing fails"
+    proc = run_quickly(attach_cmd(kernel, "--control"))  # its stdin is not a terminal to read keys from
+    assert proc.returncode == 2 and proc.stderr == ("error: --control reads its keys from a terminal, and stdin is "
+                                                    "not one: from a script, use --stop REASON or --checkpoint "
+                                                    "REASON\n"), proc.stderr
     # the endpoint form, and a plugin attached by hand, are told too
     endpoint = f"ipc://{kernel.run_dir / 'events.sock'}"
     proc = run_quickly([*trainbus_cmd(), "attach", endpoint])
