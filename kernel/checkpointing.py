@@ -146,7 +146,8 @@ def find_checkpoint(where: str, runs_dir: str) -> Path:
     if not path.exists():
         path = Path(runs_dir) / where
     if not path.exists():
-        raise CheckpointError(f"--resume {where}: no such run id in {runs_dir} and no such path")
+        raise CheckpointError(f"--resume {where}: no such run id (nor a start of one) in {runs_dir} and no such "
+                              f"path (`trainbus runs list` shows the runs)")
     if path.is_file():
         manifest, wanted = path.parent / MANIFEST, path.name
     else:
@@ -155,6 +156,11 @@ def find_checkpoint(where: str, runs_dir: str) -> Path:
     if not manifest.is_file() and path.is_dir() and (path / "config.json").is_file():
         raise CheckpointError(f"--resume {where}: that run has no checkpoints (it ran without the checkpoint "
                               f"plugin, or ended before its first); run it again instead")
+    if not manifest.is_file() and not (path.is_file() and path.suffix == ".pt"):  # the checkpoint plugin's suffix
+        what = ("is neither a checkpoint (.pt) nor a run directory" if path.is_file()
+                else f"is neither a run directory (no config.json) nor a checkpoint directory (no {MANIFEST})")
+        raise CheckpointError(f"--resume {where}: {path} {what}; --resume takes a run id (or a unique start of one), "
+                              f"a run directory, or a checkpoint file (RUN_DIR/{CHECKPOINT_DIR}/NAME.pt)")
     if not manifest.is_file():
         raise CheckpointError(f"--resume {where}: no checkpoint manifest at {manifest}")
     entries = read_manifest(manifest)

@@ -116,7 +116,8 @@ def run(
     if target is not None and _is_flag_word(target):  # `trainbus run lr=0.01`: the default target's flags
         target, flag_words = None, [target, *flag_words]
     cfg = load_config(config)
-    continuing = _run_to_continue(resume, runs_dir or Path(cfg.runs_dir)) if resume and config is None else None
+    resumed_run = _run_to_continue(resume, runs_dir or Path(cfg.runs_dir)) if resume else None
+    continuing = resumed_run if config is None else None  # with --config: a new run from that run's checkpoint
     if continuing is not None:
         _check_resumable(continuing, epochs)
         cfg = config_of_run(continuing)
@@ -127,7 +128,8 @@ def run(
         _apply_flags(cfg, flag_words, help_flags)
     if plugins is not None:
         cfg.plugins = [resolve_plugin(name.strip(), {}) for name in plugins.split(",") if name.strip()]
-    for key, value in (("epochs", epochs), ("seed", seed), ("device", device), ("resume", resume),
+    for key, value in (("epochs", epochs), ("seed", seed), ("device", device),
+                       ("resume", str(resumed_run) if resumed_run else resume),
                        ("listen", listen), ("keys_dir", keys_dir and str(keys_dir)), ("precision", precision),
                        ("accumulate_grad_batches", accumulate_grad_batches), ("gradient_clip_val", gradient_clip_val),
                        ("compile", compile_model)):
@@ -140,6 +142,7 @@ def run(
         if not sep or not key:
             raise UserError(f"--set {item!r} must look like KEY=VALUE")
         apply_set(cfg, key, _typed_word(raw))
+    _check_epochs_given_once(epochs, [*flag_words, *hparam], cfg.hyperparameters)
     from .config import check_run
 
     check_run(cfg, "command line")
@@ -259,6 +262,16 @@ def _apply_flags(cfg, flag_words: list[str], help_flags: bool) -> None:
     cfg.hyperparameters.update(parse_words(signature, flag_words, cfg.target))
 
 
+def _check_epochs_given_once(epochs: int | None, words: list[str], hyperparameters: dict) -> None:
+    """UserError for `epochs=N` (a flag word or --set) and a different `--epochs M` on one command line: the spec
+    function would be called with N and --epochs would override the epochs it sets, so the run would train M
+    epochs while its flags (runs list, runs compare) said N."""
+    named = [word for word in words if word.partition("=")[0] in ("epochs", "hyperparameters.epochs")]
+    if epochs is not None and named and hyperparameters.get("epochs") != epochs:
+        raise UserError(f"epochs given twice, as {named[-1]} and as --epochs {epochs}: give epochs once (--epochs "
+                        f"overrides the epochs the spec sets; the flag is what its function is called with)")
+
+
 def _check_resumable(run_dir: Path, epochs: int | None) -> None:
     """UserError for a run that has trained every epoch it planned, unless --epochs asks for more: resuming it
     would train nothing and leave a summary of that."""
@@ -272,11 +285,25 @@ def _check_resumable(run_dir: Path, epochs: int | None) -> None:
 
 
 def _run_to_continue(resume: str, runs_dir: Path) -> Path | None:
-    """The run directory `--resume` names (a run id under runs_dir, or a run directory); None for a file."""
+    """The run directory `--resume` names (a run id under runs_dir, a unique start of one, or a run directory);
+    None for anything else, which find_checkpoint reads (a checkpoint file or directory) or says is not there.
+    UserError for a start of more than one run id."""
+    from . import runs
+
+    if Path(resume).is_file():  # a checkpoint file wins over run ids that start with its name
+        return None
     for candidate in (Path(resume), runs_dir / resume):
         if candidate.is_dir() and (candidate / "config.json").is_file():
             return candidate.resolve()
-    return None
+    if Path(resume).exists() or (runs_dir / resume).exists():
+        return None
+    try:
+        run_dir = runs.resolve_run(resume, runs_dir)
+    except runs.AmbiguousRunError as exc:
+        raise UserError(f"--resume: {exc}") from None
+    except runs.RunLookupError:
+        return None
+    return run_dir if (run_dir / "config.json").is_file() else None
 
 
 @plugins_app.command("list")
@@ -369,14 +396,22 @@ def _owner_command(run_dir: Path, words: list[str]) -> NoReturn:
 
 @runs_app.command("plot")
 def runs_plot(
-    run: str = typer.Argument(..., help="Run id (a folder of --runs-dir) or a run directory."),
+    run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run "
+                                        "directory."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the PNGs go (default RUN_DIR/plots)."),
 ) -> None:
     """Draw a run's plots (loss, metrics, resources) from its journal alone."""
-    run_dir = Path(run) if Path(run).is_dir() else runs_dir / run
+    from . import runs
+
+    try:
+        run_dir = runs.resolve_run(run, runs_dir)
+    except runs.RunLookupError as exc:
+        raise UserError(str(exc)) from None
     if not (run_dir / JOURNAL_NAME).is_file():
-        raise UserError(f"no run {run!r}: {run_dir / JOURNAL_NAME} does not exist (is --runs-dir right?)")
+        raise UserError(f"run {run_dir.name} has no journal to plot: {run_dir / JOURNAL_NAME} does not exist")
+    if out_dir is not None:
+        _make_out_dir(out_dir)
     # The visualization plugin's code draws them, in its own process: the kernel imports no plugin.
     cmd = [sys.executable, "-m", "trainbus.plugins.visualization", "--plot", str(run_dir)]
     proc = subprocess.run(cmd + (["--out", str(out_dir)] if out_dir else []), capture_output=True, text=True,
@@ -385,6 +420,17 @@ def runs_plot(
         lines = proc.stderr.strip().splitlines()
         raise UserError(lines[-1].removeprefix("error: ") if lines else f"plotting failed (exit {proc.returncode})")
     out.print(proc.stdout.rstrip(), markup=False)
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    """runs plot's --out, made before anything is drawn: one line naming it when it cannot be."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a directory: name a directory (it is made if missing)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out_dir}: cannot make that directory ({exc.strerror or exc}); name a directory "
+                        f"you can write, or leave --out out for RUN_DIR/plots") from None
 
 
 @runs_app.command("list")
@@ -408,6 +454,12 @@ def runs_list(
         raise UserError(str(exc)) from None
     if as_json:
         print(runs_view.as_json(found))
+        return
+    every = len(registry.list_runs(runs_dir)) if not found and (statuses or target) else 0
+    if every:  # "no runs in DIR" would be false: the filter left none of them
+        given = [f"--status {','.join(statuses)}"] * bool(statuses) + [f"--target {target}"] * bool(target)
+        out.print(f"no run matched {escape(' '.join(given))}; {escape(str(Path(runs_dir).resolve()))} has {every} "
+                  f"run{'s' * (every != 1)} (`trainbus runs list` alone lists every run)")
     else:
         runs_view.print_list(_wide(), found, runs_dir)
 

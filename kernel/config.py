@@ -152,6 +152,8 @@ def load_config(path: Path | None) -> RunConfig:
     if path is None:
         return RunConfig(plugins=[resolve_plugin(n, {}) for n in DEFAULT_PLUGINS])
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give --config a TOML file (or bz's .json one)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path.suffix == ".json":

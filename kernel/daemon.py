@@ -679,7 +679,10 @@ def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise DaemonError(f"the daemon exited at start: {_last_line(directory / LOG_FILE)}")
+            last = _last_line(directory / LOG_FILE)
+            if last.startswith("error: "):  # its own one-line refusal (a daemon already serves the directory): as is
+                raise DaemonError(last.removeprefix("error: "))
+            raise DaemonError(f"the daemon exited at start: {last} (its log: {directory / LOG_FILE})")
         answer = request(runs_dir, "status", timeout_s=0.5)
         if answer is not None and answer.get("pid") == process.pid:
             return answer

@@ -41,6 +41,10 @@ class RunLookupError(Exception):
     """No such run, or no runs directory: a mistake the user can fix (the CLI prints one line, exit 2)."""
 
 
+class AmbiguousRunError(RunLookupError):
+    """A start of a run id that more than one run has; the message lists them."""
+
+
 # -- the kernel's pid file -----------------------------------------------------------------------
 
 def write_kernel_pid(run_dir: Path) -> None:
@@ -89,8 +93,15 @@ def find_runs(runs_dir: Path) -> list[Path]:
     """The run directories in runs_dir (folders with a config.json or a journal), in name order."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
-        raise RunLookupError(f"no runs directory {runs_dir.resolve()} (is --runs-dir right?)")
+        raise RunLookupError(_no_runs_dir(runs_dir))
     return sorted(p for p in runs_dir.iterdir() if p.is_dir() and is_run_dir(p))
+
+
+def _no_runs_dir(runs_dir: Path) -> str:
+    """Why runs_dir holds no runs: a file where the directory should be is a different mistake from a typo."""
+    if runs_dir.exists():
+        return f"the runs directory {runs_dir.resolve()} is a file, not a directory (is --runs-dir right?)"
+    return f"the runs directory {runs_dir.resolve()} does not exist (is --runs-dir right?)"
 
 
 def resolve_run(run: str, runs_dir: Path) -> Path:
@@ -101,15 +112,15 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
         if candidate.is_dir() and is_run_dir(candidate):
             return candidate.resolve()
     if not runs_dir.is_dir():
-        raise RunLookupError(f"no run {run!r}: the runs directory {runs_dir.resolve()} does not exist "
-                             f"(is --runs-dir right?)")
+        raise RunLookupError(f"no run {run!r}: {_no_runs_dir(runs_dir)}")
     if run and not path_like:
         matches = [p for p in find_runs(runs_dir) if p.name.startswith(run)]
         if len(matches) == 1:
             return matches[0].resolve()
         if matches:
-            raise RunLookupError(f"run {run!r} is ambiguous in {runs_dir.resolve()}: "
-                                 f"{', '.join(p.name for p in matches[:5])}{', ...' if len(matches) > 5 else ''}")
+            raise AmbiguousRunError(f"run {run!r} is ambiguous in {runs_dir.resolve()}: "
+                                    f"{', '.join(p.name for p in matches[:5])}{', ...' if len(matches) > 5 else ''}"
+                                    f" (give more of the id)")
     if path_like:
         looked = f"neither {Path(run).resolve()} nor {(runs_dir / run).resolve()} is a run directory"
     else:

@@ -24,7 +24,13 @@ def load_plugin_class(target: str) -> type[Plugin]:
         raise PluginLoadError(f"cannot import plugin module {module_name!r}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 -- the module's own code raised: say what and where, in one line
         raise PluginLoadError(f"cannot import plugin module {module_name!r}: {_where_raised(exc)}") from None
-    cls = getattr(module, class_name, None)
+    if not hasattr(module, class_name):
+        plugins = sorted(name for name, value in vars(module).items()
+                         if isinstance(value, type) and issubclass(value, Plugin) and value is not Plugin)
+        offered = f"name one of its Plugin subclasses: {', '.join(plugins)}" if plugins \
+            else "it has no trainbus.sdk.Plugin subclass"
+        raise PluginLoadError(f"module {module_name!r} has no attribute {class_name!r}; {offered}")
+    cls = getattr(module, class_name)
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
         raise PluginLoadError(f"{target} is not a trainbus.sdk.Plugin subclass")
     return cls

@@ -81,7 +81,11 @@ def check_value(key: str, setting: Setting, value: Any) -> Any:
     """The value as the plugin gets it (a string converted to the declared type), or SettingsError in one line."""
     converted = _converted(setting.type, value)
     if converted is _REFUSED or not _within(setting, converted):
-        raise SettingsError(f"{key} = {_shown(value)} is not allowed; it must be {setting.allowed()}")
+        # The command line reads --set VALUE as JSON first: 1234 or true comes as a number where text is wanted.
+        quote = (f"; {_shown(value)} was read as {'true/false' if isinstance(value, bool) else 'a number'}: quote "
+                 f"it (\"{_shown(value)}\" in a config file, --set 'NAME.{key}=\"{_shown(value)}\"' on the command line)"
+                 if setting.type is str and isinstance(value, (int, float)) else "")
+        raise SettingsError(f"{key} = {_shown(value)} is not allowed; it must be {setting.allowed()}{quote}")
     return converted
 
 

@@ -109,6 +109,20 @@ BAD_INPUT = {
     "--set a plugin setting of the wrong type": (lambda t: ["run", "--plugins", "early_stopping", "--set",
                                                             "plugins.early_stopping.settings.patience=soon"],
                                                  "patience = 'soon' is not allowed; it must be an integer >= 1"),
+    "--set a number for a text setting": (lambda t: ["run", "--plugins", "email", "--set", "email.username=1234"],
+                                          "it must be a string; 1234 was read as a number: quote it (\"1234\" in "
+                                          "a config file, --set 'NAME.username=\"1234\"' on the command line)"),
+    "config is a directory": (lambda t: ["run", "--config", str(t)], "is a directory; give --config a TOML file"),
+    "plugin class not in its module": (lambda t: ["run", "--config", _write(
+        t, "c.toml", "[plugins.x]\ntarget = 'trainbus.plugins.console:Nope'\n")],
+        "module 'trainbus.plugins.console' has no attribute 'Nope'; name one of its Plugin subclasses: ConsolePlugin"),
+    "--resume a file that is not a checkpoint": (lambda t: ["run", "--resume", str(TESTS_DIR / "specs.py")],
+                                                 f"{TESTS_DIR / 'specs.py'} is neither a checkpoint (.pt) nor a run "
+                                                 f"directory; --resume takes a run id"),
+    "epochs as a flag and as --epochs": (lambda t: ["run", "epochs=2", "--epochs", "1"],
+                                         "epochs given twice, as epochs=2 and as --epochs 1: give epochs once"),
+    "epochs with --set and as --epochs": (lambda t: ["run", "--set", "epochs=3", "--epochs", "1"],
+                                          "epochs given twice, as epochs=3 and as --epochs 1: give epochs once"),
 }
 
 

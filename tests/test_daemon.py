@@ -187,7 +187,8 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     runs.mkdir()
     pid = start_daemon(daemons, runs)
     again = cli("daemon", "start", "--runs-dir", str(runs), check=False)
-    assert again.returncode == 2 and f"a daemon (pid {pid}) already serves {runs}" in again.stderr
+    assert again.returncode == 2 and again.stderr == (
+        f"error: a daemon (pid {pid}) already serves {runs}; `trainbus daemon status --runs-dir {runs}` shows it\n")
 
     failing = submit(runs, UNBUILDABLE)
     wait_until(lambda: listed(runs)[failing]["status"] == "failed", WAIT_S, "the failing run settled")

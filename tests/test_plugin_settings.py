@@ -55,7 +55,8 @@ def test_plain_defaults_are_settings_of_their_types_and_strings_from_the_command
     ({"every": "abc"}, "every = 'abc' is not allowed; it must be an integer"),
     ({"every": True}, "every = true is not allowed; it must be an integer"),
     ({"rate": "fast"}, "rate = 'fast' is not allowed; it must be a number"),
-    ({"label": 3}, "label = 3 is not allowed; it must be a string"),
+    ({"label": 3}, "label = 3 is not allowed; it must be a string; 3 was read as a number: quote it (\"3\" in a "
+                   "config file, --set 'NAME.label=\"3\"' on the command line)"),
     ({"on": "yes"}, "on = 'yes' is not allowed; it must be true or false"),
     ({"names": "a,b"}, "names = 'a,b' is not allowed; it must be a list"),
     ({"evry": 1}, "no setting 'evry' (known: anything, every, label, names, on, rate)"),

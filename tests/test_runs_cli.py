@@ -259,3 +259,67 @@ def test_a_stop_mid_epoch_leaves_that_epoch_out_of_the_best(tmp_path, monkeypatc
     assert shown["best"]["epoch"] == result.outcome["best_epoch"] != partial[0]["epoch"], shown["best"]
     text = cli("runs", "show", result.run_id, "--runs-dir", str(tmp_path / "runs"))
     assert f"{partial[0]['epoch']} (partial)" in text, text
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two completed runs whose ids start alike: x-alpha and x-beta."""
+    runs_dir = tmp_path_factory.mktemp("two_runs") / "runs"
+    for run_id in ("x-alpha", "x-beta"):
+        assert run_training(RunConfig(target=TINY, epochs=1, runs_dir=str(runs_dir), plugins=[]),
+                            run_id=run_id).status == "completed"
+    return runs_dir
+
+
+def _trainbus(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(trainbus_cmd() + list(args), capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def _error_line(r: subprocess.CompletedProcess) -> str:
+    """Exit 2 with exactly one line, `error: ...`, on stderr and nothing on stdout; returns that line."""
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and r.stderr.count("error:") == 1, r.stderr
+    return r.stderr.strip()
+
+
+def test_plot_and_resume_take_a_unique_start_of_a_run_id_as_show_does(two_runs, tmp_path):
+    plots = tmp_path / "plots"
+    drawn = _trainbus("runs", "plot", "x-a", "--runs-dir", str(two_runs), "--out", str(plots))
+    assert drawn.returncode == 0 and (plots / "loss.png").is_file(), drawn.stderr
+    # the run it names is found (and refused here only because it completed every epoch it planned)
+    line = _error_line(_trainbus("run", "--resume", "x-a", "--runs-dir", str(two_runs)))
+    assert line.startswith("error: run x-alpha has completed (1 epochs); nothing to resume"), line
+
+    for command in (["runs", "plot", "x-"], ["run", "--resume", "x-"]):
+        line = _error_line(_trainbus(*command, "--runs-dir", str(two_runs)))
+        assert f"run 'x-' is ambiguous in {two_runs}: x-alpha, x-beta" in line, line
+    assert sorted(p.name for p in two_runs.iterdir() if p.is_dir()) == ["x-alpha", "x-beta"], "no run made"
+
+
+def test_a_file_given_to_resume_wins_over_a_run_id_it_starts(two_runs, tmp_path):
+    (tmp_path / "x-a").write_text("not a checkpoint\n")
+    line = _error_line(_trainbus("run", "--resume", "x-a", "--runs-dir", str(two_runs), "--plugins", "",
+                                 cwd=tmp_path))
+    assert "x-a is neither a checkpoint (.pt) nor a run directory; --resume takes a run id" in line, line
+    assert sorted(p.name for p in two_runs.iterdir() if p.is_dir()) == ["x-alpha", "x-beta"], "no run made"
+
+
+def test_list_says_a_filter_matched_none_rather_than_that_there_are_no_runs(two_runs):
+    text = cli("runs", "list", "--runs-dir", str(two_runs), "--status", "running,died")
+    assert text.strip() == (f"no run matched --status running,died; {two_runs} has 2 runs "
+                            f"(`trainbus runs list` alone lists every run)"), text
+    text = cli("runs", "list", "--runs-dir", str(two_runs), "--target", "nowhere.py")
+    assert text.startswith("no run matched --target nowhere.py;"), text
+    assert json.loads(cli("runs", "list", "--runs-dir", str(two_runs), "--status", "died", "--json")) == []
+
+
+def test_a_file_where_a_directory_belongs_is_named_as_a_file(two_runs, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    line = _error_line(_trainbus("runs", "list", "--runs-dir", str(a_file)))
+    assert line == f"error: the runs directory {a_file} is a file, not a directory (is --runs-dir right?)", line
+    line = _error_line(_trainbus("runs", "plot", "x-alpha", "--runs-dir", str(two_runs), "--out", str(a_file)))
+    assert line.startswith(f"error: --out {a_file} is a file, not a directory: name a directory"), line
+    line = _error_line(_trainbus("runs", "plot", "x-alpha", "--runs-dir", str(two_runs), "--out",
+                                 str(a_file / "plots")))
+    assert line.startswith(f"error: --out {a_file / 'plots'}: cannot make that directory (Not a directory)"), line
