@@ -391,6 +391,8 @@ class Runner:
                 failure, error = exc, traceback.format_exc()
                 if isinstance(exc, NotRetryable):
                     break
+                if attempt < MAX_HANDLER_ATTEMPTS:  # the retry makes them again: one event's replies go out once
+                    self.plugin.outbox.clear()
             finally:
                 self.io.busy_since = None
                 self._send_replies()

@@ -239,6 +239,30 @@ def test_a_voter_acks_the_voted_event_itself_and_sees_only_its_handlers():
     assert io.of("ack")[-1]["seq"] == 8
 
 
+class MetricThenRaise(Plugin):
+    """Reports a metric at end_epoch, then fails there the first `failures` times it is tried."""
+
+    delivery = DURABLE
+
+    def __init__(self, failures: int):
+        super().__init__()
+        self.failures = failures
+
+    def on_end_epoch(self, event):
+        self.metric("tries_left", self.failures)
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("flaky")
+
+
+@pytest.mark.parametrize("failures, sent", [(0, [0.0]), (1, [0.0]), (2, [0.0]), (5, [3.0])])
+def test_an_events_replies_go_out_once_however_often_its_handler_was_tried(failures, sent, tmp_path, monkeypatch):
+    """Those of the attempt that passed, or of the last one when all three failed: never one set per attempt."""
+    monkeypatch.chdir(tmp_path)  # the run directory "": a dead letter goes to ./plugins/
+    _, io = run(MetricThenRaise(failures), range(1, 9))
+    assert [m["value"] for m in io.of("metric")] == sent
+
+
 def test_a_best_effort_plugin_counts_gaps_and_never_asks_for_a_replay():
     runner, io = run(LiveSeen(), [1, 2, 4, 5, 8])
     assert runner.plugin.seen == [ALL[i - 1] for i in (1, 2, 4, 5, 8)]

@@ -1,0 +1,34 @@
+"""The README's plugin example (## Writing a plugin), run as printed: its stop lands at the epoch's end it was
+decided at, because it votes there (a stop sent without a vote lands a few batches later, or never)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from trainbus.kernel.config import PluginConfig
+from trainbus.kernel.journal import read_events
+from trainbus.kernel.session import run_training
+
+from conftest import TESTS_DIR
+from helpers import run_config
+from kernel_process import of
+
+PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
+
+
+def test_the_readme_plugin_stops_the_run_at_the_end_of_the_epoch_it_decided_at(tmp_path, monkeypatch):
+    readme = (TESTS_DIR.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Writing a plugin"):]
+    (tmp_path / "mymodule.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the plugin's process imports mymodule
+    plugin = PluginConfig("loss_alarm", "mymodule:LossAlarm", {"limit": 0})
+    # paced: a stop that missed the boundary would land a few batches into epoch 2
+    result = run_training(run_config(tmp_path / "runs", [plugin], epochs=4, target=PACED, batch_size=64,
+                                     step_sleep_s=0.02, ready_timeout_s=120))
+    assert result.status == "stopped", result
+    assert result.outcome["epochs_completed"] == 1, result.outcome
+    [reason] = result.outcome["stop_reasons"]
+    assert re.fullmatch(r"loss_alarm: stop: validation loss \d\.\d{3} over the limit", reason), reason
+    events = read_events(Path(result.run_dir))
+    assert [e.epoch for e in of(events, "end_epoch")] == [1] and not of(events, "start_epoch")[1:]
