@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trainbus.proto import DURABLE, JOURNAL_NAME, PROTOCOL_VERSION
-from trainbus.proto.settings_format import METRIC
+from trainbus.proto.settings_format import METRIC, typed_word
 
 from .config import (ConfigError, apply_set, check_runs_dir, config_of_run, load_config, plugin_name_clashes,
                      registered_plugins, resolve_plugin)
@@ -141,7 +141,7 @@ def run(
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r} must look like KEY=VALUE")
-        apply_set(cfg, key, _typed_word(raw))
+        apply_set(cfg, key, typed_word(raw))
     _check_epochs_given_once(epochs, [*flag_words, *hparam], cfg.hyperparameters)
     from .config import check_run
 
@@ -233,14 +233,6 @@ def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:
     else:
         print(f"trainbus: queued run {run_id}; no daemon serves {where} yet: start one with "
               f"`trainbus daemon start --runs-dir {where}`", file=sys.stderr)
-
-
-def _typed_word(raw: str):
-    """A value from the command line: JSON when it parses (5, true, [1, 2]), else the text itself."""
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
 
 
 def _is_flag_word(word: str) -> bool:
@@ -359,7 +351,7 @@ def plugins_attach(
         key, sep, raw = word.partition("=")
         if not sep or not key:
             raise UserError(f"{word!r} must look like SETTING=VALUE")
-        plugin.settings[key] = _typed_word(raw)
+        plugin.settings[key] = typed_word(raw)
     deliveries: dict[str, str] = {}
     _check_plugin_settings([plugin], deliveries)  # a metric a setting names: the plugin checks it at its end_epoch
     if from_start and deliveries[name] != DURABLE:
@@ -742,8 +734,10 @@ def _print_summary(result) -> None:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in o["validation_metrics"].items())
         out.print(f"  validation loss {o['validation_loss']:.4f}" + (f", {metrics}" if metrics else ""))
     for name, p in result.plugins.items():
-        if p["restarts"] or p["state"] == "failed":
-            out.print(f"  plugin {name}: {p['state']}, {p['restarts']} restarts ({'; '.join(p['crashes'][-3:])})")
+        if p["crashes"] or p["restarts"] or p["state"] == "failed":  # a crash late in a run is not restarted
+            crashes = len(p["crashes"])
+            out.print(f"  plugin {name}: {p['state']}, {crashes} crash{'es' * (crashes != 1)}, {p['restarts']} "
+                      f"restarts ({escape('; '.join(p['crashes'][-3:]))})")
         if p.get("errors_logged"):
             out.print(f"  plugin {name}: {p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged "
                       f"(see {Path(result.run_dir) / 'plugins' / f'{name}.log'})")

@@ -99,6 +99,7 @@ class CheckpointPlugin(Plugin):
     def setup(self) -> None:
         s = self.settings
         self.directory = Path(self.run_dir) / (s["dirpath"] or CHECKPOINT_DIR)
+        self.fields_told: set[str] = set()  # filename fields said to be no metric of the run (_tell_unknown_fields)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.directory)
@@ -173,12 +174,25 @@ class CheckpointPlugin(Plugin):
 
     def _file_name(self, event: Event, metrics: dict[str, Any]) -> str:
         fields = {**metrics, "epoch": event.epoch, "step": event.step}
+        self._tell_unknown_fields(metrics)
         try:
             name = render_filename(self.settings["filename"], fields)
         except (ValueError, TypeError) as exc:  # a metric of an unexpected type: fall back, never lose the save
             name = render_filename(CheckpointPlugin.settings["filename"].default, fields)
             self.log(f"checkpoint filename {self.settings['filename']!r}: {exc}; saved as {name}", level="warning")
         return name
+
+    def _tell_unknown_fields(self, metrics: dict[str, Any]) -> None:
+        """A field that an epoch's metrics lack is a typo, or a metric this run does not have: it is written "na"
+        like a metric not measured yet, so say it once. Before the first epoch ends there are no metrics (and the
+        run's metric names are not known here): there, "na" is the whole story."""
+        unknown = [name for name in template_fields(self.settings["filename"])
+                   if name not in (*metrics, "epoch", "step", *self.fields_told)]
+        if metrics and unknown:
+            self.fields_told.update(unknown)
+            self.log(f"checkpoint filename {self.settings['filename']!r}: {', '.join(unknown)} is not among the "
+                     f"metrics an epoch reported ({', '.join(metrics)}), so it is written {NOT_MEASURED}; "
+                     f"fix the template", level="warning")
 
     def _keep(self, entries: list[dict[str, Any]], new: dict[str, Any] | None = None) -> set[str]:
         s = self.settings
@@ -322,6 +336,11 @@ def render_filename(template: str, fields: dict[str, Any]) -> str:
     return name if name.endswith(SUFFIX) else name + SUFFIX
 
 
+def template_fields(template: str) -> list[str]:
+    """The fields a filename template names, in order (ValueError for a malformed one: a lone brace)."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
 def unique_name(name: str, step: int, taken: set[str]) -> str:
     """`name`, or where a checkpoint on disk has it, the same with the step added (and a count, if need be).
 
@@ -344,7 +363,7 @@ def _check_filename(template: str) -> None:
     if not template or "/" in template or os.sep in template or template.startswith("."):
         raise SettingsError(f"{where}; it must be a plain file name (no '/', not starting with '.')")
     try:
-        names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        names = template_fields(template)
         if any(not n.isidentifier() for n in names):
             raise ValueError("fields must be names: epoch, step or a metric such as validation_loss")
         name = render_filename(template, {**{n: 0.0 for n in names}, "epoch": 0, "step": 0})  # every format checked

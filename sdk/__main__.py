@@ -1,38 +1,87 @@
-"""`python -m trainbus.sdk module:Class` runs a plugin (`--connect`: against a remote kernel); `--describe T [T ...]`
-prints what they are, as JSON."""
+"""`python -m trainbus.sdk module:Class` runs a plugin (`--name`, `--set`: by hand; `--connect`: against a remote
+kernel); `--describe T [T ...]` prints what they are, as JSON."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+from trainbus.proto.settings_format import typed_word
+
 from .bz import Plugin as BzPlugin, constructor_arguments
 from .loader import PluginLoadError, describe, load_plugin_class
 from .plugin import SettingsError, merge_settings
 from .runner import run
 
-USAGE = ("usage: python -m trainbus.sdk module:Class [--connect HOST:PORT|connection.json --key FILE "
-         "[--server-key FILE]] | --describe module:Class[=SETTINGS_JSON] ...")
-REMOTE_OPTIONS = ("--connect", "--key", "--server-key")  # a remote kernel over TCP + CURVE (PROTOCOL.md, security)
+USAGE = """usage: python -m trainbus.sdk module:Class [--name NAME] [--set SETTING=VALUE ...]
+           [--connect HOST:PORT|connection.json --key FILE [--server-key FILE]]
+       python -m trainbus.sdk --describe module:Class[=SETTINGS_JSON] ..."""
+HELP = f"""{USAGE}
+
+Runs the plugin class module:Class in this process against a running kernel, until the run ends. `trainbus run`
+starts its plugins so; to attach one to a live run by hand, set:
+  TRAINBUS_EVENTS   the run's events socket: ipc://RUN_DIR/events.sock
+  TRAINBUS_CONTROL  the run's control socket: ipc://RUN_DIR/control.sock (for a run directory whose path is too
+                    long for a socket, kernel.log's `sockets:` line names both)
+  TRAINBUS_RUN_DIR  RUN_DIR, the run directory: the plugin proves itself with RUN_DIR/credential
+
+options:
+  --name NAME           the name it says hello with (default: TRAINBUS_PLUGIN_NAME, else the class's `name`, else
+                        the class name in snake_case); a name the run's config gives a plugin is refused
+  --set SETTING=VALUE   a setting, repeatable; VALUE is read as JSON when it parses, else as text (as
+                        `trainbus run --set` reads it), and checked against the plugin's declared settings. The
+                        kernel gives a plugin it starts its settings in TRAINBUS_PLUGIN_SETTINGS (msgpack, hex);
+                        --set goes on top
+  --connect HOST:PORT|connection.json
+                        a remote kernel (`trainbus run --listen`), over TCP with CURVE keys
+  --key FILE            with --connect: this client's secret key (`trainbus keys generate client`)
+  --server-key FILE     with --connect: the server's public key, pinned (default: the connection file's, else
+                        server.key in the key directory)
+  --describe T ...      print each plugin's description and settings as JSON, checking SETTINGS_JSON if given
+  -h, --help            this text"""
+OPTIONS = ("--name", "--set", "--connect", "--key", "--server-key")  # each takes a value
+
+
+class UsageError(Exception):
+    """A mistake on the command line, said in one line."""
 
 
 def main(argv: list[str]) -> int:
     if not argv:
         print(USAGE, file=sys.stderr)
         return 2
+    if "-h" in argv or "--help" in argv:
+        print(HELP)
+        return 0
     if argv[0] == "--describe":
         return _describe(argv[1:])
-    options = dict(zip(argv[1::2], argv[2::2]))
-    if len(argv) % 2 == 0 or set(options) - set(REMOTE_OPTIONS):
-        print(USAGE, file=sys.stderr)
-        return 2
     try:
+        options, settings = _options(argv[1:])
         cls = load_plugin_class(argv[0])
-        return run(cls, connect=options.get("--connect", ""), key=options.get("--key", ""),
-                   server_key=options.get("--server-key", ""))
-    except (PluginLoadError, SettingsError) as exc:
+        return run(cls, settings, connect=options.get("--connect", ""), key=options.get("--key", ""),
+                   server_key=options.get("--server-key", ""), name=options.get("--name", ""))
+    except (PluginLoadError, SettingsError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _options(words: list[str]) -> tuple[dict[str, str], dict[str, object]]:
+    """The options after the target, and the settings --set gives; UsageError for a mistake."""
+    options: dict[str, str] = {}
+    settings: dict[str, object] = {}
+    for flag, value in zip(words[::2], words[1::2] + [None]):
+        if flag not in OPTIONS:
+            raise UsageError(f"unknown option {flag!r}; the options are {', '.join(OPTIONS)} (see --help)")
+        if value is None:
+            raise UsageError(f"{flag} needs a value (see --help)")
+        if flag == "--set":
+            key, sep, raw = value.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--set {value!r} must look like SETTING=VALUE")
+            settings[key] = typed_word(raw)
+        else:
+            options[flag] = value
+    return options, settings
 
 
 def _describe(targets: list[str]) -> int:

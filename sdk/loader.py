@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib
 import traceback
+from pathlib import Path
 from typing import Any
 
 from .plugin import Plugin
 from .settings import describe_settings
+
+SDK_DIR = Path(__file__).resolve().parent
 
 
 class PluginLoadError(Exception):
@@ -20,9 +23,10 @@ def load_plugin_class(target: str) -> type[Plugin]:
         raise PluginLoadError(f"plugin target {target!r} must look like package.module:Class")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise PluginLoadError(f"cannot import plugin module {module_name!r}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 -- the module's own code raised: say what and where, in one line
+        if _is_missing(module_name, exc):  # no file to name: say where it could come from
+            raise PluginLoadError(f"cannot import plugin module {module_name!r}: {exc}; install the package that has "
+                                  f"it into this Python's environment, or put its folder on PYTHONPATH") from None
         raise PluginLoadError(f"cannot import plugin module {module_name!r}: {_where_raised(exc)}") from None
     if not hasattr(module, class_name):
         plugins = sorted(name for name, value in vars(module).items()
@@ -36,9 +40,18 @@ def load_plugin_class(target: str) -> type[Plugin]:
     return cls
 
 
+def _is_missing(module_name: str, exc: Exception) -> bool:
+    """The plugin's module itself (or a package above it) is not to be found, rather than something it imports."""
+    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    return missing is not None and f"{module_name}.".startswith(f"{missing}.")
+
+
 def _where_raised(exc: Exception) -> str:
-    """`File.py, line N: Type: message` for the innermost frame of exc (a SyntaxError names its line itself)."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    """`File.py, line N: Type: message` for the innermost frame of exc in a file, outside this SDK (a Setting
+    declared wrong is the plugin's line, not the SDK's that checked it nor its generated `<string>` __init__); a
+    SyntaxError names its line itself."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<") and Path(f.filename).parent != SDK_DIR]
     where = f"{frames[-1].filename}, line {frames[-1].lineno}: " if frames and not isinstance(exc, SyntaxError) else ""
     return f"{where}{type(exc).__name__}: {exc}"
 

@@ -91,7 +91,7 @@ class Plugin:
         """Called once in the plugin process before the first event."""
 
     def teardown(self) -> None:
-        """Called once at the end of the run, or when the kernel is gone: flush and close here."""
+        """Called once at the end of the run, or when the kernel is gone, if setup() ran: flush and close here."""
 
     def on_kernel_gone(self, info: KernelGoneInfo) -> None:
         """Called once, before teardown, when the kernel died without ending the run (killed, out of memory,

@@ -298,7 +298,7 @@ class Runner:
         self.io.start()
         welcome, early = self._wait_welcome()
         if welcome is None:
-            return self._finish(f"kernel unreachable: {self.io.gone}")
+            return self._finish(self.io.gone if self.io.refused else f"kernel unreachable: {self.io.gone}")
         self.io.heartbeat_interval_s = welcome["heartbeat_interval_s"]
         self.plugin.run_id = welcome["run"]
         self.next_seq = welcome["resume_from"]
@@ -482,14 +482,17 @@ class Runner:
         self._ended = True
         if gone and self._kernel_died():
             self._tell_kernel_gone(gone)
-        try:
-            self.plugin.teardown()
-        except Exception:
-            _say(traceback.format_exc().rstrip())
+        if self._set_up:  # teardown undoes what setup did: refused at hello, or with no kernel, there is none
+            try:
+                self.plugin.teardown()
+            except Exception:
+                _say(traceback.format_exc().rstrip())
         self._maybe_ack(force=True)
         stats = f"processed {self.processed}, gaps {self.gaps}, failures {self.failures}, " \
                 f"dead letters {self.dead_letters}, dropped {self.io.dropped}, malformed {self.io.malformed}"
-        if gone:
+        if self.io.refused and not self._set_up:  # turned down at hello: the kernel is there, and said why
+            _say(f"[{self.plugin.name}] {refused_hello(self.plugin.name, self.io.refused)}")
+        elif gone:
             _say(f"[{self.plugin.name}] kernel gone ({gone}); exiting. {stats}")
         else:
             if self.gaps and not self.durable:
@@ -529,6 +532,14 @@ class Runner:
             _say(f"[{self.plugin.name}] on_kernel_gone failed:\n{traceback.format_exc().rstrip()}")
 
 
+def refused_hello(name: str, reason: str) -> str:
+    """The kernel's refusal of our hello in one line, with the fix when it is the name (one the run's config gives a
+    plugin, or a live peer's)."""
+    why = reason.removeprefix(f"hello as {name!r} refused: ")  # the kernel's own words start so (kernel/peers.py)
+    fix = "; pick another name with --name NAME" if "name" in why else ""
+    return f"the kernel refused the hello as {name!r}: {why}{fix}"
+
+
 def _say(text: str) -> None:
     """A line for the plugin's log (its stderr); on a full disk it is lost and the plugin goes on."""
     try:
@@ -538,9 +549,11 @@ def _say(text: str) -> None:
 
 
 def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connect: str = "", key: str = "",
-        server_key: str = "") -> int:
+        server_key: str = "", name: str = "") -> int:
     """Entry point inside a plugin process: read the kernel's environment, connect, run to the end.
 
+    settings: on top of TRAINBUS_PLUGIN_SETTINGS's, each checked by the plugin's declarations (SettingsError).
+    name: the name to say hello with; default TRAINBUS_PLUGIN_NAME, else the plugin's own.
     connect: a remote kernel's HOST:PORT (control; events on PORT + 1) or its connection.json, reached over
     TCP with CURVE: `key` is this client's secret key file, `server_key` the server's public key file
     (default: the connection file's key, else server.key in the key directory), pinned.
@@ -569,11 +582,10 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     kernel_pid = int(env["TRAINBUS_KERNEL_PID"]) if "TRAINBUS_KERNEL_PID" in env else None
     if kernel_pid is not None:
         _die_with_parent(kernel_pid)
-    if settings is None and "TRAINBUS_PLUGIN_SETTINGS" in env:
-        settings = unpack(bytes.fromhex(env["TRAINBUS_PLUGIN_SETTINGS"]))
-    plugin = plugin_cls(settings or {}, run_id=env.get("TRAINBUS_RUN_ID", ""), run_dir=env.get("TRAINBUS_RUN_DIR", "."))
-    if env.get("TRAINBUS_PLUGIN_NAME"):
-        plugin.name = env["TRAINBUS_PLUGIN_NAME"]
+    configured = unpack(bytes.fromhex(env["TRAINBUS_PLUGIN_SETTINGS"])) if "TRAINBUS_PLUGIN_SETTINGS" in env else {}
+    plugin = plugin_cls({**configured, **(settings or {})}, run_id=env.get("TRAINBUS_RUN_ID", ""),
+                        run_dir=env.get("TRAINBUS_RUN_DIR", "."))
+    plugin.name = name or env.get("TRAINBUS_PLUGIN_NAME") or plugin.name
     runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid,
                     "" if connect else _secret(env), secure)
     # SIGTERM (supervisor, or a hang): finish the current handler, tear down, ack, exit.

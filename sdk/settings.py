@@ -34,7 +34,7 @@ class Setting:
 
     default: Any
     help: str = ""
-    type: type | None = None  # None: the default's type (any type for a default of None)
+    type: type | None = None  # None: the default's type (any type for a default of None); given: the default's too
     min: float | None = None  # inclusive bounds, for numbers
     max: float | None = None
     choices: tuple[Any, ...] = ()
@@ -44,6 +44,13 @@ class Setting:
     def __post_init__(self) -> None:
         if self.type is None and self.default is not None:
             object.__setattr__(self, "type", type(self.default))
+        if self.default is not None:  # None: not set. Else the default is a value like any given one: of the
+            # declared type (Setting(1, type=float) gives 1.0) and allowed, or the declaration is refused
+            default = _converted(self.type, self.default)
+            if default is _REFUSED or not _within(self, default):
+                raise SettingsError(f"Setting default {_shown(self.default)} is not allowed; "
+                                    f"it must be {self.allowed()}")
+            object.__setattr__(self, "default", default)
 
     def constraint(self) -> str:
         """What is allowed beyond the type, in a few words; "" when any value of the type is."""

@@ -179,3 +179,15 @@ class Usurper(Plugin):
             from trainbus.proto import control
 
             self.outbox.append(control("attach_plugin", name=self.settings["plugin"], settings={}))
+
+
+class Lifecycle(Plugin):
+    """Appends "setup" and "teardown" to a file as each runs: whether they ran at all, and in which order."""
+
+    settings = {"path": ""}
+
+    def setup(self):
+        _append_fsynced(self.settings["path"], "setup")
+
+    def teardown(self):
+        _append_fsynced(self.settings["path"], "teardown")

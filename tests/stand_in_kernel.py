@@ -28,14 +28,14 @@ class StandInKernel:
             socket.setsockopt(zmq.LINGER, 0)
             socket.bind(endpoint)
 
-    def start_plugin(self, target: str, name: str, settings: dict, run_dir: Path) -> subprocess.Popen:
-        """`python -m trainbus.sdk target`, stdout and stderr together in proc.stdout."""
+    def start_plugin(self, target: str, name: str, settings: dict, run_dir: Path, args=()) -> subprocess.Popen:
+        """`python -m trainbus.sdk target *args`, stdout and stderr together in proc.stdout."""
         env = dict(os.environ, TRAINBUS_EVENTS=self.pub.getsockopt_string(zmq.LAST_ENDPOINT),
                    TRAINBUS_CONTROL=self.router.getsockopt_string(zmq.LAST_ENDPOINT), TRAINBUS_RUN_ID=self.run_id,
                    TRAINBUS_RUN_DIR=str(run_dir), TRAINBUS_PLUGIN_NAME=name,
                    TRAINBUS_PLUGIN_SETTINGS=pack(settings).hex(), PYTHONPATH=str(TESTS_DIR))
         env.pop("TRAINBUS_KERNEL_PID", None)
-        return subprocess.Popen([sys.executable, "-m", "trainbus.sdk", target], env=env,
+        return subprocess.Popen([sys.executable, "-m", "trainbus.sdk", target, *args], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def publish(self, kind: str, live: bool = True, **data) -> None:

@@ -70,8 +70,9 @@ def snapshot_data(buffers: SnapshotBuffers, state: dict, metrics: dict, reason: 
 
 
 def save(h: Harness, trainer: Trainer, buffers: SnapshotBuffers, validation_loss: float | None = None) -> list[dict]:
-    metrics = {"training_loss": 1.0} if validation_loss is None else {"validation_loss": validation_loss,
-                                                                        "validation_accuracy": 0.9}
+    """validation_loss None: a checkpoint before the first epoch ended, which has no metrics yet (kernel/loop.py
+    gives a checkpoint the latest epoch's, and every epoch of a run with a validation loader reports its loss)."""
+    metrics = {} if validation_loss is None else {"validation_loss": validation_loss, "validation_accuracy": 0.9}
     data = snapshot_data(buffers, trainer.state(metrics), metrics)
     return h.feed("save_checkpoint", step=trainer.step, epoch=trainer.epoch, **data)
 
@@ -179,6 +180,21 @@ def test_step_checkpoints_under_an_epoch_and_loss_template_are_each_a_file_of_th
                      "epoch001-0.5000.pt", "epoch001-0.5000-step000004.pt"]
     assert checkpoints(tmp_path / "checkpoints") == sorted(paths + ["last.pt"])
     assert [e["file"] for e in manifest(tmp_path / "checkpoints") if "alias_of" not in e] == paths
+
+
+def test_a_template_field_that_no_epoch_reports_is_written_na_and_said_once(tmp_path, buffers):
+    h = harness(tmp_path, filename="{val_loss:.4f}")  # a typo of validation_loss
+    trainer = Trainer()
+    trainer.train_epoch()
+    save(h, trainer, buffers)
+    assert not h.replies_of("log"), "no epoch has ended: na is a metric not measured yet, nothing more to say"
+    for loss in (0.5, 0.4):
+        trainer.train_epoch()
+        save(h, trainer, buffers, loss)
+    assert [(r["level"], r["text"]) for r in h.replies_of("log")] == [("warning", (
+        "checkpoint filename '{val_loss:.4f}': val_loss is not among the metrics an epoch reported "
+        "(validation_loss, validation_accuracy), so it is written na; fix the template"))]
+    assert checkpoints(tmp_path / "checkpoints") == ["last.pt", "na-step000002.pt", "na-step000003.pt", "na.pt"]
 
 
 def test_a_torn_manifest_line_does_not_swallow_the_next_entry(tmp_path, buffers):

@@ -128,6 +128,25 @@ def test_a_broken_entry_point_is_one_line_and_no_run(plugin_env, tmp_path):
     assert not runs_dir.exists() or not any(runs_dir.iterdir())
 
 
+def test_an_import_that_fails_inside_a_plugin_module_names_the_file_and_line(tmp_path):
+    """What `plugins list` and `trainbus run` ask (`--describe`): a module the plugin imports that is not installed,
+    and a Setting declared wrong, name the plugin's own line; a plugin module that is not there says how to fix it."""
+    (tmp_path / "needs_missing.py").write_text('"""Imports what is not installed."""\nimport nonexistent_mod_xyz\n')
+    (tmp_path / "bad_default.py").write_text("from trainbus.sdk import Plugin, Setting\n\n\nclass Bad(Plugin):\n"
+                                             "    settings = {'every': Setting('often', type=int)}\n")
+    proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", "needs_missing:P", "bad_default:Bad",
+                           "not_there.at_all:P"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join((str(tmp_path), str(TESTS_DIR)))})
+    assert proc.returncode == 0, proc.stderr
+    assert [info["error"] for info in json.loads(proc.stdout)] == [
+        f"cannot import plugin module 'needs_missing': {tmp_path / 'needs_missing.py'}, line 2: ModuleNotFoundError: "
+        f"No module named 'nonexistent_mod_xyz'",
+        f"cannot import plugin module 'bad_default': {tmp_path / 'bad_default.py'}, line 5: SettingsError: Setting "
+        f"default 'often' is not allowed; it must be an integer",
+        "cannot import plugin module 'not_there.at_all': No module named 'not_there'; install the package that has it "
+        "into this Python's environment, or put its folder on PYTHONPATH"]
+
+
 def _dist_info(site: Path, name: str, entry_points: dict[str, str]) -> None:
     """An installed distribution's metadata, as pip writes it: what entry points are read from."""
     info = site / f"{name}-1.0.dist-info"

@@ -37,6 +37,10 @@ class Declared(Plugin):
     }
 
 
+class Typed(Plugin):
+    settings = {"rate": Setting(1, "a rate", type=float)}
+
+
 def trainbus(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(trainbus_cmd() + list(args), capture_output=True, text=True, cwd=cwd, timeout=180)
 
@@ -81,6 +85,19 @@ def test_a_value_outside_its_constraint_is_refused(given, allowed):
     with pytest.raises(SettingsError) as raised:
         Declared(given)
     assert str(raised.value).startswith(f"plugin declared: {allowed}"), str(raised.value)
+
+
+def test_a_default_is_read_as_the_declared_type_and_one_that_is_not_allowed_is_refused():
+    assert Typed().settings == {"rate": 1.0} and type(Typed().settings["rate"]) is float
+    assert describe("test_plugin_settings:Typed")["settings"]["rate"]["default"] == 1.0
+    for declaration, message in (
+            (lambda: Setting("often", type=int), "Setting default 'often' is not allowed; it must be an integer"),
+            (lambda: Setting(0, min=1), "Setting default 0 is not allowed; it must be an integer >= 1"),
+            (lambda: Setting("up", choices=("min", "max")), "Setting default 'up' is not allowed; it must be one of "
+                                                            "'min', 'max'")):
+        with pytest.raises(SettingsError) as raised:
+            declaration()
+        assert str(raised.value) == message
 
 
 def test_a_path_inside_the_run_directory_is_allowed():

@@ -1,7 +1,11 @@
-"""The SDK's handshake against a stand-in kernel on real sockets: nothing published after hello is lost."""
+"""The SDK's handshake against a stand-in kernel on real sockets: nothing published after hello is lost; a plugin
+run by hand says hello with the name and settings its command line gives."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import zmq
@@ -65,6 +69,40 @@ def test_a_durable_plugin_that_missed_the_event_a_vote_waits_for_replays_it_on_t
             proc.kill()
         kernel.close()
     assert record.read_text().split() == [str(end_epoch), "end_epoch"]
+
+
+def test_a_plugin_run_by_hand_takes_its_name_and_settings_from_the_command_line(tmp_path):
+    # --name and --set win over the environment a spawned plugin gets (TRAINBUS_PLUGIN_NAME, _SETTINGS); each
+    # value is read as `trainbus run --set` reads it ("0" for a number setting is 0.0) and checked
+    record = tmp_path / "record.txt"
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    proc = kernel.start_plugin("fixture_plugins:LiveRecorder", "live", {"path": str(tmp_path / "not-here.txt")},
+                               tmp_path, args=["--name", "by_hand", "--set", f"path={record}", "--set", "sleep_s=0"])
+    try:
+        identity, hello = _hello(kernel)
+        assert hello["name"] == "by_hand"
+        kernel.welcome(identity, kernel.seq + 1)
+        kernel.publish("end_training_session")
+        output = proc.communicate(timeout=20)[0].decode()
+        assert proc.returncode == 0, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kernel.close()
+    assert [line.split()[1] for line in record.read_text().splitlines()] == ["end_training_session"]
+    endpoints = {"TRAINBUS_EVENTS": f"ipc://{tmp_path}/events", "TRAINBUS_CONTROL": f"ipc://{tmp_path}/control"}
+    bad = subprocess.run([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:LiveRecorder", "--set",
+                          "sleep_s=fast"], env={**os.environ, **endpoints}, capture_output=True, text=True, timeout=60)
+    assert (bad.returncode, bad.stderr) == (2, "error: plugin live_recorder: sleep_s = 'fast' is not allowed; it must "
+                                               "be a number\n")
+
+
+def test_help_says_what_it_runs_its_options_and_the_environment_it_reads():
+    proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m trainbus.sdk module:Class"), proc.stderr
+    for word in ("--name NAME", "--set SETTING=VALUE", "--connect", "--key", "--server-key", "TRAINBUS_EVENTS",
+                 "TRAINBUS_CONTROL", "TRAINBUS_RUN_DIR", "TRAINBUS_PLUGIN_NAME", "TRAINBUS_PLUGIN_SETTINGS"):
+        assert word in proc.stdout, word
 
 
 def _hello(kernel: StandInKernel) -> tuple[bytes, dict]:

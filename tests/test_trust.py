@@ -35,7 +35,7 @@ from helpers import metrics_records_expected
 from kernel_process import KernelProcess, of, process_gone, wait_until
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
-from trainbus.proto import JOURNAL_NAME
+from trainbus.proto import JOURNAL_NAME, pack
 
 TESTS_DIR = Path(__file__).resolve().parent
 PACED = "fixture_targets:paced_digits"  # the digits demo with a sleep per step: a run lasts a known time
@@ -264,6 +264,35 @@ def test_hello_as_a_spawned_plugin_with_the_attach_credential_is_refused_and_its
     want = metrics_records_expected(events, every_n_steps)
     assert len(of(events, "end_epoch")) == epochs
     assert got == want, f"metrics.jsonl has {len(got)} records, the journal calls for {len(want)}"
+
+
+def test_the_sdk_run_by_hand_under_a_spawned_plugins_name_says_the_kernel_refused_it_and_never_sets_up(
+        short_runs, tmp_path, kernels):
+    """`python -m trainbus.sdk` by hand as `metrics_log`, which the run spawned: one line saying the kernel refused
+    the hello, why, and the fix; exit 1; neither setup nor teardown runs (there is nothing to undo)."""
+    cfg = config(short_runs, [resolve_plugin("metrics_log", {})], epochs=1)
+    gate = tmp_path / "gate"  # the run waits before its first step until the refused plugin has exited
+    cfg.hyperparameters["gate"] = str(gate)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_ready("metrics_log", timeout_s=120)
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "TRAINBUS_EVENTS": f"ipc://{kernel.run_dir / 'events.sock'}",
+           "TRAINBUS_CONTROL": f"ipc://{kernel.run_dir / 'control.sock'}", "TRAINBUS_RUN_DIR": str(kernel.run_dir),
+           "TRAINBUS_PLUGIN_NAME": "metrics_log", "TRAINBUS_PLUGIN_SETTINGS": pack({"path": str(calls)}).hex()}
+    env.pop("TRAINBUS_KERNEL_PID", None)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:Lifecycle"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        open_gate(gate, STEPS_PER_EPOCH)
+    assert (proc.returncode, proc.stderr) == (1, "[metrics_log] the kernel refused the hello as 'metrics_log': name "
+                                                 "'metrics_log' belongs to a plugin this run spawned; pick another "
+                                                 "name with --name NAME\n")
+    assert not calls.exists(), calls.read_text()
+    result = kernel.result(timeout_s=120)
+    assert_completed(result, epochs=1)
+    assert result["bus"].get("refused_hello_secret") == 1, result["bus"]  # (its first heartbeat: unknown_peer)
 
 
 # -- 3. forged checkpoint_saved ---------------------------------------------------------------------
