@@ -29,12 +29,9 @@ def test_an_event_that_arrives_before_the_welcome_is_handled(tmp_path):
         time.sleep(0.5)  # the plugin's I/O thread has it queued before the welcome exists
         kernel.welcome(hello[0], resume_from)
         kernel.publish("end_training_session")
-        output = proc.communicate(timeout=20)[0].decode()
-        assert proc.returncode == 0, output
+        output = _exited(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        kernel.close()
+        _close(proc, kernel)
     handled = [line.split()[1] for line in record.read_text().splitlines()]
     assert handled == ["start_training_session", "end_training_session"], (handled, output)
 
@@ -62,12 +59,9 @@ def test_a_durable_plugin_that_missed_the_event_a_vote_waits_for_replays_it_on_t
         kernel.replay(identity, end_epoch)
         _acked(kernel, end_epoch)
         kernel.publish("end_training_session")
-        output = proc.communicate(timeout=20)[0].decode()
-        assert proc.returncode == 0, output
+        output = _exited(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        kernel.close()
+        _close(proc, kernel)
     assert record.read_text().split() == [str(end_epoch), "end_epoch"]
 
 
@@ -83,12 +77,9 @@ def test_a_plugin_run_by_hand_takes_its_name_and_settings_from_the_command_line(
         assert hello["name"] == "by_hand"
         kernel.welcome(identity, kernel.seq + 1)
         kernel.publish("end_training_session")
-        output = proc.communicate(timeout=20)[0].decode()
-        assert proc.returncode == 0, output
+        output = _exited(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        kernel.close()
+        _close(proc, kernel)
     assert [line.split()[1] for line in record.read_text().splitlines()] == ["end_training_session"]
     endpoints = {"TRAINBUS_EVENTS": f"ipc://{tmp_path}/events", "TRAINBUS_CONTROL": f"ipc://{tmp_path}/control"}
     bad = subprocess.run([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:LiveRecorder", "--set",
@@ -103,6 +94,19 @@ def test_help_says_what_it_runs_its_options_and_the_environment_it_reads():
     for word in ("--name NAME", "--set SETTING=VALUE", "--connect", "--key", "--server-key", "TRAINBUS_EVENTS",
                  "TRAINBUS_CONTROL", "TRAINBUS_RUN_DIR", "TRAINBUS_PLUGIN_NAME", "TRAINBUS_PLUGIN_SETTINGS"):
         assert word in proc.stdout, word
+
+
+def _exited(proc: subprocess.Popen) -> str:
+    """What the plugin printed, once it exited 0 by itself (20 s at most)."""
+    output = proc.communicate(timeout=20)[0].decode()
+    assert proc.returncode == 0, output
+    return output
+
+
+def _close(proc: subprocess.Popen, kernel: StandInKernel) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    kernel.close()
 
 
 def _hello(kernel: StandInKernel) -> tuple[bytes, dict]:
