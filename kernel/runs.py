@@ -158,6 +158,8 @@ def _plugin_trouble(plugins: dict[str, Any], undrained: dict[str, Any]) -> list[
             trouble.append(f"{name} failed" + (f" ({p['restarts']} restarts)" if p.get("restarts") else ""))
         elif p.get("restarts"):
             trouble.append(f"{name} {p['restarts']} restart{'s' if p['restarts'] != 1 else ''}")
+        elif p.get("crashes"):  # crashed late in the run, and it ended before the restart
+            trouble.append(f"{name} crashed ({p['crashes'][-1]})")
     trouble += [f"{name} undrained (acked to seq {acked})" for name, acked in sorted(undrained.items())]
     return trouble
 

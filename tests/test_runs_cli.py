@@ -323,3 +323,11 @@ def test_a_file_where_a_directory_belongs_is_named_as_a_file(two_runs, tmp_path)
     line = _error_line(_trainbus("runs", "plot", "x-alpha", "--runs-dir", str(two_runs), "--out",
                                  str(a_file / "plots")))
     assert line.startswith(f"error: --out {a_file / 'plots'}: cannot make that directory (Not a directory)"), line
+
+
+def test_plugin_trouble_names_a_crash_the_run_ended_before_restarting():
+    from trainbus.kernel.runs import _plugin_trouble
+
+    plugins = {"late": {"state": "exited", "restarts": 0, "crashes": ["exit code 3"]},
+               "fine": {"state": "exited", "restarts": 0, "crashes": []}}
+    assert _plugin_trouble(plugins, {}) == ["late crashed (exit code 3)"]
