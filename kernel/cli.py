@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn, Optional
 
@@ -17,8 +18,8 @@ from rich.table import Table
 from trainbus.proto import DURABLE, JOURNAL_NAME, PROTOCOL_VERSION
 from trainbus.proto.settings_format import METRIC, typed_word
 
-from .config import (ConfigError, apply_set, check_runs_dir, config_of_run, load_config, plugin_name_clashes,
-                     registered_plugins, resolve_plugin)
+from .config import (ConfigError, apply_set, check_runs_dir, config_of_run, launch_of_run, load_config,
+                     plugin_name_clashes, registered_plugins, resolve_plugin)
 from .checkpointing import CheckpointError
 from .spec import SpecError, UserCodeError
 
@@ -91,13 +92,13 @@ def run(
     gradient_clip_val: Optional[float] = typer.Option(None, "--gradient-clip-val", min=0.0,
                                                       help="Clip the gradients' 2-norm to this (0: off)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Train in this many processes (DDP: gloo on CPU, NCCL on "
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train in this many processes (DDP: gloo on CPU, NCCL on "
                                                        "CUDA), launched through torch.distributed.run."),
-    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="Restart the processes up to this many times "
+    max_restarts: Optional[int] = typer.Option(None, "--max-restarts", min=0, help="Restart the processes up to this many times "
                                                                       "when one fails (torchrun's --max-restarts); "
                                                                       "the restarted ones continue the run from its "
                                                                       "newest checkpoint."),
-    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Machines training this run, each running this same "
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", min=1, help="Machines training this run, each running this same "
                                                          "command (--nproc processes each); with --rdzv-endpoint."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT where the --nnodes machines "
                                                                              "meet (torchrun's c10d rendezvous): one "
@@ -155,29 +156,46 @@ def run(
     if detach:
         _submit(cfg, continuing, gpus)
         return
-    if nproc > 1 or nnodes > 1 or max_restarts or rdzv_endpoint:
-        _launch(nproc, nnodes, rdzv_endpoint, max_restarts)
+    launch = {"nproc": nproc, "nnodes": nnodes, "max_restarts": max_restarts, "rdzv_endpoint": rdzv_endpoint}
+    if continuing is not None and all(v is None for v in launch.values()) and not _under_a_launcher():
+        launch = launch_of_run(continuing)  # `--resume RUN` alone: in as many processes as the run had
+    launch = {"nproc": 1, "nnodes": 1, "max_restarts": 0, "rdzv_endpoint": None,
+              **{k: v for k, v in launch.items() if v is not None}}
+    if launch["nproc"] > 1 or launch["nnodes"] > 1 or launch["max_restarts"] or launch["rdzv_endpoint"]:
+        _launch(launch, cfg.runs_dir, continuing.name if continuing else None)
     result = run_training(cfg, run_id=continuing.name if continuing else None, continue_run=continuing is not None,
                           install_sigint=True, announce=lambda line: print(f"trainbus: {line}", file=sys.stderr),
                           metric_settings=metric_settings)
     if result.cluster.get("rank", 0) == 0:  # across ranks, rank 0 tells how the run went
         _print_summary(result)
-    raise typer.Exit(code={"completed": 0, "stopped": 0, "interrupted": 130}.get(result.status, 1))
+    code = {"completed": 0, "stopped": 0, "interrupted": 130}.get(result.status, 1)
+    if code == 130 and os.environ.get("TRAINBUS_LAUNCH"):  # distributed.LAUNCH: a rank of `run --nproc`, whose
+        code = 0  # launcher exits 130 from summary.json; 130 here would have torchrun restart the group (--max-restarts)
+    raise typer.Exit(code=code)
 
 
 LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")  # `run`'s, handed to torchrun
 
 
-def _launch(nproc: int, nnodes: int, rdzv_endpoint: str | None, max_restarts: int) -> None:
+def _under_a_launcher() -> bool:
+    """This process is a rank of torchrun or srun (ours or the user's): it launches nothing itself."""
+    from .cluster import detect
+
+    return detect().distributed
+
+
+def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     """This same command in `nproc` processes (on each of `nnodes` machines) under torch.distributed.run, which
-    restarts them up to `max_restarts` times; rank 0 keeps the run. Exits."""
+    restarts them up to `max_restarts` times; rank 0 keeps the run. Exits as the run ended (its summary.json):
+    0 completed or stopped, 130 interrupted, 1 failed."""
     from torch.distributed.run import main as torchrun
 
-    from .cluster import detect
-    from .distributed import LAUNCH_RUN_ID
+    from .distributed import LAUNCH, LAUNCH_RUN_ID
     from .session import new_run_id
 
-    if detect().distributed:
+    nproc, nnodes, rdzv_endpoint, max_restarts = (launch["nproc"], launch["nnodes"], launch["rdzv_endpoint"],
+                                                  launch["max_restarts"])
+    if _under_a_launcher():
         raise UserError("--nproc, --nnodes or --max-restarts inside torchrun or srun: the launcher already started "
                         "the processes; drop them")
     if nnodes > 1 and not rdzv_endpoint:
@@ -194,17 +212,29 @@ def _launch(nproc: int, nnodes: int, rdzv_endpoint: str | None, max_restarts: in
     meet = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint] if nnodes > 1 \
         else ["--standalone"]
     # every rank, and a restarted group, trains the same run (the daemon names it for a queued one)
-    os.environ[LAUNCH_RUN_ID] = os.environ.get(LAUNCH_RUN_ID) or new_run_id()
+    run_id = os.environ[LAUNCH_RUN_ID] = continuing or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
+    os.environ[LAUNCH] = json.dumps(launch)
     # torchrun hands its workers one TCP store for the whole job, and a restarted group's processes read
     # the failed group's gloo addresses from it (connection refused): rank 0 hosts a fresh one each round instead
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    failure, started = None, time.time()
     try:
         torchrun([*meet, "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
                   "-m", "trainbus.kernel.cli", *argv])
-    except Exception as exc:  # torch's ChildFailedError: which rank failed and how is above, from torchrun
-        print(f"error: a training process failed ({type(exc).__name__}); its output is above", file=sys.stderr)
-        raise typer.Exit(code=1) from None
-    raise typer.Exit()
+    except Exception as exc:  # ChildFailedError (which rank failed and how is above, from torchrun), SignalException
+        failure = exc
+    # How the run ended, as rank 0 wrote it: a Ctrl-C or SIGTERM reaching the ranks ends the run interrupted (130),
+    # whatever torchrun makes of its workers' exits.
+    summary = Path(runs_dir) / run_id / "summary.json"
+    try:
+        if summary.stat().st_mtime < started:  # a continued run's last session's: this one never got that far
+            raise ValueError(summary)
+        status = json.loads(summary.read_text())["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        status = "interrupted" if type(failure).__name__ == "SignalException" else "failed" if failure else None
+    if status == "failed" and failure is not None:
+        print(f"error: a training process failed ({type(failure).__name__}); its output is above", file=sys.stderr)
+    raise typer.Exit(code={"completed": 0, "stopped": 0, None: 0, "interrupted": 130}.get(status, 1))
 
 
 def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:

@@ -93,6 +93,7 @@ def config_of_run(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / "config.json"
     try:
         raw = json.loads(path.read_text())
+        raw.pop("launch", None)  # how `run --nproc` launched it: launch_of_run's
         raw["plugins"] = [PluginConfig(**p) for p in raw.get("plugins", [])]
         if "flags" in raw:  # what the spec function was called with (kernel/flags.py): given to it again
             raw["hyperparameters"] = raw.pop("flags")
@@ -102,6 +103,16 @@ def config_of_run(run_dir: Path) -> RunConfig:
                           f"checkpoint files instead: --resume {Path(run_dir) / 'checkpoints' / 'last.pt'}") from None
     check_run(cfg, str(path))
     return cfg
+
+
+def launch_of_run(run_dir: Path) -> dict[str, Any]:
+    """How `trainbus run --nproc` launched the run in run_dir (nproc, nnodes, max_restarts, rdzv_endpoint); {} for
+    a run started in one process, or under a launcher of the user's own (torchrun, srun)."""
+    try:
+        launch = json.loads((Path(run_dir) / "config.json").read_text()).get("launch")
+    except (OSError, ValueError):
+        return {}
+    return launch if isinstance(launch, dict) else {}
 
 
 _RUN_KEYS = {f.name: f.type for f in fields(RunConfig) if f.name not in ("hyperparameters", "plugins", "limits")}

@@ -28,7 +28,7 @@ from .cluster import ClusterError, detect
 from .config import ConfigError, RunConfig
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
-from .distributed import LAUNCH_RUN_ID, Ranks, distribute
+from .distributed import LAUNCH, LAUNCH_RUN_ID, Ranks, distribute
 from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse
 from .limits import PeerLimits
 from .loop import Loop, pick_device, restore_weights, seed_everything
@@ -432,6 +432,8 @@ def effective_config(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any]) 
     config["hyperparameters"] = {**cfg.hyperparameters, **spec.hyperparameters}
     config["flags"] = flags
     config["epochs"] = spec.epochs
+    if os.environ.get(LAUNCH):  # launched by `trainbus run --nproc`: how, for a resume to launch it alike
+        config["launch"] = json.loads(os.environ[LAUNCH])
     return config
 
 

@@ -158,14 +158,41 @@ def test_a_two_process_run_killed_mid_epoch_resumes_exactly(tmp_path, reference)
         kill_launch(proc)
     assert not (run_dir / "summary.json").exists()  # killed, not finished
 
-    resumed = subprocess.run(trainbus_cmd() + ["run", "--nproc", "2", "--resume", run_dir.name, "--runs-dir", str(runs)],
+    # `--resume ID` and nothing else: launched again in two processes, as its config.json says it was
+    resumed = subprocess.run(trainbus_cmd() + ["run", "--resume", run_dir.name, "--runs-dir", str(runs)],
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     events = read_events(run_dir)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))  # one journal, gap-free across the resume
+    assert [e.data["cluster"]["world_size"] for e in events if e.type == "start_training_session"] == [2, 2]
     [load] = [e for e in events if e.type == "load_checkpoint"]
     assert load.data["epoch"] >= 2
     assert_same_weights(run_dir, reference_dir)
+
+
+@pytest.mark.parametrize("whom", ["the launcher", "rank 0 under --max-restarts"])
+def test_a_sigterm_ends_a_two_process_run_interrupted_with_exit_130(tmp_path, whom):
+    """SIGTERM to `trainbus run --nproc 2` (as systemd or a shell's kill sends it), or to rank 0 alone: the run
+    ends interrupted and the command exits 130; torchrun does not take the interrupted group for a failure to
+    restart."""
+    runs = tmp_path / "runs"
+    restarts = ["--max-restarts", "1"] if "max-restarts" in whom else []
+    proc = start_paced(runs, ["--nproc", "2", *restarts, "--epochs", "20", "--plugins", ""], tmp_path / "output.txt")
+    try:
+        journal = wait_until(lambda: next(runs.glob(f"*/{JOURNAL_NAME}"), None), 180, "the run's journal")
+        wait_until(lambda: any(e.type == "end_training_batch" for e in read_events(journal.parent)), 180, "a step")
+        target = proc.pid if whom == "the launcher" else int((journal.parent / "kernel.pid").read_text())
+        os.kill(target, signal.SIGTERM)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            kill_launch(proc)
+    output = (tmp_path / "output.txt").read_text()
+    assert proc.returncode == 130, output
+    summary = json.loads((journal.parent / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["cluster"]["restart_count"] == 0, summary
+    assert summary["outcome"]["stop_reasons"] == ["kernel: stop: interrupted (SIGTERM)"], summary["outcome"]
+    assert "error:" not in output, output
 
 
 @pytest.mark.slow  # a two-process run and its restart (~25 s each on 2 cores): run with -m slow
