@@ -85,6 +85,18 @@ class Checkpointer:
             self._slot_seq[snapshot.slot] = SLOT_RESERVED
         return snapshot
 
+    def wait_for_a_free_buffer(self, timeout_s: float) -> bool:
+        """Block until a persister has freed a buffer (True) or timeout_s passed; for the run's last checkpoint,
+        when training is over and waiting costs it nothing."""
+        from .snapshot import SLOTS
+
+        end = time.monotonic() + timeout_s
+        while not any(self.slot_free(slot) for slot in range(SLOTS)):
+            if time.monotonic() >= end or not self.has_persister():
+                return False
+            time.sleep(0.02)
+        return True
+
     def close(self) -> None:
         self.buffers.close()
 

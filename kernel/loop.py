@@ -19,6 +19,7 @@ from .stepping import Stepper
 log = logging.getLogger("trainbus.kernel")
 
 RESUME_FORMAT = 1  # version of the "trainbus" resume state inside a checkpoint
+LAST_CHECKPOINT_WAIT_S = 60.0  # the run's last checkpoint waits this long for a persister to free a buffer
 
 
 class Publisher(Protocol):
@@ -129,7 +130,7 @@ class Loop:
             checkpoint = self._decide(early, due)[1]
             checkpointed = checkpoint is not None and not out.stopped_early
             if checkpointed:
-                self._checkpoint(checkpoint, epoch_complete=True)
+                self._checkpoint(checkpoint, epoch_complete=True, last=self.epoch == spec.epochs)
             self._publish(ev.END_EPOCH, **train, **validation, hyperparameters=spec.hyperparameters,
                           lr=spec.optimizer.param_groups[0]["lr"])
             if out.stopped_early:
@@ -293,7 +294,7 @@ class Loop:
             return control, checkpoint
         return agreed, "checkpoint_now" if agreed.checkpoint_now else None
 
-    def _checkpoint(self, reason: str, epoch_complete: bool) -> None:
+    def _checkpoint(self, reason: str, epoch_complete: bool, last: bool = False) -> None:
         # every rank's RNG, so each resumes its own (the ranks are here together: they agreed on this checkpoint)
         rank_rng = self.ranks.gather(_get_rng(python=True)) if self.ranks is not None else None
         if self.checkpointer is None:  # another rank: rank 0 takes it
@@ -301,6 +302,8 @@ class Loop:
         if not self.checkpointer.has_persister():
             self._publish(ev.CHECKPOINT_SKIPPED, reason=self.checkpointer.why_none())
             return
+        if last:  # the run's last: training is over, so wait (bounded) rather than skip what last.pt should be
+            self.checkpointer.wait_for_a_free_buffer(LAST_CHECKPOINT_WAIT_S)
         try:
             snapshot = self.checkpointer.take(self.training_state(epoch_complete, rank_rng))
         except OSError as exc:  # no room for the buffer anywhere: training goes on, the next one may fit

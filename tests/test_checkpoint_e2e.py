@@ -526,6 +526,19 @@ def test_retention_policy_on_a_real_run(tmp_path, policy):
     assert len(of(events, "end_epoch")) == 6
 
 
+def test_the_runs_last_checkpoint_waits_for_a_buffer_instead_of_being_skipped(tmp_path):
+    """Epochs shorter than a persist: snapshots due while both buffers are being written are skipped, but not
+    the last one (training is over: waiting costs it nothing), so last.pt is the trained model."""
+    result = run_training(config(tmp_path / "runs", [checkpointer()], epochs=4, every_n_epochs=1, target=HEAVY,
+                                 step_sleep_s=0.0, batch_size=256))
+    assert result.status == "completed"
+    events = read_events(result.run_dir)
+    assert 4 in {e.data["epoch"] for e in of(events, "checkpoint_saved")}, \
+        [(e.type, e.epoch) for e in events if "checkpoint" in e.type]
+    assert [e.epoch for e in of(events, "checkpoint_skipped")] != [4]
+    assert load_checkpoint(Path(result.run_dir) / "checkpoints" / LAST)["epoch"] == 4
+
+
 # -- what resume says when it cannot, or must not -----------------------------------------------------
 
 
