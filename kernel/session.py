@@ -203,7 +203,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
         if outcome.stopped_early:
             status = "interrupted" if interrupts.count else "stopped"
     except KeyboardInterrupt:
-        status, error = "interrupted", "interrupted (second Ctrl-C)"
+        status, error = "interrupted", f"interrupted (a second {interrupts.last or 'Ctrl-C'})"
+        loop.outcome.steps = loop.step  # the loop never got to its own end to count them
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error})
     except Exception as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
@@ -239,7 +240,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
                                    f"journaled ({journal_error.strerror}): free space on the disk holding "
                                    f"{bus.journal.path}")
     if interrupts.hurry() and status in ("completed", "stopped"):
-        status, error = "interrupted", "interrupted (second Ctrl-C) while plugins drained"
+        status, error = "interrupted", f"interrupted (a second {interrupts.last}) while plugins drained"
     result = RunResult(run_id=run_id, run_dir=str(run_dir), status=status,
                        duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
                        plugins=_plugin_summary(bus), undrained=undrained, bus=_counters(bus), error=error,
@@ -492,6 +493,7 @@ class _Interrupts:
     def __init__(self, install: bool):
         self.count = 0
         self.first = ""  # the first signal's name: what the run's stop reason says
+        self.last = ""  # the latest one's: what a run ended at once says
         self.closing = False  # training is over: a Ctrl-C now hurries the shutdown instead of raising
         self._count_at_closing = 0
         self._previous: dict[int, Any] = {}
@@ -501,6 +503,7 @@ class _Interrupts:
     def _on_signal(self, signum, frame) -> None:
         self.count += 1
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.last = name
         if self.count == 1:
             self.first = name
             message = "not waiting for plugins to drain" if self.closing else "stopping at the next batch boundary"
