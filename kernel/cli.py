@@ -768,6 +768,9 @@ def _print_summary(result) -> None:
             crashes = len(p["crashes"])
             out.print(f"  plugin {name}: {p['state']}, {crashes} crash{'es' * (crashes != 1)}, {p['restarts']} "
                       f"restarts ({escape('; '.join(p['crashes'][-3:]))})")
+        if p.get("checkpoints_failed"):
+            out.print(f"  plugin {name}: {p['checkpoints_failed']} checkpoint{'s' * (p['checkpoints_failed'] != 1)} "
+                      f"could not be written (see {Path(result.run_dir) / 'plugins' / f'{name}.log'})")
         if p.get("errors_logged"):
             out.print(f"  plugin {name}: {p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged "
                       f"(see {Path(result.run_dir) / 'plugins' / f'{name}.log'})")

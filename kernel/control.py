@@ -37,6 +37,7 @@ class Dispatcher:
         self.counters = bus.counters
         self._told: collections.OrderedDict = collections.OrderedDict()
         self.errors_logged: collections.Counter = collections.Counter()  # plugin name -> error-level log replies
+        self.checkpoints_failed: collections.Counter = collections.Counter()  # persister name -> checkpoint_failed
         self._command_ids: collections.OrderedDict = collections.OrderedDict()
         self.supervisor = supervisor
         self.live = LivePlugins(bus, supervisor, peers, checkpointer)
@@ -185,6 +186,7 @@ class Dispatcher:
         event = ev.CHECKPOINT_SAVED if msg["type"] == "checkpoint_saved" else ev.CHECKPOINT_FAILED
         self.bus.emit(event, {"plugin": peer.name, **fields})
         if event == ev.CHECKPOINT_FAILED:
+            self.checkpoints_failed[peer.name] += 1
             log.warning("[%s] checkpoint failed: %s", peer.name, fields["reason"])
 
 

@@ -443,6 +443,8 @@ def _plugin_summary(bus: Bus) -> dict[str, dict[str, Any]]:
     summary = bus.supervisor.summary()
     for name, entry in summary.items():
         entry["errors_logged"] = bus.control.errors_logged[name]
+        if bus.control.checkpoints_failed[name]:  # a full disk, say: the run completed, its checkpoints did not
+            entry["checkpoints_failed"] = bus.control.checkpoints_failed[name]
     return summary
 
 

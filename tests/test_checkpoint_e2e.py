@@ -31,6 +31,7 @@ from kernel_process import KernelProcess, of, process_gone, wait_until
 from trainbus.kernel.checkpointing import find_checkpoint, load_checkpoint
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
+from trainbus.kernel.runs import run_overview
 from trainbus.kernel.loop import Loop
 from trainbus.kernel.session import FINAL_WEIGHTS, run_training
 from trainbus.kernel.spec import build_spec
@@ -447,6 +448,9 @@ def test_a_full_disk_fails_that_checkpoint_keeps_the_earlier_ones_and_training_c
     saved, failed = of(events, "checkpoint_saved"), of(events, "checkpoint_failed")
     assert [e.data["epoch"] for e in saved] == [1], f"a checkpoint is ~{size} bytes; saved: {[e.data for e in saved]}"
     assert [e.data["seq"] for e in failed] == [e.seq for e in of(events, "save_checkpoint")][1:]
+    assert result.plugins["checkpoint"]["checkpoints_failed"] == len(failed) >= 1  # in summary.json and runs list
+    assert f"checkpoint {len(failed)} checkpoint{'s' * (len(failed) != 1)} failed" in \
+        run_overview(Path(result.run_dir))["plugin_trouble"]
     for event in failed:
         assert "No space left on device (errno 28)" in event.data["reason"], event.data["reason"]
         assert str(directory) in event.data["reason"]  # where: the file it could not write
