@@ -38,6 +38,8 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
+from trainbus.proto import ProtocolError, unpack
+
 from .credentials import SUN_PATH_MAX
 from .registry import JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, record_run
 from .runs import CONFIG, kernel_process, run_overview
@@ -446,17 +448,22 @@ def _answer(socket: zmq.Socket, role_of: Callable[[list[zmq.Frame]], str | None]
         if len(frames) != 2:  # not one of ours: dropped unanswered
             continue
         try:
-            request = msgpack.unpackb(frames[1].bytes, raw=False)
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            request = unpack(frames[1].bytes)  # the wire's limits: a request is hostile until it checks out
+        except ProtocolError:
             request = None
         op = request.get("op") if isinstance(request, dict) else None
         role = role_of(frames)
-        if op not in OPS:
+        if not isinstance(op, str) or op not in OPS:  # a list or a map is unhashable: never looked up
             reply = {"ok": False, "error": f"unknown request; ops: {', '.join(OPS)}"}
         elif role not in OPS[op]:
+            log.warning("refused %s from a key of role %s", op, role or "none")
             reply = {"ok": False, "error": f"{op} is not granted to this key (role {role or 'none'})"}
         else:
-            reply = _do(op, request, daemon, stopping)
+            try:
+                reply = _do(op, request, daemon, stopping)
+            except Exception as exc:  # one request's fault (a field of an odd type) never takes the queue down
+                log.exception("request %s failed", op)
+                reply = {"ok": False, "error": f"{op} failed: {type(exc).__name__}: {exc}"}
         try:
             socket.send_multipart([frames[0], msgpack.packb(reply, default=str)], zmq.NOBLOCK)
         except zmq.ZMQError:  # the peer is gone, or not reading: its answer is dropped
@@ -600,9 +607,9 @@ def request(runs_dir: Path | None, op: str, timeout_s: float = REQUEST_TIMEOUT_S
         socket.send(msgpack.packb({"op": op, **fields}))
         if not socket.poll(int(timeout_s * 1000)):
             return None
-        reply = msgpack.unpackb(socket.recv(), raw=False)
+        reply = unpack(socket.recv())
         return reply if isinstance(reply, dict) else None
-    except (zmq.ZMQError, ValueError):
+    except (zmq.ZMQError, ProtocolError):
         return None
     finally:
         socket.close()

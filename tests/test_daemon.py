@@ -302,6 +302,14 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
     assert refused.returncode == 2 and "submit is not granted to this key (role monitor)" in refused.stderr
     nobody = over_tcp(stranger, "status")
     assert nobody.returncode == 2 and f"no daemon answered at {host_port}" in nobody.stderr
+    # a monitor key's hostile requests: each answered as unknown, and the daemon serves on
+    from trainbus.kernel.daemon import RemoteDaemon, request
+
+    monitor = RemoteDaemon(host_port, watcher, daemon_dir(runs) / "remote.json")
+    for op in ([1], {"a": 1}, None, 7, "x" * 1000):
+        answer = request(None, op, remote=monitor, timeout_s=30)
+        assert answer is not None and answer["ok"] is False and "unknown request" in answer["error"], (op, answer)
+    assert request(None, "status", remote=monitor, timeout_s=30)["ok"] is True
 
     submitted = over_tcp(pilot, "submit", "--", TINY, "--epochs", "1", "--plugins", "", "--device", "cpu")
     assert submitted.returncode == 0, submitted.stderr
