@@ -124,7 +124,9 @@ class Peers:
             self.forget_dead(now)
             if len(self._by_identity) >= MAX_PEERS:
                 raise Refused("hello_table_full", f"hello as {name!r} refused: {MAX_PEERS} peers already attached")
-        peer = Peer(identity, name, pid, hello["delivery"], frozenset(hello["replies"]), tuple(hello["votes"]),
+        # A vote makes training wait (up to vote_timeout_s an epoch): that steers the run, a monitor key's must not.
+        votes = () if key is not None and key.role != "control" else tuple(hello["votes"])
+        peer = Peer(identity, name, pid, hello["delivery"], frozenset(hello["replies"]), votes,
                     tuple(hello["capabilities"]), spawned, now, PeerBudget(self.limits, now), user_id,
                     key.name if key else "", key.role if key else "",
                     owner=not user_id and not spawned and self.credentials.proves_owner(hello["secret"]))

@@ -335,6 +335,16 @@ def test_only_the_runs_owner_may_attach_or_detach_plugins(tmp_path):
     peers.check_allowed(remote, "stop")  # what its role allows it still may
 
 
+@pytest.mark.parametrize("role, counted", [("monitor", False), ("control", True)])
+def test_only_a_control_keys_votes_make_the_kernel_wait(tmp_path, role, counted):
+    """A vote holds training at that event (up to vote_timeout_s): a monitor key watches, it does not hold the run."""
+    key = ClientKey("k", role, "K" * 40, tmp_path / "k.key")
+    peers = Peers(Credentials(OneKey(key)), FakeSupervision(), PeerLimits(), LIVENESS_S)
+    peers.welcome(b"r", hello("voter", 8, "", replies=[], votes=["end_epoch"]), T0, user_id=key.public)
+    assert peers.voters_behind("end_epoch", 5, T0) == (["voter"] if counted else [])
+    assert peers.has_voters("end_epoch") is counted
+
+
 # -- Credentials -------------------------------------------------------------------------------------
 
 
