@@ -821,9 +821,11 @@ def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=K
     table = Table("name", "role", "public key", "file")
     try:
         if store.server_public.exists():
-            table.add_row("server", "server", load_public(store.server_public).decode(), str(store.server_public))
+            # keys are z85 text, brackets included: escaped, or rich takes "[...]" for markup and drops it
+            table.add_row("server", "server", escape(load_public(store.server_public).decode()),
+                          escape(str(store.server_public)))
         for key in store.clients():
-            table.add_row(key.name, key.role, key.public, str(key.path))
+            table.add_row(escape(key.name), key.role, escape(key.public), escape(str(key.path)))
     except KeyFileError as exc:
         raise UserError(str(exc)) from None
     out.print(table)

@@ -368,6 +368,17 @@ def test_keys_cli_generates_lists_and_revokes(tmp_path):
     listing = subprocess.run(cli + ["list"] + where, capture_output=True, text=True, timeout=60,
                              env={**os.environ, "COLUMNS": "300"}).stdout
     assert "ana" in listing and "revoked" in listing
+    # every key shown whole: z85 has "[" and "]", and a key like "...[s$YX.@Kl]..." reads as rich markup
+    import re
+
+    from trainbus.proto.remote import load_public
+
+    store, markup = KeyStore(tmp_path / "k"), re.compile(r"\[[a-z#/@][^\[]*?\]")
+    tricky = next(public for i in range(500)
+                  if markup.search(public := load_public(store.generate_client(f"c{i}", "monitor")[0]).decode()))
+    listing = subprocess.run(cli + ["list"] + where, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "COLUMNS": "300"}).stdout
+    assert tricky in listing, (tricky, listing)
     proc = subprocess.run(cli + ["generate", "client", "bo", "--role", "admin"] + where, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "monitor, control" in proc.stderr
