@@ -16,7 +16,9 @@ machines: copy each one there and delete it here.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -91,7 +93,17 @@ class KeyStore:
         return found
 
     def check_secrets(self) -> None:
-        """KeyFileError naming the first secret file here that is empty or readable by others."""
+        """KeyFileError naming the first secret file here that is empty or readable by others, or the first
+        directory or public key file that others could write: a key another user drops into control/ is let in
+        with that role, so who may write here decides who steers the run."""
+        for path in [self.directory, *sorted(p for p in self.directory.iterdir() if p.is_dir()),
+                     *sorted(self.directory.glob("*/*.key")), *sorted(self.directory.glob("*.key"))]:
+            info = path.stat()
+            if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or info.st_uid != os.geteuid():
+                what = "directory" if path.is_dir() else "public key file"
+                raise KeyFileError(f"key {what} {path} could be written by others (mode {stat.S_IMODE(info.st_mode):o}"
+                                   f", owner uid {info.st_uid}); fix: chown it to yourself and chmod "
+                                   f"{'700' if path.is_dir() else '644'} {path}")
         for path in sorted(self.directory.glob(f"**/*{SECRET_SUFFIX}")):
             check_secret_file(path)
 
@@ -103,6 +115,7 @@ class KeyStore:
         # (pyzmq writes it with the umask's mode, 0644 by default).
         public, secret = zmq.auth.create_certificates(directory, name)
         Path(secret).chmod(0o600)
+        Path(public).chmod(0o644)  # whatever the umask (002 makes it group-writable, which check_secrets refuses)
         return Path(public), Path(secret)
 
 

@@ -336,13 +336,22 @@ def test_a_connection_that_never_completes_the_handshake_is_closed_within_its_ti
 # -- 4. key files -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", ["group_readable", "empty", "no_keys"])
+@pytest.mark.parametrize("fault", ["group_readable", "empty", "no_keys", "writable_role_dir", "writable_keys_dir",
+                                   "writable_public_key"])
 def test_the_kernel_refuses_to_start_on_a_bad_key_file_naming_it_and_the_fix(fault, keys, tmp_path):
+    """A secret others can read, and a place others can write: a key dropped into control/ would steer the run."""
     secret = keys["watcher"]
+    role_dir, public = secret.parent, secret.with_name(secret.name.removesuffix("_secret"))
     if fault == "group_readable":
         secret.chmod(0o644)
     elif fault == "empty":
         secret.write_bytes(b"")
+    elif fault == "writable_role_dir":
+        role_dir.chmod(0o777)
+    elif fault == "writable_keys_dir":
+        keys["dir"].chmod(0o770)
+    elif fault == "writable_public_key":
+        public.chmod(0o666)
     keys_dir = tmp_path / "empty-keys" if fault == "no_keys" else keys["dir"]
     proc = subprocess.run([str(Path(sys.executable).parent / "trainbus"), "run", "--plugins", "", "--epochs", "1",
                            "--runs-dir", str(tmp_path / "runs"), "--listen", "127.0.0.1:0", "--keys-dir",
@@ -351,7 +360,8 @@ def test_the_kernel_refuses_to_start_on_a_bad_key_file_naming_it_and_the_fix(fau
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     expected = {"group_readable": f"chmod 600 {secret}", "empty": f"{secret} is empty",
-                "no_keys": "trainbus keys generate server"}[fault]
+                "no_keys": "trainbus keys generate server", "writable_role_dir": f"chmod 700 {role_dir}",
+                "writable_keys_dir": f"chmod 700 {keys['dir']}", "writable_public_key": f"chmod 644 {public}"}[fault]
     assert expected in lines[0], lines[0]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing may have started"
 
