@@ -142,15 +142,16 @@ class Dispatcher:
         name, cut = truncate(msg["name"], peer.budget.limits.metric_name_max_chars)
         if self._admit(peer, "metric", len(name), cut):
             # no step of its own: the step it is numbered at (the bus fills it in), as the event's own step
-            self.bus.emit(ev.METRIC, {"plugin": peer.name, "name": name, "value": msg["value"], "step": msg["step"]})
+            # a remote peer's with its key: a name is the peer's own choice, its key is not
+            self.bus.emit(ev.METRIC, {"plugin": peer.label, "name": name, "value": msg["value"], "step": msg["step"]})
 
     def _on_log(self, peer: Peer, msg: dict[str, Any]) -> None:
         text, cut = truncate(msg["text"], peer.budget.limits.log_text_max_chars)
         if self._admit(peer, "log", len(text), cut):
-            self.bus.emit(ev.LOG, {"plugin": peer.name, "level": msg["level"], "text": text})
+            self.bus.emit(ev.LOG, {"plugin": peer.label, "level": msg["level"], "text": text})
             if msg["level"] == "error":
                 self.errors_logged[peer.name] += 1
-            log.log(logging.getLevelName(msg["level"].upper()), "[%s] %s", peer.name, text)
+            log.log(logging.getLevelName(msg["level"].upper()), "[%s] %s", peer.label, text)
 
     def _admit(self, peer: Peer, kind: str, nbytes: int, truncated: bool) -> bool:
         """Within the peer's rate and byte budget; drops are counted, and logged once per peer."""

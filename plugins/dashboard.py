@@ -233,8 +233,8 @@ def one_command(attachment: Attachment, kind: str, reason: str) -> int:
         if item is not None and item[0] == "snapshot" and not sent:
             send_command(attachment, kind, reason)
             sent = True
-        elif event is not None and event.type == ev.LOG and event.data.get("plugin") == attachment.peer_name \
-                and kind in str(event.data.get("text")):
+        elif event is not None and event.type == ev.LOG and kind in str(event.data.get("text")) \
+                and str(event.data.get("plugin")).partition(" (key ")[0] == attachment.peer_name:  # a remote: + key
             echo = event
         elif echo is not None and event is not None and event.type in (ev.HEARTBEAT, *FINAL):
             print(f"{kind} sent to run {attachment.state.run.get('id')} as {attachment.peer_name} "

@@ -212,7 +212,8 @@ def test_a_monitor_key_watches_but_cannot_stop_and_a_control_key_can(keys, runs_
     kernel.wait_event("start_training_session", timeout_s=120)
     watcher, pilot = RemoteClient(conn, keys["watcher"]), RemoteClient(conn, keys["pilot"])
     try:
-        kernel.wait_event("metric", lambda e: e.data["plugin"] == "remote_cpu", timeout_s=60)
+        # attributed to the key it came with, not only to the name the peer chose
+        kernel.wait_event("metric", lambda e: e.data["plugin"] == "remote_cpu (key watcher)", timeout_s=60)
         assert watcher.next_event(10.0) is not None
         watcher.hello("watcher_view")
         assert watcher.reply(10.0, "welcome") is not None
