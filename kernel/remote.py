@@ -15,7 +15,7 @@ import logging
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from trainbus.proto.remote import HANDSHAKE_IVL_MS, load_secret
+from trainbus.proto.remote import HANDSHAKE_IVL_MS, keys_dir, load_secret
 
 from .keys import REVOKED, KeyRing, KeyStore
 
@@ -37,10 +37,12 @@ def check_listen(host_port: str, store: KeyStore) -> tuple[str, int]:
     if not host or not port.isdigit() or int(port) > 65534:
         raise ListenError(f"--listen {host_port!r}: give HOST:PORT, e.g. 127.0.0.1:5555 (events use PORT + 1)")
     if not store.server_secret.exists() or not any(k.role != REVOKED for k in store.clients()):
+        # the commands that make keys where this kernel looks: its --keys-dir when that is not the default
+        where = "" if store.directory == keys_dir() else f" --keys-dir {store.directory}"
         raise ListenError(f"--listen {host_port} needs CURVE keys, and {store.directory} has "
                           f"{'no client key' if store.server_secret.exists() else 'no server key'}: run "
-                          f"`trainbus keys generate server` and `trainbus keys generate client NAME --role "
-                          f"monitor` (or control) on this host (README, remote access)")
+                          f"`trainbus keys generate server{where}` and `trainbus keys generate client NAME --role "
+                          f"monitor{where}` (or control) on this host (README, remote access)")
     store.check_secrets()  # the kernel refuses to start on a secret file others can read
     return host, int(port)
 
