@@ -168,12 +168,13 @@ def run(
                           metric_settings=metric_settings)
     if result.cluster.get("rank", 0) == 0:  # across ranks, rank 0 tells how the run went
         _print_summary(result)
-    code = {"completed": 0, "stopped": 0, "interrupted": 130}.get(result.status, 1)
+    code = EXIT_CODES.get(result.status, 1)
     if code == 130 and os.environ.get("TRAINBUS_LAUNCH"):  # distributed.LAUNCH: a rank of `run --nproc`, whose
         code = 0  # launcher exits 130 from summary.json; 130 here would have torchrun restart the group (--max-restarts)
     raise typer.Exit(code=code)
 
 
+EXIT_CODES = {"completed": 0, "stopped": 0, "interrupted": 130}  # by the run's status; any other (failed): 1
 LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")  # `run`'s, handed to torchrun
 
 
@@ -234,7 +235,7 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         status = "interrupted" if type(failure).__name__ == "SignalException" else "failed" if failure else None
     if status == "failed" and failure is not None:
         print(f"error: a training process failed ({type(failure).__name__}); its output is above", file=sys.stderr)
-    raise typer.Exit(code={"completed": 0, "stopped": 0, None: 0, "interrupted": 130}.get(status, 1))
+    raise typer.Exit(code=0 if status is None else EXIT_CODES.get(status, 1))  # None: rank 0 on another node
 
 
 def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:
