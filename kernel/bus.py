@@ -17,8 +17,8 @@ from typing import Any
 
 import zmq
 
-from trainbus.proto import Event, ProtocolError, encode_event, events as ev
-from trainbus.proto.codec import new_packer
+from trainbus.proto import Event, ProtocolError, decode_event, encode_event, events as ev
+from trainbus.proto.codec import MAX_MESSAGE_BYTES, N_COUNTS, new_packer
 from trainbus.proto.run_state import RunState
 
 from .journal import Journal
@@ -70,6 +70,7 @@ class Bus:
         self.position = (0, 0)  # (step, epoch) of the latest numbered event, for kernel events
         self._final_seq = 0  # seq of end_training_session or run_failed: what durable plugins drain to
         self._last_seq_of: dict[str, int] = {}  # event type -> seq of its latest instance
+        self._counts = _counts_at_end(journal)  # every envelope's `n`: per-batch events numbered so far in the run
         # What a `snapshot` answers (trainbus attach): every numbered event folded in, here on the bus thread.
         self.run_state = RunState(run_id, journal.last_seq)
         self._closing = threading.Event()
@@ -241,19 +242,22 @@ class Bus:
         if not batch and not self._unpublished:
             return
         materialize_tensors(batch)
-        first_seq, records = self.last_seq + 1, []
+        first_seq, records, counts = self.last_seq + 1, [], self._counts
         for type_, ts, step, epoch, data in batch:
             if step is None:  # a kernel event (emit): where the event before it left the loop
                 step, epoch = self.position
                 if "step" in data and data["step"] is None:  # a metric reported without its own step
                     data["step"] = step
             self.last_seq += 1
-            event = Event.fast(self.last_seq, self.run_id, type_, ts, step, epoch, data)
+            counted = ev.COUNTED_INDEX.get(type_)
+            if counted is not None:
+                counts[counted] += 1
+            event = Event.fast(self.last_seq, self.run_id, type_, ts, step, epoch, data, counts[:])
             try:
                 raw = encode_event(event, check=type_ not in STEP_EVENTS, packer=self._packer)
             except ProtocolError as exc:  # a user metric of an odd type: keep the seq, say why
                 event = Event(self.last_seq, self.run_id, type_, ts, step, epoch,
-                              {"error": f"event data not encodable: {exc}"})
+                              {"error": f"event data not encodable: {exc}"}, n=counts[:])
                 raw = encode_event(event)
             self.run_state.fold(event)
             records.append(raw)
@@ -323,6 +327,18 @@ class Bus:
             router.send_multipart((identity[1:], raw), zmq.NOBLOCK)
         except (zmq.Again, zmq.ZMQError):  # gone or stalled peer: it will ask again
             self.counters["unroutable"] += 1
+
+
+def _counts_at_end(journal: Journal) -> list[int]:
+    """The `n` of the journal's last event, where a continued run's numbering goes on; zeros for a new journal (or
+    one written before `n`: a plugin then sees its counts start afresh, does not take them for proof, and replays)."""
+    if journal.written_seq >= 1:
+        count, blob = journal.read_range(journal.written_seq, 1, MAX_MESSAGE_BYTES)
+        if count:
+            n = decode_event(blob).n
+            if n is not None:
+                return list(n)
+    return [0] * N_COUNTS
 
 
 def _take_all(queue: collections.deque) -> list:

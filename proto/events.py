@@ -39,6 +39,12 @@ LIFECYCLE_EVENTS: tuple[str, ...] = (
 BATCH_EVENTS: frozenset[str] = frozenset(
     {START_TRAINING_BATCH, END_TRAINING_BATCH, START_VALIDATION_BATCH, END_VALIDATION_BATCH}
 )
+# The order of the envelope's `n` (PROTOCOL.md §5): how many of each per-batch type the run has numbered. With
+# `seq` it tells a durable plugin sent only some per-batch types whether it missed anything it is sent (§12).
+COUNTED_BATCH_EVENTS: tuple[str, ...] = (
+    START_TRAINING_BATCH, END_TRAINING_BATCH, START_VALIDATION_BATCH, END_VALIDATION_BATCH,
+)
+COUNTED_INDEX: dict[str, int] = {type_: index for index, type_ in enumerate(COUNTED_BATCH_EVENTS)}
 
 # Kernel events: published by the kernel itself, never by the loop's seams.
 HEARTBEAT = "heartbeat"  # the kernel is alive; plugins exit cleanly when it stops coming

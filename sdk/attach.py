@@ -171,7 +171,7 @@ class Attachment:
         io, self._io = self._io, None
         if io is not None:
             io.send(control("bye", reason="detached"))
-            io.closing.set()
+            io.close()
             io.join(timeout=3)
 
     # -- one connection ---------------------------------------------------------------------------

@@ -44,10 +44,20 @@ from .plugin import KernelGoneInfo, Plugin
 HEARTBEAT_LIVENESS = 3  # kernel silent this many intervals -> gone (zguide's Paranoid Pirate)
 CONNECT_TIMEOUT_S = 30.0  # no heartbeat from the kernel this long after start: give up
 INBOX_MAX_EVENTS = 10_000  # live events held for a slow handler; beyond it they are dropped (and replayed)
-ACK_INTERVAL_S = 0.05
+# The I/O thread sleeps until something arrives, is to be sent, or a heartbeat or the kernel's liveness is due,
+# and at most this long; the main thread until something arrives. Each wake-up of a Python thread costs ~50-100 us
+# of a core, and on a busy 2-core box a plugin's CPU is taken from training: polling every 50 ms, as this did, cost
+# an idle plugin ~40 wake-ups and ~7 ms of CPU a second (docs/benchmarks.md).
+MAX_POLL_S = 1.0
+# A durable plugin's acks go at most this often (with its heartbeats when idle), and at once for a vote and at exit:
+# each costs the kernel's bus thread, which shares training's GIL, a decode; a restart redoes at most this much more.
+ACK_INTERVAL_S = 0.25
 MAX_HANDLER_ATTEMPTS = 3  # a poison event is tried this often, then dead-lettered
 MAX_REPORTED_TRACEBACKS = 20  # after this many, failures are counted, not each sent to the kernel
 FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
+# What a durable plugin is always sent: every type but the per-batch ones (PROTOCOL.md §12). A type a newer kernel
+# adds is not among them: its events look like a gap, and a replay brings them.
+NOT_PER_BATCH = frozenset(ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS) - ev.BATCH_EVENTS
 KERNEL_EXITED = "the kernel process exited"
 # PR_SET_PDEATHSIG fires as the parent *thread* dies: on a kill -9 the kernel's threads die one by one, and the
 # SIGTERM often comes before we are re-parented away from the kernel. Watched, that took under a millisecond;
@@ -83,7 +93,21 @@ class _IO(threading.Thread):
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
         self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
         self.not_acted: collections.deque[str] = collections.deque(maxlen=16)  # single messages refused (attach shows)
-        self.closing = threading.Event()
+        self.closing = threading.Event()  # set through close(), which also wakes the thread
+        # The poll wakes on this pipe when there is something to send (send) or to stop (close); `_poked` keeps it
+        # to one byte between two wake-ups, so a burst of replies costs one write.
+        self._poke_r, self._poke_w = os.pipe()
+        os.set_blocking(self._poke_r, False)
+        os.set_blocking(self._poke_w, False)
+        self._poked = False
+        self._poke_lock = threading.Lock()  # a poke never writes to the pipe's fds once they are closed (or reused)
+        # A durable plugin's progress (ack): sent with whatever this thread next sends or receives, not at a wake-up
+        # of its own (one a burst was half of a durable plugin's wake-ups). Votes are acked at once (send).
+        self.ack_seq = 0
+        self._ack_sent = 0
+        self._ack_sent_at = 0.0
+        self._ack_now = False
+        self.received = 0  # live events that reached us: a durable plugin is not sent every one (Runner)
         self.dropped = 0
         self.said_hello = False
         self.malformed = 0
@@ -116,7 +140,40 @@ class _IO(threading.Thread):
             self.wake.notify()
 
     def send(self, msg: dict[str, Any]) -> None:
+        """Queue a control message for the kernel; any thread may call it."""
         self.outbox.append(msg)
+        self._poke()
+
+    def ack(self, seq: int, now: bool = False) -> None:
+        """A durable plugin handled everything up to `seq`: the ack goes with whatever this thread next sends or
+        receives (at least with each heartbeat), or at once with `now` (the last one, before exiting)."""
+        self.ack_seq = max(self.ack_seq, seq)
+        if now:
+            self._ack_now = True
+            self._poke()
+
+    def _take_ack(self, now: float | None = None) -> None:
+        """The pending ack into the outbox: when ACK_INTERVAL_S has passed since the last (`now`), or at once."""
+        if self.ack_seq > self._ack_sent and (now is None or now - self._ack_sent_at >= ACK_INTERVAL_S
+                                              or self._ack_now):
+            self._ack_sent, self._ack_now = self.ack_seq, False
+            self._ack_sent_at = time.monotonic() if now is None else now
+            self.outbox.append(control("ack", seq=self._ack_sent))
+
+    def close(self) -> None:
+        """Ask the thread to end (it says bye when it said hello) and wake it to do so."""
+        self.closing.set()
+        self._poke()
+
+    def _poke(self) -> None:
+        with self._poke_lock:
+            if self._poked:
+                return
+            self._poked = True
+            try:
+                os.write(self._poke_w, b"\0")
+            except BlockingIOError:  # full: the thread has a wake-up waiting already
+                pass
 
     def run(self) -> None:
         try:
@@ -127,22 +184,31 @@ class _IO(threading.Thread):
             with self.wake:
                 self.wake.notify()
             self.sub.close()
+            self._take_ack()
             if self.said_hello and self.gone is None:  # leaving on purpose: a peer attached by hand is then gone
                 self.outbox.append(control("bye", reason="done"))
             self._flush_outbox()
             self.dealer.close()
             self.ctx.term()
+            with self._poke_lock:
+                self._poked = True  # for good: nothing is read from here on
+                os.close(self._poke_r)
+                os.close(self._poke_w)
 
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sub, zmq.POLLIN)
         poller.register(self.dealer, zmq.POLLIN)
+        poller.register(self._poke_r, zmq.POLLIN)
         started = time.monotonic()
         last_kernel = None  # monotonic time of the last message from the kernel
         next_heartbeat = 0.0
         while not self.closing.is_set():
-            ready = dict(poller.poll(50))
+            ready = dict(poller.poll(self._poll_ms(time.monotonic(), started, last_kernel, next_heartbeat)))
             now = time.monotonic()
+            if self._poke_r in ready:
+                self._poked = False  # before the outbox is read: a send from now on writes again
+                _drain(self._poke_r)
             if self.sub in ready:
                 last_kernel = now
                 self._read_events()
@@ -152,6 +218,7 @@ class _IO(threading.Thread):
             if self.dealer in ready:
                 last_kernel = now
                 self._read_control()
+            self._take_ack(now)
             self._flush_outbox()
             if self.said_hello and now >= next_heartbeat and not self._handler_stuck(now):
                 self.dealer.send(encode_control(control("heartbeat")), zmq.NOBLOCK)
@@ -161,9 +228,23 @@ class _IO(threading.Thread):
                 self.gone, self.lost_kernel = reason, True
                 return
 
+    def _poll_ms(self, now: float, started: float, last_kernel: float | None, next_heartbeat: float) -> int:
+        """How long to sleep when nothing arrives: until our heartbeat is due or the kernel's silence would make
+        it gone, and at most MAX_POLL_S."""
+        if self.outbox:
+            return 50  # the kernel did not take a message (its queue for us is full): try again soon
+        due = now + MAX_POLL_S
+        if self.said_hello:
+            # a heartbeat held back by a stuck handler (_handler_stuck) is looked at again every 0.1 s
+            due = min(due, max(next_heartbeat, now + 0.1))
+        silent_until = (started + CONNECT_TIMEOUT_S if last_kernel is None
+                        else last_kernel + self.heartbeat_interval_s * HEARTBEAT_LIVENESS)
+        due = min(due, silent_until + 0.001)
+        return max(1, int((due - now) * 1000) + 1)
+
     def _read_events(self) -> None:
         """Everything the SUB socket holds, handed to the main thread with one wake-up per burst."""
-        burst, recv = [], self.sub.recv
+        burst, recv, received = [], self.sub.recv, 0
         while True:
             # Frames and their `more` flag rather than recv_multipart, whose RCVMORE getsockopt per frame is half
             # of a small event's receive cost (2.9 -> 1.6 us). ZeroMQ delivers a message whole: once its first
@@ -174,6 +255,7 @@ class _IO(threading.Thread):
                 break
             while frames[-1].more:
                 frames.append(recv(zmq.NOBLOCK, copy=False))
+            received += 1
             try:
                 if len(frames) != 2:
                     raise ProtocolError(f"expected 2 frames, got {len(frames)}")
@@ -187,6 +269,7 @@ class _IO(threading.Thread):
                 self.dropped += 1  # a durable plugin notices the gap and replays it
                 continue
             burst.append(("event", event))
+        self.received += received
         if burst:
             with self.wake:
                 self.inbox.extend(burst)
@@ -210,7 +293,7 @@ class _IO(threading.Thread):
             if msg["type"] == "refused":  # the kernel will not act on anything we send: nothing to do here
                 self.refused = msg["reason"]
                 self.gone = f"refused by the kernel: {msg['reason']}"
-                self.closing.set()
+                self.close()
                 return
             self.put(("control", msg))
 
@@ -264,20 +347,28 @@ class Runner:
         handler_timeout_s, kernel_pid, secure): tests pass a fake without sockets (tests/test_sdk_runner.py)."""
         self.plugin = plugin
         self.durable = plugin.delivery == DURABLE
-        # A durable plugin needs every seq to see gaps; a best-effort one only what it handles.
+        # A best-effort plugin is sent what it handles. A durable one is sent every event but the per-batch types
+        # it does not handle, which are most of a run's events: it sees a gap by seq, or by the envelope's `n`
+        # where only per-batch events it is not sent lie between (_only_unsent_between).
         wanted = plugin.subscriptions()
-        topics = [""] if self.durable else sorted(set(wanted) | {ev.HEARTBEAT, *FINAL_EVENTS})
         if "" in wanted:
             topics = [""]
+        elif self.durable:
+            topics = sorted(NOT_PER_BATCH | set(wanted) | set(plugin.votes))
+        else:
+            topics = sorted(set(wanted) | {ev.HEARTBEAT, *FINAL_EVENTS})
+        # the indices in `n` of the per-batch types it is sent (a subscription is a prefix): a jump over one is a gap
+        self.sent_counts = frozenset(i for i, t in enumerate(ev.COUNTED_BATCH_EVENTS)
+                                     if any(t.startswith(topic) for topic in topics))
         hello = control("hello", name=plugin.name, pid=os.getpid(), subscriptions=topics,
                         replies=["stop", "metric", "log", "checkpoint_now"], delivery=plugin.delivery,
                         votes=list(plugin.votes), capabilities=list(plugin.capabilities), secret=secret)
         self.io = make_io(events_endpoint, control_endpoint, topics, hello, plugin.handler_timeout_s, kernel_pid,
                           secure)
         self.counts_gaps = topics == [""]
-        # What is dispatched; the rest (a durable plugin is sent every seq, a best-effort one heartbeats) is
-        # stepped over in order, without a handler call: a durable plugin that handles a few types then costs
-        # training little per step. A plugin with on_event handles every type, heartbeats included.
+        # What is dispatched; the rest (a durable plugin is sent every type but the per-batch ones it does not
+        # handle, a best-effort one heartbeats) is stepped over in order, without a handler call. A plugin with
+        # on_event handles every type, heartbeats included.
         self.wanted = None if "" in wanted else frozenset(wanted) | FINAL_EVENTS | frozenset(plugin.votes)
         self.next_seq = 0  # durable: the next seq to process; best-effort: the next expected
         self.replaying = False
@@ -292,7 +383,6 @@ class Runner:
         self.session_seq = 1  # the first seq this kernel numbered (welcome)
         self._set_up = False  # setup() returned: only then may on_kernel_gone run
         self._ended = False  # _finish ran: teardown happens once, whichever way the plugin ends
-        self._last_ack = 0.0
 
     def run(self) -> int:
         self.io.start()
@@ -341,7 +431,7 @@ class Runner:
             return
         if self.replaying or event.seq < self.next_seq:
             return  # replay covers it, or we have seen it
-        if event.seq > self.next_seq:
+        if event.seq > self.next_seq and not self._only_unsent_between(event):
             # Heartbeats included: while the kernel waits for our vote, a heartbeat may be the only thing
             # that shows we missed the event it waits for (it went by while an earlier replay was in flight).
             self.gaps += event.seq - self.next_seq
@@ -351,7 +441,21 @@ class Runner:
             self.last_event = event
         else:
             self._dispatch(event)
-        self.next_seq += 1
+        self.next_seq = event.seq + 1
+
+    def _only_unsent_between(self, event: Event) -> bool:
+        """Whether every event between the last one taken in order and `event` is of a per-batch type we are not
+        sent, by the two events' `n` (PROTOCOL.md §12): then nothing was missed. Without `n` on both, no proof."""
+        last = self.last_event
+        if last is None or last.seq != self.next_seq - 1 or last.n is None or event.n is None:
+            return False
+        between, own = 0, ev.COUNTED_INDEX.get(event.type)
+        for i, (now, before) in enumerate(zip(event.n, last.n)):
+            count = now - before - (i == own)
+            if count < 0 or (count and i in self.sent_counts):
+                return False
+            between += count
+        return between == event.seq - last.seq - 1  # any other event between (not per-batch) was missed
 
     def _wants(self, event: Event) -> bool:
         return self.wanted is None or event.type in self.wanted
@@ -444,13 +548,14 @@ class Runner:
     # -- acks, waiting, exit ----------------------------------------------------------------------
 
     def _maybe_ack(self, force: bool = False) -> None:
+        """Acknowledge what was handled: the I/O thread sends it with its next message (PROTOCOL.md §12: at least
+        with every heartbeat); `force` sends it now (before exiting)."""
         if not self.durable:
             return
         done = self.next_seq - 1
-        now = time.monotonic()
-        if done > self.acked and (force or now - self._last_ack >= ACK_INTERVAL_S):
-            self.io.send(control("ack", seq=done))
-            self.acked, self._last_ack = done, now
+        if done > self.acked or force:
+            self.acked = max(self.acked, done)
+            self.io.ack(self.acked, now=force)
 
     def _next_item(self) -> tuple | None:
         io = self.io
@@ -458,9 +563,8 @@ class Runner:
             while not io.inbox:
                 if io.gone or not io.is_alive():
                     return None
-                io.wake.wait(ACK_INTERVAL_S)
-                if not io.inbox:
-                    self._maybe_ack(force=True)
+                self._maybe_ack()  # idle: what we handled goes with the I/O thread's next message
+                io.wake.wait(MAX_POLL_S)  # notified when an item comes or the I/O thread ends; a signal interrupts
             return io.inbox.popleft()
 
     def _wait_welcome(self) -> tuple[dict[str, Any] | None, collections.deque]:
@@ -488,8 +592,9 @@ class Runner:
             except Exception:
                 _say(traceback.format_exc().rstrip())
         self._maybe_ack(force=True)
-        stats = f"processed {self.processed}, gaps {self.gaps}, failures {self.failures}, " \
-                f"dead letters {self.dead_letters}, dropped {self.io.dropped}, malformed {self.io.malformed}"
+        stats = f"received {self.io.received}, processed {self.processed}, gaps {self.gaps}, " \
+                f"failures {self.failures}, dead letters {self.dead_letters}, dropped {self.io.dropped}, " \
+                f"malformed {self.io.malformed}"
         if self.io.refused and not self._set_up:  # turned down at hello: the kernel is there, and said why
             _say(f"[{self.plugin.name}] {refused_hello(self.plugin.name, self.io.refused)}")
         elif gone:
@@ -499,7 +604,7 @@ class Runner:
                 self.io.send(control("log", level="warning", text=f"missed {self.gaps} events (best-effort gaps)"))
             if not sys.stderr.isatty():  # the plugin's log file; on a terminal (console) it would be noise
                 _say(f"[{self.plugin.name}] run ended. {stats}")
-        self.io.closing.set()
+        self.io.close()
         self.io.join(timeout=3)
         return 1 if self.io.refused else 0
 
@@ -596,6 +701,14 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     # Ignored, the write goes through, as it would for the kernel.
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     return runner.run()
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def run_summary(run_dir: str | Path | None) -> dict[str, Any] | None:

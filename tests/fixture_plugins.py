@@ -36,6 +36,23 @@ class Recorder(Plugin):
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SubsetRecorder(Recorder):
+    """Recorder, durable, but sent only one per-batch type (end_training_batch; and every type that is not
+    per-batch): what it misses it must see by the envelope's `n`, not by seq alone. `inbox` shrinks the SDK's
+    bound on live events held for a slow handler (`sleep_s`), so that some are dropped and must be replayed."""
+
+    settings = {**Recorder.settings, "inbox": 0}
+    TYPES = ("end_training_batch", "end_epoch")
+
+    def setup(self):
+        if self.settings["inbox"]:
+            from trainbus.sdk import runner
+            runner.INBOX_MAX_EVENTS = self.settings["inbox"]
+
+    def subscriptions(self):
+        return list(self.TYPES)
+
+
 class EpochVoter(Plugin):
     """Durable, votes at end_epoch and handles nothing else: heartbeats are not for it."""
 

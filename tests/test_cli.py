@@ -52,7 +52,7 @@ def test_the_terminal_gets_what_the_console_draws_and_plugins_diagnostics_go_to_
     assert "epoch 1/1" in r.stdout and "finished: 1 epochs" in r.stdout  # the console, on the kernel's stdout
     assert "run ended" not in r.stdout + r.stderr  # the SDK's counts, one line per plugin
     for name in ("console", "metrics_log"):
-        assert f"[{name}] run ended. processed " in (run_dir / "plugins" / f"{name}.log").read_text()
+        assert f"[{name}] run ended. received " in (run_dir / "plugins" / f"{name}.log").read_text()
 
 
 def test_the_summary_names_a_plugin_that_crashed_once_and_was_not_restarted_before_the_end(capsys):

@@ -19,12 +19,12 @@ from trainbus.kernel.journal import Journal, decode_records, read_events
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto.journal_format import iter_records as read_records
 from trainbus.kernel.session import run_training
-from trainbus.proto import PROTOCOL_VERSION, pack
+from trainbus.proto import PROTOCOL_VERSION, events as ev, pack
 
 from helpers import recorded, seeded_rng
 
 TESTS_DIR = Path(__file__).resolve().parent
-ENVELOPE_KEYS = {"v", "seq", "run", "type", "ts", "step", "epoch", "data"}
+ENVELOPE_KEYS = {"v", "seq", "run", "type", "ts", "step", "epoch", "data", "n"}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,11 @@ def test_a_finished_journal_is_plain_msgpack_and_equals_what_the_subscriber_rece
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))  # gap-free from 1
     assert all(set(r) == ENVELOPE_KEYS and r["run"] == result.run_id for r in records)
     assert records == records_of(Path(result.run_dir) / JOURNAL_NAME)
+    counts = dict.fromkeys(ev.COUNTED_BATCH_EVENTS, 0)  # n: the per-batch events numbered so far, this one included
+    for r in records:
+        counts[r["type"]] = counts.get(r["type"], 0) + 1
+        assert r["n"] == [counts[t] for t in ev.COUNTED_BATCH_EVENTS], r
+    assert all(counts[t] for t in ev.COUNTED_BATCH_EVENTS)
     final = next(r["seq"] for r in records if r["type"] == "end_training_session")
 
     # the durable subscriber got every envelope up to the end, byte for byte the journal's (through JSON)

@@ -141,6 +141,10 @@ def test_a_continued_run_goes_on_after_the_last_seq_of_a_journal_in_segments(tmp
     events = list(read_journal(journal))
     assert [e.seq for e in events] == list(range(1, len(events) + 1)) and len(events) > len(before)
     assert [e.type for e in events].count(ev.START_TRAINING_SESSION) == 2
+    counts = dict.fromkeys(ev.COUNTED_BATCH_EVENTS, 0)  # `n` goes on from the last segment's last event
+    for e in events:
+        counts[e.type] = counts.get(e.type, 0) + 1
+        assert e.n == [counts[t] for t in ev.COUNTED_BATCH_EVENTS], e
     assert run_overview(Path(first.run_dir))["status"] == "completed"
     assert len(run_details(Path(first.run_dir))["sessions"]) == 2
     assert {p.name for p in plot_run(Path(first.run_dir), tmp_path / "plots")} >= {"loss.png"}

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from trainbus.proto import DURABLE, Event, control, decode_control, encode_control
+from trainbus.proto import DURABLE, Event, control, decode_control, encode_control, events as ev
 from trainbus.proto.codec import event_to_map
 from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.sdk.plugin import KernelGoneInfo, Plugin
@@ -60,7 +60,7 @@ class FakeKernelIO:
         self.gone = self.refused = self.busy_since = None
         self.lost_kernel = False
         self.heartbeat_interval_s = 1.0
-        self.dropped = self.malformed = 0
+        self.received = self.dropped = self.malformed = 0
         self.sent: list[dict] = []
         self.published = 0
         self.batch = batch
@@ -101,6 +101,13 @@ class FakeKernelIO:
 
     def still_working(self) -> None:
         pass
+
+    def close(self) -> None:
+        self.closing.set()
+
+    def ack(self, seq: int, now: bool = False) -> None:
+        if seq > max((m["seq"] for m in self.of("ack")), default=0):  # the real one: with its next message
+            self.sent.append(control("ack", seq=seq))
 
     def send(self, msg: dict) -> None:
         self.sent.append(msg)
@@ -180,6 +187,86 @@ def test_duplicates_live_and_from_replays_are_handled_once():
     runner, _ = run(Seen(), [1, 2, 2, 1, 3, 5, 4, 6, 6, 7, 8])
     assert runner.plugin.seen == ALL
     assert runner.gaps == 1  # 4 came after 5: a gap, filled by the replay; the late live 4 is dropped
+
+
+# -- a durable plugin sent only some per-batch types: the envelope's `n` tells a jump from a gap ----------------
+
+def counted(types: list[str], with_n: bool = True) -> list[Event]:
+    """A journal of these types, each event with the `n` the kernel would give it."""
+    counts, journal = dict.fromkeys(ev.COUNTED_BATCH_EVENTS, 0), []
+    for seq, type_ in enumerate(types, start=1):
+        if type_ in counts:
+            counts[type_] += 1
+        n = [counts[t] for t in ev.COUNTED_BATCH_EVENTS] if with_n else None
+        journal.append(Event(seq=seq, run=RUN, type=type_, ts=0.0, step=0, epoch=1, n=n))
+    return journal
+
+
+BATCHES = counted(["start_training_session", "start_epoch", "start_training_loop",
+                   "start_training_batch", "end_training_batch", "start_training_batch", "end_training_batch",
+                   "heartbeat", "start_training_batch", "end_training_batch", "end_training_loop",
+                   "start_validation_loop", "start_validation_batch", "end_validation_batch", "end_validation_loop",
+                   "end_epoch", "end_training_session"])
+
+
+class StepsAndEpochs(Seen):
+    """Durable; handles one per-batch type and end_epoch."""
+
+    def on_event(self, event):
+        self.seen.append((event.seq, event.type))
+
+    def subscriptions(self):
+        return ["end_training_batch", "end_epoch"]
+
+
+def sent(journal: list[Event], plugin: Plugin, missing=()) -> list[int]:
+    """The seqs a SUB with the plugin's subscriptions receives (the PUB filters by topic), less `missing`."""
+    topics = Runner(plugin, "", "", make_io=lambda *args: FakeKernelIO(*args)).io.topics
+    return [e.seq for e in journal if any(e.type.startswith(t) for t in topics) and e.seq not in missing]
+
+
+def handled(journal: list[Event]) -> list[tuple[int, str]]:
+    return [(e.seq, e.type) for e in journal if e.type in ("end_training_batch", "end_epoch", "end_training_session")]
+
+
+def test_a_durable_plugin_is_sent_every_event_but_the_per_batch_types_it_does_not_handle():
+    topics = set(Runner(StepsAndEpochs(), "", "", make_io=lambda *args: FakeKernelIO(*args)).io.topics)
+    assert topics == set(ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS) - {"start_training_batch", "start_validation_batch",
+                                                                   "end_validation_batch"}
+
+
+def test_the_per_batch_types_it_is_sent_are_matched_as_zeromq_does_by_prefix():
+    class Ends(Seen):
+        def subscriptions(self):
+            return ["end_"]  # end_training_batch and end_validation_batch among the rest
+
+    sent_counts = Runner(Ends(), "", "", make_io=lambda *args: FakeKernelIO(*args)).sent_counts
+    assert sent_counts == {ev.COUNTED_INDEX["end_training_batch"], ev.COUNTED_INDEX["end_validation_batch"]}
+    assert Runner(Seen(), "", "", make_io=lambda *args: FakeKernelIO(*args)).sent_counts == {0, 1, 2, 3}
+
+
+def test_jumps_over_per_batch_types_it_is_not_sent_are_no_gap():
+    live = sent(BATCHES, StepsAndEpochs())
+    assert 4 not in live and 13 not in live  # start_training_batch, start_validation_batch
+    runner, io = run(StepsAndEpochs(), live, journal=BATCHES)
+    assert runner.plugin.seen == handled(BATCHES)
+    assert runner.gaps == 0 and [m["from_seq"] for m in io.of("replay")] == [1]
+    assert io.of("ack")[-1]["seq"] == len(BATCHES)
+
+
+@pytest.mark.parametrize("missing", [7, 8, 16], ids=["a step it handles", "a heartbeat", "end_epoch"])
+def test_a_missed_event_it_is_sent_is_a_gap_though_only_unsent_types_lie_beside_it(missing):
+    runner, io = run(StepsAndEpochs(), sent(BATCHES, StepsAndEpochs(), missing=[missing]), journal=BATCHES)
+    assert runner.plugin.seen == handled(BATCHES)
+    assert runner.gaps > 0 and any(m["from_seq"] <= missing for m in io.of("replay")[1:])
+
+
+def test_without_n_every_jump_is_a_gap_and_nothing_is_lost():
+    """A journal from before the envelope had `n` (or a held-back heartbeat): no proof, so a replay each time."""
+    old = counted([e.type for e in BATCHES], with_n=False)
+    runner, io = run(StepsAndEpochs(), sent(old, StepsAndEpochs()), journal=old)
+    assert runner.plugin.seen == handled(old)
+    assert runner.gaps > 0
 
 
 def test_resume_from_skips_what_was_acknowledged_before_a_restart():
