@@ -32,6 +32,10 @@ log = logging.getLogger("trainbus.kernel")
 # bus at once. Each wake-up costs training the GIL and every plugin a wake of its own (~35 us a message on
 # a busy 2-core box, DESIGN.md); 100 ms bursts cost the tiny MLP ~2 points less than 20 ms (docs/benchmarks.md).
 FLUSH_INTERVAL_S = 0.1
+# Every other event goes out within this, with whatever else the moment brings: an epoch's boundary (end of the
+# training loop, start of validation; its end, end_epoch, the next start_epoch) was one message, one wake-up of every
+# plugin's two threads, per event; on a small CNN's 0.2 s epochs that was most of what plugins cost (docs/benchmarks.md).
+COALESCE_S = 0.005
 # The loop's per-step events carry only numbers it made (batch index and size, losses, counts): their bytes
 # need no decode to prove a peer can read them. 2 us of the bus thread's GIL an event, each step twice.
 STEP_EVENTS = frozenset({ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH})
@@ -74,7 +78,7 @@ class Bus:
         # What a `snapshot` answers (trainbus attach): every numbered event folded in, here on the bus thread.
         self.run_state = RunState(run_id, journal.last_seq)
         self._closing = threading.Event()
-        self._urgent = False  # a kernel event was emitted: flush at once, not with the next burst
+        self._urgent = False  # a kernel event was emitted: flush within COALESCE_S, not with the next burst
         self._packer = new_packer()  # the bus thread's own: it encodes every event
         self.idle = threading.Condition()  # notified after every round of the bus thread
 
@@ -190,11 +194,13 @@ class Bus:
         next_heartbeat, next_flush, more = 0.0, 0.0, False
         while not self._closing.is_set():
             try:
+                if self._urgent:  # emitted by the last round's tick or control: out within COALESCE_S
+                    next_flush = self._soon(next_flush)
                 due = min(next_heartbeat, self.supervisor.next_deadline(), next_flush)
-                ready = dict(poller.poll(0 if more or self._urgent else max(0.0, due - time.monotonic()) * 1000))
-                rung = self._wake_rx in ready
-                if rung:
+                ready = dict(poller.poll(0 if more else max(0.0, due - time.monotonic()) * 1000))
+                if self._wake_rx in ready:  # the loop published an event that is not per-batch
                     _drain(self._wake_rx)
+                    next_flush = self._soon(next_flush)
                 control_ready = self.router in ready or (self.remote is not None and self.remote.router in ready)
                 more = (more or control_ready) and self._read_control(CONTROL_PER_WAKE)
                 now = time.monotonic()
@@ -205,8 +211,9 @@ class Bus:
                     self.control.peers.forget_dead(now)
                 # Control traffic alone does not flush: per-batch events keep their bursts however often a peer
                 # talks (a flood of heartbeats or replay requests flushed, and woke every plugin, per message).
-                if rung or self._urgent or now >= next_flush:
-                    self._urgent = False
+                if self._urgent:
+                    next_flush = self._soon(next_flush)
+                if now >= next_flush:
                     self._flush()
                     next_flush = now + FLUSH_INTERVAL_S
                 self.control.serve_replays(now)
@@ -220,6 +227,11 @@ class Bus:
                 self.idle.notify_all()
         self._read_control(CONTROL_PER_WAKE)
         self._flush()
+
+    def _soon(self, next_flush: float) -> float:
+        """The flush time once an event that is not per-batch waits: within COALESCE_S."""
+        self._urgent = False
+        return min(next_flush, time.monotonic() + COALESCE_S)
 
     def _heartbeat(self) -> None:
         if not self._unpublished:
