@@ -123,7 +123,8 @@ def client_name() -> str:
 
 
 class Attachment:
-    """One attached client: iterate for ("snapshot", RunState) once, then ("event", Event), gap-free, in seq order.
+    """One attached client: iterate for ("snapshot", RunState as of its seq) once, then ("event", Event), gap-free,
+    in seq order (`state` is the live one, every event folded in).
 
     Iteration yields None every POLL_S when nothing arrived (a dashboard redraws then), and ends after
     the run's final event. It raises AttachError when the kernel refuses us or cannot be reached again.
@@ -232,7 +233,8 @@ class Attachment:
                     self.state.plugins[name].update(acked=plugin.get("acked"), lag=plugin.get("lag"))
             return
         self.state, self.next_seq = fresh, msg["seq"] + 1
-        self._ready.append(("snapshot", fresh))
+        # a state of its own: `fresh` goes on folding the buffered events below before the caller sees the item
+        self._ready.append(("snapshot", RunState.from_map(msg["seq"], msg["state"])))
         buffered, self._buffer = self._buffer, collections.deque()
         for event in buffered:
             self._on_live(event)

@@ -184,6 +184,23 @@ def test_json_lines_mid_run_have_no_gap_after_the_snapshot_and_equal_the_journal
         assert cloned.to_map()[part] == whole.to_map()[part], part
 
 
+def test_the_snapshot_handed_out_is_the_state_as_of_its_seq_not_with_the_events_buffered_meanwhile():
+    """Live events that came before the snapshot's answer are folded into the client's state at once; the snapshot
+    item must not show them (it did: `--json` printed a snapshot seq past its first event's, under load)."""
+    from trainbus.sdk.attach import Attachment
+
+    kernel_state = RunState("r")
+    for seq, type_ in enumerate(["start_training_session", "start_epoch", "start_training_loop"], start=1):
+        kernel_state.fold(Event(seq=seq, run="r", type=type_, ts=1.0, step=0, epoch=1))
+    later = Event(seq=4, run="r", type="end_training_batch", ts=2.0, step=1, epoch=1, data={"loss": 0.5})
+    client = Attachment(target=None)
+    client._on_live(later)  # arrived before the answer to our snapshot: buffered
+    client._on_run_state({"seq": 3, "state": kernel_state.to_map()})
+    (kind, snapshot), (kind2, event) = client._ready
+    assert (kind, snapshot.seq, snapshot.progress["step"]) == ("snapshot", 3, 0)
+    assert (kind2, event.seq) == ("event", 4) and client.state.seq == 4 and client.next_seq == 5
+
+
 @pytest.mark.slow  # a 5 s stall and the reconnect backoff (~20 s): run with -m slow
 def test_json_lines_go_on_without_a_gap_after_the_kernel_stalled_and_came_back(runs_dir, tmp_path, kernels):
     kernel = live_run(runs_dir, tmp_path, kernels, epochs=5, batch_s=0.05, monitors=False)
