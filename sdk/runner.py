@@ -45,9 +45,9 @@ HEARTBEAT_LIVENESS = 3  # kernel silent this many intervals -> gone (zguide's Pa
 CONNECT_TIMEOUT_S = 30.0  # no heartbeat from the kernel this long after start: give up
 INBOX_MAX_EVENTS = 10_000  # live events held for a slow handler; beyond it they are dropped (and replayed)
 # The I/O thread sleeps until something arrives, is to be sent, or a heartbeat or the kernel's liveness is due,
-# and at most this long; the main thread until something arrives. Each wake-up of a Python thread costs ~50-100 us
-# of a core, and on a busy 2-core box a plugin's CPU is taken from training: polling every 50 ms, as this did, cost
-# an idle plugin ~40 wake-ups and ~7 ms of CPU a second (docs/benchmarks.md).
+# and at most this long; the main thread until something arrives. A Python thread's wake-up costs ~100 us of a core,
+# and on a busy 2-core box a plugin's CPU is taken from training: polling every 50 ms, as this did, woke each thread
+# ~35 times a second for nothing (docs/benchmarks.md, "Fewer events and fewer wake-ups").
 MAX_POLL_S = 1.0
 # A durable plugin's acks go at most this often (with its heartbeats when idle), and at once for a vote and at exit:
 # each costs the kernel's bus thread, which shares training's GIL, a decode; a restart redoes at most this much more.
