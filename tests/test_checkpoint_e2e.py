@@ -158,8 +158,12 @@ def test_resume_after_kill_9_of_the_kernel_is_exact(tmp_path, kernels, where):
     """
     epochs, seed = 3, 7
     schedule = {"every_n_steps": 7} if where == "mid_epoch" else {"every_n_epochs": 1}
+    # Held 20 steps into epoch 3 until the kill: beside busy cores the checkpoint plugin's first writes can lag
+    # the run by seconds, and a run that reached its end before the kill proves nothing.
+    gate = tmp_path / "gate"
+    open_gate(gate, 2 * STEPS_PER_EPOCH + 20)
     kernel = KernelProcess(config(tmp_path / "killed", [checkpointer()], epochs, target=PACED, seed=seed,
-                                  step_sleep_s=0.02, **schedule), tmp_path)
+                                  step_sleep_s=0.02, gate=str(gate), **schedule), tmp_path)
     kernels.append(kernel)
     # the uninterrupted run, in this process, while the other one runs towards its kill (both mostly wait)
     with ThreadPoolExecutor(1) as pool:
