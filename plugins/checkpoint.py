@@ -131,6 +131,13 @@ class CheckpointPlugin(Plugin):
         directory.mkdir(parents=True, exist_ok=True)
         manifest = directory / MANIFEST
         entries = read_manifest(manifest)
+        retired = _saved_entry(entries, event)
+        if retired is not None and not (directory / retired["file"]).exists():
+            # Replayed after a restart, but saved before and since deleted by retention (a later checkpoint was
+            # saved after it): its buffer holds another snapshot by now, and writing it again would undo retention.
+            self.log(f"save_checkpoint seq {event.seq}: saved earlier as {retired['file']}, since removed by "
+                     f"retention; not written again", level="debug")
+            return
         done = _already_saved(entries, event, directory)
         if done is not None:  # replayed after a crash between the manifest line and the ack
             self.checkpoint_saved(event, str(directory / done["file"]), done["sha256"], done["size"])
@@ -272,12 +279,20 @@ def current_entries(entries: list[dict[str, Any]], directory: Path) -> list[dict
     return [e for e in latest.values() if (directory / e["file"]).is_file()]
 
 
-def _already_saved(entries: list[dict[str, Any]], event: Event, directory: Path) -> dict[str, Any] | None:
+def _saved_entry(entries: list[dict[str, Any]], event: Event) -> dict[str, Any] | None:
+    """The manifest line of this event's checkpoint (its run and seq), if one was ever written."""
     for entry in reversed(entries):
         if entry.get("run") == event.run and entry.get("seq") == event.seq and "alias_of" not in entry:
-            file = directory / entry["file"]
-            return entry if file.is_file() and file.stat().st_size == entry.get("size") else None
+            return entry
     return None
+
+
+def _already_saved(entries: list[dict[str, Any]], event: Event, directory: Path) -> dict[str, Any] | None:
+    entry = _saved_entry(entries, event)
+    if entry is None:
+        return None
+    file = directory / entry["file"]
+    return entry if file.is_file() and file.stat().st_size == entry.get("size") else None
 
 
 # -- retention ------------------------------------------------------------------------------------

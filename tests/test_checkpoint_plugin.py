@@ -159,6 +159,25 @@ def test_a_replayed_save_is_answered_from_the_manifest_not_written_twice(tmp_pat
     assert [e["file"] for e in manifest(tmp_path / "checkpoints")] == ["epoch001-step000001.pt", "last.pt"]
 
 
+def test_a_replayed_save_that_retention_has_since_removed_is_neither_written_again_nor_failed(tmp_path, buffers):
+    """A persister killed often replays old save_checkpoints; one saved and then deleted by retention (max_total)
+    must not be read from a buffer that holds another snapshot by now ("overwritten": checkpoint_failed)."""
+    h = harness(tmp_path, max_total=1)
+    trainer = Trainer()
+    events = []
+    for seq in (7, 9):
+        trainer.train_epoch()
+        data = snapshot_data(buffers, trainer.state({}), {})  # slot 0 each time: the first is overwritten
+        events.append(Event(seq=seq, run=h.run_id, type="save_checkpoint", ts=0.0, step=trainer.step,
+                            epoch=trainer.epoch, data=data))
+        h.plugin.handle(events[-1])
+    assert checkpoints(tmp_path / "checkpoints") == ["epoch002-step000002.pt", "last.pt"]
+    h.plugin.outbox.clear()
+    h.plugin.handle(events[0])  # replayed after a restart
+    assert [m["type"] for m in h.plugin.outbox] == ["log"] and "since removed by retention" in h.plugin.outbox[0]["text"]
+    assert checkpoints(tmp_path / "checkpoints") == ["epoch002-step000002.pt", "last.pt"]
+
+
 def test_filename_takes_metrics_and_survives_a_missing_one(tmp_path, buffers):
     h = harness(tmp_path, filename="e{epoch:02d}-{validation_loss:.3f}")
     trainer = run_epochs(h, buffers, [0.12345])
