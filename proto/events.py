@@ -35,15 +35,13 @@ LIFECYCLE_EVENTS: tuple[str, ...] = (
     END_TRAINING_SESSION,
 )
 
-# Per-batch events: by far the most frequent, so the kernel coalesces them into bursts.
-BATCH_EVENTS: frozenset[str] = frozenset(
-    {START_TRAINING_BATCH, END_TRAINING_BATCH, START_VALIDATION_BATCH, END_VALIDATION_BATCH}
-)
-# The order of the envelope's `n` (PROTOCOL.md §5): how many of each per-batch type the run has numbered. With
-# `seq` it tells a durable plugin sent only some per-batch types whether it missed anything it is sent (§12).
+# Per-batch events: by far the most frequent, so the kernel coalesces them into bursts. This order is the
+# envelope's `n` (PROTOCOL.md §5): how many of each the run has numbered, which with `seq` tells a durable plugin
+# sent only some per-batch types whether it missed anything it is sent (§12.1).
 COUNTED_BATCH_EVENTS: tuple[str, ...] = (
     START_TRAINING_BATCH, END_TRAINING_BATCH, START_VALIDATION_BATCH, END_VALIDATION_BATCH,
 )
+BATCH_EVENTS: frozenset[str] = frozenset(COUNTED_BATCH_EVENTS)
 COUNTED_INDEX: dict[str, int] = {type_: index for index, type_ in enumerate(COUNTED_BATCH_EVENTS)}
 
 # Kernel events: published by the kernel itself, never by the loop's seams.
