@@ -20,7 +20,7 @@ from typing import Any
 
 from trainbus.proto import event_to_map, events as ev
 from trainbus.proto.run_state import RunState
-from trainbus.sdk.attach import CLIENT_PREFIX, AttachError, Attachment, RunEnded, target_of
+from trainbus.sdk.attach import CLIENT_PREFIX, AttachError, Attachment, RunEnded, TargetError, target_of
 from trainbus.sdk.runner import run_summary
 
 MONITORS = ("cpu", "memory", "disk", "gpu", "perf")  # the resource monitors' metric name prefixes
@@ -259,7 +259,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         target = target_of(args.where, args.key, args.server_key)
-        summary = run_summary(target.run_dir)
+        summary = run_summary(target.ended_dir)
         if summary is not None:
             raise RunEnded(summary)
         command = ("stop", args.stop) if args.stop else ("checkpoint_now", args.checkpoint) if args.checkpoint else None
@@ -272,9 +272,13 @@ def main(argv: list[str]) -> int:
             print("trainbus attach: stdout is not a terminal: the dashboard is drawn once, when the run ends "
                   "(--json streams every event as it comes)", file=sys.stderr)
         return dashboard(attachment, args.control)
-    except RunEnded as ended:
-        print(str(ended))
+    except RunEnded as ended:  # as `trainbus attach RUN_ID` says it of an ended run (kernel/cli.py), JSON under --json
+        print(json.dumps({"type": "ended", "id": ended.summary.get("run_id"), **ended.summary}, default=str)
+              if args.json else str(ended))
         return 1 if args.stop or args.checkpoint else 0
+    except TargetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except AttachError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

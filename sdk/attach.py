@@ -49,16 +49,28 @@ class AttachError(Exception):
     """Nothing to attach to, refused by the kernel, or gone for good: the text says which."""
 
 
+class TargetError(AttachError):
+    """WHERE, a key or a connection file as given cannot be used: the user's to fix (exit code 2)."""
+
+
 @dataclass
 class Target:
     """Where a run's kernel listens, and how to prove who we are there."""
 
     events: str  # the kernel's PUB endpoint
     control: str  # its ROUTER endpoint
-    run_dir: Path | None = None  # for the credential (ipc) and for telling an ended run (summary.json)
+    run_dir: Path | None = None  # a local run's directory: its credential (ipc), its kernel's pid, its summary.json
     # Applied to both sockets before they connect: a remote kernel's CURVE keys (tcp). None on ipc, where the
     # credential file proves us; the TCP work fills this in (one function: client keys onto a socket).
     secure: Callable[[zmq.Socket], None] | None = None
+    # Where a summary.json would say the run has ended: the run directory, or the folder of the connection.json
+    # we were given (a run directory when read in place; a copy elsewhere has none, and the run's end is then
+    # known only from its events). Never the credential's place: over TCP the key proves us, and no secret leaves.
+    ended_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.ended_dir is None:
+            self.ended_dir = self.run_dir
 
     def secret(self) -> str:
         if self.run_dir is None:
@@ -76,13 +88,15 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
         try:
             control_endpoint, events, secure = remote_endpoints(where, key, server_key)
         except (KeyFileError, ValueError) as exc:
-            raise AttachError(str(exc)) from None
-        return Target(events, control_endpoint, None, secure)
+            raise TargetError(str(exc)) from None
+        connection_file = Path(where)
+        return Target(events, control_endpoint, None, secure,
+                      connection_file.resolve().parent if connection_file.is_file() else None)
     if "://" in where:
         events, _, control_endpoint = where.partition(",")
         if not control_endpoint:
             if not events.startswith("ipc://") or not events.endswith("events.sock"):
-                raise AttachError(f"{where}: give both endpoints as EVENTS,CONTROL (only an ipc events.sock "
+                raise TargetError(f"{where}: give both endpoints as EVENTS,CONTROL (only an ipc events.sock "
                                   f"names its control socket)")
             control_endpoint = events[: -len("events.sock")] + "control.sock"
         run_dir = Path(events.removeprefix("ipc://")).parent if events.startswith("ipc://") else None
@@ -282,7 +296,7 @@ class Attachment:
             raise AttachError(f"the kernel refused us: {refused}")
         delay_s = RECONNECT_FIRST_S
         for _ in range(RECONNECT_ATTEMPTS):
-            summary = run_summary(self.target.run_dir)
+            summary = run_summary(self.target.ended_dir)
             if summary is not None:
                 raise RunEnded(summary)
             dead = kernel_died(self.target.run_dir)

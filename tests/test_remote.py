@@ -8,7 +8,9 @@ pair. Parametrized after pyzmq's zmq/tests/test_auth.py. Nothing is mocked.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -21,6 +23,7 @@ import msgpack
 import pytest
 import zmq
 
+from conftest import trainbus_cmd
 from kernel_process import KernelProcess, of, wait_until
 from trainbus.kernel.bus import CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM
 from trainbus.kernel.config import RunConfig
@@ -365,6 +368,31 @@ def test_the_kernel_refuses_to_start_on_a_bad_key_file_naming_it_and_the_fix(fau
                 "writable_keys_dir": f"chmod 700 {keys['dir']}", "writable_public_key": f"chmod 644 {public}"}[fault]
     assert expected in lines[0], lines[0]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing may have started"
+
+
+def test_attach_by_connection_file_to_an_ended_run_says_so_at_once(keys, runs_dir, tmp_path, kernels):
+    """`trainbus attach RUN_DIR/connection.json --key K` after the run ended: its summary beside the file says so
+    at once (a client would otherwise wait 30 s for a heartbeat, then reconnect), in the dashboard's words or as
+    one JSON line; the attach client run directly says it too; a key file that is not there is exit code 2."""
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=1, step_sleep_s=0.0), tmp_path)
+    kernels.append(kernel)
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+    conn_file = str(kernel.run_dir / CONNECTION_FILE)
+    for client in ([*trainbus_cmd(), "attach"], [sys.executable, "-m", "trainbus.plugins.dashboard"]):
+        started = time.monotonic()
+        told = subprocess.run([*client, conn_file, "--key", str(keys["watcher"])], capture_output=True, text=True,
+                              timeout=60)
+        as_json = subprocess.run([*client, conn_file, "--key", str(keys["watcher"]), "--json"], capture_output=True,
+                                 text=True, timeout=60)
+        assert time.monotonic() - started < 20, f"{client} waited for a kernel that is gone"
+        assert told.returncode == 0 and re.search(rf"run {kernel.run_id}(:| has ended:) completed", told.stdout), (
+            told.stdout + told.stderr)
+        line = json.loads(as_json.stdout)
+        assert as_json.returncode == 0 and (line["type"], line["id"], line["status"]) == (
+            "ended", kernel.run_id, "completed"), as_json.stdout + as_json.stderr
+    missing = subprocess.run([sys.executable, "-m", "trainbus.plugins.dashboard", conn_file, "--key",
+                              str(tmp_path / "no.key_secret")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no.key_secret" in missing.stderr, missing.stderr
 
 
 def test_keys_cli_generates_lists_and_revokes(tmp_path):
