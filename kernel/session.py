@@ -157,14 +157,22 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
         if not ranks.is_main:
             return _run_other_rank(spec, stepper, ranks, device, cfg, resume_state, resume_from, run_id, run_dir)
 
-    _make_dir(Path(cfg.runs_dir), cfg.runs_dir, parents=True, exist_ok=True)
-    if continue_run:
-        check_not_running(run_dir)
-        (run_dir / "summary.json").unlink(missing_ok=True)  # the run is going again
-        for stale in run_dir.glob(RANK_ERROR.format("*")):  # the last session's: this one's failures are new
-            stale.unlink(missing_ok=True)
-    else:
-        _make_dir(run_dir, cfg.runs_dir)
+    # The TCP ports are bound before the run directory is made: a port already taken is one line and exit 2, with
+    # no run left behind that never began.
+    remote = _listen(cfg.listen, keys) if keys is not None else None
+    try:
+        _make_dir(Path(cfg.runs_dir), cfg.runs_dir, parents=True, exist_ok=True)
+        if continue_run:
+            check_not_running(run_dir)
+            (run_dir / "summary.json").unlink(missing_ok=True)  # the run is going again
+            for stale in run_dir.glob(RANK_ERROR.format("*")):  # the last session's: this one's failures are new
+                stale.unlink(missing_ok=True)
+        else:
+            _make_dir(run_dir, cfg.runs_dir)
+    except BaseException:
+        if remote is not None:
+            remote.close()
+        raise
     run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints and sockets are nobody else's
     write_kernel_pid(run_dir)  # `trainbus runs list`: a run without summary.json is running while this pid lives
     (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags), indent=2, default=str) + "\n")
@@ -177,7 +185,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
                                           cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps,
                                           journal_backlog_bytes=int(cfg.journal_backlog_mb * 2**20),
                                           journal_segment_bytes=int(cfg.journal_segment_mb * 2**20),
-                                          listen=cfg.listen, keys=keys)
+                                          remote=remote)
     if bus.remote is not None:
         announce(f"listening with CURVE on {bus.remote.control_endpoint} (control) and {bus.remote.events_endpoint} "
                  f"(events); clients: {run_dir / CONNECTION_FILE}")
@@ -339,22 +347,24 @@ def check_metric_settings(spec: TrainingSpec, metric_settings: dict[str, str]) -
                               f"{', '.join(produced)}")
 
 
+def _listen(listen: str, keys: KeyStore) -> Listener:
+    """The run's TCP endpoints, bound (`--listen HOST:PORT`); ConfigError naming what stops them."""
+    try:
+        return Listener(listen, keys, EVENTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    except (ListenError, KeyFileError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: PeerLimits | None = None,
              buffers: SnapshotBuffers | None = None, every_n_epochs: int = 0, every_n_steps: int = 0,
              journal_backlog_bytes: int = BACKLOG_MAX_BYTES, journal_segment_bytes: int = SEGMENT_BYTES,
-             listen: str = "",
-             keys: KeyStore | None = None) -> tuple[Bus, Checkpointer | None, Path]:
+             remote: Listener | None = None) -> tuple[Bus, Checkpointer | None, Path]:
     """The run's bus with everything it serves: supervisor, credentials and peers, the checkpoint half; with
-    `listen` (HOST:PORT) and `keys`, its TCP endpoints too, described in <run_dir>/connection.json.
+    `remote` (_listen's), its TCP endpoints too, described in <run_dir>/connection.json.
 
     Returns the bus (not started), the checkpointer (None without buffers) and the sockets' directory.
     """
-    remote = None
-    if listen and keys is not None:
-        try:
-            remote = Listener(listen, keys, EVENTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
-        except (ListenError, KeyFileError) as exc:
-            raise ConfigError(str(exc)) from None
+    if remote is not None:
         write_connection_file(run_dir, run_id, remote.control_endpoint, remote.events_endpoint, remote.server_key)
         log.info("listening on TCP (CURVE): control %s events %s", remote.control_endpoint, remote.events_endpoint)
     credentials = Credentials(remote.keyring if remote else None)

@@ -370,6 +370,24 @@ def test_the_kernel_refuses_to_start_on_a_bad_key_file_naming_it_and_the_fix(fau
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing may have started"
 
 
+def test_a_port_already_taken_is_one_line_and_leaves_no_run_behind(keys, tmp_path):
+    """`--listen HOST:PORT` on a port another process holds: exit 2 naming the port and the fix, and no run
+    directory (the ports are bound before it is made), so `runs list` shows no run that died before it began."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        proc = subprocess.run([*trainbus_cmd(), "run", "--plugins", "", "--epochs", "1", "--runs-dir",
+                               str(tmp_path / "runs"), "--listen", f"127.0.0.1:{port}", "--keys-dir",
+                               str(keys["dir"])], capture_output=True, text=True, timeout=300)
+    finally:
+        taken.close()
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc
+    assert f"cannot bind port {port}" in proc.stderr and "pick another PORT, or 0" in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "no run may be left behind"
+
+
 def test_attach_by_connection_file_to_an_ended_run_says_so_at_once(keys, runs_dir, tmp_path, kernels):
     """`trainbus attach RUN_DIR/connection.json --key K` after the run ended: its summary beside the file says so
     at once (a client would otherwise wait 30 s for a heartbeat, then reconnect), in the dashboard's words or as
