@@ -21,6 +21,7 @@ another run holds). A job that asks for more devices than the daemon has is fail
 from __future__ import annotations
 
 import fcntl
+import getpass
 import json
 import logging
 import logging.handlers
@@ -368,9 +369,9 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
         while not stopping:
             ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000))))
             if socket in ready:
-                _answer(socket, lambda frames: LOCAL, daemon, stopping)
+                _answer(socket, lambda frames: (LOCAL, f"the owner ({_local_user()})"), daemon, stopping)
             if remote and remote.socket in ready:
-                _answer(remote.socket, remote.role_of, daemon, stopping)
+                _answer(remote.socket, remote.peer_of, daemon, stopping)
             if time.monotonic() >= next_tick or daemon.woken:
                 daemon.woken = False
                 daemon.tick(time.time())
@@ -392,6 +393,7 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
 
 
 LOCAL = "owner"  # the ipc endpoint's peers: only the owner can enter the 0700 directory it is in
+STEERING = ("submit", "cancel", "stop")  # logged with who asked
 # What each peer may ask: a remote monitor key the state, a control key also the queue; the owner everything.
 OPS = {"status": ("monitor", "control", LOCAL), "submit": ("control", LOCAL), "cancel": ("control", LOCAL),
        "wake": (LOCAL,), "stop": (LOCAL,)}
@@ -428,9 +430,12 @@ class Remote:
         temporary.write_text(json.dumps({"endpoint": self.endpoint, "server_key": public.decode()}) + "\n")
         os.replace(temporary, directory / REMOTE_FILE)
 
-    def role_of(self, frames: list[zmq.Frame]) -> str | None:
+    def peer_of(self, frames: list[zmq.Frame]) -> tuple[str | None, str]:
+        """(role, who) of a request's connection: its key's, from ZAP's User-Id, never from the request."""
         key = self.keyring.lookup(frames[-1].get("User-Id") or "")
-        return key.role if key is not None else None  # revoked since its handshake: nobody
+        if key is None:  # revoked since its handshake: nobody
+            return None, "a revoked key"
+        return key.role, f"key {key.name}"
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -438,7 +443,7 @@ class Remote:
         self.context.term()
 
 
-def _answer(socket: zmq.Socket, role_of: Callable[[list[zmq.Frame]], str | None], daemon: Daemon,
+def _answer(socket: zmq.Socket, peer_of: Callable[[list[zmq.Frame]], tuple[str | None, str]], daemon: Daemon,
             stopping: list[str]) -> None:
     for _ in range(64):  # bounded per round: a flood of requests never starves the queue
         try:
@@ -452,15 +457,17 @@ def _answer(socket: zmq.Socket, role_of: Callable[[list[zmq.Frame]], str | None]
         except ProtocolError:
             request = None
         op = request.get("op") if isinstance(request, dict) else None
-        role = role_of(frames)
+        role, who = peer_of(frames)
         if not isinstance(op, str) or op not in OPS:  # a list or a map is unhashable: never looked up
             reply = {"ok": False, "error": f"unknown request; ops: {', '.join(OPS)}"}
         elif role not in OPS[op]:
-            log.warning("refused %s from a key of role %s", op, role or "none")
+            log.warning("refused %s from %s (role %s)", op, who, role or "none")
             reply = {"ok": False, "error": f"{op} is not granted to this key (role {role or 'none'})"}
         else:
             try:
-                reply = _do(op, request, daemon, stopping)
+                reply = _do(op, request, daemon, stopping, who)
+                if op in STEERING:
+                    log.info("%s from %s: %s", op, who, reply)
             except Exception as exc:  # one request's fault (a field of an odd type) never takes the queue down
                 log.exception("request %s failed", op)
                 reply = {"ok": False, "error": f"{op} failed: {type(exc).__name__}: {exc}"}
@@ -470,7 +477,7 @@ def _answer(socket: zmq.Socket, role_of: Callable[[list[zmq.Frame]], str | None]
             pass
 
 
-def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str]) -> dict[str, Any]:
+def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], who: str) -> dict[str, Any]:
     if op == "status":
         with Registry(daemon.runs_dir) as registry:
             queued = [job["id"] for job in registry.jobs(["queued"])]
@@ -498,7 +505,7 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str]) -
     target = argv[0] if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
     argv = [*argv, "--runs-dir", str(daemon.runs_dir)]  # the last one given counts: this daemon's, whatever it said
     try:
-        submit(daemon.runs_dir, run_id, argv, gpus, target, {}, None, env=None, cwd=os.getcwd(), wake=False)
+        submit(daemon.runs_dir, run_id, argv, gpus, target, {}, None, env=None, cwd=os.getcwd(), wake=False, by=who)
     except JobError as exc:
         return {"ok": False, "error": str(exc)}
     daemon.woken = True
@@ -617,23 +624,32 @@ def request(runs_dir: Path | None, op: str, timeout_s: float = REQUEST_TIMEOUT_S
 
 def submit(runs_dir: Path, run_id: str, argv: list[str], gpus: int | None, target: str | None,
            flags: dict[str, Any], resumes: Path | None, env: dict[str, str] | None = None, cwd: str | None = None,
-           wake: bool = True) -> bool:
+           wake: bool = True, by: str | None = None) -> bool:
     """Queue a run for the daemon of runs_dir (running or not), to be started as `trainbus run ARGV` in `cwd`
-    with `env` (default: this process's; None from a remote peer: the daemon's own). True when a running daemon
-    was told at once."""
+    with `env` (default: this process's; None from a remote peer: the daemon's own). `by`: who asked (a remote
+    peer's key; default this process's user). True when a running daemon was told at once."""
     runs_dir = Path(runs_dir).resolve()
     now = time.time()
+    by = by or _local_user()
     job = {"id": run_id, "state": "queued", "submitted_ts": now, "argv": argv, "cwd": cwd or os.getcwd(),
-           "env": env, "gpus": gpus}
+           "env": env, "gpus": gpus, "submitted_by": by}
     if resumes is not None:
-        run = {**run_overview(resumes, now), "status": "queued", "detail": "queued to be resumed"}
+        run = {**run_overview(resumes, now), "status": "queued", "detail": f"queued to be resumed by {by}"}
     else:
         run = {"id": run_id, "dir": None, "status": "queued", "target": target, "flags": flags, "started_ts": None,
-               "detail": f"submitted {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}"}
+               "detail": f"submitted {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))} by {by}"}
     make_daemon_dir(runs_dir)
     with Registry(runs_dir) as registry:
         registry.submit(job, run, now)
     return wake and request(runs_dir, "wake") is not None
+
+
+def _local_user() -> str:
+    """This process's user, as a submission by the owner is recorded."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def queued_job(runs_dir: Path, run: str) -> str | None:

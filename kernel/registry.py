@@ -31,7 +31,7 @@ from .runs import STATUSES as RUN_STATUSES
 from .runs import _iso, find_runs, newest_first, overview_or_unreadable, run_overview
 
 REGISTRY_NAME = "registry.sqlite"
-SCHEMA_VERSION = 2  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs)
+SCHEMA_VERSION = 3  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who)
 BUSY_TIMEOUT_S = 5.0  # a write waits this long for another writer's transaction (each takes milliseconds)
 QUEUED = "queued"  # a run the daemon has not started: it has no directory yet
 STATUSES = (QUEUED, *RUN_STATUSES)
@@ -55,6 +55,7 @@ JOB_COLUMNS = {
     "id": "TEXT PRIMARY KEY", "state": "TEXT NOT NULL", "submitted_ts": "REAL NOT NULL", "argv": "TEXT NOT NULL",
     "cwd": "TEXT NOT NULL", "env": "TEXT", "gpus": "INTEGER", "devices": "TEXT", "pid": "INTEGER",
     "pid_started": "REAL", "started_ts": "REAL", "ended_ts": "REAL", "exit_code": "INTEGER", "detail": "TEXT",
+    "submitted_by": "TEXT",  # who queued it: the owner's user name, or a remote peer's key (`key NAME`)
 }
 JOB_JSON_COLUMNS = ("argv", "env", "devices")
 JOB_STATES = ("queued", "starting", "running", "ended", "cancelled")
@@ -121,6 +122,8 @@ class Registry:
                 columns = ", ".join(f"{name} {kind}" for name, kind in JOB_COLUMNS.items())
                 self.db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns})")
                 self.db.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submitted_ts)")
+            if "submitted_by" not in {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}:  # < 3
+                self.db.execute("ALTER TABLE jobs ADD COLUMN submitted_by TEXT")
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- writing -------------------------------------------------------------------------------------

@@ -316,6 +316,11 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
     run_id = submitted.stdout.strip()
     wait_until(lambda: listed(runs).get(run_id, {}).get("status") == "completed", WAIT_S, "the remote submission")
     assert (runs / run_id / "config.json").is_file()  # in the daemon's runs directory, whatever cwd it has
+    with Registry(runs) as registry:  # who asked: the connection's key, as the daemon's log says it too
+        assert {job["id"]: job for job in registry.jobs()}[run_id]["submitted_by"] == "key p"
+    log = (daemon_dir(runs) / "daemon.log").read_text()
+    assert f"submit from key p: {{'ok': True, 'run': '{run_id}'}}" in log, log[-2000:]
+    assert "refused submit from key w (role monitor)" in log, log[-2000:]
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from trainbus.kernel.cli import UserError, app
 from trainbus.kernel.config import RunConfig
-from trainbus.kernel.registry import REGISTRY_NAME, Registry, list_runs
+from trainbus.kernel.registry import COLUMNS, JOB_COLUMNS, REGISTRY_NAME, SCHEMA_VERSION, Registry, list_runs
 from trainbus.kernel.session import run_training
 
 from conftest import TESTS_DIR
@@ -121,6 +121,24 @@ def test_a_row_only_gives_way_to_a_newer_observation(tmp_path):
         assert registry.runs(300.0)["r"]["status"] == "completed"
         registry.record([{"id": "r", "status": "running", "target": "again"}], observed_ts=300.0)  # continued
         assert registry.runs(300.0)["r"]["target"] == "again"
+
+
+def test_a_registry_of_schema_2_gains_who_submitted_each_job_and_keeps_its_queue(tmp_path):
+    """A daemon upgraded under a queue: the jobs table of schema 2 (no submitted_by) is altered in place."""
+    old = sqlite3.connect(tmp_path / REGISTRY_NAME)
+    columns = {n: k for n, k in JOB_COLUMNS.items() if n != "submitted_by"}
+    old.execute(f"CREATE TABLE jobs ({', '.join(f'{n} {k}' for n, k in columns.items())})")
+    old.execute("INSERT INTO jobs (id, state, submitted_ts, argv, cwd) VALUES ('q', 'queued', 1.0, '[]', '/')")
+    old.execute(f"CREATE TABLE runs ({', '.join(f'{n} {k}' for n, k in COLUMNS.items())})")
+    old.execute("PRAGMA user_version = 2")
+    old.commit()
+    old.close()
+    with Registry(tmp_path) as registry:
+        assert [(job["id"], job["submitted_by"]) for job in registry.jobs()] == [("q", None)]
+        registry.submit({"id": "r", "state": "queued", "submitted_ts": 2.0, "argv": [], "cwd": "/",
+                         "submitted_by": "key alice"}, {"id": "r", "status": "queued"}, 2.0)
+        assert [(job["id"], job["submitted_by"]) for job in registry.jobs()] == [("q", None), ("r", "key alice")]
+        assert registry.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_a_registry_that_cannot_be_written_costs_one_warning_line_and_never_the_run(tmp_path, capfd):
