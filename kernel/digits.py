@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .spec import SpecError, TrainingSpec
 
 DEFAULTS = {"lr": 1e-3, "batch_size": 32, "hidden": 128, "validation_fraction": 0.2, "model": "mlp"}
+EPOCHS = 10  # unless `epochs` is given (a flag like the others; recorded only when given, as --epochs is)
 # What each hyperparameter must be: a test of the value, said in words, and a value that would do.
 _RULES = {
     "lr": (lambda v: _number(v) and 0 < v < math.inf, "a positive number", "0.001"),
@@ -20,6 +21,7 @@ _RULES = {
     "hidden": (lambda v: _whole(v) and v >= 1, "a whole number of at least 1", "128"),
     "validation_fraction": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1", "0.2"),
     "model": (lambda v: v in ("mlp", "cnn"), "mlp or cnn", "cnn"),
+    "epochs": (lambda v: _whole(v) and v >= 1, "a whole number of at least 1", "10"),
 }
 
 
@@ -33,9 +35,13 @@ def _whole(value) -> bool:
 
 def checked(hyperparameters: dict) -> dict:
     """The demo's hyperparameters over its defaults; SpecError naming the first bad one and a value that works."""
+    unknown = sorted(set(hyperparameters) - set(_RULES))
+    if unknown:  # a typo (lrr=0.1) would otherwise train with the default and say nothing
+        raise SpecError(f"the demo has no hyperparameter {unknown[0]!r}; it takes {', '.join(_RULES)} "
+                        f"(e.g. --set lr=0.01)")
     hp = {**DEFAULTS, **hyperparameters}
     for name, (ok, what, example) in _RULES.items():
-        if not ok(hp[name]):
+        if name in hp and not ok(hp[name]):
             raise SpecError(f"the demo's {name} must be {what}, got {hp[name]!r} (e.g. --set {name}={example})")
     return hp
 
@@ -81,7 +87,7 @@ def build(hyperparameters: dict) -> TrainingSpec:
         loss_fn=nn.functional.cross_entropy,
         train_loader=train,
         validation_loader=val,
-        epochs=10,
+        epochs=hp.get("epochs", EPOCHS),
         metrics={"accuracy": accuracy},
         hyperparameters=hp,
     )

@@ -145,6 +145,9 @@ DEMO_BAD_SET = {
     "hidden=-5": "the demo's hidden must be a whole number of at least 1, got -5 (e.g. --set hidden=128)",
     "batch_size=0": "the demo's batch_size must be a whole number of at least 1, got 0 (e.g. --set batch_size=32)",
     "model=cnn2": "the demo's model must be mlp or cnn, got 'cnn2' (e.g. --set model=cnn)",
+    "epochs=0": "the demo's epochs must be a whole number of at least 1, got 0 (e.g. --set epochs=10)",
+    "lrr=0.1": "the demo has no hyperparameter 'lrr'; it takes lr, batch_size, hidden, validation_fraction, model, "
+               "epochs (e.g. --set lr=0.01)",
 }
 
 
