@@ -108,11 +108,12 @@ class Checkpointer:
 
     def numbered(self, seq: int, data: dict[str, Any]) -> None:
         """A save_checkpoint event got its seq."""
-        old = self._slot_seq.get(data["slot"])
-        self._settled.pop(old, None)
         self._slot_seq[data["slot"]] = seq
         self._settled[seq] = set()
         self._recent.append(seq)
+        held = set(self._slot_seq.values())  # what a slot no longer holds needs no verdicts: one entry a slot
+        for stale in [s for s in self._settled if s not in held]:
+            del self._settled[stale]
 
     def settle(self, peer, msg: dict[str, Any], published_seq: int) -> bool:
         """A persister's checkpoint_saved/failed: only for a save_checkpoint it was sent, only for a path
@@ -127,7 +128,9 @@ class Checkpointer:
         if msg["type"] == "checkpoint_saved" and not self._inside(msg["path"]):
             raise Refused("settle_path", f"{peer.name}: checkpoint_saved names {msg['path']!r}, outside "
                                          f"{', '.join(map(str, self.directories))}")
-        self._settled.setdefault(seq, set()).add(peer.name)
+        settled = self._settled.get(seq)
+        if settled is not None:  # else its slot holds a newer snapshot already: the verdict frees nothing
+            settled.add(peer.name)
         return True
 
     def slot_free(self, slot: int) -> bool:

@@ -86,6 +86,28 @@ def test_a_checkpoint_without_a_persister_is_skipped_saying_why(tmp_path, starti
         assert skipped == [(1, "no checkpoint plugin is attached (add --plugins checkpoint)")]
 
 
+def test_the_checkpointer_keeps_verdicts_only_for_what_its_slots_hold(tmp_path):
+    """A multi-day run takes a snapshot every few minutes: what the checkpointer remembers per save_checkpoint
+    stays one entry a slot (it grew by one for every snapshot), and a late verdict for a reused slot's old
+    snapshot frees nothing."""
+    buffers = SnapshotBuffers("loop-test", [tmp_path])
+    checkpointer = Checkpointer(buffers, OnePersister(), every_n_epochs=0, every_n_steps=0, directories=[tmp_path])
+    state = {"w": torch.zeros(4)}
+    try:
+        for seq in range(1, 201):
+            snapshot = checkpointer.take(state)
+            assert snapshot is not None, f"snapshot {seq}: both buffers busy, though every one was persisted"
+            checkpointer.numbered(seq, {"slot": snapshot.slot})
+            checkpointer.settle(OnePersister._Peer(), {"type": "checkpoint_failed", "seq": seq}, seq)
+            assert len(checkpointer._settled) <= 2, checkpointer._settled
+        held = set(checkpointer._slot_seq.values())
+        assert 200 in held and set(checkpointer._settled) == held
+        checkpointer.settle(OnePersister._Peer(), {"type": "checkpoint_failed", "seq": 199}, 200)  # late, resent
+        assert set(checkpointer._settled) == held, "a verdict for a snapshot no slot holds is remembered"
+    finally:
+        checkpointer.close()
+
+
 def test_a_run_publishes_exactly_the_lifecycle_in_order():
     bus = RecordingBus()
     outcome = Loop(tiny({}), bus, torch.device("cpu")).run()
