@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import sys
 import sysconfig
@@ -144,7 +145,18 @@ def build_with_flags(target: str, hyperparameters: dict[str, Any]) -> tuple[Trai
     if not isinstance(spec, TrainingSpec):
         raise SpecError(f"{target} returned {type(spec).__name__}; it must return trainbus.kernel.TrainingSpec")
     spec.check()
+    if not signature.takes_dict:  # build(lr=..., epochs=...) seldom restates its flags: they are what it trained with
+        spec.hyperparameters = {**{name: _plain(value) for name, value in arguments.items()}, **spec.hyperparameters}
     return spec, arguments
+
+
+def _plain(value: Any) -> Any:
+    """A flag's value as events and checkpoints carry it: itself when JSON can say it, else its text."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
 
 
 # Where frames are not the user's: the standard library, installed packages, this kernel.

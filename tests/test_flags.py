@@ -244,6 +244,24 @@ def test_the_resolved_flags_are_in_config_json_and_a_continued_run_gets_them_aga
     assert tiny_config["flags"] == {"lr": 0.3, "note": "dict"}  # what the dict function was given
 
 
+def test_plugins_and_checkpoints_see_the_flags_as_hyperparameters(flag_runs):
+    """A build(lr=..., shuffle=...) that names only some hyperparameters in its spec: start_training_session and
+    end_epoch (what metrics_log, TensorBoard's hparams and a checkpoint record) carry every flag, and what the
+    spec said wins over a flag of the same name."""
+    from trainbus.kernel.journal import read_events
+    from trainbus.proto import JOURNAL_NAME
+
+    runs_dir, (first, second, tiny), _, _ = flag_runs
+    events = list(read_events(runs_dir / second / JOURNAL_NAME))
+    for type_ in ("start_training_session", "end_epoch"):
+        hyperparameters = next(e.data["hyperparameters"] for e in events if e.type == type_)
+        assert hyperparameters == {"lr": 0.2, "epochs": 2, "width": 5, "shuffle": False, "tag": None, "env_out": "",
+                                   "derived": 15}, (type_, hyperparameters)
+    tiny_session = next(e.data for e in read_events(runs_dir / tiny / JOURNAL_NAME)
+                        if e.type == "start_training_session")
+    assert "note" not in tiny_session["hyperparameters"], "a dict function's spec says what its hyperparameters are"
+
+
 def test_runs_list_and_compare_show_the_flags(flag_runs):
     runs_dir, (first, second, tiny), _, _ = flag_runs
     r = trainbus("runs", "list", "--runs-dir", str(runs_dir))
