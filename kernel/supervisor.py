@@ -206,6 +206,8 @@ class Supervisor:
         while procs and time.monotonic() < end and not abort():
             procs = [p for p in procs if p.poll() is None]
             time.sleep(0.02)
+        # Still running at the deadline: it did not finish with the run (a second Ctrl-C's cut is the user's).
+        overdue = {id(p) for p in procs} if not abort() else set()
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for p in procs:
                 self.processes.signal(p, sig)
@@ -215,9 +217,23 @@ class Supervisor:
                 time.sleep(0.02)
         for child in list(self.children.values()):
             if child.proc:
-                child.proc.wait()  # reap, so no zombie outlives the run
-                if child.state not in ("failed",):
+                code = child.proc.wait()  # reap, so no zombie outlives the run
+                if child.state == "backoff":  # crashed while the run drained, counted then: no restart now
                     child.state = "exited"
+                elif child.state not in ("failed", "exited"):
+                    self._ended_at_shutdown(child, code, f"still running {deadline_s:.0f} s after the run's end"
+                                            if id(child.proc) in overdue else "")
+
+    def _ended_at_shutdown(self, child: Child, code: int, overdue: str) -> None:
+        """A plugin's exit once the run is over: gone for good, and a crash or a stall there is still trouble
+        the run's summary names (a logger that died writing its last lines lost them)."""
+        if child.state == "exited":  # the bus thread's check saw this exit first
+            return
+        child.state = "exited"
+        if overdue:
+            child.crashes.append(f"{overdue} ({_cause(code)})")
+        elif code != 0 and not child.leaving:
+            child.crashes.append(f"{_cause(code)} at the run's end")
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {
@@ -302,9 +318,9 @@ class Supervisor:
             self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
             return
         if self.stopping:
-            child.state = "exited"
+            self._ended_at_shutdown(child, code, "")
             return
-        cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        cause = _cause(code)
         if not hung:
             child.crashes.append(cause)
         self.emit(ev.PLUGIN_CRASHED, {"plugin": name, "exit_code": code, "cause": cause, "hung": hung})
@@ -326,6 +342,16 @@ class Supervisor:
         child.state = "backoff"
         child.next_start_at = now + child.backoff_s
         child.backoff_s = min(child.backoff_s * 2, INTERVAL_MAX_S)
+
+
+def _cause(code: int) -> str:
+    """A process's exit status in words: `exit code 3`, `signal SIGKILL`."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
 
 
 def _lower_priority(pid: int) -> None:

@@ -84,6 +84,20 @@ class ExitAtStart(Plugin):
         sys.exit(3)
 
 
+class DiesAtTheEnd(Plugin):
+    """Exits with code 4 in its last handler, as a logger that fails writing its final lines would."""
+
+    def on_end_training_session(self, event):
+        os._exit(4)
+
+
+class HangsAtTheEnd(Plugin):
+    """Never returns from its last handler."""
+
+    def on_end_training_session(self, event):
+        time.sleep(3600)
+
+
 class SelfKill(Plugin):
     """SIGKILLs itself at a given step (mid-epoch)."""
 

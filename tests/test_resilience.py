@@ -24,7 +24,8 @@ from trainbus.kernel.bus import Bus
 from trainbus.kernel.config import PluginConfig
 from trainbus.kernel.journal import read_events
 from trainbus.proto import JOURNAL_NAME
-from trainbus.kernel.session import FINAL_WEIGHTS, run_training
+from trainbus.kernel.runs import run_overview
+from trainbus.kernel.session import FINAL_WEIGHTS, PLUGIN_EXIT_TIMEOUT_S, run_training
 from trainbus.kernel.supervisor import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S, MAX_RESTARTS
 
 import fixture_plugins
@@ -289,6 +290,25 @@ def test_best_effort_plugin_exiting_at_start_is_failed_while_training_goes_on(tm
     events = read_events(result.run_dir)
     check_backoff_then_failed(events, "exiter")
     assert of(events, "plugin_failed")[0].seq < of(events, "end_training_session")[0].seq
+
+
+def test_a_plugin_that_dies_or_hangs_as_the_run_ends_is_named_in_its_summary(tmp_path):
+    """Past the run's last event the supervisor restarts nothing, but a plugin that crashed in its last handler
+    (its final lines lost) or was still running when plugins' exit time ran out is trouble all the same: the
+    summary and `runs list` name it, and the run itself completed."""
+    cfg = run_config(tmp_path / "runs", [plugin("dier", "DiesAtTheEnd"), plugin("hanger", "HangsAtTheEnd"),
+                                         plugin("fine", "Lifecycle", path=str(tmp_path / "fine"))], epochs=1)
+    result = run_training(cfg)
+    assert result.status == "completed", result.error
+    # crashed while the kernel drained (a crash like any) or once it was closing: once, either way
+    assert result.plugins["dier"]["crashes"] in (["exit code 4"], ["exit code 4 at the run's end"]), result.plugins
+    assert len(result.plugins["hanger"]["crashes"]) == 1, result.plugins
+    assert result.plugins["hanger"]["crashes"][0].startswith(f"still running {PLUGIN_EXIT_TIMEOUT_S:.0f} s after "
+                                                             f"the run's end ("), result.plugins
+    assert result.plugins["fine"]["crashes"] == [], result.plugins
+    trouble = run_overview(Path(result.run_dir))["plugin_trouble"]
+    assert trouble[0].startswith("dier crashed (exit code 4") and trouble[1].startswith(
+        "hanger crashed (still running"), trouble
 
 
 # -- 4. slow plugins never slow the kernel --------------------------------------------------------------
