@@ -87,6 +87,7 @@ class Child:
     restart_times: deque = field(default_factory=deque)
     kill_at: float = 0.0
     leaving: bool = False  # said bye: an exit is on purpose
+    overdue: str = ""  # still running when the run's plugins were out of time to exit: why it was stopped
     greeted: bool = False  # some process of it said hello: the kernel knows what it can do (its capabilities)
     restarts: int = 0
     crashes: list = field(default_factory=list)  # human-readable reasons, for the run summary
@@ -206,8 +207,10 @@ class Supervisor:
         while procs and time.monotonic() < end and not abort():
             procs = [p for p in procs if p.poll() is None]
             time.sleep(0.02)
-        # Still running at the deadline: it did not finish with the run (a second Ctrl-C's cut is the user's).
-        overdue = {id(p) for p in procs} if not abort() else set()
+        if not abort():  # still running at the deadline: it did not finish with the run (a second Ctrl-C is the user's)
+            for child in list(self.children.values()):
+                if child.proc is not None and any(child.proc is p for p in procs):
+                    child.overdue = f"still running {deadline_s:.0f} s after the run's end"
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for p in procs:
                 self.processes.signal(p, sig)
@@ -221,19 +224,23 @@ class Supervisor:
                 if child.state == "backoff":  # crashed while the run drained, counted then: no restart now
                     child.state = "exited"
                 elif child.state not in ("failed", "exited"):
-                    self._ended_at_shutdown(child, code, f"still running {deadline_s:.0f} s after the run's end"
-                                            if id(child.proc) in overdue else "")
+                    self._ended_at_shutdown(child, code)
 
-    def _ended_at_shutdown(self, child: Child, code: int, overdue: str) -> None:
-        """A plugin's exit once the run is over: gone for good, and a crash or a stall there is still trouble
-        the run's summary names (a logger that died writing its last lines lost them)."""
-        if child.state == "exited":  # the bus thread's check saw this exit first
+    def _ended_at_shutdown(self, child: Child, code: int) -> None:
+        """A plugin's exit once the run is over (whichever thread saw it first): gone for good, never restarted,
+        and a crash or a stall there is still trouble the summary names (a logger that died writing its last
+        lines lost them): plugin_crashed, else plugin_exited."""
+        if child.state == "exited":  # the other thread saw this exit first
             return
         child.state = "exited"
-        if overdue:
-            child.crashes.append(f"{overdue} ({_cause(code)})")
-        elif code != 0 and not child.leaving:
-            child.crashes.append(f"{_cause(code)} at the run's end")
+        name = child.spec.name
+        if child.overdue or (code != 0 and not child.leaving):
+            cause = f"{child.overdue} ({_cause(code)})" if child.overdue else f"{_cause(code)} at the run's end"
+            child.crashes.append(cause)
+            self.emit(ev.PLUGIN_CRASHED, {"plugin": name, "exit_code": code, "cause": cause,
+                                          "hung": bool(child.overdue)})
+        else:
+            self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {
@@ -312,13 +319,13 @@ class Supervisor:
             self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
             child.on_detached(code)
             return
+        if self.stopping:
+            self._ended_at_shutdown(child, code)
+            return
         hung = child.state == "terminating"
         if (code == 0 or child.leaving) and not hung:
             child.state = "exited"
             self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
-            return
-        if self.stopping:
-            self._ended_at_shutdown(child, code, "")
             return
         cause = _cause(code)
         if not hung:

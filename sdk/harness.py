@@ -49,6 +49,9 @@ class Harness:
                       epoch=self.epoch, data=data)
         if self.plugin.delivery == DURABLE or "" in self.subscribed or type_ in self.subscribed:
             self.plugin.handle(event)
+        return self._take_replies()
+
+    def _take_replies(self) -> list[dict[str, Any]]:
         new = [check_control(m) for m in self.plugin.outbox]
         self.plugin.outbox.clear()
         self.replies.extend(new)
@@ -57,5 +60,7 @@ class Harness:
     def replies_of(self, type_: str) -> list[dict[str, Any]]:
         return [r for r in self.replies if r["type"] == type_]
 
-    def close(self) -> None:
+    def close(self) -> list[dict[str, Any]]:
+        """Tear the plugin down; return what its teardown sent (a last metric or log line), as the kernel gets it."""
         self.plugin.teardown()
+        return self._take_replies()

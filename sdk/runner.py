@@ -591,14 +591,15 @@ class Runner:
                 self.plugin.teardown()
             except Exception:
                 _say(traceback.format_exc().rstrip())
+            self._send_replies()  # a last log line or metric of teardown's goes with the last ack
         self._maybe_ack(force=True)
         stats = f"received {self.io.received}, processed {self.processed}, gaps {self.gaps}, " \
                 f"failures {self.failures}, dead letters {self.dead_letters}, dropped {self.io.dropped}, " \
                 f"malformed {self.io.malformed}"
         if self.io.refused and not self._set_up:  # turned down at hello: the kernel is there, and said why
             _say(f"[{self.plugin.name}] {refused_hello(self.plugin.name, self.io.refused)}")
-        elif gone:
-            _say(f"[{self.plugin.name}] kernel gone ({gone}); exiting. {stats}")
+        elif gone:  # the kernel lost, or (a SIGTERM from a live kernel, our I/O thread failing) ended on this side
+            _say(f"[{self.plugin.name}] {f'kernel gone ({gone})' if self.io.lost_kernel else gone}; exiting. {stats}")
         else:
             if self.gaps and not self.durable:
                 self.io.send(control("log", level="warning", text=f"missed {self.gaps} events (best-effort gaps)"))

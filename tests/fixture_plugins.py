@@ -98,6 +98,14 @@ class HangsAtTheEnd(Plugin):
         time.sleep(3600)
 
 
+class SaysGoodbye(Plugin):
+    """Reports a last metric and a log line from its teardown, as a plugin summing up a run would."""
+
+    def teardown(self):
+        self.metric("goodbye/events", 42.0)
+        self.log("goodbye from teardown")
+
+
 class SelfKill(Plugin):
     """SIGKILLs itself at a given step (mid-epoch)."""
 

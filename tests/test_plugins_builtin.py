@@ -189,6 +189,18 @@ def test_metrics_log_fsyncs_an_epoch_at_most_once_a_second_and_at_the_end(tmp_pa
     assert len(synced) == 3
 
 
+def test_the_harness_returns_what_a_teardown_says():
+    """As the SDK sends a teardown's last metric and log line to the kernel, Harness.close returns them."""
+    from fixture_plugins import SaysGoodbye
+
+    h = Harness(SaysGoodbye())
+    assert h.feed("end_epoch", epoch=1) == []
+    said = h.close()
+    assert [(r["type"], r.get("name"), r.get("text")) for r in said] == [
+        ("metric", "goodbye/events", None), ("log", None, "goodbye from teardown")]
+    assert h.replies[-2:] == said
+
+
 def test_metrics_log_session_end_record(tmp_path):
     h = Harness(MetricsLogPlugin(run_dir=str(tmp_path)))
     feed_run(h, [0.5], stop_reasons=["early_stopping: stop: patience"])
