@@ -28,14 +28,12 @@ from .tensors import materialize_tensors
 
 log = logging.getLogger("trainbus.kernel")
 
-# Per-batch events wait at most this long before they go out as one burst; every other event wakes the
-# bus at once. Each wake-up costs training the GIL and every plugin a wake of its own (~35 us a message on
-# a busy 2-core box, DESIGN.md); 100 ms bursts cost the tiny MLP ~2 points less than 20 ms (docs/benchmarks.md).
+# Events wait at most this long before they go out as one burst. Each burst costs training the GIL and every
+# plugin a wake-up of each of its threads (~100-200 us of a core on a busy 2-core box; docs/benchmarks.md): 100 ms
+# bursts cost the tiny MLP ~2 points less than 20 ms. Events that are not per-batch used to go out within 5 ms, so
+# a small model's epoch boundaries (5-20 a second) woke every plugin again and again; they ride the bursts now.
+# What someone waits on goes at once: the training thread's flush_now (a vote at end_epoch, the run's end).
 FLUSH_INTERVAL_S = 0.1
-# Every other event goes out within this, with whatever else the moment brings: an epoch's boundary (end of the
-# training loop, start of validation; its end, end_epoch, the next start_epoch) was one message, one wake-up of every
-# plugin's two threads, per event; on a small CNN's 0.2 s epochs that was most of what plugins cost (docs/benchmarks.md).
-COALESCE_S = 0.005
 # The loop's per-step events carry only numbers it made (batch index and size, losses, counts): their bytes
 # need no decode to prove a peer can read them. 2 us of the bus thread's GIL an event, each step twice.
 STEP_EVENTS = frozenset({ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH})
@@ -78,7 +76,6 @@ class Bus:
         # What a `snapshot` answers (trainbus attach): every numbered event folded in, here on the bus thread.
         self.run_state = RunState(run_id, journal.last_seq)
         self._closing = threading.Event()
-        self._urgent = False  # a kernel event was emitted: flush within COALESCE_S, not with the next burst
         self._packer = new_packer()  # the bus thread's own: it encodes every event
         self.idle = threading.Condition()  # notified after every round of the bus thread
 
@@ -112,19 +109,14 @@ class Bus:
         self._thread.start()
 
     def publish(self, type_: str, step: int, epoch: int, data: dict[str, Any]) -> None:
-        """Queue an event; never blocks. Tensor values are read to floats later, in the bus thread."""
+        """Queue an event; never blocks. Tensor values are read to floats later, in the bus thread; it goes out
+        with the next burst (FLUSH_INTERVAL_S), or at once with flush_now."""
         self._queue.append((type_, time.time(), step, epoch, data))
-        if type_ not in ev.BATCH_EVENTS:
-            try:
-                self._wake_tx.send(b"", zmq.NOBLOCK)
-            except zmq.Again:  # a ring is already pending: the bus is waking anyway
-                pass
 
     def emit(self, type_: str, data: dict[str, Any]) -> None:
         """A kernel event, numbered in order with the loop's events (called from the bus thread). Its step and
         epoch are filled in as it is numbered: per-batch events queued before it (not yet flushed) come first."""
         self._queue.append((type_, time.time(), None, None, data))
-        self._urgent = True
 
     def reply(self, type_: str, plugin: str, reason: str) -> None:
         """A stop or checkpoint_now for the loop's next step boundary."""
@@ -148,6 +140,12 @@ class Bus:
         return True
 
     def flush_now(self, timeout_s: float = 5.0) -> None:
+        """Send what is queued now, not with the next burst, and wait until it is out (the training thread's)."""
+        if self._queue:
+            try:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.Again:  # a ring is already pending: the bus is waking anyway
+                pass
         self.wait(lambda: not self._queue, timeout_s)
 
     def await_votes(self, type_: str, timeout_s: float) -> list[str]:
@@ -194,13 +192,11 @@ class Bus:
         next_heartbeat, next_flush, more = 0.0, 0.0, False
         while not self._closing.is_set():
             try:
-                if self._urgent:  # emitted by the last round's tick or control: out within COALESCE_S
-                    next_flush = self._soon(next_flush)
                 due = min(next_heartbeat, self.supervisor.next_deadline(), next_flush)
                 ready = dict(poller.poll(0 if more else max(0.0, due - time.monotonic()) * 1000))
-                if self._wake_rx in ready:  # the loop published an event that is not per-batch
+                if self._wake_rx in ready:  # the training thread waits on what is queued (flush_now)
                     _drain(self._wake_rx)
-                    next_flush = self._soon(next_flush)
+                    next_flush = 0.0
                 control_ready = self.router in ready or (self.remote is not None and self.remote.router in ready)
                 more = (more or control_ready) and self._read_control(CONTROL_PER_WAKE)
                 now = time.monotonic()
@@ -209,10 +205,8 @@ class Bus:
                     interval = STARTUP_HEARTBEAT_INTERVAL_S if self.fast_heartbeats else self.heartbeat_interval_s
                     next_heartbeat = now + interval
                     self.control.peers.forget_dead(now)
-                # Control traffic alone does not flush: per-batch events keep their bursts however often a peer
-                # talks (a flood of heartbeats or replay requests flushed, and woke every plugin, per message).
-                if self._urgent:
-                    next_flush = self._soon(next_flush)
+                # Control traffic alone does not flush: events keep their bursts however often a peer talks (a
+                # flood of heartbeats or replay requests flushed, and woke every plugin, per message).
                 if now >= next_flush:
                     self._flush()
                     next_flush = now + FLUSH_INTERVAL_S
@@ -227,11 +221,6 @@ class Bus:
                 self.idle.notify_all()
         self._read_control(CONTROL_PER_WAKE)
         self._flush()
-
-    def _soon(self, next_flush: float) -> float:
-        """The flush time once an event that is not per-batch waits: within COALESCE_S."""
-        self._urgent = False
-        return min(next_flush, time.monotonic() + COALESCE_S)
 
     def _heartbeat(self) -> None:
         if not self._unpublished:
