@@ -193,7 +193,11 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {
         "id": run_dir.name, "dir": str(run_dir), "status": None, "detail": None, "pid": None,
         "target": config.get("target"), "started_at": _iso(started), "started_ts": started, "duration_s": None,
-        "epochs_completed": None, "epochs": starts[-1].data.get("epochs") if starts else config.get("epochs"),
+        # planned: config.json's, rewritten by each session (a continued run's --epochs 20 extends it); the head
+        # of the journal holds only the first sessions' starts
+        "epochs_completed": None,
+        "epochs": config["epochs"] if config.get("epochs") is not None else (
+            starts[-1].data.get("epochs") if starts else None),
         "steps": None, "training_loss": None, "validation_loss": None, "validation_metrics": {},
         "stop_reasons": [], "error": None, "plugin_trouble": [], "last_event": None,
         "flags": config.get("flags") or {}, "ended_ts": None, "last_seq": None, "best": None,

@@ -246,6 +246,17 @@ def test_list_reads_only_the_tail_of_a_long_journal(tmp_path, monkeypatch):
     assert last_event_of(journal, "end_epoch").epoch == 1
 
 
+def test_a_continued_run_lists_the_epochs_its_last_session_planned(tmp_path):
+    """`run --resume RUN --epochs 8` extends a run: its config.json says 8, while the journal's head (all that
+    list reads of its start) holds only the first session's start_training_session (epochs 5)."""
+    run_dir = tmp_path / "runs" / "continued"
+    run_dir.mkdir(parents=True)
+    _write_long_journal(run_dir / JOURNAL_NAME, batches_before=20_000, batches_after=10)
+    (run_dir / "config.json").write_text(json.dumps({"target": "big.py:build", "epochs": 8}))
+    (run,) = list_runs(tmp_path / "runs")
+    assert run["epochs"] == 8, run["epochs"]
+
+
 def test_a_stop_mid_epoch_leaves_that_epoch_out_of_the_best(tmp_path, monkeypatch):
     """A partial epoch's validation follows fewer batches: never the run's best, in runs show as in summary.json."""
     monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))  # the plugin process imports tests/fixture_plugins.py
