@@ -20,7 +20,7 @@ from trainbus.proto.settings_format import METRIC, typed_word
 
 from .config import (ConfigError, apply_set, check_runs_dir, config_of_run, launch_of_run, load_config,
                      plugin_name_clashes, registered_plugins, resolve_plugin)
-from .checkpointing import CheckpointError
+from .checkpointing import CheckpointError, find_checkpoint
 from .spec import SpecError, UserCodeError
 
 __version__ = "0.1.0"
@@ -154,6 +154,9 @@ def run(
         raise UserError("--gpus places a queued run: add --detach (a run started here uses the GPUs "
                         "CUDA_VISIBLE_DEVICES shows it)")
     if detach:
+        _check_target(cfg)
+        if cfg.resume:  # what the queued run would look for first: a verified checkpoint to start from
+            find_checkpoint(cfg.resume, cfg.runs_dir)
         _submit(cfg, continuing, gpus)
         return
     launch = {"nproc": nproc, "nnodes": nnodes, "max_restarts": max_restarts, "rdzv_endpoint": rdzv_endpoint}
@@ -285,6 +288,16 @@ def _apply_flags(cfg, flag_words: list[str], help_flags: bool) -> None:
     cfg.hyperparameters.update(parse_words(signature, flag_words, cfg.target))
 
 
+def _check_target(cfg) -> None:
+    """For a queued run, what it would fail on first, said now: its target imports and takes these flags. Its
+    function is not called here (building the model and data is the run's); a dict-taking target's values are
+    checked by that function, when the run starts."""
+    from .flags import resolve, signature_of
+    from .spec import load_target
+
+    resolve(signature_of(load_target(cfg.target)), dict(cfg.hyperparameters), cfg.target)
+
+
 def _check_epochs_given_once(epochs: int | None, words: list[str], hyperparameters: dict) -> None:
     """UserError for `epochs=N` (a flag word or --set) and a different `--epochs M` on one command line: the spec
     function would be called with N and --epochs would override the epochs it sets, so the run would train M
@@ -301,6 +314,9 @@ def _check_resumable(run_dir: Path, epochs: int | None) -> None:
     from .runs import run_overview
 
     run = run_overview(run_dir)
+    if run["status"] == "running" and not _under_a_launcher():  # a rank of --nproc sees rank 0's kernel: its own run
+        raise UserError(f"run {run_dir.name} is still going" + (f" (kernel pid {run['pid']})" if run.get("pid") else "")
+                        + f": wait for it to end, or stop it with `trainbus runs stop {run_dir.name}`")
     done = run.get("epochs_completed") or 0
     if run["status"] == "completed" and (epochs is None or epochs <= done):
         raise UserError(f"run {run_dir.name} has completed ({done} epochs); nothing to resume (to train it longer: "

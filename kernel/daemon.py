@@ -40,6 +40,7 @@ import msgpack
 import zmq
 
 from trainbus.proto import ProtocolError, unpack
+from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
 
 from .credentials import SUN_PATH_MAX
 from .registry import JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, record_run
@@ -274,8 +275,10 @@ class Daemon:
             status = run_overview(run_dir, now)["status"]
             detail = f"run {status}" + (f", exit code {code}" if code >= 0 else "")
             if status == "died":
-                log.warning("%s: the kernel died (no summary); `trainbus runs resume %s` continues it",
-                            watched.job_id, watched.job_id)
+                log.warning("%s: the kernel died (no summary); %s", watched.job_id,
+                            f"`trainbus runs resume {watched.job_id}` continues it from its newest checkpoint"
+                            if (run_dir / CHECKPOINT_DIR / MANIFEST).is_file() else
+                            "it had no checkpoint yet: submit it again to train it")
         else:
             detail = f"ended before its run had a directory (exit code {code}): {self._output_tail(watched.job_id)}"
             self._record_unstarted(registry, watched.job_id, "failed", detail, now)

@@ -619,6 +619,24 @@ def test_a_completed_run_is_resumed_only_to_train_it_longer(tmp_path):
     assert [e.epoch for e in of(read_events(run_dir), "end_epoch")] == [1, 2, 3]
 
 
+def test_resuming_a_run_still_going_or_one_without_checkpoints_is_refused_saying_which(tmp_path):
+    """A live run (no checkpoint yet): `--resume` says it is still going and how to stop it, not that it has no
+    checkpoints. Once it has ended with none, `--resume --detach` says so now instead of queueing a run that
+    would fail."""
+    runs = tmp_path / "runs"
+    kernel = KernelProcess(config(runs, [], 2, target=PACED, step_sleep_s=0.05), tmp_path)
+    try:
+        kernel.wait_step(2, timeout_s=120)
+        proc = run_cli(tmp_path, "--resume", kernel.run_id, "--runs-dir", str(runs))
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: run {kernel.run_id} is still going"), proc.stderr
+        assert f"trainbus runs stop {kernel.run_id}" in proc.stderr
+    finally:
+        kernel.kill()
+    proc = run_cli(tmp_path, "--resume", kernel.run_id, "--runs-dir", str(runs), "--detach")
+    assert proc.returncode == 2 and "that run has no checkpoints" in proc.stderr, proc.stderr
+    assert proc.stdout == "" and not (runs / ".daemon").exists(), "a run was queued"
+
+
 class Tripwire:
     """Touches a file when unpickled: if a resume ever ran code from a checkpoint, the file would exist."""
 

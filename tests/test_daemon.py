@@ -254,6 +254,24 @@ def test_a_run_asking_for_more_gpus_than_the_daemon_has_fails_with_the_reason_li
     assert deleted.strip() == f"deleted run {run_id} (it never had a directory)"
 
 
+@pytest.mark.parametrize("target, flag, expected", [
+    ("nosuchmod:build", None, "cannot import module 'nosuchmod'"),
+    ("nosuch.py:build", None, "target file nosuch.py does not exist"),
+    ("trainbus.kernel.digits:nosuch", None, "has no attribute 'nosuch'"),
+    ("train.py:build", "width=5", "width"),
+])
+def test_run_detach_refuses_what_the_run_would_refuse_and_queues_nothing(tmp_path, target, flag, expected):
+    """docs/daemon.md: `run --detach` checks what `trainbus run` checks before anything starts: a target that does
+    not import, and a flag it does not take, are one error line now, not a queued run that fails later."""
+    (tmp_path / "train.py").write_text("def build(lr: float = 0.1):\n    raise SystemExit('never called')\n")
+    runs = tmp_path / "runs"
+    target = str(tmp_path / target) if target.startswith("train.py") else target
+    done = cli("run", target, *([flag] if flag else []), "--detach", "--runs-dir", str(runs), check=False)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and expected in done.stderr, done.stderr
+    assert done.stdout == "", done.stdout
+    assert not runs.exists() or list_runs(runs) == [], "a run was queued"
+
+
 def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path):
     """No daemon is needed: the keys are read before anything is sent."""
     from trainbus.kernel.keys import KeyStore
