@@ -204,7 +204,10 @@ class Bus:
                     self._heartbeat()
                     interval = STARTUP_HEARTBEAT_INTERVAL_S if self.fast_heartbeats else self.heartbeat_interval_s
                     next_heartbeat = now + interval
-                    self.control.peers.forget_dead(now)
+                    for peer in self.control.peers.forget_dead(now):  # attached by hand, gone without a bye
+                        self.emit(ev.PLUGIN_HUNG, {"plugin": peer.name, "pid": peer.pid, "reason": (
+                            f"silent for {now - peer.last_seen:.0f} s without a bye (attached, not ours to "
+                            f"stop): forgotten; a new hello under its name is welcome")})
                 # Control traffic alone does not flush: events keep their bursts however often a peer talks (a
                 # flood of heartbeats or replay requests flushed, and woke every plugin, per message).
                 if now >= next_flush:

@@ -214,11 +214,16 @@ class Peers:
         """Spawned plugins that have not said hello yet: what they can do (persist checkpoints) is not known."""
         return self.supervisor.starting()
 
-    def forget_dead(self, now: float) -> None:
-        """Drop connections that are gone; their names keep their ack positions."""
+    def forget_dead(self, now: float) -> list[Peer]:
+        """Drop connections that are gone; their names keep their ack positions. Returns the peers attached by hand
+        that went silent without a bye (killed, unplugged): no process of ours tells their end, so the caller does."""
+        silent = []
         for identity, peer in list(self._by_identity.items()):
             if not self.is_live(peer, now) and (peer.spawned or now - peer.last_seen > 2 * self.liveness_s):
                 del self._by_identity[identity]
+                if not peer.spawned and self._by_name.get(peer.name) is peer:  # not since replaced by a new hello
+                    silent.append(peer)
+        return silent
 
     def left(self, peer: Peer) -> None:
         """A peer attached by hand said bye: its connection is done, and its name free for a new hello at once

@@ -266,6 +266,31 @@ def test_attach_to_an_ended_run_says_so_at_once(runs_dir, tmp_path, kernels):
     assert proc.returncode == 0 and "has ended (completed)" in proc.stderr, proc.stderr
 
 
+def test_an_attached_client_killed_without_a_bye_is_said_gone_not_left_running(runs_dir, tmp_path, kernels):
+    """attach killed with SIGKILL (no bye): after twice the liveness window of silence the kernel forgets it and
+    journals plugin_hung under its name, so the dashboard, `runs show` and the run's plugin table do not show a
+    vanished client as running. The run goes on."""
+    gate = tmp_path / "gate"
+    open_gate(gate, 2)
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=2, batch_s=0.0, monitors=False, gate=gate)
+    kernel.wait_step(2, timeout_s=120)
+    client = subprocess.Popen(attach_cmd(kernel, "--json"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ready = kernel.wait_event("plugin_ready", lambda e: e.data["plugin"].startswith("attach-"), timeout_s=60)
+    finally:
+        client.kill()
+        client.wait()
+    name = ready.data["plugin"]
+    hung = kernel.wait_event("plugin_hung", lambda e: e.data["plugin"] == name, timeout_s=60, after_seq=ready.seq)
+    assert "without a bye" in hung.data["reason"], hung.data
+    state = RunState()
+    for event in kernel.journal.poll():
+        state.fold(event)
+    assert state.plugins[name]["state"] == "hung", state.plugins[name]
+    open_gate(gate, 10**6)
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+
+
 def test_stop_from_attach_is_journaled_with_who_sent_it(runs_dir, tmp_path, kernels):
     kernel = live_run(runs_dir, tmp_path, kernels, epochs=3, batch_s=0.05)
     kernel.wait_step(3, timeout_s=60)

@@ -234,12 +234,12 @@ def test_forget_dead_drops_gone_connections_and_keeps_their_positions(table):
     attached = peers.welcome(b"h", hello("by_hand", 9, attach), T0)
     peers.ack(spawned, 5, published_seq=10)
     peers.ack(attached, 4, published_seq=10)
-    peers.forget_dead(T0 + LIVENESS_S + 1)  # attached: silent but not yet twice the window; spawned: current
+    assert peers.forget_dead(T0 + LIVENESS_S + 1) == []  # attached: silent, not yet twice the window; spawned: current
     assert {p.name for p in peers} == {"checkpoint", "by_hand"}
-    peers.forget_dead(T0 + 2 * LIVENESS_S + 1)
+    assert peers.forget_dead(T0 + 2 * LIVENESS_S + 1) == [attached]  # gone without a bye: the bus says so
     assert {p.name for p in peers} == {"checkpoint"}
     supervision.current["checkpoint"] = None  # its process died
-    peers.forget_dead(T0 + 2 * LIVENESS_S + 1)
+    assert peers.forget_dead(T0 + 2 * LIVENESS_S + 1) == []  # the supervisor tells a spawned one's end
     assert not list(peers)
     assert peers.position("checkpoint") == 5 and peers.position("by_hand") == 4  # names keep where they were
     # and a spawned plugin on its way back is still waited for, one that failed is not
