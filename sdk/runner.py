@@ -680,10 +680,13 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         print(f"error: {', '.join(missing)} not set; start plugins through `trainbus run`, or set the kernel's "
               f"endpoints (see PROTOCOL.md)", file=sys.stderr)
         return 2
-    ended = run_summary(env.get("TRAINBUS_RUN_DIR")) if "TRAINBUS_KERNEL_PID" not in env else None
-    if ended is not None:  # attached by hand to a run that is over: say so now, not after the connect timeout
-        print(f"run {env['TRAINBUS_RUN_DIR']} has ended ({ended.get('status', '?')}); there is nothing to attach to",
-              file=sys.stderr)
+    # Attached by hand to a run that is over: say so now, not after the connect timeout. Its summary.json is in the
+    # run directory, or beside the connection file read in place (a copy elsewhere has none: the kernel is asked).
+    record = str(Path(connect).resolve().parent) if connect.endswith(".json") else env.get("TRAINBUS_RUN_DIR")
+    ended = run_summary(record) if "TRAINBUS_KERNEL_PID" not in env else None
+    if ended is not None:
+        print(f"run {ended.get('run_id') or record} has ended ({ended.get('status', '?')}); there is nothing to "
+              f"attach to", file=sys.stderr)
         return 0
     kernel_pid = int(env["TRAINBUS_KERNEL_PID"]) if "TRAINBUS_KERNEL_PID" in env else None
     if kernel_pid is not None:

@@ -408,6 +408,12 @@ def test_attach_by_connection_file_to_an_ended_run_says_so_at_once(keys, runs_di
         line = json.loads(as_json.stdout)
         assert as_json.returncode == 0 and (line["type"], line["id"], line["status"]) == (
             "ended", kernel.run_id, "completed"), as_json.stdout + as_json.stderr
+    started = time.monotonic()  # a plugin started by hand against it, as the README says, is told at once too
+    plugin = subprocess.run([sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.cpu_monitor:CpuMonitorPlugin",
+                             "--connect", conn_file, "--key", str(keys["watcher"])], capture_output=True, text=True,
+                            timeout=60)
+    assert time.monotonic() - started < 20 and plugin.returncode == 0, plugin.stderr
+    assert f"run {kernel.run_id} has ended (completed)" in plugin.stderr, plugin.stderr
     missing = subprocess.run([sys.executable, "-m", "trainbus.plugins.dashboard", conn_file, "--key",
                               str(tmp_path / "no.key_secret")], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no.key_secret" in missing.stderr, missing.stderr
