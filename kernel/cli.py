@@ -678,7 +678,10 @@ def attach(
     key: Optional[Path] = typer.Option(None, "--key", help="This client's secret key file: RUN is then a remote "
                                                            "kernel's HOST:PORT or its connection.json (TCP + CURVE)."),
     server_key: Optional[Path] = typer.Option(None, "--server-key", help="The server's public key file, pinned "
-                                                                         "(default: the connection file's)."),
+                                                                         "(default: the connection file's; for "
+                                                                         "HOST:PORT, server.key in --keys-dir's "
+                                                                         "place, $TRAINBUS_KEYS_DIR or "
+                                                                         "~/.config/trainbus/keys)."),
 ) -> None:
     """Watch a live run: progress, metrics, resources and plugins (snapshot first, then live events, no gap).
 

@@ -160,6 +160,7 @@ class Attachment:
         self._replaying = False
         self._asked_snapshot = 0.0  # when the latest snapshot was asked for (monotonic), 0: none pending
         self._ready: collections.deque = collections.deque()  # items for the caller, in order
+        self._welcomed = False  # the kernel answered us once: losing it later is worth retrying
 
     # -- the caller's side ------------------------------------------------------------------------
 
@@ -185,8 +186,7 @@ class Attachment:
     def close(self) -> None:
         io, self._io = self._io, None
         if io is not None:
-            io.send(control("bye", reason="detached"))
-            io.close()
+            io.close()  # its thread says bye as it ends (once: a second one was refused as from nobody)
             io.join(timeout=3)
 
     # -- one connection ---------------------------------------------------------------------------
@@ -230,6 +230,7 @@ class Attachment:
         return bool(items)
 
     def _on_welcome(self) -> None:
+        self._welcomed = True
         if self.next_seq:  # a reconnect: we know where we are; the journal has what went by meanwhile
             self._request_replay()
         self._ask_snapshot()  # first time: the clone's start; later: the refresh of plugins' positions
@@ -294,6 +295,12 @@ class Attachment:
         self.close()
         if refused:
             raise AttachError(f"the kernel refused us: {refused}")
+        if not self._welcomed and self.target.secure is not None:
+            # Over TCP a failed CURVE handshake is silence: an unknown or revoked key, or a server key that is not
+            # the host's, get no answer at all. Retrying the same keys cannot help; saying what to check does.
+            raise TargetError(f"no answer from {self.target.control} ({why}): check that the run listens there, "
+                              f"that this key is authorized on its host (`trainbus keys list` there; an unknown or "
+                              f"revoked key gets no answer at all) and that --server-key is that host's server.key")
         delay_s = RECONNECT_FIRST_S
         for _ in range(RECONNECT_ATTEMPTS):
             summary = run_summary(self.target.ended_dir)

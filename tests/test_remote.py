@@ -370,6 +370,31 @@ def test_the_kernel_refuses_to_start_on_a_bad_key_file_naming_it_and_the_fix(fau
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing may have started"
 
 
+@pytest.mark.parametrize("bad", ["stranger", "other_server"])
+def test_attach_with_a_key_the_kernel_does_not_take_says_what_to_check_instead_of_retrying(bad, keys, runs_dir,
+                                                                                          tmp_path, kernels,
+                                                                                          monkeypatch):
+    """An unknown key, or another server's key pinned: the CURVE handshake fails, which a client sees only as
+    silence. Attach gives up after its first-contact window (shortened here) with one line naming what to check,
+    rather than reconnecting 8 times over two minutes."""
+    import trainbus.sdk.runner as runner_module
+    from trainbus.sdk.attach import Attachment, TargetError, target_of
+
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=3), tmp_path)
+    kernels.append(kernel)
+    conn_file = str(kernel.run_dir / CONNECTION_FILE)
+    connection(kernel)
+    monkeypatch.setattr(runner_module, "CONNECT_TIMEOUT_S", 2.0)
+    key, server_key = (keys["stranger"], "") if bad == "stranger" else (keys["pilot"], str(keys["other_server"]))
+    attachment = Attachment(target_of(conn_file, str(key), server_key))
+    started = time.monotonic()
+    with pytest.raises(TargetError, match="an unknown or revoked key gets no answer at all"):
+        for _ in attachment:
+            assert time.monotonic() - started < 30, "still trying"
+    assert attachment.reconnects == 0 and time.monotonic() - started < 15
+    kernel.kill()
+
+
 def test_a_port_already_taken_is_one_line_and_leaves_no_run_behind(keys, tmp_path):
     """`--listen HOST:PORT` on a port another process holds: exit 2 naming the port and the fix, and no run
     directory (the ports are bound before it is made), so `runs list` shows no run that died before it began."""
