@@ -1072,16 +1072,42 @@ def _run_and_status(run: str, runs_dir: Path) -> tuple[Path, str]:
     return run_dir, runs.run_overview(run_dir)["status"]
 
 
-def main() -> None:
+def _click_exceptions():
+    """click's exception module: its own package under typer < 0.20, vendored inside typer since."""
     try:
-        app(standalone_mode=True)
+        import click.exceptions as exceptions
+    except ImportError:
+        from typer._click import exceptions
+    return exceptions
+
+
+def main() -> None:
+    click = _click_exceptions()
+    try:
+        # Not standalone: click's own usage errors come here, said in one line like every other mistake (its
+        # standalone form is three: usage, a help hint, the error). Exit returns its code.
+        code = app(standalone_mode=False)
+    except click.UsageError as exc:  # an unknown option or command, a bad or missing value
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `trainbus` alone: its help
+            exc.show()
+            _exit(exc.exit_code)
+        where = exc.ctx.command_path if exc.ctx is not None else "trainbus"
+        print(f"error: {exc.format_message()} (`{where} --help` shows what it takes)", file=sys.stderr)
+        _exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        _exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C at a prompt
+        print("aborted", file=sys.stderr)
+        _exit(130)
     except (UserError, ConfigError, SpecError, CheckpointError) as exc:
         if isinstance(exc, UserCodeError):  # their build() raised: their frames, then the one line
             print(exc.trace, end="", file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         _exit(2)
-    except SystemExit as exc:  # typer's way out, whatever the command
+    except SystemExit as exc:  # a command's own sys.exit
         _exit(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
+    _exit(code if isinstance(code, int) else 0)
 
 
 def _exit(code: int) -> None:

@@ -90,6 +90,8 @@ BAD_INPUT = {
         t, "s.toml", "[plugins.early_stopping.settings]\npatiencee = 2\n")], "no setting 'patiencee'"),
     "flag of wrong type": (lambda t: ["run", "--epochs", "many"], "Invalid value for '--epochs'"),
     "unknown flag": (lambda t: ["run", "--epocks", "3"], "No such option"),
+    "a value out of range": (lambda t: ["run", "--epochs", "0"], "(`trainbus run --help` shows what it takes)"),
+    "unknown command": (lambda t: ["runs", "lsit"], "No such command 'lsit'"),
     "missing config file": (lambda t: ["run", "--config", str(t / "nope.toml")], "does not exist"),
     "no gpu": (lambda t: ["run", "--device", "tpu"], "device must be one of"),
     "not a boolean": (lambda t: ["run", "--config", _write(t, "b.toml", "[run]\nkeep_freed_memory = 'yes'\n")],
@@ -166,6 +168,7 @@ def test_bad_input_gets_one_clear_line_and_no_traceback(case, tmp_path):
     assert "Traceback" not in r.stderr + r.stdout
     error_lines = [line for line in r.stderr.splitlines() if line.lower().startswith("error")]
     assert len(error_lines) == 1 and expected in error_lines[0], r.stderr
+    assert r.stderr.count("\n") == 1, f"one line, not a usage block: {r.stderr}"
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing half-started"
 
 
@@ -209,6 +212,7 @@ def _one_line(r: subprocess.CompletedProcess, expected: str) -> str:
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     error_lines = [line for line in r.stderr.splitlines() if line.lower().startswith("error")]
     assert len(error_lines) == 1 and expected in error_lines[0], r.stderr
+    assert r.stderr.count("\n") == 1, f"one line, not a usage block: {r.stderr}"
     return error_lines[0]
 
 
