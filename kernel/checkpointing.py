@@ -177,6 +177,8 @@ def find_checkpoint(where: str, runs_dir: str) -> Path:
         raise CheckpointError(f"--resume {where}: {path} {what}; --resume takes a run id (or a unique start of one), "
                               f"a run directory, or a checkpoint file (RUN_DIR/{CHECKPOINT_DIR}/NAME.pt)")
     if not manifest.is_file():
+        if path.is_file():  # copied out of its run: nothing to check its bytes against; loading it says what it is
+            return path
         raise CheckpointError(f"--resume {where}: no checkpoint manifest at {manifest}")
     entries = read_manifest(manifest)
     if wanted is not None:
@@ -206,13 +208,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for a pickle payload, anything for a damaged file
         reason = _unpickler_reason(exc)
-        if reason is not None:
+        if reason is not None and reason.startswith("Unsupported global"):
             # torch's first line ("...you have two options, <ANSI bold>...") names neither the cause
             # nor the object refused; say both, in one line.
             raise CheckpointError(f"refusing checkpoint {path}: it holds pickled Python objects, not only "
                                   f"tensors and plain data ({reason}); trainbus loads checkpoints with "
                                   f"weights_only=True and runs no code from them") from None
-        raise CheckpointError(f"refusing checkpoint {path}: {_first_line(exc)}") from None
+        raise CheckpointError(f"refusing checkpoint {path}: torch.load cannot read it ({type(exc).__name__}: "
+                              f"{reason or _first_line(exc)}); is it a checkpoint, and whole?") from None
     if not isinstance(state, dict) or "trainbus" not in state:
         raise CheckpointError(f"{path} is not a trainbus checkpoint (no 'trainbus' resume state)")
     return state
@@ -225,5 +228,5 @@ def _first_line(exc: Exception) -> str:
 
 def _unpickler_reason(exc: Exception) -> str | None:
     """torch's "Unsupported global: GLOBAL mod.Cls was not an allowed global by default" clause, if that is the cause."""
-    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\.?$)", str(exc), re.MULTILINE)
-    return found.group(1).strip() if found else None
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. |\.?$)", str(exc), re.MULTILINE)  # its next line
+    return found.group(1).strip() or None if found else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import math
 import os
 import signal
@@ -635,6 +636,28 @@ def test_resuming_a_run_still_going_or_one_without_checkpoints_is_refused_saying
     proc = run_cli(tmp_path, "--resume", kernel.run_id, "--runs-dir", str(runs), "--detach")
     assert proc.returncode == 2 and "that run has no checkpoints" in proc.stderr, proc.stderr
     assert proc.stdout == "" and not (runs / ".daemon").exists(), "a run was queued"
+
+
+def test_a_checkpoint_copied_out_of_its_run_starts_a_new_run_and_a_non_checkpoint_is_one_line(tmp_path):
+    """README: `--resume FILE.pt` starts a new run from that checkpoint. A copy kept elsewhere (no manifest beside
+    it) is taken as it is; a file that only looks like one is refused in one line, and nothing is started."""
+    runs = tmp_path / "runs"
+    result = run_training(config(runs, [checkpointer()], 1, target=PACED, every_n_epochs=1, step_sleep_s=0.0,
+                                 batch_size=256))
+    copy = tmp_path / "kept" / "mine.pt"
+    copy.parent.mkdir()
+    shutil.copy(Path(result.run_dir) / "checkpoints" / "last.pt", copy)
+    proc = run_cli(tmp_path, "--resume", str(copy), "--runs-dir", str(runs), "--epochs", "2", "--plugins", "",
+                   "--set", "batch_size=256")
+    assert proc.returncode == 0, proc.stderr
+    new_run = next(p for p in runs.iterdir() if p.is_dir() and p.name != Path(result.run_dir).name)
+    assert [e.epoch for e in of(read_events(new_run), "end_epoch")] == [2]  # went on after the copy's epoch 1
+    fake = tmp_path / "kept" / "fake.pt"
+    fake.write_text("not a checkpoint\n")
+    proc = run_cli(tmp_path, "--resume", str(fake), "--runs-dir", str(tmp_path / "other"))
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: refusing checkpoint {fake}: torch.load cannot "
+                                                           f"read it"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "other").exists()
 
 
 class Tripwire:
