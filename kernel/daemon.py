@@ -492,11 +492,12 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
         stopping.append("stop requested")
         return {"ok": True, "running": list(daemon.watched)}
     if op == "cancel":
+        run = str(request.get("run", ""))
         try:
-            cancel(daemon.runs_dir, str(request.get("run", "")))
+            cancel(daemon.runs_dir, run)
         except JobError as exc:
             return {"ok": False, "error": str(exc)}
-        return {"ok": True}
+        return {"ok": True, "run": run}
     argv, gpus = request.get("argv"), request.get("gpus")
     if not (isinstance(argv, list) and len(argv) <= ARGV_MAX_WORDS and all(isinstance(w, str) for w in argv)) \
             or not (gpus is None or (isinstance(gpus, int) and 0 <= gpus <= 1024)):
