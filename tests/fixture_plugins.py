@@ -117,9 +117,11 @@ class SelfKill(Plugin):
 
 
 class Stopper(Plugin):
-    """Replies stop at the end of a given epoch."""
+    """Replies stop at the end of a given epoch; it votes there, so the stop lands at that boundary (PROTOCOL.md
+    §7.3) however short the epochs are."""
 
     settings = {"epoch": 1}
+    votes = ("end_epoch",)
 
     def on_end_epoch(self, event):
         if event.epoch >= self.settings["epoch"]:

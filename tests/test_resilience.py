@@ -29,6 +29,7 @@ from trainbus.kernel.session import FINAL_WEIGHTS, PLUGIN_EXIT_TIMEOUT_S, run_tr
 from trainbus.kernel.supervisor import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S, MAX_RESTARTS
 
 import fixture_plugins
+from fixture_targets import open_gate
 from helpers import assert_same_weights, recorded, run_config, seeded_rng
 from kernel_process import JournalTail, KernelProcess, of, process_gone, wait_until
 
@@ -155,24 +156,30 @@ def test_a_durable_plugin_sent_some_per_batch_types_sees_a_drop_by_n_and_replays
 
 
 def test_durable_plugin_killed_from_outside_at_three_random_steps_changes_nothing(tmp_path, fault_free, kernels):
-    """A real `kill -9` from outside, at kernel steps picked at random, while the run goes on in its own process."""
+    """A real `kill -9` from outside, at kernel steps picked at random, while the run goes on in its own process.
+    The run is gated: it trains up to each kill step and waits there until the plugin's restart is ready, so on a
+    busy machine a slow restart cannot push the last kill past the end of training."""
     rng, seed = seeded_rng()
     epochs, batch_size = 2, 16  # ~2-4 s of training; three kills and restarts take ~1.5 s
     total = epochs * steps_per_epoch(batch_size)
     kill_steps = sorted(rng.sample(range(10, total // 2), 3))
-    record = tmp_path / "rec.txt"
+    record, gate = tmp_path / "rec.txt", tmp_path / "gate"
+    open_gate(gate, 0)
     cfg = run_config(tmp_path / "runs", [plugin("rec", "Recorder", path=str(record))], epochs=epochs, target=PACED,
-                     batch_size=batch_size, step_sleep_s=0.01)
+                     batch_size=batch_size, step_sleep_s=0.01, gate=str(gate))
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
     deaths, killed_at, killed_pids = [], [], []
     for step in kill_steps:
         pid = kernel.wait_ready("rec", not_in=killed_pids)
         killed_pids.append(pid)
+        open_gate(gate, step)
         killed_at.append(kernel.wait_step(step))
         deaths.append(time.time())
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: process_gone(pid), 5, f"pid {pid} to die")
+    kernel.wait_ready("rec", not_in=killed_pids)
+    open_gate(gate, total)
     result = kernel.result()
     why = f"(seed {seed}, kills at kernel steps {killed_at})"
 
