@@ -222,8 +222,10 @@ def send_command(attachment: Attachment, kind: str, reason: str) -> None:
 
 
 def one_command(attachment: Attachment, kind: str, reason: str) -> int:
-    """Send stop or checkpoint_now once attached. Done when the kernel journaled it (our log line came back) and a
-    heartbeat followed with no refusal (a monitor-role key's stop is refused at once, on the control socket)."""
+    """Send stop or checkpoint_now once attached. A stop is done when the kernel journaled stop_requested naming us
+    (or the run ended after our request was journaled); checkpoint_now when our request was journaled (our log
+    line came back) and a heartbeat followed with no refusal (a monitor-role key's is refused at once, on the
+    control socket)."""
     end, sent, echo = time.monotonic() + COMMAND_ECHO_TIMEOUT_S, False, None
     for item in attachment:
         if attachment.refusals:
@@ -236,7 +238,13 @@ def one_command(attachment: Attachment, kind: str, reason: str) -> int:
         elif event is not None and event.type == ev.LOG and kind in str(event.data.get("text")) \
                 and str(event.data.get("plugin")).partition(" (key ")[0] == attachment.peer_name:  # a remote: + key
             echo = event
-        elif echo is not None and event is not None and event.type in (ev.HEARTBEAT, *FINAL):
+        elif kind == "stop" and event is not None and event.type == ev.STOP_REQUESTED and any(
+                str(r).startswith(attachment.peer_name) for r in event.data.get("reasons") or []):
+            print(f"stop sent to run {attachment.state.run.get('id')} as {attachment.peer_name} (it stops at step "
+                  f"{event.step}; stop_requested journaled at seq {event.seq})")
+            return 0
+        elif echo is not None and event is not None and (event.type in FINAL or (
+                kind != "stop" and event.type == ev.HEARTBEAT)):
             print(f"{kind} sent to run {attachment.state.run.get('id')} as {attachment.peer_name} "
                   f"(journaled at seq {echo.seq})")
             return 0
