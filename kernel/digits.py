@@ -72,7 +72,9 @@ def make_model(kind: str, hidden: int) -> nn.Module:
 
 
 def build(hyperparameters: dict) -> TrainingSpec:
-    """An MLP (or `model = "cnn"`) on digits: ~97 % validation accuracy in a few seconds on 2 cores."""
+    """An MLP (or `model = "cnn"`) on digits: ~97 % validation accuracy in a few seconds on 2 cores.
+    Hyperparameters: lr (0.001), batch_size (32), hidden (128), validation_fraction (0.2), model (mlp or cnn),
+    epochs (10); any other name is refused."""
     hp = checked(hyperparameters)
     x, y = load_digits()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # fixed split, any seed

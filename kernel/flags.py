@@ -120,8 +120,8 @@ def help_text(func: Callable[..., Any], sig: Signature, target: str) -> str:
     if summary:
         lines += [summary, ""]
     if sig.takes_dict:
-        lines.append(f"{target} takes the hyperparameters as one dict: any NAME=VALUE goes into it "
-                     f"(VALUE read as JSON when it parses, else as text).")
+        lines.append(f"{target} takes the hyperparameters as one dict: each NAME=VALUE goes into it (VALUE read "
+                     f"as JSON when it parses, else as text), and the function checks the names and values itself.")
         return "\n".join(lines)
     if not sig.flags:
         lines.append(f"{target} takes no flags.")
