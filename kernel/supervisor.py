@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,8 @@ from typing import Any, Callable
 import psutil
 
 from trainbus.proto import events as ev, pack
+
+log = logging.getLogger("trainbus.kernel")
 
 # Paranoid Pirate (zguide ch. 4) numbers: a peer silent for HEARTBEAT_LIVENESS intervals is hung.
 HEARTBEAT_INTERVAL_S = 1.0
@@ -234,13 +237,17 @@ class Supervisor:
             return
         child.state = "exited"
         name = child.spec.name
-        if child.overdue or (code != 0 and not child.leaving):
+        # Overdue, it was asked to stop (SIGTERM): going then is no fault (a slow teardown on a busy box, a process
+        # still importing); one that had to be killed was hung. Before the deadline, a non-zero exit is a crash.
+        if code == -signal.SIGKILL if child.overdue else (code != 0 and not child.leaving):
             cause = f"{child.overdue} ({_cause(code)})" if child.overdue else f"{_cause(code)} at the run's end"
             child.crashes.append(cause)
             self.emit(ev.PLUGIN_CRASHED, {"plugin": name, "exit_code": code, "cause": cause,
                                           "hung": bool(child.overdue)})
-        else:
-            self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
+            return
+        if child.overdue:
+            log.warning("plugin %s was %s; it stopped when asked (%s)", name, child.overdue, _cause(code))
+        self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {

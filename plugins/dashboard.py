@@ -222,10 +222,9 @@ def send_command(attachment: Attachment, kind: str, reason: str) -> None:
 
 
 def one_command(attachment: Attachment, kind: str, reason: str) -> int:
-    """Send stop or checkpoint_now once attached. A stop is done when the kernel journaled stop_requested naming us
-    (or the run ended after our request was journaled); checkpoint_now when our request was journaled (our log
-    line came back) and a heartbeat followed with no refusal (a monitor-role key's is refused at once, on the
-    control socket)."""
+    """Send stop or checkpoint_now once attached. Done when the kernel journaled the request (our log line came
+    back) and a heartbeat followed with no refusal (a monitor-role key's is refused at once, on the control
+    socket), or, for a stop, when stop_requested naming us came first (it says the step)."""
     end, sent, echo = time.monotonic() + COMMAND_ECHO_TIMEOUT_S, False, None
     for item in attachment:
         if attachment.refusals:
@@ -243,10 +242,11 @@ def one_command(attachment: Attachment, kind: str, reason: str) -> int:
             print(f"stop sent to run {attachment.state.run.get('id')} as {attachment.peer_name} (it stops at step "
                   f"{event.step}; stop_requested journaled at seq {event.seq})")
             return 0
-        elif echo is not None and event is not None and (event.type in FINAL or (
-                kind != "stop" and event.type == ev.HEARTBEAT)):
-            print(f"{kind} sent to run {attachment.state.run.get('id')} as {attachment.peer_name} "
-                  f"(journaled at seq {echo.seq})")
+        elif echo is not None and event is not None and event.type in (ev.HEARTBEAT, *FINAL):
+            # Accepted: a stop is acted on at the next step boundary, which a long step or a stalled loader may
+            # hold back for longer than anyone should wait here.
+            print(f"{kind} sent to run {attachment.state.run.get('id')} as {attachment.peer_name} (request "
+                  f"journaled at seq {echo.seq}; acted on at the run's next step boundary)")
             return 0
         if time.monotonic() > end:
             break

@@ -92,10 +92,18 @@ class DiesAtTheEnd(Plugin):
 
 
 class HangsAtTheEnd(Plugin):
-    """Never returns from its last handler."""
+    """Never returns from its last handler, and ignores SIGTERM: only SIGKILL ends it."""
 
     def on_end_training_session(self, event):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         time.sleep(3600)
+
+
+class SlowToLeave(Plugin):
+    """Takes 60 s over its last handler, but stops when asked (SIGTERM): a slow teardown, not a hang."""
+
+    def on_end_training_session(self, event):
+        time.sleep(60)
 
 
 class SaysGoodbye(Plugin):

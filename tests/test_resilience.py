@@ -301,9 +301,11 @@ def test_best_effort_plugin_exiting_at_start_is_failed_while_training_goes_on(tm
 
 def test_a_plugin_that_dies_or_hangs_as_the_run_ends_is_named_in_its_summary(tmp_path):
     """Past the run's last event the supervisor restarts nothing, but a plugin that crashed in its last handler
-    (its final lines lost) or was still running when plugins' exit time ran out is trouble all the same: the
-    summary and `runs list` name it, and the run itself completed. What a plugin says in teardown arrives."""
+    (its final lines lost) or had to be killed when plugins' exit time ran out is trouble all the same: the
+    summary and `runs list` name it, and the run itself completed. One that was slow but stopped when asked is
+    a line in kernel.log, not trouble. What a plugin says in teardown arrives."""
     cfg = run_config(tmp_path / "runs", [plugin("dier", "DiesAtTheEnd"), plugin("hanger", "HangsAtTheEnd"),
+                                         plugin("slow", "SlowToLeave"),
                                          plugin("fine", "Lifecycle", path=str(tmp_path / "fine")),
                                          plugin("bye", "SaysGoodbye")], epochs=1)
     result = run_training(cfg)
@@ -311,21 +313,26 @@ def test_a_plugin_that_dies_or_hangs_as_the_run_ends_is_named_in_its_summary(tmp
     # crashed while the kernel drained (a crash like any) or once it was closing: once, either way
     assert result.plugins["dier"]["crashes"] in (["exit code 4"], ["exit code 4 at the run's end"]), result.plugins
     assert len(result.plugins["hanger"]["crashes"]) == 1, result.plugins
-    assert result.plugins["hanger"]["crashes"][0].startswith(f"still running {PLUGIN_EXIT_TIMEOUT_S:.0f} s after "
-                                                             f"the run's end ("), result.plugins
-    assert result.plugins["fine"]["crashes"] == [], result.plugins
+    assert result.plugins["hanger"]["crashes"] == [f"still running {PLUGIN_EXIT_TIMEOUT_S:.0f} s after the run's "
+                                                   f"end (signal SIGKILL)"], result.plugins
+    # slow, but it stopped when asked: no fault (a slow teardown on a busy machine, a plugin still starting)
+    assert result.plugins["slow"]["crashes"] == [] and result.plugins["fine"]["crashes"] == [], result.plugins
+    log = (Path(result.run_dir) / "kernel.log").read_text()
+    assert f"plugin slow was still running {PLUGIN_EXIT_TIMEOUT_S:.0f} s after the run's end; it stopped when " \
+           f"asked" in log, log[-3000:]
     # and the journal says each one's end: a crash for the two, the third's clean exit
     ends = {e.data["plugin"]: e for e in read_events(result.run_dir) if e.type in ("plugin_crashed", "plugin_exited")}
     assert (ends["dier"].type, ends["dier"].data["exit_code"]) == ("plugin_crashed", 4), ends
     assert ends["hanger"].type == "plugin_crashed" and ends["hanger"].data["hung"] is True, ends
     assert (ends["fine"].type, ends["fine"].data["exit_code"]) == ("plugin_exited", 0), ends
+    assert ends["slow"].type == "plugin_exited", ends
     # what a plugin says in its teardown reaches the journal (it was dropped with the connection)
     said = [(e.type, e.data.get("name"), e.data.get("value"), e.data.get("text")) for e in read_events(result.run_dir)
             if e.type in ("metric", "log") and e.data.get("plugin") == "bye"]
     assert said == [("metric", "goodbye/events", 42.0, None), ("log", None, None, "goodbye from teardown")], said
     trouble = run_overview(Path(result.run_dir))["plugin_trouble"]
     assert trouble[0].startswith("dier crashed (exit code 4") and trouble[1].startswith(
-        "hanger crashed (still running"), trouble
+        "hanger crashed (still running") and len(trouble) == 2, trouble
 
 
 # -- 4. slow plugins never slow the kernel --------------------------------------------------------------
