@@ -694,11 +694,9 @@ def attach(
         raise UserError("--control reads its keys from a terminal, and stdin is not one: from a script, use "
                         "--stop REASON or --checkpoint REASON")
     where = run
-    local = "://" not in run and key is None
-    connection_file = key is not None and Path(run).is_file() and (Path(run).parent / "summary.json").exists()
-    if local or connection_file:  # a run we can see: one that has ended is told from its record, not waited on
+    if "://" not in run and key is None:
         try:
-            run_dir = runs.resolve_run(run, runs_dir) if local else Path(run).resolve().parent
+            run_dir = runs.resolve_run(run, runs_dir)
         except runs.RunLookupError as exc:
             raise UserError(str(exc)) from None
         overview = runs.run_overview(run_dir)
@@ -708,7 +706,7 @@ def attach(
             else:
                 runs_view.print_show(_wide(), runs.run_details(run_dir))
             raise typer.Exit(code=1 if stop or checkpoint else 0)  # a command had nothing to reach
-        where = str(run_dir) if local else run
+        where = str(run_dir)
     flags = ["--json"] * as_json + ["--control"] * control + (["--stop", stop] if stop is not None else []) \
         + (["--checkpoint", checkpoint] if checkpoint is not None else []) \
         + (["--key", str(key)] if key is not None else []) + (["--server-key", str(server_key)] if server_key else [])

@@ -239,11 +239,11 @@ class Supervisor:
         name = child.spec.name
         # Overdue, it was asked to stop (SIGTERM): going then is no fault (a slow teardown on a busy box, a process
         # still importing); one that had to be killed was hung. Before the deadline, a non-zero exit is a crash.
-        if code == -signal.SIGKILL if child.overdue else (code != 0 and not child.leaving):
+        hung = bool(child.overdue) and code == -signal.SIGKILL
+        if hung or (not child.overdue and code != 0 and not child.leaving):
             cause = f"{child.overdue} ({_cause(code)})" if child.overdue else f"{_cause(code)} at the run's end"
             child.crashes.append(cause)
-            self.emit(ev.PLUGIN_CRASHED, {"plugin": name, "exit_code": code, "cause": cause,
-                                          "hung": bool(child.overdue)})
+            self.emit(ev.PLUGIN_CRASHED, {"plugin": name, "exit_code": code, "cause": cause, "hung": hung})
             return
         if child.overdue:
             log.warning("plugin %s was %s; it stopped when asked (%s)", name, child.overdue, _cause(code))

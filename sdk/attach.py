@@ -30,7 +30,7 @@ from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.proto.remote import KeyFileError
 from trainbus.proto.run_state import RunState
 
-from .runner import CREDENTIAL_FILE, _IO, remote_endpoints, run_summary
+from .runner import CREDENTIAL_FILE, _IO, connection_run_dir, remote_endpoints, run_summary
 
 RECONNECT_FIRST_S = 0.5  # backoff after the kernel went silent: 0.5, 1, 2, 4, 8, 8 ... (zguide's ppworker)
 RECONNECT_MAX_S = 8.0
@@ -89,9 +89,7 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
             control_endpoint, events, secure = remote_endpoints(where, key, server_key)
         except (KeyFileError, ValueError) as exc:
             raise TargetError(str(exc)) from None
-        connection_file = Path(where)
-        return Target(events, control_endpoint, None, secure,
-                      connection_file.resolve().parent if connection_file.is_file() else None)
+        return Target(events, control_endpoint, None, secure, connection_run_dir(where))
     if "://" in where:
         events, _, control_endpoint = where.partition(",")
         if not control_endpoint:

@@ -682,7 +682,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         return 2
     # Attached by hand to a run that is over: say so now, not after the connect timeout. Its summary.json is in the
     # run directory, or beside the connection file read in place (a copy elsewhere has none: the kernel is asked).
-    record = str(Path(connect).resolve().parent) if connect.endswith(".json") else env.get("TRAINBUS_RUN_DIR")
+    record = connection_run_dir(connect) if connect else env.get("TRAINBUS_RUN_DIR")
     ended = run_summary(record) if "TRAINBUS_KERNEL_PID" not in env else None
     if ended is not None:
         print(f"run {ended.get('run_id') or record} has ended ({ended.get('status', '?')}); there is nothing to "
@@ -722,6 +722,13 @@ def run_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) else None
+
+
+def connection_run_dir(connect: str) -> Path | None:
+    """The folder of a connection.json given by path: the run directory when it is read in place, whose
+    summary.json says whether the run has ended (a copy elsewhere has none); None for HOST:PORT."""
+    path = Path(connect)
+    return path.resolve().parent if connect.endswith(".json") and path.is_file() else None
 
 
 def remote_endpoints(connect: str, key: str, server_key: str = "") -> tuple[str, str, Callable[[zmq.Socket], None]]:
