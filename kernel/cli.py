@@ -912,6 +912,15 @@ def daemon_start(
     out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])} (devices: "
               f"{','.join(answer['devices']) or 'none'}, max concurrent {answer['max_concurrent']}); "
               f"log: {escape(str(daemon.daemon_dir(runs_dir) / daemon.LOG_FILE))}")
+    if answer.get("remote"):
+        out.print(_remote_line(answer["remote"], runs_dir))
+
+
+def _remote_line(endpoint: str, runs_dir: Path) -> str:
+    from . import daemon
+
+    return (f"remote endpoint {escape(endpoint)}: clients need a key of `trainbus keys` and "
+            f"{escape(str(daemon.daemon_dir(runs_dir) / daemon.REMOTE_FILE))} (--server-key)")
 
 
 @daemon_app.command("stop")
@@ -1036,6 +1045,8 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
         watched = answer.get("running") or {}
         out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])}: devices "
                   f"{','.join(answer['devices']) or 'none'}, max concurrent {answer['max_concurrent']}")
+        if answer.get("remote") and target is None:
+            out.print("  " + _remote_line(answer["remote"], runs_dir))
         for run_id, info in watched.items():
             out.print(f"  running {run_id} (pid {info['pid']}"
                       + (f", CUDA_VISIBLE_DEVICES={','.join(info['devices'])}" if info["devices"] else "") + ")")

@@ -59,6 +59,7 @@ CONTROL_MAX_BYTES = 64 * 1024
 LOG_MAX_BYTES = 10 * 1024 * 1024  # daemon.log is rotated at this size, 3 old files kept
 OUTPUT_TAIL_BYTES = 2000  # of a job that failed before its run had a directory, what the listing shows
 REQUEST_TIMEOUT_S = 3.0
+REMOTE_REQUEST_TIMEOUT_S = 15.0  # a CURVE handshake and the authenticator first, maybe over a slow network
 # What CUDA_VISIBLE_DEVICES takes: an index, or a UUID as `nvidia-smi -L` prints it (GPU-..., MIG-... and the
 # older MIG-GPU-.../GI/CI form).
 DEVICE_PATTERN = re.compile(r"[0-9]+|GPU-[0-9A-Fa-f-]+|MIG-(GPU-)?[0-9A-Fa-f-]+(/[0-9]+/[0-9]+)?")
@@ -205,6 +206,7 @@ class Daemon:
         self.watched: dict[str, Watched] = {}
         self.adopted = False
         self.woken = False  # a submission asked for a round now
+        self.remote_endpoint: str | None = None  # `--listen`'s TCP endpoint, as bound
 
     # -- one round ------------------------------------------------------------------------------------
 
@@ -313,7 +315,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "runs_dir": str(self.runs_dir), "devices": self.devices,
-                "max_concurrent": self.max_concurrent,
+                "max_concurrent": self.max_concurrent, "remote": self.remote_endpoint,
                 "running": {w.job_id: {"pid": w.pid, "devices": w.devices} for w in self.watched.values()}}
 
 
@@ -350,6 +352,7 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
     socket, endpoint, socket_home = _bind_control(context, directory)
     try:
         remote = Remote(listen, keys_dir, directory) if listen else None
+        daemon.remote_endpoint = remote and remote.endpoint
     except Exception as exc:  # ListenError, KeyFileError, DaemonError: each names its fix
         log.error("error: %s", exc)
         socket.close(linger=0)
@@ -597,9 +600,12 @@ def server_key_of(path: Path) -> bytes:
     return key.encode()
 
 
-def request(runs_dir: Path | None, op: str, timeout_s: float = REQUEST_TIMEOUT_S, remote: RemoteDaemon | None = None,
+def request(runs_dir: Path | None, op: str, timeout_s: float | None = None, remote: RemoteDaemon | None = None,
             **fields: Any) -> dict[str, Any] | None:
-    """The daemon's answer to `op`: the local one of runs_dir, or `remote`; None when none answers in time."""
+    """The daemon's answer to `op`: the local one of runs_dir, or `remote`; None when none answers in time
+    (default REQUEST_TIMEOUT_S locally, REMOTE_REQUEST_TIMEOUT_S over TCP)."""
+    if timeout_s is None:
+        timeout_s = REQUEST_TIMEOUT_S if remote is None else REMOTE_REQUEST_TIMEOUT_S
     endpoint = None
     if remote is None:
         try:
@@ -699,6 +705,10 @@ def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -
     """`daemon start`: the foreground daemon in its own session, detached from this terminal; returns its status
     once it answers. DaemonError with the log's last lines when it exits first."""
     directory = make_daemon_dir(runs_dir)
+    serving = request(runs_dir, "status", timeout_s=0.5)
+    if serving is not None:  # refused here: a second daemon would only log its refusal into this one's log
+        raise DaemonError(f"a daemon (pid {serving.get('pid', '?')}) already serves {Path(runs_dir).resolve()}; "
+                          f"`trainbus daemon status --runs-dir {runs_dir}` shows it")
     with open(directory / LOG_FILE, "ab") as out:
         process = subprocess.Popen([sys.executable, "-m", "trainbus.kernel.cli", "daemon", "start", "--foreground",
                                     "--quiet", *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

@@ -189,6 +189,7 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     again = cli("daemon", "start", "--runs-dir", str(runs), check=False)
     assert again.returncode == 2 and again.stderr == (
         f"error: a daemon (pid {pid}) already serves {runs}; `trainbus daemon status --runs-dir {runs}` shows it\n")
+    assert "already serves" not in (daemon_dir(runs) / "daemon.log").read_text()  # refused before it spawned
 
     failing = submit(runs, UNBUILDABLE)
     wait_until(lambda: listed(runs)[failing]["status"] == "failed", WAIT_S, "the failing run settled")
@@ -309,6 +310,8 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
     start_daemon(daemons, runs, "--listen", "127.0.0.1:0", "--keys-dir", str(store.directory))
     remote = json.loads((daemon_dir(runs) / "remote.json").read_text())
     host_port = remote["endpoint"].removeprefix("tcp://")
+    shown = cli("daemon", "status", "--runs-dir", str(runs)).stdout  # `daemon start` prints the same line
+    assert f"remote endpoint {remote['endpoint']}: clients need a key" in shown, shown
 
     def over_tcp(key: Path, command: str, *args: str) -> subprocess.CompletedProcess:
         return cli("daemon", command, "--remote", host_port, "--key", str(key), "--server-key",
