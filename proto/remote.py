@@ -79,11 +79,12 @@ def _load(path: Path) -> tuple[bytes, bytes | None]:
                            f"generate one with `trainbus keys generate`") from None
 
 
-def secure_client(socket: zmq.Socket, key_file: Path, server_key: bytes | Path) -> None:
+def secure_client(socket: zmq.Socket, key_file: Path | tuple[bytes, bytes], server_key: bytes | Path) -> None:
     """Make `socket` a CURVE client before it connects: its own key pair from `key_file` (a .key_secret file,
-    owner-only), the server's public key pinned (z85 bytes, or a key file holding it). A server holding any
-    other key fails the handshake, and the socket never receives a byte."""
-    public, secret = load_secret(Path(key_file))
+    owner-only; or the (public, secret) pair load_secret read from one), the server's public key pinned (z85
+    bytes, or a key file holding it). A server holding any other key fails the handshake, and the socket never
+    receives a byte."""
+    public, secret = key_file if isinstance(key_file, tuple) else load_secret(Path(key_file))
     pinned = server_key if isinstance(server_key, bytes) else load_public(Path(server_key))
     socket.curve_secretkey = secret
     socket.curve_publickey = public

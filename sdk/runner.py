@@ -743,10 +743,12 @@ def remote_endpoints(connect: str, key: str, server_key: str = "") -> tuple[str,
     else:
         control_endpoint, events_endpoint = endpoints(connect)
         pinned = Path(server_key) if server_key else keys_dir() / f"{SERVER_KEY}.key"
+    # Read once, now: a missing or unreadable key is said at start, not left to a handshake that never ends, and
+    # a key file moved or rotated while we run cannot fail a reconnect hours later.
     if isinstance(pinned, Path):
-        load_public(pinned)  # a missing or unreadable key is said now, not left to a handshake that never ends
-    load_secret(Path(key))
-    return control_endpoint, events_endpoint, functools.partial(secure_client, key_file=Path(key), server_key=pinned)
+        pinned = load_public(pinned)
+    return control_endpoint, events_endpoint, functools.partial(secure_client, key_file=load_secret(Path(key)),
+                                                                server_key=pinned)
 
 
 def _secret(env) -> str:

@@ -309,6 +309,38 @@ def test_with_the_authenticator_not_answering_nobody_gets_in(how, keys):
         listener.close()
 
 
+def test_a_client_reconnects_with_the_keys_it_started_with_after_the_key_file_is_gone(keys, tmp_path):
+    """The SDK and attach set up every reconnect's sockets with `remote_endpoints`' `secure`: the keys are read
+    once, at start, so a key file moved or rotated during a days-long attach cannot fail a reconnect."""
+    from trainbus.proto.remote import write_connection_file
+    from trainbus.sdk.runner import remote_endpoints
+
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    key = tmp_path / "pilot-copy.key_secret"
+    shutil.copy(keys["pilot"], key)
+    path = write_connection_file(tmp_path, "r", listener.control_endpoint, listener.events_endpoint,
+                                 listener.server_key)
+    ctx = zmq.Context()
+    try:
+        _, events, secure = remote_endpoints(str(path), str(key))
+        key.unlink()
+        for _ in range(2):  # the first connection and a reconnect's
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            secure(sub)
+            sub.connect(events)
+
+            def heard() -> bool:
+                listener.pub.send_multipart((b"heartbeat", pack({"n": 0})))
+                return bool(sub.poll(50))
+            wait_until(heard, 10.0, "an event on a connection set up after its key file was deleted")
+            sub.close()
+    finally:
+        ctx.destroy(linger=0)
+        listener.close()
+
+
 @pytest.mark.parametrize("sends", [b"", b"GET / HTTP/1.1\r\n\r\n" + bytes(range(256)) * 4])
 def test_a_connection_that_never_completes_the_handshake_is_closed_within_its_timeout(sends, keys):
     """Raw TCP connections to both endpoints that send nothing, or garbage: the listener closes every one
