@@ -570,6 +570,8 @@ def runs_show(
             out.print(f"run {details['id']}: {details['status']}" + (f" ({escape(details['error'])})"
                                                                      if details.get("error") else ""))
             out.print(f"  command: trainbus run {escape(' '.join(details['argv']))}")
+            out.print(f"  submitted: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(details['submitted_ts']))}"
+                      + (f" by {escape(details['submitted_by'])}" if details["submitted_by"] else ""))
             if Path(details["output"]).exists():
                 out.print(f"  output: {escape(details['output'])}")
             else:  # queued, or failed at placement: no process has written any

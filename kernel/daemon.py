@@ -679,12 +679,14 @@ def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
         return None
     now = time.time()
     with Registry(runs_dir) as registry:
-        row = registry.runs(now).get(run_id)
-        job = next((j for j in registry.jobs() if j["id"] == run_id), None)
-    if row is None or row.get("dir") is not None or job is None:
+        rows = {i: row for i, row in registry.runs(now).items() if row.get("dir") is None}
+        jobs = {j["id"]: j for j in registry.jobs() if j["id"] in rows}
+    matches = [run_id] if run_id in jobs else [i for i in jobs if i.startswith(run_id)]
+    if len(matches) != 1:
         return None
-    return {**row, "argv": job["argv"], "submitted_ts": job["submitted_ts"], "job": job["state"],
-            "output": str(daemon_dir(runs_dir) / OUTPUT_DIR / f"{run_id}.log")}
+    row, job = rows[matches[0]], jobs[matches[0]]
+    return {**row, "argv": job["argv"], "submitted_ts": job["submitted_ts"], "submitted_by": job["submitted_by"],
+            "job": job["state"], "output": str(daemon_dir(runs_dir) / OUTPUT_DIR / f"{row['id']}.log")}
 
 
 def cancel(runs_dir: Path, run_id: str) -> None:

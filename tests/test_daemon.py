@@ -237,6 +237,17 @@ def test_gpus_that_are_not_devices_are_refused_before_a_daemon_starts(tmp_path, 
     assert not daemon_dir(runs).exists()
 
 
+def test_a_queued_run_shows_its_command_and_who_submitted_it_by_a_start_of_its_id(tmp_path):
+    import getpass
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    run_id = submit(runs, TINY, "--epochs", "1")  # no daemon: it waits in the queue
+    shown = cli("runs", "show", run_id[:-2], "--runs-dir", str(runs)).stdout
+    assert f"run {run_id}: queued" in shown and "output: none yet (it is queued)" in shown, shown
+    assert f"  command: trainbus run {TINY} " in shown and f" by {getpass.getuser()}\n" in shown, shown
+
+
 def test_a_run_asking_for_more_gpus_than_the_daemon_has_fails_with_the_reason_listed(tmp_path, daemons):
     runs = tmp_path / "runs"
     runs.mkdir()
