@@ -88,6 +88,7 @@ class Peers:
         self._by_identity: dict[bytes, Peer] = {}
         self._by_name: collections.OrderedDict[str, Peer] = collections.OrderedDict()  # latest hello per name
         self.positions: dict[str, int] = {}  # durable name -> highest seq acked, across its restarts
+        self._silent: list[Peer] = []  # forgotten hand-attached peers not yet returned by forget_dead (<= MAX_PEERS)
 
     def __iter__(self):
         return iter(list(self._by_identity.values()))
@@ -121,7 +122,7 @@ class Peers:
                 raise Refused("hello_name_taken", f"hello as {name!r} refused: a live peer holds that name")
             del self._by_identity[holder.identity]
         if identity not in self._by_identity and len(self._by_identity) >= MAX_PEERS:
-            self.forget_dead(now)
+            self._drop_dead(now)  # the silent among them: reported by the bus's next forget_dead
             if len(self._by_identity) >= MAX_PEERS:
                 raise Refused("hello_table_full", f"hello as {name!r} refused: {MAX_PEERS} peers already attached")
         # A vote makes training wait (up to vote_timeout_s an epoch): that steers the run, a monitor key's must not.
@@ -216,14 +217,18 @@ class Peers:
 
     def forget_dead(self, now: float) -> list[Peer]:
         """Drop connections that are gone; their names keep their ack positions. Returns the peers attached by hand
-        that went silent without a bye (killed, unplugged): no process of ours tells their end, so the caller does."""
-        silent = []
+        that went silent without a bye (killed, unplugged) and were dropped since the last call, here or by a hello
+        that needed their room: no process of ours tells their end, so the caller does."""
+        self._drop_dead(now)
+        silent, self._silent = self._silent, []
+        return silent
+
+    def _drop_dead(self, now: float) -> None:
         for identity, peer in list(self._by_identity.items()):
             if not self.is_live(peer, now) and (peer.spawned or now - peer.last_seen > 2 * self.liveness_s):
                 del self._by_identity[identity]
                 if not peer.spawned and self._by_name.get(peer.name) is peer:  # not since replaced by a new hello
-                    silent.append(peer)
-        return silent
+                    self._silent.append(peer)
 
     def left(self, peer: Peer) -> None:
         """A peer attached by hand said bye: its connection is done, and its name free for a new hello at once

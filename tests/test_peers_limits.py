@@ -225,6 +225,9 @@ def test_the_peer_table_is_bounded_and_dead_peers_make_room(table):
     late = peers.welcome(b"late", hello("late", 7, attach), T0 + 2 * LIVENESS_S + 1.5)
     assert peers.get(b"late") is late
     assert {p.name for p in peers} == {"p1", "late"}
+    # those the hello made room by dropping went silent without a bye: the bus's next call reports them, once
+    assert {p.name for p in peers.forget_dead(T0 + 2 * LIVENESS_S + 2)} == {f"p{i}" for i in range(MAX_PEERS)} - {"p1"}
+    assert peers.forget_dead(T0 + 2 * LIVENESS_S + 2) == []
 
 
 def test_forget_dead_drops_gone_connections_and_keeps_their_positions(table):
