@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import NoReturn, Optional
@@ -194,7 +195,7 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     0 completed or stopped, 130 interrupted, 1 failed."""
     from torch.distributed.run import main as torchrun
 
-    from .distributed import LAUNCH, LAUNCH_RUN_ID
+    from .distributed import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID
     from .session import new_run_id
 
     nproc, nnodes, rdzv_endpoint, max_restarts = (launch["nproc"], launch["nnodes"], launch["rdzv_endpoint"],
@@ -221,12 +222,24 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     # torchrun hands its workers one TCP store for the whole job, and a restarted group's processes read
     # the failed group's gloo addresses from it (connection refused): rank 0 hosts a fresh one each round instead
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # torchrun gives each rank one intra-op thread unless told otherwise, in a five-line warning every launch; the
+    # same choice made here, without the warning (a user's own OMP_NUM_THREADS stands)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     failure, started = None, time.time()
+    descriptor, errors = tempfile.mkstemp(prefix="trainbus-launch-", suffix=".errors")
+    os.close(descriptor)
+    os.environ[LAUNCH_ERRORS] = errors
     try:
         torchrun([*meet, "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
                   "-m", "trainbus.kernel.cli", *argv])
     except Exception as exc:  # ChildFailedError (which rank failed and how is above, from torchrun), SignalException
         failure = exc
+    finally:
+        said = Path(errors).read_text(errors="replace")
+        os.unlink(errors)
+    if said:  # a mistake in the command, found by the ranks (each wrote it): once, as in one process
+        print(said.split("\0")[0], end="", file=sys.stderr)
+        raise typer.Exit(code=2)
     # How the run ended, as rank 0 wrote it: a Ctrl-C or SIGTERM reaching the ranks ends the run interrupted (130),
     # whatever torchrun makes of its workers' exits.
     summary = Path(runs_dir) / run_id / "summary.json"
@@ -1112,13 +1125,31 @@ def main() -> None:
         print("aborted", file=sys.stderr)
         _exit(130)
     except (UserError, ConfigError, SpecError, CheckpointError) as exc:
-        if isinstance(exc, UserCodeError):  # their build() raised: their frames, then the one line
-            print(exc.trace, end="", file=sys.stderr)
-        print(f"error: {exc}", file=sys.stderr)
+        # their build() raised: their frames, then the one line
+        said = (exc.trace if isinstance(exc, UserCodeError) else "") + f"error: {exc}\n"
+        if _tell_launcher(said):
+            _exit(0)  # a rank of `run --nproc`: the launcher says it once, and exits 2
+        print(said, end="", file=sys.stderr)
         _exit(2)
     except SystemExit as exc:  # a command's own sys.exit
         _exit(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
     _exit(code if isinstance(code, int) else 0)
+
+
+def _tell_launcher(said: str) -> bool:
+    """A rank of `trainbus run --nproc`: its mistake in the command (`said`) written where the launcher reads it,
+    and True; then the rank exits 0 so that torchrun does not restart the group for it. False elsewhere."""
+    from .distributed import LAUNCH_ERRORS
+
+    path = os.environ.get(LAUNCH_ERRORS)
+    if not path:
+        return False
+    try:
+        with open(path, "a") as f:  # O_APPEND: each rank's text whole, and ended by a NUL
+            f.write(said + "\0")
+    except OSError:
+        return False
+    return True
 
 
 def _exit(code: int) -> None:

@@ -212,7 +212,6 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
             status = "interrupted" if interrupts.count else "stopped"
     except KeyboardInterrupt:
         status, error = "interrupted", f"interrupted (a second {interrupts.last or 'Ctrl-C'})"
-        loop.outcome.steps = loop.step  # the loop never got to its own end to count them
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error})
     except Exception as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
@@ -220,9 +219,10 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
         error += where
         tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
         if ranks is not None:  # a collective failing here is mostly another rank's failure: say whose, and why
-            error, tail = rank_errors(run_dir, error, tail)
+            error, tail, trace = rank_errors(run_dir, error, tail, trace)
         log.error("training failed:\n%s", tail)
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error, "traceback": tail})
+    loop.outcome.steps = loop.step  # also when the loop never got to its own end to count them (Ctrl-C, an error)
     if bus.failure is not None:  # the journal's disk: the loop stopped at a step boundary for it
         status, error = "failed", bus.failure
         log.error("%s", error)
@@ -269,18 +269,24 @@ RANK_ERROR = "rank{}.error.json"  # in the run directory: what failed on a rank 
 RANK_ERROR_WAIT_S = 2.0  # a rank's file is written before it exits; rank 0 may see the broken collective first
 
 
-def write_rank_error(run_dir: Path, rank: int, exc: BaseException) -> None:
-    """What failed on this rank, for rank 0's run_failed and summary (the directory every rank shares)."""
+def write_rank_error(run_dir: Path, rank: int, exc: BaseException) -> str:
+    """What failed on this rank, for rank 0's run_failed and summary (the directory every rank shares). Returns
+    what this rank says on its stderr: the traceback trimmed to the user's frames (the whole one when none of
+    their code is in it: then the fault is ours, and our frames are the point), and the one-line error."""
     tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
+    where, trace = user_trace(exc)
+    error = f"{type(exc).__name__}: {exc}{where}"
     try:
         (Path(run_dir) / RANK_ERROR.format(rank)).write_text(
-            json.dumps({"rank": rank, "error": f"{type(exc).__name__}: {exc}", "traceback": tail}))
+            json.dumps({"rank": rank, "error": error, "traceback": tail, "trace": trace}))
     except OSError:  # its traceback is on its stderr all the same
         pass
+    return (trace or traceback.format_exc()) + f"error: rank {rank}: {error}\n"
 
 
-def rank_errors(run_dir: Path, error: str, tail: str) -> tuple[str, str]:
-    """Rank 0's error and traceback, led by those the other ranks wrote (waiting RANK_ERROR_WAIT_S for them)."""
+def rank_errors(run_dir: Path, error: str, tail: str, trace: str) -> tuple[str, str, str]:
+    """Rank 0's error, traceback and the user's frames in it, led by those the other ranks wrote (waiting
+    RANK_ERROR_WAIT_S for them)."""
     deadline = time.monotonic() + RANK_ERROR_WAIT_S
     while True:
         found = sorted(Path(run_dir).glob(RANK_ERROR.format("*")))
@@ -294,9 +300,10 @@ def rank_errors(run_dir: Path, error: str, tail: str) -> tuple[str, str]:
         except (OSError, ValueError):
             continue
     if not others:
-        return error, tail
+        return error, tail, trace
     lead = "; ".join(f"rank {o['rank']}: {o['error']}" for o in others)
-    return f"{lead} (rank 0: {error})", "".join(f"rank {o['rank']}:\n{o['traceback']}" for o in others) + tail
+    return (f"{lead} (rank 0: {error})", "".join(f"rank {o['rank']}:\n{o['traceback']}" for o in others) + tail,
+            "".join(f"rank {o['rank']}: {o['trace']}" for o in others if o.get("trace")) + trace)
 
 
 class _Silent:
@@ -325,10 +332,10 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
         if threading.current_thread() is threading.main_thread() else {}
     try:
         with keep_freed_memory(cfg.keep_freed_memory):
-            outcome = loop.run()  # an exception's traceback prints as it goes up; torchrun then ends the group
-    except Exception as exc:
-        write_rank_error(run_dir, ranks.rank, exc)
-        raise
+            outcome = loop.run()
+    except Exception as exc:  # said here (the user's frames), then torchrun ends the group on our exit
+        print(write_rank_error(run_dir, ranks.rank, exc), end="", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -255,6 +255,21 @@ def test_a_rank_that_raises_is_named_with_its_error_in_rank_0s_journal_and_summa
     [run_dir] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed", summary
-    assert summary["error"].startswith("rank 1: ValueError: bad batch 3 on rank 1"), summary["error"]
+    assert summary["error"].startswith("rank 1: ValueError: bad batch 3 on rank 1 (in your code: "), summary["error"]
     [failed] = [e for e in read_events(run_dir) if e.type == "run_failed"]
     assert failed.data["error"] == summary["error"] and "in __iter__" in failed.data["traceback"]
+    # the user's frames, in summary.json and on rank 1's stderr; none of ours there
+    assert summary["trace"].startswith("rank 1: Traceback (most recent call last; your code only):"), summary["trace"]
+    assert "fixture_targets.py" in summary["trace"] and "kernel/loop.py" not in summary["trace"]
+    assert "fixture_targets.py" in proc.stderr and "kernel/loop.py" not in proc.stderr, proc.stderr
+    assert summary["outcome"]["steps"] == failed.step > 0, (summary["outcome"], failed.step)
+
+
+def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_restart(tmp_path):
+    proc = subprocess.run(trainbus_cmd() + ["run", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
+                                            "--nproc", "2", "--max-restarts", "2", "--precision", "16-mixed"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    said = "error: precision 16-mixed needs a CUDA device"
+    assert proc.returncode == 2 and proc.stderr.count(said) == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(said) and "Traceback" not in proc.stderr, proc.stderr
+    assert "restart" not in proc.stderr.lower() and not (tmp_path / "runs").exists(), proc.stderr

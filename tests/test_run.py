@@ -75,6 +75,7 @@ def test_training_exception_fails_the_run_and_tells_plugins(runs_dir, tmp_path):
     assert result.status == "failed" and "loss exploded" in result.error
     failed = [e for e in read_events(result.run_dir) if e.type == ev.RUN_FAILED]
     assert len(failed) == 1 and "FloatingPointError" in failed[0].data["traceback"]
+    assert result.outcome["steps"] == failed[0].step > 0  # the steps it trained, though the loop never ended
     assert recorded(rec)[-1] == (failed[0].seq, ev.RUN_FAILED), "a durable plugin sees the failure last"
 
 @pytest.mark.parametrize("data", [{1: "int key"}, {"s": "x" * (MAX_STR_BYTES + 1)}, {"a": [0] * (MAX_ARRAY_LEN + 1)}],
