@@ -311,7 +311,7 @@ def files_to_keep(entries: list[dict[str, Any]], monitor: str, mode: str, save_t
     elif monitor:
         chosen = ranked[:save_top_k]  # ties: the older stays, as in Lightning
     else:
-        chosen = files[len(files) - save_top_k:] if save_top_k else []  # no ranking: the k newest
+        chosen = files[-save_top_k:] if save_top_k else []  # no ranking: the k newest (all of fewer)
     keep = newest | set(chosen)
     guarded = newest | (set(ranked[:1]) & keep)  # max_total never removes the newest nor the best
     for file in files:  # oldest first

@@ -272,6 +272,7 @@ def test_max_total_never_removes_the_best(tmp_path, buffers):
 @pytest.mark.parametrize(("settings", "kept"), [
     ({"monitor": "", "save_top_k": -1, "save_last": True, "max_total": 0}, {"a", "b", "c", "d"}),
     ({"monitor": "", "save_top_k": 2, "save_last": False, "max_total": 0}, {"c", "d"}),  # no monitor: k newest
+    ({"monitor": "", "save_top_k": 5, "save_last": False, "max_total": 0}, {"a", "b", "c", "d"}),  # fewer than k
     ({"monitor": "loss", "save_top_k": 2, "save_last": False, "max_total": 0}, {"b", "c"}),
     ({"monitor": "loss", "save_top_k": 1, "save_last": True, "max_total": 0}, {"b", "d"}),
     ({"monitor": "loss", "save_top_k": 1, "save_last": True, "max_total": 1}, {"b", "d"}),  # both guarded
