@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
 from .cluster import Cluster
 from .replies import NO_CONTROL, Control
@@ -89,10 +89,51 @@ class Ranks:
             dist.destroy_process_group()
 
 
+class ShardedSampler(Sampler[int]):
+    """A sampler of the user's own (a subset, weights, an order of theirs) shared out over the ranks, as
+    Lightning's DistributedSamplerWrapper does: every rank draws the epoch's indices from it, seeded by the run's
+    seed and the epoch so that every rank draws the same ones (a sampler with a generator of its own draws from
+    that: seed it the same on every rank), and takes every world_size-th of them; padded, as DistributedSampler
+    pads, so each rank has as many (or cut short, with drop_last)."""
+
+    def __init__(self, sampler: Any, num_replicas: int, rank: int, seed: int, drop_last: bool):
+        self.sampler, self.num_replicas, self.rank, self.seed = sampler, num_replicas, rank, seed
+        self.drop_last, self.epoch = drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        count = len(self.sampler)
+        return count // self.num_replicas if self.drop_last else -(-count // self.num_replicas)
+
+    def __iter__(self):
+        with torch.random.fork_rng(devices=[]):  # the training's own RNG goes on untouched
+            torch.manual_seed(self.seed + self.epoch)
+            indices = list(self.sampler)
+        total = len(self) * self.num_replicas
+        if len(indices) < total:
+            indices += (indices * -(-total // max(len(indices), 1)))[: total - len(indices)]
+        return iter(indices[self.rank:total:self.num_replicas])
+
+
+def unshardable(loader: Any) -> str | None:
+    """Why every rank would iterate this loader whole (a note for the user), or None when shard() shares it."""
+    if not isinstance(loader, DataLoader):
+        return f"a {type(loader).__name__}, not a DataLoader"
+    if isinstance(loader.dataset, IterableDataset):
+        return "a DataLoader over an IterableDataset (a stream has no indices to share out)"
+    return None
+
+
 def shard(loader: Any, seed: int, where: str) -> Any:
     """The loader with a DistributedSampler in place of its sampler, as Lightning does; one that already has
-    one is kept. The shuffle follows the original (a RandomSampler shuffles), seeded by the run's seed."""
-    if not isinstance(loader, DataLoader) or isinstance(loader.sampler, DistributedSampler):
+    one is kept. The shuffle follows the original (a RandomSampler shuffles), seeded by the run's seed; any other
+    sampler of the user's is shared out as it samples (ShardedSampler). A loader that cannot be shared out (see
+    unshardable) is kept as it is."""
+    if unshardable(loader) or isinstance(loader.sampler, DistributedSampler):
         return loader
     if loader.batch_sampler is not None and type(loader.batch_sampler).__module__ != "torch.utils.data.sampler":
         raise ValueError(f"{where} has a batch_sampler of its own ({type(loader.batch_sampler).__name__}): shard it "
@@ -100,8 +141,11 @@ def shard(loader: Any, seed: int, where: str) -> Any:
     if loader.batch_size is None:
         raise ValueError(f"{where} has no batch_size (automatic batching off): give it a DistributedSampler yourself, "
                          f"or set [run] distributed_sampler = false")
-    sampler = DistributedSampler(loader.dataset, shuffle=isinstance(loader.sampler, RandomSampler), seed=seed,
-                                 drop_last=loader.drop_last)
+    if isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+        sampler = DistributedSampler(loader.dataset, shuffle=isinstance(loader.sampler, RandomSampler), seed=seed,
+                                     drop_last=loader.drop_last)
+    else:
+        sampler = ShardedSampler(loader.sampler, dist.get_world_size(), dist.get_rank(), seed, loader.drop_last)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
                       timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
@@ -110,10 +154,19 @@ def shard(loader: Any, seed: int, where: str) -> Any:
                       persistent_workers=loader.persistent_workers)
 
 
-def distribute(spec: Any, stepper: Any, ranks: Ranks, device: torch.device, cfg: Any) -> None:
-    """The spec made ready for this rank: loaders sharded (unless the user opted out), training through DDP."""
+def distribute(spec: Any, stepper: Any, ranks: Ranks, device: torch.device, cfg: Any) -> list[str]:
+    """The spec made ready for this rank: loaders sharded (unless the user opted out), training through DDP.
+    Returns a warning for each loader every rank will iterate whole (for rank 0 to say)."""
+    warnings = []
     if cfg.distributed_sampler:
-        spec.train_loader = shard(spec.train_loader, cfg.seed, "train_loader")
-        if spec.validation_loader is not None:
-            spec.validation_loader = shard(spec.validation_loader, cfg.seed, "validation_loader")
+        for where in ("train_loader", "validation_loader"):
+            loader = getattr(spec, where)
+            if loader is None:
+                continue
+            why = unshardable(loader)
+            if why:
+                warnings.append(f"{where} is {why}: every rank iterates all of it, so each sees the same data; "
+                                f"share it out in your loader (torch.distributed.get_rank() and get_world_size())")
+            setattr(spec, where, shard(loader, cfg.seed, where))
     stepper.distribute(ranks.wrap(spec.model, device))
+    return warnings

@@ -151,7 +151,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
             raise CheckpointError(f"checkpoint {resume_from} does not fit this spec: {exc}") from None
     if ranks is not None:
         try:
-            distribute(spec, stepper, ranks, device, cfg)
+            unshared = distribute(spec, stepper, ranks, device, cfg)
         except ValueError as exc:  # a loader it cannot shard: names it and the opt-out
             raise ConfigError(str(exc)) from None
         if not ranks.is_main:
@@ -178,6 +178,9 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
     (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags), indent=2, default=str) + "\n")
     record_run(run_dir)  # the run registry: running (never raises; a registry it cannot write costs a warning)
     handler = _log_to(run_dir / "kernel.log")
+    for line in unshared if ranks is not None else []:
+        announce(f"warning: {line}")
+        log.warning("%s", line)
 
     plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console")) for p in cfg.plugins]
     buffers = SnapshotBuffers(run_id, snapshot_directories(run_dir, cfg.snapshot_dir))

@@ -273,3 +273,61 @@ def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_re
     assert proc.returncode == 2 and proc.stderr.count(said) == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(said) and "Traceback" not in proc.stderr, proc.stderr
     assert "restart" not in proc.stderr.lower() and not (tmp_path / "runs").exists(), proc.stderr
+
+
+# -- sharing out a loader's data ------------------------------------------------------------------------------
+
+def test_a_sampler_of_the_users_own_is_shared_out_as_it_samples():
+    """Each rank takes every other index of the same draw: the user's subset, nothing outside it, no index twice
+    within an epoch (but the padding), a new draw each epoch, the training's RNG untouched."""
+    import torch
+    from torch.utils.data import SubsetRandomSampler, WeightedRandomSampler
+
+    from trainbus.kernel.distributed import ShardedSampler
+
+    subset = list(range(0, 64, 4))  # 16 of 64 samples
+    ranks = [ShardedSampler(SubsetRandomSampler(subset), 2, rank, seed=7, drop_last=False) for rank in (0, 1)]
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    first = [list(r) for r in ranks]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert len(first[0]) == len(first[1]) == len(ranks[0]) == 8
+    assert sorted(first[0] + first[1]) == subset  # shared out: together exactly the subset
+    assert first[0] != sorted(first[0])  # and shuffled, as the user's sampler does
+    for r in ranks:
+        r.set_epoch(1)
+    assert [list(r) for r in ranks] != first and sorted(sum((list(r) for r in ranks), [])) == subset
+    # an odd count is padded as DistributedSampler pads, or cut with drop_last
+    odd = [ShardedSampler(SubsetRandomSampler(subset[:5]), 2, rank, 7, drop_last=False) for rank in (0, 1)]
+    assert [len(list(r)) for r in odd] == [3, 3] and set(sum((list(r) for r in odd), [])) == set(subset[:5])
+    cut = [ShardedSampler(SubsetRandomSampler(subset[:5]), 2, rank, 7, drop_last=True) for rank in (0, 1)]
+    assert [len(list(r)) for r in cut] == [2, 2]
+    # weights: only what the weights allow
+    weighted = ShardedSampler(WeightedRandomSampler([0.0, 1.0, 0.0, 1.0], 10), 2, 1, 7, drop_last=False)
+    assert set(weighted) <= {1, 3} and len(list(weighted)) == 5
+
+
+def test_shard_keeps_the_kind_of_sampler_and_leaves_a_stream_alone(tmp_path):
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import (DataLoader, DistributedSampler, IterableDataset, SubsetRandomSampler,
+                                  TensorDataset)
+
+    from trainbus.kernel.distributed import ShardedSampler, shard, unshardable
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(range(10))
+
+    data = TensorDataset(torch.arange(20.0))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert isinstance(shard(DataLoader(data, batch_size=4, shuffle=True), 0, "x").sampler, DistributedSampler)
+        assert isinstance(shard(DataLoader(data, batch_size=4), 0, "x").sampler, DistributedSampler)
+        own = shard(DataLoader(data, batch_size=4, sampler=SubsetRandomSampler([1, 2, 3])), 0, "x")
+        assert isinstance(own.sampler, ShardedSampler) and sorted(int(v) for b in own for v in b[0]) == [1, 2, 3]
+        stream = DataLoader(Stream(), batch_size=4)
+        assert shard(stream, 0, "x") is stream and "IterableDataset" in unshardable(stream)
+        assert shard([1, 2], 0, "x") == [1, 2] and "not a DataLoader" in unshardable([1, 2])
+    finally:
+        dist.destroy_process_group()
