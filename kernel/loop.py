@@ -89,6 +89,7 @@ class Loop:
         self.epoch_rng_state: dict[str, Any] = {}  # RNG as the epoch's data iterator was created
         self._resume: dict[str, Any] | None = None  # mid-epoch resume state, used once
         self._deferred_checkpoint: str | None = None  # asked for mid-accumulation: taken at the next optimizer step
+        self._agreed = False  # across ranks: _deferred_checkpoint was agreed on, and waits only for that step
         self._buffers_asked = checkpointer is None  # once the state's full size is known and a persister is here
         self._held: list = []  # across ranks: rank 0's replies until the ranks next agree
         self._loaded_from: str | None = None
@@ -126,7 +127,7 @@ class Loop:
             early, self._held = self._held + self.bus.take_replies(), []
             due = self._deferred_checkpoint or (  # a checkpoint asked for in the epoch's last batches, or the schedule's
                 "epoch" if self.checkpointer is not None and self.checkpointer.due_at_epoch(self.epoch) else None)
-            self._deferred_checkpoint = None
+            self._deferred_checkpoint, self._agreed = None, False
             checkpoint = self._decide(early, due)[1]
             checkpointed = checkpoint is not None and not out.stopped_early
             if checkpointed:
@@ -270,15 +271,23 @@ class Loop:
         if self.ranks is not None:
             self._held += replies
             if self.step % AGREE_EVERY:
+                # agreed inside an accumulation: its end is this same step on every rank (no agreeing again, which
+                # would wait for an agreement point that ends an accumulation too: every lcm(16, k) steps)
+                if self._agreed and not self.stepper.pending:
+                    self._take_deferred_checkpoint()
                 return False
             replies, self._held = self._held, []
         elif not (replies or self._deferred_checkpoint or self.stop_requested()):
             return False  # the usual step: nothing asked
         control, self._deferred_checkpoint = self._decide(replies, self._deferred_checkpoint)
         if self._deferred_checkpoint and not self.stepper.pending:  # partial accumulations are in no checkpoint
-            reason, self._deferred_checkpoint = self._deferred_checkpoint, None
-            self._checkpoint(reason, epoch_complete=False)
+            self._take_deferred_checkpoint()
+        self._agreed = self.ranks is not None and self._deferred_checkpoint is not None
         return self._apply(control)
+
+    def _take_deferred_checkpoint(self) -> None:
+        reason, self._deferred_checkpoint, self._agreed = self._deferred_checkpoint, None, False
+        self._checkpoint(reason, epoch_complete=False)
 
     def _decide(self, replies: list, checkpoint: str | None) -> tuple[Control, str | None]:
         """What this boundary does: the replies merged, and the checkpoint to take (why), or None. In one

@@ -75,6 +75,16 @@ def test_a_stop_and_a_checkpoint_reach_every_rank_at_the_same_step(tmp_path):
     assert checkpoint_at <= checkpoint.step <= stop.step, f"TRAINBUS_TEST_SEED={seed}"
 
 
+def test_a_checkpoint_agreed_inside_an_accumulation_lands_at_its_end_on_every_rank(tmp_path):
+    """Due at step 10, agreed at 16 (the ranks agree every 16 steps) while a 3-batch accumulation is open: taken
+    at 18, where it closes, by every rank (a collective: a rank that missed it would hang the bounded run)."""
+    config = tmp_path / "run.toml"
+    config.write_text("[run]\ncheckpoint_every_n_steps = 10\naccumulate_grad_batches = 3\n")
+    _, run_dir = train(tmp_path, "--nproc", "2", "--epochs", "1", "--plugins", "checkpoint", "--config", str(config))
+    steps = [e.step for e in read_events(run_dir) if e.type == "save_checkpoint"]
+    assert steps == [18, 23], steps  # then the epoch's end (23 steps a rank)
+
+
 @pytest.mark.parametrize("env, kind", [({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
                                         "SLURM_NODEID": "0", "SLURM_NODELIST": "node[01-02]", "SLURM_JOB_ID": "4242",
                                         "SLURM_JOB_NAME": "train.sh"}, "slurm"), ({}, "single")])
