@@ -194,7 +194,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     _no_unknown(limits, _LIMIT_KEYS, f"{where}: [limits]")
     for key, value in limits.items():
         cfg.limits[key] = _typed(value, _LIMIT_KEYS[key], f"{where}: limits.{key}")
-        if cfg.limits[key] <= 0:
+        if not cfg.limits[key] > 0:  # NaN too
             raise ConfigError(f"{where}: limits.{key} must be > 0, got {value!r}")
     plugins = _table(raw.get("plugins", {name: {} for name in DEFAULT_PLUGINS}), f"{where}: [plugins]")
     for name, body in plugins.items():
@@ -241,11 +241,11 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.accumulate_grad_batches < 1:
         raise ConfigError(f"{where}: accumulate_grad_batches must be >= 1, got {cfg.accumulate_grad_batches}")
-    if cfg.gradient_clip_val < 0:
+    if not cfg.gradient_clip_val >= 0:  # NaN too: a NaN norm bound trains to NaN
         raise ConfigError(f"{where}: gradient_clip_val must be >= 0 (0 turns clipping off), got {cfg.gradient_clip_val}")
-    if cfg.journal_backlog_mb <= 0:
+    if not cfg.journal_backlog_mb > 0:
         raise ConfigError(f"{where}: journal_backlog_mb must be > 0, got {cfg.journal_backlog_mb}")
-    if cfg.journal_segment_mb <= 0:
+    if not cfg.journal_segment_mb > 0:
         raise ConfigError(f"{where}: journal_segment_mb must be > 0, got {cfg.journal_segment_mb}")
     names = [p.name for p in cfg.plugins]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -352,5 +352,7 @@ def _typed(value: Any, annotation: Any, where: str) -> Any:
     else:
         ok, expected = isinstance(value, str), "a string"
     if not ok:
+        if expected == "a string" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string; {value!r} was read as a number: quote it (\"{value}\")")
         raise ConfigError(f"{where} must be {expected}, got {value!r}")
     return value
