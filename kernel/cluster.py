@@ -59,6 +59,10 @@ def detect(env: Mapping[str, str] | None = None) -> Cluster:
                           local_rank=_int(env, "SLURM_LOCALID", 0), node_rank=_int(env, "SLURM_NODEID", 0),
                           main_address=env.get("MASTER_ADDR") or first_host(env.get("SLURM_NODELIST", "127.0.0.1")),
                           main_port=port)
+    elif env.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # one process of many, launched some other way
+        missing = [name for name in TORCHELASTIC_VARS if name not in env]
+        raise ClusterError(f"WORLD_SIZE is {env['WORLD_SIZE']} but {', '.join(missing)} not set: launch the ranks with "
+                           f"`trainbus run --nproc N`, torchrun or srun, which set them all")
     else:
         return Cluster("single")
     if not 0 <= cluster.rank < cluster.world_size:

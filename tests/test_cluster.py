@@ -46,6 +46,8 @@ def test_first_host_of_a_node_list(nodelist, first):
     ({**TORCHRUN, "RANK": "4"}, "rank 4 is not below world size 4"),
     ({**TORCHRUN, "WORLD_SIZE": "four"}, "WORLD_SIZE='four' is not an integer"),
     ({k: v for k, v in TORCHRUN.items() if k != "WORLD_SIZE"}, "WORLD_SIZE is not set"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "GROUP_RANK": "0"},  # set by hand: no single run of its own
+     "WORLD_SIZE is 2 but LOCAL_WORLD_SIZE not set: launch the ranks with `trainbus run --nproc N`, torchrun or srun"),
 ])
 def test_contradicting_variables_are_one_clear_error(env, message):
     with pytest.raises(ClusterError, match=message):
