@@ -552,12 +552,15 @@ def runs_reindex(
     from . import registry, runs
 
     try:
-        found = registry.reindex(runs_dir)
+        found, set_aside = registry.reindex(runs_dir)
     except runs.RunLookupError as exc:
         raise UserError(str(exc)) from None
     except (registry.sqlite3.Error, registry.RegistryError, OSError) as exc:
         raise UserError(f"cannot write {Path(runs_dir).resolve() / registry.REGISTRY_NAME} ({exc}); is the runs "
                         f"directory yours and writable?") from None
+    if set_aside is not None:
+        out.print(f"the old registry was no SQLite database it could read: kept as {escape(str(set_aside))} (the "
+                  f"daemon's queue was in it: queued runs need submitting again)")
     out.print(f"{len(found)} run{'s' * (len(found) != 1)} indexed in "
               f"{escape(str(Path(runs_dir).resolve() / registry.REGISTRY_NAME))}")
 

@@ -268,14 +268,27 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
                          and (target is None or target in (run.get("target") or ""))])
 
 
-def reindex(runs_dir: Path) -> list[dict[str, Any]]:
-    """Rebuild the registry from the run directories (the daemon's runs without one are kept); the runs found,
-    newest first."""
+def reindex(runs_dir: Path) -> tuple[list[dict[str, Any]], Path | None]:
+    """Rebuild the registry from the run directories (the daemon's runs without one are kept): the runs found,
+    newest first, and where a registry SQLite could not read at all was set aside (None when none was)."""
     now = time.time()
     found = [overview_or_unreadable(path, now) for path in find_runs(runs_dir)]
-    with Registry(runs_dir) as registry:
+    set_aside = None
+    try:
+        registry = Registry(runs_dir)
+    except sqlite3.DatabaseError as exc:
+        if type(exc) is not sqlite3.DatabaseError:  # locked, read-only, ...: not the file's fault
+            raise
+        # not a database, or a malformed one: kept for whoever wants to look, and a new one made in its place
+        path = Path(runs_dir).resolve() / REGISTRY_NAME
+        set_aside = path.with_name(f"{REGISTRY_NAME}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, set_aside)
+        for journal in (f"{REGISTRY_NAME}-wal", f"{REGISTRY_NAME}-shm", f"{REGISTRY_NAME}-journal"):
+            path.with_name(journal).unlink(missing_ok=True)
+        registry = Registry(runs_dir)
+    with registry:
         registry.replace(found, now)
-    return newest_first(found)
+    return newest_first(found), set_aside
 
 
 def warn(runs_dir: Path, exc: Exception) -> None:

@@ -141,6 +141,18 @@ def test_a_registry_of_schema_2_gains_who_submitted_each_job_and_keeps_its_queue
         assert registry.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+def test_reindex_sets_aside_a_registry_sqlite_cannot_read_and_builds_a_new_one(ended_runs, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(ended_runs, copy, ignore=shutil.ignore_patterns(f"{REGISTRY_NAME}*"))
+    (copy / REGISTRY_NAME).write_bytes(b"garbage, not a database" * 100)  # what `runs list` says to reindex
+    said = cli("runs", "reindex", "--runs-dir", str(copy))
+    [kept] = copy.glob(f"{REGISTRY_NAME}.unreadable-*")
+    assert kept.read_bytes().startswith(b"garbage") and f"kept as {kept}" in said.replace("\n", ""), said
+    assert said.strip().splitlines()[-1].startswith("2 runs indexed in "), said
+    with Registry(copy) as registry:
+        assert sorted(registry.runs(time.time())) == ["a-completed", "b-failed"]
+
+
 def test_a_registry_that_cannot_be_written_costs_one_warning_line_and_never_the_run(tmp_path, capfd):
     runs_dir = tmp_path / "runs"
     (runs_dir / REGISTRY_NAME).mkdir(parents=True)  # not a database file: every open fails
