@@ -365,6 +365,8 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         p["log"] = str(run_dir / "plugins" / f"{name}.log") if (run_dir / "plugins" / f"{name}.log").is_file() else None
         if name in undrained:
             p["undrained_acked_seq"] = undrained[name]
+    for c in saved:  # the checkpoint plugin's retention (save_top_k, max_total) removes most as the run goes
+        c["present"] = isinstance(c["path"], str) and os.path.isfile(c["path"])
     session = sessions[-1] if sessions else {}
     rows = [epochs[k] for k in sorted(epochs)]
     # the best of whole epochs, as the loop's (summary.json's) is: a partial epoch's validation is not comparable

@@ -218,9 +218,10 @@ def print_show(console, run: dict[str, Any]) -> None:
     checkpoints = run.get("checkpoints") or {}
     if checkpoints.get("saved") or checkpoints.get("failed") or checkpoints.get("skipped"):
         console.print()
-        console.print(f"checkpoints: {len(checkpoints['saved'])} saved, {checkpoints['failed']} failed, "
-                      f"{checkpoints['skipped']} skipped")
-        for c in checkpoints["saved"][-3:]:
+        kept = [c for c in checkpoints["saved"] if c.get("present")]
+        console.print(f"checkpoints: {len(checkpoints['saved'])} saved ({len(kept)} still on disk), "
+                      f"{checkpoints['failed']} failed, {checkpoints['skipped']} skipped")
+        for c in kept[-3:]:
             console.print(escape(f"  {c['path']} (epoch {c['epoch']}, step {c['step']})"))
 
     files = run.get("files") or []

@@ -533,6 +533,11 @@ def test_retention_policy_on_a_real_run(tmp_path, policy):
         assert [e.data["epoch"] for e in of(events, "checkpoint_saved")] == [e for e, _, _ in rows]
     assert not of(events, "checkpoint_failed")
     assert len(of(events, "end_epoch")) == 6
+    # `runs show` tells the files retention kept from those it removed
+    from trainbus.kernel.runs import run_details
+
+    shown = {Path(c["path"]).name: c["present"] for c in run_details(Path(result.run_dir))["checkpoints"]["saved"]}
+    assert {name for name, present in shown.items() if present} == keep, shown
 
 
 def test_the_runs_last_checkpoint_waits_for_a_buffer_instead_of_being_skipped(tmp_path):
