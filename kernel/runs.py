@@ -208,7 +208,7 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         tail = journal_tail(journal)
         summary = _read_json(run_dir / SUMMARY)  # the kernel may have ended meanwhile
         if summary is None or summary.get("status") not in STATUSES:
-            _from_journal_tail(info, journal, tail, pid, alive, started, now)
+            _from_journal_tail(info, journal, tail, pid, alive, started, now, _unreadable(run_dir / SUMMARY))
             return info
     outcome = summary.get("outcome") or {}
     # a failed run's outcome says 0 steps (the loop counts them at its end): the journal's last event knows
@@ -231,13 +231,28 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     return info
 
 
+def _unreadable(path: Path) -> str | None:
+    """Why a summary.json that is there says nothing (torn, emptied, edited by hand); None when there is none."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return f"{path.name} is unreadable ({exc})"
+    return None if isinstance(value, dict) and value.get("status") in STATUSES else \
+        f"{path.name} holds no run status"
+
+
 def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], pid: int | None, alive: bool | None,
-                       started: float | None, now: float) -> None:
-    """A run without a summary: running or died, and how far it got, from the journal's tail."""
+                       started: float | None, now: float, summary_problem: str | None = None) -> None:
+    """A run without a (readable) summary: running or died, and how far it got, from the journal's tail."""
     last = tail[-1] if tail else None
     age = None if last is None else max(0.0, now - last.ts)
     if alive:
         status, detail = "running", f"kernel pid {pid} is alive"
+    elif summary_problem:  # not a kernel that died before writing one: say what is wrong with what it wrote
+        status, detail = "died", summary_problem + (f"; the journal ends with {last.type} (seq {last.seq})"
+                                                    if last is not None else "")
     elif pid is not None:
         status, detail = "died", f"kernel pid {pid} is gone and wrote no {SUMMARY}"
     elif age is not None and age < STALE_S:  # a run from before kernel.pid: heartbeats say it is going

@@ -342,3 +342,15 @@ def test_plugin_trouble_names_a_crash_the_run_ended_before_restarting():
     plugins = {"late": {"state": "exited", "restarts": 0, "crashes": ["exit code 3"]},
                "fine": {"state": "exited", "restarts": 0, "crashes": []}}
     assert _plugin_trouble(plugins, {}) == ["late crashed (exit code 3)"]
+
+
+def test_a_torn_summary_is_said_to_be_torn_not_a_kernel_that_died_without_one(tmp_path):
+    from trainbus.kernel.runs import run_overview
+
+    result = run_training(RunConfig(target=TINY, epochs=1, runs_dir=str(tmp_path), plugins=[]), run_id="torn")
+    summary = Path(result.run_dir) / "summary.json"
+    summary.write_text(summary.read_text()[:100])
+    (Path(result.run_dir) / "kernel.pid").unlink()  # its kernel (this process, here) is no longer around
+    run = run_overview(Path(result.run_dir))
+    assert run["status"] == "died" and run["detail"].startswith("summary.json is unreadable ("), run["detail"]
+    assert run["detail"].endswith("the journal ends with end_training_session (seq %d)" % run["last_seq"])
