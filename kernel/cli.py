@@ -471,6 +471,9 @@ def runs_plot(
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         raise UserError(lines[-1].removeprefix("error: ") if lines else f"plotting failed (exit {proc.returncode})")
+    for line in proc.stderr.splitlines():
+        if line.startswith("warning: "):
+            print(f"trainbus: {line}", file=sys.stderr)
     out.print(proc.stdout.rstrip(), markup=False)
 
 
@@ -594,6 +597,8 @@ def runs_show(
                 out.print("  output: none yet (it is queued)" if details["job"] == "queued"
                           else "  output: none (the daemon never started a process for it)")
             return
+    for line in details.get("journal_damage") or []:  # on stderr: --json stays one JSON object
+        print(f"trainbus: warning: {line}; what this shows leaves those events out", file=sys.stderr)
     if as_json:
         print(runs_view.as_json(details))
     else:

@@ -25,7 +25,8 @@ import msgpack
 
 from trainbus.proto import Event
 from trainbus.proto.codec import UNPACK_LIMITS
-from trainbus.proto.journal_format import Segment, closed_segments, iter_records, read_journal, segment_name
+from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, iter_records, read_journal,
+                                           segment_name)
 
 log = logging.getLogger("trainbus.kernel")
 
@@ -66,6 +67,13 @@ class Journal:
         self._segments = closed_segments(self.path)
         self._segment_firsts = [s.first for s in self._segments]
         self._cache: dict[Path, tuple[bytes, array]] = {}  # decompressed closed segments, oldest use first
+        self._lost: set[Path] = set()  # segments found unreadable (said once each)
+        self.missing: list[str] = []  # stretches of seqs no segment holds (a segment deleted or never copied)
+        for before, after in zip([Segment(0, 0, self.path), *self._segments], self._segments):
+            if after.first != before.last + 1:  # replays skip what it held
+                self.missing.append(f"events {before.last + 1}-{after.first - 1} are missing from the journal "
+                                    f"(no segment holds them before {after.path.name}); they cannot be replayed")
+                log.error("journal: %s", self.missing[-1])
         self._offsets = array("q")  # byte offset of each written seq of the active file, from _first_seq on
         self._first_seq = self._segments[-1].last + 1 if self._segments else 1  # of the active file
         self._size = 0  # end of the last whole record
@@ -207,13 +215,28 @@ class Journal:
         """(count, bytes as stored) of written records from from_seq on: at most max_events, and max_bytes
         unless one record alone is larger. A range starting in a closed segment ends with that segment."""
         from_seq = max(from_seq, self.first_seq)
-        if from_seq >= self._first_seq:
-            start, end, count = _span(self._offsets, self._size, from_seq - self._first_seq, max_events, max_bytes)
-            return count, os.pread(self._read_fd, end - start, start) if count else b""
-        segment = self._segments[bisect.bisect_right(self._segment_firsts, from_seq) - 1]
-        blob, offsets = self._decompressed(segment)
-        start, end, count = _span(offsets, len(blob), from_seq - segment.first, max_events, max_bytes)
-        return count, blob[start:end]
+        while from_seq < self._first_seq:
+            at = bisect.bisect_right(self._segment_firsts, from_seq) - 1
+            segment = self._segments[at]
+            try:
+                blob, offsets = self._decompressed(segment) if from_seq <= segment.last else (b"", array("q"))
+            except SEGMENT_ERRORS as exc:
+                self._say_lost(segment, f"unreadable ({type(exc).__name__}: {exc})")
+                blob, offsets = b"", array("q")
+            start, end, count = _span(offsets, len(blob), from_seq - segment.first, max_events, max_bytes)
+            if count:
+                return count, blob[start:end]
+            # Lost to damage (a segment missing, garbled or cut short): the records after the loss are served, and
+            # a reader sees where they begin (PROTOCOL.md §12: a batch may begin after the seq it asked for).
+            from_seq = self._segments[at + 1].first if at + 1 < len(self._segments) else self._first_seq
+        start, end, count = _span(self._offsets, self._size, from_seq - self._first_seq, max_events, max_bytes)
+        return count, os.pread(self._read_fd, end - start, start) if count else b""
+
+    def _say_lost(self, segment: Segment, why: str) -> None:
+        if segment.path not in self._lost:  # once per segment: replays of many plugins come back to it
+            self._lost.add(segment.path)
+            log.error("journal segment %s is %s: its events (%d-%d) cannot be replayed", segment.path, why,
+                      segment.first, segment.last)
 
     def _decompressed(self, segment: Segment) -> tuple[bytes, array]:
         """A closed segment's records and their offsets, from the cache or the disk."""

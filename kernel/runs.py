@@ -343,7 +343,8 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     error = None
     journal = run_dir / JOURNAL_NAME
     last_record: dict[str, Any] | None = None
-    for record in stream_journal(journal) if journal.is_file() else ():
+    damage: list[str] = []
+    for record in stream_journal(journal, damage) if journal.is_file() else ():
         last_record = record
         if record["type"] in FREQUENT_TYPES:
             continue
@@ -393,7 +394,7 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         parameters=session.get("parameters"), hyperparameters=session.get("hyperparameters", config.get("hyperparameters")),
         epoch_table=rows, best={"validation_loss": best[0], "epoch": best[1]} if best else None,
         plugins=plugins, checkpoints={"saved": saved, **checkpoint_counts}, undrained=undrained,
-        bus=summary.get("bus") or {}, files=_files(run_dir))
+        bus=summary.get("bus") or {}, files=_files(run_dir), journal_damage=damage)
     if info["error"] is None and error is not None:
         info["error"] = error
     last = as_event(last_record) if last_record is not None else None

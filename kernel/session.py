@@ -189,6 +189,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
                                           journal_backlog_bytes=int(cfg.journal_backlog_mb * 2**20),
                                           journal_segment_bytes=int(cfg.journal_segment_mb * 2**20),
                                           remote=remote)
+    for line in bus.journal.missing:  # a continued run's journal with a segment gone: plugins go on without it
+        announce(f"warning: {line}")
     if bus.remote is not None:
         announce(f"listening with CURVE on {bus.remote.control_endpoint} (control) and {bus.remote.events_endpoint} "
                  f"(events); clients: {run_dir / CONNECTION_FILE}")

@@ -116,18 +116,20 @@ class History:
     # from a journal
 
     @classmethod
-    def from_journal(cls, run_dir: str | Path, every_n_steps: int = 1, before_seq: int | None = None) -> "History":
+    def from_journal(cls, run_dir: str | Path, every_n_steps: int = 1, before_seq: int | None = None,
+                     damage: list[str] | None = None) -> "History":
         history = cls(every_n_steps=every_n_steps)
-        history.backfill(run_dir, before_seq)
+        history.backfill(run_dir, before_seq, damage)
         return history
 
-    def backfill(self, run_dir: str | Path, before_seq: int | None = None) -> int:
-        """Read the events this record lacks from the run's journal (a restarted plugin's past); return how many."""
+    def backfill(self, run_dir: str | Path, before_seq: int | None = None, damage: list[str] | None = None) -> int:
+        """Read the events this record lacks from the run's journal (a restarted plugin's past); return how many.
+        `damage`: a line for each stretch of the journal that could not be read (read_journal's)."""
         path = Path(run_dir) / JOURNAL_NAME
         if not path.is_file():
             return 0
         taken = 0
-        for event in read_journal(path):
+        for event in read_journal(path, damage):
             if before_seq is not None and event.seq >= before_seq:
                 break
             if event.seq > self.last_seq and not self.finished:

@@ -187,11 +187,12 @@ def plot_size(settings: dict[str, Any]) -> PlotSize:
     return PlotSize(settings["plot_width_px"], settings["plot_height_px"], settings["plot_dpi"])
 
 
-def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Draw a finished (or running) run's plots from its journal alone, with the run's own plot settings."""
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, damage: list[str] | None = None) -> list[Path]:
+    """Draw a finished (or running) run's plots from its journal alone, with the run's own plot settings.
+    `damage`: a line for each stretch of the journal that could not be read (its events are not drawn)."""
     run_dir = Path(run_dir)
     settings = merge_settings(VisualizationPlugin, _configured_settings(run_dir))
-    history = History.from_journal(run_dir, every_n_steps=settings["every_n_steps"])
+    history = History.from_journal(run_dir, every_n_steps=settings["every_n_steps"], damage=damage)
     return render_all(history, Path(out_dir) if out_dir else run_dir / PLOTS_DIR, plot_size(settings))
 
 
@@ -223,7 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     if not (run_dir / JOURNAL_NAME).is_file():
         print(f"error: {run_dir} has no journal (events); is it a run directory?", file=sys.stderr)
         return 2
-    written = plot_run(run_dir, args.out)
+    damage: list[str] = []
+    try:
+        written = plot_run(run_dir, args.out, damage)
+    except OSError as exc:  # a read-only run directory, a full disk
+        where = args.out or run_dir / PLOTS_DIR
+        print(f"error: cannot write the plots to {where} ({exc.strerror or exc}); give --out a directory you can "
+              f"write", file=sys.stderr)
+        return 2
+    for line in damage:
+        print(f"warning: {line}; the plots leave those events out", file=sys.stderr)
     if not written:
         print(f"error: the journal of {run_dir} holds nothing to plot (no epoch, step or metric)", file=sys.stderr)
         return 1

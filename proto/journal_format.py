@@ -28,7 +28,7 @@ _TYPE_KEY_REACH = 4096  # how far a record's "type" key may be from its start: a
 _RECORD_WINDOW = 1024 * 1024  # the bytes decoded from where a record found by its bytes starts
 
 SEGMENT_SUFFIX = ".gz"
-_SEGMENT_ERRORS = (OSError, EOFError, zlib.error)  # a segment unreadable, cut short or garbled: the read ends there
+SEGMENT_ERRORS = (OSError, EOFError, zlib.error)  # a segment unreadable, cut short or garbled: what it held is lost
 
 # Nearly all of a long journal: the per-batch events and heartbeats.
 FREQUENT_TYPES = ev.BATCH_EVENTS | {ev.HEARTBEAT}
@@ -86,22 +86,34 @@ def _open_journal(path: str | Path) -> tuple[IO[bytes] | None, list[Segment]]:
     return f, closed_segments(active)
 
 
-def _chained(path: str | Path, records: Callable[[IO[bytes]], Iterator[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
-    """`records` of each closed segment, then of the active file, skipping seqs already read."""
+def _chained(path: str | Path, records: Callable[[IO[bytes]], Iterator[dict[str, Any]]],
+             damage: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """`records` of each closed segment, then of the active file, skipping seqs already read. A segment that
+    cannot be read (garbled, cut short) or is missing loses only its own events: the read goes on past it, and
+    `damage` (when given) gets a line for each such loss, naming the file and the seqs."""
     active, segments = _open_journal(path)
     last = 0
+
+    def fresh(r: dict[str, Any], where: Path) -> bool:
+        nonlocal last
+        if r["seq"] <= last:
+            return False
+        if r["seq"] > last + 1 and damage is not None:
+            damage.append(f"events {last + 1}-{r['seq'] - 1} are missing from the journal before {where.name}")
+        last = r["seq"]
+        return True
+
     try:
         for segment in segments:
             try:
                 with gzip.open(segment.path, "rb") as f:
-                    for r in records(f):
-                        if r["seq"] > last:
-                            last = r["seq"]
-                            yield r
-            except _SEGMENT_ERRORS:
-                return
+                    yield from (r for r in records(f) if fresh(r, segment.path))
+            except SEGMENT_ERRORS as exc:
+                if damage is not None:
+                    damage.append(f"segment {segment.path.name} is unreadable after seq {last} "
+                                  f"({type(exc).__name__}: {exc})")
         if active is not None:
-            yield from (r for r in records(active) if r["seq"] > last)
+            yield from (r for r in records(active) if fresh(r, Path(active.name)))
     finally:
         if active is not None:
             active.close()
@@ -136,11 +148,11 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
         yield from _valid_records(_file_unpacker(f), event_from_map)
 
 
-def read_journal(path: str | Path) -> Iterator[Event]:
+def read_journal(path: str | Path, damage: list[str] | None = None) -> Iterator[Event]:
     """Every whole event of a journal, closed segments and active file, in order; `path` is the active file or
-    its run directory."""
+    its run directory. `damage`: where a line goes for each stretch of events lost (_chained)."""
     checked = lambda f: (r for _, _, r in _valid_records(_file_unpacker(f), event_from_map))  # noqa: E731
-    for record in _chained(path, checked):
+    for record in _chained(path, checked, damage):
         yield event_from_map(record)
 
 
@@ -174,9 +186,10 @@ def as_event(r: dict[str, Any]) -> Event:
                  data=r["data"], v=r["v"])
 
 
-def stream_journal(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Every whole event map of a journal, streamed and gap-free by seq; the frequent kinds checked quickly."""
-    yield from _consecutive_maps(_chained(path, lambda f: _consecutive(_file_unpacker(f))))
+def stream_journal(path: str | Path, damage: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Every whole event map of a journal, streamed, in seq order and gap-free within each file; the frequent kinds
+    checked quickly. `damage`: as read_journal's."""
+    yield from _chained(path, lambda f: _consecutive(_file_unpacker(f)), damage)
 
 
 # -- reading the ends of a journal ---------------------------------------------------------------
@@ -217,7 +230,7 @@ def _read_end(path: str | Path, max_bytes: int) -> tuple[int, bytes] | None:
             data = older[start:] + data
             before = segment.first
         return start, data
-    except _SEGMENT_ERRORS:
+    except SEGMENT_ERRORS:
         return None
 
 
@@ -234,7 +247,7 @@ def journal_head(path: str | Path, max_bytes: int = HEAD_BYTES) -> list[Event]:
             size += len(pieces[-1])
         if active is not None and size < max_bytes:
             pieces.append(active.read(max_bytes - size))
-    except _SEGMENT_ERRORS:
+    except SEGMENT_ERRORS:
         pass  # what was read stands
     finally:
         if active is not None:

@@ -30,7 +30,7 @@ from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.proto.remote import KeyFileError
 from trainbus.proto.run_state import RunState
 
-from .runner import CREDENTIAL_FILE, _IO, connection_run_dir, remote_endpoints, run_summary
+from .runner import CREDENTIAL_FILE, _IO, connection_run_dir, remote_endpoints, run_summary, skip_lost
 
 RECONNECT_FIRST_S = 0.5  # backoff after the kernel went silent: 0.5, 1, 2, 4, 8, 8 ... (zguide's ppworker)
 RECONNECT_MAX_S = 8.0
@@ -267,6 +267,7 @@ class Attachment:
         self._deliver(event)
 
     def _on_replay(self, batch: dict[str, Any]) -> None:
+        self.next_seq = skip_lost(batch, self.next_seq, "attach:")
         for event in batch["events"]:
             if event.seq == self.next_seq:
                 self._deliver(event)

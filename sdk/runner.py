@@ -461,6 +461,7 @@ class Runner:
         return self.wanted is None or event.type in self.wanted
 
     def _on_replay(self, batch: dict[str, Any]) -> None:
+        self.next_seq = skip_lost(batch, self.next_seq, f"[{self.plugin.name}]")
         for event in batch["events"]:
             if event.seq == self.next_seq:
                 if self._wants(event):
@@ -749,6 +750,16 @@ def remote_endpoints(connect: str, key: str, server_key: str = "") -> tuple[str,
         pinned = load_public(pinned)
     return control_endpoint, events_endpoint, functools.partial(secure_client, key_file=load_secret(Path(key)),
                                                                 server_key=pinned)
+
+
+def skip_lost(batch: dict[str, Any], next_seq: int, who: str) -> int:
+    """The seq to go on from after a replay batch: the batch's first when it begins after next_seq, which the
+    kernel does only for events its journal lost (a segment deleted or garbled: PROTOCOL.md §12); said once."""
+    events = batch["events"]
+    if events and events[0].seq > next_seq:
+        _say(f"{who} events {next_seq}-{events[0].seq - 1} are lost from the run's journal: going on without them")
+        return events[0].seq
+    return next_seq
 
 
 def _secret(env) -> str:

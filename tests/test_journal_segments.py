@@ -96,6 +96,46 @@ def test_a_journal_in_tiny_segments_is_compressed_and_read_whole(tmp_path):
     assert sum(1 for _ in read_journal(tmp_path)) == count
 
 
+def test_a_damaged_or_missing_segment_loses_only_its_own_events_and_is_named(tmp_path):
+    count = 20_000
+    fast_forward(tmp_path, count, segment_bytes=64 * 1024)
+    segments = closed_segments(tmp_path / JOURNAL_NAME)
+    assert len(segments) >= 5
+    garbled, gone = segments[1], segments[3]
+    garbled.path.write_bytes(garbled.path.read_bytes()[:1000])  # cut short, as a full disk or a bad copy leaves it
+    gone.path.unlink()
+    for read in (lambda d: [e.seq for e in read_journal(tmp_path, d)], lambda d: [m["seq"] for m in
+                                                                                 stream_journal(tmp_path, d)]):
+        damage: list[str] = []
+        seqs = read(damage)
+        lost = set(range(gone.first, gone.last + 1)) | {s for s in range(garbled.first, garbled.last + 1)
+                                                       if s not in seqs}
+        assert seqs == [s for s in range(1, count + 1) if s not in lost]  # all the rest, in order
+        assert seqs[-1] == count
+        assert any(line.startswith(f"segment {garbled.path.name} is unreadable after seq ") for line in damage), damage
+        assert f"events {gone.first}-{gone.last} are missing from the journal before " in " ".join(damage), damage
+    details = run_details(tmp_path)
+    assert details["journal_damage"] and details["last_seq"] == count
+
+
+def test_a_replay_from_events_a_damaged_journal_lost_begins_where_the_journal_goes_on(tmp_path):
+    count = 20_000
+    fast_forward(tmp_path, count, segment_bytes=64 * 1024)
+    segments = closed_segments(tmp_path / JOURNAL_NAME)
+    garbled, gone = segments[1], segments[3]
+    garbled.path.write_bytes(garbled.path.read_bytes()[:1000])
+    gone.path.unlink()
+    journal = Journal(tmp_path / JOURNAL_NAME)
+    try:
+        assert len(journal.missing) == 1 and journal.missing[0].startswith(f"events {gone.first}-{gone.last} are ")
+        for lost, next_whole in ((garbled.first, segments[2].first), (gone.first + 1, segments[4].first)):
+            got, blob = journal.read_range(lost, 512, 4 * 2**20)
+            assert got and [m["seq"] for m in decode_records(blob)][0] == next_whole
+        assert journal.read_range(5, 3, 2**20)[0] == 3  # what is whole is served as ever
+    finally:
+        journal.close()
+
+
 def test_a_crash_between_compressing_and_emptying_the_active_file_loses_and_doubles_nothing(tmp_path):
     count = 5_000
     fast_forward(tmp_path, count, segment_bytes=64 * 1024)
@@ -148,6 +188,14 @@ def test_a_continued_run_goes_on_after_the_last_seq_of_a_journal_in_segments(tmp
     assert run_overview(Path(first.run_dir))["status"] == "completed"
     assert len(run_details(Path(first.run_dir))["sessions"]) == 2
     assert {p.name for p in plot_run(Path(first.run_dir), tmp_path / "plots")} >= {"loss.png"}
+    # a segment lost meanwhile: the next session's durable plugin goes on past the loss (it waited for it for ever)
+    closed_segments(journal)[1].path.unlink()
+    again = run_training(run_config(tmp_path, checkpoint, epochs=3, target=TINY, journal_segment_mb=0.002,
+                                    resume=first.run_dir, drain_timeout_s=30),
+                         run_id=Path(first.run_dir).name, continue_run=True)
+    assert again.status == "completed" and not again.undrained, (again.error, again.undrained)
+    assert "are lost from the run's journal: going on without them" in (
+        Path(first.run_dir) / "plugins" / "checkpoint.log").read_text()
 
 
 @pytest.mark.slow
