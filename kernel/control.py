@@ -24,7 +24,8 @@ REPLAY_BATCH_MAX_EVENTS = 512  # one replay_batch; the plugin asks for the next 
 REPLAY_BATCH_MAX_BYTES = 4 * 1024 * 1024
 SNAPSHOT_COST = 10  # replay batches one snapshot costs a peer's budget (it is built on the bus thread)
 REASON_MAX_CHARS = 1000  # a stop's or a settlement's reason and path, as republished and logged
-TOLD_MAX = 1024  # (peer, refusal) pairs logged and answered once; a flood of new identities is only counted
+TOLD_MAX = 1024  # (peer, refusal) pairs logged once; a flood of new identities is only counted
+REFUSAL_REPEAT_S = 1.0  # a refusal is told again to the same peer for the same reason at most this often
 COMMAND_IDS_KEPT = 4096  # (sender, id) of stop/checkpoint_now commands seen: a resent one is ignored
 COMMAND_ID_MAX_CHARS = 128  # of an id, what is remembered (the memory kept is bounded whatever peers send)
 
@@ -76,18 +77,23 @@ class Dispatcher:
             self.peers.check_allowed(peer, kind)
             handler(peer, msg)
         except Refused as refusal:
-            self._refuse(identity, refusal)
+            self._refuse(identity, refusal, now)
 
-    def _refuse(self, identity: bytes, refusal: Refused) -> None:
-        """Count every refusal; log it and tell the peer once per (peer, reason)."""
+    def _refuse(self, identity: bytes, refusal: Refused, now: float) -> None:
+        """Count every refusal; log it once per (peer, reason), and tell the peer at most once a second per
+        (peer, reason): a client that says hello again after each refusal (a name still held by its killed
+        predecessor) hears each answer, and a flood of messages costs at most one answer a second."""
         self.counters[f"refused_{refusal.code}"] += 1
         key = (identity, refusal.code)
-        if key in self._told:
+        told = self._told.get(key)
+        if told is not None and now - told < REFUSAL_REPEAT_S:
             return
-        self._told[key] = True
+        self._told[key] = now
+        self._told.move_to_end(key)
         if len(self._told) > TOLD_MAX:
             self._told.popitem(last=False)
-        log.warning("refused: %s", refusal)
+        if told is None:
+            log.warning("refused: %s", refusal)
         self.bus.send(identity, encode_control(control("refused", reason=str(refusal),
                                                        welcome_lost=refusal.welcome_lost)))
 

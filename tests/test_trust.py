@@ -33,6 +33,7 @@ import zmq
 from fixture_targets import open_gate
 from helpers import metrics_records_expected
 from kernel_process import KernelProcess, of, process_gone, wait_until
+from trainbus.kernel.control import REFUSAL_REPEAT_S
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.proto import JOURNAL_NAME, pack
@@ -172,6 +173,9 @@ def test_stop_from_a_peer_without_a_valid_hello_is_refused_and_counted(short_run
         reasons = [no_hello.wait_reply("refused")["reason"]]
         for peer in (wrong, missing):
             reasons += [peer.wait_reply("refused")["reason"], peer.wait_reply("refused")["reason"]]
+        time.sleep(REFUSAL_REPEAT_S)  # a hello said again later hears its refusal again (a flood: once a second)
+        wrong.hello("intruder_wrong", NO_SUCH_SECRET, replies=["stop"])
+        reasons.append(wrong.wait_reply("refused")["reason"])
         step_when_refused = kernel.journal.step()
     finally:
         for peer in (no_hello, wrong, missing):
@@ -182,10 +186,11 @@ def test_stop_from_a_peer_without_a_valid_hello_is_refused_and_counted(short_run
     assert "say hello first" in reasons[0]
     assert "wrong secret" in reasons[1] and "say hello first" in reasons[2], reasons
     assert "no secret" in reasons[3] and "say hello first" in reasons[4], reasons
+    assert "wrong secret" in reasons[5], reasons
 
     result = kernel.result(timeout_s=120)
     assert_completed(result, epochs)
-    assert refused_counters(result) == {"refused_unknown_peer": 6, "refused_hello_secret": 2}, result["bus"]
+    assert refused_counters(result) == {"refused_unknown_peer": 6, "refused_hello_secret": 3}, result["bus"]
     events = read_events(result["run_dir"])
     assert not of(events, "plugin_ready"), "no hostile hello may be welcomed"
     assert not of(events, "metric") and not of(events, "log"), "nothing a refused peer sent may be republished"
