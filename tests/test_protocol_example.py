@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from trainbus.kernel.config import PluginConfig
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
@@ -49,9 +51,11 @@ def test_the_example_spawned_by_the_kernel_stops_the_run_after_two_epochs(short_
     assert_stopped_after_two_epochs(run_dir, (run_dir / "plugins" / "raw_example.log").read_text())
 
 
-def test_the_example_attached_by_hand_stops_the_run_after_two_epochs(short_runs, tmp_path, kernels):  # noqa: F811
+@pytest.mark.parametrize("runs", ["short", "too long for a socket path"])
+def test_the_example_attached_by_hand_stops_the_run_after_two_epochs(short_runs, tmp_path, kernels, runs):  # noqa: F811
     gate = tmp_path / "gate"
-    kernel = KernelProcess(run_config(short_runs, epochs=4, target=PACED, batch_size=256, step_sleep_s=0.0,
+    runs_dir = short_runs if runs == "short" else tmp_path / ("d" * 60) / ("e" * 60)  # sockets under the temp dir
+    kernel = KernelProcess(run_config(runs_dir, epochs=4, target=PACED, batch_size=256, step_sleep_s=0.0,
                                       gate=str(gate)), tmp_path)
     kernels.append(kernel)
     open_gate(gate, 1)
