@@ -67,7 +67,11 @@ class PeerBudget:
 
 
 def truncate(text: str, max_chars: int) -> tuple[str, bool]:
-    """`text` cut to max_chars with a marker saying how much was cut; (text, was_truncated)."""
+    """`text` cut to at most max_chars, the marker saying how much was cut included; (text, was_truncated)."""
     if len(text) <= max_chars:
         return text, False
-    return text[:max_chars] + TRUNCATED.format(len(text) - max_chars), True
+    marker = TRUNCATED.format(len(text))  # as long as any marker this text can get
+    if len(marker) >= max_chars:  # a limit too small for a marker: the cut alone
+        return text[:max_chars], True
+    keep = max_chars - len(marker)
+    return text[:keep] + TRUNCATED.format(len(text) - keep), True  # its count has no more digits than len(text)

@@ -75,7 +75,8 @@ def unpack(raw: bytes) -> Any:
     try:
         return msgpack.unpackb(raw, **UNPACK_LIMITS)
     except Exception as exc:  # msgpack raises several unrelated types; all mean "garbled"
-        raise ProtocolError(f"undecodable message: {exc.__class__.__name__}: {exc}") from exc
+        why = str(exc) or "not msgpack"  # msgpack's FormatError (a reserved byte, 0xc1) says nothing itself
+        raise ProtocolError(f"undecodable message: {exc.__class__.__name__}: {why}") from exc
 
 
 # -- events -------------------------------------------------------------------------------------

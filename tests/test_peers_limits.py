@@ -109,9 +109,11 @@ def test_metric_and_log_messages_have_separate_count_buckets_and_share_the_bytes
 def test_truncate_marks_how_much_was_cut():
     assert truncate("short", 10) == ("short", False)
     assert truncate("x" * 10, 10) == ("x" * 10, False)
-    text, cut = truncate("abcdefghij" * 3, 12)
-    assert cut and text == "abcdefghijab" + TRUNCATED.format(18)
-    assert text.endswith(" [... truncated 18 chars]")
+    long = "abcdefghij" * 30
+    text, cut = truncate(long, 200)  # at most the limit, the marker included
+    assert cut and len(text) == 200 and text == long[:174] + TRUNCATED.format(126), (len(text), text)
+    assert text.endswith(" [... truncated 126 chars]")
+    assert truncate(long, 12) == (long[:12], True)  # no room for the marker: the limit holds all the same
 
 
 # -- Peers: hello ------------------------------------------------------------------------------------
