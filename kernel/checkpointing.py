@@ -155,8 +155,9 @@ def persister_directory(run_dir: Path, settings: dict[str, Any]) -> Path | None:
     return Path(run_dir) / dirpath if isinstance(dirpath, str) and dirpath else None
 
 
-def find_checkpoint(where: str, runs_dir: str) -> Path:
-    """The newest checkpoint whose file matches its manifest entry, under a run id, run dir or file."""
+def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = None) -> Path:
+    """The newest checkpoint whose file matches its manifest entry, under a run id, run dir or file.
+    `passed_over` gets a line for each newer one that is there but does not match (damaged, edited)."""
     path = Path(where)
     if not path.exists():
         path = Path(runs_dir) / where
@@ -194,8 +195,13 @@ def find_checkpoint(where: str, runs_dir: str) -> Path:
                               f"(a checkpoint must match a manifest entry's size and sha256)")
     for entry in sorted(entries, key=lambda e: (e.get("step", 0), e.get("time", 0)), reverse=True):
         file = manifest.parent / entry["file"]
-        if file.is_file() and file.stat().st_size == entry.get("size") and sha256_of(file) == entry.get("sha256"):
+        if not file.is_file():
+            continue  # removed by the plugin's retention: the usual case
+        if file.stat().st_size == entry.get("size") and sha256_of(file) == entry.get("sha256"):
             return file
+        if passed_over is not None:
+            passed_over.append(f"checkpoint {file} does not match its manifest entry (size or sha256): damaged or "
+                               f"changed since it was written, so an older one is taken")
     raise CheckpointError(f"--resume {where}: no verified checkpoint in {manifest} "
                           f"(a file must exist and match its manifest entry's size and sha256)")
 

@@ -140,7 +140,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
                           cfg.gradient_clip_val, cfg.compile)
     except SteppingError as exc:
         raise ConfigError(str(exc)) from None
-    resume_from = find_checkpoint(cfg.resume, cfg.runs_dir) if cfg.resume else None
+    warnings: list[str] = []  # said on the terminal and in kernel.log once the run has one
+    resume_from = find_checkpoint(cfg.resume, cfg.runs_dir, warnings) if cfg.resume else None
     if ranks is not None:  # rank 0's pick: a checkpoint landing meanwhile (a killed run's writer) must not split them
         resume_from = ranks.share(resume_from)
     resume_state = load_checkpoint(resume_from) if resume_from else None
@@ -151,7 +152,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
             raise CheckpointError(f"checkpoint {resume_from} does not fit this spec: {exc}") from None
     if ranks is not None:
         try:
-            unshared = distribute(spec, stepper, ranks, device, cfg)
+            warnings += distribute(spec, stepper, ranks, device, cfg)
         except ValueError as exc:  # a loader it cannot shard: names it and the opt-out
             raise ConfigError(str(exc)) from None
         if not ranks.is_main:
@@ -178,7 +179,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
     (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags), indent=2, default=str) + "\n")
     record_run(run_dir)  # the run registry: running (never raises; a registry it cannot write costs a warning)
     handler = _log_to(run_dir / "kernel.log")
-    for line in unshared if ranks is not None else []:
+    for line in warnings:
         announce(f"warning: {line}")
         log.warning("%s", line)
 

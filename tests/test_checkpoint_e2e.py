@@ -699,3 +699,21 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_in_one_line_and_exit_2
     # the tripwire works: what an unpickler does with it (restore its state) touches the marker
     Tripwire.__new__(Tripwire).__setstate__({"path": str(marker)})
     assert marker.exists()
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_saying_so(tmp_path):
+    directory = tmp_path / "run" / "checkpoints"
+    directory.mkdir(parents=True)
+    lines = []
+    for step in (10, 20, 30):
+        path = directory / f"step{step:06d}.pt"
+        path.write_bytes(bytes([step]) * 100)
+        lines.append(json.dumps({"file": path.name, "step": step, "epoch": 1, "size": 100, "sha256": sha256_of(path)}))
+    (directory / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    (directory / "step000020.pt").unlink()  # removed by retention: nothing to say
+    damaged = directory / "step000030.pt"
+    damaged.write_bytes(b"\xff" + damaged.read_bytes()[1:])  # one byte flipped: same size, another hash
+    said: list[str] = []
+    assert find_checkpoint(str(tmp_path / "run"), str(tmp_path), said) == directory / "step000010.pt"
+    assert said == [f"checkpoint {damaged} does not match its manifest entry (size or sha256): damaged or changed "
+                    f"since it was written, so an older one is taken"]
