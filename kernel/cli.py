@@ -620,7 +620,9 @@ def runs_stop(
     queued = daemon.queued_job(runs_dir, run)  # before the directory lookup: a queued run may have none yet
     if queued is not None:
         daemon.cancel(runs_dir, queued)
-        out.print(f"cancelled {queued}: it was queued and never started")
+        resumed = (Path(runs_dir) / queued / "config.json").is_file()  # a queued resume: the run itself stays
+        out.print(f"cancelled the queued resume of {queued}; the run stays as it was" if resumed
+                  else f"cancelled {queued}: it was queued and never started")
         return
     run_dir, status = _run_and_status(run, runs_dir)
     if status != "running":

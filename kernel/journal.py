@@ -194,12 +194,15 @@ class Journal:
         self._last_fsync = time.monotonic()
 
     def _pieces(self) -> list[tuple[int, int]]:
-        """The active file's records as (start, stop) index ranges of about segment_bytes each."""
+        """The active file's records as (start, stop) index ranges of about segment_bytes each: the last append
+        crosses the size a little, and that little goes with the piece before it, not into a segment of its own."""
         pieces, start = [], 0
         while start < len(self._offsets):
             stop = bisect.bisect_left(self._offsets, self._offsets[start] + self.segment_bytes, start + 1)
             pieces.append((start, stop))
             start = stop
+        if len(pieces) >= 2 and self._size - self._offsets[pieces[-1][0]] < self.segment_bytes // 2:
+            pieces[-2:] = [(pieces[-2][0], pieces[-1][1])]
         return pieces
 
     def _maybe_fsync(self) -> None:

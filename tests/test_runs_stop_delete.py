@@ -110,7 +110,7 @@ def test_a_run_queued_to_be_resumed_is_not_deleted_until_taken_off_the_queue(run
     assert (runs_dir / "a-queued" / JOURNAL_NAME).is_file()
 
     proc = trainbus("runs", "stop", "a-queued", *where)
-    assert proc.returncode == 0 and "cancelled a-queued: it was queued and never started" in proc.stdout
+    assert proc.returncode == 0 and "cancelled the queued resume of a-queued; the run stays as it was" in proc.stdout
     proc = trainbus("runs", "delete", "a-queued", "--yes", *where)
     assert proc.returncode == 0, proc.stderr
     assert not (runs_dir / "a-queued").exists()
