@@ -11,6 +11,7 @@ import torch
 
 from trainbus.proto import events as ev
 
+from .batches import BatchError, batch_size, describe, split, to_device
 from .distributed import AGREE_EVERY, Ranks
 from .replies import NO_CONTROL, Control, merge_replies
 from .spec import TrainingSpec
@@ -112,8 +113,9 @@ class Loop:
             self._publish(ev.START_EPOCH, batches_planned=planned)
             train = self._train_epoch(planned)
             validation = self._validate() if spec.validation_loader is not None else {}
-            if spec.scheduler is not None:
-                spec.scheduler.step()
+            lr = spec.optimizer.param_groups[0]["lr"]  # what the epoch trained with (its last step's)
+            if spec.scheduler is not None and spec.scheduler_interval == "epoch":
+                self._epoch_scheduler_step(train, validation)
             if not train["partial"]:  # an epoch a stop cut short still validates and ends, but is not done
                 out.epochs_completed = self.epoch
             out.training_loss = train["training_loss"]
@@ -132,8 +134,7 @@ class Loop:
             checkpointed = checkpoint is not None and not out.stopped_early
             if checkpointed:
                 self._checkpoint(checkpoint, epoch_complete=True, last=self.epoch == spec.epochs)
-            self._publish(ev.END_EPOCH, **train, **validation, hyperparameters=spec.hyperparameters,
-                          lr=spec.optimizer.param_groups[0]["lr"])
+            self._publish(ev.END_EPOCH, **train, **validation, hyperparameters=spec.hyperparameters, lr=lr)
             if out.stopped_early:
                 break
             self.bus.await_votes(ev.END_EPOCH, self.vote_timeout_s)
@@ -155,21 +156,23 @@ class Loop:
         self._publish(ev.START_TRAINING_LOOP)
         batches = self._start_epoch_data()
         cut_short = False
-        for batch_index, (inputs, targets) in batches:
+        for batch_index, batch in batches:
             self._publish(ev.START_TRAINING_BATCH, batch_index=batch_index)
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            inputs, targets = split(batch, spec.unpack_batch, "train_loader")
+            inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
             # forward backward update
             outputs, loss = stepper.batch(inputs, targets, spec.loss_fn)
             if stepper.due():
-                stepper.step()
+                self._optimizer_step()
             self.step += 1
             self.batches_done = batch_index + 1
             loss_value = self._scalar(loss)
             self.loss_total = self.loss_total + loss_value
             with torch.no_grad():
                 for name, fn in spec.metrics.items():
-                    self.metric_totals[name] = self.metric_totals[name] + self._value(fn(outputs, targets))
-            self._publish(ev.END_TRAINING_BATCH, batch_index=batch_index, batch_size=len(targets), loss=loss_value,
+                    self.metric_totals[name] = self.metric_totals[name] + self._metric(name, fn(outputs, targets))
+            self._publish(ev.END_TRAINING_BATCH, batch_index=batch_index, batch_size=batch_size(inputs, targets),
+                          loss=loss_value,
                           training_loss_total=self.loss_total, training_batch_count=self.batches_done)
             # Once: Adam's moments exist from the first step on, and the buffers are for a persister's use.
             if not self._buffers_asked and not stepper.pending and self.checkpointer.persister_seen:
@@ -179,7 +182,11 @@ class Loop:
             if self._step_boundary(self.bus.take_replies()):
                 cut_short = True
                 break
-        stepper.step()  # an epoch's last batches step, however few (a stop's too: they were trained on)
+        self._optimizer_step()  # an epoch's last batches step, however few (a stop's too: they were trained on)
+        if self.batches_done == 0:
+            raise BatchError(f"train_loader gave no batch in epoch {self.epoch}: it is empty (drop_last with fewer "
+                             f"samples than batch_size?), or a one-shot iterator an earlier epoch used up; give a "
+                             f"DataLoader, or another iterable that yields batches every time it is iterated")
         loss_total, count, totals = self._over_ranks(self.loss_total, self.batches_done, self.metric_totals)
         metrics = {name: _mean(total, count) for name, total in totals.items()}
         # Without a length, a stop after the last batch cannot be told from one before it: partial, to be safe.
@@ -216,14 +223,15 @@ class Loop:
         model.eval()
         self._publish(ev.START_VALIDATION_LOOP)
         loss_total, count, metric_totals = 0.0, 0, {name: 0.0 for name in spec.metrics}
-        for batch_index, (inputs, targets) in enumerate(spec.validation_loader):
+        for batch_index, batch in enumerate(spec.validation_loader):
             self._publish(ev.START_VALIDATION_BATCH, batch_index=batch_index)
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            inputs, targets = split(batch, spec.unpack_batch, "validation_loader")
+            inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
             outputs, loss = self.stepper.evaluate(inputs, targets, spec.loss_fn)
             loss_value = self._scalar(loss)
             loss_total, count = loss_total + loss_value, count + 1
             for name, fn in spec.metrics.items():
-                metric_totals[name] = metric_totals[name] + self._value(fn(outputs, targets))
+                metric_totals[name] = metric_totals[name] + self._metric(name, fn(outputs, targets))
             self._publish(ev.END_VALIDATION_BATCH, batch_index=batch_index, loss=loss_value,
                           validation_loss_total=loss_total, validation_batch_count=count)
         loss_total, count, metric_totals = self._over_ranks(loss_total, count, metric_totals)
@@ -355,8 +363,31 @@ class Loop:
         self._publish(ev.STOP_REQUESTED, reasons=list(control.reasons))
         return True
 
-    def _value(self, x: Any) -> Any:
-        return self._scalar(x) if isinstance(x, torch.Tensor) else float(x)
+    def _metric(self, name: str, value: Any) -> Any:
+        """A metric's value for the epoch's total; a value that is not one number is one line naming the metric."""
+        if isinstance(value, torch.Tensor):
+            if value.numel() == 1:  # an attribute: no device sync
+                return self._scalar(value)
+        else:
+            try:
+                return float(value)  # an int, a float, a numpy scalar
+            except (TypeError, ValueError):
+                pass
+        raise BatchError(f"metric {name!r} returned {describe(value)}: a metric must return one number (a float, an "
+                         f"int or a one-element tensor); average or pick what it should report")
+
+    def _optimizer_step(self) -> None:
+        if self.stepper.step() and self.spec.scheduler is not None and self.spec.scheduler_interval == "step":
+            self.spec.scheduler.step()  # a per-step schedule (OneCycleLR, warm-up): after each optimizer step
+
+    def _epoch_scheduler_step(self, train: dict[str, Any], validation: dict[str, Any]) -> None:
+        scheduler = self.spec.scheduler
+        if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step()
+            return
+        value = _flat_metrics(train, validation).get(self.spec.scheduler_monitor)
+        if value is not None:  # an epoch without it (a stop before validation): the plateau waits for one
+            scheduler.step(value)
 
 
 def restore_weights(spec: TrainingSpec, state: dict[str, Any]) -> None:

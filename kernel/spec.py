@@ -46,13 +46,19 @@ class TrainingSpec:
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    train_loader: Any  # any iterable of (inputs, targets); a torch DataLoader usually
+    loss_fn: Callable[[Any, Any], torch.Tensor]  # (outputs, targets) -> the batch's loss, one number
+    # re-iterable, a batch each step: (inputs, targets), each a tensor or any nesting of them (kernel/batches.py);
+    # a torch DataLoader usually
+    train_loader: Any
     validation_loader: Any = None
     epochs: int = 1
-    metrics: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = field(default_factory=dict)
+    metrics: dict[str, Callable[[Any, Any], Any]] = field(default_factory=dict)  # (outputs, targets) -> one number
     hyperparameters: dict[str, Any] = field(default_factory=dict)
-    scheduler: Any = None  # torch.optim.lr_scheduler.*; stepped once per epoch
+    scheduler: Any = None  # torch.optim.lr_scheduler.*
+    scheduler_interval: str = "epoch"  # "epoch": stepped after each epoch; "step": after each optimizer step
+    # ReduceLROnPlateau is stepped with this metric of the epoch (one of metric_names())
+    scheduler_monitor: str = "validation_loss"
+    unpack_batch: Callable[[Any], tuple[Any, Any]] | None = None  # a batch of another shape -> (inputs, targets)
 
     def metric_names(self) -> list[str]:
         """The metrics every epoch of this spec reports (end_epoch's, and what checkpoints are ranked by: the
@@ -71,6 +77,16 @@ class TrainingSpec:
             raise SpecError("TrainingSpec.loss_fn must be callable(outputs, targets) -> loss tensor")
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
             raise SpecError(f"TrainingSpec.epochs must be a positive integer, got {self.epochs!r}")
+        if self.unpack_batch is not None and not callable(self.unpack_batch):
+            raise SpecError("TrainingSpec.unpack_batch must be callable(batch) -> (inputs, targets)")
+        if self.scheduler_interval not in ("epoch", "step"):
+            raise SpecError(f"TrainingSpec.scheduler_interval must be 'epoch' or 'step', got {self.scheduler_interval!r}")
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if self.scheduler_interval != "epoch":
+                raise SpecError("ReduceLROnPlateau steps on an epoch's metric: leave scheduler_interval 'epoch'")
+            if self.scheduler_monitor not in self.metric_names():
+                raise SpecError(f"TrainingSpec.scheduler_monitor {self.scheduler_monitor!r} (what ReduceLROnPlateau "
+                                f"steps on) is not a metric of this spec; one of: {', '.join(self.metric_names())}")
 
 
 DEFAULT_TARGET = "trainbus.kernel.digits:build"

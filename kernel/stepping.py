@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .batches import BatchError, describe, floats_to
+
 
 class SteppingError(ValueError):
     """A combination this device cannot run; the message names the fix."""
@@ -71,19 +73,23 @@ class Stepper:
 
     def evaluate(self, inputs: Any, targets: Any, loss_fn) -> tuple[Any, torch.Tensor]:
         """The forward pass and loss at the run's precision (validation calls it under no_grad)."""
-        if self._cast_inputs and torch.is_floating_point(inputs):
-            inputs = inputs.to(torch.bfloat16)
+        if self._cast_inputs:
+            inputs = floats_to(inputs, torch.bfloat16)
         with self._autocast():
             outputs = self.forward(inputs)
-            return outputs, loss_fn(outputs, targets)
+            loss = loss_fn(outputs, targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:  # numel: an attribute, no device sync
+            raise BatchError(f"loss_fn returned {describe(loss)}: it must return the batch's loss as one number in a "
+                             f"tensor (a mean or sum over the batch, e.g. reduction='mean')")
+        return outputs, loss
 
     def due(self) -> bool:
         return self.pending >= self.k
 
-    def step(self) -> None:
-        """The optimizer step on what is accumulated (a no-op when nothing is)."""
+    def step(self) -> bool:
+        """The optimizer step on what is accumulated (a no-op when nothing is); True when it stepped."""
         if self.pending == 0:
-            return
+            return False
         if self.clip:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -94,6 +100,7 @@ class Stepper:
         else:
             self.optimizer.step()
         self.pending = 0
+        return True
 
     def state_dict(self) -> dict[str, Any] | None:
         return self.scaler.state_dict() if self.scaler is not None else None

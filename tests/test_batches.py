@@ -1,0 +1,148 @@
+"""Batches and schedules as users' own code has them: the loop on the CPU with a recording bus (no sockets: what is
+tested is what the loop does with a batch, a metric, a loss and a scheduler), and the one-line errors for what it
+cannot take."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from trainbus.kernel.batches import BatchError
+from trainbus.kernel.loop import Loop
+from trainbus.kernel.spec import SpecError, TrainingSpec
+from trainbus.proto import events as ev
+
+from test_loop_events import RecordingBus
+
+SAMPLES, BATCH = 20, 8  # 3 batches an epoch, the last one short (4)
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(SAMPLES, 5, generator=g), torch.randint(0, 3, (SAMPLES,), generator=g)
+
+
+class DictSet(Dataset):
+    def __init__(self):
+        self.x, self.y = data()
+
+    def __len__(self):
+        return SAMPLES
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i], "weight": torch.tensor(1.0)}
+
+
+@dataclass
+class Batch:  # a custom collate's batch, which knows how to move itself
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def to(self, device):
+        return Batch(self.x.to(device), self.y.to(device))
+
+
+def spec(loader, validation=None, **fields) -> TrainingSpec:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    fields.setdefault("loss_fn", torch.nn.functional.cross_entropy)
+    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_loader=loader,
+                        validation_loader=validation, epochs=2, **fields)
+
+
+def run(s: TrainingSpec) -> tuple[RecordingBus, object]:
+    s.check()
+    bus = RecordingBus()
+    return bus, Loop(s, bus, torch.device("cpu")).run()
+
+
+def final_weights(s: TrainingSpec) -> torch.Tensor:
+    run(s)
+    return s.model.weight.detach().clone()
+
+
+def plain() -> TrainingSpec:
+    x, y = data()
+    return spec(DataLoader(TensorDataset(x, y), batch_size=BATCH))
+
+
+def test_batches_of_other_shapes_train_as_the_plain_pair_does():
+    reference = final_weights(plain())
+    as_dicts = spec(DataLoader(DictSet(), batch_size=BATCH), unpack_batch=lambda b: (b["image"], b["label"]))
+    assert torch.equal(final_weights(as_dicts), reference)
+    x, y = data()
+    collated = spec(DataLoader(TensorDataset(x, y), batch_size=BATCH, collate_fn=lambda items: Batch(
+        torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]))), unpack_batch=lambda b: (b.x, b.y))
+    assert torch.equal(final_weights(collated), reference)
+    # inputs and targets may be nested: (x, weights) as targets, for a loss that weighs the samples
+    weighted = spec(DataLoader(DictSet(), batch_size=BATCH),
+                    unpack_batch=lambda b: (b["image"], (b["label"], b["weight"])),
+                    loss_fn=lambda out, t: (torch.nn.functional.cross_entropy(out, t[0], reduction="none") * t[1]).mean())
+    assert torch.equal(final_weights(weighted), reference)
+
+
+def test_a_batch_that_is_not_a_pair_names_what_it_is_and_unpack_batch():
+    with pytest.raises(BatchError, match=r"a batch of train_loader is a dict with keys 'image', 'label', 'weight', "
+                                         r"not \(inputs, targets\): give TrainingSpec\(unpack_batch=...\)"):
+        run(spec(DataLoader(DictSet(), batch_size=BATCH)))
+    x, y = data()
+    with pytest.raises(BatchError, match="is a list of 3, not"):
+        run(spec(DataLoader(TensorDataset(x, y, y), batch_size=BATCH)))
+
+
+@pytest.mark.parametrize("returned, said", [
+    (lambda out, y: (out.argmax(1) == y).float(), "returned one tensor of shape (8,)"),  # per sample
+    (lambda out, y: None, "returned a NoneType"),
+    (lambda out, y: {"a": 1.0}, "returned a dict with keys 'a'"),
+])
+def test_a_metric_that_is_not_one_number_is_named(returned, said):
+    s = plain()
+    s.metrics = {"acc": returned}
+    with pytest.raises(BatchError, match=re.escape(f"metric 'acc' {said}: a metric must return one number")):
+        run(s)
+
+
+def test_a_loss_that_is_not_one_number_says_so():
+    s = plain()
+    s.loss_fn = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")
+    with pytest.raises(BatchError, match=r"loss_fn returned one tensor of shape \(8,\): it must return the batch's "
+                                         r"loss as one number"):
+        run(s)
+
+
+def test_an_epoch_without_batches_is_an_error_not_a_run_that_trains_nothing():
+    x, y = data()
+    with pytest.raises(BatchError, match="train_loader gave no batch in epoch 1: it is empty"):
+        run(spec(DataLoader(TensorDataset(x, y), batch_size=64, drop_last=True)))
+    once = iter(DataLoader(TensorDataset(x, y), batch_size=BATCH))  # a one-shot iterator: epoch 1 uses it up
+    with pytest.raises(BatchError, match="train_loader gave no batch in epoch 2"):
+        run(spec(once))
+
+
+def lrs(bus: RecordingBus) -> list[float]:
+    return [data["lr"] for type_, _, data in bus.events if type_ == ev.END_EPOCH]
+
+
+def test_schedulers_step_per_epoch_per_step_or_on_a_plateau_and_each_epoch_reports_the_lr_it_trained_with():
+    s = plain()
+    s.scheduler = torch.optim.lr_scheduler.StepLR(s.optimizer, step_size=1, gamma=0.5)
+    bus, _ = run(s)
+    assert lrs(bus) == [0.1, 0.05]  # epoch 1 trained at 0.1, epoch 2 at 0.05
+    s = plain()
+    s.scheduler, s.scheduler_interval = torch.optim.lr_scheduler.OneCycleLR(s.optimizer, max_lr=1.0, total_steps=6), \
+        "step"
+    run(s)
+    assert s.scheduler.last_epoch == 6  # one step per optimizer step: the whole cycle in 2 epochs x 3 batches
+    s = plain()
+    s.validation_loader = s.train_loader
+    s.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(s.optimizer, patience=0, threshold=10.0)
+    run(s)  # nothing "improves" by 10x: each epoch's step with its validation_loss cuts the lr
+    assert s.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+    bad = plain()
+    bad.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(bad.optimizer)
+    with pytest.raises(SpecError, match="scheduler_monitor 'validation_loss' .* one of: training_loss"):
+        bad.check()  # no validation_loader: nothing to watch
