@@ -168,6 +168,7 @@ class Plugin(_SdkPlugin, metaclass=_BzConstruction):
     """A bz plugin: override any of the 14 hooks, each taking `context` (see this module's docstring)."""
 
     delivery = DURABLE  # in bz every hook saw every batch, in order; so does a bz plugin here
+    catch_up = False  # in bz a resumed run's callbacks start afresh: no hook sees an earlier session again
     open_settings = True  # bz config is free-form: self.config.get("patience", 3)
     settings: dict[str, Any] = {}
 

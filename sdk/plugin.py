@@ -64,6 +64,11 @@ class Plugin:
     capabilities: tuple[str, ...] = ()
     # Accept setting keys that `settings` does not declare (the bz adapter: bz plugins read free-form config).
     open_settings: bool = False
+    # A durable plugin in a continued run (`--resume`) is replayed the run's earlier sessions first. True: its
+    # handlers see them (to rebuild what it keeps: a best value, a patience count), but what they reply is not
+    # sent (stop, metric, log: that session is over) and no earlier session's final event is handed over.
+    # False: it sees only this session's events.
+    catch_up: bool = True
 
     def __init__(self, settings: dict[str, Any] | None = None, run_id: str = "", run_dir: str = "."):
         cls = type(self)

@@ -381,6 +381,7 @@ class Runner:
         self.last_event: Event | None = None  # the last event taken in seq order, handled or stepped over
         self.finished = False
         self.session_seq = 1  # the first seq this kernel numbered (welcome)
+        self._caught_up_said = False
         self._set_up = False  # setup() returned: only then may on_kernel_gone run
         self._ended = False  # _finish ran: teardown happens once, whichever way the plugin ends
 
@@ -485,6 +486,13 @@ class Runner:
 
     def _dispatch(self, event: Event) -> None:
         self.last_event = event
+        if event.seq < self.session_seq:  # a continued run's earlier session, replayed (Plugin.catch_up)
+            if not self.plugin.catch_up or event.type in FINAL_EVENTS:
+                return
+            if not self._caught_up_said:
+                self._caught_up_said = True
+                _say(f"[{self.plugin.name}] catching up on the run's earlier session(s) (seq < {self.session_seq}): "
+                     f"handlers see them, their replies are not sent")
         failure: Exception | None = None
         for attempt in range(1, MAX_HANDLER_ATTEMPTS + 1):
             self.io.busy_since = time.monotonic()
@@ -500,7 +508,10 @@ class Runner:
                     self.plugin.outbox.clear()
             finally:
                 self.io.busy_since = None
-                self._send_replies()
+                if event.seq < self.session_seq:
+                    self.plugin.outbox.clear()  # about a session that is over: not this run's to act on
+                else:
+                    self._send_replies()
         if failure is not None:
             self._report_failure(event, error, attempt, failure)
         self.processed += 1

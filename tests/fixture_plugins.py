@@ -136,6 +136,17 @@ class Stopper(Plugin):
             self.stop(f"enough after epoch {event.epoch}")
 
 
+class DurableStopper(Stopper):
+    """Stopper, durable, recording the final events it is handed: in a continued run it is replayed the earlier
+    session, whose epochs it must not stop on, and whose end it must not be handed."""
+
+    delivery = DURABLE
+    settings = {**Stopper.settings, "path": ""}
+
+    def on_end_training_session(self, event):
+        _append_fsynced(self.settings["path"], f"{event.seq} {event.type}")
+
+
 class StopAtStep(Plugin):
     """Replies stop once, at a given step: a stop in the middle of an epoch. Durable: on a busy box a
     best-effort plugin may start after that step, or have it dropped, and never stop the run."""

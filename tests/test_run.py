@@ -162,3 +162,27 @@ def test_sigterm_stops_a_run_at_the_next_batch_and_it_ends_interrupted_with_its_
     assert summary["status"] == "interrupted" and not summary["undrained"], summary
     assert summary["outcome"]["epochs_completed"] < 2
     assert summary["outcome"]["stop_reasons"] == ["kernel: stop: interrupted (SIGTERM)"], summary["outcome"]
+
+
+def test_a_continued_run_replays_its_earlier_session_to_durable_plugins_without_acting_on_it(runs_dir, tmp_path):
+    """Session 1 stops after epoch 1 (a durable stopper that votes). Continued for more epochs, the stopper is
+    replayed session 1 (its epoch 1 again: a stop it decides there is not sent) and is not handed session 1's end;
+    it stops the new session at its own first epoch's end."""
+    from pathlib import Path
+
+    from trainbus.kernel.config import resolve_plugin
+
+    seen = tmp_path / "finals.txt"
+    plugins = [resolve_plugin("checkpoint", {}),
+               PluginConfig("stopper", "fixture_plugins:DurableStopper", {"epoch": 1, "path": str(seen)})]
+    first = run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:tiny", epochs=1, runs_dir=str(runs_dir),
+                                   plugins=plugins))
+    assert first.status == "stopped" and first.outcome["epochs_completed"] == 1, first.error
+    again = run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:tiny", epochs=3, runs_dir=str(runs_dir),
+                                   plugins=plugins, resume=first.run_dir),
+                         run_id=Path(first.run_dir).name, continue_run=True)
+    assert again.status == "stopped" and again.outcome["stop_reasons"] == ["stopper: stop: enough after epoch 2"], \
+        again.outcome
+    finals = [e.seq for e in read_events(first.run_dir) if e.type == ev.END_TRAINING_SESSION]
+    # each session's end, once: session 1's was not handed over again in session 2
+    assert recorded(seen) == [(finals[0], ev.END_TRAINING_SESSION), (finals[1], ev.END_TRAINING_SESSION)]
