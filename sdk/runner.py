@@ -42,6 +42,7 @@ from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir
 from .plugin import KernelGoneInfo, Plugin
 
 HEARTBEAT_LIVENESS = 3  # kernel silent this many intervals -> gone (zguide's Paranoid Pirate)
+NAME_HELD = "a live peer holds that name"  # the kernel's refusal of a hello under a name still held (kernel/peers.py)
 CONNECT_TIMEOUT_S = 30.0  # no heartbeat from the kernel this long after start: give up
 INBOX_MAX_EVENTS = 10_000  # live events held for a slow handler; beyond it they are dropped (and replayed)
 # The I/O thread sleeps until something arrives, is to be sent, or a heartbeat or the kernel's liveness is due,
@@ -110,6 +111,11 @@ class _IO(threading.Thread):
         self.received = 0  # live events that reached us: a durable plugin is not sent every one (Runner)
         self.dropped = 0
         self.said_hello = False
+        self.welcomed = False
+        # A name still held by a predecessor that vanished (killed, restarted by hand) is free once it has been
+        # silent for the liveness window: until then each hello is refused, and said again an interval later.
+        self._hello_tries_left = 2 * HEARTBEAT_LIVENESS
+        self._hello_at = 0.0
         self.malformed = 0
         self.heartbeat_interval_s = 1.0
         self.ctx = zmq.Context()
@@ -212,7 +218,7 @@ class _IO(threading.Thread):
             if self.sub in ready:
                 last_kernel = now
                 self._read_events()
-                if not self.said_hello:  # the first event proves our subscription is live: no slow joiner
+                if not self.said_hello and now >= self._hello_at:  # an event proves our subscription is live
                     self.dealer.send(encode_control(self.hello))
                     self.said_hello = True
             if self.dealer in ready:
@@ -290,6 +296,13 @@ class _IO(threading.Thread):
                 _say(f"[{self.hello['name']}] the kernel did not act on a message: {msg['reason']}")
                 self.not_acted.append(msg["reason"])
                 continue
+            if (msg["type"] == "refused" and not self.welcomed and NAME_HELD in msg["reason"]
+                    and self._hello_tries_left > 0):
+                self._hello_tries_left -= 1
+                self.said_hello, self._hello_at = False, time.monotonic() + self.heartbeat_interval_s
+                continue
+            if msg["type"] == "welcome":
+                self.welcomed = True
             if msg["type"] == "refused":  # the kernel will not act on anything we send: nothing to do here
                 self.refused = msg["reason"]
                 self.gone = f"refused by the kernel: {msg['reason']}"

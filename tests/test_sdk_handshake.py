@@ -11,7 +11,7 @@ import time
 import zmq
 from stand_in_kernel import StandInKernel
 
-from trainbus.proto import control, encode_replay_batch
+from trainbus.proto import control, encode_control, encode_replay_batch
 from trainbus.sdk.runner import _IO
 
 
@@ -86,6 +86,32 @@ def test_a_plugin_run_by_hand_takes_its_name_and_settings_from_the_command_line(
                           "sleep_s=fast"], env={**os.environ, **endpoints}, capture_output=True, text=True, timeout=60)
     assert (bad.returncode, bad.stderr) == (2, "error: plugin live_recorder: sleep_s = 'fast' is not allowed; it must "
                                                "be a number\n")
+
+
+def test_a_plugin_restarted_under_a_name_its_killed_predecessor_still_holds_says_hello_again_until_welcome(tmp_path):
+    # PROTOCOL.md §2: the name is free once the old peer has been silent for the liveness window; until then each
+    # hello is refused (told at most once a second), and the client says hello again an interval later
+    record = tmp_path / "record.txt"
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    proc = kernel.start_plugin("fixture_plugins:LiveRecorder", "live", {"path": str(record)}, tmp_path,
+                               args=["--name", "rec1"])
+    try:
+        identity, _ = _hello(kernel)
+        refused_at = time.monotonic()
+        kernel.router.send_multipart([identity, encode_control(control(
+            "refused", reason="hello as 'rec1' refused: a live peer holds that name", welcome_lost=True))])
+        again = None  # events go on meanwhile, every 0.1 s: the next hello waits an interval all the same
+        while again is None or again[1]["type"] != "hello":
+            assert time.monotonic() - refused_at < 20, "no second hello"
+            kernel.publish("heartbeat", interval_s=1.0)
+            again = kernel.receive(100)
+        assert again[1]["name"] == "rec1" and time.monotonic() - refused_at >= 0.9
+        kernel.welcome(again[0], kernel.seq + 1)
+        kernel.publish("end_training_session")
+        _exited(proc)
+    finally:
+        _close(proc, kernel)
+    assert [line.split()[1] for line in record.read_text().splitlines()] == ["end_training_session"]
 
 
 def test_help_says_what_it_runs_its_options_and_the_environment_it_reads():
