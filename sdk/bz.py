@@ -148,8 +148,11 @@ class _BzConstruction(type):
     `cls(settings, run_id=, run_dir=)`."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        if set(kwargs) != {"run_id", "run_dir"} or len(args) > 1:
-            return super().__call__(*args, **kwargs)  # the author's own call: bz's signature
+        if set(kwargs) != {"run_id", "run_dir"} or len(args) > 1:  # the author's own call (a test's): bz's signature
+            plugin = cls.__new__(cls)
+            Plugin.__init__(plugin)  # the base first, as below: their __init__ need not call it (bz's do not)
+            plugin.__init__(*args, **kwargs)
+            return plugin
         config = dict(args[0] if args else {})
         arguments = constructor_arguments(cls, config)
         plugin = cls.__new__(cls)
@@ -161,6 +164,9 @@ class _BzConstruction(type):
         plugin.run_id, plugin.run_dir = kwargs["run_id"], kwargs["run_dir"]
         plugin.context.extra["run_dir"] = kwargs["run_dir"]
         _forward_logging(plugin)
+        for name in _unknown_hooks(cls):
+            plugin.log(f"{cls.__name__}.{name} looks like a hook but is none of bz's 14, so it is never called; "
+                       f"the hooks: {', '.join(HOOKS)}", level="warning")
         return plugin
 
 
@@ -219,6 +225,14 @@ for _hook in HOOKS:  # do-nothing hooks taking context, as bz's base class has t
         """Override to act at this point of training."""
     _noop.__name__ = _hook
     setattr(Plugin, _hook, _noop)
+
+
+def _unknown_hooks(cls: type) -> list[str]:
+    """Methods of the plugin's own classes named like a hook that is not one (save_model_checkpoint, end_batch)."""
+    names = {name for klass in cls.__mro__ if issubclass(klass, Plugin) and klass is not Plugin
+             for name, value in vars(klass).items() if callable(value)}
+    return sorted(name for name in names if name not in HOOKS
+                  and (name.startswith(("start_", "end_")) or "checkpoint" in name) and not name.startswith("_"))
 
 
 def _overrides_hook(cls: type, hook: str) -> bool:

@@ -440,6 +440,35 @@ def test_should_stop_training_sends_one_stop_and_end_epoch_hooks_vote():
     assert Stopper.delivery == DURABLE
 
 
+def test_a_bz_plugin_whose_init_never_calls_super_is_built_whole_by_its_own_call_as_in_a_test():
+    class Threshold(BzPlugin):
+        def __init__(self, threshold=0.5):  # as bz's examples: no super().__init__()
+            self.threshold = threshold
+
+        def end_epoch(self, context):
+            context.should_stop_training = context.training_loss_total < self.threshold
+
+    plugin = Threshold(threshold=2.0)  # the epoch's loss total is 1.0
+    assert plugin.threshold == 2.0 and plugin.name == "threshold" and plugin.config == {}
+    h = Harness(plugin)
+    feed_epoch(h, 1)
+    assert h.replies_of("stop")
+
+
+def test_a_method_named_like_a_hook_that_is_none_is_said_as_a_warning_at_start():
+    class Saver(BzPlugin):
+        def save_model_checkpoint(self, context):  # bz's name is save_checkpoint: never called
+            pass
+
+        def end_epoch(self, context):
+            pass
+
+    plugin = Saver({}, run_id="r", run_dir=".")  # as the SDK's runner builds it
+    [warning] = [m for m in plugin.outbox if m["type"] == "log"]
+    assert warning["level"] == "warning" and warning["text"].startswith(
+        "Saver.save_model_checkpoint looks like a hook but is none of bz's 14, so it is never called")
+
+
 def test_model_and_optimizer_are_not_in_this_process():
     context = BzPlugin().context
     assert not hasattr(context, "model")  # bz plugins that guard with hasattr just skip

@@ -32,3 +32,13 @@ def test_the_readme_plugin_stops_the_run_at_the_end_of_the_epoch_it_decided_at(t
     assert re.fullmatch(r"loss_alarm: stop: validation loss \d\.\d{3} over the limit", reason), reason
     events = read_events(Path(result.run_dir))
     assert [e.epoch for e in of(events, "end_epoch")] == [1] and not of(events, "start_epoch")[1:]
+
+
+def test_the_readmes_harness_test_of_that_plugin_passes_as_printed(tmp_path):
+    readme = (TESTS_DIR.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Writing a plugin"):]
+    plugin, test = (block for block in re.findall(r"```python\n(.*?)```", section, re.S)
+                    if "class LossAlarm" in block or "Harness(LossAlarm" in block)
+    namespace: dict = {}
+    exec(compile(plugin + "\n" + test, "readme", "exec"), namespace)  # noqa: S102 - the README's own code
+    namespace["test_loss_alarm_stops_over_the_limit"]()
