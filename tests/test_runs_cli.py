@@ -340,8 +340,9 @@ def test_plugin_trouble_names_a_crash_the_run_ended_before_restarting():
     from trainbus.kernel.runs import _plugin_trouble
 
     plugins = {"late": {"state": "exited", "restarts": 0, "crashes": ["exit code 3"]},
-               "fine": {"state": "exited", "restarts": 0, "crashes": []}}
-    assert _plugin_trouble(plugins, {}) == ["late crashed (exit code 3)"]
+               "fine": {"state": "exited", "restarts": 0, "crashes": []},
+               "raiser": {"state": "exited", "restarts": 0, "crashes": [], "errors_logged": 3}}
+    assert _plugin_trouble(plugins, {}) == ["late crashed (exit code 3)", "raiser 3 errors logged"]
 
 
 def test_a_torn_summary_is_said_to_be_torn_not_a_kernel_that_died_without_one(tmp_path):
