@@ -48,7 +48,11 @@ class Harness:
         event = Event(seq=self.seq, run=self.run_id, type=type_, ts=time.time(), step=self.step,
                       epoch=self.epoch, data=data)
         if self.plugin.delivery == DURABLE or "" in self.subscribed or type_ in self.subscribed:
-            self.plugin.handle(event)
+            self.plugin.handling = event
+            try:
+                self.plugin.handle(event)
+            finally:
+                self.plugin.handling = None
         new = [check_control(m) for m in self.plugin.outbox]
         self.plugin.outbox.clear()
         self.replies.extend(new)

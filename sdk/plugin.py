@@ -85,6 +85,7 @@ class Plugin:
         # Bound by the runner (bind_sender): replies made on a thread of the plugin's own go out through it.
         self._send_now: Callable[[dict[str, Any]], None] | None = None
         self._handler_thread: threading.Thread | None = None
+        self.handling: Event | None = None  # the event a handler is running for (set by whoever dispatches)
         self._progress: Callable[[], None] | None = None
         # event type -> the handler to call: the class's own on_<type>, or on_event for the rest
         self._handlers = {name: getattr(self, f"on_{name}") if _overrides(cls, f"on_{name}") else self.on_event
@@ -120,7 +121,12 @@ class Plugin:
         self._reply(control("stop", reason=str(reason)))
 
     def metric(self, name: str, value: float, step: int | None = None) -> None:
-        """Publish a metric through the kernel, so every subscriber (log, TensorBoard, attach) sees it."""
+        """Publish a metric through the kernel, so every subscriber (log, TensorBoard, attach) sees it. Its step:
+        `step`; else, from a handler, the step of the event it handles; else (a thread of the plugin's own) the
+        kernel's when the metric arrives."""
+        handling, on_handler = self.handling, self._handler_thread in (None, threading.current_thread())
+        if step is None and handling is not None and on_handler:
+            step = handling.step
         self._reply(control("metric", name=str(name), value=float(value), step=step))
 
     def log(self, text: str, level: str = "info") -> None:

@@ -510,6 +510,7 @@ class Runner:
         for attempt in range(1, MAX_HANDLER_ATTEMPTS + 1):
             self.io.busy_since = time.monotonic()
             try:
+                self.plugin.handling = event
                 self.plugin.handle(event)
                 failure = None
                 break
@@ -521,6 +522,7 @@ class Runner:
                     self.plugin.outbox.clear()
             finally:
                 self.io.busy_since = None
+                self.plugin.handling = None
                 if event.seq < self.session_seq:
                     self.plugin.outbox.clear()  # about a session that is over: not this run's to act on
                 else:

@@ -427,3 +427,19 @@ def test_a_last_word_that_raises_or_hangs_is_logged_and_teardown_still_runs(tmp_
     err = capsys.readouterr().err
     assert "on_kernel_gone failed" in err and "RuntimeError: no mail server" in err
     assert "on_kernel_gone still running after kernel_gone_timeout_s 0.1 s" in err
+
+
+def test_a_metric_from_a_handler_without_a_step_is_at_its_events_step():
+    from trainbus.sdk import Harness, Plugin
+
+    class Says(Plugin):
+        def on_end_epoch(self, event):
+            self.metric("seen", 1.0)
+            self.metric("at", 2.0, step=7)
+
+    h = Harness(Says())
+    [seen, at] = h.feed("end_epoch", step=45, epoch=1)
+    assert (seen["step"], at["step"]) == (45, 7)
+    idle = Says()
+    idle.metric("from_a_thread_of_its_own", 1.0)  # no handler running: the kernel's step when it arrives
+    assert idle.outbox[-1]["step"] is None
