@@ -185,7 +185,10 @@ class Plugin:
 
     @classmethod
     def description(cls) -> str:
-        doc = inspect.getdoc(cls) or ""
+        # its own, or a base of its author's: never the SDK's (how to write a plugin is no plugin's description)
+        doc = next((k.__dict__["__doc__"] for k in cls.__mro__ if k.__dict__.get("__doc__")
+                    and not k.__module__.startswith(("trainbus.sdk", "builtins"))), "")
+        doc = inspect.cleandoc(doc)
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
 

@@ -514,6 +514,10 @@ class Runner:
                 self.plugin.handle(event)
                 failure = None
                 break
+            except SystemExit as exc:  # the plugin's own choice, honoured; its log says where it was made
+                _say(f"[{self.plugin.name}] the handler for {event.type} (seq {event.seq}) called sys.exit({exc.code!r}):"
+                     f"\n{traceback.format_exc().rstrip()}")
+                raise
             except Exception as exc:
                 failure, error = exc, traceback.format_exc()
                 if isinstance(exc, NotRetryable):

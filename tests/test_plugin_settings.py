@@ -220,3 +220,22 @@ def test_plugins_list_json_has_every_setting_and_the_table_shows_them_uncut_on_a
     for name, info in listed.items():
         assert f"{name} ({info['delivery']}): {info['description']}" in text
         assert set(info["settings"]) <= set(cells), name
+
+
+def test_a_plugin_without_a_docstring_has_no_description_rather_than_the_sdks():
+    from trainbus.sdk import Plugin, bz
+
+    class Quiet(Plugin):
+        pass
+
+    class Said(Quiet):
+        """Says what it does."""
+
+    class Inherits(Said):
+        pass
+
+    class QuietBz(bz.Plugin):
+        pass
+
+    assert (Quiet.description(), Said.description(), Inherits.description(), QuietBz.description()) == \
+        ("", "Says what it does.", "Says what it does.", "")
