@@ -121,6 +121,8 @@ def test_an_epoch_without_batches_is_an_error_not_a_run_that_trains_nothing():
     once = iter(DataLoader(TensorDataset(x, y), batch_size=BATCH))  # a one-shot iterator: epoch 1 uses it up
     with pytest.raises(BatchError, match="train_loader gave no batch in epoch 2"):
         run(spec(once))
+    with pytest.raises(BatchError, match="validation_loader gave no batch in epoch 2"):
+        run(spec(DataLoader(TensorDataset(x, y), batch_size=BATCH), validation=(b for b in [(x, y)])))
 
 
 def lrs(bus: RecordingBus) -> list[float]:
