@@ -13,7 +13,7 @@ from trainbus.proto import events as ev
 from trainbus.proto.codec import MAX_ARRAY_LEN, MAX_STR_BYTES
 
 from conftest import TESTS_DIR
-from helpers import assert_same_weights, recorded
+from helpers import PLUGIN_START_S, assert_same_weights, recorded, run_config
 from specs import lifecycle
 
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
@@ -175,12 +175,11 @@ def test_a_continued_run_replays_its_earlier_session_to_durable_plugins_without_
     seen = tmp_path / "finals.txt"
     plugins = [resolve_plugin("checkpoint", {}),
                PluginConfig("stopper", "fixture_plugins:DurableStopper", {"epoch": 1, "path": str(seen)})]
-    first = run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:tiny", epochs=1, runs_dir=str(runs_dir),
-                                   plugins=plugins))
+    tiny = f"{TESTS_DIR / 'specs.py'}:tiny"  # the checkpointer is waited for: a busy box starts it slowly
+    first = run_training(run_config(runs_dir, plugins, epochs=1, target=tiny, ready_timeout_s=PLUGIN_START_S))
     assert first.status == "stopped" and first.outcome["epochs_completed"] == 1, first.error
-    again = run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:tiny", epochs=3, runs_dir=str(runs_dir),
-                                   plugins=plugins, resume=first.run_dir),
-                         run_id=Path(first.run_dir).name, continue_run=True)
+    again = run_training(run_config(runs_dir, plugins, epochs=3, target=tiny, ready_timeout_s=PLUGIN_START_S,
+                                    resume=first.run_dir), run_id=Path(first.run_dir).name, continue_run=True)
     assert again.status == "stopped" and again.outcome["stop_reasons"] == ["stopper: stop: enough after epoch 2"], \
         again.outcome
     finals = [e.seq for e in read_events(first.run_dir) if e.type == ev.END_TRAINING_SESSION]
