@@ -191,7 +191,7 @@ def test_a_continued_run_goes_on_after_the_last_seq_of_a_journal_in_segments(tmp
     # a segment lost meanwhile: the next session's durable plugin goes on past the loss (it waited for it for ever)
     closed_segments(journal)[1].path.unlink()
     again = run_training(run_config(tmp_path, checkpoint, epochs=3, target=TINY, journal_segment_mb=0.002,
-                                    resume=first.run_dir, drain_timeout_s=30),
+                                    resume=first.run_dir, drain_timeout_s=30, ready_timeout_s=PLUGIN_START_S),
                          run_id=Path(first.run_dir).name, continue_run=True)
     assert again.status == "completed" and not again.undrained, (again.error, again.undrained)
     assert "are lost from the run's journal: going on without them" in (
