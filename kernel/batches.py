@@ -20,8 +20,6 @@ class BatchError(ValueError):
 def split(batch: Any, unpack: Callable[[Any], Any] | None, where: str) -> tuple[Any, Any]:
     """(inputs, targets) of a batch: unpack's, or the batch itself when it is that pair."""
     pair = unpack(batch) if unpack is not None else batch
-    if type(pair) in (tuple, list) and len(pair) == 2:  # the usual batch: nothing else to look at
-        return pair[0], pair[1]
     if isinstance(pair, (tuple, list)) and len(pair) == 2:
         return pair[0], pair[1]
     what = describe(pair)
