@@ -221,8 +221,9 @@ class Journal:
         while from_seq < self._first_seq:
             at = bisect.bisect_right(self._segment_firsts, from_seq) - 1
             segment = self._segments[at]
-            try:
-                blob, offsets = self._decompressed(segment) if from_seq <= segment.last else (b"", array("q"))
+            try:  # one found unreadable is not read again at every replay into it
+                blob, offsets = self._decompressed(segment) if from_seq <= segment.last and segment.path not in \
+                    self._lost else (b"", array("q"))
             except SEGMENT_ERRORS as exc:
                 self._say_lost(segment, f"unreadable ({type(exc).__name__}: {exc})")
                 blob, offsets = b"", array("q")
