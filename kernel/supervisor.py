@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,12 @@ HEALTHY_RESET_S = 10.0
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 PLUGIN_NICE = 10  # plugins run below training's priority: a busy plugin takes idle CPU, not training's
+# A plugin's output log (runs/<id>/plugins/<name>.log) is capped: past LOG_MAX_BYTES it is copied to <name>.log.1
+# (the previous copy replaced) and emptied in place, as logrotate's copytruncate does, since the plugin holds the
+# file open. A plugin that prints a line a step would otherwise fill the disk in a multi-day run. Checked every
+# LOG_CHECK_S; what the plugin writes between the copy and the truncation (microseconds) is lost.
+LOG_MAX_BYTES = 64 * 1024 * 1024
+LOG_CHECK_S = 5.0
 
 Emit = Callable[[str, dict[str, Any]], None]
 
@@ -112,6 +119,8 @@ class Supervisor:
         self.emit = emit
         self.liveness_s = heartbeat_interval_s * HEARTBEAT_LIVENESS
         self.stopping = False
+        self.log_max_bytes = LOG_MAX_BYTES
+        self._next_log_check = 0.0
 
     # -- called by the bus ------------------------------------------------------------------------
 
@@ -185,6 +194,10 @@ class Supervisor:
     def tick(self, now: float) -> None:
         for child in self.children.values():
             self._check(child, now)
+        if now >= self._next_log_check:
+            self._next_log_check = now + LOG_CHECK_S
+            for name in list(self.children):
+                _cap_log(self.log_dir / f"{name}.log", self.log_max_bytes)
 
     def next_deadline(self) -> float:
         """When tick() next has something to decide (a liveness window ending, a restart due); inf if never."""
@@ -356,6 +369,27 @@ class Supervisor:
         child.state = "backoff"
         child.next_start_at = now + child.backoff_s
         child.backoff_s = min(child.backoff_s * 2, INTERVAL_MAX_S)
+
+
+def _cap_log(path: Path, max_bytes: int) -> None:
+    """Past max_bytes, `path` is copied to `path.1` and emptied in place (LOG_MAX_BYTES). A copy that fails (a full
+    disk) still empties it, said once: the cap is there to keep the disk from filling."""
+    copy = path.with_name(path.name + ".1")
+    try:
+        if path.stat().st_size <= max_bytes:
+            return
+    except FileNotFoundError:  # not started yet, or the run dir is being removed
+        return
+    try:
+        shutil.copyfile(path, copy)
+    except OSError as exc:
+        copy.unlink(missing_ok=True)
+        log.warning("plugin log %s passed %d MiB and could not be copied to %s (%s): emptied without a copy",
+                    path, max_bytes >> 20, copy.name, exc.strerror or exc)
+    try:
+        os.truncate(path, 0)  # the plugin opened it O_APPEND: its next write lands at the new end
+    except OSError as exc:
+        log.warning("cannot empty plugin log %s: %s", path, exc.strerror or exc)
 
 
 def _cause(code: int) -> str:

@@ -61,7 +61,7 @@ class EmailAlertPlugin(Plugin):
         "password_env": Setting("TRAINBUS_SMTP_PASSWORD", "the environment variable holding the password"),
         "password_file": Setting("", "or a file holding it, mode 0600"),
         "sender": Setting("", "the From address ('': trainbus@<hostname>)"),
-        "recipients": Setting([], "the addresses mail goes to", rule="one or more e-mail addresses"),
+        "recipients": Setting([], "the addresses mail goes to", items=str, rule="one or more e-mail addresses"),
         "subject_prefix": Setting("[trainbus]", "put before every subject"),
         "on_end": Setting(True, "mail when training ends, with the loss plot"),
         "on_failure": Setting(True, "mail when the run fails"),

@@ -22,6 +22,8 @@ __all__ = ["METRIC", "PATH", "Setting", "SettingsError", "check_value", "declare
 # The article-and-noun each type is called by in an error ("must be an integer >= 0").
 TYPE_PHRASES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
                 dict: "a table"}
+# A list setting's elements: "a list of strings".
+ITEM_PHRASES = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
 
 
 class SettingsError(ValueError):
@@ -40,13 +42,23 @@ class Setting:
     choices: tuple[Any, ...] = ()
     kind: str = ""  # METRIC or PATH (proto/settings_format.py), for a str setting
     rule: str = ""  # what the plugin's check_settings also requires, in a few words, for `trainbus plugins list`
+    # A list's element type (str, int, float or bool); None: that of a non-empty default's elements when they are
+    # all of one of those types, else any.
+    items: type | None = None
 
     def __post_init__(self) -> None:
         if self.type is None and self.default is not None:
             object.__setattr__(self, "type", type(self.default))
+        if self.items is None and self.type is list and self.default:
+            kinds = {type(item) for item in self.default}
+            if len(kinds) == 1 and kinds <= ITEM_PHRASES.keys():
+                object.__setattr__(self, "items", kinds.pop())
+        if self.items is not None and (self.type is not list or self.items not in ITEM_PHRASES):
+            raise SettingsError(f"Setting items={self.items!r}: only a list setting has items, one of "
+                                f"{', '.join(t.__name__ for t in ITEM_PHRASES)}")
         if self.default is not None:  # None: not set. Else the default is a value like any given one: of the
             # declared type (Setting(1, type=float) gives 1.0) and allowed, or the declaration is refused
-            default = _converted(self.type, self.default)
+            default = _converted(self.type, self.default, self.items)
             if default is _REFUSED or not _within(self, default):
                 raise SettingsError(f"Setting default {_shown(self.default)} is not allowed; "
                                     f"it must be {self.allowed()}")
@@ -76,6 +88,8 @@ class Setting:
         if self.choices or self.type is None:
             return constraint or "any value"
         phrase = TYPE_PHRASES.get(self.type, self.type.__name__)
+        if self.items is not None:
+            phrase = f"a list of {ITEM_PHRASES[self.items]}"
         return f"{phrase}: {constraint}" if self.kind or self.rule else " ".join(filter(None, (phrase, constraint)))
 
 
@@ -86,11 +100,11 @@ def declared(settings: dict[str, Any]) -> dict[str, Setting]:
 
 def check_value(key: str, setting: Setting, value: Any) -> Any:
     """The value as the plugin gets it (a string converted to the declared type), or SettingsError in one line."""
-    converted = _converted(setting.type, value)
+    converted = _converted(setting.type, value, setting.items)
     if converted is _REFUSED or not _within(setting, converted):
         # The command line reads --set VALUE as JSON first: 1234 or true comes as a number where text is wanted.
         quote = (f"; {_shown(value)} was read as {'true/false' if isinstance(value, bool) else 'a number'}: quote "
-                 f"it (\"{_shown(value)}\" in a config file, --set 'NAME.{key}=\"{_shown(value)}\"' on the command line)"
+                 f"it (\"{_shown(value)}\" in a config file, '\"{_shown(value)}\"' after the = of a --set)"
                  if setting.type is str and isinstance(value, (int, float)) else "")
         raise SettingsError(f"{key} = {_shown(value)} is not allowed; it must be {setting.allowed()}{quote}")
     return converted
@@ -105,26 +119,38 @@ def describe_settings(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
 _REFUSED = object()
 
 
-def _converted(kind: type | None, value: Any) -> Any:
-    """value as `kind`; a string is read as one (the command line gives every value as text); else _REFUSED."""
-    if kind is None or (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)):
-        return value
+def _converted(kind: type | None, value: Any, items: type | None = None) -> Any:
+    """value as `kind` (a list's elements as `items`); a string is read as one (the command line gives every
+    value as text); else _REFUSED."""
+    if isinstance(value, str) and kind is not str and kind is not None:
+        value = _parsed(kind, value.strip())
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not isinstance(value, str):
+    if kind is not None and not _is_a(value, kind):
         return _REFUSED
-    text = value.strip()
+    if items is not None:  # the elements as they are, no text read: a list's text is JSON, its types are its own
+        value = [float(v) if items is float and _is_a(v, int) else v for v in value]
+        if not all(_is_a(v, items) for v in value):
+            return _REFUSED
+    return value
+
+
+def _parsed(kind: type, text: str) -> Any:
     try:
         if kind is bool:
             return {"true": True, "false": False}.get(text.lower(), _REFUSED)
         if kind in (int, float):
             return kind(text)
         if kind in (list, dict):
-            parsed = json.loads(text)
-            return parsed if isinstance(parsed, kind) else _REFUSED
+            return json.loads(text)
     except ValueError:
         pass
     return _REFUSED
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    """isinstance, but true/false is no number."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
 def _within(setting: Setting, value: Any) -> bool:

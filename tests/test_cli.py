@@ -127,7 +127,7 @@ BAD_INPUT = {
                                                  "patience = 'soon' is not allowed; it must be an integer >= 1"),
     "--set a number for a text setting": (lambda t: ["run", "--plugins", "email", "--set", "email.username=1234"],
                                           "it must be a string; 1234 was read as a number: quote it (\"1234\" in "
-                                          "a config file, --set 'NAME.username=\"1234\"' on the command line)"),
+                                          "a config file, '\"1234\"' after the = of a --set)"),
     "config is a directory": (lambda t: ["run", "--config", str(t)], "is a directory; give --config a TOML file"),
     "plugin class not in its module": (lambda t: ["run", "--config", _write(
         t, "c.toml", "[plugins.x]\ntarget = 'trainbus.plugins.console:Nope'\n")],

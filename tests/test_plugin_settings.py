@@ -60,7 +60,7 @@ def test_plain_defaults_are_settings_of_their_types_and_strings_from_the_command
     ({"every": True}, "every = true is not allowed; it must be an integer"),
     ({"rate": "fast"}, "rate = 'fast' is not allowed; it must be a number"),
     ({"label": 3}, "label = 3 is not allowed; it must be a string; 3 was read as a number: quote it (\"3\" in a "
-                   "config file, --set 'NAME.label=\"3\"' on the command line)"),
+                   "config file, '\"3\"' after the = of a --set)"),
     ({"on": "yes"}, "on = 'yes' is not allowed; it must be true or false"),
     ({"names": "a,b"}, "names = 'a,b' is not allowed; it must be a list"),
     ({"evry": 1}, "no setting 'evry' (known: anything, every, label, names, on, rate)"),
@@ -98,6 +98,29 @@ def test_a_default_is_read_as_the_declared_type_and_one_that_is_not_allowed_is_r
         with pytest.raises(SettingsError) as raised:
             declaration()
         assert str(raised.value) == message
+
+
+class Lists(Plugin):
+    settings = {"names": Setting(["loss"], "metrics to draw"), "rates": Setting([], "rates", items=float),
+                "mixed": Setting([1, "a"], "anything goes")}
+
+
+def test_a_lists_elements_are_checked_against_its_element_type():
+    assert Lists({"names": '["a", "b"]', "rates": [1, 0.5], "mixed": [True]}).settings == {
+        "names": ["a", "b"], "rates": [1.0, 0.5], "mixed": [True]}
+    assert type(Lists({"rates": [1]}).settings["rates"][0]) is float
+    for given, message in (
+            ({"names": [1, 2]}, "names = [1, 2] is not allowed; it must be a list of strings"),
+            ({"names": '["a", 3]'}, "names = '[\"a\", 3]' is not allowed; it must be a list of strings"),
+            ({"rates": [True]}, "rates = [true] is not allowed; it must be a list of numbers"),
+            ({"rates": "0.5"}, "rates = '0.5' is not allowed; it must be a list of numbers")):
+        with pytest.raises(SettingsError) as raised:
+            Lists(given)
+        assert str(raised.value) == f"plugin lists: {message}"
+    with pytest.raises(SettingsError, match="Setting default \\[1\\] is not allowed; it must be a list of strings"):
+        Setting([1], items=str)
+    with pytest.raises(SettingsError, match="only a list setting has items"):
+        Setting(1, items=int)
 
 
 def test_a_path_inside_the_run_directory_is_allowed():

@@ -1,0 +1,68 @@
+"""A plugin's output log is capped (kernel/supervisor.py, LOG_MAX_BYTES): a real plugin process writing to its log,
+the real Supervisor, a fake clock deciding when the size is checked."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from trainbus.kernel.supervisor import LOG_CHECK_S, PluginSpec, Supervisor
+
+T0 = 1000.0
+# Writes 20 kB to stderr (the log), waits for the file `go`, writes "after", exits.
+NOISY = """
+import os, sys, time
+for _ in range(200):
+    sys.stderr.write("x" * 99 + "\\n")
+sys.stderr.flush()
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+    time.sleep(0.01)
+sys.stderr.write("after\\n")
+"""
+
+
+def _wait(predicate, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_a_log_past_its_cap_is_copied_aside_and_emptied_in_place_and_the_plugin_writes_on_at_its_start(tmp_path):
+    go = tmp_path / "go"
+    spec = PluginSpec("noisy", "", command=[sys.executable, "-c", NOISY, str(go)])
+    sup = Supervisor([spec], {}, tmp_path / "run", lambda type_, data: None)
+    sup.log_max_bytes = 10_000
+    log, copy = tmp_path / "run" / "plugins" / "noisy.log", tmp_path / "run" / "plugins" / "noisy.log.1"
+    sup.start_all(now=T0)
+    try:
+        _wait(lambda: log.stat().st_size >= 20_000, "the plugin wrote its 20 kB")
+        sup.tick(T0)
+        assert copy.stat().st_size == 20_000 and log.stat().st_size == 0
+        assert copy.read_bytes() == (b"x" * 99 + b"\n") * 200
+
+        go.touch()
+        proc = sup.children["noisy"].proc
+        proc.wait(timeout=60)
+        # O_APPEND: its next write lands at the emptied file's start, not at its old offset behind a hole of NULs
+        assert log.read_bytes() == b"after\n"
+        sup.tick(T0 + LOG_CHECK_S)  # under the cap: left alone, the copy kept
+        assert log.read_bytes() == b"after\n" and copy.stat().st_size == 20_000
+    finally:
+        sup.shutdown(deadline_s=0)
+
+
+def test_the_size_is_checked_every_log_check_s_not_at_every_tick(tmp_path):
+    # a plugin that cannot start at all (failed) still has its log, and it is still watched
+    sup = Supervisor([PluginSpec("p", "", command=[str(tmp_path / "missing")])], {}, tmp_path, lambda *_: None)
+    sup.log_max_bytes = 10
+    sup.start_all(now=T0)
+    assert sup.children["p"].state == "failed"
+    sup.tick(T0)
+    log = tmp_path / "plugins" / "p.log"
+    log.write_bytes(b"y" * 100)
+    sup.tick(T0 + LOG_CHECK_S - 0.01)
+    assert log.stat().st_size == 100
+    sup.tick(T0 + LOG_CHECK_S)
+    assert log.stat().st_size == 0 and (tmp_path / "plugins" / "p.log.1").read_bytes() == b"y" * 100
