@@ -218,3 +218,18 @@ def append_manifest(path: Path, entry: dict[str, Any]) -> None:
         os.fsync(f.fileno())
     if new:
         fsync_directory(path.parent)
+
+
+def rewrite_manifest(path: Path, entries: list[dict[str, Any]]) -> None:
+    """Replace the manifest with these entries, atomically (temp, fsync, rename, fsync of the directory): a reader
+    sees the old file or the new one, and a crash leaves one of them."""
+    temporary = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(b"".join(json.dumps(entry).encode() + b"\n" for entry in entries))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    fsync_directory(path.parent)

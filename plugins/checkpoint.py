@@ -16,7 +16,10 @@ Retention, after ModelCheckpoint in PyTorch Lightning:
 - max_total: at most this many checkpoints (last.pt not counted); the oldest go first, never the
   newest (with save_last) nor the best.
 Old files are deleted only after the new one is durable. Only files named in the manifest are ever
-deleted; their lines stay, and resume skips a line whose file is gone.
+deleted; their lines stay, and resume skips a line whose file is gone. Past MANIFEST_STALE_LINES lines of
+files gone (a run checkpointing every few steps for days), the manifest is rewritten atomically with the
+lines of the files on disk, last.pt's latest and the RETIRED_KEPT newest of the rest (a replayed snapshot
+already saved and since deleted is recognised by its line, and not written again).
 """
 
 from __future__ import annotations
@@ -42,12 +45,15 @@ from ._durable_files import (
     read_manifest,
     remove_stale_temporaries,
     replace_with_link,
+    rewrite_manifest,
     write_atomically,
 )
 from ._snapshot_reader import SnapshotError, read_snapshot
 
 # The checkpoint directory's layout, shared with kernel/checkpointing.py's find_checkpoint.
 LAST = "last.pt"  # a hard link to the newest checkpoint
+MANIFEST_STALE_LINES = 1000  # lines no longer needed before the manifest is rewritten without them
+RETIRED_KEPT = 100  # lines of deleted checkpoints kept at a rewrite: replays reach back no further than that
 SUFFIX = ".pt"
 MODES = ("min", "max")
 PRIORITIES = ("background", "low", "idle")  # the writing thread: nice 19; the plugin's nice 10; SCHED_IDLE
@@ -238,6 +244,12 @@ class CheckpointPlugin(Plugin):
                     (directory / entry["file"]).unlink(missing_ok=True)
                 except OSError as exc:
                     self.log(f"could not delete old checkpoint {entry['file']}: {_describe(exc)}", level="warning")
+        needed = manifest_needed(entries, directory)
+        if len(entries) - len(needed) > MANIFEST_STALE_LINES:
+            try:
+                rewrite_manifest(directory / MANIFEST, needed)
+            except OSError as exc:  # it stays as it was, correct and longer
+                self.log(f"could not compact {directory / MANIFEST}: {_describe(exc)}", level="warning")
 
     def _fail(self, event: Event, reason: str) -> None:
         # The kernel logs checkpoint_failed as a warning; the plugin's own log gets it too.
@@ -277,6 +289,16 @@ def current_entries(entries: list[dict[str, Any]], directory: Path) -> list[dict
         latest.pop(entry["file"], None)  # a rewritten name counts from its latest write
         latest[entry["file"]] = entry
     return [e for e in latest.values() if (directory / e["file"]).is_file()]
+
+
+def manifest_needed(entries: list[dict[str, Any]], directory: Path) -> list[dict[str, Any]]:
+    """The lines a compacted manifest keeps, in their order: each file on disk's latest, last.pt's latest, and
+    the RETIRED_KEPT newest of the others (checkpoints deleted by retention, names written again)."""
+    on_disk = {id(e) for e in current_entries(entries, directory)}
+    aliases = [e for e in entries if e["file"] == LAST or "alias_of" in e]
+    retired = [e for e in entries if id(e) not in on_disk and not (e["file"] == LAST or "alias_of" in e)]
+    kept = on_disk | {id(e) for e in aliases[-1:]} | {id(e) for e in retired[-RETIRED_KEPT:]}
+    return [e for e in entries if id(e) in kept]
 
 
 def _saved_entry(entries: list[dict[str, Any]], event: Event) -> dict[str, Any] | None:

@@ -178,6 +178,48 @@ def test_a_replayed_save_that_retention_has_since_removed_is_neither_written_aga
     assert checkpoints(tmp_path / "checkpoints") == ["epoch002-step000002.pt", "last.pt"]
 
 
+def test_the_manifest_is_compacted_past_its_stale_lines_and_still_resolves_and_recognises_replays(
+        tmp_path, buffers, monkeypatch):
+    """A run that checkpoints every few steps for days would grow the manifest (read at every save) without end:
+    past MANIFEST_STALE_LINES lines of deleted files it is rewritten with what is still needed."""
+    from trainbus.plugins import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MANIFEST_STALE_LINES", 6)
+    monkeypatch.setattr(checkpoint, "RETIRED_KEPT", 2)
+    h, trainer, directory, events, lengths = harness(tmp_path, max_total=2), Trainer(), tmp_path / "checkpoints", [], []
+    for seq in range(1, 16):
+        trainer.train_epoch()
+        data = snapshot_data(buffers, trainer.state({}), {})
+        events.append(Event(seq=seq, run=h.run_id, type="save_checkpoint", ts=0.0, step=trainer.step,
+                            epoch=trainer.epoch, data=data))
+        h.plugin.handle(events[-1])
+        lengths.append(len(manifest(directory)))
+    # 2 files + last.pt's line + 2 retired kept, then 6 stale lines (3 saves, each a file's and last.pt's line)
+    # more before the next rewrite: never more than 2 + 1 + 2 + 6 + 2 lines
+    assert max(lengths) <= 13 and lengths[-1] < 2 * 15, lengths
+    assert lengths.count(5) >= 2, f"compacted more than once, to the 5 lines needed: {lengths}"
+    entries = manifest(directory)
+    assert [e["seq"] for e in entries if "alias_of" not in e and e["file"] != "last.pt"][-2:] == [14, 15]
+    assert sum(e["file"] == "last.pt" for e in entries) >= 1
+    assert checkpoints(directory) == ["epoch014-step000014.pt", "epoch015-step000015.pt", "last.pt"]
+    assert find_checkpoint(str(tmp_path), str(tmp_path)).name in ("last.pt", "epoch015-step000015.pt")
+    assert load_checkpoint(find_checkpoint(str(tmp_path), str(tmp_path)))["epoch"] == 15
+    assert not [p for p in directory.iterdir() if p.name.startswith(".tmp-")]
+    h.plugin.outbox.clear()
+    h.plugin.handle(events[12])  # the newest deleted one, replayed after a restart: its line was kept
+    assert [m["type"] for m in h.plugin.outbox] == ["log"] and "since removed by retention" in h.plugin.outbox[0]["text"]
+    assert checkpoints(directory) == ["epoch014-step000014.pt", "epoch015-step000015.pt", "last.pt"]
+
+
+def test_a_manifest_of_kept_checkpoints_only_is_never_rewritten(tmp_path, buffers, monkeypatch):
+    from trainbus.plugins import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MANIFEST_STALE_LINES", 6)
+    h = harness(tmp_path, save_top_k=-1, save_last=False)
+    run_epochs(h, buffers, [0.5] * 10)
+    assert len(manifest(tmp_path / "checkpoints")) == 10  # every line is a file on disk
+
+
 def test_filename_takes_metrics_and_survives_a_missing_one(tmp_path, buffers):
     h = harness(tmp_path, filename="e{epoch:02d}-{validation_loss:.3f}")
     trainer = run_epochs(h, buffers, [0.12345])
