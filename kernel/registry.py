@@ -31,7 +31,8 @@ from .runs import STATUSES as RUN_STATUSES
 from .runs import _iso, find_runs, newest_first, overview_or_unreadable, run_overview
 
 REGISTRY_NAME = "registry.sqlite"
-SCHEMA_VERSION = 3  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who)
+SCHEMA_VERSION = 4  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,
+# 4: runs.hyperparameters)
 BUSY_TIMEOUT_S = 5.0  # a write waits this long for another writer's transaction (each takes milliseconds)
 QUEUED = "queued"  # a run the daemon has not started: it has no directory yet
 STATUSES = (QUEUED, *RUN_STATUSES)
@@ -44,9 +45,9 @@ COLUMNS = {
     "epochs_completed": "INTEGER", "epochs": "INTEGER", "steps": "INTEGER", "last_seq": "INTEGER",
     "training_loss": "REAL", "validation_loss": "REAL", "validation_metrics": "TEXT",
     "best_validation_loss": "REAL", "best_epoch": "INTEGER", "stop_reasons": "TEXT", "error": "TEXT",
-    "plugin_trouble": "TEXT", "last_event": "TEXT", "observed_ts": "REAL NOT NULL",
+    "plugin_trouble": "TEXT", "last_event": "TEXT", "observed_ts": "REAL NOT NULL", "hyperparameters": "TEXT",
 }
-JSON_COLUMNS = ("flags", "validation_metrics", "stop_reasons", "plugin_trouble", "last_event")
+JSON_COLUMNS = ("flags", "validation_metrics", "stop_reasons", "plugin_trouble", "last_event", "hyperparameters")
 
 # The daemon's queue (kernel/daemon.py): how to start each submitted run, and where its process is. A job's run
 # also has a row in `runs` from the moment it is queued (status queued, no dir), which its kernel's own record
@@ -124,6 +125,8 @@ class Registry:
                 self.db.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submitted_ts)")
             if "submitted_by" not in {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}:  # < 3
                 self.db.execute("ALTER TABLE jobs ADD COLUMN submitted_by TEXT")
+            if "hyperparameters" not in {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}:  # < 4
+                self.db.execute("ALTER TABLE runs ADD COLUMN hyperparameters TEXT")  # rows of before: NULL
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- writing -------------------------------------------------------------------------------------

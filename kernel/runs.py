@@ -176,7 +176,8 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     when the run was continued in place), epochs_completed,
     epochs (planned), steps, training_loss, validation_loss and validation_metrics (the last epoch's),
     stop_reasons, error, plugin_trouble, last_event (for a run without a summary: where the journal ends),
-    flags (what the spec function was called with, kernel/flags.py), ended_ts (when the kernel ended, or the
+    flags (what the spec function was called with, kernel/flags.py), hyperparameters (the built spec's, its
+    build()'s defaults included: what trained), ended_ts (when the kernel ended, or the
     last event of one that died), last_seq, best (the lowest whole-epoch validation loss and its epoch).
     """
     now = time.time() if now is None else now
@@ -202,7 +203,8 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
             starts[-1].data.get("epochs") if starts else None),
         "steps": None, "training_loss": None, "validation_loss": None, "validation_metrics": {},
         "stop_reasons": [], "error": None, "plugin_trouble": [], "last_event": None,
-        "flags": config.get("flags") or {}, "ended_ts": None, "last_seq": None, "best": None,
+        "flags": config.get("flags") or {}, "hyperparameters": config.get("hyperparameters") or {},
+        "ended_ts": None, "last_seq": None, "best": None,
     }
     summary = _read_json(run_dir / SUMMARY)
     if summary is None or summary.get("status") not in STATUSES:

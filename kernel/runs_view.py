@@ -105,15 +105,22 @@ def _value(value: Any) -> str:
 
 
 def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What `runs compare` shows of each run (runs.run_overview's dicts): its flags and its final metrics."""
+    """What `runs compare` shows of each run (runs.run_overview's dicts): its flags and its final metrics.
+
+    A flag another run was given and this one was not is this run's hyperparameter of that name when its spec
+    has one (a function taking the hyperparameters dict fills in its own defaults), so a column compares what
+    trained rather than what was typed."""
+    names = list(dict.fromkeys(k for run in runs for k in run.get("flags") or {}))
     rows = []
     for run in runs:
+        given, trained = run.get("flags") or {}, run.get("hyperparameters") or {}
+        flags = {k: given[k] if k in given else trained[k] for k in names if k in given or k in trained}
         best = run.get("best") or {}
         metrics = {"training_loss": run.get("training_loss"), "validation_loss": run.get("validation_loss"),
                    **{f"validation_{k}": v for k, v in (run.get("validation_metrics") or {}).items()},
                    "best_validation_loss": best.get("validation_loss"), "best_epoch": best.get("epoch")}
         rows.append({"id": run["id"], "status": run["status"], "target": run.get("target"),
-                     "flags": run.get("flags") or {}, "metrics": metrics,
+                     "flags": flags, "metrics": metrics,
                      "epochs_completed": run.get("epochs_completed"), "steps": run.get("steps"),
                      "duration_s": run.get("duration_s")})
     return rows

@@ -141,6 +141,36 @@ def test_a_registry_of_schema_2_gains_who_submitted_each_job_and_keeps_its_queue
         assert registry.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+def test_a_registry_of_schema_3_gains_the_runs_hyperparameters_and_keeps_its_rows(tmp_path):
+    old = sqlite3.connect(tmp_path / REGISTRY_NAME)
+    columns = {n: k for n, k in COLUMNS.items() if n != "hyperparameters"}
+    old.execute(f"CREATE TABLE runs ({', '.join(f'{n} {k}' for n, k in columns.items())})")
+    old.execute(f"CREATE TABLE jobs ({', '.join(f'{n} {k}' for n, k in JOB_COLUMNS.items())})")
+    old.execute("INSERT INTO runs (id, status, flags, observed_ts) VALUES ('old', 'completed', '{\"lr\": 1}', 1.0)")
+    old.execute("PRAGMA user_version = 3")
+    old.commit()
+    old.close()
+    with Registry(tmp_path) as registry:
+        registry.record([{"id": "new", "status": "completed", "flags": {}, "hyperparameters": {"lr": 0.5}}], 2.0)
+        runs = registry.runs(3.0)
+        assert (runs["old"]["flags"], runs["old"]["hyperparameters"]) == ({"lr": 1}, None)
+        assert runs["new"]["hyperparameters"] == {"lr": 0.5}
+        assert registry.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_compare_fills_a_flag_a_run_was_not_given_with_what_its_spec_trained_with(ended_runs):
+    """The demo's way: a spec function taking the hyperparameters dict fills in its own defaults, so a run given
+    no lr trained with one all the same; a run that names none (a registry row from before) shows none."""
+    from trainbus.kernel.runs_view import comparison
+
+    runs = [{"id": "given", "status": "completed", "flags": {"lr": 0.3}, "hyperparameters": {"lr": 0.1}},
+            {"id": "defaults", "status": "completed", "flags": {}, "hyperparameters": {"lr": 0.05, "width": 8}},
+            {"id": "old-row", "status": "completed", "flags": {}, "hyperparameters": None}]
+    assert [row["flags"] for row in comparison(runs)] == [{"lr": 0.3}, {"lr": 0.05}, {}]
+    compared = json.loads(cli("runs", "compare", "--runs-dir", str(ended_runs), "--json"))
+    assert {c["id"]: c["flags"] for c in compared} == {"a-completed": {"lr": 0.3}, "b-failed": {"lr": 0.1}}
+
+
 def test_reindex_sets_aside_a_registry_sqlite_cannot_read_and_builds_a_new_one(ended_runs, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(ended_runs, copy, ignore=shutil.ignore_patterns(f"{REGISTRY_NAME}*"))
