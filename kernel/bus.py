@@ -156,7 +156,12 @@ class Bus:
         self.flush_now()
         seq = self._last_seq_of.get(type_, 0)
         self.wait(lambda: not peers.voters_behind(type_, seq, time.monotonic()), timeout_s)
-        return peers.voters_behind(type_, seq, time.monotonic())
+        late = peers.voters_behind(type_, seq, time.monotonic())
+        if late:
+            peers.missed_vote(late, seq)
+            log.warning("no vote from %s at %s (seq %d) within vote_timeout_s (%.3g s): training went on, and waits "
+                        "for no vote of theirs until they ack seq %d", ", ".join(late), type_, seq, timeout_s, seq)
+        return late
 
     @property
     def final_seq(self) -> int:

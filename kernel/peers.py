@@ -70,6 +70,9 @@ class Peer:
     role: str = ""  # that key's role at hello (kernel/keys.py); "" on ipc
     owner: bool = False  # its hello proved the run's owner (kernel/credentials.py): it may send OWNER_ONLY commands
     acked: int = 0  # highest seq this connection acked (votes read it)
+    # The seq of a vote this connection did not answer within vote_timeout_s: until it acks that far it is not
+    # waited for again, so a voter that hangs costs one vote_timeout_s, not one every epoch.
+    missed_vote: int = 0
     replay_from: int | None = None  # a replay asked for and not yet served (newer requests replace it)
     counters: collections.Counter = field(default_factory=collections.Counter)
 
@@ -247,7 +250,15 @@ class Peers:
         return [p for p in list(self._by_name.values()) if names_with in p.capabilities and self.may_return(p.name, now)]
 
     def voters_behind(self, type_: str, seq: int, now: float) -> list[str]:
-        return [p.name for p in self if type_ in p.votes and p.acked < seq and self.is_live(p, now)]
+        """Live voters at `type_` that have not acked `seq`, less those still behind a vote they missed."""
+        return [p.name for p in self
+                if type_ in p.votes and p.missed_vote <= p.acked < seq and self.is_live(p, now)]
+
+    def missed_vote(self, names: list[str], seq: int) -> None:
+        for name in names:
+            peer = self._by_name.get(name)
+            if peer is not None:
+                peer.missed_vote = seq
 
     def has_voters(self, type_: str) -> bool:
         return any(type_ in p.votes for p in self)
