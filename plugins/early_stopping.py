@@ -37,7 +37,8 @@ class EarlyStoppingPlugin(Plugin):
     """Stops training when a monitored metric stops improving (monitor, mode, patience, min_delta).
 
     Example settings: {"monitor": "validation_accuracy", "mode": "max", "patience": 5, "min_delta": 0.001}.
-    An epoch improves on the best by more than min_delta, or it counts towards patience; a NaN never improves.
+    An epoch improves on the best by more than min_delta, or it counts towards patience; a NaN never improves,
+    and with check_finite (the default) a NaN or infinite value stops training at once.
     """
 
     # Durable: a decision-maker that misses an epoch stops late. Its counts survive a restart through
@@ -50,6 +51,8 @@ class EarlyStoppingPlugin(Plugin):
         "mode": Setting("min", "min: lower is better; max: higher is better", choices=MODES),
         "patience": Setting(3, "epochs without improvement before training stops", min=1),
         "min_delta": Setting(0.0, "how much an epoch must beat the best by to count as an improvement", min=0),
+        "check_finite": Setting(True, "stop at once when the monitored value is NaN or infinite (training diverged), "
+                                      "as Lightning's EarlyStopping does; false: such an epoch counts as no improvement"),
     }
 
     @classmethod
@@ -76,7 +79,10 @@ class EarlyStoppingPlugin(Plugin):
         t.seq = event.seq
         _save(self.state_path, t)
         # Sent again every epoch past patience: if a crash ate the first, the next one gets through.
-        if t.bad_epochs >= patience:
+        if self.settings["check_finite"] and not math.isfinite(value):
+            best = "no finite value before" if t.best is None else f"best {t.best:.6g} at epoch {t.best_epoch}"
+            self.stop(f"{monitor} is {value} at epoch {event.epoch}: training diverged ({best})")
+        elif t.bad_epochs >= patience:
             best = "no finite value yet" if t.best is None else f"best {t.best:.6g} at epoch {t.best_epoch}"
             epochs = "epoch" if t.bad_epochs == 1 else "epochs"
             self.stop(f"no improvement in {monitor} for {t.bad_epochs} {epochs} ({best})")

@@ -111,8 +111,17 @@ def test_early_stopping_resolves_validation_accuracy_from_the_metrics_dict(tmp_p
 
 
 def test_early_stopping_nan_never_improves(tmp_path):
-    h = Harness(EarlyStoppingPlugin({"patience": 2}, run_dir=str(tmp_path)))
+    h = Harness(EarlyStoppingPlugin({"patience": 2, "check_finite": False}, run_dir=str(tmp_path)))
     assert epochs_fed(h, [1.0, math.nan, math.nan]) == [3]
+
+
+@pytest.mark.parametrize("diverged", [math.nan, math.inf])
+def test_early_stopping_stops_at_once_when_the_monitor_is_not_finite(tmp_path, diverged):
+    """Lightning's check_finite: a diverged run is not trained on for `patience` more epochs."""
+    h = Harness(EarlyStoppingPlugin({"patience": 5}, run_dir=str(tmp_path)))
+    assert epochs_fed(h, [1.0, 0.8, diverged]) == [3]
+    assert h.replies_of("stop")[0]["reason"] == (f"validation_loss is {diverged} at epoch 3: training diverged "
+                                                 f"(best 0.8 at epoch 2)")
 
 
 def test_early_stopping_fails_its_handler_when_the_monitored_key_is_missing(tmp_path):
