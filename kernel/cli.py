@@ -112,8 +112,6 @@ def run(
                                                                    "the daemon has GPUs)."),
 ) -> None:
     """Train, with every plugin in its own process; prints the run id, the outcome and where results are."""
-    from .session import run_training
-
     flag_words = list(flag_words or [])
     if target is not None and _is_flag_word(target):  # `trainbus run lr=0.01`: the default target's flags
         target, flag_words = None, [target, *flag_words]
@@ -167,6 +165,8 @@ def run(
               **{k: v for k, v in launch.items() if v is not None}}
     if launch["nproc"] > 1 or launch["nnodes"] > 1 or launch["max_restarts"] or launch["rdzv_endpoint"]:
         _launch(launch, cfg.runs_dir, continuing.name if continuing else None)
+    from .session import run_training  # here: torch takes seconds to import, and a mistake above is told at once
+
     result = run_training(cfg, run_id=continuing.name if continuing else None, continue_run=continuing is not None,
                           install_sigint=True, announce=lambda line: print(f"trainbus: {line}", file=sys.stderr),
                           metric_settings=metric_settings)
@@ -195,7 +195,7 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     0 completed or stopped, 130 interrupted, 1 failed."""
     from torch.distributed.run import main as torchrun
 
-    from .distributed import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID
+    from .cluster import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID
     from .session import new_run_id
 
     nproc, nnodes, rdzv_endpoint, max_restarts = (launch["nproc"], launch["nnodes"], launch["rdzv_endpoint"],
@@ -1149,7 +1149,7 @@ def main() -> None:
 def _tell_launcher(said: str) -> bool:
     """A rank of `trainbus run --nproc`: its mistake in the command (`said`) written where the launcher reads it,
     and True; then the rank exits 0 so that torchrun does not restart the group for it. False elsewhere."""
-    from .distributed import LAUNCH_ERRORS
+    from .cluster import LAUNCH_ERRORS
 
     path = os.environ.get(LAUNCH_ERRORS)
     if not path:

@@ -12,6 +12,14 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
+LAUNCH_RUN_ID = "TRAINBUS_LAUNCH_RUN_ID"  # `trainbus run --nproc` picks the run id for every rank it starts
+# `trainbus run --nproc` tells its ranks how it launched them (JSON: nproc, nnodes, max_restarts, rdzv_endpoint):
+# config.json keeps it, so `--resume RUN` alone launches the run again the same way.
+LAUNCH = "TRAINBUS_LAUNCH"
+# ... and where a rank writes a mistake in the command (the one `error:` line, exit 2 in one process) instead of
+# printing it and failing: every rank would print it, and torchrun restart the group for it (--max-restarts).
+LAUNCH_ERRORS = "TRAINBUS_LAUNCH_ERRORS"
+
 TORCHELASTIC_VARS = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # Lightning's detect()
 SLURM_INTERACTIVE = ("bash", "interactive")  # `srun --pty bash`: a shell, not the job's tasks
 

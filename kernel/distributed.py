@@ -24,13 +24,6 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from .cluster import Cluster
 from .replies import NO_CONTROL, Control
 
-LAUNCH_RUN_ID = "TRAINBUS_LAUNCH_RUN_ID"  # `trainbus run --nproc` picks the run id for every rank it starts
-# `trainbus run --nproc` tells its ranks how it launched them (JSON: nproc, nnodes, max_restarts, rdzv_endpoint):
-# config.json keeps it, so `--resume RUN` alone launches the run again the same way.
-LAUNCH = "TRAINBUS_LAUNCH"
-# ... and where a rank writes a mistake in the command (the one `error:` line, exit 2 in one process) instead of
-# printing it and failing: every rank would print it, and torchrun restart the group for it (--max-restarts).
-LAUNCH_ERRORS = "TRAINBUS_LAUNCH_ERRORS"
 AGREE_EVERY = 16  # steps between agreements on rank 0's replies
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long for a rank (a slow validation, a vote)
 

@@ -24,11 +24,11 @@ from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir, write
 
 from .bus import CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
 from .checkpointing import CheckpointError, Checkpointer, find_checkpoint, load_checkpoint, persister_directory
-from .cluster import ClusterError, detect
+from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
 from .config import ConfigError, RunConfig
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
-from .distributed import LAUNCH, LAUNCH_RUN_ID, Ranks, distribute
+from .distributed import Ranks, distribute
 from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse
 from .limits import PeerLimits
 from .loop import Loop, pick_device, restore_weights, seed_everything
