@@ -34,8 +34,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from trainbus.proto import DURABLE, Event
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
 from trainbus.sdk import METRIC, PATH, Plugin, Setting, SettingsError
@@ -48,7 +46,6 @@ from ._durable_files import (
     rewrite_manifest,
     write_atomically,
 )
-from ._snapshot_reader import SnapshotError, read_snapshot
 
 # The checkpoint directory's layout, shared with kernel/checkpointing.py's find_checkpoint.
 LAST = "last.pt"  # a hard link to the newest checkpoint
@@ -102,6 +99,13 @@ class CheckpointPlugin(Plugin):
             raise SettingsError("save_top_k = 0 with save_last = false would keep nothing; keep one of them")
         _check_filename(settings["filename"])
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # torch is imported here, before the plugin's hello, so that it is ready to persist once the kernel counts
+        # on it; the module imports it lazily, since `trainbus run` loads this class for its settings before every
+        # run that has the plugin, and torch takes seconds to import.
+        from . import _snapshot_reader  # noqa: F401
+
     def setup(self) -> None:
         s = self.settings
         self.directory = Path(self.run_dir) / (s["dirpath"] or CHECKPOINT_DIR)
@@ -119,6 +123,8 @@ class CheckpointPlugin(Plugin):
         yield_to_training(self.settings["priority"])
 
     def on_save_checkpoint(self, event: Event) -> None:
+        from ._snapshot_reader import SnapshotError  # loaded by __init__
+
         # Never raises: a handler that raises is retried, and a full disk would only fill up again.
         try:
             self._save(event)
@@ -166,6 +172,8 @@ class CheckpointPlugin(Plugin):
             return
         path = directory / entry["file"]
         try:
+            from ._snapshot_reader import read_snapshot
+
             snapshot = read_snapshot(data)
             sha256, size = write_atomically(snapshot.state, path, before_replace=snapshot.check,
                                             progress=self.still_working)
@@ -268,6 +276,8 @@ def yield_to_training(priority: str) -> None:
     training pauses, so it is a choice, not the default. Lowering is always permitted; an
     unprivileged thread can never raise itself back (RLIMIT_NICE), so a setting picks one level.
     """
+    import torch
+
     torch.set_num_threads(1)
     try:
         if priority == "idle" and hasattr(os, "SCHED_IDLE"):
