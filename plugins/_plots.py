@@ -12,13 +12,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Callable
 
 from ._history import EpochRecord, History
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# matplotlib is imported where a figure is made, not here: it takes about a second, and `trainbus run` loads the
+# e-mail and visualization plugins' classes (their settings) before every run that has them.
 PNG_METADATA = {"Software": None}  # no version string: the same run draws the same bytes on any machine
 MAX_PANELS = 6
 SPARSE_POINTS = 20  # a series with fewer readings is drawn with markers: a single reading is a dot, not nothing
@@ -154,6 +156,8 @@ def figures(history: History, size: PlotSize) -> dict[str, Figure]:
 
 
 def png_bytes(fig: Figure, size: PlotSize) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     buffer = io.BytesIO()
     FigureCanvasAgg(fig)
     fig.savefig(buffer, format="png", dpi=size.dpi, metadata=PNG_METADATA)
@@ -178,6 +182,8 @@ def render_all(history: History, out_dir: str | Path, size: PlotSize,
 
 
 def _figure(size: PlotSize) -> Figure:
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(size.width_px / size.dpi, size.height_px / size.dpi), dpi=size.dpi, layout="constrained")
 
 
