@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trainbus.proto import DURABLE, JOURNAL_NAME, PROTOCOL_VERSION
+from trainbus.proto.process import exit_without_teardown
 from trainbus.proto.settings_format import METRIC, typed_word
 
 from .config import (ConfigError, apply_set, check_runs_dir, config_of_run, launch_of_run, load_config,
@@ -1163,24 +1164,12 @@ def _tell_launcher(said: str) -> bool:
 
 
 def _exit(code: int) -> None:
-    """Leave once everything the command did is closed: the exit handlers run (logging's flush among them) and
-    the standard streams are flushed, then the process ends without Python's teardown of every module.
-
-    With torch loaded that teardown took 0.7 s of every `trainbus run` (1.5 s on a busy box) and did nothing
-    for the run: the run closed its journal, sockets and plugins before returning. It also ran C++ static
+    """Leave once everything the command did is closed, without Python's teardown of every module
+    (proto/process.py): with torch loaded it took 0.7 s of every `trainbus run` (1.5 s on a busy box) and did
+    nothing for the run, which closed its journal, sockets and plugins before returning. It also ran C++ static
     destructors under torchrun, where a gloo thread still alive in one rank now and then aborted it at exit
     ("terminate called without an active exception") after a complete run."""
-    if "torch" not in sys.modules:  # nothing slow to skip: the ordinary exit
-        sys.exit(code)
-    import atexit
-
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe (| head): nothing more to say there
-            pass
-    os._exit(code)
+    exit_without_teardown(code)
 
 
 if __name__ == "__main__":  # torch.distributed.run starts each rank as `-m trainbus.kernel.cli`
