@@ -23,6 +23,7 @@ from trainbus.proto.settings_format import METRIC, typed_word
 from .config import (ConfigError, apply_set, check_runs_dir, config_of_run, launch_of_run, load_config,
                      plugin_name_clashes, registered_plugins, resolve_plugin)
 from .checkpointing import CheckpointError, find_checkpoint
+from .registry import RegistryError
 from .spec import SpecError, UserCodeError
 
 __version__ = "0.1.0"
@@ -625,11 +626,45 @@ def runs_stop(
         out.print(f"cancelled the queued resume of {queued}; the run stays as it was" if resumed
                   else f"cancelled {queued}: it was queued and never started")
         return
+    unmade = daemon.run_without_directory(runs_dir, run)  # the daemon started it, or failed to, before its kernel
+    if unmade is not None:                                  # made the run directory
+        if unmade["job"] not in ("starting", "running") or not _kernel_listens(runs_dir, unmade):
+            print(f"error: run {unmade['id']} has already ended ({unmade['status']}: {unmade.get('error') or '-'}); "
+                  f"there is nothing to stop", file=sys.stderr)
+            raise typer.Exit(code=1)
+        run = str(Path(runs_dir) / unmade["id"])
     run_dir, status = _run_and_status(run, runs_dir)
     if status != "running":
         print(f"error: run {run_dir.name} has already ended ({status}); there is nothing to stop", file=sys.stderr)
         raise typer.Exit(code=1)
     _stop_running_run(run_dir, reason)
+
+
+KERNEL_START_WAIT_S = 600.0  # `runs stop` of a run whose kernel is still building its spec (loading data, ...)
+
+
+def _kernel_listens(runs_dir: Path, unmade: dict) -> bool:
+    """A run the daemon started whose kernel has no directory or sockets yet (it builds the spec first): wait, while
+    its process lives and at most KERNEL_START_WAIT_S, until its kernel.log names its sockets. False when the
+    process ended first."""
+    from . import daemon
+
+    kernel_log = Path(runs_dir) / unmade["id"] / "kernel.log"
+    print(f"trainbus: run {unmade['id']} is starting (its kernel builds the spec first); the stop goes in once it "
+          f"listens", file=sys.stderr)
+    deadline = time.monotonic() + KERNEL_START_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            with open(kernel_log, "rb") as f:
+                if b" sockets: " in f.read(1 << 16):
+                    return True
+        except OSError:
+            pass
+        if unmade["pid"] is not None and not daemon.process_alive(unmade["pid"], unmade["pid_started"]):
+            return kernel_log.parent.is_dir()  # it made its directory and ended: the run says how
+        time.sleep(0.2)
+    raise UserError(f"run {unmade['id']}'s kernel did not start listening within {KERNEL_START_WAIT_S:.0f} s; "
+                    f"`trainbus runs show {unmade['id']}` says where it is")
 
 
 def _stop_running_run(run_dir: Path, reason: str) -> NoReturn:
@@ -1135,7 +1170,7 @@ def main() -> None:
     except typer.Abort:  # Ctrl-C at a prompt
         print("aborted", file=sys.stderr)
         _exit(130)
-    except (UserError, ConfigError, SpecError, CheckpointError) as exc:
+    except (UserError, ConfigError, SpecError, CheckpointError, RegistryError) as exc:
         # their build() raised: their frames, then the one line
         said = (exc.trace if isinstance(exc, UserCodeError) else "") + f"error: {exc}\n"
         if _tell_launcher(said):

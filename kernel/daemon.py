@@ -28,6 +28,7 @@ import logging.handlers
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,7 @@ from trainbus.proto import ProtocolError, unpack
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
 
 from .credentials import SUN_PATH_MAX
-from .registry import JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, record_run
+from .registry import JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, record_run
 from .runs import CONFIG, kernel_process, run_overview
 
 log = logging.getLogger("trainbus.daemon")
@@ -207,6 +208,7 @@ class Daemon:
         self.adopted = False
         self.woken = False  # a submission asked for a round now
         self.remote_endpoint: str | None = None  # `--listen`'s TCP endpoint, as bound
+        self.trouble = ""  # what the last round failed with ("": it did not)
 
     # -- one round ------------------------------------------------------------------------------------
 
@@ -226,6 +228,25 @@ class Daemon:
                 self._fail_unstarted(registry, job, why, now)
             for job, devices in starts:
                 self._start(registry, job, devices, now)
+
+    def safe_tick(self, now: float, fatal: tuple[type[Exception], ...] = ()) -> None:
+        """tick, surviving what a round can meet (the registry locked by another writer for long, a full disk, a
+        bug): said in the log, once per kind in a row, and tried again at the next round. The runs train on, and
+        status and stop keep answering. `fatal`: raised as they are."""
+        try:
+            self.tick(now)
+        except fatal:
+            raise
+        except Exception as exc:
+            kind = f"{type(exc).__name__}: {exc}"
+            if kind != self.trouble:
+                log.error("a round of the queue failed (tried again every %.0f s): %s", TICK_S, kind,
+                          exc_info=not isinstance(exc, (sqlite3.Error, OSError, RegistryError)))
+            self.trouble = kind
+        else:
+            if self.trouble:
+                log.info("the queue's rounds work again")
+            self.trouble = ""
 
     def _adopt(self, registry: Registry, now: float) -> None:
         """A previous daemon's jobs: watch the ones still running, settle the ones that ended meanwhile."""
@@ -348,17 +369,16 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
     lock = Lock(directory)
     _log_to(directory / LOG_FILE, foreground_log)
     daemon = Daemon(runs_dir, detected_devices() if devices is None else devices, max_concurrent)
+    try:
+        daemon.safe_tick(time.time(), fatal=(RegistryError,))  # a registry it cannot read: a refusal to start
+        # the TCP endpoint before the local one: a port it cannot bind leaves no endpoint file for clients to try
+        remote = Remote(listen, keys_dir, directory) if listen else None
+    except BaseException:  # ListenError, KeyFileError, DaemonError, RegistryError: each names its fix (the CLI)
+        os.close(lock.fd)
+        raise
+    daemon.remote_endpoint = remote and remote.endpoint
     context = zmq.Context()
     socket, endpoint, socket_home = _bind_control(context, directory)
-    try:
-        remote = Remote(listen, keys_dir, directory) if listen else None
-        daemon.remote_endpoint = remote and remote.endpoint
-    except Exception as exc:  # ListenError, KeyFileError, DaemonError: each names its fix
-        log.error("error: %s", exc)
-        socket.close(linger=0)
-        context.term()
-        os.close(lock.fd)
-        return 2
     stopping: list[str] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.append(signal.Signals(signum).name))
@@ -370,7 +390,6 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
     if remote:
         poller.register(remote.socket, zmq.POLLIN)
     try:
-        daemon.tick(time.time())
         next_tick = time.monotonic() + TICK_S
         while not stopping:
             ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000))))
@@ -380,7 +399,7 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
                 _answer(remote.socket, remote.peer_of, daemon, stopping)
             if time.monotonic() >= next_tick or daemon.woken:
                 daemon.woken = False
-                daemon.tick(time.time())
+                daemon.safe_tick(time.time())
                 next_tick = time.monotonic() + TICK_S
         log.info("daemon stopping (%s); %d run(s) still training, adopted by the next daemon: %s", stopping[0],
                  len(daemon.watched), ", ".join(daemon.watched) or "none")
@@ -686,7 +705,8 @@ def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
         return None
     row, job = rows[matches[0]], jobs[matches[0]]
     return {**row, "argv": job["argv"], "submitted_ts": job["submitted_ts"], "submitted_by": job["submitted_by"],
-            "job": job["state"], "output": str(daemon_dir(runs_dir) / OUTPUT_DIR / f"{row['id']}.log")}
+            "job": job["state"], "pid": job["pid"], "pid_started": job["pid_started"],
+            "output": str(daemon_dir(runs_dir) / OUTPUT_DIR / f"{row['id']}.log")}
 
 
 def cancel(runs_dir: Path, run_id: str) -> None:

@@ -70,16 +70,28 @@ class JobError(Exception):
 
 
 class RegistryError(Exception):
-    """The registry file is from a newer trainbus, or not a registry; `trainbus runs reindex` can rebuild it."""
+    """The registry cannot be used: no runs directory, a file from a newer trainbus, or not a registry (one line,
+    naming the fix)."""
+
+
+class RegistryUnreadable(RegistryError):
+    """The file is not an SQLite database, or a damaged one: `trainbus runs reindex` sets it aside."""
 
 
 class Registry:
     """A connection to one runs directory's registry; use as a context manager."""
 
     def __init__(self, runs_dir: Path, busy_timeout_s: float = BUSY_TIMEOUT_S):
+        """RegistryError, in one line naming the fix, when the runs directory is missing or the file is not a
+        registry; sqlite3.OperationalError when it is busy for longer than busy_timeout_s."""
         self.path = Path(runs_dir) / REGISTRY_NAME
-        if not self.path.exists():  # owner-only, like everything of a run; SQLite gives its -wal and -shm the same
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+        if not Path(runs_dir).is_dir():  # before anything is created: a registry is made only inside a runs dir
+            raise RegistryError(f"the runs directory {runs_dir} does not exist (is --runs-dir right?)")
+        try:
+            if not self.path.exists():  # owner-only, like all of a run's files; SQLite gives its -wal, -shm the same
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+        except OSError as exc:
+            raise RegistryError(f"cannot create the run registry {self.path}: {exc.strerror or exc}") from None
         # isolation_level=None: no implicit transactions; each write below says BEGIN IMMEDIATE itself
         self.db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
         try:
@@ -87,6 +99,13 @@ class Registry:
             self.db.execute("PRAGMA journal_mode = WAL")  # persistent: said once per file, cheap to repeat
             self.db.execute("PRAGMA synchronous = NORMAL")  # WAL stays consistent; a power cut may lose the last rows
             self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            if type(exc) is not sqlite3.DatabaseError:  # locked, read-only, ...: not the file's fault
+                raise
+            raise RegistryUnreadable(f"{self.path} is not a run registry ({exc}): `trainbus runs reindex --runs-dir "
+                                f"{runs_dir}` sets it aside and builds a new one from the run directories (a "
+                                f"daemon's queue in it is lost)") from None
         except BaseException:
             self.db.close()
             raise
@@ -279,9 +298,7 @@ def reindex(runs_dir: Path) -> tuple[list[dict[str, Any]], Path | None]:
     set_aside = None
     try:
         registry = Registry(runs_dir)
-    except sqlite3.DatabaseError as exc:
-        if type(exc) is not sqlite3.DatabaseError:  # locked, read-only, ...: not the file's fault
-            raise
+    except RegistryUnreadable:
         # not a database, or a malformed one: kept for whoever wants to look, and a new one made in its place
         path = Path(runs_dir).resolve() / REGISTRY_NAME
         set_aside = path.with_name(f"{REGISTRY_NAME}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -300,6 +317,9 @@ def warn(runs_dir: Path, exc: Exception) -> None:
     if path in _warned:
         return
     _warned.add(path)
+    if isinstance(exc, RegistryError):  # names the file and the fix itself
+        print(f"trainbus: warning: {exc}; the run directories still hold every run", file=sys.stderr)
+        return
     reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else f"{exc.strerror or exc}"
     print(f"trainbus: warning: run registry {path} not usable ({reason}); the run directories still hold every "
           f"run (`trainbus runs reindex` rebuilds it)", file=sys.stderr)

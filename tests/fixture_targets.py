@@ -52,6 +52,13 @@ def paced_digits(hyperparameters: dict):
     return spec
 
 
+def slow_build(hyperparameters: dict):
+    """paced_digits whose build() waits for the file `build_gate` first: a kernel held before it has a run
+    directory, as one loading a large dataset is."""
+    _wait_for_gate(Path(hyperparameters.pop("build_gate")), 1)
+    return paced_digits(hyperparameters)
+
+
 def digits_slowly(hyperparameters: dict):
     """The digits demo (45 training batches an epoch), each batch `batch_s` seconds slower (default 0.03)."""
     batch_s = float(hyperparameters.pop("batch_s", 0.03))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -19,13 +20,14 @@ from trainbus.kernel.registry import Registry, list_runs
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto import events as ev
 
-from conftest import TESTS_DIR, start_daemon, trainbus
+from conftest import TESTS_DIR, start_daemon, trainbus, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import assert_same_weights
 from kernel_process import JournalTail, process_gone, wait_until
 
 PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
 DEVICES = f"{TESTS_DIR / 'fixture_targets.py'}:devices_digits"
+SLOW_BUILD = f"{TESTS_DIR / 'fixture_targets.py'}:slow_build"
 UNBUILDABLE = f"{TESTS_DIR / 'specs.py'}:unbuildable"
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
 WAIT_S = 120  # a run of a few seconds, on a busy 2-core machine
@@ -202,6 +204,26 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     deleted = cli("runs", "delete", failing, "--yes", "--runs-dir", str(runs)).stdout
     assert f"deleted run {failing} (it never had a directory; its output {output})" in deleted
     assert failing not in listed(runs) and not output.exists()
+
+    # a run the daemon started whose kernel is still in build() (loading data): no directory yet, and stoppable
+    build_gate = tmp_path / "build_gate"
+    held = submit(runs, SLOW_BUILD, "--set", f"build_gate={build_gate}", "--set", f"gate={tmp_path / 'gate'}")
+    wait_until(lambda: listed(runs)[held]["status"] == "running", WAIT_S, "the held run started")
+    assert not (runs / held).exists()
+    stopping = subprocess.Popen([*trainbus_cmd(), "runs", "stop", held, "--runs-dir", str(runs), "--reason", "early"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert select.select([stopping.stderr], [], [], WAIT_S)[0], "no word from `runs stop`"
+        assert f"run {held} is starting" in stopping.stderr.readline()
+        open_gate(build_gate, 1)
+        open_gate(tmp_path / "gate", 3)
+        out, err = stopping.communicate(timeout=WAIT_S)
+    finally:
+        stopping.kill()
+    assert stopping.returncode == 0, err
+    open_gate(tmp_path / "gate", 10_000)
+    wait_until(lambda: listed(runs)[held]["status"] != "running", WAIT_S, "the held run ended")
+    assert listed(runs)[held]["status"] == "stopped"
 
     stopped = cli("daemon", "stop", "--runs-dir", str(runs))
     assert "daemon stopped" in stopped.stdout

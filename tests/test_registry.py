@@ -171,6 +171,21 @@ def test_compare_fills_a_flag_a_run_was_not_given_with_what_its_spec_trained_wit
     assert {c["id"]: c["flags"] for c in compared} == {"a-completed": {"lr": 0.3}, "b-failed": {"lr": 0.1}}
 
 
+def test_a_registry_that_is_not_one_or_a_missing_runs_dir_is_one_error_line_naming_the_fix(tmp_path):
+    from conftest import trainbus
+
+    (tmp_path / REGISTRY_NAME).write_text("junk\n")
+    for args in (["daemon", "cancel", "x"], ["daemon", "status"], ["runs", "stop", "x"], ["daemon", "start"]):
+        done = trainbus(*args, "--runs-dir", str(tmp_path), check=False)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, (args, done.stderr)
+        assert done.stderr.startswith(f"error: {tmp_path / REGISTRY_NAME} is not a run registry") and \
+            f"`trainbus runs reindex --runs-dir {tmp_path}`" in done.stderr, (args, done.stderr)
+    done = trainbus("daemon", "cancel", "x", "--runs-dir", str(tmp_path / "nowhere"), check=False)
+    assert (done.returncode, done.stderr) == (2, f"error: the runs directory {tmp_path / 'nowhere'} does not exist "
+                                                 f"(is --runs-dir right?)\n")
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_reindex_sets_aside_a_registry_sqlite_cannot_read_and_builds_a_new_one(ended_runs, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(ended_runs, copy, ignore=shutil.ignore_patterns(f"{REGISTRY_NAME}*"))
