@@ -226,7 +226,9 @@ class _IO(threading.Thread):
                 self._read_control()
             self._take_ack(now)
             self._flush_outbox()
-            if self.said_hello and now >= next_heartbeat and not self._handler_stuck(now):
+            # after the welcome only: before it the kernel refuses a heartbeat as from a stranger, and that refusal
+            # (welcome_lost) would end a hello it is about to take on a retry (NAME_HELD)
+            if self.welcomed and now >= next_heartbeat and not self._handler_stuck(now):
                 self.dealer.send(encode_control(control("heartbeat")), zmq.NOBLOCK)
                 next_heartbeat = now + self.heartbeat_interval_s
             reason = self._kernel_gone(now, started, last_kernel)
@@ -240,7 +242,7 @@ class _IO(threading.Thread):
         if self.outbox:
             return 50  # the kernel did not take a message (its queue for us is full): try again soon
         due = now + MAX_POLL_S
-        if self.said_hello:
+        if self.welcomed:
             # a heartbeat held back by a stuck handler (_handler_stuck) is looked at again every 0.1 s
             due = min(due, max(next_heartbeat, now + 0.1))
         silent_until = (started + CONNECT_TIMEOUT_S if last_kernel is None
