@@ -766,7 +766,7 @@ def attach(
                 print(json.dumps({"type": "ended", **overview}, default=str))
             else:
                 runs_view.print_show(_wide(), runs.run_details(run_dir))
-            raise typer.Exit(code=1 if stop or checkpoint else 0)  # a command had nothing to reach
+            raise typer.Exit(code=1 if stop is not None or checkpoint is not None else 0)  # nothing to reach
         where = str(run_dir)
     flags = ["--json"] * as_json + ["--control"] * control + (["--stop", stop] if stop is not None else []) \
         + (["--checkpoint", checkpoint] if checkpoint is not None else []) \

@@ -270,7 +270,9 @@ def main(argv: list[str]) -> int:
         summary = run_summary(target.ended_dir)
         if summary is not None:
             raise RunEnded(summary)
-        command = ("stop", args.stop) if args.stop else ("checkpoint_now", args.checkpoint) if args.checkpoint else None
+        # an empty REASON is still the command (`--stop ""`): None is "not asked"
+        command = (("stop", args.stop) if args.stop is not None else
+                   ("checkpoint_now", args.checkpoint) if args.checkpoint is not None else None)
         attachment = Attachment(target, steer=bool(args.control or command))
         if command:
             return one_command(attachment, *command)
@@ -283,7 +285,7 @@ def main(argv: list[str]) -> int:
     except RunEnded as ended:  # as `trainbus attach RUN_ID` says it of an ended run (kernel/cli.py), JSON under --json
         print(json.dumps({"type": "ended", "id": ended.summary.get("run_id"), **ended.summary}, default=str)
               if args.json else str(ended))
-        return 1 if args.stop or args.checkpoint else 0
+        return 1 if args.stop is not None or args.checkpoint is not None else 0
     except TargetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

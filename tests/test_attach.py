@@ -294,8 +294,8 @@ def test_an_attached_client_killed_without_a_bye_is_said_gone_not_left_running(r
 def test_stop_from_attach_is_journaled_with_who_sent_it(runs_dir, tmp_path, kernels):
     kernel = live_run(runs_dir, tmp_path, kernels, epochs=3, batch_s=0.05)
     kernel.wait_step(3, timeout_s=60)
-    proc = subprocess.run(attach_cmd(kernel, "--stop", "enough from the terminal"), capture_output=True, text=True,
-                          timeout=120)
+    # an empty reason is a stop all the same (it was taken for no command: the dashboard, never ending)
+    proc = subprocess.run(attach_cmd(kernel, "--stop", ""), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     name = re.search(r"as (attach-\S+)", proc.stdout).group(1)
     result = kernel.result(timeout_s=120)
@@ -304,7 +304,7 @@ def test_stop_from_attach_is_journaled_with_who_sent_it(runs_dir, tmp_path, kern
     logs = [e for e in journal if e.type == ev.LOG and e.data["plugin"] == name]
     assert logs and "stop requested with trainbus attach" in logs[0].data["text"]
     stops = [e for e in journal if e.type == ev.STOP_REQUESTED]
-    assert stops and f"{name}: stop: enough from the terminal" in stops[0].data["reasons"]
+    assert stops and f"{name}: stop: " in stops[0].data["reasons"]
     # it says where its request was journaled: its own log line's seq, or stop_requested's if that came first
     said = int(re.search(r"journaled at seq (\d+)", proc.stdout).group(1))
     assert said in (logs[0].seq, stops[0].seq), proc.stdout
