@@ -42,6 +42,7 @@ import zmq
 
 from trainbus.proto import ProtocolError, unpack
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
+from trainbus.proto.remote import advertised
 
 from .credentials import SUN_PATH_MAX
 from .registry import JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, record_run
@@ -452,7 +453,7 @@ class Remote:
                 from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         temporary = directory / ".remote.tmp"
-        temporary.write_text(json.dumps({"endpoint": self.endpoint, "server_key": public.decode()}) + "\n")
+        temporary.write_text(json.dumps({"endpoint": advertised(self.endpoint), "server_key": public.decode()}) + "\n")
         os.replace(temporary, directory / REMOTE_FILE)
 
     def peer_of(self, frames: list[zmq.Frame]) -> tuple[str | None, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -100,12 +101,23 @@ def endpoints(host_port: str) -> tuple[str, str]:
     return f"tcp://{host}:{port}", f"tcp://{host}:{int(port) + 1}"
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "[::]", "::", "*")
+
+
+def advertised(endpoint: str) -> str:
+    """A bound TCP endpoint as another machine reaches it: a wildcard bind (0.0.0.0, every interface) names this
+    host by its name, which tcp://0.0.0.0 would not (a client there would reach itself)."""
+    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
+    return f"tcp://{socket.gethostname()}:{port}" if sep and host in WILDCARD_HOSTS else endpoint
+
+
 def write_connection_file(run_dir: Path, run_id: str, control: str, events: str, server_key: bytes) -> Path:
     """<run_dir>/connection.json (0600), like Jupyter's connection files: what a remote client needs besides
-    its own key. The server's key in it is public; the file is owner-only as everything in a run directory."""
+    its own key. The server's key in it is public; the file is owner-only as everything in a run directory.
+    A wildcard bind's endpoints are written with this host's name (advertised)."""
     path = Path(run_dir) / CONNECTION_FILE
     temporary = path.with_name(f".{path.name}.tmp")
-    content = {"run": run_id, "transport": "tcp", "control": control, "events": events,
+    content = {"run": run_id, "transport": "tcp", "control": advertised(control), "events": advertised(events),
                "server_key": server_key.decode("ascii")}
     with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(json.dumps(content, indent=2) + "\n")

@@ -575,3 +575,16 @@ def test_a_remote_plugin_over_curve_is_durable_across_kill_9_and_its_stop_works(
     assert set(range(1, final + 1)) <= set(recorded), "an event the remote plugin never handled"
     restarts = sum(later <= earlier for earlier, later in zip(recorded, recorded[1:]))
     assert restarts <= 1, "in seq order, but for the redelivery after its one restart"
+
+
+def test_a_wildcard_bind_is_advertised_by_this_hosts_name_and_an_address_as_it_is():
+    """connection.json and the daemon's remote.json are read on other machines, where tcp://0.0.0.0 is themselves."""
+    import socket
+
+    from trainbus.proto.remote import advertised
+
+    host = socket.gethostname()
+    assert advertised("tcp://0.0.0.0:5555") == f"tcp://{host}:5555"
+    assert advertised("tcp://[::]:5556") == f"tcp://{host}:5556"
+    assert advertised("tcp://10.0.0.5:5555") == "tcp://10.0.0.5:5555"
+    assert advertised("tcp://127.0.0.1:41000") == "tcp://127.0.0.1:41000"
