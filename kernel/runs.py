@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_hea
 from .runs_view import duration_text
 
 KERNEL_PID = "kernel.pid"  # the kernel's process id, written as the run directory is made (0600)
+KERNEL_HOST = "kernel.host"  # the host it runs on (socket.gethostname()), written just before it
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 STATUSES = ("running", "completed", "stopped", "failed", "interrupted", "died")
@@ -49,26 +51,41 @@ class AmbiguousRunError(RunLookupError):
 
 def write_kernel_pid(run_dir: Path) -> None:
     """Record this process as the run's kernel (owner-only; replaced whole when a run is continued)."""
-    path = Path(run_dir) / KERNEL_PID
-    temporary = path.with_name(f".{KERNEL_PID}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+    # The host first, in kernel.host: a reader elsewhere (a runs directory on a shared filesystem, a connection.json
+    # read in place) must not take another machine's pid for one of its own. kernel.pid stays the bare pid.
+    for name, text in ((KERNEL_HOST, socket.gethostname()), (KERNEL_PID, str(os.getpid()))):
+        path = Path(run_dir) / name
+        temporary = path.with_name(f".{name}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            os.write(fd, f"{text}\n".encode())
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+
+
+def kernel_elsewhere(run_dir: Path) -> bool:
+    """The run's kernel.host names another machine than this one."""
     try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        return (Path(run_dir) / KERNEL_HOST).read_text().strip() not in ("", socket.gethostname())
+    except OSError:  # none: a run from before kernel.host, taken as this host's
+        return False
 
 
 def kernel_process(run_dir: Path) -> tuple[int | None, bool | None]:
     """(pid, alive) of the run's kernel per its kernel.pid; (None, None) when there is no readable one.
 
-    A process with that pid that started after the file was written is someone else (the pid was reused).
+    A process with that pid that started after the file was written is someone else (the pid was reused). A
+    kernel of another host (a runs directory on a shared filesystem) is (None, None) too: its pid means nothing
+    here, and the journal's heartbeats tell instead.
     """
     path = Path(run_dir) / KERNEL_PID
     try:
         text, written = path.read_text(), path.stat().st_mtime
         pid = int(text.split()[0])
     except (OSError, ValueError, IndexError):
+        return None, None
+    if kernel_elsewhere(run_dir):
         return None, None
     import psutil
 
@@ -259,10 +276,10 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
                                                     if last is not None else "")
     elif pid is not None:
         status, detail = "died", f"kernel pid {pid} is gone and wrote no {SUMMARY}"
-    elif age is not None and age < STALE_S:  # a run from before kernel.pid: heartbeats say it is going
-        status, detail = "running", f"no {KERNEL_PID}; the journal grew {age:.0f} s ago"
+    elif age is not None and age < STALE_S:  # no kernel.pid of this host: heartbeats say it is going
+        status, detail = "running", f"no {KERNEL_PID} of this host; the journal grew {age:.0f} s ago"
     else:
-        status, detail = "died", f"no {SUMMARY} and no {KERNEL_PID}" + (
+        status, detail = "died", f"no {SUMMARY} and no {KERNEL_PID} of this host" + (
             f"; the journal last grew {duration_text(age)} ago" if age is not None else "; no events")
     info.update(status=status, detail=detail, pid=pid, last_event=_event_brief(last, now))
     if last is None:

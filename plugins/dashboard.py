@@ -21,7 +21,7 @@ from typing import Any
 from trainbus.proto import event_to_map, events as ev
 from trainbus.proto.run_state import RunState
 from trainbus.sdk.attach import CLIENT_PREFIX, AttachError, Attachment, RunEnded, TargetError, target_of
-from trainbus.sdk.runner import run_summary
+from trainbus.sdk.runner import kernel_died, run_summary
 
 MONITORS = ("cpu", "memory", "disk", "gpu", "perf")  # the resource monitors' metric name prefixes
 COMMAND_ECHO_TIMEOUT_S = 30.0  # a one-shot command waits this long to see the kernel journal it
@@ -270,6 +270,9 @@ def main(argv: list[str]) -> int:
         summary = run_summary(target.ended_dir)
         if summary is not None:
             raise RunEnded(summary)
+        dead = kernel_died(target.run_dir or target.ended_dir)  # said at once, not after the connect timeout
+        if dead:
+            raise AttachError(dead)
         # an empty REASON is still the command (`--stop ""`): None is "not asked"
         command = (("stop", args.stop) if args.stop is not None else
                    ("checkpoint_now", args.checkpoint) if args.checkpoint is not None else None)

@@ -30,7 +30,8 @@ from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.proto.remote import KeyFileError
 from trainbus.proto.run_state import RunState
 
-from .runner import CREDENTIAL_FILE, _IO, connection_run_dir, remote_endpoints, run_summary, skip_lost
+from .runner import (CREDENTIAL_FILE, _IO, connection_run_dir, kernel_died, remote_endpoints, run_summary,
+                     skip_lost)
 
 RECONNECT_FIRST_S = 0.5  # backoff after the kernel went silent: 0.5, 1, 2, 4, 8, 8 ... (zguide's ppworker)
 RECONNECT_MAX_S = 8.0
@@ -40,7 +41,6 @@ PLUGINS_REFRESH_S = 5.0  # a fresh snapshot this often, for what only the kernel
 BUFFER_MAX_EVENTS = 50_000  # live events held while the snapshot is on its way; past it they are replayed
 POLL_S = 0.1
 FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
-KERNEL_PID = "kernel.pid"  # the run's kernel's pid, in the run directory (kernel/runs.py)
 CLIENT_PREFIX = "attach-"  # the peer names of attached clients (client_name)
 SOCKETS_LINE = re.compile(r"sockets: events (\S+) control (\S+)")  # kernel.log (kernel/session.py open_bus)
 
@@ -109,20 +109,6 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
     if found:
         return Target(*found[-1], run_dir)
     raise AttachError(f"no live kernel sockets for {run_dir} (no events.sock; kernel.log names none)")
-
-
-def kernel_died(run_dir: Path | None) -> str | None:
-    """Why the run's kernel is known to be gone without a summary (killed, out of memory); None if not known."""
-    if run_dir is None:
-        return None
-    try:
-        pid = int((Path(run_dir) / KERNEL_PID).read_text().split()[0])
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return f"the run's kernel (pid {pid}) is gone and wrote no {SUMMARY_NAME}: the run died"
-    except (OSError, ValueError, IndexError):
-        pass  # no pid file, or a process that is not ours: alive as far as we can tell
-    return None
 
 
 def client_name() -> str:
@@ -287,6 +273,16 @@ class Attachment:
 
     # -- reconnecting -----------------------------------------------------------------------------
 
+    def _raise_if_over(self) -> None:
+        """RunEnded when the run's summary.json says it ended; AttachError when its kernel is known dead (the run
+        directory, or the connection.json read in place beside its kernel.pid)."""
+        summary = run_summary(self.target.ended_dir)
+        if summary is not None:
+            raise RunEnded(summary)
+        dead = kernel_died(self.target.run_dir or self.target.ended_dir)
+        if dead:
+            raise AttachError(dead)
+
     def _reconnect(self, why: str) -> None:
         """The kernel went silent: try again with a doubling backoff, a bounded number of times."""
         io = self._io
@@ -294,6 +290,7 @@ class Attachment:
         self.close()
         if refused:
             raise AttachError(f"the kernel refused us: {refused}")
+        self._raise_if_over()
         if not self._welcomed and self.target.secure is not None:
             # Over TCP a failed CURVE handshake is silence: an unknown or revoked key, or a server key that is not
             # the host's, get no answer at all. Retrying the same keys cannot help; saying what to check does.
@@ -302,12 +299,7 @@ class Attachment:
                               f"revoked key gets no answer at all) and that --server-key is that host's server.key")
         delay_s = RECONNECT_FIRST_S
         for _ in range(RECONNECT_ATTEMPTS):
-            summary = run_summary(self.target.ended_dir)
-            if summary is not None:
-                raise RunEnded(summary)
-            dead = kernel_died(self.target.run_dir)
-            if dead:
-                raise AttachError(dead)
+            self._raise_if_over()
             self.on_reconnect(why)
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, RECONNECT_MAX_S)

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -41,6 +42,7 @@ from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir
 
 from .plugin import KernelGoneInfo, Plugin
 
+KERNEL_PID, KERNEL_HOST = "kernel.pid", "kernel.host"  # the run's kernel's pid and host (kernel/runs.py)
 HEARTBEAT_LIVENESS = 3  # kernel silent this many intervals -> gone (zguide's Paranoid Pirate)
 NAME_HELD = "a live peer holds that name"  # the kernel's refusal of a hello under a name still held (kernel/peers.py)
 CONNECT_TIMEOUT_S = 30.0  # no heartbeat from the kernel this long after start: give up
@@ -721,6 +723,10 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         print(f"run {ended.get('run_id') or record} has ended ({ended.get('status', '?')}); there is nothing to "
               f"attach to", file=sys.stderr)
         return 0
+    dead = kernel_died(record) if "TRAINBUS_KERNEL_PID" not in env else None
+    if dead:
+        print(f"error: {dead}; there is nothing to attach to", file=sys.stderr)
+        return 1
     kernel_pid = int(env["TRAINBUS_KERNEL_PID"]) if "TRAINBUS_KERNEL_PID" in env else None
     if kernel_pid is not None:
         _die_with_parent(kernel_pid)
@@ -755,6 +761,23 @@ def run_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) else None
+
+
+def kernel_died(run_dir: Path | None) -> str | None:
+    """Why the run's kernel is known to be gone without a summary (killed, out of memory); None if not known."""
+    if run_dir is None:
+        return None
+    try:
+        host = (Path(run_dir) / KERNEL_HOST).read_text().strip() if (Path(run_dir) / KERNEL_HOST).exists() else ""
+        if host not in ("", socket.gethostname()):
+            return None  # another machine's kernel (kernel/runs.py write_kernel_pid): its pid means nothing here
+        pid = int((Path(run_dir) / KERNEL_PID).read_text().split()[0])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"the run's kernel (pid {pid}) is gone and wrote no {SUMMARY_NAME}: the run died"
+    except (OSError, ValueError, IndexError):
+        pass  # no pid file, or a process that is not ours: alive as far as we can tell
+    return None
 
 
 def connection_run_dir(connect: str) -> Path | None:

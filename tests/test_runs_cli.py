@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -355,3 +356,23 @@ def test_a_torn_summary_is_said_to_be_torn_not_a_kernel_that_died_without_one(tm
     run = run_overview(Path(result.run_dir))
     assert run["status"] == "died" and run["detail"].startswith("summary.json is unreadable ("), run["detail"]
     assert run["detail"].endswith("the journal ends with end_training_session (seq %d)" % run["last_seq"])
+
+
+def test_a_kernel_pid_of_another_host_is_not_taken_for_a_dead_process_here(tmp_path):
+    """A runs directory on a shared filesystem: a kernel on a compute node is neither alive nor dead to the login
+    node's pid table, so runs list, attach and a plugin started by hand go by what the run wrote instead."""
+    import socket
+
+    from trainbus.kernel.runs import kernel_process
+    from trainbus.sdk.runner import kernel_died
+
+    dead_here = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_here.wait()
+    (tmp_path / "kernel.pid").write_text(f"{dead_here.pid}\n")  # no kernel.host: a trainbus from before it
+    assert kernel_process(tmp_path) == (dead_here.pid, False)
+    (tmp_path / "kernel.host").write_text(f"{socket.gethostname()}\n")
+    assert kernel_process(tmp_path) == (dead_here.pid, False)
+    assert kernel_died(tmp_path) == (f"the run's kernel (pid {dead_here.pid}) is gone and wrote no summary.json: "
+                                     f"the run died")
+    (tmp_path / "kernel.host").write_text("another-host\n")
+    assert kernel_process(tmp_path) == (None, None) and kernel_died(tmp_path) is None
