@@ -519,8 +519,7 @@ class _Interrupts:
         self.count = 0
         self.first = ""  # the first signal's name: what the run's stop reason says
         self.last = ""  # the latest one's: what a run ended at once says
-        self.closing = False  # training is over: a Ctrl-C now hurries the shutdown instead of raising
-        self._count_at_closing = 0
+        self.closing = False  # training is over: a second Ctrl-C now hurries the shutdown instead of raising
         self._previous: dict[int, Any] = {}
         if install and threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
@@ -531,18 +530,22 @@ class _Interrupts:
         self.last = name
         if self.count == 1:
             self.first = name
-            message = "not waiting for plugins to drain" if self.closing else "stopping at the next batch boundary"
+            message = ("training is over; the plugins are finishing (the last checkpoint, logs)" if self.closing
+                       else "stopping at the next batch boundary")
             os.write(2, f"\ntrainbus: {name}: {message} ({name} again to stop now)\n".encode())
             return
+        if self.closing:
+            os.write(2, f"\ntrainbus: {name} again: not waiting for the plugins\n".encode())
         if not self.closing:
             raise KeyboardInterrupt
 
     def begin_closing(self) -> None:
-        self.closing, self._count_at_closing = True, self.count
+        self.closing = True
 
     def hurry(self) -> bool:
-        """Ctrl-C twice in all, or once since training ended: stop waiting for plugins."""
-        return self.count >= 2 or self.count > self._count_at_closing
+        """Ctrl-C twice in all: stop waiting for plugins. Once, even after training ended, lets them drain (the
+        last checkpoint may be being written), as the first Ctrl-C always does."""
+        return self.count >= 2
 
     def requested(self) -> str:
         """The first signal's name ("Ctrl-C", "SIGTERM"); "" while none came."""

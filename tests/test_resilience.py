@@ -573,6 +573,30 @@ settings = {{ path = "{path}", sleep_s = 0.05 }}
 """
 
 
+def test_ctrl_c_once_after_training_ended_lets_the_plugins_drain_and_the_run_completes(tmp_path):
+    """Training over, plugins still finishing (the last checkpoint may be being written): one Ctrl-C waits for
+    them, as the first Ctrl-C always does; it took a second one to give up on them."""
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(SLOW_DURABLE_CONFIG.replace("batch_size = 16", "batch_size = 64").format(
+        path=tmp_path / "rec.txt"))
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([str(TRAINBUS), "run", "--config", str(config_path), "--epochs", "1", "--runs-dir",
+                             str(runs), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        journal_path = wait_until(lambda: next(runs.glob(f"*/{JOURNAL_NAME}"), None) if runs.exists() else None, 60,
+                                  "the CLI's run directory")
+        journal = JournalTail(journal_path)
+        wait_until(lambda: of(journal.poll(), "end_training_session"), 120, "training to end")
+        proc.send_signal(signal.SIGINT)
+        out = finish_cli(proc, timeout_s=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "training is over; the plugins are finishing" in out, out
+    summary = json.loads((journal_path.parent / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["undrained"] == {}, summary
+    assert summary["plugins"]["rec"]["crashes"] == [], summary["plugins"]
+
+
 def test_ctrl_c_twice_cuts_a_slow_drain_short(tmp_path):
     """The first Ctrl-C's graceful stop waits for a lagging durable plugin; the second ends that wait at once."""
     config_path = tmp_path / "run.toml"
