@@ -167,16 +167,25 @@ def load_config(path: Path | None) -> RunConfig:
         raise ConfigError(f"config file {path} is a directory; give --config a TOML file (or bz's .json one)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    if text.startswith("\ufeff"):  # a byte-order mark some editors write: TOML and JSON take none
+        raise ConfigError(f"config file {path} starts with a byte-order mark; save it as UTF-8 without BOM")
     if path.suffix == ".json":
         from .bz_config import from_bz  # here, not above: bz_config builds on this module
 
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
         return parse_config(from_bz(raw, str(path)), where=str(path))
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     return parse_config(raw, where=str(path))

@@ -174,22 +174,37 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
         if remote is not None:
             remote.close()
         raise
-    run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints and sockets are nobody else's
-    write_kernel_pid(run_dir)  # `trainbus runs list`: a run without summary.json is running while this pid lives
-    (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags), indent=2, default=str) + "\n")
-    record_run(run_dir)  # the run registry: running (never raises; a registry it cannot write costs a warning)
-    handler = _log_to(run_dir / "kernel.log")
-    for line in warnings:
-        announce(f"warning: {line}")
-        log.warning("%s", line)
+    handler = None
+    try:  # a full disk here is one line, and a new run directory is not left half made
+        run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints, sockets are nobody else's
+        write_kernel_pid(run_dir)  # `trainbus runs list`: a run without summary.json is running while this pid lives
+        (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags), indent=2, default=str)
+                                             + "\n")
+        record_run(run_dir)  # the run registry: running (never raises; a registry it cannot write costs a warning)
+        handler = _log_to(run_dir / "kernel.log")
+        for line in warnings:
+            announce(f"warning: {line}")
+            log.warning("%s", line)
 
-    plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console")) for p in cfg.plugins]
-    buffers = SnapshotBuffers(run_id, snapshot_directories(run_dir, cfg.snapshot_dir))
-    bus, checkpointer, sockets = open_bus(run_id, run_dir, plugins, cfg.peer_limits(), buffers,
-                                          cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps,
-                                          journal_backlog_bytes=int(cfg.journal_backlog_mb * 2**20),
-                                          journal_segment_bytes=int(cfg.journal_segment_mb * 2**20),
-                                          remote=remote)
+        plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console"))
+                   for p in cfg.plugins]
+        buffers = SnapshotBuffers(run_id, snapshot_directories(run_dir, cfg.snapshot_dir))
+        bus, checkpointer, sockets = open_bus(run_id, run_dir, plugins, cfg.peer_limits(), buffers,
+                                              cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps,
+                                              journal_backlog_bytes=int(cfg.journal_backlog_mb * 2**20),
+                                              journal_segment_bytes=int(cfg.journal_segment_mb * 2**20),
+                                              remote=remote)
+    except OSError as exc:
+        if handler is not None:
+            logging.getLogger("trainbus").removeHandler(handler)
+            handler.close()
+        if remote is not None:
+            remote.close()
+        if not continue_run:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise ConfigError(f"cannot set up the run directory {run_dir}: {exc.strerror or exc}"
+                          f"{f' ({exc.filename})' if exc.filename else ''}; free space there, or give --runs-dir "
+                          f"another place") from None
     for line in bus.journal.missing:  # a continued run's journal with a segment gone: plugins go on without it
         announce(f"warning: {line}")
     if bus.remote is not None:

@@ -69,6 +69,11 @@ def test_the_summary_names_a_plugin_that_crashed_once_and_was_not_restarted_befo
     assert "  plugin late: exited, 1 crash, 0 restarts (exit code 3)" in capsys.readouterr().out.splitlines()
 
 
+def _write_bytes(tmp_path: Path, name: str, content: bytes) -> str:
+    (tmp_path / name).write_bytes(content)
+    return str(tmp_path / name)
+
+
 def _write(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
@@ -82,6 +87,10 @@ BAD_INPUT = {
     "unknown module": (lambda t: ["run", "no_such_pkg.mod:build"], "cannot import module"),
     "unknown plugin": (lambda t: ["run", "--plugins", "console,bogus"], "unknown plugin 'bogus'"),
     "malformed toml": (lambda t: ["run", "--config", _write(t, "bad.toml", "[run\nepochs=")], "not valid TOML"),
+    "latin-1 toml": (lambda t: ["run", "--config", _write_bytes(t, "l.toml", b"[run]\nepochs = 1  # f\xfcr\n")],
+                     "is not UTF-8 text (byte 0xfc at offset 21); save it as UTF-8"),
+    "toml with a bom": (lambda t: ["run", "--config", _write_bytes(t, "b.toml", b"\xef\xbb\xbf[run]\nepochs = 1\n")],
+                        "starts with a byte-order mark; save it as UTF-8 without BOM"),
     "unknown config key": (lambda t: ["run", "--config", _write(t, "k.toml", "[run]\nepochz = 3\n")],
                            "unknown key 'epochz'"),
     "wrong config type": (lambda t: ["run", "--config", _write(t, "t.toml", "[run]\nepochs = 'three'\n")],

@@ -294,3 +294,18 @@ def test_metrics_log_on_a_full_disk_holds_records_and_writes_each_once(tmp_path,
     h.close()
     lines = (disk / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["seq"] for line in lines] == list(range(1, 67))
+
+
+def test_a_disk_full_before_the_run_starts_is_one_line_and_leaves_no_half_made_run(tmp_path, mount_tmpfs):
+    """Room for the run directory itself and little else: the kernel.pid, config.json or credential write fails."""
+    from conftest import trainbus
+
+    runs = mount_tmpfs("runs", 64 * 1024)
+    (runs / "filler").write_bytes(b"\0" * (64 * 1024 - 4096))  # one page left, or none
+    done = trainbus("run", "--epochs", "1", "--plugins", "", "--runs-dir", str(runs), check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot set up the run directory {runs}/") and "No space left on device" in line \
+        and "free space there, or give --runs-dir another place" in line, done.stderr
+    assert [p.name for p in runs.iterdir()] == ["filler"] or sorted(p.name for p in runs.iterdir()) == [
+        "filler", "registry.sqlite"], list(runs.iterdir())
