@@ -69,12 +69,27 @@ class TrainingSpec:
     def check(self) -> None:
         import torch
 
+        for name in ("model", "optimizer", "loss_fn"):  # the common slip: the class, not an instance of it
+            value = getattr(self, name)
+            if isinstance(value, type):
+                raise SpecError(f"TrainingSpec.{name} is the class {value.__name__}, not one made from it: call it "
+                                f"({value.__name__}(...))")
         if not isinstance(self.model, torch.nn.Module):
             raise SpecError(f"TrainingSpec.model must be a torch.nn.Module, got {type(self.model).__name__}")
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise SpecError(f"TrainingSpec.optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
         if not callable(self.loss_fn):
             raise SpecError("TrainingSpec.loss_fn must be callable(outputs, targets) -> loss tensor")
+        for name in ("train_loader", "validation_loader"):
+            loader = getattr(self, name)
+            if (loader is not None or name == "train_loader") and not hasattr(loader, "__iter__"):
+                raise SpecError(f"TrainingSpec.{name} must be iterable (a torch DataLoader, or any re-iterable of "
+                                f"batches), got {type(loader).__name__}")
+        if not isinstance(self.metrics, dict) or not all(
+                isinstance(k, str) and callable(f) for k, f in self.metrics.items()):
+            raise SpecError("TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, "
+                            f"got {type(self.metrics).__name__}" + (
+                                "" if not isinstance(self.metrics, dict) else " with a value that is not callable"))
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
             raise SpecError(f"TrainingSpec.epochs must be a positive integer, got {self.epochs!r}")
         if self.unpack_batch is not None and not callable(self.unpack_batch):

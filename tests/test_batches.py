@@ -148,3 +148,26 @@ def test_schedulers_step_per_epoch_per_step_or_on_a_plateau_and_each_epoch_repor
     bad.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(bad.optimizer)
     with pytest.raises(SpecError, match="scheduler_monitor 'validation_loss' .* one of: training_loss"):
         bad.check()  # no validation_loader: nothing to watch
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: setattr(s, "loss_fn", torch.nn.CrossEntropyLoss),
+     "TrainingSpec.loss_fn is the class CrossEntropyLoss, not one made from it: call it (CrossEntropyLoss(...))"),
+    (lambda s: setattr(s, "optimizer", torch.optim.SGD),
+     "TrainingSpec.optimizer is the class SGD, not one made from it: call it (SGD(...))"),
+    (lambda s: setattr(s, "train_loader", None),
+     "TrainingSpec.train_loader must be iterable (a torch DataLoader, or any re-iterable of batches), got NoneType"),
+    (lambda s: setattr(s, "validation_loader", 5),
+     "TrainingSpec.validation_loader must be iterable (a torch DataLoader, or any re-iterable of batches), got int"),
+    (lambda s: setattr(s, "metrics", [lambda o, t: 1.0]),
+     "TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, got list"),
+    (lambda s: setattr(s, "metrics", {"acc": 0.5}),
+     "TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, got dict with a "
+     "value that is not callable"),
+])
+def test_a_spec_of_the_wrong_shape_is_refused_before_training_naming_the_field(change, message):
+    s = plain()
+    change(s)
+    with pytest.raises(SpecError) as raised:
+        s.check()
+    assert str(raised.value) == message
