@@ -39,7 +39,7 @@ from .remote import ListenError, Listener, check_listen
 from .registry import record_run
 from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers, snapshot_directories
-from .spec import SpecError, TrainingSpec, build_with_flags, user_trace
+from .spec import SpecError, TrainingSpec, build_with_flags, error_line, user_trace
 from .stepping import Stepper, SteppingError
 from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
 
@@ -235,7 +235,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
         status, error = "interrupted", f"interrupted (a second {interrupts.last or 'Ctrl-C'})"
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error})
     except Exception as exc:
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        status, error = "failed", error_line(exc)
         where, trace = user_trace(exc)
         error += where
         tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
@@ -296,7 +296,7 @@ def write_rank_error(run_dir: Path, rank: int, exc: BaseException) -> str:
     their code is in it: then the fault is ours, and our frames are the point), and the one-line error."""
     tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
     where, trace = user_trace(exc)
-    error = f"{type(exc).__name__}: {exc}{where}"
+    error = f"{error_line(exc)}{where}"
     try:
         (Path(run_dir) / RANK_ERROR.format(rank)).write_text(
             json.dumps({"rank": rank, "error": error, "traceback": tail, "trace": trace}))

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import sysconfig
 import traceback
@@ -203,14 +204,39 @@ def _user_code_error(exc: Exception, what: str) -> UserCodeError:
     return UserCodeError(f"{what} raised {type(exc).__name__}{': ' + text if text else ''}{where}", trace)
 
 
+# torch re-raises an exception from a DataLoader worker process with the worker's traceback as text in its message
+_WORKER = re.compile(r"\A(Caught \w+ in (DataLoader worker process \d+))\.\nOriginal Traceback \(most recent call "
+                     r"last\):\n(?P<trace>.*)\Z", re.S)
+_TRACE_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>.+)\n(?:    (?P<code>.*)\n)?', re.M)
+
+
+def error_line(exc: BaseException) -> str:
+    """The exception as the one-line error: `Type: message`. One from a DataLoader worker is the worker's own
+    last line, and where it ran (torch's message holds the worker's whole traceback)."""
+    worker = _WORKER.match(str(exc))
+    if worker:
+        last = [line for line in worker["trace"].strip().splitlines() if line.strip()][-1]
+        return f"{last.strip()} (in {worker[2]})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def user_trace(exc: BaseException) -> tuple[str, str]:
     """Where in the user's code `exc` was raised (" (in your code: FILE, line N)", or "" when none of their code
     ran) and its traceback trimmed to their frames: "" without any (a lone exception line would only repeat
-    the one-line error), except for a SyntaxError, whose file, line and caret are the point."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+    the one-line error), except for a SyntaxError, whose file, line and caret are the point. An exception from a
+    DataLoader worker is read from the worker's traceback, which torch passes on as text."""
+    worker = _WORKER.match(str(exc))
+    if worker:
+        frames = [traceback.FrameSummary(m["file"], int(m["line"]), m["name"], line=m["code"] or "")
+                  for m in _TRACE_FRAME.finditer(worker["trace"])]
+        last = error_line(exc).rsplit(" (in ", 1)[0] + "\n"
+    else:
+        frames, last = traceback.extract_tb(exc.__traceback__), None
+    frames = [f for f in frames
               if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(_NOT_USER_ROOTS)]
     if not frames and not isinstance(exc, SyntaxError):
         return "", ""
     header = ["Traceback (most recent call last; your code only):\n"] if frames else []
-    trace = "".join([*header, *traceback.format_list(frames), *traceback.format_exception_only(type(exc), exc)])
+    trace = "".join([*header, *traceback.format_list(frames),
+                     *([last] if last else traceback.format_exception_only(type(exc), exc))])
     return (f" (in your code: {frames[-1].filename}, line {frames[-1].lineno})" if frames else ""), trace

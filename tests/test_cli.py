@@ -307,6 +307,26 @@ def test_an_exception_in_the_users_code_while_training_shows_their_frames_and_wh
     assert f"error: ValueError: boom in user helper (in your code: {target}, line 4)" in r.stdout, r.stdout
 
 
+def test_an_exception_in_a_dataloader_worker_shows_the_users_frames_from_the_worker_and_one_line(tmp_path):
+    """torch re-raises a worker's exception with the worker's traceback as text in a message of many lines."""
+    target = tmp_path / "train.py"
+    target.write_text("import torch\nfrom torch.utils.data import DataLoader, Dataset\n"
+                      "from trainbus.kernel.digits import build as digits\n\n"
+                      "class Broken(Dataset):\n    def __len__(self):\n        return 64\n\n"
+                      "    def __getitem__(self, i):\n        raise KeyError(f'no sample {i}')\n\n"
+                      "def build(hyperparameters):\n    spec = digits(hyperparameters)\n"
+                      "    spec.train_loader = DataLoader(Broken(), batch_size=16, num_workers=1)\n    return spec\n")
+    r = trainbus("run", f"{target}:build", "--plugins", "", "--runs-dir", str(tmp_path / "runs"), timeout=120)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f'File "{target}", line 10, in __getitem__' in r.stderr, r.stderr
+    files = [line.split('"')[1] for line in r.stderr.splitlines() if line.startswith('  File "')]
+    assert set(files) == {str(target)}, r.stderr
+    errors = [line.strip() for line in r.stdout.splitlines() if line.strip().startswith("error:")]
+    assert errors == [f"error: KeyError: 'no sample 0' (in DataLoader worker process 0) (in your code: {target}, "
+                      f"line 10)"], r.stdout
+    assert "Original Traceback" not in r.stdout
+
+
 def test_set_reaches_a_plugins_settings_and_leaves_hyperparameters_alone(tmp_path):
     r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--epochs", "1", "--plugins", "early_stopping",
                  "--set", "plugins.early_stopping.settings.patience=1", "--set", "early_stopping.min_delta=0.5",
