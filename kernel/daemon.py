@@ -46,7 +46,7 @@ from trainbus.proto.remote import advertised
 
 from .credentials import SUN_PATH_MAX
 from .registry import JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, record_run
-from .runs import CONFIG, kernel_process, run_overview
+from .runs import CONFIG, RunLookupError, kernel_process, resolve_run, run_overview
 
 log = logging.getLogger("trainbus.daemon")
 
@@ -528,15 +528,38 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
                                       f"(a count, or nil)"}
     from .session import new_run_id
 
-    run_id = new_run_id()
+    options = [w.split("=", 1)[0] for w in argv]
+    if "--detach" in options or "--gpus" in options:
+        return {"ok": False, "error": "submit's argv is what `trainbus run` is given on the daemon's host: queued "
+                                      "already, so no --detach, and the GPUs go as submit's own --gpus"}
+    run_id, resumes = new_run_id(), None
+    continued = _resumed_run(argv, daemon.runs_dir) if "--config" not in options and "-c" not in options else None
+    if isinstance(continued, str):
+        return {"ok": False, "error": continued}
+    if continued is not None:  # `--resume RUN`: that run goes on in place, under its own id (as `run --detach`)
+        run_id, resumes = continued.name, continued
     target = argv[0] if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
     argv = [*argv, "--runs-dir", str(daemon.runs_dir)]  # the last one given counts: this daemon's, whatever it said
     try:
-        submit(daemon.runs_dir, run_id, argv, gpus, target, {}, None, env=None, cwd=os.getcwd(), wake=False, by=who)
+        submit(daemon.runs_dir, run_id, argv, gpus, target, {}, resumes, env=None, cwd=os.getcwd(), wake=False,
+               by=who)
     except JobError as exc:
         return {"ok": False, "error": str(exc)}
     daemon.woken = True
     return {"ok": True, "run": run_id}
+
+
+def _resumed_run(argv: list[str], runs_dir: Path) -> Path | str | None:
+    """The run directory `--resume RUN` names in runs_dir (None: no --resume, or a checkpoint file, which starts a
+    new run), or why it cannot be (a str)."""
+    values = [argv[i + 1] for i, w in enumerate(argv[:-1]) if w == "--resume"] + \
+        [w.split("=", 1)[1] for w in argv if w.startswith("--resume=")]
+    if not values or values[-1].endswith(".pt"):
+        return None
+    try:
+        return resolve_run(values[-1], runs_dir)
+    except RunLookupError as exc:
+        return str(exc)
 
 
 def _bind_control(context: zmq.Context, directory: Path) -> tuple[zmq.Socket, str, Path]:

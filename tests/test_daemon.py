@@ -377,6 +377,18 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
     log = (daemon_dir(runs) / "daemon.log").read_text()
     assert f"submit from key p: {{'ok': True, 'run': '{run_id}'}}" in log, log[-2000:]
     assert "refused submit from key w (role monitor)" in log, log[-2000:]
+    # `--resume RUN` over TCP goes on with that run, under its id, as `run --resume RUN --detach` does
+    detached = over_tcp(pilot, "submit", "--", TINY, "--detach")
+    assert detached.returncode == 2 and "no --detach" in detached.stderr, detached.stderr
+    resumed = over_tcp(pilot, "submit", "--", "--resume", run_id[:-1], "--epochs", "2")
+    assert resumed.returncode == 0 and resumed.stdout.strip() == run_id, (resumed.stdout, resumed.stderr)
+
+
+    def all_ended() -> bool:
+        with Registry(runs) as registry:
+            return all(job["state"] == "ended" for job in registry.jobs())
+
+    wait_until(all_ended, WAIT_S, "the resume to end")
 
 
 @pytest.mark.slow
