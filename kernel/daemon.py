@@ -46,7 +46,7 @@ from trainbus.proto.remote import advertised
 
 from .credentials import SUN_PATH_MAX
 from .registry import JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, record_run
-from .runs import CONFIG, RunLookupError, kernel_process, resolve_run, run_overview
+from .runs import CONFIG, KERNEL_PID, RunLookupError, kernel_process, resolve_run, run_overview
 
 log = logging.getLogger("trainbus.daemon")
 
@@ -259,7 +259,8 @@ class Daemon:
                 found = kernel if alive else launched_for(job["id"])  # started, its directory not made yet
                 if found is not None:
                     pid, started = found, process_start_time(found)
-                elif not (run_dir / CONFIG).is_file():
+                elif not (run_dir / CONFIG).is_file() or not _kernel_since(run_dir, job["started_ts"]):
+                    # never got as far as a kernel of its own (a queued resume's directory is the run's, older)
                     registry.move_job(job["id"], ["starting"], state="queued")
                     log.info("%s: was being started when the daemon went down; queued again", job["id"])
                     continue
@@ -547,6 +548,14 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
         return {"ok": False, "error": str(exc)}
     daemon.woken = True
     return {"ok": True, "run": run_id}
+
+
+def _kernel_since(run_dir: Path, ts: float | None) -> bool:
+    """A kernel started in run_dir at or after ts (each kernel writes its kernel.pid as it starts)."""
+    try:
+        return ts is None or (run_dir / KERNEL_PID).stat().st_mtime >= ts - 1.0
+    except OSError:
+        return False
 
 
 def _resumed_run(argv: list[str], runs_dir: Path) -> Path | str | None:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,25 @@ def test_a_daemon_that_died_mid_start_is_followed_by_one_that_adopts_the_started
             assert registry.runs(200.0)["b"]["status"] == "failed"  # it never made a run directory
     finally:
         started.kill()
+
+
+def test_a_resume_the_daemon_died_starting_is_queued_again_not_taken_for_a_died_run(tmp_path):
+    """A queued resume's directory exists (it is the run's), so "no directory yet" cannot say it never started:
+    a kernel.pid older than the job's start does."""
+    runs = tmp_path / "runs"
+    (runs / "c").mkdir(parents=True)
+    (runs / "c" / "config.json").write_text("{}\n")
+    (runs / "c" / "kernel.pid").write_text("999999\n")
+    os.utime(runs / "c" / "kernel.pid", (1.0, 1.0))  # the session before the resume's
+    with Registry(runs) as registry:
+        registry.submit({"id": "c", "state": "queued", "submitted_ts": 1.0, "argv": [], "cwd": str(tmp_path),
+                         "gpus": None}, {"id": "c", "dir": str(runs / "c"), "status": "queued"}, 1.0)
+        assert registry.move_job("c", ["queued"], state="starting", started_ts=time.time())
+    daemon = Daemon(runs, [], max_concurrent=1, python=shutil.which("true"))
+    daemon.tick(time.time())
+    with Registry(runs) as registry:
+        assert {job["id"]: job["state"] for job in registry.jobs()} == {"c": "running"}  # queued again, started
+    wait_until(lambda: daemon.tick(time.time()) or not daemon.watched, 30, "c's `true` to exit")
 
 
 # -- the daemon process -------------------------------------------------------------------------------------
