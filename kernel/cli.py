@@ -909,7 +909,7 @@ def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=K
             table.add_row(escape(key.name), key.role, escape(key.public), escape(str(key.path)))
     except KeyFileError as exc:
         raise UserError(str(exc)) from None
-    out.print(table)
+    _wide().print(table)  # piped or narrow, keys and paths whole: they are copied and scripted
 
 
 @keys_app.command("revoke")

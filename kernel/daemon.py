@@ -176,6 +176,7 @@ def parse_devices(text: str) -> list[str]:
         if not DEVICE_PATTERN.fullmatch(item):
             raise DaemonError(f"--gpus {item!r} is not a device: give indices (0,1) or UUIDs (GPU-..., MIG-...; "
                               f"`nvidia-smi -L` lists them), comma-separated, or '' for none")
+        item = str(int(item)) if item.isdigit() else item  # 00 is CUDA's device 0 as much as 0 is
         if item in devices:
             raise DaemonError(f"--gpus lists {item} twice; two runs would share it: list each device once")
         devices.append(item)

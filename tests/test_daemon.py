@@ -78,6 +78,9 @@ def test_devices_are_indices_or_uuids_each_once():
             parse_devices(bad)
     with pytest.raises(DaemonError, match="lists 1 twice"):
         parse_devices("0,1,1")
+    with pytest.raises(DaemonError, match="lists 0 twice"):
+        parse_devices("0,00")  # CUDA reads both as device 0
+    assert parse_devices("01,2") == ["1", "2"]
 
 
 # -- a daemon's rounds, with processes that are not training runs ---------------------------------------------
