@@ -180,15 +180,30 @@ def load_config(path: Path | None) -> RunConfig:
         from .bz_config import from_bz  # here, not above: bz_config builds on this module
 
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        except _DuplicateKey as exc:  # TOML refuses them; JSON would keep the last one without a word
+            raise ConfigError(f"{path}: key {exc.args[0]!r} is given twice in one object; keep one") from None
         return parse_config(from_bz(raw, str(path)), where=str(path))
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     return parse_config(raw, where=str(path))
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
 
 
 def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
@@ -211,6 +226,9 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         _no_unknown(body, _PLUGIN_KEYS, f"{where}: [plugins.{name}]")
         if not _typed(body.get("enabled", True), "bool", f"{where}: plugins.{name}.enabled"):
             continue
+        if "settings" in body and "config" in body:  # bz's spelling and ours: one of them would be dropped
+            raise ConfigError(f"{where}: plugins.{name} has both settings and config (bz's name for settings); "
+                              f"keep one")
         settings = _table(body.get("settings", body.get("config", {})), f"{where}: plugins.{name}.settings")
         target = body.get("target")
         if target is not None:

@@ -217,7 +217,12 @@ def error_line(exc: BaseException) -> str:
     if worker:
         last = [line for line in worker["trace"].strip().splitlines() if line.strip()][-1]
         return f"{last.strip()} (in {worker[2]})"
-    return f"{type(exc).__name__}: {exc}"
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0].strip() if lines else ''}" + (
+        " (the whole message is in the run's kernel.log)" if len(lines) > 1 else "")
+    if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        text += "; torch.compile failed: fix what it names, or train without --compile"
+    return text
 
 
 def user_trace(exc: BaseException) -> tuple[str, str]:

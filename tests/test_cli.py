@@ -87,6 +87,12 @@ BAD_INPUT = {
     "unknown module": (lambda t: ["run", "no_such_pkg.mod:build"], "cannot import module"),
     "unknown plugin": (lambda t: ["run", "--plugins", "console,bogus"], "unknown plugin 'bogus'"),
     "malformed toml": (lambda t: ["run", "--config", _write(t, "bad.toml", "[run\nepochs=")], "not valid TOML"),
+    "bz json with a key twice": (lambda t: ["run", "--config", _write(
+        t, "d.json", '{"training": {"epochs": 1}, "training": {"epochs": 2}}')],
+        "key 'training' is given twice in one object; keep one"),
+    "settings and config both": (lambda t: ["run", "--config", _write(
+        t, "sc.toml", "[plugins.console]\nsettings = {}\nconfig = {}\n")],
+        "plugins.console has both settings and config (bz's name for settings); keep one"),
     "latin-1 toml": (lambda t: ["run", "--config", _write_bytes(t, "l.toml", b"[run]\nepochs = 1  # f\xfcr\n")],
                      "is not UTF-8 text (byte 0xfc at offset 21); save it as UTF-8"),
     "toml with a bom": (lambda t: ["run", "--config", _write_bytes(t, "b.toml", b"\xef\xbb\xbf[run]\nepochs = 1\n")],
