@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -740,8 +741,8 @@ def attach(
                                                            "kernel's HOST:PORT or its connection.json (TCP + CURVE)."),
     server_key: Optional[Path] = typer.Option(None, "--server-key", help="The server's public key file, pinned "
                                                                          "(default: the connection file's; for "
-                                                                         "HOST:PORT, server.key in --keys-dir's "
-                                                                         "place, $TRAINBUS_KEYS_DIR or "
+                                                                         "HOST:PORT, server.key in "
+                                                                         "$TRAINBUS_KEYS_DIR or "
                                                                          "~/.config/trainbus/keys)."),
 ) -> None:
     """Watch a live run: progress, metrics, resources and plugins (snapshot first, then live events, no gap).
@@ -759,6 +760,9 @@ def attach(
         try:
             run_dir = runs.resolve_run(run, runs_dir)
         except runs.RunLookupError as exc:
+            if re.fullmatch(r"[^/\s]+:\d+", run) or run.endswith(".json"):  # a remote kernel, named without a key
+                raise UserError(f"{run} is a remote kernel's HOST:PORT or connection file: give --key (this "
+                                f"client's secret key file, `trainbus keys generate client NAME`)") from None
             raise UserError(str(exc)) from None
         overview = runs.run_overview(run_dir)
         if overview["status"] != "running":

@@ -73,6 +73,9 @@ def load_public(path: Path) -> bytes:
 
 
 def _load(path: Path) -> tuple[bytes, bytes | None]:
+    if not path.exists():
+        raise KeyFileError(f"no key file {path}: copy it there (a server's server.key comes from its host, "
+                           f"`trainbus keys list` there), or name another")
     try:
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:

@@ -345,7 +345,7 @@ def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path
         (["cancel", "x"], garbage, store.server_public, f"key file {garbage} is not a readable CURVE key"),
         (["submit", "--", TINY], public, store.server_public, f"{public} holds no secret key; give the .key_secret"),
         (["status"], secret, no_server_key, f"server key file {no_server_key}: No such file or directory; copy"),
-        (["cancel", "x"], secret, tmp_path / "nosuch.key", "nosuch.key is not a readable CURVE key"),
+        (["cancel", "x"], secret, tmp_path / "nosuch.key", f"no key file {tmp_path / 'nosuch.key'}: copy it there"),
     ]
     for command, key, server_key, said in mistakes:
         done = cli("daemon", command[0], "--remote", "127.0.0.1:5555", "--key", str(key), "--server-key",
