@@ -1061,7 +1061,7 @@ def daemon_submit(
 
 @daemon_app.command("cancel")
 def daemon_cancel(
-    run: str = typer.Argument(..., help="A queued run's id."), runs_dir: Path = RUNS_DIR_OPTION,
+    run: str = typer.Argument(..., help="A queued run's id, or a unique start of it."), runs_dir: Path = RUNS_DIR_OPTION,
     remote: Optional[str] = REMOTE_OPTION, key: Optional[Path] = KEY_OPTION,
     server_key: Optional[Path] = SERVER_KEY_OPTION,
 ) -> None:
@@ -1071,10 +1071,10 @@ def daemon_cancel(
 
     target = _remote(remote, key, server_key)
     if target is not None:
-        _ask(runs_dir, target, "cancel", run=run)
+        run = str(_ask(runs_dir, target, "cancel", run=run).get("run", run))
     else:
         try:
-            daemon.cancel(runs_dir, run)
+            run = daemon.cancel(runs_dir, run)
         except JobError as exc:
             raise UserError(str(exc)) from None
     out.print(f"cancelled {escape(run)}")

@@ -440,7 +440,7 @@ class Remote:
         from .remote import check_listen, curve_server, start_authenticator
 
         store = KeyStore(default_keys_dir(keys_dir))
-        host, port = check_listen(listen, store)
+        host, port = check_listen(listen, store, ports=1)
         public, secret = load_secret(store.server_secret)
         self.keyring = KeyRing(store)
         self.context = zmq.Context()
@@ -517,9 +517,8 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
         stopping.append("stop requested")
         return {"ok": True, "running": list(daemon.watched)}
     if op == "cancel":
-        run = str(request.get("run", ""))
         try:
-            cancel(daemon.runs_dir, run)
+            run = cancel(daemon.runs_dir, str(request.get("run", "")))
         except JobError as exc:
             return {"ok": False, "error": str(exc)}
         return {"ok": True, "run": run}
@@ -743,9 +742,11 @@ def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
             "output": str(daemon_dir(runs_dir) / OUTPUT_DIR / f"{row['id']}.log")}
 
 
-def cancel(runs_dir: Path, run_id: str) -> None:
-    """Take a queued run off the queue (JobError when it is not queued)."""
+def cancel(runs_dir: Path, run_id: str) -> str:
+    """Take a queued run off the queue: its id, or a unique start of it (JobError when it names no queued run).
+    Returns the id."""
     runs_dir = Path(runs_dir).resolve()
+    run_id = queued_job(runs_dir, run_id) or run_id
     with Registry(runs_dir) as registry:
         if not registry.move_job(run_id, ["queued"], state="cancelled", ended_ts=time.time(), env=None):
             raise JobError(f"run {run_id} is not queued (it started, ended or was never submitted)")
@@ -755,6 +756,7 @@ def cancel(runs_dir: Path, run_id: str) -> None:
             registry.record([run_overview(run_dir, now)], now)
         else:
             registry.forget([run_id])
+    return run_id
 
 
 def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -> dict[str, Any]:

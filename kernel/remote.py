@@ -30,12 +30,14 @@ class ListenError(Exception):
     """--listen cannot be served as asked; the text names the fix."""
 
 
-def check_listen(host_port: str, store: KeyStore) -> tuple[str, int]:
+def check_listen(host_port: str, store: KeyStore, ports: int = 2) -> tuple[str, int]:
     """(host, port) of `--listen HOST:PORT`, once the keys it needs are there and private; else ListenError or
-    KeyFileError naming the fix. Loopback too needs keys: any local user can reach a loopback port."""
+    KeyFileError naming the fix. Loopback too needs keys: any local user can reach a loopback port. `ports`: how
+    many it binds from PORT on (a run: control and events; the daemon: one)."""
     host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65534:
-        raise ListenError(f"--listen {host_port!r}: give HOST:PORT, e.g. 127.0.0.1:5555 (events use PORT + 1)")
+    if not host or not port.isdigit() or int(port) > 65536 - ports:
+        raise ListenError(f"--listen {host_port!r}: give HOST:PORT, e.g. 127.0.0.1:5555"
+                          + (" (events use PORT + 1)" if ports == 2 else ""))
     if not store.server_secret.exists() or not any(k.role != REVOKED for k in store.clients()):
         # the commands that make keys where this kernel looks: its --keys-dir when that is not the default
         where = "" if store.directory == keys_dir() else f" --keys-dir {store.directory}"
