@@ -158,7 +158,7 @@ class Bus:
         self.wait(lambda: not peers.voters_behind(type_, seq, time.monotonic()), timeout_s)
         late = peers.voters_behind(type_, seq, time.monotonic())
         if late:
-            peers.missed_vote(late, seq)
+            peers.mark_missed_vote(late, seq)
             log.warning("no vote from %s at %s (seq %d) within vote_timeout_s (%.3g s): training went on, and waits "
                         "for no vote of theirs until they ack seq %d", ", ".join(late), type_, seq, timeout_s, seq)
         return late

@@ -254,7 +254,7 @@ class Peers:
         return [p.name for p in self
                 if type_ in p.votes and p.missed_vote <= p.acked < seq and self.is_live(p, now)]
 
-    def missed_vote(self, names: list[str], seq: int) -> None:
+    def mark_missed_vote(self, names: list[str], seq: int) -> None:
         for name in names:
             peer = self._by_name.get(name)
             if peer is not None:

@@ -104,8 +104,8 @@ class Registry:
             if type(exc) is not sqlite3.DatabaseError:  # locked, read-only, ...: not the file's fault
                 raise
             raise RegistryUnreadable(f"{self.path} is not a run registry ({exc}): `trainbus runs reindex --runs-dir "
-                                f"{runs_dir}` sets it aside and builds a new one from the run directories (a "
-                                f"daemon's queue in it is lost)") from None
+                                     f"{runs_dir}` sets it aside and builds a new one from the run directories (a "
+                                     f"daemon's queue in it is lost)") from None
         except BaseException:
             self.db.close()
             raise
