@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,15 @@ daemon_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                          help="The kernel daemon: a queue of runs for one runs directory that outlives crashes.")
 app.add_typer(daemon_app, name="daemon")
 KEYS_DIR_HELP = "Key directory (default $TRAINBUS_KEYS_DIR, else ~/.config/trainbus/keys)."
-out = Console(highlight=False, soft_wrap=True)  # paths and ids stay on one line, copyable
+class _Console(Console):
+    """rich's Console, but a reader that went away (`trainbus run | head`) costs the rest of the output only: rich
+    exits 1 there, and the command's own exit code (a completed run's 0) would be lost."""
+
+    def on_broken_pipe(self) -> None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+out = _Console(highlight=False, soft_wrap=True)  # paths and ids stay on one line, copyable
 
 
 class UserError(Exception):
@@ -591,7 +600,7 @@ def runs_show(
         if not as_json:
             out.print(f"run {details['id']}: {details['status']}" + (f" ({escape(details['error'])})"
                                                                      if details.get("error") else ""))
-            out.print(f"  command: trainbus run {escape(' '.join(details['argv']))}")
+            out.print(f"  command: trainbus run {escape(shlex.join(details['argv']))}")  # as a shell takes it
             out.print(f"  submitted: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(details['submitted_ts']))}"
                       + (f" by {escape(details['submitted_by'])}" if details["submitted_by"] else ""))
             if Path(details["output"]).exists():
@@ -787,7 +796,7 @@ def _attach_client(where: str, flags: list[str]) -> NoReturn:
 
 def _wide() -> Console:
     """`out` on a terminal; piped or redirected, wide enough that no table row wraps."""
-    return out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=400)
+    return out if out.is_terminal else _Console(highlight=False, soft_wrap=True, width=400)
 
 
 def _describe(items: list[str]) -> list[dict]:

@@ -355,3 +355,17 @@ def test_settings_at_the_cap_fit_in_one_environment_string_and_one_argument():
         subprocess.run([sys.executable, "-c", "pass"], timeout=60,
                        env=dict(env, TRAINBUS_PLUGIN_SETTINGS="ab" * 2 * SETTINGS_MAX_BYTES))
     assert raised.value.errno == 7  # E2BIG
+
+
+def test_a_reader_that_goes_away_costs_the_output_not_the_exit_code(tmp_path):
+    """`trainbus run | head -c 1`: rich exits 1 on a broken pipe; a completed run exits 0 all the same."""
+    proc = subprocess.Popen([*trainbus_cmd(), "run", f"{TESTS_DIR / 'specs.py'}:tiny", "--epochs", "1", "--plugins",
+                             "", "--runs-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.read(1) == b"\n"  # the summary's first byte; the reader leaves before the rest
+        proc.stdout.close()
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+    summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
+    assert summary["status"] == "completed"
