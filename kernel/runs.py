@@ -272,8 +272,10 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
     if alive:
         status, detail = "running", f"kernel pid {pid} is alive"
     elif summary_problem:  # not a kernel that died before writing one: say what is wrong with what it wrote
-        status, detail = "died", summary_problem + (f"; the journal ends with {last.type} (seq {last.seq})"
-                                                    if last is not None else "")
+        # how far the run got: its last event that is not a heartbeat (the bus beats on while plugins drain)
+        reached = next((e for e in reversed(tail) if e.type != "heartbeat"), last)
+        status, detail = "died", summary_problem + (f"; the journal ends with {reached.type} (seq {reached.seq})"
+                                                    if reached is not None else "")
     elif pid is not None:
         status, detail = "died", f"kernel pid {pid} is gone and wrote no {SUMMARY}"
     elif age is not None and age < STALE_S:  # no kernel.pid of this host: heartbeats say it is going
