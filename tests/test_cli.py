@@ -296,6 +296,11 @@ def test_an_exception_in_the_users_code_shows_their_frames_then_one_line(case, t
     assert not (tmp_path / "runs").exists()
 
 
+def _trace_files(stderr: str) -> list[str]:
+    """The files of the traceback frames printed on stderr."""
+    return [line.split('"')[1] for line in stderr.splitlines() if line.startswith('  File "')]
+
+
 def test_an_exception_in_the_users_code_while_training_shows_their_frames_and_where(tmp_path):
     target = tmp_path / "train.py"
     target.write_text("from trainbus.kernel.digits import build as digits\n\n"
@@ -308,7 +313,7 @@ def test_an_exception_in_the_users_code_while_training_shows_their_frames_and_wh
     for frame in ("line 7, in loss", "line 4, in check"):
         assert f'File "{target}", {frame}' in r.stderr, r.stderr
     # their frames only: not the loop's, torch's or the CLI's (the whole traceback is in the run's kernel.log)
-    files = [line.split('"')[1] for line in r.stderr.splitlines() if line.startswith('  File "')]
+    files = _trace_files(r.stderr)
     assert files and set(files) == {str(target)}, r.stderr
     assert f"error: ValueError: boom in user helper (in your code: {target}, line 4)" in r.stdout, r.stdout
 
@@ -325,7 +330,7 @@ def test_an_exception_in_a_dataloader_worker_shows_the_users_frames_from_the_wor
     r = trainbus("run", f"{target}:build", "--plugins", "", "--runs-dir", str(tmp_path / "runs"), timeout=120)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert f'File "{target}", line 10, in __getitem__' in r.stderr, r.stderr
-    files = [line.split('"')[1] for line in r.stderr.splitlines() if line.startswith('  File "')]
+    files = _trace_files(r.stderr)
     assert set(files) == {str(target)}, r.stderr
     errors = [line.strip() for line in r.stdout.splitlines() if line.strip().startswith("error:")]
     assert errors == [f"error: KeyError: 'no sample 0' (in DataLoader worker process 0) (in your code: {target}, "
