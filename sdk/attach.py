@@ -182,7 +182,7 @@ class Attachment:
         hello = control("hello", name=self.peer_name, pid=os.getpid(), subscriptions=[""], replies=self.replies,
                         delivery=BEST_EFFORT, votes=[], capabilities=[], secret=self.target.secret())
         self._io = _IO(self.target.events, self.target.control, [""], hello, handler_timeout_s=float("inf"),
-                       kernel_pid=None, secure=self.target.secure)
+                       kernel_pid=None, secure=self.target.secure, log_not_acted=False)
         self._io.start()
         self._asked_snapshot, self._replaying = 0.0, False
         self._buffer.clear()

@@ -82,8 +82,9 @@ class _IO(threading.Thread):
 
     def __init__(self, events_endpoint: str, control_endpoint: str, topics: list[str],
                  hello: dict[str, Any], handler_timeout_s: float, kernel_pid: int | None,
-                 secure: Callable[[zmq.Socket], None] | None = None):
-        """`secure`, when given, is applied to both sockets before they connect (a remote kernel's CURVE keys)."""
+                 secure: Callable[[zmq.Socket], None] | None = None, log_not_acted: bool = True):
+        """`secure`, when given, is applied to both sockets before they connect (a remote kernel's CURVE keys).
+        `log_not_acted`: a refused single message is also a line on stderr (a plugin's log); attach shows its own."""
         super().__init__(name="trainbus-plugin-io", daemon=True)
         self.inbox: collections.deque = collections.deque()  # ("event", Event) | ("control", msg)
         self.outbox: collections.deque = collections.deque()  # control messages to send
@@ -96,6 +97,7 @@ class _IO(threading.Thread):
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
         self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
         self.not_acted: collections.deque[str] = collections.deque(maxlen=16)  # single messages refused (attach shows)
+        self.log_not_acted = log_not_acted
         self.closing = threading.Event()  # set through close(), which also wakes the thread
         # The poll wakes on this pipe when there is something to send (send) or to stop (close); `_poked` keeps it
         # to one byte between two wake-ups, so a burst of replies costs one write.
@@ -297,7 +299,8 @@ class _IO(threading.Thread):
                 self.malformed += 1
                 continue
             if msg["type"] == "refused" and not msg["welcome_lost"]:  # one message outside our grant
-                _say(f"[{self.hello['name']}] the kernel did not act on a message: {msg['reason']}")
+                if self.log_not_acted:
+                    _say(f"[{self.hello['name']}] the kernel did not act on a message: {msg['reason']}")
                 self.not_acted.append(msg["reason"])
                 continue
             if (msg["type"] == "refused" and not self.welcomed and NAME_HELD in msg["reason"]
