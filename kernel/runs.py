@@ -140,6 +140,8 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
                                     f" (give more of the id)")
     if path_like:
         looked = f"neither {Path(run).resolve()} nor {(runs_dir / run).resolve()} is a run directory"
+    elif (runs_dir / run).is_dir():  # made, but nothing a run writes first is in it (a kernel still starting)
+        looked = f"{(runs_dir / run).resolve()} holds neither a {CONFIG} nor a journal"
     else:
         looked = f"{(runs_dir / run).resolve()} does not exist, and no run id there starts with {run!r}"
     raise RunLookupError(f"no run {run!r}: {looked} (is --runs-dir right? `trainbus runs list` shows the runs)")

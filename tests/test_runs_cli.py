@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from trainbus.kernel.cli import app
 from trainbus.kernel.config import PluginConfig, RunConfig
 from trainbus.kernel.journal import read_events
-from trainbus.kernel.runs import list_runs
+from trainbus.kernel.runs import RunLookupError, list_runs, resolve_run
 from trainbus.kernel.session import run_training
 from trainbus.proto import JOURNAL_NAME, Event, event_to_map, pack
 from trainbus.proto.journal_format import TAIL_BYTES, journal_tail, last_event_of
@@ -187,6 +187,15 @@ def test_the_installed_command_and_a_run_that_is_not_there(every_status):
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
     assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: no run 'nope': ")
     assert str(runs_dir / "nope") in r.stderr, "names what it looked at"
+
+
+def test_a_run_directory_with_nothing_in_it_yet_is_not_called_missing(tmp_path):
+    (tmp_path / "r-starting").mkdir()
+    with pytest.raises(RunLookupError) as e:
+        resolve_run("r-starting", tmp_path)
+    assert "holds neither a config.json nor a journal" in str(e.value) and "does not exist" not in str(e.value)
+    with pytest.raises(RunLookupError, match="does not exist"):
+        resolve_run("r-other", tmp_path)
 
 
 def _write_long_journal(path: Path, batches_before: int, batches_after: int) -> int:
