@@ -33,6 +33,16 @@ def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _parsed(text: str):
+    """The number text spells, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def checked(hyperparameters: dict) -> dict:
     """The demo's hyperparameters over its defaults; SpecError naming the first bad one and a value that works."""
     unknown = sorted(set(hyperparameters) - set(_RULES))
@@ -42,7 +52,10 @@ def checked(hyperparameters: dict) -> dict:
     hp = {**DEFAULTS, **hyperparameters}
     for name, (ok, what, example) in _RULES.items():
         if name in hp and not ok(hp[name]):
-            raise SpecError(f"the demo's {name} must be {what}, got {hp[name]!r} (e.g. --set {name}={example})")
+            got = repr(hp[name])
+            if isinstance(hp[name], str) and ok(_parsed(hp[name])):  # lr = "0.01" in a config: quoted, so text
+                got = f"the text {got}: write it without quotes"
+            raise SpecError(f"the demo's {name} must be {what}, got {got} (e.g. --set {name}={example})")
     return hp
 
 

@@ -159,6 +159,8 @@ BAD_INPUT = {
 
 DEMO_BAD_SET = {
     "lr=abc": "the demo's lr must be a positive number, got 'abc' (e.g. --set lr=0.001)",
+    'lr="0.01"': "the demo's lr must be a positive number, got the text '0.01': write it without quotes "
+                 "(e.g. --set lr=0.001)",
     "hidden=-5": "the demo's hidden must be a whole number of at least 1, got -5 (e.g. --set hidden=128)",
     "batch_size=0": "the demo's batch_size must be a whole number of at least 1, got 0 (e.g. --set batch_size=32)",
     "model=cnn2": "the demo's model must be mlp or cnn, got 'cnn2' (e.g. --set model=cnn)",
