@@ -589,11 +589,11 @@ def runs_show(
     """One run in detail: status, per-epoch metrics, plugins and their state, the error, where its files are."""
     from . import runs, runs_view
 
-    try:
-        details = runs.run_details(runs.resolve_run(run, runs_dir))
-    except runs.RunLookupError as exc:
-        from . import daemon
+    from . import daemon
 
+    try:
+        details = daemon.as_queued(runs_dir, runs.run_details(runs.resolve_run(run, runs_dir)))
+    except runs.RunLookupError as exc:
         details = daemon.run_without_directory(runs_dir, run)  # queued, or failed before its kernel made one
         if details is None:
             raise UserError(str(exc)) from None

@@ -45,7 +45,7 @@ from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
 from trainbus.proto.remote import advertised
 
 from .credentials import SUN_PATH_MAX
-from .registry import JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, record_run
+from .registry import JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, queued_resume, record_run
 from .runs import CONFIG, KERNEL_PID, RunLookupError, kernel_process, resolve_run, run_overview
 
 log = logging.getLogger("trainbus.daemon")
@@ -696,7 +696,7 @@ def submit(runs_dir: Path, run_id: str, argv: list[str], gpus: int | None, targe
     job = {"id": run_id, "state": "queued", "submitted_ts": now, "argv": argv, "cwd": cwd or os.getcwd(),
            "env": env, "gpus": gpus, "submitted_by": by}
     if resumes is not None:
-        run = {**run_overview(resumes, now), "status": "queued", "detail": f"queued to be resumed by {by}"}
+        run = queued_resume(run_overview(resumes, now), by)
     else:
         run = {"id": run_id, "dir": None, "status": "queued", "target": target, "flags": flags, "started_ts": None,
                "detail": f"submitted {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))} by {by}"}
@@ -722,6 +722,19 @@ def queued_job(runs_dir: Path, run: str) -> str | None:
         ids = [job["id"] for job in registry.jobs(["queued"])]
     matches = [i for i in ids if i == run] or [i for i in ids if i.startswith(run)]
     return matches[0] if len(matches) == 1 else None
+
+
+def as_queued(runs_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """`run` (a run directory's details) as queued when its resume waits in the daemon's queue of runs_dir; as it
+    is when none does, or when the registry cannot be read (the directory still tells the run)."""
+    if Path(run["dir"]) != (Path(runs_dir) / run["id"]).resolve() or not (Path(runs_dir) / REGISTRY_NAME).is_file():
+        return run
+    try:
+        with Registry(runs_dir) as registry:
+            job = next((j for j in registry.jobs(["queued"]) if j["id"] == run["id"]), None)
+    except (sqlite3.Error, RegistryError, OSError):
+        return run
+    return run if job is None else queued_resume(run, job["submitted_by"])
 
 
 def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:

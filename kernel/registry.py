@@ -267,6 +267,7 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
         with Registry(runs_dir) as registry:
             known = registry.runs(now)
             started = {job["id"]: job for job in registry.jobs(["starting", "running"])}  # by the daemon
+            waiting = registry.jobs([QUEUED])
             stale = [name for name, path in dirs.items()
                      if name not in known or known[name]["status"] in LIVE or known[name]["dir"] != str(path)
                      or (known[name]["status"] == QUEUED and name in started)]
@@ -277,6 +278,9 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
             except sqlite3.Error as exc:  # readable but not writable (someone else's runs dir): list all the same
                 warn(runs_dir, exc)
         known.update(fresh)
+        for job in waiting:  # a resume waits in the queue: its directory tells how it last ended
+            if job["id"] in dirs and known[job["id"]]["status"] != QUEUED:
+                known[job["id"]] = queued_resume(known[job["id"]], job["submitted_by"])
         for i, job in started.items():  # started, and its kernel has not made the run directory yet
             if i in known and known[i]["status"] == QUEUED and i not in dirs:
                 known[i] = {**known[i], "status": "running", "pid": job["pid"],
@@ -288,6 +292,13 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
         found = [overview_or_unreadable(path, now) for path in dirs.values()]
     return newest_first([run for run in found if (not statuses or run["status"] in statuses)
                          and (target is None or target in (run.get("target") or ""))])
+
+
+def queued_resume(run: dict[str, Any], by: str | None) -> dict[str, Any]:
+    """`run` (a run directory's overview) while its resume waits in the daemon's queue: queued, and how it last
+    ended (a kernel that died starting it is queued again, and is no longer just `died`)."""
+    last = run["status"] + (f" ({run['detail']})" if run.get("detail") else "")
+    return {**run, "status": QUEUED, "detail": f"queued to be resumed by {by or '?'}; last {last}"}
 
 
 def reindex(runs_dir: Path) -> tuple[list[dict[str, Any]], Path | None]:

@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 STATUS_STYLE = {"completed": "green", "stopped": "yellow", "running": "cyan", "interrupted": "magenta",
-                "failed": "red", "died": "red", "unreadable": "red"}
+                "failed": "red", "died": "red", "unreadable": "red", "queued": "blue"}
+
+
+def _status(status: str) -> str:
+    """A status as rich markup, in its colour."""
+    style = STATUS_STYLE.get(status)
+    return f"[{style}]{status}[/{style}]" if style else status
 
 
 def duration_text(seconds: float | None) -> str:
@@ -79,9 +85,8 @@ def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
                   Column("val loss", **fixed), Column("val metrics"), Column("plugin trouble"),
                   Column("error", overflow="fold"), box=None, pad_edge=False)
     for run in runs:
-        style = STATUS_STYLE.get(run["status"], "")
         metrics = ", ".join(f"{k} {_num(v)}" for k, v in (run.get("validation_metrics") or {}).items())
-        table.add_row(escape(run["id"]), f"[{style}]{run['status']}[/{style}]" if style else run["status"],
+        table.add_row(escape(run["id"]), _status(run["status"]),
                       escape(_short_target(run.get("target"))), escape(flags_text(run.get("flags"))),
                       _when(run.get("started_at"))[:16],
                       duration_text(run.get("duration_s")), _epochs(run), _num(run.get("validation_loss")),
@@ -140,8 +145,7 @@ def print_comparison(console, rows: list[dict[str, Any]], runs_dir: Path) -> Non
     table = Table("run", "status", "target", *flag_names, *headers, "epochs done", "steps", "time", box=None,
                   pad_edge=False)
     for row in rows:
-        style = STATUS_STYLE.get(row["status"], "")
-        table.add_row(escape(row["id"]), f"[{style}]{row['status']}[/{style}]" if style else row["status"],
+        table.add_row(escape(row["id"]), _status(row["status"]),
                       escape(_short_target(row["target"])),
                       *[escape(_value(row["flags"][k])) if k in row["flags"] else "-" for k in flag_names],
                       *[_num(row["metrics"].get(m)) if m != "best_epoch" else str(row["metrics"].get(m) or "-")
@@ -159,8 +163,7 @@ def print_show(console, run: dict[str, Any]) -> None:
     def line(label: str, text: str) -> None:
         console.print(f"  {label:<12}{text}")
 
-    style = STATUS_STYLE.get(run["status"], "")
-    console.print(f"[bold]run {escape(run['id'])}[/bold]: [{style}]{run['status']}[/{style}]"
+    console.print(f"[bold]run {escape(run['id'])}[/bold]: {_status(run['status'])}"
                   + (f" ({escape(run['detail'])})" if run.get("detail") else ""))
     line("directory", escape(run["dir"]))
     line("target", escape(run.get("target") or "-"))

@@ -138,6 +138,27 @@ def test_a_resume_the_daemon_died_starting_is_queued_again_not_taken_for_a_died_
     wait_until(lambda: daemon.tick(time.time()) or not daemon.watched, 30, "c's `true` to exit")
 
 
+def test_a_queued_resume_is_listed_and_shown_as_queued_with_how_the_run_last_ended(tmp_path):
+    """Its directory says died (its kernel.pid is dead, no summary.json); the queue says it is going to run again."""
+    runs = tmp_path / "runs"
+    (runs / "d").mkdir(parents=True)
+    (runs / "d" / "config.json").write_text(json.dumps({"target": "demo"}) + "\n")
+    (runs / "d" / "kernel.pid").write_text("999999\n")
+    with Registry(runs) as registry:
+        registry.submit({"id": "d", "state": "queued", "submitted_ts": 1.0, "argv": ["--resume", "d"],
+                         "cwd": str(tmp_path), "gpus": None, "submitted_by": "ann"},
+                        {"id": "d", "dir": str((runs / "d").resolve()), "status": "running"}, 1.0)
+    [row] = list_runs(runs)
+    assert row["status"] == "queued" and row["detail"].startswith("queued to be resumed by ann; last died ("), row
+    shown = cli("runs", "show", "d", "--runs-dir", str(runs)).stdout
+    assert shown.startswith("run d: queued (queued to be resumed by ann; last died (kernel pid 999999"), shown
+    assert json.loads(cli("runs", "show", "d", "--runs-dir", str(runs), "--json").stdout)["status"] == "queued"
+    with Registry(runs) as registry:
+        assert registry.move_job("d", ["queued"], state="cancelled")
+    assert [r["status"] for r in list_runs(runs)] == ["died"]
+    assert cli("runs", "show", "d", "--runs-dir", str(runs)).stdout.startswith("run d: died")
+
+
 # -- the daemon process -------------------------------------------------------------------------------------
 
 cli = trainbus
