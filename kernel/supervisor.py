@@ -343,6 +343,11 @@ class Supervisor:
             self._ended_at_shutdown(child, code)
             return
         hung = child.state == "terminating"
+        if hung and code == -signal.SIGKILL and now < child.kill_at:
+            # We sent SIGTERM and have not yet escalated: someone else's SIGKILL (a person, the OOM killer) ended it,
+            # and the silence we took for a hang was most likely its dying (a starved process exits slowly).
+            hung = False
+            child.crashes.pop()  # the "hung (...)" _declare_hung wrote: the signal is the cause, said below
         if (code == 0 or child.leaving) and not hung:
             child.state = "exited"
             self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})

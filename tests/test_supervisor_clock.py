@@ -120,6 +120,19 @@ def test_silent_past_the_liveness_window_is_hung_then_killed_after_the_grace(h):
     assert h.child.state == "backoff"
 
 
+def test_killed_by_someone_else_while_declared_hung_is_a_crash_by_that_signal(h):
+    """Silent because it was dying: a kill -9 (a person, the OOM killer) lands on a starved process, which takes
+    seconds to exit; its exit by SIGKILL before our grace ran out is not ours, so not a hang."""
+    h.hello(T0)
+    h.sup.tick(T0 + LIVENESS_S + 0.01)
+    assert h.child.state == "terminating" and h.child.crashes == [f"hung (silent for {LIVENESS_S + 0.01:.1f} s)"]
+    h.crash(T0 + LIVENESS_S + 0.5, code=-signal.SIGKILL)
+    crashed = [d for t, d in h.events if t == ev.PLUGIN_CRASHED]
+    assert crashed[-1]["hung"] is False and crashed[-1]["cause"] == "signal SIGKILL"
+    assert h.child.crashes == ["signal SIGKILL"] and h.child.state == "backoff"
+    assert (h.proc.pid, signal.SIGKILL) not in h.os.signals
+
+
 def test_a_seen_from_a_stale_pid_does_not_keep_the_plugin_alive(h):
     h.hello(T0)
     h.sup.seen("p", h.proc.pid + 1000, T0 + LIVENESS_S)  # an old process of the same name
