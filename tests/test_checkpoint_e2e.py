@@ -371,7 +371,11 @@ def kill_the_checkpoint_plugin_while_it_writes(tmp_path: Path, kernels: list, he
     assert result["status"] == "completed", why
     assert result["undrained"] == {}, why
     summary = result["plugins"]["checkpoint"]
-    assert (summary["state"], summary["restarts"], summary["crashes"]) == ("exited", kills, ["signal SIGKILL"] * kills), why
+    assert (summary["state"], summary["restarts"], summary["crashes"][:kills]) == ("exited", kills,
+                                                                                   ["signal SIGKILL"] * kills), why
+    # On a starved box (two CPU burners beside the suite) the last process, drained (undrained is empty), can take
+    # longer than the run's exit timeout to go: killed then, which is the run's end being bounded, not a loss.
+    assert all(c.startswith("still running 5 s after the run's end") for c in summary["crashes"][kills:]), why
     events = read_events(result["run_dir"])
     assert len(of(events, "plugin_restarted", "checkpoint")) == kills, why
     # checkpoints still land after the last kill, written by a process started after it
@@ -508,22 +512,36 @@ def expected_files(policy: str, epochs: list[tuple[int, int, float]]) -> tuple[s
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_retention_policy_on_a_real_run(tmp_path, policy):
-    epochs = 8  # beside two CPU burners 3 of 6 snapshots were skipped (both buffers still being written): 4 must land
+def test_retention_policy_on_a_real_run(tmp_path, kernels, policy):
+    epochs = 6
     # lr 0.03: the validation loss goes up and down (seed 0: best at epoch 2, newest not the best),
     # so the policies keep different files; the expectation is derived from this run's own metrics.
-    # Paced a little (5 ms a step) so the plugin keeps up on a loaded box: a snapshot due while both
-    # buffers are still being written is skipped by design, and then that epoch has no checkpoint.
-    result = run_training(config(tmp_path / "runs", [checkpointer(**POLICIES[policy])], epochs=epochs,
-                                 every_n_epochs=1, target=PACED, step_sleep_s=0.005, lr=0.03))
-    assert result.status == "completed"
-    events = read_events(result.run_dir)
+    # Gated: an epoch trains only once the plugin has handled the last snapshot (saved it, or said it is not kept).
+    # A snapshot due while both buffers are still being written is skipped by design, and beside two CPU burners
+    # 5 of 8 ungated epochs were: too few left to tell the policies apart.
+    gate = tmp_path / "gate"
+    kernel = KernelProcess(config(tmp_path / "runs", [checkpointer(**POLICIES[policy])], epochs=epochs,
+                                  every_n_epochs=1, target=PACED, step_sleep_s=0.0, lr=0.03, gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+
+    def handled(save: Event) -> bool:
+        return any(e.seq > save.seq and (e.type == "checkpoint_saved" and e.data["seq"] == save.seq
+                                         or e.type == "log" and "snapshot not written" in e.data["text"])
+                   for e in kernel.journal.poll())
+
+    for epoch in range(1, epochs + 1):
+        open_gate(gate, epoch * STEPS_PER_EPOCH)
+        save = kernel.wait_event("save_checkpoint", lambda e, epoch=epoch: e.epoch == epoch, timeout_s=STARTUP_S)
+        wait_until(lambda save=save: handled(save), STARTUP_S, f"the plugin to handle epoch {epoch}'s snapshot")
+    result = kernel.result(timeout_s=STARTUP_S)
+    assert result["status"] == "completed"
+    events = read_events(result["run_dir"])
     snapshotted = {e.epoch for e in of(events, "save_checkpoint")}
     skipped = [e.epoch for e in of(events, "checkpoint_skipped")]
-    assert len(snapshotted) >= 4, f"snapshots skipped at epochs {skipped}: too few left to tell policies apart"
+    assert snapshotted == set(range(1, epochs + 1)), f"snapshots skipped at epochs {skipped}"
     rows = [(e.epoch, e.step, e.data["validation_loss"]) for e in of(events, "end_epoch") if e.epoch in snapshotted]
     keep, last = expected_files(policy, rows)
-    directory = Path(result.run_dir) / "checkpoints"
+    directory = Path(result["run_dir"]) / "checkpoints"
     assert final_names(directory) == keep | ({LAST} if last else set()), f"validation losses {rows}"
     newest = max(keep)
     if last:
@@ -539,7 +557,7 @@ def test_retention_policy_on_a_real_run(tmp_path, policy):
     # `runs show` tells the files retention kept from those it removed
     from trainbus.kernel.runs import run_details
 
-    shown = {Path(c["path"]).name: c["present"] for c in run_details(Path(result.run_dir))["checkpoints"]["saved"]}
+    shown = {Path(c["path"]).name: c["present"] for c in run_details(Path(result["run_dir"]))["checkpoints"]["saved"]}
     assert {name for name, present in shown.items() if present} == keep, shown
 
 

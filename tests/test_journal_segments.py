@@ -166,6 +166,7 @@ def test_an_active_file_from_before_segments_is_closed_into_several(tmp_path):
     assert [e.seq for e in read_journal(tmp_path)] == list(range(1, count + 2))
 
 
+@pytest.mark.timeout(3 * PLUGIN_START_S)  # three runs, each starting a checkpoint plugin (torch, starved when busy)
 def test_a_continued_run_goes_on_after_the_last_seq_of_a_journal_in_segments(tmp_path):
     checkpoint = [resolve_plugin("checkpoint", {})]  # a continued run starts from its newest checkpoint
     first = run_training(run_config(tmp_path, checkpoint, epochs=1, target=TINY, journal_segment_mb=0.002,
@@ -175,7 +176,7 @@ def test_a_continued_run_goes_on_after_the_last_seq_of_a_journal_in_segments(tmp
     before = [e.seq for e in read_journal(journal)]
     assert len(closed_segments(journal)) >= 2 and before == list(range(1, len(before) + 1))
     resumed = run_training(run_config(tmp_path, checkpoint, epochs=2, target=TINY, journal_segment_mb=0.002,
-                                      resume=first.run_dir),
+                                      resume=first.run_dir, ready_timeout_s=PLUGIN_START_S),
                            run_id=Path(first.run_dir).name, continue_run=True)
     assert resumed.status == "completed", resumed.error
     events = list(read_journal(journal))
