@@ -12,11 +12,18 @@ reads the journal file incrementally with a plain msgpack.Unpacker. Nothing here
 
 Child processes must import the test fixtures (fixture_targets, fixture_plugins): tests/conftest.py
 puts this folder on PYTHONPATH for them.
+
+A kernel is forked from a server process that has torch loaded (multiprocessing's forkserver, preloaded, one per
+test worker): a fresh `python -c` kernel spent ~3 s importing torch and ~2 s more on torch._dynamo (the first
+optimizer imports it) before training, on a 2-core VM, and the suite starts dozens. Forked, a kernel is still a
+process of its own, as `trainbus run` is: its own pid, signals, kill -9, its plugins its children.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import multiprocessing
 import os
 import secrets
 import signal
@@ -96,37 +103,87 @@ class JournalTail:
         return pid if any(e.data["pid"] == pid for e in of(events, "plugin_ready", name)) else None
 
 
-# The child: the config as JSON in argv[1] (plugins as PluginConfig fields), the run id in argv[2]. Once
-# run_training has returned (it closed its sockets, journal and plugins) and the exit handlers ran, the child
-# leaves without the interpreter's teardown: with torch loaded, freeing every module takes ~0.7 s of a
-# kernel's life (1.5 s on a busy box) and does nothing of the run's.
-KERNEL_SCRIPT = """
-import atexit, json, os, sys
-from dataclasses import asdict
-from trainbus.kernel.config import PluginConfig, RunConfig
-from trainbus.kernel.session import run_training
-raw = json.loads(sys.argv[1])
-raw["plugins"] = [PluginConfig(**p) for p in raw["plugins"]]
-result = run_training(RunConfig(**raw), run_id=sys.argv[2])
-print(json.dumps(asdict(result)))
-atexit._run_exitfuncs()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
-"""
+PRELOAD = ["torch", "torch._dynamo", "trainbus.kernel.session"]  # what every kernel imports before it trains
+_forkserver: Any = None
+
+
+def _context() -> Any:
+    global _forkserver
+    if _forkserver is None:
+        _forkserver = multiprocessing.get_context("forkserver")
+        _forkserver.set_forkserver_preload(PRELOAD)
+    return _forkserver
+
+
+def _kernel_child(config_json: str, run_id: str, stdout_path: str, stderr_path: str, cwd: str,
+                  env: dict[str, str]) -> None:
+    """The forked kernel: the test's environment and directory, output to files, then run_training. Once it has
+    returned (sockets, journal and plugins closed) and the exit handlers ran, it leaves without the interpreter's
+    teardown, as the kernel's CLI does (proto/process.py)."""
+    from dataclasses import asdict
+
+    for fd, path in ((1, stdout_path), (2, stderr_path)):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(opened, fd)
+        os.close(opened)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    from trainbus.kernel.config import PluginConfig
+    from trainbus.kernel.session import run_training
+
+    raw = json.loads(config_json)
+    raw["plugins"] = [PluginConfig(**p) for p in raw["plugins"]]
+    result = run_training(RunConfig(**raw), run_id=run_id)
+    print(json.dumps(asdict(result)))
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+class Forked:
+    """A forked kernel as subprocess.Popen shows a child: pid, poll, wait, returncode, send_signal."""
+
+    def __init__(self, process: Any):
+        self.process = process
+        self.pid = process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode  # negative: killed by that signal
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired("forked kernel", timeout)
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not yet reaped by the server, so the pid is still this kernel's
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class KernelProcess:
-    """A kernel in a process of its own (run_training via python -c), so the test can signal it and its plugins."""
+    """A kernel in a process of its own (run_training, forked with torch loaded), so the test can signal it and its
+    plugins."""
 
     def __init__(self, cfg: RunConfig, tmp_path: Path, run_id: str | None = None, env: dict[str, str] | None = None):
         self.run_id = run_id or "run-" + secrets.token_hex(3)
         self.run_dir = Path(cfg.runs_dir).resolve() / self.run_id
         self.stderr_path = Path(tmp_path) / f"{self.run_id}.stderr"
-        with open(self.stderr_path, "wb") as stderr:
-            self.proc = subprocess.Popen([sys.executable, "-c", KERNEL_SCRIPT, json.dumps(cfg.to_dict()), self.run_id],
-                                         stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                         env=None if env is None else {**os.environ, **env})
+        self.stdout_path = Path(tmp_path) / f"{self.run_id}.stdout"
+        process = _context().Process(target=_kernel_child, daemon=False, args=(
+            json.dumps(cfg.to_dict()), self.run_id, str(self.stdout_path), str(self.stderr_path), os.getcwd(),
+            {**os.environ, **(env or {})}))
+        process.start()
+        self.proc = Forked(process)
         self.journal = JournalTail(self.run_dir / JOURNAL_NAME)
 
     @property
@@ -164,12 +221,12 @@ class KernelProcess:
     def result(self, timeout_s: float = 60.0) -> dict:
         """The run's RunResult as a dict, once the kernel exits on its own; AssertionError with stderr otherwise."""
         try:
-            out, _ = self.proc.communicate(timeout=timeout_s)
+            self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError(f"kernel did not finish in {timeout_s:.0f} s; stderr:\n{self.stderr()}")
         assert self.proc.returncode == 0, f"kernel exited {self.proc.returncode}; stderr:\n{self.stderr()}"
-        return json.loads(out.strip().splitlines()[-1])
+        return json.loads(self.stdout_path.read_text().strip().splitlines()[-1])
 
     def stderr(self) -> str:
         return self.stderr_path.read_text()[-4000:]
@@ -179,8 +236,5 @@ class KernelProcess:
 
     def kill(self) -> None:
         """SIGKILL the kernel (not its plugins: they notice it is gone and exit) and reap it."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        if self.proc.stdout is not None and not self.proc.stdout.closed:
-            self.proc.communicate()
+        self.proc.kill()
         self.proc.wait()
