@@ -26,7 +26,7 @@ from .config import (ConfigError, apply_set, check_runs_dir, config_of_run, laun
                      plugin_name_clashes, registered_plugins, resolve_plugin)
 from .checkpointing import CheckpointError, find_checkpoint
 from .registry import RegistryError
-from .spec import SpecError, UserCodeError
+from .spec import DEFAULT_TARGET, SpecError, UserCodeError
 
 __version__ = "0.1.0"
 
@@ -161,6 +161,13 @@ def run(
     check_runs_dir(cfg.runs_dir)
     _warn_name_clashes(cfg.plugins)
     metric_settings = _check_plugin_settings(cfg.plugins)
+    if cfg.target == DEFAULT_TARGET:  # the demo's hyperparameters, told before torch is imported (seconds)
+        from .digits_hyperparameters import checked
+
+        try:
+            checked(cfg.hyperparameters)
+        except SpecError as exc:
+            raise UserError(str(exc)) from None
     if gpus is not None and not detach:
         raise UserError("--gpus places a queued run: add --detach (a run started here uses the GPUs "
                         "CUDA_VISIBLE_DEVICES shows it)")
