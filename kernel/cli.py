@@ -594,9 +594,7 @@ def runs_show(
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
 ) -> None:
     """One run in detail: status, per-epoch metrics, plugins and their state, the error, where its files are."""
-    from . import runs, runs_view
-
-    from . import daemon
+    from . import daemon, runs, runs_view
 
     try:
         details = daemon.as_queued(runs_dir, runs.run_details(runs.resolve_run(run, runs_dir)))

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .digits_hyperparameters import EPOCHS, checked
 from .spec import TrainingSpec
 
+
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """1,797 images as float pixels in [0, 1] (N, 64) and integer labels (N,)."""
     raw = (Path(__file__).parent / "data" / "digits.csv.gz").read_bytes()
