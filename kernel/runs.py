@@ -275,7 +275,7 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
         status, detail = "running", f"kernel pid {pid} is alive"
     elif summary_problem:  # not a kernel that died before writing one: say what is wrong with what it wrote
         # how far the run got: its last event that is not a heartbeat (the bus beats on while plugins drain)
-        reached = next((e for e in reversed(tail) if e.type != "heartbeat"), last)
+        reached = next((e for e in reversed(tail) if e.type != ev.HEARTBEAT), last)
         status, detail = "died", summary_problem + (f"; the journal ends with {reached.type} (seq {reached.seq})"
                                                     if reached is not None else "")
     elif pid is not None:
