@@ -8,7 +8,7 @@ from typing import Any
 import msgpack
 
 from .events import COUNTED_BATCH_EVENTS
-from .messages import CONTROL_SCHEMAS, DELIVERY_CLASSES, LOG_LEVELS, PROTOCOL_VERSION, Default, Event
+from .messages import CONTROL_SCHEMAS, DELIVERY_CLASSES, LOG_LEVELS, PROTOCOL_VERSION, REPLY_TYPES, Default, Event
 
 # Limits on what a peer may make us allocate. A hostile or garbled message fails fast with
 # ProtocolError instead of costing memory; sockets also cap whole messages (MAX_MESSAGE_BYTES).
@@ -207,6 +207,9 @@ def _check_values(m: dict[str, Any]) -> None:
     kind = m["type"]
     if kind == "hello" and m["delivery"] not in DELIVERY_CLASSES:
         raise ProtocolError(f"hello.delivery must be one of {DELIVERY_CLASSES}, got {m['delivery']!r}")
+    if kind == "hello" and not REPLY_TYPES.issuperset(m["replies"]):
+        unknown = sorted(set(m["replies"]) - REPLY_TYPES)
+        raise ProtocolError(f"hello.replies may hold only {sorted(REPLY_TYPES)}, got {unknown}")
     if kind == "log" and m["level"] not in LOG_LEVELS:
         raise ProtocolError(f"log.level must be one of {LOG_LEVELS}, got {m['level']!r}")
     if kind == "metric" and not math.isfinite(m["value"]):

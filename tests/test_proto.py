@@ -109,6 +109,7 @@ def test_unknown_control_fields_are_dropped_and_missing_ones_rejected():
 
 def test_control_rejects_bad_values_at_the_sender():
     for kind, fields in [("hello", dict(VALID_CONTROL["hello"][0], delivery="sometimes")),
+                         ("hello", dict(VALID_CONTROL["hello"][0], replies=["stop", "bogus"])),
                          ("log", dict(level="fatal", text="x")),
                          ("metric", dict(name="m", value=math.nan, step=None)),
                          ("metric", dict(name="m", value=math.inf, step=None)),
