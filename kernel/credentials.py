@@ -37,15 +37,16 @@ class Credentials:
     def attach_token(self) -> str:
         return hmac.new(self._secret, ATTACH.encode(), hashlib.sha256).hexdigest()
 
-    def check(self, name: str, token: str, spawned: bool) -> str | None:
-        """None when `token` proves the right to `name`; else why not."""
+    def check(self, name: str, token: str, spawned: bool) -> tuple[str, str] | None:
+        """None when `token` proves the right to `name`; else (the refusal's code, why not)."""
         if not token:
-            return "no secret in hello (spawned plugins read TRAINBUS_SECRET; attached ones the run's credential file)"
+            return "hello_secret", ("no secret in hello (spawned plugins read TRAINBUS_SECRET; attached ones the run's "
+                                    "credential file)")
         if hmac.compare_digest(token, self.token_for(name)):
             return None
         if hmac.compare_digest(token, self.attach_token()):
-            return f"name {name!r} belongs to a plugin this run spawned" if spawned else None
-        return "wrong secret"
+            return ("hello_name_spawned", f"name {name!r} belongs to a plugin this run spawned") if spawned else None
+        return "hello_secret", "wrong secret"
 
     def proves_owner(self, token: str) -> bool:
         """`token` is the credential file's: its sender can read the run's owner-only directory, so it is the owner."""

@@ -108,15 +108,16 @@ class Peers:
         spawned = self.supervisor.spawned(name)
         key = self.credentials.remote_key(user_id, now) if user_id else None
         if not user_id:
-            why = self.credentials.check(name, hello["secret"], spawned)
+            refusal = self.credentials.check(name, hello["secret"], spawned)
         elif key is None:
-            why = "its key is no longer authorized (revoked)"
+            refusal = "hello_key_revoked", "its key is no longer authorized (revoked)"
         elif spawned:
-            why = f"name {name!r} belongs to a plugin this run spawned"
+            refusal = "hello_name_spawned", f"name {name!r} belongs to a plugin this run spawned"
         else:
-            why = None
-        if why:
-            raise Refused("hello_secret", f"hello as {name!r} refused: {why}")
+            refusal = None
+        if refusal:
+            code, why = refusal
+            raise Refused(code, f"hello as {name!r} refused: {why}")
         if spawned and not self.supervisor.is_current(name, pid):
             raise Refused("hello_pid", f"hello as {name!r} refused: pid {pid} is not the process the kernel started")
         holder = self._by_name.get(name)

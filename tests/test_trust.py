@@ -297,7 +297,7 @@ def test_the_sdk_run_by_hand_under_a_spawned_plugins_name_says_the_kernel_refuse
     assert not calls.exists(), calls.read_text()
     result = kernel.result(timeout_s=120)
     assert_completed(result, epochs=1)
-    assert result["bus"].get("refused_hello_secret") == 1, result["bus"]  # (its first heartbeat: unknown_peer)
+    assert result["bus"].get("refused_hello_name_spawned") == 1, result["bus"]  # (its first heartbeat: unknown_peer)
 
 
 # -- 3. forged checkpoint_saved ---------------------------------------------------------------------
