@@ -303,7 +303,7 @@ class Bus:
             except zmq.Again:
                 break
             if len(frames) != 2:
-                self.counters["malformed"] += 1
+                self.control.malformed(f"{len(frames) - 1} frames from a peer, not 1 (a DEALER sends one; §3)")
                 continue
             self.control.handle(LOCAL + frames[0], frames[1])
         else:
@@ -321,7 +321,7 @@ class Bus:
             except zmq.Again:
                 return False
             if len(frames) != 2:
-                self.counters["malformed"] += 1
+                self.control.malformed(f"{len(frames) - 1} frames from a peer, not 1 (a DEALER sends one; §3)")
                 continue
             user_id = frames[1].get("User-Id")
             if not user_id:  # cannot be, behind CURVE and ZAP; if it ever were, such a peer is nobody

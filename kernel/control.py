@@ -24,7 +24,8 @@ REPLAY_BATCH_MAX_EVENTS = 512  # one replay_batch; the plugin asks for the next 
 REPLAY_BATCH_MAX_BYTES = 4 * 1024 * 1024
 SNAPSHOT_COST = 10  # replay batches one snapshot costs a peer's budget (it is built on the bus thread)
 REASON_MAX_CHARS = 1000  # a stop's or a settlement's reason and path, as republished and logged
-TOLD_MAX = 1024  # (peer, refusal) pairs logged once; a flood of new identities is only counted
+MALFORMED_LOGGED = 10  # malformed messages logged; the rest are counted
+TOLD_MAX = 1024  # (peer, refusal, message type) keys logged once; a flood of new identities is only counted
 REFUSAL_REPEAT_S = 1.0  # a refusal is told again to the same peer for the same reason at most this often
 COMMAND_IDS_KEPT = 4096  # (sender, id) of stop/checkpoint_now commands seen: a resent one is ignored
 COMMAND_ID_MAX_CHARS = 128  # of an id, what is remembered (the memory kept is bounded whatever peers send)
@@ -57,9 +58,7 @@ class Dispatcher:
         try:
             msg = decode_control(raw)
         except ProtocolError as exc:
-            self.counters["malformed"] += 1
-            if self.counters["malformed"] <= 10:
-                log.warning("dropped a malformed control message: %s", exc)
+            self.malformed(str(exc))
             return
         kind, now = msg["type"], time.monotonic()
         try:
@@ -77,14 +76,22 @@ class Dispatcher:
             self.peers.check_allowed(peer, kind)
             handler(peer, msg)
         except Refused as refusal:
-            self._refuse(identity, refusal, now)
+            self._refuse(identity, kind, refusal, now)
 
-    def _refuse(self, identity: bytes, refusal: Refused, now: float) -> None:
-        """Count every refusal; log it once per (peer, reason), and tell the peer at most once a second per
-        (peer, reason): a client that says hello again after each refusal (a name still held by its killed
-        predecessor) hears each answer, and a flood of messages costs at most one answer a second."""
+    def malformed(self, why: str) -> None:
+        """Count a message that is not one (the first MALFORMED_LOGGED logged, whatever was wrong with them)."""
+        self.counters["malformed"] += 1
+        if self.counters["malformed"] <= MALFORMED_LOGGED:
+            log.warning("dropped a malformed control message: %s", why)
+
+    def _refuse(self, identity: bytes, kind: str, refusal: Refused, now: float) -> None:
+        """Count every refusal; log it once per (peer, reason, message type), and tell the peer at most once a
+        second per (peer, reason, message type): a client that says hello again after each refusal (a name still
+        held by its killed predecessor) hears each answer, an undeclared stop is told although an undeclared metric
+        was just told, and a flood costs at most one answer a second per type. The key is the reason's code, not
+        its text, which can carry names the peer chose (a flood of made-up names would be answered each time)."""
         self.counters[f"refused_{refusal.code}"] += 1
-        key = (identity, refusal.code)
+        key = (identity, refusal.code, kind)
         told = self._told.get(key)
         if told is not None and now - told < REFUSAL_REPEAT_S:
             return
@@ -146,7 +153,7 @@ class Dispatcher:
 
     def _on_metric(self, peer: Peer, msg: dict[str, Any]) -> None:
         name, cut = truncate(msg["name"], peer.budget.limits.metric_name_max_chars)
-        if self._admit(peer, "metric", len(name), cut):
+        if self._admit(peer, "metric", len(name.encode()), cut):
             # no step of its own: the step it is numbered at (the bus fills it in), as the event's own step
             # a remote peer's with its key: a name is the peer's own choice, its key is not
             self.bus.emit(ev.METRIC, {"plugin": peer.label, "name": name, "value": float(msg["value"]),  # §6.2: float
@@ -154,7 +161,7 @@ class Dispatcher:
 
     def _on_log(self, peer: Peer, msg: dict[str, Any]) -> None:
         text, cut = truncate(msg["text"], peer.budget.limits.log_text_max_chars)
-        if self._admit(peer, "log", len(text), cut):
+        if self._admit(peer, "log", len(text.encode()), cut):
             self.bus.emit(ev.LOG, {"plugin": peer.label, "level": msg["level"], "text": text})
             if msg["level"] == "error":
                 self.errors_logged[peer.name] += 1

@@ -7,6 +7,7 @@ Time is a parameter of everything here, so nothing sleeps except the journal's r
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import stat
@@ -16,13 +17,14 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from trainbus.kernel.control import Dispatcher
 from trainbus.kernel.credentials import CREDENTIAL_FILE, Credentials
 from trainbus.kernel.journal import RETRY_INTERVAL_S, Journal, decode_records, read_events
 from trainbus.kernel.limits import BURST_S, TRUNCATED, PeerBudget, PeerLimits, TokenBucket, truncate
 from trainbus.kernel.keys import ClientKey
 from trainbus.kernel.peers import ALWAYS_ALLOWED, MAX_NAMES, MAX_PEERS, OWNER_ONLY, PERSISTER_MESSAGES, Peers, Refused
-from trainbus.proto import (BEST_EFFORT, DURABLE, Event, control, decode_control, encode_event, encode_replay_batch,
-                            event_from_map, pack)
+from trainbus.proto import (BEST_EFFORT, DURABLE, Event, control, decode_control, encode_control, encode_event,
+                            encode_replay_batch, event_from_map, pack)
 from trainbus.proto.journal_format import iter_records
 
 LIVENESS_S = 3.0
@@ -185,7 +187,7 @@ def test_a_wrong_or_missing_secret_is_refused(table):
 def test_the_attach_token_takes_free_names_only(table):
     peers, credentials, _ = table
     refused = refusal(peers, b"a", hello("checkpoint", 202, credentials.attach_token()))
-    assert refused.code == "hello_secret" and "belongs to a plugin this run spawned" in str(refused)
+    assert refused.code == "hello_name_spawned" and "belongs to a plugin this run spawned" in str(refused)
     peer = peers.welcome(b"b", hello("by_hand", 999, credentials.attach_token()), T0)
     assert not peer.spawned and peers.welcomed_names() == {"by_hand"}
 
@@ -310,6 +312,32 @@ def test_a_peer_may_send_only_what_its_hello_declared(table):
         peers.check_allowed(persister, kind)  # the capability grants them, no reply declaration needed
     with pytest.raises(Refused):
         peers.check_allowed(persister, "stop")
+
+
+class RefusalWire:
+    """What the dispatcher's refusals need of the bus: its counters, and the messages sent back to peers."""
+
+    def __init__(self):
+        self.counters: collections.Counter = collections.Counter()
+        self.sent: list[tuple[bytes, dict]] = []
+
+    def send(self, identity: bytes, raw: bytes) -> None:
+        self.sent.append((identity, decode_control(raw)))
+
+
+def test_a_refusal_is_told_for_each_message_type_outside_the_grant(table):
+    """PROTOCOL.md §7.2: told once a second per peer, reason and message type: an undeclared stop right after an
+    undeclared metric is told too (keyed on the reason's code alone, the stop went unanswered)."""
+    peers, credentials, supervision = table
+    wire = RefusalWire()
+    dispatcher = Dispatcher(wire, supervision, peers)
+    peers.welcome(b"a", hello("trainer_log", 101, credentials.token_for("trainer_log"), replies=["log"]),
+                  time.monotonic())
+    for kind, fields in (("metric", dict(name="m", value=1.0, step=None)), ("stop", dict(reason="r"))):
+        dispatcher.handle(b"a", encode_control(control(kind, **fields)))
+    told = [m["reason"] for identity, m in wire.sent if identity == b"a" and m["type"] == "refused"]
+    assert len(told) == 2 and "metric" in told[0] and "stop" in told[1], told
+    assert wire.counters["refused_not_declared"] == 2
 
 
 class OneKey:
