@@ -18,7 +18,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +40,7 @@ from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir
                                    read_connection_file, secure_client)
 
 from .plugin import KernelGoneInfo, Plugin
+from .tracebacks import user_stack, user_traceback
 
 KERNEL_PID, KERNEL_HOST = "kernel.pid", "kernel.host"  # the run's kernel's pid and host (kernel/runs.py)
 HEARTBEAT_LIVENESS = 3  # kernel silent this many intervals -> gone (zguide's Paranoid Pirate)
@@ -66,6 +66,9 @@ KERNEL_EXITED = "the kernel process exited"
 # SIGTERM often comes before we are re-parented away from the kernel. Watched, that took under a millisecond;
 # this long tells it from the SIGTERM of a kernel that lives on (its shutdown, a hang).
 KERNEL_EXIT_GRACE_S = 0.25
+# A SIGTERM while the plugin's own code runs (a handler, setup) lets it finish for this long, then cuts it short and
+# tears down: under the kernel's SIGKILL, 1 s after its SIGTERM (kernel/supervisor.py TERM_GRACE_S), with time left.
+FINISH_ON_TERM_S = 0.5
 PR_SET_PDEATHSIG = 1
 SECRET_ENV = "TRAINBUS_SECRET"  # the kernel's per-plugin secret (PROTOCOL.md, environment)
 CREDENTIAL_FILE = "credential"  # in the run directory, owner-only: the secret of plugins attached by hand
@@ -93,6 +96,8 @@ class _IO(threading.Thread):
         self.handler_timeout_s = handler_timeout_s
         self.kernel_pid = kernel_pid
         self.busy_since: float | None = None  # set by the main thread around each handler
+        self.busy_with = ""  # and what the handler is for: "end_epoch (seq 12)"
+        self._stuck_told: float | None = None  # the busy_since whose handler we said is past its timeout
         self.gone: str | None = None  # why the kernel is considered gone
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
         self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
@@ -232,9 +237,12 @@ class _IO(threading.Thread):
             self._flush_outbox()
             # after the welcome only: before it the kernel refuses a heartbeat as from a stranger, and that refusal
             # (welcome_lost) would end a hello it is about to take on a retry (NAME_HELD)
-            if self.welcomed and now >= next_heartbeat and not self._handler_stuck(now):
-                self.dealer.send(encode_control(control("heartbeat")), zmq.NOBLOCK)
-                next_heartbeat = now + self.heartbeat_interval_s
+            if self.welcomed and now >= next_heartbeat:
+                if not self._handler_stuck(now):
+                    self.dealer.send(encode_control(control("heartbeat")), zmq.NOBLOCK)
+                    next_heartbeat = now + self.heartbeat_interval_s
+                elif self._stuck_told != self.busy_since:
+                    self._tell_stuck(now)
             reason = self._kernel_gone(now, started, last_kernel)
             if reason:
                 self.gone, self.lost_kernel = reason, True
@@ -331,6 +339,21 @@ class _IO(threading.Thread):
         if self.busy_since is not None:
             self.busy_since = time.monotonic()
 
+    def _tell_stuck(self, now: float) -> None:
+        """Say once, before the kernel declares us hung, which handler is past handler_timeout_s, where it is (the
+        author's frames), and what to do: the kernel's "hung (silent for 3 s)" names none of it."""
+        busy = self._stuck_told = self.busy_since
+        if busy is None:
+            return
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        where = user_stack(frame) if frame is not None else ""
+        text = (f"the handler for {self.busy_with} has run {now - busy:.0f} s, past handler_timeout_s "
+                f"({self.handler_timeout_s:g} s): heartbeats stop, so the kernel takes this plugin for hung and "
+                f"restarts it. A long handler calls self.still_working() as it goes, or hands the work to a thread"
+                + (f". It is at:\n{where}" if where else ""))
+        self.dealer.send(encode_control(control("log", level="error", text=text)), zmq.NOBLOCK)
+        _say(f"[{self.hello['name']}] {text}")
+
     def _handler_stuck(self, now: float) -> bool:
         busy = self.busy_since
         return busy is not None and now - busy > self.handler_timeout_s
@@ -404,8 +427,15 @@ class Runner:
         self._caught_up_said = False
         self._set_up = False  # setup() returned: only then may on_kernel_gone run
         self._ended = False  # _finish ran: teardown happens once, whichever way the plugin ends
+        self.terminating = False  # SIGTERM: no next event; the one being handled may finish (FINISH_ON_TERM_S)
 
     def run(self) -> int:
+        try:
+            return self._run()
+        except CutShort:  # the SIGTERM's grace ran out in our plugin's code: that frame is gone, teardown is not
+            return self._finish(self.io.gone)
+
+    def _run(self) -> int:
         self.io.start()
         welcome, early = self._wait_welcome()
         if welcome is None:
@@ -419,13 +449,18 @@ class Runner:
         early = collections.deque(item for item in early if item[0] != "event" or item[1].seq >= self.next_seq)
         # replies from the plugin's own threads (a sampler) go out at once
         self.plugin.bind_sender(self.io.send, progress=self.io.still_working)
-        self.plugin.setup()
+        try:
+            self.plugin.setup()
+        except Exception as exc:  # the process ends, and the kernel restarts it (or gives up, saying so)
+            self._report_outside_handlers("setup", exc)
+            self._finish(f"setup failed ({type(exc).__name__})")
+            return 1
         self._set_up = True
         self._send_replies()  # what setup said (a monitor's "idle" line) goes out before any event
         if self.durable:
             self._request_replay()
         while not self.finished:
-            item = early.popleft() if early else self._next_item()
+            item = early.popleft() if early and not self.terminating else self._next_item()
             if item is None:
                 return self._finish(self.io.gone)
             kind, payload = item
@@ -490,7 +525,7 @@ class Runner:
                 else:
                     self.last_event = event
                 self.next_seq += 1
-                if self.finished:
+                if self.finished or self.terminating:
                     return
                 self._maybe_ack()  # a batch is up to 512 events: ack as we go, so a kill costs little redo
         if batch["done"] and (not batch["events"] or batch["events"][-1].seq < self.next_seq):
@@ -515,18 +550,23 @@ class Runner:
                      f"handlers see them, their replies are not sent")
         failure: Exception | None = None
         for attempt in range(1, MAX_HANDLER_ATTEMPTS + 1):
-            self.io.busy_since = time.monotonic()
+            self.io.busy_with, self.io.busy_since = f"{event.type} (seq {event.seq})", time.monotonic()
             try:
                 self.plugin.handling = event
                 self.plugin.handle(event)
                 failure = None
                 break
+            except CutShort as exc:
+                _say(f"[{self.plugin.name}] the handler for {event.type} (seq {event.seq}) was still running "
+                     f"{FINISH_ON_TERM_S} s after SIGTERM and was cut short (not acked: a durable plugin gets it "
+                     f"again):\n{user_traceback(exc)}")
+                raise
             except SystemExit as exc:  # the plugin's own choice, honoured; its log says where it was made
                 _say(f"[{self.plugin.name}] the handler for {event.type} (seq {event.seq}) called sys.exit({exc.code!r}):"
-                     f"\n{traceback.format_exc().rstrip()}")
+                     f"\n{user_traceback(exc)}")
                 raise
             except Exception as exc:
-                failure, error = exc, traceback.format_exc()
+                failure, error = exc, user_traceback(exc) + "\n"
                 if isinstance(exc, NotRetryable):
                     break
                 if attempt < MAX_HANDLER_ATTEMPTS:  # the retry makes them again: one event's replies go out once
@@ -598,7 +638,7 @@ class Runner:
     def _next_item(self) -> tuple | None:
         io = self.io
         with io.wake:
-            while not io.inbox:
+            while not io.inbox or self.terminating:
                 if io.gone or not io.is_alive():
                     return None
                 self._maybe_ack()  # idle: what we handled goes with the I/O thread's next message
@@ -622,14 +662,20 @@ class Runner:
         if self._ended:  # a SIGTERM arriving while the run loop is already finishing
             return 0
         self._ended = True
+        if self.terminating:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # what runs from here is ours: no cut short
         if gone and self._kernel_died():
             self._tell_kernel_gone(gone)
         if self._set_up:  # teardown undoes what setup did: refused at hello, or with no kernel, there is none
             try:
                 self.plugin.teardown()
-            except Exception:
-                _say(traceback.format_exc().rstrip())
+            except Exception as exc:
+                self._report_outside_handlers("teardown", exc)
             self._send_replies()  # a last log line or metric of teardown's goes with the last ack
+        if self.failures > MAX_REPORTED_TRACEBACKS:  # the first ones went with their tracebacks; say the rest
+            self.io.send(control("log", level="warning", text=(
+                f"{self.failures} handler failures in all: the first {MAX_REPORTED_TRACEBACKS} were reported with "
+                f"their tracebacks, the rest only counted (plugins/{self.plugin.name}.log has more)")))
         self._maybe_ack(force=True)
         stats = f"received {self.io.received}, processed {self.processed}, gaps {self.gaps}, " \
                 f"failures {self.failures}, dead letters {self.dead_letters}, dropped {self.io.dropped}, " \
@@ -671,9 +717,15 @@ class Runner:
     def _run_kernel_gone(self, info: KernelGoneInfo) -> None:
         try:
             self.plugin.on_kernel_gone(info)
-        except Exception:  # as any handler's: logged, and the plugin goes on (to its teardown)
+        except Exception as exc:  # as any handler's: logged, and the plugin goes on (to its teardown)
             self.failures += 1
-            _say(f"[{self.plugin.name}] on_kernel_gone failed:\n{traceback.format_exc().rstrip()}")
+            _say(f"[{self.plugin.name}] on_kernel_gone failed:\n{user_traceback(exc)}")
+
+    def _report_outside_handlers(self, what: str, exc: Exception) -> None:
+        """setup's or teardown's exception: in the plugin's log, and to the kernel's log (the console shows it)."""
+        error = user_traceback(exc)
+        self.io.send(control("log", level="error", text=f"{what} failed: {type(exc).__name__}: {exc}\n{error}"))
+        _say(f"[{self.plugin.name}] {what} failed:\n{error}")
 
 
 def refused_hello(name: str, reason: str) -> str:
@@ -739,7 +791,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     plugin.name = name or env.get("TRAINBUS_PLUGIN_NAME") or plugin.name
     runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid,
                     "" if connect else _secret(env), secure)
-    # SIGTERM (supervisor, or a hang): finish the current handler, tear down, ack, exit.
+    # SIGTERM (supervisor, or a hang): finish the current handler (at most FINISH_ON_TERM_S), tear down, ack, exit.
     signal.signal(signal.SIGTERM, lambda *_: _terminate(runner))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the kernel; it tells us when to stop
     # A plugin is a background process group in the kernel's session: on a terminal with `stty tostop`
@@ -843,9 +895,21 @@ def _terminate(runner: Runner) -> None:
     if io.gone is None and io.kernel_exited(KERNEL_EXIT_GRACE_S):  # PR_SET_PDEATHSIG's, not the kernel's own
         io.lost_kernel, io.gone = True, io.gone or KERNEL_EXITED
     io.gone = io.gone or "terminated (SIGTERM)"
+    runner.terminating = True
     with io.wake:
-        io.wake.notify()
-    raise SystemExit(runner._finish(io.gone))
+        io.wake.notify()  # a main thread waiting for the next event goes to _finish now
+    # One busy in the plugin's code (a handler, setup) finishes it, then sees `terminating`; past the grace, CutShort
+    # is raised where it is. Raising at once, as this did, ran teardown in the middle of the handler.
+    signal.signal(signal.SIGALRM, _cut_short)
+    signal.setitimer(signal.ITIMER_REAL, FINISH_ON_TERM_S)
+
+
+class CutShort(SystemExit):
+    """Raised in the main thread by the SIGTERM's timer: the plugin's code ran past FINISH_ON_TERM_S."""
+
+
+def _cut_short(*_) -> None:
+    raise CutShort(0)
 
 
 def _die_with_parent(kernel_pid: int) -> None:

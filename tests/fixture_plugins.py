@@ -106,6 +106,40 @@ class SlowToLeave(Plugin):
         time.sleep(60)
 
 
+class FinishesWhenLet(Plugin):
+    """Its end_epoch handler writes `start`, waits for the file `go` (at most `wait_s`), writes `done`; teardown writes
+    `teardown`: what a SIGTERM in the middle of a handler lets run, and in which order."""
+
+    settings = {"path": "", "go": "", "wait_s": 60.0}
+
+    def on_end_epoch(self, event):
+        _append_fsynced(self.settings["path"], f"start {event.seq}")
+        deadline = time.monotonic() + self.settings["wait_s"]
+        while not os.path.exists(self.settings["go"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _append_fsynced(self.settings["path"], f"done {event.seq}")
+
+    def teardown(self):
+        _append_fsynced(self.settings["path"], "teardown")
+
+
+class FailsInSetup(Plugin):
+    def setup(self):
+        self._connect()
+
+    def _connect(self):
+        raise RuntimeError("setup cannot find its database")
+
+
+class StuckInHandler(Plugin):
+    """Its end_epoch handler sleeps far past its handler_timeout_s, without saying still_working()."""
+
+    handler_timeout_s = 1.0
+
+    def on_end_epoch(self, event):
+        time.sleep(60)
+
+
 class SaysGoodbye(Plugin):
     """Reports a last metric and a log line from its teardown, as a plugin summing up a run would."""
 

@@ -4,10 +4,12 @@ run by hand says hello with the name and settings its command line gives."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import zmq
 from stand_in_kernel import StandInKernel
 
@@ -115,6 +117,69 @@ def test_a_plugin_restarted_under_a_name_its_killed_predecessor_still_holds_says
     finally:
         _close(proc, kernel)
     assert [line.split()[1] for line in record.read_text().splitlines()] == ["end_training_session"]
+
+
+@pytest.mark.parametrize("finishes", [True, False], ids=["handler finishes", "handler cut short"])
+def test_a_sigterm_in_a_handler_lets_it_finish_then_tears_down_and_takes_no_next_event(tmp_path, finishes):
+    """SIGTERM (a detach, the kernel's end-of-run cleanup) during a handler: no next event is handled; the handler
+    finishes if it can within FINISH_ON_TERM_S, else it is cut short and the log says so (it used to run teardown in
+    the middle of the handler, then say the handler had called sys.exit); teardown runs after it, either way."""
+    record, go = tmp_path / "record.txt", tmp_path / "go"
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    proc = kernel.start_plugin("fixture_plugins:FinishesWhenLet", "slow", {"path": str(record), "go": str(go)},
+                               tmp_path)
+    try:
+        kernel.welcome(_hello(kernel)[0], kernel.seq + 1)
+        kernel.publish("end_epoch", epoch=1)
+        first = kernel.seq
+        kernel.publish("end_epoch", epoch=2)  # waits in the plugin's inbox behind the first
+        deadline = time.monotonic() + 30
+        while not (record.exists() and record.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        if finishes:
+            go.touch()
+        output = _exited(proc)
+    finally:
+        _close(proc, kernel)
+    done = [f"done {first}"] if finishes else []
+    assert record.read_text().splitlines() == [f"start {first}", *done, "teardown"], output
+    assert "sys.exit" not in output, output
+    assert ("cut short" in output) is not finishes, output
+
+
+def test_a_setup_that_raises_tells_the_kernel_with_the_authors_frames_and_exits_1(tmp_path):
+    """The kernel's log and the console see why (they saw only "crashed (exit code 1)"); runpy's and the SDK's own
+    frames are left out of the traceback."""
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    proc = kernel.start_plugin("fixture_plugins:FailsInSetup", "db", {}, tmp_path)
+    try:
+        kernel.welcome(_hello(kernel)[0], kernel.seq + 1)
+        said = _next(kernel, "log")
+        output = proc.communicate(timeout=20)[0].decode()
+    finally:
+        _close(proc, kernel)
+    assert proc.returncode == 1, output
+    assert said["level"] == "error" and said["text"].startswith(
+        "setup failed: RuntimeError: setup cannot find its database\nTraceback (most recent call last):\n"), said
+    assert "fixture_plugins.py" in said["text"] and "in _connect" in said["text"], said
+    assert "runner.py" not in said["text"] and "runpy" not in said["text"], said
+    assert "runner.py" not in output and "in _connect" in output, output
+
+
+def test_a_handler_past_its_timeout_says_which_and_where_before_its_heartbeats_stop(tmp_path):
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    proc = kernel.start_plugin("fixture_plugins:StuckInHandler", "stuck", {}, tmp_path)
+    try:
+        kernel.welcome(_hello(kernel)[0], kernel.seq + 1)
+        kernel.publish("end_epoch", epoch=1)
+        said = _next(kernel, "log")
+    finally:
+        _close(proc, kernel)
+    text = said["text"]
+    assert said["level"] == "error" and text.startswith(f"the handler for end_epoch (seq {kernel.seq}) has run "), text
+    assert "past handler_timeout_s (1 s)" in text and "self.still_working()" in text, text
+    assert 'fixture_plugins.py", line' in text and "in on_end_epoch" in text and "runner.py" not in text, text
 
 
 def test_help_says_what_it_runs_its_options_and_the_environment_it_reads():

@@ -1,0 +1,34 @@
+"""A plugin author's frames, not ours: tracebacks and stacks with the SDK's own frames (and runpy's) left out in front.
+
+A handler's failure used to show `python -m`'s runpy frames, then the runner's and Plugin.handle's, before the one
+line the author needs."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from types import FrameType
+
+_SDK_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _ours(entry: traceback.FrameSummary) -> bool:
+    return entry.filename.startswith(_SDK_DIR) or entry.filename.startswith("<frozen runpy>")
+
+
+def _theirs(stack: traceback.StackSummary) -> traceback.StackSummary:
+    """`stack` from the first frame that is not ours; all of it when every frame is ours (the SDK's own bug)."""
+    start = next((i for i, entry in enumerate(stack) if not _ours(entry)), len(stack))
+    return traceback.StackSummary.from_list(stack[start:] if start < len(stack) else stack)
+
+
+def user_traceback(exc: BaseException) -> str:
+    """Python's traceback of `exc` (chained causes included), its leading frames ours left out."""
+    shown = traceback.TracebackException.from_exception(exc)
+    shown.stack = _theirs(shown.stack)
+    return "".join(shown.format()).rstrip()
+
+
+def user_stack(frame: FrameType) -> str:
+    """Where a thread is now, outermost first, from the first frame that is not ours ("" when nothing is known)."""
+    return "".join(_theirs(traceback.extract_stack(frame)).format()).rstrip()
