@@ -43,7 +43,7 @@ class Setting:
     kind: str = ""  # METRIC or PATH (proto/settings_format.py), for a str setting
     rule: str = ""  # what the plugin's check_settings also requires, in a few words, for `trainbus plugins list`
     # A list's element type (str, int, float or bool); None: that of a non-empty default's elements when they are
-    # all of one of those types, else any.
+    # all of one of those types (integers and floats together: float), else any.
     items: type | None = None
 
     def __post_init__(self) -> None:
@@ -51,6 +51,8 @@ class Setting:
             object.__setattr__(self, "type", type(self.default))
         if self.items is None and self.type is list and self.default:
             kinds = {type(item) for item in self.default}
+            if kinds == {int, float}:  # [1, 2.5]: numbers, as a float setting takes an integer
+                kinds = {float}
             if len(kinds) == 1 and kinds <= ITEM_PHRASES.keys():
                 object.__setattr__(self, "items", kinds.pop())
         if self.items is not None and (self.type is not list or self.items not in ITEM_PHRASES):
@@ -112,8 +114,15 @@ def check_value(key: str, setting: Setting, value: Any) -> Any:
 
 def describe_settings(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every setting as plain data, for `trainbus plugins list` and its --json."""
-    return {key: {"type": s.type.__name__ if s.type else "any", "default": s.default, "constraint": s.constraint(),
+    return {key: {"type": _type_name(s), "default": s.default, "constraint": s.constraint(),
                   "help": s.help, "kind": s.kind} for key, s in declared(settings).items()}
+
+
+def _type_name(setting: Setting) -> str:
+    """"int", "list[str]" (a list whose elements have a type), "any"."""
+    if setting.type is None:
+        return "any"
+    return f"list[{setting.items.__name__}]" if setting.items is not None else setting.type.__name__
 
 
 _REFUSED = object()

@@ -102,18 +102,19 @@ def test_a_default_is_read_as_the_declared_type_and_one_that_is_not_allowed_is_r
 
 class Lists(Plugin):
     settings = {"names": Setting(["loss"], "metrics to draw"), "rates": Setting([], "rates", items=float),
-                "mixed": Setting([1, "a"], "anything goes")}
+                "mixed": Setting([1, "a"], "anything goes"), "weights": Setting([1, 2.5], "numbers")}
 
 
 def test_a_lists_elements_are_checked_against_its_element_type():
     assert Lists({"names": '["a", "b"]', "rates": [1, 0.5], "mixed": [True]}).settings == {
-        "names": ["a", "b"], "rates": [1.0, 0.5], "mixed": [True]}
+        "names": ["a", "b"], "rates": [1.0, 0.5], "mixed": [True], "weights": [1.0, 2.5]}
     assert type(Lists({"rates": [1]}).settings["rates"][0]) is float
     for given, message in (
             ({"names": [1, 2]}, "names = [1, 2] is not allowed; it must be a list of strings"),
             ({"names": '["a", 3]'}, "names = '[\"a\", 3]' is not allowed; it must be a list of strings"),
             ({"rates": [True]}, "rates = [true] is not allowed; it must be a list of numbers"),
-            ({"rates": "0.5"}, "rates = '0.5' is not allowed; it must be a list of numbers")):
+            ({"rates": "0.5"}, "rates = '0.5' is not allowed; it must be a list of numbers"),
+            ({"weights": ["x"]}, 'weights = ["x"] is not allowed; it must be a list of numbers')):
         with pytest.raises(SettingsError) as raised:
             Lists(given)
         assert str(raised.value) == f"plugin lists: {message}"
@@ -121,6 +122,9 @@ def test_a_lists_elements_are_checked_against_its_element_type():
         Setting([1], items=str)
     with pytest.raises(SettingsError, match="only a list setting has items"):
         Setting(1, items=int)
+    assert Lists({}).settings["weights"] == [1.0, 2.5]
+    described = describe("test_plugin_settings:Lists")["settings"]
+    assert [described[k]["type"] for k in ("names", "rates", "mixed")] == ["list[str]", "list[float]", "list"]
 
 
 def test_a_path_inside_the_run_directory_is_allowed():
