@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 from rich.console import Console
@@ -12,6 +14,8 @@ from trainbus.proto import BEST_EFFORT, Event, events as ev
 from trainbus.sdk import Plugin, Setting
 
 MAX_LINE_CHARS = 160  # a warning is one terminal line; the full text is in the run's logs
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')  # a line of a Python traceback or stack
+_LIBRARY_PATHS = ("/site-packages/", "/dist-packages/", "/lib/python3", "<frozen ")
 WARNING_LEVELS = ("warning", "error")
 # rich estimates speed from the last 30 s of updates by default, which never holds two epoch ends;
 # a day's window makes the epoch ETA the run's mean pace (the batch bar is reset every epoch anyway).
@@ -203,12 +207,26 @@ def _batches(data: dict[str, Any]) -> str:
 
 
 def _one_line(text: str) -> str:
-    """First line, plus the last for a multi-line text (a traceback's last line is the exception)."""
+    """First line, plus the last for a multi-line text (a traceback's last line is the exception), plus where a
+    traceback or stack in it ends in the author's code: "(at train_hooks.py:12 in on_end_epoch)"."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     if not lines:
         return ""
     line = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
-    return line if len(line) <= MAX_LINE_CHARS else line[:MAX_LINE_CHARS - 3] + "..."
+    where = _where(text)
+    room = MAX_LINE_CHARS - len(where)
+    return (line if len(line) <= room else line[:room - 3] + "...") + where
+
+
+def _where(text: str) -> str:
+    """The innermost frame of a traceback in `text` that is the author's (not the standard library's nor an
+    installed package's, when there is one of theirs), as " (at file.py:LINE in function)"; else ""."""
+    frames = _FRAME.findall(text)
+    theirs = [f for f in frames if not any(part in f[0] for part in _LIBRARY_PATHS)] or frames
+    if not theirs:
+        return ""
+    path, line, function = theirs[-1]
+    return f" (at {os.path.basename(path)}:{line} in {function})"
 
 
 def _fmt(value: Any) -> str:

@@ -335,6 +335,21 @@ def test_console_trims_a_long_warning_to_one_line(tmp_path, capsys):
     assert len(line) <= 160 and line.endswith("...")
 
 
+def test_console_names_where_a_traceback_ends_in_the_authors_code(tmp_path, capsys):
+    """The first and last lines of a traceback leave out the frame that matters: the line says it, the author's
+    innermost frame (a library's frames below it are skipped), and stays one line however long the message."""
+    traceback_text = ("handler for end_epoch (seq 9) failed after 3 attempts:\nTraceback (most recent call last):\n"
+                      '  File "/home/ann/hooks.py", line 12, in on_end_epoch\n    helper()\n'
+                      '  File "/home/ann/hooks.py", line 5, in helper\n    json.loads("")\n'
+                      '  File "/usr/lib/python3.11/json/__init__.py", line 346, in loads\n    return ...\n'
+                      "json.decoder.JSONDecodeError: Expecting value: " + "x" * 300)
+    h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
+    h.feed("log", plugin="hooks", level="error", text=traceback_text)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("error: hooks: handler for end_epoch (seq 9) failed after 3 attempts: ... json.decoder.")
+    assert line.endswith("... (at hooks.py:5 in helper)") and len(line) <= 160, line
+
+
 def test_console_draws_bars_on_a_terminal_and_stops_them(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich: treat the captured stdout as a terminal
     monkeypatch.setenv("TTY_INTERACTIVE", "1")
