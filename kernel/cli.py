@@ -82,7 +82,9 @@ def run(
                                                                 "help) and exit."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML run config, or bz's JSON one (.json)."),
     plugins: Optional[str] = typer.Option(None, "--plugins", "-p", help="Comma-separated plugin names "
-                                                                        "(replaces the config's list; '' for none)."),
+                                                                        "(replaces the config's list; '' for none); "
+                                                                        "one the config has a [plugins.NAME] table "
+                                                                        "for keeps its target and settings."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the number of epochs."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for every RNG (default 0)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where run directories go (default ./runs)."),
@@ -138,8 +140,10 @@ def run(
         cfg.target = target
     if help_flags or flag_words:
         _apply_flags(cfg, flag_words, help_flags)
-    if plugins is not None:
-        cfg.plugins = [resolve_plugin(name.strip(), {}) for name in plugins.split(",") if name.strip()]
+    if plugins is not None:  # which plugins run; a name the config has a [plugins.NAME] table for runs as it says
+        configured = {p.name: p for p in cfg.plugins}
+        cfg.plugins = [configured.get(name) or resolve_plugin(name, {})
+                       for name in (word.strip() for word in plugins.split(",")) if name]
     for key, value in (("epochs", epochs), ("seed", seed), ("device", device),
                        ("resume", str(resumed_run) if resumed_run else resume),
                        ("listen", listen), ("keys_dir", keys_dir and str(keys_dir)), ("precision", precision),

@@ -341,12 +341,21 @@ def test_an_exception_in_a_dataloader_worker_shows_the_users_frames_from_the_wor
 
 
 def test_set_reaches_a_plugins_settings_and_leaves_hyperparameters_alone(tmp_path):
-    r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--epochs", "1", "--plugins", "early_stopping",
+    """--set on top of the config's [plugins.NAME] table, which --plugins picking that name keeps (it used to run
+    the name with no settings at all)."""
+    config_file = tmp_path / "run.toml"
+    config_file.write_text('[plugins.early_stopping.settings]\nmonitor = "training_loss"\nmode = "max"\n'
+                           '[plugins.metrics_log]\n')
+    runs = tmp_path / "runs"
+    r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--epochs", "1", "-c", str(config_file),
+                 "--plugins", "early_stopping",
                  "--set", "plugins.early_stopping.settings.patience=1", "--set", "early_stopping.min_delta=0.5",
-                 "--set", "hyperparameters.optimizer.lr=0.01", "--set", "lr=0.2", "--runs-dir", str(tmp_path))
+                 "--set", "hyperparameters.optimizer.lr=0.01", "--set", "lr=0.2", "--runs-dir", str(runs))
     assert r.returncode == 0, r.stderr
-    config = json.loads((next(p for p in tmp_path.iterdir() if p.is_dir()) / "config.json").read_text())
-    assert config["plugins"][0]["settings"] == {"patience": 1, "min_delta": 0.5}
+    config = json.loads((next(p for p in runs.iterdir() if p.is_dir()) / "config.json").read_text())
+    assert [p["name"] for p in config["plugins"]] == ["early_stopping"]
+    assert config["plugins"][0]["settings"] == {"monitor": "training_loss", "mode": "max", "patience": 1,
+                                                "min_delta": 0.5}
     # what trained: specs.py:tiny declares lr 0.1 whatever it is given, and config.json records the spec's word
     assert config["hyperparameters"] == {"optimizer.lr": 0.01, "lr": 0.1}
 
