@@ -294,6 +294,21 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
                          and (target is None or target in (run.get("target") or ""))])
 
 
+def ids_without_directory(runs_dir: Path, prefix: str) -> list[str]:
+    """The ids starting with `prefix` of the runs the registry alone holds (queued, or failed before their kernel
+    made a directory): a run-id prefix is unique only among these and the directories together. [] without a
+    usable registry (the directories are all there is then)."""
+    if not (Path(runs_dir) / REGISTRY_NAME).is_file():
+        return []
+    try:
+        with Registry(runs_dir) as registry:
+            rows = registry.db.execute("SELECT id FROM runs WHERE dir IS NULL AND substr(id, 1, ?) = ?",
+                                       (len(prefix), prefix)).fetchall()
+    except (sqlite3.Error, OSError, RegistryError):
+        return []
+    return sorted(row[0] for row in rows)
+
+
 def queued_resume(run: dict[str, Any], by: str | None) -> dict[str, Any]:
     """`run` (a run directory's overview) while its resume waits in the daemon's queue: queued, and how it last
     ended (a kernel that died starting it is queued again, and is no longer just `died`)."""

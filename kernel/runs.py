@@ -131,13 +131,18 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
     if not runs_dir.is_dir():
         raise RunLookupError(f"no run {run!r}: {_no_runs_dir(runs_dir)}")
     if run and not path_like:
+        from .registry import ids_without_directory  # the registry reads runs (this module)
+
         matches = [p for p in find_runs(runs_dir) if p.name.startswith(run)]
-        if len(matches) == 1:
+        # a queued run, or one that failed before it had a directory, shares the prefix too: `runs delete` of the
+        # prefix must not pick the one with a directory
+        names = [p.name for p in matches]
+        names += [i for i in ids_without_directory(runs_dir, run) if i not in names] if matches else []
+        if len(names) == 1:
             return matches[0].resolve()
-        if matches:
+        if names:
             raise AmbiguousRunError(f"run {run!r} is ambiguous in {runs_dir.resolve()}: "
-                                    f"{', '.join(p.name for p in matches[:5])}{', ...' if len(matches) > 5 else ''}"
-                                    f" (give more of the id)")
+                                    f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (give more of the id)")
     if path_like:
         looked = f"neither {Path(run).resolve()} nor {(runs_dir / run).resolve()} is a run directory"
     elif (runs_dir / run).is_dir():  # made, but nothing a run writes first is in it (a kernel still starting)

@@ -318,6 +318,27 @@ def test_plot_and_resume_take_a_unique_start_of_a_run_id_as_show_does(two_runs, 
     assert sorted(p.name for p in two_runs.iterdir() if p.is_dir()) == ["x-alpha", "x-beta"], "no run made"
 
 
+def test_a_prefix_is_unique_only_counting_the_runs_the_registry_alone_holds(tmp_path):
+    """A run the daemon holds without a directory (queued; failed before its kernel made one) shares the prefix:
+    `runs delete y-` picked y-alpha, the one run with a directory."""
+    from trainbus.kernel.registry import Registry
+
+    (tmp_path / "y-alpha").mkdir()
+    (tmp_path / "y-alpha" / "config.json").write_text("{}")
+    with Registry(tmp_path) as registry:
+        registry.record([{"id": "y-alpha", "dir": str(tmp_path / "y-alpha"), "status": "completed"}], time.time())
+        registry.submit({"id": "y-beta", "argv": ["x.py:f"], "cwd": str(tmp_path), "state": "ended",
+                         "submitted_ts": time.time()},
+                        {"id": "y-beta", "status": "failed"}, time.time())
+    with pytest.raises(RunLookupError, match="run 'y-' is ambiguous in .*: y-alpha, y-beta \\(give more of the id\\)"):
+        resolve_run("y-", tmp_path)
+    assert resolve_run("y-a", tmp_path) == (tmp_path / "y-alpha").resolve()
+    line = _error_line(_trainbus("runs", "delete", "y-", "--yes", "--runs-dir", str(tmp_path)))
+    assert "is ambiguous" in line and (tmp_path / "y-alpha").is_dir(), line
+    shown = _trainbus("runs", "show", "y-b", "--runs-dir", str(tmp_path))  # unique: the registry's run
+    assert shown.returncode == 0 and shown.stdout.startswith("run y-beta: failed"), (shown.stdout, shown.stderr)
+
+
 def test_a_file_given_to_resume_wins_over_a_run_id_it_starts(two_runs, tmp_path):
     (tmp_path / "x-a").write_text("not a checkpoint\n")
     line = _error_line(_trainbus("run", "--resume", "x-a", "--runs-dir", str(two_runs), "--plugins", "",
