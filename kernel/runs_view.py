@@ -91,8 +91,14 @@ def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
                       _when(run.get("started_at"))[:16],
                       duration_text(run.get("duration_s")), _epochs(run), _num(run.get("validation_loss")),
                       escape(metrics) or "-", escape("; ".join(run.get("plugin_trouble") or [])) or "-",
-                      escape(_first_line(run.get("error"))))
+                      escape(_first_line(run.get("error") or _queued_detail(run))))
     _print_table(console, table)
+
+
+def _queued_detail(run: dict[str, Any]) -> str | None:
+    """A queued resume's "queued to be resumed by ann; last died (...)": how the run last ended, in the error
+    column (its status cell says only queued)."""
+    return run.get("detail") if run["status"] == "queued" and run.get("dir") else None
 
 
 def _first_line(text: str | None) -> str:

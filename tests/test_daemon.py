@@ -153,6 +153,8 @@ def test_a_queued_resume_is_listed_and_shown_as_queued_with_how_the_run_last_end
     shown = cli("runs", "show", "d", "--runs-dir", str(runs)).stdout
     assert shown.startswith("run d: queued (queued to be resumed by ann; last died (kernel pid 999999"), shown
     assert json.loads(cli("runs", "show", "d", "--runs-dir", str(runs), "--json").stdout)["status"] == "queued"
+    listed = cli("runs", "list", "--runs-dir", str(runs)).stdout
+    assert "queued to be resumed by ann; last died" in " ".join(listed.split()), listed  # the table's words wrap
     with Registry(runs) as registry:
         assert registry.move_job("d", ["queued"], state="cancelled")
     assert [r["status"] for r in list_runs(runs)] == ["died"]
