@@ -119,12 +119,14 @@ def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What `runs compare` shows of each run (runs.run_overview's dicts): its flags and its final metrics.
 
     A flag another run was given and this one was not is this run's hyperparameter of that name when its spec
-    has one (a function taking the hyperparameters dict fills in its own defaults), so a column compares what
-    trained rather than what was typed."""
+    has one (a function taking the hyperparameters dict fills in its own defaults), or for `epochs` the epochs it
+    planned, so a column compares what trained rather than what was typed."""
     names = list(dict.fromkeys(k for run in runs for k in run.get("flags") or {}))
     rows = []
     for run in runs:
         given, trained = run.get("flags") or {}, run.get("hyperparameters") or {}
+        if run.get("epochs") is not None:  # what it planned, whether a flag, the spec or --epochs set it
+            trained = {"epochs": run["epochs"], **trained}
         flags = {k: given[k] if k in given else trained[k] for k in names if k in given or k in trained}
         best = run.get("best") or {}
         metrics = {"training_loss": run.get("training_loss"), "validation_loss": run.get("validation_loss"),

@@ -167,6 +167,10 @@ def test_compare_fills_a_flag_a_run_was_not_given_with_what_its_spec_trained_wit
             {"id": "defaults", "status": "completed", "flags": {}, "hyperparameters": {"lr": 0.05, "width": 8}},
             {"id": "old-row", "status": "completed", "flags": {}, "hyperparameters": None}]
     assert [row["flags"] for row in comparison(runs)] == [{"lr": 0.3}, {"lr": 0.05}, {}]
+    # epochs, which the demo's spec takes from the dict but fills in outside it: the epochs each run planned
+    runs = [{"id": "given", "status": "completed", "flags": {"epochs": 1}, "hyperparameters": {"epochs": 1},
+             "epochs": 1}, {"id": "default", "status": "completed", "flags": {}, "hyperparameters": {}, "epochs": 10}]
+    assert [row["flags"] for row in comparison(runs)] == [{"epochs": 1}, {"epochs": 10}]
     compared = json.loads(cli("runs", "compare", "--runs-dir", str(ended_runs), "--json"))
     assert {c["id"]: c["flags"] for c in compared} == {"a-completed": {"lr": 0.3}, "b-failed": {"lr": 0.1}}
 
