@@ -82,6 +82,9 @@ def parse_words(sig: Signature, words: list[str], target: str) -> dict[str, Any]
         flag = by_name.get(name)
         if flag is None and not (sig.takes_dict or sig.takes_extra):
             raise FlagError(f"unknown flag {name!r}; flags of {target}: {sig.known()}")
+        if name in values:  # a typo of another, or an edited command line: which one was meant is not ours to guess
+            given = next(w for w in words if w.partition("=")[0] == name)
+            raise FlagError(f"flag {name!r} given twice ({given} and {word}): give it once")
         values[name] = _parse(flag, text, target, sig) if flag else _json_or_text(text)
     return values
 

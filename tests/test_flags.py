@@ -119,6 +119,8 @@ def test_a_function_taking_the_hyperparameters_dict_takes_any_flag():
         assert parse_words(sig, ["lr=0.5", "model=cnn", "layers=[1, 2]"], "t") == {
             "lr": 0.5, "model": "cnn", "layers": [1, 2]}  # JSON when it parses, else the text (as --set)
         assert resolve(sig, {"lr": 0.5}, "t") == {"lr": 0.5}
+        with pytest.raises(FlagError, match=r"^flag 'lr' given twice \(lr=0.5 and lr=0.2\): give it once$"):
+            parse_words(sig, ["lr=0.5", "model=cnn", "lr=0.2"], "t")
 
 
 def test_numpy_style_docstrings_give_help_too():
