@@ -127,6 +127,11 @@ def launched_for(run_id: str) -> int | None:
     return None
 
 
+def output_file(runs_dir: Path, run_id: str) -> Path:
+    """Where the daemon writes the output (stdout and stderr) of the process it starts for run_id."""
+    return daemon_dir(runs_dir) / OUTPUT_DIR / f"{run_id}.log"
+
+
 def daemon_dir(runs_dir: Path) -> Path:
     return Path(runs_dir).resolve() / DAEMON_DIR
 
@@ -277,7 +282,8 @@ class Daemon:
             return  # cancelled meanwhile
         env = dict(job["env"] or os.environ)
         env.update(TRAINBUS_LAUNCH_RUN_ID=job["id"], CUDA_VISIBLE_DEVICES=",".join(devices))
-        output = make_daemon_dir(self.runs_dir) / OUTPUT_DIR / f"{job['id']}.log"
+        make_daemon_dir(self.runs_dir)
+        output = output_file(self.runs_dir, job["id"])
         try:
             with open(output, "ab") as out:
                 popen = subprocess.Popen([self.python, "-m", "trainbus.kernel.cli", "run", *job["argv"]],
@@ -327,7 +333,7 @@ class Daemon:
             registry.record([{**row, "status": status, "error": error, "started_ts": started, "ended_ts": now}], now)
 
     def _output_tail(self, job_id: str) -> str:
-        path = daemon_dir(self.runs_dir) / OUTPUT_DIR / f"{job_id}.log"
+        path = output_file(self.runs_dir, job_id)
         try:
             with open(path, "rb") as f:
                 f.seek(max(0, path.stat().st_size - OUTPUT_TAIL_BYTES))
@@ -752,7 +758,7 @@ def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
     row, job = rows[matches[0]], jobs[matches[0]]
     return {**row, "argv": job["argv"], "submitted_ts": job["submitted_ts"], "submitted_by": job["submitted_by"],
             "job": job["state"], "pid": job["pid"], "pid_started": job["pid_started"],
-            "output": str(daemon_dir(runs_dir) / OUTPUT_DIR / f"{row['id']}.log")}
+            "output": str(output_file(runs_dir, row["id"]))}
 
 
 def cancel(runs_dir: Path, run_id: str) -> str:

@@ -67,7 +67,8 @@ def delete_record(runs_dir: Path, run_id: str, output: Path) -> None:
 
 
 def delete_run(run_dir: Path) -> None:
-    """Remove run_dir with everything in it, then its row in the runs directory's registry.
+    """Remove run_dir with everything in it and the daemon's output of it, then its row in the runs directory's
+    registry.
 
     The journal's lock is held while the files go: a kernel continuing this run at that moment is refused
     (its journal is in use) instead of writing into a directory that is going away. A registry that cannot be
@@ -80,6 +81,13 @@ def delete_run(run_dir: Path) -> None:
             raise RemovalError(f"cannot delete run {run_dir.name}: {exc.filename or run_dir}: "
                                f"{exc.strerror or exc} (some of its files may be gone)") from None
     runs_dir = run_dir.parent
+    from .daemon import output_file
+
+    try:  # the daemon's copy of its process's output, when the daemon started it
+        output_file(runs_dir, run_dir.name).unlink(missing_ok=True)
+    except OSError as exc:
+        raise RemovalError(f"deleted run {run_dir.name}, but not the daemon's output of it: "
+                           f"{output_file(runs_dir, run_dir.name)}: {exc.strerror or exc}") from None
     if not (runs_dir / registry.REGISTRY_NAME).exists():  # no registry there: none is made just to forget in
         return
     try:

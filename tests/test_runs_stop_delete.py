@@ -111,6 +111,9 @@ def test_a_run_queued_to_be_resumed_is_not_deleted_until_taken_off_the_queue(run
 
     proc = trainbus("runs", "stop", "a-queued", *where)
     assert proc.returncode == 0 and "cancelled the queued resume of a-queued; the run stays as it was" in proc.stdout
+    output = daemon.output_file(runs_dir, "a-queued")  # as if a daemon had run it once: its output goes too
+    daemon.make_daemon_dir(runs_dir)
+    output.write_text("trainbus: ...\n")
     proc = trainbus("runs", "delete", "a-queued", "--yes", *where)
     assert proc.returncode == 0, proc.stderr
-    assert not (runs_dir / "a-queued").exists()
+    assert not (runs_dir / "a-queued").exists() and not output.exists()
