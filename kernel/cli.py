@@ -188,17 +188,32 @@ def run(
               **{k: v for k, v in launch.items() if v is not None}}
     if launch["nproc"] > 1 or launch["nnodes"] > 1 or launch["max_restarts"] or launch["rdzv_endpoint"]:
         _launch(launch, cfg.runs_dir, continuing.name if continuing else None)
-    from .session import run_training  # here: torch takes seconds to import, and a mistake above is told at once
-
-    result = run_training(cfg, run_id=continuing.name if continuing else None, continue_run=continuing is not None,
-                          install_sigint=True, announce=lambda line: print(f"trainbus: {line}", file=sys.stderr),
-                          metric_settings=metric_settings)
+    try:  # Ctrl-C while torch imports, or the run is set up: one line (typer would exit 130 and say nothing)
+        from .session import InterruptedBeforeStart, run_training  # here: torch takes seconds to import, and a
+        # mistake above is told at once
+    except KeyboardInterrupt:
+        _interrupted_before_start("Ctrl-C before the run began")
+    try:
+        result = run_training(cfg, run_id=continuing.name if continuing else None, continue_run=continuing is not None,
+                              install_sigint=True, announce=lambda line: print(f"trainbus: {line}", file=sys.stderr),
+                              metric_settings=metric_settings)
+    except KeyboardInterrupt:  # a second Ctrl-C while it was set up
+        _interrupted_before_start("Ctrl-C twice before the run began")
+    except InterruptedBeforeStart as exc:
+        _interrupted_before_start(str(exc))
     if result.cluster.get("rank", 0) == 0:  # across ranks, rank 0 tells how the run went
         _print_summary(result)
     code = EXIT_CODES.get(result.status, 1)
     if code == 130 and os.environ.get("TRAINBUS_LAUNCH"):  # distributed.LAUNCH: a rank of `run --nproc`, whose
         code = 0  # launcher exits 130 from summary.json; 130 here would have torchrun restart the group (--max-restarts)
     raise typer.Exit(code=code)
+
+
+def _interrupted_before_start(said: str) -> NoReturn:
+    launched = bool(os.environ.get("TRAINBUS_LAUNCH"))  # a rank of `run --nproc`: 130 would have torchrun restart it
+    if not launched:
+        print(f"trainbus: {said}", file=sys.stderr)
+    raise typer.Exit(code=0 if launched else 130)
 
 
 EXIT_CODES = {"completed": 0, "stopped": 0, "interrupted": 130}  # by the run's status; any other (failed): 1

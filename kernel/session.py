@@ -71,15 +71,24 @@ def new_run_id() -> str:
 RUN_ENV = ("RUN_ID", "RUN_DIR", "TRAINBUS_RUN_ID", "TRAINBUS_RUN_DIR")  # what user code sees while its run trains
 
 
+class InterruptedBeforeStart(Exception):
+    """Ctrl-C or SIGTERM while the run was being set up (torch importing, the model and data being built): nothing
+    was made, nothing started."""
+
+
 def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool = False,
                  announce: Callable[[str], None] = lambda line: None, continue_run: bool = False,
                  metric_settings: dict[str, str] | None = None) -> RunResult:
     """_run_training, with RUN_ENV as it was once it returns: a process that trains run after run (a notebook, a
     test, the daemon) never hands one run's directory to what it starts next."""
     saved = {name: os.environ.get(name) for name in RUN_ENV}
+    # From the start: a Ctrl-C while the user's build() imports or loads raised KeyboardInterrupt wherever it was
+    # (a numpy import cut halfway then failed the build with a RecursionError); now it is a stop before the run.
+    interrupts = _Interrupts(install_sigint)
     try:
-        return _run_training(cfg, run_id, install_sigint, announce, continue_run, metric_settings)
+        return _run_training(cfg, run_id, interrupts, announce, continue_run, metric_settings)
     finally:
+        interrupts.restore()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -87,13 +96,14 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
                 os.environ[name] = value
 
 
-def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, announce: Callable[[str], None],
+def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, announce: Callable[[str], None],
                   continue_run: bool, metric_settings: dict[str, str] | None) -> RunResult:
     """Train per the config with its plugins attached; never raises for what a plugin does.
 
     continue_run: `run_id` names an existing run, continued in place from its newest checkpoint (cfg.resume):
     same directory, its journal going on from its last whole seq, its logs and outputs appended to.
-    Raises SpecError when the user's target cannot be built: nothing has started by then.
+    Raises SpecError when the user's target cannot be built, InterruptedBeforeStart for a Ctrl-C meanwhile: nothing
+    has started by then.
     metric_settings: "plugin: setting" -> the metric it names (a monitor); ConfigError, before the run directory
     is made, for one this spec does not produce.
     """
@@ -150,12 +160,15 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
             restore_weights(spec, resume_state)
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {resume_from} does not fit this spec: {exc}") from None
+    if interrupts.count:  # Ctrl-C (or SIGTERM) while it was set up: leave before anything is made (every rank here)
+        raise InterruptedBeforeStart(f"{interrupts.first} before the run began; nothing was made")
     if ranks is not None:
         try:
             warnings += distribute(spec, stepper, ranks, device, cfg)
         except ValueError as exc:  # a loader it cannot shard: names it and the opt-out
             raise ConfigError(str(exc)) from None
         if not ranks.is_main:
+            interrupts.restore()  # another rank stops where rank 0 decides; a signal acts on it as it always did
             return _run_other_rank(spec, stepper, ranks, device, cfg, resume_state, resume_from, run_id, run_dir)
 
     # The TCP ports are bound before the run directory is made: a port already taken is one line and exit 2, with
@@ -211,7 +224,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, install_sigint: bool, anno
         announce(f"listening with CURVE on {bus.remote.control_endpoint} (control) and {bus.remote.events_endpoint} "
                  f"(events); clients: {run_dir / CONNECTION_FILE}")
     bus.run_state.run["target"] = cfg.target  # what `trainbus attach` shows; no event carries it
-    interrupts = _Interrupts(install_sigint)
+    interrupts.started = True
     loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s,
                 checkpointer=checkpointer, stepper=stepper, ranks=ranks, session_info={"cluster": cluster.describe()})
     if resume_state is not None:
@@ -534,6 +547,7 @@ class _Interrupts:
         self.count = 0
         self.first = ""  # the first signal's name: what the run's stop reason says
         self.last = ""  # the latest one's: what a run ended at once says
+        self.started = False  # the run began (its directory and plugins exist): before, a first one stops the setup
         self.closing = False  # training is over: a second Ctrl-C now hurries the shutdown instead of raising
         self._previous: dict[int, Any] = {}
         if install and threading.current_thread() is threading.main_thread():
@@ -546,7 +560,8 @@ class _Interrupts:
         if self.count == 1:
             self.first = name
             message = ("training is over; the plugins are finishing (the last checkpoint, logs)" if self.closing
-                       else "stopping at the next batch boundary")
+                       else "stopping at the next batch boundary" if self.started
+                       else "stopping once the model and data are built, before the run begins")
             os.write(2, f"\ntrainbus: {name}: {message} ({name} again to stop now)\n".encode())
             return
         if self.closing:

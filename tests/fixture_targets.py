@@ -54,8 +54,10 @@ def paced_digits(hyperparameters: dict):
 
 def slow_build(hyperparameters: dict):
     """paced_digits whose build() waits for the file `build_gate` first: a kernel held before it has a run
-    directory, as one loading a large dataset is."""
-    _wait_for_gate(Path(hyperparameters.pop("build_gate")), 1)
+    directory, as one loading a large dataset is. It touches `build_gate`.waiting once it waits."""
+    gate = Path(hyperparameters.pop("build_gate"))
+    gate.with_name(gate.name + ".waiting").touch()
+    _wait_for_gate(gate, 1)
     return paced_digits(hyperparameters)
 
 

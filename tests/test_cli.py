@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from conftest import TESTS_DIR, trainbus_cmd
+from fixture_targets import open_gate
 from trainbus.kernel.config import SETTINGS_MAX_BYTES, ConfigError, RunConfig
 
 
@@ -371,6 +373,29 @@ def test_settings_at_the_cap_fit_in_one_environment_string_and_one_argument():
         subprocess.run([sys.executable, "-c", "pass"], timeout=60,
                        env=dict(env, TRAINBUS_PLUGIN_SETTINGS="ab" * 2 * SETTINGS_MAX_BYTES))
     assert raised.value.errno == 7  # E2BIG
+
+
+def test_a_ctrl_c_while_the_model_is_built_stops_before_the_run_begins_in_one_line(tmp_path):
+    """It raised KeyboardInterrupt wherever build() was (a numpy import cut halfway failed the build with a
+    RecursionError), and typer exited 130 saying nothing. Now the build finishes, nothing is made, one line."""
+    gate, runs = tmp_path / "build_gate", tmp_path / "runs"
+    proc = subprocess.Popen([*trainbus_cmd(), "run", f"{TESTS_DIR / 'fixture_targets.py'}:slow_build", "--set",
+                             f"build_gate={gate}", "--plugins", "", "--runs-dir", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not gate.with_name("build_gate.waiting").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)  # the handler runs at the build's next bytecode (it polls its gate every 10 ms)
+        open_gate(gate, 1)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert err == ("\ntrainbus: Ctrl-C: stopping once the model and data are built, before the run begins (Ctrl-C "
+                   "again to stop now)\ntrainbus: Ctrl-C before the run began; nothing was made\n"), err
+    assert not runs.exists() or not any(runs.iterdir())
 
 
 def test_a_reader_that_goes_away_costs_the_output_not_the_exit_code(tmp_path):
