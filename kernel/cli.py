@@ -936,6 +936,12 @@ def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=K
     from .keys import KeyStore
 
     store = KeyStore(default_keys_dir(keys_dir))
+    if not store.directory.is_dir():
+        said = f"no key directory {store.directory}"
+        if keys_dir is not None:  # named, so likely mistyped
+            raise UserError(f"{said} (is --keys-dir right? `trainbus keys generate server` makes one)")
+        out.print(f"{escape(said)} yet: `trainbus keys generate server` makes it")
+        return
     table = Table("name", "role", "public key", "file")
     try:
         if store.server_public.exists():

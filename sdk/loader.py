@@ -21,6 +21,11 @@ def load_plugin_class(target: str) -> type[Plugin]:
     module_name, sep, class_name = target.partition(":")
     if not sep or not module_name or not class_name:
         raise PluginLoadError(f"plugin target {target!r} must look like package.module:Class")
+    if module_name.endswith(".py") or "/" in module_name:  # `trainbus run` takes file.py:fn for its target
+        module = module_name.removesuffix(".py").rsplit("/", 1)[-1]
+        raise PluginLoadError(f"plugin target {target!r} names a file: a plugin is module:Class, a module its Python "
+                              f"imports ({module}:{class_name}, run from {module}.py's folder or with it on "
+                              f"PYTHONPATH)")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 -- the module's own code raised: say what and where, in one line

@@ -149,6 +149,10 @@ BAD_INPUT = {
     "plugin class not in its module": (lambda t: ["run", "--config", _write(
         t, "c.toml", "[plugins.x]\ntarget = 'trainbus.plugins.console:Nope'\n")],
         "module 'trainbus.plugins.console' has no attribute 'Nope'; name one of its Plugin subclasses: ConsolePlugin"),
+    "plugin target given as a file": (lambda t: ["run", "--config", _write(
+        t, "c.toml", "[plugins.x]\ntarget = 'hooks/train.py:Alarm'\n")],
+        "plugin target 'hooks/train.py:Alarm' names a file: a plugin is module:Class, a module its Python imports "
+        "(train:Alarm, run from train.py's folder or with it on PYTHONPATH)"),
     "--resume a file that is not a checkpoint": (lambda t: ["run", "--resume", str(TESTS_DIR / "specs.py")],
                                                  f"{TESTS_DIR / 'specs.py'} is neither a checkpoint (.pt) nor a run "
                                                  f"directory; --resume takes a run id"),

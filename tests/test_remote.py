@@ -479,6 +479,9 @@ def test_attach_by_connection_file_to_an_ended_run_says_so_at_once(keys, runs_di
 def test_keys_cli_generates_lists_and_revokes(tmp_path):
     cli = [str(Path(sys.executable).parent / "trainbus"), "keys"]
     where = ["--keys-dir", str(tmp_path / "k")]
+    missing = subprocess.run(cli + ["list"] + where, capture_output=True, text=True, timeout=60)
+    assert (missing.returncode, missing.stderr) == (2, f"error: no key directory {tmp_path / 'k'} (is --keys-dir "
+                                                       f"right? `trainbus keys generate server` makes one)\n")
     for args in (["generate", "server"], ["generate", "client", "ana", "--role", "control"], ["revoke", "ana"]):
         proc = subprocess.run(cli + args + where, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc
