@@ -187,10 +187,12 @@ class Loop:
             raise BatchError(f"train_loader gave no batch in epoch {self.epoch}: it is empty (drop_last with fewer "
                              f"samples than batch_size?), or a one-shot iterator an earlier epoch used up; give a "
                              f"DataLoader, or another iterable that yields batches every time it is iterated")
-        loss_total, count, totals = self._over_ranks(self.loss_total, self.batches_done, self.metric_totals)
-        metrics = {name: _mean(total, count) for name, total in totals.items()}
         # Without a length, a stop after the last batch cannot be told from one before it: partial, to be safe.
         partial = cut_short and (planned is None or self.batches_done < planned)  # planned: this rank's share
+        loss_total, count, totals = self._over_ranks(self.loss_total, self.batches_done, self.metric_totals)
+        metrics = {name: _mean(total, count) for name, total in totals.items()}
+        if planned is not None and self.ranks is not None:  # counted as the batches are: over every rank's share
+            planned *= self.ranks.world_size  # a DistributedSampler gives each rank as many (or each rank all)
         summary = {"training_loss_total": _float(loss_total), "training_batch_count": count,
                    "training_loss": _mean(loss_total, count), "training_metrics": metrics,
                    "batches_planned": planned, "partial": partial}
@@ -246,7 +248,7 @@ class Loop:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def training_state(self, epoch_complete: bool, rank_rng: list | None = None) -> dict[str, Any]:
+    def training_state(self, epoch_complete: bool, ranks_own: list | None = None) -> dict[str, Any]:
         """What a checkpoint holds: the keys users expect, plus what resume needs to continue exactly."""
         spec = self.spec
         return {
@@ -262,7 +264,11 @@ class Loop:
                 "epoch_complete": epoch_complete, "batches_done": self.batches_done,
                 "loss_total": self.loss_total, "metric_totals": dict(self.metric_totals),
                 "epoch_rng_state": self.epoch_rng_state, "rng": _get_rng(python=True),
-                "rank_rng": rank_rng,  # across ranks: each rank's RNG, in rank order (rng is rank 0's)
+                # across ranks, in rank order (rng, loss_total and metric_totals above are rank 0's): each rank's
+                # RNG, and its share of the epoch's running totals (a resumed epoch's sums count each share once)
+                "rank_rng": [own["rng"] for own in ranks_own] if ranks_own else None,
+                "rank_totals": [{k: own[k] for k in ("loss_total", "metric_totals")} for own in ranks_own]
+                if ranks_own else None,
                 "loss_scaler": self.stepper.state_dict(),
             },
         }
@@ -315,8 +321,12 @@ class Loop:
         return agreed, "checkpoint_now" if agreed.checkpoint_now else None
 
     def _checkpoint(self, reason: str, epoch_complete: bool, last: bool = False) -> None:
-        # every rank's RNG, so each resumes its own (the ranks are here together: they agreed on this checkpoint)
-        rank_rng = self.ranks.gather(_get_rng(python=True)) if self.ranks is not None else None
+        # every rank's RNG and running totals, so each resumes its own (the ranks are here together: they agreed on
+        # this checkpoint)
+        ranks_own = self.ranks.gather({
+            "rng": _get_rng(python=True), "loss_total": _float(self.loss_total),
+            "metric_totals": {name: _float(total) for name, total in self.metric_totals.items()},
+        }) if self.ranks is not None else None
         if self.checkpointer is None:  # another rank: rank 0 takes it
             return
         if not self.checkpointer.has_persister():
@@ -325,7 +335,7 @@ class Loop:
         if last:  # the run's last: training is over, so wait (bounded) rather than skip what last.pt should be
             self.checkpointer.wait_for_a_free_buffer(LAST_CHECKPOINT_WAIT_S)
         try:
-            snapshot = self.checkpointer.take(self.training_state(epoch_complete, rank_rng))
+            snapshot = self.checkpointer.take(self.training_state(epoch_complete, ranks_own))
         except OSError as exc:  # no room for the buffer anywhere: training goes on, the next one may fit
             log.warning("checkpoint at step %d skipped: %s", self.step, exc)
             self._publish(ev.CHECKPOINT_SKIPPED, reason=str(exc))
@@ -338,9 +348,11 @@ class Loop:
     def resume(self, state: dict[str, Any], path: str) -> None:
         """Continue from a checkpoint whose weights restore_weights() loaded: same step, epoch, data order, RNG."""
         resume = dict(state["trainbus"])
-        ranks = resume.get("rank_rng")
+        ranks, totals = resume.get("rank_rng"), resume.get("rank_totals")
         if self.ranks is not None and ranks and len(ranks) == self.ranks.world_size:
             resume["rng"] = ranks[self.ranks.rank]  # this rank's own; with another world size, rank 0's for all
+            if totals:  # a checkpoint from before rank_totals: rank 0's totals on every rank, as it was
+                resume.update(totals[self.ranks.rank])
         self.step, self.latest_metrics = resume["step"], dict(state.get("metrics") or {})
         self.stepper.load_state_dict(resume.get("loss_scaler"))
         if resume["epoch_complete"]:

@@ -51,6 +51,9 @@ def test_two_processes_train_the_demo_as_one_run(tmp_path):
     # validation over all of the data (both halves reduced): it learns
     epochs = [e for e in events if e.type == "end_epoch"]
     assert epochs[-1].data["validation_metrics"]["accuracy"] > 0.8
+    # an epoch's batches are counted over both ranks' shares, and so is what was planned (46/23 before)
+    per_rank = epochs[0].step  # a rank's batches an epoch (a step each)
+    assert [(e.data["training_batch_count"], e.data["batches_planned"]) for e in epochs] == [(2 * per_rank,) * 2] * 3
 
 
 def test_a_stop_and_a_checkpoint_reach_every_rank_at_the_same_step(tmp_path):
@@ -178,6 +181,7 @@ def test_a_two_process_run_killed_mid_epoch_resumes_exactly(tmp_path, reference)
     [load] = [e for e in events if e.type == "load_checkpoint"]
     assert load.data["epoch"] >= 2
     assert_same_weights(run_dir, reference_dir)
+    assert_same_epochs(run_dir, reference_dir)
 
 
 @pytest.mark.parametrize("whom", ["the launcher", "rank 0 under --max-restarts"])
@@ -229,6 +233,17 @@ def test_a_rank_killed_mid_epoch_is_restarted_and_the_run_goes_on_exactly(tmp_pa
     assert load.data["epoch"] >= 2 and load.seq > sessions[1].seq
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert_same_weights(run_dir, reference_dir)
+    assert_same_epochs(run_dir, reference_dir)
+
+
+def assert_same_epochs(run_dir: Path, reference_dir: Path) -> None:
+    """Each epoch's figures as the uninterrupted run's (the latest end_epoch of each: a resumed epoch's totals
+    sum each rank's share once; rank 0's counted twice and rank 1's not at all before)."""
+    def epochs(where: Path) -> dict[int, dict]:
+        return {e.epoch: {k: e.data[k] for k in ("training_loss_total", "training_batch_count", "batches_planned",
+                                                  "training_metrics", "validation_loss_total")}
+                for e in read_events(where) if e.type == "end_epoch"}
+    assert epochs(run_dir) == epochs(reference_dir)
 
 
 def test_two_agents_stand_in_for_two_machines(tmp_path):
