@@ -159,7 +159,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         try:
             restore_weights(spec, resume_state)
         except ValueError as exc:
-            raise CheckpointError(f"checkpoint {resume_from} does not fit this spec: {exc}") from None
+            raise CheckpointError(f"checkpoint {resume_from} does not fit {cfg.target}'s model: {exc}; "
+                                  f"{_trained_with(Path(resume_from), cfg.target)}") from None
     if interrupts.count:  # Ctrl-C (or SIGTERM) while it was set up: leave before anything is made (every rank here)
         raise InterruptedBeforeStart(f"{interrupts.first} before the run began; nothing was made")
     if ranks is not None:
@@ -535,6 +536,18 @@ def _reason(exc: Exception) -> str:
         return f"{cause.strerror} (errno {cause.errno})"
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _trained_with(checkpoint: Path, target: str) -> str:
+    """How to resume a checkpoint that does not fit `target`: with the target its run's config.json names (a
+    checkpoint in RUN_DIR/checkpoints/), else with the one it was trained with."""
+    try:
+        trained = json.loads((checkpoint.parent.parent / "config.json").read_text()).get("target")
+    except (OSError, ValueError, AttributeError):
+        trained = None
+    if isinstance(trained, str) and trained and trained != target:
+        return f"its run trained {trained}: `trainbus run {trained} --resume {checkpoint}`"
+    return f"give the target it was trained with: `trainbus run TARGET --resume {checkpoint}`"
 
 
 class _Interrupts:

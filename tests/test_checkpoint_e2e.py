@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TESTS_DIR
 from fixture_targets import open_gate, paced_digits
 from helpers import PLUGIN_START_S, assert_same_weights, run_config, seeded_rng
 from kernel_process import KernelProcess, of, process_gone, wait_until
@@ -721,6 +722,24 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_in_one_line_and_exit_2
     # the tripwire works: what an unpickler does with it (restore its state) touches the marker
     Tripwire.__new__(Tripwire).__setstate__({"path": str(marker)})
     assert marker.exists()
+
+
+def test_a_checkpoint_of_another_model_names_the_target_its_run_trained(tmp_path):
+    """--resume FILE with a target whose model it does not fit: one line naming the mismatch and the command that
+    fits (its run's config.json names the target it trained), exit 2, no run made."""
+    directory = tmp_path / "runs" / "other" / "checkpoints"
+    directory.mkdir(parents=True)
+    trained = f"{TESTS_DIR / 'specs.py'}:tiny"
+    (directory.parent / "config.json").write_text(json.dumps({"target": trained}) + "\n")
+    path = directory / "epoch001-step000003.pt"
+    torch.save({"epoch": 1, "step": 3, "model_state_dict": torch.nn.Linear(5, 3).state_dict(),
+                "trainbus": {"format": 1, "epoch": 1, "step": 3, "epoch_complete": True}}, path)
+    proc = run_cli(tmp_path, "--resume", str(path), "--plugins", "")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: checkpoint {path} does not fit trainbus.kernel.digits:build's model: "), lines
+    assert lines[0].endswith(f"; its run trained {trained}: `trainbus run {trained} --resume {path}`"), lines
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["other"]
 
 
 def test_a_damaged_newest_checkpoint_is_passed_over_saying_so(tmp_path):
