@@ -785,6 +785,10 @@ def attach(
     """
     from . import runs, runs_view
 
+    modes = [flag for flag, given in (("--json", as_json), ("--control", control), ("--stop", stop is not None),
+                                      ("--checkpoint", checkpoint is not None)) if given]
+    if len(modes) > 1:  # each is a way of attaching: all but one were dropped without a word
+        raise UserError(f"{' and '.join(modes)} are ways of attaching: give one (one command at a time)")
     if control and not sys.stdin.isatty():
         raise UserError("--control reads its keys from a terminal, and stdin is not one: from a script, use "
                         "--stop REASON or --checkpoint REASON")
@@ -921,11 +925,11 @@ def keys_generate(
             raise UserError("give `server`, or `client NAME --role monitor|control`")
     except KeyFileError as exc:
         raise UserError(str(exc)) from None
-    out.print(f"public key: {public}\nsecret key: {secret}")
+    out.print(escape(f"public key: {public}\nsecret key: {secret}"))  # paths, as they are: never markup
     if kind == "client":
-        out.print(f"Copy {secret} and {store.server_public} to the client's machine (then delete {secret} here); "
-                  f"there: python -m trainbus.sdk MODULE:CLASS --connect HOST:PORT --key {secret.name} "
-                  f"--server-key {store.server_public.name}")
+        out.print(escape(f"Copy {secret} and {store.server_public} to the client's machine (then delete {secret} "
+                         f"here); there: python -m trainbus.sdk MODULE:CLASS --connect HOST:PORT --key {secret.name} "
+                         f"--server-key {store.server_public.name}"))
 
 
 @keys_app.command("list")
@@ -970,7 +974,7 @@ def keys_revoke(
         key = KeyStore(default_keys_dir(keys_dir)).revoke(name)
     except KeyFileError as exc:
         raise UserError(str(exc)) from None
-    out.print(f"revoked {key.role} key {key.name} ({key.public})")
+    out.print(escape(f"revoked {key.role} key {key.name} ({key.public})"))  # z85 has [ and ]: not markup
 
 
 RUNS_DIR_OPTION = typer.Option(Path("runs"), "--runs-dir", help="The runs directory it serves (default ./runs).")

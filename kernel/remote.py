@@ -10,6 +10,8 @@ The bus thread owns the sockets once built; the authenticator runs on its own th
 
 from __future__ import annotations
 
+import errno
+
 import logging
 
 import zmq
@@ -25,6 +27,11 @@ EVENTS_MAX_INBOUND_BYTES = 4096  # a SUB only sends subscriptions (topic prefixe
 CONTROL_RCVHWM = 1000  # per connection: a flooding peer fills its own queue, not the others'
 TCP_KEEPALIVE_IDLE_S = 60  # a peer whose machine vanished is noticed and its connection closed
 
+
+
+def _not_here(host: str, port: int, exc: zmq.ZMQError) -> str:
+    return (f"--listen {host}:{port}: {host} is not an address of this machine ({exc}): give one of its addresses "
+            f"or host names (`hostname -I` lists them), or 127.0.0.1 for this machine alone")
 
 class ListenError(Exception):
     """--listen cannot be served as asked; the text names the fix."""
@@ -109,6 +116,8 @@ class Listener:
                 self.router.bind(f"tcp://{host}:{port}")
                 self.pub.bind(f"tcp://{host}:{port + 1}")
             except zmq.ZMQError as exc:
+                if exc.errno == errno.ENODEV:
+                    raise ListenError(_not_here(host, port, exc)) from None
                 raise ListenError(f"--listen {host}:{port}: cannot bind port {port} and {port + 1} ({exc}); "
                                   f"pick another PORT, or 0 for a free pair") from None
             return
@@ -116,7 +125,8 @@ class Listener:
             try:
                 self.router.bind(f"tcp://{host}:*")
             except zmq.ZMQError as exc:
-                raise ListenError(f"--listen {host}:0: cannot bind on {host} ({exc})") from None
+                raise ListenError(_not_here(host, 0, exc) if exc.errno == errno.ENODEV
+                                  else f"--listen {host}:0: cannot bind on {host} ({exc})") from None
             endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
             try:
                 self.pub.bind(f"tcp://{host}:{int(endpoint.rpartition(':')[2]) + 1}")

@@ -25,6 +25,8 @@ from trainbus.sdk.runner import kernel_died, run_summary
 
 MONITORS = ("cpu", "memory", "disk", "gpu", "perf")  # the resource monitors' metric name prefixes
 COMMAND_ECHO_TIMEOUT_S = 30.0  # a one-shot command waits this long to see the kernel journal it
+CHECKPOINT_ACT_WAIT_S = 5.0  # and a checkpoint_now this long more, for the snapshot (or why it was skipped)
+CHECKPOINT_ACTS = (ev.SAVE_CHECKPOINT, ev.CHECKPOINT_SKIPPED)
 REFRESH_S = 0.25  # at most this often a redraw; rich's own refresh is off (we redraw when events came)
 SPARKS = "▁▂▃▄▅▆▇█"
 KEYS = {"s": "stop", "c": "checkpoint_now"}  # --control: the key, then y to confirm
@@ -189,7 +191,8 @@ def dashboard(attachment: Attachment, steer: bool) -> int:
                 pending = KEYS[key]
             if attachment.refusals:
                 said = f"[red]refused: {escape(attachment.refusals.pop())}[/red]"
-            ended = item is not None and item[0] == "event" and item[1].type in FINAL
+            ended = item is not None and (item[0] == "event" and item[1].type in FINAL
+                                          or item[0] == "snapshot" and item[1].ended is not None)
             now = time.monotonic()
             if ended or now - drawn >= REFRESH_S:
                 again = f" (reconnected {attachment.reconnects}x)" if attachment.reconnects else ""
@@ -224,31 +227,47 @@ def send_command(attachment: Attachment, kind: str, reason: str) -> None:
 def one_command(attachment: Attachment, kind: str, reason: str) -> int:
     """Send stop or checkpoint_now once attached. Done when the kernel journaled the request (our log line came
     back) and a heartbeat followed with no refusal (a monitor-role key's is refused at once, on the control
-    socket), or, for a stop, when stop_requested naming us came first (it says the step)."""
-    end, sent, echo = time.monotonic() + COMMAND_ECHO_TIMEOUT_S, False, None
+    socket), or, for a stop, when stop_requested naming us came first (it says the step); a checkpoint_now waits
+    a little longer for what the next step boundary made of it (a snapshot taken, or skipped: no persister)."""
+    end, echo, echoed_at = float("inf"), None, 0.0  # the clock starts once sent: reaching the kernel has its own
+    run = lambda: attachment.state.run.get("id")  # noqa: E731
     for item in attachment:
         if attachment.refusals:
             print(f"error: the kernel refused: {attachment.refusals[0]}", file=sys.stderr)
             return 1
         event = item[1] if item is not None and item[0] == "event" else None
-        if item is not None and item[0] == "snapshot" and not sent:
+        now = time.monotonic()
+        if item is not None and item[0] == "snapshot" and end == float("inf"):
+            if item[1].ended is not None:  # attached as it ends: its plugins are draining, it steps no more
+                print(f"error: run {run()} has ended ({outcome(item[1])}): there is nothing to {kind.partition('_')[0]}",
+                      file=sys.stderr)
+                return 1
             send_command(attachment, kind, reason)
-            sent = True
+            end = now + COMMAND_ECHO_TIMEOUT_S
         elif event is not None and event.type == ev.LOG and kind in str(event.data.get("text")) \
                 and str(event.data.get("plugin")).partition(" (key ")[0] == attachment.peer_name:  # a remote: + key
-            echo = event
+            echo, echoed_at = event, now
         elif kind == "stop" and event is not None and event.type == ev.STOP_REQUESTED and any(
                 str(r).startswith(attachment.peer_name) for r in event.data.get("reasons") or []):
-            print(f"stop sent to run {attachment.state.run.get('id')} as {attachment.peer_name} (it stops at step "
-                  f"{event.step}; stop_requested journaled at seq {event.seq})")
+            print(f"stop sent to run {run()} as {attachment.peer_name} (it stops at step {event.step}; "
+                  f"stop_requested journaled at seq {event.seq})")
             return 0
-        elif echo is not None and event is not None and event.type in (ev.HEARTBEAT, *FINAL):
-            # Accepted: a stop is acted on at the next step boundary, which a long step or a stalled loader may
-            # hold back for longer than anyone should wait here.
-            print(f"{kind} sent to run {attachment.state.run.get('id')} as {attachment.peer_name} (request "
-                  f"journaled at seq {echo.seq}; acted on at the run's next step boundary)")
+        elif kind == "checkpoint_now" and echo is not None and event is not None and event.type in CHECKPOINT_ACTS:
+            if event.type == ev.CHECKPOINT_SKIPPED:
+                print(f"error: checkpoint_now reached run {run()}, but its checkpoint at step {event.step} was "
+                      f"skipped: {event.data.get('reason')}", file=sys.stderr)
+                return 1
+            print(f"checkpoint_now sent to run {run()} as {attachment.peer_name}: snapshot taken at step "
+                  f"{event.step} (save_checkpoint seq {event.seq}; checkpoint_saved follows once it is on disk)")
             return 0
-        if time.monotonic() > end:
+        elif echo is not None and event is not None and (event.type in FINAL or event.type == ev.HEARTBEAT and (
+                kind == "stop" or now - echoed_at > CHECKPOINT_ACT_WAIT_S)):
+            # Accepted: it is acted on at the next step boundary, which a long step or a stalled loader may hold
+            # back for longer than anyone should wait here.
+            print(f"{kind} sent to run {run()} as {attachment.peer_name} (request journaled at seq {echo.seq}; "
+                  f"acted on at the run's next step boundary)")
+            return 0
+        if now > end:
             break
     print(f"error: {kind} was not confirmed by the kernel within {COMMAND_ECHO_TIMEOUT_S:.0f} s", file=sys.stderr)
     return 1

@@ -97,6 +97,13 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
                 raise TargetError(f"{where}: give both endpoints as EVENTS,CONTROL (only an ipc events.sock "
                                   f"names its control socket)")
             control_endpoint = events[: -len("events.sock")] + "control.sock"
+        for endpoint in (events, control_endpoint):  # what connecting would retry for minutes, said now
+            if endpoint.startswith("tcp://"):
+                raise TargetError(f"{endpoint}: a kernel's TCP endpoint takes CURVE keys: give --key (this client's "
+                                  f"secret key file) and HOST:PORT or the run's connection.json")
+            if endpoint.startswith("ipc://") and not Path(endpoint.removeprefix("ipc://")).exists():
+                raise TargetError(f"no socket {endpoint.removeprefix('ipc://')}: is the run still running? "
+                                  f"(`trainbus runs list` says)")
         run_dir = Path(events.removeprefix("ipc://")).parent if events.startswith("ipc://") else None
         return Target(events, control_endpoint, run_dir if run_dir and (run_dir / CREDENTIAL_FILE).exists() else None)
     run_dir = Path(where).resolve()
@@ -156,6 +163,10 @@ class Attachment:
                     item = self._ready.popleft()
                     yield item
                     if item[0] == "event" and item[1].type in FINAL_EVENTS:
+                        return
+                    if item[0] == "snapshot" and item[1].ended is not None:
+                        # attached after the final event (the kernel is still draining its plugins): the
+                        # snapshot holds the end, and no event after it will come
                         return
                 if not self._step():
                     yield None

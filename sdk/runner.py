@@ -428,6 +428,7 @@ class Runner:
         self._set_up = False  # setup() returned: only then may on_kernel_gone run
         self._ended = False  # _finish ran: teardown happens once, whichever way the plugin ends
         self.terminating = False  # SIGTERM: no next event; the one being handled may finish (FINISH_ON_TERM_S)
+        self.unreached = False  # no kernel ever answered (nothing listens, or over TCP keys it does not take)
 
     def run(self) -> int:
         try:
@@ -439,7 +440,11 @@ class Runner:
         self.io.start()
         welcome, early = self._wait_welcome()
         if welcome is None:
-            return self._finish(self.io.gone if self.io.refused else f"kernel unreachable: {self.io.gone}")
+            if self.io.refused:
+                return self._finish(self.io.gone)
+            self.unreached = True
+            self._finish(f"kernel unreachable: {self.io.gone}")
+            return 1
         self.io.heartbeat_interval_s = welcome["heartbeat_interval_s"]
         self.plugin.run_id = welcome["run"]
         self.next_seq = welcome["resume_from"]
@@ -798,7 +803,14 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     # the console's writes would stop it (SIGTTOU), and a stopped plugin is declared hung and killed.
     # Ignored, the write goes through, as it would for the kernel.
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    return runner.run()
+    code = runner.run()
+    if runner.unreached and not runner.terminating:
+        where = env["TRAINBUS_CONTROL"]
+        print(f"error: no kernel answered at {where}: " + (
+            "check that the run listens there, that this key is authorized on its host (`trainbus keys list` there; "
+            "an unknown or revoked key gets no answer at all) and that --server-key is that host's server.key"
+            if connect else "is the run still running? (`trainbus runs list` says)"), file=sys.stderr)
+    return code
 
 
 def _drain(fd: int) -> None:

@@ -99,6 +99,18 @@ class HangsAtTheEnd(Plugin):
         time.sleep(3600)
 
 
+class HeldAtTheEnd(Plugin):
+    """Durable, its last handler held until the file `release` exists: the kernel waits for it (its drain) after
+    the run's final event, alive meanwhile."""
+
+    delivery = DURABLE
+    settings = {"release": ""}
+
+    def on_end_training_session(self, event):
+        while not os.path.exists(self.settings["release"]):
+            time.sleep(0.05)
+
+
 class SlowToLeave(Plugin):
     """Takes 60 s over its last handler, but stops when asked (SIGTERM): a slow teardown, not a hang."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from trainbus.kernel.config import RunConfig, resolve_plugin
+from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.proto import event_to_map, events as ev, pack
 from trainbus.proto.journal_format import read_journal
 from trainbus.proto.messages import Event
@@ -241,6 +241,18 @@ def run_quickly(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.parametrize("args, said", [
+    (["x", "--stop", "a", "--checkpoint", "b"], "error: --stop and --checkpoint are ways of attaching: give one"),
+    (["x", "--json", "--control"], "error: --json and --control are ways of attaching: give one"),
+    (["ipc:///no/such/events.sock"], "error: no socket /no/such/events.sock: is the run still running?"),
+    (["tcp://127.0.0.1:1,tcp://127.0.0.1:2"], "error: tcp://127.0.0.1:1: a kernel's TCP endpoint takes CURVE keys"),
+], ids=["two commands", "json and control", "no such socket", "tcp without a key"])
+def test_an_attach_that_cannot_work_says_why_at_once(args, said):
+    """Each waited minutes for a kernel (reconnecting 8 times), or dropped all flags but one without a word."""
+    proc = run_quickly([*trainbus_cmd(), "attach", *args])
+    assert proc.returncode == 2 and proc.stderr.startswith(said) and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_attach_to_an_ended_run_says_so_at_once(runs_dir, tmp_path, kernels):
     kernel = live_run(runs_dir, tmp_path, kernels, epochs=1, batch_s=0.0, monitors=False)
     kernel.result(timeout_s=120)
@@ -291,9 +303,34 @@ def test_an_attached_client_killed_without_a_bye_is_said_gone_not_left_running(r
     assert kernel.result(timeout_s=120)["status"] == "completed"
 
 
+def test_attaching_after_the_final_event_while_plugins_drain_ends_at_the_snapshot(runs_dir, tmp_path, kernels):
+    """The kernel lives on while a durable plugin drains; the snapshot holds the end, the final event (at or
+    before its seq) never comes: attach kept waiting for it, remotely until it gave up and called the run lost."""
+    release = tmp_path / "release"
+    cfg = RunConfig(target=SLOW, epochs=1, runs_dir=str(runs_dir), hyperparameters={"batch_s": 0.0},
+                    plugins=[PluginConfig("drainer", "fixture_plugins:HeldAtTheEnd", {"release": str(release)})],
+                    drain_timeout_s=120)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_ready("drainer", timeout_s=120)
+    wait_until(lambda: any(e.type == ev.END_TRAINING_SESSION for e in read_journal(kernel.run_dir)), 120, "the end")
+    proc = run_quickly(attach_cmd(kernel, "--json"))
+    assert proc.returncode == 0, proc.stderr
+    [line] = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert line["type"] == "snapshot" and line["state"]["ended"]["type"] == ev.END_TRAINING_SESSION, line
+    assert not (kernel.run_dir / "summary.json").exists()  # the kernel was still there, waiting for its plugin
+    release.touch()
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+
+
 def test_stop_from_attach_is_journaled_with_who_sent_it(runs_dir, tmp_path, kernels):
     kernel = live_run(runs_dir, tmp_path, kernels, epochs=3, batch_s=0.05)
     kernel.wait_step(3, timeout_s=60)
+    # a checkpoint with no checkpoint plugin: what the step boundary made of it, not "sent" (exit 0) as before
+    skipped = subprocess.run(attach_cmd(kernel, "--checkpoint", "before it stops"), capture_output=True, text=True,
+                             timeout=120)
+    assert skipped.returncode == 1 and skipped.stderr.startswith("error: checkpoint_now reached run "), skipped.stderr
+    assert "was skipped: no checkpoint plugin is attached (add --plugins checkpoint)" in skipped.stderr
     # an empty reason is a stop all the same (it was taken for no command: the dashboard, never ending)
     proc = subprocess.run(attach_cmd(kernel, "--stop", ""), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

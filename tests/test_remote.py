@@ -502,6 +502,10 @@ def test_keys_cli_generates_lists_and_revokes(tmp_path):
     listing = subprocess.run(cli + ["list"] + where, capture_output=True, text=True, timeout=60,
                              env={**os.environ, "COLUMNS": "300"}).stdout
     assert tricky in listing, (tricky, listing)
+    name = next(key.name for key in store.clients() if key.public == tricky)
+    revoked = subprocess.run(cli + ["revoke", name] + where, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "COLUMNS": "300"})
+    assert revoked.returncode == 0 and tricky in revoked.stdout, (tricky, revoked.stdout, revoked.stderr)
     proc = subprocess.run(cli + ["generate", "client", "bo", "--role", "admin"] + where, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "monitor, control" in proc.stderr

@@ -443,3 +443,17 @@ def test_a_metric_from_a_handler_without_a_step_is_at_its_events_step():
     idle = Says()
     idle.metric("from_a_thread_of_its_own", 1.0)  # no handler running: the kernel's step when it arrives
     assert idle.outbox[-1]["step"] is None
+
+
+def test_a_kernel_that_never_answers_is_a_failure_not_an_exit_0():
+    """Nothing listening, or (over TCP) keys the kernel does not take: no welcome within the connect timeout. The
+    process exits 1 (it exited 0, as a plugin whose run ended does), and setup never ran."""
+    def make_io(*args):
+        io = FakeKernelIO(*args)
+        io.inbox.clear()  # no welcome
+        io.gone, io.lost_kernel = "kernel unreachable: no kernel heartbeat within 30 s", True
+        return io
+    plugin = LastWord()
+    runner = Runner(plugin, "", "", make_io=make_io)
+    assert runner.run() == 1 and runner.unreached
+    assert not hasattr(plugin, "calls"), "setup ran without a kernel"
