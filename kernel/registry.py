@@ -166,8 +166,8 @@ class Registry:
         """Queue `job` and show its run as queued, in one transaction. JobError when its run id is already
         queued or running (a run is continued by one kernel at a time)."""
         with self._write():
-            held = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job["id"],)).fetchone()
-            if held is not None and held[0] in JOB_ACTIVE:
+            held = self.db.execute("SELECT state, pid, pid_started FROM jobs WHERE id = ?", (job["id"],)).fetchone()
+            if held is not None and job_holds_run(dict(zip(("state", "pid", "pid_started"), held))):
                 raise JobError(f"run {job['id']} is already {held[0]} in the daemon's queue")
             self.db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(JOB_COLUMNS)}) "
                             f"VALUES ({', '.join('?' * len(JOB_COLUMNS))})", _job_row(job))
@@ -216,6 +216,19 @@ class Registry:
         """Every row, as run_overview's dicts, by id."""
         cursor = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM runs")
         return {row[0]: _from_row(row, now) for row in cursor}
+
+
+def job_holds_run(job: dict[str, Any]) -> bool:
+    """Whether a job still holds its run: queued, or started and its process alive. A started job whose process
+    is gone while no daemon was up to settle it (the daemon stopped or killed first) holds nothing: the run's
+    directory tells how it ended, and it may be resumed or deleted without starting a daemon first."""
+    if job["state"] not in JOB_ACTIVE:
+        return False
+    if job["state"] == "queued" or job["pid"] is None:  # being started: the daemon knows its process soon
+        return True
+    from .daemon import process_alive  # the daemon imports this module
+
+    return process_alive(job["pid"], job["pid_started"])
 
 
 def _to_row(run: dict[str, Any], observed_ts: float) -> tuple:

@@ -38,7 +38,8 @@ def check_not_submitted(runs_dir: Path, run_id: str) -> None:
         return
     try:
         with registry.Registry(runs_dir) as rows:
-            job = next((j for j in rows.jobs(registry.JOB_ACTIVE) if j["id"] == run_id), None)
+            job = next((j for j in rows.jobs(registry.JOB_ACTIVE) if j["id"] == run_id and registry.job_holds_run(j)),
+                       None)
     except (sqlite3.Error, OSError, registry.RegistryError) as exc:  # the daemon's queue unknown: keep the run
         raise RemovalError(f"cannot tell whether the daemon holds run {run_id}: "
                            f"{Path(runs_dir) / registry.REGISTRY_NAME}: {exc}") from None

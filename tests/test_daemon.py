@@ -138,6 +138,42 @@ def test_a_resume_the_daemon_died_starting_is_queued_again_not_taken_for_a_died_
     wait_until(lambda: daemon.tick(time.time()) or not daemon.watched, 30, "c's `true` to exit")
 
 
+def test_a_started_job_whose_process_died_with_no_daemon_up_holds_its_run_no_more(tmp_path):
+    """The daemon stopped (or killed), then its run's kernel died: nobody settled the job, which said running.
+    Resuming the run was refused ("already running in the daemon's queue") and deleting it said "stop it first",
+    which said there was nothing to stop. A live process still holds it."""
+    import psutil
+
+    from trainbus.kernel.registry import JobError
+    from trainbus.kernel.run_removal import RemovalError, check_not_submitted
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_started = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    me = psutil.Process(os.getpid())
+    job = {"id": "d", "state": "queued", "submitted_ts": 1.0, "argv": ["--resume", "d"], "cwd": str(tmp_path)}
+    for pid, started, held in ((gone.pid, gone_started, False), (me.pid, me.create_time(), True)):
+        with Registry(runs) as registry:
+            registry.submit(job, {"id": "d", "status": "queued"}, 1.0)
+            registry.move_job("d", ["queued"], state="running", pid=pid, pid_started=started)
+            if held:
+                with pytest.raises(JobError, match="already running"):
+                    registry.submit(job, {"id": "d", "status": "queued"}, 2.0)
+            else:
+                registry.submit(job, {"id": "d", "status": "queued"}, 2.0)  # queued again: its resume
+                assert [j["state"] for j in registry.jobs()] == ["queued"]
+                registry.move_job("d", ["queued"], state="running", pid=pid, pid_started=started)
+        if held:
+            with pytest.raises(RemovalError, match="is running"):
+                check_not_submitted(runs, "d")
+        else:
+            check_not_submitted(runs, "d")  # deletable
+            with Registry(runs) as registry:
+                registry.move_job("d", ["running"], state="ended")
+
+
 def test_a_queued_resume_is_listed_and_shown_as_queued_with_how_the_run_last_ended(tmp_path):
     """Its directory says died (its kernel.pid is dead, no summary.json); the queue says it is going to run again."""
     runs = tmp_path / "runs"
