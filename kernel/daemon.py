@@ -103,6 +103,13 @@ def process_alive(pid: int, started: float | None) -> bool:
         return True
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def process_start_time(pid: int) -> float | None:
     import psutil
 
@@ -312,8 +319,15 @@ class Daemon:
                             if (run_dir / CHECKPOINT_DIR / MANIFEST).is_file() else
                             "it had no checkpoint yet: submit it again to train it")
         else:
-            detail = f"ended before its run had a directory (exit code {code}): {self._output_tail(watched.job_id)}"
-            self._record_unstarted(registry, watched.job_id, "failed", detail, now)
+            # killed (the OOM killer, kill -9) while its target was still built: died, as a kernel killed later
+            # is, unless its output says why it failed; gone while no daemon watched it (-1): the same
+            tail = self._output_tail(watched.job_id)
+            died = code < -1 or (code == -1 and not tail.startswith("error:"))
+            how = (f"killed by {_signal_name(-code)}" if code < -1 else
+                   "its process was gone when the daemon came back" if code == -1 else f"exit code {code}")
+            detail = (f"ended before its run had a directory ({how}): {tail}"
+                      + ("; submit it again to train it" if died else ""))
+            self._record_unstarted(registry, watched.job_id, "died" if died else "failed", detail, now)
         registry.move_job(watched.job_id, JOB_ACTIVE, state="ended", ended_ts=now, exit_code=code, detail=detail,
                           env=None)
         log.info("%s: %s", watched.job_id, detail)

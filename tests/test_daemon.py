@@ -307,6 +307,17 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     wait_until(lambda: listed(runs)[held]["status"] != "running", WAIT_S, "the held run ended")
     assert listed(runs)[held]["status"] == "stopped"
 
+    # killed (an OOM killer, kill -9) while still in build(): died, as a kernel killed later is (it said failed)
+    killed_gate = tmp_path / "killed_gate"
+    killed = submit(runs, SLOW_BUILD, "--set", f"build_gate={killed_gate}")
+    wait_until(lambda: killed_gate.with_name("killed_gate.waiting").exists(), WAIT_S, "the run in its build()")
+    with Registry(runs) as registry:
+        [pid] = [job["pid"] for job in registry.jobs(["running"]) if job["id"] == killed]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: listed(runs)[killed]["status"] != "running", WAIT_S, "the killed run settled")
+    run = listed(runs)[killed]
+    assert run["status"] == "died" and "ended before its run had a directory (killed by SIGKILL)" in run["error"]
+
     stopped = cli("daemon", "stop", "--runs-dir", str(runs))
     assert "daemon stopped" in stopped.stdout
     assert cli("daemon", "status", "--runs-dir", str(runs), check=False).returncode == 3
