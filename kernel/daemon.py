@@ -45,7 +45,8 @@ from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
 from trainbus.proto.remote import advertised
 
 from .credentials import SUN_PATH_MAX
-from .registry import JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, queued_resume, record_run
+from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started, queued_resume,
+                       record_run)
 from .runs import CONFIG, KERNEL_PID, RunLookupError, find_runs, kernel_process, resolve_run, run_overview
 
 log = logging.getLogger("trainbus.daemon")
@@ -769,7 +770,7 @@ def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
     matches = [run_id] if run_id in jobs else [i for i in jobs if i.startswith(run_id)]
     if len(matches) != 1 or (run_id not in jobs and any(p.name.startswith(run_id) for p in find_runs(runs_dir))):
         return None  # none, or a prefix other runs share (resolve_run said which)
-    row, job = rows[matches[0]], jobs[matches[0]]
+    row, job = as_started(rows[matches[0]], jobs[matches[0]]), jobs[matches[0]]
     return {**row, "argv": job["argv"], "submitted_ts": job["submitted_ts"], "submitted_by": job["submitted_by"],
             "job": job["state"], "pid": job["pid"], "pid_started": job["pid_started"],
             "output": str(output_file(runs_dir, row["id"]))}

@@ -295,9 +295,8 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
             if job["id"] in dirs and known[job["id"]]["status"] != QUEUED:
                 known[job["id"]] = queued_resume(known[job["id"]], job["submitted_by"])
         for i, job in started.items():  # started, and its kernel has not made the run directory yet
-            if i in known and known[i]["status"] == QUEUED and i not in dirs:
-                known[i] = {**known[i], "status": "running", "pid": job["pid"],
-                            "detail": f"started by the daemon (pid {job['pid']}); its kernel is starting"}
+            if i in known and i not in dirs:
+                known[i] = as_started(known[i], job)
         found = [known[name] for name in dirs] + [run for i, run in known.items() if run["dir"] is None
                                                   and i not in dirs]
     except (sqlite3.Error, OSError, RegistryError) as exc:
@@ -320,6 +319,16 @@ def ids_without_directory(runs_dir: Path, prefix: str) -> list[str]:
     except (sqlite3.Error, OSError, RegistryError):
         return []
     return sorted(row[0] for row in rows)
+
+
+def as_started(run: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """A queued run's row once the daemon started it (`job` starting or running), before its kernel made the
+    run's directory: running, by that process."""
+    if run["status"] != QUEUED or job["state"] not in ("starting", "running"):
+        return run
+    started = job.get("started_ts") or run.get("started_ts")  # listed among the others by it, not last
+    return {**run, "status": "running", "pid": job["pid"], "started_ts": started, "started_at": _iso(started),
+            "detail": f"started by the daemon (pid {job['pid']}); its kernel is starting"}
 
 
 def queued_resume(run: dict[str, Any], by: str | None) -> dict[str, Any]:

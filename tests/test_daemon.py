@@ -292,6 +292,7 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     held = submit(runs, SLOW_BUILD, "--set", f"build_gate={build_gate}", "--set", f"gate={tmp_path / 'gate'}")
     wait_until(lambda: listed(runs)[held]["status"] == "running", WAIT_S, "the held run started")
     assert not (runs / held).exists()
+    assert cli("runs", "show", held, "--runs-dir", str(runs)).stdout.startswith(f"run {held}: running")  # not queued
     stopping = subprocess.Popen([*trainbus_cmd(), "runs", "stop", held, "--runs-dir", str(runs), "--reason", "early"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
