@@ -368,6 +368,15 @@ def _check_resumable(run_dir: Path, epochs: int | None) -> None:
     if run["status"] == "running" and not _under_a_launcher():  # a rank of --nproc sees rank 0's kernel: its own run
         raise UserError(f"run {run_dir.name} is still going" + (f" (kernel pid {run['pid']})" if run.get("pid") else "")
                         + f": wait for it to end, or stop it with `trainbus runs stop {run_dir.name}`")
+    from . import daemon
+
+    try:
+        queued = daemon.queued_job(run_dir.parent, run_dir.name) == run_dir.name
+    except (daemon.sqlite3.Error, daemon.RegistryError, OSError):  # an unreadable queue: the journal's lock stands
+        queued = False
+    if queued:  # resumed here, the daemon would resume it again afterwards (and fail: nothing left to resume)
+        raise UserError(f"run {run_dir.name} is queued for the daemon to resume: take it off the queue first "
+                        f"(`trainbus runs stop {run_dir.name}`), or let the daemon resume it")
     done = run.get("epochs_completed") or 0
     if run["status"] == "completed" and (epochs is None or epochs <= done):
         raise UserError(f"run {run_dir.name} has completed ({done} epochs); nothing to resume (to train it longer: "

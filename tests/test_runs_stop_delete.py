@@ -108,6 +108,11 @@ def test_a_run_queued_to_be_resumed_is_not_deleted_until_taken_off_the_queue(run
     assert proc.returncode == 2 and one_line(proc) == \
         "error: run a-queued is queued for the daemon; take it off the queue first with `trainbus runs stop a-queued`"
     assert (runs_dir / "a-queued" / JOURNAL_NAME).is_file()
+    # nor resumed here meanwhile (the daemon would resume it again afterwards)
+    proc = trainbus("run", "--resume", "a-queued", "--epochs", "3", *where)
+    assert proc.returncode == 2 and one_line(proc) == (
+        "error: run a-queued is queued for the daemon to resume: take it off the queue first "
+        "(`trainbus runs stop a-queued`), or let the daemon resume it")
 
     proc = trainbus("runs", "stop", "a-queued", *where)
     assert proc.returncode == 0 and "cancelled the queued resume of a-queued; the run stays as it was" in proc.stdout
