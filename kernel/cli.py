@@ -360,27 +360,12 @@ def _check_epochs_given_once(epochs: int | None, words: list[str], hyperparamete
 
 
 def _check_resumable(run_dir: Path, epochs: int | None) -> None:
-    """UserError for a run that has trained every epoch it planned, unless --epochs asks for more: resuming it
-    would train nothing and leave a summary of that."""
-    from .runs import run_overview
+    """UserError for a run that cannot be resumed now (kernel/daemon.py why_not_resumable)."""
+    from .daemon import why_not_resumable
 
-    run = run_overview(run_dir)
-    if run["status"] == "running" and not _under_a_launcher():  # a rank of --nproc sees rank 0's kernel: its own run
-        raise UserError(f"run {run_dir.name} is still going" + (f" (kernel pid {run['pid']})" if run.get("pid") else "")
-                        + f": wait for it to end, or stop it with `trainbus runs stop {run_dir.name}`")
-    from . import daemon
-
-    try:
-        queued = daemon.queued_job(run_dir.parent, run_dir.name) == run_dir.name
-    except (daemon.sqlite3.Error, daemon.RegistryError, OSError):  # an unreadable queue: the journal's lock stands
-        queued = False
-    if queued:  # resumed here, the daemon would resume it again afterwards (and fail: nothing left to resume)
-        raise UserError(f"run {run_dir.name} is queued for the daemon to resume: take it off the queue first "
-                        f"(`trainbus runs stop {run_dir.name}`), or let the daemon resume it")
-    done = run.get("epochs_completed") or 0
-    if run["status"] == "completed" and (epochs is None or epochs <= done):
-        raise UserError(f"run {run_dir.name} has completed ({done} epochs); nothing to resume (to train it longer: "
-                        f"`trainbus run --resume {run_dir.name} --epochs N` with N above {done})")
+    why = why_not_resumable(run_dir, epochs, rank=_under_a_launcher())
+    if why:
+        raise UserError(why)
 
 
 def _run_to_continue(resume: str, runs_dir: Path) -> Path | None:
@@ -1015,7 +1000,7 @@ def daemon_start(
     try:
         devices = None if gpus is None else daemon.parse_devices(gpus)
         if listen:
-            check_listen(listen, KeyStore(default_keys_dir(keys_dir)))
+            check_listen(listen, KeyStore(default_keys_dir(keys_dir)), ports=1)  # one port: the daemon's
         if foreground:
             raise typer.Exit(code=daemon.serve(runs_dir, devices, max_concurrent, foreground_log=not quiet,
                                                listen=listen, keys_dir=keys_dir and str(keys_dir)))

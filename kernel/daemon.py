@@ -559,6 +559,9 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
     if isinstance(continued, str):
         return {"ok": False, "error": continued}
     if continued is not None:  # `--resume RUN`: that run goes on in place, under its own id (as `run --detach`)
+        why = why_not_resumable(continued, _epochs_of(argv))  # what `run --resume RUN --detach` says at once
+        if why:
+            return {"ok": False, "error": why}
         run_id, resumes = continued.name, continued
     target = argv[0] if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
     argv = [*argv, "--runs-dir", str(daemon.runs_dir)]  # the last one given counts: this daemon's, whatever it said
@@ -571,12 +574,41 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
     return {"ok": True, "run": run_id}
 
 
+def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False) -> str | None:
+    """Why the run in run_dir cannot be resumed now, in one line with the fix; None when it can: it is still going
+    (unless `rank`: a rank of --nproc sees rank 0's kernel, its own run), its resume waits in the queue, or it
+    has trained every epoch it planned and `epochs` asks for no more."""
+    run = run_overview(run_dir)
+    if run["status"] == "running" and not rank:
+        return (f"run {run_dir.name} is still going" + (f" (kernel pid {run['pid']})" if run.get("pid") else "")
+                + f": wait for it to end, or stop it with `trainbus runs stop {run_dir.name}`")
+    try:
+        queued = queued_job(run_dir.parent, run_dir.name) == run_dir.name
+    except (sqlite3.Error, RegistryError, OSError):  # an unreadable queue: the journal's lock stands
+        queued = False
+    if queued:  # resumed now, the daemon would resume it again afterwards (and fail: nothing left to resume)
+        return (f"run {run_dir.name} is queued for the daemon to resume: take it off the queue first "
+                f"(`trainbus runs stop {run_dir.name}`), or let the daemon resume it")
+    done = run.get("epochs_completed") or 0
+    if run["status"] == "completed" and (epochs is None or epochs <= done):
+        return (f"run {run_dir.name} has completed ({done} epochs); nothing to resume (to train it longer: "
+                f"`trainbus run --resume {run_dir.name} --epochs N` with N above {done})")
+    return None
+
+
 def _kernel_since(run_dir: Path, ts: float | None) -> bool:
     """A kernel started in run_dir at or after ts (each kernel writes its kernel.pid as it starts)."""
     try:
         return ts is None or (run_dir / KERNEL_PID).stat().st_mtime >= ts - 1.0
     except OSError:
         return False
+
+
+def _epochs_of(argv: list[str]) -> int | None:
+    """`--epochs N` among a submitted command line's words (the last one given), or None."""
+    values = [argv[i + 1] for i, w in enumerate(argv[:-1]) if w == "--epochs"] + \
+        [w.split("=", 1)[1] for w in argv if w.startswith("--epochs=")]
+    return int(values[-1]) if values and values[-1].isdigit() else None
 
 
 def _resumed_run(argv: list[str], runs_dir: Path) -> Path | str | None:

@@ -475,6 +475,9 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
     # `--resume RUN` over TCP goes on with that run, under its id, as `run --resume RUN --detach` does
     detached = over_tcp(pilot, "submit", "--", TINY, "--detach")
     assert detached.returncode == 2 and "no --detach" in detached.stderr, detached.stderr
+    done = over_tcp(pilot, "submit", "--", "--resume", run_id[:-1])  # checked as locally: nothing to resume
+    assert done.returncode == 2 and f"run {run_id} has completed (1 epochs); nothing to resume" in done.stderr, \
+        done.stderr
     resumed = over_tcp(pilot, "submit", "--", "--resume", run_id[:-1], "--epochs", "2")
     assert resumed.returncode == 0 and resumed.stdout.strip() == run_id, (resumed.stdout, resumed.stderr)
 
