@@ -163,6 +163,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
                                   f"{_trained_with(Path(resume_from), cfg.target)}") from None
     if interrupts.count:  # Ctrl-C (or SIGTERM) while it was set up: leave before anything is made (every rank here)
         raise InterruptedBeforeStart(f"{interrupts.first} before the run began; nothing was made")
+    interrupts.started = True  # from here a signal stops the run at its first batch boundary
     if ranks is not None:
         try:
             warnings += distribute(spec, stepper, ranks, device, cfg)
@@ -225,7 +226,6 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         announce(f"listening with CURVE on {bus.remote.control_endpoint} (control) and {bus.remote.events_endpoint} "
                  f"(events); clients: {run_dir / CONNECTION_FILE}")
     bus.run_state.run["target"] = cfg.target  # what `trainbus attach` shows; no event carries it
-    interrupts.started = True
     loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s,
                 checkpointer=checkpointer, stepper=stepper, ranks=ranks, session_info={"cluster": cluster.describe()})
     if resume_state is not None:
