@@ -101,7 +101,8 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
             if endpoint.startswith("tcp://"):
                 raise TargetError(f"{endpoint}: a kernel's TCP endpoint takes CURVE keys: give --key (this client's "
                                   f"secret key file) and HOST:PORT or the run's connection.json")
-            if endpoint.startswith("ipc://") and not Path(endpoint.removeprefix("ipc://")).exists():
+            socket_path = Path(endpoint.removeprefix("ipc://"))
+            if endpoint.startswith("ipc://") and not socket_path.exists() and run_summary(socket_path.parent) is None:
                 raise TargetError(f"no socket {endpoint.removeprefix('ipc://')}: is the run still running? "
                                   f"(`trainbus runs list` says)")
         run_dir = Path(events.removeprefix("ipc://")).parent if events.startswith("ipc://") else None
