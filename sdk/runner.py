@@ -351,7 +351,10 @@ class _IO(threading.Thread):
                 f"({self.handler_timeout_s:g} s): heartbeats stop, so the kernel takes this plugin for hung and "
                 f"restarts it. A long handler calls self.still_working() as it goes, or hands the work to a thread"
                 + (f". It is at:\n{where}" if where else ""))
-        self.dealer.send(encode_control(control("log", level="error", text=text)), zmq.NOBLOCK)
+        try:
+            self.dealer.send(encode_control(control("log", level="error", text=text)), zmq.NOBLOCK)
+        except zmq.Again:  # the kernel is not reading us: our silence tells it all the same
+            pass
         _say(f"[{self.hello['name']}] {text}")
 
     def _handler_stuck(self, now: float) -> bool:
