@@ -461,7 +461,8 @@ class Runner:
             self.plugin.setup()
         except Exception as exc:  # the process ends, and the kernel restarts it (or gives up, saying so)
             self._report_outside_handlers("setup", exc)
-            self._finish(f"setup failed ({type(exc).__name__})")
+            self.io.gone = f"setup failed ({type(exc).__name__})"  # set: no bye, which would say we left on purpose
+            self._finish(self.io.gone)
             return 1
         self._set_up = True
         self._send_replies()  # what setup said (a monitor's "idle" line) goes out before any event

@@ -157,9 +157,11 @@ def test_a_setup_that_raises_tells_the_kernel_with_the_authors_frames_and_exits_
         kernel.welcome(_hello(kernel)[0], kernel.seq + 1)
         said = _next(kernel, "log")
         output = proc.communicate(timeout=20)[0].decode()
+        after = [message["type"] for _, message in iter(lambda: kernel.receive(200), None)]
     finally:
         _close(proc, kernel)
     assert proc.returncode == 1, output
+    assert "bye" not in after, after  # a bye says it left on purpose: the kernel would not restart it
     assert said["level"] == "error" and said["text"].startswith(
         "setup failed: RuntimeError: setup cannot find its database\nTraceback (most recent call last):\n"), said
     assert "fixture_plugins.py" in said["text"] and "in _connect" in said["text"], said
