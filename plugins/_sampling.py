@@ -33,7 +33,7 @@ KERNEL_PID_ENV = "TRAINBUS_KERNEL_PID"
 
 # The settings every monitor (or those watching a process) declares.
 INTERVAL_S = Setting(5.0, "seconds between readings, once the first few (0.2 s apart, doubling) are taken",
-                     min=MIN_INTERVAL_S)
+                     min=MIN_INTERVAL_S, max=86400)  # a day: a bound the platform's timed waits take
 PID = Setting(0, "the process watched, with its children (0: the kernel's)", min=0)
 
 

@@ -72,8 +72,9 @@ class EmailAlertPlugin(Plugin):
         "min_interval_s": Setting(5.0, "at least this long between two messages", min=0),
         "retry_initial_s": Setting(2.0, "first wait before retrying a message the server did not take", min=0.001),
         "retry_max_s": Setting(300.0, "the retry wait doubles up to this", min=0.001),
-        "retry_window_s": Setting(6 * 3600.0, "a message not sent this long after it was written is given up", min=0),
-        "timeout_s": Setting(10.0, "SMTP connection timeout", min=0.001),
+        "retry_window_s": Setting(6 * 3600.0, "a message not sent this long after it was written is given up",
+                                  min=1, max=30 * 86400),  # 0 gave each message up before its first try
+        "timeout_s": Setting(10.0, "SMTP connection timeout", min=0.001, max=3600),
     }
 
     def __init__(self, settings: dict[str, Any] | None = None, run_id: str = "", run_dir: str = "."):

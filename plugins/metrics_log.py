@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trainbus.proto import DURABLE, Event
-from trainbus.sdk import PATH, Plugin, Setting
+from trainbus.sdk import PATH, Plugin, Setting, SettingsError
 
 # On restart we look for the last written seq in this much of the file's end: records are a few
 # hundred bytes, so it holds thousands of them.
@@ -42,6 +42,12 @@ class MetricsLogPlugin(Plugin):
     }
     _fd: int | None = None
     _next_fsync = 0.0
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        name = settings["filename"]
+        if name.strip() in ("", ".") or name.endswith("/"):  # the run directory, or a folder: no file to append to
+            raise SettingsError(f"filename = {name!r} names a folder: give a file's name, e.g. 'metrics.jsonl'")
 
     def setup(self) -> None:
         self.path = Path(self.run_dir) / self.settings["filename"]

@@ -8,6 +8,10 @@ from typing import Any
 PROTOCOL_VERSION = 1
 JOURNAL_NAME = "events"  # the run journal's file name inside a run directory (PROTOCOL.md, the journal)
 SUMMARY_NAME = "summary.json"  # written by the kernel when a run has ended: its presence means "over"
+# What the kernel keeps in a run directory (the journal and its segments `events.*`, too): no plugin writes there
+# (a PATH setting naming one is refused: metrics_log writing `events` cut the journal and wrote into it).
+RUN_DIR_RESERVED = frozenset({JOURNAL_NAME, SUMMARY_NAME, "config.json", "credential", "kernel.pid", "kernel.host",
+                              "kernel.log", "final.pt", "connection.json", "control.sock"})
 
 # Delivery classes a plugin declares in its hello.
 BEST_EFFORT = "best_effort"  # live PUB/SUB only; gaps are counted, not repaired

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from trainbus.proto.messages import JOURNAL_NAME, RUN_DIR_RESERVED
 from trainbus.proto.settings_format import METRIC, PATH
 
 __all__ = ["METRIC", "PATH", "Setting", "SettingsError", "check_value", "declared", "describe_settings"]
@@ -75,7 +76,8 @@ class Setting:
         if self.kind == METRIC:
             return "a metric the run produces"
         if self.kind == PATH:
-            return "a path inside the run directory (relative, no '..')"
+            return ("a path inside the run directory (relative, no '..', none of the kernel's own files: events, "
+                    "config.json, summary.json, ...)")
         if self.min is not None and self.max is not None:
             return f"between {self.min:g} and {self.max:g}"
         if self.min is not None:
@@ -165,11 +167,13 @@ def _is_a(value: Any, kind: type) -> bool:
 def _within(setting: Setting, value: Any) -> bool:
     if setting.choices:
         return value in setting.choices
-    if setting.kind == PATH:
+    if setting.kind == PATH:  # inside the run directory, and none of the kernel's own files there
         path = PurePosixPath(value)
-        return not path.is_absolute() and ".." not in path.parts and not value.startswith("~")
+        first = path.parts[0] if path.parts else ""
+        return (not path.is_absolute() and ".." not in path.parts and not value.startswith("~")
+                and first not in RUN_DIR_RESERVED and not first.startswith(f"{JOURNAL_NAME}."))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if isinstance(value, float) and math.isnan(value):
+        if isinstance(value, float) and not math.isfinite(value):  # NaN, or an infinity JSON let in (1e400)
             return False
         return (setting.min is None or value >= setting.min) and (setting.max is None or value <= setting.max)
     return True

@@ -77,7 +77,8 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_the_setting_the_value_and_
     ({"share": "nan"}, "share = 'nan' is not allowed; it must be a number between 0 and 1"),
     ({"mode": "lowest"}, "mode = 'lowest' is not allowed; it must be one of 'min', 'max'"),
     ({"out": "/tmp/elsewhere.txt"}, "out = '/tmp/elsewhere.txt' is not allowed; it must be a string: a path inside "
-                                    "the run directory (relative, no '..')"),
+                                    "the run directory (relative, no '..', none of the kernel's own files: events, "
+                                    "config.json, summary.json, ...)"),
     ({"out": "logs/../../up.txt"}, "out = 'logs/../../up.txt' is not allowed"),
     ({"out": "~/home.txt"}, "out = '~/home.txt' is not allowed"),
 ])
@@ -129,6 +130,33 @@ def test_a_lists_elements_are_checked_against_its_element_type():
 
 def test_a_path_inside_the_run_directory_is_allowed():
     assert Declared({"out": "logs/out.txt"}).settings["out"] == "logs/out.txt"
+
+
+@pytest.mark.parametrize("path", ["events", "events.00000001-00004096.gz", "config.json", "summary.json", "credential",
+                                  "kernel.log", "final.pt"])
+def test_a_path_naming_one_of_the_kernels_own_files_is_refused(path):
+    """metrics_log with filename = events cut the journal back to its last newline and wrote into it."""
+    with pytest.raises(SettingsError, match=f"out = '{re.escape(path)}' is not allowed; .*none of the kernel's own"):
+        Declared({"out": path})
+
+
+def test_an_infinite_or_huge_number_is_refused_where_a_wait_takes_it():
+    """JSON reads 1e400 as infinity: it passed `>= 0.05`, then the monitor's join(timeout=inf) raised at teardown."""
+    from trainbus.plugins.cpu_monitor import CpuMonitorPlugin
+    from trainbus.plugins.email_alert import EmailAlertPlugin
+
+    for plugin, key, value in ((CpuMonitorPlugin, "interval_s", float("inf")), (CpuMonitorPlugin, "interval_s", 1e10),
+                               (EmailAlertPlugin, "timeout_s", 1e300), (EmailAlertPlugin, "retry_window_s", 0)):
+        with pytest.raises(SettingsError, match=f"{key} = .* is not allowed"):
+            plugin({key: value})
+
+
+@pytest.mark.parametrize("name", ["", ".", "logs/"])
+def test_metrics_log_takes_a_files_name_not_a_folders(name):
+    from trainbus.plugins.metrics_log import MetricsLogPlugin
+
+    with pytest.raises(SettingsError, match="names a folder: give a file's name"):
+        MetricsLogPlugin({"filename": name})
 
 
 def test_describe_gives_every_setting_with_type_default_constraint_and_help():
