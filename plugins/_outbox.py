@@ -203,6 +203,11 @@ class Outbox:
                 if code >= PERMANENT_SMTP_CODE:
                     self._give_up(path, f"refused by the server: {code} {exc}", say)
                     continue
+                if isinstance(exc, smtplib.SMTPNotSupportedError):  # the settings, not the server's state: no retry
+                    self._give_up(path, f"{config.host}:{config.port} does not support what `security` asks ({exc}): "
+                                        f"set security = \"ssl\" for a TLS port (465), or \"none\" for a server "
+                                        f"that offers no encryption (a relay on this machine)", say)
+                    continue
                 attempts.next_at = now + attempts.backoff_s
                 attempts.backoff_s = min(attempts.backoff_s * 2, config.retry_max_s)
                 if attempts.count == 1:

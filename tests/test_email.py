@@ -275,6 +275,30 @@ def test_a_replayed_event_is_not_mailed_twice_and_a_restart_sends_what_is_pendin
     assert len(list((outbox / "sent").glob("*.eml"))) == 1 and not list(outbox.glob("*.eml"))
 
 
+def test_starttls_against_a_server_without_it_is_given_up_at_once_naming_the_setting(tmp_path):
+    """The default security = starttls against a relay that offers none was retried for six hours as if the server
+    were down: it is the settings, and says which."""
+    port = free_port()
+    controller, inbox = start_server(port)
+    settings = {"host": "127.0.0.1", "port": port, "security": "starttls", "recipients": [RECIPIENT],
+                "min_interval_s": 0.0, "retry_initial_s": 0.1, "retry_max_s": 0.2}
+    plugin = EmailAlertPlugin(settings, run_id="r1", run_dir=str(tmp_path))
+    said: list[str] = []
+    plugin.log = lambda text, level="info": said.append(text)
+    try:
+        plugin.setup()
+        plugin.handle(_end_event())
+        failed = tmp_path / "plugins" / "email.outbox" / "failed"
+        deadline = time.monotonic() + 30
+        while not list(failed.glob("*.eml")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        plugin.teardown()
+    finally:
+        controller.stop()
+    assert len(list(failed.glob("*.eml"))) == 1 and not inbox.messages
+    assert any('does not support what `security` asks' in line and '"none" for a server' in line for line in said), said
+
+
 def test_a_password_never_comes_from_the_config(tmp_path, monkeypatch):
     with pytest.raises(SettingsError, match="password_env"):
         EmailAlertPlugin({"password": "hunter2", "recipients": [RECIPIENT]})
