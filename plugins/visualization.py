@@ -11,6 +11,7 @@ import argparse
 import itertools
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,9 @@ from ._plots import PlotSize, render_all
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
 FLUSH_INTERVAL_S = 5  # the writer's flush_secs: how stale a live TensorBoard may be
+# Drawing every figure costs ~1.5 s of CPU (6 figures): a run whose epochs take 0.05 s redrew every epoch, fell
+# behind by minutes and held the run's end past its drain. Epoch redraws come at most this often; the end's always.
+PLOT_MIN_INTERVAL_S = 10.0
 
 
 class VisualizationPlugin(Plugin):
@@ -44,15 +48,16 @@ class VisualizationPlugin(Plugin):
     TensorBoard scalars, all against the global step: loss/train_step (every_n_steps), loss/training and
     loss/validation (per epoch), metrics/training_<name>, metrics/validation_<name>, lr, and every metric
     event under its own name (cpu/process_percent, ...). PNGs in plots/: loss.png, metrics.png and one
-    resources-<monitor>.png per monitor, redrawn every plot_every_n_epochs epochs and at the end.
+    resources-<monitor>.png per monitor, redrawn every plot_every_n_epochs epochs (at most every
+    PLOT_MIN_INTERVAL_S, 10 s) and at the end.
     """
 
     delivery = DURABLE  # a plot with a missing epoch is wrong, not late
     settings = {
         "tensorboard": Setting(True, f"write TensorBoard event files to <run_dir>/{TENSORBOARD_DIR}/"),
         "plots": Setting(True, f"draw PNG plots in <run_dir>/{PLOTS_DIR}/"),
-        "plot_every_n_epochs": Setting(1, "redraw the plots every this many epochs, and at the end (0: at the end only)",
-                                       min=0),
+        "plot_every_n_epochs": Setting(1, "redraw the plots every this many epochs (at most every 10 s), and at the "
+                                          "end (0: at the end only)", min=0),
         "every_n_steps": Setting(10, "a per-step loss point every this many steps (0: none)", min=0),
         "plot_width_px": Setting(960, "plot width in pixels", min=1),
         "plot_height_px": Setting(600, "plot height in pixels", min=1),
@@ -68,6 +73,7 @@ class VisualizationPlugin(Plugin):
         self.ended = False
         self.already_written = 0  # records of earlier instances, on disk: the first this many writes are skipped
         self.last_step = 0  # the highest step a summary was written (or skipped) at
+        self.plotted_at: float | None = None  # monotonic time the last epoch redraw ended
 
     def teardown(self) -> None:
         if self.writer is not None:
@@ -83,9 +89,10 @@ class VisualizationPlugin(Plugin):
         if self.writer is not None:
             self._write_scalars(event)
         if event.type == ev.END_EPOCH:
-            every = self.settings["plot_every_n_epochs"]
-            if every and event.epoch % every == 0:
+            every, last = self.settings["plot_every_n_epochs"], self.plotted_at
+            if every and event.epoch % every == 0 and (last is None or time.monotonic() - last >= PLOT_MIN_INTERVAL_S):
                 self._plot()
+                self.plotted_at = time.monotonic()
             if self.writer is not None:
                 self.writer.flush()
         elif event.type in FINAL_EVENTS:

@@ -164,6 +164,28 @@ def test_a_restarted_plugin_backfills_from_the_journal_and_writes_nothing_twice(
     assert steps == sorted(set(steps))  # no step written twice
 
 
+def test_epoch_redraws_come_at_most_every_plot_min_interval_and_the_end_always_draws(visualized_run, tmp_path):
+    """A run of 0.05 s epochs redrew every figure (~1.5 s) each epoch, fell behind and held its end past the drain."""
+    from trainbus.plugins.visualization import VisualizationPlugin
+
+    result, events = visualized_run
+    plugin = VisualizationPlugin({"plot_width_px": WIDTH_PX, "plot_height_px": HEIGHT_PX, "every_n_steps": 5},
+                                 run_id=result.run_id, run_dir=str(tmp_path))
+    plugin.setup()
+    loss_png = tmp_path / "plots" / "loss.png"
+    drawn_at: list[int] = []  # loss.png's mtime after each end_epoch
+    for event in events:
+        plugin.handle(event)
+        if event.type == "end_epoch":
+            drawn_at.append(loss_png.stat().st_mtime_ns)
+        if event.type == "end_training_session":
+            break
+    plugin.teardown()
+    assert len(drawn_at) >= 2 and len(set(drawn_at)) == 1, drawn_at  # the first epoch drew; the next, within 10 s, not
+    assert loss_png.stat().st_mtime_ns > drawn_at[-1]  # the end drew the whole run
+    assert loss_png.read_bytes() == (Path(result.run_dir) / "plots" / "loss.png").read_bytes()
+
+
 def test_an_epoch_a_stop_cut_short_is_drawn_apart_and_is_never_the_best():
     from trainbus.plugins._plots import PlotSize, loss_figure, metrics_figure
     from trainbus.proto import Event
