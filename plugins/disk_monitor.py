@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
+from typing import Any
 
 import psutil
 
-from trainbus.sdk import Setting
+from trainbus.sdk import Setting, SettingsError
 
 from ._sampling import INTERVAL_S, SamplingPlugin
 
@@ -29,6 +31,13 @@ class DiskMonitorPlugin(SamplingPlugin):
         "min_free_gib": Setting(1.0, "below this much free space, ask for a checkpoint once and warn", min=0),
         "path": Setting("", "a path on the filesystem watched, only read ('': the run directory)"),
     }
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        path = settings["path"]
+        if path and not os.path.exists(path):  # checked before the run, on the kernel's machine (idle all run, else)
+            raise SettingsError(f"path = {path!r} does not exist: give a path on the filesystem to watch ('': the "
+                                f"run directory's)")
 
     def prepare(self) -> str | None:
         self.path = self.settings["path"] or self.run_dir

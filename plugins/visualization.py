@@ -59,9 +59,10 @@ class VisualizationPlugin(Plugin):
         "plot_every_n_epochs": Setting(1, "redraw the plots every this many epochs (at most every 10 s), and at the "
                                           "end (0: at the end only)", min=0),
         "every_n_steps": Setting(10, "a per-step loss point every this many steps (0: none)", min=0),
-        "plot_width_px": Setting(960, "plot width in pixels", min=1),
-        "plot_height_px": Setting(600, "plot height in pixels", min=1),
-        "plot_dpi": Setting(100, "plot resolution, dots per inch", min=1),
+        "plot_width_px": Setting(960, "plot width in pixels", min=100, max=10_000),
+        "plot_height_px": Setting(600, "plot height in pixels", min=100, max=10_000),
+        # matplotlib cannot size its fonts below ~5 dpi (FT_Set_Char_Size: invalid ppem): every figure failed
+        "plot_dpi": Setting(100, "plot resolution, dots per inch", min=10, max=1000),
     }
 
     def setup(self) -> None:

@@ -140,6 +140,13 @@ def test_a_path_naming_one_of_the_kernels_own_files_is_refused(path):
         Declared({"out": path})
 
 
+def test_a_disk_path_that_does_not_exist_is_refused_before_the_run():
+    from trainbus.plugins.disk_monitor import DiskMonitorPlugin
+
+    with pytest.raises(SettingsError, match="path = '/no/such/dir' does not exist"):
+        DiskMonitorPlugin({"path": "/no/such/dir"})
+
+
 def test_an_infinite_or_huge_number_is_refused_where_a_wait_takes_it():
     """JSON reads 1e400 as infinity: it passed `>= 0.05`, then the monitor's join(timeout=inf) raised at teardown."""
     from trainbus.plugins.cpu_monitor import CpuMonitorPlugin
@@ -223,7 +230,7 @@ def test_a_bad_setting_in_the_config_file_is_refused_the_same_way(tmp_path):
     config.write_text("[plugins.visualization.settings]\nplot_dpi = 0\n")
     r = trainbus("run", TINY, "--config", str(config), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
     assert r.returncode == 2 and r.stderr == ("error: plugin visualization: plot_dpi = 0 is not allowed; it must be "
-                                              "an integer >= 1\n"), r.stderr
+                                              "an integer between 10 and 1000\n"), r.stderr
     assert not (tmp_path / "runs").exists()
 
 
