@@ -82,6 +82,15 @@ class SamplingPlugin(Plugin):
     def on_start_training_session(self, event: Event) -> None:
         self._wake.set()  # a reading now, and the quick first gaps again from here
 
+    def watched_process(self) -> psutil.Process | None:
+        """training_process of the `pid` setting, saying so when a pid given is no process (its readings are left
+        out, the machine's still taken)."""
+        process = training_process(self.settings["pid"])
+        if process is None and self.settings["pid"]:
+            self.say_once(f"{self.name} monitor: no process {self.settings['pid']} to watch (pid); its process "
+                          f"readings are left out, the machine's are taken")
+        return process
+
     def say_once(self, line: str, level: str = "warning") -> None:
         """One line in the plugin's own log and one in the kernel's: for things said once per run."""
         print(line, file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@ import psutil
 
 from trainbus.sdk import Setting
 
-from ._sampling import INTERVAL_S, PID, SamplingPlugin, training_process
+from ._sampling import INTERVAL_S, PID, SamplingPlugin
 
 
 class CpuMonitorPlugin(SamplingPlugin):
@@ -25,7 +25,7 @@ class CpuMonitorPlugin(SamplingPlugin):
     }
 
     def prepare(self) -> str | None:
-        self.process = training_process(self.settings["pid"])
+        self.process = self.watched_process()
         self.children: dict[int, psutil.Process] = {}
         return None
 

@@ -8,7 +8,7 @@ import psutil
 
 from trainbus.sdk import Setting
 
-from ._sampling import INTERVAL_S, PID, SamplingPlugin, training_process
+from ._sampling import INTERVAL_S, PID, SamplingPlugin
 
 GIB = 1024 ** 3
 # USS (memory unique to the process) is read from /proc/<pid>/smaps, which costs time in proportion to the
@@ -35,7 +35,7 @@ class MemoryMonitorPlugin(SamplingPlugin):
     }
 
     def prepare(self) -> str | None:
-        self.process = training_process(self.settings["pid"])
+        self.process = self.watched_process()
         self.read_uss = self.settings["uss"]
         self.warned = False
         return None

@@ -51,6 +51,19 @@ def busy(seconds: float) -> None:
 # samplers, without sockets
 
 
+def test_a_pid_that_is_no_process_is_said_and_the_machine_still_watched(tmp_path, monkeypatch):
+    """Its process readings were left out without a word."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    plugin = CpuMonitorPlugin({"interval_s": 60.0, "pid": gone.pid}, run_dir=str(tmp_path))
+    monkeypatch.setattr(plugin, "_run", lambda: None)
+    h = Harness(plugin)  # its setup prepares the monitor
+    said = [r["text"] for r in plugin.outbox if r["type"] == "log"]
+    h.close()
+    assert said == [f"cpu monitor: no process {gone.pid} to watch (pid); its process readings are left out, the "
+                    f"machine's are taken"], said
+
+
 def test_cpu_sees_a_busy_process_and_every_core(tmp_path, monkeypatch):
     """This test is the sampler thread: prime, spin, tick (the plugin's own thread, whose prime or first reading
     would restart the measurement midway, does nothing). The process's % lies between what the clocks read on
