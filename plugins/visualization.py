@@ -47,7 +47,8 @@ class VisualizationPlugin(Plugin):
 
     TensorBoard scalars, all against the global step: loss/train_step (every_n_steps), loss/training and
     loss/validation (per epoch), metrics/training_<name>, metrics/validation_<name>, lr, and every metric
-    event under its own name (cpu/process_percent, ...). PNGs in plots/: loss.png, metrics.png and one
+    event under its own name when it has a '/' (cpu/process_percent, ...), else under its plugin's
+    (`self.metric("probe_value", ...)` of plugin probe: probe/probe_value). PNGs in plots/: loss.png, metrics.png and one
     resources-<monitor>.png per monitor, redrawn every plot_every_n_epochs epochs (at most every
     PLOT_MIN_INTERVAL_S, 10 s) and at the end.
     """
