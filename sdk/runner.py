@@ -96,7 +96,7 @@ class _IO(threading.Thread):
         self.handler_timeout_s = handler_timeout_s
         self.kernel_pid = kernel_pid
         self.busy_since: float | None = None  # set by the main thread around each handler
-        self.busy_with = ""  # and what the handler is for: "end_epoch (seq 12)"
+        self.busy_with: Event | None = None  # and the event it handles (formatted only if it gets stuck)
         self._stuck_told: float | None = None  # the busy_since whose handler we said is past its timeout
         self.gone: str | None = None  # why the kernel is considered gone
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
@@ -347,7 +347,9 @@ class _IO(threading.Thread):
             return
         frame = sys._current_frames().get(threading.main_thread().ident)
         where = user_stack(frame) if frame is not None else ""
-        text = (f"the handler for {self.busy_with} has run {now - busy:.0f} s, past handler_timeout_s "
+        event = self.busy_with
+        what = f"{event.type} (seq {event.seq})" if event is not None else "an event"
+        text = (f"the handler for {what} has run {now - busy:.0f} s, past handler_timeout_s "
                 f"({self.handler_timeout_s:g} s): heartbeats stop, so the kernel takes this plugin for hung and "
                 f"restarts it. A long handler calls self.still_working() as it goes, or hands the work to a thread"
                 + (f". It is at:\n{where}" if where else ""))
@@ -559,7 +561,7 @@ class Runner:
                      f"handlers see them, their replies are not sent")
         failure: Exception | None = None
         for attempt in range(1, MAX_HANDLER_ATTEMPTS + 1):
-            self.io.busy_with, self.io.busy_since = f"{event.type} (seq {event.seq})", time.monotonic()
+            self.io.busy_with, self.io.busy_since = event, time.monotonic()
             try:
                 self.plugin.handling = event
                 self.plugin.handle(event)
