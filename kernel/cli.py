@@ -843,6 +843,8 @@ def _check_plugin_settings(plugins, deliveries: dict[str, str] | None = None) ->
     for p, info in zip(plugins, infos):
         if "error" in info:
             raise UserError(f"plugin {p.name}: {info['error']}")
+        for warning in info.get("warnings", []):  # on the terminal, before the run: the console is not up yet then
+            print(f"trainbus: warning: plugin {p.name}: {warning}", file=sys.stderr)
         p.settings.update(info["values"])
         if deliveries is not None:
             deliveries[p.name] = info["delivery"]

@@ -164,9 +164,8 @@ class _BzConstruction(type):
         plugin.run_id, plugin.run_dir = kwargs["run_id"], kwargs["run_dir"]
         plugin.context.extra["run_dir"] = kwargs["run_dir"]
         _forward_logging(plugin)
-        for name in _unknown_hooks(cls):
-            plugin.log(f"{cls.__name__}.{name} looks like a hook but is none of bz's 14, so it is never called; "
-                       f"the hooks: {', '.join(HOOKS)}", level="warning")
+        for warning in cls.warnings():  # for kernel.log; `trainbus run` said it on the terminal before the run
+            plugin.log(warning, level="warning")
         return plugin
 
 
@@ -177,6 +176,11 @@ class Plugin(_SdkPlugin, metaclass=_BzConstruction):
     catch_up = False  # in bz a resumed run's callbacks start afresh: no hook sees an earlier session again
     open_settings = True  # bz config is free-form: self.config.get("patience", 3)
     settings: dict[str, Any] = {}
+
+    @classmethod
+    def warnings(cls) -> list[str]:
+        return [f"{cls.__name__}.{name} looks like a hook but is none of bz's 14, so it is never called; the hooks: "
+                f"{', '.join(HOOKS)}" for name in _unknown_hooks(cls)]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

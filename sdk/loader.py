@@ -69,4 +69,5 @@ def describe(target: str) -> dict[str, Any]:
         "delivery": cls.delivery,
         "settings": describe_settings(cls.settings),  # name -> type, default, constraint, help, kind
         "events": cls.handled_events(),
+        "warnings": cls.warnings(),
     }

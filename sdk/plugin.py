@@ -184,6 +184,12 @@ class Plugin:
         return [name for name in HANDLED_EVENTS if _overrides(cls, f"on_{name}")]
 
     @classmethod
+    def warnings(cls) -> list[str]:
+        """What is likely a mistake in the class, said by `trainbus run` before it starts (bz: a method named like a
+        hook that is none). [] here."""
+        return []
+
+    @classmethod
     def description(cls) -> str:
         # its own, or a base of its author's: never the SDK's (how to write a plugin is no plugin's description)
         doc = next((k.__dict__["__doc__"] for k in cls.__mro__ if k.__dict__.get("__doc__")

@@ -469,6 +469,22 @@ def test_a_method_named_like_a_hook_that_is_none_is_said_as_a_warning_at_start()
         "Saver.save_model_checkpoint looks like a hook but is none of bz's 14, so it is never called")
 
 
+def test_trainbus_run_says_a_hook_that_is_none_on_the_terminal_before_the_run(bz_modules, tmp_path):
+    """Said at the plugin's start, the warning was journaled before the console (best-effort) said hello: it could
+    miss the terminal. `trainbus run` says it while it checks the plugins' settings, before anything starts."""
+    from conftest import trainbus_cmd
+
+    (bz_modules / "bz_saver.py").write_text(
+        f"{OUR_IMPORT}\n\nclass Saver(Plugin):\n    def save_model_checkpoint(self, context):\n        pass\n")
+    config = tmp_path / "run.toml"
+    config.write_text('[plugins.saver]\ntarget = "bz_saver:Saver"\n')
+    proc = subprocess.run([*trainbus_cmd(), "run", TINY, "--epochs", "1", "-c", str(config), "--runs-dir",
+                           str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("trainbus: warning: plugin saver: Saver.save_model_checkpoint looks like a hook but "
+                                  "is none of bz's 14, so it is never called"), proc.stderr
+
+
 def test_model_and_optimizer_are_not_in_this_process():
     context = BzPlugin().context
     assert not hasattr(context, "model")  # bz plugins that guard with hasattr just skip
