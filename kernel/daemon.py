@@ -604,22 +604,30 @@ def _kernel_since(run_dir: Path, ts: float | None) -> bool:
         return False
 
 
+def _last_option(argv: list[str], flag: str) -> str | None:
+    """The value the last `FLAG VALUE` or `FLAG=VALUE` among a submitted command line's words gives; None if none."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(f"{flag}="):
+            value = word.split("=", 1)[1]
+    return value
+
+
 def _epochs_of(argv: list[str]) -> int | None:
-    """`--epochs N` among a submitted command line's words (the last one given), or None."""
-    values = [argv[i + 1] for i, w in enumerate(argv[:-1]) if w == "--epochs"] + \
-        [w.split("=", 1)[1] for w in argv if w.startswith("--epochs=")]
-    return int(values[-1]) if values and values[-1].isdigit() else None
+    epochs = _last_option(argv, "--epochs")
+    return int(epochs) if epochs is not None and epochs.isdigit() else None
 
 
 def _resumed_run(argv: list[str], runs_dir: Path) -> Path | str | None:
     """The run directory `--resume RUN` names in runs_dir (None: no --resume, or a checkpoint file, which starts a
     new run), or why it cannot be (a str)."""
-    values = [argv[i + 1] for i, w in enumerate(argv[:-1]) if w == "--resume"] + \
-        [w.split("=", 1)[1] for w in argv if w.startswith("--resume=")]
-    if not values or values[-1].endswith(".pt"):
+    resume = _last_option(argv, "--resume")
+    if resume is None or resume.endswith(".pt"):
         return None
     try:
-        return resolve_run(values[-1], runs_dir)
+        return resolve_run(resume, runs_dir)
     except RunLookupError as exc:
         return str(exc)
 
