@@ -1,0 +1,89 @@
+"""What the `trainbus` subcommands share: the console, the one-line user error, run lookup, plugin-side helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from rich.console import Console
+
+from trainbus.proto.settings_format import METRIC
+
+KEYS_DIR_HELP = "Key directory (default $TRAINBUS_KEYS_DIR, else ~/.config/trainbus/keys)."
+
+
+class _Console(Console):
+    """rich's Console, but a reader that went away (`trainbus run | head`) costs the rest of the output only: rich
+    exits 1 there, and the command's own exit code (a completed run's 0) would be lost."""
+
+    def on_broken_pipe(self) -> None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+out = _Console(highlight=False, soft_wrap=True)  # paths and ids stay on one line, copyable
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit code 2."""
+
+
+def _attach_client(where: str, flags: list[str]) -> NoReturn:
+    """This process becomes the attach client (plugins/dashboard.py) for WHERE, a live run: the client is a
+    plugin-side process (the kernel imports no sdk or plugin code); exec keeps the terminal and the exit code."""
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "trainbus.plugins.dashboard", where, *flags])
+
+
+def _wide() -> Console:
+    """`out` on a terminal; piped or redirected, wide enough that no table row wraps."""
+    return out if out.is_terminal else _Console(highlight=False, soft_wrap=True, width=400)
+
+
+def _describe(items: list[str]) -> list[dict]:
+    """Ask a plugin-side process to describe plugins: the kernel never imports plugin code itself."""
+    proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", *items],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise UserError(f"could not load plugins: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+    return json.loads(proc.stdout)
+
+
+def _check_plugin_settings(plugins, deliveries: dict[str, str] | None = None) -> dict[str, str]:
+    """Every plugin's settings checked against their declarations (a plugin-side process, before anything
+    starts), and put in the form the plugin reads ("1" for an integer setting is 1). Returns the settings that
+    name a metric, "plugin: setting" -> metric, for run_training to check against what the run produces;
+    fills `deliveries`, when given, with each plugin's delivery class."""
+    plugins = [p for p in plugins if not p.command]  # a command plugin checks its own settings
+    if not plugins:
+        return {}
+    infos = _describe([f"{p.target}={json.dumps(p.settings)}" for p in plugins])
+    metric_settings = {}
+    for p, info in zip(plugins, infos):
+        if "error" in info:
+            raise UserError(f"plugin {p.name}: {info['error']}")
+        for warning in info.get("warnings", []):  # on the terminal, before the run: the console is not up yet then
+            print(f"trainbus: warning: plugin {p.name}: {warning}", file=sys.stderr)
+        p.settings.update(info["values"])
+        if deliveries is not None:
+            deliveries[p.name] = info["delivery"]
+        for key, s in info["settings"].items():
+            value = p.settings.get(key, s["default"])
+            if s["kind"] == METRIC and value:
+                metric_settings[f"{p.name}: {key}"] = value
+    return metric_settings
+
+
+def _run_and_status(run: str, runs_dir: Path) -> tuple[Path, str]:
+    """The run directory `run` names (an id, a unique start of one, a directory) and its status; UserError for
+    no such run."""
+    from . import runs
+
+    try:
+        run_dir = runs.resolve_run(run, runs_dir)
+    except runs.RunLookupError as exc:
+        raise UserError(str(exc)) from None
+    return run_dir, runs.run_overview(run_dir)["status"]

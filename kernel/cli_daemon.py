@@ -1,0 +1,202 @@
+"""`trainbus daemon`: start, stop and ask the daemon that runs a runs directory's queue, here or remotely."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from .cli_common import KEYS_DIR_HELP, UserError, out
+from .config import check_runs_dir
+
+daemon_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="The kernel daemon: a queue of runs for one runs directory that outlives crashes.")
+
+
+RUNS_DIR_OPTION = typer.Option(Path("runs"), "--runs-dir", help="The runs directory it serves (default ./runs).")
+
+
+@daemon_app.command("start")
+def daemon_start(
+    runs_dir: Path = RUNS_DIR_OPTION,
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="The devices runs are placed on, comma-separated "
+                                                            "(0,1 or GPU UUIDs; '' for none); default: every GPU "
+                                                            "NVML sees."),
+    max_concurrent: int = typer.Option(1, "--max-concurrent", min=1, help="Runs training at once (default 1)."),
+    foreground: bool = typer.Option(False, "--foreground", help="Stay in the foreground, logging to stderr too "
+                                                                "(for systemd: docs/daemon.md)."),
+    listen: Optional[str] = typer.Option(None, "--listen", help="HOST:PORT: also serve requests over TCP with "
+                                                                "CURVE (PORT 0: a free one): monitor keys may ask "
+                                                                "status, control keys may submit and cancel runs."),
+    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
+    quiet: bool = typer.Option(False, "--quiet", hidden=True, help="No log lines on stderr."),
+) -> None:
+    """Start the daemon for a runs directory: it runs the queued runs (`trainbus run ... --detach`) in order."""
+    from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
+
+    from . import daemon
+    from .keys import KeyStore
+    from .remote import ListenError, check_listen
+
+    check_runs_dir(str(runs_dir))
+    try:
+        devices = None if gpus is None else daemon.parse_devices(gpus)
+        if listen:
+            check_listen(listen, KeyStore(default_keys_dir(keys_dir)), ports=1)  # one port: the daemon's
+        if foreground:
+            raise typer.Exit(code=daemon.serve(runs_dir, devices, max_concurrent, foreground_log=not quiet,
+                                               listen=listen, keys_dir=keys_dir and str(keys_dir)))
+        argv = ["--runs-dir", str(runs_dir.resolve()), "--max-concurrent", str(max_concurrent)]
+        argv += ["--gpus", gpus] if gpus is not None else []
+        argv += ["--listen", listen] if listen else []
+        argv += ["--keys-dir", str(keys_dir.resolve())] if keys_dir else []
+        answer = daemon.start_background(runs_dir, argv)
+    except (daemon.DaemonError, ListenError, KeyFileError) as exc:
+        raise UserError(str(exc)) from None
+    out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])} (devices: "
+              f"{','.join(answer['devices']) or 'none'}, max concurrent {answer['max_concurrent']}); "
+              f"log: {escape(str(daemon.daemon_dir(runs_dir) / daemon.LOG_FILE))}")
+    if answer.get("remote"):
+        out.print(_remote_line(answer["remote"], runs_dir))
+
+
+def _remote_line(endpoint: str, runs_dir: Path) -> str:
+    from . import daemon
+
+    return (f"remote endpoint {escape(endpoint)}: clients need a key of `trainbus keys` and "
+            f"{escape(str(daemon.daemon_dir(runs_dir) / daemon.REMOTE_FILE))} (--server-key)")
+
+
+@daemon_app.command("stop")
+def daemon_stop(runs_dir: Path = RUNS_DIR_OPTION) -> None:
+    """Stop the daemon; its runs go on training and the next daemon adopts them."""
+    from . import daemon
+
+    try:
+        answer = daemon.stop(runs_dir)
+    except daemon.DaemonError as exc:
+        raise UserError(str(exc)) from None
+    if answer is None:
+        out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}")
+        return
+    running = answer.get("running") or []
+    out.print("daemon stopped" + (f"; still training (adopted by the next daemon): {', '.join(running)}"
+                                  if running else ""))
+
+
+REMOTE_OPTION = typer.Option(None, "--remote", metavar="HOST:PORT",
+                             help="A daemon started with --listen, over TCP with CURVE (needs --key, --server-key).")
+KEY_OPTION = typer.Option(None, "--key", help="With --remote: this client's secret key file (`trainbus keys`).")
+SERVER_KEY_OPTION = typer.Option(None, "--server-key", help="With --remote: the daemon host's public server key "
+                                                           "file, or its .daemon/remote.json.")
+
+
+def _remote(remote: str | None, key: Path | None, server_key: Path | None):
+    from trainbus.proto.remote import KeyFileError
+
+    from .daemon import RemoteDaemon
+
+    if remote is None:
+        return None
+    if key is None or server_key is None:
+        raise UserError("--remote needs --key (your secret key file) and --server-key (the daemon host's public key "
+                        "file or .daemon/remote.json)")
+    try:
+        return RemoteDaemon(remote, key, server_key)
+    except (KeyFileError, ValueError) as exc:  # as `trainbus attach --key` says them (sdk/attach.py target_of)
+        raise UserError(str(exc)) from None
+
+
+def _ask(runs_dir: Path, remote, op: str, **fields) -> dict:
+    """The daemon's answer, or one error line: none answering, or its refusal."""
+    from . import daemon
+
+    answer = daemon.request(runs_dir, op, remote=remote, **fields)
+    where = remote.host_port if remote else escape(str(runs_dir.resolve()))
+    if answer is None:
+        raise UserError(f"no daemon answered at {where}" + (" (is the key authorized there, and the server key "
+                                                            "its?)" if remote else ""))
+    if not answer.get("ok"):
+        raise UserError(f"the daemon at {where} refused: {answer.get('error')}")
+    return answer
+
+
+@daemon_app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def daemon_submit(
+    ctx: typer.Context,
+    remote: Optional[str] = REMOTE_OPTION, key: Optional[Path] = KEY_OPTION,
+    server_key: Optional[Path] = SERVER_KEY_OPTION,
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="GPUs the run needs (as `run --gpus`)."),
+) -> None:
+    """Queue `trainbus run ARGS...` on a remote daemon (`-- ARGS`, as they are to be run on that host, in the
+    daemon's directory and environment); prints the run id. Locally, `trainbus run ... --detach` checks the
+    arguments first and is the way."""
+    target = _remote(remote, key, server_key)
+    if target is None:
+        raise UserError("daemon submit is for a remote daemon (--remote); here, use `trainbus run ... --detach`")
+    answer = _ask(Path("."), target, "submit", argv=list(ctx.args), gpus=gpus)
+    print(answer["run"])
+
+
+@daemon_app.command("cancel")
+def daemon_cancel(
+    run: str = typer.Argument(..., help="A queued run's id, or a unique start of it."), runs_dir: Path = RUNS_DIR_OPTION,
+    remote: Optional[str] = REMOTE_OPTION, key: Optional[Path] = KEY_OPTION,
+    server_key: Optional[Path] = SERVER_KEY_OPTION,
+) -> None:
+    """Take a queued run off the queue (a running one is stopped with `trainbus runs stop`)."""
+    from . import daemon
+    from .registry import JobError
+
+    target = _remote(remote, key, server_key)
+    if target is not None:
+        run = str(_ask(runs_dir, target, "cancel", run=run).get("run", run))
+    else:
+        try:
+            run = daemon.cancel(runs_dir, run)
+        except JobError as exc:
+            raise UserError(str(exc)) from None
+    out.print(f"cancelled {escape(run)}")
+
+
+@daemon_app.command("status")
+def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
+                  as_json: bool = typer.Option(False, "--json", help="One JSON object."),
+                  remote: Optional[str] = REMOTE_OPTION, key: Optional[Path] = KEY_OPTION,
+                  server_key: Optional[Path] = SERVER_KEY_OPTION) -> None:
+    """Whether a daemon serves the runs directory: its pid, devices, the runs it watches, the queue.
+    Exit code 0 when one does, 3 when none (as `systemctl status`)."""
+    from . import daemon
+    from .registry import REGISTRY_NAME, Registry
+
+    target = _remote(remote, key, server_key)
+    if target is not None:
+        answer = _ask(runs_dir, target, "status")
+    else:
+        answer = daemon.request(runs_dir, "status") if runs_dir.is_dir() else None
+    queued = (answer or {}).get("queued", [])
+    if answer is None and (runs_dir / REGISTRY_NAME).is_file():
+        with Registry(runs_dir) as registry:
+            queued = [job["id"] for job in registry.jobs(["queued"])]
+    if answer is not None:
+        answer = {k: v for k, v in answer.items() if k not in ("ok", "queued")}
+    if as_json:
+        print(json.dumps({"serving": answer is not None, **(answer or {}), "queued": queued}))
+    elif answer is None:
+        out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"
+                  + (f"; {len(queued)} run(s) queued" if queued else ""))
+    else:
+        watched = answer.get("running") or {}
+        out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])}: devices "
+                  f"{','.join(answer['devices']) or 'none'}, max concurrent {answer['max_concurrent']}")
+        if answer.get("remote") and target is None:
+            out.print("  " + _remote_line(answer["remote"], runs_dir))
+        for run_id, info in watched.items():
+            out.print(f"  running {run_id} (pid {info['pid']}"
+                      + (f", CUDA_VISIBLE_DEVICES={','.join(info['devices'])}" if info["devices"] else "") + ")")
+        out.print(f"  queued: {', '.join(queued) or 'none'}")
+    raise typer.Exit(code=0 if answer is not None else 3)
+

@@ -1,0 +1,91 @@
+"""`trainbus keys`: CURVE key pairs for remote plugins, attach and the daemon's remote endpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .cli_common import KEYS_DIR_HELP, UserError, _wide, out
+
+keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="CURVE keys for remote plugins and attach: a server pair per host, a client pair per person.")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    kind: str = typer.Argument(..., help="server (this kernel host's pair) or client (one person or machine)."),
+    name: Optional[str] = typer.Argument(None, help="The client's name, e.g. alice or gpu-box-3."),
+    role: str = typer.Option("monitor", "--role", help="monitor (events, replays, metric and log) or control "
+                                                       "(also stop and checkpoint_now)."),
+    force: bool = typer.Option(False, "--force", help="Replace the server pair (clients pinned to it are locked out)."),
+    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
+) -> None:
+    """Make a CURVE key pair: public NAME.key and secret NAME.key_secret (0600, in a 0700 directory)."""
+    from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
+
+    from .keys import KeyStore
+
+    store = KeyStore(default_keys_dir(keys_dir))
+    try:
+        if kind == "server":
+            public, secret = store.generate_server(force)
+        elif kind == "client" and name:
+            public, secret = store.generate_client(name, role)
+        else:
+            raise UserError("give `server`, or `client NAME --role monitor|control`")
+    except KeyFileError as exc:
+        raise UserError(str(exc)) from None
+    out.print(escape(f"public key: {public}\nsecret key: {secret}"))  # paths, as they are: never markup
+    if kind == "client":
+        out.print(escape(f"Copy {secret} and {store.server_public} to the client's machine (then delete {secret} "
+                         f"here); there: python -m trainbus.sdk MODULE:CLASS --connect HOST:PORT --key {secret.name} "
+                         f"--server-key {store.server_public.name}"))
+
+
+@keys_app.command("list")
+def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP)) -> None:
+    """The server key and every client key with its role (revoked ones too)."""
+    from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir, load_public
+
+    from .keys import KeyStore
+
+    store = KeyStore(default_keys_dir(keys_dir))
+    if not store.directory.is_dir():
+        said = f"no key directory {store.directory}"
+        if keys_dir is not None:  # named, so likely mistyped
+            raise UserError(f"{said} (is --keys-dir right? `trainbus keys generate server` makes one)")
+        out.print(f"{escape(said)} yet: `trainbus keys generate server` makes it")
+        return
+    table = Table("name", "role", "public key", "file")
+    try:
+        if store.server_public.exists():
+            # keys are z85 text, brackets included: escaped, or rich takes "[...]" for markup and drops it
+            table.add_row("server", "server", escape(load_public(store.server_public).decode()),
+                          escape(str(store.server_public)))
+        for key in store.clients():
+            table.add_row(escape(key.name), key.role, escape(key.public), escape(str(key.path)))
+    except KeyFileError as exc:
+        raise UserError(str(exc)) from None
+    _wide().print(table)  # piped or narrow, keys and paths whole: they are copied and scripted
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    name: str = typer.Argument(..., help="The client key's name (`trainbus keys list`)."),
+    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
+) -> None:
+    """Take a client's authorization away: new connections with its key fail the handshake, a running kernel
+    refuses its control messages within a second; its public key is kept under revoked/."""
+    from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
+
+    from .keys import KeyStore
+
+    try:
+        key = KeyStore(default_keys_dir(keys_dir)).revoke(name)
+    except KeyFileError as exc:
+        raise UserError(str(exc)) from None
+    out.print(escape(f"revoked {key.role} key {key.name} ({key.public})"))  # z85 has [ and ]: not markup

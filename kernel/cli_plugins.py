@@ -1,0 +1,110 @@
+"""`trainbus plugins`: what is installed; attach a plugin to a live run, or detach it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from trainbus.proto import DURABLE
+from trainbus.proto.settings_format import typed_word
+
+from .cli_common import UserError, _check_plugin_settings, _describe, _run_and_status, _wide
+from .config import plugin_name_clashes, registered_plugins, resolve_plugin
+
+plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Plugins: what is installed; attach one to a live run, or detach it.")
+
+
+@plugins_app.command("list")
+def plugins_list(
+    as_json: bool = typer.Option(False, "--json", help="One JSON object, plugin name -> its description and "
+                                                       "settings, instead of a table."),
+) -> None:
+    """Every installed plugin with a one-line description and every setting: type, default, what is allowed, help."""
+    known = registered_plugins()
+    described = dict(zip(known, _describe(list(known.values()))))
+    for line in plugin_name_clashes().values():  # on stderr: --json stays one JSON object
+        print(f"trainbus: warning: {line}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(described, indent=2))
+        return
+    console = _wide()
+    for name, info in described.items():
+        if "error" in info:
+            console.print(f"[bold]{name}[/bold]: [red]cannot load: {escape(info['error'])}[/red]\n")
+            continue
+        console.print(f"[bold]{name}[/bold] ({info['delivery']}): {escape(info['description'])}")
+        if not info["settings"]:
+            console.print("  no settings\n")
+            continue
+        # No cell is cut: a name stays whole, a long default, constraint or help folds onto more lines (never "...").
+        table = Table()
+        for column in ("setting", "type", "default", "allowed", "help"):
+            table.add_column(column, overflow="fold", no_wrap=column in ("setting", "type"))
+        for key, s in info["settings"].items():
+            table.add_row(key, s["type"], escape(json.dumps(s["default"])), escape(s["constraint"] or "-"),
+                          escape(s["help"]))
+        console.print(table)
+
+
+@plugins_app.command("attach")
+def plugins_attach(
+    run: str = typer.Argument(..., help="A running run: its id (a folder of --runs-dir, or a unique start of one) or "
+                                        "its directory."),
+    name: str = typer.Argument(..., help="An installed plugin's name (`trainbus plugins list`)."),
+    setting_words: Optional[list[str]] = typer.Argument(None, metavar="[SETTING=VALUE]...",
+                                                        help="Its settings, typed and checked as `trainbus run "
+                                                             "--set NAME.SETTING=VALUE` does."),
+    from_start: bool = typer.Option(False, "--from-start", help="A durable plugin handles the run from seq 1 (the "
+                                                                "journal, replayed); default: from the current seq."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+) -> None:
+    """Start a plugin in a live run, as its owner; prints its pid. It is supervised (restarted) like the run's own."""
+    from .live_plugins import installed_target
+
+    run_dir = _live_run_dir(run, runs_dir, f"attach {name} to")
+    plugin = resolve_plugin(name, {}, installed_target(name))
+    for word in setting_words or []:
+        key, sep, raw = word.partition("=")
+        if not sep or not key:
+            raise UserError(f"{word!r} must look like SETTING=VALUE")
+        plugin.settings[key] = typed_word(raw)
+    deliveries: dict[str, str] = {}
+    _check_plugin_settings([plugin], deliveries)  # a metric a setting names: the plugin checks it at its end_epoch
+    if from_start and deliveries[name] != DURABLE:
+        raise UserError(f"--from-start replays the journal to a durable plugin; {name} is {deliveries[name]}: it "
+                        f"sees the live events only (drop --from-start)")
+    _owner_command(run_dir, ["attach", name, "--settings", json.dumps(plugin.settings)] + ["--from-start"] * from_start)
+
+
+@plugins_app.command("detach")
+def plugins_detach(
+    run: str = typer.Argument(..., help="A running run: its id (a folder of --runs-dir, or a unique start of one) or "
+                                        "its directory."),
+    name: str = typer.Argument(..., help="The plugin's name, as the run has it."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+) -> None:
+    """Stop a plugin of a live run for good, as its owner: it finishes its teardown and exits (not restarted)."""
+    _owner_command(_live_run_dir(run, runs_dir, f"detach {name} from"), ["detach", name])
+
+
+def _live_run_dir(run: str, runs_dir: Path, doing: str) -> Path:
+    """The run directory of a running run; UserError for an unknown run or one that has ended."""
+    run_dir, status = _run_and_status(run, runs_dir)
+    if status != "running":
+        raise UserError(f"run {run_dir.name} is not running ({status}): there is nothing to {doing}")
+    return run_dir
+
+
+def _owner_command(run_dir: Path, words: list[str]) -> NoReturn:
+    """This process becomes the client that sends the run's kernel one owner's command (sdk/command.py: the kernel
+    imports no sdk code) and prints its answer; exec keeps the exit code."""
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "trainbus.sdk.command", str(run_dir), *words])

@@ -1,0 +1,310 @@
+"""`trainbus runs`: list, show, compare, plot, stop, resume and delete the runs of a runs directory."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+from rich.markup import escape
+
+from trainbus.proto import JOURNAL_NAME
+
+from .cli_common import UserError, _attach_client, _run_and_status, _wide, out
+
+runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Runs: what a runs directory holds.")
+
+
+@runs_app.command("plot")
+def runs_plot(
+    run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run "
+                                        "directory."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the PNGs go (default RUN_DIR/plots)."),
+) -> None:
+    """Draw a run's plots (loss, metrics, resources) from its journal alone."""
+    from . import runs
+
+    try:
+        run_dir = runs.resolve_run(run, runs_dir)
+    except runs.RunLookupError as exc:
+        raise UserError(str(exc)) from None
+    if not (run_dir / JOURNAL_NAME).is_file():
+        raise UserError(f"run {run_dir.name} has no journal to plot: {run_dir / JOURNAL_NAME} does not exist")
+    if out_dir is not None:
+        _make_out_dir(out_dir)
+    # The visualization plugin's code draws them, in its own process: the kernel imports no plugin.
+    cmd = [sys.executable, "-m", "trainbus.plugins.visualization", "--plot", str(run_dir)]
+    proc = subprocess.run(cmd + (["--out", str(out_dir)] if out_dir else []), capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise UserError(lines[-1].removeprefix("error: ") if lines else f"plotting failed (exit {proc.returncode})")
+    for line in proc.stderr.splitlines():
+        if line.startswith("warning: "):
+            print(f"trainbus: {line}", file=sys.stderr)
+    out.print(proc.stdout.rstrip(), markup=False)
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    """runs plot's --out, made before anything is drawn: one line naming it when it cannot be."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a directory: name a directory (it is made if missing)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out_dir}: cannot make that directory ({exc.strerror or exc}); name a directory "
+                        f"you can write, or leave --out out for RUN_DIR/plots") from None
+
+
+@runs_app.command("list")
+def runs_list(
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON array of runs instead of a table."),
+    status: Optional[str] = typer.Option(None, "--status", help="Only runs of these statuses (comma-separated)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Only runs whose target contains this text."),
+) -> None:
+    """Every run, newest first: status, target, flags, start, duration, epochs, last validation, plugin trouble,
+    error."""
+    from . import registry, runs, runs_view
+
+    statuses = tuple(s.strip() for s in (status or "").split(",") if s.strip())
+    unknown = [s for s in statuses if s not in registry.STATUSES]
+    if unknown:
+        raise UserError(f"--status {unknown[0]!r} is not a status; statuses: {', '.join(registry.STATUSES)}")
+    try:
+        found = registry.list_runs(runs_dir, statuses, target)
+    except runs.RunLookupError as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        print(runs_view.as_json(found))
+        return
+    every = len(registry.list_runs(runs_dir)) if not found and (statuses or target) else 0
+    if every:  # "no runs in DIR" would be false: the filter left none of them
+        given = [f"--status {','.join(statuses)}"] * bool(statuses) + [f"--target {target}"] * bool(target)
+        out.print(f"no run matched {escape(' '.join(given))}; {escape(str(Path(runs_dir).resolve()))} has {every} "
+                  f"run{'s' * (every != 1)} (`trainbus runs list` alone lists every run)")
+    else:
+        runs_view.print_list(_wide(), found, runs_dir)
+
+
+@runs_app.command("compare")
+def runs_compare(
+    run_ids: Optional[list[str]] = typer.Argument(None, metavar="[RUN]...", help="Runs to compare (ids, unique "
+                                                                                "starts of ids, run directories); "
+                                                                                "default: every run."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON array, a run's flags and metrics each."),
+) -> None:
+    """Runs side by side, one a row: their flags, then their final (and best) metrics, as `guild compare`."""
+    import time
+
+    from . import registry, runs, runs_view
+
+    try:
+        if run_ids:
+            now = time.time()
+            found = [runs.overview_or_unreadable(runs.resolve_run(run, runs_dir), now) for run in run_ids]
+        else:
+            found = registry.list_runs(runs_dir)
+    except runs.RunLookupError as exc:
+        raise UserError(str(exc)) from None
+    rows = runs_view.comparison(found)
+    if as_json:
+        print(runs_view.as_json(rows))
+    else:
+        runs_view.print_comparison(_wide(), rows, runs_dir)
+
+
+@runs_app.command("reindex")
+def runs_reindex(
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+) -> None:
+    """Rebuild the run registry (RUNS_DIR/registry.sqlite) from the run directories, which hold the truth."""
+    from . import registry, runs
+
+    try:
+        found, set_aside = registry.reindex(runs_dir)
+    except runs.RunLookupError as exc:
+        raise UserError(str(exc)) from None
+    except (registry.sqlite3.Error, registry.RegistryError, OSError) as exc:
+        raise UserError(f"cannot write {Path(runs_dir).resolve() / registry.REGISTRY_NAME} ({exc}); is the runs "
+                        f"directory yours and writable?") from None
+    if set_aside is not None:
+        out.print(f"the old registry was no SQLite database it could read: kept as {escape(str(set_aside))} (the "
+                  f"daemon's queue was in it: queued runs need submitting again)")
+    out.print(f"{len(found)} run{'s' * (len(found) != 1)} indexed in "
+              f"{escape(str(Path(runs_dir).resolve() / registry.REGISTRY_NAME))}")
+
+
+@runs_app.command("show")
+def runs_show(
+    run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run directory."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
+) -> None:
+    """One run in detail: status, per-epoch metrics, plugins and their state, the error, where its files are."""
+    from . import daemon, runs, runs_view
+
+    try:
+        details = daemon.as_queued(runs_dir, runs.run_details(runs.resolve_run(run, runs_dir)))
+    except runs.RunLookupError as exc:
+        details = daemon.run_without_directory(runs_dir, run)  # queued, or failed before its kernel made one
+        if details is None:
+            raise UserError(str(exc)) from None
+        if not as_json:
+            out.print(f"run {details['id']}: {details['status']}" + (f" ({escape(details['error'])})"
+                                                                     if details.get("error") else ""))
+            out.print(f"  command: trainbus run {escape(shlex.join(details['argv']))}")  # as a shell takes it
+            out.print(f"  submitted: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(details['submitted_ts']))}"
+                      + (f" by {escape(details['submitted_by'])}" if details["submitted_by"] else ""))
+            if Path(details["output"]).exists():
+                out.print(f"  output: {escape(details['output'])}")
+            else:  # queued, or failed at placement: no process has written any
+                out.print("  output: none yet (it is queued)" if details["job"] == "queued"
+                          else "  output: none (the daemon never started a process for it)")
+            return
+    for line in details.get("journal_damage") or []:  # on stderr: --json stays one JSON object
+        print(f"trainbus: warning: {line}; what this shows leaves those events out", file=sys.stderr)
+    if as_json:
+        print(runs_view.as_json(details))
+    else:
+        runs_view.print_show(_wide(), details)
+
+
+@runs_app.command("stop")
+def runs_stop(
+    run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run "
+                                        "directory."),
+    reason: str = typer.Option("trainbus runs stop", "--reason", help="Why: journaled with who sent the stop."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+) -> None:
+    """Stop a running run at its next step boundary, as `trainbus attach RUN --stop REASON` does; exits once the
+    kernel journaled the stop. A run queued for the daemon is taken off the queue. A run that has ended: one
+    line, exit 1."""
+    from . import daemon
+
+    queued = daemon.queued_job(runs_dir, run)  # before the directory lookup: a queued run may have none yet
+    if queued is not None:
+        daemon.cancel(runs_dir, queued)
+        resumed = (Path(runs_dir) / queued / "config.json").is_file()  # a queued resume: the run itself stays
+        out.print(f"cancelled the queued resume of {queued}; the run stays as it was" if resumed
+                  else f"cancelled {queued}: it was queued and never started")
+        return
+    unmade = daemon.run_without_directory(runs_dir, run)  # the daemon started it, or failed to, before its kernel
+    if unmade is not None:                                  # made the run directory
+        if unmade["job"] not in ("starting", "running") or not _kernel_listens(runs_dir, unmade):
+            print(f"error: run {unmade['id']} has already ended ({unmade['status']}: {unmade.get('error') or '-'}); "
+                  f"there is nothing to stop", file=sys.stderr)
+            raise typer.Exit(code=1)
+        run = str(Path(runs_dir) / unmade["id"])
+    run_dir, status = _run_and_status(run, runs_dir)
+    if status != "running":
+        print(f"error: run {run_dir.name} has already ended ({status}); there is nothing to stop", file=sys.stderr)
+        raise typer.Exit(code=1)
+    _stop_running_run(run_dir, reason)
+
+
+KERNEL_START_WAIT_S = 600.0  # `runs stop` of a run whose kernel is still building its spec (loading data, ...)
+
+
+def _kernel_listens(runs_dir: Path, unmade: dict) -> bool:
+    """A run the daemon started whose kernel has no directory or sockets yet (it builds the spec first): wait, while
+    its process lives and at most KERNEL_START_WAIT_S, until its kernel.log names its sockets. False when the
+    process ended first."""
+    from . import daemon
+
+    kernel_log = Path(runs_dir) / unmade["id"] / "kernel.log"
+    print(f"trainbus: run {unmade['id']} is starting (its kernel builds the spec first); the stop goes in once it "
+          f"listens", file=sys.stderr)
+    deadline = time.monotonic() + KERNEL_START_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            with open(kernel_log, "rb") as f:
+                if b" sockets: " in f.read(1 << 16):
+                    return True
+        except OSError:
+            pass
+        if unmade["pid"] is not None and not daemon.process_alive(unmade["pid"], unmade["pid_started"]):
+            return kernel_log.parent.is_dir()  # it made its directory and ended: the run says how
+        time.sleep(0.2)
+    raise UserError(f"run {unmade['id']}'s kernel did not start listening within {KERNEL_START_WAIT_S:.0f} s; "
+                    f"`trainbus runs show {unmade['id']}` says where it is")
+
+
+def _stop_running_run(run_dir: Path, reason: str) -> NoReturn:
+    """Stop the live run in run_dir: the attach client sends stop (journaled under its peer name) and exits once
+    the kernel journaled it."""
+    _attach_client(str(run_dir), ["--stop", reason])
+
+
+@runs_app.command("delete")
+def runs_delete(
+    run_ids: list[str] = typer.Argument(..., metavar="RUN...", help="Runs to delete (ids, unique starts of ids, "
+                                                                    "run directories)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask (needed when stdin is not a terminal)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+) -> None:
+    """Delete ended runs: each run directory, with every file in it, and its row in the run registry. A running
+    run, or one the daemon has queued, is refused (stop it first with `trainbus runs stop`); nothing is deleted
+    unless every run named can be."""
+    from . import daemon, run_removal, runs
+
+    run_dirs: dict[Path, None] = {}  # in the order named, once each
+    records: dict[str, Path] = {}  # the daemon's runs that failed before they had a directory: their output
+    try:
+        for run in run_ids:
+            try:
+                run_dir = runs.resolve_run(run, runs_dir)
+            except runs.RunLookupError:
+                record = daemon.run_without_directory(runs_dir, run)
+                if record is None:
+                    raise
+                run_removal.check_not_submitted(runs_dir, record["id"])
+                records[record["id"]] = Path(record["output"])
+            else:
+                run_removal.check_ended(run_dir)
+                run_dirs[run_dir] = None
+    except (runs.RunLookupError, run_removal.RemovalError) as exc:
+        raise UserError(str(exc)) from None
+    names = ", ".join([*(d.name for d in run_dirs), *records])
+    count = len(run_dirs) + len(records)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"deleting {names} needs a yes: add --yes (stdin is not a terminal to ask on)")
+        if not typer.confirm(f"Delete {count} run{'s' * (count != 1)} ({names}) with every file "
+                             f"in {'them' if count != 1 else 'it'}?"):
+            out.print("nothing deleted")
+            raise typer.Exit(code=1)
+    try:
+        for run_dir in run_dirs:
+            run_removal.delete_run(run_dir)
+            out.print(f"deleted run {run_dir.name} ({escape(str(run_dir))})")
+        for run_id, output in records.items():
+            had_output = output.exists()  # none for a run that failed at placement: it never had a process
+            run_removal.delete_record(runs_dir, run_id, output)
+            out.print(f"deleted run {run_id} (it never had a directory"
+                      + (f"; its output {escape(str(output))})" if had_output else ")"))
+    except run_removal.RemovalError as exc:
+        raise UserError(str(exc)) from None
+
+
+@runs_app.command("resume")
+def runs_resume(
+    run: str = typer.Argument(..., help="Run id (or a unique start of one), or a run directory."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    detach: bool = typer.Option(False, "--detach", help="Queue it for the daemon instead of training here."),
+) -> None:
+    """Continue a run in place from its newest verified checkpoint (`trainbus run --resume RUN`)."""
+    run_dir, status = _run_and_status(run, runs_dir)
+    if status == "running":
+        raise UserError(f"run {run_dir.name} is running; nothing to resume (`trainbus runs stop` stops it)")
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "trainbus.kernel.cli", "run", "--resume", str(run_dir),
+                              *(["--detach"] if detach else [])])
+
