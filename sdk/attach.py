@@ -26,11 +26,11 @@ from typing import Any, Callable, Iterator
 import zmq
 
 from trainbus.proto import BEST_EFFORT, Event, control, events as ev
-from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.proto.remote import KeyFileError
 from trainbus.proto.run_state import RunState
 
-from .runner import (CREDENTIAL_FILE, _IO, connection_run_dir, kernel_died, remote_endpoints, run_summary,
+from .plugin_io import PluginIO
+from .runner import (CREDENTIAL_FILE, connection_run_dir, kernel_died, remote_endpoints, run_summary,
                      skip_lost)
 
 RECONNECT_FIRST_S = 0.5  # backoff after the kernel went silent: 0.5, 1, 2, 4, 8, 8 ... (zguide's ppworker)
@@ -147,7 +147,7 @@ class Attachment:
         self.gaps = 0  # events the live stream missed (all filled by replay)
         self.refusals: list[str] = []  # why the kernel did not act on a message of ours (a monitor key's stop)
         self.reconnects = 0
-        self._io: _IO | None = None
+        self._io: PluginIO | None = None
         self._buffer: collections.deque[Event] = collections.deque()  # live events while a snapshot is pending
         self._replaying = False
         self._asked_snapshot = 0.0  # when the latest snapshot was asked for (monotonic), 0: none pending
@@ -193,7 +193,7 @@ class Attachment:
         self.peer_name = self.name if not self.reconnects else f"{self.name}.{self.reconnects}"
         hello = control("hello", name=self.peer_name, pid=os.getpid(), subscriptions=[""], replies=self.replies,
                         delivery=BEST_EFFORT, votes=[], capabilities=[], secret=self.target.secret())
-        self._io = _IO(self.target.events, self.target.control, [""], hello, handler_timeout_s=float("inf"),
+        self._io = PluginIO(self.target.events, self.target.control, [""], hello, handler_timeout_s=float("inf"),
                        kernel_pid=None, secure=self.target.secure, log_not_acted=False)
         self._io.start()
         self._asked_snapshot, self._replaying = 0.0, False

@@ -46,8 +46,8 @@ class SubsetRecorder(Recorder):
 
     def setup(self):
         if self.settings["inbox"]:
-            from trainbus.sdk import runner
-            runner.INBOX_MAX_EVENTS = self.settings["inbox"]
+            from trainbus.sdk import plugin_io
+            plugin_io.INBOX_MAX_EVENTS = self.settings["inbox"]
 
     def subscriptions(self):
         return list(self.TYPES)
@@ -242,9 +242,9 @@ class LaggingLiveRecorder(LiveRecorder):
     settings = {**LiveRecorder.settings, "inbox_max_events": 20}
 
     def setup(self):
-        from trainbus.sdk import runner
+        from trainbus.sdk import plugin_io
 
-        runner.INBOX_MAX_EVENTS = self.settings["inbox_max_events"]
+        plugin_io.INBOX_MAX_EVENTS = self.settings["inbox_max_events"]
 
 
 class DurableExitAtStart(ExitAtStart):

@@ -25,7 +25,7 @@ from trainbus.proto import event_to_map, events as ev, pack
 from trainbus.proto.journal_format import read_journal
 from trainbus.proto.messages import Event
 from trainbus.proto.run_state import HISTORY_POINTS, MAX_PLUGINS, MAX_SERIES, RunState
-from trainbus.sdk.runner import HEARTBEAT_LIVENESS
+from trainbus.sdk.plugin_io import HEARTBEAT_LIVENESS
 
 from conftest import TESTS_DIR, trainbus_cmd
 from fixture_targets import open_gate

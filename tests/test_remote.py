@@ -409,14 +409,14 @@ def test_attach_with_a_key_the_kernel_does_not_take_says_what_to_check_instead_o
     """An unknown key, or another server's key pinned: the CURVE handshake fails, which a client sees only as
     silence. Attach gives up after its first-contact window (shortened here) with one line naming what to check,
     rather than reconnecting 8 times over two minutes."""
-    import trainbus.sdk.runner as runner_module
+    import trainbus.sdk.plugin_io as plugin_io
     from trainbus.sdk.attach import Attachment, TargetError, target_of
 
     kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=3), tmp_path)
     kernels.append(kernel)
     conn_file = str(kernel.run_dir / CONNECTION_FILE)
     connection(kernel)
-    monkeypatch.setattr(runner_module, "CONNECT_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(plugin_io, "CONNECT_TIMEOUT_S", 2.0)
     key, server_key = (keys["stranger"], "") if bad == "stranger" else (keys["pilot"], str(keys["other_server"]))
     attachment = Attachment(target_of(conn_file, str(key), server_key))
     started = time.monotonic()

@@ -14,7 +14,7 @@ import zmq
 from stand_in_kernel import StandInKernel
 
 from trainbus.proto import control, encode_control, encode_replay_batch
-from trainbus.sdk.runner import _IO
+from trainbus.sdk.plugin_io import PluginIO
 
 
 def test_an_event_that_arrives_before_the_welcome_is_handled(tmp_path):
@@ -237,7 +237,7 @@ def test_event_messages_of_the_wrong_frame_count_or_garbled_are_counted_and_the_
     counted without taking a frame of the next message with it."""
     kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
     hello = control("hello", name="p", pid=1, subscriptions=[""], replies=[], delivery="durable")
-    io = _IO(kernel.pub.getsockopt_string(zmq.LAST_ENDPOINT), kernel.router.getsockopt_string(zmq.LAST_ENDPOINT),
+    io = PluginIO(kernel.pub.getsockopt_string(zmq.LAST_ENDPOINT), kernel.router.getsockopt_string(zmq.LAST_ENDPOINT),
              [""], hello, 5.0, None)  # not started: this thread reads, as the I/O thread would
     try:
         for _ in range(200):  # until the subscription is live (a slow joiner misses what came before)

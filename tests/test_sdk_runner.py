@@ -16,7 +16,8 @@ from trainbus.proto import DURABLE, Event, control, decode_control, encode_contr
 from trainbus.proto.codec import event_to_map
 from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.sdk.plugin import KernelGoneInfo, Plugin
-from trainbus.sdk.runner import KERNEL_EXITED, Runner
+from trainbus.sdk.plugin_io import KERNEL_EXITED
+from trainbus.sdk.runner import Runner
 
 RUN = "r1"
 
@@ -43,7 +44,7 @@ class _Inbox(collections.deque):
 
 
 class FakeKernelIO:
-    """What the Runner uses of its I/O thread (sdk/runner.py _IO), with a scripted kernel behind it.
+    """What the Runner uses of its I/O thread (sdk/plugin_io.py PluginIO), with a scripted kernel behind it.
 
     `live(seqs)`: the events the plugin receives live, in that order (a seq left out is one it missed); a
     durable plugin gets them after the answer to its first replay request (it caught up before the run
@@ -88,7 +89,7 @@ class FakeKernelIO:
                                                                     events=[event_to_map(e) for e in events])))
         return item
 
-    # -- the _IO interface ----------------------------------------------------------------------
+    # -- the PluginIO interface -------------------------------------------------------------------
 
     def start(self) -> None:
         pass
@@ -378,7 +379,7 @@ class LastWord(Seen):
 
 
 def run_until_gone(plugin: Plugin, live, gone: str = KERNEL_EXITED, lost_kernel: bool = True) -> Runner:
-    """The scripted events, then the I/O thread's verdict as _IO gives it: gone (why), and whether the kernel
+    """The scripted events, then the I/O thread's verdict as PluginIO gives it: gone (why), and whether the kernel
     was lost (died, fell silent) rather than left us (its SIGTERM, a refusal)."""
     def make_io(*args):
         io = FakeKernelIO(*args).live(live)

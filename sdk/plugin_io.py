@@ -1,0 +1,364 @@
+"""A plugin's I/O thread: owns its SUB and DEALER sockets, says hello, heartbeats, watches the kernel, and hands
+events and control replies to the thread that runs the handlers (runner.py; attach.py's client too)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import zmq
+
+from trainbus.proto import (
+    MAX_MESSAGE_BYTES,
+    Event,
+    ProtocolError,
+    control,
+    decode_control,
+    decode_event,
+    encode_control,
+    events as ev,
+)
+
+from .tracebacks import user_stack
+
+HEARTBEAT_LIVENESS = 3  # kernel silent this many intervals -> gone (zguide's Paranoid Pirate)
+NAME_HELD = "a live peer holds that name"  # the kernel's refusal of a hello under a name still held (kernel/peers.py)
+CONNECT_TIMEOUT_S = 30.0  # no heartbeat from the kernel this long after start: give up
+INBOX_MAX_EVENTS = 10_000  # live events held for a slow handler; beyond it they are dropped (and replayed)
+# The I/O thread sleeps until something arrives, is to be sent, or a heartbeat or the kernel's liveness is due,
+# and at most this long; the main thread until something arrives. A Python thread's wake-up costs ~100 us of a core,
+# and on a busy 2-core box a plugin's CPU is taken from training: polling every 50 ms, as this did, woke each thread
+# ~35 times a second for nothing (docs/benchmarks.md, "Fewer events and fewer wake-ups").
+MAX_POLL_S = 1.0
+# A durable plugin's acks go at most this often (with its heartbeats when idle), and at once for a vote and at exit:
+# each costs the kernel's bus thread, which shares training's GIL, a decode; a restart redoes at most this much more.
+ACK_INTERVAL_S = 0.25
+FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
+KERNEL_EXITED = "the kernel process exited"
+
+
+class PluginIO(threading.Thread):
+    """Owns the SUB and DEALER sockets; the only thread that touches them."""
+
+    def __init__(self, events_endpoint: str, control_endpoint: str, topics: list[str],
+                 hello: dict[str, Any], handler_timeout_s: float, kernel_pid: int | None,
+                 secure: Callable[[zmq.Socket], None] | None = None, log_not_acted: bool = True):
+        """`secure`, when given, is applied to both sockets before they connect (a remote kernel's CURVE keys).
+        `log_not_acted`: a refused single message is also a line on stderr (a plugin's log); attach shows its own."""
+        super().__init__(name="trainbus-plugin-io", daemon=True)
+        self.inbox: collections.deque = collections.deque()  # ("event", Event) | ("control", msg)
+        self.outbox: collections.deque = collections.deque()  # control messages to send
+        self.wake = threading.Condition()
+        self.hello = hello
+        self.handler_timeout_s = handler_timeout_s
+        self.kernel_pid = kernel_pid
+        self.busy_since: float | None = None  # set by the main thread around each handler
+        self.busy_with: Event | None = None  # and the event it handles (formatted only if it gets stuck)
+        self._stuck_told: float | None = None  # the busy_since whose handler we said is past its timeout
+        self.gone: str | None = None  # why the kernel is considered gone
+        self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
+        self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
+        self.not_acted: collections.deque[str] = collections.deque(maxlen=16)  # single messages refused (attach shows)
+        self.log_not_acted = log_not_acted
+        self.closing = threading.Event()  # set through close(), which also wakes the thread
+        # The poll wakes on this pipe when there is something to send (send) or to stop (close); `_poked` keeps it
+        # to one byte between two wake-ups, so a burst of replies costs one write.
+        self._poke_r, self._poke_w = os.pipe()
+        os.set_blocking(self._poke_r, False)
+        os.set_blocking(self._poke_w, False)
+        self._poked = False
+        self._poke_lock = threading.Lock()  # a poke never writes to the pipe's fds once they are closed (or reused)
+        # A durable plugin's progress (ack): sent with whatever this thread next sends or receives, not at a wake-up
+        # of its own (one a burst was half of a durable plugin's wake-ups). Votes are acked at once (send).
+        self.ack_seq = 0
+        self._ack_sent = 0
+        self._ack_sent_at = 0.0
+        self._ack_now = False
+        self.received = 0  # live events that reached us: a durable plugin is not sent every one (Runner)
+        self.dropped = 0
+        self.said_hello = False
+        self.welcomed = False
+        # A name still held by a predecessor that vanished (killed, restarted by hand) is free once it has been
+        # silent for the liveness window: until then each hello is refused, and said again an interval later.
+        self._hello_tries_left = 2 * HEARTBEAT_LIVENESS
+        self._hello_at = 0.0
+        self.malformed = 0
+        self.heartbeat_interval_s = 1.0
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 50_000)
+        self.sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        # Before connect: libzmq sends them all together once the connection is made, so the first
+        # event received (which releases our hello) finds every topic in place (PROTOCOL.md, startup).
+        for topic in topics:
+            self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        if secure is not None:
+            secure(self.sub)
+        self.sub.connect(events_endpoint)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        # Our own routing id: when libzmq reconnects (the kernel dropped an oversized message's connection)
+        # the kernel still knows us, instead of seeing an unknown peer whose acks it ignores.
+        self.dealer.setsockopt(zmq.ROUTING_ID, f"{hello['name']}-{hello['pid']}-{os.urandom(4).hex()}".encode()[:255])
+        self.dealer.setsockopt(zmq.LINGER, 1000)  # let the last acks out
+        self.dealer.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        if secure is not None:
+            secure(self.dealer)
+        self.dealer.connect(control_endpoint)
+
+    def put(self, item: tuple) -> None:
+        with self.wake:
+            self.inbox.append(item)
+            self.wake.notify()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Queue a control message for the kernel; any thread may call it."""
+        self.outbox.append(msg)
+        self._poke()
+
+    def ack(self, seq: int, now: bool = False) -> None:
+        """A durable plugin handled everything up to `seq`: the ack goes with whatever this thread next sends or
+        receives (at least with each heartbeat), or at once with `now` (the last one, before exiting)."""
+        self.ack_seq = max(self.ack_seq, seq)
+        if now:
+            self._ack_now = True
+            self._poke()
+
+    def _take_ack(self, now: float | None = None) -> None:
+        """The pending ack into the outbox: when ACK_INTERVAL_S has passed since the last (`now`), or at once."""
+        if self.ack_seq > self._ack_sent and (now is None or now - self._ack_sent_at >= ACK_INTERVAL_S
+                                              or self._ack_now):
+            self._ack_sent, self._ack_now = self.ack_seq, False
+            self._ack_sent_at = time.monotonic() if now is None else now
+            self.outbox.append(control("ack", seq=self._ack_sent))
+
+    def close(self) -> None:
+        """Ask the thread to end (it says bye when it said hello) and wake it to do so."""
+        self.closing.set()
+        self._poke()
+
+    def _poke(self) -> None:
+        with self._poke_lock:
+            if self._poked:
+                return
+            self._poked = True
+            try:
+                os.write(self._poke_w, b"\0")
+            except BlockingIOError:  # full: the thread has a wake-up waiting already
+                pass
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # never die silently: the main thread sees gone and exits
+            self.gone = f"I/O thread failed: {exc!r}"
+        finally:
+            with self.wake:
+                self.wake.notify()
+            self.sub.close()
+            self._take_ack()
+            if self.said_hello and self.gone is None:  # leaving on purpose: a peer attached by hand is then gone
+                self.outbox.append(control("bye", reason="done"))
+            self._flush_outbox()
+            self.dealer.close()
+            self.ctx.term()
+            with self._poke_lock:
+                self._poked = True  # for good: nothing is read from here on
+                os.close(self._poke_r)
+                os.close(self._poke_w)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sub, zmq.POLLIN)
+        poller.register(self.dealer, zmq.POLLIN)
+        poller.register(self._poke_r, zmq.POLLIN)
+        started = time.monotonic()
+        last_kernel = None  # monotonic time of the last message from the kernel
+        next_heartbeat = 0.0
+        while not self.closing.is_set():
+            ready = dict(poller.poll(self._poll_ms(time.monotonic(), started, last_kernel, next_heartbeat)))
+            now = time.monotonic()
+            if self._poke_r in ready:
+                self._poked = False  # before the outbox is read: a send from now on writes again
+                _drain(self._poke_r)
+            if self.sub in ready:
+                last_kernel = now
+                self._read_events()
+                if not self.said_hello and now >= self._hello_at:  # an event proves our subscription is live
+                    self.dealer.send(encode_control(self.hello))
+                    self.said_hello = True
+            if self.dealer in ready:
+                last_kernel = now
+                self._read_control()
+            self._take_ack(now)
+            self._flush_outbox()
+            # after the welcome only: before it the kernel refuses a heartbeat as from a stranger, and that refusal
+            # (welcome_lost) would end a hello it is about to take on a retry (NAME_HELD)
+            if self.welcomed and now >= next_heartbeat:
+                if not self._handler_stuck(now):
+                    self.dealer.send(encode_control(control("heartbeat")), zmq.NOBLOCK)
+                    next_heartbeat = now + self.heartbeat_interval_s
+                elif self._stuck_told != self.busy_since:
+                    self._tell_stuck(now)
+            reason = self._kernel_gone(now, started, last_kernel)
+            if reason:
+                self.gone, self.lost_kernel = reason, True
+                return
+
+    def _poll_ms(self, now: float, started: float, last_kernel: float | None, next_heartbeat: float) -> int:
+        """How long to sleep when nothing arrives: until our heartbeat is due or the kernel's silence would make
+        it gone, and at most MAX_POLL_S."""
+        if self.outbox:
+            return 50  # the kernel did not take a message (its queue for us is full): try again soon
+        due = now + MAX_POLL_S
+        if self.welcomed:
+            # a heartbeat held back by a stuck handler (_handler_stuck) is looked at again every 0.1 s
+            due = min(due, max(next_heartbeat, now + 0.1))
+        silent_until = (started + CONNECT_TIMEOUT_S if last_kernel is None
+                        else last_kernel + self.heartbeat_interval_s * HEARTBEAT_LIVENESS)
+        due = min(due, silent_until + 0.001)
+        return max(1, int((due - now) * 1000) + 1)
+
+    def _read_events(self) -> None:
+        """Everything the SUB socket holds, handed to the main thread with one wake-up per burst."""
+        burst, recv, received = [], self.sub.recv, 0
+        while True:
+            # Frames and their `more` flag rather than recv_multipart, whose RCVMORE getsockopt per frame is half
+            # of a small event's receive cost (2.9 -> 1.6 us). ZeroMQ delivers a message whole: once its first
+            # frame is here, so is the rest.
+            try:
+                frames = [recv(zmq.NOBLOCK, copy=False)]
+            except zmq.Again:
+                break
+            while frames[-1].more:
+                frames.append(recv(zmq.NOBLOCK, copy=False))
+            received += 1
+            try:
+                if len(frames) != 2:
+                    raise ProtocolError(f"expected 2 frames, got {len(frames)}")
+                event = decode_event(frames[1].bytes)
+            except ProtocolError:
+                self.malformed += 1
+                continue
+            if event.type == ev.HEARTBEAT:
+                self.heartbeat_interval_s = float(event.data.get("interval_s", 1.0))
+            if len(self.inbox) + len(burst) >= INBOX_MAX_EVENTS and event.type not in FINAL_EVENTS:
+                self.dropped += 1  # a durable plugin notices the gap and replays it
+                continue
+            burst.append(("event", event))
+        self.received += received
+        if burst:
+            with self.wake:
+                self.inbox.extend(burst)
+                self.wake.notify()
+
+    def _read_control(self) -> None:
+        while True:
+            try:
+                raw = self.dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = decode_control(raw)
+            except ProtocolError:
+                self.malformed += 1
+                continue
+            if msg["type"] == "refused" and not msg["welcome_lost"]:  # one message outside our grant
+                if self.log_not_acted:
+                    _say(f"[{self.hello['name']}] the kernel did not act on a message: {msg['reason']}")
+                self.not_acted.append(msg["reason"])
+                continue
+            if (msg["type"] == "refused" and not self.welcomed and NAME_HELD in msg["reason"]
+                    and self._hello_tries_left > 0):
+                self._hello_tries_left -= 1
+                self.said_hello, self._hello_at = False, time.monotonic() + self.heartbeat_interval_s
+                continue
+            if msg["type"] == "welcome":
+                self.welcomed = True
+            if msg["type"] == "refused":  # the kernel will not act on anything we send: nothing to do here
+                self.refused = msg["reason"]
+                self.gone = f"refused by the kernel: {msg['reason']}"
+                self.close()
+                return
+            self.put(("control", msg))
+
+    def _flush_outbox(self) -> None:
+        while self.outbox:
+            msg = self.outbox.popleft()
+            try:
+                self.dealer.send(encode_control(msg), zmq.NOBLOCK)
+            except zmq.Again:  # kernel not reading: keep it for the next round
+                self.outbox.appendleft(msg)
+                return
+
+    def still_working(self) -> None:
+        """The running handler said it is making progress (Plugin.still_working): restart its clock."""
+        if self.busy_since is not None:
+            self.busy_since = time.monotonic()
+
+    def _tell_stuck(self, now: float) -> None:
+        """Say once, before the kernel declares us hung, which handler is past handler_timeout_s, where it is (the
+        author's frames), and what to do: the kernel's "hung (silent for 3 s)" names none of it."""
+        busy = self._stuck_told = self.busy_since
+        if busy is None:
+            return
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        where = user_stack(frame) if frame is not None else ""
+        event = self.busy_with
+        what = f"{event.type} (seq {event.seq})" if event is not None else "an event"
+        text = (f"the handler for {what} has run {now - busy:.0f} s, past handler_timeout_s "
+                f"({self.handler_timeout_s:g} s): heartbeats stop, so the kernel takes this plugin for hung and "
+                f"restarts it. A long handler calls self.still_working() as it goes, or hands the work to a thread"
+                + (f". It is at:\n{where}" if where else ""))
+        try:
+            self.dealer.send(encode_control(control("log", level="error", text=text)), zmq.NOBLOCK)
+        except zmq.Again:  # the kernel is not reading us: our silence tells it all the same
+            pass
+        _say(f"[{self.hello['name']}] {text}")
+
+    def _handler_stuck(self, now: float) -> bool:
+        busy = self.busy_since
+        return busy is not None and now - busy > self.handler_timeout_s
+
+    def kernel_exited(self, grace_s: float = 0.0) -> bool:
+        """The kernel that spawned us is no longer our parent (orphans are re-parented), or is not within grace_s."""
+        if self.kernel_pid is None:
+            return False
+        deadline = time.monotonic() + grace_s
+        while os.getppid() == self.kernel_pid:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def _kernel_gone(self, now: float, started: float, last_kernel: float | None) -> str | None:
+        if self.kernel_exited():
+            return KERNEL_EXITED
+        if last_kernel is None:
+            return f"no kernel heartbeat within {CONNECT_TIMEOUT_S:.0f} s" if now - started > CONNECT_TIMEOUT_S else None
+        window = self.heartbeat_interval_s * HEARTBEAT_LIVENESS
+        if now - last_kernel > window:
+            return f"no kernel heartbeat for {now - last_kernel:.1f} s"
+        return None
+
+
+def _say(text: str) -> None:
+    """A line for the plugin's log (its stderr); on a full disk it is lost and the plugin goes on."""
+    try:
+        print(text, file=sys.stderr)
+    except OSError:
+        pass
+
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
