@@ -25,11 +25,11 @@ monitors get the other half (--kernel-cpus, --monitor-cpus). On a smaller box th
 figure is then an upper bound that includes 50 Python processes decoding every event next to training.
 
 The monitors are started first, and the run once they sit idle waiting for the kernel (their Python has
-started); they attach while the kernel starts. Per-step time is bus_overhead.run_mean over the epochs after
+started); they attach while the kernel starts. Per-step time is _runs.run_mean over the epochs after
 --warmup-epochs and after the last monitor was welcomed, the same epochs in both runs of a repetition. The
 table gives the median us/step over repetitions and the paired ratio (the median of each repetition's own
 N / 0), which is what the 5 % is checked against. A run during which other processes took more than
---quiet-cores of CPU is repeated (bus_overhead.Measurer; the monitors are our children, not counted as others).
+--quiet-cores of CPU is repeated (_runs.Measurer; the monitors are our children, not counted as others).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import REPO, add_rerun_options, machine_line, median, quiet_note, table
-from bus_overhead import Measurer, output_to, run_mean
+from _runs import Measurer, output_to, run_mean
 from trainbus.kernel.config import load_config
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.keys import KeyStore

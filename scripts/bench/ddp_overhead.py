@@ -9,7 +9,7 @@ batch size, one validation pass an epoch), each a fresh torchrun launch of 2 pro
 (gloo; torch's default threads under torchrun, which sets OMP_NUM_THREADS=1 for more than one process),
 interleaved (A B C, B C A, ...) so that a shared machine's drift hits all of them alike:
 
-- bare DDP: this script as torchrun's worker (--worker): bus_overhead.py's plain loop (zero_grad,
+- bare DDP: this script as torchrun's worker (--worker): _runs.py's bare loop (zero_grad,
   forward, loss, backward, step, the loss and the spec's accuracy read with .item(), running totals)
   around DistributedDataParallel, each rank on its DistributedSampler share (trainbus's own `shard`),
   the epoch totals summed over the ranks at each epoch's end, as trainbus sums them;
@@ -17,7 +17,7 @@ interleaved (A B C, B C A, ...) so that a shared machine's drift hits all of the
   which adds rank 0's events and the ranks' agreement on its replies every 16 steps.
 
 Per-step time is rank 0's: its wall-clock stamp after each step (the bare worker's own, the ts of
-trainbus's end_training_batch events in the journal). A run's us/step is bus_overhead.run_mean (the
+trainbus's end_training_batch events in the journal). A run's us/step is _runs.run_mean (the
 mean over the epochs after the first, validation and the launch left out); the table gives the median
 over repetitions and "vs bare", the median of each repetition's own ratio (paired, which cancels drift
 between repetitions). Runs during which other processes took more than --quiet-cores of CPU are run
@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import REPO, add_rerun_options, machine_line, median, quiet_note, table
-from bus_overhead import Measurer, batch_stamps, run_mean
+from _runs import Measurer, batch_stamps, run_mean
 from trainbus.kernel.journal import read_events
 
 NPROC = 2

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _benchutil import machine_line, table  # noqa: E402
-from bus_overhead import trainbus_run  # noqa: E402
+from _runs import trainbus_run  # noqa: E402
 
 from trainbus.kernel.config import resolve_plugin  # noqa: E402
 

@@ -11,7 +11,7 @@ Seven variants of the same training (the spec's model, optimizer, data, batch si
 validation pass per epoch), interleaved (A B C ..., B C ... A, ...) so that a shared machine's drift
 hits all of them alike:
 
-- bare: scripts/bench/bus_overhead.py's plain PyTorch loop doing the trainbus loop's work (zero_grad,
+- bare: scripts/bench/_runs.py's bare loop (bare_run) doing the trainbus loop's work (zero_grad,
   forward, loss, backward, step, the loss and the spec's accuracy read with .item(), running totals);
 - trainbus, 0 plugins / default plugins (console, metrics_log) / default + monitors (cpu, memory,
   perf; gpu on CUDA) / per-step log (console, metrics_log with every_n_steps = 1: every step's loss
@@ -28,7 +28,7 @@ the figures compare the loops, not malloc settings; torch keeps its default thre
 loop's own, the ts of trainbus's end_training_batch events in the journal, a stamp in the
 LightningModule's on_train_batch_end. On CUDA, where a stamp is taken when a step's kernels are queued,
 an epoch's last stamp is taken once the device has finished the epoch. A run's us/step is
-bus_overhead.run_mean: the mean over the epochs after the first, validation left out. The tables give
+_runs.run_mean: the mean over the epochs after the first, validation left out. The tables give
 the median over repetitions; "vs bare" and "vs Lightning minimal" are paired (the median of each
 repetition's own ratio, which cancels drift between repetitions). The acceptance checks of issue #15
 end the output as PASS/FAIL lines; runs during which other processes took more than --quiet-cores of
@@ -52,7 +52,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import REPO, add_rerun_options, machine_line, median, quiet_note, table
-from bus_overhead import Measurer, bare_run, output_to, run_mean, trainbus_run
+from _runs import Measurer, bare_run, output_to, run_mean, trainbus_run
 from trainbus.kernel.config import load_config, resolve_plugin
 from trainbus.kernel.digits import accuracy
 from trainbus.kernel.loop import seed_everything
