@@ -28,7 +28,11 @@ HEARTBEAT_LIVENESS = 3
 # STARTUP_CPU_S of its own CPU time, or STARTUP_TIMEOUT_S of wall time, whichever comes first.
 STARTUP_CPU_S = 30.0
 STARTUP_TIMEOUT_S = 180.0
-TERM_GRACE_S = 1.0  # SIGTERM -> SIGKILL for a hung or leftover plugin
+TERM_GRACE_S = 1.0  # SIGTERM -> SIGKILL for a hung plugin (silent for the liveness window already)
+# SIGTERM -> SIGKILL for a plugin still running once the run is over: the SDK lets a running handler finish for up to
+# 0.5 s, then tears down and exits. A plugin runs at nice 10, and on a box busy with other work (another run, a
+# neighbour's job) that second half-second of wall time can be a few ms of CPU: such a plugin is slow, not hung.
+EXIT_TERM_GRACE_S = 3.0
 # SIGTERM -> SIGKILL for a plugin its owner detached: it finishes its teardown (a log's last flush, a checkpoint
 # being written, an outbox's last mail attempt) in this time; the SDK's teardown normally takes milliseconds.
 DETACH_GRACE_S = 30.0
@@ -227,10 +231,10 @@ class Supervisor:
             for child in list(self.children.values()):
                 if child.proc is not None and any(child.proc is p for p in procs):
                     child.overdue = f"still running {deadline_s:.0f} s after the run's end"
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig, grace_s in ((signal.SIGTERM, EXIT_TERM_GRACE_S), (signal.SIGKILL, TERM_GRACE_S)):
             for p in procs:
                 self.processes.signal(p, sig)
-            grace_end = time.monotonic() + TERM_GRACE_S
+            grace_end = time.monotonic() + grace_s
             while procs and time.monotonic() < grace_end:
                 procs = [p for p in procs if p.poll() is None]
                 time.sleep(0.02)

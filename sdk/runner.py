@@ -42,8 +42,9 @@ NOT_PER_BATCH = frozenset(ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS) - ev.BATCH_EVE
 # SIGTERM often comes before we are re-parented away from the kernel. Watched, that took under a millisecond;
 # this long tells it from the SIGTERM of a kernel that lives on (its shutdown, a hang).
 KERNEL_EXIT_GRACE_S = 0.25
-# A SIGTERM while the plugin's own code runs (a handler, setup) lets it finish for this long, then cuts it short and
-# tears down: under the kernel's SIGKILL, 1 s after its SIGTERM (kernel/supervisor.py TERM_GRACE_S), with time left.
+# A SIGTERM while the plugin's own code runs (a handler, setup) lets it finish for this long after the signal, then cuts
+# it short and tears down: well under the kernel's SIGKILL, 3 s after its SIGTERM at the run's end
+# (kernel/supervisor.py EXIT_TERM_GRACE_S), with time left for teardown on a busy box.
 FINISH_ON_TERM_S = 0.5
 PR_SET_PDEATHSIG = 1
 SECRET_ENV = "TRAINBUS_SECRET"  # the kernel's per-plugin secret (PROTOCOL.md, environment)
@@ -562,6 +563,7 @@ def _terminate(runner: Runner) -> None:
     # re-parented to another kernel thread as each one dies, and signalled again every time (3 SIGTERMs
     # seen from one kill -9). Handle the first; the rest would run teardown again from inside it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    arrived = time.monotonic()
     if runner._ended:  # already finishing (the I/O thread saw the kernel go first): let that run to its end
         return
     io = runner.io
@@ -574,7 +576,8 @@ def _terminate(runner: Runner) -> None:
     # One busy in the plugin's code (a handler, setup) finishes it, then sees `terminating`; past the grace, CutShort
     # is raised where it is. Raising at once, as this did, ran teardown in the middle of the handler.
     signal.signal(signal.SIGALRM, _cut_short)
-    signal.setitimer(signal.ITIMER_REAL, FINISH_ON_TERM_S)
+    # from the SIGTERM, not from here: telling the kernel's SIGTERM from PR_SET_PDEATHSIG's took up to 0.25 s of it
+    signal.setitimer(signal.ITIMER_REAL, max(0.01, FINISH_ON_TERM_S - (time.monotonic() - arrived)))
 
 
 class CutShort(SystemExit):
