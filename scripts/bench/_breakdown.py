@@ -12,7 +12,6 @@ import torch
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import trainbus.kernel.bus as busmod
 from _benchutil import DATA, FINAL, Subscribers, batch_data, median, quiet_note, table
 from _runs import Measurer, bare_run, output_to, run_mean, trainbus_run
 from trainbus.kernel.bus import Bus
@@ -94,8 +93,7 @@ def diagnose(args, workdir: Path, measure: Measurer) -> None:
     hp, epochs = {"model": "mlp"}, args.mlp_epochs
     default_plugins = load_config(None).plugins
     log = workdir / "trainbus-output.log"
-    what_if = "default plugins, bus flush every 100 ms (what-if)"
-    variants = ["bare", "Loop + null publisher", "trainbus, 0 plugins", "trainbus, default plugins", what_if]
+    variants = ["bare", "Loop + null publisher", "trainbus, 0 plugins", "trainbus, default plugins"]
 
     def one(variant):
         if variant == "bare":
@@ -120,14 +118,10 @@ def diagnose(args, workdir: Path, measure: Measurer) -> None:
         # run_training builds its bus in session.open_bus, which calls session's Bus
         session.Bus, session.wait_ready, session.wait_drained = (make_bus, _instrumented_wait_ready,
                                                                   _instrumented_wait_drained)
-        flush_interval = busmod.FLUSH_INTERVAL_S
-        if variant == what_if:
-            busmod.FLUSH_INTERVAL_S = 0.1  # a module constant the bus thread reads on every round
         try:
             stamps, _, _ = trainbus_run(hp, epochs, args.seed, plugins, workdir / "runs", log)
         finally:
             session.Bus, session.wait_ready, session.wait_drained = Bus, wait_ready, wait_drained
-            busmod.FLUSH_INTERVAL_S = flush_interval
         steps = sum(len(s) for s in stamps)
         (c0, fc0, fw0, fe0, p0), (c1, fc1, fw1, fe1, p1) = buses[0].snaps[:2]
         return run_mean(stamps), (c1 - c0) / steps, ((fc1 - fc0) / steps, (fw1 - fw0) / steps,
@@ -157,8 +151,7 @@ def diagnose(args, workdir: Path, measure: Measurer) -> None:
     print(table(["variant", "us/step", "vs bare", "vs row above", "train-thread CPU us/step",
                  "bus flush CPU us/step", "bus flush wall us/step", "events/step", "plugin CPU us/step"], rows,
                 f"where the tiny MLP's overhead goes (1 torch thread, median of {reps} interleaved reps; "
-                f"CPU columns over the whole run incl. validation, per training step; the last row sets the "
-                f"bus's FLUSH_INTERVAL_S to 0.1 for that run only)"))
+                f"CPU columns over the whole run incl. validation, per training step)"))
     print("  " + quiet_note(measure.foreign[foreign_before:], args.quiet_cores))
     print()
     flush_cost(workdir)

@@ -131,7 +131,7 @@ def batch_stamps(events, device: str = "cpu") -> list[list[float]]:
 def run_mean(stamps: list[list[float]], skip_epochs: int = 1) -> float:
     """Mean seconds per step over every epoch after the first: the sum of each epoch's first-to-last step
     span over the number of steps in those spans (epoch boundaries, with validation, left out). Counts
-    every bus flush (every 20 ms) and plugin wake-up that fell inside training."""
+    every bus flush (every 100 ms) and plugin wake-up that fell inside training."""
     spans = [(ts[-1] - ts[0], len(ts) - 1) for ts in stamps[skip_epochs:] if len(ts) > 1]
     return sum(s for s, _ in spans) / sum(n for _, n in spans)
 

@@ -1,11 +1,11 @@
 """What trainbus costs a training step, and how fast its bus moves events, measured side by side in one run.
 
     .venv/bin/python scripts/bench/bus_overhead.py                 # ~1.5-2.5 min on 2 cores
-    .venv/bin/python scripts/bench/bus_overhead.py --threads 1,2   # also with torch on both cores
+    .venv/bin/python scripts/bench/bus_overhead.py --threads 1,2   # one intra-op thread, then two
 
 Part 1, per-step time. Three variants of the same training, interleaved (A B C, B C A, C A B, ...) so
 that drift on a shared machine hits all of them alike, on two models (the digits MLP, the "tiny MLP";
-and the digits CNN, `model = "cnn"`, the "small CNN"), torch.set_num_threads(1) for all by default:
+and the digits CNN, `model = "cnn"`, the "small CNN"), with torch's default thread count, as users train:
 
 - bare: the spec's model, optimizer, data and epochs in a plain PyTorch loop doing exactly the work of
   the trainbus loop on the CPU (zero_grad, forward, loss, backward, step, loss.item(), the spec's
@@ -33,9 +33,8 @@ Part 2, events/s: one subscriber process (scripts/bench/_subscriber.py, counts a
 producer's cost per event on the calling thread, the bus's flush rate (journaled and sent), the
 end-to-end delivered rate at the subscriber, and what fraction arrived (PUB drops at its high-water mark).
 
-Part 3, where the tiny MLP's overhead goes: bare -> the trainbus Loop with a publisher that does nothing
--> + the bus thread (0 plugins) -> + the default plugins (-> the same with the bus flushing every 100 ms
-instead of 20, a what-if), with the training thread's CPU per step, the
+Part 3 (_breakdown.py), where the tiny MLP's overhead goes: bare -> the trainbus Loop with a publisher that
+does nothing -> + the bus thread (0 plugins) -> + the default plugins, with the training thread's CPU per step, the
 bus thread's CPU and wall time inside its flushes (Bus subclass timing _flush in the bus thread), and the
 plugin processes' CPU (psutil); then the bus thread's cost per event by part (its _flush driven on this
 thread, uncontended), and each default plugin's CPU per step next to a bare SUB's, at a tiny-MLP pace.
@@ -242,9 +241,10 @@ def bench_events(args, workdir: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", default="1",
+    p.add_argument("--threads", default=str(torch.get_num_threads()),
                    help="torch.set_num_threads values, comma-separated, each a full set of per-step tables "
-                        "(default 1: one core for the model, one for the bus and the plugins)")
+                        f"(default {torch.get_num_threads()}: torch's own count here, as users train; 1 leaves a core "
+                        f"to the bus and the plugins)")
     p.add_argument("--reps", type=int, default=7, help="interleaved repetitions per variant (default 7)")
     p.add_argument("--mlp-epochs", type=int, default=21, help="epochs per MLP run, the first not measured")
     p.add_argument("--cnn-epochs", type=int, default=21, help="epochs per CNN run, the first not measured")
