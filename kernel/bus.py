@@ -66,6 +66,8 @@ class Bus:
         self._queue: collections.deque = collections.deque()  # (type, ts, step, epoch, data); step None: emit's
         self._unpublished: collections.deque = collections.deque()  # (topic, raw) numbered, not yet journaled
         self._replies: collections.deque[Reply] = collections.deque()
+        # flush_now's: each set once a flush has numbered (journaled, sent) every event queued before it
+        self._flushed: collections.deque[threading.Event] = collections.deque()
         self.counters = collections.Counter()
         self.failure: str | None = None  # why the run must stop (the journal's backlog overflowed)
         self.fast_heartbeats = True
@@ -140,13 +142,17 @@ class Bus:
         return True
 
     def flush_now(self, timeout_s: float = 5.0) -> None:
-        """Send what is queued now, not with the next burst, and wait until it is out (the training thread's)."""
-        if self._queue:
-            try:
-                self._wake_tx.send(b"", zmq.NOBLOCK)
-            except zmq.Again:  # a ring is already pending: the bus is waking anyway
-                pass
-        self.wait(lambda: not self._queue, timeout_s)
+        """Send what is queued now, not with the next burst, and wait until it is out (the training thread's).
+
+        Out means numbered by a flush that started after this call: an empty queue is not enough, since a burst
+        may have taken the events and not yet numbered them (a vote would then be awaited at the seq before)."""
+        flushed = threading.Event()
+        self._flushed.append(flushed)  # after this thread's events: the flush that takes it takes them
+        try:
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+        except zmq.Again:  # a ring is already pending: the bus is waking anyway
+            pass
+        self.wait(flushed.is_set, timeout_s)
 
     def await_votes(self, type_: str, timeout_s: float) -> list[str]:
         """Wait until every live plugin voting at `type_` acked its latest instance; return who did not."""
@@ -242,7 +248,14 @@ class Bus:
         self._send_event((ev.HEARTBEAT.encode(), encode_event(beat)))
 
     def _flush(self) -> None:
-        batch = _take_all(self._queue)
+        waiting = _take_all(self._flushed)  # first: every event queued before one of them is in the batch below
+        try:
+            self._number_and_send(_take_all(self._queue))
+        finally:
+            for flushed in waiting:
+                flushed.set()
+
+    def _number_and_send(self, batch: list) -> None:
         if any(item[0] in FINAL_EVENTS for item in batch):
             # Replies already received go out before the final event: a plugin may exit right after it.
             self._read_control(CONTROL_PER_WAKE * 8)
