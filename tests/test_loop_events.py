@@ -1,13 +1,22 @@
-"""The loop alone, in this process, against a recording bus: the exact event list, and replies at every boundary."""
+"""The loop alone, in this process, against a recording bus: the exact event list, and replies at every boundary;
+and on the real bus, where the order the bus gives the loop's last event is the point."""
 
 from __future__ import annotations
 
+import os
+import time
+
+import msgpack
 import pytest
 import torch
+import zmq
 
+from trainbus.kernel.bus import CONTROL_PER_WAKE, FLUSH_INTERVAL_S
 from trainbus.kernel.checkpointing import Checkpointer
+from trainbus.kernel.journal import read_events
 from trainbus.kernel.loop import Loop
 from trainbus.kernel.replies import Reply, merge_replies
+from trainbus.kernel.session import close_bus, open_bus
 from trainbus.kernel.snapshot import SnapshotBuffers
 from trainbus.proto import events as ev
 
@@ -212,3 +221,56 @@ def test_a_checkpoint_for_another_model_names_the_keys_in_one_line():
     message = str(raised.value)
     assert "\n" not in message
     assert "missing keys [bias, weight]" in message and "unexpected keys [0.bias, 0.weight, 1.bias, 1.weight]" in message
+
+
+def test_replies_received_before_the_final_event_are_published_before_it(tmp_path):
+    """PROTOCOL.md 6.3: replies the kernel received before it published the final event (a monitor's last metric,
+    a log) are published before it: a plugin that exits at the final event still sees them. A real bus, a monitor
+    attached by hand on its real control socket (raw pyzmq + msgpack), and the real loop raising the run's events.
+
+    The test holds the bus thread between two of its rounds (its `idle` condition, taken at the end of each), so
+    what the monitor sends is received, in the kernel's control socket, and not yet read: a burst of heartbeats
+    (one round's reading, CONTROL_PER_WAKE messages), then its metric and its log. Meanwhile the loop runs the
+    whole of `tiny` and raises end_training_session. Let go, the bus reads the heartbeats, flushes, and must read
+    the metric and the log before it numbers the final event. settle_s is generous, not tight: it lets the bus's
+    round in progress end (a poll of at most FLUSH_INTERVAL_S) and the ipc socket carry 258 small messages; too
+    short, the test gets less sharp, never fails a kernel that keeps the statement."""
+    settle_s = 5 * FLUSH_INTERVAL_S
+    bus, _, sockets = open_bus("final-order", tmp_path, plugins=[])
+    bus.start()
+    ctx = zmq.Context()
+    monitor = ctx.socket(zmq.DEALER)
+    monitor.setsockopt(zmq.LINGER, 0)
+    monitor.connect(bus.control_endpoint)
+
+    def send(type_: str, **fields) -> None:
+        monitor.send(msgpack.packb({"v": 1, "type": type_, **fields}))
+
+    try:
+        send("hello", name="monitor", pid=os.getpid(), subscriptions=[""], replies=["metric", "log"],
+             delivery="best_effort", votes=[], capabilities=[],
+             secret=(tmp_path / "credential").read_text().strip())
+        assert monitor.poll(30_000) and msgpack.unpackb(monitor.recv())["type"] == "welcome"
+        with bus.idle:  # the bus thread stops at the end of its round in progress
+            time.sleep(settle_s)
+            for _ in range(CONTROL_PER_WAKE):
+                send("heartbeat")
+            send("metric", name="monitor/last", value=1.5, step=None)
+            send("log", level="info", text="the monitor's last words")
+            time.sleep(settle_s)  # received: in the kernel's socket, read by nobody yet
+            outcome = Loop(tiny({}), bus, torch.device("cpu")).run()  # no voter: it never waits (letting go of idle)
+        bus.flush_now()
+    finally:
+        ctx.destroy(linger=0)
+        close_bus(bus, tmp_path, sockets)
+    assert outcome.epochs_completed == 2
+    events = read_events(tmp_path)
+    assert [e.type for e in events if e.type in ev.LIFECYCLE_EVENTS] == lifecycle(2)
+    (final,) = [e for e in events if e.type == ev.END_TRAINING_SESSION]
+    replies = [e for e in events if e.type in (ev.METRIC, ev.LOG) and e.data["plugin"] == "monitor"]
+    assert [(e.type, e.data.get("name") or e.data.get("text")) for e in replies] == \
+        [(ev.METRIC, "monitor/last"), (ev.LOG, "the monitor's last words")], replies
+    last_epoch = [e for e in events if e.type == ev.END_EPOCH][-1]
+    assert all(last_epoch.seq < e.seq for e in replies), "read before the loop's last events: proves nothing"
+    assert all(e.seq < final.seq for e in replies), \
+        f"received before the final event (seq {final.seq}), published after it: {[e.seq for e in replies]}"

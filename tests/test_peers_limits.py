@@ -1,6 +1,7 @@
 """Units with fake clocks and a fake supervisor: rate buckets and caps (kernel/limits.py), who may say
-hello and what a welcomed peer may do (kernel/peers.py, kernel/credentials.py), replay batches spliced
-from journal bytes (proto/codec.py), and the journal on a real full tmpfs (kernel/journal.py).
+hello and what a welcomed peer may do (kernel/peers.py, kernel/credentials.py), replies the bus cannot deliver
+(kernel/bus.py, on real sockets), replay batches spliced from journal bytes (proto/codec.py), and the journal on
+a real full tmpfs (kernel/journal.py).
 
 Time is a parameter of everything here, so nothing sleeps except the journal's retry interval.
 """
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import zmq
 
+from trainbus.kernel.bus import CONTROL_PER_WAKE, LOCAL, Bus
 from trainbus.kernel.control import Dispatcher
 from trainbus.kernel.credentials import CREDENTIAL_FILE, Credentials
 from trainbus.kernel.journal import RETRY_INTERVAL_S, Journal, decode_records, read_events
@@ -376,6 +379,105 @@ def test_only_a_control_keys_votes_make_the_kernel_wait(tmp_path, role, counted)
     peers.welcome(b"r", hello("voter", 8, "", replies=[], votes=["end_epoch"]), T0, user_id=key.public)
     assert peers.voters_behind("end_epoch", 5, T0) == (["voter"] if counted else [])
     assert peers.has_voters("end_epoch") is counted
+
+
+# -- Bus: replies nobody takes ------------------------------------------------------------------------
+
+
+def test_a_reply_to_a_gone_or_stalled_peer_is_counted_unroutable_and_dropped(tmp_path):
+    """PROTOCOL.md §11 [C72]: the bus thread, which shares training's GIL, never waits on a peer and never fails for
+    one. A reply to a welcomed peer whose connection is gone, or whose queue is full because it stopped reading, is
+    counted `unroutable` (summary.json's `bus`) and dropped, not queued for later: the peer asks again, and a peer
+    that reads gets its replies all along. The real bus's sockets and dispatcher against real DEALERs, driven from
+    this thread as the bus thread drives them (not started); the replay budget's clock is a parameter."""
+    journal = Journal(tmp_path / "events")
+    # ~16 KB a reply: what libzmq moves from the ROUTER's queue to the socket buffers (a few hundred KB) is far from
+    # the half of SNDHWM (1000) that would make room in the queue, so a peer that reads nothing stays full
+    journal.append([record(seq, 4000) for seq in range(1, 5)], 1)
+    credentials, supervision = Credentials(), FakeSupervision()
+    bus = Bus("run-x", journal, tmp_path, 1.0)
+    peers = Peers(credentials, supervision, PeerLimits(), LIVENESS_S)
+    dispatcher = Dispatcher(bus, supervision, peers)
+    bus.serve(supervision, dispatcher)
+    ctx = zmq.Context()
+    clock = [time.monotonic()]
+
+    def until(done) -> None:
+        """Rounds of the bus thread's control reading until done() (10 s at most)."""
+        deadline = time.monotonic() + 10
+        while not done():
+            assert time.monotonic() < deadline, "the bus did not get there within 10 s"
+            bus.router.poll(20)
+            bus._read_control(CONTROL_PER_WAKE)
+
+    def connect(name: str, **options: int) -> tuple[zmq.Socket, object]:
+        """A DEALER welcomed under `name` (its welcome read), and its peer."""
+        dealer = ctx.socket(zmq.DEALER)
+        for option, value in {"LINGER": 0, "ROUTING_ID": name.encode(), **options}.items():
+            dealer.setsockopt(getattr(zmq, option), value)
+        dealer.connect(bus.control_endpoint)
+        dealer.send(encode_control(hello(name, 1, credentials.attach_token())))
+        until(lambda: peers.get(LOCAL + name.encode()) is not None)
+        assert dealer.poll(10_000) and decode_control(dealer.recv())["type"] == "welcome"
+        return dealer, peers.get(LOCAL + name.encode())
+
+    def replay(dealer: zmq.Socket, peer) -> None:
+        """The peer asks for a replay; the bus serves it (a later round, within the replay budget)."""
+        dealer.send(encode_control(control("replay", from_seq=1)))
+        until(lambda: peer.replay_from is not None)
+        clock[0] += 1.0
+        dispatcher.serve_replays(clock[0])
+        assert peer.replay_from is None
+
+    def batches(dealer: zmq.Socket, expected: int) -> int:
+        """The replay batches that reach this peer, each whole (every event from seq 1): as many as expected (10 s at
+        most for each), then any more that come within 0.2 s."""
+        count = 0
+        while dealer.poll(10_000 if count < expected else 200):
+            assert [e.seq for e in decode_control(dealer.recv())["events"]] == [1, 2, 3, 4]
+            count += 1
+        return count
+
+    reader, reader_peer = connect("reader")
+    stalled, stalled_peer = connect("stalled", RCVHWM=1)
+    gone, gone_peer = connect("gone")
+    try:
+        # stalled: it asks, and reads no more; its queue fills (the ROUTER's SNDHWM and the socket buffers) ...
+        served = 0
+        while not bus.counters["unroutable"]:
+            assert served < 5000, "a peer that reads nothing took 5000 replies"
+            replay(stalled, stalled_peer)
+            served += 1
+        for _ in range(5):  # ... and what does not fit is dropped, each counted, with no wait and no error
+            replay(stalled, stalled_peer)
+        assert bus.counters["unroutable"] == 6, served
+        replay(reader, reader_peer)  # a peer that reads is served meanwhile
+        assert batches(reader, 1) == 1
+        # what was counted never arrives: the stalled peer reads again and finds exactly what fitted
+        assert batches(stalled, served - 1) == served - 1
+        replay(stalled, stalled_peer)  # and it asks again
+        assert batches(stalled, 1) == 1 and bus.counters["unroutable"] == 6
+
+        # gone: its connection closed after it asked; libzmq's I/O thread tells the ROUTER soon after (until then a
+        # reply goes down the dying connection), and from then on each reply to it is counted
+        gone.send(encode_control(control("replay", from_seq=1)))
+        until(lambda: gone_peer.replay_from is not None)
+        gone.close()
+        deadline, probe = time.monotonic() + 10, encode_control(control("refused", reason="probe", welcome_lost=True))
+        while bus.counters["unroutable"] == 6:
+            assert time.monotonic() < deadline, "a reply to a closed connection was not counted within 10 s"
+            bus.router.poll(20)
+            bus.send(gone_peer.identity, probe)
+        unroutable = bus.counters["unroutable"]
+        clock[0] += 1.0
+        dispatcher.serve_replays(clock[0])  # its replay, asked before it went
+        assert gone_peer.replay_from is None and bus.counters["unroutable"] == unroutable + 1
+        replay(reader, reader_peer)
+        assert batches(reader, 1) == 1
+    finally:
+        ctx.destroy(linger=0)
+        bus.ctx.destroy(linger=0)  # bus.close() joins the bus thread, never started here
+        journal.close()
 
 
 # -- Credentials -------------------------------------------------------------------------------------

@@ -8,13 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import pytest
 import zmq
 from stand_in_kernel import StandInKernel
 
-from trainbus.proto import control, encode_control, encode_replay_batch
-from trainbus.sdk.plugin_io import PluginIO
+from trainbus.proto import Event, control, encode_control, encode_replay_batch
+from trainbus.sdk.plugin import Plugin
+from trainbus.sdk.plugin_io import HEARTBEAT_LIVENESS, PluginIO
 
 
 def test_an_event_that_arrives_before_the_welcome_is_handled(tmp_path):
@@ -184,6 +186,45 @@ def test_a_handler_past_its_timeout_says_which_and_where_before_its_heartbeats_s
     assert 'fixture_plugins.py", line' in text and "in on_end_epoch" in text and "runner.py" not in text, text
 
 
+def test_heartbeats_stop_only_while_a_handler_runs_past_its_handler_timeout_s(tmp_path):
+    """PROTOCOL.md §8 [C63]: the reference client heartbeats every interval while idle and while a handler runs
+    within handler_timeout_s (60 s by default: a slow handler is not hung); once one runs past it, it says so once and
+    sends nothing more, so the kernel's liveness window (3 intervals) declares the stuck plugin hung and restarts it;
+    a handler that returns brings the heartbeats back. The real I/O thread against a stand-in kernel on real sockets,
+    driven by the state the main thread sets around a handler (Runner._dispatch's busy_since), set 61 s in the past
+    for one that has run that long: no wall-clock race on the timeout itself. The stand-in publishes its heartbeat
+    all along, so the silence is not the client taking the kernel for gone (checked at the end)."""
+    interval = 0.5
+    assert Plugin.handler_timeout_s == 60.0
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    hello = control("hello", name="slow", pid=os.getpid(), subscriptions=[""], replies=["log"],
+                    delivery="best_effort", votes=[], capabilities=[], secret="")
+    io = PluginIO(kernel.pub.getsockopt_string(zmq.LAST_ENDPOINT), kernel.router.getsockopt_string(zmq.LAST_ENDPOINT),
+                  [""], hello, Plugin.handler_timeout_s, None, log_not_acted=False)
+    io.start()
+    try:
+        kernel.welcome(_hello(kernel)[0], kernel.seq + 1)
+        idle = _heard(kernel, interval, 20, lambda said: "heartbeat" in said)
+        assert "heartbeat" in idle, idle
+        kernel.publish("end_epoch", epoch=1)
+        io.busy_with, io.busy_since = Event(kernel.seq, kernel.run_id, "end_epoch", time.time(), 0, 1), time.monotonic()
+        within = _heard(kernel, interval, 20, lambda said: said.count("heartbeat") >= 2 or "log" in said)
+        assert within == ["heartbeat", "heartbeat"], within  # slow is not hung: a heartbeat every interval still
+        io.busy_since = time.monotonic() - Plugin.handler_timeout_s - 1
+        # at most one heartbeat already on its way; the next one due is held back and the log says why instead
+        told = _heard(kernel, interval, 20, lambda said: "log" in said or said.count("heartbeat") >= 2)
+        silent = _heard(kernel, interval, HEARTBEAT_LIVENESS * interval)  # the kernel's window
+        assert told[-1:] == ["log"] and told.count("heartbeat") <= 1 and silent == [], (told, silent)
+        io.busy_since = None  # the handler returned
+        back = _heard(kernel, interval, 20, lambda said: "heartbeat" in said)
+        assert "heartbeat" in back, back
+        assert io.gone is None and io.is_alive(), io.gone
+    finally:
+        io.close()
+        io.join(10)
+        kernel.close()
+
+
 def test_help_says_what_it_runs_its_options_and_the_environment_it_reads():
     proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m trainbus.sdk module:Class"), proc.stderr
@@ -223,6 +264,20 @@ def _next(kernel: StandInKernel, kind: str) -> dict:
         if got is not None and got[1]["type"] == kind:
             return got[1]
     raise AssertionError(f"no {kind} from the plugin within 20 s")
+
+
+def _heard(kernel: StandInKernel, interval_s: float, seconds: float,
+           enough: Callable[[list[str]], bool] = lambda said: False) -> list[str]:
+    """The types of the plugin's control messages over `seconds`, or until `enough` of them; the stand-in publishes
+    its heartbeat (saying `interval_s`) at least every 0.05 s meanwhile, so the plugin never takes it for gone."""
+    said: list[str] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not enough(said):
+        kernel.publish("heartbeat", interval_s=interval_s)
+        got = kernel.receive(50)
+        if got is not None:
+            said.append(got[1]["type"])
+    return said
 
 
 def _acked(kernel: StandInKernel, seq: int) -> None:

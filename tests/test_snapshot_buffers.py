@@ -1,16 +1,26 @@
-"""The kernel's snapshot buffers on real files: allocation up front (both slots at the first snapshot), fallback."""
+"""The kernel's snapshot buffers on real files: allocation up front (both slots at the first snapshot), fallback,
+and a checkpoint skipped, never waited for, while a persister holds both."""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
+import msgpack
 import pytest
 import torch
+import zmq
 
-from trainbus.kernel.snapshot import SnapshotBuffers, snapshot_directories
+from trainbus.kernel.journal import read_events
+from trainbus.kernel.loop import LAST_CHECKPOINT_WAIT_S, Loop
+from trainbus.kernel.session import close_bus, open_bus
+from trainbus.kernel.snapshot import SLOTS, SnapshotBuffers, snapshot_directories
 from trainbus.plugins._snapshot_reader import read_snapshot
-from trainbus.proto import pack, unpack
+from trainbus.proto import events as ev, pack, unpack
+
+from specs import TRAIN_BATCHES, tiny
 
 MB = 1 << 20
 
@@ -102,3 +112,76 @@ def test_no_room_anywhere_is_one_error_naming_each_place(tmp_path, mount_tmpfs):
         assert list(shm.iterdir()) == [] and list(run_dir.iterdir()) == []
     finally:
         buffers.close()
+
+
+class HoldingPersister:
+    """A persister attached by hand to a real bus (raw pyzmq + msgpack on the run's control socket, with the run's
+    credential): its hello declares the checkpoint capability, and then it neither acks nor settles any
+    save_checkpoint, so each buffer a snapshot went into stays busy for as long as the test likes. It heartbeats
+    to stay alive. One thread only (a ZeroMQ socket)."""
+
+    def __init__(self, bus, run_dir: Path):
+        self.ctx = zmq.Context()
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.connect(bus.control_endpoint)
+        self.send("hello", name="holder", pid=os.getpid(), subscriptions=[""], replies=[], delivery="best_effort",
+                  votes=[], capabilities=["checkpoint"], secret=(Path(run_dir) / "credential").read_text().strip())
+        assert self.dealer.poll(30_000), "no answer to the persister's hello"
+        answer = msgpack.unpackb(self.dealer.recv(), raw=False)
+        assert answer["type"] == "welcome", answer
+
+    def send(self, type_: str, **fields) -> None:
+        self.dealer.send(msgpack.packb({"v": 1, "type": type_, **fields}))
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+def test_with_both_buffers_held_a_due_checkpoint_is_skipped_and_training_goes_on(tmp_path):
+    """PROTOCOL.md 6.3: when both buffers are busy the kernel skips the checkpoint (checkpoint_skipped) rather
+    than wait. A real bus, checkpointer, buffers and loop (tiny: 3 steps an epoch, 2 epochs), a checkpoint due at
+    every step, and a persister (the test) that holds every buffer it is sent from its hello to the run's end.
+
+    Steps 1 and 2 fill both slots; steps 3 to 6 find both busy: each is skipped, saying why, and the loop goes
+    on to its next seam and to the run's end, all while the test still holds both buffers (so no buffer was ever
+    freed for it to wait for), and both held snapshots are still intact in their buffers (skipped, not
+    overwritten). A wait would also show as time: the kernel's only wait for a buffer (the run's last checkpoint)
+    lasts LAST_CHECKPOINT_WAIT_S (60 s); the run, under 2 s here, gets half that, room for the busiest CI box."""
+    buffers = SnapshotBuffers(f"test-{os.getpid()}-busy", [tmp_path])
+    bus, checkpointer, sockets = open_bus("busy", tmp_path, plugins=[], buffers=buffers, every_n_steps=1)
+    bus.start()
+    persister = HoldingPersister(bus, tmp_path)
+    outcome = []
+    loop = Loop(tiny({}), bus, torch.device("cpu"), checkpointer=checkpointer)
+    trainer = threading.Thread(target=lambda: outcome.append(loop.run()), name="training", daemon=True)
+    try:
+        trainer.start()
+        deadline = time.monotonic() + LAST_CHECKPOINT_WAIT_S / 2
+        while trainer.is_alive() and time.monotonic() < deadline:
+            persister.send("heartbeat")  # alive: a silent persister would stop counting as one
+            trainer.join(0.2)
+        waited = trainer.is_alive()
+        still_held = [slot for slot in range(SLOTS) if not checkpointer.slot_free(slot)]
+        bus.flush_now()
+        events = read_events(tmp_path)
+        saves = [e for e in events if e.type == ev.SAVE_CHECKPOINT]
+        intact = [read_snapshot(e.data).state["step"] for e in saves]  # raises if a skip overwrote one
+    finally:
+        persister.send("bye", reason="test over")  # a loop that waits for a buffer waits no more
+        persister.close()
+        trainer.join(LAST_CHECKPOINT_WAIT_S)
+        close_bus(bus, tmp_path, sockets)
+        checkpointer.close()
+    assert not waited, "training waited for a persister to free a snapshot buffer"
+    assert still_held == list(range(SLOTS)), "the test held both buffers for the whole run"
+    steps = 2 * TRAIN_BATCHES
+    assert outcome and outcome[0].steps == steps and outcome[0].epochs_completed == 2
+    assert [(e.step, e.data["slot"]) for e in saves] == [(1, 0), (2, 1)] and intact == [1, 2]
+    skipped = [e for e in events if e.type == ev.CHECKPOINT_SKIPPED]
+    assert [(e.step, e.data["reason"]) for e in skipped] == \
+        [(step, "both snapshot buffers are still being persisted") for step in range(3, steps + 1)]
+    lifecycle = [e for e in events if e.type in ev.LIFECYCLE_EVENTS or e.type == ev.CHECKPOINT_SKIPPED]
+    for skip in skipped:  # training went on: the loop's next seam follows each skip
+        after = lifecycle[lifecycle.index(skip) + 1]
+        assert after.type in (ev.START_TRAINING_BATCH, ev.END_TRAINING_LOOP), (skip, after)
