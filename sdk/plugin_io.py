@@ -58,7 +58,11 @@ class PluginIO(threading.Thread):
         self.kernel_pid = kernel_pid
         self.busy_since: float | None = None  # set by the main thread around each handler
         self.busy_with: Event | None = None  # and the event it handles (formatted only if it gets stuck)
-        self._stuck_told: float | None = None  # the busy_since whose handler we said is past its timeout
+        # When the running handler last said it is getting somewhere (still_working), from any thread: its clock runs
+        # from the later of the two. Kept apart from busy_since, which only the main thread writes: a report that
+        # set busy_since could land just after the handler returned and leave an idle plugin "stuck".
+        self.progress_at = 0.0
+        self._stuck_told: float | None = None  # the handler clock (_busy_clock) we said is past its timeout
         self.gone: str | None = None  # why the kernel is considered gone
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
         self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
@@ -183,8 +187,11 @@ class PluginIO(threading.Thread):
             ready = dict(poller.poll(self._poll_ms(time.monotonic(), started, last_kernel, next_heartbeat)))
             now = time.monotonic()
             if self._poke_r in ready:
-                self._poked = False  # before the outbox is read: a send from now on writes again
+                # Drained before it is cleared, both before the outbox is read: a send from now on writes again. A send
+                # between a clear and a drain would write a byte the drain eats, leaving `_poked` set with the pipe
+                # empty, and no send or close() would wake this thread again.
                 _drain(self._poke_r)
+                self._poked = False
             if self.sub in ready:
                 last_kernel = now
                 self._read_events()
@@ -200,9 +207,12 @@ class PluginIO(threading.Thread):
             # (welcome_lost) would end a hello it is about to take on a retry (NAME_HELD)
             if self.welcomed and now >= next_heartbeat:
                 if not self._handler_stuck(now):
-                    self.dealer.send(encode_control(control("heartbeat")), zmq.NOBLOCK)
+                    try:
+                        self.dealer.send(encode_control(control("heartbeat")), zmq.NOBLOCK)
+                    except zmq.Again:  # the kernel's queue for us is full (the outbox waits too): not our failure
+                        pass
                     next_heartbeat = now + self.heartbeat_interval_s
-                elif self._stuck_told != self.busy_since:
+                elif self._stuck_told != self._busy_clock():
                     self._tell_stuck(now)
             reason = self._kernel_gone(now, started, last_kernel)
             if reason:
@@ -297,13 +307,12 @@ class PluginIO(threading.Thread):
 
     def still_working(self) -> None:
         """The running handler said it is making progress (Plugin.still_working): restart its clock."""
-        if self.busy_since is not None:
-            self.busy_since = time.monotonic()
+        self.progress_at = time.monotonic()
 
     def _tell_stuck(self, now: float) -> None:
         """Say once, before the kernel declares us hung, which handler is past handler_timeout_s, where it is (the
         author's frames), and what to do: the kernel's "hung (silent for 3 s)" names none of it."""
-        busy = self._stuck_told = self.busy_since
+        busy = self._stuck_told = self._busy_clock()
         if busy is None:
             return
         frame = sys._current_frames().get(threading.main_thread().ident)
@@ -320,8 +329,13 @@ class PluginIO(threading.Thread):
             pass
         _say(f"[{self.hello['name']}] {text}")
 
-    def _handler_stuck(self, now: float) -> bool:
+    def _busy_clock(self) -> float | None:
+        """Where the running handler's hang clock starts (its start or its last progress); None when none runs."""
         busy = self.busy_since
+        return None if busy is None else max(busy, self.progress_at)
+
+    def _handler_stuck(self, now: float) -> bool:
+        busy = self._busy_clock()
         return busy is not None and now - busy > self.handler_timeout_s
 
     def kernel_exited(self, grace_s: float = 0.0) -> bool:

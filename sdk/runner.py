@@ -117,7 +117,8 @@ class Runner:
         self.io.start()
         welcome, early = self._wait_welcome()
         if welcome is None:
-            if self.io.refused:
+            # refused, or stopped by SIGTERM while waiting (exit 0, as after the welcome): not an unreachable kernel
+            if self.io.refused or self.terminating:
                 return self._finish(self.io.gone)
             self.unreached = True
             self._finish(f"kernel unreachable: {self.io.gone}")
@@ -575,7 +576,7 @@ def _terminate(runner: Runner) -> None:
         io.wake.notify()  # a main thread waiting for the next event goes to _finish now
     # One busy in the plugin's code (a handler, setup) finishes it, then sees `terminating`; past the grace, CutShort
     # is raised where it is. Raising at once, as this did, ran teardown in the middle of the handler.
-    signal.signal(signal.SIGALRM, _cut_short)
+    signal.signal(signal.SIGALRM, lambda *_: _cut_short(runner))
     # from the SIGTERM, not from here: telling the kernel's SIGTERM from PR_SET_PDEATHSIG's took up to 0.25 s of it
     signal.setitimer(signal.ITIMER_REAL, max(0.01, FINISH_ON_TERM_S - (time.monotonic() - arrived)))
 
@@ -584,8 +585,11 @@ class CutShort(SystemExit):
     """Raised in the main thread by the SIGTERM's timer: the plugin's code ran past FINISH_ON_TERM_S."""
 
 
-def _cut_short(*_) -> None:
-    raise CutShort(0)
+def _cut_short(runner: Runner) -> None:
+    # Not once _finish has begun (it disarms the timer, but an alarm may already be on its way): cut short there,
+    # Runner.run's second _finish would return at once, with no teardown, no last ack and no close.
+    if not runner._ended:
+        raise CutShort(0)
 
 
 def _die_with_parent(kernel_pid: int) -> None:
