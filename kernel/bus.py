@@ -43,6 +43,8 @@ EVENTS_HWM = 10_000
 CONTROL_MAX_MESSAGE_BYTES = 256 * 1024  # what a peer may send us; larger drops its connection (libzmq)
 CONTROL_PER_WAKE = 256  # control messages read per wake-up: heartbeats and flushes never wait behind a flood
 STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said hello (slow joiners)
+CLOSE_TIMEOUT_S = 10.0  # close() waits this long for the bus thread's last round
+FLUSH_NOW_TIMEOUT_S = 5.0  # flush_now's wait for a flush: the bus never takes longer unless its disk holds it up
 LINGER_MS = 1000
 # The dispatcher knows a connection by socket and routing id: a peer on one socket can never pose as one on the
 # other by picking its routing id (a local one as a remote key's connection, or the reverse).
@@ -141,27 +143,41 @@ class Bus:
                 self.idle.wait(min(left, 0.05))
         return True
 
-    def flush_now(self, timeout_s: float = 5.0) -> None:
+    def flush_now(self, timeout_s: float = FLUSH_NOW_TIMEOUT_S) -> bool:
         """Send what is queued now, not with the next burst, and wait until it is out (the training thread's).
 
         Out means numbered by a flush that started after this call: an empty queue is not enough, since a burst
-        may have taken the events and not yet numbered them (a vote would then be awaited at the seq before)."""
+        may have taken the events and not yet numbered them (a vote would then be awaited at the seq before).
+        False when timeout_s passed first: a flush held up (the journal's fsync behind other writes to its disk)."""
+        return self.wait(self._ring().is_set, timeout_s)
+
+    def _ring(self) -> threading.Event:
+        """Ask the bus to flush at once; the Event is set once a flush numbered every event queued before it."""
         flushed = threading.Event()
         self._flushed.append(flushed)  # after this thread's events: the flush that takes it takes them
         try:
             self._wake_tx.send(b"", zmq.NOBLOCK)
         except zmq.Again:  # a ring is already pending: the bus is waking anyway
             pass
-        self.wait(flushed.is_set, timeout_s)
+        return flushed
 
     def await_votes(self, type_: str, timeout_s: float) -> list[str]:
         """Wait until every live plugin voting at `type_` acked its latest instance; return who did not."""
         peers = self.control.peers
         if timeout_s <= 0 or not peers.has_voters(type_):
             return []
-        self.flush_now()
+        # The vote is at the seq a flush gives the event. Until one has numbered it the latest of its type is the one
+        # before, which every voter acked long ago: a flush held up past flush_now's wait (an fsync behind a
+        # checkpoint being written) is waited for within the vote's time too, and what it leaves is the vote's.
+        out, end = self._ring(), time.monotonic() + FLUSH_NOW_TIMEOUT_S + timeout_s
+        if not self.wait(out.is_set, end - time.monotonic()):
+            late = [p.name for p in peers if type_ in p.votes and peers.is_live(p, time.monotonic())]
+            log.warning("no vote from %s at %s: no flush numbered it within %.3g s (the journal's disk?); training "
+                        "went on", ", ".join(late), type_, FLUSH_NOW_TIMEOUT_S + timeout_s)
+            return late
         seq = self._last_seq_of.get(type_, 0)
-        self.wait(lambda: not peers.voters_behind(type_, seq, time.monotonic()), timeout_s)
+        self.wait(lambda: not peers.voters_behind(type_, seq, time.monotonic()),
+                  min(timeout_s, end - time.monotonic()))
         late = peers.voters_behind(type_, seq, time.monotonic())
         if late:
             peers.mark_missed_vote(late, seq)
@@ -181,7 +197,14 @@ class Bus:
     def close(self) -> OSError | None:
         """Stop the bus thread after a last flush; close sockets and the journal (its last error, if any)."""
         self._closing.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=CLOSE_TIMEOUT_S)
+        if self._thread.is_alive():
+            # Held up (its last flush waiting for the journal's disk): closing the journal under it would lose the
+            # run's last events, and a replay it still serves could read a descriptor reused by another file. The
+            # process's exit closes them; this run's end is not held up longer.
+            log.error("the bus thread did not stop within %.0f s (the journal's disk?): its journal and sockets are "
+                      "left open until the process exits", CLOSE_TIMEOUT_S)
+            return self.journal.error
         error = self.journal.close()
         for socket in (self.pub, self.router, self._wake_tx, self._wake_rx):
             socket.close()
@@ -205,11 +228,13 @@ class Bus:
             try:
                 due = min(next_heartbeat, self.supervisor.next_deadline(), next_flush)
                 ready = dict(poller.poll(0 if more else max(0.0, due - time.monotonic()) * 1000))
+                polled = time.monotonic()
                 if self._wake_rx in ready:  # the training thread waits on what is queued (flush_now)
                     _drain(self._wake_rx)
                     next_flush = 0.0
                 control_ready = self.router in ready or (self.remote is not None and self.remote.router in ready)
                 more = (more or control_ready) and self._read_control(CONTROL_PER_WAKE)
+                self.control.peers.heard_at = polled  # what waited then is read (bar a flood's rest: `more`)
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     self._heartbeat()

@@ -92,6 +92,10 @@ class Peers:
         self._by_name: collections.OrderedDict[str, Peer] = collections.OrderedDict()  # latest hello per name
         self.positions: dict[str, int] = {}  # durable name -> highest seq acked, across its restarts
         self._silent: list[Peer] = []  # forgotten hand-attached peers not yet returned by forget_dead (<= MAX_PEERS)
+        # Until when the bus thread has read what peers sent (Bus._run): silence counts up to then, not up to `now`.
+        # The training thread judges liveness too (votes, the drain, has a persister said hello), and a bus thread
+        # held up (a flush waiting for its disk) reads nobody meanwhile; those peers are not silent, just unread.
+        self.heard_at = float("inf")
 
     def __iter__(self):
         return iter(list(self._by_identity.values()))
@@ -204,7 +208,7 @@ class Peers:
         """A spawned peer lives while its process does; an attached one while it keeps talking."""
         if peer.spawned:
             return self.supervisor.is_current(peer.name, peer.pid)
-        return now - peer.last_seen < self.liveness_s
+        return min(now, self.heard_at) - peer.last_seen < self.liveness_s
 
     def may_return(self, name: str, now: float) -> bool:
         """Live, or spawned and on its way back (restarting); not failed, not left."""

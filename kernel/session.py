@@ -469,7 +469,10 @@ def wait_ready(bus: Bus, timeout_s: float) -> list[str]:
 def wait_drained(bus: Bus, timeout_s: float, abort: Callable[[], bool] = lambda: False) -> dict[str, int]:
     """Wait until every durable plugin that may still return acked the final event; return {name: acked} of laggards."""
     bus.flush_now()
-    behind = lambda: bus.control.peers.durable_behind(bus.final_seq, time.monotonic())  # noqa: E731
+    # Drained is the final event acked. A flush held up past flush_now's wait (the journal's disk) may not have
+    # numbered it yet: until then no plugin has it, whatever it acked, and every durable one is behind.
+    behind = lambda: bus.control.peers.durable_behind(  # noqa: E731
+        bus.final_seq if bus.ended else bus.last_seq + 1, time.monotonic())
     bus.wait(lambda: not behind() or abort(), timeout_s)
     return behind()
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -123,6 +124,9 @@ class Supervisor:
         self.emit = emit
         self.liveness_s = heartbeat_interval_s * HEARTBEAT_LIVENESS
         self.stopping = False
+        # tick() runs on the bus thread, shutdown() on the training thread: a restart that passed its `stopping` check
+        # stores its process before shutdown picks what to stop, and an exit both see is told by one of them.
+        self._lock = threading.Lock()
         self.log_max_bytes = LOG_MAX_BYTES
         self._next_log_check = 0.0
 
@@ -139,7 +143,9 @@ class Supervisor:
         if child and child.proc and pid == child.proc.pid:
             child.last_seen = now
             if child.state == "starting":
-                child.state, child.greeted = "running", True
+                with self._lock:  # rechecked: shutdown (the training thread) may have told its exit in between
+                    if child.state == "starting":
+                        child.state, child.greeted = "running", True
 
     def spawned(self, name: str) -> bool:
         return name in self.children
@@ -196,8 +202,9 @@ class Supervisor:
             self.children[name].leaving = True
 
     def tick(self, now: float) -> None:
-        for child in self.children.values():
-            self._check(child, now)
+        with self._lock:
+            for child in self.children.values():
+                self._check(child, now)
         if now >= self._next_log_check:
             self._next_log_check = now + LOG_CHECK_S
             for name in list(self.children):
@@ -221,9 +228,10 @@ class Supervisor:
 
     def shutdown(self, deadline_s: float, abort: Callable[[], bool] = lambda: False) -> None:
         """Stop restarting; give live plugins until the deadline (or abort()) to exit, then TERM, then KILL."""
-        self.stopping = True
+        with self._lock:
+            self.stopping = True
+            procs = [c.proc for c in list(self.children.values()) if c.proc and c.proc.poll() is None]
         end = time.monotonic() + deadline_s
-        procs = [c.proc for c in list(self.children.values()) if c.proc and c.proc.poll() is None]
         while procs and time.monotonic() < end and not abort():
             procs = [p for p in procs if p.poll() is None]
             time.sleep(0.02)
@@ -241,10 +249,11 @@ class Supervisor:
         for child in list(self.children.values()):
             if child.proc:
                 code = child.proc.wait()  # reap, so no zombie outlives the run
-                if child.state == "backoff":  # crashed while the run drained, counted then: no restart now
-                    child.state = "exited"
-                elif child.state not in ("failed", "exited"):
-                    self._ended_at_shutdown(child, code)
+                with self._lock:
+                    if child.state == "backoff":  # crashed while the run drained, counted then: no restart now
+                        child.state = "exited"
+                    elif child.state not in ("failed", "exited"):
+                        self._ended_at_shutdown(child, code)
 
     def _ended_at_shutdown(self, child: Child, code: int) -> None:
         """A plugin's exit once the run is over (whichever thread saw it first): gone for good, never restarted,
