@@ -143,13 +143,13 @@ class Bus:
                 self.idle.wait(min(left, 0.05))
         return True
 
-    def flush_now(self, timeout_s: float = FLUSH_NOW_TIMEOUT_S) -> bool:
+    def flush_now(self, timeout_s: float | None = None) -> bool:
         """Send what is queued now, not with the next burst, and wait until it is out (the training thread's).
 
         Out means numbered by a flush that started after this call: an empty queue is not enough, since a burst
         may have taken the events and not yet numbered them (a vote would then be awaited at the seq before).
         False when timeout_s passed first: a flush held up (the journal's fsync behind other writes to its disk)."""
-        return self.wait(self._ring().is_set, timeout_s)
+        return self.wait(self._ring().is_set, FLUSH_NOW_TIMEOUT_S if timeout_s is None else timeout_s)
 
     def _ring(self) -> threading.Event:
         """Ask the bus to flush at once; the Event is set once a flush numbered every event queued before it."""

@@ -10,7 +10,6 @@ and checks that the kernel's own value is the spec's 100 ms.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
@@ -21,12 +20,14 @@ import pytest
 import zmq
 
 from test_peers_limits import fill
-from test_trust import LIMITS, attach_credential
+from test_trust import LIMITS
 from trainbus.kernel import bus as bus_module
 from trainbus.kernel.bus import FLUSH_INTERVAL_S, Bus
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import close_bus, open_bus, wait_drained
 from trainbus.proto import events as ev
+
+from bus_probes import AttachedPeer, hold_flush_of
 
 SCALED_S = 0.5  # a burst interval five times the spec's: scheduling delays are small beside it
 MARGIN_S = 0.3  # journaling, sending and waking the subscriber, on a loaded box (normally a few ms)
@@ -89,51 +90,6 @@ class Subscriber:
         self.ctx.destroy(linger=0)
 
 
-class Voter(threading.Thread):
-    """An attached peer voting at end_epoch, in a thread of its own (await_votes holds the test's thread): hello with
-    the run's credential after its first event, an ack for every end_epoch it receives, a heartbeat every 0.5 s."""
-
-    def __init__(self, run_dir: Path, bus: Bus):
-        super().__init__(name="voter", daemon=True)
-        self.secret, self.events, self.control = attach_credential(run_dir), bus.events_endpoint, bus.control_endpoint
-        self.welcomed, self.stopping = threading.Event(), threading.Event()
-        self.acked: list[int] = []
-
-    def run(self) -> None:
-        ctx = zmq.Context()
-        sub, dealer = ctx.socket(zmq.SUB), ctx.socket(zmq.DEALER)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        dealer.setsockopt(zmq.ROUTING_ID, f"voter-{secrets.token_hex(4)}".encode())
-        for socket, endpoint in ((sub, self.events), (dealer, self.control)):
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(endpoint)
-        send = lambda type_, **fields: dealer.send(msgpack.packb({"v": 1, "type": type_, **fields}))  # noqa: E731
-        poller = zmq.Poller()
-        poller.register(sub, zmq.POLLIN)
-        poller.register(dealer, zmq.POLLIN)
-        said_hello, next_beat = False, 0.0
-        try:
-            while not self.stopping.is_set():
-                ready = dict(poller.poll(50))
-                if sub in ready:
-                    _, raw = sub.recv_multipart()
-                    event = msgpack.unpackb(raw, **LIMITS)
-                    if not said_hello:  # our subscription is live: the first event came
-                        send("hello", name="voter", pid=os.getpid(), subscriptions=[""], replies=[],
-                             delivery="best_effort", votes=["end_epoch"], capabilities=[], secret=self.secret)
-                        said_hello = True
-                    if event["type"] == ev.END_EPOCH:
-                        send("ack", seq=event["seq"])
-                        self.acked.append(event["seq"])
-                if dealer in ready and msgpack.unpackb(dealer.recv(), **LIMITS)["type"] == "welcome":
-                    self.welcomed.set()
-                if self.welcomed.is_set() and time.monotonic() >= next_beat:
-                    send("heartbeat")
-                    next_beat = time.monotonic() + 0.5
-        finally:
-            ctx.destroy(linger=0)
-
-
 def batch_data(index: int) -> dict:
     return {"batch_index": index, "batch_size": 32, "loss": 0.5}
 
@@ -178,7 +134,7 @@ def test_an_event_the_kernel_waits_on_goes_out_at_once_with_what_waited_before_i
     run_dir = tmp_path / "run"
     bus = bus_in(run_dir)
     subscriber = Subscriber(bus.events_endpoint)
-    voter = Voter(run_dir, bus)
+    voter = AttachedPeer(run_dir, bus, votes=(ev.END_EPOCH,), acks=ev.END_EPOCH, name="voter")
     voter.start()
     try:
         subscriber.wait_for(lambda e: e["type"] == ev.HEARTBEAT)
@@ -228,18 +184,10 @@ def test_a_vote_is_awaited_at_its_own_event_when_a_burst_took_it_before_the_vote
     voter must have acked this end_epoch by the time await_votes returns."""
     run_dir = tmp_path / "run"
     bus = bus_in(run_dir)
-    voter = Voter(run_dir, bus)
+    voter = AttachedPeer(run_dir, bus, votes=(ev.END_EPOCH,), acks=ev.END_EPOCH, name="voter")
     voter.start()
-    inside, let_go = threading.Event(), threading.Event()
-    read_tensors = bus_module.materialize_tensors
-
-    def held(batch: list) -> None:  # in the bus thread, inside its flush
-        if any(item[0] == ev.END_EPOCH for item in batch):
-            inside.set()
-            let_go.wait(30)
-        read_tensors(batch)
-
     voted: dict = {}
+    inside, let_go = hold_flush_of(monkeypatch, ev.END_EPOCH)
 
     def vote() -> None:  # the training thread's part
         voted["late"] = bus.await_votes(ev.END_EPOCH, timeout_s=15)
@@ -248,7 +196,6 @@ def test_a_vote_is_awaited_at_its_own_event_when_a_burst_took_it_before_the_vote
     try:
         assert voter.welcomed.wait(30), "the voter was not welcomed"
         bus.wait(lambda: bus.control.peers.has_voters(ev.END_EPOCH), 10)
-        monkeypatch.setattr(bus_module, "materialize_tensors", held)
         bus.publish(ev.END_EPOCH, 1, 1, {"epoch": 1, "training_loss": 0.5})
         assert inside.wait(10), "no burst took end_epoch"
         training = threading.Thread(target=vote, name="training", daemon=True)

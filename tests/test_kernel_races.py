@@ -19,9 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-import msgpack
 import pytest
-import zmq
 
 from trainbus.kernel import bus as bus_module, supervisor as supervisor_module
 from trainbus.kernel.journal import read_events
@@ -29,6 +27,8 @@ from trainbus.kernel.session import close_bus, open_bus, wait_drained
 from trainbus.kernel.snapshot import SnapshotBuffers
 from trainbus.kernel.supervisor import PluginSpec
 from trainbus.proto import events as ev
+
+from bus_probes import AttachedPeer, hold_flush_of
 
 BUS_THREAD = "trainbus-bus"
 LET_GO_ANYWAY_S = 2.0  # the fixed code keeps the other thread out of the window: the hold ends anyway after this
@@ -157,72 +157,8 @@ def test_a_crash_seen_by_both_threads_at_shutdown_is_told_once(bus_with, tmp_pat
     assert crasher.state == "exited", crasher.state
 
 
-class Peer(threading.Thread):
-    """An attached peer in a thread of its own (the test's other thread is the training thread): hello with the run's
-    credential after its first event, an ack for every event of `acks` it receives (None: every event), a heartbeat
-    every 0.5 s. `acked` lists the seqs it acked."""
-
-    def __init__(self, run_dir: Path, bus, delivery: str = "best_effort", votes: tuple[str, ...] = (),
-                 acks: str | None = None, capabilities: tuple[str, ...] = ()):
-        super().__init__(name="peer", daemon=True)
-        self.secret = (run_dir / "credential").read_text().strip()
-        self.events, self.control = bus.events_endpoint, bus.control_endpoint
-        self.delivery, self.votes, self.acks, self.capabilities = delivery, list(votes), acks, list(capabilities)
-        self.welcomed, self.stopping = threading.Event(), threading.Event()
-        self.acked: list[int] = []
-
-    def run(self) -> None:
-        ctx = zmq.Context()
-        sub, dealer = ctx.socket(zmq.SUB), ctx.socket(zmq.DEALER)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        dealer.setsockopt(zmq.ROUTING_ID, f"peer-{secrets.token_hex(4)}".encode())
-        for socket, endpoint in ((sub, self.events), (dealer, self.control)):
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(endpoint)
-        send = lambda type_, **fields: dealer.send(msgpack.packb({"v": 1, "type": type_, **fields}))  # noqa: E731
-        poller = zmq.Poller()
-        poller.register(sub, zmq.POLLIN)
-        poller.register(dealer, zmq.POLLIN)
-        said_hello, next_beat = False, 0.0
-        try:
-            while not self.stopping.is_set():
-                ready = dict(poller.poll(50))
-                if sub in ready:
-                    event = msgpack.unpackb(sub.recv_multipart()[1], raw=False, strict_map_key=False)
-                    if not said_hello:  # our subscription is live: the first event came
-                        send("hello", name="peer", pid=os.getpid(), subscriptions=[""], replies=[],
-                             delivery=self.delivery, votes=self.votes, capabilities=self.capabilities,
-                             secret=self.secret)
-                        said_hello = True
-                    if self.welcomed.is_set() and event["type"] != ev.HEARTBEAT and self.acks in (None, event["type"]):
-                        send("ack", seq=event["seq"])
-                        self.acked.append(event["seq"])
-                if dealer in ready and msgpack.unpackb(dealer.recv(), raw=False)["type"] == "welcome":
-                    self.welcomed.set()
-                if self.welcomed.is_set() and time.monotonic() >= next_beat:
-                    send("heartbeat")
-                    next_beat = time.monotonic() + 0.5
-        finally:
-            ctx.destroy(linger=0)
-
-
-def hold_flush_of(monkeypatch, type_: str) -> tuple[threading.Event, threading.Event]:
-    """Hold the bus thread inside the flush that took an event of `type_` (where it reads the batch's tensors, before
-    it numbers anything) until `let_go`; returns (inside, let_go)."""
-    inside, let_go = threading.Event(), threading.Event()
-    read_tensors = bus_module.materialize_tensors
-
-    def held(batch: list) -> None:
-        if any(item[0] == type_ for item in batch) and not inside.is_set():
-            inside.set()
-            let_go.wait(60)
-        read_tensors(batch)
-
-    monkeypatch.setattr(bus_module, "materialize_tensors", held)
-    return inside, let_go
-
-
-FLUSH_HELD_S = 8.0  # past flush_now's own wait (5 s): a flush held up this long (an fsync behind a checkpoint's writes)
+FLUSH_NOW_S = 1.0  # flush_now's wait (5 s in a run), shortened so that holding a flush past it takes seconds less
+FLUSH_HELD_S = 2.5  # past flush_now's wait: a flush held up this long (an fsync behind a checkpoint's writes)
 
 
 def attached_peers_live_through_the_hold(bus) -> None:
@@ -231,9 +167,15 @@ def attached_peers_live_through_the_hold(bus) -> None:
     bus.control.peers.liveness_s = 60.0
 
 
-def test_a_vote_waits_for_its_event_however_long_its_flush_is_held_up(bus_with, tmp_path, monkeypatch):
+@pytest.fixture
+def short_flush_wait(monkeypatch):
+    monkeypatch.setattr(bus_module, "FLUSH_NOW_TIMEOUT_S", FLUSH_NOW_S)
+
+
+def test_a_vote_waits_for_its_event_however_long_its_flush_is_held_up(bus_with, tmp_path, monkeypatch,
+                                                                      short_flush_wait):
     """await_votes waits for the voters to ack the seq its end_epoch got. That seq is known only once a flush numbered
-    it; flush_now gives up after 5 s, and the latest end_epoch seq is then the one before (here none: 0), which every
+    it; flush_now gives up after 5 s (FLUSH_NOW_S here), and the latest end_epoch seq is then the one before (here none: 0), which every
     voter acked long ago: the vote would be skipped without a word, and a stop decided on this epoch would land in the
     middle of the next. A flush held up that long is an fsync behind a checkpoint being written to the same disk.
 
@@ -242,7 +184,7 @@ def test_a_vote_waits_for_its_event_however_long_its_flush_is_held_up(bus_with, 
     run_dir = tmp_path / "run"
     bus = bus_with(run_dir, [])
     attached_peers_live_through_the_hold(bus)
-    voter = Peer(run_dir, bus, votes=(ev.END_EPOCH,), acks=ev.END_EPOCH)
+    voter = AttachedPeer(run_dir, bus, votes=(ev.END_EPOCH,), acks=ev.END_EPOCH)
     voter.start()
     voted: dict = {}
 
@@ -269,9 +211,10 @@ def test_a_vote_waits_for_its_event_however_long_its_flush_is_held_up(bus_with, 
     assert voted == {"late": [], "acked": [end_epoch.seq]}, (voted, end_epoch.seq)
 
 
-def test_the_drain_waits_for_the_final_event_however_long_its_flush_is_held_up(bus_with, tmp_path, monkeypatch):
+def test_the_drain_waits_for_the_final_event_however_long_its_flush_is_held_up(bus_with, tmp_path, monkeypatch,
+                                                                               short_flush_wait):
     """wait_drained waits until every durable plugin acked the run's final event (bus.final_seq). flush_now gives up
-    after 5 s; while no flush has numbered the final event, final_seq is the last seq numbered, which a durable
+    after 5 s (FLUSH_NOW_S here); while no flush has numbered the final event, final_seq is the last seq numbered, which a durable
     plugin that kept up has acked: the drain would end at once, its plugins be stopped before they had the final
     event (the last checkpoint unwritten), and the summary say that none was left behind.
 
@@ -280,7 +223,7 @@ def test_the_drain_waits_for_the_final_event_however_long_its_flush_is_held_up(b
     run_dir = tmp_path / "run"
     bus = bus_with(run_dir, [])
     attached_peers_live_through_the_hold(bus)
-    durable = Peer(run_dir, bus, delivery="durable")
+    durable = AttachedPeer(run_dir, bus, delivery="durable")
     durable.start()
     drained: dict = {}
 
@@ -324,7 +267,7 @@ def test_an_attached_peer_is_not_taken_for_gone_while_the_bus_thread_is_held_up(
     bus, checkpointer, sockets = open_bus("races-" + secrets.token_hex(3), run_dir, [],
                                           buffers=SnapshotBuffers("races", [tmp_path]))
     bus.start()
-    peer = Peer(run_dir, bus, delivery="durable", votes=(ev.END_EPOCH,), capabilities=("checkpoint",))
+    peer = AttachedPeer(run_dir, bus, delivery="durable", votes=(ev.END_EPOCH,), capabilities=("checkpoint",))
     peer.start()
     let_go = threading.Event()
     try:
