@@ -435,31 +435,31 @@ def test_bad_settings_are_refused(tmp_path, settings):
 
 WRITER_PRIORITY = """
 import json, os, sys, threading
-import torch  # before the nice: yield_to_training imports it, which took minutes at nice 10 beside CPU burners
-from trainbus.plugins.checkpoint import yield_to_training
+import torch  # before the nice: the plugin imports it, which took minutes at nice 10 beside CPU burners
+from trainbus.plugins.checkpoint import CheckpointPlugin
 
 os.nice(10)  # what the supervisor gives every plugin
-seen = {}
-def writer():
-    yield_to_training(sys.argv[1])
+plugin = CheckpointPlugin({"priority": sys.argv[1]}, run_dir=sys.argv[2])
+plugin.bind_sender(lambda message: None)  # what the runner does, on the handler thread
+def priority():
     tid = threading.get_native_id()
-    seen["writer"] = [os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)]
-t = threading.Thread(target=writer)
-t.start()
-t.join()
-seen["main"] = [os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())]
+    return [os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)]
+seen = {"writer": plugin.writer.submit(priority).result(), "handler": priority()}
+plugin.teardown()
 print(json.dumps(seen))
 """
 
 
 @pytest.mark.parametrize("priority, policy, nice", [
     ("background", os.SCHED_OTHER, 19), ("low", os.SCHED_OTHER, 10), ("idle", os.SCHED_IDLE, 10)])
-def test_the_writing_thread_alone_goes_below_the_plugin(priority, policy, nice):
+def test_the_writing_thread_alone_goes_below_the_plugin(tmp_path, priority, policy, nice):
+    """Snapshots are written on a thread of their own, lowered; the handler thread (its other handlers, teardown, the
+    interpreter's exit at the run's end) and the I/O thread stay at the plugin's priority."""
     if os.getpriority(os.PRIO_PROCESS, 0) > 10:
         pytest.skip("this test starts from a nice below 10")
-    done = subprocess.run([sys.executable, "-c", WRITER_PRIORITY, priority], capture_output=True, text=True,
-                          timeout=100)
+    done = subprocess.run([sys.executable, "-c", WRITER_PRIORITY, priority, str(tmp_path)], capture_output=True,
+                          text=True, timeout=100)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
     assert seen["writer"] == [policy, nice]
-    assert seen["main"] == [os.SCHED_OTHER, 10]  # the plugin's other threads (its heartbeat) stay where they were
+    assert seen["handler"] == [os.SCHED_OTHER, 10]
