@@ -463,6 +463,7 @@ def wait_ready(bus: Bus, timeout_s: float) -> list[str]:
         return [n for n in bus.supervisor.live_names() if n not in welcomed]
     bus.wait(lambda: not missing(), timeout_s)
     bus.fast_heartbeats = False
+    bus.supervisor.training_starts()  # the ones still missing finish starting below training
     return missing()
 
 

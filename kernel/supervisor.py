@@ -45,6 +45,17 @@ HEALTHY_RESET_S = 10.0
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 PLUGIN_NICE = 10  # plugins run below training's priority: a busy plugin takes idle CPU, not training's
+LOWER_PASSES = 4  # Processes.lower: looks for threads started while the others were being lowered
+# Starved is not hung. On a box busy with other work (two neighbours' jobs on two cores) a nice-10 plugin gets ~1/11
+# of a core, and a thread of it at nice 19 (the checkpoint writer) ~1/70 while it holds the GIL the I/O thread needs:
+# it can stay silent for seconds, or take seconds to exit, while it waits for a CPU. Its threads' run-queue wait
+# (/proc/<pid>/task/*/schedstat, counted by the scheduler) tells the two apart: silent while waiting for a CPU
+# most of the time is slow; silent while asleep (deadlocked, stopped) or while running (spinning in C with the GIL
+# held) is hung. Sampled only for a plugin silent past the liveness window less one sample, or overdue to exit.
+STARVED_SAMPLE_S = HEARTBEAT_INTERVAL_S  # the window each verdict looks at
+STARVED_WAIT_FRACTION = 0.5  # waited for a CPU at least this part of the window: starved, given one more window
+STARVED_CPU_S = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS  # ... unless it ran this much CPU since, saying nothing
+STARVED_MAX_S = 60.0  # ... and never past this much more than it was given, whatever the reason
 # A plugin's output log (runs/<id>/plugins/<name>.log) is capped: past LOG_MAX_BYTES it is copied to <name>.log.1
 # (the previous copy replaced) and emptied in place, as logrotate's copytruncate does, since the plugin holds the
 # file open. A plugin that prints a line a step would otherwise fill the disk in a multi-day run. Checked every
@@ -60,21 +71,62 @@ class Processes:
     Its decisions (liveness, hung, backoff, giving up) are its own and take `now` from the caller; tests hand
     it a fake Processes and a fake clock (tests/test_supervisor_clock.py)."""
 
-    def spawn(self, cmd: list[str], env: dict[str, str], stdout, stderr) -> subprocess.Popen:
+    def spawn(self, cmd: list[str], env: dict[str, str], stdout, stderr, below_training: bool) -> subprocess.Popen:
         proc = subprocess.Popen(
             # Its own process group (Ctrl-C reaches the kernel only; the group is what gets killed)
             # in the kernel's session: with sched_autogroup a session is a scheduling group, and
             # one of its own would get an equal share against the kernel's whatever its nice.
             cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, process_group=0,
         )
-        _lower_priority(proc.pid)
+        if below_training:
+            _lower_priority(proc.pid)  # before it starts a thread: they all inherit it
         return proc
+
+    def lower(self, pid: int) -> None:
+        """A plugin started at the kernel's priority goes below training now: priority is per thread (Linux), so
+        each thread of its process and of the processes it started. Until a look finds no thread it had not
+        lowered (at most a few): one started meanwhile by a thread not yet lowered inherited the old priority."""
+        done: set[int] = set()
+        for _ in range(LOWER_PASSES):
+            try:
+                root = psutil.Process(pid)
+                tids = {t.id for proc in (root, *root.children(recursive=True)) for t in _threads(proc)} - done
+            except psutil.Error:  # gone: nothing left to lower
+                return
+            if not tids:
+                return
+            for tid in tids:
+                _lower_priority(tid)
+            done |= tids
 
     def signal(self, proc: subprocess.Popen, sig: int) -> None:
         _signal_group(proc, sig)
 
     def cpu_seconds(self, pid: int) -> float:
         return _cpu_seconds(pid)
+
+    def sched_seconds(self, pid: int) -> tuple[float, float] | None:
+        return _sched_seconds(pid)
+
+
+class Patience:
+    """Whether a silent (or overdue) plugin is starved rather than hung, from its threads' run-queue wait between
+    samples (STARVED_*): each verdict looks at the time since the previous one, and samples again."""
+
+    def __init__(self, processes: Processes, pid: int, now: float):
+        self.processes, self.pid = processes, pid
+        self.started_at = now
+        self.first = self.last = (now, processes.sched_seconds(pid))
+        self.measurable = self.first[1] is not None
+
+    def starved(self, now: float) -> bool:
+        (then, before), (_, first) = self.last, self.first
+        after = self.processes.sched_seconds(self.pid)
+        self.last = (now, after)
+        if before is None or after is None or now <= then or now - self.started_at > STARVED_MAX_S:
+            return False  # no schedstat (not Linux, gone), or patient long enough
+        waited = after[1] - before[1]
+        return waited >= STARVED_WAIT_FRACTION * (now - then) and after[0] - first[0] < STARVED_CPU_S
 
 
 @dataclass
@@ -103,6 +155,7 @@ class Child:
     kill_at: float = 0.0
     leaving: bool = False  # said bye: an exit is on purpose
     overdue: str = ""  # still running when the run's plugins were out of time to exit: why it was stopped
+    patience: Patience | None = None  # silent nearly the liveness window: sampled to tell starved from hung
     greeted: bool = False  # some process of it said hello: the kernel knows what it can do (its capabilities)
     restarts: int = 0
     crashes: list = field(default_factory=list)  # human-readable reasons, for the run summary
@@ -115,8 +168,10 @@ class Supervisor:
 
     def __init__(self, specs: list[PluginSpec], env: dict[str, str], run_dir: Path, emit: Emit,
                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
-                 token_for: Callable[[str], str] = lambda name: "", processes: Processes | None = None):
+                 token_for: Callable[[str], str] = lambda name: "", processes: Processes | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         self.processes = processes or Processes()
+        self.clock, self.sleep = clock, sleep  # shutdown's own waiting (tick() is given `now`)
         self.children = {s.name: Child(s) for s in specs}
         self.env = env
         self.token_for = token_for  # the secret a plugin's hello must carry (kernel/credentials.py)
@@ -124,6 +179,10 @@ class Supervisor:
         self.emit = emit
         self.liveness_s = heartbeat_interval_s * HEARTBEAT_LIVENESS
         self.stopping = False
+        # Before training starts (while the kernel waits for their hello) plugins start at the kernel's priority:
+        # there is nothing to yield to yet, and a plugin importing torch at nice 10 beside a neighbour's busy job took
+        # 33 s instead of 5, past ready_timeout_s. training_starts() lowers them; later ones start lowered.
+        self.below_training = False
         # tick() runs on the bus thread, shutdown() on the training thread: a restart that passed its `stopping` check
         # stores its process before shutdown picks what to stop, and an exit both see is told by one of them.
         self._lock = threading.Lock()
@@ -134,18 +193,28 @@ class Supervisor:
 
     def start_all(self, now: float | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for child in self.children.values():
-            self._spawn(child, time.monotonic() if now is None else now)
+        with self._lock:
+            for child in self.children.values():
+                self._spawn(child, time.monotonic() if now is None else now)
 
     def seen(self, name: str, pid: int, now: float) -> None:
         """The plugin's current process sent something: it is alive."""
         child = self.children.get(name)
         if child and child.proc and pid == child.proc.pid:
             child.last_seen = now
+            child.patience = None
             if child.state == "starting":
                 with self._lock:  # rechecked: shutdown (the training thread) may have told its exit in between
                     if child.state == "starting":
                         child.state, child.greeted = "running", True
+
+    def training_starts(self) -> None:
+        """Every plugin goes below training from here (the ones running now, and every start from now on)."""
+        with self._lock:  # a restart (tick) or an attach spawning now sees the flag, or is in the list
+            self.below_training = True
+            pids = [c.proc.pid for c in self.children.values() if c.proc is not None and c.proc.poll() is None]
+        for pid in pids:
+            self.processes.lower(pid)
 
     def spawned(self, name: str) -> bool:
         return name in self.children
@@ -175,8 +244,9 @@ class Supervisor:
     def attach(self, spec: PluginSpec, now: float) -> Child:
         """Start a plugin in the live run, supervised from then on like those of its config. A name that exited or
         failed starts afresh (backoff and restart count too); the caller checked that no live one holds it."""
-        child = self.children[spec.name] = Child(spec)
-        self._spawn(child, now)
+        with self._lock:
+            child = self.children[spec.name] = Child(spec)
+            self._spawn(child, now)
         return child
 
     def detach(self, name: str, now: float, done: Callable[[int | None], None]) -> None:
@@ -215,7 +285,8 @@ class Supervisor:
         deadlines = [float("inf")]
         for c in self.children.values():
             if c.state == "running":
-                deadlines.append(c.last_seen + self.liveness_s)
+                deadlines.append(c.last_seen + self.liveness_s - STARVED_SAMPLE_S if c.patience is None
+                                 else max(c.last_seen + self.liveness_s, c.patience.last[0] + STARVED_SAMPLE_S))
             elif c.state == "backoff":
                 deadlines.append(c.next_start_at)
             elif c.state in ("terminating", "detaching"):
@@ -231,21 +302,17 @@ class Supervisor:
         with self._lock:
             self.stopping = True
             procs = [c.proc for c in list(self.children.values()) if c.proc and c.proc.poll() is None]
-        end = time.monotonic() + deadline_s
-        while procs and time.monotonic() < end and not abort():
-            procs = [p for p in procs if p.poll() is None]
-            time.sleep(0.02)
+        started = self.clock()
+        procs = self._await_exit(procs, deadline_s, abort)
         if not abort():  # still running at the deadline: it did not finish with the run (a second Ctrl-C is the user's)
             for child in list(self.children.values()):
                 if child.proc is not None and any(child.proc is p for p in procs):
-                    child.overdue = f"still running {deadline_s:.0f} s after the run's end"
-        for sig, grace_s in ((signal.SIGTERM, EXIT_TERM_GRACE_S), (signal.SIGKILL, TERM_GRACE_S)):
-            for p in procs:
-                self.processes.signal(p, sig)
-            grace_end = time.monotonic() + grace_s
-            while procs and time.monotonic() < grace_end:
-                procs = [p for p in procs if p.poll() is None]
-                time.sleep(0.02)
+                    child.overdue = f"still running {self.clock() - started:.0f} s after the run's end"
+        for p in procs:
+            self.processes.signal(p, signal.SIGTERM)
+        procs = self._await_exit(procs, EXIT_TERM_GRACE_S)
+        for p in procs:
+            self.processes.signal(p, signal.SIGKILL)
         for child in list(self.children.values()):
             if child.proc:
                 code = child.proc.wait()  # reap, so no zombie outlives the run
@@ -254,6 +321,27 @@ class Supervisor:
                         child.state = "exited"
                     elif child.state not in ("failed", "exited"):
                         self._ended_at_shutdown(child, code)
+
+    def _await_exit(self, procs: list, seconds: float, abort: Callable[[], bool] = lambda: False) -> list:
+        """Waits up to `seconds` (or until abort()) for procs to exit; one that spent the last part of it waiting
+        for a CPU gets a sample window more, and more, within STARVED_MAX_S (Patience). Returns those still running."""
+        due = {p.pid: self.clock() + seconds for p in procs}
+        patience: dict[int, Patience] = {}
+        while True:
+            now = self.clock()
+            procs = [p for p in procs if p.poll() is None]
+            if not procs or abort():
+                return procs
+            waiting = False
+            for p in procs:
+                if p.pid not in patience and now >= due[p.pid] - STARVED_SAMPLE_S:
+                    patience[p.pid] = Patience(self.processes, p.pid, now)
+                if now >= due[p.pid] and patience[p.pid].measurable and patience[p.pid].starved(now):
+                    due[p.pid] = now + STARVED_SAMPLE_S
+                waiting = waiting or now < due[p.pid]
+            if not waiting:
+                return procs
+            self.sleep(0.02)
 
     def _ended_at_shutdown(self, child: Child, code: int) -> None:
         """A plugin's exit once the run is over (whichever thread saw it first): gone for good, never restarted,
@@ -294,7 +382,7 @@ class Supervisor:
         try:
             # The console draws on the kernel's terminal (its stdout); what any plugin says on stderr
             # (the SDK's end-of-run counts, a traceback) goes to its log, not between the bars.
-            child.proc = self.processes.spawn(cmd, env, None if spec.console else log, log)
+            child.proc = self.processes.spawn(cmd, env, None if spec.console else log, log, self.below_training)
         except OSError as exc:
             child.proc, child.state = None, "failed"
             child.crashes.append(f"cannot start {cmd[0]}: {exc.strerror or exc}")
@@ -330,12 +418,28 @@ class Supervisor:
             return
         if self.stopping:
             return
-        if child.state == "running" and now - child.last_seen > self.liveness_s:
-            self._declare_hung(child, now, f"silent for {now - child.last_seen:.1f} s")
+        if child.state == "running":
+            self._check_silence(child, now)
         elif child.state == "starting" and now - child.started_at > STARTUP_CPU_S:
             cpu_s = self.processes.cpu_seconds(child.proc.pid)
             if cpu_s > STARTUP_CPU_S or now - child.started_at > STARTUP_TIMEOUT_S:
                 self._declare_hung(child, now, f"no hello after {now - child.started_at:.0f} s ({cpu_s:.1f} s of CPU)")
+
+    def _check_silence(self, child: Child, now: float) -> None:
+        """Hung once silent past the liveness window, unless it spent it waiting for a CPU (Patience): then it
+        is given another sample window, and another, within STARVED_MAX_S."""
+        silent = now - child.last_seen
+        if silent < self.liveness_s - STARVED_SAMPLE_S:
+            return
+        if child.patience is None:
+            child.patience = Patience(self.processes, child.proc.pid, now)
+        patience = child.patience
+        if silent <= self.liveness_s:
+            return
+        # a window not over yet (a first look already past the liveness window: the bus thread was late) waits
+        if patience.measurable and (now < patience.last[0] + STARVED_SAMPLE_S or patience.starved(now)):
+            return
+        self._declare_hung(child, now, f"silent for {silent:.1f} s")
 
     def _declare_hung(self, child: Child, now: float, why: str) -> None:
         self.emit(ev.PLUGIN_HUNG, {"plugin": child.spec.name, "pid": child.proc.pid, "reason": why})
@@ -421,20 +525,29 @@ def _cause(code: int) -> str:
 
 
 def _lower_priority(pid: int) -> None:
-    """Plugins yield the CPU to training: nice PLUGIN_NICE and SCHED_BATCH (threads started later inherit both).
+    """Plugins yield the CPU to training: nice PLUGIN_NICE and SCHED_BATCH for a process before it starts a thread
+    (they inherit both), or for one thread (Linux: both are per thread).
 
     SCHED_BATCH: a plugin thread that wakes (events arrive in bursts every 0.1 s) never preempts a
     training thread; it runs on a free core, or when the running thread's slice ends. Plugins stay in
     the kernel's session, so they compete with training's threads directly (docs/architecture.md).
     """
     try:
-        os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
+        if os.sched_getscheduler(pid) == os.SCHED_OTHER:  # not one already lower (SCHED_IDLE: the "idle" writer)
+            os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
     except (OSError, AttributeError):  # not Linux: wake-ups may preempt
         pass
     try:  # only ever lower it: a kernel started at nice 15 gives its plugins 15, not 10
         os.setpriority(os.PRIO_PROCESS, pid, max(PLUGIN_NICE, os.getpriority(os.PRIO_PROCESS, pid)))
     except OSError:  # not permitted: plugins run at the kernel's priority
         pass
+
+
+def _threads(proc: psutil.Process) -> list:
+    try:
+        return proc.threads()
+    except psutil.Error:  # a child that ended meanwhile
+        return []
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -444,6 +557,26 @@ def _cpu_seconds(pid: int) -> float:
     except psutil.Error:
         return 0.0
     return times.user + times.system
+
+
+def _sched_seconds(pid: int) -> tuple[float, float] | None:
+    """(on a CPU, waiting for one) in seconds, summed over the process's threads, from the scheduler's own count
+    (/proc/<pid>/task/<tid>/schedstat: run ns, run-queue wait ns, slices); None without it (not Linux, a kernel
+    without CONFIG_SCHED_INFO, the process gone). A thread that ended meanwhile takes its share with it: a sample
+    may go down, which reads as not waiting."""
+    ran = waited = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                fields = f.read().split()
+            ran, waited = ran + int(fields[0]), waited + int(fields[1])
+        except (OSError, ValueError, IndexError):  # a thread that just ended
+            continue
+    return (ran / 1e9, waited / 1e9) if tids else None
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

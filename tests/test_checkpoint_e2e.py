@@ -16,6 +16,7 @@ import json
 import shutil
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -375,8 +376,9 @@ def kill_the_checkpoint_plugin_while_it_writes(tmp_path: Path, kernels: list, he
     assert (summary["state"], summary["restarts"], summary["crashes"][:kills]) == ("exited", kills,
                                                                                    ["signal SIGKILL"] * kills), why
     # On a starved box (two CPU burners beside the suite) the last process, drained (undrained is empty), can take
-    # longer than the run's exit timeout to go: killed then, which is the run's end being bounded, not a loss.
-    assert all(c.startswith("still running 5 s after the run's end") for c in summary["crashes"][kills:]), why
+    # longer than the run's exit time, stretched while it waits for a CPU, to go: killed then, which is the run's
+    # end being bounded, not a loss.
+    assert all(re.match(r"still running \d+ s after the run's end", c) for c in summary["crashes"][kills:]), why
     events = read_events(result["run_dir"])
     assert len(of(events, "plugin_restarted", "checkpoint")) == kills, why
     # checkpoints still land after the last kill, written by a process started after it

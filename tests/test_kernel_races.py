@@ -56,17 +56,18 @@ def bus_with():
         close_bus(bus, run_dir, sockets, plugin_exit_timeout_s=1.0)
 
 
-def hold_on_bus_thread(monkeypatch, module, name: str) -> tuple[threading.Event, threading.Event]:
-    """Wrap module.name so that its first call on the bus thread waits (at most 30 s) for `let_go` before it runs;
-    returns (inside, let_go)."""
+def hold_on_bus_thread(monkeypatch, module, name: str, after: bool = False) -> tuple[threading.Event, threading.Event]:
+    """Wrap module.name (a module's function or a class's method) so that its first call on the bus thread waits (at
+    most 30 s) for `let_go` before it runs (after=True: once it ran, before it returns); returns (inside, let_go)."""
     inside, let_go = threading.Event(), threading.Event()
     real = getattr(module, name)
 
     def held(*args, **kwargs):
+        result = real(*args, **kwargs) if after else None
         if threading.current_thread().name == BUS_THREAD and not inside.is_set():
             inside.set()
             let_go.wait(30)
-        return real(*args, **kwargs)
+        return result if after else real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, held)
     return inside, let_go
@@ -91,10 +92,10 @@ def test_a_restart_under_way_when_shutdown_begins_is_stopped_with_the_others(bus
     its new process when shutdown picked, must not escape: its process must be stopped with the others, not be
     left running, nor be waited for without end (shutdown's reaping `wait()` has no timeout: the run never ends).
 
-    Here the bus thread is held inside that restart (after Popen, in _lower_priority) until shutdown has picked its
+    Here the bus thread is held inside that restart (once Processes.spawn started it) until shutdown has picked its
     processes (the first call of its `abort`), and shutdown then waits for another plugin that does not exit (its
     deadline), so the restart's process is stored before shutdown reaps."""
-    inside, let_go = hold_on_bus_thread(monkeypatch, supervisor_module, "_lower_priority")
+    inside, let_go = hold_on_bus_thread(monkeypatch, supervisor_module.Processes, "spawn", after=True)
     bus = bus_with(tmp_path / "run", [flaky_plugin(tmp_path), PluginSpec("slow", "", command=SLEEPER)])
     supervisor = bus.supervisor
     flaky = supervisor.children["flaky"]

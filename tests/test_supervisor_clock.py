@@ -13,7 +13,9 @@ import pytest
 from trainbus.kernel import supervisor
 from trainbus.kernel.supervisor import (HEALTHY_RESET_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S,
                                         INTERVAL_MAX_S, MAX_RESTARTS, RESTART_WINDOW_S, STARTUP_CPU_S,
-                                        STARTUP_TIMEOUT_S, TERM_GRACE_S, DETACH_GRACE_S, PluginSpec, Supervisor)
+                                        STARTUP_TIMEOUT_S, TERM_GRACE_S, DETACH_GRACE_S, EXIT_TERM_GRACE_S,
+                                        STARVED_CPU_S, STARVED_MAX_S, STARVED_SAMPLE_S, STARVED_WAIT_FRACTION,
+                                        PluginSpec, Supervisor)
 from trainbus.proto import events as ev
 
 LIVENESS_S = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
@@ -40,11 +42,17 @@ class FakeProcesses:
     def __init__(self):
         self.procs: list[FakeProc] = []
         self.signals: list[tuple[int, int]] = []
+        self.lowered: list[int] = []  # lower(pid) calls
         self.cpu_s = 0.0
+        self.sched = None  # () -> (ran, waited) s, the process's schedstat; None: there is none, as off Linux
 
-    def spawn(self, cmd, env, stdout, stderr) -> FakeProc:
+    def spawn(self, cmd, env, stdout, stderr, below_training) -> FakeProc:
         self.procs.append(FakeProc(4000 + len(self.procs)))
+        self.procs[-1].below_training = below_training
         return self.procs[-1]
+
+    def lower(self, pid: int) -> None:
+        self.lowered.append(pid)
 
     def signal(self, proc: FakeProc, sig: int) -> None:
         self.signals.append((proc.pid, sig))
@@ -54,16 +62,27 @@ class FakeProcesses:
     def cpu_seconds(self, pid: int) -> float:
         return self.cpu_s
 
+    def sched_seconds(self, pid: int) -> tuple[float, float] | None:
+        return self.sched() if self.sched else None
+
 
 class Harness:
-    """One plugin "p" under a real Supervisor; `events` is what it emitted, as (type, data)."""
+    """One plugin "p" under a real Supervisor; `events` is what it emitted, as (type, data). shutdown() waits on
+    the fake clock `self.now`: its sleeps advance it, and `self.exits_at` (if set) is when the process exits."""
 
     def __init__(self, tmp_path):
         self.events: list[tuple[str, dict]] = []
         self.os = FakeProcesses()
+        self.now, self.exits_at = T0, float("inf")
         self.sup = Supervisor([PluginSpec("p", "fixture_plugins:Recorder")], {}, tmp_path,
-                              lambda type_, data: self.events.append((type_, data)), processes=self.os)
+                              lambda type_, data: self.events.append((type_, data)), processes=self.os,
+                              clock=lambda: self.now, sleep=self._sleep)
         self.sup.start_all(now=T0)
+
+    def _sleep(self, seconds: float) -> None:
+        self.now += seconds
+        if self.now >= self.exits_at and self.proc.returncode is None:
+            self.proc.returncode = 0
 
     @property
     def child(self):
@@ -92,7 +111,7 @@ def h(tmp_path) -> Harness:
 def test_a_peer_heard_within_the_liveness_window_is_alive(h):
     h.hello(T0 + 0.5)
     assert h.child.state == "running"
-    assert h.sup.next_deadline() == T0 + 0.5 + LIVENESS_S
+    assert h.sup.next_deadline() == T0 + 0.5 + LIVENESS_S - STARVED_SAMPLE_S  # its first look, if still silent
     for k in range(1, 20):  # heartbeats every interval keep it alive indefinitely
         now = T0 + 0.5 + k * HEARTBEAT_INTERVAL_S
         h.sup.tick(now)
@@ -290,3 +309,96 @@ def test_a_plugin_given_up_before_any_hello_is_no_longer_starting(h):
         h.sup.tick(now)
     h.crash(now + 0.1)
     assert h.child.state == "failed" and h.sup.starting() == []
+
+
+def test_plugins_start_at_the_kernels_priority_until_training_starts_then_all_go_below_it(h):
+    """Before training nothing is there to yield to (a torch import at nice 10 beside a busy neighbour: 33 s, not 5):
+    the first process starts at the kernel's priority and is lowered when training starts; a restart starts lower."""
+    assert h.proc.below_training is False
+    h.hello(T0 + 1)
+    h.sup.training_starts()
+    assert h.os.lowered == [h.proc.pid]
+    h.crash(T0 + 2)
+    h.sup.tick(h.child.next_start_at)
+    assert len(h.os.procs) == 2 and h.proc.below_training is True
+    assert h.os.lowered == [h.os.procs[0].pid]  # a started-lower process needs no lowering
+
+
+# -- starved is not hung ----------------------------------------------------------------------------
+
+
+def waiting_for_a_cpu(h: Harness, fraction: float, ran_per_s: float = 0.05):
+    """schedstat as the harness clock goes: the process's threads waited for a CPU `fraction` of the time and ran
+    `ran_per_s` s per second (a starved nice-10 plugin beside busy cores: ~0.9 and ~0.1)."""
+    h.os.sched = lambda: ((h.now - T0) * ran_per_s, (h.now - T0) * fraction)
+
+
+def test_silent_while_waiting_for_a_cpu_is_starved_not_hung_within_bounds(h):
+    """Silent past the liveness window while its threads waited for a CPU most of the time: another window, and
+    another, and alive again once heard; hung once it stops waiting, or ran STARVED_CPU_S of CPU saying nothing."""
+    waiting_for_a_cpu(h, 0.9)
+    h.hello(T0)
+    for now in (T0 + LIVENESS_S - STARVED_SAMPLE_S, T0 + LIVENESS_S + 0.01, T0 + LIVENESS_S + 1.02):
+        h.now = now
+        h.sup.tick(now)
+        assert h.child.state == "running", now
+    assert h.sup.next_deadline() == T0 + LIVENESS_S + 1.02 + STARVED_SAMPLE_S
+    h.hello(T0 + 5)  # heard: the next silence is judged from scratch
+    h.now = T0 + 5 + LIVENESS_S + 0.01
+    h.sup.tick(h.now)  # no look inside this window: nothing to compare with, so not starved enough to wait
+    assert h.child.state == "running"  # (a late first look waits a window before any verdict)
+    h.now += STARVED_SAMPLE_S
+    waiting_for_a_cpu(h, 0.0)  # asleep from here (a deadlock): hung at the next look
+    h.sup.tick(h.now)
+    assert h.child.state == "terminating" and "silent for" in h.events[-1][1]["reason"]
+
+
+def test_a_silent_plugin_asleep_or_spinning_is_hung_at_the_liveness_window(tmp_path):
+    for fraction, ran_per_s in ((0.0, 0.0), (STARVED_WAIT_FRACTION / 2, 1.0)):  # deadlocked; spinning in C, uncontended
+        h = Harness(tmp_path / str(fraction))
+        waiting_for_a_cpu(h, fraction, ran_per_s)
+        h.hello(T0)
+        h.now = T0 + LIVENESS_S - STARVED_SAMPLE_S
+        h.sup.tick(h.now)
+        h.now = T0 + LIVENESS_S + 0.01
+        h.sup.tick(h.now)
+        assert h.child.state == "terminating", fraction
+
+
+def test_starved_and_spinning_or_starved_too_long_is_hung(tmp_path):
+    """Waiting for a CPU, but having run STARVED_CPU_S since it went silent; or silent STARVED_MAX_S past its first
+    look: hung whatever the reason."""
+    for ran_per_s, hung_by in ((0.9, STARVED_CPU_S / 0.9), (0.01, STARVED_MAX_S)):  # CPU: 0.01 s/s is 300 s
+        h = Harness(tmp_path / str(ran_per_s))
+        waiting_for_a_cpu(h, 0.9, ran_per_s)
+        h.hello(T0)
+        first_look = T0 + LIVENESS_S - STARVED_SAMPLE_S
+        now = first_look
+        while h.child.state == "running" and now < T0 + 2 * STARVED_MAX_S:
+            h.now = now
+            h.sup.tick(now)
+            now = h.sup.next_deadline() + 0.01
+        assert h.child.state == "terminating"
+        assert hung_by <= h.now - first_look <= hung_by + 2 * STARVED_SAMPLE_S, (ran_per_s, h.now - first_look)
+
+
+def test_at_the_runs_end_a_starved_plugin_is_waited_for_a_hung_one_is_not(tmp_path):
+    """shutdown(): a plugin still exiting at the deadline while waiting for a CPU gets more time and exits on its
+    own (no signal, no crash); one asleep gets SIGTERM at the deadline, and SIGKILL EXIT_TERM_GRACE_S later."""
+    starved = Harness(tmp_path / "starved")
+    waiting_for_a_cpu(starved, 0.9)
+    starved.hello(T0)
+    starved.exits_at = T0 + 5 + 4.0
+    starved.sup.shutdown(5.0)
+    assert starved.os.signals == [] and starved.types()[-1] == ev.PLUGIN_EXITED
+    assert T0 + 9.0 <= starved.now < T0 + 9.1
+
+    asleep = Harness(tmp_path / "asleep")
+    waiting_for_a_cpu(asleep, 0.0)
+    asleep.hello(T0)
+    asleep.sup.shutdown(5.0)
+    pid = asleep.proc.pid
+    assert [sig for p, sig in asleep.os.signals if p == pid] == [signal.SIGTERM, signal.SIGKILL]
+    assert asleep.events[-1][0] == ev.PLUGIN_CRASHED and asleep.events[-1][1]["hung"] is True
+    assert asleep.child.crashes == ["still running 5 s after the run's end (signal SIGKILL)"]
+    assert T0 + 5 + EXIT_TERM_GRACE_S <= asleep.now < T0 + 5 + EXIT_TERM_GRACE_S + 0.1
