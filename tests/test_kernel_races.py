@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -168,6 +169,20 @@ def attached_peers_live_through_the_hold(bus) -> None:
     bus.control.peers.liveness_s = 60.0
 
 
+def training_held_at_flush_of(monkeypatch, event_type: str, part: Callable[[], None]) -> None:
+    """part() (the training thread's part: publish, then wait for it) on a thread of its own while the flush that
+    takes `event_type` is held FLUSH_HELD_S, past flush_now's wait: a part that returns then did not wait for its
+    event. Let go, it must return."""
+    inside, let_go = hold_flush_of(monkeypatch, event_type)
+    training = threading.Thread(target=part, name="training", daemon=True)
+    training.start()
+    assert inside.wait(10), f"no flush took {event_type}"
+    training.join(FLUSH_HELD_S)
+    let_go.set()
+    training.join(40)
+    assert not training.is_alive(), f"{part.__name__} did not return once {event_type}'s flush was let go"
+
+
 @pytest.fixture
 def short_flush_wait(monkeypatch):
     monkeypatch.setattr(bus_module, "FLUSH_NOW_TIMEOUT_S", FLUSH_NOW_S)
@@ -197,14 +212,7 @@ def test_a_vote_waits_for_its_event_however_long_its_flush_is_held_up(bus_with, 
     try:
         assert voter.welcomed.wait(30), "the voter was not welcomed"
         bus.wait(lambda: bus.control.peers.has_voters(ev.END_EPOCH), 10)
-        inside, let_go = hold_flush_of(monkeypatch, ev.END_EPOCH)
-        training = threading.Thread(target=vote, name="training", daemon=True)
-        training.start()
-        assert inside.wait(10), "no flush took end_epoch"
-        training.join(FLUSH_HELD_S)  # a vote that returns now did not wait for its event
-        let_go.set()
-        training.join(40)
-        assert not training.is_alive(), "await_votes did not return"
+        training_held_at_flush_of(monkeypatch, ev.END_EPOCH, vote)
     finally:
         voter.stopping.set()
         voter.join(5)
@@ -239,14 +247,7 @@ def test_the_drain_waits_for_the_final_event_however_long_its_flush_is_held_up(b
         bus.flush_now()
         assert bus.wait(lambda: not bus.control.peers.durable_behind(bus.last_seq, time.monotonic()), 10), \
             "the durable peer did not keep up"
-        inside, let_go = hold_flush_of(monkeypatch, ev.END_TRAINING_SESSION)
-        training = threading.Thread(target=drain, name="training", daemon=True)
-        training.start()
-        assert inside.wait(10), "no flush took end_training_session"
-        training.join(FLUSH_HELD_S)  # a drain that returns now did not wait for the final event
-        let_go.set()
-        training.join(40)
-        assert not training.is_alive(), "wait_drained did not return"
+        training_held_at_flush_of(monkeypatch, ev.END_TRAINING_SESSION, drain)
     finally:
         durable.stopping.set()
         durable.join(5)

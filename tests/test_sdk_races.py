@@ -66,6 +66,14 @@ def _stop(io: PluginIO, kernel: StandInKernel) -> None:
 
 # -- the wake pipe: a poke during the I/O thread's drain -------------------------------------------------------------
 
+def _reap(proc, kernel: StandInKernel) -> None:
+    """What a test leaves: its plugin process, killed if it still runs; the stand-in kernel, closed."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(WAIT_S)
+    kernel.close()
+
+
 def test_a_send_while_the_io_thread_drains_its_wake_pipe_does_not_lose_the_wake_ups_after_it(tmp_path, monkeypatch):
     """PluginIO._run cleared `_poked` and then drained the pipe: a send between the two wrote its byte, the drain ate
     it, and `_poked` stayed True with the pipe empty, so every later send (a vote's ack, a replay pull) and close()
@@ -224,10 +232,7 @@ def test_a_sigterm_before_the_welcome_exits_0_as_after_it(tmp_path):
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=3 * WAIT_S)[0].decode()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT_S)
-        kernel.close()
+        _reap(proc, kernel)
     assert proc.returncode == 0, output
     assert "unreachable" not in output and "terminated (SIGTERM)" in output, output
 
@@ -280,9 +285,6 @@ def test_the_sigterms_timer_firing_as_teardown_begins_does_not_skip_teardown(tmp
         proc.send_signal(signal.SIGTERM)  # idle: the main thread goes to _finish at once, and is held at the disarm
         output = proc.communicate(timeout=3 * WAIT_S)[0].decode()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT_S)
-        kernel.close()
+        _reap(proc, kernel)
     assert proc.returncode == 0, output
     assert record.read_text().splitlines() == ["setup", "teardown"], output
