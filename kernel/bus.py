@@ -252,14 +252,18 @@ class Bus:
                 self.control.serve_replays(now)
                 self.supervisor.tick(now)
             except Exception:  # the bus must never take training down: log, count, go on
-                self.counters["bus_errors"] += 1
-                if self.counters["bus_errors"] <= 10:
-                    log.error("bus error (training goes on):\n%s", traceback.format_exc())
+                self._bus_error("the bus thread's loop")
                 time.sleep(FLUSH_INTERVAL_S)
             with self.idle:
                 self.idle.notify_all()
         self._read_control(CONTROL_PER_WAKE)
         self._flush()
+
+    def _bus_error(self, where: str) -> None:
+        """An exception the bus thread survives (called from its handler): counted, the first ten logged."""
+        self.counters["bus_errors"] += 1
+        if self.counters["bus_errors"] <= 10:
+            log.error("bus error in %s (training goes on):\n%s", where, traceback.format_exc())
 
     def _heartbeat(self) -> None:
         if not self._unpublished:
@@ -288,33 +292,43 @@ class Bus:
             batch.sort(key=lambda item: item[0] in FINAL_EVENTS)  # stable: only the final event moves
         if not batch and not self._unpublished:
             return
-        materialize_tensors(batch)
+        try:
+            materialize_tensors(batch)
+        except Exception:  # a tensor that cannot be read: its event says so below (not encodable), the rest go on
+            self._bus_error("reading the events' tensors")
         first_seq, records, counts = self.last_seq + 1, [], self._counts
         for type_, ts, step, epoch, data in batch:
-            if step is None:  # a kernel event (emit): where the event before it left the loop
-                step, epoch = self.position
-                if "step" in data and data["step"] is None:  # a metric reported without its own step
-                    data["step"] = step
-            self.last_seq += 1
-            counted = ev.COUNTED_INDEX.get(type_)
-            if counted is not None:
-                counts[counted] += 1
-            event = Event.fast(self.last_seq, self.run_id, type_, ts, step, epoch, data, counts[:])
+            # A seq is taken only together with its record: an exception here (a kernel bug) costs its event, never
+            # a gap in the journal, whose append would refuse every later batch (no event published again).
             try:
-                raw = encode_event(event, check=type_ not in STEP_EVENTS, packer=self._packer)
-            except ProtocolError as exc:  # a user metric of an odd type: keep the seq, say why
-                event = Event(self.last_seq, self.run_id, type_, ts, step, epoch,
-                              {"error": f"event data not encodable: {exc}"}, n=counts[:])
-                raw = encode_event(event)
-            self.run_state.fold(event)
-            records.append(raw)
-            self._unpublished.append((type_.encode(), raw))
-            self._last_seq_of[type_] = self.last_seq
-            if type_ == ev.SAVE_CHECKPOINT:
-                self.control.checkpointer.numbered(self.last_seq, data)
-            if type_ in FINAL_EVENTS:
-                self._final_seq = self.last_seq
-            self.position = (step, epoch)
+                if step is None:  # a kernel event (emit): where the event before it left the loop
+                    step, epoch = self.position
+                    if "step" in data and data["step"] is None:  # a metric reported without its own step
+                        data["step"] = step
+                seq, n, counted = self.last_seq + 1, counts[:], ev.COUNTED_INDEX.get(type_)
+                if counted is not None:
+                    n[counted] += 1
+                event = Event.fast(seq, self.run_id, type_, ts, step, epoch, data, n)
+                try:
+                    raw = encode_event(event, check=type_ not in STEP_EVENTS, packer=self._packer)
+                except ProtocolError as exc:  # a user metric of an odd type: keep the seq, say why
+                    event = Event(seq, self.run_id, type_, ts, step, epoch,
+                                  {"error": f"event data not encodable: {exc}"}, n=n)
+                    raw = encode_event(event)
+                records.append(raw)
+                self._unpublished.append((type_.encode(), raw))
+                self.last_seq = seq
+                if counted is not None:
+                    counts[counted] += 1
+                self._last_seq_of[type_] = seq
+                if type_ in FINAL_EVENTS:
+                    self._final_seq = seq
+                self.position = (step, epoch)
+                self.run_state.fold(event)
+                if type_ == ev.SAVE_CHECKPOINT:
+                    self.control.checkpointer.numbered(seq, data)
+            except Exception:
+                self._bus_error(f"numbering a {type_} event")
         written = self.journal.append(records, first_seq)  # journal first: a published event is always replayable
         for _ in range(written):
             self._send_event(self._unpublished.popleft())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,25 @@ def start_daemon(daemons: list[Path], runs: Path, *extra: str) -> int:
     daemons.append(runs)
     return int((daemon_dir(runs) / PID_FILE).read_text())
 
+
+@pytest.fixture
+def bus_with():
+    """bus_with(run_dir, plugins) -> a started Bus supervising `plugins`, as kernel/session.py opens one; closed at
+    the end (its plugins stopped), whatever the test left running."""
+    from trainbus.kernel.session import close_bus, open_bus  # here: it imports torch, after OMP_NUM_THREADS is set
+
+    opened: list = []
+
+    def start(run_dir: Path, plugins: list):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        bus, _, sockets = open_bus("bus-" + secrets.token_hex(3), run_dir, plugins)
+        opened.append((bus, run_dir, sockets))
+        bus.start()
+        return bus
+
+    yield start
+    for bus, run_dir, sockets in opened:
+        for child in list(bus.supervisor.children.values()):  # a test that failed may leave one running
+            if child.proc is not None and child.proc.poll() is None:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+        close_bus(bus, run_dir, sockets, plugin_exit_timeout_s=1.0)

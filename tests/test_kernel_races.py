@@ -36,27 +36,6 @@ LET_GO_ANYWAY_S = 2.0  # the fixed code keeps the other thread out of the window
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]  # a plugin process that runs until signalled
 
 
-@pytest.fixture
-def bus_with():
-    """bus_with(run_dir, plugins) -> a started Bus supervising `plugins`, as kernel/session.py opens one; closed at
-    the end (its plugins stopped), whatever the test left running."""
-    opened: list = []
-
-    def start(run_dir: Path, plugins: list[PluginSpec]):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        bus, _, sockets = open_bus("races-" + secrets.token_hex(3), run_dir, plugins)
-        opened.append((bus, run_dir, sockets))
-        bus.start()
-        return bus
-
-    yield start
-    for bus, run_dir, sockets in opened:
-        for child in list(bus.supervisor.children.values()):  # a test that failed may leave one running
-            if child.proc is not None and child.proc.poll() is None:
-                os.killpg(child.proc.pid, signal.SIGKILL)
-        close_bus(bus, run_dir, sockets, plugin_exit_timeout_s=1.0)
-
-
 def hold_on_bus_thread(monkeypatch, module, name: str, after: bool = False) -> tuple[threading.Event, threading.Event]:
     """Wrap module.name (a module's function or a class's method) so that its first call on the bus thread waits (at
     most 30 s) for `let_go` before it runs (after=True: once it ran, before it returns); returns (inside, let_go)."""
