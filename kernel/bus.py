@@ -68,6 +68,7 @@ class Bus:
         self._queue: collections.deque = collections.deque()  # (type, ts, step, epoch, data); step None: emit's
         self._unpublished: collections.deque = collections.deque()  # (topic, raw) numbered, not yet journaled
         self._replies: collections.deque[Reply] = collections.deque()
+        self._answers: collections.deque = collections.deque()  # (identity, raw) sent off the bus thread (send)
         # flush_now's: each set once a flush has numbered (journaled, sent) every event queued before it
         self._flushed: collections.deque[threading.Event] = collections.deque()
         self.counters = collections.Counter()
@@ -234,6 +235,7 @@ class Bus:
                     next_flush = 0.0
                 control_ready = self.router in ready or (self.remote is not None and self.remote.router in ready)
                 more = (more or control_ready) and self._read_control(CONTROL_PER_WAKE)
+                self._send_answers()
                 self.control.peers.heard_at = polled  # what waited then is read (bar a flood's rest: `more`)
                 now = time.monotonic()
                 if now >= next_heartbeat:
@@ -258,6 +260,11 @@ class Bus:
                 self.idle.notify_all()
         self._read_control(CONTROL_PER_WAKE)
         self._flush()
+        self._send_answers()
+
+    def _send_answers(self) -> None:
+        while self._answers:
+            self.send(*self._answers.popleft())
 
     def _bus_error(self, where: str) -> None:
         """An exception the bus thread survives (called from its handler): counted, the first ten logged."""
@@ -383,6 +390,11 @@ class Bus:
         return True
 
     def send(self, identity: bytes, raw: bytes) -> None:
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
+            # A socket is one thread's: an answer made on the training thread (a detach that ended as the run
+            # did: Supervisor.shutdown) is sent by the bus thread, on its next wake or as it stops.
+            self._answers.append((identity, raw))
+            return
         router = self.remote.router if identity[:1] == REMOTE and self.remote is not None else self.router
         try:
             router.send_multipart((identity[1:], raw), zmq.NOBLOCK)

@@ -343,11 +343,20 @@ class Supervisor:
                 return procs
             self.sleep(0.02)
 
+    def _detached(self, child: Child, code: int) -> None:
+        """Its owner asked it to go (detach): whatever its exit code, not a crash; the owner is answered."""
+        child.state = "exited"
+        self.emit(ev.PLUGIN_EXITED, {"plugin": child.spec.name, "exit_code": code})
+        child.on_detached(code)
+
     def _ended_at_shutdown(self, child: Child, code: int) -> None:
         """A plugin's exit once the run is over (whichever thread saw it first): gone for good, never restarted,
         and a crash or a stall there is still trouble the summary names (a logger that died writing its last
         lines lost them): plugin_crashed, else plugin_exited."""
         if child.state == "exited":  # the other thread saw this exit first
+            return
+        if child.state == "detaching":  # asked to go just before the run's end: its owner is still answered
+            self._detached(child, code)
             return
         child.state = "exited"
         name = child.spec.name
@@ -451,10 +460,8 @@ class Supervisor:
 
     def _on_exit(self, child: Child, code: int, now: float) -> None:
         name = child.spec.name
-        if child.state == "detaching":  # its owner asked it to go: whatever its exit code, not a crash
-            child.state = "exited"
-            self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
-            child.on_detached(code)
+        if child.state == "detaching":
+            self._detached(child, code)
             return
         if self.stopping:
             self._ended_at_shutdown(child, code)

@@ -29,6 +29,7 @@ class AttachedPeer(threading.Thread):
         self.delivery, self.votes, self.acks, self.capabilities = delivery, list(votes), acks, list(capabilities)
         self.welcomed, self.stopping = threading.Event(), threading.Event()
         self.acked: list[int] = []
+        self.received: list[dict] = []  # control messages from the kernel, the welcome too
 
     def run(self) -> None:
         ctx = zmq.Context()
@@ -56,8 +57,10 @@ class AttachedPeer(threading.Thread):
                     if self.welcomed.is_set() and event["type"] != ev.HEARTBEAT and self.acks in (None, event["type"]):
                         send("ack", seq=event["seq"])
                         self.acked.append(event["seq"])
-                if dealer in ready and msgpack.unpackb(dealer.recv(), raw=False)["type"] == "welcome":
-                    self.welcomed.set()
+                if dealer in ready:
+                    self.received.append(msgpack.unpackb(dealer.recv(), raw=False))
+                    if self.received[-1]["type"] == "welcome":
+                        self.welcomed.set()
                 if self.welcomed.is_set() and time.monotonic() >= next_beat:
                     send("heartbeat")
                     next_beat = time.monotonic() + 0.5

@@ -1,13 +1,18 @@
-"""The bus thread survives an exception while it numbers a burst of events, and the journal stays whole: a seq is
-taken only together with its record, so an event that fails costs itself, never a gap (the journal refuses a batch
-after a gap: nothing would be journaled or published again), and never the rest of its burst."""
+"""The bus thread's integrity. It survives an exception while it numbers a burst of events, and the journal stays
+whole: a seq is taken only together with its record, so an event that fails costs itself, never a gap (the journal
+refuses a batch after a gap: nothing would be journaled or published again), and never the rest of its burst. And its
+sockets stay its own: an answer made on another thread is sent by it."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import torch
 
+from bus_probes import AttachedPeer
 from trainbus.kernel.journal import read_events
-from trainbus.proto import events as ev
+from trainbus.proto import control, encode_control, events as ev
 
 
 def publish_burst(bus, middle: dict, type_: str = ev.END_TRAINING_BATCH) -> None:
@@ -54,3 +59,49 @@ def test_an_exception_while_an_event_is_numbered_leaves_no_gap_and_the_bus_goes_
     losses = [e.data["loss"] for e in journal if e.type == ev.END_TRAINING_BATCH]
     assert losses == [0.25, 0.5]
     assert bus.counters["bus_errors"] == 1 and bus.last_seq == journal[-1].seq
+
+
+class SendingThreads:
+    """The bus's control socket, noting the thread of each send (ZeroMQ sockets are not thread-safe: a send racing
+    the bus thread's use of it may corrupt it or crash the process, rarely and unreproducibly). Compares and hashes as
+    the socket, which the bus's poller returns."""
+
+    def __init__(self, socket):
+        self.socket, self.threads = socket, []
+
+    def send_multipart(self, *args, **kwargs):
+        self.threads.append(threading.current_thread().name)
+        return self.socket.send_multipart(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.socket, name)
+
+    def __eq__(self, other):
+        return other is self.socket or other is self
+
+    def __hash__(self):
+        return hash(self.socket)
+
+
+def test_an_answer_made_on_another_thread_is_sent_by_the_bus_thread(bus_with, tmp_path):
+    """The training thread answering a peer (a detach that ended with the run, answered by Supervisor.shutdown) does
+    not touch the bus thread's socket: the bus thread sends it, and it arrives."""
+    run_dir = tmp_path / "run"
+    bus = bus_with(run_dir, [])
+    bus.router = SendingThreads(bus.router)
+    peer = AttachedPeer(run_dir, bus)
+    peer.start()
+    try:
+        assert peer.welcomed.wait(30), "the peer was not welcomed"
+        [identity] = [p.identity for p in bus.control.peers if p.name == "peer"]
+        answer = control("command_result", id="7", ok=True, text="stopped it")
+        assert threading.current_thread() is not bus._thread
+        bus.send(identity, encode_control(answer))
+        deadline = time.monotonic() + 10
+        while not any(m["type"] == "command_result" for m in peer.received) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [m for m in peer.received if m["type"] == "command_result"] == [answer]
+        assert set(bus.router.threads) == {bus._thread.name}, bus.router.threads  # the welcome, and the answer
+    finally:
+        peer.stopping.set()
+        peer.join(5)

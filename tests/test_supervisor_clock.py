@@ -280,6 +280,18 @@ def test_a_detached_plugin_is_terminated_not_restarted_and_no_crash(h):
     assert h.types()[-1] == ev.PLUGIN_STARTED and h.child.restarts == 0
 
 
+def test_a_plugin_detached_just_before_the_runs_end_is_answered_when_shutdown_reaps_it(h):
+    """Detached, then the run ends while it tears down: shutdown reaps it (the bus thread may never see the exit), and
+    the owner who asked is still answered with its exit; no crash."""
+    h.hello(T0)
+    exits = []
+    h.sup.detach("p", T0 + 1, exits.append)
+    h.now, h.exits_at = T0 + 1, T0 + 2
+    h.sup.shutdown(5.0)
+    assert exits == [0] and h.child.state == "exited" and h.child.crashes == []
+    assert h.types()[-1] == ev.PLUGIN_EXITED and ev.PLUGIN_CRASHED not in h.types()
+
+
 def test_a_plugin_detached_while_waiting_to_restart_just_stays_down(h):
     h.crash(T0 + 0.1)
     exits = []
