@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
-
 from trainbus.proto import events as ev, pack
+
+from .plugin_processes import Processes
 
 log = logging.getLogger("trainbus.kernel")
 
@@ -44,8 +44,6 @@ INTERVAL_MAX_S = 8.0
 HEALTHY_RESET_S = 10.0
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
-PLUGIN_NICE = 10  # plugins run below training's priority: a busy plugin takes idle CPU, not training's
-LOWER_PASSES = 4  # Processes.lower: looks for threads started while the others were being lowered
 # Starved is not hung. On a box busy with other work (two neighbours' jobs on two cores) a nice-10 plugin gets ~1/11
 # of a core, and a thread of it at nice 19 (the checkpoint writer) ~1/70 while it holds the GIL the I/O thread needs:
 # it can stay silent for seconds, or take seconds to exit, while it waits for a CPU. Its threads' run-queue wait
@@ -64,49 +62,6 @@ LOG_MAX_BYTES = 64 * 1024 * 1024
 LOG_CHECK_S = 5.0
 
 Emit = Callable[[str, dict[str, Any]], None]
-
-
-class Processes:
-    """What the supervisor does to the OS: start a plugin's process, signal its process group, read its CPU time.
-    Its decisions (liveness, hung, backoff, giving up) are its own and take `now` from the caller; tests hand
-    it a fake Processes and a fake clock (tests/test_supervisor_clock.py)."""
-
-    def spawn(self, cmd: list[str], env: dict[str, str], stdout, stderr, below_training: bool) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            # Its own process group (Ctrl-C reaches the kernel only; the group is what gets killed)
-            # in the kernel's session: with sched_autogroup a session is a scheduling group, and
-            # one of its own would get an equal share against the kernel's whatever its nice.
-            cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, process_group=0,
-        )
-        if below_training:
-            _lower_priority(proc.pid)  # before it starts a thread: they all inherit it
-        return proc
-
-    def lower(self, pid: int) -> None:
-        """A plugin started at the kernel's priority goes below training now: priority is per thread (Linux), so
-        each thread of its process and of the processes it started. Until a look finds no thread it had not
-        lowered (at most a few): one started meanwhile by a thread not yet lowered inherited the old priority."""
-        done: set[int] = set()
-        for _ in range(LOWER_PASSES):
-            try:
-                root = psutil.Process(pid)
-                tids = {t.id for proc in (root, *root.children(recursive=True)) for t in _threads(proc)} - done
-            except psutil.Error:  # gone: nothing left to lower
-                return
-            if not tids:
-                return
-            for tid in tids:
-                _lower_priority(tid)
-            done |= tids
-
-    def signal(self, proc: subprocess.Popen, sig: int) -> None:
-        _signal_group(proc, sig)
-
-    def cpu_seconds(self, pid: int) -> float:
-        return _cpu_seconds(pid)
-
-    def sched_seconds(self, pid: int) -> tuple[float, float] | None:
-        return _sched_seconds(pid)
 
 
 class Patience:
@@ -529,65 +484,3 @@ def _cause(code: int) -> str:
         return f"signal {signal.Signals(-code).name}"
     except ValueError:
         return f"signal {-code}"
-
-
-def _lower_priority(pid: int) -> None:
-    """Plugins yield the CPU to training: nice PLUGIN_NICE and SCHED_BATCH for a process before it starts a thread
-    (they inherit both), or for one thread (Linux: both are per thread).
-
-    SCHED_BATCH: a plugin thread that wakes (events arrive in bursts every 0.1 s) never preempts a
-    training thread; it runs on a free core, or when the running thread's slice ends. Plugins stay in
-    the kernel's session, so they compete with training's threads directly (docs/architecture.md).
-    """
-    try:
-        if os.sched_getscheduler(pid) == os.SCHED_OTHER:  # not one already lower (SCHED_IDLE: the "idle" writer)
-            os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
-    except (OSError, AttributeError):  # not Linux: wake-ups may preempt
-        pass
-    try:  # only ever lower it: a kernel started at nice 15 gives its plugins 15, not 10
-        os.setpriority(os.PRIO_PROCESS, pid, max(PLUGIN_NICE, os.getpriority(os.PRIO_PROCESS, pid)))
-    except OSError:  # not permitted: plugins run at the kernel's priority
-        pass
-
-
-def _threads(proc: psutil.Process) -> list:
-    try:
-        return proc.threads()
-    except psutil.Error:  # a child that ended meanwhile
-        return []
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (0 when it is gone)."""
-    try:
-        times = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return 0.0
-    return times.user + times.system
-
-
-def _sched_seconds(pid: int) -> tuple[float, float] | None:
-    """(on a CPU, waiting for one) in seconds, summed over the process's threads, from the scheduler's own count
-    (/proc/<pid>/task/<tid>/schedstat: run ns, run-queue wait ns, slices); None without it (not Linux, a kernel
-    without CONFIG_SCHED_INFO, the process gone). A thread that ended meanwhile takes its share with it: a sample
-    may go down, which reads as not waiting."""
-    ran = waited = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                fields = f.read().split()
-            ran, waited = ran + int(fields[0]), waited + int(fields[1])
-        except (OSError, ValueError, IndexError):  # a thread that just ended
-            continue
-    return (ran / 1e9, waited / 1e9) if tids else None
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

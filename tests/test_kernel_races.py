@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-from trainbus.kernel import bus as bus_module, supervisor as supervisor_module
+from trainbus.kernel import bus as bus_module, plugin_processes, supervisor as supervisor_module
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import close_bus, open_bus, wait_drained
 from trainbus.kernel.snapshot import SnapshotBuffers
@@ -75,7 +75,7 @@ def test_a_restart_under_way_when_shutdown_begins_is_stopped_with_the_others(bus
     Here the bus thread is held inside that restart (once Processes.spawn started it) until shutdown has picked its
     processes (the first call of its `abort`), and shutdown then waits for another plugin that does not exit (its
     deadline), so the restart's process is stored before shutdown reaps."""
-    inside, let_go = hold_on_bus_thread(monkeypatch, supervisor_module.Processes, "spawn", after=True)
+    inside, let_go = hold_on_bus_thread(monkeypatch, plugin_processes.Processes, "spawn", after=True)
     bus = bus_with(tmp_path / "run", [flaky_plugin(tmp_path), PluginSpec("slow", "", command=SLEEPER)])
     supervisor = bus.supervisor
     flaky = supervisor.children["flaky"]

@@ -1,6 +1,6 @@
-"""The supervisor and the scheduler, on real processes: lowering a running plugin below training, thread by thread
-(Processes.lower), and the counts that tell a plugin starved of CPU from one asleep (deadlocked, stopped) when it
-goes silent (_sched_seconds)."""
+"""The supervisor's hands on real processes (kernel/plugin_processes.py): lowering a running plugin below training,
+thread by thread (Processes.lower), and the counts that tell a plugin starved of CPU from one asleep (deadlocked,
+stopped) when it goes silent (_sched_seconds)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from trainbus.kernel.supervisor import PLUGIN_NICE, STARVED_WAIT_FRACTION, Processes, _sched_seconds
+from trainbus.kernel.plugin_processes import PLUGIN_NICE, Processes, _sched_seconds
+from trainbus.kernel.supervisor import STARVED_WAIT_FRACTION
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/task") or not hasattr(os, "sched_setaffinity")
                                 or _sched_seconds(os.getpid()) is None, reason="needs Linux schedstat and affinity")
