@@ -70,16 +70,20 @@ class Patience:
 
     def __init__(self, processes: Processes, pid: int, now: float):
         self.processes, self.pid = processes, pid
-        self.started_at = now
         self.first = self.last = (now, processes.sched_seconds(pid))
         self.measurable = self.first[1] is not None
 
+    def waiting(self, now: float) -> bool:
+        """Wait on: the window since the last look is not over yet, or it is and the plugin was starved over it.
+        Never without schedstat (not Linux): there, the deadline alone decides."""
+        return self.measurable and (now < self.last[0] + STARVED_SAMPLE_S or self.starved(now))
+
     def starved(self, now: float) -> bool:
-        (then, before), (_, first) = self.last, self.first
+        (then, before), (started, first) = self.last, self.first
         after = self.processes.sched_seconds(self.pid)
         self.last = (now, after)
-        if before is None or after is None or now <= then or now - self.started_at > STARVED_MAX_S:
-            return False  # no schedstat (not Linux, gone), or patient long enough
+        if before is None or after is None or now <= then or now - started > STARVED_MAX_S:
+            return False  # no schedstat (the process gone), or patient long enough
         waited = after[1] - before[1]
         return waited >= STARVED_WAIT_FRACTION * (now - then) and after[0] - first[0] < STARVED_CPU_S
 
@@ -291,9 +295,7 @@ class Supervisor:
             for p in procs:
                 if p.pid not in patience and now >= due[p.pid] - STARVED_SAMPLE_S:
                     patience[p.pid] = Patience(self.processes, p.pid, now)
-                if now >= due[p.pid] and patience[p.pid].measurable and patience[p.pid].starved(now):
-                    due[p.pid] = now + STARVED_SAMPLE_S
-                waiting = waiting or now < due[p.pid]
+                waiting = waiting or now < due[p.pid] or patience[p.pid].waiting(now)
             if not waiting:
                 return procs
             self.sleep(0.02)
@@ -395,13 +397,9 @@ class Supervisor:
         silent = now - child.last_seen
         if silent < self.liveness_s - STARVED_SAMPLE_S:
             return
-        if child.patience is None:
+        if child.patience is None:  # (a first look already past the window, the bus thread late, waits a window)
             child.patience = Patience(self.processes, child.proc.pid, now)
-        patience = child.patience
-        if silent <= self.liveness_s:
-            return
-        # a window not over yet (a first look already past the liveness window: the bus thread was late) waits
-        if patience.measurable and (now < patience.last[0] + STARVED_SAMPLE_S or patience.starved(now)):
+        if silent <= self.liveness_s or child.patience.waiting(now):
             return
         self._declare_hung(child, now, f"silent for {silent:.1f} s")
 
