@@ -539,13 +539,15 @@ def replay_flood(tmp_path, kernels, baseline_step_s: float, epochs: int, attack_
 def test_replay_flood_short(tmp_path, kernels, replay_baselines):
     """CI: ~4 s of 200 replay(1)/s from a durable attached peer; step time recorded, asserted generously.
 
-    Two runs on a shared 2-core box differ by up to ~50 % in step time whatever they do, so the CI check is
-    against the better of two yardsticks (the attack-free run, and this run's own steps outside the attack):
-    a real slowdown shows against both."""
+    Two runs on a shared 2-core box differ by up to ~50 % in step time whatever they do (1.51x against both
+    yardsticks with two CPU burners and three test workers on 2 cores), so the CI check is against the better of
+    two yardsticks (the attack-free run, and this run's own steps outside the attack), with a margin that holds
+    on busy cores: it catches a flood that takes over the training thread, not a 10 % drift, which
+    the 30 s soak's 1.10 is for."""
     # the baseline's median step needs no more than a few epochs: thousands of steps at batch 4
     figures = replay_flood(tmp_path, kernels, replay_baselines(4), epochs=8, attack_s=4.0, delivery="durable")
     same_run = figures["step_ms_attacked"] / (figures["step_ms_same_run_outside_attack"] or float("inf"))
-    assert min(figures["step_ratio"], same_run) < 1.5, figures
+    assert min(figures["step_ratio"], same_run) < 2.0, figures
 
 
 @pytest.mark.slow
