@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -139,6 +141,9 @@ def daemon_submit(
         raise UserError("daemon submit is for a remote daemon (--remote); here, use `trainbus run ... --detach`")
     answer = _ask(Path("."), target, "submit", argv=list(ctx.args), gpus=gpus)
     print(answer["run"])
+    print(f"trainbus: queued run {answer['run']} on {target.host_port}; `trainbus daemon status --remote "
+          f"{target.host_port} --key {target.key_file} --server-key {target.server_key}` shows it queued, running, "
+          f"and how it ended", file=sys.stderr)
 
 
 @daemon_app.command("cancel")
@@ -167,7 +172,8 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
                   as_json: bool = typer.Option(False, "--json", help="One JSON object."),
                   remote: Optional[str] = REMOTE_OPTION, key: Optional[Path] = KEY_OPTION,
                   server_key: Optional[Path] = SERVER_KEY_OPTION) -> None:
-    """Whether a daemon serves the runs directory: its pid, devices, the runs it watches, the queue.
+    """Whether a daemon serves the runs directory: its pid, devices, the runs it watches, the queue, the runs it
+    ended last and how.
     Exit code 0 when one does, 3 when none (as `systemctl status`)."""
     from . import daemon
     from .registry import REGISTRY_NAME, Registry
@@ -177,14 +183,15 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
         answer = _ask(runs_dir, target, "status")
     else:
         answer = daemon.request(runs_dir, "status") if runs_dir.is_dir() else None
-    queued = (answer or {}).get("queued", [])
+    queued, ended = (answer or {}).get("queued", []), (answer or {}).get("ended", [])
     if answer is None and (runs_dir / REGISTRY_NAME).is_file():
         with Registry(runs_dir) as registry:
             queued = [job["id"] for job in registry.jobs(["queued"])]
+            ended = registry.ended_jobs(daemon.STATUS_ENDED)
     if answer is not None:
-        answer = {k: v for k, v in answer.items() if k not in ("ok", "queued")}
+        answer = {k: v for k, v in answer.items() if k not in ("ok", "queued", "ended")}
     if as_json:
-        print(json.dumps({"serving": answer is not None, **(answer or {}), "queued": queued}))
+        print(json.dumps({"serving": answer is not None, **(answer or {}), "queued": queued, "ended": ended}))
     elif answer is None:
         out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"
                   + (f"; {len(queued)} run(s) queued" if queued else ""))
@@ -198,5 +205,10 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
             out.print(f"  running {run_id} (pid {info['pid']}"
                       + (f", CUDA_VISIBLE_DEVICES={','.join(info['devices'])}" if info["devices"] else "") + ")")
         out.print(f"  queued: {', '.join(queued) or 'none'}")
+    if not as_json:
+        for job in ended:  # a remote key's only view of how its submissions went
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["ended_ts"])) if job.get("ended_ts") else "?"
+            out.print(f"  ended {escape(str(job.get('run')))} {when}: {escape(str(job.get('status')))}"
+                      + (f" ({escape(str(job['error']))})" if job.get("error") else ""))
     raise typer.Exit(code=0 if answer is not None else 3)
 

@@ -57,6 +57,7 @@ LOG_FILE = "daemon.log"
 REMOTE_FILE = "remote.json"  # the TCP endpoint and the server's public key, for `--remote` clients
 ENDPOINT_FILE = "endpoint"  # the control socket's ipc endpoint (in DAEMON_DIR unless that path is too long)
 OUTPUT_DIR = "output"  # one file per job: its process's stdout and stderr
+STATUS_ENDED = 10  # `status` lists this many of the runs it ended last (a remote key has no `runs list`)
 TICK_S = 1.0  # the queue is looked at this often without a wake-up (submit wakes the daemon at once)
 CONTROL_MAX_BYTES = 64 * 1024
 LOG_MAX_BYTES = 10 * 1024 * 1024  # daemon.log is rotated at this size, 3 old files kept
@@ -530,7 +531,8 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
     if op == "status":
         with Registry(daemon.runs_dir) as registry:
             queued = [job["id"] for job in registry.jobs(["queued"])]
-        return {"ok": True, **daemon.status(), "queued": queued}
+            ended = registry.ended_jobs(STATUS_ENDED)  # how a submission went, for one who cannot `runs list` here
+        return {"ok": True, **daemon.status(), "queued": queued, "ended": ended}
     if op == "wake":
         daemon.woken = True
         return {"ok": True}

@@ -182,6 +182,17 @@ class Registry:
         return [{n: (json.loads(v) if n in JOB_JSON_COLUMNS and v is not None else v)
                  for n, v in zip(JOB_COLUMNS, row)} for row in cursor]
 
+    def ended_jobs(self, limit: int) -> list[dict[str, Any]]:
+        """The `limit` jobs that ended (or were cancelled) last, newest first, each with its run's status and error
+        from the runs table (what `runs list` shows for it)."""
+        cursor = self.db.execute(
+            "SELECT jobs.id, jobs.state, jobs.ended_ts, jobs.detail, jobs.submitted_by, runs.status, runs.error "
+            "FROM jobs LEFT JOIN runs ON runs.id = jobs.id WHERE jobs.state IN ('ended', 'cancelled') "
+            "ORDER BY jobs.ended_ts DESC, jobs.id LIMIT ?", (limit,))
+        return [{"run": run, "status": "cancelled" if state == "cancelled" else status or "ended",
+                 "ended_ts": ended_ts, "submitted_by": by, "error": error, "detail": detail}
+                for run, state, ended_ts, detail, by, status, error in cursor]
+
     def move_job(self, job_id: str, from_states: Iterable[str], **fields: Any) -> bool:
         """Set `fields` (state among them) on a job still in one of from_states; False when it was not (someone
         cancelled it, or another daemon took it): the compare and the set are one transaction."""

@@ -487,6 +487,15 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
             return all(job["state"] == "ended" for job in registry.jobs())
 
     wait_until(all_ended, WAIT_S, "the resume to end")
+    # how a submission went is the remote key's to see in `status` (it has no `runs list` there), newest first
+    failing = over_tcp(pilot, "submit", "--", "nosuch_module_xyz:build")
+    assert f"`trainbus daemon status --remote {host_port} --key {pilot}" in failing.stderr, failing.stderr
+    wait_until(all_ended, WAIT_S, "the failing submission to end")
+    ended = json.loads(over_tcp(watcher, "status", "--json").stdout)["ended"]
+    assert [(job["run"], job["status"]) for job in ended] == [(failing.stdout.strip(), "failed"), (run_id, "completed")]
+    assert "cannot import module 'nosuch_module_xyz'" in ended[0]["error"] and ended[0]["submitted_by"] == "key p"
+    shown = over_tcp(watcher, "status").stdout
+    assert f"ended {failing.stdout.strip()} " in shown and ": failed (ended before its run had a directory" in shown
 
 
 @pytest.mark.slow
