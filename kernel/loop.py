@@ -21,6 +21,8 @@ log = logging.getLogger("trainbus.kernel")
 
 RESUME_FORMAT = 1  # version of the "trainbus" resume state inside a checkpoint
 LAST_CHECKPOINT_WAIT_S = 60.0  # the run's last checkpoint waits this long for a persister to free a buffer
+CHECKPOINT_NOW_AFTER_EPOCHS = ("checkpoint_now came with end_epoch's votes, after this epoch's own checkpoint: that "
+                               "one (the save_checkpoint or checkpoint_skipped before end_epoch) is of the same state")
 
 
 class Publisher(Protocol):
@@ -138,9 +140,12 @@ class Loop:
             if out.stopped_early:
                 break
             self.bus.await_votes(ev.END_EPOCH, self.vote_timeout_s)
-            control, checkpoint = self._decide(early + self.bus.take_replies(), None)
+            late = self.bus.take_replies()
+            control, checkpoint = self._decide(early + late, None)
             if checkpoint is not None and not checkpointed:  # a checkpoint_now that came with the votes
                 self._checkpoint(checkpoint, epoch_complete=True)
+            elif any(reply.type == "checkpoint_now" for reply in late):  # after the epoch's own, of the same state:
+                self._publish(ev.CHECKPOINT_SKIPPED, reason=CHECKPOINT_NOW_AFTER_EPOCHS)  # answered, not dropped
             if self._apply(control):
                 break
         out.steps = self.step

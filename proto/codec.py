@@ -228,6 +228,8 @@ def _check_values(m: dict[str, Any]) -> None:
 def _check_version(m: dict) -> None:
     v = m.get("v")
     if not _is_type(v, int):
+        if b"v" in m:  # a sender whose msgpack writes str as bin (old msgpack, raw bytes in other languages)
+            raise ProtocolError("map keys must be msgpack str, not bin (got b'v'): encode keys and text as str")
         raise ProtocolError(f"missing or non-integer protocol version 'v': {v!r}")
     if v != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {v} is not supported (this side speaks {PROTOCOL_VERSION})")

@@ -14,7 +14,7 @@ import zmq
 from trainbus.kernel.bus import CONTROL_PER_WAKE, FLUSH_INTERVAL_S
 from trainbus.kernel.checkpointing import Checkpointer
 from trainbus.kernel.journal import read_events
-from trainbus.kernel.loop import Loop
+from trainbus.kernel.loop import CHECKPOINT_NOW_AFTER_EPOCHS, Loop
 from trainbus.kernel.replies import Reply, merge_replies
 from trainbus.kernel.session import close_bus, open_bus
 from trainbus.kernel.snapshot import SnapshotBuffers
@@ -140,6 +140,30 @@ def test_checkpoint_now_during_validation_snapshots_at_that_epochs_boundary(tmp_
     assert saves[0][1]["reason"] == "checkpoint_now"
     assert saves[0][1]["state"]["trainbus"]["epoch_complete"] is True
     assert saves[0][1]["state"]["step"] == TRAIN_BATCHES
+
+
+@pytest.mark.parametrize("every_n_epochs", [0, 1])
+def test_checkpoint_now_with_the_end_epoch_votes_is_taken_or_answered_when_the_epoch_already_has_one(
+        tmp_path, every_n_epochs):
+    asked = Reply("checkpoint_now", "watcher", "save it")
+    bus = RecordingBus({(ev.END_EPOCH, 1): [asked]})  # as if sent with its vote on end_epoch
+    buffers = SnapshotBuffers("loop-test", [tmp_path])
+    checkpointer = Checkpointer(buffers, OnePersister(), every_n_epochs=every_n_epochs, every_n_steps=0,
+                                directories=[tmp_path])
+    try:
+        Loop(tiny({}), bus, torch.device("cpu"), checkpointer=checkpointer).run()
+    finally:
+        checkpointer.close()
+    after_end_epoch = bus.types()[bus.types().index(ev.END_EPOCH) + 1]
+    if every_n_epochs == 0:  # taken there, of the epoch's state
+        assert after_end_epoch == ev.SAVE_CHECKPOINT
+        saves = [data for type_, _, data in bus.events if type_ == ev.SAVE_CHECKPOINT]
+        assert len(saves) == 1 and saves[0]["reason"] == "checkpoint_now" and saves[0]["state"]["step"] == TRAIN_BATCHES
+    else:  # the epoch's own, just before end_epoch, is of the same state: said so, not silently dropped
+        assert after_end_epoch == ev.CHECKPOINT_SKIPPED
+        skipped = [data["reason"] for type_, _, data in bus.events if type_ == ev.CHECKPOINT_SKIPPED]
+        assert skipped == [CHECKPOINT_NOW_AFTER_EPOCHS]
+        assert [data["reason"] for type_, _, data in bus.events if type_ == ev.SAVE_CHECKPOINT] == ["epoch", "epoch"]
 
 
 def test_a_stop_during_validation_ends_the_run_at_that_epochs_end():

@@ -107,6 +107,15 @@ def test_unknown_control_fields_are_dropped_and_missing_ones_rejected():
         decode_control(pack({"v": 1, "type": "stop"}))
 
 
+def test_bin_map_keys_are_named_as_the_problem():
+    """A sender whose msgpack writes text as bin (raw bytes keys): dropped, saying so, not 'missing version'."""
+    raw = msgpack.packb({b"v": 1, b"type": b"metric", b"name": b"x", b"value": 1.0}, use_bin_type=True)
+    with pytest.raises(ProtocolError, match="map keys must be msgpack str, not bin"):
+        decode_control(raw)
+    with pytest.raises(ProtocolError, match="map keys must be msgpack str, not bin"):
+        decode_event(raw)
+
+
 def test_control_rejects_bad_values_at_the_sender():
     for kind, fields in [("hello", dict(VALID_CONTROL["hello"][0], delivery="sometimes")),
                          ("hello", dict(VALID_CONTROL["hello"][0], replies=["stop", "bogus"])),
