@@ -241,9 +241,11 @@ class Runner:
                 failure = None
                 break
             except CutShort as exc:
-                _say(f"[{self.plugin.name}] the handler for {event.type} (seq {event.seq}) was still running "
-                     f"{FINISH_ON_TERM_S} s after SIGTERM and was cut short (not acked: a durable plugin gets it "
-                     f"again):\n{user_traceback(exc)}")
+                said = (f"the handler for {event.type} (seq {event.seq}) was still running {FINISH_ON_TERM_S} s "
+                        f"after SIGTERM and was cut short (not acked: a durable plugin gets it again)")
+                _say(f"[{self.plugin.name}] {said}:\n{user_traceback(exc)}")
+                # to the kernel too: work a plugin never finished is trouble the run's summary names
+                self.io.send(control("log", level="error", text=f"{said}; plugins/{self.plugin.name}.log has where"))
                 raise
             except SystemExit as exc:  # the plugin's own choice, honoured; its log says where it was made
                 _say(f"[{self.plugin.name}] the handler for {event.type} (seq {event.seq}) called sys.exit({exc.code!r}):"

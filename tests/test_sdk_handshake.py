@@ -13,6 +13,7 @@ from typing import Callable
 import pytest
 import zmq
 from stand_in_kernel import StandInKernel
+from trainbus.sdk.runner import FINISH_ON_TERM_S
 
 from trainbus.proto import Event, control, encode_control, encode_replay_batch
 from trainbus.sdk.plugin import Plugin
@@ -142,12 +143,20 @@ def test_a_sigterm_in_a_handler_lets_it_finish_then_tears_down_and_takes_no_next
         if finishes:
             go.touch()
         output = _exited(proc)
+        sent = []
+        while (got := kernel.receive(100)) is not None:
+            sent.append(got[1])
     finally:
         _close(proc, kernel)
     done = [f"done {first}"] if finishes else []
     assert record.read_text().splitlines() == [f"start {first}", *done, "teardown"], output
     assert "sys.exit" not in output, output
     assert ("cut short" in output) is not finishes, output
+    # the kernel is told too (an error logged: trouble the run's summary names), not only the plugin's own log
+    errors = [m["text"] for m in sent if m["type"] == "log" and m["level"] == "error"]
+    assert (errors == [f"the handler for end_epoch (seq {first}) was still running {FINISH_ON_TERM_S} s after "
+                       f"SIGTERM and was cut short (not acked: a durable plugin gets it again); plugins/slow.log has "
+                       f"where"]) is not finishes, sent
 
 
 def test_a_setup_that_raises_tells_the_kernel_with_the_authors_frames_and_exits_1(tmp_path):
