@@ -10,12 +10,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+import trainbus.sdk
 from trainbus.proto import BEST_EFFORT, Event, events as ev
 from trainbus.sdk import Plugin, Setting
 
 MAX_LINE_CHARS = 160  # a warning is one terminal line; the full text is in the run's logs
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')  # a line of a Python traceback or stack
-_LIBRARY_PATHS = ("/site-packages/", "/dist-packages/", "/lib/python3", "<frozen ")
+# and the SDK's own directory, which an editable install leaves outside site-packages (a bz hook touching
+# context.model raises in sdk/bz.py: the line to name is the hook's)
+_LIBRARY_PATHS = ("/site-packages/", "/dist-packages/", "/lib/python3", "<frozen ",
+                  os.path.dirname(os.path.abspath(trainbus.sdk.__file__)) + os.sep)
 WARNING_LEVELS = ("warning", "error")
 # rich estimates speed from the last 30 s of updates by default, which never holds two epoch ends;
 # a day's window makes the epoch ETA the run's mean pace (the batch bar is reset every epoch anyway).

@@ -162,7 +162,6 @@ class _BzConstruction(type):
         plugin.__init__(**arguments)
         plugin.settings = config
         plugin.run_id, plugin.run_dir = kwargs["run_id"], kwargs["run_dir"]
-        plugin.context.extra["run_dir"] = kwargs["run_dir"]
         _forward_logging(plugin)
         for warning in cls.warnings():  # for kernel.log; `trainbus run` said it on the terminal before the run
             plugin.log(warning, level="warning")
@@ -213,6 +212,7 @@ class Plugin(_SdkPlugin, metaclass=_BzConstruction):
         if event.type not in HOOKS:
             return
         context = self.context
+        context.extra["run_dir"] = self.run_dir  # set by the runner, or by a Harness (a test's own directory)
         context.update(event)
         try:
             if _overrides_hook(type(self), event.type):

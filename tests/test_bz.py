@@ -455,6 +455,22 @@ def test_a_bz_plugin_whose_init_never_calls_super_is_built_whole_by_its_own_call
     assert h.replies_of("stop")
 
 
+def test_a_harness_gives_a_bz_plugin_its_run_dir_in_context_extra(tmp_path):
+    """It was missing there under a Harness, so a plugin writing to extra["run_dir"] wrote into the cwd."""
+    seen = []
+
+    class Writer(BzPlugin):
+        def end_epoch(self, context):
+            seen.append((context.extra["run_dir"], context.extra["run_id"]))
+
+    h = Harness(Writer(), run_dir=str(tmp_path))
+    feed_epoch(h, 1)
+    default = Harness(Writer())
+    feed_epoch(default, 1)
+    assert seen == [(str(tmp_path), "test-run"), (default.plugin.run_dir, "test-run")]
+    assert default.plugin.run_dir not in (".", os.getcwd())
+
+
 def test_a_method_named_like_a_hook_that_is_none_is_said_as_a_warning_at_start():
     class Saver(BzPlugin):
         def save_model_checkpoint(self, context):  # bz's name is save_checkpoint: never called

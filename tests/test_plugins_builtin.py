@@ -348,6 +348,15 @@ def test_console_names_where_a_traceback_ends_in_the_authors_code(tmp_path, caps
     (line,) = capsys.readouterr().out.splitlines()
     assert line.startswith("error: hooks: handler for end_epoch (seq 9) failed after 3 attempts: ... json.decoder.")
     assert line.endswith("... (at hooks.py:5 in helper)") and len(line) <= 160, line
+    # the SDK's frames are skipped too, wherever it is installed (editable: not under site-packages)
+    import trainbus.sdk.bz
+
+    h.feed("log", plugin="hooks", level="error", text=(
+        'Traceback (most recent call last):\n  File "/home/ann/bzhooks.py", line 48, in end_epoch\n    context.model\n'
+        f'  File "{trainbus.sdk.bz.__file__}", line 74, in model\n    raise NotInThisProcess(...)\n'
+        "trainbus.sdk.bz.NotInThisProcess: the model is in the kernel's process"))
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.endswith(" (at bzhooks.py:48 in end_epoch)"), line
 
 
 def test_console_draws_bars_on_a_terminal_and_stops_them(tmp_path, capsys, monkeypatch):
