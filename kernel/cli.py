@@ -468,7 +468,7 @@ def _print_summary(result) -> None:
                       f"could not be written (see {Path(result.run_dir) / 'plugins' / f'{name}.log'})")
         if p.get("errors_logged"):
             out.print(f"  plugin {name}: {p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged "
-                      f"(see {Path(result.run_dir) / 'plugins' / f'{name}.log'})")
+                      f"(see {Path(result.run_dir) / 'kernel.log'}; what it printed: plugins/{name}.log)")
     for name, acked in result.undrained.items():
         out.print(f"  plugin {name}: did not catch up (acked up to seq {acked})")
     out.print(f"  results: {result.run_dir}")

@@ -405,7 +405,8 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
                           type_, data)
     for name, p in (summary.get("plugins") or {}).items():  # the supervisor's own account wins where there is one
         if isinstance(p, dict):
-            plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes") if k in p})
+            plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes", "errors_logged",
+                                                                  "checkpoints_failed") if k in p})
     undrained = summary.get("undrained") or {}
     for name, p in plugins.items():
         p["log"] = str(run_dir / "plugins" / f"{name}.log") if (run_dir / "plugins" / f"{name}.log").is_file() else None

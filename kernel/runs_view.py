@@ -225,6 +225,10 @@ def print_show(console, run: dict[str, Any]) -> None:
             trouble = list(p.get("crashes") or [])[-3:]
             if p.get("reason"):
                 trouble.append(p["reason"])
+            if p.get("errors_logged"):
+                trouble.append(f"{p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged (kernel.log)")
+            if p.get("checkpoints_failed"):
+                trouble.append(f"{p['checkpoints_failed']} checkpoint{'s' * (p['checkpoints_failed'] != 1)} failed")
             if "undrained_acked_seq" in p:
                 trouble.append(f"did not catch up (acked to seq {p['undrained_acked_seq']})")
             state = p.get("state") or "-"

@@ -44,12 +44,12 @@ class Plugin:
                     self.stop("good enough")
 
     A handler that raises is reported to the kernel with its traceback and the plugin goes on.
-    Handlers run one at a time, in seq order. Keep each one shorter than a minute (HANDLER_TIMEOUT_S)
+    Handlers run one at a time, in seq order. Keep each one shorter than `handler_timeout_s` (a minute)
     or the supervisor treats the plugin as hung; do long work in a thread of your own.
     """
 
     name: str = ""  # defaults to the class name in snake_case
-    delivery: str = BEST_EFFORT  # or DURABLE: every event exactly in order, across restarts
+    delivery: str = BEST_EFFORT  # or DURABLE: every event in order, across restarts, at least once (dedupe by seq)
     # name -> Setting(default, help, min=, max=, choices=, kind=), or a plain default (its type inferred);
     # the run's config overrides them per key, each value checked against its declaration
     settings: dict[str, Setting | Any] = {}

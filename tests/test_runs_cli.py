@@ -5,6 +5,7 @@ another process) and died (that kernel killed)."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -375,6 +376,20 @@ def test_plugin_trouble_names_a_crash_the_run_ended_before_restarting():
                "fine": {"state": "exited", "restarts": 0, "crashes": []},
                "raiser": {"state": "exited", "restarts": 0, "crashes": [], "errors_logged": 3}}
     assert _plugin_trouble(plugins, {}) == ["late crashed (exit code 3)", "raiser 3 errors logged"]
+
+
+def test_show_names_a_plugins_logged_errors_and_failed_checkpoints_as_list_does(every_status, tmp_path):
+    """`runs list` named them as trouble; `runs show`'s plugin table said "-" for the same run."""
+    runs_dir, _ = every_status
+    copy = tmp_path / "runs" / "b-stopped"
+    shutil.copytree(runs_dir / "b-stopped", copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["plugins"]["stopper"].update(errors_logged=2, checkpoints_failed=1)
+    (copy / "summary.json").write_text(json.dumps(summary))
+    shown = json.loads(cli("runs", "show", str(copy), "--json"))["plugins"]["stopper"]
+    assert shown["errors_logged"] == 2 and shown["checkpoints_failed"] == 1, shown
+    row = next(line for line in cli("runs", "show", str(copy)).splitlines() if line.startswith("stopper"))
+    assert "2 errors logged (kernel.log); 1 checkpoint failed" in row, row
 
 
 def test_a_torn_summary_is_said_to_be_torn_not_a_kernel_that_died_without_one(tmp_path):
