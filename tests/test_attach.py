@@ -276,6 +276,10 @@ def test_attach_to_an_ended_run_says_so_at_once(runs_dir, tmp_path, kernels):
     env.pop("TRAINBUS_KERNEL_PID", None)
     proc = run_quickly([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:Recorder"], env=env)
     assert proc.returncode == 0 and "has ended (completed)" in proc.stderr, proc.stderr
+    # a mistake in its settings is said first, ended run or not
+    proc = run_quickly([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:Recorder", "--set", "nosuch=1"],
+                       env=env)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "nosuch" in proc.stderr, proc.stderr
 
 
 def test_an_attached_client_killed_without_a_bye_is_said_gone_not_left_running(runs_dir, tmp_path, kernels):
