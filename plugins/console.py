@@ -216,7 +216,8 @@ def _one_line(text: str) -> str:
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     if not lines:
         return ""
-    line = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    # the last line (a traceback's exception) unless the first already says it ("setup failed: E: msg")
+    line = lines[0] if len(lines) == 1 or lines[0].endswith(lines[-1]) else f"{lines[0]} ... {lines[-1]}"
     where = _where(text)
     room = MAX_LINE_CHARS - len(where)
     return (line if len(line) <= room else line[:room - 3] + "...") + where

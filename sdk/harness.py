@@ -16,9 +16,11 @@ class Harness:
 
     Example::
 
+        from trainbus.plugins.early_stopping import EarlyStoppingPlugin
+
         h = Harness(EarlyStoppingPlugin({"patience": 1}))
-        h.feed("end_epoch", validation_loss=0.5)
-        h.feed("end_epoch", validation_loss=0.6)
+        h.feed("end_epoch", epoch=1, validation_loss=0.5)
+        h.feed("end_epoch", epoch=2, validation_loss=0.6)
         assert h.replies_of("stop")
     """
 

@@ -357,6 +357,12 @@ def test_console_names_where_a_traceback_ends_in_the_authors_code(tmp_path, caps
         "trainbus.sdk.bz.NotInThisProcess: the model is in the kernel's process"))
     (line,) = capsys.readouterr().out.splitlines()
     assert line.endswith(" (at bzhooks.py:48 in end_epoch)"), line
+    # a first line that already ends in the exception is not followed by it again
+    h.feed("log", plugin="db", level="error", text=(
+        'setup failed: RuntimeError: cannot open my database\nTraceback (most recent call last):\n'
+        '  File "/home/ann/db.py", line 9, in setup\n    connect()\nRuntimeError: cannot open my database'))
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line == "error: db: setup failed: RuntimeError: cannot open my database (at db.py:9 in setup)", line
 
 
 def test_console_draws_bars_on_a_terminal_and_stops_them(tmp_path, capsys, monkeypatch):
