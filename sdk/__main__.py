@@ -59,7 +59,6 @@ def main(argv: list[str]) -> int:
     try:
         options, settings = _options(argv[1:])
         cls = load_plugin_class(argv[0])
-        merge_settings(cls, settings)  # a mistake said before anything connects (a run that has ended too)
         code = run(cls, settings, connect=options.get("--connect", ""), key=options.get("--key", ""),
                    server_key=options.get("--server-key", ""), name=options.get("--name", ""))
     except (PluginLoadError, SettingsError, UsageError) as exc:

@@ -75,10 +75,7 @@ class Plugin:
         self.name = cls.name or _snake(cls.__name__)
         if self.delivery not in DELIVERY_CLASSES:
             raise SettingsError(f"{cls.__name__}.delivery must be one of {DELIVERY_CLASSES}")
-        try:
-            self.settings = merge_settings(cls, settings or {})
-        except SettingsError as exc:
-            raise SettingsError(f"plugin {self.name}: {exc}") from None
+        self.settings = named_settings(cls, settings or {})
         self.run_id = run_id
         self.run_dir = run_dir
         self.outbox: list[dict[str, Any]] = []  # replies waiting to be sent (or inspected in tests)
@@ -203,6 +200,14 @@ for _name in HANDLED_EVENTS:  # do-nothing handlers, one per event: on_start_epo
         """Override to handle this event."""
     _noop.__name__ = f"on_{_name}"
     setattr(Plugin, _noop.__name__, _noop)
+
+
+def named_settings(cls: type, given: dict[str, Any]) -> dict[str, Any]:
+    """merge_settings, its SettingsError naming the plugin."""
+    try:
+        return merge_settings(cls, given)
+    except SettingsError as exc:
+        raise SettingsError(f"plugin {cls.name or _snake(cls.__name__)}: {exc}") from None
 
 
 def merge_settings(cls: type, given: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir, load_public, load_secret,
                                    read_connection_file, secure_client)
 
-from .plugin import KernelGoneInfo, Plugin
+from .plugin import KernelGoneInfo, Plugin, named_settings
 from .plugin_io import FINAL_EVENTS, KERNEL_EXITED, MAX_POLL_S, PluginIO, _say
 from .tracebacks import user_traceback
 
@@ -448,6 +448,9 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         print(f"error: {', '.join(missing)} not set; start plugins through `trainbus run`, or set the kernel's "
               f"endpoints (see PROTOCOL.md)", file=sys.stderr)
         return 2
+    configured = unpack(bytes.fromhex(env["TRAINBUS_PLUGIN_SETTINGS"])) if "TRAINBUS_PLUGIN_SETTINGS" in env else {}
+    settings = {**configured, **(settings or {})}
+    named_settings(plugin_cls, settings)  # a mistake in them is said before anything else (a run that is over too)
     # Attached by hand to a run that is over: say so now, not after the connect timeout. Its summary.json is in the
     # run directory, or beside the connection file read in place (a copy elsewhere has none: the kernel is asked).
     record = connection_run_dir(connect) if connect else env.get("TRAINBUS_RUN_DIR")
@@ -463,8 +466,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     kernel_pid = int(env["TRAINBUS_KERNEL_PID"]) if "TRAINBUS_KERNEL_PID" in env else None
     if kernel_pid is not None:
         _die_with_parent(kernel_pid)
-    configured = unpack(bytes.fromhex(env["TRAINBUS_PLUGIN_SETTINGS"])) if "TRAINBUS_PLUGIN_SETTINGS" in env else {}
-    plugin = plugin_cls({**configured, **(settings or {})}, run_id=env.get("TRAINBUS_RUN_ID", ""),
+    plugin = plugin_cls(settings, run_id=env.get("TRAINBUS_RUN_ID", ""),
                         run_dir=env.get("TRAINBUS_RUN_DIR", "."))
     plugin.name = name or env.get("TRAINBUS_PLUGIN_NAME") or plugin.name
     runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid,

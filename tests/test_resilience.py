@@ -303,7 +303,7 @@ def test_a_plugin_that_dies_or_hangs_as_the_run_ends_is_named_in_its_summary(tmp
     """Past the run's last event the supervisor restarts nothing, but a plugin that crashed in its last handler
     (its final lines lost) or had to be killed when plugins' exit time ran out is trouble all the same: the
     summary and `runs list` name it, and the run itself completed. One that was slow but stopped when asked is
-    a line in kernel.log, not trouble. What a plugin says in teardown arrives."""
+    no crash, but the handler it was cut short in is an error it logged. What a plugin says in teardown arrives."""
     cfg = run_config(tmp_path / "runs", [plugin("dier", "DiesAtTheEnd"), plugin("hanger", "HangsAtTheEnd"),
                                          plugin("slow", "SlowToLeave"),
                                          plugin("fine", "Lifecycle", path=str(tmp_path / "fine")),
@@ -332,7 +332,9 @@ def test_a_plugin_that_dies_or_hangs_as_the_run_ends_is_named_in_its_summary(tmp
     assert said == [("metric", "goodbye/events", 42.0, None), ("log", None, None, "goodbye from teardown")], said
     trouble = run_overview(Path(result.run_dir))["plugin_trouble"]
     assert trouble[0].startswith("dier crashed (exit code 4") and trouble[1].startswith(
-        "hanger crashed (still running") and len(trouble) == 2, trouble
+        "hanger crashed (still running") and trouble[2:] == ["slow 1 error logged"], trouble
+    [cut] = [e.data["text"] for e in read_events(result.run_dir) if e.type == "log" and e.data.get("plugin") == "slow"]
+    assert cut.startswith("the handler for end_training_session (seq ") and " was cut short " in cut, cut
 
 
 # -- 4. slow plugins never slow the kernel --------------------------------------------------------------
