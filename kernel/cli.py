@@ -444,7 +444,8 @@ def _print_summary(result) -> None:
     o = result.outcome
     colour = {"completed": "green", "stopped": "yellow"}.get(result.status, "red")
     out.print(f"\n[bold]run {result.run_id}[/bold]: [{colour}]{result.status}[/{colour}] "
-              f"after {o['epochs_completed']} epochs, {o['steps']} steps, {result.duration_s:.1f} s")
+              f"after {o['epochs_completed']} epoch{'s' * (o['epochs_completed'] != 1)}, {o['steps']} "
+              f"step{'s' * (o['steps'] != 1)}, {result.duration_s:.1f} s")
     # The kernel's own stop for an error (the journal's disk) is said once, as the error; texts are not markup
     # (a reason naming "[run] runs_dir" would lose its brackets).
     reasons = [r for r in o["stop_reasons"] if not (result.error and r == f"kernel: stop: {result.error}")]

@@ -595,6 +595,9 @@ def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False) -> 
     if run["status"] == "completed" and (epochs is None or epochs <= done):
         return (f"run {run_dir.name} has completed ({done} epochs); nothing to resume (to train it longer: "
                 f"`trainbus run --resume {run_dir.name} --epochs N` with N above {done})")
+    if epochs is not None and epochs <= done and not rank:  # it would "complete" having trained nothing
+        return (f"run {run_dir.name} has trained {done} epochs; --epochs {epochs} would train none: give more than "
+                f"{done}, or leave --epochs out to train the epochs it planned")
     return None
 
 

@@ -42,7 +42,7 @@ class Outcome:
     training_loss: float | None = None
     validation_loss: float | None = None
     validation_metrics: dict[str, float] = field(default_factory=dict)
-    best_validation_loss: float | None = None  # the lowest of a whole epoch's, this session
+    best_validation_loss: float | None = None  # the lowest of a whole epoch's, the run's (resumed: from its checkpoint on)
     best_epoch: int | None = None
 
 
@@ -275,6 +275,8 @@ class Loop:
                 "rank_totals": [{k: own[k] for k in ("loss_total", "metric_totals")} for own in ranks_own]
                 if ranks_own else None,
                 "loss_scaler": self.stepper.state_dict(),
+                # the run's best so far, so a resumed run's summary names the best of all its sessions
+                "best_validation_loss": self.outcome.best_validation_loss, "best_epoch": self.outcome.best_epoch,
             },
         }
 
@@ -367,6 +369,8 @@ class Loop:
             self.first_epoch = resume["epoch"]
             self._resume = resume
         self.outcome.epochs_completed = self.first_epoch - 1  # the run's count, not this session's
+        self.outcome.best_validation_loss = resume.get("best_validation_loss")  # None from an older checkpoint
+        self.outcome.best_epoch = resume.get("best_epoch")
         self._loaded_from = path
 
     # -- replies ----------------------------------------------------------------------------------

@@ -130,6 +130,8 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
                 raise _user_code_error(exc, f"importing {path}") from None
             _loaded_files[_file_key(path)] = module
     else:
+        if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` and the plugins' processes have it
+            sys.path.append(os.getcwd())  # after what is installed: a local directory shadows nothing
         try:
             module = importlib.import_module(module_part)
         except ModuleNotFoundError as exc:

@@ -121,10 +121,10 @@ class ConsolePlugin(Plugin):
     def on_end_training_session(self, event: Event) -> None:
         data = event.data
         self._stop_bars()  # the last line goes below the bars, not above them
-        line = f"finished: {_fmt(data.get('epochs_completed'))} epochs"
+        line = f"finished: {_fmt(data.get('epochs_completed'))} epoch{'s' * (data.get('epochs_completed') != 1)}"
         if self.cut_short:
             line += f" and {self.cut_short}"
-        line += f", {_fmt(data.get('steps'))} steps"
+        line += f", {_fmt(data.get('steps'))} step{'s' * (data.get('steps') != 1)}"
         if data.get("stopped_early"):
             reasons = "; ".join(str(r) for r in data.get("stop_reasons") or [])
             line += f"; stopped early: {reasons or 'no reason given'}"

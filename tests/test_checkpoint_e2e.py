@@ -644,6 +644,13 @@ def test_a_completed_run_is_resumed_only_to_train_it_longer(tmp_path):
     proc = run_cli(tmp_path, "--resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "3")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
+    # the same for a run that ended before its planned epochs: fewer than it trained would train none
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    proc = run_cli(tmp_path, "--resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "2")
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: run {run_dir.name} has trained 3 epochs; --epochs 2 would train none: give more than 3, or leave "
+        f"--epochs out to train the epochs it planned\n"), proc.stderr
+    (run_dir / "summary.json").write_text(json.dumps(summary))
     assert summary["status"] == "completed" and summary["outcome"]["epochs_completed"] == 3, summary
     assert isinstance(summary["outcome"]["validation_loss"], float)
     assert [e.epoch for e in of(read_events(run_dir), "end_epoch")] == [1, 2, 3]

@@ -51,7 +51,7 @@ def test_the_terminal_gets_what_the_console_draws_and_plugins_diagnostics_go_to_
     r = trainbus("run", "--epochs", "1", "--plugins", "console,metrics_log", "--runs-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())  # beside registry.sqlite
-    assert "epoch 1/1" in r.stdout and "finished: 1 epochs" in r.stdout  # the console, on the kernel's stdout
+    assert "epoch 1/1" in r.stdout and "finished: 1 epoch," in r.stdout  # the console, on the kernel's stdout
     assert "run ended" not in r.stdout + r.stderr  # the SDK's counts, one line per plugin
     for name in ("console", "metrics_log"):
         assert f"[{name}] run ended. received " in (run_dir / "plugins" / f"{name}.log").read_text()
@@ -414,3 +414,16 @@ def test_a_reader_that_goes_away_costs_the_output_not_the_exit_code(tmp_path):
         proc.kill()
     summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
     assert summary["status"] == "completed"
+
+
+def test_a_module_target_in_the_current_directory_imports_as_the_plugins_beside_it_do(tmp_path):
+    """`trainbus run mypkg.train:build` from the directory holding mypkg/ (the README's form): the console script
+    had no current directory on sys.path, so it said "cannot import module" while `python -m` would have found it."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "train.py").write_text(
+        "def build(lr: float = 0.5):\n    \"\"\"A target.\n\n    Args:\n        lr: the step size\n    \"\"\"\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([*trainbus_cmd(), "run", "mypkg.train:build", "--help-flags"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "lr" in done.stdout and "the step size" in done.stdout, done.stderr

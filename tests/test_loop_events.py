@@ -298,3 +298,20 @@ def test_replies_received_before_the_final_event_are_published_before_it(tmp_pat
     assert all(last_epoch.seq < e.seq for e in replies), "read before the loop's last events: proves nothing"
     assert all(e.seq < final.seq for e in replies), \
         f"received before the final event (seq {final.seq}), published after it: {[e.seq for e in replies]}"
+
+
+def test_a_resumed_loop_keeps_the_runs_best_validation_loss_from_its_checkpoint():
+    """The summary's best covered only the resumed session: a run whose best epoch came before the resume named a
+    later, worse one (runs show, which reads the journal, had it right)."""
+    first = Loop(tiny({}), RecordingBus(), torch.device("cpu"))
+    done = first.run()
+    state = first.training_state(epoch_complete=True)
+    assert (state["trainbus"]["best_validation_loss"], state["trainbus"]["best_epoch"]) == (
+        done.best_validation_loss, done.best_epoch) and done.best_epoch is not None
+    state["trainbus"]["best_validation_loss"] = 1e-9  # a best no later epoch beats
+    spec = tiny({})
+    spec.epochs = 4
+    second = Loop(spec, RecordingBus(), torch.device("cpu"))
+    second.resume(state, "checkpoint.pt")
+    out = second.run()
+    assert out.epochs_completed == 4 and (out.best_validation_loss, out.best_epoch) == (1e-9, done.best_epoch)

@@ -293,7 +293,7 @@ def test_console_says_an_epoch_a_stop_cut_short_is_partial(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("epoch 1/2  train loss 1  val loss 0.5") for line in lines), lines
     assert any(line.startswith("epoch 2/2 partial (8/75 batches)  train loss 0.5  val loss 0.4") for line in lines)
-    assert lines[-1] == ("finished: 1 epochs and 8/75 batches of epoch 2, 83 steps; "
+    assert lines[-1] == ("finished: 1 epoch and 8/75 batches of epoch 2, 83 steps; "
                          "stopped early: kernel: stop: interrupted (Ctrl-C)")
 
 
