@@ -185,7 +185,9 @@ class ConsolePlugin(Plugin):
         self.console.print(Text(line, style=style), soft_wrap=True)
 
     def _warn(self, text: str, level: str = "warning") -> None:
-        self._say(_one_line(f"{level}: {text}"), "bold red" if level == "error" else "yellow")
+        # a terminal line is cut to fit; a file or pipe (a log, CI) keeps the whole first line, fix included
+        width = MAX_LINE_CHARS if self.console.is_terminal else None
+        self._say(_one_line(f"{level}: {text}", width), "bold red" if level == "error" else "yellow")
 
 
 def _epoch_summary(epoch: int, epochs_total: int | None, data: dict[str, Any], elapsed_s: float | None) -> str:
@@ -210,7 +212,7 @@ def _batches(data: dict[str, Any]) -> str:
     return f"{count}/{_fmt(planned)} batches" if planned else f"{count} batches"
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: str, width: int | None = MAX_LINE_CHARS) -> str:
     """First line, plus the last for a multi-line text (a traceback's last line is the exception), plus where a
     traceback or stack in it ends in the author's code: "(at train_hooks.py:12 in on_end_epoch)"."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
@@ -219,7 +221,7 @@ def _one_line(text: str) -> str:
     # the last line (a traceback's exception) unless the first already says it ("setup failed: E: msg")
     line = lines[0] if len(lines) == 1 or lines[0].endswith(lines[-1]) else f"{lines[0]} ... {lines[-1]}"
     where = _where(text)
-    room = MAX_LINE_CHARS - len(where)
+    room = width - len(where) if width else len(line)
     return (line if len(line) <= room else line[:room - 3] + "...") + where
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.kernel.session import run_training
@@ -328,8 +329,12 @@ def test_console_warns_of_failed_checkpoints_and_of_each_reason_for_skipping_onc
         "device) (shown once)"]
 
 
-def test_console_trims_a_long_warning_to_one_line(tmp_path, capsys):
+def test_console_trims_a_long_warning_to_one_terminal_line_and_keeps_it_whole_in_a_file(tmp_path, capsys):
     h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
+    h.feed("log", plugin="p", level="warning", text="x" * 1000 + " (the fix)\nmore")
+    (line,) = capsys.readouterr().out.splitlines()  # not a terminal: a log or CI keeps the fix at the line's end
+    assert line == "warning: p: " + "x" * 1000 + " (the fix) ... more", line
+    h.plugin.console = Console(force_terminal=True, color_system=None)
     h.feed("log", plugin="p", level="warning", text="x" * 1000)
     (line,) = capsys.readouterr().out.splitlines()
     assert len(line) <= 160 and line.endswith("...")
@@ -344,6 +349,7 @@ def test_console_names_where_a_traceback_ends_in_the_authors_code(tmp_path, caps
                       '  File "/usr/lib/python3.11/json/__init__.py", line 346, in loads\n    return ...\n'
                       "json.decoder.JSONDecodeError: Expecting value: " + "x" * 300)
     h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
+    h.plugin.console = Console(force_terminal=True, color_system=None)  # a terminal's line is cut to fit
     h.feed("log", plugin="hooks", level="error", text=traceback_text)
     (line,) = capsys.readouterr().out.splitlines()
     assert line.startswith("error: hooks: handler for end_epoch (seq 9) failed after 3 attempts: ... json.decoder.")
