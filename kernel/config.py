@@ -94,6 +94,10 @@ def config_of_run(run_dir: Path) -> RunConfig:
     try:
         raw = json.loads(path.read_text())
         raw.pop("launch", None)  # how `run --nproc` launched it: launch_of_run's
+        started_in = raw.pop("cwd", None)
+        file_part, colon, function = str(raw.get("target", "")).rpartition(":")
+        if colon and file_part.endswith(".py") and started_in and not Path(file_part).is_absolute():
+            raw["target"] = f"{Path(started_in) / file_part}:{function}"  # resumed from another directory too
         raw["plugins"] = [PluginConfig(**p) for p in raw.get("plugins", [])]
         if "flags" in raw:  # what the spec function was called with (kernel/flags.py): given to it again
             raw["hyperparameters"] = raw.pop("flags")

@@ -491,6 +491,7 @@ def effective_config(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any]) 
     config["epochs"] = spec.epochs
     if os.environ.get(LAUNCH):  # launched by `trainbus run --nproc`: how, for a resume to launch it alike
         config["launch"] = json.loads(os.environ[LAUNCH])
+    config["cwd"] = os.getcwd()  # what a relative target file is relative to, for a resume from elsewhere
     return config
 
 

@@ -767,3 +767,21 @@ def test_a_damaged_newest_checkpoint_is_passed_over_saying_so(tmp_path):
     assert find_checkpoint(str(tmp_path / "run"), str(tmp_path), said) == directory / "step000010.pt"
     assert said == [f"checkpoint {damaged} does not match its manifest entry (size or sha256): damaged or changed "
                     f"since it was written, so an older one is taken"]
+
+
+def test_a_run_of_a_target_file_given_relative_resumes_from_another_directory(tmp_path):
+    """config.json kept `train.py:build` as typed, so `--resume RUN` from anywhere but where the run started said
+    "target file train.py does not exist", a fix the user never needed. The run's directory says where it began."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "train.py").write_text("from trainbus.kernel.digits import build as digits\n\n\n"
+                                      "def build(hyperparameters: dict):\n    return digits(hyperparameters)\n")
+    runs = tmp_path / "runs"
+    first = run_cli(project, "train.py:build", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs))
+    assert first.returncode == 0, first.stderr
+    [run_dir] = [d for d in runs.iterdir() if (d / "config.json").is_file()]
+    again = run_cli(elsewhere, "--resume", str(run_dir), "--epochs", "2", "--plugins", "")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["outcome"]["epochs_completed"] == 2, summary
