@@ -317,7 +317,8 @@ class Daemon:
             detail = f"run {status}" + (f", exit code {code}" if code >= 0 else "")
             if status == "died":
                 log.warning("%s: the kernel died (no summary); %s", watched.job_id,
-                            f"`trainbus runs resume {watched.job_id}` continues it from its newest checkpoint"
+                            f"`trainbus runs resume {watched.job_id} --runs-dir {self.runs_dir}` continues it from its "
+                            f"newest checkpoint"
                             if (run_dir / CHECKPOINT_DIR / MANIFEST).is_file() else
                             "it had no checkpoint yet: submit it again to train it")
         else:
@@ -594,11 +595,17 @@ def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False) -> 
     done = run.get("epochs_completed") or 0
     if run["status"] == "completed" and (epochs is None or epochs <= done):
         return (f"run {run_dir.name} has completed ({done} epochs); nothing to resume (to train it longer: "
-                f"`trainbus run --resume {run_dir.name} --epochs N` with N above {done})")
+                f"`trainbus run --resume {run_dir.name}{_runs_dir_option(run_dir)} --epochs N` with N above {done})")
     if epochs is not None and epochs <= done and not rank:  # it would "complete" having trained nothing
         return (f"run {run_dir.name} has trained {done} epochs; --epochs {epochs} would train none: give more than "
                 f"{done}, or leave --epochs out to train the epochs it planned")
     return None
+
+
+def _runs_dir_option(run_dir: Path) -> str:
+    """` --runs-dir DIR` for a command suggested about a run outside the default ./runs; else ""."""
+    parent = Path(run_dir).parent
+    return "" if parent.resolve() == Path("runs").resolve() else f" --runs-dir {parent}"
 
 
 def _kernel_since(run_dir: Path, ts: float | None) -> bool:

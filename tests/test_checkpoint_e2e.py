@@ -640,6 +640,10 @@ def test_a_completed_run_is_resumed_only_to_train_it_longer(tmp_path):
             f"error: run {run_dir.name} has completed (2 epochs); nothing to resume (to train it longer: "
             f"`trainbus run --resume {run_dir.name} --epochs N` with N above 2)\n"), proc.stderr
     assert (run_dir / "summary.json").read_text() == before
+    elsewhere = tmp_path / "elsewhere"  # from another directory, the command it suggests names the runs directory
+    elsewhere.mkdir()
+    proc = run_cli(elsewhere, "--resume", run_dir.name, "--runs-dir", str(runs))
+    assert f"`trainbus run --resume {run_dir.name} --runs-dir {runs} --epochs N`" in proc.stderr, proc.stderr
 
     proc = run_cli(tmp_path, "--resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "3")
     assert proc.returncode == 0, proc.stderr
