@@ -131,7 +131,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             cfg.resume = str(run_dir)
     # The user's code (build, loaders, loss, metrics) sees where its run is, as plugins do: Guild's names and ours.
     os.environ.update(RUN_ID=run_id, RUN_DIR=str(run_dir), TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir))
-    spec, flags = build_with_flags(cfg.target, dict(cfg.hyperparameters))
+    spec, flags = build_with_flags(cfg.target, dict(cfg.hyperparameters), cfg.epochs)
     if cfg.epochs is not None:
         spec.epochs = cfg.epochs
     check_metric_settings(spec, metric_settings or {})

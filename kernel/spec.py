@@ -161,14 +161,19 @@ def build_spec(target: str, hyperparameters: dict[str, Any]) -> TrainingSpec:
     return build_with_flags(target, hyperparameters)[0]
 
 
-def build_with_flags(target: str, hyperparameters: dict[str, Any]) -> tuple[TrainingSpec, dict[str, Any]]:
+def build_with_flags(target: str, hyperparameters: dict[str, Any],
+                     epochs: int | None = None) -> tuple[TrainingSpec, dict[str, Any]]:
     """build_spec, and the arguments the function was called with (its flags, defaults filled in: kernel/flags.py).
 
+    epochs: `--epochs` (or a resumed run's), also the function's `epochs` flag when it has one: it builds for the
+    epochs that train, and its recorded flags say them (they said its default beside fewer epochs trained).
     A flag that is unknown or of the wrong type raises FlagError (a SpecError) before the user's function runs."""
     from . import flags  # here: flags builds on this module's SpecError
 
     func = load_target(target)
     signature = flags.signature_of(func)
+    if epochs is not None and "epochs" in {flag.name for flag in signature.flags}:
+        hyperparameters = {**hyperparameters, "epochs": epochs}
     arguments = flags.resolve(signature, hyperparameters, target)
     try:
         spec = flags.call(func, signature, arguments)

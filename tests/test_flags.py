@@ -312,3 +312,20 @@ def test_help_text_of_a_function_without_parameters():
     with pytest.raises(FlagError, match="unknown flag 'lr'; flags of t.py:build: none"):
         resolve(signature_of(build), {"lr": 1}, "t.py:build")
     assert Flag("x", int, 3).describe() == "x (int, default 3)"
+
+
+def test_epochs_given_as_the_option_is_the_functions_epochs_flag_too(tmp_path):
+    """`trainbus run train.py:build --epochs 1` trained 1 epoch while runs list and compare showed epochs=5, the
+    function's default, and the function had built for 5."""
+    from trainbus.kernel.config import RunConfig
+    from trainbus.kernel.session import run_training
+
+    (tmp_path / "train.py").write_text(
+        "from trainbus.kernel.digits import build as digits\n\n\n"
+        "def build(lr: float = 0.001, epochs: int = 5):\n"
+        "    return digits({'lr': lr, 'epochs': epochs})\n")
+    result = run_training(RunConfig(target=f"{tmp_path / 'train.py'}:build", epochs=1, runs_dir=str(tmp_path / "runs"),
+                                    device="cpu", plugins=[]))
+    assert result.status == "completed" and result.outcome["epochs_completed"] == 1
+    config = json.loads((Path(result.run_dir) / "config.json").read_text())
+    assert config["flags"] == {"lr": 0.001, "epochs": 1} and config["epochs"] == 1, config
