@@ -384,6 +384,9 @@ def _typed(value: Any, annotation: Any, where: str) -> Any:
         ok, expected = isinstance(value, str), "a string"
     if not ok:
         if expected == "a string" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if where.endswith("precision") and str(value) not in PRECISIONS:  # quoted, 16 would be refused next
+                allowed = ", ".join('"' + p + '"' for p in PRECISIONS)
+                raise ConfigError(f"{where} must be a string; {value!r} was read as a number: write one of {allowed}")
             raise ConfigError(f"{where} must be a string; {value!r} was read as a number: quote it (\"{value}\")")
         raise ConfigError(f"{where} must be {expected}, got {value!r}")
     return value

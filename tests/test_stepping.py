@@ -137,6 +137,8 @@ def test_resume_inside_an_accumulation_cycle_is_exact(tmp_path):
     ("accumulate_grad_batches = 0", "accumulate_grad_batches must be >= 1"),
     ("gradient_clip_val = nan", "gradient_clip_val must be >= 0"),
     ("precision = 32", 'run.precision must be a string; 32 was read as a number: quote it ("32")'),
+    ("precision = 16", 'run.precision must be a string; 16 was read as a number: write one of "32", "bf16-mixed", '
+                       '"16-mixed", "bf16-true"'),
 ])
 def test_a_bad_option_is_one_line_and_exit_2_with_no_run_left(tmp_path, run_table, error):
     config = tmp_path / "run.toml"
