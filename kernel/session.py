@@ -161,6 +161,11 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {resume_from} does not fit {cfg.target}'s model: {exc}; "
                                   f"{_trained_with(Path(resume_from), cfg.target)}") from None
+        trained = resume_state.get("trainbus") or {}
+        if not continue_run and trained.get("epoch_complete") and trained.get("epoch", 0) >= spec.epochs:
+            raise ConfigError(f"checkpoint {resume_from} ends epoch {trained['epoch']} and this run trains "
+                              f"{spec.epochs}: a new run from it would train nothing; give --epochs above "
+                              f"{trained['epoch']}")
     if interrupts.count:  # Ctrl-C (or SIGTERM) while it was set up: leave before anything is made (every rank here)
         raise InterruptedBeforeStart(f"{interrupts.first} before the run began; nothing was made")
     interrupts.started = True  # from here a signal stops the run at its first batch boundary

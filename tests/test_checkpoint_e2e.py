@@ -688,6 +688,12 @@ def test_a_checkpoint_copied_out_of_its_run_starts_a_new_run_and_a_non_checkpoin
     copy = tmp_path / "kept" / "mine.pt"
     copy.parent.mkdir()
     shutil.copy(Path(result.run_dir) / "checkpoints" / "last.pt", copy)
+    # at the epochs it ends, a new run from it would train nothing: said, nothing started
+    proc = run_cli(tmp_path, "--resume", str(copy), "--runs-dir", str(tmp_path / "none"), "--epochs", "1",
+                   "--plugins", "", "--set", "batch_size=256")
+    assert proc.returncode == 2 and f"error: checkpoint {copy} ends epoch 1 and this run trains 1: a new run from " \
+        f"it would train nothing; give --epochs above 1" in proc.stderr, proc.stderr
+    assert not any((tmp_path / "none").glob("*/config.json"))
     proc = run_cli(tmp_path, "--resume", str(copy), "--runs-dir", str(runs), "--epochs", "2", "--plugins", "",
                    "--set", "batch_size=256")
     assert proc.returncode == 0, proc.stderr
