@@ -15,7 +15,7 @@ from typing import Any
 from trainbus.proto import ProtocolError, pack
 
 from .limits import PeerLimits
-from .spec import DEFAULT_TARGET
+from .spec import DEFAULT_TARGET, is_file_target
 
 PLUGIN_ENTRY_POINT_GROUP = "trainbus.plugins"
 BUILTIN_DISTRIBUTION = "trainbus"  # its entry points are the built-in plugins, whose names no package can take
@@ -96,7 +96,7 @@ def config_of_run(run_dir: Path) -> RunConfig:
         raw.pop("launch", None)  # how `run --nproc` launched it: launch_of_run's
         started_in = raw.pop("cwd", None)
         file_part, colon, function = str(raw.get("target", "")).rpartition(":")
-        if colon and file_part.endswith(".py") and started_in and not Path(file_part).is_absolute():
+        if colon and is_file_target(file_part) and started_in and not Path(file_part).is_absolute():
             raw["target"] = f"{Path(started_in) / file_part}:{function}"  # resumed from another directory too
         raw["plugins"] = [PluginConfig(**p) for p in raw.get("plugins", [])]
         if "flags" in raw:  # what the spec function was called with (kernel/flags.py): given to it again

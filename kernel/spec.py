@@ -108,12 +108,17 @@ class TrainingSpec:
 DEFAULT_TARGET = "trainbus.kernel.digits:build"
 
 
+def is_file_target(module_part: str) -> bool:
+    """The part before ':' of a target names a file (path/to/file.py), not a module (package.module)."""
+    return module_part.endswith(".py") or "/" in module_part
+
+
 def load_target(target: str) -> Callable[..., TrainingSpec]:
     """Resolve `path/to/file.py:function` or `package.module:function` to the function."""
     module_part, sep, func_name = target.rpartition(":")
     if not sep or not module_part or not func_name:
         raise SpecError(f"target {target!r} must look like path/to/file.py:function or package.module:function")
-    if module_part.endswith(".py") or "/" in module_part:
+    if is_file_target(module_part):
         path = Path(module_part)
         if not path.is_file():
             raise SpecError(f"target file {path} does not exist; check the path before ':{func_name}'")
