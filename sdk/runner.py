@@ -450,7 +450,8 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         return 2
     configured = unpack(bytes.fromhex(env["TRAINBUS_PLUGIN_SETTINGS"])) if "TRAINBUS_PLUGIN_SETTINGS" in env else {}
     settings = {**configured, **(settings or {})}
-    named_settings(plugin_cls, settings)  # a mistake in them is said before anything else (a run that is over too)
+    if "TRAINBUS_KERNEL_PID" not in env:  # by hand: a mistake is said before an ended run is (the kernel checked
+        named_settings(plugin_cls, settings)  # a spawned plugin's before the run, and the constructor does again)
     # Attached by hand to a run that is over: say so now, not after the connect timeout. Its summary.json is in the
     # run directory, or beside the connection file read in place (a copy elsewhere has none: the kernel is asked).
     record = connection_run_dir(connect) if connect else env.get("TRAINBUS_RUN_DIR")
