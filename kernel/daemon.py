@@ -604,8 +604,10 @@ def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False) -> 
 
 def _runs_dir_option(run_dir: Path) -> str:
     """` --runs-dir DIR` for a command suggested about a run outside the default ./runs; else ""."""
+    from .config import RunConfig
+
     parent = Path(run_dir).parent
-    return "" if parent.resolve() == Path("runs").resolve() else f" --runs-dir {parent}"
+    return "" if parent.resolve() == Path(RunConfig.runs_dir).resolve() else f" --runs-dir {parent}"
 
 
 def _kernel_since(run_dir: Path, ts: float | None) -> bool:
