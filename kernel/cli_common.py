@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from trainbus.proto.settings_format import METRIC
+from trainbus.proto.settings_format import METRIC, METRIC_FIELDS, STEP_FIELDS, template_fields
 
 KEYS_DIR_HELP = "Key directory (default $TRAINBUS_KEYS_DIR, else ~/.config/trainbus/keys)."
 
@@ -55,7 +55,8 @@ def _describe(items: list[str]) -> list[dict]:
 def _check_plugin_settings(plugins, deliveries: dict[str, str] | None = None) -> dict[str, str]:
     """Every plugin's settings checked against their declarations (a plugin-side process, before anything
     starts), and put in the form the plugin reads ("1" for an integer setting is 1). Returns the settings that
-    name a metric, "plugin: setting" -> metric, for run_training to check against what the run produces;
+    name a metric ("plugin: setting = value" -> metric; a METRIC_FIELDS template's each), for run_training to check
+    against what the run produces;
     fills `deliveries`, when given, with each plugin's delivery class."""
     plugins = [p for p in plugins if not p.command]  # a command plugin checks its own settings
     if not plugins:
@@ -73,7 +74,11 @@ def _check_plugin_settings(plugins, deliveries: dict[str, str] | None = None) ->
         for key, s in info["settings"].items():
             value = p.settings.get(key, s["default"])
             if s["kind"] == METRIC and value:
-                metric_settings[f"{p.name}: {key}"] = value
+                metric_settings[f"{p.name}: {key} = {value!r}"] = value
+            elif s["kind"] == METRIC_FIELDS:
+                for field in template_fields(value):  # the plugin's check made it a template
+                    if field not in STEP_FIELDS:
+                        metric_settings[f"{p.name}: {key} = {value!r} names {field}, which"] = field
     return metric_settings
 
 

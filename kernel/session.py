@@ -104,8 +104,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     same directory, its journal going on from its last whole seq, its logs and outputs appended to.
     Raises SpecError when the user's target cannot be built, InterruptedBeforeStart for a Ctrl-C meanwhile: nothing
     has started by then.
-    metric_settings: "plugin: setting" -> the metric it names (a monitor); ConfigError, before the run directory
-    is made, for one this spec does not produce.
+    metric_settings: "plugin: setting = value" -> the metric it names (a monitor, a field of a file name template);
+    ConfigError, before the run directory is made, for one this spec does not produce.
     """
     started = time.monotonic()
     seed_everything(cfg.seed)
@@ -390,8 +390,7 @@ def check_metric_settings(spec: TrainingSpec, metric_settings: dict[str, str]) -
     produced = spec.metric_names()
     for where, metric in metric_settings.items():
         if metric not in produced:
-            raise ConfigError(f"plugin {where} = {metric!r} is not a metric this run produces; set it to one of: "
-                              f"{', '.join(produced)}")
+            raise ConfigError(f"plugin {where} is not a metric this run produces; use one of: {', '.join(produced)}")
 
 
 def _listen(listen: str, keys: KeyStore) -> Listener:

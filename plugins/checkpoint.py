@@ -37,7 +37,8 @@ from typing import Any
 
 from trainbus.proto import DURABLE, Event
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
-from trainbus.sdk import METRIC, PATH, Plugin, Setting, SettingsError
+from trainbus.proto.settings_format import template_fields
+from trainbus.sdk import METRIC, METRIC_FIELDS, PATH, Plugin, Setting, SettingsError
 
 from ._durable_files import (
     append_manifest,
@@ -77,7 +78,8 @@ class CheckpointPlugin(Plugin):
         # added (unique_name)
         "filename": Setting("epoch{epoch:03d}-step{step:06d}", "file name template; fields: epoch, step and any "
                             "metric, e.g. {validation_loss:.4f}; .pt is added",
-                            rule="a plain file name: no '/', not starting with '.', not last.pt"),
+                            kind=METRIC_FIELDS, rule="a plain file name (no '/', not starting with '.', not last.pt) "
+                            "whose {fields} are epoch, step or metrics the run produces"),
         "monitor": Setting("", "the metric checkpoints are ranked by for save_top_k ('': none, the newest are kept)",
                            kind=METRIC),
         "mode": Setting("min", "min: lower monitor is better; max: higher is better", choices=MODES),
@@ -397,11 +399,6 @@ def render_filename(template: str, fields: dict[str, Any]) -> str:
     return name if name.endswith(SUFFIX) else name + SUFFIX
 
 
-def template_fields(template: str) -> list[str]:
-    """The fields a filename template names, in order (ValueError for a malformed one: a lone brace)."""
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-
-
 def unique_name(name: str, step: int, taken: set[str]) -> str:
     """`name`, or where a checkpoint on disk has it, the same with the step added (and a count, if need be).
 
@@ -424,9 +421,7 @@ def _check_filename(template: str) -> None:
     if not template or "/" in template or os.sep in template or template.startswith("."):
         raise SettingsError(f"{where}; it must be a plain file name (no '/', not starting with '.')")
     try:
-        names = template_fields(template)
-        if any(not n.isidentifier() for n in names):
-            raise ValueError("fields must be names: epoch, step or a metric such as validation_loss")
+        names = template_fields(template)  # Setting's METRIC_FIELDS check made them names
         name = render_filename(template, {**{n: 0.0 for n in names}, "epoch": 0, "step": 0})  # every format checked
     except (ValueError, TypeError, KeyError, IndexError) as exc:
         raise SettingsError(f"{where} ({exc}); fields are epoch, step or a metric, e.g. {{validation_loss:.4f}}") from None

@@ -1,10 +1,21 @@
 """What `python -m trainbus.sdk --describe` says about a plugin's setting, read by the kernel: the kinds named once."""
 
 import json
+import string
 
 # A str setting's kind, beyond being a string (sdk/settings.py declares them; the kernel acts on them):
 METRIC = "metric"  # names a metric of the run's epochs; `trainbus run` checks it against what the run's spec produces
 PATH = "path"  # a file or folder the plugin writes: relative to the run directory and inside it
+# a str.format template (a file name, say) whose {fields} are epoch, step or metrics of the run's epochs; `trainbus run`
+# checks each metric field as it checks a METRIC
+METRIC_FIELDS = "metric_fields"
+KINDS = ("", METRIC, PATH, METRIC_FIELDS)
+STEP_FIELDS = ("epoch", "step")  # a METRIC_FIELDS template's fields that are no metric
+
+
+def template_fields(template: str) -> list[str]:
+    """The fields a METRIC_FIELDS template names, in order (ValueError for a malformed one: a lone brace)."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
 def typed_word(raw: str):

@@ -16,9 +16,9 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from trainbus.proto.messages import JOURNAL_NAME, RUN_DIR_RESERVED
-from trainbus.proto.settings_format import METRIC, PATH
+from trainbus.proto.settings_format import KINDS, METRIC, METRIC_FIELDS, PATH, STEP_FIELDS, template_fields
 
-__all__ = ["METRIC", "PATH", "Setting", "SettingsError", "check_value", "declared", "describe_settings"]
+__all__ = ["METRIC", "METRIC_FIELDS", "PATH", "Setting", "SettingsError", "check_value", "declared", "describe_settings"]
 
 # The article-and-noun each type is called by in an error ("must be an integer >= 0").
 TYPE_PHRASES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
@@ -41,13 +41,15 @@ class Setting:
     min: float | None = None  # inclusive bounds, for numbers
     max: float | None = None
     choices: tuple[Any, ...] = ()
-    kind: str = ""  # METRIC or PATH (proto/settings_format.py), for a str setting
+    kind: str = ""  # METRIC, PATH or METRIC_FIELDS (proto/settings_format.py), for a str setting
     rule: str = ""  # what the plugin's check_settings also requires, in a few words, for `trainbus plugins list`
     # A list's element type (str, int, float or bool); None: that of a non-empty default's elements when they are
     # all of one of those types (integers and floats together: float), else any.
     items: type | None = None
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:  # a misspelt kind would be no kind at all: nothing checked, silently
+            raise SettingsError(f"Setting kind={self.kind!r}: not a kind; one of METRIC, PATH, METRIC_FIELDS")
         if self.type is None and self.default is not None:
             object.__setattr__(self, "type", type(self.default))
         if self.items is None and self.type is list and self.default:
@@ -75,6 +77,8 @@ class Setting:
             return "one of " + ", ".join(map(repr, self.choices))
         if self.kind == METRIC:
             return "a metric the run produces"
+        if self.kind == METRIC_FIELDS:
+            return f"a template whose {{fields}} are {', '.join(STEP_FIELDS)} or metrics the run produces"
         if self.kind == PATH:
             return ("a path inside the run directory (relative, no '..', none of the kernel's own files: events, "
                     "config.json, summary.json, ...)")
@@ -172,6 +176,11 @@ def _within(setting: Setting, value: Any) -> bool:
         first = path.parts[0] if path.parts else ""
         return (not path.is_absolute() and ".." not in path.parts and not value.startswith("~")
                 and first not in RUN_DIR_RESERVED and not first.startswith(f"{JOURNAL_NAME}."))
+    if setting.kind == METRIC_FIELDS:
+        try:
+            return all(name.isidentifier() for name in template_fields(value))
+        except ValueError:  # a lone brace
+            return False
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):  # NaN, or an infinity JSON let in (1e400)
             return False

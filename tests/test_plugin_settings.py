@@ -13,7 +13,7 @@ import pytest
 from trainbus.kernel.config import PluginConfig, RunConfig, registered_plugins
 from trainbus.kernel.session import run_training
 from trainbus.plugins.early_stopping import EarlyStoppingPlugin
-from trainbus.sdk import PATH, Plugin, Setting, SettingsError
+from trainbus.sdk import METRIC_FIELDS, PATH, Plugin, Setting, SettingsError
 from trainbus.sdk.loader import describe
 from trainbus.sdk.plugin import merge_settings
 
@@ -95,7 +95,12 @@ def test_a_default_is_read_as_the_declared_type_and_one_that_is_not_allowed_is_r
             (lambda: Setting("often", type=int), "Setting default 'often' is not allowed; it must be an integer"),
             (lambda: Setting(0, min=1), "Setting default 0 is not allowed; it must be an integer >= 1"),
             (lambda: Setting("up", choices=("min", "max")), "Setting default 'up' is not allowed; it must be one of "
-                                                            "'min', 'max'")):
+                                                            "'min', 'max'"),
+            (lambda: Setting("loss", kind="metrik"), "Setting kind='metrik': not a kind; one of METRIC, PATH, "
+                                                     "METRIC_FIELDS"),
+            (lambda: Setting("e{epoch", kind=METRIC_FIELDS), "Setting default 'e{epoch' is not allowed; it must be a "
+                                                             "string: a template whose {fields} are epoch, step or "
+                                                             "metrics the run produces")):
         with pytest.raises(SettingsError) as raised:
             declaration()
         assert str(raised.value) == message
@@ -194,11 +199,17 @@ BAD_SETTINGS = {
                                "mode = 'lowest' is not allowed; it must be one of 'min', 'max'"),
     "a monitor the run never produces": (
         ["--plugins", "early_stopping", "--set", "early_stopping.monitor=validation_accuracy"],
-        "plugin early_stopping: monitor = 'validation_accuracy' is not a metric this run produces; set it to one of: "
+        "plugin early_stopping: monitor = 'validation_accuracy' is not a metric this run produces; use one of: "
         "training_loss, validation_loss"),
     "a checkpoint monitor the run never produces": (
         ["--plugins", "checkpoint", "--set", "checkpoint.monitor=val_loss"],
         "plugin checkpoint: monitor = 'val_loss' is not a metric this run produces"),
+    "a checkpoint file name with a metric the run never produces": (
+        ["--plugins", "checkpoint", "--set", "checkpoint.filename=e{epoch}-{val_loss:.3f}"],
+        "plugin checkpoint: filename = 'e{epoch}-{val_loss:.3f}' names val_loss, which is not a metric this run "
+        "produces; use one of: training_loss, validation_loss"),
+    "a checkpoint file name that is no template": (["--plugins", "checkpoint", "--set", "checkpoint.filename=e{epoch"],
+                                                   "plugin checkpoint: filename = 'e{epoch' is not allowed"),
     "checkpoints outside the run directory": (["--plugins", "checkpoint", "--set", "checkpoint.dirpath=/tmp/ckpt"],
                                               "plugin checkpoint: dirpath = '/tmp/ckpt' is not allowed"),
     "checkpoints above the run directory": (["--plugins", "checkpoint", "--set", "checkpoint.dirpath=../ckpt"],
