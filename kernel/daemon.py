@@ -664,7 +664,8 @@ def _bind_control(context: zmq.Context, directory: Path) -> tuple[zmq.Socket, st
 
 
 def _log_to(path: Path, also_stderr: bool) -> None:
-    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=3)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=3, encoding="utf-8",
+                                                   errors="backslashreplace")
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     handler.setFormatter(formatter)
     log.addHandler(handler)

@@ -246,12 +246,19 @@ def _to_row(run: dict[str, Any], observed_ts: float) -> tuple:
     best = run.get("best") or {}
     values = {**run, "best_validation_loss": best.get("validation_loss"), "best_epoch": best.get("epoch"),
               "observed_ts": observed_ts}
-    return tuple(json.dumps(values.get(n), default=str) if n in JSON_COLUMNS else values.get(n) for n in COLUMNS)
+    return tuple(json.dumps(values.get(n), default=str) if n in JSON_COLUMNS else _storable(values.get(n))
+                 for n in COLUMNS)
 
 
 def _job_row(job: dict[str, Any]) -> tuple:
-    return tuple(json.dumps(job.get(n)) if n in JOB_JSON_COLUMNS and job.get(n) is not None else job.get(n)
+    return tuple(json.dumps(job.get(n)) if n in JOB_JSON_COLUMNS and job.get(n) is not None else _storable(job.get(n))
                  for n in JOB_COLUMNS)
+
+
+def _storable(value: Any) -> Any:
+    """A text SQLite takes: a lone surrogate (a file name that is not UTF-8, in a run's error as an older
+    summary.json holds it) escaped, where it would fail the whole write, and every `runs list` after it."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
 
 
 def _from_row(row: tuple, now: float) -> dict[str, Any]:

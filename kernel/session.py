@@ -629,7 +629,8 @@ class _QuietFileHandler(logging.FileHandler):
 
 
 def _log_to(path: Path) -> logging.Handler:
-    handler = _QuietFileHandler(path)
+    # a lone surrogate (a file name that is not UTF-8, in an exception) is written escaped, not lost with its line
+    handler = _QuietFileHandler(path, encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("trainbus")
     root.setLevel(logging.INFO)

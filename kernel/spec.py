@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from trainbus.proto.text import ERROR_CHARS, exception_message, printable
+
 if TYPE_CHECKING:  # torch loads with the user's code: the CLI's other commands start without it (1.4 s)
     import torch
 
@@ -212,9 +214,11 @@ _NOT_USER_ROOTS = tuple({os.path.abspath(p) + os.sep for key in ("stdlib", "plat
 def _user_code_error(exc: Exception, what: str) -> UserCodeError:
     """The user's exception as one line, and its traceback trimmed to their frames (their files)."""
     where, trace = user_trace(exc)
-    text = (str(exc).strip().splitlines() or [""])[0]
+    text = printable((exception_message(exc).strip().splitlines() or [""])[0], ERROR_CHARS)
     return UserCodeError(f"{what} raised {type(exc).__name__}{': ' + text if text else ''}{where}", trace)
 
+
+TRACE_MESSAGE_CHARS = 5000  # the exception's message under the user's frames on the terminal (kernel.log has it all)
 
 # torch re-raises an exception from a DataLoader worker process with the worker's traceback as text in its message
 _WORKER = re.compile(r"\A(Caught \w+ in (DataLoader worker process \d+))\.\nOriginal Traceback \(most recent call "
@@ -225,12 +229,13 @@ _TRACE_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?
 def error_line(exc: BaseException) -> str:
     """The exception as the one-line error: `Type: message`. One from a DataLoader worker is the worker's own
     last line, and where it ran (torch's message holds the worker's whole traceback)."""
-    worker = _WORKER.match(str(exc))
+    message = exception_message(exc)
+    worker = _WORKER.match(message)
     if worker:
         last = [line for line in worker["trace"].strip().splitlines() if line.strip()][-1]
-        return f"{last.strip()} (in {worker[2]})"
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    text = f"{type(exc).__name__}: {lines[0].strip() if lines else ''}" + (
+        return f"{printable(last.strip(), ERROR_CHARS)} (in {worker[2]})"
+    lines = [line for line in message.splitlines() if line.strip()]
+    text = type(exc).__name__ + (f": {printable(lines[0].strip(), ERROR_CHARS)}" if lines else "") + (
         " (the whole message is in the run's kernel.log)" if len(lines) > 1 else "")
     if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
         text += "; torch.compile failed: fix what it names, or train without --compile"
@@ -242,7 +247,7 @@ def user_trace(exc: BaseException) -> tuple[str, str]:
     ran) and its traceback trimmed to their frames: "" without any (a lone exception line would only repeat
     the one-line error), except for a SyntaxError, whose file, line and caret are the point. An exception from a
     DataLoader worker is read from the worker's traceback, which torch passes on as text."""
-    worker = _WORKER.match(str(exc))
+    worker = _WORKER.match(exception_message(exc))
     if worker:
         frames = [traceback.FrameSummary(m["file"], int(m["line"]), m["name"], line=m["code"] or "")
                   for m in _TRACE_FRAME.finditer(worker["trace"])]
@@ -254,6 +259,6 @@ def user_trace(exc: BaseException) -> tuple[str, str]:
     if not frames and not isinstance(exc, SyntaxError):
         return "", ""
     header = ["Traceback (most recent call last; your code only):\n"] if frames else []
-    trace = "".join([*header, *traceback.format_list(frames),
-                     *([last] if last else traceback.format_exception_only(type(exc), exc))])
+    last = last or printable("".join(traceback.format_exception_only(type(exc), exc)), TRACE_MESSAGE_CHARS, lines=True)
+    trace = "".join([*header, *traceback.format_list(frames), last.rstrip("\n") + "\n"])
     return (f" (in your code: {frames[-1].filename}, line {frames[-1].lineno})" if frames else ""), trace

@@ -12,6 +12,7 @@ from rich.text import Text
 
 import trainbus.sdk
 from trainbus.proto import BEST_EFFORT, Event, events as ev
+from trainbus.proto.text import printable
 from trainbus.sdk import Plugin, Setting
 
 MAX_LINE_CHARS = 160  # a warning is one terminal line; the full text is in the run's logs
@@ -180,9 +181,9 @@ class ConsolePlugin(Plugin):
         self.progress = self.epoch_task = self.batch_task = None
 
     def _say(self, line: str, style: str = "") -> None:
-        # Text, not a str: a "[...]" in a loss name or a log line is printed, not read as markup.
-        # While the bars are live, rich prints above them.
-        self.console.print(Text(line, style=style), soft_wrap=True)
+        # Text, not a str: a "[...]" in a loss name or a log line is printed, not read as markup; printable: an
+        # escape sequence in it is shown, not obeyed. While the bars are live, rich prints above them.
+        self.console.print(Text(printable(line, lines=True), style=style), soft_wrap=True)
 
     def _warn(self, text: str, level: str = "warning") -> None:
         # a terminal line is cut to fit; a file or pipe (a log, CI) keeps the whole first line, fix included

@@ -346,6 +346,33 @@ def test_an_exception_in_a_dataloader_worker_shows_the_users_frames_from_the_wor
     assert "Original Traceback" not in r.stdout
 
 
+@pytest.mark.parametrize("message, shown", [
+    # a file name from os.listdir that is not UTF-8 (a lone surrogate): it used to fail the registry's write, and
+    # every `runs list` after it, with a traceback
+    ("'no label for data/caf' + bytes([0xe9]).decode('utf-8', 'surrogateescape') + '.png'",
+     "RuntimeError: no label for data/caf\\udce9.png"),
+    ("'\\x1b[2J\\x1b[31mred'", "RuntimeError: \\x1b[2J\\x1b[31mred"),  # shown, not obeyed by the terminal
+    ("'x' * 2_000_000", "RuntimeError: " + "x" * 500 + "... (1,999,500 more characters)"),
+    ("''", "RuntimeError"),
+])
+def test_an_error_message_is_shown_and_stored_printable_and_bounded(message, shown, tmp_path):
+    target = tmp_path / "train.py"
+    target.write_text("from trainbus.kernel.digits import build as digits\n\n"
+                      f"def loss(outputs, targets):\n    raise RuntimeError({message})\n\n"
+                      "def build(hyperparameters):\n    spec = digits(hyperparameters)\n    spec.loss_fn = loss\n"
+                      "    return spec\n")
+    runs = tmp_path / "runs"
+    r = trainbus("run", f"{target}:build", "--plugins", "console", "--runs-dir", str(runs), timeout=120)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "\x1b" not in r.stdout + r.stderr
+    assert len(r.stdout + r.stderr) < 20_000, len(r.stdout + r.stderr)
+    error = f"{shown} (in your code: {target}, line 4)"
+    assert f"error: {error}" in r.stdout, r.stdout
+    listed = trainbus("runs", "list", "--runs-dir", str(runs), "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [run["error"] for run in json.loads(listed.stdout)] == [error]
+
+
 def test_set_reaches_a_plugins_settings_and_leaves_hyperparameters_alone(tmp_path):
     """--set on top of the config's [plugins.NAME] table, which --plugins picking that name keeps (it used to run
     the name with no settings at all)."""

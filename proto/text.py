@@ -1,0 +1,30 @@
+"""Text from elsewhere (a user's exception, a plugin's log line) made safe to show and to store.
+
+An exception's message can hold anything: a file name that is not UTF-8 (a lone surrogate, which SQLite, a
+UTF-8 log file and json with ensure_ascii=False all refuse), terminal escape sequences (one clears the screen),
+or megabytes. Everything the kernel and the console take as "the error" goes through `printable` first.
+"""
+
+ERROR_CHARS = 500  # an error line in the console, summary.json and `runs list`; the whole text is in kernel.log
+
+# C0 controls, DEL and C1 controls, shown as escapes (\x1b) instead of acting on the terminal; a tab is a space
+_ESCAPED = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {ord("\t"): " "}
+_ESCAPED_KEEPING_LINES = {code: text for code, text in _ESCAPED.items() if code != ord("\n")}
+
+
+def printable(text: str, limit: int = 0, lines: bool = False) -> str:
+    """`text` with control characters escaped (newlines too unless `lines`) and lone surrogates as \\udcXX,
+    cut to `limit` characters (0: whole) with what was left out counted."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = text.translate(_ESCAPED_KEEPING_LINES if lines else _ESCAPED)
+    if limit and len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+    return text
+
+
+def exception_message(exc: BaseException) -> str:
+    """str(exc), or what Python's own traceback says when the exception's __str__ itself raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"
