@@ -253,7 +253,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     except KeyboardInterrupt:
         status, error = "interrupted", f"interrupted (a second {interrupts.last or 'Ctrl-C'})"
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error})
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SystemExit: the user's sys.exit(), which would end us without a word
         status, error = "failed", error_line(exc)
         where, trace = user_trace(exc)
         error += where
@@ -373,7 +373,7 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
     try:
         with keep_freed_memory(cfg.keep_freed_memory):
             outcome = loop.run()
-    except Exception as exc:  # said here (the user's frames), then torchrun ends the group on our exit
+    except (Exception, SystemExit) as exc:  # said here (the user's frames), then torchrun ends the group on our exit
         print(write_rank_error(run_dir, ranks.rank, exc), end="", file=sys.stderr)
         raise SystemExit(1) from None
     finally:

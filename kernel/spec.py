@@ -133,7 +133,7 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
             sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
             try:
                 module_spec.loader.exec_module(module)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # SystemExit: a script's argparse, reading trainbus's arguments
                 raise _user_code_error(exc, f"importing {path}") from None
             _loaded_files[_file_key(path)] = module
     else:
@@ -145,7 +145,7 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
             if exc.name and module_part.startswith(exc.name):
                 raise SpecError(f"cannot import module {module_part!r}; is it installed or on PYTHONPATH?") from None
             raise _user_code_error(exc, f"importing {module_part}") from None
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise _user_code_error(exc, f"importing {module_part}") from None
     func = getattr(module, func_name, None)
     if func is None:
@@ -186,7 +186,7 @@ def build_with_flags(target: str, hyperparameters: dict[str, Any],
         spec = flags.call(func, signature, arguments)
     except SpecError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise _user_code_error(exc, target) from None
     if not isinstance(spec, TrainingSpec):
         raise SpecError(f"{target} returned {type(spec).__name__}; it must return trainbus.kernel.TrainingSpec")
@@ -214,8 +214,20 @@ _NOT_USER_ROOTS = tuple({os.path.abspath(p) + os.sep for key in ("stdlib", "plat
 def _user_code_error(exc: Exception, what: str) -> UserCodeError:
     """The user's exception as one line, and its traceback trimmed to their frames (their files)."""
     where, trace = user_trace(exc)
+    if isinstance(exc, SystemExit):
+        return UserCodeError(f"{what}: {_exited(exc)}{where}", trace)
     text = printable((exception_message(exc).strip().splitlines() or [""])[0], ERROR_CHARS)
     return UserCodeError(f"{what} raised {type(exc).__name__}{': ' + text if text else ''}{where}", trace)
+
+
+def _exited(exc: SystemExit) -> str:
+    """A sys.exit() in the user's code, said with its fix: it would end the kernel, and the run, with no word."""
+    by_argparse = any(os.path.basename(frame.filename) == "argparse.py"
+                      for frame in traceback.extract_tb(exc.__traceback__))
+    fix = ("argparse read trainbus's own command line: parse arguments under `if __name__ == \"__main__\":` and take "
+           "them as the function's parameters (flags: NAME=VALUE)" if by_argparse
+           else "a training function returns, or raises an exception, to end")
+    return f"sys.exit({printable(repr(exc.code), ERROR_CHARS)}) would end the process; {fix}"
 
 
 TRACE_MESSAGE_CHARS = 5000  # the exception's message under the user's frames on the terminal (kernel.log has it all)
@@ -229,6 +241,8 @@ _TRACE_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?
 def error_line(exc: BaseException) -> str:
     """The exception as the one-line error: `Type: message`. One from a DataLoader worker is the worker's own
     last line, and where it ran (torch's message holds the worker's whole traceback)."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: {_exited(exc)}"
     message = exception_message(exc)
     worker = _WORKER.match(message)
     if worker:

@@ -284,6 +284,13 @@ USER_CODE = {
     "import raises": ("import json\njson.loads('{')\n\ndef build(hyperparameters):\n    pass\n",
                       "raised JSONDecodeError: Expecting property name", ["line 2, in <module>"]),
     "syntax error": ("def build(hyperparameters)\n    pass\n", "raised SyntaxError", []),
+    # sys.exit() used to end the CLI with no word (or argparse's usage line, naming trainbus), exit 0 for sys.exit(0)
+    "import parses the command line": ("import argparse\nargparse.ArgumentParser().parse_args()\n\n"
+                                       "def build(hyperparameters):\n    pass\n",
+                                       "sys.exit(2) would end the process; argparse read trainbus's own command line",
+                                       ["line 2, in <module>"]),
+    "build exits": ("import sys\n\ndef build(hyperparameters):\n    sys.exit(0)\n",
+                    ":build: sys.exit(0) would end the process", ["line 4, in build"]),
 }
 
 
@@ -324,6 +331,21 @@ def test_an_exception_in_the_users_code_while_training_shows_their_frames_and_wh
     files = _trace_files(r.stderr)
     assert files and set(files) == {str(target)}, r.stderr
     assert f"error: ValueError: boom in user helper (in your code: {target}, line 4)" in r.stdout, r.stdout
+
+
+def test_sys_exit_in_the_users_training_code_fails_the_run_naming_it(tmp_path):
+    target = tmp_path / "train.py"
+    target.write_text("import sys\nfrom trainbus.kernel.digits import build as digits\n\n"
+                      "def loss(outputs, targets):\n    sys.exit(0)\n\n"
+                      "def build(hyperparameters):\n    spec = digits(hyperparameters)\n    spec.loss_fn = loss\n"
+                      "    return spec\n")
+    runs = tmp_path / "runs"
+    r = trainbus("run", f"{target}:build", "--plugins", "", "--runs-dir", str(runs), timeout=120)
+    assert r.returncode == 1, (r.stdout, r.stderr)  # it was 0, with nothing said and no summary
+    assert (f"error: SystemExit: sys.exit(0) would end the process; a training function returns, or raises an "
+            f"exception, to end (in your code: {target}, line 5)") in r.stdout, r.stdout
+    summary = json.loads(next(runs.glob("*/summary.json")).read_text())
+    assert summary["status"] == "failed" and "sys.exit(0)" in summary["error"]
 
 
 def test_an_exception_in_a_dataloader_worker_shows_the_users_frames_from_the_worker_and_one_line(tmp_path):
