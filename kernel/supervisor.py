@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainbus.proto import events as ev, pack
+from trainbus.proto.text import printable
 
 from .plugin_processes import Processes
 
@@ -59,6 +61,7 @@ STARVED_MAX_S = 60.0  # ... and never past this much more than it was given, wha
 # file open. A plugin that prints a line a step would otherwise fill the disk in a multi-day run. Checked every
 # LOG_CHECK_S; what the plugin writes between the copy and the truncation (microseconds) is lost.
 LOG_MAX_BYTES = 64 * 1024 * 1024
+LAST_WORDS_BYTES = 8192  # the end of a plugin's log read for why it exited with an error (_last_words)
 LOG_CHECK_S = 5.0
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -321,13 +324,20 @@ class Supervisor:
         # still importing); one that had to be killed was hung. Before the deadline, a non-zero exit is a crash.
         hung = bool(child.overdue) and code == -signal.SIGKILL
         if hung or (not child.overdue and code != 0 and not child.leaving):
-            cause = f"{child.overdue} ({_cause(code)})" if child.overdue else f"{_cause(code)} at the run's end"
+            cause = (f"{child.overdue} ({_cause(code)})" if child.overdue
+                     else f"{self._exit_cause(child, code)} at the run's end")
             child.crashes.append(cause)
             self.emit(ev.PLUGIN_CRASHED, {"plugin": name, "exit_code": code, "cause": cause, "hung": hung})
             return
         if child.overdue:
             log.warning("plugin %s was %s; it stopped when asked (%s)", name, child.overdue, _cause(code))
         self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
+
+    def _exit_cause(self, child: Child, code: int) -> str:
+        """`exit code 1`, with the exception that ended it when its log says (an error in its constructor, say,
+        which the console otherwise never learns of)."""
+        words = _last_words(self.log_dir / f"{child.spec.name}.log") if code > 0 else ""
+        return f"{_cause(code)}: {words}" if words else _cause(code)
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {
@@ -429,7 +439,8 @@ class Supervisor:
             child.state = "exited"
             self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
             return
-        cause = _cause(code)
+        cause = self._exit_cause(child, code) if not hung else _cause(code)
+        log.warning("plugin %s exited with %s", name, cause)
         if not hung:
             child.crashes.append(cause)
         self.emit(ev.PLUGIN_CRASHED, {"plugin": name, "exit_code": code, "cause": cause, "hung": hung})
@@ -472,6 +483,30 @@ def _cap_log(path: Path, max_bytes: int) -> None:
         os.truncate(path, 0)  # the plugin opened it O_APPEND: its next write lands at the new end
     except OSError as exc:
         log.warning("cannot empty plugin log %s: %s", path, exc.strerror or exc)
+
+
+_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>.+)$', re.M)
+
+
+def _last_words(log_file: Path) -> str:
+    """Why a plugin exited with an error, when its log ends in a Python traceback: its exception and innermost
+    frame, `RuntimeError: no database (at myplugin.py:17 in __init__)`; "" when it ends otherwise (a bare
+    sys.exit(3) leaves whatever the plugin printed before, which would be misread as the cause)."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - LAST_WORDS_BYTES))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    start = tail.rfind("Traceback (most recent call last")
+    lines = [line for line in tail[max(start, 0):].splitlines() if line.strip()]
+    # a traceback's end: its exception's line, under an indented frame or code line
+    if start < 0 or len(lines) < 3 or lines[-1][:1].isspace() or not lines[-2][:1].isspace():
+        return ""
+    frames = list(_FRAME.finditer(tail[start:]))
+    where = f" (at {os.path.basename(frames[-1]['file'])}:{frames[-1]['line']} in {frames[-1]['name']})" \
+        if frames else ""
+    return printable(lines[-1].strip(), 300) + where
 
 
 def _cause(code: int) -> str:

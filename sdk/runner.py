@@ -467,8 +467,11 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     kernel_pid = int(env["TRAINBUS_KERNEL_PID"]) if "TRAINBUS_KERNEL_PID" in env else None
     if kernel_pid is not None:
         _die_with_parent(kernel_pid)
-    plugin = plugin_cls(settings, run_id=env.get("TRAINBUS_RUN_ID", ""),
-                        run_dir=env.get("TRAINBUS_RUN_DIR", "."))
+    try:
+        plugin = plugin_cls(settings, run_id=env.get("TRAINBUS_RUN_ID", ""), run_dir=env.get("TRAINBUS_RUN_DIR", "."))
+    except Exception as exc:  # before any socket: the kernel reads why from the end of our log (its last words)
+        print(user_traceback(exc), file=sys.stderr)
+        return 1
     plugin.name = name or env.get("TRAINBUS_PLUGIN_NAME") or plugin.name
     runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid,
                     "" if connect else _secret(env), secure)

@@ -147,6 +147,14 @@ class FailsInSetup(Plugin):
         raise RuntimeError("setup cannot find its database")
 
 
+class FailsInInit(Plugin):
+    """Raises in its constructor: before it has any socket to say why on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        raise RuntimeError("cannot open its database")
+
+
 class StuckInHandler(Plugin):
     """Its end_epoch handler sleeps far past its handler_timeout_s, without saying still_working()."""
 

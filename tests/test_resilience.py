@@ -299,6 +299,39 @@ def test_best_effort_plugin_exiting_at_start_is_failed_while_training_goes_on(tm
     assert of(events, "plugin_failed")[0].seq < of(events, "end_training_session")[0].seq
 
 
+def test_a_plugin_whose_constructor_raises_is_a_crash_named_by_its_exception_and_line(tmp_path):
+    """Raised before the plugin has a socket, the exception reached only its own log, the traceback starting in the
+    SDK's frames; the run said "crashed (exit code 1)". The kernel reads the end of the plugin's log."""
+    cfg = run_config(tmp_path / "runs", [plugin("db", "FailsInInit")], epochs=1)
+    result = run_training(cfg)
+    assert result.status == "completed", result.error
+    line = next(n for n, text in enumerate(Path(fixture_plugins.__file__).read_text().splitlines(), 1)
+                if "cannot open its database" in text)
+    crashes = result.plugins["db"]["crashes"]
+    assert crashes and crashes[0].startswith(f"exit code 1: RuntimeError: cannot open its database (at "
+                                             f"fixture_plugins.py:{line} in __init__)"), crashes
+    log = (Path(result.run_dir) / "plugins" / "db.log").read_text()
+    assert "runner.py" not in log and "runpy" not in log and 'fixture_plugins.py", line' in log, log
+    assert "plugin db exited with exit code 1: RuntimeError" in (Path(result.run_dir) / "kernel.log").read_text()
+
+
+@pytest.mark.parametrize("log, words", [
+    ("Traceback (most recent call last):\n  File \"/x/p.py\", line 3, in <module>\n    boom()\n"
+     "  File \"/x/q.py\", line 9, in boom\n    raise KeyError('k')\nKeyError: 'k'\n", "KeyError: 'k' (at q.py:9 in boom)"),
+    # an earlier traceback (a handler's error, logged) and then a bare sys.exit(3): no cause to read
+    ("Traceback (most recent call last):\n  File \"/x/p.py\", line 3, in h\n    f()\nValueError: v\n"
+     "retrying\nall done\n", ""),
+    ("started\n", ""),
+    ("", ""),
+])
+def test_a_plugins_last_words_are_read_only_from_a_traceback_its_log_ends_in(tmp_path, log, words):
+    from trainbus.kernel.supervisor import _last_words
+
+    (tmp_path / "p.log").write_text(log)
+    assert _last_words(tmp_path / "p.log") == words
+    assert _last_words(tmp_path / "missing.log") == ""
+
+
 def test_a_plugin_that_dies_or_hangs_as_the_run_ends_is_named_in_its_summary(tmp_path):
     """Past the run's last event the supervisor restarts nothing, but a plugin that crashed in its last handler
     (its final lines lost) or had to be killed when plugins' exit time ran out is trouble all the same: the
