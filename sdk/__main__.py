@@ -10,7 +10,7 @@ from trainbus.proto.process import exit_without_teardown
 from trainbus.proto.settings_format import typed_word
 
 from .bz import Plugin as BzPlugin, constructor_arguments
-from .loader import PluginLoadError, describe, load_plugin_class
+from .loader import PluginLoadError, where_raised, describe, load_plugin_class
 from .plugin import SettingsError, merge_settings
 from .runner import run
 
@@ -108,6 +108,8 @@ def _describe(targets: list[str]) -> int:
                 info["values"] = {key: settings[key] for key in given}
         except (PluginLoadError, SettingsError) as exc:
             info = {"target": target, "error": str(exc)}
+        except Exception as exc:  # the plugin's own code (check_settings, a classmethod) raised: name its line
+            info = {"target": target, "error": f"checking its settings raised {where_raised(exc)}"}
         out.append(info)
     print(json.dumps(out))
     return 0

@@ -32,7 +32,7 @@ def load_plugin_class(target: str) -> type[Plugin]:
         if _is_missing(module_name, exc):  # no file to name: say where it could come from
             raise PluginLoadError(f"cannot import plugin module {module_name!r}: {exc}; install the package that has "
                                   f"it into this Python's environment, or put its folder on PYTHONPATH") from None
-        raise PluginLoadError(f"cannot import plugin module {module_name!r}: {_where_raised(exc)}") from None
+        raise PluginLoadError(f"cannot import plugin module {module_name!r}: {where_raised(exc)}") from None
     if not hasattr(module, class_name):
         plugins = sorted(name for name, value in vars(module).items()
                          if isinstance(value, type) and issubclass(value, Plugin) and value is not Plugin)
@@ -51,7 +51,7 @@ def _is_missing(module_name: str, exc: Exception) -> bool:
     return missing is not None and f"{module_name}.".startswith(f"{missing}.")
 
 
-def _where_raised(exc: Exception) -> str:
+def where_raised(exc: Exception) -> str:
     """`File.py, line N: Type: message` for the innermost frame of exc in a file, outside this SDK (a Setting
     declared wrong is the plugin's line, not the SDK's that checked it nor its generated `<string>` __init__); a
     SyntaxError names its line itself."""

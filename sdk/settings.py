@@ -103,6 +103,9 @@ class Setting:
 
 def declared(settings: dict[str, Any]) -> dict[str, Setting]:
     """A class's `settings`, every entry a Setting (a plain default becomes one)."""
+    if not isinstance(settings, dict) or not all(isinstance(key, str) for key in settings):
+        raise SettingsError(f"settings = {_shown(settings)[:80]} is not allowed; the class's settings must be a dict of "
+                            f"name -> Setting(default, help) (or a plain default)")
     return {key: value if isinstance(value, Setting) else Setting(value) for key, value in settings.items()}
 
 

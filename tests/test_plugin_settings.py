@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,35 @@ def test_describe_gives_every_setting_with_type_default_constraint_and_help():
     plain = describe("test_plugin_settings:PlainSettings")["settings"]
     assert plain["rate"] == {"type": "float", "default": 0.5, "constraint": "", "help": "", "kind": ""}
     assert plain["anything"]["type"] == "any"
+
+
+class ChecksWithABug(Plugin):
+    settings = {"limit": Setting(1.0, "a limit")}
+
+    @classmethod
+    def check_settings(cls, settings):
+        if settings["limt"] > 0:  # the bug
+            raise SettingsError("never")
+
+
+class SettingsNotADict(Plugin):
+    settings = "limit=1"
+
+
+@pytest.mark.parametrize("cls, error", [
+    # both said "could not load plugins: KeyError: 'limt'" (or AttributeError: 'str' object has no attribute 'items')
+    ("ChecksWithABug", f"checking its settings raised {__file__}, line "),
+    ("SettingsNotADict", "settings = 'limit=1' is not allowed; the class's settings must be a dict of name -> "
+                         "Setting(default, help) (or a plain default)"),
+])
+def test_a_plugin_class_whose_settings_cannot_be_checked_is_named_with_its_line(cls, error):
+    r = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", f"test_plugin_settings:{cls}={{}}"],
+                       capture_output=True, text=True, cwd=TESTS_DIR, timeout=60)
+    assert r.returncode == 0, r.stderr
+    [info] = json.loads(r.stdout)
+    assert info["error"].startswith(error), info
+    if cls == "ChecksWithABug":
+        assert info["error"].endswith(": KeyError: 'limt'"), info
 
 
 def test_every_builtin_setting_is_declared_with_help():
