@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -182,9 +183,21 @@ class Plugin:
 
     @classmethod
     def warnings(cls) -> list[str]:
-        """What is likely a mistake in the class, said by `trainbus run` before it starts (bz: a method named like a
-        hook that is none). [] here."""
-        return []
+        """What is likely a mistake in the class, said by `trainbus run` before it starts: a handler that cannot
+        take the event it is called with, so every call fails (bz: a method named like a hook that is none)."""
+        said = []
+        for event_type in cls.handled_events():
+            name = f"on_{event_type or 'event'}"
+            handler = getattr(cls, name)
+            try:
+                inspect.signature(handler).bind(None, None)  # (self, event)
+            except TypeError:
+                where = _defined_at(handler)
+                said.append(f"{cls.__name__}.{name}{inspect.signature(handler)} cannot take the event, so every call "
+                            f"of it fails; define it as def {name}(self, event){where}")
+            except ValueError:  # no signature to read (a builtin): it is tried at the run's first event
+                pass
+        return said
 
     @classmethod
     def description(cls) -> str:
@@ -224,6 +237,14 @@ def merge_settings(cls: type, given: dict[str, Any]) -> dict[str, Any]:
             raise SettingsError(f"no setting {key!r} (known: {', '.join(sorted(specs)) or 'none'})")
     cls.check_settings(merged)
     return merged
+
+
+def _defined_at(function: Any) -> str:
+    """" (at hooks.py:12)" where a function is defined; "" when Python cannot tell."""
+    try:
+        return f" (at {os.path.basename(inspect.getsourcefile(function))}:{inspect.getsourcelines(function)[1]})"
+    except (OSError, TypeError):
+        return ""
 
 
 def _overrides(cls: type, attr: str) -> bool:

@@ -211,6 +211,23 @@ def test_a_plugin_class_whose_settings_cannot_be_checked_is_named_with_its_line(
         assert info["error"].endswith(": KeyError: 'limt'"), info
 
 
+class TakesNoEvent(Plugin):
+    def on_end_epoch(self):
+        pass
+
+    def on_start_epoch(self, event, *more):  # fine: it takes the event
+        pass
+
+
+def test_a_handler_that_cannot_take_the_event_is_said_before_the_run_with_its_line():
+    """It used to fail at every call, retried three times each, with a traceback of the SDK's frames only."""
+    line = TakesNoEvent.on_end_epoch.__code__.co_firstlineno
+    assert describe("test_plugin_settings:TakesNoEvent")["warnings"] == [
+        f"TakesNoEvent.on_end_epoch(self) cannot take the event, so every call of it fails; define it as "
+        f"def on_end_epoch(self, event) (at test_plugin_settings.py:{line})"]
+    assert all(describe(target)["warnings"] == [] for target in registered_plugins().values())
+
+
 def test_every_builtin_setting_is_declared_with_help():
     for name, target in registered_plugins().items():
         for key, setting in describe(target)["settings"].items():
