@@ -883,23 +883,30 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "no log"
 
 
+def daemon_lives(runs_dir: Path) -> bool:
+    """Whether a daemon of runs_dir lives: it holds the flock on its pid file for as long as it does (the kernel
+    releases it however the daemon ends), so no stale pid file can say otherwise."""
+    try:
+        fd = os.open(daemon_dir(runs_dir) / PID_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken: no daemon holds it
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def stop(runs_dir: Path, timeout_s: float = 30.0) -> dict[str, Any] | None:
     """Ask the daemon to exit and wait until it has; None when none was running."""
     answer = request(runs_dir, "stop")
     if answer is None:
         return None
-    pid_path = daemon_dir(runs_dir) / PID_FILE
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            fd = os.open(pid_path, os.O_RDONLY)
-        except OSError:
+        if not daemon_lives(runs_dir):
             return answer
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken: the daemon has exited
-            return answer
-        except BlockingIOError:
-            time.sleep(0.1)
-        finally:
-            os.close(fd)
+        time.sleep(0.1)
     raise DaemonError(f"the daemon did not exit within {timeout_s:.0f} s; see {daemon_dir(runs_dir) / LOG_FILE}")

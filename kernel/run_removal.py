@@ -40,9 +40,16 @@ def check_not_submitted(runs_dir: Path, run_id: str) -> None:
         with registry.Registry(runs_dir) as rows:
             job = next((j for j in rows.jobs(registry.JOB_ACTIVE) if j["id"] == run_id and registry.job_holds_run(j)),
                        None)
-    except (sqlite3.Error, OSError, registry.RegistryError) as exc:  # the daemon's queue unknown: keep the run
-        raise RemovalError(f"cannot tell whether the daemon holds run {run_id}: "
-                           f"{Path(runs_dir) / registry.REGISTRY_NAME}: {exc}") from None
+    except (sqlite3.Error, OSError, registry.RegistryError) as exc:
+        from .daemon import daemon_lives
+
+        # The queue unknown (a full disk: SQLite cannot make its -shm file): with no daemon alive nothing can start
+        # or resume the run meanwhile, and a full disk is when a run must be deletable. With one, keep the run.
+        if daemon_lives(runs_dir):
+            raise RemovalError(f"cannot tell whether the daemon holds run {run_id}: "
+                               f"{Path(runs_dir) / registry.REGISTRY_NAME}: {exc}; stop the daemon "
+                               f"(`trainbus daemon stop`) and delete again") from None
+        return
     if job is None:
         return
     if job["state"] == "queued":

@@ -230,6 +230,13 @@ def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs,
         wait_until(lambda: not processes_of(run_dir), 10, "the plugins to exit")
         assert "restarts" not in out and "crashed" not in out, out
 
+    # A full disk is when a run must go: the registry that cannot be opened then (SQLite makes its -shm file) used
+    # to refuse it ("cannot tell whether the daemon holds run ..."); with no daemon alive nothing else can hold it.
+    with Filler(runs):
+        deleted = subprocess.run([*trainbus_cmd(), "runs", "delete", run_dir.name, "--yes", "--runs-dir", str(runs)],
+                                 capture_output=True, text=True, timeout=60)
+    assert deleted.returncode == 0 and not run_dir.exists(), (deleted.stdout, deleted.stderr)
+
 
 # -- a plugin on a full disk -------------------------------------------------------------------------
 
