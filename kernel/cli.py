@@ -7,6 +7,7 @@ cli_daemon.py (`daemon`); what they share, in cli_common.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -246,6 +247,9 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     # torchrun gives each rank one intra-op thread unless told otherwise, in a five-line warning every launch; the
     # same choice made here, without the warning (a user's own OMP_NUM_THREADS stands)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # torch's lines about its workers' exits ("Sending process ... closing signal SIGTERM", "failed (exitcode: 1)
+    # local_rank: 1 ...") repeat what rank 0 says of the run; its restarts (another logger) still show
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     failure, started = None, time.time()
     descriptor, errors = tempfile.mkstemp(prefix="trainbus-launch-", suffix=".errors")
     os.close(descriptor)
@@ -263,15 +267,20 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         raise typer.Exit(code=2)
     # How the run ended, as rank 0 wrote it: a Ctrl-C or SIGTERM reaching the ranks ends the run interrupted (130),
     # whatever torchrun makes of its workers' exits.
-    summary = Path(runs_dir) / run_id / "summary.json"
+    summary, told = Path(runs_dir) / run_id / "summary.json", False
     try:
         if summary.stat().st_mtime < started:  # a continued run's last session's: this one never got that far
             raise ValueError(summary)
-        status = json.loads(summary.read_text())["status"]
+        status, told = json.loads(summary.read_text())["status"], True
     except (OSError, ValueError, KeyError, TypeError):
         status = "interrupted" if type(failure).__name__ == "SignalException" else "failed" if failure else None
-    if status == "failed" and failure is not None:
-        print(f"error: a training process failed ({type(failure).__name__}); its output is above", file=sys.stderr)
+    if status == "failed" and failure is not None and not told:  # rank 0 said nothing of it
+        from .session import read_rank_errors
+
+        said = "".join(f"{e.get('trace') or ''}error: rank {e.get('rank')}: {e.get('error')}\n"
+                       for e in read_rank_errors(summary.parent))
+        print(said or f"error: a training process failed ({type(failure).__name__}); its output is above",
+              end="" if said else "\n", file=sys.stderr)
     raise typer.Exit(code=0 if status is None else EXIT_CODES.get(status, 1))  # None: rank 0 on another node
 
 

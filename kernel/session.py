@@ -309,10 +309,11 @@ RANK_ERROR = "rank{}.error.json"  # in the run directory: what failed on a rank 
 RANK_ERROR_WAIT_S = 2.0  # a rank's file is written before it exits; rank 0 may see the broken collective first
 
 
-def write_rank_error(run_dir: Path, rank: int, exc: BaseException) -> str:
+def write_rank_error(run_dir: Path, rank: int, exc: BaseException, beside_rank_0: bool) -> str:
     """What failed on this rank, for rank 0's run_failed and summary (the directory every rank shares). Returns
     what this rank says on its stderr: the traceback trimmed to the user's frames (the whole one when none of
-    their code is in it: then the fault is ours, and our frames are the point), and the one-line error."""
+    their code is in it: then the fault is ours, and our frames are the point), and the one-line error; nothing
+    when it is on rank 0's machine and wrote its file, since rank 0 (or the launcher) says it then, once."""
     tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
     where, trace = user_trace(exc)
     error = f"{error_line(exc)}{where}"
@@ -320,29 +321,35 @@ def write_rank_error(run_dir: Path, rank: int, exc: BaseException) -> str:
         (Path(run_dir) / RANK_ERROR.format(rank)).write_text(
             json.dumps({"rank": rank, "error": error, "traceback": tail, "trace": trace}))
     except OSError:  # its traceback is on its stderr all the same
-        pass
-    return (trace or traceback.format_exc()) + f"error: rank {rank}: {error}\n"
+        beside_rank_0 = False
+    return "" if beside_rank_0 else (trace or traceback.format_exc()) + f"error: rank {rank}: {error}\n"
+
+
+def read_rank_errors(run_dir: Path) -> list[dict[str, Any]]:
+    """What the ranks other than 0 wrote of their failures (write_rank_error), by rank."""
+    found = []
+    for path in sorted(Path(run_dir).glob(RANK_ERROR.format("*"))):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def rank_errors(run_dir: Path, error: str, tail: str, trace: str) -> tuple[str, str, str]:
     """Rank 0's error, traceback and the user's frames in it, led by those the other ranks wrote (waiting
     RANK_ERROR_WAIT_S for them)."""
     deadline = time.monotonic() + RANK_ERROR_WAIT_S
-    while True:
-        found = sorted(Path(run_dir).glob(RANK_ERROR.format("*")))
-        if found or time.monotonic() >= deadline:
-            break
+    while not (others := read_rank_errors(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    others = []
-    for path in found:
-        try:
-            others.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
+    # the same error on several ranks (the same code on each: the usual case) is said once, naming them
+    same = [o["rank"] for o in others if o.get("error") == error]
+    others = [o for o in others if o.get("error") != error]
+    own = f"ranks {', '.join(map(str, [0, *same]))}" if same else "rank 0"
     if not others:
-        return error, tail, trace
+        return (f"{error} ({own})" if same else error), tail, trace
     lead = "; ".join(f"rank {o['rank']}: {o['error']}" for o in others)
-    return (f"{lead} (rank 0: {error})", "".join(f"rank {o['rank']}:\n{o['traceback']}" for o in others) + tail,
+    return (f"{lead} ({own}: {error})", "".join(f"rank {o['rank']}:\n{o['traceback']}" for o in others) + tail,
             "".join(f"rank {o['rank']}: {o['trace']}" for o in others if o.get("trace")) + trace)
 
 
@@ -374,7 +381,7 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
         with keep_freed_memory(cfg.keep_freed_memory):
             outcome = loop.run()
     except (Exception, SystemExit) as exc:  # said here (the user's frames), then torchrun ends the group on our exit
-        print(write_rank_error(run_dir, ranks.rank, exc), end="", file=sys.stderr)
+        print(write_rank_error(run_dir, ranks.rank, exc, ranks.cluster.node_rank == 0), end="", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         for sig, handler in previous.items():
@@ -581,6 +588,10 @@ class _Interrupts:
         self.last = name
         if self.count == 1:
             self.first = name
+            if signum == signal.SIGTERM and os.environ.get(LAUNCH):
+                # `run --nproc`'s torchrun ends the group so when any rank exits (a failure, which is said with the
+                # run's end) as well as when it is itself stopped: the run's last line says which it was
+                return
             message = ("training is over; the plugins are finishing (the last checkpoint, logs)" if self.closing
                        else "stopping at the next batch boundary" if self.started
                        else "stopping once the model and data are built, before the run begins")

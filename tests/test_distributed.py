@@ -288,6 +288,28 @@ def test_a_rank_that_raises_is_named_with_its_error_in_rank_0s_journal_and_summa
     assert "fixture_targets.py" in summary["trace"] and "kernel/loop.py" not in summary["trace"]
     assert "fixture_targets.py" in proc.stderr and "kernel/loop.py" not in proc.stderr, proc.stderr
     assert summary["outcome"]["steps"] == failed.step > 0, (summary["outcome"], failed.step)
+    # said once, by rank 0: not by rank 1 too, nor torch's lines about its workers, nor a SIGTERM nobody sent
+    both = proc.stdout + proc.stderr
+    assert both.count("Traceback") == 1 and both.count("bad batch 3 on rank 1 (in your code") == 1, both
+    assert "closing signal" not in both and "exitcode" not in both and "SIGTERM" not in both, both
+
+
+def test_the_same_error_on_every_rank_is_said_once_naming_the_ranks(tmp_path):
+    target = tmp_path / "train.py"
+    target.write_text("from trainbus.kernel.digits import build as digits\n\n"
+                      "def loss(outputs, targets):\n    raise ValueError('boom in loss')\n\n"
+                      "def build(hyperparameters):\n    spec = digits(hyperparameters)\n    spec.loss_fn = loss\n"
+                      "    return spec\n")
+    proc = subprocess.run(trainbus_cmd() + ["run", f"{target}:build", "--device", "cpu", "--runs-dir",
+                                            str(tmp_path / "runs"), "--nproc", "2", "--plugins", "console"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    both = proc.stdout + proc.stderr
+    assert proc.returncode == 1, both
+    error = f"ValueError: boom in loss (in your code: {target}, line 4) (ranks 0, 1)"
+    assert f"  error: {error}" in proc.stdout and both.count("Traceback") == 1, both
+    assert "SIGTERM" not in both and "closing signal" not in both and "ChildFailedError" not in both, both
+    [summary] = (tmp_path / "runs").glob("*/summary.json")
+    assert json.loads(summary.read_text())["error"] == error
 
 
 def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_restart(tmp_path):
