@@ -473,6 +473,9 @@ def _print_summary(result) -> None:
             crashes = len(p["crashes"])
             out.print(f"  plugin {name}: {p['state']}, {crashes} crash{'es' * (crashes != 1)}, {p['restarts']} "
                       f"restarts ({escape('; '.join(p['crashes'][-3:]))})")
+        if p.get("greeted") is False:
+            out.print(f"  plugin {name}: never said hello, so it took no event (what it printed: "
+                      f"{Path(result.run_dir) / 'plugins' / f'{name}.log'}; a command plugin speaks proto/PROTOCOL.md)")
         if p.get("checkpoints_failed"):
             out.print(f"  plugin {name}: {p['checkpoints_failed']} checkpoint{'s' * (p['checkpoints_failed'] != 1)} "
                       f"could not be written (see {Path(result.run_dir) / 'plugins' / f'{name}.log'})")

@@ -238,6 +238,9 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         if target is not None:
             target = _typed(target, "str", f"{where}: plugins.{name}.target")
         command = body.get("command")
+        if command is not None and target is not None:  # one of them would be dropped without a word
+            raise ConfigError(f"{where}: plugins.{name} has both target (a Python plugin class) and command (a program "
+                              f"speaking PROTOCOL.md); keep one")
         if command is not None:
             if not (isinstance(command, list) and command and all(isinstance(c, str) for c in command)):
                 raise ConfigError(f"{where}: plugins.{name}.command must be a non-empty list of strings")

@@ -184,6 +184,8 @@ def _plugin_trouble(plugins: dict[str, Any], undrained: dict[str, Any]) -> list[
             trouble.append(f"{name} {p['restarts']} restart{'s' if p['restarts'] != 1 else ''}")
         elif p.get("crashes"):  # crashed late in the run, and it ended before the restart
             trouble.append(f"{name} crashed ({p['crashes'][-1]})")
+        if p.get("greeted") is False:  # it took no event: not a plugin (a command that speaks no PROTOCOL.md), or hung
+            trouble.append(f"{name} never said hello")
         if p.get("errors_logged"):  # handlers that raised, or errors it logged itself: the plugin went on
             trouble.append(f"{name} {p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged")
         if p.get("checkpoints_failed"):

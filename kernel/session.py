@@ -245,7 +245,9 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         announce(f"run {run_id} on {device}: {cfg.target}, plugins: {', '.join(p.name for p in cfg.plugins) or 'none'}")
         missing = wait_ready(bus, cfg.ready_timeout_s)
         if missing:
-            log.warning("plugins not ready after %.0f s, training anyway: %s", cfg.ready_timeout_s, ", ".join(missing))
+            line = f"plugins not ready after {cfg.ready_timeout_s:.0f} s, training anyway: {', '.join(missing)}"
+            log.warning("%s", line)
+            announce(f"warning: {line}")
         with keep_freed_memory(cfg.keep_freed_memory):
             outcome = loop.run()
         if outcome.stopped_early:

@@ -341,7 +341,7 @@ class Supervisor:
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {
-            name: {"state": c.state, "restarts": c.restarts, "crashes": list(c.crashes)}
+            name: {"state": c.state, "restarts": c.restarts, "crashes": list(c.crashes), "greeted": c.greeted}
             for name, c in self.children.items()
         }
 

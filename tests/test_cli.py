@@ -95,6 +95,9 @@ BAD_INPUT = {
     "settings and config both": (lambda t: ["run", "--config", _write(
         t, "sc.toml", "[plugins.console]\nsettings = {}\nconfig = {}\n")],
         "plugins.console has both settings and config (bz's name for settings); keep one"),
+    "target and command both": (lambda t: ["run", "--config", _write(
+        t, "tc.toml", '[plugins.mine]\ntarget = "mine:Plugin"\ncommand = ["./mine"]\n')],
+        "plugins.mine has both target (a Python plugin class) and command (a program speaking PROTOCOL.md); keep one"),
     "latin-1 toml": (lambda t: ["run", "--config", _write_bytes(t, "l.toml", b"[run]\nepochs = 1  # f\xfcr\n")],
                      "is not UTF-8 text (byte 0xfc at offset 21); save it as UTF-8"),
     "toml with a bom": (lambda t: ["run", "--config", _write_bytes(t, "b.toml", b"\xef\xbb\xbf[run]\nepochs = 1\n")],

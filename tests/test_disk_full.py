@@ -270,7 +270,7 @@ def test_a_plugin_whose_log_and_dead_letters_cannot_be_written_goes_on(tmp_path,
         result = run_training(cfg)
 
     assert result.status == "completed" and result.undrained == {}, result
-    assert result.plugins["poison"] == {"state": "exited", "restarts": 0, "crashes": [], "errors_logged": 2}, \
+    assert result.plugins["poison"] == {"state": "exited", "restarts": 0, "crashes": [], "errors_logged": 2, "greeted": True}, \
         result.plugins
     events = read_events(result.run_dir)
     epochs = of(events, "end_epoch")

@@ -101,7 +101,7 @@ def test_a_plugin_attached_mid_run_records_from_then_on_detaches_cleanly_and_cha
     assert [(r["kind"], r["seq"]) for r in lines] == metrics_records_expected(events, EVERY_N_STEPS)
 
     # not trouble: no restart, nothing undrained, `runs show` lists none
-    assert result["plugins"]["metrics_log"] == {"state": "exited", "restarts": 0, "crashes": [], "errors_logged": 0}
+    assert result["plugins"]["metrics_log"] == {"state": "exited", "restarts": 0, "crashes": [], "errors_logged": 0, "greeted": True}
     assert result["undrained"] == {}
     details = run_details(kernel.run_dir)  # what `trainbus runs show RUN --json` prints
     assert details["plugin_trouble"] == [] and details["plugins"]["metrics_log"]["state"] == "exited", details

@@ -508,7 +508,7 @@ def test_poison_event_is_dead_lettered_after_the_retry_limit_and_later_events_st
     result = run_training(cfg)
 
     assert result.status == "completed" and result.undrained == {}
-    assert result.plugins["poison"] == {"state": "exited", "restarts": 0, "crashes": [], "errors_logged": 2}
+    assert result.plugins["poison"] == {"state": "exited", "restarts": 0, "crashes": [], "errors_logged": 2, "greeted": True}
     events = read_events(result.run_dir)
     poisoned = [e.seq for e in of(events, "end_training_loop")]
     assert len(poisoned) == 2

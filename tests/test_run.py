@@ -109,6 +109,18 @@ def test_a_plugin_program_that_cannot_be_started_fails_that_plugin_and_training_
     assert sorted(e.data["plugin"] for e in failed) == ["ghost", "noexec"]
 
 
+def test_a_plugin_program_that_exits_without_a_hello_is_trouble_the_run_names(runs_dir):
+    """A program that is no plugin (it speaks no PROTOCOL.md) and exits 0 at once: it took no event, which the
+    run's summary and `runs list` used to show as no trouble at all ("exited, -")."""
+    from trainbus.kernel.runs import run_overview
+
+    result = run_training(RunConfig(target=TINY, runs_dir=str(runs_dir), ready_timeout_s=5, plugins=[
+        PluginConfig("quiet", "", command=["true"])]))
+    assert result.status == "completed", result
+    assert result.plugins["quiet"]["greeted"] is False and result.plugins["quiet"]["state"] == "exited"
+    assert run_overview(result.run_dir)["plugin_trouble"] == ["quiet never said hello"]
+
+
 def test_a_plugin_that_never_says_hello_is_hung_by_its_cpu_time_or_the_wall_clock(runs_dir, monkeypatch):
     """Starting slowly because the machine is busy is not a hang: the startup clock is the plugin's own CPU
     time (a spinner), with a wall-clock cap for one that waits forever (a sleeper). Limits shrunk to fit a
