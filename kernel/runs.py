@@ -143,7 +143,9 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
         if names:
             raise AmbiguousRunError(f"run {run!r} is ambiguous in {runs_dir.resolve()}: "
                                     f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (give more of the id)")
-    if path_like:
+    if path_like and Path(run).resolve() == (runs_dir / run).resolve():  # an absolute path: one place looked at
+        looked = f"{Path(run).resolve()} is not a run directory (no {CONFIG}, no journal)"
+    elif path_like:
         looked = f"neither {Path(run).resolve()} nor {(runs_dir / run).resolve()} is a run directory"
     elif (runs_dir / run).is_dir():  # made, but nothing a run writes first is in it (a kernel still starting)
         looked = f"{(runs_dir / run).resolve()} holds neither a {CONFIG} nor a journal"

@@ -83,6 +83,11 @@ class TrainingSpec:
             raise SpecError(f"TrainingSpec.optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
         if not callable(self.loss_fn):
             raise SpecError("TrainingSpec.loss_fn must be callable(outputs, targets) -> loss tensor")
+        if not any(p.requires_grad for group in self.optimizer.param_groups for p in group["params"]):
+            # else torch's own words at the first backward: "element 0 of tensors does not require grad"
+            raise SpecError("TrainingSpec.optimizer holds no parameter that requires a gradient, so nothing would "
+                            "train: give it the model's trainable parameters (model.parameters()), and check that "
+                            "they are not all frozen (requires_grad=False)")
         for name in ("train_loader", "validation_loader"):
             loader = getattr(self, name)
             if (loader is not None or name == "train_loader") and not hasattr(loader, "__iter__"):

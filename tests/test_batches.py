@@ -164,6 +164,10 @@ def test_schedulers_step_per_epoch_per_step_or_on_a_plateau_and_each_epoch_repor
     (lambda s: setattr(s, "metrics", {"acc": 0.5}),
      "TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, got dict with a "
      "value that is not callable"),
+    # torch's own words came at the first backward: "element 0 of tensors does not require grad"
+    (lambda s: [p.requires_grad_(False) for p in s.model.parameters()],
+     "TrainingSpec.optimizer holds no parameter that requires a gradient, so nothing would train: give it the "
+     "model's trainable parameters (model.parameters()), and check that they are not all frozen (requires_grad=False)"),
 ])
 def test_a_spec_of_the_wrong_shape_is_refused_before_training_naming_the_field(change, message):
     s = plain()
