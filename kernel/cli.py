@@ -161,6 +161,12 @@ def run(
                         "CUDA_VISIBLE_DEVICES shows it)")
     if detach:
         _check_target(cfg)
+        if cfg.device.startswith("cuda"):
+            from .daemon import detected_devices
+
+            if not detected_devices():  # the run would fail only once the daemon started it
+                raise UserError(f"--device {cfg.device}, but this host has no GPU that NVML sees, so the daemon's run "
+                                f"would fail as it starts; use --device cpu or auto")
         if cfg.resume:  # what the queued run would look for first: a verified checkpoint to start from
             find_checkpoint(cfg.resume, cfg.runs_dir)
         _submit(cfg, continuing, gpus)

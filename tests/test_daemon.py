@@ -401,6 +401,19 @@ def test_run_detach_refuses_what_the_run_would_refuse_and_queues_nothing(tmp_pat
     assert not runs.exists() or list_runs(runs) == [], "a run was queued"
 
 
+def test_run_detach_on_cuda_where_no_gpu_is_seen_is_refused_and_queues_nothing(tmp_path):
+    from trainbus.kernel.daemon import detected_devices
+
+    if detected_devices():
+        pytest.skip("this host has a GPU: the run would start")
+    runs = tmp_path / "runs"
+    done = cli("run", "--device", "cuda", "--detach", "--runs-dir", str(runs), check=False)
+    assert done.returncode == 2 and done.stderr == (
+        "error: --device cuda, but this host has no GPU that NVML sees, so the daemon's run would fail as it starts; "
+        "use --device cpu or auto\n"), done.stderr
+    assert not runs.exists() or list_runs(runs) == [], "a run was queued"
+
+
 def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path):
     """No daemon is needed: the keys are read before anything is sent."""
     from trainbus.kernel.keys import KeyStore
