@@ -403,7 +403,8 @@ def attach(
                                              help="Send checkpoint_now with REASON the same way."),
     key: Optional[Path] = typer.Option(None, "--key", help="This client's secret key file: RUN is then a remote "
                                                            "kernel's HOST:PORT or its connection.json (TCP + CURVE)."),
-    server_key: Optional[Path] = typer.Option(None, "--server-key", help="The server's public key file, pinned "
+    server_key: Optional[Path] = typer.Option(None, "--server-key", help="The server's public key, pinned: its "
+                                                                         "server.key or the run's connection.json "
                                                                          "(default: the connection file's; for "
                                                                          "HOST:PORT, server.key in "
                                                                          "$TRAINBUS_KEYS_DIR or "

@@ -67,7 +67,6 @@ REMOTE_REQUEST_TIMEOUT_S = 15.0  # a CURVE handshake and the authenticator first
 # What CUDA_VISIBLE_DEVICES takes: an index, or a UUID as `nvidia-smi -L` prints it (GPU-..., MIG-... and the
 # older MIG-GPU-.../GI/CI form).
 DEVICE_PATTERN = re.compile(r"[0-9]+|GPU-[0-9A-Fa-f-]+|MIG-(GPU-)?[0-9A-Fa-f-]+(/[0-9]+/[0-9]+)?")
-Z85_KEY_CHARS = 40  # a CURVE public key as text (z85 of 32 bytes), as remote.json holds it
 
 
 class DaemonError(Exception):
@@ -460,7 +459,7 @@ class Remote:
         from trainbus.proto.remote import load_secret
 
         from .keys import KeyRing, KeyStore
-        from .remote import check_listen, curve_server, start_authenticator
+        from .remote import bind_error, check_listen, curve_server, start_authenticator
 
         store = KeyStore(default_keys_dir(keys_dir))
         host, port = check_listen(listen, store, ports=1)
@@ -474,8 +473,7 @@ class Remote:
             self.socket.bind(f"tcp://{host}:{port or '*'}")
         except zmq.ZMQError as exc:
             self.close()
-            raise DaemonError(f"--listen {listen}: cannot bind ({exc}); pick another port, or 0 for a free one") \
-                from None
+            raise DaemonError(str(bind_error(host, port, exc, ports=1))) from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         temporary = directory / ".remote.tmp"
         temporary.write_text(json.dumps({"endpoint": advertised(self.endpoint), "server_key": public.decode()}) + "\n")
@@ -692,13 +690,15 @@ class RemoteDaemon:
     server_public: bytes = field(init=False)
 
     def __post_init__(self) -> None:
-        from trainbus.proto.remote import load_secret
+        from trainbus.proto.remote import load_secret, load_server_key, split_host_port
 
-        host, _, port = self.host_port.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        try:
+            host, port = split_host_port(self.host_port, ports=1)
+        except ValueError:
             raise ValueError(f"--remote {self.host_port!r}: give HOST:PORT, the daemon's --listen address "
-                             f"(the endpoint in its .daemon/{REMOTE_FILE})")
-        self.server_public = server_key_of(Path(self.server_key))
+                             f"(the endpoint in its .daemon/{REMOTE_FILE})") from None
+        self.host_port = f"{host}:{port}"
+        self.server_public = load_server_key(Path(self.server_key))
         load_secret(Path(self.key_file))
 
     def connect(self, socket: zmq.Socket) -> None:
@@ -706,26 +706,6 @@ class RemoteDaemon:
 
         secure_client(socket, self.key_file, self.server_public)
         socket.connect(f"tcp://{self.host_port}")
-
-
-def server_key_of(path: Path) -> bytes:
-    """The z85 public key a client pins for a daemon, from the daemon host's server key file or from the
-    daemon's .daemon/remote.json; KeyFileError naming the file and the fix when it is neither."""
-    from trainbus.proto.remote import KeyFileError, load_public
-
-    if path.suffix != ".json":
-        return load_public(path)
-    fix = f"copy RUNS_DIR/{DAEMON_DIR}/{REMOTE_FILE} (or the server.key of `trainbus keys`) from the daemon host"
-    try:
-        key = json.loads(path.read_text())["server_key"]
-        if not (isinstance(key, str) and key.isascii() and len(key) == Z85_KEY_CHARS):
-            raise ValueError(key)
-    except OSError as exc:
-        raise KeyFileError(f"server key file {path}: {exc.strerror}; {fix}") from None
-    except (ValueError, KeyError, TypeError):
-        raise KeyFileError(f"server key file {path} is not a daemon's {REMOTE_FILE} (no server_key in it); "
-                           f"{fix}") from None
-    return key.encode()
 
 
 def request(runs_dir: Path | None, op: str, timeout_s: float | None = None, remote: RemoteDaemon | None = None,

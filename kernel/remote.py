@@ -17,7 +17,7 @@ import logging
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from trainbus.proto.remote import HANDSHAKE_IVL_MS, keys_dir, load_secret
+from trainbus.proto.remote import HANDSHAKE_IVL_MS, keys_dir, load_secret, split_host_port
 
 from .keys import REVOKED, KeyRing, KeyStore
 
@@ -29,22 +29,34 @@ TCP_KEEPALIVE_IDLE_S = 60  # a peer whose machine vanished is noticed and its co
 
 
 
-def _not_here(host: str, port: int, exc: zmq.ZMQError) -> str:
-    return (f"--listen {host}:{port}: {host} is not an address of this machine ({exc}): give one of its addresses "
-            f"or host names (`hostname -I` lists them), or 127.0.0.1 for this machine alone")
-
 class ListenError(Exception):
     """--listen cannot be served as asked; the text names the fix."""
+
+
+def bind_error(host: str, port: int, exc: zmq.ZMQError, ports: int = 2) -> ListenError:
+    """Why --listen HOST:PORT could not bind, with the fix: another address when HOST is none of this machine's
+    (ENODEV: a name that does not resolve here; EADDRNOTAVAIL: another machine's address), else another port.
+    `ports`: how many it binds from PORT on (a run: 2, the daemon: 1)."""
+    if exc.errno in (errno.ENODEV, errno.EADDRNOTAVAIL):
+        return ListenError(f"--listen {host}:{port}: {host} is not an address of this machine ({exc.strerror}): give "
+                           f"one of its addresses or host names (`hostname -I` lists them), or 127.0.0.1 for this "
+                           f"machine alone")
+    if port:
+        which, free = (f"port {port} and {port + 1}", "pair") if ports == 2 else (f"port {port}", "port")
+        return ListenError(f"--listen {host}:{port}: cannot bind {which} ({exc.strerror}); pick another PORT, or 0 "
+                           f"for a free {free}")
+    return ListenError(f"--listen {host}:0: cannot bind on {host} ({exc.strerror})")
 
 
 def check_listen(host_port: str, store: KeyStore, ports: int = 2) -> tuple[str, int]:
     """(host, port) of `--listen HOST:PORT`, once the keys it needs are there and private; else ListenError or
     KeyFileError naming the fix. Loopback too needs keys: any local user can reach a loopback port. `ports`: how
     many it binds from PORT on (a run: control and events; the daemon: one)."""
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65536 - ports:
-        raise ListenError(f"--listen {host_port!r}: give HOST:PORT, e.g. 127.0.0.1:5555"
-                          + (" (events use PORT + 1)" if ports == 2 else ""))
+    try:
+        host, port = split_host_port(host_port, ports, lowest=0)
+    except ValueError as exc:
+        raise ListenError(f"--listen: {exc}, e.g. 127.0.0.1:5555 (an address of this host; port 0: a free "
+                          f"one)") from None
     if not store.server_secret.exists() or not any(k.role != REVOKED for k in store.clients()):
         # the commands that make keys where this kernel looks: its --keys-dir when that is not the default
         where = "" if store.directory == keys_dir() else f" --keys-dir {store.directory}"
@@ -53,7 +65,7 @@ def check_listen(host_port: str, store: KeyStore, ports: int = 2) -> tuple[str, 
                           f"`trainbus keys generate server{where}` and `trainbus keys generate client NAME --role "
                           f"monitor{where}` (or control) on this host (README, remote access)")
     store.check_secrets()  # the kernel refuses to start on a secret file others can read
-    return host, int(port)
+    return host, port
 
 
 def start_authenticator(ctx: zmq.Context, keyring: KeyRing) -> ThreadAuthenticator:
@@ -116,17 +128,13 @@ class Listener:
                 self.router.bind(f"tcp://{host}:{port}")
                 self.pub.bind(f"tcp://{host}:{port + 1}")
             except zmq.ZMQError as exc:
-                if exc.errno == errno.ENODEV:
-                    raise ListenError(_not_here(host, port, exc)) from None
-                raise ListenError(f"--listen {host}:{port}: cannot bind port {port} and {port + 1} ({exc}); "
-                                  f"pick another PORT, or 0 for a free pair") from None
+                raise bind_error(host, port, exc) from None
             return
         for _ in range(FREE_PAIR_ATTEMPTS):
             try:
                 self.router.bind(f"tcp://{host}:*")
             except zmq.ZMQError as exc:
-                raise ListenError(_not_here(host, 0, exc) if exc.errno == errno.ENODEV
-                                  else f"--listen {host}:0: cannot bind on {host} ({exc})") from None
+                raise bind_error(host, 0, exc) from None
             endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
             try:
                 self.pub.bind(f"tcp://{host}:{int(endpoint.rpartition(':')[2]) + 1}")

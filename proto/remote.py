@@ -26,6 +26,7 @@ CONNECTION_FILE = "connection.json"  # in the run directory: the TCP endpoints a
 # libzmq drops a TCP connection whose CURVE handshake is not done within this (its default is 30 s): a client
 # that connects and says nothing, or garbage, costs a file descriptor this long at most.
 HANDSHAKE_IVL_MS = 5000
+Z85_KEY_CHARS = 40  # a CURVE public key as text (z85 of 32 bytes), as connection.json and remote.json hold it
 
 
 class KeyFileError(Exception):
@@ -72,6 +73,35 @@ def load_public(path: Path) -> bytes:
     return _load(Path(path))[0]
 
 
+def load_server_key(path: Path) -> bytes:
+    """The z85 public key a client pins for a server: from its public key file (server.key), or the server_key a
+    run's connection.json or a daemon's remote.json holds. KeyFileError naming the fix otherwise, and for a
+    secret key file: a server's secret key belongs on its host alone, and whoever holds a copy can pose as it."""
+    path = Path(path)
+    fix = (f"copy {SERVER_KEY}.key from the server's key directory (`trainbus keys list` there), or its run's "
+           f"{CONNECTION_FILE} (a daemon's .daemon/remote.json)")
+    if path.suffix == ".json":
+        try:
+            key = json.loads(path.read_text())["server_key"]
+            if not (isinstance(key, str) and key.isascii() and len(key) == Z85_KEY_CHARS):
+                raise ValueError(key)
+        except OSError as exc:
+            raise KeyFileError(f"server key file {path}: {exc.strerror}; {fix}") from None
+        except (ValueError, KeyError, TypeError):
+            raise KeyFileError(f"{path} holds no server_key: {fix}") from None
+        return key.encode()
+    try:
+        public, secret = _load(path)
+    except KeyFileError:
+        if path.exists():
+            raise KeyFileError(f"server key file {path} is not a readable CURVE public key; {fix}") from None
+        raise
+    if secret:
+        raise KeyFileError(f"{path} is a secret key: a client pins the server's public key, {fix}; and keep the "
+                           f"secret on the server's host alone (whoever holds it can pose as the server)")
+    return public
+
+
 def _load(path: Path) -> tuple[bytes, bytes | None]:
     if not path.exists():
         raise KeyFileError(f"no key file {path}: copy it there (a server's server.key comes from its host, "
@@ -89,7 +119,7 @@ def secure_client(socket: zmq.Socket, key_file: Path | tuple[bytes, bytes], serv
     bytes, or a key file holding it). A server holding any other key fails the handshake, and the socket never
     receives a byte."""
     public, secret = key_file if isinstance(key_file, tuple) else load_secret(Path(key_file))
-    pinned = server_key if isinstance(server_key, bytes) else load_public(Path(server_key))
+    pinned = server_key if isinstance(server_key, bytes) else load_server_key(Path(server_key))
     socket.curve_secretkey = secret
     socket.curve_publickey = public
     socket.curve_serverkey = pinned
@@ -97,12 +127,21 @@ def secure_client(socket: zmq.Socket, key_file: Path | tuple[bytes, bytes], serv
     socket.setsockopt(zmq.IPV6, 1)  # a kernel listening on [::1] or another IPv6 address; IPv4 ones still connect
 
 
+def split_host_port(text: str, ports: int = 2, lowest: int = 1) -> tuple[str, int]:
+    """(host, port) of `HOST:PORT` or `tcp://HOST:PORT` (what a kernel prints and connection.json holds); ValueError
+    naming the form otherwise. `ports`: how many the peer uses from PORT on (a run's control and events: 2);
+    `lowest`: 0 where 0 means a free port (--listen)."""
+    host, sep, port = text.removeprefix("tcp://").rpartition(":")
+    if not sep or not host or "/" in host or not port.isdigit() or not lowest <= int(port) <= 65536 - ports:
+        span = f"a port from {lowest} to {65536 - ports}" + ("; events use PORT + 1" if ports == 2 else "")
+        raise ValueError(f"{text!r} is not HOST:PORT ({span})")
+    return host, int(port)
+
+
 def endpoints(host_port: str) -> tuple[str, str]:
     """(control, events) TCP endpoints of `HOST:PORT`: control on PORT, events on PORT + 1."""
-    host, sep, port = host_port.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65535:
-        raise ValueError(f"{host_port!r} is not HOST:PORT (a port from 1 to 65534: events use PORT + 1)")
-    return f"tcp://{host}:{port}", f"tcp://{host}:{int(port) + 1}"
+    host, port = split_host_port(host_port)
+    return f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}"
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "[::]", "::", "*")

@@ -34,10 +34,11 @@ options:
                         kernel gives a plugin it starts its settings in TRAINBUS_PLUGIN_SETTINGS (msgpack, hex);
                         --set goes on top
   --connect HOST:PORT|connection.json
-                        a remote kernel (`trainbus run --listen`), over TCP with CURVE keys
+                        a remote kernel (`trainbus run --listen`; tcp://HOST:PORT as it prints it is taken too),
+                        over TCP with CURVE keys
   --key FILE            with --connect: this client's secret key (`trainbus keys generate client`)
-  --server-key FILE     with --connect: the server's public key, pinned (default: the connection file's, else
-                        server.key in the key directory)
+  --server-key FILE     with --connect: the server's public key, pinned: its server.key or the run's
+                        connection.json (default: the connection file's, else server.key in the key directory)
   --describe T ...      print each plugin's description and settings as JSON, checking SETTINGS_JSON if given
   -h, --help            this text"""
 OPTIONS = ("--name", "--set", "--connect", "--key", "--server-key")  # each takes a value
@@ -88,6 +89,9 @@ def _options(words: list[str]) -> tuple[dict[str, str], dict[str, object]]:
             settings[key] = typed_word(raw)
         else:
             options[flag] = value
+    lonely = [flag for flag in ("--key", "--server-key") if flag in options and "--connect" not in options]
+    if lonely:  # else the plugin would look for a local run's environment and say nothing of the key
+        raise UsageError(f"{lonely[0]} is for a remote kernel: give --connect HOST:PORT (or its connection.json) too")
     return options, settings
 
 

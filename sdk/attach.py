@@ -90,6 +90,9 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
         except (KeyFileError, ValueError) as exc:
             raise TargetError(str(exc)) from None
         return Target(events, control_endpoint, None, secure, connection_run_dir(where))
+    if "tcp://" in where:
+        raise TargetError(f"{where}: a kernel's TCP endpoint takes CURVE keys: give --key (this client's secret key "
+                          f"file) with HOST:PORT or the run's connection.json")
     if "://" in where:
         events, _, control_endpoint = where.partition(",")
         if not control_endpoint:
@@ -98,9 +101,6 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
                                   f"names its control socket)")
             control_endpoint = events[: -len("events.sock")] + "control.sock"
         for endpoint in (events, control_endpoint):  # what connecting would retry for minutes, said now
-            if endpoint.startswith("tcp://"):
-                raise TargetError(f"{endpoint}: a kernel's TCP endpoint takes CURVE keys: give --key (this client's "
-                                  f"secret key file) and HOST:PORT or the run's connection.json")
             socket_path = Path(endpoint.removeprefix("ipc://"))
             if endpoint.startswith("ipc://") and not socket_path.exists() and run_summary(socket_path.parent) is None:
                 raise TargetError(f"no socket {endpoint.removeprefix('ipc://')}: is the run still running? "

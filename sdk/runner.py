@@ -25,7 +25,7 @@ import zmq
 
 from trainbus.proto import DURABLE, Event, control, events as ev, unpack
 from trainbus.proto.messages import SUMMARY_NAME
-from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir, load_public, load_secret,
+from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir, load_secret, load_server_key,
                                    read_connection_file, secure_client)
 
 from .plugin import KernelGoneInfo, Plugin, named_settings
@@ -535,12 +535,15 @@ def remote_endpoints(connect: str, key: str, server_key: str = "") -> tuple[str,
         control_endpoint, events_endpoint = info["control"], info["events"]
         pinned: bytes | Path = Path(server_key) if server_key else info["server_key"].encode("ascii")
     else:
-        control_endpoint, events_endpoint = endpoints(connect)
+        try:
+            control_endpoint, events_endpoint = endpoints(connect)
+        except ValueError as exc:  # a run id or directory given with a key: name both forms a remote kernel has
+            raise ValueError(f"{exc}: give the kernel's HOST:PORT or its run's connection.json") from None
         pinned = Path(server_key) if server_key else keys_dir() / f"{SERVER_KEY}.key"
     # Read once, now: a missing or unreadable key is said at start, not left to a handshake that never ends, and
     # a key file moved or rotated while we run cannot fail a reconnect hours later.
     if isinstance(pinned, Path):
-        pinned = load_public(pinned)
+        pinned = load_server_key(pinned)
     return control_endpoint, events_endpoint, functools.partial(secure_client, key_file=load_secret(Path(key)),
                                                                 server_key=pinned)
 

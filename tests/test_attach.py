@@ -245,7 +245,7 @@ def run_quickly(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     (["x", "--stop", "a", "--checkpoint", "b"], "error: --stop and --checkpoint are ways of attaching: give one"),
     (["x", "--json", "--control"], "error: --json and --control are ways of attaching: give one"),
     (["ipc:///no/such/events.sock"], "error: no socket /no/such/events.sock: is the run still running?"),
-    (["tcp://127.0.0.1:1,tcp://127.0.0.1:2"], "error: tcp://127.0.0.1:1: a kernel's TCP endpoint takes CURVE keys"),
+    (["tcp://127.0.0.1:1,tcp://127.0.0.1:2"], "error: tcp://127.0.0.1:1,tcp://127.0.0.1:2: a kernel's TCP endpoint takes CURVE keys"),
 ], ids=["two commands", "json and control", "no such socket", "tcp without a key"])
 def test_an_attach_that_cannot_work_says_why_at_once(args, said):
     """Each waited minutes for a kernel (reconnecting 8 times), or dropped all flags but one without a word."""

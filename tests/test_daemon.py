@@ -431,6 +431,9 @@ def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path
         (["submit", "--", TINY], public, store.server_public, f"{public} holds no secret key; give the .key_secret"),
         (["status"], secret, no_server_key, f"server key file {no_server_key}: No such file or directory; copy"),
         (["cancel", "x"], secret, tmp_path / "nosuch.key", f"no key file {tmp_path / 'nosuch.key'}: copy it there"),
+        (["status"], secret, store.server_secret, f"{store.server_secret} is a secret key: a client pins the server's "
+                                                  f"public key"),
+        (["status"], secret, garbage, f"server key file {garbage} is not a readable CURVE public key; copy server.key"),
     ]
     for command, key, server_key, said in mistakes:
         done = cli("daemon", command[0], "--remote", "127.0.0.1:5555", "--key", str(key), "--server-key",
@@ -460,6 +463,9 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
 
     status = over_tcp(watcher, "status", "--json")
     assert status.returncode == 0 and json.loads(status.stdout)["serving"] is True, status.stderr
+    pasted = cli("daemon", "status", "--remote", remote["endpoint"], "--key", str(watcher), "--server-key",
+                 str(daemon_dir(runs) / "remote.json"), check=False)  # tcp://HOST:PORT, as status printed it
+    assert pasted.returncode == 0 and " serves " in pasted.stdout, pasted.stderr
     refused = over_tcp(watcher, "submit", "--", TINY, "--epochs", "1")
     assert refused.returncode == 2 and "submit is not granted to this key (role monitor)" in refused.stderr
     # a key the daemon does not know gets no answer at all (the CLI waits 15 s for one, then says so in one line)

@@ -476,6 +476,41 @@ def test_attach_by_connection_file_to_an_ended_run_says_so_at_once(keys, runs_di
     assert missing.returncode == 2 and "no.key_secret" in missing.stderr, missing.stderr
 
 
+def test_the_endpoint_as_the_kernel_prints_it_reaches_the_run_and_without_a_key_is_one_line(keys, runs_dir, tmp_path,
+                                                                                            kernels):
+    """`--listen` prints tcp://HOST:PORT and connection.json holds it so: pasted as it is, with the connection file
+    as --server-key, attach and a remote plugin reach the run; without --key it is one line naming --key, not
+    minutes of retries; a server's secret key as --server-key is refused (it must not leave its host)."""
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=6, step_sleep_s=0.05), tmp_path)
+    kernels.append(kernel)
+    endpoint = connection(kernel)["control"]
+    assert endpoint.startswith("tcp://127.0.0.1:")
+    pinned = ["--server-key", str(kernel.run_dir / CONNECTION_FILE)]
+    plugin = [sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.cpu_monitor:CpuMonitorPlugin", "--connect",
+              endpoint, "--key", str(keys["watcher"])]
+    monitor = subprocess.Popen([*plugin, *pinned], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        watched = subprocess.run([*trainbus_cmd(), "attach", endpoint, "--key", str(keys["watcher"]), *pinned,
+                                  "--json"], capture_output=True, text=True, timeout=180)
+        assert kernel.result(timeout_s=120)["status"] == "completed"
+        monitored = monitor.communicate(timeout=60)[1]
+    finally:
+        monitor.kill()
+    first = json.loads(watched.stdout.splitlines()[0])
+    assert (first["type"], first["run"]) == ("snapshot", kernel.run_id), watched.stdout[:500] + watched.stderr
+    assert monitor.returncode == 0 and re.search(r"received [1-9]", monitored), monitored
+    unkeyed = subprocess.run([*trainbus_cmd(), "attach", endpoint], capture_output=True, text=True, timeout=60)
+    assert unkeyed.returncode != 0 and "takes CURVE keys: give --key" in one_line(unkeyed.stderr), unkeyed.stderr
+    leaked = subprocess.run([*plugin, "--server-key", str(keys["server"])], capture_output=True, text=True, timeout=60)
+    assert leaked.returncode == 2 and "is a secret key: a client pins the server's public key" in one_line(
+        leaked.stderr), leaked.stderr
+
+
+def one_line(stderr: str) -> str:
+    assert stderr.count("\n") == 1, stderr
+    return stderr
+
+
 def test_keys_cli_generates_lists_and_revokes(tmp_path):
     cli = [str(Path(sys.executable).parent / "trainbus"), "keys"]
     where = ["--keys-dir", str(tmp_path / "k")]
