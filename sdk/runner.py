@@ -121,7 +121,7 @@ class Runner:
             if self.io.refused or self.terminating:
                 return self._finish(self.io.gone)
             self.unreached = True
-            self._finish(f"kernel unreachable: {self.io.gone}")
+            self._finish(self.io.gone)
             return 1
         self.io.heartbeat_interval_s = welcome["heartbeat_interval_s"]
         self.plugin.run_id = welcome["run"]
@@ -366,7 +366,9 @@ class Runner:
         stats = f"received {self.io.received}, processed {self.processed}, gaps {self.gaps}, " \
                 f"failures {self.failures}, dead letters {self.dead_letters}, dropped {self.io.dropped}, " \
                 f"malformed {self.io.malformed}"
-        if self.io.refused and not self._set_up:  # turned down at hello: the kernel is there, and said why
+        if self.unreached:
+            pass  # no kernel ever answered: run() says so, and what to check, in one line
+        elif self.io.refused and not self._set_up:  # turned down at hello: the kernel is there, and said why
             _say(f"[{self.plugin.name}] {refused_hello(self.plugin.name, self.io.refused)}")
         elif gone:  # the kernel lost, or (a SIGTERM from a live kernel, our I/O thread failing) ended on this side
             _say(f"[{self.plugin.name}] {f'kernel gone ({gone})' if self.io.lost_kernel else gone}; exiting. {stats}")

@@ -506,6 +506,23 @@ def test_the_endpoint_as_the_kernel_prints_it_reaches_the_run_and_without_a_key_
         leaked.stderr), leaked.stderr
 
 
+def test_a_remote_plugin_that_no_kernel_answers_says_what_to_check_in_one_line(keys):
+    """Nothing listens at HOST:PORT (or the kernel takes none of our keys: the same silence). The connect timeout
+    (shortened here) ends it with exit 1 and one line naming what to check; it printed a "kernel gone" line first."""
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    code = ("import sys, trainbus.sdk.plugin_io as io; io.CONNECT_TIMEOUT_S = 2.0; "
+            "from trainbus.sdk.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "trainbus.plugins.cpu_monitor:CpuMonitorPlugin", "--connect",
+                           f"127.0.0.1:{port}", "--key", str(keys["watcher"]), "--server-key",
+                           str(keys["dir"] / "server.key")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert one_line(proc.stderr).startswith(f"error: no kernel answered at tcp://127.0.0.1:{port}: check that the run "
+                                            f"listens there, that this key is authorized"), proc.stderr
+
+
 def one_line(stderr: str) -> str:
     assert stderr.count("\n") == 1, stderr
     return stderr
