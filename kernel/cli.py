@@ -439,7 +439,11 @@ def attach(
                 print(json.dumps({"type": "ended", **overview}, default=str))
             else:
                 runs_view.print_show(_wide(), runs.run_details(run_dir))
-            raise typer.Exit(code=1 if stop is not None or checkpoint is not None else 0)  # nothing to reach
+            if stop is not None or checkpoint is not None:  # not done: exit 1, as a command the kernel refused
+                print(f"error: run {overview['id']} has ended ({overview['status']}): there is no run to "
+                      f"{'stop' if stop is not None else 'checkpoint'}", file=sys.stderr)
+                raise typer.Exit(code=1)
+            raise typer.Exit(code=0)
         where = str(run_dir)
     flags = ["--json"] * as_json + ["--control"] * control + (["--stop", stop] if stop is not None else []) \
         + (["--checkpoint", checkpoint] if checkpoint is not None else []) \

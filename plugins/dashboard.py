@@ -307,7 +307,11 @@ def main(argv: list[str]) -> int:
     except RunEnded as ended:  # as `trainbus attach RUN_ID` says it of an ended run (kernel/cli.py), JSON under --json
         print(json.dumps({"type": "ended", "id": ended.summary.get("run_id"), **ended.summary}, default=str)
               if args.json else str(ended))
-        return 1 if args.stop is not None or args.checkpoint is not None else 0
+        if args.stop is not None or args.checkpoint is not None:  # not done: exit 1, as `trainbus attach RUN_ID`
+            print(f"error: run {ended.summary.get('run_id', '?')} has ended ({ended.summary.get('status', '?')}): "
+                  f"there is no run to {'stop' if args.stop is not None else 'checkpoint'}", file=sys.stderr)
+            return 1
+        return 0
     except TargetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

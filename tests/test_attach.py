@@ -263,6 +263,7 @@ def test_attach_to_an_ended_run_says_so_at_once(runs_dir, tmp_path, kernels):
     assert json.loads(proc.stdout)["status"] == "completed"
     proc = run_quickly(attach_cmd(kernel, "--stop", "too late"))
     assert proc.returncode == 1, "a command that reached nothing fails"
+    assert proc.stderr == f"error: run {kernel.run_id} has ended (completed): there is no run to stop\n", proc.stderr
     proc = run_quickly(attach_cmd(kernel, "--control"))  # its stdin is not a terminal to read keys from
     assert proc.returncode == 2 and proc.stderr == ("error: --control reads its keys from a terminal, and stdin is "
                                                     "not one: from a script, use --stop REASON or --checkpoint "
@@ -271,6 +272,9 @@ def test_attach_to_an_ended_run_says_so_at_once(runs_dir, tmp_path, kernels):
     endpoint = f"ipc://{kernel.run_dir / 'events.sock'}"
     proc = run_quickly([*trainbus_cmd(), "attach", endpoint])
     assert proc.returncode == 0 and "has ended: completed" in proc.stdout, proc.stdout + proc.stderr
+    proc = run_quickly([*trainbus_cmd(), "attach", endpoint, "--checkpoint", "too late"])
+    assert proc.returncode == 1 and proc.stderr == (f"error: run {kernel.run_id} has ended (completed): there is no "
+                                                    f"run to checkpoint\n"), proc.stderr
     env = {**os.environ, "TRAINBUS_EVENTS": endpoint, "TRAINBUS_CONTROL": endpoint.replace("events", "control"),
            "TRAINBUS_RUN_DIR": str(kernel.run_dir)}
     env.pop("TRAINBUS_KERNEL_PID", None)
