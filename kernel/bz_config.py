@@ -66,6 +66,9 @@ def from_bz(raw: Any, where: str) -> dict[str, Any]:
                       if training.get(key) is not None}
     if "patience" in early_stopping and "early_stopping" not in plugins:  # bz: a patience turns early stopping on
         plugins["early_stopping"] = {"config": early_stopping}
+    if training.get("checkpoint_interval") and "checkpoint" not in plugins:
+        # bz's trainer saved them itself; here the checkpoint plugin does, and without it the interval saved nothing
+        plugins["checkpoint"] = {}
     return {"run": run, "hyperparameters": hyperparameters, "plugins": plugins}
 
 

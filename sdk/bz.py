@@ -232,11 +232,13 @@ for _hook in HOOKS:  # do-nothing hooks taking context, as bz's base class has t
 
 
 def _unknown_hooks(cls: type) -> list[str]:
-    """Methods of the plugin's own classes named like a hook that is not one (save_model_checkpoint, end_batch)."""
+    """Methods of the plugin's own classes named like a hook that is not one: bz's names misremembered
+    (save_model_checkpoint, end_batch) and other frameworks' callbacks (on_epoch_end, on_train_begin)."""
     names = {name for klass in cls.__mro__ if issubclass(klass, Plugin) and klass is not Plugin
              for name, value in vars(klass).items() if callable(value)}
-    return sorted(name for name in names if name not in HOOKS
-                  and (name.startswith(("start_", "end_")) or "checkpoint" in name) and not name.startswith("_"))
+    return sorted(name for name in names if name not in HOOKS and not name.startswith("_")
+                  and (name.startswith(("start_", "end_", "on_")) or name.endswith(("_start", "_end", "_begin"))
+                       or "checkpoint" in name))
 
 
 def _overrides_hook(cls: type, hook: str) -> bool:

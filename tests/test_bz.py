@@ -484,6 +484,22 @@ def test_a_method_named_like_a_hook_that_is_none_is_said_as_a_warning_at_start()
     assert warning["level"] == "warning" and warning["text"].startswith(
         "Saver.save_model_checkpoint looks like a hook but is none of bz's 14, so it is never called")
 
+    class Keras(BzPlugin):  # other frameworks' callback names, as a port from them keeps them
+        def on_epoch_end(self, context):
+            pass
+
+        def on_train_begin(self, context):
+            pass
+
+        def end_batch(self, context):
+            pass
+
+        def summarize(self, context):  # a helper of its own: no hook's shape
+            pass
+
+    assert [w.partition(" looks")[0] for w in Keras.warnings()] == [
+        "Keras.end_batch", "Keras.on_epoch_end", "Keras.on_train_begin"]
+
 
 def test_trainbus_run_says_a_hook_that_is_none_on_the_terminal_before_the_run(bz_modules, tmp_path):
     """Said at the plugin's start, the warning was journaled before the console (best-effort) said hello: it could
@@ -560,8 +576,9 @@ def test_bz_json_config_maps_bz_names_to_ours(tmp_path, caplog):
     assert (cfg.epochs, cfg.device, cfg.checkpoint_every_n_epochs) == (10, "auto", 5)
     assert cfg.hyperparameters == {"batch_size": 64, "learning_rate": 0.001, "compile": True, "lr": 0.001,
                                    "optimizer": "adam", "weight_decay": 0.0001}
-    assert {p.name: p.settings for p in cfg.plugins} == {
-        "console": {"show_batches": True}, "visualization": {}, "early_stopping": {"patience": 3, "min_delta": 0.001}}
+    assert {p.name: p.settings for p in cfg.plugins} == {  # bz saved checkpoints itself: its interval needs ours
+        "console": {"show_batches": True}, "visualization": {}, "early_stopping": {"patience": 3, "min_delta": 0.001},
+        "checkpoint": {}}
     assert cfg.plugins[0].target == "trainbus.plugins.console:ConsolePlugin"
     said = caplog.text
     assert "metrics not read" in said and "update_interval not used" in said and "log_dir, flush_interval" in said
