@@ -14,7 +14,14 @@ the events, the way bz filled it in process:
 - ``training_loss_total``/``training_batch_count`` (and the validation pair) are the running totals,
   reset at the start of each loop; ``training_metrics``/``validation_metrics`` are the loop's means
   (per loop, not per batch: the kernel does not publish per-batch metrics);
-- ``hyperparameters`` and ``extra`` (``run_id``, ``run_dir``, ``step``, checkpoint paths) as in bz;
+- ``hyperparameters`` and ``extra`` (``run_id``, ``run_dir``, ``step``) as in bz; after a resume,
+  ``load_checkpoint`` has ``epoch`` and ``extra["start_epoch"]`` the epochs done (and ``extra["checkpoint_path"]``
+  the file resumed from);
+- ``save_checkpoint`` runs when the checkpoint plugin reports the file written (``checkpoint_saved``), with
+  ``extra["checkpoint_path"]`` that file and ``epoch`` the epoch saved, as bz's trainer called it after saving:
+  the kernel snapshots and trains on, so it may come after that epoch's ``end_epoch``. The last epoch's file is
+  written after the run's final event: ``end_training_session`` is held until then (``expecting``). A checkpoint
+  that could not be written gets a warning instead of the hook;
 - setting ``context.should_stop_training = True`` sends a stop reply; set at ``end_epoch`` it stops
   training at that epoch's end, since such a plugin votes there.
 
@@ -48,6 +55,7 @@ OUT_OF_PROCESS_HINT = (
     "torch.load(path, weights_only=True): keys model_state_dict, optimizer_state_dict."
 )
 LOG_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
+SAVE_REPORTS = (ev.CHECKPOINT_SAVED, ev.CHECKPOINT_FAILED)  # a persister's word on a save_checkpoint's file
 
 
 class NotInThisProcess(AttributeError, NotRetryable):
@@ -94,6 +102,9 @@ class Context:
             self.epoch = 0
         elif kind == ev.END_TRAINING_SESSION:
             self.epoch = int(data.get("epochs_completed") or self.epoch)
+        elif kind == ev.LOAD_CHECKPOINT and isinstance(data.get("epoch"), int):
+            self.epoch = max(data["epoch"] - 1, 0)  # bz: the epochs the checkpoint had done, where training goes on
+            self.extra["start_epoch"] = self.epoch
         elif event.epoch:
             self.epoch = event.epoch - 1  # bz counts epochs from 0 and moves on after end_epoch
         if kind == ev.START_VALIDATION_LOOP:  # bz resets these before its hook, and training's after it
@@ -108,9 +119,8 @@ class Context:
                 setattr(self, f"{group}_metrics", dict(data[f"{group}_metrics"]))
         if kind == ev.END_EPOCH and isinstance(data.get("hyperparameters"), dict):
             self.hyperparameters = dict(data["hyperparameters"])
-        for key in ("checkpoint_path", "path"):
-            if kind in (ev.SAVE_CHECKPOINT, ev.LOAD_CHECKPOINT) and isinstance(data.get(key), str):
-                self.extra["checkpoint_path"] = data[key]
+        if kind == ev.LOAD_CHECKPOINT and isinstance(data.get("path"), str):
+            self.extra["checkpoint_path"] = data["path"]
 
     def after(self, event: Event) -> None:
         """What bz did to the context after the hook ran."""
@@ -194,6 +204,8 @@ class Plugin(_SdkPlugin, metaclass=_BzConstruction):
         self.logger = logging.getLogger(f"bz.plugin.{self.name}")
         self.context = Context()
         self._stop_sent = False
+        self._unsaved: set[int] = set()  # seqs of save_checkpoint events whose file is not written yet
+        self._session_end: Event | None = None  # end_training_session, held until the last checkpoint is written
 
     # bz's hooks (do nothing; override the ones you need)
 
@@ -206,22 +218,75 @@ class Plugin(_SdkPlugin, metaclass=_BzConstruction):
 
     @classmethod
     def handled_events(cls) -> list[str]:
-        return list(HOOKS)  # the context needs every lifecycle event, whatever the hooks
+        # the context needs every lifecycle event, whatever the hooks; save_checkpoint waits for the file's report
+        return list(HOOKS) + (list(SAVE_REPORTS) if _overrides_hook(cls, ev.SAVE_CHECKPOINT) else [])
+
+    def expecting(self) -> bool:
+        return bool(self._unsaved)  # the last epoch's file is written after the run's final event
 
     def handle(self, event: Event) -> None:
+        if event.type in SAVE_REPORTS:
+            self._checkpoint_reported(event)
+            return
         if event.type not in HOOKS:
             return
         context = self.context
         context.extra["run_dir"] = self.run_dir  # set by the runner, or by a Harness (a test's own directory)
         context.update(event)
+        hook = _overrides_hook(type(self), event.type)
+        if hook and event.type == ev.SAVE_CHECKPOINT:
+            # bz called it with the file saved; here the checkpoint plugin writes it after this event
+            self._unsaved.add(event.seq)
+            hook = False
+        elif hook and event.type == ev.END_TRAINING_SESSION and self._unsaved:
+            self._session_end = event  # bz's order: the last save_checkpoint first
+            return
+        self._run_hook(event.type if hook else None, event)
+
+    def teardown(self) -> None:
+        """A run that ended before the last checkpoint's file was reported still gets end_training_session."""
+        self._unsaved.clear()
+        self._end_session()
+
+    def _checkpoint_reported(self, report: Event) -> None:
+        """A persister's checkpoint_saved (or _failed) for a save_checkpoint this plugin was sent: the hook runs
+        now, with extra["checkpoint_path"] the file and context.epoch as it was at that save."""
+        seq = report.data.get("seq")
+        if seq not in self._unsaved:  # another persister's report of the same snapshot, or one before our start
+            return
+        self._unsaved.discard(seq)
+        epoch = report.data.get("epoch")
+        if report.type == ev.CHECKPOINT_FAILED:
+            self.log(f"{self.name}.save_checkpoint not called for the checkpoint of epoch {epoch}: it could not be "
+                     f"written ({report.data.get('reason')})", level="warning")
+        else:
+            context = self.context
+            context.extra["checkpoint_path"] = report.data.get("path")
+            now, context.epoch = context.epoch, max(int(epoch or 1) - 1, 0)
+            try:
+                self._run_hook(ev.SAVE_CHECKPOINT, report)
+            finally:
+                context.epoch = now
+        if not self._unsaved:
+            self._end_session()
+
+    def _end_session(self) -> None:
+        held, self._session_end = self._session_end, None
+        if held is not None:
+            self._run_hook(ev.END_TRAINING_SESSION, held)
+
+    def _run_hook(self, hook: str | None, event: Event) -> None:
+        context = self.context
         try:
-            if _overrides_hook(type(self), event.type):
-                getattr(self, event.type)(context)
+            if hook is not None:
+                getattr(self, hook)(context)
         finally:  # a hook that raises still leaves the context where bz's would be, and its stop stands
-            context.after(event)
+            if event.type in HOOKS:
+                context.after(event)
             if context.should_stop_training and not self._stop_sent:
                 self._stop_sent = True
-                self.stop(f"{self.name} set context.should_stop_training at {event.type} (epoch {event.epoch})")
+                self.stop(f"{self.name} set context.should_stop_training at {hook or event.type} (epoch "
+                          f"{event.epoch})")
 
 
 for _hook in HOOKS:  # do-nothing hooks taking context, as bz's base class has them

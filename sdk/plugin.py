@@ -107,6 +107,12 @@ class Plugin:
     def on_event(self, event: Event) -> None:
         """Called for events that have no handler of their own, when a plugin overrides it."""
 
+    def expecting(self) -> bool:
+        """True while this plugin waits for an event the kernel publishes after the run's final one: the last
+        checkpoint's checkpoint_saved comes after end_training_session. The runner goes on receiving until it is
+        False; the kernel ends the wait (SIGTERM) when its plugins' exit timeout runs out."""
+        return False
+
     @classmethod
     def check_settings(cls, settings: dict[str, Any]) -> None:
         """Raise SettingsError for values that are allowed one by one but not together (or not by a rule a

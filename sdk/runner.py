@@ -143,7 +143,7 @@ class Runner:
         self._send_replies()  # what setup said (a monitor's "idle" line) goes out before any event
         if self.durable:
             self._request_replay()
-        while not self.finished:
+        while not self._done():
             item = early.popleft() if early and not self.terminating else self._next_item()
             if item is None:
                 return self._finish(self.io.gone)
@@ -154,6 +154,10 @@ class Runner:
                 self._on_replay(payload)
             self._maybe_ack()
         return self._finish(None)
+
+    def _done(self) -> bool:
+        """The run's final event is handled, and the plugin expects nothing published after it."""
+        return self.finished and not self.plugin.expecting()
 
     # -- ordering ---------------------------------------------------------------------------------
 
@@ -209,7 +213,7 @@ class Runner:
                 else:
                     self.last_event = event
                 self.next_seq += 1
-                if self.finished or self.terminating:
+                if self._done() or self.terminating:
                     return
                 self._maybe_ack()  # a batch is up to 512 events: ack as we go, so a kill costs little redo
         if batch["done"] and (not batch["events"] or batch["events"][-1].seq < self.next_seq):

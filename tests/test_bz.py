@@ -269,6 +269,95 @@ def test_bz_plugins_run_out_of_process_as_written(bz_modules, tmp_path):
         ["json_log", "early_stop", "plotter", "weights"], 0)
 
 
+CHECKPOINT_WATCHER = '''
+import json
+
+from trainbus.sdk.bz import Plugin
+
+
+class CheckpointWatcher(Plugin):
+    """As a bz plugin that copies each checkpoint elsewhere: it needs the file saved, and its epoch."""
+
+    def __init__(self, config=None):
+        super().__init__(config=config)
+        self.path = self.config["path"]
+
+    def _note(self, hook, context, **more):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"hook": hook, "epoch": context.epoch, **more}) + "\\n")
+
+    def load_checkpoint(self, context):
+        self._note("load_checkpoint", context, start_epoch=context.extra.get("start_epoch"))
+
+    def save_checkpoint(self, context):
+        path = context.extra.get("checkpoint_path")
+        self._note("save_checkpoint", context, file=path and path.rpartition("/")[2],
+                   exists=bool(path) and open(path, "rb").read(4) != b"")
+
+    def end_epoch(self, context):
+        self._note("end_epoch", context)
+
+    def end_training_session(self, context):
+        self._note("end_training_session", context)
+'''
+
+
+def test_save_checkpoint_runs_with_the_file_written_and_load_checkpoint_with_the_epoch_resumed_from(tmp_path,
+                                                                                                     monkeypatch):
+    """bz called save_checkpoint with extra["checkpoint_path"] the file it had just saved, and load_checkpoint with
+    context.epoch and extra["start_epoch"] the epochs done. Here the checkpoint plugin writes the file after the
+    save_checkpoint event (the last one after the run's final event): the hook runs once it is written, at that
+    save's epoch, and end_training_session is held until then, so it still comes last."""
+    (tmp_path / "bz_watch.py").write_text(CHECKPOINT_WATCHER)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{TESTS_DIR}")
+    notes = tmp_path / "notes.jsonl"
+
+    def config(epochs: int, resume: str = ""):
+        return parse_config({
+            "run": {"target": TINY, "epochs": epochs, "runs_dir": str(tmp_path / "runs"), "resume": resume},
+            "plugins": {"checkpoint": {}, "watch": {"target": "bz_watch:CheckpointWatcher",
+                                                   "config": {"path": str(notes)}}}})
+
+    first = run_training(config(2))
+    assert first.status == "completed", first.error
+    said = [json.loads(line) for line in notes.read_text().splitlines()]
+    saves = [n for n in said if n["hook"] == "save_checkpoint"]
+    assert [(n["epoch"], n["file"].startswith(f"epoch{n['epoch'] + 1:03d}-"), n["exists"]) for n in saves] == [
+        (0, True, True), (1, True, True)], said
+    assert said[-1] == {"hook": "end_training_session", "epoch": 2}, said
+    notes.unlink()
+    resumed = run_training(config(3, resume=first.run_id))
+    assert resumed.status == "completed", resumed.error
+    said = [json.loads(line) for line in notes.read_text().splitlines()]
+    assert said[0] == {"hook": "load_checkpoint", "epoch": 2, "start_epoch": 2}, said
+    assert [n["epoch"] for n in said if n["hook"] == "save_checkpoint"] == [2] and said[-1]["hook"] == (
+        "end_training_session"), said
+
+
+def test_a_checkpoint_that_failed_skips_its_hook_and_a_run_ending_first_still_gets_end_training_session():
+    calls = []
+
+    class Saver(BzPlugin):
+        def save_checkpoint(self, context):
+            calls.append(("save_checkpoint", context.extra["checkpoint_path"]))
+
+        def end_training_session(self, context):
+            calls.append(("end_training_session", context.epoch))
+
+    h = Harness(Saver())
+    h.feed("save_checkpoint", epoch=1, reason="epoch")
+    failed = h.feed("checkpoint_failed", seq=h.seq, reason="No space left on device")
+    assert calls == [] and "could not be written (No space left on device)" in failed[0]["text"]
+    h.feed("save_checkpoint", epoch=2, reason="epoch")
+    saved = h.seq
+    h.feed("end_training_session", epochs_completed=2, steps=4, stopped_early=False, stop_reasons=[])
+    assert calls == [] and h.plugin.expecting(), "held until the last checkpoint is written"
+    h.close()  # the kernel stopped it before the file was reported: the run's end is still said
+    assert calls == [("end_training_session", 2)] and not h.plugin.expecting()
+    h.feed("checkpoint_saved", seq=saved, path="/x/epoch002.pt", epoch=2, step=4, sha256="", size=1)
+    assert calls == [("end_training_session", 2)], "a report after the end is not a hook"
+
+
 class SmtpGreetings:
     """An aiosmtpd handler that notes who connected. It offers no STARTTLS, so bz's example stops there: what
     this test needs is that the plugin reached the server its email_config names."""
