@@ -133,7 +133,9 @@ class Loop:
                 "epoch" if self.checkpointer is not None and self.checkpointer.due_at_epoch(self.epoch) else None)
             self._deferred_checkpoint, self._agreed = None, False
             checkpoint = self._decide(early, due)[1]
-            checkpointed = checkpoint is not None and not out.stopped_early
+            # A stop as the epoch's last batch ended (Ctrl-C, a preemption) leaves it whole: its checkpoint is
+            # taken, or a resume would train it again. One cut short inside the epoch has nothing whole to save.
+            checkpointed = checkpoint is not None and not train["partial"]
             if checkpointed:
                 self._checkpoint(checkpoint, epoch_complete=True, last=self.epoch == spec.epochs)
             self._publish(ev.END_EPOCH, **train, **validation, hyperparameters=spec.hyperparameters, lr=lr)

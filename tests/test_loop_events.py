@@ -315,3 +315,30 @@ def test_a_resumed_loop_keeps_the_runs_best_validation_loss_from_its_checkpoint(
     second.resume(state, "checkpoint.pt")
     out = second.run()
     assert out.epochs_completed == 4 and (out.best_validation_loss, out.best_epoch) == (1e-9, done.best_epoch)
+
+
+@pytest.mark.parametrize("at_batch", [TRAIN_BATCHES, 1])
+def test_a_stop_at_an_epochs_last_batch_still_takes_that_epochs_checkpoint(tmp_path, at_batch):
+    """Ctrl-C (or SLURM's SIGTERM) as the epoch's last batch ends: the epoch is whole, so its scheduled checkpoint
+    is taken, and a resume goes on from the next epoch rather than training this one again. Cut short inside the
+    epoch, it is not whole, and no epoch checkpoint is taken of it."""
+    bus = RecordingBus()
+    buffers = SnapshotBuffers("loop-test", [tmp_path])
+    checkpointer = Checkpointer(buffers, OnePersister(), every_n_epochs=1, every_n_steps=0, directories=[tmp_path])
+    loop = None
+
+    def interrupted() -> str:
+        return "SIGINT" if loop.epoch == 1 and loop.batches_done == at_batch else ""
+    try:
+        loop = Loop(tiny({}), bus, torch.device("cpu"), stop_requested=interrupted, checkpointer=checkpointer)
+        outcome = loop.run()
+    finally:
+        checkpointer.close()
+    assert outcome.stopped_early and bus.types()[-1] == ev.END_TRAINING_SESSION
+    saves = [data for type_, _, data in bus.events if type_ == ev.SAVE_CHECKPOINT]
+    if at_batch == TRAIN_BATCHES:
+        assert outcome.epochs_completed == 1 and len(saves) == 1
+        assert saves[0]["state"]["trainbus"]["epoch_complete"] is True and saves[0]["state"]["step"] == TRAIN_BATCHES
+        assert bus.types().index(ev.SAVE_CHECKPOINT) < bus.types().index(ev.END_EPOCH)
+    else:
+        assert outcome.epochs_completed == 0 and saves == []
