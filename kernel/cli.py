@@ -29,6 +29,7 @@ from .cli_daemon import daemon_app
 from .cli_keys import keys_app
 from .cli_plugins import plugins_app
 from .cli_runs import runs_app
+from .cluster import restarts_left
 from .config import (ConfigError, apply_set, check_runs_dir, config_of_run, launch_of_run, load_config,
                      plugin_name_clashes, registered_plugins, resolve_plugin)
 from .registry import RegistryError
@@ -496,7 +497,10 @@ def _print_summary(result) -> None:
     for name, acked in result.undrained.items():
         out.print(f"  plugin {name}: did not catch up (acked up to seq {acked})")
     out.print(f"  results: {result.run_dir}")
-
+    left = restarts_left() if result.status == "failed" else 0
+    if left:  # --max-restarts: this failure is not the run's end
+        out.print(f"  torchrun restarts the group ({left} restart{'s' * (left != 1)} left): the run goes on in place "
+                  f"from its newest checkpoint")
 
 
 def _click_exceptions():

@@ -90,6 +90,16 @@ def first_host(nodelist: str) -> str:
     return prefix + re.split(r"[,-]", ranges, maxsplit=1)[0]
 
 
+def restarts_left(env: Mapping[str, str] | None = None) -> int:
+    """How many more times torchrun restarts the group when this attempt fails (--max-restarts): its run then goes
+    on in place, so a failure now is not the run's end."""
+    env = os.environ if env is None else env
+    try:
+        return max(int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)) - int(env.get("TORCHELASTIC_RESTART_COUNT", 0)), 0)
+    except ValueError:
+        return 0
+
+
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
     value = env.get(name)
     if value is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainbus.kernel.cluster import Cluster, ClusterError, detect, first_host
+from trainbus.kernel.cluster import Cluster, ClusterError, detect, first_host, restarts_left
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
             "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "41000", "TORCHELASTIC_RUN_ID": "job"}
@@ -20,6 +20,14 @@ def test_torchrun():
     assert detect(TORCHRUN) == Cluster("torchelastic", rank=3, world_size=4, local_rank=1, node_rank=1,
                                        main_address="10.0.0.5", main_port=41000)
     assert detect({**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "2"}).restart_count == 2  # a group torchrun restarted
+
+
+def test_a_failure_with_restarts_left_is_not_the_runs_end():
+    """What the failed summary's last line says under --max-restarts: torchrun sets both in each worker's env."""
+    assert restarts_left({}) == 0 and restarts_left(TORCHRUN) == 0
+    assert restarts_left({**TORCHRUN, "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_RESTART_COUNT": "1"}) == 2
+    assert restarts_left({**TORCHRUN, "TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_RESTART_COUNT": "1"}) == 0
+    assert restarts_left({"TORCHELASTIC_MAX_RESTARTS": "x"}) == 0
 
 
 def test_srun_with_the_main_node_and_port_derived_as_lightning_does():

@@ -234,6 +234,9 @@ def test_a_rank_killed_mid_epoch_is_restarted_and_the_run_goes_on_exactly(tmp_pa
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert_same_weights(run_dir, reference_dir)
     assert_same_epochs(run_dir, reference_dir)
+    if rank == 1:  # rank 0 saw the collective fail and said so: not as the run's end
+        output = (tmp_path / "output.txt").read_text()
+        assert "torchrun restarts the group (1 restart left): the run goes on in place" in output, output[-3000:]
 
 
 def assert_same_epochs(run_dir: Path, reference_dir: Path) -> None:
