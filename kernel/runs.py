@@ -356,7 +356,8 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     """run_overview plus what only the whole journal (streamed) holds: epochs, plugins, checkpoints; and files.
 
     Added keys: sessions (one per start_training_session: a continued run has several), device, model,
-    parameters, hyperparameters, epoch_table (one row per epoch; a repeated epoch's latest row), best
+    parameters, cluster (the latest session's: where it trained), hyperparameters, epoch_table (one row per epoch;
+    a repeated epoch's latest row), best
     (the lowest validation loss and its epoch), plugins ({name: state, restarts, crashes, log, ...}),
     checkpoints (saved paths, and counts of failed and skipped), undrained, bus, files.
     """
@@ -392,7 +393,8 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
             error = None  # a continued run: an earlier session's failure is not this one's
             sessions.append({"started_at": _iso(e.ts), "epochs": data.get("epochs"), "device": data.get("device"),
                              "model": data.get("model"), "parameters": data.get("parameters"),
-                             "hyperparameters": data.get("hyperparameters"), "resumed_from": None})
+                             "hyperparameters": data.get("hyperparameters"), "cluster": data.get("cluster"),
+                             "resumed_from": None})
         elif type_ == ev.LOAD_CHECKPOINT and sessions:
             sessions[-1]["resumed_from"] = data.get("path")
         elif type_ == ev.RUN_FAILED:
@@ -425,7 +427,7 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
               if isinstance(row.get("validation_loss"), float) and not row["partial"]]
     best = min(losses) if losses else None
     info.update(
-        sessions=sessions, device=session.get("device"), model=session.get("model"),
+        sessions=sessions, device=session.get("device"), model=session.get("model"), cluster=session.get("cluster"),
         parameters=session.get("parameters"), hyperparameters=session.get("hyperparameters", config.get("hyperparameters")),
         epoch_table=rows, best={"validation_loss": best[0], "epoch": best[1]} if best else None,
         plugins=plugins, checkpoints={"saved": saved, **checkpoint_counts}, undrained=undrained,

@@ -178,6 +178,11 @@ def print_show(console, run: dict[str, Any]) -> None:
     if run.get("device") or run.get("model"):
         line("model", escape(f"{run.get('model') or '?'}, {run.get('parameters') or '?'} parameters, "
                              f"on {run.get('device') or '?'}"))
+    cluster = run.get("cluster")
+    if isinstance(cluster, dict) and (cluster.get("world_size") or 1) > 1:
+        restarts = cluster.get("restart_count") or 0
+        line("processes", escape(f"{cluster['world_size']} ({cluster.get('kind', '?')})"
+                                 + (f", restarted {restarts} time{'s' * (restarts != 1)}" if restarts else "")))
     if run.get("flags"):
         line("flags", escape(flags_text(run["flags"])))
     if run.get("hyperparameters"):

@@ -43,6 +43,9 @@ def test_two_processes_train_the_demo_as_one_run(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["cluster"]["rank"] == 0
     assert proc.stdout.count("completed after 3 epochs") == 1  # rank 1 prints nothing of its own
+    shown = subprocess.run([*trainbus_cmd(), "runs", "show", str(run_dir)], capture_output=True, text=True,
+                           timeout=60).stdout
+    assert "  processes   2 (torchelastic)\n" in shown, shown
     # the same weights on both ranks after every epoch, each rank training on its half of the data
     rank0, rank1 = probes(run_dir)
     assert len(rank0) == len(rank1) == 3 and rank0 == rank1
