@@ -467,9 +467,11 @@ def _print_summary(result) -> None:
     out.print(f"\n[bold]run {result.run_id}[/bold]: [{colour}]{result.status}[/{colour}] "
               f"after {o['epochs_completed']} epoch{'s' * (o['epochs_completed'] != 1)}, {o['steps']} "
               f"step{'s' * (o['steps'] != 1)}, {result.duration_s:.1f} s")
-    # The kernel's own stop for an error (the journal's disk) is said once, as the error; texts are not markup
-    # (a reason naming "[run] runs_dir" would lose its brackets).
-    reasons = [r for r in o["stop_reasons"] if not (result.error and r == f"kernel: stop: {result.error}")]
+    # The kernel's own stop for an error (the journal's disk) is said once, as the error (which may go on: where
+    # the weights went); texts are not markup (a reason naming "[run] runs_dir" would lose its brackets).
+    own = "kernel: stop: "
+    reasons = [r for r in o["stop_reasons"]
+               if not (result.error and r.startswith(own) and result.error.startswith(r.removeprefix(own)))]
     if reasons:
         out.print("  stopped by: " + escape("; ".join(reasons)))
     if result.error:

@@ -9,6 +9,7 @@ import secrets
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -272,12 +273,17 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         ranks.close()
     # From here on a second Ctrl-C no longer raises: it cuts the drain and the plugins' exit short.
     interrupts.begin_closing()
-    if status in ("completed", "stopped"):  # the trained weights, loadable with torch.load(weights_only=True)
-        try:
-            _save_final_weights(spec, loop, run_dir / FINAL_WEIGHTS)
-        except (OSError, RuntimeError) as exc:  # a full disk at the end of a long run: say so, close cleanly
-            status, error = "failed", (f"training {status}, but the final weights could not be saved to "
-                                       f"{run_dir / FINAL_WEIGHTS}: {_reason(exc)}")
+    # The trained weights, loadable with torch.load(weights_only=True); also after the journal's disk filled up,
+    # which stopped training at a step boundary: what it trained is whole, and may be all there is of it.
+    if status in ("completed", "stopped") or bus.failure is not None:
+        final = run_dir / FINAL_WEIGHTS
+        saved_to, why = _keep_final_weights(spec, loop, final, run_id)
+        moved = f"; they were saved to {saved_to} instead: move them there once it has space" if saved_to else ""
+        if bus.failure is not None:
+            error += f"; the weights as trained to step {loop.step} are in {saved_to}" if saved_to else ""
+        elif why is not None:  # a full disk at the end of a long run: say so, keep them, close cleanly
+            status, error = "failed", f"training {status}, but the final weights could not be saved to {final}: " \
+                                      f"{why}{moved}"
             log.error("%s", error)
     # While the journal's disk still refuses the final event no durable plugin can reach it: no waiting for that.
     hurry = lambda: interrupts.hurry() or (bus.failure is not None and bus.journal.error is not None)  # noqa: E731
@@ -524,6 +530,23 @@ def _counters(bus: Bus) -> dict[str, int]:
     if bus.journal.failed_writes:
         counters["journal_write_errors"] = bus.journal.failed_writes
     return counters
+
+
+def _keep_final_weights(spec, loop: Loop, path: Path, run_id: str) -> tuple[Path | None, str | None]:
+    """Where the trained weights went, and why not to `path` (None when they are there): when the run directory's
+    disk refuses them, the temporary directory ($TMPDIR, /tmp) is tried rather than lose them."""
+    try:
+        _save_final_weights(spec, loop, path)
+        return path, None
+    except (OSError, RuntimeError) as exc:
+        why = _reason(exc)
+    elsewhere = Path(tempfile.gettempdir()) / f"trainbus-{run_id}-{path.name}"
+    try:
+        _save_final_weights(spec, loop, elsewhere)
+    except (OSError, RuntimeError) as exc:
+        log.error("the final weights could not be saved to %s either: %s", elsewhere, _reason(exc))
+        return None, why
+    return elsewhere, why
 
 
 def _save_final_weights(spec, loop: Loop, path: Path) -> None:

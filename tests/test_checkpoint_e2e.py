@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -596,15 +597,22 @@ def test_no_room_for_a_snapshot_buffer_skips_that_checkpoint_and_training_comple
     assert f"checkpoint at step {skipped[0].step} skipped: no room for a " in (Path(result.run_dir) / "kernel.log").read_text()
 
 
-def test_a_disk_full_at_the_end_fails_the_run_in_one_line_and_closes_it_cleanly(tmp_path, mount_tmpfs):
+def test_a_disk_full_at_the_end_fails_the_run_in_one_line_and_closes_it_cleanly(tmp_path, mount_tmpfs, monkeypatch):
     # A multi-day run whose disk fills up by the end: no traceback out of run_training, no partial
-    # final.pt, plugins stopped, summary written. (Before, torch.save's error escaped and skipped all that.)
+    # final.pt, plugins stopped, summary written. (Before, torch.save's error escaped and skipped all that.) The
+    # weights are not lost with it: the temporary directory, on another disk, has them, and the line says where.
     runs = mount_tmpfs("runs", 4 << 20)  # the run's journal and logs fit; 8 MB of final weights do not
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spare))
     result = run_training(config(runs, [PluginConfig("metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin")],
                                  epochs=1, target=HEAVY, ballast_mb=8, step_sleep_s=0.0))
     assert result.status == "failed"
     assert result.error.startswith("training completed, but the final weights could not be saved to ")
-    assert result.error.endswith("No space left on device (errno 28)")
+    kept = spare / f"trainbus-{Path(result.run_dir).name}-{FINAL_WEIGHTS}"
+    assert result.error.endswith(f"No space left on device (errno 28); they were saved to {kept} instead: move them "
+                                 f"there once it has space"), result.error
+    assert torch.load(kept, weights_only=True)["epoch"] == 1
     run_dir = Path(result.run_dir)
     assert not (run_dir / FINAL_WEIGHTS).exists() and not list(run_dir.glob(f".{FINAL_WEIGHTS}*"))
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"

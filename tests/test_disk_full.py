@@ -182,8 +182,10 @@ def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs,
     if plugins == "none":
         cmd += ["--plugins", ""]
     stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
+    spare = tmp_path / "spare"  # the temporary directory, on another disk: where the trained weights go instead
+    spare.mkdir()
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True)
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, env={**os.environ, "TMPDIR": str(spare)})
     try:
         # the run has started and trains: only then does the disk fill up
         journal = wait_until(lambda: next((p for p in runs.glob(f"*/{JOURNAL_NAME}") if p.stat().st_size > 8000), None),
@@ -212,6 +214,11 @@ def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs,
     match = re.search(r"failed after (\d+) epochs?, (\d+) steps?", out)
     assert match, out
     assert int(match[2]) < 50 * STEPS_PER_EPOCH and stopped_after < 60, (match[0], stopped_after)
+    # what it trained is not lost with it: the weights at that step, in the temporary directory, and the line says so
+    kept = spare / f"trainbus-{run_dir.name}-final.pt"
+    assert lines[0].endswith(f"; the weights as trained to step {match[2]} are in {kept}"), lines[0]
+    import torch
+    assert torch.load(kept, weights_only=True)["step"] == int(match[2])
 
     # the journal ends at a whole record, gap-free from 1
     whole_journal(journal)
