@@ -597,13 +597,14 @@ def test_no_room_for_a_snapshot_buffer_skips_that_checkpoint_and_training_comple
     assert f"checkpoint at step {skipped[0].step} skipped: no room for a " in (Path(result.run_dir) / "kernel.log").read_text()
 
 
-def test_a_disk_full_at_the_end_fails_the_run_in_one_line_and_closes_it_cleanly(tmp_path, mount_tmpfs, monkeypatch):
+def test_a_disk_full_at_the_end_fails_the_run_in_one_line_and_closes_it_cleanly(tmp_path, mount_tmpfs, monkeypatch,
+                                                                                   request):
     # A multi-day run whose disk fills up by the end: no traceback out of run_training, no partial
     # final.pt, plugins stopped, summary written. (Before, torch.save's error escaped and skipped all that.) The
     # weights are not lost with it: the temporary directory, on another disk, has them, and the line says where.
     runs = mount_tmpfs("runs", 4 << 20)  # the run's journal and logs fit; 8 MB of final weights do not
-    spare = tmp_path / "spare"
-    spare.mkdir()
+    spare = Path(tempfile.mkdtemp(prefix="tb-"))  # short: the run's sockets go there too when its path is too long
+    request.addfinalizer(lambda: shutil.rmtree(spare, ignore_errors=True))
     monkeypatch.setattr(tempfile, "tempdir", str(spare))
     result = run_training(config(runs, [PluginConfig("metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin")],
                                  epochs=1, target=HEAVY, ballast_mb=8, step_sleep_s=0.0))

@@ -12,7 +12,9 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -172,7 +174,7 @@ def processes_of(run_dir: Path) -> list[psutil.Process]:
 
 
 @pytest.mark.parametrize("plugins", ["none", "defaults"])
-def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs, plugins):
+def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs, plugins, request):
     """`trainbus run` on a disk that fills up for good, with no plugin and with the default ones (console and
     metrics_log, which write into the run directory too): exit 1, one line naming the disk and the fix, no
     traceback anywhere, a journal ending at a whole record, the summary written or one line saying why not."""
@@ -182,8 +184,10 @@ def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs,
     if plugins == "none":
         cmd += ["--plugins", ""]
     stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
-    spare = tmp_path / "spare"  # the temporary directory, on another disk: where the trained weights go instead
-    spare.mkdir()
+    # the temporary directory, on another disk: where the trained weights go instead (short: where a run directory
+    # too deep for a Unix socket path has its sockets)
+    spare = Path(tempfile.mkdtemp(prefix="tb-"))
+    request.addfinalizer(lambda: shutil.rmtree(spare, ignore_errors=True))
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
         proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, env={**os.environ, "TMPDIR": str(spare)})
     try:
