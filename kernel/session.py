@@ -278,10 +278,10 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     if status in ("completed", "stopped") or bus.failure is not None:
         final = run_dir / FINAL_WEIGHTS
         saved_to, why = _keep_final_weights(spec, loop, final, run_id)
-        moved = f"; they were saved to {saved_to} instead: move them there once it has space" if saved_to else ""
         if bus.failure is not None:
             error += f"; the weights as trained to step {loop.step} are in {saved_to}" if saved_to else ""
         elif why is not None:  # a full disk at the end of a long run: say so, keep them, close cleanly
+            moved = f"; they were saved to {saved_to} instead: move them there once it has space" if saved_to else ""
             status, error = "failed", f"training {status}, but the final weights could not be saved to {final}: " \
                                       f"{why}{moved}"
             log.error("%s", error)
