@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import re
 import time
 from pathlib import Path
@@ -155,6 +156,29 @@ def persister_directory(run_dir: Path, settings: dict[str, Any]) -> Path | None:
     return Path(run_dir) / dirpath if isinstance(dirpath, str) and dirpath else None
 
 
+def checkpoint_directories(run_dir: Path) -> list[Path]:
+    """Where a run's persisters wrote: its checkpoints/, and each `dirpath` its config.json gave a plugin."""
+    run_dir = Path(run_dir)
+    directories = [run_dir / CHECKPOINT_DIR]
+    try:
+        plugins = json.loads((run_dir / "config.json").read_text()).get("plugins") or []
+    except (OSError, ValueError, AttributeError):
+        plugins = []
+    for plugin in plugins if isinstance(plugins, list) else []:
+        settings = plugin.get("settings") if isinstance(plugin, dict) else None
+        directory = persister_directory(run_dir, settings) if isinstance(settings, dict) else None
+        # a PATH setting is checked relative and inside at start; an edited config.json is not trusted to be
+        if directory is not None and directory.resolve().is_relative_to(run_dir.resolve()) \
+                and directory not in directories:
+            directories.append(directory)
+    return directories
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether any of the run's checkpoint directories has a manifest (a checkpoint was written there)."""
+    return any((d / MANIFEST).is_file() for d in checkpoint_directories(run_dir))
+
+
 def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = None) -> Path:
     """The newest checkpoint whose file matches its manifest entry, under a run id, run dir or file.
     `passed_over` gets a line for each newer one that is there but does not match (damaged, edited)."""
@@ -165,10 +189,14 @@ def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = N
         raise CheckpointError(f"--resume {where}: no such run id (nor a start of one) in {runs_dir} and no such "
                               f"path (`trainbus runs list` shows the runs)")
     if path.is_file():
-        manifest, wanted = path.parent / MANIFEST, path.name
+        manifests, wanted = [path.parent / MANIFEST], path.name
+    elif (path / "config.json").is_file():  # a run directory: every place its persisters wrote
+        manifests, wanted = [d / MANIFEST for d in checkpoint_directories(path)], None
     else:
         directory = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
-        manifest, wanted = directory / MANIFEST, None
+        manifests, wanted = [directory / MANIFEST], None
+    manifests = [m for m in manifests if m.is_file()] or manifests[:1]
+    manifest = manifests[0]
     if not manifest.is_file() and path.is_dir() and (path / "config.json").is_file():
         raise CheckpointError(f"--resume {where}: that run has no checkpoints (it ran without the checkpoint "
                               f"plugin, or ended before its first); run it again instead")
@@ -181,10 +209,10 @@ def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = N
         if path.is_file():  # copied out of its run: nothing to check its bytes against; loading it says what it is
             return path
         raise CheckpointError(f"--resume {where}: no checkpoint manifest at {manifest}")
-    entries = read_manifest(manifest)
     if wanted is not None:
         # A named file is verified by its bytes: it must match some manifest entry's size and sha256
         # (last.pt is re-linked before its manifest line is appended, so its own line may not exist yet).
+        entries = read_manifest(manifest)
         file = manifest.parent / wanted
         size = file.stat().st_size
         if any(e.get("size") == size for e in entries):  # hash only a file that could match
@@ -193,8 +221,8 @@ def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = N
                 return file
         raise CheckpointError(f"--resume {where}: {file.name} matches no entry of {manifest} "
                               f"(a checkpoint must match a manifest entry's size and sha256)")
-    for entry in sorted(entries, key=lambda e: (e.get("step", 0), e.get("time", 0)), reverse=True):
-        file = manifest.parent / entry["file"]
+    written = [(m.parent / e["file"], e) for m in manifests for e in read_manifest(m)]
+    for file, entry in sorted(written, key=lambda fe: (fe[1].get("step", 0), fe[1].get("time", 0)), reverse=True):
         if not file.is_file():
             continue  # removed by the plugin's retention: the usual case
         if file.stat().st_size == entry.get("size") and sha256_of(file) == entry.get("sha256"):
@@ -202,7 +230,7 @@ def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = N
         if passed_over is not None:
             passed_over.append(f"checkpoint {file} does not match its manifest entry (size or sha256): damaged or "
                                f"changed since it was written, so an older one is taken")
-    raise CheckpointError(f"--resume {where}: no verified checkpoint in {manifest} "
+    raise CheckpointError(f"--resume {where}: no verified checkpoint in {', '.join(map(str, manifests))} "
                           f"(a file must exist and match its manifest entry's size and sha256)")
 
 

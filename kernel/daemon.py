@@ -41,9 +41,9 @@ import msgpack
 import zmq
 
 from trainbus.proto import ProtocolError, unpack
-from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
 from trainbus.proto.remote import advertised
 
+from .checkpointing import has_checkpoints
 from .credentials import SUN_PATH_MAX
 from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started, queued_resume,
                        record_run)
@@ -318,7 +318,7 @@ class Daemon:
                 log.warning("%s: the kernel died (no summary); %s", watched.job_id,
                             f"`trainbus runs resume {watched.job_id} --runs-dir {self.runs_dir}` continues it from its "
                             f"newest checkpoint"
-                            if (run_dir / CHECKPOINT_DIR / MANIFEST).is_file() else
+                            if has_checkpoints(run_dir) else
                             "it had no checkpoint yet: submit it again to train it")
         else:
             # killed (the OOM killer, kill -9) while its target was still built: died, as a kernel killed later

@@ -20,11 +20,12 @@ from typing import Any, Callable
 import torch
 
 from trainbus.proto import JOURNAL_NAME, events as ev
-from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
+from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
 from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir, write_connection_file
 
 from .bus import CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
-from .checkpointing import CheckpointError, Checkpointer, find_checkpoint, load_checkpoint, persister_directory
+from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_checkpoints, load_checkpoint,
+                            persister_directory)
 from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
 from .config import ConfigError, RunConfig
 from .control import Dispatcher
@@ -128,7 +129,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         # torchrun restarted the group after a rank failed (--max-restarts): the run the failed group trained goes
         # on in place, from its newest checkpoint; with none yet, from where it began (its start or --resume file)
         continue_run = True
-        if (run_dir / CHECKPOINT_DIR / MANIFEST).is_file():
+        if has_checkpoints(run_dir):
             cfg.resume = str(run_dir)
     # The user's code (build, loaders, loss, metrics) sees where its run is, as plugins do: Guild's names and ours.
     os.environ.update(RUN_ID=run_id, RUN_DIR=str(run_dir), TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir))

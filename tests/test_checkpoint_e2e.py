@@ -669,6 +669,21 @@ def test_a_completed_run_is_resumed_only_to_train_it_longer(tmp_path):
     assert [e.epoch for e in of(read_events(run_dir), "end_epoch")] == [1, 2, 3]
 
 
+def test_a_run_whose_checkpoints_went_to_a_dirpath_resumes_from_there(tmp_path):
+    """checkpoint.dirpath puts a run's checkpoints beside checkpoints/, not in it: `--resume RUN` finds them there
+    (its config.json says where), as `--max-restarts` and the daemon do when they continue a run."""
+    runs = tmp_path / "runs"
+    result = run_training(config(runs, [checkpointer(dirpath="kept/ckpt")], 1, target=PACED, every_n_epochs=1,
+                                 step_sleep_s=0.0, batch_size=256))
+    run_dir = Path(result.run_dir)
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "kept/ckpt" / checkpoint_format.MANIFEST).is_file()
+    assert find_checkpoint(run_dir.name, str(runs)).parent == run_dir / "kept/ckpt"
+    proc = run_cli(tmp_path, "--resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert f"continuing run {run_dir.name} from {run_dir / 'kept/ckpt'}" in proc.stderr, proc.stderr
+    assert [e.epoch for e in of(read_events(run_dir), "end_epoch")] == [1, 2]
+
+
 def test_resuming_a_run_still_going_or_one_without_checkpoints_is_refused_saying_which(tmp_path):
     """A live run (no checkpoint yet): `--resume` says it is still going and how to stop it, not that it has no
     checkpoints. Once it has ended with none, `--resume --detach` says so now instead of queueing a run that
