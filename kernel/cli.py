@@ -144,6 +144,9 @@ def run(
             raise UserError(f"--set {item!r} must look like KEY=VALUE")
         apply_set(cfg, key, typed_word(raw))
     _check_epochs_given_once(epochs, [*flag_words, *hparam], cfg.hyperparameters)
+    if epochs is None and _epochs_named([*flag_words, *hparam]) and type(cfg.hyperparameters.get("epochs")) is int:
+        # the command line's epochs=N beats the file's [run] epochs (or a resumed run's), as every flag beats it
+        cfg.epochs = cfg.hyperparameters["epochs"]
     from .config import check_run
 
     check_run(cfg, "command line")
@@ -352,10 +355,15 @@ def _check_epochs_given_once(epochs: int | None, words: list[str], hyperparamete
     """UserError for `epochs=N` (a flag word or --set) and a different `--epochs M` on one command line: the spec
     function would be called with N and --epochs would override the epochs it sets, so the run would train M
     epochs while its flags (runs list, runs compare) said N."""
-    named = [word for word in words if word.partition("=")[0] in ("epochs", "hyperparameters.epochs")]
+    named = _epochs_named(words)
     if epochs is not None and named and hyperparameters.get("epochs") != epochs:
         raise UserError(f"epochs given twice, as {named[-1]} and as --epochs {epochs}: give epochs once (--epochs "
                         f"overrides the epochs the spec sets; the flag is what its function is called with)")
+
+
+def _epochs_named(words: list[str]) -> list[str]:
+    """The flag words and --set items that give the hyperparameter `epochs`."""
+    return [word for word in words if word.partition("=")[0] in ("epochs", "hyperparameters.epochs")]
 
 
 def _check_resumable(run_dir: Path, epochs: int | None) -> None:

@@ -329,3 +329,17 @@ def test_epochs_given_as_the_option_is_the_functions_epochs_flag_too(tmp_path):
     assert result.status == "completed" and result.outcome["epochs_completed"] == 1
     config = json.loads((Path(result.run_dir) / "config.json").read_text())
     assert config["flags"] == {"lr": 0.001, "epochs": 1} and config["epochs"] == 1, config
+
+
+@pytest.mark.parametrize("given", [["epochs=1"], ["--set", "epochs=1"]])
+def test_epochs_on_the_command_line_beats_the_config_files(train_py, tmp_path, given):
+    """A config file's `[run] epochs = 3` and `epochs=1` on the command line: the run trains 1, as a flag beats the
+    file everywhere else (it trained 3, having built the function for 1)."""
+    (tmp_path / "run.toml").write_text(f'[run]\ntarget = "{train_py}:build"\nepochs = 3\n'
+                                       f'runs_dir = "{tmp_path / "runs"}"\ndevice = "cpu"\n[plugins]\n')
+    r = trainbus("run", "--config", str(tmp_path / "run.toml"), *given)
+    assert r.returncode == 0, r.stderr
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["outcome"]["epochs_completed"] == 1, summary
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 1
