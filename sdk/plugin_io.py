@@ -63,6 +63,7 @@ class PluginIO(threading.Thread):
         # set busy_since could land just after the handler returned and leave an idle plugin "stuck".
         self.progress_at = 0.0
         self._stuck_told: float | None = None  # the handler clock (_busy_clock) we said is past its timeout
+        self._silent_since: float | None = None  # the kernel fell silent while still alive (_kernel_gone): since when
         self.gone: str | None = None  # why the kernel is considered gone
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
         self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
@@ -230,7 +231,8 @@ class PluginIO(threading.Thread):
             due = min(due, max(next_heartbeat, now + 0.1))
         silent_until = (started + CONNECT_TIMEOUT_S if last_kernel is None
                         else last_kernel + self.heartbeat_interval_s * HEARTBEAT_LIVENESS)
-        due = min(due, silent_until + 0.001)
+        if self._silent_since is None:  # else it is past already: MAX_POLL_S paces the look at the kernel's pid
+            due = min(due, silent_until + 0.001)
         return max(1, int((due - now) * 1000) + 1)
 
     def _read_events(self) -> None:
@@ -355,8 +357,20 @@ class PluginIO(threading.Thread):
         if last_kernel is None:
             return f"no kernel heartbeat within {CONNECT_TIMEOUT_S:.0f} s" if now - started > CONNECT_TIMEOUT_S else None
         window = self.heartbeat_interval_s * HEARTBEAT_LIVENESS
-        if now - last_kernel > window:
+        if now - last_kernel <= window:
+            if self._silent_since is not None:
+                _say(f"[{self.hello['name']}] the kernel is back after {now - self._silent_since:.1f} s of silence; "
+                     f"going on")
+                self._silent_since = None
+            return None
+        if self.kernel_pid is None:  # attached by hand or remote: silence is all we can know of the kernel
             return f"no kernel heartbeat for {now - last_kernel:.1f} s"
+        # Still our parent (PR_SET_PDEATHSIG ends us with it): a kernel stopped (SIGSTOP, a frozen cgroup, swapped
+        # out) is silent, not gone; leaving would lose the rest of the run's events. Wait for it, and say so once.
+        if self._silent_since is None:
+            self._silent_since = last_kernel
+            _say(f"[{self.hello['name']}] no kernel heartbeat for {now - last_kernel:.1f} s, but the kernel (pid "
+                 f"{self.kernel_pid}) is still running (stopped or starved?); waiting for it")
         return None
 
 

@@ -243,6 +243,32 @@ def test_stopped_durable_plugin_is_declared_hung_killed_restarted_and_loses_noth
     assert_saw_every_seq(record, events)
 
 
+def test_a_kernel_stopped_past_the_liveness_window_keeps_its_plugins(tmp_path, kernels):
+    """SIGSTOP the kernel for twice the plugins' liveness window, then SIGCONT: each local plugin sees its kernel is
+    still its parent, says it waits and that the kernel is back, and goes on; none left (exit 0, "kernel gone") and
+    none lost the run's remaining events. Before, both left at the window and the run completed without them."""
+    record = tmp_path / "rec.txt"
+    cfg = run_config(tmp_path / "runs", [plugin("rec", "Recorder", path=str(record))], epochs=2, target=PACED,
+                     batch_size=16, step_sleep_s=0.01)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    pid = kernel.wait_ready("rec")
+    kernel.wait_step(20)
+    kernel.signal(signal.SIGSTOP)
+    try:
+        time.sleep(2 * LIVENESS_S)
+    finally:
+        kernel.signal(signal.SIGCONT)
+    result = kernel.result()
+
+    assert result["status"] == "completed" and result["undrained"] == {}
+    assert result["plugins"]["rec"]["restarts"] == 0 and process_gone(pid)
+    log = (Path(result["run_dir"]) / "plugins" / "rec.log").read_text()
+    assert f"but the kernel (pid {kernel.pid}) is still running (stopped or starved?); waiting for it" in log, log
+    assert "the kernel is back after" in log and "kernel gone" not in log, log
+    assert_saw_every_seq(record, read_events(result["run_dir"]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("round_", range(3))
 def test_stopped_durable_plugin_soak(tmp_path, kernels, round_):
