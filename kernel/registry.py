@@ -328,15 +328,20 @@ def ids_without_directory(runs_dir: Path, prefix: str) -> list[str]:
     """The ids starting with `prefix` of the runs the registry alone holds (queued, or failed before their kernel
     made a directory): a run-id prefix is unique only among these and the directories together. [] without a
     usable registry (the directories are all there is then)."""
+    return [run_id for run_id, _, _ in runs_without_directory(runs_dir, prefix)]
+
+
+def runs_without_directory(runs_dir: Path, prefix: str) -> list[tuple[str, str, str | None]]:
+    """(id, status, detail) of each run ids_without_directory names, by id."""
     if not (Path(runs_dir) / REGISTRY_NAME).is_file():
         return []
     try:
         with Registry(runs_dir) as registry:
-            rows = registry.db.execute("SELECT id FROM runs WHERE dir IS NULL AND substr(id, 1, ?) = ?",
+            rows = registry.db.execute("SELECT id, status, detail FROM runs WHERE dir IS NULL AND substr(id, 1, ?) = ?",
                                        (len(prefix), prefix)).fetchall()
     except (sqlite3.Error, OSError, RegistryError):
         return []
-    return sorted(row[0] for row in rows)
+    return sorted((str(i), str(status), detail) for i, status, detail in rows)
 
 
 def as_started(run: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:

@@ -143,6 +143,20 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
         if names:
             raise AmbiguousRunError(f"run {run!r} is ambiguous in {runs_dir.resolve()}: "
                                     f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (give more of the id)")
+    if run and not path_like:
+        from .registry import runs_without_directory
+
+        pending = runs_without_directory(runs_dir, run)
+        if len(pending) == 1:  # queued, or failed before its kernel made a directory: there, but with nothing to read
+            run_id, status, detail = pending[0]
+            raise RunLookupError(f"run {run_id} is {status} and has no run directory yet"
+                                 + (f" ({detail})" if detail else "")
+                                 + ("; it has one once the daemon starts it (`trainbus daemon status` shows the "
+                                    "queue)" if status == "queued" else ""))
+        if pending:
+            raise AmbiguousRunError(f"run {run!r} is ambiguous in {runs_dir.resolve()}: "
+                                    f"{', '.join(i for i, _, _ in pending[:5])}{', ...' if len(pending) > 5 else ''} "
+                                    f"(give more of the id)")
     if path_like and Path(run).resolve() == (runs_dir / run).resolve():  # an absolute path: one place looked at
         looked = f"{Path(run).resolve()} is not a run directory (no {CONFIG}, no journal)"
     elif path_like:

@@ -401,6 +401,18 @@ def test_run_detach_refuses_what_the_run_would_refuse_and_queues_nothing(tmp_pat
     assert not runs.exists() or list_runs(runs) == [], "a run was queued"
 
 
+def test_a_queued_run_is_called_queued_not_missing_by_the_commands_that_need_its_directory(tmp_path):
+    """No daemon: the run waits in the queue with no directory. attach, runs resume, plot and compare said "no run
+    ...: does not exist" of a run `runs list` lists; each now says it is queued and where the queue is shown."""
+    runs = tmp_path / "runs"
+    run_id = cli("run", "--detach", "--runs-dir", str(runs), "epochs=1").stdout.strip()
+    for command in (["attach"], ["runs", "resume"], ["runs", "plot"], ["runs", "compare", run_id]):
+        done = cli(*command, run_id[:15], "--runs-dir", str(runs), check=False)
+        assert done.returncode != 0 and done.stderr.startswith(f"error: run {run_id} is queued and has no run "
+                                                               f"directory yet (submitted "), (command, done.stderr)
+        assert "`trainbus daemon status` shows the queue" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
 def test_run_detach_on_cuda_where_no_gpu_is_seen_is_refused_and_queues_nothing(tmp_path):
     from trainbus.kernel.daemon import detected_devices
 
