@@ -21,7 +21,7 @@ from typing import Any
 from trainbus.proto import event_to_map, events as ev
 from trainbus.proto.run_state import RunState
 from trainbus.sdk.attach import CLIENT_PREFIX, AttachError, Attachment, RunEnded, TargetError, target_of
-from trainbus.sdk.runner import kernel_died, run_summary
+from trainbus.sdk.runner import kernel_died, kernel_stopped, run_summary
 
 MONITORS = ("cpu", "memory", "disk", "gpu", "perf")  # the resource monitors' metric name prefixes
 COMMAND_ECHO_TIMEOUT_S = 30.0  # a one-shot command waits this long to see the kernel journal it
@@ -231,7 +231,15 @@ def one_command(attachment: Attachment, kind: str, reason: str) -> int:
     a little longer for what the next step boundary made of it (a snapshot taken, or skipped: no persister)."""
     end, echo, echoed_at = float("inf"), None, 0.0  # the clock starts once sent: reaching the kernel has its own
     run = lambda: attachment.state.run.get("id")  # noqa: E731
+    told_stopped = False
     for item in attachment:
+        if item is None and end == float("inf") and not told_stopped:
+            pid = kernel_stopped(attachment.target.run_dir)
+            if pid is not None:  # said, not waited on in silence; the command goes in once the kernel runs again
+                told_stopped = True
+                print(f"trainbus attach: the run's kernel (pid {pid}) is stopped (SIGSTOP, a frozen cgroup or a "
+                      f"debugger) and answers nothing; {kind} goes in once it runs again (`kill -CONT {pid}`)",
+                      file=sys.stderr)
         if attachment.refusals:
             print(f"error: the kernel refused: {attachment.refusals[0]}", file=sys.stderr)
             return 1

@@ -507,21 +507,43 @@ def run_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
-def kernel_died(run_dir: Path | None) -> str | None:
-    """Why the run's kernel is known to be gone without a summary (killed, out of memory); None if not known."""
+def _local_kernel_pid(run_dir: Path | None) -> int | None:
+    """The pid of the run's kernel when it runs on this machine (kernel/runs.py write_kernel_pid); None if unknown."""
     if run_dir is None:
         return None
     try:
         host = (Path(run_dir) / KERNEL_HOST).read_text().strip() if (Path(run_dir) / KERNEL_HOST).exists() else ""
         if host not in ("", socket.gethostname()):
-            return None  # another machine's kernel (kernel/runs.py write_kernel_pid): its pid means nothing here
-        pid = int((Path(run_dir) / KERNEL_PID).read_text().split()[0])
+            return None  # another machine's kernel: its pid means nothing here
+        return int((Path(run_dir) / KERNEL_PID).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def kernel_died(run_dir: Path | None) -> str | None:
+    """Why the run's kernel is known to be gone without a summary (killed, out of memory); None if not known."""
+    pid = _local_kernel_pid(run_dir)
+    if pid is None:
+        return None
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return f"the run's kernel (pid {pid}) is gone and wrote no {SUMMARY_NAME}: the run died"
-    except (OSError, ValueError, IndexError):
-        pass  # no pid file, or a process that is not ours: alive as far as we can tell
+    except OSError:
+        pass  # a process that is not ours: alive as far as we can tell
     return None
+
+
+def kernel_stopped(run_dir: Path | None) -> int | None:
+    """The pid of the run's kernel when it is stopped (SIGSTOP, a frozen cgroup, a debugger): it answers nothing
+    until it runs again. None when it is not, or that cannot be known (not Linux, another machine)."""
+    pid = _local_kernel_pid(run_dir)
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # "pid (comm) S ...": comm may hold spaces and parentheses
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
+    return pid if pid is not None and state in ("T", "t") else None
 
 
 def connection_run_dir(connect: str) -> Path | None:

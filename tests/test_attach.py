@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -356,6 +357,29 @@ def test_stop_from_attach_is_journaled_with_who_sent_it(runs_dir, tmp_path, kern
     # it said goodbye: the run shows it as exited, not as a plugin still running
     exits = [e for e in journal if e.type == ev.PLUGIN_EXITED and e.data["plugin"] == name]
     assert exits and exits[0].seq > logs[0].seq
+
+
+def test_runs_stop_of_a_stopped_kernel_says_so_and_goes_in_once_it_runs_again(runs_dir, tmp_path, kernels):
+    """A SIGSTOPped kernel answers nothing: `runs stop` waited in silence for as long as it stayed stopped. It says
+    the kernel is stopped and how to let it run; after SIGCONT the stop goes in as any other."""
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=20, batch_s=0.05, monitors=False)
+    kernel.wait_step(3, timeout_s=60)
+    kernel.signal(signal.SIGSTOP)
+    try:
+        proc = subprocess.Popen([*trainbus_cmd(), "runs", "stop", kernel.run_id, "--runs-dir", str(runs_dir)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # said within its first poll; a busy box makes the client's start (Python, pyzmq) the long part
+        ready, _, _ = select.select([proc.stderr], [], [], 90)
+        said = proc.stderr.readline() if ready else "(nothing said in 90 s)"
+        assert said.startswith(f"trainbus attach: the run's kernel (pid {kernel.pid}) is stopped (SIGSTOP, a frozen "
+                               f"cgroup or a debugger) and answers nothing; stop goes in once it runs again "
+                               f"(`kill -CONT {kernel.pid}`)"), said
+        assert proc.poll() is None, "it must wait for the kernel, not give up on it"
+    finally:
+        kernel.signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.startswith(f"stop sent to run {kernel.run_id} as attach-"), (out, err)
+    assert kernel.result(timeout_s=120)["status"] == "stopped"
 
 
 def test_attach_over_tcp_with_curve_keys_watches_and_only_a_control_key_stops(runs_dir, tmp_path, kernels):
