@@ -24,6 +24,7 @@ from typing import Any
 
 from trainbus.proto import JOURNAL_NAME, Event
 from trainbus.proto import events as ev
+from trainbus.proto.run_state import CLIENT_PREFIX
 from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_head, journal_tail, last_event_of,
                                           stream_journal)
 
@@ -428,6 +429,10 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
             plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes", "errors_logged",
                                                                   "checkpoints_failed") if k in p})
     undrained = summary.get("undrained") or {}
+    # `trainbus attach` clients come and go as peers too: views of the run, listed apart from its plugins
+    attached = sorted(name for name in plugins if name.startswith(CLIENT_PREFIX))
+    for name in attached:
+        del plugins[name]
     for name, p in plugins.items():
         p["log"] = str(run_dir / "plugins" / f"{name}.log") if (run_dir / "plugins" / f"{name}.log").is_file() else None
         if name in undrained:
@@ -444,7 +449,7 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         sessions=sessions, device=session.get("device"), model=session.get("model"), cluster=session.get("cluster"),
         parameters=session.get("parameters"), hyperparameters=session.get("hyperparameters", config.get("hyperparameters")),
         epoch_table=rows, best={"validation_loss": best[0], "epoch": best[1]} if best else None,
-        plugins=plugins, checkpoints={"saved": saved, **checkpoint_counts}, undrained=undrained,
+        plugins=plugins, attached=attached, checkpoints={"saved": saved, **checkpoint_counts}, undrained=undrained,
         bus=summary.get("bus") or {}, files=_files(run_dir), journal_damage=damage)
     if info["error"] is None and error is not None:
         info["error"] = error

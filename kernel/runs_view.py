@@ -241,6 +241,10 @@ def print_show(console, run: dict[str, Any]) -> None:
                           str(p.get("restarts", 0)), escape("; ".join(trouble)) or "-", escape(p.get("log") or "-"))
         console.print()
         _print_table(console, table)
+    attached = run.get("attached") or []
+    if attached:  # the views of it people opened (`trainbus attach`), not plugins of the run
+        console.print(f"attached: {len(attached)} client{'s' * (len(attached) != 1)} ({escape(', '.join(attached[:5]))}"
+                      f"{', ...' if len(attached) > 5 else ''})", highlight=False)
 
     checkpoints = run.get("checkpoints") or {}
     if checkpoints.get("saved") or checkpoints.get("failed") or checkpoints.get("skipped"):

@@ -27,7 +27,7 @@ import zmq
 
 from trainbus.proto import BEST_EFFORT, Event, control, events as ev
 from trainbus.proto.remote import KeyFileError
-from trainbus.proto.run_state import RunState
+from trainbus.proto.run_state import CLIENT_PREFIX, RunState
 
 from .plugin_io import PluginIO
 from .runner import (CREDENTIAL_FILE, connection_run_dir, kernel_died, remote_endpoints, run_summary,
@@ -41,7 +41,6 @@ PLUGINS_REFRESH_S = 5.0  # a fresh snapshot this often, for what only the kernel
 BUFFER_MAX_EVENTS = 50_000  # live events held while the snapshot is on its way; past it they are replayed
 POLL_S = 0.1
 FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
-CLIENT_PREFIX = "attach-"  # the peer names of attached clients (client_name)
 SOCKETS_LINE = re.compile(r"sockets: events (\S+) control (\S+)")  # kernel.log (kernel/session.py open_bus)
 
 

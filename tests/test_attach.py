@@ -357,6 +357,15 @@ def test_stop_from_attach_is_journaled_with_who_sent_it(runs_dir, tmp_path, kern
     # it said goodbye: the run shows it as exited, not as a plugin still running
     exits = [e for e in journal if e.type == ev.PLUGIN_EXITED and e.data["plugin"] == name]
     assert exits and exits[0].seq > logs[0].seq
+    # `runs show` lists the run's plugins, and the two attached clients apart: views, not plugins of the run
+    shown = subprocess.run([*trainbus_cmd(), "runs", "show", kernel.run_id, "--runs-dir", str(runs_dir), "--json"],
+                           capture_output=True, text=True, timeout=60, check=True)
+    details = json.loads(shown.stdout)
+    assert sorted(details["plugins"]) == ["cpu", "memory"] and name in details["attached"], details
+    assert len(details["attached"]) == 2, details["attached"]
+    text = subprocess.run([*trainbus_cmd(), "runs", "show", kernel.run_id, "--runs-dir", str(runs_dir)],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "attached: 2 clients (attach-" in text and "\nattach-" not in text, text
 
 
 def test_runs_stop_of_a_stopped_kernel_says_so_and_goes_in_once_it_runs_again(runs_dir, tmp_path, kernels):
