@@ -211,8 +211,8 @@ def test_durable_plugin_killing_itself_soak(tmp_path, fault_free, round_, record
 # -- 2. SIGSTOP a durable plugin past the liveness window -------------------------------------------
 
 
-def test_stopped_durable_plugin_is_declared_hung_killed_restarted_and_loses_nothing(tmp_path, kernels):
-    """SIGSTOP at step 20 of a ~3 s run: the hang, the kill and the restart may fall in training or in the drain."""
+def recorded_run_at_step_20(tmp_path, kernels) -> tuple[KernelProcess, Path, int]:
+    """A ~3 s paced run with a durable Recorder plugin ("rec"), at step 20: the kernel, the record, the plugin's pid."""
     record = tmp_path / "rec.txt"
     cfg = run_config(tmp_path / "runs", [plugin("rec", "Recorder", path=str(record))], epochs=2, target=PACED,
                      batch_size=16, step_sleep_s=0.01)
@@ -220,6 +220,12 @@ def test_stopped_durable_plugin_is_declared_hung_killed_restarted_and_loses_noth
     kernels.append(kernel)
     pid = kernel.wait_ready("rec")
     kernel.wait_step(20)
+    return kernel, record, pid
+
+
+def test_stopped_durable_plugin_is_declared_hung_killed_restarted_and_loses_nothing(tmp_path, kernels):
+    """SIGSTOP at step 20 of a ~3 s run: the hang, the kill and the restart may fall in training or in the drain."""
+    kernel, record, pid = recorded_run_at_step_20(tmp_path, kernels)
     stopped_at = time.time()
     os.kill(pid, signal.SIGSTOP)  # and never SIGCONT from here: the supervisor must deal with it
     result = kernel.result()
@@ -247,13 +253,7 @@ def test_a_kernel_stopped_past_the_liveness_window_keeps_its_plugins(tmp_path, k
     """SIGSTOP the kernel for twice the plugins' liveness window, then SIGCONT: each local plugin sees its kernel is
     still its parent, says it waits and that the kernel is back, and goes on; none left (exit 0, "kernel gone") and
     none lost the run's remaining events. Before, both left at the window and the run completed without them."""
-    record = tmp_path / "rec.txt"
-    cfg = run_config(tmp_path / "runs", [plugin("rec", "Recorder", path=str(record))], epochs=2, target=PACED,
-                     batch_size=16, step_sleep_s=0.01)
-    kernel = KernelProcess(cfg, tmp_path)
-    kernels.append(kernel)
-    pid = kernel.wait_ready("rec")
-    kernel.wait_step(20)
+    kernel, record, pid = recorded_run_at_step_20(tmp_path, kernels)
     kernel.signal(signal.SIGSTOP)
     try:
         time.sleep(2 * LIVENESS_S)
