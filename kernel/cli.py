@@ -144,9 +144,11 @@ def run(
             raise UserError(f"--set {item!r} must look like KEY=VALUE")
         apply_set(cfg, key, typed_word(raw))
     _check_epochs_given_once(epochs, [*flag_words, *hparam], cfg.hyperparameters)
-    if epochs is None and _epochs_named([*flag_words, *hparam]) and type(cfg.hyperparameters.get("epochs")) is int:
-        # the command line's epochs=N beats the file's [run] epochs (or a resumed run's), as every flag beats it
-        cfg.epochs = cfg.hyperparameters["epochs"]
+    named_epochs = cfg.hyperparameters.get("epochs")
+    if epochs is None and _epochs_named([*flag_words, *hparam]) and type(named_epochs) is int and named_epochs >= 1:
+        # the command line's epochs=N beats the file's [run] epochs (or a resumed run's), as every flag beats it;
+        # a wrong N is left to the checks of the function it is a flag of, which say what it takes
+        cfg.epochs = named_epochs
     from .config import check_run
 
     check_run(cfg, "command line")
