@@ -324,15 +324,10 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
                          and (target is None or target in (run.get("target") or ""))])
 
 
-def ids_without_directory(runs_dir: Path, prefix: str) -> list[str]:
-    """The ids starting with `prefix` of the runs the registry alone holds (queued, or failed before their kernel
-    made a directory): a run-id prefix is unique only among these and the directories together. [] without a
-    usable registry (the directories are all there is then)."""
-    return [run_id for run_id, _, _ in runs_without_directory(runs_dir, prefix)]
-
-
 def runs_without_directory(runs_dir: Path, prefix: str) -> list[tuple[str, str, str | None]]:
-    """(id, status, detail) of each run ids_without_directory names, by id."""
+    """(id, status, detail), by id, of the runs starting with `prefix` that the registry alone holds (queued, or
+    failed before their kernel made a directory): a run-id prefix is unique only among these and the directories
+    together. [] without a usable registry (the directories are all there is then)."""
     if not (Path(runs_dir) / REGISTRY_NAME).is_file():
         return []
     try:

@@ -132,32 +132,25 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
     if not runs_dir.is_dir():
         raise RunLookupError(f"no run {run!r}: {_no_runs_dir(runs_dir)}")
     if run and not path_like:
-        from .registry import ids_without_directory  # the registry reads runs (this module)
+        from .registry import runs_without_directory  # the registry reads runs (this module)
 
         matches = [p for p in find_runs(runs_dir) if p.name.startswith(run)]
         # a queued run, or one that failed before it had a directory, shares the prefix too: `runs delete` of the
         # prefix must not pick the one with a directory
+        pending = runs_without_directory(runs_dir, run)
         names = [p.name for p in matches]
-        names += [i for i in ids_without_directory(runs_dir, run) if i not in names] if matches else []
-        if len(names) == 1:
-            return matches[0].resolve()
-        if names:
+        names += [i for i, _, _ in pending if i not in names]
+        if len(names) > 1:
             raise AmbiguousRunError(f"run {run!r} is ambiguous in {runs_dir.resolve()}: "
                                     f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (give more of the id)")
-    if run and not path_like:
-        from .registry import runs_without_directory
-
-        pending = runs_without_directory(runs_dir, run)
-        if len(pending) == 1:  # queued, or failed before its kernel made a directory: there, but with nothing to read
+        if matches:
+            return matches[0].resolve()
+        if pending:  # queued, or failed before its kernel made a directory: there, but with nothing to read
             run_id, status, detail = pending[0]
             raise RunLookupError(f"run {run_id} is {status} and has no run directory yet"
                                  + (f" ({detail})" if detail else "")
                                  + ("; it has one once the daemon starts it (`trainbus daemon status` shows the "
                                     "queue)" if status == "queued" else ""))
-        if pending:
-            raise AmbiguousRunError(f"run {run!r} is ambiguous in {runs_dir.resolve()}: "
-                                    f"{', '.join(i for i, _, _ in pending[:5])}{', ...' if len(pending) > 5 else ''} "
-                                    f"(give more of the id)")
     if path_like and Path(run).resolve() == (runs_dir / run).resolve():  # an absolute path: one place looked at
         looked = f"{Path(run).resolve()} is not a run directory (no {CONFIG}, no journal)"
     elif path_like:

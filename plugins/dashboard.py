@@ -237,8 +237,8 @@ def one_command(attachment: Attachment, kind: str, reason: str) -> int:
             pid = kernel_stopped(attachment.target.run_dir)
             if pid is not None:  # said, not waited on in silence; the command goes in once the kernel runs again
                 told_stopped = True
-                print(f"trainbus attach: the run's kernel (pid {pid}) is stopped (SIGSTOP, a frozen cgroup or a "
-                      f"debugger) and answers nothing; {kind} goes in once it runs again (`kill -CONT {pid}`)",
+                print(f"trainbus attach: the run's kernel (pid {pid}) is stopped (SIGSTOP or a debugger) and "
+                      f"answers nothing; {kind} goes in once it runs again (`kill -CONT {pid}`)",
                       file=sys.stderr)
         if attachment.refusals:
             print(f"error: the kernel refused: {attachment.refusals[0]}", file=sys.stderr)

@@ -535,15 +535,17 @@ def kernel_died(run_dir: Path | None) -> str | None:
 
 
 def kernel_stopped(run_dir: Path | None) -> int | None:
-    """The pid of the run's kernel when it is stopped (SIGSTOP, a frozen cgroup, a debugger): it answers nothing
-    until it runs again. None when it is not, or that cannot be known (not Linux, another machine)."""
+    """The pid of the run's kernel when it is stopped (SIGSTOP, a debugger): it answers nothing until it runs again.
+    None when it is not, or that cannot be known (not Linux, another machine, a frozen cgroup: that shows no state)."""
     pid = _local_kernel_pid(run_dir)
+    if pid is None:
+        return None
     try:
         with open(f"/proc/{pid}/stat") as f:  # "pid (comm) S ...": comm may hold spaces and parentheses
             state = f.read().rpartition(")")[2].split()[0]
     except (OSError, IndexError):
         return None
-    return pid if pid is not None and state in ("T", "t") else None
+    return pid if state in ("T", "t") else None
 
 
 def connection_run_dir(connect: str) -> Path | None:

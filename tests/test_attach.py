@@ -380,8 +380,8 @@ def test_runs_stop_of_a_stopped_kernel_says_so_and_goes_in_once_it_runs_again(ru
         # said within its first poll; a busy box makes the client's start (Python, pyzmq) the long part
         ready, _, _ = select.select([proc.stderr], [], [], 90)
         said = proc.stderr.readline() if ready else "(nothing said in 90 s)"
-        assert said.startswith(f"trainbus attach: the run's kernel (pid {kernel.pid}) is stopped (SIGSTOP, a frozen "
-                               f"cgroup or a debugger) and answers nothing; stop goes in once it runs again "
+        assert said.startswith(f"trainbus attach: the run's kernel (pid {kernel.pid}) is stopped (SIGSTOP or a debugger) "
+                               f"and answers nothing; stop goes in once it runs again "
                                f"(`kill -CONT {kernel.pid}`)"), said
         assert proc.poll() is None, "it must wait for the kernel, not give up on it"
     finally:
