@@ -208,6 +208,8 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
     if not as_json:
         for job in ended:  # a remote key's only view of how its submissions went
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["ended_ts"])) if job.get("ended_ts") else "?"
+            if str(job.get("detail")).startswith(daemon.RESUME_FAILED):  # the run's own status is from before
+                job = {**job, "status": "failed", "error": job["detail"]}
             out.print(f"  ended {escape(str(job.get('run')))} {when}: {escape(str(job.get('status')))}"
                       + (f" ({escape(str(job['error']))})" if job.get("error") else ""))
     raise typer.Exit(code=0 if answer is not None else 3)

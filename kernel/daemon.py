@@ -57,6 +57,7 @@ LOG_FILE = "daemon.log"
 REMOTE_FILE = "remote.json"  # the TCP endpoint and the server's public key, for `--remote` clients
 ENDPOINT_FILE = "endpoint"  # the control socket's ipc endpoint (in DAEMON_DIR unless that path is too long)
 OUTPUT_DIR = "output"  # one file per job: its process's stdout and stderr
+RESUME_FAILED = "its resume ended before training"  # how a job's detail says so (`daemon status` shows it)
 STATUS_ENDED = 10  # `status` lists this many of the runs it ended last (a remote key has no `runs list`)
 TICK_S = 1.0  # the queue is looked at this often without a wake-up (submit wakes the daemon at once)
 CONTROL_MAX_BYTES = 64 * 1024
@@ -313,8 +314,13 @@ class Daemon:
         if (run_dir / CONFIG).is_file():
             record_run(run_dir)  # a kernel killed by SIGKILL wrote nothing: its directory says died
             status = run_overview(run_dir, now)["status"]
-            detail = f"run {status}" + (f", exit code {code}" if code >= 0 else "")
-            if status == "died":
+            if code > 0 and not _kernel_since(run_dir, watched.pid_started):
+                # a resume refused before its kernel took the run over: the directory still says how it last ended
+                detail = (f"{RESUME_FAILED} (exit code {code}): {self._output_tail(watched.job_id)}; "
+                          f"the run is still {status}")
+            else:
+                detail = f"run {status}" + (f", exit code {code}" if code >= 0 else "")
+            if status == "died" and not detail.startswith(RESUME_FAILED):
                 log.warning("%s: the kernel died (no summary); %s", watched.job_id,
                             f"`trainbus runs resume {watched.job_id} --runs-dir {self.runs_dir}` continues it from its "
                             f"newest checkpoint"

@@ -138,6 +138,29 @@ def test_a_resume_the_daemon_died_starting_is_queued_again_not_taken_for_a_died_
     wait_until(lambda: daemon.tick(time.time()) or not daemon.watched, 30, "c's `true` to exit")
 
 
+def test_a_resume_that_fails_at_once_says_why_in_the_queue_not_just_the_runs_old_status(tmp_path):
+    """The resume's kernel refused to go on and exited 2 before writing anything: the directory still says how the
+    run last ended (died), so the queue's word for the job said only "run died, exit code 2"."""
+    runs = tmp_path / "runs"
+    (runs / "d").mkdir(parents=True)
+    (runs / "d" / "config.json").write_text(json.dumps({"target": "nowhere.py:build"}) + "\n")
+    (runs / "d" / "kernel.pid").write_text("999999\n")
+    os.utime(runs / "d" / "kernel.pid", (1.0, 1.0))  # the session that died, long before the resume
+    with Registry(runs) as registry:
+        registry.submit({"id": "d", "state": "queued", "submitted_ts": 1.0, "cwd": str(tmp_path), "gpus": None,
+                         "argv": ["--resume", "d", "--runs-dir", str(runs), "--plugins", ""]},
+                        {"id": "d", "dir": str((runs / "d").resolve()), "status": "died"}, 1.0)
+    daemon = Daemon(runs, [], max_concurrent=1)
+    daemon.tick(time.time())
+    wait_until(lambda: daemon.tick(time.time()) or not daemon.watched, WAIT_S, "the resume to exit")
+    with Registry(runs) as registry:
+        [ended] = registry.ended_jobs(10)
+    assert ended["detail"].startswith("its resume ended before training (exit code 2): error: "), ended
+    assert "nowhere.py" in ended["detail"] and ended["detail"].endswith("; the run is still died"), ended
+    shown = cli("daemon", "status", "--runs-dir", str(runs), check=False).stdout
+    assert ": failed (its resume ended before training (exit code 2): error: " in " ".join(shown.split()), shown
+
+
 def test_a_started_job_whose_process_died_with_no_daemon_up_holds_its_run_no_more(tmp_path):
     """The daemon stopped (or killed), then its run's kernel died: nobody settled the job, which said running.
     Resuming the run was refused ("already running in the daemon's queue") and deleting it said "stop it first",
