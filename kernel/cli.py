@@ -30,8 +30,8 @@ from .cli_keys import keys_app
 from .cli_plugins import plugins_app
 from .cli_runs import runs_app
 from .cluster import restarts_left
-from .config import (ConfigError, apply_set, check_runs_dir, config_of_run, launch_of_run, load_config,
-                     plugin_name_clashes, registered_plugins, resolve_plugin)
+from .config import (ConfigError, apply_set, check_metric_settings, check_runs_dir, config_of_run, launch_of_run,
+                     load_config, plugin_name_clashes, registered_plugins, resolve_plugin)
 from .registry import RegistryError
 from .spec import DEFAULT_TARGET, SpecError, UserCodeError
 
@@ -155,13 +155,14 @@ def run(
     check_runs_dir(cfg.runs_dir)
     _warn_name_clashes(cfg.plugins)
     metric_settings = _check_plugin_settings(cfg.plugins)
-    if cfg.target == DEFAULT_TARGET:  # the demo's hyperparameters, told before torch is imported (seconds)
-        from .digits_hyperparameters import checked
+    if cfg.target == DEFAULT_TARGET:  # the demo's hyperparameters and metrics, told before torch is imported
+        from .digits_hyperparameters import METRICS, checked
 
         try:
             checked(cfg.hyperparameters)
         except SpecError as exc:
             raise UserError(str(exc)) from None
+        check_metric_settings(METRICS, metric_settings)  # a queued run too: not only once the daemon starts it
     if gpus is not None and not detach:
         raise UserError("--gpus places a queued run: add --detach (a run started here uses the GPUs "
                         "CUDA_VISIBLE_DEVICES shows it)")

@@ -16,7 +16,8 @@ from trainbus.proto import DURABLE
 from trainbus.proto.settings_format import typed_word
 
 from .cli_common import UserError, _check_plugin_settings, _describe, _run_and_status, _wide
-from .config import plugin_name_clashes, registered_plugins, resolve_plugin
+from .config import check_metric_settings, plugin_name_clashes, registered_plugins, resolve_plugin
+from .runs import CONFIG, read_json
 
 plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                           help="Plugins: what is installed; attach one to a live run, or detach it.")
@@ -77,7 +78,10 @@ def plugins_attach(
             raise UserError(f"{word!r} must look like SETTING=VALUE")
         plugin.settings[key] = typed_word(raw)
     deliveries: dict[str, str] = {}
-    _check_plugin_settings([plugin], deliveries)  # a metric a setting names: the plugin checks it at its end_epoch
+    metric_settings = _check_plugin_settings([plugin], deliveries)
+    produced = (read_json(run_dir / CONFIG) or {}).get("metrics")  # none from a run of before trainbus recorded them
+    if isinstance(produced, list):
+        check_metric_settings(produced, metric_settings)
     if from_start and deliveries[name] != DURABLE:
         raise UserError(f"--from-start replays the journal to a durable plugin; {name} is {deliveries[name]}: it "
                         f"sees the live events only (drop --from-start)")

@@ -33,6 +33,14 @@ class ConfigError(Exception):
     """A configuration mistake; the message names the key and the fix."""
 
 
+def check_metric_settings(produced: list[str], metric_settings: dict[str, str]) -> None:
+    """ConfigError for a plugin setting ("plugin: setting = value" -> metric, _check_plugin_settings's) naming a
+    metric not among `produced`, the metrics every epoch of the run reports."""
+    for where, metric in metric_settings.items():
+        if metric not in produced:
+            raise ConfigError(f"plugin {where} is not a metric this run produces; use one of: {', '.join(produced)}")
+
+
 @dataclass
 class PluginConfig:
     name: str
@@ -94,6 +102,7 @@ def config_of_run(run_dir: Path) -> RunConfig:
     try:
         raw = json.loads(path.read_text())
         raw.pop("launch", None)  # how `run --nproc` launched it: launch_of_run's
+        raw.pop("metrics", None)  # what the built spec reported: built again, it says again
         started_in = raw.pop("cwd", None)
         file_part, colon, function = str(raw.get("target", "")).rpartition(":")
         if colon and is_file_target(file_part) and started_in and not Path(file_part).is_absolute():

@@ -9,6 +9,8 @@ from .spec import SpecError
 
 DEFAULTS = {"lr": 1e-3, "batch_size": 32, "hidden": 128, "validation_fraction": 0.2, "model": "mlp"}
 EPOCHS = 10  # unless `epochs` is given (a flag like the others; recorded only when given, as --epochs is)
+# what its every epoch reports (build's TrainingSpec.metric_names(): a validation split always, and accuracy)
+METRICS = ["training_loss", "training_accuracy", "validation_loss", "validation_accuracy"]
 # What each hyperparameter must be: a test of the value, said in words, and a value that would do.
 _RULES = {
     "lr": (lambda v: _number(v) and 0 < v < math.inf, "a positive number", "0.001"),

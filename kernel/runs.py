@@ -164,7 +164,8 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
 
 # -- what a run is -------------------------------------------------------------------------------
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file's contents; None when it is missing, unreadable or not an object."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -219,7 +220,7 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     run_dir = Path(run_dir).resolve()
     journal = run_dir / JOURNAL_NAME
-    config = _read_json(run_dir / CONFIG) or {}
+    config = read_json(run_dir / CONFIG) or {}
     head = journal_head(journal)
     starts = [e for e in head if e.type == ev.START_TRAINING_SESSION]
     if head:
@@ -242,11 +243,11 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         "flags": config.get("flags") or {}, "hyperparameters": config.get("hyperparameters") or {},
         "ended_ts": None, "last_seq": None, "best": None,
     }
-    summary = _read_json(run_dir / SUMMARY)
+    summary = read_json(run_dir / SUMMARY)
     if summary is None or summary.get("status") not in STATUSES:
         pid, alive = kernel_process(run_dir)
         tail = journal_tail(journal)
-        summary = _read_json(run_dir / SUMMARY)  # the kernel may have ended meanwhile
+        summary = read_json(run_dir / SUMMARY)  # the kernel may have ended meanwhile
         if summary is None or summary.get("status") not in STATUSES:
             _from_journal_tail(info, journal, tail, pid, alive, started, now, _unreadable(run_dir / SUMMARY))
             return info
@@ -372,8 +373,8 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     run_dir = Path(run_dir).resolve()
     info = run_overview(run_dir, now)
-    summary = _read_json(run_dir / SUMMARY) or {}
-    config = _read_json(run_dir / CONFIG) or {}
+    summary = read_json(run_dir / SUMMARY) or {}
+    config = read_json(run_dir / CONFIG) or {}
     epochs: dict[int, dict[str, Any]] = {}
     epoch_started: dict[int, float] = {}
     sessions: list[dict[str, Any]] = []

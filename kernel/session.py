@@ -27,7 +27,7 @@ from .bus import CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
 from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_checkpoints, load_checkpoint,
                             persister_directory)
 from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, check_metric_settings
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
 from .distributed import Ranks, distribute
@@ -136,7 +136,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     spec, flags = build_with_flags(cfg.target, dict(cfg.hyperparameters), cfg.epochs)
     if cfg.epochs is not None:
         spec.epochs = cfg.epochs
-    check_metric_settings(spec, metric_settings or {})
+    check_metric_settings(spec.metric_names(), metric_settings or {})
     if cfg.snapshot_dir and not (os.path.isdir(cfg.snapshot_dir) and os.access(cfg.snapshot_dir, os.W_OK)):
         raise ConfigError(f"snapshot_dir {cfg.snapshot_dir}: not a writable directory; create it, or leave "
                           f"snapshot_dir empty for /dev/shm")
@@ -401,14 +401,6 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
                      cluster=ranks.cluster.describe())
 
 
-def check_metric_settings(spec: TrainingSpec, metric_settings: dict[str, str]) -> None:
-    """ConfigError for a plugin setting naming a metric that no epoch of this spec will report."""
-    produced = spec.metric_names()
-    for where, metric in metric_settings.items():
-        if metric not in produced:
-            raise ConfigError(f"plugin {where} is not a metric this run produces; use one of: {', '.join(produced)}")
-
-
 def _listen(listen: str, keys: KeyStore) -> Listener:
     """The run's TCP endpoints, bound (`--listen HOST:PORT`); ConfigError naming what stops them."""
     try:
@@ -509,6 +501,7 @@ def effective_config(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any]) 
     config["hyperparameters"] = {**cfg.hyperparameters, **spec.hyperparameters}
     config["flags"] = flags
     config["epochs"] = spec.epochs
+    config["metrics"] = spec.metric_names()  # what a plugin attached later may name (`plugins attach` checks)
     if os.environ.get(LAUNCH):  # launched by `trainbus run --nproc`: how, for a resume to launch it alike
         config["launch"] = json.loads(os.environ[LAUNCH])
     config["cwd"] = os.getcwd()  # what a relative target file is relative to, for a resume from elsewhere

@@ -283,6 +283,26 @@ def test_a_bad_setting_is_one_line_exit_2_and_no_run_directory(case, tmp_path):
     assert not runs.exists(), "nothing was started"
 
 
+@pytest.mark.parametrize("detach", [False, True], ids=["here", "detached"])
+def test_a_demo_run_naming_a_metric_it_never_produces_is_refused_before_torch_and_queues_nothing(tmp_path, detach):
+    """The demo's metrics are known before it is built: a run queued for the daemon is refused now, not failed once
+    the daemon starts it (a user's function is called only by its run; its queued run says why it failed)."""
+    runs = tmp_path / "runs"
+    r = trainbus("run", "--plugins", "checkpoint", "--set", "checkpoint.monitor=val_acc", "--runs-dir", str(runs),
+                 *["--detach"] * detach, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr == (
+        "error: plugin checkpoint: monitor = 'val_acc' is not a metric this run produces; use one of: training_loss, "
+        "training_accuracy, validation_loss, validation_accuracy\n"), r.stderr
+    assert not runs.exists() or not any(runs.iterdir()), "a run was started or queued"
+
+
+def test_the_demos_metrics_known_before_it_is_built_are_the_ones_it_reports():
+    from trainbus.kernel.digits import build
+    from trainbus.kernel.digits_hyperparameters import METRICS
+
+    assert build({}).metric_names() == METRICS
+
+
 def test_a_bad_setting_in_the_config_file_is_refused_the_same_way(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text("[plugins.visualization.settings]\nplot_dpi = 0\n")

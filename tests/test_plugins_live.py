@@ -155,6 +155,9 @@ def test_only_the_runs_owner_may_attach_and_each_mistake_is_one_line(short_runs,
                                                                    "plugin; memory is best_effort"),
             (("attach", kernel.run_id, "metrics_log", "every_n_steps=-1"), "plugin metrics_log: every_n_steps = -1 "
                                                                            "is not allowed"),
+            (("attach", kernel.run_id, "early_stopping", "monitor=val_loss"),  # config.json's metrics, the run's
+             "plugin early_stopping: monitor = 'val_loss' is not a metric this run produces; use one of: "
+             "training_loss, training_accuracy, validation_loss"),
             (("detach", kernel.run_id, "metrics_log"), f"metrics_log is not attached to run {kernel.run_id}")]:
         said = plugins_cli(kernel, *words)
         assert said.returncode == 2 and said.stdout == "", (words, said.stdout, said.stderr)
