@@ -452,6 +452,8 @@ def close_bus(bus: Bus, run_dir: Path, sockets: Path, plugin_exit_timeout_s: flo
     sockets' directory of its own; the journal's last error, if any."""
     bus.flush_now()
     bus.supervisor.shutdown(plugin_exit_timeout_s, abort)
+    bus.emit(ev.BUS_CLOSING, {})  # after the plugins' last words (a final checkpoint_saved): a client that got
+    # this event has had every event of the run (`attach --json` ends on it); the bus's last flush sends it
     error = bus.close()
     if sockets != run_dir:
         shutil.rmtree(sockets, ignore_errors=True)

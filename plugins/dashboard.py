@@ -191,8 +191,7 @@ def dashboard(attachment: Attachment, steer: bool) -> int:
                 pending = KEYS[key]
             if attachment.refusals:
                 said = f"[red]refused: {escape(attachment.refusals.pop())}[/red]"
-            ended = item is not None and (item[0] == "event" and item[1].type in FINAL
-                                          or item[0] == "snapshot" and item[1].ended is not None)
+            ended = state.ended is not None  # said at the final event; its plugins' last words come after it
             now = time.monotonic()
             if ended or now - drawn >= REFRESH_S:
                 again = f" (reconnected {attachment.reconnects}x)" if attachment.reconnects else ""

@@ -62,6 +62,7 @@ RUN_FAILED = "run_failed"
 CHECKPOINT_SAVED = "checkpoint_saved"  # a persister made a snapshot durable (path, sha256, size)
 CHECKPOINT_FAILED = "checkpoint_failed"  # a persister could not (reason); earlier files stand
 CHECKPOINT_SKIPPED = "checkpoint_skipped"  # no snapshot taken: both buffers busy, or no persister
+BUS_CLOSING = "bus_closing"  # the kernel's last event: its plugins drained and exited; nothing follows
 
 KERNEL_EVENTS: tuple[str, ...] = (
     HEARTBEAT,
@@ -81,6 +82,7 @@ KERNEL_EVENTS: tuple[str, ...] = (
     CHECKPOINT_SAVED,
     CHECKPOINT_FAILED,
     CHECKPOINT_SKIPPED,
+    BUS_CLOSING,
 )
 
 ALL_EVENTS: frozenset[str] = frozenset(LIFECYCLE_EVENTS + KERNEL_EVENTS)

@@ -40,7 +40,6 @@ SNAPSHOT_RETRY_S = 5.0  # no run_state this long after asking (the answer was lo
 PLUGINS_REFRESH_S = 5.0  # a fresh snapshot this often, for what only the kernel knows (durable plugins' acks)
 BUFFER_MAX_EVENTS = 50_000  # live events held while the snapshot is on its way; past it they are replayed
 POLL_S = 0.1
-FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
 SOCKETS_LINE = re.compile(r"sockets: events (\S+) control (\S+)")  # kernel.log (kernel/session.py open_bus)
 
 
@@ -131,8 +130,10 @@ class Attachment:
     """One attached client: iterate for ("snapshot", RunState as of its seq) once, then ("event", Event), gap-free,
     in seq order (`state` is the live one, every event folded in).
 
-    Iteration yields None every POLL_S when nothing arrived (a dashboard redraws then), and ends after
-    the run's final event. It raises AttachError when the kernel refuses us or cannot be reached again.
+    Iteration yields None every POLL_S when nothing arrived (a dashboard redraws then), and ends with the
+    kernel's bus_closing, its last event: after the run's final event come its plugins' last words (the final
+    checkpoint_saved, plugin_exited). A kernel that goes after the final event without it (an older one, or one
+    cut short) ends it too. It raises AttachError when the kernel refuses us or cannot be reached again.
     """
 
     def __init__(self, target: Target, steer: bool = False, name: str | None = None):
@@ -162,12 +163,14 @@ class Attachment:
                 while self._ready:
                     item = self._ready.popleft()
                     yield item
-                    if item[0] == "event" and item[1].type in FINAL_EVENTS:
+                    if item[0] == "event" and item[1].type == ev.BUS_CLOSING:
                         return
                     if item[0] == "snapshot" and item[1].ended is not None:
                         # attached after the final event (the kernel is still draining its plugins): the
-                        # snapshot holds the end, and no event after it will come
+                        # snapshot holds the end, and its `checkpoint` the latest one saved
                         return
+                if self._io is None:  # the kernel went after the final event
+                    return
                 if not self._step():
                     yield None
         finally:
@@ -221,6 +224,9 @@ class Attachment:
                                                                   else PLUGINS_REFRESH_S):
             self._ask_snapshot()
         if io.gone or not io.is_alive():
+            if self.state is not None and self.state.ended is not None:
+                self.close()  # after the final event: the run is over, nothing to reconnect for
+                return True
             self._reconnect(io.gone or "connection closed")
         return bool(items)
 

@@ -13,8 +13,9 @@ from trainbus.proto import BEST_EFFORT, DELIVERY_CLASSES, Event, control, events
 
 from .settings import Setting, SettingsError, check_value, declared
 
-# Every event a plugin can handle, as `on_<name>`.
-HANDLED_EVENTS: tuple[str, ...] = ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS
+# Every event a plugin can handle, as `on_<name>`: not bus_closing, which comes after the kernel waited for its
+# plugins to exit (they leave at the final event); attach clients end on it.
+HANDLED_EVENTS: tuple[str, ...] = tuple(t for t in ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS if t != ev.BUS_CLOSING)
 
 
 @dataclass(frozen=True)

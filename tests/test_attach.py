@@ -169,9 +169,12 @@ def test_json_lines_mid_run_have_no_gap_after_the_snapshot_and_equal_the_journal
     assert seq > 1 and snapshot["state"]["progress"]["step"] >= 10, "attached mid-run"
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(seq + 1, seq + 1 + len(seqs))), "strictly increasing, no gap after the snapshot"
-    assert events[-1]["type"] == ev.END_TRAINING_SESSION
+    assert events[-1]["type"] == ev.BUS_CLOSING, "on to the kernel's last event, past the final one"
     journal = {e.seq: e for e in read_journal(kernel.run_dir)}
     assert events == [as_json(journal[s]) for s in seqs], "the events are the journal's"
+    assert seqs[-1] == max(journal), "every event of the journal after the snapshot's seq"
+    ended = [e["type"] for e in events].index(ev.END_TRAINING_SESSION)
+    assert ev.PLUGIN_EXITED in [e["type"] for e in events[ended:]], "the plugins' exits, after the final event"
 
     # Clone: the snapshot plus the events after it is the state the journal folds to
     cloned = RunState.from_map(seq, snapshot["state"])
@@ -227,9 +230,9 @@ def test_json_lines_go_on_without_a_gap_after_the_kernel_stalled_and_came_back(r
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     seqs = [e["seq"] for e in lines[1:]]
     assert seqs == list(range(lines[0]["seq"] + 1, lines[0]["seq"] + 1 + len(seqs)))
-    assert lines[-1]["type"] == ev.END_TRAINING_SESSION
+    assert lines[-1]["type"] == ev.BUS_CLOSING
     journal = {e.seq: e for e in read_journal(kernel.run_dir)}
-    assert lines[1:] == [as_json(journal[s]) for s in seqs]
+    assert lines[1:] == [as_json(journal[s]) for s in seqs] and seqs[-1] == max(journal)
 
 
 # -- (3) an ended run is told at once; a stop from the terminal is journaled with who sent it -------------
@@ -425,7 +428,7 @@ def test_attach_over_tcp_with_curve_keys_watches_and_only_a_control_key_stops(ru
                 watcher.kill()
     assert kernel.result(timeout_s=120)["status"] == "stopped"
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert lines[0]["type"] == "snapshot" and lines[-1]["type"] == ev.END_TRAINING_SESSION
+    assert lines[0]["type"] == "snapshot" and lines[-1]["type"] == ev.BUS_CLOSING
     seqs = [e["seq"] for e in lines[1:]]
     assert seqs == list(range(lines[0]["seq"] + 1, lines[0]["seq"] + 1 + len(seqs)))
     reasons = [r for e in read_journal(kernel.run_dir) if e.type == ev.STOP_REQUESTED for r in e.data["reasons"]]

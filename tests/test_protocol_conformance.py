@@ -191,9 +191,10 @@ def test_the_wire_of_a_real_run_is_as_specified(short_runs, tmp_path, kernels): 
     assert not of(events, "save_checkpoint"), "[C26] published only while a checkpoint plugin is attached"
     assert [e.data["name"] for e in of(events, "metric")] == ["conf/reading"]
     assert not [e for e in of(events, "log") if "not a level" in e.data["text"]]
-    # [C31] after the final event: only heartbeats, supervisor events and late replies
+    # [C31] after the final event: only heartbeats, supervisor events and late replies; [C104] bus_closing last
     after = [e.type for e in events if e.seq > final["seq"]]
-    assert all(t == "heartbeat" or t.startswith("plugin_") or t in ("metric", "log") for t in after), after
+    assert after[-1:] == ["bus_closing"] and after.count("bus_closing") == 1, after
+    assert all(t == "heartbeat" or t.startswith("plugin_") or t in ("metric", "log") for t in after[:-1]), after
     # [C42] the attached peer's bye is its exit
     exited = [e for e in of(events, "plugin_exited") if e.data["plugin"] == NAME]
     assert len(exited) == 1 and exited[0].data["exit_code"] == 0
