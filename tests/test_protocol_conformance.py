@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import msgpack
-import zmq
 
 from fixture_targets import open_gate
 from kernel_process import KernelProcess, of, wait_until
