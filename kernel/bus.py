@@ -330,6 +330,7 @@ class Bus:
                 self._last_seq_of[type_] = seq
                 if type_ in FINAL_EVENTS:
                     self._final_seq = seq
+                    self.supervisor.training_over = True
                 self.position = (step, epoch)
                 self.run_state.fold(event)
                 if type_ == ev.SAVE_CHECKPOINT:

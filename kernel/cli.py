@@ -498,6 +498,9 @@ def _print_summary(result) -> None:
             crashes = len(p["crashes"])
             out.print(f"  plugin {name}: {p['state']}, {crashes} crash{'es' * (crashes != 1)}, {p['restarts']} "
                       f"restarts ({escape('; '.join(p['crashes'][-3:]))})")
+        if p.get("left_early"):
+            out.print(f"  plugin {name}: left before the run ended (exit code 0 or bye), so it saw nothing after (what "
+                      f"it printed: {Path(result.run_dir) / 'plugins' / f'{name}.log'})")
         if p.get("greeted") is False:
             out.print(f"  plugin {name}: never said hello, so it took no event (what it printed: "
                       f"{Path(result.run_dir) / 'plugins' / f'{name}.log'}; a command plugin speaks proto/PROTOCOL.md)")

@@ -195,6 +195,8 @@ def _plugin_trouble(plugins: dict[str, Any], undrained: dict[str, Any]) -> list[
             trouble.append(f"{name} {p['restarts']} restart{'s' if p['restarts'] != 1 else ''}")
         elif p.get("crashes"):  # crashed late in the run, and it ended before the restart
             trouble.append(f"{name} crashed ({p['crashes'][-1]})")
+        if p.get("left_early"):  # exited 0 (or said bye) mid-run: on purpose, so not restarted, but the run lost it
+            trouble.append(f"{name} left before the run ended")
         if p.get("greeted") is False:  # it took no event: not a plugin (a command that speaks no PROTOCOL.md), or hung
             trouble.append(f"{name} never said hello")
         if p.get("errors_logged"):  # handlers that raised, or errors it logged itself: the plugin went on
@@ -292,8 +294,9 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
     if alive:
         status, detail = "running", f"kernel pid {pid} is alive"
     elif summary_problem:  # not a kernel that died before writing one: say what is wrong with what it wrote
-        # how far the run got: its last event that is not a heartbeat (the bus beats on while plugins drain)
-        reached = next((e for e in reversed(tail) if e.type != ev.HEARTBEAT), last)
+        # how far the run got: its last event that is not a heartbeat (the bus beats on while plugins drain) nor
+        # the bus's closing
+        reached = next((e for e in reversed(tail) if e.type not in (ev.HEARTBEAT, ev.BUS_CLOSING)), last)
         status, detail = "died", summary_problem + (f"; the journal ends with {reached.type} (seq {reached.seq})"
                                                     if reached is not None else "")
     elif pid is not None:
@@ -421,7 +424,7 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     for name, p in (summary.get("plugins") or {}).items():  # the supervisor's own account wins where there is one
         if isinstance(p, dict):
             plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes", "errors_logged",
-                                                                  "checkpoints_failed") if k in p})
+                                                                  "checkpoints_failed", "left_early") if k in p})
     undrained = summary.get("undrained") or {}
     # `trainbus attach` clients come and go as peers too: views of the run, listed apart from its plugins
     attached = sorted(name for name in plugins if name.startswith(CLIENT_PREFIX))

@@ -230,6 +230,8 @@ def print_show(console, run: dict[str, Any]) -> None:
             trouble = list(p.get("crashes") or [])[-3:]
             if p.get("reason"):
                 trouble.append(p["reason"])
+            if p.get("left_early"):
+                trouble.append("left before the run ended")
             if p.get("errors_logged"):
                 trouble.append(f"{p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged (kernel.log)")
             if p.get("checkpoints_failed"):

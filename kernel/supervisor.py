@@ -116,6 +116,7 @@ class Child:
     restart_times: deque = field(default_factory=deque)
     kill_at: float = 0.0
     leaving: bool = False  # said bye: an exit is on purpose
+    left_early: bool = False  # exited on purpose (0, bye) while training went on: not restarted, yet it saw no more
     overdue: str = ""  # still running when the run's plugins were out of time to exit: why it was stopped
     patience: Patience | None = None  # silent nearly the liveness window: sampled to tell starved from hung
     greeted: bool = False  # some process of it said hello: the kernel knows what it can do (its capabilities)
@@ -141,6 +142,7 @@ class Supervisor:
         self.emit = emit
         self.liveness_s = heartbeat_interval_s * HEARTBEAT_LIVENESS
         self.stopping = False
+        self.training_over = False  # the run's final event is numbered (the bus): a plugin leaving now is done
         # Before training starts (while the kernel waits for their hello) plugins start at the kernel's priority:
         # there is nothing to yield to yet, and a plugin importing torch at nice 10 beside a neighbour's busy job took
         # 33 s instead of 5, past ready_timeout_s. training_starts() lowers them; later ones start lowered.
@@ -230,8 +232,10 @@ class Supervisor:
         self.processes.signal(child.proc, signal.SIGCONT)  # a stopped process must run to see SIGTERM
 
     def leaving(self, name: str) -> None:
+        """Its bye (the bus thread, as the final event is numbered): its exit is on purpose, and early if before."""
         if name in self.children:
             self.children[name].leaving = True
+            self.children[name].left_early |= not self.training_over
 
     def tick(self, now: float) -> None:
         with self._lock:
@@ -341,7 +345,8 @@ class Supervisor:
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {
-            name: {"state": c.state, "restarts": c.restarts, "crashes": list(c.crashes), "greeted": c.greeted}
+            name: {"state": c.state, "restarts": c.restarts, "crashes": list(c.crashes), "greeted": c.greeted,
+                   **({"left_early": True} if c.left_early else {})}
             for name, c in self.children.items()
         }
 
@@ -437,6 +442,10 @@ class Supervisor:
             child.crashes.pop()  # the "hung (...)" _declare_hung wrote: the signal is the cause, said below
         if (code == 0 or child.leaving) and not hung:
             child.state = "exited"
+            child.left_early |= not self.training_over  # its bye, or its exit seen now, came before the run's end
+            if child.left_early:  # a plugin may leave on purpose; a run that lost one mid-way should say so
+                log.warning("plugin %s left before the run ended (exit code %d%s): it is not restarted, and sees "
+                            "nothing more of this run", name, code, ", after bye" if child.leaving else "")
             self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
             return
         cause = self._exit_cause(child, code) if not hung else _cause(code)

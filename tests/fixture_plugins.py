@@ -255,6 +255,16 @@ class LaggingLiveRecorder(LiveRecorder):
         plugin_io.INBOX_MAX_EVENTS = self.settings["inbox_max_events"]
 
 
+class LeavesAtStep(Plugin):
+    """Exits 0 at its setting `step`: on purpose, as far as the kernel can tell (not restarted)."""
+
+    settings = {"step": 1}
+
+    def on_end_training_batch(self, event):
+        if event.step >= self.settings["step"]:
+            sys.exit(0)
+
+
 class DurableExitAtStart(ExitAtStart):
     """ExitAtStart as a durable plugin: the kernel keeps supervising it through the final drain."""
 

@@ -325,6 +325,29 @@ def test_best_effort_plugin_exiting_at_start_is_failed_while_training_goes_on(tm
     assert of(events, "plugin_failed")[0].seq < of(events, "end_training_session")[0].seq
 
 
+def test_a_plugin_that_leaves_mid_run_on_purpose_is_not_restarted_but_shown_as_trouble(tmp_path):
+    """Exit code 0 before the run's end: not a crash, so not restarted (a plugin may leave on purpose), but the
+    run lost it; it said "exited" like every plugin at the end, and nothing in the summary, list or show told."""
+    cfg = run_config(tmp_path / "runs", [plugin("leaver", "LeavesAtStep", step=3), plugin("stayer", "Recorder",
+                                                                                        path=str(tmp_path / "rec"))],
+                     epochs=2, target=PACED, batch_size=256, step_sleep_s=0.25)  # 12 steps: 3 s after it left
+    result = run_training(cfg)
+    assert result.status == "completed", result.error
+    assert result.plugins["leaver"] == {"state": "exited", "restarts": 0, "crashes": [], "greeted": True,
+                                        "errors_logged": 0, "left_early": True}, result.plugins["leaver"]
+    assert "left_early" not in result.plugins["stayer"], "leaving at the final event is the end, not early"
+    events = read_events(result.run_dir)
+    assert [e.data["exit_code"] for e in of(events, "plugin_exited") if e.data["plugin"] == "leaver"] == [0]
+    assert not of(events, "plugin_restarted")
+    assert "plugin leaver left before the run ended (exit code 0)" in (Path(result.run_dir) / "kernel.log").read_text()
+    listed = subprocess.run([str(TRAINBUS), "runs", "list", "--runs-dir", str(tmp_path / "runs"), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert json.loads(listed.stdout)[0]["plugin_trouble"] == ["leaver left before the run ended"], listed.stdout
+    shown = subprocess.run([str(TRAINBUS), "runs", "show", result.run_id, "--runs-dir", str(tmp_path / "runs")],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert re.search(r"leaver\s+exited\s+0\s+left before the run ended", shown.stdout), shown.stdout
+
+
 def test_a_plugin_whose_constructor_raises_is_a_crash_named_by_its_exception_and_line(tmp_path):
     """Raised before the plugin has a socket, the exception reached only its own log, the traceback starting in the
     SDK's frames; the run said "crashed (exit code 1)". The kernel reads the end of the plugin's log."""
