@@ -30,8 +30,8 @@ from .cli_keys import keys_app
 from .cli_plugins import plugins_app
 from .cli_runs import runs_app
 from .cluster import restarts_left
-from .config import (ConfigError, apply_set, check_metric_settings, check_runs_dir, config_of_run, launch_of_run,
-                     load_config, plugin_name_clashes, registered_plugins, resolve_plugin)
+from .config import (ConfigError, apply_set, check_metric_settings, check_runs_dir, config_of_run, defaults_left_out,
+                     launch_of_run, load_config, plugin_name_clashes, registered_plugins, resolve_plugin)
 from .registry import RegistryError
 from .spec import DEFAULT_TARGET, SpecError, UserCodeError
 
@@ -163,6 +163,8 @@ def run(
         except SpecError as exc:
             raise UserError(str(exc)) from None
         check_metric_settings(METRICS, metric_settings)  # a queued run too: not only once the daemon starts it
+    if config is not None and plugins is None and continuing is None and (note := defaults_left_out(config)):
+        print(f"trainbus: note: {note}", file=sys.stderr)
     if gpus is not None and not detach:
         raise UserError("--gpus places a queued run: add --detach (a run started here uses the GPUs "
                         "CUDA_VISIBLE_DEVICES shows it)")

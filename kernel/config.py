@@ -171,6 +171,24 @@ def plugin_name_clashes() -> dict[str, str]:
     return clashes
 
 
+def defaults_left_out(path: Path) -> str | None:
+    """A note when a TOML config's [plugins] table names neither default plugin: it is the run's whole list, so
+    console and metrics_log are off, and a table added for one plugin (the checkpoint example) must not turn off
+    the run's output without a word. Naming a default (`enabled = false` too) says it was meant. None otherwise."""
+    if Path(path).suffix == ".json":  # bz's format lists its plugins whole
+        return None
+    try:
+        named = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("plugins")
+    except (OSError, ValueError):  # load_config said what is wrong with it
+        return None
+    if not isinstance(named, dict) or set(named) & set(DEFAULT_PLUGINS):
+        return None
+    tables = " and ".join(f"[plugins.{name}]" for name in DEFAULT_PLUGINS)
+    return (f"{path}'s [plugins] table is the run's whole plugin list, so the default plugins "
+            f"({', '.join(DEFAULT_PLUGINS)}) are off; add {tables} to keep them, or give one `enabled = false` "
+            f"to say you meant it")
+
+
 def load_config(path: Path | None) -> RunConfig:
     """Read a TOML config, or bz's JSON one (a .json file); no file means every default (and the default plugins)."""
     if path is None:

@@ -418,6 +418,29 @@ def test_set_reaches_a_plugins_settings_and_leaves_hyperparameters_alone(tmp_pat
     assert config["hyperparameters"] == {"optimizer.lr": 0.01, "lr": 0.1}
 
 
+@pytest.mark.parametrize("table, noted", [
+    ("[plugins.checkpoint.settings]\nsave_top_k = 1\n", True),  # README's checkpoint example, as it stands
+    ("[plugins.checkpoint]\n[plugins.console]\nenabled = false\n", False),  # naming a default says it was meant
+    ("[plugins.checkpoint]\n[plugins.metrics_log]\n", False),
+])
+def test_a_config_plugins_table_that_drops_the_default_plugins_says_so(tmp_path, table, noted):
+    """A [plugins] table is the run's whole list: one written for the checkpoint plugin alone used to run without
+    console and metrics_log, with not a word (no progress, no metrics.jsonl)."""
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(table)
+    runs = tmp_path / "runs"
+    r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--epochs", "1", "-c", str(config_file), "--runs-dir",
+                 str(runs), "--detach")  # queued: checked as a run is, nothing trained
+    assert r.returncode == 0, r.stderr
+    note = (f"trainbus: note: {config_file}'s [plugins] table is the run's whole plugin list, so the default plugins "
+            f"(console, metrics_log) are off; add [plugins.console] and [plugins.metrics_log] to keep them, or give "
+            f"one `enabled = false` to say you meant it\n")
+    assert (note in r.stderr) is noted, r.stderr
+    again = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "-c", str(config_file), "--runs-dir", str(runs),
+                     "--plugins", "checkpoint", "--detach")  # --plugins is the list: nothing to say
+    assert again.returncode == 0 and "note:" not in again.stderr, again.stderr
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MAX_ARG_STRLEN is Linux's")
 def test_settings_at_the_cap_fit_in_one_environment_string_and_one_argument():
     """SETTINGS_MAX_BYTES is below what Linux takes in one string (MAX_ARG_STRLEN, 128 KiB): settings at the cap
