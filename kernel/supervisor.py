@@ -442,7 +442,8 @@ class Supervisor:
             child.crashes.pop()  # the "hung (...)" _declare_hung wrote: the signal is the cause, said below
         if (code == 0 or child.leaving) and not hung:
             child.state = "exited"
-            child.left_early |= not self.training_over  # its bye, or its exit seen now, came before the run's end
+            # its bye, or its exit seen now, came before the run's end (one that never said hello is that trouble)
+            child.left_early |= not self.training_over and child.greeted
             if child.left_early:  # a plugin may leave on purpose; a run that lost one mid-way should say so
                 log.warning("plugin %s left before the run ended (exit code %d%s): it is not restarted, and sees "
                             "nothing more of this run", name, code, ", after bye" if child.leaving else "")
