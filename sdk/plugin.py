@@ -204,7 +204,7 @@ class Plugin:
                             f"of it fails; define it as def {name}(self, event){where}")
             except ValueError:  # no signature to read (a builtin): it is tried at the run's first event
                 pass
-        return said
+        return said + [_never_called(cls, name) for name in _unknown_handlers(cls)]
 
     @classmethod
     def description(cls) -> str:
@@ -252,6 +252,43 @@ def _defined_at(function: Any) -> str:
         return f" (at {os.path.basename(inspect.getsourcefile(function))}:{inspect.getsourcelines(function)[1]})"
     except (OSError, TypeError):
         return ""
+
+
+# Lightning's, Keras's and HF Trainer's callback names people carry over, and the event each one means here.
+_CALLBACK_NAMES = {
+    "on_train_start": ev.START_TRAINING_SESSION, "on_train_begin": ev.START_TRAINING_SESSION,
+    "on_fit_start": ev.START_TRAINING_SESSION, "on_train_end": ev.END_TRAINING_SESSION,
+    "on_fit_end": ev.END_TRAINING_SESSION, "on_epoch_begin": ev.START_EPOCH, "on_epoch_start": ev.START_EPOCH,
+    "on_train_epoch_start": ev.START_EPOCH, "on_epoch_end": ev.END_EPOCH, "on_train_epoch_end": ev.END_EPOCH,
+    "on_train_batch_start": ev.START_TRAINING_BATCH, "on_train_batch_begin": ev.START_TRAINING_BATCH,
+    "on_step_begin": ev.START_TRAINING_BATCH, "on_train_batch_end": ev.END_TRAINING_BATCH,
+    "on_batch_end": ev.END_TRAINING_BATCH, "on_step_end": ev.END_TRAINING_BATCH,
+    "on_validation_start": ev.START_VALIDATION_LOOP, "on_validation_epoch_start": ev.START_VALIDATION_LOOP,
+    "on_validation_end": ev.END_VALIDATION_LOOP, "on_validation_epoch_end": ev.END_VALIDATION_LOOP,
+    "on_evaluate": ev.END_VALIDATION_LOOP, "on_validation_batch_end": ev.END_VALIDATION_BATCH,
+    "on_exception": ev.RUN_FAILED, "on_save": ev.CHECKPOINT_SAVED,
+}
+
+
+def _unknown_handlers(cls: type) -> list[str]:
+    """Methods of the plugin's own classes named like a handler for no event this kernel publishes: a misspelt
+    one (on_end_epochs) or another framework's callback (on_train_epoch_end) is never called, without a word."""
+    known = {f"on_{name}" for name in HANDLED_EVENTS} | {name for name in vars(Plugin) if name.startswith("on_")}
+    names = {name for klass in cls.__mro__[:-1] if issubclass(klass, Plugin) and klass is not Plugin
+             for name, value in vars(klass).items() if callable(value) and name.startswith("on_")}
+    return sorted(names - known)
+
+
+def _never_called(cls: type, name: str) -> str:
+    import difflib
+
+    if name == f"on_{ev.BUS_CLOSING}":
+        return (f"{cls.__name__}.{name} is never called: bus_closing comes after the kernel waited for its plugins to "
+                f"exit (they leave at the run's final event); use on_end_training_session and teardown")
+    near = [f"on_{_CALLBACK_NAMES[name]}"] if name in _CALLBACK_NAMES else \
+        difflib.get_close_matches(name, [f"on_{t}" for t in HANDLED_EVENTS], n=1, cutoff=0.8)
+    hint = f"; did you mean {near[0]}?" if near else "; the events are listed in proto/PROTOCOL.md §6"
+    return f"{cls.__name__}.{name}{_defined_at(getattr(cls, name))} handles no event, so it is never called{hint}"
 
 
 def _overrides(cls: type, attr: str) -> bool:

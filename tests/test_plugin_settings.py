@@ -228,6 +228,27 @@ def test_a_handler_that_cannot_take_the_event_is_said_before_the_run_with_its_li
     assert all(describe(target)["warnings"] == [] for target in registered_plugins().values())
 
 
+class MisnamedHandlers(Plugin):
+    def on_end_epochs(self, event):  # a typo
+        pass
+
+    def on_train_epoch_end(self, event):  # Lightning's name
+        pass
+
+    def on_end_training_session(self, event):  # fine
+        pass
+
+
+def test_a_handler_named_for_no_event_is_said_before_the_run_with_the_one_it_likely_means():
+    """It was never called, without a word: the plugin ran and did nothing at epoch ends."""
+    line = MisnamedHandlers.on_end_epochs.__code__.co_firstlineno
+    assert describe("test_plugin_settings:MisnamedHandlers")["warnings"] == [
+        f"MisnamedHandlers.on_end_epochs (at test_plugin_settings.py:{line}) handles no event, so it is never called; "
+        f"did you mean on_end_epoch?",
+        f"MisnamedHandlers.on_train_epoch_end (at test_plugin_settings.py:{line + 3}) handles no event, so it is never "
+        f"called; did you mean on_end_epoch?"]
+
+
 def test_every_builtin_setting_is_declared_with_help():
     for name, target in registered_plugins().items():
         for key, setting in describe(target)["settings"].items():
