@@ -208,6 +208,22 @@ def run(
     raise typer.Exit(code=code)
 
 
+def _check_rdzv_endpoint(endpoint: str) -> None:
+    """UserError for an endpoint torchrun would wait on in vain (its rendezvous timeout, minutes): not HOST:PORT, or
+    a host name that does not resolve."""
+    import socket
+
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--rdzv-endpoint {endpoint!r} must be HOST:PORT (a port 1-65535), the same on every machine: "
+                        f"one of them, and a port free there")
+    try:
+        socket.getaddrinfo(host.removeprefix("[").removesuffix("]"), int(port), type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UserError(f"--rdzv-endpoint {endpoint}: host {host!r} does not resolve ({exc.strerror or exc}); give one "
+                        f"of the machines' names or addresses") from None
+
+
 def _interrupted_before_start(said: str) -> NoReturn:
     launched = bool(os.environ.get("TRAINBUS_LAUNCH"))  # a rank of `run --nproc`: 130 would have torchrun restart it
     if not launched:
@@ -245,6 +261,8 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
                         f"them, and a port free there")
     if rdzv_endpoint and nnodes == 1:
         raise UserError("--rdzv-endpoint is where the machines of a --nnodes run meet: add --nnodes N, or drop it")
+    if rdzv_endpoint:
+        _check_rdzv_endpoint(rdzv_endpoint)
     argv, words = [], iter(sys.argv[1:])
     for word in words:  # the command as given, less what is torchrun's
         if word in LAUNCH_OPTIONS:

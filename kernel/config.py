@@ -295,6 +295,10 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
     if cfg.epochs is not None and cfg.epochs < 1:
         raise ConfigError(f"{where}: epochs must be >= 1, got {cfg.epochs}")
+    for key in ("ready_timeout_s", "drain_timeout_s", "vote_timeout_s"):
+        if not getattr(cfg, key) >= 0:  # NaN too: every wait on it would end at once, or never
+            raise ConfigError(f"{where}: {key} must be a number of seconds >= 0 (0: no waiting), got "
+                              f"{getattr(cfg, key)}")
     for key in ("checkpoint_every_n_epochs", "checkpoint_every_n_steps"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: {key} must be >= 0 (0 turns it off), got {getattr(cfg, key)}")
@@ -390,7 +394,26 @@ def check_runs_dir(runs_dir: str) -> None:
 def _no_unknown(table: dict, known, where: str) -> None:
     for key in table:
         if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
+            raise ConfigError(f"{where}: unknown key {key!r}{_where_it_goes(str(key), known, where)}; known keys: "
+                              f"{', '.join(known)}")
+
+
+def _where_it_goes(key: str, known, where: str) -> str:
+    """A hint for a key in the wrong place: a near miss of a known one, a key of another table, or, in [run] or at
+    the top, a hyperparameter (what an unknown name there most often is)."""
+    import difflib
+
+    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.8)
+    if near:
+        return f" (did you mean {near[0]!r}?)"
+    for table, keys in (("run", _RUN_KEYS), ("limits", _LIMIT_KEYS)):
+        if key in keys:
+            return f" (it belongs in [{table}])"
+    if key in registered_plugins():
+        return f" (a plugin's table is [plugins.{key}])"
+    if where.endswith("[run]") or "[" not in where:  # the top level: `where` is the file alone
+        return " (a hyperparameter goes in [hyperparameters])"
+    return ""
 
 
 def _table(value: Any, where: str) -> dict:
