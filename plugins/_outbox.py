@@ -105,6 +105,7 @@ class _Attempts:
     count: int = 0
     next_at: float = 0.0  # monotonic
     backoff_s: float = 0.0
+    last_error: str = ""  # why the last try failed, for the run's summary
 
 
 @dataclass
@@ -141,6 +142,12 @@ class Outbox:
 
     def pending(self) -> list[Path]:
         return sorted(self.path.glob("*.eml"))
+
+    def last_failure(self) -> str:
+        """Why the last failed try of a message still pending failed ("" when none of them failed yet)."""
+        pending = {path.name for path in self.pending()}
+        return next((a.last_error for name, a in reversed(self._attempts.items()) if name in pending and a.last_error),
+                    "")
 
     def count(self) -> int:
         return sum(len(list(folder.glob("*.eml"))) for folder in (self.path, self.path / "sent", self.path / "failed"))
@@ -199,6 +206,7 @@ class Outbox:
                 send_message(path.read_bytes(), config)
             except (OSError, smtplib.SMTPException) as exc:
                 attempts.count += 1
+                attempts.last_error = f"{type(exc).__name__}: {exc}"
                 code = _smtp_code(exc)
                 if code >= PERMANENT_SMTP_CODE:
                     self._give_up(path, f"refused by the server: {code} {exc}", say)

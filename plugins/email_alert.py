@@ -120,8 +120,12 @@ class EmailAlertPlugin(Plugin):
             self.mail.unlock()  # else it is mid-send; our exit releases the lock for the background sender
         if self.mail.pending():
             pid = start_background_sender(self.mail.path)
-            _say(f"email: {len(self.mail.pending())} message(s) not sent yet; background sender pid {pid} "
-                 f"keeps trying for up to {self.smtp.retry_window_s:g} s (log: {self.mail.path / 'sender.log'})")
+            said = (f"email: {len(self.mail.pending())} message(s) not sent yet; background sender pid {pid} "
+                    f"keeps trying for up to {self.smtp.retry_window_s:g} s (log: {self.mail.path / 'sender.log'})")
+            _say(said)
+            failure = self.mail.last_failure()
+            if failure:  # the server did not take them (not just rate-limited): the run's summary names it
+                self.log(f"{said}; the SMTP server did not take them ({failure})", level="error")
 
     # events
 

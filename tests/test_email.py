@@ -214,6 +214,11 @@ def test_mail_goes_out_once_the_server_is_back(runs_dir):
     port = free_port()  # nothing listens here yet
     result = run_training(RunConfig(target=TINY, epochs=2, runs_dir=str(runs_dir), plugins=[email_plugin(port)]))
     assert result.status == "completed"  # an unreachable server costs the run nothing
+    # ... but the run's summary says its mail did not go out (it said nothing: the mail looked sent)
+    assert result.plugins["email"]["errors_logged"] == 1, result.plugins["email"]
+    logged = (Path(result.run_dir) / "kernel.log").read_text()
+    assert "email: 1 message(s) not sent yet; background sender pid" in logged, logged[-2000:]
+    assert "the SMTP server did not take them (ConnectionRefusedError: " in logged, logged[-2000:]
     outbox = Path(result.run_dir) / "plugins" / "email.outbox"
     assert len(list(outbox.glob("*.eml"))) == 1
     pid = int((outbox / "sender.pid").read_text())  # the background sender the plugin left behind
