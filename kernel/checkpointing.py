@@ -59,7 +59,8 @@ class Checkpointer:
         """Why no snapshot can be taken (has_persister() is False), for the checkpoint_skipped a user reads."""
         starting = self.peers.starting()
         if starting:
-            return f"no checkpoint plugin has said hello yet (still starting: {', '.join(starting)})"
+            # what a plugin can do comes with its hello: the ones still starting are named, not called persisters
+            return f"no checkpoint plugin has said hello yet (plugins still starting: {', '.join(starting)})"
         return "no checkpoint plugin is attached (add --plugins checkpoint)"
 
     def due_at_step(self, step: int) -> bool:

@@ -89,7 +89,7 @@ def test_a_checkpoint_without_a_persister_is_skipped_saying_why(tmp_path, starti
     assert ev.SAVE_CHECKPOINT not in bus.types()
     skipped = [(epoch, data["reason"]) for type_, epoch, data in bus.events if type_ == ev.CHECKPOINT_SKIPPED]
     if starting:
-        why = "no checkpoint plugin has said hello yet (still starting: checkpoint)"
+        why = "no checkpoint plugin has said hello yet (plugins still starting: checkpoint)"
         assert skipped == [(1, why), (1, why), (2, why)]  # checkpoint_now at a step, then each epoch's
     else:
         assert skipped == [(1, "no checkpoint plugin is attached (add --plugins checkpoint)")]
