@@ -172,6 +172,10 @@ def read_connection_file(path: Path) -> dict[str, str]:
     """A connection file's content: run, control, events, server_key (z85 text)."""
     try:
         content = json.loads(Path(path).read_text())
-        return {k: str(content[k]) for k in ("run", "control", "events", "server_key")}
+        info = {k: str(content[k]) for k in ("run", "control", "events", "server_key")}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise KeyFileError(f"connection file {path} is unreadable ({exc}); copy the run's {CONNECTION_FILE} again")
+    if not (info["server_key"].isascii() and len(info["server_key"]) == Z85_KEY_CHARS):  # libzmq would refuse it
+        raise KeyFileError(f"connection file {path}: its server_key is not a CURVE public key ({Z85_KEY_CHARS} "
+                           f"characters of z85); copy the run's {CONNECTION_FILE} again")
+    return info

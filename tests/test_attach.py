@@ -257,6 +257,17 @@ def test_an_attach_that_cannot_work_says_why_at_once(args, said):
     assert proc.returncode == 2 and proc.stderr.startswith(said) and proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_a_connection_file_whose_server_key_is_damaged_is_one_line(tmp_path):
+    """A truncated copy of connection.json: libzmq refused the key with a traceback of our frames."""
+    connection = tmp_path / "connection.json"
+    connection.write_text(json.dumps({"run": "r", "control": "tcp://127.0.0.1:1", "events": "tcp://127.0.0.1:2",
+                                      "server_key": "abc"}))
+    proc = run_quickly([*trainbus_cmd(), "attach", str(connection), "--key", str(tmp_path / "me.key_secret")])
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: connection file {connection}: its server_key is not a CURVE public key (40 characters of z85); "
+        f"copy the run's connection.json again\n"), proc.stderr
+
+
 def test_attach_to_an_ended_run_says_so_at_once(runs_dir, tmp_path, kernels):
     kernel = live_run(runs_dir, tmp_path, kernels, epochs=1, batch_s=0.0, monitors=False)
     kernel.result(timeout_s=120)
