@@ -254,8 +254,11 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             outcome = loop.run()
         if outcome.stopped_early:
             status = "interrupted" if interrupts.count else "stopped"
-    except KeyboardInterrupt:
-        status, error = "interrupted", f"interrupted (a second {interrupts.last or 'Ctrl-C'})"
+    except KeyboardInterrupt as exc:
+        status, error = "interrupted", interrupts.what_raised(exc)
+        if interrupts.count < 2:  # not our second signal: where it was raised, in their code if it was
+            where, trace = user_trace(exc)
+            error += where
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error})
     except (Exception, SystemExit) as exc:  # SystemExit: the user's sys.exit(), which would end us without a word
         status, error = "failed", error_line(exc)
@@ -625,6 +628,19 @@ class _Interrupts:
 
     def begin_closing(self) -> None:
         self.closing = True
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    def what_raised(self, exc: KeyboardInterrupt) -> str:
+        """The run's error for a KeyboardInterrupt out of training: a second signal (ours), Python's own Ctrl-C
+        (run_training called without our handler: a notebook), or the training code raising it itself."""
+        if self.count >= 2:
+            return f"interrupted (a second {self.last})"
+        if not self.installed:  # Python's own handler: a Ctrl-C and a raise look alike
+            return f"interrupted (KeyboardInterrupt{': ' + str(exc) if str(exc) else ''})"
+        return "interrupted: the training code raised KeyboardInterrupt" + (f" ({exc})" if str(exc) else "")
 
     def hurry(self) -> bool:
         """Ctrl-C twice in all: stop waiting for plugins. Once, even after training ended, lets them drain (the

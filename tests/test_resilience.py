@@ -659,6 +659,39 @@ def test_ctrl_c_twice_stops_at_once(tmp_path):
     assert exited_after_s < 3.0, f"exited {exited_after_s:.1f} s after the second Ctrl-C"
 
 
+def test_a_keyboardinterrupt_the_training_code_raises_is_named_as_that_not_as_a_second_ctrl_c(tmp_path):
+    """No signal came: the summary said "interrupted (a second Ctrl-C)", which nobody had pressed; run_training from
+    Python (a notebook, with Python's own Ctrl-C handler) said "a second" too."""
+    target = tmp_path / "train.py"
+    target.write_text(
+        "import torch\n"
+        f"from specs import tiny\n"
+        "def build(hyperparameters: dict):\n"
+        "    spec, calls = tiny(hyperparameters), [0]\n"
+        "    def loss_fn(outputs, targets):\n"
+        "        calls[0] += 1\n"
+        "        if calls[0] == 3:\n"
+        "            raise KeyboardInterrupt('the data server went away')\n"
+        "        return torch.nn.functional.cross_entropy(outputs, targets)\n"
+        "    spec.loss_fn = loss_fn\n"
+        "    return spec\n")
+    runs = tmp_path / "runs"
+    done = subprocess.run([str(TRAINBUS), "run", f"{target}:build", "--plugins", "", "--runs-dir", str(runs)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(TESTS_DIR)})
+    assert done.returncode == 130, done.stderr
+    [run_dir] = [p for p in runs.iterdir() if p.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    assert summary["error"].startswith("interrupted: the training code raised KeyboardInterrupt (the data server went "
+                                       "away) (in your code: "), summary["error"]
+    assert "train.py, line 8" in summary["error"], summary["error"]
+    # in-process, under Python's own Ctrl-C handler (a notebook): a Ctrl-C and this look alike, and neither is "a second"
+    result = run_training(run_config(tmp_path / "runs2", [], epochs=1, target=f"{target}:build"))
+    assert result.status == "interrupted", result
+    assert result.error.startswith("interrupted (KeyboardInterrupt: the data server went away) (in your code: "), \
+        result.error
+
+
 SLOW_DURABLE_CONFIG = """
 [hyperparameters]
 batch_size = 16
