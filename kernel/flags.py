@@ -18,11 +18,12 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from trainbus.proto.settings_format import FALSE_WORDS, TRUE_WORDS
+
 from .spec import SpecError
 
 REQUIRED = inspect.Parameter.empty  # a flag with no default must be given
 TYPES = (bool, int, float, str)  # what a flag's value is parsed as; any other annotation: JSON if it parses
-TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 DICT_PARAMETER = "hyperparameters"
 
 

@@ -11,6 +11,8 @@ PATH = "path"  # a file or folder the plugin writes: relative to the run directo
 METRIC_FIELDS = "metric_fields"
 KINDS = ("", METRIC, PATH, METRIC_FIELDS)
 STEP_FIELDS = ("epoch", "step")  # a METRIC_FIELDS template's fields that are no metric
+# How a true/false is spelt on a command line, the same for a function's flags and a plugin's settings
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 def template_fields(template: str) -> list[str]:

@@ -16,7 +16,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from trainbus.proto.messages import JOURNAL_NAME, RUN_DIR_RESERVED
-from trainbus.proto.settings_format import KINDS, METRIC, METRIC_FIELDS, PATH, STEP_FIELDS, template_fields
+from trainbus.proto.settings_format import (FALSE_WORDS, KINDS, METRIC, METRIC_FIELDS, PATH, STEP_FIELDS, TRUE_WORDS,
+                                            template_fields)
 
 __all__ = ["METRIC", "METRIC_FIELDS", "PATH", "Setting", "SettingsError", "check_value", "declared", "describe_settings"]
 
@@ -142,6 +143,8 @@ def _converted(kind: type | None, value: Any, items: type | None = None) -> Any:
     value as text); else _REFUSED."""
     if isinstance(value, str) and kind is not str and kind is not None:
         value = _parsed(kind, value.strip())
+    if kind is bool and type(value) is int and value in (0, 1):  # `--set x.flag=1`: read as JSON first, as 1
+        value = bool(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is not None and not _is_a(value, kind):
@@ -156,7 +159,8 @@ def _converted(kind: type | None, value: Any, items: type | None = None) -> Any:
 def _parsed(kind: type, text: str) -> Any:
     try:
         if kind is bool:
-            return {"true": True, "false": False}.get(text.lower(), _REFUSED)
+            word = text.lower()
+            return word in TRUE_WORDS if word in TRUE_WORDS + FALSE_WORDS else _REFUSED
         if kind in (int, float):
             return kind(text)
         if kind in (list, dict):

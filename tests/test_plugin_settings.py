@@ -54,6 +54,9 @@ def test_plain_defaults_are_settings_of_their_types_and_strings_from_the_command
     assert merged == {"every": 7, "rate": 1.0, "label": "x", "on": False, "names": ["a", "b"],
                       "anything": "left as given"}
     assert type(merged["rate"]) is float
+    # a true/false is spelt as a function's flags take it: true/yes/on/1, false/no/off/0 (`--set x.on=1` comes as 1)
+    for word, value in (("yes", True), ("ON", True), (1, True), ("no", False), ("off", False), (0, False)):
+        assert merge_settings(PlainSettings, {"on": word})["on"] is value, word
 
 
 @pytest.mark.parametrize("given, message", [
@@ -62,7 +65,8 @@ def test_plain_defaults_are_settings_of_their_types_and_strings_from_the_command
     ({"rate": "fast"}, "rate = 'fast' is not allowed; it must be a number"),
     ({"label": 3}, "label = 3 is not allowed; it must be a string; 3 was read as a number: quote it (\"3\" in a "
                    "config file, '\"3\"' after the = of a --set)"),
-    ({"on": "yes"}, "on = 'yes' is not allowed; it must be true or false"),
+    ({"on": "maybe"}, "on = 'maybe' is not allowed; it must be true or false"),
+    ({"on": 2}, "on = 2 is not allowed; it must be true or false"),
     ({"names": "a,b"}, "names = 'a,b' is not allowed; it must be a list"),
     ({"evry": 1}, "no setting 'evry' (known: anything, every, label, names, on, rate)"),
 ])
