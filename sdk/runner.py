@@ -594,10 +594,13 @@ def _secret(env) -> str:
     secret = env.pop(SECRET_ENV, "")
     if secret or "TRAINBUS_RUN_DIR" not in env:
         return secret
+    path = Path(env["TRAINBUS_RUN_DIR"]) / CREDENTIAL_FILE
     try:
-        return (Path(env["TRAINBUS_RUN_DIR"]) / CREDENTIAL_FILE).read_text().strip()
-    except OSError:
-        return ""  # the kernel refuses the hello and says why
+        return path.read_text().strip()
+    except OSError as exc:  # the kernel refuses the hello; where the credential was looked for is ours to say
+        _say(f"cannot read {path} ({exc.strerror or exc}): is TRAINBUS_RUN_DIR the run's directory, and are you "
+             f"its owner?")
+        return ""
 
 
 def _terminate(runner: Runner) -> None:

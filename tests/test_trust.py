@@ -286,14 +286,21 @@ def test_the_sdk_run_by_hand_under_a_spawned_plugins_name_says_the_kernel_refuse
            "TRAINBUS_CONTROL": f"ipc://{kernel.run_dir / 'control.sock'}", "TRAINBUS_RUN_DIR": str(kernel.run_dir),
            "TRAINBUS_PLUGIN_NAME": "metrics_log", "TRAINBUS_PLUGIN_SETTINGS": pack({"path": str(calls)}).hex()}
     env.pop("TRAINBUS_KERNEL_PID", None)
+    elsewhere = tmp_path / "not-the-run"  # a TRAINBUS_RUN_DIR that is not the run's: no credential there
     try:
         proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:Lifecycle"], env=env,
                               capture_output=True, text=True, timeout=120)
+        lost = subprocess.run([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:Lifecycle", "--name", "lost"],
+                              env={**env, "TRAINBUS_RUN_DIR": str(elsewhere)}, capture_output=True, text=True,
+                              timeout=120)
     finally:
         open_gate(gate, STEPS_PER_EPOCH)
     assert (proc.returncode, proc.stderr) == (1, "[metrics_log] the kernel refused the hello as 'metrics_log': name "
                                                  "'metrics_log' belongs to a plugin this run spawned; pick another "
                                                  "name with --name NAME\n")
+    assert lost.returncode == 1 and lost.stderr.startswith(  # where it looked for the credential, said first
+        f"cannot read {elsewhere / 'credential'} (No such file or directory): is TRAINBUS_RUN_DIR the run's "
+        f"directory, and are you its owner?\n[lost] the kernel refused the hello as 'lost': no secret"), lost.stderr
     assert not calls.exists(), calls.read_text()
     result = kernel.result(timeout_s=120)
     assert_completed(result, epochs=1)
