@@ -242,14 +242,19 @@ def test_list_reads_only_the_tail_of_a_long_journal(tmp_path, monkeypatch):
     def no_streaming(*_):
         raise AssertionError("list decoded the whole journal")
     monkeypatch.setattr(runs_module, "stream_journal", no_streaming)
-    started = time.monotonic()
+    decoded = []  # what list decoded, counted (not timed: a busy machine makes any time bound flaky or meaningless)
+    for name in ("journal_head", "journal_tail"):
+        def counting(*args, _read=getattr(runs_module, name), **kwargs):
+            events = _read(*args, **kwargs)
+            decoded.extend(events)
+            return events
+        monkeypatch.setattr(runs_module, name, counting)
     (run,) = list_runs(tmp_path / "runs")
-    elapsed = time.monotonic() - started
     assert run["status"] == "died" and "no kernel.pid" in run["detail"]
     assert run["last_event"]["seq"] == last_seq and run["steps"] == 170_000
     assert run["epochs_completed"] == 1 and run["epochs"] == 5
     assert run["validation_loss"] == 0.25 and run["validation_metrics"] == {"accuracy": 0.9}
-    assert elapsed < 1.0, f"listing one long run took {elapsed:.2f} s"
+    assert 0 < len(decoded) < last_seq // 10, f"list decoded {len(decoded)} of {last_seq} events"
 
     # a tail that starts in the middle of a record still yields whole, consecutive records up to the end
     for cut in (300, 1000, 123_457):
