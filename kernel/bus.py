@@ -76,6 +76,7 @@ class Bus:
         self.fast_heartbeats = True
         self.position = (0, 0)  # (step, epoch) of the latest numbered event, for kernel events
         self._final_seq = 0  # seq of end_training_session or run_failed: what durable plugins drain to
+        self.announce_close = False  # close() ends the journal with bus_closing (a run's end, close_bus)
         self._last_seq_of: dict[str, int] = {}  # event type -> seq of its latest instance
         self._counts = _counts_at_end(journal)  # every envelope's `n`: per-batch events numbered so far in the run
         # What a `snapshot` answers (trainbus attach): every numbered event folded in, here on the bus thread.
@@ -259,6 +260,8 @@ class Bus:
             with self.idle:
                 self.idle.notify_all()
         self._read_control(CONTROL_PER_WAKE)
+        if self.announce_close:  # here, after the thread's last heartbeat and peer messages: nothing follows it
+            self.emit(ev.BUS_CLOSING, {})
         self._flush()
         self._send_answers()
 

@@ -233,6 +233,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         announce(f"listening with CURVE on {bus.remote.control_endpoint} (control) and {bus.remote.events_endpoint} "
                  f"(events); clients: {run_dir / CONNECTION_FILE}")
     bus.run_state.run["target"] = cfg.target  # what `trainbus attach` shows; no event carries it
+    # a SIGTERM to every process (systemd stopping the unit, SLURM preempting) ends the plugins too: not early leavers
+    bus.supervisor.stop_requested = lambda: bool(interrupts.count)
     loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s,
                 checkpointer=checkpointer, stepper=stepper, ranks=ranks, session_info={"cluster": cluster.describe()})
     if resume_state is not None:
@@ -455,8 +457,9 @@ def close_bus(bus: Bus, run_dir: Path, sockets: Path, plugin_exit_timeout_s: flo
     sockets' directory of its own; the journal's last error, if any."""
     bus.flush_now()
     bus.supervisor.shutdown(plugin_exit_timeout_s, abort)
-    bus.emit(ev.BUS_CLOSING, {})  # after the plugins' last words (a final checkpoint_saved): a client that got
-    # this event has had every event of the run (`attach --json` ends on it); the bus's last flush sends it
+    # after the plugins' last words (a final checkpoint_saved): a client that got bus_closing has had every event
+    # of the run (`attach --json` ends on it); the bus thread numbers it last, as it stops
+    bus.announce_close = True
     error = bus.close()
     if sockets != run_dir:
         shutil.rmtree(sockets, ignore_errors=True)

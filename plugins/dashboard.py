@@ -214,6 +214,9 @@ def json_lines(attachment: Attachment) -> int:
         line = ({"type": "snapshot", "seq": value.seq, "run": value.run.get("id"), "state": value.to_map()}
                 if kind == "snapshot" else event_to_map(value))
         print(json.dumps(line, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)), flush=True)
+    if attachment.ended_quietly:  # the stream has the run's end, maybe not its plugins' last words
+        print(f"trainbus attach: the kernel went quiet after the run's final event ({attachment.ended_quietly}); "
+              f"ending without its bus_closing", file=sys.stderr)
     return 0
 
 

@@ -153,6 +153,7 @@ class Attachment:
         self._asked_snapshot = 0.0  # when the latest snapshot was asked for (monotonic), 0: none pending
         self._ready: collections.deque = collections.deque()  # items for the caller, in order
         self._welcomed = False  # the kernel answered us once: losing it later is worth retrying
+        self.ended_quietly = ""  # why the stream ended after the final event without the kernel's bus_closing
 
     # -- the caller's side ------------------------------------------------------------------------
 
@@ -167,7 +168,7 @@ class Attachment:
                         return
                     if item[0] == "snapshot" and item[1].ended is not None:
                         # attached after the final event (the kernel is still draining its plugins): the
-                        # snapshot holds the end, and its `checkpoint` the latest one saved
+                        # snapshot holds the end (a last checkpoint_saved may still come: `runs show` has it)
                         return
                 if self._io is None:  # the kernel went after the final event
                     return
@@ -224,8 +225,9 @@ class Attachment:
                                                                   else PLUGINS_REFRESH_S):
             self._ask_snapshot()
         if io.gone or not io.is_alive():
-            if self.state is not None and self.state.ended is not None:
-                self.close()  # after the final event: the run is over, nothing to reconnect for
+            if self.state is not None and self.state.ended is not None and self._kernel_done():
+                self.ended_quietly = io.gone or "connection closed"  # no bus_closing: said by the caller
+                self.close()
                 return True
             self._reconnect(io.gone or "connection closed")
         return bool(items)
@@ -299,6 +301,13 @@ class Attachment:
         dead = kernel_died(self.target.run_dir or self.target.ended_dir)
         if dead:
             raise AttachError(dead)
+
+    def _kernel_done(self) -> bool:
+        """After the run's final event, the kernel went quiet: done when its summary is written or it is gone, or
+        when we cannot tell (a remote kernel: its directory is not ours to read). Else (stalled while its plugins
+        drain) we reconnect for the rest."""
+        where = self.target.run_dir or self.target.ended_dir
+        return where is None or run_summary(self.target.ended_dir) is not None or bool(kernel_died(where))
 
     def _reconnect(self, why: str) -> None:
         """The kernel went silent: try again with a doubling backoff, a bounded number of times."""
