@@ -143,6 +143,7 @@ class Supervisor:
         self.liveness_s = heartbeat_interval_s * HEARTBEAT_LIVENESS
         self.stopping = False
         self.training_over = False  # the run's final event is numbered (the bus): a plugin leaving now is done
+        self.stop_requested: Callable[[], bool] = lambda: False  # a signal asked the run to stop (the session's)
         # Before training starts (while the kernel waits for their hello) plugins start at the kernel's priority:
         # there is nothing to yield to yet, and a plugin importing torch at nice 10 beside a neighbour's busy job took
         # 33 s instead of 5, past ready_timeout_s. training_starts() lowers them; later ones start lowered.
@@ -235,7 +236,12 @@ class Supervisor:
         """Its bye (the bus thread, as the final event is numbered): its exit is on purpose, and early if before."""
         if name in self.children:
             self.children[name].leaving = True
-            self.children[name].left_early |= not self.training_over
+            self.children[name].left_early |= self._before_the_end()
+
+    def _before_the_end(self) -> bool:
+        """A plugin leaving now leaves a run still training, not one ending: neither after its final event nor
+        once a signal asked it to stop (one sent to every process, systemd's or SLURM's, ends the plugins too)."""
+        return not self.training_over and not self.stop_requested()
 
     def tick(self, now: float) -> None:
         with self._lock:
@@ -443,7 +449,7 @@ class Supervisor:
         if (code == 0 or child.leaving) and not hung:
             child.state = "exited"
             # its bye, or its exit seen now, came before the run's end (one that never said hello is that trouble)
-            child.left_early |= not self.training_over and child.greeted
+            child.left_early |= self._before_the_end() and child.greeted
             if child.left_early:  # a plugin may leave on purpose; a run that lost one mid-way should say so
                 log.warning("plugin %s left before the run ended (exit code %d%s): it is not restarted, and sees "
                             "nothing more of this run", name, code, ", after bye" if child.leaving else "")
