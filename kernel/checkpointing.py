@@ -180,6 +180,12 @@ def has_checkpoints(run_dir: Path) -> bool:
     return any((d / MANIFEST).is_file() for d in checkpoint_directories(run_dir))
 
 
+def no_checkpoints(where: str) -> str:
+    """What a resume of a run that wrote no checkpoint is told (by its kernel, and before it is queued)."""
+    return (f"--resume {where}: that run has no checkpoints (it ran without the checkpoint plugin, or ended before "
+            f"its first); run it again instead")
+
+
 def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = None) -> Path:
     """The newest checkpoint whose file matches its manifest entry, under a run id, run dir or file.
     `passed_over` gets a line for each newer one that is there but does not match (damaged, edited)."""
@@ -199,8 +205,7 @@ def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = N
     manifests = [m for m in manifests if m.is_file()] or manifests[:1]
     manifest = manifests[0]
     if not manifest.is_file() and path.is_dir() and (path / "config.json").is_file():
-        raise CheckpointError(f"--resume {where}: that run has no checkpoints (it ran without the checkpoint "
-                              f"plugin, or ended before its first); run it again instead")
+        raise CheckpointError(no_checkpoints(where))
     if not manifest.is_file() and not (path.is_file() and path.suffix == ".pt"):  # the checkpoint plugin's suffix
         what = ("is neither a checkpoint (.pt) nor a run directory" if path.is_file()
                 else f"is neither a run directory (no config.json) nor a checkpoint directory (no {MANIFEST})")

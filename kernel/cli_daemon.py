@@ -187,7 +187,7 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
     if answer is None and (runs_dir / REGISTRY_NAME).is_file():
         with Registry(runs_dir) as registry:
             queued = [job["id"] for job in registry.jobs(["queued"])]
-            ended = registry.ended_jobs(daemon.STATUS_ENDED)
+            ended = daemon.ended_jobs(registry)
     if answer is not None:
         answer = {k: v for k, v in answer.items() if k not in ("ok", "queued", "ended")}
     if as_json:
@@ -208,8 +208,6 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
     if not as_json:
         for job in ended:  # a remote key's only view of how its submissions went
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["ended_ts"])) if job.get("ended_ts") else "?"
-            if str(job.get("detail")).startswith(daemon.RESUME_FAILED):  # the run's own status is from before
-                job = {**job, "status": "failed", "error": job["detail"]}
             out.print(f"  ended {escape(str(job.get('run')))} {when}: {escape(str(job.get('status')))}"
                       + (f" ({escape(str(job['error']))})" if job.get("error") else ""))
     raise typer.Exit(code=0 if answer is not None else 3)

@@ -43,7 +43,7 @@ import zmq
 from trainbus.proto import ProtocolError, unpack
 from trainbus.proto.remote import advertised
 
-from .checkpointing import has_checkpoints
+from .checkpointing import has_checkpoints, no_checkpoints
 from .credentials import SUN_PATH_MAX
 from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started, queued_resume,
                        record_run)
@@ -536,7 +536,7 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
     if op == "status":
         with Registry(daemon.runs_dir) as registry:
             queued = [job["id"] for job in registry.jobs(["queued"])]
-            ended = registry.ended_jobs(STATUS_ENDED)  # how a submission went, for one who cannot `runs list` here
+            ended = ended_jobs(registry)  # how a submission went, for one who cannot `runs list` here
         return {"ok": True, **daemon.status(), "queued": queued, "ended": ended}
     if op == "wake":
         daemon.woken = True
@@ -596,10 +596,15 @@ def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False) -> 
     if queued:  # resumed now, the daemon would resume it again afterwards (and fail: nothing left to resume)
         return (f"run {run_dir.name} is queued for the daemon to resume: take it off the queue first "
                 f"(`trainbus runs stop {run_dir.name}`), or let the daemon resume it")
+    checkpointed = has_checkpoints(run_dir)
     done = run.get("epochs_completed") or 0
     if run["status"] == "completed" and (epochs is None or epochs <= done):
-        return (f"run {run_dir.name} has completed ({done} epochs); nothing to resume (to train it longer: "
-                f"`trainbus run --resume {run_dir.name}{_runs_dir_option(run_dir)} --epochs N` with N above {done})")
+        return (f"run {run_dir.name} has completed ({done} epochs); nothing to resume " + (
+            f"(to train it longer: `trainbus run --resume {run_dir.name}{_runs_dir_option(run_dir)} --epochs N` with "
+            f"N above {done})" if checkpointed else "(it has no checkpoint to train on from: run it again, with more "
+                                                    "epochs)"))
+    if not checkpointed:  # what its kernel would refuse with, once started: said at submission
+        return no_checkpoints(run_dir.name)
     if epochs is not None and epochs <= done and not rank:  # it would "complete" having trained nothing
         return (f"run {run_dir.name} has trained {done} epochs; --epochs {epochs} would train none: give more than "
                 f"{done}, or leave --epochs out to train the epochs it planned")
@@ -612,6 +617,13 @@ def _runs_dir_option(run_dir: Path) -> str:
 
     parent = Path(run_dir).parent
     return "" if parent.resolve() == Path(RunConfig.runs_dir).resolve() else f" --runs-dir {parent}"
+
+
+def ended_jobs(registry: Registry) -> list[dict[str, Any]]:
+    """The STATUS_ENDED jobs that ended last, each with how it went: its run's status and error, except for a resume
+    refused before training, whose run is still as it last ended (failed, with the job's detail as the error)."""
+    return [{**job, "status": "failed", "error": job["detail"]} if str(job.get("detail")).startswith(RESUME_FAILED)
+            else job for job in registry.ended_jobs(STATUS_ENDED)]
 
 
 def _kernel_since(run_dir: Path, ts: float | None) -> bool:

@@ -155,10 +155,32 @@ def test_a_resume_that_fails_at_once_says_why_in_the_queue_not_just_the_runs_old
     wait_until(lambda: daemon.tick(time.time()) or not daemon.watched, WAIT_S, "the resume to exit")
     with Registry(runs) as registry:
         [ended] = registry.ended_jobs(10)
-    assert ended["detail"].startswith("its resume ended before training (exit code 2): error: "), ended
-    assert "nowhere.py" in ended["detail"] and ended["detail"].endswith("; the run is still died"), ended
+    assert ended["detail"].startswith("its resume ended before training (exit code 2): error: --resume d: that run "
+                                      "has no checkpoints"), ended
+    assert ended["detail"].endswith("; the run is still died"), ended
     shown = cli("daemon", "status", "--runs-dir", str(runs), check=False).stdout
     assert ": failed (its resume ended before training (exit code 2): error: " in " ".join(shown.split()), shown
+    [listed] = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json", check=False).stdout)["ended"]
+    assert listed["status"] == "failed" and listed["error"].startswith("its resume ended before training"), listed
+
+
+def test_a_run_with_no_checkpoint_is_refused_a_resume_at_submission_not_once_started(tmp_path):
+    """A remote `submit -- --resume RUN --epochs 2` of a run that had no checkpoint plugin was queued, then its kernel
+    refused it ("that run has no checkpoints"); `run --detach` said so at once. Both now say it at submission."""
+    from trainbus.kernel.daemon import why_not_resumable
+
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"target": "demo", "epochs": 1}) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps({"run_id": "r", "status": "completed",
+                                                       "outcome": {"epochs_completed": 1}}) + "\n")
+    assert why_not_resumable(run_dir, 2) == ("--resume r: that run has no checkpoints (it ran without the checkpoint "
+                                             "plugin, or ended before its first); run it again instead")
+    assert why_not_resumable(run_dir, None) == ("run r has completed (1 epochs); nothing to resume (it has no "
+                                                "checkpoint to train on from: run it again, with more epochs)")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "manifest.jsonl").write_text("")
+    assert why_not_resumable(run_dir, 2) is None
 
 
 def test_a_started_job_whose_process_died_with_no_daemon_up_holds_its_run_no_more(tmp_path):
@@ -516,7 +538,7 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
         assert answer is not None and answer["ok"] is False and "unknown request" in answer["error"], (op, answer)
     assert request(None, "status", remote=monitor, timeout_s=30)["ok"] is True
 
-    submitted = over_tcp(pilot, "submit", "--", TINY, "--epochs", "1", "--plugins", "", "--device", "cpu")
+    submitted = over_tcp(pilot, "submit", "--", TINY, "--epochs", "1", "--plugins", "checkpoint", "--device", "cpu")
     assert submitted.returncode == 0, submitted.stderr
     run_id = submitted.stdout.strip()
     wait_until(lambda: listed(runs).get(run_id, {}).get("status") == "completed", WAIT_S, "the remote submission")
