@@ -394,13 +394,14 @@ def check_runs_dir(runs_dir: str) -> None:
 def _no_unknown(table: dict, known, where: str) -> None:
     for key in table:
         if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r}{_where_it_goes(str(key), known, where)}; known keys: "
+            raise ConfigError(f"{where}: unknown key {key!r}{_where_it_goes(str(key), known)}; known keys: "
                               f"{', '.join(known)}")
 
 
-def _where_it_goes(key: str, known, where: str) -> str:
-    """A hint for a key in the wrong place: a near miss of a known one, a key of another table, or, in [run] or at
-    the top, a hyperparameter (what an unknown name there most often is)."""
+def _where_it_goes(key: str, known) -> str:
+    """A hint for a key in the wrong place: a near miss of a known one, a key of another table, a plugin's setting
+    written in its table, or, in [run] or at the top, a hyperparameter (what an unknown name there most often
+    is). Which table it was found in, `known` says."""
     import difflib
 
     near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.8)
@@ -411,7 +412,9 @@ def _where_it_goes(key: str, known, where: str) -> str:
             return f" (it belongs in [{table}])"
     if key in registered_plugins():
         return f" (a plugin's table is [plugins.{key}])"
-    if where.endswith("[run]") or "[" not in where:  # the top level: `where` is the file alone
+    if known is _PLUGIN_KEYS:
+        return " (a plugin's settings go in its [plugins.NAME.settings] table)"
+    if known is _RUN_KEYS or known is _TOP_KEYS:
         return " (a hyperparameter goes in [hyperparameters])"
     return ""
 

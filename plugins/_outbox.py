@@ -146,8 +146,8 @@ class Outbox:
     def last_failure(self) -> str:
         """Why the last failed try of a message still pending failed ("" when none of them failed yet)."""
         pending = {path.name for path in self.pending()}
-        return next((a.last_error for name, a in reversed(self._attempts.items()) if name in pending and a.last_error),
-                    "")
+        attempts = list(self._attempts.items())  # a copy: the sender thread may still be adding or removing one
+        return next((a.last_error for name, a in reversed(attempts) if name in pending and a.last_error), "")
 
     def count(self) -> int:
         return sum(len(list(folder.glob("*.eml"))) for folder in (self.path, self.path / "sent", self.path / "failed"))

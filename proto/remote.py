@@ -73,6 +73,13 @@ def load_public(path: Path) -> bytes:
     return _load(Path(path))[0]
 
 
+def is_z85_key(key: object) -> bool:
+    """A CURVE public key as text: Z85_KEY_CHARS characters of the z85 alphabet."""
+    from zmq.utils.z85 import Z85CHARS
+
+    return isinstance(key, str) and len(key) == Z85_KEY_CHARS and all(ord(c) < 128 and ord(c) in Z85CHARS for c in key)
+
+
 def load_server_key(path: Path) -> bytes:
     """The z85 public key a client pins for a server: from its public key file (server.key), or the server_key a
     run's connection.json or a daemon's remote.json holds. KeyFileError naming the fix otherwise, and for a
@@ -83,7 +90,7 @@ def load_server_key(path: Path) -> bytes:
     if path.suffix == ".json":
         try:
             key = json.loads(path.read_text())["server_key"]
-            if not (isinstance(key, str) and key.isascii() and len(key) == Z85_KEY_CHARS):
+            if not is_z85_key(key):
                 raise ValueError(key)
         except OSError as exc:
             raise KeyFileError(f"server key file {path}: {exc.strerror}; {fix}") from None
@@ -175,7 +182,7 @@ def read_connection_file(path: Path) -> dict[str, str]:
         info = {k: str(content[k]) for k in ("run", "control", "events", "server_key")}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise KeyFileError(f"connection file {path} is unreadable ({exc}); copy the run's {CONNECTION_FILE} again")
-    if not (info["server_key"].isascii() and len(info["server_key"]) == Z85_KEY_CHARS):  # libzmq would refuse it
+    if not is_z85_key(info["server_key"]):  # libzmq would refuse it, with a traceback
         raise KeyFileError(f"connection file {path}: its server_key is not a CURVE public key ({Z85_KEY_CHARS} "
                            f"characters of z85); copy the run's {CONNECTION_FILE} again")
     return info

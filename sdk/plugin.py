@@ -204,7 +204,7 @@ class Plugin:
                             f"of it fails; define it as def {name}(self, event){where}")
             except ValueError:  # no signature to read (a builtin): it is tried at the run's first event
                 pass
-        return said + [_never_called(cls, name) for name in _unknown_handlers(cls)]
+        return said + [warning for name in _unknown_handlers(cls) if (warning := _never_called(cls, name))]
 
     @classmethod
     def description(cls) -> str:
@@ -271,15 +271,20 @@ _CALLBACK_NAMES = {
 
 
 def _unknown_handlers(cls: type) -> list[str]:
-    """Methods of the plugin's own classes named like a handler for no event this kernel publishes: a misspelt
-    one (on_end_epochs) or another framework's callback (on_train_epoch_end) is never called, without a word."""
+    """Methods of the plugin's own classes named like a handler for no event this kernel publishes. None for a
+    class with its own on_event: it may dispatch to names of its own."""
+    if _overrides(cls, "on_event"):
+        return []
     known = {f"on_{name}" for name in HANDLED_EVENTS} | {name for name in vars(Plugin) if name.startswith("on_")}
     names = {name for klass in cls.__mro__[:-1] if issubclass(klass, Plugin) and klass is not Plugin
              for name, value in vars(klass).items() if callable(value) and name.startswith("on_")}
     return sorted(names - known)
 
 
-def _never_called(cls: type, name: str) -> str:
+def _never_called(cls: type, name: str) -> str | None:
+    """The warning for an on_* method no event calls when it is surely a handler meant: a misspelt one
+    (on_end_epochs), another framework's callback (on_train_epoch_end), bus_closing's; None for any other name (a
+    hook of the class's own, for its subclasses)."""
     import difflib
 
     if name == f"on_{ev.BUS_CLOSING}":
@@ -287,8 +292,10 @@ def _never_called(cls: type, name: str) -> str:
                 f"exit (they leave at the run's final event); use on_end_training_session and teardown")
     near = [f"on_{_CALLBACK_NAMES[name]}"] if name in _CALLBACK_NAMES else \
         difflib.get_close_matches(name, [f"on_{t}" for t in HANDLED_EVENTS], n=1, cutoff=0.8)
-    hint = f"; did you mean {near[0]}?" if near else "; the events are listed in proto/PROTOCOL.md §6"
-    return f"{cls.__name__}.{name}{_defined_at(getattr(cls, name))} handles no event, so it is never called{hint}"
+    if not near:
+        return None
+    return (f"{cls.__name__}.{name}{_defined_at(getattr(cls, name))} handles no event, so it is never called; did "
+            f"you mean {near[0]}?")
 
 
 def _overrides(cls: type, attr: str) -> bool:
