@@ -246,11 +246,6 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     """This same command in `nproc` processes (on each of `nnodes` machines) under torch.distributed.run, which
     restarts them up to `max_restarts` times; rank 0 keeps the run. Exits as the run ended (its summary.json):
     0 completed or stopped, 130 interrupted, 1 failed."""
-    from torch.distributed.run import main as torchrun
-
-    from .cluster import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID
-    from .session import new_run_id
-
     nproc, nnodes, rdzv_endpoint, max_restarts = (launch["nproc"], launch["nnodes"], launch["rdzv_endpoint"],
                                                   launch["max_restarts"])
     if _under_a_launcher():
@@ -263,6 +258,11 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         raise UserError("--rdzv-endpoint is where the machines of a --nnodes run meet: add --nnodes N, or drop it")
     if rdzv_endpoint:
         _check_rdzv_endpoint(rdzv_endpoint)
+    from torch.distributed.run import main as torchrun  # here: after the checks, which need no torch (seconds)
+
+    from .cluster import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID
+    from .session import new_run_id
+
     argv, words = [], iter(sys.argv[1:])
     for word in words:  # the command as given, less what is torchrun's
         if word in LAUNCH_OPTIONS:
