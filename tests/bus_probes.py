@@ -55,8 +55,8 @@ class AttachedPeer(threading.Thread):
                              secret=self.secret)
                         said_hello = True
                     if self.welcomed.is_set() and event["type"] != ev.HEARTBEAT and self.acks in (None, event["type"]):
+                        self.acked.append(event["seq"])  # first: the kernel may act on the ack before we go on
                         send("ack", seq=event["seq"])
-                        self.acked.append(event["seq"])
                 if dealer in ready:
                     self.received.append(msgpack.unpackb(dealer.recv(), raw=False))
                     if self.received[-1]["type"] == "welcome":
