@@ -35,6 +35,7 @@ class Cluster:
     world_size: int = 1
     local_rank: int = 0
     node_rank: int = 0
+    local_world_size: int = 1  # the ranks on this machine (rank 0's: 0..local_world_size-1)
     main_address: str = "127.0.0.1"
     main_port: int = 0  # 0: not set (a single process needs none)
     restart_count: int = 0  # torchrun's restarts of the group so far (--max-restarts): above 0, the run goes on
@@ -57,6 +58,7 @@ def detect(env: Mapping[str, str] | None = None) -> Cluster:
     if all(name in env for name in TORCHELASTIC_VARS):
         cluster = Cluster("torchelastic", rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
                           local_rank=_int(env, "LOCAL_RANK"), node_rank=_int(env, "GROUP_RANK"),
+                          local_world_size=_int(env, "LOCAL_WORLD_SIZE"),
                           main_address=env.get("MASTER_ADDR", "127.0.0.1"), main_port=_int(env, "MASTER_PORT", 0),
                           restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0))
     elif "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in SLURM_INTERACTIVE:
@@ -65,6 +67,8 @@ def detect(env: Mapping[str, str] | None = None) -> Cluster:
         port = _int(env, "MASTER_PORT", 15000 + int(job[-4:]) if job[-4:].isdigit() else 0)
         cluster = Cluster("slurm", rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_NTASKS"),
                           local_rank=_int(env, "SLURM_LOCALID", 0), node_rank=_int(env, "SLURM_NODEID", 0),
+                          # "2(x3)" or "2,1": the first node's count, with SLURM's default block distribution
+                          local_world_size=int(re.match(r"\d*", env.get("SLURM_TASKS_PER_NODE", "")).group() or 1),
                           main_address=env.get("MASTER_ADDR") or first_host(env.get("SLURM_NODELIST", "127.0.0.1")),
                           main_port=port)
     elif env.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # one process of many, launched some other way

@@ -268,7 +268,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         error += where
         tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
         if ranks is not None:  # a collective failing here is mostly another rank's failure: say whose, and why
-            error, tail, trace = rank_errors(run_dir, error, tail, trace)
+            error, tail, trace = rank_errors(run_dir, error, tail, trace, cluster.local_world_size)
         log.error("training failed:\n%s", tail)
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error, "traceback": tail})
     loop.outcome.steps = loop.step  # also when the loop never got to its own end to count them (Ctrl-C, an error)
@@ -296,7 +296,6 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     undrained = wait_drained(bus, cfg.drain_timeout_s if status != "interrupted" else 2.0, abort=hurry)
     journal_error = close_bus(bus, run_dir, sockets, PLUGIN_EXIT_TIMEOUT_S, hurry)
     checkpointer.close()
-    interrupts.restore()
     if journal_error is not None and bus.journal.backlog_bytes and status != "failed":
         status, error = "failed", (f"the run's last {bus.journal.backlog_bytes} bytes of events could not be "
                                    f"journaled ({journal_error.strerror}): free space on the disk holding "
@@ -320,7 +319,11 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
 
 
 RANK_ERROR = "rank{}.error.json"  # in the run directory: what failed on a rank other than 0, for rank 0 to report
-RANK_ERROR_WAIT_S = 2.0  # a rank's file is written before it exits; rank 0 may see the broken collective first
+# How long rank 0, failing, waits for the other ranks of its machine to write what failed on them. A rank's file
+# is written before it exits, so when rank 0 failed because another rank did (a broken collective) it is there
+# already; when the same code failed on every rank each writes at once, however busy the cores (the wait ends
+# when all have); only a failure of rank 0's alone, the others waiting in a collective, waits it out.
+RANK_ERROR_WAIT_S = 10.0
 
 
 def write_rank_error(run_dir: Path, rank: int, exc: BaseException, beside_rank_0: bool) -> str:
@@ -344,18 +347,24 @@ def read_rank_errors(run_dir: Path) -> list[dict[str, Any]]:
     found = []
     for path in sorted(Path(run_dir).glob(RANK_ERROR.format("*"))):
         try:
-            found.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
+            said = json.loads(path.read_text())
+        except (OSError, ValueError):  # being written: read again, or gone
             continue
+        if isinstance(said, dict) and isinstance(said.get("rank"), int):
+            found.append(said)
     return found
 
 
-def rank_errors(run_dir: Path, error: str, tail: str, trace: str) -> tuple[str, str, str]:
-    """Rank 0's error, traceback and the user's frames in it, led by those the other ranks wrote (waiting
-    RANK_ERROR_WAIT_S for them)."""
-    deadline = time.monotonic() + RANK_ERROR_WAIT_S
-    while not (others := read_rank_errors(run_dir)) and time.monotonic() < deadline:
+def rank_errors(run_dir: Path, error: str, tail: str, trace: str, local_ranks: int,
+                wait_s: float = RANK_ERROR_WAIT_S) -> tuple[str, str, str]:
+    """Rank 0's error, traceback and the user's frames in it, led by those the other ranks wrote: waiting, up to
+    wait_s, for every rank of rank 0's machine (ranks 1..local_ranks-1) to have written; those of other machines
+    are there only on a shared file system, and are not waited for."""
+    deadline = time.monotonic() + wait_s
+    others = read_rank_errors(run_dir)
+    while not set(range(1, local_ranks)) <= {o["rank"] for o in others} and time.monotonic() < deadline:
         time.sleep(0.05)
+        others = read_rank_errors(run_dir)
     # the same error on several ranks (the same code on each: the usual case) is said once, naming them
     same = [o["rank"] for o in others if o.get("error") == error]
     others = [o for o in others if o.get("error") != error]
@@ -656,6 +665,10 @@ class _Interrupts:
 
     def restore(self) -> None:
         for sig, previous in self._previous.items():
+            if sig == signal.SIGTERM and os.environ.get(LAUNCH):
+                # torchrun's, as another rank exits: this rank has only to say how the run ended and exit, which
+                # that signal would cut short (torchrun kills it after 30 s all the same)
+                previous = signal.SIG_IGN
             signal.signal(sig, previous)
         self._previous = {}
 

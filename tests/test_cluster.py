@@ -18,7 +18,7 @@ def test_no_launcher_is_a_single_process():
 
 def test_torchrun():
     assert detect(TORCHRUN) == Cluster("torchelastic", rank=3, world_size=4, local_rank=1, node_rank=1,
-                                       main_address="10.0.0.5", main_port=41000)
+                                       local_world_size=2, main_address="10.0.0.5", main_port=41000)
     assert detect({**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "2"}).restart_count == 2  # a group torchrun restarted
 
 
@@ -32,7 +32,9 @@ def test_a_failure_with_restarts_left_is_not_the_runs_end():
 
 def test_srun_with_the_main_node_and_port_derived_as_lightning_does():
     assert detect(SRUN) == Cluster("slurm", rank=5, world_size=8, local_rank=1, node_rank=2,
-                                   main_address="gpu07", main_port=15000 + 3456)
+                                   main_address="gpu07", main_port=15000 + 3456)  # how many on a node: not told
+    assert detect({**SRUN, "SLURM_TASKS_PER_NODE": "2(x4)"}).local_world_size == 2
+    assert detect({**SRUN, "SLURM_TASKS_PER_NODE": "3,2(x2),1"}).local_world_size == 3
     assert detect({**SRUN, "MASTER_ADDR": "head", "MASTER_PORT": "1234"}).main_address == "head"
 
 

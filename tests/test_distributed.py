@@ -318,6 +318,33 @@ def test_the_same_error_on_every_rank_is_said_once_naming_the_ranks(tmp_path):
     assert json.loads(summary.read_text())["error"] == error
 
 
+def test_rank_0_waits_for_every_rank_of_its_machine_to_say_what_failed(tmp_path):
+    """Beside busy cores a rank failing at the same step as rank 0 may write its file seconds later: rank 0 waits
+    for each rank of its machine, not for the first file nor for a fixed time; a machine of its own, no wait."""
+    import threading
+    import time
+
+    from trainbus.kernel.session import RANK_ERROR, rank_errors
+
+    def write(rank: int) -> None:
+        (tmp_path / RANK_ERROR.format(rank)).write_text(json.dumps(
+            {"rank": rank, "error": "ValueError: boom", "traceback": "", "trace": ""}))
+
+    write(1)
+    (tmp_path / RANK_ERROR.format(3)).write_text("{\"rank\": ")  # half written: read again
+    late = threading.Timer(0.5, write, [2])
+    late.start()
+    try:
+        error, _, _ = rank_errors(tmp_path, "ValueError: boom", "", "", local_ranks=3, wait_s=120)
+    finally:
+        late.cancel()
+    assert error == "ValueError: boom (ranks 0, 1, 2)"
+    started = time.monotonic()
+    assert rank_errors(tmp_path / "alone", "ValueError: boom", "", "", local_ranks=1, wait_s=120)[0] == \
+        "ValueError: boom"
+    assert time.monotonic() - started < 60  # not waited out (the margin of a busy machine)
+
+
 def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_restart(tmp_path):
     proc = subprocess.run(trainbus_cmd() + ["run", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
                                             "--nproc", "2", "--max-restarts", "2", "--precision", "16-mixed"],
