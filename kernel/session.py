@@ -41,7 +41,7 @@ from .remote import ListenError, Listener, check_listen
 from .registry import record_run
 from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers, snapshot_directories
-from .spec import SpecError, TrainingSpec, build_with_flags, error_line, user_trace
+from .spec import SpecError, TrainingSpec, build_with_flags, error_line, user_code_error, user_trace
 from .stepping import Stepper, SteppingError
 from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
 
@@ -133,7 +133,12 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             cfg.resume = str(run_dir)
     # The user's code (build, loaders, loss, metrics) sees where its run is, as plugins do: Guild's names and ours.
     os.environ.update(RUN_ID=run_id, RUN_DIR=str(run_dir), TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir))
-    spec, flags = build_with_flags(cfg.target, dict(cfg.hyperparameters), cfg.epochs)
+    try:
+        spec, flags = build_with_flags(cfg.target, dict(cfg.hyperparameters), cfg.epochs)
+    except KeyboardInterrupt as exc:
+        if interrupts.count or not interrupts.installed:  # our second Ctrl-C; or Python's own, a raise alike
+            raise
+        raise user_code_error(exc, cfg.target) from None  # the user's code raised it: their error, shown as one
     if cfg.epochs is not None:
         spec.epochs = cfg.epochs
     check_metric_settings(spec.metric_names(), metric_settings or {})

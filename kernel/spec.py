@@ -139,7 +139,7 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
             try:
                 module_spec.loader.exec_module(module)
             except (Exception, SystemExit) as exc:  # SystemExit: a script's argparse, reading trainbus's arguments
-                raise _user_code_error(exc, f"importing {path}") from None
+                raise user_code_error(exc, f"importing {path}") from None
             _loaded_files[_file_key(path)] = module
     else:
         if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` and the plugins' processes have it
@@ -149,9 +149,9 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
         except ModuleNotFoundError as exc:
             if exc.name and module_part.startswith(exc.name):
                 raise SpecError(f"cannot import module {module_part!r}; is it installed or on PYTHONPATH?") from None
-            raise _user_code_error(exc, f"importing {module_part}") from None
+            raise user_code_error(exc, f"importing {module_part}") from None
         except (Exception, SystemExit) as exc:
-            raise _user_code_error(exc, f"importing {module_part}") from None
+            raise user_code_error(exc, f"importing {module_part}") from None
     func = getattr(module, func_name, None)
     if func is None:
         raise SpecError(f"{module_part} has no attribute {func_name!r}; name a function that returns a TrainingSpec")
@@ -192,7 +192,7 @@ def build_with_flags(target: str, hyperparameters: dict[str, Any],
     except SpecError:
         raise
     except (Exception, SystemExit) as exc:
-        raise _user_code_error(exc, target) from None
+        raise user_code_error(exc, target) from None
     if not isinstance(spec, TrainingSpec):
         raise SpecError(f"{target} returned {type(spec).__name__}; it must return trainbus.kernel.TrainingSpec")
     spec.check()
@@ -216,7 +216,7 @@ _NOT_USER_ROOTS = tuple({os.path.abspath(p) + os.sep for key in ("stdlib", "plat
                         | {os.path.dirname(os.path.abspath(__file__)) + os.sep})
 
 
-def _user_code_error(exc: Exception, what: str) -> UserCodeError:
+def user_code_error(exc: BaseException, what: str) -> UserCodeError:
     """The user's exception as one line, and its traceback trimmed to their frames (their files)."""
     where, trace = user_trace(exc)
     if isinstance(exc, SystemExit):

@@ -308,6 +308,9 @@ USER_CODE = {
                                        ["line 2, in <module>"]),
     "build exits": ("import sys\n\ndef build(hyperparameters):\n    sys.exit(0)\n",
                     ":build: sys.exit(0) would end the process", ["line 4, in build"]),
+    # not a Ctrl-C (it was said as "Ctrl-C twice before the run began", exit 130, with no word of where)
+    "build raises KeyboardInterrupt": ("def build(hyperparameters):\n    raise KeyboardInterrupt('no data yet')\n",
+                                       ":build raised KeyboardInterrupt: no data yet", ["line 2, in build"]),
 }
 
 
