@@ -32,7 +32,8 @@ def daemon_start(
                                                                 "(for systemd: docs/daemon.md)."),
     listen: Optional[str] = typer.Option(None, "--listen", help="HOST:PORT: also serve requests over TCP with "
                                                                 "CURVE (PORT 0: a free one): monitor keys may ask "
-                                                                "status, control keys may submit and cancel runs."),
+                                                                "status, control keys may submit runs and cancel "
+                                                                "(or stop) them."),
     keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
     quiet: bool = typer.Option(False, "--quiet", hidden=True, help="No log lines on stderr."),
 ) -> None:
@@ -152,13 +153,20 @@ def daemon_cancel(
     remote: Optional[str] = REMOTE_OPTION, key: Optional[Path] = KEY_OPTION,
     server_key: Optional[Path] = SERVER_KEY_OPTION,
 ) -> None:
-    """Take a queued run off the queue (a running one is stopped with `trainbus runs stop`)."""
+    """Take a queued run off the queue. With --remote, a running one is stopped at its next step boundary, its stop
+    reason naming the key (here, `trainbus runs stop` stops it)."""
     from . import daemon
     from .registry import JobError
 
     target = _remote(remote, key, server_key)
     if target is not None:
-        run = str(_ask(runs_dir, target, "cancel", run=run).get("run", run))
+        answer = _ask(runs_dir, target, "cancel", run=run)
+        run = str(answer.get("run", run))
+        if answer.get("stopping"):
+            out.print(f"stopping {escape(run)} at its next step boundary; `trainbus daemon status --remote "
+                      f"{escape(target.host_port)} --key {escape(str(target.key_file))} --server-key "
+                      f"{escape(str(target.server_key))}` shows how it ended")
+            return
     else:
         try:
             run = daemon.cancel(runs_dir, run)

@@ -225,6 +225,7 @@ class Daemon:
         self.woken = False  # a submission asked for a round now
         self.remote_endpoint: str | None = None  # `--listen`'s TCP endpoint, as bound
         self.trouble = ""  # what the last round failed with ("": it did not)
+        self.stoppers: dict[str, subprocess.Popen] = {}  # `runs stop` of a running run, for a remote cancel: by run
 
     # -- one round ------------------------------------------------------------------------------------
 
@@ -237,6 +238,9 @@ class Daemon:
                 code = watched.exit_code()
                 if code is not None:
                     self._settle(registry, watched, code, now)
+            for run_id, stopper in list(self.stoppers.items()):
+                if stopper.poll() is not None:  # reaped; what it said is in the run's output
+                    del self.stoppers[run_id]
             busy = {d for w in self.watched.values() for d in w.devices}
             starts, never = place(registry.jobs(["queued"]), busy, len(self.watched), self.devices,
                                   self.max_concurrent)
@@ -263,6 +267,23 @@ class Daemon:
             if self.trouble:
                 log.info("the queue's rounds work again")
             self.trouble = ""
+
+    def stop_run(self, run: str, who: str) -> str:
+        """A running run of this daemon's (its id or a unique start of it), stopped at its next step boundary as
+        `trainbus runs stop` stops it (which waits for a kernel still building its spec), in a process of its own
+        so the queue never waits on it: its stop reason names who asked. JobError when no run of ours is running."""
+        matches = [i for i in self.watched if i == run] or [i for i in self.watched if run and i.startswith(run)]
+        if len(matches) != 1:
+            raise JobError(f"run {run} is neither queued nor running under this daemon" if not matches
+                           else f"{run} is the start of several running runs' ids: {', '.join(sorted(matches))}")
+        run_id = matches[0]
+        if run_id not in self.stoppers:  # asked twice: the first stop is on its way
+            with open(output_file(self.runs_dir, run_id), "ab") as out:
+                self.stoppers[run_id] = subprocess.Popen(
+                    [self.python, "-m", "trainbus.kernel.cli", "runs", "stop", run_id, "--runs-dir", str(self.runs_dir),
+                     "--reason", f"cancelled by {who}"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True)
+        return run_id
 
     def _adopt(self, registry: Registry, now: float) -> None:
         """A previous daemon's jobs: watch the ones still running, settle the ones that ended meanwhile."""
@@ -454,6 +475,7 @@ STEERING = ("submit", "cancel", "stop")  # logged with who asked
 OPS = {"status": ("monitor", "control", LOCAL), "submit": ("control", LOCAL), "cancel": ("control", LOCAL),
        "wake": (LOCAL,), "stop": (LOCAL,)}
 ARGV_MAX_WORDS = 256
+RUN_ID_MAX_CHARS = 200  # a request's run id, as far as it is read (ours are 22)
 
 
 class Remote:
@@ -544,12 +566,17 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
     if op == "stop":
         stopping.append("stop requested")
         return {"ok": True, "running": list(daemon.watched)}
-    if op == "cancel":
+    if op == "cancel":  # a queued run is taken off the queue; a running one is stopped (who asked is its reason)
+        run = str(request.get("run", ""))[:RUN_ID_MAX_CHARS]
         try:
-            run = cancel(daemon.runs_dir, str(request.get("run", "")))
+            return {"ok": True, "run": cancel(daemon.runs_dir, run)}
+        except JobError as exc:
+            if not run:  # no id at all
+                return {"ok": False, "error": str(exc)}
+        try:
+            return {"ok": True, "run": daemon.stop_run(run, who), "stopping": True}
         except JobError as exc:
             return {"ok": False, "error": str(exc)}
-        return {"ok": True, "run": run}
     argv, gpus = request.get("argv"), request.get("gpus")
     if not (isinstance(argv, list) and len(argv) <= ARGV_MAX_WORDS and all(isinstance(w, str) for w in argv)) \
             or not (gpus is None or (isinstance(gpus, int) and 0 <= gpus <= 1024)):
@@ -833,6 +860,8 @@ def cancel(runs_dir: Path, run_id: str) -> str:
     """Take a queued run off the queue: its id, or a unique start of it (JobError when it names no queued run).
     Returns the id."""
     runs_dir = Path(runs_dir).resolve()
+    if not run_id:  # the start of every id
+        raise JobError("no run id given: name the run (its id, or a unique start of it)")
     run_id = queued_job(runs_dir, run_id) or run_id
     with Registry(runs_dir) as registry:
         if not registry.move_job(run_id, ["queued"], state="cancelled", ended_ts=time.time(), env=None):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from trainbus.kernel.daemon import Daemon, DaemonError, daemon_dir, parse_devices, place
+from trainbus.kernel.journal import read_events
 from trainbus.kernel.registry import Registry, list_runs
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto import events as ev
@@ -572,6 +573,26 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
     assert "cannot import module 'nosuch_module_xyz'" in ended[0]["error"] and ended[0]["submitted_by"] == "key p"
     shown = over_tcp(watcher, "status").stdout
     assert f"ended {failing.stdout.strip()} " in shown and ": failed (ended before its run had a directory" in shown
+    # a running run is the control key's to stop too: `daemon cancel` stops it, its reason naming the key
+    gate = tmp_path / "gate"
+    held = over_tcp(pilot, "submit", "--", PACED, "--plugins", "", "--device", "cpu", "--set", "batch_size=256",
+                    "--set", f"gate={gate}").stdout.strip()
+    assert "not granted" in over_tcp(watcher, "cancel", held).stderr
+    wait_until(lambda: listed(runs).get(held, {}).get("status") == "running", WAIT_S, "the held run started")
+    stopping = over_tcp(pilot, "cancel", held[:-3])
+    assert stopping.returncode == 0 and f"stopping {held} at its next step boundary" in stopping.stdout, \
+        stopping.stdout + stopping.stderr
+    assert "no run id given" in over_tcp(pilot, "cancel", "").stderr  # not the one run that runs
+    wait_until(lambda: (runs / held / "config.json").is_file()  # the stop's request, journaled as it came
+               and any("cancelled by key p" in str(e.data.get("text")) for e in read_events(runs / held)), WAIT_S,
+               "the stop journaled")
+    open_gate(gate, 3)
+    wait_until(lambda: listed(runs)[held]["status"] != "running", WAIT_S, "the stopped run to end")
+    summary = json.loads((runs / held / "summary.json").read_text())
+    assert summary["status"] == "stopped" and "cancelled by key p" in "; ".join(summary["outcome"]["stop_reasons"]), \
+        summary["outcome"]
+    gone = over_tcp(pilot, "cancel", held)
+    assert gone.returncode == 2 and f"run {held} is neither queued nor running under this daemon" in gone.stderr
 
 
 @pytest.mark.slow
