@@ -165,11 +165,7 @@ class Attachment:
                     item = self._ready.popleft()
                     yield item
                     if item[0] == "event" and item[1].type == ev.BUS_CLOSING:
-                        return
-                    if item[0] == "snapshot" and item[1].ended is not None:
-                        # attached after the final event (the kernel is still draining its plugins): the
-                        # snapshot holds the end (a last checkpoint_saved may still come: `runs show` has it)
-                        return
+                        return  # attached after the final event too: what the plugins' drain brings comes first
                 if self._io is None:  # the kernel went after the final event
                     return
                 if not self._step():

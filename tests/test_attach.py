@@ -326,9 +326,11 @@ def test_an_attached_client_killed_without_a_bye_is_said_gone_not_left_running(r
     assert kernel.result(timeout_s=120)["status"] == "completed"
 
 
-def test_attaching_after_the_final_event_while_plugins_drain_ends_at_the_snapshot(runs_dir, tmp_path, kernels):
-    """The kernel lives on while a durable plugin drains; the snapshot holds the end, the final event (at or
-    before its seq) never comes: attach kept waiting for it, remotely until it gave up and called the run lost."""
+def test_attaching_after_the_final_event_while_plugins_drain_streams_the_drain_to_bus_closing(runs_dir, tmp_path,
+                                                                                             kernels):
+    """The kernel lives on while a durable plugin drains: the snapshot holds the end, and what follows it (the
+    plugin's exit) comes on to bus_closing. (Attach once waited for the final event, at or before the snapshot's
+    seq, that never came; then it ended at the snapshot, without the drain.)"""
     release = tmp_path / "release"
     cfg = RunConfig(target=SLOW, epochs=1, runs_dir=str(runs_dir), hyperparameters={"batch_s": 0.0},
                     plugins=[PluginConfig("drainer", "fixture_plugins:HeldAtTheEnd", {"release": str(release)})],
@@ -337,13 +339,27 @@ def test_attaching_after_the_final_event_while_plugins_drain_ends_at_the_snapsho
     kernels.append(kernel)
     kernel.wait_ready("drainer", timeout_s=120)
     wait_until(lambda: any(e.type == ev.END_TRAINING_SESSION for e in read_journal(kernel.run_dir)), 120, "the end")
-    proc = run_quickly(attach_cmd(kernel, "--json"))
-    assert proc.returncode == 0, proc.stderr
-    [line] = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert line["type"] == "snapshot" and line["state"]["ended"]["type"] == ev.END_TRAINING_SESSION, line
-    assert not (kernel.run_dir / "summary.json").exists()  # the kernel was still there, waiting for its plugin
-    release.touch()
+    out, err = tmp_path / "attach.jsonl", tmp_path / "attach.stderr"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(attach_cmd(kernel, "--json"), stdout=stdout, stderr=stderr, text=True)
+    try:
+        wait_until(lambda: out.read_text().count("\n") >= 1 or proc.poll() is not None, 60, "attach's snapshot")
+        assert not (kernel.run_dir / "summary.json").exists()  # the kernel was still there, waiting for its plugin
+        release.touch()
+        proc.wait(timeout=180)
+    finally:
+        release.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.read_text()
     assert kernel.result(timeout_s=120)["status"] == "completed"
+    snapshot, *events = [json.loads(line) for line in out.read_text().splitlines()]
+    assert snapshot["type"] == "snapshot" and snapshot["state"]["ended"]["type"] == ev.END_TRAINING_SESSION, snapshot
+    journal = {e.seq: e for e in read_journal(kernel.run_dir)}
+    assert events == [as_json(journal[s]) for s in range(snapshot["seq"] + 1, max(journal) + 1)], events
+    assert [e["data"].get("plugin") for e in events if e["type"] == ev.PLUGIN_EXITED] == ["drainer"], events
+    assert events[-1]["type"] == ev.BUS_CLOSING
 
 
 def test_stop_from_attach_is_journaled_with_who_sent_it(runs_dir, tmp_path, kernels):
