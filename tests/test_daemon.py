@@ -591,6 +591,7 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
     summary = json.loads((runs / held / "summary.json").read_text())
     assert summary["status"] == "stopped" and "cancelled by key p" in "; ".join(summary["outcome"]["stop_reasons"]), \
         summary["outcome"]
+    wait_until(all_ended, WAIT_S, "the daemon to settle the stopped run")  # its process exits after the summary
     gone = over_tcp(pilot, "cancel", held)
     assert gone.returncode == 2 and f"run {held} is neither queued nor running under this daemon" in gone.stderr
 
