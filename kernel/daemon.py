@@ -865,7 +865,10 @@ def cancel(runs_dir: Path, run_id: str) -> str:
     run_id = queued_job(runs_dir, run_id) or run_id
     with Registry(runs_dir) as registry:
         if not registry.move_job(run_id, ["queued"], state="cancelled", ended_ts=time.time(), env=None):
-            raise JobError(f"run {run_id} is not queued (it started, ended or was never submitted)")
+            running = [j["id"] for j in registry.jobs(["starting", "running"]) if j["id"].startswith(run_id)]
+            raise JobError(f"run {running[0]} is not queued: it is running; `trainbus runs stop {running[0]}` stops it"
+                           if len(running) == 1 else
+                           f"run {run_id} is not queued (it started, ended or was never submitted)")
         run_dir = runs_dir / run_id
         if (run_dir / CONFIG).is_file():  # a queued resume: the run is again what its directory says
             now = time.time()

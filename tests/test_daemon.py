@@ -338,6 +338,9 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     held = submit(runs, SLOW_BUILD, "--set", f"build_gate={build_gate}", "--set", f"gate={tmp_path / 'gate'}")
     wait_until(lambda: listed(runs)[held]["status"] == "running", WAIT_S, "the held run started")
     assert not (runs / held).exists()
+    refused = cli("daemon", "cancel", held[:-2], "--runs-dir", str(runs), check=False)  # here a running run is stopped
+    assert refused.returncode == 2 and refused.stderr == (
+        f"error: run {held} is not queued: it is running; `trainbus runs stop {held}` stops it\n"), refused.stderr
     assert cli("runs", "show", held, "--runs-dir", str(runs)).stdout.startswith(f"run {held}: running")  # not queued
     stopping = subprocess.Popen([*trainbus_cmd(), "runs", "stop", held, "--runs-dir", str(runs), "--reason", "early"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
