@@ -294,17 +294,19 @@ def runs_delete(
         raise UserError(str(exc)) from None
 
 
-@runs_app.command("resume")
+@runs_app.command("resume", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def runs_resume(
+    ctx: typer.Context,
     run: str = typer.Argument(..., help="Run id (or a unique start of one), or a run directory."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
     detach: bool = typer.Option(False, "--detach", help="Queue it for the daemon instead of training here."),
 ) -> None:
-    """Continue a run in place from its newest verified checkpoint (`trainbus run --resume RUN`)."""
+    """Continue a run in place from its newest verified checkpoint: `trainbus run --resume RUN`, which takes any
+    other option given (--epochs N to train it longer, --nproc N, ...)."""
     run_dir, status = _run_and_status(run, runs_dir)
     if status == "running":
         raise UserError(f"run {run_dir.name} is running; nothing to resume (`trainbus runs stop` stops it)")
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, "-m", "trainbus.kernel.cli", "run", "--resume", str(run_dir),
-                              *(["--detach"] if detach else [])])
+                              *ctx.args, *(["--detach"] if detach else [])])
 

@@ -654,7 +654,9 @@ def test_a_completed_run_is_resumed_only_to_train_it_longer(tmp_path):
     proc = run_cli(elsewhere, "--resume", run_dir.name, "--runs-dir", str(runs))
     assert f"`trainbus run --resume {run_dir.name} --runs-dir {runs} --epochs N`" in proc.stderr, proc.stderr
 
-    proc = run_cli(tmp_path, "--resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "3")
+    # `runs resume` takes `run`'s options, as README says: --epochs here
+    proc = subprocess.run([str(TRAINBUS), "runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     # the same for a run that ended before its planned epochs: fewer than it trained would train none

@@ -332,6 +332,8 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     deleted = cli("runs", "delete", failing, "--yes", "--runs-dir", str(runs)).stdout
     assert f"deleted run {failing} (it never had a directory; its output {output})" in deleted
     assert failing not in listed(runs) and not output.exists()
+    ended = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json").stdout)["ended"]
+    assert {job["run"]: job["status"] for job in ended}[failing] == "deleted"  # not a bare "ended"
 
     # a run the daemon started whose kernel is still in build() (loading data): no directory yet, and stoppable
     build_gate = tmp_path / "build_gate"
