@@ -470,6 +470,12 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     if dead:
         print(f"error: {dead}; there is nothing to attach to", file=sys.stderr)
         return 1
+    try:
+        secret = "" if connect else _secret(env)  # before the plugin is made: its children never see ours
+    except OSError as exc:  # the kernel would refuse the hello: said at once, not after the connect timeout
+        print(f"error: cannot read {exc.filename} ({exc.strerror or exc}): is TRAINBUS_RUN_DIR the run's directory, "
+              f"and are you its owner? (the kernel takes no plugin without it)", file=sys.stderr)
+        return 1
     kernel_pid = int(env["TRAINBUS_KERNEL_PID"]) if "TRAINBUS_KERNEL_PID" in env else None
     if kernel_pid is not None:
         _die_with_parent(kernel_pid)
@@ -479,8 +485,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         print(user_traceback(exc), file=sys.stderr)
         return 1
     plugin.name = name or env.get("TRAINBUS_PLUGIN_NAME") or plugin.name
-    runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid,
-                    "" if connect else _secret(env), secure)
+    runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid, secret, secure)
     # SIGTERM (supervisor, or a hang): finish the current handler (at most FINISH_ON_TERM_S), tear down, ack, exit.
     signal.signal(signal.SIGTERM, lambda *_: _terminate(runner))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the kernel; it tells us when to stop
@@ -590,17 +595,17 @@ def skip_lost(batch: dict[str, Any], next_seq: int, who: str) -> int:
 
 def _secret(env) -> str:
     """What proves us to the kernel: the secret it spawned us with (taken out of the environment, so our
-    own children do not inherit it), else the run's credential file for a plugin attached by hand."""
+    own children do not inherit it), else the run's credential file for a plugin attached by hand (OSError, with
+    its filename, when it cannot be read)."""
     secret = env.pop(SECRET_ENV, "")
     if secret or "TRAINBUS_RUN_DIR" not in env:
         return secret
     path = Path(env["TRAINBUS_RUN_DIR"]) / CREDENTIAL_FILE
     try:
         return path.read_text().strip()
-    except OSError as exc:  # the kernel refuses the hello; where the credential was looked for is ours to say
-        _say(f"cannot read {path} ({exc.strerror or exc}): is TRAINBUS_RUN_DIR the run's directory, and are you "
-             f"its owner?")
-        return ""
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)
+        raise
 
 
 def _terminate(runner: Runner) -> None:

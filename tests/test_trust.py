@@ -298,9 +298,9 @@ def test_the_sdk_run_by_hand_under_a_spawned_plugins_name_says_the_kernel_refuse
     assert (proc.returncode, proc.stderr) == (1, "[metrics_log] the kernel refused the hello as 'metrics_log': name "
                                                  "'metrics_log' belongs to a plugin this run spawned; pick another "
                                                  "name with --name NAME\n")
-    assert lost.returncode == 1 and lost.stderr.startswith(  # where it looked for the credential, said first
-        f"cannot read {elsewhere / 'credential'} (No such file or directory): is TRAINBUS_RUN_DIR the run's "
-        f"directory, and are you its owner?\n[lost] the kernel refused the hello as 'lost': no secret"), lost.stderr
+    assert (lost.returncode, lost.stderr) == (1, (  # where it looked for the credential, at once: no hello is sent
+        f"error: cannot read {elsewhere / 'credential'} (No such file or directory): is TRAINBUS_RUN_DIR the run's "
+        f"directory, and are you its owner? (the kernel takes no plugin without it)\n")), lost.stderr
     assert not calls.exists(), calls.read_text()
     result = kernel.result(timeout_s=120)
     assert_completed(result, epochs=1)
