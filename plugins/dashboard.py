@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import select
+import signal
 import sys
 import termios
 import time
@@ -283,7 +284,17 @@ def one_command(attachment: Attachment, kind: str, reason: str) -> int:
     return 1
 
 
+class _Terminated(Exception):
+    """SIGTERM (`timeout`, a shell's kill): raised where the client is, so that it says bye on its way out (killed
+    outright, the kernel would take it for hung once its liveness window passed)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     parser = argparse.ArgumentParser(prog="trainbus attach", description=__doc__.splitlines()[0])
     parser.add_argument("where", help="run directory, or ENDPOINT (ipc://DIR/events.sock, or EVENTS,CONTROL)")
     parser.add_argument("--key", default="", help="this client's secret key file: WHERE is a remote kernel's "
@@ -330,6 +341,8 @@ def main(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except _Terminated:
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -309,9 +309,21 @@ def test_an_attached_client_killed_without_a_bye_is_said_gone_not_left_running(r
     open_gate(gate, 2)
     kernel = live_run(runs_dir, tmp_path, kernels, epochs=2, batch_s=0.0, monitors=False, gate=gate)
     kernel.wait_step(2, timeout_s=120)
-    client = subprocess.Popen(attach_cmd(kernel, "--json"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # SIGTERM (`timeout`, a shell's kill) is not that: the client says bye and exits 143, and it is gone at once
+    polite = subprocess.Popen(attach_cmd(kernel, "--json"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
     try:
         ready = kernel.wait_event("plugin_ready", lambda e: e.data["plugin"].startswith("attach-"), timeout_s=60)
+        polite.terminate()
+        assert polite.wait(timeout=60) == 143, polite.stderr.read()
+    finally:
+        polite.kill()
+    exited = kernel.wait_event("plugin_exited", lambda e: e.data["plugin"] == ready.data["plugin"], timeout_s=60,
+                               after_seq=ready.seq)
+    client = subprocess.Popen(attach_cmd(kernel, "--json"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ready = kernel.wait_event("plugin_ready", lambda e: e.data["plugin"].startswith("attach-"), timeout_s=60,
+                                  after_seq=exited.seq)
     finally:
         client.kill()
         client.wait()
