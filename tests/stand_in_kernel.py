@@ -29,8 +29,10 @@ class StandInKernel:
             socket.bind(endpoint)
 
     def start_plugin(self, target: str, name: str, settings: dict, run_dir: Path, args=()) -> subprocess.Popen:
-        """`python -m trainbus.sdk target *args`, stdout and stderr together in proc.stdout."""
-        env = dict(os.environ, TRAINBUS_EVENTS=self.pub.getsockopt_string(zmq.LAST_ENDPOINT),
+        """`python -m trainbus.sdk target *args`, stdout and stderr together in proc.stdout; with a secret, as the
+        kernel spawns a plugin (by hand, one would read run_dir's credential, which has none)."""
+        env = dict(os.environ, TRAINBUS_SECRET="stand-in",
+                   TRAINBUS_EVENTS=self.pub.getsockopt_string(zmq.LAST_ENDPOINT),
                    TRAINBUS_CONTROL=self.router.getsockopt_string(zmq.LAST_ENDPOINT), TRAINBUS_RUN_ID=self.run_id,
                    TRAINBUS_RUN_DIR=str(run_dir), TRAINBUS_PLUGIN_NAME=name,
                    TRAINBUS_PLUGIN_SETTINGS=pack(settings).hex(), PYTHONPATH=str(TESTS_DIR))
