@@ -124,7 +124,11 @@ def run(
     if target is not None:
         cfg.target = target
     if help_flags or flag_words:
-        _apply_flags(cfg, flag_words, help_flags)
+        try:
+            _apply_flags(cfg, flag_words, help_flags)
+        except KeyboardInterrupt:  # a Ctrl-C as the target imports (no handler of ours yet), or its own raise: alike
+            _interrupted_before_start(f"KeyboardInterrupt while {cfg.target} was imported to read its flags; "
+                                      f"nothing was made")
     if plugins is not None:  # which plugins run; a name the config has a [plugins.NAME] table for runs as it says
         configured = {p.name: p for p in cfg.plugins}
         cfg.plugins = [configured.get(name) or resolve_plugin(name, {})

@@ -332,6 +332,17 @@ def test_an_exception_in_the_users_code_shows_their_frames_then_one_line(case, t
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_keyboardinterrupt_as_the_target_is_imported_for_its_flags_is_one_line(tmp_path):
+    """Before the run sets its signal handlers, a Ctrl-C and the module's own raise look alike: one line, exit 130
+    (it was exit 130 with no word at all)."""
+    target = tmp_path / "train.py"
+    target.write_text("raise KeyboardInterrupt('no data')\n\ndef build(lr=0.1):\n    pass\n")
+    r = trainbus("run", f"{target}:build", "lr=0.2", "--plugins", "", "--runs-dir", str(tmp_path / "runs"))
+    assert (r.returncode, r.stderr) == (130, f"trainbus: KeyboardInterrupt while {target}:build was imported to read "
+                                             f"its flags; nothing was made\n"), r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def _trace_files(stderr: str) -> list[str]:
     """The files of the traceback frames printed on stderr."""
     return [line.split('"')[1] for line in stderr.splitlines() if line.startswith('  File "')]
