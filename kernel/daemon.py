@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import msgpack
 import zmq
@@ -272,7 +272,7 @@ class Daemon:
         """A running run of this daemon's (its id or a unique start of it), stopped at its next step boundary as
         `trainbus runs stop` stops it (which waits for a kernel still building its spec), in a process of its own
         so the queue never waits on it: its stop reason names who asked. JobError when no run of ours is running."""
-        matches = [i for i in self.watched if i == run] or [i for i in self.watched if run and i.startswith(run)]
+        matches = named(self.watched, run)
         if len(matches) != 1:
             raise JobError(f"run {run} is neither queued nor running under this daemon" if not matches
                            else f"{run} is the start of several running runs' ids: {', '.join(sorted(matches))}")
@@ -815,13 +815,19 @@ def _local_user() -> str:
         return f"uid {os.getuid()}"
 
 
+def named(ids: Iterable[str], run: str) -> list[str]:
+    """The ids `run` names: itself when it is one, else those it is the start of (none for "", the start of all)."""
+    ids = list(ids)
+    return [run] if run in ids else [i for i in ids if run and i.startswith(run)]
+
+
 def queued_job(runs_dir: Path, run: str) -> str | None:
     """The id of the queued run `run` names (its id or a unique start of it); None when it names none."""
     if not (Path(runs_dir) / REGISTRY_NAME).is_file():
         return None
     with Registry(runs_dir) as registry:
         ids = [job["id"] for job in registry.jobs(["queued"])]
-    matches = [i for i in ids if i == run] or [i for i in ids if i.startswith(run)]
+    matches = named(ids, run)
     return matches[0] if len(matches) == 1 else None
 
 
@@ -847,7 +853,7 @@ def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
     with Registry(runs_dir) as registry:
         rows = {i: row for i, row in registry.runs(now).items() if row.get("dir") is None}
         jobs = {j["id"]: j for j in registry.jobs() if j["id"] in rows}
-    matches = [run_id] if run_id in jobs else [i for i in jobs if i.startswith(run_id)]
+    matches = named(jobs, run_id)
     if len(matches) != 1 or (run_id not in jobs and any(p.name.startswith(run_id) for p in find_runs(runs_dir))):
         return None  # none, or a prefix other runs share (resolve_run said which)
     row, job = as_started(rows[matches[0]], jobs[matches[0]]), jobs[matches[0]]
@@ -865,7 +871,7 @@ def cancel(runs_dir: Path, run_id: str) -> str:
     run_id = queued_job(runs_dir, run_id) or run_id
     with Registry(runs_dir) as registry:
         if not registry.move_job(run_id, ["queued"], state="cancelled", ended_ts=time.time(), env=None):
-            running = [j["id"] for j in registry.jobs(["starting", "running"]) if j["id"].startswith(run_id)]
+            running = named([j["id"] for j in registry.jobs(["starting", "running"])], run_id)
             raise JobError(f"run {running[0]} is not queued: it is running; `trainbus runs stop {running[0]}` stops it"
                            if len(running) == 1 else
                            f"run {run_id} is not queued (it started, ended or was never submitted)")
