@@ -600,12 +600,7 @@ def _secret(env) -> str:
     secret = env.pop(SECRET_ENV, "")
     if secret or "TRAINBUS_RUN_DIR" not in env:
         return secret
-    path = Path(env["TRAINBUS_RUN_DIR"]) / CREDENTIAL_FILE
-    try:
-        return path.read_text().strip()
-    except OSError as exc:
-        exc.filename = exc.filename or str(path)
-        raise
+    return (Path(env["TRAINBUS_RUN_DIR"]) / CREDENTIAL_FILE).read_text().strip()
 
 
 def _terminate(runner: Runner) -> None:
