@@ -159,6 +159,12 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         raise ConfigError(str(exc)) from None
     warnings: list[str] = []  # said on the terminal and in kernel.log once the run has one
     resume_from = find_checkpoint(cfg.resume, cfg.runs_dir, warnings) if cfg.resume else None
+    if continue_run and (ranks is None or ranks.is_main):
+        check_not_running(run_dir)
+        # The last session's: this one's failures are new. Cleared before the ranks meet below, since from there
+        # another rank may fail at once and write its own (write_rank_error).
+        for stale in run_dir.glob(RANK_ERROR.format("*")):
+            stale.unlink(missing_ok=True)
     if ranks is not None:  # rank 0's pick: a checkpoint landing meanwhile (a killed run's writer) must not split them
         resume_from = ranks.share(resume_from)
     resume_state = load_checkpoint(resume_from) if resume_from else None
@@ -191,10 +197,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     try:
         _make_dir(Path(cfg.runs_dir), cfg.runs_dir, parents=True, exist_ok=True)
         if continue_run:
-            check_not_running(run_dir)
             (run_dir / "summary.json").unlink(missing_ok=True)  # the run is going again
-            for stale in run_dir.glob(RANK_ERROR.format("*")):  # the last session's: this one's failures are new
-                stale.unlink(missing_ok=True)
         else:
             _make_dir(run_dir, cfg.runs_dir)
     except BaseException:
@@ -331,18 +334,25 @@ RANK_ERROR = "rank{}.error.json"  # in the run directory: what failed on a rank 
 RANK_ERROR_WAIT_S = 10.0
 
 
-def write_rank_error(run_dir: Path, rank: int, exc: BaseException, beside_rank_0: bool) -> str:
+def write_rank_error(run_dir: Path, rank: int, exc: BaseException, beside_rank_0: bool,
+                     wait_s: float = RANK_ERROR_WAIT_S) -> str:
     """What failed on this rank, for rank 0's run_failed and summary (the directory every rank shares). Returns
     what this rank says on its stderr: the traceback trimmed to the user's frames (the whole one when none of
     their code is in it: then the fault is ours, and our frames are the point), and the one-line error; nothing
-    when it is on rank 0's machine and wrote its file, since rank 0 (or the launcher) says it then, once."""
+    when it is on rank 0's machine and wrote its file, since rank 0 (or the launcher) says it then, once.
+
+    A rank failing at its first batch may get there while rank 0 still makes the run directory (and starts its
+    plugins): it waits for the directory, up to wait_s."""
     tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
     where, trace = user_trace(exc)
     error = f"{error_line(exc)}{where}"
+    deadline = time.monotonic() + wait_s
+    while not Path(run_dir).is_dir() and time.monotonic() < deadline:
+        time.sleep(0.05)
     try:
         (Path(run_dir) / RANK_ERROR.format(rank)).write_text(
             json.dumps({"rank": rank, "error": error, "traceback": tail, "trace": trace}))
-    except OSError:  # its traceback is on its stderr all the same
+    except OSError:  # no run directory (rank 0 failed before it made one): its traceback is on its stderr instead
         beside_rank_0 = False
     return "" if beside_rank_0 else (trace or traceback.format_exc()) + f"error: rank {rank}: {error}\n"
 

@@ -345,6 +345,28 @@ def test_rank_0_waits_for_every_rank_of_its_machine_to_say_what_failed(tmp_path)
     assert time.monotonic() - started < 60  # not waited out (the margin of a busy machine)
 
 
+def test_a_rank_failing_before_rank_0_made_the_run_directory_writes_its_file_once_it_is_there(tmp_path):
+    """An idle rank 1 reaches its first loss while rank 0 still makes the run directory and starts plugins: it
+    waits for the directory rather than saying the error alone on its stderr; with none made, it says it."""
+    import threading
+
+    from trainbus.kernel.session import read_rank_errors, write_rank_error
+
+    run_dir = tmp_path / "run"
+    threading.Timer(0.5, run_dir.mkdir).start()
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        said = write_rank_error(run_dir, 1, exc, beside_rank_0=True, wait_s=120)
+    assert said == "" and [e["error"].split(" (in your code")[0] for e in read_rank_errors(run_dir)] == \
+        ["ValueError: boom"]
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        said = write_rank_error(tmp_path / "never", 1, exc, beside_rank_0=True, wait_s=0.2)
+    assert "\nerror: rank 1: ValueError: boom" in said, said
+
+
 def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_restart(tmp_path):
     proc = subprocess.run(trainbus_cmd() + ["run", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
                                             "--nproc", "2", "--max-restarts", "2", "--precision", "16-mixed"],
