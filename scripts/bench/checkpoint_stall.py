@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench/checkpoint_stall.py          # ~5 min on 2 cores, ~5 GB of RAM
     .venv/bin/python scripts/bench/checkpoint_stall.py --dir /other/disk --steps 60 --every 3
+    python scripts/bench/checkpoint_stall.py --device cuda --batch 64 --steps 1200 --every 300   # a GPU's state
 
 The model: --layers Linear(--width, --width) layers with ReLU between (6 x 4096^2 = 100.7 M float32
 parameters), SGD with momentum, so the optimizer state is one more copy of the parameters: ~805 MB
@@ -24,7 +25,8 @@ of state per checkpoint. The target is `build` in this file, run by the real ker
 (b) Inline: torch.save of the same state to a file in the run directory's file system, flush, fsync:
     what a training loop that saves for itself stalls for.
 (c) A bare copy of the same tensors into preallocated buffers (torch.empty_like, then copy_): the
-    floor for any snapshot.
+    floor for any snapshot. With --device cuda: into pinned host memory (torch.empty(pin_memory=True)), every
+    copy queued, then one synchronize; (c') the same into pageable memory, each copy waited for.
 (e) One level down, where throughput goes while a persist runs: the same training step timed alone,
     and next to a process running the checkpoint plugin's own persist path in a loop (read_snapshot +
     write_atomically of the same snapshot, to the same disk), once at training's priority and torch's
@@ -135,7 +137,8 @@ class StallClock:
 def run(args, workdir: Path, steps: int, every: int) -> dict:
     """One real run (every=0: no checkpoint plugin); its journal read back into step times, persists, stalls."""
     plugins = [resolve_plugin("checkpoint", {"save_top_k": 1, "save_last": False})] if every else []
-    cfg = RunConfig(target=TARGET, epochs=1, seed=0, device="cpu", runs_dir=str(workdir / "runs"), plugins=plugins,
+    cfg = RunConfig(target=TARGET, epochs=1, seed=0, device=args.device, runs_dir=str(workdir / "runs"),
+                    plugins=plugins,
                     hyperparameters={**hyperparameters(args), "steps": steps}, checkpoint_every_n_epochs=0,
                     checkpoint_every_n_steps=every, drain_timeout_s=300, keep_freed_memory=not args.release_memory)
     wait_quiet(args.quiet_cores, args.quiet_wait_s)
@@ -181,11 +184,13 @@ def trained_state(args) -> tuple[Loop, list[torch.Tensor]]:
     """A model after one SGD step (momentum buffers exist), the loop holding it, and every tensor of its state."""
     torch.manual_seed(0)
     spec = build(hyperparameters(args))
-    inputs, targets = next(iter(spec.train_loader))
+    device = torch.device(args.device)
+    spec.model.to(device)  # in place: the optimizer's parameters are the moved ones
+    inputs, targets = (t.to(device) for t in next(iter(spec.train_loader)))
     spec.loss_fn(spec.model(inputs), targets).backward()
     spec.optimizer.step()
     spec.optimizer.zero_grad(set_to_none=True)
-    loop = Loop(spec, bus=None, device=torch.device("cpu"))
+    loop = Loop(spec, bus=None, device=device)
     tensors: list[torch.Tensor] = []
     _collect(loop.training_state(epoch_complete=False), tensors)
     return loop, tensors
@@ -202,16 +207,19 @@ def _collect(obj, out: list) -> None:
             _collect(v, out)
 
 
-def bare_copy(tensors: list[torch.Tensor], reps: int) -> list[float]:
-    destination = [torch.empty_like(t) for t in tensors]
-    for d, t in zip(destination, tensors):  # fault the pages in: preallocated means touched before
-        d.copy_(t)
+def bare_copy(tensors: list[torch.Tensor], reps: int, pinned: bool = False) -> list[float]:
+    """Each rep's time to copy the tensors into host buffers made and touched beforehand; pinned (GPU tensors): the
+    copies queued without waiting, then one synchronize, the fastest a GPU's state reaches host memory."""
+    destination = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned) for t in tensors]
     times = []
-    for _ in range(reps):
+    for rep in range(reps + 1):  # the first: the pages faulted in, not counted (preallocated means touched before)
         started = time.perf_counter()
         for d, t in zip(destination, tensors):
-            d.copy_(t)
-        times.append(time.perf_counter() - started)
+            d.copy_(t, non_blocking=pinned)
+        if any(t.is_cuda for t in tensors):
+            torch.cuda.synchronize()
+        if rep:
+            times.append(time.perf_counter() - started)
     return times
 
 
@@ -362,6 +370,8 @@ def ms(xs: list[float]) -> tuple[str, str, str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", type=Path, default=REPO / "runs", help="where run dirs and the inline file go (its disk)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the model trains (cuda: (e) skipped)")
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--batch", type=int, default=8)
@@ -394,7 +404,9 @@ def main() -> int:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     print(f"memory: {mem:.1f} GiB; run dirs and inline file on {filesystem_of(workdir)}; "
           f"snapshot buffers in /dev/shm ({filesystem_of(Path('/dev/shm'))}); "
-          f"training with keep_freed_memory = {str(not args.release_memory).lower()}")
+          f"training on {args.device} with keep_freed_memory = {str(not args.release_memory).lower()}")
+    if args.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     started = time.monotonic()
     try:
         baselines, mains = [], []
@@ -410,12 +422,15 @@ def main() -> int:
         loop, tensors = trained_state(args)
         state_bytes = sum(t.numel() * t.element_size() for t in tensors)
         params = sum(p.numel() for p in loop.spec.model.parameters())
-        copy_s = bare_copy(tensors, args.reps)
+        cuda = args.device == "cuda"
+        copy_s = bare_copy(tensors, args.reps, pinned=cuda)
+        pageable_s = bare_copy(tensors, args.reps) if cuda else []
         take_fresh, take_reused = checkpointer_take(loop, workdir, args.reps)
         inline_s = inline_save(loop, workdir, args.inline_reps)
         standalone_foreign = watch.stop()
         del tensors
-        ab = persister_ab(loop, workdir, args.ab_steps, args.ab_rounds, not args.release_memory) if args.ab_steps else []
+        ab = persister_ab(loop, workdir, args.ab_steps, args.ab_rounds, not args.release_memory) \
+            if args.ab_steps and not cuda else []  # (e) is about CPU training and a persister sharing cores
         del loop
     finally:
         if not args.keep:
@@ -436,8 +451,11 @@ def main() -> int:
     sizes = [x for r in runs for x in r["sizes"]]
     print(f"state per checkpoint: {state_bytes / MB:.1f} MB ({params / 1e6:.1f} M float32 parameters + SGD momentum)"
           + (f"; checkpoint file {statistics.median(sizes) / MB:.1f} MB" if sizes else ""))
-    rows = [["(c) bare copy into preallocated buffers", len(copy_s), *ms(copy_s), "1.00x", vs(copy_s, stall_med),
-             f"{state_bytes / copy_med / 1e9:.1f} GB/s"]]
+    rows = [[f"(c) bare copy into preallocated{' pinned' if cuda else ''} buffers", len(copy_s), *ms(copy_s), "1.00x",
+             vs(copy_s, stall_med), f"{state_bytes / copy_med / 1e9:.1f} GB/s"]]
+    if pageable_s:
+        rows.append(["(c') the same into pageable buffers", len(pageable_s), *ms(pageable_s), vs(pageable_s, copy_med),
+                     vs(pageable_s, stall_med), f"{state_bytes / statistics.median(pageable_s) / 1e9:.1f} GB/s"])
     for every in sorted({r["every"] for r in runs}, reverse=True):
         stalls = [c for r in runs if r["every"] == every for c in r["stalls"]]
         groups = [(label, [c["s"] for c in stalls if c["kind"] == kind]) for kind, label in STALL_KINDS.items()]
