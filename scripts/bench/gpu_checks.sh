@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# The CUDA paths in one go, for a session lent a GPU machine (its time is short: ~9 min on one H200).
+# The checks that need the GPU machine, for a session lent one (15 minutes of it, at most 10 a call): two parts,
+# each one call.
 #
-#     PYTHON=python3 bash scripts/bench/gpu_checks.sh 2>&1 | tee gpu.log
+#     PYTHON=python3 bash scripts/bench/gpu_checks.sh gpu 2>&1 | tee gpu.log     # ~5 min on one H200
+#     PYTHON=python3 bash scripts/bench/gpu_checks.sh cores 2>&1 | tee cores.log # ~6 min: its 16 cores, no GPU used
 #
-# Runs, each under a time limit so that one hang cannot eat the rest:
+# gpu, each step under a time limit so that one hang cannot eat the rest:
 #   1. tests/test_cuda.py: snapshots into pinned buffers on a side stream, no per-step host sync on the training
 #      thread (torch's sync debug mode), 16-mixed and bf16-mixed, NCCL with one rank;
 #   2. `trainbus run` on CUDA in 16-mixed (with the gpu monitor and the checkpoint plugin) and bf16-mixed;
 #   3. scripts/bench/checkpoint_stall.py --device cuda: the snapshot stall vs the pinned copy, first vs later;
-#   4. scripts/bench/vs_lightning.py --device cuda: the launch-bound and compute-bound models, fewer repetitions.
+#   4. scripts/bench/vs_lightning.py --device cuda: the launch-bound model (noisy: more repetitions) and the
+#      compute-bound one (steady: fewer).
+# cores: the CPU benches whose targets need cores to spare, which the 2-core VM has not (issues #12 and #14):
+#   5. scripts/bench/attach_monitors.py: 50 attached monitors on cores of their own;
+#   6. scripts/bench/ddp_overhead.py --quick: trainbus vs a bare DDP loop, 2 ranks, the plugins on spare cores.
 # The project must be importable by $PYTHON (pip install -e . --no-deps where torch is already there).
 set -u
 PY=${PYTHON:-python3}
@@ -19,9 +25,16 @@ step() {
     timeout -k 10 "$limit" "$@"
     echo "== rc=$? ($(date +%T))"
 }
+MODE=${1:-gpu}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$PY" -c "import torch, zmq; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda',
 torch.version.cuda, torch.cuda.get_device_name(), 'pyzmq', zmq.__version__, 'cores', __import__('os').cpu_count())"
+if [ "$MODE" = cores ]; then
+    step 300 "$PY" scripts/bench/attach_monitors.py --repeats 2 --epochs 150
+    step 200 "$PY" scripts/bench/ddp_overhead.py --quick
+    rm -rf "$RUNS"
+    exit
+fi
 step 240 "$PY" -m pytest -q -o addopts="" -p no:cacheprovider -rs --durations=10 tests/test_cuda.py
 step 90 "$PY" -m trainbus.kernel.cli run --device cuda --precision 16-mixed --epochs 3 --runs-dir "$RUNS" \
     --plugins console,metrics_log,gpu,checkpoint
