@@ -80,6 +80,7 @@ class Loop:
         # On CUDA, per-step losses stay on the device and are read in bursts by the bus thread;
         # on the CPU .item() costs no sync and is cheaper than tensor arithmetic.
         self._scalar = (lambda t: t.detach()) if device.type == "cuda" else (lambda t: t.item())
+        self._stepped_lr: float | None = None  # a per-step schedule: the lr this epoch's last optimizer step used
         self.step = 0
         self.epoch = 0
         self.first_epoch = 1
@@ -113,9 +114,11 @@ class Loop:
         for self.epoch in range(self.first_epoch, spec.epochs + 1):
             planned = planned_batches(spec.train_loader)
             self._publish(ev.START_EPOCH, batches_planned=planned)
+            self._stepped_lr = None
             train = self._train_epoch(planned)
             validation = self._validate() if spec.validation_loader is not None else {}
-            lr = spec.optimizer.param_groups[0]["lr"]  # what the epoch trained with (its last step's)
+            # what the epoch trained with (its last step's): a per-step schedule has moved past it by now
+            lr = spec.optimizer.param_groups[0]["lr"] if self._stepped_lr is None else self._stepped_lr
             if spec.scheduler is not None and spec.scheduler_interval == "epoch":
                 self._epoch_scheduler_step(train, validation)
             if not train["partial"]:  # an epoch a stop cut short still validates and ends, but is not done
@@ -404,6 +407,7 @@ class Loop:
 
     def _optimizer_step(self) -> None:
         if self.stepper.step() and self.spec.scheduler is not None and self.spec.scheduler_interval == "step":
+            self._stepped_lr = self.spec.optimizer.param_groups[0]["lr"]
             self.spec.scheduler.step()  # a per-step schedule (OneCycleLR, warm-up): after each optimizer step
 
     def _epoch_scheduler_step(self, train: dict[str, Any], validation: dict[str, Any]) -> None:

@@ -140,6 +140,10 @@ def test_schedulers_step_per_epoch_per_step_or_on_a_plateau_and_each_epoch_repor
     run(s)
     assert s.scheduler.last_epoch == 6  # one step per optimizer step: the whole cycle in 2 epochs x 3 batches
     s = plain()
+    s.scheduler, s.scheduler_interval = torch.optim.lr_scheduler.StepLR(s.optimizer, step_size=3, gamma=0.5), "step"
+    bus, _ = run(s)
+    assert lrs(bus) == [0.1, 0.05]  # each epoch's 3 steps at one lr: the schedule moved on after its last step
+    s = plain()
     s.validation_loader = s.train_loader
     s.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(s.optimizer, patience=0, threshold=10.0)
     run(s)  # nothing "improves" by 10x: each epoch's step with its validation_loss cuts the lr
