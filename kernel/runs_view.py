@@ -209,14 +209,17 @@ def print_show(console, run: dict[str, Any]) -> None:
 
     rows = run.get("epoch_table") or []
     if rows:
-        metric_names = list(dict.fromkeys(k for row in rows for k in row["validation_metrics"]))
-        table = Table("epoch", "steps", "train loss", "val loss", *[f"val {m}" for m in metric_names], "lr", "time",
-                      box=None, pad_edge=False, title="epochs", title_justify="left")
+        trained = list(dict.fromkeys(k for row in rows for k in row.get("training_metrics") or {}))
+        validated = list(dict.fromkeys(k for row in rows for k in row["validation_metrics"]))
+        table = Table("epoch", "steps", "train loss", *[f"train {m}" for m in trained], "val loss",
+                      *[f"val {m}" for m in validated], "lr", "time", box=None, pad_edge=False, title="epochs",
+                      title_justify="left")
         best_epoch = run["best"]["epoch"] if run.get("best") else None
         for row in rows:
             mark = "*" if row["epoch"] == best_epoch else " (partial)" if row.get("partial") else ""
             table.add_row(f"{row['epoch']}{mark}", str(row["step"]), _num(row["training_loss"]),
-                          _num(row["validation_loss"]), *[_num(row["validation_metrics"].get(m)) for m in metric_names],
+                          *[_num((row.get("training_metrics") or {}).get(m)) for m in trained],
+                          _num(row["validation_loss"]), *[_num(row["validation_metrics"].get(m)) for m in validated],
                           f"{row['lr']:.3g}" if isinstance(row.get("lr"), (int, float)) else "-",
                           duration_text(row.get("duration_s")))
         console.print()

@@ -195,11 +195,11 @@ def _epoch_summary(epoch: int, epochs_total: int | None, data: dict[str, Any], e
     head = f"epoch {epoch}/{_fmt(epochs_total)}"
     if data.get("partial") is True:  # its losses and metrics are over these batches only
         head += f" partial ({_batches(data)})"
-    parts = [head,
-             f"train loss {_fmt(data.get('training_loss'))}",
-             f"val loss {_fmt(data.get('validation_loss'))}"]
-    for name, value in (data.get("validation_metrics") or {}).items():
-        parts.append(f"val {name} {_fmt(value)}")
+    parts = [head, f"train loss {_fmt(data.get('training_loss'))}"]
+    parts += [f"train {name} {_fmt(value)}" for name, value in (data.get("training_metrics") or {}).items()]
+    if "validation_loss" in data:  # absent: the run has no validation loader
+        parts.append(f"val loss {_fmt(data.get('validation_loss'))}")
+    parts += [f"val {name} {_fmt(value)}" for name, value in (data.get("validation_metrics") or {}).items()]
     if data.get("lr") is not None:
         parts.append(f"lr {_fmt(data['lr'])}")
     if elapsed_s is not None:

@@ -277,8 +277,9 @@ def test_console_without_a_tty_prints_plain_epoch_lines_and_warnings(tmp_path, c
     out = capsys.readouterr().out
     assert "\x1b" not in out
     lines = out.splitlines()
-    assert any(line.startswith("epoch 1/2  train loss 1  val loss 0.5  val accuracy 0.9  lr 0.1  ") for line in lines)
-    assert any(line.startswith("epoch 2/2  train loss 0.5  val loss ?  val accuracy ?") for line in lines)
+    assert any(line.startswith("epoch 1/2  train loss 1  train accuracy 0.5  val loss 0.5  val accuracy 0.9  lr 0.1  ")
+               for line in lines)
+    assert any(line.startswith("epoch 2/2  train loss 0.5  train accuracy 0.5  val loss ?  val accuracy ?") for line in lines)
     assert any(line.startswith("epoch 3/2  train loss ?  val loss ?") for line in lines)
     assert "warning: plugin gpu_monitor crashed (signal SIGKILL)" in lines
     assert "warning: plugin slow hung (silent for 3.2 s)" in lines
@@ -288,12 +289,23 @@ def test_console_without_a_tty_prints_plain_epoch_lines_and_warnings(tmp_path, c
     assert lines[-1] == "finished: ? epochs, ? steps; stopped early: no reason given"
 
 
+def test_console_without_validation_says_the_training_metrics_and_no_val_loss(tmp_path, capsys):
+    h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
+    h.feed("start_training_session", epochs=1, model="Net", parameters=10, device="cpu")
+    h.feed("start_epoch", epoch=1)
+    h.feed("end_epoch", training_loss=0.25, training_metrics={"top2": 0.75}, training_batch_count=3, lr=0.1)
+    h.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("epoch 1/1  train loss 0.25  train top2 0.75  lr 0.1  ") for line in lines), lines
+
+
 def test_console_says_an_epoch_a_stop_cut_short_is_partial(tmp_path, capsys):
     h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
     feed_run(h, [0.5, 0.4], batches=75, cut_at=8, stop_reasons=["kernel: stop: interrupted (Ctrl-C)"])
     lines = capsys.readouterr().out.splitlines()
-    assert any(line.startswith("epoch 1/2  train loss 1  val loss 0.5") for line in lines), lines
-    assert any(line.startswith("epoch 2/2 partial (8/75 batches)  train loss 0.5  val loss 0.4") for line in lines)
+    assert any(line.startswith("epoch 1/2  train loss 1  train accuracy 0.5  val loss 0.5") for line in lines), lines
+    assert any(line.startswith("epoch 2/2 partial (8/75 batches)  train loss 0.5  train accuracy 0.5  val loss 0.4")
+               for line in lines)
     assert lines[-1] == ("finished: 1 epoch and 8/75 batches of epoch 2, 83 steps; "
                          "stopped early: kernel: stop: interrupted (Ctrl-C)")
 

@@ -131,6 +131,16 @@ def test_list_shows_each_run_with_its_status_newest_first(every_status):
         [line.split()[0] for line in lines[1:]].index("a-completed")
 
 
+def test_show_has_a_column_for_each_training_and_validation_metric(tmp_path):
+    result = run_training(RunConfig(epochs=1, device="cpu", runs_dir=str(tmp_path), plugins=[]))  # digits: accuracy
+    text = cli("runs", "show", result.run_id, "--runs-dir", str(tmp_path))
+    header = next(line for line in text.splitlines() if line.startswith("epoch "))
+    assert header.split("  ")[:5] == ["epoch", "steps", "train loss", "train accuracy", "val loss"], header
+    assert "val accuracy" in header
+    row = next(line for line in text.splitlines() if line.startswith("1*"))
+    assert len(row.split()) == 9  # epoch, steps, the two losses, the two accuracies, lr, time ("0.1 s")
+
+
 def test_show_tells_one_run_in_detail(every_status):
     runs_dir, _ = every_status
     completed = json.loads(cli("runs", "show", "a-completed", "--runs-dir", str(runs_dir), "--json"))
