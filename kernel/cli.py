@@ -552,7 +552,16 @@ def _click_exceptions():
     return exceptions
 
 
+class _SaidBeforeTheRun(logging.Formatter):
+    """What the kernel logs while a command is read (a config file's warnings), before a run has its kernel.log: a
+    line like every other warning on the terminal (Python's last-resort handler prints the bare message)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"trainbus: {record.levelname.lower()}: {record.getMessage()}"
+
+
 def main() -> None:
+    logging.lastResort.setFormatter(_SaidBeforeTheRun())
     click = _click_exceptions()
     try:
         # Not standalone: click's own usage errors come here, said in one line like every other mistake (its

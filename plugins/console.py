@@ -68,8 +68,9 @@ class ConsolePlugin(Plugin):
     def on_start_training_session(self, event: Event) -> None:
         data = event.data
         self.epochs_total = _int(data.get("epochs"))
+        epochs = f"{_fmt(self.epochs_total)} epoch{'' if self.epochs_total == 1 else 's'}"
         self._say(f"training {data.get('model') or 'a model'} ({_fmt(data.get('parameters'))} parameters) "
-                  f"on {data.get('device') or '?'} for {_fmt(self.epochs_total)} epochs")
+                  f"on {data.get('device') or '?'} for {epochs}")
         if self.progress is not None and self.epoch_task is not None:
             self.progress.update(self.epoch_task, total=self.epochs_total)
 

@@ -606,6 +606,17 @@ def test_trainbus_run_says_a_hook_that_is_none_on_the_terminal_before_the_run(bz
                                   "is none of bz's 14, so it is never called"), proc.stderr
 
 
+def test_trainbus_run_says_what_a_bz_config_has_that_is_not_read_as_a_warning_line(tmp_path):
+    from conftest import trainbus_cmd
+
+    config = tmp_path / "bz_config.json"
+    config.write_text(json.dumps({"metrics": {"metrics": ["accuracy"]}}))
+    proc = subprocess.run([*trainbus_cmd(), "run", TINY, "--epochs", "1", "-c", str(config), "--runs-dir",
+                           str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith(f"trainbus: warning: {config}: metrics not read"), proc.stderr
+
+
 def test_model_and_optimizer_are_not_in_this_process():
     context = BzPlugin().context
     assert not hasattr(context, "model")  # bz plugins that guard with hasattr just skip

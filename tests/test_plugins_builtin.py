@@ -279,7 +279,8 @@ def test_console_without_a_tty_prints_plain_epoch_lines_and_warnings(tmp_path, c
     lines = out.splitlines()
     assert any(line.startswith("epoch 1/2  train loss 1  train accuracy 0.5  val loss 0.5  val accuracy 0.9  lr 0.1  ")
                for line in lines)
-    assert any(line.startswith("epoch 2/2  train loss 0.5  train accuracy 0.5  val loss ?  val accuracy ?") for line in lines)
+    assert any(line.startswith("epoch 2/2  train loss 0.5  train accuracy 0.5  val loss ?  val accuracy ?")
+               for line in lines)
     assert any(line.startswith("epoch 3/2  train loss ?  val loss ?") for line in lines)
     assert "warning: plugin gpu_monitor crashed (signal SIGKILL)" in lines
     assert "warning: plugin slow hung (silent for 3.2 s)" in lines
@@ -296,6 +297,7 @@ def test_console_without_validation_says_the_training_metrics_and_no_val_loss(tm
     h.feed("end_epoch", training_loss=0.25, training_metrics={"top2": 0.75}, training_batch_count=3, lr=0.1)
     h.close()
     lines = capsys.readouterr().out.splitlines()
+    assert "training Net (10 parameters) on cpu for 1 epoch" in lines
     assert any(line.startswith("epoch 1/1  train loss 0.25  train top2 0.75  lr 0.1  ") for line in lines), lines
 
 
