@@ -557,6 +557,8 @@ class _SaidBeforeTheRun(logging.Formatter):
     line like every other warning on the terminal (Python's last-resort handler prints the bare message)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        if not record.name.startswith("trainbus"):  # another library's (torch's launcher): as Python says it
+            return record.getMessage()
         return f"trainbus: {record.levelname.lower()}: {record.getMessage()}"
 
 
