@@ -34,6 +34,7 @@ class Ranks:
     def __init__(self, cluster: Cluster, device: torch.device):
         self.cluster = cluster
         self.rank, self.world_size = cluster.rank, cluster.world_size
+        self.main_pid: int | None = None  # rank 0's process id, once shared (kernel/session.py)
         # env:// reads these; srun sets none of them, torchrun all
         os.environ.update(MASTER_ADDR=cluster.main_address, MASTER_PORT=str(cluster.main_port),
                           RANK=str(cluster.rank), WORLD_SIZE=str(cluster.world_size), LOCAL_RANK=str(cluster.local_rank))

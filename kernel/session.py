@@ -123,7 +123,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     ranks = Ranks(cluster, device) if cluster.distributed else None
     run_id = run_id or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
     if ranks is not None:
-        run_id = ranks.share(run_id)  # rank 0's: one run, one directory
+        run_id, ranks.main_pid = ranks.share((run_id, os.getpid()))  # rank 0's: one run, one directory
     run_dir = Path(cfg.runs_dir).resolve() / run_id
     if cluster.restart_count and not continue_run and (run_dir / "config.json").is_file():
         # torchrun restarted the group after a rank failed (--max-restarts): the run the failed group trained goes
@@ -335,19 +335,23 @@ RANK_ERROR_WAIT_S = 10.0
 
 
 def write_rank_error(run_dir: Path, rank: int, exc: BaseException, beside_rank_0: bool,
-                     wait_s: float = RANK_ERROR_WAIT_S) -> str:
+                     wait_s: float = RANK_ERROR_WAIT_S, main_pid: int | None = None) -> str:
     """What failed on this rank, for rank 0's run_failed and summary (the directory every rank shares). Returns
     what this rank says on its stderr: the traceback trimmed to the user's frames (the whole one when none of
     their code is in it: then the fault is ours, and our frames are the point), and the one-line error; nothing
     when it is on rank 0's machine and wrote its file, since rank 0 (or the launcher) says it then, once.
 
     A rank failing at its first batch may get there while rank 0 still makes the run directory (and starts its
-    plugins): it waits for the directory, up to wait_s."""
+    plugins): it waits for the directory, up to wait_s, and only while rank 0's process (main_pid, on this
+    machine) lives: rank 0 failing before it made one (a port taken) is what broke this rank's collective."""
     tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
     where, trace = user_trace(exc)
     error = f"{error_line(exc)}{where}"
+    from .daemon import process_alive  # here: only a failing rank needs it
+
     deadline = time.monotonic() + wait_s
-    while not Path(run_dir).is_dir() and time.monotonic() < deadline:
+    while not Path(run_dir).is_dir() and time.monotonic() < deadline and (
+            main_pid is None or process_alive(main_pid, None)):
         time.sleep(0.05)
     try:
         (Path(run_dir) / RANK_ERROR.format(rank)).write_text(
@@ -419,7 +423,10 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
         with keep_freed_memory(cfg.keep_freed_memory):
             outcome = loop.run()
     except (Exception, SystemExit) as exc:  # said here (the user's frames), then torchrun ends the group on our exit
-        print(write_rank_error(run_dir, ranks.rank, exc, ranks.cluster.node_rank == 0), end="", file=sys.stderr)
+        beside_rank_0 = ranks.cluster.node_rank == 0
+        said = write_rank_error(run_dir, ranks.rank, exc, beside_rank_0,
+                                main_pid=ranks.main_pid if beside_rank_0 else None)
+        print(said, end="", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         for sig, handler in previous.items():

@@ -349,6 +349,7 @@ def test_a_rank_failing_before_rank_0_made_the_run_directory_writes_its_file_onc
     """An idle rank 1 reaches its first loss while rank 0 still makes the run directory and starts plugins: it
     waits for the directory rather than saying the error alone on its stderr; with none made, it says it."""
     import threading
+    import time
 
     from trainbus.kernel.session import read_rank_errors, write_rank_error
 
@@ -365,6 +366,15 @@ def test_a_rank_failing_before_rank_0_made_the_run_directory_writes_its_file_onc
     except ValueError as exc:
         said = write_rank_error(tmp_path / "never", 1, exc, beside_rank_0=True, wait_s=0.2)
     assert "\nerror: rank 1: ValueError: boom" in said, said
+    # rank 0 gone before it made one (a port taken): what broke this rank's collective; no wait for it
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    started = time.monotonic()
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        said = write_rank_error(tmp_path / "never", 1, exc, beside_rank_0=True, wait_s=120, main_pid=gone.pid)
+    assert "\nerror: rank 1: ValueError: boom" in said and time.monotonic() - started < 60
 
 
 def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_restart(tmp_path):
