@@ -142,10 +142,15 @@ def run(
             setattr(cfg, key, value)
     if runs_dir is not None:
         cfg.runs_dir = str(runs_dir)
+    flagged = {word.partition("=")[0]: word for word in flag_words}
     for item in hparam:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r} must look like KEY=VALUE")
+        word = flagged.get(key.removeprefix("hyperparameters."))
+        if word is not None and word.partition("=")[2] != raw:  # the later would win without a word
+            raise UserError(f"{key.removeprefix('hyperparameters.')} given twice, as {word} and as --set {item}: "
+                            f"give it once")
         apply_set(cfg, key, typed_word(raw))
     _check_epochs_given_once(epochs, [*flag_words, *hparam], cfg.hyperparameters)
     named_epochs = cfg.hyperparameters.get("epochs")

@@ -178,6 +178,8 @@ BAD_INPUT = {
                                          "epochs given twice, as epochs=2 and as --epochs 1: give epochs once"),
     "epochs with --set and as --epochs": (lambda t: ["run", "--set", "epochs=3", "--epochs", "1"],
                                           "epochs given twice, as epochs=3 and as --epochs 1: give epochs once"),
+    "a flag and --set of it": (lambda t: ["run", "lr=0.1", "--set", "lr=0.2"],
+                               "lr given twice, as lr=0.1 and as --set lr=0.2: give it once"),
 }
 
 
