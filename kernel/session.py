@@ -341,16 +341,17 @@ def write_rank_error(run_dir: Path, rank: int, exc: BaseException, beside_rank_0
     their code is in it: then the fault is ours, and our frames are the point), and the one-line error; nothing
     when it is on rank 0's machine and wrote its file, since rank 0 (or the launcher) says it then, once.
 
-    A rank failing at its first batch may get there while rank 0 still makes the run directory (and starts its
-    plugins): it waits for the directory, up to wait_s, and only while rank 0's process (main_pid, on this
-    machine) lives: rank 0 failing before it made one (a port taken) is what broke this rank's collective."""
+    A rank of rank 0's machine failing at its first batch may get there while rank 0 still makes the run
+    directory (and starts its plugins): it waits for the directory, up to wait_s, and only while rank 0's process
+    (main_pid) lives: rank 0 failing before it made one (a port taken) is what broke this rank's collective. A
+    rank of another machine does not wait: rank 0 reads its file only on a shared file system, without waiting."""
     tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
     where, trace = user_trace(exc)
     error = f"{error_line(exc)}{where}"
     from .daemon import process_alive  # here: only a failing rank needs it
 
     deadline = time.monotonic() + wait_s
-    while not Path(run_dir).is_dir() and time.monotonic() < deadline and (
+    while beside_rank_0 and not Path(run_dir).is_dir() and time.monotonic() < deadline and (
             main_pid is None or process_alive(main_pid, None)):
         time.sleep(0.05)
     try:

@@ -375,6 +375,13 @@ def test_a_rank_failing_before_rank_0_made_the_run_directory_writes_its_file_onc
     except ValueError as exc:
         said = write_rank_error(tmp_path / "never", 1, exc, beside_rank_0=True, wait_s=120, main_pid=gone.pid)
     assert "\nerror: rank 1: ValueError: boom" in said and time.monotonic() - started < 60
+    # a rank of another machine: rank 0 never waits for its file, so it does not wait to write it
+    started = time.monotonic()
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        said = write_rank_error(tmp_path / "never", 3, exc, beside_rank_0=False, wait_s=120)
+    assert "\nerror: rank 3: ValueError: boom" in said and time.monotonic() - started < 60
 
 
 def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_restart(tmp_path):
