@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from trainbus.proto import Event, ProtocolError, decode_event, encode_event, events as ev
+from trainbus.proto import Event, ProtocolError, decode_event, encode_burst, encode_event, events as ev
 from trainbus.proto.codec import MAX_MESSAGE_BYTES, N_COUNTS, new_packer
 from trainbus.proto.run_state import RunState
 
@@ -40,6 +40,13 @@ STEP_EVENTS = frozenset({ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH})
 # Per subscriber. With every plugin-made string capped (kernel/limits.py) an event is at most ~17 KiB and
 # usually ~200 B, so a stalled subscriber holds a few MB; a PUB queue past this drops (durable plugins replay).
 EVENTS_HWM = 10_000
+# Bursts (PROTOCOL.md §4): each flush's events again as one zlib'd message, for clients that take every event
+# (trainbus attach). A PUB frames, and on TCP CURVE-encrypts, every message once per connection: as events, each
+# attached monitor cost libzmq's I/O thread ~2.5 us an event; as bursts, ~6x fewer bytes a burst (docs/benchmarks.md).
+# Made only while someone subscribes: an XPUB says when the first subscriber comes and the last one goes.
+BURST_MAX_BYTES = 256 * 1024  # before zlib; a larger flush (a backlog the journal released at once) goes as several
+BURSTS_HWM = 100  # per subscriber, ~10 s of bursts (at most ~25 MB); past it one is dropped and the client replays
+BURST_TOPICS_MAX = 1024  # distinct subscriptions tracked per bursts socket (any one means: make the bursts)
 CONTROL_MAX_MESSAGE_BYTES = 256 * 1024  # what a peer may send us; larger drops its connection (libzmq)
 CONTROL_PER_WAKE = 256  # control messages read per wake-up: heartbeats and flushes never wait behind a flood
 STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said hello (slow joiners)
@@ -87,6 +94,7 @@ class Bus:
 
         self.ctx = zmq.Context()
         self.pub = _socket(self.ctx, zmq.PUB, SNDHWM=EVENTS_HWM, LINGER=LINGER_MS)
+        self.bursts = _socket(self.ctx, zmq.XPUB, SNDHWM=BURSTS_HWM, LINGER=LINGER_MS)
         # ROUTER_MANDATORY: an unroutable reply raises (and is counted) instead of vanishing
         self.router = _socket(self.ctx, zmq.ROUTER, ROUTER_MANDATORY=1, MAXMSGSIZE=CONTROL_MAX_MESSAGE_BYTES,
                               SNDHWM=1000, RCVHWM=10_000, LINGER=0)
@@ -98,9 +106,13 @@ class Bus:
         self._wake_tx.connect(f"inproc://trainbus-wake-{id(self)}")
         # ipc only, in an owner-only directory: never a TCP port anyone on the host could reach
         self.pub.bind(f"ipc://{socket_dir / 'events.sock'}")
+        self.bursts.bind(f"ipc://{socket_dir / 'bursts.sock'}")
         self.router.bind(f"ipc://{socket_dir / 'control.sock'}")
         self._pubs = [self.pub] if remote is None else [self.pub, remote.pub]
+        self._burst_pubs = [self.bursts] if remote is None else [self.bursts, remote.bursts]
+        self._burst_topics: dict[zmq.Socket, set[bytes]] = {pub: set() for pub in self._burst_pubs}  # subscribed
         self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.bursts_endpoint = self.bursts.getsockopt_string(zmq.LAST_ENDPOINT)
         self.control_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._thread = threading.Thread(target=self._run, name="trainbus-bus", daemon=True)
 
@@ -208,12 +220,12 @@ class Bus:
                       "left open until the process exits", CLOSE_TIMEOUT_S)
             return self.journal.error
         error = self.journal.close()
-        for socket in (self.pub, self.router, self._wake_tx, self._wake_rx):
+        for socket in (self.pub, self.bursts, self.router, self._wake_tx, self._wake_rx):
             socket.close()
         self.ctx.term()
         if self.remote is not None:
             self.remote.close()
-        for endpoint in (self.events_endpoint, self.control_endpoint):
+        for endpoint in (self.events_endpoint, self.bursts_endpoint, self.control_endpoint):
             Path(endpoint.removeprefix("ipc://")).unlink(missing_ok=True)  # libzmq leaves the file behind
         return error
 
@@ -225,6 +237,8 @@ class Bus:
         poller.register(self._wake_rx, zmq.POLLIN)
         if self.remote is not None:
             poller.register(self.remote.router, zmq.POLLIN)
+        for pub in self._burst_pubs:
+            poller.register(pub, zmq.POLLIN)  # (un)subscriptions
         next_heartbeat, next_flush, more = 0.0, 0.0, False
         while not self._closing.is_set():
             try:
@@ -234,6 +248,9 @@ class Bus:
                 if self._wake_rx in ready:  # the training thread waits on what is queued (flush_now)
                     _drain(self._wake_rx)
                     next_flush = 0.0
+                for pub in self._burst_pubs:
+                    if pub in ready:
+                        self._read_subscriptions(pub)
                 control_ready = self.router in ready or (self.remote is not None and self.remote.router in ready)
                 more = (more or control_ready) and self._read_control(CONTROL_PER_WAKE)
                 self._send_answers()
@@ -284,7 +301,7 @@ class Bus:
         step, epoch = self.position
         beat = Event(max(1, self.journal.written_seq), self.run_id, ev.HEARTBEAT, time.time(), step, epoch,
                      {"interval_s": self.heartbeat_interval_s, "held_back": len(self._unpublished)})
-        self._send_event((ev.HEARTBEAT.encode(), encode_event(beat)))
+        self._send_events([(ev.HEARTBEAT.encode(), encode_event(beat))])
 
     def _flush(self) -> None:
         waiting = _take_all(self._flushed)  # first: every event queued before one of them is in the batch below
@@ -341,21 +358,40 @@ class Bus:
             except Exception:
                 self._bus_error(f"numbering a {type_} event")
         written = self.journal.append(records, first_seq)  # journal first: a published event is always replayable
-        for _ in range(written):
-            self._send_event(self._unpublished.popleft())
+        self._send_events([self._unpublished.popleft() for _ in range(written)])
         self.counters["events"] += written
         if self.journal.overflowing and self.failure is None:  # the disk stays full: stop at the next step
             self.failure = self.journal.overflow_message()
             self.reply("stop", "kernel", self.failure)
 
-    def _send_event(self, frames: tuple[bytes, bytes]) -> None:
+    def _send_events(self, frames: list[tuple[bytes, bytes]]) -> None:
+        """Each (topic, envelope) on the events sockets, then all of them as bursts on the bursts sockets."""
         # Two sends with int flags: send_multipart's per-frame flag arithmetic on pyzmq's enums is most of its
         # cost (2.9 -> 1.3 us an event uncontended, docs/benchmarks.md). A PUB never blocks: at its high-water
         # mark it drops the whole message for that subscriber.
-        topic, raw = frames
         for pub in self._pubs:
-            pub.send(topic, _MORE)
-            pub.send(raw, _LAST)
+            for topic, raw in frames:
+                pub.send(topic, _MORE)
+                pub.send(raw, _LAST)
+        takers = [pub for pub in self._burst_pubs if self._burst_topics[pub]]
+        if takers and frames:
+            for burst in _bursts([raw for _, raw in frames]):
+                for pub in takers:
+                    pub.send(burst, _LAST)
+
+    def _read_subscriptions(self, pub: zmq.Socket) -> None:
+        """A bursts XPUB passes on a topic's first subscription (b"\\x01" + topic) and its last unsubscription
+        (b"\\x00" + topic): bursts are made while any is held."""
+        topics = self._burst_topics[pub]
+        for _ in range(CONTROL_PER_WAKE):
+            try:
+                message = pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if message[:1] == b"\x01" and len(topics) < BURST_TOPICS_MAX:
+                topics.add(message[1:])
+            elif message[:1] == b"\x00":
+                topics.discard(message[1:])
 
     def _read_control(self, budget: int) -> bool:
         """Handle up to `budget` control messages (of each socket); True when more are waiting."""
@@ -416,6 +452,19 @@ def _counts_at_end(journal: Journal) -> list[int]:
             if n is not None:
                 return list(n)
     return [0] * N_COUNTS
+
+
+def _bursts(records: list[bytes], max_bytes: int = BURST_MAX_BYTES) -> list[bytes]:
+    """`records` as bursts of at most `max_bytes` each (one record larger than that goes alone); none for none."""
+    bursts, start, size = [], 0, 0
+    for i, record in enumerate(records):
+        if size and size + len(record) > max_bytes:
+            bursts.append(encode_burst(records[start:i]))
+            start, size = i, 0
+        size += len(record)
+    if start < len(records):
+        bursts.append(encode_burst(records[start:]))
+    return bursts
 
 
 def _take_all(queue: collections.deque) -> list:

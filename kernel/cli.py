@@ -82,8 +82,9 @@ def run(
                                                                 "from its newest verified checkpoint, with its config "
                                                                 "(options given override it); a checkpoint file (or "
                                                                 "--config given too): a new run starting from it."),
-    listen: Optional[str] = typer.Option(None, "--listen", help="HOST:PORT: also serve control on PORT and events on "
-                                                                "PORT+1 over TCP with CURVE (PORT 0: a free pair); "
+    listen: Optional[str] = typer.Option(None, "--listen", help="HOST:PORT: also serve control on PORT, events on "
+                                                                "PORT+1 and bursts on PORT+2 over TCP with CURVE "
+                                                                "(PORT 0: free ones); "
                                                                 "needs `trainbus keys`. Endpoints: RUN_DIR/connection.json."),
     keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
     precision: Optional[str] = typer.Option(None, "--precision", help="32, bf16-mixed, 16-mixed (CUDA) or bf16-true."),

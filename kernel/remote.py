@@ -1,7 +1,7 @@
 """The kernel's TCP side: a CURVE PUB and ROUTER beside the ipc pair, behind a ZAP authenticator that fails closed.
 
-Only with `--listen HOST:PORT` ([run] listen). Control binds PORT and events PORT + 1 (PORT 0: a free
-pair). Both sockets are CURVE servers with the host's key; every handshake goes to zmq.auth's
+Only with `--listen HOST:PORT` ([run] listen). Control binds PORT, events PORT + 1 and bursts PORT + 2 (PORT 0:
+free ones). All three are CURVE servers with the host's key; every handshake goes to zmq.auth's
 authenticator, started in this object's own context before any bind, which asks the key directory
 (kernel/keys.py KeyRing) whether the client's key is authorized. ZAP_ENFORCE_DOMAIN makes a missing
 authenticator a refusal: without it libzmq lets any client key in when nobody answers ("Stonehouse").
@@ -17,12 +17,12 @@ import logging
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from trainbus.proto.remote import HANDSHAKE_IVL_MS, keys_dir, load_secret, split_host_port
+from trainbus.proto.remote import HANDSHAKE_IVL_MS, RUN_PORTS, keys_dir, load_secret, split_host_port
 
 from .keys import REVOKED, KeyRing, KeyStore
 
 ZAP_DOMAIN = "trainbus"
-FREE_PAIR_ATTEMPTS = 20  # PORT 0: tries at a free control port whose PORT + 1 is free too
+FREE_PORTS_ATTEMPTS = 20  # PORT 0: tries at a free control port whose PORT + 1 and PORT + 2 are free too
 EVENTS_MAX_INBOUND_BYTES = 4096  # a SUB only sends subscriptions (topic prefixes) to the PUB
 CONTROL_RCVHWM = 1000  # per connection: a flooding peer fills its own queue, not the others'
 TCP_KEEPALIVE_IDLE_S = 60  # a peer whose machine vanished is noticed and its connection closed
@@ -33,25 +33,25 @@ class ListenError(Exception):
     """--listen cannot be served as asked; the text names the fix."""
 
 
-def bind_error(host: str, port: int, exc: zmq.ZMQError, ports: int = 2) -> ListenError:
+def bind_error(host: str, port: int, exc: zmq.ZMQError, ports: int = RUN_PORTS) -> ListenError:
     """Why --listen HOST:PORT could not bind, with the fix: another address when HOST is none of this machine's
     (ENODEV: a name that does not resolve here; EADDRNOTAVAIL: another machine's address), else another port.
-    `ports`: how many it binds from PORT on (a run: 2, the daemon: 1)."""
+    `ports`: how many it binds from PORT on (a run: RUN_PORTS, the daemon: 1)."""
     if exc.errno in (errno.ENODEV, errno.EADDRNOTAVAIL):
         return ListenError(f"--listen {host}:{port}: {host} is not an address of this machine ({exc.strerror}): give "
                            f"one of its addresses or host names (`hostname -I` lists them), or 127.0.0.1 for this "
                            f"machine alone")
     if port:
-        which, free = (f"port {port} and {port + 1}", "pair") if ports == 2 else (f"port {port}", "port")
+        which, free = (f"ports {port}-{port + ports - 1}", "free ones") if ports > 1 else (f"port {port}", "a free one")
         return ListenError(f"--listen {host}:{port}: cannot bind {which} ({exc.strerror}); pick another PORT, or 0 "
-                           f"for a free {free}")
+                           f"for {free}")
     return ListenError(f"--listen {host}:0: cannot bind on {host} ({exc.strerror})")
 
 
-def check_listen(host_port: str, store: KeyStore, ports: int = 2) -> tuple[str, int]:
+def check_listen(host_port: str, store: KeyStore, ports: int = RUN_PORTS) -> tuple[str, int]:
     """(host, port) of `--listen HOST:PORT`, once the keys it needs are there and private; else ListenError or
     KeyFileError naming the fix. Loopback too needs keys: any local user can reach a loopback port. `ports`: how
-    many it binds from PORT on (a run: control and events; the daemon: one)."""
+    many it binds from PORT on (a run: control, events and bursts; the daemon: one)."""
     try:
         host, port = split_host_port(host_port, ports, lowest=0)
     except ValueError as exc:
@@ -93,9 +93,10 @@ def curve_server(ctx: zmq.Context, kind: int, secret: bytes, **options: int) -> 
 
 
 class Listener:
-    """The run's TCP endpoints: `control_endpoint` (ROUTER) and `events_endpoint` (PUB), CURVE only."""
+    """The run's TCP endpoints: `control_endpoint` (ROUTER), `events_endpoint` and `bursts_endpoint` (PUBs), CURVE
+    only."""
 
-    def __init__(self, host_port: str, store: KeyStore, events_hwm: int, control_max_bytes: int):
+    def __init__(self, host_port: str, store: KeyStore, events_hwm: int, bursts_hwm: int, control_max_bytes: int):
         host, port = check_listen(host_port, store)
         public, secret = load_secret(store.server_secret)
         self.server_key = public
@@ -108,6 +109,8 @@ class Listener:
                                    SNDHWM=1000, RCVHWM=CONTROL_RCVHWM, LINGER=0)
         self.pub = self._socket(zmq.PUB, secret, SNDHWM=events_hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES,
                                 LINGER=1000)
+        self.bursts = self._socket(zmq.XPUB, secret, SNDHWM=bursts_hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES,
+                                   LINGER=1000)
         try:
             self._bind(host, port)
         except BaseException:
@@ -115,36 +118,47 @@ class Listener:
             raise
         self.control_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.bursts_endpoint = self.bursts.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _socket(self, kind: int, secret: bytes, **options: int) -> zmq.Socket:
         return curve_server(self.ctx, kind, secret, **options)
 
     def _bind(self, host: str, port: int) -> None:
+        publishers = (self.pub, self.bursts)  # on PORT + 1 and PORT + 2
         if host.startswith("["):
-            for socket in (self.router, self.pub):
+            for socket in (self.router, *publishers):
                 socket.setsockopt(zmq.IPV6, 1)
         if port:
             try:
                 self.router.bind(f"tcp://{host}:{port}")
-                self.pub.bind(f"tcp://{host}:{port + 1}")
+                for offset, socket in enumerate(publishers, 1):
+                    socket.bind(f"tcp://{host}:{port + offset}")
             except zmq.ZMQError as exc:
                 raise bind_error(host, port, exc) from None
             return
-        for _ in range(FREE_PAIR_ATTEMPTS):
+        for _ in range(FREE_PORTS_ATTEMPTS):
             try:
                 self.router.bind(f"tcp://{host}:*")
             except zmq.ZMQError as exc:
                 raise bind_error(host, 0, exc) from None
             endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+            base = int(endpoint.rpartition(":")[2])
+            bound = []
             try:
-                self.pub.bind(f"tcp://{host}:{int(endpoint.rpartition(':')[2]) + 1}")
+                for offset, socket in enumerate(publishers, 1):
+                    socket.bind(f"tcp://{host}:{base + offset}")
+                    bound.append(socket.getsockopt_string(zmq.LAST_ENDPOINT))
                 return
             except zmq.ZMQError:
+                for socket, taken in zip(publishers, bound):
+                    socket.unbind(taken)
                 self.router.unbind(endpoint)
-        raise ListenError(f"--listen {host}:0: found no free pair of ports PORT, PORT + 1; give a PORT")
+        raise ListenError(f"--listen {host}:0: found no {RUN_PORTS} free ports in a row (PORT, PORT + 1, PORT + 2); "
+                          f"give a PORT")
 
     def close(self) -> None:
         self.router.close()
-        self.pub.close()  # its LINGER lets the last events out, for a bounded second
+        self.pub.close()  # their LINGER lets the last events out, for a bounded second
+        self.bursts.close()
         self.authenticator.stop()
         self.ctx.term()

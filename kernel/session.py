@@ -23,7 +23,7 @@ from trainbus.proto import JOURNAL_NAME, events as ev
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
 from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir, write_connection_file
 
-from .bus import CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
+from .bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
 from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_checkpoints, load_checkpoint,
                             persister_directory)
 from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
@@ -238,8 +238,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     for line in bus.journal.missing:  # a continued run's journal with a segment gone: plugins go on without it
         announce(f"warning: {line}")
     if bus.remote is not None:
-        announce(f"listening with CURVE on {bus.remote.control_endpoint} (control) and {bus.remote.events_endpoint} "
-                 f"(events); clients: {run_dir / CONNECTION_FILE}")
+        announce(f"listening with CURVE on {bus.remote.control_endpoint} (control), {bus.remote.events_endpoint} "
+                 f"(events) and {bus.remote.bursts_endpoint} (bursts); clients: {run_dir / CONNECTION_FILE}")
     bus.run_state.run["target"] = cfg.target  # what `trainbus attach` shows; no event carries it
     # a SIGTERM to every process (systemd stopping the unit, SLURM preempting) ends the plugins too: not early leavers
     bus.supervisor.stop_requested = lambda: bool(interrupts.count)
@@ -441,7 +441,7 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
 def _listen(listen: str, keys: KeyStore) -> Listener:
     """The run's TCP endpoints, bound (`--listen HOST:PORT`); ConfigError naming what stops them."""
     try:
-        return Listener(listen, keys, EVENTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+        return Listener(listen, keys, EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
     except (ListenError, KeyFileError) as exc:
         raise ConfigError(str(exc)) from None
 
@@ -456,8 +456,10 @@ def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: Peer
     Returns the bus (not started), the checkpointer (None without buffers) and the sockets' directory.
     """
     if remote is not None:
-        write_connection_file(run_dir, run_id, remote.control_endpoint, remote.events_endpoint, remote.server_key)
-        log.info("listening on TCP (CURVE): control %s events %s", remote.control_endpoint, remote.events_endpoint)
+        write_connection_file(run_dir, run_id, remote.control_endpoint, remote.events_endpoint, remote.bursts_endpoint,
+                              remote.server_key)
+        log.info("listening on TCP (CURVE): control %s events %s bursts %s", remote.control_endpoint,
+                 remote.events_endpoint, remote.bursts_endpoint)
     credentials = Credentials(remote.keyring if remote else None)
     credentials.write_attach_file(run_dir)
     journal = Journal(run_dir / JOURNAL_NAME, backlog_max_bytes=journal_backlog_bytes,
@@ -465,7 +467,7 @@ def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: Peer
     sockets = socket_dir(run_dir)
     bus = Bus(run_id, journal, sockets, HEARTBEAT_INTERVAL_S, remote)
     # Where a hand-attached client finds them when they are not in the run directory (PROTOCOL.md, environment).
-    log.info("sockets: events %s control %s", bus.events_endpoint, bus.control_endpoint)
+    log.info("sockets: events %s control %s bursts %s", bus.events_endpoint, bus.control_endpoint, bus.bursts_endpoint)
     env = dict(os.environ, TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir), RUN_ID=run_id, RUN_DIR=str(run_dir),
                TRAINBUS_EVENTS=bus.events_endpoint, TRAINBUS_CONTROL=bus.control_endpoint,
                TRAINBUS_KERNEL_PID=str(os.getpid()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import msgpack
@@ -148,6 +149,30 @@ def encode_event(event: Event, check: bool = True, packer: msgpack.Packer | None
 
 def decode_event(raw: bytes) -> Event:
     return event_from_map(unpack(raw))
+
+
+def encode_burst(records: list[bytes]) -> bytes:
+    """A burst (PROTOCOL.md §4): envelopes as encoded, in seq order, spliced into one msgpack array as they are, then
+    zlib (level 1: ~6x smaller for per-batch events at ~0.1 ms per 40 KB, once for every subscriber)."""
+    return zlib.compress(msgpack.Packer().pack_array_header(len(records)) + b"".join(records), 1)
+
+
+def decode_burst(raw: bytes) -> list[Event]:
+    """A burst's events; ProtocolError when it or any envelope in it is not as specified. What it inflates to is
+    bounded like any message (MAX_MESSAGE_BYTES): a small frame cannot make us allocate gigabytes."""
+    if isinstance(raw, (bytes, bytearray, memoryview)) and len(raw) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    inflater = zlib.decompressobj()
+    try:
+        body = inflater.decompress(raw, MAX_MESSAGE_BYTES)
+    except (zlib.error, TypeError, ValueError) as exc:
+        raise ProtocolError(f"a burst must be zlib data: {exc}") from None
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise ProtocolError(f"a burst inflates past {MAX_MESSAGE_BYTES} bytes or is cut short")
+    events = unpack(body)
+    if type(events) is not list:
+        raise ProtocolError(f"a burst must be an array of envelopes, got {type(events).__name__}")
+    return [event_from_map(e) for e in events]
 
 
 # -- control messages ---------------------------------------------------------------------------

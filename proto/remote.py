@@ -134,21 +134,25 @@ def secure_client(socket: zmq.Socket, key_file: Path | tuple[bytes, bytes], serv
     socket.setsockopt(zmq.IPV6, 1)  # a kernel listening on [::1] or another IPv6 address; IPv4 ones still connect
 
 
-def split_host_port(text: str, ports: int = 2, lowest: int = 1) -> tuple[str, int]:
+RUN_PORTS = 3  # a run's TCP ports from its PORT on: control, events (PORT + 1), bursts (PORT + 2)
+
+
+def split_host_port(text: str, ports: int = RUN_PORTS, lowest: int = 1) -> tuple[str, int]:
     """(host, port) of `HOST:PORT` or `tcp://HOST:PORT` (what a kernel prints and connection.json holds); ValueError
-    naming the form otherwise. `ports`: how many the peer uses from PORT on (a run's control and events: 2);
+    naming the form otherwise. `ports`: how many the peer uses from PORT on (a run: RUN_PORTS; the daemon: 1);
     `lowest`: 0 where 0 means a free port (--listen)."""
     host, sep, port = text.removeprefix("tcp://").rpartition(":")
     if not sep or not host or "/" in host or not port.isdigit() or not lowest <= int(port) <= 65536 - ports:
-        span = f"a port from {lowest} to {65536 - ports}" + ("; events use PORT + 1" if ports == 2 else "")
+        span = f"a port from {lowest} to {65536 - ports}" + ("; events use PORT + 1, bursts PORT + 2"
+                                                            if ports == RUN_PORTS else "")
         raise ValueError(f"{text!r} is not HOST:PORT ({span})")
     return host, int(port)
 
 
-def endpoints(host_port: str) -> tuple[str, str]:
-    """(control, events) TCP endpoints of `HOST:PORT`: control on PORT, events on PORT + 1."""
+def endpoints(host_port: str) -> tuple[str, str, str]:
+    """(control, events, bursts) TCP endpoints of a run's `HOST:PORT`: PORT, PORT + 1 and PORT + 2."""
     host, port = split_host_port(host_port)
-    return f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}"
+    return f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}", f"tcp://{host}:{port + 2}"
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "[::]", "::", "*")
@@ -161,14 +165,15 @@ def advertised(endpoint: str) -> str:
     return f"tcp://{socket.gethostname()}:{port}" if sep and host in WILDCARD_HOSTS else endpoint
 
 
-def write_connection_file(run_dir: Path, run_id: str, control: str, events: str, server_key: bytes) -> Path:
+def write_connection_file(run_dir: Path, run_id: str, control: str, events: str, bursts: str,
+                          server_key: bytes) -> Path:
     """<run_dir>/connection.json (0600), like Jupyter's connection files: what a remote client needs besides
     its own key. The server's key in it is public; the file is owner-only as everything in a run directory.
     A wildcard bind's endpoints are written with this host's name (advertised)."""
     path = Path(run_dir) / CONNECTION_FILE
     temporary = path.with_name(f".{path.name}.tmp")
     content = {"run": run_id, "transport": "tcp", "control": advertised(control), "events": advertised(events),
-               "server_key": server_key.decode("ascii")}
+               "bursts": advertised(bursts), "server_key": server_key.decode("ascii")}
     with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(json.dumps(content, indent=2) + "\n")
     os.replace(temporary, path)
@@ -176,10 +181,12 @@ def write_connection_file(run_dir: Path, run_id: str, control: str, events: str,
 
 
 def read_connection_file(path: Path) -> dict[str, str]:
-    """A connection file's content: run, control, events, server_key (z85 text)."""
+    """A connection file's content: run, control, events, bursts ("" in one from a kernel without them), server_key
+    (z85 text)."""
     try:
         content = json.loads(Path(path).read_text())
         info = {k: str(content[k]) for k in ("run", "control", "events", "server_key")}
+        info["bursts"] = str(content.get("bursts", ""))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise KeyFileError(f"connection file {path} is unreadable ({exc}); copy the run's {CONNECTION_FILE} again")
     if not is_z85_key(info["server_key"]):  # libzmq would refuse it, with a traceback

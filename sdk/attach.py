@@ -1,6 +1,7 @@
 """Attaching to a live run from outside: a snapshot, then every event after it in seq order; reconnects; steers.
 
-zguide's Clone pattern (PROTOCOL.md §7.4): subscribe to everything and say hello, buffer the live events,
+zguide's Clone pattern (PROTOCOL.md §7.4): subscribe to everything (the kernel's bursts: every event of a flush
+in one message, PROTOCOL.md §4, where it has them) and say hello, buffer the live events,
 ask for a `snapshot`; the kernel's `run_state` is the run as of seq S, so buffered events up to S are
 dropped and the rest follow without gap or duplicate. A gap in the live stream (a SUB queue overflowed) is
 filled with `replay`, as a durable plugin does (§12). When the kernel's heartbeats stop, the client
@@ -40,7 +41,8 @@ SNAPSHOT_RETRY_S = 5.0  # no run_state this long after asking (the answer was lo
 PLUGINS_REFRESH_S = 5.0  # a fresh snapshot this often, for what only the kernel knows (durable plugins' acks)
 BUFFER_MAX_EVENTS = 50_000  # live events held while the snapshot is on its way; past it they are replayed
 POLL_S = 0.1
-SOCKETS_LINE = re.compile(r"sockets: events (\S+) control (\S+)")  # kernel.log (kernel/session.py open_bus)
+# kernel.log (kernel/session.py open_bus); bursts only from a kernel that has them
+SOCKETS_LINE = re.compile(r"sockets: events (\S+) control (\S+)(?: bursts (\S+))?")
 
 
 class AttachError(Exception):
@@ -65,6 +67,9 @@ class Target:
     # we were given (a run directory when read in place; a copy elsewhere has none, and the run's end is then
     # known only from its events). Never the credential's place: over TCP the key proves us, and no secret leaves.
     ended_dir: Path | None = None
+    # Its bursts PUB (every event of a flush as one message): what the client subscribes to when there is one, "" when
+    # not known (EVENTS,CONTROL given, an older kernel): then the events PUB, an event a message.
+    bursts: str = ""
 
     def __post_init__(self) -> None:
         if self.ended_dir is None:
@@ -84,10 +89,10 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
     `key` (this client's secret key file), a remote kernel's HOST:PORT or connection.json over TCP + CURVE."""
     if key:
         try:
-            control_endpoint, events, secure = remote_endpoints(where, key, server_key)
+            control_endpoint, events, bursts, secure = remote_endpoints(where, key, server_key)
         except (KeyFileError, ValueError) as exc:
             raise TargetError(str(exc)) from None
-        return Target(events, control_endpoint, None, secure, connection_run_dir(where))
+        return Target(events, control_endpoint, None, secure, connection_run_dir(where), bursts)
     if "tcp://" in where:
         raise TargetError(f"{where}: a kernel's TCP endpoint takes CURVE keys: give --key (this client's secret key "
                           f"file) with HOST:PORT or the run's connection.json")
@@ -104,17 +109,28 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
                 raise TargetError(f"no socket {endpoint.removeprefix('ipc://')}: is the run still running? "
                                   f"(`trainbus runs list` says)")
         run_dir = Path(events.removeprefix("ipc://")).parent if events.startswith("ipc://") else None
-        return Target(events, control_endpoint, run_dir if run_dir and (run_dir / CREDENTIAL_FILE).exists() else None)
+        return Target(events, control_endpoint, run_dir if run_dir and (run_dir / CREDENTIAL_FILE).exists() else None,
+                      bursts=_bursts_beside(events))
     run_dir = Path(where).resolve()
     if (run_dir / "events.sock").exists():
-        return Target(f"ipc://{run_dir / 'events.sock'}", f"ipc://{run_dir / 'control.sock'}", run_dir)
+        events = f"ipc://{run_dir / 'events.sock'}"
+        return Target(events, f"ipc://{run_dir / 'control.sock'}", run_dir, bursts=_bursts_beside(events))
     try:  # a run directory too deep for a Unix socket path: its kernel says where they are
         found = SOCKETS_LINE.findall((run_dir / "kernel.log").read_text(errors="replace"))
     except OSError:
         found = []
     if found:
-        return Target(*found[-1], run_dir)
+        events, control_endpoint, bursts = found[-1]
+        return Target(events, control_endpoint, run_dir, bursts=bursts)
     raise AttachError(f"no live kernel sockets for {run_dir} (no events.sock; kernel.log names none)")
+
+
+def _bursts_beside(events: str) -> str:
+    """The bursts socket beside an ipc events.sock, where the kernel has one; else ""."""
+    if not events.startswith("ipc://") or not events.endswith("/events.sock"):
+        return ""
+    bursts = Path(events.removeprefix("ipc://")).with_name("bursts.sock")
+    return f"ipc://{bursts}" if bursts.exists() else ""
 
 
 def client_name() -> str:
@@ -192,8 +208,9 @@ class Attachment:
         self.peer_name = self.name if not self.reconnects else f"{self.name}.{self.reconnects}"
         hello = control("hello", name=self.peer_name, pid=os.getpid(), subscriptions=[""], replies=self.replies,
                         delivery=BEST_EFFORT, votes=[], capabilities=[], secret=self.target.secret())
-        self._io = PluginIO(self.target.events, self.target.control, [""], hello, handler_timeout_s=float("inf"),
-                       kernel_pid=None, secure=self.target.secure, log_not_acted=False)
+        self._io = PluginIO(self.target.bursts or self.target.events, self.target.control, [""], hello,
+                            handler_timeout_s=float("inf"), kernel_pid=None, secure=self.target.secure,
+                            log_not_acted=False, bursts=bool(self.target.bursts))
         self._io.start()
         self._asked_snapshot, self._replaying = 0.0, False
         self._buffer.clear()

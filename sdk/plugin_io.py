@@ -17,6 +17,7 @@ from trainbus.proto import (
     Event,
     ProtocolError,
     control,
+    decode_burst,
     decode_control,
     decode_event,
     encode_control,
@@ -46,9 +47,11 @@ class PluginIO(threading.Thread):
 
     def __init__(self, events_endpoint: str, control_endpoint: str, topics: list[str],
                  hello: dict[str, Any], handler_timeout_s: float, kernel_pid: int | None,
-                 secure: Callable[[zmq.Socket], None] | None = None, log_not_acted: bool = True):
+                 secure: Callable[[zmq.Socket], None] | None = None, log_not_acted: bool = True,
+                 bursts: bool = False):
         """`secure`, when given, is applied to both sockets before they connect (a remote kernel's CURVE keys).
-        `log_not_acted`: a refused single message is also a line on stderr (a plugin's log); attach shows its own."""
+        `log_not_acted`: a refused single message is also a line on stderr (a plugin's log); attach shows its own.
+        `bursts`: `events_endpoint` is the kernel's bursts PUB (every event, a flush's in one message; topics [""])."""
         super().__init__(name="trainbus-plugin-io", daemon=True)
         self.inbox: collections.deque = collections.deque()  # ("event", Event) | ("control", msg)
         self.outbox: collections.deque = collections.deque()  # control messages to send
@@ -93,6 +96,7 @@ class PluginIO(threading.Thread):
         self._hello_at = 0.0
         self.malformed = 0
         self.heartbeat_interval_s = 1.0
+        self._decode = _burst_events if bursts else _one_event
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -248,20 +252,19 @@ class PluginIO(threading.Thread):
                 break
             while frames[-1].more:
                 frames.append(recv(zmq.NOBLOCK, copy=False))
-            received += 1
             try:
-                if len(frames) != 2:
-                    raise ProtocolError(f"expected 2 frames, got {len(frames)}")
-                event = decode_event(frames[1].bytes)
+                events = self._decode(frames)
             except ProtocolError:
                 self.malformed += 1
                 continue
-            if event.type == ev.HEARTBEAT:
-                self.heartbeat_interval_s = float(event.data.get("interval_s", 1.0))
-            if len(self.inbox) + len(burst) >= INBOX_MAX_EVENTS and event.type not in FINAL_EVENTS:
-                self.dropped += 1  # a durable plugin notices the gap and replays it
-                continue
-            burst.append(("event", event))
+            received += len(events)
+            for event in events:
+                if event.type == ev.HEARTBEAT:
+                    self.heartbeat_interval_s = float(event.data.get("interval_s", 1.0))
+                if len(self.inbox) + len(burst) >= INBOX_MAX_EVENTS and event.type not in FINAL_EVENTS:
+                    self.dropped += 1  # a durable plugin notices the gap and replays it
+                    continue
+                burst.append(("event", event))
         self.received += received
         if burst:
             with self.wake:
@@ -372,6 +375,20 @@ class PluginIO(threading.Thread):
             _say(f"[{self.hello['name']}] no kernel heartbeat for {now - last_kernel:.1f} s, but the kernel (pid "
                  f"{self.kernel_pid}) is still running (stopped or starved?); waiting for it")
         return None
+
+
+def _one_event(frames: list[zmq.Frame]) -> list[Event]:
+    """An events PUB's message: [topic, envelope] (PROTOCOL.md §4)."""
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames, got {len(frames)}")
+    return [decode_event(frames[1].bytes)]
+
+
+def _burst_events(frames: list[zmq.Frame]) -> list[Event]:
+    """A bursts PUB's message: [burst], the envelopes of one flush as one array (PROTOCOL.md §4)."""
+    if len(frames) != 1:
+        raise ProtocolError(f"expected 1 frame, got {len(frames)}")
+    return decode_burst(frames[0].bytes)
 
 
 def _say(text: str) -> None:

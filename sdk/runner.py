@@ -441,7 +441,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     env = os.environ
     if connect:
         try:
-            control_endpoint, events_endpoint, secure = remote_endpoints(connect, key, server_key)
+            control_endpoint, events_endpoint, _, secure = remote_endpoints(connect, key, server_key)
         except (KeyFileError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -560,18 +560,20 @@ def connection_run_dir(connect: str) -> Path | None:
     return path.resolve().parent if connect.endswith(".json") and path.is_file() else None
 
 
-def remote_endpoints(connect: str, key: str, server_key: str = "") -> tuple[str, str, Callable[[zmq.Socket], None]]:
-    """(control, events, secure) for a remote kernel: `secure(socket)` makes a socket a CURVE client with our
-    key and the server's key pinned (trainbus.proto.remote.secure_client)."""
+def remote_endpoints(connect: str, key: str,
+                     server_key: str = "") -> tuple[str, str, str, Callable[[zmq.Socket], None]]:
+    """(control, events, bursts, secure) for a remote kernel (bursts "": a connection.json from a kernel without
+    them): `secure(socket)` makes a socket a CURVE client with our key and the server's key pinned
+    (trainbus.proto.remote.secure_client)."""
     if not key:
         raise ValueError("--connect needs --key FILE: this client's secret key (`trainbus keys generate client`)")
     if connect.endswith(".json"):
         info = read_connection_file(Path(connect))
-        control_endpoint, events_endpoint = info["control"], info["events"]
+        control_endpoint, events_endpoint, bursts_endpoint = info["control"], info["events"], info["bursts"]
         pinned: bytes | Path = Path(server_key) if server_key else info["server_key"].encode("ascii")
     else:
         try:
-            control_endpoint, events_endpoint = endpoints(connect)
+            control_endpoint, events_endpoint, bursts_endpoint = endpoints(connect)
         except ValueError as exc:  # a run id or directory given with a key: name both forms a remote kernel has
             raise ValueError(f"{exc}: give the kernel's HOST:PORT or its run's connection.json") from None
         pinned = Path(server_key) if server_key else keys_dir() / f"{SERVER_KEY}.key"
@@ -579,8 +581,8 @@ def remote_endpoints(connect: str, key: str, server_key: str = "") -> tuple[str,
     # a key file moved or rotated while we run cannot fail a reconnect hours later.
     if isinstance(pinned, Path):
         pinned = load_server_key(pinned)
-    return control_endpoint, events_endpoint, functools.partial(secure_client, key_file=load_secret(Path(key)),
-                                                                server_key=pinned)
+    return control_endpoint, events_endpoint, bursts_endpoint, functools.partial(
+        secure_client, key_file=load_secret(Path(key)), server_key=pinned)
 
 
 def skip_lost(batch: dict[str, Any], next_seq: int, who: str) -> int:

@@ -268,6 +268,76 @@ def test_a_connection_file_whose_server_key_is_damaged_is_one_line(tmp_path):
         f"copy the run's connection.json again\n"), proc.stderr
 
 
+def test_attach_finds_the_kernels_bursts_socket_from_every_form_of_where(tmp_path):
+    """Every form of WHERE names the bursts socket beside the events one (PROTOCOL.md §4), where the kernel has
+    one; where it has none (an older kernel), attach takes the events socket as before."""
+    import zmq.auth
+
+    from trainbus.sdk.attach import target_of
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("events.sock", "control.sock"):
+        (run_dir / name).touch()
+    events = f"ipc://{run_dir / 'events.sock'}"
+    assert target_of(str(run_dir)).bursts == "" and target_of(events).bursts == ""
+    (run_dir / "bursts.sock").touch()
+    bursts = f"ipc://{run_dir / 'bursts.sock'}"
+    assert target_of(str(run_dir)).bursts == bursts and target_of(events).bursts == bursts
+    assert target_of(f"{events},ipc://{run_dir / 'control.sock'}").bursts == bursts
+
+    deep = tmp_path / "deep"  # sockets elsewhere, named by kernel.log
+    deep.mkdir()
+    line = "sockets: events ipc:///t/s/events.sock control ipc:///t/s/control.sock"
+    (deep / "kernel.log").write_text(f"{line}\n")
+    assert target_of(str(deep)).bursts == ""
+    (deep / "kernel.log").write_text(f"{line} bursts ipc:///t/s/bursts.sock\n")
+    found = target_of(str(deep))
+    assert (found.events, found.control, found.bursts) == ("ipc:///t/s/events.sock", "ipc:///t/s/control.sock",
+                                                           "ipc:///t/s/bursts.sock")
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    server_public, _ = zmq.auth.create_certificates(keys, "server")
+    _, client_secret = zmq.auth.create_certificates(keys, "me")
+    os.chmod(client_secret, 0o600)
+    remote = target_of("127.0.0.1:5555", key=client_secret, server_key=server_public)
+    assert (remote.control, remote.events, remote.bursts) == ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556",
+                                                              "tcp://127.0.0.1:5557")
+    connection = tmp_path / "connection.json"
+    info = {"run": "r", "control": "tcp://h:7000", "events": "tcp://h:7001",
+            "server_key": zmq.auth.load_certificate(server_public)[0].decode()}
+    connection.write_text(json.dumps(info))
+    assert target_of(str(connection), key=client_secret).bursts == ""  # an older kernel's file
+    connection.write_text(json.dumps({**info, "bursts": "tcp://h:7002"}))
+    assert target_of(str(connection), key=client_secret).bursts == "tcp://h:7002"
+
+
+def test_an_attachment_takes_its_events_from_the_bursts_socket(runs_dir, tmp_path, kernels):
+    """What the kernel sends a monitor is one message a flush, not one an event (docs/benchmarks.md): the client's
+    SUB is on bursts.sock, and what comes through it is every event in order after the snapshot."""
+    import zmq
+
+    from trainbus.sdk.attach import Attachment, target_of
+
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=1, batch_s=0.02, monitors=False)
+    kernel.wait_step(3, timeout_s=60)
+    target = target_of(str(kernel.run_dir))
+    assert target.bursts.endswith("/bursts.sock"), target  # in the run directory, or where kernel.log says
+    attachment = Attachment(target)
+    seqs, end = [], time.monotonic() + 60
+    for item in attachment:
+        if item is not None and item[0] == "snapshot":
+            seqs.append(item[1].seq)
+            assert attachment._io.sub.getsockopt_string(zmq.LAST_ENDPOINT) == target.bursts
+        elif item is not None:
+            seqs.append(item[1].seq)
+        if len(seqs) > 40 or time.monotonic() > end:
+            break
+    attachment.close()
+    assert len(seqs) > 40 and seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+
+
 def test_attach_to_an_ended_run_says_so_at_once(runs_dir, tmp_path, kernels):
     kernel = live_run(runs_dir, tmp_path, kernels, epochs=1, batch_s=0.0, monitors=False)
     kernel.result(timeout_s=120)

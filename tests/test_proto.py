@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from trainbus.proto import (
     Event,
     ProtocolError,
     control,
+    decode_burst,
     decode_control,
     decode_event,
+    encode_burst,
     encode_control,
     encode_event,
     event_to_map,
@@ -94,6 +97,40 @@ def test_event_round_trip():
     assert decode_event(encode_event(HEARTBEAT)) == HEARTBEAT
 
 
+def test_a_burst_is_its_envelopes_as_one_array_and_decodes_to_its_events():
+    records = [encode_event(EVENT), encode_event(HEARTBEAT)]
+    burst = encode_burst(records)
+    # the records spliced in as they are, zlib'd
+    assert zlib.decompress(burst) == msgpack.packb([unpack(r) for r in records], use_bin_type=True)
+    assert decode_burst(burst) == [EVENT, HEARTBEAT]
+    assert decode_burst(encode_burst([])) == []
+    with pytest.raises(ProtocolError, match="array of envelopes"):
+        decode_burst(zlib.compress(encode_event(EVENT)))  # one envelope alone is not a burst
+    with pytest.raises(ProtocolError, match="zlib"):
+        decode_burst(encode_event(EVENT))  # nor is it uncompressed
+    with pytest.raises(ProtocolError):
+        decode_burst(encode_burst([records[0], pack({"v": 1, "seq": 0})]))  # a garbled envelope in it
+    with pytest.raises(ProtocolError, match="cut short"):
+        decode_burst(burst[:-4])
+    bomb = zlib.compress(bytes(MAX_MESSAGE_BYTES + 1), 9)  # 16 KiB that would inflate past the cap
+    assert len(bomb) < 20_000
+    with pytest.raises(ProtocolError, match="inflates past"):
+        decode_burst(bomb)
+
+
+def test_the_bus_cuts_a_flush_into_bursts_under_the_cap_keeping_every_record_in_order():
+    from trainbus.kernel.bus import _bursts
+    values = [bytes([i]) * (10 + i) for i in range(40)]
+    records = [msgpack.packb(v) for v in values]
+    for cap in (1, 25, 100, 10_000):
+        bursts = [zlib.decompress(b) for b in _bursts(records, max_bytes=cap)]
+        assert [v for b in bursts for v in msgpack.unpackb(b)] == values, cap
+        for b in bursts:
+            held = [msgpack.packb(v) for v in msgpack.unpackb(b)]
+            assert len(held) == 1 or sum(map(len, held)) <= cap, (cap, list(map(len, held)))
+    assert len(_bursts(records, max_bytes=10_000)) == 1 and _bursts([]) == []
+
+
 @pytest.mark.parametrize(("kind", "fields"), CONTROL_EXAMPLES, ids=[k for k, _ in CONTROL_EXAMPLES])
 def test_control_round_trip(kind, fields):
     message = control(kind, **fields)
@@ -157,14 +194,14 @@ def test_any_event_round_trips(event):
 
 def _decodes_or_protocol_error(raw: bytes) -> None:
     """Each decoder either succeeds or raises ProtocolError; any other exception fails the test."""
-    for decode in (decode_event, decode_control, unpack):
+    for decode in (decode_event, decode_control, decode_burst, unpack):
         try:
             decode(raw)
         except ProtocolError:
             pass
 
 
-VALID_ENCODINGS = [encode_event(EVENT), encode_event(HEARTBEAT)] + [
+VALID_ENCODINGS = [encode_event(EVENT), encode_event(HEARTBEAT), encode_burst([encode_event(EVENT)])] + [
     encode_control(control(kind, **fields)) for kind, fields in CONTROL_EXAMPLES]
 
 
@@ -312,13 +349,13 @@ def test_message_over_max_message_bytes():
     chunk = "x" * (MAX_STR_BYTES - 64)
     raw = msgpack.packb(_envelope(data={str(i): chunk for i in range(MAX_MESSAGE_BYTES // len(chunk) + 1)}))
     assert len(raw) > MAX_MESSAGE_BYTES
-    for decode in (decode_event, decode_control, unpack):
+    for decode in (decode_event, decode_control, decode_burst, unpack):
         with pytest.raises(ProtocolError, match="exceeds"):
             decode(raw)
 
 
 def test_non_bytes_input_is_a_protocol_error():
-    for decode in (decode_event, decode_control, unpack):
+    for decode in (decode_event, decode_control, decode_burst, unpack):
         with pytest.raises(ProtocolError):
             decode("not bytes")  # type: ignore[arg-type]
 

@@ -14,10 +14,12 @@ import re
 import subprocess
 import sys
 import time
+import zlib
 
 from pathlib import Path
 
 import msgpack
+import zmq
 
 from fixture_targets import open_gate
 from kernel_process import KernelProcess, of, wait_until
@@ -39,6 +41,12 @@ class Client(Intruder):
     def __init__(self, run_dir):
         super().__init__(run_dir, NAME, subscribe=True)
         self.events: list[tuple[list[bytes], dict]] = []  # (frames, envelope) as received on the SUB
+        # [C105] and the bursts socket beside events.sock, everything subscribed
+        self.bursts_sub = self.ctx.socket(zmq.SUB)
+        self.bursts_sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.bursts_sub.setsockopt(zmq.LINGER, 0)
+        self.bursts_sub.connect(f"ipc://{self.run_dir / 'bursts.sock'}")
+        self.bursts: list[list[bytes]] = []  # frames of each burst as received
         self.said_hello, self.next_beat = False, 0.0
 
     def hello(self, *args, **fields) -> None:
@@ -57,6 +65,8 @@ class Client(Intruder):
 
     def drain_events(self, timeout_s: float = 0.0) -> None:
         self.beat()
+        while self.bursts_sub.poll(0):
+            self.bursts.append(self.bursts_sub.recv_multipart())
         while self.sub.poll(int(timeout_s * 1000)):
             self.beat()
             frames = self.sub.recv_multipart()
@@ -156,6 +166,11 @@ def test_the_wire_of_a_real_run_is_as_specified(short_runs, tmp_path, kernels): 
         client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME, timeout_s=120)
         open_gate(gate, 2 * STEPS_PER_EPOCH)
         final = client.wait_event(lambda e: e["type"] == "end_training_session", timeout_s=120)
+        end = time.monotonic() + 30  # its burst goes out right after it
+        while time.monotonic() < end and not (
+                client.bursts and msgpack.unpackb(zlib.decompress(client.bursts[-1][0]), **LIMITS)[-1]["seq"]
+                >= final["seq"]):
+            client.drain_events(0.1)
     finally:
         open_gate(gate, 2 * STEPS_PER_EPOCH)
         client.close()
@@ -181,6 +196,22 @@ def test_the_wire_of_a_real_run_is_as_specified(short_runs, tmp_path, kernels): 
         assert journal[envelope["seq"]].type == envelope["type"]  # [C78] the same event the journal holds
     received = [envelope["seq"] for _, envelope in client.events]
     assert received == sorted(received), "[C14] events arrive in seq order"
+    # [C105] a burst is one frame, zlib of at most 256 KiB: an array of envelopes consecutive in seq, each the
+    # journal's; together they hold every event from the first one received on (a held-back heartbeat repeats a seq)
+    assert client.bursts
+    burst_seqs = []
+    for frames in client.bursts:
+        assert len(frames) == 1, [len(f) for f in frames]
+        body = zlib.decompress(frames[0])
+        assert len(body) <= 256 * 1024, len(body)
+        envelopes = msgpack.unpackb(body, **LIMITS)
+        assert type(envelopes) is list and envelopes, envelopes
+        seqs = [envelope["seq"] for envelope in envelopes]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+        assert all(decode_event(pack(envelope)) == journal[envelope["seq"]] for envelope in envelopes)
+        burst_seqs += seqs
+    assert burst_seqs == sorted(burst_seqs) and set(burst_seqs) == set(range(burst_seqs[0], burst_seqs[-1] + 1))
+    assert burst_seqs[-1] >= final["seq"], (burst_seqs[-1], final["seq"])
     # [C40, C78] what replay served is what the journal holds
     assert [e["seq"] for e in replayed] == list(range(1, len(replayed) + 1))
     assert all(journal[e["seq"]].type == e["type"] and journal[e["seq"]].ts == e["ts"] for e in replayed)

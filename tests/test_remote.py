@@ -1,6 +1,6 @@
 """A kernel on TCP lets nobody in without an authorized CURVE key, and each key only as far as its role goes.
 
-Real kernels in their own processes listening on 127.0.0.1 (port 0: a free pair), raw pyzmq clients as an
+Real kernels in their own processes listening on 127.0.0.1 (port 0: free ones), raw pyzmq clients as an
 outsider would write them, the SDK's remote mode (`python -m trainbus.sdk ... --connect`), a real kill -9,
 and, where this machine allows it (root, `ip netns`), a client in a second network namespace over a veth
 pair. Parametrized after pyzmq's zmq/tests/test_auth.py. Nothing is mocked.
@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import msgpack
@@ -25,7 +26,7 @@ import zmq
 
 from conftest import trainbus_cmd
 from kernel_process import KernelProcess, of, wait_until
-from trainbus.kernel.bus import CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM
+from trainbus.kernel.bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM
 from trainbus.kernel.config import RunConfig
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.keys import REFRESH_INTERVAL_S, KeyStore
@@ -84,19 +85,24 @@ def connection(kernel: KernelProcess, timeout_s: float = 60.0) -> dict[str, str]
 
 
 class RemoteClient:
-    """SUB + DEALER on a kernel's TCP endpoints in raw pyzmq + msgpack; CURVE when given a key file."""
+    """SUBs (events, and bursts when the connection names them) + DEALER on a kernel's TCP endpoints in raw pyzmq +
+    msgpack; CURVE when given a key file."""
 
     def __init__(self, conn: dict[str, str], key_file: Path | None = None, server_key: bytes | Path | None = None):
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.bursts = self.ctx.socket(zmq.SUB)
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.ROUTING_ID, f"remote-{secrets.token_hex(4)}".encode())
-        for sock in (self.sub, self.dealer):
+        for sock in (self.sub, self.bursts, self.dealer):
             sock.setsockopt(zmq.LINGER, 0)
             if key_file is not None:
                 secure_client(sock, key_file, server_key or conn["server_key"].encode())
+        for sub in (self.sub, self.bursts):
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(conn["events"])
+        if conn.get("bursts"):
+            self.bursts.connect(conn["bursts"])
         self.dealer.connect(conn["control"])
 
     def send(self, type_: str, **fields) -> None:
@@ -110,6 +116,11 @@ class RemoteClient:
         if not self.sub.poll(int(timeout_s * 1000)):
             return None
         return msgpack.unpackb(self.sub.recv_multipart()[1], **LIMITS)
+
+    def next_burst(self, timeout_s: float) -> list[dict] | None:
+        if not self.bursts.poll(int(timeout_s * 1000)):
+            return None
+        return msgpack.unpackb(zlib.decompress(self.bursts.recv()), **LIMITS)
 
     def reply(self, timeout_s: float, type_: str | None = None) -> dict | None:
         """The next control message (of `type_`, others skipped) within timeout_s, or None."""
@@ -127,11 +138,12 @@ class RemoteClient:
 
 
 def heard_within(clients: dict[str, RemoteClient], seconds: float) -> dict[str, int]:
-    """Events plus control messages each client received in `seconds` (each polled in turn)."""
+    """Events, bursts and control messages each client received in `seconds` (each polled in turn)."""
     heard, end = dict.fromkeys(clients, 0), time.monotonic() + seconds
     while time.monotonic() < end:
         for name, client in clients.items():
             heard[name] += client.next_event(0.01) is not None
+            heard[name] += client.next_burst(0.01) is not None
             heard[name] += client.reply(0.01) is not None
     return heard
 
@@ -184,6 +196,7 @@ def test_a_client_without_an_authorized_key_gets_nothing(keys, runs_dir, tmp_pat
         assert heard == dict.fromkeys(bad, 0), f"messages a bad client received: {heard}"
         step_then = kernel.journal.step()
         assert good.next_event(5.0) is not None, "the authorized monitor hears the run meanwhile"
+        assert good.next_burst(5.0), "and its bursts"
     finally:
         for client in [*bad.values(), good]:
             client.close()
@@ -282,17 +295,18 @@ def _try_bind(sock: zmq.Socket, endpoint: str) -> bool:
 def test_with_the_authenticator_not_answering_nobody_gets_in(how, keys):
     """The kernel's TCP listener with its authenticator gone (ZAP_ENFORCE_DOMAIN: no handler is a refusal) or
     hung (the handshake times out): even a control-role key hears nothing and reaches nothing."""
-    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
     conn = {"control": listener.control_endpoint, "events": listener.events_endpoint,
-            "server_key": listener.server_key.decode()}
+            "bursts": listener.bursts_endpoint, "server_key": listener.server_key.decode()}
     mute = None
     try:
         before = RemoteClient(conn, keys["pilot"])  # the same key while the authenticator answers: it gets in
 
         def heard() -> bool:
             listener.pub.send_multipart((b"heartbeat", pack({"n": 0})))
-            return before.next_event(0.05) is not None
-        wait_until(heard, 10.0, "an event through a working authenticator")
+            listener.bursts.send(zlib.compress(pack([{"n": 0}])))
+            return before.next_event(0.05) is not None and before.next_burst(0.05) is not None
+        wait_until(heard, 10.0, "an event and a burst through a working authenticator")
         before.close()
         mute = _silence_authenticator(listener, how)
         after = RemoteClient(conn, keys["pilot"])
@@ -300,7 +314,9 @@ def test_with_the_authenticator_not_answering_nobody_gets_in(how, keys):
         end = time.monotonic() + NOTHING_WINDOW_S
         while time.monotonic() < end:
             listener.pub.send_multipart((b"heartbeat", pack({"n": 1})))
+            listener.bursts.send(zlib.compress(pack([{"n": 1}])))
             assert after.next_event(0.05) is None, "an event reached a client no authenticator let in"
+            assert after.next_burst(0.01) is None, "a burst reached a client no authenticator let in"
         assert not listener.router.poll(100), "a message from a client no authenticator let in"
         after.close()
     finally:
@@ -315,14 +331,14 @@ def test_a_client_reconnects_with_the_keys_it_started_with_after_the_key_file_is
     from trainbus.proto.remote import write_connection_file
     from trainbus.sdk.runner import remote_endpoints
 
-    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
     key = tmp_path / "pilot-copy.key_secret"
     shutil.copy(keys["pilot"], key)
     path = write_connection_file(tmp_path, "r", listener.control_endpoint, listener.events_endpoint,
-                                 listener.server_key)
+                                 listener.bursts_endpoint, listener.server_key)
     ctx = zmq.Context()
     try:
-        _, events, secure = remote_endpoints(str(path), str(key))
+        _, events, _, secure = remote_endpoints(str(path), str(key))
         key.unlink()
         for _ in range(2):  # the first connection and a reconnect's
             sub = ctx.socket(zmq.SUB)
@@ -343,12 +359,12 @@ def test_a_client_reconnects_with_the_keys_it_started_with_after_the_key_file_is
 
 @pytest.mark.parametrize("sends", [b"", b"GET / HTTP/1.1\r\n\r\n" + bytes(range(256)) * 4])
 def test_a_connection_that_never_completes_the_handshake_is_closed_within_its_timeout(sends, keys):
-    """Raw TCP connections to both endpoints that send nothing, or garbage: the listener closes every one
+    """Raw TCP connections to every endpoint that send nothing, or garbage: the listener closes every one
     within HANDSHAKE_IVL (plus a margin for a loaded machine), so they cannot pile up file descriptors."""
-    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
     raw = []
     try:
-        for endpoint in (listener.control_endpoint, listener.events_endpoint) * 10:
+        for endpoint in (listener.control_endpoint, listener.events_endpoint, listener.bursts_endpoint) * 7:
             host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
             tcp = socket.create_connection((host, int(port)), timeout=5)
             tcp.sendall(sends)
@@ -441,7 +457,7 @@ def test_a_port_already_taken_is_one_line_and_leaves_no_run_behind(keys, tmp_pat
     finally:
         taken.close()
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc
-    assert f"cannot bind port {port}" in proc.stderr and "pick another PORT, or 0" in proc.stderr, proc.stderr
+    assert f"cannot bind ports {port}-{port + 2}" in proc.stderr and "pick another PORT, or 0" in proc.stderr, proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "no run may be left behind"
 
 

@@ -13,12 +13,12 @@ keys made for the bench (a server pair, one monitor-role client key). Two varian
 - 0 monitors: the run alone;
 - N monitors: the same run with N `trainbus attach HOST:PORT --json --key K --server-key S` processes, what a
   user runs to watch a run from another machine: each is welcomed as a peer, asks a snapshot (and again every
-  5 s), and gets every event over its own CURVE connection (the kernel's libzmq thread encrypts each event once
-  per monitor). They are started before the run and connect as soon as the kernel listens; their JSON lines go
+  5 s), and gets every event over its own CURVE connection, a flush's events as one burst (the kernel's libzmq
+  thread frames and encrypts each burst once per monitor; PROTOCOL.md §4). They are started before the run and connect as soon as the kernel listens; their JSON lines go
   to files, counted afterwards (every monitor must have printed every event after its snapshot).
 
 Real processes over TCP, not Attachment objects in a few processes: that is what users run, and the kernel's
-cost (50 connections, 50 peers, 50 encryptions of every event) is the same however the clients are packed.
+cost (50 connections, 50 peers, 50 encryptions of every burst) is the same however the clients are packed.
 Where the clients' CPU goes matters more: a remote monitor runs on another machine, so by default, on a box
 with 4 or more cores, the kernel (this process, with its plugins) keeps the first half of the cores and the
 monitors get the other half (--kernel-cpus, --monitor-cpus). On a smaller box they share the cores, and the
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -65,20 +66,25 @@ MEASURED_MIN = 10  # epochs a run must have after its warm-up
 MONITOR_EXIT_S = 60.0  # after the run's end, a monitor prints its last line and exits within this
 
 
-def free_port_pair() -> int:
-    """A PORT with PORT + 1 free too on HOST (control and events), as `--listen HOST:0` picks them."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((HOST, 0))
-            port = probe.getsockname()[1]
-        if port < 65534:
-            with socket.socket() as second:
-                try:
-                    second.bind((HOST, port + 1))
-                    return port
-                except OSError:
-                    continue
-    raise RuntimeError(f"no free pair of ports PORT, PORT + 1 on {HOST}")
+def free_ports(count: int = 3) -> int:
+    """A PORT with PORT + 1 ... PORT + count - 1 free too on HOST (control, events, bursts), below the ephemeral
+    range: the monitors connect before the kernel listens, and each of their retries takes an ephemeral source
+    port, which once took the pair `--listen HOST:0`-style probing had picked (EADDRINUSE at the kernel's bind)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10_000, low - count)
+        probes = [socket.socket() for _ in range(count)]
+        try:
+            for i, probe in enumerate(probes):
+                probe.bind((HOST, port + i))
+            return port
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise RuntimeError(f"no {count} free consecutive ports below {low} on {HOST}")
 
 
 def start_monitors(n: int, port: int, keys: KeyStore, key_file: Path, out_dir: Path, cpus: set[int]) -> list:
@@ -120,6 +126,7 @@ class EventPathCPU(threading.Thread):
     def __init__(self):
         super().__init__(name="bench-event-path-cpu", daemon=True)
         self.seconds: dict[int, float] = {}
+        self.io_threads: set[int] = set()
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -130,22 +137,27 @@ class EventPathCPU(threading.Thread):
         tids = {t.native_id for t in threading.enumerate() if t.name == "trainbus-bus"}
         for task in Path("/proc/self/task").iterdir():
             try:
-                if (task / "comm").read_text().startswith("ZMQbg/IO") or int(task.name) in tids:
+                io = (task / "comm").read_text().startswith("ZMQbg/IO")
+                if io or int(task.name) in tids:
                     fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
                     self.seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                    if io:
+                        self.io_threads.add(int(task.name))
             except (OSError, ValueError):  # the thread ended meanwhile
                 continue
 
-    def total(self) -> float:
+    def total(self) -> tuple[float, float]:
+        """(the bus thread's, libzmq's I/O threads') CPU seconds."""
         self.done.set()
         self.join()
-        return sum(self.seconds.values())
+        io = sum(s for tid, s in self.seconds.items() if tid in self.io_threads)
+        return sum(self.seconds.values()) - io, io
 
 
 def one_run(args, variant: int, workdir: Path, keys: KeyStore, key_file: Path, cpus: set[int]) -> dict:
     """One run with `variant` monitors: its step stamps by epoch, the first epoch that began with every monitor
     welcomed, and the most events a monitor missed after its snapshot (0: none)."""
-    port = free_port_pair()
+    port = free_ports()
     out_dir = workdir / f"monitors-{time.monotonic_ns()}"
     out_dir.mkdir()
     monitors = start_monitors(variant, port, keys, key_file, out_dir, cpus)
@@ -185,15 +197,18 @@ def one_run(args, variant: int, workdir: Path, keys: KeyStore, key_file: Path, c
         shutil.rmtree(out_dir, ignore_errors=True)
     steps = sum(len(s) for s in by_epoch)
     return {"stamps": by_epoch, "all_in": all_in, "events": len(events), "missed": max(missed, default=None),
-            "exit_codes": {p.returncode for p in monitors}, "event_path_us": event_path_s / steps * 1e6}
+            "exit_codes": {p.returncode for p in monitors},
+            "event_path_us": [seconds / steps * 1e6 for seconds in event_path_s]}
 
 
 def missed_events(lines_file: Path, final_seq: int) -> int:
-    """What `attach --json` should have printed and did not: every event after its snapshot's seq, to the final one."""
+    """What `attach --json` should have printed and did not: every event after its snapshot's seq, to the final one
+    (it prints the plugins' last words after that too, up to bus_closing: not counted)."""
     lines = lines_file.read_bytes().splitlines()
     if not lines:
         return final_seq
-    return final_seq - json.loads(lines[0])["seq"] - (len(lines) - 1)
+    seqs = [json.loads(line)["seq"] for line in lines]
+    return final_seq - seqs[0] - sum(1 for seq in seqs[1:] if seq <= final_seq)
 
 
 def main() -> int:
@@ -259,7 +274,8 @@ def main() -> int:
     ratio = median([a / b for a, b in zip(per_rep[args.monitors], per_rep[0])])
     rows = [[f"{v} monitors", f"{median(per_rep[v]):.0f}", f"{min(per_rep[v]):.0f}-{max(per_rep[v]):.0f}",
              "-" if not v else f"{(ratio - 1) * 100:+.1f} %",
-             f"{median([r['event_path_us'] for r in runs[v]]):.1f}",
+             "{:.1f} ({:.1f} + {:.1f})".format(*(median([sum(r["event_path_us"]) for r in runs[v]]),
+                                                  *(median([r["event_path_us"][i] for r in runs[v]]) for i in (0, 1)))),
              "-" if not v else max(r["missed"] for r in runs[v]),
              "-" if not v else ",".join(map(str, sorted(set().union(*(r["exit_codes"] for r in runs[v])))))]
             for v in variants]
@@ -273,7 +289,8 @@ def main() -> int:
              f"{args.epochs - max(skips)} measured epochs x {args.repeats} reps; a run journals ~{events:.0f} "
              f"events): target <= {TARGET * 100:.0f} % -> {verdict} (0 monitors varied {spread * 100:.0f} % "
              f"across reps)")
-    print(table(["variant", "us/step", "rep range", "paired vs 0", "event path CPU us/step", "events a monitor missed",
+    print(table(["variant", "us/step", "rep range", "paired vs 0", "event path CPU us/step (bus + I/O)",
+                 "events a monitor missed",
                  "monitor exit"], rows, title))
     print("  event path CPU: the kernel's bus thread and libzmq I/O threads, CPU time per training step over the "
           "whole run (median of the reps): what the monitors cost the kernel itself, wherever they run")
