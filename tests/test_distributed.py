@@ -375,6 +375,16 @@ def test_a_rank_failing_before_rank_0_made_the_run_directory_writes_its_file_onc
     except ValueError as exc:
         said = write_rank_error(tmp_path / "never", 1, exc, beside_rank_0=True, wait_s=120, main_pid=gone.pid)
     assert "\nerror: rank 1: ValueError: boom" in said and time.monotonic() - started < 60
+    # ... and its collective failing because rank 0 exited: one line pointing at rank 0's error, no gloo traceback
+    try:
+        raise RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by "
+                           "peer [127.0.0.1]:60079. This is typically caused by a remote worker crashing.")
+    except RuntimeError as exc:
+        said = write_rank_error(tmp_path / "never", 1, exc, beside_rank_0=True, wait_s=120, main_pid=gone.pid)
+        alive = write_rank_error(tmp_path / "never", 1, exc, beside_rank_0=True, wait_s=0.2, main_pid=os.getpid())
+    assert said == ("trainbus: rank 1 stopped: rank 0 exited before it made the run directory, which broke this rank's "
+                    "collective (rank 0's error says why)\n"), said
+    assert "\nerror: rank 1: RuntimeError: [" in alive, alive  # rank 0 alive: not known to be its doing
     # a rank of another machine: rank 0 never waits for its file, so it does not wait to write it
     started = time.monotonic()
     try:
