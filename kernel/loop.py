@@ -42,6 +42,7 @@ class Outcome:
     training_loss: float | None = None
     validation_loss: float | None = None
     validation_metrics: dict[str, float] = field(default_factory=dict)
+    training_metrics: dict[str, float] = field(default_factory=dict)  # the spec's metrics over the last epoch's batches
     best_validation_loss: float | None = None  # the lowest of a whole epoch's, the run's (resumed: from its checkpoint on)
     best_epoch: int | None = None
 
@@ -126,6 +127,7 @@ class Loop:
             out.training_loss = train["training_loss"]
             out.validation_loss = validation.get("validation_loss")
             out.validation_metrics = validation.get("validation_metrics", {})
+            out.training_metrics = train.get("training_metrics") or {}
             if (not train["partial"] and isinstance(out.validation_loss, float)
                     and (out.best_validation_loss is None or out.validation_loss < out.best_validation_loss)):
                 out.best_validation_loss, out.best_epoch = out.validation_loss, self.epoch
@@ -157,7 +159,7 @@ class Loop:
         self._publish(ev.END_TRAINING_SESSION, epochs_completed=out.epochs_completed, steps=self.step,
                       stopped_early=out.stopped_early, stop_reasons=out.stop_reasons,
                       training_loss=out.training_loss, validation_loss=out.validation_loss,
-                      validation_metrics=out.validation_metrics)
+                      validation_metrics=out.validation_metrics, training_metrics=out.training_metrics)
         return out
 
     def _train_epoch(self, planned: int | None) -> dict[str, Any]:

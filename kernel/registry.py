@@ -31,8 +31,8 @@ from .runs import STATUSES as RUN_STATUSES
 from .runs import _iso, find_runs, newest_first, overview_or_unreadable, run_overview
 
 REGISTRY_NAME = "registry.sqlite"
-SCHEMA_VERSION = 4  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,
-# 4: runs.hyperparameters)
+SCHEMA_VERSION = 5  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,
+# 4: runs.hyperparameters, 5: runs.training_metrics)
 BUSY_TIMEOUT_S = 5.0  # a write waits this long for another writer's transaction (each takes milliseconds)
 QUEUED = "queued"  # a run the daemon has not started: it has no directory yet
 STATUSES = (QUEUED, *RUN_STATUSES)
@@ -46,8 +46,10 @@ COLUMNS = {
     "training_loss": "REAL", "validation_loss": "REAL", "validation_metrics": "TEXT",
     "best_validation_loss": "REAL", "best_epoch": "INTEGER", "stop_reasons": "TEXT", "error": "TEXT",
     "plugin_trouble": "TEXT", "last_event": "TEXT", "observed_ts": "REAL NOT NULL", "hyperparameters": "TEXT",
+    "training_metrics": "TEXT",
 }
-JSON_COLUMNS = ("flags", "validation_metrics", "stop_reasons", "plugin_trouble", "last_event", "hyperparameters")
+JSON_COLUMNS = ("flags", "validation_metrics", "stop_reasons", "plugin_trouble", "last_event", "hyperparameters",
+                "training_metrics")
 
 # The daemon's queue (kernel/daemon.py): how to start each submitted run, and where its process is. A job's run
 # also has a row in `runs` from the moment it is queued (status queued, no dir), which its kernel's own record
@@ -144,8 +146,10 @@ class Registry:
                 self.db.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submitted_ts)")
             if "submitted_by" not in {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}:  # < 3
                 self.db.execute("ALTER TABLE jobs ADD COLUMN submitted_by TEXT")
-            if "hyperparameters" not in {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}:  # < 4
-                self.db.execute("ALTER TABLE runs ADD COLUMN hyperparameters TEXT")  # rows of before: NULL
+            have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+            for column in ("hyperparameters", "training_metrics"):  # < 4, < 5
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")  # rows of before: NULL
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- writing -------------------------------------------------------------------------------------
@@ -264,6 +268,7 @@ def _storable(value: Any) -> Any:
 
 def _from_row(row: tuple, now: float) -> dict[str, Any]:
     run = {n: (json.loads(v) if n in JSON_COLUMNS and v is not None else v) for n, v in zip(COLUMNS, row)}
+    run["training_metrics"] = run["training_metrics"] or {}  # a row from before the column: none known
     best, epoch = run.pop("best_validation_loss"), run.pop("best_epoch")
     run["best"] = {"validation_loss": best, "epoch": epoch} if best is not None else None
     run["started_at"] = _iso(run["started_ts"])

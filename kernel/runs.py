@@ -213,7 +213,8 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     Keys: id, dir, status (one of STATUSES), detail (why a run without a summary has its status), pid,
     target, started_at (ISO 8601) and started_ts (seconds since 1970), duration_s (of the latest session
     when the run was continued in place), epochs_completed,
-    epochs (planned), steps, training_loss, validation_loss and validation_metrics (the last epoch's),
+    epochs (planned), steps, training_loss, validation_loss, validation_metrics and training_metrics (the last
+    epoch's),
     stop_reasons, error, plugin_trouble, last_event (for a run without a summary: where the journal ends),
     flags (what the spec function was called with, kernel/flags.py), hyperparameters (the built spec's, its
     build()'s defaults included: what trained), ended_ts (when the kernel ended, or the
@@ -240,7 +241,7 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         "epochs_completed": None,
         "epochs": config["epochs"] if config.get("epochs") is not None else (
             starts[-1].data.get("epochs") if starts else None),
-        "steps": None, "training_loss": None, "validation_loss": None, "validation_metrics": {},
+        "steps": None, "training_loss": None, "validation_loss": None, "validation_metrics": {}, "training_metrics": {},
         "stop_reasons": [], "error": None, "plugin_trouble": [], "last_event": None,
         "flags": config.get("flags") or {}, "hyperparameters": config.get("hyperparameters") or {},
         "ended_ts": None, "last_seq": None, "best": None,
@@ -269,6 +270,7 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         epochs_completed=outcome.get("epochs_completed"), steps=steps,
         training_loss=outcome.get("training_loss"), validation_loss=outcome.get("validation_loss"),
         validation_metrics=outcome.get("validation_metrics") or {}, stop_reasons=outcome.get("stop_reasons") or [],
+        training_metrics=outcome.get("training_metrics") or {},
         error=summary.get("error"),
         plugin_trouble=_plugin_trouble(summary.get("plugins") or {}, summary.get("undrained") or {}))
     return info
@@ -326,6 +328,7 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
         info["training_loss"] = epoch_end.data.get("training_loss")
         info["validation_loss"] = epoch_end.data.get("validation_loss")
         info["validation_metrics"] = epoch_end.data.get("validation_metrics") or {}
+        info["training_metrics"] = epoch_end.data.get("training_metrics") or {}
     failed = next((e for e in reversed(tail) if e.type == ev.RUN_FAILED), None)
     if failed is not None:
         info["error"] = failed.data.get("error")

@@ -59,6 +59,20 @@ def _validation(run: dict[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
+def _training(run: dict[str, Any]) -> str:
+    parts = [f"loss {_num(run['training_loss'])}"] if run.get("training_loss") is not None else []
+    parts += [f"{k} {_num(v)}" for k, v in (run.get("training_metrics") or {}).items()]
+    return ", ".join(parts) or "-"
+
+
+def _list_metrics(run: dict[str, Any]) -> str:
+    """The validation metrics; a run that validates nothing shows its training metrics, marked."""
+    shown = [f"{k} {_num(v)}" for k, v in (run.get("validation_metrics") or {}).items()]
+    if not shown and run.get("validation_loss") is None:
+        shown = [f"train {k} {_num(v)}" for k, v in (run.get("training_metrics") or {}).items()]
+    return ", ".join(shown)
+
+
 def _print_table(console, table) -> None:
     """A table; to a file or a pipe without the padding rich gives each row's last cell."""
     if console.is_terminal:
@@ -82,10 +96,10 @@ def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
     fixed = dict(no_wrap=True)
     table = Table(Column("run", **fixed), Column("status", **fixed), Column("target", overflow="fold"),
                   Column("flags", overflow="fold"), Column("started", **fixed), Column("duration", **fixed), Column("epochs", **fixed),
-                  Column("val loss", **fixed), Column("val metrics"), Column("plugin trouble"),
+                  Column("val loss", **fixed), Column("metrics"), Column("plugin trouble"),
                   Column("error", overflow="fold"), box=None, pad_edge=False)
     for run in runs:
-        metrics = ", ".join(f"{k} {_num(v)}" for k, v in (run.get("validation_metrics") or {}).items())
+        metrics = _list_metrics(run)
         table.add_row(escape(run["id"]), _status(run["status"]),
                       escape(_short_target(run.get("target"))), escape(flags_text(run.get("flags"))),
                       _when(run.get("started_at"))[:16],
@@ -130,6 +144,7 @@ def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         flags = {k: given[k] if k in given else trained[k] for k in names if k in given or k in trained}
         best = run.get("best") or {}
         metrics = {"training_loss": run.get("training_loss"), "validation_loss": run.get("validation_loss"),
+                   **{f"training_{k}": v for k, v in (run.get("training_metrics") or {}).items()},
                    **{f"validation_{k}": v for k, v in (run.get("validation_metrics") or {}).items()},
                    "best_validation_loss": best.get("validation_loss"), "best_epoch": best.get("epoch")}
         rows.append({"id": run["id"], "status": run["status"], "target": run.get("target"),
@@ -203,6 +218,8 @@ def print_show(console, run: dict[str, Any]) -> None:
         line("stopped by", escape("; ".join(run["stop_reasons"])))
     if run.get("error"):
         line("error", f"[red]{escape(run['error'])}[/red]")
+    if run.get("training_loss") is not None or run.get("training_metrics"):
+        line("training", escape(_training(run) + " (last epoch)"))
     line("validation", escape(_validation(run) + " (last epoch)" if _validation(run) != "-" else "-"))
     if run.get("best"):
         line("best", f"validation loss {_num(run['best']['validation_loss'])} at epoch {run['best']['epoch']}")

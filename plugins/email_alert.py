@@ -208,6 +208,7 @@ def end_message(history: History, event: Event, run_dir: str, attach_plot: bool)
         f"Final validation loss: {_fmt(final_loss)}",
         f"Final training loss: {_fmt(data.get('training_loss'))}",
     ]
+    lines += [f"Final training {name}: {_fmt(value)}" for name, value in (data.get("training_metrics") or {}).items()]
     lines += [f"Final validation {name}: {_fmt(value)}" for name, value in (data.get("validation_metrics") or {}).items()]
     if data.get("stopped_early"):
         lines.append("Stopped by: " + "; ".join(str(r) for r in data.get("stop_reasons") or []))

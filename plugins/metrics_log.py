@@ -97,6 +97,7 @@ class MetricsLogPlugin(Plugin):
         self._write(event, "session_end", epochs_completed=data.get("epochs_completed"), steps=data.get("steps"),
                     stopped_early=data.get("stopped_early"), stop_reasons="; ".join(str(r) for r in reasons),
                     training_loss=data.get("training_loss"), validation_loss=data.get("validation_loss"),
+                    **_flatten("training", data.get("training_metrics")),
                     **_flatten("validation", data.get("validation_metrics")))
 
     def _write(self, event: Event, kind: str, **fields: Any) -> None:

@@ -29,6 +29,14 @@ def tiny(hyperparameters: dict) -> TrainingSpec:
     )
 
 
+def tiny_unvalidated(hyperparameters: dict) -> TrainingSpec:
+    """tiny with no validation set, and an accuracy over its training batches."""
+    spec = tiny(hyperparameters)
+    spec.validation_loader = None
+    spec.metrics = {"accuracy": lambda outputs, targets: (outputs.argmax(1) == targets).float().mean()}
+    return spec
+
+
 def failing(hyperparameters: dict) -> TrainingSpec:
     """A spec whose loss function raises in the second epoch: the run fails, the kernel says why."""
     spec = tiny(hyperparameters)

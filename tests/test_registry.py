@@ -143,7 +143,7 @@ def test_a_registry_of_schema_2_gains_who_submitted_each_job_and_keeps_its_queue
 
 def test_a_registry_of_schema_3_gains_the_runs_hyperparameters_and_keeps_its_rows(tmp_path):
     old = sqlite3.connect(tmp_path / REGISTRY_NAME)
-    columns = {n: k for n, k in COLUMNS.items() if n != "hyperparameters"}
+    columns = {n: k for n, k in COLUMNS.items() if n not in ("hyperparameters", "training_metrics")}
     old.execute(f"CREATE TABLE runs ({', '.join(f'{n} {k}' for n, k in columns.items())})")
     old.execute(f"CREATE TABLE jobs ({', '.join(f'{n} {k}' for n, k in JOB_COLUMNS.items())})")
     old.execute("INSERT INTO runs (id, status, flags, observed_ts) VALUES ('old', 'completed', '{\"lr\": 1}', 1.0)")
@@ -155,6 +155,24 @@ def test_a_registry_of_schema_3_gains_the_runs_hyperparameters_and_keeps_its_row
         runs = registry.runs(3.0)
         assert (runs["old"]["flags"], runs["old"]["hyperparameters"]) == ({"lr": 1}, None)
         assert runs["new"]["hyperparameters"] == {"lr": 0.5}
+        assert registry.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_registry_of_schema_4_gains_the_runs_training_metrics_and_keeps_its_rows(tmp_path):
+    old = sqlite3.connect(tmp_path / REGISTRY_NAME)
+    columns = {n: k for n, k in COLUMNS.items() if n != "training_metrics"}
+    old.execute(f"CREATE TABLE runs ({', '.join(f'{n} {k}' for n, k in columns.items())})")
+    old.execute(f"CREATE TABLE jobs ({', '.join(f'{n} {k}' for n, k in JOB_COLUMNS.items())})")
+    old.execute("INSERT INTO runs (id, status, validation_metrics, observed_ts) VALUES ('old', 'completed', "
+                "'{\"accuracy\": 0.5}', 1.0)")
+    old.execute("PRAGMA user_version = 4")
+    old.commit()
+    old.close()
+    with Registry(tmp_path) as registry:
+        registry.record([{"id": "new", "status": "completed", "training_metrics": {"accuracy": 0.75}}], 2.0)
+        runs = registry.runs(3.0)
+        assert (runs["old"]["validation_metrics"], runs["old"]["training_metrics"]) == ({"accuracy": 0.5}, {})
+        assert runs["new"]["training_metrics"] == {"accuracy": 0.75}
         assert registry.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,27 @@ def test_show_has_a_column_for_each_training_and_validation_metric(tmp_path):
     assert "val accuracy" in header
     row = next(line for line in text.splitlines() if line.startswith("1*"))
     assert len(row.split()) == 9  # epoch, steps, the two losses, the two accuracies, lr, time ("0.1 s")
+
+
+def test_a_run_without_validation_shows_its_training_metrics_in_list_show_compare_and_its_summary(tmp_path):
+    """Found by a user-code audit: a run with no validation set showed '-' for its metrics everywhere but the epoch
+    table, though its spec computed an accuracy every epoch."""
+    from trainbus.kernel.registry import Registry
+
+    result = run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:tiny_unvalidated", epochs=1, device="cpu",
+                                    runs_dir=str(tmp_path), plugins=[]))
+    accuracy = result.outcome["training_metrics"]["accuracy"]
+    assert 0 <= accuracy <= 1 and result.outcome["validation_metrics"] == {}
+    summary = json.loads((Path(result.run_dir) / "summary.json").read_text())
+    assert summary["outcome"]["training_metrics"] == {"accuracy": accuracy}
+    listed = cli("runs", "list", "--runs-dir", str(tmp_path))
+    assert f"train accuracy {accuracy:.4g}"[:16] in listed, listed
+    shown = cli("runs", "show", result.run_id, "--runs-dir", str(tmp_path))
+    assert re.search(r"^  training\s+loss \S+, accuracy \S+ \(last epoch\)$", shown, re.M), shown
+    compared = json.loads(cli("runs", "compare", result.run_id, "--runs-dir", str(tmp_path), "--json"))
+    assert compared[0]["metrics"]["training_accuracy"] == accuracy, compared
+    with Registry(tmp_path) as registry:  # the column survives the registry's round trip
+        assert registry.runs(time.time())[result.run_id]["training_metrics"] == {"accuracy": accuracy}
 
 
 def test_show_tells_one_run_in_detail(every_status):
