@@ -6,6 +6,7 @@ cli_daemon.py (`daemon`); what they share, in cli_common.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from .cli_runs import runs_app
 from .cluster import restarts_left
 from .config import (ConfigError, apply_set, check_metric_settings, check_runs_dir, config_of_run, defaults_left_out,
                      launch_of_run, load_config, plugin_name_clashes, registered_plugins, resolve_plugin)
+from .flags import FlagError
 from .registry import RegistryError
 from .spec import DEFAULT_TARGET, SpecError, UserCodeError
 
@@ -116,6 +118,7 @@ def run(
     if target is not None and _is_flag_word(target):  # `trainbus run lr=0.01`: the default target's flags
         target, flag_words = None, [target, *flag_words]
     cfg = load_config(config)
+    in_file = set(cfg.hyperparameters) if config is not None else set()  # named where a mistake in one is said
     resumed_run = _run_to_continue(resume, runs_dir or Path(cfg.runs_dir)) if resume else None
     continuing = resumed_run if config is None else None  # with --config: a new run from that run's checkpoint
     if continuing is not None:
@@ -154,6 +157,9 @@ def run(
                             f"give it once")
         apply_set(cfg, key, typed_word(raw))
     _check_epochs_given_once(epochs, [*flag_words, *hparam], cfg.hyperparameters)
+    only_in_file = in_file - {w.partition("=")[0] for w in flag_words} - {
+        item.partition("=")[0].removeprefix("hyperparameters.") for item in hparam}
+    from_file = functools.partial(_from_the_file, only_in_file=only_in_file, config=config)
     named_epochs = cfg.hyperparameters.get("epochs")
     if epochs is None and _epochs_named([*flag_words, *hparam]) and type(named_epochs) is int and named_epochs >= 1:
         # the command line's epochs=N beats the file's [run] epochs (or a resumed run's), as every flag beats it;
@@ -171,7 +177,7 @@ def run(
         try:
             checked(cfg.hyperparameters)
         except SpecError as exc:
-            raise UserError(str(exc)) from None
+            raise UserError(from_file(exc)) from None
         check_metric_settings(METRICS, metric_settings)  # a queued run too: not only once the daemon starts it
     if config is not None and plugins is None and continuing is None and (note := defaults_left_out(config)):
         print(f"trainbus: note: {note}", file=sys.stderr)
@@ -179,7 +185,10 @@ def run(
         raise UserError("--gpus places a queued run: add --detach (a run started here uses the GPUs "
                         "CUDA_VISIBLE_DEVICES shows it)")
     if detach:
-        _check_target(cfg)
+        try:
+            _check_target(cfg)
+        except FlagError as exc:
+            raise UserError(from_file(exc)) from None
         if cfg.device.startswith("cuda"):
             from .daemon import detected_devices
 
@@ -210,6 +219,8 @@ def run(
         _interrupted_before_start("Ctrl-C twice before the run began")
     except InterruptedBeforeStart as exc:
         _interrupted_before_start(str(exc))
+    except FlagError as exc:
+        raise UserError(from_file(exc)) from None
     if result.cluster.get("rank", 0) == 0:  # across ranks, rank 0 tells how the run went
         _print_summary(result)
     code = EXIT_CODES.get(result.status, 1)
@@ -372,6 +383,14 @@ def _apply_flags(cfg, flag_words: list[str], help_flags: bool) -> None:
         print(help_text(func, signature, cfg.target))
         raise typer.Exit()
     cfg.hyperparameters.update(parse_words(signature, flag_words, cfg.target))
+
+
+def _from_the_file(exc: SpecError, only_in_file: set[str], config: Path | None) -> str:
+    """The error, naming the config file when the hyperparameter it is about was given there and not on the
+    command line: `unknown flag 'bogus'` alone sends the user looking through their command."""
+    if exc.flag in only_in_file:
+        return f"{exc} ({exc.flag} is set in {config}'s [hyperparameters])"
+    return str(exc)
 
 
 def _check_target(cfg) -> None:

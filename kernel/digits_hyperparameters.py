@@ -45,12 +45,12 @@ def checked(hyperparameters: dict) -> dict:
     unknown = sorted(set(hyperparameters) - set(_RULES))
     if unknown:  # a typo (lrr=0.1) would otherwise train with the default and say nothing
         raise SpecError(f"the demo has no hyperparameter {unknown[0]!r}; it takes {', '.join(_RULES)} "
-                        f"(e.g. --set lr=0.01)")
+                        f"(e.g. --set lr=0.01)", flag=unknown[0])
     hp = {**DEFAULTS, **hyperparameters}
     for name, (ok, what, example) in _RULES.items():
         if name in hp and not ok(hp[name]):
             got = repr(hp[name])
             if isinstance(hp[name], str) and ok(_parsed(hp[name])):  # lr = "0.01" in a config: quoted, so text
                 got = f"the text {got}: write it without quotes"
-            raise SpecError(f"the demo's {name} must be {what}, got {got} (e.g. --set {name}={example})")
+            raise SpecError(f"the demo's {name} must be {what}, got {got} (e.g. --set {name}={example})", flag=name)
     return hp

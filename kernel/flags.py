@@ -82,7 +82,7 @@ def parse_words(sig: Signature, words: list[str], target: str) -> dict[str, Any]
             raise FlagError(f"{word!r} is not a flag: flags are NAME=VALUE; flags of {target}: {sig.known()}")
         flag = by_name.get(name)
         if flag is None and not (sig.takes_dict or sig.takes_extra):
-            raise FlagError(f"unknown flag {name!r}; flags of {target}: {sig.known()}")
+            raise FlagError(f"unknown flag {name!r}; flags of {target}: {sig.known()}", flag=name)
         if name in values:  # a typo of another, or an edited command line: which one was meant is not ours to guess
             given = next(w for w in words if w.partition("=")[0] == name)
             raise FlagError(f"flag {name!r} given twice ({given} and {word}): give it once")
@@ -100,7 +100,7 @@ def resolve(sig: Signature, values: dict[str, Any], target: str) -> dict[str, An
     by_name = {f.name: f for f in sig.flags}
     unknown = [name for name in values if name not in by_name]
     if unknown and not sig.takes_extra:
-        raise FlagError(f"unknown flag {unknown[0]!r}; flags of {target}: {sig.known()}")
+        raise FlagError(f"unknown flag {unknown[0]!r}; flags of {target}: {sig.known()}", flag=unknown[0])
     resolved = {}
     for flag in sig.flags:
         if flag.name in values:
@@ -213,7 +213,7 @@ def _parse(flag: Flag, text: str, target: str, sig: Signature) -> Any:
             return flag.type(text)
     except ValueError:
         raise FlagError(f"flag {flag.name}: {text!r} is not {_a(flag.type)}; flags of {target}: "
-                        f"{sig.known()}") from None
+                        f"{sig.known()}", flag=flag.name) from None
     return text if flag.type is str else _json_or_text(text)
 
 
@@ -227,7 +227,8 @@ def _check(flag: Flag, value: Any, target: str, sig: Signature) -> Any:
         return value
     if flag.type is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    raise FlagError(f"flag {flag.name}: {_text(value)} is not {_a(flag.type)}; flags of {target}: {sig.known()}")
+    raise FlagError(f"flag {flag.name}: {_text(value)} is not {_a(flag.type)}; flags of {target}: {sig.known()}",
+                    flag=flag.name)
 
 
 def _a(kind: type | None) -> str:

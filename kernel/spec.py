@@ -23,6 +23,10 @@ if TYPE_CHECKING:  # torch loads with the user's code: the CLI's other commands 
 class SpecError(Exception):
     """The user's target cannot be loaded or does not return a TrainingSpec; the message says the fix."""
 
+    def __init__(self, message: str = "", flag: str | None = None):
+        super().__init__(message)
+        self.flag = flag  # the hyperparameter it is about, when one is: the CLI names where it was given
+
 
 class UserCodeError(SpecError):
     """The user's own code raised while their target was imported or called. The message is one line; `trace` is
