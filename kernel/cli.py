@@ -542,7 +542,7 @@ def _print_summary(result) -> None:
     if o["validation_loss"] is not None:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in o["validation_metrics"].items())
         out.print(f"  validation loss {o['validation_loss']:.4f}" + (f", {metrics}" if metrics else ""))
-    elif o["training_loss"] is not None:  # nothing validated: what training saw is all there is to say
+    elif o.get("training_loss") is not None:  # nothing validated: what training saw is all there is to say
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in (o.get("training_metrics") or {}).items())
         out.print(f"  training loss {o['training_loss']:.4f}" + (f", {metrics}" if metrics else "") + " (no validation)")
     for name, p in result.plugins.items():

@@ -72,6 +72,17 @@ def test_the_summary_names_a_plugin_that_crashed_once_and_was_not_restarted_befo
     assert "  plugin late: exited, 1 crash, 0 restarts (exit code 3)" in capsys.readouterr().out.splitlines()
 
 
+def test_the_summary_of_a_run_without_validation_gives_its_training_loss_and_metrics(capsys):
+    from trainbus.kernel.cli import _print_summary
+    from trainbus.kernel.session import RunResult
+
+    outcome = {"epochs_completed": 2, "steps": 6, "stop_reasons": [], "validation_loss": None, "validation_metrics": {},
+               "training_loss": 0.25, "training_metrics": {"accuracy": 0.875}}
+    _print_summary(RunResult(run_id="r", run_dir="/runs/r", status="completed", duration_s=2.3, outcome=outcome,
+                             plugins={}))
+    assert "  training loss 0.2500, accuracy 0.8750 (no validation)" in capsys.readouterr().out.splitlines()
+
+
 def _write_bytes(tmp_path: Path, name: str, content: bytes) -> str:
     (tmp_path / name).write_bytes(content)
     return str(tmp_path / name)
