@@ -205,6 +205,8 @@ def run(
     launch = {"nproc": 1, "nnodes": 1, "max_restarts": 0, "rdzv_endpoint": None,
               **{k: v for k, v in launch.items() if v is not None}}
     if launch["nproc"] > 1 or launch["nnodes"] > 1 or launch["max_restarts"] or launch["rdzv_endpoint"]:
+        if cfg.listen and launch["nnodes"] == 1:
+            _check_listen_before_launch(cfg.listen, cfg.keys_dir)
         _launch(launch, cfg.runs_dir, continuing.name if continuing else None)
     try:  # Ctrl-C while torch imports, or the run is set up: one line (typer would exit 130 and say nothing)
         from .session import InterruptedBeforeStart, run_training  # here: torch takes seconds to import, and a
@@ -261,6 +263,20 @@ def _under_a_launcher() -> bool:
     from .cluster import detect
 
     return detect().distributed
+
+
+def _check_listen_before_launch(listen: str, keys_dir: str | None) -> None:
+    """Under --nproc, rank 0 binds --listen only once the ranks have met and the others train: its keys and a port
+    taken are said here, before any process starts. (Not with --nnodes: HOST is node 0's, maybe not this machine.)"""
+    from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
+
+    from .keys import KeyStore
+    from .remote import ListenError, check_listen, probe_ports
+
+    try:
+        probe_ports(*check_listen(listen, KeyStore(default_keys_dir(keys_dir))))
+    except (ListenError, KeyFileError) as exc:
+        raise UserError(str(exc)) from None
 
 
 def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:

@@ -68,6 +68,28 @@ def check_listen(host_port: str, store: KeyStore, ports: int = RUN_PORTS) -> tup
     return host, port
 
 
+def probe_ports(host: str, port: int) -> None:
+    """ListenError naming the fix when PORT .. PORT + 2 cannot be bound on HOST now (taken, not this machine's),
+    bound and let go at once, as the run's own sockets will bind them (libzmq: SO_REUSEADDR). PORT 0: nothing."""
+    if not port:
+        return
+    ctx = zmq.Context()
+    sockets = []
+    try:
+        for offset in range(RUN_PORTS):
+            sockets.append(ctx.socket(zmq.ROUTER))
+            sockets[-1].setsockopt(zmq.LINGER, 0)
+            if host.startswith("["):
+                sockets[-1].setsockopt(zmq.IPV6, 1)
+            sockets[-1].bind(f"tcp://{host}:{port + offset}")
+    except zmq.ZMQError as exc:
+        raise bind_error(host, port, exc) from None
+    finally:
+        for socket in sockets:
+            socket.close()
+        ctx.term()
+
+
 def start_authenticator(ctx: zmq.Context, keyring: KeyRing) -> ThreadAuthenticator:
     """zmq.auth's ZAP handler for `ctx`, asking `keyring` at every CURVE handshake; start it before any bind."""
     authenticator = ThreadAuthenticator(ctx, log=logging.getLogger("trainbus.kernel.zap"))

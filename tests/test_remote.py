@@ -445,19 +445,23 @@ def test_attach_with_a_key_the_kernel_does_not_take_says_what_to_check_instead_o
 
 def test_a_port_already_taken_is_one_line_and_leaves_no_run_behind(keys, tmp_path):
     """`--listen HOST:PORT` on a port another process holds: exit 2 naming the port and the fix, and no run
-    directory (the ports are bound before it is made), so `runs list` shows no run that died before it began."""
+    directory (the ports are bound before it is made), so `runs list` shows no run that died before it began.
+    Under --nproc too, said by the launcher before any rank starts (rank 0 binds only once rank 1 trains)."""
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
     try:
-        proc = subprocess.run([*trainbus_cmd(), "run", "--plugins", "", "--epochs", "1", "--runs-dir",
-                               str(tmp_path / "runs"), "--listen", f"127.0.0.1:{port}", "--keys-dir",
-                               str(keys["dir"])], capture_output=True, text=True, timeout=300)
+        procs = [subprocess.run([*trainbus_cmd(), "run", "--plugins", "", "--epochs", "1", "--runs-dir",
+                                 str(tmp_path / "runs"), "--listen", f"127.0.0.1:{port}", "--keys-dir",
+                                 str(keys["dir"]), *nproc], capture_output=True, text=True, timeout=300)
+                 for nproc in ([], ["--nproc", "2"])]
     finally:
         taken.close()
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc
-    assert f"cannot bind ports {port}-{port + 2}" in proc.stderr and "pick another PORT, or 0" in proc.stderr, proc.stderr
+    for proc in procs:
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc
+        assert f"cannot bind ports {port}-{port + 2}" in proc.stderr and "pick another PORT, or 0" in proc.stderr, \
+            proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "no run may be left behind"
 
 
