@@ -74,20 +74,24 @@ def probe_ports(host: str, port: int) -> None:
     if not port:
         return
     ctx = zmq.Context()
-    sockets = []
+    sockets = [ctx.socket(zmq.ROUTER) for _ in range(RUN_PORTS)]
     try:
-        for offset in range(RUN_PORTS):
-            sockets.append(ctx.socket(zmq.ROUTER))
-            sockets[-1].setsockopt(zmq.LINGER, 0)
-            if host.startswith("["):
-                sockets[-1].setsockopt(zmq.IPV6, 1)
-            sockets[-1].bind(f"tcp://{host}:{port + offset}")
-    except zmq.ZMQError as exc:
-        raise bind_error(host, port, exc) from None
+        bind_in_a_row(sockets, host, port)
     finally:
         for socket in sockets:
-            socket.close()
+            socket.close(linger=0)
         ctx.term()
+
+
+def bind_in_a_row(sockets: list[zmq.Socket], host: str, port: int) -> None:
+    """Each socket on HOST, at PORT, PORT + 1, ...; ListenError naming the fix when one cannot bind."""
+    for offset, socket in enumerate(sockets):
+        if host.startswith("["):
+            socket.setsockopt(zmq.IPV6, 1)
+        try:
+            socket.bind(f"tcp://{host}:{port + offset}")
+        except zmq.ZMQError as exc:
+            raise bind_error(host, port, exc, ports=len(sockets)) from None
 
 
 def start_authenticator(ctx: zmq.Context, keyring: KeyRing) -> ThreadAuthenticator:
@@ -147,17 +151,12 @@ class Listener:
 
     def _bind(self, host: str, port: int) -> None:
         publishers = (self.pub, self.bursts)  # on PORT + 1 and PORT + 2
+        if port:
+            bind_in_a_row([self.router, *publishers], host, port)
+            return
         if host.startswith("["):
             for socket in (self.router, *publishers):
                 socket.setsockopt(zmq.IPV6, 1)
-        if port:
-            try:
-                self.router.bind(f"tcp://{host}:{port}")
-                for offset, socket in enumerate(publishers, 1):
-                    socket.bind(f"tcp://{host}:{port + offset}")
-            except zmq.ZMQError as exc:
-                raise bind_error(host, port, exc) from None
-            return
         for _ in range(FREE_PORTS_ATTEMPTS):
             try:
                 self.router.bind(f"tcp://{host}:*")

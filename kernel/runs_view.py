@@ -53,15 +53,10 @@ def _epochs(run: dict[str, Any]) -> str:
     return f"{done}/{planned}" if planned else str(done)
 
 
-def _validation(run: dict[str, Any]) -> str:
-    parts = [f"loss {_num(run['validation_loss'])}"] if run.get("validation_loss") is not None else []
-    parts += [f"{k} {_num(v)}" for k, v in (run.get("validation_metrics") or {}).items()]
-    return ", ".join(parts) or "-"
-
-
-def _training(run: dict[str, Any]) -> str:
-    parts = [f"loss {_num(run['training_loss'])}"] if run.get("training_loss") is not None else []
-    parts += [f"{k} {_num(v)}" for k, v in (run.get("training_metrics") or {}).items()]
+def _last_epoch(run: dict[str, Any], kind: str) -> str:
+    """The last epoch's `kind` ("training", "validation") loss and metrics, or "-"."""
+    parts = [f"loss {_num(run[f'{kind}_loss'])}"] if run.get(f"{kind}_loss") is not None else []
+    parts += [f"{k} {_num(v)}" for k, v in (run.get(f"{kind}_metrics") or {}).items()]
     return ", ".join(parts) or "-"
 
 
@@ -219,8 +214,9 @@ def print_show(console, run: dict[str, Any]) -> None:
     if run.get("error"):
         line("error", f"[red]{escape(run['error'])}[/red]")
     if run.get("training_loss") is not None or run.get("training_metrics"):
-        line("training", escape(_training(run) + " (last epoch)"))
-    line("validation", escape(_validation(run) + " (last epoch)" if _validation(run) != "-" else "-"))
+        line("training", escape(_last_epoch(run, "training") + " (last epoch)"))
+    validation = _last_epoch(run, "validation")
+    line("validation", escape(validation + " (last epoch)" if validation != "-" else "-"))
     if run.get("best"):
         line("best", f"validation loss {_num(run['best']['validation_loss'])} at epoch {run['best']['epoch']}")
 
