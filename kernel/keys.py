@@ -83,13 +83,21 @@ class KeyStore:
                 return key
         raise KeyFileError(f"no client key named {name!r} in {self.directory}; `trainbus keys list` shows them")
 
-    def clients(self) -> list[ClientKey]:
-        """Every client key, authorized (by role) and revoked."""
+    def clients(self, strict: bool = True) -> list[ClientKey]:
+        """Every client key, authorized (by role) and revoked. A file gone by the time it is read (a revoke moved
+        it) is left out; one that is not a key (being written by `keys generate`, or garbled) is a KeyFileError
+        when `strict`, else left out too: such a file lets nobody in, and must not keep everyone else out."""
         found = []
         for role in (*ROLES, REVOKED):
             for path in sorted((self.directory / role).glob("*.key")):
+                try:
+                    public = load_public(path)
+                except KeyFileError:
+                    if strict and path.exists():
+                        raise
+                    continue
                 name = path.name.removesuffix(".key").partition("~")[0]
-                found.append(ClientKey(name, role, load_public(path).decode("ascii"), path))
+                found.append(ClientKey(name, role, public.decode("ascii"), path))
         return found
 
     def check_secrets(self) -> None:
@@ -146,8 +154,10 @@ class KeyRing:
     def _refresh(self, now: float) -> None:
         with self._lock:
             self._checked = now
+            # Per file, not all or nothing: a key another `trainbus keys` command is writing or moving at this
+            # handshake once refused everyone, and libzmq never retries a connection ZAP refused.
             try:
-                keys = [k for k in self.store.clients() if k.role in ROLES]
-            except (KeyFileError, OSError):  # a file being written or garbled: nobody new gets in meanwhile
+                keys = [k for k in self.store.clients(strict=False) if k.role in ROLES]
+            except OSError:  # the directory itself unreadable: nobody new gets in meanwhile
                 keys = []
             self._by_public = {k.public: k for k in keys}

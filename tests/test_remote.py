@@ -32,7 +32,7 @@ from trainbus.kernel.journal import read_events
 from trainbus.kernel.keys import REFRESH_INTERVAL_S, KeyStore
 from trainbus.kernel.remote import Listener
 from trainbus.proto import pack
-from trainbus.proto.remote import CONNECTION_FILE, HANDSHAKE_IVL_MS, read_connection_file, secure_client
+from trainbus.proto.remote import CONNECTION_FILE, HANDSHAKE_IVL_MS, KeyFileError, read_connection_file, secure_client
 
 PACED = "fixture_targets:paced_digits"
 STEPS_PER_EPOCH = 45
@@ -323,6 +323,35 @@ def test_with_the_authenticator_not_answering_nobody_gets_in(how, keys):
         if mute is not None:
             mute.close()
         listener.close()
+
+
+@pytest.mark.parametrize("other", ["being written", "moved as it is read"])
+def test_a_key_file_another_keys_command_is_writing_or_moving_keeps_nobody_else_out(other, keys):
+    """`trainbus keys generate` writes a key file in two steps and `keys revoke` moves one away: a handshake at
+    that moment re-reads the directory. The file in between lets nobody in, and must not refuse a good key: libzmq
+    never retries a connection ZAP refused, so an attach connecting then lost its bursts for good."""
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    control = keys["dir"] / "control"
+    if other == "being written":
+        (control / "new.key").write_text("#   ZeroMQ CURVE Public Certificate\n")  # the key line not yet there
+    else:  # listed, then gone before it is read: a link to nothing reads the same way
+        (control / "gone.key").symlink_to(control / "moved-away.key")
+    conn = {"control": listener.control_endpoint, "events": listener.events_endpoint,
+            "bursts": listener.bursts_endpoint, "server_key": listener.server_key.decode()}
+    client = RemoteClient(conn, keys["pilot"])
+    try:
+        def heard() -> bool:
+            listener.pub.send_multipart((b"heartbeat", pack({"n": 0})))
+            listener.bursts.send(zlib.compress(pack([{"n": 0}])))
+            return client.next_event(0.05) is not None and client.next_burst(0.05) is not None
+        wait_until(heard, 10.0, "an event and a burst for a good key beside a key file half there")
+    finally:
+        client.close()
+        listener.close()
+    assert "pilot" in [k.name for k in KeyStore(keys["dir"]).clients(strict=False)]
+    if other == "being written":
+        with pytest.raises(KeyFileError, match="new.key"):  # `keys list` names it
+            KeyStore(keys["dir"]).clients()
 
 
 def test_a_client_reconnects_with_the_keys_it_started_with_after_the_key_file_is_gone(keys, tmp_path):
