@@ -21,6 +21,7 @@ from trainbus.sdk.bz import NotInThisProcess, Plugin as BzPlugin, constructor_ar
 from trainbus.sdk.plugin import SettingsError, merge_settings
 
 from conftest import TESTS_DIR
+from kernel_process import cli
 
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
 BZ_IMPORT = "from bz.plugins import Plugin"
@@ -593,26 +594,20 @@ def test_a_method_named_like_a_hook_that_is_none_is_said_as_a_warning_at_start()
 def test_trainbus_run_says_a_hook_that_is_none_on_the_terminal_before_the_run(bz_modules, tmp_path):
     """Said at the plugin's start, the warning was journaled before the console (best-effort) said hello: it could
     miss the terminal. `trainbus run` says it while it checks the plugins' settings, before anything starts."""
-    from conftest import trainbus_cmd
-
     (bz_modules / "bz_saver.py").write_text(
         f"{OUR_IMPORT}\n\nclass Saver(Plugin):\n    def save_model_checkpoint(self, context):\n        pass\n")
     config = tmp_path / "run.toml"
     config.write_text('[plugins.saver]\ntarget = "bz_saver:Saver"\n')
-    proc = subprocess.run([*trainbus_cmd(), "run", TINY, "--epochs", "1", "-c", str(config), "--runs-dir",
-                           str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    proc = cli("run", TINY, "--epochs", "1", "-c", str(config), "--runs-dir", str(tmp_path / "runs"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.startswith("trainbus: warning: plugin saver: Saver.save_model_checkpoint looks like a hook but "
                                   "is none of bz's 14, so it is never called"), proc.stderr
 
 
 def test_trainbus_run_says_what_a_bz_config_has_that_is_not_read_as_a_warning_line(tmp_path):
-    from conftest import trainbus_cmd
-
     config = tmp_path / "bz_config.json"
     config.write_text(json.dumps({"metrics": {"metrics": ["accuracy"]}}))
-    proc = subprocess.run([*trainbus_cmd(), "run", TINY, "--epochs", "1", "-c", str(config), "--runs-dir",
-                           str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    proc = cli("run", TINY, "--epochs", "1", "-c", str(config), "--runs-dir", str(tmp_path / "runs"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.startswith(f"trainbus: warning: {config}: metrics not read"), proc.stderr
 

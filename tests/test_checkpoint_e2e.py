@@ -19,7 +19,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +30,7 @@ import torch
 from conftest import TESTS_DIR
 from fixture_targets import open_gate, paced_digits
 from helpers import PLUGIN_START_S, assert_same_weights, run_config, seeded_rng
-from kernel_process import KernelProcess, of, process_gone, wait_until
+from kernel_process import KernelProcess, cli, of, process_gone, wait_until
 from trainbus.kernel.checkpointing import find_checkpoint, load_checkpoint
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
@@ -44,7 +43,6 @@ from trainbus.proto import Event, checkpoint_format
 from trainbus.plugins._history import History
 from trainbus.proto.checkpoint_format import sha256_of
 
-TRAINBUS = Path(sys.executable).with_name("trainbus")
 PACED = "fixture_targets:paced_digits"  # the digits demo with a sleep per step: same weights, known pace
 HEAVY = "test_checkpoint_e2e:heavy_digits"  # paced digits carrying BALLAST_MB of extra state
 TRAIN_SAMPLES = 1797 - int(1797 * 0.2)  # kernel/digits.py: 1,797 images, 20 % held out for validation
@@ -250,8 +248,7 @@ def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels):
     before = kernel.journal.poll()[-1].seq
     open_gate(gate, epochs * STEPS_PER_EPOCH)  # the resumed run reads the same gate
 
-    proc = subprocess.run([str(TRAINBUS), "run", "--resume", kernel.run_id, "--runs-dir", str(runs)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=180, check=False)
+    proc = cli("run", "--resume", kernel.run_id, "--runs-dir", str(runs), cwd=tmp_path, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert f"continuing run {kernel.run_id} from" in proc.stderr and "epoch 2, batch" in proc.stderr, proc.stderr
     assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == [kernel.run_id], "continued in place, no new run directory"
@@ -621,8 +618,7 @@ def test_a_disk_full_at_the_end_fails_the_run_in_one_line_and_closes_it_cleanly(
 
 
 def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(TRAINBUS), "run", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          check=False)
+    return cli("run", *args, cwd=cwd)  # forked with torch loaded
 
 
 def test_resume_from_nothing_is_one_clear_line_and_exit_2(tmp_path):
@@ -655,8 +651,7 @@ def test_a_completed_run_is_resumed_only_to_train_it_longer(tmp_path):
     assert f"`trainbus run --resume {run_dir.name} --runs-dir {runs} --epochs N`" in proc.stderr, proc.stderr
 
     # `runs resume` takes `run`'s options, as README says: --epochs here
-    proc = subprocess.run([str(TRAINBUS), "runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "3"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     # the same for a run that ended before its planned epochs: fewer than it trained would train none

@@ -17,15 +17,18 @@ import pytest
 
 from conftest import TESTS_DIR, trainbus_cmd
 from fixture_targets import open_gate
+from kernel_process import cli
 from trainbus.kernel.config import SETTINGS_MAX_BYTES, ConfigError, RunConfig
 
 
 def trainbus(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(trainbus_cmd() + list(args), capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    """`trainbus ARGS` forked with torch loaded (kernel_process.cli); the tests of the console script's own start,
+    a terminal and signals start the script itself."""
+    return cli(*args, cwd=cwd, timeout=timeout)
 
 
-def test_version():
-    r = trainbus("--version")
+def test_version():  # the console script, as installed
+    r = subprocess.run([*trainbus_cmd(), "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("trainbus ") and "protocol v1" in r.stdout
 
 

@@ -20,6 +20,7 @@ from trainbus.kernel.flags import (FlagError, Flag, docstring_help, help_text, p
                                    signature_of)
 
 from conftest import TESTS_DIR, trainbus_cmd
+from kernel_process import cli
 
 TRAIN = '''
 import json
@@ -82,7 +83,7 @@ class EnvWriter(Plugin):
 
 
 def trainbus(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(trainbus_cmd() + list(args), capture_output=True, text=True, timeout=timeout)
+    return cli(*args, timeout=timeout)  # forked with torch loaded
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from trainbus.sdk.loader import describe
 from trainbus.sdk.plugin import merge_settings
 
 from conftest import TESTS_DIR, trainbus_cmd
+from kernel_process import cli
 
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"  # reports training_loss and validation_loss, no other metric
 
@@ -43,7 +44,7 @@ class Typed(Plugin):
 
 
 def trainbus(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(trainbus_cmd() + list(args), capture_output=True, text=True, cwd=cwd, timeout=180)
+    return cli(*args, cwd=cwd, timeout=180)  # forked with torch loaded
 
 
 # -- declarations and values, in the plugin's process ------------------------------------------------

@@ -25,6 +25,7 @@ import pytest
 import zmq
 
 from conftest import trainbus_cmd
+from fixture_targets import open_gate
 from kernel_process import KernelProcess, of, wait_until
 from trainbus.kernel.bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM
 from trainbus.kernel.config import RunConfig
@@ -69,9 +70,11 @@ def revoke_keeping_a_copy(store: KeyStore, name: str, where: Path) -> Path:
 
 
 def listening_config(runs: Path, keys_dir: Path, host: str = "127.0.0.1", epochs: int = 2,
-                     step_sleep_s: float = 0.03) -> RunConfig:
+                     step_sleep_s: float = 0.03, gate: Path | None = None) -> RunConfig:
+    """A paced run listening on HOST:0; held where `gate` says (fixture_targets.open_gate), if given."""
+    held = {"gate": str(gate)} if gate is not None else {}
     return RunConfig(target=PACED, epochs=epochs, device="cpu", runs_dir=str(runs), plugins=[],
-                     hyperparameters={"step_sleep_s": step_sleep_s}, checkpoint_every_n_epochs=0,
+                     hyperparameters={"step_sleep_s": step_sleep_s, **held}, checkpoint_every_n_epochs=0,
                      listen=f"{host}:0", keys_dir=str(keys_dir))
 
 
@@ -530,7 +533,8 @@ def test_the_endpoint_as_the_kernel_prints_it_reaches_the_run_and_without_a_key_
     """`--listen` prints tcp://HOST:PORT and connection.json holds it so: pasted as it is, with the connection file
     as --server-key, attach and a remote plugin reach the run; without --key it is one line naming --key, not
     minutes of retries; a server's secret key as --server-key is refused (it must not leave its host)."""
-    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=6, step_sleep_s=0.05), tmp_path)
+    gate = tmp_path / "gate"  # the run waits at its first batch until both are in
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate), tmp_path)
     kernels.append(kernel)
     endpoint = connection(kernel)["control"]
     assert endpoint.startswith("tcp://127.0.0.1:")
@@ -538,13 +542,17 @@ def test_the_endpoint_as_the_kernel_prints_it_reaches_the_run_and_without_a_key_
     plugin = [sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.cpu_monitor:CpuMonitorPlugin", "--connect",
               endpoint, "--key", str(keys["watcher"])]
     monitor = subprocess.Popen([*plugin, *pinned], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    attach = subprocess.Popen([*trainbus_cmd(), "attach", endpoint, "--key", str(keys["watcher"]), *pinned, "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        watched = subprocess.run([*trainbus_cmd(), "attach", endpoint, "--key", str(keys["watcher"]), *pinned,
-                                  "--json"], capture_output=True, text=True, timeout=180)
+        wait_until(lambda: len(kernel.journal.of("plugin_ready")) >= 2, 60, "the monitor's and attach's hellos")
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
         assert kernel.result(timeout_s=120)["status"] == "completed"
+        watched = subprocess.CompletedProcess(attach.args, None, *attach.communicate(timeout=60))
         monitored = monitor.communicate(timeout=60)[1]
     finally:
         monitor.kill()
+        attach.kill()
     first = json.loads(watched.stdout.splitlines()[0])
     assert (first["type"], first["run"]) == ("snapshot", kernel.run_id), watched.stdout[:500] + watched.stderr
     assert monitor.returncode == 0 and re.search(r"received [1-9]", monitored), monitored

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import trainbus_cmd
+from kernel_process import cli
 from helpers import PLUGIN_START_S, assert_same_weights
 from trainbus.kernel.config import RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
@@ -143,8 +142,7 @@ def test_resume_inside_an_accumulation_cycle_is_exact(tmp_path):
 def test_a_bad_option_is_one_line_and_exit_2_with_no_run_left(tmp_path, run_table, error):
     config = tmp_path / "run.toml"
     config.write_text(f"[run]\ndevice = \"cpu\"\n{run_table}\n")
-    proc = subprocess.run(trainbus_cmd() + ["run", "--config", str(config), "--runs-dir", str(tmp_path / "runs"),
-                                            "--plugins", ""], capture_output=True, text=True, timeout=120)
+    proc = cli("run", "--config", str(config), "--runs-dir", str(tmp_path / "runs"), "--plugins", "")
     assert proc.returncode == 2, proc.stderr
     assert error in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not any((tmp_path / "runs").glob("*/config.json"))
