@@ -13,7 +13,7 @@ import pytest
 
 from conftest import TESTS_DIR, trainbus_cmd
 from helpers import PLUGIN_START_S, assert_same_weights, free_port, seeded_rng
-from kernel_process import wait_until
+from kernel_process import cli, wait_until
 from trainbus.kernel.journal import read_events
 from trainbus.proto import JOURNAL_NAME
 
@@ -22,8 +22,8 @@ PROBED = f"{TESTS_DIR / 'fixture_targets.py'}:probed_digits"
 
 def train(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
     tmp_path.mkdir(exist_ok=True)
-    proc = subprocess.run(trainbus_cmd() + ["run", PROBED, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
-                                            *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = cli("run", PROBED, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), *args, timeout=300,
+               cwd=tmp_path)  # the launcher forked with torch loaded; its ranks start as torchrun starts them
     runs = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()] if (tmp_path / "runs").is_dir() else []
     assert proc.returncode == 0 and len(runs) == 1, proc.stdout + proc.stderr
     return proc, runs[0]
@@ -43,8 +43,7 @@ def test_two_processes_train_the_demo_as_one_run(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["cluster"]["rank"] == 0
     assert proc.stdout.count("completed after 3 epochs") == 1  # rank 1 prints nothing of its own
-    shown = subprocess.run([*trainbus_cmd(), "runs", "show", str(run_dir)], capture_output=True, text=True,
-                           timeout=60).stdout
+    shown = cli("runs", "show", str(run_dir), timeout=60).stdout
     assert "  processes   2 (torchelastic)\n" in shown, shown
     # the same weights on both ranks after every epoch, each rank training on its half of the data
     rank0, rank1 = probes(run_dir)
@@ -175,8 +174,7 @@ def test_a_two_process_run_killed_mid_epoch_resumes_exactly(tmp_path, reference)
     assert not (run_dir / "summary.json").exists()  # killed, not finished
 
     # `--resume ID` and nothing else: launched again in two processes, as its config.json says it was
-    resumed = subprocess.run(trainbus_cmd() + ["run", "--resume", run_dir.name, "--runs-dir", str(runs)],
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    resumed = cli("run", "--resume", run_dir.name, "--runs-dir", str(runs), timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     events = read_events(run_dir)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))  # one journal, gap-free across the resume
@@ -279,9 +277,8 @@ def test_two_agents_stand_in_for_two_machines(tmp_path):
 
 def test_a_rank_that_raises_is_named_with_its_error_in_rank_0s_journal_and_summary(tmp_path):
     target = f"{TESTS_DIR / 'fixture_targets.py'}:fails_on_rank_1"
-    proc = subprocess.run(trainbus_cmd() + ["run", target, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
-                                            "--nproc", "2", "--epochs", "2", "--plugins", ""],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = cli("run", target, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2", "--epochs",
+               "2", "--plugins", "", timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
     [run_dir] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -306,9 +303,8 @@ def test_the_same_error_on_every_rank_is_said_once_naming_the_ranks(tmp_path):
                       "def loss(outputs, targets):\n    raise ValueError('boom in loss')\n\n"
                       "def build(hyperparameters):\n    spec = digits(hyperparameters)\n    spec.loss_fn = loss\n"
                       "    return spec\n")
-    proc = subprocess.run(trainbus_cmd() + ["run", f"{target}:build", "--device", "cpu", "--runs-dir",
-                                            str(tmp_path / "runs"), "--nproc", "2", "--plugins", "console"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = cli("run", f"{target}:build", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2",
+               "--plugins", "console", timeout=300, cwd=tmp_path)
     both = proc.stdout + proc.stderr
     assert proc.returncode == 1, both
     error = f"ValueError: boom in loss (in your code: {target}, line 4) (ranks 0, 1)"
@@ -395,9 +391,8 @@ def test_a_rank_failing_before_rank_0_made_the_run_directory_writes_its_file_onc
 
 
 def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_restart(tmp_path):
-    proc = subprocess.run(trainbus_cmd() + ["run", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
-                                            "--nproc", "2", "--max-restarts", "2", "--precision", "16-mixed"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = cli("run", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2", "--max-restarts", "2",
+               "--precision", "16-mixed", timeout=300, cwd=tmp_path)
     said = "error: precision 16-mixed needs a CUDA device"
     assert proc.returncode == 2 and proc.stderr.count(said) == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(said) and "Traceback" not in proc.stderr, proc.stderr
