@@ -73,8 +73,11 @@ def mount_tmpfs(tmp_path):
 
 
 def trainbus(*args: str, check: bool = True, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
-    """`trainbus ARGS` in a child process, its output captured; check: exit 0 or fail with its output."""
-    done = subprocess.run([*trainbus_cmd(), *args], capture_output=True, text=True, timeout=timeout_s)
+    """`trainbus ARGS` in a child process (forked with torch loaded: kernel_process.cli), its output captured;
+    check: exit 0 or fail with its output."""
+    from kernel_process import cli
+
+    done = cli(*args, timeout=timeout_s)
     if check:
         assert done.returncode == 0, f"trainbus {' '.join(args)}: rc {done.returncode}\n{done.stdout}{done.stderr}"
     return done
