@@ -30,6 +30,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -169,9 +170,8 @@ def cli(*args: str, cwd: str | Path | None = None, env: dict[str, str] | None = 
     run's command imports torch and torch._dynamo: ~3 s of CPU each, in dozens of tests). The command's own
     main() in a process of its own, from its first line to its exit code; what it cannot show is the console
     script's start-up and a terminal, which the tests of those start `trainbus` itself (conftest.trainbus_cmd)."""
-    out_dir = Path(os.environ.get("TMPDIR", "/tmp"))
-    tag = secrets.token_hex(4)
-    stdout_path, stderr_path = out_dir / f"trainbus-cli-{tag}.out", out_dir / f"trainbus-cli-{tag}.err"
+    prefix = Path(tempfile.gettempdir()) / f"trainbus-cli-{secrets.token_hex(4)}"
+    stdout_path, stderr_path = prefix.with_suffix(".out"), prefix.with_suffix(".err")
     process = _context().Process(target=_cli_child, daemon=False, args=(
         list(args), str(stdout_path), str(stderr_path), str(cwd or os.getcwd()), {**os.environ, **(env or {})}))
     process.start()
@@ -191,8 +191,8 @@ def cli(*args: str, cwd: str | Path | None = None, env: dict[str, str] | None = 
 def _read(path: Path) -> str:
     """What a child wrote, as text=True reads a pipe (the locale's encoding, universal newlines)."""
     try:
-        return path.read_text(errors="strict")
-    except FileNotFoundError:
+        return path.read_text()
+    except FileNotFoundError:  # killed before it wrote anything
         return ""
 
 
