@@ -164,8 +164,7 @@ def _cli_child(args: list[str], stdout_path: str, stderr_path: str, cwd: str, en
     main()
 
 
-def cli(*args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None,
-        timeout: float = 120.0) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd: str | Path | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
     """`trainbus ARGS` as subprocess.run(..., capture_output=True, text=True) runs it, forked with torch loaded (a
     run's command imports torch and torch._dynamo: ~3 s of CPU each, in dozens of tests). The command's own
     main() in a process of its own, from its first line to its exit code; what it cannot show is the console
@@ -173,7 +172,7 @@ def cli(*args: str, cwd: str | Path | None = None, env: dict[str, str] | None = 
     prefix = Path(tempfile.gettempdir()) / f"trainbus-cli-{secrets.token_hex(4)}"
     stdout_path, stderr_path = prefix.with_suffix(".out"), prefix.with_suffix(".err")
     process = _context().Process(target=_cli_child, daemon=False, args=(
-        list(args), str(stdout_path), str(stderr_path), str(cwd or os.getcwd()), {**os.environ, **(env or {})}))
+        list(args), str(stdout_path), str(stderr_path), str(cwd or os.getcwd()), dict(os.environ)))
     process.start()
     process.join(timeout)
     try:
