@@ -258,6 +258,7 @@ class Bus:
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     self._heartbeat()
+                    self._cut_revoked(poller)
                     interval = STARTUP_HEARTBEAT_INTERVAL_S if self.fast_heartbeats else self.heartbeat_interval_s
                     next_heartbeat = now + interval
                     for peer in self.control.peers.forget_dead(now):  # attached by hand, gone without a bye
@@ -281,6 +282,21 @@ class Bus:
             self.emit(ev.BUS_CLOSING, {})
         self._flush()
         self._send_answers()
+
+    def _cut_revoked(self, poller: zmq.Poller) -> None:
+        """A key revoked mid-run loses its open events and bursts connections too (kernel/remote.py cut_revoked):
+        the TCP publishers are replaced, and with them what this thread sends on and polls."""
+        if self.remote is None:
+            return
+        old_bursts = self.remote.bursts
+        if not self.remote.cut_revoked():
+            return
+        poller.unregister(old_bursts)
+        del self._burst_topics[old_bursts]
+        self._pubs[1], self._burst_pubs[1] = self.remote.pub, self.remote.bursts
+        self._burst_topics[self.remote.bursts] = set()  # each subscriber's subscription comes again as it reconnects
+        poller.register(self.remote.bursts, zmq.POLLIN)
+        log.warning("a client key was revoked: every TCP subscriber was cut off and the others reconnect")
 
     def _send_answers(self) -> None:
         while self._answers:

@@ -139,6 +139,7 @@ class KeyRing:
         self._lock = threading.Lock()
         self._checked = float("-inf")
         self._by_public: dict[str, ClientKey] = {}
+        self._revocations = 0  # times an authorized key was found gone
 
     def lookup(self, public: str, now: float | None = None, fresh: bool = False) -> ClientKey | None:
         """The authorized key with this z85 public key, or None."""
@@ -146,6 +147,14 @@ class KeyRing:
         if fresh or now - self._checked >= REFRESH_INTERVAL_S:
             self._refresh(now)
         return self._by_public.get(public)
+
+    def revocations(self, now: float | None = None) -> int:
+        """How many times so far a key this ring authorized was found gone (revoked), the directory re-read if
+        it was last read REFRESH_INTERVAL_S ago or more: a count that grows means someone must be cut off."""
+        now = time.monotonic() if now is None else now
+        if now - self._checked >= REFRESH_INTERVAL_S:
+            self._refresh(now)
+        return self._revocations
 
     def callback(self, domain: str, key: bytes) -> bool:
         """zmq.auth's credentials provider: asked at every CURVE handshake with the client's z85 key."""
@@ -160,4 +169,7 @@ class KeyRing:
                 keys = [k for k in self.store.clients(strict=False) if k.role in ROLES]
             except OSError:  # the directory itself unreadable: nobody new gets in meanwhile
                 keys = []
-            self._by_public = {k.public: k for k in keys}
+            by_public = {k.public: k for k in keys}
+            if self._by_public.keys() - by_public.keys():
+                self._revocations += 1
+            self._by_public = by_public

@@ -11,8 +11,8 @@ The bus thread owns the sockets once built; the authenticator runs on its own th
 from __future__ import annotations
 
 import errno
-
 import logging
+import time
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -26,6 +26,9 @@ FREE_PORTS_ATTEMPTS = 20  # PORT 0: tries at a free control port whose PORT + 1 
 EVENTS_MAX_INBOUND_BYTES = 4096  # a SUB only sends subscriptions (topic prefixes) to the PUB
 CONTROL_RCVHWM = 1000  # per connection: a flooding peer fills its own queue, not the others'
 TCP_KEEPALIVE_IDLE_S = 60  # a peer whose machine vanished is noticed and its connection closed
+REBIND_ATTEMPTS, REBIND_PAUSE_S = 400, 0.005  # binding a publisher's port again: up to 2 s
+
+log = logging.getLogger(__name__)
 
 
 
@@ -118,6 +121,22 @@ def curve_server(ctx: zmq.Context, kind: int, secret: bytes, **options: int) -> 
     return socket
 
 
+def _bind_again(socket: zmq.Socket, endpoint: str) -> None:
+    """Bind `endpoint`, which a socket closed a moment ago held: libzmq closes a listener on its I/O thread, so
+    the port is free within milliseconds, not at once."""
+    if endpoint.startswith("tcp://["):
+        socket.setsockopt(zmq.IPV6, 1)
+    for _ in range(REBIND_ATTEMPTS - 1):
+        try:
+            socket.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            time.sleep(REBIND_PAUSE_S)
+    socket.bind(endpoint)
+
+
 class Listener:
     """The run's TCP endpoints: `control_endpoint` (ROUTER), `events_endpoint` and `bursts_endpoint` (PUBs), CURVE
     only."""
@@ -131,12 +150,10 @@ class Listener:
         # Before any bind, so no handshake can find nobody answering; and with ZAP_ENFORCE_DOMAIN, if it ever
         # stops answering, nobody gets in.
         self.authenticator = start_authenticator(self.ctx, self.keyring)
-        self.router = self._socket(zmq.ROUTER, secret, ROUTER_MANDATORY=1, MAXMSGSIZE=control_max_bytes,
-                                   SNDHWM=1000, RCVHWM=CONTROL_RCVHWM, LINGER=0)
-        self.pub = self._socket(zmq.PUB, secret, SNDHWM=events_hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES,
-                                LINGER=1000)
-        self.bursts = self._socket(zmq.XPUB, secret, SNDHWM=bursts_hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES,
-                                   LINGER=1000)
+        self._secret, self._hwms = secret, (events_hwm, bursts_hwm)
+        self.router = self._socket(zmq.ROUTER, ROUTER_MANDATORY=1, MAXMSGSIZE=control_max_bytes, SNDHWM=1000,
+                                   RCVHWM=CONTROL_RCVHWM, LINGER=0)
+        self.pub, self.bursts = self._publishers()
         try:
             self._bind(host, port)
         except BaseException:
@@ -145,9 +162,38 @@ class Listener:
         self.control_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bursts_endpoint = self.bursts.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._revocations = self.keyring.revocations()
 
-    def _socket(self, kind: int, secret: bytes, **options: int) -> zmq.Socket:
-        return curve_server(self.ctx, kind, secret, **options)
+    def _socket(self, kind: int, **options: int) -> zmq.Socket:
+        return curve_server(self.ctx, kind, self._secret, **options)
+
+    def _publishers(self) -> tuple[zmq.Socket, zmq.Socket]:
+        """The events PUB and the bursts XPUB, unbound."""
+        events_hwm, bursts_hwm = self._hwms
+        return (self._socket(zmq.PUB, SNDHWM=events_hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES, LINGER=1000),
+                self._socket(zmq.XPUB, SNDHWM=bursts_hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES, LINGER=1000))
+
+    def cut_revoked(self) -> bool:
+        """Once a key has been revoked since the last look (the directory re-read at most once a second): the
+        publishers closed and bound again on their ports, and True (the bus takes the new sockets). libzmq cannot
+        drop one subscriber of a PUB, so every events and bursts connection is cut: each reconnects by itself
+        within ~0.1 s and handshakes again, and the ZAP handler refuses the revoked key (libzmq never retries a
+        refused one). The others miss what went out meanwhile and replay it, as after any gap (PROTOCOL.md §4)."""
+        revocations = self.keyring.revocations()
+        if revocations == self._revocations:
+            return False
+        self._revocations = revocations
+        old = (self.pub, self.bursts)
+        self.pub, self.bursts = self._publishers()
+        for socket in old:
+            socket.close(linger=0)  # queued events go with it: the reconnected subscribers replay them
+        for socket, endpoint in zip((self.pub, self.bursts), (self.events_endpoint, self.bursts_endpoint)):
+            try:
+                _bind_again(socket, endpoint)
+            except zmq.ZMQError as exc:  # taken by another process in the moment it was free: unbound from now on
+                log.error("could not bind %s again after cutting off a revoked key (%s): remote clients get no "
+                          "events there for the rest of this session; resume the run to listen again", endpoint, exc)
+        return True
 
     def _bind(self, host: str, port: int) -> None:
         publishers = (self.pub, self.bursts)  # on PORT + 1 and PORT + 2

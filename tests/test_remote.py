@@ -212,6 +212,36 @@ def test_a_client_without_an_authorized_key_gets_nothing(keys, runs_dir, tmp_pat
     assert not of(events, "plugin_ready") and not of(events, "stop_requested")
 
 
+def test_a_key_revoked_while_connected_is_cut_off_the_events_and_bursts_and_the_others_hear_on(keys, runs_dir,
+                                                                                                   tmp_path, kernels):
+    """libzmq cannot drop one subscriber of a PUB, so a key revoked mid-run kept its open events connection until
+    it dropped by itself: days, for an attach left open. The kernel now cuts every TCP subscriber once a key is
+    revoked; the revoked one's reconnect is refused, the others reconnect and hear the run on."""
+    gate = tmp_path / "gate"  # held at its first batch: heartbeats go out every second meanwhile
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate), tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    late, good = RemoteClient(conn, keys["late"]), RemoteClient(conn, keys["watcher"])
+    try:
+        for client in (late, good):
+            wait_until(lambda c=client: c.next_event(0.1) is not None and c.next_burst(0.1) is not None, 60,
+                       "events and bursts for each key")
+        KeyStore(keys["dir"]).revoke("late")
+        wait_until(lambda: "a client key was revoked" in (kernel.run_dir / "kernel.log").read_text(), 30,
+                   "the kernel to cut its subscribers")
+        for _ in range(2):  # what was under way to it before the cut
+            while late.next_event(0.1) is not None or late.next_burst(0.1) is not None:
+                pass
+        assert heard_within({"late": late}, NOTHING_WINDOW_S) == {"late": 0}, "a revoked key still hears the run"
+        wait_until(lambda: good.next_event(0.1) is not None and good.next_burst(0.1) is not None, 30,
+                   "the authorized key to hear the run again")
+    finally:
+        late.close()
+        good.close()
+    open_gate(gate, 2 * STEPS_PER_EPOCH)
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+
+
 # -- 2. roles ---------------------------------------------------------------------------------------
 
 
