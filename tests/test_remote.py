@@ -30,6 +30,7 @@ from kernel_process import KernelProcess, of, wait_until
 from trainbus.kernel.bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM
 from trainbus.kernel.config import RunConfig
 from trainbus.kernel.journal import read_events
+from trainbus.proto.journal_format import read_journal
 from trainbus.kernel.keys import REFRESH_INTERVAL_S, KeyStore
 from trainbus.kernel.remote import Listener
 from trainbus.proto import pack
@@ -217,15 +218,22 @@ def test_a_key_revoked_while_connected_is_cut_off_the_events_and_bursts_and_the_
     """libzmq cannot drop one subscriber of a PUB, so a key revoked mid-run kept its open events connection until
     it dropped by itself: days, for an attach left open. The kernel now cuts every TCP subscriber once a key is
     revoked; the revoked one's reconnect is refused, the others reconnect and hear the run on."""
+    from test_attach import as_json
+
     gate = tmp_path / "gate"  # held at its first batch: heartbeats go out every second meanwhile
     kernel = KernelProcess(listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate), tmp_path)
     kernels.append(kernel)
     conn = connection(kernel)
     late, good = RemoteClient(conn, keys["late"]), RemoteClient(conn, keys["watcher"])
+    out = tmp_path / "attach.jsonl"
+    with open(out, "w") as stdout:  # and `trainbus attach --json` with an authorized key, through the cut
+        attach = subprocess.Popen([*trainbus_cmd(), "attach", str(kernel.run_dir / CONNECTION_FILE), "--key",
+                                   str(keys["watcher"]), "--json"], stdout=stdout, stderr=subprocess.PIPE, text=True)
     try:
         for client in (late, good):
             wait_until(lambda c=client: c.next_event(0.1) is not None and c.next_burst(0.1) is not None, 60,
                        "events and bursts for each key")
+        wait_until(lambda: out.read_text().count("\n") >= 2, 60, "attach's snapshot and an event")
         KeyStore(keys["dir"]).revoke("late")
         wait_until(lambda: "a client key was revoked" in (kernel.run_dir / "kernel.log").read_text(), 30,
                    "the kernel to cut its subscribers")
@@ -235,11 +243,18 @@ def test_a_key_revoked_while_connected_is_cut_off_the_events_and_bursts_and_the_
         assert heard_within({"late": late}, NOTHING_WINDOW_S) == {"late": 0}, "a revoked key still hears the run"
         wait_until(lambda: good.next_event(0.1) is not None and good.next_burst(0.1) is not None, 30,
                    "the authorized key to hear the run again")
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
+        assert kernel.result(timeout_s=120)["status"] == "completed"
+        assert attach.wait(timeout=60) == 0, attach.stderr.read()
     finally:
         late.close()
         good.close()
-    open_gate(gate, 2 * STEPS_PER_EPOCH)
-    assert kernel.result(timeout_s=120)["status"] == "completed"
+        attach.kill()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    seqs = [e["seq"] for e in lines[1:]]
+    assert seqs == list(range(lines[0]["seq"] + 1, lines[0]["seq"] + 1 + len(seqs))), "attach replayed the cut's gap"
+    journal = {e.seq: e for e in read_journal(kernel.run_dir)}
+    assert lines[1:] == [as_json(journal[s]) for s in seqs] and seqs[-1] == max(journal)
 
 
 # -- 2. roles ---------------------------------------------------------------------------------------
