@@ -182,7 +182,10 @@ def test_a_killed_kernel_is_mailed_as_a_died_run_and_listed_as_died(started_by, 
         run_dir = pid_file.parent
         journal = JournalTail(run_dir / JOURNAL_NAME)
         wait_until(lambda: alive() and journal.step() >= 3, 120, "3 training steps")
-        plugin_pid = journal.running_pid("email")
+        plugin_pid = wait_until(lambda: journal.running_pid("email"), 120, "the e-mail plugin's hello")
+        # beside two CPU burners the kernel was once killed before the plugin had handled one event ("Last step:
+        # none"): it has, once the kernel's snapshot shows it acked one
+        wait_until(lambda: acked_by(run_dir, "email") >= 1, 120, "the e-mail plugin to handle an event", poll_s=0.5)
         os.kill(int(pid_file.read_text()), signal.SIGKILL)
         proc.wait(30)
         if started_by == "the daemon":  # it noticed, and says how to continue the run
@@ -208,6 +211,16 @@ def test_a_killed_kernel_is_mailed_as_a_died_run_and_listed_as_died(started_by, 
     assert died["status"] == "died" and died["steps"] == 3 and died["last_seq"] == max(seen) >= seq
     with Registry(runs_dir) as registry:  # written back: the next list need not read the directory again
         assert registry.runs(time.time())[run_dir.name]["status"] == "died"
+
+
+def acked_by(run_dir: Path, plugin: str) -> int:
+    """The last seq a durable `plugin` acked, as the kernel's snapshot (trainbus attach's) says; 0 for none."""
+    from trainbus.sdk.attach import Attachment, target_of
+
+    for _, item in zip(range(100), Attachment(target_of(str(run_dir)))):  # None: nothing yet, each ~0.1 s
+        if item is not None and item[0] == "snapshot":
+            return item[1].plugins.get(plugin, {}).get("acked") or 0
+    return 0
 
 
 def test_mail_goes_out_once_the_server_is_back(runs_dir):
