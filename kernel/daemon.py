@@ -46,7 +46,7 @@ from trainbus.proto.remote import advertised
 from .checkpointing import has_checkpoints, no_checkpoints
 from .credentials import SUN_PATH_MAX
 from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started, queued_resume,
-                       record_run)
+                       record_run, resume_started)
 from .runs import CONFIG, KERNEL_PID, RunLookupError, find_runs, kernel_process, resolve_run, run_overview
 
 log = logging.getLogger("trainbus.daemon")
@@ -832,16 +832,19 @@ def queued_job(runs_dir: Path, run: str) -> str | None:
 
 
 def as_queued(runs_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
-    """`run` (a run directory's details) as queued when its resume waits in the daemon's queue of runs_dir; as it
-    is when none does, or when the registry cannot be read (the directory still tells the run)."""
+    """`run` (a run directory's details) as queued when its resume waits in the daemon's queue of runs_dir, as
+    running while the daemon starts it (registry.resume_started); as it is when none does, or when the registry
+    cannot be read (the directory still tells the run)."""
     if Path(run["dir"]) != (Path(runs_dir) / run["id"]).resolve() or not (Path(runs_dir) / REGISTRY_NAME).is_file():
         return run
     try:
         with Registry(runs_dir) as registry:
-            job = next((j for j in registry.jobs(["queued"]) if j["id"] == run["id"]), None)
+            job = next((j for j in registry.jobs(JOB_ACTIVE) if j["id"] == run["id"]), None)
     except (sqlite3.Error, RegistryError, OSError):
         return run
-    return run if job is None else queued_resume(run, job["submitted_by"])
+    if job is None:
+        return run
+    return queued_resume(run, job["submitted_by"]) if job["state"] == "queued" else resume_started(run, job)
 
 
 def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:

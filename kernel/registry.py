@@ -307,7 +307,7 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
             waiting = registry.jobs([QUEUED])
             stale = [name for name, path in dirs.items()
                      if name not in known or known[name]["status"] in LIVE or known[name]["dir"] != str(path)
-                     or (known[name]["status"] == QUEUED and name in started)]
+                     or name in started]  # the daemon started it: its directory may say so any moment
             fresh = {name: overview_or_unreadable(dirs[name], now) for name in stale}
             try:
                 registry.record(fresh.values(), now)
@@ -318,9 +318,9 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
         for job in waiting:  # a resume waits in the queue: its directory tells how it last ended
             if job["id"] in dirs and known[job["id"]]["status"] != QUEUED:
                 known[job["id"]] = queued_resume(known[job["id"]], job["submitted_by"])
-        for i, job in started.items():  # started, and its kernel has not made the run directory yet
-            if i in known and i not in dirs:
-                known[i] = as_started(known[i], job)
+        for i, job in started.items():  # started, and its kernel has not made the run directory yet, or not
+            if i in known:              # yet said in a resumed run's directory that it runs
+                known[i] = resume_started(known[i], job) if i in dirs else as_started(known[i], job)
         found = [known[name] for name in dirs] + [run for i, run in known.items() if run["dir"] is None
                                                   and i not in dirs]
     except (sqlite3.Error, OSError, RegistryError) as exc:
@@ -353,6 +353,20 @@ def as_started(run: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     started = job.get("started_ts") or run.get("started_ts")  # listed among the others by it, not last
     return {**run, "status": "running", "pid": job["pid"], "started_ts": started, "started_at": _iso(started),
             "detail": f"started by the daemon (pid {job['pid']}); its kernel is starting"}
+
+
+def resume_started(run: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """A run's row while the daemon's resume of it starts (`job` starting or running, its process alive) and its
+    directory still tells the last session's end (the resumed kernel rewrites kernel.pid only once its spec is
+    built: seconds): running, by that process, and how it last ended; not `died`, which `runs list` said meanwhile."""
+    if run["status"] in ("running", QUEUED) or job["state"] not in ("starting", "running"):
+        return run
+    started = job.get("started_ts")
+    if started is None or (run.get("ended_ts") or 0) > started or not job_holds_run(job):  # this session ended
+        return run
+    last = run["status"] + (f" ({run['detail']})" if run.get("detail") else "")
+    return {**run, "status": "running", "pid": job["pid"],
+            "detail": f"resumed by the daemon (pid {job['pid']}); its kernel is starting; last {last}"}
 
 
 def queued_resume(run: dict[str, Any], by: str | None) -> dict[str, Any]:

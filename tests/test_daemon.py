@@ -243,6 +243,35 @@ def test_a_queued_resume_is_listed_and_shown_as_queued_with_how_the_run_last_end
     assert cli("runs", "show", "d", "--runs-dir", str(runs)).stdout.startswith("run d: died")
 
 
+def test_a_resume_the_daemon_is_starting_is_running_not_the_died_its_directory_still_tells(tmp_path):
+    """From the daemon starting the resume until its kernel rewrote kernel.pid (its spec built: seconds), `runs
+    list` and `runs show` said died (the last session's kernel.pid is dead): running, by the daemon's process."""
+    import psutil
+
+    runs = tmp_path / "runs"
+    (runs / "d").mkdir(parents=True)
+    (runs / "d" / "config.json").write_text(json.dumps({"target": "demo"}) + "\n")
+    (runs / "d" / "kernel.pid").write_text("999999\n")
+    starting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the resumed kernel
+    try:
+        with Registry(runs) as registry:
+            registry.submit({"id": "d", "state": "queued", "submitted_ts": 1.0, "argv": ["--resume", "d"],
+                             "cwd": str(tmp_path), "gpus": None, "submitted_by": "ann"},
+                            {"id": "d", "dir": str((runs / "d").resolve()), "status": "running"}, 1.0)
+            assert registry.move_job("d", ["queued"], state="running", pid=starting.pid, started_ts=time.time(),
+                                     pid_started=psutil.Process(starting.pid).create_time())
+        [row] = list_runs(runs)
+        said = f"resumed by the daemon (pid {starting.pid}); its kernel is starting; last died (kernel pid 999999"
+        assert row["status"] == "running" and row["detail"].startswith(said), row
+        shown = cli("runs", "show", "d", "--runs-dir", str(runs)).stdout
+        assert shown.startswith(f"run d: running ({said}"), shown
+    finally:
+        starting.kill()
+        starting.wait()
+    assert [r["status"] for r in list_runs(runs)] == ["died"]  # its process gone: the directory tells again
+    assert cli("runs", "show", "d", "--runs-dir", str(runs)).stdout.startswith("run d: died")
+
+
 # -- the daemon process -------------------------------------------------------------------------------------
 
 cli = trainbus
