@@ -23,6 +23,7 @@ forks `trainbus ARGS` the same way (0.7 s for a run of the demo instead of 4 s).
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import multiprocessing
 import os
@@ -105,7 +106,10 @@ class JournalTail:
         return pid if any(e.data["pid"] == pid for e in of(events, "plugin_ready", name)) else None
 
 
-PRELOAD = ["torch", "torch._dynamo", "trainbus.kernel.session"]  # what every kernel imports before it trains
+# What every kernel imports before it trains, and the libraries every `trainbus` command loads (pydantic: typer's
+# parameter coercion, 0.15 s). Not trainbus.kernel.cli itself, nor typer: their import reads the environment (rich's
+# console, typer's TYPER_USE_RICH), which is the test's, set in the child.
+PRELOAD = ["torch", "torch._dynamo", "trainbus.kernel.session", "pydantic", "rich.console", "rich.table"]
 _forkserver: Any = None
 
 
@@ -120,7 +124,12 @@ def _context() -> Any:
 def _as_the_test_asked(stdout_path: str, stderr_path: str, cwd: str, env: dict[str, str]) -> None:
     """A forked child's output to files, the test's directory and environment, and multiprocessing's start method
     as a fresh interpreter has it (the forkserver's child inherits "forkserver": a DataLoader's workers would be
-    started that way, unlike under `trainbus`)."""
+    started that way, unlike under `trainbus`).
+
+    What the server had loaded is moved out of the collector's sight (gc.freeze: a merge of its lists, no object
+    touched): the child's own collections, and the one `trainbus` runs before it exits, would otherwise walk the
+    ~300,000 objects of torch and copy every page they sit on (0.35 s of CPU per child)."""
+    gc.freeze()
     multiprocessing.set_start_method(None, force=True)
     for fd, path in ((1, stdout_path), (2, stderr_path)):
         opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
