@@ -204,9 +204,9 @@ def run(
         launch = launch_of_run(continuing)  # `--resume RUN` alone: in as many processes as the run had
     launch = {"nproc": 1, "nnodes": 1, "max_restarts": 0, "rdzv_endpoint": None,
               **{k: v for k, v in launch.items() if v is not None}}
+    if cfg.listen and launch["nnodes"] == 1 and not _under_a_launcher():
+        _check_listen(cfg.listen, cfg.keys_dir)
     if launch["nproc"] > 1 or launch["nnodes"] > 1 or launch["max_restarts"] or launch["rdzv_endpoint"]:
-        if cfg.listen and launch["nnodes"] == 1:
-            _check_listen_before_launch(cfg.listen, cfg.keys_dir)
         _launch(launch, cfg.runs_dir, continuing.name if continuing else None)
     try:  # Ctrl-C while torch imports, or the run is set up: one line (typer would exit 130 and say nothing)
         from .session import InterruptedBeforeStart, run_training  # here: torch takes seconds to import, and a
@@ -265,9 +265,10 @@ def _under_a_launcher() -> bool:
     return detect().distributed
 
 
-def _check_listen_before_launch(listen: str, keys_dir: str | None) -> None:
-    """Under --nproc, rank 0 binds --listen only once the ranks have met and the others train: its keys and a port
-    taken are said here, before any process starts. (Not with --nnodes: HOST is node 0's, maybe not this machine.)"""
+def _check_listen(listen: str, keys_dir: str | None) -> None:
+    """--listen's keys, and its ports taken, said before torch's seconds of import (the run checks them again as it
+    binds), and under --nproc before any rank starts: rank 0 binds only once the ranks have met and the others
+    train. Not with --nnodes (HOST is node 0's, maybe not this machine), nor in a rank (rank 0 binds the ports)."""
     from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
 
     from .keys import KeyStore

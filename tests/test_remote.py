@@ -484,9 +484,12 @@ def test_the_kernel_refuses_to_start_on_a_bad_key_file_naming_it_and_the_fix(fau
     keys_dir = tmp_path / "empty-keys" if fault == "no_keys" else keys["dir"]
     proc = subprocess.run([str(Path(sys.executable).parent / "trainbus"), "run", "--plugins", "", "--epochs", "1",
                            "--runs-dir", str(tmp_path / "runs"), "--listen", "127.0.0.1:0", "--keys-dir",
-                           str(keys_dir)], capture_output=True, text=True, timeout=300)
+                           str(keys_dir)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})  # stderr: a line per import, first
     assert proc.returncode == 2, proc
-    lines = proc.stderr.strip().splitlines()
+    imported = [line.rpartition("|")[2].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "trainbus.kernel.cli" in imported and "torch" not in imported, "said before torch's seconds of import"
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("import time:")]
     assert len(lines) == 1, proc.stderr
     expected = {"group_readable": f"chmod 600 {secret}", "empty": f"{secret} is empty",
                 "no_keys": f"trainbus keys generate server --keys-dir {keys_dir}", "writable_role_dir": f"chmod 700 {role_dir}",
