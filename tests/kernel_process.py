@@ -131,6 +131,7 @@ def _as_the_test_asked(stdout_path: str, stderr_path: str, cwd: str, env: dict[s
     ~300,000 objects of torch and copy every page they sit on (0.35 s of CPU per child)."""
     gc.freeze()
     multiprocessing.set_start_method(None, force=True)
+    tempfile.tempdir = None  # the server's, cached: the child's comes from its own TMPDIR, as a fresh interpreter's
     for fd, path in ((1, stdout_path), (2, stderr_path)):
         opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(opened, fd)
@@ -178,22 +179,53 @@ def cli(*args: str, cwd: str | Path | None = None, timeout: float = 120.0) -> su
     run's command imports torch and torch._dynamo: ~3 s of CPU each, in dozens of tests). The command's own
     main() in a process of its own, from its first line to its exit code; what it cannot show is the console
     script's start-up and a terminal, which the tests of those start `trainbus` itself (conftest.trainbus_cmd)."""
-    prefix = Path(tempfile.gettempdir()) / f"trainbus-cli-{secrets.token_hex(4)}"
-    stdout_path, stderr_path = prefix.with_suffix(".out"), prefix.with_suffix(".err")
-    process = _context().Process(target=_cli_child, daemon=False, args=(
-        list(args), str(stdout_path), str(stderr_path), str(cwd or os.getcwd()), dict(os.environ)))
-    process.start()
-    process.join(timeout)
+    command = Command(*args, cwd=cwd)
     try:
-        if process.exitcode is None:
-            process.kill()
-            process.join()
-            raise subprocess.TimeoutExpired(["trainbus", *args], timeout)
-        return subprocess.CompletedProcess(["trainbus", *args], process.exitcode, _read(stdout_path),
-                                           _read(stderr_path))
+        out, err = command.communicate(timeout)
     finally:
-        stdout_path.unlink(missing_ok=True)
-        stderr_path.unlink(missing_ok=True)
+        command.kill()
+    return subprocess.CompletedProcess(command.args, command.returncode, out, err)
+
+
+class Command:
+    """`trainbus ARGS` forked as cli() runs it, shown as subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)
+    shows a child: pid, poll, wait, send_signal, kill, returncode, communicate. `env`: added to the test's."""
+
+    def __init__(self, *args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None):
+        self.args = ["trainbus", *args]
+        prefix = Path(tempfile.gettempdir()) / f"trainbus-cli-{secrets.token_hex(4)}"
+        self.stdout_path, self.stderr_path = prefix.with_suffix(".out"), prefix.with_suffix(".err")
+        process = _context().Process(target=_cli_child, daemon=False, args=(
+            list(args), str(self.stdout_path), str(self.stderr_path), str(cwd or os.getcwd()),
+            {**os.environ, **(env or {})}))
+        process.start()
+        self.proc = Forked(process)
+        self.pid = process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.proc.wait(timeout)
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Its output once it exits (subprocess.TimeoutExpired before: kill it, as with Popen)."""
+        self.wait(timeout)
+        try:
+            return _read(self.stdout_path), _read(self.stderr_path)
+        finally:
+            self.stdout_path.unlink(missing_ok=True)
+            self.stderr_path.unlink(missing_ok=True)
 
 
 def _read(path: Path) -> str:

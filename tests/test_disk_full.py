@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -23,10 +22,9 @@ import msgpack
 import psutil
 import pytest
 
-from conftest import trainbus_cmd
 from fixture_plugins import Poison
 from helpers import PLUGIN_START_S, recorded
-from kernel_process import KernelProcess, of, wait_until
+from kernel_process import Command, KernelProcess, cli, of, wait_until
 from trainbus.kernel.config import PluginConfig, RunConfig
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
@@ -179,17 +177,14 @@ def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs,
     metrics_log, which write into the run directory too): exit 1, one line naming the disk and the fix, no
     traceback anywhere, a journal ending at a whole record, the summary written or one line saying why not."""
     runs = mount_tmpfs("runs", 4 << 20)
-    cmd = [*trainbus_cmd(), "run", "--config", str(run_config(tmp_path / "run.toml", plugins)),
-           "--runs-dir", str(runs)]
+    args = ["run", "--config", str(run_config(tmp_path / "run.toml", plugins)), "--runs-dir", str(runs)]
     if plugins == "none":
-        cmd += ["--plugins", ""]
-    stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
+        args += ["--plugins", ""]
     # the temporary directory, on another disk: where the trained weights go instead (short: where a run directory
     # too deep for a Unix socket path has its sockets)
     spare = Path(tempfile.mkdtemp(prefix="tb-"))
     request.addfinalizer(lambda: shutil.rmtree(spare, ignore_errors=True))
-    with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, env={**os.environ, "TMPDIR": str(spare)})
+    proc = Command(*args, env={"TMPDIR": str(spare)})
     try:
         # the run has started and trains: only then does the disk fill up
         journal = wait_until(lambda: next((p for p in runs.glob(f"*/{JOURNAL_NAME}") if p.stat().st_size > 8000), None),
@@ -203,7 +198,7 @@ def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    out, err = stdout_path.read_text(), stderr_path.read_text()
+    out, err = proc.communicate()
     both = out + err
     assert proc.returncode == 1, both
     assert "Traceback" not in both, both
@@ -244,8 +239,7 @@ def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs,
     # A full disk is when a run must go: the registry that cannot be opened then (SQLite makes its -shm file) used
     # to refuse it ("cannot tell whether the daemon holds run ..."); with no daemon alive nothing else can hold it.
     with Filler(runs):
-        deleted = subprocess.run([*trainbus_cmd(), "runs", "delete", run_dir.name, "--yes", "--runs-dir", str(runs)],
-                                 capture_output=True, text=True, timeout=60)
+        deleted = cli("runs", "delete", run_dir.name, "--yes", "--runs-dir", str(runs), timeout=60)
     assert deleted.returncode == 0 and not run_dir.exists(), (deleted.stdout, deleted.stderr)
 
 

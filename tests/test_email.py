@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import struct
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,10 +25,10 @@ from trainbus.plugins.email_alert import EmailAlertPlugin
 from trainbus.proto import JOURNAL_NAME, Event
 from trainbus.sdk import Harness, SettingsError
 
-from conftest import TESTS_DIR, start_daemon, trainbus_cmd
+from conftest import TESTS_DIR, start_daemon
 from fixture_targets import open_gate
 from helpers import free_port
-from kernel_process import JournalTail, process_gone, wait_until
+from kernel_process import Command, JournalTail, process_gone, wait_until
 
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
 FAILING = f"{TESTS_DIR / 'specs.py'}:failing"
@@ -163,18 +162,17 @@ def test_a_killed_kernel_is_mailed_as_a_died_run_and_listed_as_died(started_by, 
     settings = {"host": "127.0.0.1", "port": port, "security": "none", "recipients": json.dumps([RECIPIENT]),
                 "min_interval_s": 0}
     sets = [f"gate={gate}", "step_sleep_s=0"] + [f"email.{key}={value}" for key, value in settings.items()]
-    cmd = trainbus_cmd() + ["run", PACED, "--plugins", "email", "--epochs", "5", "--device", "cpu",
-                            "--runs-dir", str(runs_dir)] + [word for s in sets for word in ("--set", s)]
+    args = ["run", PACED, "--plugins", "email", "--epochs", "5", "--device", "cpu", "--runs-dir", str(runs_dir)] + [
+        word for s in sets for word in ("--set", s)]
     if started_by == "the daemon":
         start_daemon(daemons, runs_dir)
-        cmd.append("--detach")  # the submitting process returns at once; the daemon starts the kernel
-    with open(tmp_path / "kernel.stderr", "wb") as stderr:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        args.append("--detach")  # the submitting process returns at once; the daemon starts the kernel
+    proc = Command(*args)
     if started_by == "the daemon":
-        assert proc.wait(60) == 0, (tmp_path / "kernel.stderr").read_text()
+        assert proc.wait(60) == 0, proc.communicate()[1]
 
     def alive() -> bool:
-        assert started_by == "the daemon" or proc.poll() is None, (tmp_path / "kernel.stderr").read_text()[-3000:]
+        assert started_by == "the daemon" or proc.poll() is None, proc.communicate()[1][-3000:]
         return True
 
     try:

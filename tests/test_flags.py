@@ -19,8 +19,8 @@ from trainbus.kernel.config import config_of_run
 from trainbus.kernel.flags import (FlagError, Flag, docstring_help, help_text, parse_words, resolve,
                                    signature_of)
 
-from conftest import TESTS_DIR, trainbus_cmd
-from kernel_process import cli
+from conftest import TESTS_DIR
+from kernel_process import Command, cli
 
 TRAIN = '''
 import json
@@ -218,9 +218,8 @@ def flag_runs(train_py, tmp_path_factory):
     runs = [["run", f"{train_py}:build", "lr=0.05", "epochs=1", f"env_out={env_user}", "--config", str(config)],
             ["run", f"{train_py}:build", "lr=0.2", "shuffle=false", "--plugins", ""],
             ["run", f"{TESTS_DIR / 'specs.py'}:tiny", "lr=0.3", "note=dict", "--epochs", "1", "--plugins", ""]]
-    # all three at once: each is mostly a process importing torch, and they share nothing but runs_dir
-    procs = [subprocess.Popen(trainbus_cmd() + args + ["--runs-dir", str(runs_dir)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for args in runs]
+    # all three at once: they share nothing but runs_dir
+    procs = [Command(*args, "--runs-dir", str(runs_dir), env=env) for args in runs]
     ids = []
     try:
         for proc in procs:

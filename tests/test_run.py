@@ -147,18 +147,14 @@ def test_sigterm_stops_a_run_at_the_next_batch_and_it_ends_interrupted_with_its_
     """`kill`, systemd's stop, SLURM's preemption: what Ctrl-C does, not a death without a summary."""
     import json
     import signal
-    import subprocess
-
-    from conftest import trainbus_cmd
     from fixture_targets import open_gate
-    from kernel_process import JournalTail, wait_until
+    from kernel_process import Command, JournalTail, wait_until
 
     gate, runs = tmp_path / "gate", tmp_path / "runs"
     open_gate(gate, 3)
-    proc = subprocess.Popen(trainbus_cmd() + ["run", f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits", "--device",
-                                              "cpu", "--runs-dir", str(runs), "--plugins", "metrics_log", "--epochs",
-                                              "2", "--set", f"gate={gate}", "--set", "step_sleep_s=0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = Command("run", f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits", "--device", "cpu", "--runs-dir",
+                   str(runs), "--plugins", "metrics_log", "--epochs", "2", "--set", f"gate={gate}", "--set",
+                   "step_sleep_s=0")
     try:
         journal = wait_until(lambda: next(runs.glob("*/events"), None), 120, "the run's journal")
         tail = JournalTail(journal)
