@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,10 +30,9 @@ from trainbus.kernel.supervisor import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS,
 import fixture_plugins
 from fixture_targets import open_gate
 from helpers import assert_same_weights, recorded, run_config, seeded_rng
-from kernel_process import JournalTail, KernelProcess, of, process_gone, wait_until
+from kernel_process import Command, JournalTail, KernelProcess, cli, of, process_gone, wait_until
 
 TESTS_DIR = Path(__file__).resolve().parent
-TRAINBUS = Path(sys.executable).with_name("trainbus")
 PACED = "fixture_targets:paced_digits"  # the digits demo with a sleep per step: same weights, known pace
 TRAIN_SAMPLES = 1797 - int(1797 * 0.2)  # kernel/digits.py: 1,797 images, 20 % held out for validation
 RESTART_WITHIN_S = 2.0  # issue 3: a killed plugin is running again within this
@@ -340,11 +338,10 @@ def test_a_plugin_that_leaves_mid_run_on_purpose_is_not_restarted_but_shown_as_t
     assert [e.data["exit_code"] for e in of(events, "plugin_exited") if e.data["plugin"] == "leaver"] == [0]
     assert not of(events, "plugin_restarted")
     assert "plugin leaver left before the run ended (exit code 0)" in (Path(result.run_dir) / "kernel.log").read_text()
-    listed = subprocess.run([str(TRAINBUS), "runs", "list", "--runs-dir", str(tmp_path / "runs"), "--json"],
-                            capture_output=True, text=True, timeout=120)
+    listed = cli("runs", "list", "--runs-dir", str(tmp_path / "runs"), "--json")
     assert json.loads(listed.stdout)[0]["plugin_trouble"] == ["leaver left before the run ended"], listed.stdout
-    shown = subprocess.run([str(TRAINBUS), "runs", "show", result.run_id, "--runs-dir", str(tmp_path / "runs")],
-                           capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    shown = Command("runs", "show", result.run_id, "--runs-dir", str(tmp_path / "runs"), env={"COLUMNS": "200"})
+    shown.stdout, _ = shown.communicate(120)
     assert re.search(r"leaver\s+exited\s+0\s+left before the run ended", shown.stdout), shown.stdout
 
 
@@ -578,24 +575,24 @@ def test_poison_event_is_dead_lettered_after_the_retry_limit_and_later_events_st
 # -- Ctrl-C: once stops at a batch boundary, twice stops at once ----------------------------------------
 
 
-def start_cli(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+def start_cli(tmp_path: Path, *args: str) -> tuple[Command, Path]:
     """`trainbus run ... --epochs 50` in its own process; returns it and its journal's path once the run exists."""
     runs = tmp_path / "runs"
-    proc = subprocess.Popen([str(TRAINBUS), "run", *args, "--epochs", "50", "--runs-dir", str(runs), "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = Command("run", *args, "--epochs", "50", "--runs-dir", str(runs), "--device", "cpu")
     journal = wait_until(lambda: next(runs.glob(f"*/{JOURNAL_NAME}"), None) if runs.exists() else None, 60,
                          "the CLI's run directory")
     return proc, journal
 
 
-def finish_cli(proc: subprocess.Popen, timeout_s: float = 30.0) -> str:
+def finish_cli(proc: Command, timeout_s: float = 30.0) -> str:
+    """What it wrote, stdout then stderr, once it exits."""
     try:
-        out, _ = proc.communicate(timeout=timeout_s)
+        out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
-        raise AssertionError(f"the CLI did not exit within {timeout_s:.0f} s of Ctrl-C:\n{out[-3000:]}")
-    return out
+        out, err = proc.communicate()
+        raise AssertionError(f"the CLI did not exit within {timeout_s:.0f} s of Ctrl-C:\n{(out + err)[-3000:]}")
+    return out + err
 
 
 def assert_no_plugin_left(events) -> None:
@@ -665,7 +662,7 @@ def test_a_keyboardinterrupt_the_training_code_raises_is_named_as_that_not_as_a_
     target = tmp_path / "train.py"
     target.write_text(
         "import torch\n"
-        f"from specs import tiny\n"
+        "from specs import tiny\n"
         "def build(hyperparameters: dict):\n"
         "    spec, calls = tiny(hyperparameters), [0]\n"
         "    def loss_fn(outputs, targets):\n"
@@ -676,9 +673,10 @@ def test_a_keyboardinterrupt_the_training_code_raises_is_named_as_that_not_as_a_
         "    spec.loss_fn = loss_fn\n"
         "    return spec\n")
     runs = tmp_path / "runs"
-    done = subprocess.run([str(TRAINBUS), "run", f"{target}:build", "--plugins", "", "--runs-dir", str(runs)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(TESTS_DIR)})
-    assert done.returncode == 130, done.stderr
+    done = Command("run", f"{target}:build", "--plugins", "", "--runs-dir", str(runs),
+                   env={"PYTHONPATH": str(TESTS_DIR)})
+    _, err = done.communicate(120)
+    assert done.returncode == 130, err
     [run_dir] = [p for p in runs.iterdir() if p.is_dir()]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted", summary
@@ -709,8 +707,7 @@ def test_ctrl_c_once_after_training_ended_lets_the_plugins_drain_and_the_run_com
     config_path.write_text(SLOW_DURABLE_CONFIG.replace("batch_size = 16", "batch_size = 64").format(
         path=tmp_path / "rec.txt"))
     runs = tmp_path / "runs"
-    proc = subprocess.Popen([str(TRAINBUS), "run", "--config", str(config_path), "--epochs", "1", "--runs-dir",
-                             str(runs), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = Command("run", "--config", str(config_path), "--epochs", "1", "--runs-dir", str(runs), "--device", "cpu")
     try:
         journal_path = wait_until(lambda: next(runs.glob(f"*/{JOURNAL_NAME}"), None) if runs.exists() else None, 60,
                                   "the CLI's run directory")
