@@ -277,6 +277,7 @@ class Plugin(_SdkPlugin, metaclass=_BzConstruction):
 
     def _run_hook(self, hook: str | None, event: Event) -> None:
         context = self.context
+        seen = context.epoch  # as the hook saw it: bz's count, from 0
         try:
             if hook is not None:
                 getattr(self, hook)(context)
@@ -285,8 +286,8 @@ class Plugin(_SdkPlugin, metaclass=_BzConstruction):
                 context.after(event)
             if context.should_stop_training and not self._stop_sent:
                 self._stop_sent = True
-                self.stop(f"{self.name} set context.should_stop_training at {hook or event.type} (epoch "
-                          f"{event.epoch})")
+                self.stop(f"{self.name} set context.should_stop_training at {hook or event.type} (context.epoch "
+                          f"{seen}, the run's epoch {event.epoch})")
 
 
 for _hook in HOOKS:  # do-nothing hooks taking context, as bz's base class has them
