@@ -21,10 +21,11 @@ HELP = f"""{USAGE}
 
 Runs the plugin class module:Class in this process against a running kernel, until the run ends. `trainbus run`
 starts its plugins so; to attach one to a live run by hand, set:
+  TRAINBUS_RUN_DIR  RUN_DIR, the run directory: the plugin proves itself with RUN_DIR/credential, and finds the
+                    run's sockets there (or, for a run directory whose path is too long for a socket, where
+                    kernel.log's `sockets:` line names them), unless these two say where they are:
   TRAINBUS_EVENTS   the run's events socket: ipc://RUN_DIR/events.sock
-  TRAINBUS_CONTROL  the run's control socket: ipc://RUN_DIR/control.sock (for a run directory whose path is too
-                    long for a socket, kernel.log's `sockets:` line names both)
-  TRAINBUS_RUN_DIR  RUN_DIR, the run directory: the plugin proves itself with RUN_DIR/credential
+  TRAINBUS_CONTROL  the run's control socket: ipc://RUN_DIR/control.sock
 
 options:
   --name NAME           the name it says hello with (default: TRAINBUS_PLUGIN_NAME, else the class's `name`, else

@@ -450,9 +450,23 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     else:
         secure = None
     missing = [k for k in ("TRAINBUS_EVENTS", "TRAINBUS_CONTROL") if k not in env]
-    if missing:
-        print(f"error: {', '.join(missing)} not set; start plugins through `trainbus run`, or set the kernel's "
-              f"endpoints (see PROTOCOL.md)", file=sys.stderr)
+    by_hand_in = env.get("TRAINBUS_RUN_DIR") if missing and not connect else None
+    if by_hand_in and run_summary(by_hand_in) is None:
+        # the run directory alone: its sockets, found as `trainbus attach RUN_DIR` finds them (beside it, or named
+        # by kernel.log when its path is too long for a socket); an ended run is said below, as with endpoints
+        from .attach import AttachError, target_of
+
+        try:
+            target = target_of(by_hand_in)
+        except AttachError as exc:
+            print(f"error: {exc}: is TRAINBUS_RUN_DIR a running run's directory? (`trainbus runs list` says)",
+                  file=sys.stderr)
+            return 2
+        env = {**env, "TRAINBUS_EVENTS": target.events, "TRAINBUS_CONTROL": target.control}
+        missing = []
+    if missing and not by_hand_in:
+        print(f"error: {', '.join(missing)} not set; start plugins through `trainbus run`, or set TRAINBUS_RUN_DIR "
+              f"to the run's directory (see PROTOCOL.md)", file=sys.stderr)
         return 2
     configured = unpack(bytes.fromhex(env["TRAINBUS_PLUGIN_SETTINGS"])) if "TRAINBUS_PLUGIN_SETTINGS" in env else {}
     settings = {**configured, **(settings or {})}

@@ -365,6 +365,9 @@ def test_attach_to_an_ended_run_says_so_at_once(runs_dir, tmp_path, kernels):
     env.pop("TRAINBUS_KERNEL_PID", None)
     proc = run_quickly([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:Recorder"], env=env)
     assert proc.returncode == 0 and "has ended (completed)" in proc.stderr, proc.stderr
+    alone = {k: v for k, v in env.items() if k not in ("TRAINBUS_EVENTS", "TRAINBUS_CONTROL")}  # the run directory
+    proc = run_quickly([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:Recorder"], env=alone)
+    assert proc.returncode == 0 and "has ended (completed)" in proc.stderr, proc.stderr
     # a mistake in its settings is said first, ended run or not
     proc = run_quickly([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:Recorder", "--set", "nosuch=1"],
                        env=env)

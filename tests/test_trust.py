@@ -293,18 +293,31 @@ def test_the_sdk_run_by_hand_under_a_spawned_plugins_name_says_the_kernel_refuse
         lost = subprocess.run([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:Lifecycle", "--name", "lost"],
                               env={**env, "TRAINBUS_RUN_DIR": str(elsewhere)}, capture_output=True, text=True,
                               timeout=120)
+        # the run directory alone: the SDK finds the sockets there, as `trainbus attach RUN_DIR` does
+        endpoints = ("TRAINBUS_EVENTS", "TRAINBUS_CONTROL")
+        found = subprocess.run([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:Lifecycle"],
+                               env={k: v for k, v in env.items() if k not in endpoints}, capture_output=True,
+                               text=True, timeout=120)
+        elsewhere.mkdir()
+        nowhere = subprocess.run([sys.executable, "-m", "trainbus.sdk", "fixture_plugins:Lifecycle", "--name", "lost"],
+                                 env={**{k: v for k, v in env.items() if k not in endpoints},
+                                      "TRAINBUS_RUN_DIR": str(elsewhere)}, capture_output=True, text=True, timeout=120)
     finally:
         open_gate(gate, STEPS_PER_EPOCH)
-    assert (proc.returncode, proc.stderr) == (1, "[metrics_log] the kernel refused the hello as 'metrics_log': name "
-                                                 "'metrics_log' belongs to a plugin this run spawned; pick another "
-                                                 "name with --name NAME\n")
+    for refused in (proc, found):
+        assert (refused.returncode, refused.stderr) == (1, "[metrics_log] the kernel refused the hello as 'metrics_log': "
+                                                           "name 'metrics_log' belongs to a plugin this run spawned; "
+                                                           "pick another name with --name NAME\n"), refused.stderr
+    assert (nowhere.returncode, nowhere.stderr) == (2, (
+        f"error: no live kernel sockets for {elsewhere} (no events.sock; kernel.log names none): is TRAINBUS_RUN_DIR "
+        f"a running run's directory? (`trainbus runs list` says)\n")), nowhere.stderr
     assert (lost.returncode, lost.stderr) == (1, (  # where it looked for the credential, at once: no hello is sent
         f"error: cannot read {elsewhere / 'credential'} (No such file or directory): is TRAINBUS_RUN_DIR the run's "
         f"directory, and are you its owner? (the kernel takes no plugin without it)\n")), lost.stderr
     assert not calls.exists(), calls.read_text()
     result = kernel.result(timeout_s=120)
     assert_completed(result, epochs=1)
-    assert result["bus"].get("refused_hello_name_spawned") == 1, result["bus"]  # (its first heartbeat: unknown_peer)
+    assert result["bus"].get("refused_hello_name_spawned") == 2, result["bus"]  # both by hand (then a heartbeat: unknown_peer)
 
 
 # -- 3. forged checkpoint_saved ---------------------------------------------------------------------
