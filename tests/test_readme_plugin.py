@@ -1,5 +1,6 @@
-"""The README's plugin example (## Writing a plugin), run as printed: its stop lands at the epoch's end it was
-decided at, because it votes there (a stop sent without a vote lands a few batches later, or never)."""
+"""The README's examples run as printed: its training function (its flags from the docstring), and its plugin
+(## Writing a plugin), whose stop lands at the epoch's end it was decided at, because it votes there (a stop sent
+without a vote lands a few batches later, or never)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,20 @@ from trainbus.kernel.session import run_training
 
 from conftest import TESTS_DIR
 from helpers import run_config
-from kernel_process import of
+from kernel_process import cli, of
 
 PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
+
+
+def test_the_readmes_training_function_trains_as_printed_with_its_flags(tmp_path):
+    readme = (TESTS_DIR.parent / "README.md").read_text(encoding="utf-8")
+    [function] = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "TrainingSpec(" in block]
+    (tmp_path / "train.py").write_text(function)
+    helped = cli("run", f"{tmp_path / 'train.py'}:build", "--help-flags")
+    assert helped.returncode == 0 and "Adam's learning rate" in helped.stdout, helped.stdout + helped.stderr
+    done = cli("run", f"{tmp_path / 'train.py'}:build", "epochs=1", "hidden=16", "--plugins", "", "--runs-dir",
+               str(tmp_path / "runs"))
+    assert done.returncode == 0 and "completed" in done.stdout, done.stdout + done.stderr
 
 
 def test_the_readme_plugin_stops_the_run_at_the_end_of_the_epoch_it_decided_at(tmp_path, monkeypatch):
