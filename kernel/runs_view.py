@@ -268,8 +268,9 @@ def print_show(console, run: dict[str, Any]) -> None:
     if checkpoints.get("saved") or checkpoints.get("failed") or checkpoints.get("skipped"):
         console.print()
         kept = [c for c in checkpoints["saved"] if c.get("present")]
-        console.print(f"checkpoints: {len(checkpoints['saved'])} saved ({len(kept)} still on disk), "
-                      f"{checkpoints['failed']} failed, {checkpoints['skipped']} skipped")
+        console.print(f"checkpoints: {len(checkpoints['saved'])} saved ({len(kept)} still on disk"
+                      f"{', the newest 3 below' if len(kept) > 3 else ''}), {checkpoints['failed']} failed, "
+                      f"{checkpoints['skipped']} skipped")
         for c in kept[-3:]:
             console.print(escape(f"  {c['path']} (epoch {c['epoch']}, step {c['step']})"))
 

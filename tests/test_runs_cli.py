@@ -461,3 +461,30 @@ def test_a_kernel_pid_of_another_host_is_not_taken_for_a_dead_process_here(tmp_p
                                      f"the run died")
     (tmp_path / "kernel.host").write_text("another-host\n")
     assert kernel_process(tmp_path) == (None, None) and kernel_died(tmp_path) is None
+
+
+def test_show_says_how_many_checkpoints_are_on_disk_and_that_it_lists_the_newest_three(tmp_path, kernels):
+    """Five kept (save_top_k -1, the default): the count is 5 and the list 3, which the line says. Each epoch waits
+    at the gate until the previous one's checkpoint is written: a fast run skips a snapshot while both buffers are
+    being persisted."""
+    from trainbus.kernel.config import resolve_plugin
+
+    from fixture_targets import open_gate
+    from helpers import run_config
+
+    gate, steps_per_epoch = tmp_path / "gate", 3  # the digits demo's training set in batches of 512
+    cfg = run_config(tmp_path / "runs", [resolve_plugin("checkpoint", {})], epochs=5,
+                     target=f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits", batch_size=512, step_sleep_s=0,
+                     gate=str(gate))
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    for epoch in range(1, 6):
+        open_gate(gate, epoch * steps_per_epoch)
+        saved = kernel.wait_event("checkpoint_saved", lambda e, epoch=epoch: e.data.get("epoch") == epoch,
+                                  timeout_s=120)
+        assert saved.data["step"] == epoch * steps_per_epoch, saved.data
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+    text = cli("runs", "show", kernel.run_id, "--runs-dir", str(tmp_path / "runs"))
+    assert "checkpoints: 5 saved (5 still on disk, the newest 3 below), 0 failed, 0 skipped" in text, text
+    listed = [line for line in text.splitlines() if line.startswith("  ") and "(epoch " in line]
+    assert [re.search(r"\(epoch (\d+)", line)[1] for line in listed] == ["3", "4", "5"], text
