@@ -369,6 +369,9 @@ def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:
             argv.append(word)
     run_id = continuing.name if continuing is not None else new_run_id()
     runs_dir = Path(cfg.runs_dir)
+    serving = daemon.request(runs_dir, "status") if gpus else None  # a daemon that could never place it: said now
+    if serving is not None and (why := daemon.unplaceable(gpus, list(serving.get("devices") or []))) is not None:
+        raise UserError(f"--gpus {gpus}: the run {why}")
     try:
         told = daemon.submit(runs_dir, run_id, argv, gpus, cfg.target, dict(cfg.hyperparameters), continuing,
                              env=dict(os.environ))

@@ -168,9 +168,8 @@ def place(queued: list[dict[str, Any]], busy: set[str], running: int, devices: l
     free = [d for d in devices if d not in busy]
     for job in queued:
         want = wanted_devices(job, devices)
-        if want > len(devices):
-            never.append((job, f"asks for {want} GPU{'s' * (want != 1)} and the daemon has {len(devices)} "
-                               f"({','.join(devices) or 'none'}); start the daemon with --gpus listing them"))
+        if (why := unplaceable(want, devices)) is not None:
+            never.append((job, why))
             continue
         if running >= max_concurrent or want > len(free):
             break
@@ -178,6 +177,14 @@ def place(queued: list[dict[str, Any]], busy: set[str], running: int, devices: l
         free = free[want:]
         running += 1
     return starts, never
+
+
+def unplaceable(want: int, devices: list[str]) -> str | None:
+    """Why a job asking for `want` GPUs can never start on a daemon placing runs on `devices`; None when it can."""
+    if want <= len(devices):
+        return None
+    return (f"asks for {want} GPU{'s' * (want != 1)} and the daemon has {len(devices)} ({','.join(devices) or 'none'}); "
+            f"start the daemon with --gpus listing them")
 
 
 def parse_devices(text: str) -> list[str]:

@@ -326,6 +326,11 @@ def test_two_runs_asking_for_a_gpu_each_run_at_once_on_two_devices_and_a_third_w
     runs, gate = tmp_path / "runs", tmp_path / "gate"
     runs.mkdir()
     start_daemon(daemons, runs, "--gpus", "0,1", "--max-concurrent", "3")
+    # more GPUs than the daemon has: said at submission, nothing queued (it would fail as the daemon took it)
+    greedy = cli("run", DEVICES, "--detach", "--gpus", "3", "--runs-dir", str(runs), "--plugins", "", check=False)
+    assert greedy.returncode == 2 and greedy.stderr == ("error: --gpus 3: the run asks for 3 GPUs and the daemon has 2 "
+                                                        "(0,1); start the daemon with --gpus listing them\n"), greedy
+    assert listed(runs) == {}
     ids = [submit(runs, DEVICES, "--gpus", "1", "--set", f"gate={gate}", "--set", "step_sleep_s=0")
            for _ in range(3)]
     for run_id in ids[:2]:
