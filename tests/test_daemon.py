@@ -451,10 +451,12 @@ def test_a_queued_run_shows_its_command_and_who_submitted_it_by_a_start_of_its_i
 
 
 def test_a_run_asking_for_more_gpus_than_the_daemon_has_fails_with_the_reason_listed(tmp_path, daemons):
+    """Queued while no daemon served (one that serves refuses it at submission: the test of two runs on two
+    devices), then taken by a daemon with none."""
     runs = tmp_path / "runs"
     runs.mkdir()
-    start_daemon(daemons, runs, "--gpus", "")
     run_id = submit(runs, PACED, "--gpus", "2")
+    start_daemon(daemons, runs, "--gpus", "")
     wait_until(lambda: listed(runs)[run_id]["status"] == "failed", WAIT_S, "the run failed at placement")
     reason = "asks for 2 GPUs and the daemon has 0 (none); start the daemon with --gpus listing them"
     row = next(line for line in cli("runs", "list", "--runs-dir", str(runs)).stdout.splitlines() if run_id in line)
