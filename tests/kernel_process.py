@@ -174,68 +174,6 @@ def _cli_child(args: list[str], stdout_path: str, stderr_path: str, cwd: str, en
     main()
 
 
-def cli(*args: str, cwd: str | Path | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    """`trainbus ARGS` as subprocess.run(..., capture_output=True, text=True) runs it, forked with torch loaded (a
-    run's command imports torch and torch._dynamo: ~3 s of CPU each, in dozens of tests). The command's own
-    main() in a process of its own, from its first line to its exit code; what it cannot show is the console
-    script's start-up and a terminal, which the tests of those start `trainbus` itself (conftest.trainbus_cmd)."""
-    command = Command(*args, cwd=cwd)
-    try:
-        out, err = command.communicate(timeout)
-    finally:
-        command.kill()
-    return subprocess.CompletedProcess(command.args, command.returncode, out, err)
-
-
-class Command:
-    """`trainbus ARGS` forked as cli() runs it, shown as subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)
-    shows a child: pid, poll, wait, send_signal, kill, returncode, communicate. `env`: added to the test's."""
-
-    def __init__(self, *args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None):
-        self.args = ["trainbus", *args]
-        prefix = Path(tempfile.gettempdir()) / f"trainbus-cli-{secrets.token_hex(4)}"
-        self.stdout_path, self.stderr_path = prefix.with_suffix(".out"), prefix.with_suffix(".err")
-        process = _context().Process(target=_cli_child, daemon=False, args=(
-            list(args), str(self.stdout_path), str(self.stderr_path), str(cwd or os.getcwd()),
-            {**os.environ, **(env or {})}))
-        process.start()
-        self.proc = Forked(process)
-        self.pid = process.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        return self.proc.wait(timeout)
-
-    def send_signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        self.proc.kill()
-
-    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
-        """Its output once it exits (subprocess.TimeoutExpired before: kill it, as with Popen)."""
-        self.wait(timeout)
-        try:
-            return _read(self.stdout_path), _read(self.stderr_path)
-        finally:
-            self.stdout_path.unlink(missing_ok=True)
-            self.stderr_path.unlink(missing_ok=True)
-
-
-def _read(path: Path) -> str:
-    """What a child wrote, as text=True reads a pipe (the locale's encoding, universal newlines)."""
-    try:
-        return path.read_text()
-    except FileNotFoundError:  # killed before it wrote anything
-        return ""
-
-
 class Forked:
     """A forked kernel as subprocess.Popen shows a child: pid, poll, wait, returncode, send_signal."""
 
@@ -262,6 +200,52 @@ class Forked:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+def cli(*args: str, cwd: str | Path | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """`trainbus ARGS` as subprocess.run(..., capture_output=True, text=True) runs it, forked with torch loaded (a
+    run's command imports torch and torch._dynamo: ~3 s of CPU each, in dozens of tests). The command's own
+    main() in a process of its own, from its first line to its exit code; what it cannot show is the console
+    script's start-up and a terminal, which the tests of those start `trainbus` itself (conftest.trainbus_cmd)."""
+    command = Command(*args, cwd=cwd)
+    try:
+        out, err = command.communicate(timeout)
+    finally:
+        command.kill()
+    return subprocess.CompletedProcess(command.args, command.returncode, out, err)
+
+
+class Command(Forked):
+    """`trainbus ARGS` forked as cli() runs it, shown as subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)
+    shows a child: Forked's pid, poll, wait, send_signal, kill and returncode, and communicate. `env`: added to the
+    test's."""
+
+    def __init__(self, *args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None):
+        self.args = ["trainbus", *args]
+        prefix = Path(tempfile.gettempdir()) / f"trainbus-cli-{secrets.token_hex(4)}"
+        self.stdout_path, self.stderr_path = prefix.with_suffix(".out"), prefix.with_suffix(".err")
+        process = _context().Process(target=_cli_child, daemon=False, args=(
+            list(args), str(self.stdout_path), str(self.stderr_path), str(cwd or os.getcwd()),
+            {**os.environ, **(env or {})}))
+        process.start()
+        super().__init__(process)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Its output once it exits (subprocess.TimeoutExpired before: kill it, as with Popen)."""
+        self.wait(timeout)
+        try:
+            return _read(self.stdout_path), _read(self.stderr_path)
+        finally:
+            self.stdout_path.unlink(missing_ok=True)
+            self.stderr_path.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> str:
+    """What a child wrote, as text=True reads a pipe (the locale's encoding, universal newlines)."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:  # killed before it wrote anything
+        return ""
 
 
 class KernelProcess:
