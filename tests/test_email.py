@@ -193,6 +193,7 @@ def test_a_killed_kernel_is_mailed_as_a_died_run_and_listed_as_died(started_by, 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.communicate()  # its output files, read and removed
 
     # after the kill: the plugin notices, then connects and sends; beside two CPU burners 30 s was not enough
     [message] = inbox.wait_for(1, timeout_s=120)
