@@ -16,6 +16,7 @@ from rich.markup import escape
 from trainbus.proto import JOURNAL_NAME
 
 from .cli_common import UserError, _attach_client, _run_and_status, _wide, out
+from .pids import process_alive
 
 runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Runs: what a runs directory holds.")
 
@@ -217,8 +218,6 @@ def _kernel_listens(runs_dir: Path, unmade: dict) -> bool:
     """A run the daemon started whose kernel has no directory or sockets yet (it builds the spec first): wait, while
     its process lives and at most KERNEL_START_WAIT_S, until its kernel.log names its sockets. False when the
     process ended first."""
-    from . import daemon
-
     kernel_log = Path(runs_dir) / unmade["id"] / "kernel.log"
     print(f"trainbus: run {unmade['id']} is starting (its kernel builds the spec first); the stop goes in once it "
           f"listens", file=sys.stderr)
@@ -230,7 +229,7 @@ def _kernel_listens(runs_dir: Path, unmade: dict) -> bool:
                     return True
         except OSError:
             pass
-        if unmade["pid"] is not None and not daemon.process_alive(unmade["pid"], unmade["pid_started"]):
+        if unmade["pid"] is not None and not process_alive(unmade["pid"], unmade["pid_started"]):
             return kernel_log.parent.is_dir()  # it made its directory and ended: the run says how
         time.sleep(0.2)
     raise UserError(f"run {unmade['id']}'s kernel did not start listening within {KERNEL_START_WAIT_S:.0f} s; "

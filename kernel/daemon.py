@@ -45,6 +45,7 @@ from trainbus.proto.remote import advertised
 
 from .checkpointing import has_checkpoints, no_checkpoints
 from .credentials import SUN_PATH_MAX
+from .pids import process_alive
 from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started, queued_resume,
                        record_run, resume_started)
 from .runs import CONFIG, KERNEL_PID, RunLookupError, find_runs, kernel_process, resolve_run, run_overview
@@ -88,21 +89,6 @@ class Watched:
         if self.popen is not None:
             return self.popen.poll()
         return None if process_alive(self.pid, self.pid_started) else -1
-
-
-def process_alive(pid: int, started: float | None) -> bool:
-    """Whether `pid` is still the process that started at `started` (a reused pid is someone else)."""
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return started is None or abs(process.create_time() - started) < 1.0
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
 
 
 def _signal_name(number: int) -> str:

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .pids import process_alive
 from .runs import STATUSES as RUN_STATUSES
 from .runs import _iso, find_runs, newest_first, overview_or_unreadable, run_overview
 
@@ -242,8 +243,6 @@ def job_holds_run(job: dict[str, Any]) -> bool:
         return False
     if job["state"] == "queued" or job["pid"] is None:  # being started: the daemon knows its process soon
         return True
-    from .daemon import process_alive  # the daemon imports this module
-
     return process_alive(job["pid"], job["pid_started"])
 
 

@@ -37,6 +37,7 @@ from .loop import Loop, pick_device, restore_weights, seed_everything
 from .keys import KeyStore
 from .memory import keep_freed_memory
 from .peers import Peers
+from .pids import process_alive
 from .remote import ListenError, Listener, check_listen
 from .registry import record_run
 from .runs import write_kernel_pid
@@ -348,8 +349,6 @@ def write_rank_error(run_dir: Path, rank: int, exc: BaseException, beside_rank_0
     tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
     where, trace = user_trace(exc)
     error = f"{error_line(exc)}{where}"
-    from .daemon import process_alive  # here: only a failing rank needs it
-
     deadline = time.monotonic() + wait_s
     while beside_rank_0 and not Path(run_dir).is_dir() and time.monotonic() < deadline and (
             main_pid is None or process_alive(main_pid, None)):

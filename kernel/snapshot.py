@@ -24,6 +24,8 @@ import torch
 
 from trainbus.proto.checkpoint_format import ALIGN, HEADER_BYTES, ITEMS_KEY, TENSOR_KEY, TUPLE_KEY, pack_header
 
+from .pids import process_alive
+
 log = logging.getLogger(__name__)
 
 SLOTS = 2
@@ -292,18 +294,8 @@ def remove_stale_buffers(directory: Path) -> None:
     """Delete buffers left by kernels that no longer run (memory in /dev/shm is not freed otherwise)."""
     for path in directory.glob("trainbus-*-slot*"):
         pid = path.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid), None):
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _tensors(state: Any) -> list[torch.Tensor]:
