@@ -480,7 +480,7 @@ class Remote:
         from trainbus.proto.remote import load_secret
 
         from .keys import KeyRing, KeyStore
-        from .remote import bind_error, check_listen, curve_server, start_authenticator
+        from .remote import bind_error, check_listen, curve_server, ipv6_for, start_authenticator
 
         store = KeyStore(default_keys_dir(keys_dir))
         host, port = check_listen(listen, store, ports=1)
@@ -490,6 +490,7 @@ class Remote:
         self.authenticator = start_authenticator(self.context, self.keyring)
         self.socket = curve_server(self.context, zmq.ROUTER, secret, MAXMSGSIZE=CONTROL_MAX_BYTES, LINGER=0,
                                    RCVHWM=100, SNDHWM=100)
+        ipv6_for(self.socket, host)
         try:
             self.socket.bind(f"tcp://{host}:{port or '*'}")
         except zmq.ZMQError as exc:

@@ -89,12 +89,17 @@ def probe_ports(host: str, port: int) -> None:
 def bind_in_a_row(sockets: list[zmq.Socket], host: str, port: int) -> None:
     """Each socket on HOST, at PORT, PORT + 1, ...; ListenError naming the fix when one cannot bind."""
     for offset, socket in enumerate(sockets):
-        if host.startswith("["):
-            socket.setsockopt(zmq.IPV6, 1)
+        ipv6_for(socket, host)
         try:
             socket.bind(f"tcp://{host}:{port + offset}")
         except zmq.ZMQError as exc:
             raise bind_error(host, port, exc, ports=len(sockets)) from None
+
+
+def ipv6_for(socket: zmq.Socket, host: str) -> None:
+    """An IPv6 host ([::1], [2001:db8::5]) binds only with IPv6 on; libzmq says `No such device` otherwise."""
+    if host.startswith("["):
+        socket.setsockopt(zmq.IPV6, 1)
 
 
 def start_authenticator(ctx: zmq.Context, keyring: KeyRing) -> ThreadAuthenticator:
@@ -124,8 +129,7 @@ def curve_server(ctx: zmq.Context, kind: int, secret: bytes, **options: int) -> 
 def _bind_again(socket: zmq.Socket, endpoint: str) -> None:
     """Bind `endpoint`, which a socket closed a moment ago held: libzmq closes a listener on its I/O thread, so
     the port is free within milliseconds, not at once."""
-    if endpoint.startswith("tcp://["):
-        socket.setsockopt(zmq.IPV6, 1)
+    ipv6_for(socket, endpoint.removeprefix("tcp://"))
     for _ in range(REBIND_ATTEMPTS - 1):
         try:
             socket.bind(endpoint)
@@ -200,9 +204,8 @@ class Listener:
         if port:
             bind_in_a_row([self.router, *publishers], host, port)
             return
-        if host.startswith("["):
-            for socket in (self.router, *publishers):
-                socket.setsockopt(zmq.IPV6, 1)
+        for socket in (self.router, *publishers):
+            ipv6_for(socket, host)
         for _ in range(FREE_PORTS_ATTEMPTS):
             try:
                 self.router.bind(f"tcp://{host}:*")

@@ -540,6 +540,36 @@ def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path
         assert said in one_error_line(done), (command, done.stderr)
 
 
+def ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_the_remote_endpoint_listens_on_an_ipv6_address_as_a_run_does(tmp_path, daemons):
+    """`daemon start --listen [::1]:0`, as `run --listen` takes it: it said `[::1] is not an address of this
+    machine` (libzmq's `No such device` for a socket without IPv6 on) and did not start."""
+    from trainbus.kernel.keys import KeyStore
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    store = KeyStore(tmp_path / "keys")
+    store.generate_server()
+    watcher = store.generate_client("w", "monitor")[1]
+    start_daemon(daemons, runs, "--listen", "[::1]:0", "--keys-dir", str(store.directory))
+    endpoint = json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"]
+    assert endpoint.startswith("tcp://[::1]:"), endpoint
+    status = cli("daemon", "status", "--remote", endpoint, "--key", str(watcher), "--server-key",
+                 str(daemon_dir(runs) / "remote.json"), "--json", check=False)
+    assert status.returncode == 0 and json.loads(status.stdout)["serving"] is True, status.stderr
+
+
 def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unknown_key_gets_nothing(tmp_path,
                                                                                                       daemons):
     from trainbus.kernel.keys import KeyStore
