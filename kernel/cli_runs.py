@@ -267,7 +267,7 @@ def runs_delete(
                 run_removal.check_not_submitted(runs_dir, record["id"])
                 records[record["id"]] = Path(record["output"])
             else:
-                run_removal.check_ended(run_dir)
+                run_removal.check_ended(run_dir, runs_dir)
                 run_dirs[run_dir] = None
     except (runs.RunLookupError, run_removal.RemovalError) as exc:
         raise UserError(str(exc)) from None

@@ -13,22 +13,36 @@ from typing import Iterator
 from trainbus.proto import JOURNAL_NAME
 
 from . import registry
-from .runs import run_overview
+from .runs import CONFIG, KERNEL_PID, SUMMARY, run_overview
 
 
 class RemovalError(Exception):
     """The run cannot be deleted (still running, or the files would not go); the message says why and the fix."""
 
 
-def check_ended(run_dir: Path) -> None:
-    """RemovalError unless the run in run_dir has ended: its kernel is gone, nothing holds its journal and the
-    daemon does not have it queued to be resumed."""
+def check_ended(run_dir: Path, runs_dir: Path) -> None:
+    """RemovalError unless run_dir is a run the kernel made and has ended: its kernel is gone, nothing holds its
+    journal and the daemon does not have it queued to be resumed."""
+    check_made_by_a_kernel(run_dir, runs_dir)
     status = run_overview(run_dir)["status"]
     if status == "running":
         raise RemovalError(_running(run_dir.name))
     check_not_submitted(run_dir.parent, run_dir.name)
     with _journal_locked(run_dir):  # a kernel whose pid file says otherwise (one continuing the run) holds it
         pass
+
+
+def check_made_by_a_kernel(run_dir: Path, runs_dir: Path) -> None:
+    """RemovalError unless run_dir holds what a kernel writes beside its config.json, and not the runs directory:
+    a run is looked up by path too, and a project folder with a config.json of its own (`runs delete ..`) must not
+    pass for one and go with everything in it."""
+    run_dir, runs = Path(run_dir).resolve(), Path(runs_dir).resolve()
+    if run_dir == runs or run_dir in runs.parents:
+        raise RemovalError(f"{run_dir} holds the runs directory {runs}: it is not a run; nothing deleted")
+    if not any((run_dir / name).exists() for name in (JOURNAL_NAME, KERNEL_PID, SUMMARY)):
+        raise RemovalError(f"{run_dir} is not a run directory: it has a {CONFIG} but none of what a kernel writes "
+                           f"beside it ({JOURNAL_NAME}, {KERNEL_PID}, {SUMMARY}); nothing deleted (if it is what "
+                           f"you mean, remove it yourself)")
 
 
 def check_not_submitted(runs_dir: Path, run_id: str) -> None:

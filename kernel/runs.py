@@ -125,6 +125,9 @@ def _no_runs_dir(runs_dir: Path) -> str:
 def resolve_run(run: str, runs_dir: Path) -> Path:
     """The run directory `run` names: a folder of runs_dir, a run directory's path, or a unique id prefix."""
     runs_dir = Path(runs_dir)
+    if not run.strip():  # runs_dir / "" is the runs directory itself
+        raise RunLookupError("no run given (an empty id): give a run id, a unique start of one, or a run directory "
+                             "(`trainbus runs list` shows them)")
     path_like = os.sep in run or run.startswith(".")
     for candidate in (runs_dir / run, Path(run)) if path_like else (runs_dir / run,):
         if candidate.is_dir() and is_run_dir(candidate):

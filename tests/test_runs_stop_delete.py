@@ -122,3 +122,27 @@ def test_a_run_queued_to_be_resumed_is_not_deleted_until_taken_off_the_queue(run
     proc = trainbus("runs", "delete", "a-queued", "--yes", *where)
     assert proc.returncode == 0, proc.stderr
     assert not (runs_dir / "a-queued").exists() and not output.exists()
+
+
+def test_delete_takes_only_a_run_the_kernel_made_never_a_folder_with_a_config_json_or_the_runs_directory(tmp_path):
+    """A run is named by path too, and any folder with a config.json passed for one: `runs delete ..` deleted the
+    project holding the runs directory, with everything in it; `runs delete ''` looked up the runs directory."""
+    project = tmp_path / "project"
+    runs = project / "runs"
+    runs.mkdir(parents=True)
+    (project / "config.json").write_text("{}\n")  # the project's own, not a run's
+    (project / "data.csv").write_text("x\n")
+    lookalike = tmp_path / "elsewhere"
+    lookalike.mkdir()
+    (lookalike / "config.json").write_text("{}\n")
+    where = ("--runs-dir", str(runs))
+
+    proc = trainbus("runs", "delete", "..", "--yes", *where)
+    assert proc.returncode == 2 and one_line(proc) == (
+        f"error: {project} holds the runs directory {runs}: it is not a run; nothing deleted")
+    proc = trainbus("runs", "delete", str(lookalike), "--yes", *where)
+    assert proc.returncode == 2 and f"error: {lookalike} is not a run directory: it has a config.json but none of " \
+        "what a kernel writes beside it" in one_line(proc)
+    proc = trainbus("runs", "delete", "", "--yes", "--runs-dir", str(project))
+    assert proc.returncode == 2 and one_line(proc).startswith("error: no run given (an empty id): give a run id")
+    assert (project / "data.csv").is_file() and runs.is_dir() and (lookalike / "config.json").is_file()
