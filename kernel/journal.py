@@ -85,7 +85,10 @@ class Journal:
                 self._first_seq = record["seq"]
             self._offsets.append(offset)
             self._size = end
-        os.ftruncate(self._fd, self._size)  # drop a torn tail left by a crash
+        unread = os.fstat(self._fd).st_size - self._size
+        if unread:  # a record torn by a crash, or a bad byte that makes every record after it unreadable
+            self._set_aside(unread)
+        os.ftruncate(self._fd, self._size)
         self._read_fd = os.open(self.path, os.O_RDONLY | _CLOEXEC)
         self._backlog: list[bytes] = []  # numbered records the disk has not taken yet
         self.backlog_bytes = 0
@@ -93,6 +96,23 @@ class Journal:
         self._retry_at = 0.0  # after a failed write, the next try waits until then
         self.failed_writes = 0
         self._last_fsync = time.monotonic()
+
+    def _set_aside(self, unread: int) -> None:
+        """Keep the active file's bytes past its last whole record in a file beside it before they are cut: a torn
+        last record is a few bytes, but one bad byte mid-file would otherwise take every event after it with it."""
+        after = self._first_seq + len(self._offsets) - 1
+        stem = f"{self.path.name}.unreadable-after-{after}-{time.strftime('%Y%m%d-%H%M%S')}"
+        kept = next(p for n in range(1000) if not (p := self.path.with_name(stem + (f"-{n}" if n else ""))).exists())
+        with open(self.path, "rb") as source, open(kept, "xb") as copy:
+            source.seek(self._size)
+            while chunk := source.read(1 << 20):
+                copy.write(chunk)
+            copy.flush()
+            os.fsync(copy.fileno())
+        line = (f"{self.path.name}: the {unread} bytes after event {after} are not whole records (torn by a crash, "
+                f"or damaged) and are kept in {kept.name}; the run's journal goes on from event {after + 1}")
+        self.missing.append(line)
+        log.error("journal: %s", line)
 
     @property
     def last_seq(self) -> int:
@@ -273,6 +293,15 @@ class Journal:
 
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def check_free(path: Path) -> None:
+    """JournalInUse when another process holds the journal; nothing else is done to it (a Journal opened for
+    this would already cut and set aside its unreadable tail, before the run's log is there to say so)."""
+    try:
+        os.close(_open_locked(path, os.O_RDONLY))
+    except FileNotFoundError:
+        pass
 
 
 def _open_locked(path: Path, flags: int) -> int:

@@ -31,7 +31,7 @@ from .config import ConfigError, RunConfig, check_metric_settings
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
 from .distributed import Ranks, distribute
-from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse
+from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse, check_free
 from .limits import PeerLimits
 from .loop import Loop, pick_device, restore_weights, seed_everything
 from .keys import KeyStore
@@ -516,7 +516,7 @@ def check_not_running(run_dir: Path) -> None:
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
     try:
-        Journal(run_dir / JOURNAL_NAME).close()
+        check_free(run_dir / JOURNAL_NAME)
     except JournalInUse as exc:
         raise ConfigError(f"--resume {run_dir.name}: {exc}; wait for it to end, or stop it (Ctrl-C)") from None
 

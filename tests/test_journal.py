@@ -98,11 +98,14 @@ def check_reopens_as_prefix(path: Path, original: list[dict], ends: list[int]) -
     size = path.stat().st_size
     whole = sum(1 for end in ends if end <= size)  # records wholly inside the surviving bytes
     kept = ends[whole - 1] if whole else 0
+    damaged = path.read_bytes()
 
     journal = Journal(path)
     assert journal.last_seq == whole
     assert records_of(path) == original[:whole]
-    assert path.stat().st_size == kept  # the torn tail or garbage is cut off
+    assert path.stat().st_size == kept  # the torn tail or garbage is cut off, and kept beside it
+    set_aside = list(path.parent.glob(f"{path.name}.unreadable-after-{whole}-*"))
+    assert [p.read_bytes() for p in set_aside] == ([damaged[kept:]] if size > kept else [])
     if whole:
         assert decode_records(journal.read_range(1, 10_000, 1 << 30)[1]) == original[:whole]
     extra = pack(envelope(whole + 1))
@@ -167,7 +170,10 @@ def test_garbage_after_the_last_record_is_dropped_and_appends_continue(finished_
     check_reopens_as_prefix(path, records, ends)
 
 
-def test_garbage_in_the_middle_ends_the_journal_there(finished_run, tmp_path):
+def test_garbage_in_the_middle_ends_the_journal_there_and_what_follows_is_kept_beside_it(finished_run, tmp_path):
+    """One bad byte makes every record after it unreadable: the journal goes on from there (a resumed run appends),
+    and the bytes it cut are kept in a file beside it, said in one line (a resume announces it): they were cut
+    without a word, half a run's events with them."""
     raw, records, ends = journal_bytes(finished_run)
     middle = len(ends) // 2
     path = tmp_path / "garbled"
@@ -175,6 +181,12 @@ def test_garbage_in_the_middle_ends_the_journal_there(finished_run, tmp_path):
     journal = Journal(path)
     assert journal.last_seq == middle and records_of(path) == records[:middle]
     journal.close()
+    [kept] = tmp_path.glob(f"garbled.unreadable-after-{middle}-*")
+    assert kept.read_bytes() == b"\xc1garbage" + raw[ends[middle - 1]:]  # the events after the byte, all of them
+    assert decode_records(kept.read_bytes()[len(b"\xc1garbage"):]) == records[middle:]
+    assert journal.missing == [f"garbled: the {len(kept.read_bytes())} bytes after event {middle} are not whole "
+                               f"records (torn by a crash, or damaged) and are kept in {kept.name}; the run's "
+                               f"journal goes on from event {middle + 1}"]
 
 
 def test_an_empty_or_missing_journal_starts_at_seq_1(tmp_path):
