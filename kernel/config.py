@@ -23,6 +23,10 @@ DEFAULT_PLUGINS = ("console", "metrics_log")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
 SEED_LIMIT = 2**32  # numpy and torch take 32-bit seeds: [0, 2**32)
+# The most epochs (and steps between checkpoints, batches accumulated) a run takes: far past any real run, and
+# steps = epochs x batches stay within the 64 bits of SQLite's integers and of msgpack's (a count past 2**64 made
+# start_training_session unencodable and the run registry unwritable).
+MAX_COUNT = 10**9
 # A plugin's settings reach its process in one environment variable (TRAINBUS_PLUGIN_SETTINGS, msgpack as hex: two
 # characters a byte), and `trainbus run` checks them in one argument (JSON); Linux refuses any one string over
 # 128 KiB (MAX_ARG_STRLEN) and the plugin could not start. 60 KiB encoded leaves room for the variable's name.
@@ -293,19 +297,21 @@ def resolve_plugin(name: str, settings: dict[str, Any], target: str | None = Non
 def check_run(cfg: RunConfig, where: str = "config") -> None:
     if cfg.device not in DEVICES:
         raise ConfigError(f"{where}: device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
-    if cfg.epochs is not None and cfg.epochs < 1:
-        raise ConfigError(f"{where}: epochs must be >= 1, got {cfg.epochs}")
+    if cfg.epochs is not None and not 1 <= cfg.epochs <= MAX_COUNT:
+        raise ConfigError(f"{where}: epochs must be 1 to {MAX_COUNT:,} (a run that goes until it is stopped: a "
+                          f"large count and `trainbus runs stop`), got {cfg.epochs}")
     for key in ("ready_timeout_s", "drain_timeout_s", "vote_timeout_s"):
         if not getattr(cfg, key) >= 0:  # NaN too: every wait on it would end at once, or never
             raise ConfigError(f"{where}: {key} must be a number of seconds >= 0 (0: no waiting), got "
                               f"{getattr(cfg, key)}")
     for key in ("checkpoint_every_n_epochs", "checkpoint_every_n_steps"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{where}: {key} must be >= 0 (0 turns it off), got {getattr(cfg, key)}")
+        if not 0 <= getattr(cfg, key) <= MAX_COUNT:
+            raise ConfigError(f"{where}: {key} must be 0 to {MAX_COUNT:,} (0 turns it off), got {getattr(cfg, key)}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.accumulate_grad_batches < 1:
-        raise ConfigError(f"{where}: accumulate_grad_batches must be >= 1, got {cfg.accumulate_grad_batches}")
+    if not 1 <= cfg.accumulate_grad_batches <= MAX_COUNT:
+        raise ConfigError(f"{where}: accumulate_grad_batches must be 1 to {MAX_COUNT:,}, got "
+                          f"{cfg.accumulate_grad_batches}")
     if not cfg.gradient_clip_val >= 0:  # NaN too: a NaN norm bound trains to NaN
         raise ConfigError(f"{where}: gradient_clip_val must be >= 0 (0 turns clipping off), got {cfg.gradient_clip_val}")
     if not cfg.journal_backlog_mb > 0:

@@ -260,9 +260,14 @@ def _job_row(job: dict[str, Any]) -> tuple:
 
 
 def _storable(value: Any) -> Any:
-    """A text SQLite takes: a lone surrogate (a file name that is not UTF-8, in a run's error as an older
-    summary.json holds it) escaped, where it would fail the whole write, and every `runs list` after it."""
-    return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
+    """A value SQLite takes, where it would fail the whole write, and every `runs list` after it: a lone surrogate
+    (a file name that is not UTF-8, in a run's error as an older summary.json holds it) escaped, an integer past
+    SQLite's 64 bits (a run's files from elsewhere, or from before epochs had a bound) as a float."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, int) and not -2**63 <= value < 2**63:
+        return float(value)
+    return value
 
 
 def _from_row(row: tuple, now: float) -> dict[str, Any]:

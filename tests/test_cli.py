@@ -140,6 +140,13 @@ BAD_INPUT = {
     "flag of wrong type": (lambda t: ["run", "--epochs", "many"], "Invalid value for '--epochs'"),
     "unknown flag": (lambda t: ["run", "--epocks", "3"], "No such option"),
     "a value out of range": (lambda t: ["run", "--epochs", "0"], "(`trainbus run --help` shows what it takes)"),
+    "epochs past any run": (lambda t: ["run", "--epochs", str(2**63)], "epochs must be 1 to 1,000,000,000"),
+    "epochs past 64 bits in a config": (
+        lambda t: ["run", "--config", _write(t, "big.toml", f"[run]\nepochs = {10**21}\n")],
+        "epochs must be 1 to 1,000,000,000"),
+    "steps between checkpoints past any run": (
+        lambda t: ["run", "--config", _write(t, "c.toml", f"[run]\ncheckpoint_every_n_steps = {2**64}\n")],
+        "checkpoint_every_n_steps must be 0 to 1,000,000,000 (0 turns it off)"),
     "unknown command": (lambda t: ["runs", "lsit"], "No such command 'lsit'"),
     "missing config file": (lambda t: ["run", "--config", str(t / "nope.toml")], "does not exist"),
     "no gpu": (lambda t: ["run", "--device", "tpu"], "device must be one of"),

@@ -123,6 +123,18 @@ def test_a_row_only_gives_way_to_a_newer_observation(tmp_path):
         assert registry.runs(300.0)["r"]["target"] == "again"
 
 
+def test_a_run_whose_files_hold_a_count_past_64_bits_is_listed_and_reindexed(ended_runs, tmp_path):
+    """A run's config.json from elsewhere (or from before epochs had a bound) with epochs = 2**63: SQLite refused
+    the row with OverflowError, and `runs list` and `runs reindex` raised it for every run of the directory."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ended_runs, copy, ignore=shutil.ignore_patterns(f"{REGISTRY_NAME}*"))
+    config = json.loads((copy / "a-completed" / "config.json").read_text())
+    (copy / "a-completed" / "config.json").write_text(json.dumps({**config, "epochs": 2**63}))
+    assert cli("runs", "reindex", "--runs-dir", str(copy)).startswith("2 runs indexed in ")
+    listed = {r["id"]: r for r in list_runs(copy)}
+    assert sorted(listed) == ["a-completed", "b-failed"] and listed["a-completed"]["epochs"] == float(2**63)
+
+
 def test_a_registry_of_schema_2_gains_who_submitted_each_job_and_keeps_its_queue(tmp_path):
     """A daemon upgraded under a queue: the jobs table of schema 2 (no submitted_by) is altered in place."""
     old = sqlite3.connect(tmp_path / REGISTRY_NAME)
