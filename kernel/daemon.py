@@ -153,6 +153,9 @@ def place(queued: list[dict[str, Any]], busy: set[str], running: int, devices: l
     never: list[tuple[dict[str, Any], str]] = []
     free = [d for d in devices if d not in busy]
     for job in queued:
+        if "unreadable" in job:  # damaged by hand or by the disk: said and failed, not a queue stalled behind it
+            never.append((job, f"{job['unreadable']}: submit the run again"))
+            continue
         want = wanted_devices(job, devices)
         if (why := unplaceable(want, devices)) is not None:
             never.append((job, why))

@@ -184,8 +184,7 @@ class Registry:
         states = list(states)
         cursor = self.db.execute(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE state IN "
                                  f"({', '.join('?' * len(states))}) ORDER BY submitted_ts, id", states)
-        return [{n: (json.loads(v) if n in JOB_JSON_COLUMNS and v is not None else v)
-                 for n, v in zip(JOB_COLUMNS, row)} for row in cursor]
+        return [_job_from_row(row) for row in cursor]
 
     def ended_jobs(self, limit: int) -> list[dict[str, Any]]:
         """The `limit` jobs that ended (or were cancelled) last, newest first, each with its run's status and error
@@ -252,6 +251,39 @@ def _to_row(run: dict[str, Any], observed_ts: float) -> tuple:
               "observed_ts": observed_ts}
     return tuple(json.dumps(values.get(n), default=str) if n in JSON_COLUMNS else _storable(values.get(n))
                  for n in COLUMNS)
+
+
+# What each job column must hold, for a row written by hand or damaged: the daemon fails such a job with the reason
+# instead of stalling its queue on it, and status and `runs list` show it instead of raising.
+_JOB_CHECKS = {
+    "argv": lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v),
+    "env": lambda v: v is None or isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
+                                                             for k, x in v.items()),
+    "devices": lambda v: v is None or isinstance(v, list) and all(isinstance(d, str) for d in v),
+    "gpus": lambda v: v is None or isinstance(v, int) and v >= 0,
+    "cwd": lambda v: isinstance(v, str),
+}
+_JOB_FALLBACK = {"argv": [], "env": None, "devices": None, "gpus": None, "cwd": "."}
+
+
+def _job_from_row(row: tuple) -> dict[str, Any]:
+    """A job as the queue holds it; `unreadable` says why when a column is not what the daemon wrote."""
+    job, bad = {}, []
+    for name, value in zip(JOB_COLUMNS, row):
+        if name in JOB_JSON_COLUMNS and value is not None:
+            try:
+                value = json.loads(value)
+            except (TypeError, ValueError):
+                value = _JOB_FALLBACK[name]
+                bad.append(name)
+        if name in _JOB_CHECKS and name not in bad and not _JOB_CHECKS[name](value):
+            value = _JOB_FALLBACK[name]
+            bad.append(name)
+        job[name] = value
+    if bad:
+        job["unreadable"] = f"its queue row's {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not what " \
+                            f"trainbus writes"
+    return job
 
 
 def _job_row(job: dict[str, Any]) -> tuple:

@@ -540,6 +540,28 @@ def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path
         assert said in one_error_line(done), (command, done.stderr)
 
 
+@pytest.mark.parametrize("column, garbled", [("argv", "not json"), ("gpus", "lots"), ("env", '{"A": 1}')])
+def test_a_queued_row_garbled_by_hand_fails_alone_and_the_queue_goes_on(column, garbled, tmp_path, daemons):
+    """A row the daemon did not write (sqlite3 by hand, a damaged disk): `daemon status` and `runs list` raised on
+    it, and the daemon's every round failed on it, starting nothing behind it."""
+    import sqlite3
+
+    from trainbus.kernel.registry import REGISTRY_NAME
+
+    runs = tmp_path / "runs"
+    first, second = submit(runs, TINY), submit(runs, TINY)
+    with sqlite3.connect(runs / REGISTRY_NAME) as db:
+        db.execute(f"UPDATE jobs SET {column} = ? WHERE id = ?", (garbled, first))
+    status = cli("daemon", "status", "--runs-dir", str(runs), check=False)  # 3: no daemon serves them yet
+    assert status.returncode == 3 and "2 run(s) queued" in status.stdout, status.stderr
+    start_daemon(daemons, runs)
+    wait_until(lambda: listed(runs).get(second, {}).get("status") == "completed", WAIT_S, "the run behind it")
+    said = f"its queue row's {column} is not what trainbus writes: submit the run again"
+    assert listed(runs, through_cli=True)[first]["status"] == "failed"
+    assert listed(runs)[first]["error"] == said
+    assert f"ended {first}" in cli("daemon", "status", "--runs-dir", str(runs)).stdout
+
+
 def ipv6_loopback() -> bool:
     import socket
 
