@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import tomllib
@@ -30,6 +31,7 @@ MAX_COUNT = 10**9
 # A plugin's settings reach its process in one environment variable (TRAINBUS_PLUGIN_SETTINGS, msgpack as hex: two
 # characters a byte), and `trainbus run` checks them in one argument (JSON); Linux refuses any one string over
 # 128 KiB (MAX_ARG_STRLEN) and the plugin could not start. 60 KiB encoded leaves room for the variable's name.
+PLUGIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 SETTINGS_MAX_BYTES = 60 * 1024
 
 
@@ -257,6 +259,9 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
             raise ConfigError(f"{where}: limits.{key} must be > 0, got {value!r}")
     plugins = _table(raw.get("plugins", {name: {} for name in DEFAULT_PLUGINS}), f"{where}: [plugins]")
     for name, body in plugins.items():
+        if not PLUGIN_NAME.fullmatch(name):  # it names the plugin's log file, plugins/NAME.log, and its peer
+            raise ConfigError(f"{where}: plugin name {name!r} is not one trainbus takes: letters, digits, _ . and - "
+                              f"(starting with a letter or digit, at most 64); it names the plugin's log file")
         body = _table(body, f"{where}: [plugins.{name}]")
         _no_unknown(body, _PLUGIN_KEYS, f"{where}: [plugins.{name}]")
         if not _typed(body.get("enabled", True), "bool", f"{where}: plugins.{name}.enabled"):

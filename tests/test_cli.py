@@ -140,6 +140,14 @@ BAD_INPUT = {
     "flag of wrong type": (lambda t: ["run", "--epochs", "many"], "Invalid value for '--epochs'"),
     "unknown flag": (lambda t: ["run", "--epocks", "3"], "No such option"),
     "a value out of range": (lambda t: ["run", "--epochs", "0"], "(`trainbus run --help` shows what it takes)"),
+    "a plugin name with a space": (lambda t: ["run", "--config", _write(
+        t, "sp.toml", "[plugins.\"bad name\"]\ntarget = 'trainbus.plugins.console:ConsolePlugin'\n")],
+        "plugin name 'bad name' is not one trainbus takes"),
+    "a plugin name that climbs out of the run": (lambda t: ["run", "--config", _write(
+        t, "up.toml", "[plugins.\"../../escaped\"]\ntarget = 'trainbus.plugins.console:ConsolePlugin'\n")],
+        "plugin name '../../escaped' is not one trainbus takes"),
+    "an empty plugin name": (lambda t: ["run", "--config", _write(t, "e.toml", "[plugins.\"\"]\n")],
+                             "plugin name '' is not one trainbus takes"),
     "epochs past any run": (lambda t: ["run", "--epochs", str(2**63)], "epochs must be 1 to 1,000,000,000"),
     "epochs past 64 bits in a config": (
         lambda t: ["run", "--config", _write(t, "big.toml", f"[run]\nepochs = {10**21}\n")],
