@@ -76,7 +76,7 @@ class TrainingSpec:
     def check(self) -> None:
         import torch
 
-        for name in ("model", "optimizer", "loss_fn"):  # the common slip: the class, not an instance of it
+        for name in ("model", "optimizer", "loss_fn", "scheduler"):  # the common slip: the class, not one made from it
             value = getattr(self, name)
             if isinstance(value, type):
                 raise SpecError(f"TrainingSpec.{name} is the class {value.__name__}, not one made from it: call it "
@@ -106,6 +106,16 @@ class TrainingSpec:
             raise SpecError(f"TrainingSpec.epochs must be a positive integer, got {self.epochs!r}")
         if self.unpack_batch is not None and not callable(self.unpack_batch):
             raise SpecError("TrainingSpec.unpack_batch must be callable(batch) -> (inputs, targets)")
+        if self.scheduler is not None:  # else an epoch trained, then "'str' object has no attribute 'step'"
+            needed = ("step", "state_dict", "load_state_dict")  # stepped, saved with checkpoints, restored
+            missing = [m for m in needed if not callable(getattr(self.scheduler, m, None))]
+            if missing:
+                raise SpecError(f"TrainingSpec.scheduler must be a torch.optim.lr_scheduler scheduler (or anything with "
+                                f"step, state_dict and load_state_dict), got {type(self.scheduler).__name__} without "
+                                f"{', '.join(missing)}")
+            if getattr(self.scheduler, "optimizer", self.optimizer) is not self.optimizer:
+                raise SpecError("TrainingSpec.scheduler steps another optimizer than TrainingSpec.optimizer, which would "
+                                "train at an unchanged rate: make it from the spec's optimizer")
         if self.scheduler_interval not in ("epoch", "step"):
             raise SpecError(f"TrainingSpec.scheduler_interval must be 'epoch' or 'step', got {self.scheduler_interval!r}")
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

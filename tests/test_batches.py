@@ -159,6 +159,15 @@ def test_schedulers_step_per_epoch_per_step_or_on_a_plateau_and_each_epoch_repor
      "TrainingSpec.loss_fn is the class CrossEntropyLoss, not one made from it: call it (CrossEntropyLoss(...))"),
     (lambda s: setattr(s, "optimizer", torch.optim.SGD),
      "TrainingSpec.optimizer is the class SGD, not one made from it: call it (SGD(...))"),
+    (lambda s: setattr(s, "scheduler", "not a scheduler"),  # an epoch trained first, then an AttributeError
+     "TrainingSpec.scheduler must be a torch.optim.lr_scheduler scheduler (or anything with step, state_dict and "
+     "load_state_dict), got str without step, state_dict, load_state_dict"),
+    (lambda s: setattr(s, "scheduler", torch.optim.lr_scheduler.StepLR),
+     "TrainingSpec.scheduler is the class StepLR, not one made from it: call it (StepLR(...))"),
+    (lambda s: setattr(s, "scheduler", torch.optim.lr_scheduler.StepLR(
+        torch.optim.SGD(s.model.parameters(), lr=0.1), step_size=1)),
+     "TrainingSpec.scheduler steps another optimizer than TrainingSpec.optimizer, which would train at an unchanged "
+     "rate: make it from the spec's optimizer"),
     (lambda s: setattr(s, "train_loader", None),
      "TrainingSpec.train_loader must be iterable (a torch DataLoader, or any re-iterable of batches), got NoneType"),
     (lambda s: setattr(s, "validation_loader", 5),
