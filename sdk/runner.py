@@ -28,8 +28,10 @@ from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir, load_secret, load_server_key,
                                    read_connection_file, secure_client)
 
+from .loader import where_raised
 from .plugin import KernelGoneInfo, Plugin, named_settings
 from .plugin_io import FINAL_EVENTS, KERNEL_EXITED, MAX_POLL_S, PluginIO, _say
+from .settings import SettingsError
 from .tracebacks import user_traceback
 
 KERNEL_PID, KERNEL_HOST = "kernel.pid", "kernel.host"  # the run's kernel's pid and host (kernel/runs.py)
@@ -471,7 +473,15 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     configured = unpack(bytes.fromhex(env["TRAINBUS_PLUGIN_SETTINGS"])) if "TRAINBUS_PLUGIN_SETTINGS" in env else {}
     settings = {**configured, **(settings or {})}
     if "TRAINBUS_KERNEL_PID" not in env:  # by hand: a mistake is said before an ended run is (the kernel checked
-        named_settings(plugin_cls, settings)  # a spawned plugin's before the run, and the constructor does again)
+        try:                                # a spawned plugin's before the run, and the constructor does again)
+            named_settings(plugin_cls, settings)
+        except SettingsError:
+            raise
+        except Exception as exc:  # the plugin's own check_settings raised: its frames, and one line
+            print(user_traceback(exc), file=sys.stderr)
+            print(f"error: plugin {name or getattr(plugin_cls, 'name', '') or plugin_cls.__name__}: checking its "
+                  f"settings raised {where_raised(exc)}", file=sys.stderr)
+            return 2
     # Attached by hand to a run that is over: say so now, not after the connect timeout. Its summary.json is in the
     # run directory, or beside the connection file read in place (a copy elsewhere has none: the kernel is asked).
     record = connection_run_dir(connect) if connect else env.get("TRAINBUS_RUN_DIR")

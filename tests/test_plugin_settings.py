@@ -216,6 +216,23 @@ def test_a_plugin_class_whose_settings_cannot_be_checked_is_named_with_its_line(
         assert info["error"].endswith(": KeyError: 'limt'"), info
 
 
+def test_a_plugin_run_by_hand_whose_check_settings_raises_shows_its_frames_and_one_line(tmp_path):
+    """Under `trainbus run` that is one line; run by hand (`python -m trainbus.sdk`) it was a traceback through the
+    SDK's __main__, runner and plugin modules before the plugin's own frame."""
+    from helpers import run_config
+
+    ended = run_training(run_config(tmp_path / "runs", target=TINY))  # a run to point at: checked before its end
+    r = subprocess.run([sys.executable, "-m", "trainbus.sdk", "test_plugin_settings:ChecksWithABug"],
+                       capture_output=True, text=True, cwd=TESTS_DIR, timeout=60,
+                       env={**os.environ, "TRAINBUS_RUN_DIR": str(ended.run_dir)})
+    line = ChecksWithABug.check_settings.__func__.__code__.co_firstlineno + 2
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("Traceback (most recent call last):\n" f'  File "{__file__}", line {line}, in '
+                               "check_settings\n"), r.stderr
+    assert r.stderr.endswith(f"error: plugin ChecksWithABug: checking its settings raised {__file__}, line {line}: "
+                             "KeyError: 'limt'\n"), r.stderr
+
+
 class TakesNoEvent(Plugin):
     def on_end_epoch(self):
         pass
