@@ -142,6 +142,8 @@ def split_host_port(text: str, ports: int = RUN_PORTS, lowest: int = 1) -> tuple
     naming the form otherwise. `ports`: how many the peer uses from PORT on (a run: RUN_PORTS; the daemon: 1);
     `lowest`: 0 where 0 means a free port (--listen)."""
     host, sep, port = text.removeprefix("tcp://").rpartition(":")
+    if ":" in host and not host.startswith("["):  # ::1:5555 reads as host ::1 only by luck, and libzmq takes none
+        raise ValueError(f"{text!r}: an IPv6 address goes in brackets, [{host}]:{port}")
     if not sep or not host or "/" in host or not port.isdigit() or not lowest <= int(port) <= 65536 - ports:
         span = f"a port from {lowest} to {65536 - ports}" + ("; events use PORT + 1, bursts PORT + 2"
                                                             if ports == RUN_PORTS else "")

@@ -148,6 +148,8 @@ BAD_INPUT = {
         "plugin name '../../escaped' is not one trainbus takes"),
     "an empty plugin name": (lambda t: ["run", "--config", _write(t, "e.toml", "[plugins.\"\"]\n")],
                              "plugin name '' is not one trainbus takes"),
+    "an IPv6 address without brackets": (lambda t: ["run", "--listen", "::1:5555"],
+                                         "'::1:5555': an IPv6 address goes in brackets, [::1]:5555"),
     "epochs past any run": (lambda t: ["run", "--epochs", str(2**63)], "epochs must be 1 to 1,000,000,000"),
     "epochs past 64 bits in a config": (
         lambda t: ["run", "--config", _write(t, "big.toml", f"[run]\nepochs = {10**21}\n")],
