@@ -115,6 +115,9 @@ def run(
 ) -> None:
     """Train, with every plugin in its own process; prints the run id, the outcome and where results are."""
     flag_words = list(flag_words or [])
+    for flag, value in (("--resume", resume), ("--listen", listen)):
+        if value is not None and not value.strip():  # "$UNSET_VARIABLE": a new run, or no TCP, without a word
+            raise UserError(f"{flag} is empty: give it a value, or leave {flag} out")
     if target is not None and _is_flag_word(target):  # `trainbus run lr=0.01`: the default target's flags
         target, flag_words = None, [target, *flag_words]
     cfg = load_config(config)

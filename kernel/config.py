@@ -202,6 +202,8 @@ def load_config(path: Path | None) -> RunConfig:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; give --config a TOML file (or bz's .json one)")
+    if path.exists() and not path.is_file():  # a FIFO would block the read, /dev/zero never end it
+        raise ConfigError(f"config file {path} is not a regular file; give --config a TOML file (or bz's .json one)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
