@@ -66,11 +66,15 @@ def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=K
             # keys are z85 text, brackets included: escaped, or rich takes "[...]" for markup and drops it
             table.add_row("server", "server", escape(load_public(store.server_public).decode()),
                           escape(str(store.server_public)))
-        for key in store.clients():
-            table.add_row(escape(key.name), key.role, escape(key.public), escape(str(key.path)))
     except KeyFileError as exc:
         raise UserError(str(exc)) from None
+    clients = store.clients(unreadable=True)
+    for key in clients:
+        table.add_row(escape(key.name), key.role, escape(key.public) or "unreadable", escape(str(key.path)))
     _wide().print(table)  # piped or narrow, keys and paths whole: they are copied and scripted
+    for key in clients:
+        if key.problem:  # below the table, whole: it names the fix
+            out.print(escape(key.problem))
 
 
 @keys_app.command("revoke")
@@ -88,4 +92,4 @@ def keys_revoke(
         key = KeyStore(default_keys_dir(keys_dir)).revoke(name)
     except KeyFileError as exc:
         raise UserError(str(exc)) from None
-    out.print(escape(f"revoked {key.role} key {key.name} ({key.public})"))  # z85 has [ and ]: not markup
+    out.print(escape(f"revoked {key.role} key {key.name} ({key.public or 'unreadable'})"))  # z85 has [ and ]: not markup

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import stat
 import threading
 import time
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import zmq.auth
 
-from trainbus.proto.remote import ROLES, SECRET_SUFFIX, SERVER_KEY, KeyFileError, check_secret_file, load_public
+from trainbus.proto.remote import (ROLES, SECRET_SUFFIX, SERVER_KEY, Z85_KEY_CHARS, KeyFileError, check_secret_file,
+                                   is_z85_key, keys_dir)
 
 REVOKED = "revoked"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
@@ -37,8 +39,9 @@ REFRESH_INTERVAL_S = 1.0  # how stale the control socket's view of revocations m
 class ClientKey:
     name: str
     role: str  # one of ROLES, or "revoked"
-    public: str  # z85: the CURVE User-Id of its connections
+    public: str  # z85: the CURVE User-Id of its connections; "" for a file that holds no key (it lets nobody in)
     path: Path
+    problem: str = ""  # why the file holds no key, naming it and the fix; "" for a key
 
 
 class KeyStore:
@@ -46,6 +49,12 @@ class KeyStore:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+
+    @property
+    def keys_dir_option(self) -> str:
+        """` --keys-dir DIR` when this is not the default directory: a `trainbus keys` command we suggest must act
+        on this one."""
+        return "" if self.directory == keys_dir() else f" --keys-dir {self.directory}"
 
     @property
     def server_secret(self) -> Path:
@@ -66,7 +75,9 @@ class KeyStore:
             raise KeyFileError(f"role {role!r} is not one of {', '.join(ROLES)}")
         if not NAME_PATTERN.fullmatch(name) or name == SERVER_KEY:
             raise KeyFileError(f"key name {name!r}: use letters, digits, _ . @ - (up to 64), not {SERVER_KEY!r}")
-        held = [k for k in self.clients() if k.name == name and k.role != REVOKED]
+        held = [k for k in self.clients(unreadable=True) if k.name == name and k.role != REVOKED]
+        if held and held[0].problem:
+            raise KeyFileError(held[0].problem)
         if held:
             raise KeyFileError(f"a {held[0].role} key named {name!r} exists ({held[0].path}); revoke it first, "
                                f"or pick another name")
@@ -74,30 +85,34 @@ class KeyStore:
 
     def revoke(self, name: str) -> ClientKey:
         """Move the client's public key to revoked/ and delete its secret half; it is refused from now on."""
-        for key in self.clients():
+        for key in self.clients(unreadable=True):  # an unreadable file too: revoking is one of its fixes
             if key.name == name and key.role != REVOKED:
                 (self.directory / REVOKED).mkdir(mode=0o700, exist_ok=True)
-                fingerprint = hashlib.sha256(key.public.encode()).hexdigest()[:8]  # a name can be revoked twice
+                # a name can be revoked twice; a file that holds no key has no fingerprint to tell them apart
+                fingerprint = hashlib.sha256(key.public.encode()).hexdigest()[:8] if key.public else \
+                    secrets.token_hex(4)
                 key.path.replace(self.directory / REVOKED / f"{name}~{fingerprint}.key")
                 key.path.with_suffix(SECRET_SUFFIX).unlink(missing_ok=True)
                 return key
         raise KeyFileError(f"no client key named {name!r} in {self.directory}; `trainbus keys list` shows them")
 
-    def clients(self, strict: bool = True) -> list[ClientKey]:
+    def clients(self, unreadable: bool = False) -> list[ClientKey]:
         """Every client key, authorized (by role) and revoked. A file gone by the time it is read (a revoke moved
-        it) is left out; one that is not a key (being written by `keys generate`, or garbled) is a KeyFileError
-        when `strict`, else left out too: such a file lets nobody in, and must not keep everyone else out."""
+        it) is left out. One that holds no key (being written by `keys generate`, garbled, a directory) lets nobody
+        in and must not keep everyone else out: left out too, unless `unreadable`, where it comes with public ""
+        and its `problem`, for `keys list` to show and `keys revoke` to move away."""
         found = []
         for role in (*ROLES, REVOKED):
             for path in sorted((self.directory / role).glob("*.key")):
-                try:
-                    public = load_public(path)
-                except KeyFileError:
-                    if strict and path.exists():
-                        raise
-                    continue
                 name = path.name.removesuffix(".key").partition("~")[0]
-                found.append(ClientKey(name, role, public.decode("ascii"), path))
+                try:
+                    found.append(ClientKey(name, role, _read_public(path), path))
+                except ValueError as exc:
+                    if unreadable and path.exists():
+                        fix = "delete it" if role == REVOKED else \
+                            f"delete it, or `trainbus keys revoke {name}{self.keys_dir_option}`"
+                        found.append(ClientKey(name, role, "", path, f"client key file {path} is not a readable "
+                                                                     f"CURVE public key ({exc}): {fix}"))
         return found
 
     def check_secrets(self) -> None:
@@ -125,6 +140,20 @@ class KeyStore:
         Path(secret).chmod(0o600)
         Path(public).chmod(0o644)  # whatever the umask (002 makes it group-writable, which check_secrets refuses)
         return Path(public), Path(secret)
+
+
+def _read_public(path: Path) -> str:
+    """The z85 public key of a client key file; ValueError saying why it holds none."""
+    try:
+        public = zmq.auth.load_certificate(path)[0]
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+    except ValueError:
+        raise ValueError("no public-key line") from None
+    text = public.decode("ascii", "replace")
+    if not is_z85_key(text):  # `public-key = ""`, or a key cut short: no client could hold it
+        raise ValueError(f"its public-key is not {Z85_KEY_CHARS} characters of z85")
+    return text
 
 
 class KeyRing:
@@ -166,7 +195,7 @@ class KeyRing:
             # Per file, not all or nothing: a key another `trainbus keys` command is writing or moving at this
             # handshake once refused everyone, and libzmq never retries a connection ZAP refused.
             try:
-                keys = [k for k in self.store.clients(strict=False) if k.role in ROLES]
+                keys = [k for k in self.store.clients() if k.role in ROLES]
             except OSError:  # the directory itself unreadable: nobody new gets in meanwhile
                 keys = []
             by_public = {k.public: k for k in keys}

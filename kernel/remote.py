@@ -17,7 +17,7 @@ import time
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from trainbus.proto.remote import HANDSHAKE_IVL_MS, RUN_PORTS, keys_dir, load_secret, split_host_port
+from trainbus.proto.remote import HANDSHAKE_IVL_MS, RUN_PORTS, KeyFileError, load_secret, split_host_port
 
 from .keys import REVOKED, KeyRing, KeyStore
 
@@ -60,13 +60,18 @@ def check_listen(host_port: str, store: KeyStore, ports: int = RUN_PORTS) -> tup
     except ValueError as exc:
         raise ListenError(f"--listen: {exc}, e.g. 127.0.0.1:5555 (an address of this host; port 0: a free "
                           f"one)") from None
-    if not store.server_secret.exists() or not any(k.role != REVOKED for k in store.clients()):
-        # the commands that make keys where this kernel looks: its --keys-dir when that is not the default
-        where = "" if store.directory == keys_dir() else f" --keys-dir {store.directory}"
+    clients = store.clients(unreadable=True)
+    if not store.server_secret.exists() or not any(k.role != REVOKED for k in clients):
+        where = store.keys_dir_option  # the commands that make keys where this kernel looks
         raise ListenError(f"--listen {host_port} needs CURVE keys, and {store.directory} has "
                           f"{'no client key' if store.server_secret.exists() else 'no server key'}: run "
                           f"`trainbus keys generate server{where}` and `trainbus keys generate client NAME --role "
                           f"monitor{where}` (or control) on this host (README, remote access)")
+    # A role's file that holds no key lets nobody in; refused here so that its owner hears of it now, not when
+    # their client cannot connect.
+    unreadable = next((k for k in clients if k.problem and k.role != REVOKED), None)
+    if unreadable is not None:
+        raise KeyFileError(unreadable.problem)
     store.check_secrets()  # the kernel refuses to start on a secret file others can read
     return host, port
 
