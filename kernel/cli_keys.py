@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.markup import escape
@@ -11,8 +12,32 @@ from rich.table import Table
 
 from .cli_common import KEYS_DIR_HELP, UserError, _wide, out
 
+if TYPE_CHECKING:
+    from .keys import KeyStore
+
 keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                        help="CURVE keys for remote plugins and attach: a server pair per host, a client pair per person.")
+
+
+def _store(keys_dir: Optional[Path]) -> KeyStore:
+    """The KeyStore of --keys-dir, else $TRAINBUS_KEYS_DIR, else the default directory; UserError when that path,
+    or the nearest folder above it that is there, is a file: the directory is made, with its parents, when
+    missing."""
+    from trainbus.proto.remote import KEYS_DIR_ENV, keys_dir as default_keys_dir
+
+    from .keys import KeyStore
+
+    directory = default_keys_dir(keys_dir)
+    there = next((path for path in (directory, *directory.parents) if path.exists()), directory)
+    if there.exists() and not there.is_dir():
+        below = "" if there == directory else f": {there}"
+        if keys_dir is None and not os.environ.get(KEYS_DIR_ENV):
+            raise UserError(f"key directory {directory}{below} is a file, not a directory: move it away, or give "
+                            f"--keys-dir DIR")
+        given = "--keys-dir" if keys_dir is not None else f"${KEYS_DIR_ENV}"
+        raise UserError(f"{given} {directory}{below} is a file, not a directory: give a directory (created if "
+                        f"missing)")
+    return KeyStore(directory)
 
 
 @keys_app.command("generate")
@@ -25,11 +50,9 @@ def keys_generate(
     keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
 ) -> None:
     """Make a CURVE key pair: public NAME.key and secret NAME.key_secret (0600, in a 0700 directory)."""
-    from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
+    from trainbus.proto.remote import KeyFileError
 
-    from .keys import KeyStore
-
-    store = KeyStore(default_keys_dir(keys_dir))
+    store = _store(keys_dir)
     try:
         if kind == "server":
             public, secret = store.generate_server(force)
@@ -49,11 +72,9 @@ def keys_generate(
 @keys_app.command("list")
 def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP)) -> None:
     """The server key and every client key with its role (revoked ones too)."""
-    from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir, load_public
+    from trainbus.proto.remote import KeyFileError, load_public
 
-    from .keys import KeyStore
-
-    store = KeyStore(default_keys_dir(keys_dir))
+    store = _store(keys_dir)
     if not store.directory.is_dir():
         said = f"no key directory {store.directory}"
         if keys_dir is not None:  # named, so likely mistyped
@@ -84,12 +105,11 @@ def keys_revoke(
 ) -> None:
     """Take a client's authorization away: new connections with its key fail the handshake, a running kernel
     refuses its control messages within a second; its public key is kept under revoked/."""
-    from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
+    from trainbus.proto.remote import KeyFileError
 
-    from .keys import KeyStore
-
+    store = _store(keys_dir)
     try:
-        key = KeyStore(default_keys_dir(keys_dir)).revoke(name)
+        key = store.revoke(name)
     except KeyFileError as exc:
         raise UserError(str(exc)) from None
     out.print(escape(f"revoked {key.role} key {key.name} ({key.public or 'unreadable'})"))  # z85 has [ and ]: not markup

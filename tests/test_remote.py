@@ -701,6 +701,20 @@ def test_an_unreadable_client_key_is_named_with_its_fix_and_keeps_no_other_keys_
     assert subprocess.run(cli + ["generate", "client", "alice"] + where, capture_output=True, timeout=60).returncode == 0
 
 
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_keys_dir_that_is_a_file_is_said_so_in_one_line_by_every_keys_command(where, tmp_path):
+    file = tmp_path / "notes"
+    file.write_text("hi\n")
+    keys_dir = file if where == "a file" else file / "sub"
+    cli = [str(Path(sys.executable).parent / "trainbus"), "keys"]
+    said = f"error: --keys-dir {keys_dir}" + ("" if keys_dir == file else f": {file}") + \
+        " is a file, not a directory: give a directory (created if missing)\n"
+    for args in (["generate", "server"], ["generate", "client", "zed"], ["list"], ["revoke", "zed"]):
+        proc = subprocess.run(cli + args + ["--keys-dir", str(keys_dir)], capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, proc.stderr) == (2, said), (args, proc.stderr)
+    assert file.read_text() == "hi\n"
+
+
 # -- 5. a remote plugin, durable across kill -9 -----------------------------------------------------
 
 
