@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -135,7 +136,8 @@ def is_file_target(module_part: str) -> bool:
 
 
 def load_target(target: str) -> Callable[..., TrainingSpec]:
-    """Resolve `path/to/file.py:function` or `package.module:function` to the function."""
+    """Resolve `path/to/file.py:function` or `package.module:function` to the function. A path (a / in it, or .py
+    at its end) is read as Python source whatever its name ends with."""
     module_part, sep, func_name = target.rpartition(":")
     if not sep or not module_part or not func_name:
         raise SpecError(f"target {target!r} must look like path/to/file.py:function or package.module:function")
@@ -146,7 +148,10 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
         module = _loaded_files.get(_file_key(path))  # the CLI read its flags: its code runs once, not twice
         if module is None:
             name = f"trainbus_user_{path.stem}"
-            module_spec = importlib.util.spec_from_file_location(name, path)
+            # Python source whatever the file's name, as `python trainscript` runs one: importlib alone knows no
+            # loader for a name without .py
+            loader = importlib.machinery.SourceFileLoader(name, str(path))
+            module_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[name] = module
             sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
@@ -162,6 +167,9 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
             module = importlib.import_module(module_part)
         except ModuleNotFoundError as exc:
             if exc.name and module_part.startswith(exc.name):
+                if Path(module_part).is_file():  # `trainbus run train:build` for a script named train
+                    raise SpecError(f"cannot import module {module_part!r}; {module_part} is a file here: name it "
+                                    f"./{module_part}:{func_name} to load it as Python source") from None
                 raise SpecError(f"cannot import module {module_part!r}; is it installed or on PYTHONPATH?") from None
             raise user_code_error(exc, f"importing {module_part}") from None
         except (Exception, SystemExit) as exc:

@@ -559,6 +559,21 @@ def test_a_reader_that_goes_away_costs_the_output_not_the_exit_code(tmp_path):
     assert summary["status"] == "completed"
 
 
+def test_a_target_file_without_py_loads_as_python_source_as_python_runs_such_a_script(tmp_path):
+    """`trainbus run /path/trainscript:build` (a script with no .py, as `python trainscript` runs) died in importlib:
+    AttributeError: 'NoneType' object has no attribute 'loader'."""
+    script = tmp_path / "trainscript"
+    script.write_text("def build(lr: float = 0.5):\n    \"\"\"A target.\n\n    Args:\n        lr: the step size\n    \"\"\"\n")
+    done = trainbus("run", f"{script}:build", "--help-flags")
+    assert done.returncode == 0 and "the step size" in done.stdout, done.stderr
+    # with no / and no .py it names a module; a file of that name here is said to be one, with how to name it
+    (tmp_path / "run.toml").write_text("[run]\nepochs = 1\n")
+    r = trainbus("run", "run.toml:build", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    _one_line(r, "cannot import module 'run.toml'; run.toml is a file here: name it ./run.toml:build to load it as "
+                 "Python source")
+
+
 def test_a_module_target_in_the_current_directory_imports_as_the_plugins_beside_it_do(tmp_path):
     """`trainbus run mypkg.train:build` from the directory holding mypkg/ (the README's form): the console script
     had no current directory on sys.path, so it said "cannot import module" while `python -m` would have found it."""
