@@ -36,6 +36,17 @@ SUMMARY = "summary.json"
 CONFIG = "config.json"
 STATUSES = ("running", "completed", "stopped", "failed", "interrupted", "died")
 
+# summary.json's fields as the kernel writes them (session.py RunResult), each of them may be null. One of another
+# type (an edit by hand) makes the summary unreadable, as torn JSON does: what shows it would raise on it.
+NUMBER = (float, int)
+SUMMARY_FIELDS = {"duration_s": NUMBER, "outcome": dict, "plugins": dict, "undrained": dict, "bus": dict, "error": str}
+OUTCOME_FIELDS = {"epochs_completed": int, "steps": int, "stop_reasons": list, "training_loss": NUMBER,
+                  "validation_loss": NUMBER, "validation_metrics": dict, "training_metrics": dict,
+                  "best_validation_loss": NUMBER, "best_epoch": int}
+PLUGIN_FIELDS = {"state": str, "reason": str, "restarts": int, "crashes": list, "errors_logged": int,
+                 "checkpoints_failed": int}
+TEXT_LISTS = ("stop_reasons", "crashes")  # shown joined: text items only
+
 SMALL_TAIL_BYTES = 64 * 1024  # an ended run's last event
 STALE_S = 10.0  # no kernel.pid (a run from before there was one): heartbeats every second, or it is gone
 
@@ -176,6 +187,42 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """summary.json's contents when it holds a run status and each field the kernel writes has its type; None
+    otherwise (_unreadable says why)."""
+    summary = read_json(Path(run_dir) / SUMMARY)
+    return summary if summary is not None and _summary_problem(summary) is None else None
+
+
+def _summary_problem(summary: Any) -> str | None:
+    """What is wrong with a summary.json's contents, as "holds no run status" or "is unreadable (its
+    outcome.steps is text, not a number)"; None for a summary as the kernel writes them."""
+    if not isinstance(summary, dict) or summary.get("status") not in STATUSES:
+        return "holds no run status"
+    checks = [("", summary, SUMMARY_FIELDS)]
+    if isinstance(summary.get("outcome"), dict):
+        checks.append(("outcome.", summary["outcome"], OUTCOME_FIELDS))
+    for name, p in (summary["plugins"] if isinstance(summary.get("plugins"), dict) else {}).items():
+        if not isinstance(p, dict):
+            return f"is unreadable (its plugins.{name} is {_json_kind(p)}, not an object)"
+        checks.append((f"plugins.{name}.", p, PLUGIN_FIELDS))
+    for prefix, fields, types in checks:
+        for key, kind in types.items():
+            value = fields.get(key)
+            if value is not None and not isinstance(value, kind):
+                return f"is unreadable (its {prefix}{key} is {_json_kind(value)}, not {_json_kind(kind)})"
+            if key in TEXT_LISTS and value and not all(isinstance(item, str) for item in value):
+                return f"is unreadable (its {prefix}{key} holds an item that is not text)"
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    """What JSON calls a value's type, or a type's (NUMBER's too)."""
+    kind = value[0] if isinstance(value, tuple) else value if isinstance(value, type) else type(value)
+    return {dict: "an object", list: "a list", str: "text", bool: "true or false", int: "a whole number",
+            float: "a number"}.get(kind, kind.__name__)
+
+
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
 
@@ -249,12 +296,12 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         "flags": config.get("flags") or {}, "hyperparameters": config.get("hyperparameters") or {},
         "ended_ts": None, "last_seq": None, "best": None,
     }
-    summary = read_json(run_dir / SUMMARY)
-    if summary is None or summary.get("status") not in STATUSES:
+    summary = read_summary(run_dir)
+    if summary is None:
         pid, alive = kernel_process(run_dir)
         tail = journal_tail(journal)
-        summary = read_json(run_dir / SUMMARY)  # the kernel may have ended meanwhile
-        if summary is None or summary.get("status") not in STATUSES:
+        summary = read_summary(run_dir)  # the kernel may have ended meanwhile
+        if summary is None:
             _from_journal_tail(info, journal, tail, pid, alive, started, now, _unreadable(run_dir / SUMMARY))
             return info
     outcome = summary.get("outcome") or {}
@@ -287,8 +334,8 @@ def _unreadable(path: Path) -> str | None:
         return None
     except (OSError, ValueError) as exc:
         return f"{path.name} is unreadable ({exc})"
-    return None if isinstance(value, dict) and value.get("status") in STATUSES else \
-        f"{path.name} holds no run status"
+    problem = _summary_problem(value)
+    return f"{path.name} {problem}" if problem else None
 
 
 def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], pid: int | None, alive: bool | None,
@@ -382,7 +429,7 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     run_dir = Path(run_dir).resolve()
     info = run_overview(run_dir, now)
-    summary = read_json(run_dir / SUMMARY) or {}
+    summary = read_summary(run_dir) or {}
     config = read_json(run_dir / CONFIG) or {}
     epochs: dict[int, dict[str, Any]] = {}
     epoch_started: dict[int, float] = {}

@@ -443,6 +443,41 @@ def test_a_torn_summary_is_said_to_be_torn_not_a_kernel_that_died_without_one(tm
     assert run["detail"].endswith(f"the journal ends with end_training_session (seq {final.seq})"), run["detail"]
 
 
+SUMMARIES_OF_WRONG_TYPES = {
+    "no status and every field wrong": lambda real: {"status": 5, "outcome": "x", "plugins": [1], "duration_s": "long"},
+    "a status and an outcome of text": lambda real: {**real, "outcome": "x"},
+    "plugins as a list": lambda real: {**real, "plugins": [1]},
+    "a duration of text": lambda real: {**real, "duration_s": "long"},
+    "steps as text": lambda real: {**real, "outcome": {**real["outcome"], "steps": "3"}},
+    "a plugin's crashes as a number": lambda real: {**real, "plugins": {"p": {"state": "exited", "crashes": 3}}},
+}
+
+
+def test_a_summary_with_fields_of_the_wrong_type_is_unreadable_as_a_torn_one_is(tmp_path):
+    """`runs show` of a summary.json edited by hand died on it: AttributeError: 'list' object has no attribute
+    'items'."""
+    from trainbus.kernel.runs import run_overview
+
+    result = run_training(RunConfig(target=TINY, epochs=1, runs_dir=str(tmp_path / "runs"), plugins=[]), run_id="R")
+    summary = Path(result.run_dir) / "summary.json"
+    real = json.loads(summary.read_text())
+    (Path(result.run_dir) / "kernel.pid").unlink()  # its kernel (this process, here) is no longer around
+    for case, make in SUMMARIES_OF_WRONG_TYPES.items():
+        summary.write_text(json.dumps(make(real)))
+        run = run_overview(Path(result.run_dir))
+        assert run["status"] == "died" and run["detail"].startswith("summary.json "), (case, run["detail"])
+        assert "unreadable" in run["detail"] or "no run status" in run["detail"], (case, run["detail"])
+        shown = cli("runs", "show", result.run_dir)
+        assert shown.startswith(f"run R: died ({run['detail']}"), (case, shown)
+        assert json.loads(cli("runs", "show", result.run_dir, "--json"))["status"] == "died", case
+        compared = _trainbus("runs", "compare", result.run_dir, result.run_dir)
+        assert compared.returncode == 0 and "Traceback" not in compared.stderr, (case, compared.stderr)
+        # the registry keeps an ended run's row as it was: read from its directory again, it is died
+        assert _trainbus("runs", "reindex", "--runs-dir", str(tmp_path / "runs")).returncode == 0, case
+        listed = _trainbus("runs", "list", "--runs-dir", str(tmp_path / "runs"))
+        assert listed.returncode == 0 and "died" in listed.stdout, (case, listed.stdout, listed.stderr)
+
+
 def test_a_kernel_pid_of_another_host_is_not_taken_for_a_dead_process_here(tmp_path):
     """A runs directory on a shared filesystem: a kernel on a compute node is neither alive nor dead to the login
     node's pid table, so runs list, attach and a plugin started by hand go by what the run wrote instead."""
