@@ -13,6 +13,7 @@ from typing import Any
 
 from trainbus.proto import (DURABLE, ProtocolError, control, decode_control, encode_control, encode_replay_batch,
                             events as ev)
+from trainbus.proto.text import printable
 
 from .limits import truncate
 from .live_plugins import LivePlugins
@@ -187,7 +188,8 @@ class Dispatcher:
             self._command_ids[sent] = True
             if len(self._command_ids) > COMMAND_IDS_KEPT:
                 self._command_ids.popitem(last=False)
-        reason = truncate(msg["reason"], REASON_MAX_CHARS)[0]
+        # escaped as it comes in: the run's `stopped by:` line, `runs show`, the console and kernel.log all show it
+        reason = truncate(printable(msg["reason"]), REASON_MAX_CHARS)[0]
         if peer.key_name:  # who sent it, journaled with the stop_requested it leads to
             log.info("[%s] %s from key %s (%s): %s", peer.name, msg["type"], peer.key_name, peer.role, reason)
         self.bus.reply(msg["type"], peer.label, reason)

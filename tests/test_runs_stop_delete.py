@@ -98,6 +98,28 @@ def test_stop_a_live_run_then_delete_it(runs_dir, tmp_path, kernels):
         assert registry.runs(0.0) == {}
 
 
+def test_a_stop_reason_with_escape_codes_and_newlines_is_kept_escaped_not_sent_to_the_terminal(runs_dir, tmp_path,
+                                                                                               kernels):
+    """`runs stop --reason` took any text: the run's `stopped by:` line and `runs show` printed its escape sequence
+    (which recolours, or clears, the terminal) and its newline as they were."""
+    gate = tmp_path / "gate"
+    kernel = KernelProcess(run_config(runs_dir, epochs=3, target=PACED, batch_size=256, step_sleep_s=0.0,
+                                      gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    open_gate(gate, 1)
+    kernel.wait_step(1, timeout_s=60)
+    proc = trainbus("runs", "stop", kernel.run_id, "--reason", "a\x1b[31mred\nline2", "--runs-dir", str(runs_dir))
+    assert proc.returncode == 0, proc.stderr
+    open_gate(gate, 10**6)
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "stopped" and result["outcome"]["stop_reasons"][0].endswith(": stop: a\\x1b[31mred"
+                                                                                            "\\x0aline2"), result
+    shown = trainbus("runs", "show", kernel.run_id, "--runs-dir", str(runs_dir))
+    assert shown.returncode == 0 and "\x1b" not in shown.stdout, shown.stdout
+    stopped_by = next(line for line in shown.stdout.splitlines() if "stopped by" in line)
+    assert stopped_by.endswith(": stop: a\\x1b[31mred\\x0aline2"), shown.stdout
+
+
 def test_a_run_queued_to_be_resumed_is_not_deleted_until_taken_off_the_queue(runs_dir):
     assert run_training(run_config(runs_dir, target=TINY), run_id="a-queued").status == "completed"
     # as `trainbus runs resume a-queued --detach` queues it for a daemon not running yet
