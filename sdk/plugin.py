@@ -204,7 +204,8 @@ class Plugin:
                             f"of it fails; define it as def {name}(self, event){where}")
             except ValueError:  # no signature to read (a builtin): it is tried at the run's first event
                 pass
-        return said + [warning for name in _unknown_handlers(cls) if (warning := _never_called(cls, name))]
+        return said + _constructor_warnings(cls) + [
+            warning for name in _unknown_handlers(cls) if (warning := _never_called(cls, name))]
 
     @classmethod
     def description(cls) -> str:
@@ -220,6 +221,24 @@ for _name in HANDLED_EVENTS:  # do-nothing handlers, one per event: on_start_epo
         """Override to handle this event."""
     _noop.__name__ = f"on_{_name}"
     setattr(Plugin, _noop.__name__, _noop)
+
+
+def _constructor_warnings(cls: type) -> list[str]:
+    """A constructor of the plugin's own that cannot take what the runner gives every plugin (settings, run_id,
+    run_dir): the process would crash before its hello at every start, restarted until given up. A class made
+    by a metaclass of its own (bz's Plugin) is constructed its own way."""
+    if cls.__init__ is Plugin.__init__ or type(cls).__call__ is not type.__call__:
+        return []
+    try:
+        inspect.signature(cls.__init__).bind(None, {}, run_id="", run_dir=".")
+    except TypeError:
+        return [f"{cls.__name__}.__init__{inspect.signature(cls.__init__)} cannot take what every plugin is made "
+                f"with (settings, run_id=..., run_dir=...), so the plugin fails at every start; define it as def "
+                f"__init__(self, *args, **kwargs) that calls super().__init__(*args, **kwargs), or do the work in "
+                f"setup(){_defined_at(cls.__init__)}"]
+    except ValueError:  # no signature to read: it is tried when the plugin starts
+        pass
+    return []
 
 
 def named_settings(cls: type, given: dict[str, Any]) -> dict[str, Any]:
