@@ -133,7 +133,7 @@ def test_resume_inside_an_accumulation_cycle_is_exact(tmp_path):
 @pytest.mark.parametrize("run_table, error", [
     ('precision = "16-mixed"', "precision 16-mixed needs a CUDA device"),
     ('precision = "fp8"', "precision must be one of 32, bf16-mixed, 16-mixed, bf16-true"),
-    ("accumulate_grad_batches = 0", "accumulate_grad_batches must be >= 1"),
+    ("accumulate_grad_batches = 0", "accumulate_grad_batches must be 1 to 1,000,000,000, got 0"),
     ("gradient_clip_val = nan", "gradient_clip_val must be >= 0"),
     ("precision = 32", 'run.precision must be a string; 32 was read as a number: quote it ("32")'),
     ("precision = 16", 'run.precision must be a string; 16 was read as a number: write one of "32", "bf16-mixed", '
