@@ -82,20 +82,23 @@ def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=K
         out.print(f"{escape(said)} yet: `trainbus keys generate server` makes it")
         return
     table = Table("name", "role", "public key", "file")
-    try:
-        if store.server_public.exists():
+    problems = []
+    if store.server_public.exists():
+        try:
             # keys are z85 text, brackets included: escaped, or rich takes "[...]" for markup and drops it
-            table.add_row("server", "server", escape(load_public(store.server_public).decode()),
-                          escape(str(store.server_public)))
-    except KeyFileError as exc:
-        raise UserError(str(exc)) from None
+            public = escape(load_public(store.server_public).decode())
+        except KeyFileError:
+            public = "unreadable"
+            problems.append(f"server key file {store.server_public} is not a readable CURVE public key: `trainbus "
+                            f"keys generate server --force{store.keys_dir_option}` makes a new pair (every client "
+                            f"then needs the new server.key)")
+        table.add_row("server", "server", public, escape(str(store.server_public)))
     clients = store.clients(unreadable=True)
     for key in clients:
         table.add_row(escape(key.name), key.role, escape(key.public) or "unreadable", escape(str(key.path)))
     _wide().print(table)  # piped or narrow, keys and paths whole: they are copied and scripted
-    for key in clients:
-        if key.problem:  # below the table, whole: it names the fix
-            out.print(escape(key.problem))
+    for problem in problems + [key.problem for key in clients if key.problem]:  # below the table, whole: the fix
+        out.print(escape(problem))
 
 
 @keys_app.command("revoke")

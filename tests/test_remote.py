@@ -701,6 +701,23 @@ def test_an_unreadable_client_key_is_named_with_its_fix_and_keeps_no_other_keys_
     assert subprocess.run(cli + ["generate", "client", "alice"] + where, capture_output=True, timeout=60).returncode == 0
 
 
+def test_an_unreadable_server_key_is_listed_with_the_fix_that_works(keys):
+    """`keys list` failed whole on it, saying to `trainbus keys generate`, which refuses to replace a server pair
+    without --force."""
+    cli = [str(Path(sys.executable).parent / "trainbus"), "keys"]
+    where = ["--keys-dir", str(keys["dir"])]
+    (keys["dir"] / "server.key").write_text("junk\n")
+    listing = subprocess.run(cli + ["list"] + where, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "COLUMNS": "300"})
+    assert listing.returncode == 0 and "pilot" in listing.stdout, listing
+    assert (f"server key file {keys['dir'] / 'server.key'} is not a readable CURVE public key: `trainbus keys "
+            f"generate server --force --keys-dir {keys['dir']}` makes a new pair") in listing.stdout, listing.stdout
+    made = subprocess.run(cli + ["generate", "server", "--force"] + where, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    listing = subprocess.run(cli + ["list"] + where, capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0 and "not a readable" not in listing.stdout, listing
+
+
 @pytest.mark.parametrize("where", ["a file", "under a file"])
 def test_a_keys_dir_that_is_a_file_is_said_so_in_one_line_by_every_keys_command(where, tmp_path):
     file = tmp_path / "notes"
