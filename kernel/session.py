@@ -43,6 +43,7 @@ from .registry import record_run
 from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers, snapshot_directories
 from .spec import SpecError, TrainingSpec, build_with_flags, error_line, user_code_error, user_trace
+from .stepping import NOTE as STEP_NOTE
 from .stepping import Stepper, SteppingError
 from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
 
@@ -274,7 +275,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     except (Exception, SystemExit) as exc:  # SystemExit: the user's sys.exit(), which would end us without a word
         status, error = "failed", error_line(exc)
         where, trace = user_trace(exc)
-        error += where
+        error += where or _step_note(exc)
         tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
         if ranks is not None:  # a collective failing here is mostly another rank's failure: say whose, and why
             error, tail, trace = rank_errors(run_dir, error, tail, trace, cluster.local_world_size)
@@ -509,6 +510,13 @@ def close_bus(bus: Bus, run_dir: Path, sockets: Path, plugin_exit_timeout_s: flo
     if sockets != run_dir:
         shutil.rmtree(sockets, ignore_errors=True)
     return error
+
+
+def _step_note(exc: BaseException) -> str:
+    """" (in the model's forward, given inputs ...)" for an exception of the forward or the loss that ran none of
+    the user's code (a model of torch's modules: their frames are torch's); "" otherwise."""
+    notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str) and n.startswith(STEP_NOTE)]
+    return f" ({notes[-1].removeprefix(STEP_NOTE)})" if notes else ""
 
 
 def check_not_running(run_dir: Path) -> None:

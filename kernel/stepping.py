@@ -20,6 +20,10 @@ import torch
 
 from .batches import BatchError, describe, floats_to
 
+# The start of the note an exception from the forward or the loss gets: where it was raised, and the shapes, which
+# torch's own message does not say (a model of torch's modules alone shows no frame of the user's code).
+NOTE = "trainbus: "
+
 
 class SteppingError(ValueError):
     """A combination this device cannot run; the message names the fix."""
@@ -76,8 +80,16 @@ class Stepper:
         if self._cast_inputs:
             inputs = floats_to(inputs, torch.bfloat16)
         with self._autocast():
-            outputs = self.forward(inputs)
-            loss = loss_fn(outputs, targets)
+            try:
+                outputs = self.forward(inputs)
+            except Exception as exc:
+                exc.add_note(f"{NOTE}in the model's forward, given inputs {_shape(inputs)}")
+                raise
+            try:
+                loss = loss_fn(outputs, targets)
+            except Exception as exc:
+                exc.add_note(f"{NOTE}in loss_fn, given outputs {_shape(outputs)} and targets {_shape(targets)}")
+                raise
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:  # numel: an attribute, no device sync
             raise BatchError(f"loss_fn returned {describe(loss)}: it must return the batch's loss as one number in a "
                              f"tensor (a mean or sum over the batch, e.g. reduction='mean')")
@@ -108,3 +120,11 @@ class Stepper:
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def _shape(value: Any) -> str:
+    """A batch's part as an error says it: a tensor's dtype and shape, else what batches.describe says."""
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"{'an' if dtype[0] in 'aeiou' else 'a'} {dtype} tensor of shape {tuple(value.shape)}"
+    return describe(value)

@@ -354,6 +354,32 @@ USER_CODE = {
 }
 
 
+SHAPES = """import torch
+from trainbus.kernel.spec import TrainingSpec
+
+def build(hyperparameters):
+    data = torch.utils.data.TensorDataset(torch.randn(64, 5), torch.randint(0, 3, (64,)))
+    model = torch.nn.Linear(IN, 3)
+    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=LOSS,
+                        train_loader=torch.utils.data.DataLoader(data, batch_size=16), epochs=1)
+"""
+
+
+@pytest.mark.parametrize("in_features, loss, said", [
+    (8, "torch.nn.CrossEntropyLoss()", "RuntimeError: mat1 and mat2 shapes cannot be multiplied (16x5 and 8x3) (in the "
+                                       "model's forward, given inputs a float32 tensor of shape (16, 5))"),
+    (5, "torch.nn.MSELoss()", "(in loss_fn, given outputs a float32 tensor of shape (16, 3) and targets an int64 "
+                              "tensor of shape (16,))"),
+])
+def test_an_error_in_torchs_own_modules_says_where_in_the_step_and_the_shapes(in_features, loss, said, tmp_path):
+    """A model and loss of torch's modules alone run none of the user's code: the error was torch's message with no
+    word of where it came from, or of the batch's shapes."""
+    target = tmp_path / "train.py"
+    target.write_text(SHAPES.replace("IN", str(in_features)).replace("LOSS", loss))
+    r = trainbus("run", f"{target}:build", "--plugins", "", "--runs-dir", str(tmp_path / "runs"), timeout=120)
+    assert r.returncode == 1 and said in r.stdout + r.stderr, (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("case", sorted(USER_CODE))
 def test_an_exception_in_the_users_code_shows_their_frames_then_one_line(case, tmp_path):
     source, expected, frames = USER_CODE[case]
