@@ -33,14 +33,27 @@ SEGMENT_ERRORS = (OSError, EOFError, zlib.error)  # a segment unreadable, cut sh
 # Nearly all of a long journal: the per-batch events and heartbeats.
 FREQUENT_TYPES = ev.BATCH_EVENTS | {ev.HEARTBEAT}
 
-# Every record is pack(event_to_map(event)): a map of the same keys in the same order. msgpack writes a map as
-# a header that holds only its number of entries, then each key and value, so every record begins with the same
-# bytes: that header and the first key, packed. They mark where a record may start when reading from the middle
-# of a journal. They can also stand inside a record (a string "v" in its data), so a reader that finds them
-# checks that whole, valid events follow.
-_ENVELOPE = event_to_map(Event(seq=1, run="", type="", ts=0.0, step=0, epoch=0))
-_FIRST_KEY = pack(next(iter(_ENVELOPE)))
-_RECORD_START = pack(_ENVELOPE).split(_FIRST_KEY, 1)[0] + _FIRST_KEY
+# Every record is pack(event_to_map(event)): a map of the same keys in the same order, with "n" (the counts) or
+# without it. msgpack writes a map as a header that holds only its number of entries, then each key and value, so
+# every record begins with one of two headers and then the same bytes: the first key, packed. Those mark where a
+# record may start when reading from the middle of a journal. They can also stand inside a record (a string "v"
+# in its data), so a reader that finds them checks that whole, valid events follow.
+_ENVELOPES = [pack(event_to_map(Event(seq=1, run="", type="", ts=0.0, step=0, epoch=0, n=n))) for n in (None, [0])]
+_FIRST_KEY = pack(next(iter(event_to_map(Event(seq=1, run="", type="", ts=0.0, step=0, epoch=0)))))
+_HEADERS = {envelope.split(_FIRST_KEY, 1)[0] for envelope in _ENVELOPES}  # one byte each: 8 or 9 entries
+assert all(len(h) == 1 for h in _HEADERS), _HEADERS
+
+
+def _record_start(data: bytes, begin: int = 0, end: int | None = None, last: bool = False) -> int:
+    """Where in data[begin:end] a record may start (its header, then the first key), the first one or the last;
+    -1 when none."""
+    end = len(data) if end is None else end
+    at = data.rfind(_FIRST_KEY, begin + 1, end + 1) if last else data.find(_FIRST_KEY, begin + 1, end + 1)
+    while at != -1:
+        if data[at - 1:at] in _HEADERS:
+            return at - 1
+        at = data.rfind(_FIRST_KEY, begin + 1, at) if last else data.find(_FIRST_KEY, at + 1, end + 1)
+    return -1
 
 
 # -- the journal's files -------------------------------------------------------------------------
@@ -263,13 +276,13 @@ def journal_tail(path: str | Path, max_bytes: int = TAIL_BYTES) -> list[Event]:
     start, data = end
     if start == 0:
         return list(_parse(data))
-    at, single = data.find(_RECORD_START), []
+    at, single = _record_start(data), []
     while at != -1:
         events = list(_parse(data[at:]))
         if len(events) >= 2:  # a false start inside a record does not go on as consecutive, valid events
             return events
         single = single or events
-        at = data.find(_RECORD_START, at + 1)
+        at = _record_start(data, at + 1)
     return single
 
 
@@ -282,7 +295,7 @@ def last_event_of(path: str | Path, type_: str, max_bytes: int = EPOCH_SCAN_BYTE
     _, data = end
     before = len(data)
     while (hit := data.rfind(marker, 0, before)) != -1:
-        begin = data.rfind(_RECORD_START, max(0, hit - _TYPE_KEY_REACH), hit)
+        begin = _record_start(data, max(0, hit - _TYPE_KEY_REACH), hit, last=True)
         if begin != -1:
             event = next(_parse(data[begin:begin + _RECORD_WINDOW]), None)
             if event is not None and event.type == type_:

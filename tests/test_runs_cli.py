@@ -295,6 +295,40 @@ def test_list_reads_only_the_tail_of_a_long_journal(tmp_path, monkeypatch):
     assert last_event_of(journal, "end_epoch").epoch == 1
 
 
+def test_the_end_of_a_real_journal_is_found_from_its_middle(every_status):
+    """The kernel's records carry "n" (9 keys), and the marker a read from the middle looked for was a record's
+    without it (8): every tail that began mid-file found nothing, so `runs list` had no last event of a run whose
+    journal outgrew 64 KiB, and last_event_of found no epoch at all. The synthetic journal above had no "n"."""
+    journal = every_status[0] / "a-completed" / JOURNAL_NAME
+    last = read_events(journal)[-1]
+    assert last.n is not None and journal.stat().st_size > 4096
+    for cut in (300, 1000, 4096):
+        tail = journal_tail(journal, cut)
+        assert tail and tail[-1].seq == last.seq, (cut, [e.seq for e in tail])
+    assert last_event_of(journal, "end_epoch", max_bytes=4096).epoch == 2
+
+
+def test_runs_show_says_when_a_bad_byte_hides_the_journal_after_it(every_status, tmp_path):
+    """An in-order read stops at a bad byte; `runs show` showed the run as if it had ended there, without a word."""
+    from trainbus.proto.journal_format import iter_records
+
+    run_dir = tmp_path / "a-completed"
+    shutil.copytree(every_status[0] / "a-completed", run_dir)
+    journal = run_dir / JOURNAL_NAME
+    records = list(iter_records(journal))
+    middle = records[len(records) // 2]
+    damaged = bytearray(journal.read_bytes())
+    damaged[middle[0]] = 0xc1  # a byte msgpack never uses
+    journal.write_bytes(bytes(damaged))
+    shown = subprocess.run([*trainbus_cmd(), "runs", "show", str(run_dir)], capture_output=True, text=True,
+                           timeout=60)
+    seq = middle[2]["seq"]
+    assert shown.returncode == 0 and (
+        f"trainbus: warning: the journal cannot be read past event {seq - 1}: events {seq}-{records[-1][2]['seq']} "
+        f"follow a damaged record (`trainbus run --resume` keeps their bytes beside the journal)") in shown.stderr, \
+        shown.stderr
+
+
 def test_a_continued_run_lists_the_epochs_its_last_session_planned(tmp_path):
     """`run --resume RUN --epochs 8` extends a run: its config.json says 8, while the journal's head (all that
     list reads of its start) holds only the first session's start_training_session (epochs 5)."""
