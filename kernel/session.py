@@ -43,8 +43,7 @@ from .registry import record_run
 from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers, snapshot_directories
 from .spec import SpecError, TrainingSpec, build_with_flags, error_line, user_code_error, user_trace
-from .stepping import NOTE as STEP_NOTE
-from .stepping import Stepper, SteppingError
+from .stepping import WHERE_IN_STEP, Stepper, SteppingError
 from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
 
 log = logging.getLogger("trainbus.kernel")
@@ -515,8 +514,8 @@ def close_bus(bus: Bus, run_dir: Path, sockets: Path, plugin_exit_timeout_s: flo
 def _step_note(exc: BaseException) -> str:
     """" (in the model's forward, given inputs ...)" for an exception of the forward or the loss that ran none of
     the user's code (a model of torch's modules: their frames are torch's); "" otherwise."""
-    notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str) and n.startswith(STEP_NOTE)]
-    return f" ({notes[-1].removeprefix(STEP_NOTE)})" if notes else ""
+    where = getattr(exc, WHERE_IN_STEP, None)
+    return f" ({where})" if isinstance(where, str) else ""
 
 
 def check_not_running(run_dir: Path) -> None:

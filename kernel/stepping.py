@@ -14,15 +14,16 @@ Lightning's names and meanings, so its users need not relearn them:
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .batches import BatchError, describe, floats_to
 
-# The start of the note an exception from the forward or the loss gets: where it was raised, and the shapes, which
-# torch's own message does not say (a model of torch's modules alone shows no frame of the user's code).
-NOTE = "trainbus: "
+# The attribute an exception from the forward or the loss gets: where it was raised, and the shapes, which torch's
+# own message does not say (a model of torch's modules alone shows no frame of the user's code). An attribute, not
+# a note: a note would print in every traceback, the user's own too, after their exception's line.
+WHERE_IN_STEP = "_trainbus_where_in_step"
 
 
 class SteppingError(ValueError):
@@ -83,12 +84,12 @@ class Stepper:
             try:
                 outputs = self.forward(inputs)
             except Exception as exc:
-                exc.add_note(f"{NOTE}in the model's forward, given inputs {_shape(inputs)}")
+                _mark(exc, lambda: f"in the model's forward, given inputs {_shape(inputs)}")
                 raise
             try:
                 loss = loss_fn(outputs, targets)
             except Exception as exc:
-                exc.add_note(f"{NOTE}in loss_fn, given outputs {_shape(outputs)} and targets {_shape(targets)}")
+                _mark(exc, lambda: f"in loss_fn, given outputs {_shape(outputs)} and targets {_shape(targets)}")
                 raise
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:  # numel: an attribute, no device sync
             raise BatchError(f"loss_fn returned {describe(loss)}: it must return the batch's loss as one number in a "
@@ -128,3 +129,12 @@ def _shape(value: Any) -> str:
         dtype = str(value.dtype).removeprefix("torch.")
         return f"{'an' if dtype[0] in 'aeiou' else 'a'} {dtype} tensor of shape {tuple(value.shape)}"
     return describe(value)
+
+
+def _mark(exc: BaseException, where: Callable[[], str]) -> None:
+    """Set exc's WHERE_IN_STEP, unless it has one already (the same exception object raised again)."""
+    if not hasattr(exc, WHERE_IN_STEP):
+        try:
+            setattr(exc, WHERE_IN_STEP, where())
+        except Exception:  # an exception type that takes no attributes, or a batch that cannot be described
+            pass
