@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 from typing import Any
@@ -22,6 +23,7 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')  # a line of a Pyth
 _LIBRARY_PATHS = ("/site-packages/", "/dist-packages/", "/lib/python3", "<frozen ",
                   os.path.dirname(os.path.abspath(trainbus.sdk.__file__)) + os.sep)
 WARNING_LEVELS = ("warning", "error")
+SNAPSHOTS_REMEMBERED = 64  # save_checkpoint steps kept for the checkpoint_failed that may follow each
 # rich estimates speed from the last 30 s of updates by default, which never holds two epoch ends;
 # a day's window makes the epoch ETA the run's mean pace (the batch bar is reset every epoch anyway).
 SPEED_WINDOW_S = 24 * 3600.0
@@ -59,6 +61,8 @@ class ConsolePlugin(Plugin):
         self.cut_short: str | None = None  # "8/75 batches of epoch 5": the last epoch, when a stop cut it short
         self.epoch_started_at: float | None = None
         self.skip_reasons: set[str] = set()  # each reason for skipping a checkpoint is shown once
+        # the step of each recent save_checkpoint by its seq: a checkpoint_failed comes later, at another step
+        self.snapshot_steps: collections.OrderedDict[int, int] = collections.OrderedDict()
 
     def teardown(self) -> None:
         self._stop_bars()
@@ -146,8 +150,14 @@ class ConsolePlugin(Plugin):
         data = event.data
         self._warn(f"plugin {data.get('plugin')} given up: {data.get('reason')}; see {data.get('log')}", "error")
 
+    def on_save_checkpoint(self, event: Event) -> None:
+        self.snapshot_steps[event.seq] = event.step
+        if len(self.snapshot_steps) > SNAPSHOTS_REMEMBERED:
+            self.snapshot_steps.popitem(last=False)
+
     def on_checkpoint_failed(self, event: Event) -> None:
-        self._warn(f"checkpoint at step {event.step} failed: {event.data.get('reason')}")
+        step = self.snapshot_steps.get(event.data.get("seq"), event.step)  # else: where the failure was heard
+        self._warn(f"checkpoint at step {step} failed: {event.data.get('reason')}")
 
     def on_checkpoint_skipped(self, event: Event) -> None:
         reason = str(event.data.get("reason"))

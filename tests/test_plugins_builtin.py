@@ -332,12 +332,16 @@ def test_console_shows_the_first_epochs_batch_total_and_an_eta(tmp_path, monkeyp
 
 def test_console_warns_of_failed_checkpoints_and_of_each_reason_for_skipping_once(tmp_path, capsys):
     h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
+    h.feed("save_checkpoint", step=30, reason="epoch", metrics={}, slot=0, snapshot_id=1, buffer="b", tensors=[],
+           state={})  # seq 1: the failure below names its step, not the step the failure was heard at
+    h.feed("checkpoint_failed", step=40, plugin="checkpoint", seq=1, reason="No space left on device (errno 28)")
     h.feed("checkpoint_failed", step=40, plugin="checkpoint", seq=7, reason="No space left on device (errno 28)")
     for step in (60, 80):
         h.feed("checkpoint_skipped", step=step, reason="both snapshot buffers are still being persisted")
     h.feed("checkpoint_skipped", step=100, reason="no room for a 805 MB snapshot buffer (/dev/shm: No space left on device)")
     assert capsys.readouterr().out.splitlines() == [
-        "warning: checkpoint at step 40 failed: No space left on device (errno 28)",
+        "warning: checkpoint at step 30 failed: No space left on device (errno 28)",
+        "warning: checkpoint at step 40 failed: No space left on device (errno 28)",  # one it was not sent
         "warning: checkpoint at step 60 skipped: both snapshot buffers are still being persisted (shown once)",
         "warning: checkpoint at step 100 skipped: no room for a 805 MB snapshot buffer (/dev/shm: No space left on "
         "device) (shown once)"]
