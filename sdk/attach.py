@@ -31,7 +31,7 @@ from trainbus.proto.remote import KeyFileError
 from trainbus.proto.run_state import CLIENT_PREFIX, RunState
 
 from .plugin_io import PluginIO
-from .runner import (CREDENTIAL_FILE, connection_run_dir, kernel_died, remote_endpoints, run_summary,
+from .runner import (CREDENTIAL_FILE, connection_run_dir, kernel_alive, kernel_died, remote_endpoints, run_summary,
                      skip_lost)
 
 RECONNECT_FIRST_S = 0.5  # backoff after the kernel went silent: 0.5, 1, 2, 4, 8, 8 ... (zguide's ppworker)
@@ -103,11 +103,7 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
                 raise TargetError(f"{where}: give both endpoints as EVENTS,CONTROL (only an ipc events.sock "
                                   f"names its control socket)")
             control_endpoint = events[: -len("events.sock")] + "control.sock"
-        for endpoint in (events, control_endpoint):  # what connecting would retry for minutes, said now
-            socket_path = Path(endpoint.removeprefix("ipc://"))
-            if endpoint.startswith("ipc://") and not socket_path.exists() and run_summary(socket_path.parent) is None:
-                raise TargetError(f"no socket {endpoint.removeprefix('ipc://')}: is the run still running? "
-                                  f"(`trainbus runs list` says)")
+        _check_sockets(events, control_endpoint)
         run_dir = Path(events.removeprefix("ipc://")).parent if events.startswith("ipc://") else None
         return Target(events, control_endpoint, run_dir if run_dir and (run_dir / CREDENTIAL_FILE).exists() else None,
                       bursts=_bursts_beside(events))
@@ -121,8 +117,25 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
         found = []
     if found:
         events, control_endpoint, bursts = found[-1]
+        _check_sockets(events, control_endpoint)
         return Target(events, control_endpoint, run_dir, bursts=bursts)
     raise AttachError(f"no live kernel sockets for {run_dir} (no events.sock; kernel.log names none)")
+
+
+def _check_sockets(*endpoints: str) -> None:
+    """Say now what connecting would retry for minutes in silence: an ipc socket that is not there. A run that has
+    ended is let through (attach says how it ended); a live kernel whose socket files were removed cannot be
+    reached by anyone again, and a signal is what still stops it."""
+    for endpoint in endpoints:
+        socket_path = Path(endpoint.removeprefix("ipc://"))
+        if not endpoint.startswith("ipc://") or socket_path.exists() or run_summary(socket_path.parent) is not None:
+            continue
+        pid = kernel_alive(socket_path.parent)
+        if pid is not None:
+            raise TargetError(f"no socket {socket_path}, though the run's kernel (pid {pid}) is alive: its socket "
+                              f"files were removed, so nothing can reach it; `kill -TERM {pid}` stops it as Ctrl-C "
+                              f"does")
+        raise TargetError(f"no socket {socket_path}: is the run still running? (`trainbus runs list` says)")
 
 
 def _bursts_beside(events: str) -> str:

@@ -563,6 +563,12 @@ def kernel_died(run_dir: Path | None) -> str | None:
     return None
 
 
+def kernel_alive(run_dir: Path | None) -> int | None:
+    """The pid of the run's kernel when it is known to run on this machine; None when it is gone or not known."""
+    pid = _local_kernel_pid(run_dir)
+    return pid if pid is not None and kernel_died(run_dir) is None else None
+
+
 def kernel_stopped(run_dir: Path | None) -> int | None:
     """The pid of the run's kernel when it is stopped (SIGSTOP, a debugger): it answers nothing until it runs again.
     None when it is not, or that cannot be known (not Linux, another machine, a frozen cgroup: that shows no state)."""

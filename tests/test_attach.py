@@ -273,7 +273,7 @@ def test_attach_finds_the_kernels_bursts_socket_from_every_form_of_where(tmp_pat
     one; where it has none (an older kernel), attach takes the events socket as before."""
     import zmq.auth
 
-    from trainbus.sdk.attach import target_of
+    from trainbus.sdk.attach import TargetError, target_of
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -288,13 +288,20 @@ def test_attach_finds_the_kernels_bursts_socket_from_every_form_of_where(tmp_pat
 
     deep = tmp_path / "deep"  # sockets elsewhere, named by kernel.log
     deep.mkdir()
-    line = "sockets: events ipc:///t/s/events.sock control ipc:///t/s/control.sock"
+    elsewhere = tmp_path / "s"
+    elsewhere.mkdir()
+    for name in ("events.sock", "control.sock", "bursts.sock"):
+        (elsewhere / name).touch()
+    line = f"sockets: events ipc://{elsewhere}/events.sock control ipc://{elsewhere}/control.sock"
     (deep / "kernel.log").write_text(f"{line}\n")
     assert target_of(str(deep)).bursts == ""
-    (deep / "kernel.log").write_text(f"{line} bursts ipc:///t/s/bursts.sock\n")
+    (deep / "kernel.log").write_text(f"{line} bursts ipc://{elsewhere}/bursts.sock\n")
     found = target_of(str(deep))
-    assert (found.events, found.control, found.bursts) == ("ipc:///t/s/events.sock", "ipc:///t/s/control.sock",
-                                                           "ipc:///t/s/bursts.sock")
+    assert (found.events, found.control, found.bursts) == tuple(f"ipc://{elsewhere}/{name}.sock"
+                                                                for name in ("events", "control", "bursts"))
+    (elsewhere / "events.sock").unlink()  # the sockets kernel.log names are gone: said, not connected to for minutes
+    with pytest.raises(TargetError, match=f"no socket {elsewhere}/events.sock: is the run still running"):
+        target_of(str(deep))
 
     keys = tmp_path / "keys"
     keys.mkdir()

@@ -66,6 +66,19 @@ def test_stop_a_live_run_then_delete_it(runs_dir, tmp_path, kernels):
         f"error: run {kernel.run_id} is running; stop it first with `trainbus runs stop {kernel.run_id}`"
     assert (runs_dir / "a-ended").is_dir() and kernel.run_dir.is_dir()
 
+    # its socket files gone (a cleaner of /tmp, a hand's rm): said at once, with the signal that still stops it,
+    # not minutes of connecting in silence
+    sockets = sorted(kernel.run_dir.glob("*.sock"))
+    for path in sockets:
+        path.rename(path.with_name(path.name + ".away"))
+    proc = trainbus("runs", "stop", kernel.run_id, *where)
+    assert proc.returncode == 2 and one_line(proc) == (
+        f"error: no socket {kernel.run_dir / 'events.sock'}, though the run's kernel (pid {kernel.proc.pid}) is "
+        f"alive: its socket files were removed, so nothing can reach it; `kill -TERM {kernel.proc.pid}` stops it "
+        f"as Ctrl-C does")
+    for path in sockets:  # a unix socket renamed back is the kernel's again
+        path.with_name(path.name + ".away").rename(path)
+
     proc = trainbus("runs", "stop", kernel.run_id, "--reason", "enough for today", *where)
     assert proc.returncode == 0, proc.stderr
     assert f"stop sent to run {kernel.run_id} as attach-" in proc.stdout
