@@ -48,7 +48,6 @@ PLUGIN_FIELDS = {"state": str, "reason": str, "restarts": int, "crashes": list, 
 TEXT_LISTS = ("stop_reasons", "crashes")  # shown joined: text items only
 
 SMALL_TAIL_BYTES = 64 * 1024  # an ended run's last event
-DAMAGE_LOOK_BYTES = 1024  # the journal's last few records, read on their own: are there events past a bad byte?
 STALE_S = 10.0  # no kernel.pid (a run from before there was one): heartbeats every second, or it is gone
 
 
@@ -490,12 +489,6 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
             p["undrained_acked_seq"] = undrained[name]
     for c in saved:  # the checkpoint plugin's retention (save_top_k, max_total) removes most as the run goes
         c["present"] = isinstance(c["path"], str) and os.path.isfile(c["path"])
-    if journal.is_file():  # a bad byte mid-file ends an in-order read there; the end, read on its own, goes on
-        read_to = last_record["seq"] if last_record else 0
-        ends_at = max((e.seq for e in journal_tail(journal, DAMAGE_LOOK_BYTES)), default=read_to)
-        if ends_at > read_to:
-            damage.append(f"the journal cannot be read past event {read_to}: events {read_to + 1}-{ends_at} follow "
-                          f"a damaged record (`trainbus run --resume` keeps their bytes beside the journal)")
     session = sessions[-1] if sessions else {}
     rows = [epochs[k] for k in sorted(epochs)]
     # the best of whole epochs, as the loop's (summary.json's) is: a partial epoch's validation is not comparable

@@ -26,6 +26,7 @@ TAIL_BYTES = 1024 * 1024  # where a run without a summary is now: thousands of e
 EPOCH_SCAN_BYTES = 16 * 1024 * 1024  # how far back a running run's last end_epoch is looked for, bytes only
 _TYPE_KEY_REACH = 4096  # how far a record's "type" key may be from its start: after v, seq and the run id
 _RECORD_WINDOW = 1024 * 1024  # the bytes decoded from where a record found by its bytes starts
+DAMAGE_LOOK_BYTES = 1024  # the journal's last few records, read on their own: are there events past a bad byte?
 
 SEGMENT_SUFFIX = ".gz"
 SEGMENT_ERRORS = (OSError, EOFError, zlib.error)  # a segment unreadable, cut short or garbled: what it held is lost
@@ -99,11 +100,12 @@ def _open_journal(path: str | Path) -> tuple[IO[bytes] | None, list[Segment]]:
     return f, closed_segments(active)
 
 
-def _chained(path: str | Path, records: Callable[[IO[bytes]], Iterator[dict[str, Any]]],
+def _chained(path: str | Path, records: Callable[[IO[bytes], list[int]], Iterator[dict[str, Any]]],
              damage: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """`records` of each closed segment, then of the active file, skipping seqs already read. A segment that
     cannot be read (garbled, cut short) or is missing loses only its own events: the read goes on past it, and
-    `damage` (when given) gets a line for each such loss, naming the file and the seqs."""
+    `damage` (when given) gets a line for each such loss, naming the file and the seqs. A bad record in the active
+    file ends the read there (`records` notes its offset): the events past it are named too."""
     active, segments = _open_journal(path)
     last = 0
 
@@ -120,13 +122,20 @@ def _chained(path: str | Path, records: Callable[[IO[bytes]], Iterator[dict[str,
         for segment in segments:
             try:
                 with gzip.open(segment.path, "rb") as f:
-                    yield from (r for r in records(f) if fresh(r, segment.path))
+                    yield from (r for r in records(f, []) if fresh(r, segment.path))
             except SEGMENT_ERRORS as exc:
                 if damage is not None:
                     damage.append(f"segment {segment.path.name} is unreadable after seq {last} "
                                   f"({type(exc).__name__}: {exc})")
         if active is not None:
-            yield from (r for r in records(active) if fresh(r, Path(active.name)))
+            bad: list[int] = []
+            yield from (r for r in records(active, bad) if fresh(r, Path(active.name)))
+            if bad and damage is not None:  # not a torn end (that waits for bytes): does a whole event follow?
+                ends_at = max((e.seq for e in _events_near_end(path)), default=last)
+                if ends_at > last:
+                    damage.append(f"the journal cannot be read past event {last}: events {last + 1}-{ends_at} "
+                                  f"follow a damaged record (`trainbus run --resume` keeps their bytes beside "
+                                  f"the journal)")
     finally:
         if active is not None:
             active.close()
@@ -134,9 +143,10 @@ def _chained(path: str | Path, records: Callable[[IO[bytes]], Iterator[dict[str,
 
 # -- streaming the whole journal -----------------------------------------------------------------
 
-def _valid_records(unpacker: msgpack.Unpacker,
-                   check: Callable[[Any], Any]) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """(offset, end offset, map) of the unpacker's records that `check` accepts, up to the first it does not."""
+def _valid_records(unpacker: msgpack.Unpacker, check: Callable[[Any], Any],
+                   bad: list[int] | None = None) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(offset, end offset, map) of the unpacker's records that `check` accepts, up to the first it does not
+    (whose offset goes to `bad`)."""
     while True:
         offset = unpacker.tell()
         try:
@@ -145,6 +155,8 @@ def _valid_records(unpacker: msgpack.Unpacker,
         except StopIteration:
             return  # end of file, or a torn last record (the unpacker waits for bytes that never come)
         except (ProtocolError, ValueError, msgpack.UnpackException):
+            if bad is not None:
+                bad.append(offset)
             return  # garbage after a crash: everything before it stands
         yield offset, unpacker.tell(), record
 
@@ -164,7 +176,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
 def read_journal(path: str | Path, damage: list[str] | None = None) -> Iterator[Event]:
     """Every whole event of a journal, closed segments and active file, in order; `path` is the active file or
     its run directory. `damage`: where a line goes for each stretch of events lost (_chained)."""
-    checked = lambda f: (r for _, _, r in _valid_records(_file_unpacker(f), event_from_map))  # noqa: E731
+    checked = lambda f, bad: (r for _, _, r in _valid_records(_file_unpacker(f), event_from_map, bad))  # noqa: E731
     for record in _chained(path, checked, damage):
         yield event_from_map(record)
 
@@ -188,9 +200,10 @@ def _consecutive_maps(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, A
         yield r
 
 
-def _consecutive(unpacker: msgpack.Unpacker) -> Iterator[dict[str, Any]]:
-    """The unpacker's whole, valid event maps, gap-free by seq, up to the first torn, garbled or out-of-order one."""
-    return _consecutive_maps(r for _, _, r in _valid_records(unpacker, _check_quickly))
+def _consecutive(unpacker: msgpack.Unpacker, bad: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The unpacker's whole, valid event maps, gap-free by seq, up to the first torn, garbled or out-of-order one
+    (a garbled one's offset goes to `bad`)."""
+    return _consecutive_maps(r for _, _, r in _valid_records(unpacker, _check_quickly, bad))
 
 
 def as_event(r: dict[str, Any]) -> Event:
@@ -202,7 +215,7 @@ def as_event(r: dict[str, Any]) -> Event:
 def stream_journal(path: str | Path, damage: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Every whole event map of a journal, streamed, in seq order and gap-free within each file; the frequent kinds
     checked quickly. `damage`: as read_journal's."""
-    yield from _chained(path, lambda f: _consecutive(_file_unpacker(f)), damage)
+    yield from _chained(path, lambda f, bad: _consecutive(_file_unpacker(f), bad), damage)
 
 
 # -- reading the ends of a journal ---------------------------------------------------------------
@@ -284,6 +297,20 @@ def journal_tail(path: str | Path, max_bytes: int = TAIL_BYTES) -> list[Event]:
         single = single or events
         at = _record_start(data, at + 1)
     return single
+
+
+def _events_near_end(path: str | Path, max_bytes: int = DAMAGE_LOOK_BYTES) -> list[Event]:
+    """The whole events in the journal's last max_bytes, read from each place a record may start: a bad byte among
+    them hides none of those after it (journal_tail's read from the first start stops at it)."""
+    end = _read_end(path, max_bytes)
+    if end is None:
+        return []
+    _, data = end
+    found, at = [], 0 if data[:1] in _HEADERS else _record_start(data)
+    while at != -1:
+        found.extend(_parse(data[at:]))
+        at = _record_start(data, at + 1)
+    return found
 
 
 def last_event_of(path: str | Path, type_: str, max_bytes: int = EPOCH_SCAN_BYTES) -> Event | None:

@@ -308,25 +308,30 @@ def test_the_end_of_a_real_journal_is_found_from_its_middle(every_status):
     assert last_event_of(journal, "end_epoch", max_bytes=4096).epoch == 2
 
 
-def test_runs_show_says_when_a_bad_byte_hides_the_journal_after_it(every_status, tmp_path):
-    """An in-order read stops at a bad byte; `runs show` showed the run as if it had ended there, without a word."""
+@pytest.mark.parametrize("where", ["mid-journal", "in its last records"])
+def test_runs_show_and_plot_say_when_a_bad_byte_hides_the_journal_after_it(every_status, tmp_path, where):
+    """An in-order read stops at a bad byte; `runs show` showed the run as if it had ended there, without a word,
+    and still did when the bad byte was among the last few records; `runs plot` drew up to it without one."""
     from trainbus.proto.journal_format import iter_records
 
     run_dir = tmp_path / "a-completed"
     shutil.copytree(every_status[0] / "a-completed", run_dir)
     journal = run_dir / JOURNAL_NAME
     records = list(iter_records(journal))
-    middle = records[len(records) // 2]
+    bad = records[len(records) // 2] if where == "mid-journal" else records[-3]
     damaged = bytearray(journal.read_bytes())
-    damaged[middle[0]] = 0xc1  # a byte msgpack never uses
+    damaged[bad[0]] = 0xc1  # a byte msgpack never uses
     journal.write_bytes(bytes(damaged))
+    seq = bad[2]["seq"]
+    said = (f"warning: the journal cannot be read past event {seq - 1}: events {seq}-{records[-1][2]['seq']} "
+            f"follow a damaged record (`trainbus run --resume` keeps their bytes beside the journal)")
     shown = subprocess.run([*trainbus_cmd(), "runs", "show", str(run_dir)], capture_output=True, text=True,
                            timeout=60)
-    seq = middle[2]["seq"]
-    assert shown.returncode == 0 and (
-        f"trainbus: warning: the journal cannot be read past event {seq - 1}: events {seq}-{records[-1][2]['seq']} "
-        f"follow a damaged record (`trainbus run --resume` keeps their bytes beside the journal)") in shown.stderr, \
-        shown.stderr
+    assert shown.returncode == 0 and f"trainbus: {said}" in shown.stderr, shown.stderr
+    plotted = subprocess.run([*trainbus_cmd(), "runs", "plot", str(run_dir), "--out", str(tmp_path / "plots")],
+                             capture_output=True, text=True, timeout=120)
+    assert plotted.returncode == 0 and f"trainbus: {said}; the plots leave those events out" in plotted.stderr, \
+        plotted.stderr
 
 
 def test_a_continued_run_lists_the_epochs_its_last_session_planned(tmp_path):
