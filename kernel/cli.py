@@ -25,7 +25,8 @@ from trainbus.proto.process import exit_without_teardown
 from trainbus.proto.settings_format import typed_word
 
 from .checkpointing import CheckpointError, find_checkpoint
-from .cli_common import KEYS_DIR_HELP, UserError, _attach_client, _check_plugin_settings, _wide, out
+from .cli_common import (KEYS_DIR_HELP, RUNS_DIR_OPTION, UserError, _attach_client, _check_plugin_settings, _wide, out,
+                         runs_dir_path)
 from .cli_daemon import daemon_app
 from .cli_keys import keys_app
 from .cli_plugins import plugins_app
@@ -74,7 +75,7 @@ def run(
                                                                         "for keeps its target and settings."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the number of epochs."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for every RNG (default 0)."),
-    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where run directories go (default ./runs)."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", parser=runs_dir_path, help="Where run directories go (default ./runs)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     hparam: list[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE (VALUE parsed as JSON if it can be); "
                                                        "NAME.SETTING=VALUE or plugins.NAME.settings.SETTING=VALUE "
@@ -477,7 +478,7 @@ def _run_to_continue(resume: str, runs_dir: Path) -> Path | None:
 def attach(
     run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one), a run directory, "
                                         "or ENDPOINT: ipc://DIR/events.sock, or EVENTS,CONTROL."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    runs_dir: Path = RUNS_DIR_OPTION,
     as_json: bool = typer.Option(False, "--json", help="JSON lines: the snapshot (with its seq), then every event."),
     control: bool = typer.Option(False, "--control", help="Steer from the dashboard: s stops the run, c asks for a "
                                                           "checkpoint now (each confirmed with y)."),

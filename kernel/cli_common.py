@@ -9,11 +9,24 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import typer
 from rich.console import Console
 
 from trainbus.proto.settings_format import METRIC, METRIC_FIELDS, STEP_FIELDS, template_fields
 
 KEYS_DIR_HELP = "Key directory (default $TRAINBUS_KEYS_DIR, else ~/.config/trainbus/keys)."
+
+
+def runs_dir_path(text: str) -> Path:
+    """--runs-dir's value. An empty one ("$UNSET_VARIABLE") would be the current directory: runs made, listed or
+    deleted there without a word."""
+    if not text.strip():
+        raise typer.BadParameter("is empty: name a directory, or leave --runs-dir out for ./runs")
+    return Path(text)
+
+
+RUNS_DIR_OPTION = typer.Option(Path("runs"), "--runs-dir", parser=runs_dir_path,
+                               help="Where run directories are (default ./runs).")
 
 
 class _Console(Console):

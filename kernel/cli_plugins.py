@@ -15,7 +15,7 @@ from rich.table import Table
 from trainbus.proto import DURABLE
 from trainbus.proto.settings_format import typed_word
 
-from .cli_common import UserError, _check_plugin_settings, _describe, _run_and_status, _wide
+from .cli_common import RUNS_DIR_OPTION, UserError, _check_plugin_settings, _describe, _run_and_status, _wide
 from .config import check_metric_settings, plugin_name_clashes, registered_plugins, resolve_plugin
 from .runs import CONFIG, read_json
 
@@ -65,7 +65,7 @@ def plugins_attach(
                                                              "--set NAME.SETTING=VALUE` does."),
     from_start: bool = typer.Option(False, "--from-start", help="A durable plugin handles the run from seq 1 (the "
                                                                 "journal, replayed); default: from the current seq."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    runs_dir: Path = RUNS_DIR_OPTION,
 ) -> None:
     """Start a plugin in a live run, as its owner; prints its pid. It is supervised (restarted) like the run's own."""
     from .live_plugins import installed_target
@@ -93,7 +93,7 @@ def plugins_detach(
     run: str = typer.Argument(..., help="A running run: its id (a folder of --runs-dir, or a unique start of one) or "
                                         "its directory."),
     name: str = typer.Argument(..., help="The plugin's name, as the run has it."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    runs_dir: Path = RUNS_DIR_OPTION,
 ) -> None:
     """Stop a plugin of a live run for good, as its owner: it finishes its teardown and exits (not restarted)."""
     _owner_command(_live_run_dir(run, runs_dir, f"detach {name} from"), ["detach", name])

@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from trainbus.proto import JOURNAL_NAME
 
-from .cli_common import UserError, _attach_client, _run_and_status, _wide, out
+from .cli_common import RUNS_DIR_OPTION, UserError, _attach_client, _run_and_status, _wide, out
 from .pids import process_alive
 
 runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Runs: what a runs directory holds.")
@@ -25,7 +25,7 @@ runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Runs: 
 def runs_plot(
     run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run "
                                         "directory."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    runs_dir: Path = RUNS_DIR_OPTION,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the PNGs go (default RUN_DIR/plots)."),
 ) -> None:
     """Draw a run's plots (loss, metrics, resources) from its journal alone."""
@@ -65,7 +65,7 @@ def _make_out_dir(out_dir: Path) -> None:
 
 @runs_app.command("list")
 def runs_list(
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    runs_dir: Path = RUNS_DIR_OPTION,
     as_json: bool = typer.Option(False, "--json", help="One JSON array of runs instead of a table."),
     status: Optional[str] = typer.Option(None, "--status", help="Only runs of these statuses (comma-separated)."),
     target: Optional[str] = typer.Option(None, "--target", help="Only runs whose target contains this text."),
@@ -99,7 +99,7 @@ def runs_compare(
     run_ids: Optional[list[str]] = typer.Argument(None, metavar="[RUN]...", help="Runs to compare (ids, unique "
                                                                                 "starts of ids, run directories); "
                                                                                 "default: every run."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    runs_dir: Path = RUNS_DIR_OPTION,
     as_json: bool = typer.Option(False, "--json", help="One JSON array, a run's flags and metrics each."),
 ) -> None:
     """Runs side by side, one a row: their flags, then their final (and best) metrics, as `guild compare`."""
@@ -124,7 +124,7 @@ def runs_compare(
 
 @runs_app.command("reindex")
 def runs_reindex(
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    runs_dir: Path = RUNS_DIR_OPTION,
 ) -> None:
     """Rebuild the run registry (RUNS_DIR/registry.sqlite) from the run directories, which hold the truth."""
     from . import registry, runs
@@ -146,7 +146,7 @@ def runs_reindex(
 @runs_app.command("show")
 def runs_show(
     run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run directory."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    runs_dir: Path = RUNS_DIR_OPTION,
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
 ) -> None:
     """One run in detail: status, per-epoch metrics, plugins and their state, the error, where its files are."""
@@ -183,7 +183,7 @@ def runs_stop(
     run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run "
                                         "directory."),
     reason: str = typer.Option("trainbus runs stop", "--reason", help="Why: journaled with who sent the stop."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    runs_dir: Path = RUNS_DIR_OPTION,
 ) -> None:
     """Stop a running run at its next step boundary, as `trainbus attach RUN --stop REASON` does; exits once the
     kernel journaled the stop. A run queued for the daemon is taken off the queue. A run that has ended: one
@@ -247,7 +247,7 @@ def runs_delete(
     run_ids: list[str] = typer.Argument(..., metavar="RUN...", help="Runs to delete (ids, unique starts of ids, "
                                                                     "run directories)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask (needed when stdin is not a terminal)."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    runs_dir: Path = RUNS_DIR_OPTION,
 ) -> None:
     """Delete ended runs: each run directory, with every file in it, and its row in the run registry. A running
     run, or one the daemon has queued, is refused (stop it first with `trainbus runs stop`); nothing is deleted
@@ -297,7 +297,7 @@ def runs_delete(
 def runs_resume(
     ctx: typer.Context,
     run: str = typer.Argument(..., help="Run id (or a unique start of one), or a run directory."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are (default ./runs)."),
+    runs_dir: Path = RUNS_DIR_OPTION,
     detach: bool = typer.Option(False, "--detach", help="Queue it for the daemon instead of training here."),
 ) -> None:
     """Continue a run in place from its newest verified checkpoint: `trainbus run --resume RUN`, which takes any

@@ -252,6 +252,16 @@ def test_bad_input_gets_one_clear_line_and_no_traceback(case, tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing half-started"
 
 
+@pytest.mark.parametrize("args", [["run"], ["runs", "delete", "x", "--yes"], ["daemon", "start"]])
+def test_an_empty_runs_dir_is_refused_not_taken_for_the_current_directory(args, tmp_path):
+    """`--runs-dir "$UNSET"` was the current directory: runs made, or looked for and deleted, there."""
+    r = subprocess.run([*trainbus_cmd(), *args, "--runs-dir", ""], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and \
+        "'--runs-dir': is empty: name a directory, or leave --runs-dir out for ./runs" in r.stderr, r.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_console_draws_on_a_terminal_with_tostop(tmp_path):
     """On a real terminal whose line discipline stops background writers (`stty tostop`), the console
     plugin (a background process group in the kernel's session) still draws and the run completes."""
