@@ -272,9 +272,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             error += where
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error})
     except (Exception, SystemExit) as exc:  # SystemExit: the user's sys.exit(), which would end us without a word
-        status, error = "failed", error_line(exc)
-        where, trace = user_trace(exc)
-        error += where or _step_note(exc)
+        status = "failed"
+        error, trace = _what_failed(exc)
         tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
         if ranks is not None:  # a collective failing here is mostly another rank's failure: say whose, and why
             error, tail, trace = rank_errors(run_dir, error, tail, trace, cluster.local_world_size)
@@ -347,8 +346,7 @@ def write_rank_error(run_dir: Path, rank: int, exc: BaseException, beside_rank_0
     (main_pid) lives: rank 0 failing before it made one (a port taken) is what broke this rank's collective. A
     rank of another machine does not wait: rank 0 reads its file only on a shared file system, without waiting."""
     tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
-    where, trace = user_trace(exc)
-    error = f"{error_line(exc)}{where}"
+    error, trace = _what_failed(exc)  # as rank 0 says its own: the same error on every rank is then said once
     deadline = time.monotonic() + wait_s
     while beside_rank_0 and not Path(run_dir).is_dir() and time.monotonic() < deadline and (
             main_pid is None or process_alive(main_pid, None)):
@@ -511,11 +509,13 @@ def close_bus(bus: Bus, run_dir: Path, sockets: Path, plugin_exit_timeout_s: flo
     return error
 
 
-def _step_note(exc: BaseException) -> str:
-    """" (in the model's forward, given inputs ...)" for an exception of the forward or the loss that ran none of
-    the user's code (a model of torch's modules: their frames are torch's); "" otherwise."""
-    where = getattr(exc, WHERE_IN_STEP, None)
-    return f" ({where})" if isinstance(where, str) else ""
+def _what_failed(exc: BaseException) -> tuple[str, str]:
+    """The one-line error of a failed run, and the traceback trimmed to the user's frames. The line names where in
+    the user's code; when none of it ran (a model of torch's modules: their frames are torch's), where in the step,
+    " (in the model's forward, given inputs ...)", for an exception of the forward or the loss."""
+    where, trace = user_trace(exc)
+    note = getattr(exc, WHERE_IN_STEP, None)
+    return error_line(exc) + (where or (f" ({note})" if isinstance(note, str) else "")), trace
 
 
 def check_not_running(run_dir: Path) -> None:

@@ -341,6 +341,26 @@ def test_rank_0_waits_for_every_rank_of_its_machine_to_say_what_failed(tmp_path)
     assert time.monotonic() - started < 60  # not waited out (the margin of a busy machine)
 
 
+def test_a_rank_says_where_in_the_step_its_error_came_from_as_rank_0_does(tmp_path):
+    """A model of torch's modules fed the wrong shape fails in no frame of the user's: rank 0's error says where in
+    the step; another rank's file said the bare error, so the same error on both ranks was said twice."""
+    import torch
+
+    from trainbus.kernel.session import RANK_ERROR, rank_errors, write_rank_error
+    from trainbus.kernel.stepping import Stepper
+
+    model = torch.nn.Linear(4, 2)
+    stepper = Stepper(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"))
+    try:
+        stepper.batch(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), torch.nn.functional.cross_entropy)
+    except RuntimeError as exc:
+        exc.__traceback__ = exc.__traceback__.tb_next  # as the loop meets it: this test's frame would be the user's
+        write_rank_error(tmp_path, 1, exc, beside_rank_0=False)
+    said = json.loads((tmp_path / RANK_ERROR.format(1)).read_text())["error"]
+    assert said.endswith("(in the model's forward, given inputs a float32 tensor of shape (3, 5))"), said
+    assert rank_errors(tmp_path, said, "", "", local_ranks=2)[0] == f"{said} (ranks 0, 1)"
+
+
 def test_a_rank_failing_before_rank_0_made_the_run_directory_writes_its_file_once_it_is_there(tmp_path):
     """An idle rank 1 reaches its first loss while rank 0 still makes the run directory and starts plugins: it
     waits for the directory rather than saying the error alone on its stderr; with none made, it says it."""
