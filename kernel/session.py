@@ -120,7 +120,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecError("device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
     if device.type == "cuda" and cluster.distributed:
-        device = torch.device("cuda", cluster.local_rank)  # one GPU a process, as torchrun and srun lay them out
+        device = gpu_of_rank(cluster.local_rank, cluster.local_world_size, torch.cuda.device_count())
     ranks = Ranks(cluster, device) if cluster.distributed else None
     run_id = run_id or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
     if ranks is not None:
@@ -332,6 +332,16 @@ RANK_ERROR = "rank{}.error.json"  # in the run directory: what failed on a rank 
 # already; when the same code failed on every rank each writes at once, however busy the cores (the wait ends
 # when all have); only a failure of rank 0's alone, the others waiting in a collective, waits it out.
 RANK_ERROR_WAIT_S = 10.0
+
+
+def gpu_of_rank(local_rank: int, local_ranks: int, visible: int) -> torch.device:
+    """The GPU of this machine's local_rank-th process: one a process, as torchrun and srun lay them out. More
+    processes than GPUs is one line, not CUDA's "invalid device ordinal" from deep in the first copy to it."""
+    if local_rank >= visible:
+        raise SpecError(f"{local_ranks} processes on this machine train on a GPU each, but {visible} "
+                        f"GPU{'s' * (visible != 1)} {'are' if visible != 1 else 'is'} visible: start at most "
+                        f"{visible} (--nproc {visible}), or make more visible (CUDA_VISIBLE_DEVICES)")
+    return torch.device("cuda", local_rank)
 
 
 def write_rank_error(run_dir: Path, rank: int, exc: BaseException, beside_rank_0: bool,

@@ -341,6 +341,20 @@ def test_rank_0_waits_for_every_rank_of_its_machine_to_say_what_failed(tmp_path)
     assert time.monotonic() - started < 60  # not waited out (the margin of a busy machine)
 
 
+def test_more_processes_than_gpus_is_one_line_naming_the_fix():
+    """Rank 1 of a machine with one visible GPU got cuda:1, and CUDA's "invalid device ordinal" at its first copy."""
+    import torch
+
+    from trainbus.kernel.session import gpu_of_rank
+    from trainbus.kernel.spec import SpecError
+
+    assert [gpu_of_rank(rank, 2, 2) for rank in (0, 1)] == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    with pytest.raises(SpecError) as said:
+        gpu_of_rank(1, 2, 1)
+    assert str(said.value) == ("2 processes on this machine train on a GPU each, but 1 GPU is visible: start at most "
+                               "1 (--nproc 1), or make more visible (CUDA_VISIBLE_DEVICES)")
+
+
 def test_a_rank_says_where_in_the_step_its_error_came_from_as_rank_0_does(tmp_path):
     """A model of torch's modules fed the wrong shape fails in no frame of the user's: rank 0's error says where in
     the step; another rank's file said the bare error, so the same error on both ranks was said twice."""

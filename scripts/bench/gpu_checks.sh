@@ -8,7 +8,8 @@
 # gpu, each step under a time limit so that one hang cannot eat the rest:
 #   1. tests/test_cuda.py: snapshots into pinned buffers on a side stream, no per-step host sync on the training
 #      thread (torch's sync debug mode), 16-mixed and bf16-mixed, NCCL with one rank;
-#   2. `trainbus run` on CUDA in 16-mixed (with the gpu monitor and the checkpoint plugin) and bf16-mixed;
+#   2. `trainbus run` on CUDA in 16-mixed (with the gpu monitor and the checkpoint plugin) and bf16-mixed, and
+#      --nproc 2 on the one GPU (refused in one line);
 #   3. scripts/bench/checkpoint_stall.py --device cuda: the snapshot stall vs the pinned copy, first vs later;
 #   4. scripts/bench/vs_lightning.py --device cuda: the launch-bound model (noisy: more repetitions) and the
 #      compute-bound one (steady: fewer).
@@ -40,6 +41,8 @@ step 90 "$PY" -m trainbus.kernel.cli run --device cuda --precision 16-mixed --ep
     --plugins console,metrics_log,gpu,checkpoint
 step 30 "$PY" -m trainbus.kernel.cli runs show "$(ls -t "$RUNS" | grep -v registry | head -1)" --runs-dir "$RUNS"
 step 60 "$PY" -m trainbus.kernel.cli run --device cuda --precision bf16-mixed --epochs 3 --runs-dir "$RUNS"
+# more processes than the one GPU: one line naming the fix (exit 2), not CUDA's "invalid device ordinal"
+step 90 "$PY" -m trainbus.kernel.cli run --device cuda --nproc 2 --epochs 1 --runs-dir "$RUNS" --plugins console
 # a snapshot every ~3 s (1000 steps of ~3 ms), past the persist (~2 s) and the buffers' preparation
 step 150 "$PY" scripts/bench/checkpoint_stall.py --device cuda --dir "$RUNS" --batch 16 --steps 4000 --every 1000 \
     --baseline-steps 300 --pairs 2 --overload-steps 0 --reps 5 --inline-reps 1
