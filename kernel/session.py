@@ -336,8 +336,9 @@ RANK_ERROR_WAIT_S = 10.0
 
 def gpu_of_rank(local_rank: int, local_ranks: int, visible: int) -> torch.device:
     """The GPU of this machine's local_rank-th process: one a process, as torchrun and srun lay them out. More
-    processes than GPUs is one line, not CUDA's "invalid device ordinal" from deep in the first copy to it."""
-    if local_rank >= visible:
+    processes than GPUs is one line, not CUDA's "invalid device ordinal" from deep in the first copy to it; said by
+    every process of the machine, not only those without a GPU: the others would wait for those to meet them."""
+    if local_ranks > visible:
         raise SpecError(f"{local_ranks} processes on this machine train on a GPU each, but {visible} "
                         f"GPU{'s' * (visible != 1)} {'are' if visible != 1 else 'is'} visible: start at most "
                         f"{visible} (--nproc {visible}), or make more visible (CUDA_VISIBLE_DEVICES)")

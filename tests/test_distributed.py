@@ -350,7 +350,7 @@ def test_more_processes_than_gpus_is_one_line_naming_the_fix():
 
     assert [gpu_of_rank(rank, 2, 2) for rank in (0, 1)] == [torch.device("cuda", 0), torch.device("cuda", 1)]
     with pytest.raises(SpecError) as said:
-        gpu_of_rank(1, 2, 1)
+        gpu_of_rank(0, 2, 1)  # rank 0 too: it would wait for rank 1 at their first collective
     assert str(said.value) == ("2 processes on this machine train on a GPU each, but 1 GPU is visible: start at most "
                                "1 (--nproc 1), or make more visible (CUDA_VISIBLE_DEVICES)")
 
