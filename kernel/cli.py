@@ -31,7 +31,7 @@ from .cli_daemon import daemon_app
 from .cli_keys import keys_app
 from .cli_plugins import plugins_app
 from .cli_runs import runs_app
-from .cluster import restarts_left
+from .cluster import LAUNCH_ERRORS, PeerGone, restarts_left
 from .config import (ConfigError, apply_set, check_metric_settings, check_runs_dir, config_of_run, defaults_left_out,
                      launch_of_run, load_config, plugin_name_clashes, registered_plugins, resolve_plugin)
 from .flags import FlagError
@@ -302,7 +302,7 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         _check_rdzv_endpoint(rdzv_endpoint)
     from torch.distributed.run import main as torchrun  # here: after the checks, which need no torch (seconds)
 
-    from .cluster import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID
+    from .cluster import LAUNCH, LAUNCH_RUN_ID
     from .session import new_run_id
 
     argv, words = [], iter(sys.argv[1:])
@@ -641,6 +641,11 @@ def main() -> None:
             _exit(0)  # a rank of `run --nproc`: the launcher says it once, and exits 2
         print(said, end="", file=sys.stderr)
         _exit(2)
+    except PeerGone as exc:
+        if os.environ.get(LAUNCH_ERRORS):  # under `run --nproc`: the launcher says the other rank's error, once
+            _exit(0)
+        print(f"error: {exc}", file=sys.stderr)
+        _exit(1)
     except SystemExit as exc:  # a command's own sys.exit
         _exit(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
     _exit(code if isinstance(code, int) else 0)
@@ -649,8 +654,6 @@ def main() -> None:
 def _tell_launcher(said: str) -> bool:
     """A rank of `trainbus run --nproc`: its mistake in the command (`said`) written where the launcher reads it,
     and True; then the rank exits 0 so that torchrun does not restart the group for it. False elsewhere."""
-    from .cluster import LAUNCH_ERRORS
-
     path = os.environ.get(LAUNCH_ERRORS)
     if not path:
         return False

@@ -25,7 +25,7 @@ def runs_dir_path(text: str) -> Path:
     return Path(text)
 
 
-RUNS_DIR_OPTION = typer.Option(Path("runs"), "--runs-dir", parser=runs_dir_path,
+RUNS_DIR_OPTION = typer.Option("runs", "--runs-dir", parser=runs_dir_path,
                                help="Where run directories are (default ./runs).")
 
 

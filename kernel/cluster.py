@@ -28,6 +28,11 @@ class ClusterError(ValueError):
     """The launcher's variables contradict each other; the message names them."""
 
 
+class PeerGone(Exception):
+    """A collective before the run began broke because another rank went away: that rank's own error (or its
+    exit, which the launcher reports) says why, and this rank adds nothing but a line."""
+
+
 @dataclass(frozen=True)
 class Cluster:
     kind: str  # "single", "torchelastic" or "slurm"

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
-from .cluster import Cluster
+from .cluster import Cluster, PeerGone
 from .replies import NO_CONTROL, Control
 
 AGREE_EVERY = 16  # steps between agreements on rank 0's replies
@@ -49,9 +49,16 @@ class Ranks:
         return self.rank == 0
 
     def share(self, value: Any) -> Any:
-        """Rank 0's value, on every rank (the run id, the run directory)."""
+        """Rank 0's value, on every rank (the run id, the checkpoint to resume from), as the run is set up: a rank
+        that failed meanwhile (its build raised) breaks it, which is PeerGone here, not gloo's traceback."""
         box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.host)
+        try:
+            dist.broadcast_object_list(box, src=0, group=self.host)
+        except Exception as exc:
+            if broken_by_a_peer(exc):
+                raise PeerGone(f"rank {self.rank} stopped: another rank left as the run was set up (its own "
+                               f"error says why)") from None
+            raise
         return box[0]
 
     def agree(self, control: Control) -> Control:
@@ -164,3 +171,10 @@ def distribute(spec: Any, stepper: Any, ranks: Ranks, device: torch.device, cfg:
             setattr(spec, where, shard(loader, cfg.seed, where))
     stepper.distribute(ranks.wrap(spec.model, device))
     return warnings
+
+
+def broken_by_a_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank went away: c10d's errors, gloo's transport (a RuntimeError out of
+    DDP's backward hook), NCCL's."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or "gloo/transport" in text or "NCCL" in text

@@ -30,7 +30,7 @@ from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
 from .config import ConfigError, RunConfig, check_metric_settings
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
-from .distributed import Ranks, distribute
+from .distributed import Ranks, broken_by_a_peer, distribute
 from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse, check_free
 from .limits import PeerLimits
 from .loop import Loop, pick_device, restore_weights, seed_everything
@@ -366,20 +366,13 @@ def write_rank_error(run_dir: Path, rank: int, exc: BaseException, beside_rank_0
         (Path(run_dir) / RANK_ERROR.format(rank)).write_text(
             json.dumps({"rank": rank, "error": error, "traceback": tail, "trace": trace}))
     except OSError:  # no run directory (rank 0 failed before it made one): its traceback is on its stderr instead
-        if beside_rank_0 and main_pid is not None and _broken_by_a_peer(exc) and not process_alive(main_pid, None):
+        if beside_rank_0 and main_pid is not None and broken_by_a_peer(exc) and not process_alive(main_pid, None):
             # Rank 0 failed as it set up (a port taken) and its exit broke this rank's collective: rank 0's error is
             # the one to read, and gloo's traceback of our frames here, one per rank, would bury it.
             return (f"trainbus: rank {rank} stopped: rank 0 exited before it made the run directory, which broke "
                     f"this rank's collective (rank 0's error says why)\n")
         beside_rank_0 = False
     return "" if beside_rank_0 else (trace or traceback.format_exc()) + f"error: rank {rank}: {error}\n"
-
-
-def _broken_by_a_peer(exc: BaseException) -> bool:
-    """A collective failed because another rank went away: c10d's errors, gloo's transport (a RuntimeError out of
-    DDP's backward hook), NCCL's."""
-    text = str(exc)
-    return isinstance(exc, torch.distributed.DistError) or "gloo/transport" in text or "NCCL" in text
 
 
 def read_rank_errors(run_dir: Path) -> list[dict[str, Any]]:

@@ -314,6 +314,23 @@ def test_the_same_error_on_every_rank_is_said_once_naming_the_ranks(tmp_path):
     assert json.loads(summary.read_text())["error"] == error
 
 
+def test_a_build_failing_on_one_rank_alone_is_said_once_with_the_users_frames(tmp_path):
+    """Rank 1's build raised (data only some ranks have): it told the launcher and left, and rank 0's next
+    collective broke, which printed gloo's 40-line traceback of our frames before the user's one line."""
+    target = tmp_path / "train.py"
+    target.write_text("import os\nfrom trainbus.kernel.digits import build as digits\n\n"
+                      "def build(hyperparameters):\n    if os.environ['RANK'] == '1':\n"
+                      "        raise ValueError('no data on this rank')\n    return digits(hyperparameters)\n")
+    proc = cli("run", f"{target}:build", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2",
+               "--plugins", "console", timeout=300, cwd=tmp_path)
+    both = proc.stdout + proc.stderr
+    assert proc.returncode == 2, both
+    assert both.count("Traceback") == 1 and both.count("ValueError: no data on this rank") == 2, both
+    assert both.rstrip().endswith(f"error: {target}:build raised ValueError: no data on this rank (in your code: "
+                                  f"{target}, line 6)"), both
+    assert "gloo" not in both and "kernel/" not in both, both
+
+
 def test_rank_0_waits_for_every_rank_of_its_machine_to_say_what_failed(tmp_path):
     """Beside busy cores a rank failing at the same step as rank 0 may write its file seconds later: rank 0 waits
     for each rank of its machine, not for the first file nor for a fixed time; a machine of its own, no wait."""
