@@ -312,11 +312,13 @@ def test_plugin_exiting_at_start_backs_off_then_is_failed_and_training_completes
 
 @pytest.mark.slow
 def test_best_effort_plugin_exiting_at_start_is_failed_while_training_goes_on(tmp_path):
-    cfg = run_config(tmp_path / "runs", [plugin("exiter", "ExitAtStart")], epochs=2, target=PACED, batch_size=16,
-                     step_sleep_s=0.075)  # ~14 s of training; the schedule takes ~10 s
+    # ~28 s of training, paced by sleeps; the schedule takes ~10 s of backoff plus a start per try, seconds each on
+    # busy cores (14 s of training was once too short for it there)
+    cfg = run_config(tmp_path / "runs", [plugin("exiter", "ExitAtStart")], epochs=4, target=PACED, batch_size=16,
+                     step_sleep_s=0.075)
     result = run_training(cfg)
 
-    assert result.status == "completed" and result.outcome["epochs_completed"] == 2
+    assert result.status == "completed" and result.outcome["epochs_completed"] == 4
     assert result.plugins["exiter"]["state"] == "failed"
     events = read_events(result.run_dir)
     check_backoff_then_failed(events, "exiter")
