@@ -10,8 +10,10 @@ hyperparameters as one dict, as before flags existed: any `NAME=VALUE` goes into
 
 from __future__ import annotations
 
+import enum
 import inspect
 import json
+import pathlib
 import re
 import types
 import typing
@@ -34,15 +36,20 @@ class FlagError(SpecError):
 @dataclass(frozen=True)
 class Flag:
     name: str
-    type: type | None  # one of TYPES; None: any (JSON if it parses, else the text)
+    # one of TYPES, a pathlib class or an Enum class (what argparse's `type=Path` and typer's enums give a
+    # function: text where it expects a Path breaks on `data_dir / "x"`); None: any (JSON if it parses, else the text)
+    type: type | None
     default: Any = REQUIRED
     help: str = ""
     optional: bool = False  # annotated `X | None`: "none" or "null" gives None
+    # Literal[...]'s values, or an Enum's members: Guild's `choices`; any other value is refused, not trained with
+    choices: tuple[Any, ...] = ()
 
     def describe(self) -> str:
-        kind = self.type.__name__ if self.type else "any"
         value = "required" if self.default is REQUIRED else f"default {_text(self.default)}"
-        return f"{self.name} ({kind}{' or none' if self.optional else ''}, {value})"
+        kind = "one of " + ", ".join(_text(c) for c in self.choices) if self.choices else _kind(self.type)
+        # a list of choices has commas of its own: a semicolon says where it ends
+        return f"{self.name} ({kind}{' or none' if self.optional else ''}{';' if self.choices else ','} {value})"
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,8 @@ def parse_words(sig: Signature, words: list[str], target: str) -> dict[str, Any]
         if name in values:  # a typo of another, or an edited command line: which one was meant is not ours to guess
             given = next(w for w in words if w.partition("=")[0] == name)
             raise FlagError(f"flag {name!r} given twice ({given} and {word}): give it once")
-        values[name] = _parse(flag, text, target, sig) if flag else _json_or_text(text)
+        # plain: the words become the run's hyperparameters, which are recorded and queued as JSON (a path as text)
+        values[name] = plain(_parse(flag, text, target, sig)) if flag else _json_or_text(text)
     return values
 
 
@@ -130,7 +138,8 @@ def help_text(func: Callable[..., Any], sig: Signature, target: str) -> str:
     if not sig.flags:
         lines.append(f"{target} takes no flags.")
         return "\n".join(lines)
-    rows = [(f.name, (f.type.__name__ if f.type else "any") + ("|none" if f.optional else ""),
+    rows = [(f.name, ("{" + ",".join(_text(c) for c in f.choices) + "}" if f.choices else _kind(f.type))
+             + ("|none" if f.optional else ""),
              "(required)" if f.default is REQUIRED else _text(f.default), f.help) for f in sig.flags]
     widths = [max(len(r[i]) for r in rows + [("flag", "type", "default", "")]) for i in range(3)]
     lines.append("flags:")
@@ -179,21 +188,58 @@ def docstring_help(doc: str) -> dict[str, str]:
 
 
 def _flag(p: inspect.Parameter, help_: str) -> Flag:
-    kind, optional = _type_of(p.annotation)
-    if kind is None and p.default is not REQUIRED and type(p.default) in TYPES:
+    kind, optional, choices = _type_of(p.annotation)
+    if kind is None and not choices and p.default is not REQUIRED and (
+            type(p.default) in TYPES or _is_enum(type(p.default)) or isinstance(p.default, pathlib.PurePath)):
         kind = type(p.default)
-    return Flag(p.name, kind, p.default, help_, optional or (p.default is None and kind is not None))
+        choices = tuple(kind) if _is_enum(kind) else ()
+    return Flag(p.name, kind, p.default, help_, optional or (p.default is None and kind is not None), choices)
 
 
-def _type_of(annotation: Any) -> tuple[type | None, bool]:
-    """(one of TYPES or None, whether None is allowed) for an annotation: float, `int | None`, Optional[str]."""
-    if annotation in TYPES:
-        return annotation, False
+def _type_of(annotation: Any) -> tuple[type | None, bool, tuple[Any, ...]]:
+    """(one of TYPES, a path or Enum class, or None; whether None is allowed; the values allowed, () for any) for an
+    annotation: float, `int | None`, Optional[str], Path, an Enum, Literal["adam", "sgd"]."""
+    if annotation in TYPES or _is_path(annotation):
+        return annotation, False, ()
+    if _is_enum(annotation):
+        return annotation, False, tuple(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        values = typing.get_args(annotation)
+        allowed = tuple(v for v in values if v is not None)
+        kinds = {type(v) for v in allowed}
+        kind = kinds.pop() if len(kinds) == 1 and kinds <= set(TYPES) else float if kinds == {int, float} else None
+        if kind is float:  # Literal[1, 2.5]: numbers, as a float flag takes an integer
+            allowed = tuple(float(v) for v in allowed)
+        return kind, len(allowed) < len(values), allowed
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1 and args[0] in TYPES:
-            return args[0], len(args) < len(typing.get_args(annotation))
-    return None, False
+        if len(args) == 1:
+            kind, _, choices = _type_of(args[0])
+            if kind is not None or choices:
+                return kind, len(args) < len(typing.get_args(annotation)), choices
+    return None, False, ()
+
+
+def _is_enum(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, enum.Enum)
+
+
+def _is_path(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, pathlib.PurePath)
+
+
+def _kind(kind: type | None) -> str:
+    return "any" if kind is None else "path" if _is_path(kind) else kind.__name__
+
+
+def plain(value: Any) -> Any:
+    """A flag's value as the records carry it (config.json, the registry, events): a path as its text, an Enum
+    member as its value (its name when the value is no JSON scalar); each is read back into its type."""
+    if isinstance(value, enum.Enum):
+        return value.value if isinstance(value.value, (str, int, float, bool)) else value.name
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    return value
 
 
 def _is_dict(annotation: Any) -> bool:
@@ -207,14 +253,35 @@ def _parse(flag: Flag, text: str, target: str, sig: Signature) -> Any:
     try:
         if flag.type is bool:
             if text.lower() in TRUE_WORDS + FALSE_WORDS:
-                return text.lower() in TRUE_WORDS
+                return _chosen(flag, text.lower() in TRUE_WORDS, text, target, sig)
             raise ValueError
         if flag.type in (int, float):
+            return _chosen(flag, flag.type(text), text, target, sig)
+        if _is_enum(flag.type):
+            return _member(flag.type, text)
+        if _is_path(flag.type):
             return flag.type(text)
     except ValueError:
-        raise FlagError(f"flag {flag.name}: {text!r} is not {_a(flag.type)}; flags of {target}: "
+        raise FlagError(f"flag {flag.name}: {text!r} is not {_a(flag)}; flags of {target}: "
                         f"{sig.known()}", flag=flag.name) from None
-    return text if flag.type is str else _json_or_text(text)
+    return _chosen(flag, text if flag.type is str else _json_or_text(text), text, target, sig)
+
+
+def _member(kind: type[enum.Enum], text: str) -> enum.Enum:
+    """The Enum member `text` names: by name, as typer's enums are given, or by its value (what the records hold)."""
+    for match in (lambda m: m.name == text, lambda m: str(plain(m)) == text, lambda m: m.name.lower() == text.lower()):
+        found = [m for m in kind if match(m)]
+        if found:
+            return found[0]
+    raise ValueError(text)
+
+
+def _chosen(flag: Flag, value: Any, given: Any, target: str, sig: Signature) -> Any:
+    """The value, when the flag takes any or it is one of its choices (Literal's: the type counts, True is not 1)."""
+    if not flag.choices or any(type(value) is type(c) and value == c for c in flag.choices):
+        return value
+    shown = repr(given) if isinstance(given, str) else _text(given)  # as the other parse errors show the text
+    raise FlagError(f"flag {flag.name}: {shown} is not {_a(flag)}; flags of {target}: {sig.known()}", flag=flag.name)
 
 
 def _check(flag: Flag, value: Any, target: str, sig: Signature) -> Any:
@@ -223,16 +290,27 @@ def _check(flag: Flag, value: Any, target: str, sig: Signature) -> Any:
         return None
     if isinstance(value, str) and flag.type not in (str, None):
         return _parse(flag, value, target, sig)
-    if flag.type is None or (isinstance(value, flag.type) and not (flag.type is int and isinstance(value, bool))):
-        return value
-    if flag.type is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    raise FlagError(f"flag {flag.name}: {_text(value)} is not {_a(flag.type)}; flags of {target}: {sig.known()}",
+    if _is_enum(flag.type):  # a member, or a member's value (an IntEnum's number in a config file)
+        found = [m for m in flag.type if m is value or (type(plain(m)) is type(value) and plain(m) == value)]
+        if found:
+            return found[0]
+    elif _is_path(flag.type):
+        if isinstance(value, pathlib.PurePath):
+            return flag.type(value)
+    elif flag.type is None or (isinstance(value, flag.type) and not (flag.type is int and isinstance(value, bool))):
+        return _chosen(flag, value, value, target, sig)
+    elif flag.type is float and isinstance(value, int) and not isinstance(value, bool):
+        return _chosen(flag, float(value), value, target, sig)
+    raise FlagError(f"flag {flag.name}: {_text(value)} is not {_a(flag)}; flags of {target}: {sig.known()}",
                     flag=flag.name)
 
 
-def _a(kind: type | None) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, "valid")
+def _a(flag: Flag) -> str:
+    if flag.choices:
+        return "one of " + ", ".join(_text(c) for c in flag.choices)
+    if _is_path(flag.type):
+        return "a path"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(flag.type, "valid")
 
 
 def _json_or_text(text: str) -> Any:
@@ -243,4 +321,5 @@ def _json_or_text(text: str) -> Any:
 
 
 def _text(value: Any) -> str:
+    value = plain(value)
     return value if isinstance(value, str) else json.dumps(value, default=str)

@@ -197,7 +197,8 @@ def build_spec(target: str, hyperparameters: dict[str, Any]) -> TrainingSpec:
 
 def build_with_flags(target: str, hyperparameters: dict[str, Any],
                      epochs: int | None = None) -> tuple[TrainingSpec, dict[str, Any]]:
-    """build_spec, and the arguments the function was called with (its flags, defaults filled in: kernel/flags.py).
+    """build_spec, and the arguments the function was called with (its flags, defaults filled in: kernel/flags.py),
+    as recorded (flags.plain).
 
     epochs: `--epochs` (or a resumed run's), also the function's `epochs` flag when it has one: it builds for the
     epochs that train, and its recorded flags say them (they said its default beside fewer epochs trained).
@@ -218,9 +219,11 @@ def build_with_flags(target: str, hyperparameters: dict[str, Any],
     if not isinstance(spec, TrainingSpec):
         raise SpecError(f"{target} returned {type(spec).__name__}; it must return trainbus.kernel.TrainingSpec")
     spec.check()
+    # as the records carry them (a Path flag as its text, an Enum's as its value), and a resume reads them back
+    recorded = {name: flags.plain(value) for name, value in arguments.items()}
     if not signature.takes_dict:  # build(lr=..., epochs=...) seldom restates its flags: they are what it trained with
-        spec.hyperparameters = {**{name: _plain(value) for name, value in arguments.items()}, **spec.hyperparameters}
-    return spec, arguments
+        spec.hyperparameters = {**{name: _plain(value) for name, value in recorded.items()}, **spec.hyperparameters}
+    return spec, recorded
 
 
 def _plain(value: Any) -> Any:

@@ -372,3 +372,80 @@ def test_a_mistake_in_a_config_files_hyperparameters_names_the_file(train_py, tm
     config.write_text(f'[run]\nruns_dir = "{tmp_path / "runs"}"\n[hyperparameters]\nlrr = 0.1\n')  # the demo
     assert said().endswith(f"(lrr is set in {config}'s [hyperparameters])")
     assert not (tmp_path / "runs").exists()
+
+
+CHOICES_TRAIN = '''
+import enum
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from trainbus.kernel import TrainingSpec
+
+
+class Opt(enum.Enum):
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+def build(act: Literal["relu", "tanh"] = "relu", data_dir: Path = Path("data"), opt: Opt = Opt.SGD,
+          width: Optional[Literal[2, 4]] = None):
+    # what argparse's type=Path and typer's enums gave this code; a str here breaks on `data_dir / "x"`
+    assert isinstance(data_dir, Path) and isinstance(opt, Opt), (data_dir, opt)
+    model = torch.nn.Linear(2, 1)
+    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        loss_fn=lambda out, y: (out - y).pow(2).mean(),
+                        train_loader=[(torch.ones(2, 2), torch.ones(2, 1))])
+'''
+
+
+def test_literal_enum_and_path_flags_take_their_values_and_refuse_others(tmp_path):
+    """A Guild user's choices: `act: Literal["relu", "tanh"]` took act=sigmoid without a word (the function's
+    else branch trained tanh), and a `Path` or Enum flag reached the function as text, which broke in the user's
+    code (`'str' / 'str'`). Now a value outside the choices is one line naming them, a Path flag is a Path and an
+    Enum's is its member (by name or value), and the records hold their plain values, read back on a resume."""
+    ns: dict = {}
+    exec(compile(CHOICES_TRAIN, "choices.py", "exec"), ns)  # noqa: S102 -- the spec file's own source
+    import enum
+
+    sig = signature_of(ns["build"])
+    flags = {f.name: f for f in sig.flags}
+    assert flags["act"].choices == ("relu", "tanh") and flags["act"].type is str
+    assert flags["width"].choices == (2, 4) and flags["width"].optional
+    assert parse_words(sig, ["act=tanh", "data_dir=/tmp/x", "opt=ADAM", "width=4"], "t") == {
+        "act": "tanh", "data_dir": "/tmp/x", "opt": "adam", "width": 4}  # plain: they are queued and recorded
+    resolved = resolve(sig, {"data_dir": "/tmp/x", "opt": "adam", "width": None}, "t")
+    assert resolved["data_dir"] == Path("/tmp/x") and resolved["opt"] is ns["Opt"].ADAM and resolved["act"] == "relu"
+    assert isinstance(resolved["opt"], enum.Enum)
+    for words, expected in ((["act=sigmoid"], "flag act: 'sigmoid' is not one of relu, tanh; flags of t: "
+                                              "act (one of relu, tanh; default relu), data_dir (path, default data), "
+                                              "opt (one of sgd, adam; default sgd), width (one of 2, 4 or none; "
+                                              "default null)"),
+                            (["opt=rmsprop"], "flag opt: 'rmsprop' is not one of sgd, adam;"),
+                            (["width=3"], "flag width: '3' is not one of 2, 4;")):
+        with pytest.raises(FlagError) as caught:
+            parse_words(sig, words, "t")
+        assert str(caught.value).startswith(expected), str(caught.value)
+    with pytest.raises(FlagError, match="flag act: 'gelu' is not one of relu, tanh"):
+        resolve(sig, {"act": "gelu"}, "t")  # a config file's value
+    with pytest.raises(FlagError, match="flag data_dir: 3 is not a path"):
+        resolve(sig, {"data_dir": 3}, "t")
+    lines = help_text(ns["build"], sig, "t").splitlines()
+    rows = {line.split()[0]: line.split()[:3] for line in lines[lines.index("flags:") + 2:]}
+    assert rows["act"] == ["act", "{relu,tanh}", "relu"] and rows["data_dir"] == ["data_dir", "path", "data"]
+    assert rows["opt"] == ["opt", "{sgd,adam}", "sgd"] and rows["width"] == ["width", "{2,4}|none", "null"]
+
+    (tmp_path / "choices.py").write_text(CHOICES_TRAIN)
+    runs_dir = tmp_path / "runs"
+    r = trainbus("run", f"{tmp_path / 'choices.py'}:build", "act=sigmoid", "--plugins", "", "--runs-dir", str(runs_dir))
+    assert r.returncode == 2 and r.stderr.startswith("error: flag act: 'sigmoid' is not one of relu, tanh;"), r.stderr
+    assert not runs_dir.exists()
+    r = trainbus("run", f"{tmp_path / 'choices.py'}:build", "opt=adam", "data_dir=/tmp/d", "--plugins", "checkpoint",
+                 "--runs-dir", str(runs_dir), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    (run_dir,) = [p for p in runs_dir.iterdir() if p.is_dir()]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["flags"] == {"act": "relu", "data_dir": "/tmp/d", "opt": "adam", "width": None}, config["flags"]
+    r = trainbus("run", "--resume", run_dir.name, "--epochs", "2", "--runs-dir", str(runs_dir))  # read back as typed
+    assert r.returncode == 0, r.stderr
