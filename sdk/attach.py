@@ -103,7 +103,7 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
                 raise TargetError(f"{where}: give both endpoints as EVENTS,CONTROL (only an ipc events.sock "
                                   f"names its control socket)")
             control_endpoint = events[: -len("events.sock")] + "control.sock"
-        _check_sockets(events, control_endpoint)
+        _check_sockets(None, events, control_endpoint)
         run_dir = Path(events.removeprefix("ipc://")).parent if events.startswith("ipc://") else None
         return Target(events, control_endpoint, run_dir if run_dir and (run_dir / CREDENTIAL_FILE).exists() else None,
                       bursts=_bursts_beside(events))
@@ -117,20 +117,22 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
         found = []
     if found:
         events, control_endpoint, bursts = found[-1]
-        _check_sockets(events, control_endpoint)
+        _check_sockets(run_dir, events, control_endpoint)
         return Target(events, control_endpoint, run_dir, bursts=bursts)
     raise AttachError(f"no live kernel sockets for {run_dir} (no events.sock; kernel.log names none)")
 
 
-def _check_sockets(*endpoints: str) -> None:
+def _check_sockets(run_dir: Path | None, *endpoints: str) -> None:
     """Say now what connecting would retry for minutes in silence: an ipc socket that is not there. A run that has
     ended is let through (attach says how it ended); a live kernel whose socket files were removed cannot be
-    reached by anyone again, and a signal is what still stops it."""
+    reached by anyone again, and a signal is what still stops it. run_dir: the run's, when the sockets are not in
+    it (a directory too deep for a socket path); else the sockets' own."""
     for endpoint in endpoints:
         socket_path = Path(endpoint.removeprefix("ipc://"))
-        if not endpoint.startswith("ipc://") or socket_path.exists() or run_summary(socket_path.parent) is not None:
+        where = run_dir or socket_path.parent
+        if not endpoint.startswith("ipc://") or socket_path.exists() or run_summary(where) is not None:
             continue
-        pid = kernel_alive(socket_path.parent)
+        pid = kernel_alive(where)
         if pid is not None:
             raise TargetError(f"no socket {socket_path}, though the run's kernel (pid {pid}) is alive: its socket "
                               f"files were removed, so nothing can reach it; `kill -TERM {pid}` stops it as Ctrl-C "
