@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any
+import threading
+import time
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,54 @@ from .replies import NO_CONTROL, Control
 
 AGREE_EVERY = 16  # steps between agreements on rank 0's replies
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long for a rank (a slow validation, a vote)
+WAITING_SAID_AFTER_S = 10.0  # a rank still waiting for the others this long says so, once
+
+
+class GroupInterrupted(Exception):
+    """Ctrl-C or SIGTERM while this rank waited for the others to join: nothing was made."""
+
+
+def join_group(cluster: Cluster, device: torch.device, interrupted: Callable[[], bool],
+               say: Callable[[str], None]) -> "Ranks":
+    """Ranks(cluster, device), waited for on a thread of its own.
+
+    The rendezvous blocks in C++ until every rank has joined (up to TIMEOUT, 30 min), where Python runs no signal
+    handler: a batch script's `trainbus run` under `sbatch --ntasks 2` without srun (one task, waiting for a second
+    that never starts) sat there silent, deaf to Ctrl-C, SIGTERM and `timeout`. Here the main thread keeps
+    handling signals: `interrupted()` true (the first Ctrl-C or SIGTERM) raises GroupInterrupted; and a wait past
+    WAITING_SAID_AFTER_S is said once, with what the ranks are waiting for."""
+    box: dict[str, Any] = {}
+
+    def join() -> None:
+        try:
+            box["ranks"] = Ranks(cluster, device)
+        except BaseException as exc:  # noqa: BLE001 -- raised again on the main thread, which reports it
+            box["error"] = exc
+
+    # a daemon: a rank interrupted while the others never came exits without this thread's wait ending
+    thread = threading.Thread(target=join, name="trainbus-rendezvous", daemon=True)
+    thread.start()
+    started, said = time.monotonic(), False
+    while thread.is_alive():
+        thread.join(0.1)
+        if interrupted():
+            raise GroupInterrupted(f"rank {cluster.rank} of {cluster.world_size} was still waiting for the other "
+                                   f"ranks at {cluster.main_address}:{cluster.main_port}")
+        if not said and time.monotonic() - started > WAITING_SAID_AFTER_S:
+            said = True
+            say(_waiting_line(cluster, time.monotonic() - started))
+    if "error" in box:
+        raise box["error"]
+    return box["ranks"]
+
+
+def _waiting_line(cluster: Cluster, waited_s: float) -> str:
+    line = (f"rank {cluster.rank} of {cluster.world_size} ({cluster.kind}) has waited {waited_s:.0f} s for the other "
+            f"ranks to join at {cluster.main_address}:{cluster.main_port}")
+    if cluster.kind == "slurm":  # the likely cause: a batch script that runs one task where its allocation has more
+        line += (f"; SLURM_NTASKS is {cluster.world_size}: start one task a rank with srun (`srun trainbus run ...`), "
+                 f"or run one process with --ntasks 1")
+    return line + "; Ctrl-C stops it"
 
 
 class Ranks:

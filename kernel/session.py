@@ -30,7 +30,7 @@ from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
 from .config import ConfigError, RunConfig, check_metric_settings
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
-from .distributed import Ranks, broken_by_a_peer, distribute
+from .distributed import GroupInterrupted, Ranks, broken_by_a_peer, distribute, join_group
 from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse, check_free
 from .limits import PeerLimits
 from .loop import Loop, pick_device, restore_weights, seed_everything
@@ -121,7 +121,15 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         raise SpecError("device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
     if device.type == "cuda" and cluster.distributed:
         device = gpu_of_rank(cluster.local_rank, cluster.local_world_size, torch.cuda.device_count())
-    ranks = Ranks(cluster, device) if cluster.distributed else None
+    ranks = None
+    if cluster.distributed:
+        interrupts.joining = True
+        try:
+            ranks = join_group(cluster, device, lambda: interrupts.count > 0, announce)
+        except GroupInterrupted as exc:
+            raise InterruptedBeforeStart(f"{interrupts.first}: {exc}; nothing was made") from None
+        finally:
+            interrupts.joining = False
     run_id = run_id or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
     if ranks is not None:
         run_id, ranks.main_pid = ranks.share((run_id, os.getpid()))  # rank 0's: one run, one directory
@@ -661,6 +669,7 @@ class _Interrupts:
         self.last = ""  # the latest one's: what a run ended at once says
         self.started = False  # the run began (its directory and plugins exist): before, a first one stops the setup
         self.closing = False  # training is over: a second Ctrl-C now hurries the shutdown instead of raising
+        self.joining = False  # waiting for the other ranks (distributed.join_group): the first one ends that wait
         self._previous: dict[int, Any] = {}
         if install and threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
@@ -674,6 +683,8 @@ class _Interrupts:
             if signum == signal.SIGTERM and os.environ.get(LAUNCH):
                 # `run --nproc`'s torchrun ends the group so when any rank exits (a failure, which is said with the
                 # run's end) as well as when it is itself stopped: the run's last line says which it was
+                return
+            if self.joining:  # join_group stops waiting at once, and the line that says so follows
                 return
             message = ("training is over; the plugins are finishing (the last checkpoint, logs)" if self.closing
                        else "stopping at the next batch boundary" if self.started

@@ -506,3 +506,31 @@ def test_shard_keeps_the_kind_of_sampler_and_leaves_a_stream_alone(tmp_path):
         assert shard([1, 2], 0, "x") == [1, 2] and "not a DataLoader" in unshardable([1, 2])
     finally:
         dist.destroy_process_group()
+
+
+def test_a_rank_waiting_for_ranks_that_never_come_says_so_and_stops_on_sigterm(tmp_path):
+    """`trainbus run` in a batch script of `sbatch --ntasks 2` without srun: one task of two, whose rendezvous waits
+    in C++ (30 min) for a rank that never starts. It sat there without a word, and no signal reached its handler:
+    SIGTERM, Ctrl-C and `timeout` did nothing. Now it says after a while what it waits for (and, under SLURM, the
+    srun it lacks), and a SIGTERM ends it at once: exit 130, one line, nothing made."""
+    from kernel_process import Command
+
+    runs = tmp_path / "runs"
+    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost",
+           "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "job.sh", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = Command("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--device", "cpu", "--runs-dir", str(runs), "--plugins",
+                   "", env=env)
+    try:
+        wait_until(lambda: proc.stderr_path.is_file() and "for the other ranks to join" in proc.stderr_path.read_text(),
+                   120, "the line saying what the rank waits for", poll_s=0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    waiting, stopped = err.strip().splitlines()
+    assert waiting.startswith("trainbus: rank 0 of 2 (slurm) has waited ") and "`srun trainbus run ...`" in waiting
+    assert stopped == (f"trainbus: SIGTERM: rank 0 of 2 was still waiting for the other ranks at "
+                       f"127.0.0.1:{env['MASTER_PORT']}; nothing was made"), err
+    assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
