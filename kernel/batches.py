@@ -26,7 +26,18 @@ def split(batch: Any, unpack: Callable[[Any], Any] | None, where: str) -> tuple[
     if unpack is not None:
         raise BatchError(f"unpack_batch returned {what} for a batch of {where}; it must return (inputs, targets)")
     raise BatchError(f"a batch of {where} is {what}, not (inputs, targets): give TrainingSpec(unpack_batch=...) "
-                     f"a function that splits it, e.g. unpack_batch=lambda batch: (batch['x'], batch['y'])")
+                     f"a function that splits it, e.g. unpack_batch=lambda batch: {_example(pair)}")
+
+
+def _example(batch: Any) -> str:
+    """An unpack_batch body for this batch's shape: by index for a sequence, by its own keys for a dict (a list's
+    batch told to use batch['x'] fails with a TypeError of its own)."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 2:
+        return "(batch[0], batch[1])"
+    if isinstance(batch, dict) and len(batch) >= 2 and all(isinstance(k, str) for k in batch):
+        first, second = list(batch)[:2]
+        return f"(batch[{first!r}], batch[{second!r}])"
+    return "(batch['x'], batch['y'])"
 
 
 def describe(value: Any) -> str:

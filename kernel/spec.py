@@ -98,6 +98,14 @@ class TrainingSpec:
             if (loader is not None or name == "train_loader") and not hasattr(loader, "__iter__"):
                 raise SpecError(f"TrainingSpec.{name} must be iterable (a torch DataLoader, or any re-iterable of "
                                 f"batches), got {type(loader).__name__}")
+            several = list(loader.values()) if isinstance(loader, dict) else loader
+            if isinstance(several, (list, tuple)) and several and all(
+                    isinstance(item, torch.utils.data.DataLoader) for item in several):
+                # Lightning's several loaders (a list or dict from val_dataloader): taken for one loader, each
+                # DataLoader was a "batch", failing at the first validation, an epoch in, with advice that did not fit
+                raise SpecError(f"TrainingSpec.{name} is a {type(loader).__name__} of {len(several)} DataLoaders; it "
+                                f"takes one loader: give one, or one over their datasets together "
+                                f"(torch.utils.data.ConcatDataset([...]))")
         if not isinstance(self.metrics, dict) or not all(
                 isinstance(k, str) and callable(f) for k, f in self.metrics.items()):
             raise SpecError("TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, "

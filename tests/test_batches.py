@@ -94,6 +94,18 @@ def test_a_batch_that_is_not_a_pair_names_what_it_is_and_unpack_batch():
         run(spec(DataLoader(TensorDataset(x, y, y), batch_size=BATCH)))
 
 
+def test_the_unpack_batch_example_fits_the_batch():
+    """A list batch was told `unpack_batch=lambda batch: (batch['x'], batch['y'])`, which fails on a list with a
+    TypeError of its own; a dict batch is shown its own keys."""
+    x, y = data()
+    with pytest.raises(BatchError) as raised:
+        run(spec(DataLoader(TensorDataset(x, y, y), batch_size=BATCH)))
+    assert str(raised.value).endswith("e.g. unpack_batch=lambda batch: (batch[0], batch[1])"), raised.value
+    with pytest.raises(BatchError) as raised:
+        run(spec(DataLoader(DictSet(), batch_size=BATCH)))
+    assert str(raised.value).endswith("e.g. unpack_batch=lambda batch: (batch['image'], batch['label'])"), raised.value
+
+
 @pytest.mark.parametrize("returned, said", [
     (lambda out, y: (out.argmax(1) == y).float(), "returned one tensor of shape (8,)"),  # per sample
     (lambda out, y: None, "returned a NoneType"),
@@ -172,6 +184,14 @@ def test_schedulers_step_per_epoch_per_step_or_on_a_plateau_and_each_epoch_repor
      "TrainingSpec.train_loader must be iterable (a torch DataLoader, or any re-iterable of batches), got NoneType"),
     (lambda s: setattr(s, "validation_loader", 5),
      "TrainingSpec.validation_loader must be iterable (a torch DataLoader, or any re-iterable of batches), got int"),
+    # Lightning's several validation loaders: each DataLoader was taken for a batch, an epoch in, and the error
+    # suggested unpack_batch, which cannot help
+    (lambda s: setattr(s, "validation_loader", [s.train_loader, s.train_loader]),
+     "TrainingSpec.validation_loader is a list of 2 DataLoaders; it takes one loader: give one, or one over their "
+     "datasets together (torch.utils.data.ConcatDataset([...]))"),
+    (lambda s: setattr(s, "train_loader", {"a": s.train_loader, "b": s.train_loader}),
+     "TrainingSpec.train_loader is a dict of 2 DataLoaders; it takes one loader: give one, or one over their "
+     "datasets together (torch.utils.data.ConcatDataset([...]))"),
     (lambda s: setattr(s, "metrics", [lambda o, t: 1.0]),
      "TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, got list"),
     (lambda s: setattr(s, "metrics", {"acc": 0.5}),
