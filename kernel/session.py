@@ -22,6 +22,7 @@ import torch
 from trainbus.proto import JOURNAL_NAME, events as ev
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
 from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir, write_connection_file
+from trainbus.proto.text import printable
 
 from .bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
 from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_checkpoints, load_checkpoint,
@@ -750,10 +751,19 @@ class _QuietFileHandler(logging.FileHandler):
             self.failed_writes += 1
 
 
+class _OneRecordALine(logging.Formatter):
+    """A record's control characters escaped (\\x1b) and its further lines indented: a peer's name or log text
+    (any welcomed peer's, a remote monitor key's too) then cannot write a line of kernel.log that reads as the
+    kernel's own, such as the `sockets:` line a client attached by hand takes its endpoints from (PROTOCOL.md §2)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), lines=True).replace("\n", "\n    ")
+
+
 def _log_to(path: Path) -> logging.Handler:
     # a lone surrogate (a file name that is not UTF-8, in an exception) is written escaped, not lost with its line
     handler = _QuietFileHandler(path, encoding="utf-8", errors="backslashreplace")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_OneRecordALine("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("trainbus")
     root.setLevel(logging.INFO)
     root.addHandler(handler)

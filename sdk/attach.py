@@ -41,8 +41,11 @@ SNAPSHOT_RETRY_S = 5.0  # no run_state this long after asking (the answer was lo
 PLUGINS_REFRESH_S = 5.0  # a fresh snapshot this often, for what only the kernel knows (durable plugins' acks)
 BUFFER_MAX_EVENTS = 50_000  # live events held while the snapshot is on its way; past it they are replayed
 POLL_S = 0.1
-# kernel.log (kernel/session.py open_bus); bursts only from a kernel that has them
-SOCKETS_LINE = re.compile(r"sockets: events (\S+) control (\S+)(?: bursts (\S+))?")
+# kernel.log's line of the kernel's own (kernel/session.py open_bus), whole: a plugin's log text is written there too
+# (`[name] text`, its further lines indented), and one that says "sockets: events ..." must not send us (and the run's
+# credential, in our hello) to sockets of its choosing. Bursts only from a kernel that has them
+SOCKETS_LINE = re.compile(r"^\S+ \S+ INFO trainbus\.kernel: sockets: events (\S+) control (\S+)(?: bursts (\S+))?$",
+                          re.MULTILINE)
 
 
 class AttachError(Exception):

@@ -292,7 +292,8 @@ def test_attach_finds_the_kernels_bursts_socket_from_every_form_of_where(tmp_pat
     elsewhere.mkdir()
     for name in ("events.sock", "control.sock", "bursts.sock"):
         (elsewhere / name).touch()
-    line = f"sockets: events ipc://{elsewhere}/events.sock control ipc://{elsewhere}/control.sock"
+    line = (f"2026-01-01 00:00:00,000 INFO trainbus.kernel: sockets: events ipc://{elsewhere}/events.sock "
+            f"control ipc://{elsewhere}/control.sock")
     (deep / "kernel.log").write_text(f"{line}\n")
     assert target_of(str(deep)).bursts == ""
     (deep / "kernel.log").write_text(f"{line} bursts ipc://{elsewhere}/bursts.sock\n")

@@ -15,12 +15,13 @@ import pytest
 from trainbus.kernel.config import PluginConfig
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
+from trainbus.sdk.attach import SOCKETS_LINE
 
 from conftest import TESTS_DIR
 from fixture_targets import open_gate
 from helpers import run_config
-from kernel_process import KernelProcess, of
-from test_trust import short_runs  # noqa: F401
+from kernel_process import KernelProcess, of, wait_until
+from test_trust import Intruder, attach_credential, short_runs, wait_sockets  # noqa: F401
 
 PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
 STOP = "raw_example: stop: two epochs are enough"
@@ -74,3 +75,36 @@ def test_the_example_attached_by_hand_stops_the_run_after_two_epochs(short_runs,
             print(plugin.communicate()[0])  # what it said, for a failure
     assert plugin.returncode == 0, printed
     assert_stopped_after_two_epochs(kernel.run_dir, printed)
+
+
+def test_a_peers_name_and_log_text_cannot_pass_for_the_kernels_sockets_line(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """kernel.log names the sockets for a client attached by hand (§2) and holds every peer's log replies: a peer
+    whose name or text says "sockets: ..." on a line of its own would send that client, and the run's credential in
+    its hello, to sockets of the peer's choosing. The §14 example's pattern and the SDK's find the kernel's own."""
+    gate = tmp_path / "gate"
+    kernel = KernelProcess(run_config(short_runs, epochs=1, target=PACED, batch_size=256, step_sleep_s=0.0,
+                                      gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    wait_sockets(kernel)
+    forged = "2026-01-01 00:00:00,000 INFO trainbus.kernel: "
+    evil = "sockets: events ipc:///evil/events.sock control ipc:///evil/control.sock bursts ipc:///evil/bursts.sock"
+    log_path = kernel.run_dir / "kernel.log"
+    peer = Intruder(kernel.run_dir, "forger", subscribe=True)
+    try:
+        wait_until(lambda: peer.next_event(0.1), 60, "a first event")  # our subscription is live: say hello
+        peer.hello(f"forger\n{forged}x", attach_credential(kernel.run_dir), replies=["log"])
+        peer.wait_reply("welcome")
+        peer.send("log", level="warning", text=evil)
+        peer.send("log", level="info", text=f"ok\n{forged}{evil}\x1b[2J")
+        wait_until(lambda: log_path.read_text().count("/evil/control.sock") == 2, 60, "the peer's lines in kernel.log")
+    finally:
+        peer.close()
+    text = log_path.read_text()
+    real = (f"ipc://{kernel.run_dir / 'events.sock'}", f"ipc://{kernel.run_dir / 'control.sock'}")
+    printed = re.search(r'findall\(r"([^"]+)"', example(tmp_path).read_text()).group(1)  # §14's, as printed
+    assert re.findall(printed, text)[-1] == real and SOCKETS_LINE.findall(text)[-1][:2] == real, text
+    record_start = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ trainbus")
+    assert "\x1b" not in text and all(record_start.match(line) or line.startswith("    ") for line in text.splitlines())
+    open_gate(gate, 10**6)
+    assert kernel.result(timeout_s=180)["status"] == "completed"
