@@ -28,6 +28,7 @@ from trainbus.proto.run_state import CLIENT_PREFIX
 from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_head, journal_tail, last_event_of,
                                           stream_journal)
 
+from .config import PLUGIN_NAME
 from .runs_view import duration_text
 
 KERNEL_PID = "kernel.pid"  # the kernel's process id, written as the run directory is made (0600)
@@ -484,7 +485,10 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     for name in attached:
         del plugins[name]
     for name, p in plugins.items():
-        p["log"] = str(run_dir / "plugins" / f"{name}.log") if (run_dir / "plugins" / f"{name}.log").is_file() else None
+        # only a plugin the run spawned has a log, under a name its config checked; a peer attached by hand says hello
+        # under any string (300 characters, "../kernel"), which names no file of ours, or one too long to stat
+        log_file = run_dir / "plugins" / f"{name}.log"
+        p["log"] = str(log_file) if PLUGIN_NAME.fullmatch(name) and log_file.is_file() else None
         if name in undrained:
             p["undrained_acked_seq"] = undrained[name]
     for c in saved:  # the checkpoint plugin's retention (save_top_k, max_total) removes most as the run goes

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from trainbus.proto.text import printable
+
 STATUS_STYLE = {"completed": "green", "stopped": "yellow", "running": "cyan", "interrupted": "magenta",
                 "failed": "red", "died": "red", "unreadable": "red", "queued": "blue"}
 
@@ -255,13 +257,15 @@ def print_show(console, run: dict[str, Any]) -> None:
             if "undrained_acked_seq" in p:
                 trouble.append(f"did not catch up (acked to seq {p['undrained_acked_seq']})")
             state = p.get("state") or "-"
-            table.add_row(escape(name), f"[red]{state}[/red]" if state == "failed" else escape(state),
+            # a peer attached by hand names itself: its name's newlines and escapes shown, not acted on
+            table.add_row(escape(printable(name)), f"[red]{state}[/red]" if state == "failed" else escape(state),
                           str(p.get("restarts", 0)), escape("; ".join(trouble)) or "-", escape(p.get("log") or "-"))
         console.print()
         _print_table(console, table)
     attached = run.get("attached") or []
     if attached:  # the views of it people opened (`trainbus attach`), not plugins of the run
-        console.print(f"attached: {len(attached)} client{'s' * (len(attached) != 1)} ({escape(', '.join(attached[:5]))}"
+        console.print(f"attached: {len(attached)} client{'s' * (len(attached) != 1)} "
+                      f"({escape(printable(', '.join(attached[:5])))}"
                       f"{', ...' if len(attached) > 5 else ''})", highlight=False)
 
     checkpoints = run.get("checkpoints") or {}

@@ -562,3 +562,26 @@ def test_show_says_how_many_checkpoints_are_on_disk_and_that_it_lists_the_newest
     assert "checkpoints: 5 saved (5 still on disk, the newest 3 below), 0 failed, 0 skipped" in text, text
     listed = [line for line in text.splitlines() if line.startswith("  ") and "(epoch " in line]
     assert [re.search(r"\(epoch (\d+)", line)[1] for line in listed] == ["3", "4", "5"], text
+
+
+def test_show_takes_any_name_a_peer_attached_by_hand_said_hello_with(every_status, tmp_path):
+    """A peer attached by hand says hello under any string: `runs show` took each for a plugin of the run and
+    looked for its plugins/NAME.log, which for 300 characters raised ENAMETOOLONG (the whole command failed) and for
+    "../kernel" named kernel.log as that peer's log; a name with a newline split its table row."""
+    run_dir = tmp_path / "a-completed"
+    shutil.copytree(every_status[0] / "a-completed", run_dir)
+    journal = run_dir / JOURNAL_NAME
+    last = read_events(run_dir)[-1]
+    names = ["n" * 300, "../kernel", "two\nlines", "attach-\x1b[2J"]
+    seq = last.seq
+    with open(journal, "ab") as f:  # the peers' plugin_ready and plugin_exited, as the kernel journals them
+        for name in names:
+            for type_, data in (("plugin_ready", {"plugin": name, "pid": 1, "delivery": "best_effort"}),
+                                ("plugin_exited", {"plugin": name, "exit_code": 0})):
+                seq += 1
+                f.write(pack({"v": 1, "seq": seq, "run": last.run, "type": type_, "ts": last.ts, "step": last.step,
+                              "epoch": last.epoch, "data": data}))
+    shown = json.loads(cli("runs", "show", str(run_dir), "--json"))["plugins"]
+    assert {name: shown[name]["log"] for name in names[:3]} == dict.fromkeys(names[:3]), shown
+    table = cli("runs", "show", str(run_dir))  # (an attach- name is listed apart, as a client)
+    assert "two\\x0alines" in table and "\nlines" not in table and "\x1b" not in table, table
