@@ -192,7 +192,8 @@ class Dispatcher:
         reason = truncate(printable(msg["reason"]), REASON_MAX_CHARS)[0]
         if peer.key_name:  # who sent it, journaled with the stop_requested it leads to
             log.info("[%s] %s from key %s (%s): %s", peer.name, msg["type"], peer.key_name, peer.role, reason)
-        self.bus.reply(msg["type"], peer.label, reason)
+        # and who sent it, escaped and cut the same: a hand-attached peer's name is any string it said hello with
+        self.bus.reply(msg["type"], truncate(printable(peer.label), REASON_MAX_CHARS)[0], reason)
 
     def _on_settle(self, peer: Peer, msg: dict[str, Any]) -> None:
         if self.checkpointer is None:

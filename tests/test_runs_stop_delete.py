@@ -20,7 +20,8 @@ from trainbus.proto.journal_format import read_journal
 from conftest import TESTS_DIR, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import run_config
-from kernel_process import KernelProcess
+from kernel_process import KernelProcess, wait_until
+from test_trust import Intruder, attach_credential, short_runs, wait_sockets  # noqa: F401
 
 PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
@@ -185,3 +186,30 @@ def test_delete_takes_only_a_run_the_kernel_made_never_a_folder_with_a_config_js
     proc = trainbus("runs", "delete", "", "--yes", "--runs-dir", str(project))
     assert proc.returncode == 2 and one_line(proc).startswith("error: no run given (an empty id): give a run id")
     assert (project / "data.csv").is_file() and runs.is_dir() and (lookalike / "config.json").is_file()
+
+
+def test_a_stop_from_a_peer_whose_name_has_escape_codes_and_newlines_is_said_escaped(short_runs, tmp_path,
+                                                                                     kernels):  # noqa: F811
+    """A peer attached by hand says hello under any name: its stop's reason was escaped, its name was not, so the
+    run's `stopped by:` line, summary.json and `runs show` carried its escape sequence and newline as they were."""
+    gate = tmp_path / "gate"
+    kernel = KernelProcess(run_config(short_runs, epochs=3, target=PACED, batch_size=256, step_sleep_s=0.0,
+                                      gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    wait_sockets(kernel)
+    peer = Intruder(kernel.run_dir, "stopper", subscribe=True)
+    try:
+        wait_until(lambda: peer.next_event(0.1), 60, "a first event")  # our subscription is live: say hello
+        peer.hello("evil\x1b[31mRED\nX" + "n" * 2000, attach_credential(kernel.run_dir), replies=["stop"])
+        peer.wait_reply("welcome")
+        peer.send("stop", reason="bye")
+        open_gate(gate, 10**6)  # the stop lands at the next step boundary
+        kernel.wait_event("stop_requested", timeout_s=60)
+    finally:
+        peer.close()
+    result = kernel.result(timeout_s=120)
+    said = result["outcome"]["stop_reasons"]
+    assert result["status"] == "stopped" and len(said) == 1 and said[0].startswith("evil\\x1b[31mRED\\x0aXnnn"), said
+    assert said[0].endswith(": stop: bye") and len(said[0]) < 1200, said
+    shown = trainbus("runs", "show", kernel.run_id, "--runs-dir", str(short_runs))
+    assert shown.returncode == 0 and "\x1b" not in shown.stdout and "\nX" not in shown.stdout, shown.stdout
