@@ -21,6 +21,7 @@ from typing import Any
 
 from trainbus.proto import event_to_map, events as ev
 from trainbus.proto.run_state import RunState
+from trainbus.proto.text import printable
 from trainbus.sdk.attach import CLIENT_PREFIX, AttachError, Attachment, RunEnded, TargetError, target_of
 from trainbus.sdk.runner import kernel_died, kernel_stopped, run_summary
 
@@ -76,9 +77,14 @@ def outcome(state: RunState) -> str:
 def render(state: RunState, status: str, footer: str = ""):
     """One frame: run, progress, metrics, resources, plugins."""
     from rich.console import Group
-    from rich.markup import escape
+    from rich.markup import escape as markup_escape
     from rich.progress_bar import ProgressBar
     from rich.table import Table
+
+    def escape(text: str) -> str:
+        # every string here came over the wire, and a peer's name or its metric's name is any string it chose: rich
+        # passes an escape sequence through to the terminal (one clears it), so control characters are shown escaped
+        return markup_escape(printable(text))
 
     run, p = state.run, state.progress
     head = Table.grid(padding=(0, 2))

@@ -31,6 +31,7 @@ from trainbus.sdk.plugin_io import HEARTBEAT_LIVENESS
 from conftest import TESTS_DIR, trainbus_cmd
 from fixture_targets import open_gate
 from kernel_process import KernelProcess, wait_until
+from test_trust import Intruder, attach_credential, short_runs, wait_sockets  # noqa: F401
 
 SLOW = f"{TESTS_DIR / 'fixture_targets.py'}:digits_slowly"  # 45 batches an epoch, each batch_s late
 GATED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"  # the same, held where a gate file says (open_gate)
@@ -578,3 +579,29 @@ def test_a_snapshot_stays_bounded_however_long_and_wide_the_run():
     size = len(pack(snapshot))
     assert size < 1024 * 1024, f"{size} bytes"
     assert RunState.from_map(seq, json.loads(json.dumps(snapshot))).to_map() == snapshot
+
+
+def test_a_peers_name_and_metric_name_reach_the_dashboard_escaped_not_obeyed(short_runs, tmp_path,
+                                                                            kernels):  # noqa: F811
+    """A peer attached by hand names itself and its metrics with any string: the dashboard put them through rich's
+    markup escape only, and rich passes an escape sequence on to the terminal (this one clears the screen)."""
+    gate = tmp_path / "gate"
+    kernel = live_run(short_runs, tmp_path, kernels, epochs=1, batch_s=0.0, monitors=False, gate=gate)
+    wait_sockets(kernel)
+    peer = Intruder(kernel.run_dir, "painter", subscribe=True)
+    try:
+        wait_until(lambda: peer.next_event(0.1), 60, "a first event")  # our subscription is live: say hello
+        peer.hello("painter\x1b[2J", attach_credential(kernel.run_dir), replies=["metric"])
+        peer.wait_reply("welcome")
+        peer.send("metric", name="gpu/util\x1b[2J", value=0.5, step=None)
+        kernel.wait_event("metric", timeout_s=60)
+        attach = subprocess.Popen(attach_cmd(kernel), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # its snapshot, once it holds the peer, has the metric too: then let the run end, which draws the frame
+        kernel.wait_event("plugin_ready", lambda e: e.data["plugin"].startswith("attach-"), timeout_s=SCREEN_TIMEOUT_S)
+        peer.send("bye", reason="painted")
+    finally:
+        peer.close()
+    open_gate(gate, 10**6)
+    drawn, said = attach.communicate(timeout=SCREEN_TIMEOUT_S + 120)
+    assert attach.returncode == 0, said
+    assert "\x1b" not in drawn and "gpu/util\\x1b[2J" in drawn and "painter\\x1b[2J" in drawn, drawn
