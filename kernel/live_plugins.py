@@ -92,6 +92,10 @@ class LivePlugins:
         if child is not None:
             raise ConfigError(f"{name} is already attached to run {self.bus.run_id} ({child.state}); detach it "
                               f"first: trainbus plugins detach {self.bus.run_id} {name}")
+        holder = self.peers.held_by_hand(name, time.monotonic())
+        if holder is not None:  # starting ours under its name would cut that peer off without a word
+            raise ConfigError(f"{name} is the name of a live peer attached by hand to run {self.bus.run_id} (pid "
+                              f"{holder.pid}); it holds it until it says bye or is silent for 3 heartbeat intervals")
         target = installed_target(name)
         size = len(pack(settings))
         if size > SETTINGS_MAX_BYTES:  # they reach the plugin in one environment variable (kernel/config.py)

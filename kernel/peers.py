@@ -189,6 +189,14 @@ class Peers:
         if peer.delivery == DURABLE:
             self.positions[peer.name] = max(self.positions.get(peer.name, 0), peer.acked)
 
+    def held_by_hand(self, name: str, now: float) -> Peer | None:
+        """The live peer attached by hand (or remotely) that holds `name`: not a process of ours, and its name is its
+        own while it talks (a hello under it is refused "a live peer holds that name"); None if there is none."""
+        peer = self._by_name.get(name)
+        if peer is None or peer.spawned or self._by_identity.get(peer.identity) is not peer:
+            return None
+        return peer if self.is_live(peer, now) else None
+
     def start_at(self, name: str, after_seq: int) -> None:
         """A plugin attached to the live run as `name`: durable, it is welcomed with resume_from = after_seq + 1
         (0: from seq 1), whatever an earlier process of that name acked; that process's connection is forgotten, so

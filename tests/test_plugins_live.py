@@ -173,3 +173,35 @@ def test_only_the_runs_owner_may_attach_and_each_mistake_is_one_line(short_runs,
     ended = plugins_cli(kernel, "attach", kernel.run_id, "metrics_log")
     assert ended.returncode == 2 and ended.stderr == (f"error: run {kernel.run_id} is not running (completed): there "
                                                       f"is nothing to attach metrics_log to\n"), ended.stderr
+
+
+def test_attaching_a_plugin_under_a_name_a_live_hand_attached_peer_holds_is_refused(short_runs, tmp_path,
+                                                                                    kernels):  # noqa: F811
+    """The credential lets a peer attached by hand take any free name, `cpu` too; the owner's attach_plugin cpu
+    then dropped that live peer from the table without a word (its next message was refused as from a stranger)
+    and started ours under its name. Now the command is refused, saying who holds the name, and the peer goes on."""
+    gate = tmp_path / "gate"
+    kernel = KernelProcess(config(short_runs, gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    wait_sockets(kernel, timeout_s=STARTUP_S)
+    holder, owner = Intruder(kernel.run_dir, "cpu", subscribe=True), Intruder(kernel.run_dir, "owner")
+    try:
+        wait_until(lambda: holder.next_event(0.1), STARTUP_S, "a first event")  # our subscription is live
+        holder.hello("cpu", attach_credential(kernel.run_dir))
+        holder.wait_reply("welcome")
+        owner.hello("owner", attach_credential(kernel.run_dir))
+        owner.wait_reply("welcome")
+        owner.send("attach_plugin", name="cpu", settings={}, id="a1")
+        answer = owner.wait_reply("command_result")
+        assert answer["ok"] is False and answer["text"].startswith(
+            f"cpu is the name of a live peer attached by hand to run {kernel.run_id} (pid "), answer
+        holder.send("snapshot")  # still welcomed: answered, not refused
+        assert holder.wait_reply("run_state")["seq"] >= 1 and not [m for m in holder.replies if m["type"] == "refused"]
+        holder.send("bye", reason="done")
+        owner.send("bye", reason="done")
+    finally:
+        holder.close()
+        owner.close()
+    open_gate(gate, 10**6)
+    assert kernel.result(timeout_s=STARTUP_S)["status"] == "completed"
+    assert not of(read_events(kernel.run_dir), "plugin_attached")
