@@ -9,7 +9,8 @@ from typing import Any
 import msgpack
 
 from .events import COUNTED_BATCH_EVENTS
-from .messages import CONTROL_SCHEMAS, DELIVERY_CLASSES, LOG_LEVELS, PROTOCOL_VERSION, REPLY_TYPES, Default, Event
+from .messages import (CONTROL_SCHEMAS, DELIVERY_CLASSES, LOG_LEVELS, PEER_NAME_MAX_CHARS, PROTOCOL_VERSION,
+                       REPLY_TYPES, Default, Event)
 
 # Limits on what a peer may make us allocate. A hostile or garbled message fails fast with
 # ProtocolError instead of costing memory; sockets also cap whole messages (MAX_MESSAGE_BYTES).
@@ -232,6 +233,8 @@ def _check_values(m: dict[str, Any]) -> None:
     kind = m["type"]
     if kind == "hello" and m["delivery"] not in DELIVERY_CLASSES:
         raise ProtocolError(f"hello.delivery must be one of {DELIVERY_CLASSES}, got {m['delivery']!r}")
+    if kind == "hello" and not 1 <= len(m["name"]) <= PEER_NAME_MAX_CHARS:
+        raise ProtocolError(f"hello.name must be 1 to {PEER_NAME_MAX_CHARS} characters, got {len(m['name']):,}")
     if kind == "hello" and not REPLY_TYPES.issuperset(m["replies"]):
         unknown = sorted(set(m["replies"]) - REPLY_TYPES)
         raise ProtocolError(f"hello.replies may hold only {sorted(REPLY_TYPES)}, got {unknown}")

@@ -19,6 +19,9 @@ DURABLE = "durable"  # acks what it processed; missed events are replayed from t
 DELIVERY_CLASSES = (BEST_EFFORT, DURABLE)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# A hello's name rides in every event of that peer (each metric and log's `plugin`), so it is bounded like a metric's
+# name: a hand-attached peer chooses it, and a 250 KiB one made each of its 400 burst metrics a 250 KiB event.
+PEER_NAME_MAX_CHARS = 200
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+from trainbus.proto.messages import PEER_NAME_MAX_CHARS
 from trainbus.proto.process import exit_without_teardown
 from trainbus.proto.settings_format import typed_word
 
@@ -90,6 +91,8 @@ def _options(words: list[str]) -> tuple[dict[str, str], dict[str, object]]:
             settings[key] = typed_word(raw)
         else:
             options[flag] = value
+    if "--name" in options and not 1 <= len(options["--name"]) <= PEER_NAME_MAX_CHARS:  # the kernel drops such a hello
+        raise UsageError(f"--name must be 1 to {PEER_NAME_MAX_CHARS} characters, got {len(options['--name']):,}")
     lonely = [flag for flag in ("--key", "--server-key") if flag in options and "--connect" not in options]
     if lonely:  # else the plugin would look for a local run's environment and say nothing of the key
         raise UsageError(f"{lonely[0]} is for a remote kernel: give --connect HOST:PORT (or its connection.json) too")

@@ -450,3 +450,31 @@ def test_durable_resume_from_is_one_past_the_last_ack_in_a_kernel_process_and_1_
         if resumed.poll() is None:
             resumed.kill()
             resumed.wait()
+
+
+def test_a_hello_name_of_no_or_over_200_characters_is_dropped_and_counted(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C71a] a hello's name rides in every event of its peer (a metric's or log's `plugin`): one of 250,000
+    characters was welcomed, and each of its 400 burst metrics became a 250 KB event. A name of 1 to 200 characters
+    is welcomed; an empty or longer one is a malformed hello: dropped, counted, not answered."""
+    cfg = config(short_runs, epochs=1, step_sleep_s=0.0)
+    gate = tmp_path / "gate"  # held before its first batch: the run is live for the test
+    cfg.hyperparameters["gate"] = str(gate)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    wait_sockets(kernel)
+    client = Client(kernel.run_dir)
+    try:
+        client.drain_events(60.0)  # the first event: our subscription is live
+        for name in ("", "n" * 201, "n" * 250_000):
+            client.hello(name, attach_credential(kernel.run_dir), replies=["metric"])
+        client.hello("n" * 200, attach_credential(kernel.run_dir), replies=["metric"])
+        assert client.wait_reply("welcome")["type"] == "welcome" and [m["type"] for m in client.replies] == ["welcome"]
+        client.send("bye", reason="done")
+        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == "n" * 200)
+    finally:
+        client.close()
+    open_gate(gate, 10**6)
+    result = kernel.result(timeout_s=120)
+    assert result["bus"]["malformed"] == 3, result["bus"]
+    assert [e.data["plugin"] for e in of(read_events(kernel.run_dir), "plugin_ready")] == ["n" * 200]

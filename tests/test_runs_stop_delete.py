@@ -200,7 +200,7 @@ def test_a_stop_from_a_peer_whose_name_has_escape_codes_and_newlines_is_said_esc
     peer = Intruder(kernel.run_dir, "stopper", subscribe=True)
     try:
         wait_until(lambda: peer.next_event(0.1), 60, "a first event")  # our subscription is live: say hello
-        peer.hello("evil\x1b[31mRED\nX" + "n" * 2000, attach_credential(kernel.run_dir), replies=["stop"])
+        peer.hello("evil\x1b[31mRED\nX" + "n" * 150, attach_credential(kernel.run_dir), replies=["stop"])
         peer.wait_reply("welcome")
         peer.send("stop", reason="bye")
         open_gate(gate, 10**6)  # the stop lands at the next step boundary
