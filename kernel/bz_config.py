@@ -16,6 +16,7 @@ said once, as a warning, rather than dropped in silence.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from .config import DEFAULT_PLUGINS, ConfigError
@@ -35,6 +36,14 @@ TRAINING_TO_RUN = {"epochs": "epochs", "device": "device", "checkpoint_interval"
 TRAINING_TO_EARLY_STOPPING = {"early_stopping_patience": "patience", "early_stopping_min_delta": "min_delta"}
 SECTIONS = ("training", "plugins", "hyperparameters", "metrics", "optuna", "environment")
 NOT_READ = ("metrics", "environment")  # metrics are the spec's own; environment picked bz's config file
+
+
+def in_bz_terms(message: str) -> str:
+    """A mistake the config's checks found, said with the key the bz file holds (`training.checkpoint_interval`),
+    not the one it became here (`checkpoint_every_n_epochs`), which its author never wrote."""
+    for bz_key, ours in TRAINING_TO_RUN.items():
+        message = re.sub(rf"\b(?:run\.)?{ours}(?= must )", f"training.{bz_key}", message)
+    return message
 
 
 def from_bz(raw: Any, where: str) -> dict[str, Any]:

@@ -216,7 +216,7 @@ def load_config(path: Path | None) -> RunConfig:
     if text.startswith("\ufeff"):  # a byte-order mark some editors write: TOML and JSON take none
         raise ConfigError(f"config file {path} starts with a byte-order mark; save it as UTF-8 without BOM")
     if path.suffix == ".json":
-        from .bz_config import from_bz  # here, not above: bz_config builds on this module
+        from .bz_config import from_bz, in_bz_terms  # here, not above: bz_config builds on this module
 
         try:
             raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
@@ -224,7 +224,10 @@ def load_config(path: Path | None) -> RunConfig:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
         except _DuplicateKey as exc:  # TOML refuses them; JSON would keep the last one without a word
             raise ConfigError(f"{path}: key {exc.args[0]!r} is given twice in one object; keep one") from None
-        return parse_config(from_bz(raw, str(path)), where=str(path))
+        try:
+            return parse_config(from_bz(raw, str(path)), where=str(path))
+        except ConfigError as exc:
+            raise ConfigError(in_bz_terms(str(exc))) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -681,7 +681,11 @@ def test_bz_json_config_maps_bz_names_to_ours(tmp_path, caplog):
 
     for bad, message in [({"optuna": {"enabled": True}}, "optuna.enabled"), ({"trainer": {}}, "unknown key 'trainer'"),
                          ({"plugins": {"email_plugin": {"config": {}}}}, "unknown plugin 'email_plugin'"),
-                         ({"plugins": {"console_out": {}, "console": {}}}, "the same plugin here")]:
+                         ({"plugins": {"console_out": {}, "console": {}}}, "the same plugin here"),
+                         # a bad value is named by the key the file holds, not the one it became here
+                         ({"training": {"checkpoint_interval": -1}}, r": training\.checkpoint_interval must be 0 to"),
+                         ({"training": {"epochs": "ten"}}, r": training\.epochs must be an integer, got 'ten'"),
+                         ({"training": {"device": "tpu"}}, r": training\.device must be one of")]:
         config_file.write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match=message):
             load_config(config_file)
