@@ -413,8 +413,22 @@ def _from_the_file(exc: SpecError, only_in_file: set[str], config: Path | None) 
     """The error, naming the config file when the hyperparameter it is about was given there and not on the
     command line: `unknown flag 'bogus'` alone sends the user looking through their command."""
     if exc.flag in only_in_file:
-        return f"{exc} ({exc.flag} is set in {config}'s [hyperparameters])"
+        return f"{exc} ({exc.flag} is set in {config}'s {_section_of(config, exc.flag)})"
     return str(exc)
+
+
+def _section_of(config: Path, name: str) -> str:
+    """Where the config file sets hyperparameter `name`: a TOML file's [hyperparameters]; bz's JSON its "training"
+    (whose keys besides epochs, device, ... are hyperparameters: bz's `compile` among them) or "hyperparameters",
+    which has no [hyperparameters] table to look in."""
+    if config.suffix != ".json":
+        return "[hyperparameters]"
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = None
+    given = raw.get("hyperparameters") if isinstance(raw, dict) else None
+    return '"hyperparameters"' if isinstance(given, dict) and name in given else '"training"'
 
 
 def _check_target(cfg) -> None:

@@ -374,6 +374,25 @@ def test_a_mistake_in_a_config_files_hyperparameters_names_the_file(train_py, tm
     assert not (tmp_path / "runs").exists()
 
 
+
+def test_a_mistake_in_bz_json_config_names_the_section_it_is_in(train_py, tmp_path):
+    """bz's config sets hyperparameters in "training" (bz's own compile, batch_size) and "hyperparameters"; the
+    error named a [hyperparameters] table, which a JSON file does not have, for a key of "training"."""
+    from typer.testing import CliRunner
+
+    from trainbus.kernel.cli import app
+
+    config = tmp_path / "bz_config.json"
+    for body, name, where in (({"training": {"epochs": 1, "compile": True}}, "compile", '"training"'),
+                              ({"training": {"epochs": 1}, "hyperparameters": {"lrr": 0.1}}, "lrr",
+                               '"hyperparameters"')):
+        config.write_text(json.dumps({**body, "plugins": {}}))
+        result = CliRunner().invoke(app, ["run", f"{train_py}:build", "--config", str(config), "--runs-dir",
+                                          str(tmp_path / "runs")])
+        assert str(result.exception).endswith(f"({name} is set in {config}'s {where})"), result.exception
+    assert not (tmp_path / "runs").exists()
+
+
 CHOICES_TRAIN = '''
 import enum
 from pathlib import Path
