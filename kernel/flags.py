@@ -301,7 +301,10 @@ def _check(flag: Flag, value: Any, target: str, sig: Signature) -> Any:
         return _chosen(flag, value, value, target, sig)
     elif flag.type is float and isinstance(value, int) and not isinstance(value, bool):
         return _chosen(flag, float(value), value, target, sig)
-    raise FlagError(f"flag {flag.name}: {_text(value)} is not {_a(flag)}; flags of {target}: {sig.known()}",
+    # `--set name=123` reads 123 as JSON, as TOML's `name = 123` is a number: text is quoted
+    quote = (f" (text is quoted: --set '{flag.name}=\"{_text(value)}\"', or {flag.name} = \"{_text(value)}\" in a "
+             f"config file)") if flag.type is str and isinstance(value, (int, float)) else ""
+    raise FlagError(f"flag {flag.name}: {_text(value)} is not {_a(flag)}{quote}; flags of {target}: {sig.known()}",
                     flag=flag.name)
 
 

@@ -163,6 +163,12 @@ def test_values_are_typed_and_checked():
             parse_words(sig, words, "t")
     with pytest.raises(FlagError, match="flag epochs: true is not an integer"):
         resolve(sig, {"epochs": True}, "t")
+    # `--set name=42` is JSON's 42: the error said "not a string" without the way to give text
+    with pytest.raises(FlagError) as raised:
+        resolve(sig, {"name": 42}, "t")
+    assert str(raised.value).startswith(
+        "flag name: 42 is not a string (text is quoted: --set 'name=\"42\"', or name = \"42\" in a config file); "
+        "flags of t: "), raised.value
 
     def needs(data_dir: str):
         pass
