@@ -258,7 +258,8 @@ class Runner:
                      f"\n{user_traceback(exc)}")
                 raise
             except Exception as exc:
-                failure, error = exc, user_traceback(exc) + "\n"
+                called = self.plugin._handlers.get(event.type, self.plugin.on_event)
+                failure, error = exc, user_traceback(exc, called) + "\n"
                 if isinstance(exc, NotRetryable):
                     break
                 if attempt < MAX_HANDLER_ATTEMPTS:  # the retry makes them again: one event's replies go out once

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import traceback
 from types import FrameType
+from typing import Any
 
 _SDK_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -22,10 +23,18 @@ def _theirs(stack: traceback.StackSummary) -> traceback.StackSummary:
     return traceback.StackSummary.from_list(stack[start:] if start < len(stack) else stack)
 
 
-def user_traceback(exc: BaseException) -> str:
-    """Python's traceback of `exc` (chained causes included), its leading frames ours left out."""
+def user_traceback(exc: BaseException, called: Any = None) -> str:
+    """Python's traceback of `exc` (chained causes included), its leading frames ours left out.
+
+    called: the author's function the SDK called (a handler). When the exception has none of the author's frames, the
+    call itself failed (`def on_end_epoch(self):`, given the event: a TypeError raised before its first line), and
+    the traceback ended in Plugin.handle, which the console named as where it happened: the function's own `def`
+    line is added as its innermost frame, the place to fix."""
     shown = traceback.TracebackException.from_exception(exc)
     shown.stack = _theirs(shown.stack)
+    code = getattr(called, "__code__", None)
+    if code is not None and all(_ours(entry) for entry in shown.stack) and not code.co_filename.startswith(_SDK_DIR):
+        shown.stack.append(traceback.FrameSummary(code.co_filename, code.co_firstlineno, code.co_name))
     return "".join(shown.format()).rstrip()
 
 

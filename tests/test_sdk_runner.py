@@ -352,6 +352,28 @@ def test_an_events_replies_go_out_once_however_often_its_handler_was_tried(failu
     assert [m["value"] for m in io.of("metric")] == sent
 
 
+class TakesNoEvent(Plugin):
+    def on_end_epoch(self):  # the event is passed: a TypeError before its first line
+        pass
+
+
+def test_a_handler_that_cannot_take_the_event_is_said_at_its_def_line_not_ours(tmp_path, monkeypatch):
+    """The call itself failed, so the traceback had only the SDK's frames, and the console named Plugin.handle
+    (`at plugin.py:177 in handle`) as where to look; it names the handler's own `def` line now."""
+    import inspect
+
+    from trainbus.plugins.console import _one_line
+
+    monkeypatch.chdir(tmp_path)
+    _, io = run(TakesNoEvent(), range(1, 9))
+    [error] = [m["text"] for m in io.of("log") if m["level"] == "error"]
+    line = inspect.getsourcelines(TakesNoEvent.on_end_epoch)[1]
+    assert f'"{__file__}", line {line}, in on_end_epoch' in error, error
+    assert error.rstrip().endswith("TypeError: TakesNoEvent.on_end_epoch() takes 1 positional argument but 2 were "
+                                   "given"), error
+    assert _one_line(error).endswith(f"(at test_sdk_runner.py:{line} in on_end_epoch)"), _one_line(error)
+
+
 def test_a_best_effort_plugin_counts_gaps_and_never_asks_for_a_replay():
     runner, io = run(LiveSeen(), [1, 2, 4, 5, 8])
     assert runner.plugin.seen == [ALL[i - 1] for i in (1, 2, 4, 5, 8)]
