@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import sys
@@ -183,7 +184,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             restore_weights(spec, resume_state)
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {resume_from} does not fit {cfg.target}'s model: {exc}; "
-                                  f"{_trained_with(Path(resume_from), cfg.target)}") from None
+                                  f"{_trained_with(Path(resume_from), cfg.target, flags)}") from None
         trained = resume_state.get("trainbus") or {}
         if not continue_run and trained.get("epoch_complete") and trained.get("epoch", 0) >= spec.epochs:
             raise ConfigError(f"checkpoint {resume_from} ends epoch {trained['epoch']} and this run trains "
@@ -646,15 +647,26 @@ def _reason(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _trained_with(checkpoint: Path, target: str) -> str:
-    """How to resume a checkpoint that does not fit `target`: with the target its run's config.json names (a
-    checkpoint in RUN_DIR/checkpoints/), else with the one it was trained with."""
+def _trained_with(checkpoint: Path, target: str, flags: dict[str, Any]) -> str:
+    """How to resume a checkpoint that does not fit `target` built with `flags`: with the target its run's
+    config.json names (a checkpoint in RUN_DIR/checkpoints/), and the flags of that run that differ from these
+    (`hidden=64` against a run of hidden=32 was told to give the target it was trained with: the same one); else
+    with the target it was trained with."""
     try:
-        trained = json.loads((checkpoint.parent.parent / "config.json").read_text()).get("target")
+        config = json.loads((checkpoint.parent.parent / "config.json").read_text())
+        trained, trained_flags = config.get("target"), config.get("flags")
     except (OSError, ValueError, AttributeError):
-        trained = None
+        trained, trained_flags = None, None
     if isinstance(trained, str) and trained and trained != target:
         return f"its run trained {trained}: `trainbus run {trained} --resume {checkpoint}`"
+    if trained == target and isinstance(trained_flags, dict):
+        words = [f"{name}={value if isinstance(value, str) else json.dumps(value)}"
+                 for name, value in trained_flags.items()
+                 # epochs: what the new run trains, beyond the checkpoint's (its own epochs would train none)
+                 if name in flags and flags[name] != value and name != "epochs"]
+        if words:
+            return (f"its run trained {target} with {' '.join(words)}: `trainbus run {target} "
+                    f"{' '.join(map(shlex.quote, words))} --resume {checkpoint}`")
     return f"give the target it was trained with: `trainbus run TARGET --resume {checkpoint}`"
 
 

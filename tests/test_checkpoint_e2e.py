@@ -782,6 +782,33 @@ def test_a_checkpoint_of_another_model_names_the_target_its_run_trained(tmp_path
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["other"]
 
 
+def test_a_checkpoint_of_the_same_target_with_other_flags_names_the_flags_its_run_trained_with(tmp_path):
+    """`trainbus run train.py:build hidden=64 --resume` a checkpoint of hidden=32 was told to "give the target it was
+    trained with", which it had: the flags of its run that differ are named now (not epochs: a new run from it trains
+    beyond the checkpoint's), with the command that fits."""
+    (tmp_path / "train.py").write_text(
+        "import torch\n"
+        "from trainbus.kernel import TrainingSpec\n\n\n"
+        "def build(width: int = 5, lr: float = 0.1, name: str = 'a', epochs: int = 1):\n"
+        "    model = torch.nn.Linear(width, 3)\n"
+        "    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), epochs=epochs,\n"
+        "                        loss_fn=torch.nn.functional.cross_entropy,\n"
+        "                        train_loader=[(torch.ones(2, width), torch.zeros(2, dtype=torch.long))])\n")
+    target = "train.py:build"
+    directory = tmp_path / "runs" / "other" / "checkpoints"
+    directory.mkdir(parents=True)
+    (directory.parent / "config.json").write_text(json.dumps(
+        {"target": target, "flags": {"width": 5, "lr": 0.1, "name": "b c", "epochs": 1}}) + "\n")
+    path = directory / "epoch001-step000003.pt"
+    torch.save({"epoch": 1, "step": 3, "model_state_dict": torch.nn.Linear(5, 3).state_dict(),
+                "trainbus": {"format": 1, "epoch": 1, "step": 3, "epoch_complete": True}}, path)
+    proc = run_cli(tmp_path, target, "width=4", "epochs=3", "--resume", str(path), "--plugins", "")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].endswith(f"; its run trained {target} with width=5 name=b c: `trainbus run {target} width=5 "
+                             f"'name=b c' --resume {path}`"), lines
+
+
 def test_a_damaged_newest_checkpoint_is_passed_over_saying_so(tmp_path):
     directory = tmp_path / "run" / "checkpoints"
     directory.mkdir(parents=True)
