@@ -121,8 +121,17 @@ def resolve(sig: Signature, values: dict[str, Any], target: str) -> dict[str, An
 
 
 def call(func: Callable[..., Any], sig: Signature, arguments: dict[str, Any]) -> Any:
-    """Call the spec function with resolved arguments: the dict itself, or one keyword each."""
-    return func(dict(arguments)) if sig.takes_dict else func(**arguments)
+    """Call the spec function with resolved arguments: the dict itself, or one keyword each (a positional-only
+    parameter, `def build(lr=0.1, /)`, in its place: by keyword it was a TypeError said to be the user's code's)."""
+    if sig.takes_dict:
+        return func(dict(arguments))
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): keywords, as before
+        params = []
+    positional = [p.name for p in params if p.kind == p.POSITIONAL_ONLY and p.name in arguments]
+    return func(*(arguments[name] for name in positional),
+                **{name: value for name, value in arguments.items() if name not in positional})
 
 
 def help_text(func: Callable[..., Any], sig: Signature, target: str) -> str:

@@ -124,6 +124,17 @@ def test_a_function_taking_the_hyperparameters_dict_takes_any_flag():
             parse_words(sig, ["lr=0.5", "model=cnn", "lr=0.2"], "t")
 
 
+def test_a_positional_only_flag_is_passed_in_its_place():
+    """`def build(lr=0.1, /)` was called with lr as a keyword: a TypeError, said as the user's code raising."""
+    from trainbus.kernel.flags import call
+
+    def build(lr: float = 0.1, /, width: int = 2):
+        return lr, width
+
+    sig = signature_of(build)
+    assert call(build, sig, resolve(sig, {"lr": 0.5}, "t")) == (0.5, 2)
+
+
 def test_numpy_style_docstrings_give_help_too():
     doc = textwrap.dedent("""\
         Train.
