@@ -31,9 +31,14 @@ def split(batch: Any, unpack: Callable[[Any], Any] | None, where: str) -> tuple[
 
 def _example(batch: Any) -> str:
     """An unpack_batch body for this batch's shape: by index for a sequence, by its own keys for a dict (a list's
-    batch told to use batch['x'] fails with a TypeError of its own)."""
+    batch told to use batch['x'] fails with a TypeError of its own), the inputs themselves for inputs alone."""
     if isinstance(batch, (tuple, list)) and len(batch) > 2:
         return "(batch[0], batch[1])"
+    # inputs alone (an autoencoder's data; a TensorDataset of one tensor yields a list of 1)
+    if isinstance(batch, (tuple, list)) and len(batch) == 1:
+        return "(batch[0], batch[0]) (the inputs as their own targets), or (batch[0], None) for no targets"
+    if isinstance(batch, torch.Tensor):
+        return "(batch, batch) (the inputs as their own targets), or (batch, None) for no targets"
     if isinstance(batch, dict) and len(batch) >= 2 and all(isinstance(k, str) for k in batch):
         first, second = list(batch)[:2]
         return f"(batch[{first!r}], batch[{second!r}])"

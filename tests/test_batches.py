@@ -104,6 +104,14 @@ def test_the_unpack_batch_example_fits_the_batch():
     with pytest.raises(BatchError) as raised:
         run(spec(DataLoader(DictSet(), batch_size=BATCH)))
     assert str(raised.value).endswith("e.g. unpack_batch=lambda batch: (batch['image'], batch['label'])"), raised.value
+    for loader, example in ((DataLoader(x, batch_size=BATCH), "(batch, batch)"),  # inputs alone: an autoencoder's
+                            (DataLoader(TensorDataset(x), batch_size=BATCH), "(batch[0], batch[0])")):
+        with pytest.raises(BatchError) as raised:
+            run(spec(loader))
+        assert f"e.g. unpack_batch=lambda batch: {example} (the inputs as their own targets), or " in str(raised.value)
+    # and such a spec trains, without targets too
+    run(spec(DataLoader(x, batch_size=BATCH), loss_fn=lambda out, y: out.pow(2).mean(),
+             unpack_batch=lambda b: (b, None)))
 
 
 @pytest.mark.parametrize("returned, said", [
