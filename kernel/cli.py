@@ -26,7 +26,7 @@ from trainbus.proto.settings_format import typed_word
 
 from .checkpointing import CheckpointError, find_checkpoint
 from .cli_common import (KEYS_DIR_HELP, RUNS_DIR_OPTION, UserError, _attach_client, _check_plugin_settings, _wide, out,
-                         runs_dir_path)
+                         runs_dir_path, says_the_checks)
 from .cli_daemon import daemon_app
 from .cli_keys import keys_app
 from .cli_plugins import plugins_app
@@ -121,7 +121,14 @@ def run(
             raise UserError(f"{flag} is empty: give it a value, or leave {flag} out")
     if target is not None and _is_flag_word(target):  # `trainbus run lr=0.01`: the default target's flags
         target, flag_words = None, [target, *flag_words]
-    cfg = load_config(config)
+    quiet = not says_the_checks() and logging.lastResort is not None
+    if quiet:  # a config's warnings (bz's keys that mean nothing here): said by one process of the command
+        logging.lastResort.setLevel(logging.ERROR)
+    try:
+        cfg = load_config(config)
+    finally:
+        if quiet:
+            logging.lastResort.setLevel(logging.WARNING)
     in_file = set(cfg.hyperparameters) if config is not None else set()  # named where a mistake in one is said
     resumed_run = _run_to_continue(resume, runs_dir or Path(cfg.runs_dir)) if resume else None
     continuing = resumed_run if config is None else None  # with --config: a new run from that run's checkpoint
@@ -183,7 +190,8 @@ def run(
         except SpecError as exc:
             raise UserError(from_file(exc)) from None
         check_metric_settings(METRICS, metric_settings)  # a queued run too: not only once the daemon starts it
-    if config is not None and plugins is None and continuing is None and (note := defaults_left_out(config)):
+    if config is not None and plugins is None and continuing is None and says_the_checks() and (
+            note := defaults_left_out(config)):
         print(f"trainbus: note: {note}", file=sys.stderr)
     if gpus is not None and not detach:
         raise UserError("--gpus places a queued run: add --detach (a run started here uses the GPUs "
@@ -555,7 +563,7 @@ def _warn_name_clashes(plugins) -> None:
     """A built-in this run uses whose name a package registers too: say which one runs, before it starts."""
     clashes, known = plugin_name_clashes(), registered_plugins()
     for p in plugins:
-        if p.name in clashes and p.target == known.get(p.name):
+        if p.name in clashes and p.target == known.get(p.name) and says_the_checks():
             print(f"trainbus: warning: {clashes[p.name]}", file=sys.stderr)
 
 

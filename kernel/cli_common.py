@@ -65,6 +65,16 @@ def _describe(items: list[str]) -> list[dict]:
     return json.loads(proc.stdout)
 
 
+def says_the_checks() -> bool:
+    """Whether this process says what the checks before a run find (a note, a plugin's or a config's warning): one
+    process of a command does. Not a rank that `trainbus run --nproc` started, whose command said it before it
+    started torchrun (under --nproc 2 each line came three times), nor a rank above 0 of the user's own torchrun or
+    srun, whose rank 0 says it."""
+    if os.environ.get("TRAINBUS_LAUNCH"):  # cluster.LAUNCH: set by `run --nproc` for the ranks it starts
+        return False
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")).strip() in ("", "0")
+
+
 def _check_plugin_settings(plugins, deliveries: dict[str, str] | None = None) -> dict[str, str]:
     """Every plugin's settings checked against their declarations (a plugin-side process, before anything
     starts), and put in the form the plugin reads ("1" for an integer setting is 1). Returns the settings that
@@ -79,8 +89,8 @@ def _check_plugin_settings(plugins, deliveries: dict[str, str] | None = None) ->
     for p, info in zip(plugins, infos):
         if "error" in info:
             raise UserError(f"plugin {p.name}: {info['error']}")
-        for warning in info.get("warnings", []):  # on the terminal, before the run: the console is not up yet then
-            print(f"trainbus: warning: plugin {p.name}: {warning}", file=sys.stderr)
+        for warning in info.get("warnings", []) if says_the_checks() else []:  # on the terminal, before the run:
+            print(f"trainbus: warning: plugin {p.name}: {warning}", file=sys.stderr)  # the console is not up yet
         p.settings.update(info["values"])
         if deliveries is not None:
             deliveries[p.name] = info["delivery"]

@@ -441,6 +441,15 @@ def test_a_rank_failing_before_rank_0_made_the_run_directory_writes_its_file_onc
     assert "\nerror: rank 3: ValueError: boom" in said and time.monotonic() - started < 60
 
 
+def test_what_the_checks_before_the_run_say_is_said_once_under_nproc(tmp_path):
+    """The command's notes and warnings (a [plugins] table that leaves the default plugins out) were said by the
+    command and again by each rank it started: three times under --nproc 2."""
+    (tmp_path / "run.toml").write_text("[plugins.checkpoint]\n")
+    proc, _ = train(tmp_path, "--nproc", "2", "--epochs", "1", "--config", str(tmp_path / "run.toml"))
+    assert proc.stderr.count("trainbus: note: ") == 1, proc.stderr
+    assert proc.stderr.count("'s [plugins] table is the run's whole plugin list") == 1, proc.stderr
+
+
 def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_restart(tmp_path):
     proc = cli("run", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2", "--max-restarts", "2",
                "--precision", "16-mixed", timeout=300, cwd=tmp_path)
