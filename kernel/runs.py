@@ -49,6 +49,7 @@ PLUGIN_FIELDS = {"state": str, "reason": str, "restarts": int, "crashes": list, 
 TEXT_LISTS = ("stop_reasons", "crashes")  # shown joined: text items only
 
 SMALL_TAIL_BYTES = 64 * 1024  # an ended run's last event
+LIVE_PLUGIN_STATES = ("starting", "running", "backoff", "hung")  # _plugin_event's, for a peer that has not ended
 STALE_S = 10.0  # no kernel.pid (a run from before there was one): heartbeats every second, or it is gone
 
 
@@ -479,6 +480,11 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         if isinstance(p, dict):
             plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes", "errors_logged",
                                                                   "checkpoints_failed", "left_early") if k in p})
+    if info["status"] != "running":  # over: what the journal last said of a peer is no longer what it does
+        told = summary.get("plugins") or {}  # a peer attached by hand that said no bye, or all of a died run's
+        for name, p in plugins.items():
+            if name not in told and p.get("state") in LIVE_PLUGIN_STATES:
+                p["state"] = "gone with the run (no bye)"
     undrained = summary.get("undrained") or {}
     # `trainbus attach` clients come and go as peers too: views of the run, listed apart from its plugins
     attached = sorted(name for name in plugins if name.startswith(CLIENT_PREFIX))

@@ -585,3 +585,18 @@ def test_show_takes_any_name_a_peer_attached_by_hand_said_hello_with(every_statu
     assert {name: shown[name]["log"] for name in names[:3]} == dict.fromkeys(names[:3]), shown
     table = cli("runs", "show", str(run_dir))  # (an attach- name is listed apart, as a client)
     assert "two\\x0alines" in table and "\nlines" not in table and "\x1b" not in table, table
+
+
+def test_show_says_a_peer_that_never_said_bye_is_gone_once_the_run_has_ended(every_status, tmp_path):
+    """A plugin attached by hand that said no bye (killed, or its machine gone) stayed `running` in `runs show`
+    after the run had ended: the journal's last word of it was its plugin_ready."""
+    run_dir = tmp_path / "a-completed"
+    shutil.copytree(every_status[0] / "a-completed", run_dir)
+    last = read_events(run_dir)[-1]
+    with open(run_dir / JOURNAL_NAME, "ab") as f:  # its plugin_ready, as the kernel journals a hand-attached peer's
+        f.write(pack({"v": 1, "seq": last.seq + 1, "run": last.run, "type": "plugin_ready", "ts": last.ts,
+                      "step": last.step, "epoch": last.epoch,
+                      "data": {"plugin": "watcher", "pid": 1, "delivery": "durable"}}))
+    shown = json.loads(cli("runs", "show", str(run_dir), "--json"))["plugins"]
+    assert shown["watcher"]["state"] == "gone with the run (no bye)", shown
+    assert all(p["state"] != "running" for p in shown.values()), shown
