@@ -4,6 +4,7 @@ kernel); `--describe T [T ...]` prints what they are, as JSON."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from trainbus.proto.messages import PEER_NAME_MAX_CHARS
@@ -124,4 +125,7 @@ def _describe(targets: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BrokenPipeError:  # `--describe ... | head` closed the pipe: the reader has what it wanted, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor one from the exit's flush

@@ -187,6 +187,19 @@ def test_describe_gives_every_setting_with_type_default_constraint_and_help():
     assert plain["anything"]["type"] == "any"
 
 
+def test_describe_into_a_pipe_its_reader_closed_is_no_traceback():
+    """`python -m trainbus.sdk --describe X | head -c 100`: the reader gone first raised BrokenPipeError."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first byte
+    try:
+        proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe",
+                               "trainbus.plugins.console:ConsolePlugin"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
 class ChecksWithABug(Plugin):
     settings = {"limit": Setting(1.0, "a limit")}
 
