@@ -23,6 +23,8 @@ BUILTIN_DISTRIBUTION = "trainbus"  # its entry points are the built-in plugins, 
 DEFAULT_PLUGINS = ("console", "metrics_log")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
+# Lightning's other names for these (its Trainer(precision=...)), said with ours when given
+LIGHTNING_PRECISIONS = {"32-true": "32", "16": "16-mixed", "bf16": "bf16-mixed"}
 SEED_LIMIT = 2**32  # numpy and torch take 32-bit seeds: [0, 2**32)
 # The most epochs (and steps between checkpoints, batches accumulated) a run takes: far past any real run, and
 # steps = epochs x batches stay within the 64 bits of SQLite's integers and of msgpack's (a count past 2**64 made
@@ -318,7 +320,9 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
         if not 0 <= getattr(cfg, key) <= MAX_COUNT:
             raise ConfigError(f"{where}: {key} must be 0 to {MAX_COUNT:,} (0 turns it off), got {getattr(cfg, key)}")
     if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+        ours = LIGHTNING_PRECISIONS.get(str(cfg.precision))
+        raise ConfigError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}"
+                          + (f" (Lightning's name for what is {ours!r} here)" if ours else ""))
     if not 1 <= cfg.accumulate_grad_batches <= MAX_COUNT:
         raise ConfigError(f"{where}: accumulate_grad_batches must be 1 to {MAX_COUNT:,}, got "
                           f"{cfg.accumulate_grad_batches}")
@@ -458,7 +462,9 @@ def _typed(value: Any, annotation: Any, where: str) -> Any:
         if expected == "a string" and isinstance(value, (int, float)) and not isinstance(value, bool):
             if where.endswith("precision") and str(value) not in PRECISIONS:  # quoted, 16 would be refused next
                 allowed = ", ".join('"' + p + '"' for p in PRECISIONS)
-                raise ConfigError(f"{where} must be a string; {value!r} was read as a number: write one of {allowed}")
+                ours = LIGHTNING_PRECISIONS.get(str(value))
+                raise ConfigError(f"{where} must be a string; {value!r} was read as a number: write one of {allowed}"
+                                  + (f" (Lightning's {value} is \"{ours}\" here)" if ours else ""))
             raise ConfigError(f"{where} must be a string; {value!r} was read as a number: quote it (\"{value}\")")
         raise ConfigError(f"{where} must be {expected}, got {value!r}")
     return value
