@@ -400,12 +400,15 @@ class Loop:
             if value.numel() == 1:  # an attribute: no device sync
                 return self._scalar(value)
         else:
+            # a one-element numpy array, as a one-element tensor (numpy 2 takes float() of a 0-d array only)
+            number = value.item() if getattr(value, "size", None) == 1 and callable(getattr(value, "item", None)) \
+                else value
             try:
-                return float(value)  # an int, a float, a numpy scalar
+                return float(number)  # an int, a float, a numpy scalar
             except (TypeError, ValueError):
                 pass
         raise BatchError(f"metric {name!r} returned {describe(value)}: a metric must return one number (a float, an "
-                         f"int or a one-element tensor); average or pick what it should report")
+                         f"int or a one-element tensor or array); average or pick what it should report")
 
     def _optimizer_step(self) -> None:
         if self.stepper.step() and self.spec.scheduler is not None and self.spec.scheduler_interval == "step":

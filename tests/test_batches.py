@@ -126,6 +126,18 @@ def test_a_metric_that_is_not_one_number_is_named(returned, said):
         run(s)
 
 
+def test_a_metric_of_one_element_in_a_numpy_array_is_taken_as_one_in_a_tensor_is():
+    """numpy 2's float() takes a 0-d array only: a metric returning np.array([0.5]) was refused."""
+    import numpy
+
+    s = plain()
+    s.metrics = {"acc": lambda out, y: numpy.array([(out.argmax(1) == y).float().mean().item()]),
+                 "half": lambda out, y: numpy.full((1, 1), 0.5)}
+    bus, _ = run(s)
+    [end] = [data for type_, _, data in bus.events if type_ == "end_epoch"][-1:]
+    assert end["training_metrics"]["half"] == 0.5 and 0 <= end["training_metrics"]["acc"] <= 1, end
+
+
 def test_a_loss_that_is_not_one_number_says_so():
     s = plain()
     s.loss_fn = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")
