@@ -187,8 +187,10 @@ def shard(loader: Any, seed: int, where: str) -> Any:
     if unshardable(loader) or isinstance(loader.sampler, DistributedSampler):
         return loader
     if loader.batch_sampler is not None and type(loader.batch_sampler).__module__ != "torch.utils.data.sampler":
-        raise ValueError(f"{where} has a batch_sampler of its own ({type(loader.batch_sampler).__name__}): shard it "
-                         f"yourself with a DistributedSampler, or set [run] distributed_sampler = false")
+        raise ValueError(f"{where} has a batch_sampler of its own ({type(loader.batch_sampler).__name__}), whose "
+                         f"batches trainbus cannot share out across ranks: have it yield only this rank's batches "
+                         f"(torch.distributed.get_rank() and get_world_size() tell which), then set [run] "
+                         f"distributed_sampler = false")
     if loader.batch_size is None:
         raise ValueError(f"{where} has no batch_size (automatic batching off): give it a DistributedSampler yourself, "
                          f"or set [run] distributed_sampler = false")

@@ -358,6 +358,26 @@ def test_rank_0_waits_for_every_rank_of_its_machine_to_say_what_failed(tmp_path)
     assert time.monotonic() - started < 60  # not waited out (the margin of a busy machine)
 
 
+def test_a_batch_sampler_of_the_users_is_refused_with_what_works_across_ranks():
+    """The advice was a DistributedSampler, which a loader with a batch_sampler cannot take."""
+    import torch
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+    from trainbus.kernel.distributed import shard
+
+    class Buckets(BatchSampler):  # a user's own: length-bucketing, say
+        pass
+
+    data = torch.zeros(10, 2)
+    loader = DataLoader(data, batch_sampler=Buckets(SequentialSampler(data), batch_size=4, drop_last=False))
+    with pytest.raises(ValueError) as said:
+        shard(loader, 0, "train_loader")
+    assert str(said.value) == (
+        "train_loader has a batch_sampler of its own (Buckets), whose batches trainbus cannot share out across ranks: "
+        "have it yield only this rank's batches (torch.distributed.get_rank() and get_world_size() tell which), then "
+        "set [run] distributed_sampler = false")
+
+
 def test_more_processes_than_gpus_is_one_line_naming_the_fix():
     """Rank 1 of a machine with one visible GPU got cuda:1, and CUDA's "invalid device ordinal" at its first copy."""
     import torch
