@@ -297,15 +297,20 @@ def test_a_rank_that_raises_is_named_with_its_error_in_rank_0s_journal_and_summa
     assert "closing signal" not in both and "exitcode" not in both and "SIGTERM" not in both, both
 
 
-def test_the_same_error_on_every_rank_is_said_once_naming_the_ranks(tmp_path):
+def on_two_ranks(tmp_path, source: str) -> tuple[subprocess.CompletedProcess, str, Path]:
+    """`trainbus run train.py:build --nproc 2` of this source: the process, all it printed, the target file."""
     target = tmp_path / "train.py"
-    target.write_text("from trainbus.kernel.digits import build as digits\n\n"
-                      "def loss(outputs, targets):\n    raise ValueError('boom in loss')\n\n"
-                      "def build(hyperparameters):\n    spec = digits(hyperparameters)\n    spec.loss_fn = loss\n"
-                      "    return spec\n")
+    target.write_text(source)
     proc = cli("run", f"{target}:build", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2",
                "--plugins", "console", timeout=300, cwd=tmp_path)
-    both = proc.stdout + proc.stderr
+    return proc, proc.stdout + proc.stderr, target
+
+
+def test_the_same_error_on_every_rank_is_said_once_naming_the_ranks(tmp_path):
+    proc, both, target = on_two_ranks(tmp_path, "from trainbus.kernel.digits import build as digits\n\n"
+                                      "def loss(outputs, targets):\n    raise ValueError('boom in loss')\n\n"
+                                      "def build(hyperparameters):\n    spec = digits(hyperparameters)\n"
+                                      "    spec.loss_fn = loss\n    return spec\n")
     assert proc.returncode == 1, both
     error = f"ValueError: boom in loss (in your code: {target}, line 4) (ranks 0, 1)"
     assert f"  error: {error}" in proc.stdout and both.count("Traceback") == 1, both
@@ -317,13 +322,10 @@ def test_the_same_error_on_every_rank_is_said_once_naming_the_ranks(tmp_path):
 def test_a_build_failing_on_one_rank_alone_is_said_once_with_the_users_frames(tmp_path):
     """Rank 1's build raised (data only some ranks have): it told the launcher and left, and rank 0's next
     collective broke, which printed gloo's 40-line traceback of our frames before the user's one line."""
-    target = tmp_path / "train.py"
-    target.write_text("import os\nfrom trainbus.kernel.digits import build as digits\n\n"
-                      "def build(hyperparameters):\n    if os.environ['RANK'] == '1':\n"
-                      "        raise ValueError('no data on this rank')\n    return digits(hyperparameters)\n")
-    proc = cli("run", f"{target}:build", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2",
-               "--plugins", "console", timeout=300, cwd=tmp_path)
-    both = proc.stdout + proc.stderr
+    proc, both, target = on_two_ranks(tmp_path, "import os\nfrom trainbus.kernel.digits import build as digits\n\n"
+                                      "def build(hyperparameters):\n    if os.environ['RANK'] == '1':\n"
+                                      "        raise ValueError('no data on this rank')\n"
+                                      "    return digits(hyperparameters)\n")
     assert proc.returncode == 2, both
     assert both.count("Traceback") == 1 and both.count("ValueError: no data on this rank") == 2, both
     assert both.rstrip().endswith(f"error: {target}:build raised ValueError: no data on this rank (in your code: "
