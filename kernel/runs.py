@@ -481,10 +481,10 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
             plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes", "errors_logged",
                                                                   "checkpoints_failed", "left_early") if k in p})
     if info["status"] != "running":  # over: what the journal last said of a peer is no longer what it does
-        told = summary.get("plugins") or {}  # a peer attached by hand that said no bye, or all of a died run's
+        told = summary.get("plugins") or {}  # a peer attached by hand whose bye came late or never, or a died run's
         for name, p in plugins.items():
             if name not in told and p.get("state") in LIVE_PLUGIN_STATES:
-                p["state"] = "gone with the run (no bye)"
+                p["state"] = "gone with the run (no bye journaled)"
     undrained = summary.get("undrained") or {}
     # `trainbus attach` clients come and go as peers too: views of the run, listed apart from its plugins
     attached = sorted(name for name in plugins if name.startswith(CLIENT_PREFIX))

@@ -598,5 +598,5 @@ def test_show_says_a_peer_that_never_said_bye_is_gone_once_the_run_has_ended(eve
                       "step": last.step, "epoch": last.epoch,
                       "data": {"plugin": "watcher", "pid": 1, "delivery": "durable"}}))
     shown = json.loads(cli("runs", "show", str(run_dir), "--json"))["plugins"]
-    assert shown["watcher"]["state"] == "gone with the run (no bye)", shown
+    assert shown["watcher"]["state"] == "gone with the run (no bye journaled)", shown
     assert all(p["state"] != "running" for p in shown.values()), shown
