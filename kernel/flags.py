@@ -208,7 +208,7 @@ def _flag(p: inspect.Parameter, help_: str) -> Flag:
 def _type_of(annotation: Any) -> tuple[type | None, bool, tuple[Any, ...]]:
     """(one of TYPES, a path or Enum class, or None; whether None is allowed; the values allowed, () for any) for an
     annotation: float, `int | None`, Optional[str], Path, an Enum, Literal["adam", "sgd"]."""
-    if annotation in TYPES or _is_path(annotation):
+    if annotation in TYPES or _is_path(annotation) or _is_list(annotation):
         return annotation, False, ()
     if _is_enum(annotation):
         return annotation, False, tuple(annotation)
@@ -237,7 +237,34 @@ def _is_path(kind: Any) -> bool:
     return isinstance(kind, type) and issubclass(kind, pathlib.PurePath)
 
 
+def _is_list(kind: Any) -> bool:
+    """list, or list[int], list[float], list[str], list[bool]: a JSON list on the command line (`layers=[64,32]`)."""
+    return kind is list or (typing.get_origin(kind) is list and _item(kind) is not None)
+
+
+def _item(kind: Any) -> type | None:
+    """A list flag's element type (one of TYPES), or None: any."""
+    args = typing.get_args(kind)
+    return args[0] if len(args) == 1 and args[0] in TYPES else None
+
+
+def _as_list(kind: Any, value: Any) -> list | None:
+    """The value as a list flag takes it (an int widens to a float), or None when it is not one."""
+    item = _item(kind)
+    if not isinstance(value, list):
+        return None
+    if item is None:
+        return value
+    if item is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [float(v) for v in value]
+    if all(isinstance(v, item) and not (item is int and isinstance(v, bool)) for v in value):
+        return value
+    return None
+
+
 def _kind(kind: type | None) -> str:
+    if _is_list(kind):
+        return f"list[{_item(kind).__name__}]" if _item(kind) else "list"
     return "any" if kind is None else "path" if _is_path(kind) else kind.__name__
 
 
@@ -270,6 +297,11 @@ def _parse(flag: Flag, text: str, target: str, sig: Signature) -> Any:
             return _member(flag.type, text)
         if _is_path(flag.type):
             return flag.type(text)
+        if _is_list(flag.type):
+            listed = _as_list(flag.type, _json_or_text(text))
+            if listed is None:
+                raise ValueError(text)
+            return listed
     except ValueError:
         raise FlagError(f"flag {flag.name}: {text!r} is not {_a(flag)}; flags of {target}: "
                         f"{sig.known()}", flag=flag.name) from None
@@ -306,6 +338,10 @@ def _check(flag: Flag, value: Any, target: str, sig: Signature) -> Any:
     elif _is_path(flag.type):
         if isinstance(value, pathlib.PurePath):
             return flag.type(value)
+    elif _is_list(flag.type):
+        listed = _as_list(flag.type, value)
+        if listed is not None:
+            return listed
     elif flag.type is None or (isinstance(value, flag.type) and not (flag.type is int and isinstance(value, bool))):
         return _chosen(flag, value, value, target, sig)
     elif flag.type is float and isinstance(value, int) and not isinstance(value, bool):
@@ -322,6 +358,9 @@ def _a(flag: Flag) -> str:
         return "one of " + ", ".join(_text(c) for c in flag.choices)
     if _is_path(flag.type):
         return "a path"
+    if _is_list(flag.type):
+        items = {int: " of integers", float: " of numbers", str: " of strings", bool: " of true and false"}
+        return "a JSON list" + items.get(_item(flag.type), "")
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(flag.type, "valid")
 
 

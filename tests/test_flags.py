@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import textwrap
 from pathlib import Path
@@ -186,6 +187,28 @@ def test_values_are_typed_and_checked():
 
     with pytest.raises(FlagError, match="flag 'data_dir' is required: add data_dir=VALUE"):
         resolve(signature_of(needs), {}, "t")
+
+
+def test_list_flags_take_a_json_list_of_their_items():
+    """`layers: list[int]` showed as `any` and took `layers=5` (an int, where the function expects a list)."""
+    def build(layers: list[int] = [64], rates: list[float] = [0.1], tags: list = [], names: list[str] | None = None):
+        pass
+
+    sig = signature_of(build)
+    assert [f.describe() for f in sig.flags[:3]] == ["layers (list[int], default [64])",
+                                                     "rates (list[float], default [0.1])", "tags (list, default [])"]
+    assert parse_words(sig, ["layers=[128,64]", "rates=[1,0.5]", "tags=[1,\"a\"]", "names=none"], "t") == {
+        "layers": [128, 64], "rates": [1.0, 0.5], "tags": [1, "a"], "names": None}
+    assert resolve(sig, {"layers": [8], "rates": [2], "names": ["x"]}, "t")["rates"] == [2.0]  # a config file's
+    for words, expected in ((["layers=5"], "flag layers: '5' is not a JSON list of integers"),
+                            (["layers=[1.5]"], "flag layers: '[1.5]' is not a JSON list of integers"),
+                            (["layers=[true]"], "flag layers: '[true]' is not a JSON list of integers"),
+                            (["names=[1]"], "flag names: '[1]' is not a JSON list of strings"),
+                            (["rates=x"], "flag rates: 'x' is not a JSON list of numbers")):
+        with pytest.raises(FlagError, match=re.escape(expected)):
+            parse_words(sig, words, "t")
+    with pytest.raises(FlagError, match=re.escape("flag layers: 5 is not a JSON list of integers")):
+        resolve(sig, {"layers": 5}, "t")
 
 
 # -- the command line --------------------------------------------------------------------------------
