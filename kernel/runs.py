@@ -484,7 +484,8 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         told = summary.get("plugins") or {}  # a peer attached by hand whose bye came late or never, or a died run's
         for name, p in plugins.items():
             if name not in told and p.get("state") in LIVE_PLUGIN_STATES:
-                p["state"] = "gone with the run (no bye journaled)"
+                died = info["status"] == "died"
+                p["state"] = "gone with the kernel" if died else "gone with the run (no bye journaled)"
     undrained = summary.get("undrained") or {}
     # `trainbus attach` clients come and go as peers too: views of the run, listed apart from its plugins
     attached = sorted(name for name in plugins if name.startswith(CLIENT_PREFIX))
