@@ -600,3 +600,11 @@ def test_show_says_a_peer_that_never_said_bye_is_gone_once_the_run_has_ended(eve
     shown = json.loads(cli("runs", "show", str(run_dir), "--json"))["plugins"]
     assert shown["watcher"]["state"] == "gone with the run (no bye journaled)", shown
     assert all(p["state"] != "running" for p in shown.values()), shown
+    # a died run (its kernel gone without a summary): none of its plugins said a last word either
+    (run_dir / "summary.json").unlink()
+    gone = subprocess.Popen(["true"])  # a pid that was a process and is no more
+    gone.wait()
+    (run_dir / "kernel.pid").write_text(f"{gone.pid}\n")
+    shown = json.loads(cli("runs", "show", str(run_dir), "--json"))
+    assert shown["status"] == "died", shown["status"]
+    assert {p["state"] for p in shown["plugins"].values()} == {"gone with the kernel"}, shown["plugins"]
