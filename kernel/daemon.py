@@ -893,15 +893,21 @@ def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -
         raise DaemonError(f"a daemon (pid {serving.get('pid', '?')}) already serves {Path(runs_dir).resolve()}; "
                           f"`trainbus daemon status --runs-dir {runs_dir}` shows it")
     with open(directory / LOG_FILE, "ab") as out:
+        written = out.seek(0, os.SEEK_END)  # its own lines come after this: older ones are other daemons'
         process = subprocess.Popen([sys.executable, "-m", "trainbus.kernel.cli", "daemon", "start", "--foreground",
                                     "--quiet", *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            last = _last_line(directory / LOG_FILE)
-            if last.startswith("error: "):  # its own one-line refusal (a daemon already serves the directory): as is
-                raise DaemonError(last.removeprefix("error: "))
+            # its own one-line refusal (a daemon already serves the directory), as is: looked for among the lines
+            # written since it started, not as the log's last one, which a daemon started at the same instant (the
+            # one that won the lock) may have written after it
+            lines = _lines_since(directory / LOG_FILE, written)
+            refusal = next((line for line in reversed(lines) if line.startswith("error: ")), None)
+            if refusal is not None:
+                raise DaemonError(refusal.removeprefix("error: "))
+            last = lines[-1] if lines else "no log"
             raise DaemonError(f"the daemon exited at start: {last} (its log: {directory / LOG_FILE})")
         answer = request(runs_dir, "status", timeout_s=0.5)
         if answer is not None and answer.get("pid") == process.pid:
@@ -911,12 +917,14 @@ def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -
     raise DaemonError(f"the daemon did not answer within {timeout_s:.0f} s; see {directory / LOG_FILE}")
 
 
-def _last_line(path: Path) -> str:
+def _lines_since(path: Path, offset: int) -> list[str]:
+    """The lines of the log at `path` from byte `offset` on ([] when it cannot be read)."""
     try:
-        lines = path.read_text(errors="replace").strip().splitlines()
+        with open(path, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace").strip().splitlines()
     except OSError:
-        return "no log"
-    return lines[-1] if lines else "no log"
+        return []
 
 
 def daemon_lives(runs_dir: Path) -> bool:

@@ -422,6 +422,40 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     assert again.returncode == 2 and f"run {waiting} is not queued" in again.stderr
 
 
+_WINNER = """
+import fcntl, os, sys, time
+from pathlib import Path
+directory = Path(sys.argv[1])
+fd = os.open(directory / "daemon.pid", os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, f"{os.getpid()}\\n".encode(), 0)
+print("locked", flush=True)
+for n in range(12000):  # at most a minute: the test kills it sooner
+    with open(directory / "daemon.log", "a") as log:
+        log.write(f"INFO line {n} of the daemon that holds the lock\\n")
+    time.sleep(0.005)
+"""
+
+
+def test_a_daemon_start_that_loses_the_lock_to_one_started_at_once_says_which_serves(tmp_path):
+    # two `daemon start` at the same instant: the loser is past the "does one answer?" check before the winner
+    # answers; it refused, but the winner went on writing to the shared log, and its last line was taken for
+    # the loser's reason ("the daemon exited at start: INFO ... serving ...")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    directory = daemon_dir(runs)
+    directory.mkdir(mode=0o700)
+    winner = subprocess.Popen([sys.executable, "-c", _WINNER, str(directory)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert winner.stdout.readline() == "locked\n"
+        refused = one_error_line(cli("daemon", "start", "--runs-dir", str(runs), "--gpus", "", check=False))
+    finally:
+        winner.kill()
+        winner.wait()
+    assert refused == (f"error: a daemon (pid {winner.pid}) already serves {runs}; "
+                       f"`trainbus daemon status --runs-dir {runs}` shows it")
+
+
 def one_error_line(done: subprocess.CompletedProcess) -> str:
     """The single `error: ...` line a user mistake gets (exit 2, no traceback)."""
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
