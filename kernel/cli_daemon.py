@@ -191,6 +191,9 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
         answer = _ask(runs_dir, target, "status")
     else:
         answer = daemon.request(runs_dir, "status") if runs_dir.is_dir() else None
+        if answer is not None and not answer.get("ok"):  # an answer without the daemon's state: its reason
+            raise UserError(f"the daemon of {escape(str(runs_dir.resolve()))} could not say its status: "
+                            f"{answer.get('error')}")
     queued, ended = (answer or {}).get("queued", []), (answer or {}).get("ended", [])
     if answer is None and (runs_dir / REGISTRY_NAME).is_file():
         with Registry(runs_dir) as registry:
@@ -212,7 +215,10 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
         for run_id, info in watched.items():
             out.print(f"  running {run_id} (pid {info['pid']}"
                       + (f", CUDA_VISIBLE_DEVICES={','.join(info['devices'])}" if info["devices"] else "") + ")")
-        out.print(f"  queued: {', '.join(queued) or 'none'}")
+        if answer.get("registry_error"):
+            out.print(f"  queued: unknown: {escape(answer['registry_error'])}")
+        else:
+            out.print(f"  queued: {', '.join(queued) or 'none'}")
     if not as_json:
         for job in ended:  # a remote key's only view of how its submissions went
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["ended_ts"])) if job.get("ended_ts") else "?"

@@ -553,9 +553,13 @@ def _answer(socket: zmq.Socket, peer_of: Callable[[list[zmq.Frame]], tuple[str |
 
 def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], who: str) -> dict[str, Any]:
     if op == "status":
-        with Registry(daemon.runs_dir) as registry:
-            queued = [job["id"] for job in registry.jobs(["queued"])]
-            ended = ended_jobs(registry)  # how a submission went, for one who cannot `runs list` here
+        try:
+            with Registry(daemon.runs_dir) as registry:
+                queued = [job["id"] for job in registry.jobs(["queued"])]
+                ended = ended_jobs(registry)  # how a submission went, for one who cannot `runs list` here
+        except (sqlite3.Error, RegistryError, OSError) as exc:
+            # the daemon serves all the same (its runs train, watched): status says so, and why its queue is unknown
+            return {"ok": True, **daemon.status(), "queued": [], "ended": [], "registry_error": str(exc)}
         return {"ok": True, **daemon.status(), "queued": queued, "ended": ended}
     if op == "wake":
         daemon.woken = True

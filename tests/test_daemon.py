@@ -456,6 +456,24 @@ def test_a_daemon_start_that_loses_the_lock_to_one_started_at_once_says_which_se
                        f"`trainbus daemon status --runs-dir {runs}` shows it")
 
 
+def test_daemon_status_with_its_registry_garbled_says_the_daemon_serves_and_how_to_rebuild_the_queue(tmp_path,
+                                                                                                     daemons):
+    # the status request read the registry first: a garbled one made the daemon's answer an error, and `daemon
+    # status` a KeyError traceback, just when the operator most needed to know whether a daemon serves
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    pid = start_daemon(daemons, runs, "--gpus", "")
+    for name in ("registry.sqlite-wal", "registry.sqlite-shm"):
+        (runs / name).unlink(missing_ok=True)
+    (runs / "registry.sqlite").write_bytes(b"not a database, garbled by hand " * 8)
+    shown = cli("daemon", "status", "--runs-dir", str(runs), check=False)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert shown.stdout.startswith(f"daemon pid {pid} serves {runs}")
+    assert "  queued: unknown: " in shown.stdout and f"trainbus runs reindex --runs-dir {runs}" in shown.stdout
+    answer = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json").stdout)
+    assert answer["serving"] and answer["pid"] == pid and "is not a run registry" in answer["registry_error"]
+
+
 def one_error_line(done: subprocess.CompletedProcess) -> str:
     """The single `error: ...` line a user mistake gets (exit 2, no traceback)."""
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
