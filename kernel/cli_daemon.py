@@ -215,6 +215,8 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
         for run_id, info in watched.items():
             out.print(f"  running {run_id} (pid {info['pid']}"
                       + (f", CUDA_VISIBLE_DEVICES={','.join(info['devices'])}" if info["devices"] else "") + ")")
+        if answer.get("trouble") and not answer.get("registry_error"):  # that one is said below
+            out.print(f"  trouble: {escape(answer['trouble'])}")
         if answer.get("registry_error"):
             out.print(f"  queued: unknown: {escape(answer['registry_error'])}")
         else:

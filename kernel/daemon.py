@@ -63,6 +63,7 @@ STATUS_ENDED = 10  # `status` lists this many of the runs it ended last (a remot
 TICK_S = 1.0  # the queue is looked at this often without a wake-up (submit wakes the daemon at once)
 CONTROL_MAX_BYTES = 64 * 1024
 LOG_MAX_BYTES = 10 * 1024 * 1024  # daemon.log is rotated at this size, 3 old files kept
+OUTPUT_FREE_MIN = 1 << 20  # below this free on the output files' disk, queued runs wait (see Daemon.tick)
 OUTPUT_TAIL_BYTES = 2000  # of a job that failed before its run had a directory, what the listing shows
 REQUEST_TIMEOUT_S = 3.0
 REMOTE_REQUEST_TIMEOUT_S = 15.0  # a CURVE handshake and the authenticator first, maybe over a slow network
@@ -242,8 +243,23 @@ class Daemon:
                                   self.max_concurrent)
             for job, why in never:
                 self._fail_unstarted(registry, job, why, now)
+            if starts:
+                self._check_output_disk()
             for job, devices in starts:
                 self._start(registry, job, devices, now)
+
+    def _check_output_disk(self) -> None:
+        """DaemonError when the disk of the runs' output files is (nearly) full: a kernel started now would fail
+        at its first line of output (ENOSPC on stderr), its run lost to a full log disk. The runs stay queued,
+        the round's trouble says why (log and `daemon status`), and they start once space is freed."""
+        directory = make_daemon_dir(self.runs_dir) / OUTPUT_DIR
+        try:
+            stat = os.statvfs(directory)
+        except OSError:
+            return  # cannot tell: the start says what is wrong, as it did
+        if stat.f_bavail * stat.f_frsize < OUTPUT_FREE_MIN:
+            raise DaemonError(f"queued runs wait: {directory} has under {OUTPUT_FREE_MIN >> 20} MiB free and a run "
+                              f"started now would fail writing its output there; free space there and they start")
 
     def safe_tick(self, now: float, fatal: tuple[type[Exception], ...] = ()) -> None:
         """tick, surviving what a round can meet (the registry locked by another writer for long, a full disk, a
@@ -257,7 +273,7 @@ class Daemon:
             kind = f"{type(exc).__name__}: {exc}"
             if kind != self.trouble:
                 log.error("a round of the queue failed (tried again every %.0f s): %s", TICK_S, kind,
-                          exc_info=not isinstance(exc, (sqlite3.Error, OSError, RegistryError)))
+                          exc_info=not isinstance(exc, (sqlite3.Error, OSError, RegistryError, DaemonError)))
             self.trouble = kind
         else:
             if self.trouble:
@@ -385,7 +401,8 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "runs_dir": str(self.runs_dir), "devices": self.devices,
                 "max_concurrent": self.max_concurrent, "remote": self.remote_endpoint,
-                "running": {w.job_id: {"pid": w.pid, "devices": w.devices} for w in self.watched.values()}}
+                "running": {w.job_id: {"pid": w.pid, "devices": w.devices} for w in self.watched.values()},
+                "trouble": self.trouble}  # why the last round failed: the log may be on the disk that is full
 
 
 # -- the daemon process --------------------------------------------------------------------------------

@@ -474,6 +474,35 @@ def test_daemon_status_with_its_registry_garbled_says_the_daemon_serves_and_how_
     assert answer["serving"] and answer["pid"] == pid and "is not a run registry" in answer["registry_error"]
 
 
+def test_queued_runs_wait_while_the_disk_of_their_output_files_is_full_and_start_once_it_is_not(tmp_path, daemons,
+                                                                                                 mount_tmpfs):
+    # a kernel the daemon started with its output file on a full disk failed at its first stderr line (ENOSPC):
+    # the run was lost to a full log disk, its error "OSError: [Errno 28]" naming no file
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    mount_tmpfs("runs/.daemon", 2 << 20)
+    start_daemon(daemons, runs, "--gpus", "")
+    filler = daemon_dir(runs) / "filler"
+    with open(filler, "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    run = submit(runs, TINY)
+
+    def status() -> dict:
+        return json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json").stdout)
+
+    held = wait_until(lambda: status()["trouble"], WAIT_S, "the daemon said why the queue waits", poll_s=0.5)
+    assert "queued runs wait:" in held and "free space there and they start" in held
+    assert listed(runs)[run]["status"] == "queued"
+    filler.unlink()
+    wait_until(lambda: listed(runs)[run]["status"] == "completed", WAIT_S, "the run started and completed")
+    assert status()["trouble"] == ""
+
+
 def one_error_line(done: subprocess.CompletedProcess) -> str:
     """The single `error: ...` line a user mistake gets (exit 2, no traceback)."""
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
