@@ -204,8 +204,9 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
     if as_json:
         print(json.dumps({"serving": answer is not None, **(answer or {}), "queued": queued, "ended": ended}))
     elif answer is None:
-        out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"
-                  + (f"; {len(queued)} run(s) queued" if queued else ""))
+        out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"  # and what starts the ones queued
+                  + (f"; {len(queued)} run(s) queued: `trainbus daemon start --runs-dir {escape(str(runs_dir))}` "
+                     f"starts them" if queued else ""))
     else:
         watched = answer.get("running") or {}
         out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])}: devices "

@@ -635,6 +635,7 @@ def test_a_queued_row_garbled_by_hand_fails_alone_and_the_queue_goes_on(column, 
         db.execute(f"UPDATE jobs SET {column} = ? WHERE id = ?", (garbled, first))
     status = cli("daemon", "status", "--runs-dir", str(runs), check=False)  # 3: no daemon serves them yet
     assert status.returncode == 3 and "2 run(s) queued" in status.stdout, status.stderr
+    assert f"queued: `trainbus daemon start --runs-dir {runs}` starts them" in status.stdout  # what to do about it
     start_daemon(daemons, runs)
     wait_until(lambda: listed(runs).get(second, {}).get("status") == "completed", WAIT_S, "the run behind it")
     said = f"its queue row's {column} is not what trainbus writes: submit the run again"
