@@ -474,8 +474,9 @@ def test_daemon_status_with_its_registry_garbled_says_the_daemon_serves_and_how_
     assert answer["serving"] and answer["pid"] == pid and "is not a run registry" in answer["registry_error"]
 
 
-def test_queued_runs_wait_while_the_disk_of_their_output_files_is_full_and_start_once_it_is_not(tmp_path, daemons,
-                                                                                                 mount_tmpfs):
+def test_queued_runs_wait_while_the_disk_of_their_output_files_is_full_and_start_once_it_is_not(tmp_path, mount_tmpfs,
+                                                                                                 daemons):
+    # mount_tmpfs before daemons: fixtures end in reverse, so the daemon is stopped before its directory is unmounted
     # a kernel the daemon started with its output file on a full disk failed at its first stderr line (ENOSPC):
     # the run was lost to a full log disk, its error "OSError: [Errno 28]" naming no file
     runs = tmp_path / "runs"
