@@ -553,7 +553,10 @@ def _answer(socket: zmq.Socket, peer_of: Callable[[list[zmq.Frame]], tuple[str |
             reply = {"ok": False, "error": f"unknown request; ops: {', '.join(OPS)}"}
         elif role not in OPS[op]:
             log.warning("refused %s from %s (role %s)", op, who, role or "none")
-            reply = {"ok": False, "error": f"{op} is not granted to this key (role {role or 'none'})"}
+            roles = [r for r in OPS[op] if r != LOCAL]
+            fix = (f": it takes a {' or '.join(roles)} key (`trainbus keys generate client NAME --role {roles[-1]}` "
+                   f"on the daemon's host)") if roles else ": only the daemon's owner, on its host, may"
+            reply = {"ok": False, "error": f"{op} is not granted to this key (role {role or 'none'}){fix}"}
         else:
             try:
                 reply = _do(op, request, daemon, stopping, who)

@@ -701,7 +701,9 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
                  str(daemon_dir(runs) / "remote.json"), check=False)  # tcp://HOST:PORT, as status printed it
     assert pasted.returncode == 0 and " serves " in pasted.stdout, pasted.stderr
     refused = over_tcp(watcher, "submit", "--", TINY, "--epochs", "1")
-    assert refused.returncode == 2 and "submit is not granted to this key (role monitor)" in refused.stderr
+    assert refused.returncode == 2 and ("submit is not granted to this key (role monitor): it takes a control key "
+                                        "(`trainbus keys generate client NAME --role control` on the daemon's host)"
+                                        ) in refused.stderr, refused.stderr
     # a key the daemon does not know gets no answer at all (the CLI waits 15 s for one, then says so in one line)
     from trainbus.kernel.daemon import RemoteDaemon, request
 
