@@ -513,7 +513,10 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid, secret, secure)
     # SIGTERM (supervisor, or a hang): finish the current handler (at most FINISH_ON_TERM_S), tear down, ack, exit.
     signal.signal(signal.SIGTERM, lambda *_: _terminate(runner))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the kernel; it tells us when to stop
+    if kernel_pid is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the kernel; it tells us when to stop
+    else:  # by hand, the terminal's Ctrl-C is how its user stops it: as SIGTERM does (teardown, acks), not ignored
+        signal.signal(signal.SIGINT, lambda *_: _terminate(runner, "interrupted (Ctrl-C)"))
     # A plugin is a background process group in the kernel's session: on a terminal with `stty tostop`
     # the console's writes would stop it (SIGTTOU), and a stopped plugin is declared hung and killed.
     # Ignored, the write goes through, as it would for the kernel.
@@ -636,18 +639,19 @@ def _secret(env) -> str:
     return (Path(env["TRAINBUS_RUN_DIR"]) / CREDENTIAL_FILE).read_text().strip()
 
 
-def _terminate(runner: Runner) -> None:
+def _terminate(runner: Runner, why: str = "terminated (SIGTERM)") -> None:
     # PR_SET_PDEATHSIG follows the parent *thread*: a plugin restarted from the kernel's bus thread is
     # re-parented to another kernel thread as each one dies, and signalled again every time (3 SIGTERMs
     # seen from one kill -9). Handle the first; the rest would run teardown again from inside it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would run teardown again from inside the first
     arrived = time.monotonic()
     if runner._ended:  # already finishing (the I/O thread saw the kernel go first): let that run to its end
         return
     io = runner.io
     if io.gone is None and io.kernel_exited(KERNEL_EXIT_GRACE_S):  # PR_SET_PDEATHSIG's, not the kernel's own
         io.lost_kernel, io.gone = True, io.gone or KERNEL_EXITED
-    io.gone = io.gone or "terminated (SIGTERM)"
+    io.gone = io.gone or why
     runner.terminating = True
     with io.wake:
         io.wake.notify()  # a main thread waiting for the next event goes to _finish now

@@ -159,6 +159,28 @@ def test_a_sigterm_in_a_handler_lets_it_finish_then_tears_down_and_takes_no_next
                        f"where"]) is not finishes, sent
 
 
+def test_ctrl_c_stops_a_plugin_run_by_hand_as_sigterm_does(tmp_path):
+    """A plugin run by hand (`python -m trainbus.sdk`, no kernel pid) is stopped from its terminal with Ctrl-C: it
+    tears down and exits 0. It used to ignore SIGINT, as a plugin the kernel spawns does, so Ctrl-C did nothing."""
+    record, go = tmp_path / "record.txt", tmp_path / "go"
+    go.touch()
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    proc = kernel.start_plugin("fixture_plugins:FinishesWhenLet", "by_hand", {"path": str(record), "go": str(go)},
+                               tmp_path)
+    try:
+        kernel.welcome(_hello(kernel)[0], kernel.seq + 1)
+        kernel.publish("end_epoch", epoch=1)
+        deadline = time.monotonic() + 30
+        while "done" not in (record.read_text() if record.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        output = _exited(proc)
+    finally:
+        _close(proc, kernel)
+    assert record.read_text().splitlines() == [f"start {kernel.seq}", f"done {kernel.seq}", "teardown"], output
+    assert "interrupted (Ctrl-C)" in output, output
+
+
 def test_a_setup_that_raises_tells_the_kernel_with_the_authors_frames_and_exits_1(tmp_path):
     """The kernel's log and the console see why (they saw only "crashed (exit code 1)"); runpy's and the SDK's own
     frames are left out of the traceback."""
