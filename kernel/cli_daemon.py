@@ -184,7 +184,7 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
     ended last and how.
     Exit code 0 when one does, 3 when none (as `systemctl status`)."""
     from . import daemon
-    from .registry import REGISTRY_NAME, Registry
+    from .registry import REGISTRY_NAME, Registry, RegistryError
 
     target = _remote(remote, key, server_key)
     if target is not None:
@@ -195,18 +195,24 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
             raise UserError(f"the daemon of {escape(str(runs_dir.resolve()))} could not say its status: "
                             f"{answer.get('error')}")
     queued, ended = (answer or {}).get("queued", []), (answer or {}).get("ended", [])
+    unreadable = None  # no daemon, and a registry it could not read either: still exit 3, saying so
     if answer is None and (runs_dir / REGISTRY_NAME).is_file():
-        with Registry(runs_dir) as registry:
-            queued = [job["id"] for job in registry.jobs(["queued"])]
-            ended = daemon.ended_jobs(registry)
+        try:
+            with Registry(runs_dir) as registry:
+                queued = [job["id"] for job in registry.jobs(["queued"])]
+                ended = daemon.ended_jobs(registry)
+        except RegistryError as exc:
+            unreadable = str(exc)
     if answer is not None:
         answer = {k: v for k, v in answer.items() if k not in ("ok", "queued", "ended")}
     if as_json:
-        print(json.dumps({"serving": answer is not None, **(answer or {}), "queued": queued, "ended": ended}))
+        print(json.dumps({"serving": answer is not None, **(answer or {}), "queued": queued, "ended": ended,
+                          **({"registry_error": unreadable} if unreadable else {})}))
     elif answer is None:
         out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"  # and what starts the ones queued
                   + (f"; {len(queued)} run(s) queued: `trainbus daemon start --runs-dir {escape(str(runs_dir))}` "
-                     f"starts them" if queued else ""))
+                     f"starts them" if queued else "")
+                  + (f"; its queue is unknown: {escape(unreadable)}" if unreadable else ""))
     else:
         watched = answer.get("running") or {}
         out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])}: devices "
