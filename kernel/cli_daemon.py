@@ -184,6 +184,7 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
     ended last and how.
     Exit code 0 when one does, 3 when none (as `systemctl status`)."""
     from . import daemon
+    from .pids import process_alive
     from .registry import REGISTRY_NAME, Registry, RegistryError
 
     target = _remote(remote, key, server_key)
@@ -196,23 +197,32 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
                             f"{answer.get('error')}")
     queued, ended = (answer or {}).get("queued", []), (answer or {}).get("ended", [])
     unreadable = None  # no daemon, and a registry it could not read either: still exit 3, saying so
+    orphans: dict[str, int] = {}
     if answer is None and (runs_dir / REGISTRY_NAME).is_file():
         try:
             with Registry(runs_dir) as registry:
                 queued = [job["id"] for job in registry.jobs(["queued"])]
                 ended = daemon.ended_jobs(registry)
+                # runs a daemon started and still training while none watches them (it was killed): a daemon
+                # started again adopts them
+                orphans = {job["id"]: job["pid"] for job in registry.jobs(["starting", "running"])
+                           if job["pid"] is not None and process_alive(job["pid"], job["pid_started"])}
         except RegistryError as exc:
             unreadable = str(exc)
     if answer is not None:
         answer = {k: v for k, v in answer.items() if k not in ("ok", "queued", "ended")}
     if as_json:
         print(json.dumps({"serving": answer is not None, **(answer or {}), "queued": queued, "ended": ended,
-                          **({"registry_error": unreadable} if unreadable else {})}))
+                          **({"registry_error": unreadable} if unreadable else {}),
+                          **({"unwatched": orphans} if answer is None else {})}))
     elif answer is None:
         out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"  # and what starts the ones queued
                   + (f"; {len(queued)} run(s) queued: `trainbus daemon start --runs-dir {escape(str(runs_dir))}` "
                      f"starts them" if queued else "")
                   + (f"; its queue is unknown: {escape(unreadable)}" if unreadable else ""))
+        for run_id, pid in orphans.items():
+            out.print(f"  running {run_id} (pid {pid}), started by a daemon that is gone: `trainbus daemon start` "
+                      f"watches it again")
     else:
         watched = answer.get("running") or {}
         out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])}: devices "

@@ -309,6 +309,9 @@ def test_the_queue_outlives_a_killed_daemon_and_a_running_run_outlives_it(tmp_pa
     open_gate(gate, 4)
     wait_until(lambda: journal.step() >= 4, WAIT_S, "the second run training on without a daemon")
     assert not process_gone(kernel), "killing the daemon stopped the run it had started"
+    status = cli("daemon", "status", "--runs-dir", str(runs), check=False)  # what trains while no daemon watches
+    assert status.returncode == 3 and (f"  running {second} (pid {kernel}), started by a daemon that is gone: "
+                                       f"`trainbus daemon start` watches it again") in status.stdout, status.stdout
 
     start_daemon(daemons, runs)  # adopts the second (still held at its gate), then starts the third after it
     log = daemon_dir(runs) / "daemon.log"
