@@ -25,13 +25,14 @@ import zmq
 
 from trainbus.proto import DURABLE, Event, control, events as ev, unpack
 from trainbus.proto.messages import SUMMARY_NAME
+from trainbus.proto.settings_format import METRIC, METRIC_FIELDS, STEP_FIELDS, template_fields
 from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir, load_secret, load_server_key,
                                    read_connection_file, secure_client)
 
 from .loader import where_raised
-from .plugin import KernelGoneInfo, Plugin, named_settings
+from .plugin import KernelGoneInfo, Plugin, _snake, named_settings
 from .plugin_io import FINAL_EVENTS, KERNEL_EXITED, MAX_POLL_S, PluginIO, _say
-from .settings import SettingsError
+from .settings import SettingsError, declared
 from .tracebacks import user_traceback
 
 KERNEL_PID, KERNEL_HOST = "kernel.pid", "kernel.host"  # the run's kernel's pid and host (kernel/runs.py)
@@ -475,7 +476,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     settings = {**configured, **(settings or {})}
     if "TRAINBUS_KERNEL_PID" not in env:  # by hand: a mistake is said before an ended run is (the kernel checked
         try:                                # a spawned plugin's before the run, and the constructor does again)
-            named_settings(plugin_cls, settings)
+            _check_metrics_produced(plugin_cls, named_settings(plugin_cls, settings), env.get("TRAINBUS_RUN_DIR"))
         except SettingsError:
             raise
         except Exception as exc:  # the plugin's own check_settings raised: its frames, and one line
@@ -529,6 +530,29 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
             "an unknown or revoked key gets no answer at all) and that --server-key is that host's server.key"
             if connect else "is the run still running? (`trainbus runs list` says)"), file=sys.stderr)
     return code
+
+
+def _check_metrics_produced(plugin_cls: type, merged: dict[str, Any], run_dir: str | None) -> None:
+    """SettingsError for a METRIC setting, or a METRIC_FIELDS template's field, naming a metric the run does not
+    produce (its config.json's `metrics`), as `trainbus run` and `plugins attach` check it: by hand, unchecked, it
+    ran and failed each handler that looked the metric up (a KeyError per event)."""
+    try:
+        produced = json.loads((Path(run_dir) / "config.json").read_text()).get("metrics") if run_dir else None
+    except (OSError, ValueError, AttributeError):
+        return  # not a run directory we can read: the connect says what is wrong with it
+    if not isinstance(produced, list):
+        return  # a run of before trainbus recorded its metrics
+    label = f"plugin {plugin_cls.name or _snake(plugin_cls.__name__)}"
+    for key, spec in declared(plugin_cls.settings).items():
+        value = merged.get(key)
+        if spec.kind == METRIC and value and value not in produced:
+            raise SettingsError(f"{label}: {key} = {value!r} is not a metric this run produces; use one of: "
+                                f"{', '.join(produced)}")
+        if spec.kind == METRIC_FIELDS and isinstance(value, str):
+            for field in template_fields(value):
+                if field not in STEP_FIELDS and field not in produced:
+                    raise SettingsError(f"{label}: {key} = {value!r} names {field}, which is not a metric this run "
+                                        f"produces; use one of: {', '.join(produced)}")
 
 
 def run_summary(run_dir: str | Path | None) -> dict[str, Any] | None:

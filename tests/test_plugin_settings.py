@@ -14,7 +14,7 @@ import pytest
 from trainbus.kernel.config import PluginConfig, RunConfig, registered_plugins
 from trainbus.kernel.session import run_training
 from trainbus.plugins.early_stopping import EarlyStoppingPlugin
-from trainbus.sdk import METRIC_FIELDS, PATH, Plugin, Setting, SettingsError
+from trainbus.sdk import METRIC, METRIC_FIELDS, PATH, Plugin, Setting, SettingsError
 from trainbus.sdk.loader import describe
 from trainbus.sdk.plugin import merge_settings
 
@@ -244,6 +244,34 @@ def test_a_plugin_run_by_hand_whose_check_settings_raises_shows_its_frames_and_o
                                "check_settings\n"), r.stderr
     assert r.stderr.endswith(f"error: plugin ChecksWithABug: checking its settings raised {__file__}, line {line}: "
                              "KeyError: 'limt'\n"), r.stderr
+
+
+class WatchesAMetric(Plugin):
+    settings = {"watch": Setting("training_loss", "a metric", kind=METRIC),
+                "name": Setting("e{epoch}", "a file name", kind=METRIC_FIELDS)}
+
+
+@pytest.mark.parametrize("given, said", [
+    ("watch=validation_f1", "watch = 'validation_f1' is not a metric this run produces"),
+    ("name=e{epoch}-{val_f1:.2f}", "name = 'e{epoch}-{val_f1:.2f}' names val_f1, which is not a metric this run "
+                                   "produces"),
+    ("watch=training_loss", None)])
+def test_a_plugin_run_by_hand_has_its_metric_settings_checked_against_the_runs_metrics(tmp_path, given, said):
+    """As `trainbus run` and `plugins attach` check them: by hand they were not, and each handler that looked the
+    metric up failed (a KeyError per event)."""
+    from helpers import run_config
+
+    ended = run_training(run_config(tmp_path / "runs", target=TINY))  # checked before its end is said
+    produced = json.loads((Path(ended.run_dir) / "config.json").read_text())["metrics"]
+    r = subprocess.run([sys.executable, "-m", "trainbus.sdk", "test_plugin_settings:WatchesAMetric", "--set", given],
+                       capture_output=True, text=True, cwd=TESTS_DIR, timeout=60,
+                       env={**os.environ, "TRAINBUS_RUN_DIR": str(ended.run_dir)})
+    if said is None:  # a metric it has: on to the run, which has ended
+        assert (r.returncode, r.stderr) == (0, f"run {ended.run_id} has ended (completed); there is nothing to attach "
+                                               f"to\n"), r.stderr
+    else:
+        assert (r.returncode, r.stderr) == (2, f"error: plugin watches_a_metric: {said}; use one of: "
+                                               f"{', '.join(produced)}\n"), r.stderr
 
 
 class TakesNoEvent(Plugin):
