@@ -11,7 +11,8 @@ SUMMARY_NAME = "summary.json"  # written by the kernel when a run has ended: its
 # What the kernel keeps in a run directory (the journal and its segments `events.*`, too): no plugin writes there
 # (a PATH setting naming one is refused: metrics_log writing `events` cut the journal and wrote into it).
 RUN_DIR_RESERVED = frozenset({JOURNAL_NAME, SUMMARY_NAME, "config.json", "credential", "kernel.pid", "kernel.host",
-                              "kernel.log", "final.pt", "connection.json", "control.sock"})
+                              "kernel.log", "final.pt", "connection.json", "control.sock", "events.sock", "bursts.sock",
+                              "plugins"})  # plugins/: each spawned plugin's log, NAME.log
 
 # Delivery classes a plugin declares in its hello.
 BEST_EFFORT = "best_effort"  # live PUB/SUB only; gaps are counted, not repaired

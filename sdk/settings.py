@@ -82,7 +82,7 @@ class Setting:
             return f"a template whose {{fields}} are {', '.join(STEP_FIELDS)} or metrics the run produces"
         if self.kind == PATH:
             return ("a path inside the run directory (relative, no '..', none of the kernel's own files: events, "
-                    "config.json, summary.json, ...)")
+                    "config.json, summary.json, plugins/, ...)")
         if self.min is not None and self.max is not None:
             return f"between {self.min:g} and {self.max:g}"
         if self.min is not None:

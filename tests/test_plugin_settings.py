@@ -84,9 +84,12 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_the_setting_the_value_and_
     ({"mode": "lowest"}, "mode = 'lowest' is not allowed; it must be one of 'min', 'max'"),
     ({"out": "/tmp/elsewhere.txt"}, "out = '/tmp/elsewhere.txt' is not allowed; it must be a string: a path inside "
                                     "the run directory (relative, no '..', none of the kernel's own files: events, "
-                                    "config.json, summary.json, ...)"),
+                                    "config.json, summary.json, plugins/, ...)"),
     ({"out": "logs/../../up.txt"}, "out = 'logs/../../up.txt' is not allowed"),
     ({"out": "~/home.txt"}, "out = '~/home.txt' is not allowed"),
+    # the spawned plugins' logs (plugins/NAME.log), and the kernel's sockets
+    ({"out": "plugins/console.log"}, "out = 'plugins/console.log' is not allowed"),
+    ({"out": "events.sock"}, "out = 'events.sock' is not allowed"),
 ])
 def test_a_value_outside_its_constraint_is_refused(given, allowed):
     with pytest.raises(SettingsError) as raised:
