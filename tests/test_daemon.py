@@ -806,16 +806,3 @@ def test_a_run_killed_with_the_daemon_is_died_and_runs_resume_ends_it_with_the_u
         *settings)
     assert_same_weights(runs / victim, next(p for p in reference.iterdir() if p.is_dir()))
 
-
-def test_status_with_no_daemon_and_a_garbled_registry_exits_3_saying_the_queue_is_unknown(tmp_path):
-    """No daemon serves: exit 3, as docs/daemon.md says, also when the registry cannot be read (it exited 2, with
-    the registry's error alone)."""
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    (runs / "registry.sqlite").write_text("not a database")
-    status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
-    assert status.returncode == 3 and status.stdout.startswith(
-        f"no daemon serves {runs}; its queue is unknown: {runs}/registry.sqlite is not a run registry"), status
-    assert "runs reindex" in status.stdout
-    as_json = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json", check=False).stdout)
-    assert as_json["serving"] is False and "not a run registry" in as_json["registry_error"]

@@ -209,11 +209,18 @@ def test_a_registry_that_is_not_one_or_a_missing_runs_dir_is_one_error_line_nami
     from conftest import trainbus
 
     (tmp_path / REGISTRY_NAME).write_text("junk\n")
-    for args in (["daemon", "cancel", "x"], ["daemon", "status"], ["runs", "stop", "x"], ["daemon", "start"]):
+    for args in (["daemon", "cancel", "x"], ["runs", "stop", "x"], ["daemon", "start"]):
         done = trainbus(*args, "--runs-dir", str(tmp_path), check=False)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, (args, done.stderr)
         assert done.stderr.startswith(f"error: {tmp_path / REGISTRY_NAME} is not a run registry") and \
             f"`trainbus runs reindex --runs-dir {tmp_path}`" in done.stderr, (args, done.stderr)
+    # status answers whether a daemon serves (3: none does), and says the queue is unknown, with the same fix
+    done = trainbus("daemon", "status", "--runs-dir", str(tmp_path), check=False)
+    assert done.returncode == 3 and done.stdout.count("\n") == 1 and done.stdout.startswith(
+        f"no daemon serves {tmp_path}; its queue is unknown: {tmp_path / REGISTRY_NAME} is not a run registry"), done
+    assert f"`trainbus runs reindex --runs-dir {tmp_path}`" in done.stdout, done.stdout
+    as_json = json.loads(trainbus("daemon", "status", "--json", "--runs-dir", str(tmp_path), check=False).stdout)
+    assert as_json["serving"] is False and "is not a run registry" in as_json["registry_error"], as_json
     done = trainbus("daemon", "cancel", "x", "--runs-dir", str(tmp_path / "nowhere"), check=False)
     assert (done.returncode, done.stderr) == (2, f"error: the runs directory {tmp_path / 'nowhere'} does not exist "
                                                  f"(is --runs-dir right?)\n")
