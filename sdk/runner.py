@@ -371,7 +371,8 @@ class Runner:
                 f"{self.failures} handler failures in all: the first {MAX_REPORTED_TRACEBACKS} were reported with "
                 f"their tracebacks, the rest only counted (plugins/{self.plugin.name}.log has more)")))
         self._maybe_ack(force=True)
-        stats = f"received {self.io.received}, processed {self.processed}, gaps {self.gaps}, " \
+        # received: live events; processed counts the replayed ones too (a restart's, a reconnect's)
+        stats = f"received {self.io.received} live, processed {self.processed}, gaps {self.gaps}, " \
                 f"failures {self.failures}, dead letters {self.dead_letters}, dropped {self.io.dropped}, " \
                 f"malformed {self.io.malformed}"
         if self.unreached:
