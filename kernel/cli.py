@@ -75,7 +75,8 @@ def run(
                                                                         "for keeps its target and settings."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the number of epochs."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for every RNG (default 0)."),
-    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", parser=runs_dir_path, help="Where run directories go (default ./runs)."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", parser=runs_dir_path,
+                                            help="Where run directories go (default ./runs)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     hparam: list[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE (VALUE parsed as JSON if it can be); "
                                                        "NAME.SETTING=VALUE or plugins.NAME.settings.SETTING=VALUE "

@@ -18,7 +18,8 @@ daemon_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                          help="The kernel daemon: a queue of runs for one runs directory that outlives crashes.")
 
 
-RUNS_DIR_OPTION = typer.Option("runs", "--runs-dir", parser=runs_dir_path, help="The runs directory it serves (default ./runs).")
+RUNS_DIR_OPTION = typer.Option("runs", "--runs-dir", parser=runs_dir_path,
+                               help="The runs directory it serves (default ./runs).")
 
 
 @daemon_app.command("start")
