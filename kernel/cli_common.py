@@ -12,7 +12,9 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 
-from trainbus.proto.settings_format import METRIC, METRIC_FIELDS, STEP_FIELDS, template_fields
+from trainbus.proto.settings_format import METRIC_FIELDS, metrics_named
+
+from .cluster import LAUNCH
 
 KEYS_DIR_HELP = "Key directory (default $TRAINBUS_KEYS_DIR, else ~/.config/trainbus/keys)."
 
@@ -70,7 +72,7 @@ def says_the_checks() -> bool:
     process of a command does. Not a rank that `trainbus run --nproc` started, whose command said it before it
     started torchrun (under --nproc 2 each line came three times), nor a rank above 0 of the user's own torchrun or
     srun, whose rank 0 says it."""
-    if os.environ.get("TRAINBUS_LAUNCH"):  # cluster.LAUNCH: set by `run --nproc` for the ranks it starts
+    if os.environ.get(LAUNCH):  # set by `run --nproc` for the ranks it starts
         return False
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")).strip() in ("", "0")
 
@@ -96,12 +98,9 @@ def _check_plugin_settings(plugins, deliveries: dict[str, str] | None = None) ->
             deliveries[p.name] = info["delivery"]
         for key, s in info["settings"].items():
             value = p.settings.get(key, s["default"])
-            if s["kind"] == METRIC and value:
-                metric_settings[f"{p.name}: {key} = {value!r}"] = value
-            elif s["kind"] == METRIC_FIELDS:
-                for field in template_fields(value):  # the plugin's check made it a template
-                    if field not in STEP_FIELDS:
-                        metric_settings[f"{p.name}: {key} = {value!r} names {field}, which"] = field
+            for metric in metrics_named(s["kind"], value):  # the plugin's check made a METRIC_FIELDS a template
+                names = f" names {metric}, which" if s["kind"] == METRIC_FIELDS else ""
+                metric_settings[f"{p.name}: {key} = {value!r}{names}"] = metric
     return metric_settings
 
 

@@ -20,6 +20,16 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
+def metrics_named(kind: str, value) -> list[str]:
+    """The metrics a setting's value names, which the run must produce: a METRIC's value, a METRIC_FIELDS
+    template's fields other than the STEP_FIELDS; none for any other kind (or an empty METRIC)."""
+    if kind == METRIC and value:
+        return [value]
+    if kind == METRIC_FIELDS and isinstance(value, str):
+        return [field for field in template_fields(value) if field not in STEP_FIELDS]
+    return []
+
+
 def typed_word(raw: str):
     """A --set VALUE (`trainbus run`, `python -m trainbus.sdk`): JSON when it parses (5, true, [1, 2]), else the text
     itself; the plugin's declared type then reads a string as its own ("1" for an integer setting is 1)."""

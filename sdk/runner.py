@@ -25,7 +25,7 @@ import zmq
 
 from trainbus.proto import DURABLE, Event, control, events as ev, unpack
 from trainbus.proto.messages import SUMMARY_NAME
-from trainbus.proto.settings_format import METRIC, METRIC_FIELDS, STEP_FIELDS, template_fields
+from trainbus.proto.settings_format import METRIC_FIELDS, metrics_named
 from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir, load_secret, load_server_key,
                                    read_connection_file, secure_client)
 
@@ -546,14 +546,11 @@ def _check_metrics_produced(plugin_cls: type, merged: dict[str, Any], run_dir: s
     label = f"plugin {plugin_cls.name or _snake(plugin_cls.__name__)}"
     for key, spec in declared(plugin_cls.settings).items():
         value = merged.get(key)
-        if spec.kind == METRIC and value and value not in produced:
-            raise SettingsError(f"{label}: {key} = {value!r} is not a metric this run produces; use one of: "
-                                f"{', '.join(produced)}")
-        if spec.kind == METRIC_FIELDS and isinstance(value, str):
-            for field in template_fields(value):
-                if field not in STEP_FIELDS and field not in produced:
-                    raise SettingsError(f"{label}: {key} = {value!r} names {field}, which is not a metric this run "
-                                        f"produces; use one of: {', '.join(produced)}")
+        for metric in metrics_named(spec.kind, value):
+            if metric not in produced:
+                names = f" names {metric}, which" if spec.kind == METRIC_FIELDS else ""
+                raise SettingsError(f"{label}: {key} = {value!r}{names} is not a metric this run produces; use one "
+                                    f"of: {', '.join(produced)}")
 
 
 def run_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
