@@ -155,14 +155,17 @@ def probed_digits(hyperparameters: dict):
 
 class _SaysDevices:
     """A loader that, as training starts, writes the CUDA_VISIBLE_DEVICES its process was given to
-    RUN_DIR/devices.txt (the run directory exists by then; at build time it does not yet)."""
+    RUN_DIR/devices.txt (the run directory exists by then; at build time it does not yet). Written whole, by a
+    rename: a test waits for the file to exist and reads it at once, and on busy cores it met it still empty."""
 
     def __init__(self, loader):
         self.loader = loader
 
     def __iter__(self):
         seen = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
-        (Path(os.environ["RUN_DIR"]) / "devices.txt").write_text(seen)
+        path = Path(os.environ["RUN_DIR"]) / "devices.txt"
+        path.with_suffix(".tmp").write_text(seen)
+        path.with_suffix(".tmp").replace(path)
         return iter(self.loader)
 
     def __len__(self):
