@@ -575,24 +575,28 @@ def _local_kernel_pid(run_dir: Path | None) -> int | None:
         return None
 
 
-def kernel_died(run_dir: Path | None) -> str | None:
-    """Why the run's kernel is known to be gone without a summary (killed, out of memory); None if not known."""
-    pid = _local_kernel_pid(run_dir)
-    if pid is None:
-        return None
+def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return f"the run's kernel (pid {pid}) is gone and wrote no {SUMMARY_NAME}: the run died"
+        return True
     except OSError:
         pass  # a process that is not ours: alive as far as we can tell
-    return None
+    return False
+
+
+def kernel_died(run_dir: Path | None) -> str | None:
+    """Why the run's kernel is known to be gone without a summary (killed, out of memory); None if not known."""
+    pid = _local_kernel_pid(run_dir)
+    if pid is None or not _gone(pid):
+        return None
+    return f"the run's kernel (pid {pid}) is gone and wrote no {SUMMARY_NAME}: the run died"
 
 
 def kernel_alive(run_dir: Path | None) -> int | None:
     """The pid of the run's kernel when it is known to run on this machine; None when it is gone or not known."""
     pid = _local_kernel_pid(run_dir)
-    return pid if pid is not None and kernel_died(run_dir) is None else None
+    return pid if pid is not None and not _gone(pid) else None
 
 
 def kernel_stopped(run_dir: Path | None) -> int | None:
