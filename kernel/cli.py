@@ -15,12 +15,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Callable, NoReturn, Optional, TextIO
 
 import typer
 from rich.markup import escape
 
 from trainbus.proto import PROTOCOL_VERSION
+from trainbus.proto.output import RefusalGuard
 from trainbus.proto.process import exit_without_teardown
 from trainbus.proto.settings_format import typed_word
 
@@ -639,6 +640,7 @@ class _SaidBeforeTheRun(logging.Formatter):
 
 def main() -> None:
     logging.lastResort.setFormatter(_SaidBeforeTheRun())
+    _guard_standard_streams()
     click = _click_exceptions()
     try:
         # Not standalone: click's own usage errors come here, said in one line like every other mistake (its
@@ -672,6 +674,22 @@ def main() -> None:
     except SystemExit as exc:  # a command's own sys.exit
         _exit(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
     _exit(code if isinstance(code, int) else 0)
+
+
+def _guard_standard_streams() -> None:
+    """stdout and stderr redirected to a file whose disk fills (`trainbus run > train.log`, nohup, a batch script):
+    the first refused write is said once on the other stream, naming the file and the fix, and the rest is dropped.
+    The command goes on and exits as it would have: a run's results are in its directory, not in that file."""
+    def say_on(stream_of: Callable[[], TextIO]) -> Callable[[str], None]:
+        def say(line: str) -> None:
+            try:
+                print(f"trainbus: warning: {line}", file=stream_of(), flush=True)
+            except OSError:  # that one refuses too (`> log 2>&1`): nowhere left to say it
+                pass
+        return say
+
+    sys.stdout = RefusalGuard(sys.stdout, say_on(lambda: sys.stderr))
+    sys.stderr = RefusalGuard(sys.stderr, say_on(lambda: sys.stdout))
 
 
 def _tell_launcher(said: str) -> bool:

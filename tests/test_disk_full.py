@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -321,3 +322,44 @@ def test_a_disk_full_before_the_run_starts_is_one_line_and_leaves_no_half_made_r
         and "free space there, or give --runs-dir another place" in line, done.stderr
     assert [p.name for p in runs.iterdir()] == ["filler"] or sorted(p.name for p in runs.iterdir()) == [
         "filler", "registry.sqlite"], list(runs.iterdir())
+
+
+# -- the command's own output on a full disk ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("stderr_there_too", [False, True])
+def test_a_full_disk_under_the_commands_output_costs_the_output_only(tmp_path, mount_tmpfs, stderr_there_too):
+    """`trainbus run > train.log` (nohup, a batch script) with train.log's disk full by the run's end: the run's
+    summary cannot be printed. That is said once on stderr, naming the file and the fix, and the command exits as
+    the run ended (0: completed); it died in a traceback of rich's frames and exited 1. With `2>&1` there is nowhere
+    to say it: the exit code alone is right."""
+    from conftest import trainbus_cmd
+
+    disk = mount_tmpfs("out", 64 << 10)
+    log_path, err_path = disk / "train.log", tmp_path / "stderr.txt"
+    runs = tmp_path / "runs"
+    args = [*trainbus_cmd(), "run", PACED, "step_sleep_s=0.02", "--epochs", "2", "--plugins", "", "--device", "cpu",
+            "--runs-dir", str(runs)]
+    with open(log_path, "ab") as log_file, open(err_path, "wb") as err_file:
+        proc = subprocess.Popen(args, stdout=log_file, stderr=log_file if stderr_there_too else err_file,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    try:
+        wait_until(lambda: next(runs.glob(f"*/{JOURNAL_NAME}"), None), 60, "the run's journal", poll_s=0.05)
+        with open(log_path, "ab") as pad:  # the file's last page made whole: the next line needs a new one
+            pad.write(b"." * (-log_path.stat().st_size % 4096))
+        with Filler(disk):
+            proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    summary = json.loads(next(runs.glob("*/summary.json")).read_text())
+    assert summary["status"] == "completed", summary
+    said = err_path.read_text()
+    assert proc.returncode == 0, said
+    if stderr_there_too:
+        return
+    assert "Traceback" not in said, said
+    lines = [line for line in said.splitlines() if str(log_path) in line]
+    assert len(lines) == 1, said
+    assert "No space left on device" in lines[0] and "free space there" in lines[0], lines[0]

@@ -1,0 +1,73 @@
+"""A standard stream on a full disk: the first refused write said once, naming the file and the fix; the rest dropped.
+
+`trainbus run > train.log` (nohup, a batch script) puts the command's output, and the console plugin's, in a file
+on some disk. When that disk fills, a write there raises ENOSPC (EDQUOT, EFBIG, EIO): the run itself is fine and
+its directory holds its results, so losing the terminal's copy must not fail the command, nor turn a completed run's
+exit 0 into a traceback and exit 1.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, TextIO
+
+
+def stream_path(stream: TextIO) -> str:
+    """The file behind a stream, as the user redirected it (`/proc/self/fd/N`); its name where that cannot be read."""
+    try:
+        return os.readlink(f"/proc/self/fd/{stream.fileno()}")
+    except (OSError, ValueError, AttributeError):
+        return getattr(stream, "name", None) or "the output"
+
+
+def refused_line(path: str, exc: OSError) -> str:
+    """The one line that says a stream's file refuses writes, and the fix."""
+    return (f"cannot write to {path} ({exc.strerror or exc}); free space there, or send the output elsewhere: "
+            f"what follows is not written there")
+
+
+class RefusalGuard:
+    """Wraps a text stream (sys.stdout): a write or flush the file refuses calls `said(line)` once, then the stream's
+    descriptor points at /dev/null, so the text its buffer still holds and every later write go nowhere, quietly.
+
+    A broken pipe (`| head`) is left to its own handling (rich's, the caller's): a reader that went away is not a
+    full disk."""
+
+    def __init__(self, stream: TextIO, said: Callable[[str], None]):
+        self._stream = stream
+        self._said = said
+        self.refused: OSError | None = None
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            self._refuse(exc)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            self._refuse(exc)
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, buffer ...: the stream's own
+        return getattr(self._stream, name)
+
+    def _refuse(self, exc: OSError) -> None:
+        if self.refused is not None:
+            return
+        self.refused = exc
+        path = stream_path(self._stream)
+        try:  # what the stream's buffer holds is retried at its next flush: into /dev/null from now on
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+        self._said(refused_line(path, exc))
