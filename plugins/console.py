@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -13,6 +14,7 @@ from rich.text import Text
 
 import trainbus.sdk
 from trainbus.proto import BEST_EFFORT, Event, events as ev
+from trainbus.proto.output import RefusalGuard
 from trainbus.proto.text import printable
 from trainbus.sdk import Plugin, Setting
 
@@ -49,7 +51,10 @@ class ConsolePlugin(Plugin):
     def setup(self) -> None:
         # rich detects the terminal: on a pipe or a file it writes plain text with no escape codes,
         # and we draw no bars at all, just one line per epoch.
-        self.console = Console()
+        # Its output is the kernel's stdout, often a file (`trainbus run > train.log`): when that disk fills, the
+        # first refused line is said once, as a warning naming the file, and the rest dropped; every handler failed
+        # on it, each a traceback and an error logged.
+        self.console = Console(file=RefusalGuard(sys.stdout, lambda line: self.log(line, "warning")))
         self.draws_bars = self.console.is_interactive
         self.progress: Progress | None = None
         self.epoch_task: TaskID | None = None

@@ -363,3 +363,28 @@ def test_a_full_disk_under_the_commands_output_costs_the_output_only(tmp_path, m
     lines = [line for line in said.splitlines() if str(log_path) in line]
     assert len(lines) == 1, said
     assert "No space left on device" in lines[0] and "free space there" in lines[0], lines[0]
+
+
+def test_the_console_plugin_on_a_full_output_disk_says_so_once_and_goes_on(tmp_path, mount_tmpfs):
+    """The console plugin prints into the kernel's stdout: a `train.log` on a full disk failed every one of its
+    handlers (each a traceback, an error logged, `console N errors logged` in `runs list`). It now says once, as a
+    warning naming the file, and drops the rest: no error, no restart."""
+    from conftest import trainbus_cmd
+
+    disk = mount_tmpfs("out", 64 << 10)
+    log_path, err_path = disk / "train.log", tmp_path / "stderr.txt"
+    log_path.write_bytes(b"." * 4095 + b"\n")  # a whole page from earlier runs: the next line needs a new one
+    runs = tmp_path / "runs"
+    args = [*trainbus_cmd(), "run", "--epochs", "2", "--plugins", "console", "--device", "cpu", "--runs-dir", str(runs)]
+    with Filler(disk), open(log_path, "ab") as log_file, open(err_path, "wb") as err_file:
+        done = subprocess.run(args, stdout=log_file, stderr=err_file, timeout=180)
+    said = err_path.read_text()
+    assert done.returncode == 0 and "Traceback" not in said, said
+    run_dir = next(runs.glob("*/summary.json")).parent
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed", summary
+    console = summary["plugins"]["console"]
+    assert console["state"] == "exited" and console["restarts"] == 0 and not console.get("errors_logged"), console
+    warnings = [e.data["text"] for e in of(read_events(run_dir), "log", "console")]
+    assert len(warnings) == 1 and str(log_path) in warnings[0] and "No space left on device" in warnings[0], warnings
+    no_traceback_in(run_dir)
