@@ -16,6 +16,7 @@ import fcntl
 import gzip
 import logging
 import os
+import tempfile
 import time
 from array import array
 from pathlib import Path
@@ -95,6 +96,7 @@ class Journal:
         self.error: OSError | None = None  # why the backlog is not empty
         self._retry_at = 0.0  # after a failed write, the next try waits until then
         self.failed_writes = 0
+        self.kept_elsewhere: Path | None = None  # where the events the disk refused to the end went instead
         self._last_fsync = time.monotonic()
 
     def _set_aside(self, unread: int) -> None:
@@ -280,7 +282,10 @@ class Journal:
         if self._fd < 0:
             return self.error
         if self._backlog:
+            self._retry_at = 0.0  # the last chance: tried now, whenever the last refusal was
             self.append([], self.last_seq + 1)
+        if self._backlog:
+            self.kept_elsewhere = self._keep_backlog()
         try:
             os.fsync(self._fd)
         except OSError as exc:
@@ -290,6 +295,32 @@ class Journal:
         self._fd = -1
         self._cache.clear()
         return self.error
+
+    def _keep_backlog(self) -> Path | None:
+        """The events the disk still refuses as the journal closes, in a file of the temporary directory ($TMPDIR,
+        /tmp; another disk, as a rule) rather than lost with the process: the same records, so appending the file to
+        the journal (`cat FILE >> events`) makes it whole. None when that is refused too."""
+        first, last = self.written_seq + 1, self.last_seq
+        kept = Path(tempfile.gettempdir()) / f"trainbus-{self.path.parent.name}-{self.path.name}.{first}-{last}"
+        try:
+            _write_file(kept, b"".join(self._backlog))
+        except OSError as exc:
+            kept.unlink(missing_ok=True)
+            log.error("journal %s: events %d-%d could not be kept in %s either (%s): they are lost", self.path, first,
+                      last, kept, exc.strerror)
+            return None
+        log.error("journal %s: events %d-%d, which its disk refused, are kept in %s", self.path, first, last, kept)
+        return kept
+
+    def held_message(self) -> str:
+        """What became of the events the disk refused to the end: where they are and how they rejoin the journal."""
+        first, last = self.written_seq + 1, self.last_seq
+        held = (f"the run's last {last - first + 1} events (seq {first}-{last}) could not be journaled "
+                f"({self.error.strerror if self.error else 'error'})")
+        if self.kept_elsewhere is None:
+            return f"{held}: free space on the disk holding {self.path}"
+        return (f"{held}; they are in {self.kept_elsewhere}: once the disk has space, and before the run is resumed, "
+                f"append them to the journal: cat {self.kept_elsewhere} >> {self.path}")
 
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)

@@ -314,10 +314,9 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     undrained = wait_drained(bus, cfg.drain_timeout_s if status != "interrupted" else 2.0, abort=hurry)
     journal_error = close_bus(bus, run_dir, sockets, PLUGIN_EXIT_TIMEOUT_S, hurry)
     checkpointer.close()
-    if journal_error is not None and bus.journal.backlog_bytes and status != "failed":
-        status, error = "failed", (f"the run's last {bus.journal.backlog_bytes} bytes of events could not be "
-                                   f"journaled ({journal_error.strerror}): free space on the disk holding "
-                                   f"{bus.journal.path}")
+    if journal_error is not None and bus.journal.backlog_bytes:  # kept in $TMPDIR, as the weights are, or lost
+        held = bus.journal.held_message()
+        status, error = "failed", f"{error}; {held}" if status == "failed" and error else held
     if interrupts.hurry() and status in ("completed", "stopped"):
         status, error = "interrupted", f"interrupted (a second {interrupts.last}) while plugins drained"
     result = RunResult(run_id=run_id, run_dir=str(run_dir), status=status,

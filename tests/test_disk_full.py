@@ -216,12 +216,18 @@ def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs,
     assert int(match[2]) < 50 * STEPS_PER_EPOCH and stopped_after < 60, (match[0], stopped_after)
     # what it trained is not lost with it: the weights at that step, in the temporary directory, and the line says so
     kept = spare / f"trainbus-{run_dir.name}-final.pt"
-    assert lines[0].endswith(f"; the weights as trained to step {match[2]} are in {kept}"), lines[0]
+    assert f"; the weights as trained to step {match[2]} are in {kept};" in lines[0], lines[0]
     import torch
     assert torch.load(kept, weights_only=True)["step"] == int(match[2])
 
-    # the journal ends at a whole record, gap-free from 1
+    # the journal ends at a whole record, gap-free from 1; the events the disk refused are beside the weights, and
+    # appended as the line says, the journal holds the run through its final event
     whole_journal(journal)
+    held = next(spare.glob(f"trainbus-{run_dir.name}-{JOURNAL_NAME}.*"))
+    assert f"cat {held} >> {journal}" in lines[0], lines[0]
+    with open(journal, "ab") as f:
+        f.write(held.read_bytes())
+    assert "end_training_session" in [m["type"] for m in whole_journal(journal)]
 
     summary = run_dir / "summary.json"
     if summary.exists():
@@ -388,3 +394,39 @@ def test_the_console_plugin_on_a_full_output_disk_says_so_once_and_goes_on(tmp_p
     warnings = [e.data["text"] for e in of(read_events(run_dir), "log", "console")]
     assert len(warnings) == 1 and str(log_path) in warnings[0] and "No space left on device" in warnings[0], warnings
     no_traceback_in(run_dir)
+
+
+def test_events_the_disk_refuses_to_the_end_are_kept_and_rejoin_the_journal(tmp_path, mount_tmpfs, request):
+    """The disk fills mid-run and stays full, but the held events stay under journal_backlog_mb (the default
+    64 MiB: hours of a small run), so training ends as planned. The events the disk never took were dropped with the
+    process, named nowhere (runs list showed the run `died` at the epoch the disk filled). They are now kept in the
+    temporary directory, as the weights are, and the error line names that file and how it rejoins the journal."""
+    runs = mount_tmpfs("runs", 4 << 20)
+    spare = Path(tempfile.mkdtemp(prefix="tb-"))
+    request.addfinalizer(lambda: shutil.rmtree(spare, ignore_errors=True))
+    proc = Command("run", PACED, "step_sleep_s=0.02", "--epochs", "3", "--plugins", "", "--device", "cpu",
+                   "--runs-dir", str(runs), env={"TMPDIR": str(spare)})
+    try:
+        journal = wait_until(lambda: next((p for p in runs.glob(f"*/{JOURNAL_NAME}") if p.stat().st_size > 8000), None),
+                             60, "the run's journal", poll_s=0.05)
+        with Filler(runs):
+            proc.wait(timeout=120)
+            held_from = whole_journal(journal)[-1]["seq"] + 1  # read while the disk is still full
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = proc.communicate()
+    assert proc.returncode == 1 and "Traceback" not in out + err, out + err
+    kept = [p for p in spare.iterdir() if p.name.startswith(f"trainbus-{journal.parent.name}-{JOURNAL_NAME}.")]
+    assert len(kept) == 1, list(spare.iterdir())
+    lines = [line for line in out.splitlines() if str(kept[0]) in line]
+    assert len(lines) == 1 and f"(seq {held_from}-" in lines[0] and "No space left on device" in lines[0], out
+    assert f"cat {kept[0]} >> {journal}" in lines[0], lines[0]
+
+    # what the line says to do makes the journal whole: gap-free from 1 through the run's final event
+    with open(journal, "ab") as f:
+        f.write(kept[0].read_bytes())
+    maps = whole_journal(journal)
+    assert "end_training_session" in [m["type"] for m in maps[-3:]], [m["type"] for m in maps[-5:]]
+    assert [m["type"] for m in maps].count("end_training_batch") == 3 * STEPS_PER_EPOCH
