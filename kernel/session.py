@@ -323,12 +323,20 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
                        duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
                        plugins=_plugin_summary(bus), undrained=undrained, bus=_counters(bus), error=error,
                        trace=trace, cluster=cluster.describe())
+    summary, text = run_dir / "summary.json", json.dumps(asdict(result), indent=2) + "\n"
     try:
-        (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        summary.write_text(text)
     except OSError as exc:
-        (run_dir / "summary.json").unlink(missing_ok=True)  # never a torn summary
-        print(f"trainbus: could not write {run_dir / 'summary.json'} ({_reason(exc)}); the run ended {status}",
-              file=sys.stderr)
+        summary.unlink(missing_ok=True)  # never a torn summary
+        # kept where the weights and the held events go, or `runs list` calls the run died for good
+        kept = Path(tempfile.gettempdir()) / f"trainbus-{run_id}-summary.json"
+        try:
+            kept.write_text(text)
+            moved = f"; it is in {kept}: move it there once the disk has space (till then `runs list` says died)"
+        except OSError:
+            kept.unlink(missing_ok=True)
+            moved = ""
+        print(f"trainbus: could not write {summary} ({_reason(exc)}); the run ended {status}{moved}", file=sys.stderr)
     record_run(run_dir)  # the run registry: how it ended
     logging.getLogger("trainbus").removeHandler(handler)
     handler.close()
