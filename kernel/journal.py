@@ -90,6 +90,7 @@ class Journal:
         if unread:  # a record torn by a crash, or a bad byte that makes every record after it unreadable
             self._set_aside(unread)
         os.ftruncate(self._fd, self._size)
+        self._rejoin_kept()
         self._read_fd = os.open(self.path, os.O_RDONLY | _CLOEXEC)
         self._backlog: list[bytes] = []  # numbered records the disk has not taken yet
         self.backlog_bytes = 0
@@ -115,6 +116,30 @@ class Journal:
                 f"or damaged) and are kept in {kept.name}; the run's journal goes on from event {after + 1}")
         self.missing.append(line)
         log.error("journal: %s", line)
+
+    def _rejoin_kept(self) -> None:
+        """Events an earlier kernel of this run kept in the temporary directory as it closed (its disk refused
+        them: _keep_backlog) are appended back when the journal opens again, so a continued run goes on after them,
+        not over their seqs. Only a file that starts at the journal's next seq and holds whole, gap-free records."""
+        next_seq = self._first_seq + len(self._offsets)
+        for kept in Path(tempfile.gettempdir()).glob(f"{_kept_stem(self.path)}.{next_seq}-*"):
+            records = list(iter_records(kept))
+            if [r["seq"] for _, _, r in records] != list(range(next_seq, next_seq + len(records))) or not records:
+                continue
+            with open(kept, "rb") as f:
+                blob = f.read(records[-1][1])
+            try:
+                _write_all(self._fd, blob, self._size)
+                os.fsync(self._fd)
+            except OSError:
+                os.ftruncate(self._fd, self._size)
+                raise
+            self._offsets.extend(self._size + offset for offset, _, _ in records)
+            self._size += len(blob)
+            kept.unlink()
+            log.warning("journal %s: events %d-%d, kept in %s when the disk refused them, are back in the journal",
+                        self.path, next_seq, next_seq + len(records) - 1, kept)
+            return
 
     @property
     def last_seq(self) -> int:
@@ -301,7 +326,7 @@ class Journal:
         /tmp; another disk, as a rule) rather than lost with the process: the same records, so appending the file to
         the journal (`cat FILE >> events`) makes it whole. None when that is refused too."""
         first, last = self.written_seq + 1, self.last_seq
-        kept = Path(tempfile.gettempdir()) / f"trainbus-{self.path.parent.name}-{self.path.name}.{first}-{last}"
+        kept = Path(tempfile.gettempdir()) / f"{_kept_stem(self.path)}.{first}-{last}"
         try:
             _write_file(kept, b"".join(self._backlog))
         except OSError as exc:
@@ -319,8 +344,14 @@ class Journal:
                 f"({self.error.strerror if self.error else 'error'})")
         if self.kept_elsewhere is None:
             return f"{held}: free space on the disk holding {self.path}"
-        return (f"{held}; they are in {self.kept_elsewhere}: once the disk has space, and before the run is resumed, "
-                f"append them to the journal: cat {self.kept_elsewhere} >> {self.path}")
+        return (f"{held}; they are in {self.kept_elsewhere}: once the disk has space, `trainbus runs resume` (with "
+                f"this TMPDIR) puts them back in the journal, or append them by hand: "
+                f"cat {self.kept_elsewhere} >> {self.path}")
+
+
+def _kept_stem(path: Path) -> str:
+    """The name, in the temporary directory, of a run's events its disk refused: trainbus-<run id>-events."""
+    return f"trainbus-{path.parent.name}-{path.name}"
 
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)

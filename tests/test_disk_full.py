@@ -438,3 +438,32 @@ def test_events_the_disk_refuses_to_the_end_are_kept_and_rejoin_the_journal(tmp_
     assert json.loads(listed.stdout)[0]["status"] == "failed", listed.stdout
     assert "end_training_session" in [m["type"] for m in maps[-3:]], [m["type"] for m in maps[-5:]]
     assert [m["type"] for m in maps].count("end_training_batch") == 3 * STEPS_PER_EPOCH
+
+
+def test_a_continued_run_puts_the_events_kept_elsewhere_back_in_its_journal(tmp_path, mount_tmpfs, monkeypatch):
+    """The events a kernel kept in $TMPDIR as it closed on a full disk come back when the run's journal opens again
+    (`trainbus runs resume`, which the daemon's log advises for such a run): a continued run went on from the last
+    seq on disk, over theirs, so they could no longer rejoin it."""
+    from test_journal import envelope
+
+    from trainbus.kernel.journal import Journal
+    from trainbus.proto import pack
+
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spare))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    run_dir = mount_tmpfs("runs", 1 << 20) / "run-1"
+    run_dir.mkdir()
+    journal = Journal(run_dir / JOURNAL_NAME)
+    assert journal.append([pack(envelope(seq)) for seq in range(1, 11)], 1) == 10
+    with Filler(run_dir.parent):
+        journal.append([pack(envelope(seq)) for seq in range(11, 2000)], 11)  # more than the last page holds
+        assert journal.close() is not None and journal.kept_elsewhere is not None
+    assert journal.kept_elsewhere.parent == spare and journal.kept_elsewhere.name.endswith(".11-1999")
+
+    reopened = Journal(run_dir / JOURNAL_NAME)
+    assert reopened.last_seq == 1999 and not journal.kept_elsewhere.exists()
+    assert reopened.append([pack(envelope(2000))], 2000) == 1
+    reopened.close()
+    assert [e.seq for e in read_events(run_dir)] == list(range(1, 2001))
