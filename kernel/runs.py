@@ -505,11 +505,13 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     # the best of whole epochs, as the loop's (summary.json's) is: a partial epoch's validation is not comparable
     losses = [(row["validation_loss"], row["epoch"]) for row in rows
               if isinstance(row.get("validation_loss"), float) and not row["partial"]]
-    best = min(losses) if losses else None
+    best = {"validation_loss": min(losses)[0], "epoch": min(losses)[1]} if losses else None
+    if damage and info.get("best"):  # epochs the journal lost: the loop's own best (summary.json) saw them all
+        best = info["best"]
     info.update(
         sessions=sessions, device=session.get("device"), model=session.get("model"), cluster=session.get("cluster"),
         parameters=session.get("parameters"), hyperparameters=session.get("hyperparameters", config.get("hyperparameters")),
-        epoch_table=rows, best={"validation_loss": best[0], "epoch": best[1]} if best else None,
+        epoch_table=rows, best=best,
         plugins=plugins, attached=attached, checkpoints={"saved": saved, **checkpoint_counts}, undrained=undrained,
         bus=summary.get("bus") or {}, files=_files(run_dir), journal_damage=damage)
     if info["error"] is None and error is not None:

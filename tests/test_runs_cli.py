@@ -334,6 +334,28 @@ def test_runs_show_and_plot_say_when_a_bad_byte_hides_the_journal_after_it(every
         plotted.stderr
 
 
+def test_runs_show_of_a_damaged_journal_keeps_the_best_the_run_itself_recorded(every_status, tmp_path):
+    """The journal read stops at a bad byte before the best epoch's end_epoch: `runs show` took the best of the
+    epochs it could read, over summary.json's, and said "best validation loss 1.05 at epoch 2" beside a last epoch
+    of 0.46. The run's own account of its best (summary.json, every epoch) wins where the journal lost epochs."""
+    from trainbus.kernel.runs import run_details
+    from trainbus.proto.journal_format import iter_records
+
+    run_dir = tmp_path / "a-completed"
+    shutil.copytree(every_status[0] / "a-completed", run_dir)
+    outcome = json.loads((run_dir / "summary.json").read_text())["outcome"]
+    journal = run_dir / JOURNAL_NAME
+    records = list(iter_records(journal))
+    best_epoch_end = next(r for r in records if r[2]["type"] == "end_epoch" and r[2]["epoch"] == outcome["best_epoch"])
+    damaged = bytearray(journal.read_bytes())
+    damaged[best_epoch_end[0]] = 0xc1  # a byte msgpack never uses: the read stops before the best epoch's end
+    journal.write_bytes(bytes(damaged))
+
+    details = run_details(run_dir)
+    assert details["journal_damage"] and outcome["best_epoch"] not in [row["epoch"] for row in details["epoch_table"]]
+    assert details["best"] == {"validation_loss": outcome["best_validation_loss"], "epoch": outcome["best_epoch"]}
+
+
 def test_a_continued_run_lists_the_epochs_its_last_session_planned(tmp_path):
     """`run --resume RUN --epochs 8` extends a run: its config.json says 8, while the journal's head (all that
     list reads of its start) holds only the first session's start_training_session (epochs 5)."""
