@@ -117,6 +117,8 @@ def run(
                                                                    "the daemon has GPUs)."),
 ) -> None:
     """Train, with every plugin in its own process; prints the run id, the outcome and where results are."""
+    global _OUTPUT_IS_A_COPY
+    _OUTPUT_IS_A_COPY = True
     flag_words = list(flag_words or [])
     for flag, value in (("--resume", resume), ("--listen", listen)):
         if value is not None and not value.strip():  # "$UNSET_VARIABLE": a new run, or no TCP, without a word
@@ -672,8 +674,19 @@ def main() -> None:
         print(f"error: {exc}", file=sys.stderr)
         _exit(1)
     except SystemExit as exc:  # a command's own sys.exit
-        _exit(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
-    _exit(code if isinstance(code, int) else 0)
+        _exit(_unless_output_lost(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)))
+    _exit(_unless_output_lost(code if isinstance(code, int) else 0))
+
+
+# A run's output is a copy of what its directory holds, so its loss costs the run nothing; that of `runs list --json >
+# runs.json` is all the command made, and a script must not take the cut file for it.
+_OUTPUT_IS_A_COPY = False
+
+
+def _unless_output_lost(code: int) -> int:
+    """The exit code, but 1 for a command other than `run` that succeeded while its stdout refused what it wrote."""
+    refused = getattr(sys.stdout, "refused", None) is not None
+    return 1 if code == 0 and refused and not _OUTPUT_IS_A_COPY else code
 
 
 def _guard_standard_streams() -> None:

@@ -467,3 +467,20 @@ def test_a_continued_run_puts_the_events_kept_elsewhere_back_in_its_journal(tmp_
     assert reopened.append([pack(envelope(2000))], 2000) == 1
     reopened.close()
     assert [e.seq for e in read_events(run_dir)] == list(range(1, 2001))
+
+
+def test_a_listing_whose_output_the_full_disk_refuses_exits_1(tmp_path, mount_tmpfs):
+    """`trainbus runs list --json > runs.json` on a full disk made nothing but that file: it is said once, naming
+    the file, and the exit is 1 (a script must not take the cut file for the listing), without a traceback."""
+    from conftest import trainbus_cmd
+
+    runs = tmp_path / "runs"
+    assert run_training(RunConfig(epochs=1, seed=0, device="cpu", runs_dir=str(runs))).status == "completed"
+    disk = mount_tmpfs("out", 64 << 10)
+    out_path = disk / "runs.json"
+    with Filler(disk), open(out_path, "wb") as out_file:
+        done = subprocess.run([*trainbus_cmd(), "runs", "list", "--json", "--runs-dir", str(runs)], stdout=out_file,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if str(out_path) in line]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "free space there" in lines[0], done.stderr
