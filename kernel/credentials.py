@@ -7,6 +7,7 @@ import hmac
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -76,3 +77,25 @@ def socket_dir(run_dir: Path) -> Path:
         shutil.rmtree(short, ignore_errors=True)
         raise OSError(f"no socket path short enough under {tempfile.gettempdir()}; set TMPDIR to a short directory")
     return short
+
+
+def kept_dir(create: bool = True) -> Path | None:
+    """Where what a full run-directory disk refused is kept (the final weights, the summary, the journal's last
+    events): an owner-only directory of ours in the temporary directory ($TMPDIR, /tmp; another disk, as a rule).
+    Not /tmp itself: a name there that another user can make first is one they can read, or, for the events a
+    resume appends back to the journal, forge. OSError when the one there is not ours or not owner-only; None when
+    there is none and `create` is false."""
+    path = Path(tempfile.gettempdir()) / f"trainbus-kept-{os.getuid()}"
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PermissionError(f"{path} is not an owner-only directory of this user's: remove it, or set TMPDIR "
+                              f"to another directory")
+    return path

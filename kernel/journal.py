@@ -16,7 +16,6 @@ import fcntl
 import gzip
 import logging
 import os
-import tempfile
 import time
 from array import array
 from pathlib import Path
@@ -28,6 +27,8 @@ from trainbus.proto import Event
 from trainbus.proto.codec import UNPACK_LIMITS
 from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, iter_records, read_journal,
                                            segment_name)
+
+from .credentials import kept_dir
 
 log = logging.getLogger("trainbus.kernel")
 
@@ -122,7 +123,12 @@ class Journal:
         them: _keep_backlog) are appended back when the journal opens again, so a continued run goes on after them,
         not over their seqs. Only a file that starts at the journal's next seq and holds whole, gap-free records."""
         next_seq = self._first_seq + len(self._offsets)
-        for kept in Path(tempfile.gettempdir()).glob(f"{_kept_stem(self.path)}.{next_seq}-*"):
+        try:
+            directory = kept_dir(create=False)
+        except OSError as exc:  # not ours: nothing in it is taken into the journal
+            log.warning("journal %s: %s", self.path, exc)
+            return
+        for kept in directory.glob(f"{_kept_stem(self.path)}.{next_seq}-*") if directory else ():
             records = list(iter_records(kept))
             if [r["seq"] for _, _, r in records] != list(range(next_seq, next_seq + len(records))) or not records:
                 continue
@@ -326,13 +332,16 @@ class Journal:
         /tmp; another disk, as a rule) rather than lost with the process: the same records, so appending the file to
         the journal (`cat FILE >> events`) makes it whole. None when that is refused too."""
         first, last = self.written_seq + 1, self.last_seq
-        kept = Path(tempfile.gettempdir()) / f"{_kept_stem(self.path)}.{first}-{last}"
+        name = f"{_kept_stem(self.path)}.{first}-{last}"
+        kept = None
         try:
+            kept = kept_dir() / name
             _write_file(kept, b"".join(self._backlog))
         except OSError as exc:
-            kept.unlink(missing_ok=True)
-            log.error("journal %s: events %d-%d could not be kept in %s either (%s): they are lost", self.path, first,
-                      last, kept, exc.strerror)
+            if kept is not None:
+                kept.unlink(missing_ok=True)
+            log.error("journal %s: events %d-%d could not be kept in the temporary directory either (%s): they are "
+                      "lost", self.path, first, last, exc.strerror or exc)
             return None
         log.error("journal %s: events %d-%d, which its disk refused, are kept in %s", self.path, first, last, kept)
         return kept

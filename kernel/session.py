@@ -10,7 +10,6 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -31,7 +30,7 @@ from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_
 from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
 from .config import ConfigError, RunConfig, check_metric_settings
 from .control import Dispatcher
-from .credentials import Credentials, socket_dir
+from .credentials import Credentials, kept_dir, socket_dir
 from .distributed import GroupInterrupted, Ranks, broken_by_a_peer, distribute, join_group
 from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse, check_free
 from .limits import PeerLimits
@@ -329,12 +328,14 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     except OSError as exc:
         summary.unlink(missing_ok=True)  # never a torn summary
         # kept where the weights and the held events go, or `runs list` calls the run died for good
-        kept = Path(tempfile.gettempdir()) / f"trainbus-{run_id}-summary.json"
+        kept = None
         try:
+            kept = kept_dir() / f"trainbus-{run_id}-summary.json"
             kept.write_text(text)
             moved = f"; it is in {kept}: move it there once the disk has space (till then `runs list` says died)"
         except OSError:
-            kept.unlink(missing_ok=True)
+            if kept is not None:
+                kept.unlink(missing_ok=True)
             moved = ""
         print(f"trainbus: could not write {summary} ({_reason(exc)}); the run ended {status}{moved}", file=sys.stderr)
     record_run(run_dir)  # the run registry: how it ended
@@ -615,11 +616,11 @@ def _keep_final_weights(spec, loop: Loop, path: Path, run_id: str) -> tuple[Path
         return path, None
     except (OSError, RuntimeError) as exc:
         why = _reason(exc)
-    elsewhere = Path(tempfile.gettempdir()) / f"trainbus-{run_id}-{path.name}"
     try:
+        elsewhere = kept_dir() / f"trainbus-{run_id}-{path.name}"
         _save_final_weights(spec, loop, elsewhere)
     except (OSError, RuntimeError) as exc:
-        log.error("the final weights could not be saved to %s either: %s", elsewhere, _reason(exc))
+        log.error("the final weights could not be kept in the temporary directory either: %s", _reason(exc))
         return None, why
     return elsewhere, why
 

@@ -215,7 +215,7 @@ def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs,
     assert match, out
     assert int(match[2]) < 50 * STEPS_PER_EPOCH and stopped_after < 60, (match[0], stopped_after)
     # what it trained is not lost with it: the weights at that step, in the temporary directory, and the line says so
-    kept = spare / f"trainbus-{run_dir.name}-final.pt"
+    kept = spare / f"trainbus-kept-{os.getuid()}" / f"trainbus-{run_dir.name}-final.pt"
     assert f"; the weights as trained to step {match[2]} are in {kept};" in lines[0], lines[0]
     import torch
     assert torch.load(kept, weights_only=True)["step"] == int(match[2])
@@ -223,7 +223,7 @@ def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs,
     # the journal ends at a whole record, gap-free from 1; the events the disk refused are beside the weights, and
     # appended as the line says, the journal holds the run through its final event
     whole_journal(journal)
-    held = next(spare.glob(f"trainbus-{run_dir.name}-{JOURNAL_NAME}.*"))
+    held = next((spare / f"trainbus-kept-{os.getuid()}").glob(f"trainbus-{run_dir.name}-{JOURNAL_NAME}.*"))
     assert f"cat {held} >> {journal}" in lines[0], lines[0]
     with open(journal, "ab") as f:
         f.write(held.read_bytes())
@@ -418,8 +418,9 @@ def test_events_the_disk_refuses_to_the_end_are_kept_and_rejoin_the_journal(tmp_
             proc.wait()
     out, err = proc.communicate()
     assert proc.returncode == 1 and "Traceback" not in out + err, out + err
-    kept = [p for p in spare.iterdir() if p.name.startswith(f"trainbus-{journal.parent.name}-{JOURNAL_NAME}.")]
-    assert len(kept) == 1, list(spare.iterdir())
+    kept_in = spare / f"trainbus-kept-{os.getuid()}"
+    kept = [p for p in kept_in.iterdir() if p.name.startswith(f"trainbus-{journal.parent.name}-{JOURNAL_NAME}.")]
+    assert len(kept) == 1, list(kept_in.iterdir())
     lines = [line for line in out.splitlines() if str(kept[0]) in line]
     assert len(lines) == 1 and f"(seq {held_from}-" in lines[0] and "No space left on device" in lines[0], out
     assert f"cat {kept[0]} >> {journal}" in lines[0], lines[0]
@@ -431,7 +432,7 @@ def test_events_the_disk_refuses_to_the_end_are_kept_and_rejoin_the_journal(tmp_
     summary = journal.parent / "summary.json"
     if not summary.exists():  # refused too (the filler holds every page but one it has not taken back yet)
         said = [line for line in err.splitlines() if str(summary) in line]
-        moved = spare / f"trainbus-{journal.parent.name}-summary.json"
+        moved = kept_in / f"trainbus-{journal.parent.name}-summary.json"
         assert len(said) == 1 and f"it is in {moved}: move it there" in said[0], err
         shutil.move(moved, summary)
     listed = cli("runs", "list", "--json", "--runs-dir", str(runs))
@@ -460,7 +461,8 @@ def test_a_continued_run_puts_the_events_kept_elsewhere_back_in_its_journal(tmp_
     with Filler(run_dir.parent):
         journal.append([pack(envelope(seq)) for seq in range(11, 2000)], 11)  # more than the last page holds
         assert journal.close() is not None and journal.kept_elsewhere is not None
-    assert journal.kept_elsewhere.parent == spare and journal.kept_elsewhere.name.endswith(".11-1999")
+    assert journal.kept_elsewhere.parent == spare / f"trainbus-kept-{os.getuid()}"
+    assert journal.kept_elsewhere.name.endswith(".11-1999")
 
     reopened = Journal(run_dir / JOURNAL_NAME)
     assert reopened.last_seq == 1999 and not journal.kept_elsewhere.exists()
@@ -484,3 +486,39 @@ def test_a_listing_whose_output_the_full_disk_refuses_exits_1(tmp_path, mount_tm
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     lines = [line for line in done.stderr.splitlines() if str(out_path) in line]
     assert len(lines) == 1 and "No space left on device" in lines[0] and "free space there" in lines[0], done.stderr
+
+
+def test_events_kept_elsewhere_rejoin_the_journal_only_from_a_directory_no_one_else_can_write(tmp_path, monkeypatch):
+    """The temporary directory is everyone's: a file there named as a run's kept events, made by another user who
+    read the run id off `ps`, would have been appended to the run's journal at its resume (events forged into the
+    record that durable plugins replay). Kept files live in an owner-only directory of ours; one that is not
+    owner-only is refused, and nothing in it rejoins the journal."""
+    from test_journal import envelope
+
+    from trainbus.kernel.credentials import kept_dir
+    from trainbus.kernel.journal import Journal
+    from trainbus.proto import pack
+
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spare))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    run_dir = tmp_path / "runs" / "run-1"
+    run_dir.mkdir(parents=True)
+    journal = Journal(run_dir / JOURNAL_NAME)
+    assert journal.append([pack(envelope(seq)) for seq in range(1, 11)], 1) == 10
+    journal.close()
+    forged = b"".join(pack(envelope(seq)) for seq in range(11, 21))
+    (spare / f"trainbus-run-1-{JOURNAL_NAME}.11-20").write_bytes(forged)  # where such files went before
+    shared = spare / f"trainbus-kept-{os.getuid()}"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # made by someone else's hand: writable by all
+    (shared / f"trainbus-run-1-{JOURNAL_NAME}.11-20").write_bytes(forged)
+
+    reopened = Journal(run_dir / JOURNAL_NAME)
+    assert reopened.last_seq == 10
+    reopened.close()
+    with pytest.raises(PermissionError, match="not an owner-only directory"):
+        kept_dir()
+    shared.chmod(0o700)
+    assert kept_dir() == shared
