@@ -166,7 +166,7 @@ class Journal:
 
     def overflow_message(self) -> str:
         return (f"the disk holding {self.path} refuses writes ({self.error.strerror if self.error else 'error'}) and "
-                f"{self.backlog_bytes / 2**20:.1f} MiB of events are waiting (limit [run] journal_backlog_mb = "
+                f"{self.backlog_bytes / 2**20:.4g} MiB of events are waiting (limit [run] journal_backlog_mb = "
                 f"{self.backlog_max_bytes / 2**20:.4g}): free space there, or move [run] runs_dir to another disk")
 
     def append(self, records: list[bytes], first_seq: int) -> int:
