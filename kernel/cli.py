@@ -27,7 +27,7 @@ from trainbus.proto.settings_format import typed_word
 
 from .checkpointing import CheckpointError, find_checkpoint
 from .cli_common import (KEYS_DIR_HELP, RUNS_DIR_OPTION, UserError, _attach_client, _check_plugin_settings, _wide, out,
-                         runs_dir_path, says_the_checks)
+                         reason_text, runs_dir_path, says_the_checks)
 from .cli_daemon import daemon_app
 from .cli_keys import keys_app
 from .cli_plugins import plugins_app
@@ -508,9 +508,9 @@ def attach(
     as_json: bool = typer.Option(False, "--json", help="JSON lines: the snapshot (with its seq), then every event."),
     control: bool = typer.Option(False, "--control", help="Steer from the dashboard: s stops the run, c asks for a "
                                                           "checkpoint now (each confirmed with y)."),
-    stop: Optional[str] = typer.Option(None, "--stop", metavar="REASON", help="Send stop with REASON, wait until "
+    stop: Optional[str] = typer.Option(None, "--stop", metavar="REASON", parser=reason_text, help="Send stop with REASON, wait until "
                                                                               "the kernel journaled it, exit."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", metavar="REASON",
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", metavar="REASON", parser=reason_text,
                                              help="Send checkpoint_now with REASON the same way."),
     key: Optional[Path] = typer.Option(None, "--key", help="This client's secret key file: RUN is then a remote "
                                                            "kernel's HOST:PORT or its connection.json (TCP + CURVE)."),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,16 @@ def runs_dir_path(text: str) -> Path:
 
 RUNS_DIR_OPTION = typer.Option("runs", "--runs-dir", parser=runs_dir_path,
                                help="Where run directories are (default ./runs).")
+
+
+def reason_text(text: str) -> str:
+    """A REASON option's value (`attach --stop`, `runs stop --reason`). click takes the word after the option for
+    its value whatever it is, so `--stop --key FILE` journaled "--key" as the reason and then refused FILE as an
+    extra argument, naming neither mistake."""
+    if re.fullmatch(r"--[A-Za-z][\w-]*", text):
+        raise typer.BadParameter(f"takes a REASON, and {text!r} is an option: put the reason right after it, "
+                                 f"quoted ('loss diverged')")
+    return text
 
 
 class _Console(Console):

@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from trainbus.proto import JOURNAL_NAME
 
-from .cli_common import RUNS_DIR_OPTION, UserError, _attach_client, _run_and_status, _wide, out
+from .cli_common import RUNS_DIR_OPTION, UserError, _attach_client, _run_and_status, _wide, out, reason_text
 from .pids import process_alive
 
 runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Runs: what a runs directory holds.")
@@ -182,7 +182,8 @@ def runs_show(
 def runs_stop(
     run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run "
                                         "directory."),
-    reason: str = typer.Option("trainbus runs stop", "--reason", help="Why: journaled with who sent the stop."),
+    reason: str = typer.Option("trainbus runs stop", "--reason", parser=reason_text,
+                               help="Why: journaled with who sent the stop."),
     runs_dir: Path = RUNS_DIR_OPTION,
 ) -> None:
     """Stop a running run at its next step boundary, as `trainbus attach RUN --stop REASON` does; exits once the

@@ -257,6 +257,20 @@ def test_bad_input_gets_one_clear_line_and_no_traceback(case, tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing half-started"
 
 
+@pytest.mark.parametrize("args, option, taken", [
+    (["attach", "127.0.0.1:5", "--stop", "--key", "alice.key_secret"], "--stop", "--key"),
+    (["attach", "x", "--checkpoint", "--json"], "--checkpoint", "--json"),
+    (["runs", "stop", "x", "--reason", "--runs-dir", "runs"], "--reason", "--runs-dir"),
+])
+def test_a_reason_left_out_is_refused_not_the_next_option_taken_for_it(args, option, taken, tmp_path):
+    """click takes the word after an option for its value: `--stop --key FILE` journaled "--key" as the reason,
+    then refused FILE as an extra argument, naming neither mistake."""
+    r = subprocess.run([*trainbus_cmd(), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"'{option}': takes a REASON, and '{taken}' is an option: put the reason right after it" in r.stderr
+
+
 @pytest.mark.parametrize("args", [["run"], ["runs", "delete", "x", "--yes"], ["daemon", "start"]])
 def test_an_empty_runs_dir_is_refused_not_taken_for_the_current_directory(args, tmp_path):
     """`--runs-dir "$UNSET"` was the current directory: runs made, or looked for and deleted, there."""
