@@ -607,7 +607,7 @@ def test_a_disk_full_at_the_end_fails_the_run_in_one_line_and_closes_it_cleanly(
                                  epochs=1, target=HEAVY, ballast_mb=8, step_sleep_s=0.0))
     assert result.status == "failed"
     assert result.error.startswith("training completed, but the final weights could not be saved to ")
-    kept = spare / f"trainbus-{Path(result.run_dir).name}-{FINAL_WEIGHTS}"
+    kept = spare / f"trainbus-kept-{os.getuid()}" / f"trainbus-{Path(result.run_dir).name}-{FINAL_WEIGHTS}"
     assert result.error.endswith(f"No space left on device (errno 28); they were saved to {kept} instead: move them "
                                  f"there once it has space"), result.error
     assert torch.load(kept, weights_only=True)["epoch"] == 1

@@ -12,6 +12,7 @@ import collections
 import errno
 import os
 import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -640,7 +641,9 @@ def test_appends_between_retries_only_queue(mount_tmpfs):
     journal.close()
 
 
-def test_close_on_a_disk_that_stays_full_returns_the_error_and_leaves_whole_records(mount_tmpfs):
+def test_close_on_a_disk_that_stays_full_returns_the_error_and_leaves_whole_records(mount_tmpfs, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the events the disk refused are kept
     disk = mount_tmpfs("journal", 32 << 10)
     path = disk / "events"
     journal = Journal(path)
@@ -652,4 +655,7 @@ def test_close_on_a_disk_that_stays_full_returns_the_error_and_leaves_whole_reco
     assert isinstance(error, OSError) and error.errno == errno.ENOSPC
     assert journal.close() is error  # closing twice is harmless
     assert_whole(path, [1, 2, 3, 4, 5])
+    kept = journal.kept_elsewhere  # not lost: rejoined at the next open (tests/test_disk_full.py)
+    assert [r["seq"] for _, _, r in iter_records(kept)] == list(range(6, 12))
+    kept.unlink()
     assert Journal(path).last_seq == 5
