@@ -508,8 +508,8 @@ def attach(
     as_json: bool = typer.Option(False, "--json", help="JSON lines: the snapshot (with its seq), then every event."),
     control: bool = typer.Option(False, "--control", help="Steer from the dashboard: s stops the run, c asks for a "
                                                           "checkpoint now (each confirmed with y)."),
-    stop: Optional[str] = typer.Option(None, "--stop", metavar="REASON", parser=reason_text, help="Send stop with REASON, wait until "
-                                                                              "the kernel journaled it, exit."),
+    stop: Optional[str] = typer.Option(None, "--stop", metavar="REASON", parser=reason_text,
+                                       help="Send stop with REASON, wait until the kernel journaled it, exit."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", metavar="REASON", parser=reason_text,
                                              help="Send checkpoint_now with REASON the same way."),
     key: Optional[Path] = typer.Option(None, "--key", help="This client's secret key file: RUN is then a remote "
