@@ -116,13 +116,18 @@ def _remote(remote: str | None, key: Path | None, server_key: Path | None):
 
 def _ask(runs_dir: Path, remote, op: str, **fields) -> dict:
     """The daemon's answer, or one error line: none answering, or its refusal."""
+    from trainbus.proto.remote import HandshakeRefused
+
     from . import daemon
 
-    answer = daemon.request(runs_dir, op, remote=remote, **fields)
-    where = remote.host_port if remote else escape(str(runs_dir.resolve()))
+    try:
+        answer = daemon.request(runs_dir, op, remote=remote, **fields)
+    except HandshakeRefused as exc:  # an unknown or revoked key, another server's key pinned: said at once
+        raise UserError(str(exc)) from None
+    where = remote.host_port if remote else str(runs_dir.resolve())  # printed as it is, not as markup
     if answer is None:
-        raise UserError(f"no daemon answered at {where}" + (" (is the key authorized there, and the server key "
-                                                            "its?)" if remote else ""))
+        raise UserError(f"no daemon answered at {where}" + (" (does a daemon listen there, and does this machine "
+                                                            "reach it?)" if remote else ""))
     if not answer.get("ok"):
         raise UserError(f"the daemon at {where} refused: {answer.get('error')}")
     return answer

@@ -767,17 +767,22 @@ class RemoteDaemon:
         self.server_public = load_server_key(Path(self.server_key))
         load_secret(Path(self.key_file))
 
-    def connect(self, socket: zmq.Socket) -> None:
-        from trainbus.proto.remote import secure_client
+    def connect(self, socket: zmq.Socket):
+        """Connect `socket` with our keys; the HandshakeWatch that says at once when the daemon's host takes none."""
+        from trainbus.proto.remote import HandshakeWatch, secure_client
 
         secure_client(socket, self.key_file, self.server_public)
-        socket.connect(f"tcp://{self.host_port}")
+        endpoint = f"tcp://{self.host_port}"
+        watch = HandshakeWatch(socket, endpoint)
+        socket.connect(endpoint)
+        return watch
 
 
 def request(runs_dir: Path | None, op: str, timeout_s: float | None = None, remote: RemoteDaemon | None = None,
             **fields: Any) -> dict[str, Any] | None:
     """The daemon's answer to `op`: the local one of runs_dir, or `remote`; None when none answers in time
-    (default REQUEST_TIMEOUT_S locally, REMOTE_REQUEST_TIMEOUT_S over TCP)."""
+    (default REQUEST_TIMEOUT_S locally, REMOTE_REQUEST_TIMEOUT_S over TCP). HandshakeRefused when `remote` took
+    none of our keys (an unknown or revoked key, another server's key pinned)."""
     if timeout_s is None:
         timeout_s = REQUEST_TIMEOUT_S if remote is None else REMOTE_REQUEST_TIMEOUT_S
     endpoint = None
@@ -790,20 +795,42 @@ def request(runs_dir: Path | None, op: str, timeout_s: float | None = None, remo
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, 16 * CONTROL_MAX_BYTES)  # a status of many runs
+    watch = None
     try:
         if remote is None:
             socket.connect(endpoint)
         else:
-            remote.connect(socket)
+            watch = remote.connect(socket)
         socket.send(msgpack.packb({"op": op, **fields}))
-        if not socket.poll(int(timeout_s * 1000)):
+        if not _answered(socket, timeout_s, watch):
             return None
         reply = unpack(socket.recv())
         return reply if isinstance(reply, dict) else None
     except (zmq.ZMQError, ProtocolError):
         return None
     finally:
+        if watch is not None:
+            watch.close()
         socket.close()
+
+
+def _answered(socket: zmq.Socket, timeout_s: float, watch) -> bool:
+    """`socket` has the answer within timeout_s; HandshakeRefused as soon as `watch` (a remote's) has a verdict."""
+    if watch is None:
+        return bool(socket.poll(int(timeout_s * 1000)))
+    from trainbus.proto.remote import HandshakeRefused
+
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+    poller.register(watch.monitor, zmq.POLLIN)
+    end = time.monotonic() + timeout_s
+    while (left := end - time.monotonic()) > 0:
+        ready = dict(poller.poll(int(left * 1000) + 1))
+        if socket in ready:
+            return True
+        if watch.monitor in ready and watch.read():
+            raise HandshakeRefused(watch.verdict)
+    return False
 
 
 def submit(runs_dir: Path, run_id: str, argv: list[str], gpus: int | None, target: str | None,

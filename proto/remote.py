@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import stat
+import time
 from pathlib import Path
 
 import zmq
@@ -132,6 +133,78 @@ def secure_client(socket: zmq.Socket, key_file: Path | tuple[bytes, bytes], serv
     socket.curve_serverkey = pinned
     socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
     socket.setsockopt(zmq.IPV6, 1)  # a kernel listening on [::1] or another IPv6 address; IPv4 ones still connect
+
+
+class HandshakeRefused(Exception):
+    """A CURVE handshake failed in a way that retrying with the same keys cannot mend; the text says which and
+    what to check (HandshakeWatch)."""
+
+
+class HandshakeWatch:
+    """What libzmq's socket monitor reports of a CURVE client socket's handshakes. The socket itself only goes
+    silent when one fails, and the client used to wait out its whole connect timeout (30 s) before saying it
+    could not tell an unknown key from a wrong server key or an address where no kernel listens.
+
+    Made before the socket connects; `read()` (when `monitor` is readable, or now and then) gives the verdict
+    once there is one. Read by the thread that owns the socket."""
+
+    # A server holding another key than the one pinned cannot read our HELLO and drops the connection at once;
+    # libzmq reconnects (~0.1 s later) and it fails again. A drop that comes later than this after the connect is
+    # something else (a server too slow to finish the handshake): not counted.
+    QUICK_DROP_S = 1.0
+    QUICK_DROPS = 3  # in a row, with no handshake succeeding between them
+    EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+    def __init__(self, socket: zmq.Socket, endpoint: str):
+        self.endpoint = endpoint
+        # pyzmq's default address names the socket's fd, which a socket made after this one closes may reuse
+        # before libzmq has let the address go ("Address already in use")
+        self.monitor = socket.get_monitor_socket(self.EVENTS, f"inproc://trainbus-handshake-{os.urandom(8).hex()}")
+        self.verdict: str | None = None
+        self._connected_at: float | None = None
+        self._quick_drops = 0
+
+    def read(self) -> str | None:
+        """Take what the monitor holds; the verdict, once one event settled it (it stays)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.verdict is None:
+            try:
+                message = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.take(message["event"], message["value"], time.monotonic())
+        return self.verdict
+
+    def take(self, event: int, value: int, now: float) -> None:
+        """One monitor event at `now` (monotonic): tests drive it with a fake clock."""
+        if event == zmq.EVENT_CONNECTED:
+            self._connected_at = now
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._quick_drops = 0
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # the server's authenticator said no (libzmq gives up too)
+            self.verdict = (f"{self.endpoint} refused this client's key: it is not authorized on that host, or was "
+                            f"revoked (`trainbus keys list` there shows its keys, and `trainbus keys generate client "
+                            f"NAME` makes one)" if value == 400 else
+                            f"{self.endpoint}'s authenticator failed (ZAP status {value}); its kernel's log says why")
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            self.verdict = (f"{self.endpoint} does not speak CURVE: no trainbus kernel listens there with keys (a "
+                            f"run's control endpoint is its PORT, events PORT + 1, bursts PORT + 2)"
+                            if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH else
+                            f"{self.endpoint} broke the ZeroMQ handshake (protocol error {value:#x}): is it a "
+                            f"trainbus endpoint?")
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            quick = self._connected_at is not None and now - self._connected_at <= self.QUICK_DROP_S
+            self._quick_drops = self._quick_drops + 1 if quick else 0
+            if self._quick_drops >= self.QUICK_DROPS:
+                # A server without CURVE drops us as quickly when it notices the mismatch before we do.
+                self.verdict = (f"{self.endpoint} drops every handshake: the server key pinned for it is not that "
+                                f"host's (give --server-key its server.key, or the run's {CONNECTION_FILE}), its "
+                                f"authenticator is down, or no trainbus kernel listens there with keys")
+
+    def close(self) -> None:
+        self.monitor.close(linger=0)
 
 
 RUN_PORTS = 3  # a run's TCP ports from its PORT on: control, events (PORT + 1), bursts (PORT + 2)

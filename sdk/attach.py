@@ -343,17 +343,17 @@ class Attachment:
     def _reconnect(self, why: str) -> None:
         """The kernel went silent: try again with a doubling backoff, a bounded number of times."""
         io = self._io
-        refused = io.refused
+        refused, denied = io.refused, io.denied
         self.close()
         if refused:
             raise AttachError(f"the kernel refused us: {refused}")
+        if denied:  # our keys' handshake failed (unknown or revoked, another server's key pinned): no retry helps
+            raise TargetError(denied)
         self._raise_if_over()
         if not self._welcomed and self.target.secure is not None:
-            # Over TCP a failed CURVE handshake is silence: an unknown or revoked key, or a server key that is not
-            # the host's, get no answer at all. Retrying the same keys cannot help; saying what to check does.
-            raise TargetError(f"no answer from {self.target.control} ({why}): check that the run listens there, "
-                              f"that this key is authorized on its host (`trainbus keys list` there; an unknown or "
-                              f"revoked key gets no answer at all) and that --server-key is that host's server.key")
+            # Silence with no handshake failure reported: nothing answers there (or too slowly to finish one).
+            raise TargetError(f"no answer from {self.target.control} ({why}): check that the run listens there and "
+                              f"that this machine reaches it (`trainbus runs list` on its host)")
         delay_s = RECONNECT_FIRST_S
         for _ in range(RECONNECT_ATTEMPTS):
             self._raise_if_over()
@@ -364,7 +364,10 @@ class Attachment:
             self._connect()
             if self._wait_heard(delay_s + 2.0):
                 return
+            denied = self._io.denied
             self.close()
+            if denied:  # revoked while we were away
+                raise TargetError(denied)
         raise AttachError(f"lost the kernel ({why}) and could not reach it again after {RECONNECT_ATTEMPTS} tries")
 
     def _wait_heard(self, timeout_s: float) -> bool:

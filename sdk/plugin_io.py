@@ -23,6 +23,7 @@ from trainbus.proto import (
     encode_control,
     events as ev,
 )
+from trainbus.proto.remote import HandshakeWatch
 
 from .tracebacks import user_stack
 
@@ -70,6 +71,7 @@ class PluginIO(threading.Thread):
         self.gone: str | None = None  # why the kernel is considered gone
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
         self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
+        self.denied: str | None = None  # over TCP: a CURVE handshake failed for good (HandshakeWatch): exit 1
         self.not_acted: collections.deque[str] = collections.deque(maxlen=16)  # single messages refused (attach shows)
         self.log_not_acted = log_not_acted
         self.closing = threading.Event()  # set through close(), which also wakes the thread
@@ -106,8 +108,11 @@ class PluginIO(threading.Thread):
         # event received (which releases our hello) finds every topic in place (PROTOCOL.md, startup).
         for topic in topics:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        # Over TCP a failed handshake is silence on the socket; libzmq's monitor says why, at once.
+        self._watches: list[HandshakeWatch] = []
         if secure is not None:
             secure(self.sub)
+            self._watches.append(HandshakeWatch(self.sub, events_endpoint))
         self.sub.connect(events_endpoint)
         self.dealer = self.ctx.socket(zmq.DEALER)
         # Our own routing id: when libzmq reconnects (the kernel dropped an oversized message's connection)
@@ -117,6 +122,7 @@ class PluginIO(threading.Thread):
         self.dealer.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         if secure is not None:
             secure(self.dealer)
+            self._watches.append(HandshakeWatch(self.dealer, control_endpoint))
         self.dealer.connect(control_endpoint)
 
     def put(self, item: tuple) -> None:
@@ -174,6 +180,8 @@ class PluginIO(threading.Thread):
                 self.outbox.append(control("bye", reason="done"))
             self._flush_outbox()
             self.dealer.close()
+            for watch in self._watches:
+                watch.close()
             self.ctx.term()
             with self._poke_lock:
                 self._poked = True  # for good: nothing is read from here on
@@ -185,6 +193,8 @@ class PluginIO(threading.Thread):
         poller.register(self.sub, zmq.POLLIN)
         poller.register(self.dealer, zmq.POLLIN)
         poller.register(self._poke_r, zmq.POLLIN)
+        for watch in self._watches:
+            poller.register(watch.monitor, zmq.POLLIN)
         started = time.monotonic()
         last_kernel = None  # monotonic time of the last message from the kernel
         next_heartbeat = 0.0
@@ -206,6 +216,10 @@ class PluginIO(threading.Thread):
             if self.dealer in ready:
                 last_kernel = now
                 self._read_control()
+            for watch in self._watches:
+                if watch.monitor in ready and watch.read():
+                    self.gone = self.denied = watch.verdict
+                    return
             self._take_ack(now)
             self._flush_outbox()
             # after the welcome only: before it the kernel refuses a heartbeat as from a stranger, and that refusal

@@ -108,7 +108,7 @@ class Runner:
         self._set_up = False  # setup() returned: only then may on_kernel_gone run
         self._ended = False  # _finish ran: teardown happens once, whichever way the plugin ends
         self.terminating = False  # SIGTERM: no next event; the one being handled may finish (FINISH_ON_TERM_S)
-        self.unreached = False  # no kernel ever answered (nothing listens, or over TCP keys it does not take)
+        self.unreached = False  # no kernel ever answered (nothing listens; over TCP: io.denied says why, if known)
 
     def run(self) -> int:
         try:
@@ -388,7 +388,7 @@ class Runner:
                 _say(f"[{self.plugin.name}] run ended. {stats}")
         self.io.close()
         self.io.join(timeout=3)
-        return 1 if self.io.refused else 0
+        return 1 if self.io.refused or self.io.denied else 0
 
     def _kernel_died(self) -> bool:
         """The kernel is gone with the run unfinished: not refused, not stopped by a live kernel, not after the
@@ -524,11 +524,12 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     # Ignored, the write goes through, as it would for the kernel.
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     code = runner.run()
-    if runner.unreached and not runner.terminating:
+    if runner.unreached and runner.io.denied:
+        print(f"error: {runner.io.denied}", file=sys.stderr)
+    elif runner.unreached and not runner.terminating:
         where = env["TRAINBUS_CONTROL"]
         print(f"error: no kernel answered at {where}: " + (
-            "check that the run listens there, that this key is authorized on its host (`trainbus keys list` there; "
-            "an unknown or revoked key gets no answer at all) and that --server-key is that host's server.key"
+            "check that the run listens there and that this machine reaches it (`trainbus runs list` on its host)"
             if connect else "is the run still running? (`trainbus runs list` says)"), file=sys.stderr)
     return code
 

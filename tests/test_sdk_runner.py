@@ -58,7 +58,7 @@ class FakeKernelIO:
         self.inbox = _Inbox(self._taken)
         self.wake = threading.Condition()
         self.closing = threading.Event()
-        self.gone = self.refused = self.busy_since = None
+        self.gone = self.refused = self.denied = self.busy_since = None
         self.lost_kernel = False
         self.heartbeat_interval_s = 1.0
         self.received = self.dropped = self.malformed = 0
