@@ -181,7 +181,10 @@ def dashboard(attachment: Attachment, steer: bool) -> int:
                 live.update(render(attachment.state, status), refresh=True)
         attachment.on_reconnect = reconnecting
         drawn = 0.0
-        live.update(f"attaching to {escape(attachment.target.events)} ...", refresh=True)
+        # as the user named it: the run's directory, or a remote kernel's HOST:PORT (its control endpoint; events
+        # and bursts are PORT + 1 and + 2, which would read as a wrong port)
+        where = attachment.target.run_dir or attachment.target.control
+        live.update(f"attaching to {escape(str(where))} ...", refresh=True)
         for item in attachment:
             state = attachment.state
             if state is None:
