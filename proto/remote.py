@@ -183,11 +183,11 @@ class HandshakeWatch:
             self._connected_at = now
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._quick_drops = 0
-        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # the server's authenticator said no (libzmq gives up too)
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400:  # the authenticator said no: final
+            # (300 and 500, a failing authenticator, are left to the client's own retries: another try may pass)
             self.verdict = (f"{self.endpoint} refused this client's key: it is not authorized on that host, or was "
                             f"revoked (`trainbus keys list` there shows its keys, and `trainbus keys generate client "
-                            f"NAME` makes one)" if value == 400 else
-                            f"{self.endpoint}'s authenticator failed (ZAP status {value}); its kernel's log says why")
+                            f"NAME` makes one)")
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             self.verdict = (f"{self.endpoint} does not speak CURVE: no trainbus kernel listens there with keys (a "
                             f"run's control endpoint is its PORT, events PORT + 1, bursts PORT + 2)"

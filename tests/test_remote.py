@@ -560,7 +560,7 @@ def test_a_remote_plugin_whose_keys_are_not_taken_says_which_at_once_in_one_line
 def test_handshake_drops_make_a_verdict_only_when_quick_and_in_a_row():
     """HandshakeWatch on a fake clock: a server that cannot read our hello drops it at once, again on each of
     libzmq's reconnects; a drop long after the connect (a server too slow to finish) or one between successful
-    handshakes is no verdict."""
+    handshakes is no verdict. Of the authenticator's answers only its "no" (400) is final."""
     from trainbus.proto.remote import HandshakeWatch
 
     ctx = zmq.Context()
@@ -584,6 +584,12 @@ def test_handshake_drops_make_a_verdict_only_when_quick_and_in_a_row():
         connect_and_drop(7.4, 0.01)
         assert watch.verdict is not None and "drops every handshake" in watch.verdict, watch.verdict
         watch.close()
+        refused = HandshakeWatch(ctx.socket(zmq.DEALER), "tcp://h:1")
+        refused.take(zmq.EVENT_HANDSHAKE_FAILED_AUTH, 500, 0.0)  # the authenticator failed: another try may pass
+        assert refused.verdict is None
+        refused.take(zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400, 0.1)  # it said no
+        assert refused.verdict is not None and "refused this client's key" in refused.verdict, refused.verdict
+        refused.close()
     finally:
         ctx.destroy(linger=0)
 
