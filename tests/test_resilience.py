@@ -37,7 +37,10 @@ PACED = "fixture_targets:paced_digits"  # the digits demo with a sleep per step:
 TRAIN_SAMPLES = 1797 - int(1797 * 0.2)  # kernel/digits.py: 1,797 images, 20 % held out for validation
 RESTART_WITHIN_S = 2.0  # issue 3: a killed plugin is running again within this
 LIVENESS_S = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
-TICK_SLACK_S = 0.1  # the bus wakes at each liveness deadline; the rest is scheduling on a loaded 2-core box
+# How late, in wall time, a real kernel may act on a deadline here: its bus wakes at each one, the rest is a loaded
+# 2-core box's scheduling. The exact decisions (hung at the window, each backoff) are held under a fake clock in
+# test_supervisor_clock.py; these end-to-end tests check the same schedule with a margin busy cores keep.
+TICK_SLACK_S = 1.0
 
 
 # -- building runs and reading them -----------------------------------------------------------------
