@@ -119,13 +119,18 @@ def render(state: RunState, status: str, footer: str = ""):
     if cores:
         resources.add_row(f"cpu/cores ({len(cores)}, mean)", f"{sum(cores) / len(cores):.4g}",
                           f"min {min(cores):.4g}  max {max(cores):.4g}")
+    if not resources.row_count:  # an empty table under its header reads as a view that is broken
+        resources.add_row("[dim]none yet[/dim]", "", f"[dim]no monitor reports ({', '.join(MONITORS)}): `trainbus "
+                                                     f"plugins attach RUN cpu` adds one to a live run[/dim]")
     parts += [metrics, resources]
     plugins = Table("plugin", "state", "restarts", "lag", "errors", "trouble", title="plugins", **titled)
     clients = [name for name in state.plugins if name.startswith(CLIENT_PREFIX)]
     for name, plugin in sorted(state.plugins.items()):
         if name in clients:  # attached views like this one: counted below, not plugins of the run
             continue
-        lag = "-" if plugin.get("lag") is None else str(plugin["lag"])
+        # an exited or given-up plugin's lag is the kernel's last reading before it went: behind on nothing now
+        gone = plugin.get("state") in ("exited", "failed")
+        lag = "-" if plugin.get("lag") is None or gone else str(plugin["lag"])
         colour = {"running": "green", "failed": "red", "crashed": "red", "hung": "red"}.get(plugin.get("state"), "")
         text = escape(str(plugin.get("state")))
         plugins.add_row(escape(name), f"[{colour}]{text}[/{colour}]" if colour else text,

@@ -7,6 +7,7 @@ are bounded polls with margins for a busy 2-core machine; nothing asserts a wall
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -605,3 +606,31 @@ def test_a_peers_name_and_metric_name_reach_the_dashboard_escaped_not_obeyed(sho
     drawn, said = attach.communicate(timeout=SCREEN_TIMEOUT_S + 120)
     assert attach.returncode == 0, said
     assert "\x1b" not in drawn and "gpu/util\\x1b[2J" in drawn and "painter\\x1b[2J" in drawn, drawn
+
+
+def test_the_dashboard_says_when_no_monitor_reports_and_shows_no_lag_for_a_plugin_that_has_gone():
+    """Drawn from a folded state with rich's own console: the default plugins have no resource monitor, and the
+    resources table was a header over nothing; a plugin that exited kept the lag the kernel last read for it."""
+    from rich.console import Console
+
+    from trainbus.plugins.dashboard import render
+
+    state = RunState("r")
+    state.fold(Event(1, "r", ev.PLUGIN_READY, 1.0, 0, 1, {"plugin": "metrics_log", "pid": 7, "delivery": "durable"}))
+    state.fold(Event(2, "r", ev.PLUGIN_READY, 1.0, 0, 1, {"plugin": "console", "pid": 8, "delivery": "best_effort"}))
+    for plugin in state.plugins.values():
+        plugin["lag"] = 173  # as a refresh of the kernel's snapshot sets it
+    state.fold(Event(3, "r", ev.PLUGIN_EXITED, 2.0, 0, 1, {"plugin": "metrics_log", "pid": 7, "exit_code": 0}))
+
+    def drawn() -> str:
+        console = Console(width=150, record=True, file=io.StringIO())
+        console.print(render(state, "live"))
+        return console.export_text()
+
+    screen = drawn()
+    assert re.search(r"^\s*none yet\s+no monitor reports \(cpu, memory, disk, gpu, perf\)", screen, re.M), screen
+    assert re.search(r"^\s*metrics_log\s+exited\s+0\s+-\s", screen, re.M), screen
+    assert re.search(r"^\s*console\s+running\s+0\s+173\s", screen, re.M), screen
+    state.fold(Event(4, "r", ev.METRIC, 3.0, 0, 1, {"plugin": "cpu", "name": "cpu/percent", "value": 50.0}))
+    screen = drawn()
+    assert "none yet" not in screen and re.search(r"^\s*cpu/percent\s", screen, re.M), screen
