@@ -432,6 +432,8 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
     key may ask status, a control key may also submit and cancel runs."""
     directory = make_daemon_dir(runs_dir)
     lock = Lock(directory)
+    if not foreground_log:  # started by start_background: the log is ours now
+        _output_into(directory / LOG_FILE)
     _log_to(directory / LOG_FILE, foreground_log)
     daemon = Daemon(runs_dir, detected_devices() if devices is None else devices, max_concurrent)
     try:
@@ -727,6 +729,18 @@ def _bind_control(context: zmq.Context, directory: Path) -> tuple[zmq.Socket, st
     return socket, endpoint, home
 
 
+def _output_into(path: Path) -> None:
+    """Our stdout and stderr (a crash's traceback, a library's warning) into the log at `path`, from here on.
+    start_background points them at a file of its own until the lock is ours: a daemon that loses it says so
+    there, not in the log of the one that won."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def _log_to(path: Path, also_stderr: bool) -> None:
     handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=3, encoding="utf-8",
                                                    errors="backslashreplace")
@@ -943,29 +957,37 @@ def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -
     if serving is not None:  # refused here: a second daemon would only log its refusal into this one's log
         raise DaemonError(f"a daemon (pid {serving.get('pid', '?')}) already serves {Path(runs_dir).resolve()}; "
                           f"`trainbus daemon status --runs-dir {runs_dir}` shows it")
-    with open(directory / LOG_FILE, "ab") as out:
-        written = out.seek(0, os.SEEK_END)  # its own lines come after this: older ones are other daemons'
-        process = subprocess.Popen([sys.executable, "-m", "trainbus.kernel.cli", "daemon", "start", "--foreground",
-                                    "--quiet", *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            # its own one-line refusal (a daemon already serves the directory), as is: looked for among the lines
-            # written since it started, not as the log's last one, which a daemon started at the same instant (the
-            # one that won the lock) may have written after it
-            lines = _lines_since(directory / LOG_FILE, written)
-            refusal = next((line for line in reversed(lines) if line.startswith("error: ")), None)
-            if refusal is not None:
-                raise DaemonError(refusal.removeprefix("error: "))
-            last = lines[-1] if lines else "no log"
-            raise DaemonError(f"the daemon exited at start: {last} (its log: {directory / LOG_FILE})")
-        answer = request(runs_dir, "status", timeout_s=0.5)
-        if answer is not None and answer.get("pid") == process.pid:
-            return answer
-        time.sleep(0.1)
-    process.terminate()
-    raise DaemonError(f"the daemon did not answer within {timeout_s:.0f} s; see {directory / LOG_FILE}")
+    try:
+        written = (directory / LOG_FILE).stat().st_size  # its own lines come after this: older ones are others'
+    except FileNotFoundError:
+        written = 0
+    # Its output goes to a file of its own until it holds the lock (serve: _output_into), then to the log: a
+    # daemon started at the same instant that loses the lock says so here, not in the winner's log.
+    fd, start_output = tempfile.mkstemp(prefix="start-", suffix=".out", dir=directory)  # 0600, in the 0700 dir
+    try:
+        with os.fdopen(fd, "wb") as out:
+            process = subprocess.Popen([sys.executable, "-m", "trainbus.kernel.cli", "daemon", "start",
+                                        "--foreground", "--quiet", *argv], stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                # its own one-line refusal (a daemon already serves the directory; a port taken), as is: before the
+                # lock in its own file, after it among the log's lines written since it started
+                lines = _lines_since(Path(start_output), 0) + _lines_since(directory / LOG_FILE, written)
+                refusal = next((line for line in reversed(lines) if line.startswith("error: ")), None)
+                if refusal is not None:
+                    raise DaemonError(refusal.removeprefix("error: "))
+                last = lines[-1] if lines else "no log"
+                raise DaemonError(f"the daemon exited at start: {last} (its log: {directory / LOG_FILE})")
+            answer = request(runs_dir, "status", timeout_s=0.5)
+            if answer is not None and answer.get("pid") == process.pid:
+                return answer
+            time.sleep(0.1)
+        process.terminate()
+        raise DaemonError(f"the daemon did not answer within {timeout_s:.0f} s; see {directory / LOG_FILE}")
+    finally:
+        os.unlink(start_output)
 
 
 def _lines_since(path: Path, offset: int) -> list[str]:

@@ -440,7 +440,7 @@ for n in range(12000):  # at most a minute: the test kills it sooner
 """
 
 
-def test_a_daemon_start_that_loses_the_lock_to_one_started_at_once_says_which_serves(tmp_path):
+def test_a_daemon_start_that_loses_the_lock_to_one_started_at_once_says_which_serves_and_leaves_its_log(tmp_path):
     # two `daemon start` at the same instant: the loser is past the "does one answer?" check before the winner
     # answers; it refused, but the winner went on writing to the shared log, and its last line was taken for
     # the loser's reason ("the daemon exited at start: INFO ... serving ...")
@@ -457,6 +457,9 @@ def test_a_daemon_start_that_loses_the_lock_to_one_started_at_once_says_which_se
         winner.wait()
     assert refused == (f"error: a daemon (pid {winner.pid}) already serves {runs}; "
                        f"`trainbus daemon status --runs-dir {runs}` shows it")
+    # and said only there: the refusal went into the winner's log too, a line without its time among its own
+    assert "already serves" not in (directory / "daemon.log").read_text()
+    assert [p.name for p in directory.iterdir() if p.name.startswith("start-")] == []
 
 
 def test_daemon_status_with_its_registry_garbled_says_the_daemon_serves_and_how_to_rebuild_the_queue(tmp_path,
