@@ -189,8 +189,8 @@ class HandshakeWatch:
                             f"revoked (`trainbus keys list` there shows its keys, and `trainbus keys generate client "
                             f"NAME` makes one)")
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            self.verdict = (f"{self.endpoint} does not speak CURVE: no trainbus kernel listens there with keys (a "
-                            f"run's control endpoint is its PORT, events PORT + 1, bursts PORT + 2)"
+            self.verdict = (f"{self.endpoint} does not speak CURVE: no trainbus kernel or daemon listens there with "
+                            f"keys (is the port the one it printed?)"
                             if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH else
                             f"{self.endpoint} broke the ZeroMQ handshake (protocol error {value:#x}): is it a "
                             f"trainbus endpoint?")
