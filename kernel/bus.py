@@ -157,6 +157,13 @@ class Bus:
                 self.idle.wait(min(left, 0.05))
         return True
 
+    def journal_refused_since(self, since: float) -> bool:
+        """The journal's disk refused a write at or after `since` (monotonic) and has not taken one since: nothing
+        numbered meanwhile is published (journal first), so a plugin cannot answer it, and waiting for one to is
+        waiting in vain. (Its writes are retried every 0.2 s while events or heartbeats come.)"""
+        journal = self.journal
+        return journal.error is not None and journal.refused_at is not None and journal.refused_at >= since
+
     def flush_now(self, timeout_s: float | None = None) -> bool:
         """Send what is queued now, not with the next burst, and wait until it is out (the training thread's).
 

@@ -7,7 +7,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST, read_manifest, sha256_of
 
@@ -87,14 +87,15 @@ class Checkpointer:
             self._slot_seq[snapshot.slot] = SLOT_RESERVED
         return snapshot
 
-    def wait_for_a_free_buffer(self, timeout_s: float) -> bool:
-        """Block until a persister has freed a buffer (True) or timeout_s passed; for the run's last checkpoint,
+    def wait_for_a_free_buffer(self, timeout_s: float, in_vain: Callable[[], bool] = lambda: False) -> bool:
+        """Block until a persister has freed a buffer (True), or timeout_s passed or in_vain() says no persister
+        can free one (the journal's disk refuses the save events: none reached it); for the run's last checkpoint,
         when training is over and waiting costs it nothing."""
         from .snapshot import SLOTS
 
         end = time.monotonic() + timeout_s
         while not any(self.slot_free(slot) for slot in range(SLOTS)):
-            if time.monotonic() >= end or not self.has_persister():
+            if time.monotonic() >= end or not self.has_persister() or in_vain():
                 return False
             time.sleep(0.02)
         return True

@@ -96,6 +96,7 @@ class Journal:
         self._backlog: list[bytes] = []  # numbered records the disk has not taken yet
         self.backlog_bytes = 0
         self.error: OSError | None = None  # why the backlog is not empty
+        self.refused_at: float | None = None  # when (monotonic) the disk last refused a write
         self._retry_at = 0.0  # after a failed write, the next try waits until then
         self.failed_writes = 0
         self.kept_elsewhere: Path | None = None  # where the events the disk refused to the end went instead
@@ -188,7 +189,7 @@ class Journal:
             if self.error is None:
                 log.warning("journal %s: %s; holding events in memory (at most %g MiB) and retrying", self.path,
                             exc.strerror, self.backlog_max_bytes / 2**20)
-            self.error, self._retry_at = exc, now + RETRY_INTERVAL_S
+            self.error, self.refused_at, self._retry_at = exc, now, now + RETRY_INTERVAL_S
             self.failed_writes += 1
             try:
                 os.ftruncate(self._fd, self._size)  # a torn record never stays in the file

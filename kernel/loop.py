@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +30,7 @@ class Publisher(Protocol):
     def publish(self, type_: str, step: int, epoch: int, data: dict[str, Any]) -> None: ...
     def take_replies(self) -> list: ...
     def await_votes(self, type_: str, timeout_s: float) -> list[str]: ...
+    def journal_refused_since(self, since: float) -> bool: ...
 
 
 @dataclass
@@ -347,7 +349,9 @@ class Loop:
             self._publish(ev.CHECKPOINT_SKIPPED, reason=self.checkpointer.why_none())
             return
         if last:  # the run's last: training is over, so wait (bounded) rather than skip what last.pt should be
-            self.checkpointer.wait_for_a_free_buffer(LAST_CHECKPOINT_WAIT_S)
+            asked = time.monotonic()
+            self.checkpointer.wait_for_a_free_buffer(LAST_CHECKPOINT_WAIT_S,
+                                                     lambda: self.bus.journal_refused_since(asked))
         try:
             snapshot = self.checkpointer.take(self.training_state(epoch_complete, ranks_own))
         except OSError as exc:  # no room for the buffer anywhere: training goes on, the next one may fit

@@ -308,8 +308,10 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             status, error = "failed", f"training {status}, but the final weights could not be saved to {final}: " \
                                       f"{why}{moved}"
             log.error("%s", error)
-    # While the journal's disk still refuses the final event no durable plugin can reach it: no waiting for that.
-    hurry = lambda: interrupts.hurry() or (bus.failure is not None and bus.journal.error is not None)  # noqa: E731
+    # While the journal's disk still refuses the final event no durable plugin can reach it (nothing is published
+    # before it is journaled): no waiting for that, nor for the plugins' exit once they have had what they can.
+    drain_started = time.monotonic()
+    hurry = lambda: interrupts.hurry() or bus.journal_refused_since(drain_started)  # noqa: E731
     undrained = wait_drained(bus, cfg.drain_timeout_s if status != "interrupted" else 2.0, abort=hurry)
     journal_error = close_bus(bus, run_dir, sockets, PLUGIN_EXIT_TIMEOUT_S, hurry)
     checkpointer.close()

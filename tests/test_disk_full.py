@@ -250,6 +250,44 @@ def test_a_disk_that_stays_full_stops_the_run_in_one_line(tmp_path, mount_tmpfs,
     assert deleted.returncode == 0 and not run_dir.exists(), (deleted.stdout, deleted.stderr)
 
 
+@pytest.mark.timeout(300)  # the old code's waits: 90 s, beside the run; on busy cores, more
+def test_a_run_that_ends_on_a_full_disk_waits_for_no_plugin_that_cannot_hear_it(tmp_path, mount_tmpfs, request):
+    """The disk fills while a run with the checkpoint plugin trains, and the run ends while it is still full (its
+    events are held in memory: the backlog never overflows). Nothing is published before it is journaled, so
+    the persister never saw the save events of the snapshots it holds, nor could any durable plugin see the
+    final event: the run's last checkpoint waited its 60 s for a buffer, then the drain its 30 s, for nothing.
+    Now the run ends as soon as it is done, with what it trained kept."""
+    from trainbus.kernel.loop import LAST_CHECKPOINT_WAIT_S
+
+    runs = mount_tmpfs("runs", 4 << 20)
+    config = tmp_path / "run.toml"
+    config.write_text(f'[run]\ntarget = "{PACED}"\nepochs = 4\ndevice = "cpu"\ncheckpoint_every_n_epochs = 1\n\n'
+                      f'[hyperparameters]\nstep_sleep_s = 0.02\n')
+    spare = Path(tempfile.mkdtemp(prefix="tb-"))
+    request.addfinalizer(lambda: shutil.rmtree(spare, ignore_errors=True))
+    proc = Command("run", "--config", str(config), "--runs-dir", str(runs), "--plugins", "checkpoint,metrics_log",
+                   env={"TMPDIR": str(spare)})
+    try:
+        # a first checkpoint is saved (the persister holds no buffer from before): only then does the disk fill up
+        wait_until(lambda: next(runs.glob("*/checkpoints/*.pt"), None) or proc.poll() is not None, 60,
+                   "the first checkpoint", poll_s=0.05)
+        assert proc.poll() is None, proc.communicate()
+        with Filler(runs):
+            started = time.monotonic()
+            proc.wait(timeout=3 * LAST_CHECKPOINT_WAIT_S)
+            ended_after = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = proc.communicate()
+    assert proc.returncode == 1 and "the final weights could not be saved" in out, out + err
+    assert f"failed after 4 epochs, {4 * STEPS_PER_EPOCH} steps" in out, out
+    # training's rest takes seconds; the two waits for plugins that could not answer took 90 s
+    assert ended_after < LAST_CHECKPOINT_WAIT_S, f"the run ended {ended_after:.0f} s after the disk filled"
+    assert "did not catch up" in out, out  # said, not waited for: they replay what they missed on a resume
+
+
 # -- a plugin on a full disk -------------------------------------------------------------------------
 
 

@@ -42,6 +42,9 @@ class RecordingBus:
     def await_votes(self, type_: str, timeout_s: float) -> list[str]:
         return []
 
+    def journal_refused_since(self, since: float) -> bool:
+        return False
+
     def types(self) -> list[str]:
         return [t for t, _, _ in self.events]
 
