@@ -193,7 +193,7 @@ class Loop:
                 self._buffers_asked = True
                 self.checkpointer.prepare(self.training_state(epoch_complete=False))
             # replies, checkpoints and Ctrl-C act here, between steps, and at the epoch's end
-            if self._step_boundary(self.bus.take_replies()):
+            if self._step_boundary(self.bus.take_replies(), last_batch=self.batches_done == planned):
                 cut_short = True
                 break
         self._optimizer_step()  # an epoch's last batches step, however few (a stop's too: they were trained on)
@@ -297,8 +297,10 @@ class Loop:
         sums = self.ranks.sum([_float(loss_total), count, *(_float(metric_totals[n]) for n in names)])
         return sums[0], int(sums[1]), dict(zip(names, sums[2:]))
 
-    def _step_boundary(self, replies: list) -> bool:
-        """Replies, checkpoints and Ctrl-C between two steps; True when training stops here."""
+    def _step_boundary(self, replies: list, last_batch: bool = False) -> bool:
+        """Replies, checkpoints and Ctrl-C between two steps; True when training stops here. A checkpoint due
+        after the epoch's last batch waits for the epoch's end, a few moments on: there it is whole (validated,
+        a resume goes on with the next epoch), and one with the epoch's own schedule, not a second at this step."""
         if self.checkpointer is not None and self.checkpointer.due_at_step(self.step):
             self._deferred_checkpoint = self._deferred_checkpoint or "step"
         if self.ranks is not None:
@@ -306,14 +308,15 @@ class Loop:
             if self.step % AGREE_EVERY:
                 # agreed inside an accumulation: its end is this same step on every rank (no agreeing again, which
                 # would wait for an agreement point that ends an accumulation too: every lcm(16, k) steps)
-                if self._agreed and not self.stepper.pending:
+                if self._agreed and not self.stepper.pending and not last_batch:
                     self._take_deferred_checkpoint()
                 return False
             replies, self._held = self._held, []
         elif not (replies or self._deferred_checkpoint or self.stop_requested()):
             return False  # the usual step: nothing asked
         control, self._deferred_checkpoint = self._decide(replies, self._deferred_checkpoint)
-        if self._deferred_checkpoint and not self.stepper.pending:  # partial accumulations are in no checkpoint
+        # partial accumulations are in no checkpoint
+        if self._deferred_checkpoint and not self.stepper.pending and not last_batch:
             self._take_deferred_checkpoint()
         self._agreed = self.ranks is not None and self._deferred_checkpoint is not None
         return self._apply(control)

@@ -345,3 +345,35 @@ def test_a_stop_at_an_epochs_last_batch_still_takes_that_epochs_checkpoint(tmp_p
         assert bus.types().index(ev.SAVE_CHECKPOINT) < bus.types().index(ev.END_EPOCH)
     else:
         assert outcome.epochs_completed == 0 and saves == []
+
+
+class NumberingBus(RecordingBus):
+    """A RecordingBus that numbers each save_checkpoint for the checkpointer as the real bus does; with
+    OnePersister (far ahead of every seq) each buffer is free again at once."""
+
+    def __init__(self, checkpointer: Checkpointer | None = None):
+        super().__init__()
+        self.checkpointer = checkpointer
+
+    def publish(self, type_: str, step: int, epoch: int, data: dict) -> None:
+        super().publish(type_, step, epoch, data)
+        if type_ == ev.SAVE_CHECKPOINT:
+            self.checkpointer.numbered(len(self.events), data)
+
+
+def test_a_step_checkpoint_due_at_an_epochs_last_batch_is_the_epochs_one_not_a_second_at_that_step(tmp_path):
+    """checkpoint_every_n_steps landing on an epoch's last batch, with the epoch's own schedule too: one snapshot
+    at that step, taken at the epoch's end (whole: its validation done, a resume starts the next epoch). Two
+    were taken, of nearly the same state, the first already partial."""
+    bus = NumberingBus()
+    buffers = SnapshotBuffers("loop-test", [tmp_path])
+    bus.checkpointer = checkpointer = Checkpointer(buffers, OnePersister(), every_n_epochs=1,
+                                                   every_n_steps=TRAIN_BATCHES, directories=[tmp_path])
+    try:
+        Loop(tiny({}), bus, torch.device("cpu"), checkpointer=checkpointer).run()
+    finally:
+        checkpointer.close()
+    saves = [data for type_, _, data in bus.events if type_ == ev.SAVE_CHECKPOINT]
+    assert [(d["state"]["step"], d["state"]["trainbus"]["epoch_complete"]) for d in saves] == \
+        [(TRAIN_BATCHES, True), (2 * TRAIN_BATCHES, True)]
+    assert ev.CHECKPOINT_SKIPPED not in bus.types()
