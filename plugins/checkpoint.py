@@ -141,6 +141,10 @@ class CheckpointPlugin(Plugin):
         try:
             self._save(event)
         except SnapshotError as exc:
+            if event.seq < self.session_seq:  # replayed from a session whose kernel (and its buffers) are gone
+                print(f"[{self.name}] save_checkpoint seq {event.seq} (step {event.step}) of the run's earlier "
+                      f"session, not saved then: its snapshot went with that session's kernel", file=sys.stderr)
+                return
             self._fail(event, str(exc))
         except OSError as exc:  # the directory or the manifest: name what could not be touched
             self._fail(event, f"{_describe(exc)} at {exc.filename or self.directory}")

@@ -85,6 +85,9 @@ class Plugin:
         self._send_now: Callable[[dict[str, Any]], None] | None = None
         self._handler_thread: threading.Thread | None = None
         self.handling: Event | None = None  # the event a handler is running for (set by whoever dispatches)
+        # The first seq this kernel numbered (the runner sets it at the welcome): an event before it is a continued
+        # run's earlier session, replayed (catch_up), whose kernel and what it held (snapshot buffers) are gone.
+        self.session_seq = 1
         self._progress: Callable[[], None] | None = None
         # event type -> the handler to call: the class's own on_<type>, or on_event for the rest
         self._handlers = {name: getattr(self, f"on_{name}") if _overrides(cls, f"on_{name}") else self.on_event

@@ -131,7 +131,7 @@ class Runner:
         self.next_seq = welcome["resume_from"]
         # A continued run (--resume, torchrun restarting the group) replays its earlier sessions' final events
         # (run_failed, end_training_session): only this kernel's own final event ends the plugin.
-        self.session_seq = welcome["session_seq"]
+        self.session_seq = self.plugin.session_seq = welcome["session_seq"]
         early = collections.deque(item for item in early if item[0] != "event" or item[1].seq >= self.next_seq)
         # replies from the plugin's own threads (a sampler) go out at once
         self.plugin.bind_sender(self.io.send, progress=self.io.still_working)

@@ -349,6 +349,20 @@ def test_a_vanished_buffer_is_reported(tmp_path, buffers):
     assert reply["type"] == "checkpoint_failed" and "cannot be read" in reply["reason"]
 
 
+def test_a_vanished_buffer_of_a_continued_runs_earlier_session_is_said_as_that_not_as_a_failure(tmp_path, buffers,
+                                                                                                  capfd):
+    """A resumed run replays its earlier sessions to the persister (catch_up); a save_checkpoint left unsaved when
+    that session's kernel died points at a buffer that went with it. Its log said "checkpoint at step N failed:
+    snapshot buffer ... cannot be read", a failure of nothing this session asked for."""
+    h = harness(tmp_path)
+    h.plugin.session_seq = 1000  # this kernel's first seq: everything fed here is an earlier session's
+    data = snapshot_data(buffers, Trainer().state({}), {})
+    buffers.close()
+    assert h.feed("save_checkpoint", step=7, epoch=1, **data) == []
+    said = capfd.readouterr().err
+    assert "of the run's earlier session, not saved then" in said and "failed" not in said, said
+
+
 def test_a_directory_that_cannot_exist_fails_the_save_with_its_cause(tmp_path, buffers):
     (tmp_path / "a-file").write_text("not a directory")
     h = harness(tmp_path, dirpath="a-file/checkpoints")  # relative to the run directory, tmp_path
