@@ -298,9 +298,11 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     interrupts.begin_closing()
     # The trained weights, loadable with torch.load(weights_only=True); also after the journal's disk filled up,
     # which stopped training at a step boundary: what it trained is whole, and may be all there is of it.
+    final_in_place = False
     if status in ("completed", "stopped") or bus.failure is not None:
         final = run_dir / FINAL_WEIGHTS
         saved_to, why = _keep_final_weights(spec, loop, final, run_id)
+        final_in_place = saved_to == final
         if bus.failure is not None:
             error += f"; the weights as trained to step {loop.step} are in {saved_to}" if saved_to else ""
         elif why is not None:  # a full disk at the end of a long run: say so, keep them, close cleanly
@@ -327,6 +329,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     summary, text = run_dir / "summary.json", json.dumps(asdict(result), indent=2) + "\n"
     try:
         summary.write_text(text)
+        _drop_superseded(run_id, final_in_place)
     except OSError as exc:
         summary.unlink(missing_ok=True)  # never a torn summary
         # kept where the weights and the held events go, or `runs list` calls the run died for good
@@ -625,6 +628,26 @@ def _keep_final_weights(spec, loop: Loop, path: Path, run_id: str) -> tuple[Path
         log.error("the final weights could not be kept in the temporary directory either: %s", _reason(exc))
         return None, why
     return elsewhere, why
+
+
+def _drop_superseded(run_id: str, final_in_place: bool) -> None:
+    """An earlier session of this run kept its summary (and final weights) in kept_dir, its run directory's disk
+    being full; this one wrote its own in place, so those are stale, and left there they are what the earlier
+    session's message still tells the user to move back over the new ones."""
+    try:
+        directory = kept_dir(create=False)
+    except OSError:
+        return
+    stale = [f"trainbus-{run_id}-summary.json"] + ([f"trainbus-{run_id}-{FINAL_WEIGHTS}"] if final_in_place else [])
+    for path in [directory / name for name in stale] if directory is not None else []:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("could not remove %s, which this session supersedes: %s", path, _reason(exc))
+            continue
+        log.info("removed %s, kept there by an earlier session of this run: this one wrote its own", path)
 
 
 def _save_final_weights(spec, loop: Loop, path: Path) -> None:

@@ -509,6 +509,38 @@ def test_a_continued_run_puts_the_events_kept_elsewhere_back_in_its_journal(tmp_
     assert [e.seq for e in read_events(run_dir)] == list(range(1, 2001))
 
 
+def test_a_continued_run_that_writes_its_own_summary_and_weights_removes_the_ones_an_earlier_session_kept(
+        tmp_path, monkeypatch, request):
+    """An earlier session's summary.json and final.pt, kept in $TMPDIR because the run directory's disk was full,
+    stayed there after `runs resume` trained the run to its end and wrote its own in place: left, they are what
+    that session's message still told the user to move back, over the new ones."""
+    from helpers import PLUGIN_START_S, run_config
+    from trainbus.kernel.config import resolve_plugin
+
+    spare = Path(tempfile.mkdtemp(prefix="tb-"))  # short: a run directory's sockets may go there
+    request.addfinalizer(lambda: shutil.rmtree(spare, ignore_errors=True))
+    monkeypatch.setenv("TMPDIR", str(spare))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    first = run_training(run_config(tmp_path / "runs", [resolve_plugin("checkpoint", {})], epochs=1,
+                                    checkpoint_every_n_epochs=1, ready_timeout_s=PLUGIN_START_S))
+    assert first.status == "completed", first
+    kept = spare / f"trainbus-kept-{os.getuid()}"
+    kept.mkdir(mode=0o700)
+    stale = [kept / f"trainbus-{first.run_id}-summary.json", kept / f"trainbus-{first.run_id}-final.pt"]
+    for path in stale:
+        path.write_text("as the full disk left it")
+    other = kept / "trainbus-another-run-final.pt"
+    other.write_text("another run's")
+    resumed = run_training(run_config(tmp_path / "runs", [resolve_plugin("checkpoint", {})], epochs=2,
+                                      checkpoint_every_n_epochs=1, ready_timeout_s=PLUGIN_START_S,
+                                      resume=first.run_dir), run_id=first.run_id, continue_run=True)
+    assert resumed.status == "completed" and resumed.run_id == first.run_id, resumed
+    assert [p.name for p in stale if p.exists()] == [] and other.exists()
+    assert (Path(first.run_dir) / "final.pt").is_file() and (Path(first.run_dir) / "summary.json").is_file()
+    log = (Path(first.run_dir) / "kernel.log").read_text()
+    assert all(f"removed {p}, kept there by an earlier session of this run" in log for p in stale), log
+
+
 def test_a_listing_whose_output_the_full_disk_refuses_exits_1(tmp_path, mount_tmpfs):
     """`trainbus runs list --json > runs.json` on a full disk made nothing but that file: it is said once, naming
     the file, and the exit is 1 (a script must not take the cut file for the listing), without a traceback."""
