@@ -121,7 +121,7 @@ def render(state: RunState, status: str, footer: str = ""):
                           f"min {min(cores):.4g}  max {max(cores):.4g}")
     if not resources.row_count:  # an empty table under its header reads as a view that is broken
         resources.add_row("[dim]none yet[/dim]", "", f"[dim]no monitor reports ({', '.join(MONITORS)}): `trainbus "
-                                                     f"plugins attach RUN cpu` adds one to a live run[/dim]")
+                                                     f"plugins attach RUN cpu` on the run's host adds one[/dim]")
     parts += [metrics, resources]
     plugins = Table("plugin", "state", "restarts", "lag", "errors", "trouble", title="plugins", **titled)
     clients = [name for name in state.plugins if name.startswith(CLIENT_PREFIX)]
