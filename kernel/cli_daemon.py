@@ -116,13 +116,13 @@ def _remote(remote: str | None, key: Path | None, server_key: Path | None):
 
 def _ask(runs_dir: Path, remote, op: str, **fields) -> dict:
     """The daemon's answer, or one error line: none answering, or its refusal."""
-    from trainbus.proto.remote import HandshakeRefused
+    from trainbus.proto.remote import CannotConnect
 
     from . import daemon
 
     try:
         answer = daemon.request(runs_dir, op, remote=remote, **fields)
-    except HandshakeRefused as exc:  # an unknown or revoked key, another server's key pinned: said at once
+    except CannotConnect as exc:  # keys not taken (said at once), or nothing listening there (in seconds)
         raise UserError(str(exc)) from None
     where = remote.host_port if remote else str(runs_dir.resolve())  # printed as it is, not as markup
     if answer is None:

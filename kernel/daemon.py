@@ -782,12 +782,13 @@ class RemoteDaemon:
         load_secret(Path(self.key_file))
 
     def connect(self, socket: zmq.Socket):
-        """Connect `socket` with our keys; the HandshakeWatch that says at once when the daemon's host takes none."""
-        from trainbus.proto.remote import HandshakeWatch, secure_client
+        """Connect `socket` with our keys; the ConnectionWatch that says at once when the daemon's host takes none of
+        them, and in seconds when nothing accepts connections there."""
+        from trainbus.proto.remote import UNANSWERED_S, ConnectionWatch, secure_client
 
         secure_client(socket, self.key_file, self.server_public)
         endpoint = f"tcp://{self.host_port}"
-        watch = HandshakeWatch(socket, endpoint)
+        watch = ConnectionWatch(socket, endpoint, UNANSWERED_S)
         socket.connect(endpoint)
         return watch
 
@@ -795,7 +796,7 @@ class RemoteDaemon:
 def request(runs_dir: Path | None, op: str, timeout_s: float | None = None, remote: RemoteDaemon | None = None,
             **fields: Any) -> dict[str, Any] | None:
     """The daemon's answer to `op`: the local one of runs_dir, or `remote`; None when none answers in time
-    (default REQUEST_TIMEOUT_S locally, REMOTE_REQUEST_TIMEOUT_S over TCP). HandshakeRefused when `remote` took
+    (default REQUEST_TIMEOUT_S locally, REMOTE_REQUEST_TIMEOUT_S over TCP). CannotConnect when `remote` took
     none of our keys (an unknown or revoked key, another server's key pinned)."""
     if timeout_s is None:
         timeout_s = REQUEST_TIMEOUT_S if remote is None else REMOTE_REQUEST_TIMEOUT_S
@@ -829,10 +830,10 @@ def request(runs_dir: Path | None, op: str, timeout_s: float | None = None, remo
 
 
 def _answered(socket: zmq.Socket, timeout_s: float, watch) -> bool:
-    """`socket` has the answer within timeout_s; HandshakeRefused as soon as `watch` (a remote's) has a verdict."""
+    """`socket` has the answer within timeout_s; CannotConnect as soon as `watch` (a remote's) has a verdict."""
     if watch is None:
         return bool(socket.poll(int(timeout_s * 1000)))
-    from trainbus.proto.remote import HandshakeRefused
+    from trainbus.proto.remote import CannotConnect
 
     poller = zmq.Poller()
     poller.register(socket, zmq.POLLIN)
@@ -843,7 +844,7 @@ def _answered(socket: zmq.Socket, timeout_s: float, watch) -> bool:
         if socket in ready:
             return True
         if watch.monitor in ready and watch.read():
-            raise HandshakeRefused(watch.verdict)
+            raise CannotConnect(watch.verdict)
     return False
 
 

@@ -135,34 +135,43 @@ def secure_client(socket: zmq.Socket, key_file: Path | tuple[bytes, bytes], serv
     socket.setsockopt(zmq.IPV6, 1)  # a kernel listening on [::1] or another IPv6 address; IPv4 ones still connect
 
 
-class HandshakeRefused(Exception):
-    """A CURVE handshake failed in a way that retrying with the same keys cannot mend; the text says which and
-    what to check (HandshakeWatch)."""
+# How long an interactive client (attach, a remote daemon command) keeps trying a port where nothing accepts
+# connections before it says so: a kernel or daemon being restarted there is back within it.
+UNANSWERED_S = 5.0
 
 
-class HandshakeWatch:
-    """What libzmq's socket monitor reports of a CURVE client socket's handshakes. The socket itself only goes
-    silent when one fails, and the client used to wait out its whole connect timeout (30 s) before saying it
-    could not tell an unknown key from a wrong server key or an address where no kernel listens.
+class CannotConnect(Exception):
+    """A client cannot get in, in a way that retrying cannot mend (ConnectionWatch): its keys are not taken, or
+    nothing accepts connections there. The text says which, and what to check."""
+
+
+class ConnectionWatch:
+    """What libzmq's socket monitor reports of a CURVE client socket's connections and handshakes. The socket
+    itself only goes silent when one fails, and the client used to wait out its whole connect timeout (30 s)
+    before saying it could not tell an unknown key from a wrong server key or an address where nothing listens.
 
     Made before the socket connects; `read()` (when `monitor` is readable, or now and then) gives the verdict
-    once there is one. Read by the thread that owns the socket."""
+    once there is one. Read by the thread that owns the socket. `unanswered_after_s`: also a verdict when no
+    connection was accepted at all for that long (None: never; a plugin may be started before its kernel)."""
 
     # A server holding another key than the one pinned cannot read our HELLO and drops the connection at once;
     # libzmq reconnects (~0.1 s later) and it fails again. A drop that comes later than this after the connect is
     # something else (a server too slow to finish the handshake): not counted.
     QUICK_DROP_S = 1.0
     QUICK_DROPS = 3  # in a row, with no handshake succeeding between them
-    EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
-    def __init__(self, socket: zmq.Socket, endpoint: str):
+    def __init__(self, socket: zmq.Socket, endpoint: str, unanswered_after_s: float | None = None):
         self.endpoint = endpoint
+        self.unanswered_after_s = unanswered_after_s
         # pyzmq's default address names the socket's fd, which a socket made after this one closes may reuse
         # before libzmq has let the address go ("Address already in use")
         self.monitor = socket.get_monitor_socket(self.EVENTS, f"inproc://trainbus-handshake-{os.urandom(8).hex()}")
         self.verdict: str | None = None
-        self._connected_at: float | None = None
+        self._connected_at: float | None = None  # the latest connection's
+        self._first_retry: float | None = None  # the first failed connect, while none has been accepted yet
         self._quick_drops = 0
 
     def read(self) -> str | None:
@@ -181,6 +190,13 @@ class HandshakeWatch:
         """One monitor event at `now` (monotonic): tests drive it with a fake clock."""
         if event == zmq.EVENT_CONNECTED:
             self._connected_at = now
+        elif event == zmq.EVENT_CONNECT_RETRIED and self._connected_at is None:
+            # refused (nothing listens on that port) or unreachable, each retry: libzmq tries every ~0.1 s
+            self._first_retry = now if self._first_retry is None else self._first_retry
+            if self.unanswered_after_s is not None and now - self._first_retry >= self.unanswered_after_s:
+                self.verdict = (f"nothing accepts connections at {self.endpoint} (refused or unreachable for "
+                                f"{now - self._first_retry:.0f} s): is a run or daemon listening on that port? (the "
+                                f"endpoint it printed; a run's kernel.log names it)")
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._quick_drops = 0
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400:  # the authenticator said no: final

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import zmq
 
 from trainbus.proto import BEST_EFFORT, Event, control, events as ev
-from trainbus.proto.remote import KeyFileError
+from trainbus.proto.remote import UNANSWERED_S, KeyFileError
 from trainbus.proto.run_state import CLIENT_PREFIX, RunState
 
 from .plugin_io import PluginIO
@@ -228,7 +228,9 @@ class Attachment:
                         delivery=BEST_EFFORT, votes=[], capabilities=[], secret=self.target.secret())
         self._io = PluginIO(self.target.bursts or self.target.events, self.target.control, [""], hello,
                             handler_timeout_s=float("inf"), kernel_pid=None, secure=self.target.secure,
-                            log_not_acted=False, bursts=bool(self.target.bursts))
+                            log_not_acted=False, bursts=bool(self.target.bursts),
+                            # a first connection to a port that refuses it: a wrong port, said in seconds, not 30
+                            unanswered_after_s=None if self.reconnects else UNANSWERED_S)
         self._io.start()
         self._asked_snapshot, self._replaying = 0.0, False
         self._buffer.clear()

@@ -23,7 +23,7 @@ from trainbus.proto import (
     encode_control,
     events as ev,
 )
-from trainbus.proto.remote import HandshakeWatch
+from trainbus.proto.remote import ConnectionWatch
 
 from .tracebacks import user_stack
 
@@ -49,10 +49,12 @@ class PluginIO(threading.Thread):
     def __init__(self, events_endpoint: str, control_endpoint: str, topics: list[str],
                  hello: dict[str, Any], handler_timeout_s: float, kernel_pid: int | None,
                  secure: Callable[[zmq.Socket], None] | None = None, log_not_acted: bool = True,
-                 bursts: bool = False):
+                 bursts: bool = False, unanswered_after_s: float | None = None):
         """`secure`, when given, is applied to both sockets before they connect (a remote kernel's CURVE keys).
         `log_not_acted`: a refused single message is also a line on stderr (a plugin's log); attach shows its own.
-        `bursts`: `events_endpoint` is the kernel's bursts PUB (every event, a flush's in one message; topics [""])."""
+        `bursts`: `events_endpoint` is the kernel's bursts PUB (every event, a flush's in one message; topics [""]).
+        `unanswered_after_s` (with `secure`): give up when the control endpoint accepted no connection that long
+        (ConnectionWatch; None: wait out CONNECT_TIMEOUT_S, as a plugin started before its kernel must)."""
         super().__init__(name="trainbus-plugin-io", daemon=True)
         self.inbox: collections.deque = collections.deque()  # ("event", Event) | ("control", msg)
         self.outbox: collections.deque = collections.deque()  # control messages to send
@@ -71,7 +73,7 @@ class PluginIO(threading.Thread):
         self.gone: str | None = None  # why the kernel is considered gone
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
         self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
-        self.denied: str | None = None  # over TCP: a CURVE handshake failed for good (HandshakeWatch): exit 1
+        self.denied: str | None = None  # over TCP: a CURVE handshake failed for good (ConnectionWatch): exit 1
         self.not_acted: collections.deque[str] = collections.deque(maxlen=16)  # single messages refused (attach shows)
         self.log_not_acted = log_not_acted
         self.closing = threading.Event()  # set through close(), which also wakes the thread
@@ -109,10 +111,10 @@ class PluginIO(threading.Thread):
         for topic in topics:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         # Over TCP a failed handshake is silence on the socket; libzmq's monitor says why, at once.
-        self._watches: list[HandshakeWatch] = []
+        self._watches: list[ConnectionWatch] = []
         if secure is not None:
             secure(self.sub)
-            self._watches.append(HandshakeWatch(self.sub, events_endpoint))
+            self._watches.append(ConnectionWatch(self.sub, events_endpoint))
         self.sub.connect(events_endpoint)
         self.dealer = self.ctx.socket(zmq.DEALER)
         # Our own routing id: when libzmq reconnects (the kernel dropped an oversized message's connection)
@@ -122,7 +124,7 @@ class PluginIO(threading.Thread):
         self.dealer.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         if secure is not None:
             secure(self.dealer)
-            self._watches.append(HandshakeWatch(self.dealer, control_endpoint))
+            self._watches.append(ConnectionWatch(self.dealer, control_endpoint, unanswered_after_s))
         self.dealer.connect(control_endpoint)
 
     def put(self, item: tuple) -> None:

@@ -9,6 +9,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -622,10 +623,19 @@ def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path
                                                   f"public key"),
         (["status"], secret, garbage, f"server key file {garbage} is not a readable CURVE public key; copy server.key"),
     ]
+    free = socket.socket()  # a port nothing listens on
+    free.bind(("127.0.0.1", 0))
+    where = f"127.0.0.1:{free.getsockname()[1]}"
+    free.close()
     for command, key, server_key, said in mistakes:
-        done = cli("daemon", command[0], "--remote", "127.0.0.1:5555", "--key", str(key), "--server-key",
+        done = cli("daemon", command[0], "--remote", where, "--key", str(key), "--server-key",
                    str(server_key), *command[1:], check=False)
         assert said in one_error_line(done), (command, done.stderr)
+    # good keys, and nothing listening there: said in seconds (it waited its 15 s, then guessed at the keys)
+    done = cli("daemon", "status", "--remote", where, "--key", str(secret), "--server-key", str(store.server_public),
+               check=False)
+    assert done.returncode == 2 and one_error_line(done).startswith(
+        f"error: nothing accepts connections at tcp://{where} (refused or unreachable for "), done.stderr
 
 
 @pytest.mark.parametrize("column, garbled", [("argv", "not json"), ("gpus", "lots"), ("env", '{"A": 1}')])

@@ -557,15 +557,64 @@ def test_a_remote_plugin_whose_keys_are_not_taken_says_which_at_once_in_one_line
     assert elapsed < SAID_AT_ONCE_S, f"took {elapsed:.1f} s"
 
 
-def test_handshake_drops_make_a_verdict_only_when_quick_and_in_a_row():
-    """HandshakeWatch on a fake clock: a server that cannot read our hello drops it at once, again on each of
-    libzmq's reconnects; a drop long after the connect (a server too slow to finish) or one between successful
-    handshakes is no verdict. Of the authenticator's answers only its "no" (400) is final."""
-    from trainbus.proto.remote import HandshakeWatch
+def test_a_port_that_accepts_no_connection_is_a_verdict_only_after_the_window_and_only_if_asked_for():
+    """ConnectionWatch on a fake clock: libzmq retries a refused connect every ~0.1 s. An interactive client
+    (unanswered_after_s) is told after its window, not before; one that ever connected is not (a kernel restarting
+    is the reconnect logic's); a plugin's watch (None) never says it: it may be started before its kernel."""
+    from trainbus.proto.remote import ConnectionWatch
 
     ctx = zmq.Context()
     try:
-        watch = HandshakeWatch(ctx.socket(zmq.DEALER), "tcp://h:1")
+        def retried_until(watch: ConnectionWatch, end: float, start: float = 0.0) -> None:
+            at = start
+            while at <= end and watch.verdict is None:
+                watch.take(zmq.EVENT_CONNECT_RETRIED, 100, at)
+                at += 0.1
+
+        interactive = ConnectionWatch(ctx.socket(zmq.DEALER), "tcp://h:1", unanswered_after_s=5.0)
+        retried_until(interactive, 4.9)
+        assert interactive.verdict is None
+        retried_until(interactive, 5.05, start=5.0)
+        assert interactive.verdict is not None and "nothing accepts connections at tcp://h:1" in interactive.verdict
+        once_in = ConnectionWatch(ctx.socket(zmq.DEALER), "tcp://h:1", unanswered_after_s=5.0)
+        once_in.take(zmq.EVENT_CONNECTED, 0, 0.0)
+        retried_until(once_in, 60.0, start=0.5)
+        patient = ConnectionWatch(ctx.socket(zmq.DEALER), "tcp://h:1")
+        retried_until(patient, 60.0)
+        assert once_in.verdict is None and patient.verdict is None
+        for watch in (interactive, once_in, patient):
+            watch.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_attach_to_a_port_where_nothing_listens_says_so_in_seconds(keys):
+    """The most common remote mistake, a wrong PORT: attach waited out its 30 s first-contact window, then named
+    three things to check; now a port that refuses every connection is said in one line after UNANSWERED_S."""
+    from trainbus.proto.remote import UNANSWERED_S
+    from trainbus.sdk.attach import Attachment, TargetError, target_of
+
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    attachment = Attachment(target_of(f"127.0.0.1:{port}", str(keys["watcher"]), str(keys["dir"] / "server.key")))
+    started = time.monotonic()
+    with pytest.raises(TargetError, match=rf"nothing accepts connections at tcp://127\.0\.0\.1:{port} \(refused"):
+        for _ in attachment:
+            assert time.monotonic() - started < 60, "still trying"
+    assert UNANSWERED_S <= time.monotonic() - started < SAID_AT_ONCE_S + UNANSWERED_S
+
+
+def test_handshake_drops_make_a_verdict_only_when_quick_and_in_a_row():
+    """ConnectionWatch on a fake clock: a server that cannot read our hello drops it at once, again on each of
+    libzmq's reconnects; a drop long after the connect (a server too slow to finish) or one between successful
+    handshakes is no verdict. Of the authenticator's answers only its "no" (400) is final."""
+    from trainbus.proto.remote import ConnectionWatch
+
+    ctx = zmq.Context()
+    try:
+        watch = ConnectionWatch(ctx.socket(zmq.DEALER), "tcp://h:1")
 
         def connect_and_drop(at: float, after_s: float) -> None:
             watch.take(zmq.EVENT_CONNECTED, 0, at)
@@ -584,7 +633,7 @@ def test_handshake_drops_make_a_verdict_only_when_quick_and_in_a_row():
         connect_and_drop(7.4, 0.01)
         assert watch.verdict is not None and "drops every handshake" in watch.verdict, watch.verdict
         watch.close()
-        refused = HandshakeWatch(ctx.socket(zmq.DEALER), "tcp://h:1")
+        refused = ConnectionWatch(ctx.socket(zmq.DEALER), "tcp://h:1")
         refused.take(zmq.EVENT_HANDSHAKE_FAILED_AUTH, 500, 0.0)  # the authenticator failed: another try may pass
         assert refused.verdict is None
         refused.take(zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400, 0.1)  # it said no
