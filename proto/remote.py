@@ -152,13 +152,17 @@ class ConnectionWatch:
 
     Made before the socket connects; `read()` (when `monitor` is readable, or now and then) gives the verdict
     once there is one. Read by the thread that owns the socket. `unanswered_after_s`: also a verdict when no
-    connection was accepted at all for that long (None: never; a plugin may be started before its kernel)."""
+    connection was accepted at all for that long, or handshakes keep timing out (None: never; a plugin may be
+    started before its kernel, or meet one too busy to answer in time)."""
 
     # A server holding another key than the one pinned cannot read our HELLO and drops the connection at once;
     # libzmq reconnects (~0.1 s later) and it fails again. A drop that comes later than this after the connect is
     # something else (a server too slow to finish the handshake): not counted.
     QUICK_DROP_S = 1.0
     QUICK_DROPS = 3  # in a row, with no handshake succeeding between them
+    # A peer that takes the connection and never answers the greeting (another service on the port, a hung
+    # kernel) costs HANDSHAKE_IVL_MS a try: an interactive client (unanswered_after_s) gives up after this many.
+    SLOW_DROPS = 2
     EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -172,7 +176,7 @@ class ConnectionWatch:
         self.verdict: str | None = None
         self._connected_at: float | None = None  # the latest connection's
         self._first_retry: float | None = None  # the first failed connect, while none has been accepted yet
-        self._quick_drops = 0
+        self._quick_drops = self._slow_drops = 0
 
     def read(self) -> str | None:
         """Take what the monitor holds; the verdict, once one event settled it (it stays)."""
@@ -198,7 +202,7 @@ class ConnectionWatch:
                                 f"{now - self._first_retry:.0f} s): is a run or daemon listening on that port? (the "
                                 f"endpoint it printed; a run's kernel.log names it)")
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._quick_drops = 0
+            self._quick_drops = self._slow_drops = 0
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400:  # the authenticator said no: final
             # (300 and 500, a failing authenticator, are left to the client's own retries: another try may pass)
             self.verdict = (f"{self.endpoint} refused this client's key: it is not authorized on that host, or was "
@@ -212,8 +216,12 @@ class ConnectionWatch:
                             f"trainbus endpoint?")
         elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             quick = self._connected_at is not None and now - self._connected_at <= self.QUICK_DROP_S
-            self._quick_drops = self._quick_drops + 1 if quick else 0
-            if self._quick_drops >= self.QUICK_DROPS:
+            self._quick_drops, self._slow_drops = (self._quick_drops + 1, 0) if quick else (0, self._slow_drops + 1)
+            if self.unanswered_after_s is not None and self._slow_drops >= self.SLOW_DROPS:
+                self.verdict = (f"{self.endpoint} takes connections but finishes no ZeroMQ handshake (each timed "
+                                f"out): no trainbus kernel or daemon listens on that port (another service?), or "
+                                f"the one there is hung")
+            elif self._quick_drops >= self.QUICK_DROPS:
                 # A server without CURVE drops us as quickly when it notices the mismatch before we do.
                 self.verdict = (f"{self.endpoint} drops every handshake: the server key pinned for it is not that "
                                 f"host's (give --server-key its server.key, or the run's {CONNECTION_FILE}), its "

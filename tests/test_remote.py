@@ -582,7 +582,18 @@ def test_a_port_that_accepts_no_connection_is_a_verdict_only_after_the_window_an
         patient = ConnectionWatch(ctx.socket(zmq.DEALER), "tcp://h:1")
         retried_until(patient, 60.0)
         assert once_in.verdict is None and patient.verdict is None
-        for watch in (interactive, once_in, patient):
+        # a port that takes the connection and never answers the greeting: each handshake times out (5 s)
+        silent, patient_too = (ConnectionWatch(ctx.socket(zmq.DEALER), "tcp://h:1", after)
+                               for after in (5.0, None))
+        for watch in (silent, patient_too):
+            for at in (0.0, 5.2, 10.4):
+                watch.take(zmq.EVENT_CONNECTED, 0, at)
+                if watch is silent and at == 5.2:
+                    assert watch.verdict is None  # one timed-out handshake: a busy kernel, maybe
+                watch.take(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 11, at + 5.0)
+        assert silent.verdict is not None and "finishes no ZeroMQ handshake" in silent.verdict and \
+            patient_too.verdict is None
+        for watch in (interactive, once_in, patient, silent, patient_too):
             watch.close()
     finally:
         ctx.destroy(linger=0)
@@ -604,6 +615,26 @@ def test_attach_to_a_port_where_nothing_listens_says_so_in_seconds(keys):
         for _ in attachment:
             assert time.monotonic() - started < 60, "still trying"
     assert UNANSWERED_S <= time.monotonic() - started < SAID_AT_ONCE_S + UNANSWERED_S
+
+
+def test_attach_to_a_port_that_takes_connections_and_never_answers_says_so_in_seconds(keys):
+    """A port another service holds (it accepts, and waits for its own protocol): each CURVE handshake times out,
+    and attach waited out 30 s; now two timed-out handshakes (10 s) end it in one line."""
+    from trainbus.sdk.attach import Attachment, TargetError, target_of
+
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(8)  # the kernel's backlog accepts; nobody reads or writes
+    port = mute.getsockname()[1]
+    try:
+        attachment = Attachment(target_of(f"127.0.0.1:{port}", str(keys["watcher"]), str(keys["dir"] / "server.key")))
+        started = time.monotonic()
+        with pytest.raises(TargetError, match=rf"tcp://127\.0\.0\.1:{port} takes connections but finishes no"):
+            for _ in attachment:
+                assert time.monotonic() - started < 60, "still trying"
+        assert time.monotonic() - started < 25, "said after two timed-out handshakes, not the 30 s window"
+    finally:
+        mute.close()
 
 
 def test_handshake_drops_make_a_verdict_only_when_quick_and_in_a_row():
