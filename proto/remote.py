@@ -227,6 +227,14 @@ class ConnectionWatch:
                                 f"host's (give --server-key its server.key, or the run's {CONNECTION_FILE}), its "
                                 f"authenticator is down, or no trainbus kernel listens there with keys")
 
+    def why_silent(self) -> str:
+        """What the socket met, for a client giving up without a verdict ("" when nothing tells)."""
+        if self._connected_at is None and self._first_retry is not None:
+            return "nothing accepted a connection there (refused or unreachable)"
+        if self._slow_drops:
+            return "it took connections, but no handshake finished (each timed out)"
+        return ""
+
     def close(self) -> None:
         self.monitor.close(linger=0)
 

@@ -240,6 +240,11 @@ class PluginIO(threading.Thread):
                 self.gone, self.lost_kernel = reason, True
                 return
 
+    def why_silent(self) -> str:
+        """What the connections met when the kernel never answered ("" when nothing tells: ipc, or no watch saw
+        anything). Read after the thread ended."""
+        return next((why for why in (watch.why_silent() for watch in self._watches) if why), "")
+
     def _poll_ms(self, now: float, started: float, last_kernel: float | None, next_heartbeat: float) -> int:
         """How long to sleep when nothing arrives: until our heartbeat is due or the kernel's silence would make
         it gone, and at most MAX_POLL_S."""

@@ -527,8 +527,8 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     if runner.unreached and runner.io.denied:
         print(f"error: {runner.io.denied}", file=sys.stderr)
     elif runner.unreached and not runner.terminating:
-        where = env["TRAINBUS_CONTROL"]
-        print(f"error: no kernel answered at {where}: " + (
+        where, why = env["TRAINBUS_CONTROL"], runner.io.why_silent()
+        print(f"error: no kernel answered at {where}: " + (f"{why}; " if why else "") + (
             "check that the run listens there and that this machine reaches it (`trainbus runs list` on its host)"
             if connect else "is the run still running? (`trainbus runs list` says)"), file=sys.stderr)
     return code

@@ -763,7 +763,7 @@ def test_the_endpoint_as_the_kernel_prints_it_reaches_the_run_and_without_a_key_
 
 
 def test_a_remote_plugin_that_no_kernel_answers_says_what_to_check_in_one_line(keys):
-    """Nothing listens at HOST:PORT: no handshake to report on, only silence. The connect timeout
+    """Nothing listens at HOST:PORT: a plugin may be started before its kernel, so it waits. The connect timeout
     (shortened here) ends it with exit 1 and one line naming what to check; it printed a "kernel gone" line first."""
     free = socket.socket()
     free.bind(("127.0.0.1", 0))
@@ -775,7 +775,8 @@ def test_a_remote_plugin_that_no_kernel_answers_says_what_to_check_in_one_line(k
                            f"127.0.0.1:{port}", "--key", str(keys["watcher"]), "--server-key",
                            str(keys["dir"] / "server.key")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
-    assert one_line(proc.stderr).startswith(f"error: no kernel answered at tcp://127.0.0.1:{port}: check that the run "
+    assert one_line(proc.stderr).startswith(f"error: no kernel answered at tcp://127.0.0.1:{port}: nothing accepted a "
+                                            f"connection there (refused or unreachable); check that the run "
                                             f"listens there and that this machine reaches it"), proc.stderr
 
 
