@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ from .cluster import LAUNCH_ERRORS, PeerGone, restarts_left
 from .config import (ConfigError, apply_set, check_metric_settings, check_runs_dir, config_of_run, defaults_left_out,
                      launch_of_run, load_config, plugin_name_clashes, registered_plugins, resolve_plugin)
 from .flags import FlagError
+from .launch_wait import JOIN_TIMEOUT_S, RendezvousWatch
 from .registry import RegistryError
 from .spec import DEFAULT_TARGET, SpecError, UserCodeError
 
@@ -312,6 +314,8 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         raise UserError("--rdzv-endpoint is where the machines of a --nnodes run meet: add --nnodes N, or drop it")
     if rdzv_endpoint:
         _check_rdzv_endpoint(rdzv_endpoint)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import main as torchrun  # here: after the checks, which need no torch (seconds)
 
     from .cluster import LAUNCH, LAUNCH_RUN_ID
@@ -323,8 +327,8 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
             next(words, None)
         elif not word.startswith(tuple(f"{option}=" for option in LAUNCH_OPTIONS)):
             argv.append(word)
-    meet = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint] if nnodes > 1 \
-        else ["--standalone"]
+    meet = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
+            "--rdzv-conf", f"join_timeout={JOIN_TIMEOUT_S}"] if nnodes > 1 else ["--standalone"]
     # every rank, and a restarted group, trains the same run (the daemon names it for a queued one)
     run_id = os.environ[LAUNCH_RUN_ID] = continuing or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
     os.environ[LAUNCH] = json.dumps(launch)
@@ -337,13 +341,22 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     # torch's lines about its workers' exits ("Sending process ... closing signal SIGTERM", "failed (exitcode: 1)
     # local_rank: 1 ...") repeat what rank 0 says of the run; its restarts (another logger) still show
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    # and its agent's "Received 2 death signal, shutting down workers" on a Ctrl-C, which the run's end says
+    logging.getLogger("torch.distributed.elastic.agent.server.api").addFilter(
+        lambda record: "death signal" not in str(record.msg))
     failure, started = None, time.time()
     descriptor, errors = tempfile.mkstemp(prefix="trainbus-launch-", suffix=".errors")
     os.close(descriptor)
     os.environ[LAUNCH_ERRORS] = errors
+    # torchrun's own handling of Ctrl-C and SIGTERM (SignalException: it stops its ranks), from the start: it
+    # installs it only once its ranks run, and its rendezvous may wait minutes for the other machines before that
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_signal_exception)
+    watch = RendezvousWatch(nnodes, rdzv_endpoint, lambda line: print(line, file=sys.stderr), time.monotonic())
     try:
-        torchrun([*meet, "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
-                  "-m", "trainbus.kernel.cli", *argv])
+        with watch:
+            torchrun([*meet, "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
+                      "-m", "trainbus.kernel.cli", *argv])
     except Exception as exc:  # ChildFailedError (which rank failed and how is above, from torchrun), SignalException
         failure = exc
     finally:
@@ -352,6 +365,11 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     if said:  # a mistake in the command, found by the ranks (each wrote it): once, as in one process
         print(said.split("\0")[0], end="", file=sys.stderr)
         raise typer.Exit(code=2)
+    if not watch.started and isinstance(failure, (SignalException, RendezvousTimeoutError)):
+        # no rank ever ran: the machines never met (a signal ended the wait, or torchrun's join timeout did)
+        interrupted = isinstance(failure, SignalException)
+        print(watch.stopped_line(failure.sigval) if interrupted else watch.timed_out_line(), file=sys.stderr)
+        raise typer.Exit(code=130 if interrupted else 1)
     # How the run ended, as rank 0 wrote it: a Ctrl-C or SIGTERM reaching the ranks ends the run interrupted (130),
     # whatever torchrun makes of its workers' exits.
     summary, told = Path(runs_dir) / run_id / "summary.json", False
@@ -369,6 +387,13 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         print(said or f"error: a training process failed ({type(failure).__name__}); its output is above",
               end="" if said else "\n", file=sys.stderr)
     raise typer.Exit(code=0 if status is None else EXIT_CODES.get(status, 1))  # None: rank 0 on another node
+
+
+def _raise_signal_exception(signum: int, frame) -> None:
+    """torchrun's termination handler: what its agent does with a signal, it does before its ranks run too."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
 
 
 def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:

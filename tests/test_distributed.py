@@ -565,3 +565,46 @@ def test_a_rank_waiting_for_ranks_that_never_come_says_so_and_stops_on_sigterm(t
     assert stopped == (f"trainbus: SIGTERM: rank 0 of 2 was still waiting for the other ranks at "
                        f"127.0.0.1:{env['MASTER_PORT']}; nothing was made"), err
     assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
+
+
+def test_a_machine_waiting_for_the_others_of_nnodes_says_so_and_stops_on_ctrl_c(tmp_path):
+    """`--nnodes 2` run on one machine only: torchrun's rendezvous waits for the other (10 min) before it starts a
+    rank. It waited without a word, and a Ctrl-C reached no handler: exit 130, nothing said. Now the wait is said
+    once, with the endpoint and the fix, and Ctrl-C ends it in one line, exit 130, nothing made."""
+    from kernel_process import Command
+
+    runs, endpoint = tmp_path / "runs", f"127.0.0.1:{free_port()}"
+    proc = Command("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--device", "cpu", "--runs-dir", str(runs), "--plugins",
+                   "", "--nnodes", "2", "--rdzv-endpoint", endpoint)
+    try:
+        wait_until(lambda: proc.stderr_path.is_file() and "to meet at" in proc.stderr_path.read_text(), 120,
+                   "the line saying what the machine waits for", poll_s=0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    waiting, stopped = err.strip().splitlines()
+    assert waiting.startswith("trainbus: has waited ") and f"--nnodes 2 to meet at {endpoint}: run this same" \
+        in waiting, err
+    assert stopped == f"trainbus: Ctrl-C while waiting for the 2 machines of --nnodes 2 to meet at {endpoint}; " \
+                      f"nothing was made", err
+    assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
+
+
+def test_the_rendezvous_watch_says_the_wait_once_and_nothing_once_a_rank_runs():
+    from trainbus.kernel.launch_wait import WAITING_SAID_AFTER_S, RendezvousWatch
+
+    said, ranks = [], []
+    watch = RendezvousWatch(2, "node0:29400", said.append, began=100.0, started=lambda: bool(ranks))
+    watch.tick(100.0 + WAITING_SAID_AFTER_S - 0.1)
+    assert said == []
+    watch.tick(100.0 + WAITING_SAID_AFTER_S)
+    watch.tick(100.0 + 3 * WAITING_SAID_AFTER_S)
+    assert len(said) == 1 and "has waited 10 s for the 2 machines" in said[0]
+    ranks.append(1)
+    watch.tick(200.0)
+    assert watch.started and len(said) == 1
+    alone = RendezvousWatch(1, None, said.append, began=0.0, started=lambda: False)
+    alone.tick(1000.0)  # --standalone: nothing to wait for but torchrun itself
+    assert len(said) == 1
