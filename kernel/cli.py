@@ -380,13 +380,28 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     except (OSError, ValueError, KeyError, TypeError):
         status = "interrupted" if type(failure).__name__ == "SignalException" else "failed" if failure else None
     if status == "failed" and failure is not None and not told:  # rank 0 said nothing of it
-        from .session import read_rank_errors
-
-        said = "".join(f"{e.get('trace') or ''}error: rank {e.get('rank')}: {e.get('error')}\n"
-                       for e in read_rank_errors(summary.parent))
+        said = _what_rank_0_did_not_say(failure, summary.parent)
         print(said or f"error: a training process failed ({type(failure).__name__}); its output is above",
               end="" if said else "\n", file=sys.stderr)
     raise typer.Exit(code=0 if status is None else EXIT_CODES.get(status, 1))  # None: rank 0 on another node
+
+
+def _what_rank_0_did_not_say(failure: Exception, run_dir: Path) -> str:
+    """The launcher's lines for a run whose rank 0 wrote no summary: a rank that a signal killed (torchrun saw its
+    exit: kill -9, the out-of-memory killer) first, then what the other ranks wrote of their own errors, less the
+    collectives that the killed rank broke (gloo's "Connection reset by peer" is its effect, not its cause)."""
+    from .session import read_rank_errors
+
+    killed = [f"error: rank {rank} (pid {process.pid}) was killed by {process.signal_name()} (kill -9, or the "
+              f"out-of-memory killer: `dmesg` says which)\n"
+              for rank, process in sorted(getattr(failure, "failures", {}).items()) if process.exitcode < 0]
+    errors = [e for e in read_rank_errors(run_dir) if not (killed and e.get("peer_gone"))]
+    said = "".join(killed) + "".join(f"{e.get('trace') or ''}error: rank {e.get('rank')}: {e.get('error')}\n"
+                                     for e in errors)
+    if said and (run_dir / "config.json").is_file():
+        said += (f"trainbus: run {run_dir.name} died; `trainbus runs resume {run_dir.name}` continues it from its "
+                 f"newest checkpoint\n")
+    return said
 
 
 def _raise_signal_exception(signum: int, frame) -> None:

@@ -84,7 +84,8 @@ class Ranks:
     def __init__(self, cluster: Cluster, device: torch.device):
         self.cluster = cluster
         self.rank, self.world_size = cluster.rank, cluster.world_size
-        self.main_pid: int | None = None  # rank 0's process id, once shared (kernel/session.py)
+        self.main_pid: int | None = None  # rank 0's process id, once the ranks met (meet)
+        self.local_pids: dict[int, int] = {}  # rank -> process id, for the ranks of rank 0's machine (meet)
         # env:// reads these; srun sets none of them, torchrun all
         os.environ.update(MASTER_ADDR=cluster.main_address, MASTER_PORT=str(cluster.main_port),
                           RANK=str(cluster.rank), WORLD_SIZE=str(cluster.world_size), LOCAL_RANK=str(cluster.local_rank))
@@ -98,18 +99,31 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def meet(self, run_id: str) -> str:
+        """Rank 0's run id, on every rank; and every rank's process id, so that rank 0 can tell a rank of its
+        machine that died without a word (kill -9, the out-of-memory killer) from one still writing its error."""
+        seen: list[Any] = [None] * self.world_size
+        self._collective(lambda: dist.all_gather_object(seen, (run_id, os.getpid(), self.cluster.node_rank),
+                                                        group=self.host))
+        self.main_pid = seen[0][1]
+        self.local_pids = {rank: pid for rank, (_, pid, node) in enumerate(seen) if node == seen[0][2]}
+        return seen[0][0]
+
     def share(self, value: Any) -> Any:
         """Rank 0's value, on every rank (the run id, the checkpoint to resume from), as the run is set up: a rank
         that failed meanwhile (its build raised) breaks it, which is PeerGone here, not gloo's traceback."""
         box = [value]
+        self._collective(lambda: dist.broadcast_object_list(box, src=0, group=self.host))
+        return box[0]
+
+    def _collective(self, call: Callable[[], Any]) -> None:
         try:
-            dist.broadcast_object_list(box, src=0, group=self.host)
+            call()
         except Exception as exc:
             if broken_by_a_peer(exc):
                 raise PeerGone(f"rank {self.rank} stopped: another rank left as the run was set up (its own "
                                f"error says why)") from None
             raise
-        return box[0]
 
     def agree(self, control: Control) -> Control:
         """Rank 0's decision on every rank: stop and checkpoint flags (other ranks' own replies are none)."""

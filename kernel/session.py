@@ -133,7 +133,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             interrupts.joining = False
     run_id = run_id or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
     if ranks is not None:
-        run_id, ranks.main_pid = ranks.share((run_id, os.getpid()))  # rank 0's: one run, one directory
+        run_id = ranks.meet(run_id)  # rank 0's: one run, one directory
     run_dir = Path(cfg.runs_dir).resolve() / run_id
     if cluster.restart_count and not continue_run and (run_dir / "config.json").is_file():
         # torchrun restarted the group after a rank failed (--max-restarts): the run the failed group trained goes
@@ -285,7 +285,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         error, trace = _what_failed(exc)
         tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
         if ranks is not None:  # a collective failing here is mostly another rank's failure: say whose, and why
-            error, tail, trace = rank_errors(run_dir, error, tail, trace, cluster.local_world_size)
+            error, tail, trace = rank_errors(run_dir, error, tail, trace, cluster.local_world_size,
+                                             pids=ranks.local_pids, peer_gone=broken_by_a_peer(exc))
         log.error("training failed:\n%s", tail)
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error, "traceback": tail})
     loop.outcome.steps = loop.step  # also when the loop never got to its own end to count them (Ctrl-C, an error)
@@ -387,7 +388,8 @@ def write_rank_error(run_dir: Path, rank: int, exc: BaseException, beside_rank_0
         time.sleep(0.05)
     try:
         (Path(run_dir) / RANK_ERROR.format(rank)).write_text(
-            json.dumps({"rank": rank, "error": error, "traceback": tail, "trace": trace}))
+            json.dumps({"rank": rank, "error": error, "traceback": tail, "trace": trace,
+                        "peer_gone": broken_by_a_peer(exc)}))
     except OSError:  # no run directory (rank 0 failed before it made one): its traceback is on its stderr instead
         if beside_rank_0 and main_pid is not None and broken_by_a_peer(exc) and not process_alive(main_pid, None):
             # Rank 0 failed as it set up (a port taken) and its exit broke this rank's collective: rank 0's error is
@@ -412,15 +414,39 @@ def read_rank_errors(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def rank_errors(run_dir: Path, error: str, tail: str, trace: str, local_ranks: int,
-                wait_s: float = RANK_ERROR_WAIT_S) -> tuple[str, str, str]:
+                wait_s: float = RANK_ERROR_WAIT_S, pids: dict[int, int] | None = None,
+                peer_gone: bool = False) -> tuple[str, str, str]:
     """Rank 0's error, traceback and the user's frames in it, led by those the other ranks wrote: waiting, up to
     wait_s, for every rank of rank 0's machine (ranks 1..local_ranks-1) to have written; those of other machines
-    are there only on a shared file system, and are not waited for."""
-    deadline = time.monotonic() + wait_s
-    others = read_rank_errors(run_dir)
-    while not set(range(1, local_ranks)) <= {o["rank"] for o in others} and time.monotonic() < deadline:
+    are there only on a shared file system, and are not waited for.
+
+    pids (rank -> process id, Ranks.local_pids): a rank whose process is gone without writing (kill -9, the
+    out-of-memory killer) is not waited for, and is named as the cause. peer_gone: rank 0's own error is a
+    collective another rank broke (gloo's "Connection reset by peer"); where another rank says why, that is the
+    error, and rank 0's, and any other rank's broken collective, are left out of the line."""
+    deadline, pids = time.monotonic() + wait_s, pids or {}
+    waited_for = set(range(1, local_ranks))
+    others, gone = read_rank_errors(run_dir), {}
+    while True:
+        missing = waited_for - {o["rank"] for o in others} - set(gone)
+        if not missing or time.monotonic() >= deadline:
+            break
+        dead = {rank for rank in missing if rank in pids and not process_alive(pids[rank], None)}
+        if dead:  # its file is written before it exits: read again, and what is still missing died without a word
+            others = read_rank_errors(run_dir)
+            gone.update({rank: pids[rank] for rank in dead - {o["rank"] for o in others}})
+            continue
         time.sleep(0.05)
         others = read_rank_errors(run_dir)
+    others += [{"rank": rank, "error": f"its process (pid {pid}) ended without a word: killed (kill -9, the "
+                f"out-of-memory killer: `dmesg` says which) or an os._exit", "traceback": "", "trace": ""}
+               for rank, pid in sorted(gone.items())]
+    if any(not o.get("peer_gone") for o in others):  # a rank that says why: the broken collectives add nothing
+        others = [o for o in others if not o.get("peer_gone")]
+        if peer_gone:
+            lead = "; ".join(f"rank {o['rank']}: {o['error']}" for o in others)
+            return lead, "".join(f"rank {o['rank']}:\n{o['traceback']}" for o in others) + tail, \
+                "".join(f"rank {o['rank']}: {o['trace']}" for o in others if o.get("trace"))
     # the same error on several ranks (the same code on each: the usual case) is said once, naming them
     same = [o["rank"] for o in others if o.get("error") == error]
     others = [o for o in others if o.get("error") != error]

@@ -240,6 +240,39 @@ def test_a_rank_killed_mid_epoch_is_restarted_and_the_run_goes_on_exactly(tmp_pa
         assert "torchrun restarts the group (1 restart left): the run goes on in place" in output, output[-3000:]
 
 
+@pytest.mark.parametrize("rank", [0, 1])  # 0: the launcher says it (no summary); 1: rank 0 does, in the summary
+def test_a_rank_killed_by_a_signal_is_named_not_the_collective_it_broke(tmp_path, rank):
+    """kill -9 of one rank (the out-of-memory killer's way): the user read gloo's "Connection reset by peer ...
+    GLHF!" of the rank that lived, blamed on it (rank 1's, when rank 0 was killed), and rank 0 waited 10 s for a
+    rank that was gone. Now the killed rank is named, with its pid, and nothing else; exit 1."""
+    runs = tmp_path / "runs"
+    proc = start_paced(runs, ["--nproc", "2", "--epochs", "20", "--plugins", ""], tmp_path / "output.txt")
+    try:
+        journal = wait_until(lambda: next(runs.glob(f"*/{JOURNAL_NAME}"), None), 180, "the run's journal")
+        wait_until(lambda: any(e.type == "end_training_batch" for e in read_events(journal.parent)), 180, "a step")
+        killed = rank_pid(proc.pid, rank)
+        os.kill(killed, signal.SIGKILL)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            kill_launch(proc)
+    output = (tmp_path / "output.txt").read_text()
+    assert proc.returncode == 1, output
+    assert "gloo" not in output and "Traceback" not in output, output
+    if rank == 0:
+        run_id = journal.parent.name
+        assert output.rstrip().endswith(
+            f"error: rank 0 (pid {killed}) was killed by SIGKILL (kill -9, or the out-of-memory killer: `dmesg` says "
+            f"which)\ntrainbus: run {run_id} died; `trainbus runs resume {run_id}` continues it from its newest "
+            f"checkpoint"), output
+    else:
+        summary = json.loads((journal.parent / "summary.json").read_text())
+        assert summary["status"] == "failed" and summary["error"] == (
+            f"rank 1: its process (pid {killed}) ended without a word: killed (kill -9, the out-of-memory killer: "
+            f"`dmesg` says which) or an os._exit"), summary["error"]
+        assert f"  error: {summary['error']}" in output, output
+
+
 def assert_same_epochs(run_dir: Path, reference_dir: Path) -> None:
     """Each epoch's figures as the uninterrupted run's (the latest end_epoch of each: a resumed epoch's totals
     sum each rank's share once; rank 0's counted twice and rank 1's not at all before)."""
@@ -284,6 +317,8 @@ def test_a_rank_that_raises_is_named_with_its_error_in_rank_0s_journal_and_summa
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed", summary
     assert summary["error"].startswith("rank 1: ValueError: bad batch 3 on rank 1 (in your code: "), summary["error"]
+    # rank 0's own error is the collective rank 1 broke: gloo's "Connection closed by peer ... GLHF!" adds nothing
+    assert "gloo" not in summary["error"] and "rank 0" not in summary["error"], summary["error"]
     [failed] = [e for e in read_events(run_dir) if e.type == "run_failed"]
     assert failed.data["error"] == summary["error"] and "in __iter__" in failed.data["traceback"]
     # the user's frames, in summary.json and on rank 1's stderr; none of ours there
