@@ -413,7 +413,7 @@ def _raise_signal_exception(signum: int, frame) -> None:
 
 def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:
     """`run --detach`: this command, checked and less --detach and --gpus, queued for the daemon; its id printed."""
-    from . import daemon
+    from . import daemon, daemon_client
     from .registry import JobError
     from .session import new_run_id
 
@@ -425,7 +425,7 @@ def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:
             argv.append(word)
     run_id = continuing.name if continuing is not None else new_run_id()
     runs_dir = Path(cfg.runs_dir)
-    serving = daemon.request(runs_dir, "status") if gpus else None  # a daemon that could never place it: said now
+    serving = daemon_client.request(runs_dir, "status") if gpus else None  # a daemon that could never place it: said now
     if serving is not None and (why := daemon.unplaceable(gpus, list(serving.get("devices") or []))) is not None:
         raise UserError(f"--gpus {gpus}: the run {why}")
     try:

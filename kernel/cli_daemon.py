@@ -41,7 +41,7 @@ def daemon_start(
     """Start the daemon for a runs directory: it runs the queued runs (`trainbus run ... --detach`) in order."""
     from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
 
-    from . import daemon
+    from . import daemon, daemon_client
     from .keys import KeyStore
     from .remote import ListenError, check_listen
 
@@ -57,7 +57,7 @@ def daemon_start(
         argv += ["--gpus", gpus] if gpus is not None else []
         argv += ["--listen", listen] if listen else []
         argv += ["--keys-dir", str(keys_dir.resolve())] if keys_dir else []
-        answer = daemon.start_background(runs_dir, argv)
+        answer = daemon_client.start_background(runs_dir, argv)
     except (daemon.DaemonError, ListenError, KeyFileError) as exc:
         raise UserError(str(exc)) from None
     out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])} (devices: "
@@ -77,10 +77,10 @@ def _remote_line(endpoint: str, runs_dir: Path) -> str:
 @daemon_app.command("stop")
 def daemon_stop(runs_dir: Path = RUNS_DIR_OPTION) -> None:
     """Stop the daemon; its runs go on training and the next daemon adopts them."""
-    from . import daemon
+    from . import daemon, daemon_client
 
     try:
-        answer = daemon.stop(runs_dir)
+        answer = daemon_client.stop(runs_dir)
     except daemon.DaemonError as exc:
         raise UserError(str(exc)) from None
     if answer is None:
@@ -101,7 +101,7 @@ SERVER_KEY_OPTION = typer.Option(None, "--server-key", help="With --remote: the 
 def _remote(remote: str | None, key: Path | None, server_key: Path | None):
     from trainbus.proto.remote import KeyFileError
 
-    from .daemon import RemoteDaemon
+    from .daemon_client import RemoteDaemon
 
     if remote is None:
         return None
@@ -118,10 +118,10 @@ def _ask(runs_dir: Path, remote, op: str, **fields) -> dict:
     """The daemon's answer, or one error line: none answering, or its refusal."""
     from trainbus.proto.remote import CannotConnect
 
-    from . import daemon
+    from . import daemon_client
 
     try:
-        answer = daemon.request(runs_dir, op, remote=remote, **fields)
+        answer = daemon_client.request(runs_dir, op, remote=remote, **fields)
     except CannotConnect as exc:  # keys not taken (said at once), or nothing listening there (in seconds)
         raise UserError(str(exc)) from None
     where = remote.host_port if remote else str(runs_dir.resolve())  # printed as it is, not as markup
@@ -189,7 +189,7 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
     """Whether a daemon serves the runs directory: its pid, devices, the runs it watches, the queue, the runs it
     ended last and how.
     Exit code 0 when one does, 3 when none (as `systemctl status`)."""
-    from . import daemon
+    from . import daemon, daemon_client
     from .pids import process_alive
     from .registry import REGISTRY_NAME, Registry, RegistryError
 
@@ -197,7 +197,7 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
     if target is not None:
         answer = _ask(runs_dir, target, "status")
     else:
-        answer = daemon.request(runs_dir, "status") if runs_dir.is_dir() else None
+        answer = daemon_client.request(runs_dir, "status") if runs_dir.is_dir() else None
         if answer is not None and not answer.get("ok"):  # an answer without the daemon's state: its reason
             raise UserError(f"the daemon of {escape(str(runs_dir.resolve()))} could not say its status: "
                             f"{answer.get('error')}")

@@ -55,7 +55,7 @@ def check_not_submitted(runs_dir: Path, run_id: str) -> None:
             job = next((j for j in rows.jobs(registry.JOB_ACTIVE) if j["id"] == run_id and registry.job_holds_run(j)),
                        None)
     except (sqlite3.Error, OSError, registry.RegistryError) as exc:
-        from .daemon import daemon_lives
+        from .daemon_client import daemon_lives
 
         # The queue unknown (a full disk: SQLite cannot make its -shm file): with no daemon alive nothing can start
         # or resume the run meanwhile, and a full disk is when a run must be deletable. With one, keep the run.

@@ -729,7 +729,7 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
                    check=False)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert done.stderr.startswith(f"error: tcp://{host_port} {said}"), done.stderr  # a guess, before
-    from trainbus.kernel.daemon import RemoteDaemon, request
+    from trainbus.kernel.daemon_client import RemoteDaemon, request
 
     # a monitor key's hostile requests: each answered as unknown, and the daemon serves on
 
