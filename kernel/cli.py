@@ -390,7 +390,7 @@ def _what_rank_0_did_not_say(failure: Exception, run_dir: Path) -> str:
     """The launcher's lines for a run whose rank 0 wrote no summary: a rank that a signal killed (torchrun saw its
     exit: kill -9, the out-of-memory killer) first, then what the other ranks wrote of their own errors, less the
     collectives that the killed rank broke (gloo's "Connection reset by peer" is its effect, not its cause)."""
-    from .session import read_rank_errors
+    from .failures import read_rank_errors
 
     killed = [f"error: rank {rank} (pid {process.pid}) was killed by {process.signal_name()} (kill -9, or the "
               f"out-of-memory killer: `dmesg` says which)\n"

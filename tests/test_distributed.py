@@ -374,7 +374,7 @@ def test_rank_0_waits_for_every_rank_of_its_machine_to_say_what_failed(tmp_path)
     import threading
     import time
 
-    from trainbus.kernel.session import RANK_ERROR, rank_errors
+    from trainbus.kernel.failures import RANK_ERROR, rank_errors
 
     def write(rank: int) -> None:
         (tmp_path / RANK_ERROR.format(rank)).write_text(json.dumps(
@@ -434,7 +434,7 @@ def test_a_rank_says_where_in_the_step_its_error_came_from_as_rank_0_does(tmp_pa
     the step; another rank's file said the bare error, so the same error on both ranks was said twice."""
     import torch
 
-    from trainbus.kernel.session import RANK_ERROR, rank_errors, write_rank_error
+    from trainbus.kernel.failures import RANK_ERROR, rank_errors, write_rank_error
     from trainbus.kernel.stepping import Stepper
 
     model = torch.nn.Linear(4, 2)
@@ -455,7 +455,7 @@ def test_a_rank_failing_before_rank_0_made_the_run_directory_writes_its_file_onc
     import threading
     import time
 
-    from trainbus.kernel.session import read_rank_errors, write_rank_error
+    from trainbus.kernel.failures import read_rank_errors, write_rank_error
 
     run_dir = tmp_path / "run"
     threading.Timer(0.5, run_dir.mkdir).start()
