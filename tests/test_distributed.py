@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pytest
@@ -193,18 +194,11 @@ def test_a_sigterm_ends_a_two_process_run_interrupted_with_exit_130(tmp_path, wh
     runs = tmp_path / "runs"
     restarts = ["--max-restarts", "1"] if "max-restarts" in whom else []
     proc = start_paced(runs, ["--nproc", "2", *restarts, "--epochs", "20", "--plugins", ""], tmp_path / "output.txt")
-    try:
-        journal = wait_until(lambda: next(runs.glob(f"*/{JOURNAL_NAME}"), None), 180, "the run's journal")
-        wait_until(lambda: any(e.type == "end_training_batch" for e in read_events(journal.parent)), 180, "a step")
-        target = proc.pid if whom == "the launcher" else int((journal.parent / "kernel.pid").read_text())
-        os.kill(target, signal.SIGTERM)
-        proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            kill_launch(proc)
+    run_dir, _ = signalled_after_a_step(proc, runs, signal.SIGTERM, lambda run_dir: proc.pid if whom == "the launcher"
+                                        else int((run_dir / "kernel.pid").read_text()))
     output = (tmp_path / "output.txt").read_text()
     assert proc.returncode == 130, output
-    summary = json.loads((journal.parent / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["cluster"]["restart_count"] == 0, summary
     assert summary["outcome"]["stop_reasons"] == ["kernel: stop: interrupted (SIGTERM)"], summary["outcome"]
     assert "error:" not in output, output
@@ -247,30 +241,38 @@ def test_a_rank_killed_by_a_signal_is_named_not_the_collective_it_broke(tmp_path
     rank that was gone. Now the killed rank is named, with its pid, and nothing else; exit 1."""
     runs = tmp_path / "runs"
     proc = start_paced(runs, ["--nproc", "2", "--epochs", "20", "--plugins", ""], tmp_path / "output.txt")
-    try:
-        journal = wait_until(lambda: next(runs.glob(f"*/{JOURNAL_NAME}"), None), 180, "the run's journal")
-        wait_until(lambda: any(e.type == "end_training_batch" for e in read_events(journal.parent)), 180, "a step")
-        killed = rank_pid(proc.pid, rank)
-        os.kill(killed, signal.SIGKILL)
-        proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            kill_launch(proc)
+    run_dir, killed = signalled_after_a_step(proc, runs, signal.SIGKILL, lambda _: rank_pid(proc.pid, rank))
     output = (tmp_path / "output.txt").read_text()
     assert proc.returncode == 1, output
     assert "gloo" not in output and "Traceback" not in output, output
     if rank == 0:
-        run_id = journal.parent.name
+        run_id = run_dir.name
         assert output.rstrip().endswith(
             f"error: rank 0 (pid {killed}) was killed by SIGKILL (kill -9, or the out-of-memory killer: `dmesg` says "
             f"which)\ntrainbus: run {run_id} died; `trainbus runs resume {run_id}` continues it from its newest "
             f"checkpoint"), output
     else:
-        summary = json.loads((journal.parent / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "failed" and summary["error"] == (
             f"rank 1: its process (pid {killed}) ended without a word: killed (kill -9, the out-of-memory killer: "
             f"`dmesg` says which) or an os._exit"), summary["error"]
         assert f"  error: {summary['error']}" in output, output
+
+
+def signalled_after_a_step(proc: subprocess.Popen, runs: Path, sig: int,
+                           whom: Callable[[Path], int]) -> tuple[Path, int]:
+    """Once the run of `trainbus run --nproc` (proc) has trained a step, `sig` to whom(run_dir); then the
+    launcher's end. (run_dir, the pid signalled)."""
+    try:
+        journal = wait_until(lambda: next(runs.glob(f"*/{JOURNAL_NAME}"), None), 180, "the run's journal")
+        wait_until(lambda: any(e.type == "end_training_batch" for e in read_events(journal.parent)), 180, "a step")
+        target = whom(journal.parent)
+        os.kill(target, sig)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            kill_launch(proc)
+    return journal.parent, target
 
 
 def assert_same_epochs(run_dir: Path, reference_dir: Path) -> None:
