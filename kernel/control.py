@@ -103,7 +103,7 @@ class Dispatcher:
         if told is None:
             log.warning("refused: %s", refusal)
         self.bus.send(identity, encode_control(control("refused", reason=str(refusal),
-                                                       welcome_lost=refusal.welcome_lost)))
+                                                       welcome_lost=refusal.welcome_lost, code=refusal.code)))
 
     # -- one handler per message type -------------------------------------------------------------
 

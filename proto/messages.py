@@ -23,6 +23,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # A hello's name rides in every event of that peer (each metric and log's `plugin`), so it is bounded like a metric's
 # name: a hand-attached peer chooses it, and a 250 KiB one made each of its 400 burst metrics a 250 KiB event.
 PEER_NAME_MAX_CHARS = 200
+# The refusal codes of a remote peer's key revoked while it was connected (a message) or between two hellos: a key
+# the host no longer takes, as a refused CURVE handshake is (a client says so as it would for a fresh connection).
+KEY_REVOKED_CODES = frozenset({"key_revoked", "hello_key_revoked"})
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         # True: the peer is not (or no longer) welcome, nothing it sends is acted on (a refused hello, an unknown
         # routing id); False: only the message named in `reason` was not acted on (outside the peer's grant)
         "welcome_lost": Default(bool, True),
+        # why, as the kernel counts it (`refused_<code>` in the summary): "role", "key_revoked", ... ("": not said)
+        "code": Default(str, ""),
     },
 }
 

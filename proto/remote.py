@@ -145,6 +145,12 @@ class CannotConnect(Exception):
     nothing accepts connections there. The text says which, and what to check."""
 
 
+def key_refused(endpoint: str) -> str:
+    """The one line for a client key the host does not take: unknown there, or revoked (before or while connected)."""
+    return (f"{endpoint} refused this client's key: it is not authorized on that host, or was revoked (`trainbus "
+            f"keys list` there shows its keys, and `trainbus keys generate client NAME` makes one)")
+
+
 class ConnectionWatch:
     """What libzmq's socket monitor reports of a CURVE client socket's connections and handshakes. The socket
     itself only goes silent when one fails, and the client used to wait out its whole connect timeout (30 s)
@@ -205,9 +211,7 @@ class ConnectionWatch:
             self._quick_drops = self._slow_drops = 0
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400:  # the authenticator said no: final
             # (300 and 500, a failing authenticator, are left to the client's own retries: another try may pass)
-            self.verdict = (f"{self.endpoint} refused this client's key: it is not authorized on that host, or was "
-                            f"revoked (`trainbus keys list` there shows its keys, and `trainbus keys generate client "
-                            f"NAME` makes one)")
+            self.verdict = key_refused(self.endpoint)
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             self.verdict = (f"{self.endpoint} does not speak CURVE: no trainbus kernel or daemon listens there with "
                             f"keys (is the port the one it printed?)"

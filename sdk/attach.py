@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterator
 import zmq
 
 from trainbus.proto import BEST_EFFORT, Event, control, events as ev
-from trainbus.proto.remote import UNANSWERED_S, KeyFileError
+from trainbus.proto.messages import KEY_REVOKED_CODES
+from trainbus.proto.remote import UNANSWERED_S, KeyFileError, key_refused
 from trainbus.proto.run_state import CLIENT_PREFIX, RunState
 
 from .plugin_io import PluginIO
@@ -347,6 +348,8 @@ class Attachment:
         io = self._io
         refused, denied = io.refused, io.denied
         self.close()
+        if refused and io.refused_code in KEY_REVOKED_CODES:  # revoked while attached: as a fresh attach is told
+            raise TargetError(key_refused(self.target.control))
         if refused:
             raise AttachError(f"the kernel refused us: {refused}")
         if denied:  # our keys' handshake failed (unknown or revoked, another server's key pinned): no retry helps

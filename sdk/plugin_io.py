@@ -73,6 +73,7 @@ class PluginIO(threading.Thread):
         self.gone: str | None = None  # why the kernel is considered gone
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
         self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
+        self.refused_code = ""  # its reason's code (proto/messages.py): KEY_REVOKED_CODES, a key it takes no more
         self.denied: str | None = None  # over TCP: a CURVE handshake failed for good (ConnectionWatch): exit 1
         self.not_acted: collections.deque[str] = collections.deque(maxlen=16)  # single messages refused (attach shows)
         self.log_not_acted = log_not_acted
@@ -316,7 +317,7 @@ class PluginIO(threading.Thread):
             if msg["type"] == "welcome":
                 self.welcomed = True
             if msg["type"] == "refused":  # the kernel will not act on anything we send: nothing to do here
-                self.refused = msg["reason"]
+                self.refused, self.refused_code = msg["reason"], msg["code"]
                 self.gone = f"refused by the kernel: {msg['reason']}"
                 self.close()
                 return

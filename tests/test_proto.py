@@ -70,8 +70,8 @@ VALID_CONTROL: dict[str, list[dict]] = {
                 dict(run="r", heartbeat_interval_s=2, resume_from=99, session_seq=40)],
     "replay_batch": [dict(events=[event_to_map(HEARTBEAT), event_to_map(EVENT)], done=True),
                      dict(events=[], done=False)],
-    "refused": [dict(reason="hello as 'metrics_log' refused: wrong secret", welcome_lost=True),
-                dict(reason="x: stop is not among the replies its hello declared", welcome_lost=False)],
+    "refused": [dict(reason="hello as 'metrics_log' refused: wrong secret", welcome_lost=True, code="hello_secret"),
+                dict(reason="x: stop is not among the replies its hello declared", welcome_lost=False, code="")],
 }
 CONTROL_EXAMPLES = [(kind, fields) for kind, examples in VALID_CONTROL.items() for fields in examples]
 

@@ -257,6 +257,35 @@ def test_a_key_revoked_while_connected_is_cut_off_the_events_and_bursts_and_the_
     assert lines[1:] == [as_json(journal[s]) for s in seqs] and seqs[-1] == max(journal)
 
 
+def test_attach_whose_key_is_revoked_while_attached_ends_as_a_key_the_host_does_not_take(keys, runs_dir, tmp_path,
+                                                                                          kernels):
+    """README: keys the host does not take end attach at once, exit 2, `refused this client's key` (unknown or
+    revoked). A key revoked while attached is one of them: its control messages are refused (key_revoked) and its
+    reconnects too, and attach says so as it would for a fresh attach with that key, not exit 1 with the kernel's
+    refusal of a heartbeat."""
+    gate = tmp_path / "gate"  # held at its first batch: the run outlives the test
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate), tmp_path)
+    kernels.append(kernel)
+    connection(kernel)
+    kept = keys["dir"].parent / "late.key_secret"  # the holder's copy, which the revocation does not reach
+    shutil.copy(keys["late"], kept)
+    kept.chmod(0o600)
+    out = tmp_path / "attach.jsonl"
+    with open(out, "w") as stdout:
+        attach = subprocess.Popen([*trainbus_cmd(), "attach", str(kernel.run_dir / CONNECTION_FILE), "--key",
+                                   str(kept), "--json"], stdout=stdout, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: out.read_text().count("\n") >= 2, 60, "attach's snapshot and an event")
+        KeyStore(keys["dir"]).revoke("late")
+        code = attach.wait(timeout=60)
+        stderr = attach.stderr.read()
+    finally:
+        attach.kill()
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
+    assert code == 2 and stderr.count("\n") == 1 and REFUSED_KEY in stderr, (code, stderr)
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+
+
 # -- 2. roles ---------------------------------------------------------------------------------------
 
 
