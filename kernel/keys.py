@@ -123,8 +123,8 @@ class KeyStore:
                      *sorted(self.directory.glob("*/*.key")), *sorted(self.directory.glob("*.key"))]:
             info = path.stat()
             if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or info.st_uid != os.geteuid():
-                what = "directory" if path.is_dir() else "public key file"
-                raise KeyFileError(f"key {what} {path} could be written by others (mode {stat.S_IMODE(info.st_mode):o}"
+                what = "key directory" if path.is_dir() else "public key file"
+                raise KeyFileError(f"{what} {path} could be written by others (mode {stat.S_IMODE(info.st_mode):o}"
                                    f", owner uid {info.st_uid}); fix: chown it to yourself and chmod "
                                    f"{'700' if path.is_dir() else '644'} {path}")
         for path in sorted(self.directory.glob(f"**/*{SECRET_SUFFIX}")):

@@ -523,6 +523,8 @@ def test_the_kernel_refuses_to_start_on_a_bad_key_file_naming_it_and_the_fix(fau
                 "no_keys": f"trainbus keys generate server --keys-dir {keys_dir}", "writable_role_dir": f"chmod 700 {role_dir}",
                 "writable_keys_dir": f"chmod 700 {keys['dir']}", "writable_public_key": f"chmod 644 {public}"}[fault]
     assert expected in lines[0], lines[0]
+    if fault == "writable_public_key":
+        assert lines[0].startswith(f"error: public key file {public} could be written by others"), lines[0]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing may have started"
 
 
