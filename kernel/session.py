@@ -311,11 +311,11 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             status, error = "failed", f"training {status}, but the final weights could not be saved to {final}: " \
                                       f"{why}{moved}"
             log.error("%s", error)
-    # While the journal's disk still refuses the final event no durable plugin can reach it (nothing is published
-    # before it is journaled): no waiting for that, nor for the plugins' exit once they have had what they can.
     drain_started = time.monotonic()
+    undrained = wait_drained(bus, cfg.drain_timeout_s if status != "interrupted" else 2.0, abort=interrupts.hurry)
+    # While the journal's disk still refuses the final event no plugin can reach it (nothing is published before it
+    # is journaled): no waiting for the plugins' exit, which they make at the final event.
     hurry = lambda: interrupts.hurry() or bus.journal_refused_since(drain_started)  # noqa: E731
-    undrained = wait_drained(bus, cfg.drain_timeout_s if status != "interrupted" else 2.0, abort=hurry)
     journal_error = close_bus(bus, run_dir, sockets, PLUGIN_EXIT_TIMEOUT_S, hurry)
     checkpointer.close()
     if journal_error is not None and bus.journal.backlog_bytes:  # kept in $TMPDIR, as the weights are, or lost
@@ -491,10 +491,15 @@ def wait_drained(bus: Bus, timeout_s: float, abort: Callable[[], bool] = lambda:
     bus.flush_now()
     # Drained is the final event acked. A flush held up past flush_now's wait (the journal's disk) may not have
     # numbered it yet: until then no plugin has it, whatever it acked, and every durable one is behind.
-    behind = lambda: bus.control.peers.durable_behind(  # noqa: E731
-        bus.final_seq if bus.ended else bus.last_seq + 1, time.monotonic())
-    bus.wait(lambda: not behind() or abort(), timeout_s)
-    return behind()
+    final = lambda: bus.final_seq if bus.ended else bus.last_seq + 1  # noqa: E731
+    behind = lambda seq: bus.control.peers.durable_behind(seq, time.monotonic())  # noqa: E731
+
+    def reachable() -> int:
+        """What a plugin can have: while the journal's disk refuses, its backlog is published to none (journal
+        first), so the wait is for what was journaled; a disk that takes it again makes it the final event."""
+        return min(final(), bus.journal.written_seq) if bus.journal.error is not None else final()
+    bus.wait(lambda: not behind(reachable()) or abort(), timeout_s)
+    return behind(final())
 
 
 def effective_config(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any]) -> dict[str, Any]:
