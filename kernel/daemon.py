@@ -43,6 +43,7 @@ import zmq
 from trainbus.proto import ProtocolError, unpack
 from trainbus.proto.remote import advertised
 
+from .buffer_files import remove_dead_runs_buffers
 from .checkpointing import has_checkpoints, no_checkpoints
 from .credentials import SUN_PATH_MAX
 from .pids import process_alive
@@ -353,6 +354,8 @@ class Daemon:
                           f"the run is still {status}")
             else:
                 detail = f"run {status}" + (f", exit code {code}" if code >= 0 else "")
+            if status == "died":  # SIGKILL, the OOM killer: its snapshot buffers hold memory until removed
+                remove_dead_runs_buffers(run_dir)
             if status == "died" and not detail.startswith(RESUME_FAILED):
                 log.warning("%s: the kernel died (no summary); %s", watched.job_id,
                             f"`trainbus runs resume {watched.job_id} --runs-dir {self.runs_dir}` continues it from its "

@@ -3,6 +3,8 @@ rank, the kernel that left shared memory behind): a zombie is gone, and a reused
 
 from __future__ import annotations
 
+START_TIME_SLACK_S = 1.0  # psutil derives start times from the boot time, which /proc/stat gives in whole seconds
+
 
 def process_alive(pid: int, started: float | None) -> bool:
     """Whether `pid` is still the process that started at `started` (None: any process under that pid)."""
@@ -13,6 +15,20 @@ def process_alive(pid: int, started: float | None) -> bool:
         if process.status() == psutil.STATUS_ZOMBIE:
             return False
         return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def started_by(pid: int, when: float) -> bool:
+    """Whether `pid` runs a process that started by `when` (a wall-clock time, give or take the second psutil's start
+    times are good to): one that started later is not the process that made a file last written at `when`."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= when + START_TIME_SLACK_S
     except psutil.NoSuchProcess:
         return False
     except psutil.AccessDenied:

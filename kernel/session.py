@@ -24,6 +24,7 @@ from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
 from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir, write_connection_file
 from trainbus.proto.text import printable
 
+from .buffer_files import snapshot_directories
 from .bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
 from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_checkpoints, load_checkpoint,
                             persister_directory)
@@ -42,7 +43,7 @@ from .peers import Peers
 from .remote import ListenError, Listener, check_listen
 from .registry import record_run
 from .runs import write_kernel_pid
-from .snapshot import SnapshotBuffers, snapshot_directories
+from .snapshot import SnapshotBuffers
 from .spec import SpecError, TrainingSpec, build_with_flags, user_code_error, user_trace
 from .stepping import Stepper, SteppingError
 from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor

@@ -24,12 +24,11 @@ import torch
 
 from trainbus.proto.checkpoint_format import ALIGN, HEADER_BYTES, ITEMS_KEY, TENSOR_KEY, TUPLE_KEY, pack_header
 
-from .pids import process_alive
+from .buffer_files import buffer_name, hold, open_held, remove_stale_buffers
 
 log = logging.getLogger(__name__)
 
 SLOTS = 2
-SHM_DIR = Path("/dev/shm")
 PREPARER = Path(__file__).with_name("_prepare_buffers.py")
 PREPARE_TIMEOUT_S = 120.0  # a preparer that takes longer is killed; the first snapshot allocates for itself
 MADV_POPULATE_WRITE = 23  # Linux 5.14+ (asm-generic/mman-common.h); older kernels say EINVAL and the copy faults
@@ -49,16 +48,12 @@ class Snapshot:
                 "tensors": self.tensors, "state": self.state}
 
 
-def snapshot_directories(run_dir: Path, chosen: str = "") -> list[Path]:
-    """Where buffers may go, in order: the user's choice alone; else /dev/shm, then the run directory."""
-    return [Path(chosen)] if chosen else [SHM_DIR, Path(run_dir)]
-
-
 @dataclass
 class _Buffer:
     path: Path
     nbytes: int  # allocated
     tensor: torch.Tensor  # uint8, the whole file, mapped shared
+    fd: int  # the file, open and held (buffer_files.hold) while the buffer is ours: it is not a dead kernel's
     pinned: bool = False  # registered with CUDA as page-locked memory (_pin): unregistered before it is unmapped
 
 
@@ -94,7 +89,7 @@ class SnapshotBuffers:
         for directory in self.directories:
             remove_stale_buffers(directory)
         # The kernel's pid in the name: a buffer whose kernel died (kill -9) is found and removed later.
-        self.name = f"trainbus-{os.getpid()}-{run_id}"
+        self.name = buffer_name(run_id)
         self._buffers: list[_Buffer | None] = [None] * SLOTS
         self._next_id = 1
         self._preparer: subprocess.Popen | None = None
@@ -132,7 +127,11 @@ class SnapshotBuffers:
         for line in out.splitlines():
             slot, _, path = line.partition(" ")
             if slot.isdigit() and int(slot) < SLOTS and not path.startswith("error"):
-                buffer = _Buffer(Path(path), nbytes, _map(Path(path), nbytes))
+                try:
+                    fd = open_held(Path(path))
+                except OSError:  # gone already: _buffer() allocates this slot as if the preparer had not
+                    continue
+                buffer = _Buffer(Path(path), nbytes, _map(fd, nbytes), fd)
                 _populate(buffer.tensor)
                 buffer.pinned = pin and _pin(buffer.tensor)
                 self._buffers[int(slot)] = buffer
@@ -203,11 +202,12 @@ class SnapshotBuffers:
             self._buffers[slot] = None
             if current is not None:
                 _release(current)
-            path = self._allocate(slot, nbytes)
-            self._buffers[slot] = _Buffer(path, nbytes, _map(path, nbytes))
+            path, fd = self._allocate(slot, nbytes)
+            self._buffers[slot] = _Buffer(path, nbytes, _map(fd, nbytes), fd)
         return self._buffers[slot]
 
-    def _allocate(self, slot: int, nbytes: int) -> Path:
+    def _allocate(self, slot: int, nbytes: int) -> tuple[Path, int]:
+        """A new buffer file of nbytes, and its open file, held."""
         failures = []
         for directory in self.directories:
             path = directory / f"{self.name}-slot{slot}"
@@ -218,14 +218,14 @@ class SnapshotBuffers:
                 failures.append(f"{directory}: {exc.strerror}")
                 continue
             try:
+                hold(fd)
                 _reserve(fd, nbytes)
             except OSError as exc:
+                os.close(fd)
                 path.unlink(missing_ok=True)
                 failures.append(f"{directory}: {exc.strerror}")
                 continue
-            finally:
-                os.close(fd)
-            return path
+            return path, fd
         raise OSError(f"no room for a {nbytes / 1e6:.0f} MB snapshot buffer ({'; '.join(failures) or 'no writable directory'})")
 
     def close(self) -> None:
@@ -247,14 +247,10 @@ def _reserve(fd: int, nbytes: int) -> None:
         fallocate(fd, 0, nbytes)
 
 
-def _map(path: Path, nbytes: int) -> torch.Tensor:
+def _map(fd: int, nbytes: int) -> torch.Tensor:
     """The whole file, mapped shared. Not MAP_POPULATE: filling 200,000 page-table entries up front took
     2.0-2.5 s here where the copy's own faults on the same pages took 0.3-0.4 s (805 MB on /dev/shm)."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
-    finally:
-        os.close(fd)
+    mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
     return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
@@ -283,19 +279,12 @@ def _pin(data: torch.Tensor) -> bool:
 
 
 def _release(buffer: _Buffer) -> None:
-    """Unpin (before the mapping can be unmapped) and delete a buffer's file."""
+    """Unpin (before the mapping can be unmapped), delete a buffer's file and let go of it."""
     if buffer.pinned:
         torch.cuda.cudart().cudaHostUnregister(buffer.tensor.data_ptr())
         buffer.pinned = False
     buffer.path.unlink(missing_ok=True)
-
-
-def remove_stale_buffers(directory: Path) -> None:
-    """Delete buffers left by kernels that no longer run (memory in /dev/shm is not freed otherwise)."""
-    for path in directory.glob("trainbus-*-slot*"):
-        pid = path.name.split("-")[1]
-        if pid.isdigit() and not process_alive(int(pid), None):
-            path.unlink(missing_ok=True)
+    os.close(buffer.fd)
 
 
 def _tensors(state: Any) -> list[torch.Tensor]:

@@ -13,7 +13,8 @@ import torch
 
 from trainbus.kernel.config import RunConfig
 from trainbus.kernel.session import run_training
-from trainbus.kernel.snapshot import SHM_DIR, SLOTS, SnapshotBuffers
+from trainbus.kernel.buffer_files import SHM_DIR
+from trainbus.kernel.snapshot import SLOTS, SnapshotBuffers
 from trainbus.plugins._snapshot_reader import read_snapshot
 
 from helpers import free_port

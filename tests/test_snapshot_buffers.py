@@ -4,6 +4,8 @@ and a checkpoint skipped, never waited for, while a persister holds both."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,8 @@ import zmq
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.loop import LAST_CHECKPOINT_WAIT_S, Loop
 from trainbus.kernel.session import close_bus, open_bus
-from trainbus.kernel.snapshot import SLOTS, SnapshotBuffers, snapshot_directories
+from trainbus.kernel.buffer_files import SHM_DIR, remove_stale_buffers, snapshot_directories
+from trainbus.kernel.snapshot import SLOTS, SnapshotBuffers
 from trainbus.plugins._snapshot_reader import read_snapshot
 from trainbus.proto import events as ev, pack, unpack
 
@@ -191,3 +194,92 @@ def test_with_both_buffers_held_a_due_checkpoint_is_skipped_and_training_goes_on
     for skip in skipped:  # training went on: the loop's next seam follows each skip
         after = lifecycle[lifecycle.index(skip) + 1]
         assert after.type in (ev.START_TRAINING_BATCH, ev.END_EPOCH), (skip, after)
+
+
+# -- buffers a dead kernel left ---------------------------------------------------------------------
+
+
+def _reaped_pid() -> int:
+    """The pid of a process that ran and was reaped: no process runs under it (for the moment)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def _buffer_file(directory: Path, pid: int, run_id: str) -> Path:
+    path = directory / f"trainbus-{pid}-{run_id}-slot0"
+    path.write_bytes(bytes(4096))
+    return path
+
+
+def test_a_buffer_is_removed_only_when_its_kernel_is_gone(tmp_path):
+    """remove_stale_buffers, which each kernel runs at its start on its buffer directories (and the daemon when a
+    run of its dies), against real processes. Removed: a buffer whose pid no process has, and one whose pid a
+    process newer than the file now has (the pid was handed on: that process is not its kernel; these stayed
+    forever). Kept: a live kernel's (this process's), one a live process holds locked whatever its pid says (a
+    kernel in another pid namespace sharing /dev/shm, containers with --ipc=host: it was removed under the live
+    run, whose checkpoints then all failed), and another user's (root removed those)."""
+    newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    holder = None
+    try:
+        gone = _buffer_file(tmp_path, _reaped_pid(), "gone")
+        handed_on = _buffer_file(tmp_path, newer.pid, "handed-on")
+        an_hour_ago = time.time() - 3600
+        os.utime(handed_on, (an_hour_ago, an_hour_ago))  # written before `newer` started
+        live = _buffer_file(tmp_path, os.getpid(), "live")
+        held = _buffer_file(tmp_path, _reaped_pid(), "held-elsewhere")
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_WAIT, str(held)], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == "held\n"
+        theirs = _buffer_file(tmp_path, _reaped_pid(), "another-users")
+        if os.getuid() == 0:
+            os.chown(theirs, 65534, 65534)
+
+        removed = remove_stale_buffers(tmp_path)
+
+        assert sorted(removed) == sorted([gone, handed_on])
+        assert sorted(tmp_path.iterdir()) == sorted([live, held, theirs])
+    finally:
+        for process in (newer, holder):
+            if process is not None:
+                process.kill()
+                process.wait()
+
+
+HOLD_AND_WAIT = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_SH)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_live_kernels_buffers_are_held_and_a_killed_ones_removed_by_the_next_kernel(tmp_path):
+    """The kernel holds its buffers (made by the preparer, or by itself) for as long as it has them; killed with
+    SIGKILL it leaves them in /dev/shm, and the next kernel removes them as it starts, saying so in its log."""
+    from fixture_targets import open_gate
+    from helpers import PLUGIN_START_S, run_config
+    from kernel_process import KernelProcess
+    from trainbus.kernel.config import resolve_plugin
+    from trainbus.kernel.session import run_training
+
+    gate = tmp_path / "gate"  # held at step 6 until killed, a snapshot taken at step 5
+    open_gate(gate, 6)
+    kernel = KernelProcess(run_config(tmp_path / "runs", [resolve_plugin("checkpoint", {})], 3,
+                                      "fixture_targets:paced_digits", checkpoint_every_n_steps=5,
+                                      checkpoint_every_n_epochs=0, ready_timeout_s=PLUGIN_START_S, gate=str(gate)),
+                           tmp_path)
+    try:
+        kernel.wait_event(ev.SAVE_CHECKPOINT, timeout_s=PLUGIN_START_S)
+        left = sorted(SHM_DIR.glob(f"trainbus-{kernel.pid}-{kernel.run_id}-slot*"))
+        assert len(left) == SLOTS
+        assert remove_stale_buffers(SHM_DIR) == [] and all(p.exists() for p in left)  # its kernel holds them
+    finally:
+        kernel.kill()
+    assert all(p.exists() for p in left)  # what a kill -9 leaves
+
+    after = run_training(run_config(tmp_path / "next", [], 1, "specs:tiny"))
+    assert after.status == "completed", after
+    assert not any(p.exists() for p in left)
+    log = (Path(after.run_dir) / "kernel.log").read_text()
+    assert f"left by kernels that are gone: {', '.join(p.name for p in left)}" in log, log

@@ -65,7 +65,8 @@ from trainbus.kernel.journal import read_events  # noqa: E402
 from trainbus.kernel.loop import Loop  # noqa: E402
 from trainbus.kernel.memory import keep_freed_memory  # noqa: E402
 from trainbus.kernel.session import run_training  # noqa: E402
-from trainbus.kernel.snapshot import SnapshotBuffers, snapshot_directories  # noqa: E402
+from trainbus.kernel.buffer_files import snapshot_directories  # noqa: E402
+from trainbus.kernel.snapshot import SnapshotBuffers  # noqa: E402
 
 TARGET = f"{Path(__file__).resolve()}:build"
 MB = 1e6
