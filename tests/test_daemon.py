@@ -796,6 +796,26 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
     assert gone.returncode == 2 and f"run {held} is neither queued nor running under this daemon" in gone.stderr
 
 
+def test_the_daemon_removes_the_snapshot_buffers_of_a_run_whose_kernel_was_killed(tmp_path, daemons):
+    """kill -9 of a run's kernel left its two snapshot buffers in /dev/shm, memory held until some later kernel
+    started; the daemon removes them as it settles the run as died."""
+    from trainbus.kernel.buffer_files import SHM_DIR
+
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    runs.mkdir()
+    start_daemon(daemons, runs)
+    open_gate(gate, 3)  # held at step 3 until killed: its buffers are made after the first step
+    victim = submit(runs, PACED, "--set", "step_sleep_s=0", "--set", f"gate={gate}", "--plugins", "checkpoint")
+    wait_until(lambda: (runs / victim / "kernel.pid").exists(), WAIT_S, "the run's kernel")
+    kernel = int((runs / victim / "kernel.pid").read_text())
+    buffers = wait_until(lambda: len(list(SHM_DIR.glob(f"trainbus-{kernel}-{victim}-slot*"))) == 2
+                         and list(SHM_DIR.glob(f"trainbus-{kernel}-{victim}-slot*")), WAIT_S, "its buffers")
+    os.kill(kernel, signal.SIGKILL)
+    log = daemon_dir(runs) / "daemon.log"
+    wait_until(lambda: f"{victim}: the kernel died" in log.read_text(), WAIT_S, "the daemon settled the run as died")
+    assert not any(path.exists() for path in buffers), log.read_text()
+
+
 @pytest.mark.slow
 def test_a_run_killed_with_the_daemon_is_died_and_runs_resume_ends_it_with_the_uninterrupted_weights(tmp_path,
                                                                                                      daemons):
