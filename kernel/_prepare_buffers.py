@@ -4,9 +4,10 @@
 
 For each slot, the first DIRECTORY where a NBYTES file can be allocated gets NAME-slot<i>, created 0600,
 its space reserved and every page written once; prints `<slot> <path>` per slot made, or `<slot> error
-<why>`. Each file it made is held (a shared POSIX lock, kernel/buffer_files.py) from then until it exits, so no
-other kernel takes it for a dead one's before this one's kernel holds it. Writing the pages here is what makes the kernel's first snapshot cheap: the pages already
-exist, so the kernel's copy into them only maps them (kernel/snapshot.py, SnapshotBuffers.prepare).
+<why>`. Writing the pages here is what makes the kernel's first snapshot cheap: the pages already exist, so
+the kernel's copy into them only maps them (kernel/snapshot.py, SnapshotBuffers.prepare). Each file it made is
+held (a shared POSIX lock, kernel/buffer_files.py) from then until it exits, so no other kernel takes it for a
+dead one's before this one's kernel holds it.
 """
 
 from __future__ import annotations
