@@ -425,7 +425,8 @@ def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:
             argv.append(word)
     run_id = continuing.name if continuing is not None else new_run_id()
     runs_dir = Path(cfg.runs_dir)
-    serving = daemon_client.request(runs_dir, "status") if gpus else None  # a daemon that could never place it: said now
+    # a daemon that could never place it: said now
+    serving = daemon_client.request(runs_dir, "status") if gpus else None
     if serving is not None and (why := daemon.unplaceable(gpus, list(serving.get("devices") or []))) is not None:
         raise UserError(f"--gpus {gpus}: the run {why}")
     try:
