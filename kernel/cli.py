@@ -144,6 +144,17 @@ def run(
         cfg.runs_dir = str(continuing.parent)
     if target is not None:
         cfg.target = target
+    launch = {"nproc": nproc, "nnodes": nnodes, "max_restarts": max_restarts, "rdzv_endpoint": rdzv_endpoint}
+    if continuing is not None and all(v is None for v in launch.values()) and not _under_a_launcher():
+        launch = launch_of_run(continuing)  # `--resume RUN` alone: in as many processes as the run had
+    launch = {"nproc": 1, "nnodes": 1, "max_restarts": 0, "rdzv_endpoint": None,
+              **{k: v for k, v in launch.items() if v is not None}}
+    listen_checked = None
+    if not detach and not help_flags and (listen if listen is not None else cfg.listen) and launch["nnodes"] == 1 \
+            and not _under_a_launcher():  # before the flags: checking them imports the target, and torch with it
+        listen_checked = (listen if listen is not None else cfg.listen,
+                          str(keys_dir) if keys_dir is not None else cfg.keys_dir)
+        _check_listen(*listen_checked)
     if help_flags or flag_words:
         try:
             _apply_flags(cfg, flag_words, help_flags)
@@ -217,12 +228,8 @@ def run(
             find_checkpoint(cfg.resume, cfg.runs_dir)
         _submit(cfg, continuing, gpus)
         return
-    launch = {"nproc": nproc, "nnodes": nnodes, "max_restarts": max_restarts, "rdzv_endpoint": rdzv_endpoint}
-    if continuing is not None and all(v is None for v in launch.values()) and not _under_a_launcher():
-        launch = launch_of_run(continuing)  # `--resume RUN` alone: in as many processes as the run had
-    launch = {"nproc": 1, "nnodes": 1, "max_restarts": 0, "rdzv_endpoint": None,
-              **{k: v for k, v in launch.items() if v is not None}}
-    if cfg.listen and launch["nnodes"] == 1 and not _under_a_launcher():
+    if cfg.listen and launch["nnodes"] == 1 and (cfg.listen, cfg.keys_dir) != listen_checked \
+            and not _under_a_launcher():
         _check_listen(cfg.listen, cfg.keys_dir)
     if launch["nproc"] > 1 or launch["nnodes"] > 1 or launch["max_restarts"] or launch["rdzv_endpoint"]:
         _launch(launch, cfg.runs_dir, continuing.name if continuing else None)

@@ -528,6 +528,25 @@ def test_the_kernel_refuses_to_start_on_a_bad_key_file_naming_it_and_the_fix(fau
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing may have started"
 
 
+def test_a_bad_key_file_is_said_before_the_flags_import_the_target(keys, tmp_path):
+    """`trainbus run train.py:build lr=0.1 --listen ...`: checking the flags imports the target (torch with it, and
+    whatever the user's module does as it loads); a key file the kernel would refuse is said before that."""
+    keys["watcher"].chmod(0o644)
+    target = tmp_path / "train.py"
+    marker = tmp_path / "imported"
+    target.write_text(f"open({str(marker)!r}, 'w').close()\n\ndef build(lr: float = 0.1):\n    raise SystemExit(3)\n")
+    proc = subprocess.run([str(Path(sys.executable).parent / "trainbus"), "run", f"{target}:build", "lr=0.2",
+                           "--plugins", "", "--runs-dir", str(tmp_path / "runs"), "--listen", "127.0.0.1:0",
+                           "--keys-dir", str(keys["dir"])], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert proc.returncode == 2, proc
+    imported = [line.rpartition("|")[2].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "torch" not in imported, "said before torch's seconds of import"
+    assert not marker.exists(), "said before the target was imported"
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("import time:")]
+    assert len(lines) == 1 and f"chmod 600 {keys['watcher']}" in lines[0], proc.stderr
+
+
 REFUSED_KEY = "refused this client's key: it is not authorized on that host, or was revoked"
 WRONG_SERVER = "drops every handshake: the server key pinned for it is not that host's"
 SAID_AT_ONCE_S = 15.0  # the verdict takes well under a second; without it the client waited out 30 s of silence
