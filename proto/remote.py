@@ -169,9 +169,14 @@ class ConnectionWatch:
     # A peer that takes the connection and never answers the greeting (another service on the port, a hung
     # kernel) costs HANDSHAKE_IVL_MS a try: an interactive client (unanswered_after_s) gives up after this many.
     SLOW_DROPS = 2
-    EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-              | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    # A peer that answers the greeting with something not ZeroMQ (an SSH or HTTP server's first line) is read as
+    # ZMTP 1.0, which CURVE cannot speak: libzmq drops the connection with no handshake event and, taking it for a
+    # protocol error, never connects again. A drop with no handshake event that no new connect follows within this
+    # (libzmq reconnects after 0.1 s) is that: the socket is silent for good.
+    ABANDONED_S = 1.5
+    EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
+              | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
     def __init__(self, socket: zmq.Socket, endpoint: str, unanswered_after_s: float | None = None):
         self.endpoint = endpoint
@@ -183,9 +188,12 @@ class ConnectionWatch:
         self._connected_at: float | None = None  # the latest connection's
         self._first_retry: float | None = None  # the first failed connect, while none has been accepted yet
         self._quick_drops = self._slow_drops = 0
+        self._shaken = False  # the latest connection met a handshake event (succeeded or failed)
+        self._abandoned_at: float | None = None  # dropped with none, and no connect since (ABANDONED_S)
 
     def read(self) -> str | None:
-        """Take what the monitor holds; the verdict, once one event settled it (it stays)."""
+        """Take what the monitor holds; the verdict, once one event settled it (it stays). Called now and then
+        too, not only when the monitor is readable: a connection libzmq gave up on is told by the silence after."""
         from zmq.utils.monitor import recv_monitor_message
 
         while self.verdict is None:
@@ -194,12 +202,28 @@ class ConnectionWatch:
             except zmq.Again:
                 break
             self.take(message["event"], message["value"], time.monotonic())
+        if self.verdict is None:
+            self.look(time.monotonic())
         return self.verdict
+
+    def look(self, now: float) -> None:
+        """The verdict that silence since the last event settles at `now`: a connection libzmq abandoned."""
+        if self._abandoned_at is not None and now - self._abandoned_at >= self.ABANDONED_S:
+            self.verdict = (f"{self.endpoint} takes connections but finishes no ZeroMQ handshake (what answered "
+                            f"is not ZeroMQ): no trainbus kernel or daemon listens on that port (another "
+                            f"service?)")
 
     def take(self, event: int, value: int, now: float) -> None:
         """One monitor event at `now` (monotonic): tests drive it with a fake clock."""
+        if event in (zmq.EVENT_CONNECTED, zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_CONNECT_RETRIED):
+            self._abandoned_at = None
+        elif event == zmq.EVENT_DISCONNECTED:
+            self._abandoned_at = None if self._shaken or self._connected_at is None else now
+        elif event & (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH):
+            self._shaken = True
         if event == zmq.EVENT_CONNECTED:
-            self._connected_at = now
+            self._connected_at, self._shaken = now, False
         elif event == zmq.EVENT_CONNECT_RETRIED and self._connected_at is None:
             # refused (nothing listens on that port) or unreachable, each retry: libzmq tries every ~0.1 s
             self._first_retry = now if self._first_retry is None else self._first_retry

@@ -687,6 +687,49 @@ def test_attach_to_a_port_that_takes_connections_and_never_answers_says_so_in_se
         mute.close()
 
 
+@pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.0 400 Bad Request\r\n\r\n"])
+def test_attach_to_a_port_whose_service_answers_first_says_so_in_seconds(banner, keys):
+    """An SSH or HTTP server on the port says its line first and keeps the connection: libzmq reads it as ZMTP 1.0,
+    drops the connection with no handshake event and never connects again, so attach waited out its 30 s and said
+    only `no answer`; README: `takes connections but finishes no ZeroMQ handshake`, exit 2, in seconds."""
+    import threading
+
+    service = socket.socket()
+    service.bind(("127.0.0.1", 0))
+    service.listen(8)
+    service.settimeout(0.2)
+    port, held, done = service.getsockname()[1], [], threading.Event()
+
+    def answer() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = service.accept()
+            except socket.timeout:
+                continue
+            conn.sendall(banner)
+            held.append(conn)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        proc = subprocess.run([*trainbus_cmd(), "attach", f"127.0.0.1:{port}", "--json", "--key", str(keys["pilot"]),
+                               "--server-key", str(keys["dir"] / "server.key")], capture_output=True, text=True,
+                              timeout=60)
+        took = time.monotonic() - started
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        service.close()
+    assert proc.returncode == 2, proc
+    assert one_line(proc.stderr).startswith(f"error: tcp://127.0.0.1:{port} takes connections but finishes no "
+                                            f"ZeroMQ handshake"), proc.stderr
+    assert proc.stdout == ""
+    assert took < 20, f"said after {took:.1f} s, not the 30 s window"
+
+
 def test_handshake_drops_make_a_verdict_only_when_quick_and_in_a_row():
     """ConnectionWatch on a fake clock: a server that cannot read our hello drops it at once, again on each of
     libzmq's reconnects; a drop long after the connect (a server too slow to finish) or one between successful
