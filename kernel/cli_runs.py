@@ -200,7 +200,8 @@ def runs_stop(
         return
     unmade = daemon.run_without_directory(runs_dir, run)  # the daemon started it, or failed to, before its kernel
     if unmade is not None:                                  # made the run directory
-        if unmade["job"] not in ("starting", "running") or not _kernel_listens(runs_dir, unmade):
+        if unmade["job"] not in ("starting", "running") or unmade["status"] != "running" \
+                or not _kernel_listens(runs_dir, unmade):
             print(f"error: run {unmade['id']} has already ended ({unmade['status']}: {unmade.get('error') or '-'}); "
                   f"there is nothing to stop", file=sys.stderr)
             raise typer.Exit(code=1)

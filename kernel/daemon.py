@@ -129,6 +129,27 @@ def output_file(runs_dir: Path, run_id: str) -> Path:
     return daemon_dir(runs_dir) / OUTPUT_DIR / f"{run_id}.log"
 
 
+def output_tail(runs_dir: Path, job_id: str) -> str:
+    """The line of a job's output that says how it ended: its last `error:` line, else its last line."""
+    path = output_file(runs_dir, job_id)
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - OUTPUT_TAIL_BYTES))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return f"no output ({path})"
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["no output"])[-1].strip()
+
+
+def unwatched_tail(runs_dir: Path, job_id: str) -> str | None:
+    """A started job's output_tail when no daemon lives to settle it (its process ended meanwhile); None while one
+    does."""
+    from .daemon_client import daemon_lives
+
+    return None if daemon_lives(runs_dir) else output_tail(runs_dir, job_id)
+
+
 def daemon_dir(runs_dir: Path) -> Path:
     return Path(runs_dir).resolve() / DAEMON_DIR
 
@@ -391,15 +412,7 @@ class Daemon:
             registry.record([{**row, "status": status, "error": error, "started_ts": started, "ended_ts": now}], now)
 
     def _output_tail(self, job_id: str) -> str:
-        path = output_file(self.runs_dir, job_id)
-        try:
-            with open(path, "rb") as f:
-                f.seek(max(0, path.stat().st_size - OUTPUT_TAIL_BYTES))
-                lines = f.read().decode(errors="replace").strip().splitlines()
-        except OSError:
-            return f"no output ({path})"
-        errors = [line for line in lines if line.startswith("error:")]
-        return (errors or lines or ["no output"])[-1].strip()
+        return output_tail(self.runs_dir, job_id)
 
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "runs_dir": str(self.runs_dir), "devices": self.devices,
@@ -838,7 +851,8 @@ def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
     matches = named(jobs, run_id)
     if len(matches) != 1 or (run_id not in jobs and any(p.name.startswith(run_id) for p in find_runs(runs_dir))):
         return None  # none, or a prefix other runs share (resolve_run said which)
-    row, job = as_started(rows[matches[0]], jobs[matches[0]]), jobs[matches[0]]
+    job = jobs[matches[0]]
+    row = as_started(rows[matches[0]], job, lambda: unwatched_tail(runs_dir, job["id"]))
     return {**row, "argv": job["argv"], "submitted_ts": job["submitted_ts"], "submitted_by": job["submitted_by"],
             "job": job["state"], "pid": job["pid"], "pid_started": job["pid_started"],
             "output": str(output_file(runs_dir, row["id"]))}

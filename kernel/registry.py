@@ -18,6 +18,7 @@ and the run directory still holds the run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -25,7 +26,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .pids import process_alive
 from .runs import STATUSES as RUN_STATUSES
@@ -334,6 +335,8 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
     directory only when it may be out of date, and written back. Without a usable registry, from the directories.
 
     statuses: keep only these; target: keep runs whose target contains it."""
+    from .daemon import unwatched_tail  # the daemon imports this module
+
     now = time.time() if now is None else now
     dirs = {path.name: path.resolve() for path in find_runs(runs_dir)}
     try:
@@ -356,7 +359,8 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
                 known[job["id"]] = queued_resume(known[job["id"]], job["submitted_by"])
         for i, job in started.items():  # started, and its kernel has not made the run directory yet, or not
             if i in known:              # yet said in a resumed run's directory that it runs
-                known[i] = resume_started(known[i], job) if i in dirs else as_started(known[i], job)
+                known[i] = resume_started(known[i], job) if i in dirs else as_started(
+                    known[i], job, functools.partial(unwatched_tail, runs_dir, i))
         found = [known[name] for name in dirs] + [run for i, run in known.items() if run["dir"] is None
                                                   and i not in dirs]
     except (sqlite3.Error, OSError, RegistryError) as exc:
@@ -381,12 +385,22 @@ def runs_without_directory(runs_dir: Path, prefix: str) -> list[tuple[str, str, 
     return sorted((str(i), str(status), detail) for i, status, detail in rows)
 
 
-def as_started(run: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+def as_started(run: dict[str, Any], job: dict[str, Any], unwatched_tail: Callable[[], str | None] | None = None
+               ) -> dict[str, Any]:
     """A queued run's row once the daemon started it (`job` starting or running), before its kernel made the
-    run's directory: running, by that process."""
+    run's directory: running, by that process. A process that ended while no daemon watched it (the daemon
+    stopped first) is over, as the next daemon will settle it: failed when its output ends in an `error:` line
+    (`unwatched_tail()`: that line; None while a daemon lives, which settles it in a moment), else died."""
     if run["status"] != QUEUED or job["state"] not in ("starting", "running"):
         return run
     started = job.get("started_ts") or run.get("started_ts")  # listed among the others by it, not last
+    tail = None if unwatched_tail is None or job_holds_run(job) else unwatched_tail()
+    if tail is not None:
+        failed = tail.startswith("error:")
+        return {**run, "status": "failed" if failed else "died", "pid": None, "started_ts": started,
+                "started_at": _iso(started), "ended_ts": None, "detail": None,
+                "error": f"ended before its run had a directory, while no daemon watched it: {tail}"
+                         + ("" if failed else "; submit it again to train it")}
     return {**run, "status": "running", "pid": job["pid"], "started_ts": started, "started_at": _iso(started),
             "detail": f"started by the daemon (pid {job['pid']}); its kernel is starting"}
 

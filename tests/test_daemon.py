@@ -221,6 +221,32 @@ def test_a_started_job_whose_process_died_with_no_daemon_up_holds_its_run_no_mor
                 registry.move_job("d", ["running"], state="ended")
 
 
+def test_a_started_run_that_failed_before_its_directory_while_no_daemon_watched_is_failed_not_running(tmp_path,
+                                                                                                      daemons):
+    """The daemon stopped while a run it started still built its spec; the build then raised. Nobody settled the
+    job, and `runs list` said `running` (README: running while its kernel is alive) until a daemon came back, and
+    `runs stop` said it waited for the kernel to listen, then that the `running` run had ended. Now: failed, with
+    its output's error line, as the next daemon settles it."""
+    runs, gate = tmp_path / "runs", tmp_path / "go"
+    target = tmp_path / "slow_fail.py"
+    target.write_text(f"import os, time\n\ndef build():\n    end = time.monotonic() + 60\n"
+                      f"    while not os.path.exists({str(gate)!r}) and time.monotonic() < end:\n"
+                      f"        time.sleep(0.05)\n    raise RuntimeError('no data on this host')\n")
+    run_id = cli("run", f"{target}:build", "--detach", "--runs-dir", str(runs), "--plugins", "").stdout.strip()
+    start_daemon(daemons, runs)
+    pid = wait_until(lambda: listed(runs).get(run_id, {}).get("pid"), 60, "the daemon starting the run")
+    trainbus("daemon", "stop", "--runs-dir", str(runs))
+    gate.touch()
+    wait_until(lambda: process_gone(pid), 60, "the run's process failing")
+    row = listed(runs, through_cli=True)[run_id]
+    assert row["status"] == "failed", row
+    assert "no data on this host" in row["error"] and "while no daemon watched it" in row["error"], row
+    stop = cli("runs", "stop", run_id, "--runs-dir", str(runs), check=False)
+    assert stop.returncode == 1, stop
+    assert stop.stderr.count("\n") == 1, stop.stderr
+    assert stop.stderr.startswith(f"error: run {run_id} has already ended (failed: "), stop.stderr
+
+
 def test_a_queued_resume_is_listed_and_shown_as_queued_with_how_the_run_last_ended(tmp_path):
     """Its directory says died (its kernel.pid is dead, no summary.json); the queue says it is going to run again."""
     runs = tmp_path / "runs"
