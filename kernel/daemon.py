@@ -371,7 +371,7 @@ class Daemon:
             status = run_overview(run_dir, now)["status"]
             if code > 0 and not _kernel_since(run_dir, watched.pid_started):
                 # a resume refused before its kernel took the run over: the directory still says how it last ended
-                detail = (f"{RESUME_FAILED} (exit code {code}): {self._output_tail(watched.job_id)}; "
+                detail = (f"{RESUME_FAILED} (exit code {code}): {output_tail(self.runs_dir, watched.job_id)}; "
                           f"the run is still {status}")
             else:
                 detail = f"run {status}" + (f", exit code {code}" if code >= 0 else "")
@@ -386,7 +386,7 @@ class Daemon:
         else:
             # killed (the OOM killer, kill -9) while its target was still built: died, as a kernel killed later
             # is, unless its output says why it failed; gone while no daemon watched it (-1): the same
-            tail = self._output_tail(watched.job_id)
+            tail = output_tail(self.runs_dir, watched.job_id)
             died = code < -1 or (code == -1 and not tail.startswith("error:"))
             how = (f"killed by {_signal_name(-code)}" if code < -1 else
                    "its process was gone when the daemon came back" if code == -1 else f"exit code {code}")
@@ -410,9 +410,6 @@ class Daemon:
             job = next((j for j in registry.jobs(JOB_ACTIVE + ("ended",)) if j["id"] == run_id), {})
             started = job.get("started_ts") or now  # listed where it ran, among the others (newest first)
             registry.record([{**row, "status": status, "error": error, "started_ts": started, "ended_ts": now}], now)
-
-    def _output_tail(self, job_id: str) -> str:
-        return output_tail(self.runs_dir, job_id)
 
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "runs_dir": str(self.runs_dir), "devices": self.devices,
