@@ -47,8 +47,8 @@ from .buffer_files import remove_dead_runs_buffers
 from .checkpointing import has_checkpoints, no_checkpoints
 from .credentials import SUN_PATH_MAX
 from .pids import process_alive
-from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started, queued_resume,
-                       record_run, resume_started)
+from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started,
+                       ended_without_directory, queued_resume, record_run, resume_started)
 from .runs import CONFIG, KERNEL_PID, RunLookupError, find_runs, kernel_process, resolve_run, run_overview
 
 log = logging.getLogger("trainbus.daemon")
@@ -386,13 +386,11 @@ class Daemon:
         else:
             # killed (the OOM killer, kill -9) while its target was still built: died, as a kernel killed later
             # is, unless its output says why it failed; gone while no daemon watched it (-1): the same
-            tail = output_tail(self.runs_dir, watched.job_id)
-            died = code < -1 or (code == -1 and not tail.startswith("error:"))
             how = (f"killed by {_signal_name(-code)}" if code < -1 else
                    "its process was gone when the daemon came back" if code == -1 else f"exit code {code}")
-            detail = (f"ended before its run had a directory ({how}): {tail}"
-                      + ("; submit it again to train it" if died else ""))
-            self._record_unstarted(registry, watched.job_id, "died" if died else "failed", detail, now)
+            status, detail = ended_without_directory(how, output_tail(self.runs_dir, watched.job_id),
+                                                     killed=code < -1, exit_code=code if code >= 0 else None)
+            self._record_unstarted(registry, watched.job_id, status, detail, now)
         registry.move_job(watched.job_id, JOB_ACTIVE, state="ended", ended_ts=now, exit_code=code, detail=detail,
                           env=None)
         log.info("%s: %s", watched.job_id, detail)

@@ -396,13 +396,21 @@ def as_started(run: dict[str, Any], job: dict[str, Any], unwatched_tail: Callabl
     started = job.get("started_ts") or run.get("started_ts")  # listed among the others by it, not last
     tail = None if unwatched_tail is None or job_holds_run(job) else unwatched_tail()
     if tail is not None:
-        failed = tail.startswith("error:")
-        return {**run, "status": "failed" if failed else "died", "pid": None, "started_ts": started,
-                "started_at": _iso(started), "ended_ts": None, "detail": None,
-                "error": f"ended before its run had a directory, while no daemon watched it: {tail}"
-                         + ("" if failed else "; submit it again to train it")}
+        status, error = ended_without_directory("while no daemon watched it", tail)
+        return {**run, "status": status, "pid": None, "started_ts": started, "started_at": _iso(started),
+                "ended_ts": None, "detail": None, "error": error}
     return {**run, "status": "running", "pid": job["pid"], "started_ts": started, "started_at": _iso(started),
             "detail": f"started by the daemon (pid {job['pid']}); its kernel is starting"}
+
+
+def ended_without_directory(how: str, tail: str, killed: bool = False, exit_code: int | None = None
+                            ) -> tuple[str, str]:
+    """(status, error) of a started job whose process ended before its kernel made the run's directory: failed
+    when it exited with a code, or its output (`tail`, daemon.output_tail) ends in an `error:` line; else died
+    (killed, or gone unwatched with no word of why), which only submitting it again trains."""
+    died = killed or (exit_code is None and not tail.startswith("error:"))
+    return ("died" if died else "failed",
+            f"ended before its run had a directory ({how}): {tail}" + ("; submit it again to train it" if died else ""))
 
 
 def resume_started(run: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
