@@ -165,6 +165,9 @@ class Keys:
         if self.saved is not None:
             termios.tcsetattr(sys.stdin, termios.TCSADRAIN, self.saved)
 
+    def reading(self) -> bool:
+        return self.saved is not None
+
     def read(self) -> str:
         if self.saved is None or not select.select([sys.stdin], [], [], 0)[0]:
             return ""
@@ -178,8 +181,9 @@ def dashboard(attachment: Attachment, steer: bool) -> int:
 
     console = Console()
     pending, said = "", ""  # a command waiting for its y; what the last command did
-    keys_help = "keys: s stop · c checkpoint now · q quit" if steer else "q quit"
     with Keys() as keys, Live(console=console, auto_refresh=False, transient=False) as live:
+        # keys are read only from a terminal; the frame drawn at the run's end is the last (we are leaving)
+        keys_help = ("" if not keys.reading() else "keys: s stop · c checkpoint now · q quit" if steer else "q quit")
         def reconnecting(why: str) -> None:
             if attachment.state is not None:
                 status = f"[yellow]reconnecting: {escape(why)}[/yellow]"
@@ -211,7 +215,8 @@ def dashboard(attachment: Attachment, steer: bool) -> int:
             if ended or now - drawn >= REFRESH_S:
                 again = f" (reconnected {attachment.reconnects}x)" if attachment.reconnects else ""
                 status = f"[bold]run ended: {escape(outcome(state))}[/bold]" if ended else f"[cyan]live[/cyan]{again}"
-                footer = f"{pending}? y to confirm, any other key to cancel" if pending else f"{said}  {keys_help}"
+                footer = (f"{pending}? y to confirm, any other key to cancel" if pending and not ended else
+                          f"{said}  {'' if ended else keys_help}".strip())
                 live.update(render(state, status, footer), refresh=True)
                 drawn = now
     return 0
@@ -253,8 +258,9 @@ def one_command(attachment: Attachment, kind: str, reason: str) -> int:
         if item is None and end == float("inf") and not told_stopped:
             pid = kernel_stopped(attachment.target.run_dir)
             if pid is not None:  # said, not waited on in silence; the command goes in once the kernel runs again
+                # (by `trainbus runs stop` too: no command's name in the line)
                 told_stopped = True
-                print(f"trainbus attach: the run's kernel (pid {pid}) is stopped (SIGSTOP or a debugger) and "
+                print(f"trainbus: the run's kernel (pid {pid}) is stopped (SIGSTOP or a debugger) and "
                       f"answers nothing; {kind} goes in once it runs again (`kill -CONT {pid}`)",
                       file=sys.stderr)
         if attachment.refusals:

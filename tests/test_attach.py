@@ -139,6 +139,7 @@ def test_dashboard_shows_a_live_run_and_then_that_it_ended(runs_dir, tmp_path, k
                         "attach to exit after the run ended", poll_s=0.2)
     assert "run ended: completed" in screen, screen
     assert "ATTACH-EXIT=0" in screen, screen
+    assert "q quit" not in screen, "the last frame offers keys that nothing reads any more: " + screen
     assert "epoch 2/2" in screen, screen
 
 
@@ -505,7 +506,7 @@ def test_runs_stop_of_a_stopped_kernel_says_so_and_goes_in_once_it_runs_again(ru
         # said within its first poll; a busy box makes the client's start (Python, pyzmq) the long part
         ready, _, _ = select.select([proc.stderr], [], [], 90)
         said = proc.stderr.readline() if ready else "(nothing said in 90 s)"
-        assert said.startswith(f"trainbus attach: the run's kernel (pid {kernel.pid}) is stopped (SIGSTOP or a debugger) "
+        assert said.startswith(f"trainbus: the run's kernel (pid {kernel.pid}) is stopped (SIGSTOP or a debugger) "
                                f"and answers nothing; stop goes in once it runs again "
                                f"(`kill -CONT {kernel.pid}`)"), said
         assert proc.poll() is None, "it must wait for the kernel, not give up on it"
