@@ -53,7 +53,8 @@ class RemoteDaemon:
 
         secure_client(socket, self.key_file, self.server_public)
         endpoint = f"tcp://{self.host_port}"
-        watch = ConnectionWatch(socket, endpoint, UNANSWERED_S)
+        watch = ConnectionWatch(socket, endpoint, UNANSWERED_S, server_key_file=f"the daemon's .daemon/{REMOTE_FILE}",
+                                service="trainbus daemon")
         socket.connect(endpoint)
         return watch
 

@@ -178,8 +178,11 @@ class ConnectionWatch:
               | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
-    def __init__(self, socket: zmq.Socket, endpoint: str, unanswered_after_s: float | None = None):
+    def __init__(self, socket: zmq.Socket, endpoint: str, unanswered_after_s: float | None = None,
+                 server_key_file: str = f"the run's {CONNECTION_FILE}", service: str = "trainbus kernel"):
         self.endpoint = endpoint
+        # what the lines name: the file holding the server's public key, and what should listen there
+        self.server_key_file, self.service = server_key_file, service
         self.unanswered_after_s = unanswered_after_s
         # pyzmq's default address names the socket's fd, which a socket made after this one closes may reuse
         # before libzmq has let the address go ("Address already in use")
@@ -252,8 +255,8 @@ class ConnectionWatch:
             elif self._quick_drops >= self.QUICK_DROPS:
                 # A server without CURVE drops us as quickly when it notices the mismatch before we do.
                 self.verdict = (f"{self.endpoint} drops every handshake: the server key pinned for it is not that "
-                                f"host's (give --server-key its server.key, or the run's {CONNECTION_FILE}), its "
-                                f"authenticator is down, or no trainbus kernel listens there with keys")
+                                f"host's (give --server-key its server.key, or {self.server_key_file}), its "
+                                f"authenticator is down, or no {self.service} listens there with keys")
 
     def why_silent(self) -> str:
         """What the socket met, for a client giving up without a verdict ("" when nothing tells)."""

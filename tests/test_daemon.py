@@ -750,7 +750,9 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
     # socket monitor; the CLI waited out its 15 s for an answer that never comes, then guessed)
     other_server = KeyStore(tmp_path / "elsewhere").generate_server()[0]
     for key, server_key, said in ((stranger, daemon_dir(runs) / "remote.json", "refused this client's key"),
-                                  (pilot, other_server, "drops every handshake")):
+                                  (pilot, other_server, "drops every handshake: the server key pinned for it is "
+                                   "not that host's (give --server-key its server.key, or the daemon's "
+                                   ".daemon/remote.json), its authenticator is down, or no trainbus daemon listens")):
         done = cli("daemon", "status", "--remote", host_port, "--key", str(key), "--server-key", str(server_key),
                    check=False)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
