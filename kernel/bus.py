@@ -353,8 +353,8 @@ class Bus:
             try:
                 if step is None:  # a kernel event (emit): where the event before it left the loop
                     step, epoch = self.position
-                    if "step" in data and data["step"] is None:  # a metric reported without its own step
-                        data["step"] = step
+                    if type_ == ev.METRIC and data["step"] is None:  # reported without a step: the kernel's
+                        data["step"], data["epoch"] = step, epoch        # as it arrived (a step alone: epoch nil)
                 seq, n, counted = self.last_seq + 1, counts[:], ev.COUNTED_INDEX.get(type_)
                 if counted is not None:
                     n[counted] += 1

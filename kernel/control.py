@@ -158,7 +158,7 @@ class Dispatcher:
             # no step of its own: the step it is numbered at (the bus fills it in), as the event's own step
             # a remote peer's with its key: a name is the peer's own choice, its key is not
             self.bus.emit(ev.METRIC, {"plugin": peer.label, "name": name, "value": float(msg["value"]),  # §6.2: float
-                                      "step": msg["step"]})
+                                      "step": msg["step"], "epoch": msg["epoch"]})
 
     def _on_log(self, peer: Peer, msg: dict[str, Any]) -> None:
         text, cut = truncate(msg["text"], peer.budget.limits.log_text_max_chars)

@@ -88,8 +88,10 @@ class MetricsLogPlugin(Plugin):
 
     def on_metric(self, event: Event) -> None:
         data = event.data
+        # the step (epoch) it is about, as the plugin said it; the envelope's are the kernel's as it arrived
         self._write(event, "metric", name=data.get("name"), value=data.get("value"), plugin=data.get("plugin"),
-                    step=event.step if data.get("step") is None else data["step"])
+                    step=event.step if data.get("step") is None else data["step"],
+                    epoch=data["epoch"] if isinstance(data.get("epoch"), int) else event.epoch)
 
     def on_end_training_session(self, event: Event) -> None:
         data = event.data

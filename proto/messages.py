@@ -87,7 +87,8 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
     # `id`: a command id of the sender's choosing; the kernel acts once per (sender, id), so a resent command
     # (a client retrying after a reconnect) is ignored. "" (the default): no deduplication.
     "stop": {"reason": str, "id": Default(str, "")},
-    "metric": {"name": str, "value": float, "step": (int, type(None))},
+    # `epoch`: the epoch of `step` (the handled event's), since a step at an epoch's end is also the next's start
+    "metric": {"name": str, "value": float, "step": (int, type(None)), "epoch": Default((int, type(None)), None)},
     "log": {"level": str, "text": str},
     "checkpoint_now": {"reason": str, "id": Default(str, "")},
     # a persister's verdict on one save_checkpoint (by its seq); the kernel republishes it as an event

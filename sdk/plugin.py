@@ -128,14 +128,15 @@ class Plugin:
         """Ask the kernel to end training cleanly at the next step boundary."""
         self._reply(control("stop", reason=str(reason)))
 
-    def metric(self, name: str, value: float, step: int | None = None) -> None:
-        """Publish a metric through the kernel, so every subscriber (log, TensorBoard, attach) sees it. Its step:
-        `step`; else, from a handler, the step of the event it handles; else (a thread of the plugin's own) the
-        kernel's when the metric arrives."""
+    def metric(self, name: str, value: float, step: int | None = None, epoch: int | None = None) -> None:
+        """Publish a metric through the kernel, so every subscriber (log, TensorBoard, attach) sees it. Its step
+        and epoch: `step` (and `epoch`, if given); else, from a handler, those of the event it handles (a metric of
+        an end_epoch is that epoch's, however late it arrives); else (a thread of the plugin's own) the kernel's
+        when the metric arrives."""
         handling, on_handler = self.handling, self._handler_thread in (None, threading.current_thread())
         if step is None and handling is not None and on_handler:
-            step = handling.step
-        self._reply(control("metric", name=str(name), value=float(value), step=step))
+            step, epoch = handling.step, handling.epoch
+        self._reply(control("metric", name=str(name), value=float(value), step=step, epoch=epoch))
 
     def log(self, text: str, level: str = "info") -> None:
         self._reply(control("log", level=level, text=str(text)))

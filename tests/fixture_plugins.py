@@ -172,6 +172,16 @@ class SaysGoodbye(Plugin):
         self.log("goodbye from teardown")
 
 
+class LateEpochMetric(Plugin):
+    """Reports a metric about each end_epoch after `lag_s`: by then the kernel is in the next epoch."""
+
+    settings = {"lag_s": 0.5}
+
+    def on_end_epoch(self, event):
+        time.sleep(self.settings["lag_s"])
+        self.metric("late/epoch_seen", float(event.epoch))
+
+
 class SelfKill(Plugin):
     """SIGKILLs itself at a given step (mid-epoch)."""
 

@@ -12,14 +12,18 @@ import pytest
 from rich.console import Console
 
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
+from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
 from trainbus.plugins.console import ConsolePlugin
 from trainbus.plugins.early_stopping import EarlyStoppingPlugin, MonitorMissing
 from trainbus.plugins.metrics_log import MetricsLogPlugin
 from trainbus.sdk import Harness, SettingsError
+from trainbus.proto import JOURNAL_NAME
+from trainbus.proto import events as ev
 from trainbus.sdk.runner import NotRetryable, Runner
 
 from conftest import TESTS_DIR
+from helpers import PLUGIN_START_S
 
 
 def feed_run(h: Harness, losses: list[float | None], batches: int = 4, stop_reasons: list[str] | None = None,
@@ -421,6 +425,27 @@ def test_console_asks_for_per_step_events_only_when_it_draws_a_batch_bar(tmp_pat
 def test_console_rejects_a_non_positive_refresh_rate(tmp_path):
     with pytest.raises(SettingsError):
         Harness(ConsolePlugin({"refresh_per_second": 0.0}, run_dir=str(tmp_path)))
+
+
+def test_a_metric_about_an_epoch_that_arrives_in_the_next_is_that_epochs_in_the_journal_and_metrics_log(runs_dir):
+    """A plugin's end_epoch handler reports a metric half a second late, the kernel two seconds into the next epoch:
+    the metric event says the handled epoch (data `epoch`, with data `step`), and metrics.jsonl files it there. It
+    was filed under the epoch the kernel was in as it arrived, beside the step of the epoch before."""
+    plugins = [resolve_plugin("metrics_log", {"every_n_steps": 0}),
+               PluginConfig("late", "fixture_plugins:LateEpochMetric", {"lag_s": 0.5})]
+    result = run_training(RunConfig(target=f"{TESTS_DIR / 'fixture_targets.py'}:digits_slowly", epochs=2,
+                                    runs_dir=str(runs_dir), plugins=plugins, hyperparameters={"batch_s": 0.05},
+                                    ready_timeout_s=PLUGIN_START_S))
+    assert result.status == "completed", result
+    events = read_events(Path(result.run_dir) / JOURNAL_NAME)
+    end_epoch_1 = next(e for e in events if e.type == ev.END_EPOCH and e.epoch == 1)
+    (late,) = [e for e in events if e.type == ev.METRIC and e.data["name"] == "late/epoch_seen"
+               and e.data["value"] == 1]
+    assert late.epoch == 2, f"arrived in epoch {late.epoch}: the test proves nothing unless it came late"
+    assert (late.data["epoch"], late.data["step"]) == (1, end_epoch_1.step), late
+    (record,) = [r for r in read_records(Path(result.run_dir) / "metrics.jsonl")
+                 if r["kind"] == "metric" and r["name"] == "late/epoch_seen" and r["value"] == 1]
+    assert (record["epoch"], record["step"]) == (1, end_epoch_1.step), record
 
 
 # a real run, stopped in the middle of an epoch

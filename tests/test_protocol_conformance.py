@@ -131,12 +131,14 @@ def test_the_wire_of_a_real_run_is_as_specified(short_runs, tmp_path, kernels): 
         ]
         for frames in malformed:
             client.dealer.send_multipart(frames)
-        # [C46] a metric reply: republished with the sender's name, a nil step filled in, an int value accepted
+        # [C46] a metric reply: republished with the sender's name, a nil step (and its epoch) filled in, an int
+        # value accepted
         client.send("metric", name="conf/reading", value=3, step=None, unknown_extra_field="ignored")  # [C33]
         client.send("log", level="warning", text="conformance says hi")  # [C47]
         metric = client.wait_event(lambda e: e["type"] == "metric" and e["data"]["name"] == "conf/reading")
         assert metric["data"] == {"plugin": NAME, "name": "conf/reading", "value": 3.0,
-                                  "step": metric["data"]["step"]} and type(metric["data"]["step"]) is int, metric
+                                  "step": metric["step"], "epoch": metric["epoch"]} \
+            and type(metric["data"]["step"]) is int and type(metric["data"]["epoch"]) is int, metric
         log_event = client.wait_event(lambda e: e["type"] == "log" and e["data"]["plugin"] == NAME)
         assert log_event["data"] == {"plugin": NAME, "level": "warning", "text": "conformance says hi"}
         # [C44] a command id acts once per (sender, id): the resend is counted, not acted on

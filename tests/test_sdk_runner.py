@@ -462,7 +462,7 @@ def test_a_metric_from_a_handler_without_a_step_is_at_its_events_step():
 
     h = Harness(Says())
     [seen, at] = h.feed("end_epoch", step=45, epoch=1)
-    assert (seen["step"], at["step"]) == (45, 7)
+    assert (seen["step"], seen["epoch"]) == (45, 1) and (at["step"], at["epoch"]) == (7, None)
     idle = Says()
     idle.metric("from_a_thread_of_its_own", 1.0)  # no handler running: the kernel's step when it arrives
     assert idle.outbox[-1]["step"] is None
