@@ -136,8 +136,11 @@ class Loop:
             self.latest_metrics = _flat_metrics(train, validation)
             # the epoch's boundary: replies that came during validation, end_epoch, the votes on it
             early, self._held = self._held + self.bus.take_replies(), []
-            due = self._deferred_checkpoint or (  # a checkpoint asked for in the epoch's last batches, or the schedule's
-                "epoch" if self.checkpointer is not None and self.checkpointer.due_at_epoch(self.epoch) else None)
+            # a checkpoint asked for in the epoch's last batches, or the schedule's; named for what asked: a
+            # checkpoint_now first, then the epoch's schedule over a step schedule's that fell on its last batch
+            scheduled = "epoch" if self.checkpointer is not None and self.checkpointer.due_at_epoch(self.epoch) else None
+            due = (self._deferred_checkpoint if self._deferred_checkpoint != "step" else None) or scheduled \
+                or self._deferred_checkpoint
             self._deferred_checkpoint, self._agreed = None, False
             checkpoint = self._decide(early, due)[1]
             # A stop as the epoch's last batch ended (Ctrl-C, a preemption) leaves it whole: its checkpoint is

@@ -374,6 +374,7 @@ def test_a_step_checkpoint_due_at_an_epochs_last_batch_is_the_epochs_one_not_a_s
     finally:
         checkpointer.close()
     saves = [data for type_, _, data in bus.events if type_ == ev.SAVE_CHECKPOINT]
-    assert [(d["state"]["step"], d["state"]["trainbus"]["epoch_complete"]) for d in saves] == \
-        [(TRAIN_BATCHES, True), (2 * TRAIN_BATCHES, True)]
+    # named "epoch", the schedule it is one of ("step" was the one it took the place of)
+    assert [(d["state"]["step"], d["state"]["trainbus"]["epoch_complete"], d["reason"]) for d in saves] == \
+        [(TRAIN_BATCHES, True, "epoch"), (2 * TRAIN_BATCHES, True, "epoch")]
     assert ev.CHECKPOINT_SKIPPED not in bus.types()
