@@ -34,8 +34,9 @@ from .cli_keys import keys_app
 from .cli_plugins import plugins_app
 from .cli_runs import runs_app
 from .cluster import LAUNCH_ERRORS, PeerGone, restarts_left
-from .config import (ConfigError, apply_set, check_metric_settings, check_runs_dir, config_of_run, defaults_left_out,
-                     launch_of_run, load_config, plugin_name_clashes, registered_plugins, resolve_plugin)
+from .config import (ONE_GPU_PER_RANK, ConfigError, apply_set, check_metric_settings, check_runs_dir, config_of_run,
+                     defaults_left_out, device_index, launch_of_run, load_config, plugin_name_clashes,
+                     registered_plugins, resolve_plugin)
 from .flags import FlagError
 from .launch_wait import JOIN_TIMEOUT_S, RendezvousWatch
 from .registry import RegistryError
@@ -80,7 +81,7 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for every RNG (default 0)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", parser=runs_dir_path,
                                             help="Where run directories go (default ./runs)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, or cuda:N (the GPU of index N)."),
     hparam: list[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE (VALUE parsed as JSON if it can be); "
                                                        "NAME.SETTING=VALUE or plugins.NAME.settings.SETTING=VALUE "
                                                        "sets a setting of this run's plugin NAME; "
@@ -218,6 +219,9 @@ def run(
             _check_target(cfg)
         except FlagError as exc:
             raise UserError(from_file(exc)) from None
+        if device_index(cfg.device) is not None:
+            raise UserError(f"--device {cfg.device} with --detach: the daemon gives each run its GPUs (and numbers "
+                            f"them from 0 for it); use --device cuda, with --gpus N for more than one")
         if cfg.device.startswith("cuda"):
             from .daemon import detected_devices
 
@@ -232,6 +236,8 @@ def run(
             and not _under_a_launcher():
         _check_listen(cfg.listen, cfg.keys_dir)
     if launch["nproc"] > 1 or launch["nnodes"] > 1 or launch["max_restarts"] or launch["rdzv_endpoint"]:
+        if device_index(cfg.device) is not None:
+            raise UserError(ONE_GPU_PER_RANK.format(device=cfg.device))
         _launch(launch, cfg.runs_dir, continuing.name if continuing else None)
     try:  # Ctrl-C while torch imports, or the run is set up: one line (typer would exit 130 and say nothing)
         from .session import InterruptedBeforeStart, run_training  # here: torch takes seconds to import, and a

@@ -21,7 +21,7 @@ from .spec import DEFAULT_TARGET, is_file_target
 PLUGIN_ENTRY_POINT_GROUP = "trainbus.plugins"
 BUILTIN_DISTRIBUTION = "trainbus"  # its entry points are the built-in plugins, whose names no package can take
 DEFAULT_PLUGINS = ("console", "metrics_log")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, one GPU by its index (device_index)
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
 # Lightning's other names for these (its Trainer(precision=...)), said with ours when given
 LIGHTNING_PRECISIONS = {"32-true": "32", "16": "16-mixed", "bf16": "bf16-mixed"}
@@ -306,9 +306,22 @@ def resolve_plugin(name: str, settings: dict[str, Any], target: str | None = Non
     return PluginConfig(name=name, target=target, settings=dict(settings))
 
 
+# cuda:N where processes each train on a GPU: each takes its local rank's, as torchrun and srun lay them out
+ONE_GPU_PER_RANK = ("--device {device} picks one GPU, but each process of a distributed run trains on its own (its "
+                    "local rank's): use --device cuda, and CUDA_VISIBLE_DEVICES to choose which GPUs the processes see")
+
+
+def device_index(device: str) -> int | None:
+    """N of a device given as cuda:N (as torch names one GPU); None for auto, cpu and cuda."""
+    kind, colon, index = device.partition(":")  # as torch parses it: no leading zero, within 31 bits
+    canonical = index.isascii() and index.isdigit() and str(int(index)) == index and int(index) < 2**31
+    return int(index) if colon and kind == "cuda" and canonical else None
+
+
 def check_run(cfg: RunConfig, where: str = "config") -> None:
-    if cfg.device not in DEVICES:
-        raise ConfigError(f"{where}: device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
+    if cfg.device not in DEVICES and device_index(cfg.device) is None:
+        raise ConfigError(f"{where}: device must be one of {', '.join(DEVICES)} or cuda:N (the GPU of index N), "
+                          f"got {cfg.device!r}")
     if cfg.epochs is not None and not 1 <= cfg.epochs <= MAX_COUNT:
         raise ConfigError(f"{where}: epochs must be 1 to {MAX_COUNT:,} (a run that goes until it is stopped: a "
                           f"large count and `trainbus runs stop`), got {cfg.epochs}")

@@ -29,7 +29,7 @@ from .bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
 from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_checkpoints, load_checkpoint,
                             persister_directory)
 from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
-from .config import ConfigError, RunConfig, check_metric_settings
+from .config import ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings
 from .control import Dispatcher
 from .credentials import Credentials, kept_dir, socket_dir
 from .distributed import GroupInterrupted, Ranks, broken_by_a_peer, distribute, join_group
@@ -120,7 +120,16 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         raise ConfigError(str(exc)) from None
     device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError("device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
+        raise SpecError(f"device {cfg.device} requested but no CUDA GPU is visible; use --device cpu or auto")
+    if device.index is not None:
+        if cluster.distributed:
+            raise SpecError(ONE_GPU_PER_RANK.format(device=cfg.device))
+        if device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise SpecError(f"device {cfg.device}, but {count} GPU{'s' * (count != 1)} {'are' if count != 1 else 'is'} "
+                            f"visible (cuda:0 to cuda:{count - 1}, as CUDA_VISIBLE_DEVICES numbers them); give one "
+                            f"of those")
+        torch.cuda.set_device(device)  # what the user's own .cuda() and torch's defaults take too
     if device.type == "cuda" and cluster.distributed:
         device = gpu_of_rank(cluster.local_rank, cluster.local_world_size, torch.cuda.device_count())
     ranks = None

@@ -170,7 +170,13 @@ BAD_INPUT = {
     "an empty --listen": (lambda t: ["run", "--listen", ""],
                           "--listen is empty: give it a value, or leave --listen out"),
     "missing config file": (lambda t: ["run", "--config", str(t / "nope.toml")], "does not exist"),
-    "no gpu": (lambda t: ["run", "--device", "tpu"], "device must be one of"),
+    "no gpu": (lambda t: ["run", "--device", "tpu"], "device must be one of auto, cpu, cuda or cuda:N"),
+    "a GPU index torch does not parse": (lambda t: ["run", "--device", "cuda:01"], "or cuda:N (the GPU of index N), "
+                                                                                   "got 'cuda:01'"),
+    "one GPU for every rank": (lambda t: ["run", "--device", "cuda:1", "--nproc", "2"],
+                               "--device cuda:1 picks one GPU, but each process of a distributed run trains on its own"),
+    "one GPU for a queued run": (lambda t: ["run", "--device", "cuda:1", "--detach"],
+                                 "--device cuda:1 with --detach: the daemon gives each run its GPUs"),
     "not a boolean": (lambda t: ["run", "--config", _write(t, "b.toml", "[run]\nkeep_freed_memory = 'yes'\n")],
                       "run.keep_freed_memory must be true or false"),
     "missing snapshot dir": (lambda t: ["run", "--config", _write(t, "d.toml", f"[run]\nsnapshot_dir = '{t}/nope'\n")],
@@ -255,6 +261,18 @@ def test_bad_input_gets_one_clear_line_and_no_traceback(case, tmp_path):
     assert len(error_lines) == 1 and expected in error_lines[0], r.stderr
     assert r.stderr.count("\n") == 1, f"one line, not a usage block: {r.stderr}"
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing half-started"
+
+
+def test_a_gpu_by_its_index_is_taken_and_where_none_is_visible_said_so(tmp_path):
+    """cuda:N, as torch names one GPU, passes the checks (tests/test_cuda.py trains on it where a GPU is); it
+    was refused as not one of auto, cpu, cuda."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here: tests/test_cuda.py trains on cuda:N")
+    r = trainbus("run", "--device", "cuda:1", "--epochs", "1", "--runs-dir", str(tmp_path / "runs"))
+    assert r.returncode == 2 and r.stderr == ("error: device cuda:1 requested but no CUDA GPU is visible; use "
+                                              "--device cpu or auto\n"), r.stderr
 
 
 @pytest.mark.parametrize("args, option, taken", [

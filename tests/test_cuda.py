@@ -96,6 +96,17 @@ def test_the_cuda_precisions_train_the_demo_and_are_recorded(tmp_path, precision
     assert f'"precision": "{precision}"' in (Path(result.run_dir) / "config.json").read_text()
 
 
+def test_a_gpu_named_by_its_index_trains_there_and_one_past_the_last_is_one_line(tmp_path):
+    last = torch.cuda.device_count() - 1
+    result = run_training(RunConfig(epochs=1, device=f"cuda:{last}", runs_dir=str(tmp_path), plugins=[]))
+    assert result.status == "completed", result.error
+    assert torch.cuda.current_device() == last
+    from trainbus.kernel.spec import SpecError
+
+    with pytest.raises(SpecError, match=rf"device cuda:{last + 1}, but {last + 1} GPUs? (is|are) visible"):
+        run_training(RunConfig(epochs=1, device=f"cuda:{last + 1}", runs_dir=str(tmp_path), plugins=[]))
+
+
 def test_nccl_with_one_rank_trains_through_ddp_and_agrees(tmp_path):
     """The group's code on NCCL where one GPU allows it: one rank (a group of one is what `--nproc 1` never
     starts, so it is set up here as torchrun's rank 0 would be)."""

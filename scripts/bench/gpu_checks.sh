@@ -41,6 +41,9 @@ step 90 "$PY" -m trainbus.kernel.cli run --device cuda --precision 16-mixed --ep
     --plugins console,metrics_log,gpu,checkpoint
 step 30 "$PY" -m trainbus.kernel.cli runs show "$(ls -t "$RUNS" | grep -v registry | head -1)" --runs-dir "$RUNS"
 step 60 "$PY" -m trainbus.kernel.cli run --device cuda --precision bf16-mixed --epochs 3 --runs-dir "$RUNS"
+# one GPU by its index; one past the last: one line (exit 2)
+step 60 "$PY" -m trainbus.kernel.cli run --device cuda:0 --epochs 1 --runs-dir "$RUNS" --plugins console
+step 60 "$PY" -m trainbus.kernel.cli run --device cuda:9 --epochs 1 --runs-dir "$RUNS" --plugins console
 # more processes than the one GPU: one line naming the fix (exit 2), not CUDA's "invalid device ordinal"
 step 90 "$PY" -m trainbus.kernel.cli run --device cuda --nproc 2 --epochs 1 --runs-dir "$RUNS" --plugins console
 # a snapshot every ~3 s (1000 steps of ~3 ms), past the persist (~2 s) and the buffers' preparation
