@@ -16,6 +16,7 @@ from typing import Any
 from trainbus.proto import ProtocolError, pack
 
 from .limits import PeerLimits
+from .private_dirs import others_can_write
 from .spec import DEFAULT_TARGET, is_file_target
 
 PLUGIN_ENTRY_POINT_GROUP = "trainbus.plugins"
@@ -422,6 +423,9 @@ def check_runs_dir(runs_dir: str) -> None:
     except OSError as exc:
         raise ConfigError(f"runs_dir {runs_dir}: cannot create directories in {existing} "
                           f"({exc.strerror or exc}); {fix}") from None
+    why = others_can_write(path)
+    if why:
+        raise ConfigError(f"runs_dir {runs_dir}: {why}")
 
 
 def _no_unknown(table: dict, known, where: str) -> None:

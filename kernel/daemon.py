@@ -47,6 +47,7 @@ from .buffer_files import remove_dead_runs_buffers
 from .checkpointing import has_checkpoints, no_checkpoints
 from .credentials import SUN_PATH_MAX
 from .pids import process_alive
+from .private_dirs import make_dirs, others_can_write
 from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started,
                        ended_without_directory, queued_resume, record_run, resume_started)
 from .runs import CONFIG, KERNEL_PID, RunLookupError, find_runs, kernel_process, resolve_run, run_overview
@@ -156,8 +157,12 @@ def daemon_dir(runs_dir: Path) -> Path:
 
 def make_daemon_dir(runs_dir: Path) -> Path:
     path = daemon_dir(runs_dir)
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs(path.parent)
+    path.mkdir(mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)  # the control socket inside is reachable by whoever can enter this directory
+    why = others_can_write(path)  # a .daemon another user made first is theirs: its socket, its pid file
+    if why:
+        raise DaemonError(f"cannot serve {path.parent}: {why}")
     (path / OUTPUT_DIR).mkdir(mode=0o700, exist_ok=True)
     return path
 

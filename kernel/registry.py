@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .pids import process_alive
+from .private_dirs import others_can_write, others_can_write_file
 from .runs import STATUSES as RUN_STATUSES
 from .runs import _iso, find_runs, newest_first, overview_or_unreadable, run_overview
 
@@ -91,6 +92,10 @@ class Registry:
         self.path = Path(runs_dir) / REGISTRY_NAME
         if not Path(runs_dir).is_dir():  # before anything is created: a registry is made only inside a runs dir
             raise RegistryError(f"the runs directory {runs_dir} does not exist (is --runs-dir right?)")
+        # its queue is what the daemon starts, as this user: a registry others could have replaced is not read
+        why = others_can_write(runs_dir) or others_can_write_file(self.path)
+        if why:
+            raise RegistryError(f"the run registry {self.path} is not this user's alone: {why}")
         try:
             if not self.path.exists():  # owner-only, like all of a run's files; SQLite gives its -wal, -shm the same
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))

@@ -40,6 +40,7 @@ from .loop import Loop, pick_device, restore_weights, seed_everything
 from .keys import KeyStore
 from .memory import keep_freed_memory
 from .peers import Peers
+from .private_dirs import make_dirs, others_can_write
 from .remote import ListenError, Listener, check_listen
 from .registry import record_run
 from .runs import write_kernel_pid
@@ -215,7 +216,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     # no run left behind that never began.
     remote = _listen(cfg.listen, keys) if keys is not None else None
     try:
-        _make_dir(Path(cfg.runs_dir), cfg.runs_dir, parents=True, exist_ok=True)
+        _make_runs_dir(Path(cfg.runs_dir), cfg.runs_dir)
         if continue_run:
             (run_dir / "summary.json").unlink(missing_ok=True)  # the run is going again
         else:
@@ -595,6 +596,18 @@ def _save_final_weights(spec, loop: Loop, path: Path) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _make_runs_dir(path: Path, runs_dir: str) -> None:
+    """The runs directory, made if missing; a ConfigError when it cannot be, or when others could change it."""
+    try:
+        make_dirs(path)
+    except OSError as exc:
+        raise ConfigError(f"runs_dir {runs_dir}: cannot create {path} ({_reason(exc)}); pick a writable place "
+                          f"with --runs-dir or [run] runs_dir") from None
+    why = others_can_write(path)
+    if why:
+        raise ConfigError(f"runs_dir {runs_dir}: {why}")
 
 
 def _make_dir(path: Path, runs_dir: str, **how) -> None:

@@ -627,3 +627,80 @@ def test_another_user_can_reach_neither_sockets_nor_journal_nor_checkpoints(tmp_
         assert not of(read_events(result["run_dir"]), "stop_requested")
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+PLANT_SCRIPT = r"""
+import json, os, sys
+runs = sys.argv[1]
+out = {}
+for what, act in (("replace the registry", lambda: os.rename(sys.argv[2], os.path.join(runs, "registry.sqlite"))),
+                  ("make a run directory", lambda: os.mkdir(os.path.join(runs, "20991231-000000-abcdef"))),
+                  ("make .daemon", lambda: os.mkdir(os.path.join(runs, ".daemon-planted")))):
+    try:
+        act()
+        out[what] = "done"
+    except OSError as exc:
+        out[what] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+def test_under_umask_000_another_user_can_plant_neither_a_registry_nor_a_run_in_the_runs_directory(other_user):
+    """A daemon started under umask 000 made its runs directory (and the folders above it) writable by all: another
+    user replaced registry.sqlite with one queueing their own target, and the daemon ran it as its owner. The runs
+    directory is now made 0755 at most, and others can change nothing in it."""
+    from conftest import trainbus_cmd
+
+    name, uid, gid = other_user
+    base = Path(tempfile.mkdtemp(prefix="tb-trust-"))
+    runs = base / "made" / "runs"
+    try:
+        base.chmod(0o755)
+        started = subprocess.run([*trainbus_cmd(), "daemon", "start", "--runs-dir", str(runs)], umask=0,
+                                 capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stderr
+        for made in (runs.parent, runs):
+            assert stat.S_IMODE(made.stat().st_mode) & 0o022 == 0, oct(made.stat().st_mode)
+        planted = base / "planted.sqlite"  # theirs: a registry whose queue holds their job
+        planted.write_bytes(b"SQLite format 3\x00")
+        os.chown(planted, uid, gid)
+        attempt = subprocess.run([python_for_anyone(), "-I", "-c", PLANT_SCRIPT, str(runs), str(planted)],
+                                 user=uid, group=gid, extra_groups=[], cwd="/", env={"PATH": "/usr/bin:/bin"},
+                                 capture_output=True, text=True, timeout=60)
+        assert attempt.returncode == 0, attempt.stderr
+        assert json.loads(attempt.stdout) == {"replace the registry": "PermissionError",
+                                              "make a run directory": "PermissionError",
+                                              "make .daemon": "PermissionError"}, attempt.stdout
+    finally:
+        subprocess.run([*trainbus_cmd(), "daemon", "stop", "--runs-dir", str(runs)], capture_output=True, timeout=120)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_runs_directory_others_can_write_or_a_registry_that_is_not_ours_is_refused_in_one_line(tmp_path):
+    """Made so by hand (chmod 777, a shared folder): `run` and `daemon start` refuse it, exit 2, one line naming the
+    fix, and the registry is not read; nothing is queued, nothing started."""
+    from conftest import trainbus_cmd
+    from trainbus.kernel.registry import Registry, RegistryError
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    runs.chmod(0o777)
+    try:
+        for command in (["daemon", "start"], ["run", "--epochs", "1"], ["run", "--epochs", "1", "--detach"]):
+            done = subprocess.run([*trainbus_cmd(), *command, "--runs-dir", str(runs)], capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 2 and done.stderr.count("\n") == 1, (command, done.stdout, done.stderr)
+            assert done.stderr.startswith("error: runs_dir") and f"fix: chmod go-w {runs}" in done.stderr
+        assert sorted(p.name for p in runs.iterdir()) == []
+        with pytest.raises(RegistryError, match="writable by other users"):
+            Registry(runs)
+        runs.chmod(0o755)
+        (runs / "registry.sqlite").touch(mode=0o666)
+        os.chmod(runs / "registry.sqlite", 0o666)  # made by another hand while the directory was open to all
+        with pytest.raises(RegistryError, match="not a file of this user's alone"):
+            Registry(runs)
+        done = subprocess.run([*trainbus_cmd(), "daemon", "start", "--runs-dir", str(runs)], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and "not a file of this user's alone" in done.stderr, (done.stdout, done.stderr)
+    finally:  # a daemon that started all the same is stopped
+        subprocess.run([*trainbus_cmd(), "daemon", "stop", "--runs-dir", str(runs)], capture_output=True, timeout=120)

@@ -1,0 +1,77 @@
+"""A runs directory only its owner can change: who else could write there could swap a run's files or the queue.
+
+The runs directory holds the run registry, whose queue the daemon starts as its owner's processes, and every run
+directory, whose config.json names the code a resume runs. A user who can add, remove or rename entries there (a
+runs directory made under umask 000 or 002, a shared folder) can replace the registry with one queueing their own
+code, or a run with one of theirs. So the runs directory must be its owner's (or root's) and writable by nobody
+else, and so must each directory above it, unless sticky (/tmp): there others cannot move what is ours. A group
+that is the owner's own (a user private group: its name the user's, no other member) counts as the owner.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+from pathlib import Path
+
+DIRECTORY_MODE = 0o755  # at most: the umask takes away more, never adds write for others
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p `path`, each directory made here DIRECTORY_MODE at most (Path.mkdir's parents are 0777 less the
+    umask: under umask 000, writable by all)."""
+    path = Path(path).absolute()
+    for directory in reversed([p for p in (path, *path.parents) if not p.exists()]):
+        try:
+            os.mkdir(directory, DIRECTORY_MODE)
+        except FileExistsError:
+            pass
+
+
+def others_can_write(path: Path) -> str | None:
+    """Why users other than this one (and root) could change the entries of directory `path`, where it exists, or
+    of a directory above it; None when none can. The text names the directory, its mode and owner, and the fix."""
+    path = Path(path).absolute()
+    for directory in (path, *path.parents):
+        try:
+            info = os.stat(directory)
+        except FileNotFoundError:
+            continue
+        above = directory != path
+        if info.st_uid not in (0, os.geteuid()) and not above:
+            return _why(directory, info, f"owned by uid {info.st_uid}", f"chown {os.geteuid()} {directory}")
+        writable = info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _own_group(info.st_gid))
+        if writable and not (above and info.st_mode & stat.S_ISVTX):
+            return _why(directory, info, "writable by other users",
+                        f"chmod go-w {directory}" + (" (or chmod +t)" if above else ""))
+    return None
+
+
+def others_can_write_file(path: Path) -> str | None:
+    """Why a file of ours others could write or have made (it, or a link to it, not this user's or root's; or it is
+    writable by group or others); None when it is missing or ours alone."""
+    try:
+        link, info = os.lstat(path), os.stat(path)
+    except FileNotFoundError:
+        return None
+    if {link.st_uid, info.st_uid} - {0, os.geteuid()} or info.st_mode & 0o022:
+        return (f"{path} is not a file of this user's alone (mode {stat.S_IMODE(info.st_mode):o}, owner uid "
+                f"{info.st_uid}): another user could have made or changed it; fix: move it away, after checking it")
+    return None
+
+
+def _why(directory: Path, info: os.stat_result, what: str, fix: str) -> str:
+    return (f"{directory} is {what} (mode {stat.S_IMODE(info.st_mode):o}, owner uid {info.st_uid}): they could "
+            f"replace the run registry (the daemon's queue) or a run's files; fix: {fix}")
+
+
+def _own_group(gid: int) -> bool:
+    """The user's private group: named as the user, with no other member (the norm where the umask is 002)."""
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return gid == os.getegid() and group.gr_name == user and set(group.gr_mem) <= {user}
