@@ -133,10 +133,12 @@ class Peers:
             self._drop_dead(now)  # the silent among them: reported by the bus's next forget_dead
             if len(self._by_identity) >= MAX_PEERS:
                 raise Refused("hello_table_full", f"hello as {name!r} refused: {MAX_PEERS} peers already attached")
-        # A vote makes training wait (up to vote_timeout_s an epoch): that steers the run, a monitor key's must not.
-        votes = () if key is not None and key.role != "control" else tuple(hello["votes"])
+        # A vote makes training wait (up to vote_timeout_s an epoch), and a persister holds every snapshot buffer
+        # until it settles it (the run's checkpoints skipped meanwhile): both steer the run, a monitor key's must not.
+        steers = key is None or key.role == "control"
+        votes, capabilities = (tuple(hello["votes"]), tuple(hello["capabilities"])) if steers else ((), ())
         peer = Peer(identity, name, pid, hello["delivery"], frozenset(hello["replies"]), votes,
-                    tuple(hello["capabilities"]), spawned, now, PeerBudget(self.limits, now), user_id,
+                    capabilities, spawned, now, PeerBudget(self.limits, now), user_id,
                     key.name if key else "", key.role if key else "",
                     owner=not user_id and not spawned and self.credentials.proves_owner(hello["secret"]))
         self._by_identity[identity] = peer

@@ -1062,3 +1062,36 @@ def test_a_wildcard_bind_is_advertised_by_this_hosts_name_and_an_address_as_it_i
     assert advertised("tcp://[::]:5556") == f"tcp://{host}:5556"
     assert advertised("tcp://10.0.0.5:5555") == "tcp://10.0.0.5:5555"
     assert advertised("tcp://127.0.0.1:41000") == "tcp://127.0.0.1:41000"
+
+
+def test_a_monitor_key_that_calls_itself_a_persister_holds_no_snapshot_buffer(keys, runs_dir, tmp_path, kernels):
+    """A monitor key may not send checkpoint_saved, yet its hello's `checkpoint` capability made the kernel count it
+    among the persisters every snapshot buffer waits for: connected and silent about snapshots, it had every
+    checkpoint after the first two skipped (both buffers held) and the last one wait 60 s. A monitor key's hello
+    now grants no capability, as it grants no vote: every checkpoint is taken and saved."""
+    from trainbus.kernel.config import resolve_plugin
+
+    gate = tmp_path / "gate"
+    cfg = listening_config(runs_dir, keys["dir"], step_sleep_s=0.02, gate=gate)
+    cfg.plugins = [resolve_plugin("checkpoint", {})]
+    cfg.checkpoint_every_n_steps = 10
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    watcher = RemoteClient(connection(kernel), keys["watcher"])
+    try:
+        assert watcher.next_event(30.0) is not None
+        watcher.send("hello", name="not_a_persister", pid=os.getpid(), subscriptions=[""], replies=[],
+                     delivery="best_effort", capabilities=["checkpoint"])
+        assert watcher.reply(10.0, "welcome") is not None
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
+        started = time.monotonic()
+        while kernel.proc.poll() is None and time.monotonic() - started < 120:  # alive, never settling a buffer
+            watcher.send("heartbeat")
+            heard_within({"watcher": watcher}, 0.3)  # what it was sent, read, so its queue never fills
+        result = kernel.result(timeout_s=120)
+    finally:
+        watcher.close()
+    events = read_events(result["run_dir"])
+    assert not of(events, "checkpoint_skipped"), [e.data for e in of(events, "checkpoint_skipped")]
+    assert len(of(events, "checkpoint_saved")) == len(of(events, "save_checkpoint")) == 2 * STEPS_PER_EPOCH // 10
+    assert result["status"] == "completed", result
