@@ -244,6 +244,8 @@ class Bus:
         poller.register(self._wake_rx, zmq.POLLIN)
         if self.remote is not None:
             poller.register(self.remote.router, zmq.POLLIN)
+            for monitor in self.remote.monitors():  # connections made and gone: a flood of them is cut at once
+                poller.register(monitor, zmq.POLLIN)
         for pub in self._burst_pubs:
             poller.register(pub, zmq.POLLIN)  # (un)subscriptions
         next_heartbeat, next_flush, more = 0.0, 0.0, False
@@ -255,6 +257,8 @@ class Bus:
                 if self._wake_rx in ready:  # the training thread waits on what is queued (flush_now)
                     _drain(self._wake_rx)
                     next_flush = 0.0
+                if self.remote is not None and any(monitor in ready for monitor in self.remote.monitors()):
+                    self._cut_crowded(poller)
                 for pub in self._burst_pubs:
                     if pub in ready:
                         self._read_subscriptions(pub)
@@ -295,15 +299,41 @@ class Bus:
         the TCP publishers are replaced, and with them what this thread sends on and polls."""
         if self.remote is None:
             return
-        old_bursts = self.remote.bursts
+        self.remote.bind_unbound()
+        old = self._remote_sockets()
         if not self.remote.cut_revoked():
             return
-        poller.unregister(old_bursts)
-        del self._burst_topics[old_bursts]
-        self._pubs[1], self._burst_pubs[1] = self.remote.pub, self.remote.bursts
-        self._burst_topics[self.remote.bursts] = set()  # each subscriber's subscription comes again as it reconnects
-        poller.register(self.remote.bursts, zmq.POLLIN)
+        self._take_remote_sockets(poller, old)
         log.warning("a client key was revoked: every TCP subscriber was cut off and the others reconnect")
+
+    def _cut_crowded(self, poller: zmq.Poller) -> None:
+        """A TCP socket holding more connections than its cap (kernel/remote.py cut_crowded, a flood with no key:
+        each costs a file descriptor until its handshake times out) is replaced, its connections cut."""
+        old = self._remote_sockets()
+        cut = self.remote.cut_crowded()
+        if not cut:
+            return
+        self._take_remote_sockets(poller, old)
+        self.counters["tcp_connections_cut"] += 1
+        if self.counters["tcp_connections_cut"] <= 10:
+            log.warning("over %d TCP connections at once on the %s socket (a client opening connections it does "
+                        "not finish, or too many clients): all of them cut; keyed clients reconnect by themselves",
+                        self.remote.cap, " and ".join(cut))
+
+    def _remote_sockets(self) -> list[zmq.Socket]:
+        """What this thread polls of the TCP side: its control ROUTER, its bursts XPUB and its connection monitors."""
+        return [self.remote.router, self.remote.bursts, *self.remote.monitors()]
+
+    def _take_remote_sockets(self, poller: zmq.Poller, old: list[zmq.Socket]) -> None:
+        """The TCP sockets the Listener has now in place of `old` (some closed: replaced), sent on and polled."""
+        for socket in old:
+            poller.unregister(socket)
+        if old[1] is not self.remote.bursts:
+            del self._burst_topics[old[1]]
+            self._burst_topics[self.remote.bursts] = set()  # each subscription comes again as its subscriber returns
+        self._pubs[1], self._burst_pubs[1] = self.remote.pub, self.remote.bursts
+        for socket in self._remote_sockets():
+            poller.register(socket, zmq.POLLIN)
 
     def _send_answers(self) -> None:
         while self._answers:

@@ -472,17 +472,27 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
     poller.register(socket, zmq.POLLIN)
     if remote:
         poller.register(remote.socket, zmq.POLLIN)
+        poller.register(remote.crowd.monitor, zmq.POLLIN)
     try:
         next_tick = time.monotonic() + TICK_S
         while not stopping:
             ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000))))
             if socket in ready:
                 _answer(socket, lambda frames: (LOCAL, f"the owner ({_local_user()})"), daemon, stopping)
+            if remote and remote.crowd.monitor in ready:
+                old = (remote.socket, remote.crowd.monitor)
+                if remote.cut_crowded():
+                    for closed in old:
+                        poller.unregister(closed)
+                    poller.register(remote.socket, zmq.POLLIN)
+                    poller.register(remote.crowd.monitor, zmq.POLLIN)
             if remote and remote.socket in ready:
                 _answer(remote.socket, remote.peer_of, daemon, stopping)
             if time.monotonic() >= next_tick or daemon.woken:
                 daemon.woken = False
                 daemon.safe_tick(time.time())
+                if remote:
+                    remote.bind_unbound()
                 next_tick = time.monotonic() + TICK_S
         log.info("daemon stopping (%s); %d run(s) still training, adopted by the next daemon: %s", stopping[0],
                  len(daemon.watched), ", ".join(daemon.watched) or "none")
@@ -518,16 +528,17 @@ class Remote:
         from trainbus.proto.remote import load_secret
 
         from .keys import KeyRing, KeyStore
-        from .remote import bind_error, check_listen, curve_server, ipv6_for, start_authenticator
+        from .remote import bind_error, check_listen, connection_cap, ipv6_for, start_authenticator
 
         store = KeyStore(default_keys_dir(keys_dir))
         host, port = check_listen(listen, store, ports=1)
-        public, secret = load_secret(store.server_secret)
+        public, self._secret = load_secret(store.server_secret)
         self.keyring = KeyRing(store)
         self.context = zmq.Context()
         self.authenticator = start_authenticator(self.context, self.keyring)
-        self.socket = curve_server(self.context, zmq.ROUTER, secret, MAXMSGSIZE=CONTROL_MAX_BYTES, LINGER=0,
-                                   RCVHWM=100, SNDHWM=100)
+        self.cap = connection_cap()  # a flood of connections with no key must not take the daemon's descriptors
+        self.unbound = False  # cut_crowded could not bind the port again yet
+        self.socket, self.crowd = self._router()
         ipv6_for(self.socket, host)
         try:
             self.socket.bind(f"tcp://{host}:{port or '*'}")
@@ -539,6 +550,43 @@ class Remote:
         temporary.write_text(json.dumps({"endpoint": advertised(self.endpoint), "server_key": public.decode()}) + "\n")
         os.replace(temporary, directory / REMOTE_FILE)
 
+    def _router(self):
+        """A new, unbound CURVE ROUTER and the count of its connections (kernel/remote.py Crowd)."""
+        from .remote import Crowd, curve_server
+
+        socket = curve_server(self.context, zmq.ROUTER, self._secret, MAXMSGSIZE=CONTROL_MAX_BYTES, LINGER=0,
+                              RCVHWM=100, SNDHWM=100)
+        return socket, Crowd(socket)
+
+    def cut_crowded(self) -> bool:
+        """Over `cap` connections at once (kernel/remote.py cut_crowded): the ROUTER closed and bound again on its
+        port, every connection cut (a keyed client asks again); True when it was."""
+        from .remote import bind_again
+
+        if self.crowd.count() <= self.cap:
+            return False
+        self.crowd.close()
+        self.socket.close(linger=0)
+        self.socket, self.crowd = self._router()
+        log.warning("over %d TCP connections at once on %s: all of them cut", self.cap, self.endpoint)
+        try:
+            bind_again(self.socket, self.endpoint)
+            self.unbound = False
+        except zmq.ZMQError as exc:  # another process took the port in the moment it was free
+            self.unbound = True
+            log.error("could not bind %s again (%s): tried again every round", self.endpoint, exc)
+        return True
+
+    def bind_unbound(self) -> None:
+        """Bind again what cut_crowded could not; called every round."""
+        if self.unbound:
+            try:
+                self.socket.bind(self.endpoint)
+            except zmq.ZMQError:
+                return
+            self.unbound = False
+            log.info("bound %s again", self.endpoint)
+
     def peer_of(self, frames: list[zmq.Frame]) -> tuple[str | None, str]:
         """(role, who) of a request's connection: its key's, from ZAP's User-Id, never from the request."""
         key = self.keyring.lookup(frames[-1].get("User-Id") or "")
@@ -547,6 +595,7 @@ class Remote:
         return key.role, f"key {key.name}"
 
     def close(self) -> None:
+        self.crowd.close()
         self.socket.close(linger=0)
         self.authenticator.stop()
         self.context.term()

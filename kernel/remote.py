@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import resource
 import time
 
 import zmq
@@ -27,6 +29,11 @@ EVENTS_MAX_INBOUND_BYTES = 4096  # a SUB only sends subscriptions (topic prefixe
 CONTROL_RCVHWM = 1000  # per connection: a flooding peer fills its own queue, not the others'
 TCP_KEEPALIVE_IDLE_S = 60  # a peer whose machine vanished is noticed and its connection closed
 REBIND_ATTEMPTS, REBIND_PAUSE_S = 400, 0.005  # binding a publisher's port again: up to 2 s
+# TCP connections one listening socket holds at once, at most (less where the descriptor limit is low: an eighth of
+# it). libzmq accepts every connection and keeps it, a file descriptor of the kernel's, until its handshake times out
+# (HANDSHAKE_IVL), so a client with no key could hold them all: 1,100 made a run that trained to its end fail to save
+# final.pt (EMFILE). 64 peers (peers.MAX_PEERS) need 64 of each.
+CONNECTIONS_PER_SOCKET = 256
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +138,7 @@ def curve_server(ctx: zmq.Context, kind: int, secret: bytes, **options: int) -> 
     return socket
 
 
-def _bind_again(socket: zmq.Socket, endpoint: str) -> None:
+def bind_again(socket: zmq.Socket, endpoint: str) -> None:
     """Bind `endpoint`, which a socket closed a moment ago held: libzmq closes a listener on its I/O thread, so
     the port is free within milliseconds, not at once."""
     ipv6_for(socket, endpoint.removeprefix("tcp://"))
@@ -146,9 +153,55 @@ def _bind_again(socket: zmq.Socket, endpoint: str) -> None:
     socket.bind(endpoint)
 
 
+def connection_cap() -> int:
+    """CONNECTIONS_PER_SOCKET, or an eighth of this process's descriptor limit where that is less."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return CONNECTIONS_PER_SOCKET if soft == resource.RLIM_INFINITY else max(8, min(CONNECTIONS_PER_SOCKET, soft // 8))
+
+
+class Crowd:
+    """The TCP connections one listening socket holds now (accepted, not yet gone), from its socket monitor.
+
+    libzmq's I/O thread sends each monitor event with a blocking send, holding the socket's monitor lock: to a
+    monitor queue that is full, or whose reader is gone, it waits forever, and with it every connection of the
+    context (a flood of 500 connections stopped the daemon's accepting and closing). So the queue here has no high-
+    water mark (the bus thread reads it as it polls), and the socket stops its monitor before the reader goes."""
+
+    def __init__(self, socket: zmq.Socket):
+        self.socket = socket
+        # an address of its own: pyzmq's default names the socket's fd, which a socket made later may reuse
+        address = f"inproc://trainbus-crowd-{os.urandom(8).hex()}"
+        socket.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.monitor = socket.context.socket(zmq.PAIR)
+        self.monitor.rcvhwm = 0  # no limit: libzmq would block its I/O thread on a full queue
+        self.monitor.connect(address)
+        self._open: set[int] = set()  # their descriptors
+
+    def count(self) -> int:
+        """How many it holds, once the monitor's news is taken."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                message = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return len(self._open)
+            if message["event"] == zmq.EVENT_ACCEPTED:
+                self._open.add(message["value"])
+            else:
+                self._open.discard(message["value"])
+
+    def close(self) -> None:
+        """Stop the socket's monitor, then close the reader (the other order can block libzmq's I/O thread)."""
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
+
+
 class Listener:
     """The run's TCP endpoints: `control_endpoint` (ROUTER), `events_endpoint` and `bursts_endpoint` (PUBs), CURVE
     only."""
+
+    ROLES = {"router": "control", "pub": "events", "bursts": "bursts"}  # attribute -> which endpoint it serves
 
     def __init__(self, host_port: str, store: KeyStore, events_hwm: int, bursts_hwm: int, control_max_bytes: int):
         host, port = check_listen(host_port, store)
@@ -159,10 +212,11 @@ class Listener:
         # Before any bind, so no handshake can find nobody answering; and with ZAP_ENFORCE_DOMAIN, if it ever
         # stops answering, nobody gets in.
         self.authenticator = start_authenticator(self.ctx, self.keyring)
-        self._secret, self._hwms = secret, (events_hwm, bursts_hwm)
-        self.router = self._socket(zmq.ROUTER, ROUTER_MANDATORY=1, MAXMSGSIZE=control_max_bytes, SNDHWM=1000,
-                                   RCVHWM=CONTROL_RCVHWM, LINGER=0)
-        self.pub, self.bursts = self._publishers()
+        self._secret, self._hwms, self._control_max_bytes = secret, (events_hwm, bursts_hwm), control_max_bytes
+        self.cap = connection_cap()
+        self.crowds: dict[str, Crowd] = {}  # attribute (ROLES) -> its socket's connections
+        self._unbound: dict[str, str] = {}  # attribute (ROLES) -> the endpoint it could not bind again yet
+        self.router, self.pub, self.bursts = (self._socket(attribute) for attribute in self.ROLES)
         try:
             self._bind(host, port)
         except BaseException:
@@ -173,14 +227,33 @@ class Listener:
         self.bursts_endpoint = self.bursts.getsockopt_string(zmq.LAST_ENDPOINT)
         self._revocations = self.keyring.revocations()
 
-    def _socket(self, kind: int, **options: int) -> zmq.Socket:
-        return curve_server(self.ctx, kind, self._secret, **options)
-
-    def _publishers(self) -> tuple[zmq.Socket, zmq.Socket]:
-        """The events PUB and the bursts XPUB, unbound."""
+    def _socket(self, attribute: str) -> zmq.Socket:
+        """A new, unbound CURVE server socket for ROLES' `attribute`, its connections counted (Crowd) from before it
+        binds."""
         events_hwm, bursts_hwm = self._hwms
-        return (self._socket(zmq.PUB, SNDHWM=events_hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES, LINGER=1000),
-                self._socket(zmq.XPUB, SNDHWM=bursts_hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES, LINGER=1000))
+        if attribute == "router":
+            socket = curve_server(self.ctx, zmq.ROUTER, self._secret, ROUTER_MANDATORY=1, SNDHWM=1000, LINGER=0,
+                                  MAXMSGSIZE=self._control_max_bytes, RCVHWM=CONTROL_RCVHWM)
+        else:
+            kind, hwm = (zmq.PUB, events_hwm) if attribute == "pub" else (zmq.XPUB, bursts_hwm)
+            socket = curve_server(self.ctx, kind, self._secret, SNDHWM=hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES,
+                                  LINGER=1000)
+        self.crowds[attribute] = Crowd(socket)
+        return socket
+
+    def monitors(self) -> list[zmq.Socket]:
+        """What the bus thread polls, to call cut_crowded as soon as a socket's connections change."""
+        return [crowd.monitor for crowd in self.crowds.values()]
+
+    def cut_crowded(self) -> list[str]:
+        """Each socket holding more than `cap` connections closed and bound again on its port, which cuts all of
+        them (libzmq cannot drop one): a flood of connections with no key costs the kernel at most `cap`
+        descriptors a socket, and the keyed clients reconnect by themselves (~0.1 s), as after a revocation.
+        Returns the endpoints cut, as ROLES names them."""
+        crowded = [attribute for attribute, crowd in self.crowds.items() if crowd.count() > self.cap]
+        for attribute in crowded:
+            self._replace(attribute)
+        return [self.ROLES[attribute] for attribute in crowded]
 
     def cut_revoked(self) -> bool:
         """Once a key has been revoked since the last look (the directory re-read at most once a second): the
@@ -192,17 +265,34 @@ class Listener:
         if revocations == self._revocations:
             return False
         self._revocations = revocations
-        old = (self.pub, self.bursts)
-        self.pub, self.bursts = self._publishers()
-        for socket in old:
-            socket.close(linger=0)  # queued events go with it: the reconnected subscribers replay them
-        for socket, endpoint in zip((self.pub, self.bursts), (self.events_endpoint, self.bursts_endpoint)):
-            try:
-                _bind_again(socket, endpoint)
-            except zmq.ZMQError as exc:  # taken by another process in the moment it was free: unbound from now on
-                log.error("could not bind %s again after cutting off a revoked key (%s): remote clients get no "
-                          "events there for the rest of this session; resume the run to listen again", endpoint, exc)
+        for attribute in ("pub", "bursts"):
+            self._replace(attribute)
         return True
+
+    def _replace(self, attribute: str) -> None:
+        """ROLES' `attribute` closed and a new socket in its place, bound on the same endpoint; what was queued on
+        the old one goes with it (the reconnected subscribers replay it)."""
+        endpoint = getattr(self, f"{self.ROLES[attribute]}_endpoint")
+        self.crowds.pop(attribute).close()
+        getattr(self, attribute).close(linger=0)
+        setattr(self, attribute, self._socket(attribute))
+        self._unbound.pop(attribute, None)
+        try:
+            bind_again(getattr(self, attribute), endpoint)
+        except zmq.ZMQError as exc:  # taken by another process in the moment it was free: tried again later
+            self._unbound[attribute] = endpoint
+            log.error("could not bind %s again after cutting its connections (%s): remote clients cannot connect "
+                      "there until it is free again (tried once a second)", endpoint, exc)
+
+    def bind_unbound(self) -> None:
+        """Bind again what _replace could not (another process held the port a while): called once a second."""
+        for attribute, endpoint in list(self._unbound.items()):
+            try:
+                getattr(self, attribute).bind(endpoint)
+            except zmq.ZMQError:
+                continue
+            del self._unbound[attribute]
+            log.info("bound %s again: remote clients can connect there again", endpoint)
 
     def _bind(self, host: str, port: int) -> None:
         publishers = (self.pub, self.bursts)  # on PORT + 1 and PORT + 2
@@ -232,6 +322,8 @@ class Listener:
                           f"give a PORT")
 
     def close(self) -> None:
+        for crowd in self.crowds.values():
+            crowd.close()
         self.router.close()
         self.pub.close()  # their LINGER lets the last events out, for a bounded second
         self.bursts.close()

@@ -99,3 +99,52 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def flood_connections(endpoints: list[str], each: int, seconds: float, pid: int) -> tuple[int, int]:
+    """Hold `each` plain TCP connections to every tcp://HOST:PORT of `endpoints` for `seconds`, reopening the ones
+    the other side closes: a client with no key that opens connections and never finishes a handshake. Returns the
+    file descriptors process `pid` held before, and the most it held meanwhile."""
+    import resource
+    import time
+
+    def descriptors() -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * each * len(endpoints) + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(hard, wanted),
+                                                    hard))
+    held: dict[socket.socket, str] = {}  # each connection, with the endpoint it went to
+    before = peak = descriptors()
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            for endpoint in endpoints:
+                host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+                while sum(1 for to in held.values() if to == endpoint) < each:
+                    try:
+                        connection = socket.create_connection((host, int(port)), timeout=1.0)
+                    except OSError:  # refused while the other side binds the port again: again next round
+                        break
+                    if connection.getsockname() == connection.getpeername():  # TCP's self-connect, while it was
+                        connection.close()  # unbound, on a port of the ephemeral range: it would hold the port
+                        break
+                    held[connection] = endpoint
+            peak = max(peak, descriptors())
+            for connection in list(held):  # the ones the other side cut: reopened next round
+                connection.setblocking(False)
+                try:
+                    gone = connection.recv(1) == b""
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if gone:
+                    connection.close()
+                    del held[connection]
+    finally:
+        for connection in held:
+            connection.close()
+    return before, peak

@@ -873,3 +873,27 @@ def test_a_run_killed_with_the_daemon_is_died_and_runs_resume_ends_it_with_the_u
         *settings)
     assert_same_weights(runs / victim, next(p for p in reference.iterdir() if p.is_dir()))
 
+
+
+def test_a_flood_of_connections_with_no_key_costs_the_daemon_a_bounded_number_of_descriptors(tmp_path, daemons):
+    """As a kernel's (tests/test_remote.py): connections that never finish a handshake each held a descriptor of the
+    daemon's for 5 s, with no bound; over CONNECTIONS_PER_SOCKET at once its port is now closed and bound again, and
+    a keyed client is answered once the flood stops."""
+    from helpers import flood_connections
+    from trainbus.kernel.keys import KeyStore
+    from trainbus.kernel.remote import CONNECTIONS_PER_SOCKET
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    store = KeyStore(tmp_path / "keys")
+    store.generate_server()
+    watcher = store.generate_client("w", "monitor")[1]
+    pid = start_daemon(daemons, runs, "--listen", "127.0.0.1:0", "--keys-dir", str(store.directory))
+    endpoint = json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"]
+    before, peak = flood_connections([endpoint], 2 * CONNECTIONS_PER_SOCKET, 4.0, pid)
+    # those accepted between the count and the cut on top (the daemon may be busy with its queue meanwhile)
+    assert peak - before <= CONNECTIONS_PER_SOCKET * 3 // 2, (before, peak)
+    status = cli("daemon", "status", "--remote", endpoint, "--key", str(watcher), "--server-key",
+                 str(daemon_dir(runs) / "remote.json"), "--json", check=False)
+    assert status.returncode == 0 and json.loads(status.stdout)["serving"] is True, status.stderr
+    assert "TCP connections at once" in (daemon_dir(runs) / "daemon.log").read_text()

@@ -1095,3 +1095,34 @@ def test_a_monitor_key_that_calls_itself_a_persister_holds_no_snapshot_buffer(ke
     assert not of(events, "checkpoint_skipped"), [e.data for e in of(events, "checkpoint_skipped")]
     assert len(of(events, "checkpoint_saved")) == len(of(events, "save_checkpoint")) == 2 * STEPS_PER_EPOCH // 10
     assert result["status"] == "completed", result
+
+
+def test_a_flood_of_connections_with_no_key_costs_the_kernel_a_bounded_number_of_descriptors(keys, runs_dir, tmp_path,
+                                                                                              kernels):
+    """libzmq accepts every TCP connection and holds it, a descriptor of the kernel's, until its handshake times out
+    (5 s): 1,100 connections with no key, reopened as they were closed, made a run that trained to its end fail to
+    save final.pt (EMFILE). A socket holding more than CONNECTIONS_PER_SOCKET connections is now closed and bound
+    again, cutting them all: the kernel holds a bounded number, a keyed monitor hears the run again once the flood
+    stops, and the run completes."""
+    from helpers import flood_connections
+    from trainbus.kernel.remote import CONNECTIONS_PER_SOCKET
+
+    gate = tmp_path / "gate"  # held at its first batch while the flood goes on
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate), tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    watcher = RemoteClient(conn, keys["watcher"])
+    try:
+        assert watcher.next_event(30.0) is not None
+        # twice the cap on each of two sockets: 1,024 connections, which the kernel held every one of
+        before, peak = flood_connections([conn["control"], conn["events"]], 2 * CONNECTIONS_PER_SOCKET, 4.0,
+                                         kernel.proc.pid)
+        # those accepted between the count and the cut on top
+        assert peak - before <= 2 * CONNECTIONS_PER_SOCKET * 3 // 2, (before, peak)
+        wait_until(lambda: watcher.next_event(0.2) is not None, 30, "the keyed monitor to hear the run again")
+    finally:
+        watcher.close()
+    open_gate(gate, 2 * STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed" and (kernel.run_dir / "final.pt").exists(), result
+    assert result["bus"].get("tcp_connections_cut", 0) >= 1, result["bus"]
