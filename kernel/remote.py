@@ -27,6 +27,11 @@ ZAP_DOMAIN = "trainbus"
 FREE_PORTS_ATTEMPTS = 20  # PORT 0: tries at a free control port whose PORT + 1 and PORT + 2 are free too
 EVENTS_MAX_INBOUND_BYTES = 4096  # a SUB only sends subscriptions (topic prefixes) to the PUB
 CONTROL_RCVHWM = 1000  # per connection: a flooding peer fills its own queue, not the others'
+# Messages queued to one TCP connection, at most. A client pulls replay batches one at a time (and asks for a
+# run_state now and then), so a few are all it ever waits for; a peer that asks and never reads had 1,000 replay
+# batches of up to 4 MiB each held for it (four monitor keys: +300 MB of the kernel's memory in 20 s). Past it, a
+# reply is dropped and counted unroutable, and the peer asks again.
+CONTROL_SNDHWM = 8
 TCP_KEEPALIVE_IDLE_S = 60  # a peer whose machine vanished is noticed and its connection closed
 REBIND_ATTEMPTS, REBIND_PAUSE_S = 400, 0.005  # binding a publisher's port again: up to 2 s
 # TCP connections one listening socket holds at once, at most (less where the descriptor limit is low: an eighth of
@@ -232,8 +237,8 @@ class Listener:
         binds."""
         events_hwm, bursts_hwm = self._hwms
         if attribute == "router":
-            socket = curve_server(self.ctx, zmq.ROUTER, self._secret, ROUTER_MANDATORY=1, SNDHWM=1000, LINGER=0,
-                                  MAXMSGSIZE=self._control_max_bytes, RCVHWM=CONTROL_RCVHWM)
+            socket = curve_server(self.ctx, zmq.ROUTER, self._secret, ROUTER_MANDATORY=1, SNDHWM=CONTROL_SNDHWM,
+                                  RCVHWM=CONTROL_RCVHWM, MAXMSGSIZE=self._control_max_bytes, LINGER=0)
         else:
             kind, hwm = (zmq.PUB, events_hwm) if attribute == "pub" else (zmq.XPUB, bursts_hwm)
             socket = curve_server(self.ctx, kind, self._secret, SNDHWM=hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES,

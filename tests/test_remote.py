@@ -1126,3 +1126,48 @@ def test_a_flood_of_connections_with_no_key_costs_the_kernel_a_bounded_number_of
     result = kernel.result(timeout_s=120)
     assert result["status"] == "completed" and (kernel.run_dir / "final.pt").exists(), result
     assert result["bus"].get("tcp_connections_cut", 0) >= 1, result["bus"]
+
+
+def test_monitor_peers_that_ask_for_replays_and_never_read_them_hold_little_of_the_kernels_memory(keys, runs_dir,
+                                                                                                   tmp_path, kernels):
+    """Replay is pulled a batch at a time, but nothing made a client read what it pulled: four monitor-key peers
+    asking for the journal from seq 1 fifty times a second and reading nothing had the kernel queue 1,000 batches
+    each on the TCP control socket, +300 MB of its memory in 20 s (eight: +150 MB in 12 s, here). That socket now queues a few messages per
+    connection; past them a reply is dropped, counted unroutable (the peer asks again)."""
+    import psutil
+
+    gate = tmp_path / "gate"
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=3, step_sleep_s=0, gate=gate), tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    open_gate(gate, 2 * STEPS_PER_EPOCH)  # a journal of two epochs (~250 events): each batch is all of it
+    wait_until(lambda: kernel.journal.step() >= 2 * STEPS_PER_EPOCH, 120, "two epochs in the journal")
+    ctx = zmq.Context()
+    hogs = []
+    for number in range(8):
+        hog = ctx.socket(zmq.DEALER)
+        hog.setsockopt(zmq.LINGER, 0)
+        hog.setsockopt(zmq.RCVHWM, 1)  # what it does not read stays with the kernel
+        hog.setsockopt(zmq.RCVBUF, 4096)
+        secure_client(hog, keys["watcher"], conn["server_key"].encode())
+        hog.connect(conn["control"])
+        hog.send(pack({"v": 1, "type": "hello", "name": f"hog{number}", "pid": os.getpid(), "subscriptions": [""],
+                       "replies": [], "delivery": "best_effort"}))
+        hogs.append(hog)
+    memory = psutil.Process(kernel.proc.pid)
+    before = memory.memory_info().rss
+    try:
+        end = time.monotonic() + 12.0
+        while time.monotonic() < end:
+            for hog in hogs:
+                hog.send(pack({"v": 1, "type": "replay", "from_seq": 1}), zmq.NOBLOCK)
+                hog.send(pack({"v": 1, "type": "heartbeat"}), zmq.NOBLOCK)
+            time.sleep(0.01)
+        grown = memory.memory_info().rss - before
+    finally:
+        ctx.destroy(linger=0)
+    assert grown < 24 << 20, f"the kernel grew {grown >> 20} MB"
+    open_gate(gate, 3 * STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed" and result["bus"].get("unroutable", 0) > 0, result["bus"]
+
