@@ -91,6 +91,9 @@ class Peers:
         self._by_identity: dict[bytes, Peer] = {}
         self._by_name: collections.OrderedDict[str, Peer] = collections.OrderedDict()  # latest hello per name
         self.positions: dict[str, int] = {}  # durable name -> highest seq acked, across its restarts
+        # name -> whose its position is: "" the run's own peers (ipc: spawned, or the owner's credential), else the
+        # remote key that said hello under it last. A name is any free one a client chooses; its position is not.
+        self._principals: dict[str, str] = {}
         self._silent: list[Peer] = []  # forgotten hand-attached peers not yet returned by forget_dead (<= MAX_PEERS)
         # Until when the bus thread has read what peers sent (Bus._run): silence counts up to then, not up to `now`.
         # The training thread judges liveness too (votes, the drain, has a persister said hello), and a bus thread
@@ -133,6 +136,10 @@ class Peers:
             self._drop_dead(now)  # the silent among them: reported by the bus's next forget_dead
             if len(self._by_identity) >= MAX_PEERS:
                 raise Refused("hello_table_full", f"hello as {name!r} refused: {MAX_PEERS} peers already attached")
+        principal = key.name if key is not None else ""
+        if self._principals.get(name, principal) != principal:  # another client's position: not its to resume or move
+            self.positions.pop(name, None)
+        self._principals[name] = principal
         # A vote makes training wait (up to vote_timeout_s an epoch), and a persister holds every snapshot buffer
         # until it settles it (the run's checkpoints skipped meanwhile): both steer the run, a monitor key's must not.
         steers = key is None or key.role == "control"
@@ -207,6 +214,7 @@ class Peers:
         if earlier is not None:
             self._by_identity.pop(earlier.identity, None)
         self.positions[name] = after_seq
+        self._principals[name] = ""  # the supervisor's plugin, as its hello will say
 
     def position(self, name: str) -> int:
         peer = self._by_name.get(name)
@@ -257,6 +265,7 @@ class Peers:
         peer = self._by_name.pop(name)
         self._by_identity.pop(peer.identity, None)
         self.positions.pop(name, None)
+        self._principals.pop(name, None)
 
     # -- questions the bus and the checkpointer ask -----------------------------------------------
 

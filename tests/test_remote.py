@@ -1171,3 +1171,59 @@ def test_monitor_peers_that_ask_for_replays_and_never_read_them_hold_little_of_t
     result = kernel.result(timeout_s=120)
     assert result["status"] == "completed" and result["bus"].get("unroutable", 0) > 0, result["bus"]
 
+
+def test_a_key_that_says_hello_under_another_clients_durable_name_cannot_move_where_that_client_resumes(
+        keys, runs_dir, tmp_path, kernels):
+    """A durable name's position (what `resume_from` answers, §12) is kept by name across reconnects, and a remote
+    hello may take any free name: a monitor key that said hello as a local hand-attached durable plugin while it was
+    away, and acked the last seq, had that plugin welcomed back past every event it never processed. A name's
+    position now counts only for the client that acked it (the run's owner on ipc, or one key): under another one,
+    it starts again at seq 1, and the first client's return replays from 1 too rather than skip anything."""
+    gate = tmp_path / "gate"
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate), tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    open_gate(gate, 20)
+    wait_until(lambda: kernel.journal.step() >= 20, 120, "twenty steps in the journal")
+    ctx = zmq.Context()
+    credential = (kernel.run_dir / "credential").read_text().strip()
+
+    def local_hello() -> tuple[zmq.Socket, dict]:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(f"ipc://{kernel.run_dir / 'control.sock'}")
+        dealer.send(pack({"v": 1, "type": "hello", "name": "archive", "pid": os.getpid(), "subscriptions": [""],
+                          "replies": [], "delivery": "durable", "secret": credential}))
+        return dealer, reply_of(dealer, "welcome")
+
+    def reply_of(dealer: zmq.Socket, type_: str) -> dict:
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            if dealer.poll(200):
+                msg = msgpack.unpackb(dealer.recv(), **LIMITS)
+                if msg["type"] == type_:
+                    return msg
+        raise AssertionError(f"no {type_}")
+
+    try:
+        owner, welcome = local_hello()
+        assert welcome["resume_from"] == 1
+        owner.send(pack({"v": 1, "type": "ack", "seq": 10}))
+        owner.send(pack({"v": 1, "type": "bye", "reason": "away for a moment"}))
+        time.sleep(0.5)
+        intruder = RemoteClient(conn, keys["watcher"])
+        intruder.send("hello", name="archive", pid=os.getpid(), subscriptions=[""], replies=[], delivery="durable")
+        taken = intruder.reply(20.0, "welcome")
+        assert taken is not None and taken["resume_from"] == 1, taken  # not the owner's 11: nothing of theirs
+        intruder.send("ack", seq=10 ** 9)  # clamped to the last seq published: everything
+        intruder.send("bye", reason="done")
+        time.sleep(0.5)
+        intruder.close()
+        owner.close()
+        _, back = local_hello()
+        assert back["resume_from"] <= 11, back  # never past what the owner's plugin processed
+    finally:
+        ctx.destroy(linger=0)
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+
