@@ -16,7 +16,7 @@ from trainbus.proto import DURABLE
 from .credentials import Credentials
 from .limits import PeerBudget, PeerLimits
 
-MAX_PEERS = 64  # welcomed peers at once; a hello past this is refused
+MAX_PEERS = 64  # peers attached by hand, and remote ones, at once (each side; Peers._attached); past it, refused
 MAX_NAMES = 256  # names whose ack position and role are remembered across reconnects and restarts
 ALWAYS_ALLOWED = frozenset({"heartbeat", "ack", "replay", "bye", "snapshot"})  # reads of the run, and staying alive
 PERSISTER_MESSAGES = frozenset({"checkpoint_saved", "checkpoint_failed"})
@@ -132,10 +132,11 @@ class Peers:
             if self.is_live(holder, now):
                 raise Refused("hello_name_taken", f"hello as {name!r} refused: a live peer holds that name")
             del self._by_identity[holder.identity]
-        if identity not in self._by_identity and len(self._by_identity) >= MAX_PEERS:
+        if not spawned and identity not in self._by_identity and self._attached(bool(user_id)) >= MAX_PEERS:
             self._drop_dead(now)  # the silent among them: reported by the bus's next forget_dead
-            if len(self._by_identity) >= MAX_PEERS:
-                raise Refused("hello_table_full", f"hello as {name!r} refused: {MAX_PEERS} peers already attached")
+            if self._attached(bool(user_id)) >= MAX_PEERS:
+                raise Refused("hello_table_full", f"hello as {name!r} refused: {MAX_PEERS} "
+                                                  f"{'remote' if user_id else 'hand-attached'} peers already attached")
         principal = key.name if key is not None else ""
         if self._principals.get(name, principal) != principal:  # another client's position: not its to resume or move
             self.positions.pop(name, None)
@@ -155,6 +156,12 @@ class Peers:
             self._forget_name(next(iter(self._by_name)))
         self.seen(peer, now)
         return peer
+
+    def _attached(self, remote: bool) -> int:
+        """Peers attached over TCP (`remote`) or by hand on ipc. Each side has MAX_PEERS places of its own, and the
+        run's spawned plugins (as many as its config and its owner's attach commands) need none: a key that may only
+        watch filled all 64, and kept the run's restarted plugins and its owner's `runs stop` from saying hello."""
+        return sum(1 for peer in self._by_identity.values() if not peer.spawned and bool(peer.user_id) == remote)
 
     def resume_from(self, peer: Peer, next_seq: int) -> int:
         """Where a durable peer starts: after its name's last ack; a best-effort one: what comes next."""

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -1227,3 +1228,66 @@ def test_a_key_that_says_hello_under_another_clients_durable_name_cannot_move_wh
         open_gate(gate, 2 * STEPS_PER_EPOCH)
     assert kernel.result(timeout_s=120)["status"] == "completed"
 
+
+def test_a_monitor_key_that_fills_the_peer_table_keeps_no_plugin_of_the_run_from_coming_back(keys, runs_dir, tmp_path,
+                                                                                             kernels):
+    """The kernel welcomes 64 peers at once. One monitor key held all 64 places with live peers, and the run's own
+    plugin, killed and restarted by the supervisor, had its hello refused (`hello_table_full`) until it was given
+    up: a key that may only watch took a plugin away from the run. The run's spawned plugins now need no place, and
+    the remote peers have 64 of their own (so do the owner's peers on ipc: `runs stop` says hello too)."""
+    from trainbus.kernel.config import PluginConfig
+    from trainbus.kernel.peers import MAX_PEERS
+
+    gate = tmp_path / "gate"
+    cfg = listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate)
+    cfg.plugins = [PluginConfig(name="rec", target="fixture_plugins:Recorder", settings={"path": str(tmp_path / "r")})]
+    cfg.ready_timeout_s = 120
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    first = kernel.wait_event("plugin_ready", lambda e: e.data["plugin"] == "rec", timeout_s=120)
+    ctx = zmq.Context()
+    crowd: dict[zmq.Socket, bool] = {}  # each peer: welcomed now
+
+    def hello(peer: zmq.Socket, number: int) -> None:
+        peer.send(pack({"v": 1, "type": "hello", "name": f"crowd{number}", "pid": os.getpid(), "subscriptions": [""],
+                        "replies": [], "delivery": "best_effort"}), zmq.NOBLOCK)
+
+    def keep_the_places() -> None:
+        """Every welcomed peer heartbeats; every other says hello again: a place freed is taken at once."""
+        for number, peer in enumerate(crowd):
+            while peer.poll(0):
+                kind = msgpack.unpackb(peer.recv(), **LIMITS)["type"]
+                crowd[peer] = kind == "welcome" or (crowd[peer] and kind != "refused")
+            if crowd[peer]:
+                peer.send(pack({"v": 1, "type": "heartbeat"}), zmq.NOBLOCK)
+            else:
+                hello(peer, number)
+
+    try:
+        for number in range(MAX_PEERS):
+            peer = ctx.socket(zmq.DEALER)
+            peer.setsockopt(zmq.LINGER, 0)
+            secure_client(peer, keys["watcher"], conn["server_key"].encode())
+            peer.connect(conn["control"])
+            crowd[peer] = False
+            hello(peer, number)
+        end = time.monotonic() + 60
+        while sum(crowd.values()) < MAX_PEERS - 1 and time.monotonic() < end:  # every place the plugin left
+            keep_the_places()
+            time.sleep(0.2)
+        assert sum(crowd.values()) >= MAX_PEERS - 1, sum(crowd.values())
+        os.kill(first.data["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 45
+        back = None
+        while back is None and time.monotonic() < deadline:
+            keep_the_places()
+            back = kernel.journal.running_pid("rec", not_in=(first.data["pid"],))
+            time.sleep(0.2)
+        assert back is not None, "the run's plugin was not welcomed back"
+    finally:
+        ctx.destroy(linger=0)
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed", result
+    assert not of(read_events(result["run_dir"]), "plugin_failed")
