@@ -44,7 +44,9 @@ def others_can_write(path: Path) -> str | None:
             return _why(directory, info, f"owned by uid {info.st_uid}", f"chown {os.geteuid()} {directory}")
         writable = info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _own_group(info.st_gid))
         if writable and not (above and info.st_mode & stat.S_ISVTX):
+            shared = info.st_mode & stat.S_ISVTX  # /tmp itself: a folder of one's own in it is the fix
             return _why(directory, info, "writable by other users",
+                        f"use a directory of your own in it, e.g. {directory / 'runs'}" if shared else
                         f"chmod go-w {directory}" + (" (or chmod +t)" if above else ""))
     return None
 

@@ -702,5 +702,15 @@ def test_a_runs_directory_others_can_write_or_a_registry_that_is_not_ours_is_ref
         done = subprocess.run([*trainbus_cmd(), "daemon", "start", "--runs-dir", str(runs)], capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 2 and "not a file of this user's alone" in done.stderr, (done.stdout, done.stderr)
+        # a shared folder like /tmp (sticky, writable by all): refused as the runs directory, fine above one
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        done = subprocess.run([*trainbus_cmd(), "run", "--epochs", "1", "--runs-dir", str(shared)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and f"use a directory of your own in it, e.g. {shared / 'runs'}" in done.stderr
+        from trainbus.kernel.private_dirs import others_can_write
+
+        assert others_can_write(shared / "runs") is None  # made by the run, 0755 at most: nobody else's to change
     finally:  # a daemon that started all the same is stopped
         subprocess.run([*trainbus_cmd(), "daemon", "stop", "--runs-dir", str(runs)], capture_output=True, timeout=120)
