@@ -128,8 +128,12 @@ def flood_connections(endpoints: list[str], each: int, seconds: float, pid: int)
                         connection = socket.create_connection((host, int(port)), timeout=1.0)
                     except OSError:  # refused while the other side binds the port again: again next round
                         break
-                    if connection.getsockname() == connection.getpeername():  # TCP's self-connect, while it was
-                        connection.close()  # unbound, on a port of the ephemeral range: it would hold the port
+                    try:  # TCP's self-connect, while the port was unbound (it is in the ephemeral range): it
+                        selfish = connection.getsockname() == connection.getpeername()  # would hold the port
+                    except OSError:  # already cut
+                        selfish = True
+                    if selfish:
+                        connection.close()
                         break
                     held[connection] = endpoint
             peak = max(peak, descriptors())
