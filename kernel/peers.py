@@ -94,6 +94,9 @@ class Peers:
         # name -> whose its position is: "" the run's own peers (ipc: spawned, or the owner's credential), else the
         # remote key that said hello under it last. A name is any free one a client chooses; its position is not.
         self._principals: dict[str, str] = {}
+        # A remote key's one budget of metrics, logs and replays, shared by every peer it opens (up to MAX_PEERS):
+        # the grant is the key's, and 64 peers of one monitor key at their own limits journaled ~100 MB in 30 s.
+        self._key_budgets: dict[str, PeerBudget] = {}
         self._silent: list[Peer] = []  # forgotten hand-attached peers not yet returned by forget_dead (<= MAX_PEERS)
         # Until when the bus thread has read what peers sent (Bus._run): silence counts up to then, not up to `now`.
         # The training thread judges liveness too (votes, the drain, has a persister said hello), and a bus thread
@@ -145,8 +148,10 @@ class Peers:
         # until it settles it (the run's checkpoints skipped meanwhile): both steer the run, a monitor key's must not.
         steers = key is None or key.role == "control"
         votes, capabilities = (tuple(hello["votes"]), tuple(hello["capabilities"])) if steers else ((), ())
+        budget = PeerBudget(self.limits, now) if key is None else \
+            self._key_budgets.setdefault(key.name, PeerBudget(self.limits, now))
         peer = Peer(identity, name, pid, hello["delivery"], frozenset(hello["replies"]), votes,
-                    capabilities, spawned, now, PeerBudget(self.limits, now), user_id,
+                    capabilities, spawned, now, budget, user_id,
                     key.name if key else "", key.role if key else "",
                     owner=not user_id and not spawned and self.credentials.proves_owner(hello["secret"]))
         self._by_identity[identity] = peer

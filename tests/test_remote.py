@@ -1291,3 +1291,42 @@ def test_a_monitor_key_that_fills_the_peer_table_keeps_no_plugin_of_the_run_from
     result = kernel.result(timeout_s=120)
     assert result["status"] == "completed", result
     assert not of(read_events(result["run_dir"]), "plugin_failed")
+
+
+def test_the_peers_of_one_key_share_one_budget_of_metrics_logs_and_replays(keys, runs_dir, tmp_path, kernels):
+    """Each peer had its own metric, log and replay budget, and one key may open up to 64 peers: a monitor key's 64
+    peers at their limits journaled ~100 MB of metric and log events in 30 s and slowed training several times over.
+    Over TCP the budget is now the key's, whatever number of peers it opens: 8 peers sending 100 metrics each at a
+    limit of 10 a second (a burst of 20) get about 20 through, not 8 x 20."""
+    gate = tmp_path / "gate"
+    cfg = listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate)
+    cfg.limits = {"metrics_per_s": 10.0}
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    ctx = zmq.Context()
+    try:
+        peers = []
+        for number in range(8):
+            peer = ctx.socket(zmq.DEALER)
+            peer.setsockopt(zmq.LINGER, 1000)
+            secure_client(peer, keys["watcher"], conn["server_key"].encode())
+            peer.connect(conn["control"])
+            peer.send(pack({"v": 1, "type": "hello", "name": f"reporter{number}", "pid": os.getpid(),
+                            "subscriptions": [], "replies": ["metric"], "delivery": "best_effort"}))
+            peers.append(peer)
+        for peer in peers:
+            assert peer.poll(20_000) and msgpack.unpackb(peer.recv(), **LIMITS)["type"] == "welcome"
+        started = time.monotonic()
+        for peer in peers:
+            for _ in range(100):
+                peer.send(pack({"v": 1, "type": "metric", "name": "reading", "value": 1.0, "step": None}))
+        time.sleep(3.0)
+        elapsed = time.monotonic() - started
+    finally:
+        ctx.destroy(linger=1000)
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=120)
+    taken = [e for e in read_events(result["run_dir"]) if e.type == "metric" and "(key watcher)" in e.data["plugin"]]
+    assert len(taken) <= 20 + 10 * elapsed + 5, (len(taken), elapsed)  # one bucket: its burst, and its rate since
+    assert result["bus"].get("metric_dropped", 0) >= 800 - len(taken), result["bus"]
