@@ -147,7 +147,10 @@ class SnapshotBuffers:
     def _remove_prepared(self) -> None:
         for directory in self.directories:
             for slot in range(SLOTS):
-                (directory / f"{self.name}-slot{slot}").unlink(missing_ok=True)
+                try:
+                    (directory / f"{self.name}-slot{slot}").unlink(missing_ok=True)
+                except OSError:  # not ours: another user's file under that name, which the preparer could not make
+                    pass
     def take(self, state: dict[str, Any], is_free: Callable[[int], bool]) -> Snapshot | None:
         """Copy state into a free buffer; None when both are still being persisted.
 
@@ -211,8 +214,10 @@ class SnapshotBuffers:
         failures = []
         for directory in self.directories:
             path = directory / f"{self.name}-slot{slot}"
-            path.unlink(missing_ok=True)
             try:
+                # ours from before; another user's (the name is on the preparer's command line) is not ours to
+                # remove (EPERM in the sticky /dev/shm) and passed over like a full directory
+                path.unlink(missing_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except OSError as exc:
                 failures.append(f"{directory}: {exc.strerror}")

@@ -714,3 +714,57 @@ def test_a_runs_directory_others_can_write_or_a_registry_that_is_not_ours_is_ref
         assert others_can_write(shared / "runs") is None  # made by the run, 0755 at most: nobody else's to change
     finally:  # a daemon that started all the same is stopped
         subprocess.run([*trainbus_cmd(), "daemon", "stop", "--runs-dir", str(runs)], capture_output=True, timeout=120)
+
+
+def test_snapshot_buffer_names_another_user_took_first_send_the_buffers_to_the_run_directory(other_user):
+    """A buffer's name (trainbus-<kernel pid>-<run id>-slot<i>) is on the preparer's command line, which every local
+    user can read. Another user who made files of those names in /dev/shm first had the kernel's unlink of them fail
+    (EPERM: the directory is sticky), which ended the allocation before it tried the run directory: every checkpoint
+    of the run was skipped. Such a name is now passed over like a full /dev/shm: the buffers go to the next place.
+    The kernel here is a forked child running as a user of its own (root may remove anyone's file)."""
+    import torch
+
+    from trainbus.kernel.buffer_files import buffer_name
+    from trainbus.kernel.snapshot import SnapshotBuffers
+
+    _, uid, gid = other_user
+    shm = Path(tempfile.mkdtemp(prefix="tb-shm-"))
+    shm.chmod(0o1777)  # as /dev/shm is: sticky, writable by all
+    base = Path(tempfile.mkdtemp(prefix="tb-trust-"))  # the other user can reach it (tmp_path's parents are 0700)
+    base.chmod(0o755)
+    run_dir = base / "run"
+    run_dir.mkdir(mode=0o700)
+    os.chown(run_dir, uid, gid)
+    run_id = "squat-" + secrets.token_hex(3)
+    state = {"weights": torch.arange(1000, dtype=torch.float32)}
+    go_read, go_write = os.pipe()
+    said_read, said_write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the kernel, as the other user
+        try:
+            os.close(go_write)
+            os.setgid(gid)
+            os.setgroups([])
+            os.setuid(uid)
+            os.read(go_read, 1)  # once its buffer names are taken
+            buffers = SnapshotBuffers(run_id, [shm, run_dir])
+            snapshot = buffers.take(state, lambda slot: True)
+            os.write(said_write, str(snapshot.buffer if snapshot else None).encode())
+            buffers.close()
+        except BaseException as exc:
+            os.write(said_write, f"{type(exc).__name__}: {exc}".encode())
+        finally:
+            os._exit(0)
+    try:
+        os.close(said_write)
+        squatted = [shm / f"{buffer_name(run_id).replace(str(os.getpid()), str(child))}-slot{slot}" for slot in (0, 1)]
+        for path in squatted:
+            path.touch()  # someone else's (here root's, which the other user cannot remove either)
+        os.write(go_write, b"1")
+        said = os.read(said_read, 4096).decode()
+        os.waitpid(child, 0)
+        assert Path(said).parent == run_dir, said
+        assert all(path.exists() for path in squatted)  # theirs, untouched
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
