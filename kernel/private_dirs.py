@@ -42,7 +42,10 @@ def others_can_write(path: Path) -> str | None:
         above = directory != path
         if info.st_uid not in (0, os.geteuid()) and not above:
             return _why(directory, info, f"owned by uid {info.st_uid}", f"chown {os.geteuid()} {directory}")
-        writable = info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _own_group(info.st_gid))
+        # Above it, a group's write is the group's trust: a project's shared folder on a cluster (2775, setgid) is
+        # where runs go, and refusing it would refuse the usual layout; anyone's (o+w) is no one's trust.
+        writable = info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not above
+                                                   and not _own_group(info.st_gid))
         if writable and not (above and info.st_mode & stat.S_ISVTX):
             shared = info.st_mode & stat.S_ISVTX  # /tmp itself: a folder of one's own in it is the fix
             return _why(directory, info, "writable by other users",

@@ -712,6 +712,17 @@ def test_a_runs_directory_others_can_write_or_a_registry_that_is_not_ours_is_ref
         from trainbus.kernel.private_dirs import others_can_write
 
         assert others_can_write(shared / "runs") is None  # made by the run, 0755 at most: nobody else's to change
+        # a project's group folder on a cluster (2775): runs go in it; the runs directory itself stays ours alone
+        project = tmp_path / "project"
+        project.mkdir()
+        os.chown(project, -1, 4242)  # a group that is not this user's own
+        project.chmod(0o2775)
+        (project / "runs").mkdir(mode=0o755)
+        assert others_can_write(project / "runs") is None
+        (project / "runs").chmod(0o775)
+        assert "writable by other users" in (others_can_write(project / "runs") or "")
+        project.chmod(0o2777)
+        assert "writable by other users" in (others_can_write(project / "runs") or "")
     finally:  # a daemon that started all the same is stopped
         subprocess.run([*trainbus_cmd(), "daemon", "stop", "--runs-dir", str(runs)], capture_output=True, timeout=120)
 
