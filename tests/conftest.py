@@ -58,8 +58,9 @@ def mount_tmpfs(tmp_path):
         mount_point.mkdir()
         pages = -(-size // 4096)
         try:
-            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * 4096}", "tmpfs", str(mount_point)],
-                                  capture_output=True, text=True, timeout=30)
+            # mode 0755, as a disk of one's own: a tmpfs's root is 1777 (writable by all), which no runs dir may be
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * 4096},mode=0755", "tmpfs",
+                                   str(mount_point)], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as exc:
             pytest.skip(f"cannot mount a tmpfs here: {exc}")
         if proc.returncode != 0:
