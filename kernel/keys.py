@@ -16,6 +16,7 @@ machines: copy each one there and delete it here.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -30,9 +31,13 @@ import zmq.auth
 from trainbus.proto.remote import (ROLES, SECRET_SUFFIX, SERVER_KEY, Z85_KEY_CHARS, KeyFileError, check_secret_file,
                                    is_z85_key, keys_dir)
 
+from .private_dirs import make_dirs, others_can_write
+
 REVOKED = "revoked"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 REFRESH_INTERVAL_S = 1.0  # how stale the control socket's view of revocations may be
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,22 +121,37 @@ class KeyStore:
         return found
 
     def check_secrets(self) -> None:
-        """KeyFileError naming the first secret file here that is empty or readable by others, or the first
-        directory or public key file that others could write: a key another user drops into control/ is let in
-        with that role, so who may write here decides who steers the run."""
-        for path in [self.directory, *sorted(p for p in self.directory.iterdir() if p.is_dir()),
-                     *sorted(self.directory.glob("*/*.key")), *sorted(self.directory.glob("*.key"))]:
-            info = path.stat()
-            if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or info.st_uid != os.geteuid():
-                what = "key directory" if path.is_dir() else "public key file"
-                raise KeyFileError(f"{what} {path} could be written by others (mode {stat.S_IMODE(info.st_mode):o}"
-                                   f", owner uid {info.st_uid}); fix: chown it to yourself and chmod "
-                                   f"{'700' if path.is_dir() else '644'} {path}")
+        """KeyFileError naming the first secret file here that is empty or readable by others, or what others could
+        write (who_else_can_write)."""
+        why = self.who_else_can_write()
+        if why:
+            raise KeyFileError(why)
         for path in sorted(self.directory.glob(f"**/*{SECRET_SUFFIX}")):
             check_secret_file(path)
 
+    def who_else_can_write(self) -> str | None:
+        """Why another user could change which keys are let in, naming the fix; None when nobody can. A key another
+        user drops into control/ is let in with that role, and one who can rename this directory (a folder above
+        it writable by others: `keys generate` under umask 000 made them so) can put a directory of theirs in its
+        place, so who may write here, or above, decides who steers the run (and, on a daemon, runs code)."""
+        for path in [self.directory, *sorted(p for p in self.directory.iterdir() if p.is_dir()),
+                     *sorted(self.directory.glob("*/*.key")), *sorted(self.directory.glob("*.key"))]:
+            try:
+                info = path.stat()
+            except FileNotFoundError:  # moved away as it was listed (`keys revoke`), or a link to nothing
+                continue
+            if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or info.st_uid != os.geteuid():
+                what = "key directory" if path.is_dir() else "public key file"
+                return (f"{what} {path} could be written by others (mode {stat.S_IMODE(info.st_mode):o}, owner uid "
+                        f"{info.st_uid}); fix: chown it to yourself and chmod {'700' if path.is_dir() else '644'} "
+                        f"{path}")
+        # the directory itself is ours (above): what is left to look at is the folders above it
+        return others_can_write(self.directory, stake="they could put a key directory of their own, with their keys, "
+                                                      "in its place")
+
     def _create(self, directory: Path, name: str) -> tuple[Path, Path]:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dirs(self.directory.parent)  # 0755 at most: Path.mkdir's parents are 0777 less the umask
+        self.directory.mkdir(mode=0o700, exist_ok=True)
         self.directory.chmod(0o700)
         directory.mkdir(mode=0o700, exist_ok=True)
         # Inside a 0700 directory nobody else can open the secret file before it is tightened below
@@ -169,6 +189,7 @@ class KeyRing:
         self._checked = float("-inf")
         self._by_public: dict[str, ClientKey] = {}
         self._revocations = 0  # times an authorized key was found gone
+        self._unsafe: str | None = None  # why another user could change the key directory, when they could
 
     def lookup(self, public: str, now: float | None = None, fresh: bool = False) -> ClientKey | None:
         """The authorized key with this z85 public key, or None."""
@@ -195,9 +216,13 @@ class KeyRing:
             # Per file, not all or nothing: a key another `trainbus keys` command is writing or moving at this
             # handshake once refused everyone, and libzmq never retries a connection ZAP refused.
             try:
-                keys = [k for k in self.store.clients() if k.role in ROLES]
+                unsafe = self.store.who_else_can_write()
+                keys = [] if unsafe else [k for k in self.store.clients() if k.role in ROLES]
             except OSError:  # the directory itself unreadable: nobody new gets in meanwhile
-                keys = []
+                unsafe, keys = None, []
+            if unsafe and unsafe != self._unsafe:  # said once: every handshake looks again
+                log.error("no client key is let in while another user could change the key directory: %s", unsafe)
+            self._unsafe = unsafe
             by_public = {k.public: k for k in keys}
             if self._by_public.keys() - by_public.keys():
                 self._revocations += 1

@@ -1,11 +1,13 @@
-"""A runs directory only its owner can change: who else could write there could swap a run's files or the queue.
+"""Directories only their owner can change: who else could write to the runs directory (or the key directory, or one
+above either) could swap a run's files, the daemon's queue, or the keys that are let in.
 
 The runs directory holds the run registry, whose queue the daemon starts as its owner's processes, and every run
 directory, whose config.json names the code a resume runs. A user who can add, remove or rename entries there (a
 runs directory made under umask 000 or 002, a shared folder) can replace the registry with one queueing their own
 code, or a run with one of theirs. So the runs directory must be its owner's (or root's) and writable by nobody
 else, and so must each directory above it, unless sticky (/tmp): there others cannot move what is ours. A group
-that is the owner's own (a user private group: its name the user's, no other member) counts as the owner.
+that is the owner's own (a user private group: its name the user's, no other member) counts as the owner. The key
+directory (kernel/keys.py) likewise: who could rename it could put one of theirs in its place, their key in control/.
 """
 
 from __future__ import annotations
@@ -30,9 +32,13 @@ def make_dirs(path: Path) -> None:
             pass
 
 
-def others_can_write(path: Path) -> str | None:
+RUNS_STAKE = "they could replace the run registry (the daemon's queue) or a run's files"
+
+
+def others_can_write(path: Path, stake: str = RUNS_STAKE) -> str | None:
     """Why users other than this one (and root) could change the entries of directory `path`, where it exists, or
-    of a directory above it; None when none can. The text names the directory, its mode and owner, and the fix."""
+    of a directory above it; None when none can. The text names the directory, its mode and owner, what others
+    could do there (`stake`), and the fix."""
     path = Path(path).absolute()
     for directory in (path, *path.parents):
         try:
@@ -41,7 +47,7 @@ def others_can_write(path: Path) -> str | None:
             continue
         above = directory != path
         if info.st_uid not in (0, os.geteuid()) and not above:
-            return _why(directory, info, f"owned by uid {info.st_uid}", f"chown {os.geteuid()} {directory}")
+            return _why(directory, info, f"owned by uid {info.st_uid}", f"chown {os.geteuid()} {directory}", stake)
         # Above it, a group's write is the group's trust: a project's shared folder on a cluster (2775, setgid) is
         # where runs go, and refusing it would refuse the usual layout; anyone's (o+w) is no one's trust.
         writable = info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not above
@@ -50,7 +56,7 @@ def others_can_write(path: Path) -> str | None:
             shared = info.st_mode & stat.S_ISVTX  # /tmp itself: a folder of one's own in it is the fix
             return _why(directory, info, "writable by other users",
                         f"use a directory of your own in it, e.g. {directory / 'runs'}" if shared else
-                        f"chmod go-w {directory}" + (" (or chmod +t)" if above else ""))
+                        f"chmod go-w {directory}" + (" (or chmod +t)" if above else ""), stake)
     return None
 
 
@@ -67,9 +73,8 @@ def others_can_write_file(path: Path) -> str | None:
     return None
 
 
-def _why(directory: Path, info: os.stat_result, what: str, fix: str) -> str:
-    return (f"{directory} is {what} (mode {stat.S_IMODE(info.st_mode):o}, owner uid {info.st_uid}): they could "
-            f"replace the run registry (the daemon's queue) or a run's files; fix: {fix}")
+def _why(directory: Path, info: os.stat_result, what: str, fix: str, stake: str) -> str:
+    return f"{directory} is {what} (mode {stat.S_IMODE(info.st_mode):o}, owner uid {info.st_uid}): {stake}; fix: {fix}"
 
 
 def _own_group(gid: int) -> bool:

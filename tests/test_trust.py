@@ -779,3 +779,64 @@ def test_snapshot_buffer_names_another_user_took_first_send_the_buffers_to_the_r
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_key_directory_another_user_could_swap_lets_none_of_their_keys_in(other_user):
+    """`trainbus keys generate` under umask 000 made the folders above the key directory writable by all: another
+    user renamed the key directory of a running daemon and put theirs in its place, with their key in control/,
+    and the daemon ran the target they submitted with it, as its owner. The folders are now made 0755 at most; a
+    daemon or kernel refuses to start on a key directory others could swap, and a running one that finds it so lets
+    no key in (as with any key directory it cannot trust)."""
+    from conftest import trainbus_cmd
+    from trainbus.kernel.daemon import daemon_dir
+    from trainbus.kernel.keys import KeyStore
+
+    name, uid, gid = other_user
+    base = Path(tempfile.mkdtemp(prefix="tb-trust-"))
+    runs = base / "runs"
+    keys = base / "config" / "trainbus" / "keys"
+
+    def trainbus(*args: str, umask: int = 0o022) -> subprocess.CompletedProcess:
+        return subprocess.run([*trainbus_cmd(), *args], capture_output=True, text=True, timeout=120, umask=umask)
+
+    try:
+        base.chmod(0o755)
+        for made in (trainbus("keys", "generate", "server", "--keys-dir", str(keys), umask=0),
+                     trainbus("keys", "generate", "client", "alice", "--role", "control", "--keys-dir", str(keys),
+                              umask=0)):
+            assert made.returncode == 0, made.stderr
+        for folder in (keys.parent, keys.parent.parent):
+            assert stat.S_IMODE(folder.stat().st_mode) & 0o022 == 0, oct(folder.stat().st_mode)
+        keys.parent.chmod(0o777)  # as an older trainbus, or the owner's hand, left it
+        refused = trainbus("daemon", "start", "--runs-dir", str(runs), "--listen", "127.0.0.1:0", "--keys-dir",
+                           str(keys))
+        assert refused.returncode == 2 and f"chmod go-w {keys.parent}" in refused.stderr, refused.stderr
+        keys.parent.chmod(0o755)
+        started = trainbus("daemon", "start", "--runs-dir", str(runs), "--listen", "127.0.0.1:0", "--keys-dir",
+                           str(keys))
+        assert started.returncode == 0, started.stderr
+        theirs = KeyStore(base / "theirs")  # the other user's own key pair
+        planted = theirs.generate_client("mallory", "control")
+        shutil.chown(theirs.directory, uid, gid)
+        for path in (*planted, planted[0].parent):
+            shutil.chown(path, uid, gid)
+        keys.parent.chmod(0o777)  # open again, while the daemon serves
+        swap = subprocess.run([python_for_anyone(), "-I", "-c", (
+            "import os, shutil, sys\n"
+            "keys, public = sys.argv[1], sys.argv[2]\n"
+            "os.rename(keys, keys + '.theirs-now')\n"
+            "os.makedirs(os.path.join(keys, 'control'))\n"
+            "shutil.copy(public, os.path.join(keys, 'control', 'mallory.key'))\n"), str(keys), str(planted[0])],
+            user=uid, group=gid, extra_groups=[], cwd="/", capture_output=True, text=True, timeout=60)
+        assert swap.returncode == 0, swap.stderr
+        endpoint = json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"]
+        submitted = trainbus("daemon", "submit", "--remote", endpoint, "--key", str(planted[1]), "--server-key",
+                             str(daemon_dir(runs) / "remote.json"), "--", "/nowhere/evil.py:build")
+        assert submitted.returncode == 2 and "refused this client's key" in submitted.stderr, \
+            (submitted.stdout, submitted.stderr)
+        said = (daemon_dir(runs) / "daemon.log").read_text()
+        assert f"no client key is let in while another user could change the key directory: key directory {keys} " \
+               f"could be written by others (mode 755, owner uid {uid})" in said, said[-2000:]
+    finally:
+        trainbus("daemon", "stop", "--runs-dir", str(runs))
+        shutil.rmtree(base, ignore_errors=True)
