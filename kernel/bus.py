@@ -22,7 +22,7 @@ from trainbus.proto.codec import MAX_MESSAGE_BYTES, N_COUNTS, new_packer
 from trainbus.proto.run_state import RunState
 
 from .journal import Journal
-from .remote import Listener
+from .remote import SUBSCRIPTIONS_MAX, Listener
 from .replies import Reply
 from .tensors import materialize_tensors
 
@@ -111,6 +111,7 @@ class Bus:
         self._pubs = [self.pub] if remote is None else [self.pub, remote.pub]
         self._burst_pubs = [self.bursts] if remote is None else [self.bursts, remote.bursts]
         self._burst_topics: dict[zmq.Socket, set[bytes]] = {pub: set() for pub in self._burst_pubs}  # subscribed
+        self._remote_event_topics: set[bytes] = set()  # what the TCP events XPUB's subscribers hold (counted only)
         self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bursts_endpoint = self.bursts.getsockopt_string(zmq.LAST_ENDPOINT)
         self.control_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -243,9 +244,8 @@ class Bus:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         if self.remote is not None:
-            poller.register(self.remote.router, zmq.POLLIN)
-            for monitor in self.remote.monitors():  # connections made and gone: a flood of them is cut at once
-                poller.register(monitor, zmq.POLLIN)
+            for socket in self._remote_sockets():  # control; the events XPUB's subscriptions; each socket's monitor
+                poller.register(socket, zmq.POLLIN)
         for pub in self._burst_pubs:
             poller.register(pub, zmq.POLLIN)  # (un)subscriptions
         next_heartbeat, next_flush, more = 0.0, 0.0, False
@@ -261,7 +261,11 @@ class Bus:
                     self._cut_crowded(poller)
                 for pub in self._burst_pubs:
                     if pub in ready:
-                        self._read_subscriptions(pub)
+                        self._read_subscriptions(pub, self._burst_topics[pub])
+                if self.remote is not None and self.remote.pub in ready:
+                    self._read_subscriptions(self.remote.pub, self._remote_event_topics)
+                if self.remote is not None:
+                    self._cut_subscribed(poller)
                 control_ready = self.router in ready or (self.remote is not None and self.remote.router in ready)
                 more = (more or control_ready) and self._read_control(CONTROL_PER_WAKE)
                 self._send_answers()
@@ -320,17 +324,36 @@ class Bus:
                         "not finish, or too many clients): all of them cut; keyed clients reconnect by themselves",
                         self.remote.cap, " and ".join(cut))
 
+    def _cut_subscribed(self, poller: zmq.Poller) -> None:
+        """A TCP publisher whose subscribers hold over SUBSCRIPTIONS_MAX distinct topics (libzmq keeps them all, at
+        ~25 bytes a byte: a client subscribing to endless made-up ones) is replaced, its subscribers cut."""
+        held = (("pub", self._remote_event_topics), ("bursts", self._burst_topics[self.remote.bursts]))
+        for attribute, topics in held:
+            if len(topics) < SUBSCRIPTIONS_MAX:
+                continue
+            old = self._remote_sockets()
+            self.remote.cut_subscribed(attribute)
+            self._take_remote_sockets(poller, old)
+            self.counters["tcp_subscriptions_cut"] += 1
+            if self.counters["tcp_subscriptions_cut"] <= 10:
+                log.warning("over %d distinct subscriptions on the TCP %s socket (a client subscribing to made-up "
+                            "topics): every subscriber cut; keyed clients reconnect by themselves", SUBSCRIPTIONS_MAX,
+                            Listener.ROLES[attribute])
+
     def _remote_sockets(self) -> list[zmq.Socket]:
-        """What this thread polls of the TCP side: its control ROUTER, its bursts XPUB and its connection monitors."""
-        return [self.remote.router, self.remote.bursts, *self.remote.monitors()]
+        """What this thread polls of the TCP side: its control ROUTER, its events and bursts XPUBs (subscriptions),
+        and its connection monitors."""
+        return [self.remote.router, self.remote.pub, self.remote.bursts, *self.remote.monitors()]
 
     def _take_remote_sockets(self, poller: zmq.Poller, old: list[zmq.Socket]) -> None:
         """The TCP sockets the Listener has now in place of `old` (some closed: replaced), sent on and polled."""
         for socket in old:
             poller.unregister(socket)
-        if old[1] is not self.remote.bursts:
-            del self._burst_topics[old[1]]
-            self._burst_topics[self.remote.bursts] = set()  # each subscription comes again as its subscriber returns
+        if old[1] is not self.remote.pub:
+            self._remote_event_topics = set()  # each subscription comes again as its subscriber returns
+        if old[2] is not self.remote.bursts:
+            del self._burst_topics[old[2]]
+            self._burst_topics[self.remote.bursts] = set()
         self._pubs[1], self._burst_pubs[1] = self.remote.pub, self.remote.bursts
         for socket in self._remote_sockets():
             poller.register(socket, zmq.POLLIN)
@@ -432,10 +455,9 @@ class Bus:
                 for pub in takers:
                     pub.send(burst, _LAST)
 
-    def _read_subscriptions(self, pub: zmq.Socket) -> None:
-        """A bursts XPUB passes on a topic's first subscription (b"\\x01" + topic) and its last unsubscription
-        (b"\\x00" + topic): bursts are made while any is held."""
-        topics = self._burst_topics[pub]
+    def _read_subscriptions(self, pub: zmq.Socket, topics: set[bytes]) -> None:
+        """An XPUB passes on a topic's first subscription (b"\\x01" + topic) and its last unsubscription (b"\\x00" +
+        topic), kept in `topics`: a bursts socket's make the bursts while any is held."""
         for _ in range(CONTROL_PER_WAKE):
             try:
                 message = pub.recv(zmq.NOBLOCK)

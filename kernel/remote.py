@@ -1,4 +1,4 @@
-"""The kernel's TCP side: a CURVE PUB and ROUTER beside the ipc pair, behind a ZAP authenticator that fails closed.
+"""The kernel's TCP side: CURVE publishers and a ROUTER beside the ipc ones, behind a ZAP authenticator (fails closed).
 
 Only with `--listen HOST:PORT` ([run] listen). Control binds PORT, events PORT + 1 and bursts PORT + 2 (PORT 0:
 free ones). All three are CURVE servers with the host's key; every handshake goes to zmq.auth's
@@ -25,7 +25,14 @@ from .keys import REVOKED, KeyRing, KeyStore
 
 ZAP_DOMAIN = "trainbus"
 FREE_PORTS_ATTEMPTS = 20  # PORT 0: tries at a free control port whose PORT + 1 and PORT + 2 are free too
-EVENTS_MAX_INBOUND_BYTES = 4096  # a SUB only sends subscriptions (topic prefixes) to the PUB
+# A SUB sends a publisher only subscriptions (a byte, then a topic prefix), which libzmq keeps in a trie at ~25 bytes
+# of memory per byte of prefix, with no bound of its own: an event's name is under 30 bytes, and a connection sending
+# a longer message than this is dropped (the CURVE handshake's INITIATE, ~400 bytes, must fit too). The distinct
+# prefixes a TCP publisher holds are counted (both are XPUBs, which pass each new one up) and past SUBSCRIPTIONS_MAX,
+# ~30 event names many times over, the publisher is cut as on a revocation: 2,000 subscriptions of 3,000 bytes from
+# one monitor key grew the kernel by ~290 MB.
+EVENTS_MAX_INBOUND_BYTES = 1024
+SUBSCRIPTIONS_MAX = 256
 CONTROL_RCVHWM = 1000  # per connection: a flooding peer fills its own queue, not the others'
 # Messages queued to one TCP connection, at most. A client pulls replay batches one at a time (and asks for a
 # run_state now and then), so a few are all it ever waits for; a peer that asks and never reads had 1,000 replay
@@ -240,9 +247,9 @@ class Listener:
             socket = curve_server(self.ctx, zmq.ROUTER, self._secret, ROUTER_MANDATORY=1, SNDHWM=CONTROL_SNDHWM,
                                   RCVHWM=CONTROL_RCVHWM, MAXMSGSIZE=self._control_max_bytes, LINGER=0)
         else:
-            kind, hwm = (zmq.PUB, events_hwm) if attribute == "pub" else (zmq.XPUB, bursts_hwm)
-            socket = curve_server(self.ctx, kind, self._secret, SNDHWM=hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES,
-                                  LINGER=1000)
+            hwm = events_hwm if attribute == "pub" else bursts_hwm
+            socket = curve_server(self.ctx, zmq.XPUB, self._secret, SNDHWM=hwm, MAXMSGSIZE=EVENTS_MAX_INBOUND_BYTES,
+                                  LINGER=1000)  # an XPUB for both: each new subscription is passed up, and counted
         self.crowds[attribute] = Crowd(socket)
         return socket
 
@@ -259,6 +266,11 @@ class Listener:
         for attribute in crowded:
             self._replace(attribute)
         return [self.ROLES[attribute] for attribute in crowded]
+
+    def cut_subscribed(self, attribute: str) -> None:
+        """The publisher `attribute` ("pub", "bursts") holding more than SUBSCRIPTIONS_MAX distinct subscriptions:
+        closed and bound again (a new trie), every subscriber cut; they reconnect by themselves and subscribe again."""
+        self._replace(attribute)
 
     def cut_revoked(self) -> bool:
         """Once a key has been revoked since the last look (the directory re-read at most once a second): the

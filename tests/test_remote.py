@@ -1333,3 +1333,40 @@ def test_the_peers_of_one_key_share_one_budget_of_metrics_logs_and_replays(keys,
     assert len(taken) <= 20 + 10 * elapsed + 5, (len(taken), elapsed)  # one bucket: its burst, and its rate since
     assert result["bus"].get("metric_dropped", 0) >= 800 - len(taken), result["bus"]
 
+
+def test_a_monitor_key_subscribing_to_endless_topics_holds_little_of_the_kernels_memory(keys, runs_dir, tmp_path,
+                                                                                        kernels):
+    """libzmq keeps every distinct subscription prefix in a trie, at ~25 bytes of memory per byte of prefix, and took
+    any number of them, up to 4 KiB each: 2,000 subscriptions of 3,000 bytes from one monitor key grew the kernel's
+    memory by ~140 MB, and nothing bounded the count. A TCP publisher now takes subscriptions of 256 bytes at most
+    (an event's name is under 30) and is cut, as on a revocation, once its subscribers hold 256 distinct ones (the
+    events have ~30 names): the kernel holds a few MB, and the others reconnect and hear the run."""
+    import psutil
+
+    gate = tmp_path / "gate"
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate), tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    good = RemoteClient(conn, keys["pilot"])
+    ctx = zmq.Context()
+    try:
+        assert good.next_event(30.0) is not None
+        memory = psutil.Process(kernel.proc.pid)
+        before = memory.memory_info().rss
+        for size in (3000, 100):  # longer than any name; then short ones, many
+            for endpoint in (conn["events"], conn["bursts"]):
+                hog = ctx.socket(zmq.SUB)
+                hog.setsockopt(zmq.LINGER, 0)
+                secure_client(hog, keys["watcher"], conn["server_key"].encode())
+                hog.connect(endpoint)
+                for number in range(2000):
+                    hog.setsockopt(zmq.SUBSCRIBE, b"%08d" % number + b"t" * size)
+        time.sleep(3.0)
+        grown = memory.memory_info().rss - before
+        assert grown < 32 << 20, f"the kernel grew {grown >> 20} MB"
+        wait_until(lambda: good.next_event(0.2) is not None, 30, "the keyed client to hear the run again")
+    finally:
+        ctx.destroy(linger=0)
+        good.close()
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
+    assert kernel.result(timeout_s=120)["status"] == "completed"
