@@ -6,6 +6,7 @@ tests hand it a fake of this (tests/test_supervisor_clock.py) and try this on re
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import psutil
@@ -14,11 +15,35 @@ PLUGIN_NICE = 10  # plugins run below training's priority: a busy plugin takes i
 LOWER_PASSES = 4  # Processes.lower: looks for threads started while the others were being lowered
 
 
+class PluginProcess(subprocess.Popen):
+    """A plugin's process, the leader of its own group: what it started in that group (a worker, a helper program)
+    goes with it. Once the leader has exited, before it is reaped (a zombie's pid is not reused, nor its group id),
+    the group's leftovers are killed: orphaned, they would run on past the run's end, one more at each restart."""
+
+    def poll(self) -> int | None:
+        self._kill_leftovers()
+        return super().poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._kill_leftovers()  # the supervisor waits only on a leader that exited or that it killed, group and all
+        return super().wait(timeout)
+
+    def _kill_leftovers(self) -> None:
+        if self.returncode is not None or not hasattr(os, "waitid"):  # reaped: its pid may be another's now
+            return
+        try:
+            exited = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped by another thread meanwhile
+            return
+        if exited is not None:
+            _signal_group(self, signal.SIGKILL)
+
+
 class Processes:
     """The supervisor's hands on its plugins' processes (see the module's docstring)."""
 
     def spawn(self, cmd: list[str], env: dict[str, str], stdout, stderr, below_training: bool) -> subprocess.Popen:
-        proc = subprocess.Popen(
+        proc = PluginProcess(
             # Its own process group (Ctrl-C reaches the kernel only; the group is what gets killed)
             # in the kernel's session: with sched_autogroup a session is a scheduling group, and
             # one of its own would get an equal share against the kernel's whatever its nice.

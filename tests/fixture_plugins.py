@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -190,6 +191,37 @@ class SelfKill(Plugin):
     def on_end_training_batch(self, event):
         if event.step >= self.settings["step"]:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """A process with this pid exists and is not a zombie (/proc/<pid>/stat's state)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class LeavesAChild(Plugin):
+    """Starts a child in its own process group (a worker, a helper program) that outlives it, writes the child's
+    pid to a file, then dies: by SIGKILL at a given step (once; its restart starts none), or with exit code 0
+    (leaves on purpose) when `exit_code` is 0."""
+
+    settings = {"step": 3, "pid_file": "", "exit_code": -9, "seen_file": ""}
+
+    def on_end_training_batch(self, event):
+        if os.path.exists(self.settings["pid_file"]):  # restarted: is the child its predecessor left running?
+            if self.settings["seen_file"] and not os.path.exists(self.settings["seen_file"]):
+                pid = int(open(self.settings["pid_file"]).read())
+                _append_fsynced(self.settings["seen_file"], "running" if _running(pid) else "gone")
+            return
+        if event.step != self.settings["step"]:
+            return
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        _append_fsynced(self.settings["pid_file"], str(child.pid))
+        if self.settings["exit_code"] == 0:
+            os._exit(0)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Stopper(Plugin):

@@ -29,7 +29,7 @@ from trainbus.kernel.supervisor import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS,
 
 import fixture_plugins
 from fixture_targets import open_gate
-from helpers import assert_same_weights, recorded, run_config, seeded_rng
+from helpers import PLUGIN_START_S, assert_same_weights, recorded, run_config, seeded_rng
 from kernel_process import Command, JournalTail, KernelProcess, cli, of, process_gone, wait_until
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -352,6 +352,29 @@ def test_a_plugin_that_leaves_mid_run_on_purpose_is_not_restarted_but_shown_as_t
     shown = Command("runs", "show", result.run_id, "--runs-dir", str(tmp_path / "runs"), env={"COLUMNS": "200"})
     shown.stdout, _ = shown.communicate(120)
     assert re.search(r"leaver\s+exited\s+0\s+left before the run ended", shown.stdout), shown.stdout
+
+
+@pytest.mark.parametrize("exit_code", [-signal.SIGKILL, 0])
+def test_a_plugin_that_dies_leaves_no_process_of_its_group_behind(tmp_path, exit_code):
+    """A plugin's group is what the kernel kills (docs/architecture.md), but it signalled the group only of a plugin
+    still running: a child in the group of one that crashed (its restart started beside it) or left ran on,
+    orphaned, past the run's end, and a crash a day left a process a day. Its leftovers go as its exit is seen."""
+    pid_file, seen_file = tmp_path / "child.pid", tmp_path / "seen"
+    cfg = run_config(tmp_path / "runs", [plugin("parent", "LeavesAChild", step=2, pid_file=str(pid_file),
+                                                exit_code=exit_code, seen_file=str(seen_file))],
+                     epochs=2, target=PACED, batch_size=256, step_sleep_s=0.25, ready_timeout_s=PLUGIN_START_S)
+    try:
+        result = run_training(cfg)
+        assert result.status == "completed", result.error
+        child = int(pid_file.read_text())
+        if exit_code:  # restarted: its new process looked for the child at its next step
+            assert result.plugins["parent"]["restarts"] == 1, result.plugins["parent"]
+            assert wait_until(seen_file.exists, 10, "the restarted plugin's look") and \
+                seen_file.read_text().strip() == "gone", "the crashed plugin's child ran on beside its restart"
+        wait_until(lambda: process_gone(child), 10, f"the child {child} of a plugin that died to be gone")
+    finally:
+        if pid_file.exists() and not process_gone(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def test_a_plugin_whose_constructor_raises_is_a_crash_named_by_its_exception_and_line(tmp_path):
