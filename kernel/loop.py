@@ -114,6 +114,8 @@ class Loop:
         if self._loaded_from is not None:
             self._publish(ev.LOAD_CHECKPOINT, path=self._loaded_from, epoch=self.first_epoch,
                           batches_done=self._resume["batches_done"] if self._resume else 0)
+        # A run continued from its last epoch's end trains no epoch: it ends in that one (its final.pt, its last events)
+        self.epoch = self.first_epoch - 1
         for self.epoch in range(self.first_epoch, spec.epochs + 1):
             planned = planned_batches(spec.train_loader)
             self._publish(ev.START_EPOCH, batches_planned=planned)

@@ -210,6 +210,28 @@ def test_resume_after_kill_9_of_the_kernel_is_exact(tmp_path, kernels, where):
     assert resumed.outcome["validation_loss"] == reference.outcome["validation_loss"]
 
 
+def test_a_run_continued_from_its_last_epochs_checkpoint_ends_in_that_epoch(tmp_path, kernels):
+    """A kernel killed after the last epoch's checkpoint (in the final drain, here) leaves nothing to train: the
+    continued run trained no epoch and kept the epoch it started with, 0, so its final.pt said epoch 0 beside the
+    uninterrupted run's 1 (the same weights), and its end_training_session (metrics.jsonl's session_end) epoch 0."""
+    held = PluginConfig(name="held", target="fixture_plugins:HeldAtTheEnd", settings={"release": str(tmp_path / "no")})
+    kernel = KernelProcess(config(tmp_path / "runs", [checkpointer(), held], epochs=1, every_n_epochs=1), tmp_path)
+    kernels.append(kernel)
+    reference = run_training(config(tmp_path / "reference", [checkpointer()], epochs=1, every_n_epochs=1))
+    assert reference.status == "completed", reference.error
+    kernel.wait_event("checkpoint_saved", lambda e: e.data["epoch"] == 1, timeout_s=120)
+    kernel.wait_event("end_training_session", timeout_s=120)
+    kernel.kill()  # the drain waits for `held`, which never finishes its last handler
+    resumed = run_training(config(tmp_path / "runs", [checkpointer()], epochs=1, every_n_epochs=1,
+                                  resume=str(kernel.run_dir)), run_id=kernel.run_id, continue_run=True)
+    assert resumed.status == "completed", resumed.error
+    events = [e for e in read_events(kernel.run_dir) if e.seq >= of(read_events(kernel.run_dir),
+                                                                      "load_checkpoint")[0].seq]
+    assert not of(events, "end_training_batch"), "nothing was left to train"
+    assert [(e.epoch, e.step) for e in of(events, "end_training_session")] == [(1, STEPS_PER_EPOCH)]
+    assert_same_weights(resumed.run_dir, reference.run_dir)
+
+
 @pytest.mark.timeout(360)  # three runs (the killed one, the resume, the reference): beside busy cores, minutes
 def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels):
     """kill -9 mid-epoch, then `trainbus run --resume ID` and nothing else: the same directory and config, the
