@@ -538,6 +538,7 @@ class Remote:
         self.authenticator = start_authenticator(self.context, self.keyring)
         self.cap = connection_cap()  # a flood of connections with no key must not take the daemon's descriptors
         self.unbound = False  # cut_crowded could not bind the port again yet
+        self.cuts = 0
         self.socket, self.crowd = self._router()
         ipv6_for(self.socket, host)
         try:
@@ -550,7 +551,7 @@ class Remote:
         temporary.write_text(json.dumps({"endpoint": advertised(self.endpoint), "server_key": public.decode()}) + "\n")
         os.replace(temporary, directory / REMOTE_FILE)
 
-    def _router(self):
+    def _router(self) -> tuple[zmq.Socket, Any]:
         """A new, unbound CURVE ROUTER and the count of its connections (kernel/remote.py Crowd)."""
         from .remote import Crowd, curve_server
 
@@ -568,7 +569,9 @@ class Remote:
         self.crowd.close()
         self.socket.close(linger=0)
         self.socket, self.crowd = self._router()
-        log.warning("over %d TCP connections at once on %s: all of them cut", self.cap, self.endpoint)
+        self.cuts += 1
+        if self.cuts <= 10:  # a flood that goes on is cut again and again: its first lines say it
+            log.warning("over %d TCP connections at once on %s: all of them cut", self.cap, self.endpoint)
         try:
             bind_again(self.socket, self.endpoint)
             self.unbound = False
