@@ -1134,7 +1134,7 @@ def test_monitor_peers_that_ask_for_replays_and_never_read_them_hold_little_of_t
                                                                                                    tmp_path, kernels):
     """Replay is pulled a batch at a time, but nothing made a client read what it pulled: four monitor-key peers
     asking for the journal from seq 1 fifty times a second and reading nothing had the kernel queue 1,000 batches
-    each on the TCP control socket, +300 MB of its memory in 20 s (eight: +150 MB in 12 s, here). That socket now
+    each on the TCP control socket, +300 MB of its memory in 20 s (eight here: +150 MB in 12 s). That socket now
     queues a few messages per connection; past them a reply is dropped, counted unroutable (the peer asks again)."""
     import psutil
 
