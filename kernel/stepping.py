@@ -5,7 +5,8 @@ Lightning's names and meanings, so its users need not relearn them:
   (16-mixed scales the loss with a GradScaler, CUDA only); "bf16-true": the model's floating-point
   parameters and inputs in bfloat16.
 - accumulate_grad_batches k: the optimizer steps once every k batches, on the mean of their gradients
-  (each loss divided by k); an epoch's last batches step too, however many they are.
+  (each loss divided by k); an epoch's last batches step too, however many they are, across ranks on
+  gradients averaged over every rank as a whole cycle's are.
 - gradient_clip_val v: the gradients' total 2-norm clipped to v before each optimizer step (after unscaling).
 - compile: the forward pass through torch.compile(model); the model itself (its state_dict keys, what
   checkpoints hold) is unchanged.
@@ -48,6 +49,7 @@ class Stepper:
         self.model, self.optimizer = model, optimizer
         self.k, self.clip = accumulate_grad_batches, gradient_clip_val
         self.pending = 0  # batches whose gradients are accumulated but not yet stepped
+        self._unreduced = False  # the last backward ran under DDP's no_sync: the gradients are this rank's alone
         mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self._autocast = (lambda: torch.autocast(device.type, dtype=mixed)) if mixed else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
@@ -74,6 +76,7 @@ class Stepper:
             scaled = loss / self.k if self.k > 1 else loss
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         self.pending += 1
+        self._unreduced = not syncing
         return outputs, loss
 
     def evaluate(self, inputs: Any, targets: Any, loss_fn) -> tuple[Any, torch.Tensor]:
@@ -103,6 +106,8 @@ class Stepper:
         """The optimizer step on what is accumulated (a no-op when nothing is); True when it stepped."""
         if self.pending == 0:
             return False
+        if self._unreduced:  # an epoch's (or a stop's) last batches, fewer than k: no_sync skipped their all-reduce
+            self._average_gradients()
         if self.clip:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -114,6 +119,18 @@ class Stepper:
             self.optimizer.step()
         self.pending = 0
         return True
+
+    def _average_gradients(self) -> None:
+        """Across ranks, the mean of the accumulated gradients, as DDP's all-reduce on a syncing backward makes it."""
+        import torch.distributed as dist
+
+        group = self._ddp.process_group
+        world_size = dist.get_world_size(group)
+        for parameter in self.model.parameters():
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad, group=group)
+                parameter.grad.div_(world_size)
+        self._unreduced = False
 
     def state_dict(self) -> dict[str, Any] | None:
         return self.scaler.state_dict() if self.scaler is not None else None

@@ -91,6 +91,14 @@ def test_a_checkpoint_agreed_inside_an_accumulation_lands_at_its_end_on_every_ra
     assert steps == [18, 23], steps  # then the epoch's end (23 steps a rank)
 
 
+def test_an_epochs_last_short_accumulation_steps_on_gradients_averaged_over_every_rank(tmp_path):
+    """23 batches a rank, accumulated 3 at a time: the epoch's last 2 close no cycle, so DDP skipped their all-reduce
+    (no_sync), and each rank stepped on its own gradients there: the ranks' weights parted at the first epoch's end."""
+    _, run_dir = train(tmp_path, "--nproc", "2", "--epochs", "1", "--plugins", "", "--accumulate-grad-batches", "3")
+    rank0, rank1 = probes(run_dir)
+    assert rank0 == rank1
+
+
 @pytest.mark.parametrize("env, kind", [({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
                                         "SLURM_NODEID": "0", "SLURM_NODELIST": "node[01-02]", "SLURM_JOB_ID": "4242",
                                         "SLURM_JOB_NAME": "train.sh"}, "slurm"), ({}, "single")])
