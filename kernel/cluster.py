@@ -89,14 +89,12 @@ def detect(env: Mapping[str, str] | None = None) -> Cluster:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07" (zero-padding kept)."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07", "rack[1-2]-n[01-04].ib" -> "rack1-n01.ib"
+    (zero-padding kept; each range gives its first value, as Lightning's _resolve_root_node_address does)."""
+    match = re.match(r"(?:[^,\[\]]|\[[^\[\]]+\])+", nodelist.strip())  # up to the first comma outside a range
     if match is None:
         raise ClusterError(f"SLURM_NODELIST {nodelist!r} is not a node list")
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + re.split(r"[,-]", ranges, maxsplit=1)[0]
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", match.group())
 
 
 def restarts_left(env: Mapping[str, str] | None = None) -> int:

@@ -52,6 +52,16 @@ def test_first_host_of_a_node_list(nodelist, first):
     assert first_host(nodelist) == first
 
 
+@pytest.mark.parametrize("nodelist, first", [("node[01-02].cluster.local", "node01.cluster.local"),
+                                             ("rack[1-2]-node[01-04],gpu9", "rack1-node01"),
+                                             ("node[7].ib", "node7.ib")])
+def test_the_first_host_keeps_what_follows_its_range(nodelist, first):
+    """SLURM's hostlists name hosts with text after a range and with several ranges; the first host of
+    node[01-02].cluster.local was node01, rank 0's address a name no machine has (the ranks waited 30 min)."""
+    assert first_host(nodelist) == first
+    assert detect({**SRUN, "SLURM_NODELIST": nodelist}).main_address == first
+
+
 @pytest.mark.parametrize("env, message", [
     ({**TORCHRUN, "RANK": "4"}, "rank 4 is not below world size 4"),
     ({**TORCHRUN, "WORLD_SIZE": "four"}, "WORLD_SIZE='four' is not an integer"),
