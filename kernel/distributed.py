@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import threading
 import time
 from typing import Any, Callable
@@ -72,10 +73,21 @@ def join_group(cluster: Cluster, device: torch.device, interrupted: Callable[[],
 def _waiting_line(cluster: Cluster, waited_s: float) -> str:
     line = (f"rank {cluster.rank} of {cluster.world_size} ({cluster.kind}) has waited {waited_s:.0f} s for the other "
             f"ranks to join at {cluster.main_address}:{cluster.main_port}")
-    if cluster.kind == "slurm":  # the likely cause: a batch script that runs one task where its allocation has more
+    if not _resolves(cluster.main_address):  # torch retries the name until TIMEOUT: no rank can meet there
+        line += (", a host this machine cannot resolve: set MASTER_ADDR to rank 0's host (its name or IP address) "
+                 "for every rank")
+    elif cluster.kind == "slurm":  # the likely cause: a batch script that runs one task where its allocation has more
         line += (f"; SLURM_NTASKS is {cluster.world_size}: start one task a rank with srun (`srun trainbus run ...`), "
                  f"or run one process with --ntasks 1")
     return line + "; Ctrl-C stops it"
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError:  # gaierror: no such name (or no DNS answer)
+        return False
+    return True
 
 
 class Ranks:

@@ -612,6 +612,30 @@ def test_a_rank_waiting_for_ranks_that_never_come_says_so_and_stops_on_sigterm(t
     assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
 
 
+def test_a_rank_waiting_at_a_host_that_does_not_resolve_says_so_with_the_fix(tmp_path):
+    """Both tasks of an srun started, but rank 0's host (the first of SLURM_NODELIST) is a name this machine cannot
+    resolve: the ranks retried it for 30 min, and the line after 10 s blamed a missing srun. Now it names the host
+    and MASTER_ADDR; SIGTERM still ends the wait."""
+    from kernel_process import Command
+
+    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "nosuch[01-02].invalid",
+           "SLURM_JOB_ID": "78", "SLURM_JOB_NAME": "job.sh", "MASTER_PORT": str(free_port())}
+    proc = Command("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
+                   "--plugins", "", env=env)
+    try:
+        wait_until(lambda: proc.stderr_path.is_file() and "for the other ranks to join" in proc.stderr_path.read_text(),
+                   120, "the line saying what the rank waits for", poll_s=0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    [waiting] = [line for line in err.splitlines() if "for the other ranks to join" in line]
+    assert (f"at nosuch01.invalid:{env['MASTER_PORT']}, a host this machine cannot resolve: set MASTER_ADDR to rank "
+            f"0's host (its name or IP address) for every rank; Ctrl-C stops it") in waiting, err
+    assert "srun" not in waiting, err
+
+
 def test_a_machine_waiting_for_the_others_of_nnodes_says_so_and_stops_on_ctrl_c(tmp_path):
     """`--nnodes 2` run on one machine only: torchrun's rendezvous waits for the other (10 min) before it starts a
     rank. It waited without a word, and a Ctrl-C reached no handler: exit 130, nothing said. Now the wait is said
