@@ -38,7 +38,7 @@ from .config import (ONE_GPU_PER_RANK, ConfigError, apply_set, check_metric_sett
                      defaults_left_out, device_index, launch_of_run, load_config, plugin_name_clashes,
                      registered_plugins, resolve_plugin)
 from .flags import FlagError
-from .launch_wait import JOIN_TIMEOUT_S, RendezvousWatch
+from .launch_wait import JOIN_TIMEOUT_S, RendezvousWatch, signal_name
 from .registry import RegistryError
 from .spec import DEFAULT_TARGET, SpecError, UserCodeError
 
@@ -392,6 +392,8 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         status, told = json.loads(summary.read_text())["status"], True
     except (OSError, ValueError, KeyError, TypeError):
         status = "interrupted" if type(failure).__name__ == "SignalException" else "failed" if failure else None
+        if status == "interrupted" and not summary.parent.exists():  # the ranks stopped as they built: as one process
+            print(f"trainbus: {signal_name(failure.sigval)} before the run began; nothing was made", file=sys.stderr)
     if status == "failed" and failure is not None and not told:  # rank 0 said nothing of it
         said = _what_rank_0_did_not_say(failure, summary.parent)
         print(said or f"error: a training process failed ({type(failure).__name__}); its output is above",

@@ -26,6 +26,11 @@ def ranks_started() -> bool:
     return bool(psutil.Process().children())
 
 
+def signal_name(signum: int) -> str:
+    """A signal as the lines about it say it: Ctrl-C, SIGTERM."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 class RendezvousWatch:
     """Says once, after said_after_s, that the machines have not met yet; `started` once a rank runs.
 
@@ -54,7 +59,7 @@ class RendezvousWatch:
                 f"others (torchrun gives up after {JOIN_TIMEOUT_S} s); Ctrl-C stops it")
 
     def stopped_line(self, signum: int) -> str:
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        name = signal_name(signum)
         if self.nnodes == 1:  # --standalone: torchrun meets itself, and was about to start the ranks
             return f"trainbus: {name} before the ranks started; nothing was made"
         return (f"trainbus: {name} while waiting for the {self.nnodes} machines of --nnodes {self.nnodes} to meet at "

@@ -665,6 +665,8 @@ class _Interrupts:
         self.closing = False  # training is over: a second Ctrl-C now hurries the shutdown instead of raising
         self.joining = False  # waiting for the other ranks (distributed.join_group): the first one ends that wait
         self._previous: dict[int, Any] = {}
+        # across ranks the launcher hands a signal to each: the machine's first rank says what it does, once
+        self._speaks = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
         if install and threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
 
@@ -683,9 +685,10 @@ class _Interrupts:
             message = ("training is over; the plugins are finishing (the last checkpoint, logs)" if self.closing
                        else "stopping at the next batch boundary" if self.started
                        else "stopping once the model and data are built, before the run begins")
-            os.write(2, f"\ntrainbus: {name}: {message} ({name} again to stop now)\n".encode())
+            if self._speaks:
+                os.write(2, f"\ntrainbus: {name}: {message} ({name} again to stop now)\n".encode())
             return
-        if self.closing:
+        if self.closing and self._speaks:
             os.write(2, f"\ntrainbus: {name} again: not waiting for the plugins\n".encode())
         if not self.closing:
             raise KeyboardInterrupt

@@ -612,6 +612,33 @@ def test_a_rank_waiting_for_ranks_that_never_come_says_so_and_stops_on_sigterm(t
     assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
 
 
+def test_ctrl_c_while_the_ranks_build_is_said_once_and_ends_in_one_line(tmp_path):
+    """Ctrl-C to `run --nproc 2` while the ranks build (load data): torchrun hands it to every rank, and each said
+    'stopping once the model and data are built', then the command exited 130 with no word of how it ended. Now the
+    machine's first rank says it, and the command ends as one process does: 'before the run began; nothing was made'."""
+    from kernel_process import Command
+
+    target = tmp_path / "train.py"
+    target.write_text("import os, time\nfrom pathlib import Path\n"
+                      "from trainbus.kernel.digits import build as digits\n\n"
+                      "def build(hyperparameters):\n    Path(f\"building-{os.environ['RANK']}\").touch()\n"
+                      "    time.sleep(3)\n    return digits(hyperparameters)\n")
+    runs = tmp_path / "runs"
+    proc = Command("run", f"{target}:build", "--device", "cpu", "--runs-dir", str(runs), "--nproc", "2",
+                   "--plugins", "", cwd=tmp_path)
+    try:
+        wait_until(lambda: all((tmp_path / f"building-{rank}").exists() for rank in (0, 1)), 120,
+                   "both ranks building", poll_s=0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.count("stopping once the model and data are built") == 1, err
+    assert err.strip().endswith("trainbus: Ctrl-C before the run began; nothing was made"), err
+    assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
+
+
 def test_a_rank_waiting_at_a_host_that_does_not_resolve_says_so_with_the_fix(tmp_path):
     """Both tasks of an srun started, but rank 0's host (the first of SLURM_NODELIST) is a name this machine cannot
     resolve: the ranks retried it for 30 min, and the line after 10 s blamed a missing srun. Now it names the host
