@@ -384,6 +384,8 @@ class Loop:
         if resume["epoch_complete"]:
             self.first_epoch = resume["epoch"] + 1
             _set_rng(resume["rng"])
+            # what that epoch ended with is the run's until another ends (none will in a run continued from its last)
+            self._restore_epoch_outcome(self.latest_metrics)
         else:
             self.first_epoch = resume["epoch"]
             self._resume = resume
@@ -391,6 +393,14 @@ class Loop:
         self.outcome.best_validation_loss = resume.get("best_validation_loss")  # None from an older checkpoint
         self.outcome.best_epoch = resume.get("best_epoch")
         self._loaded_from = path
+
+    def _restore_epoch_outcome(self, flat: dict[str, float]) -> None:
+        """The outcome's losses and metrics from a checkpoint's flat metrics (_flat_metrics' inverse)."""
+        out = self.outcome
+        out.training_loss, out.validation_loss = flat.get("training_loss"), flat.get("validation_loss")
+        for prefix, field in (("training_", "training_metrics"), ("validation_", "validation_metrics")):
+            setattr(out, field, {name[len(prefix):]: value for name, value in flat.items()
+                                 if name.startswith(prefix) and name != f"{prefix}loss"})
 
     # -- replies ----------------------------------------------------------------------------------
 

@@ -213,7 +213,8 @@ def test_resume_after_kill_9_of_the_kernel_is_exact(tmp_path, kernels, where):
 def test_a_run_continued_from_its_last_epochs_checkpoint_ends_in_that_epoch(tmp_path, kernels):
     """A kernel killed after the last epoch's checkpoint (in the final drain, here) leaves nothing to train: the
     continued run trained no epoch and kept the epoch it started with, 0, so its final.pt said epoch 0 beside the
-    uninterrupted run's 1 (the same weights), and its end_training_session (metrics.jsonl's session_end) epoch 0."""
+    uninterrupted run's 1 (the same weights), and its end_training_session (metrics.jsonl's session_end) epoch 0;
+    its summary had no losses or metrics (no epoch of this session's ended), so runs list showed no validation."""
     held = PluginConfig(name="held", target="fixture_plugins:HeldAtTheEnd", settings={"release": str(tmp_path / "no")})
     kernel = KernelProcess(config(tmp_path / "runs", [checkpointer(), held], epochs=1, every_n_epochs=1), tmp_path)
     kernels.append(kernel)
@@ -230,6 +231,11 @@ def test_a_run_continued_from_its_last_epochs_checkpoint_ends_in_that_epoch(tmp_
     assert not of(events, "end_training_batch"), "nothing was left to train"
     assert [(e.epoch, e.step) for e in of(events, "end_training_session")] == [(1, STEPS_PER_EPOCH)]
     assert_same_weights(resumed.run_dir, reference.run_dir)
+    # what the run ended with is its last epoch's, as the uninterrupted run's: runs list and show said no validation
+    for key in ("training_loss", "validation_loss", "validation_metrics", "training_metrics"):
+        assert resumed.outcome[key] == reference.outcome[key], key
+    listed = json.loads(cli("runs", "list", "--runs-dir", str(tmp_path / "runs"), "--json").stdout)
+    assert listed[0]["validation_loss"] == reference.outcome["validation_loss"], listed[0]
 
 
 @pytest.mark.timeout(360)  # three runs (the killed one, the resume, the reference): beside busy cores, minutes
