@@ -479,7 +479,8 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     for name, p in (summary.get("plugins") or {}).items():  # the supervisor's own account wins where there is one
         if isinstance(p, dict):
             plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes", "errors_logged",
-                                                                  "checkpoints_failed", "left_early") if k in p})
+                                                                  "checkpoints_failed", "left_early", "greeted")
+                                                   if k in p})
     if info["status"] != "running":  # over: what the journal last said of a peer is no longer what it does
         told = summary.get("plugins") or {}  # a peer attached by hand whose bye came late or never, or a died run's
         for name, p in plugins.items():

@@ -163,6 +163,17 @@ def test_a_run_without_validation_shows_its_training_metrics_in_list_show_compar
         assert registry.runs(time.time())[result.run_id]["training_metrics"] == {"accuracy": accuracy}
 
 
+def test_show_names_a_plugin_that_never_said_hello_as_list_does(tmp_path):
+    """A plugin that exited before its hello (a command that speaks no PROTOCOL.md, a plugin that quits at start)
+    took no event of the run: runs list named it as trouble, but runs show's plugins table said '-'."""
+    result = run_training(RunConfig(epochs=1, device="cpu", runs_dir=str(tmp_path),
+                                    plugins=[PluginConfig(name="quitter", target="", command=["true"])]))
+    assert result.status == "completed" and result.plugins["quitter"]["greeted"] is False, result.plugins
+    assert "quitter never said hello" in cli("runs", "list", "--runs-dir", str(tmp_path))
+    shown = cli("runs", "show", result.run_id, "--runs-dir", str(tmp_path))
+    assert re.search(r"^quitter\s+exited\s+0\s+never said hello\s", shown, re.M), shown
+
+
 def test_show_tells_one_run_in_detail(every_status):
     runs_dir, _ = every_status
     completed = json.loads(cli("runs", "show", "a-completed", "--runs-dir", str(runs_dir), "--json"))
