@@ -49,6 +49,9 @@ KERNEL_EXIT_GRACE_S = 0.25
 # it short and tears down: well under the kernel's SIGKILL, 3 s after its SIGTERM at the run's end
 # (kernel/supervisor.py EXIT_TERM_GRACE_S), with time left for teardown on a busy box.
 FINISH_ON_TERM_S = 0.5
+# The kernel gone (kill -9) while the plugin's code holds the main thread where no signal reaches it (SIGTERM ignored,
+# a blocking C call): past this, the process exits without its teardown rather than live on, an orphan no one ends.
+ORPHAN_EXIT_S = 10.0
 PR_SET_PDEATHSIG = 1
 SECRET_ENV = "TRAINBUS_SECRET"  # the kernel's per-plugin secret (PROTOCOL.md, environment)
 CREDENTIAL_FILE = "credential"  # in the run directory, owner-only: the secret of plugins attached by hand
@@ -118,6 +121,7 @@ class Runner:
 
     def _run(self) -> int:
         self.io.start()
+        threading.Thread(target=self._leave_if_orphaned, name="trainbus-orphan-watch", daemon=True).start()
         welcome, early = self._wait_welcome()
         if welcome is None:
             # refused, or stopped by SIGTERM while waiting (exit 0, as after the welcome): not an unreachable kernel
@@ -157,6 +161,23 @@ class Runner:
                 self._on_replay(payload)
             self._maybe_ack()
         return self._finish(None)
+
+    def _leave_if_orphaned(self) -> None:
+        """Once the I/O thread ended for a lost kernel, the main thread has ORPHAN_EXIT_S to reach _finish (a handler
+        the kernel's death SIGTERM cuts short does); one the plugin's code still holds then never will: exit."""
+        self.io.join()
+        if not self.io.lost_kernel:
+            return
+        deadline = time.monotonic() + ORPHAN_EXIT_S
+        while not self._ended and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._ended:
+            return
+        event = self.io.busy_with
+        what = f"the handler for {event.type} (seq {event.seq})" if event is not None else "the plugin's code"
+        _say(f"[{self.plugin.name}] the kernel is gone and {what} has not returned {ORPHAN_EXIT_S:g} s later "
+             f"(SIGTERM ignored, or blocked where no signal reaches it); exiting without teardown")
+        os._exit(0)
 
     def _done(self) -> bool:
         """The run's final event is handled, and the plugin expects nothing published after it."""

@@ -112,6 +112,20 @@ class HeldAtTheEnd(Plugin):
             time.sleep(0.05)
 
 
+class StuckAtStep(Plugin):
+    """At a given step its handler never returns and SIGTERM is ignored (code stuck in a C call, which no Python
+    signal handler interrupts, looks the same to the SDK); writes `marker` once stuck."""
+
+    settings = {"step": 5, "marker": ""}
+
+    def on_end_training_batch(self, event):
+        if event.step >= self.settings["step"]:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _append_fsynced(self.settings["marker"], str(os.getpid()))
+            while True:
+                time.sleep(1)
+
+
 class SlowToLeave(Plugin):
     """Takes 60 s over its last handler, but stops when asked (SIGTERM): a slow teardown, not a hang."""
 

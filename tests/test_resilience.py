@@ -26,6 +26,7 @@ from trainbus.proto import JOURNAL_NAME
 from trainbus.kernel.runs import run_overview
 from trainbus.kernel.session import FINAL_WEIGHTS, PLUGIN_EXIT_TIMEOUT_S, run_training
 from trainbus.kernel.supervisor import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S, MAX_RESTARTS
+from trainbus.sdk.runner import ORPHAN_EXIT_S
 
 import fixture_plugins
 from fixture_targets import open_gate
@@ -544,6 +545,26 @@ def test_plugins_exit_when_the_kernel_is_killed(tmp_path, kernels):
     wait_until(lambda: all(process_gone(pid) for pid in pids.values()), 5,
                f"plugins {[n for n, p in pids.items() if not process_gone(p)]} to exit after the kernel was killed")
     print(f"plugins gone {time.monotonic() - killed:.2f} s after the kernel")
+
+
+def test_a_plugin_stuck_in_a_handler_exits_when_the_kernel_is_killed(tmp_path, kernels):
+    """The SDK leaves once its kernel is gone, but only from its main thread: one stuck in a handler that no signal
+    interrupts (SIGTERM ignored, a C call) outlived a kill -9 of the kernel for good, an orphan nothing would end."""
+    marker = tmp_path / "stuck"
+    cfg = run_config(tmp_path / "runs", [plugin("stuck", "StuckAtStep", step=3, marker=str(marker))], epochs=50,
+                     target=PACED, batch_size=16, ready_timeout_s=PLUGIN_START_S)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    pid = int(wait_until(lambda: marker.exists() and marker.read_text().strip(), 120, "the plugin to be stuck"))
+    kernel.proc.send_signal(signal.SIGKILL)
+    kernel.proc.wait()
+    try:
+        wait_until(lambda: process_gone(pid), ORPHAN_EXIT_S + 10, "the stuck plugin to exit after its kernel died")
+    finally:
+        if not process_gone(pid):
+            os.kill(pid, signal.SIGKILL)
+    log = (kernel.run_dir / "plugins" / "stuck.log").read_text()
+    assert "the kernel is gone and the handler for end_training_batch" in log, log
 
 
 def test_plugins_run_in_the_kernels_session_in_groups_of_their_own_below_training(tmp_path, kernels):
