@@ -72,6 +72,7 @@ class Runner:
         """`make_io` builds the I/O thread from (events_endpoint, control_endpoint, topics, hello,
         handler_timeout_s, kernel_pid, secure): tests pass a fake without sockets (tests/test_sdk_runner.py)."""
         self.plugin = plugin
+        self.spawned = kernel_pid is not None  # the kernel started us, the leader of a process group of our own
         self.durable = plugin.delivery == DURABLE
         # A best-effort plugin is sent what it handles. A durable one is sent every event but the per-batch types
         # it does not handle, which are most of a run's events: it sees a gap by seq, or by the envelope's `n`
@@ -177,7 +178,21 @@ class Runner:
         what = f"the handler for {event.type} (seq {event.seq})" if event is not None else "the plugin's code"
         _say(f"[{self.plugin.name}] the kernel is gone and {what} has not returned {ORPHAN_EXIT_S:g} s later "
              f"(SIGTERM ignored, or blocked where no signal reaches it); exiting without teardown")
+        self.end_own_group()
         os._exit(0)
+
+    def end_own_group(self) -> None:
+        """A spawned plugin whose kernel is gone: what it started in its process group (a worker, a helper program)
+        is sent SIGTERM, as the kernel's supervisor would have; none is left to do it. By hand, the group may be a
+        shell's: left alone."""
+        if not (self.spawned and self.io.lost_kernel and os.getpgrp() == os.getpid()):
+            return
+        if threading.current_thread() is threading.main_thread():  # (else the main thread is stuck: os._exit next)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's signal is not for us: we are leaving already
+        try:
+            os.killpg(0, signal.SIGTERM)
+        except OSError:
+            pass
 
     def _done(self) -> bool:
         """The run's final event is handled, and the plugin expects nothing published after it."""
@@ -545,6 +560,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     # Ignored, the write goes through, as it would for the kernel.
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     code = runner.run()
+    runner.end_own_group()
     if runner.unreached and runner.io.denied:
         print(f"error: {runner.io.denied}", file=sys.stderr)
     elif runner.unreached and not runner.terminating:

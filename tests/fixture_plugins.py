@@ -219,7 +219,7 @@ def _running(pid: int) -> bool:
 class LeavesAChild(Plugin):
     """Starts a child in its own process group (a worker, a helper program) that outlives it, writes the child's
     pid to a file, then dies: by SIGKILL at a given step (once; its restart starts none), or with exit code 0
-    (leaves on purpose) when `exit_code` is 0."""
+    (leaves on purpose) when `exit_code` is 0; goes on (any other exit_code) with the child left running."""
 
     settings = {"step": 3, "pid_file": "", "exit_code": -9, "seen_file": ""}
 
@@ -235,7 +235,19 @@ class LeavesAChild(Plugin):
         _append_fsynced(self.settings["pid_file"], str(child.pid))
         if self.settings["exit_code"] == 0:
             os._exit(0)
-        os.kill(os.getpid(), signal.SIGKILL)
+        if self.settings["exit_code"] == -signal.SIGKILL:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class LeavesAChildThenSticks(LeavesAChild):
+    """LeavesAChild (its child left running), then StuckAtStep: a handler that ignores SIGTERM and never returns."""
+
+    settings = {**LeavesAChild.settings, "exit_code": 1, "marker": ""}
+
+    def on_end_training_batch(self, event):
+        if event.step > self.settings["step"]:
+            StuckAtStep.on_end_training_batch(self, event)
+        super().on_end_training_batch(event)
 
 
 class Stopper(Plugin):
