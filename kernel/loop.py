@@ -140,7 +140,8 @@ class Loop:
             early, self._held = self._held + self.bus.take_replies(), []
             # a checkpoint asked for in the epoch's last batches, or the schedule's; named for what asked: a
             # checkpoint_now first, then the epoch's schedule over a step schedule's that fell on its last batch
-            scheduled = "epoch" if self.checkpointer is not None and self.checkpointer.due_at_epoch(self.epoch) else None
+            scheduled = ("epoch" if self.checkpointer is not None and self.checkpointer.due_at_epoch(self.epoch)
+                         else None)
             due = (self._deferred_checkpoint if self._deferred_checkpoint != "step" else None) or scheduled \
                 or self._deferred_checkpoint
             self._deferred_checkpoint, self._agreed = None, False

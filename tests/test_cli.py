@@ -174,7 +174,8 @@ BAD_INPUT = {
     "a GPU index torch does not parse": (lambda t: ["run", "--device", "cuda:01"], "or cuda:N (the GPU of index N), "
                                                                                    "got 'cuda:01'"),
     "one GPU for every rank": (lambda t: ["run", "--device", "cuda:1", "--nproc", "2"],
-                               "--device cuda:1 picks one GPU, but each process of a distributed run trains on its own"),
+                               "--device cuda:1 picks one GPU, but each process of a distributed run trains on its "
+                               "own"),
     "one GPU for a queued run": (lambda t: ["run", "--device", "cuda:1", "--detach"],
                                  "--device cuda:1 with --detach: the daemon gives each run its GPUs"),
     "not a boolean": (lambda t: ["run", "--config", _write(t, "b.toml", "[run]\nkeep_freed_memory = 'yes'\n")],
