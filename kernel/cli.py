@@ -286,6 +286,7 @@ def _interrupted_before_start(said: str) -> NoReturn:
 
 
 EXIT_CODES = {"completed": 0, "stopped": 0, "interrupted": 130}  # by the run's status; any other (failed): 1
+RANK_SEPARATOR = "\x1f"  # between the rank and its text in the launcher's errors file (_tell_launcher)
 LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")  # `run`'s, handed to torchrun
 
 
@@ -376,7 +377,7 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         said = Path(errors).read_text(errors="replace")
         os.unlink(errors)
     if said:  # a mistake in the command, found by the ranks (each wrote it): once, as in one process
-        print(said.split("\0")[0], end="", file=sys.stderr)
+        print(_first_said(said, nproc), end="", file=sys.stderr)
         raise typer.Exit(code=2)
     if not watch.started and isinstance(failure, (SignalException, RendezvousTimeoutError)):
         # no rank ever ran: the machines never met (a signal ended the wait, or torchrun's join timeout did)
@@ -399,6 +400,17 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         print(said or f"error: a training process failed ({type(failure).__name__}); its output is above",
               end="" if said else "\n", file=sys.stderr)
     raise typer.Exit(code=0 if status is None else EXIT_CODES.get(status, 1))  # None: rank 0 on another node
+
+
+def _first_said(said: str, nproc: int) -> str:
+    """The first error the ranks wrote (_tell_launcher); one of the user's build() that not every rank of this
+    machine met (data only some ranks have) names its rank, as a rank's error in training does."""
+    entries = [entry.partition(RANK_SEPARATOR)[::2] for entry in said.split("\0") if entry]
+    rank, text = entries[0]
+    if rank and sum(other == text for _, other in entries) < nproc:
+        trace, _, line = text.rpartition("error: ")
+        text = f"{trace}error: rank {rank}: {line}"
+    return text
 
 
 def _what_rank_0_did_not_say(failure: Exception, run_dir: Path) -> str:
@@ -720,7 +732,7 @@ def main() -> None:
     except (UserError, ConfigError, SpecError, CheckpointError, RegistryError) as exc:
         # their build() raised: their frames, then the one line
         said = (exc.trace if isinstance(exc, UserCodeError) else "") + f"error: {exc}\n"
-        if _tell_launcher(said):
+        if _tell_launcher(said, os.environ.get("RANK", "") if isinstance(exc, UserCodeError) else ""):
             _exit(0)  # a rank of `run --nproc`: the launcher says it once, and exits 2
         print(said, end="", file=sys.stderr)
         _exit(2)
@@ -761,15 +773,16 @@ def _guard_standard_streams() -> None:
     sys.stderr = RefusalGuard(sys.stderr, say_on(lambda: sys.stdout))
 
 
-def _tell_launcher(said: str) -> bool:
+def _tell_launcher(said: str, rank: str = "") -> bool:
     """A rank of `trainbus run --nproc`: its mistake in the command (`said`) written where the launcher reads it,
-    and True; then the rank exits 0 so that torchrun does not restart the group for it. False elsewhere."""
+    and True; then the rank exits 0 so that torchrun does not restart the group for it. False elsewhere. `rank`:
+    this rank's, for an error of the user's own build(), which other ranks may not have met (_first_said)."""
     path = os.environ.get(LAUNCH_ERRORS)
     if not path:
         return False
     try:
         with open(path, "a") as f:  # O_APPEND: each rank's text whole, and ended by a NUL
-            f.write(said + "\0")
+            f.write(f"{rank}{RANK_SEPARATOR}{said}\0")
     except OSError:
         return False
     return True

@@ -366,15 +366,17 @@ def test_the_same_error_on_every_rank_is_said_once_naming_the_ranks(tmp_path):
 
 def test_a_build_failing_on_one_rank_alone_is_said_once_with_the_users_frames(tmp_path):
     """Rank 1's build raised (data only some ranks have): it told the launcher and left, and rank 0's next
-    collective broke, which printed gloo's 40-line traceback of our frames before the user's one line."""
+    collective broke, which printed gloo's 40-line traceback of our frames before the user's one line; and the line
+    did not say which rank's build it was."""
     proc, both, target = on_two_ranks(tmp_path, "import os\nfrom trainbus.kernel.digits import build as digits\n\n"
                                       "def build(hyperparameters):\n    if os.environ['RANK'] == '1':\n"
                                       "        raise ValueError('no data on this rank')\n"
                                       "    return digits(hyperparameters)\n")
     assert proc.returncode == 2, both
     assert both.count("Traceback") == 1 and both.count("ValueError: no data on this rank") == 2, both
-    assert both.rstrip().endswith(f"error: {target}:build raised ValueError: no data on this rank (in your code: "
-                                  f"{target}, line 6)"), both
+    # named as a rank's error in training is: the other ranks built
+    assert both.rstrip().endswith(f"error: rank 1: {target}:build raised ValueError: no data on this rank (in your "
+                                  f"code: {target}, line 6)"), both
     assert "gloo" not in both and "kernel/" not in both, both
 
 
