@@ -586,27 +586,34 @@ def test_shard_keeps_the_kind_of_sampler_and_leaves_a_stream_alone(tmp_path):
         dist.destroy_process_group()
 
 
-def test_a_rank_waiting_for_ranks_that_never_come_says_so_and_stops_on_sigterm(tmp_path):
-    """`trainbus run` in a batch script of `sbatch --ntasks 2` without srun: one task of two, whose rendezvous waits
-    in C++ (30 min) for a rank that never starts. It sat there without a word, and no signal reached its handler:
-    SIGTERM, Ctrl-C and `timeout` did nothing. Now it says after a while what it waits for (and, under SLURM, the
-    srun it lacks), and a SIGTERM ends it at once: exit 130, one line, nothing made."""
+def _waiting_rank_stopped_by_sigterm(env: dict[str, str], runs: Path) -> str:
+    """`trainbus run` as a rank of 2 under `env` whose others never come: once it says what it waits for, SIGTERM;
+    its stderr, after it exited 130."""
     from kernel_process import Command
 
-    runs = tmp_path / "runs"
-    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost",
-           "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "job.sh", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
     proc = Command("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--device", "cpu", "--runs-dir", str(runs), "--plugins",
                    "", env=env)
     try:
         wait_until(lambda: proc.stderr_path.is_file() and "for the other ranks to join" in proc.stderr_path.read_text(),
                    120, "the line saying what the rank waits for", poll_s=0.2)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
+    return err
+
+
+def test_a_rank_waiting_for_ranks_that_never_come_says_so_and_stops_on_sigterm(tmp_path):
+    """`trainbus run` in a batch script of `sbatch --ntasks 2` without srun: one task of two, whose rendezvous waits
+    in C++ (30 min) for a rank that never starts. It sat there without a word, and no signal reached its handler:
+    SIGTERM, Ctrl-C and `timeout` did nothing. Now it says after a while what it waits for (and, under SLURM, the
+    srun it lacks), and a SIGTERM ends it at once: exit 130, one line, nothing made."""
+    runs = tmp_path / "runs"
+    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost",
+           "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "job.sh", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    err = _waiting_rank_stopped_by_sigterm(env, runs)
     waiting, stopped = err.strip().splitlines()
     assert waiting.startswith("trainbus: rank 0 of 2 (slurm) has waited ") and "`srun trainbus run ...`" in waiting
     assert stopped == (f"trainbus: SIGTERM: rank 0 of 2 was still waiting for the other ranks at "
@@ -645,20 +652,9 @@ def test_a_rank_waiting_at_a_host_that_does_not_resolve_says_so_with_the_fix(tmp
     """Both tasks of an srun started, but rank 0's host (the first of SLURM_NODELIST) is a name this machine cannot
     resolve: the ranks retried it for 30 min, and the line after 10 s blamed a missing srun. Now it names the host
     and MASTER_ADDR; SIGTERM still ends the wait."""
-    from kernel_process import Command
-
     env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "nosuch[01-02].invalid",
            "SLURM_JOB_ID": "78", "SLURM_JOB_NAME": "job.sh", "MASTER_PORT": str(free_port())}
-    proc = Command("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
-                   "--plugins", "", env=env)
-    try:
-        wait_until(lambda: proc.stderr_path.is_file() and "for the other ranks to join" in proc.stderr_path.read_text(),
-                   120, "the line saying what the rank waits for", poll_s=0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
+    err = _waiting_rank_stopped_by_sigterm(env, tmp_path / "runs")
     [waiting] = [line for line in err.splitlines() if "for the other ranks to join" in line]
     assert (f"at nosuch01.invalid:{env['MASTER_PORT']}, a host this machine cannot resolve: set MASTER_ADDR to rank "
             f"0's host (its name or IP address) for every rank; Ctrl-C stops it") in waiting, err
