@@ -423,6 +423,11 @@ def check_runs_dir(runs_dir: str) -> None:
     except OSError as exc:
         raise ConfigError(f"runs_dir {runs_dir}: cannot create directories in {existing} "
                           f"({exc.strerror or exc}); {fix}") from None
+    check_runs_dir_private(path, runs_dir)
+
+
+def check_runs_dir_private(path: Path, runs_dir: str) -> None:
+    """ConfigError when users other than this one could change the runs directory (kernel/private_dirs.py)."""
     why = others_can_write(path)
     if why:
         raise ConfigError(f"runs_dir {runs_dir}: {why}")

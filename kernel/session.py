@@ -29,7 +29,7 @@ from .bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
 from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_checkpoints, load_checkpoint,
                             persister_directory)
 from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
-from .config import ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings
+from .config import ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings, check_runs_dir_private
 from .control import Dispatcher
 from .credentials import Credentials, kept_dir, socket_dir
 from .distributed import GroupInterrupted, Ranks, broken_by_a_peer, distribute, join_group
@@ -40,7 +40,7 @@ from .loop import Loop, pick_device, restore_weights, seed_everything
 from .keys import KeyStore
 from .memory import keep_freed_memory
 from .peers import Peers
-from .private_dirs import make_dirs, others_can_write
+from .private_dirs import make_dirs
 from .remote import ListenError, Listener, check_listen
 from .registry import record_run
 from .runs import write_kernel_pid
@@ -605,9 +605,7 @@ def _make_runs_dir(path: Path, runs_dir: str) -> None:
     except OSError as exc:
         raise ConfigError(f"runs_dir {runs_dir}: cannot create {path} ({_reason(exc)}); pick a writable place "
                           f"with --runs-dir or [run] runs_dir") from None
-    why = others_can_write(path)
-    if why:
-        raise ConfigError(f"runs_dir {runs_dir}: {why}")
+    check_runs_dir_private(path, runs_dir)
 
 
 def _make_dir(path: Path, runs_dir: str, **how) -> None:
