@@ -6,17 +6,68 @@ cli_daemon.py (`daemon`); what they share, in cli_common.py.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
+from typing import NoReturn
+
+
+def _interrupted_before_start(said: str) -> NoReturn:
+    """A stop before anything was made: `said` in one line, and exit 130 at once. A rank of `run --nproc`
+    (cluster.LAUNCH set) says nothing and exits 0: its launcher, which had the Ctrl-C too, says it, and 130 would have
+    torchrun restart the group."""
+    launched = bool(os.environ.get("TRAINBUS_LAUNCH"))
+    for stream in (sys.stdout, sys.stderr):  # what was said before it
+        try:
+            stream.flush()
+        except (OSError, ValueError, RuntimeError):  # RuntimeError: a handler that cut a write to it (reentrant)
+            pass
+    if not launched:
+        os.write(2, f"trainbus: {said}\n".encode())
+    os._exit(0 if launched else 130)
+
+
+class _SaysAndExits:
+    """The SIGINT handler while nothing has been made: _interrupted_before_start. Python's KeyboardInterrupt there
+    printed a traceback of whichever import it cut, and in torch's import was now and then lost (the run then
+    trained to its end, exit 0) or raised through a C++ callback, which aborted the process."""
+
+    def __init__(self, said: str):
+        self.said = said
+
+    def __call__(self, signum: int, frame) -> None:
+        _interrupted_before_start(self.said)
+
+
+def _ctrl_c_says(said: str) -> None:
+    """From here a Ctrl-C says `said` and exits; a process whose Ctrl-C is not Python's own (ignored under nohup or
+    in a background job, or a caller's) is left as it is."""
+    current = signal.getsignal(signal.SIGINT)
+    if isinstance(current, _SaysAndExits):
+        current.said = said
+    elif current is signal.default_int_handler and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _SaysAndExits(said))
+
+
+def _ctrl_c_back(handler) -> None:
+    """Ctrl-C as it was before _ctrl_c_says (when that took it)."""
+    if isinstance(signal.getsignal(signal.SIGINT), _SaysAndExits):
+        signal.signal(signal.SIGINT, handler)
+
+
+# First, before the rest of this module's imports (a second of them, typer's and rich's most)
+_SIGINT_BEFORE = signal.getsignal(signal.SIGINT)
+_ctrl_c_says("Ctrl-C as it started; nothing was done")
+
 import functools
 import json
 import logging
-import os
 import re
-import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, TextIO
+from typing import Callable, Optional, TextIO
 
 import typer
 from rich.markup import escape
@@ -64,7 +115,22 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
+def _says_ctrl_c_until_the_run_begins(command: Callable) -> Callable:
+    """`run`, where a Ctrl-C before the run takes it (run_training's handler, torchrun's) says nothing was made and
+    exits: most of that time is torch's import, the user's target's or ours."""
+    @functools.wraps(command)
+    def run_command(*args, **kwargs):
+        before = signal.getsignal(signal.SIGINT)
+        _ctrl_c_says("Ctrl-C before the run began; nothing was made")
+        try:
+            return command(*args, **kwargs)
+        finally:
+            _ctrl_c_back(before)
+    return run_command
+
+
 @app.command()
+@_says_ctrl_c_until_the_run_begins
 def run(
     target: Optional[str] = typer.Argument(None, help="path/to/file.py:function or package.module:function "
                                                       "returning a TrainingSpec; default: the digits demo."),
@@ -159,7 +225,7 @@ def run(
     if help_flags or flag_words:
         try:
             _apply_flags(cfg, flag_words, help_flags)
-        except KeyboardInterrupt:  # a Ctrl-C as the target imports (no handler of ours yet), or its own raise: alike
+        except KeyboardInterrupt:  # its own raise (a Ctrl-C is _SaysAndExits'), or a Ctrl-C where that is not ours
             _interrupted_before_start(f"KeyboardInterrupt while {cfg.target} was imported to read its flags; "
                                       f"nothing was made")
     if plugins is not None:  # which plugins run; a name the config has a [plugins.NAME] table for runs as it says
@@ -230,6 +296,8 @@ def run(
                                 f"would fail as it starts; use --device cpu or auto")
         if cfg.resume:  # what the queued run would look for first: a verified checkpoint to start from
             find_checkpoint(cfg.resume, cfg.runs_dir)
+        _ctrl_c_says(f"Ctrl-C as the run was submitted: `trainbus runs list --runs-dir {cfg.runs_dir}` shows whether "
+                     f"the daemon queued it")
         _submit(cfg, continuing, gpus)
         return
     if cfg.listen and launch["nnodes"] == 1 and (cfg.listen, cfg.keys_dir) != listen_checked \
@@ -239,11 +307,9 @@ def run(
         if device_index(cfg.device) is not None:
             raise UserError(ONE_GPU_PER_RANK.format(device=cfg.device))
         _launch(launch, cfg.runs_dir, continuing.name if continuing else None)
-    try:  # Ctrl-C while torch imports, or the run is set up: one line (typer would exit 130 and say nothing)
-        from .session import InterruptedBeforeStart, run_training  # here: torch takes seconds to import, and a
-        # mistake above is told at once
-    except KeyboardInterrupt:
-        _interrupted_before_start("Ctrl-C before the run began")
+    from .session import InterruptedBeforeStart, run_training  # here: torch takes seconds to import, and a mistake
+    # above is told at once
+    _ctrl_c_back(signal.default_int_handler)  # run_training takes it at once, and gives this back when it returns
     try:
         result = run_training(cfg, run_id=continuing.name if continuing else None, continue_run=continuing is not None,
                               install_sigint=True, announce=lambda line: print(f"trainbus: {line}", file=sys.stderr),
@@ -276,13 +342,6 @@ def _check_rdzv_endpoint(endpoint: str) -> None:
     except OSError as exc:
         raise UserError(f"--rdzv-endpoint {endpoint}: host {host!r} does not resolve ({exc.strerror or exc}); give one "
                         f"of the machines' names or addresses") from None
-
-
-def _interrupted_before_start(said: str) -> NoReturn:
-    launched = bool(os.environ.get("TRAINBUS_LAUNCH"))  # a rank of `run --nproc`: 130 would have torchrun restart it
-    if not launched:
-        print(f"trainbus: {said}", file=sys.stderr)
-    raise typer.Exit(code=0 if launched else 130)
 
 
 EXIT_CODES = {"completed": 0, "stopped": 0, "interrupted": 130}  # by the run's status; any other (failed): 1
@@ -796,6 +855,8 @@ def _exit(code: int) -> None:
     ("terminate called without an active exception") after a complete run."""
     exit_without_teardown(code)
 
+
+_ctrl_c_back(_SIGINT_BEFORE)  # imported
 
 if __name__ == "__main__":  # torch.distributed.run starts each rank as `-m trainbus.kernel.cli`
     main()

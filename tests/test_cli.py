@@ -456,6 +456,53 @@ def test_a_keyboardinterrupt_as_the_target_is_imported_for_its_flags_is_one_line
     assert not (tmp_path / "runs").exists()
 
 
+# The command line as the console script starts it, with the import of one module held until the test has sent
+# its Ctrl-C: that moment, every time, not a race with seconds of imports.
+_HELD_IMPORT = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (a background job's is ignored)
+held, sys.argv = sys.argv[1], ["trainbus", *sys.argv[2:]]
+class Hold:
+    def find_spec(self, name, path=None, target=None):
+        if name == held:
+            print("importing", flush=True)
+            time.sleep(60)
+sys.meta_path.insert(0, Hold())
+from trainbus.kernel.cli import main
+main()
+"""
+
+
+def _ctrl_c_as_it_imports(module: str, *args: str, cwd: Path, env: dict | None = None) -> tuple[int, str]:
+    process = subprocess.Popen([sys.executable, "-c", _HELD_IMPORT, module, *args], cwd=cwd, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout.readline() == "importing\n"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    return process.returncode, err
+
+
+@pytest.mark.parametrize("rank", [False, True])
+def test_a_ctrl_c_while_the_command_line_imports_is_one_line_not_a_traceback(rank, tmp_path):
+    """Held a third of the way in, at the daemon group's module. It was Python's traceback of whichever import it
+    cut (35 lines), and exit -2; under `run --nproc` every rank printed one beside the launcher's line."""
+    env = {**os.environ, "TRAINBUS_LAUNCH": "{}"} if rank else None
+    said = _ctrl_c_as_it_imports("trainbus.kernel.cli_daemon", "runs", "list", cwd=tmp_path, env=env)
+    # a rank's launcher says it, and exits 130; the rank's own 130 would have torchrun restart the group
+    assert said == ((0, "") if rank else (130, "trainbus: Ctrl-C as it started; nothing was done\n"))
+
+
+def test_a_ctrl_c_while_torch_imports_for_a_run_stops_it_before_anything_is_made(tmp_path):
+    """The KeyboardInterrupt it was is now and then lost in torch's import (of eight Ctrl-C's 0.9-1.05 s into
+    `trainbus run`, seven let the run train to its end, exit 0; one aborted it in a C++ callback): one line, 130."""
+    said = _ctrl_c_as_it_imports("torch", "run", "--plugins", "", "--runs-dir", "runs", cwd=tmp_path)
+    assert said == (130, "trainbus: Ctrl-C before the run began; nothing was made\n")
+    assert not (tmp_path / "runs").exists()
+
+
 def _trace_files(stderr: str) -> list[str]:
     """The files of the traceback frames printed on stderr."""
     return [line.split('"')[1] for line in stderr.splitlines() if line.startswith('  File "')]
