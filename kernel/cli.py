@@ -67,7 +67,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 import typer
 from rich.markup import escape
@@ -458,6 +458,9 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         said = _what_rank_0_did_not_say(failure, summary.parent)
         print(said or f"error: a training process failed ({type(failure).__name__}); its output is above",
               end="" if said else "\n", file=sys.stderr)
+    elif status == "failed" and _killed_ranks(failure) and (summary.parent / "config.json").is_file():
+        # rank 0 said which rank died; that the run's code did not fail it, and so it can go on, only this sees
+        print(f"trainbus: {_resume_line(summary.parent.name)}", file=sys.stderr)
     raise typer.Exit(code=0 if status is None else EXIT_CODES.get(status, 1))  # None: rank 0 on another node
 
 
@@ -478,16 +481,28 @@ def _what_rank_0_did_not_say(failure: Exception, run_dir: Path) -> str:
     collectives that the killed rank broke (gloo's "Connection reset by peer" is its effect, not its cause)."""
     from .failures import read_rank_errors
 
-    killed = [f"error: rank {rank} (pid {process.pid}) was killed by {process.signal_name()} (kill -9, or the "
-              f"out-of-memory killer: `dmesg` says which)\n"
-              for rank, process in sorted(getattr(failure, "failures", {}).items()) if process.exitcode < 0]
+    oom = " (kill -9, or the out-of-memory killer: `dmesg` says which)"
+    killed = [f"error: rank {rank} (pid {process.pid}) was killed by {process.signal_name()}"
+              f"{oom * (process.exitcode == -signal.SIGKILL)}\n" for rank, process in _killed_ranks(failure)]
     errors = [e for e in read_rank_errors(run_dir) if not (killed and e.get("peer_gone"))]
     said = "".join(killed) + "".join(f"{e.get('trace') or ''}error: rank {e.get('rank')}: {e.get('error')}\n"
                                      for e in errors)
     if said and (run_dir / "config.json").is_file():
-        said += (f"trainbus: run {run_dir.name} died; `trainbus runs resume {run_dir.name}` continues it from its "
-                 f"newest checkpoint\n")
+        said += f"trainbus: run {run_dir.name} died; {_resume_line(run_dir.name)}\n"
     return said
+
+
+def _killed_ranks(failure: Exception | None) -> list[tuple[int, Any]]:
+    """(rank, its process failure) of the ranks a signal killed, by torchrun's ChildFailedError. Those it ended with
+    SIGTERM itself once another was gone are left out: the cause is the one killed otherwise (a SIGTERM to a rank
+    from outside, alone, stays)."""
+    killed = sorted((rank, process) for rank, process in getattr(failure, "failures", {}).items()
+                    if process.exitcode < 0)
+    return [(rank, process) for rank, process in killed if process.exitcode != -signal.SIGTERM] or killed
+
+
+def _resume_line(run_id: str) -> str:
+    return f"`trainbus runs resume {run_id}` continues it from its newest checkpoint"
 
 
 def _raise_signal_exception(signum: int, frame) -> None:

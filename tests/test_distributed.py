@@ -265,6 +265,35 @@ def test_a_rank_killed_by_a_signal_is_named_not_the_collective_it_broke(tmp_path
             f"rank 1: its process (pid {killed}) ended without a word: killed (kill -9, the out-of-memory killer: "
             f"`dmesg` says which) or an os._exit"), summary["error"]
         assert f"  error: {summary['error']}" in output, output
+        # the code did not fail it, so it can go on: only the launcher, which saw the signal, can say so
+        assert output.rstrip().endswith(f"trainbus: `trainbus runs resume {run_dir.name}` continues it from its "
+                                        f"newest checkpoint"), output
+
+
+def test_a_rank_killed_as_it_starts_is_named_not_the_rank_torchrun_then_stopped(tmp_path):
+    """kill -9 of rank 1 before the ranks meet: torchrun ends rank 0 with SIGTERM, and that rank was named as
+    killed too, 'by SIGTERM (kill -9, or the out-of-memory killer ...)': the cause was the one line of two."""
+    runs = tmp_path / "runs"
+    proc = start_paced(runs, ["--nproc", "2", "--plugins", ""], tmp_path / "output.txt")
+    try:
+        killed = wait_until(lambda: _rank_pid_or_none(proc.pid, 1), 120, "rank 1's process", poll_s=0.05)
+        os.kill(killed, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_launch(proc)
+    output = (tmp_path / "output.txt").read_text()
+    assert proc.returncode == 1, output
+    assert output.splitlines()[-1] == (f"error: rank 1 (pid {killed}) was killed by SIGKILL (kill -9, or the "
+                                       f"out-of-memory killer: `dmesg` says which)"), output
+    assert "rank 0" not in output, output
+
+
+def _rank_pid_or_none(launcher: int, rank: int) -> int | None:
+    try:
+        return rank_pid(launcher, rank)
+    except AssertionError:
+        return None
 
 
 def signalled_after_a_step(proc: subprocess.Popen, runs: Path, sig: int,
