@@ -1,8 +1,9 @@
 """`trainbus runs list` and `trainbus runs show`: what a runs directory holds, read without touching a live run.
 
 A run's status comes from its `summary.json` (completed, stopped, failed, interrupted), written when the
-kernel is done. Without one the run is `running` while the kernel named in `kernel.pid` is alive, and `died`
-once it is gone (killed, out of memory, power loss: it never got to write its summary).
+kernel is done. Without one the run is `running` while the kernel named in `kernel.pid` is alive (and is this
+run's: a copy of a live run's directory names the original's), and `died` once it is gone (killed, out of memory,
+power loss: it never got to write its summary).
 
 `list` reads, per run, only small files and a bounded part of the journal: summary.json, config.json, the
 journal's head (when the run started, how many epochs it plans) and, for a run without a summary, its tail
@@ -31,6 +32,7 @@ from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_hea
 from .config import PLUGIN_NAME
 from .runs_view import duration_text
 
+KERNEL_LOG = "kernel.log"  # the kernel's log, open while it runs
 KERNEL_PID = "kernel.pid"  # the kernel's process id, written as the run directory is made (0600)
 KERNEL_HOST = "kernel.host"  # the host it runs on (socket.gethostname()), written just before it
 SUMMARY = "summary.json"
@@ -111,7 +113,20 @@ def kernel_process(run_dir: Path) -> tuple[int | None, bool | None]:
         return pid, False
     except psutil.AccessDenied:
         pass  # it exists; whose it is cannot be told: alive
-    return pid, True
+    return pid, not another_runs_kernel(pid, run_dir)
+
+
+def another_runs_kernel(pid: int, run_dir: Path) -> bool:
+    """The process keeps another run directory's kernel.log open: the run's kernel.pid came with a copy of that
+    directory (`cp -r` of a live run), whose kernel is alive, but not this run's. One with no kernel.log open (the
+    moments before it opens it, a process it cannot read) may be this run's."""
+    import psutil
+
+    try:
+        logs = {Path(f.path) for f in psutil.Process(pid).open_files() if Path(f.path).name == KERNEL_LOG}
+    except psutil.Error:
+        return False
+    return bool(logs) and Path(run_dir).resolve() / KERNEL_LOG not in logs
 
 
 # -- finding runs --------------------------------------------------------------------------------
@@ -354,7 +369,8 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
         status, detail = "died", summary_problem + (f"; the journal ends with {reached.type} (seq {reached.seq})"
                                                     if reached is not None else "")
     elif pid is not None:
-        status, detail = "died", f"kernel pid {pid} is gone and wrote no {SUMMARY}"
+        how = "trains another run (this one is a copy of it?)" if another_runs_kernel(pid, journal.parent) else "is gone"
+        status, detail = "died", f"kernel pid {pid} {how} and wrote no {SUMMARY}"
     elif age is not None and age < STALE_S:  # no kernel.pid of this host: heartbeats say it is going
         status, detail = "running", f"no {KERNEL_PID} of this host; the journal grew {age:.0f} s ago"
     else:

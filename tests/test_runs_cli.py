@@ -204,6 +204,25 @@ def test_show_tells_one_run_in_detail(every_status):
     assert interrupted["status"] == "interrupted" and [r["epoch"] for r in interrupted["epoch_table"]] == [1]
 
 
+def test_a_copy_of_a_running_runs_directory_is_not_running(every_status, tmp_path):
+    """`cp -r` of a live run: its kernel.pid names a live kernel, the original's, and the copy was listed running
+    for as long as that trained; a kernel keeps its own run's kernel.log open, so the copy's is not its."""
+    runs_dir, kernel = every_status
+    copy = tmp_path / "runs" / "e-running"
+    shutil.copytree(runs_dir / "e-running", copy, copy_function=_copy_file)
+    runs = {r["id"]: r for r in json.loads(cli("runs", "list", "--runs-dir", str(tmp_path / "runs"), "--json"))}
+    assert (runs["e-running"]["status"], runs["e-running"]["detail"]) == (
+        "died", f"kernel pid {kernel.pid} trains another run (this one is a copy of it?) and wrote no summary.json")
+    original = json.loads(cli("runs", "list", "--runs-dir", str(runs_dir), "--json"))
+    assert {r["id"]: r["status"] for r in original}["e-running"] == "running"
+
+
+def _copy_file(source: str, destination: str) -> None:
+    """As cp -r copies: regular files (the run's sockets are not), their times kept."""
+    if os.path.isfile(source):
+        shutil.copy2(source, destination)
+
+
 def test_a_running_kernel_and_then_a_killed_one(every_status):
     runs_dir, kernel = every_status
     shown = json.loads(cli("runs", "show", "e-running", "--runs-dir", str(runs_dir), "--json"))
