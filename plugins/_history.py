@@ -17,6 +17,12 @@ from trainbus.proto.journal_format import read_journal
 
 
 FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
+# A curve's points kept (the per-step loss, each monitor reading): past this many, every other one is dropped and the
+# curve keeps one in twice as many from then on, so a multi-day run's record stays a few MB and a redraw costs what
+# an hour's did (10^7 steps kept 10^6 points, 137 MB, and each redraw took 2.4 s of CPU). Even, so that the point
+# that overflows is one the halved curve keeps. A figure is ~1,000 pixels wide: 4,096 points still draw every wiggle.
+CURVE_POINTS_MAX = 4096
+READING_SERIES_MAX = 256  # monitor metric names kept (as the attach snapshot's RunState); later names are not drawn
 
 
 @dataclass
@@ -35,7 +41,8 @@ class EpochRecord:
 
 @dataclass
 class History:
-    """What happened in a run, in the order it happened; `every_n_steps` thins the per-step loss curve."""
+    """What happened in a run, in the order it happened; `every_n_steps` thins the per-step loss curve, and every
+    curve is thinned further to at most CURVE_POINTS_MAX points (`_add_point`)."""
 
     every_n_steps: int = 1
     run_id: str = ""
@@ -51,6 +58,9 @@ class History:
     last_seq: int = 0
     last_step: int = 0
     last_epoch: int = 0
+    step_thinning: int = 1  # the per-step loss is kept at steps that are multiples of every_n_steps * this
+    # a monitor reading's (keep one in this many, readings offered so far), by tag (_add_reading)
+    thinning: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -81,8 +91,12 @@ class History:
             self.step_losses = [(step, loss) for step, loss in self.step_losses if step <= event.step]
         elif event.type == ev.END_TRAINING_BATCH:
             loss = _number(data.get("loss"))
-            if loss is not None and self.every_n_steps and event.step % self.every_n_steps == 0:
+            if loss is not None and self.every_n_steps and event.step % (self.every_n_steps * self.step_thinning) == 0:
                 self.step_losses.append((event.step, loss))
+                if len(self.step_losses) > CURVE_POINTS_MAX:  # by step, not count: a step with no loss shifts nothing
+                    self.step_thinning *= 2
+                    spacing = self.every_n_steps * self.step_thinning
+                    self.step_losses = [(step, loss) for step, loss in self.step_losses if step % spacing == 0]
         elif event.type == ev.END_EPOCH:
             self.epochs.append(EpochRecord(
                 epoch=event.epoch, step=event.step,
@@ -95,11 +109,25 @@ class History:
             value = _number(data.get("value"))
             if value is not None:
                 tag = metric_tag(str(data.get("plugin") or "plugin"), str(data.get("name") or "value"))
-                self.readings.setdefault(tag, []).append((event.ts, value))
+                if tag in self.readings or len(self.readings) < READING_SERIES_MAX:
+                    self._add_reading(tag, (event.ts, value))
         elif event.type == ev.END_TRAINING_SESSION:
             self.end, self.ended_ts = dict(data), event.ts
         elif event.type == ev.RUN_FAILED:
             self.failure, self.ended_ts = dict(data), event.ts
+
+    def _add_reading(self, tag: str, point: tuple[float, float]) -> None:
+        """Keep one reading in `keep_every` offered; past CURVE_POINTS_MAX, halve the points kept and double that.
+        The points kept are always the readings offered at 0, k, 2k, ... (k = keep_every), so the live plugin, a
+        restarted one and `runs plot`, offered the same events, keep the same points."""
+        points = self.readings.setdefault(tag, [])
+        keep_every, offered = self.thinning.get(tag, (1, 0))
+        if offered % keep_every == 0:
+            points.append(point)
+            if len(points) > CURVE_POINTS_MAX:
+                del points[1::2]
+                keep_every *= 2
+        self.thinning[tag] = (keep_every, offered + 1)
 
     # derived facts
 

@@ -59,7 +59,8 @@ class VisualizationPlugin(Plugin):
         "plots": Setting(True, f"draw PNG plots in <run_dir>/{PLOTS_DIR}/"),
         "plot_every_n_epochs": Setting(1, "redraw the plots every this many epochs (at most every 10 s), and at the "
                                           "end (0: at the end only)", min=0),
-        "every_n_steps": Setting(10, "a per-step loss point every this many steps (0: none)", min=0),
+        "every_n_steps": Setting(10, "a per-step loss point every this many steps (0: none); the plots thin "
+                                    "a curve past 4,096 points", min=0),
         "plot_width_px": Setting(960, "plot width in pixels", min=100, max=10_000),
         "plot_height_px": Setting(600, "plot height in pixels", min=100, max=10_000),
         # matplotlib cannot size its fonts below ~5 dpi (FT_Set_Char_Size: invalid ppem): every figure failed

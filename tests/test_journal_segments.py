@@ -15,6 +15,7 @@ from trainbus.kernel.journal import SEGMENT_BYTES, Journal, decode_records
 from trainbus.kernel.config import resolve_plugin
 from trainbus.kernel.runs import run_details, run_overview
 from trainbus.kernel.session import run_training
+from trainbus.plugins._history import CURVE_POINTS_MAX, History
 from trainbus.plugins.visualization import plot_run
 from trainbus.proto import JOURNAL_NAME, Event, event_to_map, events as ev, pack
 from trainbus.proto.journal_format import closed_segments, journal_head, journal_tail, last_event_of, read_journal, \
@@ -197,6 +198,55 @@ def test_a_continued_run_goes_on_after_the_last_seq_of_a_journal_in_segments(tmp
     assert again.status == "completed" and not again.undrained, (again.error, again.undrained)
     assert "are lost from the run's journal: going on without them" in (
         Path(first.run_dir) / "plugins" / "checkpoint.log").read_text()
+
+
+def test_a_long_runs_plot_record_keeps_a_bounded_evenly_spaced_curve_of_the_whole_run(tmp_path):
+    """The plots' record of a long run (the visualization plugin's memory, what each redraw and `runs plot` draw):
+    300,000 events are ~150,000 steps, 15,000 per-step points at every_n_steps 10, thinned to at most
+    CURVE_POINTS_MAX, evenly spaced from the first steps to the last. A continued run's truncation keeps the spacing."""
+    count = 300_000
+    fast_forward(tmp_path, count, segment_bytes=256 * 1024)
+    history = History.from_journal(tmp_path, every_n_steps=10)
+    steps = [step for step, _ in history.step_losses]
+    assert CURVE_POINTS_MAX // 2 <= len(steps) <= CURVE_POINTS_MAX, len(steps)
+    spacing = steps[1] - steps[0]
+    assert spacing % 10 == 0 and all(evenly_spaced(a, b, spacing) for a, b in zip(steps, steps[1:]))
+    assert steps[0] <= spacing and history.last_step - steps[-1] < 2 * spacing, (steps[:2], steps[-1])
+    # continued from a checkpoint at a third of the run: the points after it go, and new ones come at the same spacing
+    resumed_at = history.last_step // 3
+    seq, ts = history.last_seq, 2e9
+    history.update(Event(seq + 1, RUN_ID, ev.START_TRAINING_SESSION, ts, resumed_at, 0, {"epochs": 1000}))
+    history.update(Event(seq + 2, RUN_ID, ev.LOAD_CHECKPOINT, ts, resumed_at, 0, {"epoch": 0}))
+    for i, step in enumerate(range(resumed_at + 1, resumed_at + 50 * spacing)):
+        history.update(Event(seq + 3 + i, RUN_ID, ev.END_TRAINING_BATCH, ts, step, 0, {"loss": 0.5}))
+    steps = [step for step, _ in history.step_losses]
+    assert all(evenly_spaced(a, b, spacing) for a, b in zip(steps, steps[1:])) and steps[-1] > resumed_at + 40 * spacing
+
+
+def evenly_spaced(step: int, next_step: int, spacing: int) -> bool:
+    """The next point is `spacing` on, or twice that where the step between is an epoch's last (simulated_records
+    journals end_epoch there, no loss)."""
+    return next_step - step == spacing or (next_step - step == 2 * spacing and (step + spacing) % STEPS_PER_EPOCH == 0)
+
+
+def test_monitor_readings_of_a_long_run_are_thinned_alike_and_their_series_bounded():
+    """A monitor's readings every 5 s for three days (~52,000) keep at most CURVE_POINTS_MAX points, the first
+    and recent ones among them; a plugin inventing metric names cannot grow the record past READING_SERIES_MAX."""
+    from trainbus.plugins._history import READING_SERIES_MAX
+    history, ts = History(), 1.8e9
+    history.update(Event(1, RUN_ID, ev.START_TRAINING_SESSION, ts, 0, 0, {"epochs": 1}))
+    readings = 3 * 24 * 3600 // 5
+    for i in range(readings):
+        history.update(Event(2 + i, RUN_ID, ev.METRIC, ts + 5 * i, i, 0,
+                             {"plugin": "cpu", "name": "cpu/process_percent", "value": float(i)}))
+    points = history.readings["cpu/process_percent"]
+    assert CURVE_POINTS_MAX // 2 <= len(points) <= CURVE_POINTS_MAX and points[0][1] == 0.0
+    assert points[-1][1] > readings - 2 * readings / len(points)
+    seq = history.last_seq
+    for i in range(2 * READING_SERIES_MAX):
+        history.update(Event(seq + 1 + i, RUN_ID, ev.METRIC, ts, 0, 0, {"plugin": "p", "name": f"made_up_{i}",
+                                                                         "value": 1.0}))
+    assert len(history.readings) == READING_SERIES_MAX
 
 
 @pytest.mark.slow
