@@ -22,7 +22,6 @@ import torch
 from trainbus.proto import JOURNAL_NAME, events as ev
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
 from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir, write_connection_file
-from trainbus.proto.text import printable
 
 from .buffer_files import snapshot_directories
 from .bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
@@ -34,6 +33,7 @@ from .control import Dispatcher
 from .credentials import Credentials, kept_dir, socket_dir
 from .distributed import GroupInterrupted, Ranks, broken_by_a_peer, distribute, join_group
 from .failures import RANK_ERROR, rank_errors, what_failed, write_rank_error
+from .kernel_log import KEEP, log_to
 from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse, check_free
 from .limits import PeerLimits
 from .loop import Loop, pick_device, restore_weights, seed_everything
@@ -232,7 +232,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags), indent=2, default=str)
                                              + "\n")
         record_run(run_dir)  # the run registry: running (never raises; a registry it cannot write costs a warning)
-        handler = _log_to(run_dir / "kernel.log")
+        handler = log_to(run_dir / "kernel.log")
         for line in warnings:
             announce(f"warning: {line}")
             log.warning("%s", line)
@@ -435,7 +435,7 @@ def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: Peer
         write_connection_file(run_dir, run_id, remote.control_endpoint, remote.events_endpoint, remote.bursts_endpoint,
                               remote.server_key)
         log.info("listening on TCP (CURVE): control %s events %s bursts %s", remote.control_endpoint,
-                 remote.events_endpoint, remote.bursts_endpoint)
+                 remote.events_endpoint, remote.bursts_endpoint, extra=KEEP)
     credentials = Credentials(remote.keyring if remote else None)
     credentials.write_attach_file(run_dir)
     journal = Journal(run_dir / JOURNAL_NAME, backlog_max_bytes=journal_backlog_bytes,
@@ -443,7 +443,8 @@ def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: Peer
     sockets = socket_dir(run_dir)
     bus = Bus(run_id, journal, sockets, HEARTBEAT_INTERVAL_S, remote)
     # Where a hand-attached client finds them when they are not in the run directory (PROTOCOL.md, environment).
-    log.info("sockets: events %s control %s bursts %s", bus.events_endpoint, bus.control_endpoint, bus.bursts_endpoint)
+    log.info("sockets: events %s control %s bursts %s", bus.events_endpoint, bus.control_endpoint, bus.bursts_endpoint,
+             extra=KEEP)
     env = dict(os.environ, TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir), RUN_ID=run_id, RUN_DIR=str(run_dir),
                TRAINBUS_EVENTS=bus.events_endpoint, TRAINBUS_CONTROL=bus.control_endpoint,
                TRAINBUS_KERNEL_PID=str(os.getpid()))
@@ -724,41 +725,3 @@ class _Interrupts:
                 previous = signal.SIG_IGN
             signal.signal(sig, previous)
         self._previous = {}
-
-
-class _QuietFileHandler(logging.FileHandler):
-    """kernel.log on a full disk: lines that cannot be written are counted, not printed as tracebacks."""
-
-    failed_writes = 0
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        self.failed_writes += 1
-        if self.failed_writes == 1:
-            print(f"trainbus: cannot write {self.baseFilename} ({sys.exc_info()[1]}); kernel log lines are being lost",
-                  file=sys.stderr)
-
-    def close(self) -> None:
-        """The last lines' flush fails on a full disk too: lost lines, not a traceback at the run's very end."""
-        try:
-            super().close()
-        except OSError:
-            self.failed_writes += 1
-
-
-class _OneRecordALine(logging.Formatter):
-    """A record's control characters escaped (\\x1b) and its further lines indented: a peer's name or log text
-    (any welcomed peer's, a remote monitor key's too) then cannot write a line of kernel.log that reads as the
-    kernel's own, such as the `sockets:` line a client attached by hand takes its endpoints from (PROTOCOL.md §2)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return printable(super().format(record), lines=True).replace("\n", "\n    ")
-
-
-def _log_to(path: Path) -> logging.Handler:
-    # a lone surrogate (a file name that is not UTF-8, in an exception) is written escaped, not lost with its line
-    handler = _QuietFileHandler(path, encoding="utf-8", errors="backslashreplace")
-    handler.setFormatter(_OneRecordALine("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("trainbus")
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    return handler

@@ -387,3 +387,12 @@ class Lifecycle(Plugin):
 
     def teardown(self):
         _append_fsynced(self.settings["path"], "teardown")
+
+
+class ChattyLogger(Plugin):
+    """Sends a `log` reply of `chars` characters at every training batch, as a plugin reporting each step does."""
+
+    settings = {"chars": 100}
+
+    def on_end_training_batch(self, event):
+        self.log(f"step {event.step} " + "x" * self.settings["chars"])

@@ -1,12 +1,20 @@
 """A plugin's output log is capped (kernel/supervisor.py, LOG_MAX_BYTES): a real plugin process writing to its log,
-the real Supervisor, a fake clock deciding when the size is checked."""
+the real Supervisor, a fake clock deciding when the size is checked. kernel.log is capped too (kernel/kernel_log.py):
+a real run whose plugin logs a line a step."""
 
 from __future__ import annotations
 
 import sys
 import time
 
+from pathlib import Path
+
+from helpers import PLUGIN_START_S, run_config
+from trainbus.kernel import kernel_log
+from trainbus.kernel.config import resolve_plugin
+from trainbus.kernel.session import run_training
 from trainbus.kernel.supervisor import LOG_CHECK_S, PluginSpec, Supervisor
+from trainbus.sdk.attach import SOCKETS_LINE
 
 T0 = 1000.0
 # Writes 20 kB to stderr (the log), waits for the file `go`, writes "after", exits.
@@ -66,3 +74,24 @@ def test_the_size_is_checked_every_log_check_s_not_at_every_tick(tmp_path):
     assert log.stat().st_size == 100
     sup.tick(T0 + LOG_CHECK_S)
     assert log.stat().st_size == 0 and (tmp_path / "plugins" / "p.log.1").read_bytes() == b"y" * 100
+
+
+def test_kernel_log_past_its_cap_is_rotated_into_one_older_file_and_still_says_where_the_sockets_are(
+        tmp_path, monkeypatch):
+    """A plugin's log replies are kernel.log lines: one of 1,000 characters a step (rate-limited to 50 a second)
+    grew it ~1.6 GB a day. Two epochs here are ~90 such lines, ~95 kB, against a cap of 30 kB."""
+    cap = 30_000
+    monkeypatch.setattr(kernel_log, "MAX_BYTES", cap)
+    chatty = resolve_plugin("chatty", {"chars": 1000}, target="fixture_plugins:ChattyLogger")
+    result = run_training(run_config(tmp_path, [chatty], epochs=2, checkpoint_every_n_epochs=0,
+                                     ready_timeout_s=PLUGIN_START_S, drain_timeout_s=60))
+    assert result.status == "completed", result.error
+    log, older = Path(result.run_dir) / "kernel.log", Path(result.run_dir) / "kernel.log.1"
+    assert log.stat().st_size < cap and cap - 2_000 < older.stat().st_size < cap
+    assert not Path(f"{log}.2").exists()
+    text = log.read_text()
+    # atop the file a rotation began: a client attached by hand (PROTOCOL.md §2) still finds the run's sockets
+    assert SOCKETS_LINE.match(text.splitlines()[0]) and len(SOCKETS_LINE.findall(text)) == 1
+    last_step = max(int(line.split("step ")[1].split()[0]) for line in (older.read_text() + text).splitlines()
+                    if "[chatty] step " in line)
+    assert last_step >= 2 * 40  # the newest lines are the ones kept (kernel/digits.py: 45 steps an epoch)
