@@ -137,8 +137,9 @@ def render(state: RunState, status: str, footer: str = ""):
                         str(plugin.get("restarts", 0)), lag, str(plugin.get("errors", 0)),
                         escape(str(plugin.get("reason") or "")))
     parts.append(plugins)
-    if len(clients) > 1:
-        parts.append(f"{len(clients)} clients have attached (trainbus attach)")
+    attached = len(clients) + state.dropped["clients_forgotten"]  # those gone long ago are counted, not kept
+    if attached > 1:
+        parts.append(f"{attached} clients have attached (trainbus attach)")
     if state.stop_reasons:
         parts.append(f"stop requested: {escape('; '.join(state.stop_reasons))}")
     if state.checkpoint:

@@ -112,7 +112,7 @@ class RunState:
         if not name:
             return
         if name not in self.plugins:
-            if len(self.plugins) >= MAX_PLUGINS:
+            if len(self.plugins) >= MAX_PLUGINS and not self._forget_a_client_gone():
                 self.dropped["plugins_dropped"] += 1
                 return
             self.plugins[name] = {"state": None, "pid": None, "restarts": 0, "delivery": None, "errors": 0,
@@ -127,6 +127,17 @@ class RunState:
             p["delivery"] = _text(data.get("delivery"))
         elif e.type in (ev.PLUGIN_CRASHED, ev.PLUGIN_HUNG, ev.PLUGIN_FAILED):
             p["reason"] = _text(data.get("cause") or data.get("reason"))
+
+    def _forget_a_client_gone(self) -> bool:
+        """Room for a new row: the oldest row of a client that has gone (`trainbus attach`, `runs stop`, `plugins
+        attach`: each a peer of its own name, exited or gone silent) is forgotten, and counted. Without it, once 64
+        had come and gone in a run of days, a plugin attached later, or any peer after them, was never shown."""
+        for name, p in self.plugins.items():
+            if name.startswith(CLIENT_PREFIX) and p["state"] in ("exited", "hung"):
+                del self.plugins[name]
+                self.dropped["clients_forgotten"] += 1
+                return True
+        return False
 
     # -- what a dashboard derives -----------------------------------------------------------------
 

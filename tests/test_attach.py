@@ -583,6 +583,42 @@ def test_a_snapshot_stays_bounded_however_long_and_wide_the_run():
     assert RunState.from_map(seq, json.loads(json.dumps(snapshot))).to_map() == snapshot
 
 
+def test_clients_that_have_gone_make_room_in_the_snapshot_for_a_peer_that_comes_after_them(short_runs, tmp_path,
+                                                                                           kernels):  # noqa: F811
+    """Every `trainbus attach`, `runs stop` and `plugins attach` is a peer of its own name (attach-USER@HOST-PID), and
+    the snapshot keeps MAX_PLUGINS plugin rows: in a run of days, once 64 had come and gone, a plugin attached later
+    (and any peer after them) never showed in a dashboard. The oldest gone client's row makes room, counted."""
+    gate = tmp_path / "gate"
+    kernel = live_run(short_runs, tmp_path, kernels, epochs=1, batch_s=0.0, monitors=False, gate=gate)
+    wait_sockets(kernel)
+    credential, clients = attach_credential(kernel.run_dir), MAX_PLUGINS + 6
+    try:
+        for i in range(clients):  # each comes, is welcomed and says bye, as a `runs stop` does
+            client, name = Intruder(kernel.run_dir, f"client{i}"), f"attach-ann@host-{1000 + i}"
+            try:
+                client.hello(name, credential)
+                client.wait_reply("welcome", timeout_s=60)
+                client.send("bye", reason="done")
+                kernel.wait_event(ev.PLUGIN_EXITED, lambda e: e.data["plugin"] == name, timeout_s=60)
+            finally:
+                client.close()
+        late = Intruder(kernel.run_dir, "late")
+        try:
+            late.hello("late_monitor", credential, replies=["metric"])
+            late.wait_reply("welcome", timeout_s=60)
+            kernel.wait_event(ev.PLUGIN_READY, lambda e: e.data["plugin"] == "late_monitor", timeout_s=60)
+            late.send("snapshot")  # its hello is folded now: the journal has it
+            state = late.wait_reply("run_state", timeout_s=60)["state"]
+        finally:
+            late.close()
+    finally:
+        open_gate(gate, 10**6)
+    assert "late_monitor" in state["plugins"], sorted(state["plugins"])
+    assert len(state["plugins"]) <= MAX_PLUGINS and not state["dropped"].get("plugins_dropped"), state["dropped"]
+    assert state["dropped"]["clients_forgotten"] >= clients + 1 - MAX_PLUGINS, state["dropped"]
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+
+
 def test_a_peers_name_and_metric_name_reach_the_dashboard_escaped_not_obeyed(short_runs, tmp_path,
                                                                             kernels):  # noqa: F811
     """A peer attached by hand names itself and its metrics with any string: the dashboard put them through rich's
