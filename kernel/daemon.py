@@ -46,6 +46,7 @@ from trainbus.proto.remote import advertised
 from .buffer_files import remove_dead_runs_buffers
 from .checkpointing import has_checkpoints, no_checkpoints
 from .credentials import SUN_PATH_MAX
+from .kernel_log import cap_log
 from .pids import process_alive
 from .private_dirs import make_dirs, others_can_write
 from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started,
@@ -67,6 +68,11 @@ CONTROL_MAX_BYTES = 64 * 1024
 LOG_MAX_BYTES = 10 * 1024 * 1024  # daemon.log is rotated at this size, 3 old files kept
 OUTPUT_FREE_MIN = 1 << 20  # below this free on the output files' disk, queued runs wait (see Daemon.tick)
 OUTPUT_TAIL_BYTES = 2000  # of a job that failed before its run had a directory, what the listing shows
+# A run's output file (what its `trainbus run` prints: the console's lines, and whatever the user's code prints) is
+# capped as a plugin's log is: past OUTPUT_MAX_BYTES, checked every OUTPUT_CHECK_S, it is copied to RUN_ID.log.1 and
+# emptied in place. Code printing a line a step would otherwise fill the disk in a multi-day run.
+OUTPUT_MAX_BYTES = 64 * 1024 * 1024
+OUTPUT_CHECK_S = 5.0
 REQUEST_TIMEOUT_S = 3.0
 REMOTE_REQUEST_TIMEOUT_S = 15.0  # a CURVE handshake and the authenticator first, maybe over a slow network
 # What CUDA_VISIBLE_DEVICES takes: an index, or a UUID as `nvidia-smi -L` prints it (GPU-..., MIG-... and the
@@ -250,6 +256,8 @@ class Daemon:
         self.remote_endpoint: str | None = None  # `--listen`'s TCP endpoint, as bound
         self.trouble = ""  # what the last round failed with ("": it did not)
         self.stoppers: dict[str, subprocess.Popen] = {}  # `runs stop` of a running run, for a remote cancel: by run
+        self.output_max_bytes = OUTPUT_MAX_BYTES
+        self._next_output_check = float("-inf")
 
     # -- one round ------------------------------------------------------------------------------------
 
@@ -265,6 +273,10 @@ class Daemon:
             for run_id, stopper in list(self.stoppers.items()):
                 if stopper.poll() is not None:  # reaped; what it said is in the run's output
                     del self.stoppers[run_id]
+            if now >= self._next_output_check:
+                self._next_output_check = now + OUTPUT_CHECK_S
+                for run_id in self.watched:
+                    cap_log(output_file(self.runs_dir, run_id), self.output_max_bytes, "run output")
             busy = {d for w in self.watched.values() for d in w.devices}
             starts, never = place(registry.jobs(["queued"]), busy, len(self.watched), self.devices,
                                   self.max_concurrent)

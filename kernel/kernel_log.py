@@ -1,13 +1,18 @@
-"""kernel.log: one record a line, escaped; kept to a size by rotation, with where the sockets are atop every file."""
+"""Logs kept to a size: kernel.log rotated (where the sockets are atop every file), and a file another process
+appends to (a plugin's log, a daemon run's output) copied aside and emptied in place."""
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
+import shutil
 import sys
 from pathlib import Path
 
 from trainbus.proto.text import printable
+
+log = logging.getLogger(__name__)
 
 # Past this size kernel.log is renamed kernel.log.1 (the previous one removed) and begun again: every plugin's log
 # replies are kernel.log lines (50 a second and 256 KiB/s a peer, kernel/limits.py), so a plugin saying a line a step
@@ -70,3 +75,26 @@ def log_to(path: Path) -> logging.Handler:
     root.setLevel(logging.INFO)
     root.addHandler(handler)
     return handler
+
+
+def cap_log(path: Path, max_bytes: int, what: str) -> None:
+    """Past max_bytes, `path` is copied to `path.1` (the previous copy replaced) and emptied in place, as logrotate's
+    copytruncate does: the process writing it holds it open, O_APPEND, so its next write lands at the new start. What
+    it writes between the copy and the truncation (microseconds) is lost. A copy that fails (a full disk) still
+    empties it, said once: the cap is there to keep the disk from filling. `what`: the file, as the warning names it."""
+    copy = path.with_name(path.name + ".1")
+    try:
+        if path.stat().st_size <= max_bytes:
+            return
+    except FileNotFoundError:  # not started yet, or its directory is being removed
+        return
+    try:
+        shutil.copyfile(path, copy)
+    except OSError as exc:
+        copy.unlink(missing_ok=True)
+        log.warning("%s %s passed %d MiB and could not be copied to %s (%s): emptied without a copy",
+                    what, path, max_bytes >> 20, copy.name, exc.strerror or exc)
+    try:
+        os.truncate(path, 0)
+    except OSError as exc:
+        log.warning("cannot empty %s %s: %s", what, path, exc.strerror or exc)

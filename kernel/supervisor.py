@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Any, Callable
 from trainbus.proto import events as ev, pack
 from trainbus.proto.text import printable
 
+from .kernel_log import cap_log
 from .plugin_processes import Processes
 
 log = logging.getLogger("trainbus.kernel")
@@ -250,7 +250,7 @@ class Supervisor:
         if now >= self._next_log_check:
             self._next_log_check = now + LOG_CHECK_S
             for name in list(self.children):
-                _cap_log(self.log_dir / f"{name}.log", self.log_max_bytes)
+                cap_log(self.log_dir / f"{name}.log", self.log_max_bytes, "plugin log")
 
     def next_deadline(self) -> float:
         """When tick() next has something to decide (a liveness window ending, a restart due); inf if never."""
@@ -478,27 +478,6 @@ class Supervisor:
         child.state = "backoff"
         child.next_start_at = now + child.backoff_s
         child.backoff_s = min(child.backoff_s * 2, INTERVAL_MAX_S)
-
-
-def _cap_log(path: Path, max_bytes: int) -> None:
-    """Past max_bytes, `path` is copied to `path.1` and emptied in place (LOG_MAX_BYTES). A copy that fails (a full
-    disk) still empties it, said once: the cap is there to keep the disk from filling."""
-    copy = path.with_name(path.name + ".1")
-    try:
-        if path.stat().st_size <= max_bytes:
-            return
-    except FileNotFoundError:  # not started yet, or the run dir is being removed
-        return
-    try:
-        shutil.copyfile(path, copy)
-    except OSError as exc:
-        copy.unlink(missing_ok=True)
-        log.warning("plugin log %s passed %d MiB and could not be copied to %s (%s): emptied without a copy",
-                    path, max_bytes >> 20, copy.name, exc.strerror or exc)
-    try:
-        os.truncate(path, 0)  # the plugin opened it O_APPEND: its next write lands at the new end
-    except OSError as exc:
-        log.warning("cannot empty plugin log %s: %s", path, exc.strerror or exc)
 
 
 _FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>.+)$', re.M)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trainbus.kernel.daemon import Daemon, DaemonError, daemon_dir, parse_devices, place
+from trainbus.kernel.daemon import OUTPUT_CHECK_S, Daemon, DaemonError, daemon_dir, output_file, parse_devices, place
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.registry import Registry, list_runs
 from trainbus.proto import JOURNAL_NAME
@@ -119,6 +119,38 @@ def test_a_daemon_that_died_mid_start_is_followed_by_one_that_adopts_the_started
             assert registry.runs(200.0)["b"]["status"] == "failed"  # it never made a run directory
     finally:
         started.kill()
+
+
+def test_a_runs_output_past_its_cap_is_copied_aside_and_emptied_in_place_every_output_check_s(tmp_path):
+    """What a run prints (the user's code printing a line a step) went to its output file without bound. A stand-in
+    for python writes 20 kB, waits for the file `go`, writes "after" and exits; the daemon's fake clock decides when
+    the size is checked."""
+    runs, go = tmp_path / "runs", tmp_path / "go"
+    runs.mkdir()
+    noisy = tmp_path / "noisy"
+    noisy.write_text(f"#!{sys.executable}\nimport os, sys, time\n"
+                     f"sys.stdout.write(('x' * 99 + '\\n') * 200)\nsys.stdout.flush()\n"
+                     f"deadline = time.monotonic() + 60\n"
+                     f"while not os.path.exists({str(go)!r}) and time.monotonic() < deadline:\n    time.sleep(0.01)\n"
+                     f"print('after')\n")
+    noisy.chmod(0o755)
+    with Registry(runs) as registry:
+        registry.submit({"id": "a", "state": "queued", "submitted_ts": 1.0, "argv": [], "cwd": str(tmp_path),
+                         "gpus": None}, {"id": "a", "dir": None, "status": "queued", "started_ts": None}, 1.0)
+    daemon = Daemon(runs, [], max_concurrent=1, python=str(noisy))
+    daemon.output_max_bytes = 10_000
+    out, copy = output_file(runs, "a"), output_file(runs, "a").with_name("a.log.1")
+    t0 = 100.0
+    daemon.tick(t0)  # starts it
+    assert list(daemon.watched) == ["a"]
+    wait_until(lambda: out.stat().st_size >= 20_000, 60, "the run's 20 kB of output")
+    daemon.tick(t0 + OUTPUT_CHECK_S - 0.01)
+    assert out.stat().st_size == 20_000 and not copy.exists()
+    daemon.tick(t0 + OUTPUT_CHECK_S)
+    assert copy.read_bytes() == (b"x" * 99 + b"\n") * 200 and out.stat().st_size == 0
+    go.touch()
+    wait_until(lambda: daemon.tick(t0 + 6) or not daemon.watched, 60, "the run to end")
+    assert out.read_bytes() == b"after\n"  # O_APPEND: at the emptied file's start, not behind a hole of NULs
 
 
 def test_a_resume_the_daemon_died_starting_is_queued_again_not_taken_for_a_died_run(tmp_path):
