@@ -105,8 +105,10 @@ def delete_run(run_dir: Path) -> None:
     runs_dir = run_dir.parent
     from .daemon import output_file
 
-    try:  # the daemon's copy of its process's output, when the daemon started it
-        output_file(runs_dir, run_dir.name).unlink(missing_ok=True)
+    try:  # the daemon's copy of its process's output, when the daemon started it, and the older part of it (capped)
+        output = output_file(runs_dir, run_dir.name)
+        output.unlink(missing_ok=True)
+        output.with_name(output.name + ".1").unlink(missing_ok=True)
     except OSError as exc:
         raise RemovalError(f"deleted run {run_dir.name}, but not the daemon's output of it: "
                            f"{output_file(runs_dir, run_dir.name)}: {exc.strerror or exc}") from None

@@ -159,9 +159,11 @@ def test_a_run_queued_to_be_resumed_is_not_deleted_until_taken_off_the_queue(run
     output = daemon.output_file(runs_dir, "a-queued")  # as if a daemon had run it once: its output goes too
     daemon.make_daemon_dir(runs_dir)
     output.write_text("trainbus: ...\n")
+    older = output.with_name(output.name + ".1")  # what the daemon's cap moved aside (kernel/daemon.py)
+    older.write_text("epoch 1 ...\n")
     proc = trainbus("runs", "delete", "a-queued", "--yes", *where)
     assert proc.returncode == 0, proc.stderr
-    assert not (runs_dir / "a-queued").exists() and not output.exists()
+    assert not (runs_dir / "a-queued").exists() and not output.exists() and not older.exists()
 
 
 def test_delete_takes_only_a_run_the_kernel_made_never_a_folder_with_a_config_json_or_the_runs_directory(tmp_path):
