@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 from trainbus.proto import JOURNAL_NAME, Event, events as ev
@@ -22,6 +22,10 @@ FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
 # an hour's did (10^7 steps kept 10^6 points, 137 MB, and each redraw took 2.4 s of CPU). Even, so that the point
 # that overflows is one the halved curve keeps. A figure is ~1,000 pixels wide: 4,096 points still draw every wiggle.
 CURVE_POINTS_MAX = 4096
+# A restarted plugin rebuilds its record from the journal in one handler: 10^6 events took 19 s here, so a run of
+# days took longer than handler_timeout_s (60 s) and the plugin was killed as hung, again at every restart. Reading
+# says it is getting somewhere (still_working) every this many events.
+PROGRESS_EVERY_EVENTS = 10_000
 READING_SERIES_MAX = 256  # monitor metric names kept (as the attach snapshot's RunState); later names are not drawn
 
 
@@ -150,14 +154,18 @@ class History:
         history.backfill(run_dir, before_seq, damage)
         return history
 
-    def backfill(self, run_dir: str | Path, before_seq: int | None = None, damage: list[str] | None = None) -> int:
+    def backfill(self, run_dir: str | Path, before_seq: int | None = None, damage: list[str] | None = None,
+                 progress: Callable[[], None] | None = None) -> int:
         """Read the events this record lacks from the run's journal (a restarted plugin's past); return how many.
-        `damage`: a line for each stretch of the journal that could not be read (read_journal's)."""
+        `damage`: a line for each stretch of the journal that could not be read (read_journal's); `progress`: called
+        every PROGRESS_EVERY_EVENTS events read (a plugin's still_working)."""
         path = Path(run_dir) / JOURNAL_NAME
         if not path.is_file():
             return 0
         taken = 0
-        for event in read_journal(path, damage):
+        for read, event in enumerate(read_journal(path, damage), start=1):
+            if progress is not None and read % PROGRESS_EVERY_EVENTS == 0:
+                progress()
             if before_seq is not None and event.seq >= before_seq:
                 break
             if event.seq > self.last_seq and not self.finished:

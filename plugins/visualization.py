@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # TensorBoard's writer, not torch's SummaryWriter: importing torch holds the GIL for seconds (tens on a busy
 # machine), and a plugin that imports it after its hello stops heartbeating meanwhile and is taken for hung.
@@ -31,7 +31,7 @@ from trainbus.sdk.plugin import merge_settings
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto.journal_format import read_journal
 
-from ._history import FINAL_EVENTS, History, metric_tag
+from ._history import FINAL_EVENTS, PROGRESS_EVERY_EVENTS, History, metric_tag
 from ._plots import PlotSize, render_all
 
 TENSORBOARD_DIR = "tensorboard"
@@ -122,10 +122,13 @@ class VisualizationPlugin(Plugin):
         if self.settings["tensorboard"]:
             log_dir = Path(self.run_dir) / TENSORBOARD_DIR
             if event.seq == 1 or rebuild:  # the run's summaries from the first on, as the earlier instances wrote them
-                self.already_written = summaries_in(log_dir)
+                self.already_written = summaries_in(log_dir, progress=self.still_working)
             self.writer = EventFileWriter(str(log_dir), flush_secs=FLUSH_INTERVAL_S)
-        if rebuild:
-            for past in itertools.takewhile(lambda e: e.seq < event.seq, read_journal(journal)):
+        if rebuild:  # a run of days is millions of events: each PROGRESS_EVERY_EVENTS says we are getting somewhere
+            past_events = itertools.takewhile(lambda e: e.seq < event.seq, read_journal(journal))
+            for read, past in enumerate(past_events, start=1):
+                if read % PROGRESS_EVERY_EVENTS == 0:
+                    self.still_working()
                 self.history.update(past)
                 if self.writer is not None:
                     self._write_scalars(past)
@@ -184,13 +187,18 @@ class VisualizationPlugin(Plugin):
             render_all(self.history, Path(self.run_dir) / PLOTS_DIR, self.size, progress=self.still_working)
 
 
-def summaries_in(log_dir: Path) -> int:
+def summaries_in(log_dir: Path, progress: Callable[[], None] = lambda: None) -> int:
     """How many records this plugin wrote (summaries: scalars, texts; session starts: _purge_after) the
     TensorBoard event files in log_dir hold; a torn last record (a writer killed mid-write) is not counted, as
-    TensorBoard does not read it."""
+    TensorBoard does not read it. `progress` is called every PROGRESS_EVERY_EVENTS records read."""
     files = sorted(log_dir.glob("events.out.tfevents.*")) if log_dir.is_dir() else []
-    return sum(1 for path in files for record in LegacyEventFileLoader(str(path)).Load()
-               if record.HasField("summary") or record.HasField("session_log"))
+    records = (record for path in files for record in LegacyEventFileLoader(str(path)).Load())
+    counted = 0
+    for read, record in enumerate(records, start=1):
+        if read % PROGRESS_EVERY_EVENTS == 0:
+            progress()
+        counted += record.HasField("summary") or record.HasField("session_log")
+    return counted
 
 
 def plot_size(settings: dict[str, Any]) -> PlotSize:

@@ -15,8 +15,9 @@ from trainbus.kernel.journal import SEGMENT_BYTES, Journal, decode_records
 from trainbus.kernel.config import resolve_plugin
 from trainbus.kernel.runs import run_details, run_overview
 from trainbus.kernel.session import run_training
-from trainbus.plugins._history import CURVE_POINTS_MAX, History
-from trainbus.plugins.visualization import plot_run
+from trainbus.plugins._history import CURVE_POINTS_MAX, PROGRESS_EVERY_EVENTS, History
+from trainbus.plugins.visualization import VisualizationPlugin, plot_run
+from trainbus.sdk.harness import Harness
 from trainbus.proto import JOURNAL_NAME, Event, event_to_map, events as ev, pack
 from trainbus.proto.journal_format import closed_segments, journal_head, journal_tail, last_event_of, read_journal, \
     stream_journal
@@ -227,6 +228,27 @@ def evenly_spaced(step: int, next_step: int, spacing: int) -> bool:
     """The next point is `spacing` on, or twice that where the step between is an epoch's last (simulated_records
     journals end_epoch there, no loss)."""
     return next_step - step == spacing or (next_step - step == 2 * spacing and (step + spacing) % STEPS_PER_EPOCH == 0)
+
+
+def test_a_plugin_restarted_late_in_a_long_run_says_it_is_working_while_it_rebuilds_from_the_journal(tmp_path):
+    """A restarted visualization plugin reads the run's journal (and its TensorBoard files) in one handler: 10^6
+    events took 19 s, so in a run of days it passed handler_timeout_s (60 s) and was killed as hung, at every
+    restart. It says still_working (the hook the SDK's runner binds) every PROGRESS_EVERY_EVENTS events and records."""
+    count = 100_000
+    fast_forward(tmp_path, count, segment_bytes=1024 * 1024)
+    last = journal_tail(tmp_path / JOURNAL_NAME)[-1]
+    for instance in ("first", "restarted"):  # the restarted one reads the first one's TensorBoard file too
+        calls = []
+        plugin = VisualizationPlugin({"plots": False, "every_n_steps": 1})
+        plugin.bind_sender(lambda message: None, progress=lambda: calls.append(1))
+        Harness(plugin, run_id=RUN_ID, run_dir=str(tmp_path))
+        plugin.handle(Event(last.seq + 1, RUN_ID, ev.HEARTBEAT, last.ts, last.step, last.epoch, {}))
+        plugin.teardown()
+        summaries = 0 if instance == "first" else count // 2  # a loss a step, about half the events
+        assert len(calls) >= (count + summaries) // PROGRESS_EVERY_EVENTS - 2, (instance, len(calls))
+    calls = []
+    History().backfill(tmp_path, before_seq=count, progress=lambda: calls.append(1))  # the e-mail plugin's
+    assert len(calls) >= (count - 1) // PROGRESS_EVERY_EVENTS
 
 
 def test_monitor_readings_of_a_long_run_are_thinned_alike_and_their_series_bounded():
