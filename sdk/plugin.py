@@ -56,6 +56,10 @@ class Plugin:
     # the run's config overrides them per key, each value checked against its declaration
     settings: dict[str, Setting | Any] = {}
     handler_timeout_s: float = 60.0  # a handler running longer than this counts as a hang
+    # A durable plugin's plugins/<name>.deadletter.jsonl (each event its handler failed on, with the traceback) past
+    # this size moves to <name>.deadletter.jsonl.1 (the previous one removed): a handler failing on every batch would
+    # otherwise fill the disk in a multi-day run (~1 kB a line, a line a step).
+    dead_letters_max_bytes: int = 64 * 1024 * 1024
     # on_kernel_gone gets this long; then teardown runs and the process exits, whether or not the hook returned
     kernel_gone_timeout_s: float = 10.0
     # Event types at which the kernel waits (at most its vote_timeout_s) for this plugin to handle the

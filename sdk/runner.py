@@ -323,6 +323,8 @@ class Runner:
             path = Path(self.plugin.run_dir) / "plugins" / f"{self.plugin.name}.deadletter.jsonl"
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if path.is_file() and path.stat().st_size >= self.plugin.dead_letters_max_bytes:
+                    os.replace(path, path.with_name(path.name + ".1"))  # the newest kept, the disk bounded
                 with open(path, "a") as f:
                     f.write(json.dumps({"seq": event.seq, "type": event.type, "attempts": attempts,
                                         "traceback": error}) + "\n")

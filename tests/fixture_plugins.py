@@ -396,3 +396,13 @@ class ChattyLogger(Plugin):
 
     def on_end_training_batch(self, event):
         self.log(f"step {event.step} " + "x" * self.settings["chars"])
+
+
+class FailsEveryBatch(Plugin):
+    """A durable plugin whose handler raises at every training batch: each is dead-lettered, its file kept small."""
+
+    delivery = DURABLE
+    dead_letters_max_bytes = 20_000
+
+    def on_end_training_batch(self, event):
+        raise ValueError(f"cannot handle step {event.step}")

@@ -1,9 +1,11 @@
 """A plugin's output log is capped (kernel/supervisor.py, LOG_MAX_BYTES): a real plugin process writing to its log,
 the real Supervisor, a fake clock deciding when the size is checked. kernel.log is capped too (kernel/kernel_log.py):
-a real run whose plugin logs a line a step."""
+a real run whose plugin logs a line a step; and a durable plugin's dead letters, a real run whose plugin fails at
+every step."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -95,3 +97,19 @@ def test_kernel_log_past_its_cap_is_rotated_into_one_older_file_and_still_says_w
     last_step = max(int(line.split("step ")[1].split()[0]) for line in (older.read_text() + text).splitlines()
                     if "[chatty] step " in line)
     assert last_step >= 2 * 40  # the newest lines are the ones kept (kernel/digits.py: 45 steps an epoch)
+
+
+def test_a_durable_plugins_dead_letters_past_their_cap_move_to_one_older_file(tmp_path):
+    """A handler failing at every batch dead-letters each one (~1 kB with its traceback): the file grew without
+    bound. Two epochs are 90 failures, ~90 kB, against the fixture's cap of 20 kB (Plugin.dead_letters_max_bytes)."""
+    failing = resolve_plugin("failing", {}, target="fixture_plugins:FailsEveryBatch")
+    result = run_training(run_config(tmp_path, [failing], epochs=2, checkpoint_every_n_epochs=0,
+                                     ready_timeout_s=PLUGIN_START_S, drain_timeout_s=60))
+    assert result.status == "completed", result.error
+    letters = Path(result.run_dir) / "plugins" / "failing.deadletter.jsonl"
+    older = letters.with_name(letters.name + ".1")
+    line_max = max(len(line) + 1 for line in (older.read_text() + letters.read_text()).splitlines())
+    assert letters.stat().st_size < 20_000 + line_max and 20_000 <= older.stat().st_size < 20_000 + line_max
+    assert not letters.with_name(letters.name + ".2").exists()
+    newest = [json.loads(line) for line in letters.read_text().splitlines()][-1]
+    assert newest["type"] == "end_training_batch" and "cannot handle step 90" in newest["traceback"], newest
