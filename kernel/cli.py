@@ -739,7 +739,7 @@ def _print_summary(result) -> None:
         out.print(f"  training loss {o['training_loss']:.4f}" + (f", {metrics}" if metrics else "") + " (no validation)")
     for name, p in result.plugins.items():
         if p["crashes"] or p["restarts"] or p["state"] == "failed":  # a crash late in a run is not restarted
-            crashes = len(p["crashes"])
+            crashes = p.get("crash_count", len(p["crashes"]))  # the summary keeps the newest causes only
             out.print(f"  plugin {name}: {p['state']}, {crashes} crash{'es' * (crashes != 1)}, {p['restarts']} "
                       f"restarts ({escape('; '.join(p['crashes'][-3:]))})")
         if p.get("left_early"):

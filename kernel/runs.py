@@ -31,6 +31,7 @@ from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_hea
 
 from .config import PLUGIN_NAME
 from .runs_view import duration_text
+from .supervisor import CRASHES_KEPT
 
 KERNEL_LOG = "kernel.log"  # the kernel's log, open while it runs
 KERNEL_PID = "kernel.pid"  # the kernel's process id, written as the run directory is made (0600)
@@ -46,8 +47,8 @@ SUMMARY_FIELDS = {"duration_s": NUMBER, "outcome": dict, "plugins": dict, "undra
 OUTCOME_FIELDS = {"epochs_completed": int, "steps": int, "stop_reasons": list, "training_loss": NUMBER,
                   "validation_loss": NUMBER, "validation_metrics": dict, "training_metrics": dict,
                   "best_validation_loss": NUMBER, "best_epoch": int}
-PLUGIN_FIELDS = {"state": str, "reason": str, "restarts": int, "crashes": list, "errors_logged": int,
-                 "checkpoints_failed": int}
+PLUGIN_FIELDS = {"state": str, "reason": str, "restarts": int, "crashes": list, "crash_count": int,
+                 "errors_logged": int, "checkpoints_failed": int}
 TEXT_LISTS = ("stop_reasons", "crashes")  # shown joined: text items only
 
 SMALL_TAIL_BYTES = 64 * 1024  # an ended run's last event
@@ -494,8 +495,9 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
                           type_, data)
     for name, p in (summary.get("plugins") or {}).items():  # the supervisor's own account wins where there is one
         if isinstance(p, dict):
-            plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes", "errors_logged",
-                                                                  "checkpoints_failed", "left_early", "greeted")
+            plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes", "crash_count",
+                                                                  "errors_logged", "checkpoints_failed", "left_early",
+                                                                  "greeted")
                                                    if k in p})
     if info["status"] != "running":  # over: what the journal last said of a peer is no longer what it does
         told = summary.get("plugins") or {}  # a peer attached by hand whose bye came late or never, or a died run's
@@ -564,13 +566,22 @@ def _plugin_event(p: dict[str, Any], type_: str, data: dict[str, Any]) -> None:
     elif type_ in (ev.PLUGIN_CRASHED, ev.PLUGIN_HUNG):
         p["state"] = "hung" if type_ == ev.PLUGIN_HUNG else "backoff"
         if type_ == ev.PLUGIN_CRASHED and not data.get("hung"):
-            p["crashes"].append(str(data.get("cause")))
+            _crashed(p, str(data.get("cause")))
         elif type_ == ev.PLUGIN_HUNG:
-            p["crashes"].append(f"hung ({data.get('reason')})")
+            _crashed(p, f"hung ({data.get('reason')})")
     elif type_ == ev.PLUGIN_FAILED:
         p["state"], p["reason"] = "failed", data.get("reason")
     elif type_ == ev.PLUGIN_EXITED:
         p["state"] = "exited"
+
+
+def _crashed(p: dict[str, Any], cause: str) -> None:
+    """The newest CRASHES_KEPT causes, and once older ones are forgotten a count of them all, as the supervisor's
+    summary keeps them."""
+    count = p.get("crash_count", len(p["crashes"])) + 1
+    p["crashes"] = (p["crashes"] + [cause])[-CRASHES_KEPT:]
+    if count > len(p["crashes"]):
+        p["crash_count"] = count
 
 
 def _files(run_dir: Path) -> list[dict[str, Any]]:

@@ -63,6 +63,9 @@ STARVED_MAX_S = 60.0  # ... and never past this much more than it was given, wha
 LOG_MAX_BYTES = 64 * 1024 * 1024
 LAST_WORDS_BYTES = 8192  # the end of a plugin's log read for why it exited with an error (_last_words)
 LOG_CHECK_S = 5.0
+# A plugin that crashes now and then but never 6 times within a minute is restarted for as long as the run trains:
+# its summary keeps the newest causes and counts the rest (one every 13 s is ~6,600 a day, each up to ~400 bytes).
+CRASHES_KEPT = 20
 
 Emit = Callable[[str, dict[str, Any]], None]
 
@@ -121,9 +124,20 @@ class Child:
     patience: Patience | None = None  # silent nearly the liveness window: sampled to tell starved from hung
     greeted: bool = False  # some process of it said hello: the kernel knows what it can do (its capabilities)
     restarts: int = 0
-    crashes: list = field(default_factory=list)  # human-readable reasons, for the run summary
+    crashes: list = field(default_factory=list)  # human-readable reasons, the newest CRASHES_KEPT, for the summary
+    crashes_forgotten: int = 0  # older ones, counted
     # detach(): called with the exit code once the detached process is gone (None: there was no process to stop)
     on_detached: Callable[[int | None], None] | None = None
+
+    def crashed(self, cause: str) -> None:
+        self.crashes.append(cause)
+        if len(self.crashes) > CRASHES_KEPT:
+            del self.crashes[0]
+            self.crashes_forgotten += 1
+
+    @property
+    def crash_count(self) -> int:
+        return self.crashes_forgotten + len(self.crashes)
 
 
 class Supervisor:
@@ -336,7 +350,7 @@ class Supervisor:
         if hung or (not child.overdue and code != 0 and not child.leaving):
             cause = (f"{child.overdue} ({_cause(code)})" if child.overdue
                      else f"{self._exit_cause(child, code)} at the run's end")
-            child.crashes.append(cause)
+            child.crashed(cause)
             self.emit(ev.PLUGIN_CRASHED, {"plugin": name, "exit_code": code, "cause": cause, "hung": hung})
             return
         if child.overdue:
@@ -352,6 +366,7 @@ class Supervisor:
     def summary(self) -> dict[str, dict[str, Any]]:
         return {
             name: {"state": c.state, "restarts": c.restarts, "crashes": list(c.crashes), "greeted": c.greeted,
+                   **({"crash_count": c.crash_count} if c.crashes_forgotten else {}),
                    **({"left_early": True} if c.left_early else {})}
             for name, c in self.children.items()
         }
@@ -372,7 +387,7 @@ class Supervisor:
             child.proc = self.processes.spawn(cmd, env, None if spec.console else log, log, self.below_training)
         except OSError as exc:
             child.proc, child.state = None, "failed"
-            child.crashes.append(f"cannot start {cmd[0]}: {exc.strerror or exc}")
+            child.crashed(f"cannot start {cmd[0]}: {exc.strerror or exc}")
             self.emit(ev.PLUGIN_FAILED, {"plugin": spec.name, "reason": child.crashes[-1],
                                          "log": str(self.log_dir / f"{spec.name}.log")})
             return False
@@ -426,7 +441,7 @@ class Supervisor:
 
     def _declare_hung(self, child: Child, now: float, why: str) -> None:
         self.emit(ev.PLUGIN_HUNG, {"plugin": child.spec.name, "pid": child.proc.pid, "reason": why})
-        child.crashes.append(f"hung ({why})")
+        child.crashed(f"hung ({why})")
         self.processes.signal(child.proc, signal.SIGTERM)
         self.processes.signal(child.proc, signal.SIGCONT)  # a stopped process must run to see SIGTERM
         child.state = "terminating"
@@ -458,7 +473,7 @@ class Supervisor:
         cause = self._exit_cause(child, code) if not hung else _cause(code)
         log.warning("plugin %s exited with %s", name, cause)
         if not hung:
-            child.crashes.append(cause)
+            child.crashed(cause)
         self.emit(ev.PLUGIN_CRASHED, {"plugin": name, "exit_code": code, "cause": cause, "hung": hung})
         # Healthy for long enough: forget the old backoff, as Paranoid Pirate does on a good reply.
         if now - child.started_at >= HEALTHY_RESET_S:

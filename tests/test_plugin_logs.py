@@ -1,7 +1,8 @@
-"""A plugin's output log is capped (kernel/supervisor.py, LOG_MAX_BYTES): a real plugin process writing to its log,
-the real Supervisor, a fake clock deciding when the size is checked. kernel.log is capped too (kernel/kernel_log.py):
-a real run whose plugin logs a line a step; and a durable plugin's dead letters, a real run whose plugin fails at
-every step."""
+"""What a run of days piles up is bounded. A plugin's output log is capped (kernel/supervisor.py, LOG_MAX_BYTES): a
+real plugin process writing to its log, the real Supervisor, a fake clock deciding when the size is checked.
+kernel.log is capped too (kernel/kernel_log.py): a real run whose plugin logs a line a step; a durable plugin's dead
+letters: a real run whose plugin fails at every step; a plugin's crash causes: a real process crashing again and
+again on the fake clock."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from helpers import PLUGIN_START_S, run_config
 from trainbus.kernel import kernel_log
 from trainbus.kernel.config import resolve_plugin
 from trainbus.kernel.session import run_training
-from trainbus.kernel.supervisor import LOG_CHECK_S, PluginSpec, Supervisor
+from trainbus.kernel.supervisor import (CRASHES_KEPT, INTERVAL_MAX_S, LOG_CHECK_S, RESTART_WINDOW_S, PluginSpec,
+                                        Supervisor)
 from trainbus.sdk.attach import SOCKETS_LINE
 
 T0 = 1000.0
@@ -113,3 +115,24 @@ def test_a_durable_plugins_dead_letters_past_their_cap_move_to_one_older_file(tm
     assert not letters.with_name(letters.name + ".2").exists()
     newest = [json.loads(line) for line in letters.read_text().splitlines()][-1]
     assert newest["type"] == "end_training_batch" and "cannot handle step 90" in newest["traceback"], newest
+
+
+def test_a_plugin_crashing_for_days_keeps_its_newest_causes_and_counts_them_all(tmp_path):
+    """A real process that exits 3 at once, restarted far enough apart on the fake clock never to be given up (a
+    plugin crashing every 13 s does so for as long as the run trains): the summary kept every cause, ~6,600 a day."""
+    spec = PluginSpec("crashy", "", command=[sys.executable, "-c", "import sys; sys.exit(3)"])
+    sup = Supervisor([spec], {}, tmp_path, lambda type_, data: None)
+    crashes, now = CRASHES_KEPT + 10, T0
+    sup.start_all(now=now)
+    try:
+        for _ in range(crashes):
+            sup.children["crashy"].proc.wait(timeout=60)
+            now += RESTART_WINDOW_S  # the previous restart has left the window: never MAX_RESTARTS within it
+            sup.tick(now)  # its exit: a crash, a restart due after the backoff
+            now += INTERVAL_MAX_S
+            sup.tick(now)  # started again
+        summary = sup.summary()["crashy"]
+        assert summary["state"] != "failed" and summary["crashes"] == ["exit code 3"] * CRASHES_KEPT, summary
+        assert summary["crash_count"] == crashes
+    finally:
+        sup.shutdown(deadline_s=0)
