@@ -31,7 +31,6 @@ from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_hea
 
 from .config import PLUGIN_NAME
 from .runs_view import duration_text
-from .supervisor import CRASHES_KEPT
 
 KERNEL_LOG = "kernel.log"  # the kernel's log, open while it runs
 KERNEL_PID = "kernel.pid"  # the kernel's process id, written as the run directory is made (0600)
@@ -47,6 +46,10 @@ SUMMARY_FIELDS = {"duration_s": NUMBER, "outcome": dict, "plugins": dict, "undra
 OUTCOME_FIELDS = {"epochs_completed": int, "steps": int, "stop_reasons": list, "training_loss": NUMBER,
                   "validation_loss": NUMBER, "validation_metrics": dict, "training_metrics": dict,
                   "best_validation_loss": NUMBER, "best_epoch": int}
+# A plugin that crashes now and then but never 6 times within a minute is restarted for as long as the run trains:
+# its summary (the supervisor's, and runs show's account from the journal) keeps the newest causes and counts the
+# rest (one every 13 s is ~6,600 a day, each up to ~400 bytes).
+CRASHES_KEPT = 20
 PLUGIN_FIELDS = {"state": str, "reason": str, "restarts": int, "crashes": list, "crash_count": int,
                  "errors_logged": int, "checkpoints_failed": int}
 TEXT_LISTS = ("stop_reasons", "crashes")  # shown joined: text items only

@@ -20,6 +20,7 @@ from trainbus.proto.text import printable
 
 from .kernel_log import cap_log
 from .plugin_processes import Processes
+from .runs import CRASHES_KEPT
 
 log = logging.getLogger("trainbus.kernel")
 
@@ -63,9 +64,6 @@ STARVED_MAX_S = 60.0  # ... and never past this much more than it was given, wha
 LOG_MAX_BYTES = 64 * 1024 * 1024
 LAST_WORDS_BYTES = 8192  # the end of a plugin's log read for why it exited with an error (_last_words)
 LOG_CHECK_S = 5.0
-# A plugin that crashes now and then but never 6 times within a minute is restarted for as long as the run trains:
-# its summary keeps the newest causes and counts the rest (one every 13 s is ~6,600 a day, each up to ~400 bytes).
-CRASHES_KEPT = 20
 
 Emit = Callable[[str, dict[str, Any]], None]
 
