@@ -745,7 +745,7 @@ def _print_summary(result) -> None:
         if p.get("left_early"):
             out.print(f"  plugin {name}: left before the run ended (exit code 0 or bye), so it saw nothing after (what "
                       f"it printed: {Path(result.run_dir) / 'plugins' / f'{name}.log'})")
-        if p.get("greeted") is False:
+        if p.get("greeted") is False and not p.get("detached"):
             out.print(f"  plugin {name}: never said hello, so it took no event (what it printed: "
                       f"{Path(result.run_dir) / 'plugins' / f'{name}.log'}; a command plugin speaks proto/PROTOCOL.md)")
         if p.get("checkpoints_failed"):

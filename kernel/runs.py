@@ -268,7 +268,8 @@ def _plugin_trouble(plugins: dict[str, Any], undrained: dict[str, Any]) -> list[
             trouble.append(f"{name} crashed ({p['crashes'][-1]})")
         if p.get("left_early"):  # exited 0 (or said bye) mid-run: on purpose, so not restarted, but the run lost it
             trouble.append(f"{name} left before the run ended")
-        if p.get("greeted") is False:  # it took no event: not a plugin (a command that speaks no PROTOCOL.md), or hung
+        if p.get("greeted") is False and not p.get("detached"):  # it took no event: not a plugin (a command that
+            # speaks no PROTOCOL.md), or hung; one its owner detached while it still started was asked to go
             trouble.append(f"{name} never said hello")
         if p.get("errors_logged"):  # handlers that raised, or errors it logged itself: the plugin went on
             trouble.append(f"{name} {p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged")
@@ -500,7 +501,7 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         if isinstance(p, dict):
             plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes", "crash_count",
                                                                   "errors_logged", "checkpoints_failed", "left_early",
-                                                                  "greeted")
+                                                                  "greeted", "detached")
                                                    if k in p})
     if info["status"] != "running":  # over: what the journal last said of a peer is no longer what it does
         told = summary.get("plugins") or {}  # a peer attached by hand whose bye came late or never, or a died run's

@@ -250,7 +250,7 @@ def print_show(console, run: dict[str, Any]) -> None:
                 trouble.append(p["reason"])
             if p.get("left_early"):
                 trouble.append("left before the run ended")
-            if p.get("greeted") is False:  # it took no event of the run (as runs list says)
+            if p.get("greeted") is False and not p.get("detached"):  # it took no event of the run (as runs list says)
                 trouble.append("never said hello")
             if p.get("errors_logged"):
                 trouble.append(f"{p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged (kernel.log)")

@@ -121,6 +121,7 @@ class Child:
     overdue: str = ""  # still running when the run's plugins were out of time to exit: why it was stopped
     patience: Patience | None = None  # silent nearly the liveness window: sampled to tell starved from hung
     greeted: bool = False  # some process of it said hello: the kernel knows what it can do (its capabilities)
+    detached: bool = False  # its owner stopped it (plugins detach): gone on purpose, hello or not, so no trouble
     restarts: int = 0
     crashes: list = field(default_factory=list)  # human-readable reasons, the newest CRASHES_KEPT, for the summary
     crashes_forgotten: int = 0  # older ones, counted
@@ -231,6 +232,7 @@ class Supervisor:
         restarted, and no crash. done(exit code) once it is gone; done(None) at once when no process runs (it was
         waiting to be restarted)."""
         child = self.children[name]
+        child.detached = True
         if child.proc is None or child.state == "backoff":
             child.state = "exited"
             done(None)
@@ -365,7 +367,7 @@ class Supervisor:
         return {
             name: {"state": c.state, "restarts": c.restarts, "crashes": list(c.crashes), "greeted": c.greeted,
                    **({"crash_count": c.crash_count} if c.crashes_forgotten else {}),
-                   **({"left_early": True} if c.left_early else {})}
+                   **({"left_early": True} if c.left_early else {}), **({"detached": True} if c.detached else {})}
             for name, c in self.children.items()
         }
 

@@ -170,6 +170,18 @@ class FailsInInit(Plugin):
         raise RuntimeError("cannot open its database")
 
 
+class HeldBeforeHello(Plugin):
+    """Says no hello until the file its `gate` setting names exists: a plugin still starting (importing, loading
+    a model) when its owner detaches it."""
+
+    settings = {"gate": ""}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        while not os.path.exists(self.settings["gate"]):
+            time.sleep(0.05)
+
+
 class StuckInHandler(Plugin):
     """Its end_epoch handler sleeps far past its handler_timeout_s, without saying still_working()."""
 

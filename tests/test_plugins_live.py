@@ -8,6 +8,7 @@ opens the gate to N, so "attached at step 10, detached at step 65" holds however
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -205,3 +206,40 @@ def test_attaching_a_plugin_under_a_name_a_live_hand_attached_peer_holds_is_refu
     open_gate(gate, 10**6)
     assert kernel.result(timeout_s=STARTUP_S)["status"] == "completed"
     assert not of(read_events(kernel.run_dir), "plugin_attached")
+
+
+def test_a_plugin_detached_before_its_hello_is_no_trouble(short_runs, tmp_path, kernels, monkeypatch):  # noqa: F811
+    """A plugin detached while it still starts (importing, loading what it needs: no hello yet) was counted as
+    `never said hello` in the run's summary, `runs list` and `runs show`, though its owner asked it to go; a script
+    that attaches a plugin and detaches it at once met that trouble. Now a detached plugin is no trouble, hello
+    or not."""
+    site = tmp_path / "site"  # an installed package registering the held plugin by name, as pip would
+    info = site / "held_plugins-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: held_plugins\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[trainbus.plugins]\nheld = fixture_plugins:HeldBeforeHello\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ["PYTHONPATH"]]))
+    gate, hello_gate = tmp_path / "gate", tmp_path / "hello-gate"  # the second never opens: no hello, ever
+    kernel = KernelProcess(config(short_runs, gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    open_gate(gate, 5)
+    kernel.wait_step(5, timeout_s=STARTUP_S)
+
+    attached = plugins_cli(kernel, "attach", kernel.run_id, "held", f"gate={hello_gate}")
+    assert attached.returncode == 0, attached.stderr
+    detached = plugins_cli(kernel, "detach", kernel.run_id, "held")
+    assert detached.returncode == 0 and detached.stdout.startswith("stopped held ("), detached.stderr
+
+    open_gate(gate, EPOCHS * STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=STARTUP_S)
+    assert result["status"] == "completed", result
+    held = result["plugins"]["held"]
+    assert (held["greeted"], held["detached"], held["crashes"]) == (False, True, []), held  # no hello: it was held
+    details = run_details(kernel.run_dir)  # what `trainbus runs show RUN --json` prints
+    assert details["plugin_trouble"] == [], details["plugin_trouble"]
+    listed = subprocess.run([*trainbus_cmd(), "runs", "list", "--json", "--runs-dir", str(short_runs)],
+                            capture_output=True, text=True, timeout=STARTUP_S)
+    assert [r["plugin_trouble"] for r in json.loads(listed.stdout)] == [[]], listed.stdout
+    shown = subprocess.run([*trainbus_cmd(), "runs", "show", kernel.run_id, "--runs-dir", str(short_runs)],
+                           capture_output=True, text=True, timeout=STARTUP_S)
+    assert "never said hello" not in shown.stdout, shown.stdout
