@@ -782,6 +782,20 @@ class _SaidBeforeTheRun(logging.Formatter):
         return f"trainbus: {record.levelname.lower()}: {record.getMessage()}"
 
 
+def _command_path(words: list[str]) -> str:
+    """`trainbus runs list` for `runs list --status`: the command a usage error without click's context was met in
+    (an option given no value), whose --help says what it takes; the words name it up to the first that is no
+    subcommand."""
+    command, path = typer.main.get_command(app), ["trainbus"]
+    for word in words:
+        subcommands = getattr(command, "commands", {})
+        if word not in subcommands:
+            break
+        command = subcommands[word]
+        path.append(word)
+    return " ".join(path)
+
+
 def main() -> None:
     logging.lastResort.setFormatter(_SaidBeforeTheRun())
     _guard_standard_streams()
@@ -794,7 +808,7 @@ def main() -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `trainbus` alone: its help
             exc.show()
             _exit(exc.exit_code)
-        where = exc.ctx.command_path if exc.ctx is not None else "trainbus"
+        where = exc.ctx.command_path if exc.ctx is not None else _command_path(sys.argv[1:])
         print(f"error: {exc.format_message()} (`{where} --help` shows what it takes)", file=sys.stderr)
         _exit(2)
     except click.ClickException as exc:

@@ -290,6 +290,19 @@ def test_a_reason_left_out_is_refused_not_the_next_option_taken_for_it(args, opt
     assert f"'{option}': takes a REASON, and '{taken}' is an option: put the reason right after it" in r.stderr
 
 
+@pytest.mark.parametrize("args, command", [
+    (["run", "--epochs"], "trainbus run"),
+    (["runs", "list", "--status"], "trainbus runs list"),
+    (["daemon", "start", "--gpus"], "trainbus daemon start"),
+])
+def test_an_option_left_without_its_value_points_at_its_commands_help(args, command, tmp_path):
+    """`trainbus runs list --status` said to see `trainbus --help`, which names no --status: click's error for an
+    option given no value carries no context, and the line fell back to the top command."""
+    r = trainbus(*args, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == (f"error: Option '{args[-1]}' requires an argument. (`{command} --help` "
+                                              f"shows what it takes)\n"), r.stderr
+
+
 @pytest.mark.parametrize("args", [["run"], ["runs", "delete", "x", "--yes"], ["daemon", "start"]])
 def test_an_empty_runs_dir_is_refused_not_taken_for_the_current_directory(args, tmp_path):
     """`--runs-dir "$UNSET"` was the current directory: runs made, or looked for and deleted, there."""
