@@ -230,7 +230,7 @@ def run(
                                       f"nothing was made")
     if plugins is not None:  # which plugins run; a name the config has a [plugins.NAME] table for runs as it says
         configured = {p.name: p for p in cfg.plugins}
-        cfg.plugins = [configured.get(name) or resolve_plugin(name, {})
+        cfg.plugins = [configured.get(name) or resolve_plugin(name, {}, where="--plugins")
                        for name in (word.strip() for word in plugins.split(",")) if name]
     for key, value in (("epochs", epochs), ("seed", seed), ("device", device),
                        ("resume", str(resumed_run) if resumed_run else resume),

@@ -290,19 +290,20 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
                 raise ConfigError(f"{where}: plugins.{name}.command must be a non-empty list of strings")
             cfg.plugins.append(PluginConfig(name=name, target="", settings=dict(settings), command=command))
             continue
-        cfg.plugins.append(resolve_plugin(name, settings, target))
+        cfg.plugins.append(resolve_plugin(name, settings, target, where=f"{where}: [plugins.{name}]"))
     check_run(cfg, where)
     return cfg
 
 
-def resolve_plugin(name: str, settings: dict[str, Any], target: str | None = None) -> PluginConfig:
+def resolve_plugin(name: str, settings: dict[str, Any], target: str | None = None, where: str = "") -> PluginConfig:
+    """The plugin NAME runs as; `where` it was named (a config file's table, --plugins) begins a ConfigError."""
     if target is None:
         known = registered_plugins()
         if name not in known and name in (clashes := plugin_name_clashes()):
             raise ConfigError(clashes[name])
         if name not in known:
-            raise ConfigError(f"unknown plugin {name!r}; known: {', '.join(sorted(known))} "
-                              f"(or give a target = \"module:Class\" for your own)")
+            raise ConfigError(f"{where + ': ' if where else ''}unknown plugin {name!r}{near_miss(name, known)}; "
+                              f"known: {', '.join(sorted(known))} (or give a target = \"module:Class\" for your own)")
         target = known[name]
     return PluginConfig(name=name, target=target, settings=dict(settings))
 
@@ -440,15 +441,21 @@ def _no_unknown(table: dict, known, where: str) -> None:
                               f"{', '.join(known)}")
 
 
+def near_miss(word: str, known) -> str:
+    """` (did you mean 'console'?)` for a typo of one of `known` (`consol`), else ""."""
+    import difflib
+
+    near = difflib.get_close_matches(word, list(known), n=1, cutoff=0.8)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 def _where_it_goes(key: str, known) -> str:
     """A hint for a key in the wrong place: a near miss of a known one, a key of another table, a plugin's setting
     written in its table, or, in [run] or at the top, a hyperparameter (what an unknown name there most often
     is). Which table it was found in, `known` says."""
-    import difflib
-
-    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.8)
+    near = near_miss(key, known)
     if near:
-        return f" (did you mean {near[0]!r}?)"
+        return near
     for table, keys in (("run", _RUN_KEYS), ("limits", _LIMIT_KEYS)):
         if key in keys:
             return f" (it belongs in [{table}])"

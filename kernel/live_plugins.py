@@ -15,7 +15,7 @@ from typing import Any
 from trainbus.proto import control, encode_control, events as ev, pack
 
 from .checkpointing import persister_directory
-from .config import SETTINGS_MAX_BYTES, ConfigError, registered_plugins
+from .config import SETTINGS_MAX_BYTES, ConfigError, near_miss, registered_plugins
 from .peers import Peer, Peers
 from .supervisor import DETACH_GRACE_S, PluginSpec, Supervisor
 
@@ -28,7 +28,8 @@ def installed_target(name: str) -> str:
     """The "module:Class" an installed plugin name runs (built-in or entry point); ConfigError naming them all."""
     known = registered_plugins()
     if name not in known:
-        raise ConfigError(f"unknown plugin {name!r}; installed: {', '.join(sorted(known))} (trainbus plugins list)")
+        raise ConfigError(f"unknown plugin {name!r}{near_miss(name, known)}; installed: {', '.join(sorted(known))} "
+                          f"(trainbus plugins list)")
     return known[name]
 
 

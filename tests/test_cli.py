@@ -103,6 +103,12 @@ BAD_INPUT = {
     "missing function": (lambda t: ["run", f"{TESTS_DIR / 'specs.py'}:nope"], "has no attribute 'nope'"),
     "unknown module": (lambda t: ["run", "no_such_pkg.mod:build"], "cannot import module"),
     "unknown plugin": (lambda t: ["run", "--plugins", "console,bogus"], "unknown plugin 'bogus'"),
+    "a typo of a plugin in --plugins": (lambda t: ["run", "--plugins", "console,metric_log"],
+                                        "--plugins: unknown plugin 'metric_log' (did you mean 'metrics_log'?); "
+                                        "known: "),
+    "a typo of a plugin in a config": (lambda t: ["run", "--config", _write(t, "p.toml", "[plugins.consol]\n")],
+                                       "p.toml: [plugins.consol]: unknown plugin 'consol' (did you mean 'console'?); "
+                                       "known: "),
     "malformed toml": (lambda t: ["run", "--config", _write(t, "bad.toml", "[run\nepochs=")], "not valid TOML"),
     "bz json with a key twice": (lambda t: ["run", "--config", _write(
         t, "d.json", '{"training": {"epochs": 1}, "training": {"epochs": 2}}')],
