@@ -224,16 +224,20 @@ def _kernel_listens(runs_dir: Path, unmade: dict) -> bool:
     print(f"trainbus: run {unmade['id']} is starting (its kernel builds the spec first); the stop goes in once it "
           f"listens", file=sys.stderr)
     deadline = time.monotonic() + KERNEL_START_WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            with open(kernel_log, "rb") as f:
-                if b" sockets: " in f.read(1 << 16):
-                    return True
-        except OSError:
-            pass
-        if unmade["pid"] is not None and not process_alive(unmade["pid"], unmade["pid_started"]):
-            return kernel_log.parent.is_dir()  # it made its directory and ended: the run says how
-        time.sleep(0.2)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                with open(kernel_log, "rb") as f:
+                    if b" sockets: " in f.read(1 << 16):
+                        return True
+            except OSError:
+                pass
+            if unmade["pid"] is not None and not process_alive(unmade["pid"], unmade["pid_started"]):
+                return kernel_log.parent.is_dir()  # it made its directory and ended: the run says how
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # the line above said a stop would go in: say that none did
+        print(f"trainbus: Ctrl-C: no stop was sent; run {unmade['id']} goes on", file=sys.stderr)
+        raise typer.Exit(code=130) from None
     raise UserError(f"run {unmade['id']}'s kernel did not start listening within {KERNEL_START_WAIT_S:.0f} s; "
                     f"`trainbus runs show {unmade['id']}` says where it is")
 

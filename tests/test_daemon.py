@@ -440,6 +440,17 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     assert refused.returncode == 2 and refused.stderr == (
         f"error: run {held} is not queued: it is running; `trainbus runs stop {held}` stops it\n"), refused.stderr
     assert cli("runs", "show", held, "--runs-dir", str(runs)).stdout.startswith(f"run {held}: running")  # not queued
+    # Ctrl-C while `runs stop` waits for it to listen: said that no stop went in (it exited 130 saying nothing)
+    waiting = subprocess.Popen([*trainbus_cmd(), "runs", "stop", held, "--runs-dir", str(runs)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert select.select([waiting.stderr], [], [], WAIT_S)[0], "no word from `runs stop`"
+        assert f"run {held} is starting" in waiting.stderr.readline()
+        waiting.send_signal(signal.SIGINT)
+        out, err = waiting.communicate(timeout=WAIT_S)
+    finally:
+        waiting.kill()
+    assert (waiting.returncode, out, err) == (130, "", f"trainbus: Ctrl-C: no stop was sent; run {held} goes on\n")
     stopping = subprocess.Popen([*trainbus_cmd(), "runs", "stop", held, "--runs-dir", str(runs), "--reason", "early"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -454,6 +465,7 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     open_gate(tmp_path / "gate", 10_000)
     wait_until(lambda: listed(runs)[held]["status"] != "running", WAIT_S, "the held run ended")
     assert listed(runs)[held]["status"] == "stopped"
+    assert [reason.partition(": ")[2] for reason in listed(runs)[held]["stop_reasons"]] == ["stop: early"]
 
     # killed (an OOM killer, kill -9) while still in build(): died, as a kernel killed later is (it said failed)
     killed_gate = tmp_path / "killed_gate"
