@@ -10,6 +10,7 @@ control socket is used: an owner's command needs no events (PROTOCOL.md §7.1, `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import zmq
 from trainbus.proto import BEST_EFFORT, MAX_MESSAGE_BYTES, ProtocolError, control, decode_control, encode_control
 
 from .attach import AttachError, Target, client_name, kernel_died, target_of
-from .runner import run_summary
+from .runner import kernel_stopped, run_summary
 
 WELCOME_TIMEOUT_S = 30.0  # the kernel answers a hello at once; a busy box can take a few seconds
 # detach is answered once the plugin has exited: its teardown gets the supervisor's DETACH_GRACE_S (30 s) first
@@ -32,6 +33,14 @@ POLL_S = 0.2
 
 class CommandError(Exception):
     """The kernel refused the command, or could not be reached: the text says which."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C while the kernel had not answered; `sent`: whether the command had gone out (it may still be done)."""
+
+    def __init__(self, sent: bool):
+        super().__init__()
+        self.sent = sent
 
 
 def send_command(target: Target, command: dict[str, Any], timeout_s: float = RESULT_TIMEOUT_S) -> dict[str, Any]:
@@ -45,14 +54,22 @@ def send_command(target: Target, command: dict[str, Any], timeout_s: float = RES
     if target.secure is not None:
         target.secure(dealer)
     dealer.connect(target.control)
+    welcomed = sent = False
     try:
         dealer.send(encode_control(control("hello", name=name, pid=os.getpid(), subscriptions=[], replies=[],
                                            delivery=BEST_EFFORT, votes=[], capabilities=[], secret=target.secret())))
         _wait_for(dealer, "welcome", "", WELCOME_TIMEOUT_S, target)
+        welcomed = True
         dealer.send(encode_control(command))
+        sent = True
         result = _wait_for(dealer, "command_result", command["id"], timeout_s, target)
         dealer.send(encode_control(control("bye", reason="command answered")))
         return result
+    except KeyboardInterrupt:
+        if welcomed:  # gone on purpose, not a peer to be declared hung
+            with contextlib.suppress(zmq.ZMQError):
+                dealer.send(encode_control(control("bye", reason="interrupted (Ctrl-C)")), zmq.NOBLOCK)
+        raise Interrupted(sent) from None
     finally:
         ctx.destroy(linger=1000)
 
@@ -61,6 +78,7 @@ def _wait_for(dealer: zmq.Socket, type_: str, id_: str, timeout_s: float, target
     """The kernel's next `type_` message (with `id_`, for a command_result), heartbeating meanwhile."""
     end = time.monotonic() + timeout_s
     next_beat = time.monotonic() + HEARTBEAT_S
+    told_stopped = False
     while time.monotonic() < end:
         if dealer.poll(POLL_S * 1000):
             try:
@@ -81,6 +99,12 @@ def _wait_for(dealer: zmq.Socket, type_: str, id_: str, timeout_s: float, target
         dead = kernel_died(target.run_dir)
         if dead:
             raise CommandError(dead)
+        pid = kernel_stopped(target.run_dir) if not told_stopped else None
+        if pid is not None:  # said, not waited on in silence until the timeout
+            told_stopped = True
+            print(f"trainbus: the run's kernel (pid {pid}) is stopped (SIGSTOP or a debugger) and answers nothing; "
+                  f"waiting up to {end - time.monotonic():.0f} s for it to run again (`kill -CONT {pid}`)",
+                  file=sys.stderr)
     raise CommandError(f"no answer from the run's kernel within {timeout_s:.0f} s")
 
 
@@ -103,6 +127,11 @@ def main(argv: list[str]) -> int:
     except (AttachError, CommandError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as interrupted:
+        print(f"trainbus: Ctrl-C: the {args.action} of {args.name} was sent but not answered; `trainbus runs show "
+              f"{args.where}` lists the run's plugins" if interrupted.sent
+              else f"trainbus: Ctrl-C: nothing was sent; {args.name} is as it was", file=sys.stderr)
+        return 130
     if not result["ok"]:  # a mistake the kernel caught (unknown plugin, already attached): as the CLI's own, exit 2
         print(f"error: {result['text']}", file=sys.stderr)
         return 2

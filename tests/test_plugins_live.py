@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
+import signal
 import subprocess
 from pathlib import Path
 
@@ -243,3 +245,36 @@ def test_a_plugin_detached_before_its_hello_is_no_trouble(short_runs, tmp_path, 
     shown = subprocess.run([*trainbus_cmd(), "runs", "show", kernel.run_id, "--runs-dir", str(short_runs)],
                            capture_output=True, text=True, timeout=STARTUP_S)
     assert "never said hello" not in shown.stdout, shown.stdout
+
+
+def test_ctrl_c_while_the_kernel_does_not_answer_says_nothing_was_sent(short_runs, tmp_path, kernels):  # noqa: F811
+    """`plugins detach` to a kernel that is stopped (SIGSTOP, a debugger) waited 30 s in silence, and Ctrl-C then
+    printed a Python traceback. Now the wait is said at once, with the fix, and Ctrl-C says that nothing was sent
+    (exit 130); the plugin is as it was."""
+    gate = tmp_path / "gate"
+    metrics_log = PluginConfig("metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin", {})
+    kernel = KernelProcess(config(short_runs, [metrics_log], gate=str(gate), ready_timeout_s=STARTUP_S), tmp_path)
+    kernels.append(kernel)
+    open_gate(gate, 5)
+    kernel.wait_step(5, timeout_s=STARTUP_S)
+    os.kill(kernel.pid, signal.SIGSTOP)
+    try:
+        detach = subprocess.Popen([*trainbus_cmd(), "plugins", "detach", kernel.run_id, "metrics_log", "--runs-dir",
+                                   str(short_runs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert select.select([detach.stderr], [], [], STARTUP_S)[0], "no word from `plugins detach`"
+            assert detach.stderr.readline() == (f"trainbus: the run's kernel (pid {kernel.pid}) is stopped (SIGSTOP or "
+                                                f"a debugger) and answers nothing; waiting up to 30 s for it to run "
+                                                f"again (`kill -CONT {kernel.pid}`)\n")
+            detach.send_signal(signal.SIGINT)
+            out, err = detach.communicate(timeout=STARTUP_S)
+        finally:
+            detach.kill()
+        assert (detach.returncode, out, err) == (130, "", "trainbus: Ctrl-C: nothing was sent; metrics_log is as it "
+                                                           "was\n"), err
+    finally:
+        os.kill(kernel.pid, signal.SIGCONT)
+    open_gate(gate, EPOCHS * STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=STARTUP_S)
+    assert result["status"] == "completed" and result["plugins"]["metrics_log"]["state"] == "exited", result
+    assert not of(read_events(result["run_dir"]), "plugin_detached", "metrics_log")
