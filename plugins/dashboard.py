@@ -252,6 +252,18 @@ def one_command(attachment: Attachment, kind: str, reason: str) -> int:
     back) and a heartbeat followed with no refusal (a monitor-role key's is refused at once, on the control
     socket), or, for a stop, when stop_requested naming us came first (it says the step); a checkpoint_now waits
     a little longer for what the next step boundary made of it (a snapshot taken, or skipped: no persister)."""
+    sent: list[bool] = []  # one entry once the command went out
+    try:
+        return _one_command(attachment, kind, reason, sent)
+    except KeyboardInterrupt:  # after a line that said the command would go in, say whether it went
+        where = attachment.target.run_dir
+        run = f"run {where.name}" if where is not None else "the run"
+        print(f"trainbus: Ctrl-C: the {kind} was sent, but not yet seen journaled: `trainbus runs show` says how "
+              f"{run} goes on" if sent else f"trainbus: Ctrl-C: no {kind} was sent; {run} goes on", file=sys.stderr)
+        raise
+
+
+def _one_command(attachment: Attachment, kind: str, reason: str, sent: list[bool]) -> int:
     end, echo, echoed_at = float("inf"), None, 0.0  # the clock starts once sent: reaching the kernel has its own
     run = lambda: attachment.state.run.get("id")  # noqa: E731
     told_stopped = False
@@ -275,6 +287,7 @@ def one_command(attachment: Attachment, kind: str, reason: str) -> int:
                       file=sys.stderr)
                 return 1
             send_command(attachment, kind, reason)
+            sent.append(True)
             end = now + COMMAND_ECHO_TIMEOUT_S
         elif event is not None and event.type == ev.LOG and kind in str(event.data.get("text")) \
                 and str(event.data.get("plugin")).partition(" (key ")[0] == attachment.peer_name:  # a remote: + key

@@ -500,7 +500,8 @@ def test_runs_stop_of_a_stopped_kernel_says_so_and_goes_in_once_it_runs_again(ru
     kernel = live_run(runs_dir, tmp_path, kernels, epochs=20, batch_s=0.05, monitors=False)
     kernel.wait_step(3, timeout_s=60)
     kernel.signal(signal.SIGSTOP)
-    try:
+
+    def stop_said_waiting() -> subprocess.Popen:
         proc = subprocess.Popen([*trainbus_cmd(), "runs", "stop", kernel.run_id, "--runs-dir", str(runs_dir)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # said within its first poll; a busy box makes the client's start (Python, pyzmq) the long part
@@ -510,11 +511,22 @@ def test_runs_stop_of_a_stopped_kernel_says_so_and_goes_in_once_it_runs_again(ru
                                f"and answers nothing; stop goes in once it runs again "
                                f"(`kill -CONT {kernel.pid}`)"), said
         assert proc.poll() is None, "it must wait for the kernel, not give up on it"
+        return proc
+
+    try:
+        # Ctrl-C there says that no stop went in (it exited 130 saying nothing, after the line above)
+        interrupted = stop_said_waiting()
+        interrupted.send_signal(signal.SIGINT)
+        out, err = interrupted.communicate(timeout=60)
+        assert (interrupted.returncode, out, err) == (
+            130, "", f"trainbus: Ctrl-C: no stop was sent; run {kernel.run_id} goes on\n"), (out, err)
+        proc = stop_said_waiting()
     finally:
         kernel.signal(signal.SIGCONT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and out.startswith(f"stop sent to run {kernel.run_id} as attach-"), (out, err)
-    assert kernel.result(timeout_s=120)["status"] == "stopped"
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "stopped" and len(result["outcome"]["stop_reasons"]) == 1, result["outcome"]
 
 
 def test_attach_over_tcp_with_curve_keys_watches_and_only_a_control_key_stops(runs_dir, tmp_path, kernels):
