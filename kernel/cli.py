@@ -803,7 +803,9 @@ def main() -> None:
     try:
         # Not standalone: click's own usage errors come here, said in one line like every other mistake (its
         # standalone form is three: usage, a help hint, the error). Exit returns its code.
-        code = app(standalone_mode=False)
+        # prog_name: `trainbus`, also where `runs resume` execs `python -m trainbus.kernel.cli run ...`, whose
+        # usage errors named that command for --help
+        code = app(standalone_mode=False, prog_name="trainbus")
     except click.UsageError as exc:  # an unknown option or command, a bad or missing value
         if type(exc).__name__ == "NoArgsIsHelpError":  # `trainbus` alone: its help
             exc.show()

@@ -309,6 +309,17 @@ def test_an_option_left_without_its_value_points_at_its_commands_help(args, comm
                                               f"shows what it takes)\n"), r.stderr
 
 
+def test_a_mistyped_option_of_runs_resume_points_at_a_command_there_is(tmp_path):
+    """`runs resume RUN --epoch 20` becomes `python -m trainbus.kernel.cli run --resume RUN --epoch 20`, and its usage
+    error said to see `python -m trainbus.kernel.cli run --help`."""
+    ran = trainbus("run", "--epochs", "1", "--plugins", "", "--runs-dir", str(tmp_path / "runs"))
+    assert ran.returncode == 0, ran.stderr
+    r = subprocess.run([*trainbus_cmd(), "runs", "resume", ran.stdout.split()[1].rstrip(":"), "--epoch", "20"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and r.stderr == ("error: No such option: --epoch (Possible options: --detach, --epochs, "
+                                              "--nproc) (`trainbus run --help` shows what it takes)\n"), r.stderr
+
+
 @pytest.mark.parametrize("args", [["run"], ["runs", "delete", "x", "--yes"], ["daemon", "start"]])
 def test_an_empty_runs_dir_is_refused_not_taken_for_the_current_directory(args, tmp_path):
     """`--runs-dir "$UNSET"` was the current directory: runs made, or looked for and deleted, there."""
