@@ -274,6 +274,8 @@ def run(
         except SpecError as exc:
             raise UserError(from_file(exc)) from None
         check_metric_settings(METRICS, metric_settings)  # a queued run too: not only once the daemon starts it
+    if continuing is not None:  # after the flags' own checks: a typo is said as one, naming those there are
+        _check_trained_as_recorded(continuing, cfg.hyperparameters)
     if config is not None and plugins is None and continuing is None and says_the_checks() and (
             note := defaults_left_out(config)):
         print(f"trainbus: note: {note}", file=sys.stderr)
@@ -617,6 +619,28 @@ def _check_resumable(run_dir: Path, epochs: int | None) -> None:
     why = why_not_resumable(run_dir, epochs, rank=_under_a_launcher())
     if why:
         raise UserError(why)
+
+
+def _check_trained_as_recorded(run_dir: Path, given: dict) -> None:
+    """UserError for a flag (or --set hyperparameter) of a run continued in place that is not what it trained with:
+    its config.json, the registry and `runs compare` would say the new value for the whole run, and its
+    checkpoint's optimizer state puts back the old one where a flag set it (an lr): the record and the training
+    would part. `epochs` is the exception: more of them is what a continued run is for."""
+    try:
+        recorded = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # config_of_run has read it; a file gone since is the resume's to say
+    trained = {**(recorded.get("hyperparameters") or {}), **(recorded.get("flags") or {})}
+
+    def plain(value):  # as config.json holds it: a Path as text, a tuple as a list
+        return json.loads(json.dumps(value, default=str))
+
+    for name, value in given.items():
+        if name != "epochs" and (name not in trained or plain(value) != plain(trained[name])):
+            was = f"with {name}={json.dumps(plain(trained[name]))}" if name in trained else f"without {name}"
+            raise UserError(f"--resume {run_dir.name} continues that run as it trained, {was}: "
+                            f"{name}={json.dumps(plain(value))} would change it midway, while its record would say "
+                            f"that for all of it; leave {name} out to continue it, or start a new run with it")
 
 
 def _run_to_continue(resume: str, runs_dir: Path) -> Path | None:

@@ -309,6 +309,28 @@ def test_an_option_left_without_its_value_points_at_its_commands_help(args, comm
                                               f"shows what it takes)\n"), r.stderr
 
 
+def test_a_run_continued_in_place_keeps_the_flags_it_trained_with(tmp_path):
+    """`runs resume RUN lr=0.1` trained on at the checkpoint's lr (its optimizer state) while config.json, the
+    registry and `runs compare` said lr=0.1 for the whole run. Now a flag or --set hyperparameter that is not what
+    the run trained with is refused in one line, nothing trained; the same value, and more epochs, are taken."""
+    runs = tmp_path / "runs"
+    ran = trainbus("run", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs))
+    assert ran.returncode == 0, ran.stderr
+    run_id = ran.stdout.split()[1].rstrip(":")
+    for words, said in [
+            (["lr=0.1"], 'with lr=0.001: lr=0.1 would change it midway'),
+            (["--set", "model=cnn"], 'with model="mlp": model="cnn" would change it midway')]:
+        refused = trainbus("runs", "resume", run_id, *words, "--epochs", "2", "--runs-dir", str(runs))
+        assert refused.returncode == 2 and refused.stderr == (
+            f"error: --resume {run_id} continues that run as it trained, {said}, while its record would say that "
+            f"for all of it; leave {words[-1].partition('=')[0]} out to continue it, or start a new run with it\n"), \
+            refused.stderr
+    summary = json.loads((runs / run_id / "summary.json").read_text())
+    assert summary["outcome"]["epochs_completed"] == 1, "nothing trained"
+    again = trainbus("runs", "resume", run_id, "lr=0.001", "--epochs", "2", "--runs-dir", str(runs))
+    assert again.returncode == 0 and f"run {run_id}: completed after 2 epochs" in again.stdout, again.stderr
+
+
 def test_a_mistyped_option_of_runs_resume_points_at_a_command_there_is(tmp_path):
     """`runs resume RUN --epoch 20` becomes `python -m trainbus.kernel.cli run --resume RUN --epoch 20`, and its usage
     error said to see `python -m trainbus.kernel.cli run --help`."""
