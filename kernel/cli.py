@@ -64,6 +64,7 @@ import functools
 import json
 import logging
 import re
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -537,6 +538,9 @@ def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:
                              env=dict(os.environ))
     except JobError as exc:
         raise UserError(str(exc)) from None
+    except (sqlite3.Error, OSError) as exc:  # the queue is one transaction: nothing was queued
+        raise UserError(f"cannot queue run {run_id}: {runs_dir / 'registry.sqlite'} cannot be written ({exc}); free "
+                        f"space there (a full disk says this), or give --runs-dir another place") from None
     print(run_id)
     where = escape(str(runs_dir.resolve()))
     if told:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -215,6 +216,9 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
                            if job["pid"] is not None and process_alive(job["pid"], job["pid_started"])}
         except RegistryError as exc:
             unreadable = str(exc)
+        except sqlite3.Error as exc:  # a full disk: SQLite cannot even open it in WAL mode
+            unreadable = (f"{runs_dir / REGISTRY_NAME} cannot be read ({exc}); free space there (a full disk says "
+                          f"this)")
     if answer is not None:
         answer = {k: v for k, v in answer.items() if k not in ("ok", "queued", "ended")}
     if as_json:

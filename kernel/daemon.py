@@ -448,8 +448,13 @@ class Lock:
             os.close(self.fd)
             raise DaemonError(f"a daemon (pid {holder}) already serves {directory.parent}; "
                               f"`trainbus daemon status --runs-dir {directory.parent}` shows it") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a full disk: nothing the daemon writes (its log, its runs' output) would land
+            os.close(self.fd)
+            raise DaemonError(f"cannot write {self.path} ({exc.strerror or exc}); free space there, or give "
+                              f"--runs-dir another place") from None
 
 
 def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foreground_log: bool = True,

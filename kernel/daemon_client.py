@@ -144,7 +144,7 @@ def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -
                 refusal = next((line for line in reversed(lines) if line.startswith("error: ")), None)
                 if refusal is not None:
                     raise DaemonError(refusal.removeprefix("error: "))
-                last = lines[-1] if lines else "no log"
+                last = lines[-1] if lines else _no_log(directory)
                 raise DaemonError(f"the daemon exited at start: {last} (its log: {directory / LOG_FILE})")
             answer = request(runs_dir, "status", timeout_s=0.5)
             if answer is not None and answer.get("pid") == process.pid:
@@ -154,6 +154,15 @@ def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -
         raise DaemonError(f"the daemon did not answer within {timeout_s:.0f} s; see {directory / LOG_FILE}")
     finally:
         os.unlink(start_output)
+
+
+def _no_log(directory: Path) -> str:
+    """Why a daemon that exited at start wrote nothing: a disk with no room for its first line says so."""
+    try:
+        full = os.statvfs(directory).f_bavail == 0
+    except OSError:
+        full = False
+    return f"its disk is full (No space left on device); free space in {directory.parent}" if full else "no log"
 
 
 def _lines_since(path: Path, offset: int) -> list[str]:

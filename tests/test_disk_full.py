@@ -368,6 +368,32 @@ def test_a_disk_full_before_the_run_starts_is_one_line_and_leaves_no_half_made_r
         "filler", "registry.sqlite"], list(runs.iterdir())
 
 
+def test_the_daemon_and_its_queue_on_a_full_disk_are_one_line_each(tmp_path, mount_tmpfs):
+    """A runs directory whose disk is full: `run --detach` and `daemon status` printed a Python traceback
+    (sqlite3.OperationalError), `daemon start --foreground` one (ENOSPC writing daemon.pid), and `daemon start`
+    said `the daemon exited at start: no log`. Each is now one line naming the disk and the fix, nothing queued."""
+    from conftest import trainbus
+
+    disk = mount_tmpfs("disk", 64 * 1024)
+    runs = disk / "runs"
+    runs.mkdir(mode=0o755)
+    with Filler(disk):
+        for args, code, said in [
+                (["run", "--detach"], 2, "registry.sqlite cannot be written ("),
+                (["daemon", "start"], 2, "error: the daemon exited at start: its disk is full (No space left on "
+                                         f"device); free space in {runs}"),
+                (["daemon", "start", "--foreground"], 2, f"error: cannot write {runs}/.daemon/daemon.pid (No space "
+                                                         f"left on device); free space there"),
+                (["daemon", "status"], 3, f"no daemon serves {runs}; its queue is unknown: {runs}/registry.sqlite "
+                                          f"cannot be read (")]:
+            done = trainbus(*args, "--runs-dir", str(runs), check=False)
+            assert done.returncode == code and "Traceback" not in done.stderr, (args, done.stderr)
+            assert said in (done.stderr or done.stdout) and (done.stderr or done.stdout).count("\n") == 1, \
+                (args, done.stdout, done.stderr)
+    listed = trainbus("runs", "list", "--runs-dir", str(runs), check=False)
+    assert listed.stdout == f"no runs in {runs}\n", "nothing was queued"
+
+
 # -- the command's own output on a full disk ---------------------------------------------------------
 
 
