@@ -886,8 +886,11 @@ def queued_job(runs_dir: Path, run: str) -> str | None:
     """The id of the queued run `run` names (its id or a unique start of it); None when it names none."""
     if not (Path(runs_dir) / REGISTRY_NAME).is_file():
         return None
-    with Registry(runs_dir) as registry:
-        ids = [job["id"] for job in registry.jobs(["queued"])]
+    try:
+        with Registry(runs_dir) as registry:
+            ids = [job["id"] for job in registry.jobs(["queued"])]
+    except (sqlite3.Error, OSError):  # a full disk: SQLite cannot open it; `runs stop` of a live run must still work
+        return None
     matches = named(ids, run)
     return matches[0] if len(matches) == 1 else None
 
@@ -914,9 +917,12 @@ def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
     if not (Path(runs_dir) / REGISTRY_NAME).is_file():
         return None
     now = time.time()
-    with Registry(runs_dir) as registry:
-        rows = {i: row for i, row in registry.runs(now).items() if row.get("dir") is None}
-        jobs = {j["id"]: j for j in registry.jobs() if j["id"] in rows}
+    try:
+        with Registry(runs_dir) as registry:
+            rows = {i: row for i, row in registry.runs(now).items() if row.get("dir") is None}
+            jobs = {j["id"]: j for j in registry.jobs() if j["id"] in rows}
+    except (sqlite3.Error, OSError):  # as queued_job: the run directories still answer for the runs that have one
+        return None
     matches = named(jobs, run_id)
     if len(matches) != 1 or (run_id not in jobs and any(p.name.startswith(run_id) for p in find_runs(runs_dir))):
         return None  # none, or a prefix other runs share (resolve_run said which)

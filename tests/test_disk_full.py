@@ -148,6 +148,25 @@ def test_a_disk_full_for_a_second_loses_nothing(tmp_path, mount_tmpfs, kernels):
     no_traceback_in(kernel.run_dir)
 
 
+def test_runs_stop_reaches_a_run_whose_disk_is_full(tmp_path, mount_tmpfs, kernels):
+    """The moment a user most wants `runs stop`: the disk under a live run filled up. It printed a Python traceback
+    (SQLite could not open the registry to look for a queued run of that name) and stopped nothing; now the stop
+    goes in and the run stops. (The command cannot see its stop journaled: the journal is what is full.)"""
+    runs = mount_tmpfs("runs", 8 << 20)
+    cfg = RunConfig(target=PACED, epochs=50, seed=0, device="cpu", runs_dir=str(runs), checkpoint_every_n_epochs=0,
+                    hyperparameters={"step_sleep_s": 0.02}, plugins=[])
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_step(10)
+    with Filler(runs):
+        stop = cli("runs", "stop", kernel.run_id, "--runs-dir", str(runs), timeout=120)
+        assert "Traceback" not in stop.stderr, stop.stderr
+        result = kernel.result(timeout_s=120)
+    # stopped by it (the run ends `failed` all the same: its final weights went to $TMPDIR, said in its error)
+    assert result["outcome"]["stopped_early"] and result["outcome"]["epochs_completed"] < 50, result
+    assert [reason.partition(": ")[2] for reason in result["outcome"]["stop_reasons"]] == ["stop: trainbus runs stop"]
+
+
 # -- (b) full for good -------------------------------------------------------------------------------
 
 
