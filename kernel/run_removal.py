@@ -133,8 +133,10 @@ def _journal_locked(run_dir: Path) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RemovalError(_running(Path(run_dir).name)) from None
+        except BlockingIOError:  # its status said ended: the holder is a kernel continuing it, or another delete
+            raise RemovalError(f"run {Path(run_dir).name} is in use by another process (a kernel continuing it, or "
+                               f"another `trainbus runs delete`); nothing deleted: try again once that is done") \
+                from None
         yield
     finally:
         os.close(fd)

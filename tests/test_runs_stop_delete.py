@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from trainbus.kernel import daemon
@@ -164,6 +165,34 @@ def test_a_run_queued_to_be_resumed_is_not_deleted_until_taken_off_the_queue(run
     proc = trainbus("runs", "delete", "a-queued", "--yes", *where)
     assert proc.returncode == 0, proc.stderr
     assert not (runs_dir / "a-queued").exists() and not output.exists() and not older.exists()
+
+
+def test_two_deletes_of_one_run_at_once_say_what_the_second_met(tmp_path):
+    """Two `runs delete RUN` at once (a script, a key pressed twice): the one that found the journal locked by the
+    other said the completed run `is running; stop it first`. It says another process holds the run now."""
+    runs = tmp_path / "runs"
+    ran = trainbus("run", "--epochs", "1", "--plugins", "", "--runs-dir", str(runs))
+    run_id = ran.stdout.split()[1].rstrip(":")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_JOURNAL, str(runs / run_id / JOURNAL_NAME)],
+                              stdout=subprocess.PIPE, text=True)  # as the other delete holds it while files go
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        second = trainbus("runs", "delete", run_id, "--yes", "--runs-dir", str(runs))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.returncode == 2 and second.stderr == (
+        f"error: run {run_id} is in use by another process (a kernel continuing it, or another `trainbus runs "
+        f"delete`); nothing deleted: try again once that is done\n"), second.stderr
+    assert (runs / run_id / "summary.json").is_file()
+
+
+HOLD_JOURNAL = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
 
 
 def test_delete_takes_only_a_run_the_kernel_made_never_a_folder_with_a_config_json_or_the_runs_directory(tmp_path):
