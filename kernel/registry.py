@@ -372,7 +372,12 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
         warn(runs_dir, exc)
         found = [overview_or_unreadable(path, now) for path in dirs.values()]
     return newest_first([run for run in found if (not statuses or run["status"] in statuses)
-                         and (target is None or target in (run.get("target") or ""))])
+                         and (target is None or _bare(target) in _bare(run.get("target") or ""))])
+
+
+def _bare(target: str) -> str:
+    """A target as --target compares it: `./train.py` and `train.py` name the same file, however each was given."""
+    return target.removeprefix("./").replace("/./", "/")
 
 
 def runs_without_directory(runs_dir: Path, prefix: str) -> list[tuple[str, str, str | None]]:

@@ -485,6 +485,13 @@ def test_list_says_a_filter_matched_none_rather_than_that_there_are_no_runs(two_
     assert json.loads(cli("runs", "list", "--runs-dir", str(two_runs), "--status", "died", "--json")) == []
 
 
+@pytest.mark.parametrize("given", ["./specs.py", "tests/./specs.py:tiny"])
+def test_a_target_filter_written_with_dot_slash_finds_the_runs_of_that_file(two_runs, given):
+    """A shell's tab completion writes `./specs.py`; the runs recorded as `.../tests/specs.py:tiny` were not found."""
+    found = json.loads(cli("runs", "list", "--runs-dir", str(two_runs), "--target", given, "--json"))
+    assert sorted(run["id"] for run in found) == ["x-alpha", "x-beta"]
+
+
 def test_a_file_where_a_directory_belongs_is_named_as_a_file(two_runs, tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
