@@ -161,7 +161,7 @@ def runs_show(
         if not as_json:
             out.print(f"run {details['id']}: {details['status']}" + (f" ({escape(details['error'])})"
                                                                      if details.get("error") else ""))
-            out.print(f"  command: trainbus run {escape(shlex.join(details['argv']))}")  # as a shell takes it
+            out.print(f"  command: {escape(shlex.join(['trainbus', 'run', *details['argv']]))}")  # as a shell takes it
             out.print(f"  submitted: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(details['submitted_ts']))}"
                       + (f" by {escape(details['submitted_by'])}" if details["submitted_by"] else ""))
             if Path(details["output"]).exists():

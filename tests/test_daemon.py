@@ -607,6 +607,10 @@ def test_a_queued_run_shows_its_command_and_who_submitted_it_by_a_start_of_its_i
     assert f"run {run_id}: queued" in shown and "output: none yet (it is queued)" in shown, shown
     assert f"  command: trainbus run {TINY} " in shown and f" by {getpass.getuser()}\n" in shown, shown
     assert cli("daemon", "cancel", run_id[:-2], "--runs-dir", str(runs)).stdout == f"cancelled {run_id}\n"
+    from kernel_process import cli as in_dir
+
+    bare = in_dir("run", "--detach", cwd=tmp_path).stdout.strip()  # the demo in ./runs: no word to add
+    assert "  command: trainbus run\n" in cli("runs", "show", bare, "--runs-dir", str(runs)).stdout  # had a space
 
 
 def test_a_run_asking_for_more_gpus_than_the_daemon_has_fails_with_the_reason_listed(tmp_path, daemons):
