@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Iterator, NoReturn, Optional
 
 import typer
 from rich.markup import escape
@@ -286,17 +289,46 @@ def runs_delete(
                              f"in {'them' if count != 1 else 'it'}?"):
             out.print("nothing deleted")
             raise typer.Exit(code=1)
+    left = [*(d.name for d in run_dirs), *records]
     try:
-        for run_dir in run_dirs:
-            run_removal.delete_run(run_dir)
-            out.print(f"deleted run {run_dir.name} ({escape(str(run_dir))})")
-        for run_id, output in records.items():
-            had_output = output.exists()  # none for a run that failed at placement: it never had a process
-            run_removal.delete_record(runs_dir, run_id, output)
-            out.print(f"deleted run {run_id} (it never had a directory"
-                      + (f"; its output {escape(str(output))})" if had_output else ")"))
+        with _ctrl_c_between_runs() as asked:
+            for run_dir in run_dirs:
+                run_removal.delete_run(run_dir)
+                out.print(f"deleted run {run_dir.name} ({escape(str(run_dir))})")
+                _unless_asked_to_stop(asked, left)
+            for run_id, output in records.items():
+                had_output = output.exists()  # none for a run that failed at placement: it never had a process
+                run_removal.delete_record(runs_dir, run_id, output)
+                out.print(f"deleted run {run_id} (it never had a directory"
+                          + (f"; its output {escape(str(output))})" if had_output else ")"))
+                _unless_asked_to_stop(asked, left)
     except run_removal.RemovalError as exc:
         raise UserError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _ctrl_c_between_runs() -> Iterator[list]:
+    """A Ctrl-C while runs are deleted takes effect once the run being deleted is gone: each goes whole or not at
+    all (cut inside its rmtree, one was left half there, its config.json gone and its checkpoints not). Yields the
+    list a Ctrl-C appends to."""
+    asked: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: asked.append(signum))
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _unless_asked_to_stop(asked: list, left: list[str]) -> None:
+    """The run just deleted is off `left`; after a Ctrl-C, the ones not deleted are said and the command ends."""
+    left.pop(0)
+    if asked:
+        print(f"trainbus: Ctrl-C: stopped; {'not deleted: ' + ', '.join(left) if left else 'every run was deleted'}",
+              file=sys.stderr)
+        raise typer.Exit(code=130)
 
 
 @runs_app.command("resume", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

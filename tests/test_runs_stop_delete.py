@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,46 @@ fcntl.flock(fd, fcntl.LOCK_EX)
 print("locked", flush=True)
 time.sleep(120)
 """
+
+
+# `trainbus runs delete ...` whose third file removal in the runs directory waits a second, after saying so:
+# the moment the test's Ctrl-C lands, every time (an audit hook: os.remove raises its event before it removes).
+_HELD_REMOVAL = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (a background job's is ignored)
+runs, sys.argv, seen = sys.argv[1], ["trainbus", *sys.argv[2:]], []
+def hook(event, args):
+    # rmtree removes by a name within its directory's descriptor (dir_fd): any other removal names its path
+    if event == "os.remove" and (args[1] is not None or str(args[0]).startswith(runs)) and len(seen) < 3:
+        seen.append(args[0])
+        if len(seen) == 3:
+            print("deleting", flush=True)
+            time.sleep(1)
+sys.addaudithook(hook)
+from trainbus.kernel.cli import main
+main()
+"""
+
+
+def test_a_ctrl_c_while_a_run_is_deleted_stops_once_that_run_is_gone_whole(tmp_path):
+    """It cut the rmtree where it was, leaving the run half there (some of its files gone), exit 130 and not a
+    word. Now the run being deleted goes whole, the ones after it stay, and the line says which."""
+    runs = tmp_path / "runs"
+    ids = []
+    for _ in range(2):
+        ran = trainbus("run", "--epochs", "1", "--plugins", "", "--runs-dir", str(runs))
+        ids.append(ran.stdout.split()[1].rstrip(":"))
+    process = subprocess.Popen([sys.executable, "-c", _HELD_REMOVAL, str(runs), "runs", "delete", *ids, "--yes",
+                                "--runs-dir", str(runs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "deleting\n"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert (process.returncode, err) == (130, f"trainbus: Ctrl-C: stopped; not deleted: {ids[1]}\n"), err
+    assert out.startswith(f"deleted run {ids[0]} ")
+    assert not (runs / ids[0]).exists() and (runs / ids[1] / "summary.json").is_file()
 
 
 def test_delete_takes_only_a_run_the_kernel_made_never_a_folder_with_a_config_json_or_the_runs_directory(tmp_path):
