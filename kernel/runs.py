@@ -182,7 +182,8 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
             return matches[0].resolve()
         if pending:  # queued, or failed before its kernel made a directory: there, but with nothing to read
             run_id, status, detail = pending[0]
-            raise RunLookupError(f"run {run_id} is {status} and has no run directory yet"
+            raise RunLookupError(f"run {run_id} is {status} and has no run directory"
+                                 + (" yet" if status == "queued" else " (it ended before its kernel made one)")
                                  + (f" ({detail})" if detail else "")
                                  + ("; it has one once the daemon starts it (`trainbus daemon status` shows the "
                                     "queue)" if status == "queued" else ""))

@@ -424,6 +424,9 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     assert "no data at /nowhere" in run["error"]  # the target's own error line, from the run's output
     shown = cli("runs", "show", failing, "--runs-dir", str(runs)).stdout
     assert f"run {failing}: failed" in shown and f"output: {daemon_dir(runs) / 'output' / failing}.log" in shown
+    plotted = cli("runs", "plot", failing, "--runs-dir", str(runs), check=False)  # it will never have one ("yet")
+    assert f"error: run {failing} is failed and has no run directory (it ended before its kernel made one)" \
+        in plotted.stderr, plotted.stderr
     output = daemon_dir(runs) / "output" / f"{failing}.log"
     deleted = cli("runs", "delete", failing, "--yes", "--runs-dir", str(runs)).stdout
     assert f"deleted run {failing} (it never had a directory; its output {output})" in deleted
