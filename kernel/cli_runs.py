@@ -224,10 +224,10 @@ def _kernel_listens(runs_dir: Path, unmade: dict) -> bool:
     its process lives and at most KERNEL_START_WAIT_S, until its kernel.log names its sockets. False when the
     process ended first."""
     kernel_log = Path(runs_dir) / unmade["id"] / "kernel.log"
-    print(f"trainbus: run {unmade['id']} is starting (its kernel builds the spec first); the stop goes in once it "
-          f"listens", file=sys.stderr)
     deadline = time.monotonic() + KERNEL_START_WAIT_S
-    try:
+    try:  # from the line on: a Ctrl-C as soon as it is read may land while print() still returns
+        print(f"trainbus: run {unmade['id']} is starting (its kernel builds the spec first); the stop goes in once "
+              f"it listens", file=sys.stderr)
         while time.monotonic() < deadline:
             try:
                 with open(kernel_log, "rb") as f:
