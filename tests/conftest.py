@@ -33,6 +33,12 @@ def runs_dir(tmp_path) -> Path:
     return d
 
 
+def sigint_as_from_a_terminal() -> None:
+    """preexec_fn of a child a test sends Ctrl-C (SIGINT) to: Python's KeyboardInterrupt in it, as a terminal's
+    command has. The suite run in the background (nohup, `cmd &`, some CI) ignores SIGINT, and its children would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def trainbus_cmd() -> list[str]:
     """The installed console script, next to the interpreter running the tests."""
     return [str(Path(sys.executable).parent / "trainbus")]

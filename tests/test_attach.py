@@ -29,7 +29,7 @@ from trainbus.proto.messages import Event
 from trainbus.proto.run_state import HISTORY_POINTS, MAX_PLUGINS, MAX_SERIES, RunState
 from trainbus.sdk.plugin_io import HEARTBEAT_LIVENESS
 
-from conftest import TESTS_DIR, trainbus_cmd
+from conftest import TESTS_DIR, sigint_as_from_a_terminal, trainbus_cmd
 from fixture_targets import open_gate
 from kernel_process import KernelProcess, wait_until
 from test_trust import Intruder, attach_credential, short_runs, wait_sockets  # noqa: F401
@@ -503,7 +503,8 @@ def test_runs_stop_of_a_stopped_kernel_says_so_and_goes_in_once_it_runs_again(ru
 
     def stop_said_waiting() -> subprocess.Popen:
         proc = subprocess.Popen([*trainbus_cmd(), "runs", "stop", kernel.run_id, "--runs-dir", str(runs_dir)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=sigint_as_from_a_terminal)
         # said within its first poll; a busy box makes the client's start (Python, pyzmq) the long part
         ready, _, _ = select.select([proc.stderr], [], [], 90)
         said = proc.stderr.readline() if ready else "(nothing said in 90 s)"

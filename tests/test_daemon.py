@@ -23,7 +23,7 @@ from trainbus.kernel.registry import Registry, list_runs
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto import events as ev
 
-from conftest import TESTS_DIR, start_daemon, trainbus, trainbus_cmd
+from conftest import TESTS_DIR, sigint_as_from_a_terminal, start_daemon, trainbus, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import assert_same_weights
 from kernel_process import JournalTail, process_gone, wait_until
@@ -445,7 +445,8 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     assert cli("runs", "show", held, "--runs-dir", str(runs)).stdout.startswith(f"run {held}: running")  # not queued
     # Ctrl-C while `runs stop` waits for it to listen: said that no stop went in (it exited 130 saying nothing)
     waiting = subprocess.Popen([*trainbus_cmd(), "runs", "stop", held, "--runs-dir", str(runs)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=sigint_as_from_a_terminal)
     try:
         assert select.select([waiting.stderr], [], [], WAIT_S)[0], "no word from `runs stop`"
         assert f"run {held} is starting" in waiting.stderr.readline()

@@ -15,7 +15,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from conftest import trainbus_cmd
+from conftest import sigint_as_from_a_terminal, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import assert_same_weights, metrics_records_expected, run_config
 from kernel_process import KernelProcess, of, process_gone, wait_until
@@ -260,7 +260,8 @@ def test_ctrl_c_while_the_kernel_does_not_answer_says_nothing_was_sent(short_run
     os.kill(kernel.pid, signal.SIGSTOP)
     try:
         detach = subprocess.Popen([*trainbus_cmd(), "plugins", "detach", kernel.run_id, "metrics_log", "--runs-dir",
-                                   str(short_runs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   str(short_runs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=sigint_as_from_a_terminal)
         try:
             assert select.select([detach.stderr], [], [], STARTUP_S)[0], "no word from `plugins detach`"
             assert detach.stderr.readline() == (f"trainbus: the run's kernel (pid {kernel.pid}) is stopped (SIGSTOP or "
