@@ -77,6 +77,22 @@ def new_run_id() -> str:
 RUN_ENV = ("RUN_ID", "RUN_DIR", "TRAINBUS_RUN_ID", "TRAINBUS_RUN_DIR")  # what user code sees while its run trains
 
 
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's settings (lr, weight_decay, betas, ...): what a checkpoint's optimizer state replaces."""
+    return [{k: v for k, v in group.items() if k != "params" and isinstance(v, (bool, int, float, str, tuple))}
+            for group in optimizer.param_groups]
+
+
+def settings_replaced(built: list[dict[str, Any]], restored: list[dict[str, Any]]) -> str:
+    """'lr 0.001 (built 0.1), ...': the settings a checkpoint's state changed from what the build gave, once each."""
+    said: dict[str, str] = {}
+    for before, after in zip(built, restored):
+        for key, value in before.items():
+            if key in after and after[key] != value and key not in said:
+                said[key] = f"{key} {after[key]!r} (built {value!r})"
+    return ", ".join(said.values())
+
+
 class InterruptedBeforeStart(Exception):
     """Ctrl-C or SIGTERM while the run was being set up (torch importing, the model and data being built): nothing
     was made, nothing started."""
@@ -190,11 +206,22 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         resume_from = ranks.share(resume_from)
     resume_state = load_checkpoint(resume_from) if resume_from else None
     if resume_state is not None:
+        built = optimizer_settings(spec.optimizer)
         try:
             restore_weights(spec, resume_state)
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {resume_from} does not fit {cfg.target}'s model: {exc}; "
                                   f"{_trained_with(Path(resume_from), cfg.target, flags)}") from None
+        # A new run from a checkpoint with other flags (continued in place, a run keeps its own: the CLI refuses
+        # others); with the same, a scheduler's moves of the lr are the saved state's, rightly
+        saved = resume_state.get("hyperparameters") or {}
+        flags_differ = any(saved.get(k) != spec.hyperparameters.get(k)
+                           for k in set(saved) | set(spec.hyperparameters) if k != "epochs")
+        replaced = settings_replaced(built, optimizer_settings(spec.optimizer)) if flags_differ else ""
+        if replaced and not continue_run:
+            warnings.append(f"the optimizer goes on as {resume_from} saved it, its settings with its state: "
+                            f"{replaced}, not what this run's build gave it; a new run without --resume trains "
+                            f"with those")
         trained = resume_state.get("trainbus") or {}
         if not continue_run and trained.get("epoch_complete") and trained.get("epoch", 0) >= spec.epochs:
             raise ConfigError(f"checkpoint {resume_from} ends epoch {trained['epoch']} and this run trains "

@@ -748,6 +748,14 @@ def test_a_checkpoint_copied_out_of_its_run_starts_a_new_run_and_a_non_checkpoin
     assert proc.returncode == 0, proc.stderr
     new_run = next(p for p in runs.iterdir() if p.is_dir() and p.name != Path(result.run_dir).name)
     assert [e.epoch for e in of(read_events(new_run), "end_epoch")] == [2]  # went on after the copy's epoch 1
+    assert "optimizer" not in proc.stderr  # the same flags: what the saved optimizer holds is the run's own
+    # another lr: the saved optimizer's state holds its lr too, which it goes on with; said, not left to be found in
+    # `runs show`'s per-epoch lr while config.json says the other (found by a docs audit)
+    proc = run_cli(tmp_path, "--resume", str(copy), "--runs-dir", str(runs / "lr"), "--epochs", "2", "--plugins", "",
+                   "--set", "batch_size=256", "lr=0.5")
+    assert proc.returncode == 0 and (f"trainbus: warning: the optimizer goes on as {copy} saved it, its settings "
+                                     f"with its state: lr 0.001 (built 0.5), not what this run's build gave it; a new "
+                                     f"run without --resume trains with those\n") in proc.stderr, proc.stderr
     fake = tmp_path / "kept" / "fake.pt"
     fake.write_text("not a checkpoint\n")
     proc = run_cli(tmp_path, "--resume", str(fake), "--runs-dir", str(tmp_path / "other"))
