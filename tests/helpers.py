@@ -6,7 +6,10 @@ import dataclasses
 import os
 import random
 import secrets
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -152,3 +155,18 @@ def flood_connections(endpoints: list[str], each: int, seconds: float, pid: int)
         for connection in held:
             connection.close()
     return before, peak
+
+
+def ctrl_c_once_it_says(code: str, args: list[str], word: str, cwd: Path | None = None,
+                        env: dict | None = None) -> tuple[int, str, str]:
+    """`python -c code args...`, sent Ctrl-C (SIGINT) once its first line of output is `word` (the code holds
+    where it said it until then: that moment, every time); (exit code, the rest of its stdout, its stderr)."""
+    process = subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout.readline() == f"{word}\n"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    return process.returncode, out, err

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import TESTS_DIR, trainbus_cmd
 from fixture_targets import open_gate
+from helpers import ctrl_c_once_it_says
 from kernel_process import cli
 from trainbus.kernel.config import SETTINGS_MAX_BYTES, ConfigError, RunConfig
 
@@ -526,15 +527,8 @@ main()
 
 
 def _ctrl_c_as_it_imports(module: str, *args: str, cwd: Path, env: dict | None = None) -> tuple[int, str]:
-    process = subprocess.Popen([sys.executable, "-c", _HELD_IMPORT, module, *args], cwd=cwd, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert process.stdout.readline() == "importing\n"
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    return process.returncode, err
+    code, _, err = ctrl_c_once_it_says(_HELD_IMPORT, [module, *args], "importing", cwd=cwd, env=env)
+    return code, err
 
 
 @pytest.mark.parametrize("rank", [False, True])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from trainbus.proto.journal_format import read_journal
 
 from conftest import TESTS_DIR, trainbus_cmd
 from fixture_targets import open_gate
-from helpers import run_config
+from helpers import ctrl_c_once_it_says, run_config
 from kernel_process import KernelProcess, wait_until
 from test_trust import Intruder, attach_credential, short_runs, wait_sockets  # noqa: F401
 
@@ -223,15 +222,9 @@ def test_a_ctrl_c_while_a_run_is_deleted_stops_once_that_run_is_gone_whole(tmp_p
     for _ in range(2):
         ran = trainbus("run", "--epochs", "1", "--plugins", "", "--runs-dir", str(runs))
         ids.append(ran.stdout.split()[1].rstrip(":"))
-    process = subprocess.Popen([sys.executable, "-c", _HELD_REMOVAL, str(runs), "runs", "delete", *ids, "--yes",
-                                "--runs-dir", str(runs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout.readline() == "deleting\n"
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert (process.returncode, err) == (130, f"trainbus: Ctrl-C: stopped; not deleted: {ids[1]}\n"), err
+    code, out, err = ctrl_c_once_it_says(_HELD_REMOVAL, [str(runs), "runs", "delete", *ids, "--yes", "--runs-dir",
+                                                        str(runs)], "deleting")
+    assert (code, err) == (130, f"trainbus: Ctrl-C: stopped; not deleted: {ids[1]}\n"), err
     assert out.startswith(f"deleted run {ids[0]} ")
     assert not (runs / ids[0]).exists() and (runs / ids[1] / "summary.json").is_file()
 
