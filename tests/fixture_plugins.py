@@ -235,13 +235,15 @@ class LeavesAChild(Plugin):
 
     settings = {"step": 3, "pid_file": "", "exit_code": -9, "seen_file": ""}
 
+    def setup(self):
+        # restarted: is the child its predecessor left running? Looked at once welcomed, not at a next step, which a
+        # restart starved of CPU (importing torch beside busy cores) may come too late for, the run over
+        if os.path.exists(self.settings["pid_file"]) and self.settings["seen_file"]:
+            pid = int(open(self.settings["pid_file"]).read())
+            _append_fsynced(self.settings["seen_file"], "running" if _running(pid) else "gone")
+
     def on_end_training_batch(self, event):
-        if os.path.exists(self.settings["pid_file"]):  # restarted: is the child its predecessor left running?
-            if self.settings["seen_file"] and not os.path.exists(self.settings["seen_file"]):
-                pid = int(open(self.settings["pid_file"]).read())
-                _append_fsynced(self.settings["seen_file"], "running" if _running(pid) else "gone")
-            return
-        if event.step != self.settings["step"]:
+        if os.path.exists(self.settings["pid_file"]) or event.step != self.settings["step"]:
             return
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         _append_fsynced(self.settings["pid_file"], str(child.pid))
