@@ -268,7 +268,7 @@ def _field(m: dict, name: str, expected: Any, where: str) -> Any:
         raise ProtocolError(f"{where}: missing field {name!r}")
     value = m[name]
     if not _is_type(value, expected):
-        raise ProtocolError(f"{where}.{name}: expected {_type_name(expected)}, got {type(value).__name__}")
+        raise ProtocolError(f"{where}.{name}: expected {_type_name(expected)}, got {_value_type_name(value)}")
     return value
 
 
@@ -287,4 +287,13 @@ def _is_type(value: Any, expected: Any) -> bool:
 def _type_name(expected: Any) -> str:
     if isinstance(expected, tuple):
         return " or ".join(_type_name(t) for t in expected)
+    if expected == list[str]:  # its __name__ is "list": "expected list, got list" named no problem
+        return "list of str"
     return getattr(expected, "__name__", str(expected))
+
+
+def _value_type_name(value: Any) -> str:
+    if isinstance(value, list):  # name what in it is wrong, so the sender sees which element to fix
+        odd = sorted({type(x).__name__ for x in value if not isinstance(x, str)})
+        return f"list holding {' and '.join(odd)}" if odd else "list"
+    return type(value).__name__

@@ -154,6 +154,16 @@ def test_bin_map_keys_are_named_as_the_problem():
         decode_event(raw)
 
 
+def test_a_list_field_holding_a_non_str_names_the_element_type_not_list_for_list():
+    """kernel.log said `hello.subscriptions: expected list, got list` for `subscriptions: [1]`: no hint that the
+    elements must be str. An implementer in another language reads this line to find what to fix."""
+    hello = dict(v=1, type="hello", name="x", pid=1, subscriptions=[1], replies=[], delivery="durable")
+    with pytest.raises(ProtocolError, match=r"^hello\.subscriptions: expected list of str, got list holding int$"):
+        decode_control(pack(hello))
+    with pytest.raises(ProtocolError, match=r"^hello\.votes: expected list of str, got NoneType$"):
+        decode_control(pack(dict(hello, subscriptions=[""], votes=None)))
+
+
 def test_control_rejects_bad_values_at_the_sender():
     for kind, fields in [("hello", dict(VALID_CONTROL["hello"][0], delivery="sometimes")),
                          ("hello", dict(VALID_CONTROL["hello"][0], replies=["stop", "bogus"])),
