@@ -108,7 +108,12 @@ class Dispatcher:
     # -- one handler per message type -------------------------------------------------------------
 
     def _on_hello(self, identity: bytes, msg: dict[str, Any], now: float, user_id: str) -> None:
+        previous = self.peers.get(identity)
         peer = self.peers.welcome(identity, msg, now, user_id)
+        if previous is not None and previous.name != peer.name and not previous.spawned:
+            # the connection now speaks for another name: the old one left as with a bye, or the journal would
+            # show it ready and never gone (`runs show`: "gone with the run")
+            self.bus.emit(ev.PLUGIN_EXITED, {"plugin": previous.name, "exit_code": 0})
         if self.checkpointer is not None:
             self.checkpointer.welcomed(peer)
         self.bus.send(identity, encode_control(control(

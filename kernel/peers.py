@@ -131,7 +131,8 @@ class Peers:
         if spawned and not self.supervisor.is_current(name, pid):
             raise Refused("hello_pid", f"hello as {name!r} refused: pid {pid} is not the process the kernel started")
         holder = self._by_name.get(name)
-        if holder is not None and holder.identity != identity and holder.identity in self._by_identity:
+        # held only while its connection still speaks for it: one that said hello under another name let it go
+        if holder is not None and holder.identity != identity and self._by_identity.get(holder.identity) is holder:
             if self.is_live(holder, now):
                 raise Refused("hello_name_taken", f"hello as {name!r} refused: a live peer holds that name")
             del self._by_identity[holder.identity]

@@ -480,3 +480,33 @@ def test_a_hello_name_of_no_or_over_200_characters_is_dropped_and_counted(
     result = kernel.result(timeout_s=120)
     assert result["bus"]["malformed"] == 3, result["bus"]
     assert [e.data["plugin"] for e in of(read_events(kernel.run_dir), "plugin_ready")] == ["n" * 200]
+
+
+def test_a_second_hello_under_another_name_on_one_connection_ends_the_first_name(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """A peer attached by hand that said hello as A, then hello as B on the same DEALER, was welcomed as B, but A
+    was journaled `plugin_ready` and never gone: `runs show` listed it "gone with the run (no bye journaled)". The
+    first name now leaves as with a bye: `plugin_exited` (exit code 0), its name free at once."""
+    cfg = config(short_runs, epochs=1, step_sleep_s=0.0)
+    gate = tmp_path / "gate"  # held before its first batch: the run is live for the test
+    cfg.hyperparameters["gate"] = str(gate)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    wait_sockets(kernel)
+    client = Client(kernel.run_dir)
+    try:
+        client.drain_events(60.0)  # the first event: our subscription is live
+        client.hello("first-name", attach_credential(kernel.run_dir), replies=["metric"])
+        assert client.wait_reply("welcome")["type"] == "welcome"
+        client.replies.clear()
+        client.hello("second-name", attach_credential(kernel.run_dir), replies=["metric"])
+        assert client.wait_reply("welcome")["type"] == "welcome"
+        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == "first-name", 20.0)
+        client.send("bye", reason="done")
+        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == "second-name")
+    finally:
+        client.close()
+    open_gate(gate, 10**6)
+    kernel.result(timeout_s=120)
+    exits = [e.data for e in of(read_events(kernel.run_dir), "plugin_exited")]
+    assert exits == [{"plugin": "first-name", "exit_code": 0}, {"plugin": "second-name", "exit_code": 0}], exits
