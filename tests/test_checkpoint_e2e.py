@@ -429,8 +429,9 @@ def kill_the_checkpoint_plugin_while_it_writes(tmp_path: Path, kernels: list, he
 @pytest.mark.timeout(KILLS_PER_RUN * STARTUP_S)  # a hang guard: each kill waits for a restarted plugin's torch import
 @pytest.mark.parametrize("round_", [0, pytest.param(1, marks=pytest.mark.slow)])  # a second round of random kills: soak
 def test_checkpoint_plugin_killed_while_writing_loses_nothing(tmp_path, kernels, heavy_reference, round_):
-    """2 runs x KILLS_PER_RUN kills at random delays after save_checkpoint events (8 in all)."""
-    kill_the_checkpoint_plugin_while_it_writes(tmp_path, kernels, heavy_reference, KILLS_PER_RUN)
+    """Kills at random delays after save_checkpoint events: 2 in the suite's round (each waits out a restart, most
+    of this test's time), KILLS_PER_RUN in the soak's (-m slow)."""
+    kill_the_checkpoint_plugin_while_it_writes(tmp_path, kernels, heavy_reference, KILLS_PER_RUN if round_ else 2)
 
 
 @pytest.mark.slow
