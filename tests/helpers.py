@@ -104,10 +104,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def flood_connections(endpoints: list[str], each: int, seconds: float, pid: int) -> tuple[int, int]:
+def flood_connections(endpoints: list[str], each: int, seconds: float, pid: int,
+                      per_s: float | None = None) -> tuple[int, int]:
     """Hold `each` plain TCP connections to every tcp://HOST:PORT of `endpoints` for `seconds`, reopening the ones
     the other side closes: a client with no key that opens connections and never finishes a handshake. Returns the
-    file descriptors process `pid` held before, and the most it held meanwhile."""
+    file descriptors process `pid` held before, and the most it held meanwhile. per_s: at most that many opened a
+    second (libzmq accepts them without the GIL, a burst faster than a loop of Python can count them)."""
     import resource
     import time
 
@@ -139,6 +141,8 @@ def flood_connections(endpoints: list[str], each: int, seconds: float, pid: int)
                         connection.close()
                         break
                     held[connection] = endpoint
+                    if per_s:
+                        time.sleep(1 / per_s)
             peak = max(peak, descriptors())
             for connection in list(held):  # the ones the other side cut: reopened next round
                 connection.setblocking(False)
