@@ -859,19 +859,40 @@ def test_the_endpoint_as_the_kernel_prints_it_reaches_the_run_and_without_a_key_
 def test_a_remote_plugin_that_no_kernel_answers_says_what_to_check_in_one_line(keys):
     """Nothing listens at HOST:PORT: a plugin may be started before its kernel, so it waits. The connect timeout
     (shortened here) ends it with exit 1 and one line naming what to check; it printed a "kernel gone" line first."""
-    free = socket.socket()
-    free.bind(("127.0.0.1", 0))
-    port = free.getsockname()[1]
-    free.close()
+    # PORT and the two after it (events, bursts) held bound and not listening: a connection there is refused, and
+    # no other test's process takes one meanwhile (a free port's next one was, once: "broke the ZeroMQ handshake")
+    held = _three_ports_refusing()
+    port = held[0].getsockname()[1]
     code = ("import sys, trainbus.sdk.plugin_io as io; io.CONNECT_TIMEOUT_S = 2.0; "
             "from trainbus.sdk.__main__ import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, "trainbus.plugins.cpu_monitor:CpuMonitorPlugin", "--connect",
-                           f"127.0.0.1:{port}", "--key", str(keys["watcher"]), "--server-key",
-                           str(keys["dir"] / "server.key")], capture_output=True, text=True, timeout=60)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, "trainbus.plugins.cpu_monitor:CpuMonitorPlugin",
+                               "--connect", f"127.0.0.1:{port}", "--key", str(keys["watcher"]), "--server-key",
+                               str(keys["dir"] / "server.key")], capture_output=True, text=True, timeout=60)
+    finally:
+        for bound in held:
+            bound.close()
     assert proc.returncode == 1, proc.stderr
     assert one_line(proc.stderr).startswith(f"error: no kernel answered at tcp://127.0.0.1:{port}: nothing accepted a "
                                             f"connection there (refused or unreachable); check that the run "
                                             f"listens there and that this machine reaches it"), proc.stderr
+
+
+def _three_ports_refusing() -> list[socket.socket]:
+    """Sockets bound, not listening, to three consecutive loopback ports (bounded tries)."""
+    for _ in range(50):
+        first = socket.socket()
+        first.bind(("127.0.0.1", 0))
+        held = [first]
+        try:
+            for offset in (1, 2):
+                held.append(socket.socket())
+                held[-1].bind(("127.0.0.1", first.getsockname()[1] + offset))
+            return held
+        except OSError:  # taken: another base
+            for bound in held:
+                bound.close()
+    raise AssertionError("no three consecutive free loopback ports in 50 tries")
 
 
 def one_line(stderr: str) -> str:
