@@ -454,13 +454,11 @@ def test_durable_resume_from_is_one_past_the_last_ack_in_a_kernel_process_and_1_
             resumed.wait()
 
 
-def test_a_hello_name_of_no_or_over_200_characters_is_dropped_and_counted(
-        short_runs, tmp_path, kernels):  # noqa: F811
-    """[C71a] a hello's name rides in every event of its peer (a metric's or log's `plugin`): one of 250,000
-    characters was welcomed, and each of its 400 burst metrics became a 250 KB event. A name of 1 to 200 characters
-    is welcomed; an empty or longer one is a malformed hello: dropped, counted, not answered."""
-    cfg = config(short_runs, epochs=1, step_sleep_s=0.0)
-    gate = tmp_path / "gate"  # held before its first batch: the run is live for the test
+def _held_kernel_and_client(runs: Path, tmp_path: Path, kernels: list) -> tuple[KernelProcess, Path, Client]:
+    """A one-epoch run held before its first batch (open_gate(gate, ...) lets it go), and a raw client of it whose
+    subscription is live."""
+    cfg = config(runs, epochs=1, step_sleep_s=0.0)
+    gate = tmp_path / "gate"
     cfg.hyperparameters["gate"] = str(gate)
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
@@ -468,6 +466,19 @@ def test_a_hello_name_of_no_or_over_200_characters_is_dropped_and_counted(
     client = Client(kernel.run_dir)
     try:
         client.drain_events(60.0)  # the first event: our subscription is live
+    except BaseException:
+        client.close()
+        raise
+    return kernel, gate, client
+
+
+def test_a_hello_name_of_no_or_over_200_characters_is_dropped_and_counted(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C71a] a hello's name rides in every event of its peer (a metric's or log's `plugin`): one of 250,000
+    characters was welcomed, and each of its 400 burst metrics became a 250 KB event. A name of 1 to 200 characters
+    is welcomed; an empty or longer one is a malformed hello: dropped, counted, not answered."""
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels)
+    try:
         for name in ("", "n" * 201, "n" * 250_000):
             client.hello(name, attach_credential(kernel.run_dir), replies=["metric"])
         client.hello("n" * 200, attach_credential(kernel.run_dir), replies=["metric"])
@@ -487,15 +498,8 @@ def test_a_second_hello_under_another_name_on_one_connection_ends_the_first_name
     """A peer attached by hand that said hello as A, then hello as B on the same DEALER, was welcomed as B, but A
     was journaled `plugin_ready` and never gone: `runs show` listed it "gone with the run (no bye journaled)". The
     first name now leaves as with a bye: `plugin_exited` (exit code 0), its name free at once."""
-    cfg = config(short_runs, epochs=1, step_sleep_s=0.0)
-    gate = tmp_path / "gate"  # held before its first batch: the run is live for the test
-    cfg.hyperparameters["gate"] = str(gate)
-    kernel = KernelProcess(cfg, tmp_path)
-    kernels.append(kernel)
-    wait_sockets(kernel)
-    client = Client(kernel.run_dir)
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels)
     try:
-        client.drain_events(60.0)  # the first event: our subscription is live
         client.hello("first-name", attach_credential(kernel.run_dir), replies=["metric"])
         assert client.wait_reply("welcome")["type"] == "welcome"
         client.replies.clear()
