@@ -550,7 +550,11 @@ def test_plugins_exit_when_the_kernel_is_killed(tmp_path, kernels):
 @pytest.mark.parametrize("stuck", [False, True])
 def test_what_a_plugin_started_in_its_group_goes_with_it_when_the_kernel_is_killed(tmp_path, kernels, stuck):
     """With the kernel killed, no supervisor is left to end a plugin's group: the plugin exited (or, stuck, was
-    ended by the SDK) and the child it started ran on, an orphan. A spawned plugin's SDK ends its group as it goes."""
+    ended by the SDK) and the child it started ran on, an orphan. A spawned plugin's SDK ends its group as it goes.
+
+    Stuck: the SDK leaves once its kernel is gone, but only from its main thread: a plugin stuck in a handler that no
+    signal interrupts (SIGTERM ignored, a C call) outlived a kill -9 of the kernel for good, an orphan nothing would
+    end; now it exits ORPHAN_EXIT_S after, saying why."""
     pid_file, marker = tmp_path / "child.pid", tmp_path / "stuck"
     plugins = [plugin("parent", "LeavesAChild", step=2, pid_file=str(pid_file), exit_code=1)]
     if stuck:  # the child's parent itself stuck in a handler that ignores SIGTERM (ORPHAN_EXIT_S)
@@ -559,35 +563,23 @@ def test_what_a_plugin_started_in_its_group_goes_with_it_when_the_kernel_is_kill
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
     child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 120, "the plugin's child"))
-    kernel.wait_step(5)
+    parent = int(wait_until(lambda: marker.exists() and marker.read_text().strip(), 120, "the plugin to be stuck")) \
+        if stuck else None
+    if not stuck:
+        kernel.wait_step(5)
     kernel.proc.send_signal(signal.SIGKILL)
     kernel.proc.wait()
     try:
-        wait_until(lambda: process_gone(child), ORPHAN_EXIT_S + 10 if stuck else 10,
-                   f"the child {child} of a plugin whose kernel was killed to be gone")
+        wait_until(lambda: process_gone(child) and (parent is None or process_gone(parent)),
+                   ORPHAN_EXIT_S + 10 if stuck else 10,
+                   f"the plugin and its child {child} to be gone after its kernel was killed")
     finally:
-        if not process_gone(child):
-            os.kill(child, signal.SIGKILL)
-
-
-def test_a_plugin_stuck_in_a_handler_exits_when_the_kernel_is_killed(tmp_path, kernels):
-    """The SDK leaves once its kernel is gone, but only from its main thread: one stuck in a handler that no signal
-    interrupts (SIGTERM ignored, a C call) outlived a kill -9 of the kernel for good, an orphan nothing would end."""
-    marker = tmp_path / "stuck"
-    cfg = run_config(tmp_path / "runs", [plugin("stuck", "StuckAtStep", step=3, marker=str(marker))], epochs=50,
-                     target=PACED, batch_size=16, ready_timeout_s=PLUGIN_START_S)
-    kernel = KernelProcess(cfg, tmp_path)
-    kernels.append(kernel)
-    pid = int(wait_until(lambda: marker.exists() and marker.read_text().strip(), 120, "the plugin to be stuck"))
-    kernel.proc.send_signal(signal.SIGKILL)
-    kernel.proc.wait()
-    try:
-        wait_until(lambda: process_gone(pid), ORPHAN_EXIT_S + 10, "the stuck plugin to exit after its kernel died")
-    finally:
-        if not process_gone(pid):
-            os.kill(pid, signal.SIGKILL)
-    log = (kernel.run_dir / "plugins" / "stuck.log").read_text()
-    assert "the kernel is gone and the handler for end_training_batch" in log, log
+        for pid in (child, parent):
+            if pid is not None and not process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    if stuck:
+        log = (kernel.run_dir / "plugins" / "parent.log").read_text()
+        assert "the kernel is gone and the handler for end_training_batch" in log, log
 
 
 def test_plugins_run_in_the_kernels_session_in_groups_of_their_own_below_training(tmp_path, kernels):
