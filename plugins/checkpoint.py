@@ -24,6 +24,7 @@ already saved and since deleted is recognised by its line, and not written again
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import string
@@ -192,7 +193,7 @@ class CheckpointPlugin(Plugin):
             sha256, size = (self._persist(data, path) if self.writer is None
                             else self.writer.submit(self._persist, data, path).result())
         except OSError as exc:
-            self._fail(event, f"{_describe(exc)} writing {path}")
+            self._fail(event, f"{_describe(exc)} writing {path}{self._room_hint(exc, entries, directory)}")
             return
         entry.update(sha256=sha256, size=size, time=time.time())
         try:
@@ -206,6 +207,20 @@ class CheckpointPlugin(Plugin):
         if s["save_last"]:
             self._link_last(entry)
         self._retain(directory, read_manifest(manifest))
+
+    def _room_hint(self, exc: OSError, entries: list[dict[str, Any]], directory: Path) -> str:
+        """On a full disk (or quota), what the kept checkpoints take and the fix: by default every one is kept, and
+        a run of days fills its disk with them, after which none lands, the newest state included."""
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return ""
+        kept = [e for e in current_entries(entries, directory) if isinstance(e.get("size"), int)]
+        many = len(kept) != 1
+        taken = (f"the {len(kept)} checkpoint{'s' * many} kept there take{'s' * (not many)} "
+                 f"{_size(sum(e['size'] for e in kept))}; ") if kept else ""
+        s = self.settings
+        if s["save_top_k"] == -1 and s["max_total"] == 0:
+            return f" ({taken}free space, or keep fewer: checkpoint settings save_top_k or max_total)"
+        return f" ({taken}free space on that disk)"
 
     def _persist(self, data: dict[str, Any], path: Path) -> tuple[str, int]:
         from ._snapshot_reader import read_snapshot
@@ -431,6 +446,10 @@ def _check_filename(template: str) -> None:
         raise SettingsError(f"{where} ({exc}); fields are epoch, step or a metric, e.g. {{validation_loss:.4f}}") from None
     if name == LAST:
         raise SettingsError(f"{where}; {LAST} is the link to the newest checkpoint, pick another name")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _describe(exc: OSError) -> str:

@@ -489,6 +489,10 @@ def test_a_full_disk_fails_that_checkpoint_keeps_the_earlier_ones_and_training_c
     saved, failed = of(events, "checkpoint_saved"), of(events, "checkpoint_failed")
     assert [e.data["epoch"] for e in saved] == [1], f"a checkpoint is ~{size} bytes; saved: {[e.data for e in saved]}"
     assert [e.data["seq"] for e in failed] == [e.seq for e in of(events, "save_checkpoint")][1:]
+    # the one kept, what it takes, and the fix: by default every checkpoint is kept
+    assert all(re.search(r"No space left on device \(errno 28\) writing .* \(the 1 checkpoint kept there takes "
+                         r"[\d.]+ MiB; free space, or keep fewer: checkpoint settings save_top_k or max_total\)$",
+                         e.data["reason"]) for e in failed), [e.data["reason"] for e in failed]
     assert result.plugins["checkpoint"]["checkpoints_failed"] == len(failed) >= 1  # in summary.json and runs list
     assert f"checkpoint {len(failed)} checkpoint{'s' * (len(failed) != 1)} failed" in \
         run_overview(Path(result.run_dir))["plugin_trouble"]
