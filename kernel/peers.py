@@ -14,9 +14,13 @@ from typing import Any, Protocol
 from trainbus.proto import DURABLE
 
 from .credentials import Credentials
+from .keys import ClientKey
 from .limits import PeerBudget, PeerLimits
 
 MAX_PEERS = 64  # peers attached by hand, and remote ones, at once (each side; Peers._attached); past it, refused
+# Of the remote side's places, those monitor-role keys cannot take: a key that may only watch opening peers until the
+# table was full kept every control key, and so the run's operator (`attach --control`, a remote stop), out.
+CONTROL_PLACES = 8
 MAX_NAMES = 256  # names whose ack position and role are remembered across reconnects and restarts
 ALWAYS_ALLOWED = frozenset({"heartbeat", "ack", "replay", "bye", "snapshot"})  # reads of the run, and staying alive
 PERSISTER_MESSAGES = frozenset({"checkpoint_saved", "checkpoint_failed"})
@@ -136,11 +140,10 @@ class Peers:
             if self.is_live(holder, now):
                 raise Refused("hello_name_taken", f"hello as {name!r} refused: a live peer holds that name")
             del self._by_identity[holder.identity]
-        if not spawned and identity not in self._by_identity and self._attached(bool(user_id)) >= MAX_PEERS:
+        if not spawned and identity not in self._by_identity and self._no_place(key, bool(user_id)):
             self._drop_dead(now)  # the silent among them: reported by the bus's next forget_dead
-            if self._attached(bool(user_id)) >= MAX_PEERS:
-                raise Refused("hello_table_full", f"hello as {name!r} refused: {MAX_PEERS} "
-                                                  f"{'remote' if user_id else 'hand-attached'} peers already attached")
+            if self._no_place(key, bool(user_id)):
+                raise Refused("hello_table_full", f"hello as {name!r} refused: {self._no_place(key, bool(user_id))}")
         principal = key.name if key is not None else ""
         if self._principals.get(name, principal) != principal:  # another client's position: not its to resume or move
             self.positions.pop(name, None)
@@ -162,6 +165,17 @@ class Peers:
             self._forget_name(next(iter(self._by_name)))
         self.seen(peer, now)
         return peer
+
+    def _no_place(self, key: ClientKey | None, remote: bool) -> str:
+        """Why a new peer on this side (and, remote, of this key's role) has no place; '' if it has one."""
+        if self._attached(remote) >= MAX_PEERS:
+            return f"{MAX_PEERS} {'remote' if remote else 'hand-attached'} peers already attached"
+        if key is not None and key.role != "control" and sum(
+                1 for peer in self._by_identity.values() if peer.user_id and peer.role != "control"
+        ) >= MAX_PEERS - CONTROL_PLACES:
+            return (f"{MAX_PEERS - CONTROL_PLACES} peers of monitor keys already attached (the other "
+                    f"{CONTROL_PLACES} places are kept for control keys)")
+        return ""
 
     def _attached(self, remote: bool) -> int:
         """Peers attached over TCP (`remote`) or by hand on ipc. Each side has MAX_PEERS places of its own, and the

@@ -1257,9 +1257,11 @@ def test_a_monitor_key_that_fills_the_peer_table_keeps_no_plugin_of_the_run_from
     """The kernel welcomes 64 peers at once. One monitor key held all 64 places with live peers, and the run's own
     plugin, killed and restarted by the supervisor, had its hello refused (`hello_table_full`) until it was given
     up: a key that may only watch took a plugin away from the run. The run's spawned plugins now need no place, and
-    the remote peers have 64 of their own (so do the owner's peers on ipc: `runs stop` says hello too)."""
+    the remote peers have 64 of their own (so do the owner's peers on ipc: `runs stop` says hello too).
+
+    Of those 64, monitor keys take at most 56: one filling them kept every control key, the run's operator, out."""
     from trainbus.kernel.config import PluginConfig
-    from trainbus.kernel.peers import MAX_PEERS
+    from trainbus.kernel.peers import CONTROL_PLACES, MAX_PEERS
 
     gate = tmp_path / "gate"
     cfg = listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate)
@@ -1271,6 +1273,7 @@ def test_a_monitor_key_that_fills_the_peer_table_keeps_no_plugin_of_the_run_from
     first = kernel.wait_event("plugin_ready", lambda e: e.data["plugin"] == "rec", timeout_s=120)
     ctx = zmq.Context()
     crowd: dict[zmq.Socket, bool] = {}  # each peer: welcomed now
+    refusals: set[str] = set()
 
     def hello(peer: zmq.Socket, number: int) -> None:
         peer.send(pack({"v": 1, "type": "hello", "name": f"crowd{number}", "pid": os.getpid(), "subscriptions": [""],
@@ -1280,8 +1283,11 @@ def test_a_monitor_key_that_fills_the_peer_table_keeps_no_plugin_of_the_run_from
         """Every welcomed peer heartbeats; every other says hello again: a place freed is taken at once."""
         for number, peer in enumerate(crowd):
             while peer.poll(0):
-                kind = msgpack.unpackb(peer.recv(), **LIMITS)["type"]
+                message = msgpack.unpackb(peer.recv(), **LIMITS)
+                kind = message["type"]
                 crowd[peer] = kind == "welcome" or (crowd[peer] and kind != "refused")
+                if kind == "refused":
+                    refusals.add(f"{message['code']}: {message['reason'].split(': ', 1)[-1]}")
             if crowd[peer]:
                 peer.send(pack({"v": 1, "type": "heartbeat"}), zmq.NOBLOCK)
             else:
@@ -1296,10 +1302,19 @@ def test_a_monitor_key_that_fills_the_peer_table_keeps_no_plugin_of_the_run_from
             crowd[peer] = False
             hello(peer, number)
         end = time.monotonic() + 60
-        while sum(crowd.values()) < MAX_PEERS - 1 and time.monotonic() < end:  # every place the plugin left
+        while (sum(crowd.values()) < MAX_PEERS - CONTROL_PLACES or not refusals) and time.monotonic() < end:
             keep_the_places()
             time.sleep(0.2)
-        assert sum(crowd.values()) >= MAX_PEERS - 1, sum(crowd.values())
+        assert sum(crowd.values()) == MAX_PEERS - CONTROL_PLACES, sum(crowd.values())
+        assert refusals == {f"hello_table_full: {MAX_PEERS - CONTROL_PLACES} peers of monitor keys already attached "
+                            f"(the other {CONTROL_PLACES} places are kept for control keys)"}, refusals
+        pilot = RemoteClient(conn, keys["pilot"], conn["server_key"].encode())  # the operator still gets in
+        try:
+            pilot.hello("operator", replies=["stop"])
+            answer = pilot.reply(30)
+            assert answer is not None and answer["type"] == "welcome", answer
+        finally:
+            pilot.close()
         os.kill(first.data["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 45
         back = None
