@@ -1138,8 +1138,9 @@ def test_a_flood_of_connections_with_no_key_costs_the_kernel_a_bounded_number_of
     try:
         assert watcher.next_event(30.0) is not None
         # twice the cap on each of two sockets: 1,024 connections, which the kernel held every one of
+        # at 2,000 a second, as the daemon's test (a burst accepted without the GIL can outrun a busy bus thread)
         before, peak = flood_connections([conn["control"], conn["events"]], 2 * CONNECTIONS_PER_SOCKET, 4.0,
-                                         kernel.proc.pid)
+                                         kernel.proc.pid, per_s=2000)
         # those accepted between the count and the cut on top
         assert peak - before <= 2 * CONNECTIONS_PER_SOCKET * 3 // 2, (before, peak)
         wait_until(lambda: watcher.next_event(0.2) is not None, 30, "the keyed monitor to hear the run again")
