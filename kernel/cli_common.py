@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, Iterator, NoReturn
 
 import typer
 from rich.console import Console
@@ -16,6 +17,10 @@ from rich.console import Console
 from trainbus.proto.settings_format import METRIC_FIELDS, metrics_named
 
 from .cluster import LAUNCH
+
+# A read of a whole journal this long (runs show, runs plot) says how far it got: ~3 s of reading on a quiet core,
+# and a run of days is 10^7 events, half a minute or more (docs/benchmarks.md).
+LONG_JOURNAL_EVENTS = 250_000
 
 KEYS_DIR_HELP = "Key directory (default $TRAINBUS_KEYS_DIR, else ~/.config/trainbus/keys)."
 
@@ -125,3 +130,19 @@ def _run_and_status(run: str, runs_dir: Path) -> tuple[Path, str]:
     except runs.RunLookupError as exc:
         raise UserError(str(exc)) from None
     return run_dir, runs.run_overview(run_dir)["status"]
+
+
+@contextlib.contextmanager
+def journal_progress(journal: Path, what: str) -> Iterator[Callable[[int], None]]:
+    """A callback taking the seq a read of this whole journal has reached: on a terminal, and for a long journal,
+    a line on stderr says how far (`what`: what the read is for), gone once the block ends; else it does nothing."""
+    from trainbus.proto.journal_format import journal_tail
+
+    tail = journal_tail(journal) if sys.stderr.isatty() else []
+    last = tail[-1].seq if tail else 0
+    if last < LONG_JOURNAL_EVENTS:
+        yield lambda seq: None
+        return
+    with Console(stderr=True).status(f"{what}: reading its journal ({last:,} events)") as status:
+        yield lambda seq: status.update(f"{what}: reading its journal, {min(seq, last) * 100 // last} % "
+                                        f"({seq:,} of {last:,} events)")

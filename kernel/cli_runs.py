@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,8 +18,10 @@ import typer
 from rich.markup import escape
 
 from trainbus.proto import JOURNAL_NAME
+from trainbus.proto.journal_format import READ_PROGRESS
 
-from .cli_common import RUNS_DIR_OPTION, UserError, _attach_client, _run_and_status, _wide, out, reason_text
+from .cli_common import (RUNS_DIR_OPTION, UserError, _attach_client, _run_and_status, _wide, journal_progress, out,
+                         reason_text)
 from .pids import process_alive
 
 runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Runs: what a runs directory holds.")
@@ -42,17 +45,28 @@ def runs_plot(
         raise UserError(f"run {run_dir.name} has no journal to plot: {run_dir / JOURNAL_NAME} does not exist")
     if out_dir is not None:
         _make_out_dir(out_dir)
-    # The visualization plugin's code draws them, in its own process: the kernel imports no plugin.
-    cmd = [sys.executable, "-m", "trainbus.plugins.visualization", "--plot", str(run_dir)]
-    proc = subprocess.run(cmd + (["--out", str(out_dir)] if out_dir else []), capture_output=True, text=True,
-                          timeout=300)
+    # The visualization plugin's code draws them, in its own process: the kernel imports no plugin. As long as it
+    # takes (a run of days: minutes; a time limit here cut such a plot short with a traceback), saying how far.
+    cmd = [sys.executable, "-m", "trainbus.plugins.visualization", "--plot", str(run_dir), "--progress"]
+    with tempfile.TemporaryFile("w+") as written, \
+            journal_progress(run_dir / JOURNAL_NAME, f"plotting run {run_dir.name}") as progress:
+        proc = subprocess.Popen(cmd + (["--out", str(out_dir)] if out_dir else []), stdout=written,
+                                stderr=subprocess.PIPE, text=True)
+        said = []
+        for line in proc.stderr:
+            if line.startswith(READ_PROGRESS):
+                progress(int(line.removeprefix(READ_PROGRESS)))
+            else:
+                said.append(line.rstrip("\n"))
+        proc.wait()
+        written.seek(0)
+        paths = written.read()
     if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        raise UserError(lines[-1].removeprefix("error: ") if lines else f"plotting failed (exit {proc.returncode})")
-    for line in proc.stderr.splitlines():
+        raise UserError(said[-1].removeprefix("error: ") if said else f"plotting failed (exit {proc.returncode})")
+    for line in said:
         if line.startswith("warning: "):
             print(f"trainbus: {line}", file=sys.stderr)
-    out.print(proc.stdout.rstrip(), markup=False)
+    out.print(paths.rstrip(), markup=False)
 
 
 def _make_out_dir(out_dir: Path) -> None:
@@ -156,7 +170,9 @@ def runs_show(
     from . import daemon, runs, runs_view
 
     try:
-        details = daemon.as_queued(runs_dir, runs.run_details(runs.resolve_run(run, runs_dir)))
+        run_dir = runs.resolve_run(run, runs_dir)
+        with journal_progress(run_dir / JOURNAL_NAME, f"run {run_dir.name}") as progress:
+            details = daemon.as_queued(runs_dir, runs.run_details(run_dir, progress=progress))
     except runs.RunLookupError as exc:
         details = daemon.run_without_directory(runs_dir, run)  # queued, or failed before its kernel made one
         if details is None:

@@ -21,7 +21,7 @@ import socket
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from trainbus.proto import JOURNAL_NAME, Event
 from trainbus.proto import events as ev
@@ -441,14 +441,19 @@ def newest_first(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                        r.get("started_ts") or 0.0, r["id"]), reverse=True)
 
 
-def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
+PROGRESS_EVERY_RECORDS = 65_536  # run_details's progress: a call per this many records read
+
+
+def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int], None] | None = None
+                ) -> dict[str, Any]:
     """run_overview plus what only the whole journal (streamed) holds: epochs, plugins, checkpoints; and files.
 
     Added keys: sessions (one per start_training_session: a continued run has several), device, model,
     parameters, cluster (the latest session's: where it trained), hyperparameters, epoch_table (one row per epoch;
     a repeated epoch's latest row), best
     (the lowest validation loss and its epoch), plugins ({name: state, restarts, crashes, log, ...}),
-    checkpoints (saved paths, and counts of failed and skipped), undrained, bus, files.
+    checkpoints (saved paths, and counts of failed and skipped), undrained, bus, files. `progress`: called with the
+    seq reached every PROGRESS_EVERY_RECORDS records (a run of days: 10^7).
     """
     now = time.time() if now is None else now
     run_dir = Path(run_dir).resolve()
@@ -468,8 +473,10 @@ def run_details(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     journal = run_dir / JOURNAL_NAME
     last_record: dict[str, Any] | None = None
     damage: list[str] = []
-    for record in stream_journal(journal, damage) if journal.is_file() else ():
+    for read, record in enumerate(stream_journal(journal, damage) if journal.is_file() else (), start=1):
         last_record = record
+        if progress is not None and read % PROGRESS_EVERY_RECORDS == 0:
+            progress(record["seq"])
         if record["type"] in FREQUENT_TYPES:
             continue
         e = as_event(record)

@@ -149,23 +149,23 @@ class History:
 
     @classmethod
     def from_journal(cls, run_dir: str | Path, every_n_steps: int = 1, before_seq: int | None = None,
-                     damage: list[str] | None = None) -> "History":
+                     damage: list[str] | None = None, progress: Callable[[int], None] | None = None) -> "History":
         history = cls(every_n_steps=every_n_steps)
-        history.backfill(run_dir, before_seq, damage)
+        history.backfill(run_dir, before_seq, damage, progress)
         return history
 
     def backfill(self, run_dir: str | Path, before_seq: int | None = None, damage: list[str] | None = None,
-                 progress: Callable[[], None] | None = None) -> int:
+                 progress: Callable[[int], None] | None = None) -> int:
         """Read the events this record lacks from the run's journal (a restarted plugin's past); return how many.
         `damage`: a line for each stretch of the journal that could not be read (read_journal's); `progress`: called
-        every PROGRESS_EVERY_EVENTS events read (a plugin's still_working)."""
+        with the seq reached every PROGRESS_EVERY_EVENTS events read (a plugin's still_working, runs plot's line)."""
         path = Path(run_dir) / JOURNAL_NAME
         if not path.is_file():
             return 0
         taken = 0
         for read, event in enumerate(read_journal(path, damage), start=1):
             if progress is not None and read % PROGRESS_EVERY_EVENTS == 0:
-                progress()
+                progress(event.seq)
             if before_seq is not None and event.seq >= before_seq:
                 break
             if event.seq > self.last_seq and not self.finished:

@@ -133,7 +133,8 @@ class EmailAlertPlugin(Plugin):
         if not self.started:
             self.started = True
             if event.seq > 1:  # a restart: the journal, where readable, has the epochs before our replay
-                self.history.backfill(self.run_dir, before_seq=event.seq, progress=self.still_working)
+                self.history.backfill(self.run_dir, before_seq=event.seq,
+                                      progress=lambda _seq: self.still_working())
         self.history.update(event)
         s = self.settings
         if event.type == ev.END_TRAINING_SESSION and s["on_end"]:

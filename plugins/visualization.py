@@ -29,7 +29,7 @@ from trainbus.sdk import Plugin, Setting
 from trainbus.sdk.plugin import merge_settings
 
 from trainbus.proto import JOURNAL_NAME
-from trainbus.proto.journal_format import read_journal
+from trainbus.proto.journal_format import READ_PROGRESS, read_journal
 
 from ._history import FINAL_EVENTS, PROGRESS_EVERY_EVENTS, History, metric_tag
 from ._plots import PlotSize, render_all
@@ -205,12 +205,14 @@ def plot_size(settings: dict[str, Any]) -> PlotSize:
     return PlotSize(settings["plot_width_px"], settings["plot_height_px"], settings["plot_dpi"])
 
 
-def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, damage: list[str] | None = None) -> list[Path]:
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, damage: list[str] | None = None,
+             progress: Callable[[int], None] | None = None) -> list[Path]:
     """Draw a finished (or running) run's plots from its journal alone, with the run's own plot settings.
-    `damage`: a line for each stretch of the journal that could not be read (its events are not drawn)."""
+    `damage`: a line for each stretch of the journal that could not be read (its events are not drawn); `progress`:
+    History.backfill's."""
     run_dir = Path(run_dir)
     settings = merge_settings(VisualizationPlugin, _configured_settings(run_dir))
-    history = History.from_journal(run_dir, every_n_steps=settings["every_n_steps"], damage=damage)
+    history = History.from_journal(run_dir, every_n_steps=settings["every_n_steps"], damage=damage, progress=progress)
     return render_all(history, Path(out_dir) if out_dir else run_dir / PLOTS_DIR, plot_size(settings))
 
 
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Draw a run's PNG plots from its journal alone.")
     parser.add_argument("--plot", metavar="RUN_DIR", required=True, help="the run directory (holds `events`)")
     parser.add_argument("--out", metavar="DIR", help="where the PNGs go (default RUN_DIR/plots)")
+    parser.add_argument("--progress", action="store_true",
+                        help=f"say how far the journal's read got: '{READ_PROGRESS}SEQ' lines on stderr")
     args = parser.parse_args(argv)
     run_dir = Path(args.plot)
     if not (run_dir / JOURNAL_NAME).is_file():
@@ -244,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     damage: list[str] = []
     try:
-        written = plot_run(run_dir, args.out, damage)
+        written = plot_run(run_dir, args.out, damage, progress=(
+            lambda seq: print(f"{READ_PROGRESS}{seq}", file=sys.stderr, flush=True)) if args.progress else None)
     except OSError as exc:  # a read-only run directory, a full disk
         where = args.out or run_dir / PLOTS_DIR
         print(f"error: cannot write the plots to {where} ({exc.strerror or exc}); give --out a directory you can "

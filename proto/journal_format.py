@@ -31,6 +31,10 @@ DAMAGE_LOOK_BYTES = 1024  # the journal's last few records, read on their own: a
 SEGMENT_SUFFIX = ".gz"
 SEGMENT_ERRORS = (OSError, EOFError, zlib.error)  # a segment unreadable, cut short or garbled: what it held is lost
 
+# How a reader of a whole journal in another process (`runs plot`'s) tells how far it got: `progress: SEQ` lines on
+# its stderr.
+READ_PROGRESS = "progress: "
+
 # Nearly all of a long journal: the per-batch events and heartbeats.
 FREQUENT_TYPES = ev.BATCH_EVENTS | {ev.HEARTBEAT}
 
@@ -109,27 +113,31 @@ def _chained(path: str | Path, records: Callable[[IO[bytes], list[int]], Iterato
     active, segments = _open_journal(path)
     last = 0
 
-    def fresh(r: dict[str, Any], where: Path) -> bool:
+    def fresh(file_records: Iterator[dict[str, Any]], name: str) -> Iterator[dict[str, Any]]:
+        """Those past the last seq read; a jump past it is damage. A loop, not a filter's call a record: a reader of
+        a run of days goes through 10^7 of them (runs show, runs plot)."""
         nonlocal last
-        if r["seq"] <= last:
-            return False
-        if r["seq"] > last + 1 and damage is not None:
-            damage.append(f"events {last + 1}-{r['seq'] - 1} are missing from the journal before {where.name}")
-        last = r["seq"]
-        return True
+        for r in file_records:
+            seq = r["seq"]
+            if seq <= last:
+                continue
+            if seq > last + 1 and damage is not None:
+                damage.append(f"events {last + 1}-{seq - 1} are missing from the journal before {name}")
+            last = seq
+            yield r
 
     try:
         for segment in segments:
             try:
                 with gzip.open(segment.path, "rb") as f:
-                    yield from (r for r in records(f, []) if fresh(r, segment.path))
+                    yield from fresh(records(f, []), segment.path.name)
             except SEGMENT_ERRORS as exc:
                 if damage is not None:
                     damage.append(f"segment {segment.path.name} is unreadable after seq {last} "
                                   f"({type(exc).__name__}: {exc})")
         if active is not None:
             bad: list[int] = []
-            yield from (r for r in records(active, bad) if fresh(r, Path(active.name)))
+            yield from fresh(records(active, bad), Path(active.name).name)
             if bad and damage is not None:  # not a torn end (that waits for bytes): does a whole event follow?
                 ends_at = max((e.seq for e in _events_near_end(path)), default=last)
                 if ends_at > last:
@@ -190,20 +198,15 @@ def _check_quickly(r: Any) -> None:
         event_from_map(r)
 
 
-def _consecutive_maps(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """The records up to the first that does not follow the one before it (a segment missing, say)."""
+def _consecutive(unpacker: msgpack.Unpacker, bad: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The unpacker's whole, valid event maps, gap-free by seq, up to the first torn, garbled or out-of-order one
+    (a garbled one's offset goes to `bad`)."""
     previous = None
-    for r in records:
+    for _, _, r in _valid_records(unpacker, _check_quickly, bad):
         if previous is not None and r["seq"] != previous + 1:
             return
         previous = r["seq"]
         yield r
-
-
-def _consecutive(unpacker: msgpack.Unpacker, bad: list[int] | None = None) -> Iterator[dict[str, Any]]:
-    """The unpacker's whole, valid event maps, gap-free by seq, up to the first torn, garbled or out-of-order one
-    (a garbled one's offset goes to `bad`)."""
-    return _consecutive_maps(r for _, _, r in _valid_records(unpacker, _check_quickly, bad))
 
 
 def as_event(r: dict[str, Any]) -> Event:

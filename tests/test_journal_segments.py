@@ -247,7 +247,7 @@ def test_a_plugin_restarted_late_in_a_long_run_says_it_is_working_while_it_rebui
         summaries = 0 if instance == "first" else count // 2  # a loss a step, about half the events
         assert len(calls) >= (count + summaries) // PROGRESS_EVERY_EVENTS - 2, (instance, len(calls))
     calls = []
-    History().backfill(tmp_path, before_seq=count, progress=lambda: calls.append(1))  # the e-mail plugin's
+    History().backfill(tmp_path, before_seq=count, progress=calls.append)  # the e-mail plugin's (and runs plot's)
     assert len(calls) >= (count - 1) // PROGRESS_EVERY_EVENTS
 
 
@@ -284,3 +284,51 @@ def test_ten_million_events_fit_in_a_gigabyte_with_flat_memory_and_read_back_exa
     assert growth < 48 * 2**20, f"RSS grew {growth / 2**20:.0f} MiB"
     check_whole(tmp_path, count, kept)
     assert {p.name for p in plot_run(tmp_path, tmp_path / "plots")} >= {"loss.png"}
+
+
+def with_stderr_on_a_terminal(args: list[str]) -> tuple[int, str]:
+    """The command with a pty as its stderr (stdout a pipe); its exit code and what it wrote on the terminal."""
+    import os
+    import select
+    import subprocess
+
+    controller, terminal = os.openpty()
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal,
+                                env={**os.environ, "TERM": "xterm", "COLUMNS": "150"})
+        os.close(terminal)
+        said = b""
+        while select.select([controller], [], [], 120)[0]:  # until the command (the pty's only writer) is gone
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: no writer left
+                break
+            if not chunk:
+                break
+            said += chunk
+        proc.communicate(timeout=120)
+    finally:
+        os.close(controller)
+    return proc.returncode, said.decode(errors="replace")
+
+
+def test_runs_show_and_plot_of_a_long_journal_say_on_a_terminal_how_far_their_read_got(tmp_path):
+    """A run of days (10^7 events) took `runs show` half a minute and `runs plot` minutes, saying nothing meanwhile;
+    and runs plot gave up after 300 s with a traceback. On a terminal a line now says how far the read got."""
+    import re
+    import subprocess
+
+    from conftest import trainbus_cmd
+    from trainbus.kernel.cli_common import LONG_JOURNAL_EVENTS
+
+    count = LONG_JOURNAL_EVENTS + 50_000
+    fast_forward(tmp_path / "runs" / RUN_ID, count, segment_bytes=4 * 2**20)
+    (tmp_path / "runs" / RUN_ID / "config.json").write_text("{}\n")
+    for command, what in (("show", f"run {RUN_ID}"), ("plot", f"plotting run {RUN_ID}")):
+        args = [*trainbus_cmd(), "runs", command, RUN_ID, "--runs-dir", str(tmp_path / "runs")]
+        code, said = with_stderr_on_a_terminal(args)
+        assert code == 0, said
+        assert re.search(rf"{what}: reading its journal, \d+ % \([\d,]+ of {count:,} events\)", said), said[-500:]
+        if command == "show":  # off a terminal: no such line (runs plot's goes through the same helper)
+            quiet = subprocess.run(args, capture_output=True, text=True, timeout=120)
+            assert quiet.returncode == 0 and "reading its journal" not in quiet.stderr, quiet.stderr
