@@ -20,6 +20,9 @@ MAX_BIN_BYTES = 1024 * 1024
 MAX_ARRAY_LEN = 100_000
 MAX_MAP_LEN = 10_000
 N_COUNTS = len(COUNTED_BATCH_EVENTS)  # the envelope's `n`
+# A metric's step and epoch are counts, stored as int64 by what reads them: TensorBoard's Event.step refuses a larger
+# one (ValueError, raised in the visualization plugin's handler).
+STEP_MAX = 2**63 - 1
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -240,8 +243,8 @@ def _check_values(m: dict[str, Any]) -> None:
         raise ProtocolError(f"hello.replies may hold only {sorted(REPLY_TYPES)}, got {unknown}")
     if kind == "log" and m["level"] not in LOG_LEVELS:
         raise ProtocolError(f"log.level must be one of {LOG_LEVELS}, got {m['level']!r}")
-    if kind == "metric" and not math.isfinite(m["value"]):
-        raise ProtocolError(f"metric.value must be finite, got {m['value']!r}")
+    if kind == "metric":
+        _check_metric(m)
     if kind in ("ack", "replay"):
         seq = m["seq"] if kind == "ack" else m["from_seq"]
         if seq < 0:
@@ -249,6 +252,16 @@ def _check_values(m: dict[str, Any]) -> None:
     if kind == "replay_batch":
         for e in m["events"]:
             event_from_map(e)
+
+
+def _check_metric(m: dict[str, Any]) -> None:
+    if not math.isfinite(m["value"]):
+        raise ProtocolError(f"metric.value must be finite, got {m['value']!r}")
+    if not m["name"]:
+        raise ProtocolError("metric.name must not be empty: name what the value measures")
+    for field in ("step", "epoch"):
+        if m[field] is not None and not 0 <= m[field] <= STEP_MAX:
+            raise ProtocolError(f"metric.{field} must be nil or 0 to 2**63-1, got {m[field]}")
 
 
 # -- field checks -------------------------------------------------------------------------------

@@ -170,6 +170,11 @@ def test_control_rejects_bad_values_at_the_sender():
                          ("log", dict(level="fatal", text="x")),
                          ("metric", dict(name="m", value=math.nan, step=None)),
                          ("metric", dict(name="m", value=math.inf, step=None)),
+                         ("metric", dict(name="m", value=1.0, step=-1)),
+                         ("metric", dict(name="m", value=1.0, step=2**63)),
+                         ("metric", dict(name="m", value=1.0, step=None, epoch=-1)),
+                         ("metric", dict(name="m", value=1.0, step=1, epoch=2**64 - 1)),
+                         ("metric", dict(name="", value=1.0, step=1)),
                          ("ack", dict(seq=-1)),
                          ("replay", dict(from_seq=-5)),
                          ("replay_batch", dict(events=[{"v": 1}], done=True))]:

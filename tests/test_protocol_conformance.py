@@ -514,3 +514,33 @@ def test_a_second_hello_under_another_name_on_one_connection_ends_the_first_name
     kernel.result(timeout_s=120)
     exits = [e.data for e in of(read_events(kernel.run_dir), "plugin_exited")]
     assert exits == [{"plugin": "first-name", "exit_code": 0}, {"plugin": "second-name", "exit_code": 0}], exits
+
+
+def test_a_metric_of_a_negative_or_over_int64_step_or_epoch_or_of_no_name_is_dropped_and_counted(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C46a] a raw peer's metric at step -1, epoch -1 or step 2**64-1, or named "", was journaled as sent: a
+    `metric` event at a step no run has, which every subscriber (metrics_log's CSV, TensorBoard, `attach`) took
+    as given. Each breaks a Constraint of §7.1 on the message itself: dropped, counted `malformed`, not answered;
+    the metric beside them that keeps them is journaled."""
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels)
+    bad = [dict(name="loss", value=1.0, step=-1), dict(name="loss", value=1.0, step=3, epoch=-1),
+           dict(name="loss", value=1.0, step=2**63), dict(name="loss", value=1.0, step=2**64 - 1),
+           dict(name="loss", value=1.0, step=3, epoch=2**63), dict(name="", value=1.0, step=3)]
+    try:
+        client.hello(NAME, attach_credential(kernel.run_dir), replies=["metric"])
+        client.wait_reply("welcome")
+        for fields in bad:
+            client.send("metric", **fields)
+        client.send("metric", name="loss", value=2.0, step=2**63 - 1, epoch=0)
+        client.send("bye", reason="done")
+        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+    finally:
+        client.close()
+    open_gate(gate, 10**6)
+    result = kernel.result(timeout_s=120)
+    assert result["bus"]["malformed"] == len(bad), result["bus"]
+    metrics = [(e.data["name"], e.data["value"], e.data["step"], e.data["epoch"])
+               for e in of(read_events(kernel.run_dir), "metric") if e.data["plugin"] == NAME]
+    assert metrics == [("loss", 2.0, 2**63 - 1, 0)]
+    # the one line a peer's author finds in kernel.log names the field, its constraint and the value sent
+    assert "metric.step must be nil or 0 to 2**63-1, got -1" in (kernel.run_dir / "kernel.log").read_text()
