@@ -1,6 +1,7 @@
 """What the supervisor does to the OS for its plugins: start a process, lower it below training, signal its group,
-read its CPU time and what the scheduler counted for it. The decisions (liveness, hung, backoff) are the supervisor's;
-tests hand it a fake of this (tests/test_supervisor_clock.py) and try this on real processes (tests/test_scheduling.py).
+read its CPU time and what the scheduler counted for it, and keep a guard that ends the groups if the kernel dies.
+The decisions (liveness, hung, backoff) are the supervisor's; tests hand it a fake of this
+(tests/test_supervisor_clock.py) and try this on real processes (tests/test_scheduling.py).
 """
 
 from __future__ import annotations
@@ -8,39 +9,118 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import threading
 
 import psutil
 
+from . import plugin_guard
+
 PLUGIN_NICE = 10  # plugins run below training's priority: a busy plugin takes idle CPU, not training's
 LOWER_PASSES = 4  # Processes.lower: looks for threads started while the others were being lowered
+GUARD_EXIT_WAIT_S = 1.0  # Guard.close: how long the run's end waits for the guard to exit (it has nothing to end)
 
 
 class PluginProcess(subprocess.Popen):
     """A plugin's process, the leader of its own group: what it started in that group (a worker, a helper program)
     goes with it. Once the leader has exited, before it is reaped (a zombie's pid is not reused, nor its group id),
-    the group's leftovers are killed: orphaned, they would run on past the run's end, one more at each restart."""
+    the group's leftovers are killed: orphaned, they would run on past the run's end, one more at each restart.
+    The guard (kernel/plugin_guard.py) is told the group is done then too, while its id is still this group's."""
+
+    guard: Guard | None = None
 
     def poll(self) -> int | None:
-        self._kill_leftovers()
+        if self.returncode is None and hasattr(os, "waitid"):
+            try:
+                exited = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:  # reaped by another thread meanwhile
+                return super().poll()
+            if exited is None:  # reaped only once seen exited here, so the group is always told done first
+                return None
+            self._group_done()
         return super().poll()
 
     def wait(self, timeout: float | None = None) -> int:
-        self._kill_leftovers()  # the supervisor waits only on a leader that exited or that it killed, group and all
-        return super().wait(timeout)
+        # the supervisor waits only on a leader that exited or that it killed, group and all
+        if self.returncode is None and hasattr(os, "waitid"):
+            try:
+                if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    self._group_done()
+            except ChildProcessError:
+                pass
+        code = super().wait(timeout)
+        if self.guard is not None:  # one that exited during the wait: its id, no longer listed, is never signalled
+            self.guard.ended(self.pid)
+        return code
 
-    def _kill_leftovers(self) -> None:
-        if self.returncode is not None or not hasattr(os, "waitid"):  # reaped: its pid may be another's now
+    def _group_done(self) -> None:
+        _signal_group(self, signal.SIGKILL)
+        if self.guard is not None:
+            self.guard.ended(self.pid)
+
+
+class Guard:
+    """The kernel's end of the plugins' guard (kernel/plugin_guard.py): the process that ends the plugins' groups if
+    the kernel dies, even by SIGKILL. Started with the first plugin; told each group's start and end on a pipe."""
+
+    def __init__(self):
+        self._fd: int | None = None
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()  # plugins start and are reaped on the training thread and the bus thread
+
+    def started(self, pgid: int) -> None:
+        with self._lock:
+            if self._fd is None:
+                self._start()
+            self._tell(b"+%d\n" % pgid)
+
+    def ended(self, pgid: int) -> None:
+        with self._lock:
+            self._tell(b"-%d\n" % pgid)
+
+    def close(self) -> None:
+        """As the kernel's exit does: the guard ends what is still listed (at a run's end, nothing), then exits."""
+        with self._lock:
+            fd, process, self._fd, self._process = self._fd, self._process, None, None
+        if fd is not None:
+            os.close(fd)
+        if process is not None:
+            try:
+                process.wait(GUARD_EXIT_WAIT_S)  # reaped, in a process that runs on (a test's, runs in-process)
+            except subprocess.TimeoutExpired:  # still ending a leftover group: subprocess reaps it later
+                pass
+
+    def _start(self) -> None:
+        read_fd, write_fd = os.pipe()  # neither inherited by what the kernel execs: only the kernel holds write_fd
+        try:
+            self._process = subprocess.Popen(
+                # isolated, without site: stdlib only, the smallest Python there is (~10 ms, a few MB)
+                [sys.executable, "-I", "-S", plugin_guard.__file__, str(os.getpid())], stdin=read_fd,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0)
+        except OSError:  # no guard: the plugins' own watch of the kernel is all there is, as before it
+            os.close(write_fd)
+            return
+        finally:
+            os.close(read_fd)
+        os.set_blocking(write_fd, False)  # a stopped guard with a full pipe never holds up a restart
+        self._fd = write_fd
+
+    def _tell(self, line: bytes) -> None:
+        """Under the lock: a close on another thread never leaves us its fd number, which a file opened next may
+        have (a bus thread that reaps a plugin as the run's end closes the guard)."""
+        if self._fd is None:
             return
         try:
-            exited = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:  # reaped by another thread meanwhile
-            return
-        if exited is not None:
-            _signal_group(self, signal.SIGKILL)
+            os.write(self._fd, line)  # one short line, never blocking: atomic on a pipe
+        except OSError:  # the guard is gone, or stopped and its pipe full: the group goes unguarded
+            pass
 
 
 class Processes:
     """The supervisor's hands on its plugins' processes (see the module's docstring)."""
+
+    def __init__(self):
+        self.guard = Guard()
 
     def spawn(self, cmd: list[str], env: dict[str, str], stdout, stderr, below_training: bool) -> subprocess.Popen:
         proc = PluginProcess(
@@ -49,9 +129,14 @@ class Processes:
             # one of its own would get an equal share against the kernel's whatever its nice.
             cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, process_group=0,
         )
+        self.guard.started(proc.pid)
+        proc.guard = self.guard
         if below_training:
             _lower_priority(proc.pid)  # before it starts a thread: they all inherit it
         return proc
+
+    def close(self) -> None:
+        self.guard.close()
 
     def lower(self, pid: int) -> None:
         """A plugin started at the kernel's priority goes below training now: priority is per thread (Linux), so

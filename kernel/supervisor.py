@@ -307,6 +307,7 @@ class Supervisor:
                         child.state = "exited"
                     elif child.state not in ("failed", "exited"):
                         self._ended_at_shutdown(child, code)
+        self.processes.close()  # every group reaped: the guard has nothing left to watch
 
     def _await_exit(self, procs: list, seconds: float, abort: Callable[[], bool] = lambda: False) -> list:
         """Waits up to `seconds` (or until abort()) for procs to exit; one that spent the last part of it waiting

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from trainbus.kernel.bus import Bus
 from trainbus.kernel.config import PluginConfig
 from trainbus.kernel.journal import read_events
+from trainbus.kernel.plugin_guard import ORPHAN_KILL_AFTER_S, ORPHAN_TERM_AFTER_S
 from trainbus.proto import JOURNAL_NAME
 from trainbus.kernel.runs import run_overview
 from trainbus.kernel.session import FINAL_WEIGHTS, PLUGIN_EXIT_TIMEOUT_S, run_training
@@ -580,6 +582,28 @@ def test_what_a_plugin_started_in_its_group_goes_with_it_when_the_kernel_is_kill
     if stuck:
         log = (kernel.run_dir / "plugins" / "parent.log").read_text()
         assert "the kernel is gone and the handler for end_training_batch" in log, log
+
+
+def test_a_raw_plugin_that_never_watches_its_kernel_and_its_child_end_when_the_kernel_is_killed(tmp_path, kernels):
+    """A plugin written from PROTOCOL.md alone need not leave when its kernel dies (§8: SHOULD), and after a kill -9
+    no supervisor was left to end it: it and the child it started ran on for good. The kernel's guard
+    (kernel/plugin_guard.py) ends the group: ORPHAN_TERM_AFTER_S for it to leave on its own, then SIGTERM."""
+    pid_file = tmp_path / "pids"
+    raw = PluginConfig("orphan", "", command=[sys.executable, str(TESTS_DIR / "raw_orphan_plugin.py"), str(pid_file)])
+    cfg = run_config(tmp_path / "runs", [raw], epochs=50, target=PACED, batch_size=16, ready_timeout_s=PLUGIN_START_S)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    pids = [int(p) for p in wait_until(lambda: pid_file.exists() and pid_file.read_text().split(), 120, "the plugin")]
+    kernel.wait_step(3)
+    kernel.proc.send_signal(signal.SIGKILL)
+    kernel.proc.wait()
+    try:
+        wait_until(lambda: all(process_gone(pid) for pid in pids), ORPHAN_TERM_AFTER_S + ORPHAN_KILL_AFTER_S + 30,
+                   f"the raw plugin and its child {pids} to be gone after their kernel was killed")
+    finally:
+        for pid in pids:
+            if not process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_plugins_run_in_the_kernels_session_in_groups_of_their_own_below_training(tmp_path, kernels):

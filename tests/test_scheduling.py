@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from trainbus.kernel.plugin_guard import watch
 from trainbus.kernel.plugin_processes import PLUGIN_NICE, Processes, _sched_seconds
 from trainbus.kernel.supervisor import STARVED_WAIT_FRACTION
 
@@ -85,3 +86,21 @@ def test_a_plugin_started_before_training_is_lowered_thread_by_thread_with_what_
             os.kill(child, signal.SIGKILL)
         plugin.kill()
         plugin.wait()
+
+
+def test_the_guard_takes_every_group_its_kernel_told_it_of_even_once_the_kernel_is_gone():
+    """kernel/plugin_guard.py: a kernel killed just after it started a plugin has written that group on the pipe,
+    but the guard, seeing its parent gone, stopped reading before it: that plugin was left unguarded."""
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, b"+101\n+102\n-101\n+103")  # the last line cut short: never taken
+        not_our_parent = os.getpid()
+        assert watch(read_fd, not_our_parent) == {102}
+        os.write(write_fd, b"+104\n")
+        os.close(write_fd)
+        write_fd = -1
+        assert watch(read_fd, os.getppid()) == {104}  # the pipe's end: the kernel exited
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)

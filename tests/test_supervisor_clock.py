@@ -59,6 +59,9 @@ class FakeProcesses:
         if sig == signal.SIGKILL and proc.returncode is None:
             proc.returncode = -signal.SIGKILL
 
+    def close(self) -> None:
+        pass
+
     def cpu_seconds(self, pid: int) -> float:
         return self.cpu_s
 
