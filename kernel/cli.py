@@ -65,7 +65,6 @@ import json
 import logging
 import re
 import sqlite3
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TextIO
@@ -90,6 +89,7 @@ from .config import (ONE_GPU_PER_RANK, ConfigError, apply_set, check_metric_sett
                      defaults_left_out, device_index, launch_of_run, load_config, plugin_name_clashes,
                      registered_plugins, resolve_plugin)
 from .flags import FlagError
+from .private_dirs import process_scratch_dir, remove_scratch_dir
 from .launch_wait import JOIN_TIMEOUT_S, RendezvousWatch, signal_name
 from .registry import RegistryError
 from .spec import DEFAULT_TARGET, SpecError, UserCodeError
@@ -421,9 +421,15 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     logging.getLogger("torch.distributed.elastic.agent.server.api").addFilter(
         lambda record: "death signal" not in str(record.msg))
     failure, started = None, time.time()
-    descriptor, errors = tempfile.mkstemp(prefix="trainbus-launch-", suffix=".errors")
-    os.close(descriptor)
-    os.environ[LAUNCH_ERRORS] = errors
+    # This launch's own files: the ranks' errors and torchrun's logs (by default a torchelastic_* directory in /tmp,
+    # one a launch, never removed). One of a launcher killed with SIGKILL is removed by the next launch.
+    try:
+        scratch = process_scratch_dir(f"trainbus-launch-{os.getuid()}")
+    except OSError as exc:  # not ours (PermissionError names it and the fix), or a temp dir we cannot write
+        raise UserError(f"{exc}") from None
+    errors = scratch / "errors"
+    errors.touch(0o600)
+    os.environ[LAUNCH_ERRORS] = str(errors)
     # torchrun's own handling of Ctrl-C and SIGTERM (SignalException: it stops its ranks), from the start: it
     # installs it only once its ranks run, and its rendezvous may wait minutes for the other machines before that
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -432,12 +438,12 @@ def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     try:
         with watch:
             torchrun([*meet, "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
-                      "-m", "trainbus.kernel.cli", *argv])
+                      "--log-dir", str(scratch / "torchelastic"), "-m", "trainbus.kernel.cli", *argv])
     except Exception as exc:  # ChildFailedError (which rank failed and how is above, from torchrun), SignalException
         failure = exc
     finally:
-        said = Path(errors).read_text(errors="replace")
-        os.unlink(errors)
+        said = errors.read_text(errors="replace")
+        remove_scratch_dir(scratch)
     if said:  # a mistake in the command, found by the ranks (each wrote it): once, as in one process
         print(_first_said(said, nproc), end="", file=sys.stderr)
         raise typer.Exit(code=2)

@@ -7,11 +7,11 @@ import hmac
 import os
 import secrets
 import shutil
-import stat
 import tempfile
 from pathlib import Path
 
 from .keys import ClientKey, KeyRing
+from .private_dirs import own_temp_dir
 
 CREDENTIAL_FILE = "credential"  # in the run directory, 0600: what a plugin attached by hand proves itself with
 ATTACH = "attach"  # the token of the credential file: any name no spawned plugin holds
@@ -85,17 +85,4 @@ def kept_dir(create: bool = True) -> Path | None:
     Not /tmp itself: a name there that another user can make first is one they can read, or, for the events a
     resume appends back to the journal, forge. OSError when the one there is not ours or not owner-only; None when
     there is none and `create` is false."""
-    path = Path(tempfile.gettempdir()) / f"trainbus-kept-{os.getuid()}"
-    if create:
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise PermissionError(f"{path} is not an owner-only directory of this user's: remove it, or set TMPDIR "
-                              f"to another directory")
-    return path
+    return own_temp_dir(f"trainbus-kept-{os.getuid()}", create)

@@ -8,17 +8,26 @@ code, or a run with one of theirs. So the runs directory must be its owner's (or
 else, and so must each directory above it, unless sticky (/tmp): there others cannot move what is ours. A group
 that is the owner's own (a user private group: its name the user's, no other member) counts as the owner. The key
 directory (kernel/keys.py) likewise: who could rename it could put one of theirs in its place, their key in control/.
+Our own directories in the temp dir (own_temp_dir, process_scratch_dir) are owner-only for the same reason.
 """
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import os
 import pwd
+import shutil
 import stat
+import tempfile
+import time
 from pathlib import Path
 
 DIRECTORY_MODE = 0o755  # at most: the umask takes away more, never adds write for others
+SCRATCH_LOCK = ".lock"  # in a process_scratch_dir: flocked by its process while it runs
+SCRATCH_UNLOCKED_MAX_AGE_S = 3600.0  # a scratch directory with no lock file this old is no one's being made
+
+_held: dict[Path, int] = {}  # this process's scratch directories: their locks' descriptors
 
 
 def make_dirs(path: Path) -> None:
@@ -71,6 +80,72 @@ def others_can_write_file(path: Path) -> str | None:
         return (f"{path} is not a file of this user's alone (mode {stat.S_IMODE(info.st_mode):o}, owner uid "
                 f"{info.st_uid}): another user could have made or changed it; fix: move it away, after checking it")
     return None
+
+
+def own_temp_dir(name: str, create: bool = True) -> Path | None:
+    """`name` in the temporary directory ($TMPDIR, /tmp), an owner-only directory of this user's, made if missing
+    and `create`. Not /tmp itself: a name there that another user can make first is one they can read or forge.
+    PermissionError when the one there is not ours or not owner-only; None when there is none and not `create`."""
+    path = Path(tempfile.gettempdir()) / name
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PermissionError(f"{path} is not an owner-only directory of this user's: remove it, or set TMPDIR "
+                              f"to another directory")
+    return path
+
+
+def process_scratch_dir(name: str) -> Path:
+    """A fresh directory for this process alone in own_temp_dir(`name`), held (an flock on its SCRATCH_LOCK) until
+    remove_scratch_dir or the process's end. A process killed with SIGKILL cannot remove its own: those no process
+    holds any more are removed here first, so they never pile up. A lock, not a pid, says who is alive: a pid is
+    reused, and another pid namespace (a container sharing the temp dir) has its own."""
+    parent = own_temp_dir(name)
+    for entry in parent.iterdir():
+        _remove_if_abandoned(entry)
+    while True:
+        path = Path(tempfile.mkdtemp(dir=parent))
+        held = os.open(path / SCRATCH_LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if os.fstat(held).st_nlink:  # not swept by another process between its making and our lock
+            _held[path] = held
+            return path
+        os.close(held)
+
+
+def remove_scratch_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    held = _held.pop(Path(path), None)
+    if held is not None:
+        os.close(held)
+
+
+def _remove_if_abandoned(entry: Path) -> None:
+    try:
+        lock = os.open(entry / SCRATCH_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:  # being made this instant, or its maker was killed in that instant: gone once old
+        try:
+            if time.time() - os.lstat(entry).st_mtime > SCRATCH_UNLOCKED_MAX_AGE_S:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
+        return
+    except OSError:  # not a directory of ours, or not readable: not ours to judge
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: its process is running
+        os.close(lock)
+        return
+    shutil.rmtree(entry, ignore_errors=True)  # under our lock: its maker, locking it now, sees it gone (st_nlink 0)
+    os.close(lock)
 
 
 def _why(directory: Path, info: os.stat_result, what: str, fix: str, stake: str) -> str:

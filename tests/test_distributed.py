@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -555,6 +557,61 @@ def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_re
     assert proc.returncode == 2 and proc.stderr.count(said) == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(said) and "Traceback" not in proc.stderr, proc.stderr
     assert "restart" not in proc.stderr.lower() and not (tmp_path / "runs").exists(), proc.stderr
+
+
+def test_a_launcher_killed_with_sigkill_leaves_no_files_behind_once_another_launch_has_run(tmp_path):
+    """Each `run --nproc` made /tmp/trainbus-launch-*.errors and removed it at its end, which a launcher killed with
+    SIGKILL never reached; and torchrun's logs went to a torchelastic_* directory of /tmp that no launch ever removed
+    (986 of them on this machine). Both now live in the launch's own directory of an owner-only one in the temp dir:
+    removed at its end, and, for a launcher killed, by the next launch."""
+    from kernel_process import Command
+
+    tmp, runs = tmp_path / "tmp", tmp_path / "runs"
+    tmp.mkdir()
+    target = tmp_path / "train.py"
+    target.write_text("import os, time\nfrom pathlib import Path\n\n"
+                      "def build(hyperparameters):\n    Path(f\"building-{os.environ['RANK']}\").touch()\n"
+                      "    time.sleep(300)\n")
+    killed = Command("run", f"{target}:build", "--device", "cpu", "--runs-dir", str(runs), "--nproc", "2",
+                     "--plugins", "", cwd=tmp_path, env={"TMPDIR": str(tmp)})
+    try:
+        wait_until(lambda: all((tmp_path / f"building-{rank}").exists() for rank in (0, 1)), 120,
+                   "both ranks building", poll_s=0.1)
+    finally:
+        kill_launch(killed)
+    assert list(tmp.rglob("*errors*")), "the killed launcher's file, which the next launch is to remove"
+    proc = Command("run", "--device", "cpu", "--runs-dir", str(runs), "--nproc", "2", "--precision", "16-mixed",
+                   cwd=tmp_path, env={"TMPDIR": str(tmp)})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "error: precision 16-mixed needs a CUDA device" in err, err
+    # (torchinductor_<user>: a cache torch keeps for the user, one for all launches)
+    left = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.name.startswith("torchinductor_"))
+    assert left == [f"trainbus-launch-{os.getuid()}"], left
+
+
+def test_a_scratch_directory_is_removed_by_the_next_one_made_once_no_running_process_holds_it(tmp_path, monkeypatch):
+    """What lets the next launch remove a killed launcher's directory (kernel/private_dirs.py): the lock its process
+    held, which a kill -9 lets go, and which a running process keeps."""
+    from trainbus.kernel.private_dirs import process_scratch_dir, remove_scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code = ("import time\nfrom trainbus.kernel.private_dirs import process_scratch_dir\n"
+            "print(process_scratch_dir('scratch'), flush=True)\ntime.sleep(300)\n")
+    makers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "TMPDIR": str(tmp_path)}) for _ in range(2)]
+    try:
+        running, killed = [Path(maker.stdout.readline().strip()) for maker in makers]
+        makers[1].kill()
+        makers[1].wait()
+        assert running.is_dir() and killed.is_dir()
+        ours = process_scratch_dir("scratch")
+        assert running.is_dir() and not killed.exists() and ours.is_dir() and ours not in (running, killed)
+        remove_scratch_dir(ours)
+        assert not ours.exists() and sorted(p.name for p in (tmp_path / "scratch").iterdir()) == [running.name]
+    finally:
+        for maker in makers:
+            maker.kill()
+            maker.wait()
 
 
 # -- sharing out a loader's data ------------------------------------------------------------------------------
