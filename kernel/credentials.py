@@ -6,12 +6,11 @@ import hashlib
 import hmac
 import os
 import secrets
-import shutil
 import tempfile
 from pathlib import Path
 
 from .keys import ClientKey, KeyRing
-from .private_dirs import own_temp_dir
+from .private_dirs import own_temp_dir, process_scratch_dir, remove_scratch_dir
 
 CREDENTIAL_FILE = "credential"  # in the run directory, 0600: what a plugin attached by hand proves itself with
 ATTACH = "attach"  # the token of the credential file: any name no spawned plugin holds
@@ -68,13 +67,14 @@ class Credentials:
 
 
 def socket_dir(run_dir: Path) -> Path:
-    """Where the run's ipc sockets go: the run directory, or a fresh owner-only directory under the temp
-    dir (the caller removes it) when the run directory's path is too long for a Unix socket."""
+    """Where the run's ipc sockets go: the run directory, or, when its path is too long for a Unix socket, a fresh
+    directory of this kernel's own in an owner-only one of the temp dir (close_bus removes it; one of a kernel
+    killed with SIGKILL is removed by the next kernel that makes one: private_dirs.process_scratch_dir)."""
     if len(str(run_dir / "control.sock")) < SUN_PATH_MAX:
         return run_dir
-    short = Path(tempfile.mkdtemp(prefix="trainbus-"))  # 0700 by construction
+    short = process_scratch_dir(f"trainbus-sockets-{os.getuid()}")
     if len(str(short / "control.sock")) >= SUN_PATH_MAX:
-        shutil.rmtree(short, ignore_errors=True)
+        remove_scratch_dir(short)
         raise OSError(f"no socket path short enough under {tempfile.gettempdir()}; set TMPDIR to a short directory")
     return short
 

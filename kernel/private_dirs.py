@@ -111,7 +111,7 @@ def process_scratch_dir(name: str) -> Path:
     for entry in parent.iterdir():
         _remove_if_abandoned(entry)
     while True:
-        path = Path(tempfile.mkdtemp(dir=parent))
+        path = Path(tempfile.mkdtemp(prefix="", dir=parent))  # 8 characters: socket paths are short
         held = os.open(path / SCRATCH_LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fcntl.flock(held, fcntl.LOCK_EX)
         if os.fstat(held).st_nlink:  # not swept by another process between its making and our lock

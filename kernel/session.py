@@ -40,7 +40,7 @@ from .loop import Loop, pick_device, restore_weights, seed_everything
 from .keys import KeyStore
 from .memory import keep_freed_memory
 from .peers import Peers
-from .private_dirs import make_dirs
+from .private_dirs import make_dirs, remove_scratch_dir
 from .remote import ListenError, Listener, check_listen
 from .registry import record_run
 from .runs import write_kernel_pid
@@ -500,7 +500,7 @@ def close_bus(bus: Bus, run_dir: Path, sockets: Path, plugin_exit_timeout_s: flo
     bus.announce_close = True
     error = bus.close()
     if sockets != run_dir:
-        shutil.rmtree(sockets, ignore_errors=True)
+        remove_scratch_dir(sockets)
     return error
 
 

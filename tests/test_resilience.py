@@ -11,9 +11,11 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -604,6 +606,28 @@ def test_a_raw_plugin_that_never_watches_its_kernel_and_its_child_end_when_the_k
         for pid in pids:
             if not process_gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_kernels_sockets_directory_in_the_temp_dir_is_removed_by_the_next_run_that_needs_one(
+        tmp_path, kernels):
+    """A run directory too long for a socket path puts its sockets in a directory of the temp dir, which the kernel
+    removed as it closed: one killed with SIGKILL left it, sockets and all (796 of them in this machine's /tmp).
+    Each kernel now holds a lock on its own, and the next one to make such a directory removes those none holds."""
+    tmp, runs = Path(tempfile.mkdtemp(prefix="tb-")), tmp_path / ("d" * 60) / ("e" * 60)  # a short TMPDIR
+    try:
+        killed = KernelProcess(run_config(runs, [], epochs=50, target=PACED, batch_size=16), tmp_path,
+                               env={"TMPDIR": str(tmp)})
+        kernels.append(killed)
+        killed.wait_step(2, timeout_s=120)
+        assert [p.name for p in tmp.rglob("control.sock")] == ["control.sock"]
+        killed.kill()
+        second = KernelProcess(run_config(runs, [], epochs=1, target=PACED, batch_size=256), tmp_path,
+                               env={"TMPDIR": str(tmp)})
+        kernels.append(second)
+        assert second.result(timeout_s=180)["status"] == "completed"
+        assert not list(tmp.rglob("*.sock")), sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_plugins_run_in_the_kernels_session_in_groups_of_their_own_below_training(tmp_path, kernels):
