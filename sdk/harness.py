@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
+import weakref
 from typing import Any
 
 from trainbus.proto import DURABLE, Event, check_control, events as ev
@@ -28,6 +30,8 @@ class Harness:
         self.plugin = plugin
         if run_dir is not None or plugin.run_dir == ".":  # never write into the caller's cwd by default
             plugin.run_dir = run_dir or tempfile.mkdtemp(prefix="trainbus-harness-")
+            if run_dir is None:  # ours: removed with the plugin, or as the process exits (a test suite left hundreds)
+                weakref.finalize(plugin, shutil.rmtree, plugin.run_dir, ignore_errors=True)
         self.run_id = run_id
         self.seq = 0
         self.step = 0

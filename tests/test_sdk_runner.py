@@ -8,6 +8,9 @@ reduced to an inbox and a journal: it answers a replay request at once from what
 from __future__ import annotations
 
 import collections
+import os
+import shutil
+import sys
 import threading
 
 import pytest
@@ -466,6 +469,38 @@ def test_a_metric_from_a_handler_without_a_step_is_at_its_events_step():
     idle = Says()
     idle.metric("from_a_thread_of_its_own", 1.0)  # no handler running: the kernel's step when it arrives
     assert idle.outbox[-1]["step"] is None
+
+
+def test_the_run_directory_a_harness_makes_goes_with_its_plugin_or_the_process():
+    """Each Harness without a run_dir made a /tmp/trainbus-harness-* directory and left it there: a plugin author's
+    test suite left hundreds."""
+    import gc
+    import subprocess
+
+    from trainbus.sdk import Harness, Plugin
+
+    class Writes(Plugin):
+        def on_end_epoch(self, event):
+            with open(os.path.join(self.run_dir, "seen"), "w") as f:
+                f.write(str(event.epoch))
+
+    h = Harness(Writes())
+    h.feed("end_epoch", epoch=1)
+    made = h.plugin.run_dir
+    assert os.path.isfile(os.path.join(made, "seen"))
+    del h
+    gc.collect()
+    assert not os.path.exists(made)
+    os.makedirs(made)
+    kept = Harness(Writes(), run_dir=made)  # the caller's directory is the caller's
+    kept.feed("end_epoch", epoch=1)
+    del kept
+    gc.collect()
+    assert os.path.isfile(os.path.join(made, "seen"))
+    shutil.rmtree(made)
+    left = subprocess.run([sys.executable, "-c", "from trainbus.sdk import Harness, Plugin\n"
+                           "h = Harness(Plugin())\nprint(h.plugin.run_dir)"], capture_output=True, text=True, timeout=60)
+    assert left.returncode == 0 and not os.path.exists(left.stdout.strip()), (left.stdout, left.stderr)
 
 
 def test_a_kernel_that_never_answers_is_a_failure_not_an_exit_0():
