@@ -20,6 +20,7 @@ import tty
 from typing import Any
 
 from trainbus.proto import event_to_map, events as ev
+from trainbus.proto.output import RefusalGuard
 from trainbus.proto.run_state import RunState
 from trainbus.proto.text import printable
 from trainbus.sdk.attach import CLIENT_PREFIX, AttachError, Attachment, RunEnded, TargetError, target_of
@@ -202,6 +203,8 @@ def dashboard(attachment: Attachment, steer: bool) -> int:
             key = keys.read().lower()
             if key == "q":
                 return 0
+            if _output_refused():
+                return 1
             if pending and key:
                 if key == "y":
                     send_command(attachment, pending, "from the terminal")
@@ -235,6 +238,8 @@ def json_lines(attachment: Attachment) -> int:
         line = ({"type": "snapshot", "seq": value.seq, "run": value.run.get("id"), "state": value.to_map()}
                 if kind == "snapshot" else event_to_map(value))
         print(json.dumps(line, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)), flush=True)
+        if _output_refused():  # said once (_guard_stdout); every later line would go nowhere
+            return 1
     if attachment.ended_quietly:  # the stream has the run's end, maybe not its plugins' last words
         print(f"trainbus attach: the kernel went quiet after the run's final event ({attachment.ended_quietly}); "
               f"ending without its bus_closing", file=sys.stderr)
@@ -327,8 +332,30 @@ def _on_sigterm(signum, frame) -> None:
     raise _Terminated
 
 
+def _guard_stdout() -> None:
+    """stdout on a disk that fills (`trainbus attach --json RUN > events.jsonl`): the first refused write is said in
+    one line on stderr, naming the file and the fix, and the client stops with exit 1 (_output_refused): what it
+    makes is all in that file, and a script must not take a cut one for the stream. A closed pipe (`| head -1`)
+    ends it quietly (__main__)."""
+    def say(line: str) -> None:
+        with contextlib.suppress(OSError):  # stderr on the same full disk: the exit code says it
+            print(f"error: {line}", file=sys.stderr, flush=True)
+
+    sys.stdout = RefusalGuard(sys.stdout, say, then="attach stops")
+
+
+def _output_refused() -> bool:
+    return getattr(sys.stdout, "refused", None) is not None
+
+
 def main(argv: list[str]) -> int:
+    code = _main(argv)
+    return 1 if _output_refused() else code
+
+
+def _main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _guard_stdout()
     parser = argparse.ArgumentParser(prog="trainbus attach", description=__doc__.splitlines()[0])
     parser.add_argument("where", help="run directory, or ENDPOINT (ipc://DIR/events.sock, or EVENTS,CONTROL)")
     parser.add_argument("--key", default="", help="this client's secret key file: WHERE is a remote kernel's "

@@ -20,10 +20,12 @@ def stream_path(stream: TextIO) -> str:
         return getattr(stream, "name", None) or "the output"
 
 
-def refused_line(path: str, exc: OSError) -> str:
-    """The one line that says a stream's file refuses writes, and the fix."""
-    return (f"cannot write to {path} ({exc.strerror or exc}); free space there, or send the output elsewhere: "
-            f"what follows is not written there")
+REST_DROPPED = "what follows is not written there"
+
+
+def refused_line(path: str, exc: OSError, then: str = REST_DROPPED) -> str:
+    """The one line that says a stream's file refuses writes, and the fix; `then`: what the command does now."""
+    return f"cannot write to {path} ({exc.strerror or exc}); free space there, or send the output elsewhere: {then}"
 
 
 class RefusalGuard:
@@ -31,11 +33,12 @@ class RefusalGuard:
     descriptor points at /dev/null, so the text its buffer still holds and every later write go nowhere, quietly.
 
     A broken pipe (`| head`) is left to its own handling (rich's, the caller's): a reader that went away is not a
-    full disk."""
+    full disk. `then` ends the line: what the command does now (REST_DROPPED: goes on, its output dropped)."""
 
-    def __init__(self, stream: TextIO, said: Callable[[str], None]):
+    def __init__(self, stream: TextIO, said: Callable[[str], None], then: str = REST_DROPPED):
         self._stream = stream
         self._said = said
+        self._then = then
         self.refused: OSError | None = None
 
     def write(self, text: str) -> int:
@@ -70,4 +73,4 @@ class RefusalGuard:
             self._stream.flush()
         except (OSError, ValueError):
             pass
-        self._said(refused_line(path, exc))
+        self._said(refused_line(path, exc, self._then))

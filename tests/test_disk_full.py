@@ -603,6 +603,29 @@ def test_a_listing_whose_output_the_full_disk_refuses_exits_1(tmp_path, mount_tm
     assert len(lines) == 1 and "No space left on device" in lines[0] and "free space there" in lines[0], done.stderr
 
 
+def test_attach_json_into_a_full_disk_says_so_in_one_line_and_exits_1(tmp_path, mount_tmpfs, kernels):
+    """`trainbus attach --json RUN > events.jsonl` on a full disk: the client died in a traceback of its print.
+    It now says once on stderr, naming the file and the fix, and stops with exit 1 at once (the stream is all it
+    makes: a script must not take the cut file for it)."""
+    from conftest import trainbus_cmd
+
+    cfg = RunConfig(target=PACED, epochs=50, seed=0, device="cpu", runs_dir=str(tmp_path / "runs"),
+                    checkpoint_every_n_epochs=0, hyperparameters={"step_sleep_s": 0.02}, plugins=[])
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_step(5)
+    disk = mount_tmpfs("out", 64 << 10)
+    out_path = disk / "events.jsonl"
+    with Filler(disk), open(out_path, "wb") as out_file:
+        done = subprocess.run([*trainbus_cmd(), "attach", "--json", kernel.run_id, "--runs-dir", cfg.runs_dir],
+                              stdout=out_file, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert str(out_path) in done.stderr and "No space left on device" in done.stderr, done.stderr
+    assert "free space there" in done.stderr and "attach stops" in done.stderr, done.stderr
+    assert kernel.proc.poll() is None, "the run goes on"
+
+
 def test_events_kept_elsewhere_rejoin_the_journal_only_from_a_directory_no_one_else_can_write(tmp_path, monkeypatch):
     """The temporary directory is everyone's: a file there named as a run's kept events, made by another user who
     read the run id off `ps`, would have been appended to the run's journal at its resume (events forged into the
