@@ -9,6 +9,8 @@ import secrets
 import tempfile
 from pathlib import Path
 
+from trainbus.proto.messages import kept_dir_name
+
 from .keys import ClientKey, KeyRing
 from .private_dirs import own_temp_dir, process_scratch_dir, remove_scratch_dir
 
@@ -85,4 +87,4 @@ def kept_dir(create: bool = True) -> Path | None:
     Not /tmp itself: a name there that another user can make first is one they can read, or, for the events a
     resume appends back to the journal, forge. OSError when the one there is not ours or not owner-only; None when
     there is none and `create` is false."""
-    return own_temp_dir(f"trainbus-kept-{os.getuid()}", create)
+    return own_temp_dir(kept_dir_name(os.getuid()), create)

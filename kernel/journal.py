@@ -25,6 +25,7 @@ import msgpack
 
 from trainbus.proto import Event
 from trainbus.proto.codec import UNPACK_LIMITS
+from trainbus.proto.messages import kept_name
 from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, iter_records, read_journal,
                                            segment_name)
 
@@ -361,7 +362,7 @@ class Journal:
 
 def _kept_stem(path: Path) -> str:
     """The name, in the temporary directory, of a run's events its disk refused: trainbus-<run id>-events."""
-    return f"trainbus-{path.parent.name}-{path.name}"
+    return kept_name(path.parent.name, path.name)
 
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)

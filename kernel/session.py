@@ -21,6 +21,7 @@ import torch
 
 from trainbus.proto import JOURNAL_NAME, events as ev
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
+from trainbus.proto.messages import SUMMARY_NAME, kept_name
 from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir, write_connection_file
 
 from .buffer_files import snapshot_directories
@@ -374,7 +375,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         # kept where the weights and the held events go, or `runs list` calls the run died for good
         kept = None
         try:
-            kept = kept_dir() / f"trainbus-{run_id}-summary.json"
+            kept = kept_dir() / kept_name(run_id, SUMMARY_NAME)
             kept.write_text(text)
             moved = f"; it is in {kept}: move it there once the disk has space (till then `runs list` says died)"
         except OSError:
@@ -586,7 +587,7 @@ def _keep_final_weights(spec, loop: Loop, path: Path, run_id: str) -> tuple[Path
     except (OSError, RuntimeError) as exc:
         why = _reason(exc)
     try:
-        elsewhere = kept_dir() / f"trainbus-{run_id}-{path.name}"
+        elsewhere = kept_dir() / kept_name(run_id, path.name)
         _save_final_weights(spec, loop, elsewhere)
     except (OSError, RuntimeError) as exc:
         log.error("the final weights could not be kept in the temporary directory either: %s", _reason(exc))
@@ -602,7 +603,7 @@ def _drop_superseded(run_id: str, final_in_place: bool) -> None:
         directory = kept_dir(create=False)
     except OSError:
         return
-    stale = [f"trainbus-{run_id}-summary.json"] + ([f"trainbus-{run_id}-{FINAL_WEIGHTS}"] if final_in_place else [])
+    stale = [kept_name(run_id, SUMMARY_NAME)] + ([kept_name(run_id, FINAL_WEIGHTS)] if final_in_place else [])
     for path in [directory / name for name in stale] if directory is not None else []:
         try:
             path.unlink()

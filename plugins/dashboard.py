@@ -24,7 +24,7 @@ from trainbus.proto.output import RefusalGuard
 from trainbus.proto.run_state import RunState
 from trainbus.proto.text import printable
 from trainbus.sdk.attach import CLIENT_PREFIX, AttachError, Attachment, RunEnded, TargetError, target_of
-from trainbus.sdk.runner import kernel_died, kernel_stopped, run_summary
+from trainbus.sdk.runner import disk_full, kept_summary, kernel_died, kernel_stopped, run_summary
 
 MONITORS = ("cpu", "memory", "disk", "gpu", "perf")  # the resource monitors' metric name prefixes
 COMMAND_ECHO_TIMEOUT_S = 30.0  # a one-shot command waits this long to see the kernel journal it
@@ -260,6 +260,10 @@ def one_command(attachment: Attachment, kind: str, reason: str) -> int:
     sent: list[bool] = []  # one entry once the command went out
     try:
         return _one_command(attachment, kind, reason, sent)
+    except AttachError as gone:  # RunEnded too
+        if not sent:
+            raise
+        return _ended_after_sending(attachment, kind, gone)
     except KeyboardInterrupt:  # after a line that said the command would go in, say whether it went
         where = attachment.target.run_dir
         run = f"run {where.name}" if where is not None else "the run"
@@ -320,6 +324,37 @@ def _one_command(attachment: Attachment, kind: str, reason: str, sent: list[bool
         if now > end:
             break
     print(f"error: {kind} was not confirmed by the kernel within {COMMAND_ECHO_TIMEOUT_S:.0f} s", file=sys.stderr)
+    return 1
+
+
+def _ended_after_sending(attachment: Attachment, kind: str, gone: AttachError) -> int:
+    """The run ended, or its kernel went, after the command was sent and before it was seen journaled (a full disk
+    journals nothing more): what its summary says became of it, or that nothing says so, and what to do. On a full
+    disk the kernel keeps the summary in the temporary directory (kernel/session.py), and `runs show` says `died`
+    until it is moved back."""
+    where = attachment.target.run_dir
+    run = where.name if where is not None else (attachment.state.run.get("id") if attachment.state else "?")
+    if isinstance(gone, RunEnded):
+        summary, kept = gone.summary, ""
+    else:
+        found = kept_summary(where)
+        summary, kept = None, ""
+        if found is not None:
+            summary, kept = found[1], f"; its disk is full: its summary is kept in {found[0]}, to move into {where} " \
+                                      f"once it has space"
+    if summary is not None:
+        status = summary.get("status", "?")
+        reasons = (summary.get("outcome") or {}).get("stop_reasons") or []
+        if kind == "stop" and any(str(r).partition(": ")[0].partition(" (key ")[0] == attachment.peer_name
+                                  for r in reasons):
+            print(f"stop sent to run {run} as {attachment.peer_name}: the run stopped for it and ended {status}{kept}")
+            return 0
+        print(f"error: {kind} was sent to run {run}, but the run ended ({status}) before acting on it{kept}",
+              file=sys.stderr)
+        return 1
+    full = f"; its disk is full: free space in {where}, then " if disk_full(where) else "; "
+    print(f"error: {kind} was sent to run {run}, but its kernel exited before it was seen journaled, and no summary "
+          f"says how the run ended ({gone}){full}`trainbus runs show {run}` says where it got to", file=sys.stderr)
     return 1
 
 

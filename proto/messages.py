@@ -8,6 +8,18 @@ from typing import Any
 PROTOCOL_VERSION = 1
 JOURNAL_NAME = "events"  # the run journal's file name inside a run directory (PROTOCOL.md, the journal)
 SUMMARY_NAME = "summary.json"  # written by the kernel when a run has ended: its presence means "over"
+
+
+def kept_dir_name(uid: int) -> str:
+    """The folder, in the temporary directory, where a kernel keeps what its run directory's full disk refused (the
+    summary, the final weights, the journal's last events): owner-only, one a user (kernel/credentials.kept_dir)."""
+    return f"trainbus-kept-{uid}"
+
+
+def kept_name(run_id: str, name: str) -> str:
+    """The name there of the run directory's file `name` of run `run_id`."""
+    return f"trainbus-{run_id}-{name}"
+
 # What the kernel keeps in a run directory (the journal and its segments `events.*`, too): no plugin writes there
 # (a PATH setting naming one is refused: metrics_log writing `events` cut the journal and wrote into it).
 RUN_DIR_RESERVED = frozenset({JOURNAL_NAME, SUMMARY_NAME, "config.json", "credential", "kernel.pid", "kernel.host",

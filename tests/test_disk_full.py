@@ -151,7 +151,8 @@ def test_a_disk_full_for_a_second_loses_nothing(tmp_path, mount_tmpfs, kernels):
 def test_runs_stop_reaches_a_run_whose_disk_is_full(tmp_path, mount_tmpfs, kernels):
     """The moment a user most wants `runs stop`: the disk under a live run filled up. It printed a Python traceback
     (SQLite could not open the registry to look for a queued run of that name) and stopped nothing; now the stop
-    goes in and the run stops. (The command cannot see its stop journaled: the journal is what is full.)"""
+    goes in and the run stops. The command cannot see its stop journaled (the journal is what is full), and then
+    said the run had died; it now reads the summary the kernel kept in $TMPDIR and says the run stopped for it."""
     runs = mount_tmpfs("runs", 8 << 20)
     cfg = RunConfig(target=PACED, epochs=50, seed=0, device="cpu", runs_dir=str(runs), checkpoint_every_n_epochs=0,
                     hyperparameters={"step_sleep_s": 0.02}, plugins=[])
@@ -162,6 +163,12 @@ def test_runs_stop_reaches_a_run_whose_disk_is_full(tmp_path, mount_tmpfs, kerne
         stop = cli("runs", "stop", kernel.run_id, "--runs-dir", str(runs), timeout=120)
         assert "Traceback" not in stop.stderr, stop.stderr
         result = kernel.result(timeout_s=120)
+    assert stop.returncode == 0 and "died" not in stop.stdout + stop.stderr, (stop.stdout, stop.stderr)
+    assert f"stop sent to run {kernel.run_id} as attach-" in stop.stdout, stop.stdout
+    assert "the run stopped for it and ended failed" in stop.stdout, stop.stdout
+    if not (kernel.run_dir / "summary.json").exists():  # where the kernel kept it is named, and it is there
+        kept = Path(tempfile.gettempdir()) / f"trainbus-kept-{os.getuid()}" / f"trainbus-{kernel.run_id}-summary.json"
+        assert f"its summary is kept in {kept}" in stop.stdout and kept.is_file(), stop.stdout
     # stopped by it (the run ends `failed` all the same: its final weights went to $TMPDIR, said in its error)
     assert result["outcome"]["stopped_early"] and result["outcome"]["epochs_completed"] < 50, result
     assert [reason.partition(": ")[2] for reason in result["outcome"]["stop_reasons"]] == ["stop: trainbus runs stop"]
