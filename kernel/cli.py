@@ -830,9 +830,28 @@ def _command_path(words: list[str]) -> str:
     return " ".join(path)
 
 
+# What a Ctrl-C leaves, said in one line as it exits 130 (_ctrl_c_says), for the commands that can take a while
+# (a big registry, a journal read whole, a daemon or remote host slow to answer) and have no Ctrl-C of their own:
+# typer's handling of one exits 130 without a word. `run`, `runs stop` and `runs delete` say their own; `attach`'s
+# client (plugins/dashboard.py) says it once attached.
+_CTRL_C_SAYS = {
+    "trainbus runs list": "Ctrl-C: the listing stopped; nothing was changed",
+    "trainbus runs show": "Ctrl-C: stopped; nothing was changed",
+    "trainbus runs compare": "Ctrl-C: the comparison stopped; nothing was changed",
+    "trainbus attach": "Ctrl-C before attaching; nothing was sent, and the run goes on",
+    "trainbus daemon status": "Ctrl-C: stopped asking; nothing was changed",
+    "trainbus keys list": "Ctrl-C: stopped; nothing was changed",
+    "trainbus keys generate": "Ctrl-C: stopped; `trainbus keys list` shows whether the pair was made",
+    "trainbus plugins list": "Ctrl-C: the listing stopped; nothing was changed",
+}
+
+
 def main() -> None:
     logging.lastResort.setFormatter(_SaidBeforeTheRun())
     _guard_standard_streams()
+    said = _CTRL_C_SAYS.get(_command_path(sys.argv[1:]))
+    if said:  # for the whole command: each reads, or writes one thing its line says how to check
+        _ctrl_c_says(said)
     click = _click_exceptions()
     try:
         # Not standalone: click's own usage errors come here, said in one line like every other mistake (its

@@ -435,7 +435,10 @@ def _main(argv: list[str]) -> int:
     except AttachError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a command's own line said what became of it (one_command)
+        if args.stop is None and args.checkpoint is None:
+            with contextlib.suppress(OSError):
+                print("trainbus: Ctrl-C: attach ended; leaving does not stop the run", file=sys.stderr)
         return 130
     except _Terminated:
         return 128 + signal.SIGTERM

@@ -494,6 +494,29 @@ def test_stop_from_attach_is_journaled_with_who_sent_it(runs_dir, tmp_path, kern
     assert "attached: 2 clients (attach-" in text and "\nattach-" not in text, text
 
 
+@pytest.mark.parametrize("mode", [["--json"], []])
+def test_ctrl_c_ends_an_attach_in_one_line_saying_the_run_goes_on(runs_dir, tmp_path, kernels, mode):
+    """Ctrl-C is how a script's `attach --json` (and a dashboard off a terminal) ends: it exited 130 without a word,
+    leaving the user to wonder whether it stopped the run. One line says it did not."""
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=20, batch_s=0.05, monitors=False)
+    kernel.wait_step(3, timeout_s=60)
+    proc = subprocess.Popen([*trainbus_cmd(), "attach", *mode, kernel.run_id, "--runs-dir", str(runs_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_from_a_terminal)
+    try:
+        # attached: the snapshot's line (--json), or the line that says the dashboard is drawn at the end
+        ready, _, _ = select.select([proc.stdout if mode else proc.stderr], [], [], 90)
+        assert ready and (proc.stdout if mode else proc.stderr).readline(), "attach said nothing in 90 s"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    said = [line for line in err.splitlines() if "Ctrl-C" in line]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert said == ["trainbus: Ctrl-C: attach ended; leaving does not stop the run"], err
+    assert kernel.proc.poll() is None, "the run goes on"
+
+
 def test_runs_stop_of_a_stopped_kernel_says_so_and_goes_in_once_it_runs_again(runs_dir, tmp_path, kernels):
     """A SIGSTOPped kernel answers nothing: `runs stop` waited in silence for as long as it stayed stopped. It says
     the kernel is stopped and how to let it run; after SIGCONT the stop goes in as any other."""

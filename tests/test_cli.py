@@ -752,3 +752,50 @@ def test_a_module_target_in_the_current_directory_imports_as_the_plugins_beside_
     done = subprocess.run([*trainbus_cmd(), "run", "mypkg.train:build", "--help-flags"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "lr" in done.stdout and "the step size" in done.stdout, done.stderr
+
+
+# The command line as the console script starts it, with one function the command calls held until the test has
+# sent its Ctrl-C: the command is then in its body, past every import, every time.
+_HELD_CALL = """
+import importlib, sys, time
+where, sys.argv = sys.argv[1], ["trainbus", *sys.argv[2:]]
+from trainbus.kernel.cli import main
+module, _, name = where.partition(":")
+owner, _, attr = name.rpartition(".")
+holder = importlib.import_module(module)
+holder = getattr(holder, owner) if owner else holder
+def held(*args, **kwargs):
+    print("holding", flush=True)
+    time.sleep(60)
+setattr(holder, attr, held)
+main()
+"""
+
+
+@pytest.mark.parametrize("held, args, said", [
+    ("trainbus.kernel.registry:list_runs", ["runs", "list"], "the listing stopped; nothing was changed"),
+    ("trainbus.kernel.runs:run_details", ["runs", "show", "r1"], "stopped; nothing was changed"),
+    ("trainbus.kernel.daemon_client:request", ["daemon", "status"], "stopped asking; nothing was changed"),
+    ("trainbus.kernel.keys:KeyStore.generate_client", ["keys", "generate", "client", "bob", "--keys-dir", "keys"],
+     "stopped; `trainbus keys list` shows whether the pair was made"),
+    ("trainbus.kernel.runs:resolve_run", ["attach", "r1"], "Ctrl-C before attaching; nothing was sent, and the run "
+                                                           "goes on"),
+])
+def test_a_ctrl_c_in_a_command_other_than_run_says_what_it_left_in_one_line(tmp_path, held, args, said):
+    """Ctrl-C in `runs list` (a big registry), `runs show` (a long journal), `daemon status` (a daemon slow to
+    answer), `keys generate`, `attach` exited 130 without a word. Now one line says what was and was not done, as
+    `run` says it."""
+    from conftest import sigint_as_from_a_terminal
+
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    (tmp_path / "runs" / "r1" / "config.json").write_text("{}")  # enough to be found; never read past that
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_CALL, held, *args], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_as_from_a_terminal)
+    try:
+        assert proc.stdout.readline() == "holding\n", proc.stderr.read() if proc.poll() is not None else ""
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    prefix = "trainbus: " if said.startswith("Ctrl-C") else "trainbus: Ctrl-C: "
+    assert (proc.returncode, out, err) == (130, "", f"{prefix}{said}\n"), (proc.returncode, out, err)
