@@ -38,7 +38,8 @@ FLUSH_INTERVAL_S = 0.1
 # need no decode to prove a peer can read them. 2 us of the bus thread's GIL an event, each step twice.
 STEP_EVENTS = frozenset({ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH})
 # Per subscriber. With every plugin-made string capped (kernel/limits.py) an event is at most ~17 KiB and
-# usually ~200 B, so a stalled subscriber holds a few MB; a PUB queue past this drops (durable plugins replay).
+# usually ~200 B, so a stalled subscriber holds a few MB, and ~250 MB where plugins log 16 KiB lines at their
+# budget; a PUB queue past this drops (durable plugins replay). Local subscribers are the run's own plugins.
 EVENTS_HWM = 10_000
 # Bursts (PROTOCOL.md §4): each flush's events again as one zlib'd message, for clients that take every event
 # (trainbus attach). A PUB frames, and on TCP CURVE-encrypts, every message once per connection: as events, each
@@ -46,6 +47,11 @@ EVENTS_HWM = 10_000
 # Made only while someone subscribes: an XPUB says when the first subscriber comes and the last one goes.
 BURST_MAX_BYTES = 256 * 1024  # before zlib; a larger flush (a backlog the journal released at once) goes as several
 BURSTS_HWM = 100  # per subscriber, ~10 s of bursts (at most ~25 MB); past it one is dropped and the client replays
+# EVENTS_HWM on TCP (--listen), where any monitor key may hold connections that never read, each its own queue of
+# events up to ~17 KiB: 64 of them grew the kernel by 266 MB in 110 s at 10,000, and by 28 MB at 1,000
+# (docs/architecture.md). A reader that keeps up misses nothing at 1,000 (a run at full speed on 2 cores; 100 lost
+# 22 % of it); one that falls behind sees a seq gap and replays (PROTOCOL.md §4).
+TCP_EVENTS_HWM = 1000
 BURST_TOPICS_MAX = 1024  # distinct subscriptions tracked per bursts socket (any one means: make the bursts)
 CONTROL_MAX_MESSAGE_BYTES = 256 * 1024  # what a peer may send us; larger drops its connection (libzmq)
 CONTROL_PER_WAKE = 256  # control messages read per wake-up: heartbeats and flushes never wait behind a flood

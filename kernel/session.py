@@ -25,7 +25,7 @@ from trainbus.proto.messages import SUMMARY_NAME, kept_name
 from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir, write_connection_file
 
 from .buffer_files import snapshot_directories
-from .bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM, Bus
+from .bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, TCP_EVENTS_HWM, Bus
 from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_checkpoints, load_checkpoint,
                             persister_directory)
 from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
@@ -445,7 +445,7 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
 def _listen(listen: str, keys: KeyStore) -> Listener:
     """The run's TCP endpoints, bound (`--listen HOST:PORT`); ConfigError naming what stops them."""
     try:
-        return Listener(listen, keys, EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+        return Listener(listen, keys, TCP_EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
     except (ListenError, KeyFileError) as exc:
         raise ConfigError(str(exc)) from None
 

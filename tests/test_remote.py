@@ -28,7 +28,7 @@ import zmq
 from conftest import trainbus_cmd
 from fixture_targets import open_gate
 from kernel_process import KernelProcess, of, wait_until
-from trainbus.kernel.bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, EVENTS_HWM
+from trainbus.kernel.bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, TCP_EVENTS_HWM
 from trainbus.kernel.config import RunConfig
 from trainbus.kernel.journal import read_events
 from trainbus.proto.journal_format import read_journal
@@ -373,7 +373,7 @@ def _try_bind(sock: zmq.Socket, endpoint: str) -> bool:
 def test_with_the_authenticator_not_answering_nobody_gets_in(how, keys):
     """The kernel's TCP listener with its authenticator gone (ZAP_ENFORCE_DOMAIN: no handler is a refusal) or
     hung (the handshake times out): even a control-role key hears nothing and reaches nothing."""
-    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), TCP_EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
     conn = {"control": listener.control_endpoint, "events": listener.events_endpoint,
             "bursts": listener.bursts_endpoint, "server_key": listener.server_key.decode()}
     mute = None
@@ -408,7 +408,7 @@ def test_a_key_file_another_keys_command_is_writing_or_moving_keeps_nobody_else_
     """`trainbus keys generate` writes a key file in two steps and `keys revoke` moves one away: a handshake at
     that moment re-reads the directory. The file in between lets nobody in, and must not refuse a good key: libzmq
     never retries a connection ZAP refused, so an attach connecting then lost its bursts for good."""
-    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), TCP_EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
     control = keys["dir"] / "control"
     if other == "being written":
         (control / "new.key").write_text("#   ZeroMQ CURVE Public Certificate\n")  # the key line not yet there
@@ -437,7 +437,7 @@ def test_a_client_reconnects_with_the_keys_it_started_with_after_the_key_file_is
     from trainbus.proto.remote import write_connection_file
     from trainbus.sdk.runner import remote_endpoints
 
-    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), TCP_EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
     key = tmp_path / "pilot-copy.key_secret"
     shutil.copy(keys["pilot"], key)
     path = write_connection_file(tmp_path, "r", listener.control_endpoint, listener.events_endpoint,
@@ -467,7 +467,7 @@ def test_a_client_reconnects_with_the_keys_it_started_with_after_the_key_file_is
 def test_a_connection_that_never_completes_the_handshake_is_closed_within_its_timeout(sends, keys):
     """Raw TCP connections to every endpoint that send nothing, or garbage: the listener closes every one
     within HANDSHAKE_IVL (plus a margin for a loaded machine), so they cannot pile up file descriptors."""
-    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), TCP_EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
     raw = []
     try:
         for endpoint in (listener.control_endpoint, listener.events_endpoint, listener.bursts_endpoint) * 7:
@@ -580,7 +580,7 @@ def test_a_remote_plugin_whose_keys_are_not_taken_says_which_at_once_in_one_line
     """The SDK's remote mode against the kernel's own TCP listener (its authenticator and key ring): an unknown or a
     revoked key, another server's key pinned, or an endpoint without CURVE at all each end the plugin with exit 1
     and one line naming that cause, at once."""
-    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), TCP_EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
     plain = zmq.Context.instance().socket(zmq.ROUTER)
     plain.setsockopt(zmq.LINGER, 0)
     try:
@@ -1194,6 +1194,71 @@ def test_monitor_peers_that_ask_for_replays_and_never_read_them_hold_little_of_t
     open_gate(gate, 3 * STEPS_PER_EPOCH)
     result = kernel.result(timeout_s=120)
     assert result["status"] == "completed" and result["bus"].get("unroutable", 0) > 0, result["bus"]
+
+
+@pytest.mark.timeout(300)
+def test_a_tcp_subscriber_that_never_reads_holds_a_bounded_queue_in_the_kernel(keys, runs_dir, tmp_path, kernels):
+    """A TCP events subscriber that connects and never reads had the kernel hold up to EVENTS_HWM (10,000) events for
+    it, as a local plugin does: with plugins logging 16 KiB lines at their budget, 64 such connections grew the kernel
+    by 266 MB in 110 s and still growing (docs/architecture.md). The TCP publisher now holds TCP_EVENTS_HWM per
+    connection; past it the subscriber sees a seq gap and replays (PROTOCOL.md §4). The journal keeps every event."""
+    from trainbus.kernel.limits import LOG_TEXT_MAX_CHARS
+
+    logs = 3 * 1000  # three times the queue: what is past it, and past the TCP buffers, is dropped
+    cfg = listening_config(runs_dir, keys["dir"], epochs=50, step_sleep_s=0.05)
+    cfg.limits = {"bytes_per_s": 64 << 20, "logs_per_s": 10_000.0}  # the lines go in as fast as they are sent
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    kernel.wait_step(2, timeout_s=120)
+    ctx = zmq.Context()
+    try:
+        stalled = ctx.socket(zmq.SUB)
+        stalled.setsockopt(zmq.LINGER, 0)
+        stalled.setsockopt(zmq.RCVHWM, 1)  # what it does not read stays with the kernel (and the TCP buffers)
+        secure_client(stalled, keys["watcher"], conn["server_key"].encode())
+        stalled.setsockopt(zmq.SUBSCRIBE, b"")
+        stalled.connect(conn["events"])
+        assert stalled.poll(30_000), "the subscriber never got an event"  # connected, and from now on reads nothing
+        probe = ctx.socket(zmq.SUB)
+        probe.setsockopt(zmq.LINGER, 0)
+        secure_client(probe, keys["watcher"], conn["server_key"].encode())
+        probe.setsockopt(zmq.SUBSCRIBE, b"log")
+        probe.connect(conn["events"])
+        logger = ctx.socket(zmq.DEALER)
+        logger.setsockopt(zmq.LINGER, 0)
+        secure_client(logger, keys["watcher"], conn["server_key"].encode())
+        logger.connect(conn["control"])
+        logger.send(pack({"v": 1, "type": "hello", "name": "logger", "pid": os.getpid(), "subscriptions": [],
+                          "replies": ["log"], "delivery": "best_effort"}))
+        for number in range(logs):
+            text = f"{number:06d} " + secrets.token_hex(LOG_TEXT_MAX_CHARS // 2)[:LOG_TEXT_MAX_CHARS - 7]
+            logger.send(pack({"v": 1, "type": "log", "level": "info", "text": text}))
+            time.sleep(0.002)
+
+        def after_the_lines() -> int | None:
+            """The seq of a short line after them, seen by a subscriber that reads (it may miss some: it is sent
+            until one is seen): every line went out before it."""
+            logger.send(pack({"v": 1, "type": "log", "level": "info", "text": "done"}))
+            end = time.monotonic() + 0.2
+            while probe.poll(max(0, int((end - time.monotonic()) * 1000))):
+                body = probe.recv_multipart()[1]
+                if len(body) < 1000 and b"done" in body:
+                    return msgpack.unpackb(body, **LIMITS)["seq"]
+            return None
+        final = wait_until(after_the_lines, 120, "a line after them", poll_s=0)
+        received, seqs = 0, [0]
+        while seqs[-1] < final and stalled.poll(10_000):  # now what the kernel held for it, and the TCP buffers
+            event = msgpack.unpackb(stalled.recv_multipart()[1], **LIMITS)
+            seqs.append(event["seq"])
+            received += event["type"] == "log" and str(event["data"].get("text", "")).startswith("0")
+    finally:
+        ctx.destroy(linger=0)
+    # its queue and what the TCP buffers hold (~900 lines here); with the ipc PUB's 10,000 it got all 3,000
+    assert received < logs - 500 and TCP_EVENTS_HWM < logs - 500, (received, TCP_EVENTS_HWM)
+    assert any(b > a + 1 for a, b in zip(seqs[1:], seqs[2:])), "no gap: the subscriber cannot tell what it missed"
+    journaled = [e for e in of(read_events(kernel.run_dir), "log") if str(e.data.get("text", "")).startswith("0")]
+    assert len(journaled) == logs, "the journal lost lines"
 
 
 def test_a_key_that_says_hello_under_another_clients_durable_name_cannot_move_where_that_client_resumes(
