@@ -838,6 +838,8 @@ _CTRL_C_SAYS = {
     "trainbus runs list": "Ctrl-C: the listing stopped; nothing was changed",
     "trainbus runs show": "Ctrl-C: stopped; nothing was changed",
     "trainbus runs compare": "Ctrl-C: the comparison stopped; nothing was changed",
+    # the drawing process gets the terminal's Ctrl-C too; each PNG is written to a temporary file and renamed
+    "trainbus runs plot": "Ctrl-C: plotting stopped; each plot is whole, drawn or as it was",
     "trainbus attach": "Ctrl-C before attaching; nothing was sent, and the run goes on",
     "trainbus daemon status": "Ctrl-C: stopped asking; nothing was changed",
     "trainbus keys list": "Ctrl-C: stopped; nothing was changed",

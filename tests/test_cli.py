@@ -780,6 +780,8 @@ main()
      "stopped; `trainbus keys list` shows whether the pair was made"),
     ("trainbus.kernel.runs:resolve_run", ["attach", "r1"], "Ctrl-C before attaching; nothing was sent, and the run "
                                                            "goes on"),
+    ("trainbus.kernel.cli_runs:journal_progress", ["runs", "plot", "r1"],
+     "plotting stopped; each plot is whole, drawn or as it was"),
 ])
 def test_a_ctrl_c_in_a_command_other_than_run_says_what_it_left_in_one_line(tmp_path, held, args, said):
     """Ctrl-C in `runs list` (a big registry), `runs show` (a long journal), `daemon status` (a daemon slow to
@@ -789,6 +791,7 @@ def test_a_ctrl_c_in_a_command_other_than_run_says_what_it_left_in_one_line(tmp_
 
     (tmp_path / "runs" / "r1").mkdir(parents=True)
     (tmp_path / "runs" / "r1" / "config.json").write_text("{}")  # enough to be found; never read past that
+    (tmp_path / "runs" / "r1" / "events").write_bytes(b"")  # a journal to plot
     proc = subprocess.Popen([sys.executable, "-c", _HELD_CALL, held, *args], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_as_from_a_terminal)
     try:
