@@ -25,11 +25,13 @@ from typing import Any, Callable
 
 from trainbus.proto import JOURNAL_NAME, Event
 from trainbus.proto import events as ev
+from trainbus.proto.messages import kept_dir_name, kept_name
 from trainbus.proto.run_state import CLIENT_PREFIX
 from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_head, journal_tail, last_event_of,
                                           stream_journal)
 
 from .config import PLUGIN_NAME
+from .private_dirs import own_temp_dir
 from .runs_view import duration_text
 
 KERNEL_LOG = "kernel.log"  # the kernel's log, open while it runs
@@ -319,11 +321,15 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         "flags": config.get("flags") or {}, "hyperparameters": config.get("hyperparameters") or {},
         "ended_ts": None, "last_seq": None, "best": None,
     }
-    summary = read_summary(run_dir)
+    summary, summary_path = read_summary(run_dir), run_dir / SUMMARY
     if summary is None:
         pid, alive = kernel_process(run_dir)
         tail = journal_tail(journal)
         summary = read_summary(run_dir)  # the kernel may have ended meanwhile
+        if summary is None and not alive and (kept := kept_summary(run_dir)) is not None:
+            summary_path, summary = kept
+            info["detail"] = (f"its disk was full: its summary is kept in {summary_path}; move it into {run_dir} "
+                              f"once there is room")
         if summary is None:
             _from_journal_tail(info, journal, tail, pid, alive, started, now, _unreadable(run_dir / SUMMARY))
             return info
@@ -333,7 +339,7 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     steps = max([outcome.get("steps") or 0] + [e.step for e in last])
     best = outcome.get("best_validation_loss")
     try:
-        ended = (run_dir / SUMMARY).stat().st_mtime  # written last, as the kernel ended
+        ended = summary_path.stat().st_mtime  # written last, as the kernel ended
     except OSError:
         ended = None
     info.update(
@@ -347,6 +353,19 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         error=summary.get("error"),
         plugin_trouble=_plugin_trouble(summary.get("plugins") or {}, summary.get("undrained") or {}))
     return info
+
+
+def kept_summary(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The summary this run's kernel kept in the temporary directory because the run directory's disk refused it
+    (credentials.kept_dir), with its path; None where there is none, it is unreadable, or the folder is not an
+    owner-only one of ours (anyone can make one in /tmp). A run whose disk filled up was listed `died`."""
+    try:
+        folder = own_temp_dir(kept_dir_name(os.getuid()), create=False)
+    except OSError:
+        return None
+    path = folder / kept_name(run_dir.name, SUMMARY) if folder is not None else None
+    summary = read_json(path) if path is not None else None
+    return (path, summary) if summary is not None and _summary_problem(summary) is None else None
 
 
 def _unreadable(path: Path) -> str | None:

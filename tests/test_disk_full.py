@@ -667,3 +667,32 @@ def test_events_kept_elsewhere_rejoin_the_journal_only_from_a_directory_no_one_e
         kept_dir()
     shared.chmod(0o700)
     assert kept_dir() == shared
+
+
+def test_a_run_whose_summary_was_kept_in_the_temp_dir_is_listed_as_it_ended_not_died(tmp_path, monkeypatch):
+    """A run whose disk filled up ends with its summary.json in $TMPDIR/trainbus-kept-UID (the kernel's last line
+    says so): `runs list` and `runs show` found none in the run directory and a kernel gone, and listed it `died`.
+    They now read the kept one, from an owner-only directory of ours alone, and say where it is."""
+    from trainbus.kernel.runs import run_overview
+
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spare))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    run_dir = tmp_path / "runs" / "run-1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}\n")
+    assert run_overview(run_dir)["status"] == "died"
+    kept = spare / f"trainbus-kept-{os.getuid()}"
+    kept.mkdir(mode=0o777)
+    kept.chmod(0o777)  # not owner-only: anyone could have put a summary there
+    summary = {"status": "failed", "error": "No space left on device", "duration_s": 1.0, "outcome": {"steps": 7}}
+    (kept / "trainbus-run-1-summary.json").write_text(json.dumps(summary))
+    assert run_overview(run_dir)["status"] == "died"
+    kept.chmod(0o700)
+    listed = run_overview(run_dir)
+    assert (listed["status"], listed["error"], listed["steps"]) == ("failed", "No space left on device", 7), listed
+    assert listed["detail"] == (f"its disk was full: its summary is kept in {kept / 'trainbus-run-1-summary.json'}; "
+                                f"move it into {run_dir} once there is room"), listed
+    shown = cli("runs", "show", "run-1", "--runs-dir", str(tmp_path / "runs"))  # the same TMPDIR: the test's env
+    assert shown.returncode == 0 and "failed (its disk was full: its summary is kept in" in shown.stdout, shown.stdout
