@@ -633,6 +633,17 @@ def test_attach_json_into_a_full_disk_says_so_in_one_line_and_exits_1(tmp_path, 
     assert kernel.proc.poll() is None, "the run goes on"
 
 
+def spare_temp_dir_and_run(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """TMPDIR set to a fresh directory (what a full run-directory disk's files go to), and a run directory, run-1."""
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spare))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    run_dir = tmp_path / "runs" / "run-1"
+    run_dir.mkdir(parents=True)
+    return spare, run_dir
+
+
 def test_events_kept_elsewhere_rejoin_the_journal_only_from_a_directory_no_one_else_can_write(tmp_path, monkeypatch):
     """The temporary directory is everyone's: a file there named as a run's kept events, made by another user who
     read the run id off `ps`, would have been appended to the run's journal at its resume (events forged into the
@@ -644,12 +655,7 @@ def test_events_kept_elsewhere_rejoin_the_journal_only_from_a_directory_no_one_e
     from trainbus.kernel.journal import Journal
     from trainbus.proto import pack
 
-    spare = tmp_path / "spare"
-    spare.mkdir()
-    monkeypatch.setenv("TMPDIR", str(spare))
-    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
-    run_dir = tmp_path / "runs" / "run-1"
-    run_dir.mkdir(parents=True)
+    spare, run_dir = spare_temp_dir_and_run(tmp_path, monkeypatch)
     journal = Journal(run_dir / JOURNAL_NAME)
     assert journal.append([pack(envelope(seq)) for seq in range(1, 11)], 1) == 10
     journal.close()
@@ -675,12 +681,7 @@ def test_a_run_whose_summary_was_kept_in_the_temp_dir_is_listed_as_it_ended_not_
     They now read the kept one, from an owner-only directory of ours alone, and say where it is."""
     from trainbus.kernel.runs import run_overview
 
-    spare = tmp_path / "spare"
-    spare.mkdir()
-    monkeypatch.setenv("TMPDIR", str(spare))
-    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
-    run_dir = tmp_path / "runs" / "run-1"
-    run_dir.mkdir(parents=True)
+    spare, run_dir = spare_temp_dir_and_run(tmp_path, monkeypatch)
     (run_dir / "config.json").write_text("{}\n")
     assert run_overview(run_dir)["status"] == "died"
     kept = spare / f"trainbus-kept-{os.getuid()}"
