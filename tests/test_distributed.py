@@ -672,39 +672,56 @@ def test_shard_keeps_the_kind_of_sampler_and_leaves_a_stream_alone(tmp_path):
         dist.destroy_process_group()
 
 
-def _waiting_rank_stopped_by_sigterm(env: dict[str, str], runs: Path) -> str:
-    """`trainbus run` as a rank of 2 under `env` whose others never come: once it says what it waits for, SIGTERM;
-    its stderr, after it exited 130."""
+def _waiting_ranks_stopped_by_sigterm(envs: list[dict[str, str]], runs: Path) -> list[str]:
+    """`trainbus run` as a rank of 2 under each of `envs` at once (each waits out WAITING_SAID_AFTER_S: together,
+    once), whose others never come: once each says what it waits for, SIGTERM; their stderr, after each exited 130."""
     from kernel_process import Command
 
-    proc = Command("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--device", "cpu", "--runs-dir", str(runs), "--plugins",
-                   "", env=env)
+    procs = [Command("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--device", "cpu", "--runs-dir", str(runs),
+                     "--plugins", "", env=env) for env in envs]
+    said = []
     try:
-        wait_until(lambda: proc.stderr_path.is_file() and "for the other ranks to join" in proc.stderr_path.read_text(),
-                   120, "the line saying what the rank waits for", poll_s=0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        for proc in procs:
+            wait_until(lambda: proc.stderr_path.is_file() and "for the other ranks to join" in
+                       proc.stderr_path.read_text(), 120, "the line saying what the rank waits for", poll_s=0.2)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            said.append(proc.communicate(timeout=60)[1])
+            assert proc.returncode == 130, said[-1]
     finally:
-        proc.kill()
-    assert proc.returncode == 130, err
-    return err
+        for proc in procs:
+            proc.kill()
+    return said
 
 
-def test_a_rank_waiting_for_ranks_that_never_come_says_so_and_stops_on_sigterm(tmp_path):
+def test_a_rank_waiting_for_ranks_that_never_come_or_at_a_host_that_does_not_resolve_says_so_and_stops_on_sigterm(
+        tmp_path):
     """`trainbus run` in a batch script of `sbatch --ntasks 2` without srun: one task of two, whose rendezvous waits
     in C++ (30 min) for a rank that never starts. It sat there without a word, and no signal reached its handler:
     SIGTERM, Ctrl-C and `timeout` did nothing. Now it says after a while what it waits for (and, under SLURM, the
-    srun it lacks), and a SIGTERM ends it at once: exit 130, one line, nothing made."""
+    srun it lacks), and a SIGTERM ends it at once: exit 130, one line, nothing made.
+
+    Beside it, both tasks of an srun started, but rank 0's host (the first of SLURM_NODELIST) is a name this machine
+    cannot resolve: the ranks retried it for 30 min, and the line after 10 s blamed a missing srun. Now it names the
+    host and MASTER_ADDR; SIGTERM still ends the wait."""
     runs = tmp_path / "runs"
-    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost",
-           "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "job.sh", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    err = _waiting_rank_stopped_by_sigterm(env, runs)
+    alone = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost",
+             "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "job.sh", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(free_port())}
+    unresolved = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                  "SLURM_NODELIST": "nosuch[01-02].invalid", "SLURM_JOB_ID": "78", "SLURM_JOB_NAME": "job.sh",
+                  "MASTER_PORT": str(free_port())}
+    err, unresolved_err = _waiting_ranks_stopped_by_sigterm([alone, unresolved], runs)
     waiting, stopped = err.strip().splitlines()
     assert waiting.startswith("trainbus: rank 0 of 2 (slurm) has waited ") and "`srun trainbus run ...`" in waiting
     assert stopped == (f"trainbus: SIGTERM: rank 0 of 2 was still waiting for the other ranks at "
-                       f"127.0.0.1:{env['MASTER_PORT']}; nothing was made"), err
+                       f"127.0.0.1:{alone['MASTER_PORT']}; nothing was made"), err
     assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
+    [waiting] = [line for line in unresolved_err.splitlines() if "for the other ranks to join" in line]
+    assert (f"at nosuch01.invalid:{unresolved['MASTER_PORT']}, a host this machine cannot resolve: set MASTER_ADDR "
+            f"to rank 0's host (its name or IP address) for every rank; Ctrl-C stops it") in waiting, unresolved_err
+    assert "srun" not in waiting, unresolved_err
 
 
 def test_ctrl_c_while_the_ranks_build_is_said_once_and_ends_in_one_line(tmp_path):
@@ -732,19 +749,6 @@ def test_ctrl_c_while_the_ranks_build_is_said_once_and_ends_in_one_line(tmp_path
     assert err.count("stopping once the model and data are built") == 1, err
     assert err.strip().endswith("trainbus: Ctrl-C before the run began; nothing was made"), err
     assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
-
-
-def test_a_rank_waiting_at_a_host_that_does_not_resolve_says_so_with_the_fix(tmp_path):
-    """Both tasks of an srun started, but rank 0's host (the first of SLURM_NODELIST) is a name this machine cannot
-    resolve: the ranks retried it for 30 min, and the line after 10 s blamed a missing srun. Now it names the host
-    and MASTER_ADDR; SIGTERM still ends the wait."""
-    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "nosuch[01-02].invalid",
-           "SLURM_JOB_ID": "78", "SLURM_JOB_NAME": "job.sh", "MASTER_PORT": str(free_port())}
-    err = _waiting_rank_stopped_by_sigterm(env, tmp_path / "runs")
-    [waiting] = [line for line in err.splitlines() if "for the other ranks to join" in line]
-    assert (f"at nosuch01.invalid:{env['MASTER_PORT']}, a host this machine cannot resolve: set MASTER_ADDR to rank "
-            f"0's host (its name or IP address) for every rank; Ctrl-C stops it") in waiting, err
-    assert "srun" not in waiting, err
 
 
 def test_a_machine_waiting_for_the_others_of_nnodes_says_so_and_stops_on_ctrl_c(tmp_path):
