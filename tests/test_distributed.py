@@ -695,8 +695,7 @@ def _waiting_ranks_stopped_by_sigterm(envs: list[dict[str, str]], runs: Path) ->
     return said
 
 
-def test_a_rank_waiting_for_ranks_that_never_come_or_at_a_host_that_does_not_resolve_says_so_and_stops_on_sigterm(
-        tmp_path):
+def test_ranks_and_machines_waiting_for_others_that_never_come_say_so_and_stop_on_a_signal(tmp_path):
     """`trainbus run` in a batch script of `sbatch --ntasks 2` without srun: one task of two, whose rendezvous waits
     in C++ (30 min) for a rank that never starts. It sat there without a word, and no signal reached its handler:
     SIGTERM, Ctrl-C and `timeout` did nothing. Now it says after a while what it waits for (and, under SLURM, the
@@ -704,8 +703,37 @@ def test_a_rank_waiting_for_ranks_that_never_come_or_at_a_host_that_does_not_res
 
     Beside it, both tasks of an srun started, but rank 0's host (the first of SLURM_NODELIST) is a name this machine
     cannot resolve: the ranks retried it for 30 min, and the line after 10 s blamed a missing srun. Now it names the
-    host and MASTER_ADDR; SIGTERM still ends the wait."""
-    runs = tmp_path / "runs"
+    host and MASTER_ADDR; SIGTERM still ends the wait.
+
+    And `--nnodes 2` run on one machine only: torchrun's rendezvous waits for the other (10 min) before it starts a
+    rank. It waited without a word, and a Ctrl-C reached no handler: exit 130, nothing said. Now the wait is said
+    once, with the endpoint and the fix, and Ctrl-C ends it in one line, exit 130, nothing made. (All three wait out
+    the 10 s before their line side by side.)"""
+    from kernel_process import Command
+
+    machine_runs, endpoint = tmp_path / "machine-runs", f"127.0.0.1:{free_port()}"
+    machine = Command("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--device", "cpu", "--runs-dir", str(machine_runs),
+                      "--plugins", "", "--nnodes", "2", "--rdzv-endpoint", endpoint)
+    try:
+        _ranks_waiting_for_others_that_never_come(tmp_path / "runs")
+        wait_until(lambda: machine.stderr_path.is_file() and "to meet at" in machine.stderr_path.read_text(), 120,
+                   "the line saying what the machine waits for", poll_s=0.2)
+        machine.send_signal(signal.SIGINT)
+        _, err = machine.communicate(timeout=60)
+    finally:
+        machine.kill()
+    assert machine.returncode == 130, err
+    waiting, stopped = err.strip().splitlines()
+    assert waiting.startswith("trainbus: has waited ") and f"--nnodes 2 to meet at {endpoint}: run this same" \
+        in waiting, err
+    assert stopped == f"trainbus: Ctrl-C while waiting for the 2 machines of --nnodes 2 to meet at {endpoint}; " \
+                      f"nothing was made", err
+    assert not machine_runs.exists() or not [p for p in machine_runs.iterdir() if p.is_dir()]
+
+
+def _ranks_waiting_for_others_that_never_come(runs: Path) -> None:
+    """The test above's two SLURM ranks (one whose others never start, one whose rank 0 host does not resolve),
+    SIGTERM'd once each said what it waits for; what each said, checked."""
     alone = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost",
              "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "job.sh", "MASTER_ADDR": "127.0.0.1",
              "MASTER_PORT": str(free_port())}
@@ -748,31 +776,6 @@ def test_ctrl_c_while_the_ranks_build_is_said_once_and_ends_in_one_line(tmp_path
     assert proc.returncode == 130, err
     assert err.count("stopping once the model and data are built") == 1, err
     assert err.strip().endswith("trainbus: Ctrl-C before the run began; nothing was made"), err
-    assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
-
-
-def test_a_machine_waiting_for_the_others_of_nnodes_says_so_and_stops_on_ctrl_c(tmp_path):
-    """`--nnodes 2` run on one machine only: torchrun's rendezvous waits for the other (10 min) before it starts a
-    rank. It waited without a word, and a Ctrl-C reached no handler: exit 130, nothing said. Now the wait is said
-    once, with the endpoint and the fix, and Ctrl-C ends it in one line, exit 130, nothing made."""
-    from kernel_process import Command
-
-    runs, endpoint = tmp_path / "runs", f"127.0.0.1:{free_port()}"
-    proc = Command("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--device", "cpu", "--runs-dir", str(runs), "--plugins",
-                   "", "--nnodes", "2", "--rdzv-endpoint", endpoint)
-    try:
-        wait_until(lambda: proc.stderr_path.is_file() and "to meet at" in proc.stderr_path.read_text(), 120,
-                   "the line saying what the machine waits for", poll_s=0.2)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
-    waiting, stopped = err.strip().splitlines()
-    assert waiting.startswith("trainbus: has waited ") and f"--nnodes 2 to meet at {endpoint}: run this same" \
-        in waiting, err
-    assert stopped == f"trainbus: Ctrl-C while waiting for the 2 machines of --nnodes 2 to meet at {endpoint}; " \
-                      f"nothing was made", err
     assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
 
 
