@@ -18,9 +18,9 @@ from trainbus.proto.settings_format import METRIC_FIELDS, metrics_named
 
 from .cluster import LAUNCH
 
-# A read of a whole journal this long (runs show, runs plot) says how far it got: ~3 s of reading on a quiet core,
-# and a run of days is 10^7 events, half a minute or more (docs/benchmarks.md).
-LONG_JOURNAL_EVENTS = 250_000
+# A read of a whole journal this long (runs show, runs plot) says how far it got: about a second of reading on a
+# quiet core, more on a busy one, and a run of days is 10^7 events, half a minute or more (docs/benchmarks.md).
+LONG_JOURNAL_EVENTS = 100_000
 
 KEYS_DIR_HELP = "Key directory (default $TRAINBUS_KEYS_DIR, else ~/.config/trainbus/keys)."
 

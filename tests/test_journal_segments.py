@@ -321,7 +321,7 @@ def test_runs_show_and_plot_of_a_long_journal_say_on_a_terminal_how_far_their_re
     from conftest import trainbus_cmd
     from trainbus.kernel.cli_common import LONG_JOURNAL_EVENTS
 
-    count = LONG_JOURNAL_EVENTS + 50_000
+    count = LONG_JOURNAL_EVENTS + 100_000  # runs show's line moves every 65,536 records: twice, time to draw
     fast_forward(tmp_path / "runs" / RUN_ID, count, segment_bytes=4 * 2**20)
     (tmp_path / "runs" / RUN_ID / "config.json").write_text("{}\n")
     for command, what in (("show", f"run {RUN_ID}"), ("plot", f"plotting run {RUN_ID}")):
