@@ -142,8 +142,8 @@ class Peers:
             del self._by_identity[holder.identity]
         if not spawned and identity not in self._by_identity and self._no_place(key, bool(user_id)):
             self._drop_dead(now)  # the silent among them: reported by the bus's next forget_dead
-            if self._no_place(key, bool(user_id)):
-                raise Refused("hello_table_full", f"hello as {name!r} refused: {self._no_place(key, bool(user_id))}")
+            if why := self._no_place(key, bool(user_id)):
+                raise Refused("hello_table_full", f"hello as {name!r} refused: {why}")
         principal = key.name if key is not None else ""
         if self._principals.get(name, principal) != principal:  # another client's position: not its to resume or move
             self.positions.pop(name, None)
