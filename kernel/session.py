@@ -372,12 +372,12 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         _drop_superseded(run_id, final_in_place)
     except OSError as exc:
         summary.unlink(missing_ok=True)  # never a torn summary
-        # kept where the weights and the held events go, or `runs list` calls the run died for good
+        # kept where the weights and the held events go, where `runs list` finds it (runs.kept_summary)
         kept = None
         try:
             kept = kept_dir() / kept_name(run_id, SUMMARY_NAME)
             kept.write_text(text)
-            moved = f"; it is in {kept}: move it there once the disk has space (till then `runs list` says died)"
+            moved = f"; it is in {kept}: move it there once the disk has space (`runs list` reads it there till then)"
         except OSError:
             if kept is not None:
                 kept.unlink(missing_ok=True)
