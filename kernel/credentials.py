@@ -9,10 +9,8 @@ import secrets
 import tempfile
 from pathlib import Path
 
-from trainbus.proto.messages import kept_dir_name
-
 from .keys import ClientKey, KeyRing
-from .private_dirs import own_temp_dir, process_scratch_dir, remove_scratch_dir
+from .private_dirs import process_scratch_dir, remove_scratch_dir
 
 CREDENTIAL_FILE = "credential"  # in the run directory, 0600: what a plugin attached by hand proves itself with
 ATTACH = "attach"  # the token of the credential file: any name no spawned plugin holds
@@ -79,12 +77,3 @@ def socket_dir(run_dir: Path) -> Path:
         remove_scratch_dir(short)
         raise OSError(f"no socket path short enough under {tempfile.gettempdir()}; set TMPDIR to a short directory")
     return short
-
-
-def kept_dir(create: bool = True) -> Path | None:
-    """Where what a full run-directory disk refused is kept (the final weights, the summary, the journal's last
-    events): an owner-only directory of ours in the temporary directory ($TMPDIR, /tmp; another disk, as a rule).
-    Not /tmp itself: a name there that another user can make first is one they can read, or, for the events a
-    resume appends back to the journal, forge. OSError when the one there is not ours or not owner-only; None when
-    there is none and `create` is false."""
-    return own_temp_dir(kept_dir_name(os.getuid()), create)

@@ -25,11 +25,11 @@ import msgpack
 
 from trainbus.proto import Event
 from trainbus.proto.codec import UNPACK_LIMITS
+from trainbus.proto.kept_files import kept_dir
 from trainbus.proto.messages import kept_name
 from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, iter_records, read_journal,
                                            segment_name)
 
-from .credentials import kept_dir
 
 log = logging.getLogger("trainbus.kernel")
 

@@ -8,7 +8,8 @@ code, or a run with one of theirs. So the runs directory must be its owner's (or
 else, and so must each directory above it, unless sticky (/tmp): there others cannot move what is ours. A group
 that is the owner's own (a user private group: its name the user's, no other member) counts as the owner. The key
 directory (kernel/keys.py) likewise: who could rename it could put one of theirs in its place, their key in control/.
-Our own directories in the temp dir (own_temp_dir, process_scratch_dir) are owner-only for the same reason.
+Our own directories in the temp dir (proto.kept_files.own_temp_dir, process_scratch_dir) are owner-only for the
+same reason.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import stat
 import tempfile
 import time
 from pathlib import Path
+
+from trainbus.proto.kept_files import own_temp_dir
 
 DIRECTORY_MODE = 0o755  # at most: the umask takes away more, never adds write for others
 SCRATCH_LOCK = ".lock"  # in a process_scratch_dir: flocked by its process while it runs
@@ -80,26 +83,6 @@ def others_can_write_file(path: Path) -> str | None:
         return (f"{path} is not a file of this user's alone (mode {stat.S_IMODE(info.st_mode):o}, owner uid "
                 f"{info.st_uid}): another user could have made or changed it; fix: move it away, after checking it")
     return None
-
-
-def own_temp_dir(name: str, create: bool = True) -> Path | None:
-    """`name` in the temporary directory ($TMPDIR, /tmp), an owner-only directory of this user's, made if missing
-    and `create`. Not /tmp itself: a name there that another user can make first is one they can read or forge.
-    PermissionError when the one there is not ours or not owner-only; None when there is none and not `create`."""
-    path = Path(tempfile.gettempdir()) / name
-    if create:
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise PermissionError(f"{path} is not an owner-only directory of this user's: remove it, or set TMPDIR "
-                              f"to another directory")
-    return path
 
 
 def process_scratch_dir(name: str) -> Path:

@@ -25,13 +25,12 @@ from typing import Any, Callable
 
 from trainbus.proto import JOURNAL_NAME, Event
 from trainbus.proto import events as ev
-from trainbus.proto.messages import kept_dir_name, kept_name
+from trainbus.proto import kept_files
 from trainbus.proto.run_state import CLIENT_PREFIX
 from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_head, journal_tail, last_event_of,
                                           stream_journal)
 
 from .config import PLUGIN_NAME
-from .private_dirs import own_temp_dir
 from .runs_view import duration_text
 
 KERNEL_LOG = "kernel.log"  # the kernel's log, open while it runs
@@ -357,15 +356,10 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
 
 def kept_summary(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The summary this run's kernel kept in the temporary directory because the run directory's disk refused it
-    (credentials.kept_dir), with its path; None where there is none, it is unreadable, or the folder is not an
-    owner-only one of ours (anyone can make one in /tmp). A run whose disk filled up was listed `died`."""
-    try:
-        folder = own_temp_dir(kept_dir_name(os.getuid()), create=False)
-    except OSError:
-        return None
-    path = folder / kept_name(run_dir.name, SUMMARY) if folder is not None else None
-    summary = read_json(path) if path is not None else None
-    return (path, summary) if summary is not None and _summary_problem(summary) is None else None
+    (proto/kept_files.py), with its path, when it reads as a summary.json does; else None. A run whose disk filled
+    up was listed `died`."""
+    kept = kept_files.kept_summary(run_dir.name)
+    return kept if kept is not None and _summary_problem(kept[1]) is None else None
 
 
 def _unreadable(path: Path) -> str | None:

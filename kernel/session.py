@@ -21,6 +21,7 @@ import torch
 
 from trainbus.proto import JOURNAL_NAME, events as ev
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
+from trainbus.proto.kept_files import kept_dir
 from trainbus.proto.messages import SUMMARY_NAME, kept_name
 from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir, write_connection_file
 
@@ -31,7 +32,7 @@ from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_
 from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
 from .config import ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings, check_runs_dir_private
 from .control import Dispatcher
-from .credentials import Credentials, kept_dir, socket_dir
+from .credentials import Credentials, socket_dir
 from .distributed import GroupInterrupted, Ranks, broken_by_a_peer, distribute, join_group
 from .failures import RANK_ERROR, rank_errors, what_failed, write_rank_error
 from .kernel_log import KEEP, log_to

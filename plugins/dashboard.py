@@ -20,11 +20,12 @@ import tty
 from typing import Any
 
 from trainbus.proto import event_to_map, events as ev
+from trainbus.proto.kept_files import kept_summary
 from trainbus.proto.output import RefusalGuard
 from trainbus.proto.run_state import RunState
 from trainbus.proto.text import printable
 from trainbus.sdk.attach import CLIENT_PREFIX, AttachError, Attachment, RunEnded, TargetError, target_of
-from trainbus.sdk.runner import disk_full, kept_summary, kernel_died, kernel_stopped, run_summary
+from trainbus.sdk.runner import disk_full, kernel_died, kernel_stopped, run_summary
 
 MONITORS = ("cpu", "memory", "disk", "gpu", "perf")  # the resource monitors' metric name prefixes
 COMMAND_ECHO_TIMEOUT_S = 30.0  # a one-shot command waits this long to see the kernel journal it
@@ -330,14 +331,14 @@ def _one_command(attachment: Attachment, kind: str, reason: str, sent: list[bool
 def _ended_after_sending(attachment: Attachment, kind: str, gone: AttachError) -> int:
     """The run ended, or its kernel went, after the command was sent and before it was seen journaled (a full disk
     journals nothing more): what its summary says became of it, or that nothing says so, and what to do. On a full
-    disk the kernel keeps the summary in the temporary directory (kernel/session.py), and `runs show` says `died`
-    until it is moved back."""
+    disk the kernel keeps the summary in the temporary directory (proto/kept_files.py), where this reads it, as
+    `runs show` does."""
     where = attachment.target.run_dir
     run = where.name if where is not None else (attachment.state.run.get("id") if attachment.state else "?")
     if isinstance(gone, RunEnded):
         summary, kept = gone.summary, ""
     else:
-        found = kept_summary(where)
+        found = kept_summary(where.name) if where is not None else None
         summary, kept = None, ""
         if found is not None:
             summary, kept = found[1], f"; its disk is full: its summary is kept in {found[0]}, to move into {where} " \

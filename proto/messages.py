@@ -12,7 +12,7 @@ SUMMARY_NAME = "summary.json"  # written by the kernel when a run has ended: its
 
 def kept_dir_name(uid: int) -> str:
     """The folder, in the temporary directory, where a kernel keeps what its run directory's full disk refused (the
-    summary, the final weights, the journal's last events): owner-only, one a user (kernel/credentials.kept_dir)."""
+    summary, the final weights, the journal's last events): owner-only, one a user (kept_files.kept_dir)."""
     return f"trainbus-kept-{uid}"
 
 

@@ -15,9 +15,7 @@ import json
 import os
 import signal
 import socket
-import stat
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any, Callable
 import zmq
 
 from trainbus.proto import DURABLE, Event, control, events as ev, unpack
-from trainbus.proto.messages import SUMMARY_NAME, kept_dir_name, kept_name
+from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.proto.settings_format import METRIC_FIELDS, metrics_named
 from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir, load_secret, load_server_key,
                                    read_connection_file, secure_client)
@@ -602,27 +600,6 @@ def run_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) else None
-
-
-def kept_summary(run_dir: Path | None) -> tuple[Path, dict[str, Any]] | None:
-    """The summary a kernel of this user kept in the temporary directory because the run directory's disk refused it
-    (kernel/credentials.kept_dir), with its path; None where there is none, or the folder is not an owner-only one of
-    ours (anyone can make one in /tmp)."""
-    if run_dir is None:
-        return None
-    folder = Path(tempfile.gettempdir()) / kept_dir_name(os.getuid())
-    try:
-        info = os.lstat(folder)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        return None
-    path = folder / kept_name(Path(run_dir).name, SUMMARY_NAME)
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return (path, summary) if isinstance(summary, dict) else None
 
 
 def disk_full(path: Path | None) -> bool:

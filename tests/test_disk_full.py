@@ -651,7 +651,7 @@ def test_events_kept_elsewhere_rejoin_the_journal_only_from_a_directory_no_one_e
     owner-only is refused, and nothing in it rejoins the journal."""
     from test_journal import envelope
 
-    from trainbus.kernel.credentials import kept_dir
+    from trainbus.proto.kept_files import kept_dir
     from trainbus.kernel.journal import Journal
     from trainbus.proto import pack
 
