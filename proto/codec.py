@@ -245,6 +245,10 @@ def _check_values(m: dict[str, Any]) -> None:
         raise ProtocolError(f"log.level must be one of {LOG_LEVELS}, got {m['level']!r}")
     if kind == "metric":
         _check_metric(m)
+    if kind == "checkpoint_saved":  # counts and a byte size, shown by `runs show` and the summary as sent
+        for field in ("step", "epoch", "size"):
+            if not 0 <= m[field] <= STEP_MAX:
+                raise ProtocolError(f"checkpoint_saved.{field} must be 0 to 2**63-1, got {m[field]}")
     if kind in ("ack", "replay"):
         seq = m["seq"] if kind == "ack" else m["from_seq"]
         if seq < 0:

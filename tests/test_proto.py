@@ -175,6 +175,9 @@ def test_control_rejects_bad_values_at_the_sender():
                          ("metric", dict(name="m", value=1.0, step=None, epoch=-1)),
                          ("metric", dict(name="m", value=1.0, step=1, epoch=2**64 - 1)),
                          ("metric", dict(name="", value=1.0, step=1)),
+                         *(("checkpoint_saved", dict(dict(seq=3, path="c.pt", step=1, epoch=1, sha256="ab", size=1),
+                                                     **{field: bad})) for field in ("step", "epoch", "size")
+                           for bad in (-1, 2**63)),
                          ("ack", dict(seq=-1)),
                          ("replay", dict(from_seq=-5)),
                          ("replay_batch", dict(events=[{"v": 1}], done=True))]:
