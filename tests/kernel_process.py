@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import weakref
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -229,6 +230,8 @@ class Command(Forked):
             {**os.environ, **(env or {})}))
         process.start()
         super().__init__(process)
+        # a test that kills it and never asks for its output: the files go once it is forgotten, or as pytest exits
+        weakref.finalize(self, _remove, self.stdout_path, self.stderr_path)
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Its output once it exits (subprocess.TimeoutExpired before: kill it, as with Popen)."""
@@ -236,8 +239,12 @@ class Command(Forked):
         try:
             return _read(self.stdout_path), _read(self.stderr_path)
         finally:
-            self.stdout_path.unlink(missing_ok=True)
-            self.stderr_path.unlink(missing_ok=True)
+            _remove(self.stdout_path, self.stderr_path)
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _read(path: Path) -> str:
