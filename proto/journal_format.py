@@ -12,6 +12,7 @@ import gzip
 import os
 import re
 import zlib
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, NamedTuple
 
@@ -104,9 +105,10 @@ def _open_journal(path: str | Path) -> tuple[IO[bytes] | None, list[Segment]]:
     return f, closed_segments(active)
 
 
-def _chained(path: str | Path, records: Callable[[IO[bytes], list[int]], Iterator[dict[str, Any]]],
-             damage: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """`records` of each closed segment, then of the active file, skipping seqs already read. A segment that
+def _chained(path: str | Path, records: Callable[[IO[bytes], list[int]], Iterator[Any]],
+             damage: list[str] | None = None, seq_of: Callable[[Any], int] = itemgetter("seq")) -> Iterator[Any]:
+    """`records` (maps, or what `seq_of` reads a seq from) of each closed segment, then of the active file, skipping
+    seqs already read. A segment that
     cannot be read (garbled, cut short) or is missing loses only its own events: the read goes on past it, and
     `damage` (when given) gets a line for each such loss, naming the file and the seqs. A bad record in the active
     file ends the read there (`records` notes its offset): the events past it are named too."""
@@ -118,7 +120,7 @@ def _chained(path: str | Path, records: Callable[[IO[bytes], list[int]], Iterato
         a run of days goes through 10^7 of them (runs show, runs plot)."""
         nonlocal last
         for r in file_records:
-            seq = r["seq"]
+            seq = seq_of(r)
             if seq <= last:
                 continue
             if seq > last + 1 and damage is not None:
@@ -151,15 +153,14 @@ def _chained(path: str | Path, records: Callable[[IO[bytes], list[int]], Iterato
 
 # -- streaming the whole journal -----------------------------------------------------------------
 
-def _valid_records(unpacker: msgpack.Unpacker, check: Callable[[Any], Any],
-                   bad: list[int] | None = None) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """(offset, end offset, map) of the unpacker's records that `check` accepts, up to the first it does not
-    (whose offset goes to `bad`)."""
+def _valid_records(unpacker: msgpack.Unpacker, checked: Callable[[Any], Any],
+                   bad: list[int] | None = None) -> Iterator[tuple[int, int, Any]]:
+    """(offset, end offset, checked(map)) of the unpacker's records that `checked` accepts (it raises on any other),
+    up to the first it does not (whose offset goes to `bad`)."""
     while True:
         offset = unpacker.tell()
         try:
-            record = next(unpacker)
-            check(record)
+            record = checked(next(unpacker))
         except StopIteration:
             return  # end of file, or a torn last record (the unpacker waits for bytes that never come)
         except (ProtocolError, ValueError, msgpack.UnpackException):
@@ -178,31 +179,38 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """(offset, end offset, event map) for every whole, valid record of one file (the active file, say), streamed:
     any size, never read whole."""
     with open(path, "rb") as f:
-        yield from _valid_records(_file_unpacker(f), event_from_map)
+        yield from _valid_records(_file_unpacker(f), _checked_map)
 
 
 def read_journal(path: str | Path, damage: list[str] | None = None) -> Iterator[Event]:
     """Every whole event of a journal, closed segments and active file, in order; `path` is the active file or
-    its run directory. `damage`: where a line goes for each stretch of events lost (_chained)."""
-    checked = lambda f, bad: (r for _, _, r in _valid_records(_file_unpacker(f), event_from_map, bad))  # noqa: E731
-    for record in _chained(path, checked, damage):
-        yield event_from_map(record)
+    its run directory. `damage`: where a line goes for each stretch of events lost (_chained). Each record is
+    decoded once, its check and its Event in one (event_from_map)."""
+    events = lambda f, bad: (e for _, _, e in _valid_records(_file_unpacker(f), event_from_map, bad))  # noqa: E731
+    yield from _chained(path, events, damage, seq_of=attrgetter("seq"))
 
 
-def _check_quickly(r: Any) -> None:
-    """event_from_map's check, but the frequent kinds get a check of their envelope's types inline: a fifth of
-    the cost of decoding every record to an Event."""
+def _checked_map(r: Any) -> dict[str, Any]:
+    """The map, once event_from_map accepts it."""
+    event_from_map(r)
+    return r
+
+
+def _checked_quickly(r: Any) -> dict[str, Any]:
+    """_checked_map, but the frequent kinds get a check of their envelope's types inline: a fifth of the cost of
+    decoding every record to an Event."""
     if not (type(r) is dict and r.get("type") in FREQUENT_TYPES and type(r.get("seq")) is int
             and type(r.get("step")) is int and type(r.get("epoch")) is int and type(r.get("data")) is dict
             and type(r.get("ts")) is float and type(r.get("run")) is str and "v" in r):
         event_from_map(r)
+    return r
 
 
 def _consecutive(unpacker: msgpack.Unpacker, bad: list[int] | None = None) -> Iterator[dict[str, Any]]:
     """The unpacker's whole, valid event maps, gap-free by seq, up to the first torn, garbled or out-of-order one
     (a garbled one's offset goes to `bad`)."""
     previous = None
-    for _, _, r in _valid_records(unpacker, _check_quickly, bad):
+    for _, _, r in _valid_records(unpacker, _checked_quickly, bad):
         if previous is not None and r["seq"] != previous + 1:
             return
         previous = r["seq"]
