@@ -428,14 +428,15 @@ def test_a_plugin_that_dies_or_hangs_as_the_run_ends_is_named_in_its_summary(tmp
     assert result.status == "completed", result.error
     # crashed while the kernel drained (a crash like any) or once it was closing: once, either way
     assert result.plugins["dier"]["crashes"] in (["exit code 4"], ["exit code 4 at the run's end"]), result.plugins
-    assert len(result.plugins["hanger"]["crashes"]) == 1, result.plugins
-    assert result.plugins["hanger"]["crashes"] == [f"still running {PLUGIN_EXIT_TIMEOUT_S:.0f} s after the run's "
-                                                   f"end (signal SIGKILL)"], result.plugins
+    # the seconds it was given: PLUGIN_EXIT_TIMEOUT_S, more when the kernel saw the plugins starved of CPU
+    [hung] = result.plugins["hanger"]["crashes"]
+    given = re.fullmatch(r"still running (\d+) s after the run's end \(signal SIGKILL\)", hung)
+    assert given and int(given[1]) >= PLUGIN_EXIT_TIMEOUT_S, result.plugins
     # slow, but it stopped when asked: no fault (a slow teardown on a busy machine, a plugin still starting)
     assert result.plugins["slow"]["crashes"] == [] and result.plugins["fine"]["crashes"] == [], result.plugins
     log = (Path(result.run_dir) / "kernel.log").read_text()
-    assert f"plugin slow was still running {PLUGIN_EXIT_TIMEOUT_S:.0f} s after the run's end; it stopped when " \
-           f"asked" in log, log[-3000:]
+    assert re.search(r"plugin slow was still running (\d+) s after the run's end; it stopped when asked", log), \
+        log[-3000:]
     # and the journal says each one's end: a crash for the two, the third's clean exit
     ends = {e.data["plugin"]: e for e in read_events(result.run_dir) if e.type in ("plugin_crashed", "plugin_exited")}
     assert (ends["dier"].type, ends["dier"].data["exit_code"]) == ("plugin_crashed", 4), ends
