@@ -58,6 +58,9 @@ SUFFIX = ".pt"
 MODES = ("min", "max")
 PRIORITIES = ("background", "low", "idle")  # the writing thread: nice 19; the plugin's nice 10; SCHED_IDLE
 BACKGROUND_NICE = 19
+# A filled-in name (.pt included) at most this long: the file system's 255 (NAME_MAX) less the temp file's
+# ".tmp-" and "-PID", a repeated name's "-step000000-N" (unique_name) and metric values wider than 0.0.
+NAME_MAX_BYTES = 200
 
 
 class CheckpointPlugin(Plugin):
@@ -79,8 +82,9 @@ class CheckpointPlugin(Plugin):
         # added (unique_name)
         "filename": Setting("epoch{epoch:03d}-step{step:06d}", "file name template; fields: epoch, step and any "
                             "metric, e.g. {validation_loss:.4f}; .pt is added",
-                            kind=METRIC_FIELDS, rule="a plain file name (no '/', not starting with '.', not last.pt) "
-                            "whose {fields} are epoch, step or metrics the run produces"),
+                            kind=METRIC_FIELDS, rule=f"a plain file name (no '/', not starting with '.', not last.pt, "
+                            f"at most {NAME_MAX_BYTES} bytes) whose {{fields}} are epoch, step or metrics the run "
+                            "produces"),
         "monitor": Setting("", "the metric checkpoints are ranked by for save_top_k ('': none, the newest are kept)",
                            kind=METRIC),
         "mode": Setting("min", "min: lower monitor is better; max: higher is better", choices=MODES),
@@ -437,8 +441,8 @@ def unique_name(name: str, step: int, taken: set[str]) -> str:
 def _check_filename(template: str) -> None:
     """A template that makes a plain file name in the checkpoint directory: no path of its own, so it stays there."""
     where = f"filename = {template!r} is not allowed"
-    if not template or "/" in template or os.sep in template or template.startswith("."):
-        raise SettingsError(f"{where}; it must be a plain file name (no '/', not starting with '.')")
+    if not template or "/" in template or os.sep in template or template.startswith(".") or "\x00" in template:
+        raise SettingsError(f"{where}; it must be a plain file name (no '/', not starting with '.', no NUL)")
     try:
         names = template_fields(template)  # Setting's METRIC_FIELDS check made them names
         name = render_filename(template, {**{n: 0.0 for n in names}, "epoch": 0, "step": 0})  # every format checked
@@ -446,6 +450,9 @@ def _check_filename(template: str) -> None:
         raise SettingsError(f"{where} ({exc}); fields are epoch, step or a metric, e.g. {{validation_loss:.4f}}") from None
     if name == LAST:
         raise SettingsError(f"{where}; {LAST} is the link to the newest checkpoint, pick another name")
+    if len(name.encode()) > NAME_MAX_BYTES:
+        raise SettingsError(f"{where}; filled in it is {len(name.encode())} bytes ({name[:40]}...), and a checkpoint's "
+                            f"name must be at most {NAME_MAX_BYTES} bytes: shorten it")
 
 
 def _size(nbytes: int) -> str:

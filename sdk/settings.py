@@ -26,6 +26,8 @@ TYPE_PHRASES = {bool: "true or false", int: "an integer", float: "a number", str
                 dict: "a table"}
 # A list setting's elements: "a list of strings".
 ITEM_PHRASES = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+# NAME_MAX of Linux's file systems (ext4, xfs, tmpfs): a longer name in a PATH is ENAMETOOLONG at the first open.
+NAME_MAX_BYTES = 255
 
 
 class SettingsError(ValueError):
@@ -81,8 +83,8 @@ class Setting:
         if self.kind == METRIC_FIELDS:
             return f"a template whose {{fields}} are {', '.join(STEP_FIELDS)} or metrics the run produces"
         if self.kind == PATH:
-            return ("a path inside the run directory (relative, no '..', none of the kernel's own files: events, "
-                    "config.json, summary.json, plugins/, ...)")
+            return (f"a path inside the run directory (relative, no '..', each name at most {NAME_MAX_BYTES} bytes, "
+                    "no NUL, none of the kernel's own files: events, config.json, summary.json, plugins/, ...)")
         if self.min is not None and self.max is not None:
             return f"between {self.min:g} and {self.max:g}"
         if self.min is not None:
@@ -182,7 +184,8 @@ def _within(setting: Setting, value: Any) -> bool:
         path = PurePosixPath(value)
         first = path.parts[0] if path.parts else ""
         return (not path.is_absolute() and ".." not in path.parts and not value.startswith("~")
-                and first not in RUN_DIR_RESERVED and not first.startswith(f"{JOURNAL_NAME}."))
+                and first not in RUN_DIR_RESERVED and not first.startswith(f"{JOURNAL_NAME}.")
+                and "\x00" not in value and all(len(part.encode()) <= NAME_MAX_BYTES for part in path.parts))
     if setting.kind == METRIC_FIELDS:
         try:
             return all(name.isidentifier() for name in template_fields(value))

@@ -83,8 +83,9 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_the_setting_the_value_and_
     ({"share": "nan"}, "share = 'nan' is not allowed; it must be a number between 0 and 1"),
     ({"mode": "lowest"}, "mode = 'lowest' is not allowed; it must be one of 'min', 'max'"),
     ({"out": "/tmp/elsewhere.txt"}, "out = '/tmp/elsewhere.txt' is not allowed; it must be a string: a path inside "
-                                    "the run directory (relative, no '..', none of the kernel's own files: events, "
-                                    "config.json, summary.json, plugins/, ...)"),
+                                    "the run directory (relative, no '..', each name at most 255 bytes, no NUL, "
+                                    "none of the kernel's own files: events, config.json, summary.json, "
+                                    "plugins/, ...)"),
     ({"out": "logs/../../up.txt"}, "out = 'logs/../../up.txt' is not allowed"),
     ({"out": "~/home.txt"}, "out = '~/home.txt' is not allowed"),
     # the spawned plugins' logs (plugins/NAME.log), and the kernel's sockets
@@ -152,6 +153,28 @@ def test_a_path_naming_one_of_the_kernels_own_files_is_refused(path):
     """metrics_log with filename = events cut the journal back to its last newline and wrote into it."""
     with pytest.raises(SettingsError, match=f"out = '{re.escape(path)}' is not allowed; .*none of the kernel's own"):
         Declared({"out": path})
+
+
+@pytest.mark.parametrize("path", ["x" * 256, "logs/" + "é" * 128, "a\x00b"], ids=["256 bytes", "unicode", "nul"])
+def test_a_path_no_file_system_takes_is_refused(path):
+    """A 300-character metrics_log filename passed, then the plugin's setup failed on ENAMETOOLONG five times
+    with a traceback and was given up (a NUL: ValueError); refused before the run, as a '..' is."""
+    with pytest.raises(SettingsError, match=r"out = .* is not allowed; .*at most 255 bytes, no NUL"):
+        Declared({"out": path})
+    assert Declared({"out": "logs/" + "é" * 127}).settings["out"].endswith("é")  # 254 bytes: a name ext4 takes
+
+
+def test_a_checkpoint_filename_too_long_for_a_file_name_is_refused():
+    """The template passed, and every checkpoint of the run failed to be written (File name too long)."""
+    from trainbus.plugins.checkpoint import CheckpointPlugin
+
+    with pytest.raises(SettingsError, match=r"filename = 'yyy.* is not allowed; .*at most 200 bytes"):
+        CheckpointPlugin({"filename": "y" * 250})
+    with pytest.raises(SettingsError, match=r"filename = .* is not allowed; .*at most 200 bytes"):
+        CheckpointPlugin({"filename": "e{epoch:0230d}"})
+    with pytest.raises(SettingsError, match=r"filename = .* is not allowed; it must be a plain file name"):
+        CheckpointPlugin({"filename": "e\x00{epoch}"})
+    assert CheckpointPlugin({"filename": "y" * 190 + "{epoch}"}).settings["filename"].startswith("y")
 
 
 def test_a_disk_path_that_does_not_exist_is_refused_before_the_run():
