@@ -1,6 +1,6 @@
 """TensorBoard event files and PNG plots of a run, live; `python -m trainbus.plugins.visualization --plot RUN_DIR` redraws the plots from a journal.
 
-Live, the plugin writes `<run_dir>/tensorboard/` with TensorBoard's own event file writer and redraws
+Live, the plugin writes `<run_dir>/tensorboard/` (TensorBoard's records, _event_file: held on a full disk) and redraws
 `<run_dir>/plots/*.png` every N epochs and at the end. Afterwards, `--plot` rebuilds the same
 History from `<run_dir>/events` alone and draws the same plots (what `trainbus runs plot` runs).
 """
@@ -22,7 +22,6 @@ from tensorboard.compat.proto.event_pb2 import Event as TensorBoardEvent
 from tensorboard.compat.proto.event_pb2 import SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.text.summary_v2 import text_pb
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from trainbus.proto import DURABLE, Event, events as ev
 from trainbus.sdk import Plugin, Setting
@@ -31,12 +30,12 @@ from trainbus.sdk.plugin import merge_settings
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto.journal_format import READ_PROGRESS, read_journal
 
+from ._event_file import EventFile
 from ._history import FINAL_EVENTS, PROGRESS_EVERY_EVENTS, History, metric_tag
 from ._plots import PlotSize, render_all
 
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
-FLUSH_INTERVAL_S = 5  # the writer's flush_secs: how stale a live TensorBoard may be
 # Drawing every figure costs ~1.5 s of CPU (6 figures): a run whose epochs take 0.05 s redrew every epoch, fell
 # behind by minutes and held the run's end past its drain. Epoch redraws come at most this often; the end's always.
 PLOT_MIN_INTERVAL_S = 10.0
@@ -80,7 +79,10 @@ class VisualizationPlugin(Plugin):
 
     def teardown(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            lost = self.writer.close()
+            if lost:  # the disk is still full: the journal has them (`trainbus runs plot` draws from it)
+                self.log(f"{lost} TensorBoard records could not be written to {self.writer.path}: the disk refused "
+                         f"them to the end", level="warning")
             self.writer = None
 
     def on_event(self, event: Event) -> None:
@@ -97,12 +99,12 @@ class VisualizationPlugin(Plugin):
                 self._plot()
                 self.plotted_at = time.monotonic()
             if self.writer is not None:
-                self.writer.flush()
+                self.writer.write_held()
         elif event.type in FINAL_EVENTS:
             self.ended = True
             self._plot()
             if self.writer is not None:
-                self.writer.flush()
+                self.writer.write_held()
 
     def _start(self, event: Event) -> None:
         """At the first event: open the writer, and after a restart redo what the previous instance saw.
@@ -123,7 +125,7 @@ class VisualizationPlugin(Plugin):
             log_dir = Path(self.run_dir) / TENSORBOARD_DIR
             if event.seq == 1 or rebuild:  # the run's summaries from the first on, as the earlier instances wrote them
                 self.already_written = summaries_in(log_dir, progress=self.still_working)
-            self.writer = EventFileWriter(str(log_dir), flush_secs=FLUSH_INTERVAL_S)
+            self.writer = EventFile(log_dir, on_refused=self._refused)
         if rebuild:  # a run of days is millions of events: each PROGRESS_EVERY_EVENTS says we are getting somewhere
             past_events = itertools.takewhile(lambda e: e.seq < event.seq, read_journal(journal))
             for read, past in enumerate(past_events, start=1):
@@ -178,7 +180,11 @@ class VisualizationPlugin(Plugin):
         if self.already_written:
             self.already_written -= 1
             return
-        self.writer.add_event(record)
+        self.writer.add(record)
+
+    def _refused(self, path: Path, exc: OSError) -> None:
+        self.log(f"cannot write {path} ({exc.strerror or exc}); holding TensorBoard records until there is room",
+                 level="warning")
 
     def _plot(self) -> None:
         if self.settings["plots"]:

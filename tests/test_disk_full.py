@@ -379,6 +379,34 @@ def test_metrics_log_on_a_full_disk_holds_records_and_writes_each_once(tmp_path,
     assert [json.loads(line)["seq"] for line in lines] == list(range(1, 67))
 
 
+def test_tensorboard_files_on_a_full_disk_hold_records_and_write_each_once(tmp_path, mount_tmpfs):
+    """TensorBoard's EventFileWriter stores its thread's first ENOSPC and raises it from every later call, space
+    back or not: a disk full for a second as the run started left an empty event file for the whole run, and no
+    error said so. Held like metrics_log's records instead: every scalar once, the outage said once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from trainbus.plugins.visualization import TENSORBOARD_DIR, VisualizationPlugin
+    from trainbus.sdk import Harness
+
+    disk = mount_tmpfs("tensorboard", 64 << 10)
+    h = Harness(VisualizationPlugin({"plots": False, "every_n_steps": 1}), run_dir=str(disk))
+    with Filler(disk):  # full as the run starts: the event file cannot even be made
+        h.feed("start_training_session", step=0, epoch=0, hyperparameters={"lr": 0.1})
+        h.feed("end_training_batch", step=1, epoch=1, loss=0.5)
+    for step in range(2, 6):
+        h.feed("end_training_batch", step=step, epoch=1, loss=0.5)
+    with Filler(disk):  # full again mid-run, for more than the last page of the file holds
+        for step in range(6, 206):
+            h.feed("end_training_batch", step=step, epoch=1, loss=0.5)
+    h.feed("end_epoch", step=205, epoch=1, training_loss=0.5, validation_loss=0.4, lr=0.1)
+    h.feed("end_training_session", step=205, epoch=1)
+    h.close()
+    assert len(h.replies_of("log")) == 2, "each outage is said once"
+    accumulator = EventAccumulator(str(disk / TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    assert [s.step for s in accumulator.Scalars("loss/train_step")] == list(range(1, 206))
+    assert [s.step for s in accumulator.Scalars("loss/validation")] == [205]
+
+
 def test_a_disk_full_before_the_run_starts_is_one_line_and_leaves_no_half_made_run(tmp_path, mount_tmpfs):
     """Room for the run directory itself and little else: the kernel.pid, config.json or credential write fails."""
     from conftest import trainbus
