@@ -29,6 +29,7 @@ SNAPSHOTS_REMEMBERED = 64  # save_checkpoint steps kept for the checkpoint_faile
 # rich estimates speed from the last 30 s of updates by default, which never holds two epoch ends;
 # a day's window makes the epoch ETA the run's mean pace (the batch bar is reset every epoch anyway).
 SPEED_WINDOW_S = 24 * 3600.0
+MAX_REFRESH_PER_SECOND = 60.0  # a terminal's frame rate: faster redraws are never seen
 
 
 class ConsolePlugin(Plugin):
@@ -36,7 +37,10 @@ class ConsolePlugin(Plugin):
 
     delivery = BEST_EFFORT  # a missed frame only delays a redraw
     settings = {
-        "refresh_per_second": Setting(4.0, "how often the bars are redrawn on a terminal", min=0.1),
+        # rich redraws every 1/refresh_per_second s on a thread of its own: past what a terminal shows it only
+        # takes CPU from training (1e9: a fifth of a core on 2 cores)
+        "refresh_per_second": Setting(4.0, "how often the bars are redrawn on a terminal", min=0.1,
+                                      max=MAX_REFRESH_PER_SECOND),
         "show_batches": Setting(True, "draw a batch bar under the epoch bar (on a terminal)"),
     }
 

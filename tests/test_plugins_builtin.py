@@ -427,6 +427,15 @@ def test_console_rejects_a_non_positive_refresh_rate(tmp_path):
         Harness(ConsolePlugin({"refresh_per_second": 0.0}, run_dir=str(tmp_path)))
 
 
+def test_console_rejects_a_refresh_rate_no_terminal_shows():
+    """refresh_per_second = 1e9 passed: rich's refresh thread then redrew without pause, a fifth of a core taken
+    from a 2-core run (60 ticks in 3 s, against 5 at the default 4)."""
+    with pytest.raises(SettingsError, match="refresh_per_second = 1000000000.0 is not allowed; it must be a number "
+                                            "between 0.1 and 60"):
+        ConsolePlugin({"refresh_per_second": 1e9})
+    assert ConsolePlugin({"refresh_per_second": 60}).settings["refresh_per_second"] == 60.0
+
+
 def test_a_metric_about_an_epoch_that_arrives_in_the_next_is_that_epochs_in_the_journal_and_metrics_log(runs_dir):
     """A plugin's end_epoch handler reports a metric half a second late, the kernel two seconds into the next epoch:
     the metric event says the handled epoch (data `epoch`, with data `step`), and metrics.jsonl files it there. It
