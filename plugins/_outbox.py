@@ -74,10 +74,22 @@ class SmtpConfig:
                 mode = path.stat().st_mode
             except OSError as exc:
                 raise SmtpConfigError(f"email password_file {path} cannot be read: {exc}") from None
+            if not stat.S_ISREG(mode):
+                raise SmtpConfigError(f"email password_file {path} is not a file; name the file that holds the "
+                                      f"password (mode 0600)")
             if mode & (stat.S_IRWXG | stat.S_IRWXO):
                 raise SmtpConfigError(f"email password_file {path} is readable by others (mode {mode & 0o777:o}); "
                                       f"chmod 600 it")
-            return path.read_text().strip()
+            try:
+                password = path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SmtpConfigError(f"email password_file {path} cannot be read: {exc}") from None
+            except UnicodeDecodeError:
+                raise SmtpConfigError(f"email password_file {path} is not UTF-8 text; write the password there as "
+                                      f"one line") from None
+            if not password:  # every login would fail, one mail at a time, till the run's end
+                raise SmtpConfigError(f"email password_file {path} is empty; write the password there as one line")
+            return password
         if self.password_env and self.password_env in os.environ:
             return os.environ[self.password_env]
         return None

@@ -7,6 +7,7 @@ import email
 import email.policy
 import json
 import os
+import re
 import signal
 import struct
 import time
@@ -338,6 +339,22 @@ def test_a_password_never_comes_from_the_config(tmp_path, monkeypatch):
     assert plugin.smtp.password() == "from-env"
     saved = (tmp_path / "plugins" / "email.outbox" / "smtp.json").read_text()
     assert "from-env" not in saved and "hunter2" not in saved
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda path: path.mkdir(mode=0o700), "is not a file"),
+    (lambda path: path.write_bytes(b"\xff\xfe\x00"), "is not UTF-8 text"),
+    (lambda path: path.write_text("\n"), "is empty"),
+], ids=["a directory", "binary", "empty"])
+def test_a_password_file_that_holds_no_password_is_one_line_naming_it(tmp_path, make, said):
+    """A password_file that was a directory (0700) said `checking its settings raised .../pathlib.py, line 1044:
+    IsADirectoryError`; a binary one raised UnicodeDecodeError; an empty one passed, and every mail's login failed."""
+    secret = tmp_path / "smtp-password"
+    make(secret)
+    secret.chmod(0o700 if secret.is_dir() else 0o600)
+    settings = {"username": "me", "password_file": str(secret), "recipients": [RECIPIENT], "password_env": ""}
+    with pytest.raises(SettingsError, match=f"email password_file {re.escape(str(secret))} {said}; "):
+        EmailAlertPlugin(settings)
 
 
 def test_plugin_failed_mails_are_capped_but_the_end_mail_always_goes(tmp_path):
