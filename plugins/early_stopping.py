@@ -31,6 +31,9 @@ class Tracking:
     best: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0  # epochs since the best, reset by an improvement
+    # what `best` is a best of: a plugin attached again watching another metric (or the other way) starts over
+    monitor: str = ""  # "": a state saved before these were (taken as the same)
+    mode: str = ""
 
 
 class EarlyStoppingPlugin(Plugin):
@@ -62,7 +65,14 @@ class EarlyStoppingPlugin(Plugin):
 
     def setup(self) -> None:
         self.state_path = Path(self.run_dir) / "plugins" / f"{self.name}.state.json"
+        monitor, mode = self.settings["monitor"], self.settings["mode"]
         self.tracking = _load(self.state_path)
+        saved = self.tracking
+        if (saved.monitor, saved.mode) not in ((monitor, mode), ("", "")):
+            self.log(f"early_stopping watched {saved.monitor} ({saved.mode}) before; watching {monitor} ({mode}) "
+                     f"now, its counts start over", level="info")
+            self.tracking = Tracking()
+        self.tracking.monitor, self.tracking.mode = monitor, mode
 
     def on_end_epoch(self, event: Event) -> None:
         t, monitor, patience = self.tracking, self.settings["monitor"], self.settings["patience"]

@@ -154,6 +154,21 @@ def test_early_stopping_resumes_its_counts_after_a_restart(tmp_path):
     assert epochs_fed(restarted, [1.0, 1.1, 1.2, 1.3]) == [4]
 
 
+def test_early_stopping_attached_again_watching_another_metric_starts_its_counts_over(tmp_path):
+    """Detached, then attached again with monitor = validation_accuracy, mode = max: it took the saved best of
+    validation_loss (1.0) for the best accuracy, and stopped a run whose accuracy rose every epoch ('no improvement
+    in validation_accuracy for 2 epochs (best 1 at epoch 2)')."""
+    first = Harness(EarlyStoppingPlugin({"patience": 10}, run_dir=str(tmp_path)))
+    assert epochs_fed(first, [1.2, 1.0, 1.1]) == []
+    first.close()
+    again = Harness(EarlyStoppingPlugin({"monitor": "validation_accuracy", "mode": "max", "patience": 2},
+                                        run_dir=str(tmp_path)))
+    again.seq = first.seq  # the run's seqs go on
+    assert epochs_fed(again, [0.7, 0.8, 0.9, 0.85, 0.84], key="validation_accuracy") == [5]
+    assert "(best 0.9 at epoch 3)" in again.replies_of("stop")[0]["reason"]
+    assert any("validation_loss" in r["text"] for r in again.replies_of("log")), "the fresh start is said"
+
+
 # metrics log
 
 
