@@ -71,7 +71,8 @@ def plugins_attach(
     from .live_plugins import installed_target
 
     run_dir = _live_run_dir(run, runs_dir, f"attach {name} to")
-    plugin = resolve_plugin(name, {}, installed_target(name))
+    target = installed_target(name)
+    plugin = resolve_plugin(name, configured_settings(run_dir, name, target), target)
     for word in setting_words or []:
         key, sep, raw = word.partition("=")
         if not sep or not key:
@@ -97,6 +98,17 @@ def plugins_detach(
 ) -> None:
     """Stop a plugin of a live run for good, as its owner: it finishes its teardown and exits (not restarted)."""
     _owner_command(_live_run_dir(run, runs_dir, f"detach {name} from"), ["detach", name])
+
+
+def configured_settings(run_dir: Path, name: str, target: str) -> dict:
+    """The settings the run's config gave plugin NAME where it ran this target, else none: a plugin of the run's
+    config detached and attached again is the one the run had, not one with defaults (metrics_log's every_n_steps
+    back at 50, visualization's every_n_steps unlike the summaries its earlier files hold)."""
+    for entry in (read_json(run_dir / CONFIG) or {}).get("plugins") or []:
+        if isinstance(entry, dict) and entry.get("name") == name and entry.get("target") == target:
+            settings = entry.get("settings")
+            return dict(settings) if isinstance(settings, dict) else {}
+    return {}
 
 
 def _live_run_dir(run: str, runs_dir: Path, doing: str) -> Path:

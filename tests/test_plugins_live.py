@@ -112,6 +112,25 @@ def test_a_plugin_attached_mid_run_records_from_then_on_detaches_cleanly_and_cha
     assert_same_weights(result["run_dir"], reference.result(timeout_s=STARTUP_S)["run_dir"])
 
 
+def test_a_plugin_of_the_runs_config_attached_again_starts_from_its_configured_settings(tmp_path):
+    """Detached and attached again, metrics_log came back with the defaults (every_n_steps 50, not the run's 5),
+    and visualization with settings unlike its earlier files' (a gap in loss/train_step from step 55 to 100).
+    What the command line gives still wins; a plugin the config runs from another target takes nothing of it."""
+    from trainbus.kernel.cli_plugins import configured_settings
+
+    (tmp_path / "config.json").write_text(json.dumps({"plugins": [
+        {"name": "metrics_log", "target": "trainbus.plugins.metrics_log:MetricsLogPlugin",
+         "settings": {"every_n_steps": 5}, "command": []},
+        {"name": "visualization", "target": "mine:Visualizer", "settings": {"plots": False}, "command": []}]}))
+    assert configured_settings(tmp_path, "metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin") == {
+        "every_n_steps": 5}
+    assert configured_settings(tmp_path, "visualization",
+                               "trainbus.plugins.visualization:VisualizationPlugin") == {}
+    assert configured_settings(tmp_path, "cpu", "trainbus.plugins.cpu_monitor:CpuMonitorPlugin") == {}
+    (tmp_path / "config.json").unlink()  # a run directory of before config.json, or unreadable
+    assert configured_settings(tmp_path, "metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin") == {}
+
+
 def test_only_the_runs_owner_may_attach_and_each_mistake_is_one_line(short_runs, tmp_path, kernels):
     """A plugin of the run asking to attach another is refused (refused_not_owner, logged by it, nothing
     attached). The owner (a raw peer with the run's credential) gets a command_result for each mistake:
