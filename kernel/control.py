@@ -168,10 +168,19 @@ class Dispatcher:
     def _on_log(self, peer: Peer, msg: dict[str, Any]) -> None:
         text, cut = truncate(msg["text"], peer.budget.limits.log_text_max_chars)
         if self._admit(peer, "log", len(text.encode()), cut):
-            self.bus.emit(ev.LOG, {"plugin": peer.label, "level": msg["level"], "text": text})
-            if msg["level"] == "error":
+            level = msg["level"]
+            if level == "error" and self._detached(peer):
+                # its owner asked it to go: a handler cut short then (README: 0.5 s) is said, not counted as trouble
+                level = "warning"
+            self.bus.emit(ev.LOG, {"plugin": peer.label, "level": level, "text": text})
+            if level == "error":
                 self.errors_logged[peer.name] += 1
-            log.log(logging.getLevelName(msg["level"].upper()), "[%s] %s", peer.label, text)
+            log.log(logging.getLevelName(level.upper()), "[%s] %s", peer.label, text)
+
+    def _detached(self, peer: Peer) -> bool:
+        """A plugin this kernel runs that `trainbus plugins detach` is stopping."""
+        child = self.supervisor.children.get(peer.name) if peer.spawned else None
+        return child is not None and child.detached
 
     def _admit(self, peer: Peer, kind: str, nbytes: int, truncated: bool) -> bool:
         """Within the peer's rate and byte budget; drops are counted, and logged once per peer."""

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from trainbus.sdk import DURABLE, Plugin
 
@@ -188,6 +189,17 @@ class StuckInHandler(Plugin):
     handler_timeout_s = 1.0
 
     def on_end_epoch(self, event):
+        time.sleep(60)
+
+
+class BusyAtEpochEnd(Plugin):
+    """Its end_epoch handler says so in `marker` (a file), then works for a minute: a handler SIGTERM cuts short."""
+
+    settings = {"marker": ""}
+    handler_timeout_s = 600.0  # working, not hung
+
+    def on_end_epoch(self, event):
+        Path(self.settings["marker"]).write_text(str(event.seq))
         time.sleep(60)
 
 

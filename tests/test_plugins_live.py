@@ -233,7 +233,9 @@ def test_a_plugin_detached_before_its_hello_is_no_trouble(short_runs, tmp_path, 
     """A plugin detached while it still starts (importing, loading what it needs: no hello yet) was counted as
     `never said hello` in the run's summary, `runs list` and `runs show`, though its owner asked it to go; a script
     that attaches a plugin and detaches it at once met that trouble. Now a detached plugin is no trouble, hello
-    or not."""
+    or not. So is one whose handler the detach cuts short (README: after 0.5 s): that went to the kernel as an
+    error, and the run ended `plugin visualization: 1 error logged` (a plot drawn as the detach came); the line
+    is still in kernel.log, as a warning."""
     site = tmp_path / "site"  # an installed package registering the held plugin by name, as pip would
     info = site / "held_plugins-1.0.dist-info"
     info.mkdir(parents=True)
@@ -241,7 +243,9 @@ def test_a_plugin_detached_before_its_hello_is_no_trouble(short_runs, tmp_path, 
     (info / "entry_points.txt").write_text("[trainbus.plugins]\nheld = fixture_plugins:HeldBeforeHello\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ["PYTHONPATH"]]))
     gate, hello_gate = tmp_path / "gate", tmp_path / "hello-gate"  # the second never opens: no hello, ever
-    kernel = KernelProcess(config(short_runs, gate=str(gate)), tmp_path)
+    marker = tmp_path / "in-handler"
+    busy = PluginConfig("busy", "fixture_plugins:BusyAtEpochEnd", {"marker": str(marker)})
+    kernel = KernelProcess(config(short_runs, [busy], gate=str(gate), ready_timeout_s=STARTUP_S), tmp_path)
     kernels.append(kernel)
     open_gate(gate, 5)
     kernel.wait_step(5, timeout_s=STARTUP_S)
@@ -250,12 +254,18 @@ def test_a_plugin_detached_before_its_hello_is_no_trouble(short_runs, tmp_path, 
     assert attached.returncode == 0, attached.stderr
     detached = plugins_cli(kernel, "detach", kernel.run_id, "held")
     assert detached.returncode == 0 and detached.stdout.startswith("stopped held ("), detached.stderr
+    open_gate(gate, STEPS_PER_EPOCH + 1)
+    wait_until(marker.exists, STARTUP_S, "the busy plugin in its end_epoch handler")
+    detached = plugins_cli(kernel, "detach", kernel.run_id, "busy")
+    assert detached.returncode == 0 and detached.stdout == "stopped busy (exit code 0)\n", detached.stderr
 
     open_gate(gate, EPOCHS * STEPS_PER_EPOCH)
     result = kernel.result(timeout_s=STARTUP_S)
     assert result["status"] == "completed", result
     held = result["plugins"]["held"]
     assert (held["greeted"], held["detached"], held["crashes"]) == (False, True, []), held  # no hello: it was held
+    assert result["plugins"]["busy"]["errors_logged"] == 0, result["plugins"]["busy"]
+    assert "was cut short" in (kernel.run_dir / "kernel.log").read_text()
     details = run_details(kernel.run_dir)  # what `trainbus runs show RUN --json` prints
     assert details["plugin_trouble"] == [], details["plugin_trouble"]
     listed = subprocess.run([*trainbus_cmd(), "runs", "list", "--json", "--runs-dir", str(short_runs)],
