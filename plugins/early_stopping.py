@@ -73,6 +73,7 @@ class EarlyStoppingPlugin(Plugin):
                      f"now, its counts start over", level="info")
             self.tracking = Tracking()
         self.tracking.monitor, self.tracking.mode = monitor, mode
+        self.stop_sent = False  # by this process, in this session: a replay past patience asks once, not per epoch
 
     def on_end_epoch(self, event: Event) -> None:
         t, monitor, patience = self.tracking, self.settings["monitor"], self.settings["patience"]
@@ -88,14 +89,21 @@ class EarlyStoppingPlugin(Plugin):
             t.bad_epochs += 1
         t.seq = event.seq
         _save(self.state_path, t)
-        # Sent again every epoch past patience: if a crash ate the first, the next one gets through.
         if self.settings["check_finite"] and not math.isfinite(value):
             best = "no finite value before" if t.best is None else f"best {t.best:.6g} at epoch {t.best_epoch}"
-            self.stop(f"{monitor} is {value} at epoch {event.epoch}: training diverged ({best})")
+            self._stop(event, f"{monitor} is {value} at epoch {event.epoch}: training diverged ({best})")
         elif t.bad_epochs >= patience:
             best = "no finite value yet" if t.best is None else f"best {t.best:.6g} at epoch {t.best_epoch}"
             epochs = "epoch" if t.bad_epochs == 1 else "epochs"
-            self.stop(f"no improvement in {monitor} for {t.bad_epochs} {epochs} ({best})")
+            self._stop(event, f"no improvement in {monitor} for {t.bad_epochs} {epochs} ({best})")
+
+    def _stop(self, event: Event, reason: str) -> None:
+        """Once per process: a restarted one asks again (a crash may have eaten the first). An earlier session's
+        epoch (a resumed run's catch-up) sends nothing (the SDK drops it), so it does not count as asked."""
+        if self.stop_sent:
+            return
+        self.stop(reason)
+        self.stop_sent = event.seq >= self.session_seq
 
     def _improves(self, value: float) -> bool:
         best, min_delta = self.tracking.best, self.settings["min_delta"]

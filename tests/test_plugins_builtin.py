@@ -154,6 +154,18 @@ def test_early_stopping_resumes_its_counts_after_a_restart(tmp_path):
     assert epochs_fed(restarted, [1.0, 1.1, 1.2, 1.3]) == [4]
 
 
+def test_early_stopping_replayed_many_epochs_past_patience_asks_to_stop_once(tmp_path):
+    """Attached with --from-start (patience 1) to a run four epochs past its best, it replied a stop for each
+    replayed epoch, and the run ended 'stopped by: early_stopping: stop: no improvement ... for 1 epoch ...;
+    ... for 2 epochs ...; ... for 3 epochs ...; ... for 4 epochs ...'. One process asks once; a restarted one
+    (a crash may have eaten the first) asks again."""
+    h = Harness(EarlyStoppingPlugin({"patience": 1}, run_dir=str(tmp_path)))
+    assert epochs_fed(h, [1.0, 1.1, 1.2, 1.3, 1.4]) == [2]
+    restarted = Harness(EarlyStoppingPlugin({"patience": 1}, run_dir=str(tmp_path)))
+    restarted.seq = h.seq
+    assert epochs_fed(restarted, [1.5, 1.6]) == [1]
+
+
 def test_early_stopping_attached_again_watching_another_metric_starts_its_counts_over(tmp_path):
     """Detached, then attached again with monitor = validation_accuracy, mode = max: it took the saved best of
     validation_loss (1.0) for the best accuracy, and stopped a run whose accuracy rose every epoch ('no improvement
