@@ -30,6 +30,7 @@ SNAPSHOTS_REMEMBERED = 64  # save_checkpoint steps kept for the checkpoint_faile
 # a day's window makes the epoch ETA the run's mean pace (the batch bar is reset every epoch anyway).
 SPEED_WINDOW_S = 24 * 3600.0
 MAX_REFRESH_PER_SECOND = 60.0  # a terminal's frame rate: faster redraws are never seen
+PER_BATCH = (ev.END_TRAINING_BATCH, ev.END_VALIDATION_BATCH)  # what only the batch bar needs
 
 
 class ConsolePlugin(Plugin):
@@ -50,7 +51,7 @@ class ConsolePlugin(Plugin):
         events = super().subscriptions()
         if self.settings["show_batches"] and Console().is_interactive:
             return events
-        return [e for e in events if e != ev.END_TRAINING_BATCH]
+        return [e for e in events if e not in PER_BATCH]
 
     def setup(self) -> None:
         # rich detects the terminal: on a pipe or a file it writes plain text with no escape codes,
@@ -67,6 +68,7 @@ class ConsolePlugin(Plugin):
         # The kernel's batches_planned (len of the loader) at start_epoch; without one, unknown (an indeterminate
         # bar) until a whole epoch ends.
         self.batches_per_epoch: int | None = None
+        self.validation_batches: int | None = None  # the last validation's batch count: the next one's bar total
         self.cut_short: str | None = None  # "8/75 batches of epoch 5": the last epoch, when a stop cut it short
         self.epoch_started_at: float | None = None
         self.skip_reasons: set[str] = set()  # each reason for skipping a checkpoint is shown once
@@ -121,8 +123,30 @@ class ConsolePlugin(Plugin):
             self.progress.update(self.batch_task, total=self.batches_per_epoch, completed=count or 0)
 
     def on_start_validation_loop(self, event: Event) -> None:
+        # the batch bar counts validation's own batches and loss now (it showed training's total and loss)
         if self.progress is not None and self.batch_task is not None:
-            self.progress.update(self.batch_task, description=f"epoch {event.epoch} validation")
+            self.progress.reset(self.batch_task, description=f"epoch {event.epoch} validation", loss="")
+            # reset() keeps the training's total for None: the first validation's is unknown (an indeterminate bar)
+            next(t for t in self.progress.tasks if t.id == self.batch_task).total = self.validation_batches
+
+    def on_end_validation_batch(self, event: Event) -> None:
+        if self.progress is None or self.batch_task is None:
+            return
+        data = event.data
+        loss = _mean(data.get("validation_loss_total"), data.get("validation_batch_count"))
+        self.progress.update(self.batch_task, loss=f"val loss {_fmt(data.get('loss') if loss is None else loss)}")
+        index = _int(data.get("batch_index"))
+        if index is not None:
+            self.progress.update(self.batch_task, completed=index + 1)
+        else:
+            self.progress.advance(self.batch_task)
+
+    def on_end_validation_loop(self, event: Event) -> None:
+        count = _int(event.data.get("validation_batch_count"))
+        if count:  # the largest seen: a stop can cut one short
+            self.validation_batches = max(self.validation_batches or 0, count)
+        if self.progress is not None and self.batch_task is not None:
+            self.progress.update(self.batch_task, total=self.validation_batches, completed=count or 0)
 
     def on_end_epoch(self, event: Event) -> None:
         data = event.data

@@ -361,6 +361,37 @@ def test_console_shows_the_first_epochs_batch_total_and_an_eta(tmp_path, monkeyp
     h.close()
 
 
+def test_console_counts_validation_batches_and_their_loss_on_its_batch_bar(tmp_path, monkeypatch):
+    """The batch bar said "epoch N validation" over the training's 75/75 and training loss for the whole of
+    validation; it now counts validation's batches (of the last validation's total: unknown at the first) and
+    shows their running loss."""
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    plugin = ConsolePlugin({"refresh_per_second": 20.0}, run_dir=str(tmp_path))
+    assert "end_validation_batch" in plugin.subscriptions()
+    h = Harness(plugin)
+    h.feed("start_training_session", hyperparameters={}, epochs=2, device="cpu", model="Net", parameters=1)
+    for epoch in (1, 2):
+        h.feed("start_epoch", epoch=epoch, batches_planned=75)
+        h.feed("end_training_batch", epoch=epoch, step=75 * epoch, batch_index=74, loss=2.0, training_loss_total=150.0,
+               training_batch_count=75)
+        h.feed("end_training_loop", epoch=epoch, training_batch_count=75, batches_planned=75)
+        h.feed("start_validation_loop", epoch=epoch)
+        batches = plugin.progress.tasks[plugin.batch_task]
+        assert (batches.total, batches.completed) == ((None, 0) if epoch == 1 else (4, 0))
+        h.feed("end_validation_batch", epoch=epoch, batch_index=0, loss=0.5, validation_loss_total=0.5,
+               validation_batch_count=1)
+        h.feed("end_validation_batch", epoch=epoch, batch_index=1, loss=0.25, validation_loss_total=0.75,
+               validation_batch_count=2)
+        batches = plugin.progress.tasks[plugin.batch_task]
+        assert batches.completed == 2 and batches.fields["loss"] == "val loss 0.375", batches.fields
+        assert batches.description == f"epoch {epoch} validation"
+        h.feed("end_validation_loop", epoch=epoch, validation_batch_count=4, validation_loss_total=1.0)
+        assert (plugin.progress.tasks[plugin.batch_task].total, plugin.progress.tasks[plugin.batch_task].completed) \
+            == (4, 4)
+    h.close()
+
+
 def test_console_warns_of_failed_checkpoints_and_of_each_reason_for_skipping_once(tmp_path, capsys):
     h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
     h.feed("save_checkpoint", step=30, reason="epoch", metrics={}, slot=0, snapshot_id=1, buffer="b", tensors=[],
@@ -435,7 +466,7 @@ def test_console_asks_for_per_step_events_only_when_it_draws_a_batch_bar(tmp_pat
     def subscribed(**settings) -> set[str]:
         return set(ConsolePlugin(settings, run_dir=str(tmp_path)).subscriptions())
 
-    assert "end_training_batch" not in subscribed()  # pytest's stdout is no terminal: epoch lines only
+    assert not {"end_training_batch", "end_validation_batch"} & subscribed()  # no terminal: epoch lines only
     assert "end_epoch" in subscribed()
     runner = Runner(ConsolePlugin(run_dir=str(tmp_path)), f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
     try:  # what the SDK says in its hello, and so what the kernel's PUB socket sends it
@@ -445,8 +476,8 @@ def test_console_asks_for_per_step_events_only_when_it_draws_a_batch_bar(tmp_pat
         runner.io.ctx.destroy(linger=0)
     monkeypatch.setenv("FORCE_COLOR", "1")
     monkeypatch.setenv("TTY_INTERACTIVE", "1")
-    assert "end_training_batch" in subscribed()
-    assert "end_training_batch" not in subscribed(show_batches=False)
+    assert {"end_training_batch", "end_validation_batch"} <= subscribed()
+    assert not {"end_training_batch", "end_validation_batch"} & subscribed(show_batches=False)
 
 
 def test_console_rejects_a_non_positive_refresh_rate(tmp_path):
