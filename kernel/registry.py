@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sqlite3
 import sys
@@ -51,6 +52,10 @@ COLUMNS = {
     "plugin_trouble": "TEXT", "last_event": "TEXT", "observed_ts": "REAL NOT NULL", "hyperparameters": "TEXT",
     "training_metrics": "TEXT",
 }
+# SQLite stores a NaN as NULL, which `runs list` shows as nothing measured: a diverged run's NaN losses are kept as
+# this text instead (a REAL column keeps text that is no number as text) and read back as NaN.
+NAN_TEXT = "NaN"
+_REAL_COLUMNS = tuple(name for name, kind in COLUMNS.items() if kind.startswith("REAL"))
 JSON_COLUMNS = ("flags", "validation_metrics", "stop_reasons", "plugin_trouble", "last_event", "hyperparameters",
                 "training_metrics")
 
@@ -305,11 +310,16 @@ def _storable(value: Any) -> Any:
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, int) and not -2**63 <= value < 2**63:
         return float(value)
+    if isinstance(value, float) and math.isnan(value):
+        return NAN_TEXT
     return value
 
 
 def _from_row(row: tuple, now: float) -> dict[str, Any]:
     run = {n: (json.loads(v) if n in JSON_COLUMNS and v is not None else v) for n, v in zip(COLUMNS, row)}
+    for name in _REAL_COLUMNS:
+        if run[name] == NAN_TEXT:
+            run[name] = math.nan
     run["training_metrics"] = run["training_metrics"] or {}  # a row from before the column: none known
     best, epoch = run.pop("best_validation_loss"), run.pop("best_epoch")
     run["best"] = {"validation_loss": best, "epoch": epoch} if best is not None else None

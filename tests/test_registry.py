@@ -5,6 +5,7 @@ Real runs and real processes; the registry is the real SQLite file."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sqlite3
 import subprocess
@@ -121,6 +122,19 @@ def test_a_row_only_gives_way_to_a_newer_observation(tmp_path):
         assert registry.runs(300.0)["r"]["status"] == "completed"
         registry.record([{"id": "r", "status": "running", "target": "again"}], observed_ts=300.0)  # continued
         assert registry.runs(300.0)["r"]["target"] == "again"
+
+
+def test_a_run_that_diverged_keeps_its_nan_losses_in_the_registry(tmp_path):
+    """SQLite stores a NaN as NULL: a run whose loss went NaN listed `-` in `runs list` and `runs compare` (nothing
+    measured) while its summary.json and `runs show` said nan."""
+    nan = float("nan")
+    with Registry(tmp_path) as registry:
+        registry.record([{"id": "r", "status": "completed", "target": "NaN", "training_loss": nan,
+                          "validation_loss": float("inf"), "best": {"validation_loss": nan, "epoch": 1}}], 1.0)
+        row = registry.runs(2.0)["r"]
+    assert math.isnan(row["training_loss"]) and row["validation_loss"] == float("inf")
+    assert math.isnan(row["best"]["validation_loss"]) and row["best"]["epoch"] == 1
+    assert row["target"] == "NaN"  # a text column's own text stays text
 
 
 def test_a_run_whose_files_hold_a_count_past_64_bits_is_listed_and_reindexed(ended_runs, tmp_path):
