@@ -180,6 +180,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         raise user_code_error(exc, cfg.target) from None  # the user's code raised it: their error, shown as one
     if cfg.epochs is not None:
         spec.epochs = cfg.epochs
+        spec.check_loaders_last()
     check_metric_settings(spec.metric_names(), metric_settings or {})
     if cfg.snapshot_dir and not (os.path.isdir(cfg.snapshot_dir) and os.access(cfg.snapshot_dir, os.W_OK)):
         raise ConfigError(f"snapshot_dir {cfg.snapshot_dir}: not a writable directory; create it, or leave "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import importlib.machinery
 import importlib.util
@@ -11,6 +12,7 @@ import re
 import sys
 import sysconfig
 import traceback
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -113,6 +115,7 @@ class TrainingSpec:
                                 "" if not isinstance(self.metrics, dict) else " with a value that is not callable"))
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
             raise SpecError(f"TrainingSpec.epochs must be a positive integer, got {self.epochs!r}")
+        self.check_loaders_last()
         if self.unpack_batch is not None and not callable(self.unpack_batch):
             raise SpecError("TrainingSpec.unpack_batch must be callable(batch) -> (inputs, targets)")
         if self.scheduler is not None:  # else an epoch trained, then "'str' object has no attribute 'step'"
@@ -133,6 +136,29 @@ class TrainingSpec:
             if self.scheduler_monitor not in self.metric_names():
                 raise SpecError(f"TrainingSpec.scheduler_monitor {self.scheduler_monitor!r} (what ReduceLROnPlateau "
                                 f"steps on) is not a metric of this spec; one of: {', '.join(self.metric_names())}")
+
+    def check_loaders_last(self) -> None:
+        """A one-shot iterator (a generator, iter(loader)) gives its batches to the first epoch only; the loop would
+        find it used up an epoch in, after training the next epoch's batches."""
+        if self.epochs <= 1:
+            return
+        for name in ("train_loader", "validation_loader"):
+            loader = getattr(self, name)
+            if _one_shot(loader):
+                raise SpecError(f"TrainingSpec.{name} is a {type(loader).__name__}, a one-shot iterator that the "
+                                f"first of the run's {self.epochs} epochs uses up: give a DataLoader or a list, or an "
+                                f"object whose __iter__ makes a fresh iterator each epoch")
+
+
+def _one_shot(loader: Any) -> bool:
+    """A generator, or an iterator of Python's or torch's own (iter(list), map, iter(DataLoader)): used up once gone
+    through. A class of the user's own with __next__ may start again in its __iter__ (`self.i = 0; return self`): taken.
+    Nothing here calls __iter__, which on a DataLoader would start its workers."""
+    if isinstance(loader, types.GeneratorType):
+        return True
+    module = type(loader).__module__
+    return isinstance(loader, collections.abc.Iterator) and (
+        module in ("builtins", "itertools") or module.startswith("torch.utils.data"))
 
 
 DEFAULT_TARGET = "trainbus.kernel.digits:build"

@@ -152,9 +152,36 @@ def test_an_epoch_without_batches_is_an_error_not_a_run_that_trains_nothing():
         run(spec(DataLoader(TensorDataset(x, y), batch_size=64, drop_last=True)))
     once = iter(DataLoader(TensorDataset(x, y), batch_size=BATCH))  # a one-shot iterator: epoch 1 uses it up
     with pytest.raises(BatchError, match="train_loader gave no batch in epoch 2"):
-        run(spec(once))
-    with pytest.raises(BatchError, match="validation_loader gave no batch in epoch 2"):
-        run(spec(DataLoader(TensorDataset(x, y), batch_size=BATCH), validation=(b for b in [(x, y)])))
+        Loop(spec(once), RecordingBus(), torch.device("cpu")).run()  # what check() refuses, should it be skipped
+
+
+def test_a_one_shot_iterator_for_more_than_one_epoch_is_refused_before_training():
+    """A generator as validation_loader (Lightning takes any iterable) trained a whole epoch, and the next one's
+    batches, before its validation found it used up: an error an epoch in that was knowable before the start."""
+    x, y = data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
+    with pytest.raises(SpecError) as raised:
+        spec(loader, validation=(b for b in [(x, y)])).check()
+    assert str(raised.value) == (
+        "TrainingSpec.validation_loader is a generator, a one-shot iterator that the first of the run's 2 epochs "
+        "uses up: give a DataLoader or a list, or an object whose __iter__ makes a fresh iterator each epoch")
+    with pytest.raises(SpecError, match="train_loader is a _SingleProcessDataLoaderIter, a one-shot iterator"):
+        spec(iter(loader)).check()
+    class Restarting:  # an iterator of the user's own that starts again at each iter(): every epoch has batches
+        def __iter__(self):
+            self.i = 0
+            return self
+
+        def __next__(self):
+            self.i += 1
+            if self.i > 2:
+                raise StopIteration
+            return x[:BATCH], y[:BATCH]
+
+    run(spec(Restarting()))
+    one_epoch = spec(loader, validation=(b for b in [(x, y)]))
+    one_epoch.epochs = 1
+    run(one_epoch)  # one epoch: a generator gives all it has
 
 
 def lrs(bus: RecordingBus) -> list[float]:
@@ -228,3 +255,32 @@ def test_a_spec_of_the_wrong_shape_is_refused_before_training_naming_the_field(c
     with pytest.raises(SpecError) as raised:
         s.check()
     assert str(raised.value) == message
+
+
+GENERATOR_TARGET = """
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from trainbus.kernel import TrainingSpec
+
+def build(epochs: int = 1):
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    model = torch.nn.Linear(5, 3)
+    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        loss_fn=torch.nn.functional.cross_entropy, epochs=1,
+                        train_loader=DataLoader(TensorDataset(x, y), batch_size=4),
+                        validation_loader=((x[i:i + 4], y[i:i + 4]) for i in (0, 4)))
+"""
+
+
+def test_epochs_from_the_command_line_are_checked_against_a_one_shot_iterator_too(tmp_path):
+    """A spec that builds 1 epoch over a generator, given --epochs 2 (run_training's epochs): refused before any
+    run directory is made, as the spec's own 2 epochs are."""
+    from trainbus.kernel.config import RunConfig
+    from trainbus.kernel.session import run_training
+
+    (tmp_path / "gen.py").write_text(GENERATOR_TARGET)
+    runs_dir = tmp_path / "runs"
+    with pytest.raises(SpecError, match="validation_loader is a generator, a one-shot iterator that the first of the "
+                                        "run's 2 epochs uses up"):
+        run_training(RunConfig(target=f"{tmp_path / 'gen.py'}:build", epochs=2, runs_dir=str(runs_dir), plugins=[]))
+    assert not any(runs_dir.glob("2*"))
