@@ -243,6 +243,7 @@ def run(
     if runs_dir is not None:
         cfg.runs_dir = str(runs_dir)
     flagged = {word.partition("=")[0]: word for word in flag_words}
+    set_before: dict[str, str] = {}
     for item in hparam:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -251,6 +252,9 @@ def run(
         if word is not None and word.partition("=")[2] != raw:  # the later would win without a word
             raise UserError(f"{key.removeprefix('hyperparameters.')} given twice, as {word} and as --set {item}: "
                             f"give it once")
+        earlier = set_before.setdefault(_set_name(key), item)
+        if earlier.partition("=")[2] != raw:  # as a flag given twice: which one the run was meant to have is unsaid
+            raise UserError(f"{_set_name(key)} given twice, as --set {earlier} and as --set {item}: give it once")
         apply_set(cfg, key, typed_word(raw))
     _check_epochs_given_once(epochs, [*flag_words, *hparam], cfg.hyperparameters)
     only_in_file = in_file - {w.partition("=")[0] for w in flag_words} - {
@@ -605,6 +609,18 @@ def _check_target(cfg) -> None:
     from .spec import load_target
 
     resolve(signature_of(load_target(cfg.target)), dict(cfg.hyperparameters), cfg.target)
+
+
+def _set_name(key: str) -> str:
+    """What a --set KEY names, however spelt: `hyperparameters.lr` is `lr`, `plugins.NAME.settings.S` is `NAME.S`."""
+    head, _, rest = key.partition(".")
+    if head == "hyperparameters" and rest:
+        return rest
+    name, _, tail = rest.partition(".")
+    section, _, setting = tail.partition(".")
+    if head == "plugins" and name and section == "settings" and setting:
+        return f"{name}.{setting}"
+    return key
 
 
 def _check_epochs_given_once(epochs: int | None, words: list[str], hyperparameters: dict) -> None:
