@@ -42,7 +42,7 @@ from typing import Any
 
 from trainbus.proto import DURABLE, Event, events as ev
 
-from .plugin import Plugin as _SdkPlugin, SettingsError
+from .plugin import Plugin as _SdkPlugin, SettingsError, _defined_at
 from .runner import NotRetryable
 
 __all__ = ["Context", "NotInThisProcess", "Plugin", "constructor_arguments"]
@@ -188,8 +188,13 @@ class Plugin(_SdkPlugin, metaclass=_BzConstruction):
 
     @classmethod
     def warnings(cls) -> list[str]:
-        return [f"{cls.__name__}.{name} looks like a hook but is none of bz's 14, so it is never called; the hooks: "
-                f"{', '.join(HOOKS)}" for name in _unknown_hooks(cls)]
+        return _hooks_without_context(cls) + [
+            f"{cls.__name__}.{name} looks like a hook but is none of bz's 14, so it is never called; the hooks: "
+            f"{', '.join(HOOKS)}" for name in _unknown_hooks(cls)]
+
+    def handler_of(self, event_type: str) -> Any:
+        hook = ev.SAVE_CHECKPOINT if event_type in SAVE_REPORTS else event_type
+        return getattr(self, hook) if hook in HOOKS and _overrides_hook(type(self), hook) else self.handle
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -305,6 +310,23 @@ def _unknown_hooks(cls: type) -> list[str]:
     return sorted(name for name in names if name not in HOOKS and not name.startswith("_")
                   and (name.startswith(("start_", "end_", "on_")) or name.endswith(("_start", "_end", "_begin"))
                        or "checkpoint" in name))
+
+
+def _hooks_without_context(cls: type) -> list[str]:
+    """A hook that cannot take the context it is called with (`def end_epoch(self):`): every call of it fails."""
+    said = []
+    for hook in HOOKS:
+        function = getattr(cls, hook)
+        if not _overrides_hook(cls, hook):
+            continue
+        try:
+            inspect.signature(function).bind(None, None)  # (self, context)
+        except TypeError:
+            said.append(f"{cls.__name__}.{hook}{inspect.signature(function)} cannot take the context, so every call "
+                        f"of it fails; define it as def {hook}(self, context){_defined_at(function)}")
+        except ValueError:  # no signature to read (a builtin): it is tried when the hook is called
+            pass
+    return said
 
 
 def _overrides_hook(cls: type, hook: str) -> bool:

@@ -196,6 +196,10 @@ class Plugin:
             return [""]
         return [name for name in HANDLED_EVENTS if _overrides(cls, f"on_{name}")]
 
+    def handler_of(self, event_type: str) -> Any:
+        """The function of the author's that `handle` calls for an event of this type (what a failure names)."""
+        return self._handlers.get(event_type, self.on_event)
+
     @classmethod
     def warnings(cls) -> list[str]:
         """What is likely a mistake in the class, said by `trainbus run` before it starts: a handler that cannot

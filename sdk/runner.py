@@ -295,7 +295,7 @@ class Runner:
                      f"\n{user_traceback(exc)}")
                 raise
             except Exception as exc:
-                called = self.plugin._handlers.get(event.type, self.plugin.on_event)
+                called = self.plugin.handler_of(event.type)
                 failure, error = exc, user_traceback(exc, called) + "\n"
                 if isinstance(exc, NotRetryable):
                     break

@@ -34,7 +34,9 @@ def user_traceback(exc: BaseException, called: Any = None) -> str:
     shown.stack = _theirs(shown.stack)
     code = getattr(called, "__code__", None)
     if code is not None and all(_ours(entry) for entry in shown.stack) and not code.co_filename.startswith(_SDK_DIR):
-        shown.stack.append(traceback.FrameSummary(code.co_filename, code.co_firstlineno, code.co_name))
+        # the author's frames start (and end) there: ours that led to the call are no place to fix
+        shown.stack = traceback.StackSummary.from_list(
+            [traceback.FrameSummary(code.co_filename, code.co_firstlineno, code.co_name)])
     return "".join(shown.format()).rstrip()
 
 

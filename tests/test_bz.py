@@ -592,6 +592,22 @@ def test_a_method_named_like_a_hook_that_is_none_is_said_as_a_warning_at_start()
         "Keras.end_batch", "Keras.on_epoch_end", "Keras.on_train_begin"]
 
 
+def test_a_hook_that_cannot_take_the_context_is_said_before_the_run_with_its_line():
+    """An SDK handler that cannot take its event is a warning before the run; a bz hook that cannot take the context
+    (`def end_epoch(self):`) was not: it failed at every call, three tries each, for the whole run."""
+    class NoContext(BzPlugin):
+        def end_epoch(self):
+            pass
+
+        def start_epoch(self, context, *more):  # fine: it takes the context
+            pass
+
+    line = NoContext.end_epoch.__code__.co_firstlineno
+    assert NoContext.warnings() == [
+        f"NoContext.end_epoch(self) cannot take the context, so every call of it fails; define it as "
+        f"def end_epoch(self, context) (at test_bz.py:{line})"]
+
+
 def test_trainbus_run_says_a_hook_that_is_none_on_the_terminal_before_the_run(bz_modules, tmp_path):
     """Said at the plugin's start, the warning was journaled before the console (best-effort) said hello: it could
     miss the terminal. `trainbus run` says it while it checks the plugins' settings, before anything starts."""

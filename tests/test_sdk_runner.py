@@ -18,6 +18,7 @@ import pytest
 from trainbus.proto import DURABLE, Event, control, decode_control, encode_control, events as ev
 from trainbus.proto.codec import event_to_map
 from trainbus.proto.messages import SUMMARY_NAME
+from trainbus.sdk.bz import Plugin as BzPlugin
 from trainbus.sdk.plugin import KernelGoneInfo, Plugin
 from trainbus.sdk.plugin_io import KERNEL_EXITED
 from trainbus.sdk.runner import Runner
@@ -375,6 +376,27 @@ def test_a_handler_that_cannot_take_the_event_is_said_at_its_def_line_not_ours(t
     assert error.rstrip().endswith("TypeError: TakesNoEvent.on_end_epoch() takes 1 positional argument but 2 were "
                                    "given"), error
     assert _one_line(error).endswith(f"(at test_sdk_runner.py:{line} in on_end_epoch)"), _one_line(error)
+    assert f'Traceback (most recent call last):\n  File "{__file__}", line {line}' in error, error  # no SDK frame
+
+
+class BzTakesNoContext(BzPlugin):
+    def end_epoch(self):  # bz passes the context: a TypeError before its first line
+        pass
+
+
+def test_a_bz_hook_that_cannot_take_the_context_is_said_at_its_def_line_not_ours(tmp_path, monkeypatch):
+    """The traceback was the runner's, Plugin.handle's and bz's _run_hook frames, and the console named
+    `bz.py:... in _run_hook` as where to look; it is the hook's own def line, as for an SDK handler."""
+    import inspect
+
+    from trainbus.plugins.console import _one_line
+
+    monkeypatch.chdir(tmp_path)
+    _, io = run(BzTakesNoContext({}, run_id="r", run_dir=str(tmp_path)), range(1, 9))
+    [error] = [m["text"] for m in io.of("log") if m["level"] == "error"]
+    line = inspect.getsourcelines(BzTakesNoContext.end_epoch)[1]
+    assert f'Traceback (most recent call last):\n  File "{__file__}", line {line}' in error, error
+    assert _one_line(error).endswith(f"(at test_sdk_runner.py:{line} in end_epoch)"), _one_line(error)
 
 
 def test_a_best_effort_plugin_counts_gaps_and_never_asks_for_a_replay():
