@@ -120,7 +120,10 @@ def check_value(key: str, setting: Setting, value: Any) -> Any:
         quote = (f"; {_shown(value)} was read as {'true/false' if isinstance(value, bool) else 'a number'}: quote "
                  f"it (\"{_shown(value)}\" in a config file, '\"{_shown(value)}\"' after the = of a --set)"
                  if setting.type is str and isinstance(value, (int, float)) else "")
-        raise SettingsError(f"{key} = {_shown(value)} is not allowed; it must be {setting.allowed()}{quote}")
+        allowed = setting.allowed()
+        if isinstance(converted, float) and not math.isfinite(converted):  # NaN and infinity are numbers too
+            allowed = allowed.replace(TYPE_PHRASES[float], f"a finite {TYPE_PHRASES[float].removeprefix('a ')}", 1)
+        raise SettingsError(f"{key} = {_shown(value)} is not allowed; it must be {allowed}{quote}")
     return converted
 
 

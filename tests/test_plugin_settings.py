@@ -80,7 +80,7 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_the_setting_the_value_and_
 @pytest.mark.parametrize("given, allowed", [
     ({"every": -3}, "every = -3 is not allowed; it must be an integer >= 0"),
     ({"share": 1.5}, "share = 1.5 is not allowed; it must be a number between 0 and 1"),
-    ({"share": "nan"}, "share = 'nan' is not allowed; it must be a number between 0 and 1"),
+    ({"share": "nan"}, "share = 'nan' is not allowed; it must be a finite number between 0 and 1"),
     ({"mode": "lowest"}, "mode = 'lowest' is not allowed; it must be one of 'min', 'max'"),
     ({"out": "/tmp/elsewhere.txt"}, "out = '/tmp/elsewhere.txt' is not allowed; it must be a string: a path inside "
                                     "the run directory (relative, no '..', each name at most 255 bytes, no NUL, "
@@ -96,6 +96,17 @@ def test_a_value_outside_its_constraint_is_refused(given, allowed):
     with pytest.raises(SettingsError) as raised:
         Declared(given)
     assert str(raised.value).startswith(f"plugin declared: {allowed}"), str(raised.value)
+
+
+def test_a_value_that_is_not_finite_is_refused_saying_finite():
+    """`--set limit=1e400` (JSON's infinity) was refused with `it must be a number >= 0`, which infinity is."""
+    for value, shown in ((float("inf"), "Infinity"), (float("nan"), "NaN"), ("nan", "'nan'")):
+        with pytest.raises(SettingsError) as raised:
+            Typed({"rate": value})
+        assert str(raised.value) == f"plugin typed: rate = {shown} is not allowed; it must be a finite number"
+    with pytest.raises(SettingsError, match=r"^plugin declared: share = Infinity is not allowed; it must be a finite "
+                                            r"number between 0 and 1$"):
+        Declared({"share": float("inf")})
 
 
 def test_a_default_is_read_as_the_declared_type_and_one_that_is_not_allowed_is_refused():
