@@ -42,7 +42,7 @@ from typing import Any
 
 from trainbus.proto import DURABLE, Event, events as ev
 
-from .plugin import Plugin as _SdkPlugin, SettingsError, _defined_at
+from .plugin import Plugin as _SdkPlugin, SettingsError, _defined_at, async_warning, refuse_awaitable
 from .runner import NotRetryable
 
 __all__ = ["Context", "NotInThisProcess", "Plugin", "constructor_arguments"]
@@ -285,7 +285,7 @@ class Plugin(_SdkPlugin, metaclass=_BzConstruction):
         seen = context.epoch  # as the hook saw it: bz's count, from 0
         try:
             if hook is not None:
-                getattr(self, hook)(context)
+                refuse_awaitable(getattr(self, hook)(context), "hooks")
         finally:  # a hook that raises still leaves the context where bz's would be, and its stop stands
             if event.type in HOOKS:
                 context.after(event)
@@ -326,6 +326,7 @@ def _hooks_without_context(cls: type) -> list[str]:
                         f"of it fails; define it as def {hook}(self, context){_defined_at(function)}")
         except ValueError:  # no signature to read (a builtin): it is tried when the hook is called
             pass
+        said += [warning for warning in [async_warning(cls, hook, "hooks")] if warning]
     return said
 
 

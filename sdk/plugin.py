@@ -182,7 +182,7 @@ class Plugin:
     # dispatch
 
     def handle(self, event: Event) -> None:
-        self._handlers.get(event.type, self.on_event)(event)
+        refuse_awaitable(self._handlers.get(event.type, self.on_event)(event), "handlers")
 
     def subscriptions(self) -> list[str]:
         """The event types this instance is sent: handled_events(), unless overridden to leave out types
@@ -216,6 +216,7 @@ class Plugin:
                             f"of it fails; define it as def {name}(self, event){where}")
             except ValueError:  # no signature to read (a builtin): it is tried at the run's first event
                 pass
+            said += [warning for warning in [async_warning(cls, name, "handlers")] if warning]
         return said + _constructor_warnings(cls) + [
             warning for name in _unknown_handlers(cls) if (warning := _never_called(cls, name))]
 
@@ -275,6 +276,25 @@ def merge_settings(cls: type, given: dict[str, Any]) -> dict[str, Any]:
             raise SettingsError(f"no setting {key!r} (known: {', '.join(sorted(specs)) or 'none'})")
     cls.check_settings(merged)
     return merged
+
+
+def async_warning(cls: type, name: str, what: str) -> str | None:
+    """The warning for an `async def` handler (or bz hook): calling it makes a coroutine that nothing awaits."""
+    function = getattr(cls, name)
+    if not (inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)):
+        return None
+    return (f"{cls.__name__}.{name} is async def: {what} are called, not awaited, so its body would never run; define "
+            f"it with def{_defined_at(function)}")
+
+
+def refuse_awaitable(result: Any, what: str) -> None:
+    """A handler's call that made a coroutine (async def) ran none of its body: a failure, not a silent no-op."""
+    if inspect.iscoroutine(result) or inspect.isasyncgen(result):
+        name = getattr(result, "__qualname__", type(result).__name__)
+        if inspect.iscoroutine(result):
+            result.close()  # else a "never awaited" RuntimeWarning at our line; an async generator's never started
+        raise TypeError(f"{name} is async def: {what} are called, not awaited, so its body would never run; define "
+                        f"it with def")
 
 
 def _defined_at(function: Any) -> str:

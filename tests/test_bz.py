@@ -607,6 +607,15 @@ def test_a_hook_that_cannot_take_the_context_is_said_before_the_run_with_its_lin
         f"NoContext.end_epoch(self) cannot take the context, so every call of it fails; define it as "
         f"def end_epoch(self, context) (at test_bz.py:{line})"]
 
+    class Async(BzPlugin):
+        async def end_epoch(self, context):  # called, never awaited: should_stop_training was never set
+            context.should_stop_training = True
+
+    line = Async.end_epoch.__code__.co_firstlineno
+    assert Async.warnings() == [
+        f"Async.end_epoch is async def: hooks are called, not awaited, so its body would never run; define it with "
+        f"def (at test_bz.py:{line})"]
+
 
 def test_trainbus_run_says_a_hook_that_is_none_on_the_terminal_before_the_run(bz_modules, tmp_path):
     """Said at the plugin's start, the warning was journaled before the console (best-effort) said hello: it could

@@ -328,6 +328,20 @@ def test_a_handler_that_cannot_take_the_event_is_said_before_the_run_with_its_li
     assert all(describe(target)["warnings"] == [] for target in registered_plugins().values())
 
 
+class AsyncHandler(Plugin):
+    async def on_end_epoch(self, event):  # called, never awaited: its body would never run
+        self.stop("never sent")
+
+
+def test_an_async_handler_is_said_before_the_run_with_its_line():
+    """Its call made a coroutine that nothing awaited: the stop was never sent, the run completed, and only a
+    RuntimeWarning in the plugin's log, at the SDK's line, said anything."""
+    line = AsyncHandler.on_end_epoch.__code__.co_firstlineno
+    assert describe("test_plugin_settings:AsyncHandler")["warnings"] == [
+        f"AsyncHandler.on_end_epoch is async def: handlers are called, not awaited, so its body would never run; "
+        f"define it with def (at test_plugin_settings.py:{line})"]
+
+
 class MisnamedHandlers(Plugin):
     def on_end_epochs(self, event):  # a typo
         pass

@@ -399,6 +399,26 @@ def test_a_bz_hook_that_cannot_take_the_context_is_said_at_its_def_line_not_ours
     assert _one_line(error).endswith(f"(at test_sdk_runner.py:{line} in end_epoch)"), _one_line(error)
 
 
+class AsyncStop(Plugin):
+    async def on_end_epoch(self, event):
+        self.stop("never sent")
+
+
+class BzAsyncStop(BzPlugin):
+    async def end_epoch(self, context):
+        context.should_stop_training = True
+
+
+@pytest.mark.parametrize("make", [AsyncStop, lambda: BzAsyncStop({}, run_id="r", run_dir=".")])
+def test_an_async_handler_fails_its_call_at_its_def_line_instead_of_doing_nothing(make, tmp_path, monkeypatch):
+    """The coroutine its call made was dropped unawaited: the handler did nothing and the run went on as if it had."""
+    monkeypatch.chdir(tmp_path)
+    _, io = run(make(), range(1, 9))
+    [error] = [m["text"] for m in io.of("log") if m["level"] == "error"]
+    assert "are called, not awaited, so its body would never run" in error and f'File "{__file__}"' in error, error
+    assert not io.of("stop")
+
+
 def test_a_best_effort_plugin_counts_gaps_and_never_asks_for_a_replay():
     runner, io = run(LiveSeen(), [1, 2, 4, 5, 8])
     assert runner.plugin.seen == [ALL[i - 1] for i in (1, 2, 4, 5, 8)]
