@@ -50,8 +50,8 @@ def plugins_list(
         for column in ("setting", "type", "default", "allowed", "help"):
             table.add_column(column, overflow="fold", no_wrap=column in ("setting", "type"))
         for key, s in info["settings"].items():
-            table.add_row(key, s["type"], escape(json.dumps(s["default"])), escape(s["constraint"] or "-"),
-                          escape(s["help"]))
+            table.add_row(escape(key), escape(s["type"]), escape(json.dumps(s["default"])),
+                          escape(s["constraint"] or "-"), escape(s["help"]))
         console.print(table)
 
 

@@ -495,6 +495,8 @@ def test_plugins_list_json_has_every_setting_and_the_table_shows_them_uncut_on_a
     for name, info in listed.items():
         assert f"{name} ({info['delivery']}): {info['description']}" in text
         assert set(info["settings"]) <= set(cells), name
+    # a list's type, list[str], was read by rich as a markup tag, [str], and shown as "list"
+    assert listed["email"]["settings"]["recipients"]["type"] == "list[str]" and "list[str]" in cells
 
 
 def test_a_plugin_without_a_docstring_has_no_description_rather_than_the_sdks():
