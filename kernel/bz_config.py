@@ -34,6 +34,8 @@ BUILTIN_PLUGINS: dict[str, tuple[str, dict[str, str]]] = {
 # spec's build(hyperparameters), as bz's train.py read them from its config.
 TRAINING_TO_RUN = {"epochs": "epochs", "device": "device", "checkpoint_interval": "checkpoint_every_n_epochs"}
 TRAINING_TO_EARLY_STOPPING = {"early_stopping_patience": "patience", "early_stopping_min_delta": "min_delta"}
+# A plugin's object: bz's two, then ours (a custom plugin's class, a program's command, settings as in TOML).
+PLUGIN_KEYS = ("enabled", "config", "target", "command", "settings")
 SECTIONS = ("training", "plugins", "hyperparameters", "metrics", "optuna", "environment")
 NOT_READ = ("metrics", "environment")  # metrics are the spec's own; environment picked bz's config file
 
@@ -83,6 +85,11 @@ def from_bz(raw: Any, where: str) -> dict[str, Any]:
 
 def _plugin(name: str, body: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
     body = {key: value for key, value in body.items() if key != "dependencies"}  # each runs in its own process
+    for key in body:  # said here, in the file's terms: past here the table is [plugins.<our name>], not the file's
+        if key not in PLUGIN_KEYS:
+            raise ConfigError(f"{where}: plugins.{name}: unknown key {key!r}; a bz plugin's settings go in its "
+                              f"\"config\" object (\"{name}\": {{\"config\": {{\"{key}\": ...}}}}); its keys: "
+                              f"{', '.join(PLUGIN_KEYS)}")
     if name not in BUILTIN_PLUGINS:
         return name, body
     ours, keys = BUILTIN_PLUGINS[name]

@@ -710,7 +710,13 @@ def test_bz_json_config_maps_bz_names_to_ours(tmp_path, caplog):
                          # a bad value is named by the key the file holds, not the one it became here
                          ({"training": {"checkpoint_interval": -1}}, r": training\.checkpoint_interval must be 0 to"),
                          ({"training": {"epochs": "ten"}}, r": training\.epochs must be an integer, got 'ten'"),
-                         ({"training": {"device": "tpu"}}, r": training\.device must be one of")]:
+                         ({"training": {"device": "tpu"}}, r": training\.device must be one of"),
+                         # named as the file has it: it said "[plugins.visualization]: unknown key 'log_dir' (a
+                         # plugin's settings go in its [plugins.NAME.settings] table)", a table the file has not
+                         ({"plugins": {"tensorboard": {"enabled": True, "log_dir": "tb"}}},
+                          r": plugins\.tensorboard: unknown key 'log_dir'; a bz plugin's settings go in its \"config\" "
+                          r"object \(\"tensorboard\": \{\"config\": \{\"log_dir\": \.\.\.\}\}\); its keys: enabled, config, "
+                          r"target, command, settings$")]:
         config_file.write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match=message):
             load_config(config_file)
