@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
 from trainbus.proto.messages import JOURNAL_NAME, RUN_DIR_RESERVED
 from trainbus.proto.settings_format import (FALSE_WORDS, KINDS, METRIC, METRIC_FIELDS, PATH, STEP_FIELDS, TRUE_WORDS,
                                             template_fields)
@@ -84,7 +85,8 @@ class Setting:
             return f"a template whose {{fields}} are {', '.join(STEP_FIELDS)} or metrics the run produces"
         if self.kind == PATH:
             return (f"a path inside the run directory (relative, no '..', each name at most {NAME_MAX_BYTES} bytes, "
-                    "no NUL, none of the kernel's own files: events, config.json, summary.json, plugins/, ...)")
+                    "no NUL, none of the kernel's own files: events, config.json, summary.json, plugins/, "
+                    f"{CHECKPOINT_DIR}/{MANIFEST}, ...)")
         if self.min is not None and self.max is not None:
             return f"between {self.min:g} and {self.max:g}"
         if self.min is not None:
@@ -188,6 +190,7 @@ def _within(setting: Setting, value: Any) -> bool:
         first = path.parts[0] if path.parts else ""
         return (not path.is_absolute() and ".." not in path.parts and not value.startswith("~")
                 and first not in RUN_DIR_RESERVED and not first.startswith(f"{JOURNAL_NAME}.")
+                and path.parts != (CHECKPOINT_DIR, MANIFEST)  # what `--resume` finds checkpoints by
                 and "\x00" not in value and all(len(part.encode()) <= NAME_MAX_BYTES for part in path.parts))
     if setting.kind == METRIC_FIELDS:
         try:

@@ -85,7 +85,7 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_the_setting_the_value_and_
     ({"out": "/tmp/elsewhere.txt"}, "out = '/tmp/elsewhere.txt' is not allowed; it must be a string: a path inside "
                                     "the run directory (relative, no '..', each name at most 255 bytes, no NUL, "
                                     "none of the kernel's own files: events, config.json, summary.json, "
-                                    "plugins/, ...)"),
+                                    "plugins/, checkpoints/manifest.jsonl, ...)"),
     ({"out": "logs/../../up.txt"}, "out = 'logs/../../up.txt' is not allowed"),
     ({"out": "~/home.txt"}, "out = '~/home.txt' is not allowed"),
     # the spawned plugins' logs (plugins/NAME.log), and the kernel's sockets
@@ -159,9 +159,10 @@ def test_a_path_inside_the_run_directory_is_allowed():
 
 
 @pytest.mark.parametrize("path", ["events", "events.00000001-00004096.gz", "config.json", "summary.json", "credential",
-                                  "kernel.log", "final.pt"])
+                                  "kernel.log", "final.pt", "checkpoints/manifest.jsonl", "checkpoints/./manifest.jsonl"])
 def test_a_path_naming_one_of_the_kernels_own_files_is_refused(path):
-    """metrics_log with filename = events cut the journal back to its last newline and wrote into it."""
+    """metrics_log with filename = events cut the journal back to its last newline and wrote into it; with
+    checkpoints/manifest.jsonl it overwrote the checkpoints' manifest, and `--resume` found none of them."""
     with pytest.raises(SettingsError, match=f"out = '{re.escape(path)}' is not allowed; .*none of the kernel's own"):
         Declared({"out": path})
 
