@@ -23,13 +23,14 @@ class MemoryMonitorPlugin(SamplingPlugin):
     Metrics: memory/used_bytes, memory/total_bytes, memory/available_bytes, memory/percent,
     memory/swap_used_bytes, memory/swap_percent, memory/process_rss_bytes (with children),
     memory/process_uss_bytes (when cheap to read). A warning goes to the kernel's log once when
-    memory/percent reaches warn_percent, and again only after it fell 5 points below it.
+    memory/percent reaches warn_percent, and again only after it fell 5 points below it (0: never).
     """
 
     name = "memory"
     settings = {
         "interval_s": INTERVAL_S,
-        "warn_percent": Setting(90.0, "warn once when system memory use reaches this percent", min=0, max=100),
+        "warn_percent": Setting(90.0, "warn once when system memory use reaches this percent (0: never)", min=0,
+                                max=100),
         "uss": Setting(True, "also read the process's USS (memory unique to it), while that read is cheap"),
         "pid": PID,
     }
@@ -81,6 +82,8 @@ class MemoryMonitorPlugin(SamplingPlugin):
 
     def _check_exhaustion(self, memory, process_rss: float | None) -> None:
         threshold = self.settings["warn_percent"]
+        if threshold == 0:  # off, as 0 is for the other monitors' and plugins' thresholds (it warned at any use)
+            return
         if memory.percent < threshold - REARM_MARGIN_PERCENT:
             self.warned = False
         if memory.percent < threshold or self.warned:

@@ -124,10 +124,15 @@ def test_sampler_thread_replies_without_waiting_for_a_handler(tmp_path):
 
 
 def test_memory_readings_are_consistent_and_it_warns_once(tmp_path):
-    plugin = MemoryMonitorPlugin({"interval_s": 60.0, "warn_percent": 0.0, "pid": os.getpid()}, run_dir=str(tmp_path))
+    plugin = MemoryMonitorPlugin({"interval_s": 60.0, "warn_percent": 0.01, "pid": os.getpid()}, run_dir=str(tmp_path))
     h = Harness(plugin)
     first, second = plugin.tick(), plugin.tick()
     h.close()
+    off = MemoryMonitorPlugin({"interval_s": 60.0, "warn_percent": 0, "pid": os.getpid()}, run_dir=str(tmp_path))
+    h = Harness(off)
+    off.tick()
+    h.close()
+    assert not [r for r in off.outbox if r["type"] == "log"], off.outbox  # 0: never (it said "nearly exhausted")
     assert 0 < first["memory/used_bytes"] <= first["memory/total_bytes"]
     assert 0 <= first["memory/percent"] <= 100
     assert first["memory/process_rss_bytes"] > 10 * 1024 ** 2
