@@ -30,7 +30,6 @@ from trainbus.proto import JOURNAL_NAME
 from trainbus.kernel.runs import run_overview
 from trainbus.kernel.session import FINAL_WEIGHTS, PLUGIN_EXIT_TIMEOUT_S, run_training
 from trainbus.kernel.supervisor import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S, MAX_RESTARTS
-from trainbus.sdk.runner import ORPHAN_EXIT_S
 
 import fixture_plugins
 from fixture_targets import open_gate
