@@ -162,7 +162,8 @@ def run(
                                                                 "(PORT 0: free ones); "
                                                                 "needs `trainbus keys`. Endpoints: RUN_DIR/connection.json."),
     keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
-    precision: Optional[str] = typer.Option(None, "--precision", help="32, bf16-mixed, 16-mixed (CUDA) or bf16-true."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="32, bf16-mixed, 16-mixed (CUDA) or bf16-true "
+                                                                        "(Lightning's 32-true, 16 and bf16 too)."),
     accumulate_grad_batches: Optional[int] = typer.Option(None, "--accumulate-grad-batches", min=1,
                                                           help="Batches per optimizer step (default 1)."),
     gradient_clip_val: Optional[float] = typer.Option(None, "--gradient-clip-val", min=0.0,

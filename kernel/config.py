@@ -24,7 +24,8 @@ BUILTIN_DISTRIBUTION = "trainbus"  # its entry points are the built-in plugins, 
 DEFAULT_PLUGINS = ("console", "metrics_log")
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N, one GPU by its index (device_index)
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
-# Lightning's other names for these (its Trainer(precision=...)), said with ours when given
+# Lightning's other names for these (its Trainer(precision=...) and _PRECISION_INPUT_STR_ALIAS_CONVERSION), taken
+# as ours so a config written for Lightning runs; the run records ours
 LIGHTNING_PRECISIONS = {"32-true": "32", "16": "16-mixed", "bf16": "bf16-mixed"}
 SEED_LIMIT = 2**32  # numpy and torch take 32-bit seeds: [0, 2**32)
 # The most epochs (and steps between checkpoints, batches accumulated) a run takes: far past any real run, and
@@ -257,6 +258,9 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     run = _table(raw.get("run", {}), f"{where}: [run]")
     _no_unknown(run, _RUN_KEYS, f"{where}: [run]")
     for key, value in run.items():
+        if key == "precision":  # Lightning's integers too: check_run takes them by our name
+            cfg.precision = value
+            continue
         setattr(cfg, key, _typed(value, _RUN_KEYS[key], f"{where}: run.{key}"))
     cfg.hyperparameters = dict(_table(raw.get("hyperparameters", {}), f"{where}: [hyperparameters]"))
     limits = _table(raw.get("limits", {}), f"{where}: [limits]")
@@ -321,6 +325,7 @@ def device_index(device: str) -> int | None:
 
 
 def check_run(cfg: RunConfig, where: str = "config") -> None:
+    """ConfigError for a value no run takes; a precision Lightning spells is put by our name, as the run records."""
     if cfg.device not in DEVICES and device_index(cfg.device) is None:
         raise ConfigError(f"{where}: device must be one of {', '.join(DEVICES)} or cuda:N (the GPU of index N), "
                           f"got {cfg.device!r}")
@@ -334,10 +339,7 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
     for key in ("checkpoint_every_n_epochs", "checkpoint_every_n_steps"):
         if not 0 <= getattr(cfg, key) <= MAX_COUNT:
             raise ConfigError(f"{where}: {key} must be 0 to {MAX_COUNT:,} (0 turns it off), got {getattr(cfg, key)}")
-    if cfg.precision not in PRECISIONS:
-        ours = LIGHTNING_PRECISIONS.get(str(cfg.precision))
-        raise ConfigError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}"
-                          + (f" (Lightning's name for what is {ours!r} here)" if ours else ""))
+    cfg.precision = precision_by_our_name(cfg.precision, where)
     if not 1 <= cfg.accumulate_grad_batches <= MAX_COUNT:
         raise ConfigError(f"{where}: accumulate_grad_batches must be 1 to {MAX_COUNT:,}, got "
                           f"{cfg.accumulate_grad_batches}")
@@ -356,6 +358,22 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
                           f"got {cfg.seed}")
     for plugin in cfg.plugins:
         _check_plugin(plugin, where)
+
+
+def precision_by_our_name(precision: Any, where: str) -> str:
+    """One of PRECISIONS for a precision given as trainbus or Lightning names it (32-true, 16, bf16, and the integers
+    32 and 16, as a TOML file or Lightning's Trainer has them); ConfigError for any other."""
+    if type(precision) is int:
+        precision = str(precision)
+    if isinstance(precision, str):
+        precision = LIGHTNING_PRECISIONS.get(precision, precision)
+    if precision == "16-true":  # Lightning's float16 weights: no loss scaler, and nothing here casts to them
+        raise ConfigError(f"{where}: precision 16-true (float16 weights) is not supported; use 16-mixed (CUDA) or "
+                          f"bf16-true")
+    if precision not in PRECISIONS or not isinstance(precision, str):
+        raise ConfigError(f"{where}: precision must be one of {', '.join(PRECISIONS)} (or Lightning's "
+                          f"{', '.join(LIGHTNING_PRECISIONS)}), got {precision!r}")
+    return precision
 
 
 def _check_plugin(p: PluginConfig, where: str) -> None:
@@ -489,11 +507,6 @@ def _typed(value: Any, annotation: Any, where: str) -> Any:
         ok, expected = isinstance(value, str), "a string"
     if not ok:
         if expected == "a string" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if where.endswith("precision") and str(value) not in PRECISIONS:  # quoted, 16 would be refused next
-                allowed = ", ".join('"' + p + '"' for p in PRECISIONS)
-                ours = LIGHTNING_PRECISIONS.get(str(value))
-                raise ConfigError(f"{where} must be a string; {value!r} was read as a number: write one of {allowed}"
-                                  + (f" (Lightning's {value} is \"{ours}\" here)" if ours else ""))
             raise ConfigError(f"{where} must be a string; {value!r} was read as a number: quote it (\"{value}\")")
         raise ConfigError(f"{where} must be {expected}, got {value!r}")
     return value

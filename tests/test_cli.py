@@ -167,11 +167,12 @@ BAD_INPUT = {
     "unknown command": (lambda t: ["runs", "lsit"], "No such command 'lsit'"),
     "a device as the config file": (lambda t: ["run", "--config", "/dev/null"],
                                     "config file /dev/null is not a regular file"),
-    "Lightning's name of a precision": (lambda t: ["run", "--precision", "32-true"],
-                                        "got '32-true' (Lightning's name for what is '32' here)"),
-    "Lightning's 16 in a config": (lambda t: ["run", "--config", _write(t, "p.toml", "[run]\nprecision = 16\n")],
-                                   "16 was read as a number: write one of \"32\", \"bf16-mixed\", \"16-mixed\", "
-                                   "\"bf16-true\" (Lightning's 16 is \"16-mixed\" here)"),
+    "Lightning's 16-true, pure float16": (lambda t: ["run", "--precision", "16-true"],
+                                          "precision 16-true (float16 weights) is not supported; use 16-mixed (CUDA) "
+                                          "or bf16-true"),
+    "a precision of no one's": (lambda t: ["run", "--precision", "fp8"],
+                                "precision must be one of 32, bf16-mixed, 16-mixed, bf16-true (or Lightning's 32-true, "
+                                "16, bf16), got 'fp8'"),
     "an empty --resume": (lambda t: ["run", "--resume", ""],
                           "--resume is empty: give it a value, or leave --resume out"),
     "an empty --listen": (lambda t: ["run", "--listen", ""],

@@ -10,7 +10,7 @@ import torch
 
 from kernel_process import cli
 from helpers import PLUGIN_START_S, assert_same_weights
-from trainbus.kernel.config import RunConfig, resolve_plugin
+from trainbus.kernel.config import RunConfig, parse_config, resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
 from trainbus.kernel.stepping import Stepper, SteppingError, check_precision
@@ -130,14 +130,35 @@ def test_resume_inside_an_accumulation_cycle_is_exact(tmp_path):
     assert_same_weights(resumed.run_dir, reference.run_dir)
 
 
+@pytest.mark.parametrize("given, ours", [
+    ("32-true", "32"), (32, "32"), ("32", "32"), ("16", "16-mixed"), (16, "16-mixed"), ("bf16", "bf16-mixed"),
+    ("bf16-mixed", "bf16-mixed"), ("bf16-true", "bf16-true"),
+])
+def test_lightning_precision_spellings_are_taken_by_our_name(given, ours):
+    """Lightning's Trainer(precision=...) takes 32-true, 16, bf16 and the integers 16 and 32 (its
+    _PRECISION_INPUT_STR_ALIAS_CONVERSION); a [run] table written for it means the same here."""
+    assert parse_config({"run": {"precision": given}, "plugins": {}}).precision == ours
+
+
+def test_a_run_given_lightnings_precision_records_ours(tmp_path):
+    proc = cli("run", f"{SPECS}:tiny", "--epochs", "1", "--device", "cpu", "--precision", "32-true",
+               "--runs-dir", str(tmp_path), "--plugins", "")
+    assert proc.returncode == 0, proc.stderr
+    [config] = tmp_path.glob("*/config.json")
+    assert json.loads(config.read_text())["precision"] == "32"
+    [start] = [e for e in read_events(config.parent) if e.type == "start_training_session"]
+    assert start.data["precision"] == "32"
+
+
 @pytest.mark.parametrize("run_table, error", [
     ('precision = "16-mixed"', "precision 16-mixed needs a CUDA device"),
     ('precision = "fp8"', "precision must be one of 32, bf16-mixed, 16-mixed, bf16-true"),
     ("accumulate_grad_batches = 0", "accumulate_grad_batches must be 1 to 1,000,000,000, got 0"),
     ("gradient_clip_val = nan", "gradient_clip_val must be >= 0"),
-    ("precision = 32", 'run.precision must be a string; 32 was read as a number: quote it ("32")'),
-    ("precision = 16", 'run.precision must be a string; 16 was read as a number: write one of "32", "bf16-mixed", '
-                       '"16-mixed", "bf16-true"'),
+    ("precision = 16", "precision 16-mixed needs a CUDA device"),  # Lightning's 16, taken as 16-mixed
+    ('precision = "16-true"', "precision 16-true (float16 weights) is not supported; use 16-mixed (CUDA) or bf16-true"),
+    ("precision = 64", "precision must be one of 32, bf16-mixed, 16-mixed, bf16-true"),
+    ("precision = 32.0", "precision must be one of 32, bf16-mixed, 16-mixed, bf16-true"),
 ])
 def test_a_bad_option_is_one_line_and_exit_2_with_no_run_left(tmp_path, run_table, error):
     config = tmp_path / "run.toml"
