@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trainbus.proto import ProtocolError, pack
+from trainbus.proto.settings_format import BOOL_WORDS_SAID, bool_word
 
 from .limits import PeerLimits
 from .private_dirs import others_can_write
@@ -501,8 +502,10 @@ def _typed(value: Any, annotation: Any, where: str) -> Any:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         expected = "a number"
         value = float(value) if ok else value
-    elif "bool" in text:
-        ok, expected = isinstance(value, bool), "true or false"
+    elif "bool" in text:  # or a word a flag takes for one, as a file written for the command line has it
+        said = bool_word(value) if isinstance(value, str) else None
+        value = value if said is None else said
+        ok, expected = isinstance(value, bool), BOOL_WORDS_SAID
     else:
         ok, expected = isinstance(value, str), "a string"
     if not ok:

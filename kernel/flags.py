@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from trainbus.proto.settings_format import FALSE_WORDS, TRUE_WORDS
+from trainbus.proto.settings_format import bool_word
 
 from .spec import SpecError
 
@@ -288,8 +288,8 @@ def _parse(flag: Flag, text: str, target: str, sig: Signature) -> Any:
         return None
     try:
         if flag.type is bool:
-            if text.lower() in TRUE_WORDS + FALSE_WORDS:
-                return _chosen(flag, text.lower() in TRUE_WORDS, text, target, sig)
+            if (said := bool_word(text)) is not None:
+                return _chosen(flag, said, text, target, sig)
             raise ValueError
         if flag.type in (int, float):
             return _chosen(flag, flag.type(text), text, target, sig)

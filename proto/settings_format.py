@@ -13,6 +13,13 @@ KINDS = ("", METRIC, PATH, METRIC_FIELDS)
 STEP_FIELDS = ("epoch", "step")  # a METRIC_FIELDS template's fields that are no metric
 # How a true/false is spelt on a command line, the same for a function's flags and a plugin's settings
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+BOOL_WORDS_SAID = "true or false (or yes/no, on/off, 1/0)"
+
+
+def bool_word(text: str) -> bool | None:
+    """The true/false a word says, in any case (TRUE_WORDS, FALSE_WORDS); None for any other word."""
+    word = text.lower()
+    return word in TRUE_WORDS if word in TRUE_WORDS + FALSE_WORDS else None
 
 
 def template_fields(template: str) -> list[str]:

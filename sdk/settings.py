@@ -17,7 +17,7 @@ from typing import Any
 
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
 from trainbus.proto.messages import JOURNAL_NAME, RUN_DIR_RESERVED
-from trainbus.proto.settings_format import (FALSE_WORDS, KINDS, METRIC, METRIC_FIELDS, PATH, STEP_FIELDS, TRUE_WORDS,
+from trainbus.proto.settings_format import (KINDS, METRIC, METRIC_FIELDS, PATH, STEP_FIELDS, bool_word,
                                             template_fields)
 
 __all__ = ["METRIC", "METRIC_FIELDS", "PATH", "Setting", "SettingsError", "check_value", "declared", "describe_settings"]
@@ -166,8 +166,8 @@ def _converted(kind: type | None, value: Any, items: type | None = None) -> Any:
 def _parsed(kind: type, text: str) -> Any:
     try:
         if kind is bool:
-            word = text.lower()
-            return word in TRUE_WORDS if word in TRUE_WORDS + FALSE_WORDS else _REFUSED
+            said = bool_word(text)
+            return _REFUSED if said is None else said
         if kind in (int, float):
             return kind(text)
         if kind in (list, dict):

@@ -19,7 +19,7 @@ from conftest import TESTS_DIR, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import ctrl_c_once_it_says
 from kernel_process import cli
-from trainbus.kernel.config import SETTINGS_MAX_BYTES, ConfigError, RunConfig
+from trainbus.kernel.config import SETTINGS_MAX_BYTES, ConfigError, RunConfig, load_config
 
 
 def trainbus(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -186,8 +186,8 @@ BAD_INPUT = {
                                "own"),
     "one GPU for a queued run": (lambda t: ["run", "--device", "cuda:1", "--detach"],
                                  "--device cuda:1 with --detach: the daemon gives each run its GPUs"),
-    "not a boolean": (lambda t: ["run", "--config", _write(t, "b.toml", "[run]\nkeep_freed_memory = 'yes'\n")],
-                      "run.keep_freed_memory must be true or false"),
+    "not a boolean": (lambda t: ["run", "--config", _write(t, "b.toml", "[run]\nkeep_freed_memory = 'maybe'\n")],
+                      "run.keep_freed_memory must be true or false (or yes/no, on/off, 1/0), got 'maybe'"),
     "missing snapshot dir": (lambda t: ["run", "--config", _write(t, "d.toml", f"[run]\nsnapshot_dir = '{t}/nope'\n")],
                              "not a writable directory"),
     "negative seed": (lambda t: ["run", "--seed", "-1"], "seed must be between 0 and 4294967295"),
@@ -265,6 +265,15 @@ def test_a_bad_hyperparameter_for_the_demo_is_one_line_naming_it_and_a_value_tha
     r = trainbus("run", "--plugins", "", "--set", word, "--runs-dir", str(tmp_path / "runs"))
     assert r.returncode == 2 and r.stderr == f"error: {DEMO_BAD_SET[word]}\n", r.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "nothing half-started"
+
+
+def test_a_config_files_booleans_take_the_words_a_flag_takes(tmp_path):
+    """--flag=yes and a plugin's setting = "on" are taken (TRUE_WORDS, FALSE_WORDS), so [run] takes them too."""
+    cfg = load_config(Path(_write(tmp_path, "words.toml", '[run]\ncompile = "yes"\nkeep_freed_memory = "Off"\n'
+                                  'distributed_sampler = "0"\n[plugins.console]\nenabled = "no"\n'
+                                  '[plugins.metrics_log]\nenabled = "on"\n')))
+    assert (cfg.compile, cfg.keep_freed_memory, cfg.distributed_sampler) == (True, False, False)
+    assert [p.name for p in cfg.plugins] == ["metrics_log"]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
