@@ -127,7 +127,11 @@ def runs_compare(
     try:
         if run_ids:
             now = time.time()
-            found = [runs.overview_or_unreadable(runs.resolve_run(run, runs_dir), now) for run in run_ids]
+            run_dirs: dict[Path, Path] = {}  # a run named twice (its id, a start of it, its directory) is one row
+            for run in run_ids:
+                run_dir = runs.resolve_run(run, runs_dir)
+                run_dirs.setdefault(run_dir.resolve(), run_dir)
+            found = [runs.overview_or_unreadable(run_dir, now) for run_dir in run_dirs.values()]
         else:
             found = registry.list_runs(runs_dir)
     except runs.RunLookupError as exc:

@@ -447,6 +447,14 @@ def test_plot_and_resume_take_a_unique_start_of_a_run_id_as_show_does(two_runs, 
     assert sorted(p.name for p in two_runs.iterdir() if p.is_dir()) == ["x-alpha", "x-beta"], "no run made"
 
 
+def test_compare_lists_a_run_named_twice_once(two_runs):
+    """By its id twice, by a unique start and its id, by its directory: one row, in the order first named."""
+    alpha = str(two_runs / "x-alpha")
+    compared = json.loads(cli("runs", "compare", "x-beta", "x-alpha", "x-a", alpha, "x-beta", "--runs-dir",
+                              str(two_runs), "--json"))
+    assert [row["id"] for row in compared] == ["x-beta", "x-alpha"], compared
+
+
 def test_a_prefix_is_unique_only_counting_the_runs_the_registry_alone_holds(tmp_path):
     """A run the daemon holds without a directory (queued; failed before its kernel made one) shares the prefix:
     `runs delete y-` picked y-alpha, the one run with a directory."""
