@@ -740,7 +740,7 @@ def attach(
         overview = runs.run_overview(run_dir)
         if overview["status"] != "running":
             if as_json:
-                print(json.dumps({"type": "ended", **overview}, default=str))
+                print(runs_view.as_json({"type": "ended", **overview}, indent=None))
             else:
                 runs_view.print_show(_wide(), runs.run_details(run_dir))
             if stop is not None or checkpoint is not None:  # not done: exit 1, as a command the kernel refused

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,17 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
-def as_json(value: Any) -> str:
-    """What --json prints."""
-    return json.dumps(value, indent=2, default=str)
+def as_json(value: Any, indent: int | None = 2) -> str:
+    """What --json prints: strict JSON, a number that is not finite (a diverged run's NaN loss) as null, as
+    JavaScript's JSON.stringify and metrics.jsonl write one, so jq and every JSON parser read it."""
+    return json.dumps(_finite_or_null(value), indent=indent, default=str, allow_nan=False)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value

@@ -37,6 +37,13 @@ def tiny_unvalidated(hyperparameters: dict) -> TrainingSpec:
     return spec
 
 
+def diverged(hyperparameters: dict) -> TrainingSpec:
+    """tiny whose every loss is NaN, as a run that diverged has them (the run itself completes)."""
+    spec = tiny(hyperparameters)
+    spec.loss_fn = lambda outputs, targets: torch.nn.functional.cross_entropy(outputs, targets) * float("nan")
+    return spec
+
+
 def failing(hyperparameters: dict) -> TrainingSpec:
     """A spec whose loss function raises in the second epoch: the run fails, the kernel says why."""
     spec = tiny(hyperparameters)

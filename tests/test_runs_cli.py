@@ -5,6 +5,7 @@ another process) and died (that kernel killed)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import os
 import re
@@ -161,6 +162,29 @@ def test_a_run_without_validation_shows_its_training_metrics_in_list_show_compar
     assert compared[0]["metrics"]["training_accuracy"] == accuracy, compared
     with Registry(tmp_path) as registry:  # the column survives the registry's round trip
         assert registry.runs(time.time())[result.run_id]["training_metrics"] == {"accuracy": accuracy}
+
+
+def _strict_json(text: str):
+    """JSON as jq and JavaScript's JSON.parse read it: NaN and Infinity are no JSON."""
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in --json output: not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_of_a_diverged_run_is_strict_json_with_null_for_its_nan_losses(tmp_path):
+    result = run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:diverged", epochs=1, runs_dir=str(tmp_path),
+                                    plugins=[]))
+    assert result.status == "completed" and math.isnan(result.outcome["training_loss"]), result
+    listed = _strict_json(cli("runs", "list", "--runs-dir", str(tmp_path), "--json"))
+    assert listed[0]["training_loss"] is None and listed[0]["best"] == {"validation_loss": None, "epoch": 1}, listed
+    shown = _strict_json(cli("runs", "show", result.run_id, "--runs-dir", str(tmp_path), "--json"))
+    assert shown["validation_loss"] is None and shown["epoch_table"][0]["training_loss"] is None, shown
+    compared = _strict_json(cli("runs", "compare", result.run_id, "--runs-dir", str(tmp_path), "--json"))
+    assert compared[0]["metrics"]["training_loss"] is None, compared
+    ended = _strict_json(cli("attach", result.run_id, "--runs-dir", str(tmp_path), "--json"))  # a run that ended
+    assert ended["type"] == "ended" and ended["training_loss"] is None, ended
+    # the run's own record keeps what the kernel wrote: Python's json reads NaN back as NaN
+    assert math.isnan(json.loads((Path(result.run_dir) / "summary.json").read_text())["outcome"]["training_loss"])
 
 
 def test_show_names_a_plugin_that_never_said_hello_as_list_does(tmp_path):
