@@ -65,10 +65,21 @@ class History:
     step_thinning: int = 1  # the per-step loss is kept at steps that are multiples of every_n_steps * this
     # a monitor reading's (keep one in this many, readings offered so far), by tag (_add_reading)
     thinning: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # curve -> whether a finite value came for it: a NaN or infinity is left out of the curve (matplotlib draws none),
+    # so a curve whose every value was one (a diverged run's losses) is drawn as empty axes, to be said
+    finite_seen: dict[str, bool] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
         return self.end is not None or self.failure is not None
+
+    def curves_with_no_finite_value(self) -> list[str]:
+        """The curves that had values, every one of them NaN or infinite: drawn, they are empty axes."""
+        return [curve for curve, finite in self.finite_seen.items() if not finite]
+
+    def _seen(self, curve: str, value: Any) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            self.finite_seen[curve] = self.finite_seen.get(curve, False) or _number(value) is not None
 
     def update(self, event: Event) -> None:
         """Take one event into the record; a seq already seen, or anything after the final event, is ignored.
@@ -95,13 +106,23 @@ class History:
             self.step_losses = [(step, loss) for step, loss in self.step_losses if step <= event.step]
         elif event.type == ev.END_TRAINING_BATCH:
             loss = _number(data.get("loss"))
-            if loss is not None and self.every_n_steps and event.step % (self.every_n_steps * self.step_thinning) == 0:
+            kept = self.every_n_steps and event.step % (self.every_n_steps * self.step_thinning) == 0
+            if kept:
+                self._seen("training loss per step", data.get("loss"))
+            if loss is not None and kept:
                 self.step_losses.append((event.step, loss))
                 if len(self.step_losses) > CURVE_POINTS_MAX:  # by step, not count: a step with no loss shifts nothing
                     self.step_thinning *= 2
                     spacing = self.every_n_steps * self.step_thinning
                     self.step_losses = [(step, loss) for step, loss in self.step_losses if step % spacing == 0]
         elif event.type == ev.END_EPOCH:
+            self._seen("training loss per epoch", data.get("training_loss"))
+            self._seen("validation loss per epoch", data.get("validation_loss"))
+            for group in ("training", "validation"):
+                metrics = data.get(f"{group}_metrics")
+                for name, value in (metrics.items() if isinstance(metrics, dict) else ()):
+                    self._seen(f"{group} {name}", value)
+            self._seen("learning rate", data.get("lr"))
             self.epochs.append(EpochRecord(
                 epoch=event.epoch, step=event.step,
                 training_loss=_number(data.get("training_loss")), validation_loss=_number(data.get("validation_loss")),
@@ -111,9 +132,10 @@ class History:
                 batches_planned=_int(data.get("batches_planned"))))
         elif event.type == ev.METRIC:
             value = _number(data.get("value"))
-            if value is not None:
-                tag = metric_tag(str(data.get("plugin") or "plugin"), str(data.get("name") or "value"))
-                if tag in self.readings or len(self.readings) < READING_SERIES_MAX:
+            tag = metric_tag(str(data.get("plugin") or "plugin"), str(data.get("name") or "value"))
+            if tag in self.readings or len(self.readings) < READING_SERIES_MAX:
+                self._seen(tag, data.get("value"))
+                if value is not None:
                     self._add_reading(tag, (event.ts, value))
         elif event.type == ev.END_TRAINING_SESSION:
             self.end, self.ended_ts = dict(data), event.ts

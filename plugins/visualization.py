@@ -212,13 +212,15 @@ def plot_size(settings: dict[str, Any]) -> PlotSize:
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, damage: list[str] | None = None,
-             progress: Callable[[int], None] | None = None) -> list[Path]:
+             progress: Callable[[int], None] | None = None, empty: list[str] | None = None) -> list[Path]:
     """Draw a finished (or running) run's plots from its journal alone, with the run's own plot settings.
     `damage`: a line for each stretch of the journal that could not be read (its events are not drawn); `progress`:
-    History.backfill's."""
+    History.backfill's; `empty`: the curves drawn with no point, every value NaN or infinite, are added to it."""
     run_dir = Path(run_dir)
     settings = merge_settings(VisualizationPlugin, _configured_settings(run_dir))
     history = History.from_journal(run_dir, every_n_steps=settings["every_n_steps"], damage=damage, progress=progress)
+    if empty is not None:
+        empty.extend(history.curves_with_no_finite_value())
     return render_all(history, Path(out_dir) if out_dir else run_dir / PLOTS_DIR, plot_size(settings))
 
 
@@ -253,9 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run_dir} has no journal (events); is it a run directory?", file=sys.stderr)
         return 2
     damage: list[str] = []
+    empty: list[str] = []
     try:
         written = plot_run(run_dir, args.out, damage, progress=(
-            lambda seq: print(f"{READ_PROGRESS}{seq}", file=sys.stderr, flush=True)) if args.progress else None)
+            lambda seq: print(f"{READ_PROGRESS}{seq}", file=sys.stderr, flush=True)) if args.progress else None,
+            empty=empty)
     except OSError as exc:  # a read-only run directory, a full disk
         where = args.out or run_dir / PLOTS_DIR
         print(f"error: cannot write the plots to {where} ({exc.strerror or exc}); give --out a directory you can "
@@ -263,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in damage:
         print(f"warning: {line}; the plots leave those events out", file=sys.stderr)
+    if written and empty:
+        print(f"warning: no finite value to draw for {', '.join(empty)} (each is NaN or infinite: did the run "
+              f"diverge?); their axes are empty", file=sys.stderr)
     if not written:
         print(f"error: the journal of {run_dir} holds nothing to plot (no epoch, step or metric)", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ from trainbus.plugins._history import History
 from trainbus.proto.journal_format import read_journal
 from trainbus.plugins.visualization import plot_run
 
-from conftest import TESTS_DIR
+from conftest import TESTS_DIR, trainbus_cmd
 from fixture_targets import open_gate
 from kernel_process import KernelProcess, wait_until
 
@@ -110,6 +110,19 @@ def test_plot_command_says_what_is_wrong_with_a_directory_that_is_not_a_run(tmp_
     proc = subprocess.run([sys.executable, "-m", "trainbus.plugins.visualization", "--plot", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no journal" in proc.stderr
+
+
+def test_runs_plot_of_a_run_whose_losses_are_all_nan_names_the_curves_it_left_empty(tmp_path):
+    """matplotlib draws no NaN: a diverged run's loss plot was empty axes, and nothing said why."""
+    # 4 epochs of 3 steps: step 10 is on the per-step curve (visualization's every_n_steps)
+    result = run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:diverged", epochs=4, runs_dir=str(tmp_path),
+                                    plugins=[]))
+    proc = subprocess.run([*trainbus_cmd(), "runs", "plot", result.run_id, "--runs-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and (Path(result.run_dir) / "plots" / "loss.png").is_file(), proc.stderr
+    assert proc.stderr == ("trainbus: warning: no finite value to draw for training loss per epoch, validation loss "
+                           "per epoch, training loss per step (each is NaN or infinite: did the run diverge?); "
+                           "their axes are empty\n"), proc.stderr
 
 
 def test_a_torn_journal_tail_is_left_out(visualized_run, tmp_path):
