@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+from trainbus.proto.strict_json import strict_dumps
 from trainbus.proto.text import printable
 
 STATUS_STYLE = {"completed": "green", "stopped": "yellow", "running": "cyan", "interrupted": "magenta",
@@ -300,16 +300,6 @@ def _bytes(n: int) -> str:
 
 
 def as_json(value: Any, indent: int | None = 2) -> str:
-    """What --json prints: strict JSON, a number that is not finite (a diverged run's NaN loss) as null, as
-    JavaScript's JSON.stringify and metrics.jsonl write one, so jq and every JSON parser read it."""
-    return json.dumps(_finite_or_null(value), indent=indent, default=str, allow_nan=False)
-
-
-def _finite_or_null(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(item) for item in value]
-    return value
+    """What --json prints: strict JSON, a number that is not finite (a diverged run's NaN loss) as null
+    (proto/strict_json.py)."""
+    return strict_dumps(value, indent=indent)

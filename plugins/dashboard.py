@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import select
 import signal
 import sys
@@ -23,6 +22,7 @@ from trainbus.proto import event_to_map, events as ev
 from trainbus.proto.kept_files import kept_summary
 from trainbus.proto.output import RefusalGuard
 from trainbus.proto.run_state import RunState
+from trainbus.proto.strict_json import strict_dumps
 from trainbus.proto.text import printable
 from trainbus.sdk.attach import CLIENT_PREFIX, AttachError, Attachment, RunEnded, TargetError, target_of
 from trainbus.sdk.runner import disk_full, kernel_died, kernel_stopped, run_summary
@@ -238,7 +238,7 @@ def json_lines(attachment: Attachment) -> int:
         kind, value = item
         line = ({"type": "snapshot", "seq": value.seq, "run": value.run.get("id"), "state": value.to_map()}
                 if kind == "snapshot" else event_to_map(value))
-        print(json.dumps(line, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)), flush=True)
+        print(strict_dumps(line, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)), flush=True)
         if _output_refused():  # said once (_guard_stdout); every later line would go nowhere
             return 1
     if attachment.ended_quietly:  # the stream has the run's end, maybe not its plugins' last words
@@ -423,7 +423,7 @@ def _main(argv: list[str]) -> int:
                   "(--json streams every event as it comes)", file=sys.stderr)
         return dashboard(attachment, args.control)
     except RunEnded as ended:  # as `trainbus attach RUN_ID` says it of an ended run (kernel/cli.py), JSON under --json
-        print(json.dumps({"type": "ended", "id": ended.summary.get("run_id"), **ended.summary}, default=str)
+        print(strict_dumps({"type": "ended", "id": ended.summary.get("run_id"), **ended.summary})
               if args.json else str(ended))
         if args.stop is not None or args.checkpoint is not None:  # not done: exit 1, as `trainbus attach RUN_ID`
             print(f"error: run {ended.summary.get('run_id', '?')} has ended ({ended.summary.get('status', '?')}): "

@@ -191,6 +191,38 @@ def test_json_lines_mid_run_have_no_gap_after_the_snapshot_and_equal_the_journal
         assert cloned.to_map()[part] == whole.to_map()[part], part
 
 
+def test_json_lines_of_a_diverged_run_are_strict_json_with_null_for_nan(runs_dir, tmp_path, kernels):
+    """A NaN loss was printed as NaN, which no JSON parser but Python's reads (jq made it null without a word)."""
+    gate = tmp_path / "gate"
+    open_gate(gate, 5)
+    cfg = RunConfig(target=GATED, epochs=1, runs_dir=str(runs_dir), plugins=[], hyperparameters={
+        "step_sleep_s": 0.0, "gate": str(gate), "diverged": True})
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_step(5, timeout_s=60)
+    out = tmp_path / "attach.jsonl"
+    with open(out, "w") as stdout:
+        proc = subprocess.Popen(attach_cmd(kernel, "--json"), stdout=stdout, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: out.read_text().count("\n") >= 1 or proc.poll() is not None, 60, "attach's snapshot")
+        open_gate(gate, STEPS_PER_EPOCH)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        open_gate(gate, STEPS_PER_EPOCH)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in attach --json: not JSON")
+    lines = [json.loads(line, parse_constant=refuse) for line in out.read_text().splitlines()]
+    batches = [e for e in lines if e["type"] == ev.END_TRAINING_BATCH and "loss" in e["data"]]
+    assert batches and all(e["data"]["loss"] is None for e in batches), batches[:2]
+    [end] = [e for e in lines if e["type"] == ev.END_TRAINING_SESSION]
+    assert end["data"]["training_loss"] is None, end
+
+
 def test_the_snapshot_handed_out_is_the_state_as_of_its_seq_not_with_the_events_buffered_meanwhile():
     """Live events that came before the snapshot's answer are folded into the client's state at once; the snapshot
     item must not show them (it did: `--json` printed a snapshot seq past its first event's, under load)."""
