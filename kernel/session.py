@@ -30,7 +30,8 @@ from .bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, TCP_EVENTS_HWM, Bus
 from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_checkpoints, load_checkpoint,
                             persister_directory)
 from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
-from .config import ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings, check_runs_dir_private
+from .config import (ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings, check_run,
+                     check_runs_dir_private)
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
 from .distributed import GroupInterrupted, Ranks, broken_by_a_peer, distribute, join_group
@@ -132,6 +133,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     ConfigError, before the run directory is made, for one this spec does not produce.
     """
     started = time.monotonic()
+    check_run(cfg, "RunConfig")  # the CLI's config was checked; one made in Python (a notebook) is checked here
     seed_everything(cfg.seed)
     try:
         cluster = detect()

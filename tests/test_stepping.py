@@ -140,6 +140,21 @@ def test_lightning_precision_spellings_are_taken_by_our_name(given, ours):
     assert parse_config({"run": {"precision": given}, "plugins": {}}).precision == ours
 
 
+def test_a_run_config_made_in_python_is_checked_as_the_command_lines_is(tmp_path):
+    """run_training(RunConfig(precision="fp8")) trained in float32 and recorded "fp8"; "bf16" likewise trained in
+    float32. Now the same checks as `trainbus run`'s: an error before anything is made, and Lightning's names ours."""
+    from trainbus.kernel.config import ConfigError
+
+    with pytest.raises(ConfigError, match="RunConfig: precision must be one of 32, bf16-mixed"):
+        run_training(RunConfig(target=f"{SPECS}:tiny", epochs=1, device="cpu", precision="fp8", plugins=[],
+                               runs_dir=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()
+    result = run_training(RunConfig(target=f"{SPECS}:tiny", epochs=1, device="cpu", precision="bf16", plugins=[],
+                                    runs_dir=str(tmp_path / "runs")))
+    assert result.status == "completed" and json.loads((Path(result.run_dir) / "config.json").read_text())[
+        "precision"] == "bf16-mixed"
+
+
 def test_a_run_given_lightnings_precision_records_ours(tmp_path):
     proc = cli("run", f"{SPECS}:tiny", "--epochs", "1", "--device", "cpu", "--precision", "32-true",
                "--runs-dir", str(tmp_path), "--plugins", "")
