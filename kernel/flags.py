@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from trainbus.proto.settings_format import bool_word
+from trainbus.proto.settings_format import BOOL_WORDS_SAID, bool_word
 
 from .spec import SpecError
 
@@ -361,7 +361,7 @@ def _a(flag: Flag) -> str:
     if _is_list(flag.type):
         items = {int: " of integers", float: " of numbers", str: " of strings", bool: " of true and false"}
         return "a JSON list" + items.get(_item(flag.type), "")
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(flag.type, "valid")
+    return {bool: BOOL_WORDS_SAID, int: "an integer", float: "a number", str: "a string"}.get(flag.type, "valid")
 
 
 def _json_or_text(text: str) -> Any:

@@ -169,7 +169,7 @@ def test_values_are_typed_and_checked():
     assert resolve(sig, {"lr": 1, "epochs": "3"}, "t") == {"lr": 1.0, "epochs": 3, "fast": False, "name": "a",
                                                            "seed": None, "anything": None}
     for words, expected in ((["epochs=2.5"], "flag epochs: '2.5' is not an integer"),
-                            (["fast=maybe"], "flag fast: 'maybe' is not true or false"),
+                            (["fast=maybe"], "flag fast: 'maybe' is not true or false (or yes/no, on/off, 1/0)"),
                             (["lr"], "'lr' is not a flag: flags are NAME=VALUE")):
         with pytest.raises(FlagError, match=expected):
             parse_words(sig, words, "t")
