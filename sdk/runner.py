@@ -25,6 +25,7 @@ import zmq
 
 from trainbus.proto import DURABLE, Event, control, events as ev, unpack
 from trainbus.proto.messages import SUMMARY_NAME
+from trainbus.proto.process import exit_without_teardown
 from trainbus.proto.settings_format import METRIC_FIELDS, metrics_named
 from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir, load_secret, load_server_key,
                                    read_connection_file, secure_client)
@@ -111,6 +112,7 @@ class Runner:
         self._caught_up_said = False
         self._set_up = False  # setup() returned: only then may on_kernel_gone run
         self._ended = False  # _finish ran: teardown happens once, whichever way the plugin ends
+        self.setup_failed = False  # setup() raised: the process ends, and the kernel restarts it
         self.terminating = False  # SIGTERM: no next event; the one being handled may finish (FINISH_ON_TERM_S)
         self.unreached = False  # no kernel ever answered (nothing listens; over TCP: io.denied says why, if known)
 
@@ -145,6 +147,7 @@ class Runner:
         except Exception as exc:  # the process ends, and the kernel restarts it (or gives up, saying so)
             self._report_outside_handlers("setup", exc)
             self.io.gone = f"setup failed ({type(exc).__name__})"  # set: no bye, which would say we left on purpose
+            self.setup_failed = True
             self._finish(self.io.gone)
             return 1
         self._set_up = True
@@ -473,7 +476,8 @@ def refused_hello(name: str, reason: str) -> str:
 
 def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connect: str = "", key: str = "",
         server_key: str = "", name: str = "") -> int:
-    """Entry point inside a plugin process: read the kernel's environment, connect, run to the end.
+    """Entry point inside a plugin process: read the kernel's environment, connect, run to the end. A plugin whose
+    setup raised ends the process here, without Python's teardown once its last words are out (proto/process.py).
 
     settings: on top of TRAINBUS_PLUGIN_SETTINGS's, each checked by the plugin's declarations (SettingsError).
     name: the name to say hello with; default TRAINBUS_PLUGIN_NAME, else the plugin's own.
@@ -570,6 +574,11 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         print(f"error: no kernel answered at {where}: " + (f"{why}; " if why else "") + (
             "check that the run listens there and that this machine reaches it (`trainbus runs list` on its host)"
             if connect else "is the run still running? (`trainbus runs list` says)"), file=sys.stderr)
+    if runner.setup_failed:
+        # The kernel restarts the plugin once it sees this process end, and what the plugin said is out by now (the
+        # I/O thread's last flush, stderr). Python's teardown with torch loaded took 4-14 s at nice 10 on a busy box
+        # (docs/benchmarks.md), silent all along: the restart came late, or the plugin was taken for hung.
+        exit_without_teardown(code)
     return code
 
 
