@@ -715,8 +715,8 @@ def test_bz_json_config_maps_bz_names_to_ours(tmp_path, caplog):
                          # plugin's settings go in its [plugins.NAME.settings] table)", a table the file has not
                          ({"plugins": {"tensorboard": {"enabled": True, "log_dir": "tb"}}},
                           r": plugins\.tensorboard: unknown key 'log_dir'; a bz plugin's settings go in its \"config\" "
-                          r"object \(\"tensorboard\": \{\"config\": \{\"log_dir\": \.\.\.\}\}\); its keys: enabled, config, "
-                          r"target, command, settings$")]:
+                          r"object \(\"tensorboard\": \{\"config\": \{\"log_dir\": \.\.\.\}\}\); its keys: "
+                          r"enabled, config, target, command, settings$")]:
         config_file.write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match=message):
             load_config(config_file)

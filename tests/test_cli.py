@@ -240,7 +240,8 @@ BAD_INPUT = {
     # the later --set won silently, where a flag given twice is refused
     "--set twice": (lambda t: ["run", "--set", "lr=0.1", "--set", "hyperparameters.lr=0.2"],
                     "lr given twice, as --set lr=0.1 and as --set hyperparameters.lr=0.2: give it once"),
-    "a plugin setting set twice": (lambda t: ["run", "--plugins", "early_stopping", "--set", "early_stopping.patience=1",
+    "a plugin setting set twice": (lambda t: ["run", "--plugins", "early_stopping",
+                                              "--set", "early_stopping.patience=1",
                                               "--set", "plugins.early_stopping.settings.patience=2"],
                                    "early_stopping.patience given twice, as --set early_stopping.patience=1 and as "
                                    "--set plugins.early_stopping.settings.patience=2: give it once"),

@@ -159,7 +159,8 @@ def test_a_path_inside_the_run_directory_is_allowed():
 
 
 @pytest.mark.parametrize("path", ["events", "events.00000001-00004096.gz", "config.json", "summary.json", "credential",
-                                  "kernel.log", "final.pt", "checkpoints/manifest.jsonl", "checkpoints/./manifest.jsonl"])
+                                  "kernel.log", "final.pt", "checkpoints/manifest.jsonl",
+                                  "checkpoints/./manifest.jsonl"])
 def test_a_path_naming_one_of_the_kernels_own_files_is_refused(path):
     """metrics_log with filename = events cut the journal back to its last newline and wrote into it; with
     checkpoints/manifest.jsonl it overwrote the checkpoints' manifest, and `--resume` found none of them."""
