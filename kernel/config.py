@@ -325,8 +325,10 @@ def device_index(device: str) -> int | None:
     return int(index) if colon and kind == "cuda" and canonical else None
 
 
-def check_run(cfg: RunConfig, where: str = "config") -> None:
-    """ConfigError for a value no run takes; a precision Lightning spells is put by our name, as the run records."""
+def check_run(cfg: RunConfig, where: str = "config", programs: bool = True) -> None:
+    """ConfigError for a value no run takes; a precision Lightning spells is put by our name, as the run records.
+    programs: also what would keep a plugin's process from starting (_check_plugin), which the command line says
+    before the run; in the kernel such a plugin fails by itself and the run goes on."""
     if cfg.device not in DEVICES and device_index(cfg.device) is None:
         raise ConfigError(f"{where}: device must be one of {', '.join(DEVICES)} or cuda:N (the GPU of index N), "
                           f"got {cfg.device!r}")
@@ -357,7 +359,7 @@ def check_run(cfg: RunConfig, where: str = "config") -> None:
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise ConfigError(f"{where}: seed must be between 0 and {SEED_LIMIT - 1} (numpy and torch take 32-bit seeds), "
                           f"got {cfg.seed}")
-    for plugin in cfg.plugins:
+    for plugin in cfg.plugins if programs else ():
         _check_plugin(plugin, where)
 
 

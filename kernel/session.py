@@ -133,7 +133,9 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     ConfigError, before the run directory is made, for one this spec does not produce.
     """
     started = time.monotonic()
-    check_run(cfg, "RunConfig")  # the CLI's config was checked; one made in Python (a notebook) is checked here
+    # the CLI's config was checked; one made in Python (a notebook) is checked here, but for its plugins' programs:
+    # one that cannot be started fails that plugin, never the run (the supervisor says it)
+    check_run(cfg, "RunConfig", programs=False)
     seed_everything(cfg.seed)
     try:
         cluster = detect()
