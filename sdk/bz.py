@@ -42,7 +42,7 @@ from typing import Any
 
 from trainbus.proto import DURABLE, Event, events as ev
 
-from .plugin import Plugin as _SdkPlugin, SettingsError, _defined_at, async_warning, refuse_awaitable
+from .plugin import Plugin as _SdkPlugin, SettingsError, call_warnings, refuse_awaitable
 from .runner import NotRetryable
 
 __all__ = ["Context", "NotInThisProcess", "Plugin", "constructor_arguments"]
@@ -314,20 +314,8 @@ def _unknown_hooks(cls: type) -> list[str]:
 
 def _hooks_without_context(cls: type) -> list[str]:
     """A hook that cannot take the context it is called with (`def end_epoch(self):`): every call of it fails."""
-    said = []
-    for hook in HOOKS:
-        function = getattr(cls, hook)
-        if not _overrides_hook(cls, hook):
-            continue
-        try:
-            inspect.signature(function).bind(None, None)  # (self, context)
-        except TypeError:
-            said.append(f"{cls.__name__}.{hook}{inspect.signature(function)} cannot take the context, so every call "
-                        f"of it fails; define it as def {hook}(self, context){_defined_at(function)}")
-        except ValueError:  # no signature to read (a builtin): it is tried when the hook is called
-            pass
-        said += [warning for warning in [async_warning(cls, hook, "hooks")] if warning]
-    return said
+    return [warning for hook in HOOKS if _overrides_hook(cls, hook)
+            for warning in call_warnings(cls, hook, "context", "hooks")]
 
 
 def _overrides_hook(cls: type, hook: str) -> bool:

@@ -206,17 +206,7 @@ class Plugin:
         take the event it is called with, so every call fails (bz: a method named like a hook that is none)."""
         said = []
         for event_type in cls.handled_events():
-            name = f"on_{event_type or 'event'}"
-            handler = getattr(cls, name)
-            try:
-                inspect.signature(handler).bind(None, None)  # (self, event)
-            except TypeError:
-                where = _defined_at(handler)
-                said.append(f"{cls.__name__}.{name}{inspect.signature(handler)} cannot take the event, so every call "
-                            f"of it fails; define it as def {name}(self, event){where}")
-            except ValueError:  # no signature to read (a builtin): it is tried at the run's first event
-                pass
-            said += [warning for warning in [async_warning(cls, name, "handlers")] if warning]
+            said += call_warnings(cls, f"on_{event_type or 'event'}", "event", "handlers")
         return said + _constructor_warnings(cls) + [
             warning for name in _unknown_handlers(cls) if (warning := _never_called(cls, name))]
 
@@ -276,6 +266,21 @@ def merge_settings(cls: type, given: dict[str, Any]) -> dict[str, Any]:
             raise SettingsError(f"no setting {key!r} (known: {', '.join(sorted(specs)) or 'none'})")
     cls.check_settings(merged)
     return merged
+
+
+def call_warnings(cls: type, name: str, argument: str, what: str) -> list[str]:
+    """What makes every call of method `name` (a handler, a bz hook) fail or do nothing: it cannot take the one
+    `argument` it is called with, or it is async def."""
+    function = getattr(cls, name)
+    said = []
+    try:
+        inspect.signature(function).bind(None, None)  # (self, argument)
+    except TypeError:
+        said.append(f"{cls.__name__}.{name}{inspect.signature(function)} cannot take the {argument}, so every call "
+                    f"of it fails; define it as def {name}(self, {argument}){_defined_at(function)}")
+    except ValueError:  # no signature to read (a builtin): it is tried when it is first called
+        pass
+    return said + [warning for warning in [async_warning(cls, name, what)] if warning]
 
 
 def async_warning(cls: type, name: str, what: str) -> str | None:
