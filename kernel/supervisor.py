@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainbus.proto import events as ev, pack
+from trainbus.proto.process import TRAINING_ENV
 from trainbus.proto.text import printable
 
 from .kernel_log import cap_log
@@ -380,6 +381,8 @@ class Supervisor:
         spec = child.spec
         env = dict(self.env, TRAINBUS_PLUGIN_NAME=spec.name, TRAINBUS_SECRET=self.token_for(spec.name),
                    TRAINBUS_PLUGIN_SETTINGS=pack(spec.settings).hex())
+        if self.below_training:  # a restart or an attach: training runs, and this plugin starts below it
+            env[TRAINING_ENV] = "1"
         cmd = spec.command or [sys.executable, "-m", "trainbus.sdk", spec.target]
         log = open(self.log_dir / f"{spec.name}.log", "ab")
         try:

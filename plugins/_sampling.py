@@ -23,13 +23,13 @@ from typing import Any, Iterator
 import psutil
 
 from trainbus.proto import Event
+from trainbus.proto.process import KERNEL_PID_ENV
 from trainbus.sdk import Plugin, Setting
 
 MIN_INTERVAL_S = 0.05  # below this a monitor measures mostly itself
 # psutil's CPU % is a difference between two calls: over less than ~0.1 s it is mostly noise.
 FIRST_READING_AFTER_S = 0.2
 # A sample that raises is reported once per kind of error, then counted: a monitor never spams.
-KERNEL_PID_ENV = "TRAINBUS_KERNEL_PID"
 
 # The settings every monitor (or those watching a process) declares.
 INTERVAL_S = Setting(5.0, "seconds between readings, once the first few (0.2 s apart, doubling) are taken",

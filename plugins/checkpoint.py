@@ -24,7 +24,9 @@ already saved and since deleted is recognised by its line, and not written again
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import importlib.util
 import math
 import os
 import string
@@ -38,6 +40,7 @@ from typing import Any
 
 from trainbus.proto import DURABLE, Event
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
+from trainbus.proto.process import started_while_training
 from trainbus.proto.settings_format import template_fields
 from trainbus.sdk import METRIC, METRIC_FIELDS, PATH, Plugin, Setting, SettingsError
 
@@ -58,6 +61,7 @@ SUFFIX = ".pt"
 MODES = ("min", "max")
 PRIORITIES = ("background", "low", "idle")  # the writing thread: nice 19; the plugin's nice 10; SCHED_IDLE
 BACKGROUND_NICE = 19
+TORCH_PYTHON_LIBRARY = "libtorch_python.so"  # in torch/lib: its dependencies are the libraries torch's import loads
 # A filled-in name (.pt included) at most this long: the file system's 255 (NAME_MAX) less the temp file's
 # ".tmp-" and "-PID", a repeated name's "-step000000-N" (unique_name) and metric values wider than 0.0.
 NAME_MAX_BYTES = 200
@@ -109,14 +113,21 @@ class CheckpointPlugin(Plugin):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # torch is imported here, before the plugin's hello, so that it is ready to persist once the kernel counts
-        # on it; the module imports it lazily, since `trainbus run` loads this class for its settings before every
-        # run that has the plugin, and torch takes seconds to import.
-        from . import _snapshot_reader  # noqa: F401
-
+        # torch takes seconds to import (25-42 s at nice 10 beside training on a busy box, docs/benchmarks.md), and
+        # the kernel takes no snapshot before a persister said hello. Started by the run before training, the plugin
+        # imports it here, before its hello, while the kernel waits for it at the kernel's priority: the first
+        # checkpoint finds it ready. Started while training runs (a restart, an attach: TRAINBUS_TRAINING), it says
+        # hello first and setup() loads torch on a thread; a save_checkpoint that comes first waits for the import
+        # in its handler, its snapshot held in its buffer meanwhile. (The module imports torch lazily either way:
+        # `trainbus run` loads this class for its settings before every run that has the plugin.)
+        self.torch_after_hello = started_while_training()
+        if not self.torch_after_hello:
+            from . import _snapshot_reader  # noqa: F401
         self.writer: ThreadPoolExecutor | None = None  # bind_sender: writes go to a thread below training
 
     def setup(self) -> None:
+        if self.torch_after_hello:
+            threading.Thread(target=load_torch, name="checkpoint-load-torch", daemon=True).start()
         s = self.settings
         self.directory = Path(self.run_dir) / (s["dirpath"] or CHECKPOINT_DIR)
         self.fields_told: set[str] = set()  # filename fields said to be no metric of the run (_tell_unknown_fields)
@@ -140,9 +151,12 @@ class CheckpointPlugin(Plugin):
             self.writer.shutdown()
 
     def on_save_checkpoint(self, event: Event) -> None:
-        from ._snapshot_reader import SnapshotError  # loaded by __init__
-
         # Never raises: a handler that raises is retried, and a full disk would only fill up again.
+        try:
+            from ._snapshot_reader import SnapshotError  # waits for load_torch's import, if it is still running
+        except Exception as exc:  # a broken torch: every save would fail alike, each one said
+            self._fail(event, f"cannot import torch: {type(exc).__name__}: {exc}")
+            return
         try:
             self._save(event)
         except SnapshotError as exc:
@@ -302,6 +316,28 @@ class CheckpointPlugin(Plugin):
         # The kernel logs checkpoint_failed as a warning; the plugin's own log gets it too.
         print(f"[{self.name}] checkpoint at step {event.step} failed: {reason}", file=sys.stderr)
         self.checkpoint_failed(event, reason)
+
+
+def load_torch() -> None:
+    """Import _snapshot_reader, and with it torch, its shared libraries loaded first without holding the GIL.
+
+    Python holds the GIL while an extension module's libraries are loaded, relocated and their static initializers
+    run (libtorch_cpu: 0.25-0.8 s here, seconds when starved), and the I/O thread cannot heartbeat meanwhile: the
+    supervisor would take the plugin for hung. A foreign call through ctypes lets the GIL go, so dlopen is called
+    that way first, and the import finds them loaded: its longest hold of the GIL fell from 0.4-1.2 s to 0.05-0.15 s
+    (docs/benchmarks.md). Where that cannot be done (no dlopen to call, a torch laid out otherwise, a library that
+    does not load), the import loads them itself.
+    """
+    try:
+        spec = importlib.util.find_spec("torch")
+        libraries = Path(spec.origin).parent / "lib" if spec is not None and spec.origin else None
+        dlopen = ctypes.CDLL(None).dlopen
+    except (ImportError, ValueError, OSError, AttributeError):
+        libraries = None
+    if libraries is not None and (libraries / TORCH_PYTHON_LIBRARY).is_file():
+        dlopen.restype, dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
+        dlopen(bytes(libraries / TORCH_PYTHON_LIBRARY), os.RTLD_NOW)  # NULL on failure: the import says why
+    from . import _snapshot_reader  # noqa: F401
 
 
 def yield_to_training(priority: str) -> None:

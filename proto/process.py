@@ -1,4 +1,5 @@
-"""Ending a process that has torch loaded, shared by the kernel's CLI and the SDK's plugin processes."""
+"""A plugin process's start and end: what the kernel tells it in its environment, and ending a process that has torch
+loaded (shared by the kernel's CLI and the SDK's plugin processes)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,16 @@ import atexit
 import gc
 import os
 import sys
+
+# Set by the kernel for the plugins it starts (PROTOCOL.md, environment).
+KERNEL_PID_ENV = "TRAINBUS_KERNEL_PID"
+TRAINING_ENV = "TRAINBUS_TRAINING"  # "1": started while training runs (a restart, an attach)
+
+
+def started_while_training() -> bool:
+    """This plugin process joins a run that is training: the kernel restarted or attached it then, or someone started
+    it by hand. False only for one the kernel started before training, while it waits for the plugins' hellos."""
+    return KERNEL_PID_ENV not in os.environ or os.environ.get(TRAINING_ENV) == "1"
 
 
 def exit_without_teardown(code: int) -> None:

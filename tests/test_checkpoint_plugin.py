@@ -477,3 +477,22 @@ def test_the_writing_thread_alone_goes_below_the_plugin(tmp_path, priority, poli
     seen = json.loads(done.stdout)
     assert seen["writer"] == [policy, nice]
     assert seen["handler"] == [os.SCHED_OTHER, 10]
+
+
+@pytest.mark.parametrize("started, loaded", [("by the run before training", True),
+                                             ("by the run while training runs", False), ("by hand", False)])
+def test_the_plugin_imports_torch_before_its_hello_only_when_the_run_starts_it_before_training(tmp_path, started,
+                                                                                             loaded):
+    """Constructed (before its hello) in a process of its own: the run's own plugin, started in the kernel's ready wait,
+    has torch loaded then, so its first checkpoint finds it ready; one started while training runs (a restart or an
+    attach: TRAINBUS_TRAINING) or by hand leaves it to setup's thread, so its hello is not held up for seconds."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRAINBUS_KERNEL_PID", "TRAINBUS_TRAINING")}
+    if started != "by hand":
+        env["TRAINBUS_KERNEL_PID"] = str(os.getpid())
+    if started == "by the run while training runs":
+        env["TRAINBUS_TRAINING"] = "1"
+    code = ("import sys; from trainbus.plugins.checkpoint import CheckpointPlugin; "
+            f"CheckpointPlugin({{}}, run_id='r', run_dir={str(tmp_path)!r}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(loaded), out.stdout

@@ -1,24 +1,80 @@
 """A plugin process started, or ending, while training runs: real runs and processes, nothing
 mocked.
 
-A plugin whose setup raises ends without the interpreter's teardown, so its restart is not held up by it.
+The checkpoint plugin says hello before torch is loaded, so one attached (or restarted) mid-run is a persister at once
+and the next checkpoints due are taken (its handler waits for torch), not skipped. A plugin whose setup raises ends
+without the interpreter's teardown, so its restart is not held up by it.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
+from conftest import TESTS_DIR, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import PLUGIN_START_S, run_config
-from kernel_process import KernelProcess
+from kernel_process import KernelProcess, of, wait_until
 from trainbus.kernel.config import PluginConfig
+from trainbus.kernel.journal import read_events
+from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST, read_manifest
 
 PACED = "fixture_targets:paced_digits"
 STEPS_PER_EPOCH = 45  # the digits demo at batch size 32 (tests/test_checkpoint_e2e.py)
 STARTUP_S = 180  # kernel/supervisor.py STARTUP_TIMEOUT_S: a plugin importing torch, starved on a busy box
+# An attached checkpoint plugin's hello comes before torch (held here until the test lets it), so this bounds only
+# Python and the SDK starting at nice 10 on a busy box: the torch import it waited for took 25-42 s there.
+HELLO_S = 120
 # A plugin's exit after its setup raised: without the interpreter's teardown it is prompt; fixture_slow_teardown's
 # would take TEARDOWN_S, and torch's took 0.7-14 s at nice 10 on a busy box.
 EXIT_S = 120
+
+
+@pytest.mark.timeout(3 * STARTUP_S)  # a hang guard: the run's start, the attach, the held import's waits
+def test_a_checkpoint_plugin_attached_mid_run_says_hello_before_torch_and_saves_the_next_checkpoints_due(tmp_path):
+    """Attached at step 5 while its `import torch` is held: it says hello anyway, so the checkpoints due at steps 10
+    and 15 are taken (their buffers held while its handler waits for torch) rather than skipped as "no checkpoint
+    plugin has said hello yet"; the one at 20 finds both buffers busy. Each taken one is written, once."""
+    gate, torch_open = tmp_path / "gate", tmp_path / "torch-open"
+    cfg = run_config(tmp_path / "runs", [], 1, PACED, checkpoint_every_n_steps=5, checkpoint_every_n_epochs=0,
+                     drain_timeout_s=60, step_sleep_s=0.0, gate=str(gate))
+    kernel = KernelProcess(cfg, tmp_path, env={"TRAINBUS_TEST_TORCH_GATE": str(torch_open),
+                                               "PYTHONPATH": f"{TESTS_DIR / 'torch_gate'}{os.pathsep}{TESTS_DIR}"})
+    try:
+        open_gate(gate, 5)
+        kernel.wait_step(5, timeout_s=STARTUP_S)
+        attached = subprocess.run([*trainbus_cmd(), "plugins", "attach", kernel.run_id, "checkpoint", "--runs-dir",
+                                   str(kernel.run_dir.parent)], capture_output=True, text=True, timeout=STARTUP_S)
+        assert attached.returncode == 0, attached.stderr
+        kernel.wait_ready("checkpoint", timeout_s=HELLO_S)  # torch is held: a hello that waits for it never comes
+        open_gate(gate, 20)
+        decided = {step: decision(kernel, step) for step in (10, 15, 20)}
+        assert decided[10].type == decided[15].type == "save_checkpoint", {s: e.data for s, e in decided.items()}
+        assert decided[20].type == "checkpoint_skipped", decided[20].data
+        assert decided[20].data["reason"] == "both snapshot buffers are still being persisted", decided[20].data
+        torch_open.touch()
+        for step in (10, 15):
+            kernel.wait_event("checkpoint_saved", lambda e: e.data["seq"] == decided[step].seq, timeout_s=STARTUP_S)
+        open_gate(gate, STEPS_PER_EPOCH)
+        result = kernel.result(timeout_s=STARTUP_S)
+    finally:
+        open_gate(gate, STEPS_PER_EPOCH)
+        torch_open.touch()
+        if kernel.proc.poll() is None:
+            kernel.kill()
+    assert result["status"] == "completed"
+    # every snapshot taken is written, once: the held ones too (later ones may be skipped, both buffers busy)
+    written = [e["step"] for e in read_manifest(kernel.run_dir / CHECKPOINT_DIR / MANIFEST) if "alias_of" not in e]
+    published = [e.step for e in of(read_events(kernel.run_dir), "save_checkpoint")]
+    assert written == published and written[:2] == [10, 15], (written, published)
+
+
+def decision(kernel: KernelProcess, step: int):
+    """The save_checkpoint or checkpoint_skipped of the checkpoint due at `step`."""
+    return wait_until(lambda: [e for e in kernel.journal.of("save_checkpoint") + kernel.journal.of(
+        "checkpoint_skipped") if e.step == step], STARTUP_S, f"the checkpoint due at step {step}")[0]
 
 
 @pytest.mark.timeout(2 * STARTUP_S)  # a hang guard: the run's start, the plugin's torch import, its restart

@@ -17,6 +17,7 @@ from trainbus.kernel.supervisor import (HEALTHY_RESET_S, HEARTBEAT_INTERVAL_S, H
                                         STARVED_CPU_S, STARVED_MAX_S, STARVED_SAMPLE_S, STARVED_WAIT_FRACTION,
                                         PluginSpec, Supervisor)
 from trainbus.proto import events as ev
+from trainbus.proto.process import TRAINING_ENV
 
 LIVENESS_S = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
 T0 = 1000.0  # the fake clock's start: any monotonic value
@@ -49,6 +50,7 @@ class FakeProcesses:
     def spawn(self, cmd, env, stdout, stderr, below_training) -> FakeProc:
         self.procs.append(FakeProc(4000 + len(self.procs)))
         self.procs[-1].below_training = below_training
+        self.procs[-1].env = env
         return self.procs[-1]
 
     def lower(self, pid: int) -> None:
@@ -331,14 +333,15 @@ def test_a_plugin_given_up_before_any_hello_is_no_longer_starting(h):
 
 def test_plugins_start_at_the_kernels_priority_until_training_starts_then_all_go_below_it(h):
     """Before training nothing is there to yield to (a torch import at nice 10 beside a busy neighbour: 33 s, not 5):
-    the first process starts at the kernel's priority and is lowered when training starts; a restart starts lower."""
-    assert h.proc.below_training is False
+    the first process starts at the kernel's priority and is lowered when training starts; a restart starts lower,
+    told so in its environment (TRAINBUS_TRAINING: the checkpoint plugin then says hello before importing torch)."""
+    assert h.proc.below_training is False and TRAINING_ENV not in h.proc.env
     h.hello(T0 + 1)
     h.sup.training_starts()
     assert h.os.lowered == [h.proc.pid]
     h.crash(T0 + 2)
     h.sup.tick(h.child.next_start_at)
-    assert len(h.os.procs) == 2 and h.proc.below_training is True
+    assert len(h.os.procs) == 2 and h.proc.below_training is True and h.proc.env[TRAINING_ENV] == "1"
     assert h.os.lowered == [h.os.procs[0].pid]  # a started-lower process needs no lowering
 
 
