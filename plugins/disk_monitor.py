@@ -8,7 +8,7 @@ from typing import Any
 
 import psutil
 
-from trainbus.sdk import Setting, SettingsError
+from trainbus.sdk import HOST_PATH, Setting, SettingsError
 
 from ._sampling import INTERVAL_S, SamplingPlugin
 
@@ -29,7 +29,7 @@ class DiskMonitorPlugin(SamplingPlugin):
     settings = {
         "interval_s": INTERVAL_S,
         "min_free_gib": Setting(1.0, "below this much free space, ask for a checkpoint once and warn", min=0),
-        "path": Setting("", "a path on the filesystem watched, only read ('': the run directory)"),
+        "path": Setting("", "a path on the filesystem watched, only read ('': the run directory)", kind=HOST_PATH),
     }
 
     @classmethod

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainbus.proto import DURABLE, Event, events as ev
-from trainbus.sdk import KernelGoneInfo, Plugin, Setting, SettingsError
+from trainbus.sdk import HOST_PATH, KernelGoneInfo, Plugin, Setting, SettingsError
 
 from ._history import History
 from ._outbox import SECURITY_MODES, Outbox, SmtpConfig, SmtpConfigError, deliver_until_empty
@@ -59,7 +59,7 @@ class EmailAlertPlugin(Plugin):
         "security": Setting("starttls", "how the connection is encrypted", choices=SECURITY_MODES),
         "username": Setting("", "SMTP login ('': none)"),
         "password_env": Setting("TRAINBUS_SMTP_PASSWORD", "the environment variable holding the password"),
-        "password_file": Setting("", "or a file holding it, mode 0600"),
+        "password_file": Setting("", "or a file holding it, mode 0600", kind=HOST_PATH),
         "sender": Setting("", "the From address ('': trainbus@<hostname>)"),
         "recipients": Setting([], "the addresses mail goes to", items=str, rule="one or more e-mail addresses"),
         "subject_prefix": Setting("[trainbus]", "put before every subject"),

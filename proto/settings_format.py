@@ -9,7 +9,11 @@ PATH = "path"  # a file or folder the plugin writes: relative to the run directo
 # a str.format template (a file name, say) whose {fields} are epoch, step or metrics of the run's epochs; `trainbus run`
 # checks each metric field as it checks a METRIC
 METRIC_FIELDS = "metric_fields"
-KINDS = ("", METRIC, PATH, METRIC_FIELDS)
+# a file or folder on the plugin's machine that it reads (a password file, a disk to watch): a relative one is made
+# absolute when the settings are checked, from the directory the command was run in, since the plugin runs in the
+# kernel's (`trainbus plugins attach` from another directory, a run resumed from elsewhere)
+HOST_PATH = "host_path"
+KINDS = ("", METRIC, PATH, METRIC_FIELDS, HOST_PATH)
 STEP_FIELDS = ("epoch", "step")  # a METRIC_FIELDS template's fields that are no metric
 # How a true/false is spelt on a command line, the same for a function's flags and a plugin's settings
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

@@ -5,7 +5,7 @@ from trainbus.proto import BEST_EFFORT, DURABLE, Event
 from .harness import Harness
 from .plugin import KernelGoneInfo, Plugin
 from .runner import run
-from .settings import METRIC, METRIC_FIELDS, PATH, Setting, SettingsError
+from .settings import HOST_PATH, METRIC, METRIC_FIELDS, PATH, Setting, SettingsError
 
-__all__ = ["BEST_EFFORT", "DURABLE", "Event", "Harness", "KernelGoneInfo", "METRIC", "METRIC_FIELDS", "PATH", "Plugin", "Setting",
-           "SettingsError", "run"]
+__all__ = ["BEST_EFFORT", "DURABLE", "Event", "Harness", "HOST_PATH", "KernelGoneInfo", "METRIC", "METRIC_FIELDS", "PATH",
+           "Plugin", "Setting", "SettingsError", "run"]

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
 from trainbus.proto.messages import JOURNAL_NAME, RUN_DIR_RESERVED
-from trainbus.proto.settings_format import (KINDS, METRIC, METRIC_FIELDS, PATH, STEP_FIELDS, bool_word,
+from trainbus.proto.settings_format import (HOST_PATH, KINDS, METRIC, METRIC_FIELDS, PATH, STEP_FIELDS, bool_word,
                                             template_fields)
 
-__all__ = ["METRIC", "METRIC_FIELDS", "PATH", "Setting", "SettingsError", "check_value", "declared", "describe_settings"]
+__all__ = ["HOST_PATH", "METRIC", "METRIC_FIELDS", "PATH", "Setting", "SettingsError", "check_value", "declared", "describe_settings"]
 
 # The article-and-noun each type is called by in an error ("must be an integer >= 0").
 TYPE_PHRASES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
@@ -45,7 +46,7 @@ class Setting:
     min: float | None = None  # inclusive bounds, for numbers
     max: float | None = None
     choices: tuple[Any, ...] = ()
-    kind: str = ""  # METRIC, PATH or METRIC_FIELDS (proto/settings_format.py), for a str setting
+    kind: str = ""  # METRIC, PATH, METRIC_FIELDS or HOST_PATH (proto/settings_format.py), for a str setting
     rule: str = ""  # what the plugin's check_settings also requires, in a few words, for `trainbus plugins list`
     # A list's element type (str, int, float or bool); None: that of a non-empty default's elements when they are
     # all of one of those types (integers and floats together: float), else any.
@@ -87,6 +88,8 @@ class Setting:
             return (f"a path inside the run directory (relative, no '..', each name at most {NAME_MAX_BYTES} bytes, "
                     "no NUL, none of the kernel's own files: events, config.json, summary.json, plugins/, "
                     f"{CHECKPOINT_DIR}/{MANIFEST}, ...)")
+        if self.kind == HOST_PATH:
+            return "a path on the plugin's machine (a relative one is from the directory the command runs in)"
         if self.min is not None and self.max is not None:
             return f"between {self.min:g} and {self.max:g}"
         if self.min is not None:
@@ -126,6 +129,8 @@ def check_value(key: str, setting: Setting, value: Any) -> Any:
         if isinstance(converted, float) and not math.isfinite(converted):  # NaN and infinity are numbers too
             allowed = allowed.replace(TYPE_PHRASES[float], f"a finite {TYPE_PHRASES[float].removeprefix('a ')}", 1)
         raise SettingsError(f"{key} = {_shown(value)} is not allowed; it must be {allowed}{quote}")
+    if setting.kind == HOST_PATH and converted:  # what the plugin opens in the kernel's working directory
+        return os.path.abspath(os.path.expanduser(converted))
     return converted
 
 

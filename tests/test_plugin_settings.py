@@ -14,7 +14,7 @@ import pytest
 from trainbus.kernel.config import PluginConfig, RunConfig, registered_plugins
 from trainbus.kernel.session import run_training
 from trainbus.plugins.early_stopping import EarlyStoppingPlugin
-from trainbus.sdk import METRIC, METRIC_FIELDS, PATH, Plugin, Setting, SettingsError
+from trainbus.sdk import HOST_PATH, METRIC, METRIC_FIELDS, PATH, Plugin, Setting, SettingsError
 from trainbus.sdk.loader import describe
 from trainbus.sdk.plugin import merge_settings
 
@@ -518,3 +518,18 @@ def test_a_plugin_without_a_docstring_has_no_description_rather_than_the_sdks():
 
     assert (Quiet.description(), Said.description(), Inherits.description(), QuietBz.description()) == \
         ("", "Says what it does.", "Says what it does.", "")
+
+
+def test_a_host_path_is_made_absolute_from_the_directory_the_settings_are_checked_in(tmp_path, monkeypatch):
+    """The plugin reads it in the kernel's working directory, which `plugins attach` from elsewhere does not share:
+    relative and ~ are made absolute where the command runs; an absolute one and '' (none) stay as given."""
+    class Reader(Plugin):
+        settings = {"source": Setting("", "a file it reads", kind=HOST_PATH)}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert merge_settings(Reader, {"source": "secrets/pw"})["source"] == str(tmp_path / "secrets" / "pw")
+    assert merge_settings(Reader, {"source": "~/pw"})["source"] == str(tmp_path / "home" / "pw")
+    assert merge_settings(Reader, {"source": "/etc/../etc/pw"})["source"] == "/etc/pw"
+    assert merge_settings(Reader, {"source": ""})["source"] == ""
+    assert "from the directory the command runs in" in Reader.settings["source"].constraint()

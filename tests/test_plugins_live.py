@@ -112,6 +112,31 @@ def test_a_plugin_attached_mid_run_records_from_then_on_detaches_cleanly_and_cha
     assert_same_weights(result["run_dir"], reference.result(timeout_s=STARTUP_S)["run_dir"])
 
 
+def test_a_relative_host_path_given_to_plugins_attach_is_read_from_where_the_command_ran(short_runs, tmp_path,
+                                                                                      kernels):
+    """`plugins attach RUN disk path=watched` in a directory that has `watched`, the kernel started in another: the
+    command's check found it, and the plugin, in the kernel's directory, could not read it (a traceback, restarts,
+    given up). The path is made absolute where the command ran, and the attached plugin watches it."""
+    gate, here = tmp_path / "gate", tmp_path / "here"
+    (here / "watched").mkdir(parents=True)
+    kernel = KernelProcess(config(short_runs, gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    open_gate(gate, ATTACH_AT)
+    kernel.wait_step(ATTACH_AT, timeout_s=STARTUP_S)
+    assert Path.cwd() != here and not Path("watched").exists()  # the kernel's directory has none
+    attached = subprocess.run([*trainbus_cmd(), "plugins", "attach", kernel.run_id, "disk", "path=watched",
+                               "interval_s=0.1", "--runs-dir", str(short_runs)], capture_output=True, text=True,
+                              timeout=STARTUP_S, cwd=here)
+    assert attached.returncode == 0, attached.stderr
+    kernel.wait_ready("disk", timeout_s=STARTUP_S)
+    event = kernel.wait_event("plugin_attached", lambda e: e.data["plugin"] == "disk", timeout_s=STARTUP_S)
+    assert event.data["settings"]["path"] == str(here / "watched"), event.data
+    kernel.wait_event("metric", lambda e: e.data["plugin"] == "disk", timeout_s=STARTUP_S)  # it reads the path
+    open_gate(gate, EPOCHS * STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=STARTUP_S)
+    assert result["plugins"]["disk"]["restarts"] == 0 and not result["plugins"]["disk"]["crashes"], result["plugins"]
+
+
 def test_a_plugin_of_the_runs_config_attached_again_starts_from_its_configured_settings(tmp_path):
     """Detached and attached again, metrics_log came back with the defaults (every_n_steps 50, not the run's 5),
     and visualization with settings unlike its earlier files' (a gap in loss/train_step from step 55 to 100).
