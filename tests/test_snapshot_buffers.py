@@ -18,7 +18,7 @@ import zmq
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.loop import LAST_CHECKPOINT_WAIT_S, Loop
 from trainbus.kernel.session import close_bus, open_bus
-from trainbus.kernel.buffer_files import SHM_DIR, remove_stale_buffers, snapshot_directories
+from trainbus.kernel.buffer_files import remove_stale_buffers, snapshot_directories
 from trainbus.kernel.snapshot import SLOTS, SnapshotBuffers
 from trainbus.plugins._snapshot_reader import read_snapshot
 from trainbus.proto import events as ev, pack, unpack
@@ -256,7 +256,11 @@ time.sleep(120)
 
 def test_a_live_kernels_buffers_are_held_and_a_killed_ones_removed_by_the_next_kernel(tmp_path):
     """The kernel holds its buffers (made by the preparer, or by itself) for as long as it has them; killed with
-    SIGKILL it leaves them in /dev/shm, and the next kernel removes them as it starts, saying so in its log."""
+    SIGKILL it leaves them, and the next kernel removes them as it starts, saying so in its log. In a directory of
+    the test's own (snapshot_dir): in /dev/shm any kernel starting in a test beside this one removes what a killed
+    one left, and this test's own sweep removed theirs (it asserted that it removed nothing at all)."""
+    buffers = tmp_path / "buffers"
+    buffers.mkdir()
     from fixture_targets import open_gate
     from helpers import PLUGIN_START_S, run_config
     from kernel_process import KernelProcess
@@ -267,18 +271,19 @@ def test_a_live_kernels_buffers_are_held_and_a_killed_ones_removed_by_the_next_k
     open_gate(gate, 6)
     kernel = KernelProcess(run_config(tmp_path / "runs", [resolve_plugin("checkpoint", {})], 3,
                                       "fixture_targets:paced_digits", checkpoint_every_n_steps=5,
-                                      checkpoint_every_n_epochs=0, ready_timeout_s=PLUGIN_START_S, gate=str(gate)),
+                                      checkpoint_every_n_epochs=0, ready_timeout_s=PLUGIN_START_S, gate=str(gate),
+                                      snapshot_dir=str(buffers)),
                            tmp_path)
     try:
         kernel.wait_event(ev.SAVE_CHECKPOINT, timeout_s=PLUGIN_START_S)
-        left = sorted(SHM_DIR.glob(f"trainbus-{kernel.pid}-{kernel.run_id}-slot*"))
+        left = sorted(buffers.glob(f"trainbus-{kernel.pid}-{kernel.run_id}-slot*"))
         assert len(left) == SLOTS
-        assert remove_stale_buffers(SHM_DIR) == [] and all(p.exists() for p in left)  # its kernel holds them
+        assert remove_stale_buffers(buffers) == [] and all(p.exists() for p in left)  # its kernel holds them
     finally:
         kernel.kill()
     assert all(p.exists() for p in left)  # what a kill -9 leaves
 
-    after = run_training(run_config(tmp_path / "next", [], 1, "specs:tiny"))
+    after = run_training(run_config(tmp_path / "next", [], 1, "specs:tiny", snapshot_dir=str(buffers)))
     assert after.status == "completed", after
     assert not any(p.exists() for p in left)
     log = (Path(after.run_dir) / "kernel.log").read_text()
