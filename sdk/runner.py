@@ -552,7 +552,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         plugin = plugin_cls(settings, run_id=env.get("TRAINBUS_RUN_ID", ""), run_dir=env.get("TRAINBUS_RUN_DIR", "."))
     except Exception as exc:  # before any socket: the kernel reads why from the end of our log (its last words)
         print(user_traceback(exc), file=sys.stderr)
-        return 1
+        exit_without_teardown(1)  # as a failed setup (below): the restart waits for nothing
     plugin.name = name or env.get("TRAINBUS_PLUGIN_NAME") or plugin.name
     runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid, secret, secure)
     # SIGTERM (supervisor, or a hang): finish the current handler (at most FINISH_ON_TERM_S), tear down, ack, exit.

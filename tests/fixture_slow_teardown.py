@@ -1,4 +1,4 @@
-"""A plugin that loads torch and whose setup raises, in a process whose interpreter teardown takes minutes: a
+"""Plugins that load torch and whose setup (or constructor) raises, in a process whose interpreter teardown takes
 module-level finalizer waits, as torch's teardown takes seconds at nice 10 on a busy box."""
 
 import time
@@ -23,3 +23,11 @@ class SetupFails(Plugin):
 
     def setup(self) -> None:
         raise RuntimeError("setup fails on purpose")
+
+
+class InitFails(Plugin):
+    """Raises in its constructor, before any socket."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        raise RuntimeError("constructor fails on purpose")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -100,3 +101,16 @@ def test_a_plugin_whose_setup_raises_exits_without_the_interpreters_teardown_and
     result = kernel.result(timeout_s=STARTUP_S)
     assert result["status"] == "completed"
     assert result["plugins"]["setup_fails"]["restarts"] >= 1
+
+
+def test_a_plugin_whose_constructor_raises_exits_without_the_interpreters_teardown(tmp_path):
+    """Before any socket, as the kernel starts it: its traceback on stderr (the kernel reads its log's end), exit 1 at
+    once. It ran the interpreter's teardown, minutes here (fixture_slow_teardown), 1-14 s with torch at nice 10."""
+    env = {**os.environ, "TRAINBUS_KERNEL_PID": str(os.getpid()), "TRAINBUS_EVENTS": "ipc:///nonexistent/events",
+           "TRAINBUS_CONTROL": "ipc:///nonexistent/control", "TRAINBUS_RUN_DIR": str(tmp_path),
+           "TRAINBUS_PLUGIN_NAME": "init_fails", "TRAINBUS_SECRET": "00", "PYTHONPATH": str(TESTS_DIR)}
+    done = subprocess.run([sys.executable, "-m", "trainbus.sdk", "fixture_slow_teardown:InitFails"], env=env,
+                          capture_output=True, text=True, timeout=EXIT_S)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.rstrip().endswith("RuntimeError: constructor fails on purpose"), done.stderr
+
