@@ -1,5 +1,5 @@
 """Plugins that load torch and whose setup (or constructor) raises, in a process whose interpreter teardown takes
-module-level finalizer waits, as torch's teardown takes seconds at nice 10 on a busy box."""
+minutes: a module-level finalizer waits, as torch's teardown takes seconds at nice 10 on a busy box."""
 
 import time
 
