@@ -373,6 +373,10 @@ def precision_by_our_name(precision: Any, where: str) -> str:
     if precision == "16-true":  # Lightning's float16 weights: no loss scaler, and nothing here casts to them
         raise ConfigError(f"{where}: precision 16-true (float16 weights) is not supported; use 16-mixed (CUDA) or "
                           f"bf16-true")
+    if precision in ("64", "64-true"):  # Lightning's float64: nothing here casts to it, and 32 casts nothing away
+        raise ConfigError(f"{where}: precision {precision} (float64 weights) is not a precision here: make the model "
+                          f"and its batches float64 in the spec (model.double()) and give precision 32, which casts "
+                          f"nothing")
     if precision not in PRECISIONS or not isinstance(precision, str):
         raise ConfigError(f"{where}: precision must be one of {', '.join(PRECISIONS)} (or Lightning's "
                           f"{', '.join(LIGHTNING_PRECISIONS)}), got {precision!r}")

@@ -167,6 +167,10 @@ BAD_INPUT = {
     "unknown command": (lambda t: ["runs", "lsit"], "No such command 'lsit'"),
     "a device as the config file": (lambda t: ["run", "--config", "/dev/null"],
                                     "config file /dev/null is not a regular file"),
+    "Lightning's 64-true, float64": (lambda t: ["run", "--precision", "64-true"],
+                                     "precision 64-true (float64 weights) is not a precision here: make the model and "
+                                     "its batches float64 in the spec (model.double()) and give precision 32, which "
+                                     "casts nothing"),
     "Lightning's 16-true, pure float16": (lambda t: ["run", "--precision", "16-true"],
                                           "precision 16-true (float16 weights) is not supported; use 16-mixed (CUDA) "
                                           "or bf16-true"),
