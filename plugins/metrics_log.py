@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from trainbus.proto import DURABLE, Event
+from trainbus.proto.strict_json import strict_dumps
 from trainbus.sdk import PATH, Plugin, Setting, SettingsError
 
 # On restart we look for the last written seq in this much of the file's end: records are a few
@@ -107,7 +107,7 @@ class MetricsLogPlugin(Plugin):
             return  # written before a restart; the replay brings it again
         record = {"kind": kind, "seq": event.seq, "step": event.step, "epoch": event.epoch, "time": event.ts}
         record.update(fields)
-        line = json.dumps({key: _json_value(value) for key, value in record.items()}, allow_nan=False)
+        line = strict_dumps(record)  # NaN as null: pandas reads it as NaN, and strict parsers read it at all
         if len(self._held) >= MAX_HELD_RECORDS:
             raise OSError(f"{self.path}: {len(self._held)} records wait for room on the disk; no more are held")
         self._held.append((line + "\n").encode())
@@ -164,14 +164,6 @@ def _flatten(prefix: str, metrics: Any) -> dict[str, Any]:
         return {}
     # A metric named "loss" or "batch_count" would overwrite the loop's own column of that name.
     return {f"{prefix}_{name}": value for name, value in metrics.items() if name not in ("loss", "batch_count")}
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON has no NaN or Infinity; pandas reads null as NaN
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def _mean(total: Any, count: Any) -> float | None:
