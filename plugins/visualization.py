@@ -103,6 +103,9 @@ class VisualizationPlugin(Plugin):
         elif event.type in FINAL_EVENTS:
             self.ended = True
             self._plot()
+            empty = self.history.curves_with_no_finite_value()
+            if empty and self.settings["plots"]:  # said once, at the end: the plots of a run that diverged are blank
+                self.log(no_finite_value(empty), level="warning")
             if self.writer is not None:
                 self.writer.write_held()
 
@@ -238,6 +241,11 @@ def _configured_settings(run_dir: Path) -> dict[str, Any]:
     return {}
 
 
+def no_finite_value(curves: list[str]) -> str:
+    return (f"no finite value to draw for {', '.join(curves)} (each is NaN or infinite: did the run diverge?); their "
+            f"axes are empty")
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
@@ -268,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in damage:
         print(f"warning: {line}; the plots leave those events out", file=sys.stderr)
     if written and empty:
-        print(f"warning: no finite value to draw for {', '.join(empty)} (each is NaN or infinite: did the run "
-              f"diverge?); their axes are empty", file=sys.stderr)
+        print(f"warning: {no_finite_value(empty)}", file=sys.stderr)
     if not written:
         print(f"error: the journal of {run_dir} holds nothing to plot (no epoch, step or metric)", file=sys.stderr)
         return 1
