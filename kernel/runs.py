@@ -27,11 +27,11 @@ from trainbus.proto import JOURNAL_NAME, Event
 from trainbus.proto import events as ev
 from trainbus.proto import kept_files
 from trainbus.proto.run_state import CLIENT_PREFIX
+from trainbus.proto.text import duration_text
 from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_head, journal_tail, last_event_of,
                                           stream_journal)
 
 from .config import PLUGIN_NAME
-from .runs_view import duration_text
 
 KERNEL_LOG = "kernel.log"  # the kernel's log, open while it runs
 KERNEL_PID = "kernel.pid"  # the kernel's process id, written as the run directory is made (0600)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from trainbus.proto.strict_json import strict_dumps
-from trainbus.proto.text import printable
+from trainbus.proto.text import duration_text, printable
 
 STATUS_STYLE = {"completed": "green", "stopped": "yellow", "running": "cyan", "interrupted": "magenta",
                 "failed": "red", "died": "red", "unreadable": "red", "queued": "blue"}
@@ -17,20 +17,6 @@ def _status(status: str) -> str:
     """A status as rich markup, in its colour."""
     style = STATUS_STYLE.get(status)
     return f"[{style}]{status}[/{style}]" if style else status
-
-
-def duration_text(seconds: float | None) -> str:
-    """12.3 s, 4m 05s, 2h 07m; "-" for None."""
-    if seconds is None:
-        return "-"
-    seconds = float(seconds)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, s = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes}m {s:02d}s"
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h {m:02d}m"
 
 
 def _when(iso: str | None) -> str:

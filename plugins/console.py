@@ -15,7 +15,7 @@ from rich.text import Text
 import trainbus.sdk
 from trainbus.proto import BEST_EFFORT, Event, events as ev
 from trainbus.proto.output import RefusalGuard
-from trainbus.proto.text import printable
+from trainbus.proto.text import duration_text, printable
 from trainbus.sdk import Plugin, Setting
 
 MAX_LINE_CHARS = 160  # a warning is one terminal line; the full text is in the run's logs
@@ -247,7 +247,7 @@ def _epoch_summary(epoch: int, epochs_total: int | None, data: dict[str, Any], e
     if data.get("lr") is not None:
         parts.append(f"lr {_fmt(data['lr'])}")
     if elapsed_s is not None:
-        parts.append(f"{elapsed_s:.1f} s")
+        parts.append(duration_text(elapsed_s))
     return "  ".join(parts)
 
 

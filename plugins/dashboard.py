@@ -23,7 +23,7 @@ from trainbus.proto.kept_files import kept_summary
 from trainbus.proto.output import RefusalGuard
 from trainbus.proto.run_state import RunState
 from trainbus.proto.strict_json import strict_dumps
-from trainbus.proto.text import printable
+from trainbus.proto.text import duration_text, printable
 from trainbus.sdk.attach import CLIENT_PREFIX, AttachError, Attachment, RunEnded, TargetError, target_of
 from trainbus.sdk.runner import disk_full, kernel_died, kernel_stopped, run_summary
 
@@ -44,15 +44,6 @@ def sparkline(values: list[float], width: int = 30) -> str:
     low, high = min(values), max(values)
     span = (high - low) or 1.0
     return "".join(SPARKS[int((v - low) / span * (len(SPARKS) - 1))] for v in values)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m {seconds % 60:02d}s"
 
 
 def _reading(name: str, value: float) -> str:
@@ -98,7 +89,7 @@ def render(state: RunState, status: str, footer: str = ""):
     planned = p.get("batches_planned")
     head.add_row("progress", f"epoch {p.get('epoch', 0)}/{run.get('epochs') or '?'}  "
                              f"batch {p.get('batches_done', 0)}/{planned or '?'}  step {p.get('step', 0)}  "
-                             f"{f'{rate:.1f} steps/s' if rate else '- steps/s'}  ETA {_duration(eta)}")
+                             f"{f'{rate:.1f} steps/s' if rate else '- steps/s'}  ETA {duration_text(eta)}")
     parts: list[Any] = [head]
     if run.get("epochs") and planned:
         total = run["epochs"] * planned

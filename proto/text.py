@@ -1,4 +1,5 @@
-"""Text from elsewhere (a user's exception, a plugin's log line) made safe to show and to store.
+"""Text from elsewhere (a user's exception, a plugin's log line) made safe to show and to store; a duration as people
+read it.
 
 An exception's message can hold anything: a file name that is not UTF-8 (a lone surrogate, which SQLite, a
 UTF-8 log file and json with ensure_ascii=False all refuse), terminal escape sequences (one clears the screen),
@@ -28,3 +29,19 @@ def exception_message(exc: BaseException) -> str:
         return str(exc)
     except Exception:
         return "<exception str() failed>"
+
+
+def duration_text(seconds: float | None) -> str:
+    """47 ms, 12.3 s, 4m 05s, 2h 07m; "-" for None. (An epoch of the demo takes 40 ms: "0.0 s" read as unmeasured.)"""
+    if seconds is None:
+        return "-"
+    seconds = float(seconds)
+    if seconds < 0.9995:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m {s:02d}s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m"

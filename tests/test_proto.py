@@ -427,3 +427,12 @@ def test_the_conformance_table_names_each_statement_once_and_only_tests_that_exi
             if not source.is_file() or f"def {function}(" not in source.read_text(encoding="utf-8"):
                 missing.append(f"{cells[1].strip()}: {path}::{function}")
     assert not missing, missing
+
+
+@pytest.mark.parametrize("seconds, text", [(None, "-"), (0.0404, "40 ms"), (0.9996, "1.0 s"), (12.34, "12.3 s"),
+                                           (59.96, "1m 00s"), (245, "4m 05s"), (7620, "2h 07m")])
+def test_a_duration_reads_as_people_say_it(seconds, text):
+    """The console's epoch time, runs list/show and the dashboard's ETA: the demo's 40 ms epochs said "0.0 s"."""
+    from trainbus.proto.text import duration_text
+
+    assert duration_text(seconds) == text
