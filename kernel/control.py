@@ -109,7 +109,16 @@ class Dispatcher:
 
     def _on_hello(self, identity: bytes, msg: dict[str, Any], now: float, user_id: str) -> None:
         previous = self.peers.get(identity)
-        peer = self.peers.welcome(identity, msg, now, user_id)
+        try:
+            peer = self.peers.welcome(identity, msg, now, user_id)
+        except Refused:
+            if previous is not None and previous.user_id == user_id:  # (another key on that routing id is not it)
+                # its refusal says welcome_lost (§7.2: nothing it sends is acted on), so the name the connection held
+                # must not go on speaking for it: that name leaves as with a bye
+                self.peers.left(previous)
+                if not previous.spawned:
+                    self.bus.emit(ev.PLUGIN_EXITED, {"plugin": previous.name, "exit_code": 0})
+            raise
         if previous is not None and previous.name != peer.name and not previous.spawned:
             # the connection now speaks for another name: the old one left as with a bye, or the journal would
             # show it ready and never gone (`runs show`: "gone with the run")

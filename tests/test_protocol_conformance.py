@@ -544,3 +544,39 @@ def test_a_metric_of_a_negative_or_over_int64_step_or_epoch_or_of_no_name_is_dro
     assert metrics == [("loss", 2.0, 2**63 - 1, 0)]
     # the one line a peer's author finds in kernel.log names the field, its constraint and the value sent
     assert "metric.step must be nil or 0 to 2**63-1, got -1" in (kernel.run_dir / "kernel.log").read_text()
+
+
+def test_a_hello_refused_on_a_welcomed_connection_loses_its_welcome_as_the_refusal_says(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C53] `refused` with `welcome_lost` true means nothing the connection sends is acted on (§7.2). A peer
+    welcomed as A that said hello as B, a name another live peer holds, was told so (`hello_name_taken`,
+    `welcome_lost` true), yet its next metric was journaled as A's: a client that read the refusal as the spec says
+    (not welcome: exit, or hello again) had a name left behind that went on speaking for it. The connection is now
+    welcome no more: A leaves as with a bye (`plugin_exited`, exit code 0), and what it sends next is refused."""
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels)
+    holder = Client(kernel.run_dir)
+    try:
+        holder.hello("held-name", attach_credential(kernel.run_dir))
+        holder.wait_reply("welcome")
+        client.hello("first-name", attach_credential(kernel.run_dir), replies=["metric"])
+        client.wait_reply("welcome")
+        client.replies.clear()
+        client.hello("held-name", attach_credential(kernel.run_dir), replies=["metric"])
+        refused = client.wait_reply("refused")
+        assert (refused["code"], refused["welcome_lost"]) == ("hello_name_taken", True), refused
+        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == "first-name", 20.0)
+        client.replies.clear()
+        client.send("metric", name="after_refusal", value=1.0, step=None)
+        refused = client.wait_reply("refused")
+        assert (refused["code"], refused["welcome_lost"]) == ("unknown_peer", True), refused
+        holder.send("bye", reason="done")
+        holder.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == "held-name")
+    finally:
+        client.close()
+        holder.close()
+    open_gate(gate, 10**6)
+    kernel.result(timeout_s=120)
+    events = read_events(kernel.run_dir)
+    assert [e.data for e in of(events, "metric")] == []
+    exits = [e.data for e in of(events, "plugin_exited")]
+    assert exits == [{"plugin": "first-name", "exit_code": 0}, {"plugin": "held-name", "exit_code": 0}], exits
