@@ -74,4 +74,8 @@ def truncate(text: str, max_chars: int) -> tuple[str, bool]:
     if len(marker) >= max_chars:  # a limit too small for a marker: the cut alone
         return text[:max_chars], True
     keep = max_chars - len(marker)
-    return text[:keep] + TRUNCATED.format(len(text) - keep), True  # its count has no more digits than len(text)
+    # the count it says, len(text) - keep, can have fewer digits than len(text): keep a character more for each, so
+    # the cut is the limit long (PROTOCOL.md: "cut to that"); each step adds 0 or 1 to the length, never more
+    while keep + len(TRUNCATED.format(len(text) - keep)) < max_chars:
+        keep += 1
+    return text[:keep] + TRUNCATED.format(len(text) - keep), True

@@ -122,6 +122,16 @@ def test_truncate_marks_how_much_was_cut():
     assert truncate(long, 12) == (long[:12], True)  # no room for the marker: the limit holds all the same
 
 
+def test_a_cut_text_is_exactly_the_limit_long_whatever_the_digits_of_its_count():
+    """PROTOCOL.md §7.1: a log text over 16,384 characters "is cut to that", a metric name to 200. A 20,000-character
+    text came back 16,383 long: the marker was sized for "20000" and then said "3644", a digit shorter."""
+    for length, limit in ((20_000, 16_384), (10_050, 10_000), (1_000_100, 1_000_000), (301, 200), (1_099, 1_000)):
+        text, cut = truncate("T" * length, limit)
+        kept = text.index(" [... truncated")
+        assert cut and len(text) == limit, (length, limit, len(text))
+        assert text.endswith(TRUNCATED.format(length - kept)), text[-40:]
+
+
 # -- Peers: hello ------------------------------------------------------------------------------------
 
 
