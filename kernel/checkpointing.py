@@ -147,7 +147,10 @@ class Checkpointer:
                    for p in self.peers.named("checkpoint", time.monotonic()))
 
     def _inside(self, path: str) -> bool:
-        resolved = Path(path).resolve()
+        try:
+            resolved = Path(path).resolve()
+        except ValueError:  # a NUL byte: a valid msgpack str that names no file, so inside no directory either
+            return False
         return any(resolved.is_relative_to(d) for d in self.directories)
 
 

@@ -580,3 +580,34 @@ def test_a_hello_refused_on_a_welcomed_connection_loses_its_welcome_as_the_refus
     assert [e.data for e in of(events, "metric")] == []
     exits = [e.data for e in of(events, "plugin_exited")]
     assert exits == [{"plugin": "first-name", "exit_code": 0}, {"plugin": "held-name", "exit_code": 0}], exits
+
+
+def test_a_checkpoint_saved_whose_path_no_file_system_takes_is_refused_not_a_bus_error(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C50] a settlement's `path` outside the checkpoint directories is answered `refused` (§7.1, §11). A raw
+    persister's checkpoint_saved whose path held a NUL byte (a valid msgpack str, a C string cut short) raised
+    ValueError in the bus thread instead: an ERROR traceback in kernel.log, `bus_errors` in the summary, the
+    bus's round cut short, and no answer. It is refused `settle_path` (welcome_lost false), and the run goes on."""
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels)
+    try:
+        client.hello(NAME, attach_credential(kernel.run_dir), replies=["checkpoint_now"], capabilities=["checkpoint"])
+        client.wait_reply("welcome")
+        client.send("checkpoint_now", reason="a snapshot to settle")
+        open_gate(gate, 1)  # one batch: its step boundary takes the checkpoint
+        save = client.wait_event(lambda e: e["type"] == "save_checkpoint", 120.0)
+        client.replies.clear()
+        path = str(kernel.run_dir / "checkpoints" / "a\x00b.pt")
+        client.send("checkpoint_saved", seq=save["seq"], path=path, step=1, epoch=1, sha256="0" * 64, size=1)
+        refused = client.wait_reply("refused")
+        assert (refused["code"], refused["welcome_lost"]) == ("settle_path", False), refused
+        client.send("checkpoint_failed", seq=save["seq"], reason="could not write it")  # still welcome: settled
+        client.wait_event(lambda e: e["type"] == "checkpoint_failed" and e["data"]["plugin"] == NAME)
+        client.send("bye", reason="done")
+        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+    finally:
+        client.close()
+    open_gate(gate, 10**6)
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed", result
+    assert "bus_errors" not in result["bus"] and result["bus"].get("refused_settle_path") == 1, result["bus"]
+    assert "Traceback" not in (kernel.run_dir / "kernel.log").read_text()
