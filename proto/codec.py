@@ -250,9 +250,9 @@ def _check_values(m: dict[str, Any]) -> None:
             if not 0 <= m[field] <= STEP_MAX:
                 raise ProtocolError(f"checkpoint_saved.{field} must be 0 to 2**63-1, got {m[field]}")
     if kind in ("ack", "replay"):
-        seq = m["seq"] if kind == "ack" else m["from_seq"]
-        if seq < 0:
-            raise ProtocolError(f"{kind} seq must be >= 0, got {seq}")
+        field = "seq" if kind == "ack" else "from_seq"
+        if m[field] < 0:
+            raise ProtocolError(f"{kind}.{field} must be >= 0, got {m[field]}")
     if kind == "replay_batch":
         for e in m["events"]:
             event_from_map(e)

@@ -185,6 +185,16 @@ def test_control_rejects_bad_values_at_the_sender():
             control(kind, **fields)
 
 
+def test_a_broken_constraint_is_said_naming_the_field_as_sent():
+    """PROTOCOL.md §11: a broken Constraint is logged as one line naming the field, its constraint and the value
+    found. A replay with from_seq -1 was logged as "replay seq must be >= 0": no field of a replay is `seq`."""
+    for kind, fields, said in [("replay", dict(from_seq=-1), "replay.from_seq must be >= 0, got -1"),
+                               ("ack", dict(seq=-2), "ack.seq must be >= 0, got -2")]:
+        with pytest.raises(ProtocolError) as raised:
+            decode_control(pack({"v": 1, "type": kind, **fields}))
+        assert str(raised.value) == said
+
+
 json_like = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text()
     | st.binary(max_size=16),
