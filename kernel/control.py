@@ -30,6 +30,7 @@ TOLD_MAX = 1024  # (peer, refusal, message type) keys logged once; a flood of ne
 REFUSAL_REPEAT_S = 1.0  # a refusal is told again to the same peer for the same reason at most this often
 COMMAND_IDS_KEPT = 4096  # (sender, id) of stop/checkpoint_now commands seen: a resent one is ignored
 COMMAND_ID_MAX_CHARS = 128  # of an id, what is remembered (the memory kept is bounded whatever peers send)
+VOTES_TOLD_MAX = 1024  # names told that some of their votes are never waited for (more names: not told again)
 
 
 class Dispatcher:
@@ -42,6 +43,7 @@ class Dispatcher:
         self.errors_logged: collections.Counter = collections.Counter()  # plugin name -> error-level log replies
         self.checkpoints_failed: collections.Counter = collections.Counter()  # persister name -> checkpoint_failed
         self._command_ids: collections.OrderedDict = collections.OrderedDict()
+        self._votes_told: set[str] = set()
         self.supervisor = supervisor
         self.live = LivePlugins(bus, supervisor, peers, checkpointer)
         self.handlers = {
@@ -129,6 +131,14 @@ class Dispatcher:
             "welcome", run=self.bus.run_id, resume_from=self.peers.resume_from(peer, self.bus.last_seq + 1),
             heartbeat_interval_s=self.bus.heartbeat_interval_s, session_seq=self.bus.session_seq)))
         self.bus.emit(ev.PLUGIN_READY, {"plugin": peer.name, "pid": peer.pid, "delivery": peer.delivery})
+        unawaited = sorted(set(peer.votes) - ev.VOTED_EVENTS)
+        if unawaited and peer.name not in self._votes_told and len(self._votes_told) < VOTES_TOLD_MAX:
+            # a hello may vote at any type (§7.1), but training waits only at end_epoch: a stop decided at another
+            # lands at the next step boundary, late, and its author should hear why once
+            self._votes_told.add(peer.name)
+            log.warning("[%s] votes at %s are never waited for: the kernel waits for votes at %s only (PROTOCOL.md "
+                        "§7.3)", peer.label, truncate(", ".join(unawaited), REASON_MAX_CHARS)[0],
+                        ", ".join(sorted(ev.VOTED_EVENTS)))
 
     def _on_bye(self, peer: Peer, msg: dict[str, Any]) -> None:
         if peer.spawned:  # its exit, seen by the supervisor, is the event

@@ -45,6 +45,9 @@ BATCH_EVENTS: frozenset[str] = frozenset(COUNTED_BATCH_EVENTS)
 COUNTED_INDEX: dict[str, int] = {type_: index for index, type_ in enumerate(COUNTED_BATCH_EVENTS)}
 
 # Kernel events: published by the kernel itself, never by the loop's seams.
+# The event types whose votes the kernel waits for (PROTOCOL.md §7.3): a hello may name others, never waited for.
+VOTED_EVENTS: frozenset[str] = frozenset({END_EPOCH})
+
 HEARTBEAT = "heartbeat"  # the kernel is alive; plugins exit cleanly when it stops coming
 METRIC = "metric"  # a plugin's metric reply, republished for every subscriber
 LOG = "log"  # a plugin's log reply (a failing handler's traceback arrives this way)

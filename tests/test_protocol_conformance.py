@@ -611,3 +611,27 @@ def test_a_checkpoint_saved_whose_path_no_file_system_takes_is_refused_not_a_bus
     assert result["status"] == "completed", result
     assert "bus_errors" not in result["bus"] and result["bus"].get("refused_settle_path") == 1, result["bus"]
     assert "Traceback" not in (kernel.run_dir / "kernel.log").read_text()
+
+
+def test_votes_at_a_type_the_kernel_never_waits_at_are_said_once_in_kernel_log(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C54] §7.3: the kernel waits for votes at `end_epoch` only. A raw peer whose hello voted at
+    `end_training_batch` (any event type, as §7.1 read) was welcomed and never waited for, silently: its author saw
+    stops land batches late with no word why. The welcome is unchanged, and kernel.log says once which of its
+    votes are never waited for."""
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels)
+    try:
+        for _ in range(2):  # a second hello on the same connection: said once, not per hello
+            client.hello(NAME, attach_credential(kernel.run_dir), votes=["end_training_batch", "end_epoch"])
+            client.wait_reply("welcome")
+        open_gate(gate, 3)  # three batches go by without a wait for our vote, which never comes
+        client.wait_event(lambda e: e["type"] == "end_training_batch" and e["data"]["batch_index"] == 2, 120.0)
+        client.send("bye", reason="done")
+        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+    finally:
+        client.close()
+    open_gate(gate, 10**6)
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+    said = [line for line in (kernel.run_dir / "kernel.log").read_text().splitlines() if "never waited for" in line]
+    assert len(said) == 1 and f"[{NAME}]" in said[0] and "end_training_batch" in said[0], said
+    assert "end_epoch," not in said[0] and "end_epoch only" in said[0], said
