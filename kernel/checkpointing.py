@@ -123,7 +123,7 @@ class Checkpointer:
         inside the checkpoint directories (raises Refused otherwise). False when there is nothing to settle:
         a save_checkpoint of an earlier kernel process, replayed to a persister after a resume."""
         seq = msg["seq"]
-        if seq < self.first_seq:
+        if 1 <= seq < self.first_seq:  # (seq 0 is no save_checkpoint of any session: refused below)
             return False
         if seq > published_seq or seq not in self._recent:
             raise Refused("settle_seq", f"{peer.name}: {msg['type']} for seq {seq}, which is no save_checkpoint "

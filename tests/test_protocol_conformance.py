@@ -596,6 +596,11 @@ def test_a_checkpoint_saved_whose_path_no_file_system_takes_is_refused_not_a_bus
         open_gate(gate, 1)  # one batch: its step boundary takes the checkpoint
         save = client.wait_event(lambda e: e["type"] == "save_checkpoint", 120.0)
         client.replies.clear()
+        # seq 0 is no save_checkpoint: refused as any seq it was not sent, not dropped unanswered as an earlier
+        # session's replayed one is
+        client.send("checkpoint_failed", seq=0, reason="no such snapshot")
+        refused = client.wait_reply("refused")
+        assert (refused["code"], refused["welcome_lost"]) == ("settle_seq", False), refused
         path = str(kernel.run_dir / "checkpoints" / "a\x00b.pt")
         client.send("checkpoint_saved", seq=save["seq"], path=path, step=1, epoch=1, sha256="0" * 64, size=1)
         refused = client.wait_reply("refused")
@@ -610,6 +615,7 @@ def test_a_checkpoint_saved_whose_path_no_file_system_takes_is_refused_not_a_bus
     result = kernel.result(timeout_s=120)
     assert result["status"] == "completed", result
     assert "bus_errors" not in result["bus"] and result["bus"].get("refused_settle_path") == 1, result["bus"]
+    assert result["bus"].get("refused_settle_seq") == 1, result["bus"]
     assert "Traceback" not in (kernel.run_dir / "kernel.log").read_text()
 
 
