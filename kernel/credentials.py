@@ -18,6 +18,12 @@ SECRET_ENV = "TRAINBUS_SECRET"
 SUN_PATH_MAX = 100  # sockaddr_un.sun_path holds 108 bytes on Linux, 104 on macOS; keep a margin
 
 
+def _same(token: str, expected: str) -> bool:
+    """A constant-time comparison of a peer's secret with ours, as bytes: compare_digest refuses a str with a character
+    outside ASCII (TypeError), which any peer may send (a credential read with a byte-order mark)."""
+    return hmac.compare_digest(token.encode(), expected.encode())
+
+
 class Credentials:
     """One run's secret and the tokens derived from it.
 
@@ -42,15 +48,15 @@ class Credentials:
         if not token:
             return "hello_secret", ("no secret in hello (spawned plugins read TRAINBUS_SECRET; attached ones the run's "
                                     "credential file)")
-        if hmac.compare_digest(token, self.token_for(name)):
+        if _same(token, self.token_for(name)):
             return None
-        if hmac.compare_digest(token, self.attach_token()):
+        if _same(token, self.attach_token()):
             return ("hello_name_spawned", f"name {name!r} belongs to a plugin this run spawned") if spawned else None
         return "hello_secret", "wrong secret"
 
     def proves_owner(self, token: str) -> bool:
         """`token` is the credential file's: its sender can read the run's owner-only directory, so it is the owner."""
-        return bool(token) and hmac.compare_digest(token, self.attach_token())
+        return bool(token) and _same(token, self.attach_token())
 
     def remote_key(self, user_id: str, now: float) -> ClientKey | None:
         """The authorized key a TCP connection's User-Id (its z85 CURVE key) names, now; None once revoked."""

@@ -641,3 +641,26 @@ def test_votes_at_a_type_the_kernel_never_waits_at_are_said_once_in_kernel_log(
     said = [line for line in (kernel.run_dir / "kernel.log").read_text().splitlines() if "never waited for" in line]
     assert len(said) == 1 and f"[{NAME}]" in said[0] and "end_training_batch" in said[0], said
     assert "end_epoch," not in said[0] and "end_epoch only" in said[0], said
+
+
+def test_a_hello_whose_secret_is_not_ascii_is_refused_as_a_wrong_secret(short_runs, tmp_path, kernels):  # noqa: F811
+    """[C34] a hello whose secret does not prove its name is refused (§7.1). A raw client's secret with a character
+    outside ASCII (a credential read with a byte-order mark, a typo'd paste) raised TypeError in the bus thread
+    (hmac.compare_digest takes ASCII strings only): an ERROR traceback in kernel.log, `bus_errors`, and no answer, so
+    the client waited out its timeout instead of hearing "wrong secret"."""
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels)
+    try:
+        client.hello(NAME, "\ufeff" + attach_credential(kernel.run_dir))
+        client.said_hello = False  # not welcome: no heartbeat, whose refusal (unknown_peer) would come first
+        refused = client.wait_reply("refused")
+        assert (refused["code"], refused["welcome_lost"]) == ("hello_secret", True), refused
+        client.replies.clear()
+        client.hello(NAME, attach_credential(kernel.run_dir))  # the right one is welcome
+        client.wait_reply("welcome")
+        client.send("bye", reason="done")
+        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+    finally:
+        client.close()
+    open_gate(gate, 10**6)
+    result = kernel.result(timeout_s=120)
+    assert "bus_errors" not in result["bus"] and result["bus"].get("refused_hello_secret") == 1, result["bus"]
