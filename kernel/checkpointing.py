@@ -161,6 +161,18 @@ def persister_directory(run_dir: Path, settings: dict[str, Any]) -> Path | None:
     return Path(run_dir) / dirpath if isinstance(dirpath, str) and dirpath else None
 
 
+def persister_directory_inside(run_dir: Path, settings: dict[str, Any]) -> Path | None:
+    """persister_directory, resolved, when it lies inside the run directory; else None. The owner's attach_plugin
+    sends settings the kernel has not checked (the plugin checks them as it starts): a `dirpath` outside the run must
+    not make paths there ones a persister may name, and one with a NUL byte resolves to nothing (ValueError)."""
+    directory = persister_directory(run_dir, settings)
+    try:
+        resolved = directory.resolve() if directory is not None else None
+        return resolved if resolved is not None and resolved.is_relative_to(Path(run_dir).resolve()) else None
+    except (ValueError, OSError):
+        return None
+
+
 def checkpoint_directories(run_dir: Path) -> list[Path]:
     """Where a run's persisters wrote: its checkpoints/, and each `dirpath` its config.json gave a plugin."""
     run_dir = Path(run_dir)

@@ -14,7 +14,7 @@ from typing import Any
 
 from trainbus.proto import control, encode_control, events as ev, pack
 
-from .checkpointing import persister_directory
+from .checkpointing import persister_directory_inside
 from .config import SETTINGS_MAX_BYTES, ConfigError, near_miss, registered_plugins
 from .peers import Peer, Peers
 from .supervisor import DETACH_GRACE_S, PluginSpec, Supervisor
@@ -49,9 +49,9 @@ class LivePlugins:
         except ConfigError as exc:
             self._answer(peer.identity, peer.label, msg, False, str(exc))
             return
-        directory = persister_directory(self.bus.journal.path.parent, settings)
+        directory = persister_directory_inside(self.bus.journal.path.parent, settings)
         if directory is not None and self.checkpointer is not None:  # a persister's checkpoint_saved may name it
-            self.checkpointer.directories.append(directory.resolve())
+            self.checkpointer.directories.append(directory)
         after_seq = 0 if msg["from_start"] else self.bus.last_seq
         self.peers.start_at(name, after_seq)
         self.bus.emit(ev.PLUGIN_ATTACHED, {"plugin": name, "target": target, "settings": settings,

@@ -664,3 +664,37 @@ def test_a_hello_whose_secret_is_not_ascii_is_refused_as_a_wrong_secret(short_ru
     open_gate(gate, 10**6)
     result = kernel.result(timeout_s=120)
     assert "bus_errors" not in result["bus"] and result["bus"].get("refused_hello_secret") == 1, result["bus"]
+
+
+def test_an_attached_plugins_dirpath_outside_the_run_or_unresolvable_names_no_checkpoint_directory(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C50, C97] a persister's checkpoint_saved must name a path inside `<run_dir>/checkpoints` or a `dirpath` the run
+    gave a plugin, inside the run directory (the run's config is checked so). An `attach_plugin` whose settings held a
+    `dirpath` took it unchecked: with a NUL byte the bus thread raised (a traceback, `bus_errors`, no command_result);
+    pointing outside the run, it made any path there one a persister's checkpoint_saved could name."""
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    try:
+        client.hello(NAME, attach_credential(kernel.run_dir), replies=["checkpoint_now"], capabilities=["checkpoint"])
+        client.wait_reply("welcome")
+        for plugin, dirpath in (("metrics_log", "a\x00b"), ("cpu", os.path.relpath(outside, kernel.run_dir))):
+            client.send("attach_plugin", name=plugin, settings={"dirpath": dirpath}, id=plugin)
+            client.wait_reply("command_result")
+        client.send("checkpoint_now", reason="a snapshot to settle")
+        open_gate(gate, 1)
+        save = client.wait_event(lambda e: e["type"] == "save_checkpoint", 120.0)
+        client.replies.clear()
+        client.send("checkpoint_saved", seq=save["seq"], path=str(outside / "stolen.pt"), step=1, epoch=1,
+                    sha256="0" * 64, size=1)
+        refused = client.wait_reply("refused")
+        assert (refused["code"], refused["welcome_lost"]) == ("settle_path", False), refused
+        client.send("checkpoint_failed", seq=save["seq"], reason="done with it")
+        client.send("bye", reason="done")
+        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+    finally:
+        client.close()
+    open_gate(gate, 10**6)
+    result = kernel.result(timeout_s=180)
+    assert "bus_errors" not in result["bus"], result["bus"]
+    assert not [e for e in of(read_events(kernel.run_dir), "checkpoint_saved") if e.data["plugin"] == NAME]
