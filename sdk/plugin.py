@@ -63,7 +63,8 @@ class Plugin:
     # on_kernel_gone gets this long; then teardown runs and the process exits, whether or not the hook returned
     kernel_gone_timeout_s: float = 10.0
     # Event types at which the kernel waits (at most its vote_timeout_s) for this plugin to handle the
-    # event before going on, so a stop decided there lands at that boundary: ("end_epoch",) for early stopping.
+    # event before going on, so a stop decided there lands at that boundary: ("end_epoch",) for early stopping,
+    # the one type the kernel waits at (a vote at another is never waited for; kernel.log says so).
     votes: tuple[str, ...] = ()
     # What this plugin does for the kernel: "checkpoint" = persists save_checkpoint snapshots (the
     # kernel takes snapshots only while such a plugin is live, and reuses a buffer once it acks).
