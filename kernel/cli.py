@@ -859,6 +859,16 @@ _CTRL_C_SAYS = {
     "trainbus runs plot": "Ctrl-C: plotting stopped; each plot is whole, drawn or as it was",
     "trainbus attach": "Ctrl-C before attaching; nothing was sent, and the run goes on",
     "trainbus daemon status": "Ctrl-C: stopped asking; nothing was changed",
+    # the daemon it spawned is in a session of its own: the terminal's Ctrl-C does not reach it
+    "trainbus daemon start": "Ctrl-C as the daemon started: `trainbus daemon status` shows whether it serves",
+    "trainbus daemon stop": "Ctrl-C: stopped waiting; `trainbus daemon status` shows whether the daemon still serves "
+                            "(its runs train on)",
+    # a request already sent may be carried out after the Ctrl-C: where to look
+    "trainbus daemon cancel": "Ctrl-C: stopped; `trainbus daemon status` shows whether the run is still queued",
+    "trainbus daemon cancel --remote": "Ctrl-C: stopped waiting for the daemon; `trainbus daemon status` (with the "
+                                       "same --remote, --key and --server-key) shows whether the run is still queued",
+    "trainbus daemon submit": "Ctrl-C: stopped waiting for the daemon; `trainbus daemon status` (with the same "
+                              "--remote, --key and --server-key) shows whether the run was queued",
     "trainbus keys list": "Ctrl-C: stopped; nothing was changed",
     "trainbus keys generate": "Ctrl-C: stopped; `trainbus keys list` shows whether the pair was made",
     "trainbus plugins list": "Ctrl-C: the listing stopped; nothing was changed",
@@ -868,7 +878,9 @@ _CTRL_C_SAYS = {
 def main() -> None:
     logging.lastResort.setFormatter(_SaidBeforeTheRun())
     _guard_standard_streams()
-    said = _CTRL_C_SAYS.get(_command_path(sys.argv[1:]))
+    command = _command_path(sys.argv[1:])
+    remote = any(arg == "--remote" or arg.startswith("--remote=") for arg in sys.argv[1:])
+    said = _CTRL_C_SAYS.get(f"{command} --remote" if remote else command) or _CTRL_C_SAYS.get(command)
     if said:  # for the whole command: each reads, or writes one thing its line says how to check
         _ctrl_c_says(said)
     click = _click_exceptions()

@@ -824,3 +824,42 @@ def test_a_ctrl_c_in_a_command_other_than_run_says_what_it_left_in_one_line(tmp_
         proc.kill()
     prefix = "trainbus: " if said.startswith("Ctrl-C") else "trainbus: Ctrl-C: "
     assert (proc.returncode, out, err) == (130, "", f"{prefix}{said}\n"), (proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("held, args, said", [
+    ("trainbus.kernel.daemon_client:start_background", ["daemon", "start"],
+     "Ctrl-C as the daemon started: `trainbus daemon status` shows whether it serves"),
+    ("trainbus.kernel.daemon_client:stop", ["daemon", "stop"],
+     "Ctrl-C: stopped waiting; `trainbus daemon status` shows whether the daemon still serves (its runs train on)"),
+    ("trainbus.kernel.daemon:cancel", ["daemon", "cancel", "r1"],
+     "Ctrl-C: stopped; `trainbus daemon status` shows whether the run is still queued"),
+    ("trainbus.kernel.daemon_client:request", ["daemon", "cancel", "r1", "--remote", "127.0.0.1:1", "--key",
+                                               "c.key_secret", "--server-key", "s.key"],
+     "Ctrl-C: stopped waiting for the daemon; `trainbus daemon status` (with the same --remote, --key and "
+     "--server-key) shows whether the run is still queued"),
+    ("trainbus.kernel.daemon_client:request", ["daemon", "submit", "--remote", "127.0.0.1:1", "--key", "c.key_secret",
+                                               "--server-key", "s.key", "--", "train.py:build"],
+     "Ctrl-C: stopped waiting for the daemon; `trainbus daemon status` (with the same --remote, --key and "
+     "--server-key) shows whether the run was queued"),
+])
+def test_a_ctrl_c_in_a_daemon_command_says_what_may_have_taken(tmp_path, held, args, said):
+    """`daemon start` cut while the daemon it spawned (in a session of its own) was coming up left it serving, and
+    `daemon submit` cut after its request went out may have queued the run: each exited 130 without a word, as did
+    `daemon stop` and `daemon cancel`. One line now says so and how to see what was done."""
+    import zmq.auth
+
+    from conftest import sigint_as_from_a_terminal
+
+    (tmp_path / "runs").mkdir()
+    zmq.auth.create_certificates(tmp_path, "c")
+    zmq.auth.create_certificates(tmp_path, "s")
+    (tmp_path / "c.key_secret").chmod(0o600)
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_CALL, held, *args], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_as_from_a_terminal)
+    try:
+        assert proc.stdout.readline() == "holding\n", proc.stderr.read() if proc.poll() is not None else ""
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, out, err) == (130, "", f"trainbus: {said}\n"), (proc.returncode, out, err)
