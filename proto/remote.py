@@ -193,6 +193,23 @@ class ConnectionWatch:
         self._quick_drops = self._slow_drops = 0
         self._shaken = False  # the latest connection met a handshake event (succeeded or failed)
         self._abandoned_at: float | None = None  # dropped with none, and no connect since (ABANDONED_S)
+        self._unresolved: str | None = None  # why the endpoint's host name does not resolve, once a connect failed
+
+    def unresolved(self) -> str:
+        """The line for an endpoint whose host name does not resolve ("" when it does, or before any connect failed):
+        a typo in HOST, which libzmq retries as it does a refused port, and would be said as one."""
+        if self._first_retry is None or self._connected_at is not None:
+            return ""
+        if self._unresolved is None:
+            host = self.endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+            try:
+                socket.getaddrinfo(host, None)
+                self._unresolved = ""
+            except (socket.gaierror, UnicodeError) as exc:
+                why = exc.strerror if isinstance(exc, socket.gaierror) and exc.strerror else str(exc)
+                self._unresolved = (f"cannot resolve the host {host} of {self.endpoint} ({why}): check the HOST in "
+                                    f"HOST:PORT (a name this machine knows, or an address)")
+        return self._unresolved
 
     def read(self) -> str | None:
         """Take what the monitor holds; the verdict, once one event settled it (it stays). Called now and then
@@ -207,6 +224,8 @@ class ConnectionWatch:
             self.take(message["event"], message["value"], time.monotonic())
         if self.verdict is None:
             self.look(time.monotonic())
+        if self.verdict is None and self.unanswered_after_s is not None and self.unresolved():
+            self.verdict = self._unresolved  # an interactive client: said at once, not after its window
         return self.verdict
 
     def look(self, now: float) -> None:
@@ -261,7 +280,7 @@ class ConnectionWatch:
     def why_silent(self) -> str:
         """What the socket met, for a client giving up without a verdict ("" when nothing tells)."""
         if self._connected_at is None and self._first_retry is not None:
-            return "nothing accepted a connection there (refused or unreachable)"
+            return self.unresolved() or "nothing accepted a connection there (refused or unreachable)"
         if self._slow_drops:
             return "it took connections, but no handshake finished (each timed out)"
         return ""

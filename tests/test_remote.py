@@ -1472,3 +1472,42 @@ def test_a_monitor_key_subscribing_to_endless_topics_holds_little_of_the_kernels
         good.close()
         open_gate(gate, 2 * STEPS_PER_EPOCH)
     assert kernel.result(timeout_s=120)["status"] == "completed"
+
+
+UNKNOWN_HOST = "no-such-host.invalid"  # RFC 2606: a name that never resolves
+
+
+def test_a_host_name_that_does_not_resolve_is_said_at_once_by_attach_and_daemon_clients(keys, tmp_path):
+    """A typo in HOST (`localhst:5555`) is not a port where nothing listens: attach and `daemon status --remote`
+    waited 5 s, then asked whether a run listens on that port; a plugin waited 30 s to say the same. Each now names
+    the host it cannot resolve: the interactive clients at once, a plugin (which may start before its kernel's
+    host is up) in its line after the wait."""
+    from trainbus.proto.remote import ConnectionWatch
+    from trainbus.sdk.attach import Attachment, TargetError, target_of
+
+    said = f"cannot resolve the host {UNKNOWN_HOST} of tcp://{UNKNOWN_HOST}:5555"
+    attachment = Attachment(target_of(f"{UNKNOWN_HOST}:5555", str(keys["watcher"]), str(keys["dir"] / "server.key")))
+    started = time.monotonic()
+    with pytest.raises(TargetError, match=re.escape(said)):
+        for _ in attachment:
+            assert time.monotonic() - started < 60, "still trying"
+    assert time.monotonic() - started < 3, "not at once"
+    status = subprocess.run([str(Path(sys.executable).parent / "trainbus"), "daemon", "status", "--remote",
+                             f"{UNKNOWN_HOST}:5555", "--key", str(keys["pilot"]), "--server-key",
+                             str(keys["dir"] / "server.key")], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 2 and one_line(status.stderr).startswith(f"error: {said} ("), status.stderr
+    assert "check the HOST in HOST:PORT" in status.stderr
+    ctx = zmq.Context()
+    try:  # a plugin's watch: no verdict of its own, but what it says when it gives up names the host
+        dealer = ctx.socket(zmq.DEALER)
+        patient = ConnectionWatch(dealer, f"tcp://{UNKNOWN_HOST}:5555")
+        dealer.connect(f"tcp://{UNKNOWN_HOST}:5555")
+        deadline = time.monotonic() + 10
+        while patient.why_silent() == "" and time.monotonic() < deadline:
+            patient.read()
+            time.sleep(0.1)
+        assert patient.verdict is None and patient.why_silent().startswith(said), patient.why_silent()
+        patient.close()
+        dealer.close(linger=0)
+    finally:
+        ctx.destroy(linger=0)
