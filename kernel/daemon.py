@@ -696,6 +696,8 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
     if "--detach" in options or "--gpus" in options:
         return {"ok": False, "error": "submit's argv is what `trainbus run` is given on the daemon's host: queued "
                                       "already, so no --detach, and the GPUs go as submit's own --gpus"}
+    if gpus is not None and (why := unplaceable(gpus, daemon.devices)) is not None:  # as `run --detach` says it
+        return {"ok": False, "error": f"--gpus {gpus}: the run {why}"}
     run_id, resumes = new_run_id(), None
     continued = _resumed_run(argv, daemon.runs_dir) if "--config" not in options and "-c" not in options else None
     if isinstance(continued, str):

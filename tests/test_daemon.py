@@ -769,6 +769,29 @@ def test_the_remote_endpoint_listens_on_an_ipv6_address_as_a_run_does(tmp_path, 
     assert status.returncode == 0 and json.loads(status.stdout)["serving"] is True, status.stderr
 
 
+def test_a_remote_submission_asking_for_more_gpus_than_the_daemon_has_is_refused_as_run_detach_refuses_it(
+        tmp_path, daemons):
+    """`daemon submit --remote ... --gpus 1` to a daemon with no devices printed `queued run ID` (exit 0), and the
+    run failed a second later, found only in `daemon status`; `run --detach --gpus 1` on the host is refused at
+    once. Now the submission is, in the same words, and nothing is queued."""
+    from trainbus.kernel.keys import KeyStore
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    store = KeyStore(tmp_path / "keys")
+    store.generate_server()
+    pilot = store.generate_client("p", "control")[1]
+    start_daemon(daemons, runs, "--gpus", "", "--listen", "127.0.0.1:0", "--keys-dir", str(store.directory))
+    endpoint = json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"]
+    submitted = cli("daemon", "submit", "--remote", endpoint, "--key", str(pilot), "--server-key",
+                    str(daemon_dir(runs) / "remote.json"), "--gpus", "1", "--", TINY, check=False)
+    assert (submitted.returncode, submitted.stdout, submitted.stderr) == (2, "", (
+        f"error: the daemon at {endpoint.removeprefix('tcp://')} refused: --gpus 1: the run asks for 1 GPU and the "
+        f"daemon has 0 (none); start the daemon with --gpus listing them\n")), submitted.stderr
+    assert listed(runs) == {}
+    assert json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json").stdout)["ended"] == []
+
+
 def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unknown_key_gets_nothing(tmp_path,
                                                                                                       daemons):
     from trainbus.kernel.keys import KeyStore
