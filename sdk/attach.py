@@ -373,7 +373,13 @@ class Attachment:
             self.close()
             if denied:  # revoked while we were away
                 raise TargetError(denied)
-        raise AttachError(f"lost the kernel ({why}) and could not reach it again after {RECONNECT_ATTEMPTS} tries")
+        # A remote client cannot read the run directory that would tell a dead kernel (_raise_if_over): name both
+        what = ("its kernel has exited or hangs, or this machine no longer reaches its host (`trainbus runs list` on "
+                "the run's host says whether the run still goes; attach again once it answers)"
+                if kernel_alive(self.target.run_dir or self.target.ended_dir) is None else
+                "its kernel hangs (stopped, or starved of memory or CPU): attach again once it answers")
+        raise AttachError(f"lost the kernel ({why}) and could not reach it again after {RECONNECT_ATTEMPTS} tries: "
+                          f"{what}")
 
     def _wait_heard(self, timeout_s: float) -> bool:
         """Anything from the kernel within timeout_s (its heartbeat comes every second)."""

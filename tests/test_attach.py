@@ -739,3 +739,39 @@ def test_the_dashboard_says_when_no_monitor_reports_and_shows_no_lag_for_a_plugi
     state.fold(Event(4, "r", ev.METRIC, 3.0, 0, 1, {"plugin": "cpu", "name": "cpu/percent", "value": 50.0}))
     screen = drawn()
     assert "none yet" not in screen and re.search(r"^\s*cpu/percent\s", screen, re.M), screen
+
+
+def test_a_remote_attach_whose_kernel_was_killed_gives_up_naming_what_to_check(runs_dir, tmp_path, kernels,
+                                                                               monkeypatch):
+    """`kill -9` of a kernel watched over TCP: a remote client cannot read the run directory that would say the
+    kernel is gone, so it tries again, then gave up with `lost the kernel (...) and could not reach it again after
+    8 tries`, naming nothing to check. Its line now says what the silence may be and where to look. (The tries are
+    cut to two here: the backoff itself is not what is tested.)"""
+    from trainbus.sdk import attach
+    from trainbus.sdk.attach import AttachError, Attachment, target_of
+
+    monkeypatch.setattr(attach, "RECONNECT_ATTEMPTS", 2)
+    monkeypatch.setattr(attach, "RECONNECT_FIRST_S", 0.1)
+    keys = tmp_path / "keys"
+    for args in (["server"], ["client", "watcher", "--role", "monitor"]):
+        subprocess.run([*trainbus_cmd(), "keys", "generate", *args, "--keys-dir", str(keys)], check=True,
+                       capture_output=True, timeout=60)
+    cfg = RunConfig(target=SLOW, epochs=50, runs_dir=str(runs_dir), hyperparameters={"batch_s": 0.05}, plugins=[],
+                    listen="127.0.0.1:0", keys_dir=str(keys))
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_step(3, timeout_s=60)
+    host_port = json.loads((kernel.run_dir / "connection.json").read_text())["control"]
+    attachment = Attachment(target_of(host_port, str(keys / "monitor" / "watcher.key_secret"),
+                                      str(kernel.run_dir / "connection.json")))
+    started = None
+    with pytest.raises(AttachError) as lost:
+        for item in attachment:
+            if item is not None and item[0] == "snapshot" and started is None:
+                kernel.kill()
+                started = time.monotonic()
+            assert started is None or time.monotonic() - started < 60, "still trying"
+    said = str(lost.value)
+    assert said.startswith("lost the kernel (") and "could not reach it again after 2 tries" in said, said
+    assert ("its kernel has exited or hangs, or this machine no longer reaches its host (`trainbus runs list` on "
+            "the run's host says whether the run still goes; attach again once it answers)") in said, said
