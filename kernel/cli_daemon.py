@@ -251,7 +251,9 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
     if not as_json:
         for job in ended:  # a remote key's only view of how its submissions went
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["ended_ts"])) if job.get("ended_ts") else "?"
+            # why it failed, or who stopped it and why (a remote `daemon cancel` names the key)
+            why = job.get("error") or (job.get("status") == "stopped" and "; ".join(job.get("stop_reasons") or []))
             out.print(f"  ended {escape(str(job.get('run')))} {when}: {escape(str(job.get('status')))}"
-                      + (f" ({escape(str(job['error']))})" if job.get("error") else ""))
+                      + (f" ({escape(str(why))})" if why else ""))
     raise typer.Exit(code=0 if answer is not None else 3)
 

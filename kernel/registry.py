@@ -202,12 +202,13 @@ class Registry:
         from the runs table (what `runs list` shows for it): "deleted" when it has no row there any more (`runs
         delete`, or its directory removed by hand, which `runs list` forgets)."""
         cursor = self.db.execute(
-            "SELECT jobs.id, jobs.state, jobs.ended_ts, jobs.detail, jobs.submitted_by, runs.status, runs.error "
-            "FROM jobs LEFT JOIN runs ON runs.id = jobs.id WHERE jobs.state IN ('ended', 'cancelled') "
-            "ORDER BY jobs.ended_ts DESC, jobs.id LIMIT ?", (limit,))
+            "SELECT jobs.id, jobs.state, jobs.ended_ts, jobs.detail, jobs.submitted_by, runs.status, runs.error, "
+            "runs.stop_reasons FROM jobs LEFT JOIN runs ON runs.id = jobs.id WHERE jobs.state IN ('ended', "
+            "'cancelled') ORDER BY jobs.ended_ts DESC, jobs.id LIMIT ?", (limit,))
         return [{"run": run, "status": "cancelled" if state == "cancelled" else status or "deleted",
-                 "ended_ts": ended_ts, "submitted_by": by, "error": error, "detail": detail}
-                for run, state, ended_ts, detail, by, status, error in cursor]
+                 "ended_ts": ended_ts, "submitted_by": by, "error": error, "detail": detail,
+                 "stop_reasons": _text_list(reasons)}
+                for run, state, ended_ts, detail, by, status, error, reasons in cursor]
 
     def move_job(self, job_id: str, from_states: Iterable[str], **fields: Any) -> bool:
         """Set `fields` (state among them) on a job still in one of from_states; False when it was not (someone
@@ -254,6 +255,15 @@ def job_holds_run(job: dict[str, Any]) -> bool:
     if job["state"] == "queued" or job["pid"] is None:  # being started: the daemon knows its process soon
         return True
     return process_alive(job["pid"], job["pid_started"])
+
+
+def _text_list(stored: str | None) -> list[str]:
+    """A JSON list-of-text column as the list of its text items ([] for NULL, or a value damaged by hand)."""
+    try:
+        value = json.loads(stored) if stored else []
+    except ValueError:
+        return []
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
 
 
 def _to_row(run: dict[str, Any], observed_ts: float) -> tuple:

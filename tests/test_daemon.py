@@ -974,3 +974,25 @@ def test_a_flood_of_connections_with_no_key_costs_the_daemon_a_bounded_number_of
                  str(daemon_dir(runs) / "remote.json"), "--json", check=False)
     assert status.returncode == 0 and json.loads(status.stdout)["serving"] is True, status.stderr
     assert "TCP connections at once" in (daemon_dir(runs) / "daemon.log").read_text()
+
+
+def test_daemon_status_says_why_a_run_it_ended_was_stopped(tmp_path):
+    """A remote `daemon cancel` of a running run ends it `stopped`, its reason `cancelled by key alice` (docs/daemon.md):
+    `daemon status`, a remote key's only view, listed it as `stopped` alone, whoever stopped it and why. It now
+    gives the stop's reasons, as `failed` gives its error."""
+    from trainbus.kernel.daemon import submit
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    submit(runs, "r1", [TINY], None, TINY, {}, None, wake=False, by="key alice")
+    now = time.time()
+    with Registry(runs) as registry:
+        registry.move_job("r1", ["queued"], state="ended", ended_ts=now, exit_code=0, detail="run stopped, exit code 0")
+        registry.record([{"id": "r1", "dir": str(runs / "r1"), "status": "stopped", "target": TINY, "flags": {},
+                          "started_ts": now - 5, "stop_reasons": ["attach-ann@box-1: stop: cancelled by key alice"]}],
+                         now)
+    shown = cli("daemon", "status", "--runs-dir", str(runs), check=False)
+    assert shown.returncode == 3, shown.stderr
+    assert ": stopped (attach-ann@box-1: stop: cancelled by key alice)\n" in shown.stdout, shown.stdout
+    ended = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json", check=False).stdout)["ended"]
+    assert ended[0]["stop_reasons"] == ["attach-ann@box-1: stop: cancelled by key alice"], ended
