@@ -99,6 +99,10 @@ class KeyStore:
                 key.path.replace(self.directory / REVOKED / f"{name}~{fingerprint}.key")
                 key.path.with_suffix(SECRET_SUFFIX).unlink(missing_ok=True)
                 return key
+        revoked = [key for key in self.clients(unreadable=True) if key.name == name and key.role == REVOKED]
+        if revoked:  # a second revoke: not a typo's "no such key", which keys list would contradict
+            raise KeyFileError(f"client key {name!r} is revoked already ({revoked[-1].path}): it lets nothing in; "
+                               f"`trainbus keys list` shows the keys")
         raise KeyFileError(f"no client key named {name!r} in {self.directory}; `trainbus keys list` shows them")
 
     def clients(self, unreadable: bool = False) -> list[ClientKey]:

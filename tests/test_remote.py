@@ -1511,3 +1511,22 @@ def test_a_host_name_that_does_not_resolve_is_said_at_once_by_attach_and_daemon_
         dealer.close(linger=0)
     finally:
         ctx.destroy(linger=0)
+
+
+def test_revoking_a_key_revoked_already_says_so_not_that_there_is_no_such_key(tmp_path):
+    """`trainbus keys revoke bob` a second time said `no client key named 'bob'`, as for a typo, though `keys list`
+    shows bob, revoked: now it says the key is revoked already and where it is kept."""
+    store = KeyStore(tmp_path / "k")
+    store.generate_server()
+    store.generate_client("bob", "control")
+    store.revoke("bob")
+    cli = [str(Path(sys.executable).parent / "trainbus"), "keys", "revoke"]
+    again = subprocess.run([*cli, "bob", "--keys-dir", str(tmp_path / "k")], capture_output=True, text=True,
+                           timeout=60)
+    [kept] = (tmp_path / "k" / "revoked").glob("bob~*.key")
+    assert (again.returncode, again.stdout, again.stderr) == (2, "", (
+        f"error: client key 'bob' is revoked already ({kept}): it lets nothing in; `trainbus keys list` shows the "
+        f"keys\n"))
+    typo = subprocess.run([*cli, "bobb", "--keys-dir", str(tmp_path / "k")], capture_output=True, text=True,
+                          timeout=60)
+    assert typo.returncode == 2 and "no client key named 'bobb'" in typo.stderr, typo.stderr
