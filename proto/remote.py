@@ -194,6 +194,11 @@ class ConnectionWatch:
         self._shaken = False  # the latest connection met a handshake event (succeeded or failed)
         self._abandoned_at: float | None = None  # dropped with none, and no connect since (ABANDONED_S)
         self._unresolved: str | None = None  # why the endpoint's host name does not resolve, once a connect failed
+        self.shaken_ok = False  # a CURVE handshake succeeded here once: a trainbus peer with our keys answers
+
+    def refused_for(self, now: float) -> float:
+        """Seconds every connect has failed (refused or unreachable) while none was ever accepted; 0 otherwise."""
+        return now - self._first_retry if self._connected_at is None and self._first_retry is not None else 0.0
 
     def unresolved(self) -> str:
         """The line for an endpoint whose host name does not resolve ("" when it does, or before any connect failed):
@@ -255,6 +260,7 @@ class ConnectionWatch:
                                 f"endpoint it printed; a run's kernel.log names it)")
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._quick_drops = self._slow_drops = 0
+            self.shaken_ok = True
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400:  # the authenticator said no: final
             # (300 and 500, a failing authenticator, are left to the client's own retries: another try may pass)
             self.verdict = key_refused(self.endpoint)

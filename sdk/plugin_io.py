@@ -113,6 +113,7 @@ class PluginIO(threading.Thread):
             self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         # Over TCP a failed handshake is silence on the socket; libzmq's monitor says why, at once.
         self._watches: list[ConnectionWatch] = []
+        self._events_endpoint, self._unanswered_after_s = events_endpoint, unanswered_after_s
         if secure is not None:
             secure(self.sub)
             self._watches.append(ConnectionWatch(self.sub, events_endpoint))
@@ -223,6 +224,8 @@ class PluginIO(threading.Thread):
                 if watch.read():  # each turn (at most MAX_POLL_S apart): a silence can settle it too
                     self.gone = self.denied = watch.verdict
                     return
+            if self._not_a_run(now):
+                return
             self._take_ack(now)
             self._flush_outbox()
             # after the welcome only: before it the kernel refuses a heartbeat as from a stranger, and that refusal
@@ -292,6 +295,22 @@ class PluginIO(threading.Thread):
             with self.wake:
                 self.inbox.extend(burst)
                 self.wake.notify()
+
+    def _not_a_run(self, now: float) -> bool:
+        """An interactive client (unanswered_after_s) whose control port took our keys while the events port has
+        refused every connection that long: the port given is not a run's (a daemon's --listen endpoint is one port,
+        a run's three). Said for good (denied), where it waited out its first-contact window."""
+        if self._unanswered_after_s is None or len(self._watches) != 2:
+            return False
+        events, control_watch = self._watches
+        if not control_watch.shaken_ok or events.refused_for(now) < self._unanswered_after_s:
+            return False
+        self.gone = self.denied = (
+            f"{control_watch.endpoint} answers, but nothing accepts connections at {self._events_endpoint} (refused "
+            f"for {events.refused_for(now):.0f} s): that is not a run's --listen HOST:PORT (a run listens on PORT, "
+            f"PORT + 1 and PORT + 2; a daemon's endpoint is one port): give the port the run printed, or its "
+            f"connection.json")
+        return True
 
     def _read_control(self) -> None:
         while True:

@@ -996,3 +996,31 @@ def test_daemon_status_says_why_a_run_it_ended_was_stopped(tmp_path):
     assert ": stopped (attach-ann@box-1: stop: cancelled by key alice)\n" in shown.stdout, shown.stdout
     ended = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json", check=False).stdout)["ended"]
     assert ended[0]["stop_reasons"] == ["attach-ann@box-1: stop: cancelled by key alice"], ended
+
+
+def test_attach_given_the_daemons_endpoint_says_it_is_not_a_runs_at_once(tmp_path, daemons):
+    """`trainbus attach HOST:PORT` with the daemon's --listen endpoint (one port) instead of its run's (three): the
+    daemon took the CURVE handshake, nothing listened on PORT + 1, and attach waited 30 s to say `no kernel
+    heartbeat`, asking whether the run listens there. It now says within seconds that the port is not a run's."""
+    from trainbus.kernel.keys import KeyStore
+    from trainbus.proto.remote import UNANSWERED_S
+    from trainbus.sdk.attach import Attachment, TargetError, target_of
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    store = KeyStore(tmp_path / "keys")
+    store.generate_server()
+    watcher = store.generate_client("w", "monitor")[1]
+    start_daemon(daemons, runs, "--listen", "127.0.0.1:0", "--keys-dir", str(store.directory))
+    endpoint = json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"]
+    port = int(endpoint.rpartition(":")[2])
+    attachment = Attachment(target_of(endpoint, str(watcher), str(daemon_dir(runs) / "remote.json")))
+    started = time.monotonic()
+    with pytest.raises(TargetError) as said:
+        for _ in attachment:
+            assert time.monotonic() - started < 60, "still trying"
+    assert time.monotonic() - started < UNANSWERED_S + 5, f"took {time.monotonic() - started:.0f} s"
+    assert str(said.value).startswith(
+        f"{endpoint} answers, but nothing accepts connections at tcp://127.0.0.1:"), said.value
+    assert f":{port + 1} " in str(said.value) or f":{port + 2} " in str(said.value), said.value
+    assert "not a run's --listen HOST:PORT" in str(said.value), said.value
