@@ -977,9 +977,9 @@ def test_a_flood_of_connections_with_no_key_costs_the_daemon_a_bounded_number_of
 
 
 def test_daemon_status_says_why_a_run_it_ended_was_stopped(tmp_path):
-    """A remote `daemon cancel` of a running run ends it `stopped`, its reason `cancelled by key alice` (docs/daemon.md):
-    `daemon status`, a remote key's only view, listed it as `stopped` alone, whoever stopped it and why. It now
-    gives the stop's reasons, as `failed` gives its error."""
+    """A remote `daemon cancel` of a running run ends it `stopped`, its reason `cancelled by key alice`
+    (docs/daemon.md): `daemon status`, a remote key's only view, listed it as `stopped` alone, whoever stopped it
+    and why. It now gives the stop's reasons, as `failed` gives its error."""
     from trainbus.kernel.daemon import submit
 
     runs = tmp_path / "runs"
