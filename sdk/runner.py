@@ -27,8 +27,8 @@ from trainbus.proto import DURABLE, Event, control, events as ev, unpack
 from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.proto.process import exit_without_teardown
 from trainbus.proto.settings_format import METRIC_FIELDS, metrics_named
-from trainbus.proto.remote import (SERVER_KEY, KeyFileError, endpoints, keys_dir, load_secret, load_server_key,
-                                   read_connection_file, secure_client)
+from trainbus.proto.remote import (CONNECTION_FILE, SERVER_KEY, KeyFileError, endpoints, keys_dir, load_secret,
+                                   load_server_key, read_connection_file, secure_client)
 
 from .loader import where_raised
 from .plugin import KernelGoneInfo, Plugin, _snake, named_settings
@@ -695,6 +695,10 @@ def remote_endpoints(connect: str, key: str,
         except ValueError as exc:  # a run id or directory given with a key: name both forms a remote kernel has
             raise ValueError(f"{exc}: give the kernel's HOST:PORT or its run's connection.json") from None
         pinned = Path(server_key) if server_key else keys_dir() / f"{SERVER_KEY}.key"
+        if not server_key and not pinned.exists():  # a laptop's key directory holds no server key: say the option
+            raise KeyFileError(f"no server key {pinned} to pin for {connect}: give --server-key FILE (the host's "
+                               f"server.key, or a copy of the run's {CONNECTION_FILE}), or copy the host's "
+                               f"server.key there")
     # Read once, now: a missing or unreadable key is said at start, not left to a handshake that never ends, and
     # a key file moved or rotated while we run cannot fail a reconnect hours later.
     if isinstance(pinned, Path):

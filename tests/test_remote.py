@@ -1530,3 +1530,21 @@ def test_revoking_a_key_revoked_already_says_so_not_that_there_is_no_such_key(tm
     typo = subprocess.run([*cli, "bobb", "--keys-dir", str(tmp_path / "k")], capture_output=True, text=True,
                           timeout=60)
     assert typo.returncode == 2 and "no client key named 'bobb'" in typo.stderr, typo.stderr
+
+
+def test_a_remote_client_with_no_server_key_here_is_told_to_give_server_key(tmp_path):
+    """HOST:PORT without --server-key pins the server.key of this machine's key directory; on a laptop that has none
+    attach said `no key file .../server.key: copy it there ..., or name another`, never naming the option that
+    names another. Now the line says --server-key, and what it takes."""
+    store = KeyStore(tmp_path / "elsewhere")
+    client = store.generate_client("ann", "monitor")[1]
+    env = {**os.environ, "TRAINBUS_KEYS_DIR": str(tmp_path / "laptop")}
+    fix = ("give --server-key FILE (the host's server.key, or a copy of the run's connection.json), or copy the "
+           "host's server.key there")
+    for command in (["trainbus", "attach"], ["python", "-m", "trainbus.sdk", "trainbus.plugins.cpu_monitor:CpuMonitorPlugin",
+                                             "--connect"]):
+        exe = str(Path(sys.executable).parent / command[0]) if command[0] == "trainbus" else sys.executable
+        done = subprocess.run([exe, *command[1:], "127.0.0.1:5555", "--key", str(client)], capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert (done.returncode, done.stderr) == (2, f"error: no server key {tmp_path / 'laptop' / 'server.key'} "
+                                                     f"to pin for 127.0.0.1:5555: {fix}\n"), done.stderr
