@@ -205,6 +205,7 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
     queued, ended = (answer or {}).get("queued", []), (answer or {}).get("ended", [])
     unreadable = None  # no daemon, and a registry it could not read either: still exit 3, saying so
     orphans: dict[str, int] = {}
+    gone: list[str] = []
     if answer is None and (runs_dir / REGISTRY_NAME).is_file():
         try:
             with Registry(runs_dir) as registry:
@@ -212,8 +213,12 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
                 ended = daemon.ended_jobs(registry)
                 # runs a daemon started and still training while none watches them (it was killed): a daemon
                 # started again adopts them
-                orphans = {job["id"]: job["pid"] for job in registry.jobs(["starting", "running"])
+                started = registry.jobs(["starting", "running"])
+                orphans = {job["id"]: job["pid"] for job in started
                            if job["pid"] is not None and process_alive(job["pid"], job["pid_started"])}
+                # and those whose kernel is gone too (killed with the daemon, or after it): ended, though no daemon
+                # settled them yet; left out, the run a user looks for was in no line at all
+                gone = [job["id"] for job in started if job["pid"] is not None and job["id"] not in orphans]
         except RegistryError as exc:
             unreadable = str(exc)
         except sqlite3.Error as exc:  # a full disk: SQLite cannot even open it in WAL mode
@@ -224,7 +229,7 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
     if as_json:
         print(json.dumps({"serving": answer is not None, **(answer or {}), "queued": queued, "ended": ended,
                           **({"registry_error": unreadable} if unreadable else {}),
-                          **({"unwatched": orphans} if answer is None else {})}))
+                          **({"unwatched": orphans, "unwatched_gone": gone} if answer is None else {})}))
     elif answer is None:
         out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"  # and what starts the ones queued
                   + (f"; {len(queued)} run(s) queued: `trainbus daemon start --runs-dir {escape(str(runs_dir))}` "
@@ -233,6 +238,9 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
         for run_id, pid in orphans.items():
             out.print(f"  running {run_id} (pid {pid}), started by a daemon that is gone: `trainbus daemon start` "
                       f"watches it again")
+        for run_id in gone:
+            out.print(f"  gone {run_id}: started by a daemon that is gone, and its kernel is gone too (`trainbus runs "
+                      f"show {run_id}` says how it ended; `trainbus daemon start` records it as ended)")
     else:
         watched = answer.get("running") or {}
         out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])}: devices "

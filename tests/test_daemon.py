@@ -384,6 +384,28 @@ def test_the_queue_outlives_a_killed_daemon_and_a_running_run_outlives_it(tmp_pa
     assert found[third]["started_ts"] >= found[second]["ended_ts"] - 1.0, "two runs trained at once (max 1)"
 
 
+def test_with_no_daemon_status_names_a_run_whose_daemon_and_kernel_are_both_gone(tmp_path):
+    """What a daemon killed with its runs leaves in the registry: a job `running` under a pid that is gone. Status
+    listed the live ones ("started by a daemon that is gone") and left this one out, as if it never was."""
+    from trainbus.kernel import daemon
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    daemon.submit(runs, "20260101-000000-abcdef", [], None, None, {}, None, wake=False)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # its pid: a kernel that is gone
+    with Registry(runs) as registry:
+        registry.move_job("20260101-000000-abcdef", ["queued"], state="running", pid=ended.pid,
+                          pid_started=time.time() - 5)
+    status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
+    assert status.returncode == 3, status
+    assert ("  gone 20260101-000000-abcdef: started by a daemon that is gone, and its kernel is gone too (`trainbus "
+            "runs show 20260101-000000-abcdef` says how it ended; `trainbus daemon start` records it as ended)"
+            ) in status.stdout, status.stdout
+    as_json = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json", check=False).stdout)
+    assert as_json["unwatched"] == {} and as_json["unwatched_gone"] == ["20260101-000000-abcdef"], as_json
+
+
 def test_two_runs_asking_for_a_gpu_each_run_at_once_on_two_devices_and_a_third_waits(tmp_path, daemons):
     runs, gate = tmp_path / "runs", tmp_path / "gate"
     runs.mkdir()
