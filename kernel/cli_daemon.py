@@ -21,6 +21,9 @@ daemon_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
 
 RUNS_DIR_OPTION = typer.Option("runs", "--runs-dir", parser=runs_dir_path,
                                help="The runs directory it serves (default ./runs).")
+# None when not given: with --remote it is refused, not dropped (the remote daemon serves its own directory)
+LOCAL_RUNS_DIR_OPTION = typer.Option(None, "--runs-dir", parser=runs_dir_path,
+                                     help="The runs directory its daemon serves (default ./runs; not with --remote).")
 
 
 @daemon_app.command("start")
@@ -99,13 +102,21 @@ SERVER_KEY_OPTION = typer.Option(None, "--server-key", help="With --remote: the 
                                                            "file, or its .daemon/remote.json.")
 
 
-def _remote(remote: str | None, key: Path | None, server_key: Path | None):
+def _remote(remote: str | None, key: Path | None, server_key: Path | None, runs_dir: Path | None = None):
+    """The remote daemon --remote names, or None; UserError for an option that would be dropped without a word:
+    --key or --server-key without --remote (the local daemon was asked), --runs-dir with it."""
     from trainbus.proto.remote import KeyFileError
 
     from .daemon_client import RemoteDaemon
 
     if remote is None:
+        given = "--key" if key is not None else "--server-key" if server_key is not None else None
+        if given:
+            raise UserError(f"{given} is for a remote daemon: give --remote HOST:PORT with it, or leave it out")
         return None
+    if runs_dir is not None:
+        raise UserError("--runs-dir is for a daemon on this host: a remote daemon serves its own runs directory; "
+                        "leave --runs-dir out")
     if key is None or server_key is None:
         raise UserError("--remote needs --key (your secret key file) and --server-key (the daemon host's public key "
                         "file or .daemon/remote.json)")
@@ -156,7 +167,8 @@ def daemon_submit(
 
 @daemon_app.command("cancel")
 def daemon_cancel(
-    run: str = typer.Argument(..., help="A queued run's id, or a unique start of it."), runs_dir: Path = RUNS_DIR_OPTION,
+    run: str = typer.Argument(..., help="A queued run's id, or a unique start of it."),
+    runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
     remote: Optional[str] = REMOTE_OPTION, key: Optional[Path] = KEY_OPTION,
     server_key: Optional[Path] = SERVER_KEY_OPTION,
 ) -> None:
@@ -165,7 +177,8 @@ def daemon_cancel(
     from . import daemon
     from .registry import JobError
 
-    target = _remote(remote, key, server_key)
+    target = _remote(remote, key, server_key, runs_dir)
+    runs_dir = runs_dir or Path("runs")
     if target is not None:
         answer = _ask(runs_dir, target, "cancel", run=run)
         run = str(answer.get("run", run))
@@ -183,7 +196,7 @@ def daemon_cancel(
 
 
 @daemon_app.command("status")
-def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
+def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
                   as_json: bool = typer.Option(False, "--json", help="One JSON object."),
                   remote: Optional[str] = REMOTE_OPTION, key: Optional[Path] = KEY_OPTION,
                   server_key: Optional[Path] = SERVER_KEY_OPTION) -> None:
@@ -194,7 +207,8 @@ def daemon_status(runs_dir: Path = RUNS_DIR_OPTION,
     from .pids import process_alive
     from .registry import REGISTRY_NAME, Registry, RegistryError
 
-    target = _remote(remote, key, server_key)
+    target = _remote(remote, key, server_key, runs_dir)
+    runs_dir = runs_dir or Path("runs")
     if target is not None:
         answer = _ask(runs_dir, target, "status")
     else:

@@ -1046,3 +1046,18 @@ def test_attach_given_the_daemons_endpoint_says_it_is_not_a_runs_at_once(tmp_pat
         f"{endpoint} answers, but nothing accepts connections at tcp://127.0.0.1:"), said.value
     assert f":{port + 1} " in str(said.value) or f":{port + 2} " in str(said.value), said.value
     assert "not a run's --listen HOST:PORT" in str(said.value), said.value
+
+
+def test_remote_options_given_where_they_do_nothing_are_refused_in_one_line(tmp_path):
+    """--key or --server-key without --remote were dropped without a word (the local daemon was asked), and so was
+    --runs-dir with --remote (the remote daemon serves its own): each is refused, naming the fix."""
+    runs, key = tmp_path / "runs", tmp_path / "k.key_secret"
+    for command in (["status"], ["cancel", "x"]):
+        for option in ("--key", "--server-key"):
+            done = cli("daemon", *command, "--runs-dir", str(runs), option, str(key), check=False)
+            assert one_error_line(done).startswith(f"error: {option} is for a remote daemon: give --remote "
+                                                   f"HOST:PORT with it, or leave it out"), done.stderr
+        done = cli("daemon", *command, "--runs-dir", str(runs), "--remote", "127.0.0.1:9", "--key", str(key),
+                   "--server-key", str(key), check=False)
+        assert one_error_line(done).startswith("error: --runs-dir is for a daemon on this host: a remote daemon "
+                                               "serves its own runs directory; leave --runs-dir out"), done.stderr
