@@ -52,6 +52,9 @@ def keys_generate(
     """Make a CURVE key pair: public NAME.key and secret NAME.key_secret (0600, in a 0700 directory)."""
     from trainbus.proto.remote import KeyFileError
 
+    if kind == "server" and name is not None:  # a client named NAME was likely meant: not dropped without a word
+        raise UserError(f"`server` takes no NAME (there is one server pair per host): for a client's pair, give "
+                        f"`client {name}`")
     store = _store(keys_dir)
     try:
         if kind == "server":

@@ -1548,3 +1548,14 @@ def test_a_remote_client_with_no_server_key_here_is_told_to_give_server_key(tmp_
                               text=True, timeout=60, env=env)
         assert (done.returncode, done.stderr) == (2, f"error: no server key {tmp_path / 'laptop' / 'server.key'} "
                                                      f"to pin for 127.0.0.1:5555: {fix}\n"), done.stderr
+
+
+def test_keys_generate_server_with_a_name_is_refused_not_ignored(tmp_path):
+    """`trainbus keys generate server foo` made the server pair and dropped `foo` without a word (a client named foo
+    was likely meant)."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "trainbus"), "keys", "generate", "server", "foo",
+                           "--keys-dir", str(tmp_path / "k")], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, one_line(proc.stderr)) == (2, "error: `server` takes no NAME (there is one server pair "
+                                                            "per host): for a client's pair, give `client foo`\n")
+    assert not (tmp_path / "k" / "server.key").exists()
+
