@@ -729,6 +729,14 @@ def attach(
         raise UserError("--control reads its keys from a terminal, and stdin is not one: from a script, use "
                         "--stop REASON or --checkpoint REASON")
     where = run
+    if key is not None and "://" not in run and not re.fullmatch(r"[^/\s]+:\d+", run) and not run.endswith(".json"):
+        try:  # a run of this host's runs directory: said so, not that it is not HOST:PORT
+            local = runs.resolve_run(run, runs_dir)
+        except runs.RunLookupError:
+            local = None
+        if local is not None:
+            raise UserError(f"{run} is a run on this host ({local}): attach it without --key (--key and --server-key "
+                            f"are for a remote kernel's HOST:PORT or connection.json)")
     if "://" not in run and key is None:
         try:
             run_dir = runs.resolve_run(run, runs_dir)

@@ -1559,3 +1559,18 @@ def test_keys_generate_server_with_a_name_is_refused_not_ignored(tmp_path):
                                                             "per host): for a client's pair, give `client foo`\n")
     assert not (tmp_path / "k" / "server.key").exists()
 
+
+def test_attach_to_a_local_run_with_a_key_says_a_local_run_needs_none(tmp_path):
+    """`trainbus attach RUN_ID --key K` said RUN_ID was not HOST:PORT, as if the run could not be found: a run of
+    this host's runs directory needs no key, and the line says so."""
+    run_dir = tmp_path / "runs" / "20250101-120000-a1b2c3"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    for run in ("20250101-120000", str(run_dir)):
+        proc = subprocess.run([str(Path(sys.executable).parent / "trainbus"), "attach", run, "--runs-dir",
+                               str(tmp_path / "runs"), "--key", str(tmp_path / "nosuch.key_secret")],
+                              capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, one_line(proc.stderr)) == (2, f"error: {run} is a run on this host "
+                                                               f"({run_dir}): attach it without --key (--key and "
+                                                               f"--server-key are for a remote kernel's HOST:PORT or "
+                                                               f"connection.json)\n"), proc.stderr
