@@ -179,8 +179,12 @@ class ConnectionWatch:
               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
     def __init__(self, socket: zmq.Socket, endpoint: str, unanswered_after_s: float | None = None,
-                 server_key_file: str = f"the run's {CONNECTION_FILE}", service: str = "trainbus kernel"):
+                 server_key_file: str = f"the run's {CONNECTION_FILE}", service: str = "trainbus kernel",
+                 said_as: str | None = None):
         self.endpoint = endpoint
+        # what the lines about the host (its keys, its name) call it: the HOST:PORT the user gave, where this
+        # socket's endpoint is another port of it (events PORT + 1, bursts PORT + 2), never typed
+        self.said_as = said_as or endpoint
         # what the lines name: the file holding the server's public key, and what should listen there
         self.server_key_file, self.service = server_key_file, service
         self.unanswered_after_s = unanswered_after_s
@@ -212,7 +216,7 @@ class ConnectionWatch:
                 self._unresolved = ""
             except (socket.gaierror, UnicodeError) as exc:
                 why = exc.strerror if isinstance(exc, socket.gaierror) and exc.strerror else str(exc)
-                self._unresolved = (f"cannot resolve the host {host} of {self.endpoint} ({why}): check the HOST in "
+                self._unresolved = (f"cannot resolve the host {host} of {self.said_as} ({why}): check the HOST in "
                                     f"HOST:PORT (a name this machine knows, or an address)")
         return self._unresolved
 
@@ -263,7 +267,7 @@ class ConnectionWatch:
             self.shaken_ok = True
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400:  # the authenticator said no: final
             # (300 and 500, a failing authenticator, are left to the client's own retries: another try may pass)
-            self.verdict = key_refused(self.endpoint)
+            self.verdict = key_refused(self.said_as)
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             self.verdict = (f"{self.endpoint} does not speak CURVE: no trainbus kernel or daemon listens there with "
                             f"keys (is the port the one it printed?)"
@@ -279,7 +283,7 @@ class ConnectionWatch:
                                 f"the one there is hung")
             elif self._quick_drops >= self.QUICK_DROPS:
                 # A server without CURVE drops us as quickly when it notices the mismatch before we do.
-                self.verdict = (f"{self.endpoint} drops every handshake: the server key pinned for it is not that "
+                self.verdict = (f"{self.said_as} drops every handshake: the server key pinned for it is not that "
                                 f"host's (give --server-key its server.key, or {self.server_key_file}), its "
                                 f"authenticator is down, or no {self.service} listens there with keys")
 

@@ -116,7 +116,7 @@ class PluginIO(threading.Thread):
         self._events_endpoint, self._unanswered_after_s = events_endpoint, unanswered_after_s
         if secure is not None:
             secure(self.sub)
-            self._watches.append(ConnectionWatch(self.sub, events_endpoint))
+            self._watches.append(ConnectionWatch(self.sub, events_endpoint, said_as=control_endpoint))
         self.sub.connect(events_endpoint)
         self.dealer = self.ctx.socket(zmq.DEALER)
         # Our own routing id: when libzmq reconnects (the kernel dropped an oversized message's connection)

@@ -1574,3 +1574,29 @@ def test_attach_to_a_local_run_with_a_key_says_a_local_run_needs_none(tmp_path):
                                                                f"({run_dir}): attach it without --key (--key and "
                                                                f"--server-key are for a remote kernel's HOST:PORT or "
                                                                f"connection.json)\n"), proc.stderr
+
+
+def test_a_refused_key_and_an_unresolved_host_are_said_of_the_host_port_given_not_another_port(keys):
+    """Attach takes its events from PORT + 2 and a plugin from PORT + 1: whichever socket's handshake failed first
+    named its own port, so a refused key was said of PORT + 2 (and a plugin's unresolved host of PORT + 1), a
+    port the user never typed. The line names HOST:PORT as given."""
+    from trainbus.sdk.attach import Attachment, TargetError, target_of
+
+    listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), TCP_EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
+    port = int(listener.control_endpoint.rpartition(":")[2])
+    try:
+        for _ in range(3):  # which socket fails first is a race: a few tries make the wrong one likely to show
+            attachment = Attachment(target_of(f"127.0.0.1:{port}", str(keys["stranger"]), str(keys["dir"] / "server.key")))
+            with pytest.raises(TargetError) as refused:
+                for _ in attachment:
+                    pass
+            assert str(refused.value).startswith(f"tcp://127.0.0.1:{port} {REFUSED_KEY}"), str(refused.value)
+    finally:
+        listener.close()
+    code = ("import sys, trainbus.sdk.plugin_io as io; io.CONNECT_TIMEOUT_S = 2.0; "
+            "from trainbus.sdk.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "trainbus.plugins.cpu_monitor:CpuMonitorPlugin", "--connect",
+                           f"{UNKNOWN_HOST}:5555", "--key", str(keys["watcher"]), "--server-key",
+                           str(keys["dir"] / "server.key")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and f"cannot resolve the host {UNKNOWN_HOST} of tcp://{UNKNOWN_HOST}:5555 (" in \
+        one_line(proc.stderr), proc.stderr
