@@ -31,6 +31,11 @@ REFUSAL_REPEAT_S = 1.0  # a refusal is told again to the same peer for the same 
 COMMAND_IDS_KEPT = 4096  # (sender, id) of stop/checkpoint_now commands seen: a resent one is ignored
 COMMAND_ID_MAX_CHARS = 128  # of an id, what is remembered (the memory kept is bounded whatever peers send)
 VOTES_TOLD_MAX = 1024  # names told that some of their votes are never waited for (more names: not told again)
+# A daemon's request (kernel/daemon_client.py: a msgpack map whose first key is "op") sent to a run's port, as
+# `daemon status --remote` given a run's --listen endpoint does: malformed here, and dropped unanswered the client
+# waited out its whole timeout to say no daemon answered. It is refused with this code (PROTOCOL.md §11), which the
+# client says at once. Told by its first four bytes (a fixmap header, then the fixstr "op"), never decoded again.
+NOT_A_DAEMON = "not_a_daemon"
 
 
 class Dispatcher:
@@ -61,6 +66,11 @@ class Dispatcher:
         try:
             msg = decode_control(raw)
         except ProtocolError as exc:
+            if len(raw) >= 4 and 0x81 <= raw[0] <= 0x8F and raw[1:4] == b"\xa2op":  # a daemon's request
+                self._refuse(identity, "daemon_request", Refused(NOT_A_DAEMON, "this is a run's kernel, not a "
+                                                                 "daemon: give the daemon's --listen HOST:PORT"),
+                             time.monotonic())
+                return
             self.malformed(str(exc))
             return
         kind, now = msg["type"], time.monotonic()

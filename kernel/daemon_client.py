@@ -82,10 +82,17 @@ def request(runs_dir: Path | None, op: str, timeout_s: float | None = None, remo
             socket.connect(endpoint)
         else:
             watch = remote.connect(socket)
-        socket.send(msgpack.packb({"op": op, **fields}))
+        socket.send(msgpack.packb({"op": op, **fields}))  # "op" first: a run's kernel knows it by that (control.py)
         if not _answered(socket, timeout_s, watch):
             return None
         reply = unpack(socket.recv())
+        if remote is not None and isinstance(reply, dict) and reply.get("type") == "refused" \
+                and reply.get("code") == "not_a_daemon":  # kernel/control.py NOT_A_DAEMON: a run's kernel answered
+            from trainbus.proto.remote import CannotConnect
+
+            raise CannotConnect(f"{remote.host_port} is a run's --listen endpoint (a trainbus kernel answered), not a "
+                                f"daemon's: give the daemon's --listen HOST:PORT (the endpoint in its "
+                                f".daemon/{REMOTE_FILE})")
         return reply if isinstance(reply, dict) else None
     except (zmq.ZMQError, ProtocolError):
         return None

@@ -1600,3 +1600,23 @@ def test_a_refused_key_and_an_unresolved_host_are_said_of_the_host_port_given_no
                            str(keys["dir"] / "server.key")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and f"cannot resolve the host {UNKNOWN_HOST} of tcp://{UNKNOWN_HOST}:5555 (" in \
         one_line(proc.stderr), proc.stderr
+
+
+def test_daemon_status_given_a_runs_endpoint_says_within_seconds_it_is_not_a_daemons(keys, runs_dir, tmp_path,
+                                                                                     kernels):
+    """`trainbus daemon status --remote HOST:PORT` with a run's --listen port: the kernel took the CURVE handshake
+    and dropped the daemon request as malformed, unanswered, so the client waited its whole 15 s and said `no daemon
+    answered`. The kernel now answers it with a `refused` (code not_a_daemon), which the client says at once."""
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=50), tmp_path)
+    kernels.append(kernel)
+    host_port = connection(kernel)["control"].removeprefix("tcp://")
+    started = time.monotonic()
+    status = subprocess.run(trainbus_cmd() + ["daemon", "status", "--remote", host_port, "--key", str(keys["watcher"]),
+                                              "--server-key", str(keys["dir"] / "server.key")],
+                            capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    kernel.kill()
+    assert (status.returncode, one_line(status.stderr)) == (
+        2, f"error: {host_port} is a run's --listen endpoint (a trainbus kernel answered), not a daemon's: give the "
+           f"daemon's --listen HOST:PORT (the endpoint in its .daemon/remote.json)\n"), status.stderr
+    assert elapsed < 8, f"took {elapsed:.1f} s"
