@@ -1586,7 +1586,8 @@ def test_a_refused_key_and_an_unresolved_host_are_said_of_the_host_port_given_no
     port = int(listener.control_endpoint.rpartition(":")[2])
     try:
         for _ in range(3):  # which socket fails first is a race: a few tries make the wrong one likely to show
-            attachment = Attachment(target_of(f"127.0.0.1:{port}", str(keys["stranger"]), str(keys["dir"] / "server.key")))
+            server_key = str(keys["dir"] / "server.key")
+            attachment = Attachment(target_of(f"127.0.0.1:{port}", str(keys["stranger"]), server_key))
             with pytest.raises(TargetError) as refused:
                 for _ in attachment:
                     pass
