@@ -261,7 +261,9 @@ class Daemon:
 
     # -- one round ------------------------------------------------------------------------------------
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float, start: bool = True) -> None:
+        """One round: adopt (the first), settle the runs that ended, start what the queue lets (not with `start`
+        false: the daemon's first round, before it serves and logs that it does)."""
         with Registry(self.runs_dir) as registry:
             if not self.adopted:
                 self._adopt(registry, now)
@@ -282,6 +284,7 @@ class Daemon:
                                   self.max_concurrent)
             for job, why in never:
                 self._fail_unstarted(registry, job, why, now)
+            starts = starts if start else []
             if starts:
                 self._check_output_disk()
             for job, devices in starts:
@@ -300,12 +303,12 @@ class Daemon:
             raise DaemonError(f"queued runs wait: {directory} has under {OUTPUT_FREE_MIN >> 20} MiB free and a run "
                               f"started now would fail writing its output there; free space there and they start")
 
-    def safe_tick(self, now: float, fatal: tuple[type[Exception], ...] = ()) -> None:
+    def safe_tick(self, now: float, fatal: tuple[type[Exception], ...] = (), start: bool = True) -> None:
         """tick, surviving what a round can meet (the registry locked by another writer for long, a full disk, a
         bug): said in the log, once per kind in a row, and tried again at the next round. The runs train on, and
         status and stop keep answering. `fatal`: raised as they are."""
         try:
-            self.tick(now)
+            self.tick(now, start)
         except fatal:
             raise
         except Exception as exc:
@@ -470,7 +473,8 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
     _log_to(directory / LOG_FILE, foreground_log)
     daemon = Daemon(runs_dir, detected_devices() if devices is None else devices, max_concurrent)
     try:
-        daemon.safe_tick(time.time(), fatal=(RegistryError,))  # a registry it cannot read: a refusal to start
+        # a registry it cannot read: a refusal to start; the queued runs start once it serves (its log says so first)
+        daemon.safe_tick(time.time(), fatal=(RegistryError,), start=False)
         # the TCP endpoint before the local one: a port it cannot bind leaves no endpoint file for clients to try
         remote = Remote(listen, keys_dir, directory) if listen else None
     except BaseException:  # ListenError, KeyFileError, DaemonError, RegistryError: each names its fix (the CLI)
@@ -491,7 +495,7 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
         poller.register(remote.socket, zmq.POLLIN)
         poller.register(remote.crowd.monitor, zmq.POLLIN)
     try:
-        next_tick = time.monotonic() + TICK_S
+        next_tick = time.monotonic()  # the first round that starts runs: now
         while not stopping:
             ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000))))
             if socket in ready:

@@ -1061,3 +1061,18 @@ def test_remote_options_given_where_they_do_nothing_are_refused_in_one_line(tmp_
                    "--server-key", str(key), check=False)
         assert one_error_line(done).startswith("error: --runs-dir is for a daemon on this host: a remote daemon "
                                                "serves its own runs directory; leave --runs-dir out"), done.stderr
+
+
+def test_a_run_queued_before_the_daemon_starts_is_logged_started_after_the_daemon_serves(tmp_path, daemons):
+    """The daemon's first round (before it bound its sockets) started the queued runs, so its log said a run
+    `started` before the daemon's `serving` line: read top down, a run started by no daemon. Lines come as they
+    happen: serving, then started."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    queued = submit(runs)
+    start_daemon(daemons, runs)
+    log = daemon_dir(runs) / "daemon.log"
+    wait_until(lambda: f"{queued}: started (pid" in log.read_text(), 30, "the queued run started")
+    text = log.read_text()
+    assert text.index(" serving ") < text.index(f"{queued}: started (pid"), text
+    wait_until(lambda: listed(runs)[queued]["status"] == "completed", WAIT_S, "the run completed")
