@@ -2,6 +2,7 @@
 
 from . import events
 from .codec import (
+    MAX_EVENT_BYTES,
     MAX_MESSAGE_BYTES,
     ProtocolError,
     check_control,
@@ -36,6 +37,7 @@ __all__ = [
     "DURABLE",
     "Event",
     "JOURNAL_NAME",
+    "MAX_EVENT_BYTES",
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
     "ProtocolError",

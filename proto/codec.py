@@ -15,6 +15,9 @@ from .messages import (CONTROL_SCHEMAS, DELIVERY_CLASSES, LOG_LEVELS, PEER_NAME_
 # Limits on what a peer may make us allocate. A hostile or garbled message fails fast with
 # ProtocolError instead of costing memory; sockets also cap whole messages (MAX_MESSAGE_BYTES).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a replay batch is the largest message (REPLAY_BATCH_MAX_BYTES)
+# One event, less than any message: it must fit alone in a replay_batch (a ~40-byte head around it) and in a burst,
+# both bounded by MAX_MESSAGE_BYTES, or a client is dropped at that batch and asks for it again, forever.
+MAX_EVENT_BYTES = MAX_MESSAGE_BYTES - 1024
 MAX_STR_BYTES = 1024 * 1024
 MAX_BIN_BYTES = 1024 * 1024
 MAX_ARRAY_LEN = 100_000
@@ -143,9 +146,12 @@ def _checked_event_from_map(m: Any) -> Event:
 
 
 def encode_event(event: Event, check: bool = True, packer: msgpack.Packer | None = None) -> bytes:
-    """The envelope's bytes; ProtocolError when a peer could not decode them (int map keys, over-long values).
-    check=False leaves out that decode, for data known to be plain numbers (the loop's per-step events)."""
+    """The envelope's bytes; ProtocolError when a peer could not decode them (int map keys, over-long values) or
+    they are over MAX_EVENT_BYTES. check=False leaves out that decode, for data known to be plain numbers (the
+    loop's per-step events); the size is checked always."""
     raw = pack(event_to_map(event), packer)
+    if len(raw) > MAX_EVENT_BYTES:
+        raise ProtocolError(f"event of {len(raw):,} bytes exceeds {MAX_EVENT_BYTES:,} (MAX_EVENT_BYTES)")
     if check:
         unpack(raw)
     return raw

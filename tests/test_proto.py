@@ -446,3 +446,22 @@ def test_a_duration_reads_as_people_say_it(seconds, text):
     from trainbus.proto.text import duration_text
 
     assert duration_text(seconds) == text
+
+
+def test_an_event_encode_event_accepts_fits_in_a_replay_batch_a_client_accepts():
+    # PROTOCOL.md §3 tells clients MAXMSGSIZE 16 MiB: an event that encodes must reach them by replay too, alone in a
+    # batch, else a client drops the connection at every batch and asks for the same one again, forever.
+    from trainbus.proto.codec import encode_replay_batch
+    chunk = "x" * (MAX_STR_BYTES - 64)
+    data = {f"k{i}": chunk for i in range(MAX_MESSAGE_BYTES // (len(chunk) + 16))}
+    data["pad"] = "y" * 1000  # its length header (str 16) keeps its size as the pad shrinks below
+    fill = 1000 + MAX_MESSAGE_BYTES - len(pack(event_to_map(replace(EVENT, data=data))))
+    for shave in (0, 8, 40):  # the envelope at or just under 16 MiB, the largest a decoder takes
+        data["pad"] = "y" * (fill - shave)
+        assert len(pack(event_to_map(replace(EVENT, data=data)))) == MAX_MESSAGE_BYTES - shave
+        try:
+            raw = encode_event(replace(EVENT, data=data))
+        except ProtocolError:
+            continue  # refused at the sender: fine
+        batch = len(encode_replay_batch(1, raw, True))
+        assert batch <= MAX_MESSAGE_BYTES, f"an event of {len(raw)} bytes makes a replay batch of {batch}"
