@@ -38,11 +38,15 @@ class TokenBucket:
         self.tokens = self.capacity
         self.updated = now
 
-    def take(self, now: float, cost: float = 1.0) -> bool:
-        """Spend `cost` tokens if there are that many; False (nothing spent) otherwise."""
+    def refill(self, now: float) -> float:
+        """The tokens there are at `now` (what has come back since the last look added)."""
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens < cost:
+        return self.tokens
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Spend `cost` tokens if there are that many; False (nothing spent) otherwise."""
+        if self.refill(now) < cost:
             return False
         self.tokens -= cost
         return True
@@ -59,11 +63,14 @@ class PeerBudget:
         self.replays = TokenBucket(limits.replay_batches_per_s, now)
 
     def admit(self, kind: str, nbytes: int, now: float) -> bool:
-        """A metric or log message of `nbytes` payload may go through (both its buckets had room)."""
-        bucket = self.metrics if kind == "metric" else self.logs
-        if not bucket.take(now):
+        """A metric or log message of `nbytes` payload may go through (both its buckets had room). A refused one
+        spends nothing: a count token spent on a message the byte bucket refused would starve the next one."""
+        bucket, cost = self.metrics if kind == "metric" else self.logs, min(nbytes, self.bytes.capacity)
+        if bucket.refill(now) < 1 or self.bytes.refill(now) < cost:
             return False
-        return self.bytes.take(now, min(nbytes, self.bytes.capacity))
+        bucket.tokens -= 1
+        self.bytes.tokens -= cost
+        return True
 
 
 def truncate(text: str, max_chars: int) -> tuple[str, bool]:

@@ -102,6 +102,14 @@ def test_one_message_larger_than_the_byte_bucket_passes_when_it_is_full_and_then
     assert budget.admit("log", 10**6, T0 + 2.0)  # full again after BURST_S
 
 
+def test_a_message_the_byte_bucket_refuses_spends_no_count_token():
+    budget = PeerBudget(PeerLimits(metrics_per_s=1.0, bytes_per_s=100.0), T0)  # 2 messages, 200 bytes
+    assert budget.admit("metric", 200, T0)
+    assert not budget.admit("metric", 50, T0)  # no bytes left: refused, and its count token is not spent either
+    # half a second on: 50 bytes back and half a count token, so 1.5 left (0.5 if the refusal had spent one)
+    assert budget.admit("metric", 50, T0 + 0.5)
+
+
 def test_metric_and_log_messages_have_separate_count_buckets_and_share_the_bytes():
     limits = PeerLimits(metrics_per_s=1.0, logs_per_s=2.0, bytes_per_s=10**6)
     budget = PeerBudget(limits, T0)
