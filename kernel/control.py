@@ -141,7 +141,9 @@ class Dispatcher:
             "welcome", run=self.bus.run_id, resume_from=self.peers.resume_from(peer, self.bus.last_seq + 1),
             heartbeat_interval_s=self.bus.heartbeat_interval_s, session_seq=self.bus.session_seq)))
         self.bus.emit(ev.PLUGIN_READY, {"plugin": peer.name, "pid": peer.pid, "delivery": peer.delivery})
-        unawaited = sorted(set(peer.votes) - ev.VOTED_EVENTS)
+        # what the peer keeps (peer.votes) is trimmed to the awaited types: the rest is in its hello, a monitor key's
+        # ignored unsaid (§15)
+        unawaited = sorted(set(msg["votes"]) - ev.VOTED_EVENTS) if not peer.key_name or peer.role == "control" else []
         if unawaited and peer.name not in self._votes_told and len(self._votes_told) < VOTES_TOLD_MAX:
             # a hello may vote at any type (§7.1), but training waits only at end_epoch: a stop decided at another
             # lands at the next step boundary, late, and its author should hear why once

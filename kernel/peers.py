@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from trainbus.proto import DURABLE
+from trainbus.proto import events as ev
 
 from .credentials import Credentials
 from .keys import ClientKey
@@ -64,7 +65,7 @@ class Peer:
     pid: int
     delivery: str
     replies: frozenset[str]
-    votes: tuple[str, ...]
+    votes: frozenset[str]  # only types the kernel waits at (ev.VOTED_EVENTS): voters_behind reads it at every check
     capabilities: tuple[str, ...]
     spawned: bool
     last_seen: float
@@ -151,7 +152,10 @@ class Peers:
         # A vote makes training wait (up to vote_timeout_s an epoch), and a persister holds every snapshot buffer
         # until it settles it (the run's checkpoints skipped meanwhile): both steer the run, a monitor key's must not.
         steers = key is None or key.role == "control"
-        votes, capabilities = (tuple(hello["votes"]), tuple(hello["capabilities"])) if steers else ((), ())
+        # Votes at types the kernel never waits at mean nothing, and a repeat adds nothing: kept, a 100k-entry list
+        # (a 256 KiB hello) would be walked at every check of every vote wait (PROTOCOL.md §7.1).
+        votes = frozenset(hello["votes"]) & ev.VOTED_EVENTS if steers else frozenset()
+        capabilities = tuple(hello["capabilities"]) if steers else ()
         budget = PeerBudget(self.limits, now) if key is None else \
             self._key_budgets.setdefault(key.name, PeerBudget(self.limits, now))
         peer = Peer(identity, name, pid, hello["delivery"], frozenset(hello["replies"]), votes,

@@ -29,6 +29,7 @@ from trainbus.kernel.keys import ClientKey
 from trainbus.kernel.peers import ALWAYS_ALLOWED, MAX_NAMES, MAX_PEERS, OWNER_ONLY, PERSISTER_MESSAGES, Peers, Refused
 from trainbus.proto import (BEST_EFFORT, DURABLE, Event, control, decode_control, encode_control, encode_event,
                             encode_replay_batch, event_from_map, pack)
+from trainbus.proto import events as ev
 from trainbus.proto.journal_format import iter_records
 
 LIVENESS_S = 3.0
@@ -388,6 +389,16 @@ def test_only_the_runs_owner_may_attach_or_detach_plugins(tmp_path):
                 peers.check_allowed(peer, kind)
             assert caught.value.code == "not_owner" and not caught.value.welcome_lost
     peers.check_allowed(remote, "stop")  # what its role allows it still may
+
+
+def test_a_hellos_votes_are_kept_as_the_types_the_kernel_waits_at_only(table):
+    """voters_behind runs at every check of a vote wait: a 100k-entry votes list (~256 KiB hello) must not make
+    each check walk it. Only the types the kernel waits at mean anything; duplicates collapse (PROTOCOL.md §7.1)."""
+    peers, credentials, _ = table
+    votes = ["end_epoch"] * 50_000 + [f"t{i}" for i in range(50_000)]
+    peer = peers.welcome(b"v", hello("voter", 8, credentials.attach_token(), votes=votes), T0)
+    assert sorted(peer.votes) == sorted(ev.VOTED_EVENTS)
+    assert peers.voters_behind("end_epoch", 5, T0) == ["voter"] and peers.voters_behind("t7", 5, T0) == []
 
 
 @pytest.mark.parametrize("role, counted", [("monitor", False), ("control", True)])
