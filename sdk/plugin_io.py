@@ -28,7 +28,9 @@ from trainbus.proto.remote import ConnectionWatch
 from .tracebacks import user_stack
 
 HEARTBEAT_LIVENESS = 3  # kernel silent this many intervals -> gone (zguide's Paranoid Pirate)
-NAME_HELD = "a live peer holds that name"  # the kernel's refusal of a hello under a name still held (kernel/peers.py)
+# the code of the kernel's refusal of a hello under a name still held (PROTOCOL.md §2): the code, not the reason's
+# text, which quotes the name (any string) and is worded for people
+NAME_HELD = "hello_name_taken"
 CONNECT_TIMEOUT_S = 30.0  # no heartbeat from the kernel this long after start: give up
 INBOX_MAX_EVENTS = 10_000  # live events held for a slow handler; beyond it they are dropped (and replayed)
 # The I/O thread sleeps until something arrives, is to be sent, or a heartbeat or the kernel's liveness is due,
@@ -328,7 +330,7 @@ class PluginIO(threading.Thread):
                     _say(f"[{self.hello['name']}] the kernel did not act on a message: {msg['reason']}")
                 self.not_acted.append(msg["reason"])
                 continue
-            if (msg["type"] == "refused" and not self.welcomed and NAME_HELD in msg["reason"]
+            if (msg["type"] == "refused" and not self.welcomed and msg["code"] == NAME_HELD
                     and self._hello_tries_left > 0):
                 self._hello_tries_left -= 1
                 self.said_hello, self._hello_at = False, time.monotonic() + self.heartbeat_interval_s

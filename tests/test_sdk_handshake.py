@@ -93,9 +93,13 @@ def test_a_plugin_run_by_hand_takes_its_name_and_settings_from_the_command_line(
                                                "be a number\n")
 
 
-def test_a_plugin_restarted_under_a_name_its_killed_predecessor_still_holds_says_hello_again_until_welcome(tmp_path):
+@pytest.mark.parametrize("reason", ["hello as 'rec1' refused: a live peer holds that name",
+                                    "hello as 'rec1' refused: that name is in use"], ids=["as said", "reworded"])
+def test_a_plugin_restarted_under_a_name_its_killed_predecessor_still_holds_says_hello_again_until_welcome(
+        tmp_path, reason):
     # PROTOCOL.md §2: the name is free once the old peer has been silent for the liveness window; until then each
-    # hello is refused (told at most once a second), and the client says hello again an interval later
+    # hello is refused (told at most once a second), and the client says hello again an interval later. The client
+    # knows the refusal by its code, as PROTOCOL.md tells raw clients: a reason is text for people, worded at will
     record = tmp_path / "record.txt"
     kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
     proc = kernel.start_plugin("fixture_plugins:LiveRecorder", "live", {"path": str(record)}, tmp_path,
@@ -104,7 +108,7 @@ def test_a_plugin_restarted_under_a_name_its_killed_predecessor_still_holds_says
         identity, _ = _hello(kernel)
         refused_at = time.monotonic()
         kernel.router.send_multipart([identity, encode_control(control(
-            "refused", reason="hello as 'rec1' refused: a live peer holds that name", welcome_lost=True))])
+            "refused", reason=reason, welcome_lost=True, code="hello_name_taken"))])
         again = None  # events go on meanwhile, every 0.1 s: the next hello waits an interval all the same
         while again is None or again[1]["type"] != "hello":
             assert time.monotonic() - refused_at < 20, "no second hello"
@@ -120,6 +124,26 @@ def test_a_plugin_restarted_under_a_name_its_killed_predecessor_still_holds_says
     finally:
         _close(proc, kernel)
     assert [line.split()[1] for line in record.read_text().splitlines()] == ["end_training_session"]
+
+
+def test_a_refused_hello_whose_reason_only_quotes_the_name_held_text_ends_the_client(tmp_path):
+    # a reason quotes the name, which is any string: a refusal of another code must not be taken for a name held
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    name = "a live peer holds that name"
+    proc = kernel.start_plugin("fixture_plugins:LiveRecorder", "live", {"path": str(tmp_path / "r.txt")}, tmp_path,
+                               args=["--name", name])
+    try:
+        identity, _ = _hello(kernel)
+        kernel.router.send_multipart([identity, encode_control(control(
+            "refused", reason=f"hello as {name!r} refused: wrong secret", welcome_lost=True, code="hello_secret"))])
+        refused_at = time.monotonic()
+        while proc.poll() is None:  # heartbeats go on, as from a live kernel: a client retrying says hello again
+            assert time.monotonic() - refused_at < 10, "the client did not end at its refusal"
+            kernel.publish("heartbeat", interval_s=1.0)
+            again = kernel.receive(100)
+            assert again is None, f"took the refusal for a name held and said hello again: {again}"
+    finally:
+        _close(proc, kernel)
 
 
 @pytest.mark.parametrize("finishes", [True, False], ids=["handler finishes", "handler cut short"])
