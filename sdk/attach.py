@@ -71,7 +71,7 @@ class Target:
     # we were given (a run directory when read in place; a copy elsewhere has none, and the run's end is then
     # known only from its events). Never the credential's place: over TCP the key proves us, and no secret leaves.
     ended_dir: Path | None = None
-    # Its bursts PUB (every event of a flush as one message): what the client subscribes to when there is one, "" when
+    # Its bursts XPUB (every event of a flush as one message): what the client subscribes to when there is one, "" when
     # not known (EVENTS,CONTROL given, an older kernel): then the events PUB, an event a message.
     bursts: str = ""
 

@@ -54,7 +54,7 @@ class PluginIO(threading.Thread):
                  bursts: bool = False, unanswered_after_s: float | None = None):
         """`secure`, when given, is applied to both sockets before they connect (a remote kernel's CURVE keys).
         `log_not_acted`: a refused single message is also a line on stderr (a plugin's log); attach shows its own.
-        `bursts`: `events_endpoint` is the kernel's bursts PUB (every event, a flush's in one message; topics [""]).
+        `bursts`: `events_endpoint` is the kernel's bursts XPUB (every event, a flush's in one message; topics [""]).
         `unanswered_after_s` (with `secure`): give up when the control endpoint accepted no connection that long
         (ConnectionWatch; None: wait out CONNECT_TIMEOUT_S, as a plugin started before its kernel must)."""
         super().__init__(name="trainbus-plugin-io", daemon=True)
@@ -428,7 +428,7 @@ def _one_event(frames: list[zmq.Frame]) -> list[Event]:
 
 
 def _burst_events(frames: list[zmq.Frame]) -> list[Event]:
-    """A bursts PUB's message: [burst], the envelopes of one flush as one array (PROTOCOL.md §4)."""
+    """A bursts XPUB's message: [burst], the envelopes of one flush as one array (PROTOCOL.md §4)."""
     if len(frames) != 1:
         raise ProtocolError(f"expected 1 frame, got {len(frames)}")
     return decode_burst(frames[0].bytes)
