@@ -643,6 +643,27 @@ def test_votes_at_a_type_the_kernel_never_waits_at_are_said_once_in_kernel_log(
     assert "end_epoch," not in said[0] and "end_epoch only" in said[0], said
 
 
+def test_a_hello_said_again_on_a_welcomed_connection_under_its_name_is_one_plugin_ready(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C36] §7.1: `plugin_ready` says a peer became ready. A client saying hello again on the connection welcomed
+    under that same name (a retry of a welcome it did not see in time) is welcomed again, and was journaled ready
+    again: `runs show`, the console and the run's state saw one peer come up twice and leave once."""
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels)
+    try:
+        for _ in range(2):
+            client.hello(NAME, attach_credential(kernel.run_dir))
+            client.wait_reply("welcome")  # each hello is answered: the retrying client needs its welcome
+        client.send("bye", reason="done")
+        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+    finally:
+        client.close()
+    open_gate(gate, 10**6)
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+    events = read_events(kernel.run_dir)
+    assert [e.data["plugin"] for e in of(events, "plugin_ready")].count(NAME) == 1
+    assert [e.data["plugin"] for e in of(events, "plugin_exited")].count(NAME) == 1
+
+
 def test_a_hello_whose_secret_is_not_ascii_is_refused_as_a_wrong_secret(short_runs, tmp_path, kernels):  # noqa: F811
     """[C34] a hello whose secret does not prove its name is refused (§7.1). A raw client's secret with a character
     outside ASCII (a credential read with a byte-order mark, a typo'd paste) raised TypeError in the bus thread
