@@ -186,8 +186,9 @@ class Dispatcher:
             if peer.replay_from is None or not peer.budget.replays.take(now):
                 continue
             from_seq, peer.replay_from = max(peer.replay_from, journal.first_seq), None
-            count, records = journal.read_range(from_seq, REPLAY_BATCH_MAX_EVENTS, REPLAY_BATCH_MAX_BYTES)
-            done = from_seq + count - 1 >= journal.written_seq
+            # where the batch begins: past from_seq when a lost segment was skipped, so done is reckoned from there
+            first, count, records = journal.read_batch(from_seq, REPLAY_BATCH_MAX_EVENTS, REPLAY_BATCH_MAX_BYTES)
+            done = first + count - 1 >= journal.written_seq
             self.bus.send(peer.identity, encode_replay_batch(count, records, done))
             self.counters["replayed"] += count
 

@@ -272,6 +272,10 @@ class Journal:
     def read_range(self, from_seq: int, max_events: int, max_bytes: int) -> tuple[int, bytes]:
         """(count, bytes as stored) of written records from from_seq on: at most max_events, and max_bytes
         unless one record alone is larger. A range starting in a closed segment ends with that segment."""
+        return self.read_batch(from_seq, max_events, max_bytes)[1:]
+
+    def read_batch(self, from_seq: int, max_events: int, max_bytes: int) -> tuple[int, int, bytes]:
+        """read_range's (count, bytes) after the seq they begin at: later than from_seq where records were lost."""
         from_seq = max(from_seq, self.first_seq)
         while from_seq < self._first_seq:
             at = bisect.bisect_right(self._segment_firsts, from_seq) - 1
@@ -284,12 +288,12 @@ class Journal:
                 blob, offsets = b"", array("q")
             start, end, count = _span(offsets, len(blob), from_seq - segment.first, max_events, max_bytes)
             if count:
-                return count, blob[start:end]
+                return from_seq, count, blob[start:end]
             # Lost to damage (a segment missing, garbled or cut short): the records after the loss are served, and
             # a reader sees where they begin (PROTOCOL.md §12: a batch may begin after the seq it asked for).
             from_seq = self._segments[at + 1].first if at + 1 < len(self._segments) else self._first_seq
         start, end, count = _span(self._offsets, self._size, from_seq - self._first_seq, max_events, max_bytes)
-        return count, os.pread(self._read_fd, end - start, start) if count else b""
+        return from_seq, count, os.pread(self._read_fd, end - start, start) if count else b""
 
     def _say_lost(self, segment: Segment, why: str) -> None:
         if segment.path not in self._lost:  # once per segment: replays of many plugins come back to it

@@ -30,7 +30,7 @@ from trainbus.kernel.peers import ALWAYS_ALLOWED, MAX_NAMES, MAX_PEERS, OWNER_ON
 from trainbus.proto import (BEST_EFFORT, DURABLE, Event, control, decode_control, encode_control, encode_event,
                             encode_replay_batch, event_from_map, pack)
 from trainbus.proto import events as ev
-from trainbus.proto.journal_format import iter_records
+from trainbus.proto.journal_format import closed_segments, iter_records
 
 LIVENESS_S = 3.0
 T0 = 1000.0  # the fake clock's start
@@ -504,6 +504,59 @@ def test_a_reply_to_a_gone_or_stalled_peer_is_counted_unroutable_and_dropped(tmp
         assert gone_peer.replay_from is None and bus.counters["unroutable"] == unroutable + 1
         replay(reader, reader_peer)
         assert batches(reader, 1) == 1
+    finally:
+        ctx.destroy(linger=0)
+        bus.ctx.destroy(linger=0)  # bus.close() joins the bus thread, never started here
+        journal.close()
+
+
+@pytest.mark.parametrize("open_segment", [False, True], ids=["ends a closed segment", "ends in the open segment"])
+def test_a_replay_batch_that_begins_after_a_lost_segment_and_reaches_the_end_says_done(tmp_path, open_segment):
+    """PROTOCOL.md §12: a batch may begin after the seq asked for, where a damaged journal goes on; `done` says it
+    reaches the last event published. It was reckoned from the seq asked for, so such a batch said not done and the
+    client asked again for an empty round trip (or, when nothing followed, for empty batches, never done)."""
+    path = tmp_path / "events"
+    journal = Journal(path, segment_bytes=8 * 1024)  # ~1 KB records: segments of 8
+    for seq in range(1, 41):  # a flush at a time: segments of 8, the last (33-40) closed at close
+        journal.append([record(seq)], seq)
+    journal.close()
+    segments = closed_segments(path)
+    if not open_segment:  # found missing as the journal opens: a replay into 25-32 is served 33-40, the end
+        lost = segments[-2]
+        lost.path.unlink()
+    journal = Journal(path, segment_bytes=8 * 1024)
+    if open_segment:  # found gone as it is read: a replay into 33-40 is served 41-42 (the open segment), the end
+        journal.append([record(41), record(42)], 41)
+        lost = segments[-1]
+        lost.path.unlink()
+    last = journal.written_seq
+    credentials, supervision = Credentials(), FakeSupervision()
+    bus = Bus("run-x", journal, tmp_path, 1.0)
+    peers = Peers(credentials, supervision, PeerLimits(), LIVENESS_S)
+    dispatcher = Dispatcher(bus, supervision, peers)
+    bus.serve(supervision, dispatcher)
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.ROUTING_ID, b"reader")
+        dealer.connect(bus.control_endpoint)
+        dealer.send(encode_control(hello("reader", 1, credentials.attach_token())))
+        dealer.send(encode_control(control("replay", from_seq=lost.first + 1)))
+        deadline = time.monotonic() + 10
+        while (peer := peers.get(LOCAL + b"reader")) is None or peer.replay_from is None:
+            assert time.monotonic() < deadline, "the bus did not read the hello and replay within 10 s"
+            bus.router.poll(20)
+            bus._read_control(CONTROL_PER_WAKE)
+        dispatcher.serve_replays(time.monotonic() + 1.0)
+        messages = []
+        while dealer.poll(10_000 if len(messages) < 2 else 0):
+            messages.append(decode_control(dealer.recv()))
+        batch = messages[-1]
+        assert [m["type"] for m in messages] == ["welcome", "replay_batch"], messages
+        seqs = [e.seq for e in batch["events"]]
+        assert seqs[0] == lost.last + 1 and seqs[-1] == last, seqs
+        assert batch["done"] is True
     finally:
         ctx.destroy(linger=0)
         bus.ctx.destroy(linger=0)  # bus.close() joins the bus thread, never started here
