@@ -44,8 +44,8 @@ def _store(keys_dir: Optional[Path]) -> KeyStore:
 def keys_generate(
     kind: str = typer.Argument(..., help="server (this kernel host's pair) or client (one person or machine)."),
     name: Optional[str] = typer.Argument(None, help="The client's name, e.g. alice or gpu-box-3."),
-    role: str = typer.Option("monitor", "--role", help="monitor (events, replays, metric and log) or control "
-                                                       "(also stop and checkpoint_now)."),
+    role: Optional[str] = typer.Option(None, "--role", help="A client's: monitor (events, replays, metric and log; "
+                                                             "the default) or control (also stop and checkpoint_now)."),
     force: bool = typer.Option(False, "--force", help="Replace the server pair (clients pinned to it are locked out)."),
     keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
 ) -> None:
@@ -55,12 +55,14 @@ def keys_generate(
     if kind == "server" and name is not None:  # a client named NAME was likely meant: not dropped without a word
         raise UserError(f"`server` takes no NAME (there is one server pair per host): for a client's pair, give "
                         f"`client {name}`")
+    if kind == "server" and role is not None:  # a server pair has no role: the role is each client key's
+        raise UserError(f"`server` takes no --role (roles are the client keys'): give `client NAME --role {role}`")
     store = _store(keys_dir)
     try:
         if kind == "server":
             public, secret = store.generate_server(force)
         elif kind == "client" and name:
-            public, secret = store.generate_client(name, role)
+            public, secret = store.generate_client(name, role or "monitor")
         else:
             raise UserError("give `server`, or `client NAME --role monitor|control`")
     except KeyFileError as exc:

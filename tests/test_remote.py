@@ -1550,13 +1550,16 @@ def test_a_remote_client_with_no_server_key_here_is_told_to_give_server_key(tmp_
                                                      f"to pin for 127.0.0.1:5555: {fix}\n"), done.stderr
 
 
-def test_keys_generate_server_with_a_name_is_refused_not_ignored(tmp_path):
-    """`trainbus keys generate server foo` made the server pair and dropped `foo` without a word (a client named foo
-    was likely meant)."""
-    proc = subprocess.run([str(Path(sys.executable).parent / "trainbus"), "keys", "generate", "server", "foo",
+@pytest.mark.parametrize("words, said", [
+    (["foo"], "`server` takes no NAME (there is one server pair per host): for a client's pair, give `client foo`"),
+    (["--role", "control"], "`server` takes no --role (roles are the client keys'): give `client NAME --role control`"),
+])
+def test_keys_generate_server_with_a_name_or_a_role_is_refused_not_ignored(tmp_path, words, said):
+    """`trainbus keys generate server foo` (or `--role control`) made the server pair and dropped `foo` (the role)
+    without a word: a client's pair was likely meant."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "trainbus"), "keys", "generate", "server", *words,
                            "--keys-dir", str(tmp_path / "k")], capture_output=True, text=True, timeout=60)
-    assert (proc.returncode, one_line(proc.stderr)) == (2, "error: `server` takes no NAME (there is one server pair "
-                                                            "per host): for a client's pair, give `client foo`\n")
+    assert (proc.returncode, one_line(proc.stderr)) == (2, f"error: {said}\n")
     assert not (tmp_path / "k" / "server.key").exists()
 
 
