@@ -140,9 +140,11 @@ class Dispatcher:
         self.bus.send(identity, encode_control(control(
             "welcome", run=self.bus.run_id, resume_from=self.peers.resume_from(peer, self.bus.last_seq + 1),
             heartbeat_interval_s=self.bus.heartbeat_interval_s, session_seq=self.bus.session_seq)))
-        if previous is None or previous.name != peer.name or previous.user_id != user_id:
+        if (previous is None or previous.name != peer.name or previous.user_id != user_id or previous.pid != peer.pid
+                or previous.delivery != peer.delivery):
             # a hello said again on the connection welcomed under that name (a client retrying a welcome it did not
-            # see in time) is answered again, but the peer was ready already: one plugin_ready per welcome (§7.1)
+            # see in time) is answered again, but the peer was ready already: one plugin_ready per welcome (§7.1);
+            # one that says another pid or delivery is news (the run's state shows the plugin as its last ready said)
             self.bus.emit(ev.PLUGIN_READY, {"plugin": peer.name, "pid": peer.pid, "delivery": peer.delivery})
         # what the peer keeps (peer.votes) is trimmed to the awaited types: the rest is in its hello, a monitor key's
         # ignored unsaid (§15)
