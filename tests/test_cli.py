@@ -794,6 +794,22 @@ main()
 """
 
 
+def _interrupted_while_held(tmp_path, held: str, args: list[str]) -> tuple[int, str, str]:
+    """`trainbus ARGS` in tmp_path, held inside `held` (_HELD_CALL) and sent Ctrl-C there: its exit code, stdout,
+    stderr."""
+    from conftest import sigint_as_from_a_terminal
+
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_CALL, held, *args], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_as_from_a_terminal)
+    try:
+        assert proc.stdout.readline() == "holding\n", proc.stderr.read() if proc.poll() is not None else ""
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, out, err
+
+
 @pytest.mark.parametrize("held, args, said", [
     ("trainbus.kernel.registry:list_runs", ["runs", "list"], "the listing stopped; nothing was changed"),
     ("trainbus.kernel.runs:run_details", ["runs", "show", "r1"], "stopped; nothing was changed"),
@@ -809,21 +825,12 @@ def test_a_ctrl_c_in_a_command_other_than_run_says_what_it_left_in_one_line(tmp_
     """Ctrl-C in `runs list` (a big registry), `runs show` (a long journal), `daemon status` (a daemon slow to
     answer), `keys generate`, `attach` exited 130 without a word. Now one line says what was and was not done, as
     `run` says it."""
-    from conftest import sigint_as_from_a_terminal
-
     (tmp_path / "runs" / "r1").mkdir(parents=True)
     (tmp_path / "runs" / "r1" / "config.json").write_text("{}")  # enough to be found; never read past that
     (tmp_path / "runs" / "r1" / "events").write_bytes(b"")  # a journal to plot
-    proc = subprocess.Popen([sys.executable, "-c", _HELD_CALL, held, *args], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_as_from_a_terminal)
-    try:
-        assert proc.stdout.readline() == "holding\n", proc.stderr.read() if proc.poll() is not None else ""
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    code, out, err = _interrupted_while_held(tmp_path, held, args)
     prefix = "trainbus: " if said.startswith("Ctrl-C") else "trainbus: Ctrl-C: "
-    assert (proc.returncode, out, err) == (130, "", f"{prefix}{said}\n"), (proc.returncode, out, err)
+    assert (code, out, err) == (130, "", f"{prefix}{said}\n"), (code, out, err)
 
 
 @pytest.mark.parametrize("held, args, said", [
@@ -848,18 +855,9 @@ def test_a_ctrl_c_in_a_daemon_command_says_what_may_have_taken(tmp_path, held, a
     `daemon stop` and `daemon cancel`. One line now says so and how to see what was done."""
     import zmq.auth
 
-    from conftest import sigint_as_from_a_terminal
-
     (tmp_path / "runs").mkdir()
     zmq.auth.create_certificates(tmp_path, "c")
     zmq.auth.create_certificates(tmp_path, "s")
     (tmp_path / "c.key_secret").chmod(0o600)
-    proc = subprocess.Popen([sys.executable, "-c", _HELD_CALL, held, *args], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_as_from_a_terminal)
-    try:
-        assert proc.stdout.readline() == "holding\n", proc.stderr.read() if proc.poll() is not None else ""
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert (proc.returncode, out, err) == (130, "", f"trainbus: {said}\n"), (proc.returncode, out, err)
+    code, out, err = _interrupted_while_held(tmp_path, held, args)
+    assert (code, out, err) == (130, "", f"trainbus: {said}\n"), (code, out, err)
