@@ -772,19 +772,26 @@ def ipv6_loopback() -> bool:
         return False
 
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
-def test_the_remote_endpoint_listens_on_an_ipv6_address_as_a_run_does(tmp_path, daemons):
-    """`daemon start --listen [::1]:0`, as `run --listen` takes it: it said `[::1] is not an address of this
-    machine` (libzmq's `No such device` for a socket without IPv6 on) and did not start."""
+def listening_daemon(tmp_path: Path, daemons, clients: list[tuple[str, str]], *flags: str,
+                     listen: str = "127.0.0.1:0") -> tuple[Path, list[Path], str, int]:
+    """A daemon of tmp_path/runs started with FLAGS and --listen LISTEN, a new server pair and a client key per (name,
+    role) of `clients`: (its runs directory, each client's secret key file, its endpoint, its pid)."""
     from trainbus.kernel.keys import KeyStore
 
     runs = tmp_path / "runs"
     runs.mkdir()
     store = KeyStore(tmp_path / "keys")
     store.generate_server()
-    watcher = store.generate_client("w", "monitor")[1]
-    start_daemon(daemons, runs, "--listen", "[::1]:0", "--keys-dir", str(store.directory))
-    endpoint = json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"]
+    secrets = [store.generate_client(name, role)[1] for name, role in clients]
+    pid = start_daemon(daemons, runs, *flags, "--listen", listen, "--keys-dir", str(store.directory))
+    return runs, secrets, json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"], pid
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_the_remote_endpoint_listens_on_an_ipv6_address_as_a_run_does(tmp_path, daemons):
+    """`daemon start --listen [::1]:0`, as `run --listen` takes it: it said `[::1] is not an address of this
+    machine` (libzmq's `No such device` for a socket without IPv6 on) and did not start."""
+    runs, [watcher], endpoint, _ = listening_daemon(tmp_path, daemons, [("w", "monitor")], listen="[::1]:0")
     assert endpoint.startswith("tcp://[::1]:"), endpoint
     status = cli("daemon", "status", "--remote", endpoint, "--key", str(watcher), "--server-key",
                  str(daemon_dir(runs) / "remote.json"), "--json", check=False)
@@ -796,15 +803,7 @@ def test_a_remote_submission_asking_for_more_gpus_than_the_daemon_has_is_refused
     """`daemon submit --remote ... --gpus 1` to a daemon with no devices printed `queued run ID` (exit 0), and the
     run failed a second later, found only in `daemon status`; `run --detach --gpus 1` on the host is refused at
     once. Now the submission is, in the same words, and nothing is queued."""
-    from trainbus.kernel.keys import KeyStore
-
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    store = KeyStore(tmp_path / "keys")
-    store.generate_server()
-    pilot = store.generate_client("p", "control")[1]
-    start_daemon(daemons, runs, "--gpus", "", "--listen", "127.0.0.1:0", "--keys-dir", str(store.directory))
-    endpoint = json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"]
+    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")], "--gpus", "")
     submitted = cli("daemon", "submit", "--remote", endpoint, "--key", str(pilot), "--server-key",
                     str(daemon_dir(runs) / "remote.json"), "--gpus", "1", "--", TINY, check=False)
     assert (submitted.returncode, submitted.stdout, submitted.stderr) == (2, "", (
@@ -977,16 +976,9 @@ def test_a_flood_of_connections_with_no_key_costs_the_daemon_a_bounded_number_of
     daemon's for 5 s, with no bound; over CONNECTIONS_PER_SOCKET at once its port is now closed and bound again, and
     a keyed client is answered once the flood stops."""
     from helpers import flood_connections
-    from trainbus.kernel.keys import KeyStore
     from trainbus.kernel.remote import CONNECTIONS_PER_SOCKET
 
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    store = KeyStore(tmp_path / "keys")
-    store.generate_server()
-    watcher = store.generate_client("w", "monitor")[1]
-    pid = start_daemon(daemons, runs, "--listen", "127.0.0.1:0", "--keys-dir", str(store.directory))
-    endpoint = json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"]
+    runs, [watcher], endpoint, pid = listening_daemon(tmp_path, daemons, [("w", "monitor")])
     # 1,000 a second: the 128 on top of the cap give the daemon's loop (which also ticks its queue) 0.13 s to count
     # and cut; a burst of 512 in ~0.1 s left it, on a busy box, holding them all (once in five suites)
     before, peak = flood_connections([endpoint], 2 * CONNECTIONS_PER_SOCKET, 4.0, pid, per_s=1000)
@@ -1024,17 +1016,10 @@ def test_attach_given_the_daemons_endpoint_says_it_is_not_a_runs_at_once(tmp_pat
     """`trainbus attach HOST:PORT` with the daemon's --listen endpoint (one port) instead of its run's (three): the
     daemon took the CURVE handshake, nothing listened on PORT + 1, and attach waited 30 s to say `no kernel
     heartbeat`, asking whether the run listens there. It now says within seconds that the port is not a run's."""
-    from trainbus.kernel.keys import KeyStore
     from trainbus.proto.remote import UNANSWERED_S
     from trainbus.sdk.attach import Attachment, TargetError, target_of
 
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    store = KeyStore(tmp_path / "keys")
-    store.generate_server()
-    watcher = store.generate_client("w", "monitor")[1]
-    start_daemon(daemons, runs, "--listen", "127.0.0.1:0", "--keys-dir", str(store.directory))
-    endpoint = json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"]
+    runs, [watcher], endpoint, _ = listening_daemon(tmp_path, daemons, [("w", "monitor")])
     port = int(endpoint.rpartition(":")[2])
     attachment = Attachment(target_of(endpoint, str(watcher), str(daemon_dir(runs) / "remote.json")))
     started = time.monotonic()
