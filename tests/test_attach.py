@@ -585,16 +585,23 @@ def test_runs_stop_of_a_stopped_kernel_says_so_and_goes_in_once_it_runs_again(ru
     assert result["status"] == "stopped" and len(result["outcome"]["stop_reasons"]) == 1, result["outcome"]
 
 
-def test_attach_over_tcp_with_curve_keys_watches_and_only_a_control_key_stops(runs_dir, tmp_path, kernels):
+def listening_run(runs_dir, tmp_path, kernels, epochs: int, *clients: tuple[str, str]) -> tuple[KernelProcess, Path]:
+    """A SLOW run listening on loopback TCP, at step 3, with keys made by `trainbus keys generate`: the server pair
+    and a client key per (name, role). The kernel, and the key directory (tmp_path/keys)."""
     keys = tmp_path / "keys"
-    for args in (["server"], ["client", "watcher", "--role", "monitor"], ["client", "pilot", "--role", "control"]):
+    for args in (["server"], *(["client", name, "--role", role] for name, role in clients)):
         subprocess.run([*trainbus_cmd(), "keys", "generate", *args, "--keys-dir", str(keys)], check=True,
                        capture_output=True, timeout=60)
-    cfg = RunConfig(target=SLOW, epochs=8, runs_dir=str(runs_dir), hyperparameters={"batch_s": 0.05}, plugins=[],
-                    listen="127.0.0.1:0", keys_dir=str(keys))
+    cfg = RunConfig(target=SLOW, epochs=epochs, runs_dir=str(runs_dir), hyperparameters={"batch_s": 0.05},
+                    plugins=[], listen="127.0.0.1:0", keys_dir=str(keys))
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
     kernel.wait_step(3, timeout_s=60)
+    return kernel, keys
+
+
+def test_attach_over_tcp_with_curve_keys_watches_and_only_a_control_key_stops(runs_dir, tmp_path, kernels):
+    kernel, keys = listening_run(runs_dir, tmp_path, kernels, 8, ("watcher", "monitor"), ("pilot", "control"))
     connection = kernel.run_dir / "connection.json"
 
     def remote(key: str, *flags: str) -> list[str]:
@@ -752,15 +759,7 @@ def test_a_remote_attach_whose_kernel_was_killed_gives_up_naming_what_to_check(r
 
     monkeypatch.setattr(attach, "RECONNECT_ATTEMPTS", 2)
     monkeypatch.setattr(attach, "RECONNECT_FIRST_S", 0.1)
-    keys = tmp_path / "keys"
-    for args in (["server"], ["client", "watcher", "--role", "monitor"]):
-        subprocess.run([*trainbus_cmd(), "keys", "generate", *args, "--keys-dir", str(keys)], check=True,
-                       capture_output=True, timeout=60)
-    cfg = RunConfig(target=SLOW, epochs=50, runs_dir=str(runs_dir), hyperparameters={"batch_s": 0.05}, plugins=[],
-                    listen="127.0.0.1:0", keys_dir=str(keys))
-    kernel = KernelProcess(cfg, tmp_path)
-    kernels.append(kernel)
-    kernel.wait_step(3, timeout_s=60)
+    kernel, keys = listening_run(runs_dir, tmp_path, kernels, 50, ("watcher", "monitor"))
     host_port = json.loads((kernel.run_dir / "connection.json").read_text())["control"]
     attachment = Attachment(target_of(host_port, str(keys / "monitor" / "watcher.key_secret"),
                                       str(kernel.run_dir / "connection.json")))
