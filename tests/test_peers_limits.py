@@ -414,6 +414,17 @@ def test_only_a_control_keys_votes_make_the_kernel_wait(tmp_path, role, counted)
 # -- Bus: replies nobody takes ------------------------------------------------------------------------
 
 
+def served_bus(journal: Journal, tmp_path: Path):
+    """The real bus on `journal`, its peers and dispatcher, serving (its sockets bound, driven by the caller, not
+    started): (bus, credentials, peers, dispatcher)."""
+    credentials, supervision = Credentials(), FakeSupervision()
+    bus = Bus("run-x", journal, tmp_path, 1.0)
+    peers = Peers(credentials, supervision, PeerLimits(), LIVENESS_S)
+    dispatcher = Dispatcher(bus, supervision, peers)
+    bus.serve(supervision, dispatcher)
+    return bus, credentials, peers, dispatcher
+
+
 def test_a_reply_to_a_gone_or_stalled_peer_is_counted_unroutable_and_dropped(tmp_path):
     """PROTOCOL.md §11 [C72]: the bus thread, which shares training's GIL, never waits on a peer and never fails for
     one. A reply to a welcomed peer whose connection is gone, or whose queue is full because it stopped reading, is
@@ -424,11 +435,7 @@ def test_a_reply_to_a_gone_or_stalled_peer_is_counted_unroutable_and_dropped(tmp
     # ~16 KB a reply: what libzmq moves from the ROUTER's queue to the socket buffers (a few hundred KB) is far from
     # the half of SNDHWM (1000) that would make room in the queue, so a peer that reads nothing stays full
     journal.append([record(seq, 4000) for seq in range(1, 5)], 1)
-    credentials, supervision = Credentials(), FakeSupervision()
-    bus = Bus("run-x", journal, tmp_path, 1.0)
-    peers = Peers(credentials, supervision, PeerLimits(), LIVENESS_S)
-    dispatcher = Dispatcher(bus, supervision, peers)
-    bus.serve(supervision, dispatcher)
+    bus, credentials, peers, dispatcher = served_bus(journal, tmp_path)
     ctx = zmq.Context()
     clock = [time.monotonic()]
 
@@ -530,11 +537,7 @@ def test_a_replay_batch_that_begins_after_a_lost_segment_and_reaches_the_end_say
         lost = segments[-1]
         lost.path.unlink()
     last = journal.written_seq
-    credentials, supervision = Credentials(), FakeSupervision()
-    bus = Bus("run-x", journal, tmp_path, 1.0)
-    peers = Peers(credentials, supervision, PeerLimits(), LIVENESS_S)
-    dispatcher = Dispatcher(bus, supervision, peers)
-    bus.serve(supervision, dispatcher)
+    bus, credentials, peers, dispatcher = served_bus(journal, tmp_path)
     ctx = zmq.Context()
     try:
         dealer = ctx.socket(zmq.DEALER)
