@@ -472,6 +472,12 @@ def _held_kernel_and_client(runs: Path, tmp_path: Path, kernels: list) -> tuple[
     return kernel, gate, client
 
 
+def _bye(client: Client) -> None:
+    """The client says bye and sees its plugin_exited: the kernel has let go of NAME."""
+    client.send("bye", reason="done")
+    client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+
+
 def test_a_hello_name_of_no_or_over_200_characters_is_dropped_and_counted(
         short_runs, tmp_path, kernels):  # noqa: F811
     """[C71a] a hello's name rides in every event of its peer (a metric's or log's `plugin`): one of 250,000
@@ -532,8 +538,7 @@ def test_a_metric_of_a_negative_or_over_int64_step_or_epoch_or_of_no_name_is_dro
         for fields in bad:
             client.send("metric", **fields)
         client.send("metric", name="loss", value=2.0, step=2**63 - 1, epoch=0)
-        client.send("bye", reason="done")
-        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+        _bye(client)
     finally:
         client.close()
     open_gate(gate, 10**6)
@@ -607,8 +612,7 @@ def test_a_checkpoint_saved_whose_path_no_file_system_takes_is_refused_not_a_bus
         assert (refused["code"], refused["welcome_lost"]) == ("settle_path", False), refused
         client.send("checkpoint_failed", seq=save["seq"], reason="could not write it")  # still welcome: settled
         client.wait_event(lambda e: e["type"] == "checkpoint_failed" and e["data"]["plugin"] == NAME)
-        client.send("bye", reason="done")
-        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+        _bye(client)
     finally:
         client.close()
     open_gate(gate, 10**6)
@@ -632,8 +636,7 @@ def test_votes_at_a_type_the_kernel_never_waits_at_are_said_once_in_kernel_log(
             client.wait_reply("welcome")
         open_gate(gate, 3)  # three batches go by without a wait for our vote, which never comes
         client.wait_event(lambda e: e["type"] == "end_training_batch" and e["data"]["batch_index"] == 2, 120.0)
-        client.send("bye", reason="done")
-        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+        _bye(client)
     finally:
         client.close()
     open_gate(gate, 10**6)
@@ -654,8 +657,7 @@ def test_a_hello_said_again_on_a_welcomed_connection_under_its_name_is_one_plugi
         for delivery in ("best_effort", "best_effort", "durable"):
             client.hello(NAME, attach_credential(kernel.run_dir), delivery=delivery)
             client.wait_reply("welcome")  # each hello is answered: the retrying client needs its welcome
-        client.send("bye", reason="done")
-        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+        _bye(client)
     finally:
         client.close()
     open_gate(gate, 10**6)
@@ -680,8 +682,7 @@ def test_a_hello_whose_secret_is_not_ascii_is_refused_as_a_wrong_secret(short_ru
         client.replies.clear()
         client.hello(NAME, attach_credential(kernel.run_dir))  # the right one is welcome
         client.wait_reply("welcome")
-        client.send("bye", reason="done")
-        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+        _bye(client)
     finally:
         client.close()
     open_gate(gate, 10**6)
@@ -713,8 +714,7 @@ def test_an_attached_plugins_dirpath_outside_the_run_or_unresolvable_names_no_ch
         refused = client.wait_reply("refused")
         assert (refused["code"], refused["welcome_lost"]) == ("settle_path", False), refused
         client.send("checkpoint_failed", seq=save["seq"], reason="done with it")
-        client.send("bye", reason="done")
-        client.wait_event(lambda e: e["type"] == "plugin_exited" and e["data"]["plugin"] == NAME)
+        _bye(client)
     finally:
         client.close()
     open_gate(gate, 10**6)
