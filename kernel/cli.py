@@ -92,7 +92,7 @@ from .flags import FlagError
 from .private_dirs import process_scratch_dir, remove_scratch_dir
 from .launch_wait import JOIN_TIMEOUT_S, RendezvousWatch, signal_name
 from .registry import RegistryError
-from .spec import DEFAULT_TARGET, SpecError, UserCodeError
+from .spec import DEFAULT_TARGET, SpecError, UserCodeError, full_target
 
 __all__ = ["UserError", "app", "main"]
 __version__ = "0.1.0"
@@ -134,7 +134,8 @@ def _says_ctrl_c_until_the_run_begins(command: Callable) -> Callable:
 @_says_ctrl_c_until_the_run_begins
 def run(
     target: Optional[str] = typer.Argument(None, help="path/to/file.py:function or package.module:function "
-                                                      "returning a TrainingSpec; default: the digits demo."),
+                                                      "returning a TrainingSpec (a file alone: its build); "
+                                                      "default: the digits demo."),
     flag_words: Optional[list[str]] = typer.Argument(None, metavar="NAME=VALUE",
                                                      help="Flags: the spec function's arguments (lr=0.01 epochs=5)."),
     help_flags: bool = typer.Option(False, "--help-flags", help="Print the target's flags (names, types, defaults, "
@@ -212,7 +213,7 @@ def run(
         cfg = config_of_run(continuing)
         cfg.runs_dir = str(continuing.parent)
     if target is not None:
-        cfg.target = target
+        cfg.target = full_target(target)
     launch = {"nproc": nproc, "nnodes": nnodes, "max_restarts": max_restarts, "rdzv_endpoint": rdzv_endpoint}
     if continuing is not None and all(v is None for v in launch.values()) and not _under_a_launcher():
         launch = launch_of_run(continuing)  # `--resume RUN` alone: in as many processes as the run had

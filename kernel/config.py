@@ -18,7 +18,7 @@ from trainbus.proto.settings_format import BOOL_WORDS_SAID, bool_word
 
 from .limits import PeerLimits
 from .private_dirs import others_can_write
-from .spec import DEFAULT_TARGET, is_file_target
+from .spec import DEFAULT_TARGET, full_target, is_file_target
 
 PLUGIN_ENTRY_POINT_GROUP = "trainbus.plugins"
 BUILTIN_DISTRIBUTION = "trainbus"  # its entry points are the built-in plugins, whose names no package can take
@@ -263,6 +263,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
             cfg.precision = value
             continue
         setattr(cfg, key, _typed(value, _RUN_KEYS[key], f"{where}: run.{key}"))
+    cfg.target = full_target(cfg.target)
     cfg.hyperparameters = dict(_table(raw.get("hyperparameters", {}), f"{where}: [hyperparameters]"))
     limits = _table(raw.get("limits", {}), f"{where}: [limits]")
     _no_unknown(limits, _LIMIT_KEYS, f"{where}: [limits]")

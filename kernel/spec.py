@@ -6,6 +6,7 @@ import collections.abc
 import importlib
 import importlib.machinery
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -169,10 +170,18 @@ def is_file_target(module_part: str) -> bool:
     return module_part.endswith(".py") or "/" in module_part
 
 
+DEFAULT_FUNCTION = "build"  # what a file named alone stands for: `trainbus run train.py`, as `guild run train.py`
+
+
+def full_target(target: str) -> str:
+    """`train.py` as `train.py:build`, so that the run records, lists and resumes the function it called."""
+    return f"{target}:{DEFAULT_FUNCTION}" if ":" not in target and is_file_target(target) else target
+
+
 def load_target(target: str) -> Callable[..., TrainingSpec]:
     """Resolve `path/to/file.py:function` or `package.module:function` to the function. A path (a / in it, or .py
     at its end) is read as Python source whatever its name ends with."""
-    module_part, sep, func_name = target.rpartition(":")
+    module_part, sep, func_name = full_target(target).rpartition(":")
     if not sep or not module_part or not func_name:
         raise SpecError(f"target {target!r} must look like path/to/file.py:function or package.module:function")
     if is_file_target(module_part):
@@ -210,7 +219,11 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
             raise user_code_error(exc, f"importing {module_part}") from None
     func = getattr(module, func_name, None)
     if func is None:
-        raise SpecError(f"{module_part} has no attribute {func_name!r}; name a function that returns a TrainingSpec")
+        own = [name for name, value in vars(module).items() if inspect.isfunction(value)
+               and value.__module__ == module.__name__ and not name.startswith("_")]
+        named = f"name one of its functions: {', '.join(f'{module_part}:{name}' for name in own)}" if own else \
+            "name a function that returns a TrainingSpec"
+        raise SpecError(f"{module_part} has no function {func_name!r}; {named}")
     if not callable(func) or isinstance(func, type):
         raise SpecError(f"{target} is not a function (it is a {type(func).__name__}); name a function that returns a TrainingSpec")
     return func

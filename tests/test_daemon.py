@@ -662,7 +662,7 @@ def test_a_run_asking_for_more_gpus_than_the_daemon_has_fails_with_the_reason_li
 @pytest.mark.parametrize("target, flag, expected", [
     ("nosuchmod:build", None, "cannot import module 'nosuchmod'"),
     ("nosuch.py:build", None, "target file nosuch.py does not exist"),
-    ("trainbus.kernel.digits:nosuch", None, "has no attribute 'nosuch'"),
+    ("trainbus.kernel.digits:nosuch", None, "has no function 'nosuch'"),
     ("train.py:build", "width=5", "width"),
 ])
 def test_run_detach_refuses_what_the_run_would_refuse_and_queues_nothing(tmp_path, target, flag, expected):

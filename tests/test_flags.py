@@ -371,6 +371,24 @@ def test_epochs_given_as_the_option_is_the_functions_epochs_flag_too(tmp_path):
     assert config["flags"] == {"lr": 0.001, "epochs": 1} and config["epochs"] == 1, config
 
 
+def test_a_file_target_without_a_function_names_its_build(train_py, tmp_path):
+    """Guild's `guild run train.py lr=0.1` typed as `trainbus run train.py lr=0.1 epochs=1` was refused: "target
+    'train.py' must look like path/to/file.py:function". A file named alone is its `build`, recorded as such; a file
+    with no `build` is one line naming its functions."""
+    r = cli("run", train_py.name, "lr=0.05", "epochs=1", "--plugins", "", "--runs-dir", str(tmp_path / "runs"),
+            cwd=train_py.parent)
+    assert r.returncode == 0, r.stderr
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["target"] == "train.py:build" and config["flags"]["lr"] == 0.05, config
+    r = trainbus("run", str(train_py), "--help-flags")
+    assert r.returncode == 0 and r.stdout.startswith(f"usage: trainbus run {train_py}:build "), r.stdout + r.stderr
+    (tmp_path / "other.py").write_text("def make(lr=0.1):\n    pass\n\n\ndef _private():\n    pass\n")
+    r = cli("run", "other.py", "--plugins", "", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "other.py has no function 'build'" in r.stderr and "other.py:make" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("given", [["epochs=1"], ["--set", "epochs=1"]])
 def test_epochs_on_the_command_line_beats_the_config_files(train_py, tmp_path, given):
     """A config file's `[run] epochs = 3` and `epochs=1` on the command line: the run trains 1, as a flag beats the
