@@ -55,8 +55,17 @@ class Setting:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:  # a misspelt kind would be no kind at all: nothing checked, silently
             raise SettingsError(f"Setting kind={self.kind!r}: not a kind; one of METRIC, PATH, METRIC_FIELDS")
+        if isinstance(self.default, tuple) and self.type in (None, tuple, list):  # a config gives lists, no tuples
+            object.__setattr__(self, "default", list(self.default))
+            object.__setattr__(self, "type", list)
         if self.type is None and self.default is not None:
             object.__setattr__(self, "type", type(self.default))
+        if self.type is not None and self.type not in TYPE_PHRASES:  # a value a config could never give, nor msgpack
+            # carry to the plugin's process
+            said = f"default {self.default!r}" if self.default is not None else f"type={self.type!r}"
+            raise SettingsError(f"Setting {said} is not allowed: a {self.type.__name__} cannot come from a config "
+                                f"file or --set; give a str, int, float, bool, list or dict (a path as a str, "
+                                f"kind=PATH or HOST_PATH; an Enum's member as its value, with choices=)")
         if self.items is None and self.type is list and self.default:
             kinds = {type(item) for item in self.default}
             if kinds == {int, float}:  # [1, 2.5]: numbers, as a float setting takes an integer

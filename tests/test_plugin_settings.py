@@ -154,6 +154,39 @@ def test_a_lists_elements_are_checked_against_its_element_type():
     assert [described[k]["type"] for k in ("names", "rates", "mixed")] == ["list[str]", "list[float]", "list"]
 
 
+class Tuples(Plugin):
+    settings = {"sizes": Setting((1, 2), "sizes, as a tuple")}
+
+
+def test_a_tuple_default_is_a_list_setting_that_a_list_can_set():
+    """`Setting((1, 2))` refused every value a config or --set can give: `sizes = [3, 4] is not allowed; it must be
+    tuple` (TOML, JSON and msgpack have lists, no tuples)."""
+    assert Tuples({}).settings == {"sizes": [1, 2]}
+    assert Tuples({"sizes": [3, 4]}).settings == {"sizes": [3, 4]}
+    assert Tuples({"sizes": "[5]"}).settings == {"sizes": [5]}
+    assert describe("test_plugin_settings:Tuples")["settings"]["sizes"]["type"] == "list[int]"
+
+
+def test_a_default_no_config_can_give_fails_the_class_naming_the_setting_and_the_fix(tmp_path):
+    """`Setting(Path("out.txt"))` or an Enum member made `trainbus run` say only `could not load plugins: TypeError:
+    Object of type PosixPath is not JSON serializable`: no plugin, no setting, no fix."""
+    with pytest.raises(SettingsError) as raised:
+        Setting(Path("out.txt"), "where to write", kind=PATH)
+    assert str(raised.value) == ("Setting default PosixPath('out.txt') is not allowed: a PosixPath cannot come from a "
+                                 "config file or --set; give a str, int, float, bool, list or dict (a path as a str, "
+                                 "kind=PATH or HOST_PATH; an Enum's member as its value, with choices=)")
+    with pytest.raises(SettingsError, match=r"^Setting type=<class 'set'> is not allowed: a set cannot come from"):
+        Setting(None, type=set)
+    (tmp_path / "paths_plugin.py").write_text(
+        "from pathlib import Path\n\nfrom trainbus.sdk import Plugin, Setting\n\n\n"
+        "class Writer(Plugin):\n    settings = {\"out\": Setting(Path(\"out.txt\"), \"where to write\")}\n")
+    r = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", "paths_plugin:Writer={}"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    [info] = json.loads(r.stdout)
+    assert "paths_plugin.py, line 7" in info["error"] and "a PosixPath cannot come from a config" in info["error"], info
+
+
 def test_a_path_inside_the_run_directory_is_allowed():
     assert Declared({"out": "logs/out.txt"}).settings["out"] == "logs/out.txt"
 
