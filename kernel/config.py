@@ -511,6 +511,8 @@ def _typed(value: Any, annotation: Any, where: str) -> Any:
         value = float(value) if ok else value
     elif "bool" in text:  # or a word a flag takes for one, as a file written for the command line has it
         said = bool_word(value) if isinstance(value, str) else None
+        if type(value) is int and value in (0, 1):  # TOML's `compile = 1`, a word the message lists
+            said = bool(value)
         value = value if said is None else said
         ok, expected = isinstance(value, bool), BOOL_WORDS_SAID
     else:

@@ -279,6 +279,13 @@ def test_a_config_files_booleans_take_the_words_a_flag_takes(tmp_path):
                                   '[plugins.metrics_log]\nenabled = "on"\n')))
     assert (cfg.compile, cfg.keep_freed_memory, cfg.distributed_sampler) == (True, False, False)
     assert [p.name for p in cfg.plugins] == ["metrics_log"]
+    # `compile = 1` was refused with "must be true or false (or yes/no, on/off, 1/0), got 1": TOML's integers too
+    cfg = load_config(Path(_write(tmp_path, "ints.toml", '[run]\ncompile = 1\nkeep_freed_memory = 0\n'
+                                  '[plugins.console]\nenabled = 0\n[plugins.metrics_log]\nenabled = 1\n')))
+    assert (cfg.compile, cfg.keep_freed_memory) == (True, False)
+    assert [p.name for p in cfg.plugins] == ["metrics_log"]
+    with pytest.raises(ConfigError, match=r"run.compile must be true or false \(or yes/no, on/off, 1/0\), got 2$"):
+        load_config(Path(_write(tmp_path, "two.toml", "[run]\ncompile = 2\n")))
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
