@@ -11,6 +11,7 @@ from typing import Any
 from trainbus.proto import DURABLE, Event, check_control, events as ev
 
 from .plugin import Plugin
+from .tracebacks import from_authors_frames
 
 
 class Harness:
@@ -46,6 +47,7 @@ class Harness:
 
         An event type the plugin does not subscribe to is not delivered, as over sockets (a durable
         plugin gets every type, like any plugin handling every type through on_event)."""
+        __tracebackhide__ = True  # pytest shows a handler's failure from the test's line to the handler's
         if type_ not in ev.ALL_EVENTS:
             raise ValueError(f"unknown event type {type_!r}")
         self.seq += 1
@@ -57,6 +59,8 @@ class Harness:
             self.plugin.handling = event
             try:
                 self.plugin.handle(event)
+            except Exception as exc:  # raised from the handler's frames: the SDK's dispatch to it is no place to fix
+                raise exc.with_traceback(from_authors_frames(exc.__traceback__))
             finally:
                 self.plugin.handling = None
         new = [check_control(m) for m in self.plugin.outbox]

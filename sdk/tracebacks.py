@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any
 
 _SDK_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -43,3 +43,12 @@ def user_traceback(exc: BaseException, called: Any = None) -> str:
 def user_stack(frame: FrameType) -> str:
     """Where a thread is now, outermost first, from the first frame that is not ours ("" when nothing is known)."""
     return "".join(_theirs(traceback.extract_stack(frame)).format()).rstrip()
+
+
+def from_authors_frames(tb: TracebackType | None) -> TracebackType | None:
+    """`tb` from the first frame that is not ours: a handler's exception as a plugin's test sees it out of a Harness
+    (all of it when every frame is ours, the SDK's own bug)."""
+    theirs = tb
+    while theirs is not None and theirs.tb_frame.f_code.co_filename.startswith(_SDK_DIR):
+        theirs = theirs.tb_next
+    return theirs or tb

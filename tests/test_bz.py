@@ -16,7 +16,7 @@ from trainbus.kernel.config import ConfigError, load_config, parse_config
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
 from trainbus.proto import DURABLE
-from trainbus.sdk import Harness
+from trainbus.sdk import Harness, Plugin
 from trainbus.sdk.bz import NotInThisProcess, Plugin as BzPlugin, constructor_arguments
 from trainbus.sdk.plugin import SettingsError, merge_settings
 
@@ -560,6 +560,34 @@ def test_a_harness_gives_a_bz_plugin_its_run_dir_in_context_extra(tmp_path):
     feed_epoch(default, 1)
     assert seen == [(str(tmp_path), "test-run"), (default.plugin.run_dir, "test-run")]
     assert default.plugin.run_dir not in (".", os.getcwd())
+
+
+def test_a_hook_that_raises_under_a_harness_shows_the_tests_frames_then_the_authors():
+    """Its traceback went from the test through harness.py's feed, the SDK's Plugin.handle and bz.py's _run_hook
+    before the hook's own line: three frames of ours between the author's two. Now the author's hook follows feed,
+    whose frame pytest hides (__tracebackhide__)."""
+    import traceback
+
+    def check(value):
+        raise ValueError(f"bad value {value}")
+
+    class Checker(BzPlugin):
+        def end_epoch(self, context):
+            check(context.epoch)
+
+    class SdkChecker(Plugin):
+        def on_end_epoch(self, event):
+            check(event.epoch)
+
+    for plugin, handler in ((Checker(), "end_epoch"), (SdkChecker(), "on_end_epoch")):
+        h = Harness(plugin)
+        with pytest.raises(ValueError, match="bad value") as raised:
+            h.feed("end_epoch", epoch=1, training_loss=1.0)
+        frames = traceback.extract_tb(raised.value.__traceback__)
+        assert [f.name for f in frames] == ["test_a_hook_that_raises_under_a_harness_shows_the_tests_frames_then_the_"
+                                            "authors", "feed", handler, "check"], frames
+        shown = [entry.frame.code.name for entry in raised.traceback.filter(raised)]  # as pytest prints it
+        assert shown[1:] == [handler, "check"], shown
 
 
 def test_a_method_named_like_a_hook_that_is_none_is_said_as_a_warning_at_start():
