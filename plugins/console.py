@@ -20,6 +20,9 @@ from trainbus.sdk import Plugin, Setting
 
 MAX_LINE_CHARS = 160  # a warning is one terminal line; the full text is in the run's logs
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')  # a line of a Python traceback or stack
+# a traceback's last line names the exception by its module ("trainbus.sdk.bz.NotInThisProcess: ..."), a first line
+# by its class alone
+_MODULE_OF_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*:)")
 # and the SDK's own directory, which an editable install leaves outside site-packages (a bz hook touching
 # context.model raises in sdk/bz.py: the line to name is the hook's)
 _LIBRARY_PATHS = ("/site-packages/", "/dist-packages/", "/lib/python3", "<frozen ",
@@ -264,7 +267,8 @@ def _one_line(text: str, width: int | None = MAX_LINE_CHARS) -> str:
     if not lines:
         return ""
     # the last line (a traceback's exception) unless the first already says it ("setup failed: E: msg")
-    line = lines[0] if len(lines) == 1 or lines[0].endswith(lines[-1]) else f"{lines[0]} ... {lines[-1]}"
+    said = len(lines) == 1 or lines[0].endswith((lines[-1], _MODULE_OF_EXCEPTION.sub("", lines[-1])))
+    line = lines[0] if said else f"{lines[0]} ... {lines[-1]}"
     where = _where(text)
     room = width - len(where) if width else len(line)
     return (line if len(line) <= room else line[:room - 3] + "...") + where

@@ -449,6 +449,15 @@ def test_console_names_where_a_traceback_ends_in_the_authors_code(tmp_path, caps
         '  File "/home/ann/db.py", line 9, in setup\n    connect()\nRuntimeError: cannot open my database'))
     (line,) = capsys.readouterr().out.splitlines()
     assert line == "error: db: setup failed: RuntimeError: cannot open my database (at db.py:9 in setup)", line
+    # ... nor when the traceback names the exception by its module: a bz hook's context.model said its long
+    # message twice, "NotInThisProcess: MSG ... trainbus.sdk.bz.NotInThisProcess: MSG"
+    h.feed("log", plugin="touch", level="error", text=(
+        "NotInThisProcess: the model is in the kernel's process\n(handler for end_epoch, seq 44; not retried)\n"
+        'Traceback (most recent call last):\n  File "/home/ann/bzhooks.py", line 23, in end_epoch\n    context.model\n'
+        "trainbus.sdk.bz.NotInThisProcess: the model is in the kernel's process"))
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line == ("error: touch: NotInThisProcess: the model is in the kernel's process (at bzhooks.py:23 in "
+                    "end_epoch)"), line
 
 
 def test_console_draws_bars_on_a_terminal_and_stops_them(tmp_path, capsys, monkeypatch):
