@@ -115,7 +115,8 @@ class Setting:
         phrase = TYPE_PHRASES.get(self.type, self.type.__name__)
         if self.items is not None:
             phrase = f"a list of {ITEM_PHRASES[self.items]}"
-        return f"{phrase}: {constraint}" if self.kind or self.rule else " ".join(filter(None, (phrase, constraint)))
+        said = f"{phrase}: {constraint}" if self.kind or self.rule else " ".join(filter(None, (phrase, constraint)))
+        return f"{said} (or null)" if self.default is None else said
 
 
 def declared(settings: dict[str, Any]) -> dict[str, Setting]:
@@ -128,6 +129,8 @@ def declared(settings: dict[str, Any]) -> dict[str, Setting]:
 
 def check_value(key: str, setting: Setting, value: Any) -> Any:
     """The value as the plugin gets it (a string converted to the declared type), or SettingsError in one line."""
+    if value is None and setting.default is None:  # not set, as declared: a config may say so again
+        return None
     converted = _converted(setting.type, value, setting.items)
     if converted is _REFUSED or not _within(setting, converted):
         # The command line reads --set VALUE as JSON first: 1234 or true comes as a number where text is wanted.

@@ -154,6 +154,21 @@ def test_a_lists_elements_are_checked_against_its_element_type():
     assert [described[k]["type"] for k in ("names", "rates", "mixed")] == ["list[str]", "list[float]", "list"]
 
 
+class Optional_(Plugin):
+    settings = {"seed": Setting(None, "a seed, or none for a random one", type=int), "name": Setting("a", "a name")}
+
+
+def test_a_setting_whose_default_is_none_takes_none_again():
+    """`Setting(None, type=int)` refused `--set optional_.seed=null`, the default it declared: `seed = null is not
+    allowed; it must be an integer` (a config written out with every value, a plugin attached with the default)."""
+    assert Optional_({"seed": None}).settings == {"seed": None, "name": "a"}
+    assert Optional_({"seed": "7"}).settings["seed"] == 7
+    with pytest.raises(SettingsError, match=r"name = null is not allowed; it must be a string$"):
+        Optional_({"name": None})
+    with pytest.raises(SettingsError, match=r"seed = 'x' is not allowed; it must be an integer \(or null\)$"):
+        Optional_({"seed": "x"})
+
+
 class Tuples(Plugin):
     settings = {"sizes": Setting((1, 2), "sizes, as a tuple")}
 
