@@ -70,7 +70,8 @@ def detect(env: Mapping[str, str] | None = None) -> Cluster:
         job = env.get("SLURM_JOB_ID", "")
         # Lightning's default: a port from the job id, so every task of the job agrees without talking
         port = _int(env, "MASTER_PORT", 15000 + int(job[-4:]) if job[-4:].isdigit() else 0)
-        cluster = Cluster("slurm", rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_NTASKS"),
+        cluster = Cluster("slurm", rank=_int(env, "SLURM_PROCID", launcher="slurm"),
+                          world_size=_int(env, "SLURM_NTASKS", launcher="slurm"),
                           local_rank=_int(env, "SLURM_LOCALID", 0), node_rank=_int(env, "SLURM_NODEID", 0),
                           # "2(x3)" or "2,1": the first node's count, with SLURM's default block distribution
                           local_world_size=int(re.match(r"\d*", env.get("SLURM_TASKS_PER_NODE", "")).group() or 1),
@@ -107,11 +108,21 @@ def restarts_left(env: Mapping[str, str] | None = None) -> int:
         return 0
 
 
-def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+# What a launcher sets that says it launched this process, and how to launch it instead: said when one of its
+# other variables is missing (set by hand, or copied from another job's environment).
+_LAUNCHERS = {
+    "torchelastic": (", ".join(TORCHELASTIC_VARS[:-1]) + f" and {TORCHELASTIC_VARS[-1]} are",
+                     "launch the ranks with `trainbus run --nproc N` or torchrun, which set them all, or unset them"),
+    "slurm": ("SLURM_NTASKS is", "start the tasks with srun, which sets them all, or unset SLURM_NTASKS"),
+}
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None, launcher: str = "torchelastic") -> int:
     value = env.get(name)
     if value is None:
         if default is None:
-            raise ClusterError(f"{name} is not set, though the launcher set the others of its variables")
+            set_ones, fix = _LAUNCHERS[launcher]
+            raise ClusterError(f"{name} is not set, though {set_ones}: {fix} to train in one process")
         return default
     try:
         return int(value)

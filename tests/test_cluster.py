@@ -65,7 +65,14 @@ def test_the_first_host_keeps_what_follows_its_range(nodelist, first):
 @pytest.mark.parametrize("env, message", [
     ({**TORCHRUN, "RANK": "4"}, "rank 4 is not below world size 4"),
     ({**TORCHRUN, "WORLD_SIZE": "four"}, "WORLD_SIZE='four' is not an integer"),
-    ({k: v for k, v in TORCHRUN.items() if k != "WORLD_SIZE"}, "WORLD_SIZE is not set"),
+    # what was set by hand said no way out: "SLURM_PROCID is not set, though the launcher set the others of its
+    # variables"
+    ({k: v for k, v in TORCHRUN.items() if k != "WORLD_SIZE"},
+     r"^WORLD_SIZE is not set, though RANK, GROUP_RANK, LOCAL_RANK and LOCAL_WORLD_SIZE are: launch the ranks with "
+     r"`trainbus run --nproc N` or torchrun, which set them all, or unset them to train in one process$"),
+    ({k: v for k, v in SRUN.items() if k != "SLURM_PROCID"},
+     r"^SLURM_PROCID is not set, though SLURM_NTASKS is: start the tasks with srun, which sets them all, or unset "
+     r"SLURM_NTASKS to train in one process$"),
     ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "GROUP_RANK": "0"},  # set by hand: no single run of its own
      "WORLD_SIZE is 2 but LOCAL_WORLD_SIZE not set: launch the ranks with `trainbus run --nproc N`, torchrun or srun"),
 ])
