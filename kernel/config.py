@@ -475,10 +475,25 @@ def near_miss(word: str, known) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
+# Lightning's Trainer arguments a [run] table may be given by a Lightning user (its precision, accumulation and
+# clipping keys are [run]'s own), and what each is here.
+LIGHTNING_TRAINER = {
+    "max_epochs": "is epochs here",
+    "accelerator": "is device here: auto, cpu or cuda",
+    "devices": "is --nproc N here, processes on this machine, one GPU each on CUDA; or device = \"cuda:N\" for one GPU",
+    "num_nodes": "is --nnodes N here, with --rdzv-endpoint",
+    "strategy": "has nothing to set here: DDP under --nproc, torchrun or srun",
+    "gradient_clip_algorithm": "is \"norm\" here, what gradient_clip_val clips; there is no other",
+    "enable_checkpointing": "is the checkpoint plugin here, [plugins.checkpoint]",
+}
+
+
 def _where_it_goes(key: str, known) -> str:
     """A hint for a key in the wrong place: a near miss of a known one, a key of another table, a plugin's setting
     written in its table, or, in [run] or at the top, a hyperparameter (what an unknown name there most often
     is). Which table it was found in, `known` says."""
+    if known is _RUN_KEYS and key in LIGHTNING_TRAINER:  # before a near miss: `devices` is no typo of `device`
+        return f" (Lightning's {key} {LIGHTNING_TRAINER[key]})"
     near = near_miss(key, known)
     if near:
         return near

@@ -136,6 +136,13 @@ BAD_INPUT = {
                       "vote_timeout_s must be a number of seconds >= 0 (0: no waiting), got nan"),
     "a hyperparameter in [run]": (lambda t: ["run", "--config", _write(t, "h.toml", "[run]\nlr = 0.1\n")],
                                   "[run]: unknown key 'lr' (a hyperparameter goes in [hyperparameters])"),
+    # a Lightning user's Trainer arguments next to the precision [run] takes by Lightning's names were "a
+    # hyperparameter" there
+    "Lightning's max_epochs in [run]": (lambda t: ["run", "--config", _write(t, "l.toml", "[run]\nmax_epochs = 3\n")],
+                                        "[run]: unknown key 'max_epochs' (Lightning's max_epochs is epochs here)"),
+    "Lightning's devices in [run]": (lambda t: ["run", "--config", _write(t, "d.toml", "[run]\ndevices = 2\n")],
+                                     "[run]: unknown key 'devices' (Lightning's devices is --nproc N here, processes "
+                                     "on this machine, one GPU each on CUDA; or device = \"cuda:N\" for one GPU)"),
     "a run key at the top": (lambda t: ["run", "--config", _write(t, "e.toml", "epochs = 3\n")],
                              "unknown key 'epochs' (it belongs in [run])"),
     "a plugin table at the top": (lambda t: ["run", "--config", _write(t, "p.toml", "[checkpoint]\nmonitor = 'x'\n")],
