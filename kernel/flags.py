@@ -198,7 +198,8 @@ def docstring_help(doc: str) -> dict[str, str]:
 
 def _flag(p: inspect.Parameter, help_: str) -> Flag:
     kind, optional, choices = _type_of(p.annotation)
-    if kind is None and not choices and p.default is not REQUIRED and (
+    # a union of several types (`str | int`) takes any of them: not only its default's
+    if kind is None and not choices and p.default is not REQUIRED and not _is_union(p.annotation) and (
             type(p.default) in TYPES or _is_enum(type(p.default)) or isinstance(p.default, pathlib.PurePath)):
         kind = type(p.default)
         choices = tuple(kind) if _is_enum(kind) else ()
@@ -220,13 +221,20 @@ def _type_of(annotation: Any) -> tuple[type | None, bool, tuple[Any, ...]]:
         if kind is float:  # Literal[1, 2.5]: numbers, as a float flag takes an integer
             allowed = tuple(float(v) for v in allowed)
         return kind, len(allowed) < len(values), allowed
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    if _is_union(annotation):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
         if len(args) == 1:
             kind, _, choices = _type_of(args[0])
             if kind is not None or choices:
-                return kind, len(args) < len(typing.get_args(annotation)), choices
+                return kind, optional, choices
+        if set(args) == {int, float}:  # numbers, as a float flag takes an integer
+            return float, optional, ()
     return None, False, ()
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
 
 
 def _is_enum(kind: Any) -> bool:

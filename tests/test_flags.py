@@ -189,6 +189,20 @@ def test_values_are_typed_and_checked():
         resolve(signature_of(needs), {}, "t")
 
 
+def test_a_union_annotation_takes_what_it_names_not_only_the_defaults_type():
+    """`mix: int | float = 1` refused mix=2.5 ("'2.5' is not an integer"): a union of several types was taken for no
+    annotation, and the flag typed by its default."""
+    def build(mix: int | float = 1, either: str | int = "a", maybe: float | int | None = None):
+        pass
+
+    sig = signature_of(build)
+    assert [f.describe() for f in sig.flags] == ["mix (float, default 1)", "either (any, default a)",
+                                                 "maybe (float or none, default null)"]
+    assert parse_words(sig, ["mix=2.5", "either=3", "maybe=2"], "t") == {"mix": 2.5, "either": 3, "maybe": 2.0}
+    with pytest.raises(FlagError, match=re.escape("flag mix: 'x' is not a number")):
+        parse_words(sig, ["mix=x"], "t")
+
+
 def test_list_flags_take_a_json_list_of_their_items():
     """`layers: list[int]` showed as `any` and took `layers=5` (an int, where the function expects a list)."""
     def build(layers: list[int] = [64], rates: list[float] = [0.1], tags: list = [], names: list[str] | None = None):
