@@ -17,21 +17,26 @@ def _ours(entry: traceback.FrameSummary) -> bool:
     return entry.filename.startswith(_SDK_DIR) or entry.filename.startswith("<frozen runpy>")
 
 
-def _theirs(stack: traceback.StackSummary) -> traceback.StackSummary:
-    """`stack` from the first frame that is not ours; all of it when every frame is ours (the SDK's own bug)."""
-    start = next((i for i, entry in enumerate(stack) if not _ours(entry)), len(stack))
-    return traceback.StackSummary.from_list(stack[start:] if start < len(stack) else stack)
+def _theirs(stack: traceback.StackSummary, to_their_last: bool = False) -> traceback.StackSummary:
+    """`stack` from the first frame that is not ours (to_their_last: through the last such frame, leaving out where
+    the SDK raised what the author's line asked of it: context.model, a reply it refuses); all of it when every frame
+    is ours (the SDK's own bug)."""
+    theirs = [i for i, entry in enumerate(stack) if not _ours(entry)]
+    if not theirs:
+        return stack
+    return traceback.StackSummary.from_list(stack[theirs[0]:theirs[-1] + 1 if to_their_last else len(stack)])
 
 
 def user_traceback(exc: BaseException, called: Any = None) -> str:
-    """Python's traceback of `exc` (chained causes included), its leading frames ours left out.
+    """Python's traceback of `exc` (chained causes included), the SDK's frames before the author's first and after
+    their last left out.
 
     called: the author's function the SDK called (a handler). When the exception has none of the author's frames, the
     call itself failed (`def on_end_epoch(self):`, given the event: a TypeError raised before its first line), and
     the traceback ended in Plugin.handle, which the console named as where it happened: the function's own `def`
     line is added as its innermost frame, the place to fix."""
     shown = traceback.TracebackException.from_exception(exc)
-    shown.stack = _theirs(shown.stack)
+    shown.stack = _theirs(shown.stack, to_their_last=True)
     code = getattr(called, "__code__", None)
     if code is not None and all(_ours(entry) for entry in shown.stack) and not code.co_filename.startswith(_SDK_DIR):
         # the author's frames start (and end) there: ours that led to the call are no place to fix

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -266,6 +267,9 @@ def test_bz_plugins_run_out_of_process_as_written(bz_modules, tmp_path):
     dead = (Path(result.run_dir) / "plugins" / "weights.deadletter.jsonl").read_text().splitlines()
     assert [json.loads(line)["attempts"] for line in dead] == [1, 1]
     assert result.plugins["weights"]["errors_logged"] == 1
+    # its traceback is the author's frames: it ended in the SDK's property that raised it (sdk/bz.py, in model)
+    plugin_log = (Path(result.run_dir) / "plugins" / "weights.log").read_text()
+    assert "context.model" in plugin_log and os.path.dirname(inspect.getfile(BzPlugin)) not in plugin_log, plugin_log
     assert {name: p["restarts"] for name, p in result.plugins.items()} == dict.fromkeys(
         ["json_log", "early_stop", "plotter", "weights"], 0)
 
