@@ -2,7 +2,7 @@
 
 bz's form (https://github.com/dbuzinski/bz-cli, docs/usage.md)::
 
-    {"training": {"epochs": 10, "device": "auto", "checkpoint_interval": 5, "batch_size": 64, ...},
+    {"training": {"epochs": 10, "device": "auto", "compile": true, "checkpoint_interval": 5, "batch_size": 64, ...},
      "plugins": {"console_out": {"enabled": true}, "tensorboard": {"enabled": true, "config": {...}},
                  "email_plugin": {"enabled": true, "target": "my_plugins:EmailNotificationPlugin",
                                   "config": {"smtp_server": "...", ...}}},
@@ -30,9 +30,10 @@ BUILTIN_PLUGINS: dict[str, tuple[str, dict[str, str]]] = {
     "tensorboard": ("visualization", {}),
     "early_stopping": ("early_stopping", {key: key for key in ("patience", "min_delta", "monitor", "mode")}),
 }
-# bz's `training` keys that are run settings here. Its others (batch_size, learning_rate, compile) go to the
-# spec's build(hyperparameters), as bz's train.py read them from its config.
-TRAINING_TO_RUN = {"epochs": "epochs", "device": "device", "checkpoint_interval": "checkpoint_every_n_epochs"}
+# bz's `training` keys that are run settings here (compile: bz's trainer compiled the model, as [run] compile does).
+# Its others (batch_size, learning_rate) go to the spec's build(hyperparameters), as bz's train.py read them.
+TRAINING_TO_RUN = {"epochs": "epochs", "device": "device", "checkpoint_interval": "checkpoint_every_n_epochs",
+                   "compile": "compile"}
 TRAINING_TO_EARLY_STOPPING = {"early_stopping_patience": "patience", "early_stopping_min_delta": "min_delta"}
 # A plugin's object: bz's two, then ours (a custom plugin's class, a program's command, settings as in TOML).
 PLUGIN_KEYS = ("enabled", "config", "target", "command", "settings")

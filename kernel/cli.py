@@ -591,7 +591,7 @@ def _from_the_file(exc: SpecError, only_in_file: set[str], config: Path | None) 
 
 def _section_of(config: Path, name: str) -> str:
     """Where the config file sets hyperparameter `name`: a TOML file's [hyperparameters]; bz's JSON its "training"
-    (whose keys besides epochs, device, ... are hyperparameters: bz's `compile` among them) or "hyperparameters",
+    (whose keys besides epochs, device, ... are hyperparameters: bz's `batch_size` among them) or "hyperparameters",
     which has no [hyperparameters] table to look in."""
     if config.suffix != ".json":
         return "[hyperparameters]"

@@ -726,8 +726,10 @@ def test_bz_json_config_maps_bz_names_to_ours(tmp_path, caplog):
         "hyperparameters": {"lr": 0.001, "batch_size": 64, "optimizer": "adam", "weight_decay": 0.0001},
     }))
     cfg = load_config(config_file)
-    assert (cfg.epochs, cfg.device, cfg.checkpoint_every_n_epochs) == (10, "auto", 5)
-    assert cfg.hyperparameters == {"batch_size": 64, "learning_rate": 0.001, "compile": True, "lr": 0.001,
+    # compile is bz's trainer's (Enable model compilation), as [run] compile is ours: as a hyperparameter it was an
+    # unknown flag of a build(batch_size, learning_rate) copied with bz's documented config
+    assert (cfg.epochs, cfg.device, cfg.checkpoint_every_n_epochs, cfg.compile) == (10, "auto", 5, True)
+    assert cfg.hyperparameters == {"batch_size": 64, "learning_rate": 0.001, "lr": 0.001,
                                    "optimizer": "adam", "weight_decay": 0.0001}
     assert {p.name: p.settings for p in cfg.plugins} == {  # bz saved checkpoints itself: its interval needs ours
         "console": {"show_batches": True}, "visualization": {}, "early_stopping": {"patience": 3, "min_delta": 0.001},
@@ -743,6 +745,7 @@ def test_bz_json_config_maps_bz_names_to_ours(tmp_path, caplog):
                          ({"training": {"checkpoint_interval": -1}}, r": training\.checkpoint_interval must be 0 to"),
                          ({"training": {"epochs": "ten"}}, r": training\.epochs must be an integer, got 'ten'"),
                          ({"training": {"device": "tpu"}}, r": training\.device must be one of"),
+                         ({"training": {"compile": "fast"}}, r": training\.compile must be true or false"),
                          # named as the file has it: it said "[plugins.visualization]: unknown key 'log_dir' (a
                          # plugin's settings go in its [plugins.NAME.settings] table)", a table the file has not
                          ({"plugins": {"tensorboard": {"enabled": True, "log_dir": "tb"}}},

@@ -448,14 +448,14 @@ def test_a_mistake_in_a_config_files_hyperparameters_names_the_file(train_py, tm
 
 
 def test_a_mistake_in_bz_json_config_names_the_section_it_is_in(train_py, tmp_path):
-    """bz's config sets hyperparameters in "training" (bz's own compile, batch_size) and "hyperparameters"; the
+    """bz's config sets hyperparameters in "training" (bz's own batch_size, learning_rate) and "hyperparameters"; the
     error named a [hyperparameters] table, which a JSON file does not have, for a key of "training"."""
     from typer.testing import CliRunner
 
     from trainbus.kernel.cli import app
 
     config = tmp_path / "bz_config.json"
-    for body, name, where in (({"training": {"epochs": 1, "compile": True}}, "compile", '"training"'),
+    for body, name, where in (({"training": {"epochs": 1, "batch_size": 8}}, "batch_size", '"training"'),
                               ({"training": {"epochs": 1}, "hyperparameters": {"lrr": 0.1}}, "lrr",
                                '"hyperparameters"')):
         config.write_text(json.dumps({**body, "plugins": {}}))
