@@ -45,7 +45,7 @@ from trainbus.proto import DURABLE, Event, events as ev
 from .plugin import Plugin as _SdkPlugin, SettingsError, call_warnings, refuse_awaitable
 from .runner import NotRetryable
 
-__all__ = ["Context", "NotInThisProcess", "Plugin", "constructor_arguments"]
+__all__ = ["Context", "NotInThisProcess", "Plugin", "PluginContext", "PluginError", "constructor_arguments"]
 
 HOOKS: tuple[str, ...] = ev.LIFECYCLE_EVENTS  # bz's 14 hook names are the lifecycle event names
 # Said first on the console's one line (160 characters), so the way out comes early.
@@ -56,6 +56,10 @@ OUT_OF_PROCESS_HINT = (
 )
 LOG_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
 SAVE_REPORTS = (ev.CHECKPOINT_SAVED, ev.CHECKPOINT_FAILED)  # a persister's word on a save_checkpoint's file
+
+
+class PluginError(Exception):
+    """bz's base exception for a plugin's errors (bz.plugins.PluginError), for plugins that raise or catch it."""
 
 
 class NotInThisProcess(AttributeError, NotRetryable):
@@ -129,6 +133,9 @@ class Context:
             self.training_metrics = {name: 0.0 for name in self.training_metrics}
         elif event.type == ev.END_EPOCH:
             self.epoch = event.epoch
+
+
+PluginContext = Context  # bz's name for it (bz.plugins.PluginContext), which its plugins' hooks are typed with
 
 
 def constructor_arguments(cls: type, config: dict[str, Any]) -> dict[str, Any]:

@@ -116,6 +116,24 @@ BZ_PLUGINS = {
             def end_epoch(self, context):
                 self.best_weights = context.model.state_dict()
     ''',
+    "bz_typed": '''
+        from typing import Optional
+
+        from bz.plugins import Plugin, PluginContext, PluginError
+
+
+        class ThresholdPlugin(Plugin):
+            """In the shape of bz's own plugins: typed hooks, and bz's base __init__ given a name and config."""
+
+            def __init__(self, threshold: float = 1.0, name: Optional[str] = None):
+                super().__init__(name=name or "threshold", config={"threshold": threshold})
+                self.threshold = threshold
+
+            def end_epoch(self, context: PluginContext) -> None:
+                if context.training_batch_count == 0:
+                    raise PluginError("an epoch without batches")
+                context.should_stop_training = context.training_loss_total > self.config["threshold"]
+    ''',
 }
 
 # bz's documentation examples (docs/examples/plugins.md), in their shape: constructors with arguments of their
@@ -548,6 +566,21 @@ def test_a_bz_plugin_whose_init_never_calls_super_is_built_whole_by_its_own_call
     h = Harness(plugin)
     feed_epoch(h, 1)
     assert h.replies_of("stop")
+
+
+def test_a_bz_plugin_importing_bzs_plugincontext_and_pluginerror_runs_with_that_import_changed(bz_modules):
+    """bz.plugins exports Plugin, PluginContext and PluginError, and bz's own plugins type their hooks with
+    PluginContext: `from trainbus.sdk.bz import Plugin, PluginContext, PluginError` was an ImportError."""
+    from bz_typed import ThresholdPlugin
+
+    from trainbus.sdk import bz
+
+    assert bz.PluginContext is bz.Context and issubclass(bz.PluginError, Exception)
+    h = Harness(ThresholdPlugin(threshold=0.5))  # the epoch's loss total is 1.0
+    feed_epoch(h, 1)
+    assert h.replies_of("stop") and h.plugin.name == "threshold"
+    with pytest.raises(bz.PluginError, match="an epoch without batches"):
+        feed_epoch(Harness(ThresholdPlugin()), 1, batches=0)
 
 
 def test_a_harness_gives_a_bz_plugin_its_run_dir_in_context_extra(tmp_path):
