@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import collections.abc
 import importlib
 import importlib.machinery
@@ -188,6 +189,7 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
         path = Path(module_part)
         if not path.is_file():
             raise SpecError(f"target file {path} does not exist; check the path before ':{func_name}'")
+        _refuse_without(path, func_name)  # before its code runs: a script may train as it is imported
         module = _loaded_files.get(_file_key(path))  # the CLI read its flags: its code runs once, not twice
         if module is None:
             name = f"trainbus_user_{path.stem}"
@@ -227,6 +229,39 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
     if not callable(func) or isinstance(func, type):
         raise SpecError(f"{target} is not a function (it is a {type(func).__name__}); name a function that returns a TrainingSpec")
     return func
+
+
+def _refuse_without(path: Path, function: str) -> None:
+    """SpecError when the file binds no `function` anywhere, read and not run (a Guild script: flags as globals,
+    training at its top level). Anything that might bind it (an import, an assignment, a star import, a module
+    __getattr__) is left to the import, as is a file that is no Python."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return
+    if any(_might_bind(node, function) for node in ast.walk(tree)):
+        return
+    functions = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and not node.name.startswith("_")]
+    if functions:
+        raise SpecError(f"{path} has no function {function!r}; name one of its functions: "
+                        f"{', '.join(f'{path}:{name}' for name in functions)}")
+    flags = [f"{node.targets[0].id}={ast.unparse(node.value)}" for node in tree.body
+             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+             and isinstance(node.value, ast.Constant) and not node.targets[0].id.startswith("_")][:4]
+    raise SpecError(f"{path} has no function {function!r}: trainbus calls a function that returns a TrainingSpec, its "
+                    f"parameters the flags; define one in it, as {function}({', '.join(flags)}), or name yours, "
+                    f"{path}:FUNCTION")
+
+
+def _might_bind(node: ast.AST, name: str) -> bool:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return node.name in (name, "__getattr__")
+    if isinstance(node, ast.Name):
+        return node.id == name
+    if isinstance(node, ast.alias):
+        return name in (node.asname, node.name.split(".")[0], "*")
+    return False
 
 
 _loaded_files: dict[tuple[str, int, int], Any] = {}  # (path, mtime_ns, size) -> module: an edited file loads anew

@@ -403,6 +403,18 @@ def test_a_file_target_without_a_function_names_its_build(train_py, tmp_path):
     assert "other.py has no function 'build'" in r.stderr and "other.py:make" in r.stderr, r.stderr
 
 
+def test_a_guild_script_named_alone_is_refused_before_its_code_runs(tmp_path):
+    """A Guild script (flags as globals, training at its top level) named alone would be imported, training as it
+    went, to find it has no build: it is refused first, in one line, with the way to write one."""
+    (tmp_path / "script.py").write_text("from pathlib import Path\n\nlr = 0.1\nPath('trained').write_text('yes')\n")
+    r = cli("run", "script.py", "lr=0.2", "--plugins", "", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr == ("error: script.py has no function 'build': trainbus calls a function that returns a "
+                        "TrainingSpec, its parameters the flags; define one in it, as build(lr=0.1), or name yours, "
+                        "script.py:FUNCTION\n"), r.stderr
+    assert not (tmp_path / "trained").exists() and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("given", [["epochs=1"], ["--set", "epochs=1"]])
 def test_epochs_on_the_command_line_beats_the_config_files(train_py, tmp_path, given):
     """A config file's `[run] epochs = 3` and `epochs=1` on the command line: the run trains 1, as a flag beats the
