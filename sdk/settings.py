@@ -55,6 +55,9 @@ class Setting:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:  # a misspelt kind would be no kind at all: nothing checked, silently
             raise SettingsError(f"Setting kind={self.kind!r}: not a kind; one of METRIC, PATH, METRIC_FIELDS")
+        if self.type is not None and not isinstance(self.type, type):  # type="float", as a YAML schema names one
+            raise SettingsError(f"Setting type={self.type!r} is not allowed: type= takes the type itself, one of str, "
+                                f"int, float, bool, list or dict (type=float), not its name")
         if isinstance(self.default, tuple) and self.type in (None, tuple, list):  # a config gives lists, no tuples
             object.__setattr__(self, "default", list(self.default))
             object.__setattr__(self, "type", list)

@@ -192,6 +192,12 @@ def test_a_default_no_config_can_give_fails_the_class_naming_the_setting_and_the
                                  "kind=PATH or HOST_PATH; an Enum's member as its value, with choices=)")
     with pytest.raises(SettingsError, match=r"^Setting type=<class 'set'> is not allowed: a set cannot come from"):
         Setting(None, type=set)
+    # a type named as text (Dioptra's parameter types are names: "float", "integer") raised AttributeError: 'str'
+    # object has no attribute '__name__'
+    with pytest.raises(SettingsError) as raised:
+        Setting(0.5, "a rate", type="float")
+    assert str(raised.value) == ("Setting type='float' is not allowed: type= takes the type itself, one of str, int, "
+                                 "float, bool, list or dict (type=float), not its name")
     (tmp_path / "paths_plugin.py").write_text(
         "from pathlib import Path\n\nfrom trainbus.sdk import Plugin, Setting\n\n\n"
         "class Writer(Plugin):\n    settings = {\"out\": Setting(Path(\"out.txt\"), \"where to write\")}\n")
