@@ -273,9 +273,11 @@ def call_warnings(cls: type, name: str, argument: str, what: str) -> list[str]:
     """What makes every call of method `name` (a handler, a bz hook) fail or do nothing: it cannot take the one
     `argument` it is called with, or it is async def."""
     function = getattr(cls, name)
+    # (self, argument); a staticmethod, or a classmethod bound to its class, takes the argument alone
+    given = (None,) if isinstance(inspect.getattr_static(cls, name), (staticmethod, classmethod)) else (None, None)
     said = []
     try:
-        inspect.signature(function).bind(None, None)  # (self, argument)
+        inspect.signature(function).bind(*given)
     except TypeError:
         said.append(f"{cls.__name__}.{name}{inspect.signature(function)} cannot take the {argument}, so every call "
                     f"of it fails; define it as def {name}(self, {argument}){_defined_at(function)}")

@@ -667,6 +667,14 @@ def test_a_hook_that_cannot_take_the_context_is_said_before_the_run_with_its_lin
         def start_epoch(self, context, *more):  # fine: it takes the context
             pass
 
+        @staticmethod
+        def end_training_loop(context):  # fine too: it was said to fail at every call, and ran at every call
+            pass
+
+        @classmethod
+        def end_validation_loop(cls, context):
+            pass
+
     line = NoContext.end_epoch.__code__.co_firstlineno
     assert NoContext.warnings() == [
         f"NoContext.end_epoch(self) cannot take the context, so every call of it fails; define it as "
