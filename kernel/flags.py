@@ -137,6 +137,8 @@ def call(func: Callable[..., Any], sig: Signature, arguments: dict[str, Any]) ->
 def help_text(func: Callable[..., Any], sig: Signature, target: str) -> str:
     """What `trainbus run TARGET --help-flags` prints."""
     summary = (inspect.getdoc(func) or "").split("\n\n")[0].strip()
+    if _GOOGLE_HEAD.match(summary.partition("\n")[0]) or _NUMPY_HEAD.match(summary.partition("\n")[0]):
+        summary = ""  # a docstring that starts with its Args: section has no summary; the table shows the section
     lines = [f"usage: trainbus run {target} [NAME=VALUE ...]", ""]
     if summary:
         lines += [summary, ""]
@@ -162,6 +164,8 @@ def help_text(func: Callable[..., Any], sig: Signature, target: str) -> str:
 # Google style: "Args:" then "    name (type): text" lines; NumPy style: "Parameters" over dashes, then
 # "name : type" lines with the text indented below. Continuation lines are joined.
 _GOOGLE_HEAD = re.compile(r"^(Args|Arguments|Parameters|Params):\s*$")
+_NEXT_SECTION = re.compile(r"^(Returns|Yields|Raises|Examples?|Notes?|See Also|Attributes|Warnings?|References|Todo)"
+                           r"\s*:?\s*$")
 _NUMPY_HEAD = re.compile(r"^(Parameters|Other Parameters)\s*$")
 _GOOGLE_ITEM = re.compile(r"^\*{0,2}(\w+)\s*(\([^)]*\))?\s*:\s*(.*)$")
 _NUMPY_ITEM = re.compile(r"^(\w+)\s*(:.*)?$")
@@ -175,7 +179,8 @@ def docstring_help(doc: str) -> dict[str, str]:
         numpy = _NUMPY_HEAD.match(line.strip()) and i + 1 < len(lines) and set(lines[i + 1].strip()) == {"-"}
         if not (_GOOGLE_HEAD.match(line.strip()) or numpy):
             continue
-        section_indent = len(line) - len(line.lstrip())
+        # on the docstring's first line, Python dedented the lines below it to its column: its items start there
+        section_indent = len(line) - len(line.lstrip()) if i else -1
         item_indent, name = None, None
         start = i + (2 if numpy else 1)
         for j, body in enumerate(lines[start:], start):
@@ -185,6 +190,9 @@ def docstring_help(doc: str) -> dict[str, str]:
             underlined = j + 1 < len(lines) and lines[j + 1].strip() and set(lines[j + 1].strip()) == {"-"}
             if indent < section_indent or (indent == section_indent and (not numpy or underlined)):
                 break  # the next section
+            if item_indent is not None and (indent < item_indent or section_indent < 0 and indent == item_indent and (
+                    underlined or _NEXT_SECTION.match(body.strip()))):
+                break  # the next section, after one that began on the docstring's first line
             item_indent = indent if item_indent is None else item_indent
             match = (_NUMPY_ITEM if numpy else _GOOGLE_ITEM).match(body.strip())
             if indent == item_indent and match:

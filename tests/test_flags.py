@@ -155,6 +155,33 @@ def test_numpy_style_docstrings_give_help_too():
     assert docstring_help(doc) == {"lr": "Learning rate, halved at each plateau.", "hidden": "Width."}
 
 
+def test_an_args_section_on_the_docstrings_first_line_gives_help_and_no_summary(tmp_path):
+    """`\"\"\"Args:` on the docstring's first line lost every flag's help (Python dedents the lines after the first
+    to the header's column) and --help-flags printed the section as the function's summary."""
+    def build(lr: float = 0.1, epochs: int = 2):
+        """Args:
+            lr: Learning rate.
+            epochs: How many
+                epochs.
+
+        Returns:
+            The spec.
+        """
+
+    def alone(lr: float = 0.1, epochs: int = 2):
+        """Args:
+            lr: Learning rate.
+            epochs: How many
+                epochs.
+        """
+
+    for function in (build, alone):
+        sig = signature_of(function)
+        assert [f.help for f in sig.flags] == ["Learning rate.", "How many epochs."], function
+        assert help_text(function, sig, "t.py:f").splitlines()[:3] == ["usage: trainbus run t.py:f [NAME=VALUE ...]",
+                                                                       "", "flags:"]
+
+
 def test_values_are_typed_and_checked():
     def build(lr: float = 0.1, epochs: int = 2, fast: bool = False, name: str = "a", seed: int | None = None,
               anything=None, **extra):
