@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from .flags import option_of_run
 from .spec import SpecError
 
 DEFAULTS = {"lr": 1e-3, "batch_size": 32, "hidden": 128, "validation_fraction": 0.2, "model": "mlp"}
@@ -44,7 +45,9 @@ def checked(hyperparameters: dict) -> dict:
     """The demo's hyperparameters over its defaults; SpecError naming the first bad one and a value that works."""
     unknown = sorted(set(hyperparameters) - set(_RULES))
     if unknown:  # a typo (lrr=0.1) would otherwise train with the default and say nothing
-        raise SpecError(f"the demo has no hyperparameter {unknown[0]!r}; it takes {', '.join(_RULES)} "
+        option = option_of_run(unknown[0], hyperparameters[unknown[0]])
+        said = f" ({unknown[0]} is an option of trainbus run: {option})" if option else ""
+        raise SpecError(f"the demo has no hyperparameter {unknown[0]!r}{said}; it takes {', '.join(_RULES)} "
                         f"(e.g. --set lr=0.01)", flag=unknown[0])
     hp = {**DEFAULTS, **hyperparameters}
     for name, (ok, what, example) in _RULES.items():

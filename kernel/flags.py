@@ -89,13 +89,35 @@ def parse_words(sig: Signature, words: list[str], target: str) -> dict[str, Any]
             raise FlagError(f"{word!r} is not a flag: flags are NAME=VALUE; flags of {target}: {sig.known()}")
         flag = by_name.get(name)
         if flag is None and not (sig.takes_dict or sig.takes_extra):
-            raise FlagError(f"unknown flag {name!r}; flags of {target}: {sig.known()}", flag=name)
+            raise FlagError(f"unknown flag {name!r}{_an_option_of_run(name, text, target)}; flags of {target}: "
+                            f"{sig.known()}", flag=name)
         if name in values:  # a typo of another, or an edited command line: which one was meant is not ours to guess
             given = next(w for w in words if w.partition("=")[0] == name)
             raise FlagError(f"flag {name!r} given twice ({given} and {word}): give it once")
         # plain: the words become the run's hyperparameters, which are recorded and queued as JSON (a path as text)
         values[name] = plain(_parse(flag, text, target, sig)) if flag else _json_or_text(text)
     return values
+
+
+# `trainbus run`'s options that Guild's and Lightning's users write as flags (`seed=3`, `precision=bf16-mixed`)
+RUN_OPTIONS = ("seed", "device", "precision", "accumulate_grad_batches", "gradient_clip_val", "compile", "plugins",
+               "runs_dir", "nproc")
+
+
+def option_of_run(name: str, value: Any) -> str | None:
+    """`--seed 3` for `seed=3`, a `trainbus run` option given as a flag; None for a name that is none."""
+    if name not in RUN_OPTIONS:
+        return None
+    option = f"--{name.replace('_', '-')}"
+    if name == "compile":
+        return "--no-compile" if value is False or bool_word(str(value)) is False else option
+    return f"{option} {value}"
+
+
+def _an_option_of_run(name: str, text: str, target: str) -> str:
+    """" (seed is an option of trainbus run, not a flag of TARGET: --seed 3)" for a word that names one; else ""."""
+    option = option_of_run(name, text)
+    return f" ({name} is an option of trainbus run, not a flag of {target}: {option})" if option else ""
 
 
 def resolve(sig: Signature, values: dict[str, Any], target: str) -> dict[str, Any]:

@@ -269,6 +269,8 @@ DEMO_BAD_SET = {
     "epochs=0": "the demo's epochs must be a whole number of at least 1, got 0 (e.g. --set epochs=10)",
     "lrr=0.1": "the demo has no hyperparameter 'lrr'; it takes lr, batch_size, hidden, validation_fraction, model, "
                "epochs (e.g. --set lr=0.01)",
+    "seed=3": "the demo has no hyperparameter 'seed' (seed is an option of trainbus run: --seed 3); it takes lr, "
+              "batch_size, hidden, validation_fraction, model, epochs (e.g. --set lr=0.01)",
 }
 
 

@@ -285,6 +285,20 @@ def test_an_unknown_flag_or_a_bad_value_is_one_line_naming_the_flags_and_nothing
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("word, option", [("seed=3", "--seed 3"), ("device=cpu", "--device cpu"),
+                                          ("precision=bf16-mixed", "--precision bf16-mixed"),
+                                          ("accumulate_grad_batches=4", "--accumulate-grad-batches 4")])
+def test_a_flag_that_is_an_option_of_run_says_the_option(train_py, tmp_path, word, option):
+    """Guild's and Lightning's users write the run's settings as flags (`seed=3`): the error listed the function's
+    flags and left them wondering where the seed goes."""
+    r = trainbus("run", f"{train_py}:build", word, "--plugins", "", "--runs-dir", str(tmp_path / "runs"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    name = word.partition("=")[0]
+    assert r.stderr.startswith(f"error: unknown flag {name!r} ({name} is an option of trainbus run, not a flag of "
+                               f"{train_py}:build: {option}); flags of "), r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.fixture(scope="module")
 def flag_runs(train_py, tmp_path_factory):
     """Two runs of train.py with different flags (one with a plugin that writes its environment) and one of a
