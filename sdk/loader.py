@@ -33,15 +33,19 @@ def load_plugin_class(target: str) -> type[Plugin]:
             raise PluginLoadError(f"cannot import plugin module {module_name!r}: {exc}; install the package that has "
                                   f"it into this Python's environment, or put its folder on PYTHONPATH") from None
         raise PluginLoadError(f"cannot import plugin module {module_name!r}: {where_raised(exc)}") from None
+    plugins = sorted(name for name, value in vars(module).items()
+                     if isinstance(value, type) and issubclass(value, Plugin) and value is not Plugin)
     if not hasattr(module, class_name):
-        plugins = sorted(name for name, value in vars(module).items()
-                         if isinstance(value, type) and issubclass(value, Plugin) and value is not Plugin)
         offered = f"name one of its Plugin subclasses: {', '.join(plugins)}" if plugins \
             else "it has no trainbus.sdk.Plugin subclass"
         raise PluginLoadError(f"module {module_name!r} has no attribute {class_name!r}; {offered}")
     cls = getattr(module, class_name)
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
-        raise PluginLoadError(f"{target} is not a trainbus.sdk.Plugin subclass")
+        what = "a class" if isinstance(cls, type) else "a function" if callable(cls) else f"a {type(cls).__name__}"
+        named = class_name if what == "a class" else "NAME"
+        offered = f"name one of its module's Plugin subclasses: {', '.join(plugins)}" if plugins else \
+            f"make it one: class {named}(Plugin), with from trainbus.sdk import Plugin"
+        raise PluginLoadError(f"{target} is {what}, not a trainbus.sdk.Plugin subclass; {offered}")
     return cls
 
 

@@ -235,6 +235,11 @@ BAD_INPUT = {
     "plugin class not in its module": (lambda t: ["run", "--config", _write(
         t, "c.toml", "[plugins.x]\ntarget = 'trainbus.plugins.console:Nope'\n")],
         "module 'trainbus.plugins.console' has no attribute 'Nope'; name one of its Plugin subclasses: ConsolePlugin"),
+    # a class of its own, or a function making one: "... is not a trainbus.sdk.Plugin subclass", and no way on
+    "plugin target not a Plugin": (lambda t: ["run", "--config", _write(
+        t, "c.toml", "[plugins.x]\ntarget = 'trainbus.plugins.console:_fmt'\n")],
+        "plugin x: trainbus.plugins.console:_fmt is a function, not a trainbus.sdk.Plugin subclass; "
+        "name one of its module's Plugin subclasses: ConsolePlugin"),
     "plugin target given as a file": (lambda t: ["run", "--config", _write(
         t, "c.toml", "[plugins.x]\ntarget = 'hooks/train.py:Alarm'\n")],
         "plugin target 'hooks/train.py:Alarm' names a file: a plugin is module:Class, a module its Python imports "
