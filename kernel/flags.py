@@ -10,6 +10,7 @@ hyperparameters as one dict, as before flags existed: any `NAME=VALUE` goes into
 
 from __future__ import annotations
 
+import difflib
 import enum
 import inspect
 import json
@@ -89,8 +90,8 @@ def parse_words(sig: Signature, words: list[str], target: str) -> dict[str, Any]
             raise FlagError(f"{word!r} is not a flag: flags are NAME=VALUE; flags of {target}: {sig.known()}")
         flag = by_name.get(name)
         if flag is None and not (sig.takes_dict or sig.takes_extra):
-            raise FlagError(f"unknown flag {name!r}{_an_option_of_run(name, text, target)}; flags of {target}: "
-                            f"{sig.known()}", flag=name)
+            raise FlagError(f"unknown flag {name!r}{_an_option_of_run(name, text, target) or _near(name, sig)}; "
+                            f"flags of {target}: {sig.known()}", flag=name)
         if name in values:  # a typo of another, or an edited command line: which one was meant is not ours to guess
             given = next(w for w in words if w.partition("=")[0] == name)
             raise FlagError(f"flag {name!r} given twice ({given} and {word}): give it once")
@@ -114,6 +115,12 @@ def option_of_run(name: str, value: Any) -> str | None:
     return f"{option} {value}"
 
 
+def _near(name: str, sig: Signature) -> str:
+    """" (did you mean 'lr'?)" for a typo of one of the flags (`lrr`); else ""."""
+    near = difflib.get_close_matches(name, [flag.name for flag in sig.flags], n=1, cutoff=0.8)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 def _an_option_of_run(name: str, text: str, target: str) -> str:
     """" (seed is an option of trainbus run, not a flag of TARGET: --seed 3)" for a word that names one; else ""."""
     option = option_of_run(name, text)
@@ -130,7 +137,8 @@ def resolve(sig: Signature, values: dict[str, Any], target: str) -> dict[str, An
     by_name = {f.name: f for f in sig.flags}
     unknown = [name for name in values if name not in by_name]
     if unknown and not sig.takes_extra:
-        raise FlagError(f"unknown flag {unknown[0]!r}; flags of {target}: {sig.known()}", flag=unknown[0])
+        raise FlagError(f"unknown flag {unknown[0]!r}{_near(unknown[0], sig)}; flags of {target}: {sig.known()}",
+                        flag=unknown[0])
     resolved = {}
     for flag in sig.flags:
         if flag.name in values:

@@ -272,7 +272,7 @@ def test_help_flags_prints_each_flag_with_type_default_and_help(train_py, tmp_pa
 
 
 @pytest.mark.parametrize("words, expected", [
-    (["lrr=0.1"], "unknown flag 'lrr'; flags of "),
+    (["lrr=0.1"], "unknown flag 'lrr' (did you mean 'lr'?); flags of "),  # a typo: the flag it is close to
     (["lr=fast"], "flag lr: 'fast' is not a number; flags of "),
     (["epochs=1.5"], "flag epochs: '1.5' is not an integer; flags of "),
 ])
@@ -485,7 +485,7 @@ def test_a_mistake_in_a_config_files_hyperparameters_names_the_file(train_py, tm
         return str(result.exception)
 
     config = tmp_path / "run.toml"
-    for table, error, name in (('lrr = 0.1\nlr = "fast"', "unknown flag 'lrr'; flags of ", "lrr"),
+    for table, error, name in (('lrr = 0.1\nlr = "fast"', "unknown flag 'lrr' (did you mean 'lr'?); flags of ", "lrr"),
                                ('lr = "fast"', "flag lr: 'fast' is not a number; flags of ", "lr")):
         config.write_text(f'[run]\ntarget = "{train_py}:build"\nruns_dir = "{tmp_path / "runs"}"\n'
                           f'[hyperparameters]\n{table}\nwidth = 3\n')
