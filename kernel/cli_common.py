@@ -109,14 +109,17 @@ def _check_plugin_settings(plugins, deliveries: dict[str, str] | None = None) ->
             raise UserError(f"plugin {p.name}: {info['error']}")
         for warning in info.get("warnings", []) if says_the_checks() else []:  # on the terminal, before the run:
             print(f"trainbus: warning: plugin {p.name}: {warning}", file=sys.stderr)  # the console is not up yet
+        given = set(p.settings)
         p.settings.update(info["values"])
         if deliveries is not None:
             deliveries[p.name] = info["delivery"]
         for key, s in info["settings"].items():
             value = p.settings.get(key, s["default"])
+            # a default the user never wrote (a plugin turned on by bz's early_stopping_patience) is said to be one
+            default = "" if key in given else f" (its default: set {p.name}.{key})"
             for metric in metrics_named(s["kind"], value):  # the plugin's check made a METRIC_FIELDS a template
                 names = f" names {metric}, which" if s["kind"] == METRIC_FIELDS else ""
-                metric_settings[f"{p.name}: {key} = {value!r}{names}"] = metric
+                metric_settings[f"{p.name}: {key} = {value!r}{default}{names}"] = metric
     return metric_settings
 
 

@@ -474,6 +474,17 @@ def test_a_bad_setting_is_one_line_exit_2_and_no_run_directory(case, tmp_path):
     assert not runs.exists(), "nothing was started"
 
 
+def test_a_default_naming_a_metric_the_run_lacks_says_it_is_the_default_and_which_setting_to_set(tmp_path):
+    """early_stopping's default monitor (validation_loss) on a run without validation: a user who never wrote
+    `monitor` (bz's early_stopping_patience turns the plugin on) was told monitor = 'validation_loss' is not a metric
+    this run produces, as if they had set it, and not which setting to set."""
+    r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny_unvalidated", "--epochs", "1", "--plugins", "early_stopping",
+                 "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == (
+        "error: plugin early_stopping: monitor = 'validation_loss' (its default: set early_stopping.monitor) is not a "
+        "metric this run produces; use one of: training_loss, training_accuracy\n"), r.stderr
+
+
 @pytest.mark.parametrize("detach", [False, True], ids=["here", "detached"])
 def test_a_demo_run_naming_a_metric_it_never_produces_is_refused_before_torch_and_queues_nothing(tmp_path, detach):
     """The demo's metrics are known before it is built: a run queued for the daemon is refused now, not failed once
