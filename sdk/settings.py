@@ -58,6 +58,14 @@ class Setting:
         if self.type is not None and not isinstance(self.type, type):  # type="float", as a YAML schema names one
             raise SettingsError(f"Setting type={self.type!r} is not allowed: type= takes the type itself, one of str, "
                                 f"int, float, bool, list or dict (type=float), not its name")
+        for bound in ("min", "max"):
+            value = getattr(self, bound)
+            if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+                raise SettingsError(f"Setting {bound}={value!r} is not allowed: min= and max= take numbers "
+                                    f"(min=0, max=1.5)")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise SettingsError(f"Setting min={self.min!r} is not allowed: min= and max= take numbers, min <= max "
+                                f"(max={self.max!r})")
         if isinstance(self.default, tuple) and self.type in (None, tuple, list):  # a config gives lists, no tuples
             object.__setattr__(self, "default", list(self.default))
             object.__setattr__(self, "type", list)

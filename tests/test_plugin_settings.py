@@ -208,6 +208,15 @@ def test_a_default_no_config_can_give_fails_the_class_naming_the_setting_and_the
     assert "paths_plugin.py, line 7" in info["error"] and "a PosixPath cannot come from a config" in info["error"], info
 
 
+@pytest.mark.parametrize("bounds", [{"max": "10"}, {"min": True}, {"min": float("nan")}, {"min": 5, "max": 1}],
+                         ids=["text", "bool", "nan", "crossed"])
+def test_bounds_that_are_no_numbers_or_cross_fail_the_declaration_in_one_line(bounds):
+    """`Setting(5.0, max="10")` failed its declaration with a bare TypeError ('<=' not supported between instances of
+    'float' and 'str'), naming neither the setting's bound nor the fix; a NaN bound allowed every value."""
+    with pytest.raises(SettingsError, match=r"^Setting (min|max)=.* is not allowed: min= and max= take numbers"):
+        Setting(3.0, "a rate", **bounds)
+
+
 def test_a_path_inside_the_run_directory_is_allowed():
     assert Declared({"out": "logs/out.txt"}).settings["out"] == "logs/out.txt"
 
