@@ -274,6 +274,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                               f"{reason or _first_line(exc)}); is it a checkpoint, and whole?") from None
     if not isinstance(state, dict) or "trainbus" not in state:
         raise CheckpointError(f"{path} is not a trainbus checkpoint (no 'trainbus' resume state)")
+    from .loop import checkpoint_problem  # torch's: loaded by now
+
+    problem = checkpoint_problem(state)
+    if problem is not None:
+        raise CheckpointError(f"refusing checkpoint {path}: {problem}; is it a checkpoint trainbus wrote, and whole?")
     return state
 
 

@@ -448,6 +448,91 @@ class Loop:
             scheduler.step(value)
 
 
+def checkpoint_problem(state: dict[str, Any]) -> str | None:
+    """What makes a loaded checkpoint's containers unlike what training_state() writes (a hand-edited or garbled
+    file, another tool's): said before anything is built from it, rather than as a traceback from deep in a resume."""
+    resume = state.get("trainbus")
+    if not isinstance(resume, dict):
+        return f"its resume state ('trainbus') is {_kind(resume)}, not a dict"
+    if resume.get("format") != RESUME_FORMAT:
+        return (f"its resume state is format {resume.get('format')!r}, which this trainbus does not read (it reads "
+                f"{RESUME_FORMAT}: one another version wrote resumes with that version)")
+    model = state.get("model_state_dict")
+    if model is not None and not (isinstance(model, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                                  for k, v in model.items())):
+        return f"its model_state_dict is {_kind(model)}, not a dict of tensors"
+    for key in ("optimizer_state_dict", "scheduler_state_dict", "metrics", "hyperparameters"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            return f"its {key} is {_kind(state[key])}, not a dict"
+    if not all(isinstance(k, str) and _is_number(v) for k, v in (state.get("metrics") or {}).items()):
+        return "its metrics are not all names with a number"
+    return None
+
+
+def resume_problem(resume: dict[str, Any]) -> str | None:
+    """What in a checkpoint's resume state Loop.resume could not continue from: a field missing or of another type
+    (checked once restore_weights took the weights, so a checkpoint of another model is said as that first)."""
+    def whole(key: str, least: int) -> str | None:
+        value = resume.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            return f"its resume state's {key} is {_kind(value)}, not a whole number >= {least}"
+        return None
+
+    problem = whole("epoch", 1) or whole("step", 0)
+    if problem:
+        return problem
+    if not isinstance(resume.get("epoch_complete"), bool):
+        return f"its resume state's epoch_complete is {_kind(resume.get('epoch_complete'))}, not true or false"
+    states = [("rng", resume.get("rng"))]
+    if not resume["epoch_complete"]:  # mid-epoch: the epoch's data order and running totals too
+        problem = whole("batches_done", 0)
+        if problem:
+            return problem
+        if not _is_number(resume.get("loss_total")):
+            return f"its resume state's loss_total is {_kind(resume.get('loss_total'))}, not a number"
+        totals = resume.get("metric_totals")
+        if not isinstance(totals, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in totals.items()):
+            return f"its resume state's metric_totals is {_kind(totals)}, not names with a number"
+        states.append(("epoch_rng_state", resume.get("epoch_rng_state")))
+    for key in ("rank_rng", "rank_totals"):
+        if resume.get(key) is not None and not (isinstance(resume[key], list)
+                                                and all(isinstance(x, dict) for x in resume[key])):
+            return f"its resume state's {key} is {_kind(resume[key])}, not a list of dicts"
+    states += [(f"rank_rng[{i}]", rng) for i, rng in enumerate(resume.get("rank_rng") or [])]
+    if resume.get("loss_scaler") is not None and not isinstance(resume["loss_scaler"], dict):
+        return f"its resume state's loss_scaler is {_kind(resume['loss_scaler'])}, not a dict"
+    if resume.get("best_validation_loss") is not None and not _is_number(resume["best_validation_loss"]):
+        return f"its resume state's best_validation_loss is {_kind(resume['best_validation_loss'])}, not a number"
+    problem = whole("best_epoch", 0) if resume.get("best_epoch") is not None else None  # None: an older checkpoint's
+    if problem:
+        return problem
+    before = _get_rng(python=True)
+    try:
+        for key, rng in states:  # what torch, random and numpy take is only known by giving it to them
+            if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+                return f"its resume state's {key} is {_kind(rng)}, not the RNG states trainbus saves"
+            try:
+                _set_rng(rng)
+            except Exception as exc:  # a state of another size or shape: torch's RuntimeError, random's ValueError
+                return f"its resume state's {key} is no RNG state torch, random and numpy take ({type(exc).__name__})"
+    finally:
+        _set_rng(before)  # the build's seeded state, until Loop.resume sets the checkpoint's
+    return None
+
+
+def _kind(value: Any) -> str:
+    """A field's value as an error names it: missing, or its type and (when short) itself."""
+    if value is None:
+        return "missing"
+    shown = repr(value)
+    return f"{type(value).__name__} {shown}" if len(shown) <= 40 else f"a {type(value).__name__}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        or isinstance(value, torch.Tensor) and value.numel() == 1
+
+
 def restore_weights(spec: TrainingSpec, state: dict[str, Any]) -> None:
     """Load model, optimizer and scheduler state from a checkpoint; raises ValueError when it does not fit."""
     resume = state["trainbus"]

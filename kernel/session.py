@@ -39,7 +39,7 @@ from .failures import RANK_ERROR, rank_errors, what_failed, write_rank_error
 from .kernel_log import KEEP, log_to
 from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse, check_free
 from .limits import PeerLimits
-from .loop import Loop, pick_device, restore_weights, seed_everything
+from .loop import Loop, pick_device, restore_weights, resume_problem, seed_everything
 from .keys import KeyStore
 from .memory import keep_freed_memory
 from .peers import Peers
@@ -219,6 +219,10 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {resume_from} does not fit {cfg.target}'s model: {exc}; "
                                   f"{_trained_with(Path(resume_from), cfg.target, flags)}") from None
+        problem = resume_problem(resume_state["trainbus"])
+        if problem is not None:
+            raise CheckpointError(f"refusing checkpoint {resume_from}: {problem}; is it a checkpoint trainbus wrote, "
+                                  f"and whole?")
         # A new run from a checkpoint with other flags (continued in place, a run keeps its own: the CLI refuses
         # others); with the same, a scheduler's moves of the lr are the saved state's, rightly
         saved = resume_state.get("hyperparameters") or {}

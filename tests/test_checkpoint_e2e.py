@@ -10,6 +10,7 @@ Replay a random schedule with TRAINBUS_TEST_SEED=<the seed printed in the failur
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -767,6 +768,74 @@ def test_a_checkpoint_copied_out_of_its_run_starts_a_new_run_and_a_non_checkpoin
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: refusing checkpoint {fake}: torch.load cannot "
                                                            f"read it"), proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "other").exists()
+
+
+def _damaged(state: dict, damage: str) -> dict:
+    """A copy of a checkpoint's state with one field made what a garbled or hand-edited file holds."""
+    state = copy.deepcopy(state)
+    resume = state["trainbus"]
+    if damage == "resume state a string":
+        state["trainbus"] = "x"
+    elif damage == "another format":
+        resume["format"] = 2
+    elif damage == "no step":
+        del resume["step"]
+    elif damage == "step a string":
+        resume["step"] = "x"
+    elif damage == "epoch below 1":
+        resume["epoch"] = -5
+    elif damage == "epoch_complete a string":
+        resume["epoch_complete"] = "x"
+    elif damage == "no rng":
+        del resume["rng"]
+    elif damage == "rng torch cannot take":
+        resume["rng"] = {"torch": torch.zeros(3)}
+    elif damage == "mid-epoch without batches_done":
+        resume["epoch_complete"] = False
+        del resume["batches_done"]
+    elif damage == "model_state_dict a list":
+        state["model_state_dict"] = [1]
+    elif damage == "optimizer_state_dict a string":
+        state["optimizer_state_dict"] = "x"
+    elif damage == "metrics a string":
+        state["metrics"] = "x"
+    elif damage == "hyperparameters a list":
+        state["hyperparameters"] = [1]
+    return state
+
+
+DAMAGES = ("resume state a string", "another format", "no step", "step a string", "epoch below 1",
+           "epoch_complete a string", "no rng", "rng torch cannot take", "mid-epoch without batches_done",
+           "model_state_dict a list", "optimizer_state_dict a string", "metrics a string", "hyperparameters a list")
+
+
+def test_a_checkpoint_whose_fields_are_garbled_is_refused_in_one_line_and_starts_no_run(tmp_path):
+    """--resume FILE.pt of a checkpoint torch loads but whose fields are not what trainbus wrote (a hand-edited or
+    garbled file, one of another tool): each was a Python traceback (AttributeError, KeyError, TypeError in
+    restore_weights or Loop.resume), or a run that started and failed 40 s later (a step that is a string), or one
+    that trained from epoch -4 (found by a bad-input audit). Now one `error:` line naming the field, exit 2, no run."""
+    runs = tmp_path / "runs"
+    result = run_training(config(runs, [checkpointer()], 1, target=PACED, every_n_epochs=1, step_sleep_s=0.0,
+                                 batch_size=256))
+    state = torch.load(Path(result.run_dir) / "checkpoints" / "last.pt", weights_only=True)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for damage in DAMAGES:
+        path = kept / (damage.replace(" ", "-") + ".pt")
+        torch.save(_damaged(state, damage), path)
+        proc = run_cli(tmp_path, "--resume", str(path), "--runs-dir", str(tmp_path / "new"), "--epochs", "2",
+                       "--plugins", "", "--set", "batch_size=256")
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, (damage, proc.stderr)
+        assert lines[0].startswith(f"error: refusing checkpoint {path}: "), (damage, lines[0])
+        assert "Traceback" not in proc.stderr and not proc.stdout.strip(), (damage, proc.stdout)
+        assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir()), damage  # no run started
+    # the undamaged state still resumes
+    whole = kept / "whole.pt"
+    torch.save(state, whole)
+    proc = run_cli(tmp_path, "--resume", str(whole), "--runs-dir", str(tmp_path / "new"), "--epochs", "2",
+                   "--plugins", "", "--set", "batch_size=256")
+    assert proc.returncode == 0, proc.stderr
 
 
 class Tripwire:
