@@ -17,7 +17,7 @@ from trainbus.proto.settings_format import typed_word
 
 from .cli_common import RUNS_DIR_OPTION, UserError, _check_plugin_settings, _describe, _run_and_status, _wide
 from .config import check_metric_settings, plugin_name_clashes, registered_plugins, resolve_plugin
-from .runs import CONFIG, read_json
+from .runs import read_config
 
 plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                           help="Plugins: what is installed; attach one to a live run, or detach it.")
@@ -80,7 +80,7 @@ def plugins_attach(
         plugin.settings[key] = typed_word(raw)
     deliveries: dict[str, str] = {}
     metric_settings = _check_plugin_settings([plugin], deliveries)
-    produced = (read_json(run_dir / CONFIG) or {}).get("metrics")  # none from a run of before trainbus recorded them
+    produced = read_config(run_dir).get("metrics")  # none from a run of before trainbus recorded them
     if isinstance(produced, list):
         check_metric_settings(produced, metric_settings)
     if from_start and deliveries[name] != DURABLE:
@@ -104,7 +104,7 @@ def configured_settings(run_dir: Path, name: str, target: str) -> dict:
     """The settings the run's config gave plugin NAME where it ran this target, else none: a plugin of the run's
     config detached and attached again is the one the run had, not one with defaults (metrics_log's every_n_steps
     back at 50, visualization's every_n_steps unlike the summaries its earlier files hold)."""
-    for entry in (read_json(run_dir / CONFIG) or {}).get("plugins") or []:
+    for entry in read_config(run_dir).get("plugins") or []:
         if isinstance(entry, dict) and entry.get("name") == name and entry.get("target") == target:
             settings = entry.get("settings")
             return dict(settings) if isinstance(settings, dict) else {}

@@ -210,6 +210,21 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+# config.json's fields that reading a run goes by, as the kernel writes them (session.py effective_config). One of
+# another type (an edit by hand) is read as missing, as in a run from before trainbus recorded it: what shows it
+# would raise on it, and one such run would hide every other run of the directory.
+CONFIG_FIELDS = {"target": str, "epochs": int, "flags": dict, "hyperparameters": dict, "plugins": list,
+                 "metrics": list, "launch": dict, "cwd": str}
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """A run's config.json, less each CONFIG_FIELDS field of another type; {} when it is missing, unreadable or
+    not an object."""
+    config = read_json(Path(run_dir) / CONFIG) or {}
+    return {key: value for key, value in config.items()
+            if key not in CONFIG_FIELDS or isinstance(value, CONFIG_FIELDS[key]) and not isinstance(value, bool)}
+
+
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """summary.json's contents when it holds a run status and each field the kernel writes has its type; None
     otherwise (_unreadable says why)."""
@@ -297,7 +312,7 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     run_dir = Path(run_dir).resolve()
     journal = run_dir / JOURNAL_NAME
-    config = read_json(run_dir / CONFIG) or {}
+    config = read_config(run_dir)
     head = journal_head(journal)
     starts = [e for e in head if e.type == ev.START_TRAINING_SESSION]
     if head:
@@ -472,7 +487,7 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
     run_dir = Path(run_dir).resolve()
     info = run_overview(run_dir, now)
     summary = read_summary(run_dir) or {}
-    config = read_json(run_dir / CONFIG) or {}
+    config = read_config(run_dir)
     epochs: dict[int, dict[str, Any]] = {}
     epoch_started: dict[int, float] = {}
     sessions: list[dict[str, Any]] = []

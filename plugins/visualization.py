@@ -233,11 +233,13 @@ def _configured_settings(run_dir: Path) -> dict[str, Any]:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return {}
-    for plugin in config.get("plugins") or []:
+    plugins = config.get("plugins") if isinstance(config, dict) else None  # an edit by hand: a list, plugins of text
+    for plugin in plugins if isinstance(plugins, list) else []:
         if isinstance(plugin, dict) and (plugin.get("name") == "visualization"
                                          or str(plugin.get("target", "")).endswith(":VisualizationPlugin")):
-            settings = plugin.get("settings") or {}
-            return {k: v for k, v in settings.items() if k in VisualizationPlugin.settings}
+            settings = plugin.get("settings")
+            return {k: v for k, v in settings.items() if k in VisualizationPlugin.settings} \
+                if isinstance(settings, dict) else {}
     return {}
 
 

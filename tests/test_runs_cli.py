@@ -608,6 +608,40 @@ def test_a_summary_with_fields_of_the_wrong_type_is_unreadable_as_a_torn_one_is(
         assert listed.returncode == 0 and "died" in listed.stdout, (case, listed.stdout, listed.stderr)
 
 
+CONFIGS_OF_WRONG_TYPES = {
+    "a target of a number": lambda real: {**real, "target": 5},
+    "a target of a list": lambda real: {**real, "target": [1]},
+    "epochs of a list": lambda real: {**real, "epochs": [1]},
+    "flags of text": lambda real: {**real, "flags": "x"},
+    "flags of a list": lambda real: {**real, "flags": [1]},
+    "hyperparameters of text": lambda real: {**real, "hyperparameters": "x"},
+    "plugins of a number": lambda real: {**real, "plugins": 5},
+    "a list, not an object": lambda real: [1],
+}
+
+
+def test_a_config_json_with_fields_of_the_wrong_type_is_read_as_without_them(tmp_path):
+    """A run's config.json edited by hand (a target of a number, flags of a list, ...): `runs list`, `runs show`,
+    `runs compare` each died on it with a traceback (AttributeError: 'int' object has no attribute 'rpartition'),
+    so one such run hid every other run of the directory; `runs plot` said `error: AttributeError: ...` and
+    `runs reindex` that it could not write the registry (found by a bad-input audit). A field of the wrong type is
+    now read as one that is not there, as a run from before trainbus recorded it."""
+    runs = tmp_path / "runs"
+    result = run_training(RunConfig(target=TINY, epochs=1, runs_dir=str(runs), plugins=[]), run_id="R")
+    config = Path(result.run_dir) / "config.json"
+    real = json.loads(config.read_text())
+    for case, make in CONFIGS_OF_WRONG_TYPES.items():
+        config.write_text(json.dumps(make(real)))
+        for command in (["runs", "reindex", "--runs-dir", str(runs)], ["runs", "list", "--runs-dir", str(runs)],
+                        ["runs", "list", "--json", "--runs-dir", str(runs)], ["runs", "show", result.run_dir],
+                        ["runs", "show", result.run_dir, "--json"], ["runs", "compare", "--runs-dir", str(runs)],
+                        ["runs", "plot", result.run_dir, "--out", str(tmp_path / "plots")]):
+            done = _trainbus(*command)
+            assert done.returncode == 0 and "Traceback" not in done.stderr and "Error" not in done.stderr, \
+                (case, command, done.stderr)
+        assert json.loads(_trainbus("runs", "show", result.run_dir, "--json").stdout)["status"] == "completed", case
+
+
 def test_a_kernel_pid_of_another_host_is_not_taken_for_a_dead_process_here(tmp_path):
     """A runs directory on a shared filesystem: a kernel on a compute node is neither alive nor dead to the login
     node's pid table, so runs list, attach and a plugin started by hand go by what the run wrote instead."""
