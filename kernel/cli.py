@@ -658,7 +658,10 @@ def _check_trained_as_recorded(run_dir: Path, given: dict) -> None:
         recorded = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return  # config_of_run has read it; a file gone since is the resume's to say
-    trained = {**(recorded.get("hyperparameters") or {}), **(recorded.get("flags") or {})}
+    if not isinstance(recorded, dict):
+        return  # config_of_run says what is wrong with it
+    trained = {key: value for part in ("hyperparameters", "flags") if isinstance(recorded.get(part), dict)
+               for key, value in recorded[part].items()}  # flags win, as they did
 
     def plain(value):  # as config.json holds it: a Path as text, a tuple as a list
         return json.loads(json.dumps(value, default=str))

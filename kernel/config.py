@@ -112,6 +112,9 @@ def config_of_run(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / "config.json"
     try:
         raw = json.loads(path.read_text())
+        problem = _recorded_problem(raw)
+        if problem is not None:
+            raise ValueError(problem)
         raw.pop("launch", None)  # how `run --nproc` launched it: launch_of_run's
         raw.pop("metrics", None)  # what the built spec reported: built again, it says again
         started_in = raw.pop("cwd", None)
@@ -129,12 +132,35 @@ def config_of_run(run_dir: Path) -> RunConfig:
     return cfg
 
 
+def _recorded_problem(raw: Any) -> str | None:
+    """What in a run's config.json is not as effective_config wrote it (an edit by hand): a field of another type,
+    said before RunConfig takes it (its checks compare numbers, call str methods) as a traceback would."""
+    if not isinstance(raw, dict):
+        return f"it holds {'null' if raw is None else type(raw).__name__}, not a JSON object"
+    for key, annotation in _RUN_KEYS.items():
+        if raw.get(key) is not None and key != "precision":  # precision: Lightning's integers too, check_run's
+            try:
+                _typed(raw[key], annotation, key)
+            except ConfigError as exc:
+                return str(exc)
+    for key, kind in (("hyperparameters", dict), ("flags", dict), ("limits", dict), ("launch", dict),
+                      ("plugins", list), ("metrics", list)):
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            return f"{key} must be {'an object' if kind is dict else 'a list'}, got {raw[key]!r}"
+    for plugin in raw.get("plugins") or []:
+        if not (isinstance(plugin, dict) and isinstance(plugin.get("name"), str)
+                and isinstance(plugin.get("target", ""), str) and isinstance(plugin.get("settings", {}), dict)
+                and isinstance(plugin.get("command", []), list)):
+            return f"plugins holds {plugin!r}, not a plugin's name, target, settings and command"
+    return None
+
+
 def launch_of_run(run_dir: Path) -> dict[str, Any]:
     """How `trainbus run --nproc` launched the run in run_dir (nproc, nnodes, max_restarts, rdzv_endpoint); {} for
     a run started in one process, or under a launcher of the user's own (torchrun, srun)."""
     try:
         launch = json.loads((Path(run_dir) / "config.json").read_text()).get("launch")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # AttributeError: a config.json that is no object
         return {}
     return launch if isinstance(launch, dict) else {}
 

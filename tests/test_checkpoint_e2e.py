@@ -838,6 +838,43 @@ def test_a_checkpoint_whose_fields_are_garbled_is_refused_in_one_line_and_starts
     assert proc.returncode == 0, proc.stderr
 
 
+RECORDED_CONFIGS_OF_WRONG_TYPES = {
+    "text, not an object": lambda real: "s",
+    "null": lambda real: None,
+    "hyperparameters of text": lambda real: {**real, "hyperparameters": "x"},
+    "flags of a list": lambda real: {**real, "flags": [1]},
+    "a target of a number": lambda real: {**real, "target": 5},
+    "epochs of text": lambda real: {**real, "epochs": "x"},
+    "a seed of text": lambda real: {**real, "seed": "x"},
+    "launch of text": lambda real: {**real, "launch": "x"},
+    "a plugin without a name": lambda real: {**real, "plugins": [{"name": 5, "target": "x:Y"}]},
+}
+
+
+def test_a_run_whose_config_json_holds_a_field_of_the_wrong_type_is_not_continued_and_keeps_its_files(tmp_path):
+    """`trainbus runs resume RUN` of a run whose config.json was edited by hand (text instead of an object, flags
+    of a list, epochs of text, ...): a Python traceback (AttributeError: 'str' object has no attribute 'pop',
+    TypeError: '<=' not supported ...) where a torn config.json is one line (found by a bad-input audit). Now it is
+    that line too, naming the field, exit 2, and the run's files are as they were."""
+    runs = tmp_path / "runs"
+    result = run_training(config(runs, [checkpointer()], 1, target=PACED, every_n_epochs=1, step_sleep_s=0.0,
+                                 batch_size=256))
+    run_dir = Path(result.run_dir)
+    real = json.loads((run_dir / "config.json").read_text())
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "config.json"}
+    for case, make in RECORDED_CONFIGS_OF_WRONG_TYPES.items():
+        (run_dir / "config.json").write_text(json.dumps(make(real)))
+        for command in (["runs", "resume", str(run_dir), "--epochs", "3"], ["run", "--resume", str(run_dir), "--epochs", "3"]):
+            proc = cli(*command, cwd=tmp_path)
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            assert proc.returncode == 2 and len(lines) == 1, (case, command, proc.stderr)
+            assert lines[0].startswith(f"error: cannot continue {run_dir}: {run_dir / 'config.json'} is unreadable ("), \
+                (case, lines[0])
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir()
+                if p.is_file() and p.name != "config.json"} == before, case  # nothing lost, nothing written
+        assert (run_dir / "config.json").read_text() == json.dumps(make(real)), case
+
+
 class Tripwire:
     """Touches a file when unpickled: if a resume ever ran code from a checkpoint, the file would exist."""
 
