@@ -16,6 +16,7 @@ Nothing here writes into a run directory except `write_kernel_pid`, which the ke
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -251,6 +252,9 @@ def _summary_problem(summary: Any) -> str | None:
                 return f"is unreadable (its {prefix}{key} is {_json_kind(value)}, not {_json_kind(kind)})"
             if key in TEXT_LISTS and value and not all(isinstance(item, str) for item in value):
                 return f"is unreadable (its {prefix}{key} holds an item that is not text)"
+    duration = summary.get("duration_s")
+    if isinstance(duration, float) and not math.isfinite(duration):  # json reads Infinity; no clock says it
+        return f"is unreadable (its duration_s is {duration}, not a number of seconds)"
     return None
 
 

@@ -578,6 +578,8 @@ SUMMARIES_OF_WRONG_TYPES = {
     "a status and an outcome of text": lambda real: {**real, "outcome": "x"},
     "plugins as a list": lambda real: {**real, "plugins": [1]},
     "a duration of text": lambda real: {**real, "duration_s": "long"},
+    # Python's json writes and reads Infinity: list, show and compare died on it (OverflowError), found by an audit
+    "an infinite duration": lambda real: {**real, "duration_s": math.inf},
     "steps as text": lambda real: {**real, "outcome": {**real["outcome"], "steps": "3"}},
     "a plugin's crashes as a number": lambda real: {**real, "plugins": {"p": {"state": "exited", "crashes": 3}}},
 }
