@@ -407,6 +407,10 @@ def runs_without_directory(runs_dir: Path, prefix: str) -> list[tuple[str, str, 
     if not (Path(runs_dir) / REGISTRY_NAME).is_file():
         return []
     try:
+        prefix.encode()
+    except UnicodeEncodeError:  # a byte that is not UTF-8 (os.fsdecode's surrogates): no run id has one
+        return []
+    try:
         with Registry(runs_dir) as registry:
             rows = registry.db.execute("SELECT id, status, detail FROM runs WHERE dir IS NULL AND substr(id, 1, ?) = ?",
                                        (len(prefix), prefix)).fetchall()

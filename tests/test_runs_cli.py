@@ -457,6 +457,19 @@ def _error_line(r: subprocess.CompletedProcess) -> str:
     return r.stderr.strip()
 
 
+@pytest.mark.parametrize("command", [["runs", "show"], ["runs", "plot"], ["runs", "stop"], ["runs", "delete", "--yes"],
+                                     ["runs", "resume"], ["plugins", "attach", "-", "cpu"], ["attach"]])
+def test_a_run_id_that_is_not_utf_8_is_no_run_in_one_line(command, two_runs):
+    """A run id with a byte that is not UTF-8 (a terminal of another encoding, a paste): the registry's lookup of
+    run-id prefixes died on it (UnicodeEncodeError: surrogates not allowed) with a traceback; no run id has one."""
+    runs_dir = two_runs
+    odd = os.fsdecode(b"x-\xff")
+    words = [odd if word == "-" else word for word in command] + ([] if "-" in command else [odd])
+    line = _error_line(_trainbus(*words, "--runs-dir", str(runs_dir)))
+    assert "no run 'x-\\udcff'" in line, line
+    assert sorted(p.name for p in runs_dir.iterdir() if p.is_dir()) == ["x-alpha", "x-beta"]
+
+
 def test_plot_and_resume_take_a_unique_start_of_a_run_id_as_show_does(two_runs, tmp_path):
     plots = tmp_path / "plots"
     drawn = _trainbus("runs", "plot", "x-a", "--runs-dir", str(two_runs), "--out", str(plots))
