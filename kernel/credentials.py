@@ -73,13 +73,23 @@ class Credentials:
 
 
 def socket_dir(run_dir: Path) -> Path:
-    """Where the run's ipc sockets go: the run directory, or, when its path is too long for a Unix socket, a fresh
-    directory of this kernel's own in an owner-only one of the temp dir (close_bus removes it; one of a kernel
-    killed with SIGKILL is removed by the next kernel that makes one: private_dirs.process_scratch_dir)."""
-    if len(str(run_dir / "control.sock")) < SUN_PATH_MAX:
-        return run_dir
+    """Where the run's ipc sockets go: the run directory, or, when its path is too long for a Unix socket (or not
+    UTF-8, which zmq cannot bind), a fresh directory of this kernel's own in an owner-only one of the temp dir
+    (close_bus removes it; one of a kernel killed with SIGKILL is removed by the next kernel that makes one:
+    private_dirs.process_scratch_dir)."""
+    if len(str(run_dir / "control.sock")) < SUN_PATH_MAX and _utf_8(str(run_dir)):
+        return run_dir  # else a path zmq cannot bind: its addresses are UTF-8 text
     short = process_scratch_dir(f"trainbus-sockets-{os.getuid()}")
     if len(str(short / "control.sock")) >= SUN_PATH_MAX:
         remove_scratch_dir(short)
         raise OSError(f"no socket path short enough under {tempfile.gettempdir()}; set TMPDIR to a short directory")
     return short
+
+
+def _utf_8(text: str) -> bool:
+    """Whether a path (os.fsdecode's text: a byte that is not UTF-8 is a lone surrogate) encodes as UTF-8."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -6,9 +6,11 @@ import json
 import os
 import pty
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 from pathlib import Path
@@ -394,6 +396,26 @@ def test_an_empty_runs_dir_is_refused_not_taken_for_the_current_directory(args, 
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and \
         "'--runs-dir': is empty: name a directory, or leave --runs-dir out for ./runs" in r.stderr, r.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_in_a_runs_dir_whose_path_is_not_utf_8_trains(tmp_path):
+    """--runs-dir with a byte that is not UTF-8 (a folder named on a system of another encoding): the run's
+    directory was made, then binding its sockets there died with a traceback (UnicodeEncodeError: surrogates not
+    allowed, in zmq, which takes UTF-8 addresses), leaving a run that `runs list` shows as died (found by a bad-input
+    audit). Its sockets go where a run directory's too long a path sends them, and it trains. A short path: a
+    long one went there already."""
+    short = Path(tempfile.mkdtemp(prefix="tb-", dir="/tmp"))
+    try:
+        odd = short / os.fsdecode(b"runs-\xff")
+        r = subprocess.run([*trainbus_cmd(), "run", "--plugins", "metrics_log", "--epochs", "1", "--runs-dir",
+                            str(odd)], capture_output=True, timeout=120, cwd=tmp_path)
+        stderr = r.stderr.decode(errors="surrogateescape")
+        assert r.returncode == 0 and "Traceback" not in stderr, stderr
+        [run_dir] = [p for p in odd.iterdir() if p.is_dir()]
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+        assert (run_dir / "metrics.jsonl").stat().st_size > 0  # the plugin reached it too
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def test_the_console_draws_on_a_terminal_with_tostop(tmp_path):
