@@ -34,8 +34,19 @@ def parse_header(header: bytes) -> int | None:
     return struct.unpack("<q", header[len(MAGIC): len(MAGIC) + 8])[0]
 
 
+# A manifest line's fields as the checkpoint plugin writes them; a line with one of another type (an edit by hand,
+# another tool's line) is skipped as a torn one is: resume sorts by step and time, retention compares sizes.
+ENTRY_FIELDS = {"step": int, "epoch": int, "size": int, "sha256": str, "time": (int, float), "alias_of": str}
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name in the manifest's own folder: no folder part, no '..', which retention would delete outside it."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
 def read_manifest(path: Path) -> list[dict[str, Any]]:
-    """Every entry, oldest first; a missing manifest is empty and a torn last line (a crash mid-append) is skipped."""
+    """Every entry, oldest first; a missing manifest is empty and a torn last line (a crash mid-append) is skipped,
+    as is a line whose fields are not of ENTRY_FIELDS' types or whose file is not a plain name."""
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
@@ -46,7 +57,9 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+        if isinstance(entry, dict) and _plain_name(entry.get("file")) and all(
+                entry.get(key) is None or isinstance(entry[key], kind) and not isinstance(entry[key], bool)
+                for key, kind in ENTRY_FIELDS.items()):
             entries.append(entry)
     return entries
 

@@ -875,6 +875,31 @@ def test_a_run_whose_config_json_holds_a_field_of_the_wrong_type_is_not_continue
         assert (run_dir / "config.json").read_text() == json.dumps(make(real)), case
 
 
+def test_a_manifest_line_with_fields_of_the_wrong_type_is_skipped_as_a_torn_one_is(tmp_path):
+    """checkpoints/manifest.jsonl with a line whose step is text (an edit by hand, another tool's line): `runs
+    resume` died sorting the entries (TypeError: '<' not supported between 'str' and 'int') with a traceback (found
+    by a bad-input audit). Such a line is skipped as a torn one is, and the run continues from its newest verified
+    checkpoint; so is a line naming a file outside the manifest's folder, which retention would have deleted."""
+    runs = tmp_path / "runs"
+    result = run_training(config(runs, [checkpointer()], 1, target=PACED, every_n_epochs=1, step_sleep_s=0.0,
+                                 batch_size=256))
+    run_dir = Path(result.run_dir)
+    outside = tmp_path / "mine.pt"
+    outside.write_bytes(b"not to be touched")
+    with open(run_dir / "checkpoints" / "manifest.jsonl", "a") as manifest:
+        for line in ({"file": "last.pt", "step": "x", "time": "y", "size": 1, "sha256": "z"},
+                     {"file": "last.pt", "step": 99, "epoch": [1], "size": "big", "sha256": 5},
+                     {"file": "../../../mine.pt", "step": 1000, "epoch": 9, "size": 17, "sha256": sha256_of(outside)}):
+            manifest.write(json.dumps(line) + "\n")
+    proc = cli("runs", "resume", str(run_dir), "--epochs", "2", "--set", "batch_size=256", cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"from {run_dir / 'checkpoints'}" in proc.stderr and "mine.pt" not in proc.stderr, proc.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["outcome"]["epochs_completed"] == 2
+    assert outside.read_bytes() == b"not to be touched"
+    shown = cli("runs", "show", str(run_dir))
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+
+
 class Tripwire:
     """Touches a file when unpickled: if a resume ever ran code from a checkpoint, the file would exist."""
 
