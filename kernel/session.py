@@ -329,8 +329,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             where, trace = user_trace(exc)
             error += where
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error})
-    except (Exception, SystemExit) as exc:  # SystemExit: the user's sys.exit(), which would end us without a word
-        status = "failed"
+    except BaseException as exc:  # SystemExit: the user's sys.exit(), which would end us without a word; any
+        status = "failed"  # BaseException of theirs (a library's own timeout class) too: KeyboardInterrupt is above
         error, trace = what_failed(exc)
         tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
         if ranks is not None:  # a collective failing here is mostly another rank's failure: say whose, and why
@@ -437,7 +437,8 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
     try:
         with keep_freed_memory(cfg.keep_freed_memory):
             outcome = loop.run()
-    except (Exception, SystemExit) as exc:  # said here (the user's frames), then torchrun ends the group on our exit
+    except BaseException as exc:  # said here (the user's frames), then torchrun ends the group on our exit (signals
+        # are ignored here: a KeyboardInterrupt is the user's own)
         beside_rank_0 = ranks.cluster.node_rank == 0
         said = write_rank_error(run_dir, ranks.rank, exc, beside_rank_0,
                                 main_pid=ranks.main_pid if beside_rank_0 else None)

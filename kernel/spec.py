@@ -202,8 +202,10 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
             sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
             try:
                 module_spec.loader.exec_module(module)
-            except (Exception, SystemExit) as exc:  # SystemExit: a script's argparse, reading trainbus's arguments
-                raise user_code_error(exc, f"importing {path}") from None
+            except KeyboardInterrupt:
+                raise  # a Ctrl-C, or theirs: the command tells them apart
+            except BaseException as exc:  # SystemExit: a script's argparse, reading trainbus's arguments; any
+                raise user_code_error(exc, f"importing {path}") from None  # BaseException of theirs
             _loaded_files[_file_key(path)] = module
     else:
         if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` and the plugins' processes have it
@@ -217,7 +219,9 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
                                     f"./{module_part}:{func_name} to load it as Python source") from None
                 raise SpecError(f"cannot import module {module_part!r}; is it installed or on PYTHONPATH?") from None
             raise user_code_error(exc, f"importing {module_part}") from None
-        except (Exception, SystemExit) as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit, GeneratorExit, a library's own BaseException
             raise user_code_error(exc, f"importing {module_part}") from None
     func = getattr(module, func_name, None)
     if func is None:
@@ -294,9 +298,9 @@ def build_with_flags(target: str, hyperparameters: dict[str, Any],
     arguments = flags.resolve(signature, hyperparameters, target)
     try:
         spec = flags.call(func, signature, arguments)
-    except SpecError:
+    except (SpecError, KeyboardInterrupt):
         raise
-    except (Exception, SystemExit) as exc:
+    except BaseException as exc:  # SystemExit, GeneratorExit, a library's own BaseException
         raise user_code_error(exc, target) from None
     if not isinstance(spec, TrainingSpec):
         raise SpecError(f"{target} returned {type(spec).__name__}; it must return trainbus.kernel.TrainingSpec")

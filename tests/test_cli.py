@@ -517,6 +517,12 @@ USER_CODE = {
     # not a Ctrl-C (it was said as "Ctrl-C twice before the run began", exit 130, with no word of where)
     "build raises KeyboardInterrupt": ("def build(hyperparameters):\n    raise KeyboardInterrupt('no data yet')\n",
                                        ":build raised KeyboardInterrupt: no data yet", ["line 2, in build"]),
+    # a BaseException that is not Exception (a library's own timeout, GeneratorExit): our whole traceback, exit 1
+    "build raises a BaseException of its own": ("class Timeout(BaseException):\n    pass\n\n"
+                                                "def build(hyperparameters):\n    raise Timeout('no data yet')\n",
+                                                ":build raised Timeout: no data yet", ["line 5, in build"]),
+    "import raises a BaseException of its own": ("class Stop(BaseException):\n    pass\n\nraise Stop('at import')\n",
+                                                 "raised Stop: at import", ["line 4, in <module>"]),
 }
 
 
@@ -649,6 +655,26 @@ def test_sys_exit_in_the_users_training_code_fails_the_run_naming_it(tmp_path):
             f"exception, to end (in your code: {target}, line 5)") in r.stdout, r.stdout
     summary = json.loads(next(runs.glob("*/summary.json")).read_text())
     assert summary["status"] == "failed" and "sys.exit(0)" in summary["error"]
+
+
+def test_a_base_exception_of_the_users_own_in_training_fails_the_run_naming_it(tmp_path):
+    """A BaseException that is not an Exception (a library's own timeout class, GeneratorExit) raised by the user's
+    loss went past the run's handler: our whole traceback, no summary.json, the run listed died (found by a
+    bad-input audit). It fails the run as any exception of theirs does."""
+    target = tmp_path / "train.py"
+    target.write_text("from trainbus.kernel.digits import build as digits\n\n"
+                      "class Timeout(BaseException):\n    pass\n\n"
+                      "def loss(outputs, targets):\n    raise Timeout('the data server went away')\n\n"
+                      "def build(hyperparameters):\n    spec = digits(hyperparameters)\n    spec.loss_fn = loss\n"
+                      "    return spec\n")
+    runs = tmp_path / "runs"
+    r = trainbus("run", f"{target}:build", "--plugins", "", "--runs-dir", str(runs), timeout=120)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"error: Timeout: the data server went away (in your code: {target}, line 7)" in r.stdout, r.stdout
+    files = _trace_files(r.stderr)
+    assert files and set(files) == {str(target)}, r.stderr
+    summary = json.loads(next(runs.glob("*/summary.json")).read_text())
+    assert summary["status"] == "failed" and "the data server went away" in summary["error"]
 
 
 def test_an_exception_in_a_dataloader_worker_shows_the_users_frames_from_the_worker_and_one_line(tmp_path):
