@@ -297,12 +297,18 @@ def run(
         if device_index(cfg.device) is not None:
             raise UserError(f"--device {cfg.device} with --detach: the daemon gives each run its GPUs (and numbers "
                             f"them from 0 for it); use --device cuda, with --gpus N for more than one")
-        if cfg.device.startswith("cuda"):
+        if cfg.precision == "16-mixed" and cfg.device == "cpu":  # the daemon's run would fail as it starts
+            raise UserError("--precision 16-mixed needs a CUDA device and this run asks for --device cpu; use "
+                            "bf16-mixed on the CPU")
+        if cfg.device.startswith("cuda") or cfg.precision == "16-mixed" and cfg.device == "auto":
             from .daemon import detected_devices
 
             if not detected_devices():  # the run would fail only once the daemon started it
-                raise UserError(f"--device {cfg.device}, but this host has no GPU that NVML sees, so the daemon's run "
-                                f"would fail as it starts; use --device cpu or auto")
+                if cfg.device.startswith("cuda"):
+                    raise UserError(f"--device {cfg.device}, but this host has no GPU that NVML sees, so the daemon's "
+                                    f"run would fail as it starts; use --device cpu or auto")
+                raise UserError("--precision 16-mixed needs a CUDA device, but this host has no GPU that NVML sees, so "
+                                "the daemon's run would fail as it starts; use bf16-mixed on the CPU")
         if cfg.resume:  # what the queued run would look for first: a verified checkpoint to start from
             find_checkpoint(cfg.resume, cfg.runs_dir)
         _ctrl_c_says(f"Ctrl-C as the run was submitted: `trainbus runs list --runs-dir {cfg.runs_dir}` shows whether "

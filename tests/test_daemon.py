@@ -702,6 +702,26 @@ def test_run_detach_on_cuda_where_no_gpu_is_seen_is_refused_and_queues_nothing(t
     assert not runs.exists() or list_runs(runs) == [], "a run was queued"
 
 
+def test_run_detach_in_16_mixed_on_the_cpu_is_refused_and_queues_nothing(tmp_path):
+    """--precision 16-mixed (CUDA only) with --detach and --device cpu, or auto on a host whose NVML sees no GPU, was
+    queued, to fail once the daemon started it on the CPU (found by a bad-input audit); refused at once, as --device
+    cuda is there."""
+    from trainbus.kernel.daemon import detected_devices
+
+    if detected_devices():
+        pytest.skip("this host has a GPU: the run would start")
+    runs = tmp_path / "runs"
+    done = cli("run", "--precision", "16-mixed", "--detach", "--runs-dir", str(runs), check=False)
+    assert done.returncode == 2 and done.stderr == (
+        "error: --precision 16-mixed needs a CUDA device, but this host has no GPU that NVML sees, so the daemon's "
+        "run would fail as it starts; use bf16-mixed on the CPU\n"), done.stderr
+    assert not runs.exists() or list_runs(runs) == [], "a run was queued"
+    done = cli("run", "--precision", "16-mixed", "--device", "cpu", "--detach", "--runs-dir", str(runs), check=False)
+    assert done.returncode == 2 and done.stderr == ("error: --precision 16-mixed needs a CUDA device and this run asks "
+                                                    "for --device cpu; use bf16-mixed on the CPU\n"), done.stderr
+    assert not runs.exists() or list_runs(runs) == [], "a run was queued"
+
+
 def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path):
     """No daemon is needed: the keys are read before anything is sent."""
     from trainbus.kernel.keys import KeyStore
