@@ -533,8 +533,13 @@ def _is_number(value: Any) -> bool:
         or isinstance(value, torch.Tensor) and value.numel() == 1
 
 
+class DamagedCheckpoint(Exception):
+    """A checkpoint that lacks what trainbus writes (restore_weights): not one of another model, one not whole."""
+
+
 def restore_weights(spec: TrainingSpec, state: dict[str, Any]) -> None:
-    """Load model, optimizer and scheduler state from a checkpoint; raises ValueError when it does not fit."""
+    """Load model, optimizer and scheduler state from a checkpoint; raises ValueError when it does not fit, and
+    DamagedCheckpoint when it lacks the optimizer's state (once the model's keys fit)."""
     resume = state["trainbus"]
     if resume.get("format") != RESUME_FORMAT:
         raise ValueError(f"resume format {resume.get('format')} is not {RESUME_FORMAT}")
@@ -543,6 +548,12 @@ def restore_weights(spec: TrainingSpec, state: dict[str, Any]) -> None:
         raise ValueError(f"missing keys {_first(wanted - saved)}, unexpected keys {_first(saved - wanted)}")
     try:
         spec.model.load_state_dict(state["model_state_dict"])
+        # the weights fit: what is missing now is no other model's (torch's KeyError would say only the key)
+        if not isinstance(state.get("optimizer_state_dict"), dict):
+            raise DamagedCheckpoint("it holds no optimizer_state_dict")
+        missing = [key for key in ("state", "param_groups") if key not in state["optimizer_state_dict"]]
+        if missing:
+            raise DamagedCheckpoint(f"its optimizer_state_dict has no {missing[0]}")
         spec.optimizer.load_state_dict(state["optimizer_state_dict"])
         if spec.scheduler is not None and state.get("scheduler_state_dict") is not None:
             spec.scheduler.load_state_dict(state["scheduler_state_dict"])

@@ -39,7 +39,7 @@ from .failures import RANK_ERROR, rank_errors, what_failed, write_rank_error
 from .kernel_log import KEEP, log_to
 from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse, check_free
 from .limits import PeerLimits
-from .loop import Loop, pick_device, restore_weights, resume_problem, seed_everything
+from .loop import DamagedCheckpoint, Loop, pick_device, restore_weights, resume_problem, seed_everything
 from .keys import KeyStore
 from .memory import keep_freed_memory
 from .peers import Peers
@@ -216,6 +216,9 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         built = optimizer_settings(spec.optimizer)
         try:
             restore_weights(spec, resume_state)
+        except DamagedCheckpoint as exc:
+            raise CheckpointError(f"refusing checkpoint {resume_from}: {exc}; is it a checkpoint trainbus wrote, and "
+                                  f"whole?") from None
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {resume_from} does not fit {cfg.target}'s model: {exc}; "
                                   f"{_trained_with(Path(resume_from), cfg.target, flags)}") from None

@@ -797,6 +797,10 @@ def _damaged(state: dict, damage: str) -> dict:
         state["model_state_dict"] = [1]
     elif damage == "optimizer_state_dict a string":
         state["optimizer_state_dict"] = "x"
+    elif damage == "no optimizer_state_dict":
+        del state["optimizer_state_dict"]
+    elif damage == "optimizer_state_dict without param_groups":
+        del state["optimizer_state_dict"]["param_groups"]
     elif damage == "metrics a string":
         state["metrics"] = "x"
     elif damage == "hyperparameters a list":
@@ -806,7 +810,10 @@ def _damaged(state: dict, damage: str) -> dict:
 
 DAMAGES = ("resume state a string", "another format", "no step", "step a string", "epoch below 1",
            "epoch_complete a string", "no rng", "rng torch cannot take", "mid-epoch without batches_done",
-           "model_state_dict a list", "optimizer_state_dict a string", "metrics a string", "hyperparameters a list")
+           "model_state_dict a list", "optimizer_state_dict a string", "metrics a string", "hyperparameters a list",
+           # "does not fit trainbus.kernel.digits:build's model: 'optimizer_state_dict'; give the target it was
+           # trained with": the target it was trained with was given
+           "no optimizer_state_dict", "optimizer_state_dict without param_groups")
 
 
 def test_a_checkpoint_whose_fields_are_garbled_is_refused_in_one_line_and_starts_no_run(tmp_path):
