@@ -26,6 +26,7 @@ from tensorboard.plugins.text.summary_v2 import text_pb
 from trainbus.proto import DURABLE, Event, events as ev
 from trainbus.sdk import Plugin, Setting
 from trainbus.sdk.plugin import merge_settings
+from trainbus.sdk.settings import SettingsError
 
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto.journal_format import READ_PROGRESS, read_journal
@@ -227,6 +228,15 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, damage: lis
     return render_all(history, Path(out_dir) if out_dir else run_dir / PLOTS_DIR, plot_size(settings))
 
 
+def _allowed(key: str, value: Any) -> bool:
+    """Whether the plugin takes `value` for its setting `key` (as the run it configured did)."""
+    try:
+        merge_settings(VisualizationPlugin, {key: value})
+    except SettingsError:
+        return False
+    return True
+
+
 def _configured_settings(run_dir: Path) -> dict[str, Any]:
     """The visualization settings in the run's config.json, if it had the plugin; else none."""
     try:
@@ -238,8 +248,9 @@ def _configured_settings(run_dir: Path) -> dict[str, Any]:
         if isinstance(plugin, dict) and (plugin.get("name") == "visualization"
                                          or str(plugin.get("target", "")).endswith(":VisualizationPlugin")):
             settings = plugin.get("settings")
-            return {k: v for k, v in settings.items() if k in VisualizationPlugin.settings} \
+            known = {k: v for k, v in settings.items() if k in VisualizationPlugin.settings} \
                 if isinstance(settings, dict) else {}
+            return {k: v for k, v in known.items() if _allowed(k, v)}  # an edit by hand: its default instead
     return {}
 
 

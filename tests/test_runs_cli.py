@@ -632,6 +632,10 @@ CONFIGS_OF_WRONG_TYPES = {
     "hyperparameters of text": lambda real: {**real, "hyperparameters": "x"},
     "plugins of a number": lambda real: {**real, "plugins": 5},
     "a list, not an object": lambda real: [1],
+    # runs plot: "error: trainbus.sdk.settings.SettingsError: plot_dpi = 'x' is not allowed; ...", no plots drawn
+    "a plot setting of text": lambda real: {**real, "plugins": [{
+        "name": "visualization", "target": "trainbus.plugins.visualization:VisualizationPlugin",
+        "settings": {"plot_dpi": "x", "every_n_steps": -5}, "command": []}]},
 }
 
 
