@@ -399,8 +399,8 @@ class Loop:
         """The outcome's losses and metrics from a checkpoint's flat metrics (_flat_metrics' inverse)."""
         out = self.outcome
         out.training_loss, out.validation_loss = flat.get("training_loss"), flat.get("validation_loss")
-        for prefix, field in (("training_", "training_metrics"), ("validation_", "validation_metrics")):
-            setattr(out, field, {name[len(prefix):]: value for name, value in flat.items()
+        for prefix, attribute in (("training_", "training_metrics"), ("validation_", "validation_metrics")):
+            setattr(out, attribute, {name[len(prefix):]: value for name, value in flat.items()
                                  if name.startswith(prefix) and name != f"{prefix}loss"})
 
     # -- replies ----------------------------------------------------------------------------------

@@ -633,9 +633,10 @@ def _save_final_weights(spec, loop: Loop, path: Path) -> None:
     """torch.save to a temporary name, then rename: never a partial file under the final name."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:  # a file object: torch's error then carries the OSError (ENOSPC) as its context
-            torch.save({"model_state_dict": spec.model.state_dict(), "optimizer_state_dict": spec.optimizer.state_dict(),
-                        "epoch": loop.epoch, "step": loop.step}, f)
+        # a file object: torch's error then carries the OSError (ENOSPC) as its context
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            torch.save({"model_state_dict": spec.model.state_dict(),
+                        "optimizer_state_dict": spec.optimizer.state_dict(), "epoch": loop.epoch, "step": loop.step}, f)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

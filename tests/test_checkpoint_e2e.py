@@ -871,12 +871,12 @@ def test_a_run_whose_config_json_holds_a_field_of_the_wrong_type_is_not_continue
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "config.json"}
     for case, make in RECORDED_CONFIGS_OF_WRONG_TYPES.items():
         (run_dir / "config.json").write_text(json.dumps(make(real)))
-        for command in (["runs", "resume", str(run_dir), "--epochs", "3"], ["run", "--resume", str(run_dir), "--epochs", "3"]):
-            proc = cli(*command, cwd=tmp_path)
+        for command in (["runs", "resume", str(run_dir)], ["run", "--resume", str(run_dir)]):
+            proc = cli(*command, "--epochs", "3", cwd=tmp_path)
             lines = [line for line in proc.stderr.splitlines() if line.strip()]
             assert proc.returncode == 2 and len(lines) == 1, (case, command, proc.stderr)
-            assert lines[0].startswith(f"error: cannot continue {run_dir}: {run_dir / 'config.json'} is unreadable ("), \
-                (case, lines[0])
+            unreadable = f"error: cannot continue {run_dir}: {run_dir / 'config.json'} is unreadable ("
+            assert lines[0].startswith(unreadable), (case, lines[0])
         assert {p.name: p.read_bytes() for p in run_dir.iterdir()
                 if p.is_file() and p.name != "config.json"} == before, case  # nothing lost, nothing written
         assert (run_dir / "config.json").read_text() == json.dumps(make(real)), case
