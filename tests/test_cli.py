@@ -521,7 +521,8 @@ USER_CODE = {
     "build raises a BaseException of its own": ("class Timeout(BaseException):\n    pass\n\n"
                                                 "def build(hyperparameters):\n    raise Timeout('no data yet')\n",
                                                 ":build raised Timeout: no data yet", ["line 5, in build"]),
-    "import raises a BaseException of its own": ("class Stop(BaseException):\n    pass\n\nraise Stop('at import')\n",
+    "import raises a BaseException of its own": ("class Stop(BaseException):\n    pass\n\nraise Stop('at import')\n\n\n"
+                                                 "def build(hyperparameters):\n    pass\n",
                                                  "raised Stop: at import", ["line 4, in <module>"]),
 }
 
