@@ -27,6 +27,11 @@ from .spec import SpecError
 
 REQUIRED = inspect.Parameter.empty  # a flag with no default must be given
 TYPES = (bool, int, float, str)  # what a flag's value is parsed as; any other annotation: JSON if it parses
+
+
+class Number:
+    """The type of an `int | float` flag: an integer stays one (Lightning's limit_train_batches: 10 batches, 0.5 of
+    them), a decimal is a float."""
 DICT_PARAMETER = "hyperparameters"
 
 
@@ -266,8 +271,8 @@ def _type_of(annotation: Any) -> tuple[type | None, bool, tuple[Any, ...]]:
             kind, _, choices = _type_of(args[0])
             if kind is not None or choices:
                 return kind, optional, choices
-        if set(args) == {int, float}:  # numbers, as a float flag takes an integer
-            return float, optional, ()
+        if set(args) == {int, float}:
+            return Number, optional, ()
     return None, False, ()
 
 
@@ -311,7 +316,7 @@ def _as_list(kind: Any, value: Any) -> list | None:
 def _kind(kind: type | None) -> str:
     if _is_list(kind):
         return f"list[{_item(kind).__name__}]" if _item(kind) else "list"
-    return "any" if kind is None else "path" if _is_path(kind) else kind.__name__
+    return "any" if kind is None else "path" if _is_path(kind) else "number" if kind is Number else kind.__name__
 
 
 def plain(value: Any) -> Any:
@@ -339,6 +344,11 @@ def _parse(flag: Flag, text: str, target: str, sig: Signature) -> Any:
             raise ValueError
         if flag.type in (int, float):
             return _chosen(flag, flag.type(text), text, target, sig)
+        if flag.type is Number:
+            try:
+                return int(text)
+            except ValueError:
+                return float(text)
         if _is_enum(flag.type):
             return _member(flag.type, text)
         if _is_path(flag.type):
@@ -392,6 +402,8 @@ def _check(flag: Flag, value: Any, target: str, sig: Signature) -> Any:
         return _chosen(flag, value, value, target, sig)
     elif flag.type is float and isinstance(value, int) and not isinstance(value, bool):
         return _chosen(flag, float(value), value, target, sig)
+    elif flag.type is Number and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
     # `--set name=123` reads 123 as JSON, as TOML's `name = 123` is a number: text is quoted
     quote = (f" (text is quoted: --set '{flag.name}=\"{_text(value)}\"', or {flag.name} = \"{_text(value)}\" in a "
              f"config file)") if flag.type is str and isinstance(value, (int, float)) else ""
@@ -407,7 +419,8 @@ def _a(flag: Flag) -> str:
     if _is_list(flag.type):
         items = {int: " of integers", float: " of numbers", str: " of strings", bool: " of true and false"}
         return "a JSON list" + items.get(_item(flag.type), "")
-    return {bool: BOOL_WORDS_SAID, int: "an integer", float: "a number", str: "a string"}.get(flag.type, "valid")
+    return {bool: BOOL_WORDS_SAID, int: "an integer", float: "a number", Number: "a number",
+            str: "a string"}.get(flag.type, "valid")
 
 
 def _json_or_text(text: str) -> Any:

@@ -223,9 +223,15 @@ def test_a_union_annotation_takes_what_it_names_not_only_the_defaults_type():
         pass
 
     sig = signature_of(build)
-    assert [f.describe() for f in sig.flags] == ["mix (float, default 1)", "either (any, default a)",
-                                                 "maybe (float or none, default null)"]
-    assert parse_words(sig, ["mix=2.5", "either=3", "maybe=2"], "t") == {"mix": 2.5, "either": 3, "maybe": 2.0}
+    assert [f.describe() for f in sig.flags] == ["mix (number, default 1)", "either (any, default a)",
+                                                 "maybe (number or none, default null)"]
+    assert parse_words(sig, ["mix=2.5", "either=3", "maybe=2"], "t") == {"mix": 2.5, "either": 3, "maybe": 2}
+    # an integer stays one (Lightning's limit_train_batches: 10 batches, 0.5 of them), from a config file too
+    assert type(parse_words(sig, ["maybe=2"], "t")["maybe"]) is int
+    assert resolve(sig, {"mix": 3, "maybe": 0.5}, "t") == {"mix": 3, "either": "a", "maybe": 0.5}
+    assert type(resolve(sig, {"mix": 3}, "t")["mix"]) is int
+    with pytest.raises(FlagError, match=re.escape("flag mix: true is not a number")):
+        resolve(sig, {"mix": True}, "t")
     with pytest.raises(FlagError, match=re.escape("flag mix: 'x' is not a number")):
         parse_words(sig, ["mix=x"], "t")
 
