@@ -77,19 +77,19 @@ def socket_dir(run_dir: Path) -> Path:
     UTF-8, which zmq cannot bind), a fresh directory of this kernel's own in an owner-only one of the temp dir
     (close_bus removes it; one of a kernel killed with SIGKILL is removed by the next kernel that makes one:
     private_dirs.process_scratch_dir)."""
-    if len(str(run_dir / "control.sock")) < SUN_PATH_MAX and _utf_8(str(run_dir)):
-        return run_dir  # else a path zmq cannot bind: its addresses are UTF-8 text
+    if bindable(run_dir / "control.sock"):
+        return run_dir
     short = process_scratch_dir(f"trainbus-sockets-{os.getuid()}")
-    if len(str(short / "control.sock")) >= SUN_PATH_MAX:
+    if not bindable(short / "control.sock"):
         remove_scratch_dir(short)
         raise OSError(f"no socket path short enough under {tempfile.gettempdir()}; set TMPDIR to a short directory")
     return short
 
 
-def _utf_8(text: str) -> bool:
-    """Whether a path (os.fsdecode's text: a byte that is not UTF-8 is a lone surrogate) encodes as UTF-8."""
+def bindable(path: Path) -> bool:
+    """Whether zmq can bind an ipc socket at path: its addresses are UTF-8 text (a byte of another encoding, a lone
+    surrogate in os.fsdecode's text, cannot be one), and sun_path's limit counts bytes, not characters."""
     try:
-        text.encode()
+        return len(str(path).encode()) < SUN_PATH_MAX
     except UnicodeEncodeError:
         return False
-    return True

@@ -45,7 +45,7 @@ from trainbus.proto.remote import advertised
 
 from .buffer_files import remove_dead_runs_buffers
 from .checkpointing import has_checkpoints, no_checkpoints
-from .credentials import SUN_PATH_MAX
+from .credentials import bindable
 from .kernel_log import cap_log
 from .pids import process_alive
 from .private_dirs import make_dirs, others_can_write
@@ -805,7 +805,7 @@ def _resumed_run(argv: list[str], runs_dir: Path) -> Path | str | None:
 
 def _bind_control(context: zmq.Context, directory: Path) -> tuple[zmq.Socket, str, Path]:
     home = directory
-    if len(str(directory / "control.sock")) >= SUN_PATH_MAX:  # a long runs path: a short owner-only temp dir
+    if not bindable(directory / "control.sock"):  # a long runs path: a short owner-only temp dir
         home = Path(tempfile.mkdtemp(prefix="trainbus-daemon-"))
     endpoint = f"ipc://{home / 'control.sock'}"
     (home / "control.sock").unlink(missing_ok=True)  # a previous daemon killed with SIGKILL left it

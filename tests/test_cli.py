@@ -418,6 +418,23 @@ def test_a_run_in_a_runs_dir_whose_path_is_not_utf_8_trains(tmp_path):
         shutil.rmtree(short, ignore_errors=True)
 
 
+def test_a_run_in_a_runs_dir_whose_path_is_short_in_characters_but_long_in_bytes_trains(tmp_path):
+    """A socket path's limit is in bytes (sockaddr_un: 108 on Linux), and the check counted characters: under a
+    runs directory named in a script of two bytes a character, 89 characters were 129 bytes, and binding the
+    run's sockets there failed."""
+    short = Path(tempfile.mkdtemp(prefix="tb-", dir="/tmp"))
+    try:
+        runs = short / ("é" * 40)
+        assert len(str(runs / "20261206-000000-abcdef" / "control.sock")) < 100 < 108 < len(os.fsencode(runs)) + 36
+        r = subprocess.run([*trainbus_cmd(), "run", "--plugins", "metrics_log", "--epochs", "1", "--runs-dir",
+                            str(runs)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        [run_dir] = [p for p in runs.iterdir() if p.is_dir()]
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
 def test_the_console_draws_on_a_terminal_with_tostop(tmp_path):
     """On a real terminal whose line discipline stops background writers (`stty tostop`), the console
     plugin (a background process group in the kernel's session) still draws and the run completes."""
