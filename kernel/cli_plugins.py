@@ -16,7 +16,7 @@ from trainbus.proto import DURABLE
 from trainbus.proto.settings_format import typed_word
 
 from .cli_common import RUNS_DIR_OPTION, UserError, _check_plugin_settings, _describe, _run_and_status, _wide
-from .config import check_metric_settings, plugin_name_clashes, registered_plugins, resolve_plugin
+from .config import PluginConfig, check_metric_settings, plugin_name_clashes, registered_plugins, resolve_plugin
 from .runs import read_config
 
 plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
@@ -59,7 +59,8 @@ def plugins_list(
 def plugins_attach(
     run: str = typer.Argument(..., help="A running run: its id (a folder of --runs-dir, or a unique start of one) or "
                                         "its directory."),
-    name: str = typer.Argument(..., help="An installed plugin's name (`trainbus plugins list`)."),
+    name: str = typer.Argument(..., help="An installed plugin's name (`trainbus plugins list`), or one "
+                                        "the run's config names (its own target or command too)."),
     setting_words: Optional[list[str]] = typer.Argument(None, metavar="[SETTING=VALUE]...",
                                                         help="Its settings, typed and checked as `trainbus run "
                                                              "--set NAME.SETTING=VALUE` does."),
@@ -71,8 +72,10 @@ def plugins_attach(
     from .live_plugins import installed_target
 
     run_dir = _live_run_dir(run, runs_dir, f"attach {name} to")
-    target = installed_target(name)
-    plugin = resolve_plugin(name, configured_settings(run_dir, name, target), target)
+    plugin = configured_plugin(run_dir, name)  # the run's own, detached: what its config ran, with its settings
+    if plugin is None:
+        target = installed_target(name)
+        plugin = resolve_plugin(name, configured_settings(run_dir, name, target), target)
     for word in setting_words or []:
         key, sep, raw = word.partition("=")
         if not sep or not key:
@@ -83,7 +86,7 @@ def plugins_attach(
     produced = read_config(run_dir).get("metrics")  # none from a run of before trainbus recorded them
     if isinstance(produced, list):
         check_metric_settings(produced, metric_settings)
-    if from_start and deliveries[name] != DURABLE:
+    if from_start and deliveries.get(name, DURABLE) != DURABLE:  # a command plugin's (any language) is not known
         raise UserError(f"--from-start replays the journal to a durable plugin; {name} is {deliveries[name]}: it "
                         f"sees the live events only (drop --from-start)")
     _owner_command(run_dir, ["attach", name, "--settings", json.dumps(plugin.settings)] + ["--from-start"] * from_start)
@@ -109,6 +112,20 @@ def configured_settings(run_dir: Path, name: str, target: str) -> dict:
             settings = entry.get("settings")
             return dict(settings) if isinstance(settings, dict) else {}
     return {}
+
+
+def configured_plugin(run_dir: Path, name: str) -> PluginConfig | None:
+    """Plugin NAME as the run's config gave it (target or command, settings), else None: what the kernel runs again
+    for that name, an author's own `[plugins.NAME] target = "module:Class"`, which no installed name finds, too."""
+    for entry in read_config(run_dir).get("plugins") or []:
+        if not isinstance(entry, dict) or entry.get("name") != name:
+            continue
+        target, command, settings = entry.get("target"), entry.get("command"), entry.get("settings")
+        command = [str(word) for word in command] if isinstance(command, list) else []
+        target = target if isinstance(target, str) else ""
+        if target or command:
+            return PluginConfig(name, target, dict(settings) if isinstance(settings, dict) else {}, command)
+    return None
 
 
 def _live_run_dir(run: str, runs_dir: Path, doing: str) -> Path:

@@ -156,6 +156,34 @@ def test_a_plugin_of_the_runs_config_attached_again_starts_from_its_configured_s
     assert configured_settings(tmp_path, "metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin") == {}
 
 
+def test_a_plugin_of_your_own_from_the_runs_config_is_detached_and_attached_again_by_its_name(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """README: "a plugin of the run's config, detached and attached again, starts from the settings the config gave
+    it". One of the author's own (`[plugins.rec] target = "module:Class"`, no entry point) was detached, and then
+    `plugins attach RUN rec` said `unknown plugin 'rec'; installed: ...`: only installed names were looked up. Now
+    its name finds the config's target, in the command and in the kernel, with the config's settings; being
+    durable, it starts at the current seq, so its file holds each event once."""
+    gate, path = tmp_path / "gate", tmp_path / "rec.txt"
+    rec = PluginConfig("rec", "fixture_plugins:Recorder", {"path": str(path)})
+    kernel = KernelProcess(config(short_runs, [rec], gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    open_gate(gate, ATTACH_AT)
+    first = kernel.wait_ready("rec", timeout_s=STARTUP_S)
+    kernel.wait_step(ATTACH_AT, timeout_s=STARTUP_S)
+    detached = plugins_cli(kernel, "detach", kernel.run_id, "rec")
+    assert (detached.returncode, detached.stdout) == (0, "stopped rec (exit code 0)\n"), detached.stderr
+    attached = plugins_cli(kernel, "attach", kernel.run_id, "rec")
+    assert attached.returncode == 0 and attached.stdout.startswith("started rec in run "), attached.stderr
+    kernel.wait_ready("rec", timeout_s=STARTUP_S, not_in=(first,))
+    open_gate(gate, EPOCHS * STEPS_PER_EPOCH)
+    assert kernel.result(timeout_s=STARTUP_S)["status"] == "completed"
+    events = read_events(kernel.run_dir)
+    [again] = of(events, "plugin_attached", "rec")
+    assert again.data["target"] == "fixture_plugins:Recorder" and again.data["settings"]["path"] == str(path)
+    seqs = [int(line.split()[0]) for line in path.read_text().splitlines()]
+    assert seqs == sorted(set(seqs)), "an event handled twice or out of order"
+
+
 def test_only_the_runs_owner_may_attach_and_each_mistake_is_one_line(short_runs, tmp_path, kernels):
     """A plugin of the run asking to attach another is refused (refused_not_owner, logged by it, nothing
     attached). The owner (a raw peer with the run's credential) gets a command_result for each mistake:
