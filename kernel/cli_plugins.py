@@ -73,6 +73,9 @@ def plugins_attach(
 
     run_dir = _live_run_dir(run, runs_dir, f"attach {name} to")
     plugin = configured_plugin(run_dir, name)  # the run's own, detached: what its config ran, with its settings
+    if plugin is None and ":" in name:  # a class of the author's own is run by hand, the SDK proving itself
+        raise UserError(f"{name!r} is a module:Class, not a plugin name; attach your own class by hand: "
+                        f"TRAINBUS_RUN_DIR={run_dir} python -m trainbus.sdk {name}")
     if plugin is None:
         target = installed_target(name)
         plugin = resolve_plugin(name, configured_settings(run_dir, name, target), target)

@@ -330,6 +330,11 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
 def resolve_plugin(name: str, settings: dict[str, Any], target: str | None = None, where: str = "") -> PluginConfig:
     """The plugin NAME runs as; `where` it was named (a config file's table, --plugins) begins a ConfigError."""
     if target is None:
+        if ":" in name:  # an author's own class, where a name goes: say where a target goes
+            table = re.sub(r"(?<!^)(?=[A-Z])", "_", name.rpartition(":")[2]).lower() or "mine"
+            raise ConfigError(f"{where + ': ' if where else ''}{name!r} is a module:Class, not a plugin name; run your "
+                              f"own class from a config file (trainbus run -c FILE) with [plugins.{table}] target = "
+                              f"\"{name}\"")
         known = registered_plugins()
         if name not in known and name in (clashes := plugin_name_clashes()):
             raise ConfigError(clashes[name])

@@ -106,6 +106,10 @@ BAD_INPUT = {
     "missing function": (lambda t: ["run", f"{TESTS_DIR / 'specs.py'}:nope"], "has no function 'nope'"),
     "unknown module": (lambda t: ["run", "no_such_pkg.mod:build"], "cannot import module"),
     "unknown plugin": (lambda t: ["run", "--plugins", "console,bogus"], "unknown plugin 'bogus'"),
+    "a module:Class in --plugins": (lambda t: ["run", "--plugins", "console,mymodule:MyPlugin"],
+                                    "--plugins: 'mymodule:MyPlugin' is a module:Class, not a plugin name; run your own "
+                                    "class from a config file (trainbus run -c FILE) with [plugins.my_plugin] target = "
+                                    "\"mymodule:MyPlugin\""),
     "a typo of a plugin in --plugins": (lambda t: ["run", "--plugins", "console,metric_log"],
                                         "--plugins: unknown plugin 'metric_log' (did you mean 'metrics_log'?); "
                                         "known: "),

@@ -226,6 +226,10 @@ def test_only_the_runs_owner_may_attach_and_each_mistake_is_one_line(short_runs,
 
     for words, error in [
             (("attach", kernel.run_id, "nosuch"), "unknown plugin 'nosuch'; installed: "),
+            # an author's own class is a target, not a name: the error says how to attach it (README's by-hand way)
+            (("attach", kernel.run_id, "mymodule:MyPlugin"), "'mymodule:MyPlugin' is a module:Class, not a plugin "
+             f"name; attach your own class by hand: TRAINBUS_RUN_DIR={kernel.run_dir} python -m trainbus.sdk "
+             "mymodule:MyPlugin"),
             (("attach", kernel.run_id, "memory", "--from-start"), "--from-start replays the journal to a durable "
                                                                    "plugin; memory is best_effort"),
             (("attach", kernel.run_id, "metrics_log", "every_n_steps=-1"), "plugin metrics_log: every_n_steps = -1 "
