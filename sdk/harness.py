@@ -41,6 +41,9 @@ class Harness:
         plugin.run_id = run_id
         self.subscribed = set(plugin.subscriptions())
         plugin.setup()
+        # what setup said (a "ready" log line) is no handler's reply: here, not in what the first feed returns
+        self.replies.extend(check_control(m) for m in plugin.outbox)
+        plugin.outbox.clear()
 
     def feed(self, type_: str, *, step: int | None = None, epoch: int | None = None, **data: Any) -> list[dict]:
         """Deliver one event; return the replies the handler sent (already checked against the protocol).

@@ -366,9 +366,8 @@ def test_a_vanished_buffer_of_a_continued_runs_earlier_session_is_said_as_that_n
 def test_a_directory_that_cannot_exist_fails_the_save_with_its_cause(tmp_path, buffers):
     (tmp_path / "a-file").write_text("not a directory")
     h = harness(tmp_path, dirpath="a-file/checkpoints")  # relative to the run directory, tmp_path
-    (said,) = h.plugin.outbox  # at setup, and not fatal
+    (said,) = h.replies  # at setup, and not fatal
     assert "Not a directory (errno 20)" in said["text"]
-    h.plugin.outbox.clear()
     trainer = Trainer()
     trainer.train_epoch()
     replies = save(h, trainer, buffers, 0.5)

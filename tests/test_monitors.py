@@ -58,7 +58,7 @@ def test_a_pid_that_is_no_process_is_said_and_the_machine_still_watched(tmp_path
     plugin = CpuMonitorPlugin({"interval_s": 60.0, "pid": gone.pid}, run_dir=str(tmp_path))
     monkeypatch.setattr(plugin, "_run", lambda: None)
     h = Harness(plugin)  # its setup prepares the monitor
-    said = [r["text"] for r in plugin.outbox if r["type"] == "log"]
+    said = [r["text"] for r in h.replies if r["type"] == "log"]
     h.close()
     assert said == [f"cpu monitor: no process {gone.pid} to watch (pid); its process readings are left out, the "
                     f"machine's are taken"], said

@@ -242,6 +242,27 @@ def test_the_harness_returns_what_a_teardown_says():
     assert h.replies[-2:] == said
 
 
+def test_what_a_setup_says_is_in_the_harness_replies_and_not_the_first_feeds():
+    """A plugin that logs from setup() (`self.log("ready")`) had that line returned by the first `feed`, as if the
+    handler of that event had said it: a test asserting `h.feed(...) == []` of an epoch that replies nothing failed.
+    Now the Harness takes setup's replies as it is made (in `h.replies`), and `feed` returns the handler's only."""
+    from trainbus.sdk import Plugin
+
+    class LogsAtSetup(Plugin):
+        def setup(self):
+            self.log("ready")
+
+        def on_end_epoch(self, event):
+            if event.data["validation_loss"] > 1:
+                self.stop("too high")
+
+    h = Harness(LogsAtSetup())
+    assert [(r["type"], r["text"]) for r in h.replies] == [("log", "ready")]
+    assert h.feed("end_epoch", epoch=1, validation_loss=0.5) == []
+    assert [r["type"] for r in h.feed("end_epoch", epoch=2, validation_loss=1.5)] == ["stop"]
+    assert [r["type"] for r in h.replies] == ["log", "stop"]
+
+
 def test_metrics_log_session_end_record(tmp_path):
     h = Harness(MetricsLogPlugin(run_dir=str(tmp_path)))
     feed_run(h, [0.5], stop_reasons=["early_stopping: stop: patience"])
