@@ -74,6 +74,8 @@ class PluginIO(threading.Thread):
         self._silent_since: float | None = None  # the kernel fell silent while still alive (_kernel_gone): since when
         self.gone: str | None = None  # why the kernel is considered gone
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
+        # gone, but on purpose: a plugin run by hand whose user stopped it (Ctrl-C, SIGTERM) says bye as it leaves
+        self.stopped_by_user = False
         self.refused: str | None = None  # the kernel turned us down (a wrong secret, a name taken): exit 1
         self.refused_code = ""  # its reason's code (proto/messages.py): KEY_REVOKED_CODES, a key it takes no more
         self.denied: str | None = None  # over TCP: a CURVE handshake failed for good (ConnectionWatch): exit 1
@@ -182,7 +184,8 @@ class PluginIO(threading.Thread):
                 self.wake.notify()
             self.sub.close()
             self._take_ack()
-            if self.said_hello and self.gone is None:  # leaving on purpose: a peer attached by hand is then gone
+            # leaving on purpose: a peer attached by hand is then gone (without it, the kernel took it for hung)
+            if self.said_hello and (self.gone is None or (self.stopped_by_user and not self.lost_kernel)):
                 self.outbox.append(control("bye", reason="done"))
             self._flush_outbox()
             self.dealer.close()

@@ -740,6 +740,7 @@ def _terminate(runner: Runner, why: str = "terminated (SIGTERM)") -> None:
     if io.gone is None and io.kernel_exited(KERNEL_EXIT_GRACE_S):  # PR_SET_PDEATHSIG's, not the kernel's own
         io.lost_kernel, io.gone = True, io.gone or KERNEL_EXITED
     io.gone = io.gone or why
+    io.stopped_by_user = not runner.spawned  # the kernel started none of it: its user did, and stops it now
     runner.terminating = True
     with io.wake:
         io.wake.notify()  # a main thread waiting for the next event goes to _finish now

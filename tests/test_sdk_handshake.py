@@ -199,10 +199,16 @@ def test_ctrl_c_stops_a_plugin_run_by_hand_as_sigterm_does(tmp_path):
             time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
         output = _exited(proc)
+        sent = []
+        while (got := kernel.receive(100)) is not None:
+            sent.append(got[1])
     finally:
         _close(proc, kernel)
     assert record.read_text().splitlines() == [f"start {kernel.seq}", f"done {kernel.seq}", "teardown"], output
     assert "interrupted (Ctrl-C)" in output, output
+    # it leaves on purpose, saying bye: without it the run took its user's Ctrl-C for a hang (`runs show`: trouble
+    # "hung (silent for 7 s without a bye ...)"), as it does a plugin killed outright
+    assert [m["type"] for m in sent if m["type"] == "bye"] == ["bye"], sent
 
 
 def test_a_setup_that_raises_tells_the_kernel_with_the_authors_frames_and_exits_1(tmp_path):
