@@ -31,7 +31,8 @@ starts its plugins so; to attach one to a live run by hand, set:
 
 options:
   --name NAME           the name it says hello with (default: TRAINBUS_PLUGIN_NAME, else the class's `name`, else
-                        the class name in snake_case); a name the run's config gives a plugin is refused
+                        the class name in snake_case less a `_plugin` ending: MyPlugin is `my`); a name the run's
+                        config gives a plugin is refused
   --set SETTING=VALUE   a setting, repeatable; VALUE is read as JSON when it parses, else as text (as
                         `trainbus run --set` reads it), and checked against the plugin's declared settings. The
                         kernel gives a plugin it starts its settings in TRAINBUS_PLUGIN_SETTINGS (msgpack, hex);

@@ -50,7 +50,7 @@ class Plugin:
     or the supervisor treats the plugin as hung; do long work in a thread of your own.
     """
 
-    name: str = ""  # defaults to the class name in snake_case
+    name: str = ""  # defaults to the class name in snake_case, less a "_plugin" ending (MyPlugin: "my")
     delivery: str = BEST_EFFORT  # or DURABLE: every event in order, across restarts, at least once (dedupe by seq)
     # name -> Setting(default, help, min=, max=, choices=, kind=), or a plain default (its type inferred);
     # the run's config overrides them per key, each value checked against its declaration
