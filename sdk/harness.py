@@ -52,7 +52,8 @@ class Harness:
         plugin gets every type, like any plugin handling every type through on_event)."""
         __tracebackhide__ = True  # pytest shows a handler's failure from the test's line to the handler's
         if type_ not in ev.ALL_EVENTS:
-            raise ValueError(f"unknown event type {type_!r}")
+            raise ValueError(f"unknown event type {type_!r}{_near_type(type_)}; the types are proto/PROTOCOL.md §6's: "
+                             f"{', '.join(ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS)}")
         self.seq += 1
         self.step = self.step if step is None else step
         self.epoch = self.epoch if epoch is None else epoch
@@ -81,3 +82,13 @@ class Harness:
         new = [check_control(m) for m in self.plugin.outbox[before:]]
         self.replies.extend(new)
         return new
+
+
+def _near_type(word: str) -> str:
+    """` (did you mean 'end_epoch'?)` for a typo of an event type, or its words in another order (`epoch_end`,
+    as Lightning orders them), else ""."""
+    import difflib
+
+    same_words = [t for t in ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS if sorted(t.split("_")) == sorted(word.split("_"))]
+    near = same_words or difflib.get_close_matches(word, list(ev.ALL_EVENTS), n=1, cutoff=0.8)
+    return f" (did you mean {near[0]!r}?)" if near else ""

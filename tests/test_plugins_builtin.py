@@ -263,6 +263,20 @@ def test_what_a_setup_says_is_in_the_harness_replies_and_not_the_first_feeds():
     assert [r["type"] for r in h.replies] == ["log", "stop"]
 
 
+def test_an_event_type_the_harness_does_not_know_is_said_with_the_one_meant():
+    """`h.feed("epoch_end", ...)` (Lightning's word order) said only "unknown event type 'epoch_end'": which is
+    right was left to the author to find. Now the error names the near type and where the types are listed."""
+    from trainbus.sdk import Plugin
+
+    h = Harness(Plugin())
+    with pytest.raises(ValueError) as raised:
+        h.feed("epoch_end", epoch=1)
+    assert str(raised.value).startswith("unknown event type 'epoch_end' (did you mean 'end_epoch'?); the types are "
+                                        "proto/PROTOCOL.md §6's: start_training_session, "), str(raised.value)
+    with pytest.raises(ValueError, match=r"^unknown event type 'end_training_step' .*; the types are "):
+        h.feed("end_training_step")
+
+
 def test_metrics_log_session_end_record(tmp_path):
     h = Harness(MetricsLogPlugin(run_dir=str(tmp_path)))
     feed_run(h, [0.5], stop_reasons=["early_stopping: stop: patience"])
