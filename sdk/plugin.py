@@ -31,6 +31,23 @@ class KernelGoneInfo:
     last_epoch: int | None
 
 
+class EventData(dict):
+    """An event's data as its handler reads it: a dict whose missing key raises a KeyError naming the event type
+    and the keys it has (`event.data["validation_accuracy"]` of an end_epoch, whose accuracy is in
+    validation_metrics, said only 'validation_accuracy')."""
+
+    def __init__(self, event_type: str, data: dict[str, Any]):
+        super().__init__(data)
+        self.event_type = event_type
+
+    def __missing__(self, key: Any) -> Any:
+        keys = ", ".join(map(str, self)) or "none"
+        raise KeyError(f"{key!r}: {self.event_type}'s data has no such key; it has: {keys} (proto/PROTOCOL.md §6)")
+
+    def __reduce__(self):  # pickled (a thread pool, a multiprocessing queue) as the plain dict it holds
+        return dict, (dict(self),)
+
+
 class Plugin:
     """Subclass, override the handlers you need, run with `python -m trainbus.sdk module:Class`.
 
@@ -183,6 +200,8 @@ class Plugin:
     # dispatch
 
     def handle(self, event: Event) -> None:
+        if type(event.data) is dict:  # a key the event lacks is said with those it has (EventData)
+            object.__setattr__(event, "data", EventData(event.type, event.data))
         refuse_awaitable(self._handlers.get(event.type, self.on_event)(event), "handlers")
 
     def subscriptions(self) -> list[str]:

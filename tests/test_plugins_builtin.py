@@ -277,6 +277,24 @@ def test_an_event_type_the_harness_does_not_know_is_said_with_the_one_meant():
         h.feed("end_training_step")
 
 
+def test_a_key_an_events_data_does_not_have_is_said_with_the_keys_it_has():
+    """`event.data["validation_accuracy"]` in an on_end_epoch (the accuracy is in `validation_metrics`) failed in a
+    run with a bare `KeyError: 'validation_accuracy'` after three tries, every epoch; the author had to look up
+    PROTOCOL.md §6 to see what end_epoch carries. Now the KeyError names the event type and the keys it has."""
+    from trainbus.sdk import Plugin
+
+    class ReadsAccuracy(Plugin):
+        def on_end_epoch(self, event):
+            self.metric("acc", event.data["validation_accuracy"])
+
+    h = Harness(ReadsAccuracy())
+    with pytest.raises(KeyError) as raised:
+        h.feed("end_epoch", epoch=1, validation_loss=0.5, validation_metrics={"accuracy": 0.9})
+    assert raised.value.args[0] == ("'validation_accuracy': end_epoch's data has no such key; it has: validation_loss, "
+                                    "validation_metrics (proto/PROTOCOL.md §6)"), raised.value.args
+    assert h.feed("end_epoch", epoch=2, validation_accuracy=0.9)[0]["value"] == 0.9  # a present key reads as before
+
+
 def test_metrics_log_session_end_record(tmp_path):
     h = Harness(MetricsLogPlugin(run_dir=str(tmp_path)))
     feed_run(h, [0.5], stop_reasons=["early_stopping: stop: patience"])
