@@ -815,8 +815,13 @@ def _print_summary(result) -> None:
             out.print(f"  plugin {name}: left before the run ended (exit code 0 or bye), so it saw nothing after (what "
                       f"it printed: {Path(result.run_dir) / 'plugins' / f'{name}.log'})")
         if p.get("greeted") is False and not p.get("detached"):
-            out.print(f"  plugin {name}: never said hello, so it took no event (what it printed: "
-                      f"{Path(result.run_dir) / 'plugins' / f'{name}.log'}; a command plugin speaks proto/PROTOCOL.md)")
+            printed = Path(result.run_dir) / "plugins" / f"{name}.log"
+            if p["crashes"]:  # a class whose constructor or import raised: the crash line above says why
+                out.print(f"  plugin {name}: never said hello, so it took no event: it crashed before it could (why: "
+                          f"above; what it printed: {printed})")
+            else:
+                out.print(f"  plugin {name}: never said hello, so it took no event (what it printed: {printed}; a "
+                          f"command plugin speaks proto/PROTOCOL.md)")
         if p.get("checkpoints_failed"):
             out.print(f"  plugin {name}: {p['checkpoints_failed']} checkpoint{'s' * (p['checkpoints_failed'] != 1)} "
                       f"could not be written (see {Path(result.run_dir) / 'plugins' / f'{name}.log'})")

@@ -397,6 +397,21 @@ def test_a_plugin_whose_constructor_raises_is_a_crash_named_by_its_exception_and
     assert "plugin db exited with exit code 1: RuntimeError" in (Path(result.run_dir) / "kernel.log").read_text()
 
 
+def test_the_runs_summary_of_a_plugin_that_crashed_before_its_hello_points_at_its_crash(tmp_path, capsys):
+    """`trainbus run`'s summary of an author's plugin whose constructor raised said, under the crash line, "never
+    said hello, so it took no event (...; a command plugin speaks proto/PROTOCOL.md)": a wire-protocol hint for a
+    Python class that simply crashed. It now points at the crash the line above names."""
+    from trainbus.kernel.cli import _print_summary
+
+    result = run_training(run_config(tmp_path / "runs", [plugin("db", "FailsInInit")], epochs=1))
+    capsys.readouterr()
+    _print_summary(result)
+    said = [line for line in capsys.readouterr().out.splitlines() if "plugin db: never said hello" in line]
+    assert len(said) == 1 and "PROTOCOL.md" not in said[0], said
+    assert said[0].strip().startswith("plugin db: never said hello, so it took no event: it crashed before it could "
+                                      "(why: above; what it printed: "), said
+
+
 @pytest.mark.parametrize("log, words", [
     ("Traceback (most recent call last):\n  File \"/x/p.py\", line 3, in <module>\n    boom()\n"
      "  File \"/x/q.py\", line 9, in boom\n    raise KeyError('k')\nKeyError: 'k'\n", "KeyError: 'k' (at q.py:9 in boom)"),
