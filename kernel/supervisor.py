@@ -264,8 +264,11 @@ class Supervisor:
                 self._check(child, now)
         if now >= self._next_log_check:
             self._next_log_check = now + LOG_CHECK_S
-            for name in list(self.children):
-                cap_log(self.log_dir / f"{name}.log", self.log_max_bytes, "plugin log")
+            self._cap_logs()
+
+    def _cap_logs(self) -> None:
+        for name in list(self.children):
+            cap_log(self.log_dir / f"{name}.log", self.log_max_bytes, "plugin log")
 
     def next_deadline(self) -> float:
         """When tick() next has something to decide (a liveness window ending, a restart due); inf if never."""
@@ -309,6 +312,7 @@ class Supervisor:
                     elif child.state not in ("failed", "exited"):
                         self._ended_at_shutdown(child, code)
         self.processes.close()  # every group reaped: the guard has nothing left to watch
+        self._cap_logs()  # what they wrote since the last look: a short run's 70 MB too
 
     def _await_exit(self, procs: list, seconds: float, abort: Callable[[], bool] = lambda: False) -> list:
         """Waits up to `seconds` (or until abort()) for procs to exit; one that spent the last part of it waiting

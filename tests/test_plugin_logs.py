@@ -80,6 +80,19 @@ def test_the_size_is_checked_every_log_check_s_not_at_every_tick(tmp_path):
     assert log.stat().st_size == 0 and (tmp_path / "plugins" / "p.log.1").read_bytes() == b"y" * 100
 
 
+def test_a_log_past_its_cap_when_the_run_ends_is_capped_then(tmp_path):
+    """The size was looked at only every LOG_CHECK_S while the run went on: a short run whose plugin printed 70 MB
+    left a 70 MB log, where README says a log past its cap moves to .log.1."""
+    sup = Supervisor([PluginSpec("p", "", command=[str(tmp_path / "missing")])], {}, tmp_path, lambda *_: None)
+    sup.log_max_bytes = 10
+    sup.start_all(now=T0)
+    sup.tick(T0)
+    log = tmp_path / "plugins" / "p.log"
+    log.write_bytes(b"y" * 100)
+    sup.shutdown(deadline_s=0)
+    assert log.stat().st_size == 0 and (tmp_path / "plugins" / "p.log.1").read_bytes() == b"y" * 100
+
+
 def test_kernel_log_past_its_cap_is_rotated_into_one_older_file_and_still_says_where_the_sockets_are(
         tmp_path, monkeypatch):
     """A plugin's log replies are kernel.log lines: one of 1,000 characters a step (rate-limited to 50 a second)
