@@ -639,26 +639,46 @@ CONFIGS_OF_WRONG_TYPES = {
 }
 
 
-def test_a_config_json_with_fields_of_the_wrong_type_is_read_as_without_them(tmp_path):
-    """A run's config.json edited by hand (a target of a number, flags of a list, ...): `runs list`, `runs show`,
-    `runs compare` each died on it with a traceback (AttributeError: 'int' object has no attribute 'rpartition'),
-    so one such run hid every other run of the directory; `runs plot` said `error: AttributeError: ...` and
-    `runs reindex` that it could not write the registry (found by a bad-input audit). A field of the wrong type is
-    now read as one that is not there, as a run from before trainbus recorded it."""
-    runs = tmp_path / "runs"
+@pytest.fixture(scope="module")
+def runs_of_wrong_types(tmp_path_factory) -> Path:
+    """A runs directory of one whole run ("R") and a copy of it for each CONFIGS_OF_WRONG_TYPES case, named by it,
+    whose config.json holds that case: one run trained, copied ten times."""
+    runs = tmp_path_factory.mktemp("wrong-types") / "runs"
     result = run_training(RunConfig(target=TINY, epochs=1, runs_dir=str(runs), plugins=[]), run_id="R")
-    config = Path(result.run_dir) / "config.json"
-    real = json.loads(config.read_text())
-    for case, make in CONFIGS_OF_WRONG_TYPES.items():
-        config.write_text(json.dumps(make(real)))
-        for command in (["runs", "reindex", "--runs-dir", str(runs)], ["runs", "list", "--runs-dir", str(runs)],
-                        ["runs", "list", "--json", "--runs-dir", str(runs)], ["runs", "show", result.run_dir],
-                        ["runs", "show", result.run_dir, "--json"], ["runs", "compare", "--runs-dir", str(runs)],
-                        ["runs", "plot", result.run_dir, "--out", str(tmp_path / "plots")]):
-            done = _trainbus(*command)
-            assert done.returncode == 0 and "Traceback" not in done.stderr and "Error" not in done.stderr, \
-                (case, command, done.stderr)
-        assert json.loads(_trainbus("runs", "show", result.run_dir, "--json").stdout)["status"] == "completed", case
+    real = json.loads((Path(result.run_dir) / "config.json").read_text())
+    for n, make in enumerate(CONFIGS_OF_WRONG_TYPES.values()):
+        shutil.copytree(result.run_dir, runs / f"case-{n}")
+        (runs / f"case-{n}" / "config.json").write_text(json.dumps(make(real)))
+    return runs
+
+
+def _no_traceback(done: subprocess.CompletedProcess, *what) -> None:
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "Error" not in done.stderr, \
+        (*what, done.stderr)
+
+
+# A run's config.json edited by hand (a target of a number, flags of a list, ...): `runs list`, `runs show`, `runs
+# compare` each died on it with a traceback (AttributeError: 'int' object has no attribute 'rpartition'), so one such
+# run hid every other run of the directory; `runs plot` said `error: AttributeError: ...` and `runs reindex` that it
+# could not write the registry (found by a bad-input audit). A field of the wrong type is now read as one that is not
+# there, as a run from before trainbus recorded it.
+
+def test_runs_whose_config_json_holds_fields_of_the_wrong_type_are_listed_beside_the_others(runs_of_wrong_types):
+    runs = runs_of_wrong_types
+    for command in (["runs", "reindex"], ["runs", "list"], ["runs", "compare"]):
+        _no_traceback(_trainbus(*command, "--runs-dir", str(runs)), command)
+    listed = json.loads(_trainbus("runs", "list", "--json", "--runs-dir", str(runs)).stdout)
+    assert {run["id"]: run["status"] for run in listed} == {
+        "R": "completed", **{f"case-{n}": "completed" for n in range(len(CONFIGS_OF_WRONG_TYPES))}}
+
+
+@pytest.mark.parametrize("n", range(len(CONFIGS_OF_WRONG_TYPES)), ids=list(CONFIGS_OF_WRONG_TYPES))
+def test_a_run_whose_config_json_holds_a_field_of_the_wrong_type_is_shown_and_plotted(runs_of_wrong_types, n,
+                                                                                        tmp_path):
+    run_dir = str(runs_of_wrong_types / f"case-{n}")
+    _no_traceback(_trainbus("runs", "show", run_dir), "show")
+    assert json.loads(_trainbus("runs", "show", run_dir, "--json").stdout)["status"] == "completed"
+    _no_traceback(_trainbus("runs", "plot", run_dir, "--out", str(tmp_path / "plots")), "plot")
 
 
 def test_a_kernel_pid_of_another_host_is_not_taken_for_a_dead_process_here(tmp_path):
