@@ -689,36 +689,28 @@ def test_a_queued_run_is_called_queued_not_missing_by_the_commands_that_need_its
         assert "`trainbus daemon status` shows the queue" in done.stderr and len(done.stderr.splitlines()) == 1
 
 
-def test_run_detach_on_cuda_where_no_gpu_is_seen_is_refused_and_queues_nothing(tmp_path):
+NO_GPU_REFUSALS = {
+    "--device cuda": (["--device", "cuda"], "error: --device cuda, but this host has no GPU that NVML sees, so the "
+                      "daemon's run would fail as it starts; use --device cpu or auto\n"),
+    # 16-mixed is CUDA only: queued, it failed once the daemon started it on the CPU (found by a bad-input audit)
+    "16-mixed, device auto": (["--precision", "16-mixed"], "error: --precision 16-mixed needs a CUDA device, but this "
+                              "host has no GPU that NVML sees, so the daemon's run would fail as it starts; use "
+                              "bf16-mixed on the CPU\n"),
+    "16-mixed, device cpu": (["--precision", "16-mixed", "--device", "cpu"], "error: --precision 16-mixed needs a "
+                             "CUDA device and this run asks for --device cpu; use bf16-mixed on the CPU\n"),
+}
+
+
+@pytest.mark.parametrize("case", NO_GPU_REFUSALS)
+def test_run_detach_that_needs_a_gpu_this_host_lacks_is_refused_and_queues_nothing(tmp_path, case):
     from trainbus.kernel.daemon import detected_devices
 
     if detected_devices():
         pytest.skip("this host has a GPU: the run would start")
+    args, said = NO_GPU_REFUSALS[case]
     runs = tmp_path / "runs"
-    done = cli("run", "--device", "cuda", "--detach", "--runs-dir", str(runs), check=False)
-    assert done.returncode == 2 and done.stderr == (
-        "error: --device cuda, but this host has no GPU that NVML sees, so the daemon's run would fail as it starts; "
-        "use --device cpu or auto\n"), done.stderr
-    assert not runs.exists() or list_runs(runs) == [], "a run was queued"
-
-
-def test_run_detach_in_16_mixed_on_the_cpu_is_refused_and_queues_nothing(tmp_path):
-    """--precision 16-mixed (CUDA only) with --detach and --device cpu, or auto on a host whose NVML sees no GPU, was
-    queued, to fail once the daemon started it on the CPU (found by a bad-input audit); refused at once, as --device
-    cuda is there."""
-    from trainbus.kernel.daemon import detected_devices
-
-    if detected_devices():
-        pytest.skip("this host has a GPU: the run would start")
-    runs = tmp_path / "runs"
-    done = cli("run", "--precision", "16-mixed", "--detach", "--runs-dir", str(runs), check=False)
-    assert done.returncode == 2 and done.stderr == (
-        "error: --precision 16-mixed needs a CUDA device, but this host has no GPU that NVML sees, so the daemon's "
-        "run would fail as it starts; use bf16-mixed on the CPU\n"), done.stderr
-    assert not runs.exists() or list_runs(runs) == [], "a run was queued"
-    done = cli("run", "--precision", "16-mixed", "--device", "cpu", "--detach", "--runs-dir", str(runs), check=False)
-    assert done.returncode == 2 and done.stderr == ("error: --precision 16-mixed needs a CUDA device and this run asks "
-                                                    "for --device cpu; use bf16-mixed on the CPU\n"), done.stderr
+    done = cli("run", *args, "--detach", "--runs-dir", str(runs), check=False)
+    assert done.returncode == 2 and done.stderr == said, done.stderr
     assert not runs.exists() or list_runs(runs) == [], "a run was queued"
 
 
