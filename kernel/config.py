@@ -15,6 +15,7 @@ from typing import Any
 
 from trainbus.proto import ProtocolError, pack
 from trainbus.proto.settings_format import BOOL_WORDS_SAID, bool_word
+from trainbus.proto.text import near_miss
 
 from .limits import PeerLimits
 from .private_dirs import others_can_write
@@ -496,14 +497,6 @@ def _no_unknown(table: dict, known, where: str) -> None:
         if key not in known:
             raise ConfigError(f"{where}: unknown key {key!r}{_where_it_goes(str(key), known)}; known keys: "
                               f"{', '.join(known)}")
-
-
-def near_miss(word: str, known) -> str:
-    """` (did you mean 'console'?)` for a typo of one of `known` (`consol`), else ""."""
-    import difflib
-
-    near = difflib.get_close_matches(word, list(known), n=1, cutoff=0.8)
-    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 # Lightning's Trainer arguments a [run] table may be given by a Lightning user (its precision, accumulation and

@@ -10,7 +10,6 @@ hyperparameters as one dict, as before flags existed: any `NAME=VALUE` goes into
 
 from __future__ import annotations
 
-import difflib
 import enum
 import inspect
 import json
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from trainbus.proto.settings_format import BOOL_WORDS_SAID, bool_word
+from trainbus.proto.text import near_miss
 
 from .spec import SpecError
 
@@ -122,8 +122,7 @@ def option_of_run(name: str, value: Any) -> str | None:
 
 def _near(name: str, sig: Signature) -> str:
     """" (did you mean 'lr'?)" for a typo of one of the flags (`lrr`); else ""."""
-    near = difflib.get_close_matches(name, [flag.name for flag in sig.flags], n=1, cutoff=0.8)
-    return f" (did you mean {near[0]!r}?)" if near else ""
+    return near_miss(name, [flag.name for flag in sig.flags])
 
 
 def _an_option_of_run(name: str, text: str, target: str) -> str:

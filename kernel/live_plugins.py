@@ -13,9 +13,10 @@ import time
 from typing import Any
 
 from trainbus.proto import control, encode_control, events as ev, pack
+from trainbus.proto.text import near_miss
 
 from .checkpointing import persister_directory_inside
-from .config import SETTINGS_MAX_BYTES, ConfigError, near_miss, registered_plugins
+from .config import SETTINGS_MAX_BYTES, ConfigError, registered_plugins
 from .peers import Peer, Peers
 from .supervisor import DETACH_GRACE_S, PluginSpec, Supervisor
 

@@ -45,3 +45,11 @@ def duration_text(seconds: float | None) -> str:
         return f"{minutes}m {s:02d}s"
     hours, m = divmod(minutes, 60)
     return f"{hours}h {m:02d}m"
+
+
+def near_miss(word: str, known) -> str:
+    """` (did you mean 'console'?)` for a typo of one of `known` (`consol`), else ""."""
+    import difflib
+
+    near = difflib.get_close_matches(word, list(known), n=1, cutoff=0.8)
+    return f" (did you mean {near[0]!r}?)" if near else ""

@@ -9,6 +9,7 @@ import weakref
 from typing import Any
 
 from trainbus.proto import DURABLE, Event, check_control, events as ev
+from trainbus.proto.text import near_miss
 
 from .plugin import Plugin
 from .tracebacks import from_authors_frames
@@ -87,8 +88,5 @@ class Harness:
 def _near_type(word: str) -> str:
     """` (did you mean 'end_epoch'?)` for a typo of an event type, or its words in another order (`epoch_end`,
     as Lightning orders them), else ""."""
-    import difflib
-
     same_words = [t for t in ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS if sorted(t.split("_")) == sorted(word.split("_"))]
-    near = same_words or difflib.get_close_matches(word, list(ev.ALL_EVENTS), n=1, cutoff=0.8)
-    return f" (did you mean {near[0]!r}?)" if near else ""
+    return f" (did you mean {same_words[0]!r}?)" if same_words else near_miss(word, ev.ALL_EVENTS)
