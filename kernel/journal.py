@@ -27,8 +27,8 @@ from trainbus.proto import Event
 from trainbus.proto.codec import UNPACK_LIMITS
 from trainbus.proto.kept_files import kept_dir
 from trainbus.proto.messages import kept_name
-from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, iter_records, read_journal,
-                                           segment_name)
+from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, iter_records, next_seq_path,
+                                           read_journal, recorded_next_seq, segment_name)
 
 
 log = logging.getLogger("trainbus.kernel")
@@ -78,16 +78,23 @@ class Journal:
                                     f"(no segment holds them before {after.path.name}); they cannot be replayed")
                 log.error("journal: %s", self.missing[-1])
         self._offsets = array("q")  # byte offset of each written seq of the active file, from _first_seq on
-        self._first_seq = self._segments[-1].last + 1 if self._segments else 1  # of the active file
+        segments_end = self._segments[-1].last if self._segments else 0
+        # of the active file: past the newest segment's, or the lost newest segment's (never numbered again)
+        self._first_seq = max(segments_end + 1, recorded_next_seq(self.path))
         self._size = 0  # end of the last whole record
         self._rotate_at = segment_bytes  # the active file's size that closes it into segments
         for offset, end, record in iter_records(self.path):
-            if self._segments and record["seq"] <= self._segments[-1].last:
+            if record["seq"] <= segments_end:
                 continue  # compressed, and the crash came before the file was emptied: a segment holds these
             if not self._offsets:
                 self._first_seq = record["seq"]
             self._offsets.append(offset)
             self._size = end
+        if self._first_seq > segments_end + 1:  # as the readers say it (proto/journal_format.py)
+            where = f"before {self.path.name}" if self._offsets else "(no segment holds them)"
+            self.missing.append(f"events {segments_end + 1}-{self._first_seq - 1} are missing from the journal "
+                                f"{where}")
+            log.error("journal: %s", self.missing[-1])
         unread = os.fstat(self._fd).st_size - self._size
         if unread:  # a record torn by a crash, or a bad byte that makes every record after it unreadable
             self._set_aside(unread)
@@ -247,6 +254,22 @@ class Journal:
         self._offsets, self._first_seq, self._size = array("q"), self.written_seq + 1, 0
         self._rotate_at = self.segment_bytes
         self._last_fsync = time.monotonic()
+        self._record_next_seq()
+
+    def _record_next_seq(self) -> None:
+        """The emptied active file's first seq, in a file beside it: the newest segment is then the only other
+        record of where the journal goes on, and one lost (a bad copy, a hand freeing space) would have a continued
+        run number new events with its seqs. Not kept, it is one such record less, as before segments existed."""
+        marker = next_seq_path(self.path)
+        hidden = marker.with_name(f".{marker.name}")
+        try:
+            _write_file(hidden, b"%d\n" % self._first_seq)
+            os.rename(hidden, marker)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            hidden.unlink(missing_ok=True)
+            log.warning("journal %s: could not record the seq it goes on from in %s (%s)", self.path, marker.name,
+                        exc.strerror)
 
     def _pieces(self) -> list[tuple[int, int]]:
         """The active file's records as (start, stop) index ranges of about segment_bytes each: the last append

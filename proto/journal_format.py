@@ -30,6 +30,7 @@ _RECORD_WINDOW = 1024 * 1024  # the bytes decoded from where a record found by i
 DAMAGE_LOOK_BYTES = 1024  # the journal's last few records, read on their own: are there events past a bad byte?
 
 SEGMENT_SUFFIX = ".gz"
+NEXT_SEQ_SUFFIX = ".next-seq"
 SEGMENT_ERRORS = (OSError, EOFError, zlib.error)  # a segment unreadable, cut short or garbled: what it held is lost
 
 # How a reader of a whole journal in another process (`runs plot`'s) tells how far it got: `progress: SEQ` lines on
@@ -86,6 +87,23 @@ def closed_segments(active: str | Path) -> list[Segment]:
         return []
     found = (pattern.fullmatch(name) for name in names)
     return sorted(Segment(int(m[1]), int(m[2]), active.parent / m[0]) for m in found if m)
+
+
+def next_seq_path(active: str | Path) -> Path:
+    """Where a rotation records the seq the emptied active file starts at (`events.next-seq`)."""
+    return Path(active).with_name(Path(active).name + NEXT_SEQ_SUFFIX)
+
+
+def recorded_next_seq(active: str | Path) -> int:
+    """The seq the active file began at as its last rotation recorded it, 0 when none is (or it is garbled): a
+    lower bound of the journal's next seq that still holds when the newest segment is lost, so a continued run
+    numbers no new event with a lost one's seq and readers can tell the loss."""
+    try:
+        with open(next_seq_path(active), "rb") as f:
+            text = f.read(32)
+    except OSError:
+        return 0
+    return int(text) if re.fullmatch(rb"\d{1,18}\n?", text) else 0
 
 
 def _active_path(path: str | Path) -> Path:
@@ -146,6 +164,9 @@ def _chained(path: str | Path, records: Callable[[IO[bytes], list[int]], Iterato
                     damage.append(f"the journal cannot be read past event {last}: events {last + 1}-{ends_at} "
                                   f"follow a damaged record (`trainbus run --resume` keeps their bytes beside "
                                   f"the journal)")
+        # Read last: a rotation meanwhile records the first seq of a file emptied after this read's copy of it.
+        if damage is not None and (recorded := recorded_next_seq(_active_path(path))) > last + 1:
+            damage.append(f"events {last + 1}-{recorded - 1} are missing from the journal (no segment holds them)")
     finally:
         if active is not None:
             active.close()

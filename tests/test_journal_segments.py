@@ -138,6 +138,37 @@ def test_a_replay_from_events_a_damaged_journal_lost_begins_where_the_journal_go
         journal.close()
 
 
+def test_losing_the_newest_segment_after_a_rotation_reuses_no_seq(tmp_path):
+    """The active file empty after a rotation and the newest segment then lost (a bad copy, a hand freeing space):
+    the journal reopened goes on after the lost events' seqs, and says they are lost. It went on from the older
+    segment's last seq, numbering new events with the lost ones' seqs: a durable plugin that had acked them skipped
+    the new events as seen, and no reader could tell that anything was missing."""
+    journal = Journal(tmp_path / JOURNAL_NAME, segment_bytes=64 * 1024)
+    for first_seq, batch in simulated_records(20_000):
+        journal.append(batch, first_seq)
+        if len(closed_segments(tmp_path / JOURNAL_NAME)) >= 3 and not (tmp_path / JOURNAL_NAME).stat().st_size:
+            break  # a rotation has just emptied the active file
+    last = journal.last_seq
+    journal.close()
+    gone = closed_segments(tmp_path / JOURNAL_NAME)[-1]
+    assert gone.last == last
+    gone.path.unlink()
+    damage: list[str] = []
+    assert [e.seq for e in read_journal(tmp_path, damage)][-1] == gone.first - 1
+    assert damage == [f"events {gone.first}-{last} are missing from the journal (no segment holds them)"], damage
+    assert run_details(tmp_path)["journal_damage"] == damage
+    journal = Journal(tmp_path / JOURNAL_NAME)
+    try:
+        assert journal.last_seq == last and journal.missing == damage
+        heartbeat = pack(event_to_map(Event(last + 1, RUN_ID, ev.HEARTBEAT, 1.9e9, 0, 0, {})))
+        assert journal.append([heartbeat], last + 1) == 1
+        got, blob = journal.read_range(gone.first, 5, 2**20)  # a replay from within the loss: what comes after it
+        assert [m["seq"] for m in decode_records(blob)] == [last + 1]
+    finally:
+        journal.close()
+    assert [e.seq for e in read_journal(tmp_path)][-2:] == [gone.first - 1, last + 1]
+
+
 def test_a_crash_between_compressing_and_emptying_the_active_file_loses_and_doubles_nothing(tmp_path):
     count = 5_000
     fast_forward(tmp_path, count, segment_bytes=64 * 1024)
