@@ -167,7 +167,7 @@ def run(
                                                                         "(Lightning's 32-true, 16 and bf16 too)."),
     accumulate_grad_batches: Optional[int] = typer.Option(None, "--accumulate-grad-batches", min=1,
                                                           help="Batches per optimizer step (default 1)."),
-    gradient_clip_val: Optional[float] = typer.Option(None, "--gradient-clip-val", min=0.0,
+    gradient_clip_val: Optional[float] = typer.Option(None, "--gradient-clip-val",
                                                       help="Clip the gradients' 2-norm to this (0: off)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train in this many processes (DDP: gloo on CPU, NCCL on "

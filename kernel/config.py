@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -379,8 +380,9 @@ def check_run(cfg: RunConfig, where: str = "config", programs: bool = True) -> N
     if not 1 <= cfg.accumulate_grad_batches <= MAX_COUNT:
         raise ConfigError(f"{where}: accumulate_grad_batches must be 1 to {MAX_COUNT:,}, got "
                           f"{cfg.accumulate_grad_batches}")
-    if not cfg.gradient_clip_val >= 0:  # NaN too: a NaN norm bound trains to NaN
-        raise ConfigError(f"{where}: gradient_clip_val must be >= 0 (0 turns clipping off), got {cfg.gradient_clip_val}")
+    if not 0 <= cfg.gradient_clip_val < math.inf:  # a NaN bound trains to NaN; inf pays for a norm that clips nothing
+        raise ConfigError(f"{where}: gradient_clip_val must be a finite number >= 0 (0 turns clipping off), got "
+                          f"{cfg.gradient_clip_val}")
     if not cfg.journal_backlog_mb > 0:
         raise ConfigError(f"{where}: journal_backlog_mb must be > 0, got {cfg.journal_backlog_mb}")
     if not cfg.journal_segment_mb > 0:

@@ -165,11 +165,24 @@ def test_a_run_given_lightnings_precision_records_ours(tmp_path):
     assert start.data["precision"] == "32"
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_a_gradient_clip_val_flag_that_is_no_finite_bound_is_one_line(tmp_path, value):
+    """As in [run]: typer's own bound let inf through (a norm computed every step that clips nothing) and said of a
+    NaN that it should be >= 0."""
+    proc = cli("run", f"{SPECS}:tiny", f"--gradient-clip-val={value}", "--device", "cpu", "--runs-dir",
+               str(tmp_path), "--plugins", "")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().endswith(f"gradient_clip_val must be a finite number >= 0 (0 turns clipping off), got "
+                                        f"{float(value)}"), proc.stderr
+    assert not any(tmp_path.glob("*/config.json"))
+
+
 @pytest.mark.parametrize("run_table, error", [
     ('precision = "16-mixed"', "precision 16-mixed needs a CUDA device"),
     ('precision = "fp8"', "precision must be one of 32, bf16-mixed, 16-mixed, bf16-true"),
     ("accumulate_grad_batches = 0", "accumulate_grad_batches must be 1 to 1,000,000,000, got 0"),
-    ("gradient_clip_val = nan", "gradient_clip_val must be >= 0"),
+    ("gradient_clip_val = nan", "gradient_clip_val must be a finite number >= 0 (0 turns clipping off), got nan"),
+    ("gradient_clip_val = inf", "gradient_clip_val must be a finite number >= 0 (0 turns clipping off), got inf"),
     ("precision = 16", "precision 16-mixed needs a CUDA device"),  # Lightning's 16, taken as 16-mixed
     ('precision = "16-true"', "precision 16-true (float16 weights) is not supported; use 16-mixed (CUDA) or bf16-true"),
     ("precision = 64", "precision 64 (float64 weights) is not a precision here"),  # Lightning's 64, as TOML has it
