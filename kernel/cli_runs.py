@@ -193,7 +193,9 @@ def runs_show(
                 out.print("  output: none yet (it is queued)" if details["job"] == "queued"
                           else "  output: none (the daemon never started a process for it)")
             return
-    for line in details.get("journal_damage") or []:  # on stderr: --json stays one JSON object
+    if details["config_damage"]:  # on stderr: --json stays one JSON object
+        print(f"trainbus: warning: {details['config_damage']}", file=sys.stderr)
+    for line in details.get("journal_damage") or []:
         print(f"trainbus: warning: {line}; what this shows leaves those events out", file=sys.stderr)
     if as_json:
         print(runs_view.as_json(details))

@@ -226,6 +226,23 @@ def read_config(run_dir: Path) -> dict[str, Any]:
             if key not in CONFIG_FIELDS or isinstance(value, CONFIG_FIELDS[key]) and not isinstance(value, bool)}
 
 
+def config_problem(run_dir: Path) -> str | None:
+    """What reading a run's config.json leaves out (read_config), as runs show warns of it; None when it is whole or
+    there is none."""
+    try:
+        config = json.loads((Path(run_dir) / CONFIG).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return f"{CONFIG} is unreadable ({exc}): runs show leaves out its target, flags and hyperparameters"
+    if not isinstance(config, dict):
+        return f"{CONFIG} holds {_json_kind(config)}, not an object: runs show leaves out its target, flags and " \
+               f"hyperparameters"
+    wrong = [f"{key} is {_json_kind(config[key])}, not {_json_kind(kind)}" for key, kind in CONFIG_FIELDS.items()
+             if config.get(key) is not None and key not in read_config(run_dir)]
+    return f"{CONFIG}'s {'; its '.join(wrong)}: runs show leaves them out" if wrong else None
+
+
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """summary.json's contents when it holds a run status and each field the kernel writes has its type; None
     otherwise (_unreadable says why)."""
@@ -576,7 +593,8 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
         parameters=session.get("parameters"), hyperparameters=session.get("hyperparameters", config.get("hyperparameters")),
         epoch_table=rows, best=best,
         plugins=plugins, attached=attached, checkpoints={"saved": saved, **checkpoint_counts}, undrained=undrained,
-        bus=summary.get("bus") or {}, files=_files(run_dir), journal_damage=damage)
+        bus=summary.get("bus") or {}, files=_files(run_dir), journal_damage=damage,
+        config_damage=config_problem(run_dir))
     if info["error"] is None and error is not None:
         info["error"] = error
     last = as_event(last_record) if last_record is not None else None

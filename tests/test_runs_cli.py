@@ -681,6 +681,26 @@ def test_a_run_whose_config_json_holds_a_field_of_the_wrong_type_is_shown_and_pl
     _no_traceback(_trainbus("runs", "plot", run_dir, "--out", str(tmp_path / "plots")), "plot")
 
 
+@pytest.mark.parametrize("content, warning", [
+    ('{"target": 5, "epochs": [1]}', "config.json's target is a whole number, not text; its epochs is a list, not a "
+                                     "whole number: runs show leaves them out"),
+    ('{"target": "x.py:build", ', "config.json is unreadable (Expecting property name enclosed in double quotes: "
+                                  "line 1 column 26 (char 25)): runs show leaves out its target, flags and "
+                                  "hyperparameters"),
+    ("[1]", "config.json holds a list, not an object: runs show leaves out its target, flags and hyperparameters"),
+])
+def test_runs_show_of_a_damaged_config_json_says_what_it_leaves_out(runs_of_wrong_types, tmp_path, content, warning):
+    """It showed '-' for the target (runs list showed the journal's) and said nothing of why."""
+    run_dir = tmp_path / "R"
+    shutil.copytree(runs_of_wrong_types / "R", run_dir)
+    (run_dir / "config.json").write_text(content)
+    for as_json in ([], ["--json"]):
+        shown = _trainbus("runs", "show", str(run_dir), *as_json)
+        assert shown.returncode == 0 and shown.stderr == f"trainbus: warning: {warning}\n", shown.stderr
+    whole = _trainbus("runs", "show", str(runs_of_wrong_types / "R"))
+    assert whole.returncode == 0 and not whole.stderr, whole.stderr
+
+
 def test_a_kernel_pid_of_another_host_is_not_taken_for_a_dead_process_here(tmp_path):
     """A runs directory on a shared filesystem: a kernel on a compute node is neither alive nor dead to the login
     node's pid table, so runs list, attach and a plugin started by hand go by what the run wrote instead."""
