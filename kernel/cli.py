@@ -1,7 +1,7 @@
 """The `trainbus` command: run training with plugins, attach to a run; user mistakes get one line, exit 2.
 
 Its command groups live beside it: cli_runs.py (`runs`), cli_plugins.py (`plugins`), cli_keys.py (`keys`),
-cli_daemon.py (`daemon`); what they share, in cli_common.py.
+cli_daemon.py (`daemon`); `run --nproc`'s launching, in cli_launch.py; what they share, in cli_common.py.
 """
 
 from __future__ import annotations
@@ -65,9 +65,8 @@ import json
 import logging
 import re
 import sqlite3
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO
+from typing import Callable, Optional, TextIO
 
 import typer
 from rich.markup import escape
@@ -78,9 +77,10 @@ from trainbus.proto.process import exit_without_teardown
 from trainbus.proto.settings_format import typed_word
 
 from .checkpointing import CheckpointError, find_checkpoint
-from .cli_common import (KEYS_DIR_HELP, RUNS_DIR_OPTION, UserError, _attach_client, _check_plugin_settings, _wide, out,
-                         reason_text, runs_dir_path, says_the_checks)
+from .cli_common import (EXIT_CODES, KEYS_DIR_HELP, RUNS_DIR_OPTION, UserError, _attach_client, _check_plugin_settings,
+                         _wide, out, reason_text, runs_dir_path, says_the_checks)
 from .cli_daemon import daemon_app
+from .cli_launch import RANK_SEPARATOR, launch as launch_group, under_a_launcher
 from .cli_keys import keys_app
 from .cli_plugins import plugins_app
 from .cli_runs import runs_app
@@ -89,8 +89,6 @@ from .config import (ONE_GPU_PER_RANK, ConfigError, apply_set, check_metric_sett
                      defaults_left_out, device_index, launch_of_run, load_config, plugin_name_clashes,
                      registered_plugins, resolve_plugin)
 from .flags import FlagError
-from .private_dirs import process_scratch_dir, remove_scratch_dir
-from .launch_wait import JOIN_TIMEOUT_S, RendezvousWatch, signal_name
 from .registry import RegistryError
 from .spec import DEFAULT_TARGET, SpecError, UserCodeError, full_target
 
@@ -215,13 +213,13 @@ def run(
     if target is not None:
         cfg.target = full_target(target)
     launch = {"nproc": nproc, "nnodes": nnodes, "max_restarts": max_restarts, "rdzv_endpoint": rdzv_endpoint}
-    if continuing is not None and all(v is None for v in launch.values()) and not _under_a_launcher():
+    if continuing is not None and all(v is None for v in launch.values()) and not under_a_launcher():
         launch = launch_of_run(continuing)  # `--resume RUN` alone: in as many processes as the run had
     launch = {"nproc": 1, "nnodes": 1, "max_restarts": 0, "rdzv_endpoint": None,
               **{k: v for k, v in launch.items() if v is not None}}
     listen_checked = None
     if not detach and not help_flags and (listen if listen is not None else cfg.listen) and launch["nnodes"] == 1 \
-            and not _under_a_launcher():  # before the flags: checking them imports the target, and torch with it
+            and not under_a_launcher():  # before the flags: checking them imports the target, and torch with it
         listen_checked = (listen if listen is not None else cfg.listen,
                           str(keys_dir) if keys_dir is not None else cfg.keys_dir)
         _check_listen(*listen_checked)
@@ -316,12 +314,12 @@ def run(
         _submit(cfg, continuing, gpus)
         return
     if cfg.listen and launch["nnodes"] == 1 and (cfg.listen, cfg.keys_dir) != listen_checked \
-            and not _under_a_launcher():
+            and not under_a_launcher():
         _check_listen(cfg.listen, cfg.keys_dir)
     if launch["nproc"] > 1 or launch["nnodes"] > 1 or launch["max_restarts"] or launch["rdzv_endpoint"]:
         if device_index(cfg.device) is not None:
             raise UserError(ONE_GPU_PER_RANK.format(device=cfg.device))
-        _launch(launch, cfg.runs_dir, continuing.name if continuing else None)
+        launch_group(launch, cfg.runs_dir, continuing.name if continuing else None)
     from .session import InterruptedBeforeStart, run_training  # here: torch takes seconds to import, and a mistake
     # above is told at once
     _ctrl_c_back(signal.default_int_handler)  # run_training takes it at once, and gives this back when it returns
@@ -343,34 +341,6 @@ def run(
     raise typer.Exit(code=code)
 
 
-def _check_rdzv_endpoint(endpoint: str) -> None:
-    """UserError for an endpoint torchrun would wait on in vain (its rendezvous timeout, minutes): not HOST:PORT, or
-    a host name that does not resolve."""
-    import socket
-
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--rdzv-endpoint {endpoint!r} must be HOST:PORT (a port 1-65535), the same on every machine: "
-                        f"one of them, and a port free there")
-    try:
-        socket.getaddrinfo(host.removeprefix("[").removesuffix("]"), int(port), type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise UserError(f"--rdzv-endpoint {endpoint}: host {host!r} does not resolve ({exc.strerror or exc}); give one "
-                        f"of the machines' names or addresses") from None
-
-
-EXIT_CODES = {"completed": 0, "stopped": 0, "interrupted": 130}  # by the run's status; any other (failed): 1
-RANK_SEPARATOR = "\x1f"  # between the rank and its text in the launcher's errors file (_tell_launcher)
-LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--rdzv-endpoint", "--max-restarts")  # `run`'s, handed to torchrun
-
-
-def _under_a_launcher() -> bool:
-    """This process is a rank of torchrun or srun (ours or the user's): it launches nothing itself."""
-    from .cluster import detect
-
-    return detect().distributed
-
-
 def _check_listen(listen: str, keys_dir: str | None) -> None:
     """--listen's keys, and its ports taken, said before torch's seconds of import (the run checks them again as it
     binds), and under --nproc before any rank starts: rank 0 binds only once the ranks have met and the others
@@ -384,153 +354,6 @@ def _check_listen(listen: str, keys_dir: str | None) -> None:
         probe_ports(*check_listen(listen, KeyStore(default_keys_dir(keys_dir))))
     except (ListenError, KeyFileError) as exc:
         raise UserError(str(exc)) from None
-
-
-def _launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
-    """This same command in `nproc` processes (on each of `nnodes` machines) under torch.distributed.run, which
-    restarts them up to `max_restarts` times; rank 0 keeps the run. Exits as the run ended (its summary.json):
-    0 completed or stopped, 130 interrupted, 1 failed."""
-    nproc, nnodes, rdzv_endpoint, max_restarts = (launch["nproc"], launch["nnodes"], launch["rdzv_endpoint"],
-                                                  launch["max_restarts"])
-    if _under_a_launcher():
-        raise UserError("--nproc, --nnodes or --max-restarts inside torchrun or srun: the launcher already started "
-                        "the processes; drop them")
-    if nnodes > 1 and not rdzv_endpoint:
-        raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every machine: one of "
-                        f"them, and a port free there")
-    if rdzv_endpoint and nnodes == 1:
-        raise UserError("--rdzv-endpoint is where the machines of a --nnodes run meet: add --nnodes N, or drop it")
-    if rdzv_endpoint:
-        _check_rdzv_endpoint(rdzv_endpoint)
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
-    from torch.distributed.run import main as torchrun  # here: after the checks, which need no torch (seconds)
-
-    from .cluster import LAUNCH, LAUNCH_RUN_ID
-    from .session import new_run_id
-
-    argv, words = [], iter(sys.argv[1:])
-    for word in words:  # the command as given, less what is torchrun's
-        if word in LAUNCH_OPTIONS:
-            next(words, None)
-        elif not word.startswith(tuple(f"{option}=" for option in LAUNCH_OPTIONS)):
-            argv.append(word)
-    meet = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
-            "--rdzv-conf", f"join_timeout={JOIN_TIMEOUT_S}"] if nnodes > 1 else ["--standalone"]
-    # every rank, and a restarted group, trains the same run (the daemon names it for a queued one)
-    run_id = os.environ[LAUNCH_RUN_ID] = continuing or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
-    os.environ[LAUNCH] = json.dumps(launch)
-    # torchrun hands its workers one TCP store for the whole job, and a restarted group's processes read
-    # the failed group's gloo addresses from it (connection refused): rank 0 hosts a fresh one each round instead
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    # torchrun gives each rank one intra-op thread unless told otherwise, in a five-line warning every launch; the
-    # same choice made here, without the warning (a user's own OMP_NUM_THREADS stands)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # torch's lines about its workers' exits ("Sending process ... closing signal SIGTERM", "failed (exitcode: 1)
-    # local_rank: 1 ...") repeat what rank 0 says of the run; its restarts (another logger) still show
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
-    # and its agent's "Received 2 death signal, shutting down workers" on a Ctrl-C, which the run's end says
-    logging.getLogger("torch.distributed.elastic.agent.server.api").addFilter(
-        lambda record: "death signal" not in str(record.msg))
-    failure, started = None, time.time()
-    # This launch's own files: the ranks' errors and torchrun's logs (by default a torchelastic_* directory in /tmp,
-    # one a launch, never removed). One of a launcher killed with SIGKILL is removed by the next launch.
-    try:
-        scratch = process_scratch_dir(f"trainbus-launch-{os.getuid()}")
-    except OSError as exc:  # not ours (PermissionError names it and the fix), or a temp dir we cannot write
-        raise UserError(f"{exc}") from None
-    errors = scratch / "errors"
-    errors.touch(0o600)
-    os.environ[LAUNCH_ERRORS] = str(errors)
-    # torchrun's own handling of Ctrl-C and SIGTERM (SignalException: it stops its ranks), from the start: it
-    # installs it only once its ranks run, and its rendezvous may wait minutes for the other machines before that
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _raise_signal_exception)
-    watch = RendezvousWatch(nnodes, rdzv_endpoint, lambda line: print(line, file=sys.stderr), time.monotonic())
-    try:
-        with watch:
-            torchrun([*meet, "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
-                      "--log-dir", str(scratch / "torchelastic"), "-m", "trainbus.kernel.cli", *argv])
-    except Exception as exc:  # ChildFailedError (which rank failed and how is above, from torchrun), SignalException
-        failure = exc
-    finally:
-        said = errors.read_text(errors="replace")
-        remove_scratch_dir(scratch)
-    if said:  # a mistake in the command, found by the ranks (each wrote it): once, as in one process
-        print(_first_said(said, nproc), end="", file=sys.stderr)
-        raise typer.Exit(code=2)
-    if not watch.started and isinstance(failure, (SignalException, RendezvousTimeoutError)):
-        # no rank ever ran: the machines never met (a signal ended the wait, or torchrun's join timeout did)
-        interrupted = isinstance(failure, SignalException)
-        print(watch.stopped_line(failure.sigval) if interrupted else watch.timed_out_line(), file=sys.stderr)
-        raise typer.Exit(code=130 if interrupted else 1)
-    # How the run ended, as rank 0 wrote it: a Ctrl-C or SIGTERM reaching the ranks ends the run interrupted (130),
-    # whatever torchrun makes of its workers' exits.
-    summary, told = Path(runs_dir) / run_id / "summary.json", False
-    try:
-        if summary.stat().st_mtime < started:  # a continued run's last session's: this one never got that far
-            raise ValueError(summary)
-        status, told = json.loads(summary.read_text())["status"], True
-    except (OSError, ValueError, KeyError, TypeError):
-        status = "interrupted" if type(failure).__name__ == "SignalException" else "failed" if failure else None
-        if status == "interrupted" and not summary.parent.exists():  # the ranks stopped as they built: as one process
-            print(f"trainbus: {signal_name(failure.sigval)} before the run began; nothing was made", file=sys.stderr)
-    if status == "failed" and failure is not None and not told:  # rank 0 said nothing of it
-        said = _what_rank_0_did_not_say(failure, summary.parent)
-        print(said or f"error: a training process failed ({type(failure).__name__}); its output is above",
-              end="" if said else "\n", file=sys.stderr)
-    elif status == "failed" and _killed_ranks(failure) and (summary.parent / "config.json").is_file():
-        # rank 0 said which rank died; that the run's code did not fail it, and so it can go on, only this sees
-        print(f"trainbus: {_resume_line(summary.parent.name)}", file=sys.stderr)
-    raise typer.Exit(code=0 if status is None else EXIT_CODES.get(status, 1))  # None: rank 0 on another node
-
-
-def _first_said(said: str, nproc: int) -> str:
-    """The first error the ranks wrote (_tell_launcher); one of the user's build() that not every rank of this
-    machine met (data only some ranks have) names its rank, as a rank's error in training does."""
-    entries = [entry.partition(RANK_SEPARATOR)[::2] for entry in said.split("\0") if entry]
-    rank, text = entries[0]
-    if rank and sum(other == text for _, other in entries) < nproc:
-        trace, _, line = text.rpartition("error: ")
-        text = f"{trace}error: rank {rank}: {line}"
-    return text
-
-
-def _what_rank_0_did_not_say(failure: Exception, run_dir: Path) -> str:
-    """The launcher's lines for a run whose rank 0 wrote no summary: a rank that a signal killed (torchrun saw its
-    exit: kill -9, the out-of-memory killer) first, then what the other ranks wrote of their own errors, less the
-    collectives that the killed rank broke (gloo's "Connection reset by peer" is its effect, not its cause)."""
-    from .failures import read_rank_errors
-
-    oom = " (kill -9, or the out-of-memory killer: `dmesg` says which)"
-    killed = [f"error: rank {rank} (pid {process.pid}) was killed by {process.signal_name()}"
-              f"{oom * (process.exitcode == -signal.SIGKILL)}\n" for rank, process in _killed_ranks(failure)]
-    errors = [e for e in read_rank_errors(run_dir) if not (killed and e.get("peer_gone"))]
-    said = "".join(killed) + "".join(f"{e.get('trace') or ''}error: rank {e.get('rank')}: {e.get('error')}\n"
-                                     for e in errors)
-    if said and (run_dir / "config.json").is_file():
-        said += f"trainbus: run {run_dir.name} died; {_resume_line(run_dir.name)}\n"
-    return said
-
-
-def _killed_ranks(failure: Exception | None) -> list[tuple[int, Any]]:
-    """(rank, its process failure) of the ranks a signal killed, by torchrun's ChildFailedError. Those it ended with
-    SIGTERM itself once another was gone are left out: the cause is the one killed otherwise (a SIGTERM to a rank
-    from outside, alone, stays)."""
-    killed = sorted((rank, process) for rank, process in getattr(failure, "failures", {}).items()
-                    if process.exitcode < 0)
-    return [(rank, process) for rank, process in killed if process.exitcode != -signal.SIGTERM] or killed
-
-
-def _resume_line(run_id: str) -> str:
-    return f"`trainbus runs resume {run_id}` continues it from its newest checkpoint"
-
-
-def _raise_signal_exception(signum: int, frame) -> None:
-    """torchrun's termination handler: what its agent does with a signal, it does before its ranks run too."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-
-    raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
 
 
 def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:
@@ -650,7 +473,7 @@ def _check_resumable(run_dir: Path, epochs: int | None) -> None:
     """UserError for a run that cannot be resumed now (kernel/daemon.py why_not_resumable)."""
     from .daemon import why_not_resumable
 
-    why = why_not_resumable(run_dir, epochs, rank=_under_a_launcher())
+    why = why_not_resumable(run_dir, epochs, rank=under_a_launcher())
     if why:
         raise UserError(why)
 

@@ -22,6 +22,9 @@ from .cluster import LAUNCH
 # quiet core, more on a busy one, and a run of days is 10^7 events, half a minute or more (docs/benchmarks.md).
 LONG_JOURNAL_EVENTS = 100_000
 
+# `trainbus run`'s exit code, by the run's status; any other (failed): 1
+EXIT_CODES = {"completed": 0, "stopped": 0, "interrupted": 130}
+
 KEYS_DIR_HELP = "Key directory (default $TRAINBUS_KEYS_DIR, else ~/.config/trainbus/keys)."
 
 
