@@ -101,6 +101,9 @@ class Loop:
         self._held: list = []  # across ranks: rank 0's replies until the ranks next agree
         self._loaded_from: str | None = None
 
+    def _generators(self) -> list[torch.Generator]:
+        return loader_generators(self.spec.train_loader, self.spec.validation_loader)
+
     def _publish(self, type_: str, **data: Any) -> None:
         self.bus.publish(type_, self.step, self.epoch, data)
 
@@ -223,8 +226,8 @@ class Loop:
         """The epoch's (batch_index, batch) iterator; after a mid-epoch resume, the same order, skipped ahead."""
         resume, self._resume = self._resume, None
         if resume is not None:
-            _set_rng(resume["epoch_rng_state"])  # the sampler draws its shuffle from this state
-        self.epoch_rng_state = _get_rng(python=False)
+            _set_rng(resume["epoch_rng_state"], self._generators())  # the sampler draws its shuffle from this state
+        self.epoch_rng_state = _get_rng(python=False, generators=self._generators())
         sampler = getattr(self.spec.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # a DistributedSampler shuffles by (seed, epoch)
             sampler.set_epoch(self.epoch)
@@ -236,7 +239,7 @@ class Loop:
                 next(iterator)
             self.batches_done, self.loss_total = resume["batches_done"], resume["loss_total"]
             self.metric_totals = dict(resume["metric_totals"])
-            _set_rng(resume["rng"])
+            _set_rng(resume["rng"], self._generators())
         return enumerate(iterator, start=self.batches_done)
 
     @torch.no_grad()
@@ -283,7 +286,7 @@ class Loop:
                 "format": RESUME_FORMAT, "epoch": self.epoch, "step": self.step,
                 "epoch_complete": epoch_complete, "batches_done": self.batches_done,
                 "loss_total": self.loss_total, "metric_totals": dict(self.metric_totals),
-                "epoch_rng_state": self.epoch_rng_state, "rng": _get_rng(python=True),
+                "epoch_rng_state": self.epoch_rng_state, "rng": _get_rng(python=True, generators=self._generators()),
                 # across ranks, in rank order (rng, loss_total and metric_totals above are rank 0's): each rank's
                 # RNG, and its share of the epoch's running totals (a resumed epoch's sums count each share once)
                 "rank_rng": [own["rng"] for own in ranks_own] if ranks_own else None,
@@ -349,7 +352,7 @@ class Loop:
         # every rank's RNG and running totals, so each resumes its own (the ranks are here together: they agreed on
         # this checkpoint)
         ranks_own = self.ranks.gather({
-            "rng": _get_rng(python=True), "loss_total": _float(self.loss_total),
+            "rng": _get_rng(python=True, generators=self._generators()), "loss_total": _float(self.loss_total),
             "metric_totals": {name: _float(total) for name, total in self.metric_totals.items()},
         }) if self.ranks is not None else None
         if self.checkpointer is None:  # another rank: rank 0 takes it
@@ -384,7 +387,7 @@ class Loop:
         self.stepper.load_state_dict(resume.get("loss_scaler"))
         if resume["epoch_complete"]:
             self.first_epoch = resume["epoch"] + 1
-            _set_rng(resume["rng"])
+            _set_rng(resume["rng"], self._generators())
             # what that epoch ended with is the run's until another ends (none will in a run continued from its last)
             self._restore_epoch_outcome(self.latest_metrics)
         else:
@@ -511,6 +514,9 @@ def resume_problem(resume: dict[str, Any]) -> str | None:
         for key, rng in states:  # what torch, random and numpy take is only known by giving it to them
             if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
                 return f"its resume state's {key} is {_kind(rng)}, not the RNG states trainbus saves"
+            generators = rng.get("generators", [])  # the loaders' own (loader_generators)
+            if not isinstance(generators, list) or not all(isinstance(g, torch.Tensor) for g in generators):
+                return f"its resume state's {key} generators are {_kind(generators)}, not a list of generator states"
             try:
                 _set_rng(rng)
             except Exception as exc:  # a state of another size or shape: torch's RuntimeError, random's ValueError
@@ -577,8 +583,24 @@ def planned_batches(loader: Any) -> int | None:
         return None
 
 
-def _get_rng(python: bool) -> dict[str, Any]:
+def loader_generators(*loaders: Any) -> list[torch.Generator]:
+    """The torch.Generators the loaders draw their order from (DataLoader(generator=...), a sampler's own): apart
+    from torch's global RNG, so a checkpoint saves their states too, or a resumed run shuffles from their seeds again
+    (the first epoch's order in the epoch it resumes)."""
+    found: list[torch.Generator] = []
+    for loader in loaders:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for holder in (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+            generator = getattr(holder, "generator", None)
+            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+                found.append(generator)
+    return found
+
+
+def _get_rng(python: bool, generators: list[torch.Generator] = ()) -> dict[str, Any]:
     states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if generators:
+        states["generators"] = [g.get_state() for g in generators]
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     if python:
@@ -589,8 +611,12 @@ def _get_rng(python: bool) -> dict[str, Any]:
     return states
 
 
-def _set_rng(states: dict[str, Any]) -> None:
+def _set_rng(states: dict[str, Any], generators: list[torch.Generator] = ()) -> None:
     torch.set_rng_state(states["torch"])
+    saved = states.get("generators") or []
+    if len(saved) == len(generators):  # else a spec whose loaders are not those it saved: theirs start as built
+        for generator, state in zip(generators, saved):
+            generator.set_state(state)
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     if "python" in states:

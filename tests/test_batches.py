@@ -4,6 +4,7 @@ cannot take."""
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainbus.kernel.batches import BatchError
-from trainbus.kernel.loop import Loop
+from trainbus.kernel.loop import Loop, restore_weights, resume_problem, seed_everything
 from trainbus.kernel.spec import SpecError, TrainingSpec
 from trainbus.proto import events as ev
 
@@ -284,3 +285,55 @@ def test_epochs_from_the_command_line_are_checked_against_a_one_shot_iterator_to
                                         "run's 2 epochs uses up"):
         run_training(RunConfig(target=f"{tmp_path / 'gen.py'}:build", epochs=2, runs_dir=str(runs_dir), plugins=[]))
     assert not any(runs_dir.glob("2*"))
+
+
+# -- resumed exactly, whatever the loader draws its order from -----------------------------------------------------
+
+
+class CapturingBus(RecordingBus):
+    """A RecordingBus that keeps the loop's training state as a checkpoint there would hold it: after batch `batch`
+    of epoch `epoch` (mid-epoch), or at that epoch's end (batch None)."""
+
+    def __init__(self, epoch: int, batch: int | None):
+        super().__init__()
+        self.at, self.loop, self.state = (epoch, batch), None, None
+
+    def publish(self, type_: str, step: int, epoch: int, data: dict) -> None:
+        super().publish(type_, step, epoch, data)
+        if type_ == ev.END_TRAINING_BATCH and (epoch, data["batch_index"]) == self.at:
+            self.state = copy.deepcopy(self.loop.training_state(epoch_complete=False))
+        elif type_ == ev.END_EPOCH and (epoch, None) == self.at:
+            self.state = copy.deepcopy(self.loop.training_state(epoch_complete=True))
+
+
+def resumed_exactly(make_spec, epoch: int, batch: int | None) -> None:
+    """make_spec() trained through, and again from a state taken mid-run: the same final weights, bit for bit (a
+    build seeded as the session seeds it, each time)."""
+    seed_everything(0)
+    whole, bus = make_spec(), CapturingBus(epoch, batch)
+    bus.loop = Loop(whole, bus, torch.device("cpu"))
+    bus.loop.run()
+    assert bus.state is not None
+    seed_everything(0)
+    again = make_spec()
+    restore_weights(again, bus.state)
+    assert resume_problem(bus.state["trainbus"]) is None
+    loop = Loop(again, RecordingBus(), torch.device("cpu"))
+    loop.resume(bus.state, "checkpoint.pt")
+    loop.run()
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, again.model.state_dict()[name]), f"{name} differs after the resume"
+
+
+def shuffled(**loader) -> TrainingSpec:
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    s = spec(DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True, **loader))
+    s.epochs = 3
+    return s
+
+
+@pytest.mark.parametrize("epoch, batch", [(2, 1), (1, None)])
+def test_a_loader_with_its_own_generator_resumes_in_the_order_it_had(epoch, batch):
+    """DataLoader(generator=torch.Generator().manual_seed(7)), the usual way to fix a loader's order: the generator's
+    state was in no checkpoint, so a resumed run shuffled from the seed again (epoch 1's order in epoch 2)."""
+    resumed_exactly(lambda: shuffled(generator=torch.Generator().manual_seed(7)), epoch, batch)
