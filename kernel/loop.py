@@ -227,7 +227,7 @@ class Loop:
         resume, self._resume = self._resume, None
         if resume is not None:
             _set_rng(resume["epoch_rng_state"], self._generators())  # the sampler draws its shuffle from this state
-        self.epoch_rng_state = _get_rng(python=False, generators=self._generators())
+        self.epoch_rng_state = _get_rng(python=True, generators=self._generators())  # a loader may shuffle with any
         sampler = getattr(self.spec.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # a DistributedSampler shuffles by (seed, epoch)
             sampler.set_epoch(self.epoch)
@@ -590,7 +590,8 @@ def loader_generators(*loaders: Any) -> list[torch.Generator]:
     found: list[torch.Generator] = []
     for loader in loaders:
         batch_sampler = getattr(loader, "batch_sampler", None)
-        for holder in (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        sampler = getattr(loader, "sampler", None)
+        for holder in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
             generator = getattr(holder, "generator", None)
             if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
                 found.append(generator)

@@ -5,9 +5,11 @@ cannot take."""
 from __future__ import annotations
 
 import copy
+import random
 import re
 from dataclasses import dataclass
 
+import numpy
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -337,3 +339,33 @@ def test_a_loader_with_its_own_generator_resumes_in_the_order_it_had(epoch, batc
     """DataLoader(generator=torch.Generator().manual_seed(7)), the usual way to fix a loader's order: the generator's
     state was in no checkpoint, so a resumed run shuffled from the seed again (epoch 1's order in epoch 2)."""
     resumed_exactly(lambda: shuffled(generator=torch.Generator().manual_seed(7)), epoch, batch)
+
+
+class PythonShuffled:
+    """A loader of the user's own that shuffles with Python's random (numpy's alike), as many hand-written ones do."""
+
+    def __init__(self, numpy_too: bool):
+        self.x, self.y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+        self.numpy_too = numpy_too
+
+    def __len__(self):
+        return 5
+
+    def __iter__(self):
+        order = list(range(40))
+        random.shuffle(order)
+        if self.numpy_too:
+            order = [order[i] for i in numpy.random.permutation(40)]
+        for i in range(0, 40, 8):
+            yield self.x[order[i:i + 8]], self.y[order[i:i + 8]]
+
+
+@pytest.mark.parametrize("numpy_too", [False, True])
+def test_a_loader_shuffling_with_pythons_or_numpys_random_resumes_mid_epoch_in_the_order_it_had(numpy_too):
+    """The epoch's start kept torch's RNG alone: a loader drawing from random (or numpy) began the resumed epoch
+    from the build's seeded state, in another order than the uninterrupted epoch had."""
+    def make():
+        s = spec(PythonShuffled(numpy_too))
+        s.epochs = 3
+        return s
+    resumed_exactly(make, 2, 1)
