@@ -100,6 +100,21 @@ class Loop:
         self._buffers_asked = checkpointer is None  # once the state's full size is known and a persister is here
         self._held: list = []  # across ranks: rank 0's replies until the ranks next agree
         self._loaded_from: str | None = None
+        self._workers_started: set[int] = set()  # id() of each DataLoader whose persistent workers _iterate started
+
+    def _iterate(self, loader: Any) -> Any:
+        """iter(loader), drawing from the RNG as every epoch's does. A DataLoader's persistent workers start at its
+        first iter(), which draws their base seed from the RNG (or the loader's generator) before the shuffle; each
+        later epoch's draws the shuffle alone. So that a resumed session's first epoch draws as that epoch did
+        uninterrupted, the workers are started once under a state put back after it, then iterated as any epoch."""
+        if (isinstance(loader, torch.utils.data.DataLoader) and loader.persistent_workers and loader.num_workers > 0
+                and id(loader) not in self._workers_started):
+            generators = loader_generators(loader)
+            before = _get_rng(python=False, generators=generators)
+            iter(loader)
+            _set_rng(before, generators)
+            self._workers_started.add(id(loader))
+        return iter(loader)
 
     def _generators(self) -> list[torch.Generator]:
         return loader_generators(self.spec.train_loader, self.spec.validation_loader)
@@ -231,7 +246,7 @@ class Loop:
         sampler = getattr(self.spec.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # a DistributedSampler shuffles by (seed, epoch)
             sampler.set_epoch(self.epoch)
-        iterator = iter(self.spec.train_loader)
+        iterator = self._iterate(self.spec.train_loader)
         self.batches_done, self.loss_total = 0, 0.0
         self.metric_totals = {name: 0.0 for name in self.spec.metrics}
         if resume is not None:
@@ -248,7 +263,7 @@ class Loop:
         model.eval()
         self._publish(ev.START_VALIDATION_LOOP)
         loss_total, count, metric_totals = 0.0, 0, {name: 0.0 for name in spec.metrics}
-        for batch_index, batch in enumerate(spec.validation_loader):
+        for batch_index, batch in enumerate(self._iterate(spec.validation_loader)):
             self._publish(ev.START_VALIDATION_BATCH, batch_index=batch_index)
             inputs, targets = split(batch, spec.unpack_batch, "validation_loader")
             inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)

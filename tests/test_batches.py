@@ -5,6 +5,7 @@ cannot take."""
 from __future__ import annotations
 
 import copy
+import gc
 import random
 import re
 from dataclasses import dataclass
@@ -369,3 +370,24 @@ def test_a_loader_shuffling_with_pythons_or_numpys_random_resumes_mid_epoch_in_t
         s.epochs = 3
         return s
     resumed_exactly(make, 2, 1)
+
+
+@pytest.mark.parametrize("epoch, batch", [(2, 1), (1, None)])
+def test_loaders_with_persistent_workers_resume_in_the_order_they_had(epoch, batch):
+    """persistent_workers=True: a loader's first iter() starts its workers, drawing their base seed from torch's RNG,
+    and each later epoch's draws only the shuffle. A resumed session's first epoch started the workers anew: one draw
+    more than that epoch had uninterrupted, so another order (and, from the validation loader's, every later one)."""
+    def make():
+        s = shuffled(num_workers=1, persistent_workers=True)
+        x, y = data()
+        s.validation_loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, num_workers=1, persistent_workers=True)
+        made.append(s)
+        return s
+    made = []
+    try:
+        resumed_exactly(make, epoch, batch)
+    finally:  # the workers stopped now, not whenever the loaders are collected
+        for s in made:
+            for loader in (s.train_loader, s.validation_loader):
+                loader._iterator = None
+        gc.collect()
