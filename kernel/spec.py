@@ -192,14 +192,14 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
         _refuse_without(path, func_name)  # before its code runs: a script may train as it is imported
         module = _loaded_files.get(_file_key(path))  # the CLI read its flags: its code runs once, not twice
         if module is None:
-            name = f"trainbus_user_{path.stem}"
+            sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
+            name = _module_name(path)
             # Python source whatever the file's name, as `python trainscript` runs one: importlib alone knows no
             # loader for a name without .py
             loader = importlib.machinery.SourceFileLoader(name, str(path))
             module_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[name] = module
-            sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
             try:
                 module_spec.loader.exec_module(module)
             except KeyboardInterrupt:
@@ -233,6 +233,22 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
     if not callable(func) or isinstance(func, type):
         raise SpecError(f"{target} is not a function (it is a {type(func).__name__}); name a function that returns a TrainingSpec")
     return func
+
+
+def _module_name(path: Path) -> str:
+    """The name a target file's module gets: its own (train for train.py), the name another process imports it by to
+    unpickle what it defines (a DataLoader's workers under multiprocessing_context "spawn" or "forkserver", a
+    multiprocessing Pool's) from its folder, first on sys.path there too, and the name its neighbours import it by
+    (`from train import CONFIG`: the same module, not a second copy). trainbus_user_STEM where that name finds
+    another module (a builtin's, json.py beside an imported json) or none (a file not named NAME.py)."""
+    try:
+        found = importlib.util.find_spec(path.stem) if path.stem.isidentifier() else None
+    except (ImportError, ValueError):  # a module of that name already imported without a spec (__main__'s kind)
+        found = None
+    origin = getattr(found, "origin", None)
+    if origin and os.path.exists(origin) and os.path.samefile(origin, path):
+        return path.stem
+    return f"trainbus_user_{path.stem}"
 
 
 def _refuse_without(path: Path, function: str) -> None:

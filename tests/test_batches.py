@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainbus.kernel.batches import BatchError
 from trainbus.kernel.loop import Loop, restore_weights, resume_problem, seed_everything
-from trainbus.kernel.spec import SpecError, TrainingSpec
+from trainbus.kernel.spec import SpecError, TrainingSpec, build_spec
 from trainbus.proto import events as ev
 
 from test_loop_events import RecordingBus
@@ -391,3 +391,37 @@ def test_loaders_with_persistent_workers_resume_in_the_order_they_had(epoch, bat
             for loader in (s.train_loader, s.validation_loader):
                 loader._iterator = None
         gc.collect()
+
+
+SPAWNED_TARGET = """
+import torch
+from torch.utils.data import DataLoader, Dataset
+from trainbus.kernel import TrainingSpec
+
+class Samples(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.full((5,), float(i)), i % 3
+
+def build():
+    model = torch.nn.Linear(5, 3)
+    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        loss_fn=torch.nn.functional.cross_entropy,
+                        train_loader=DataLoader(Samples(), batch_size=4, num_workers=1,
+                                                multiprocessing_context="{ctx}"))
+"""
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_a_dataset_class_of_the_target_file_reaches_spawned_dataloader_workers(tmp_path, context):
+    """multiprocessing_context="spawn" (macOS's default, forkserver Python 3.14's on Linux): a worker unpickles the
+    dataset by importing its module by name, and the file's module was named trainbus_user_train, which no process but
+    the kernel knows: 'No module named trainbus_user_train' in the worker, 'DataLoader worker exited unexpectedly'
+    as the run's error."""
+    target = tmp_path / f"{context}_train.py"  # a name of its own: a module named so is imported by then
+    target.write_text(SPAWNED_TARGET.replace("{ctx}", context))
+    s = build_spec(f"{target}:build", {})
+    inputs, targets = next(iter(s.train_loader))
+    assert inputs.shape == (4, 5) and targets.tolist() == [0, 1, 2, 0]
