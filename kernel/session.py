@@ -709,10 +709,18 @@ class _Interrupts:
         self._previous: dict[int, Any] = {}
         # across ranks the launcher hands a signal to each: the machine's first rank says what it does, once
         self._speaks = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
+        self._pid = os.getpid()
         if install and threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
 
     def _on_signal(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            # a process forked from the kernel with this handler (a DataLoader's worker: a terminal's Ctrl-C reaches
+            # its whole process group): the kernel stops the run and its loaders' workers with it; said once, by it
+            self.count += 1
+            if self.count >= 2:  # twice: the worker ends as Python's own handler would end it
+                raise KeyboardInterrupt
+            return
         self.count += 1
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         self.last = name

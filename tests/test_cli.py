@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS_DIR, trainbus_cmd
+from conftest import TESTS_DIR, sigint_as_from_a_terminal, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import ctrl_c_once_it_says
 from kernel_process import cli
@@ -952,3 +952,49 @@ def test_a_ctrl_c_in_a_daemon_command_says_what_may_have_taken(tmp_path, held, a
     (tmp_path / "c.key_secret").chmod(0o600)
     code, out, err = _interrupted_while_held(tmp_path, held, args)
     assert (code, out, err) == (130, "", f"trainbus: {said}\n"), (code, out, err)
+
+
+WORKERS_TARGET = """
+import pathlib, time
+import torch
+from torch.utils.data import DataLoader, Dataset
+from trainbus.kernel import TrainingSpec
+
+class Slow(Dataset):
+    def __len__(self):
+        return 4000
+
+    def __getitem__(self, i):
+        time.sleep(0.002)
+        return torch.ones(4), i % 2
+
+def loss(outputs, targets):
+    pathlib.Path(__file__).with_name("training").touch()
+    return torch.nn.functional.cross_entropy(outputs, targets)
+
+def build():
+    model = torch.nn.Linear(4, 2)
+    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=loss,
+                        train_loader=DataLoader(Slow(), batch_size=8, num_workers=2), epochs=2)
+"""
+
+
+def test_ctrl_c_at_a_terminal_says_it_stops_once_though_dataloader_workers_get_it_too(tmp_path):
+    """A terminal's Ctrl-C reaches its whole process group, the DataLoader's worker processes with the kernel: each
+    forked worker ran the kernel's handler it inherited and wrote the line too, three times with two workers."""
+    (tmp_path / "train.py").write_text(WORKERS_TARGET)
+    proc = subprocess.Popen([*trainbus_cmd(), "run", str(tmp_path / "train.py"), "--plugins", "", "--runs-dir",
+                             str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=sigint_as_from_a_terminal)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "training").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the workers are well into the epoch
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends it: to the kernel and its workers
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert err.count("stopping at the next batch boundary") == 1, err
+    assert "interrupted after 0 epochs" in out, out
