@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -150,8 +151,7 @@ class Loop:
             out.validation_loss = validation.get("validation_loss")
             out.validation_metrics = validation.get("validation_metrics", {})
             out.training_metrics = train.get("training_metrics") or {}
-            if (not train["partial"] and isinstance(out.validation_loss, float)
-                    and (out.best_validation_loss is None or out.validation_loss < out.best_validation_loss)):
+            if not train["partial"] and _better(out.validation_loss, out.best_validation_loss):
                 out.best_validation_loss, out.best_epoch = out.validation_loss, self.epoch
             self.latest_metrics = _flat_metrics(train, validation)
             # the epoch's boundary: replies that came during validation, end_epoch, the votes on it
@@ -656,6 +656,14 @@ def _flat_metrics(train: dict[str, Any], validation: dict[str, Any]) -> dict[str
     for prefix, summary, key in (("training", train, "training_metrics"), ("validation", validation, "validation_metrics")):
         flat.update({f"{prefix}_{name}": value for name, value in (summary.get(key) or {}).items() if value is not None})
     return flat
+
+
+def _better(loss: Any, best: float | None) -> bool:
+    """A whole epoch's validation loss is the run's best so far: lower, or a number where the best is NaN (which
+    compares less than nothing: a first epoch's NaN stayed the best through every later epoch)."""
+    if not isinstance(loss, float):
+        return False
+    return best is None or loss < best or (math.isnan(best) and not math.isnan(loss))
 
 
 def _float(x: Any) -> float:

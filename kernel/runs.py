@@ -585,6 +585,7 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
     # the best of whole epochs, as the loop's (summary.json's) is: a partial epoch's validation is not comparable
     losses = [(row["validation_loss"], row["epoch"]) for row in rows
               if isinstance(row.get("validation_loss"), float) and not row["partial"]]
+    losses = [pair for pair in losses if not math.isnan(pair[0])] or losses  # NaN, less than nothing, is no best
     best = dict(zip(("validation_loss", "epoch"), min(losses))) if losses else None
     if damage and info.get("best"):  # epochs the journal lost: the loop's own best (summary.json) saw them all
         best = info["best"]

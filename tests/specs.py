@@ -44,6 +44,24 @@ def diverged(hyperparameters: dict) -> TrainingSpec:
     return spec
 
 
+def nan_first_validation(hyperparameters: dict) -> TrainingSpec:
+    """tiny whose first validation batch's loss is NaN (one bad sample), every later loss a number: epoch 1's
+    validation loss is NaN, the later epochs' are not."""
+    spec = tiny(hyperparameters)
+    calls = {"validation": 0}
+
+    def loss(outputs, targets):
+        value = torch.nn.functional.cross_entropy(outputs, targets)
+        if not spec.model.training:
+            calls["validation"] += 1
+            if calls["validation"] == 1:
+                return value * float("nan")
+        return value
+    spec.loss_fn = loss
+    spec.epochs = 3
+    return spec
+
+
 def failing(hyperparameters: dict) -> TrainingSpec:
     """A spec whose loss function raises in the second epoch: the run fails, the kernel says why."""
     spec = tiny(hyperparameters)

@@ -24,6 +24,7 @@ from trainbus.kernel.config import PluginConfig, RunConfig
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.runs import RunLookupError, list_runs, resolve_run
 from trainbus.kernel.session import run_training
+from trainbus.plugins._history import History
 from trainbus.proto import JOURNAL_NAME, Event, event_to_map, pack
 from trainbus.proto.journal_format import TAIL_BYTES, journal_tail, last_event_of
 
@@ -185,6 +186,23 @@ def test_json_of_a_diverged_run_is_strict_json_with_null_for_its_nan_losses(tmp_
     assert ended["type"] == "ended" and ended["training_loss"] is None, ended
     # the run's own record keeps what the kernel wrote: Python's json reads NaN back as NaN
     assert math.isnan(json.loads((Path(result.run_dir) / "summary.json").read_text())["outcome"]["training_loss"])
+
+
+def test_a_nan_validation_loss_is_not_the_best_once_an_epoch_has_a_number(tmp_path):
+    """NaN compares less than nothing: a first epoch whose validation loss was NaN stayed the run's best through every
+    later epoch, in summary.json (best_validation_loss NaN, best_epoch 1) and in runs show ("best validation loss nan
+    at epoch 1", its row starred)."""
+    result = run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:nan_first_validation", runs_dir=str(tmp_path),
+                                    plugins=[]))
+    assert result.status == "completed", result
+    outcome = result.outcome
+    assert math.isfinite(outcome["best_validation_loss"]) and outcome["best_epoch"] in (2, 3), outcome
+    shown = json.loads(cli("runs", "show", result.run_id, "--runs-dir", str(tmp_path), "--json"))
+    assert math.isnan(shown["epoch_table"][0]["validation_loss"] or math.nan), shown["epoch_table"]
+    assert shown["best"] == {"validation_loss": outcome["best_validation_loss"], "epoch": outcome["best_epoch"]}, \
+        shown["best"]
+    # the plots' "best validation (epoch N)" line (visualization, runs plot, the e-mail's plot)
+    assert History.from_journal(result.run_dir).best_validation().epoch == outcome["best_epoch"]
 
 
 def test_show_names_a_plugin_that_never_said_hello_as_list_does(tmp_path):
