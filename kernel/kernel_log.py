@@ -74,7 +74,24 @@ def log_to(path: Path) -> logging.Handler:
     root = logging.getLogger("trainbus")
     root.setLevel(logging.INFO)
     root.addHandler(handler)
+    # kernel.log's alone: a root handler the user's code set up (logging.basicConfig(level=INFO) in build()) would
+    # print the kernel's and its plugins' records on the terminal, between the run's own lines
+    if not _propagated:
+        _propagated.append(root.propagate)
+    root.propagate = False
     return handler
+
+
+_propagated: list[bool] = []  # the `trainbus` logger's propagate before the first log_to that is still in place
+
+
+def stop_logging_to(handler: logging.Handler) -> None:
+    """log_to's handler removed and closed; once none is left, the `trainbus` loggers propagate as they did before."""
+    root = logging.getLogger("trainbus")
+    root.removeHandler(handler)
+    if _propagated and not any(isinstance(h, KernelLog) for h in root.handlers):
+        root.propagate = _propagated.pop()
+    handler.close()
 
 
 def cap_log(path: Path, max_bytes: int, what: str) -> None:

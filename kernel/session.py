@@ -36,7 +36,7 @@ from .control import Dispatcher
 from .credentials import Credentials, socket_dir
 from .distributed import GroupInterrupted, Ranks, broken_by_a_peer, distribute, join_group
 from .failures import RANK_ERROR, rank_errors, what_failed, write_rank_error
-from .kernel_log import KEEP, log_to
+from .kernel_log import KEEP, log_to, stop_logging_to
 from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse, check_free
 from .limits import PeerLimits
 from .loop import DamagedCheckpoint, Loop, pick_device, restore_weights, resume_problem, seed_everything
@@ -288,8 +288,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
                                               remote=remote)
     except OSError as exc:
         if handler is not None:
-            logging.getLogger("trainbus").removeHandler(handler)
-            handler.close()
+            stop_logging_to(handler)
         if remote is not None:
             remote.close()
         if not continue_run:
@@ -397,8 +396,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             moved = ""
         print(f"trainbus: could not write {summary} ({_reason(exc)}); the run ended {status}{moved}", file=sys.stderr)
     record_run(run_dir)  # the run registry: how it ended
-    logging.getLogger("trainbus").removeHandler(handler)
-    handler.close()
+    stop_logging_to(handler)
     return result
 
 

@@ -998,3 +998,19 @@ def test_ctrl_c_at_a_terminal_says_it_stops_once_though_dataloader_workers_get_i
     assert proc.returncode == 130, (out, err)
     assert err.count("stopping at the next batch boundary") == 1, err
     assert "interrupted after 0 epochs" in out, out
+
+
+def test_logging_configured_by_the_users_code_shows_none_of_the_kernels_own_lines(tmp_path):
+    """logging.basicConfig(level=INFO) in build(), as many scripts do: the kernel's records (kernel.log's) reached the
+    root handler too, and `INFO:trainbus.kernel:sockets: events ipc:///...` and the snapshot buffers' lines came out
+    on the terminal between the run's own lines (a plugin's logs and errors would have too)."""
+    target = tmp_path / "train.py"
+    target.write_text("import logging\nfrom trainbus.kernel.digits import build as digits\n\n"
+                      "def build(hyperparameters):\n    logging.basicConfig(level=logging.INFO)\n"
+                      "    logging.getLogger('mine').info('data ready')\n    return digits(hyperparameters)\n")
+    runs = tmp_path / "runs"
+    r = trainbus("run", str(target), "--epochs", "1", "--plugins", "", "--runs-dir", str(runs), timeout=120)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "INFO:mine:data ready" in r.stderr, r.stderr  # the user's own logging is theirs, as they set it up
+    assert "trainbus." not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert " INFO trainbus.kernel: sockets: " in next(runs.glob("*/kernel.log")).read_text()
