@@ -101,6 +101,7 @@ class Loop:
         self._buffers_asked = checkpointer is None  # once the state's full size is known and a persister is here
         self._held: list = []  # across ranks: rank 0's replies until the ranks next agree
         self._loaded_from: str | None = None
+        self._kept_in_eval: list[torch.nn.Module] = []  # submodules the user's code put in eval mode (run())
         self._workers_started: set[int] = set()  # id() of each DataLoader whose persistent workers _iterate started
 
     def _iterate(self, loader: Any) -> Any:
@@ -126,6 +127,10 @@ class Loop:
     def run(self) -> Outcome:
         spec, out = self.spec, self.outcome
         spec.model.to(self.device)
+        # Submodules the user's code put in eval mode (a frozen backbone's BatchNorm statistics, its dropout off) stay
+        # in it while training, as Lightning (2.2 on) keeps them: model.train() alone turned them back each epoch. A
+        # model in eval mode as a whole (eval() after loading weights) is no such choice: it trains in training mode.
+        self._kept_in_eval = [m for m in spec.model.modules() if not m.training] if spec.model.training else []
         self._publish(ev.START_TRAINING_SESSION, hyperparameters=spec.hyperparameters, epochs=spec.epochs,
                       device=str(self.device), model=type(spec.model).__name__,
                       parameters=sum(p.numel() for p in spec.model.parameters()), **self.stepper.options,
@@ -190,7 +195,9 @@ class Loop:
 
     def _train_epoch(self, planned: int | None) -> dict[str, Any]:
         spec, stepper = self.spec, self.stepper
-        spec.model.train()
+        spec.model.train()  # its own train() (an override that keeps a part frozen) as Lightning calls it
+        for module in self._kept_in_eval:
+            module.eval()
         self._publish(ev.START_TRAINING_LOOP)
         batches = self._start_epoch_data()
         cut_short = False

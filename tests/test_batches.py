@@ -425,3 +425,38 @@ def test_a_dataset_class_of_the_target_file_reaches_spawned_dataloader_workers(t
     s = build_spec(f"{target}:build", {})
     inputs, targets = next(iter(s.train_loader))
     assert inputs.shape == (4, 5) and targets.tolist() == [0, 1, 2, 0]
+
+
+def test_a_submodule_the_user_put_in_eval_mode_stays_in_it_while_training():
+    """Fine-tuning with a frozen backbone kept in eval mode (its BatchNorm statistics fixed, its dropout off): the loop
+    called model.train() at every epoch's start, which put the backbone back in training mode, so its running
+    statistics drifted with every batch. Lightning (2.2 on) keeps each submodule's mode, as the user set it."""
+    x, y = data()
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5))
+    backbone.eval().requires_grad_(False)
+    model = torch.nn.Sequential(backbone, torch.nn.Linear(4, 3))
+    frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
+    seen, head = [], []
+    backbone.register_forward_hook(lambda module, args, out: seen.append(module.training))
+    model[1].register_forward_hook(lambda module, args, out: head.append(torch.is_grad_enabled() and module.training))
+    s = TrainingSpec(model=model, optimizer=torch.optim.SGD(model[1].parameters(), lr=0.1), epochs=2,
+                     loss_fn=torch.nn.functional.cross_entropy,
+                     train_loader=DataLoader(TensorDataset(x, y), batch_size=BATCH),
+                     validation_loader=DataLoader(TensorDataset(x, y), batch_size=BATCH))
+    run(s)
+    assert seen and not any(seen), "the backbone ran in training mode"
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, frozen[name]), f"the frozen backbone's {name} changed"
+    assert any(head)  # what trains is in training mode
+
+
+def test_a_model_built_in_eval_mode_as_a_whole_still_trains_in_training_mode():
+    """A model put in eval mode as a whole (eval() after loading weights, say) trains in training mode, as before:
+    that is no choice of a submodule's to keep."""
+    s = plain()
+    s.model.eval()
+    seen = []
+    s.model.register_forward_hook(lambda module, args, out: seen.append(torch.is_grad_enabled() and module.training))
+    run(s)
+    assert any(seen)
