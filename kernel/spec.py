@@ -115,6 +115,9 @@ class TrainingSpec:
             raise SpecError("TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, "
                             f"got {type(self.metrics).__name__}" + (
                                 "" if not isinstance(self.metrics, dict) else " with a value that is not callable"))
+        if not isinstance(self.hyperparameters, dict):  # else a failure after the build, in the kernel's own code
+            raise SpecError(f"TrainingSpec.hyperparameters must be a dict of name -> value, got "
+                            f"{type(self.hyperparameters).__name__}")
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
             raise SpecError(f"TrainingSpec.epochs must be a positive integer, got {self.epochs!r}")
         self.check_loaders_last()
@@ -325,7 +328,19 @@ def build_with_flags(target: str, hyperparameters: dict[str, Any],
     recorded = {name: flags.plain(value) for name, value in arguments.items()}
     if not signature.takes_dict:  # build(lr=..., epochs=...) seldom restates its flags: they are what it trained with
         spec.hyperparameters = {**{name: _plain(value) for name, value in recorded.items()}, **spec.hyperparameters}
+    # events, checkpoints and records carry them: a value JSON cannot say (a class, a Path, a dtype) as its text,
+    # which start_training_session's encoding and a checkpoint's snapshot refused (the run failed at its first)
+    spec.hyperparameters = {str(name): _plain_within(value) for name, value in spec.hyperparameters.items()}
     return spec, recorded
+
+
+def _plain_within(value: Any, depth: int = 0) -> Any:
+    """_plain of a value and of each one inside it (a dict's, a list's or tuple's): a list of layer sizes stays one."""
+    if depth < 16 and isinstance(value, dict):
+        return {str(k): _plain_within(v, depth + 1) for k, v in value.items()}
+    if depth < 16 and isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return [_plain_within(v, depth + 1) for v in value]
+    return _plain(value)
 
 
 def _plain(value: Any) -> Any:

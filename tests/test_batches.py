@@ -243,6 +243,8 @@ def test_schedulers_step_per_epoch_per_step_or_on_a_plateau_and_each_epoch_repor
     (lambda s: setattr(s, "train_loader", {"a": s.train_loader, "b": s.train_loader}),
      "TrainingSpec.train_loader is a dict of 2 DataLoaders; it takes one loader: give one, or one over their "
      "datasets together (torch.utils.data.ConcatDataset([...]))"),
+    (lambda s: setattr(s, "hyperparameters", ["lr", 0.1]),  # failed after the build, in the kernel's own code
+     "TrainingSpec.hyperparameters must be a dict of name -> value, got list"),
     (lambda s: setattr(s, "metrics", [lambda o, t: 1.0]),
      "TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, got list"),
     (lambda s: setattr(s, "metrics", {"acc": 0.5}),
@@ -460,3 +462,45 @@ def test_a_model_built_in_eval_mode_as_a_whole_still_trains_in_training_mode():
     s.model.register_forward_hook(lambda module, args, out: seen.append(torch.is_grad_enabled() and module.training))
     run(s)
     assert any(seen)
+
+
+HYPERPARAMETERS_TARGET = """
+import pathlib
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from trainbus.kernel import TrainingSpec
+
+def build(epochs: int = 2):
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    model = torch.nn.Linear(4, 2)
+    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), epochs=epochs,
+                        loss_fn=torch.nn.functional.cross_entropy,
+                        train_loader=DataLoader(TensorDataset(x, y), batch_size=8),
+                        hyperparameters={"activation": torch.nn.ReLU, "data": pathlib.Path("/data/x"),
+                                         "dtype": torch.float16, "layers": (64, 32),
+                                         "nested": {"init": torch.nn.init.zeros_}})
+"""
+
+
+def test_hyperparameters_of_any_type_are_recorded_as_their_text_and_checkpoints_are_taken(tmp_path):
+    """TrainingSpec(hyperparameters={"activation": torch.nn.ReLU, ...}): start_training_session and every end_epoch
+    carry the hyperparameters, and a class is nothing msgpack encodes, so their data was replaced with an error (the
+    console said 'train loss ?' each epoch); with the checkpoint plugin the run failed at its first snapshot,
+    'TypeError: cannot snapshot a type in the training state'."""
+    from trainbus.kernel.config import resolve_plugin
+    from trainbus.kernel.journal import read_events
+    from trainbus.kernel.session import run_training
+    from helpers import PLUGIN_START_S, run_config
+
+    (tmp_path / "hp_train.py").write_text(HYPERPARAMETERS_TARGET)
+    result = run_training(run_config(tmp_path / "runs", [resolve_plugin("checkpoint", {})], epochs=2,
+                                     target=f"{tmp_path / 'hp_train.py'}:build", checkpoint_every_n_epochs=1,
+                                     ready_timeout_s=PLUGIN_START_S, drain_timeout_s=60))
+    assert result.status == "completed", result.error
+    events = {e.type: e.data for e in read_events(result.run_dir)}
+    assert events[ev.START_TRAINING_SESSION]["hyperparameters"] == events[ev.END_EPOCH]["hyperparameters"] == {
+        "epochs": 2, "activation": str(torch.nn.ReLU), "data": "/data/x", "dtype": "torch.float16", "layers": [64, 32],
+        "nested": {"init": str(torch.nn.init.zeros_)}}
+    assert events[ev.END_EPOCH]["training_loss"] > 0
+    saved = [e for e in read_events(result.run_dir) if e.type == ev.CHECKPOINT_SAVED]
+    assert len(saved) == 2, [e.type for e in read_events(result.run_dir)]
