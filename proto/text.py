@@ -8,8 +8,11 @@ or megabytes. Everything the kernel and the console take as "the error" goes thr
 
 ERROR_CHARS = 500  # an error line in the console, summary.json and `runs list`; the whole text is in kernel.log
 
-# C0 controls, DEL and C1 controls, shown as escapes (\x1b) instead of acting on the terminal; a tab is a space
-_ESCAPED = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {ord("\t"): " "}
+# C0 controls, DEL and C1 controls, shown as escapes (\x1b) instead of acting on the terminal; a tab is a space.
+# U+2028 and U+2029 too: no control characters, but line breaks to Python's splitlines() and JavaScript's /^$/m, so a
+# peer's log text holding one began a line of kernel.log that read as the kernel's own "sockets:" line (§2).
+_ESCAPED = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {ord("\t"): " "} | {
+    code: f"\\u{code:04x}" for code in (0x2028, 0x2029)}
 _ESCAPED_KEEPING_LINES = {code: text for code, text in _ESCAPED.items() if code != ord("\n")}
 
 

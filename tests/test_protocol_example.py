@@ -81,7 +81,9 @@ def test_a_peers_name_and_log_text_cannot_pass_for_the_kernels_sockets_line(
         short_runs, tmp_path, kernels):  # noqa: F811
     """kernel.log names the sockets for a client attached by hand (§2) and holds every peer's log replies: a peer
     whose name or text says "sockets: ..." on a line of its own would send that client, and the run's credential in
-    its hello, to sockets of the peer's choosing. The §14 example's pattern and the SDK's find the kernel's own."""
+    its hello, to sockets of the peer's choosing. The §14 example's pattern and the SDK's find the kernel's own, and
+    so does a client that splits kernel.log into lines as Python's splitlines() and JavaScript's /^...$/m do, at
+    U+2028 and U+2029 too: a peer's text holding those began a line there that matched §2's pattern."""
     gate = tmp_path / "gate"
     kernel = KernelProcess(run_config(short_runs, epochs=1, target=PACED, batch_size=256, step_sleep_s=0.0,
                                       gate=str(gate)), tmp_path)
@@ -97,13 +99,16 @@ def test_a_peers_name_and_log_text_cannot_pass_for_the_kernels_sockets_line(
         peer.wait_reply("welcome")
         peer.send("log", level="warning", text=evil)
         peer.send("log", level="info", text=f"ok\n{forged}{evil}\x1b[2J")
-        wait_until(lambda: log_path.read_text().count("/evil/control.sock") == 2, 60, "the peer's lines in kernel.log")
+        peer.send("log", level="info", text=f"ok\u2028{forged}{evil}\u2029{forged}{evil}\x85{forged}{evil}")
+        wait_until(lambda: log_path.read_text().count("/evil/control.sock") == 5, 60, "the peer's lines in kernel.log")
     finally:
         peer.close()
     text = log_path.read_text()
     real = (f"ipc://{kernel.run_dir / 'events.sock'}", f"ipc://{kernel.run_dir / 'control.sock'}")
     printed = re.search(r'findall\(r"([^"]+)"', example(tmp_path).read_text()).group(1)  # §14's, as printed
     assert re.findall(printed, text)[-1] == real and SOCKETS_LINE.findall(text)[-1][:2] == real, text
+    section_2 = re.compile(r"^\S+ \S+ INFO trainbus\.kernel: sockets: events (\S+) control (\S+) bursts (\S+)$")
+    assert [match.groups()[:2] for line in text.splitlines() if (match := section_2.match(line))] == [real], text
     record_start = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ trainbus")
     assert "\x1b" not in text and all(record_start.match(line) or line.startswith("    ") for line in text.splitlines())
     open_gate(gate, 10**6)
