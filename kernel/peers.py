@@ -138,7 +138,11 @@ class Peers:
         holder = self._by_name.get(name)
         # held only while its connection still speaks for it: one that said hello under another name let it go
         if holder is not None and holder.identity != identity and self._by_identity.get(holder.identity) is holder:
-            if self.is_live(holder, now):
+            # The process the kernel started, on a new connection (libzmq reconnected its DEALER under a new routing
+            # id, §3, or it opened another): its secret and pid prove it is that holder, no rival. Refused, it was
+            # silent to the kernel for as long as it lived: declared hung, restarted, the same again, then failed.
+            same_process = spawned and holder.spawned and holder.pid == pid
+            if self.is_live(holder, now) and not same_process:
                 raise Refused("hello_name_taken", f"hello as {name!r} refused: a live peer holds that name")
             del self._by_identity[holder.identity]
         if not spawned and identity not in self._by_identity and self._no_place(key, bool(user_id)):

@@ -721,3 +721,70 @@ def test_an_attached_plugins_dirpath_outside_the_run_or_unresolvable_names_no_ch
     result = kernel.result(timeout_s=180)
     assert "bus_errors" not in result["bus"], result["bus"]
     assert not [e for e in of(read_events(kernel.run_dir), "checkpoint_saved") if e.data["plugin"] == NAME]
+
+
+# §3: a DEALER without a routing id of its own, dropped by libzmq for a message over the ROUTER's MAXMSGSIZE,
+# comes back under a new one; the kernel answers `refused` and the plugin says hello again. Raw pyzmq + msgpack.
+RECONNECTING_PLUGIN = r'''
+import os, sys, time, msgpack, zmq
+ctx = zmq.Context()
+sub = ctx.socket(zmq.SUB)
+sub.setsockopt(zmq.SUBSCRIBE, b"")
+sub.setsockopt(zmq.LINGER, 0)
+sub.connect(os.environ["TRAINBUS_EVENTS"])
+dealer = ctx.socket(zmq.DEALER)  # no ROUTING_ID: libzmq picks one, and another after each reconnect
+dealer.setsockopt(zmq.LINGER, 1000)
+dealer.connect(os.environ["TRAINBUS_CONTROL"])
+def send(type_, **fields):
+    dealer.send(msgpack.packb({"v": 1, "type": type_, **fields}, use_bin_type=True))
+def hello():
+    send("hello", name=os.environ["TRAINBUS_PLUGIN_NAME"], pid=os.getpid(), subscriptions=[""], replies=["log"],
+         delivery="best_effort", secret=os.environ["TRAINBUS_SECRET"])
+welcomes, said_again, beat, last_hello = 0, False, 0.0, 0.0
+while True:
+    if sub.poll(100):
+        event = msgpack.unpackb(sub.recv_multipart()[1], raw=False)
+        if not last_hello:
+            hello()
+            last_hello = time.monotonic()
+        if event["type"] in ("end_training_session", "run_failed"):
+            break
+    while dealer.poll(0):
+        answer = msgpack.unpackb(dealer.recv(), raw=False)
+        print("answer", answer["type"], answer.get("code", ""), flush=True)
+        if answer["type"] == "welcome":
+            welcomes += 1
+            if welcomes == 1:  # over the kernel's 256 KiB: libzmq drops the connection and reconnects
+                send("log", level="info", text="x" * 300_000)
+        elif answer["type"] == "refused" and answer["welcome_lost"] and time.monotonic() - last_hello > 0.5:
+            hello()  # section 3: the kernel does not know the new routing id; say hello again
+            last_hello = time.monotonic()
+    if last_hello and time.monotonic() > beat:
+        send("heartbeat")
+        beat = time.monotonic() + 0.3
+print("welcomed", welcomes, "times", flush=True)
+send("bye", reason="run ended")
+ctx.destroy(linger=1000)
+'''
+
+
+def test_a_spawned_plugin_whose_connection_comes_back_under_a_new_routing_id_is_welcomed_again(
+        short_runs, tmp_path):  # noqa: F811
+    """[C35a] §3: libzmq drops a DEALER that sends over the ROUTER's MAXMSGSIZE and reconnects it, under a new routing
+    id unless the plugin set its own; the kernel answers `refused` and the plugin says hello again. For a spawned
+    plugin that hello was refused `hello_name_taken` for as long as it lived (its old connection, the same living
+    process, "held" the name): silent to the kernel, it was declared hung, killed and restarted, each restart the
+    same, until `plugin_failed`. Its secret and pid prove it is the process the kernel started: welcomed again."""
+    script = tmp_path / "reconnecting.py"
+    script.write_text(RECONNECTING_PLUGIN)
+    cfg = config(short_runs, plugins=[PluginConfig("reconnecting", "", {}, [sys.executable, str(script)])],
+                 epochs=2, step_sleep_s=0.05)
+    result = run_training(cfg)
+    assert result.status == "completed", result
+    printed = (Path(result.run_dir) / "plugins" / "reconnecting.log").read_text()
+    assert "answer refused unknown_peer" in printed and "welcomed 2 times" in printed, printed
+    events = read_events(result.run_dir)
+    trouble = [e.type for e in events if e.type in ("plugin_hung", "plugin_crashed", "plugin_restarted",
+                                                    "plugin_failed")]
+    assert trouble == [], (trouble, printed)
+    assert [e.data["exit_code"] for e in of(events, "plugin_exited", "reconnecting")] == [0]
