@@ -74,10 +74,11 @@ class Credentials:
 
 def socket_dir(run_dir: Path) -> Path:
     """Where the run's ipc sockets go: the run directory, or, when its path is too long for a Unix socket (or not
-    UTF-8, which zmq cannot bind), a fresh directory of this kernel's own in an owner-only one of the temp dir
-    (close_bus removes it; one of a kernel killed with SIGKILL is removed by the next kernel that makes one:
-    private_dirs.process_scratch_dir)."""
-    if bindable(run_dir / "control.sock"):
+    UTF-8, which zmq cannot bind, or holding whitespace), a fresh directory of this kernel's own in an owner-only one
+    of the temp dir (close_bus removes it; one of a kernel killed with SIGKILL is removed by the next kernel that
+    makes one: private_dirs.process_scratch_dir). Whitespace: kernel.log's `sockets:` line names the endpoints for a
+    client attached by hand, each read as `\\S+` (PROTOCOL.md §2), so a `~/My Drive/runs` run's could not be read."""
+    if bindable(run_dir / "control.sock") and not any(char.isspace() for char in str(run_dir)):
         return run_dir
     short = process_scratch_dir(f"trainbus-sockets-{os.getuid()}")
     if not bindable(short / "control.sock"):

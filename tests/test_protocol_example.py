@@ -52,10 +52,14 @@ def test_the_example_spawned_by_the_kernel_stops_the_run_after_two_epochs(short_
     assert_stopped_after_two_epochs(run_dir, (run_dir / "plugins" / "raw_example.log").read_text())
 
 
-@pytest.mark.parametrize("runs", ["short", "too long for a socket path"])
+@pytest.mark.parametrize("runs", ["short", "too long for a socket path", "with a space"])
 def test_the_example_attached_by_hand_stops_the_run_after_two_epochs(short_runs, tmp_path, kernels, runs):  # noqa: F811
+    """Attached by hand it reads the sockets from kernel.log's line (§2's pattern, `\\S+` an endpoint). A run
+    directory holding a space (`~/My Drive/runs`) had its sockets there, and that line named them with the space:
+    no line matched, and the example died of an IndexError before its hello."""
     gate = tmp_path / "gate"
-    runs_dir = short_runs if runs == "short" else tmp_path / ("d" * 60) / ("e" * 60)  # sockets under the temp dir
+    runs_dir = {"short": short_runs, "too long for a socket path": tmp_path / ("d" * 60) / ("e" * 60),  # temp dir
+                "with a space": short_runs / "my runs"}[runs]
     kernel = KernelProcess(run_config(runs_dir, epochs=4, target=PACED, batch_size=256, step_sleep_s=0.0,
                                       gate=str(gate)), tmp_path)
     kernels.append(kernel)
