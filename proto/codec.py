@@ -307,16 +307,26 @@ def _is_type(value: Any, expected: Any) -> bool:
     return isinstance(value, expected)
 
 
+# A type as msgpack, and PROTOCOL.md §7, name it: the reader of "expected str, got bin" writes Go or JavaScript, where
+# a nil slice or an undefined goes out as nil and a []byte as bin; Python's NoneType, bytes and dict meant nothing there
+_MSGPACK_NAMES = {type(None): "nil", bytes: "bin", dict: "map", list: "list", bool: "bool", int: "int", float: "float",
+                  str: "str"}
+
+
+def _msgpack_name(type_: Any) -> str:
+    return _MSGPACK_NAMES.get(type_) or getattr(type_, "__name__", str(type_))
+
+
 def _type_name(expected: Any) -> str:
     if isinstance(expected, tuple):
         return " or ".join(_type_name(t) for t in expected)
     if expected == list[str]:  # its __name__ is "list": "expected list, got list" named no problem
         return "list of str"
-    return getattr(expected, "__name__", str(expected))
+    return _msgpack_name(expected)
 
 
 def _value_type_name(value: Any) -> str:
     if isinstance(value, list):  # name what in it is wrong, so the sender sees which element to fix
-        odd = sorted({type(x).__name__ for x in value if not isinstance(x, str)})
+        odd = sorted({_msgpack_name(type(x)) for x in value if not isinstance(x, str)})
         return f"list holding {' and '.join(odd)}" if odd else "list"
-    return type(value).__name__
+    return _msgpack_name(type(value))

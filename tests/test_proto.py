@@ -160,8 +160,19 @@ def test_a_list_field_holding_a_non_str_names_the_element_type_not_list_for_list
     hello = dict(v=1, type="hello", name="x", pid=1, subscriptions=[1], replies=[], delivery="durable")
     with pytest.raises(ProtocolError, match=r"^hello\.subscriptions: expected list of str, got list holding int$"):
         decode_control(pack(hello))
-    with pytest.raises(ProtocolError, match=r"^hello\.votes: expected list of str, got NoneType$"):
+    # msgpack's names, as PROTOCOL.md §7 says the types, not Python's: a Go or JavaScript author whose nil slice or
+    # undefined went out as nil read `got NoneType`, and one whose []byte went out as bin `got bytes`
+    with pytest.raises(ProtocolError, match=r"^hello\.votes: expected list of str, got nil$"):
         decode_control(pack(dict(hello, subscriptions=[""], votes=None)))
+    with pytest.raises(ProtocolError, match=r"^hello\.name: expected str, got bin$"):
+        decode_control(pack(dict(hello, subscriptions=[""], name=b"x")))
+    with pytest.raises(ProtocolError, match=r"^hello\.subscriptions: expected list of str, got list holding bin and "
+                                            r"nil$"):
+        decode_control(pack(dict(hello, subscriptions=[b"x", None])))
+    with pytest.raises(ProtocolError, match=r"^metric\.step: expected int or nil, got str$"):
+        decode_control(pack(dict(v=1, type="metric", name="m", value=1.0, step="3")))
+    with pytest.raises(ProtocolError, match=r"^attach_plugin\.settings: expected map, got list$"):
+        decode_control(pack(dict(v=1, type="attach_plugin", name="cpu", settings=[])))
 
 
 def test_control_rejects_bad_values_at_the_sender():
