@@ -60,6 +60,9 @@ class PluginConfig:
     target: str  # module:Class, run by the SDK; or "" when command is given
     settings: dict[str, Any] = field(default_factory=dict)
     command: list[str] = field(default_factory=list)  # any program speaking PROTOCOL.md, any language
+    # Where its process starts: "" the kernel's working directory; in a continued run, the one its first session was
+    # started in, where a relative program or file of its command (`./monitor-bin`, `python raw_example.py`) is
+    cwd: str = ""
 
 
 @dataclass
@@ -124,6 +127,9 @@ def config_of_run(run_dir: Path) -> RunConfig:
         if colon and is_file_target(file_part) and started_in and not Path(file_part).is_absolute():
             raw["target"] = f"{Path(started_in) / file_part}:{function}"  # resumed from another directory too
         raw["plugins"] = [PluginConfig(**p) for p in raw.get("plugins", [])]
+        if started_in and Path(started_in).is_dir():  # resumed from another directory too
+            for plugin in raw["plugins"]:
+                plugin.cwd = plugin.cwd or started_in
         if "flags" in raw:  # what the spec function was called with (kernel/flags.py): given to it again
             raw["hyperparameters"] = raw.pop("flags")
         cfg = RunConfig(**raw)
@@ -152,7 +158,7 @@ def _recorded_problem(raw: Any) -> str | None:
     for plugin in raw.get("plugins") or []:
         if not (isinstance(plugin, dict) and isinstance(plugin.get("name"), str)
                 and isinstance(plugin.get("target", ""), str) and isinstance(plugin.get("settings", {}), dict)
-                and isinstance(plugin.get("command", []), list)):
+                and isinstance(plugin.get("command", []), list) and isinstance(plugin.get("cwd", ""), str)):
             return f"plugins holds {plugin!r}, not a plugin's name, target, settings and command"
     return None
 
@@ -429,7 +435,8 @@ def _check_plugin(p: PluginConfig, where: str) -> None:
         raise ConfigError(f"{where}: plugin {p.name!r}: its settings take {size:,} bytes encoded, over the "
                           f"{SETTINGS_MAX_BYTES:,} that fit in the environment variable its process gets them in; "
                           f"put large data in a file and give its path as a setting")
-    if p.command and shutil.which(p.command[0]) is None:
+    if p.command and shutil.which(os.path.join(p.cwd, p.command[0]) if p.cwd and os.sep in p.command[0]
+                                  else p.command[0]) is None:
         program = p.command[0]
         if os.sep in program:
             why = "is not an executable file" if os.path.exists(program) else "does not exist"

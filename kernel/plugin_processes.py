@@ -122,12 +122,13 @@ class Processes:
     def __init__(self):
         self.guard = Guard()
 
-    def spawn(self, cmd: list[str], env: dict[str, str], stdout, stderr, below_training: bool) -> subprocess.Popen:
+    def spawn(self, cmd: list[str], env: dict[str, str], stdout, stderr, below_training: bool,
+              cwd: str | None = None) -> subprocess.Popen:
         proc = PluginProcess(
             # Its own process group (Ctrl-C reaches the kernel only; the group is what gets killed)
             # in the kernel's session: with sched_autogroup a session is a scheduling group, and
             # one of its own would get an equal share against the kernel's whatever its nice.
-            cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, process_group=0,
+            cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, process_group=0, cwd=cwd,
         )
         self.guard.started(proc.pid)
         proc.guard = self.guard

@@ -278,7 +278,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             announce(f"warning: {line}")
             log.warning("%s", line)
 
-        plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console"))
+        plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console"), cwd=p.cwd)
                    for p in cfg.plugins]
         buffers = SnapshotBuffers(run_id, snapshot_directories(run_dir, cfg.snapshot_dir))
         bus, checkpointer, sockets = open_bus(run_id, run_dir, plugins, cfg.peer_limits(), buffers,

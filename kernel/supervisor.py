@@ -102,6 +102,7 @@ class PluginSpec:
     settings: dict[str, Any] = field(default_factory=dict)
     command: list[str] = field(default_factory=list)  # instead of target: any program speaking the protocol
     console: bool = False  # draws on the kernel's terminal instead of logging to the run dir
+    cwd: str = ""  # where its process starts ("": the kernel's working directory; config.PluginConfig.cwd)
 
 
 @dataclass
@@ -392,7 +393,8 @@ class Supervisor:
         try:
             # The console draws on the kernel's terminal (its stdout); what any plugin says on stderr
             # (the SDK's end-of-run counts, a traceback) goes to its log, not between the bars.
-            child.proc = self.processes.spawn(cmd, env, None if spec.console else log, log, self.below_training)
+            child.proc = self.processes.spawn(cmd, env, None if spec.console else log, log, self.below_training,
+                                              cwd=spec.cwd or None)
         except OSError as exc:
             child.proc, child.state = None, "failed"
             child.crashed(f"cannot start {cmd[0]}: {exc.strerror or exc}")

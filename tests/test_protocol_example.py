@@ -20,7 +20,7 @@ from trainbus.sdk.attach import SOCKETS_LINE
 from conftest import TESTS_DIR
 from fixture_targets import open_gate
 from helpers import run_config
-from kernel_process import KernelProcess, of, wait_until
+from kernel_process import KernelProcess, cli, of, wait_until
 from test_trust import Intruder, attach_credential, short_runs, wait_sockets  # noqa: F401
 
 PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
@@ -117,3 +117,49 @@ def test_a_peers_name_and_log_text_cannot_pass_for_the_kernels_sockets_line(
     assert "\x1b" not in text and all(record_start.match(line) or line.startswith("    ") for line in text.splitlines())
     open_gate(gate, 10**6)
     assert kernel.result(timeout_s=180)["status"] == "completed"
+
+
+# A plugin in another language, as README's `[plugins.go_monitor] command = ["./monitor-bin", "--fast"]` and §14's
+# `command = ["python", "raw_example.py"]` give one: paths relative to the directory the run is started in.
+HELLO_AND_BYE = '''
+import os, msgpack, zmq
+ctx = zmq.Context()
+sub, dealer = ctx.socket(zmq.SUB), ctx.socket(zmq.DEALER)
+sub.setsockopt(zmq.SUBSCRIBE, b"")
+sub.connect(os.environ["TRAINBUS_EVENTS"])
+dealer.setsockopt(zmq.ROUTING_ID, os.urandom(8))
+dealer.connect(os.environ["TRAINBUS_CONTROL"])
+sub.recv_multipart()
+dealer.send(msgpack.packb({"v": 1, "type": "hello", "name": os.environ["TRAINBUS_PLUGIN_NAME"], "pid": os.getpid(),
+                           "subscriptions": [""], "replies": [], "delivery": "best_effort",
+                           "secret": os.environ["TRAINBUS_SECRET"]}))
+print(msgpack.unpackb(dealer.recv())["type"], flush=True)
+dealer.send(msgpack.packb({"v": 1, "type": "bye", "reason": "said hello"}))
+ctx.destroy(linger=1000)
+'''
+
+
+def test_command_plugins_relative_to_where_the_run_started_start_in_a_run_continued_from_elsewhere(tmp_path):
+    """`trainbus runs resume RUN` continues a run with its config, a relative target file made absolute from the
+    directory the run was started in; a command plugin's relative program (`./monitor-bin`) or argument
+    (`python raw_example.py`) was not: resumed from another directory it was `error: ... program './monitor' does not
+    exist` and no run, or a plugin crashing at every restart until plugin_failed. Its process starts in the directory
+    the run was started in, as the first session's did."""
+    project, elsewhere, runs = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "runs"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "monitor").write_text(f"#!{sys.executable}\n{HELLO_AND_BYE}")
+    (project / "monitor").chmod(0o755)
+    (project / "raw_example.py").write_text(HELLO_AND_BYE)
+    (project / "run.toml").write_text(f'[plugins.program]\ncommand = ["./monitor"]\n[plugins.argument]\n'
+                                      f'command = ["{sys.executable}", "raw_example.py"]\n[plugins.checkpoint]\n')
+    first = cli("run", "-c", "run.toml", "--epochs", "1", "--runs-dir", str(runs), cwd=project, timeout=300)
+    assert first.returncode == 0, first.stderr
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
+    again = cli("runs", "resume", run_dir.name, "--epochs", "2", "--runs-dir", str(runs), cwd=elsewhere, timeout=300)
+    assert again.returncode == 0, again.stderr
+    events = read_events(run_dir)
+    first_end = of(events, "end_training_session")[0].seq  # the first session's: what follows is the second's
+    ready = sorted(e.data["plugin"] for e in of(events, "plugin_ready") if e.seq > first_end)
+    assert ready == ["argument", "checkpoint", "program"], (again.stderr, ready)
+    assert not [e for e in events if e.type in ("plugin_crashed", "plugin_failed")], again.stderr

@@ -47,7 +47,7 @@ class FakeProcesses:
         self.cpu_s = 0.0
         self.sched = None  # () -> (ran, waited) s, the process's schedstat; None: there is none, as off Linux
 
-    def spawn(self, cmd, env, stdout, stderr, below_training) -> FakeProc:
+    def spawn(self, cmd, env, stdout, stderr, below_training, cwd=None) -> FakeProc:
         self.procs.append(FakeProc(4000 + len(self.procs)))
         self.procs[-1].below_training = below_training
         self.procs[-1].env = env
