@@ -135,6 +135,7 @@ class Dispatcher:
             # the connection now speaks for another name: the old one left as with a bye, or the journal would
             # show it ready and never gone (`runs show`: "gone with the run")
             self.bus.emit(ev.PLUGIN_EXITED, {"plugin": previous.name, "exit_code": 0})
+        peer.welcomed_at_seq = self.bus.last_seq  # votes at what was numbered before are not its to answer (§7.3)
         if self.checkpointer is not None:
             self.checkpointer.welcomed(peer)
         self.bus.send(identity, encode_control(control(

@@ -78,6 +78,9 @@ class Peer:
     # The seq of a vote this connection did not answer within vote_timeout_s: until it acks that far it is not
     # waited for again, so a voter that hangs costs one vote_timeout_s, not one every epoch.
     missed_vote: int = 0
+    # The last seq numbered when it was welcomed: a peer receives what is published after its hello (§8), so a vote
+    # at an event numbered before then (a voter that says hello while the kernel waits for another) is not its own.
+    welcomed_at_seq: int = 0
     replay_from: int | None = None  # a replay asked for and not yet served (newer requests replace it)
     counters: collections.Counter = field(default_factory=collections.Counter)
 
@@ -309,9 +312,10 @@ class Peers:
         return [p for p in list(self._by_name.values()) if names_with in p.capabilities and self.may_return(p.name, now)]
 
     def voters_behind(self, type_: str, seq: int, now: float) -> list[str]:
-        """Live voters at `type_` that have not acked `seq`, less those still behind a vote they missed."""
-        return [p.name for p in self
-                if type_ in p.votes and p.missed_vote <= p.acked < seq and self.is_live(p, now)]
+        """Live voters at `type_` that have not acked `seq`, less those still behind a vote they missed and those
+        welcomed once `seq` was numbered."""
+        return [p.name for p in self if type_ in p.votes and p.welcomed_at_seq < seq
+                and p.missed_vote <= p.acked < seq and self.is_live(p, now)]
 
     def mark_missed_vote(self, names: list[str], seq: int) -> None:
         for name in names:

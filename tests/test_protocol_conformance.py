@@ -788,3 +788,46 @@ def test_a_spawned_plugin_whose_connection_comes_back_under_a_new_routing_id_is_
                                                     "plugin_failed")]
     assert trouble == [], (trouble, printed)
     assert [e.data["exit_code"] for e in of(events, "plugin_exited", "reconnecting")] == [0]
+
+
+def test_a_voter_welcomed_while_the_kernel_waits_at_an_end_epoch_is_waited_for_from_the_next_one(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C54a] §7.3, §8: a peer receives what is published after its hello, so a voter whose hello came while the kernel
+    waited at an end_epoch (another voter slow) never had that event to ack. It was waited for there all the same,
+    named late, and so not waited for at the next end_epoch either: the stop it sent before acking that one landed
+    an epoch late. The vote it could not see is not its to answer."""
+    cfg = config(short_runs, epochs=3, step_sleep_s=0.03)
+    cfg.vote_timeout_s = 3.0
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    wait_sockets(kernel)
+    holder, latecomer = Client(kernel.run_dir), None
+    try:
+        holder.drain_events(60.0)
+        holder.hello("holder", attach_credential(kernel.run_dir), votes=["end_epoch"])  # never acks: holds each wait
+        holder.wait_reply("welcome")
+        ready = holder.wait_event(lambda e: e["type"] == "plugin_ready" and e["data"]["plugin"] == "holder")
+        first = holder.wait_event(lambda e: e["type"] == "end_epoch" and e["seq"] > ready["seq"], timeout_s=120)
+        latecomer = Client(kernel.run_dir)  # connected after that end_epoch went out: it never receives it
+        latecomer.drain_events(60.0)  # a heartbeat, while the kernel still waits for the holder
+        latecomer.hello("latecomer", attach_credential(kernel.run_dir), replies=["stop"], votes=["end_epoch"])
+        latecomer.wait_reply("welcome")
+        assert not [e for _, e in latecomer.events if e["seq"] <= first["seq"]], "it must not have seen that event"
+        voted = latecomer.wait_event(lambda e: e["type"] == "end_epoch" and e["epoch"] == first["epoch"] + 1,
+                                     timeout_s=120)
+        holder.drain_events()
+        time.sleep(1.0)  # a slow voter: the kernel waits for it
+        latecomer.send("stop", reason="conformance: stop at this epoch")
+        latecomer.send("ack", seq=voted["seq"])
+        latecomer.wait_event(lambda e: e["type"] == "end_training_session", timeout_s=120)
+    finally:
+        holder.close()
+        if latecomer is not None:
+            latecomer.close()
+    result = kernel.result(timeout_s=120)
+    events = read_events(kernel.run_dir)
+    assert voted["epoch"] + 1 not in {e.epoch for e in of(events, "start_epoch")}, \
+        "the stop sent before the ack must land at that epoch's end"
+    assert result["status"] == "stopped", result
+    text = (kernel.run_dir / "kernel.log").read_text()
+    assert "no vote from holder at end_epoch" in text and "latecomer at end_epoch" not in text, text
