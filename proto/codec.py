@@ -22,6 +22,7 @@ MAX_STR_BYTES = 1024 * 1024
 MAX_BIN_BYTES = 1024 * 1024
 MAX_ARRAY_LEN = 100_000
 MAX_MAP_LEN = 10_000
+MAX_DEPTH = 1024  # nested arrays and maps msgpack's decoder takes (its stack); deeper raises StackError
 N_COUNTS = len(COUNTED_BATCH_EVENTS)  # the envelope's `n`
 # A metric's step and epoch are counts, stored as int64 by what reads them: TensorBoard's Event.step refuses a larger
 # one (ValueError, raised in the visualization plugin's handler).
@@ -82,6 +83,8 @@ def unpack(raw: bytes) -> Any:
         raise ProtocolError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         return msgpack.unpackb(raw, **UNPACK_LIMITS)
+    except msgpack.StackError:  # says nothing itself: its empty text read "not msgpack", sending authors to their bytes
+        raise ProtocolError(f"undecodable message: nested deeper than {MAX_DEPTH:,} arrays and maps") from None
     except Exception as exc:  # msgpack raises several unrelated types; all mean "garbled"
         why = str(exc) or "not msgpack"  # msgpack's FormatError (a reserved byte, 0xc1) says nothing itself
         raise ProtocolError(f"undecodable message: {exc.__class__.__name__}: {why}") from exc

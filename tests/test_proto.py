@@ -476,3 +476,19 @@ def test_an_event_encode_event_accepts_fits_in_a_replay_batch_a_client_accepts()
             continue  # refused at the sender: fine
         batch = len(encode_replay_batch(1, raw, True))
         assert batch <= MAX_MESSAGE_BYTES, f"an event of {len(raw)} bytes makes a replay batch of {batch}"
+
+
+def test_a_message_nested_deeper_than_the_decoder_takes_says_so_not_that_it_is_not_msgpack():
+    """msgpack's decoder takes 1,024 nested arrays and maps (PROTOCOL.md §9); one deeper raised StackError, whose
+    empty text kernel.log's line filled with `not msgpack`: an author in another language looked for bad bytes."""
+    assert decode_control(msgpack.packb({"v": 1, "type": "heartbeat", "x": _nested(1022)}))["type"] == "heartbeat"
+    for decode in (decode_event, decode_control, unpack):
+        with pytest.raises(ProtocolError, match=r"nested deeper than 1,024 arrays and maps"):
+            decode(msgpack.packb({"v": 1, "type": "heartbeat", "x": _nested(1024)}))
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
