@@ -549,7 +549,10 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     if kernel_pid is not None:
         _die_with_parent(kernel_pid)
     try:
-        plugin = plugin_cls(settings, run_id=env.get("TRAINBUS_RUN_ID", ""), run_dir=env.get("TRAINBUS_RUN_DIR", "."))
+        # absolute: a path made from it goes to the kernel (a persister's checkpoint_saved), which reads it from a
+        # working directory of its own; a relative TRAINBUS_RUN_DIR typed by hand named files it refused as outside
+        plugin = plugin_cls(settings, run_id=env.get("TRAINBUS_RUN_ID", ""),
+                            run_dir=os.path.abspath(env.get("TRAINBUS_RUN_DIR", ".")))
     except Exception as exc:  # before any socket: the kernel reads why from the end of our log (its last words)
         print(user_traceback(exc), file=sys.stderr)
         exit_without_teardown(1)  # as a failed setup (below): the restart waits for nothing

@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -1022,3 +1023,34 @@ def test_a_run_of_a_target_file_given_relative_resumes_from_another_directory(tm
     assert again.returncode == 0, again.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["outcome"]["epochs_completed"] == 2, summary
+
+
+def test_a_persister_run_by_hand_with_a_relative_run_dir_has_its_checkpoints_taken(tmp_path, kernels):
+    """README: `TRAINBUS_RUN_DIR=<run_dir> python -m trainbus.sdk module:Class` runs a plugin by hand. Given as a path
+    relative to where it runs (as a shell user types one), the SDK kept it relative: the checkpoint plugin wrote its
+    files in the right place, but each checkpoint_saved named them relative to its own directory, which the kernel,
+    elsewhere, read from its own: refused ('outside .../checkpoints'), every checkpoint of the run unrecorded."""
+    gate = tmp_path / "gate"
+    open_gate(gate, 10)
+    kernel = KernelProcess(config(tmp_path / "runs", epochs=1, target=PACED, every_n_steps=5, step_sleep_s=0.0,
+                                  gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    kernel.wait_step(1, timeout_s=120)
+    elsewhere = tmp_path / "a" / "b"
+    elsewhere.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINBUS_")}
+    env["TRAINBUS_RUN_DIR"] = os.path.relpath(kernel.run_dir, elsewhere)
+    plugin = subprocess.Popen([sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.checkpoint:CheckpointPlugin",
+                               "--name", "by_hand"], cwd=elsewhere, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        ready = kernel.wait_event("plugin_ready", lambda e: e.data["plugin"] == "by_hand", timeout_s=PLUGIN_START_S)
+        open_gate(gate, 10**6)
+        saved = kernel.wait_event("checkpoint_saved", lambda e: e.data["plugin"] == "by_hand", timeout_s=120,
+                                  after_seq=ready.seq)
+        assert Path(saved.data["path"]).is_absolute() and Path(saved.data["path"]).exists(), saved.data
+    finally:
+        plugin.terminate()
+        print(plugin.communicate(timeout=60)[0])  # what it said, for a failure
+    assert kernel.result(timeout_s=180)["status"] == "completed"
+    assert "refused_settle_path" not in kernel.result()["bus"]
