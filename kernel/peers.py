@@ -173,7 +173,13 @@ class Peers:
         self._by_name[name] = peer
         self._by_name.move_to_end(name)
         while len(self._by_name) > MAX_NAMES:
-            self._forget_name(next(iter(self._by_name)))
+            # the oldest name no connection holds and no plugin of the run's: those said hello first, and a peer
+            # churning through names made the kernel forget them as they ran (refused, restarted, replayed from 1)
+            gone = next((n for n, p in self._by_name.items()
+                         if self._by_identity.get(p.identity) is not p and not self.supervisor.spawned(n)), None)
+            if gone is None:  # all held or the run's own: as many as its plugins and MAX_PEERS a side, bounded too
+                break
+            self._forget_name(gone)
         self.seen(peer, now)
         return peer
 
@@ -301,7 +307,8 @@ class Peers:
 
     def _forget_name(self, name: str) -> None:
         peer = self._by_name.pop(name)
-        self._by_identity.pop(peer.identity, None)
+        if self._by_identity.get(peer.identity) is peer:  # its routing id may speak for another name by now
+            del self._by_identity[peer.identity]
         self.positions.pop(name, None)
         self._principals.pop(name, None)
 

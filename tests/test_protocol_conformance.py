@@ -831,3 +831,38 @@ def test_a_voter_welcomed_while_the_kernel_waits_at_an_end_epoch_is_waited_for_f
     assert result["status"] == "stopped", result
     text = (kernel.run_dir / "kernel.log").read_text()
     assert "no vote from holder at end_epoch" in text and "latecomer at end_epoch" not in text, text
+
+
+def test_a_peer_saying_hello_under_hundreds_of_names_forgets_no_plugin_of_the_run(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C91f] §9: the kernel remembers the 256 names seen last, forgetting the oldest. The oldest were the run's own
+    plugins, which said hello first: a peer saying hello and bye under 300 names (a monitor key may, over TCP) made the
+    kernel forget them while they ran, connection and durable position both; their next acks were refused
+    (`unknown_peer`), the reference client exited 1, and each was restarted and replayed the run from seq 1. Forgetting
+    a name also dropped whatever connection now had its routing id: the churning peer's own current name."""
+    recorder = PluginConfig("recorder", "fixture_plugins:Recorder", {"path": str(tmp_path / "recorded")})
+    kernel, gate, client = None, tmp_path / "gate", None
+    cfg = config(short_runs, plugins=[recorder], epochs=1, step_sleep_s=0.0)
+    cfg.hyperparameters["gate"] = str(gate)
+    open_gate(gate, 5)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_event("plugin_ready", lambda e: e.data["plugin"] == "recorder", timeout_s=120)
+    client = Client(kernel.run_dir)
+    try:
+        client.drain_events(60.0)
+        for i in range(300):
+            client.hello(f"churn{i}", attach_credential(kernel.run_dir))
+            client.wait_reply("welcome")
+            client.send("bye", reason="the next name")
+        kernel.wait_event("plugin_ready", lambda e: e.data["plugin"] == "churn299", timeout_s=60)
+        time.sleep(2.0)  # the recorder acks with its next heartbeat (an interval): refused, were it forgotten
+    finally:
+        client.close()
+    open_gate(gate, 10**6)
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed", result
+    assert "refused_unknown_peer" not in result["bus"], result["bus"]
+    events = read_events(kernel.run_dir)
+    trouble = [(e.type, e.data) for e in events if e.type in ("plugin_crashed", "plugin_restarted", "plugin_hung")]
+    assert trouble == [], trouble
