@@ -54,6 +54,10 @@ FINISH_ON_TERM_S = 0.5
 # a blocking C call): past this, the process exits without its teardown rather than live on, an orphan no one ends.
 ORPHAN_EXIT_S = 10.0
 PR_SET_PDEATHSIG = 1
+# A replay asked for and not answered in this long is asked for again: its answer was lost on the way (a connection
+# dropped with it in flight, or the kernel could not route it). The kernel answers within a round of its bus thread
+# (a closed segment's batch in ~50 ms, docs/benchmarks.md); a request repeated replaces the one it holds.
+REPLAY_RESEND_S = 5.0
 SECRET_ENV = "TRAINBUS_SECRET"  # the kernel's per-plugin secret (PROTOCOL.md, environment)
 CREDENTIAL_FILE = "credential"  # in the run directory, owner-only: the secret of plugins attached by hand
 
@@ -100,6 +104,7 @@ class Runner:
         self.wanted = None if "" in wanted else frozenset(wanted) | FINAL_EVENTS | frozenset(plugin.votes)
         self.next_seq = 0  # durable: the next seq to process; best-effort: the next expected
         self.replaying = False
+        self._replay_asked_at = 0.0  # monotonic: when the replay in flight was asked for
         self.gaps = 0
         self.failures = 0
         self.dead_letters = 0
@@ -215,8 +220,11 @@ class Runner:
             self.next_seq = event.seq + 1
             self._dispatch(event)
             return
-        if self.replaying or event.seq < self.next_seq:
-            return  # replay covers it, or we have seen it
+        if self.replaying:
+            self._ask_again_if_lost()
+            return  # replay covers it
+        if event.seq < self.next_seq:
+            return  # we have seen it
         if event.seq > self.next_seq and not self._only_unsent_between(event):
             # Heartbeats included: while the kernel waits for our vote, a heartbeat may be the only thing
             # that shows we missed the event it waits for (it went by while an earlier replay was in flight).
@@ -264,8 +272,12 @@ class Runner:
             self._request_replay()
 
     def _request_replay(self) -> None:
-        self.replaying = True
+        self.replaying, self._replay_asked_at = True, time.monotonic()
         self.io.send(control("replay", from_seq=self.next_seq))
+
+    def _ask_again_if_lost(self) -> None:
+        if self.replaying and time.monotonic() - self._replay_asked_at >= REPLAY_RESEND_S:
+            self._request_replay()
 
     # -- dispatch ---------------------------------------------------------------------------------
 
@@ -377,6 +389,7 @@ class Runner:
                 if io.gone or not io.is_alive():
                     return None
                 self._maybe_ack()  # idle: what we handled goes with the I/O thread's next message
+                self._ask_again_if_lost()
                 io.wake.wait(MAX_POLL_S)  # notified when an item comes or the I/O thread ends; a signal interrupts
             return io.inbox.popleft()
 

@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 import zmq
 from stand_in_kernel import StandInKernel
-from trainbus.sdk.runner import FINISH_ON_TERM_S
+from trainbus.sdk.runner import FINISH_ON_TERM_S, REPLAY_RESEND_S
 
 from trainbus.proto import Event, control, encode_control, encode_replay_batch
 from trainbus.sdk.plugin import Plugin
@@ -65,6 +65,35 @@ def test_a_durable_plugin_that_missed_the_event_a_vote_waits_for_replays_it_on_t
         _acked(kernel, end_epoch)
         kernel.publish("end_training_session")
         output = _exited(proc)
+    finally:
+        _close(proc, kernel)
+    assert record.read_text().split() == [str(end_epoch), "end_epoch"]
+
+
+def test_a_replay_whose_answer_was_lost_is_asked_for_again(tmp_path):
+    """A replay_batch lost on its way (the connection dropped with it in flight: a network drop under a remote
+    plugin, the kernel cutting an oversized message's connection, or the kernel unable to route it) left a durable
+    plugin waiting for it for ever, taking no live event meanwhile: the run ended with it undrained."""
+    record = tmp_path / "record.txt"
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    proc = kernel.start_plugin("fixture_plugins:EpochVoter", "voter", {"path": str(record)}, tmp_path)
+    try:
+        identity = _hello(kernel)[0]
+        kernel.publish("end_epoch", live=False, epoch=0)
+        end_epoch = kernel.seq
+        kernel.welcome(identity, 1)
+        first = _next(kernel, "replay")  # not answered: lost
+        asked_at = time.monotonic()
+        again = None
+        while again is None and time.monotonic() < asked_at + 3 * REPLAY_RESEND_S:  # the kernel's heartbeats go on
+            kernel.publish("heartbeat", interval_s=1.0)
+            got = kernel.receive(100)
+            again = got[1] if got is not None and got[1]["type"] == "replay" else None
+        assert again is not None and again["from_seq"] == first["from_seq"] == 1, again
+        kernel.replay(identity, 1)
+        _acked(kernel, kernel.seq)
+        kernel.publish("end_training_session")
+        _exited(proc)
     finally:
         _close(proc, kernel)
     assert record.read_text().split() == [str(end_epoch), "end_epoch"]
