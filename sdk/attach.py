@@ -32,8 +32,8 @@ from trainbus.proto.remote import UNANSWERED_S, KeyFileError, key_refused
 from trainbus.proto.run_state import CLIENT_PREFIX, RunState
 
 from .plugin_io import PluginIO
-from .runner import (CREDENTIAL_FILE, connection_run_dir, kernel_alive, kernel_died, remote_endpoints, run_summary,
-                     skip_lost)
+from .runner import (CREDENTIAL_FILE, REPLAY_RESEND_S, connection_run_dir, kernel_alive, kernel_died, remote_endpoints,
+                     run_summary, skip_lost)
 
 RECONNECT_FIRST_S = 0.5  # backoff after the kernel went silent: 0.5, 1, 2, 4, 8, 8 ... (zguide's ppworker)
 RECONNECT_MAX_S = 8.0
@@ -185,6 +185,7 @@ class Attachment:
         self._io: PluginIO | None = None
         self._buffer: collections.deque[Event] = collections.deque()  # live events while a snapshot is pending
         self._replaying = False
+        self._asked_replay = 0.0  # when the replay in flight was asked for (monotonic)
         self._asked_snapshot = 0.0  # when the latest snapshot was asked for (monotonic), 0: none pending
         self._ready: collections.deque = collections.deque()  # items for the caller, in order
         self._welcomed = False  # the kernel answered us once: losing it later is worth retrying
@@ -258,6 +259,8 @@ class Attachment:
         if self._asked_snapshot and now - self._asked_snapshot > (SNAPSHOT_RETRY_S if not self.next_seq
                                                                   else PLUGINS_REFRESH_S):
             self._ask_snapshot()
+        if self._replaying and now - self._asked_replay >= REPLAY_RESEND_S:  # its answer was lost: ask again
+            self._request_replay()
         if io.gone or not io.is_alive():
             if self.state is not None and self.state.ended is not None and self._kernel_done():
                 self.ended_quietly = io.gone or "connection closed"  # no bus_closing: said by the caller
@@ -316,7 +319,7 @@ class Attachment:
             self._request_replay()
 
     def _request_replay(self) -> None:
-        self._replaying = True
+        self._replaying, self._asked_replay = True, time.monotonic()
         self._io.send(control("replay", from_seq=self.next_seq))
 
     def _deliver(self, event: Event) -> None:

@@ -774,3 +774,60 @@ def test_a_remote_attach_whose_kernel_was_killed_gives_up_naming_what_to_check(r
     assert said.startswith("lost the kernel (") and "could not reach it again after 2 tries" in said, said
     assert ("its kernel has exited or hangs, or this machine no longer reaches its host (`trainbus runs list` on "
             "the run's host says whether the run still goes; attach again once it answers)") in said, said
+
+
+def test_an_attached_clients_replay_whose_answer_was_lost_is_asked_for_again(tmp_path):
+    """As a durable plugin's (sdk/runner.py): a replay_batch lost on its way left `attach` replaying for ever, every
+    live event ignored, the dashboard frozen at the gap while the run went on."""
+    import zmq
+    from stand_in_kernel import StandInKernel
+
+    from trainbus.proto import control, encode_control
+    from trainbus.sdk.attach import Attachment, Target
+    from trainbus.sdk.runner import REPLAY_RESEND_S
+
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    endpoints = [s.getsockopt_string(zmq.LAST_ENDPOINT) for s in (kernel.pub, kernel.router)]
+    attachment = Attachment(Target(*endpoints))
+    items = iter(attachment)
+    try:
+        got, deadline = None, time.monotonic() + 30
+        while got is None and time.monotonic() < deadline:  # heartbeats until it is subscribed and says hello
+            kernel.publish("heartbeat", interval_s=1.0)
+            next(items)
+            got = kernel.receive(50)
+        identity, hello = got
+        assert hello["type"] == "hello", hello
+        kernel.welcome(identity, 1)
+        asked: list[dict] = []
+        answering = []  # once it holds True, the stand-in answers every replay, as a kernel does
+
+        def pump(until) -> None:
+            """The attachment's steps, the stand-in's heartbeats, and what it asks, until `until()` (bounded)."""
+            end = time.monotonic() + 3 * REPLAY_RESEND_S + 10
+            while not until() and time.monotonic() < end:
+                kernel.publish("heartbeat", interval_s=1.0)
+                next(items)
+                while (got := kernel.receive(10)) is not None:
+                    asked.append(got[1])
+                    if answering and got[1]["type"] == "replay":
+                        kernel.replay(identity, got[1]["from_seq"])
+
+        pump(lambda: any(m["type"] == "snapshot" for m in asked))
+        snapshot_seq = kernel.seq
+        kernel.router.send_multipart([identity, encode_control(control(
+            "run_state", seq=snapshot_seq, state=RunState(kernel.run_id, snapshot_seq).to_map()))])
+        kernel.publish("end_epoch", live=False, epoch=0)  # the live stream misses it: a gap, replayed
+        end_epoch = kernel.seq
+        pump(lambda: any(m["type"] == "replay" for m in asked))  # asked for, never answered
+        first = next(m for m in asked if m["type"] == "replay")
+        asked.clear()
+        pump(lambda: any(m["type"] == "replay" for m in asked))
+        assert [m["from_seq"] for m in asked if m["type"] == "replay"][:1] == [first["from_seq"]], asked
+        answering.append(True)
+        kernel.replay(identity, first["from_seq"])
+        pump(lambda: attachment.next_seq > end_epoch + 20)
+        assert attachment.next_seq > end_epoch + 20, (attachment.next_seq, end_epoch)  # past the gap, and live
+    finally:
+        attachment.close()
+        kernel.close()
