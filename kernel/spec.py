@@ -97,6 +97,7 @@ class TrainingSpec:
             raise SpecError("TrainingSpec.optimizer holds no parameter that requires a gradient, so nothing would "
                             "train: give it the model's trainable parameters (model.parameters()), and check that "
                             "they are not all frozen (requires_grad=False)")
+        self._check_parameters_are_the_models()
         for name in ("train_loader", "validation_loader"):
             loader = getattr(self, name)
             if (loader is not None or name == "train_loader") and not hasattr(loader, "__iter__"):
@@ -141,6 +142,28 @@ class TrainingSpec:
             if self.scheduler_monitor not in self.metric_names():
                 raise SpecError(f"TrainingSpec.scheduler_monitor {self.scheduler_monitor!r} (what ReduceLROnPlateau "
                                 f"steps on) is not a metric of this spec; one of: {', '.join(self.metric_names())}")
+
+    def _check_parameters_are_the_models(self) -> None:
+        """What the optimizer trains must be the model's: checkpoints, final.pt and a resume hold the model's state
+        alone (a loss's learned weights outside it were lost, and a resume started them over, not exact)."""
+        import torch
+
+        own = {id(p) for p in self.model.parameters()}
+        outside = [p for group in self.optimizer.param_groups for p in group["params"] if id(p) not in own]
+        if not outside:
+            return
+        losses = {id(p) for p in self.loss_fn.parameters()} if isinstance(self.loss_fn, torch.nn.Module) else set()
+        of_loss = all(id(p) in losses for p in outside)
+        one = len(outside) == 1
+        values = sum(p.numel() for p in outside)
+        it, they = ("it", "it") if one else ("they", "them")
+        fix = "model.loss_fn = loss_fn: a submodule is saved, moved to the device and resumed with the model" \
+            if of_loss else "model.extra = torch.nn.Parameter(...), or a submodule holding them"
+        raise SpecError(f"TrainingSpec.optimizer trains {len(outside)} parameter{'' if one else 's'} ({values:,} "
+                        f"value{'' if values == 1 else 's'}) that {'is' if one else 'are'} not TrainingSpec.model's"
+                        f"{' (loss_fn' + chr(39) + 's own)' if of_loss else ''}: checkpoints and final.pt hold the "
+                        f"model's state alone, so what {it} learn{'s' if one else ''} would be lost and a resume would "
+                        f"start {they} over; make {they} the model's ({fix})")
 
     def check_loaders_last(self) -> None:
         """A one-shot iterator (a generator, iter(loader)) gives its batches to the first epoch only; the loop would

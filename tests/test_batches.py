@@ -217,6 +217,12 @@ def test_schedulers_step_per_epoch_per_step_or_on_a_plateau_and_each_epoch_repor
         bad.check()  # no validation_loader: nothing to watch
 
 
+def _train_a_loss_of_its_own(s: TrainingSpec) -> None:
+    s.loss_fn = torch.nn.CrossEntropyLoss()
+    s.loss_fn.temperature = torch.nn.Parameter(torch.ones(1))
+    s.optimizer.add_param_group({"params": [s.loss_fn.temperature]})
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda s: setattr(s, "loss_fn", torch.nn.CrossEntropyLoss),
      "TrainingSpec.loss_fn is the class CrossEntropyLoss, not one made from it: call it (CrossEntropyLoss(...))"),
@@ -245,6 +251,17 @@ def test_schedulers_step_per_epoch_per_step_or_on_a_plateau_and_each_epoch_repor
      "datasets together (torch.utils.data.ConcatDataset([...]))"),
     (lambda s: setattr(s, "hyperparameters", ["lr", 0.1]),  # failed after the build, in the kernel's own code
      "TrainingSpec.hyperparameters must be a dict of name -> value, got list"),
+    # a loss with learned weights (uncertainty weighting, a temperature) outside the model: what it learned was in no
+    # checkpoint or final.pt, and a resume started it over
+    (lambda s: _train_a_loss_of_its_own(s),
+     "TrainingSpec.optimizer trains 1 parameter (1 value) that is not TrainingSpec.model's (loss_fn's own): "
+     "checkpoints and final.pt hold the model's state alone, so what it learns would be lost and a resume would "
+     "start it over; make it the model's (model.loss_fn = loss_fn: a submodule is saved, moved to the device and "
+     "resumed with the model)"),
+    (lambda s: s.optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(n)) for n in (3, 2)]}),
+     "TrainingSpec.optimizer trains 2 parameters (5 values) that are not TrainingSpec.model's: checkpoints and "
+     "final.pt hold the model's state alone, so what they learn would be lost and a resume would start them over; "
+     "make them the model's (model.extra = torch.nn.Parameter(...), or a submodule holding them)"),
     (lambda s: setattr(s, "metrics", [lambda o, t: 1.0]),
      "TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, got list"),
     (lambda s: setattr(s, "metrics", {"acc": 0.5}),
