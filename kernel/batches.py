@@ -84,7 +84,11 @@ def _each(value: Any, inner: Callable[[Any], Any], other: Callable[[Any], Any]) 
 
 
 def batch_size(inputs: Any, targets: Any) -> int | None:
-    """The samples in a batch: the first dimension of the first tensor found (targets first), else a length."""
+    """The samples in a batch: the first dimension of the first tensor found (targets first), else a length. Targets
+    that are a dict per sample (torchvision's detection collate: boxes and labels of each image) count the dicts, not
+    the first one's rows."""
+    if isinstance(targets, (tuple, list)) and targets and all(isinstance(t, dict) for t in targets):
+        return len(targets)
     for side in (targets, inputs):
         found = _first_tensor(side)
         if found is not None and found.dim():

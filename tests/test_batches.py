@@ -521,3 +521,37 @@ def test_hyperparameters_of_any_type_are_recorded_as_their_text_and_checkpoints_
     assert events[ev.END_EPOCH]["training_loss"] > 0
     saved = [e for e in read_events(result.run_dir) if e.type == ev.CHECKPOINT_SAVED]
     assert len(saved) == 2, [e.type for e in read_events(result.run_dir)]
+
+
+def test_a_batch_of_per_sample_targets_counts_its_samples_not_the_first_samples_rows():
+    """torchvision's detection collate (tuple(zip(*batch))): images of several sizes and a dict of boxes and labels per
+    image. end_training_batch's batch_size (perf's samples/s) was the first image's box count, the first tensor's
+    rows."""
+    boxes = [3, 1, 4, 2, 5, 1, 2, 2]
+
+    class Detection(Dataset):
+        def __len__(self):
+            return len(boxes)
+
+        def __getitem__(self, i):
+            return torch.ones(3, 4 + i, 4), {"boxes": torch.ones(boxes[i], 4), "labels": torch.zeros(boxes[i])}
+
+    def loss(outputs, targets):
+        return sum(o.mean() for o in outputs) + 0 * len(targets)
+
+    model = _EachImage(torch.nn.Conv2d(3, 1, 1))
+    detection = DataLoader(Detection(), batch_size=4, collate_fn=lambda b: tuple(zip(*b)))
+    bus, _ = run(TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=loss,
+                              train_loader=detection))
+    assert [d["batch_size"] for t, _, d in bus.events if t == ev.END_TRAINING_BATCH] == [4, 4]
+
+
+class _EachImage(torch.nn.Module):
+    """A detector's shape: a tuple of images in, an output per image."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, images):
+        return [self.inner(image) for image in images]
