@@ -73,6 +73,11 @@ class Stepper:
         syncing = self._ddp is None or self.pending + 1 >= self.k
         with contextlib.nullcontext() if syncing else self._ddp.no_sync():
             outputs, loss = self.evaluate(inputs, targets, loss_fn)
+            if not loss.requires_grad:  # else torch's "element 0 of tensors does not require grad", naming nothing
+                raise BatchError("loss_fn returned a loss that does not require a gradient (it has no grad_fn), so "
+                                 "nothing would train: it was cut off from the model's outputs (.item(), .detach(), "
+                                 "torch.tensor(...), numpy, or torch.no_grad()); compute it from the outputs with "
+                                 "torch operations")
             scaled = loss / self.k if self.k > 1 else loss
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         self.pending += 1

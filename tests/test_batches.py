@@ -150,6 +150,23 @@ def test_a_loss_that_is_not_one_number_says_so():
         run(s)
 
 
+@pytest.mark.parametrize("loss_fn", [
+    lambda out, y: torch.tensor(torch.nn.functional.cross_entropy(out, y).item()),  # a number made a tensor again
+    lambda out, y: torch.nn.functional.cross_entropy(out, y).detach(),
+])
+def test_a_loss_cut_off_from_the_model_says_so_and_how_not_torchs_element_0(loss_fn):
+    """torch's own words at the backward, 'element 0 of tensors does not require grad and does not have a grad_fn',
+    named neither loss_fn nor what cut it off (the kernel's backward is no frame of the user's)."""
+    s = plain()
+    s.loss_fn = loss_fn
+    with pytest.raises(BatchError) as raised:
+        run(s)
+    assert str(raised.value) == (
+        "loss_fn returned a loss that does not require a gradient (it has no grad_fn), so nothing would train: it was "
+        "cut off from the model's outputs (.item(), .detach(), torch.tensor(...), numpy, or torch.no_grad()); compute "
+        "it from the outputs with torch operations")
+
+
 def test_an_epoch_without_batches_is_an_error_not_a_run_that_trains_nothing():
     x, y = data()
     with pytest.raises(BatchError, match="train_loader gave no batch in epoch 1: it is empty"):
