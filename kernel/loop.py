@@ -613,7 +613,9 @@ def loader_generators(*loaders: Any) -> list[torch.Generator]:
     for loader in loaders:
         batch_sampler = getattr(loader, "batch_sampler", None)
         sampler = getattr(loader, "sampler", None)
-        for holder in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+        # a sampler's own sampler too: the user's that ShardedSampler shares out across ranks draws from its generator
+        for holder in (loader, sampler, getattr(sampler, "sampler", None), batch_sampler,
+                       getattr(batch_sampler, "sampler", None)):
             generator = getattr(holder, "generator", None)
             if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
                 found.append(generator)

@@ -572,3 +572,18 @@ class _EachImage(torch.nn.Module):
 
     def forward(self, images):
         return [self.inner(image) for image in images]
+
+
+def test_a_sampler_with_its_own_generator_shared_out_across_ranks_resumes_in_its_order():
+    """Under --nproc a sampler of the user's (weights, a subset) is wrapped in a ShardedSampler, which draws from the
+    user's sampler and so from its generator: that generator, a level further down, was in no checkpoint."""
+    from torch.utils.data import WeightedRandomSampler
+    from trainbus.kernel.distributed import ShardedSampler
+
+    def make():
+        x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+        weighted = WeightedRandomSampler(torch.rand(40), 40, generator=torch.Generator().manual_seed(3))
+        s = spec(DataLoader(TensorDataset(x, y), batch_size=BATCH, sampler=ShardedSampler(weighted, 1, 0, 0, False)))
+        s.epochs = 3
+        return s
+    resumed_exactly(make, 2, 1)
