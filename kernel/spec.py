@@ -116,6 +116,9 @@ class TrainingSpec:
             raise SpecError("TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, "
                             f"got {type(self.metrics).__name__}" + (
                                 "" if not isinstance(self.metrics, dict) else " with a value that is not callable"))
+        if "loss" in self.metrics:
+            raise SpecError("TrainingSpec.metrics names a metric 'loss', the name of the loss itself (training_loss, "
+                            "validation_loss), whose values its values would take the place of: name it otherwise")
         if not isinstance(self.hyperparameters, dict):  # else a failure after the build, in the kernel's own code
             raise SpecError(f"TrainingSpec.hyperparameters must be a dict of name -> value, got "
                             f"{type(self.hyperparameters).__name__}")

@@ -279,6 +279,10 @@ def _train_a_loss_of_its_own(s: TrainingSpec) -> None:
      "TrainingSpec.optimizer trains 2 parameters (5 values) that are not TrainingSpec.model's: checkpoints and "
      "final.pt hold the model's state alone, so what they learn would be lost and a resume would start them over; "
      "make them the model's (model.extra = torch.nn.Parameter(...), or a submodule holding them)"),
+    # its values took the loss's place in the checkpoints' metrics (training_loss 42.0), what top-k ranks by
+    (lambda s: setattr(s, "metrics", {"loss": lambda o, t: 42.0}),
+     "TrainingSpec.metrics names a metric 'loss', the name of the loss itself (training_loss, validation_loss), "
+     "whose values its values would take the place of: name it otherwise"),
     (lambda s: setattr(s, "metrics", [lambda o, t: 1.0]),
      "TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, got list"),
     (lambda s: setattr(s, "metrics", {"acc": 0.5}),
