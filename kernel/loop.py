@@ -127,6 +127,8 @@ class Loop:
     def run(self) -> Outcome:
         spec, out = self.spec, self.outcome
         spec.model.to(self.device)
+        if isinstance(spec.loss_fn, torch.nn.Module):
+            self.stepper.follow(spec.loss_fn)
         # Submodules the user's code put in eval mode (a frozen backbone's BatchNorm statistics, its dropout off) stay
         # in it while training, as Lightning (2.2 on) keeps them: model.train() alone turned them back each epoch. A
         # model in eval mode as a whole (eval() after loading weights) is no such choice: it trains in training mode.

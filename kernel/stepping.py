@@ -46,7 +46,7 @@ class Stepper:
         check_precision(precision, device)
         self.options = {"precision": precision, "accumulate_grad_batches": accumulate_grad_batches,
                         "gradient_clip_val": gradient_clip_val, "compile": compile}  # as start_training_session says
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.device = model, optimizer, device
         self.k, self.clip = accumulate_grad_batches, gradient_clip_val
         self.pending = 0  # batches whose gradients are accumulated but not yet stepped
         self._unreduced = False  # the last backward ran under DDP's no_sync: the gradients are this rank's alone
@@ -59,6 +59,14 @@ class Stepper:
         self._compile = compile
         self.forward = torch.compile(model) if compile else model
         self._ddp: Any = None  # DistributedDataParallel around the model, across ranks
+
+    def follow(self, module: torch.nn.Module) -> None:
+        """A module beside the model (a loss with class weights, CrossEntropyLoss(weight=...)) on the model's device,
+        and in bf16-true its dtype, as Lightning moves and casts a loss that is its module's attribute: its weight
+        stayed float32 on the CPU, and the first step failed in loss_fn on a GPU or in bf16-true."""
+        module.to(self.device)
+        if self._cast_inputs:
+            module.to(torch.bfloat16)
 
     def distribute(self, ddp: Any) -> None:
         """Train through DDP from here on (the model itself stays what checkpoints hold)."""

@@ -83,6 +83,24 @@ def test_bf16_mixed_runs_the_forward_in_bfloat16_and_bf16_true_the_model_itself(
     assert model.weight.dtype == torch.bfloat16
 
 
+def test_a_loss_module_with_class_weights_follows_the_models_device_and_bf16_true():
+    """CrossEntropyLoss(weight=...) for imbalanced classes: its weight stayed float32 on the CPU while the model moved,
+    so bf16-true failed its first step ('expected scalar type BFloat16 but found Float' in loss_fn), as would any
+    run on a GPU (its outputs on cuda, the weight on the CPU). Lightning moves and casts a module's loss with it."""
+    from trainbus.kernel.loop import Loop
+    from trainbus.kernel.spec import TrainingSpec
+    from test_loop_events import RecordingBus
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, batches = _model_and_batches(2)
+    loss = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))
+    spec = TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=loss,
+                        train_loader=DataLoader(TensorDataset(*map(torch.cat, zip(*batches))), batch_size=8))
+    cpu = torch.device("cpu")
+    outcome = Loop(spec, RecordingBus(), cpu, stepper=Stepper(model, spec.optimizer, cpu, precision="bf16-true")).run()
+    assert outcome.epochs_completed == 1 and loss.weight.dtype == torch.bfloat16
+
+
 def test_16_mixed_needs_cuda():
     with pytest.raises(SteppingError, match="16-mixed needs a CUDA device.*use bf16-mixed on the CPU"):
         check_precision("16-mixed", torch.device("cpu"))
