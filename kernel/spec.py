@@ -269,7 +269,12 @@ def _module_name(path: Path) -> str:
     unpickle what it defines (a DataLoader's workers under multiprocessing_context "spawn" or "forkserver", a
     multiprocessing Pool's) from its folder, first on sys.path there too, and the name its neighbours import it by
     (`from train import CONFIG`: the same module, not a second copy). trainbus_user_STEM where that name finds
-    another module (a builtin's, json.py beside an imported json) or none (a file not named NAME.py)."""
+    another module (a builtin's, json.py beside an imported json) or none (a file not named NAME.py), and where a
+    module of that name is imported already, this file's too (run_training called where the file was imported:
+    re-run under its name, it would replace the module its importers hold), unless that is what we loaded of it."""
+    imported = sys.modules.get(path.stem)
+    if imported is not None and all(imported is not loaded for loaded in _loaded_files.values()):
+        return f"trainbus_user_{path.stem}"
     try:
         found = importlib.util.find_spec(path.stem) if path.stem.isidentifier() else None
     except (ImportError, ValueError):  # a module of that name already imported without a spec (__main__'s kind)

@@ -8,6 +8,7 @@ import copy
 import gc
 import random
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy
@@ -591,3 +592,18 @@ def test_a_sampler_with_its_own_generator_shared_out_across_ranks_resumes_in_its
         s.epochs = 3
         return s
     resumed_exactly(make, 2, 1)
+
+
+def test_a_target_file_imported_already_keeps_its_module(tmp_path, monkeypatch):
+    """run_training in a notebook that imported the file itself: loading it under its own name ran it again in
+    sys.modules' place, so the notebook's next `import` got another module, and other classes than it holds."""
+    target = tmp_path / "imported_train.py"
+    target.write_text(SPAWNED_TARGET.replace("{ctx}", "fork"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    own = importlib.import_module("imported_train")
+    try:
+        s = build_spec(f"{target}:build", {})
+        assert sys.modules["imported_train"] is own and type(s.train_loader.dataset).__module__ != "imported_train"
+    finally:
+        sys.modules.pop("imported_train", None)
