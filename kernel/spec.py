@@ -162,11 +162,12 @@ class TrainingSpec:
         it, they = ("it", "it") if one else ("they", "them")
         fix = "model.loss_fn = loss_fn: a submodule is saved, moved to the device and resumed with the model" \
             if of_loss else "model.extra = torch.nn.Parameter(...), or a submodule holding them"
+        whose = " (loss_fn's own)" if of_loss else ""
         raise SpecError(f"TrainingSpec.optimizer trains {len(outside)} parameter{'' if one else 's'} ({values:,} "
                         f"value{'' if values == 1 else 's'}) that {'is' if one else 'are'} not TrainingSpec.model's"
-                        f"{' (loss_fn' + chr(39) + 's own)' if of_loss else ''}: checkpoints and final.pt hold the "
-                        f"model's state alone, so what {it} learn{'s' if one else ''} would be lost and a resume would "
-                        f"start {they} over; make {they} the model's ({fix})")
+                        f"{whose}: checkpoints and final.pt hold the model's state alone, so what {it} "
+                        f"learn{'s' if one else ''} would be lost and a resume would start {they} over; make {they} "
+                        f"the model's ({fix})")
 
     def check_loaders_last(self) -> None:
         """A one-shot iterator (a generator, iter(loader)) gives its batches to the first epoch only; the loop would
