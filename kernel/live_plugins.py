@@ -46,7 +46,7 @@ class LivePlugins:
         durable plugin's position (Peers.positions), so its restarts and the end-of-run drain work as for any."""
         name, settings = msg["name"], msg["settings"]
         try:
-            target, command = self._attachable(name, settings)
+            target, command, cwd = self._attachable(name, settings)
         except ConfigError as exc:
             self._answer(peer.identity, peer.label, msg, False, str(exc))
             return
@@ -57,7 +57,7 @@ class LivePlugins:
         self.peers.start_at(name, after_seq)
         self.bus.emit(ev.PLUGIN_ATTACHED, {"plugin": name, "target": target, "settings": settings,
                                            "from_seq": after_seq + 1, "by": peer.label})
-        child = self.supervisor.attach(PluginSpec(name, target, settings, command, console=name == CONSOLE),
+        child = self.supervisor.attach(PluginSpec(name, target, settings, command, console=name == CONSOLE, cwd=cwd),
                                        time.monotonic())
         if child.proc is None:  # its program could not be started at all; plugin_failed says so too
             self._answer(peer.identity, peer.label, msg, False, f"{name} could not be started: {child.crashes[-1]}")
@@ -87,8 +87,9 @@ class LivePlugins:
         self.supervisor.detach(name, time.monotonic(),
                                lambda code: self._answer(identity, label, msg, True, _stopped(name, code)))
 
-    def _attachable(self, name: str, settings: dict[str, Any]) -> tuple[str, list[str]]:
-        """The plugin's target and command, or ConfigError saying why it cannot be attached now."""
+    def _attachable(self, name: str, settings: dict[str, Any]) -> tuple[str, list[str], str]:
+        """The plugin's target, command and working directory, or ConfigError saying why it cannot be attached
+        now."""
         if self.bus.ended:
             raise ConfigError(f"run {self.bus.run_id} has ended: there is nothing to attach {name} to")
         child = self.supervisor.attached(name)
@@ -100,14 +101,15 @@ class LivePlugins:
             raise ConfigError(f"{name} is the name of a live peer attached by hand to run {self.bus.run_id} (pid "
                               f"{holder.pid}); it holds it until it says bye or is silent for 3 heartbeat intervals")
         # a name the run has had (its config's, an author's own `target = "module:Class"` or `command` included) runs
-        # what it ran; any other is an installed plugin's
+        # what it ran, where it ran it (a continued run's relative program); any other is an installed plugin's
         had = self.supervisor.children.get(name)
-        target, command = (had.spec.target, list(had.spec.command)) if had is not None else (installed_target(name), [])
+        target, command, cwd = (had.spec.target, list(had.spec.command), had.spec.cwd) if had is not None else (
+            installed_target(name), [], "")
         size = len(pack(settings))
         if size > SETTINGS_MAX_BYTES:  # they reach the plugin in one environment variable (kernel/config.py)
             raise ConfigError(f"{name}: its settings take {size:,} bytes encoded, over the {SETTINGS_MAX_BYTES:,} "
                               f"that fit in its environment; put large data in a file and give its path")
-        return target, command
+        return target, command, cwd
 
     def _answer(self, identity: bytes, label: str, msg: dict[str, Any], ok: bool, text: str) -> None:
         log.info("[%s] %s %s: %s", label, msg["type"], msg["name"], text)

@@ -13,6 +13,7 @@ import re
 import select
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import sigint_as_from_a_terminal, trainbus_cmd
@@ -365,3 +366,29 @@ def test_ctrl_c_while_the_kernel_does_not_answer_says_nothing_was_sent(short_run
     result = kernel.result(timeout_s=STARTUP_S)
     assert result["status"] == "completed" and result["plugins"]["metrics_log"]["state"] == "exited", result
     assert not of(read_events(result["run_dir"]), "plugin_detached", "metrics_log")
+
+
+def test_a_command_plugin_of_a_run_continued_from_elsewhere_attached_again_starts_where_it_first_did(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """A continued run's command plugins start in the directory its first session was started in (PluginConfig.cwd,
+    their relative programs and files found there); detached and attached again by name, one started in the
+    kernel's instead: `python rec.py` could not open its file and crashed at every restart until plugin_failed."""
+    gate, path, project = tmp_path / "gate", tmp_path / "rec.txt", tmp_path / "project"
+    project.mkdir()
+    (project / "rec.py").write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                                    "from fixture_plugins import Recorder\nfrom trainbus.sdk import run\n"
+                                    "run(Recorder)\n")
+    rec = PluginConfig("rec", "", {"path": str(path)}, [sys.executable, "rec.py"], cwd=str(project))
+    kernel = KernelProcess(config(short_runs, [rec], gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    open_gate(gate, ATTACH_AT)
+    first = kernel.wait_ready("rec", timeout_s=STARTUP_S)
+    kernel.wait_step(ATTACH_AT, timeout_s=STARTUP_S)
+    detached = plugins_cli(kernel, "detach", kernel.run_id, "rec")
+    assert detached.returncode == 0, detached.stderr
+    attached = plugins_cli(kernel, "attach", kernel.run_id, "rec")
+    assert attached.returncode == 0 and attached.stdout.startswith("started rec in run "), attached.stderr
+    kernel.wait_ready("rec", timeout_s=STARTUP_S, not_in=(first,))
+    open_gate(gate, EPOCHS * STEPS_PER_EPOCH)
+    assert kernel.result(timeout_s=STARTUP_S)["status"] == "completed"
+    assert not [e for e in read_events(kernel.run_dir) if e.type in ("plugin_crashed", "plugin_failed")]
