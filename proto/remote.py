@@ -281,11 +281,27 @@ class ConnectionWatch:
                 self.verdict = (f"{self.endpoint} takes connections but finishes no ZeroMQ handshake (each timed "
                                 f"out): no trainbus kernel or daemon listens on that port (another service?), or "
                                 f"the one there is hung")
+            elif self._quick_drops >= self.QUICK_DROPS and self._closes_unheard():
+                self.verdict = (f"{self.endpoint} takes connections and closes each at once, unheard: a tunnel or "
+                                f"forwarder (ssh -L) with nothing listening at its far end (has the run ended? "
+                                f"`trainbus runs list` on its host says), or a service that is not trainbus")
             elif self._quick_drops >= self.QUICK_DROPS:
                 # A server without CURVE drops us as quickly when it notices the mismatch before we do.
                 self.verdict = (f"{self.said_as} drops every handshake: the server key pinned for it is not that "
                                 f"host's (give --server-key its server.key, or {self.server_key_file}), its "
                                 f"authenticator is down, or no {self.service} listens there with keys")
+
+    def _closes_unheard(self) -> bool:
+        """Whether a plain connection to the endpoint is closed before the peer says a byte. A ZeroMQ peer greets
+        first (its signature, at once), also one holding another server key; a tunnel whose far end has nothing
+        listening (`ssh -L` to a run that ended) accepts and closes unheard, which libzmq reports as the same quick
+        drop. Unsure (no answer within a second, no connection, a name that does not resolve): False."""
+        host, _, port = self.endpoint.removeprefix("tcp://").rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0) as probe:
+                return probe.recv(1) == b""
+        except (OSError, ValueError):
+            return False
 
     def why_silent(self) -> str:
         """What the socket met, for a client giving up without a verdict ("" when nothing tells)."""

@@ -731,6 +731,46 @@ def test_attach_to_a_port_whose_service_answers_first_says_so_in_seconds(banner,
     assert took < 20, f"said after {took:.1f} s, not the 30 s window"
 
 
+def test_attach_through_a_tunnel_with_nothing_behind_it_says_so_not_that_the_server_key_is_wrong(keys):
+    """`ssh -L 5555:localhost:5555 ...` (or any forwarder) to a run that has ended: the tunnel takes each connection
+    and closes it at once, having said nothing, since nothing listens at its far end. attach said the server key
+    pinned was not that host's; now it says the port closes connections unheard, and names the tunnel's far end."""
+    import threading
+
+    tunnel = socket.socket()
+    tunnel.bind(("127.0.0.1", 0))
+    tunnel.listen(64)
+    tunnel.settimeout(0.2)
+    port, done = tunnel.getsockname()[1], threading.Event()
+
+    def forward_to_nothing() -> None:  # ssh -L: accept, fail to reach the far end, close
+        while not done.is_set():
+            try:
+                conn, _ = tunnel.accept()
+            except socket.timeout:
+                continue
+            conn.close()
+
+    thread = threading.Thread(target=forward_to_nothing, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        proc = subprocess.run([*trainbus_cmd(), "attach", f"127.0.0.1:{port}", "--json", "--key", str(keys["pilot"]),
+                               "--server-key", str(keys["dir"] / "server.key")], capture_output=True, text=True,
+                              timeout=60)
+        took = time.monotonic() - started
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        tunnel.close()
+    assert proc.returncode == 2, proc
+    said = one_line(proc.stderr)
+    assert said.startswith(f"error: tcp://127.0.0.1:{port} takes connections and closes each at once, unheard: "
+                           f"a tunnel or forwarder (ssh -L) with nothing listening at its far end"), said
+    assert "server key" not in said, said
+    assert took < 20, f"said after {took:.1f} s"
+
+
 def test_handshake_drops_make_a_verdict_only_when_quick_and_in_a_row():
     """ConnectionWatch on a fake clock: a server that cannot read our hello drops it at once, again on each of
     libzmq's reconnects; a drop long after the connect (a server too slow to finish) or one between successful
