@@ -43,6 +43,10 @@ MAX_POLL_S = 1.0
 ACK_INTERVAL_S = 0.25
 FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
 KERNEL_EXITED = "the kernel process exited"
+# A remote plugin (over TCP) cannot tell a kernel gone from a network down: it waits this long for the kernel's
+# heartbeats to come back (libzmq reconnects by itself) before it gives up, as long as attach's reconnects take.
+REMOTE_SILENCE_S = 100.0
+UNKNOWN_PEER = "unknown_peer"  # the kernel's refusal of a peer it does not know (forgot, past its liveness window)
 
 
 class PluginIO(threading.Thread):
@@ -72,6 +76,9 @@ class PluginIO(threading.Thread):
         self.progress_at = 0.0
         self._stuck_told: float | None = None  # the handler clock (_busy_clock) we said is past its timeout
         self._silent_since: float | None = None  # the kernel fell silent while still alive (_kernel_gone): since when
+        # over TCP (the Runner of a remote plugin): how long a silent kernel is waited for; 0: gone at once
+        self.wait_out_silence_s = 0.0
+        self._rehello = False  # saying hello again to a kernel that forgot us (wait_out_silence_s)
         self.gone: str | None = None  # why the kernel is considered gone
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
         # gone, but on purpose: a plugin run by hand whose user stopped it (Ctrl-C, SIGTERM) says bye as it leaves
@@ -338,8 +345,18 @@ class PluginIO(threading.Thread):
                 self._hello_tries_left -= 1
                 self.said_hello, self._hello_at = False, time.monotonic() + self.heartbeat_interval_s
                 continue
+            if (msg["type"] == "refused" and msg["code"] == UNKNOWN_PEER and self.wait_out_silence_s
+                    and (self.welcomed or self._rehello)):
+                # back after a silence longer than the kernel keeps a silent peer's place: it forgot us. Say hello
+                # again (after the next event, as the first time); a durable plugin then replays what went by.
+                if not self._rehello:  # each message sent meanwhile (heartbeat, ack, replay) is refused alike: once
+                    _say(f"[{self.hello['name']}] the kernel no longer knew this plugin after the silence; saying "
+                         f"hello again")
+                    self.welcomed = self.said_hello = False
+                    self._rehello, self._hello_at = True, time.monotonic()
+                continue
             if msg["type"] == "welcome":
-                self.welcomed = True
+                self.welcomed, self._rehello = True, False
             if msg["type"] == "refused":  # the kernel will not act on anything we send: nothing to do here
                 self.refused, self.refused_code = msg["reason"], msg["code"]
                 self.gone = f"refused by the kernel: {msg['reason']}"
@@ -413,7 +430,14 @@ class PluginIO(threading.Thread):
                 self._silent_since = None
             return None
         if self.kernel_pid is None:  # attached by hand or remote: silence is all we can know of the kernel
-            return f"no kernel heartbeat for {now - last_kernel:.1f} s"
+            if now - last_kernel > self.wait_out_silence_s:
+                return f"no kernel heartbeat for {now - last_kernel:.1f} s"
+            # over TCP a silence is as likely a network down for a while (the kernel lives on): wait for it
+            if self._silent_since is None:
+                self._silent_since = last_kernel
+                _say(f"[{self.hello['name']}] no kernel heartbeat for {now - last_kernel:.1f} s: the network to its "
+                     f"host is down, or the kernel is gone or hung; waiting up to {self.wait_out_silence_s:.0f} s")
+            return None
         # Still our parent (PR_SET_PDEATHSIG ends us with it): a kernel stopped (SIGSTOP, a frozen cgroup, swapped
         # out) is silent, not gone; leaving would lose the rest of the run's events. Wait for it, and say so once.
         if self._silent_since is None:

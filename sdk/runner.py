@@ -32,7 +32,7 @@ from trainbus.proto.remote import (CONNECTION_FILE, SERVER_KEY, KeyFileError, en
 
 from .loader import where_raised
 from .plugin import KernelGoneInfo, Plugin, _snake, named_settings
-from .plugin_io import FINAL_EVENTS, KERNEL_EXITED, MAX_POLL_S, PluginIO, _say
+from .plugin_io import FINAL_EVENTS, KERNEL_EXITED, MAX_POLL_S, REMOTE_SILENCE_S, PluginIO, _say
 from .settings import SettingsError, declared
 from .tracebacks import user_traceback
 
@@ -97,6 +97,9 @@ class Runner:
                         votes=list(plugin.votes), capabilities=list(plugin.capabilities), secret=secret)
         self.io = make_io(events_endpoint, control_endpoint, topics, hello, plugin.handler_timeout_s, kernel_pid,
                           secure)
+        self.remote = secure is not None  # over TCP: a silent kernel may be a network down; it is waited for
+        if self.remote:
+            self.io.wait_out_silence_s = REMOTE_SILENCE_S
         self.counts_gaps = topics == [""]
         # What is dispatched; the rest (a durable plugin is sent every type but the per-batch ones it does not
         # handle, a best-effort one heartbeats) is stepped over in order, without a handler call. A plugin with
@@ -168,6 +171,10 @@ class Runner:
                 self._on_live(payload)
             elif payload["type"] == "replay_batch":
                 self._on_replay(payload)
+            elif payload["type"] == "welcome" and self.durable:
+                # welcomed again (a remote plugin the kernel forgot while the network was down): a replay asked
+                # for meanwhile was refused, so ask again from where we are
+                self._request_replay()
             self._maybe_ack()
         return self._finish(None)
 
@@ -433,6 +440,10 @@ class Runner:
             pass  # no kernel ever answered: run() says so, and what to check, in one line
         elif self.io.refused and not self._set_up:  # turned down at hello: the kernel is there, and said why
             _say(f"[{self.plugin.name}] {refused_hello(self.plugin.name, self.io.refused)}")
+        elif gone and self.remote and self.io.lost_kernel:  # over TCP: which of the two, nothing here can say
+            _say(f"[{self.plugin.name}] lost the kernel ({gone}): it has exited or hangs, or this machine no longer "
+                 f"reaches its host (`trainbus runs list` there says whether the run goes on; start this plugin "
+                 f"again once it answers); exiting. {stats}")
         elif gone:  # the kernel lost, or (a SIGTERM from a live kernel, our I/O thread failing) ended on this side
             _say(f"[{self.plugin.name}] {f'kernel gone ({gone})' if self.io.lost_kernel else gone}; exiting. {stats}")
         else:
@@ -442,12 +453,14 @@ class Runner:
                 _say(f"[{self.plugin.name}] run ended. {stats}")
         self.io.close()
         self.io.join(timeout=3)
-        return 1 if self.io.refused or self.io.denied else 0
+        return 1 if self.io.refused or self.io.denied or (self.remote and self.io.lost_kernel) else 0
 
     def _kernel_died(self) -> bool:
         """The kernel is gone with the run unfinished: not refused, not stopped by a live kernel, not after the
-        run's final event, and no summary.json (a kernel that ends a run writes it, even a failed one)."""
-        return (self._set_up and self.io.lost_kernel and not self.finished
+        run's final event, and no summary.json (a kernel that ends a run writes it, even a failed one). Never over
+        TCP: the run's directory is not here, and a silence there may be the network's (an e-mail plugin run
+        remotely would mail "run died" for a dropped link)."""
+        return (self._set_up and self.io.lost_kernel and not self.finished and not self.remote
                 and run_summary(self.plugin.run_dir) is None)
 
     def _tell_kernel_gone(self, reason: str) -> None:

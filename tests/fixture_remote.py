@@ -14,3 +14,13 @@ class RemoteRecorder(Recorder):
         super().on_event(event)
         if event.type == "end_training_batch" and event.step == self.settings["stop_at_step"]:
             self.stop(f"remote stop at step {event.step}")
+
+
+class GoneWatcher(RemoteRecorder):
+    """RemoteRecorder that writes `kernel_gone_path` when the SDK says the run died (on_kernel_gone)."""
+
+    settings = {**RemoteRecorder.settings, "kernel_gone_path": ""}
+
+    def on_kernel_gone(self, info):
+        with open(self.settings["kernel_gone_path"], "w") as f:
+            f.write("died\n")

@@ -1113,6 +1113,133 @@ def test_a_remote_plugin_over_curve_is_durable_across_kill_9_and_its_stop_works(
     assert restarts <= 1, "in seq order, but for the redelivery after its one restart"
 
 
+class Forwarder:
+    """A TCP forwarder on three consecutive loopback ports to a run's three (control, events, bursts): the network
+    between a remote client and its kernel. `cut()` closes it and every connection through it, as a dropped link
+    does; `mend()` listens on the same ports again."""
+
+    def __init__(self, conn: dict[str, str]):
+        import threading
+
+        self.targets = [int(conn[name].rpartition(":")[2]) for name in ("control", "events", "bursts")]
+        held = _three_ports_refusing()
+        self.port = held[0].getsockname()[1]
+        for bound in held:
+            bound.close()
+        self.lock, self.open, self.listeners, self.threading = threading.Lock(), [], [], threading
+        self.mend()
+
+    def mend(self) -> None:
+        for offset, target in enumerate(self.targets):
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port + offset))
+            listener.listen(16)
+            self.listeners.append(listener)
+            self.threading.Thread(target=self._accept, args=(listener, target), daemon=True).start()
+
+    def cut(self) -> None:
+        with self.lock:
+            for sock in self.listeners + self.open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self.listeners, self.open = [], []
+
+    def _accept(self, listener: socket.socket, target: int) -> None:
+        while True:
+            try:
+                near, _ = listener.accept()
+                far = socket.create_connection(("127.0.0.1", target), timeout=5)
+            except OSError:
+                return
+            with self.lock:
+                self.open += [near, far]
+            for a, b in ((near, far), (far, near)):
+                self.threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_a_remote_plugin_waits_out_a_dropped_network_and_goes_on_missing_nothing(keys, runs_dir, tmp_path, kernels):
+    """The network between a remote plugin and its kernel drops for 10 s (longer than the kernel keeps a silent
+    peer's place) and comes back while the run goes on. The plugin took 3 s of silence for its kernel gone and
+    exited, a remote monitor lost for the rest of the run; now it waits, says so, says hello again once the link is
+    back, and a durable one replays what went by: every journaled seq is recorded, and it ends with the run."""
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=3, step_sleep_s=0.1), tmp_path)
+    kernels.append(kernel)
+    link = Forwarder(connection(kernel))
+    record = tmp_path / "remote.txt"
+    env = {**os.environ, "TRAINBUS_PLUGIN_NAME": "remote_recorder",
+           "TRAINBUS_PLUGIN_SETTINGS": pack({"path": str(record)}).hex()}
+    plugin = subprocess.Popen([sys.executable, "-m", "trainbus.sdk", "fixture_remote:RemoteRecorder", "--connect",
+                               f"127.0.0.1:{link.port}", "--key", str(keys["pilot"]), "--server-key",
+                               str(keys["dir"] / "server.key")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: record.exists() and len(record.read_text().splitlines()) >= 20, 120,
+                   "the remote plugin's first 20 events")
+        link.cut()
+        cut_at = kernel.journal.step()
+        time.sleep(10)
+        link.mend()
+        result = kernel.result(timeout_s=180)
+        said, _ = plugin.communicate(timeout=60)
+    finally:
+        link.cut()
+        if plugin.poll() is None:
+            plugin.kill()
+    assert cut_at < 2 * STEPS_PER_EPOCH, f"cut at step {cut_at}: too late to prove anything"
+    assert plugin.returncode == 0, said
+    assert "waiting" in said and "kernel gone" not in said, said
+    assert result["status"] == "completed", result
+    final = of(read_events(result["run_dir"]), "end_training_session")[0].seq
+    recorded = {int(line.split()[0]) for line in record.read_text().splitlines()}
+    assert set(range(1, final + 1)) <= recorded, (sorted(set(range(1, final + 1)) - recorded)[:10], said)
+
+
+def test_a_remote_plugin_that_loses_its_kernel_for_good_says_both_causes_and_claims_no_death(keys, runs_dir, tmp_path,
+                                                                                           kernels):
+    """Over TCP a silent kernel may be a network down: once its wait (shortened here) is over, a remote plugin exits 1
+    in a line naming both causes, and runs no on_kernel_gone, which would have told the run died (an e-mail plugin
+    mailed "run died" for a dropped link) and exited 0, so that nothing restarted it."""
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=50), tmp_path)
+    kernels.append(kernel)
+    connection(kernel)
+    record, gone = tmp_path / "remote.txt", tmp_path / "gone"
+    env = {**os.environ, "TRAINBUS_PLUGIN_SETTINGS": pack({"path": str(record), "kernel_gone_path": str(gone)}).hex()}
+    code = ("import sys, trainbus.sdk.runner as runner; runner.REMOTE_SILENCE_S = 2.0; "
+            "from trainbus.sdk.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    plugin = subprocess.Popen([sys.executable, "-c", code, "fixture_remote:GoneWatcher", "--connect",
+                               str(kernel.run_dir / CONNECTION_FILE), "--key", str(keys["pilot"])], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: record.exists() and len(record.read_text().splitlines()) >= 5, 120, "the plugin's events")
+        kernel.kill()
+        said = plugin.communicate(timeout=60)[1]
+    finally:
+        if plugin.poll() is None:
+            plugin.kill()
+    assert plugin.returncode == 1, said
+    assert not gone.exists(), said
+    last = said.strip().splitlines()[-1]
+    assert last.startswith("[gone_watcher] lost the kernel (no kernel heartbeat for ") and (
+        "it has exited or hangs, or this machine no longer reaches its host" in last), said
+
+
 def test_a_wildcard_bind_is_advertised_by_this_hosts_name_and_an_address_as_it_is():
     """connection.json and the daemon's remote.json are read on other machines, where tcp://0.0.0.0 is themselves."""
     import socket
