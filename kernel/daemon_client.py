@@ -44,7 +44,7 @@ class RemoteDaemon:
                              f"(the endpoint in its .daemon/{REMOTE_FILE})") from None
         self.host_port = f"{host}:{port}"
         self.server_public = load_server_key(Path(self.server_key))
-        load_secret(Path(self.key_file))
+        load_secret(Path(self.key_file), client=True)
 
     def connect(self, socket: zmq.Socket):
         """Connect `socket` with our keys; the ConnectionWatch that says at once when the daemon's host takes none of

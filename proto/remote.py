@@ -8,6 +8,7 @@ its own key pair, and the server's public key pinned.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -52,9 +53,14 @@ def check_secret_file(path: Path) -> None:
         raise KeyFileError(f"secret key file {path} is empty; fix: generate it again with `trainbus keys generate`")
 
 
-def load_secret(path: Path) -> tuple[bytes, bytes]:
-    """(public, secret) z85 keys of a secret key file, after checking it is the owner's alone."""
+def load_secret(path: Path, client: bool = False) -> tuple[bytes, bytes]:
+    """(public, secret) z85 keys of a secret key file, after checking it is the owner's alone. `client`: a client's
+    --key, which is made on the host it connects to and copied here (generating one here would not help)."""
     path = Path(path)
+    if client and not os.path.lexists(path):
+        raise KeyFileError(f"key file {path}: {os.strerror(errno.ENOENT)}; a client's key is made on the host it "
+                           f"connects to (`trainbus keys generate client NAME --role monitor|control` there) and its "
+                           f"{SECRET_SUFFIX} copied to this machine")
     try:
         check_secret_file(path)
     except KeyFileError:

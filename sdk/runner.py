@@ -733,7 +733,7 @@ def remote_endpoints(connect: str, key: str,
     if isinstance(pinned, Path):
         pinned = load_server_key(pinned)
     return control_endpoint, events_endpoint, bursts_endpoint, functools.partial(
-        secure_client, key_file=load_secret(Path(key)), server_key=pinned)
+        secure_client, key_file=load_secret(Path(key), client=True), server_key=pinned)
 
 
 def skip_lost(batch: dict[str, Any], next_seq: int, who: str) -> int:

@@ -1717,6 +1717,24 @@ def test_a_remote_client_with_no_server_key_here_is_told_to_give_server_key(tmp_
                                                      f"to pin for 127.0.0.1:5555: {fix}\n"), done.stderr
 
 
+def test_a_client_key_file_not_here_is_told_to_be_copied_from_the_host_not_generated_here(keys, tmp_path):
+    """`--key alice.key_secret` on a laptop where it was never copied (or a typo): attach, a remote plugin and a
+    remote daemon command said `generate it with trainbus keys generate`, which on the laptop makes a key the host
+    has never heard of (refused next). A client's key is made on the host and its secret copied over: say that."""
+    missing = tmp_path / "alice.key_secret"
+    server_key = str(keys["dir"] / "server.key")
+    fix = (f"error: key file {missing}: No such file or directory; a client's key is made on the host it connects "
+           f"to (`trainbus keys generate client NAME --role monitor|control` there) and its .key_secret copied to "
+           f"this machine\n")
+    for command in ([*trainbus_cmd(), "attach", "127.0.0.1:5555"],
+                    [sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.cpu_monitor:CpuMonitorPlugin",
+                     "--connect", "127.0.0.1:5555"],
+                    [*trainbus_cmd(), "daemon", "status", "--remote", "127.0.0.1:7000"]):
+        done = subprocess.run([*command, "--key", str(missing), "--server-key", server_key], capture_output=True,
+                              text=True, timeout=60)
+        assert (done.returncode, done.stderr) == (2, fix), (command, done.stderr)
+
+
 @pytest.mark.parametrize("words, said", [
     (["foo"], "`server` takes no NAME (there is one server pair per host): for a client's pair, give `client foo`"),
     (["--role", "control"], "`server` takes no --role (roles are the client keys'): give `client NAME --role control`"),
