@@ -41,7 +41,7 @@ import msgpack
 import zmq
 
 from trainbus.proto import ProtocolError, unpack
-from trainbus.proto.remote import advertised
+from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, advertised, read_connection_file
 
 from .buffer_files import remove_dead_runs_buffers
 from .checkpointing import has_checkpoints, no_checkpoints
@@ -432,8 +432,21 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "runs_dir": str(self.runs_dir), "devices": self.devices,
                 "max_concurrent": self.max_concurrent, "remote": self.remote_endpoint,
-                "running": {w.job_id: {"pid": w.pid, "devices": w.devices} for w in self.watched.values()},
+                "running": {w.job_id: {"pid": w.pid, "devices": w.devices, **self._listening(w)}
+                            for w in self.watched.values()},
                 "trouble": self.trouble}  # why the last round failed: the log may be on the disk that is full
+
+    def _listening(self, watched: Watched) -> dict[str, str]:
+        """{"listen": its control endpoint} for a run whose kernel listens on TCP (`--listen`, a free port maybe):
+        the endpoint is in its connection.json, on this host, where a remote key that submitted the run to watch it
+        cannot look. A file older than the process is an earlier session's (a resume that does not listen)."""
+        path = self.runs_dir / watched.job_id / CONNECTION_FILE
+        try:
+            if watched.pid_started is not None and path.stat().st_mtime < watched.pid_started - 1:
+                return {}
+            return {"listen": read_connection_file(path)["control"]}
+        except (OSError, KeyFileError):
+            return {}
 
 
 # -- the daemon process --------------------------------------------------------------------------------

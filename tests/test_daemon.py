@@ -825,6 +825,51 @@ def test_a_remote_submission_asking_for_more_gpus_than_the_daemon_has_is_refused
     assert json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json").stdout)["ended"] == []
 
 
+def test_a_run_submitted_over_tcp_to_listen_on_a_free_port_is_listed_with_the_endpoint_to_attach_to(tmp_path,
+                                                                                                     daemons):
+    """Alice submits from her laptop a run that listens (`-- ... --listen 127.0.0.1:0`) to watch it there: the port
+    it took was only in its connection.json, on the host, and nothing her key reaches said it. `daemon status` now
+    lists each running run's --listen endpoint, and `trainbus attach` there, with the daemon's remote.json as the
+    server key (the same host's key), shows the run."""
+    from trainbus.kernel.keys import KeyStore
+    from trainbus.proto.remote import CONNECTION_FILE, read_connection_file
+
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    runs.mkdir()
+    store = KeyStore(tmp_path / "keys")
+    store.generate_server()
+    pilot = store.generate_client("alice", "control")[1]
+    start_daemon(daemons, runs, "--listen", "127.0.0.1:0", "--keys-dir", str(store.directory))
+    remote_json = daemon_dir(runs) / "remote.json"
+    host_port = json.loads(remote_json.read_text())["endpoint"].removeprefix("tcp://")
+    over_tcp = ["--remote", host_port, "--key", str(pilot), "--server-key", str(remote_json)]
+    submitted = cli("daemon", "submit", *over_tcp, "--", PACED, "--set", f"gate={gate}", "--epochs", "1",
+                    "--listen", "127.0.0.1:0", "--keys-dir", str(store.directory))
+    run_id = submitted.stdout.strip()
+    connection_file = runs / run_id / CONNECTION_FILE
+    try:
+        wait_until(connection_file.exists, WAIT_S, "the submitted run listening")
+        endpoint = read_connection_file(connection_file)["control"]
+        shown = cli("daemon", "status", *over_tcp).stdout
+        assert f"running {run_id} (pid " in shown and f"listening on {endpoint}" in shown, shown
+        status = json.loads(cli("daemon", "status", *over_tcp, "--json").stdout)
+        assert status["running"][run_id]["listen"] == endpoint, status
+        # the gate holds the run at its first batch, so attach would watch on: its first line is enough
+        attach = subprocess.Popen([*trainbus_cmd(), "attach", endpoint, "--key", str(pilot), "--server-key",
+                                   str(remote_json), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        try:
+            ready = select.select([attach.stdout], [], [], 60)[0]
+            first = json.loads(attach.stdout.readline()) if ready else {}
+        finally:
+            attach.kill()
+            said = attach.communicate(timeout=30)[1]
+        assert (first.get("type"), first.get("run")) == ("snapshot", run_id), said
+    finally:
+        open_gate(gate, 10 ** 6)
+    wait_until(lambda: listed(runs).get(run_id, {}).get("status") == "completed", WAIT_S, "the run's end")
+
+
 def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unknown_key_gets_nothing(tmp_path,
                                                                                                       daemons):
     from trainbus.kernel.keys import KeyStore
