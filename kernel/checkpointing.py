@@ -61,7 +61,9 @@ class Checkpointer:
         if starting:
             # what a plugin can do comes with its hello: the ones still starting are named, not called persisters
             return f"no checkpoint plugin has said hello yet (plugins still starting: {', '.join(starting)})"
-        return "no checkpoint plugin is attached (add --plugins checkpoint)"
+        # a live run takes one without a restart: that fix first (a remote user at `attach --control` reads it)
+        return ("no checkpoint plugin is attached (`trainbus plugins attach RUN checkpoint` on the run's host adds one "
+                "to the live run; `--plugins checkpoint` to a run at its start)")
 
     def due_at_step(self, step: int) -> bool:
         return self.every_n_steps > 0 and step % self.every_n_steps == 0 and self._scheduled()

@@ -497,7 +497,9 @@ def test_stop_from_attach_is_journaled_with_who_sent_it(runs_dir, tmp_path, kern
     skipped = subprocess.run(attach_cmd(kernel, "--checkpoint", "before it stops"), capture_output=True, text=True,
                              timeout=120)
     assert skipped.returncode == 1 and skipped.stderr.startswith("error: checkpoint_now reached run "), skipped.stderr
-    assert "was skipped: no checkpoint plugin is attached (add --plugins checkpoint)" in skipped.stderr
+    # a live run's fix is to attach one, not to start the run again with --plugins (as the line used to say)
+    assert ("was skipped: no checkpoint plugin is attached (`trainbus plugins attach RUN checkpoint` on the run's "
+            "host adds one to the live run; `--plugins checkpoint` to a run at its start)") in skipped.stderr
     # an empty reason is a stop all the same (it was taken for no command: the dashboard, never ending)
     proc = subprocess.run(attach_cmd(kernel, "--stop", ""), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -95,7 +95,8 @@ def test_a_checkpoint_without_a_persister_is_skipped_saying_why(tmp_path, starti
         why = "no checkpoint plugin has said hello yet (plugins still starting: checkpoint)"
         assert skipped == [(1, why), (1, why), (2, why)]  # checkpoint_now at a step, then each epoch's
     else:
-        assert skipped == [(1, "no checkpoint plugin is attached (add --plugins checkpoint)")]
+        assert skipped == [(1, "no checkpoint plugin is attached (`trainbus plugins attach RUN checkpoint` on the "
+                               "run's host adds one to the live run; `--plugins checkpoint` to a run at its start)")]
 
 
 def test_the_checkpointer_keeps_verdicts_only_for_what_its_slots_hold(tmp_path):
