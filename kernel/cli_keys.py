@@ -69,9 +69,12 @@ def keys_generate(
         raise UserError(str(exc)) from None
     out.print(escape(f"public key: {public}\nsecret key: {secret}"))  # paths, as they are: never markup
     if kind == "client":
+        keys = f"--key {secret.name} --server-key {store.server_public.name}"
+        steer = "; --control to stop it or checkpoint" if role == "control" else ""
         out.print(escape(f"Copy {secret} and {store.server_public} to the client's machine (then delete {secret} "
-                         f"here); there: python -m trainbus.sdk MODULE:CLASS --connect HOST:PORT --key {secret.name} "
-                         f"--server-key {store.server_public.name}"))
+                         f"here); there: trainbus attach HOST:PORT {keys} (a run's --listen HOST:PORT{steer}) watches "
+                         f"a run, and python -m trainbus.sdk MODULE:CLASS --connect HOST:PORT {keys} runs a plugin "
+                         f"against it"))
 
 
 @keys_app.command("list")

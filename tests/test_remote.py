@@ -25,7 +25,7 @@ import msgpack
 import pytest
 import zmq
 
-from conftest import trainbus_cmd
+from conftest import trainbus, trainbus_cmd
 from fixture_targets import open_gate
 from kernel_process import KernelProcess, of, wait_until
 from trainbus.kernel.bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, TCP_EVENTS_HWM
@@ -938,6 +938,21 @@ def _three_ports_refusing() -> list[socket.socket]:
 def one_line(stderr: str) -> str:
     assert stderr.count("\n") == 1, stderr
     return stderr
+
+
+def test_keys_generate_client_names_what_to_copy_and_the_attach_command_to_run_there(tmp_path):
+    """What the operator hands Alice: the two files to copy, and what she runs on her laptop. The line named only
+    `python -m trainbus.sdk MODULE:CLASS --connect ...`, a plugin, while what she came for is to watch the run."""
+    where = ["--keys-dir", str(tmp_path / "k")]
+    trainbus("keys", "generate", "server", *where)
+    said = trainbus("keys", "generate", "client", "alice", "--role", "control", *where).stdout
+    secret, public = tmp_path / "k" / "control" / "alice.key_secret", tmp_path / "k" / "server.key"
+    flat = " ".join(said.split())  # rich wraps at the terminal's width
+    assert f"Copy {secret} and {public} to the client's machine" in flat, said
+    assert ("trainbus attach HOST:PORT --key alice.key_secret --server-key server.key (a run's --listen HOST:PORT; "
+            "--control to stop it or checkpoint)") in flat, said
+    assert "python -m trainbus.sdk MODULE:CLASS --connect HOST:PORT --key alice.key_secret --server-key server.key" \
+        in flat, said
 
 
 def test_keys_cli_generates_lists_and_revokes(tmp_path):
