@@ -288,9 +288,11 @@ class ConnectionWatch:
                                 f"out): no trainbus kernel or daemon listens on that port (another service?), or "
                                 f"the one there is hung")
             elif self._quick_drops >= self.QUICK_DROPS and self._closes_unheard():
+                check = ("is the daemon up? `trainbus daemon status` on its host says" if "daemon" in self.service
+                         else "has the run ended? `trainbus runs list` on its host says")
                 self.verdict = (f"{self.endpoint} takes connections and closes each at once, unheard: a tunnel or "
-                                f"forwarder (ssh -L) with nothing listening at its far end (has the run ended? "
-                                f"`trainbus runs list` on its host says), or a service that is not trainbus")
+                                f"forwarder (ssh -L) with nothing listening at its far end ({check}), or a service "
+                                f"that is not trainbus")
             elif self._quick_drops >= self.QUICK_DROPS:
                 # A server without CURVE drops us as quickly when it notices the mismatch before we do.
                 self.verdict = (f"{self.said_as} drops every handshake: the server key pinned for it is not that "

@@ -759,6 +759,10 @@ def test_attach_through_a_tunnel_with_nothing_behind_it_says_so_not_that_the_ser
                                "--server-key", str(keys["dir"] / "server.key")], capture_output=True, text=True,
                               timeout=60)
         took = time.monotonic() - started
+        # a tunnel to a daemon's --listen port that is down: the same, with the daemon's check
+        daemon = subprocess.run([*trainbus_cmd(), "daemon", "status", "--remote", f"127.0.0.1:{port}", "--key",
+                                 str(keys["pilot"]), "--server-key", str(keys["dir"] / "server.key")],
+                                capture_output=True, text=True, timeout=60)
     finally:
         done.set()
         thread.join(timeout=5)
@@ -766,9 +770,12 @@ def test_attach_through_a_tunnel_with_nothing_behind_it_says_so_not_that_the_ser
     assert proc.returncode == 2, proc
     said = one_line(proc.stderr)
     assert said.startswith(f"error: tcp://127.0.0.1:{port} takes connections and closes each at once, unheard: "
-                           f"a tunnel or forwarder (ssh -L) with nothing listening at its far end"), said
+                           f"a tunnel or forwarder (ssh -L) with nothing listening at its far end (has the run "
+                           f"ended?"), said
     assert "server key" not in said, said
     assert took < 20, f"said after {took:.1f} s"
+    assert daemon.returncode == 2 and "nothing listening at its far end (is the daemon up? `trainbus daemon status` " \
+        "on its host says)" in one_line(daemon.stderr), daemon.stderr
 
 
 def test_handshake_drops_make_a_verdict_only_when_quick_and_in_a_row():
