@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import time
+import weakref
 from pathlib import Path
 
 import zmq
@@ -127,6 +128,10 @@ def _load(path: Path) -> tuple[bytes, bytes | None]:
                            f"generate one with `trainbus keys generate`") from None
 
 
+# Each CURVE client socket's (public, secret, pinned server) keys, for as long as the socket lives.
+_CLIENT_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def secure_client(socket: zmq.Socket, key_file: Path | tuple[bytes, bytes], server_key: bytes | Path) -> None:
     """Make `socket` a CURVE client before it connects: its own key pair from `key_file` (a .key_secret file,
     owner-only; or the (public, secret) pair load_secret read from one), the server's public key pinned (z85
@@ -137,6 +142,7 @@ def secure_client(socket: zmq.Socket, key_file: Path | tuple[bytes, bytes], serv
     socket.curve_secretkey = secret
     socket.curve_publickey = public
     socket.curve_serverkey = pinned
+    _CLIENT_KEYS[socket] = (public, secret, pinned)  # libzmq gives no key back: ConnectionWatch's probe reads them
     socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
     socket.setsockopt(zmq.IPV6, 1)  # a kernel listening on [::1] or another IPv6 address; IPv4 ones still connect
 
@@ -197,6 +203,7 @@ class ConnectionWatch:
         # pyzmq's default address names the socket's fd, which a socket made after this one closes may reuse
         # before libzmq has let the address go ("Address already in use")
         self.monitor = socket.get_monitor_socket(self.EVENTS, f"inproc://trainbus-handshake-{os.urandom(8).hex()}")
+        self._socket: zmq.Socket | None = socket  # its keys, for a probe of what drops it (a publisher?)
         self.verdict: str | None = None
         self._connected_at: float | None = None  # the latest connection's
         self._first_retry: float | None = None  # the first failed connect, while none has been accepted yet
@@ -287,6 +294,12 @@ class ConnectionWatch:
                 self.verdict = (f"{self.endpoint} takes connections but finishes no ZeroMQ handshake (each timed "
                                 f"out): no trainbus kernel or daemon listens on that port (another service?), or "
                                 f"the one there is hung")
+            elif self._quick_drops >= self.QUICK_DROPS and self._a_publisher_takes_our_keys():
+                self.verdict = (f"{self.endpoint} is a run's events or bursts port (PORT + 1 or PORT + 2), not "
+                                + ("a daemon's endpoint: give the daemon's --listen HOST:PORT (the endpoint in its "
+                                   ".daemon/remote.json)" if "daemon" in self.service else
+                                   f"its control port: give the PORT the run printed first (`control` in its "
+                                   f"{CONNECTION_FILE})"))
             elif self._quick_drops >= self.QUICK_DROPS and self._closes_unheard():
                 check = ("is the daemon up? `trainbus daemon status` on its host says" if "daemon" in self.service
                          else "has the run ended? `trainbus runs list` on its host says")
@@ -298,6 +311,33 @@ class ConnectionWatch:
                 self.verdict = (f"{self.said_as} drops every handshake: the server key pinned for it is not that "
                                 f"host's (give --server-key its server.key, or {self.server_key_file}), its "
                                 f"authenticator is down, or no {self.service} listens there with keys")
+
+    def _a_publisher_takes_our_keys(self) -> bool:
+        """Whether a SUB with this (control) socket's own CURVE keys completes a handshake at its endpoint: a run's
+        events or bursts port (an XPUB) drops a DEALER after the handshake, for the socket types, as quickly as a
+        server holding another key drops it before; there a SUB gets in. False for a SUB's own watch, or unsure."""
+        keys = _CLIENT_KEYS.get(self._socket) if self._socket is not None else None
+        if keys is None or self._socket.closed or self._socket.type == zmq.SUB:
+            return False
+        from zmq.utils.monitor import recv_monitor_message
+
+        probe = self._socket.context.socket(zmq.SUB)
+        monitor = None
+        try:
+            probe.setsockopt(zmq.LINGER, 0)
+            for option, key in zip((zmq.CURVE_PUBLICKEY, zmq.CURVE_SECRETKEY, zmq.CURVE_SERVERKEY), keys):
+                probe.setsockopt(option, key)
+            monitor = probe.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED,
+                                               f"inproc://trainbus-probe-{os.urandom(8).hex()}")
+            probe.connect(self.endpoint)
+            return bool(monitor.poll(1500)) and recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        except zmq.ZMQError:
+            return False
+        finally:
+            if monitor is not None:  # the monitor goes before its socket (a reader closed first froze the context)
+                probe.disable_monitor()
+                monitor.close(linger=0)
+            probe.close(linger=0)
 
     def _closes_unheard(self) -> bool:
         """Whether a plain connection to the endpoint is closed before the peer says a byte. A ZeroMQ peer greets

@@ -778,6 +778,32 @@ def test_attach_through_a_tunnel_with_nothing_behind_it_says_so_not_that_the_ser
         "on its host says)" in one_line(daemon.stderr), daemon.stderr
 
 
+def test_attach_to_a_runs_events_port_says_to_give_its_control_port_not_that_the_server_key_is_wrong(keys, runs_dir,
+                                                                                                     tmp_path, kernels):
+    """The kernel prints `control on 5555, events on 5556, bursts on 5557`; watching, one gives 5556. libzmq drops
+    a DEALER at a publisher after the handshake as quickly as a server holding another key does, so attach said the
+    server key pinned was not that host's. The keys are right: it now says which port that is, and which to give."""
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=50), tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    control = int(conn["control"].rpartition(":")[2])
+    for port in (control + 1, control + 2):
+        proc = subprocess.run([*trainbus_cmd(), "attach", f"127.0.0.1:{port}", "--json", "--key", str(keys["pilot"]),
+                               "--server-key", str(keys["dir"] / "server.key")], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2, proc
+        said = one_line(proc.stderr)
+        assert said.startswith(f"error: tcp://127.0.0.1:{port} is a run's events or bursts port (PORT + 1 or "
+                               f"PORT + 2), not its control port: give the PORT the run printed first"), said
+    status = subprocess.run([*trainbus_cmd(), "daemon", "status", "--remote", f"127.0.0.1:{control + 1}", "--key",
+                             str(keys["pilot"]), "--server-key", str(keys["dir"] / "server.key")],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 2 and one_line(status.stderr).startswith(
+        f"error: tcp://127.0.0.1:{control + 1} is a run's events or bursts port (PORT + 1 or PORT + 2), not a "
+        f"daemon's endpoint: give the daemon's --listen HOST:PORT"), status.stderr
+    kernel.kill()
+
+
 def test_handshake_drops_make_a_verdict_only_when_quick_and_in_a_row():
     """ConnectionWatch on a fake clock: a server that cannot read our hello drops it at once, again on each of
     libzmq's reconnects; a drop long after the connect (a server too slow to finish) or one between successful
