@@ -274,7 +274,8 @@ class ConnectionWatch:
             if self.unanswered_after_s is not None and now - self._first_retry >= self.unanswered_after_s:
                 self.verdict = (f"nothing accepts connections at {self.endpoint} (refused or unreachable for "
                                 f"{now - self._first_retry:.0f} s): is a run or daemon listening on that port? (the "
-                                f"endpoint it printed; a run's kernel.log names it)")
+                                f"endpoint it printed; a run's kernel.log names it; a run that has ended listens no "
+                                f"more: `trainbus runs list` on its host says)")
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._quick_drops = self._slow_drops = 0
             self.shaken_ok = True

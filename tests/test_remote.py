@@ -804,6 +804,24 @@ def test_attach_to_a_runs_events_port_says_to_give_its_control_port_not_that_the
     kernel.kill()
 
 
+def test_attach_to_the_port_of_a_run_that_has_ended_says_an_ended_run_listens_no_more(keys, runs_dir, tmp_path,
+                                                                                      kernels):
+    """Alice comes back to her laptop and attaches (or sends --stop) to HOST:PORT as yesterday: the run ended and its
+    port is closed. The line asked whether a run or daemon listens there, and Alice checked her port; it now says
+    that a run that has ended listens no more, and where to see how it ended."""
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=1, step_sleep_s=0), tmp_path)
+    kernels.append(kernel)
+    host_port = connection(kernel)["control"].removeprefix("tcp://")
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+    proc = subprocess.run([*trainbus_cmd(), "attach", host_port, "--stop", "too late", "--key", str(keys["pilot"]),
+                           "--server-key", str(keys["dir"] / "server.key")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc
+    said = one_line(proc.stderr)
+    assert said.startswith(f"error: nothing accepts connections at tcp://{host_port} (refused or unreachable for "), said
+    assert "a run that has ended listens no more: `trainbus runs list` on its host says)" in said, said
+
+
 def test_handshake_drops_make_a_verdict_only_when_quick_and_in_a_row():
     """ConnectionWatch on a fake clock: a server that cannot read our hello drops it at once, again on each of
     libzmq's reconnects; a drop long after the connect (a server too slow to finish) or one between successful
