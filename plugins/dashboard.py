@@ -24,7 +24,8 @@ from trainbus.proto.output import RefusalGuard
 from trainbus.proto.run_state import RunState
 from trainbus.proto.strict_json import strict_dumps
 from trainbus.proto.text import duration_text, printable
-from trainbus.sdk.attach import CLIENT_PREFIX, AttachError, Attachment, RunEnded, TargetError, target_of
+from trainbus.sdk.attach import (CLIENT_PREFIX, RECONNECT_ATTEMPTS, AttachError, Attachment, RunEnded, TargetError,
+                                 target_of)
 from trainbus.sdk.runner import disk_full, kernel_died, kernel_stopped, run_summary
 
 MONITORS = ("cpu", "memory", "disk", "gpu", "perf")  # the resource monitors' metric name prefixes
@@ -180,7 +181,8 @@ def dashboard(attachment: Attachment, steer: bool) -> int:
         keys_help = ("" if not keys.reading() else "keys: s stop · c checkpoint now · q quit" if steer else "q quit")
         def reconnecting(why: str) -> None:
             if attachment.state is not None:
-                status = f"[yellow]reconnecting: {escape(why)}[/yellow]"
+                status = (f"[yellow]reconnecting (try {attachment.reconnect_try} of {RECONNECT_ATTEMPTS}): "
+                          f"{escape(why)}[/yellow]")
                 live.update(render(attachment.state, status), refresh=True)
         attachment.on_reconnect = reconnecting
         drawn = 0.0
@@ -222,7 +224,12 @@ def dashboard(attachment: Attachment, steer: bool) -> int:
 
 def json_lines(attachment: Attachment) -> int:
     """The snapshot as one line ({"type": "snapshot", "seq", "state"}), then each event's envelope, one a line."""
-    attachment.on_reconnect = lambda why: print(f"trainbus attach: {why}; reconnecting", file=sys.stderr)
+    # each try numbered, and the return said: a log of the stream tells one that went on from one still trying
+    attachment.on_reconnect = lambda why: print(
+        f"trainbus attach: {why}; reconnecting (try {attachment.reconnect_try} of {RECONNECT_ATTEMPTS})",
+        file=sys.stderr)
+    attachment.on_reconnected = lambda seconds: print(
+        f"trainbus attach: reconnected after {seconds:.1f} s; going on from seq {attachment.next_seq}", file=sys.stderr)
     for item in attachment:
         if item is None:
             continue

@@ -176,6 +176,9 @@ class Attachment:
         self.name = name or client_name()
         self.peer_name = self.name  # this connection's name: the name, then name.1, name.2 ... after reconnects
         self.on_reconnect: Callable[[str], None] = lambda why: None  # told before each try (a line for the user)
+        # told once a try reached the kernel again, with the seconds since it was lost (a line for the user)
+        self.on_reconnected: Callable[[float], None] = lambda seconds: None
+        self.reconnect_try = 0  # which try of RECONNECT_ATTEMPTS is under way (on_reconnect reads it)
         self.replies = ["stop", "checkpoint_now", "log"] if steer else []
         self.state: RunState | None = None
         self.next_seq = 0  # the next seq to hand out; 0 until the snapshot came
@@ -362,15 +365,17 @@ class Attachment:
             # Silence with no handshake failure reported: nothing answers there (or too slowly to finish one).
             raise TargetError(f"no answer from {self.target.control} ({why}): check that the run listens there and "
                               f"that this machine reaches it (`trainbus runs list` on its host)")
-        delay_s = RECONNECT_FIRST_S
-        for _ in range(RECONNECT_ATTEMPTS):
+        delay_s, lost_at = RECONNECT_FIRST_S, time.monotonic()
+        for attempt in range(1, RECONNECT_ATTEMPTS + 1):
             self._raise_if_over()
+            self.reconnect_try = attempt
             self.on_reconnect(why)
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, RECONNECT_MAX_S)
             self.reconnects += 1
             self._connect()
             if self._wait_heard(delay_s + 2.0):
+                self.on_reconnected(time.monotonic() - lost_at)
                 return
             denied = self._io.denied
             self.close()

@@ -1306,6 +1306,47 @@ def test_a_remote_plugin_that_loses_its_kernel_for_good_says_both_causes_and_cla
         "it has exited or hangs, or this machine no longer reaches its host" in last), said
 
 
+def test_attach_json_over_a_dropped_network_says_each_try_and_its_return_and_misses_nothing(keys, runs_dir, tmp_path,
+                                                                                          kernels):
+    """`trainbus attach HOST:PORT --json > events.jsonl` from a laptop whose link drops for 6 s: every seq after the
+    snapshot's comes once, in order, through bus_closing, as the journal has it. Its stderr said the same line at each
+    try (`no kernel heartbeat for 3.0 s; reconnecting`) and nothing once it was back, so a log could not tell a
+    stream that went on from one still trying; now each try is numbered and the return is said."""
+    # ~18 s of training: it outlasts the cut, so the kernel is there to come back to (a run that ended meanwhile
+    # listens no more, and attach ends saying it lost the kernel)
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=4, step_sleep_s=0.1), tmp_path)
+    kernels.append(kernel)
+    link = Forwarder(connection(kernel))
+    out, err = tmp_path / "attach.jsonl", tmp_path / "attach.stderr"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        attach = subprocess.Popen([*trainbus_cmd(), "attach", f"127.0.0.1:{link.port}", "--json", "--key",
+                                   str(keys["watcher"]), "--server-key", str(keys["dir"] / "server.key")],
+                                  stdout=stdout, stderr=stderr, text=True)
+    try:
+        wait_until(lambda: out.read_text().count("\n") >= 20 or attach.poll() is not None, 60, "attach's lines")
+        link.cut()
+        cut_at = kernel.journal.step()
+        time.sleep(6)
+        link.mend()
+        result = kernel.result(timeout_s=180)
+        attach.wait(timeout=120)
+    finally:
+        link.cut()
+        if attach.poll() is None:
+            attach.kill()
+    said = err.read_text()
+    assert cut_at < 2 * STEPS_PER_EPOCH, f"cut at step {cut_at}: too late to prove anything"
+    assert attach.returncode == 0, said
+    assert result["status"] == "completed", result
+    assert "reconnecting (try 1 of 8)" in said and re.search(r"reconnected after \d+\.\d s; going on from seq \d+",
+                                                             said), said
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    seqs = [line["seq"] for line in lines[1:]]
+    journal = {e.seq: e for e in read_events(result["run_dir"])}
+    assert seqs == list(range(lines[0]["seq"] + 1, max(journal) + 1)), "a gap or a duplicate"
+    assert lines[-1]["type"] == "bus_closing"
+
+
 def test_a_wildcard_bind_is_advertised_by_this_hosts_name_and_an_address_as_it_is():
     """connection.json and the daemon's remote.json are read on other machines, where tcp://0.0.0.0 is themselves."""
     import socket
