@@ -35,7 +35,8 @@ from trainbus.proto.journal_format import read_journal
 from trainbus.kernel.keys import REFRESH_INTERVAL_S, KeyStore
 from trainbus.kernel.remote import Listener
 from trainbus.proto import pack
-from trainbus.proto.remote import CONNECTION_FILE, HANDSHAKE_IVL_MS, read_connection_file, secure_client
+from trainbus.proto.remote import (CLIENT_HEARTBEAT_TIMEOUT_MS, CONNECTION_FILE, HANDSHAKE_IVL_MS, read_connection_file,
+                                   secure_client)
 
 PACED = "fixture_targets:paced_digits"
 STEPS_PER_EPOCH = 45
@@ -1193,7 +1194,13 @@ class Forwarder:
         for bound in held:
             bound.close()
         self.lock, self.open, self.listeners, self.threading = threading.Lock(), [], [], threading
+        self.generation = 0  # connections made before blackhole() forward nothing more
         self.mend()
+
+    def blackhole(self) -> None:
+        """Every connection open now goes silent for good, both ways, with no FIN or RST (a NAT's or a firewall's
+        timed-out entry, a laptop's suspended link); new connections are forwarded as before."""
+        self.generation += 1
 
     def mend(self) -> None:
         for offset, target in enumerate(self.targets):
@@ -1224,13 +1231,13 @@ class Forwarder:
             with self.lock:
                 self.open += [near, far]
             for a, b in ((near, far), (far, near)):
-                self.threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                self.threading.Thread(target=self._pipe, args=(a, b, self.generation), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, generation: int) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if generation == self.generation:  # else read and dropped: no sign reaches either end
+                    sink.sendall(data)
         except OSError:
             pass
         for sock in (source, sink):
@@ -1275,6 +1282,44 @@ def test_a_remote_plugin_waits_out_a_dropped_network_and_goes_on_missing_nothing
     final = of(read_events(result["run_dir"]), "end_training_session")[0].seq
     recorded = {int(line.split()[0]) for line in record.read_text().splitlines()}
     assert set(range(1, final + 1)) <= recorded, (sorted(set(range(1, final + 1)) - recorded)[:10], said)
+
+
+def test_a_remote_plugin_whose_connections_go_silent_for_good_reconnects_and_misses_nothing(keys, runs_dir, tmp_path,
+                                                                                           kernels):
+    """A link that goes silent without a word (a NAT's or firewall's entry timed out, a suspended laptop): no FIN,
+    no RST, so the client's TCP connections look alive for ever. The remote plugin kept its sockets on them, heard
+    nothing, and exited 1 after its 100 s wait though the network was fine for new connections. ZeroMQ's own
+    heartbeats on a client's sockets (proto/remote.py CLIENT_HEARTBEAT_*) close such a connection and connect again."""
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=8, step_sleep_s=0.1), tmp_path)
+    kernels.append(kernel)
+    link = Forwarder(connection(kernel))
+    record = tmp_path / "remote.txt"
+    env = {**os.environ, "TRAINBUS_PLUGIN_NAME": "remote_recorder",
+           "TRAINBUS_PLUGIN_SETTINGS": pack({"path": str(record)}).hex()}
+    plugin = subprocess.Popen([sys.executable, "-m", "trainbus.sdk", "fixture_remote:RemoteRecorder", "--connect",
+                               f"127.0.0.1:{link.port}", "--key", str(keys["pilot"]), "--server-key",
+                               str(keys["dir"] / "server.key")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+
+    def recorded() -> set[int]:
+        return {int(line.split()[0]) for line in record.read_text().splitlines()} if record.exists() else set()
+
+    try:
+        wait_until(lambda: len(recorded()) >= 20, 120, "the remote plugin's first 20 events")
+        link.blackhole()
+        silent_at = max(recorded())
+        wait_until(lambda: max(recorded()) > silent_at + 100, 3 * CLIENT_HEARTBEAT_TIMEOUT_MS / 1000 + 30,
+                   "the remote plugin's events after its connections went silent")
+        result = kernel.result(timeout_s=180)
+        said, _ = plugin.communicate(timeout=60)
+    finally:
+        link.cut()
+        if plugin.poll() is None:
+            plugin.kill()
+    assert plugin.returncode == 0, said
+    assert result["status"] == "completed", result
+    final = of(read_events(result["run_dir"]), "end_training_session")[0].seq
+    assert set(range(1, final + 1)) <= recorded(), (sorted(set(range(1, final + 1)) - recorded())[:10], said)
 
 
 def test_a_remote_plugin_that_loses_its_kernel_for_good_says_both_causes_and_claims_no_death(keys, runs_dir, tmp_path,
