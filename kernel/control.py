@@ -140,7 +140,7 @@ class Dispatcher:
             self.checkpointer.welcomed(peer)
         self.bus.send(identity, encode_control(control(
             "welcome", run=self.bus.run_id, resume_from=self.peers.resume_from(peer, self.bus.last_seq + 1),
-            heartbeat_interval_s=self.bus.heartbeat_interval_s, session_seq=self.bus.session_seq)))
+            heartbeat_interval_s=self.bus.heartbeat_interval_s, session_seq=self.bus.session_seq, role=peer.role)))
         if (previous is None or previous.name != peer.name or previous.user_id != user_id or previous.pid != peer.pid
                 or previous.delivery != peer.delivery):
             # a hello said again on the connection welcomed under that name (a client retrying a welcome it did not

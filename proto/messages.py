@@ -119,6 +119,7 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         "resume_from": int,  # a durable plugin's first unacknowledged seq; 1 for a new one
         # the first seq this kernel numbered: a final event before it ends an earlier session of a continued run
         "session_seq": Default(int, 1),
+        "role": Default(str, ""),  # over TCP, the connection's key's role (monitor, control); "" on ipc
     },
     "replay_batch": {
         "events": list,  # encoded-ready envelopes (maps), in seq order

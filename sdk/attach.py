@@ -253,7 +253,7 @@ class Attachment:
             if kind == "event":
                 self._on_live(payload)
             elif payload["type"] == "welcome":
-                self._on_welcome()
+                self._on_welcome(payload)
             elif payload["type"] == "run_state":
                 self._on_run_state(payload)
             elif payload["type"] == "replay_batch":
@@ -272,7 +272,12 @@ class Attachment:
             self._reconnect(io.gone or "connection closed")
         return bool(items)
 
-    def _on_welcome(self) -> None:
+    def _on_welcome(self, welcome: dict[str, Any]) -> None:
+        if self.replies and welcome["role"] == "monitor":  # said now, not once a stop sent later is refused
+            raise TargetError(f"{self.target.control}: this client's key has role monitor: it watches, and the kernel "
+                              f"refuses its stop and checkpoint_now; steer with a control-role key (on the kernel's "
+                              f"host: `trainbus keys generate client NAME --role control`), or attach without "
+                              f"--control, --stop or --checkpoint to watch")
         self._welcomed = True
         if self.next_seq:  # a reconnect: we know where we are; the journal has what went by meanwhile
             self._request_replay()

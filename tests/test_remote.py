@@ -288,6 +288,33 @@ def test_attach_whose_key_is_revoked_while_attached_ends_as_a_key_the_host_does_
     assert kernel.result(timeout_s=120)["status"] == "completed"
 
 
+
+
+@pytest.mark.parametrize("steer", [["--stop", "enough"], ["--checkpoint", "now"]])
+def test_attach_to_steer_with_a_monitor_key_says_so_at_once_and_sends_nothing(keys, runs_dir, tmp_path, kernels,
+                                                                             steer):
+    """A monitor-role key watches; `attach --stop` with one was sent, refused by the kernel, and then said
+    'the kernel refused: ... role monitor' (exit 1); `--control` drew 's stop · c checkpoint now' and said so only
+    once s then y was pressed. The welcome carries the key's role, and the client says it before sending anything."""
+    gate = tmp_path / "gate"  # held at its first batch: the run outlives the test
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate), tmp_path)
+    kernels.append(kernel)
+    connection(kernel)
+    try:
+        proc = subprocess.run([*trainbus_cmd(), "attach", str(kernel.run_dir / CONNECTION_FILE), "--key",
+                               str(keys["watcher"]), *steer], capture_output=True, text=True, timeout=120)
+    finally:
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (proc.returncode, proc.stderr)
+    assert "key has role monitor" in proc.stderr and "--role control" in proc.stderr, proc.stderr
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed", result
+    events = read_events(result["run_dir"])
+    assert not [e for e in events if e.type in ("stop_requested", "save_checkpoint", "checkpoint_skipped")]
+    assert not [e for e in events if e.type == "log" and "(key watcher)" in str(e.data.get("plugin"))], "sent"
+    assert "role monitor" not in (kernel.run_dir / "kernel.log").read_text(), "sent, and refused"
+
+
 # -- 2. roles ---------------------------------------------------------------------------------------
 
 
