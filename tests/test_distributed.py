@@ -70,7 +70,9 @@ def test_a_stop_and_a_checkpoint_reach_every_rank_at_the_same_step(tmp_path):
     config.write_text('[plugins.stopper]\ntarget = "fixture_plugins:StopAtStep"\nsettings = {step = 40}\n'
                       f'[plugins.checkpointer]\ntarget = "fixture_plugins:CheckpointAtStep"\n'
                       f'settings = {{step = {checkpoint_at}}}\n')
-    proc, run_dir = train(tmp_path, "--nproc", "2", "--epochs", "3", "--config", str(config))
+    # Epochs to spare: the stop is acted on when it comes, and on a busy box the plugins' replies can come seconds
+    # after their step. With 3 epochs (69 steps in ~3 s) a run beside two CPU burners ended before the stop came.
+    proc, run_dir = train(tmp_path, "--nproc", "2", "--epochs", "50", "--config", str(config))
     events = read_events(run_dir)
     [stop] = [e for e in events if e.type == "stop_requested"]
     assert "enough at step 40" in stop.data["reasons"][0] and stop.step >= 40

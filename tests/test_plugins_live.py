@@ -157,6 +157,24 @@ def test_a_plugin_of_the_runs_config_attached_again_starts_from_its_configured_s
     assert configured_settings(tmp_path, "metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin") == {}
 
 
+def detached_and_attached_again(rec: PluginConfig, gate: Path, runs: Path, tmp_path: Path, kernels: list) -> list:
+    """A run with plugin `rec` of its config, detached at step ATTACH_AT and attached again by its name
+    (`trainbus plugins`), both said done; the run's journal once it has completed."""
+    kernel = KernelProcess(config(runs, [rec], gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    open_gate(gate, ATTACH_AT)
+    first = kernel.wait_ready(rec.name, timeout_s=STARTUP_S)
+    kernel.wait_step(ATTACH_AT, timeout_s=STARTUP_S)
+    detached = plugins_cli(kernel, "detach", kernel.run_id, rec.name)
+    assert (detached.returncode, detached.stdout) == (0, f"stopped {rec.name} (exit code 0)\n"), detached.stderr
+    attached = plugins_cli(kernel, "attach", kernel.run_id, rec.name)
+    assert attached.returncode == 0 and attached.stdout.startswith(f"started {rec.name} in run "), attached.stderr
+    kernel.wait_ready(rec.name, timeout_s=STARTUP_S, not_in=(first,))
+    open_gate(gate, EPOCHS * STEPS_PER_EPOCH)
+    assert kernel.result(timeout_s=STARTUP_S)["status"] == "completed"
+    return read_events(kernel.run_dir)
+
+
 def test_a_plugin_of_your_own_from_the_runs_config_is_detached_and_attached_again_by_its_name(
         short_runs, tmp_path, kernels):  # noqa: F811
     """README: "a plugin of the run's config, detached and attached again, starts from the settings the config gave
@@ -166,19 +184,7 @@ def test_a_plugin_of_your_own_from_the_runs_config_is_detached_and_attached_agai
     durable, it starts at the current seq, so its file holds each event once."""
     gate, path = tmp_path / "gate", tmp_path / "rec.txt"
     rec = PluginConfig("rec", "fixture_plugins:Recorder", {"path": str(path)})
-    kernel = KernelProcess(config(short_runs, [rec], gate=str(gate)), tmp_path)
-    kernels.append(kernel)
-    open_gate(gate, ATTACH_AT)
-    first = kernel.wait_ready("rec", timeout_s=STARTUP_S)
-    kernel.wait_step(ATTACH_AT, timeout_s=STARTUP_S)
-    detached = plugins_cli(kernel, "detach", kernel.run_id, "rec")
-    assert (detached.returncode, detached.stdout) == (0, "stopped rec (exit code 0)\n"), detached.stderr
-    attached = plugins_cli(kernel, "attach", kernel.run_id, "rec")
-    assert attached.returncode == 0 and attached.stdout.startswith("started rec in run "), attached.stderr
-    kernel.wait_ready("rec", timeout_s=STARTUP_S, not_in=(first,))
-    open_gate(gate, EPOCHS * STEPS_PER_EPOCH)
-    assert kernel.result(timeout_s=STARTUP_S)["status"] == "completed"
-    events = read_events(kernel.run_dir)
+    events = detached_and_attached_again(rec, gate, short_runs, tmp_path, kernels)
     [again] = of(events, "plugin_attached", "rec")
     assert again.data["target"] == "fixture_plugins:Recorder" and again.data["settings"]["path"] == str(path)
     seqs = [int(line.split()[0]) for line in path.read_text().splitlines()]
@@ -379,16 +385,5 @@ def test_a_command_plugin_of_a_run_continued_from_elsewhere_attached_again_start
                                     "from fixture_plugins import Recorder\nfrom trainbus.sdk import run\n"
                                     "run(Recorder)\n")
     rec = PluginConfig("rec", "", {"path": str(path)}, [sys.executable, "rec.py"], cwd=str(project))
-    kernel = KernelProcess(config(short_runs, [rec], gate=str(gate)), tmp_path)
-    kernels.append(kernel)
-    open_gate(gate, ATTACH_AT)
-    first = kernel.wait_ready("rec", timeout_s=STARTUP_S)
-    kernel.wait_step(ATTACH_AT, timeout_s=STARTUP_S)
-    detached = plugins_cli(kernel, "detach", kernel.run_id, "rec")
-    assert detached.returncode == 0, detached.stderr
-    attached = plugins_cli(kernel, "attach", kernel.run_id, "rec")
-    assert attached.returncode == 0 and attached.stdout.startswith("started rec in run "), attached.stderr
-    kernel.wait_ready("rec", timeout_s=STARTUP_S, not_in=(first,))
-    open_gate(gate, EPOCHS * STEPS_PER_EPOCH)
-    assert kernel.result(timeout_s=STARTUP_S)["status"] == "completed"
-    assert not [e for e in read_events(kernel.run_dir) if e.type in ("plugin_crashed", "plugin_failed")]
+    events = detached_and_attached_again(rec, gate, short_runs, tmp_path, kernels)
+    assert not [e for e in events if e.type in ("plugin_crashed", "plugin_failed")]

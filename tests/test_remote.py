@@ -1274,6 +1274,28 @@ class Forwarder:
                 pass
 
 
+def remote_recorder_through(link: Forwarder, keys: dict, record: Path) -> subprocess.Popen:
+    """The durable RemoteRecorder as a remote plugin with the control key, connected through `link`, recording every
+    event's seq to `record`; its output in .stdout."""
+    env = {**os.environ, "TRAINBUS_PLUGIN_NAME": "remote_recorder",
+           "TRAINBUS_PLUGIN_SETTINGS": pack({"path": str(record)}).hex()}
+    return subprocess.Popen([sys.executable, "-m", "trainbus.sdk", "fixture_remote:RemoteRecorder", "--connect",
+                             f"127.0.0.1:{link.port}", "--key", str(keys["pilot"]), "--server-key",
+                             str(keys["dir"] / "server.key")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def recorded_seqs(record: Path) -> set[int]:
+    return {int(line.split()[0]) for line in record.read_text().splitlines()} if record.exists() else set()
+
+
+def assert_every_seq_recorded(run_dir: str, record: Path, said: str) -> None:
+    """Every seq of the run to its end_training_session is in the remote plugin's record."""
+    final = of(read_events(run_dir), "end_training_session")[0].seq
+    missing = set(range(1, final + 1)) - recorded_seqs(record)
+    assert not missing, (sorted(missing)[:10], said)
+
+
 def test_a_remote_plugin_waits_out_a_dropped_network_and_goes_on_missing_nothing(keys, runs_dir, tmp_path, kernels):
     """The network between a remote plugin and its kernel drops for 10 s (longer than the kernel keeps a silent
     peer's place) and comes back while the run goes on. The plugin took 3 s of silence for its kernel gone and
@@ -1283,15 +1305,9 @@ def test_a_remote_plugin_waits_out_a_dropped_network_and_goes_on_missing_nothing
     kernels.append(kernel)
     link = Forwarder(connection(kernel))
     record = tmp_path / "remote.txt"
-    env = {**os.environ, "TRAINBUS_PLUGIN_NAME": "remote_recorder",
-           "TRAINBUS_PLUGIN_SETTINGS": pack({"path": str(record)}).hex()}
-    plugin = subprocess.Popen([sys.executable, "-m", "trainbus.sdk", "fixture_remote:RemoteRecorder", "--connect",
-                               f"127.0.0.1:{link.port}", "--key", str(keys["pilot"]), "--server-key",
-                               str(keys["dir"] / "server.key")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    plugin = remote_recorder_through(link, keys, record)
     try:
-        wait_until(lambda: record.exists() and len(record.read_text().splitlines()) >= 20, 120,
-                   "the remote plugin's first 20 events")
+        wait_until(lambda: len(recorded_seqs(record)) >= 20, 120, "the remote plugin's first 20 events")
         link.cut()
         cut_at = kernel.journal.step()
         time.sleep(10)
@@ -1306,9 +1322,7 @@ def test_a_remote_plugin_waits_out_a_dropped_network_and_goes_on_missing_nothing
     assert plugin.returncode == 0, said
     assert "waiting" in said and "kernel gone" not in said, said
     assert result["status"] == "completed", result
-    final = of(read_events(result["run_dir"]), "end_training_session")[0].seq
-    recorded = {int(line.split()[0]) for line in record.read_text().splitlines()}
-    assert set(range(1, final + 1)) <= recorded, (sorted(set(range(1, final + 1)) - recorded)[:10], said)
+    assert_every_seq_recorded(result["run_dir"], record, said)
 
 
 def test_a_remote_plugin_whose_connections_go_silent_for_good_reconnects_and_misses_nothing(keys, runs_dir, tmp_path,
@@ -1321,21 +1335,12 @@ def test_a_remote_plugin_whose_connections_go_silent_for_good_reconnects_and_mis
     kernels.append(kernel)
     link = Forwarder(connection(kernel))
     record = tmp_path / "remote.txt"
-    env = {**os.environ, "TRAINBUS_PLUGIN_NAME": "remote_recorder",
-           "TRAINBUS_PLUGIN_SETTINGS": pack({"path": str(record)}).hex()}
-    plugin = subprocess.Popen([sys.executable, "-m", "trainbus.sdk", "fixture_remote:RemoteRecorder", "--connect",
-                               f"127.0.0.1:{link.port}", "--key", str(keys["pilot"]), "--server-key",
-                               str(keys["dir"] / "server.key")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-
-    def recorded() -> set[int]:
-        return {int(line.split()[0]) for line in record.read_text().splitlines()} if record.exists() else set()
-
+    plugin = remote_recorder_through(link, keys, record)
     try:
-        wait_until(lambda: len(recorded()) >= 20, 120, "the remote plugin's first 20 events")
+        wait_until(lambda: len(recorded_seqs(record)) >= 20, 120, "the remote plugin's first 20 events")
         link.blackhole()
-        silent_at = max(recorded())
-        wait_until(lambda: max(recorded()) > silent_at + 100, 3 * CLIENT_HEARTBEAT_TIMEOUT_MS / 1000 + 30,
+        silent_at = max(recorded_seqs(record))
+        wait_until(lambda: max(recorded_seqs(record)) > silent_at + 100, 3 * CLIENT_HEARTBEAT_TIMEOUT_MS / 1000 + 30,
                    "the remote plugin's events after its connections went silent")
         result = kernel.result(timeout_s=180)
         said, _ = plugin.communicate(timeout=60)
@@ -1345,8 +1350,7 @@ def test_a_remote_plugin_whose_connections_go_silent_for_good_reconnects_and_mis
             plugin.kill()
     assert plugin.returncode == 0, said
     assert result["status"] == "completed", result
-    final = of(read_events(result["run_dir"]), "end_training_session")[0].seq
-    assert set(range(1, final + 1)) <= recorded(), (sorted(set(range(1, final + 1)) - recorded())[:10], said)
+    assert_every_seq_recorded(result["run_dir"], record, said)
 
 
 def test_a_remote_plugin_that_loses_its_kernel_for_good_says_both_causes_and_claims_no_death(keys, runs_dir, tmp_path,
