@@ -8,6 +8,7 @@ pair. Parametrized after pyzmq's zmq/tests/test_auth.py. Nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Callable, Iterator
 
 import msgpack
 import pytest
@@ -716,42 +718,60 @@ def test_attach_to_a_port_that_takes_connections_and_never_answers_says_so_in_se
         mute.close()
 
 
+@contextlib.contextmanager
+def accepting(on_accept: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A loopback port whose every connection goes to `on_accept` (another service, a tunnel), served by a thread
+    until the block ends; yields the port."""
+    import threading
+
+    listener, done = socket.socket(), threading.Event()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.2)
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            on_accept(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def attach_json(port: int, keys: dict) -> tuple[subprocess.CompletedProcess, float]:
+    """`trainbus attach 127.0.0.1:PORT --json` with the control key and the server key pinned; with its seconds."""
+    started = time.monotonic()
+    proc = subprocess.run([*trainbus_cmd(), "attach", f"127.0.0.1:{port}", "--json", "--key", str(keys["pilot"]),
+                           "--server-key", str(keys["dir"] / "server.key")], capture_output=True, text=True, timeout=60)
+    return proc, time.monotonic() - started
+
+
 @pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.0 400 Bad Request\r\n\r\n"])
 def test_attach_to_a_port_whose_service_answers_first_says_so_in_seconds(banner, keys):
     """An SSH or HTTP server on the port says its line first and keeps the connection: libzmq reads it as ZMTP 1.0,
     drops the connection with no handshake event and never connects again, so attach waited out its 30 s and said
     only `no answer`; README: `takes connections but finishes no ZeroMQ handshake`, exit 2, in seconds."""
-    import threading
+    held: list[socket.socket] = []
 
-    service = socket.socket()
-    service.bind(("127.0.0.1", 0))
-    service.listen(8)
-    service.settimeout(0.2)
-    port, held, done = service.getsockname()[1], [], threading.Event()
+    def answer(conn: socket.socket) -> None:  # says its line, and keeps the connection
+        conn.sendall(banner)
+        held.append(conn)
 
-    def answer() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = service.accept()
-            except socket.timeout:
-                continue
-            conn.sendall(banner)
-            held.append(conn)
-
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
     try:
-        started = time.monotonic()
-        proc = subprocess.run([*trainbus_cmd(), "attach", f"127.0.0.1:{port}", "--json", "--key", str(keys["pilot"]),
-                               "--server-key", str(keys["dir"] / "server.key")], capture_output=True, text=True,
-                              timeout=60)
-        took = time.monotonic() - started
+        with accepting(answer) as port:
+            proc, took = attach_json(port, keys)
     finally:
-        done.set()
-        thread.join(timeout=5)
         for conn in held:
             conn.close()
-        service.close()
     assert proc.returncode == 2, proc
     assert one_line(proc.stderr).startswith(f"error: tcp://127.0.0.1:{port} takes connections but finishes no "
                                             f"ZeroMQ handshake"), proc.stderr
@@ -763,38 +783,12 @@ def test_attach_through_a_tunnel_with_nothing_behind_it_says_so_not_that_the_ser
     """`ssh -L 5555:localhost:5555 ...` (or any forwarder) to a run that has ended: the tunnel takes each connection
     and closes it at once, having said nothing, since nothing listens at its far end. attach said the server key
     pinned was not that host's; now it says the port closes connections unheard, and names the tunnel's far end."""
-    import threading
-
-    tunnel = socket.socket()
-    tunnel.bind(("127.0.0.1", 0))
-    tunnel.listen(64)
-    tunnel.settimeout(0.2)
-    port, done = tunnel.getsockname()[1], threading.Event()
-
-    def forward_to_nothing() -> None:  # ssh -L: accept, fail to reach the far end, close
-        while not done.is_set():
-            try:
-                conn, _ = tunnel.accept()
-            except socket.timeout:
-                continue
-            conn.close()
-
-    thread = threading.Thread(target=forward_to_nothing, daemon=True)
-    thread.start()
-    try:
-        started = time.monotonic()
-        proc = subprocess.run([*trainbus_cmd(), "attach", f"127.0.0.1:{port}", "--json", "--key", str(keys["pilot"]),
-                               "--server-key", str(keys["dir"] / "server.key")], capture_output=True, text=True,
-                              timeout=60)
-        took = time.monotonic() - started
+    with accepting(lambda conn: conn.close()) as port:  # ssh -L: accept, fail to reach the far end, close
+        proc, took = attach_json(port, keys)
         # a tunnel to a daemon's --listen port that is down: the same, with the daemon's check
         daemon = subprocess.run([*trainbus_cmd(), "daemon", "status", "--remote", f"127.0.0.1:{port}", "--key",
                                  str(keys["pilot"]), "--server-key", str(keys["dir"] / "server.key")],
                                 capture_output=True, text=True, timeout=60)
-    finally:
-        done.set()
-        thread.join(timeout=5)
-        tunnel.close()
     assert proc.returncode == 2, proc
     said = one_line(proc.stderr)
     assert said.startswith(f"error: tcp://127.0.0.1:{port} takes connections and closes each at once, unheard: "
@@ -816,9 +810,7 @@ def test_attach_to_a_runs_events_port_says_to_give_its_control_port_not_that_the
     conn = connection(kernel)
     control = int(conn["control"].rpartition(":")[2])
     for port in (control + 1, control + 2):
-        proc = subprocess.run([*trainbus_cmd(), "attach", f"127.0.0.1:{port}", "--json", "--key", str(keys["pilot"]),
-                               "--server-key", str(keys["dir"] / "server.key")], capture_output=True, text=True,
-                              timeout=60)
+        proc, _ = attach_json(port, keys)
         assert proc.returncode == 2, proc
         said = one_line(proc.stderr)
         assert said.startswith(f"error: tcp://127.0.0.1:{port} is a run's events or bursts port (PORT + 1 or "
