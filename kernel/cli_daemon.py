@@ -46,6 +46,7 @@ def daemon_start(
     from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
 
     from . import daemon, daemon_client
+    from .daemon_serve import serve
     from .keys import KeyStore
     from .remote import ListenError, check_listen
 
@@ -55,8 +56,8 @@ def daemon_start(
         if listen:
             check_listen(listen, KeyStore(default_keys_dir(keys_dir)), ports=1)  # one port: the daemon's
         if foreground:
-            raise typer.Exit(code=daemon.serve(runs_dir, devices, max_concurrent, foreground_log=not quiet,
-                                               listen=listen, keys_dir=keys_dir and str(keys_dir)))
+            raise typer.Exit(code=serve(runs_dir, devices, max_concurrent, foreground_log=not quiet,
+                                        listen=listen, keys_dir=keys_dir and str(keys_dir)))
         argv = ["--runs-dir", str(runs_dir.resolve()), "--max-concurrent", str(max_concurrent)]
         argv += ["--gpus", gpus] if gpus is not None else []
         argv += ["--listen", listen] if listen else []

@@ -10,7 +10,8 @@ directory (completed, failed, ... or died: its kernel vanished; `trainbus runs r
 
 One daemon per runs directory: it holds an flock on `.daemon/daemon.pid` for as long as it lives, and the kernel
 drops the lock with the process however it ends. Its control endpoint is an ipc socket in the owner-only
-`.daemon` directory (only the owner's processes can connect), answering status, wake and stop.
+`.daemon` directory (only the owner's processes can connect), answering status, wake and stop
+(kernel/daemon_serve.py: the process, its endpoints and the loop that serves them).
 
 Placement: strict submission order. A job asks for `gpus` devices (None: one when the daemon has any, else
 none); it starts when fewer than `max_concurrent` jobs run and that many of the daemon's devices are free, with
@@ -20,32 +21,23 @@ another run holds). A job that asks for more devices than the daemon has is fail
 
 from __future__ import annotations
 
-import fcntl
 import getpass
-import json
 import logging
-import logging.handlers
 import os
 import re
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
-import msgpack
-import zmq
-
-from trainbus.proto import ProtocolError, unpack
-from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, advertised, read_connection_file
+from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, read_connection_file
 
 from .buffer_files import remove_dead_runs_buffers
 from .checkpointing import has_checkpoints, no_checkpoints
-from .credentials import bindable
 from .kernel_log import cap_log
 from .pids import process_alive
 from .private_dirs import make_dirs, others_can_write
@@ -65,7 +57,6 @@ RESUME_FAILED = "its resume ended before training"  # how a job's detail says so
 STATUS_ENDED = 10  # `status` lists this many of the runs it ended last (a remote key has no `runs list`)
 TICK_S = 1.0  # the queue is looked at this often without a wake-up (submit wakes the daemon at once)
 CONTROL_MAX_BYTES = 64 * 1024
-LOG_MAX_BYTES = 10 * 1024 * 1024  # daemon.log is rotated at this size, 3 old files kept
 OUTPUT_FREE_MIN = 1 << 20  # below this free on the output files' disk, queued runs wait (see Daemon.tick)
 OUTPUT_TAIL_BYTES = 2000  # of a job that failed before its run had a directory, what the listing shows
 # A run's output file (what its `trainbus run` prints: the console's lines, and whatever the user's code prints) is
@@ -449,292 +440,6 @@ class Daemon:
             return {}
 
 
-# -- the daemon process --------------------------------------------------------------------------------
-
-class Lock:
-    """The flock on daemon.pid: one daemon per runs directory, released by the kernel however we exit."""
-
-    def __init__(self, directory: Path):
-        self.path = directory / PID_FILE
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(self.fd, 32).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise DaemonError(f"a daemon (pid {holder}) already serves {directory.parent}; "
-                              f"`trainbus daemon status --runs-dir {directory.parent}` shows it") from None
-        try:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:  # a full disk: nothing the daemon writes (its log, its runs' output) would land
-            os.close(self.fd)
-            raise DaemonError(f"cannot write {self.path} ({exc.strerror or exc}); free space there, or give "
-                              f"--runs-dir another place") from None
-
-
-def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foreground_log: bool = True,
-          listen: str | None = None, keys_dir: str | None = None) -> int:
-    """Run the daemon until `stop` or SIGTERM/SIGINT; its runs go on training. Returns the exit code.
-
-    listen: HOST:PORT of a TCP endpoint (CURVE, the keys of `trainbus keys`) beside the local one: a monitor
-    key may ask status, a control key may also submit and cancel runs."""
-    directory = make_daemon_dir(runs_dir)
-    lock = Lock(directory)
-    if not foreground_log:  # started by start_background: the log is ours now
-        _output_into(directory / LOG_FILE)
-    _log_to(directory / LOG_FILE, foreground_log)
-    daemon = Daemon(runs_dir, detected_devices() if devices is None else devices, max_concurrent)
-    try:
-        # a registry it cannot read: a refusal to start; the queued runs start once it serves (its log says so first)
-        daemon.safe_tick(time.time(), fatal=(RegistryError,), start=False)
-        # the TCP endpoint before the local one: a port it cannot bind leaves no endpoint file for clients to try
-        remote = Remote(listen, keys_dir, directory) if listen else None
-    except BaseException:  # ListenError, KeyFileError, DaemonError, RegistryError: each names its fix (the CLI)
-        os.close(lock.fd)
-        raise
-    daemon.remote_endpoint = remote and remote.endpoint
-    context = zmq.Context()
-    socket, endpoint, socket_home = _bind_control(context, directory)
-    stopping: list[str] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stopping.append(signal.Signals(signum).name))
-    log.info("daemon pid %d serving %s: devices %s, max_concurrent %d, control %s%s", os.getpid(), daemon.runs_dir,
-             ",".join(daemon.devices) or "none", max_concurrent, endpoint,
-             f", remote {remote.endpoint}" if remote else "")
-    poller = zmq.Poller()
-    poller.register(socket, zmq.POLLIN)
-    if remote:
-        poller.register(remote.socket, zmq.POLLIN)
-        poller.register(remote.crowd.monitor, zmq.POLLIN)
-    try:
-        next_tick = time.monotonic()  # the first round that starts runs: now
-        while not stopping:
-            ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000))))
-            if socket in ready:
-                _answer(socket, lambda frames: (LOCAL, f"the owner ({_local_user()})"), daemon, stopping)
-            if remote and remote.crowd.monitor in ready:
-                old = (remote.socket, remote.crowd.monitor)
-                if remote.cut_crowded():
-                    for closed in old:
-                        poller.unregister(closed)
-                    poller.register(remote.socket, zmq.POLLIN)
-                    poller.register(remote.crowd.monitor, zmq.POLLIN)
-            if remote and remote.socket in ready:
-                _answer(remote.socket, remote.peer_of, daemon, stopping)
-            if time.monotonic() >= next_tick or daemon.woken:
-                daemon.woken = False
-                daemon.safe_tick(time.time())
-                if remote:
-                    remote.bind_unbound()
-                next_tick = time.monotonic() + TICK_S
-        log.info("daemon stopping (%s); %d run(s) still training, adopted by the next daemon: %s", stopping[0],
-                 len(daemon.watched), ", ".join(daemon.watched) or "none")
-    finally:
-        socket.close(linger=0)
-        if remote:
-            remote.close()
-        context.term()
-        (directory / ENDPOINT_FILE).unlink(missing_ok=True)
-        if socket_home != directory:
-            import shutil
-
-            shutil.rmtree(socket_home, ignore_errors=True)
-        os.close(lock.fd)
-    return 0
-
-
-LOCAL = "owner"  # the ipc endpoint's peers: only the owner can enter the 0700 directory it is in
-STEERING = ("submit", "cancel", "stop")  # logged with who asked
-# What each peer may ask: a remote monitor key the state, a control key also the queue; the owner everything.
-OPS = {"status": ("monitor", "control", LOCAL), "submit": ("control", LOCAL), "cancel": ("control", LOCAL),
-       "wake": (LOCAL,), "stop": (LOCAL,)}
-ARGV_MAX_WORDS = 256
-RUN_ID_MAX_CHARS = 200  # a request's run id, as far as it is read (ours are 22)
-
-
-class Remote:
-    """The daemon's TCP endpoint: one CURVE ROUTER behind the ZAP authenticator (kernel/remote.py), each
-    request carrying its connection's key (ZAP's User-Id), whose role says what it may ask (OPS)."""
-
-    def __init__(self, listen: str, keys_dir: str | None, directory: Path):
-        from trainbus.proto.remote import keys_dir as default_keys_dir
-        from trainbus.proto.remote import load_secret
-
-        from .keys import KeyRing, KeyStore
-        from .remote import bind_error, check_listen, connection_cap, ipv6_for, start_authenticator
-
-        store = KeyStore(default_keys_dir(keys_dir))
-        host, port = check_listen(listen, store, ports=1)
-        public, self._secret = load_secret(store.server_secret)
-        self.keyring = KeyRing(store)
-        self.context = zmq.Context()
-        self.authenticator = start_authenticator(self.context, self.keyring)
-        self.cap = connection_cap()  # a flood of connections with no key must not take the daemon's descriptors
-        self.unbound = False  # cut_crowded could not bind the port again yet
-        self.cuts = 0
-        self.socket, self.crowd = self._router()
-        ipv6_for(self.socket, host)
-        try:
-            self.socket.bind(f"tcp://{host}:{port or '*'}")
-        except zmq.ZMQError as exc:
-            self.close()
-            raise DaemonError(str(bind_error(host, port, exc, ports=1))) from None
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        temporary = directory / ".remote.tmp"
-        temporary.write_text(json.dumps({"endpoint": advertised(self.endpoint), "server_key": public.decode()}) + "\n")
-        os.replace(temporary, directory / REMOTE_FILE)
-
-    def _router(self) -> tuple[zmq.Socket, Any]:
-        """A new, unbound CURVE ROUTER and the count of its connections (kernel/remote.py Crowd)."""
-        from .remote import Crowd, curve_server
-
-        socket = curve_server(self.context, zmq.ROUTER, self._secret, MAXMSGSIZE=CONTROL_MAX_BYTES, LINGER=0,
-                              RCVHWM=100, SNDHWM=100)
-        return socket, Crowd(socket)
-
-    def cut_crowded(self) -> bool:
-        """Over `cap` connections at once (kernel/remote.py cut_crowded): the ROUTER closed and bound again on its
-        port, every connection cut (a keyed client asks again); True when it was."""
-        from .remote import bind_again
-
-        if self.crowd.count() <= self.cap:
-            return False
-        self.crowd.close()
-        self.socket.close(linger=0)
-        self.socket, self.crowd = self._router()
-        self.cuts += 1
-        if self.cuts <= 10:  # a flood that goes on is cut again and again: its first lines say it
-            log.warning("over %d TCP connections at once on %s: all of them cut", self.cap, self.endpoint)
-        try:
-            bind_again(self.socket, self.endpoint)
-            self.unbound = False
-        except zmq.ZMQError as exc:  # another process took the port in the moment it was free
-            self.unbound = True
-            log.error("could not bind %s again (%s): tried again every round", self.endpoint, exc)
-        return True
-
-    def bind_unbound(self) -> None:
-        """Bind again what cut_crowded could not; called every round."""
-        if self.unbound:
-            try:
-                self.socket.bind(self.endpoint)
-            except zmq.ZMQError:
-                return
-            self.unbound = False
-            log.info("bound %s again", self.endpoint)
-
-    def peer_of(self, frames: list[zmq.Frame]) -> tuple[str | None, str]:
-        """(role, who) of a request's connection: its key's, from ZAP's User-Id, never from the request."""
-        key = self.keyring.lookup(frames[-1].get("User-Id") or "")
-        if key is None:  # revoked since its handshake: nobody
-            return None, "a revoked key"
-        return key.role, f"key {key.name}"
-
-    def close(self) -> None:
-        self.crowd.close()
-        self.socket.close(linger=0)
-        self.authenticator.stop()
-        self.context.term()
-
-
-def _answer(socket: zmq.Socket, peer_of: Callable[[list[zmq.Frame]], tuple[str | None, str]], daemon: Daemon,
-            stopping: list[str]) -> None:
-    for _ in range(64):  # bounded per round: a flood of requests never starves the queue
-        try:
-            frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return
-        if len(frames) != 2:  # not one of ours: dropped unanswered
-            continue
-        try:
-            request = unpack(frames[1].bytes)  # the wire's limits: a request is hostile until it checks out
-        except ProtocolError:
-            request = None
-        op = request.get("op") if isinstance(request, dict) else None
-        role, who = peer_of(frames)
-        if not isinstance(op, str) or op not in OPS:  # a list or a map is unhashable: never looked up
-            reply = {"ok": False, "error": f"unknown request; ops: {', '.join(OPS)}"}
-        elif role not in OPS[op]:
-            log.warning("refused %s from %s (role %s)", op, who, role or "none")
-            roles = [r for r in OPS[op] if r != LOCAL]
-            fix = (f": it takes a {' or '.join(roles)} key (`trainbus keys generate client NAME --role {roles[-1]}` "
-                   f"on the daemon's host)") if roles else ": only the daemon's owner, on its host, may"
-            reply = {"ok": False, "error": f"{op} is not granted to this key (role {role or 'none'}){fix}"}
-        else:
-            try:
-                reply = _do(op, request, daemon, stopping, who)
-                if op in STEERING:
-                    log.info("%s from %s: %s", op, who, reply)
-            except Exception as exc:  # one request's fault (a field of an odd type) never takes the queue down
-                log.exception("request %s failed", op)
-                reply = {"ok": False, "error": f"{op} failed: {type(exc).__name__}: {exc}"}
-        try:
-            socket.send_multipart([frames[0], msgpack.packb(reply, default=str)], zmq.NOBLOCK)
-        except zmq.ZMQError:  # the peer is gone, or not reading: its answer is dropped
-            pass
-
-
-def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], who: str) -> dict[str, Any]:
-    if op == "status":
-        try:
-            with Registry(daemon.runs_dir) as registry:
-                queued = [job["id"] for job in registry.jobs(["queued"])]
-                ended = ended_jobs(registry)  # how a submission went, for one who cannot `runs list` here
-        except (sqlite3.Error, RegistryError, OSError) as exc:
-            # the daemon serves all the same (its runs train, watched): status says so, and why its queue is unknown
-            return {"ok": True, **daemon.status(), "queued": [], "ended": [], "registry_error": str(exc)}
-        return {"ok": True, **daemon.status(), "queued": queued, "ended": ended}
-    if op == "wake":
-        daemon.woken = True
-        return {"ok": True}
-    if op == "stop":
-        stopping.append("stop requested")
-        return {"ok": True, "running": list(daemon.watched)}
-    if op == "cancel":  # a queued run is taken off the queue; a running one is stopped (who asked is its reason)
-        run = str(request.get("run", ""))[:RUN_ID_MAX_CHARS]
-        try:
-            return {"ok": True, "run": cancel(daemon.runs_dir, run)}
-        except JobError as exc:
-            if not run:  # no id at all
-                return {"ok": False, "error": str(exc)}
-        try:
-            return {"ok": True, "run": daemon.stop_run(run, who), "stopping": True}
-        except JobError as exc:
-            return {"ok": False, "error": str(exc)}
-    argv, gpus = request.get("argv"), request.get("gpus")
-    if not (isinstance(argv, list) and len(argv) <= ARGV_MAX_WORDS and all(isinstance(w, str) for w in argv)) \
-            or not (gpus is None or (isinstance(gpus, int) and 0 <= gpus <= 1024)):
-        return {"ok": False, "error": f"submit needs argv (at most {ARGV_MAX_WORDS} strings) and gpus "
-                                      f"(a count, or nil)"}
-    from .session import new_run_id
-
-    options = [w.split("=", 1)[0] for w in argv]
-    if "--detach" in options or "--gpus" in options:
-        return {"ok": False, "error": "submit's argv is what `trainbus run` is given on the daemon's host: queued "
-                                      "already, so no --detach, and the GPUs go as submit's own --gpus"}
-    if gpus is not None and (why := unplaceable(gpus, daemon.devices)) is not None:  # as `run --detach` says it
-        return {"ok": False, "error": f"--gpus {gpus}: the run {why}"}
-    run_id, resumes = new_run_id(), None
-    continued = _resumed_run(argv, daemon.runs_dir) if "--config" not in options and "-c" not in options else None
-    if isinstance(continued, str):
-        return {"ok": False, "error": continued}
-    if continued is not None:  # `--resume RUN`: that run goes on in place, under its own id (as `run --detach`)
-        why = why_not_resumable(continued, _epochs_of(argv))  # what `run --resume RUN --detach` says at once
-        if why:
-            return {"ok": False, "error": why}
-        run_id, resumes = continued.name, continued
-    target = argv[0] if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
-    argv = [*argv, "--runs-dir", str(daemon.runs_dir)]  # the last one given counts: this daemon's, whatever it said
-    try:
-        submit(daemon.runs_dir, run_id, argv, gpus, target, {}, resumes, env=None, cwd=os.getcwd(), wake=False,
-               by=who)
-    except JobError as exc:
-        return {"ok": False, "error": str(exc)}
-    daemon.woken = True
-    return {"ok": True, "run": run_id}
-
-
 def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False) -> str | None:
     """Why the run in run_dir cannot be resumed now, in one line with the fix; None when it can: it is still going
     (unless `rank`: a rank of --nproc sees rank 0's kernel, its own run), its resume waits in the queue, or it
@@ -799,12 +504,12 @@ def _last_option(argv: list[str], flag: str) -> str | None:
     return value
 
 
-def _epochs_of(argv: list[str]) -> int | None:
+def epochs_of(argv: list[str]) -> int | None:
     epochs = _last_option(argv, "--epochs")
     return int(epochs) if epochs is not None and epochs.isdigit() else None
 
 
-def _resumed_run(argv: list[str], runs_dir: Path) -> Path | str | None:
+def resumed_run(argv: list[str], runs_dir: Path) -> Path | str | None:
     """The run directory `--resume RUN` names in runs_dir (None: no --resume, or a checkpoint file, which starts a
     new run), or why it cannot be (a str)."""
     resume = _last_option(argv, "--resume")
@@ -814,49 +519,6 @@ def _resumed_run(argv: list[str], runs_dir: Path) -> Path | str | None:
         return resolve_run(resume, runs_dir)
     except RunLookupError as exc:
         return str(exc)
-
-
-def _bind_control(context: zmq.Context, directory: Path) -> tuple[zmq.Socket, str, Path]:
-    home = directory
-    if not bindable(directory / "control.sock"):  # a long runs path: a short owner-only temp dir
-        home = Path(tempfile.mkdtemp(prefix="trainbus-daemon-"))
-    endpoint = f"ipc://{home / 'control.sock'}"
-    (home / "control.sock").unlink(missing_ok=True)  # a previous daemon killed with SIGKILL left it
-    socket = context.socket(zmq.ROUTER)
-    socket.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_BYTES)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.bind(endpoint)
-    os.chmod(home / "control.sock", 0o600)
-    temporary = directory / f".{ENDPOINT_FILE}.tmp"
-    temporary.write_text(endpoint + "\n")
-    os.replace(temporary, directory / ENDPOINT_FILE)
-    return socket, endpoint, home
-
-
-def _output_into(path: Path) -> None:
-    """Our stdout and stderr (a crash's traceback, a library's warning) into the log at `path`, from here on.
-    start_background points them at a file of its own until the lock is ours: a daemon that loses it says so
-    there, not in the log of the one that won."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-
-
-def _log_to(path: Path, also_stderr: bool) -> None:
-    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=3, encoding="utf-8",
-                                                   errors="backslashreplace")
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    handler.setFormatter(formatter)
-    log.addHandler(handler)
-    if also_stderr:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(formatter)
-        log.addHandler(stream)
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
 
 # -- the queue, as the CLI and the daemon change it ------------------------------------------------------
@@ -869,7 +531,7 @@ def submit(runs_dir: Path, run_id: str, argv: list[str], gpus: int | None, targe
     peer's key; default this process's user). True when a running daemon was told at once."""
     runs_dir = Path(runs_dir).resolve()
     now = time.time()
-    by = by or _local_user()
+    by = by or local_user()
     job = {"id": run_id, "state": "queued", "submitted_ts": now, "argv": argv, "cwd": cwd or os.getcwd(),
            "env": env, "gpus": gpus, "submitted_by": by}
     if resumes is not None:
@@ -887,7 +549,7 @@ def submit(runs_dir: Path, run_id: str, argv: list[str], gpus: int | None, targe
     return request(runs_dir, "wake") is not None
 
 
-def _local_user() -> str:
+def local_user() -> str:
     """This process's user, as a submission by the owner is recorded."""
     try:
         return getpass.getuser()
