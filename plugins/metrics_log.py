@@ -22,6 +22,7 @@ MAX_HELD_RECORDS = 10_000
 # the machine, follows an epoch's record at most this often: a small model's 0.05-0.2 s epochs made it 5-20
 # fsyncs a second, the largest part of this plugin's CPU (docs/benchmarks.md). As the kernel's journal does.
 FSYNC_INTERVAL_S = 1.0
+SESSION_PREFIX = b'{"kind": "session"'  # how a `session` record starts (strict_dumps keeps the keys' order)
 
 
 class MetricsLogPlugin(Plugin):
@@ -57,6 +58,13 @@ class MetricsLogPlugin(Plugin):
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
         self._size = os.fstat(self._fd).st_size  # the end of the last whole line
         self._held: list[bytes] = []
+        start = self.session_seq
+        if start > 1 and (self.last_seq < start or _last_session(self.path) != start):
+            # A continued run's kernel numbers from `start` on (PROTOCOL.md §12): records here at or past it were
+            # written under an earlier kernel, of events a power loss took from the journal, whose seqs it gives to
+            # new events. They stay (what happened), and the seqs are written again; the record says from where.
+            self.last_seq = min(self.last_seq, start - 1)
+            self._append({"kind": "session", "session_seq": start, "after_seq": self.last_seq, "time": time.time()})
 
     def teardown(self) -> None:
         if self._fd is not None:
@@ -107,12 +115,15 @@ class MetricsLogPlugin(Plugin):
             return  # written before a restart; the replay brings it again
         record = {"kind": kind, "seq": event.seq, "step": event.step, "epoch": event.epoch, "time": event.ts}
         record.update(fields)
+        self._append(record)
+        self.last_seq = event.seq
+
+    def _append(self, record: dict[str, Any]) -> None:
         line = strict_dumps(record)  # NaN as null: pandas reads it as NaN, and strict parsers read it at all
         if len(self._held) >= MAX_HELD_RECORDS:
             raise OSError(f"{self.path}: {len(self._held)} records wait for room on the disk; no more are held")
         self._held.append((line + "\n").encode())
         self._write_held()  # in the OS's hands now: a crash of this process loses nothing
-        self.last_seq = event.seq
 
     def _write_held(self) -> None:
         """All or nothing: a refused write is cut back to the last whole line, and the lines wait for the next
@@ -153,10 +164,32 @@ def _recover(path: Path) -> int:
             f.truncate(start + complete)
     for line in reversed(tail[:complete].splitlines()):
         try:
-            return int(json.loads(line)["seq"])
-        except (ValueError, KeyError, TypeError):
+            record = json.loads(line)
+            return int(record["after_seq"] if record.get("kind") == "session" else record["seq"])
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue  # the first line of the tail may be partial
     return 0
+
+
+def _last_session(path: Path) -> int:
+    """The session_seq of the file's last `session` record (1: none, a run's first kernel wrote it all). Read back
+    from the end a MiB at a time: at a plugin's start in a continued run, past the records of this kernel alone."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - TAIL_BYTES)
+            f.seek(start)
+            # a record whose start the chunk's end cuts is found whole in it; the file's start counts as a line's
+            chunk = (b"\n" if start == 0 else b"") + f.read(end - start + len(SESSION_PREFIX))
+            at = chunk.rfind(b"\n" + SESSION_PREFIX)
+            if at >= 0:
+                f.seek(start + at + (0 if start == 0 else 1))
+                try:
+                    return int(json.loads(f.readline())["session_seq"])
+                except (ValueError, KeyError, TypeError):
+                    return 1
+            end = start
+    return 1
 
 
 def _flatten(prefix: str, metrics: Any) -> dict[str, Any]:

@@ -28,14 +28,20 @@ class Harness:
         assert h.replies_of("stop")
     """
 
-    def __init__(self, plugin: Plugin, run_id: str = "test-run", run_dir: str | None = None):
+    def __init__(self, plugin: Plugin, run_id: str = "test-run", run_dir: str | None = None, session_seq: int = 1):
+        """session_seq: the first seq of the kernel that welcomes the plugin (`welcome.session_seq`); above 1, a
+        continued run's (PROTOCOL.md §12): the plugin sees it in `self.session_seq` and the events fed are numbered
+        from it (set `seq` to feed a replay of earlier ones)."""
+        if not isinstance(session_seq, int) or session_seq < 1:
+            raise ValueError(f"session_seq must be a seq (an int >= 1), got {session_seq!r}")
         self.plugin = plugin
         if run_dir is not None or plugin.run_dir == ".":  # never write into the caller's cwd by default
             plugin.run_dir = run_dir or tempfile.mkdtemp(prefix="trainbus-harness-")
             if run_dir is None:  # ours: removed with the plugin, or as the process exits (a test suite left hundreds)
                 weakref.finalize(plugin, shutil.rmtree, plugin.run_dir, ignore_errors=True)
         self.run_id = run_id
-        self.seq = 0
+        self.seq = session_seq - 1  # the last seq fed: the next event is numbered seq + 1
+        plugin.session_seq = session_seq
         self.step = 0
         self.epoch = 0
         self.replies: list[dict[str, Any]] = []

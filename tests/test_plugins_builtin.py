@@ -342,6 +342,45 @@ def test_metrics_log_restart_does_not_duplicate_replayed_records(tmp_path):
     assert without_time(read_records(path)) == without_time(read_records(tmp_path / "clean" / "metrics.jsonl"))
 
 
+def test_metrics_log_writes_a_continued_runs_events_whose_seqs_a_power_loss_gave_back(tmp_path):
+    """PROTOCOL.md §12: a power loss took the journal's last seqs (3, 4) but not metrics.jsonl's records of them;
+    the continued run's kernel (session_seq 3) numbers new events 3, 4, 5. Each is written, and a restart of the
+    plugin within that kernel, replayed from seq 1, writes none twice."""
+    first = Harness(MetricsLogPlugin({"every_n_steps": 0}, run_dir=str(tmp_path)))
+    for epoch in (1, 2, 3, 4):
+        first.feed("end_epoch", epoch=epoch, training_loss=1.0)
+    first.close()
+    continued = Harness(MetricsLogPlugin({"every_n_steps": 0}, run_dir=str(tmp_path)), session_seq=3)
+    for epoch in (3, 4, 5):
+        continued.feed("end_epoch", epoch=epoch, training_loss=0.5)  # seqs 3, 4, 5
+    # killed before acking: restarted in the same kernel, it is replayed from 1 (the old seqs 1-2, then 3-5)
+    restarted = Harness(MetricsLogPlugin({"every_n_steps": 0}, run_dir=str(tmp_path)), session_seq=3)
+    restarted.seq = 0
+    for epoch in (1, 2, 3, 4, 5):
+        restarted.feed("end_epoch", epoch=epoch, training_loss=1.0 if epoch < 3 else 0.5)
+    restarted.close()
+    records = read_records(tmp_path / "metrics.jsonl")
+    epochs = [(r["seq"], r["epoch"], r["training_loss"]) for r in records if r["kind"] == "epoch"]
+    assert epochs == [(1, 1, 1.0), (2, 2, 1.0), (3, 3, 1.0), (4, 4, 1.0), (3, 3, 0.5), (4, 4, 0.5), (5, 5, 0.5)]
+    assert [r for r in records if r["kind"] == "session"] == [
+        {"kind": "session", "session_seq": 3, "after_seq": 2, "time": records[4]["time"]}]
+
+
+def test_metrics_log_restarted_in_a_continued_run_far_past_its_session_record_writes_nothing_twice(tmp_path):
+    """The `session` record is looked for back past the 1 MiB tail that gives the last seq."""
+    continued = Harness(MetricsLogPlugin({"every_n_steps": 1}, run_dir=str(tmp_path)), session_seq=5)
+    for step in range(1, 16_001):  # over 2 MiB of step records
+        continued.feed("end_training_batch", step=step, loss=0.5, batch_index=step)
+    size = (tmp_path / "metrics.jsonl").stat().st_size
+    assert size > 2 * (1 << 20)
+    restarted = Harness(MetricsLogPlugin({"every_n_steps": 1}, run_dir=str(tmp_path)), session_seq=5)
+    restarted.seq = 15_000  # replayed from its last ack
+    for step in range(15_000, 16_001):
+        restarted.feed("end_training_batch", step=step, loss=0.5, batch_index=step)
+    restarted.close()
+    assert (tmp_path / "metrics.jsonl").stat().st_size == size
+
+
 # console
 
 
