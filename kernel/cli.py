@@ -225,7 +225,7 @@ def run(
         _check_listen(*listen_checked)
     if help_flags or flag_words:
         try:
-            _apply_flags(cfg, flag_words, help_flags)
+            _apply_flags(cfg, flag_words, help_flags, cfg.seed if seed is None else seed)
         except KeyboardInterrupt:  # its own raise (a Ctrl-C is _SaysAndExits'), or a Ctrl-C where that is not ours
             _interrupted_before_start(f"KeyboardInterrupt while {cfg.target} was imported to read its flags; "
                                       f"nothing was made")
@@ -396,12 +396,16 @@ def _is_flag_word(word: str) -> bool:
     return bool(sep) and name.isidentifier()
 
 
-def _apply_flags(cfg, flag_words: list[str], help_flags: bool) -> None:
+def _apply_flags(cfg, flag_words: list[str], help_flags: bool, seed: int) -> None:
     """--help-flags: print the target's flags and exit; else the NAME=VALUE words, typed, into the hyperparameters
     (checked here, before anything is made: an unknown flag or a bad value is one line, exit 2)."""
     from .flags import help_text, parse_words, signature_of
+    from .config import SEED_LIMIT
+    from .loop import seed_everything
     from .spec import load_target
 
+    if 0 <= seed < SEED_LIMIT:  # else check_run says what it takes, once the rest is read
+        seed_everything(seed)  # what a script draws as it is imported (a model made at its top) is the seed's too
     func = load_target(cfg.target)
     signature = signature_of(func)
     if help_flags:

@@ -48,7 +48,7 @@ from .remote import ListenError, Listener, check_listen
 from .registry import record_run
 from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers
-from .spec import SpecError, TrainingSpec, build_with_flags, user_code_error, user_trace
+from .spec import SpecError, TrainingSpec, build_with_flags, load_target, user_code_error, user_trace
 from .stepping import Stepper, SteppingError
 from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
 
@@ -177,6 +177,11 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     # The user's code (build, loaders, loss, metrics) sees where its run is, as plugins do: Guild's names and ours.
     os.environ.update(RUN_ID=run_id, RUN_DIR=str(run_dir), TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir))
     try:
+        # The target is imported under the seed, then the build starts from it again: as when the command line
+        # imported it first, to read its flags (kernel/cli.py _apply_flags), so a script's top-level draws (a model
+        # made there) and its build's are the seed's either way.
+        load_target(cfg.target)
+        seed_everything(cfg.seed)
         spec, flags = build_with_flags(cfg.target, dict(cfg.hyperparameters), cfg.epochs)
     except KeyboardInterrupt as exc:
         if interrupts.count or not interrupts.installed:  # our second Ctrl-C; or Python's own, a raise alike

@@ -209,6 +209,8 @@ BAD_INPUT = {
                              "not a writable directory"),
     "negative seed": (lambda t: ["run", "--seed", "-1"], "seed must be between 0 and 4294967295"),
     "seed over 32 bits": (lambda t: ["run", "--seed", str(2**32)], "seed must be between 0 and 4294967295"),
+    "seed over 32 bits beside a flag": (lambda t: ["run", "lr=0.01", "--seed", str(2**32)],
+                                        "seed must be between 0 and 4294967295"),
     "seed over 32 bits in a config": (lambda t: ["run", "--config", _write(t, "seed.toml", f"[run]\nseed = {2**40}\n")],
                                       "seed must be between 0 and 4294967295"),
     "plugin program not on PATH": (lambda t: ["run", "--config", _write(

@@ -599,3 +599,39 @@ def test_literal_enum_and_path_flags_take_their_values_and_refuse_others(tmp_pat
     assert config["flags"] == {"act": "relu", "data_dir": "/tmp/d", "opt": "adam", "width": None}, config["flags"]
     r = trainbus("run", "--resume", run_dir.name, "--epochs", "2", "--runs-dir", str(runs_dir))  # read back as typed
     assert r.returncode == 0, r.stderr
+
+
+SEEDED = '''
+import json
+
+import torch
+
+from trainbus.kernel.digits import build as digits
+
+AT_IMPORT = torch.rand(3).tolist()  # a script's module-level draw: a model made at its top, a random split
+
+
+def build(lr: float = 0.001):
+    spec = digits({"lr": lr, "epochs": 1})
+    with open("draws.json", "w") as f:  # in the run's working directory
+        json.dump({"import": AT_IMPORT, "build": torch.rand(3).tolist()}, f)
+    return spec
+'''
+
+
+def test_a_scripts_module_level_draws_are_seeded_whether_or_not_flags_are_given(tmp_path):
+    """`--seed` seeded the build but not the import of the target, which the command line makes first when it reads
+    flags: a script drawing at its top (a model built there) got other weights each run. The import and the build
+    each start from the seed, with flags or without."""
+    (tmp_path / "seeded.py").write_text(SEEDED)
+    target = f"{tmp_path / 'seeded.py'}:build"
+    draws = {}
+    for name, words in (("bare", []), ("flags", ["lr=0.001"]), ("again", ["lr=0.001"]), ("other", ["lr=0.001"])):
+        (tmp_path / name).mkdir()
+        seed = "4" if name == "other" else "3"
+        done = cli("run", target, *words, "--seed", seed, "--epochs", "1", "--plugins", "", "--runs-dir",
+                   str(tmp_path / "runs"), cwd=tmp_path / name)
+        assert done.returncode == 0, done.stderr
+        draws[name] = json.loads((tmp_path / name / "draws.json").read_text())
+    assert draws["bare"] == draws["flags"] == draws["again"]
+    assert draws["other"]["import"] != draws["bare"]["import"] and draws["other"]["build"] != draws["bare"]["build"]
