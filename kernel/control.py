@@ -252,7 +252,10 @@ class Dispatcher:
             raise Refused("settle_seq", f"{peer.name}: {msg['type']}, but this run takes no snapshots")
         if not self.checkpointer.settle(peer, msg, self.bus.journal.written_seq):
             return
-        fields = {k: truncate(v, REASON_MAX_CHARS)[0] if isinstance(v, str) else v for k, v in msg.items() if k not in ("v", "type")}
+        # text cut as a stop's reason is, but for the path: checked inside the run's directories, a cut one would
+        # name another file (PATH_MAX is 4,096), and the message's size bounds it
+        fields = {k: truncate(v, REASON_MAX_CHARS)[0] if isinstance(v, str) and k != "path" else v
+                  for k, v in msg.items() if k not in ("v", "type")}
         event = ev.CHECKPOINT_SAVED if msg["type"] == "checkpoint_saved" else ev.CHECKPOINT_FAILED
         self.bus.emit(event, {"plugin": peer.name, **fields})
         if event == ev.CHECKPOINT_FAILED:

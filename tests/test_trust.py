@@ -402,7 +402,9 @@ class Forger(threading.Thread):
             for wrong_seq in (seq - 1, seq + 10**6):
                 shadow.send("checkpoint_saved", seq=wrong_seq, path=str(self.run_dir / "checkpoints" / "x.pt"), **fields)
             self.count("refused_settle_seq", 2)
-            accepted = str(self.run_dir / "checkpoints" / f"forged-{seq}.pt")
+            # a path past the 1,000 characters of a reason (PATH_MAX is 4,096): published whole, not cut
+            accepted = str(self.run_dir / "checkpoints" / ("d" * 200) / ("e" * 200) / ("f" * 200) / ("g" * 200) /
+                           ("h" * 200) / f"forged-{seq}.pt")
             shadow.send("checkpoint_saved", seq=seq, path=accepted, **fields)
             self.accepted_paths.append(accepted)
 
