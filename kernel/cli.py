@@ -399,8 +399,8 @@ def _is_flag_word(word: str) -> bool:
 def _apply_flags(cfg, flag_words: list[str], help_flags: bool, seed: int) -> None:
     """--help-flags: print the target's flags and exit; else the NAME=VALUE words, typed, into the hyperparameters
     (checked here, before anything is made: an unknown flag or a bad value is one line, exit 2)."""
-    from .flags import help_text, parse_words, signature_of
     from .config import SEED_LIMIT
+    from .flags import help_text, parse_words, signature_of
     from .loop import seed_everything
     from .spec import load_target
 
