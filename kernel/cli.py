@@ -89,7 +89,7 @@ from .config import (ONE_GPU_PER_RANK, ConfigError, apply_set, check_metric_sett
                      defaults_left_out, device_index, launch_of_run, load_config, plugin_name_clashes,
                      registered_plugins, resolve_plugin)
 from .flags import FlagError
-from .registry import RegistryError
+from .registry import MAX_RESUMES, RegistryError
 from .spec import DEFAULT_TARGET, SpecError, UserCodeError, full_target
 
 __all__ = ["UserError", "app", "main"]
@@ -185,6 +185,10 @@ def run(
                                                                    "starts it when that many are free, with "
                                                                    "CUDA_VISIBLE_DEVICES naming them (default 1 when "
                                                                    "the daemon has GPUs)."),
+    max_resumes: Optional[int] = typer.Option(None, "--max-resumes", min=0, max=MAX_RESUMES,
+                                              help="With --detach: when the run's kernel dies or is killed (the OOM "
+                                                   "killer, a reboot), the daemon continues it from its newest "
+                                                   "checkpoint, up to this many times (default 0)."),
 ) -> None:
     """Train, with every plugin in its own process; prints the run id, the outcome and where results are."""
     global _OUTPUT_IS_A_COPY
@@ -287,6 +291,9 @@ def run(
     if gpus is not None and not detach:
         raise UserError("--gpus places a queued run: add --detach (a run started here uses the GPUs "
                         "CUDA_VISIBLE_DEVICES shows it)")
+    if max_resumes is not None and not detach:
+        raise UserError("--max-resumes is the daemon's: add --detach (a run started here is continued with "
+                        "`trainbus runs resume RUN`; --max-restarts restarts failed processes of --nproc)")
     if detach:
         try:
             _check_target(cfg)
@@ -311,7 +318,7 @@ def run(
             find_checkpoint(cfg.resume, cfg.runs_dir)
         _ctrl_c_says(f"Ctrl-C as the run was submitted: `trainbus runs list --runs-dir {cfg.runs_dir}` shows whether "
                      f"the daemon queued it")
-        _submit(cfg, continuing, gpus)
+        _submit(cfg, continuing, gpus, max_resumes or 0)
         return
     if cfg.listen and launch["nnodes"] == 1 and (cfg.listen, cfg.keys_dir) != listen_checked \
             and not under_a_launcher():
@@ -356,17 +363,18 @@ def _check_listen(listen: str, keys_dir: str | None) -> None:
         raise UserError(str(exc)) from None
 
 
-def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:
-    """`run --detach`: this command, checked and less --detach and --gpus, queued for the daemon; its id printed."""
+def _submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) -> None:
+    """`run --detach`: this command, checked and less --detach, --gpus and --max-resumes, queued for the daemon; its
+    id printed."""
     from . import daemon, daemon_client
     from .registry import JobError
     from .session import new_run_id
 
     words, argv = iter(sys.argv[sys.argv.index("run", 1) + 1:]), []
     for word in words:
-        if word == "--gpus":
+        if word in ("--gpus", "--max-resumes"):
             next(words, None)
-        elif word != "--detach" and not word.startswith("--gpus="):
+        elif word != "--detach" and not word.startswith(("--gpus=", "--max-resumes=")):
             argv.append(word)
     run_id = continuing.name if continuing is not None else new_run_id()
     runs_dir = Path(cfg.runs_dir)
@@ -376,7 +384,7 @@ def _submit(cfg, continuing: Path | None, gpus: int | None) -> None:
         raise UserError(f"--gpus {gpus}: the run {why}")
     try:
         told = daemon.submit(runs_dir, run_id, argv, gpus, cfg.target, dict(cfg.hyperparameters), continuing,
-                             env=dict(os.environ))
+                             env=dict(os.environ), max_resumes=max_resumes)
     except JobError as exc:
         raise UserError(str(exc)) from None
     except (sqlite3.Error, OSError) as exc:  # the queue is one transaction: nothing was queued

@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from .cli_common import KEYS_DIR_HELP, UserError, out, runs_dir_path
 from .config import check_runs_dir
+from .registry import MAX_RESUMES
 
 daemon_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                          help="The kernel daemon: a queue of runs for one runs directory that outlives crashes.")
@@ -152,6 +153,9 @@ def daemon_submit(
     remote: Optional[str] = REMOTE_OPTION, key: Optional[Path] = KEY_OPTION,
     server_key: Optional[Path] = SERVER_KEY_OPTION,
     gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="GPUs the run needs (as `run --gpus`)."),
+    max_resumes: int = typer.Option(0, "--max-resumes", min=0, max=MAX_RESUMES,
+                                    help="Times the daemon continues the run when its kernel dies (as `run "
+                                         "--max-resumes`)."),
 ) -> None:
     """Queue `trainbus run ARGS...` on a remote daemon (`-- ARGS`, as they are to be run on that host, in the
     daemon's directory and environment); prints the run id. Locally, `trainbus run ... --detach` checks the
@@ -159,7 +163,7 @@ def daemon_submit(
     target = _remote(remote, key, server_key)
     if target is None:
         raise UserError("daemon submit is for a remote daemon (--remote); here, use `trainbus run ... --detach`")
-    answer = _ask(Path("."), target, "submit", argv=list(ctx.args), gpus=gpus)
+    answer = _ask(Path("."), target, "submit", argv=list(ctx.args), gpus=gpus, max_resumes=max_resumes)
     print(answer["run"])
     print(f"trainbus: queued run {answer['run']} on {target.host_port}; `trainbus daemon status --remote "
           f"{target.host_port} --key {target.key_file} --server-key {target.server_key}` shows it queued, running, "

@@ -54,6 +54,7 @@ REMOTE_FILE = "remote.json"  # the TCP endpoint and the server's public key, for
 ENDPOINT_FILE = "endpoint"  # the control socket's ipc endpoint (in DAEMON_DIR unless that path is too long)
 OUTPUT_DIR = "output"  # one file per job: its process's stdout and stderr
 RESUME_FAILED = "its resume ended before training"  # how a job's detail says so (`daemon status` shows it)
+RESUMED_STATUSES = ("died", "interrupted")  # what a run submitted with --max-resumes is continued from by itself
 STATUS_ENDED = 10  # `status` lists this many of the runs it ended last (a remote key has no `runs list`)
 TICK_S = 1.0  # the queue is looked at this often without a wake-up (submit wakes the daemon at once)
 CONTROL_MAX_BYTES = 64 * 1024
@@ -368,7 +369,10 @@ class Daemon:
             self._fail_unstarted(registry, job, f"could not start: {exc}", now, from_states=["starting"])
             return
         started = process_start_time(popen.pid)
-        registry.move_job(job["id"], ["starting"], state="running", pid=popen.pid, pid_started=started, env=None)
+        # the environment (a token in it, maybe) is kept no longer than needed: until the run starts, or, while the
+        # daemon may resume it by itself (--max-resumes), until it has ended for good
+        keep_env = job["env"] if job.get("resumes_left") else None
+        registry.move_job(job["id"], ["starting"], state="running", pid=popen.pid, pid_started=started, env=keep_env)
         self.watched[job["id"]] = Watched(job["id"], popen.pid, started, devices, popen)
         log.info("%s: started (pid %d%s); output %s", job["id"], popen.pid,
                  f", CUDA_VISIBLE_DEVICES={','.join(devices)}" if devices else "", output)
@@ -388,6 +392,11 @@ class Daemon:
                 detail = f"run {status}" + (f", exit code {code}" if code >= 0 else "")
             if status == "died":  # SIGKILL, the OOM killer: its snapshot buffers hold memory until removed
                 remove_dead_runs_buffers(run_dir)
+            resume = status in RESUMED_STATUSES and not detail.startswith(RESUME_FAILED) and has_checkpoints(run_dir)
+            job = self._job(registry, watched.job_id) if resume else None
+            if job is not None and job.get("resumes_left"):
+                self._resume_dead(registry, watched.job_id, job, detail, now)
+                return
             if status == "died" and not detail.startswith(RESUME_FAILED):
                 log.warning("%s: the kernel died (no summary); %s", watched.job_id,
                             f"`trainbus runs resume {watched.job_id} --runs-dir {self.runs_dir}` continues it from its "
@@ -405,6 +414,26 @@ class Daemon:
         registry.move_job(watched.job_id, JOB_ACTIVE, state="ended", ended_ts=now, exit_code=code, detail=detail,
                           env=None)
         log.info("%s: %s", watched.job_id, detail)
+
+    @staticmethod
+    def _job(registry: Registry, job_id: str) -> dict[str, Any] | None:
+        return next((j for j in registry.jobs(JOB_ACTIVE) if j["id"] == job_id), None)
+
+    def _resume_dead(self, registry: Registry, run_id: str, job: dict[str, Any], detail: str, now: float) -> None:
+        """A run submitted with --max-resumes whose kernel died (the OOM killer, kill -9, a reboot) or was killed
+        (SIGTERM: `interrupted`), with a checkpoint: its job ends, and its resume is queued at once, as
+        `trainbus runs resume RUN --detach` would queue it, with one resume fewer left. A stop (`runs stop`,
+        `daemon cancel`) ends a run `stopped`, which is never resumed."""
+        left = job["resumes_left"] - 1
+        registry.move_job(run_id, JOB_ACTIVE, state="ended", ended_ts=now, detail=f"{detail}; resumed by the daemon",
+                          env=None)
+        # the command it was started with, continued in place: the last --resume given counts
+        argv = [*job["argv"], "--resume", run_id, "--runs-dir", str(self.runs_dir)]
+        submit(self.runs_dir, run_id, argv, job["gpus"], None, {}, self.runs_dir / run_id, env=job["env"],
+               cwd=job["cwd"], wake=False, by=job["submitted_by"], max_resumes=left,
+               resumed_by=f"the daemon (--max-resumes: {left} left after this)")
+        log.warning("%s: %s; resumed from its newest checkpoint (--max-resumes: %d left after this)", run_id, detail,
+                    left)
 
     def _fail_unstarted(self, registry: Registry, job: dict[str, Any], why: str, now: float,
                         from_states: list[str] | None = None) -> None:
@@ -525,17 +554,19 @@ def resumed_run(argv: list[str], runs_dir: Path) -> Path | str | None:
 
 def submit(runs_dir: Path, run_id: str, argv: list[str], gpus: int | None, target: str | None,
            flags: dict[str, Any], resumes: Path | None, env: dict[str, str] | None = None, cwd: str | None = None,
-           wake: bool = True, by: str | None = None) -> bool:
+           wake: bool = True, by: str | None = None, max_resumes: int = 0, resumed_by: str | None = None) -> bool:
     """Queue a run for the daemon of runs_dir (running or not), to be started as `trainbus run ARGV` in `cwd`
     with `env` (default: this process's; None from a remote peer: the daemon's own). `by`: who asked (a remote
-    peer's key; default this process's user). True when a running daemon was told at once."""
+    peer's key; default this process's user). max_resumes: how many times the daemon continues the run by itself
+    when its kernel dies or is killed (Daemon._resume_dead). resumed_by: who queues a resume, when not `by` (the
+    daemon). True when a running daemon was told at once."""
     runs_dir = Path(runs_dir).resolve()
     now = time.time()
     by = by or local_user()
     job = {"id": run_id, "state": "queued", "submitted_ts": now, "argv": argv, "cwd": cwd or os.getcwd(),
-           "env": env, "gpus": gpus, "submitted_by": by}
+           "env": env, "gpus": gpus, "submitted_by": by, "resumes_left": max_resumes}
     if resumes is not None:
-        run = queued_resume(run_overview(resumes, now), by)
+        run = queued_resume(run_overview(resumes, now), resumed_by or by)
     else:
         run = {"id": run_id, "dir": None, "status": "queued", "target": target, "flags": flags, "started_ts": None,
                "detail": f"submitted {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))} by {by}"}

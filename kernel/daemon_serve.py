@@ -31,7 +31,7 @@ from .credentials import bindable
 from .daemon import (CONTROL_MAX_BYTES, ENDPOINT_FILE, LOG_FILE, PID_FILE, REMOTE_FILE, TICK_S, Daemon, DaemonError,
                      cancel, detected_devices, ended_jobs, epochs_of, local_user, make_daemon_dir, resumed_run, submit,
                      unplaceable, why_not_resumable)
-from .registry import JobError, Registry, RegistryError
+from .registry import MAX_RESUMES, JobError, Registry, RegistryError
 
 log = logging.getLogger("trainbus.daemon")
 LOG_MAX_BYTES = 10 * 1024 * 1024  # daemon.log is rotated at this size, 3 old files kept
@@ -288,17 +288,19 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
             return {"ok": True, "run": daemon.stop_run(run, who), "stopping": True}
         except JobError as exc:
             return {"ok": False, "error": str(exc)}
-    argv, gpus = request.get("argv"), request.get("gpus")
+    argv, gpus, max_resumes = request.get("argv"), request.get("gpus"), request.get("max_resumes", 0)
     if not (isinstance(argv, list) and len(argv) <= ARGV_MAX_WORDS and all(isinstance(w, str) for w in argv)) \
-            or not (gpus is None or (isinstance(gpus, int) and 0 <= gpus <= 1024)):
-        return {"ok": False, "error": f"submit needs argv (at most {ARGV_MAX_WORDS} strings) and gpus "
-                                      f"(a count, or nil)"}
+            or not (gpus is None or (isinstance(gpus, int) and 0 <= gpus <= 1024)) \
+            or not (isinstance(max_resumes, int) and 0 <= max_resumes <= MAX_RESUMES):
+        return {"ok": False, "error": f"submit needs argv (at most {ARGV_MAX_WORDS} strings), gpus (a count, or nil) "
+                                      f"and max_resumes (0 to {MAX_RESUMES}, or left out)"}
     from .session import new_run_id
 
     options = [w.split("=", 1)[0] for w in argv]
-    if "--detach" in options or "--gpus" in options:
+    if {"--detach", "--gpus", "--max-resumes"} & set(options):
         return {"ok": False, "error": "submit's argv is what `trainbus run` is given on the daemon's host: queued "
-                                      "already, so no --detach, and the GPUs go as submit's own --gpus"}
+                                      "already, so no --detach, and the GPUs and resumes go as submit's own --gpus "
+                                      "and --max-resumes"}
     if gpus is not None and (why := unplaceable(gpus, daemon.devices)) is not None:  # as `run --detach` says it
         return {"ok": False, "error": f"--gpus {gpus}: the run {why}"}
     run_id, resumes = new_run_id(), None
@@ -314,7 +316,7 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
     argv = [*argv, "--runs-dir", str(daemon.runs_dir)]  # the last one given counts: this daemon's, whatever it said
     try:
         submit(daemon.runs_dir, run_id, argv, gpus, target, {}, resumes, env=None, cwd=os.getcwd(), wake=False,
-               by=who)
+               by=who, max_resumes=max_resumes)
     except JobError as exc:
         return {"ok": False, "error": str(exc)}
     daemon.woken = True

@@ -35,8 +35,8 @@ from .runs import STATUSES as RUN_STATUSES
 from .runs import _iso, find_runs, newest_first, overview_or_unreadable, run_overview
 
 REGISTRY_NAME = "registry.sqlite"
-SCHEMA_VERSION = 5  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,
-# 4: runs.hyperparameters, 5: runs.training_metrics)
+SCHEMA_VERSION = 6  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,
+# 4: runs.hyperparameters, 5: runs.training_metrics, 6: jobs.resumes_left)
 BUSY_TIMEOUT_S = 5.0  # a write waits this long for another writer's transaction (each takes milliseconds)
 QUEUED = "queued"  # a run the daemon has not started: it has no directory yet
 STATUSES = (QUEUED, *RUN_STATUSES)
@@ -67,8 +67,10 @@ JOB_COLUMNS = {
     "cwd": "TEXT NOT NULL", "env": "TEXT", "gpus": "INTEGER", "devices": "TEXT", "pid": "INTEGER",
     "pid_started": "REAL", "started_ts": "REAL", "ended_ts": "REAL", "exit_code": "INTEGER", "detail": "TEXT",
     "submitted_by": "TEXT",  # who queued it: the owner's user name, or a remote peer's key (`key NAME`)
+    "resumes_left": "INTEGER",  # `--max-resumes`: how many more times the daemon continues the run if it dies
 }
 JOB_JSON_COLUMNS = ("argv", "env", "devices")
+MAX_RESUMES = 1000  # --max-resumes' bound: each resume is a kernel's start, and a run dying at once would loop
 JOB_STATES = ("queued", "starting", "running", "ended", "cancelled")
 JOB_ACTIVE = ("queued", "starting", "running")  # a job in one of these holds its run id
 
@@ -156,8 +158,10 @@ class Registry:
                 columns = ", ".join(f"{name} {kind}" for name, kind in JOB_COLUMNS.items())
                 self.db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns})")
                 self.db.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submitted_ts)")
-            if "submitted_by" not in {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}:  # < 3
-                self.db.execute("ALTER TABLE jobs ADD COLUMN submitted_by TEXT")
+            have = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in (("submitted_by", "TEXT"), ("resumes_left", "INTEGER")):  # < 3, < 6
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")  # rows of before: NULL
             have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
             for column in ("hyperparameters", "training_metrics"):  # < 4, < 5
                 if column not in have:
@@ -283,8 +287,9 @@ _JOB_CHECKS = {
     "devices": lambda v: v is None or isinstance(v, list) and all(isinstance(d, str) for d in v),
     "gpus": lambda v: v is None or isinstance(v, int) and v >= 0,
     "cwd": lambda v: isinstance(v, str),
+    "resumes_left": lambda v: v is None or isinstance(v, int) and v >= 0,
 }
-_JOB_FALLBACK = {"argv": [], "env": None, "devices": None, "gpus": None, "cwd": "."}
+_JOB_FALLBACK = {"argv": [], "env": None, "devices": None, "gpus": None, "cwd": ".", "resumes_left": None}
 
 
 def _job_from_row(row: tuple) -> dict[str, Any]:

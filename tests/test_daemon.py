@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from trainbus.kernel.daemon import OUTPUT_CHECK_S, Daemon, DaemonError, daemon_dir, output_file, parse_devices, place
+from trainbus.kernel.checkpointing import has_checkpoints
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.registry import Registry, list_runs
 from trainbus.proto import JOURNAL_NAME
@@ -382,6 +383,47 @@ def test_the_queue_outlives_a_killed_daemon_and_a_running_run_outlives_it(tmp_pa
     starts = [e for e in JournalTail(runs / second / JOURNAL_NAME).poll() if e.type == ev.START_TRAINING_SESSION]
     assert len(starts) == 1, "the second run was started again instead of adopted"
     assert found[third]["started_ts"] >= found[second]["ended_ts"] - 1.0, "two runs trained at once (max 1)"
+
+
+
+def test_a_run_submitted_with_max_resumes_is_continued_by_the_daemon_when_its_kernel_dies_as_often_as_it_says(
+        tmp_path, daemons):
+    """`run --detach --max-resumes 1`: its kernel killed (kill -9: the OOM killer, a reboot) once it has a checkpoint,
+    the daemon queues its resume by itself and starts it; killed again, with no resume left, it stays died, with
+    the command that continues it in the log."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    start_daemon(daemons, runs)
+    run_id = submit(runs, PACED, "--plugins", "checkpoint", "--set", "step_sleep_s=0.2", "--max-resumes", "1")
+    run_dir = runs / run_id
+    with Registry(runs) as registry:
+        assert [job["resumes_left"] for job in registry.jobs()] == [1]
+        assert "--max-resumes" not in registry.jobs()[0]["argv"]
+
+    def kernel_with_a_checkpoint(sessions: int) -> int:
+        """The pid of the run's kernel once the journal holds `sessions` starts and the run has a checkpoint."""
+        def ready() -> bool:
+            starts = [e for e in JournalTail(run_dir / JOURNAL_NAME).poll() if e.type == ev.START_TRAINING_SESSION]
+            return len(starts) == sessions and has_checkpoints(run_dir)
+        wait_until(lambda: (run_dir / JOURNAL_NAME).exists() and ready(), WAIT_S, f"session {sessions} checkpointed")
+        return int((run_dir / "kernel.pid").read_text())
+
+    first = kernel_with_a_checkpoint(1)
+    os.kill(first, signal.SIGKILL)
+    second = kernel_with_a_checkpoint(2)  # resumed in place, by the daemon alone
+    assert second != first
+    log = daemon_dir(runs) / "daemon.log"
+    assert f"{run_id}: run died; resumed from its newest checkpoint (--max-resumes: 0 left after this)" \
+        in log.read_text(), log.read_text()
+    os.kill(second, signal.SIGKILL)
+    wait_until(lambda: "continues it from its newest checkpoint" in log.read_text(), WAIT_S, "the second death")
+    time.sleep(3)  # three of the daemon's rounds: no resume is queued
+    assert listed(runs)[run_id]["status"] == "died"
+    starts = [e for e in JournalTail(run_dir / JOURNAL_NAME).poll() if e.type == ev.START_TRAINING_SESSION]
+    assert len(starts) == 2
+    with Registry(runs) as registry:
+        [job] = registry.jobs()
+    assert job["state"] == "ended" and job["env"] is None  # the environment kept for a resume is gone with it
 
 
 def test_with_no_daemon_status_names_a_run_whose_daemon_and_kernel_are_both_gone(tmp_path):
@@ -750,7 +792,8 @@ def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path
         f"error: nothing accepts connections at tcp://{where} (refused or unreachable for "), done.stderr
 
 
-@pytest.mark.parametrize("column, garbled", [("argv", "not json"), ("gpus", "lots"), ("env", '{"A": 1}')])
+@pytest.mark.parametrize("column, garbled", [("argv", "not json"), ("gpus", "lots"), ("env", '{"A": 1}'),
+                                             ("resumes_left", "many")])
 def test_a_queued_row_garbled_by_hand_fails_alone_and_the_queue_goes_on(column, garbled, tmp_path, daemons):
     """A row the daemon did not write (sqlite3 by hand, a damaged disk): `daemon status` and `runs list` raised on
     it, and the daemon's every round failed on it, starting nothing behind it."""

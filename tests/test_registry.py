@@ -202,6 +202,26 @@ def test_a_registry_of_schema_4_gains_the_runs_training_metrics_and_keeps_its_ro
         assert registry.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+
+def test_a_registry_of_schema_5_gains_each_jobs_resumes_left_and_keeps_its_queue(tmp_path):
+    """A daemon upgraded under a queue: the jobs of schema 5 (before --max-resumes) are resumed by nobody."""
+    old = sqlite3.connect(tmp_path / REGISTRY_NAME)
+    columns = {n: k for n, k in JOB_COLUMNS.items() if n != "resumes_left"}
+    old.execute(f"CREATE TABLE jobs ({', '.join(f'{n} {k}' for n, k in columns.items())})")
+    old.execute("INSERT INTO jobs (id, state, submitted_ts, argv, cwd) VALUES ('q', 'queued', 1.0, '[]', '/')")
+    old.execute(f"CREATE TABLE runs ({', '.join(f'{n} {k}' for n, k in COLUMNS.items())})")
+    old.execute("PRAGMA user_version = 5")
+    old.commit()
+    old.close()
+    with Registry(tmp_path) as registry:
+        registry.submit({"id": "r", "state": "queued", "submitted_ts": 2.0, "argv": [], "cwd": "/",
+                         "resumes_left": 3}, {"id": "r", "status": "queued"}, 2.0)
+        jobs = registry.jobs()
+        assert [(job["id"], job["resumes_left"], job.get("unreadable")) for job in jobs] == [
+            ("q", None, None), ("r", 3, None)]
+        assert registry.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
 def test_compare_fills_a_flag_a_run_was_not_given_with_what_its_spec_trained_with(ended_runs):
     """The demo's way: a spec function taking the hyperparameters dict fills in its own defaults, so a run given
     no lr trained with one all the same; a run that names none (a registry row from before) shows none."""
