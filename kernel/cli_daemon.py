@@ -269,7 +269,9 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
         for run_id, info in watched.items():
             out.print(f"  running {run_id} (pid {info['pid']}"
                       + (f", CUDA_VISIBLE_DEVICES={','.join(info['devices'])}" if info["devices"] else "") + ")"
-                      + (f", listening on {escape(str(info['listen']))}" if info.get("listen") else ""))
+                      + (f", listening on {escape(str(info['listen']))}" if info.get("listen") else "")
+                      + (f", resumed if it dies (--max-resumes: {info['resumes_left']} left)"
+                         if isinstance(info.get("resumes_left"), int) and info["resumes_left"] > 0 else ""))
         if answer.get("trouble") and not answer.get("registry_error"):  # that one is said below
             out.print(f"  trouble: {escape(answer['trouble'])}")
         if answer.get("registry_error"):

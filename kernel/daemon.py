@@ -84,6 +84,7 @@ class Watched:
     pid_started: float | None
     devices: list[str]
     popen: subprocess.Popen | None = None
+    resumes_left: int = 0  # --max-resumes: how many more times the daemon continues it if it dies (status says)
 
     def exit_code(self) -> int | None:
         """None while it runs; its exit code (or -1 when it was not our child and the code is unknown)."""
@@ -346,7 +347,7 @@ class Daemon:
                     registry.move_job(job["id"], ["starting"], state="queued")
                     log.info("%s: was being started when the daemon went down; queued again", job["id"])
                     continue
-            watched = Watched(job["id"], pid or -1, started, job["devices"] or [])
+            watched = Watched(job["id"], pid or -1, started, job["devices"] or [], None, job["resumes_left"] or 0)
             if pid is not None and process_alive(pid, started):
                 self.watched[job["id"]] = watched
                 log.info("%s: still running (pid %d); adopted", job["id"], pid)
@@ -373,7 +374,7 @@ class Daemon:
         # daemon may resume it by itself (--max-resumes), until it has ended for good
         keep_env = job["env"] if job.get("resumes_left") else None
         registry.move_job(job["id"], ["starting"], state="running", pid=popen.pid, pid_started=started, env=keep_env)
-        self.watched[job["id"]] = Watched(job["id"], popen.pid, started, devices, popen)
+        self.watched[job["id"]] = Watched(job["id"], popen.pid, started, devices, popen, job["resumes_left"] or 0)
         log.info("%s: started (pid %d%s); output %s", job["id"], popen.pid,
                  f", CUDA_VISIBLE_DEVICES={','.join(devices)}" if devices else "", output)
 
@@ -452,8 +453,8 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "runs_dir": str(self.runs_dir), "devices": self.devices,
                 "max_concurrent": self.max_concurrent, "remote": self.remote_endpoint,
-                "running": {w.job_id: {"pid": w.pid, "devices": w.devices, **self._listening(w)}
-                            for w in self.watched.values()},
+                "running": {w.job_id: {"pid": w.pid, "devices": w.devices, "resumes_left": w.resumes_left,
+                                       **self._listening(w)} for w in self.watched.values()},
                 "trouble": self.trouble}  # why the last round failed: the log may be on the disk that is full
 
     def _listening(self, watched: Watched) -> dict[str, str]:

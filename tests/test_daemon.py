@@ -409,6 +409,8 @@ def test_a_run_submitted_with_max_resumes_is_continued_by_the_daemon_when_its_ke
         return int((run_dir / "kernel.pid").read_text())
 
     first = kernel_with_a_checkpoint(1)
+    status = cli("daemon", "status", "--runs-dir", str(runs)).stdout
+    assert f"running {run_id} (pid {first}), resumed if it dies (--max-resumes: 1 left)" in status, status
     os.kill(first, signal.SIGKILL)
     second = kernel_with_a_checkpoint(2)  # resumed in place, by the daemon alone
     assert second != first
