@@ -36,6 +36,10 @@ class GroupInterrupted(Exception):
     """Ctrl-C or SIGTERM while this rank waited for the others to join: nothing was made."""
 
 
+class PortInUse(Exception):
+    """Rank 0 cannot listen where the ranks meet (MASTER_ADDR:MASTER_PORT): another program holds the port."""
+
+
 def join_group(cluster: Cluster, device: torch.device, interrupted: Callable[[], bool],
                say: Callable[[str], None]) -> "Ranks":
     """Ranks(cluster, device), waited for on a thread of its own.
@@ -46,6 +50,8 @@ def join_group(cluster: Cluster, device: torch.device, interrupted: Callable[[],
     handling signals: `interrupted()` true (the first Ctrl-C or SIGTERM) raises GroupInterrupted; and a wait past
     WAITING_SAID_AFTER_S is said once, with what the ranks are waiting for."""
     box: dict[str, Any] = {}
+    # srun sets no MASTER_PORT: the port comes from the job id (cluster.detect), which the line about a taken one names
+    port_from_job = cluster.kind == "slurm" and "MASTER_PORT" not in os.environ
 
     def join() -> None:
         try:
@@ -66,8 +72,18 @@ def join_group(cluster: Cluster, device: torch.device, interrupted: Callable[[],
             said = True
             say(_waiting_line(cluster, time.monotonic() - started))
     if "error" in box:
+        if _address_in_use(box["error"]):  # c10d's 40-line traceback through our frames, and the others wait on
+            whose = " (srun's: 15000 + the job id's last 4 digits)" if port_from_job else ""
+            raise PortInUse(f"rank 0 cannot listen at {cluster.main_address}:{cluster.main_port}{whose} for the other "
+                            f"ranks to join: the port is in use on this machine (another program, or another job's "
+                            f"ranks); set MASTER_PORT to a free port, the same for every rank") from None
         raise box["error"]
     return box["ranks"]
+
+
+def _address_in_use(exc: BaseException) -> bool:
+    """rank 0's store could not bind its port (the others connect to it): c10d's DistNetworkError, EADDRINUSE."""
+    return isinstance(exc, dist.DistNetworkError) and "EADDRINUSE" in str(exc)
 
 
 def _waiting_line(cluster: Cluster, waited_s: float) -> str:

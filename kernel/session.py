@@ -34,7 +34,7 @@ from .config import (ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_sett
                      check_runs_dir_private)
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
-from .distributed import GroupInterrupted, Ranks, broken_by_a_peer, distribute, join_group
+from .distributed import GroupInterrupted, PortInUse, Ranks, broken_by_a_peer, distribute, join_group
 from .failures import RANK_ERROR, rank_errors, what_failed, write_rank_error
 from .kernel_log import KEEP, log_to, stop_logging_to
 from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse, check_free
@@ -162,6 +162,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             ranks = join_group(cluster, device, lambda: interrupts.count > 0, announce)
         except GroupInterrupted as exc:
             raise InterruptedBeforeStart(f"{interrupts.first}: {exc}; nothing was made") from None
+        except PortInUse as exc:
+            raise ConfigError(str(exc)) from None
         finally:
             interrupts.joining = False
     run_id = run_id or os.environ.get(LAUNCH_RUN_ID) or new_run_id()

@@ -797,3 +797,30 @@ def test_the_rendezvous_watch_says_the_wait_once_and_nothing_once_a_rank_runs():
     alone = RendezvousWatch(1, None, said.append, began=0.0, started=lambda: False)
     alone.tick(1000.0)  # --standalone: nothing to wait for but torchrun itself
     assert len(said) == 1
+
+
+def test_rank_0_at_a_port_in_use_says_so_in_one_line_naming_master_port(tmp_path):
+    """srun's ranks meet at a port made from the job id (or MASTER_PORT): one another program holds on rank 0's
+    machine. Rank 0 printed c10d's 40-line traceback through our frames ('EADDRINUSE ... address already in use');
+    now one line names the port and MASTER_PORT, exit 2, and nothing is made."""
+    import socket
+
+    from kernel_process import Command
+
+    runs = tmp_path / "runs"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost",
+               "SLURM_JOB_ID": "79", "SLURM_JOB_NAME": "job.sh", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        proc = Command("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--device", "cpu", "--runs-dir", str(runs),
+                       "--plugins", "", env=env)
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+    assert proc.returncode == 2, err  # a mistake in how the ranks were set up, as a --listen port taken is
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"127.0.0.1:{port}" in err and "in use" in err and "MASTER_PORT" in err, err
+    assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
