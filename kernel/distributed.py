@@ -162,6 +162,21 @@ class Ranks:
         stop, checkpoint = bool(flags[0]), bool(flags[1])
         return Control(should_stop=stop, checkpoint_now=checkpoint) if stop or checkpoint else NO_CONTROL
 
+    def all_have(self, has: bool) -> bool:
+        """True when every rank has this step's batch. A loader the user shares out themselves (a stream, or
+        distributed_sampler = false) may give one rank fewer: that rank would leave the epoch while another waits
+        in DDP's all-reduce of its next batch (gloo aborts, NCCL waits out TIMEOUT), so such an epoch ends on every
+        rank where the first runs out. One integer on the host a step, only for such loaders."""
+        flag = torch.tensor([int(has)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.host)
+        return bool(flag[0])
+
+    def fewest(self, count: int | None) -> int | None:
+        """The least of the ranks' counts; None when any rank's is unknown (a stream without a length)."""
+        least = torch.tensor([-1 if count is None else count], dtype=torch.int64)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN, group=self.host)
+        return None if least[0] < 0 else int(least[0])
+
     def gather(self, value: Any) -> list[Any]:
         """Every rank's value, in rank order, on every rank (RNG states for a checkpoint)."""
         values: list[Any] = [None] * self.world_size
@@ -210,6 +225,13 @@ class ShardedSampler(Sampler[int]):
         if len(indices) < total:
             indices += (indices * -(-total // max(len(indices), 1)))[: total - len(indices)]
         return iter(indices[self.rank:total:self.num_replicas])
+
+
+def evenly_shared(loader: Any) -> bool:
+    """Every rank gets as many batches of this loader an epoch: a DataLoader whose sampler is a DistributedSampler
+    (ours, or the user's: each pads, or drops, to the same count) or a ShardedSampler, batched by torch's own."""
+    return (isinstance(loader, DataLoader) and isinstance(loader.sampler, (DistributedSampler, ShardedSampler))
+            and type(loader.batch_sampler).__module__ == "torch.utils.data.sampler")
 
 
 def unshardable(loader: Any) -> str | None:

@@ -14,7 +14,7 @@ import torch
 from trainbus.proto import events as ev
 
 from .batches import BatchError, batch_size, describe, split, to_device
-from .distributed import AGREE_EVERY, Ranks
+from .distributed import AGREE_EVERY, Ranks, evenly_shared
 from .replies import NO_CONTROL, Control, merge_replies
 from .spec import TrainingSpec
 from .stepping import Stepper
@@ -70,8 +70,10 @@ class Loop:
 
     def __init__(self, spec: TrainingSpec, bus: Publisher, device: torch.device, stop_requested=lambda: "",
                  vote_timeout_s: float = 0.0, checkpointer=None, stepper: Stepper | None = None,
-                 ranks: Ranks | None = None, session_info: dict[str, Any] | None = None):
+                 ranks: Ranks | None = None, session_info: dict[str, Any] | None = None,
+                 warn=lambda line: None):
         self.spec = spec
+        self.warn = warn  # a warning for the user, mid-run (rank 0's: on its terminal and in kernel.log)
         self.ranks = ranks  # None: one process; else this rank's place (rank 0 alone has a bus that publishes)
         self.session_info = session_info or {}  # more for start_training_session (the cluster)
         # precision, accumulation, clipping, compile; the model is on `device` by now
@@ -103,6 +105,11 @@ class Loop:
         self._loaded_from: str | None = None
         self._kept_in_eval: list[torch.nn.Module] = []  # submodules the user's code put in eval mode (run())
         self._workers_started: set[int] = set()  # id() of each DataLoader whose persistent workers _iterate started
+        # across ranks, a train_loader the user shares out themselves: the ranks ask each other every step whether
+        # each has a batch (Ranks.all_have), and the epoch ends where the first runs out; said once (_uneven_said)
+        self._batches_asked = ranks is not None and not evenly_shared(spec.train_loader)
+        self._left_over = False  # this rank had a batch when another ran out (_together)
+        self._uneven_said = False
 
     def _iterate(self, loader: Any) -> Any:
         """iter(loader), drawing from the RNG as every epoch's does. A DataLoader's persistent workers start at its
@@ -144,6 +151,8 @@ class Loop:
         self.epoch = self.first_epoch - 1
         for self.epoch in range(self.first_epoch, spec.epochs + 1):
             planned = planned_batches(spec.train_loader)
+            if self._batches_asked:  # each rank's own count: the epoch has the fewest (their last is the same step)
+                planned = self.ranks.fewest(planned)
             self._publish(ev.START_EPOCH, batches_planned=planned)
             self._stepped_lr = None
             train = self._train_epoch(planned)
@@ -230,6 +239,8 @@ class Loop:
                 cut_short = True
                 break
         self._optimizer_step()  # an epoch's last batches step, however few (a stop's too: they were trained on)
+        if self._batches_asked:
+            self._say_uneven(self.ranks.sum([float(self._left_over)])[0])
         if self.batches_done == 0:
             raise BatchError(f"train_loader gave no batch in epoch {self.epoch}: it is empty (drop_last with fewer "
                              f"samples than batch_size?), or a one-shot iterator an earlier epoch used up; give a "
@@ -264,7 +275,29 @@ class Loop:
             self.batches_done, self.loss_total = resume["batches_done"], resume["loss_total"]
             self.metric_totals = dict(resume["metric_totals"])
             _set_rng(resume["rng"], self._generators())
-        return enumerate(iterator, start=self.batches_done)
+        batches = enumerate(iterator, start=self.batches_done)
+        return self._together(batches) if self._batches_asked else batches
+
+    def _together(self, batches):
+        """This rank's batches while every rank has one (Ranks.all_have): each rank asks once a batch, and once more
+        as it runs out or hears that another has, so every rank asks as often."""
+        self._left_over = False
+        for item in batches:
+            if not self.ranks.all_have(True):
+                self._left_over = True
+                return
+            yield item
+        self.ranks.all_have(False)
+
+    def _say_uneven(self, ranks_left_over: float) -> None:
+        if not ranks_left_over or self._uneven_said or not self.ranks.is_main:
+            return
+        self._uneven_said = True
+        count = int(ranks_left_over)
+        self.warn(f"train_loader gave the ranks different numbers of batches in epoch {self.epoch}: every rank ends "
+                  f"an epoch where the first runs out (DDP steps them together), so {count} rank"
+                  f"{'s' * (count != 1)} left batches untrained; give each rank as many (cut each rank's share to "
+                  f"the same length, or drop_last); said once")
 
     @torch.no_grad()
     def _validate(self) -> dict[str, Any]:

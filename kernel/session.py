@@ -312,7 +312,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     # a SIGTERM to every process (systemd stopping the unit, SLURM preempting) ends the plugins too: not early leavers
     bus.supervisor.stop_requested = lambda: bool(interrupts.count)
     loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s,
-                checkpointer=checkpointer, stepper=stepper, ranks=ranks, session_info={"cluster": cluster.describe()})
+                checkpointer=checkpointer, stepper=stepper, ranks=ranks, session_info={"cluster": cluster.describe()},
+                warn=lambda line: (log.warning("%s", line), announce(f"warning: {line}")))
     if resume_state is not None:
         loop.resume(resume_state, str(resume_from))
         at = resume_state["trainbus"]

@@ -206,3 +206,39 @@ def fails_on_rank_1(hyperparameters: dict):
     spec = build(hyperparameters)
     spec.train_loader = _FailsOnRank(spec.train_loader, "1", at)
     return spec
+
+
+class _RanksOwnShare:
+    """The training set shared out by the user's own loader (a stream, or a loader per rank with distributed_sampler =
+    false), unevenly: rank 1 gets `fewer` batches fewer than rank 0."""
+
+    def __init__(self, dataset, batch_size: int, fewer: int):
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        indices = list(range(rank, len(dataset), world))
+        self.indices = indices[: len(indices) - fewer * batch_size * (rank == 1)]
+        self.dataset, self.batch_size = dataset, batch_size
+
+    def batches(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            yield self.dataset[self.indices[start:start + self.batch_size]]
+
+
+def uneven_digits(hyperparameters: dict):
+    """probed_digits whose ranks' training batches are not as many: the user shared the data out themselves (the
+    stream `kind`, as the warning about an IterableDataset asks; or `sized`, DataLoaders of their own under
+    distributed_sampler = false), rank 1 getting `fewer` batches fewer."""
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    kind, fewer = hyperparameters.pop("kind", "stream"), int(hyperparameters.pop("fewer", 2))
+    spec = probed_digits(hyperparameters)
+    share = _RanksOwnShare(spec.train_loader.dataset, spec.train_loader.batch_size, fewer)
+    if kind == "stream":
+        class Stream(IterableDataset):
+            def __iter__(self):
+                return share.batches()
+        spec.train_loader = DataLoader(Stream(), batch_size=None)
+    else:
+        spec.train_loader = DataLoader(torch.utils.data.Subset(share.dataset, share.indices),
+                                       batch_size=share.batch_size, shuffle=True)
+    return spec

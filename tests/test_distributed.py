@@ -824,3 +824,25 @@ def test_rank_0_at_a_port_in_use_says_so_in_one_line_naming_master_port(tmp_path
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert f"127.0.0.1:{port}" in err and "in use" in err and "MASTER_PORT" in err, err
     assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
+
+
+@pytest.mark.parametrize("kind", ["stream", "sized"])
+def test_ranks_given_uneven_batches_by_the_users_loader_end_the_epoch_together(tmp_path, kind):
+    """The user shares the data out in their own loader (a stream, as the IterableDataset warning asks; or loaders
+    of their own under distributed_sampler = false), and rank 1 gets 2 batches fewer. Rank 1 left the epoch while
+    rank 0 was in DDP's all-reduce of its next batch: gloo aborted rank 1 ('Is there a distributed collective
+    mismatch?'), which the run's error called a kill -9 with `runs resume` as the fix (NCCL would wait 30 min).
+    Now every rank ends the epoch at the fewest, with one warning, and trains on as one run."""
+    config = tmp_path / "run.toml"
+    config.write_text("[run]\ncheckpoint_every_n_epochs = 1\n" + "distributed_sampler = false\n" * (kind == "sized"))
+    target = f"{TESTS_DIR / 'fixture_targets.py'}:uneven_digits"
+    tmp_path.mkdir(exist_ok=True)
+    proc = cli("run", target, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2", "--epochs", "2",
+               "--plugins", "checkpoint", "--config", str(config), f"--set=kind=\"{kind}\"", timeout=300, cwd=tmp_path)
+    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()] if (tmp_path / "runs").is_dir() else [None]
+    assert proc.returncode == 0 and run_dir is not None, proc.stdout + proc.stderr
+    rank0, rank1 = probes(run_dir)
+    assert rank0 == rank1 and len(rank0) == 2  # the same weights after each epoch, the same batches trained
+    epochs = [e for e in read_events(run_dir) if e.type == "end_epoch"]
+    assert [e.data["training_batch_count"] for e in epochs] == [2 * rank0[0]["batches"]] * 2
+    assert proc.stderr.count("different numbers of batches") == 1, proc.stderr
