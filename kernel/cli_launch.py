@@ -88,8 +88,10 @@ def launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     # same choice made here, without the warning (a user's own OMP_NUM_THREADS stands)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # torch's lines about its workers' exits ("Sending process ... closing signal SIGTERM", "failed (exitcode: 1)
-    # local_rank: 1 ...") repeat what rank 0 says of the run; its restarts (another logger) still show
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    # local_rank: 1 ...") repeat what rank 0 says of the run; where rank 0 could not say it, a failure a restart
+    # follows is said here (_Restarts)
+    restarts = _Restarts(max_restarts, Path(runs_dir) / run_id / "summary.json", nnodes)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(restarts.heard)
     # and its agent's "Received 2 death signal, shutting down workers" on a Ctrl-C, which the run's end says
     logging.getLogger("torch.distributed.elastic.agent.server.api").addFilter(
         lambda record: "death signal" not in str(record.msg))
@@ -144,6 +146,45 @@ def launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         # rank 0 said which rank died; that the run's code did not fail it, and so it can go on, only this sees
         print(f"trainbus: {resume_line(summary.parent.name)}", file=sys.stderr)
     raise typer.Exit(code=0 if status is None else EXIT_CODES.get(status, 1))  # None: rank 0 on another node
+
+
+class _Restarts:
+    """The failures of the group that torchrun restarts it for (--max-restarts), from its "failed (exitcode ...)"
+    log record, which (like the rest of that logger's) is not shown. Rank 0 says a failed attempt's end in its
+    summary, "torchrun restarts the group"; where it wrote none of this attempt (it was the rank killed, or the run
+    had not begun), the group restarted without a word of why: the rank torchrun saw fail first is said here."""
+
+    def __init__(self, max_restarts: int, summary: Path, nnodes: int):
+        self.left, self.summary, self.nnodes = max_restarts, summary, nnodes
+        self.attempt_began = time.time()
+
+    def heard(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("failed (exitcode") and len(record.args or ()) >= 3 and self.left > 0:
+            exitcode, local_rank, pid = record.args[:3]
+            if not self._rank_0_said():
+                how = (f"was killed by {_signal(-exitcode)}"
+                       f"{' (kill -9, or the out-of-memory killer: `dmesg` says which)' * (exitcode == -signal.SIGKILL)}"
+                       if isinstance(exitcode, int) and exitcode < 0 else f"exited with code {exitcode}")
+                rank = f"rank {local_rank}" if self.nnodes == 1 else f"local rank {local_rank} of this machine"
+                print(f"trainbus: {rank} (pid {pid}) {how}; torchrun restarts the group ({self.left} restart"
+                      f"{'s' * (self.left != 1)} left): the run goes on in place from its newest checkpoint",
+                      file=sys.stderr, flush=True)
+            self.left -= 1
+            self.attempt_began = time.time()
+        return False  # said here or by rank 0, or a SIGTERM torchrun sent itself: none of torch's lines
+
+    def _rank_0_said(self) -> bool:
+        try:
+            return self.summary.stat().st_mtime >= self.attempt_began
+        except OSError:
+            return False
+
+
+def _signal(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _first_said(said: str, nproc: int) -> str:

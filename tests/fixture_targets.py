@@ -242,3 +242,31 @@ def uneven_digits(hyperparameters: dict):
         spec.train_loader = DataLoader(torch.utils.data.Subset(share.dataset, share.indices),
                                        batch_size=share.batch_size, shuffle=True)
     return spec
+
+
+def _kill_once(rank: str) -> None:
+    import signal
+
+    marker = Path(f"killed-rank{rank}")
+    if os.environ.get("RANK") == rank and not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def killed_once(hyperparameters: dict):
+    """The digits demo whose rank `kill_rank` kills itself with SIGKILL once (the out-of-memory killer's way): as it
+    builds (`kill_at` 0) or in its `kill_at`-th training forward (a file in the working directory says it did: the
+    restarted group trains on)."""
+    rank, at = str(hyperparameters.pop("kill_rank", 0)), int(hyperparameters.pop("kill_at", 3))
+    if at == 0:
+        _kill_once(rank)
+    spec = build(hyperparameters)
+    forwards = [0]
+
+    def count(module, args, output):
+        forwards[0] += module.training
+        if forwards[0] == at:
+            _kill_once(rank)
+
+    spec.model.register_forward_hook(count)
+    return spec

@@ -846,3 +846,21 @@ def test_ranks_given_uneven_batches_by_the_users_loader_end_the_epoch_together(t
     epochs = [e for e in read_events(run_dir) if e.type == "end_epoch"]
     assert [e.data["training_batch_count"] for e in epochs] == [2 * rank0[0]["batches"]] * 2
     assert proc.stderr.count("different numbers of batches") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("rank, at", [(0, 5), (1, 0)])  # rank 0 mid-epoch; rank 1 as it builds, before the run began
+def test_a_rank_killed_while_restarts_are_left_is_named_with_the_restart(tmp_path, rank, at):
+    """kill -9 of a rank under --max-restarts 1: where rank 0 could not say it (it was the one killed, or the run had
+    not begun), the group restarted without a word of why, the next attempt's lines following the last's."""
+    target = f"{TESTS_DIR / 'fixture_targets.py'}:killed_once"
+    tmp_path.mkdir(exist_ok=True)
+    proc = cli("run", target, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2", "--epochs", "1",
+               "--plugins", "", "--max-restarts", "1", f"--set=kill_rank={rank}", f"--set=kill_at={at}", timeout=300,
+               cwd=tmp_path)
+    both = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and (tmp_path / f"killed-rank{rank}").exists(), both
+    said = [line for line in proc.stderr.splitlines() if "was killed by SIGKILL" in line]
+    assert len(said) == 1 and said[0].startswith(f"trainbus: rank {rank} (pid "), both
+    assert said[0].endswith("torchrun restarts the group (1 restart left): the run goes on in place from its newest "
+                            "checkpoint"), both
+    assert both.count("completed after 1 epoch") == 1, both
