@@ -244,6 +244,13 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
                             f"{replaced}, not what this run's build gave it; a new run without --resume trains "
                             f"with those")
         trained = resume_state.get("trainbus") or {}
+        saved_world = len(trained.get("rank_rng") or []) or 1  # a checkpoint of one process has none
+        if saved_world != cluster.world_size:  # allowed (4 GPUs, then 2), but not the run it would have been
+            warnings.append(f"{resume_from} was saved by {_processes(saved_world)} and this run trains in "
+                            f"{_processes(cluster.world_size)}: an epoch is shared out anew (a step counts each "
+                            f"process's batch), and the data order and random streams are not those "
+                            f"{saved_world} would have had; resume in {saved_world} (--nproc {saved_world}, or as "
+                            f"many torchrun or srun ranks) to go on exactly")
         if not continue_run and trained.get("epoch_complete") and trained.get("epoch", 0) >= spec.epochs:
             raise ConfigError(f"checkpoint {resume_from} ends epoch {trained['epoch']} and this run trains "
                               f"{spec.epochs}: a new run from it would train nothing; give --epochs above "
@@ -406,6 +413,10 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     record_run(run_dir)  # the run registry: how it ended
     stop_logging_to(handler)
     return result
+
+
+def _processes(count: int) -> str:
+    return f"{count} process{'es' * (count != 1)}"
 
 
 def gpu_of_rank(local_rank: int, local_ranks: int, visible: int) -> torch.device:

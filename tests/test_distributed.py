@@ -864,3 +864,15 @@ def test_a_rank_killed_while_restarts_are_left_is_named_with_the_restart(tmp_pat
     assert said[0].endswith("torchrun restarts the group (1 restart left): the run goes on in place from its newest "
                             "checkpoint"), both
     assert both.count("completed after 1 epoch") == 1, both
+
+
+def test_a_resume_on_another_number_of_processes_says_so(tmp_path):
+    """A run trained on 2 ranks (under torchrun or srun by hand, where config.json records no launch; or --nproc 1
+    given) continued in 1 process: it went on without a word, its steps now counting twice the batches an epoch,
+    its data order and RNG streams none that the 2 would have had. Said once, naming both counts."""
+    _, run_dir = train(tmp_path, "--nproc", "2", "--epochs", "1", "--plugins", "checkpoint")
+    proc = cli("run", "--resume", str(run_dir), "--epochs", "2", "--nproc", "1", "--plugins", "checkpoint",
+               timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "processes" in line and "warning" in line]
+    assert len(said) == 1 and "2 processes" in said[0] and "1 process" in said[0], proc.stderr
