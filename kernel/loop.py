@@ -316,10 +316,11 @@ class Loop:
                 metric_totals[name] = metric_totals[name] + self._metric(name, fn(outputs, targets))
             self._publish(ev.END_VALIDATION_BATCH, batch_index=batch_index, loss=loss_value,
                           validation_loss_total=loss_total, validation_batch_count=count)
+        # across ranks, over all of them: a stream the user shares out may give one rank none (fewer files than ranks)
+        loss_total, count, metric_totals = self._over_ranks(loss_total, count, metric_totals)
         if count == 0:  # every epoch validates on something, or the epoch's validation metrics are not there
             raise BatchError(f"validation_loader gave no batch in epoch {self.epoch}: it is empty, or a one-shot "
                              f"iterator an earlier epoch used up; give a DataLoader (or None for no validation)")
-        loss_total, count, metric_totals = self._over_ranks(loss_total, count, metric_totals)
         metrics = {name: _mean(total, count) for name, total in metric_totals.items()}
         summary = {"validation_loss_total": _float(loss_total), "validation_batch_count": count,
                    "validation_loss": _mean(loss_total, count), "validation_metrics": metrics}

@@ -232,6 +232,14 @@ def uneven_digits(hyperparameters: dict):
 
     kind, fewer = hyperparameters.pop("kind", "stream"), int(hyperparameters.pop("fewer", 2))
     spec = probed_digits(hyperparameters)
+    if kind == "validation":  # the validation stream's shards all on rank 0 (fewer files than ranks): none on 1
+        validation = spec.validation_loader
+
+        class Shards(IterableDataset):
+            def __iter__(self):
+                return iter(validation if os.environ.get("RANK", "0") == "0" else [])
+        spec.validation_loader = DataLoader(Shards(), batch_size=None)
+        return spec
     share = _RanksOwnShare(spec.train_loader.dataset, spec.train_loader.batch_size, fewer)
     if kind == "stream":
         class Stream(IterableDataset):

@@ -876,3 +876,17 @@ def test_a_resume_on_another_number_of_processes_says_so(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     said = [line for line in proc.stderr.splitlines() if "processes" in line and "warning" in line]
     assert len(said) == 1 and "2 processes" in said[0] and "1 process" in said[0], proc.stderr
+
+
+def test_a_validation_stream_with_no_batch_on_one_rank_validates_on_the_others(tmp_path):
+    """The user's validation stream, shared out by files, has fewer files than ranks: rank 1 gets none. Each rank
+    asked its own share for a batch, and rank 1's 'validation_loader gave no batch: it is empty' failed the run,
+    while the validation set (every rank's share) had batches, as it has in one process."""
+    target = f"{TESTS_DIR / 'fixture_targets.py'}:uneven_digits"
+    tmp_path.mkdir(exist_ok=True)
+    proc = cli("run", target, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2", "--epochs", "1",
+               "--plugins", "", '--set=kind="validation"', timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    [end] = [e for e in read_events(run_dir) if e.type == "end_validation_loop"]
+    assert end.data["validation_batch_count"] == 2 and end.data["validation_metrics"]["accuracy"] > 0, end.data
