@@ -240,7 +240,13 @@ class Loop:
                 break
         self._optimizer_step()  # an epoch's last batches step, however few (a stop's too: they were trained on)
         if self._batches_asked:
-            self._say_uneven(self.ranks.sum([float(self._left_over)])[0])
+            left_over = int(self.ranks.sum([float(self._left_over)])[0])  # ranks that had batches left
+            if self.batches_done == 0 and left_over:
+                world = self.ranks.world_size
+                raise BatchError(f"train_loader gave {world - left_over} of the {world} ranks no batch in epoch "
+                                 f"{self.epoch}, and the others some: the ranks step together (DDP), so none trained; "
+                                 f"give every rank a share (a stream of at least as many files as ranks)")
+            self._say_uneven(left_over)
         if self.batches_done == 0:
             raise BatchError(f"train_loader gave no batch in epoch {self.epoch}: it is empty (drop_last with fewer "
                              f"samples than batch_size?), or a one-shot iterator an earlier epoch used up; give a "
@@ -289,11 +295,10 @@ class Loop:
             yield item
         self.ranks.all_have(False)
 
-    def _say_uneven(self, ranks_left_over: float) -> None:
-        if not ranks_left_over or self._uneven_said or not self.ranks.is_main:
+    def _say_uneven(self, count: int) -> None:
+        if not count or self._uneven_said or not self.ranks.is_main:
             return
         self._uneven_said = True
-        count = int(ranks_left_over)
         self.warn(f"train_loader gave the ranks different numbers of batches in epoch {self.epoch}: every rank ends "
                   f"an epoch where the first runs out (DDP steps them together), so {count} rank"
                   f"{'s' * (count != 1)} left batches untrained; give each rank as many (cut each rank's share to "

@@ -241,6 +241,8 @@ def uneven_digits(hyperparameters: dict):
         spec.validation_loader = DataLoader(Shards(), batch_size=None)
         return spec
     share = _RanksOwnShare(spec.train_loader.dataset, spec.train_loader.batch_size, fewer)
+    if fewer < 0:  # rank 1's share is empty (fewer files than ranks)
+        share.indices = share.indices if os.environ.get("RANK", "0") == "0" else []
     if kind == "stream":
         class Stream(IterableDataset):
             def __iter__(self):

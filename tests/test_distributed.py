@@ -890,3 +890,16 @@ def test_a_validation_stream_with_no_batch_on_one_rank_validates_on_the_others(t
     [run_dir] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     [end] = [e for e in read_events(run_dir) if e.type == "end_validation_loop"]
     assert end.data["validation_batch_count"] == 2 and end.data["validation_metrics"]["accuracy"] > 0, end.data
+
+
+def test_a_training_stream_with_no_batch_on_one_rank_is_said_as_that(tmp_path):
+    """Rank 1's share of the user's training stream is empty, rank 0's is not: the ranks step together, so no rank
+    trains, and each said 'train_loader gave no batch in epoch 1: it is empty', which rank 0's share was not."""
+    target = f"{TESTS_DIR / 'fixture_targets.py'}:uneven_digits"
+    tmp_path.mkdir(exist_ok=True)
+    proc = cli("run", target, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2", "--epochs", "1",
+               "--plugins", "", "--set=fewer=-1", timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    [summary] = (tmp_path / "runs").glob("*/summary.json")
+    error = json.loads(summary.read_text())["error"]
+    assert "it is empty" not in error and "1 of the 2 ranks" in error, error
