@@ -162,8 +162,8 @@ class _Restarts:
         if str(record.msg).startswith("failed (exitcode") and len(record.args or ()) >= 3 and self.left > 0:
             exitcode, local_rank, pid = record.args[:3]
             if not self._rank_0_said():
-                how = (f"was killed by {_signal(-exitcode)}"
-                       f"{' (kill -9, or the out-of-memory killer: `dmesg` says which)' * (exitcode == -signal.SIGKILL)}"
+                oom = " (kill -9, or the out-of-memory killer: `dmesg` says which)"
+                how = (f"was killed by {_signal(-exitcode)}{oom * (exitcode == -signal.SIGKILL)}"
                        if isinstance(exitcode, int) and exitcode < 0 else f"exited with code {exitcode}")
                 rank = f"rank {local_rank}" if self.nnodes == 1 else f"local rank {local_rank} of this machine"
                 print(f"trainbus: {rank} (pid {pid}) {how}; torchrun restarts the group ({self.left} restart"
