@@ -617,12 +617,18 @@ def _warn_name_clashes(plugins) -> None:
             print(f"trainbus: warning: {clashes[p.name]}", file=sys.stderr)
 
 
+def _of_processes(cluster: dict) -> str:
+    """Across ranks a step is each rank's batch, all stepping together: half a one-process run's steps on 2."""
+    world = cluster.get("world_size", 1) if isinstance(cluster, dict) else 1
+    return f" of {world} processes (a batch each)" if isinstance(world, int) and world > 1 else ""
+
+
 def _print_summary(result) -> None:
     o = result.outcome
     colour = {"completed": "green", "stopped": "yellow"}.get(result.status, "red")
     out.print(f"\n[bold]run {result.run_id}[/bold]: [{colour}]{result.status}[/{colour}] "
               f"after {o['epochs_completed']} epoch{'s' * (o['epochs_completed'] != 1)}, {o['steps']} "
-              f"step{'s' * (o['steps'] != 1)}, {result.duration_s:.1f} s")
+              f"step{'s' * (o['steps'] != 1)}{_of_processes(result.cluster)}, {result.duration_s:.1f} s")
     # The kernel's own stop for an error (the journal's disk) is said once, as the error (which may go on: where
     # the weights went); texts are not markup (a reason naming "[run] runs_dir" would lose its brackets).
     own = "kernel: stop: "

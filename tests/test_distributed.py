@@ -46,6 +46,9 @@ def test_two_processes_train_the_demo_as_one_run(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["cluster"]["rank"] == 0
     assert proc.stdout.count("completed after 3 epochs") == 1  # rank 1 prints nothing of its own
+    # a step is each rank's batch (half the one-process run's steps): the summary line says so, not the bare count
+    steps = summary["outcome"]["steps"]
+    assert f"completed after 3 epochs, {steps} steps of 2 processes (a batch each), " in proc.stdout, proc.stdout
     shown = cli("runs", "show", str(run_dir), timeout=60).stdout
     assert "  processes   2 (torchelastic)\n" in shown, shown
     # the same weights on both ranks after every epoch, each rank training on its half of the data
