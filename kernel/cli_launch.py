@@ -67,7 +67,7 @@ def launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import main as torchrun  # here: after the checks, which need no torch (seconds)
 
-    from .cluster import LAUNCH, LAUNCH_RUN_ID
+    from .cluster import LAUNCH, LAUNCH_RUN_ID, LAUNCHER_PID
     from .session import new_run_id
 
     argv, words = [], iter(sys.argv[1:])
@@ -81,6 +81,7 @@ def launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     # every rank, and a restarted group, trains the same run (the daemon names it for a queued one)
     run_id = os.environ[LAUNCH_RUN_ID] = continuing or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
     os.environ[LAUNCH] = json.dumps(launch)
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # each rank ends the run once this process is gone, killed or not
     # torchrun hands its workers one TCP store for the whole job, and a restarted group's processes read
     # the failed group's gloo addresses from it (connection refused): rank 0 hosts a fresh one each round instead
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")

@@ -19,6 +19,8 @@ LAUNCH = "TRAINBUS_LAUNCH"
 # ... and where a rank writes a mistake in the command (the one `error:` line, exit 2 in one process) instead of
 # printing it and failing: every rank would print it, and torchrun restart the group for it (--max-restarts).
 LAUNCH_ERRORS = "TRAINBUS_LAUNCH_ERRORS"
+# ... and its own pid: each rank it starts (in a session of its own) ends the run when that process is gone (pids.py)
+LAUNCHER_PID = "TRAINBUS_LAUNCHER_PID"
 
 TORCHELASTIC_VARS = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # Lightning's detect()
 SLURM_INTERACTIVE = ("bash", "interactive")  # `srun --pty bash`: a shell, not the job's tasks

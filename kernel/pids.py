@@ -33,3 +33,19 @@ def started_by(pid: int, when: float) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def signalled_when_gone(parent: int) -> None:
+    """SIGTERM to this process once `parent` (the process that started it) is gone, at once if it is gone already.
+    A rank of `run --nproc` runs in a session of its own, out of its launcher's reach: a launcher killed with
+    SIGKILL left its ranks training on, unseen, to the run's end. Linux's PR_SET_PDEATHSIG; elsewhere nothing."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    if prctl(1, signal.SIGTERM, 0, 0, 0) == 0 and os.getppid() != parent:  # 1: PR_SET_PDEATHSIG; already gone
+        os.kill(os.getpid(), signal.SIGTERM)

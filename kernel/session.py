@@ -29,7 +29,7 @@ from .buffer_files import snapshot_directories
 from .bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, TCP_EVENTS_HWM, Bus
 from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_checkpoints, load_checkpoint,
                             persister_directory)
-from .cluster import LAUNCH, LAUNCH_RUN_ID, ClusterError, detect
+from .cluster import LAUNCH, LAUNCH_RUN_ID, LAUNCHER_PID, ClusterError, detect
 from .config import (ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings, check_run,
                      check_runs_dir_private)
 from .control import Dispatcher
@@ -42,6 +42,7 @@ from .limits import PeerLimits
 from .loop import DamagedCheckpoint, Loop, pick_device, restore_weights, resume_problem, seed_everything
 from .keys import KeyStore
 from .memory import keep_freed_memory
+from .pids import signalled_when_gone
 from .peers import Peers
 from .private_dirs import make_dirs, remove_scratch_dir
 from .remote import ListenError, Listener, check_listen
@@ -141,6 +142,9 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         cluster = detect()
     except ClusterError as exc:
         raise ConfigError(str(exc)) from None
+    if cluster.distributed and os.environ.get(LAUNCHER_PID, "").isdigit():
+        # a rank of `run --nproc`, whose launcher's end (a kill -9) is taken as its SIGTERM: the run ends interrupted
+        signalled_when_gone(int(os.environ[LAUNCHER_PID]))
     device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecError(f"device {cfg.device} requested but no CUDA GPU is visible; use --device cpu or auto")

@@ -906,3 +906,27 @@ def test_a_training_stream_with_no_batch_on_one_rank_is_said_as_that(tmp_path):
     [summary] = (tmp_path / "runs").glob("*/summary.json")
     error = json.loads(summary.read_text())["error"]
     assert "it is empty" not in error and "1 of the 2 ranks" in error, error
+
+
+def test_the_ranks_of_a_launcher_killed_with_sigkill_end_the_run_interrupted(tmp_path):
+    """kill -9 of `run --nproc 2` alone (a job's hard kill, the out-of-memory killer taking the launcher): its ranks,
+    each in a session of its own, trained on unseen to the run's end, holding their CPUs or GPUs, with no one left
+    to stop them. Each now takes its launcher's end as a SIGTERM: the run ends interrupted, its summary written."""
+    runs = tmp_path / "runs"
+    proc = start_paced(runs, ["--nproc", "2", "--epochs", "40", "--plugins", "checkpoint"], tmp_path / "output.txt")
+    ranks = []
+    try:
+        run_dir = wait_for_checkpoint(runs, 2, proc)  # mid-run
+        ranks = [psutil.Process(rank_pid(proc.pid, rank)) for rank in (0, 1)]
+        proc.kill()
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(ranks, timeout=120)
+        assert not alive, (tmp_path / "output.txt").read_text()[-3000:]
+    finally:
+        for process in ranks:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["outcome"]["epochs_completed"] < 40, summary["outcome"]
