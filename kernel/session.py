@@ -29,7 +29,7 @@ from .buffer_files import snapshot_directories
 from .bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, TCP_EVENTS_HWM, Bus
 from .checkpointing import (CheckpointError, Checkpointer, find_checkpoint, has_checkpoints, load_checkpoint,
                             persister_directory)
-from .cluster import LAUNCH, LAUNCH_RUN_ID, LAUNCHER_PID, ClusterError, detect
+from .cluster import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID, LAUNCHER_PID, ClusterError, detect
 from .config import (ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings, check_run,
                      check_runs_dir_private)
 from .control import Dispatcher
@@ -42,7 +42,7 @@ from .limits import PeerLimits
 from .loop import DamagedCheckpoint, Loop, pick_device, restore_weights, resume_problem, seed_everything
 from .keys import KeyStore
 from .memory import keep_freed_memory
-from .pids import signalled_when_gone
+from .pids import process_alive, signalled_when_gone
 from .peers import Peers
 from .private_dirs import make_dirs, remove_scratch_dir
 from .remote import ListenError, Listener, check_listen
@@ -466,6 +466,14 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
         beside_rank_0 = ranks.cluster.node_rank == 0
         said = write_rank_error(run_dir, ranks.rank, exc, beside_rank_0,
                                 main_pid=ranks.main_pid if beside_rank_0 else None)
+        if (not said and beside_rank_0 and broken_by_a_peer(exc) and ranks.main_pid is not None
+                and not os.environ.get(LAUNCH_ERRORS) and not process_alive(ranks.main_pid, None)
+                and not (run_dir / "summary.json").exists()):  # which rank 0 writes as it ends, failed or not
+            # rank 0, which says the run's end, is gone without a word (kill -9, the out-of-memory killer): under
+            # `run --nproc` the launcher says so; under srun or the user's torchrun, this rank, or no one
+            said = (f"error: rank {ranks.rank} stopped: rank 0 (pid {ranks.main_pid}) ended without a word: killed "
+                    f"(kill -9, the out-of-memory killer: `dmesg` says which) or an os._exit; `trainbus runs resume "
+                    f"{run_id}` continues the run from its newest checkpoint\n")
         print(said, end="", file=sys.stderr)
         raise SystemExit(1) from None
     finally:

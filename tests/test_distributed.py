@@ -930,3 +930,28 @@ def test_the_ranks_of_a_launcher_killed_with_sigkill_end_the_run_interrupted(tmp
                 pass
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["outcome"]["epochs_completed"] < 40, summary["outcome"]
+
+
+def test_under_srun_rank_0_killed_is_said_by_the_rank_its_death_stopped(tmp_path):
+    """Two tasks of an srun (no launcher of ours to say it), rank 0 killed with SIGKILL mid-epoch: rank 1's collective
+    broke, and it wrote that to its file for rank 0 to say, then exited 1 without a word. The job's output held
+    nothing of why. Now rank 1 says rank 0 ended without a word, and how to go on."""
+    from kernel_process import Command
+
+    runs, port = tmp_path / "runs", str(free_port())
+    tasks = [Command("run", f"{TESTS_DIR / 'fixture_targets.py'}:killed_once", "--device", "cpu", "--runs-dir",
+                     str(runs), "--plugins", "", "--set=kill_rank=0", "--set=kill_at=5", cwd=tmp_path,
+                     env={"SLURM_NTASKS": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                          "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "80",
+                          "SLURM_JOB_NAME": "job.sh", "SLURM_TASKS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
+                          "MASTER_PORT": port}) for rank in (0, 1)]
+    try:
+        _, err = tasks[1].communicate(timeout=300)
+        tasks[0].wait(timeout=60)
+    finally:
+        for task in tasks:
+            task.kill()
+    assert tasks[0].returncode == -signal.SIGKILL and tasks[1].returncode == 1, err
+    [run_dir] = [p for p in runs.iterdir() if p.is_dir()]
+    assert err.startswith("error: rank 1 stopped: rank 0 (pid ") and "ended without a word" in err, err
+    assert f"`trainbus runs resume {run_dir.name}`" in err and "Traceback" not in err, err
