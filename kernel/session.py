@@ -34,7 +34,7 @@ from .config import (ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_sett
                      check_runs_dir_private)
 from .control import Dispatcher
 from .credentials import Credentials, socket_dir
-from .distributed import GroupInterrupted, PortInUse, Ranks, broken_by_a_peer, distribute, join_group
+from .distributed import AGREE_EVERY, GroupInterrupted, PortInUse, Ranks, broken_by_a_peer, distribute, join_group
 from .failures import RANK_ERROR, rank_errors, what_failed, write_rank_error
 from .kernel_log import KEEP, log_to, stop_logging_to
 from .journal import BACKLOG_MAX_BYTES, SEGMENT_BYTES, Journal, JournalInUse, check_free
@@ -164,6 +164,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         interrupts.joining = True
         try:
             ranks = join_group(cluster, device, lambda: interrupts.count > 0, announce)
+            interrupts.across_ranks = True
         except GroupInterrupted as exc:
             raise InterruptedBeforeStart(f"{interrupts.first}: {exc}; nothing was made") from None
         except PortInUse as exc:
@@ -735,6 +736,7 @@ class _Interrupts:
         self.started = False  # the run began (its directory and plugins exist): before, a first one stops the setup
         self.closing = False  # training is over: a second Ctrl-C now hurries the shutdown instead of raising
         self.joining = False  # waiting for the other ranks (distributed.join_group): the first one ends that wait
+        self.across_ranks = False  # one of several ranks: a stop lands where they next agree (distributed.AGREE_EVERY)
         self._previous: dict[int, Any] = {}
         # across ranks the launcher hands a signal to each: the machine's first rank says what it does, once
         self._speaks = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
@@ -762,6 +764,8 @@ class _Interrupts:
             if self.joining:  # join_group stops waiting at once, and the line that says so follows
                 return
             message = ("training is over; the plugins are finishing (the last checkpoint, logs)" if self.closing
+                       else f"stopping where the ranks next agree (within {AGREE_EVERY} steps)"
+                       if self.started and self.across_ranks
                        else "stopping at the next batch boundary" if self.started
                        else "stopping once the model and data are built, before the run begins")
             if self._speaks:

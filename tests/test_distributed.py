@@ -955,3 +955,15 @@ def test_under_srun_rank_0_killed_is_said_by_the_rank_its_death_stopped(tmp_path
     [run_dir] = [p for p in runs.iterdir() if p.is_dir()]
     assert err.startswith("error: rank 1 stopped: rank 0 (pid ") and "ended without a word" in err, err
     assert f"`trainbus runs resume {run_dir.name}`" in err and "Traceback" not in err, err
+
+
+def test_ctrl_c_mid_run_under_nproc_says_where_the_run_stops(tmp_path):
+    """Ctrl-C to `run --nproc 2` mid-epoch: 'stopping at the next batch boundary', said by rank 0, which stops where
+    the ranks next agree (every 16 steps, and each epoch's end), up to 15 steps on."""
+    runs = tmp_path / "runs"
+    proc = start_paced(runs, ["--nproc", "2", "--epochs", "20", "--plugins", ""], tmp_path / "output.txt")
+    signalled_after_a_step(proc, runs, signal.SIGINT, lambda run_dir: proc.pid)
+    output = (tmp_path / "output.txt").read_text()
+    assert proc.returncode == 130, output
+    assert "trainbus: Ctrl-C: stopping where the ranks next agree (within 16 steps)" in output, output
+    assert "next batch boundary" not in output, output
