@@ -488,7 +488,7 @@ def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False) -> 
     checkpointed = has_checkpoints(run_dir)
     done = run.get("epochs_completed") or 0
     if run["status"] == "completed" and (epochs is None or epochs <= done):
-        return (f"run {run_dir.name} has completed ({done} epochs); nothing to resume " + (
+        return (f"run {run_dir.name} has completed ({done} epoch{'s' * (done != 1)}); nothing to resume " + (
             f"(to train it longer: `trainbus run --resume {run_dir.name}{_runs_dir_option(run_dir)} --epochs N` with "
             f"N above {done})" if checkpointed else "(it has no checkpoint to train on from: run it again, with more "
                                                     "epochs)"))

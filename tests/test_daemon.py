@@ -211,7 +211,7 @@ def test_a_run_with_no_checkpoint_is_refused_a_resume_at_submission_not_once_sta
                                                        "outcome": {"epochs_completed": 1}}) + "\n")
     assert why_not_resumable(run_dir, 2) == ("--resume r: that run has no checkpoints (it ran without the checkpoint "
                                              "plugin, or ended before its first); run it again instead")
-    assert why_not_resumable(run_dir, None) == ("run r has completed (1 epochs); nothing to resume (it has no "
+    assert why_not_resumable(run_dir, None) == ("run r has completed (1 epoch); nothing to resume (it has no "
                                                 "checkpoint to train on from: run it again, with more epochs)")
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / "manifest.jsonl").write_text("")
@@ -979,7 +979,7 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
     detached = over_tcp(pilot, "submit", "--", TINY, "--detach")
     assert detached.returncode == 2 and "no --detach" in detached.stderr, detached.stderr
     done = over_tcp(pilot, "submit", "--", "--resume", run_id[:-1])  # checked as locally: nothing to resume
-    assert done.returncode == 2 and f"run {run_id} has completed (1 epochs); nothing to resume" in done.stderr, \
+    assert done.returncode == 2 and f"run {run_id} has completed (1 epoch); nothing to resume" in done.stderr, \
         done.stderr
     resumed = over_tcp(pilot, "submit", "--", "--resume", run_id[:-1], "--epochs", "2")
     assert resumed.returncode == 0 and resumed.stdout.strip() == run_id, (resumed.stdout, resumed.stderr)

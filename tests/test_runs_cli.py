@@ -494,7 +494,7 @@ def test_plot_and_resume_take_a_unique_start_of_a_run_id_as_show_does(two_runs, 
     assert drawn.returncode == 0 and (plots / "loss.png").is_file(), drawn.stderr
     # the run it names is found (and refused here only because it completed every epoch it planned)
     line = _error_line(_trainbus("run", "--resume", "x-a", "--runs-dir", str(two_runs)))
-    assert line.startswith("error: run x-alpha has completed (1 epochs); nothing to resume"), line
+    assert line.startswith("error: run x-alpha has completed (1 epoch); nothing to resume"), line
 
     for command in (["runs", "plot", "x-"], ["run", "--resume", "x-"]):
         line = _error_line(_trainbus(*command, "--runs-dir", str(two_runs)))
