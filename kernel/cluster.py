@@ -88,6 +88,11 @@ def detect(env: Mapping[str, str] | None = None) -> Cluster:
     if not 0 <= cluster.rank < cluster.world_size:
         raise ClusterError(f"{cluster.kind}: rank {cluster.rank} is not below world size {cluster.world_size}; "
                            f"the launcher's variables do not agree")
+    if cluster.distributed and not cluster.main_port:  # rank 0 would listen on a free port no other rank knows
+        fix = ("as torchrun does, or launch with `trainbus run --nproc N` or torchrun" if cluster.kind == "torchelastic"
+               else "or run the tasks in a job (SLURM_JOB_ID gives the port)")
+        raise ClusterError(f"{cluster.kind}: {cluster.world_size} ranks, but MASTER_PORT is not set: set it (and "
+                           f"MASTER_ADDR) to a port free on rank 0's machine, {fix}")
     return cluster
 
 

@@ -73,6 +73,13 @@ def test_the_first_host_keeps_what_follows_its_range(nodelist, first):
     ({k: v for k, v in SRUN.items() if k != "SLURM_PROCID"},
      r"^SLURM_PROCID is not set, though SLURM_NTASKS is: start the tasks with srun, which sets them all, or unset "
      r"SLURM_NTASKS to train in one process$"),
+    # set by hand without a port: rank 0 listened on a free one no other rank knew, and they all waited
+    ({k: v for k, v in TORCHRUN.items() if k != "MASTER_PORT"},
+     r"^torchelastic: 4 ranks, but MASTER_PORT is not set: set it \(and MASTER_ADDR\) to a port free on rank 0's "
+     r"machine, as torchrun does, or launch with `trainbus run --nproc N` or torchrun$"),
+    ({k: v for k, v in SRUN.items() if k != "SLURM_JOB_ID"},
+     r"^slurm: 8 ranks, but MASTER_PORT is not set: set it \(and MASTER_ADDR\) to a port free on rank 0's "
+     r"machine, or run the tasks in a job \(SLURM_JOB_ID gives the port\)$"),
     ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "GROUP_RANK": "0"},  # set by hand: no single run of its own
      "WORLD_SIZE is 2 but LOCAL_WORLD_SIZE not set: launch the ranks with `trainbus run --nproc N`, torchrun or srun"),
 ])
