@@ -379,6 +379,28 @@ def test_a_handler_that_cannot_take_the_event_is_said_at_its_def_line_not_ours(t
     assert f'Traceback (most recent call last):\n  File "{__file__}", line {line}' in error, error  # no SDK frame
 
 
+class ReportsNaN(Plugin):
+    def on_end_epoch(self, event):
+        self.metric("val/ratio", float("nan"))  # refused by the protocol's check (proto/codec.py), not by sdk/
+
+
+def test_a_reply_the_sdk_refuses_is_said_at_the_authors_line_not_in_the_protocols_check(tmp_path, monkeypatch):
+    """The check that refuses a NaN metric is proto/codec.py's: its frames ended the traceback, and the console
+    named `(at codec.py:272 in _check_metric)` as where to look, not the handler's self.metric line."""
+    import inspect
+
+    import trainbus.proto
+    from trainbus.plugins.console import _one_line
+
+    monkeypatch.chdir(tmp_path)
+    _, io = run(ReportsNaN(), range(1, 9))
+    [error] = [m["text"] for m in io.of("log") if m["level"] == "error"]
+    line = inspect.getsourcelines(ReportsNaN.on_end_epoch)[1] + 1
+    assert _one_line(error).endswith(f"(at test_sdk_runner.py:{line} in on_end_epoch)"), _one_line(error)
+    assert os.path.dirname(inspect.getfile(trainbus.proto)) not in error, error
+    assert error.rstrip().endswith("ProtocolError: metric.value must be finite, got nan"), error
+
+
 class BzTakesNoContext(BzPlugin):
     def end_epoch(self):  # bz passes the context: a TypeError before its first line
         pass
