@@ -87,8 +87,8 @@ class Runner:
             topics = [""]
         elif self.durable:
             topics = sorted(NOT_PER_BATCH | set(wanted) | set(plugin.votes))
-        else:
-            topics = sorted(set(wanted) | {ev.HEARTBEAT, *FINAL_EVENTS})
+        else:  # its votes too: the kernel waits for an ack of each, which only a plugin sent the event can give
+            topics = sorted(set(wanted) | set(plugin.votes) | {ev.HEARTBEAT, *FINAL_EVENTS})
         # the indices in `n` of the per-batch types it is sent (a subscription is a prefix): a jump over one is a gap
         self.sent_counts = frozenset(i for i, t in enumerate(ev.COUNTED_BATCH_EVENTS)
                                      if any(t.startswith(topic) for topic in topics))

@@ -288,6 +288,16 @@ class Stopper(Plugin):
             self.stop(f"enough after epoch {event.epoch}")
 
 
+class VotesWithoutHandler(Plugin):
+    """Best-effort, votes at end_epoch but handles only start_epoch (its end_epoch handler misspelt, or left out of
+    subscriptions() by its settings): the SDK must still be sent end_epoch, to ack the vote the kernel waits for."""
+
+    votes = ("end_epoch",)
+
+    def on_start_epoch(self, event):
+        pass
+
+
 class DurableStopper(Stopper):
     """Stopper, durable, recording the final events it is handed: in a continued run it is replayed the earlier
     session, whose epochs it must not stop on, and whose end it must not be handed."""

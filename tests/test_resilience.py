@@ -543,6 +543,19 @@ def test_slow_plugins_never_block_the_kernel(tmp_path, monkeypatch, one_torch_th
     assert f"processed {len(recorded(live))}, gaps {gaps}," in log_line
 
 
+def test_a_best_effort_voter_without_a_handler_for_its_vote_never_makes_the_kernel_wait(tmp_path):
+    """It was sent only the types it handled, not end_epoch: it never acked, and the kernel waited out
+    vote_timeout_s (here 60 s, 5 s by default) at the first epoch's end for a vote that could not come."""
+    cfg = run_config(tmp_path / "runs", [plugin("voter", "VotesWithoutHandler")], epochs=2, vote_timeout_s=60.0)
+    started = time.monotonic()
+    result = run_training(cfg)
+
+    assert result.status == "completed" and result.outcome["epochs_completed"] == 2
+    log = (Path(result.run_dir) / "kernel.log").read_text()
+    assert "no vote from voter" not in log, log
+    assert time.monotonic() - started < 60.0
+
+
 # -- 5. kill -9 the kernel: no plugin outlives it ------------------------------------------------------
 
 
