@@ -74,6 +74,12 @@ class Harness:
                 raise exc.with_traceback(from_authors_frames(exc.__traceback__))
             finally:
                 self.plugin.handling = None
+                # what it replied before raising went out in a run (its last try's): in h.replies, not the next feed's
+                replied = self._take_outbox()
+            return replied
+        return self._take_outbox()
+
+    def _take_outbox(self) -> list[dict[str, Any]]:
         new = [check_control(m) for m in self.plugin.outbox]
         self.plugin.outbox.clear()
         self.replies.extend(new)

@@ -263,6 +263,27 @@ def test_what_a_setup_says_is_in_the_harness_replies_and_not_the_first_feeds():
     assert [r["type"] for r in h.replies] == ["log", "stop"]
 
 
+def test_what_a_handler_replied_before_it_raised_is_in_the_harness_replies_not_the_next_feeds():
+    """In a run the replies of a handler's last failed try go out (README). Under the Harness they stayed in the
+    plugin's outbox as feed raised: `h.replies` lacked the stop, and the next feed returned it as its own handler's."""
+    from trainbus.sdk import Plugin
+
+    class StopsThenRaises(Plugin):
+        def on_end_epoch(self, event):
+            self.stop("diverged")
+            raise ValueError("and then failed")
+
+        def on_start_epoch(self, event):
+            pass
+
+    h = Harness(StopsThenRaises())
+    with pytest.raises(ValueError, match="and then failed"):
+        h.feed("end_epoch", epoch=1)
+    assert [(r["type"], r["reason"]) for r in h.replies] == [("stop", "diverged")]
+    assert h.feed("start_epoch", epoch=2) == []
+    assert len(h.replies) == 1
+
+
 def test_an_event_type_the_harness_does_not_know_is_said_with_the_one_meant():
     """`h.feed("epoch_end", ...)` (Lightning's word order) said only "unknown event type 'epoch_end'": which is
     right was left to the author to find. Now the error names the near type and where the types are listed."""
