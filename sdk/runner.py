@@ -485,6 +485,24 @@ class Runner:
             self.failures += 1
             _say(f"[{self.plugin.name}] on_kernel_gone failed:\n{user_traceback(exc)}")
 
+    def report_thread_failure(self, args: threading.ExceptHookArgs) -> None:
+        """threading.excepthook in a plugin's process: an exception that ends a thread of the plugin's own (a sampler
+        whose reading the SDK refused) went to the plugin's log alone, so its readings stopped with no word in the
+        kernel's log, the console or the run's summary; it is an error reported as a handler's is."""
+        exc = args.exc_value
+        if args.exc_type is SystemExit or exc is None:  # as Python's own hook: a thread's sys.exit() says nothing
+            return
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename == threading.__file__:  # Thread.run's frames
+            tb = tb.tb_next
+        error = user_traceback(exc.with_traceback(tb or exc.__traceback__))
+        thread = args.thread.name if args.thread is not None else "?"
+        try:
+            self.io.send(control("log", level="error",
+                                 text=f"thread {thread!r} failed: {type(exc).__name__}: {exc}\n{error}"))
+        finally:
+            _say(f"[{self.plugin.name}] thread {thread!r} failed:\n{error}")
+
     def _report_outside_handlers(self, what: str, exc: Exception) -> None:
         """setup's or teardown's exception: in the plugin's log, and to the kernel's log (the console shows it)."""
         error = user_traceback(exc)
@@ -594,6 +612,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     # the console's writes would stop it (SIGTTOU), and a stopped plugin is declared hung and killed.
     # Ignored, the write goes through, as it would for the kernel.
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    threading.excepthook = runner.report_thread_failure
     code = runner.run()
     runner.end_own_group()
     if runner.unreached and runner.io.denied:

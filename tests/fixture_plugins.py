@@ -79,6 +79,22 @@ class Raiser(Plugin):
         raise RuntimeError(f"hostile plugin refuses {event.type}")
 
 
+class SamplerThreadFails(Plugin):
+    """A sampler on a thread of its own, started in setup, whose first reading is refused (a NaN metric): the thread
+    dies, the plugin goes on handling events."""
+
+    def setup(self):
+        import threading
+
+        threading.Thread(target=self.sample, name="sampler", daemon=True).start()
+
+    def sample(self):
+        self.metric("sampler/reading", float("nan"))
+
+    def on_end_epoch(self, event):
+        pass
+
+
 class ExitAtStart(Plugin):
     """Exits with an error before handling anything."""
 

@@ -701,6 +701,20 @@ def test_poison_event_is_dead_lettered_after_the_retry_limit_and_later_events_st
     assert len([e for e in of(events, "log", "poison") if "dead-lettered" in e.data["text"]]) == 2
 
 
+def test_a_plugins_own_thread_that_dies_of_an_exception_is_reported_like_a_handler(tmp_path):
+    """The exception went to the plugin's log alone (Python's `Exception in thread`): the kernel's log, the console
+    and the run's summary said nothing, and the plugin's readings stopped without a word."""
+    cfg = run_config(tmp_path / "runs", [plugin("sampler", "SamplerThreadFails")], epochs=1, batch_size=64)
+    result = run_training(cfg)
+
+    assert result.status == "completed"
+    assert result.plugins["sampler"]["errors_logged"] == 1, result.plugins
+    [error] = [e.data["text"] for e in of(read_events(result.run_dir), "log", "sampler") if e.data["level"] == "error"]
+    assert error.startswith("thread 'sampler' failed: ProtocolError: metric.value must be finite, got nan"), error
+    assert 'fixture_plugins.py", line' in error and "trainbus/proto" not in error and "/proto/codec.py" not in error
+    assert "thread 'sampler' failed:" in (Path(result.run_dir) / "plugins" / "sampler.log").read_text()
+
+
 # -- Ctrl-C: once stops at a batch boundary, twice stops at once ----------------------------------------
 
 
