@@ -94,10 +94,25 @@ class Plugin:
     # False: it sees only this session's events.
     catch_up: bool = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A delivery or votes declared wrong fails the class, at its line, as a Setting declared wrong does: the
+        plugin crashed at every start (delivery), or voted at each letter of a string, waited for nowhere (votes)."""
+        super().__init_subclass__(**kwargs)
+        if cls.delivery not in DELIVERY_CLASSES:
+            raise SettingsError(f"{cls.__name__}.delivery = {cls.delivery!r} is not allowed; it must be DURABLE or "
+                                f"BEST_EFFORT (from trainbus.sdk import DURABLE), the strings 'durable' and "
+                                f"'best_effort'")
+        if isinstance(cls.votes, str) or not isinstance(cls.votes, (tuple, list)) \
+                or not all(isinstance(t, str) for t in cls.votes):
+            fix = f"votes = ({cls.votes!r},)" if isinstance(cls.votes, str) \
+                else "votes = ('end_epoch',), or () for none"
+            raise SettingsError(f"{cls.__name__}.votes = {cls.votes!r} is not allowed; it must be a tuple of event "
+                                f"types: {fix}")
+
     def __init__(self, settings: dict[str, Any] | None = None, run_id: str = "", run_dir: str = "."):
         cls = type(self)
         self.name = cls.name or _snake(cls.__name__)
-        if self.delivery not in DELIVERY_CLASSES:
+        if self.delivery not in DELIVERY_CLASSES:  # set on the instance, or the class changed after its creation
             raise SettingsError(f"{cls.__name__}.delivery must be one of {DELIVERY_CLASSES}")
         self.settings = named_settings(cls, settings or {})
         self.run_id = run_id

@@ -483,6 +483,34 @@ def test_a_bad_setting_is_one_line_exit_2_and_no_run_directory(case, tmp_path):
     assert not runs.exists(), "nothing was started"
 
 
+BAD_DECLARATIONS = {
+    # crashed at every start with 'SettingsError: ... (at plugin.py:101 in __init__)', restarted until given up
+    "delivery": ('    delivery = "DURABLE"\n',
+                 "Declared.delivery = 'DURABLE' is not allowed; it must be DURABLE or BEST_EFFORT (from trainbus.sdk "
+                 "import DURABLE), the strings 'durable' and 'best_effort'"),
+    # a string, not a tuple: the hello voted at 'e', 'n', 'd', ..., the kernel waited at no end_epoch, and a stop
+    # decided there landed epochs late, or never; said only in kernel.log
+    "votes": ('    votes = ("end_epoch")\n',
+              "Declared.votes = 'end_epoch' is not allowed; it must be a tuple of event types: votes = ('end_epoch',)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DECLARATIONS))
+def test_a_plugin_class_declaring_delivery_or_votes_wrong_is_refused_before_the_run_with_its_line(case, tmp_path):
+    declaration, expected = BAD_DECLARATIONS[case]
+    (tmp_path / "declared.py").write_text("from trainbus.sdk import Plugin\n\n\nclass Declared(Plugin):\n"
+                                          + declaration + "\n    def on_end_epoch(self, event):\n        pass\n")
+    (tmp_path / "run.toml").write_text('[plugins.declared]\ntarget = "declared:Declared"\n'
+                                       '[plugins.console]\nenabled = false\n')
+    runs = tmp_path / "runs"
+    r = trainbus("run", TINY, "--epochs", "1", "-c", "run.toml", "--runs-dir", str(runs), cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: plugin declared: "), r.stderr
+    assert f"declared.py, line 4: " in lines[0] and lines[0].endswith(expected), r.stderr
+    assert not runs.exists(), "nothing was started"
+
+
 def test_a_default_naming_a_metric_the_run_lacks_says_it_is_the_default_and_which_setting_to_set(tmp_path):
     """early_stopping's default monitor (validation_loss) on a run without validation: a user who never wrote
     `monitor` (bz's early_stopping_patience turns the plugin on) was told monitor = 'validation_loss' is not a metric
