@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from trainbus.proto import BEST_EFFORT, DELIVERY_CLASSES, Event, control, events as ev
+from trainbus.proto import BEST_EFFORT, DELIVERY_CLASSES, Event, ProtocolError, control, events as ev
 
 from .settings import Setting, SettingsError, check_value, declared
 
@@ -169,7 +169,11 @@ class Plugin:
         """Publish a metric through the kernel, so every subscriber (log, TensorBoard, attach) sees it. Its step
         and epoch: `step` (and `epoch`, if given); else, from a handler, those of the event it handles (a metric of
         an end_epoch is that epoch's, however late it arrives); else (a thread of the plugin's own) the kernel's
-        when the metric arrives."""
+        when the metric arrives. An `epoch` without a `step` raises ProtocolError: either would replace it."""
+        if epoch is not None and step is None:  # replaced by the handled event's epoch, or by the kernel's: say so
+            raise ProtocolError(f"metric {str(name)!r}: epoch={epoch} without a step is not kept (a metric with no "
+                                f"step is at the handled event's step and epoch, or the kernel's); give the step that "
+                                f"epoch ended at too: self.metric(name, value, step=STEP, epoch={epoch})")
         handling, on_handler = self.handling, self._handler_thread in (None, threading.current_thread())
         if step is None and handling is not None and on_handler:
             step, epoch = handling.step, handling.epoch

@@ -535,6 +535,31 @@ def test_a_metric_from_a_handler_without_a_step_is_at_its_events_step():
     assert idle.outbox[-1]["step"] is None
 
 
+def test_a_metric_given_an_epoch_and_no_step_is_refused_in_the_plugin_not_stamped_with_another_epoch():
+    """`self.metric("best/loss", v, epoch=e)` in on_end_training_session went out at that event's step and epoch: the
+    epoch given was replaced without a word (from a thread, the kernel dropped it: PROTOCOL.md §7.1 ignores an
+    epoch without a step). It raises now, naming the fix."""
+    from trainbus.proto import ProtocolError
+    from trainbus.sdk import Harness, Plugin
+
+    class Summarises(Plugin):
+        def on_end_training_session(self, event):
+            self.metric("best/loss", 0.5, epoch=2)
+
+    h = Harness(Summarises())
+    with pytest.raises(ProtocolError) as raised:
+        h.feed("end_training_session", step=135, epoch=3)
+    assert str(raised.value) == ("metric 'best/loss': epoch=2 without a step is not kept (a metric with no step is "
+                                 "at the handled event's step and epoch, or the kernel's); give the step that epoch "
+                                 "ended at too: self.metric(name, value, step=STEP, epoch=2)"), str(raised.value)
+    assert h.replies == []
+    idle = Summarises()
+    with pytest.raises(ProtocolError):  # a thread of its own: the kernel would take its own epoch
+        idle.metric("best/loss", 0.5, epoch=2)
+    idle.metric("best/loss", 0.5, step=90, epoch=2)
+    assert (idle.outbox[-1]["step"], idle.outbox[-1]["epoch"]) == (90, 2)
+
+
 def test_the_run_directory_a_harness_makes_goes_with_its_plugin_or_the_process():
     """Each Harness without a run_dir made a /tmp/trainbus-harness-* directory and left it there: a plugin author's
     test suite left hundreds."""
