@@ -11,7 +11,7 @@ from typing import Any
 from trainbus.proto import DURABLE, Event, check_control, events as ev
 from trainbus.proto.text import near_miss
 
-from .plugin import Plugin
+from .plugin import Plugin, checked_subscriptions
 from .tracebacks import from_authors_frames
 
 
@@ -46,7 +46,7 @@ class Harness:
         self.epoch = 0
         self.replies: list[dict[str, Any]] = []
         plugin.run_id = run_id
-        self.subscribed = set(plugin.subscriptions())
+        self.subscribed = set(checked_subscriptions(plugin)[0])
         plugin.setup()
         # what setup said (a "ready" log line) is no handler's reply: here, not in what the first feed returns
         self.replies.extend(check_control(m) for m in plugin.outbox)

@@ -265,6 +265,23 @@ for _name in HANDLED_EVENTS:  # do-nothing handlers, one per event: on_start_epo
     setattr(Plugin, _noop.__name__, _noop)
 
 
+def checked_subscriptions(plugin: Plugin) -> tuple[list[str], list[str]]:
+    """plugin.subscriptions() as the topics to subscribe to, and what is wrong with it, as warnings to say: a string
+    for the list (its letters were each taken as a topic) is taken as its one type; a type no event starts with (a
+    typo: the plugin was sent none, silently) is left out."""
+    from trainbus.proto.text import near_miss
+
+    wanted, cls = plugin.subscriptions(), type(plugin).__name__
+    if isinstance(wanted, str):
+        return [wanted], [f"{cls}.subscriptions() returned the string {wanted!r}, not a list of event types: return "
+                          f"[{wanted!r}]"]
+    wanted = list(wanted)
+    unknown = [t for t in wanted if not any(known.startswith(t) for known in ev.ALL_EVENTS)]
+    return [t for t in wanted if t not in unknown], [
+        f"{cls}.subscriptions() names {t!r}, which no event type starts with{near_miss(str(t), HANDLED_EVENTS)}, so "
+        f"it is sent none; the types are proto/PROTOCOL.md §6's" for t in unknown]
+
+
 def _constructor_warnings(cls: type) -> list[str]:
     """A constructor of the plugin's own that cannot take what the runner gives every plugin (settings, run_id,
     run_dir): the process would crash before its hello at every start, restarted until given up. A class made

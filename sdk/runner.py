@@ -31,7 +31,7 @@ from trainbus.proto.remote import (CONNECTION_FILE, SERVER_KEY, KeyFileError, en
                                    load_server_key, read_connection_file, secure_client)
 
 from .loader import where_raised
-from .plugin import KernelGoneInfo, Plugin, _snake, named_settings
+from .plugin import KernelGoneInfo, Plugin, _snake, checked_subscriptions, named_settings
 from .plugin_io import FINAL_EVENTS, KERNEL_EXITED, MAX_POLL_S, REMOTE_SILENCE_S, PluginIO, _say
 from .settings import SettingsError, declared
 from .tracebacks import user_traceback
@@ -82,7 +82,7 @@ class Runner:
         # A best-effort plugin is sent what it handles. A durable one is sent every event but the per-batch types
         # it does not handle, which are most of a run's events: it sees a gap by seq, or by the envelope's `n`
         # where only per-batch events it is not sent lie between (_only_unsent_between).
-        wanted = plugin.subscriptions()
+        wanted, self.subscription_warnings = checked_subscriptions(plugin)  # said once welcomed
         if "" in wanted:
             topics = [""]
         elif self.durable:
@@ -150,6 +150,9 @@ class Runner:
         early = collections.deque(item for item in early if item[0] != "event" or item[1].seq >= self.next_seq)
         # replies from the plugin's own threads (a sampler) go out at once
         self.plugin.bind_sender(self.io.send, progress=self.io.still_working)
+        for warning in self.subscription_warnings:  # the kernel takes no log from a peer before its welcome
+            self.io.send(control("log", level="warning", text=warning))
+            _say(f"[{self.plugin.name}] warning: {warning}")
         try:
             self.plugin.setup()
         except Exception as exc:  # the process ends, and the kernel restarts it (or gives up, saying so)

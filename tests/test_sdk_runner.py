@@ -560,6 +560,36 @@ def test_a_metric_given_an_epoch_and_no_step_is_refused_in_the_plugin_not_stampe
     assert (idle.outbox[-1]["step"], idle.outbox[-1]["epoch"]) == (90, 2)
 
 
+class SubscribesToATypo(Plugin):
+    def subscriptions(self):  # end_epochs: no event type starts so
+        return ["end_epochs"]
+
+    def on_end_epoch(self, event):
+        pass
+
+
+class SubscribesToAString(Plugin):
+    def subscriptions(self):  # a string, not a list: its letters were taken as topics
+        return "end_epoch"
+
+    def on_end_epoch(self, event):
+        pass
+
+
+@pytest.mark.parametrize("make, said", [
+    (SubscribesToATypo, "SubscribesToATypo.subscriptions() names 'end_epochs', which no event type starts with "
+                        "(did you mean 'end_epoch'?), so it is sent none; the types are proto/PROTOCOL.md §6's"),
+    (SubscribesToAString, "SubscribesToAString.subscriptions() returned the string 'end_epoch', not a list of event "
+                          "types: return ['end_epoch']"),
+])
+def test_subscriptions_naming_no_event_type_are_said_as_a_warning_not_sent_nothing_silently(make, said):
+    """A typo there (or a string for the list) made the plugin handle nothing, or everything starting with one of a
+    string's letters, and nothing said so: the run went on with the plugin idle."""
+    _, io = run(make(), range(1, 9))
+    assert [m["text"] for m in io.of("log") if m["level"] == "warning"] == [said]
+    assert "end_epochs" not in io.topics and "e" not in io.topics
+
+
 def test_the_run_directory_a_harness_makes_goes_with_its_plugin_or_the_process():
     """Each Harness without a run_dir made a /tmp/trainbus-harness-* directory and left it there: a plugin author's
     test suite left hundreds."""
