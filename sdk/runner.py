@@ -8,9 +8,11 @@ that is truly stuck is declared hung by the kernel, while a slow one is not.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import ctypes
 import functools
+import gc
 import json
 import os
 import signal
@@ -58,6 +60,9 @@ PR_SET_PDEATHSIG = 1
 # dropped with it in flight, or the kernel could not route it). The kernel answers within a round of its bus thread
 # (a closed segment's batch in ~50 ms, docs/benchmarks.md); a request repeated replaces the one it holds.
 REPLAY_RESEND_S = 5.0
+# After teardown, how long a thread of the plugin's that is no daemon gets to end before it is said, and the process
+# (whose Python exit would wait for it for good) ends without it: well inside the kernel's 5 s exit timeout.
+LEFTOVER_THREAD_S = 1.0
 SECRET_ENV = "TRAINBUS_SECRET"  # the kernel's per-plugin secret (PROTOCOL.md, environment)
 CREDENTIAL_FILE = "credential"  # in the run directory, owner-only: the secret of plugins attached by hand
 
@@ -122,6 +127,10 @@ class Runner:
         self._ended = False  # _finish ran: teardown happens once, whichever way the plugin ends
         self.setup_failed = False  # setup() raised: the process ends, and the kernel restarts it
         self.terminating = False  # SIGTERM: no next event; the one being handled may finish (FINISH_ON_TERM_S)
+        # Threads that were there before the plugin (set by run(), the plugin process's entry; None: not checked), and
+        # the plugin's own, no daemons, still running after its teardown
+        self.threads_before: frozenset[threading.Thread] | None = None
+        self.threads_left: list[str] = []
         self.unreached = False  # no kernel ever answered (nothing listens; over TCP: io.denied says why, if known)
 
     def run(self) -> int:
@@ -430,6 +439,15 @@ class Runner:
             except Exception as exc:
                 self._report_outside_handlers("teardown", exc)
             self._send_replies()  # a last log line or metric of teardown's goes with the last ack
+        if self.threads_before is not None:
+            self.threads_left = _threads_left(LEFTOVER_THREAD_S, self.threads_before)
+        if self.threads_left:  # said while the kernel still listens; run() then exits without waiting for them
+            names = ", ".join(repr(name) for name in self.threads_left)
+            said = (f"thread {names} still runs after teardown() and is no daemon, so Python's exit would wait for it "
+                    f"(the kernel kills a plugin still running 5 s after the run's end); exiting without it: stop "
+                    f"it in teardown(), or start it with daemon=True")
+            self.io.send(control("log", level="warning", text=said))
+            _say(f"[{self.plugin.name}] warning: {said}")
         if self.failures > MAX_REPORTED_TRACEBACKS:  # the first ones went with their tracebacks; say the rest
             self.io.send(control("log", level="warning", text=(
                 f"{self.failures} handler failures in all: the first {MAX_REPORTED_TRACEBACKS} were reported with "
@@ -511,6 +529,40 @@ class Runner:
         error = user_traceback(exc)
         self.io.send(control("log", level="error", text=f"{what} failed: {type(exc).__name__}: {exc}\n{error}"))
         _say(f"[{self.plugin.name}] {what} failed:\n{error}")
+
+
+def _threads_left(grace_s: float, before: frozenset[threading.Thread]) -> list[str]:
+    """The names of the threads started since `before`, not daemons, still running after `grace_s` (joined meanwhile),
+    which Python's exit would wait for. Not a thread pool's workers: Python's exit ends them, after their work."""
+    deadline = time.monotonic() + grace_s
+    left = []
+    for thread in threading.enumerate():
+        if thread in before or thread.daemon or _pool_worker(thread):
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            left.append(thread.name)
+    return left
+
+
+def _pool_worker(thread: threading.Thread) -> bool:
+    target = getattr(thread, "_target", None)
+    return getattr(target, "__module__", "") == "concurrent.futures.thread"
+
+
+def exit_without_threads(code: int) -> None:
+    """End the process as Python's exit would, less the wait for threads that are no daemons (the plugin's, said in
+    _finish): the exit handlers run, a thread pool's work is done (its own exit handler), the streams are flushed."""
+    for hook in list(getattr(threading, "_threading_atexits", [])):  # a thread pool's: its queued work first
+        hook()
+    gc.collect()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def refused_hello(name: str, reason: str) -> str:
@@ -595,6 +647,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     kernel_pid = int(env["TRAINBUS_KERNEL_PID"]) if "TRAINBUS_KERNEL_PID" in env else None
     if kernel_pid is not None:
         _die_with_parent(kernel_pid)
+    threads_before = frozenset(threading.enumerate())  # those the plugin starts, from its constructor on, are its own
     try:
         # absolute: a path made from it goes to the kernel (a persister's checkpoint_saved), which reads it from a
         # working directory of its own; a relative TRAINBUS_RUN_DIR typed by hand named files it refused as outside
@@ -605,6 +658,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         exit_without_teardown(1)  # as a failed setup (below): the restart waits for nothing
     plugin.name = name or env.get("TRAINBUS_PLUGIN_NAME") or plugin.name
     runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid, secret, secure)
+    runner.threads_before = threads_before
     # SIGTERM (supervisor, or a hang): finish the current handler (at most FINISH_ON_TERM_S), tear down, ack, exit.
     signal.signal(signal.SIGTERM, lambda *_: _terminate(runner))
     if kernel_pid is not None:
@@ -625,6 +679,8 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         print(f"error: no kernel answered at {where}: " + (f"{why}; " if why else "") + (
             "check that the run listens there and that this machine reaches it (`trainbus runs list` on its host)"
             if connect else "is the run still running? (`trainbus runs list` says)"), file=sys.stderr)
+    if runner.threads_left:
+        exit_without_threads(code)
     if runner.setup_failed:
         # The kernel restarts the plugin once it sees this process end, and what the plugin said is out by now (the
         # I/O thread's last flush, stderr). Python's teardown with torch loaded took 4-14 s at nice 10 on a busy box

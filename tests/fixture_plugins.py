@@ -95,6 +95,22 @@ class SamplerThreadFails(Plugin):
         pass
 
 
+class NonDaemonPoller(Plugin):
+    """Polls on a thread that is not a daemon and that teardown never stops: Python's exit waits for it for good."""
+
+    def setup(self):
+        import threading
+
+        threading.Thread(target=self.poll, name="poller").start()
+
+    def poll(self):
+        while True:
+            time.sleep(0.1)
+
+    def on_end_epoch(self, event):
+        pass
+
+
 class ExitAtStart(Plugin):
     """Exits with an error before handling anything."""
 

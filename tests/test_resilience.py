@@ -715,6 +715,20 @@ def test_a_plugins_own_thread_that_dies_of_an_exception_is_reported_like_a_handl
     assert "thread 'sampler' failed:" in (Path(result.run_dir) / "plugins" / "sampler.log").read_text()
 
 
+def test_a_plugin_whose_thread_is_no_daemon_exits_after_its_teardown_saying_which_thread_held_it(tmp_path):
+    """Python's exit waited for the thread for good: the plugin was still running 5 s after the run's end, SIGKILLed,
+    and counted a crash with no word of why, while the run's end waited for it."""
+    cfg = run_config(tmp_path / "runs", [plugin("poller", "NonDaemonPoller")], epochs=1, batch_size=64)
+    result = run_training(cfg)
+
+    assert result.status == "completed"
+    assert result.plugins["poller"]["state"] == "exited" and result.plugins["poller"]["crashes"] == [], result.plugins
+    [said] = [e.data["text"] for e in of(read_events(result.run_dir), "log", "poller") if e.data["level"] == "warning"]
+    assert said.startswith("thread 'poller' still runs after teardown() and is no daemon"), said
+    exited = of(read_events(result.run_dir), "plugin_exited", "poller")
+    assert [e.data["exit_code"] for e in exited] == [0]
+
+
 # -- Ctrl-C: once stops at a batch boundary, twice stops at once ----------------------------------------
 
 
