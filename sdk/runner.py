@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from io import TextIOWrapper
 from pathlib import Path
 from typing import Any, Callable
 
@@ -584,6 +585,10 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     TCP with CURVE: `key` is this client's secret key file, `server_key` the server's public key file
     (default: the connection file's key, else server.key in the key directory), pinned.
     """
+    # What the plugin prints goes to plugins/NAME.log, a file, which Python's stdout fills in 8 KiB blocks: a line sat
+    # in the process (a tail of the log showed nothing) and was lost with a kill. Each line goes out as printed.
+    if isinstance(sys.stdout, TextIOWrapper) and not sys.stdout.line_buffering:
+        sys.stdout.reconfigure(line_buffering=True)
     env = os.environ
     if connect:
         try:

@@ -263,6 +263,18 @@ class SelfKill(Plugin):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class PrintsThenIsKilled(Plugin):
+    """Prints a line at the first epoch's end, then is SIGKILLed (as the kernel kills a plugin hung in C code, or the
+    out-of-memory killer does) at the next epoch's start."""
+
+    def on_end_epoch(self, event):
+        print(f"printed at the end of epoch {event.epoch}")
+
+    def on_start_epoch(self, event):
+        if event.epoch >= 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _running(pid: int) -> bool:
     """A process with this pid exists and is not a zombie (/proc/<pid>/stat's state)."""
     try:

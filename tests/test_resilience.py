@@ -729,6 +729,18 @@ def test_a_plugin_whose_thread_is_no_daemon_exits_after_its_teardown_saying_whic
     assert [e.data["exit_code"] for e in exited] == [0]
 
 
+def test_what_a_plugin_printed_is_in_its_log_as_it_prints_not_lost_with_a_kill(tmp_path, monkeypatch):
+    """Its stdout, a file, was block-buffered: a line printed sat in the process until 8 KiB had gathered (a user
+    tailing plugins/NAME.log saw nothing) and was lost when the plugin was killed, its last words included."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # as a user's shell has it (a CI runner may set it)
+    cfg = run_config(tmp_path / "runs", [plugin("printer", "PrintsThenIsKilled")], epochs=2, batch_size=64)
+    result = run_training(cfg)
+
+    assert result.status == "completed", result.error
+    assert any("signal SIGKILL" in crash for crash in result.plugins["printer"]["crashes"]), result.plugins
+    assert "printed at the end of epoch 1" in (Path(result.run_dir) / "plugins" / "printer.log").read_text()
+
+
 # -- Ctrl-C: once stops at a batch boundary, twice stops at once ----------------------------------------
 
 
