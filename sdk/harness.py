@@ -11,7 +11,7 @@ from typing import Any
 from trainbus.proto import DURABLE, Event, check_control, events as ev
 from trainbus.proto.text import near_miss
 
-from .plugin import Plugin, checked_subscriptions
+from .plugin import Plugin, check_constructed, checked_subscriptions
 from .tracebacks import from_authors_frames
 
 
@@ -34,6 +34,7 @@ class Harness:
         from it (set `seq` to feed a replay of earlier ones)."""
         if not isinstance(session_seq, int) or session_seq < 1:
             raise ValueError(f"session_seq must be a seq (an int >= 1), got {session_seq!r}")
+        check_constructed(plugin)
         self.plugin = plugin
         if run_dir is not None or plugin.run_dir == ".":  # never write into the caller's cwd by default
             plugin.run_dir = run_dir or tempfile.mkdtemp(prefix="trainbus-harness-")

@@ -265,6 +265,14 @@ for _name in HANDLED_EVENTS:  # do-nothing handlers, one per event: on_start_epo
     setattr(Plugin, _noop.__name__, _noop)
 
 
+def check_constructed(plugin: Plugin) -> None:
+    """TypeError when the plugin's own __init__ never called Plugin's: it has none of the SDK's state, and failed at
+    every start in the SDK's frames (`no attribute 'outbox'`), with no word of the missing call."""
+    if "_handlers" not in vars(plugin):
+        raise TypeError(f"{type(plugin).__name__}.__init__ does not call super().__init__(*args, **kwargs), so the "
+                        f"plugin has none of the SDK's state (its settings, name, replies); call it first in __init__")
+
+
 def checked_subscriptions(plugin: Plugin) -> tuple[list[str], list[str]]:
     """plugin.subscriptions() as the topics to subscribe to, and what is wrong with it, as warnings to say: a string
     for the list (its letters were each taken as a topic) is taken as its one type; a type no event starts with (a

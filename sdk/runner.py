@@ -34,7 +34,7 @@ from trainbus.proto.remote import (CONNECTION_FILE, SERVER_KEY, KeyFileError, en
                                    load_server_key, read_connection_file, secure_client)
 
 from .loader import where_raised
-from .plugin import KernelGoneInfo, Plugin, _snake, checked_subscriptions, named_settings
+from .plugin import KernelGoneInfo, Plugin, _snake, check_constructed, checked_subscriptions, named_settings
 from .plugin_io import FINAL_EVENTS, KERNEL_EXITED, MAX_POLL_S, REMOTE_SILENCE_S, PluginIO, _say
 from .settings import SettingsError, declared
 from .tracebacks import user_traceback
@@ -658,8 +658,9 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         # working directory of its own; a relative TRAINBUS_RUN_DIR typed by hand named files it refused as outside
         plugin = plugin_cls(settings, run_id=env.get("TRAINBUS_RUN_ID", ""),
                             run_dir=os.path.abspath(env.get("TRAINBUS_RUN_DIR", ".")))
+        check_constructed(plugin)
     except Exception as exc:  # before any socket: the kernel reads why from the end of our log (its last words)
-        print(user_traceback(exc), file=sys.stderr)
+        print(user_traceback(exc, called=plugin_cls.__init__), file=sys.stderr)  # ours alone: at its __init__
         exit_without_teardown(1)  # as a failed setup (below): the restart waits for nothing
     plugin.name = name or env.get("TRAINBUS_PLUGIN_NAME") or plugin.name
     runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid, secret, secure)

@@ -203,6 +203,16 @@ class FailsInInit(Plugin):
         raise RuntimeError("cannot open its database")
 
 
+class ForgetsSuperInit(Plugin):
+    """Its constructor never calls super().__init__: the SDK's state (outbox, handlers, settings) is missing."""
+
+    def __init__(self, *args, **kwargs):
+        self.count = 0
+
+    def on_end_epoch(self, event):
+        self.count += 1
+
+
 class HeldBeforeHello(Plugin):
     """Says no hello until the file its `gate` setting names exists: a plugin still starting (importing, loading
     a model) when its owner detaches it."""

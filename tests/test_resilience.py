@@ -397,6 +397,24 @@ def test_a_plugin_whose_constructor_raises_is_a_crash_named_by_its_exception_and
     assert "plugin db exited with exit code 1: RuntimeError" in (Path(result.run_dir) / "kernel.log").read_text()
 
 
+def test_a_plugin_whose_constructor_skips_super_init_is_named_at_its_constructor_not_in_the_sdk(tmp_path):
+    """It crashed at every start in the SDK's frames, `AttributeError: 'ForgetsSuperInit' object has no attribute
+    'outbox' (at runner.py:387 in _send_replies)`, with no word of the missing super().__init__ call."""
+    from trainbus.sdk import Harness
+
+    said = "ForgetsSuperInit.__init__ does not call super().__init__(*args, **kwargs)"
+    with pytest.raises(TypeError, match=re.escape(said)):
+        Harness(fixture_plugins.ForgetsSuperInit())
+    cfg = run_config(tmp_path / "runs", [plugin("forgets", "ForgetsSuperInit")], epochs=1)
+    result = run_training(cfg)
+    assert result.status == "completed", result.error
+    line = fixture_plugins.ForgetsSuperInit.__init__.__code__.co_firstlineno
+    crashes = result.plugins["forgets"]["crashes"]
+    assert crashes and crashes[0].startswith(f"exit code 1: TypeError: {said}") and crashes[0].endswith(
+        f"(at fixture_plugins.py:{line} in __init__)"), crashes
+    assert "runner.py" not in (Path(result.run_dir) / "plugins" / "forgets.log").read_text()
+
+
 def test_the_runs_summary_of_a_plugin_that_crashed_before_its_hello_points_at_its_crash(tmp_path, capsys):
     """`trainbus run`'s summary of an author's plugin whose constructor raised said, under the crash line, "never
     said hello, so it took no event (...; a command plugin speaks proto/PROTOCOL.md)": a wire-protocol hint for a
