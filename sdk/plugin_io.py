@@ -385,9 +385,9 @@ class PluginIO(threading.Thread):
             return
         frame = sys._current_frames().get(threading.main_thread().ident)
         where = user_stack(frame) if frame is not None else ""
-        event = self.busy_with
-        what = f"{event.type} (seq {event.seq})" if event is not None else "an event"
-        text = (f"the handler for {what} has run {now - busy:.0f} s, past handler_timeout_s "
+        event = self.busy_with  # None: setup() (Runner._run), timed as a handler is
+        what = f"the handler for {event.type} (seq {event.seq})" if event is not None else "setup()"
+        text = (f"{what} has run {now - busy:.0f} s, past handler_timeout_s "
                 f"({self.handler_timeout_s:g} s): heartbeats stop, so the kernel takes this plugin for hung and "
                 f"restarts it. A long handler calls self.still_working() as it goes, or hands the work to a thread"
                 + (f". It is at:\n{where}" if where else ""))

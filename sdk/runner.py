@@ -163,6 +163,9 @@ class Runner:
         for warning in self.subscription_warnings:  # the kernel takes no log from a peer before its welcome
             self.io.send(control("log", level="warning", text=warning))
             _say(f"[{self.plugin.name}] warning: {warning}")
+        # timed as a handler: one that never returns (a server that never answers) stops the heartbeats, so the
+        # kernel restarts the plugin, saying so, rather than keep a live plugin that handles nothing all run
+        self.io.busy_with, self.io.busy_since = None, time.monotonic()
         try:
             self.plugin.setup()
         except Exception as exc:  # the process ends, and the kernel restarts it (or gives up, saying so)
@@ -171,6 +174,8 @@ class Runner:
             self.setup_failed = True
             self._finish(self.io.gone)
             return 1
+        finally:
+            self.io.busy_since = None
         self._set_up = True
         self._send_replies()  # what setup said (a monitor's "idle" line) goes out before any event
         if self.durable:

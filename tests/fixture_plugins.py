@@ -234,6 +234,18 @@ class StuckInHandler(Plugin):
         time.sleep(60)
 
 
+class StuckInSetup(Plugin):
+    """Its setup() never returns (a server it waits for that never answers), without saying still_working()."""
+
+    handler_timeout_s = 1.0
+
+    def setup(self):
+        time.sleep(60)
+
+    def on_end_epoch(self, event):
+        pass
+
+
 class BusyAtEpochEnd(Plugin):
     """Its end_epoch handler says so in `marker` (a file), then works for a minute: a handler SIGTERM cuts short."""
 

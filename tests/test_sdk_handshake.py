@@ -276,6 +276,22 @@ def test_a_handler_past_its_timeout_says_which_and_where_before_its_heartbeats_s
     assert 'fixture_plugins.py", line' in text and "in on_end_epoch" in text and "runner.py" not in text, text
 
 
+
+def test_a_setup_past_its_timeout_says_so_and_where_before_its_heartbeats_stop(tmp_path):
+    """A setup() that never returns handled nothing all run while its heartbeats went on: the kernel took it for a
+    live plugin and nothing said why it did nothing. It is timed as a handler is."""
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    proc = kernel.start_plugin("fixture_plugins:StuckInSetup", "stuck", {}, tmp_path)
+    try:
+        kernel.welcome(_hello(kernel)[0], kernel.seq + 1)
+        said = _next(kernel, "log")
+    finally:
+        _close(proc, kernel)
+    text = said["text"]
+    assert said["level"] == "error" and text.startswith("setup() has run "), text
+    assert "past handler_timeout_s (1 s)" in text and "self.still_working()" in text, text
+    assert 'fixture_plugins.py", line' in text and "in setup" in text and "runner.py" not in text, text
+
 def test_heartbeats_stop_only_while_a_handler_runs_past_its_handler_timeout_s(tmp_path):
     """PROTOCOL.md §8 [C63]: the reference client heartbeats every interval while idle and while a handler runs
     within handler_timeout_s (60 s by default: a slow handler is not hung); once one runs past it, it says so once and
