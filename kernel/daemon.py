@@ -382,6 +382,13 @@ class Daemon:
         """A job's process is gone: the job ends, and its run's registry row says what the directory says."""
         self.watched.pop(watched.job_id, None)
         run_dir = self.runs_dir / watched.job_id
+        kernel, alive = kernel_process(run_dir) if watched.popen is not None else (None, None)
+        if alive and kernel != watched.pid:
+            # `run --nproc` killed alone: its ranks take their launcher's end as a SIGTERM and rank 0's kernel is
+            # still ending the run; it is watched until it has, so the job ends as the run did, not `running`. Only
+            # our child's: a kernel found by a daemon started later may be one the user started by hand meanwhile
+            self._watch_kernel(registry, watched, kernel)
+            return
         if (run_dir / CONFIG).is_file():
             record_run(run_dir)  # a kernel killed by SIGKILL wrote nothing: its directory says died
             status = run_overview(run_dir, now)["status"]
@@ -415,6 +422,16 @@ class Daemon:
         registry.move_job(watched.job_id, JOB_ACTIVE, state="ended", ended_ts=now, exit_code=code, detail=detail,
                           env=None)
         log.info("%s: %s", watched.job_id, detail)
+
+    def _watch_kernel(self, registry: Registry, watched: Watched, kernel: int) -> None:
+        """Watch the run's kernel in place of the job's process, which is gone; recorded, so that a daemon started
+        meanwhile adopts the kernel."""
+        started = process_start_time(kernel)
+        registry.move_job(watched.job_id, JOB_ACTIVE, pid=kernel, pid_started=started)
+        self.watched[watched.job_id] = Watched(watched.job_id, kernel, started, watched.devices, None,
+                                               watched.resumes_left)
+        log.info("%s: its process (pid %d) is gone, its kernel (pid %d) ends the run; watched", watched.job_id,
+                 watched.pid, kernel)
 
     @staticmethod
     def _job(registry: Registry, job_id: str) -> dict[str, Any] | None:

@@ -428,6 +428,35 @@ def test_a_run_submitted_with_max_resumes_is_continued_by_the_daemon_when_its_ke
     assert job["state"] == "ended" and job["env"] is None  # the environment kept for a resume is gone with it
 
 
+def test_a_run_of_nproc_whose_launcher_is_killed_is_settled_as_its_ranks_end_it_and_resumed(tmp_path, daemons):
+    """`run --nproc 2 --detach --max-resumes 1`, its launcher (the pid `daemon status` shows) killed with SIGKILL: its
+    ranks end the run interrupted a moment later (PR_SET_PDEATHSIG). The daemon settled the job as the launcher went,
+    while rank 0's kernel still wrote its summary: 'run running', and the run was never resumed."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    start_daemon(daemons, runs)
+    run_id = submit(runs, PACED, "--nproc", "2", "--epochs", "40", "--plugins", "checkpoint", "--set",
+                    "step_sleep_s=0.1", "--max-resumes", "1")
+    run_dir = runs / run_id
+    journal = run_dir / JOURNAL_NAME
+
+    def starts() -> int:
+        return sum(e.type == ev.START_TRAINING_SESSION for e in JournalTail(journal).poll())
+
+    wait_until(lambda: journal.exists() and starts() == 1 and has_checkpoints(run_dir), WAIT_S,
+               "a checkpoint of the first session")
+    with Registry(runs) as registry:
+        [job] = registry.jobs(["running"])
+    os.kill(job["pid"], signal.SIGKILL)  # the launcher alone: its ranks see it go
+    log = daemon_dir(runs) / "daemon.log"
+    wait_until(lambda: "resumed from its newest checkpoint" in log.read_text() or "run running" in log.read_text(),
+               60, "the daemon to settle the job")
+    assert f"{run_id}: run interrupted; resumed from its newest checkpoint" in log.read_text(), log.read_text()
+    wait_until(lambda: starts() == 2, WAIT_S, "the resumed session")
+    cli("runs", "stop", run_id, "--runs-dir", str(runs))  # the test's to end; a stopped run is not resumed
+    wait_until(lambda: listed(runs)[run_id]["status"] == "stopped", WAIT_S, "the resumed run to stop")
+
+
 def test_with_no_daemon_status_names_a_run_whose_daemon_and_kernel_are_both_gone(tmp_path):
     """What a daemon killed with its runs leaves in the registry: a job `running` under a pid that is gone. Status
     listed the live ones ("started by a daemon that is gone") and left this one out, as if it never was."""
