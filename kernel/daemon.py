@@ -445,8 +445,11 @@ class Daemon:
         left = job["resumes_left"] - 1
         registry.move_job(run_id, JOB_ACTIVE, state="ended", ended_ts=now, detail=f"{detail}; resumed by the daemon",
                           env=None)
-        # the command it was started with, continued in place: the last --resume given counts
-        argv = [*job["argv"], "--resume", run_id, "--runs-dir", str(self.runs_dir)]
+        # the command it was submitted with, continued in place (the last --resume given counts); a resume's own
+        # command already is
+        argv = job["argv"]
+        if _last_option(argv, "--resume") != run_id or _last_option(argv, "--runs-dir") != str(self.runs_dir):
+            argv = [*argv, "--resume", run_id, "--runs-dir", str(self.runs_dir)]
         submit(self.runs_dir, run_id, argv, job["gpus"], None, {}, self.runs_dir / run_id, env=job["env"],
                cwd=job["cwd"], wake=False, by=job["submitted_by"], max_resumes=left,
                resumed_by=f"the daemon (--max-resumes: {left} left after this)")

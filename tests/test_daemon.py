@@ -428,6 +428,25 @@ def test_a_run_submitted_with_max_resumes_is_continued_by_the_daemon_when_its_ke
     assert job["state"] == "ended" and job["env"] is None  # the environment kept for a resume is gone with it
 
 
+def test_each_resume_the_daemon_queues_continues_the_run_with_the_command_it_was_submitted_with(tmp_path):
+    """--max-resumes 3: each resume queued the previous one's command with `--resume RUN --runs-dir DIR` added
+    again, so a run resumed N times was started with N copies of them (4,000 words at --max-resumes 1000)."""
+    runs = tmp_path / "runs"
+    (runs / "r").mkdir(parents=True)
+    argv = [TINY, "--epochs", "3"]
+    with Registry(runs) as registry:
+        registry.submit({"id": "r", "state": "queued", "submitted_ts": 1.0, "argv": argv, "cwd": str(tmp_path),
+                         "gpus": None, "resumes_left": 3}, {"id": "r", "dir": None, "status": "queued"}, 1.0)
+        daemon = Daemon(runs, [])
+        for left in (2, 1):
+            assert registry.move_job("r", ["queued"], state="running", pid=2 ** 22 + 1, pid_started=1.0)
+            [job] = registry.jobs(["running"])
+            daemon._resume_dead(registry, "r", job, "run died", 2.0)
+            [job] = registry.jobs(["queued"])
+            assert job["resumes_left"] == left
+            assert job["argv"] == [*argv, "--resume", "r", "--runs-dir", str(runs.resolve())]
+
+
 def test_a_run_of_nproc_whose_launcher_is_killed_is_settled_as_its_ranks_end_it_and_resumed(tmp_path, daemons):
     """`run --nproc 2 --detach --max-resumes 1`, its launcher (the pid `daemon status` shows) killed with SIGKILL: its
     ranks end the run interrupted a moment later (PR_SET_PDEATHSIG). The daemon settled the job as the launcher went,
