@@ -439,12 +439,12 @@ class Daemon:
 
     def _resume_dead(self, registry: Registry, run_id: str, job: dict[str, Any], detail: str, now: float) -> None:
         """A run submitted with --max-resumes whose kernel died (the OOM killer, kill -9, a reboot) or was killed
-        (SIGTERM: `interrupted`), with a checkpoint: its job ends, and its resume is queued at once, as
+        (SIGTERM: `interrupted`), with a checkpoint: its resume is queued at once in the job's place, as
         `trainbus runs resume RUN --detach` would queue it, with one resume fewer left. A stop (`runs stop`,
         `daemon cancel`) ends a run `stopped`, which is never resumed."""
         left = job["resumes_left"] - 1
-        registry.move_job(run_id, JOB_ACTIVE, state="ended", ended_ts=now, detail=f"{detail}; resumed by the daemon",
-                          env=None)
+        # submit replaces the job's row with its resume's; ended first, as one being started (no pid yet) holds the run
+        registry.move_job(run_id, JOB_ACTIVE, state="ended", ended_ts=now, env=None)
         # the command it was submitted with, continued in place (the last --resume given counts); a resume's own
         # command already is
         argv = job["argv"]
