@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, NoReturn, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
 import typer
 from rich.markup import escape
@@ -232,6 +232,8 @@ def runs_stop(
             raise typer.Exit(code=1)
         run = str(Path(runs_dir) / unmade["id"])
     run_dir, status = _run_and_status(run, runs_dir)
+    if status != "running" and _resumed_by_the_daemon(runs_dir, run_dir):
+        status = "running"
     if status != "running":
         print(f"error: run {run_dir.name} has already ended ({status}); there is nothing to stop", file=sys.stderr)
         raise typer.Exit(code=1)
@@ -243,28 +245,55 @@ KERNEL_START_WAIT_S = 600.0  # `runs stop` of a run whose kernel is still buildi
 
 def _kernel_listens(runs_dir: Path, unmade: dict) -> bool:
     """A run the daemon started whose kernel has no directory or sockets yet (it builds the spec first): wait, while
-    its process lives and at most KERNEL_START_WAIT_S, until its kernel.log names its sockets. False when the
-    process ended first."""
+    its process lives, until its kernel.log names its sockets. False when the process ended first."""
     kernel_log = Path(runs_dir) / unmade["id"] / "kernel.log"
+
+    def listens() -> bool | None:
+        try:
+            with open(kernel_log, "rb") as f:
+                if b" sockets: " in f.read(1 << 16):
+                    return True
+        except OSError:
+            pass
+        if unmade["pid"] is not None and not process_alive(unmade["pid"], unmade["pid_started"]):
+            return kernel_log.parent.is_dir()  # it made its directory and ended: the run says how
+        return None
+
+    return _wait_for_kernel(unmade["id"], "is starting", listens)
+
+
+def _resumed_by_the_daemon(runs_dir: Path, run_dir: Path) -> bool:
+    """A run whose directory says how its last session ended while the daemon resumes it (--max-resumes, a queued
+    `runs resume`) and the new kernel builds the spec: wait, while the daemon's process for it lives, until that
+    kernel runs. False when the resume ended first."""
+    from .daemon import as_queued
+    from .runs import run_overview
+
+    def runs() -> bool | None:
+        run = run_overview(run_dir)
+        if run["status"] == "running":
+            return True
+        return None if as_queued(runs_dir, run)["status"] == "running" else False  # registry.resume_started
+
+    now = runs()
+    return now if now is not None else _wait_for_kernel(run_dir.name, "is being resumed by the daemon", runs)
+
+
+def _wait_for_kernel(run_id: str, state: str, ready: Callable[[], bool | None]) -> bool:
+    """Poll ready() (None: not yet) at most KERNEL_START_WAIT_S for the kernel a stop must wait for; said first."""
     deadline = time.monotonic() + KERNEL_START_WAIT_S
     try:  # from the line on: a Ctrl-C as soon as it is read may land while print() still returns
-        print(f"trainbus: run {unmade['id']} is starting (its kernel builds the spec first); the stop goes in once "
-              f"it listens", file=sys.stderr)
+        print(f"trainbus: run {run_id} {state} (its kernel builds the spec first); the stop goes in once it listens",
+              file=sys.stderr)
         while time.monotonic() < deadline:
-            try:
-                with open(kernel_log, "rb") as f:
-                    if b" sockets: " in f.read(1 << 16):
-                        return True
-            except OSError:
-                pass
-            if unmade["pid"] is not None and not process_alive(unmade["pid"], unmade["pid_started"]):
-                return kernel_log.parent.is_dir()  # it made its directory and ended: the run says how
+            if (answer := ready()) is not None:
+                return answer
             time.sleep(0.2)
     except KeyboardInterrupt:  # the line above said a stop would go in: say that none did
-        print(f"trainbus: Ctrl-C: no stop was sent; run {unmade['id']} goes on", file=sys.stderr)
+        print(f"trainbus: Ctrl-C: no stop was sent; run {run_id} goes on", file=sys.stderr)
         raise typer.Exit(code=130) from None
-    raise UserError(f"run {unmade['id']}'s kernel did not start listening within {KERNEL_START_WAIT_S:.0f} s; "
-                    f"`trainbus runs show {unmade['id']}` says where it is")
+    raise UserError(f"run {run_id}'s kernel did not start listening within {KERNEL_START_WAIT_S:.0f} s; "
+                    f"`trainbus runs show {run_id}` says where it is")
 
 
 def _stop_running_run(run_dir: Path, reason: str) -> NoReturn:

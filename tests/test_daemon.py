@@ -428,6 +428,39 @@ def test_a_run_submitted_with_max_resumes_is_continued_by_the_daemon_when_its_ke
     assert job["state"] == "ended" and job["env"] is None  # the environment kept for a resume is gone with it
 
 
+def test_runs_stop_of_a_run_the_daemon_is_resuming_waits_for_its_kernel_and_stops_it(tmp_path, daemons):
+    """--max-resumes: its kernel killed, the daemon resumes the run, whose new kernel builds the spec first (loading
+    data). `runs stop` meanwhile read the directory, which still says died: 'already ended, nothing to stop', exit
+    1, and the resume trained on (a remote `daemon cancel` was told it was stopping)."""
+    runs, build_gate, gate = tmp_path / "runs", tmp_path / "build_gate", tmp_path / "gate"
+    runs.mkdir()
+    start_daemon(daemons, runs)
+    open_gate(build_gate, 1)
+    open_gate(gate, 10_000)
+    run_id = submit(runs, SLOW_BUILD, "--set", f"build_gate={build_gate}", "--set", f"gate={gate}", "--plugins",
+                    "checkpoint", "--set", "step_sleep_s=0.2", "--max-resumes", "1")
+    run_dir = runs / run_id
+    wait_until(lambda: has_checkpoints(run_dir), WAIT_S, "a checkpoint")
+    open_gate(build_gate, 0)  # the resume's build() waits
+    waiting = build_gate.with_name("build_gate.waiting")
+    waiting.unlink()
+    os.kill(int((run_dir / "kernel.pid").read_text().split()[0]), signal.SIGKILL)
+    wait_until(waiting.exists, WAIT_S, "the daemon's resume in its build()")
+    stopping = subprocess.Popen([*trainbus_cmd(), "runs", "stop", run_id, "--runs-dir", str(runs)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert select.select([stopping.stderr], [], [], WAIT_S)[0], "no word from `runs stop`"
+        said = stopping.stderr.readline()
+        assert f"run {run_id} is being resumed by the daemon" in said, said + stopping.stderr.read()
+        open_gate(build_gate, 1)
+        out, err = stopping.communicate(timeout=WAIT_S)
+    finally:
+        stopping.kill()
+    assert stopping.returncode == 0, err
+    wait_until(lambda: listed(runs)[run_id]["status"] not in ("running", "queued"), WAIT_S, "the resumed run's end")
+    assert listed(runs)[run_id]["status"] == "stopped"
+
+
 def test_each_resume_the_daemon_queues_continues_the_run_with_the_command_it_was_submitted_with(tmp_path):
     """--max-resumes 3: each resume queued the previous one's command with `--resume RUN --runs-dir DIR` added
     again, so a run resumed N times was started with N copies of them (4,000 words at --max-resumes 1000)."""
