@@ -17,6 +17,7 @@ import typer
 from .cli_common import EXIT_CODES, UserError
 from .cluster import LAUNCH_ERRORS
 from .launch_wait import JOIN_TIMEOUT_S, RendezvousWatch, signal_name
+from .pids import killed_by
 from .private_dirs import process_scratch_dir, remove_scratch_dir
 
 
@@ -164,7 +165,7 @@ class _Restarts:
             exitcode, local_rank, pid = record.args[:3]
             if not self._rank_0_said():
                 oom = " (kill -9, or the out-of-memory killer: `dmesg` says which)"
-                how = (f"was killed by {_signal(-exitcode)}{oom * (exitcode == -signal.SIGKILL)}"
+                how = (f"was killed by {killed_by(-exitcode)}{oom * (exitcode == -signal.SIGKILL)}"
                        if isinstance(exitcode, int) and exitcode < 0 else f"exited with code {exitcode}")
                 rank = f"rank {local_rank}" if self.nnodes == 1 else f"local rank {local_rank} of this machine"
                 print(f"trainbus: {rank} (pid {pid}) {how}; torchrun restarts the group ({self.left} restart"
@@ -179,13 +180,6 @@ class _Restarts:
             return self.summary.stat().st_mtime >= self.attempt_began
         except OSError:
             return False
-
-
-def _signal(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def _first_said(said: str, nproc: int) -> str:

@@ -25,7 +25,6 @@ import getpass
 import logging
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, read_connection
 from .buffer_files import remove_dead_runs_buffers
 from .checkpointing import has_checkpoints, no_checkpoints
 from .kernel_log import cap_log
-from .pids import process_alive
+from .pids import killed_by, process_alive
 from .private_dirs import make_dirs, others_can_write
 from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started,
                        ended_without_directory, queued_resume, record_run, resume_started)
@@ -91,13 +90,6 @@ class Watched:
         if self.popen is not None:
             return self.popen.poll()
         return None if process_alive(self.pid, self.pid_started) else -1
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 def process_start_time(pid: int) -> float | None:
@@ -403,7 +395,11 @@ class Daemon:
             resume = status in RESUMED_STATUSES and not detail.startswith(RESUME_FAILED) and has_checkpoints(run_dir)
             job = self._job(registry, watched.job_id) if resume else None
             if job is not None and job.get("resumes_left"):
-                self._resume_dead(registry, watched.job_id, job, detail, now)
+                try:
+                    self._resume_dead(registry, watched.job_id, job, detail, now)
+                except BaseException:  # the registry locked past its timeout, a full disk: settled again next round
+                    self.watched[watched.job_id] = watched
+                    raise
                 return
             if status == "died" and not detail.startswith(RESUME_FAILED):
                 log.warning("%s: the kernel died (no summary); %s", watched.job_id,
@@ -414,7 +410,7 @@ class Daemon:
         else:
             # killed (the OOM killer, kill -9) while its target was still built: died, as a kernel killed later
             # is, unless its output says why it failed; gone while no daemon watched it (-1): the same
-            how = (f"killed by {_signal_name(-code)}" if code < -1 else
+            how = (f"killed by {killed_by(-code)}" if code < -1 else
                    "its process was gone when the daemon came back" if code == -1 else f"exit code {code}")
             status, detail = ended_without_directory(how, output_tail(self.runs_dir, watched.job_id),
                                                      killed=code < -1, exit_code=code if code >= 0 else None)
@@ -443,16 +439,19 @@ class Daemon:
         `trainbus runs resume RUN --detach` would queue it, with one resume fewer left. A stop (`runs stop`,
         `daemon cancel`) ends a run `stopped`, which is never resumed."""
         left = job["resumes_left"] - 1
-        # submit replaces the job's row with its resume's; ended first, as one being started (no pid yet) holds the run
-        registry.move_job(run_id, JOB_ACTIVE, state="ended", ended_ts=now, env=None)
         # the command it was submitted with, continued in place (the last --resume given counts); a resume's own
         # command already is
         argv = job["argv"]
         if _last_option(argv, "--resume") != run_id or _last_option(argv, "--runs-dir") != str(self.runs_dir):
             argv = [*argv, "--resume", run_id, "--runs-dir", str(self.runs_dir)]
-        submit(self.runs_dir, run_id, argv, job["gpus"], None, {}, self.runs_dir / run_id, env=job["env"],
-               cwd=job["cwd"], wake=False, by=job["submitted_by"], max_resumes=left,
-               resumed_by=f"the daemon (--max-resumes: {left} left after this)")
+        resume = {**job, "state": "queued", "submitted_ts": now, "argv": argv, "resumes_left": left, "devices": None,
+                  "pid": None, "pid_started": None, "started_ts": None, "ended_ts": None, "exit_code": None,
+                  "detail": None}
+        run = queued_resume(run_overview(self.runs_dir / run_id, now), f"the daemon (--max-resumes: {left} left "
+                                                                            f"after this)")
+        # the job's row becomes its resume's, with the run's, in one transaction: a daemon killed meanwhile leaves
+        # the job running with its process gone, which the next one settles (and resumes) again
+        registry.submit(resume, run, now, replacing=True)
         log.warning("%s: %s; resumed from its newest checkpoint (--max-resumes: %d left after this)", run_id, detail,
                     left)
 
@@ -575,19 +574,18 @@ def resumed_run(argv: list[str], runs_dir: Path) -> Path | str | None:
 
 def submit(runs_dir: Path, run_id: str, argv: list[str], gpus: int | None, target: str | None,
            flags: dict[str, Any], resumes: Path | None, env: dict[str, str] | None = None, cwd: str | None = None,
-           wake: bool = True, by: str | None = None, max_resumes: int = 0, resumed_by: str | None = None) -> bool:
+           wake: bool = True, by: str | None = None, max_resumes: int = 0) -> bool:
     """Queue a run for the daemon of runs_dir (running or not), to be started as `trainbus run ARGV` in `cwd`
     with `env` (default: this process's; None from a remote peer: the daemon's own). `by`: who asked (a remote
     peer's key; default this process's user). max_resumes: how many times the daemon continues the run by itself
-    when its kernel dies or is killed (Daemon._resume_dead). resumed_by: who queues a resume, when not `by` (the
-    daemon). True when a running daemon was told at once."""
+    when its kernel dies or is killed (Daemon._resume_dead). True when a running daemon was told at once."""
     runs_dir = Path(runs_dir).resolve()
     now = time.time()
     by = by or local_user()
     job = {"id": run_id, "state": "queued", "submitted_ts": now, "argv": argv, "cwd": cwd or os.getcwd(),
            "env": env, "gpus": gpus, "submitted_by": by, "resumes_left": max_resumes}
     if resumes is not None:
-        run = queued_resume(run_overview(resumes, now), resumed_by or by)
+        run = queued_resume(run_overview(resumes, now), by)
     else:
         run = {"id": run_id, "dir": None, "status": "queued", "target": target, "flags": flags, "started_ts": None,
                "detail": f"submitted {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))} by {by}"}

@@ -3,6 +3,8 @@ rank, the kernel that left shared memory behind): a zombie is gone, and a reused
 
 from __future__ import annotations
 
+import signal
+
 START_TIME_SLACK_S = 1.0  # psutil derives start times from the boot time, which /proc/stat gives in whole seconds
 
 
@@ -49,3 +51,11 @@ def signalled_when_gone(parent: int) -> None:
         return
     if prctl(1, signal.SIGTERM, 0, 0, 0) == 0 and os.getppid() != parent:  # 1: PR_SET_PDEATHSIG; already gone
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def killed_by(number: int) -> str:
+    """The name of the signal that ended a process (SIGKILL), or its number where it has none."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -182,12 +182,13 @@ class Registry:
 
     # -- the daemon's queue ---------------------------------------------------------------------------
 
-    def submit(self, job: dict[str, Any], run: dict[str, Any], observed_ts: float) -> None:
+    def submit(self, job: dict[str, Any], run: dict[str, Any], observed_ts: float, replacing: bool = False) -> None:
         """Queue `job` and show its run as queued, in one transaction. JobError when its run id is already
-        queued or running (a run is continued by one kernel at a time)."""
+        queued or running (a run is continued by one kernel at a time), unless `replacing`: the daemon queues a
+        job's resume in its place as it settles it (Daemon._resume_dead)."""
         with self._write():
             held = self.db.execute("SELECT state, pid, pid_started FROM jobs WHERE id = ?", (job["id"],)).fetchone()
-            if held is not None and job_holds_run(dict(zip(("state", "pid", "pid_started"), held))):
+            if held is not None and not replacing and job_holds_run(dict(zip(("state", "pid", "pid_started"), held))):
                 raise JobError(f"run {job['id']} is already {held[0]} in the daemon's queue")
             self.db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(JOB_COLUMNS)}) "
                             f"VALUES ({', '.join('?' * len(JOB_COLUMNS))})", _job_row(job))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from trainbus.kernel.daemon import OUTPUT_CHECK_S, Daemon, DaemonError, daemon_dir, output_file, parse_devices, place
 from trainbus.kernel.checkpointing import has_checkpoints
+from trainbus.kernel.daemon import OUTPUT_CHECK_S, Daemon, DaemonError, daemon_dir, output_file, parse_devices, place
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.registry import Registry, list_runs
 from trainbus.proto import JOURNAL_NAME
@@ -383,7 +383,6 @@ def test_the_queue_outlives_a_killed_daemon_and_a_running_run_outlives_it(tmp_pa
     starts = [e for e in JournalTail(runs / second / JOURNAL_NAME).poll() if e.type == ev.START_TRAINING_SESSION]
     assert len(starts) == 1, "the second run was started again instead of adopted"
     assert found[third]["started_ts"] >= found[second]["ended_ts"] - 1.0, "two runs trained at once (max 1)"
-
 
 
 def test_a_run_submitted_with_max_resumes_is_continued_by_the_daemon_when_its_kernel_dies_as_often_as_it_says(
@@ -1151,7 +1150,6 @@ def test_a_run_killed_with_the_daemon_is_died_and_runs_resume_ends_it_with_the_u
     cli("run", PACED, "--runs-dir", str(reference), "--plugins", "", "--device", "cpu", "--set", "batch_size=256",
         *settings)
     assert_same_weights(runs / victim, next(p for p in reference.iterdir() if p.is_dir()))
-
 
 
 def test_a_flood_of_connections_with_no_key_costs_the_daemon_a_bounded_number_of_descriptors(tmp_path, daemons):

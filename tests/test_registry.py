@@ -202,7 +202,6 @@ def test_a_registry_of_schema_4_gains_the_runs_training_metrics_and_keeps_its_ro
         assert registry.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
-
 def test_a_registry_of_schema_5_gains_each_jobs_resumes_left_and_keeps_its_queue(tmp_path):
     """A daemon upgraded under a queue: the jobs of schema 5 (before --max-resumes) are resumed by nobody."""
     old = sqlite3.connect(tmp_path / REGISTRY_NAME)
