@@ -324,8 +324,9 @@ class Runner:
                 failure = None
                 break
             except CutShort as exc:
+                again = "not acked: it comes again" if self.durable else "a best-effort plugin is not sent it again"
                 said = (f"the handler for {event.type} (seq {event.seq}) was still running {FINISH_ON_TERM_S} s "
-                        f"after SIGTERM and was cut short (not acked: a durable plugin gets it again)")
+                        f"after SIGTERM and was cut short ({again})")
                 _say(f"[{self.plugin.name}] {said}:\n{user_traceback(exc)}")
                 # to the kernel too: work a plugin never finished is trouble the run's summary names
                 self.io.send(control("log", level="error", text=f"{said}; plugins/{self.plugin.name}.log has where"))

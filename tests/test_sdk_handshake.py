@@ -208,7 +208,7 @@ def test_a_sigterm_in_a_handler_lets_it_finish_then_tears_down_and_takes_no_next
     # the kernel is told too (an error logged: trouble the run's summary names), not only the plugin's own log
     errors = [m["text"] for m in sent if m["type"] == "log" and m["level"] == "error"]
     assert (errors == [f"the handler for end_epoch (seq {first}) was still running {FINISH_ON_TERM_S} s after "
-                       f"SIGTERM and was cut short (not acked: a durable plugin gets it again); plugins/slow.log has "
+                       f"SIGTERM and was cut short (a best-effort plugin is not sent it again); plugins/slow.log has "
                        f"where"]) is not finishes, sent
 
 
