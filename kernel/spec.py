@@ -375,8 +375,15 @@ def _plain_within(value: Any, depth: int = 0) -> Any:
     return _plain(value)
 
 
+# msgpack's integers (events, the journal): JSON says any integer, but an event holding one past these was journaled
+# as "event data not encodable", its losses and metrics lost with it
+MSGPACK_INT_RANGE = (-2**63, 2**64 - 1)
+
+
 def _plain(value: Any) -> Any:
-    """A flag's value as events and checkpoints carry it: itself when JSON can say it, else its text."""
+    """A flag's value as events and checkpoints carry it: itself when JSON and msgpack can say it, else its text."""
+    if isinstance(value, int) and not MSGPACK_INT_RANGE[0] <= value <= MSGPACK_INT_RANGE[1]:
+        return str(value)
     try:
         json.dumps(value)
         return value

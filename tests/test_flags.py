@@ -635,3 +635,33 @@ def test_a_scripts_module_level_draws_are_seeded_whether_or_not_flags_are_given(
         draws[name] = json.loads((tmp_path / name / "draws.json").read_text())
     assert draws["bare"] == draws["flags"] == draws["again"]
     assert draws["other"]["import"] != draws["bare"]["import"] and draws["other"]["build"] != draws["bare"]["build"]
+
+
+def test_an_integer_flag_past_64_bits_is_carried_as_its_text_and_the_epochs_keep_their_metrics(tmp_path):
+    """`trainbus run train.py:build salt=99999999999999999999` (an int flag no 64-bit integer holds, as msgpack's
+    are) ran, and its config.json said it, but start_training_session and every end_epoch were journaled as
+    `{"error": "event data not encodable: ... cannot serialize int"}`: their losses, metrics and hyperparameters were
+    lost to `runs show`, metrics_log and every plugin, without a word. Events carry such a value as its text."""
+    from trainbus.kernel.journal import read_events
+    from trainbus.proto import JOURNAL_NAME
+
+    (tmp_path / "salted.py").write_text(
+        "import torch\nfrom torch.utils.data import DataLoader, TensorDataset\nfrom trainbus.kernel import "
+        "TrainingSpec\n\n\ndef build(lr: float = 0.1, salt: int = 0):\n"
+        "    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))\n    model = torch.nn.Linear(4, 2)\n"
+        "    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),\n"
+        "                        loss_fn=torch.nn.functional.cross_entropy, train_loader=DataLoader(TensorDataset(x, y), "
+        "batch_size=4),\n                        hyperparameters={'nested': {'big': -10**20}})\n")
+    runs_dir = tmp_path / "runs"
+    r = trainbus("run", f"{tmp_path / 'salted.py'}:build", f"salt={10**20}", "--plugins", "", "--runs-dir",
+                 str(runs_dir), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    (run_dir,) = [p for p in runs_dir.iterdir() if p.is_dir()]
+    assert json.loads((run_dir / "config.json").read_text())["flags"]["salt"] == 10**20  # the record keeps the number
+    events = list(read_events(run_dir / JOURNAL_NAME))
+    assert not [e for e in events if "error" in e.data], [e.data for e in events if "error" in e.data]
+    for type_ in ("start_training_session", "end_epoch"):
+        data = next(e.data for e in events if e.type == type_)
+        assert data["hyperparameters"]["salt"] == str(10**20), data
+        assert data["hyperparameters"]["nested"] == {"big": str(-10**20)}, data
+    assert isinstance(next(e.data for e in events if e.type == "end_epoch")["training_loss"], float)
