@@ -372,6 +372,8 @@ def check_run(cfg: RunConfig, where: str = "config", programs: bool = True) -> N
     if cfg.device not in DEVICES and device_index(cfg.device) is None:
         raise ConfigError(f"{where}: device must be one of {', '.join(DEVICES)} or cuda:N (the GPU of index N), "
                           f"got {cfg.device!r}")
+    if not cfg.runs_dir.strip():  # as `--runs-dir ""`: the current directory would take the runs and the registry
+        raise ConfigError(f"{where}: runs_dir is empty: name a directory, or leave runs_dir out for ./runs")
     if cfg.epochs is not None and not 1 <= cfg.epochs <= MAX_COUNT:
         raise ConfigError(f"{where}: epochs must be 1 to {MAX_COUNT:,} (a run that goes until it is stopped: a "
                           f"large count and `trainbus runs stop`), got {cfg.epochs}")

@@ -404,6 +404,18 @@ def test_an_empty_runs_dir_is_refused_not_taken_for_the_current_directory(args, 
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("value", ['""', '" "'])
+def test_an_empty_runs_dir_in_a_config_file_is_refused_too(value, tmp_path):
+    """`[run] runs_dir = ""` (a template's blank, `runs_dir = "${RUNS}"` written out unset) was the current directory:
+    the run's directory and registry.sqlite made there, where `--runs-dir ""` is refused."""
+    (tmp_path / "run.toml").write_text(f"[run]\nruns_dir = {value}\nepochs = 1\n")
+    r = subprocess.run([*trainbus_cmd(), "run", "-c", "run.toml", "--plugins", ""], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and r.stderr == ("error: run.toml: runs_dir is empty: name a directory, or leave runs_dir "
+                                              "out for ./runs\n"), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml"]
+
+
 def test_a_run_in_a_runs_dir_whose_path_is_not_utf_8_trains(tmp_path):
     """--runs-dir with a byte that is not UTF-8 (a folder named on a system of another encoding): the run's
     directory was made, then binding its sockets there died with a traceback (UnicodeEncodeError: surrogates not
