@@ -33,8 +33,9 @@ options:
   --name NAME           the name it says hello with (default: TRAINBUS_PLUGIN_NAME, else the class's `name`, else
                         the class name in snake_case less a `_plugin` ending: MyPlugin is `my`); a name the run's
                         config gives a plugin is refused
-  --set SETTING=VALUE   a setting, repeatable; VALUE is read as JSON when it parses, else as text (as
-                        `trainbus run --set` reads it), and checked against the plugin's declared settings. The
+  --set SETTING=VALUE   a setting, repeatable (each setting once: twice with two values is refused); VALUE is read
+                        as JSON when it parses, else as text (as `trainbus run --set` reads it), and checked
+                        against the plugin's declared settings. The
                         kernel gives a plugin it starts its settings in TRAINBUS_PLUGIN_SETTINGS (msgpack, hex);
                         --set goes on top
   --connect HOST:PORT|connection.json
@@ -81,6 +82,7 @@ def _options(words: list[str]) -> tuple[dict[str, str], dict[str, object]]:
     """The options after the target, and the settings --set gives; UsageError for a mistake."""
     options: dict[str, str] = {}
     settings: dict[str, object] = {}
+    given: dict[str, str] = {}  # each setting's --set as written: one given twice with two values is refused
     for flag, value in zip(words[::2], words[1::2] + [None]):
         if flag not in OPTIONS:
             raise UsageError(f"unknown option {flag!r}; the options are {', '.join(OPTIONS)} (see --help)")
@@ -90,7 +92,11 @@ def _options(words: list[str]) -> tuple[dict[str, str], dict[str, object]]:
             key, sep, raw = value.partition("=")
             if not sep or not key:
                 raise UsageError(f"--set {value!r} must look like SETTING=VALUE")
-            settings[key] = typed_word(raw)
+            if key in given and given[key].partition("=")[2] != raw:  # the later would win unsaid
+                raise UsageError(f"--set {key} given twice ({given[key]} and {value}): give it once")
+            given[key], settings[key] = value, typed_word(raw)
+        elif flag in options and options[flag] != value:
+            raise UsageError(f"{flag} given twice ({options[flag]!r} and {value!r}): give it once")
         else:
             options[flag] = value
     if "--name" in options and not 1 <= len(options["--name"]) <= PEER_NAME_MAX_CHARS:  # the kernel drops such a hello

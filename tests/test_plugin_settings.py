@@ -376,6 +376,20 @@ def test_a_plugin_run_by_hand_has_its_metric_settings_checked_against_the_runs_m
                                                f"{', '.join(produced)}\n"), r.stderr
 
 
+def test_a_setting_given_twice_by_hand_with_two_values_is_refused(tmp_path):
+    """`python -m trainbus.sdk ... --set watch=a --set watch=b` ran with b, unsaid, where `trainbus run --set` and
+    `plugins attach` refuse a setting given twice with another value."""
+    r = subprocess.run([sys.executable, "-m", "trainbus.sdk", "test_plugin_settings:WatchesAMetric", "--set",
+                        "watch=training_loss", "--set", "watch=validation_loss"], capture_output=True, text=True,
+                       cwd=TESTS_DIR, timeout=60, env={**os.environ, "TRAINBUS_RUN_DIR": str(tmp_path)})
+    assert (r.returncode, r.stderr) == (2, "error: --set watch given twice (watch=training_loss and "
+                                           "watch=validation_loss): give it once\n"), r.stderr
+    r = subprocess.run([sys.executable, "-m", "trainbus.sdk", "test_plugin_settings:WatchesAMetric", "--name", "a",
+                        "--name", "b"], capture_output=True, text=True, cwd=TESTS_DIR, timeout=60,
+                       env={**os.environ, "TRAINBUS_RUN_DIR": str(tmp_path)})
+    assert (r.returncode, r.stderr) == (2, "error: --name given twice ('a' and 'b'): give it once\n"), r.stderr
+
+
 class TakesNoEvent(Plugin):
     def on_end_epoch(self):
         pass
