@@ -79,11 +79,14 @@ def plugins_attach(
     if plugin is None:
         target = installed_target(name)
         plugin = resolve_plugin(name, configured_settings(run_dir, name, target), target)
+    given: dict[str, str] = {}
     for word in setting_words or []:
         key, sep, raw = word.partition("=")
         if not sep or not key:
             raise UserError(f"{word!r} must look like SETTING=VALUE")
-        plugin.settings[key] = typed_word(raw)
+        if key in given and given[key].partition("=")[2] != raw:  # the later would win unsaid, as `run --set` says
+            raise UserError(f"plugin {name}: {key} given twice ({given[key]} and {word}): give it once")
+        given[key], plugin.settings[key] = word, typed_word(raw)
     deliveries: dict[str, str] = {}
     metric_settings = _check_plugin_settings([plugin], deliveries)
     produced = read_config(run_dir).get("metrics")  # none from a run of before trainbus recorded them

@@ -244,6 +244,10 @@ def test_only_the_runs_owner_may_attach_and_each_mistake_is_one_line(short_runs,
             (("attach", kernel.run_id, "early_stopping", "monitor=val_loss"),  # config.json's metrics, the run's
              "plugin early_stopping: monitor = 'val_loss' is not a metric this run produces; use one of: "
              "training_loss, training_accuracy, validation_loss"),
+            # the later would win unsaid: as `trainbus run --set` refuses a setting given twice
+            (("attach", kernel.run_id, "memory", "interval_s=1", "interval_s=2"), "plugin memory: interval_s given "
+                                                                                   "twice (interval_s=1 and "
+                                                                                   "interval_s=2): give it once"),
             (("detach", kernel.run_id, "metrics_log"), f"metrics_log is not attached to run {kernel.run_id}")]:
         said = plugins_cli(kernel, *words)
         assert said.returncode == 2 and said.stdout == "", (words, said.stdout, said.stderr)
