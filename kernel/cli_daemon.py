@@ -84,13 +84,15 @@ def _remote_line(endpoint: str, runs_dir: Path) -> str:
 def daemon_stop(runs_dir: Path = RUNS_DIR_OPTION) -> None:
     """Stop the daemon; its runs go on training and the next daemon adopts them."""
     from . import daemon, daemon_client
+    from .runs import no_runs_dir
 
     try:
         answer = daemon_client.stop(runs_dir)
     except daemon.DaemonError as exc:
         raise UserError(str(exc)) from None
-    if answer is None:
-        out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}")
+    if answer is None:  # a typo in --runs-dir is said as one, not as a daemon gone
+        out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"
+                  + ("" if runs_dir.is_dir() else f": {escape(no_runs_dir(runs_dir))}"))
         return
     running = answer.get("running") or []
     out.print("daemon stopped" + (f"; still training (adopted by the next daemon): {', '.join(running)}"
@@ -211,6 +213,7 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
     from . import daemon, daemon_client
     from .pids import process_alive
     from .registry import REGISTRY_NAME, Registry, RegistryError
+    from .runs import no_runs_dir
 
     target = _remote(remote, key, server_key, runs_dir)
     runs_dir = runs_dir or Path("runs")
@@ -251,6 +254,7 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
                           **({"unwatched": orphans, "unwatched_gone": gone} if answer is None else {})}))
     elif answer is None:
         out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"  # and what starts the ones queued
+                  + ("" if runs_dir.is_dir() else f": {escape(no_runs_dir(runs_dir))}")
                   + (f"; {len(queued)} run(s) queued: `trainbus daemon start --runs-dir {escape(str(runs_dir))}` "
                      f"starts them" if queued else "")
                   + (f"; its queue is unknown: {escape(unreadable)}" if unreadable else ""))

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .pids import process_alive
 from .private_dirs import others_can_write, others_can_write_file
 from .runs import STATUSES as RUN_STATUSES
+from .runs import no_runs_dir
 from .runs import _iso, find_runs, newest_first, overview_or_unreadable, run_overview
 
 REGISTRY_NAME = "registry.sqlite"
@@ -98,7 +99,7 @@ class Registry:
         registry; sqlite3.OperationalError when it is busy for longer than busy_timeout_s."""
         self.path = Path(runs_dir) / REGISTRY_NAME
         if not Path(runs_dir).is_dir():  # before anything is created: a registry is made only inside a runs dir
-            raise RegistryError(f"the runs directory {runs_dir} does not exist (is --runs-dir right?)")
+            raise RegistryError(no_runs_dir(Path(runs_dir)))  # a file there is another mistake than a typo
         # its queue is what the daemon starts, as this user: a registry others could have replaced is not read
         why = others_can_write(runs_dir) or others_can_write_file(self.path)
         if why:

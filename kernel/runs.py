@@ -145,11 +145,11 @@ def find_runs(runs_dir: Path) -> list[Path]:
     """The run directories in runs_dir (folders with a config.json or a journal), in name order."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
-        raise RunLookupError(_no_runs_dir(runs_dir))
+        raise RunLookupError(no_runs_dir(runs_dir))
     return sorted(p for p in runs_dir.iterdir() if p.is_dir() and is_run_dir(p))
 
 
-def _no_runs_dir(runs_dir: Path) -> str:
+def no_runs_dir(runs_dir: Path) -> str:
     """Why runs_dir holds no runs: a file where the directory should be is a different mistake from a typo."""
     if runs_dir.exists():
         return f"the runs directory {runs_dir.resolve()} is a file, not a directory (is --runs-dir right?)"
@@ -167,7 +167,7 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
         if candidate.is_dir() and is_run_dir(candidate):
             return candidate.resolve()
     if not runs_dir.is_dir():
-        raise RunLookupError(f"no run {run!r}: {_no_runs_dir(runs_dir)}")
+        raise RunLookupError(f"no run {run!r}: {no_runs_dir(runs_dir)}")
     if run and not path_like:
         from .registry import runs_without_directory  # the registry reads runs (this module)
 

@@ -416,6 +416,24 @@ def test_an_empty_runs_dir_in_a_config_file_is_refused_too(value, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml"]
 
 
+@pytest.mark.parametrize("kind", ["missing", "file"])
+@pytest.mark.parametrize("args, code", [(["daemon", "status"], 3), (["daemon", "stop"], 0),
+                                        (["daemon", "cancel", "x"], 2)])
+def test_daemon_commands_say_a_runs_dir_that_is_missing_or_a_file(args, code, kind, tmp_path):
+    """A typo in --runs-dir: `daemon status` and `stop` said only `no daemon serves DIR`, as if the daemon of the
+    runs there had gone, and `daemon cancel` called a file there missing. Each says what the path is, as `runs list`
+    does (the exit codes are as before: status 3, no daemon; stop 0, nothing to stop)."""
+    given = tmp_path / "runz"
+    if kind == "file":
+        given.write_text("")
+    r = subprocess.run([*trainbus_cmd(), *args, "--runs-dir", str(given)], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    said = (f"the runs directory {given} is a file, not a directory (is --runs-dir right?)" if kind == "file" else
+            f"the runs directory {given} does not exist (is --runs-dir right?)")
+    assert r.returncode == code and said in r.stdout + r.stderr, (r.returncode, r.stdout, r.stderr)
+    assert (r.stdout + r.stderr).count("\n") == 1, r.stdout + r.stderr
+
+
 def test_a_run_in_a_runs_dir_whose_path_is_not_utf_8_trains(tmp_path):
     """--runs-dir with a byte that is not UTF-8 (a folder named on a system of another encoding): the run's
     directory was made, then binding its sockets there died with a traceback (UnicodeEncodeError: surrogates not
