@@ -66,7 +66,7 @@ import logging
 import re
 import sqlite3
 from pathlib import Path
-from typing import Callable, Optional, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 import typer
 from rich.markup import escape
@@ -711,6 +711,44 @@ def _command_path(words: list[str]) -> str:
     return " ".join(path)
 
 
+# Options the later of two counts for, unsaid: a daemon's remote `submit` appends its own --runs-dir to the command
+# it queues, whatever the submitter's said (docs/daemon.md).
+_LATER_WINS = {"runs_dir"}
+
+
+def _option_given_twice(words: list[str]) -> str | None:
+    """The mistake, in words, when an option that takes one value is given twice with two (`--epochs 3 --epochs 4`,
+    `--compile --no-compile`): click keeps the later without a word, as a flag given twice would have; None when
+    there is none. The same value twice is harmless. Read from the options click declares, not its parser."""
+    command, rest = typer.main.get_command(app), list(words)
+    while rest and rest[0] in getattr(command, "commands", {}):
+        command = command.commands[rest.pop(0)]
+    options = {opt: param for param in getattr(command, "params", []) if param.param_type_name == "option"
+               for opt in (*param.opts, *param.secondary_opts)}
+    given: dict[str, tuple[Any, str]] = {}
+    words_left = iter(rest)
+    for word in words_left:
+        if word == "--":  # what follows is arguments (daemon submit's command), not options
+            break
+        name, eq, inline = word.partition("=") if word.startswith("--") else (word, "", "")
+        param = options.get(name)
+        if param is None:
+            continue
+        if param.is_flag:
+            value, said = name in param.opts, word
+        else:
+            value = inline if eq else next(words_left, None)
+            if value is None:  # the last word: click says the value is missing
+                break
+            said = word if eq else f"{word} {value}"
+        if param.multiple or param.count or param.name in _LATER_WINS:
+            continue
+        if param.name in given and given[param.name][0] != value:
+            return f"{param.opts[0]} given twice ({given[param.name][1]} and {said}): give it once"
+        given[param.name] = (value, said)
+    return None
+
+
 # What a Ctrl-C leaves, said in one line as it exits 130 (_ctrl_c_says), for the commands that can take a while
 # (a big registry, a journal read whole, a daemon or remote host slow to answer) and have no Ctrl-C of their own:
 # typer's handling of one exits 130 without a word. `run`, `runs stop` and `runs delete` say their own; `attach`'s
@@ -748,6 +786,10 @@ def main() -> None:
     if said:  # for the whole command: each reads, or writes one thing its line says how to check
         _ctrl_c_says(said)
     click = _click_exceptions()
+    twice = _option_given_twice(sys.argv[1:])
+    if twice:
+        print(f"error: {twice} (`{command} --help` shows what it takes)", file=sys.stderr)
+        _exit(2)
     try:
         # Not standalone: click's own usage errors come here, said in one line like every other mistake (its
         # standalone form is three: usage, a help hint, the error). Exit returns its code.

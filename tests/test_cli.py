@@ -434,6 +434,27 @@ def test_daemon_commands_say_a_runs_dir_that_is_missing_or_a_file(args, code, ki
     assert (r.stdout + r.stderr).count("\n") == 1, r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("args, said", [
+    (["run", "--epochs", "3", "--epochs", "4"], "--epochs given twice (--epochs 3 and --epochs 4): give it once"),
+    (["run", "--device=cpu", "--device", "cuda"], "--device given twice (--device=cpu and --device cuda): give it once"),
+    (["run", "--compile", "--no-compile"], "--compile given twice (--compile and --no-compile): give it once"),
+    (["runs", "list", "--status", "failed", "--status", "died"], "--status given twice (--status failed and --status "
+                                                                  "died): give it once")])
+def test_an_option_given_twice_with_two_values_is_refused_not_the_later_taken(args, said, tmp_path):
+    """`trainbus run --epochs 3 --epochs 4` trained 4 epochs unsaid (click keeps the later value), where a flag or a
+    --set given twice with another value is refused: which one was meant is not said. The same value twice is
+    harmless, and taken."""
+    r = subprocess.run([*trainbus_cmd(), *args, "--runs-dir", str(tmp_path / "runs")], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    command = " ".join(["trainbus", *args[:2]] if args[0] == "runs" else ["trainbus", "run"])
+    assert (r.returncode, r.stderr) == (2, f"error: {said} (`{command} --help` shows what it takes)\n"), r.stderr
+    assert not (tmp_path / "runs").exists()
+    if args[0] == "run":
+        same = subprocess.run([*trainbus_cmd(), "run", "--epochs", "1", "--epochs", "1", "--help-flags"],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+        assert same.returncode == 0, same.stderr
+
+
 def test_a_run_in_a_runs_dir_whose_path_is_not_utf_8_trains(tmp_path):
     """--runs-dir with a byte that is not UTF-8 (a folder named on a system of another encoding): the run's
     directory was made, then binding its sockets there died with a traceback (UnicodeEncodeError: surrogates not
