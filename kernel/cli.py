@@ -849,8 +849,26 @@ def _guard_standard_streams() -> None:
                 pass
         return say
 
+    _closed_streams_to_devnull()
     sys.stdout = RefusalGuard(sys.stdout, say_on(lambda: sys.stderr))
     sys.stderr = RefusalGuard(sys.stderr, say_on(lambda: sys.stdout))
+
+
+def _closed_streams_to_devnull() -> None:
+    """A standard descriptor the command was started without (`trainbus run >&- 2>&-`) becomes /dev/null: Python
+    leaves sys.stdout None, and the first line printed failed the run; and the next file or pipe opened would take
+    descriptor 1 or 2, so that what is meant for the terminal (the plugins' too, which inherit them) went into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one, or one below it
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False, errors="backslashreplace"))
 
 
 def _tell_launcher(said: str, rank: str = "") -> bool:

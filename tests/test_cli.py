@@ -455,6 +455,24 @@ def test_an_option_given_twice_with_two_values_is_refused_not_the_later_taken(ar
         assert same.returncode == 0, same.stderr
 
 
+def test_a_run_whose_standard_streams_are_closed_trains_and_no_file_takes_their_place(tmp_path):
+    """`trainbus run ... >&- 2>&-` (a job started with its output closed, not redirected): Python had no sys.stdout,
+    so the first line the kernel printed raised AttributeError inside the training loop, and the run failed naming
+    trainbus's own proto/output.py as "your code"; exit 120. With descriptors 1 and 2 free, the next files and pipes
+    the kernel opened took them, so a write meant for the terminal would have gone into them. Now a closed standard
+    stream is /dev/null: the run completes, exit 0; so does a listing."""
+    closed = lambda: (os.close(1), os.close(2))  # noqa: E731
+    runs_dir = tmp_path / "runs"
+    r = subprocess.run([*trainbus_cmd(), "run", "--epochs", "1", "--plugins", "console", "--runs-dir", str(runs_dir)],
+                       timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL, preexec_fn=closed)
+    (run_dir,) = [p for p in runs_dir.iterdir() if p.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (r.returncode, summary["status"], summary.get("error")) == (0, "completed", None), summary
+    listed = subprocess.run([*trainbus_cmd(), "runs", "list", "--runs-dir", str(runs_dir)], timeout=60, cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, preexec_fn=closed)
+    assert listed.returncode == 0
+
+
 def test_a_run_in_a_runs_dir_whose_path_is_not_utf_8_trains(tmp_path):
     """--runs-dir with a byte that is not UTF-8 (a folder named on a system of another encoding): the run's
     directory was made, then binding its sockets there died with a traceback (UnicodeEncodeError: surrogates not
