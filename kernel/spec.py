@@ -111,11 +111,17 @@ class TrainingSpec:
                 raise SpecError(f"TrainingSpec.{name} is a {type(loader).__name__} of {len(several)} DataLoaders; it "
                                 f"takes one loader: give one, or one over their datasets together "
                                 f"(torch.utils.data.ConcatDataset([...]))")
-        if not isinstance(self.metrics, dict) or not all(
-                isinstance(k, str) and callable(f) for k, f in self.metrics.items()):
-            raise SpecError("TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, "
-                            f"got {type(self.metrics).__name__}" + (
-                                "" if not isinstance(self.metrics, dict) else " with a value that is not callable"))
+        shape = "TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, got"
+        if not isinstance(self.metrics, dict):
+            raise SpecError(f"{shape} {type(self.metrics).__name__}")
+        for name, fn in self.metrics.items():
+            if not isinstance(name, str):
+                raise SpecError(f"{shape} dict with a name that is not a string: {name!r} ({_a(type(name).__name__)})")
+            if not callable(fn):
+                raise SpecError(f"{shape} dict whose {name!r} is {_a(type(fn).__name__)}, not callable")
+            if not name or not name.isprintable():  # said raw in the run's summary line, and as training_NAME
+                raise SpecError(f"TrainingSpec.metrics names a metric {printable(repr(name))}: a metric's name is "
+                                f"printable text, not empty (it is said as training_NAME and validation_NAME)")
         if "loss" in self.metrics:
             raise SpecError("TrainingSpec.metrics names a metric 'loss', the name of the loss itself (training_loss, "
                             "validation_loss), whose values its values would take the place of: name it otherwise")
@@ -364,6 +370,11 @@ def build_with_flags(target: str, hyperparameters: dict[str, Any],
     # which start_training_session's encoding and a checkpoint's snapshot refused (the run failed at its first)
     spec.hyperparameters = {str(name): _plain_within(value) for name, value in spec.hyperparameters.items()}
     return spec, recorded
+
+
+def _a(noun: str) -> str:
+    """`a float`, `an int`: a type's name with its article."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def _plain_within(value: Any, depth: int = 0) -> Any:

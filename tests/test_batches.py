@@ -287,8 +287,19 @@ def _train_a_loss_of_its_own(s: TrainingSpec) -> None:
     (lambda s: setattr(s, "metrics", [lambda o, t: 1.0]),
      "TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, got list"),
     (lambda s: setattr(s, "metrics", {"acc": 0.5}),
-     "TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, got dict with a "
-     "value that is not callable"),
+     "TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, got dict whose 'acc' "
+     "is a float, not callable"),
+    # said as a value not callable, of a dict whose one value was a function
+    (lambda s: setattr(s, "metrics", {1: lambda o, t: 1.0}),
+     "TrainingSpec.metrics must be a dict of name -> callable(outputs, targets) -> one number, got dict with a name "
+     "that is not a string: 1 (an int)"),
+    # printed raw into the run's summary line, the terminal taking its escape sequence; an empty one as `validation_`
+    (lambda s: setattr(s, "metrics", {"acc\x1b[31m": lambda o, t: 1.0}),
+     "TrainingSpec.metrics names a metric 'acc\\x1b[31m': a metric's name is printable text, not empty (it is said "
+     "as training_NAME and validation_NAME)"),
+    (lambda s: setattr(s, "metrics", {"": lambda o, t: 1.0}),
+     "TrainingSpec.metrics names a metric '': a metric's name is printable text, not empty (it is said as "
+     "training_NAME and validation_NAME)"),
     # torch's own words came at the first backward: "element 0 of tensors does not require grad"
     (lambda s: [p.requires_grad_(False) for p in s.model.parameters()],
      "TrainingSpec.optimizer holds no parameter that requires a gradient, so nothing would train: give it the "
