@@ -267,7 +267,8 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
             "name a function that returns a TrainingSpec"
         raise SpecError(f"{module_part} has no function {func_name!r}; {named}")
     if not callable(func) or isinstance(func, type):
-        raise SpecError(f"{target} is not a function (it is a {type(func).__name__}); name a function that returns a TrainingSpec")
+        raise SpecError(f"{target} is not a function (it is {_a(type(func).__name__)}); name a function that returns a "
+                        f"TrainingSpec")
     return func
 
 

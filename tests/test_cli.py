@@ -102,7 +102,8 @@ def _write(tmp_path, name, text):
 
 BAD_INPUT = {
     "missing target file": (lambda t: ["run", "no/such/file.py:build"], "does not exist"),
-    "target not a function": (lambda t: ["run", f"{TESTS_DIR / 'specs.py'}:not_a_function"], "is not a function"),
+    "target not a function": (lambda t: ["run", f"{TESTS_DIR / 'specs.py'}:not_a_function"],
+                              "is not a function (it is an int)"),
     "missing function": (lambda t: ["run", f"{TESTS_DIR / 'specs.py'}:nope"], "has no function 'nope'"),
     "unknown module": (lambda t: ["run", "no_such_pkg.mod:build"], "cannot import module"),
     "unknown plugin": (lambda t: ["run", "--plugins", "console,bogus"], "unknown plugin 'bogus'"),
