@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainbus.proto import ProtocolError, pack
+from trainbus.proto.codec import fits_msgpack
 from trainbus.proto.settings_format import BOOL_WORDS_SAID, bool_word
 from trainbus.proto.text import near_miss
 
@@ -428,6 +429,10 @@ def precision_by_our_name(precision: Any, where: str) -> str:
 
 def _check_plugin(p: PluginConfig, where: str) -> None:
     """What would keep the plugin's process from starting: settings too big for its environment, no program."""
+    too_big = _int_msgpack_cannot_say(p.settings)
+    if too_big:
+        raise ConfigError(f"{where}: plugin {p.name!r}: {too_big[0]} = {too_big[1]} does not fit in 64 bits (msgpack's "
+                          f"integers, which its process is sent its settings in); give a smaller one")
     try:
         size = max(len(pack(p.settings)), len(json.dumps(p.settings, default=str).encode()))
     except (ProtocolError, TypeError, ValueError) as exc:
@@ -447,6 +452,18 @@ def _check_plugin(p: PluginConfig, where: str) -> None:
             why = "is not on PATH"
             fix = f"install it, or give its path in plugins.{p.name}.command (./{program} for one in this folder)"
         raise ConfigError(f"{where}: plugin {p.name!r}: program {program!r} {why}; {fix}")
+
+
+def _int_msgpack_cannot_say(value: Any, key: str = "") -> tuple[str, int] | None:
+    """(the setting's name, the integer) of the first integer in `value` that msgpack cannot say; None when none."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if fits_msgpack(value) else (key, value)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for name, item in items:
+        found = _int_msgpack_cannot_say(item, f"{key}.{name}" if key else str(name))
+        if found:
+            return found
+    return None
 
 
 def apply_set(cfg: RunConfig, key: str, value: Any) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from trainbus.proto.codec import fits_msgpack
 from trainbus.proto.text import ERROR_CHARS, exception_message, printable
 
 if TYPE_CHECKING:  # torch loads with the user's code: the CLI's other commands start without it (1.4 s)
@@ -387,14 +388,11 @@ def _plain_within(value: Any, depth: int = 0) -> Any:
     return _plain(value)
 
 
-# msgpack's integers (events, the journal): JSON says any integer, but an event holding one past these was journaled
-# as "event data not encodable", its losses and metrics lost with it
-MSGPACK_INT_RANGE = (-2**63, 2**64 - 1)
-
-
 def _plain(value: Any) -> Any:
     """A flag's value as events and checkpoints carry it: itself when JSON and msgpack can say it, else its text."""
-    if isinstance(value, int) and not MSGPACK_INT_RANGE[0] <= value <= MSGPACK_INT_RANGE[1]:
+    # JSON says any integer, but an event holding one msgpack cannot was journaled as "event data not encodable", its
+    # losses and metrics lost with it
+    if isinstance(value, int) and not fits_msgpack(value):
         return str(value)
     try:
         json.dumps(value)

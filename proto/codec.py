@@ -47,6 +47,15 @@ UNPACK_LIMITS = dict(
 )
 
 
+# msgpack's integers: a larger one cannot be packed (a flag, a setting or a hyperparameter of Python's unbounded ints)
+MSGPACK_INT_MIN, MSGPACK_INT_MAX = -2**63, 2**64 - 1
+
+
+def fits_msgpack(value: int) -> bool:
+    """Whether msgpack can say this integer."""
+    return MSGPACK_INT_MIN <= value <= MSGPACK_INT_MAX
+
+
 class ProtocolError(ValueError):
     """A message that is not valid protocol v1: garbled bytes, a wrong type, a missing field."""
 

@@ -17,6 +17,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
+from trainbus.proto.codec import fits_msgpack
 from trainbus.proto.messages import JOURNAL_NAME, RUN_DIR_RESERVED
 from trainbus.proto.settings_format import (HOST_PATH, KINDS, METRIC, METRIC_FIELDS, PATH, STEP_FIELDS, bool_word,
                                             template_fields)
@@ -143,6 +144,10 @@ def check_value(key: str, setting: Setting, value: Any) -> Any:
     if value is None and setting.default is None:  # not set, as declared: a config may say so again
         return None
     converted = _converted(setting.type, value, setting.items)
+    if isinstance(converted, int) and not isinstance(converted, bool) and not fits_msgpack(converted):
+        # the kernel sends a plugin its settings in msgpack: `plugins attach` failed with a traceback as it sent them
+        raise SettingsError(f"{key} = {_shown(value)} is not allowed; it must be {setting.allowed()} that fits in "
+                            f"64 bits")
     if converted is _REFUSED or not _within(setting, converted):
         # The command line reads --set VALUE as JSON first: 1234 or true comes as a number where text is wanted.
         quote = (f"; {_shown(value)} was read as {'true/false' if isinstance(value, bool) else 'a number'}: quote "

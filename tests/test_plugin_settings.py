@@ -478,6 +478,11 @@ BAD_SETTINGS = {
     "a checkpoint name that is a path": (["--plugins", "checkpoint", "--set", "checkpoint.filename=../e{epoch}"],
                                          "plugin checkpoint: filename = '../e{epoch}' is not allowed; it must be a "
                                          "plain file name"),
+    # its process is sent its settings in msgpack: a bare "cannot encode dict: cannot serialize int", naming no
+    # setting, and said to use numbers
+    "an integer past 64 bits": (["--plugins", "metrics_log", "--set", f"metrics_log.every_n_steps={10**20}"],
+                                f"plugin 'metrics_log': every_n_steps = {10**20} does not fit in 64 bits (msgpack's "
+                                f"integers, which its process is sent its settings in); give a smaller one"),
     "a metrics log outside the run directory": (
         ["--plugins", "metrics_log", "--set", "metrics_log.filename=/tmp/metrics.jsonl"],
         "plugin metrics_log: filename = '/tmp/metrics.jsonl' is not allowed; it must be a string: a path inside the "

@@ -248,6 +248,10 @@ def test_only_the_runs_owner_may_attach_and_each_mistake_is_one_line(short_runs,
             (("attach", kernel.run_id, "memory", "interval_s=1", "interval_s=2"), "plugin memory: interval_s given "
                                                                                    "twice (interval_s=1 and "
                                                                                    "interval_s=2): give it once"),
+            # a traceback (ProtocolError: cannot encode dict: cannot serialize int) as the command was sent, exit 1
+            (("attach", kernel.run_id, "metrics_log", f"every_n_steps={10**20}"),
+             f"plugin metrics_log: every_n_steps = {10**20} is not allowed; it must be an integer >= 0 that fits in "
+             f"64 bits"),
             (("detach", kernel.run_id, "metrics_log"), f"metrics_log is not attached to run {kernel.run_id}")]:
         said = plugins_cli(kernel, *words)
         assert said.returncode == 2 and said.stdout == "", (words, said.stdout, said.stderr)
