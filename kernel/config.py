@@ -17,7 +17,7 @@ from typing import Any
 from trainbus.proto import ProtocolError, pack
 from trainbus.proto.codec import fits_msgpack
 from trainbus.proto.settings_format import BOOL_WORDS_SAID, bool_word
-from trainbus.proto.text import near_miss
+from trainbus.proto.text import near_miss, not_utf8, printable
 
 from .limits import PeerLimits
 from .private_dirs import others_can_write
@@ -429,10 +429,9 @@ def precision_by_our_name(precision: Any, where: str) -> str:
 
 def _check_plugin(p: PluginConfig, where: str) -> None:
     """What would keep the plugin's process from starting: settings too big for its environment, no program."""
-    too_big = _int_msgpack_cannot_say(p.settings)
-    if too_big:
-        raise ConfigError(f"{where}: plugin {p.name!r}: {too_big[0]} = {too_big[1]} does not fit in 64 bits (msgpack's "
-                          f"integers, which its process is sent its settings in); give a smaller one")
+    unsendable = _unsendable(p.settings)
+    if unsendable:
+        raise ConfigError(f"{where}: plugin {p.name!r}: {unsendable}")
     try:
         size = max(len(pack(p.settings)), len(json.dumps(p.settings, default=str).encode()))
     except (ProtocolError, TypeError, ValueError) as exc:
@@ -454,13 +453,17 @@ def _check_plugin(p: PluginConfig, where: str) -> None:
         raise ConfigError(f"{where}: plugin {p.name!r}: program {program!r} {why}; {fix}")
 
 
-def _int_msgpack_cannot_say(value: Any, key: str = "") -> tuple[str, int] | None:
-    """(the setting's name, the integer) of the first integer in `value` that msgpack cannot say; None when none."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return None if fits_msgpack(value) else (key, value)
+def _unsendable(value: Any, key: str = "") -> str | None:
+    """What keeps a setting in `value` from reaching the plugin's process in msgpack, and the fix, naming it: an
+    integer past 64 bits, text that is not UTF-8 (a file name of another encoding, from the command line); None."""
+    if isinstance(value, int) and not isinstance(value, bool) and not fits_msgpack(value):
+        return (f"{key} = {value} does not fit in 64 bits (msgpack's integers, which its process is sent its settings "
+                f"in); give a smaller one")
+    if isinstance(value, str) and not_utf8(value):
+        return f"{key} = {printable(repr(value))} is not UTF-8 text ({not_utf8(value)}); give it in UTF-8"
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for name, item in items:
-        found = _int_msgpack_cannot_say(item, f"{key}.{name}" if key else str(name))
+        found = _unsendable(item, f"{key}.{name}" if key else str(name))
         if found:
             return found
     return None

@@ -26,6 +26,19 @@ def printable(text: str, limit: int = 0, lines: bool = False) -> str:
     return text
 
 
+def not_utf8(text: str) -> str:
+    """"" for text that is UTF-8; else what is not, in words: "a byte of another encoding: 0xff" for the lone
+    surrogate Python reads such a byte of a command line or file name as."""
+    try:
+        text.encode("utf-8")
+        return ""
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        if "\udc80" <= bad <= "\udcff":
+            return f"a byte of another encoding: {ord(bad) - 0xdc00:#04x}"
+        return f"a lone surrogate: {ord(bad):#06x}"
+
+
 def exception_message(exc: BaseException) -> str:
     """str(exc), or what Python's own traceback says when the exception's __str__ itself raises."""
     try:

@@ -21,6 +21,7 @@ from trainbus.proto.codec import fits_msgpack
 from trainbus.proto.messages import JOURNAL_NAME, RUN_DIR_RESERVED
 from trainbus.proto.settings_format import (HOST_PATH, KINDS, METRIC, METRIC_FIELDS, PATH, STEP_FIELDS, bool_word,
                                             template_fields)
+from trainbus.proto.text import not_utf8, printable
 
 __all__ = ["HOST_PATH", "METRIC", "METRIC_FIELDS", "PATH", "Setting", "SettingsError", "check_value", "declared", "describe_settings"]
 
@@ -143,6 +144,8 @@ def check_value(key: str, setting: Setting, value: Any) -> Any:
     """The value as the plugin gets it (a string converted to the declared type), or SettingsError in one line."""
     if value is None and setting.default is None:  # not set, as declared: a config may say so again
         return None
+    if isinstance(value, str) and not_utf8(value):  # a Latin-1 file name: it cannot reach the plugin, nor be opened
+        raise SettingsError(f"{key} = {printable(repr(value))} is not UTF-8 text ({not_utf8(value)}); give it in UTF-8")
     converted = _converted(setting.type, value, setting.items)
     if isinstance(converted, int) and not isinstance(converted, bool) and not fits_msgpack(converted):
         # the kernel sends a plugin its settings in msgpack: `plugins attach` failed with a traceback as it sent them

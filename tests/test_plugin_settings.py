@@ -483,6 +483,11 @@ BAD_SETTINGS = {
     "an integer past 64 bits": (["--plugins", "metrics_log", "--set", f"metrics_log.every_n_steps={10**20}"],
                                 f"plugin 'metrics_log': every_n_steps = {10**20} does not fit in 64 bits (msgpack's "
                                 f"integers, which its process is sent its settings in); give a smaller one"),
+    # a file name of another encoding (Latin-1): "cannot encode dict: 'utf-8' codec can't encode character ... use
+    # strings", and `plugins attach` said its check "raised UnicodeEncodeError"
+    "a value that is not UTF-8": (["--plugins", "metrics_log", "--set", "metrics_log.filename=a\udcffb.jsonl"],
+                                  "plugin 'metrics_log': filename = 'a\\udcffb.jsonl' is not UTF-8 text (a byte of "
+                                  "another encoding: 0xff); give it in UTF-8"),
     "a metrics log outside the run directory": (
         ["--plugins", "metrics_log", "--set", "metrics_log.filename=/tmp/metrics.jsonl"],
         "plugin metrics_log: filename = '/tmp/metrics.jsonl' is not allowed; it must be a string: a path inside the "

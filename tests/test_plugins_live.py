@@ -252,6 +252,9 @@ def test_only_the_runs_owner_may_attach_and_each_mistake_is_one_line(short_runs,
             (("attach", kernel.run_id, "metrics_log", f"every_n_steps={10**20}"),
              f"plugin metrics_log: every_n_steps = {10**20} is not allowed; it must be an integer >= 0 that fits in "
              f"64 bits"),
+            (("attach", kernel.run_id, "metrics_log", "filename=a\udcffb.jsonl"),  # a Latin-1 file name
+             "plugin metrics_log: filename = 'a\\udcffb.jsonl' is not UTF-8 text (a byte of another encoding: 0xff); "
+             "give it in UTF-8"),
             (("detach", kernel.run_id, "metrics_log"), f"metrics_log is not attached to run {kernel.run_id}")]:
         said = plugins_cli(kernel, *words)
         assert said.returncode == 2 and said.stdout == "", (words, said.stdout, said.stderr)
