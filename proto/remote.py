@@ -425,12 +425,18 @@ def write_connection_file(run_dir: Path, run_id: str, control: str, events: str,
 def read_connection_file(path: Path) -> dict[str, str]:
     """A connection file's content: run, control, events, bursts ("" in one from a kernel without them), server_key
     (z85 text)."""
+    again = f"copy the run's {CONNECTION_FILE} again"
     try:
         content = json.loads(Path(path).read_text())
-        info = {k: str(content[k]) for k in ("run", "control", "events", "server_key")}
-        info["bursts"] = str(content.get("bursts", ""))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise KeyFileError(f"connection file {path} is unreadable ({exc}); copy the run's {CONNECTION_FILE} again")
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"connection file {path} is unreadable ({exc}); {again}") from None
+    if not isinstance(content, dict):
+        raise KeyFileError(f"connection file {path} is not a JSON object of the run's endpoints; {again}")
+    missing = next((k for k in ("run", "control", "events", "server_key") if k not in content), None)
+    if missing:  # cut short, or written by hand
+        raise KeyFileError(f"connection file {path} holds no {missing!r}; {again}")
+    info = {k: str(content[k]) for k in ("run", "control", "events", "server_key")}
+    info["bursts"] = str(content.get("bursts", ""))
     if not is_z85_key(info["server_key"]):  # libzmq would refuse it, with a traceback
         raise KeyFileError(f"connection file {path}: its server_key is not a CURVE public key ({Z85_KEY_CHARS} "
                            f"characters of z85); copy the run's {CONNECTION_FILE} again")

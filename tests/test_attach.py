@@ -292,6 +292,19 @@ def test_an_attach_that_cannot_work_says_why_at_once(args, said):
     assert proc.returncode == 2 and proc.stderr.startswith(said) and proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_a_connection_file_missing_a_field_names_it(tmp_path):
+    """A connection.json cut short or written by hand without its run: the line said only `is unreadable ('run')`,
+    the bare repr of a KeyError; a file that holds no JSON object said `('str' object is not subscriptable)`."""
+    connection = tmp_path / "connection.json"
+    for content, said in ((json.dumps({"control": "tcp://127.0.0.1:1", "events": "tcp://127.0.0.1:2"}),
+                           "holds no 'run'"),
+                          ('"tcp://127.0.0.1:1"', "is not a JSON object of the run's endpoints")):
+        connection.write_text(content)
+        proc = run_quickly([*trainbus_cmd(), "attach", str(connection), "--key", str(tmp_path / "me.key_secret")])
+        assert proc.returncode == 2 and proc.stderr == (
+            f"error: connection file {connection} {said}; copy the run's connection.json again\n"), proc.stderr
+
+
 def test_a_connection_file_whose_server_key_is_damaged_is_one_line(tmp_path):
     """A truncated copy of connection.json: libzmq refused the key with a traceback of our frames."""
     connection = tmp_path / "connection.json"
