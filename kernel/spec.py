@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from trainbus.proto import __file__ as trainbus_proto_file
 from trainbus.proto.codec import fits_msgpack
 from trainbus.proto.text import ERROR_CHARS, exception_message, printable
 
@@ -401,10 +402,11 @@ def _plain(value: Any) -> Any:
         return str(value)
 
 
-# Where frames are not the user's: the standard library, installed packages, this kernel.
+# Where frames are not the user's: the standard library, installed packages, this kernel and the protocol it uses
+# (outside site-packages in an editable install: ./scripts/setup's).
 _NOT_USER_ROOTS = tuple({os.path.abspath(p) + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib")
                          if (p := sysconfig.get_paths().get(key))}
-                        | {os.path.dirname(os.path.abspath(__file__)) + os.sep})
+                        | {os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, trainbus_proto_file)})
 
 
 def user_code_error(exc: BaseException, what: str) -> UserCodeError:

@@ -663,6 +663,18 @@ def test_an_exception_in_the_users_code_shows_their_frames_then_one_line(case, t
     assert not (tmp_path / "runs").exists()
 
 
+def test_trainbus_own_proto_frames_are_not_the_users_where_trainbus_is_installed_editable(tmp_path):
+    """With trainbus installed editable (./scripts/setup: proto/ in the clone, not in site-packages), an exception
+    raised inside trainbus.proto was named as the user's: `(in your code: .../proto/codec.py, line 79)`, its frames
+    shown as theirs. Only the user's file is named and shown."""
+    target = tmp_path / "train.py"
+    target.write_text("from trainbus.proto.codec import unpack\n\n\ndef build(lr=0.1):\n    unpack(b'\\xc1')\n")
+    r = trainbus("run", f"{target}:build", "--plugins", "", "--runs-dir", str(tmp_path / "runs"))
+    assert r.returncode == 2 and r.stderr.splitlines()[-1].endswith(f"(in your code: {target}, line 5)"), r.stderr
+    files = [line.split('"')[1] for line in r.stderr.splitlines() if line.startswith('  File "')]
+    assert files == [str(target)], r.stderr
+
+
 def test_a_keyboardinterrupt_as_the_target_is_imported_for_its_flags_is_one_line(tmp_path):
     """Before the run sets its signal handlers, a Ctrl-C and the module's own raise look alike: one line, exit 130
     (it was exit 130 with no word at all)."""
