@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+import trainbus.proto
 import trainbus.sdk
 from trainbus.proto import BEST_EFFORT, Event, events as ev
 from trainbus.proto.output import RefusalGuard
@@ -23,10 +24,12 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')  # a line of a Pyth
 # a traceback's last line names the exception by its module ("trainbus.sdk.bz.NotInThisProcess: ..."), a first line
 # by its class alone
 _MODULE_OF_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*:)")
-# and the SDK's own directory, which an editable install leaves outside site-packages (a bz hook touching
-# context.model raises in sdk/bz.py: the line to name is the hook's)
+# and the SDK's and the protocol's own directories, which an editable install leaves outside site-packages (a bz hook
+# touching context.model raises in sdk/bz.py, a metric that is not finite in proto/codec.py: the line to name is the
+# author's)
 _LIBRARY_PATHS = ("/site-packages/", "/dist-packages/", "/lib/python3", "<frozen ",
-                  os.path.dirname(os.path.abspath(trainbus.sdk.__file__)) + os.sep)
+                  *(os.path.dirname(os.path.abspath(package.__file__)) + os.sep
+                    for package in (trainbus.sdk, trainbus.proto)))
 WARNING_LEVELS = ("warning", "error")
 SNAPSHOTS_REMEMBERED = 64  # save_checkpoint steps kept for the checkpoint_failed that may follow each
 # rich estimates speed from the last 30 s of updates by default, which never holds two epoch ends;

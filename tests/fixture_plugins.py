@@ -246,6 +246,13 @@ class StuckInSetup(Plugin):
         pass
 
 
+class NanMetricAtEpochEnd(Plugin):
+    """Its end_epoch handler reports a metric that is not finite, which the SDK refuses (ProtocolError)."""
+
+    def on_end_epoch(self, event):
+        self.metric("ratio", float("nan"))
+
+
 class BusyAtEpochEnd(Plugin):
     """Its end_epoch handler says so in `marker` (a file), then works for a minute: a handler SIGTERM cuts short."""
 

@@ -556,6 +556,14 @@ def test_console_names_where_a_traceback_ends_in_the_authors_code(tmp_path, caps
         "trainbus.sdk.bz.NotInThisProcess: the model is in the kernel's process"))
     (line,) = capsys.readouterr().out.splitlines()
     assert line.endswith(" (at bzhooks.py:48 in end_epoch)"), line
+    import trainbus.proto.codec  # and the protocol's: a metric that is not finite is refused there
+
+    h.feed("log", plugin="hooks", level="error", text=(
+        'Traceback (most recent call last):\n  File "/home/ann/ratio.py", line 7, in on_end_epoch\n    self.metric(...)\n'
+        f'  File "{trainbus.proto.codec.__file__}", line 281, in _check_metric\n    raise ProtocolError(...)\n'
+        "trainbus.proto.codec.ProtocolError: metric.value must be finite, got nan"))
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.endswith(" (at ratio.py:7 in on_end_epoch)"), line
     # a first line that already ends in the exception is not followed by it again
     h.feed("log", plugin="db", level="error", text=(
         'setup failed: RuntimeError: cannot open my database\nTraceback (most recent call last):\n'

@@ -261,6 +261,24 @@ def test_a_setup_that_raises_tells_the_kernel_with_the_authors_frames_and_exits_
     assert "runner.py" not in output and "in _connect" in output, output
 
 
+def test_a_reply_the_sdk_refuses_ends_the_handlers_traceback_at_the_authors_line(tmp_path):
+    """`self.metric("ratio", nan)`: its traceback went on through the SDK's metric() into trainbus.proto's checks,
+    four frames of ours after the author's line (the console named codec.py in an editable install); README: the
+    traceback ends at the author's last frame, the SDK line that raised what it asked of it left out."""
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    proc = kernel.start_plugin("fixture_plugins:NanMetricAtEpochEnd", "nan", {}, tmp_path)
+    try:
+        kernel.welcome(_hello(kernel)[0], kernel.seq + 1)
+        kernel.publish("end_epoch", epoch=1)
+        said = _next(kernel, "log")
+    finally:
+        _close(proc, kernel)
+    text = said["text"]
+    assert said["level"] == "error" and "metric.value must be finite" in text, text
+    frames = [line.split('"')[1] for line in text.splitlines() if line.startswith('  File "')]
+    assert frames and all(f.endswith("fixture_plugins.py") for f in frames), text
+
+
 def test_a_handler_past_its_timeout_says_which_and_where_before_its_heartbeats_stop(tmp_path):
     kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
     proc = kernel.start_plugin("fixture_plugins:StuckInHandler", "stuck", {}, tmp_path)
