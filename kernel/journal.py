@@ -25,7 +25,7 @@ import msgpack
 
 from trainbus.proto import Event
 from trainbus.proto.codec import UNPACK_LIMITS
-from trainbus.proto.kept_files import kept_dir
+from trainbus.proto.kept_files import kept_dir, kept_dirs
 from trainbus.proto.messages import kept_name
 from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, iter_records, next_seq_path,
                                            read_journal, recorded_next_seq, segment_name)
@@ -133,11 +133,11 @@ class Journal:
         not over their seqs. Only a file that starts at the journal's next seq and holds whole, gap-free records."""
         next_seq = self._first_seq + len(self._offsets)
         try:
-            directory = kept_dir(create=False)
-        except OSError as exc:  # not ours: nothing in it is taken into the journal
+            kept_dir(create=False)
+        except OSError as exc:  # not ours: nothing in it is taken into the journal (kept_dirs leaves it out)
             log.warning("journal %s: %s", self.path, exc)
-            return
-        for kept in directory.glob(f"{_kept_stem(self.path)}.{next_seq}-*") if directory else ():
+        # any temporary directory: the kernel's $TMPDIR may have been full (its files went to /tmp), or another
+        for kept in [k for directory in kept_dirs() for k in directory.glob(f"{_kept_stem(self.path)}.{next_seq}-*")]:
             records = list(iter_records(kept))
             if [r["seq"] for _, _, r in records] != list(range(next_seq, next_seq + len(records))) or not records:
                 continue
@@ -382,9 +382,8 @@ class Journal:
                 f"({self.error.strerror if self.error else 'error'})")
         if self.kept_elsewhere is None:
             return f"{held}: free space on the disk holding {self.path}"
-        return (f"{held}; they are in {self.kept_elsewhere}: once the disk has space, `trainbus runs resume` (with "
-                f"this TMPDIR) puts them back in the journal, or append them by hand: "
-                f"cat {self.kept_elsewhere} >> {self.path}")
+        return (f"{held}; they are in {self.kept_elsewhere}: once the disk has space, `trainbus runs resume` puts them "
+                f"back in the journal, or append them by hand: cat {self.kept_elsewhere} >> {self.path}")
 
 
 def _kept_stem(path: Path) -> str:

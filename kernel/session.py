@@ -21,7 +21,7 @@ import torch
 
 from trainbus.proto import JOURNAL_NAME, events as ev
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
-from trainbus.proto.kept_files import kept_dir
+from trainbus.proto.kept_files import kept_dir, kept_dirs
 from trainbus.proto.messages import SUMMARY_NAME, kept_name
 from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir, write_connection_file
 
@@ -643,12 +643,8 @@ def _drop_superseded(run_id: str, final_in_place: bool) -> None:
     """An earlier session of this run kept its summary (and final weights) in kept_dir, its run directory's disk
     being full; this one wrote its own in place, so those are stale, and left there they are what the earlier
     session's message still tells the user to move back over the new ones."""
-    try:
-        directory = kept_dir(create=False)
-    except OSError:
-        return
     stale = [kept_name(run_id, SUMMARY_NAME)] + ([kept_name(run_id, FINAL_WEIGHTS)] if final_in_place else [])
-    for path in [directory / name for name in stale] if directory is not None else []:
+    for path in [directory / name for directory in kept_dirs() for name in stale]:
         try:
             path.unlink()
         except FileNotFoundError:

@@ -44,18 +44,37 @@ def kept_dir(create: bool = True) -> Path | None:
     return own_temp_dir(kept_dir_name(os.getuid()), create)
 
 
+# Where Python's gettempdir() looks, in its order (tempfile._candidate_tempdir_list, less the working directory): it
+# takes the first that takes a file, so a kernel whose $TMPDIR was full kept its files in /tmp.
+_TEMP_VARIABLES = ("TMPDIR", "TEMP", "TMP")
+_TEMP_DIRS = ("/tmp", "/var/tmp", "/usr/tmp")
+
+
+def kept_dirs() -> list[Path]:
+    """kept_dir, then the same folder in every other temporary directory a kernel may have kept files in (its $TMPDIR
+    full, or another $TMPDIR than this process's): each an owner-only directory of ours that exists."""
+    found: list[Path] = []
+    candidates = [tempfile.gettempdir(), *filter(None, map(os.environ.get, _TEMP_VARIABLES)), *_TEMP_DIRS]
+    for temp in dict.fromkeys(os.path.abspath(c) for c in candidates):
+        path = Path(temp) / kept_dir_name(os.getuid())
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077:
+            found.append(path)
+    return found
+
+
 def kept_summary(run_id: str) -> tuple[Path, dict[str, Any]] | None:
-    """The summary run `run_id`'s kernel kept in kept_dir, with its path; None where there is none, it is no JSON
-    object, or the folder is not an owner-only one of ours (anyone can make one in /tmp)."""
-    try:
-        folder = kept_dir(create=False)
-    except OSError:
-        return None
-    if folder is None:
-        return None
-    path = folder / kept_name(run_id, SUMMARY_NAME)
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return (path, summary) if isinstance(summary, dict) else None
+    """The summary run `run_id`'s kernel kept in a kept_dirs folder, with its path; None where there is none, it is
+    no JSON object, or the folder is not an owner-only one of ours (anyone can make one in /tmp)."""
+    for folder in kept_dirs():
+        path = folder / kept_name(run_id, SUMMARY_NAME)
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(summary, dict):
+            return path, summary
+    return None

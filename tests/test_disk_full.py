@@ -589,6 +589,46 @@ def test_a_continued_run_puts_the_events_kept_elsewhere_back_in_its_journal(tmp_
     assert [e.seq for e in read_events(run_dir)] == list(range(1, 2001))
 
 
+def test_events_kept_in_another_temporary_directory_than_the_resumes_still_rejoin_the_journal(tmp_path, mount_tmpfs,
+                                                                                              monkeypatch):
+    """The kernel's $TMPDIR was full too, so Python's gettempdir() passed it over for /tmp and the events went there;
+    the line said "`trainbus runs resume` (with this TMPDIR) puts them back", but a resume with that TMPDIR, freed
+    by then, looked in it alone: the run went on from the last seq on disk, over the kept events' seqs, and they
+    could never rejoin the journal. A resume looks in every temporary directory; so does `runs list` for a summary."""
+    from test_journal import envelope
+
+    from trainbus.kernel.journal import Journal
+    from trainbus.proto import pack
+    from trainbus.proto.kept_files import kept_summary
+
+    where_kept, resumed_with = tmp_path / "tmp", tmp_path / "tmpdir"
+    where_kept.mkdir()
+    resumed_with.mkdir()
+    monkeypatch.setenv("TMPDIR", str(where_kept))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    run_dir = mount_tmpfs("runs", 1 << 20) / "run-1"
+    run_dir.mkdir()
+    journal = Journal(run_dir / JOURNAL_NAME)
+    assert journal.append([pack(envelope(seq)) for seq in range(1, 11)], 1) == 10
+    with Filler(run_dir.parent):
+        journal.append([pack(envelope(seq)) for seq in range(11, 2000)], 11)
+        assert journal.close() is not None and journal.kept_elsewhere is not None
+    assert journal.kept_elsewhere.parent.parent == where_kept
+    (journal.kept_elsewhere.parent / "trainbus-run-1-summary.json").write_text('{"status": "failed"}')
+
+    # the resume's TMPDIR is another directory; the one that holds them is still a temporary directory Python takes
+    monkeypatch.setenv("TMP", str(where_kept))
+    monkeypatch.setenv("TMPDIR", str(resumed_with))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert tempfile.gettempdir() == str(resumed_with)
+    assert kept_summary("run-1") == (journal.kept_elsewhere.parent / "trainbus-run-1-summary.json",
+                                     {"status": "failed"})
+    reopened = Journal(run_dir / JOURNAL_NAME)
+    assert reopened.last_seq == 1999 and not journal.kept_elsewhere.exists()
+    reopened.close()
+    assert [e.seq for e in read_events(run_dir)] == list(range(1, 2000))
+
+
 def test_a_continued_run_that_writes_its_own_summary_and_weights_removes_the_ones_an_earlier_session_kept(
         tmp_path, monkeypatch, request):
     """An earlier session's summary.json and final.pt, kept in $TMPDIR because the run directory's disk was full,
