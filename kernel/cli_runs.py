@@ -27,12 +27,20 @@ from .pids import process_alive
 runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Runs: what a runs directory holds.")
 
 
+def _out_dir_path(text: str) -> Path:
+    """--out's value. An empty one (`--out "$UNSET"`) would be the current directory: the PNGs drawn there."""
+    if not text.strip():
+        raise typer.BadParameter("is empty: name a directory, or leave --out out for RUN_DIR/plots")
+    return Path(text)
+
+
 @runs_app.command("plot")
 def runs_plot(
     run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run "
                                         "directory."),
     runs_dir: Path = RUNS_DIR_OPTION,
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the PNGs go (default RUN_DIR/plots)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", parser=_out_dir_path,
+                                           help="Where the PNGs go (default RUN_DIR/plots)."),
 ) -> None:
     """Draw a run's plots (loss, metrics, resources) from its journal alone."""
     from . import runs

@@ -565,6 +565,11 @@ def test_a_file_where_a_directory_belongs_is_named_as_a_file(two_runs, tmp_path)
     line = _error_line(_trainbus("runs", "plot", "x-alpha", "--runs-dir", str(two_runs), "--out",
                                  str(a_file / "plots")))
     assert line.startswith(f"error: --out {a_file / 'plots'}: cannot make that directory (Not a directory)"), line
+    # `--out "$PLOTS"` unset: the PNGs were drawn into the directory the command ran in
+    line = _error_line(_trainbus("runs", "plot", "x-alpha", "--runs-dir", str(two_runs), "--out", "", cwd=tmp_path))
+    assert line.startswith("error: Invalid value for '--out': is empty: name a directory, or leave --out out for "
+                           "RUN_DIR/plots"), line
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_plugin_trouble_names_a_crash_the_run_ended_before_restarting():
