@@ -78,7 +78,7 @@ from trainbus.proto.settings_format import typed_word
 
 from .checkpointing import CheckpointError, find_checkpoint
 from .cli_common import (EXIT_CODES, KEYS_DIR_HELP, RUNS_DIR_OPTION, UserError, _attach_client, _check_plugin_settings,
-                         _wide, out, reason_text, runs_dir_path, says_the_checks)
+                         _wide, keys_dir_path, out, reason_text, runs_dir_path, says_the_checks)
 from .cli_daemon import daemon_app
 from .cli_launch import RANK_SEPARATOR, launch as launch_group, under_a_launcher
 from .cli_keys import keys_app
@@ -160,7 +160,7 @@ def run(
                                                                 "PORT+1 and bursts on PORT+2 over TCP with CURVE "
                                                                 "(PORT 0: free ones); "
                                                                 "needs `trainbus keys`. Endpoints: RUN_DIR/connection.json."),
-    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
+    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", parser=keys_dir_path, help=KEYS_DIR_HELP),
     precision: Optional[str] = typer.Option(None, "--precision", help="32, bf16-mixed, 16-mixed (CUDA) or bf16-true "
                                                                         "(Lightning's 32-true, 16 and bf16 too)."),
     accumulate_grad_batches: Optional[int] = typer.Option(None, "--accumulate-grad-batches", min=1,

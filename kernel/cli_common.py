@@ -40,6 +40,15 @@ RUNS_DIR_OPTION = typer.Option("runs", "--runs-dir", parser=runs_dir_path,
                                help="Where run directories are (default ./runs).")
 
 
+def keys_dir_path(text: str) -> Path:
+    """--keys-dir's value. An empty one ("$UNSET_VARIABLE") would be the current directory: a secret key written, or
+    the keys a run lets in read, there."""
+    if not text.strip():
+        raise typer.BadParameter("is empty: name a directory, or leave --keys-dir out for $TRAINBUS_KEYS_DIR or "
+                                 "~/.config/trainbus/keys")
+    return Path(text)
+
+
 def reason_text(text: str) -> str:
     """A REASON option's value (`attach --stop`, `runs stop --reason`). click takes the word after the option for
     its value whatever it is, so `--stop --key FILE` journaled "--key" as the reason and then refused FILE as an

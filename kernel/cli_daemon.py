@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .cli_common import KEYS_DIR_HELP, UserError, out, runs_dir_path
+from .cli_common import KEYS_DIR_HELP, UserError, keys_dir_path, out, runs_dir_path
 from .config import check_runs_dir
 from .registry import MAX_RESUMES
 
@@ -40,7 +40,7 @@ def daemon_start(
                                                                 "CURVE (PORT 0: a free one): monitor keys may ask "
                                                                 "status, control keys may submit runs and cancel "
                                                                 "(or stop) them."),
-    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
+    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", parser=keys_dir_path, help=KEYS_DIR_HELP),
     quiet: bool = typer.Option(False, "--quiet", hidden=True, help="No log lines on stderr."),
 ) -> None:
     """Start the daemon for a runs directory: it runs the queued runs (`trainbus run ... --detach`) in order."""

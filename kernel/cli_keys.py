@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import KEYS_DIR_HELP, UserError, _wide, out
+from .cli_common import KEYS_DIR_HELP, UserError, _wide, keys_dir_path, out
 
 if TYPE_CHECKING:
     from .keys import KeyStore
@@ -47,7 +47,7 @@ def keys_generate(
     role: Optional[str] = typer.Option(None, "--role", help="A client's: monitor (events, replays, metric and log; "
                                                              "the default) or control (also stop and checkpoint_now)."),
     force: bool = typer.Option(False, "--force", help="Replace the server pair (clients pinned to it are locked out)."),
-    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
+    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", parser=keys_dir_path, help=KEYS_DIR_HELP),
 ) -> None:
     """Make a CURVE key pair: public NAME.key and secret NAME.key_secret (0600, in a 0700 directory)."""
     from trainbus.proto.remote import KeyFileError
@@ -78,7 +78,8 @@ def keys_generate(
 
 
 @keys_app.command("list")
-def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP)) -> None:
+def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", parser=keys_dir_path,
+                                                      help=KEYS_DIR_HELP)) -> None:
     """The server key and every client key with its role (revoked ones too)."""
     from trainbus.proto.remote import KeyFileError, load_public
 
@@ -112,7 +113,7 @@ def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=K
 @keys_app.command("revoke")
 def keys_revoke(
     name: str = typer.Argument(..., help="The client key's name (`trainbus keys list`)."),
-    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", help=KEYS_DIR_HELP),
+    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", parser=keys_dir_path, help=KEYS_DIR_HELP),
 ) -> None:
     """Take a client's authorization away: new connections with its key fail the handshake, a running kernel
     refuses its control messages within a second; its public key is kept under revoked/."""

@@ -1126,6 +1126,20 @@ def test_a_keys_dir_that_is_a_file_is_said_so_in_one_line_by_every_keys_command(
     assert file.read_text() == "hi\n"
 
 
+@pytest.mark.parametrize("args", [["keys", "generate", "server"], ["keys", "list"], ["keys", "revoke", "zed"],
+                                  ["run", "--listen", "127.0.0.1:0"], ["daemon", "start"]])
+def test_an_empty_keys_dir_is_refused_not_taken_for_the_current_directory(args, tmp_path):
+    """`--keys-dir "$KEYS"` with KEYS unset: `keys generate server` wrote server.key_secret into the directory the
+    command ran in (a project's checkout, say, where it is committed with the rest), and `run --listen` took its keys
+    from there. Refused in one line, as an empty --runs-dir is."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "trainbus"), *args, "--keys-dir", ""], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and (
+        "'--keys-dir': is empty: name a directory, or leave --keys-dir out for $TRAINBUS_KEYS_DIR or "
+        "~/.config/trainbus/keys") in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
 # -- 5. a remote plugin, durable across kill -9 -----------------------------------------------------
 
 
