@@ -16,7 +16,7 @@ from trainbus.proto import events as ev
 from .batches import BatchError, batch_size, describe, split, to_device
 from .distributed import AGREE_EVERY, Ranks, evenly_shared
 from .replies import NO_CONTROL, Control, merge_replies
-from .spec import TrainingSpec
+from .spec import TrainingSpec, hyperparameters_for_events
 from .stepping import Stepper
 
 log = logging.getLogger("trainbus.kernel")
@@ -74,6 +74,8 @@ class Loop:
                  warn=lambda line: None):
         self.spec = spec
         self.warn = warn  # a warning for the user, mid-run (rank 0's: on its terminal and in kernel.log)
+        # as events and checkpoints' snapshots carry them, worked out once: a large value costs a pack
+        self._event_hyperparameters, self._described = hyperparameters_for_events(spec.hyperparameters)
         self.ranks = ranks  # None: one process; else this rank's place (rank 0 alone has a bus that publishes)
         self.session_info = session_info or {}  # more for start_training_session (the cluster)
         # precision, accumulation, clipping, compile; the model is on `device` by now
@@ -140,7 +142,10 @@ class Loop:
         # in it while training, as Lightning (2.2 on) keeps them: model.train() alone turned them back each epoch. A
         # model in eval mode as a whole (eval() after loading weights) is no such choice: it trains in training mode.
         self._kept_in_eval = [m for m in spec.model.modules() if not m.training] if spec.model.training else []
-        self._publish(ev.START_TRAINING_SESSION, hyperparameters=spec.hyperparameters, epochs=spec.epochs,
+        if self._described:
+            log.warning("hyperparameters %s are more than an event carries: events and checkpoints say what they are, "
+                        "config.json holds them", ", ".join(self._described))
+        self._publish(ev.START_TRAINING_SESSION, hyperparameters=self._event_hyperparameters, epochs=spec.epochs,
                       device=str(self.device), model=type(spec.model).__name__,
                       parameters=sum(p.numel() for p in spec.model.parameters()), **self.stepper.options,
                       **self.session_info)
@@ -185,7 +190,7 @@ class Loop:
             checkpointed = checkpoint is not None and not train["partial"]
             if checkpointed:
                 self._checkpoint(checkpoint, epoch_complete=True, last=self.epoch == spec.epochs)
-            self._publish(ev.END_EPOCH, **train, **validation, hyperparameters=spec.hyperparameters, lr=lr)
+            self._publish(ev.END_EPOCH, **train, **validation, hyperparameters=self._event_hyperparameters, lr=lr)
             if out.stopped_early:
                 break
             self.bus.await_votes(ev.END_EPOCH, self.vote_timeout_s)
@@ -344,7 +349,9 @@ class Loop:
             "optimizer_state_dict": spec.optimizer.state_dict(),
             "scheduler_state_dict": spec.scheduler.state_dict() if spec.scheduler is not None else None,
             "metrics": dict(self.latest_metrics),
-            "hyperparameters": dict(spec.hyperparameters),
+            # as events carry them: the snapshot's plain part travels in save_checkpoint, and one too large for it
+            # made every checkpoint fail ("snapshot buffer None cannot be read"); config.json holds them whole
+            "hyperparameters": dict(self._event_hyperparameters),
             "trainbus": {
                 "format": RESUME_FORMAT, "epoch": self.epoch, "step": self.step,
                 "epoch_complete": epoch_complete, "batches_done": self.batches_done,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from trainbus.proto import __file__ as trainbus_proto_file
-from trainbus.proto.codec import fits_msgpack
+from trainbus.proto.codec import ProtocolError, fits_msgpack, pack, unpack
 from trainbus.proto.text import ERROR_CHARS, exception_message, printable
 
 if TYPE_CHECKING:  # torch loads with the user's code: the CLI's other commands start without it (1.4 s)
@@ -373,6 +373,33 @@ def build_with_flags(target: str, hyperparameters: dict[str, Any],
     # which start_training_session's encoding and a checkpoint's snapshot refused (the run failed at its first)
     spec.hyperparameters = {str(name): _plain_within(value) for name, value in spec.hyperparameters.items()}
     return spec, recorded
+
+
+# What one hyperparameter may take of an event: start_training_session and every end_epoch carry them all, so a value
+# past the protocol's limits (an array of over 100,000 items, a string over 1 MiB) or this large made each of those
+# events "event data not encodable", its losses and metrics lost with it. Such a value goes in events as a description.
+EVENT_HYPERPARAMETER_BYTES = 256 * 1024
+
+
+def hyperparameters_for_events(hyperparameters: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The hyperparameters as events carry them, and the names of those described instead (config.json and the
+    checkpoints keep them whole)."""
+    carried, described = {}, []
+    for name, value in hyperparameters.items():
+        try:
+            raw = pack(value)
+            unpack(raw)  # under the limits every peer decodes with
+            fits = len(raw) <= EVENT_HYPERPARAMETER_BYTES
+        except ProtocolError:
+            fits = False
+        if fits:
+            carried[name] = value
+            continue
+        size = f"{len(value):,} items" if isinstance(value, (list, dict)) else f"{len(str(value)):,} characters"
+        carried[name] = (f"{_a(type(value).__name__)} of {size}, more than an event carries: config.json holds it "
+                         f"whole")
+        described.append(name)
+    return carried, described
 
 
 def _a(noun: str) -> str:

@@ -665,3 +665,38 @@ def test_an_integer_flag_past_64_bits_is_carried_as_its_text_and_the_epochs_keep
         assert data["hyperparameters"]["salt"] == str(10**20), data
         assert data["hyperparameters"]["nested"] == {"big": str(-10**20)}, data
     assert isinstance(next(e.data for e in events if e.type == "end_epoch")["training_loss"], float)
+
+
+def test_a_hyperparameter_past_what_an_event_carries_is_described_there_and_the_epochs_keep_their_metrics(tmp_path):
+    """A spec whose hyperparameters hold a list of 150,000 class names (past the 100,000 items a protocol array
+    takes): start_training_session and every end_epoch were journaled as `{"error": "event data not encodable:
+    ... exceeds max_array_len(100000)"}`, their losses and metrics lost to `runs show`, metrics_log (its epoch
+    records all null) and every plugin, and every checkpoint failed ("snapshot buffer None cannot be read"). Events
+    and checkpoints carry such a value's description; config.json keeps it whole."""
+    from trainbus.kernel.journal import read_events
+    from trainbus.proto import JOURNAL_NAME
+
+    (tmp_path / "vocab.py").write_text(
+        "import torch\nfrom torch.utils.data import DataLoader, TensorDataset\nfrom trainbus.kernel import "
+        "TrainingSpec\n\n\ndef build(lr: float = 0.1):\n"
+        "    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))\n    model = torch.nn.Linear(4, 2)\n"
+        "    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),\n"
+        "                        loss_fn=torch.nn.functional.cross_entropy, train_loader=DataLoader(TensorDataset(x, y), "
+        "batch_size=4),\n                        hyperparameters={'classes': [f'c{i}' for i in range(150_000)]})\n")
+    runs_dir = tmp_path / "runs"
+    r = trainbus("run", f"{tmp_path / 'vocab.py'}:build", "--plugins", "checkpoint", "--runs-dir", str(runs_dir),
+                 "--device", "cpu")
+    assert r.returncode == 0 and "could not be written" not in r.stdout, r.stdout + r.stderr
+    (run_dir,) = [p for p in runs_dir.iterdir() if p.is_dir()]
+    # its save_checkpoint, which carries the snapshot's plain part, failed too: no checkpoint was written
+    import torch
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["hyperparameters"]["classes"].startswith("a list of 150,000 items"), saved["hyperparameters"]
+    assert len(json.loads((run_dir / "config.json").read_text())["hyperparameters"]["classes"]) == 150_000
+    events = list(read_events(run_dir / JOURNAL_NAME))
+    assert not [e for e in events if "error" in e.data], [str(e.data)[:200] for e in events if "error" in e.data]
+    for type_ in ("start_training_session", "end_epoch"):
+        data = next(e.data for e in events if e.type == type_)
+        assert data["hyperparameters"]["lr"] == 0.1, data
+        assert data["hyperparameters"]["classes"].startswith("a list of 150,000 items"), data
+    assert isinstance(next(e.data for e in events if e.type == "end_epoch")["training_loss"], float)
