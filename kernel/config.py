@@ -262,6 +262,8 @@ def load_config(path: Path | None) -> RunConfig:
             raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        except RecursionError:  # a hostile or generated file: the reader recurses a level a bracket
+            raise ConfigError(_TOO_DEEP.format(path=path)) from None
         except _DuplicateKey as exc:  # TOML refuses them; JSON would keep the last one without a word
             raise ConfigError(f"{path}: key {exc.args[0]!r} is given twice in one object; keep one") from None
         try:
@@ -272,7 +274,12 @@ def load_config(path: Path | None) -> RunConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(_TOO_DEEP.format(path=path)) from None
     return parse_config(raw, where=str(path))
+
+
+_TOO_DEEP = "{path} nests arrays or tables too deeply to be read (RecursionError); flatten it"
 
 
 class _DuplicateKey(Exception):

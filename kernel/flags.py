@@ -425,7 +425,7 @@ def _a(flag: Flag) -> str:
 def _json_or_text(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested past Python's reader: not JSON it can take
         return text
 
 

@@ -46,5 +46,5 @@ def typed_word(raw: str):
     itself; the plugin's declared type then reads a string as its own ("1" for an integer setting is 1)."""
     try:
         return json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested past Python's reader: not JSON it can take
         return raw

@@ -208,7 +208,7 @@ def _parsed(kind: type, text: str) -> Any:
             return kind(text)
         if kind in (list, dict):
             return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past Python's JSON reader
         pass
     return _REFUSED
 

@@ -118,6 +118,15 @@ BAD_INPUT = {
                                        "p.toml: [plugins.consol]: unknown plugin 'consol' (did you mean 'console'?); "
                                        "known: "),
     "malformed toml": (lambda t: ["run", "--config", _write(t, "bad.toml", "[run\nepochs=")], "not valid TOML"),
+    # Python's TOML and JSON readers recurse: a RecursionError's traceback, exit 1
+    "toml nested too deeply": (lambda t: ["run", "--config", _write(
+        t, "deep.toml", "[hyperparameters]\nx = " + "[" * 5000 + "]" * 5000 + "\n")],
+        "deep.toml nests arrays or tables too deeply to be read (RecursionError); flatten it"),
+    "a --set value nested too deeply for JSON": (lambda t: ["run", "--set", "lr=" + "[" * 50_000 + "]" * 50_000],
+                                                 "the demo's lr must be a positive number, got '[[["),
+    "json nested too deeply": (lambda t: ["run", "--config", _write(
+        t, "deep.json", '{"training": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}")],
+        "deep.json nests arrays or tables too deeply to be read (RecursionError); flatten it"),
     "bz json with a key twice": (lambda t: ["run", "--config", _write(
         t, "d.json", '{"training": {"epochs": 1}, "training": {"epochs": 2}}')],
         "key 'training' is given twice in one object; keep one"),
