@@ -403,6 +403,11 @@ def check_run(cfg: RunConfig, where: str = "config", programs: bool = True) -> N
         raise ConfigError(f"{where}: journal_backlog_mb must be > 0, got {cfg.journal_backlog_mb}")
     if not cfg.journal_segment_mb > 0:
         raise ConfigError(f"{where}: journal_segment_mb must be > 0, got {cfg.journal_segment_mb}")
+    for name, value in [*(("hyperparameter " + repr(k), v) for k, v in cfg.hyperparameters.items()),
+                        *((f"plugin {p.name!r}: setting {k!r}", v) for p in cfg.plugins for k, v in p.settings.items())]:
+        if _nested_past(value, MAX_NESTING):  # every copy and record of it recursed out (a RecursionError's traceback)
+            raise ConfigError(f"{where}: {name} nests lists or tables more than {MAX_NESTING} levels deep; put such "
+                              f"data in a file and give its path")
     names = [p.name for p in cfg.plugins]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -412,6 +417,22 @@ def check_run(cfg: RunConfig, where: str = "config", programs: bool = True) -> N
                           f"got {cfg.seed}")
     for plugin in cfg.plugins if programs else ():
         _check_plugin(plugin, where)
+
+
+# How deep a hyperparameter's or setting's lists and tables may nest: what parses (Python's readers take about a
+# thousand levels) was then copied, recorded and sent by code that recurses a level a bracket too
+MAX_NESTING = 100
+
+
+def _nested_past(value: Any, levels: int) -> bool:
+    """Whether `value` nests lists or dicts deeper than `levels` (walked without recursion)."""
+    frontier = [value]
+    for _ in range(levels + 1):
+        frontier = [item for v in frontier if isinstance(v, (list, dict))
+                    for item in (v.values() if isinstance(v, dict) else v)]
+        if not frontier:
+            return False
+    return any(isinstance(v, (list, dict)) for v in frontier)
 
 
 def precision_by_our_name(precision: Any, where: str) -> str:

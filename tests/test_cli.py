@@ -124,6 +124,11 @@ BAD_INPUT = {
         "deep.toml nests arrays or tables too deeply to be read (RecursionError); flatten it"),
     "a --set value nested too deeply for JSON": (lambda t: ["run", "--set", "lr=" + "[" * 50_000 + "]" * 50_000],
                                                  "the demo's lr must be a positive number, got '[[["),
+    # one Python's JSON reader takes (under a thousand levels) recursed out later, copied and recorded
+    "a --set value nested past 100 levels": (lambda t: ["run", f"{TESTS_DIR / 'specs.py'}:tiny", "--set",
+                                                        "note=" + "[" * 900 + "]" * 900],
+                                             "command line: hyperparameter 'note' nests lists or tables more than 100 "
+                                             "levels deep; put such data in a file and give its path"),
     "json nested too deeply": (lambda t: ["run", "--config", _write(
         t, "deep.json", '{"training": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}")],
         "deep.json nests arrays or tables too deeply to be read (RecursionError); flatten it"),
