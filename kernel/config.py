@@ -403,8 +403,9 @@ def check_run(cfg: RunConfig, where: str = "config", programs: bool = True) -> N
         raise ConfigError(f"{where}: journal_backlog_mb must be > 0, got {cfg.journal_backlog_mb}")
     if not cfg.journal_segment_mb > 0:
         raise ConfigError(f"{where}: journal_segment_mb must be > 0, got {cfg.journal_segment_mb}")
-    for name, value in [*(("hyperparameter " + repr(k), v) for k, v in cfg.hyperparameters.items()),
-                        *((f"plugin {p.name!r}: setting {k!r}", v) for p in cfg.plugins for k, v in p.settings.items())]:
+    values = [*((f"hyperparameter {k!r}", v) for k, v in cfg.hyperparameters.items()),
+              *((f"plugin {p.name!r}: setting {k!r}", v) for p in cfg.plugins for k, v in p.settings.items())]
+    for name, value in values:
         if _nested_past(value, MAX_NESTING):  # every copy and record of it recursed out (a RecursionError's traceback)
             raise ConfigError(f"{where}: {name} nests lists or tables more than {MAX_NESTING} levels deep; put such "
                               f"data in a file and give its path")

@@ -451,7 +451,8 @@ def test_daemon_commands_say_a_runs_dir_that_is_missing_or_a_file(args, code, ki
 
 @pytest.mark.parametrize("args, said", [
     (["run", "--epochs", "3", "--epochs", "4"], "--epochs given twice (--epochs 3 and --epochs 4): give it once"),
-    (["run", "--device=cpu", "--device", "cuda"], "--device given twice (--device=cpu and --device cuda): give it once"),
+    (["run", "--device=cpu", "--device", "cuda"],
+     "--device given twice (--device=cpu and --device cuda): give it once"),
     (["run", "--compile", "--no-compile"], "--compile given twice (--compile and --no-compile): give it once"),
     (["runs", "list", "--status", "failed", "--status", "died"], "--status given twice (--status failed and --status "
                                                                   "died): give it once")])

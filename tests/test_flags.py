@@ -650,8 +650,9 @@ def test_an_integer_flag_past_64_bits_is_carried_as_its_text_and_the_epochs_keep
         "TrainingSpec\n\n\ndef build(lr: float = 0.1, salt: int = 0):\n"
         "    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))\n    model = torch.nn.Linear(4, 2)\n"
         "    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),\n"
-        "                        loss_fn=torch.nn.functional.cross_entropy, train_loader=DataLoader(TensorDataset(x, y), "
-        "batch_size=4),\n                        hyperparameters={'nested': {'big': -10**20}})\n")
+        "                        loss_fn=torch.nn.functional.cross_entropy,\n"
+        "                        train_loader=DataLoader(TensorDataset(x, y), batch_size=4),\n"
+        "                        hyperparameters={'nested': {'big': -10**20}})\n")
     runs_dir = tmp_path / "runs"
     r = trainbus("run", f"{tmp_path / 'salted.py'}:build", f"salt={10**20}", "--plugins", "", "--runs-dir",
                  str(runs_dir), "--device", "cpu")
@@ -681,8 +682,9 @@ def test_a_hyperparameter_past_what_an_event_carries_is_described_there_and_the_
         "TrainingSpec\n\n\ndef build(lr: float = 0.1):\n"
         "    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))\n    model = torch.nn.Linear(4, 2)\n"
         "    return TrainingSpec(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),\n"
-        "                        loss_fn=torch.nn.functional.cross_entropy, train_loader=DataLoader(TensorDataset(x, y), "
-        "batch_size=4),\n                        hyperparameters={'classes': [f'c{i}' for i in range(150_000)]})\n")
+        "                        loss_fn=torch.nn.functional.cross_entropy,\n"
+        "                        train_loader=DataLoader(TensorDataset(x, y), batch_size=4),\n"
+        "                        hyperparameters={'classes': [f'c{i}' for i in range(150_000)]})\n")
     runs_dir = tmp_path / "runs"
     r = trainbus("run", f"{tmp_path / 'vocab.py'}:build", "--plugins", "checkpoint", "--runs-dir", str(runs_dir),
                  "--device", "cpu")

@@ -559,7 +559,8 @@ def test_console_names_where_a_traceback_ends_in_the_authors_code(tmp_path, caps
     import trainbus.proto.codec  # and the protocol's: a metric that is not finite is refused there
 
     h.feed("log", plugin="hooks", level="error", text=(
-        'Traceback (most recent call last):\n  File "/home/ann/ratio.py", line 7, in on_end_epoch\n    self.metric(...)\n'
+        'Traceback (most recent call last):\n  File "/home/ann/ratio.py", line 7, in on_end_epoch\n'
+        '    self.metric(...)\n'
         f'  File "{trainbus.proto.codec.__file__}", line 281, in _check_metric\n    raise ProtocolError(...)\n'
         "trainbus.proto.codec.ProtocolError: metric.value must be finite, got nan"))
     (line,) = capsys.readouterr().out.splitlines()
