@@ -175,6 +175,9 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     if ranks is not None:
         run_id = ranks.meet(run_id)  # rank 0's: one run, one directory
     run_dir = Path(cfg.runs_dir).resolve() / run_id
+    # The user's build() may change directory (to its data): the run's paths, its plugins' working directory and what a
+    # resume reads a relative target from stay the command's (_from_where_it_ran).
+    started_in, runs_path = os.getcwd(), run_dir.parent
     if cluster.restart_count and not continue_run and (run_dir / "config.json").is_file():
         # torchrun restarted the group after a rank failed (--max-restarts): the run the failed group trained goes
         # on in place, from its newest checkpoint; with none yet, from where it began (its start or --resume file)
@@ -194,6 +197,10 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         if interrupts.count or not interrupts.installed:  # our second Ctrl-C; or Python's own, a raise alike
             raise
         raise user_code_error(exc, cfg.target) from None  # the user's code raised it: their error, shown as one
+    runs_given = cfg.runs_dir  # as given, for the lines that name it; absolute once a chdir made that another place
+    if os.getcwd() != started_in:
+        _from_where_it_ran(cfg, started_in)
+        runs_given = str(runs_path)
     if cfg.epochs is not None:
         spec.epochs = cfg.epochs
         spec.check_loaders_last()
@@ -214,7 +221,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     except SteppingError as exc:
         raise ConfigError(str(exc)) from None
     warnings: list[str] = []  # said on the terminal and in kernel.log once the run has one
-    resume_from = find_checkpoint(cfg.resume, cfg.runs_dir, warnings) if cfg.resume else None
+    resume_from = find_checkpoint(cfg.resume, runs_given, warnings) if cfg.resume else None
     if continue_run and (ranks is None or ranks.is_main):
         check_not_running(run_dir)
         # The last session's: this one's failures are new. Cleared before the ranks meet below, since from there
@@ -276,7 +283,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     # no run left behind that never began.
     remote = _listen(cfg.listen, keys) if keys is not None else None
     try:
-        _make_runs_dir(Path(cfg.runs_dir), cfg.runs_dir)
+        _make_runs_dir(runs_path, cfg.runs_dir)
         if continue_run:
             (run_dir / "summary.json").unlink(missing_ok=True)  # the run is going again
         else:
@@ -289,8 +296,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     try:  # a full disk here is one line, and a new run directory is not left half made
         run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints, sockets are nobody else's
         write_kernel_pid(run_dir)  # `trainbus runs list`: a run without summary.json is running while this pid lives
-        (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags), indent=2, default=str)
-                                             + "\n")
+        (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags, started_in), indent=2,
+                                                        default=str) + "\n")
         record_run(run_dir)  # the run registry: running (never raises; a registry it cannot write costs a warning)
         handler = log_to(run_dir / "kernel.log")
         for line in warnings:
@@ -586,7 +593,21 @@ def wait_drained(bus: Bus, timeout_s: float, abort: Callable[[], bool] = lambda:
     return behind(final())
 
 
-def effective_config(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any]) -> dict[str, Any]:
+def _from_where_it_ran(cfg: RunConfig, started_in: str) -> None:
+    """The config's relative paths made absolute from `started_in`, the command's directory, which the user's build()
+    changed: a --resume path, snapshot_dir, keys_dir, and where each plugin's process starts."""
+    if cfg.resume and os.path.exists(os.path.join(started_in, cfg.resume)):  # a checkpoint or run directory's path
+        cfg.resume = os.path.join(started_in, cfg.resume)
+    if cfg.snapshot_dir:
+        cfg.snapshot_dir = os.path.join(started_in, cfg.snapshot_dir)
+    if cfg.keys_dir:
+        cfg.keys_dir = os.path.join(started_in, os.path.expanduser(cfg.keys_dir))
+    for plugin in cfg.plugins:
+        plugin.cwd = os.path.normpath(os.path.join(started_in, plugin.cwd))  # "": the command's directory itself
+
+
+def effective_config(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any],
+                     started_in: str | None = None) -> dict[str, Any]:
     """The config as the run used it, for config.json: the hyperparameters and epochs of the built spec.
 
     A build() fills in its own defaults (the digits demo's lr, batch size, ...), so the spec's
@@ -600,7 +621,9 @@ def effective_config(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any]) 
     config["metrics"] = spec.metric_names()  # what a plugin attached later may name (`plugins attach` checks)
     if os.environ.get(LAUNCH):  # launched by `trainbus run --nproc`: how, for a resume to launch it alike
         config["launch"] = json.loads(os.environ[LAUNCH])
-    config["cwd"] = os.getcwd()  # what a relative target file is relative to, for a resume from elsewhere
+    # what a relative target file is relative to, for a resume from elsewhere: where the command ran (`started_in`),
+    # whatever directory the user's build() changed to
+    config["cwd"] = started_in or os.getcwd()
     return config
 
 

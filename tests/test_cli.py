@@ -690,6 +690,27 @@ def test_trainbus_own_proto_frames_are_not_the_users_where_trainbus_is_installed
     assert files == [str(target)], r.stderr
 
 
+def test_a_build_that_changes_directory_trains_in_the_runs_dir_given_and_resumes(tmp_path):
+    """A build() that does os.chdir (to its data, as research scripts do): the run failed with `runs_dir runs: cannot
+    create .../runs/ID (No such file or directory); pick a writable place`, having made a `runs` folder in the
+    directory it changed to; and config.json recorded that directory as the one a relative target is read from, so a
+    resume looked for train.py there. The command's own directory stays where the run's paths, its plugins and a
+    resume start from."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "train.py").write_text(
+        "import os\nfrom trainbus.kernel.digits import build as digits\n\n\n"
+        "def build(lr: float = 0.001, epochs: int = 1):\n"
+        "    os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data'))\n"
+        "    return digits({'lr': lr, 'epochs': epochs})\n")
+    r = cli("run", "train.py", "--plugins", "checkpoint,metrics_log", "--runs-dir", "runs", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert (run_dir / "metrics.jsonl").is_file() and list((run_dir / "checkpoints").glob("*.pt"))
+    assert not list((tmp_path / "data").iterdir())
+    resumed = cli("runs", "resume", run_dir.name, "--epochs", "2", "--runs-dir", "runs", cwd=tmp_path)
+    assert resumed.returncode == 0 and "completed after 2 epochs" in resumed.stdout, resumed.stdout + resumed.stderr
+
+
 def test_a_keyboardinterrupt_as_the_target_is_imported_for_its_flags_is_one_line(tmp_path):
     """Before the run sets its signal handlers, a Ctrl-C and the module's own raise look alike: one line, exit 130
     (it was exit 130 with no word at all)."""
