@@ -338,7 +338,8 @@ cli = trainbus
 
 
 def submit(runs: Path, target: str = PACED, *extra: str) -> str:
-    done = cli("run", target, "--detach", "--runs-dir", str(runs), "--plugins", "", "--device", "cpu",
+    plugins = [] if "--plugins" in extra else ["--plugins", ""]  # an option given twice is refused
+    done = cli("run", target, "--detach", "--runs-dir", str(runs), *plugins, "--device", "cpu",
                "--set", "batch_size=256", *extra)
     return done.stdout.strip()
 
