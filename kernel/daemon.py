@@ -439,11 +439,11 @@ class Daemon:
         `trainbus runs resume RUN --detach` would queue it, with one resume fewer left. A stop (`runs stop`,
         `daemon cancel`) ends a run `stopped`, which is never resumed."""
         left = job["resumes_left"] - 1
-        # the command it was submitted with, continued in place (the last --resume given counts); a resume's own
-        # command already is
+        # the command it was submitted with, continued in place: its own --resume (a checkpoint file it started
+        # from, a `runs resume`'s path) gives way, as an option given twice with two values is refused
         argv = job["argv"]
         if _last_option(argv, "--resume") != run_id or _last_option(argv, "--runs-dir") != str(self.runs_dir):
-            argv = [*argv, "--resume", run_id, "--runs-dir", str(self.runs_dir)]
+            argv = [*_without_option(argv, "--resume"), "--resume", run_id, "--runs-dir", str(self.runs_dir)]
         resume = {**job, "state": "queued", "submitted_ts": now, "argv": argv, "resumes_left": left, "devices": None,
                   "pid": None, "pid_started": None, "started_ts": None, "ended_ts": None, "exit_code": None,
                   "detail": None}
@@ -551,6 +551,17 @@ def _last_option(argv: list[str], flag: str) -> str | None:
         elif word.startswith(f"{flag}="):
             value = word.split("=", 1)[1]
     return value
+
+
+def _without_option(argv: list[str], flag: str) -> list[str]:
+    """A submitted command line's words less each `FLAG VALUE` and `FLAG=VALUE`."""
+    words, left = iter(argv), []
+    for word in words:
+        if word == flag:
+            next(words, None)
+        elif not word.startswith(f"{flag}="):
+            left.append(word)
+    return left
 
 
 def epochs_of(argv: list[str]) -> int | None:

@@ -480,6 +480,23 @@ def test_each_resume_the_daemon_queues_continues_the_run_with_the_command_it_was
             assert job["argv"] == [*argv, "--resume", "r", "--runs-dir", str(runs.resolve())]
 
 
+def test_a_resume_the_daemon_queues_for_a_command_that_named_its_own_resume_gives_it_once(tmp_path):
+    """`runs resume RUN --detach --max-resumes 2` queues `run --resume /path/RUN ...`, `run --resume ckpt.pt` starts a
+    new run from a file: the daemon's resume added a second --resume, which `trainbus run` refuses (an option given
+    twice with two values), so the resumed run failed at once."""
+    runs = tmp_path / "runs"
+    (runs / "r").mkdir(parents=True)
+    argv = ["--resume", str(runs / "r"), "--epochs", "3", "--resume=ckpt.pt"]
+    with Registry(runs) as registry:
+        registry.submit({"id": "r", "state": "running", "submitted_ts": 1.0, "argv": argv, "cwd": str(tmp_path),
+                         "gpus": None, "resumes_left": 2, "pid": 2 ** 22 + 1, "pid_started": 1.0},
+                        {"id": "r", "dir": None, "status": "running"}, 1.0)
+        [job] = registry.jobs(["running"])
+        Daemon(runs, [])._resume_dead(registry, "r", job, "run died", 2.0)
+        [job] = registry.jobs(["queued"])
+    assert job["argv"] == ["--epochs", "3", "--resume", "r", "--runs-dir", str(runs.resolve())]
+
+
 def test_a_run_of_nproc_whose_launcher_is_killed_is_settled_as_its_ranks_end_it_and_resumed(tmp_path, daemons):
     """`run --nproc 2 --detach --max-resumes 1`, its launcher (the pid `daemon status` shows) killed with SIGKILL: its
     ranks end the run interrupted a moment later (PR_SET_PDEATHSIG). The daemon settled the job as the launcher went,
