@@ -78,7 +78,8 @@ from trainbus.proto.settings_format import typed_word
 
 from .checkpointing import CheckpointError, find_checkpoint
 from .cli_common import (EXIT_CODES, KEYS_DIR_HELP, RUNS_DIR_OPTION, UserError, _attach_client, _check_plugin_settings,
-                         _wide, keys_dir_path, out, reason_text, runs_dir_path, says_the_checks)
+                         _wide, key_file_path, keys_dir_path, out, reason_text, runs_dir_path,
+                         says_the_checks)
 from .cli_daemon import daemon_app
 from .cli_launch import RANK_SEPARATOR, launch as launch_group, under_a_launcher
 from .cli_keys import keys_app
@@ -550,14 +551,13 @@ def attach(
                                        help="Send stop with REASON, wait until the kernel journaled it, exit."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", metavar="REASON", parser=reason_text,
                                              help="Send checkpoint_now with REASON the same way."),
-    key: Optional[Path] = typer.Option(None, "--key", help="This client's secret key file: RUN is then a remote "
-                                                           "kernel's HOST:PORT or its connection.json (TCP + CURVE)."),
-    server_key: Optional[Path] = typer.Option(None, "--server-key", help="The server's public key, pinned: its "
-                                                                         "server.key or the run's connection.json "
-                                                                         "(default: the connection file's; for "
-                                                                         "HOST:PORT, server.key in "
-                                                                         "$TRAINBUS_KEYS_DIR or "
-                                                                         "~/.config/trainbus/keys)."),
+    key: Optional[Path] = typer.Option(None, "--key", parser=key_file_path,
+                                       help="This client's secret key file: RUN is then a remote kernel's HOST:PORT "
+                                            "or its connection.json (TCP + CURVE)."),
+    server_key: Optional[Path] = typer.Option(None, "--server-key", parser=key_file_path,
+                                              help="The server's public key, pinned: its server.key or the run's "
+                                                   "connection.json (default: the connection file's; for HOST:PORT, "
+                                                   "server.key in $TRAINBUS_KEYS_DIR or ~/.config/trainbus/keys)."),
 ) -> None:
     """Watch a live run: progress, metrics, resources and plugins (snapshot first, then live events, no gap).
 

@@ -49,6 +49,15 @@ def keys_dir_path(text: str) -> Path:
     return Path(text)
 
 
+def key_file_path(text: str) -> Path:
+    """--key's and --server-key's value. An empty one ("$UNSET_VARIABLE") was read as the current directory, and
+    said as "server key file . is not a readable CURVE public key"."""
+    if not text.strip():
+        raise typer.BadParameter("is empty: name a key file (`trainbus keys list` shows where they are), or leave it "
+                                 "out")
+    return Path(text)
+
+
 def reason_text(text: str) -> str:
     """A REASON option's value (`attach --stop`, `runs stop --reason`). click takes the word after the option for
     its value whatever it is, so `--stop --key FILE` journaled "--key" as the reason and then refused FILE as an

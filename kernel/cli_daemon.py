@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .cli_common import KEYS_DIR_HELP, UserError, keys_dir_path, out, runs_dir_path
+from .cli_common import KEYS_DIR_HELP, UserError, key_file_path, keys_dir_path, out, runs_dir_path
 from .config import check_runs_dir
 from .registry import MAX_RESUMES
 
@@ -101,8 +101,8 @@ def daemon_stop(runs_dir: Path = RUNS_DIR_OPTION) -> None:
 
 REMOTE_OPTION = typer.Option(None, "--remote", metavar="HOST:PORT",
                              help="A daemon started with --listen, over TCP with CURVE (needs --key, --server-key).")
-KEY_OPTION = typer.Option(None, "--key", help="With --remote: this client's secret key file (`trainbus keys`).")
-SERVER_KEY_OPTION = typer.Option(None, "--server-key", help="With --remote: the daemon host's public server key "
+KEY_OPTION = typer.Option(None, "--key", parser=key_file_path, help="With --remote: this client's secret key file (`trainbus keys`).")
+SERVER_KEY_OPTION = typer.Option(None, "--server-key", parser=key_file_path, help="With --remote: the daemon host's public server key "
                                                            "file, or its .daemon/remote.json.")
 
 
@@ -162,6 +162,11 @@ def daemon_submit(
     """Queue `trainbus run ARGS...` on a remote daemon (`-- ARGS`, as they are to be run on that host, in the
     daemon's directory and environment); prints the run id. Locally, `trainbus run ... --detach` checks the
     arguments first and is the way."""
+    from .cli import _option_given_twice  # it imports this module
+
+    twice = _option_given_twice(["run", *ctx.args])  # the command `trainbus run` would refuse, once started there
+    if twice:
+        raise UserError(f"the command's {twice}; nothing was submitted")
     target = _remote(remote, key, server_key)
     if target is None:
         raise UserError("daemon submit is for a remote daemon (--remote); here, use `trainbus run ... --detach`")

@@ -1260,3 +1260,19 @@ def test_a_run_queued_before_the_daemon_starts_is_logged_started_after_the_daemo
     text = log.read_text()
     assert text.index(" serving ") < text.index(f"{queued}: started (pid"), text
     wait_until(lambda: listed(runs)[queued]["status"] == "completed", WAIT_S, "the run completed")
+
+
+def test_an_empty_key_file_or_a_remote_command_giving_an_option_twice_is_refused_before_anything_is_sent(tmp_path):
+    """`--key "$UNSET"` was read as the current directory ("server key file . is not a readable CURVE public key");
+    `daemon submit -- --epochs 3 --epochs 4` was queued, and failed once the daemon started it."""
+    key = tmp_path / "k.key_secret"
+    for command in (["daemon", "status", "--remote", "127.0.0.1:9"], ["attach", "127.0.0.1:9"]):
+        for option in ("--key", "--server-key"):
+            done = cli(*command, option, "", *(["--key", str(key)] if option != "--key" else []), check=False)
+            assert done.returncode == 2 and one_error_line(done).startswith(
+                f"error: Invalid value for '{option}': is empty: name a key file"), done.stderr
+    done = cli("daemon", "submit", "--remote", "127.0.0.1:9", "--key", str(key), "--server-key", str(key), "--",
+               TINY, "--epochs", "3", "--epochs", "4", check=False)
+    assert done.returncode == 2 and one_error_line(done) == (
+        "error: the command's --epochs given twice (--epochs 3 and --epochs 4): give it once; nothing was "
+        "submitted"), done.stderr
