@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -265,46 +266,39 @@ def test_a_reply_the_sdk_refuses_ends_the_handlers_traceback_at_the_authors_line
     """`self.metric("ratio", nan)`: its traceback went on through the SDK's metric() into trainbus.proto's checks,
     four frames of ours after the author's line (the console named codec.py in an editable install); README: the
     traceback ends at the author's last frame, the SDK line that raised what it asked of it left out."""
-    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
-    proc = kernel.start_plugin("fixture_plugins:NanMetricAtEpochEnd", "nan", {}, tmp_path)
-    try:
-        kernel.welcome(_hello(kernel)[0], kernel.seq + 1)
-        kernel.publish("end_epoch", epoch=1)
-        said = _next(kernel, "log")
-    finally:
-        _close(proc, kernel)
+    said, _ = _first_log(tmp_path, "fixture_plugins:NanMetricAtEpochEnd")
     text = said["text"]
     assert said["level"] == "error" and "metric.value must be finite" in text, text
     frames = [line.split('"')[1] for line in text.splitlines() if line.startswith('  File "')]
     assert frames and all(f.endswith("fixture_plugins.py") for f in frames), text
 
 
-def test_a_handler_past_its_timeout_says_which_and_where_before_its_heartbeats_stop(tmp_path):
+def _first_log(tmp_path: Path, target: str, end_epoch: bool = True) -> tuple[dict, int]:
+    """The first log line a plugin started against a stand-in kernel says, once welcomed (and sent an end_epoch);
+    with the seq of that end_epoch."""
     kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
-    proc = kernel.start_plugin("fixture_plugins:StuckInHandler", "stuck", {}, tmp_path)
+    proc = kernel.start_plugin(target, "plugin", {}, tmp_path)
     try:
         kernel.welcome(_hello(kernel)[0], kernel.seq + 1)
-        kernel.publish("end_epoch", epoch=1)
-        said = _next(kernel, "log")
+        if end_epoch:
+            kernel.publish("end_epoch", epoch=1)
+        return _next(kernel, "log"), kernel.seq
     finally:
         _close(proc, kernel)
+
+
+def test_a_handler_past_its_timeout_says_which_and_where_before_its_heartbeats_stop(tmp_path):
+    said, seq = _first_log(tmp_path, "fixture_plugins:StuckInHandler")
     text = said["text"]
-    assert said["level"] == "error" and text.startswith(f"the handler for end_epoch (seq {kernel.seq}) has run "), text
+    assert said["level"] == "error" and text.startswith(f"the handler for end_epoch (seq {seq}) has run "), text
     assert "past handler_timeout_s (1 s)" in text and "self.still_working()" in text, text
     assert 'fixture_plugins.py", line' in text and "in on_end_epoch" in text and "runner.py" not in text, text
-
 
 
 def test_a_setup_past_its_timeout_says_so_and_where_before_its_heartbeats_stop(tmp_path):
     """A setup() that never returns handled nothing all run while its heartbeats went on: the kernel took it for a
     live plugin and nothing said why it did nothing. It is timed as a handler is."""
-    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
-    proc = kernel.start_plugin("fixture_plugins:StuckInSetup", "stuck", {}, tmp_path)
-    try:
-        kernel.welcome(_hello(kernel)[0], kernel.seq + 1)
-        said = _next(kernel, "log")
-    finally:
-        _close(proc, kernel)
+    said, _ = _first_log(tmp_path, "fixture_plugins:StuckInSetup", end_epoch=False)
     text = said["text"]
     assert said["level"] == "error" and text.startswith("setup() has run "), text
     assert "past handler_timeout_s (1 s)" in text and "self.still_working()" in text, text
