@@ -4,6 +4,7 @@ rank, the kernel that left shared memory behind): a zombie is gone, and a reused
 from __future__ import annotations
 
 import signal
+import time
 
 START_TIME_SLACK_S = 1.0  # psutil derives start times from the boot time, which /proc/stat gives in whole seconds
 
@@ -21,6 +22,17 @@ def process_alive(pid: int, started: float | None) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    """Whether `pid` is gone (a zombie counts) within `seconds`. A process killed with SIGKILL closes its sockets as
+    the kernel tears it down, before it is gone: a peer that saw them close and asks at once may find it still there."""
+    deadline = time.monotonic() + seconds
+    while process_alive(pid, None):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def started_by(pid: int, when: float) -> bool:

@@ -42,7 +42,7 @@ from .limits import PeerLimits
 from .loop import DamagedCheckpoint, Loop, pick_device, restore_weights, resume_problem, seed_everything
 from .keys import KeyStore
 from .memory import keep_freed_memory
-from .pids import process_alive, signalled_when_gone
+from .pids import gone_within, signalled_when_gone
 from .peers import Peers
 from .private_dirs import make_dirs, remove_scratch_dir
 from .remote import ListenError, Listener, check_listen
@@ -57,6 +57,7 @@ log = logging.getLogger("trainbus.kernel")
 
 FINAL_WEIGHTS = "final.pt"
 PLUGIN_EXIT_TIMEOUT_S = 5.0  # after the last event, plugins get this long to exit on their own
+RANK_0_GONE_S = 5.0  # a rank whose collective rank 0's death broke waits this long to see it gone (pids.gone_within)
 
 
 @dataclass
@@ -475,7 +476,7 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
         said = write_rank_error(run_dir, ranks.rank, exc, beside_rank_0,
                                 main_pid=ranks.main_pid if beside_rank_0 else None)
         if (not said and beside_rank_0 and broken_by_a_peer(exc) and ranks.main_pid is not None
-                and not os.environ.get(LAUNCH_ERRORS) and not process_alive(ranks.main_pid, None)
+                and not os.environ.get(LAUNCH_ERRORS) and gone_within(ranks.main_pid, RANK_0_GONE_S)
                 and not (run_dir / "summary.json").exists()):  # which rank 0 writes as it ends, failed or not
             # rank 0, which says the run's end, is gone without a word (kill -9, the out-of-memory killer): under
             # `run --nproc` the launcher says so; under srun or the user's torchrun, this rank, or no one
