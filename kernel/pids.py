@@ -55,7 +55,6 @@ def signalled_when_gone(parent: int) -> None:
     SIGKILL left its ranks training on, unseen, to the run's end. Linux's PR_SET_PDEATHSIG; elsewhere nothing."""
     import ctypes
     import os
-    import signal
 
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
