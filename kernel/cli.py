@@ -1,7 +1,8 @@
-"""The `trainbus` command: run training with plugins, attach to a run; user mistakes get one line, exit 2.
+"""The `trainbus` command: its commands put together, and how it exits; user mistakes get one line, exit 2.
 
-Its command groups live beside it: cli_runs.py (`runs`), cli_plugins.py (`plugins`), cli_keys.py (`keys`),
-cli_daemon.py (`daemon`); `run --nproc`'s launching, in cli_launch.py; what they share, in cli_common.py.
+Its commands live beside it: cli_run.py (`run`), cli_runs.py (`runs`), cli_plugins.py (`plugins`), cli_keys.py
+(`keys`), cli_daemon.py (`daemon`); `run --nproc`'s launching, in cli_launch.py; a Ctrl-C before anything was made,
+in cli_ctrl_c.py; what they share, in cli_common.py. `attach` is here.
 """
 
 from __future__ import annotations
@@ -9,89 +10,36 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
-from typing import NoReturn
 
-
-def _interrupted_before_start(said: str) -> NoReturn:
-    """A stop before anything was made: `said` in one line, and exit 130 at once. A rank of `run --nproc`
-    (cluster.LAUNCH set) says nothing and exits 0: its launcher, which had the Ctrl-C too, says it, and 130 would have
-    torchrun restart the group."""
-    launched = bool(os.environ.get("TRAINBUS_LAUNCH"))
-    for stream in (sys.stdout, sys.stderr):  # what was said before it
-        try:
-            stream.flush()
-        except (OSError, ValueError, RuntimeError):  # RuntimeError: a handler that cut a write to it (reentrant)
-            pass
-    if not launched:
-        os.write(2, f"trainbus: {said}\n".encode())
-    os._exit(0 if launched else 130)
-
-
-class _SaysAndExits:
-    """The SIGINT handler while nothing has been made: _interrupted_before_start. Python's KeyboardInterrupt there
-    printed a traceback of whichever import it cut, and in torch's import was now and then lost (the run then
-    trained to its end, exit 0) or raised through a C++ callback, which aborted the process."""
-
-    def __init__(self, said: str):
-        self.said = said
-
-    def __call__(self, signum: int, frame) -> None:
-        _interrupted_before_start(self.said)
-
-
-def _ctrl_c_says(said: str) -> None:
-    """From here a Ctrl-C says `said` and exits; a process whose Ctrl-C is not Python's own (ignored under nohup or
-    in a background job, or a caller's) is left as it is."""
-    current = signal.getsignal(signal.SIGINT)
-    if isinstance(current, _SaysAndExits):
-        current.said = said
-    elif current is signal.default_int_handler and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _SaysAndExits(said))
-
-
-def _ctrl_c_back(handler) -> None:
-    """Ctrl-C as it was before _ctrl_c_says (when that took it)."""
-    if isinstance(signal.getsignal(signal.SIGINT), _SaysAndExits):
-        signal.signal(signal.SIGINT, handler)
-
+from .cli_ctrl_c import ctrl_c_back, ctrl_c_says
 
 # First, before the rest of this module's imports (a second of them, typer's and rich's most)
 _SIGINT_BEFORE = signal.getsignal(signal.SIGINT)
-_ctrl_c_says("Ctrl-C as it started; nothing was done")
+ctrl_c_says("Ctrl-C as it started; nothing was done")
 
-import functools
-import json
 import logging
 import re
-import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Optional, TextIO
 
 import typer
-from rich.markup import escape
 
 from trainbus.proto import PROTOCOL_VERSION
 from trainbus.proto.output import RefusalGuard
 from trainbus.proto.process import exit_without_teardown
-from trainbus.proto.settings_format import typed_word
 
-from .checkpointing import CheckpointError, find_checkpoint
-from .cli_common import (EXIT_CODES, KEYS_DIR_HELP, RUNS_DIR_OPTION, UserError, _attach_client, _check_plugin_settings,
-                         _wide, key_file_path, keys_dir_path, out, reason_text, runs_dir_path,
-                         says_the_checks)
+from .checkpointing import CheckpointError
+from .cli_common import RUNS_DIR_OPTION, UserError, _attach_client, _wide, key_file_path, out, reason_text
 from .cli_daemon import daemon_app
-from .cli_launch import RANK_SEPARATOR, launch as launch_group, under_a_launcher
 from .cli_keys import keys_app
+from .cli_launch import RANK_SEPARATOR
 from .cli_plugins import plugins_app
+from .cli_run import run
 from .cli_runs import runs_app
-from .cluster import LAUNCH_ERRORS, PeerGone, restarts_left
-from .config import (ONE_GPU_PER_RANK, ConfigError, apply_set, check_metric_settings, check_runs_dir, config_of_run,
-                     defaults_left_out, device_index, launch_of_run, load_config, plugin_name_clashes,
-                     registered_plugins, resolve_plugin)
-from .flags import FlagError
-from .registry import MAX_RESUMES, RegistryError
-from .spec import DEFAULT_TARGET, SpecError, UserCodeError, full_target
+from .cluster import LAUNCH_ERRORS, PeerGone
+from .config import ConfigError
+from .registry import RegistryError
+from .spec import SpecError, UserCodeError
 
 __all__ = ["UserError", "app", "main"]
 __version__ = "0.1.0"
@@ -101,6 +49,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None, help="trainbus: PyTorch training whose plugins run in their own processes.")
 for group, name in ((plugins_app, "plugins"), (runs_app, "runs"), (keys_app, "keys"), (daemon_app, "daemon")):
     app.add_typer(group, name=name)
+app.command()(run)
 
 
 def _version(value: bool) -> None:
@@ -113,430 +62,6 @@ def _version(value: bool) -> None:
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     pass
-
-
-def _says_ctrl_c_until_the_run_begins(command: Callable) -> Callable:
-    """`run`, where a Ctrl-C before the run takes it (run_training's handler, torchrun's) says nothing was made and
-    exits: most of that time is torch's import, the user's target's or ours."""
-    @functools.wraps(command)
-    def run_command(*args, **kwargs):
-        before = signal.getsignal(signal.SIGINT)
-        _ctrl_c_says("Ctrl-C before the run began; nothing was made")
-        try:
-            return command(*args, **kwargs)
-        finally:
-            _ctrl_c_back(before)
-    return run_command
-
-
-@app.command()
-@_says_ctrl_c_until_the_run_begins
-def run(
-    target: Optional[str] = typer.Argument(None, help="path/to/file.py:function or package.module:function "
-                                                      "returning a TrainingSpec (a file alone: its build); "
-                                                      "default: the digits demo."),
-    flag_words: Optional[list[str]] = typer.Argument(None, metavar="NAME=VALUE",
-                                                     help="Flags: the spec function's arguments (lr=0.01 epochs=5)."),
-    help_flags: bool = typer.Option(False, "--help-flags", help="Print the target's flags (names, types, defaults, "
-                                                                "help) and exit."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML run config, or bz's JSON one (.json)."),
-    plugins: Optional[str] = typer.Option(None, "--plugins", "-p", help="Comma-separated plugin names "
-                                                                        "(replaces the config's list; '' for none); "
-                                                                        "one the config has a [plugins.NAME] table "
-                                                                        "for keeps its target and settings."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the number of epochs."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for every RNG (default 0)."),
-    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", parser=runs_dir_path,
-                                            help="Where run directories go (default ./runs)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, or cuda:N (the GPU of index N)."),
-    hparam: list[str] = typer.Option([], "--set", help="Hyperparameter KEY=VALUE (VALUE parsed as JSON if it can be); "
-                                                       "NAME.SETTING=VALUE or plugins.NAME.settings.SETTING=VALUE "
-                                                       "sets a setting of this run's plugin NAME; "
-                                                       "hyperparameters.A.B=VALUE a hyperparameter named A.B."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="RUN_ID or run directory: continue that run in place "
-                                                                "from its newest verified checkpoint, with its config "
-                                                                "(options given override it); a checkpoint file (or "
-                                                                "--config given too): a new run starting from it."),
-    listen: Optional[str] = typer.Option(None, "--listen", help="HOST:PORT: also serve control on PORT, events on "
-                                                                "PORT+1 and bursts on PORT+2 over TCP with CURVE "
-                                                                "(PORT 0: free ones); "
-                                                                "needs `trainbus keys`. Endpoints: RUN_DIR/connection.json."),
-    keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", parser=keys_dir_path, help=KEYS_DIR_HELP),
-    precision: Optional[str] = typer.Option(None, "--precision", help="32, bf16-mixed, 16-mixed (CUDA) or bf16-true "
-                                                                        "(Lightning's 32-true, 16 and bf16 too)."),
-    accumulate_grad_batches: Optional[int] = typer.Option(None, "--accumulate-grad-batches", min=1,
-                                                          help="Batches per optimizer step (default 1)."),
-    gradient_clip_val: Optional[float] = typer.Option(None, "--gradient-clip-val",
-                                                      help="Clip the gradients' 2-norm to this (0: off)."),
-    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train in this many processes (DDP: gloo on CPU, NCCL on "
-                                                       "CUDA), launched through torch.distributed.run."),
-    max_restarts: Optional[int] = typer.Option(None, "--max-restarts", min=0, help="Restart the processes up to this many times "
-                                                                      "when one fails (torchrun's --max-restarts); "
-                                                                      "the restarted ones continue the run from its "
-                                                                      "newest checkpoint."),
-    nnodes: Optional[int] = typer.Option(None, "--nnodes", min=1, help="Machines training this run, each running this same "
-                                                         "command (--nproc processes each); with --rdzv-endpoint."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT where the --nnodes machines "
-                                                                             "meet (torchrun's c10d rendezvous): one "
-                                                                             "of them, and a port free there."),
-    detach: bool = typer.Option(False, "--detach", help="Queue the run for the daemon of --runs-dir, print its id "
-                                                        "and return at once (`trainbus daemon start` runs the queue)."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="With --detach: GPUs this run needs; the daemon "
-                                                                   "starts it when that many are free, with "
-                                                                   "CUDA_VISIBLE_DEVICES naming them (default 1 when "
-                                                                   "the daemon has GPUs)."),
-    max_resumes: Optional[int] = typer.Option(None, "--max-resumes", min=0, max=MAX_RESUMES,
-                                              help="With --detach: when the run's kernel dies or is killed (the OOM "
-                                                   "killer, a reboot), the daemon continues it from its newest "
-                                                   "checkpoint, up to this many times (default 0)."),
-) -> None:
-    """Train, with every plugin in its own process; prints the run id, the outcome and where results are."""
-    global _OUTPUT_IS_A_COPY
-    _OUTPUT_IS_A_COPY = True
-    flag_words = list(flag_words or [])
-    for flag, value in (("--resume", resume), ("--listen", listen)):
-        if value is not None and not value.strip():  # "$UNSET_VARIABLE": a new run, or no TCP, without a word
-            raise UserError(f"{flag} is empty: give it a value, or leave {flag} out")
-    if target is not None and _is_flag_word(target):  # `trainbus run lr=0.01`: the default target's flags
-        target, flag_words = None, [target, *flag_words]
-    quiet = not says_the_checks() and logging.lastResort is not None
-    if quiet:  # a config's warnings (bz's keys that mean nothing here): said by one process of the command
-        logging.lastResort.setLevel(logging.ERROR)
-    try:
-        cfg = load_config(config)
-    finally:
-        if quiet:
-            logging.lastResort.setLevel(logging.WARNING)
-    in_file = set(cfg.hyperparameters) if config is not None else set()  # named where a mistake in one is said
-    resumed_run = _run_to_continue(resume, runs_dir or Path(cfg.runs_dir)) if resume else None
-    continuing = resumed_run if config is None else None  # with --config: a new run from that run's checkpoint
-    if continuing is not None:
-        _check_resumable(continuing, epochs)
-        cfg = config_of_run(continuing)
-        cfg.runs_dir = str(continuing.parent)
-    if target is not None:
-        cfg.target = full_target(target)
-    launch = {"nproc": nproc, "nnodes": nnodes, "max_restarts": max_restarts, "rdzv_endpoint": rdzv_endpoint}
-    if continuing is not None and all(v is None for v in launch.values()) and not under_a_launcher():
-        launch = launch_of_run(continuing)  # `--resume RUN` alone: in as many processes as the run had
-    launch = {"nproc": 1, "nnodes": 1, "max_restarts": 0, "rdzv_endpoint": None,
-              **{k: v for k, v in launch.items() if v is not None}}
-    listen_checked = None
-    if not detach and not help_flags and (listen if listen is not None else cfg.listen) and launch["nnodes"] == 1 \
-            and not under_a_launcher():  # before the flags: checking them imports the target, and torch with it
-        listen_checked = (listen if listen is not None else cfg.listen,
-                          str(keys_dir) if keys_dir is not None else cfg.keys_dir)
-        _check_listen(*listen_checked)
-    if help_flags or flag_words:
-        try:
-            _apply_flags(cfg, flag_words, help_flags, cfg.seed if seed is None else seed)
-        except KeyboardInterrupt:  # its own raise (a Ctrl-C is _SaysAndExits'), or a Ctrl-C where that is not ours
-            _interrupted_before_start(f"KeyboardInterrupt while {cfg.target} was imported to read its flags; "
-                                      f"nothing was made")
-    if plugins is not None:  # which plugins run; a name the config has a [plugins.NAME] table for runs as it says
-        configured = {p.name: p for p in cfg.plugins}
-        cfg.plugins = [configured.get(name) or resolve_plugin(name, {}, where="--plugins")
-                       for name in (word.strip() for word in plugins.split(",")) if name]
-    for key, value in (("epochs", epochs), ("seed", seed), ("device", device),
-                       ("resume", str(resumed_run) if resumed_run else resume),
-                       ("listen", listen), ("keys_dir", keys_dir and str(keys_dir)), ("precision", precision),
-                       ("accumulate_grad_batches", accumulate_grad_batches), ("gradient_clip_val", gradient_clip_val),
-                       ("compile", compile_model)):
-        if value is not None:
-            setattr(cfg, key, value)
-    if runs_dir is not None:
-        cfg.runs_dir = str(runs_dir)
-    flagged = {word.partition("=")[0]: word for word in flag_words}
-    set_before: dict[str, str] = {}
-    for item in hparam:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set {item!r} must look like KEY=VALUE")
-        word = flagged.get(key.removeprefix("hyperparameters."))
-        if word is not None and word.partition("=")[2] != raw:  # the later would win without a word
-            raise UserError(f"{key.removeprefix('hyperparameters.')} given twice, as {word} and as --set {item}: "
-                            f"give it once")
-        earlier = set_before.setdefault(_set_name(key), item)
-        if earlier.partition("=")[2] != raw:  # as a flag given twice: which one the run was meant to have is unsaid
-            raise UserError(f"{_set_name(key)} given twice, as --set {earlier} and as --set {item}: give it once")
-        apply_set(cfg, key, typed_word(raw))
-    _check_epochs_given_once(epochs, [*flag_words, *hparam], cfg.hyperparameters)
-    only_in_file = in_file - {w.partition("=")[0] for w in flag_words} - {
-        item.partition("=")[0].removeprefix("hyperparameters.") for item in hparam}
-    from_file = functools.partial(_from_the_file, only_in_file=only_in_file, config=config)
-    named_epochs = cfg.hyperparameters.get("epochs")
-    if epochs is None and _epochs_named([*flag_words, *hparam]) and type(named_epochs) is int and named_epochs >= 1:
-        # the command line's epochs=N beats the file's [run] epochs (or a resumed run's), as every flag beats it;
-        # a wrong N is left to the checks of the function it is a flag of, which say what it takes
-        cfg.epochs = named_epochs
-    from .config import check_run
-
-    check_run(cfg, "command line")
-    check_runs_dir(cfg.runs_dir)
-    _warn_name_clashes(cfg.plugins)
-    metric_settings = _check_plugin_settings(cfg.plugins)
-    if cfg.target == DEFAULT_TARGET:  # the demo's hyperparameters and metrics, told before torch is imported
-        from .digits_hyperparameters import METRICS, checked
-
-        try:
-            checked(cfg.hyperparameters)
-        except SpecError as exc:
-            raise UserError(from_file(exc)) from None
-        check_metric_settings(METRICS, metric_settings)  # a queued run too: not only once the daemon starts it
-    if continuing is not None:  # after the flags' own checks: a typo is said as one, naming those there are
-        _check_trained_as_recorded(continuing, cfg.hyperparameters)
-    if config is not None and plugins is None and continuing is None and says_the_checks() and (
-            note := defaults_left_out(config)):
-        print(f"trainbus: note: {note}", file=sys.stderr)
-    if gpus is not None and not detach:
-        raise UserError("--gpus places a queued run: add --detach (a run started here uses the GPUs "
-                        "CUDA_VISIBLE_DEVICES shows it)")
-    if max_resumes is not None and not detach:
-        raise UserError("--max-resumes is the daemon's: add --detach (a run started here is continued with "
-                        "`trainbus runs resume RUN`; --max-restarts restarts failed processes of --nproc)")
-    if detach:
-        try:
-            _check_target(cfg)
-        except FlagError as exc:
-            raise UserError(from_file(exc)) from None
-        if device_index(cfg.device) is not None:
-            raise UserError(f"--device {cfg.device} with --detach: the daemon gives each run its GPUs (and numbers "
-                            f"them from 0 for it); use --device cuda, with --gpus N for more than one")
-        if cfg.precision == "16-mixed" and cfg.device == "cpu":  # the daemon's run would fail as it starts
-            raise UserError("--precision 16-mixed needs a CUDA device and this run asks for --device cpu; use "
-                            "bf16-mixed on the CPU")
-        if cfg.device.startswith("cuda") or cfg.precision == "16-mixed" and cfg.device == "auto":
-            from .daemon import detected_devices
-
-            if not detected_devices():  # the run would fail only once the daemon started it
-                if cfg.device.startswith("cuda"):
-                    raise UserError(f"--device {cfg.device}, but this host has no GPU that NVML sees, so the daemon's "
-                                    f"run would fail as it starts; use --device cpu or auto")
-                raise UserError("--precision 16-mixed needs a CUDA device, but this host has no GPU that NVML sees, so "
-                                "the daemon's run would fail as it starts; use bf16-mixed on the CPU")
-        if cfg.resume:  # what the queued run would look for first: a verified checkpoint to start from
-            find_checkpoint(cfg.resume, cfg.runs_dir)
-        _ctrl_c_says(f"Ctrl-C as the run was submitted: `trainbus runs list --runs-dir {cfg.runs_dir}` shows whether "
-                     f"the daemon queued it")
-        _submit(cfg, continuing, gpus, max_resumes or 0)
-        return
-    if cfg.listen and launch["nnodes"] == 1 and (cfg.listen, cfg.keys_dir) != listen_checked \
-            and not under_a_launcher():
-        _check_listen(cfg.listen, cfg.keys_dir)
-    if launch["nproc"] > 1 or launch["nnodes"] > 1 or launch["max_restarts"] or launch["rdzv_endpoint"]:
-        if device_index(cfg.device) is not None:
-            raise UserError(ONE_GPU_PER_RANK.format(device=cfg.device))
-        launch_group(launch, cfg.runs_dir, continuing.name if continuing else None)
-    from .session import InterruptedBeforeStart, run_training  # here: torch takes seconds to import, and a mistake
-    # above is told at once
-    _ctrl_c_back(signal.default_int_handler)  # run_training takes it at once, and gives this back when it returns
-    try:
-        result = run_training(cfg, run_id=continuing.name if continuing else None, continue_run=continuing is not None,
-                              install_sigint=True, announce=lambda line: print(f"trainbus: {line}", file=sys.stderr),
-                              metric_settings=metric_settings)
-    except KeyboardInterrupt:  # a second Ctrl-C while it was set up
-        _interrupted_before_start("Ctrl-C twice before the run began")
-    except InterruptedBeforeStart as exc:
-        _interrupted_before_start(str(exc))
-    except FlagError as exc:
-        raise UserError(from_file(exc)) from None
-    if result.cluster.get("rank", 0) == 0:  # across ranks, rank 0 tells how the run went
-        _print_summary(result)
-    code = EXIT_CODES.get(result.status, 1)
-    if code == 130 and os.environ.get("TRAINBUS_LAUNCH"):  # distributed.LAUNCH: a rank of `run --nproc`, whose
-        code = 0  # launcher exits 130 from summary.json; 130 here would have torchrun restart the group (--max-restarts)
-    raise typer.Exit(code=code)
-
-
-def _check_listen(listen: str, keys_dir: str | None) -> None:
-    """--listen's keys, and its ports taken, said before torch's seconds of import (the run checks them again as it
-    binds), and under --nproc before any rank starts: rank 0 binds only once the ranks have met and the others
-    train. Not with --nnodes (HOST is node 0's, maybe not this machine), nor in a rank (rank 0 binds the ports)."""
-    from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
-
-    from .keys import KeyStore
-    from .remote import ListenError, check_listen, probe_ports
-
-    try:
-        probe_ports(*check_listen(listen, KeyStore(default_keys_dir(keys_dir))))
-    except (ListenError, KeyFileError) as exc:
-        raise UserError(str(exc)) from None
-
-
-def _submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) -> None:
-    """`run --detach`: this command, checked and less --detach, --gpus and --max-resumes, queued for the daemon; its
-    id printed."""
-    from . import daemon, daemon_client
-    from .registry import JobError
-    from .session import new_run_id
-
-    words, argv = iter(sys.argv[sys.argv.index("run", 1) + 1:]), []
-    for word in words:
-        if word in ("--gpus", "--max-resumes"):
-            next(words, None)
-        elif word != "--detach" and not word.startswith(("--gpus=", "--max-resumes=")):
-            argv.append(word)
-    run_id = continuing.name if continuing is not None else new_run_id()
-    runs_dir = Path(cfg.runs_dir)
-    # a daemon that could never place it: said now
-    serving = daemon_client.request(runs_dir, "status") if gpus else None
-    if serving is not None and (why := daemon.unplaceable(gpus, list(serving.get("devices") or []))) is not None:
-        raise UserError(f"--gpus {gpus}: the run {why}")
-    try:
-        told = daemon.submit(runs_dir, run_id, argv, gpus, cfg.target, dict(cfg.hyperparameters), continuing,
-                             env=dict(os.environ), max_resumes=max_resumes)
-    except JobError as exc:
-        raise UserError(str(exc)) from None
-    except (sqlite3.Error, OSError) as exc:  # the queue is one transaction: nothing was queued
-        raise UserError(f"cannot queue run {run_id}: {runs_dir / 'registry.sqlite'} cannot be written ({exc}); free "
-                        f"space there (a full disk says this), or give --runs-dir another place") from None
-    print(run_id)
-    where = escape(str(runs_dir.resolve()))
-    if told:
-        print(f"trainbus: queued run {run_id} for the daemon of {where}", file=sys.stderr)
-    else:
-        print(f"trainbus: queued run {run_id}; no daemon serves {where} yet: start one with "
-              f"`trainbus daemon start --runs-dir {where}`", file=sys.stderr)
-
-
-def _is_flag_word(word: str) -> bool:
-    name, sep, _ = word.partition("=")
-    return bool(sep) and name.isidentifier()
-
-
-def _apply_flags(cfg, flag_words: list[str], help_flags: bool, seed: int) -> None:
-    """--help-flags: print the target's flags and exit; else the NAME=VALUE words, typed, into the hyperparameters
-    (checked here, before anything is made: an unknown flag or a bad value is one line, exit 2)."""
-    from .config import SEED_LIMIT
-    from .flags import help_text, parse_words, signature_of
-    from .loop import seed_everything
-    from .spec import load_target
-
-    if 0 <= seed < SEED_LIMIT:  # else check_run says what it takes, once the rest is read
-        seed_everything(seed)  # what a script draws as it is imported (a model made at its top) is the seed's too
-    func = load_target(cfg.target)
-    signature = signature_of(func)
-    if help_flags:
-        print(help_text(func, signature, cfg.target))
-        raise typer.Exit()
-    cfg.hyperparameters.update(parse_words(signature, flag_words, cfg.target))
-
-
-def _from_the_file(exc: SpecError, only_in_file: set[str], config: Path | None) -> str:
-    """The error, naming the config file when the hyperparameter it is about was given there and not on the
-    command line: `unknown flag 'bogus'` alone sends the user looking through their command."""
-    if exc.flag in only_in_file:
-        return f"{exc} ({exc.flag} is set in {config}'s {_section_of(config, exc.flag)})"
-    return str(exc)
-
-
-def _section_of(config: Path, name: str) -> str:
-    """Where the config file sets hyperparameter `name`: a TOML file's [hyperparameters]; bz's JSON its "training"
-    (whose keys besides epochs, device, ... are hyperparameters: bz's `batch_size` among them) or "hyperparameters",
-    which has no [hyperparameters] table to look in."""
-    if config.suffix != ".json":
-        return "[hyperparameters]"
-    try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raw = None
-    given = raw.get("hyperparameters") if isinstance(raw, dict) else None
-    return '"hyperparameters"' if isinstance(given, dict) and name in given else '"training"'
-
-
-def _check_target(cfg) -> None:
-    """For a queued run, what it would fail on first, said now: its target imports and takes these flags. Its
-    function is not called here (building the model and data is the run's); a dict-taking target's values are
-    checked by that function, when the run starts."""
-    from .flags import resolve, signature_of
-    from .spec import load_target
-
-    resolve(signature_of(load_target(cfg.target)), dict(cfg.hyperparameters), cfg.target)
-
-
-def _set_name(key: str) -> str:
-    """What a --set KEY names, however spelt: `hyperparameters.lr` is `lr`, `plugins.NAME.settings.S` is `NAME.S`."""
-    head, _, rest = key.partition(".")
-    if head == "hyperparameters" and rest:
-        return rest
-    name, _, tail = rest.partition(".")
-    section, _, setting = tail.partition(".")
-    if head == "plugins" and name and section == "settings" and setting:
-        return f"{name}.{setting}"
-    return key
-
-
-def _check_epochs_given_once(epochs: int | None, words: list[str], hyperparameters: dict) -> None:
-    """UserError for `epochs=N` (a flag word or --set) and a different `--epochs M` on one command line: the spec
-    function would be called with N and --epochs would override the epochs it sets, so the run would train M
-    epochs while its flags (runs list, runs compare) said N."""
-    named = _epochs_named(words)
-    if epochs is not None and named and hyperparameters.get("epochs") != epochs:
-        raise UserError(f"epochs given twice, as {named[-1]} and as --epochs {epochs}: give epochs once (--epochs "
-                        f"overrides the epochs the spec sets; the flag is what its function is called with)")
-
-
-def _epochs_named(words: list[str]) -> list[str]:
-    """The flag words and --set items that give the hyperparameter `epochs`."""
-    return [word for word in words if word.partition("=")[0] in ("epochs", "hyperparameters.epochs")]
-
-
-def _check_resumable(run_dir: Path, epochs: int | None) -> None:
-    """UserError for a run that cannot be resumed now (kernel/daemon.py why_not_resumable)."""
-    from .daemon import why_not_resumable
-
-    why = why_not_resumable(run_dir, epochs, rank=under_a_launcher())
-    if why:
-        raise UserError(why)
-
-
-def _check_trained_as_recorded(run_dir: Path, given: dict) -> None:
-    """UserError for a flag (or --set hyperparameter) of a run continued in place that is not what it trained with:
-    its config.json, the registry and `runs compare` would say the new value for the whole run, and its
-    checkpoint's optimizer state puts back the old one where a flag set it (an lr): the record and the training
-    would part. `epochs` is the exception: more of them is what a continued run is for."""
-    try:
-        recorded = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return  # config_of_run has read it; a file gone since is the resume's to say
-    if not isinstance(recorded, dict):
-        return  # config_of_run says what is wrong with it
-    trained = {key: value for part in ("hyperparameters", "flags") if isinstance(recorded.get(part), dict)
-               for key, value in recorded[part].items()}  # flags win, as they did
-
-    def plain(value):  # as config.json holds it: a Path as text, a tuple as a list
-        return json.loads(json.dumps(value, default=str))
-
-    for name, value in given.items():
-        if name != "epochs" and (name not in trained or plain(value) != plain(trained[name])):
-            was = f"with {name}={json.dumps(plain(trained[name]))}" if name in trained else f"without {name}"
-            raise UserError(f"--resume {run_dir.name} continues that run as it trained, {was}: "
-                            f"{name}={json.dumps(plain(value))} would change it midway, while its record would say "
-                            f"that for all of it; leave {name} out to continue it, or start a new run with it")
-
-
-def _run_to_continue(resume: str, runs_dir: Path) -> Path | None:
-    """The run directory `--resume` names (a run id under runs_dir, a unique start of one, or a run directory);
-    None for anything else, which find_checkpoint reads (a checkpoint file or directory) or says is not there.
-    UserError for a start of more than one run id."""
-    from . import runs
-
-    if Path(resume).is_file():  # a checkpoint file wins over run ids that start with its name
-        return None
-    for candidate in (Path(resume), runs_dir / resume):
-        if candidate.is_dir() and (candidate / "config.json").is_file():
-            return candidate.resolve()
-    if Path(resume).exists() or (runs_dir / resume).exists():
-        return None
-    try:
-        run_dir = runs.resolve_run(resume, runs_dir)
-    except runs.AmbiguousRunError as exc:
-        raise UserError(f"--resume: {exc}") from None
-    except runs.RunLookupError:
-        return None
-    return run_dir if (run_dir / "config.json").is_file() else None
-
 
 
 @app.command()
@@ -607,75 +132,6 @@ def attach(
         + (["--key", str(key)] if key is not None else []) + (["--server-key", str(server_key)] if server_key else [])
     _attach_client(where, flags)
 
-
-
-def _warn_name_clashes(plugins) -> None:
-    """A built-in this run uses whose name a package registers too: say which one runs, before it starts."""
-    clashes, known = plugin_name_clashes(), registered_plugins()
-    for p in plugins:
-        if p.name in clashes and p.target == known.get(p.name) and says_the_checks():
-            print(f"trainbus: warning: {clashes[p.name]}", file=sys.stderr)
-
-
-def _of_processes(cluster: dict) -> str:
-    """Across ranks a step is each rank's batch, all stepping together: half a one-process run's steps on 2."""
-    world = cluster.get("world_size", 1) if isinstance(cluster, dict) else 1
-    return f" of {world} processes (a batch each)" if isinstance(world, int) and world > 1 else ""
-
-
-def _print_summary(result) -> None:
-    o = result.outcome
-    colour = {"completed": "green", "stopped": "yellow"}.get(result.status, "red")
-    out.print(f"\n[bold]run {result.run_id}[/bold]: [{colour}]{result.status}[/{colour}] "
-              f"after {o['epochs_completed']} epoch{'s' * (o['epochs_completed'] != 1)}, {o['steps']} "
-              f"step{'s' * (o['steps'] != 1)}{_of_processes(result.cluster)}, {result.duration_s:.1f} s")
-    # The kernel's own stop for an error (the journal's disk) is said once, as the error (which may go on: where
-    # the weights went); texts are not markup (a reason naming "[run] runs_dir" would lose its brackets).
-    own = "kernel: stop: "
-    reasons = [r for r in o["stop_reasons"]
-               if not (result.error and r.startswith(own) and result.error.startswith(r.removeprefix(own)))]
-    if reasons:
-        out.print("  stopped by: " + escape("; ".join(reasons)))
-    if result.error:
-        if result.trace:  # the user's code raised: their frames first, on stderr (the whole one is in kernel.log)
-            out.file.flush()
-            print(result.trace, end="", file=sys.stderr, flush=True)
-        out.print(f"  error: {escape(result.error)}")
-    if o["validation_loss"] is not None:
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in o["validation_metrics"].items())
-        out.print(f"  validation loss {o['validation_loss']:.4f}" + (f", {metrics}" if metrics else ""))
-    elif o.get("training_loss") is not None:  # nothing validated: what training saw is all there is to say
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in (o.get("training_metrics") or {}).items())
-        out.print(f"  training loss {o['training_loss']:.4f}" + (f", {metrics}" if metrics else "") + " (no validation)")
-    for name, p in result.plugins.items():
-        if p["crashes"] or p["restarts"] or p["state"] == "failed":  # a crash late in a run is not restarted
-            crashes = p.get("crash_count", len(p["crashes"]))  # the summary keeps the newest causes only
-            out.print(f"  plugin {name}: {p['state']}, {crashes} crash{'es' * (crashes != 1)}, {p['restarts']} "
-                      f"restarts ({escape('; '.join(p['crashes'][-3:]))})")
-        if p.get("left_early"):
-            out.print(f"  plugin {name}: left before the run ended (exit code 0 or bye), so it saw nothing after (what "
-                      f"it printed: {Path(result.run_dir) / 'plugins' / f'{name}.log'})")
-        if p.get("greeted") is False and not p.get("detached"):
-            printed = Path(result.run_dir) / "plugins" / f"{name}.log"
-            if p["crashes"]:  # a class whose constructor or import raised: the crash line above says why
-                out.print(f"  plugin {name}: never said hello, so it took no event: it crashed before it could (why: "
-                          f"above; what it printed: {printed})")
-            else:
-                out.print(f"  plugin {name}: never said hello, so it took no event (what it printed: {printed}; a "
-                          f"command plugin speaks proto/PROTOCOL.md)")
-        if p.get("checkpoints_failed"):
-            out.print(f"  plugin {name}: {p['checkpoints_failed']} checkpoint{'s' * (p['checkpoints_failed'] != 1)} "
-                      f"could not be written (see {Path(result.run_dir) / 'plugins' / f'{name}.log'})")
-        if p.get("errors_logged"):
-            out.print(f"  plugin {name}: {p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged "
-                      f"(see {Path(result.run_dir) / 'kernel.log'}; what it printed: plugins/{name}.log)")
-    for name, acked in result.undrained.items():
-        out.print(f"  plugin {name}: did not catch up (acked up to seq {acked})")
-    out.print(f"  results: {result.run_dir}")
-    left = restarts_left() if result.status == "failed" else 0
-    if left:  # --max-restarts: this failure is not the run's end
-        out.print(f"  torchrun restarts the group ({left} restart{'s' * (left != 1)} left): the run goes on in place "
-                  f"from its newest checkpoint")
 
 
 def _click_exceptions():
@@ -749,7 +205,7 @@ def _option_given_twice(words: list[str]) -> str | None:
     return None
 
 
-# What a Ctrl-C leaves, said in one line as it exits 130 (_ctrl_c_says), for the commands that can take a while
+# What a Ctrl-C leaves, said in one line as it exits 130 (ctrl_c_says), for the commands that can take a while
 # (a big registry, a journal read whole, a daemon or remote host slow to answer) and have no Ctrl-C of their own:
 # typer's handling of one exits 130 without a word. `run`, `runs stop` and `runs delete` say their own; `attach`'s
 # client (plugins/dashboard.py) says it once attached.
@@ -784,7 +240,7 @@ def main() -> None:
     remote = any(arg == "--remote" or arg.startswith("--remote=") for arg in sys.argv[1:])
     said = _CTRL_C_SAYS.get(f"{command} --remote" if remote else command) or _CTRL_C_SAYS.get(command)
     if said:  # for the whole command: each reads, or writes one thing its line says how to check
-        _ctrl_c_says(said)
+        ctrl_c_says(said)
     click = _click_exceptions()
     twice = _option_given_twice(sys.argv[1:])
     if twice:
@@ -822,19 +278,17 @@ def main() -> None:
         print(f"error: {exc}", file=sys.stderr)
         _exit(1)
     except SystemExit as exc:  # a command's own sys.exit
-        _exit(_unless_output_lost(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)))
-    _exit(_unless_output_lost(code if isinstance(code, int) else 0))
+        _exit(_unless_output_lost(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1),
+                                   command))
+    _exit(_unless_output_lost(code if isinstance(code, int) else 0, command))
 
 
-# A run's output is a copy of what its directory holds, so its loss costs the run nothing; that of `runs list --json >
-# runs.json` is all the command made, and a script must not take the cut file for it.
-_OUTPUT_IS_A_COPY = False
-
-
-def _unless_output_lost(code: int) -> int:
-    """The exit code, but 1 for a command other than `run` that succeeded while its stdout refused what it wrote."""
+def _unless_output_lost(code: int, command: str) -> int:
+    """The exit code, but 1 for a command other than `run` that succeeded while its stdout refused what it wrote: a
+    run's output is a copy of what its directory holds, so its loss costs the run nothing; that of `runs list --json
+    > runs.json` is all the command made, and a script must not take the cut file for it."""
     refused = getattr(sys.stdout, "refused", None) is not None
-    return 1 if code == 0 and refused and not _OUTPUT_IS_A_COPY else code
+    return 1 if code == 0 and refused and command != "trainbus run" else code
 
 
 def _guard_standard_streams() -> None:
@@ -895,7 +349,7 @@ def _exit(code: int) -> None:
     exit_without_teardown(code)
 
 
-_ctrl_c_back(_SIGINT_BEFORE)  # imported
+ctrl_c_back(_SIGINT_BEFORE)  # imported
 
 if __name__ == "__main__":  # torch.distributed.run starts each rank as `-m trainbus.kernel.cli`
     main()

@@ -189,7 +189,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     os.environ.update(RUN_ID=run_id, RUN_DIR=str(run_dir), TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir))
     try:
         # The target is imported under the seed, then the build starts from it again: as when the command line
-        # imported it first, to read its flags (kernel/cli.py _apply_flags), so a script's top-level draws (a model
+        # imported it first, to read its flags (kernel/cli_run.py _apply_flags), so a script's top-level draws (a model
         # made there) and its build's are the seed's either way.
         load_target(cfg.target)
         seed_everything(cfg.seed)

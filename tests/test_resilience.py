@@ -419,7 +419,7 @@ def test_the_runs_summary_of_a_plugin_that_crashed_before_its_hello_points_at_it
     """`trainbus run`'s summary of an author's plugin whose constructor raised said, under the crash line, "never
     said hello, so it took no event (...; a command plugin speaks proto/PROTOCOL.md)": a wire-protocol hint for a
     Python class that simply crashed. It now points at the crash the line above names."""
-    from trainbus.kernel.cli import _print_summary
+    from trainbus.kernel.cli_run import _print_summary
 
     result = run_training(run_config(tmp_path / "runs", [plugin("db", "FailsInInit")], epochs=1))
     capsys.readouterr()
