@@ -26,7 +26,7 @@ from trainbus.proto.strict_json import strict_dumps
 from trainbus.proto.text import duration_text, printable
 from trainbus.sdk.attach import (CLIENT_PREFIX, RECONNECT_ATTEMPTS, AttachError, Attachment, RunEnded, TargetError,
                                  target_of)
-from trainbus.sdk.runner import disk_full, kernel_died, kernel_stopped, run_summary
+from trainbus.sdk.kernel_watch import disk_full, kernel_died, kernel_stopped, run_summary
 
 MONITORS = ("cpu", "memory", "disk", "gpu", "perf")  # the resource monitors' metric name prefixes
 COMMAND_ECHO_TIMEOUT_S = 30.0  # a one-shot command waits this long to see the kernel journal it

@@ -32,8 +32,8 @@ from trainbus.proto.remote import UNANSWERED_S, KeyFileError, key_refused
 from trainbus.proto.run_state import CLIENT_PREFIX, RunState
 
 from .plugin_io import PluginIO
-from .runner import (CREDENTIAL_FILE, REPLAY_RESEND_S, connection_run_dir, kernel_alive, kernel_died, remote_endpoints,
-                     run_summary, skip_lost)
+from .kernel_watch import connection_run_dir, kernel_alive, kernel_died, remote_endpoints, run_summary
+from .runner import CREDENTIAL_FILE, REPLAY_RESEND_S, skip_lost
 
 RECONNECT_FIRST_S = 0.5  # backoff after the kernel went silent: 0.5, 1, 2, 4, 8, 8 ... (zguide's ppworker)
 RECONNECT_MAX_S = 8.0

@@ -22,7 +22,7 @@ import zmq
 from trainbus.proto import BEST_EFFORT, MAX_MESSAGE_BYTES, ProtocolError, control, decode_control, encode_control
 
 from .attach import AttachError, Target, client_name, kernel_died, target_of
-from .runner import kernel_stopped, run_summary
+from .kernel_watch import kernel_stopped, run_summary
 
 WELCOME_TIMEOUT_S = 30.0  # the kernel answers a hello at once; a busy box can take a few seconds
 # detach is answered once the plugin has exited: its teardown gets the supervisor's DETACH_GRACE_S (30 s) first

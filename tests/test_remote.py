@@ -465,7 +465,7 @@ def test_a_client_reconnects_with_the_keys_it_started_with_after_the_key_file_is
     """The SDK and attach set up every reconnect's sockets with `remote_endpoints`' `secure`: the keys are read
     once, at start, so a key file moved or rotated during a days-long attach cannot fail a reconnect."""
     from trainbus.proto.remote import write_connection_file
-    from trainbus.sdk.runner import remote_endpoints
+    from trainbus.sdk.kernel_watch import remote_endpoints
 
     listener = Listener("127.0.0.1:0", KeyStore(keys["dir"]), TCP_EVENTS_HWM, BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES)
     key = tmp_path / "pilot-copy.key_secret"

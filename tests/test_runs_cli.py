@@ -730,7 +730,7 @@ def test_a_kernel_pid_of_another_host_is_not_taken_for_a_dead_process_here(tmp_p
     import socket
 
     from trainbus.kernel.runs import kernel_process
-    from trainbus.sdk.runner import kernel_died
+    from trainbus.sdk.kernel_watch import kernel_died
 
     dead_here = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_here.wait()
