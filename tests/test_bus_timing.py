@@ -1,5 +1,5 @@
 """When the kernel's events go out (PROTOCOL.md §4, timing) and what its heartbeat says while the disk holds them back
-(§13, the journal): a real Bus, wired as a run wires it (kernel/session.open_bus), on its real ipc sockets, with the
+(§13, the journal): a real Bus, wired as a run wires it (kernel/run_bus.open_bus), on its real ipc sockets, with the
 test's thread as the training thread and clients written from the spec (raw pyzmq + msgpack). Nothing is mocked.
 
 Real time on a busy 2-core box: a thread whose poll times out can wait tens of milliseconds for a core, so no check
@@ -127,7 +127,7 @@ def test_an_event_goes_out_within_one_flush_interval_of_happening(bus_in, tmp_pa
 
 def test_an_event_the_kernel_waits_on_goes_out_at_once_with_what_waited_before_it(bus_in, tmp_path, monkeypatch):
     """[C13] An event the kernel waits on goes out at once, not with the next burst: a voted end_epoch (await_votes)
-    and the run's final event (the drain, session.wait_drained), each with the events queued before it, in order.
+    and the run's final event (the drain, run_bus.wait_drained), each with the events queued before it, in order.
 
     Bursts are held 30 s apart (HOLD_S) and a per-batch event shown to wait for them; then each of these arrives
     within AT_ONCE_S of its `ts`, and the vote is answered as fast: only flushing it at once can do that."""

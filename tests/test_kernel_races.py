@@ -3,7 +3,7 @@ the supervisor (kernel/supervisor.py), the dispatcher and the peer table.
 
 Each test holds one thread at the critical point through a function the code already calls there (a module-level
 function wrapped with monkeypatch, or a callable the caller passes in), lets the other thread run into the window,
-then lets go. Everything else is real: a Bus wired as a run wires it (kernel/session.open_bus), its ipc sockets, real
+then lets go. Everything else is real: a Bus wired as a run wires it (kernel/run_bus.open_bus), its ipc sockets, real
 plugin processes. Every wait is bounded; where the fixed code cannot reach the point the test waits for (a lock
 keeps the other thread out), the hold is let go after a few seconds, which only makes the test weaker on a slow box,
 never wrong.

@@ -16,7 +16,7 @@ from trainbus.kernel.checkpointing import Checkpointer
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.loop import CHECKPOINT_NOW_AFTER_EPOCHS, Loop
 from trainbus.kernel.replies import Reply, merge_replies
-from trainbus.kernel.session import close_bus, open_bus
+from trainbus.kernel.run_bus import close_bus, open_bus
 from trainbus.kernel.snapshot import SnapshotBuffers
 from trainbus.proto import events as ev
 

@@ -28,7 +28,8 @@ from trainbus.kernel.journal import read_events
 from trainbus.kernel.plugin_guard import ORPHAN_KILL_AFTER_S, ORPHAN_TERM_AFTER_S
 from trainbus.proto import JOURNAL_NAME
 from trainbus.kernel.runs import run_overview
-from trainbus.kernel.session import FINAL_WEIGHTS, PLUGIN_EXIT_TIMEOUT_S, run_training
+from trainbus.kernel.run_bus import PLUGIN_EXIT_TIMEOUT_S
+from trainbus.kernel.session import FINAL_WEIGHTS, run_training
 from trainbus.kernel.supervisor import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S, MAX_RESTARTS
 
 import fixture_plugins

@@ -17,7 +17,7 @@ import zmq
 
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.loop import LAST_CHECKPOINT_WAIT_S, Loop
-from trainbus.kernel.session import close_bus, open_bus
+from trainbus.kernel.run_bus import close_bus, open_bus
 from trainbus.kernel.buffer_files import remove_stale_buffers, snapshot_directories
 from trainbus.kernel.snapshot import SLOTS, SnapshotBuffers
 from trainbus.plugins._snapshot_reader import read_snapshot

@@ -17,7 +17,7 @@ from _runs import Measurer, bare_run, output_to, run_mean, trainbus_run
 from trainbus.kernel.bus import Bus
 from trainbus.kernel.config import load_config
 from trainbus.kernel.loop import Loop, seed_everything
-from trainbus.kernel.session import close_bus, open_bus, wait_drained, wait_ready
+from trainbus.kernel.run_bus import close_bus, open_bus, wait_drained, wait_ready
 from trainbus.kernel.spec import DEFAULT_TARGET, build_spec
 from trainbus.kernel.supervisor import PluginSpec
 from trainbus.proto import events as ev
@@ -87,7 +87,7 @@ def _instrumented_wait_drained(bus: _InstrumentedBus, *args, **kwargs):
 
 def diagnose(args, workdir: Path, measure: Measurer) -> None:
     """Tiny MLP, one torch thread: bare -> + Loop code -> + bus thread -> + default plugins, with CPU split."""
-    from trainbus.kernel import session
+    from trainbus.kernel import run_bus, session
 
     torch.set_num_threads(1)
     hp, epochs = {"model": "mlp"}, args.mlp_epochs
@@ -115,13 +115,13 @@ def diagnose(args, workdir: Path, measure: Measurer) -> None:
             buses.append(_InstrumentedBus(*a, **kw))
             return buses[-1]
 
-        # run_training builds its bus in session.open_bus, which calls session's Bus
-        session.Bus, session.wait_ready, session.wait_drained = (make_bus, _instrumented_wait_ready,
+        # run_training builds its bus in run_bus.open_bus, which calls run_bus's Bus
+        run_bus.Bus, session.wait_ready, session.wait_drained = (make_bus, _instrumented_wait_ready,
                                                                   _instrumented_wait_drained)
         try:
             stamps, _, _ = trainbus_run(hp, epochs, args.seed, plugins, workdir / "runs", log)
         finally:
-            session.Bus, session.wait_ready, session.wait_drained = Bus, wait_ready, wait_drained
+            run_bus.Bus, session.wait_ready, session.wait_drained = Bus, wait_ready, wait_drained
         steps = sum(len(s) for s in stamps)
         (c0, fc0, fw0, fe0, p0), (c1, fc1, fw1, fe1, p1) = buses[0].snaps[:2]
         return run_mean(stamps), (c1 - c0) / steps, ((fc1 - fc0) / steps, (fw1 - fw0) / steps,
