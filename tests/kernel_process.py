@@ -26,6 +26,7 @@ import atexit
 import gc
 import json
 import multiprocessing
+import multiprocessing.util
 import os
 import secrets
 import signal
@@ -112,6 +113,11 @@ class JournalTail:
 # console, typer's TYPER_USE_RICH), which is the test's, set in the child.
 PRELOAD = ["torch", "torch._dynamo", "trainbus.kernel.session", "pydantic", "rich.console", "rich.table"]
 _forkserver: Any = None
+# The server's socket goes in multiprocessing's temporary directory, made once per process: made as the first forked
+# command of a worker starts, under a test that set TMPDIR to a directory of its own (test_disk_full's), its address
+# passed the 107 bytes an AF_UNIX one may have under xdist's longer tmp_path ("AF_UNIX path too long"). Made now,
+# as the tests are collected, it is in the suite's own temporary directory.
+multiprocessing.util.get_temp_dir()
 
 
 def _context() -> Any:
