@@ -225,43 +225,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             stale.unlink(missing_ok=True)
     if ranks is not None:  # rank 0's pick: a checkpoint landing meanwhile (a killed run's writer) must not split them
         resume_from = ranks.share(resume_from)
-    resume_state = load_checkpoint(resume_from) if resume_from else None
-    if resume_state is not None:
-        built = optimizer_settings(spec.optimizer)
-        try:
-            restore_weights(spec, resume_state)
-        except DamagedCheckpoint as exc:
-            raise CheckpointError(f"refusing checkpoint {resume_from}: {exc}; is it a checkpoint trainbus wrote, and "
-                                  f"whole?") from None
-        except ValueError as exc:
-            raise CheckpointError(f"checkpoint {resume_from} does not fit {cfg.target}'s model: {exc}; "
-                                  f"{_trained_with(Path(resume_from), cfg.target, flags)}") from None
-        problem = resume_problem(resume_state["trainbus"])
-        if problem is not None:
-            raise CheckpointError(f"refusing checkpoint {resume_from}: {problem}; is it a checkpoint trainbus wrote, "
-                                  f"and whole?")
-        # A new run from a checkpoint with other flags (continued in place, a run keeps its own: the CLI refuses
-        # others); with the same, a scheduler's moves of the lr are the saved state's, rightly
-        saved = resume_state.get("hyperparameters") or {}
-        flags_differ = any(saved.get(k) != spec.hyperparameters.get(k)
-                           for k in set(saved) | set(spec.hyperparameters) if k != "epochs")
-        replaced = settings_replaced(built, optimizer_settings(spec.optimizer)) if flags_differ else ""
-        if replaced and not continue_run:
-            warnings.append(f"the optimizer goes on as {resume_from} saved it, its settings with its state: "
-                            f"{replaced}, not what this run's build gave it; a new run without --resume trains "
-                            f"with those")
-        trained = resume_state.get("trainbus") or {}
-        saved_world = len(trained.get("rank_rng") or []) or 1  # a checkpoint of one process has none
-        if saved_world != cluster.world_size:  # allowed (4 GPUs, then 2), but not the run it would have been
-            warnings.append(f"{resume_from} was saved by {_processes(saved_world)} and this run trains in "
-                            f"{_processes(cluster.world_size)}: an epoch is shared out anew (a step counts each "
-                            f"process's batch), and the data order and random streams are not those "
-                            f"{saved_world} would have had; resume in {saved_world} (--nproc {saved_world}, or as "
-                            f"many torchrun or srun ranks) to go on exactly")
-        if not continue_run and trained.get("epoch_complete") and trained.get("epoch", 0) >= spec.epochs:
-            raise ConfigError(f"checkpoint {resume_from} ends epoch {trained['epoch']} and this run trains "
-                              f"{spec.epochs}: a new run from it would train nothing; give --epochs above "
-                              f"{trained['epoch']}")
+    resume_state = _restored(spec, resume_from, cfg, flags, cluster.world_size, continue_run, warnings) \
+        if resume_from else None
     if interrupts.count:  # Ctrl-C (or SIGTERM) while it was set up: leave before anything is made (every rank here)
         raise InterruptedBeforeStart(f"{interrupts.first} before the run began; nothing was made")
     interrupts.started = True  # from here a signal stops the run at its first batch boundary
@@ -400,6 +365,60 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
                        duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
                        plugins=_plugin_summary(bus), undrained=undrained, bus=_counters(bus), error=error,
                        trace=trace, cluster=cluster.describe())
+    _write_summary(run_dir, result, final_in_place)
+    record_run(run_dir)  # the run registry: how it ended
+    stop_logging_to(handler)
+    return result
+
+
+def _restored(spec: TrainingSpec, resume_from: Path, cfg: RunConfig, flags: dict[str, Any], world_size: int,
+              continue_run: bool, warnings: list[str]) -> dict[str, Any]:
+    """The checkpoint's state, its weights and optimizer state put into the spec's; CheckpointError for one that is
+    not trainbus's, or whole, or does not fit the model, ConfigError for one a new run would train nothing from.
+    What the user should know (settings the optimizer goes on with, another number of processes) goes to warnings."""
+    resume_state = load_checkpoint(resume_from)
+    built = optimizer_settings(spec.optimizer)
+    try:
+        restore_weights(spec, resume_state)
+    except DamagedCheckpoint as exc:
+        raise CheckpointError(f"refusing checkpoint {resume_from}: {exc}; is it a checkpoint trainbus wrote, and "
+                              f"whole?") from None
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {resume_from} does not fit {cfg.target}'s model: {exc}; "
+                              f"{_trained_with(Path(resume_from), cfg.target, flags)}") from None
+    problem = resume_problem(resume_state["trainbus"])
+    if problem is not None:
+        raise CheckpointError(f"refusing checkpoint {resume_from}: {problem}; is it a checkpoint trainbus wrote, "
+                              f"and whole?")
+    # A new run from a checkpoint with other flags (continued in place, a run keeps its own: the CLI refuses
+    # others); with the same, a scheduler's moves of the lr are the saved state's, rightly
+    saved = resume_state.get("hyperparameters") or {}
+    flags_differ = any(saved.get(k) != spec.hyperparameters.get(k)
+                       for k in set(saved) | set(spec.hyperparameters) if k != "epochs")
+    replaced = settings_replaced(built, optimizer_settings(spec.optimizer)) if flags_differ else ""
+    if replaced and not continue_run:
+        warnings.append(f"the optimizer goes on as {resume_from} saved it, its settings with its state: "
+                        f"{replaced}, not what this run's build gave it; a new run without --resume trains "
+                        f"with those")
+    trained = resume_state.get("trainbus") or {}
+    saved_world = len(trained.get("rank_rng") or []) or 1  # a checkpoint of one process has none
+    if saved_world != world_size:  # allowed (4 GPUs, then 2), but not the run it would have been
+        warnings.append(f"{resume_from} was saved by {_processes(saved_world)} and this run trains in "
+                        f"{_processes(world_size)}: an epoch is shared out anew (a step counts each "
+                        f"process's batch), and the data order and random streams are not those "
+                        f"{saved_world} would have had; resume in {saved_world} (--nproc {saved_world}, or as "
+                        f"many torchrun or srun ranks) to go on exactly")
+    if not continue_run and trained.get("epoch_complete") and trained.get("epoch", 0) >= spec.epochs:
+        raise ConfigError(f"checkpoint {resume_from} ends epoch {trained['epoch']} and this run trains "
+                          f"{spec.epochs}: a new run from it would train nothing; give --epochs above "
+                          f"{trained['epoch']}")
+    return resume_state
+
+
+def _write_summary(run_dir: Path, result: RunResult, final_in_place: bool) -> None:
+    """summary.json, whole or not at all: on a full disk it goes where the weights and the held events go, and the
+    terminal says where."""
+    run_id, status = result.run_id, result.status
     summary, text = run_dir / "summary.json", json.dumps(asdict(result), indent=2) + "\n"
     try:
         summary.write_text(text)
@@ -417,9 +436,6 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
                 kept.unlink(missing_ok=True)
             moved = ""
         print(f"trainbus: could not write {summary} ({_reason(exc)}); the run ended {status}{moved}", file=sys.stderr)
-    record_run(run_dir)  # the run registry: how it ended
-    stop_logging_to(handler)
-    return result
 
 
 def _processes(count: int) -> str:
