@@ -1280,12 +1280,20 @@ class Forwarder:
                 pass
 
 
-def remote_recorder_through(link: Forwarder, keys: dict, record: Path) -> subprocess.Popen:
+def remote_recorder_through(link: Forwarder, keys: dict, record: Path,
+                            heartbeat_timeout_ms: int | None = None) -> subprocess.Popen:
     """The durable RemoteRecorder as a remote plugin with the control key, connected through `link`, recording every
-    event's seq to `record`; its output in .stdout."""
+    event's seq to `record`; its output in .stdout. With `heartbeat_timeout_ms`, its sockets' ZeroMQ heartbeats
+    (proto/remote.py CLIENT_HEARTBEAT_*) close a silent connection after that long instead of 10 s."""
     env = {**os.environ, "TRAINBUS_PLUGIN_NAME": "remote_recorder",
            "TRAINBUS_PLUGIN_SETTINGS": pack({"path": str(record)}).hex()}
-    return subprocess.Popen([sys.executable, "-m", "trainbus.sdk", "fixture_remote:RemoteRecorder", "--connect",
+    python = [sys.executable, "-m", "trainbus.sdk"]
+    if heartbeat_timeout_ms is not None:
+        python = [sys.executable, "-c", "import sys, trainbus.proto.remote as remote; "
+                  f"remote.CLIENT_HEARTBEAT_TIMEOUT_MS = {heartbeat_timeout_ms}; "
+                  f"remote.CLIENT_HEARTBEAT_IVL_MS = {heartbeat_timeout_ms // 4}; "
+                  "from trainbus.sdk.__main__ import main; sys.exit(main(sys.argv[1:]))"]
+    return subprocess.Popen([*python, "fixture_remote:RemoteRecorder", "--connect",
                              f"127.0.0.1:{link.port}", "--key", str(keys["pilot"]), "--server-key",
                              str(keys["dir"] / "server.key")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -1337,17 +1345,24 @@ def test_a_remote_plugin_whose_connections_go_silent_for_good_reconnects_and_mis
     no RST, so the client's TCP connections look alive for ever. The remote plugin kept its sockets on them, heard
     nothing, and exited 1 after its 100 s wait though the network was fine for new connections. ZeroMQ's own
     heartbeats on a client's sockets (proto/remote.py CLIENT_HEARTBEAT_*) close such a connection and connect again."""
-    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=8, step_sleep_s=0.1), tmp_path)
+    # gated: the run trains a stretch while the link is silent (what the plugin must replay), then waits, heartbeating,
+    # until the plugin is back, and only then trains to its end; however slow the machine, it outlasts the silence
+    gate = tmp_path / "gate"
+    open_gate(gate, 20)
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], step_sleep_s=0.02, gate=gate), tmp_path)
     kernels.append(kernel)
     link = Forwarder(connection(kernel))
     record = tmp_path / "remote.txt"
-    plugin = remote_recorder_through(link, keys, record)
+    # the heartbeats' 10 s cut to 3 s: what is tested is that they close the silent connection, not how soon
+    plugin = remote_recorder_through(link, keys, record, heartbeat_timeout_ms=3000)
     try:
         wait_until(lambda: len(recorded_seqs(record)) >= 20, 120, "the remote plugin's first 20 events")
         link.blackhole()
         silent_at = max(recorded_seqs(record))
+        open_gate(gate, 20 + STEPS_PER_EPOCH)  # each batch journals more than 2 events: 100 and more meanwhile
         wait_until(lambda: max(recorded_seqs(record)) > silent_at + 100, 3 * CLIENT_HEARTBEAT_TIMEOUT_MS / 1000 + 30,
                    "the remote plugin's events after its connections went silent")
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
         result = kernel.result(timeout_s=180)
         said, _ = plugin.communicate(timeout=60)
     finally:
