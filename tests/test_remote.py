@@ -1311,11 +1311,16 @@ def assert_every_seq_recorded(run_dir: str, record: Path, said: str) -> None:
 
 
 def test_a_remote_plugin_waits_out_a_dropped_network_and_goes_on_missing_nothing(keys, runs_dir, tmp_path, kernels):
-    """The network between a remote plugin and its kernel drops for 10 s (longer than the kernel keeps a silent
-    peer's place) and comes back while the run goes on. The plugin took 3 s of silence for its kernel gone and
-    exited, a remote monitor lost for the rest of the run; now it waits, says so, says hello again once the link is
-    back, and a durable one replays what went by: every journaled seq is recorded, and it ends with the run."""
-    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=3, step_sleep_s=0.1), tmp_path)
+    """The network between a remote plugin and its kernel drops for longer than the kernel keeps a silent peer's
+    place (it journals plugin_hung: 7 s) and comes back while the run goes on. The plugin took 3 s of silence for its
+    kernel gone and exited, a remote monitor lost for the rest of the run; now it waits, says so, says hello again
+    once the link is back, and a durable one replays what went by: every journaled seq is recorded, and it ends with
+    the run."""
+    # gated: an epoch trains while the link is down (what the plugin must replay), then the run waits, heartbeating,
+    # until the plugin is back, and only then trains to its end; however slow the machine, it outlasts the drop
+    gate = tmp_path / "gate"
+    open_gate(gate, 20)
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], step_sleep_s=0.02, gate=gate), tmp_path)
     kernels.append(kernel)
     link = Forwarder(connection(kernel))
     record = tmp_path / "remote.txt"
@@ -1324,8 +1329,12 @@ def test_a_remote_plugin_waits_out_a_dropped_network_and_goes_on_missing_nothing
         wait_until(lambda: len(recorded_seqs(record)) >= 20, 120, "the remote plugin's first 20 events")
         link.cut()
         cut_at = kernel.journal.step()
-        time.sleep(10)
+        open_gate(gate, 20 + STEPS_PER_EPOCH)
+        # the drop outlasts the kernel's patience: it forgot the plugin (2 liveness windows of silence)
+        hung = kernel.wait_event("plugin_hung", lambda e: e.data["plugin"] == "remote_recorder", timeout_s=60)
         link.mend()
+        wait_until(lambda: max(recorded_seqs(record)) >= hung.seq, 60, "the remote plugin back, past the drop")
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
         result = kernel.result(timeout_s=180)
         said, _ = plugin.communicate(timeout=60)
     finally:
@@ -1405,13 +1414,15 @@ def test_a_remote_plugin_that_loses_its_kernel_for_good_says_both_causes_and_cla
 
 def test_attach_json_over_a_dropped_network_says_each_try_and_its_return_and_misses_nothing(keys, runs_dir, tmp_path,
                                                                                           kernels):
-    """`trainbus attach HOST:PORT --json > events.jsonl` from a laptop whose link drops for 6 s: every seq after the
+    """`trainbus attach HOST:PORT --json > events.jsonl` from a laptop whose link drops for seconds: every seq after the
     snapshot's comes once, in order, through bus_closing, as the journal has it. Its stderr said the same line at each
     try (`no kernel heartbeat for 3.0 s; reconnecting`) and nothing once it was back, so a log could not tell a
     stream that went on from one still trying; now each try is numbered and the return is said."""
-    # ~18 s of training: it outlasts the cut, so the kernel is there to come back to (a run that ended meanwhile
-    # listens no more, and attach ends saying it lost the kernel)
-    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=4, step_sleep_s=0.1), tmp_path)
+    # gated: an epoch trains while the link is down, then the run waits until attach is back, so the kernel is there
+    # to come back to (a run that ended meanwhile listens no more, and attach ends saying it lost the kernel)
+    gate = tmp_path / "gate"
+    open_gate(gate, 5)
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], step_sleep_s=0.02, gate=gate), tmp_path)
     kernels.append(kernel)
     link = Forwarder(connection(kernel))
     out, err = tmp_path / "attach.jsonl", tmp_path / "attach.stderr"
@@ -1420,11 +1431,18 @@ def test_attach_json_over_a_dropped_network_says_each_try_and_its_return_and_mis
                                    str(keys["watcher"]), "--server-key", str(keys["dir"] / "server.key")],
                                   stdout=stdout, stderr=stderr, text=True)
     try:
+        wait_until(lambda: out.read_text().count("\n") >= 1 or attach.poll() is not None, 60, "attach's snapshot")
+        open_gate(gate, 30)  # what attach streams after its snapshot
         wait_until(lambda: out.read_text().count("\n") >= 20 or attach.poll() is not None, 60, "attach's lines")
         link.cut()
         cut_at = kernel.journal.step()
-        time.sleep(6)
+        open_gate(gate, 30 + STEPS_PER_EPOCH)
+        # down until attach has tried once and failed (3 s of silence, then a try at a port that refuses)
+        wait_until(lambda: "reconnecting (try 2 of 8)" in err.read_text() or attach.poll() is not None, 60,
+                   "attach's second try")
         link.mend()
+        wait_until(lambda: "reconnected after" in err.read_text() or attach.poll() is not None, 60, "attach back")
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
         result = kernel.result(timeout_s=180)
         attach.wait(timeout=120)
     finally:
