@@ -660,7 +660,7 @@ def test_stalled_subscribers_and_huge_names_30s(tmp_path, kernels):
 from fixture_targets import open_gate  # noqa: E402
 from helpers import assert_same_weights, run_config  # noqa: E402
 from kernel_process import wait_until  # noqa: E402
-from test_remote import PACED, STEPS_PER_EPOCH, connection, keys  # noqa: E402, F401 (keys: a fixture)
+from remote_support import PACED, STEPS_PER_EPOCH, connection, keys  # noqa: E402, F401 (keys: a fixture)
 from trainbus.kernel.session import run_training  # noqa: E402
 from trainbus.proto.remote import HANDSHAKE_IVL_MS  # noqa: E402
 
