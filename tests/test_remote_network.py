@@ -74,7 +74,11 @@ def test_a_remote_plugin_over_curve_is_durable_across_kill_9_and_its_stop_works(
     is recorded, in order. Late in the run it sends stop with its control-role key, and the run stops there."""
     host, prefix = ("127.0.0.1", []) if where == "loopback" else _network_namespace(request)
     stop_at = 3 * STEPS_PER_EPOCH + 10
-    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], host=host, epochs=4, step_sleep_s=0.05), tmp_path)
+    # gated: the run waits at batch 30 until the restarted plugin records again, then trains on at 0.01 s a step
+    gate = tmp_path / "gate"
+    open_gate(gate, 30)
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], host=host, epochs=4, step_sleep_s=0.01, gate=gate),
+                           tmp_path)
     kernels.append(kernel)
     connection(kernel)
     record = tmp_path / "remote.txt"
@@ -90,8 +94,12 @@ def test_a_remote_plugin_over_curve_is_durable_across_kill_9_and_its_stop_works(
         first.kill()
         first.wait(10)
         killed_at = kernel.journal.step()
+        recorded_at_kill = len(record.read_text().splitlines())
         time.sleep(LIVENESS_S)  # its name is held while the killed connection counts as live
         second = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        wait_until(lambda: len(record.read_text().splitlines()) > recorded_at_kill or second.poll() is not None, 120,
+                   "the restarted remote plugin's events")
+        open_gate(gate, 4 * STEPS_PER_EPOCH)
         result = kernel.result(timeout_s=180)
         second.wait(30)
     finally:
