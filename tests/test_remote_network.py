@@ -273,7 +273,7 @@ def test_a_remote_plugin_whose_connections_go_silent_for_good_reconnects_and_mis
         wait_until(lambda: len(recorded_seqs(record)) >= 20, 120, "the remote plugin's first 20 events")
         link.blackhole()
         silent_at = max(recorded_seqs(record))
-        open_gate(gate, 20 + STEPS_PER_EPOCH)  # each batch journals more than 2 events: 100 and more meanwhile
+        open_gate(gate, 85)  # 65 batches while silent: ~140 events (two a batch), past the 100 waited for below
         wait_until(lambda: max(recorded_seqs(record)) > silent_at + 100, 3 * CLIENT_HEARTBEAT_TIMEOUT_MS / 1000 + 30,
                    "the remote plugin's events after its connections went silent")
         open_gate(gate, 2 * STEPS_PER_EPOCH)
