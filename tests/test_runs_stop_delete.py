@@ -171,8 +171,7 @@ def test_two_deletes_of_one_run_at_once_say_what_the_second_met(tmp_path):
     """Two `runs delete RUN` at once (a script, a key pressed twice): the one that found the journal locked by the
     other said the completed run `is running; stop it first`. It says another process holds the run now."""
     runs = tmp_path / "runs"
-    ran = trainbus("run", "--epochs", "1", "--plugins", "", "--runs-dir", str(runs))
-    run_id = ran.stdout.split()[1].rstrip(":")
+    run_id = run_training(run_config(runs, target=TINY)).run_id  # a completed run (in this process: no CLI start)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_JOURNAL, str(runs / run_id / JOURNAL_NAME)],
                               stdout=subprocess.PIPE, text=True)  # as the other delete holds it while files go
     try:
@@ -218,10 +217,8 @@ def test_a_ctrl_c_while_a_run_is_deleted_stops_once_that_run_is_gone_whole(tmp_p
     """It cut the rmtree where it was, leaving the run half there (some of its files gone), exit 130 and not a
     word. Now the run being deleted goes whole, the ones after it stay, and the line says which."""
     runs = tmp_path / "runs"
-    ids = []
-    for _ in range(2):
-        ran = trainbus("run", "--epochs", "1", "--plugins", "", "--runs-dir", str(runs))
-        ids.append(ran.stdout.split()[1].rstrip(":"))
+    # two completed runs, trained in this process (two `trainbus run`s cost a torch start each)
+    ids = [run_training(run_config(runs, target=TINY), run_id=run_id).run_id for run_id in ("run-1", "run-2")]
     code, out, err = ctrl_c_once_it_says(_HELD_REMOVAL, [str(runs), "runs", "delete", *ids, "--yes", "--runs-dir",
                                                         str(runs)], "deleting")
     assert (code, err) == (130, f"trainbus: Ctrl-C: stopped; not deleted: {ids[1]}\n"), err
