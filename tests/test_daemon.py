@@ -355,9 +355,10 @@ def test_the_queue_outlives_a_killed_daemon_and_a_running_run_outlives_it(tmp_pa
     runs, gate = tmp_path / "runs", tmp_path / "gate"
     runs.mkdir()
     first_pid = start_daemon(daemons, runs)
-    first = submit(runs)
-    second = submit(runs, PACED, "--set", f"gate={gate}", "--set", "step_sleep_s=0")
-    third = submit(runs, PACED, "--set", "lr=0.002")
+    # one epoch each (6 steps): the gate holds the second where the test acts, and all three must complete
+    first = submit(runs, PACED, "--epochs", "1")
+    second = submit(runs, PACED, "--epochs", "1", "--set", f"gate={gate}", "--set", "step_sleep_s=0")
+    third = submit(runs, PACED, "--epochs", "1", "--set", "lr=0.002")
     assert listed(runs)[third]["status"] == "queued"
 
     journal = JournalTail(runs / second / JOURNAL_NAME)
@@ -557,8 +558,8 @@ def test_two_runs_asking_for_a_gpu_each_run_at_once_on_two_devices_and_a_third_w
     assert greedy.returncode == 2 and greedy.stderr == ("error: --gpus 3: the run asks for 3 GPUs and the daemon has 2 "
                                                         "(0,1); start the daemon with --gpus listing them\n"), greedy
     assert listed(runs) == {}
-    ids = [submit(runs, DEVICES, "--gpus", "1", "--set", f"gate={gate}", "--set", "step_sleep_s=0")
-           for _ in range(3)]
+    ids = [submit(runs, DEVICES, "--gpus", "1", "--epochs", "1", "--set", f"gate={gate}", "--set", "step_sleep_s=0")
+           for _ in range(3)]  # one epoch each: the gate holds the first two while the test looks
     for run_id in ids[:2]:
         wait_until(lambda: (runs / run_id / "devices.txt").exists(), WAIT_S, f"{run_id} training")
     seen = sorted((runs / run_id / "devices.txt").read_text() for run_id in ids[:2])
@@ -962,7 +963,7 @@ def test_a_run_queued_before_the_daemon_starts_is_logged_started_after_the_daemo
     happen: serving, then started."""
     runs = tmp_path / "runs"
     runs.mkdir()
-    queued = submit(runs)
+    queued = submit(runs, PACED, "--epochs", "1")
     start_daemon(daemons, runs)
     log = daemon_dir(runs) / "daemon.log"
     wait_until(lambda: f"{queued}: started (pid" in log.read_text(), 30, "the queued run started")
