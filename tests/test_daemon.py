@@ -859,30 +859,52 @@ def test_run_detach_that_needs_a_gpu_this_host_lacks_is_refused_and_queues_nothi
     assert not runs.exists() or list_runs(runs) == [], "a run was queued"
 
 
-@pytest.mark.parametrize("column, garbled", [("argv", "not json"), ("gpus", "lots"), ("env", '{"A": 1}'),
-                                             ("resumes_left", "many")])
+GARBLED = {"argv": "not json", "gpus": "lots", "env": '{"A": 1}', "resumes_left": "many"}
 
 
-def test_a_queued_row_garbled_by_hand_fails_alone_and_the_queue_goes_on(column, garbled, tmp_path, daemons):
-    """A row the daemon did not write (sqlite3 by hand, a damaged disk): `daemon status` and `runs list` raised on
-    it, and the daemon's every round failed on it, starting nothing behind it."""
+@pytest.fixture(scope="module")
+def garbled_queue(tmp_path_factory):
+    """One queue for the garbled-row tests: a row garbled in each column of GARBLED, a good row behind them all, and
+    one daemon that takes them (one daemon and one kernel start, not one per column). What `daemon status` said
+    before the daemon started and after the good run completed, and the runs as listed then."""
     import sqlite3
 
     from trainbus.kernel.registry import REGISTRY_NAME
 
-    runs = tmp_path / "runs"
-    first, second = submit(runs, TINY), submit(runs, TINY)
-    with sqlite3.connect(runs / REGISTRY_NAME) as db:
-        db.execute(f"UPDATE jobs SET {column} = ? WHERE id = ?", (garbled, first))
-    status = cli("daemon", "status", "--runs-dir", str(runs), check=False)  # 3: no daemon serves them yet
-    assert status.returncode == 3 and "2 run(s) queued" in status.stdout, status.stderr
+    runs = tmp_path_factory.mktemp("garbled") / "runs"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", str(TESTS_DIR))
+        rows = {column: submit(runs, TINY) for column in GARBLED}
+        good = submit(runs, TINY)
+        with sqlite3.connect(runs / REGISTRY_NAME) as db:
+            for column, garbled in GARBLED.items():
+                db.execute(f"UPDATE jobs SET {column} = ? WHERE id = ?", (garbled, rows[column]))
+        before = cli("daemon", "status", "--runs-dir", str(runs), check=False)  # 3: no daemon serves them yet
+        served: list[Path] = []
+        try:
+            start_daemon(served, runs)
+            wait_until(lambda: listed(runs).get(good, {}).get("status") == "completed", WAIT_S, "the run behind them")
+            seen = {"runs": runs, "rows": rows, "before": before, "listed": listed(runs),
+                    "through_cli": listed(runs, through_cli=True),
+                    "after": cli("daemon", "status", "--runs-dir", str(runs)).stdout}
+        finally:  # all the cases read is above: the daemon need not serve through the rest of the module
+            for directory in served:
+                trainbus("daemon", "stop", "--runs-dir", str(directory), check=False)
+    return seen
+
+
+@pytest.mark.parametrize("column", GARBLED)
+def test_a_queued_row_garbled_by_hand_fails_alone_and_the_queue_goes_on(column, garbled_queue):
+    """A row the daemon did not write (sqlite3 by hand, a damaged disk): `daemon status` and `runs list` raised on
+    it, and the daemon's every round failed on it, starting nothing behind it."""
+    runs, row, status = garbled_queue["runs"], garbled_queue["rows"][column], garbled_queue["before"]
+    queued = len(GARBLED) + 1
+    assert status.returncode == 3 and f"{queued} run(s) queued" in status.stdout, status.stderr
     assert f"queued: `trainbus daemon start --runs-dir {runs}` starts them" in status.stdout  # what to do about it
-    start_daemon(daemons, runs)
-    wait_until(lambda: listed(runs).get(second, {}).get("status") == "completed", WAIT_S, "the run behind it")
     said = f"its queue row's {column} is not what trainbus writes: submit the run again"
-    assert listed(runs, through_cli=True)[first]["status"] == "failed"
-    assert listed(runs)[first]["error"] == said
-    assert f"ended {first}" in cli("daemon", "status", "--runs-dir", str(runs)).stdout
+    assert garbled_queue["through_cli"][row]["status"] == "failed"
+    assert garbled_queue["listed"][row]["error"] == said
+    assert f"ended {row}" in garbled_queue["after"]
 
 
 def test_the_daemon_removes_the_snapshot_buffers_of_a_run_whose_kernel_was_killed(tmp_path, daemons):
