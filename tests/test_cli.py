@@ -25,8 +25,9 @@ from trainbus.kernel.config import SETTINGS_MAX_BYTES, ConfigError, RunConfig, l
 
 
 def trainbus(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`trainbus ARGS` forked with torch loaded (kernel_process.cli); the tests of the console script's own start,
-    a terminal and signals start the script itself."""
+    """`trainbus ARGS` forked with torch loaded (kernel_process.cli; stdin /dev/null, not a terminal): a console
+    script's start costs ~0.5 s of CPU, ~3 s more for a command that imports torch. The tests of the console
+    script's own start (its sys.path, its closed or piped output), a terminal and signals start the script itself."""
     return cli(*args, cwd=cwd, timeout=timeout)
 
 
@@ -357,8 +358,7 @@ def test_a_gpu_by_its_index_is_taken_and_where_none_is_visible_said_so(tmp_path)
 def test_a_reason_left_out_is_refused_not_the_next_option_taken_for_it(args, option, taken, tmp_path):
     """click takes the word after an option for its value: `--stop --key FILE` journaled "--key" as the reason,
     then refused FILE as an extra argument, naming neither mistake."""
-    r = subprocess.run([*trainbus_cmd(), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                       stdin=subprocess.DEVNULL)
+    r = trainbus(*args, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"'{option}': takes a REASON, and '{taken}' is an option: put the reason right after it" in r.stderr
 
@@ -412,8 +412,7 @@ def test_a_mistyped_option_of_runs_resume_points_at_a_command_there_is(tmp_path)
 @pytest.mark.parametrize("args", [["run"], ["runs", "delete", "x", "--yes"], ["daemon", "start"]])
 def test_an_empty_runs_dir_is_refused_not_taken_for_the_current_directory(args, tmp_path):
     """`--runs-dir "$UNSET"` was the current directory: runs made, or looked for and deleted, there."""
-    r = subprocess.run([*trainbus_cmd(), *args, "--runs-dir", ""], capture_output=True, text=True, timeout=60,
-                       cwd=tmp_path, stdin=subprocess.DEVNULL)
+    r = trainbus(*args, "--runs-dir", "", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and \
         "'--runs-dir': is empty: name a directory, or leave --runs-dir out for ./runs" in r.stderr, r.stderr
     assert not any(tmp_path.iterdir())
@@ -424,8 +423,7 @@ def test_an_empty_runs_dir_in_a_config_file_is_refused_too(value, tmp_path):
     """`[run] runs_dir = ""` (a template's blank, `runs_dir = "${RUNS}"` written out unset) was the current directory:
     the run's directory and registry.sqlite made there, where `--runs-dir ""` is refused."""
     (tmp_path / "run.toml").write_text(f"[run]\nruns_dir = {value}\nepochs = 1\n")
-    r = subprocess.run([*trainbus_cmd(), "run", "-c", "run.toml", "--plugins", ""], capture_output=True, text=True,
-                       timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    r = trainbus("run", "-c", "run.toml", "--plugins", "", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr == ("error: run.toml: runs_dir is empty: name a directory, or leave runs_dir "
                                               "out for ./runs\n"), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml"]
@@ -441,8 +439,7 @@ def test_daemon_commands_say_a_runs_dir_that_is_missing_or_a_file(args, code, ki
     given = tmp_path / "runz"
     if kind == "file":
         given.write_text("")
-    r = subprocess.run([*trainbus_cmd(), *args, "--runs-dir", str(given)], capture_output=True, text=True,
-                       timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    r = trainbus(*args, "--runs-dir", str(given), cwd=tmp_path)
     said = (f"the runs directory {given} is a file, not a directory (is --runs-dir right?)" if kind == "file" else
             f"the runs directory {given} does not exist (is --runs-dir right?)")
     assert r.returncode == code and said in r.stdout + r.stderr, (r.returncode, r.stdout, r.stderr)
@@ -460,14 +457,12 @@ def test_an_option_given_twice_with_two_values_is_refused_not_the_later_taken(ar
     """`trainbus run --epochs 3 --epochs 4` trained 4 epochs unsaid (click keeps the later value), where a flag or a
     --set given twice with another value is refused: which one was meant is not said. The same value twice is
     harmless, and taken."""
-    r = subprocess.run([*trainbus_cmd(), *args, "--runs-dir", str(tmp_path / "runs")], capture_output=True,
-                       text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    r = trainbus(*args, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
     command = " ".join(["trainbus", *args[:2]] if args[0] == "runs" else ["trainbus", "run"])
     assert (r.returncode, r.stderr) == (2, f"error: {said} (`{command} --help` shows what it takes)\n"), r.stderr
     assert not (tmp_path / "runs").exists()
     if args[0] == "run":
-        same = subprocess.run([*trainbus_cmd(), "run", "--epochs", "1", "--epochs", "1", "--help-flags"],
-                              capture_output=True, text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+        same = trainbus("run", "--epochs", "1", "--epochs", "1", "--help-flags", cwd=tmp_path)
         assert same.returncode == 0, same.stderr
 
 
@@ -517,8 +512,7 @@ def test_a_run_in_a_runs_dir_whose_path_is_short_in_characters_but_long_in_bytes
     try:
         runs = short / ("é" * 40)
         assert len(str(runs / "20261206-000000-abcdef" / "control.sock")) < 100 < 108 < len(os.fsencode(runs)) + 36
-        r = subprocess.run([*trainbus_cmd(), "run", "--plugins", "metrics_log", "--epochs", "1", "--runs-dir",
-                            str(runs)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        r = trainbus("run", "--plugins", "metrics_log", "--epochs", "1", "--runs-dir", str(runs), cwd=tmp_path)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
         [run_dir] = [p for p in runs.iterdir() if p.is_dir()]
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
