@@ -928,9 +928,18 @@ def test_a_ctrl_c_while_the_model_is_built_stops_before_the_run_begins_in_one_li
         while not gate.with_name("build_gate.waiting").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        time.sleep(1.0)  # the handler runs at the build's next bytecode (it polls its gate every 10 ms)
+        # the handler runs at the build's next bytecode (it polls its gate every 10 ms) and says so: the gate opens
+        # once it has
+        said, deadline = "", time.monotonic() + 60
+        while "stopping once" not in said and time.monotonic() < deadline:
+            if select.select([proc.stderr], [], [], 1.0)[0]:
+                chunk = os.read(proc.stderr.fileno(), 65536).decode()
+                if not chunk:
+                    break
+                said += chunk
         open_gate(gate, 1)
         out, err = proc.communicate(timeout=120)
+        err = said + err
     finally:
         proc.kill()
     assert proc.returncode == 130, (out, err)
