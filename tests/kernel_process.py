@@ -225,19 +225,24 @@ def cli(*args: str, cwd: str | Path | None = None, timeout: float = 120.0) -> su
 class Command(Forked):
     """`trainbus ARGS` forked as cli() runs it, shown as subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)
     shows a child: Forked's pid, poll, wait, send_signal, kill and returncode, and communicate. `env`: added to the
-    test's."""
+    test's. `output`: both streams to that file instead, in the order written, as `> FILE 2>&1` (the test reads it;
+    communicate() is not for such a command)."""
 
-    def __init__(self, *args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None):
+    def __init__(self, *args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None,
+                 output: str | Path | None = None):
         self.args = ["trainbus", *args]
         prefix = Path(tempfile.gettempdir()) / f"trainbus-cli-{secrets.token_hex(4)}"
         self.stdout_path, self.stderr_path = prefix.with_suffix(".out"), prefix.with_suffix(".err")
+        if output is not None:
+            self.stdout_path = self.stderr_path = Path(output)
+            self.stdout_path.write_text("")  # truncated, as `>` does; the child appends to it
         process = _context().Process(target=_cli_child, daemon=False, args=(
             list(args), str(self.stdout_path), str(self.stderr_path), str(cwd or os.getcwd()),
             {**os.environ, **(env or {})}))
         process.start()
         super().__init__(process)
-        # a test that kills it and never asks for its output: the files go once it is forgotten, or as pytest exits
-        weakref.finalize(self, _remove, self.stdout_path, self.stderr_path)
+        if output is None:  # a test that kills it and never asks for its output: the files go once it is forgotten
+            weakref.finalize(self, _remove, self.stdout_path, self.stderr_path)
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Its output once it exits (subprocess.TimeoutExpired before: kill it, as with Popen)."""

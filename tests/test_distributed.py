@@ -14,9 +14,9 @@ from typing import Callable
 import psutil
 import pytest
 
-from conftest import TESTS_DIR, trainbus_cmd
+from conftest import TESTS_DIR
 from helpers import PLUGIN_START_S, assert_same_weights, free_port, seeded_rng
-from kernel_process import cli, wait_until
+from kernel_process import Command, cli, wait_until
 from trainbus.kernel.journal import read_events
 from trainbus.proto import JOURNAL_NAME
 
@@ -133,15 +133,15 @@ def reference(tmp_path_factory) -> tuple[list[str], Path]:
     return args, run_dir
 
 
-def start_paced(runs: Path, args: list[str], output: Path) -> subprocess.Popen:
-    """The reference's run, slowed (30 ms a batch, the arithmetic untouched) so that a test can act mid-epoch."""
-    with open(output, "w") as out:
-        return subprocess.Popen(trainbus_cmd() + ["run", PROBED, "--device", "cpu", "--runs-dir", str(runs), *args,
-                                                  "--set", "step_sleep_s=0.03"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+def start_paced(runs: Path, args: list[str], output: Path) -> Command:
+    """The reference's run, slowed (30 ms a batch, the arithmetic untouched) so that a test can act mid-epoch; its
+    output (both streams) to `output`. The launcher is forked with torch loaded (kernel_process.Command: ~3 s of
+    torch import less a test); its ranks start as torchrun starts them."""
+    return Command("run", PROBED, "--device", "cpu", "--runs-dir", str(runs), *args, "--set", "step_sleep_s=0.03",
+                   output=output)
 
 
-def wait_for_checkpoint(runs: Path, epoch: int, proc: subprocess.Popen) -> Path:
+def wait_for_checkpoint(runs: Path, epoch: int, proc: Command) -> Path:
     """The run's directory, once a checkpoint of that epoch is on disk."""
     def saved() -> Path | None:
         assert proc.poll() is None, "the run ended before the checkpoint the test waits for"
@@ -152,7 +152,7 @@ def wait_for_checkpoint(runs: Path, epoch: int, proc: subprocess.Popen) -> Path:
     return wait_until(saved, 180, f"an epoch-{epoch} checkpoint", poll_s=0.2)
 
 
-def kill_launch(proc: subprocess.Popen) -> None:
+def kill_launch(proc: subprocess.Popen | Command) -> None:
     """kill -9 of the launcher and everything under it: torchrun starts each rank in a session of its own, out
     of the launcher's process group."""
     family = psutil.Process(proc.pid).children(recursive=True)
@@ -303,7 +303,7 @@ def _rank_pid_or_none(launcher: int, rank: int) -> int | None:
         return None
 
 
-def signalled_after_a_step(proc: subprocess.Popen, runs: Path, sig: int,
+def signalled_after_a_step(proc: Command, runs: Path, sig: int,
                            whom: Callable[[Path], int]) -> tuple[Path, int]:
     """Once the run of `trainbus run --nproc` (proc) has trained a step, `sig` to whom(run_dir); then the
     launcher's end. (run_dir, the pid signalled)."""
@@ -333,12 +333,15 @@ def test_two_agents_stand_in_for_two_machines(tmp_path):
     """--nnodes 2: two `trainbus run`s meet at one rendezvous endpoint, one process each; rank 0's node owns the
     run (one directory, one journal), and both train it."""
     endpoint = f"127.0.0.1:{free_port()}"
-    command = trainbus_cmd() + ["run", PROBED, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--epochs", "2",
-                                "--plugins", "metrics_log", "--nnodes", "2", "--rdzv-endpoint", endpoint]
-    agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-              for _ in range(2)]
+    command = ["run", PROBED, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--epochs", "2", "--plugins",
+               "metrics_log", "--nnodes", "2", "--rdzv-endpoint", endpoint]
+    # the agents forked with torch loaded (kernel_process.Command), each as `trainbus run` would start; their ranks
+    # start as torchrun starts them
+    agents = [Command(*command, cwd=tmp_path, output=tmp_path / f"agent{i}.txt") for i in range(2)]
     try:
-        outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+        for agent in agents:
+            agent.wait(timeout=300)
+        outputs = [(tmp_path / f"agent{i}.txt").read_text() for i in range(2)]
     finally:
         for agent in agents:
             if agent.poll() is None:
