@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,20 +89,33 @@ def test_a_stop_and_a_checkpoint_reach_every_rank_at_the_same_step(tmp_path):
     assert checkpoint_at <= checkpoint.step <= stop.step, f"TRAINBUS_TEST_SEED={seed}"
 
 
-def test_a_checkpoint_agreed_inside_an_accumulation_lands_at_its_end_on_every_rank(tmp_path):
+@pytest.fixture(scope="module")
+def one_epoch_on_two_ranks(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One two-process epoch of the demo (23 steps a rank) that several tests read: 3-batch accumulation, a
+    checkpoint due every 10 steps, and a run.toml whose [plugins] table is the checkpoint plugin alone (the default
+    plugins left out, which is said). Its process (what it printed) and its run directory, for reading only (a test
+    continuing it continues a copy). A two-process run costs two ranks' torch imports: ~10 s on 2 cores."""
+    where = tmp_path_factory.mktemp("one_epoch_on_two_ranks")
+    config = where / "run.toml"
+    config.write_text("[run]\ncheckpoint_every_n_steps = 10\naccumulate_grad_batches = 3\n[plugins.checkpoint]\n")
+    with pytest.MonkeyPatch.context() as patch:  # the autouse PYTHONPATH fixture is per test
+        patch.setenv("PYTHONPATH", str(TESTS_DIR))
+        proc, run_dir = train(where, "--nproc", "2", "--epochs", "1", "--config", str(config))
+    return proc, run_dir
+
+
+def test_a_checkpoint_agreed_inside_an_accumulation_lands_at_its_end_on_every_rank(one_epoch_on_two_ranks):
     """Due at step 10, agreed at 16 (the ranks agree every 16 steps) while a 3-batch accumulation is open: taken
     at 18, where it closes, by every rank (a collective: a rank that missed it would hang the bounded run)."""
-    config = tmp_path / "run.toml"
-    config.write_text("[run]\ncheckpoint_every_n_steps = 10\naccumulate_grad_batches = 3\n")
-    _, run_dir = train(tmp_path, "--nproc", "2", "--epochs", "1", "--plugins", "checkpoint", "--config", str(config))
+    _, run_dir = one_epoch_on_two_ranks
     steps = [e.step for e in read_events(run_dir) if e.type == "save_checkpoint"]
     assert steps == [18, 23], steps  # then the epoch's end (23 steps a rank)
 
 
-def test_an_epochs_last_short_accumulation_steps_on_gradients_averaged_over_every_rank(tmp_path):
+def test_an_epochs_last_short_accumulation_steps_on_gradients_averaged_over_every_rank(one_epoch_on_two_ranks):
     """23 batches a rank, accumulated 3 at a time: the epoch's last 2 close no cycle, so DDP skipped their all-reduce
     (no_sync), and each rank stepped on its own gradients there: the ranks' weights parted at the first epoch's end."""
-    _, run_dir = train(tmp_path, "--nproc", "2", "--epochs", "1", "--plugins", "", "--accumulate-grad-batches", "3")
+    _, run_dir = one_epoch_on_two_ranks
     rank0, rank1 = probes(run_dir)
     assert rank0 == rank1
 
@@ -549,11 +563,10 @@ def test_a_rank_failing_before_rank_0_made_the_run_directory_writes_its_file_onc
     assert "\nerror: rank 3: ValueError: boom" in said and time.monotonic() - started < 60
 
 
-def test_what_the_checks_before_the_run_say_is_said_once_under_nproc(tmp_path):
+def test_what_the_checks_before_the_run_say_is_said_once_under_nproc(one_epoch_on_two_ranks):
     """The command's notes and warnings (a [plugins] table that leaves the default plugins out) were said by the
     command and again by each rank it started: three times under --nproc 2."""
-    (tmp_path / "run.toml").write_text("[plugins.checkpoint]\n")
-    proc, _ = train(tmp_path, "--nproc", "2", "--epochs", "1", "--config", str(tmp_path / "run.toml"))
+    proc, _ = one_epoch_on_two_ranks  # its run.toml's [plugins] table: the checkpoint plugin alone
     assert proc.stderr.count("trainbus: note: ") == 1, proc.stderr
     assert proc.stderr.count("'s [plugins] table is the run's whole plugin list") == 1, proc.stderr
 
@@ -872,11 +885,13 @@ def test_a_rank_killed_while_restarts_are_left_is_named_with_the_restart(tmp_pat
     assert both.count("completed after 1 epoch") == 1, both
 
 
-def test_a_resume_on_another_number_of_processes_says_so(tmp_path):
+def test_a_resume_on_another_number_of_processes_says_so(tmp_path, one_epoch_on_two_ranks):
     """A run trained on 2 ranks (under torchrun or srun by hand, where config.json records no launch; or --nproc 1
     given) continued in 1 process: it went on without a word, its steps now counting twice the batches an epoch,
     its data order and RNG streams none that the 2 would have had. Said once, naming both counts."""
-    _, run_dir = train(tmp_path, "--nproc", "2", "--epochs", "1", "--plugins", "checkpoint")
+    _, trained = one_epoch_on_two_ranks
+    run_dir = tmp_path / "runs" / trained.name  # a copy, continued in place: the other tests read the original
+    shutil.copytree(trained, run_dir)
     proc = cli("run", "--resume", str(run_dir), "--epochs", "2", "--nproc", "1", "--plugins", "checkpoint",
                timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
