@@ -656,6 +656,25 @@ def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return cli("run", *args, cwd=cwd)  # forked with torch loaded
 
 
+@pytest.fixture(scope="module")
+def one_checkpointed_epoch(tmp_path_factory) -> Path:
+    """The run directory of one epoch of the paced demo (batch size 256: 6 steps) with its epoch's checkpoint, trained
+    once for the tests below that need such a run (each waited ~3 s more for its checkpoint plugin's torch import):
+    not to be changed; `copy_of_it` gives a test a copy of its own."""
+    with pytest.MonkeyPatch.context() as patch:  # the autouse PYTHONPATH fixture is per test
+        patch.setenv("PYTHONPATH", str(TESTS_DIR))
+        result = run_training(config(tmp_path_factory.mktemp("one_checkpointed_epoch") / "runs", [checkpointer()], 1,
+                                     target=PACED, every_n_epochs=1, step_sleep_s=0.0, batch_size=256))
+    assert result.status == "completed", result.error
+    return Path(result.run_dir)
+
+
+def copy_of(run_dir: Path, runs: Path) -> Path:
+    """A copy of a run directory in `runs`, under its run id: a run of that runs directory (moved, as a user may)."""
+    runs.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copytree(run_dir, runs / run_dir.name, symlinks=True))
+
+
 def test_resume_from_nothing_is_one_clear_line_and_exit_2(tmp_path):
     proc = run_cli(tmp_path, "--resume", "nonexistent")
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -735,15 +754,15 @@ def test_resuming_a_run_still_going_or_one_without_checkpoints_is_refused_saying
     assert proc.stdout == "" and not (runs / ".daemon").exists(), "a run was queued"
 
 
-def test_a_checkpoint_copied_out_of_its_run_starts_a_new_run_and_a_non_checkpoint_is_one_line(tmp_path):
+def test_a_checkpoint_copied_out_of_its_run_starts_a_new_run_and_a_non_checkpoint_is_one_line(tmp_path,
+                                                                                             one_checkpointed_epoch):
     """README: `--resume FILE.pt` starts a new run from that checkpoint. A copy kept elsewhere (no manifest beside
     it) is taken as it is; a file that only looks like one is refused in one line, and nothing is started."""
     runs = tmp_path / "runs"
-    result = run_training(config(runs, [checkpointer()], 1, target=PACED, every_n_epochs=1, step_sleep_s=0.0,
-                                 batch_size=256))
+    run_dir = copy_of(one_checkpointed_epoch, runs)
     copy = tmp_path / "kept" / "mine.pt"
     copy.parent.mkdir()
-    shutil.copy(Path(result.run_dir) / "checkpoints" / "last.pt", copy)
+    shutil.copy(run_dir / "checkpoints" / "last.pt", copy)
     # at the epochs it ends, a new run from it would train nothing: said, nothing started
     proc = run_cli(tmp_path, "--resume", str(copy), "--runs-dir", str(tmp_path / "none"), "--epochs", "1",
                    "--plugins", "", "--set", "batch_size=256")
@@ -753,7 +772,7 @@ def test_a_checkpoint_copied_out_of_its_run_starts_a_new_run_and_a_non_checkpoin
     proc = run_cli(tmp_path, "--resume", str(copy), "--runs-dir", str(runs), "--epochs", "2", "--plugins", "",
                    "--set", "batch_size=256")
     assert proc.returncode == 0, proc.stderr
-    new_run = next(p for p in runs.iterdir() if p.is_dir() and p.name != Path(result.run_dir).name)
+    new_run = next(p for p in runs.iterdir() if p.is_dir() and p.name != run_dir.name)
     assert [e.epoch for e in of(read_events(new_run), "end_epoch")] == [2]  # went on after the copy's epoch 1
     assert "optimizer" not in proc.stderr  # the same flags: what the saved optimizer holds is the run's own
     # another lr: the saved optimizer's state holds its lr too, which it goes on with; said, not left to be found in
@@ -817,15 +836,13 @@ DAMAGES = ("resume state a string", "another format", "no step", "step a string"
            "no optimizer_state_dict", "optimizer_state_dict without param_groups")
 
 
-def test_a_checkpoint_whose_fields_are_garbled_is_refused_in_one_line_and_starts_no_run(tmp_path):
+def test_a_checkpoint_whose_fields_are_garbled_is_refused_in_one_line_and_starts_no_run(tmp_path,
+                                                                                       one_checkpointed_epoch):
     """--resume FILE.pt of a checkpoint torch loads but whose fields are not what trainbus wrote (a hand-edited or
     garbled file, one of another tool): each was a Python traceback (AttributeError, KeyError, TypeError in
     restore_weights or Loop.resume), or a run that started and failed 40 s later (a step that is a string), or one
     that trained from epoch -4 (found by a bad-input audit). Now one `error:` line naming the field, exit 2, no run."""
-    runs = tmp_path / "runs"
-    result = run_training(config(runs, [checkpointer()], 1, target=PACED, every_n_epochs=1, step_sleep_s=0.0,
-                                 batch_size=256))
-    state = torch.load(Path(result.run_dir) / "checkpoints" / "last.pt", weights_only=True)
+    state = torch.load(one_checkpointed_epoch / "checkpoints" / "last.pt", weights_only=True)
     kept = tmp_path / "kept"
     kept.mkdir()
     for damage in DAMAGES:
@@ -859,15 +876,13 @@ RECORDED_CONFIGS_OF_WRONG_TYPES = {
 }
 
 
-def test_a_run_whose_config_json_holds_a_field_of_the_wrong_type_is_not_continued_and_keeps_its_files(tmp_path):
+def test_a_run_whose_config_json_holds_a_field_of_the_wrong_type_is_not_continued_and_keeps_its_files(
+        tmp_path, one_checkpointed_epoch):
     """`trainbus runs resume RUN` of a run whose config.json was edited by hand (text instead of an object, flags
     of a list, epochs of text, ...): a Python traceback (AttributeError: 'str' object has no attribute 'pop',
     TypeError: '<=' not supported ...) where a torn config.json is one line (found by a bad-input audit). Now it is
     that line too, naming the field, exit 2, and the run's files are as they were."""
-    runs = tmp_path / "runs"
-    result = run_training(config(runs, [checkpointer()], 1, target=PACED, every_n_epochs=1, step_sleep_s=0.0,
-                                 batch_size=256))
-    run_dir = Path(result.run_dir)
+    run_dir = copy_of(one_checkpointed_epoch, tmp_path / "runs")
     real = json.loads((run_dir / "config.json").read_text())
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "config.json"}
     for case, make in RECORDED_CONFIGS_OF_WRONG_TYPES.items():
@@ -883,15 +898,12 @@ def test_a_run_whose_config_json_holds_a_field_of_the_wrong_type_is_not_continue
         assert (run_dir / "config.json").read_text() == json.dumps(make(real)), case
 
 
-def test_a_manifest_line_with_fields_of_the_wrong_type_is_skipped_as_a_torn_one_is(tmp_path):
+def test_a_manifest_line_with_fields_of_the_wrong_type_is_skipped_as_a_torn_one_is(tmp_path, one_checkpointed_epoch):
     """checkpoints/manifest.jsonl with a line whose step is text (an edit by hand, another tool's line): `runs
     resume` died sorting the entries (TypeError: '<' not supported between 'str' and 'int') with a traceback (found
     by a bad-input audit). Such a line is skipped as a torn one is, and the run continues from its newest verified
     checkpoint; so is a line naming a file outside the manifest's folder, which retention would have deleted."""
-    runs = tmp_path / "runs"
-    result = run_training(config(runs, [checkpointer()], 1, target=PACED, every_n_epochs=1, step_sleep_s=0.0,
-                                 batch_size=256))
-    run_dir = Path(result.run_dir)
+    run_dir = copy_of(one_checkpointed_epoch, tmp_path / "runs")
     outside = tmp_path / "mine.pt"
     outside.write_bytes(b"not to be touched")
     with open(run_dir / "checkpoints" / "manifest.jsonl", "a") as manifest:
