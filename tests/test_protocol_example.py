@@ -156,7 +156,9 @@ def test_command_plugins_relative_to_where_the_run_started_start_in_a_run_contin
     first = cli("run", "-c", "run.toml", "--epochs", "1", "--runs-dir", str(runs), cwd=project, timeout=300)
     assert first.returncode == 0, first.stderr
     (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
-    again = cli("runs", "resume", run_dir.name, "--epochs", "2", "--runs-dir", str(runs), cwd=elsewhere, timeout=300)
+    # what `trainbus runs resume RUN --epochs 2` execs, run here forked with torch loaded (the exec's fresh
+    # interpreter imports torch again: ~3 s; `runs resume` itself is test_cli's and test_checkpoint_e2e's)
+    again = cli("run", "--resume", str(run_dir), "--epochs", "2", cwd=elsewhere, timeout=300)
     assert again.returncode == 0, again.stderr
     events = read_events(run_dir)
     first_end = of(events, "end_training_session")[0].seq  # the first session's: what follows is the second's
