@@ -37,9 +37,11 @@ class RendezvousWatch:
     Time is a parameter: tick(now) is what the thread calls, and a test calls it with a fake clock."""
 
     def __init__(self, nnodes: int, endpoint: str | None, say: Callable[[str], None], began: float,
-                 started: Callable[[], bool] = ranks_started, said_after_s: float = WAITING_SAID_AFTER_S):
+                 started: Callable[[], bool] = ranks_started, said_after_s: float | None = None):
         self.nnodes, self.endpoint, self.say, self.began = nnodes, endpoint, say, began
-        self._started, self.said_after_s = started, said_after_s
+        # None: the module's WAITING_SAID_AFTER_S as it is now (as distributed.py reads its own), not at import
+        self._started = started
+        self.said_after_s = WAITING_SAID_AFTER_S if said_after_s is None else said_after_s
         self.started = self.said = False
         self._done = threading.Event()
         self._thread: threading.Thread | None = None

@@ -172,9 +172,16 @@ def _kernel_child(config_json: str, run_id: str, stdout_path: str, stderr_path: 
     os._exit(0)
 
 
-def _cli_child(args: list[str], stdout_path: str, stderr_path: str, cwd: str, env: dict[str, str]) -> None:
-    """The forked `trainbus ARGS`: the console script's main() (it exits with the command's code)."""
+def _cli_child(args: list[str], stdout_path: str, stderr_path: str, cwd: str, env: dict[str, str],
+               constants: dict[str, Any]) -> None:
+    """The forked `trainbus ARGS`: the console script's main() (it exits with the command's code), `constants` set
+    first, as `python -c "import mod; mod.X = ...; main()"` would set them."""
+    import importlib
+
     _as_the_test_asked(stdout_path, stderr_path, cwd, env)
+    for name, value in constants.items():
+        module, _, attribute = name.rpartition(".")
+        setattr(importlib.import_module(module), attribute, value)
     sys.argv = ["trainbus", *args]
     from trainbus.kernel.cli import main
 
@@ -226,10 +233,11 @@ class Command(Forked):
     """`trainbus ARGS` forked as cli() runs it, shown as subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)
     shows a child: Forked's pid, poll, wait, send_signal, kill and returncode, and communicate. `env`: added to the
     test's. `output`: both streams to that file instead, in the order written, as `> FILE 2>&1` (the test reads it;
-    communicate() is not for such a command)."""
+    communicate() is not for such a command). `constants`: {"module.NAME": value} set in the command's process
+    before it starts (a window shortened where the test is not about its length)."""
 
     def __init__(self, *args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None,
-                 output: str | Path | None = None):
+                 output: str | Path | None = None, constants: dict[str, Any] | None = None):
         self.args = ["trainbus", *args]
         prefix = Path(tempfile.gettempdir()) / f"trainbus-cli-{secrets.token_hex(4)}"
         self.stdout_path, self.stderr_path = prefix.with_suffix(".out"), prefix.with_suffix(".err")
@@ -238,7 +246,7 @@ class Command(Forked):
             self.stdout_path.write_text("")  # truncated, as `>` does; the child appends to it
         process = _context().Process(target=_cli_child, daemon=False, args=(
             list(args), str(self.stdout_path), str(self.stderr_path), str(cwd or os.getcwd()),
-            {**os.environ, **(env or {})}))
+            {**os.environ, **(env or {})}, dict(constants or {})))
         process.start()
         super().__init__(process)
         if output is None:  # a test that kills it and never asks for its output: the files go once it is forgotten
