@@ -251,6 +251,11 @@ def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels):
                  seed=seed, every_n_steps=7, step_sleep_s=0.0, gate=str(gate))
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
+    # the uninterrupted run, in this process, while the other one is killed and resumed (both mostly wait)
+    pool = ThreadPoolExecutor(1)
+    uninterrupted = pool.submit(run_training, config(tmp_path / "reference", [checkpointer()], epochs, target=PACED,
+                                                     seed=seed, every_n_steps=7, step_sleep_s=0.0))
+    pool.shutdown(wait=False)
 
     def saved_in_epoch_2() -> bool:
         """Once a checkpoint of epoch 2 is on disk; till then epoch 2 goes on a checkpoint interval at a time, from
@@ -295,8 +300,7 @@ def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels):
     records = [json.loads(line) for line in (kernel.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2, 3], "each epoch's record once"
 
-    reference = run_training(config(tmp_path / "reference", [checkpointer()], epochs, target=PACED, seed=seed,
-                                    every_n_steps=7, step_sleep_s=0.0))
+    reference = uninterrupted.result(timeout=180)
     assert_same_weights(kernel.run_dir, reference.run_dir)
 
 
