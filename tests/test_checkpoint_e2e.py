@@ -351,10 +351,12 @@ def heavy_reference(tmp_path_factory):
     pool.shutdown(wait=True)
 
 
-def kill_the_checkpoint_plugin_while_it_writes(tmp_path: Path, kernels: list, heavy_reference, kills: int,
-                                               epochs: int = 9) -> None:
+def kill_the_checkpoint_plugin_while_it_writes(tmp_path: Path, kernels: list, heavy_reference, kills: int) -> None:
     """Each kill takes about one checkpoint interval of the gated run (5 steps) on an idle box; on a busy one the
-    starved plugin takes several (2 epochs ended before the fourth kill beside two CPU burners): 9 epochs."""
+    starved plugin takes several (2 epochs ended before the fourth kill beside two CPU burners): 9 epochs for 4 kills,
+    5 for 2 (100 steps or more a kill either way). The run trains every epoch after the kills, a checkpoint every 5
+    steps (33 MB each), which a longer run pays for in seconds."""
+    epochs = max(5, 2 * kills + 1)
     rng, seed = seeded_rng()
     gate = tmp_path / "gate"  # training goes only as far as the test lets it: the kills land before the run ends
     cfg = config(tmp_path / "runs", [checkpointer(max_total=3)], epochs, target=HEAVY, every_n_steps=5,
