@@ -21,9 +21,9 @@ from trainbus.proto.journal_format import read_journal
 from trainbus.plugins.visualization import VisualizationPlugin, plot_run
 from trainbus.sdk import Harness
 
-from conftest import TESTS_DIR, trainbus_cmd
+from conftest import TESTS_DIR
 from fixture_targets import open_gate
-from kernel_process import KernelProcess, wait_until
+from kernel_process import KernelProcess, cli, wait_until
 
 WIDTH_PX, HEIGHT_PX = 800, 500
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -118,8 +118,7 @@ def test_runs_plot_of_a_run_whose_losses_are_all_nan_names_the_curves_it_left_em
     # 4 epochs of 3 steps: step 10 is on the per-step curve (visualization's every_n_steps)
     result = run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:diverged", epochs=4, runs_dir=str(tmp_path),
                                     plugins=[]))
-    proc = subprocess.run([*trainbus_cmd(), "runs", "plot", result.run_id, "--runs-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = cli("runs", "plot", result.run_id, "--runs-dir", str(tmp_path), timeout=120)  # forked, torch loaded
     assert proc.returncode == 0 and (Path(result.run_dir) / "plots" / "loss.png").is_file(), proc.stderr
     said = ("no finite value to draw for training loss per epoch, validation loss per epoch, training loss per step "
             "(each is NaN or infinite: did the run diverge?); their axes are empty")
