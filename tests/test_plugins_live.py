@@ -1,5 +1,6 @@
-"""`trainbus plugins attach` and `detach` on live runs: real kernels in their own processes, the installed
-`trainbus` command, a raw owner peer and a plugin of the run that is not the owner. Nothing is mocked.
+"""`trainbus plugins attach` and `detach` on live runs: real kernels in their own processes, the `trainbus` command
+(forked, or the installed one where its start counts), a raw owner peer and a plugin of the run that is not the
+owner. Nothing is mocked.
 
 Training is held by a gate (tests/fixture_targets.py paced_digits): batch N is not trained before the test
 opens the gate to N, so "attached at step 10, detached at step 65" holds however slowly a busy box runs.
@@ -19,7 +20,7 @@ from pathlib import Path
 from conftest import sigint_as_from_a_terminal, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import assert_same_weights, metrics_records_expected, run_config
-from kernel_process import KernelProcess, of, process_gone, wait_until
+from kernel_process import KernelProcess, cli, of, process_gone, wait_until
 from test_trust import (PACED, STEPS_PER_EPOCH, Intruder, attach_credential, short_runs,  # noqa: F401 (a fixture)
                         wait_sockets)
 from trainbus.kernel.config import PluginConfig
@@ -38,8 +39,10 @@ def config(runs: Path, plugins=(), **settings):
 
 
 def plugins_cli(kernel: KernelProcess, *words: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*trainbus_cmd(), "plugins", *words, "--runs-dir", str(kernel.run_dir.parent)],
-                          capture_output=True, text=True, timeout=STARTUP_S)
+    """`trainbus plugins WORDS`, forked (kernel_process.cli): ~0.2 s of the ~0.45 s a fresh `trainbus` takes to
+    start, twenty-odd times here. Where the console script itself or the command's directory counts, the tests
+    start `trainbus` (conftest.trainbus_cmd)."""
+    return cli("plugins", *words, "--runs-dir", str(kernel.run_dir.parent), timeout=STARTUP_S)
 
 
 def step_records(path: Path) -> list[dict]:
