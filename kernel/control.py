@@ -23,6 +23,12 @@ log = logging.getLogger("trainbus.kernel")
 
 REPLAY_BATCH_MAX_EVENTS = 512  # one replay_batch; the plugin asks for the next when done (pull = flow control)
 REPLAY_BATCH_MAX_BYTES = 4 * 1024 * 1024
+# A remote peer's batches are smaller: what a client asks for and never reads stays queued in the kernel, up to
+# CONTROL_SNDHWM messages a connection (kernel/remote.py), and a monitor key may open 64 (peers.MAX_PEERS): 4 MiB
+# batches of a journal of big events (plugins' 16 KiB log lines) made that 2 GiB of the kernel's memory; 512 KiB,
+# 256 MiB. A remote plugin catching up still gets its budget's 50 batches a second, 512 events each when they are
+# the usual few hundred bytes.
+REMOTE_REPLAY_BATCH_MAX_BYTES = 512 * 1024
 SNAPSHOT_COST = 10  # replay batches one snapshot costs a peer's budget (it is built on the bus thread)
 REASON_MAX_CHARS = 1000  # a stop's or a settlement's reason and path, as republished and logged
 MALFORMED_LOGGED = 10  # malformed messages logged; the rest are counted
@@ -190,7 +196,8 @@ class Dispatcher:
                 continue
             from_seq, peer.replay_from = max(peer.replay_from, journal.first_seq), None
             # where the batch begins: past from_seq when a lost segment was skipped, so done is reckoned from there
-            first, count, records = journal.read_batch(from_seq, REPLAY_BATCH_MAX_EVENTS, REPLAY_BATCH_MAX_BYTES)
+            max_bytes = REMOTE_REPLAY_BATCH_MAX_BYTES if peer.user_id else REPLAY_BATCH_MAX_BYTES
+            first, count, records = journal.read_batch(from_seq, REPLAY_BATCH_MAX_EVENTS, max_bytes)
             done = first + count - 1 >= journal.written_seq
             self.bus.send(peer.identity, encode_replay_batch(count, records, done))
             self.counters["replayed"] += count

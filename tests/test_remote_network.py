@@ -442,13 +442,14 @@ def test_monitor_peers_that_ask_for_replays_and_never_read_them_hold_little_of_t
     asking for the journal from seq 1 fifty times a second and reading nothing had the kernel queue 1,000 batches
     each on the TCP control socket, +300 MB of its memory in 20 s. That socket now queues a few messages per
     connection; past them a reply is dropped, counted unroutable (the peer asks again). The key's replay budget
-    (peers.py: 50 batches a second, shared by its peers) does not bound it, a batch being up to 4 MiB: here 32 lines
-    of 16 KiB make each ~0.5 MiB, and two peers had the kernel grow by ~100 MB in 3 s (now ~8 MB)."""
+    (peers.py: 50 batches a second, shared by its peers) does not bound it: here 320 lines of 16 KiB, and four peers
+    had the kernel grow by ~100 MB in 3 s. Nor did those few messages alone: a batch was up to 4 MiB, 4 x 8 of them
+    as much (64 peers of one key: 2 GiB); a remote peer's are 512 KiB (control.py). Now a few MB."""
     import psutil
 
     from trainbus.kernel.limits import LOG_TEXT_MAX_CHARS
 
-    lines = 32
+    lines = 320  # 5 MiB of the journal: a batch as big as the kernel makes one for the peer
     gate = tmp_path / "gate"
     cfg = listening_config(runs_dir, keys["dir"], epochs=1, step_sleep_s=0, gate=gate)
     cfg.limits = {"bytes_per_s": 64 << 20, "logs_per_s": 10_000.0}  # the lines go in at once
@@ -468,7 +469,7 @@ def test_monitor_peers_that_ask_for_replays_and_never_read_them_hold_little_of_t
             logger.send(pack({"v": 1, "type": "log", "level": "info", "text": text}))
         wait_until(lambda: len(kernel.journal.of("log")) >= lines, 120, "the lines in the journal")
         hogs = []
-        for number in range(2):
+        for number in range(4):
             hog = ctx.socket(zmq.DEALER)
             hog.setsockopt(zmq.LINGER, 0)
             hog.setsockopt(zmq.RCVHWM, 1)  # what it does not read stays with the kernel
@@ -489,7 +490,7 @@ def test_monitor_peers_that_ask_for_replays_and_never_read_them_hold_little_of_t
         grown = memory.memory_info().rss - before
     finally:
         ctx.destroy(linger=0)
-    assert grown < 40 << 20, f"the kernel grew {grown >> 20} MB"
+    assert grown < 48 << 20, f"the kernel grew {grown >> 20} MB"
     open_gate(gate, STEPS_PER_EPOCH)
     result = kernel.result(timeout_s=120)
     assert result["status"] == "completed" and result["bus"].get("unroutable", 0) > 0, result["bus"]
