@@ -559,6 +559,22 @@ def test_events_the_disk_refuses_to_the_end_are_kept_and_rejoin_the_journal(tmp_
     assert [m["type"] for m in maps].count("end_training_batch") == 3 * STEPS_PER_EPOCH
 
 
+def _journal_kept_elsewhere(run_dir: Path):
+    """A closed journal of run_dir holding seqs 1-10, whose 11-1999 its full disk refused: they are in the file
+    Journal.kept_elsewhere names, to rejoin it when it is opened again."""
+    from test_journal import envelope
+
+    from trainbus.kernel.journal import Journal
+    from trainbus.proto import pack
+
+    journal = Journal(run_dir / JOURNAL_NAME)
+    assert journal.append([pack(envelope(seq)) for seq in range(1, 11)], 1) == 10
+    with Filler(run_dir.parent):
+        journal.append([pack(envelope(seq)) for seq in range(11, 2000)], 11)  # more than the last page holds
+        assert journal.close() is not None and journal.kept_elsewhere is not None
+    return journal
+
+
 def test_a_continued_run_puts_the_events_kept_elsewhere_back_in_its_journal(tmp_path, mount_tmpfs, monkeypatch):
     """The events a kernel kept in $TMPDIR as it closed on a full disk come back when the run's journal opens again
     (`trainbus runs resume`, which the daemon's log advises for such a run): a continued run went on from the last
@@ -574,11 +590,7 @@ def test_a_continued_run_puts_the_events_kept_elsewhere_back_in_its_journal(tmp_
     monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
     run_dir = mount_tmpfs("runs", 1 << 20) / "run-1"
     run_dir.mkdir()
-    journal = Journal(run_dir / JOURNAL_NAME)
-    assert journal.append([pack(envelope(seq)) for seq in range(1, 11)], 1) == 10
-    with Filler(run_dir.parent):
-        journal.append([pack(envelope(seq)) for seq in range(11, 2000)], 11)  # more than the last page holds
-        assert journal.close() is not None and journal.kept_elsewhere is not None
+    journal = _journal_kept_elsewhere(run_dir)
     assert journal.kept_elsewhere.parent == spare / f"trainbus-kept-{os.getuid()}"
     assert journal.kept_elsewhere.name.endswith(".11-1999")
 
@@ -595,10 +607,7 @@ def test_events_kept_in_another_temporary_directory_than_the_resumes_still_rejoi
     the line said "`trainbus runs resume` (with this TMPDIR) puts them back", but a resume with that TMPDIR, freed
     by then, looked in it alone: the run went on from the last seq on disk, over the kept events' seqs, and they
     could never rejoin the journal. A resume looks in every temporary directory; so does `runs list` for a summary."""
-    from test_journal import envelope
-
     from trainbus.kernel.journal import Journal
-    from trainbus.proto import pack
     from trainbus.proto.kept_files import kept_summary
 
     where_kept, resumed_with = tmp_path / "tmp", tmp_path / "tmpdir"
@@ -608,11 +617,7 @@ def test_events_kept_in_another_temporary_directory_than_the_resumes_still_rejoi
     monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
     run_dir = mount_tmpfs("runs", 1 << 20) / "run-1"
     run_dir.mkdir()
-    journal = Journal(run_dir / JOURNAL_NAME)
-    assert journal.append([pack(envelope(seq)) for seq in range(1, 11)], 1) == 10
-    with Filler(run_dir.parent):
-        journal.append([pack(envelope(seq)) for seq in range(11, 2000)], 11)
-        assert journal.close() is not None and journal.kept_elsewhere is not None
+    journal = _journal_kept_elsewhere(run_dir)
     assert journal.kept_elsewhere.parent.parent == where_kept
     (journal.kept_elsewhere.parent / "trainbus-run-1-summary.json").write_text('{"status": "failed"}')
 
