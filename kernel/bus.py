@@ -24,6 +24,8 @@ from trainbus.proto.run_state import RunState
 from .journal import Journal
 from .remote import SUBSCRIPTIONS_MAX, Listener
 from .replies import Reply
+from .spec import is_user_file
+from .stall_watch import StallWatch, thread_stack
 from .tensors import materialize_tensors
 
 log = logging.getLogger("trainbus.kernel")
@@ -70,9 +72,13 @@ class Bus:
     """Publishes events in seq order through the journal, and dispatches control messages to their owners."""
 
     def __init__(self, run_id: str, journal: Journal, socket_dir: Path, heartbeat_interval_s: float,
-                 remote: Listener | None = None):
-        """`remote`: the run's TCP endpoints (kernel/remote.py), served beside the ipc ones by this thread."""
+                 remote: Listener | None = None, stalled_after_s: float = 0.0):
+        """`remote`: the run's TCP endpoints (kernel/remote.py), served beside the ipc ones by this thread.
+        `stalled_after_s`: the loop reaching no seam this long is said, with where it waits (0: never)."""
         self.run_id = run_id
+        self.stall_watch = StallWatch(stalled_after_s)
+        self._training_thread: int | None = None  # the thread that started the bus: the loop's
+        self._last_loop_event = ""
         self.remote = remote
         self.journal = journal
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -130,6 +136,7 @@ class Bus:
     # -- the training thread's side ---------------------------------------------------------------
 
     def start(self) -> None:
+        self._training_thread = threading.get_ident()
         self.supervisor.start_all()
         self._thread.start()
 
@@ -282,6 +289,9 @@ class Bus:
                     self._cut_revoked(poller)
                     interval = STARTUP_HEARTBEAT_INTERVAL_S if self.fast_heartbeats else self.heartbeat_interval_s
                     next_heartbeat = now + interval
+                    stalled_s = self.stall_watch.tick(now)
+                    if stalled_s is not None:
+                        self._say_stalled(stalled_s)
                     for peer in self.control.peers.forget_dead(now):  # attached by hand, gone without a bye
                         self.emit(ev.PLUGIN_HUNG, {"plugin": peer.name, "pid": peer.pid, "reason": (
                             f"silent for {now - peer.last_seen:.0f} s without a bye (attached, not ours to "
@@ -394,13 +404,15 @@ class Bus:
                 flushed.set()
 
     def _number_and_send(self, batch: list) -> None:
-        if any(item[0] in FINAL_EVENTS for item in batch):
+        final = any(item[0] in FINAL_EVENTS for item in batch)
+        if final:
             # Replies already received go out before the final event: a plugin may exit right after it.
             self._read_control(CONTROL_PER_WAKE * 8)
             batch += _take_all(self._queue)
             batch.sort(key=lambda item: item[0] in FINAL_EVENTS)  # stable: only the final event moves
         if not batch and not self._unpublished:
             return
+        self._watch_progress(batch, final)
         try:
             materialize_tensors(batch)
         except Exception:  # a tensor that cannot be read: its event says so below (not encodable), the rest go on
@@ -445,6 +457,28 @@ class Bus:
         if self.journal.overflowing and self.failure is None:  # the disk stays full: stop at the next step
             self.failure = self.journal.overflow_message()
             self.reply("stop", "kernel", self.failure)
+
+    def _watch_progress(self, batch: list, final: bool) -> None:
+        """The loop's events (those with a step) move the stall watch; the first after a stall that was said is
+        followed by training_resumed, numbered right behind it."""
+        first = next((i for i, item in enumerate(batch) if item[2] is not None), None)
+        if first is None:
+            return
+        self._last_loop_event = next(item[0] for item in reversed(batch) if item[2] is not None)
+        stalled_s = self.stall_watch.moved(time.monotonic())
+        if stalled_s is not None:
+            log.warning("training moved again (%s) after standing still for %.0f s", batch[first][0], stalled_s)
+            batch.insert(first + 1, (ev.TRAINING_RESUMED, time.time(), None, None,
+                                     {"stalled_s": round(stalled_s, 1), "event": batch[first][0]}))
+        if final:
+            self.stall_watch.ended()
+
+    def _say_stalled(self, stalled_s: float) -> None:
+        stack, where = thread_stack(self._training_thread, is_user_file)
+        log.warning("training has stood still for %.0f s (after %s)%s; its thread's stack:\n%s", stalled_s,
+                    self._last_loop_event, f" in your code at {where}" if where else "", "".join(stack) or "-")
+        self.emit(ev.TRAINING_STALLED, {"stalled_s": round(stalled_s, 1), "after": self._last_loop_event,
+                                        "where": where, "stack": stack})
 
     def _send_events(self, frames: list[tuple[bytes, bytes]]) -> None:
         """Each (topic, envelope) on the events sockets, then all of them as bursts on the bursts sockets."""

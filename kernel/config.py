@@ -76,6 +76,9 @@ class RunConfig:
     ready_timeout_s: float = 15.0  # wait this long for every plugin's hello before training starts
     drain_timeout_s: float = 30.0  # at the end, wait this long for durable plugins to catch up
     vote_timeout_s: float = 5.0  # at end_epoch, wait at most this long for plugins that vote there
+    # The loop reaching no seam (no batch, no epoch's end) this long is said: training_stalled, with where its thread
+    # waits (kernel/stall_watch.py). Ten minutes: past a slow first batch, a checkpoint's copy, a long validation.
+    stalled_after_s: float = 600.0
     # The kernel owns the model, so it decides when to snapshot; the checkpoint plugin decides what to keep.
     checkpoint_every_n_epochs: int = 1
     checkpoint_every_n_steps: int = 0  # 0: off
@@ -399,6 +402,9 @@ def check_run(cfg: RunConfig, where: str = "config", programs: bool = True) -> N
     if not 0 <= cfg.gradient_clip_val < math.inf:  # a NaN bound trains to NaN; inf pays for a norm that clips nothing
         raise ConfigError(f"{where}: gradient_clip_val must be a finite number >= 0 (0 turns clipping off), got "
                           f"{cfg.gradient_clip_val}")
+    if not 0 <= cfg.stalled_after_s < math.inf:
+        raise ConfigError(f"{where}: stalled_after_s must be a number of seconds >= 0 (0: never said), got "
+                          f"{cfg.stalled_after_s}")
     if not cfg.journal_backlog_mb > 0:
         raise ConfigError(f"{where}: journal_backlog_mb must be > 0, got {cfg.journal_backlog_mb}")
     if not cfg.journal_segment_mb > 0:

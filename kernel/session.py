@@ -271,7 +271,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
                                               cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps,
                                               journal_backlog_bytes=int(cfg.journal_backlog_mb * 2**20),
                                               journal_segment_bytes=int(cfg.journal_segment_mb * 2**20),
-                                              remote=remote)
+                                              remote=remote, stalled_after_s=cfg.stalled_after_s)
     except OSError as exc:
         if handler is not None:
             stop_logging_to(handler)

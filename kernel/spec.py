@@ -436,6 +436,11 @@ _NOT_USER_ROOTS = tuple({os.path.abspath(p) + os.sep for key in ("stdlib", "plat
                         | {os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, trainbus_proto_file)})
 
 
+def is_user_file(path: str) -> bool:
+    """Whether an absolute path is the user's code: not the standard library, an installed package or trainbus."""
+    return not path.startswith(_NOT_USER_ROOTS)
+
+
 def user_code_error(exc: BaseException, what: str) -> UserCodeError:
     """The user's exception as one line, and its traceback trimmed to their frames (their files)."""
     where, trace = user_trace(exc)
@@ -494,7 +499,7 @@ def user_trace(exc: BaseException) -> tuple[str, str]:
     else:
         frames, last = traceback.extract_tb(exc.__traceback__), None
     frames = [f for f in frames
-              if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(_NOT_USER_ROOTS)]
+              if not f.filename.startswith("<") and is_user_file(os.path.abspath(f.filename))]
     if not frames and not isinstance(exc, SyntaxError):
         return "", ""
     header = ["Traceback (most recent call last; your code only):\n"] if frames else []

@@ -189,6 +189,15 @@ class ConsolePlugin(Plugin):
         data = event.data
         self._warn(f"plugin {data.get('plugin')} given up: {data.get('reason')}; see {data.get('log')}", "error")
 
+    def on_training_stalled(self, event: Event) -> None:
+        data = event.data
+        where = f" in your code at {data['where']}" if data.get("where") else ""
+        self._warn(f"training has stood still for {_fmt(data.get('stalled_s'))} s after {data.get('after')} at step "
+                   f"{event.step}{where}; its stack: {os.path.join(self.run_dir, 'kernel.log')}", "error")
+
+    def on_training_resumed(self, event: Event) -> None:
+        self._say(f"training moved again after standing still for {_fmt(event.data.get('stalled_s'))} s")
+
     def on_save_checkpoint(self, event: Event) -> None:
         self.snapshot_steps[event.seq] = event.step
         if len(self.snapshot_steps) > SNAPSHOTS_REMEMBERED:

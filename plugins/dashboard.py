@@ -134,6 +134,12 @@ def render(state: RunState, status: str, footer: str = ""):
     attached = len(clients) + state.dropped["clients_forgotten"]  # those gone long ago are counted, not kept
     if attached > 1:
         parts.append(f"{attached} clients have attached (trainbus attach)")
+    if state.stalled:  # the loop reached no seam for [run] stalled_after_s: its thread's stack is in kernel.log
+        stalled, where = state.stalled, state.stalled.get("where")
+        since = time.strftime("%H:%M:%S", time.localtime(stalled["since_ts"]))
+        parts.append(f"[bold red]training has stood still since {since} (after {escape(str(stalled.get('after')))})"
+                     f"{escape(f' in your code at {where}') if where else ''}[/bold red]; its stack is in the run's "
+                     f"kernel.log")
     if state.stop_reasons:
         parts.append(f"stop requested: {escape('; '.join(state.stop_reasons))}")
     if state.checkpoint:

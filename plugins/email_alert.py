@@ -1,4 +1,4 @@
-"""E-mail when training ends (with the loss plot), when the run fails or dies, and when a plugin is given up.
+"""E-mail when training ends (with the loss plot), fails, dies or stands still, and when a plugin is given up.
 
 Handlers never touch the network: each writes its message into a durable outbox on disk
 (<run_dir>/plugins/<name>.outbox) and returns, so the event is acknowledged only once the mail is
@@ -42,7 +42,7 @@ FINAL_KINDS = ("end", "failure", "died")  # always sent, whatever max_messages s
 
 
 class EmailAlertPlugin(Plugin):
-    """E-mail when training ends (with the loss plot), the run fails or dies, or a plugin is given up; durable, never blocking.
+    """E-mail when training ends (with the loss plot), fails, dies or stands still, or a plugin is given up; durable.
 
     SMTP settings: host, port (0: 587 for starttls, 465 for ssl, 25 for none), security, username. The
     password comes from the environment variable named by password_env, or from password_file (mode
@@ -67,6 +67,7 @@ class EmailAlertPlugin(Plugin):
         "on_failure": Setting(True, "mail when the run fails"),
         "on_died": Setting(True, "mail when the run dies: its kernel killed (kill -9, out of memory) mid-run"),
         "on_plugin_failed": Setting(True, "mail when a plugin is given up"),
+        "on_stalled": Setting(True, "mail when training stands still for [run] stalled_after_s (a hang), with where"),
         "attach_loss_plot": Setting(True, "attach loss.png to the end-of-training mail"),
         "max_messages": Setting(10, "at most this many per run (the end, failure or died mail always goes)", min=0),
         "min_interval_s": Setting(5.0, "at least this long between two messages", min=0),
@@ -144,6 +145,8 @@ class EmailAlertPlugin(Plugin):
             self._queue(event.seq, event.ts, "failure", failure_message(self.history, event, self.run_dir))
         elif event.type == ev.PLUGIN_FAILED and s["on_plugin_failed"]:
             self._queue(event.seq, event.ts, "plugin-failed", plugin_failed_message(event))
+        elif event.type == ev.TRAINING_STALLED and s["on_stalled"]:
+            self._queue(event.seq, event.ts, "stalled", stalled_message(event, self.run_dir))
 
     def on_kernel_gone(self, info: KernelGoneInfo) -> None:
         """Queued like the others; teardown, which the SDK runs right after, sends it or leaves it to a
@@ -281,6 +284,30 @@ def plugin_failed_message(event: Event) -> EmailMessage:
         lines += ["", "Plugin log (last lines):", tail]
     message = EmailMessage()
     message["Subject"] = f"run {event.run}: plugin {plugin} given up"
+    message.set_content("\n".join(lines) + "\n")
+    return message
+
+
+def stalled_message(event: Event, run_dir: str) -> EmailMessage:
+    data = event.data
+    stalled_s = data.get("stalled_s")
+    where = data.get("where") or "none of your code is on its stack"
+    stack = data.get("stack") if isinstance(data.get("stack"), list) else []
+    lines = [
+        f"Run: {event.run}",
+        f"Status: training has stood still (no batch, no epoch's end) for "
+        f"{_duration(stalled_s if isinstance(stalled_s, (int, float)) else None)}, after {data.get('after')}",
+        f"At: epoch {event.epoch}, step {event.step}",
+        f"In your code: {where}",
+        f"Its kernel is alive: `trainbus attach {event.run}` shows whether it moves again, `trainbus runs stop "
+        f"{event.run}` ends it.",
+        f"Run directory: {run_dir}",
+        "",
+        "The training thread's stack (innermost last):",
+        "".join(str(frame) for frame in stack).rstrip() or "(not found)",
+    ]
+    message = EmailMessage()
+    message["Subject"] = f"run {event.run} STALLED at step {event.step}"
     message.set_content("\n".join(lines) + "\n")
     return message
 

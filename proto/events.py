@@ -66,6 +66,8 @@ CHECKPOINT_SAVED = "checkpoint_saved"  # a persister made a snapshot durable (pa
 CHECKPOINT_FAILED = "checkpoint_failed"  # a persister could not (reason); earlier files stand
 CHECKPOINT_SKIPPED = "checkpoint_skipped"  # no snapshot taken: both buffers busy, or no persister
 BUS_CLOSING = "bus_closing"  # the kernel's last event: its plugins drained and exited; nothing follows
+TRAINING_STALLED = "training_stalled"  # the loop reached no seam for [run] stalled_after_s: where its thread waits
+TRAINING_RESUMED = "training_resumed"  # the stalled loop reached a seam again
 
 KERNEL_EVENTS: tuple[str, ...] = (
     HEARTBEAT,
@@ -86,6 +88,8 @@ KERNEL_EVENTS: tuple[str, ...] = (
     CHECKPOINT_FAILED,
     CHECKPOINT_SKIPPED,
     BUS_CLOSING,
+    TRAINING_STALLED,
+    TRAINING_RESUMED,
 )
 
 ALL_EVENTS: frozenset[str] = frozenset(LIFECYCLE_EVENTS + KERNEL_EVENTS)

@@ -46,6 +46,7 @@ class RunState:
         self.stop_reasons: list[str] = []
         self.checkpoint: dict[str, Any] | None = None  # the latest checkpoint_saved: path, step, epoch
         self.ended: dict[str, Any] | None = None  # the final event: type, seq, ts, error, stopped_early
+        self.stalled: dict[str, Any] | None = None  # the loop standing still (training_stalled): since_ts, after, where
         self.dropped = collections.Counter()  # series_dropped, plugins_dropped, fold_errors
 
     # -- folding one event ------------------------------------------------------------------------
@@ -80,7 +81,7 @@ class RunState:
         elif e.type == ev.START_TRAINING_SESSION:
             self.run.update(device=_text(data.get("device")), model=_text(data.get("model")),
                             parameters=_int(data.get("parameters")), epochs=_int(data.get("epochs")), started_ts=e.ts)
-            self.ended, self.stop_reasons = None, []  # a continued run goes on
+            self.ended, self.stop_reasons, self.stalled = None, [], None  # a continued run goes on
         elif e.type in PLUGIN_STATES:
             self._plugin_event(e)
         elif e.type == ev.LOG and data.get("level") == "error" and data.get("plugin") in self.plugins:
@@ -88,10 +89,16 @@ class RunState:
         elif e.type == ev.STOP_REQUESTED:
             reasons = [_text(r) for r in data.get("reasons") or []]
             self.stop_reasons = (self.stop_reasons + reasons)[-MAX_STOP_REASONS:]
+        elif e.type == ev.TRAINING_STALLED:
+            self.stalled = {"since_ts": e.ts - float(data.get("stalled_s") or 0), "after": _text(data.get("after")),
+                            "where": _text(data.get("where"))}
+        elif e.type == ev.TRAINING_RESUMED:
+            self.stalled = None
         elif e.type == ev.CHECKPOINT_SAVED:
             self.checkpoint = {"path": _text(data.get("path")), "step": _int(data.get("step")),
                                "epoch": _int(data.get("epoch")), "ts": e.ts}
         if e.type in FINAL_EVENTS:
+            self.stalled = None
             self.ended = {"type": e.type, "seq": e.seq, "ts": e.ts, "error": _text(data.get("error")),
                           "stopped_early": bool(data.get("stopped_early", False))}
 
@@ -171,7 +178,7 @@ class RunState:
         return {"run": dict(self.run), "progress": dict(self.progress), "rate": [list(r) for r in self.rate],
                 "series": {n: {**s, "history": list(s["history"])} for n, s in self.series.items()},
                 "plugins": plugins, "stop_reasons": list(self.stop_reasons), "checkpoint": self.checkpoint,
-                "ended": self.ended, "dropped": dict(self.dropped)}
+                "ended": self.ended, "stalled": self.stalled, "dropped": dict(self.dropped)}
 
     @classmethod
     def from_map(cls, seq: int, m: dict[str, Any]) -> "RunState":
@@ -191,6 +198,8 @@ class RunState:
         state.stop_reasons = [_text(r) for r in m.get("stop_reasons") or []][-MAX_STOP_REASONS:]
         state.checkpoint = m.get("checkpoint") if isinstance(m.get("checkpoint"), dict) else None
         state.ended = m.get("ended") if isinstance(m.get("ended"), dict) else None
+        stalled = m.get("stalled")
+        state.stalled = stalled if isinstance(stalled, dict) and _is_number(stalled.get("since_ts")) else None
         state.dropped.update(_map(m.get("dropped")))
         return state
 

@@ -24,6 +24,7 @@ import pytest
 
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.proto import event_to_map, events as ev, pack
+from trainbus.proto.codec import unpack
 from trainbus.proto.journal_format import read_journal
 from trainbus.proto.messages import Event
 from trainbus.proto.run_state import HISTORY_POINTS, MAX_PLUGINS, MAX_SERIES, RunState
@@ -762,6 +763,32 @@ def test_the_dashboard_says_when_no_monitor_reports_and_shows_no_lag_for_a_plugi
     state.fold(Event(4, "r", ev.METRIC, 3.0, 0, 1, {"plugin": "cpu", "name": "cpu/percent", "value": 50.0}))
     screen = drawn()
     assert "none yet" not in screen and re.search(r"^\s*cpu/percent\s", screen, re.M), screen
+
+
+def test_the_dashboard_says_training_stands_still_until_it_moves_and_a_snapshot_carries_it():
+    from rich.console import Console
+
+    from trainbus.plugins.dashboard import render
+
+    state = RunState("r")
+    state.fold(Event(1, "r", ev.END_TRAINING_BATCH, 1_000.0, 3, 1, {"loss": 1.0, "training_batch_count": 3}))
+    state.fold(Event(2, "r", ev.TRAINING_STALLED, 1_600.0, 3, 1, {
+        "stalled_s": 600.0, "after": "end_training_batch", "where": "/home/me/train.py, line 12", "stack": []}))
+
+    def drawn(state: RunState) -> str:
+        console = Console(width=200, record=True, file=io.StringIO())
+        console.print(render(state, "live"))
+        return console.export_text()
+
+    since = time.strftime("%H:%M:%S", time.localtime(1_000.0))
+    said = (f"training has stood still since {since} (after end_training_batch) in your code at /home/me/train.py, "
+            f"line 12; its stack is in the run's kernel.log")
+    assert said in drawn(state)
+    attached = RunState.from_map(2, unpack(pack(state.to_map())))  # attached mid-stall: the snapshot says it
+    assert said in drawn(attached)
+    attached.fold(Event(3, "r", ev.TRAINING_RESUMED, 1_700.0, 3, 1,
+                        {"stalled_s": 700.0, "event": "start_training_batch"}))
+    assert "stood still" not in drawn(attached)
 
 
 def test_a_remote_attach_whose_kernel_was_killed_gives_up_naming_what_to_check(runs_dir, tmp_path, kernels,

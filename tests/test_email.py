@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -115,6 +116,24 @@ def test_run_failure_mail_has_the_error_and_the_traceback_tail(smtp, runs_dir):
     error = fields(message)["Error"]  # where in the user's code it was raised, then the tail of the whole traceback
     assert error.startswith("FloatingPointError: loss exploded (in your code: ") and "specs.py, line " in error
     assert "Traceback (last lines):" in body and "in loss_fn" in body and body.rstrip().endswith("loss exploded")
+
+
+def test_a_run_that_stands_still_is_mailed_with_where_its_training_waits(smtp, runs_dir, tmp_path):
+    port, inbox = smtp
+    gate = tmp_path / "gate"
+    open_gate(gate, 3)  # batch 4 waits in the user's loader until the stalled mail is in
+    threading.Thread(target=lambda: (inbox.wait_for(1, timeout_s=60), open_gate(gate, 10**6)), daemon=True).start()
+    result = run_training(RunConfig(target=PACED, epochs=1, runs_dir=str(runs_dir), plugins=[email_plugin(port)],
+                                    stalled_after_s=1.0, hyperparameters={"gate": str(gate), "step_sleep_s": 0.0}))
+    assert result.status == "completed"
+    stalled, ended = inbox.wait_for(2)
+    assert stalled["Subject"] == f"[trainbus] run {result.run_id} STALLED at step 3"
+    body = fields(stalled)
+    assert body["Status"].startswith("training has stood still (no batch, no epoch's end) for ")
+    assert body["Status"].endswith("after end_training_batch") and body["At"] == "epoch 1, step 3"
+    assert body["In your code"].startswith(f"{TESTS_DIR / 'fixture_targets.py'}, line ")
+    assert "in _wait_for_gate" in stalled.get_body(preferencelist=("plain",)).get_content()
+    assert "completed" in ended["Subject"]
 
 
 CRASHER = "raise SystemExit(3)  # dies on import, every time: the supervisor gives it up\n"

@@ -1,0 +1,101 @@
+"""A training loop standing still is said (training_stalled, with where its thread waits), and again when it moves."""
+
+from __future__ import annotations
+
+import linecache
+import math
+import threading
+from pathlib import Path
+
+import pytest
+
+import fixture_targets
+from fixture_targets import open_gate
+from kernel_process import KernelProcess, wait_until
+from trainbus.kernel.config import ConfigError, RunConfig, check_run, resolve_plugin
+from trainbus.kernel.spec import is_user_file
+from trainbus.kernel.stall_watch import StallWatch, thread_stack
+from trainbus.proto import events as ev
+
+
+def test_a_stall_is_said_once_after_its_deadline_and_its_end_with_how_long_it_lasted():
+    watch = StallWatch(after_s=600.0)
+    assert watch.tick(10_000.0) is None  # before the loop's first event: building, plugins starting
+    assert watch.moved(0.0) is None
+    assert watch.tick(599.9) is None
+    assert watch.tick(600.0) == 600.0
+    assert watch.tick(5_000.0) is None  # said once a stall, however long it lasts
+    assert watch.moved(5_000.5) == 5_000.5
+    assert watch.moved(5_001.0) is None
+    assert watch.tick(5_601.0) == 600.0  # a second stall is said again
+
+
+def test_no_stall_is_said_after_the_loops_final_event_nor_when_turned_off():
+    watch = StallWatch(after_s=600.0)
+    watch.moved(0.0)
+    watch.ended()  # draining plugins at the end is not training standing still
+    assert watch.tick(10_000.0) is None
+    off = StallWatch(after_s=0.0)
+    off.moved(0.0)
+    assert off.tick(10_000.0) is None
+
+
+def test_the_stack_of_a_stalled_thread_names_the_users_frame_and_reads_no_file(tmp_path: Path, monkeypatch):
+    """The stall may be a file system that stopped answering: the bus thread, taking the stack, must not read the
+    user's source files (a source line is shown only when Python had it cached)."""
+    (tmp_path / "user_waits.py").write_text("def wait(event):\n    event.wait(30)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import user_waits
+
+    release, ready = threading.Event(), threading.Event()
+    thread = threading.Thread(target=lambda: (ready.set(), user_waits.wait(release)))
+    thread.start()
+    try:
+        ready.wait(10)
+        filename = user_waits.__file__
+        stack, where = wait_until(lambda: in_user_code(thread.ident), 10, "the thread in user_waits.wait")
+    finally:
+        release.set()
+        thread.join()
+    assert where == f"{filename}, line 2"
+    assert stack[-1].startswith("  File ") and stack[-1].endswith(", in wait\n")  # the innermost: threading's own
+    assert f'  File "{filename}", line 2, in wait\n' in stack
+    assert filename not in linecache.cache
+    assert thread_stack(None, is_user_file) == ([], "")
+
+
+def in_user_code(thread_id: int) -> tuple[list[str], str] | None:
+    stack, where = thread_stack(thread_id, is_user_file)
+    return (stack, where) if where else None
+
+
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf])
+def test_a_stall_deadline_that_is_not_a_number_of_seconds_is_refused_naming_it(value):
+    with pytest.raises(ConfigError, match=r"stalled_after_s must be a number of seconds >= 0 \(0: never said\)"):
+        check_run(RunConfig(stalled_after_s=value))
+
+
+def test_a_loop_held_in_the_users_code_is_said_with_where_and_again_once_it_moves(tmp_path: Path):
+    gate = tmp_path / "gate"
+    open_gate(gate, 3)  # batch 4 waits in the user's loader, as a DataLoader whose worker deadlocked does
+    cfg = RunConfig(target="fixture_targets:paced_digits", epochs=1, runs_dir=str(tmp_path / "runs"),
+                    plugins=[resolve_plugin("console", {})],
+                    stalled_after_s=1.0, hyperparameters={"gate": str(gate), "step_sleep_s": 0.0})
+    kernel = KernelProcess(cfg, tmp_path)
+    stalled = kernel.wait_event(ev.TRAINING_STALLED, timeout_s=60)
+    assert stalled.step == 3 and stalled.data["after"] == ev.END_TRAINING_BATCH
+    assert stalled.data["stalled_s"] >= 1.0
+    assert stalled.data["where"].startswith(str(Path(fixture_targets.__file__).resolve()) + ", line ")
+    assert any("in _wait_for_gate" in frame for frame in stalled.data["stack"])
+    open_gate(gate, 10**6)
+    resumed = kernel.wait_event(ev.TRAINING_RESUMED, timeout_s=60)
+    assert resumed.seq > stalled.seq and resumed.data["stalled_s"] >= stalled.data["stalled_s"]
+    assert resumed.data["event"] == ev.START_TRAINING_BATCH and resumed.step == 3  # right behind what ended it
+    result = kernel.result()
+    assert result["status"] == "completed", result
+    assert len(kernel.journal.of(ev.TRAINING_STALLED)) == 1
+    assert "training has stood still for" in (kernel.run_dir / "kernel.log").read_text()
+    said = kernel.stdout_path.read_text()  # the console plugin's, on the kernel's stdout
+    assert "error: training has stood still for " in said
+    assert " after end_training_batch at step 3 in your code at " in said
+    assert "training moved again after standing still for " in said
