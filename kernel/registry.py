@@ -344,6 +344,7 @@ def _from_row(row: tuple, now: float) -> dict[str, Any]:
     if run["last_event"] and run["status"] == "died" and run["ended_ts"] is not None:
         run["last_event"]["age_s"] = round(max(0.0, now - run["ended_ts"]), 1)  # the age as of now
     run.pop("observed_ts")
+    run["stalled"] = None  # only a running run's, which every list reads anew from its journal
     return run
 
 

@@ -328,7 +328,8 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     stop_reasons, error, plugin_trouble, last_event (for a run without a summary: where the journal ends),
     flags (what the spec function was called with, kernel/flags.py), hyperparameters (the built spec's, its
     build()'s defaults included: what trained), ended_ts (when the kernel ended, or the
-    last event of one that died), last_seq, best (the lowest whole-epoch validation loss and its epoch).
+    last event of one that died), last_seq, best (the lowest whole-epoch validation loss and its epoch), stalled (a
+    running run whose training stands still: since_ts, stalled_s, step, where in the user's code; else None).
     """
     now = time.time() if now is None else now
     run_dir = Path(run_dir).resolve()
@@ -354,7 +355,7 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         "steps": None, "training_loss": None, "validation_loss": None, "validation_metrics": {}, "training_metrics": {},
         "stop_reasons": [], "error": None, "plugin_trouble": [], "last_event": None,
         "flags": config.get("flags") or {}, "hyperparameters": config.get("hyperparameters") or {},
-        "ended_ts": None, "last_seq": None, "best": None,
+        "ended_ts": None, "last_seq": None, "best": None, "stalled": None,
     }
     summary, summary_path = read_summary(run_dir), run_dir / SUMMARY
     if summary is None:
@@ -431,6 +432,14 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
     else:
         status, detail = "died", f"no {SUMMARY} and no {KERNEL_PID} of this host" + (
             f"; the journal last grew {duration_text(age)} ago" if age is not None else "; no events")
+    stall = _standing_still(journal, tail) if status == "running" else None
+    if stall is not None:
+        where = stall.data.get("where") if isinstance(stall.data.get("where"), str) else ""
+        since = stall.ts - (stall.data["stalled_s"] if isinstance(stall.data.get("stalled_s"), (int, float)) else 0)
+        info["stalled"] = {"since_ts": since, "stalled_s": round(now - since, 1), "step": stall.step,
+                           "where": where or None}
+        detail += (f"; training has stood still for {duration_text(now - since)} at step {stall.step}"
+                   f"{f', in your code at {where}' if where else ''} (its stack: kernel.log)")
     info.update(status=status, detail=detail, pid=pid, last_event=_event_brief(last, now))
     if last is None:
         return
@@ -467,6 +476,18 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
         elif name and e.type == ev.PLUGIN_FAILED:
             plugins.setdefault(name, {"restarts": 0})["state"] = "failed"
     info["plugin_trouble"] = _plugin_trouble(plugins, {})
+
+
+_LOOP_MOVES = frozenset(ev.LIFECYCLE_EVENTS) | {ev.TRAINING_STALLED, ev.TRAINING_RESUMED}
+
+
+def _standing_still(journal: Path, tail: list[Event]) -> Event | None:
+    """A running run's training_stalled not followed by its loop moving; the tail holds only heartbeats (a stall
+    longer than it spans): the journal's last one."""
+    moved = next((e for e in reversed(tail) if e.type in _LOOP_MOVES), None)
+    if moved is None:
+        moved = last_event_of(journal, ev.TRAINING_STALLED)
+    return moved if moved is not None and moved.type == ev.TRAINING_STALLED else None
 
 
 def list_runs(runs_dir: Path, now: float | None = None) -> list[dict[str, Any]]:

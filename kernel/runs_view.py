@@ -89,8 +89,16 @@ def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
                       _when(run.get("started_at"))[:16],
                       duration_text(run.get("duration_s")), _epochs(run), _num(run.get("validation_loss")),
                       escape(metrics) or "-", escape("; ".join(run.get("plugin_trouble") or [])) or "-",
-                      escape(_first_line(run.get("error") or _queued_detail(run))))
+                      escape(_first_line(run.get("error") or _queued_detail(run) or _stalled(run))))
     _print_table(console, table)
+
+
+def _stalled(run: dict[str, Any]) -> str | None:
+    """A running run whose training stands still (training_stalled): for how long, in the error column."""
+    stalled = run.get("stalled")
+    if not isinstance(stalled, dict):
+        return None
+    return f"training stalled {duration_text(stalled.get('stalled_s'))} at step {stalled.get('step')}"
 
 
 def _queued_detail(run: dict[str, Any]) -> str | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import linecache
 import math
+import re
 import threading
 from pathlib import Path
 
@@ -11,11 +13,14 @@ import pytest
 
 import fixture_targets
 from fixture_targets import open_gate
-from kernel_process import KernelProcess, wait_until
+from kernel_process import Command, KernelProcess, cli, wait_until
+from trainbus.kernel.journal import Journal
+from trainbus.kernel.runs import run_overview
 from trainbus.kernel.config import ConfigError, RunConfig, check_run, resolve_plugin
 from trainbus.kernel.spec import is_user_file
 from trainbus.kernel.stall_watch import StallWatch, thread_stack
-from trainbus.proto import events as ev
+from trainbus.proto import JOURNAL_NAME, Event, encode_event, events as ev
+from trainbus.proto.journal_format import TAIL_BYTES
 
 
 def test_a_stall_is_said_once_after_its_deadline_and_its_end_with_how_long_it_lasted():
@@ -64,6 +69,26 @@ def test_the_stack_of_a_stalled_thread_names_the_users_frame_and_reads_no_file(t
     assert thread_stack(None, is_user_file) == ([], "")
 
 
+def test_a_run_stalled_for_longer_than_its_journals_tail_spans_is_listed_stalled(tmp_path: Path):
+    """`runs list` reads a running run's last 1 MiB of journal: past ~3 hours of a stall that is heartbeats alone."""
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    stalled_at, beats = 1_000_000.0, 15_000
+    events = [Event(1, "r1", ev.START_TRAINING_SESSION, stalled_at - 700, 0, 1, {"epochs": 2}),
+              Event(2, "r1", ev.END_TRAINING_BATCH, stalled_at - 600, 3, 1, {"loss": 1.0}),
+              Event(3, "r1", ev.TRAINING_STALLED, stalled_at, 3, 1, {"stalled_s": 600.0, "after": "end_training_batch",
+                                                                    "where": "/me/train.py, line 9", "stack": []})]
+    events += [Event(4 + i, "r1", ev.HEARTBEAT, stalled_at + i, 3, 1, {"interval_s": 1.0}) for i in range(beats)]
+    journal = Journal(run_dir / JOURNAL_NAME)
+    journal.append([encode_event(e) for e in events], 1)
+    journal.close()
+    assert (run_dir / JOURNAL_NAME).stat().st_size > TAIL_BYTES
+    overview = run_overview(run_dir, now=stalled_at + beats)  # heartbeats a second old: running
+    assert overview["status"] == "running"
+    assert overview["stalled"] == {"since_ts": stalled_at - 600, "stalled_s": 600.0 + beats, "step": 3,
+                                   "where": "/me/train.py, line 9"}
+
+
 def in_user_code(thread_id: int) -> tuple[list[str], str] | None:
     stack, where = thread_stack(thread_id, is_user_file)
     return (stack, where) if where else None
@@ -87,6 +112,13 @@ def test_a_loop_held_in_the_users_code_is_said_with_where_and_again_once_it_move
     assert stalled.data["stalled_s"] >= 1.0
     assert stalled.data["where"].startswith(str(Path(fixture_targets.__file__).resolve()) + ", line ")
     assert any("in _wait_for_gate" in frame for frame in stalled.data["stack"])
+    [listed] = json.loads(cli("runs", "list", "--runs-dir", cfg.runs_dir, "--json").stdout)  # while it stands still
+    assert listed["status"] == "running" and listed["stalled"]["step"] == 3 and listed["stalled"]["stalled_s"] >= 1
+    table, _ = Command("runs", "list", "--runs-dir", cfg.runs_dir, env={"COLUMNS": "300"}).communicate(60)
+    assert re.search(r" running .* training stalled \d+\.\d s at step 3\s*$", table, re.M), table
+    shown = cli("runs", "show", kernel.run_id, "--runs-dir", cfg.runs_dir).stdout
+    assert re.search(r"running \(kernel pid \d+ is alive; training has stood still for \d+\.\d s at step 3, in your "
+                     r"code at .*fixture_targets\.py, line \d+ \(its stack: kernel\.log\)\)", " ".join(shown.split())), shown
     open_gate(gate, 10**6)
     resumed = kernel.wait_event(ev.TRAINING_RESUMED, timeout_s=60)
     assert resumed.seq > stalled.seq and resumed.data["stalled_s"] >= stalled.data["stalled_s"]
