@@ -108,8 +108,15 @@ def send_message(raw: bytes, config: SmtpConfig) -> None:
         if config.security == "starttls":
             client.starttls(context=ssl.create_default_context())
         if config.username:
+            client.ehlo_or_helo_if_needed()  # after STARTTLS the server says again what it offers
+            if not client.has_extn("auth"):
+                raise LoginNotOffered("SMTP AUTH extension not supported by server")
             client.login(config.username, config.password() or "")
         client.send_message(message)
+
+
+class LoginNotOffered(smtplib.SMTPNotSupportedError):
+    """A username is set, but the server offers no login (over this connection): the settings, not its state."""
 
 
 @dataclass
@@ -223,10 +230,16 @@ class Outbox:
                 if code >= PERMANENT_SMTP_CODE:
                     self._give_up(path, f"refused by the server: {code} {exc}", say)
                     continue
+                if isinstance(exc, LoginNotOffered):  # `security` was not the setting at fault: do not name it so
+                    self._give_up(path, f"{config.host}:{config.resolved_port()} offers no login (SMTP AUTH) over "
+                                        f"this connection, but username {config.username!r} is set: leave username "
+                                        f"empty for a server that takes mail without one, or use security = "
+                                        f"\"starttls\" or \"ssl\" where it offers login only over TLS", say)
+                    continue
                 if isinstance(exc, smtplib.SMTPNotSupportedError):  # the settings, not the server's state: no retry
-                    self._give_up(path, f"{config.host}:{config.port} does not support what `security` asks ({exc}): "
-                                        f"set security = \"ssl\" for a TLS port (465), or \"none\" for a server "
-                                        f"that offers no encryption (a relay on this machine)", say)
+                    self._give_up(path, f"{config.host}:{config.resolved_port()} does not support what `security` "
+                                        f"asks ({exc}): set security = \"ssl\" for a TLS port (465), or \"none\" for a "
+                                        f"server that offers no encryption (a relay on this machine)", say)
                     continue
                 attempts.next_at = now + attempts.backoff_s
                 attempts.backoff_s = min(attempts.backoff_s * 2, config.retry_max_s)

@@ -336,6 +336,33 @@ def test_starttls_against_a_server_without_it_is_given_up_at_once_naming_the_set
     assert any('does not support what `security` asks' in line and '"none" for a server' in line for line in said), said
 
 
+def test_a_username_for_a_server_that_offers_no_login_is_given_up_naming_username_not_security(tmp_path, monkeypatch):
+    """A username set for a server that offers no AUTH (aiosmtpd's default: AUTH over TLS only) said `does not support
+    what security asks: set security = "none"`, with security already "none": the fix it named was the setting given."""
+    port = free_port()
+    controller, inbox = start_server(port)
+    monkeypatch.setenv("TRAINBUS_SMTP_PASSWORD", "secret")
+    settings = {"host": "127.0.0.1", "port": port, "security": "none", "username": "me", "recipients": [RECIPIENT],
+                "min_interval_s": 0.0, "retry_initial_s": 0.1, "retry_max_s": 0.2}
+    plugin = EmailAlertPlugin(settings, run_id="r1", run_dir=str(tmp_path))
+    said: list[str] = []
+    plugin.log = lambda text, level="info": said.append(text)
+    try:
+        plugin.setup()
+        plugin.handle(_end_event())
+        failed = tmp_path / "plugins" / "email.outbox" / "failed"
+        deadline = time.monotonic() + 30
+        while not list(failed.glob("*.eml")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        plugin.teardown()
+    finally:
+        controller.stop()
+    assert len(list(failed.glob("*.eml"))) == 1 and not inbox.messages
+    [line] = [line for line in said if "given up" in line]
+    assert f"127.0.0.1:{port} offers no login (SMTP AUTH)" in line and "username" in line, line
+    assert "`security` asks" not in line, line
+
+
 def test_a_password_never_comes_from_the_config(tmp_path, monkeypatch):
     with pytest.raises(SettingsError, match="password_env"):
         EmailAlertPlugin({"password": "hunter2", "recipients": [RECIPIENT]})
