@@ -39,6 +39,9 @@ SUBJECT_MAX_CHARS = 150
 PLOT_STEP_EVERY = 10
 SENDER_PID_FILE = "sender.pid"
 FINAL_KINDS = ("end", "failure", "died")  # always sent, whatever max_messages says
+# The stop reason the kernel gives a Ctrl-C or SIGTERM (kernel/loop.py, _apply): that run ends `interrupted`, to be
+# continued with `runs resume`, not stopped for good as a plugin's stop (early stopping) ends it.
+INTERRUPTED_REASON = "kernel: stop: interrupted"
 
 
 class EmailAlertPlugin(Plugin):
@@ -197,7 +200,9 @@ class EmailAlertPlugin(Plugin):
 
 def end_message(history: History, event: Event, run_dir: str, attach_plot: bool) -> EmailMessage:
     data = event.data
-    status = "stopped early" if data.get("stopped_early") else "completed"
+    reasons = [str(r) for r in data.get("stop_reasons") or []]
+    interrupted = any(reason.startswith(INTERRUPTED_REASON) for reason in reasons)
+    status = "interrupted" if interrupted else "stopped early" if data.get("stopped_early") else "completed"
     best = history.best_validation()
     epochs = data.get("epochs_completed")
     final_loss = data.get("validation_loss")
@@ -215,7 +220,9 @@ def end_message(history: History, event: Event, run_dir: str, attach_plot: bool)
     lines += [f"Final training {name}: {_fmt(value)}" for name, value in (data.get("training_metrics") or {}).items()]
     lines += [f"Final validation {name}: {_fmt(value)}" for name, value in (data.get("validation_metrics") or {}).items()]
     if data.get("stopped_early"):
-        lines.append("Stopped by: " + "; ".join(str(r) for r in data.get("stop_reasons") or []))
+        lines.append("Stopped by: " + "; ".join(reasons))
+    if interrupted:
+        lines.append(f"Continue it with: trainbus runs resume {event.run}")
     lines.append(f"Run directory: {run_dir}")
     message = EmailMessage()
     message["Subject"] = f"run {event.run} {status}: validation loss {_fmt(final_loss)} after {epochs} epochs"

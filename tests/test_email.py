@@ -312,6 +312,26 @@ def test_a_replayed_event_is_not_mailed_twice_and_a_restart_sends_what_is_pendin
     assert len(list((outbox / "sent").glob("*.eml"))) == 1 and not list(outbox.glob("*.eml"))
 
 
+def test_an_interrupted_run_is_mailed_as_interrupted_with_how_to_continue_it(tmp_path):
+    """A run SIGTERM stopped (preempted, `kill`) ends `interrupted`, exit 130, to be continued with `runs resume`; its
+    mail said `stopped early`, as if early stopping had ended it for good."""
+    plugin = EmailAlertPlugin({"host": "127.0.0.1", "port": free_port(), "security": "none",
+                               "recipients": [RECIPIENT], "retry_initial_s": 60.0, "retry_max_s": 60.0},
+                              run_id="r1", run_dir=str(tmp_path))
+    h = Harness(plugin, run_id="r1", run_dir=str(tmp_path))
+    h.feed("end_training_session", epochs_completed=4, steps=183, stopped_early=True,
+           stop_reasons=["kernel: stop: interrupted (SIGTERM)"], training_loss=0.5, validation_loss=0.4,
+           validation_metrics={})
+    plugin._stopping.set()
+    plugin._wake.set()
+    [path] = (tmp_path / "plugins" / "email.outbox").glob("*-end.eml")
+    message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    assert message["Subject"].startswith("[trainbus] run r1 interrupted: "), message["Subject"]
+    body = fields(message)
+    assert body["Status"] == "interrupted" and body["Stopped by"] == "kernel: stop: interrupted (SIGTERM)"
+    assert body["Continue it with"] == "trainbus runs resume r1"
+
+
 def test_starttls_against_a_server_without_it_is_given_up_at_once_naming_the_setting(tmp_path):
     """The default security = starttls against a relay that offers none was retried for six hours as if the server
     were down: it is the settings, and says which."""
