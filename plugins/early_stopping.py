@@ -9,9 +9,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from trainbus.proto import DURABLE, Event
+from trainbus.proto import DURABLE, JOURNAL_NAME, Event, events as ev
+from trainbus.proto.journal_format import read_journal
 from trainbus.sdk import METRIC, Plugin, Setting, SettingsError
 from trainbus.sdk.runner import NotRetryable
+
+from ._history import PROGRESS_EVERY_EVENTS
 
 MODES = ("min", "max")
 # "validation_accuracy" is looked up as end_epoch's validation_metrics["accuracy"] when it is not a key itself.
@@ -28,6 +31,7 @@ class Tracking:
     """What the plugin knows about the monitored value; saved after every epoch so a restart resumes it."""
 
     seq: int = 0  # the last end_epoch counted; a replay of it after a restart is skipped
+    epoch: int = 0  # its epoch: one at or below it comes again in a run continued from an earlier checkpoint
     best: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0  # epochs since the best, reset by an improvement
@@ -83,11 +87,10 @@ class EarlyStoppingPlugin(Plugin):
         if value is None:
             raise MonitorMissing(f"early_stopping monitor {monitor!r} is not in this run's end_epoch; set monitor to "
                                  f"one of: {', '.join(available(event.data)) or 'nothing'}")
-        if self._improves(value):
-            t.best, t.best_epoch, t.bad_epochs = value, event.epoch, 0
-        else:
-            t.bad_epochs += 1
-        t.seq = event.seq
+        if event.epoch <= t.epoch:  # a continued run trains the epochs after its checkpoint again: the counts
+            self.tracking = t = self._rewound(event)  # are those of the epochs before this one, as the run has them
+        self._count(value, event.epoch)
+        t.seq, t.epoch = event.seq, event.epoch
         _save(self.state_path, t)
         if self.settings["check_finite"] and not math.isfinite(value):
             best = "no finite value before" if t.best is None else f"best {t.best:.6g} at epoch {t.best_epoch}"
@@ -96,6 +99,41 @@ class EarlyStoppingPlugin(Plugin):
             best = "no finite value yet" if t.best is None else f"best {t.best:.6g} at epoch {t.best_epoch}"
             epochs = "epoch" if t.bad_epochs == 1 else "epochs"
             self._stop(event, f"no improvement in {monitor} for {t.bad_epochs} {epochs} ({best})")
+
+    def _count(self, value: float, epoch: int) -> None:
+        t = self.tracking
+        if self._improves(value):
+            t.best, t.best_epoch, t.bad_epochs = value, epoch, 0
+        else:
+            t.bad_epochs += 1
+
+    def _rewound(self, event: Event) -> Tracking:
+        """The counts over the epochs before `event`'s, each as it was last trained, from the run's journal (each
+        end_epoch there replaces those of its epoch and later: what a continued run trained again). Without a
+        readable journal they start over, which can only delay a stop."""
+        monitor = self.settings["monitor"]
+        values: dict[int, tuple[int, float]] = {}  # epoch -> (seq, value), in the order trained
+        journal = Path(self.run_dir) / JOURNAL_NAME
+        for read, past in enumerate(read_journal(journal) if journal.is_file() else (), start=1):
+            if read % PROGRESS_EVERY_EVENTS == 0:  # a run of days: millions of events
+                self.still_working()
+            if past.seq >= event.seq:
+                break
+            value = resolve(past.data, monitor) if past.type == ev.END_EPOCH else None
+            if value is not None:
+                if values and past.epoch <= next(reversed(values)):  # a continuation only: 10^5 epochs stay O(n)
+                    values = {epoch: kept for epoch, kept in values.items() if epoch < past.epoch}
+                values[past.epoch] = (past.seq, value)
+        self.tracking = Tracking(monitor=monitor, mode=self.settings["mode"])
+        for epoch, (seq, value) in sorted(values.items()):
+            if epoch < event.epoch:
+                self._count(value, epoch)
+                self.tracking.seq, self.tracking.epoch = seq, epoch
+        if not journal.is_file():  # a plugin on another machine
+            self.log(f"epoch {event.epoch} is trained again (a run continued from an earlier checkpoint) and the "
+                     f"run's journal is not here to count the epochs before it: early stopping's counts start over",
+                     level="info")
+        return self.tracking
 
     def _stop(self, event: Event, reason: str) -> None:
         """Once per process: a restarted one asks again (a crash may have eaten the first). An earlier session's

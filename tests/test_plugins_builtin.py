@@ -69,10 +69,10 @@ class Recorder:
         return []
 
 
-def epochs_fed(h: Harness, values: list[float], key: str = "validation_loss") -> list[int]:
-    """Feed one end_epoch per value; return the epochs after which a stop was replied."""
+def epochs_fed(h: Harness, values: list[float], key: str = "validation_loss", first_epoch: int = 1) -> list[int]:
+    """Feed one end_epoch per value, numbered from first_epoch; return the epochs after which a stop was replied."""
     stopped_at = []
-    for epoch, value in enumerate(values, start=1):
+    for epoch, value in enumerate(values, start=first_epoch):
         data = {key: value} if key.endswith("loss") else {"validation_metrics": {key.split("_", 1)[1]: value}}
         if any(r["type"] == "stop" for r in h.feed("end_epoch", epoch=epoch, **data)):
             stopped_at.append(epoch)
@@ -154,6 +154,34 @@ def test_early_stopping_resumes_its_counts_after_a_restart(tmp_path):
     assert epochs_fed(restarted, [1.0, 1.1, 1.2, 1.3]) == [4]
 
 
+def test_early_stopping_in_a_run_continued_from_an_earlier_checkpoint_counts_each_epoch_once(tmp_path):
+    """A run killed in epoch 5, its checkpoint of epoch 2 the newest, continued with `runs resume`: epochs 3 and 4 train
+    again. Its saved counts already held them, so they counted twice: patience 3 stopped the continued run at its
+    first epoch, `no improvement ... for 3 epochs`, after one epoch without improvement."""
+    from trainbus.proto import JOURNAL_NAME, Event, event_to_map, pack
+
+    first_session = [("start_training_session", None, {}), ("end_epoch", 1, {"validation_loss": 1.0}),
+                     ("end_epoch", 2, {"validation_loss": 0.9}), ("end_epoch", 3, {"validation_loss": 1.1}),
+                     ("end_epoch", 4, {"validation_loss": 1.2})]
+    continued = [("start_training_session", None, {}), ("load_checkpoint", 3, {"batches_done": 0}),
+                 ("end_epoch", 3, {"validation_loss": 1.1}), ("end_epoch", 4, {"validation_loss": 1.2}),
+                 ("end_epoch", 5, {"validation_loss": 1.3})]
+    journal = [Event(seq=seq, run="r", type=type_, ts=1000.0 + seq, step=0, epoch=epoch or 0, data=data)
+               for seq, (type_, epoch, data) in enumerate(first_session + continued, start=1)]
+    (tmp_path / JOURNAL_NAME).write_bytes(b"".join(pack(event_to_map(e)) for e in journal))
+
+    def feed(h: Harness, events) -> list[int]:
+        return [epoch for type_, epoch, data in events
+                if any(r["type"] == "stop" for r in h.feed(type_, epoch=epoch, **data))]
+
+    first = Harness(EarlyStoppingPlugin({"patience": 3}, run_dir=str(tmp_path)), run_id="r")
+    assert feed(first, first_session) == []  # best at epoch 2, two bad epochs; then the kernel is killed
+    again = Harness(EarlyStoppingPlugin({"patience": 3}, run_dir=str(tmp_path)), run_id="r",
+                    session_seq=len(first_session) + 1)
+    assert feed(again, continued) == [5]
+    assert "for 3 epochs (best 0.9 at epoch 2)" in again.replies_of("stop")[0]["reason"]
+
+
 def test_early_stopping_replayed_many_epochs_past_patience_asks_to_stop_once(tmp_path):
     """Attached with --from-start (patience 1) to a run four epochs past its best, it replied a stop for each
     replayed epoch, and the run ended 'stopped by: early_stopping: stop: no improvement ... for 1 epoch ...;
@@ -163,7 +191,7 @@ def test_early_stopping_replayed_many_epochs_past_patience_asks_to_stop_once(tmp
     assert epochs_fed(h, [1.0, 1.1, 1.2, 1.3, 1.4]) == [2]
     restarted = Harness(EarlyStoppingPlugin({"patience": 1}, run_dir=str(tmp_path)))
     restarted.seq = h.seq
-    assert epochs_fed(restarted, [1.5, 1.6]) == [1]
+    assert epochs_fed(restarted, [1.5, 1.6], first_epoch=6) == [6]  # the run's next epochs
 
 
 def test_early_stopping_attached_again_watching_another_metric_starts_its_counts_over(tmp_path):
