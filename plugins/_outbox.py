@@ -135,6 +135,8 @@ class Outbox:
     _attempts: dict[str, _Attempts] = field(default_factory=dict)
     _last_sent_at: float = float("-inf")
     _lock_fd: int | None = None
+    # (message, server, monotonic start) of the try under way: one still waiting for a silent server is a failure too
+    _in_flight: tuple[str, str, float] | None = None
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -166,7 +168,12 @@ class Outbox:
         """Why the last failed try of a message still pending failed ("" when none of them failed yet)."""
         pending = {path.name for path in self.pending()}
         attempts = list(self._attempts.items())  # a copy: the sender thread may still be adding or removing one
-        return next((a.last_error for name, a in reversed(attempts) if name in pending and a.last_error), "")
+        failed = next((a.last_error for name, a in reversed(attempts) if name in pending and a.last_error), "")
+        in_flight = self._in_flight
+        if not failed and in_flight is not None and in_flight[0] in pending:
+            name, server, started = in_flight
+            return f"no answer from {server} in {time.monotonic() - started:.1f} s, still waiting"
+        return failed
 
     def count(self) -> int:
         return sum(len(list(folder.glob("*.eml"))) for folder in (self.path, self.path / "sent", self.path / "failed"))
@@ -221,6 +228,7 @@ class Outbox:
             if spacing > 0:  # rate limit
                 waits.append(spacing)
                 break
+            self._in_flight = (path.name, f"{config.host}:{config.resolved_port()}", now)
             try:
                 send_message(path.read_bytes(), config)
             except (OSError, smtplib.SMTPException) as exc:
@@ -248,6 +256,8 @@ class Outbox:
                         f"for up to {config.retry_window_s:g} s", "warning")
                 waits.append(attempts.next_at - now)
                 continue
+            finally:
+                self._in_flight = None
             self._last_sent_at = time.monotonic()
             os.replace(path, self.path / "sent" / path.name)
             self._attempts.pop(path.name, None)

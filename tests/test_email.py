@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import threading
 import time
@@ -263,6 +264,23 @@ def test_mail_goes_out_once_the_server_is_back(runs_dir):
         controller.stop()
     assert not list(outbox.glob("*.eml")) and len(list((outbox / "sent").glob("*.eml"))) == 1
     assert "outbox empty" in (outbox / "sender.log").read_text()
+
+
+def test_a_server_that_never_answers_is_counted_as_an_error_in_the_runs_summary(runs_dir):
+    """A server that takes the connection and says nothing (a hung relay, a firewall's black hole): the first try was
+    still waiting for its greeting when the plugin ended (timeout_s 10 s against a 2 s flush), so the run's summary
+    counted no error and the run said nothing of a mail that had not gone out."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the backlog; nothing ever answers them
+        result = run_training(RunConfig(target=TINY, epochs=2, runs_dir=str(runs_dir),
+                                        plugins=[email_plugin(silent.getsockname()[1], timeout_s=10.0)]))
+        outbox = Path(result.run_dir) / "plugins" / "email.outbox"
+        os.kill(int((outbox / "sender.pid").read_text()), signal.SIGTERM)  # it would try for six hours
+    assert result.status == "completed"
+    assert result.plugins["email"]["errors_logged"] == 1, result.plugins["email"]
+    logged = (Path(result.run_dir) / "kernel.log").read_text()
+    assert "the SMTP server did not take them (no answer from 127.0.0.1:" in logged, logged[-2000:]
 
 
 def _wait_gone(pid: int, timeout_s: float) -> None:
