@@ -225,7 +225,10 @@ def end_message(history: History, event: Event, run_dir: str, attach_plot: bool)
         lines.append(f"Continue it with: trainbus runs resume {event.run}")
     lines.append(f"Run directory: {run_dir}")
     message = EmailMessage()
-    message["Subject"] = f"run {event.run} {status}: validation loss {_fmt(final_loss)} after {epochs} epochs"
+    # a run that validates nothing has its training loss to say (as `runs list` says its training metrics)
+    said = f"validation loss {_fmt(final_loss)}" if final_loss is not None else \
+        f"training loss {_fmt(data.get('training_loss'))}"
+    message["Subject"] = f"run {event.run} {status}: {said} after {epochs} epochs"
     message.set_content("\n".join(lines) + "\n")
     if attach_plot:
         fig = loss_figure(history, PlotSize())

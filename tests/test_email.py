@@ -350,6 +350,21 @@ def test_an_interrupted_run_is_mailed_as_interrupted_with_how_to_continue_it(tmp
     assert body["Continue it with"] == "trainbus runs resume r1"
 
 
+def test_the_end_mail_of_a_run_without_validation_names_its_training_loss(tmp_path):
+    """A run with no validation loader was mailed `completed: validation loss none after 3 epochs`."""
+    plugin = EmailAlertPlugin({"host": "127.0.0.1", "port": free_port(), "security": "none",
+                               "recipients": [RECIPIENT], "retry_initial_s": 60.0, "retry_max_s": 60.0},
+                              run_id="r1", run_dir=str(tmp_path))
+    h = Harness(plugin, run_id="r1", run_dir=str(tmp_path))
+    h.feed("end_training_session", epochs_completed=3, steps=30, stopped_early=False, stop_reasons=[],
+           training_loss=0.25, validation_loss=None, validation_metrics={})
+    plugin._stopping.set()
+    plugin._wake.set()
+    [path] = (tmp_path / "plugins" / "email.outbox").glob("*-end.eml")
+    message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    assert message["Subject"] == "[trainbus] run r1 completed: training loss 0.25 after 3 epochs", message["Subject"]
+
+
 def test_starttls_against_a_server_without_it_is_given_up_at_once_naming_the_setting(tmp_path):
     """The default security = starttls against a relay that offers none was retried for six hours as if the server
     were down: it is the settings, and says which."""
