@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import random
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trainbus.proto import Event
 
 from ._sampling import INTERVAL_S, SamplingPlugin
 
 MS_PER_S = 1000.0
+# The step times a reading's percentiles come from: a uniform random sample of at most this many (a reservoir) of the
+# interval's steps. Every step was kept: a long interval_s of a fast run held millions in this process. The rates and
+# shares are sums over every step; a random sample, not every k-th step, as step times repeat with a period
+# (accumulate_grad_batches, a slow batch every N).
+WINDOW_STEPS_MAX = 100_000
 
 
 @dataclass
@@ -21,6 +27,40 @@ class Step:
     duration_s: float | None  # end of the previous step -> end of this one, within one training loop
     compute_s: float | None  # start_training_batch -> end_training_batch: to device, forward, backward, update
     data_wait_s: float | None  # end of the previous step -> start of this one: waiting for the loader
+
+
+@dataclass
+class Window:
+    """The steps between two readings: sums over every one of them, and a random sample of their step times."""
+
+    steps: int = 0
+    timed: int = 0  # steps whose duration is known
+    elapsed_s: float = 0.0  # their durations' sum
+    samples: int = 0  # their batch sizes' sum
+    sized: bool = True  # every timed step said its batch_size
+    compute_s: float = 0.0  # over the steps split into compute and data wait
+    data_wait_s: float = 0.0
+    durations: list[float] = field(default_factory=list)  # a reservoir of the timed steps' durations
+    _random: random.Random = field(default_factory=random.Random)
+
+    def add(self, step: Step) -> None:
+        self.steps += 1
+        if step.duration_s is not None:
+            self.timed += 1
+            self.elapsed_s += step.duration_s
+            if step.batch_size is None:
+                self.sized = False
+            else:
+                self.samples += step.batch_size
+            if len(self.durations) < WINDOW_STEPS_MAX:
+                self.durations.append(step.duration_s)
+            else:  # Algorithm R: each of the `timed` steps is in the sample with the same chance
+                slot = self._random.randrange(self.timed)
+                if slot < WINDOW_STEPS_MAX:
+                    self.durations[slot] = step.duration_s
+        if step.compute_s is not None and step.data_wait_s is not None:
+            self.compute_s += step.compute_s
+            self.data_wait_s += step.data_wait_s
 
 
 class PerfMonitorPlugin(SamplingPlugin):
@@ -39,7 +79,7 @@ class PerfMonitorPlugin(SamplingPlugin):
 
     def prepare(self) -> str | None:
         self._lock = threading.Lock()  # handlers add steps, the sampler thread takes them
-        self._steps: list[Step] = []
+        self._window = Window()
         self._started: tuple[int, float] | None = None  # (batch_index, ts) of the batch in progress
         self._last_end: tuple[int, float] | None = None  # (batch_index, ts) of the last finished batch
         self._said_no_batch_size = False
@@ -66,7 +106,7 @@ class PerfMonitorPlugin(SamplingPlugin):
         batch_size = event.data.get("batch_size")
         step = Step(event.ts, batch_size if isinstance(batch_size, int) else None, duration_s, compute_s, data_wait_s)
         with self._lock:
-            self._steps.append(step)
+            self._window.add(step)
         self._last_end = (index, event.ts)
         self._started = None
 
@@ -74,37 +114,34 @@ class PerfMonitorPlugin(SamplingPlugin):
 
     def sample(self) -> dict[str, float]:
         with self._lock:
-            steps, self._steps = self._steps, []
-        if not steps:
+            window, self._window = self._window, Window()
+        if not window.steps:
             return {}
-        readings = window_stats(steps)
+        readings = window_stats(window)
         if "perf/steps_per_s" in readings and "perf/samples_per_s" not in readings and not self._said_no_batch_size:
             self._said_no_batch_size = True
             self.say_once("perf: end_training_batch carries no batch_size, so samples/s is not measured", "info")
         return readings
 
 
-def window_stats(steps: list[Step]) -> dict[str, float]:
+def window_stats(window: Window) -> dict[str, float]:
     """Rates and percentiles of one interval's steps.
 
     Rates are over the steps' own durations, not the interval's wall time, so an interval that spans a
     validation loop reports how fast training ran, not how much of the interval it ran.
     """
     readings: dict[str, float] = {}
-    timed_steps = [s for s in steps if s.duration_s is not None]
-    elapsed_s = sum(s.duration_s for s in timed_steps)
-    if elapsed_s > 0:
-        readings["perf/steps_per_s"] = len(timed_steps) / elapsed_s
-        if all(s.batch_size is not None for s in timed_steps):
-            readings["perf/samples_per_s"] = sum(s.batch_size for s in timed_steps) / elapsed_s
-    durations = sorted(s.duration_s for s in timed_steps)
+    if window.elapsed_s > 0:
+        readings["perf/steps_per_s"] = window.timed / window.elapsed_s
+        if window.sized:
+            readings["perf/samples_per_s"] = window.samples / window.elapsed_s
+    durations = sorted(window.durations)
     if durations:
         readings["perf/step_time_p50_ms"] = percentile(durations, 50) * MS_PER_S
         readings["perf/step_time_p95_ms"] = percentile(durations, 95) * MS_PER_S
-    split = [s for s in steps if s.compute_s is not None and s.data_wait_s is not None]
-    total_s = sum(s.compute_s + s.data_wait_s for s in split)
+    total_s = window.compute_s + window.data_wait_s
     if total_s > 0:
-        wait_share = sum(s.data_wait_s for s in split) / total_s
+        wait_share = window.data_wait_s / total_s
         readings["perf/data_wait_share"] = wait_share
         readings["perf/compute_share"] = 1.0 - wait_share
     return readings

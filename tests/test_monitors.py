@@ -244,6 +244,34 @@ def test_perf_splits_each_step_into_data_wait_and_compute(tmp_path):
     assert percentile([float(i) for i in range(1, 101)], 95) == 95.0
 
 
+def test_perf_holds_a_bounded_sample_of_the_steps_between_two_readings(tmp_path):
+    """Every step between two readings was kept: at interval_s 3600 a run of 2,000 steps a second held 7.2 million of
+    them (a GB and more) in the plugin. A window keeps an even sample of at most WINDOW_STEPS_MAX, its rates and
+    percentiles those of all its steps."""
+    from trainbus.plugins.perf_monitor import WINDOW_STEPS_MAX
+
+    plugin = PerfMonitorPlugin({"interval_s": 3600.0}, run_dir=str(tmp_path))
+    h = Harness(plugin)
+    plugin.handle(Event(seq=1, run="r", type="start_training_loop", ts=1000.0, step=0, epoch=1))
+    seq, t, steps = 1, 1000.0, 5 * WINDOW_STEPS_MAX
+    for index in range(steps):  # 30 ms waiting for data, then 10 ms of compute; every tenth step 100 ms more
+        t += 0.030
+        seq += 1
+        plugin.on_start_training_batch(Event(seq=seq, run="r", type="start_training_batch", ts=t, step=index,
+                                             epoch=1, data={"batch_index": index}))
+        t += 0.010 + (0.100 if index % 10 == 9 else 0.0)
+        seq += 1
+        plugin.on_end_training_batch(Event(seq=seq, run="r", type="end_training_batch", ts=t, step=index, epoch=1,
+                                           data={"batch_index": index, "batch_size": 32}))
+        assert len(plugin._window.durations) <= WINDOW_STEPS_MAX
+    readings = plugin.tick()
+    h.close()
+    assert readings["perf/steps_per_s"] == pytest.approx(1 / 0.050, rel=0.01)  # 40 ms, and 100 ms a tenth of them
+    assert readings["perf/step_time_p50_ms"] == pytest.approx(40.0)
+    assert readings["perf/step_time_p95_ms"] == pytest.approx(140.0)
+    assert readings["perf/data_wait_share"] == pytest.approx(0.030 / 0.050, rel=0.01)
+
+
 def test_readings_come_quickly_at_first_then_at_the_interval():
     assert list(islice(_sampling.reading_gaps(5.0), 7)) == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
     assert list(islice(_sampling.reading_gaps(0.05), 3)) == [0.05, 0.05, 0.05]  # an interval below the first gap
