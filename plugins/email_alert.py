@@ -270,7 +270,7 @@ def died_message(info: KernelGoneInfo) -> EmailMessage:
         "",
         "The kernel ended without finishing the run (killed, out of memory, the machine went down), so it wrote",
         "no summary.json; `trainbus runs list` shows the run as died. Its kernel.log and plugins/ are in the run",
-        f"directory; with checkpoints, `trainbus run --resume {info.run_id}` continues it from the newest one.",
+        f"directory; with checkpoints, `trainbus runs resume {info.run_id}` continues it from the newest one.",
     ]
     message = EmailMessage()
     message["Subject"] = f"run {info.run_id} DIED at step {_fmt(info.last_step)}: {info.reason}"
