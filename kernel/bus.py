@@ -24,6 +24,7 @@ from trainbus.proto.run_state import RunState
 from .journal import Journal
 from .remote import SUBSCRIPTIONS_MAX, Listener
 from .replies import Reply
+from .reply_ledger import ReplyLedger
 from .spec import is_user_file
 from .stall_watch import StallWatch, thread_stack
 from .tensors import materialize_tensors
@@ -91,6 +92,7 @@ class Bus:
         # flush_now's: each set once a flush has numbered (journaled, sent) every event queued before it
         self._flushed: collections.deque[threading.Event] = collections.deque()
         self.counters = collections.Counter()
+        self.ledger = ReplyLedger()  # what each remote key's connections can have queued (reply_ledger.py)
         self.failure: str | None = None  # why the run must stop (the journal's backlog overflowed)
         self.fast_heartbeats = True
         self.position = (0, 0)  # (step, epoch) of the latest numbered event, for kernel events
@@ -331,6 +333,10 @@ class Bus:
         each costs a file descriptor until its handshake times out) is replaced, its connections cut."""
         old = self._remote_sockets()
         cut = self.remote.cut_crowded()
+        if "control" in cut:
+            self.ledger.clear()
+        else:
+            self.ledger.closed(self.remote.take_closed_control())
         if not cut:
             return
         self._take_remote_sockets(poller, old)
@@ -541,6 +547,7 @@ class Bus:
             if not user_id:  # cannot be, behind CURVE and ZAP; if it ever were, such a peer is nobody
                 self.counters["unauthenticated"] += 1
                 continue
+            self.ledger.heard(REMOTE + frames[0].bytes, user_id, frames[1].get(zmq.SRCFD))
             self.control.handle(REMOTE + frames[0].bytes, frames[1].bytes, user_id=user_id)
         return True
 
@@ -555,6 +562,9 @@ class Bus:
             router.send_multipart((identity[1:], raw), zmq.NOBLOCK)
         except (zmq.Again, zmq.ZMQError):  # gone or stalled peer: it will ask again
             self.counters["unroutable"] += 1
+            return
+        if identity[:1] == REMOTE:
+            self.ledger.sent(identity, len(raw))
 
 
 def _counts_at_end(journal: Journal) -> list[int]:

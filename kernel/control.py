@@ -26,7 +26,8 @@ REPLAY_BATCH_MAX_BYTES = 4 * 1024 * 1024
 # A remote peer's batches are smaller: what a client asks for and never reads stays queued in the kernel, up to
 # CONTROL_SNDHWM messages a connection (kernel/remote.py), and a monitor key may open 64 (peers.MAX_PEERS): 4 MiB
 # batches of a journal of big events (plugins' 16 KiB log lines) made that 2 GiB of the kernel's memory; 512 KiB,
-# 256 MiB. A remote plugin catching up still gets its budget's 50 batches a second, 512 events each when they are
+# 256 MiB (1 GiB counting the connections of peers forgotten as silent, up to the socket's 256), and what one key's
+# connections may hold unread is bounded in bytes too (reply_ledger.py). A remote plugin catching up still gets its budget's 50 batches a second, 512 events each when they are
 # the usual few hundred bytes.
 REMOTE_REPLAY_BATCH_MAX_BYTES = 512 * 1024
 SNAPSHOT_COST = 10  # replay batches one snapshot costs a peer's budget (it is built on the bus thread)
@@ -182,7 +183,12 @@ class Dispatcher:
             return
         state = self.bus.run_state
         acked = {name: self.peers.position(name) for name, p in state.plugins.items() if p["delivery"] == DURABLE}
-        self.bus.send(peer.identity, encode_control(control("run_state", seq=state.seq, state=state.to_map(acked))))
+        raw = encode_control(control("run_state", seq=state.seq, state=state.to_map(acked)))
+        if peer.user_id and len(raw) > self.bus.ledger.room(peer.identity):
+            # its key's connections may hold as much unread already (reply_ledger.py): the peer asks again
+            self.counters["snapshot_dropped_queued"] += 1
+            return
+        self.bus.send(peer.identity, raw)
         self.counters["snapshots"] += 1
 
     def _on_replay(self, peer: Peer, msg: dict[str, Any]) -> None:
@@ -196,7 +202,9 @@ class Dispatcher:
                 continue
             from_seq, peer.replay_from = max(peer.replay_from, journal.first_seq), None
             # where the batch begins: past from_seq when a lost segment was skipped, so done is reckoned from there
-            max_bytes = REMOTE_REPLAY_BATCH_MAX_BYTES if peer.user_id else REPLAY_BATCH_MAX_BYTES
+            max_bytes = REPLAY_BATCH_MAX_BYTES
+            if peer.user_id:  # within what its key's connections may hold unread (reply_ledger.py); one event always
+                max_bytes = max(1, min(REMOTE_REPLAY_BATCH_MAX_BYTES, self.bus.ledger.room(peer.identity)))
             first, count, records = journal.read_batch(from_seq, REPLAY_BATCH_MAX_EVENTS, max_bytes)
             done = first + count - 1 >= journal.written_seq
             self.bus.send(peer.identity, encode_replay_batch(count, records, done))

@@ -188,6 +188,7 @@ class Crowd:
         self.monitor.rcvhwm = 0  # no limit: libzmq would block its I/O thread on a full queue
         self.monitor.connect(address)
         self._open: set[int] = set()  # their descriptors
+        self.closed: list[int] = []  # descriptors closed since the owner last took them (take_closed)
 
     def count(self) -> int:
         """How many it holds, once the monitor's news is taken."""
@@ -202,6 +203,7 @@ class Crowd:
                 self._open.add(message["value"])
             else:
                 self._open.discard(message["value"])
+                self.closed.append(message["value"])
 
     def close(self) -> None:
         """Stop the socket's monitor, then close the reader (the other order can block libzmq's I/O thread)."""
@@ -252,6 +254,13 @@ class Listener:
                                   LINGER=1000)  # an XPUB for both: each new subscription is passed up, and counted
         self.crowds[attribute] = Crowd(socket)
         return socket
+
+    def take_closed_control(self) -> list[int]:
+        """The control socket's connections closed since the last call, by descriptor (reply_ledger.py)."""
+        crowd = self.crowds["router"]
+        crowd.count()
+        closed, crowd.closed = crowd.closed, []
+        return closed
 
     def monitors(self) -> list[zmq.Socket]:
         """What the bus thread polls, to call cut_crowded as soon as a socket's connections change."""

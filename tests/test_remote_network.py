@@ -496,6 +496,80 @@ def test_monitor_peers_that_ask_for_replays_and_never_read_them_hold_little_of_t
     assert result["status"] == "completed" and result["bus"].get("unroutable", 0) > 0, result["bus"]
 
 
+def test_one_monitor_key_whose_many_peers_ask_for_replays_and_never_read_them_holds_a_bounded_sum(keys, runs_dir,
+                                                                                                  tmp_path, kernels):
+    """Each TCP connection queues at most 8 replies, but one key may hold 56 peers (and the connections of its
+    forgotten silent ones, up to the socket's 256): 40 peers of one monitor key, each asking for a 512 KiB batch 9
+    times within the key's replay budget and reading nothing, grew the kernel by ~70 MB (56: ~100 MB; 1 GiB at
+    worst). What a key's connections may hold unread is now bounded in bytes (reply_ledger.py, 24 MiB): batches
+    past it are cut to one event."""
+    import psutil
+
+    from trainbus.kernel.limits import LOG_TEXT_MAX_CHARS
+
+    lines, hogs_n, asks = 320, 40, 9
+    gate = tmp_path / "gate"
+    cfg = listening_config(runs_dir, keys["dir"], epochs=1, step_sleep_s=0, gate=gate)
+    cfg.limits = {"bytes_per_s": 64 << 20, "logs_per_s": 10_000.0}  # the lines go in at once
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    ctx = zmq.Context()
+    try:
+        logger = ctx.socket(zmq.DEALER)
+        logger.setsockopt(zmq.LINGER, 0)
+        secure_client(logger, keys["watcher"], conn["server_key"].encode())
+        logger.connect(conn["control"])
+        logger.send(pack({"v": 1, "type": "hello", "name": "logger", "pid": os.getpid(), "subscriptions": [],
+                          "replies": ["log"], "delivery": "best_effort"}))
+        for number in range(lines):  # random text: each line is its 16 KiB in the journal and in a batch
+            text = f"{number:06d} " + secrets.token_hex(LOG_TEXT_MAX_CHARS // 2)[:LOG_TEXT_MAX_CHARS - 7]
+            logger.send(pack({"v": 1, "type": "log", "level": "info", "text": text}))
+        wait_until(lambda: len(kernel.journal.of("log")) >= lines, 120, "the lines in the journal")
+        hogs = []
+        for number in range(hogs_n):
+            hog = ctx.socket(zmq.DEALER)
+            hog.setsockopt(zmq.LINGER, 0)
+            hog.setsockopt(zmq.RCVHWM, 1)  # what it does not read stays with the kernel
+            hog.setsockopt(zmq.RCVBUF, 4096)
+            secure_client(hog, keys["watcher"], conn["server_key"].encode())
+            hog.connect(conn["control"])
+            hog.send(pack({"v": 1, "type": "hello", "name": f"hog{number}", "pid": os.getpid(),
+                           "subscriptions": [""], "replies": [], "delivery": "best_effort"}))
+            hogs.append(hog)
+        memory = psutil.Process(kernel.proc.pid)
+        before = memory.memory_info().rss
+        for hog in hogs:  # a connection at a time, each to its queue's brim, within the key's 50 batches a second
+            for _ in range(asks):
+                hog.send(pack({"v": 1, "type": "replay", "from_seq": 1}), zmq.NOBLOCK)
+                for other in hogs:  # all stay live: none is forgotten
+                    other.send(pack({"v": 1, "type": "heartbeat"}), zmq.NOBLOCK)
+                time.sleep(0.025)
+        time.sleep(1.0)
+        grown = memory.memory_info().rss - before
+    finally:
+        ctx.destroy(linger=0)
+    print(f"\nthe kernel grew {grown >> 20} MB")
+    assert grown < 40 << 20, f"the kernel grew {grown >> 20} MB"
+    # their connections closed, what they held went with them: the key's next reader gets whole batches again
+    reader = RemoteClient(conn, keys["watcher"])
+    try:
+        reader.hello("reader", replies=[])
+        assert reader.reply(30, "welcome") is not None
+        batch, end = None, time.monotonic() + 30
+        while batch is None and time.monotonic() < end:  # asked again while the closed ones are still being told
+            reader.send("replay", from_seq=1)
+            batch = reader.reply(0.5, "replay_batch")
+            if batch is not None and len(batch["events"]) == 1:
+                batch = None
+        assert batch is not None, "one event a batch: the closed connections still count against the key"
+    finally:
+        reader.close()
+    open_gate(gate, STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed", result["bus"]
+
+
 @pytest.mark.timeout(300)
 def test_a_tcp_subscriber_that_never_reads_holds_a_bounded_queue_in_the_kernel(keys, runs_dir, tmp_path, kernels):
     """A TCP events subscriber that connects and never reads had the kernel hold up to EVENTS_HWM (10,000) events for
