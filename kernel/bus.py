@@ -547,7 +547,11 @@ class Bus:
             if not user_id:  # cannot be, behind CURVE and ZAP; if it ever were, such a peer is nobody
                 self.counters["unauthenticated"] += 1
                 continue
-            self.ledger.heard(REMOTE + frames[0].bytes, user_id, frames[1].get(zmq.SRCFD))
+            try:  # the descriptor it came on: its close releases what the ledger counts for it
+                fd = frames[1].get(zmq.SRCFD)
+            except zmq.ZMQError:  # a libzmq without it: released only when the control socket is replaced
+                fd = -1
+            self.ledger.heard(REMOTE + frames[0].bytes, user_id, fd)
             self.control.handle(REMOTE + frames[0].bytes, frames[1].bytes, user_id=user_id)
         return True
 
