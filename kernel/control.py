@@ -27,8 +27,8 @@ REPLAY_BATCH_MAX_BYTES = 4 * 1024 * 1024
 # CONTROL_SNDHWM messages a connection (kernel/remote.py), and a monitor key may open 64 (peers.MAX_PEERS): 4 MiB
 # batches of a journal of big events (plugins' 16 KiB log lines) made that 2 GiB of the kernel's memory; 512 KiB,
 # 256 MiB (1 GiB counting the connections of peers forgotten as silent, up to the socket's 256), and what one key's
-# connections may hold unread is bounded in bytes too (reply_ledger.py). A remote plugin catching up still gets its budget's 50 batches a second, 512 events each when they are
-# the usual few hundred bytes.
+# connections may hold unread is bounded in bytes too (reply_ledger.py). A remote plugin catching up still gets its
+# budget's 50 batches a second, 512 events each when they are the usual few hundred bytes.
 REMOTE_REPLAY_BATCH_MAX_BYTES = 512 * 1024
 SNAPSHOT_COST = 10  # replay batches one snapshot costs a peer's budget (it is built on the bus thread)
 REASON_MAX_CHARS = 1000  # a stop's or a settlement's reason and path, as republished and logged

@@ -224,7 +224,7 @@ def test_a_killed_kernel_is_mailed_as_a_died_run_and_listed_as_died(started_by, 
     assert body["Status"] == "died" and body["Reason"] == "the kernel process exited"
     assert Path(body["Run directory"]) == run_dir.resolve()
     text = " ".join(message.get_body(preferencelist=("plain",)).get_content().split())
-    assert f"`trainbus runs resume {run_dir.name}` continues it from the newest one" in text  # in place, as died runs are
+    assert f"`trainbus runs resume {run_dir.name}` continues it from the newest one" in text  # in place
     seen = {e.seq: e for e in journal.poll()}
     assert seen[seq].step == step, "the last event the plugin handled, as the journal has it"
     wait_until(lambda: process_gone(plugin_pid), 30, "the e-mail plugin to exit")
