@@ -244,6 +244,11 @@ class Outbox:
                                         f"empty for a server that takes mail without one, or use security = "
                                         f"\"starttls\" or \"ssl\" where it offers login only over TLS", say)
                     continue
+                if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":  # plain text came back
+                    self._give_up(path, f"{where} speaks no TLS at once, yet security = \"ssl\" ({exc}): set security "
+                                        f"= \"starttls\" for a port that starts in plain text (587), or \"none\" for a "
+                                        f"server that offers no encryption", say)
+                    continue
                 if isinstance(exc, smtplib.SMTPNotSupportedError):  # the settings, not the server's state: no retry
                     self._give_up(path, f"{config.host}:{config.resolved_port()} does not support what `security` "
                                         f"asks ({exc}): set security = \"ssl\" for a TLS port (465), or \"none\" for a "

@@ -418,6 +418,19 @@ def test_a_username_for_a_server_that_offers_no_login_is_given_up_naming_usernam
     assert "`security` asks" not in line, line
 
 
+def test_ssl_against_a_server_that_speaks_no_tls_is_given_up_at_once_naming_the_setting(tmp_path):
+    """security = "ssl" at a port that starts in plain text (25, 587) was retried for six hours (WRONG_VERSION_NUMBER,
+    as if the server were down), a background sender left behind for all of it: it is the settings, and says which."""
+    controller, inbox = start_server(free_port())
+    try:
+        said = _given_up_lines(tmp_path, controller.port, security="ssl")
+    finally:
+        controller.stop()
+    [line] = [line for line in said if "given up" in line]
+    assert "speaks no TLS" in line and 'security = "starttls"' in line, line
+    assert not inbox.messages
+
+
 def test_a_password_never_comes_from_the_config(tmp_path, monkeypatch):
     with pytest.raises(SettingsError, match="password_env"):
         EmailAlertPlugin({"password": "hunter2", "recipients": [RECIPIENT]})
