@@ -93,6 +93,13 @@ class EmailAlertPlugin(Plugin):
         if not recipients or not all(isinstance(r, str) and "@" in r for r in recipients):
             raise SettingsError(f"recipients = {recipients!r} is not allowed; it must be a list of one or more "
                                 f"addresses, e.g. [\"you@example.com\"]")
+        # what the message's headers will not take failed the end handler at the run's end: said before the run
+        for key, texts in (("recipients", recipients), ("sender", [settings["sender"]] if settings["sender"] else [])):
+            for text in texts:
+                problem = _address_problem(text)
+                if problem:
+                    raise SettingsError(f"{key} = {settings[key]!r} is not allowed: {problem}; give each address as "
+                                        f"name@domain, or \"Your Name <name@domain>\"")
         try:
             smtp_config(settings).check()
         except SmtpConfigError as exc:
@@ -367,6 +374,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # formatting
+
+
+def _address_problem(text: str) -> str:
+    """Why `text` is no address a mail header can carry ("" when it is one or more)."""
+    if "\n" in text or "\r" in text:
+        return f"{text!r} holds a line break"
+    header = EmailMessage()
+    try:
+        header["To"] = text
+        addresses = header["To"].addresses
+    except (ValueError, IndexError, TypeError):  # the email package's parser raises these on some garbage
+        addresses = ()
+    if not addresses or not all(a.username and a.domain for a in addresses):
+        return f"{text!r} is not an e-mail address"
+    return ""
 
 
 def _say(text: str) -> None:

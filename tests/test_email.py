@@ -471,6 +471,21 @@ def test_a_password_file_that_holds_no_password_is_one_line_naming_it(tmp_path, 
         EmailAlertPlugin(settings)
 
 
+@pytest.mark.parametrize("setting, value, named", [
+    ("recipients", ["ops@example.com", "not an address @"], "'not an address @'"),
+    ("recipients", ["ops@example.com\nBcc: someone@example.org"], "a line break"),
+    ("sender", "me@example.com\nBcc: someone@example.org", "a line break"),
+    ("sender", "me at example.com", "'me at example.com'"),
+], ids=["not an address", "a line break", "a line break in sender", "sender not an address"])
+def test_an_address_no_mail_can_carry_is_refused_before_the_run_naming_the_setting(setting, value, named):
+    """These passed the settings' check, and the end handler raised at the run's end (IndexError: string index out
+    of range; ValueError: Header values may not contain linefeed): no mail, a dead letter, and nothing said before."""
+    settings = {"recipients": [RECIPIENT], setting: value}
+    with pytest.raises(SettingsError, match=f"^plugin email: {setting} = ") as raised:
+        EmailAlertPlugin(settings)
+    assert named in str(raised.value) and "name@domain" in str(raised.value), raised.value
+
+
 def test_plugin_failed_mails_are_capped_but_the_end_mail_always_goes(tmp_path):
     plugin = EmailAlertPlugin({"host": "127.0.0.1", "port": free_port(), "security": "none",
                                "recipients": [RECIPIENT], "max_messages": 2, "retry_initial_s": 60.0,
