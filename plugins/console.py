@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -70,7 +72,9 @@ class ConsolePlugin(Plugin):
         self.progress: Progress | None = None
         self.epoch_task: TaskID | None = None
         self.batch_task: TaskID | None = None
-        self.epochs_total: int | None = None
+        # start_training_session says it; a console restarted mid-run (best effort: nothing is replayed) never sees
+        # it, and printed `epoch 4/?` to the run's end: the run's config.json holds the epochs it plans
+        self.epochs_total: int | None = _planned_epochs(Path(self.run_dir))
         # The kernel's batches_planned (len of the loader) at start_epoch; without one, unknown (an indeterminate
         # bar) until a whole epoch ends.
         self.batches_per_epoch: int | None = None
@@ -248,6 +252,14 @@ class ConsolePlugin(Plugin):
         # a terminal line is cut to fit; a file or pipe (a log, CI) keeps the whole first line, fix included
         width = MAX_LINE_CHARS if self.console.is_terminal else None
         self._say(_one_line(f"{level}: {text}", width), "bold red" if level == "error" else "yellow")
+
+
+def _planned_epochs(run_dir: Path) -> int | None:
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):  # not there (a plugin on another machine), or torn
+        return None
+    return _int(config.get("epochs")) if isinstance(config, dict) else None
 
 
 def _epoch_summary(epoch: int, epochs_total: int | None, data: dict[str, Any], elapsed_s: float | None) -> str:

@@ -462,6 +462,17 @@ def test_console_without_a_tty_prints_plain_epoch_lines_and_warnings(tmp_path, c
     assert lines[-1] == "finished: ? epochs, ? steps; stopped early: no reason given"
 
 
+def test_a_restarted_console_says_the_epochs_the_run_plans_from_its_config(tmp_path, capsys):
+    """kill -9 of the console after epoch 1: its successor, which never sees start_training_session (best effort:
+    no replay), printed `epoch 4/?` to the run's end. The run's config.json says how many epochs it plans."""
+    (tmp_path / "config.json").write_text(json.dumps({"target": "t.py:build", "epochs": 6}))
+    h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
+    h.seq = 200  # mid-run: what it missed is not replayed
+    h.feed("end_epoch", epoch=4, training_loss=0.5, validation_loss=0.4, validation_metrics={}, lr=0.1)
+    h.close()
+    assert capsys.readouterr().out.startswith("epoch 4/6  train loss 0.5  val loss 0.4")
+
+
 def test_console_without_validation_says_the_training_metrics_and_no_val_loss(tmp_path, capsys):
     h = Harness(ConsolePlugin(run_dir=str(tmp_path)))
     h.feed("start_training_session", epochs=1, model="Net", parameters=10, device="cpu")
