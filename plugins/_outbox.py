@@ -245,7 +245,8 @@ class Outbox:
                                         f"\"starttls\" or \"ssl\" where it offers login only over TLS", say)
                     continue
                 if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":  # plain text came back
-                    self._give_up(path, f"{where} speaks no TLS at once, yet security = \"ssl\" ({exc}): set security "
+                    self._give_up(path, f"{config.host}:{config.resolved_port()} speaks no TLS at once, yet security = "
+                                        f"\"ssl\" ({exc}): set security "
                                         f"= \"starttls\" for a port that starts in plain text (587), or \"none\" for a "
                                         f"server that offers no encryption", say)
                     continue

@@ -418,6 +418,25 @@ def test_a_username_for_a_server_that_offers_no_login_is_given_up_naming_usernam
     assert "`security` asks" not in line, line
 
 
+def _given_up_lines(tmp_path, port: int, **overrides) -> list[str]:
+    """What the plugin logged as it tried its end mail against the server at `port` till the mail was given up."""
+    settings = {"host": "127.0.0.1", "port": port, "security": "none", "recipients": [RECIPIENT],
+                "min_interval_s": 0.0, "retry_initial_s": 0.1, "retry_max_s": 0.2,
+                "retry_window_s": 30.0, **overrides}  # a mail not given up (the test fails): its sender ends soon
+    plugin = EmailAlertPlugin(settings, run_id="r1", run_dir=str(tmp_path))
+    said: list[str] = []
+    plugin.log = lambda text, level="info": said.append(text)
+    plugin.setup()
+    plugin.handle(_end_event())
+    failed = tmp_path / "plugins" / "email.outbox" / "failed"
+    deadline = time.monotonic() + 30
+    while not list(failed.glob("*.eml")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    plugin.teardown()
+    assert len(list(failed.glob("*.eml"))) == 1, said  # given up at once: retrying cannot help
+    return said
+
+
 def test_ssl_against_a_server_that_speaks_no_tls_is_given_up_at_once_naming_the_setting(tmp_path):
     """security = "ssl" at a port that starts in plain text (25, 587) was retried for six hours (WRONG_VERSION_NUMBER,
     as if the server were down), a background sender left behind for all of it: it is the settings, and says which."""
