@@ -246,9 +246,8 @@ class Outbox:
                     continue
                 if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":  # plain text came back
                     self._give_up(path, f"{config.host}:{config.resolved_port()} speaks no TLS at once, yet security = "
-                                        f"\"ssl\" ({exc}): set security "
-                                        f"= \"starttls\" for a port that starts in plain text (587), or \"none\" for a "
-                                        f"server that offers no encryption", say)
+                                        f"\"ssl\" ({exc}): set security = \"starttls\" for a port that starts in "
+                                        f"plain text (587), or \"none\" for a server that offers no encryption", say)
                     continue
                 if isinstance(exc, smtplib.SMTPNotSupportedError):  # the settings, not the server's state: no retry
                     self._give_up(path, f"{config.host}:{config.resolved_port()} does not support what `security` "
