@@ -13,6 +13,7 @@ from typing import Any
 
 from trainbus.proto import (DURABLE, ProtocolError, control, decode_control, encode_control, encode_replay_batch,
                             events as ev)
+from trainbus.proto.codec import MAX_CONTROL_CONTAINERS
 from trainbus.proto.text import printable
 
 from .limits import truncate
@@ -71,7 +72,7 @@ class Dispatcher:
     def handle(self, identity: bytes, raw: bytes, user_id: str = "") -> None:
         """One message from the connection `identity`; `user_id` is its CURVE key (z85) on TCP, "" on ipc."""
         try:
-            msg = decode_control(raw)
+            msg = decode_control(raw, MAX_CONTROL_CONTAINERS)
         except ProtocolError as exc:
             if len(raw) >= 4 and 0x81 <= raw[0] <= 0x8F and raw[1:4] == b"\xa2op":  # a daemon's request
                 self._refuse(identity, "daemon_request", Refused(NOT_A_DAEMON, "this is a run's kernel, not a "

@@ -23,6 +23,11 @@ MAX_BIN_BYTES = 1024 * 1024
 MAX_ARRAY_LEN = 100_000
 MAX_MAP_LEN = 10_000
 MAX_DEPTH = 1024  # nested arrays and maps msgpack's decoder takes (its stack); deeper raises StackError
+# Arrays and maps in one control message a peer sends, at most (decode_control's max_containers, as the kernel reads
+# its peers). Each is a Python object the collector tracks, and msgpack builds them with the GIL held: 240 KB of empty
+# arrays (under the control socket's MAXMSGSIZE) took ~33 ms to decode, and a flood of them left a run's heartbeats
+# 143 s apart. A control message has a few lists of names; an attach_plugin's settings a few more.
+MAX_CONTROL_CONTAINERS = 1024
 N_COUNTS = len(COUNTED_BATCH_EVENTS)  # the envelope's `n`
 # A metric's step and epoch are counts, stored as int64 by what reads them: TensorBoard's Event.step refuses a larger
 # one (ValueError, raised in the visualization plugin's handler).
@@ -84,14 +89,31 @@ def _plain(obj: Any) -> Any:
     return tolist()
 
 
-def unpack(raw: bytes) -> Any:
-    """msgpack-decode one message under the limits; anything wrong raises ProtocolError."""
+class _TooManyContainers(Exception):
+    pass
+
+
+def unpack(raw: bytes, max_containers: int | None = None) -> Any:
+    """msgpack-decode one message under the limits, and with at most `max_containers` arrays and maps if given (the
+    decoding stops at the next one); anything wrong raises ProtocolError."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"expected bytes, got {type(raw).__name__}")
     if len(raw) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    hooks: dict[str, Any] = {}
+    if max_containers is not None:
+        built = [0]
+
+        def counted(container: Any) -> Any:
+            built[0] += 1
+            if built[0] > max_containers:
+                raise _TooManyContainers
+            return container
+        hooks = {"list_hook": counted, "object_hook": counted}
     try:
-        return msgpack.unpackb(raw, **UNPACK_LIMITS)
+        return msgpack.unpackb(raw, **UNPACK_LIMITS, **hooks)
+    except _TooManyContainers:
+        raise ProtocolError(f"undecodable message: more than {max_containers:,} arrays and maps") from None
     except msgpack.StackError:  # says nothing itself: its empty text read "not msgpack", sending authors to their bytes
         raise ProtocolError(f"undecodable message: nested deeper than {MAX_DEPTH:,} arrays and maps") from None
     except Exception as exc:  # msgpack raises several unrelated types; all mean "garbled"
@@ -218,9 +240,11 @@ def encode_replay_batch(count: int, records: bytes, done: bool) -> bytes:
     return head + records
 
 
-def decode_control(raw: bytes) -> dict[str, Any]:
-    """Decode and check a control message; a replay_batch's events come back as Event objects."""
-    m = unpack(raw)
+def decode_control(raw: bytes, max_containers: int | None = None) -> dict[str, Any]:
+    """Decode and check a control message; a replay_batch's events come back as Event objects. `max_containers`:
+    what a peer's message may hold (MAX_CONTROL_CONTAINERS, as the kernel decodes them); None for the kernel's own
+    (a replay_batch holds an array of maps)."""
+    m = unpack(raw, max_containers)
     if type(m) is dict and m.get("type") == "replay_batch" and type(m.get("events")) is list:
         # Each event checked once, as it becomes an Event (check_control would check it, then we would again).
         events = [event_from_map(e) for e in m["events"]]

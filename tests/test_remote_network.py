@@ -846,3 +846,46 @@ def test_a_monitor_key_subscribing_to_endless_topics_holds_little_of_the_kernels
         good.close()
         open_gate(gate, 2 * STEPS_PER_EPOCH)
     assert kernel.result(timeout_s=120)["status"] == "completed"
+
+
+@pytest.mark.timeout(300)
+def test_messages_that_are_costly_to_decode_keep_neither_the_bus_nor_training_waiting(keys, runs_dir, tmp_path,
+                                                                                     kernels):
+    """A control message is decoded before anything else is known of it, and msgpack makes one Python object per
+    array or map: 240 KB of empty arrays (`[[]] * 60000` four times, under MAXMSGSIZE) took ~33 ms to decode, the
+    GIL held throughout, and far more in a kernel whose heap holds a model (each message's 240,000 lists lived long
+    enough to be promoted, and the collector walked the whole heap). A monitor key sending them as fast as it could
+    left the digits demo's heartbeats 143 s apart and its steps ~1,000 times slower. The kernel now stops decoding
+    a peer's message at its 1,024th array or map (no control message needs more): malformed, counted."""
+    cfg = listening_config(runs_dir, keys["dir"], epochs=50, step_sleep_s=0.005)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    kernel.wait_step(2, timeout_s=120)
+    watcher = RemoteClient(conn, keys["watcher"])
+    ctx = zmq.Context()
+    costly = msgpack.packb({"v": 1, "type": "heartbeat", **{k: [[]] * 60_000 for k in "wxyz"}})
+    try:
+        flood = ctx.socket(zmq.DEALER)
+        flood.setsockopt(zmq.LINGER, 0)
+        secure_client(flood, keys["watcher"], conn["server_key"].encode())
+        flood.connect(conn["control"])
+        assert watcher.next_event(30) is not None, "the watcher never got an event"
+        first_step, beats, end = kernel.journal.step(), [], time.monotonic() + 6.0
+        while time.monotonic() < end:
+            try:
+                flood.send(costly, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            while (event := watcher.next_event(0.001)) is not None:
+                if event["type"] == "heartbeat":
+                    beats.append(time.monotonic())
+        steps = kernel.journal.step() - first_step
+    finally:
+        ctx.destroy(linger=0)
+        watcher.close()
+    gaps = [b - a for a, b in zip([end - 6.0, *beats], [*beats, end])]
+    assert max(gaps) < 2.5, f"the kernel's heartbeats were {max(gaps):.1f} s apart during the flood"
+    assert steps > 200, f"{steps} steps in 6 s of flood (0.005 s a step)"
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed" and result["bus"].get("malformed", 0) > 0, result["bus"]
