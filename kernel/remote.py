@@ -33,7 +33,11 @@ FREE_PORTS_ATTEMPTS = 20  # PORT 0: tries at a free control port whose PORT + 1 
 # one monitor key grew the kernel by ~290 MB.
 EVENTS_MAX_INBOUND_BYTES = 1024
 SUBSCRIPTIONS_MAX = 256
-CONTROL_RCVHWM = 1000  # per connection: a flooding peer fills its own queue, not the others'
+# Messages queued from one TCP connection until the bus thread reads them, at most: a flooding peer fills its own
+# queue, not the others', and past it TCP holds the sender back. At 1,000 of up to 256 KiB (MAXMSGSIZE), 8 connections
+# of one monitor key sending messages the bus decodes slower than the wire brings them grew the kernel by 354 MB in
+# 8 s (256 connections: 64 GiB). A client sends a heartbeat a second, acks and a few replies: 16 is plenty.
+CONTROL_RCVHWM = 16
 # Messages queued to one TCP connection, at most. A client pulls replay batches one at a time (and asks for a
 # run_state now and then), so a few are all it ever waits for; a peer that asks and never reads had 1,000 replay
 # batches of up to 4 MiB each held for it (four monitor keys: +300 MB of the kernel's memory in 20 s). Past it, a

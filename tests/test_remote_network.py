@@ -889,3 +889,45 @@ def test_messages_that_are_costly_to_decode_keep_neither_the_bus_nor_training_wa
     assert steps > 200, f"{steps} steps in 6 s of flood (0.005 s a step)"
     result = kernel.result(timeout_s=120)
     assert result["status"] == "completed" and result["bus"].get("malformed", 0) > 0, result["bus"]
+
+
+@pytest.mark.timeout(300)
+def test_a_key_flooding_the_control_socket_with_big_messages_holds_little_of_the_kernels_memory(keys, runs_dir,
+                                                                                                tmp_path, kernels):
+    """What a TCP connection sends waits in the kernel until the bus thread reads it, up to the control socket's
+    receive queue: 1,000 messages of up to 256 KiB (MAXMSGSIZE) a connection, 250 MiB, and 256 connections a socket
+    may hold. Messages the bus decodes slower than the wire brings them (a few ms each, 128,000 one-letter strings in
+    an unknown field) from 8 connections of one monitor key grew the kernel by hundreds of MB in 8 s. The TCP control
+    socket now queues CONTROL_RCVHWM (16) messages a connection; past it TCP holds the sender back."""
+    import psutil
+
+    cfg = listening_config(runs_dir, keys["dir"], epochs=50, step_sleep_s=0.005)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    kernel.wait_step(2, timeout_s=120)
+    memory = psutil.Process(kernel.proc.pid)
+    bulky = msgpack.packb({"v": 1, "type": "heartbeat", "x": ["a"] * 100_000, "y": ["b"] * 26_000})
+    assert len(bulky) < 256 * 1024
+    ctx = zmq.Context()
+    try:
+        floods = []
+        for _ in range(8):
+            flood = ctx.socket(zmq.DEALER)
+            flood.setsockopt(zmq.LINGER, 0)
+            secure_client(flood, keys["watcher"], conn["server_key"].encode())
+            flood.connect(conn["control"])
+            floods.append(flood)
+        before, grown, end = memory.memory_info().rss, 0, time.monotonic() + 8.0
+        while time.monotonic() < end:
+            for flood in floods:
+                try:
+                    flood.send(bulky, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+            grown = max(grown, memory.memory_info().rss - before)
+            time.sleep(0.001)
+    finally:
+        ctx.destroy(linger=0)
+    assert grown < 64 << 20, f"the kernel grew {grown >> 20} MB"
+    assert kernel.result(timeout_s=180)["status"] == "completed"
