@@ -132,7 +132,8 @@ def test_memory_readings_are_consistent_and_it_warns_once(tmp_path):
     h = Harness(off)
     off.tick()
     h.close()
-    assert not [r for r in off.outbox if r["type"] == "log"], off.outbox  # 0: never (it said "nearly exhausted")
+    # 0: never (it said "nearly exhausted"); an info line that USS cost too much on a busy box is not a warning
+    assert not [r for r in off.outbox if r["type"] == "log" and r["level"] != "info"], off.outbox
     assert 0 < first["memory/used_bytes"] <= first["memory/total_bytes"]
     assert 0 <= first["memory/percent"] <= 100
     assert first["memory/process_rss_bytes"] > 10 * 1024 ** 2
