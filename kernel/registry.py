@@ -332,8 +332,39 @@ def _storable(value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> bool:
+    return value is None or value == NAN_TEXT or isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each runs column must hold, for a row written by hand or damaged: such a row is read again from its run
+# directory (`runs list`), or, for a run that has none, listed unreadable; never a traceback for every run.
+_ROW_CHECKS = {
+    "status": lambda v: v in STATUSES, "observed_ts": lambda v: isinstance(v, (int, float)),
+    **{n: lambda v: v is None or isinstance(v, str) for n in ("dir", "detail", "target", "error")},
+    **{n: lambda v: v is None or isinstance(v, int) for n, kind in COLUMNS.items() if kind == "INTEGER"},
+    **{n: _number for n in _REAL_COLUMNS if n != "observed_ts"},
+    **{n: lambda v: v is None or isinstance(v, dict) for n in ("flags", "validation_metrics", "hyperparameters",
+                                                                "training_metrics", "last_event")},
+    **{n: lambda v: v is None or isinstance(v, list) and all(isinstance(i, str) for i in v)
+       for n in ("stop_reasons", "plugin_trouble")},
+}
+_ROW_FALLBACK = {"status": "unreadable", "observed_ts": 0.0}
+
+
 def _from_row(row: tuple, now: float) -> dict[str, Any]:
-    run = {n: (json.loads(v) if n in JSON_COLUMNS and v is not None else v) for n, v in zip(COLUMNS, row)}
+    """A row as run_overview's dict; `unreadable_row` names the columns that are not what trainbus writes."""
+    run, bad = {}, []
+    for name, value in zip(COLUMNS, row):
+        if name in JSON_COLUMNS and value is not None:
+            try:
+                value = json.loads(value)
+            except (TypeError, ValueError):
+                value = _ROW_FALLBACK.get(name)
+                bad.append(name)
+        if name in _ROW_CHECKS and name not in bad and not _ROW_CHECKS[name](value):
+            value = _ROW_FALLBACK.get(name)
+            bad.append(name)
+        run[name] = value
     for name in _REAL_COLUMNS:
         if run[name] == NAN_TEXT:
             run[name] = math.nan
@@ -345,7 +376,16 @@ def _from_row(row: tuple, now: float) -> dict[str, Any]:
         run["last_event"]["age_s"] = round(max(0.0, now - run["ended_ts"]), 1)  # the age as of now
     run.pop("observed_ts")
     run["stalled"] = None  # only a running run's, which every list reads anew from its journal
+    if bad:
+        run["unreadable_row"] = bad
     return run
+
+
+def _unreadable_row(run: dict[str, Any]) -> dict[str, Any]:
+    """A run the registry alone holds whose row is damaged, as `runs list` shows it: what it is and the fix."""
+    bad = run.pop("unreadable_row")
+    return {**run, "status": "unreadable", "detail": f"its row in the run registry ({', '.join(bad)}) is not what "
+                                                     f"trainbus writes: `trainbus runs delete {run['id']}` removes it"}
 
 
 # -- what the kernel and the CLI call ----------------------------------------------------------------
@@ -379,7 +419,8 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
             waiting = registry.jobs([QUEUED])
             stale = [name for name, path in dirs.items()
                      if name not in known or known[name]["status"] in LIVE or known[name]["dir"] != str(path)
-                     or name in started]  # the daemon started it: its directory may say so any moment
+                     or name in started  # the daemon started it: its directory may say so any moment
+                     or "unreadable_row" in known[name]]  # garbled by hand: its directory says again
             fresh = {name: overview_or_unreadable(dirs[name], now) for name in stale}
             try:
                 registry.record(fresh.values(), now)
@@ -387,6 +428,7 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
             except sqlite3.Error as exc:  # readable but not writable (someone else's runs dir): list all the same
                 warn(runs_dir, exc)
         known.update(fresh)
+        known.update({i: _unreadable_row(run) for i, run in known.items() if "unreadable_row" in run})
         for job in waiting:  # a resume waits in the queue: its directory tells how it last ended
             if job["id"] in dirs and known[job["id"]]["status"] != QUEUED:
                 known[job["id"]] = queued_resume(known[job["id"]], job["submitted_by"])

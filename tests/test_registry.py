@@ -272,6 +272,36 @@ def test_reindex_sets_aside_a_registry_sqlite_cannot_read_and_builds_a_new_one(e
         assert sorted(registry.runs(time.time())) == ["a-completed", "b-failed"]
 
 
+def test_a_registry_row_garbled_by_hand_is_read_again_from_its_run_and_the_other_runs_are_listed(ended_runs,
+                                                                                                  tmp_path):
+    """A row whose columns are not what trainbus writes (an edit in sqlite3) cost every `runs list` a traceback:
+    a run that has a directory is read from it again, one that has none is listed unreadable, naming the fix."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ended_runs, copy)
+    with Registry(copy) as registry:
+        registry.submit({"id": "c-lost", "state": "ended", "submitted_ts": 1.0, "argv": [], "cwd": str(tmp_path),
+                         "gpus": None}, {"id": "c-lost", "dir": None, "status": "failed", "started_ts": 2.0}, 1.0)
+    db = sqlite3.connect(copy / REGISTRY_NAME)
+    with db:
+        db.execute("UPDATE runs SET flags = '{{{', epochs = 'x' WHERE id = 'a-completed'")
+        db.execute("UPDATE runs SET status = 'bogus', plugin_trouble = '5' WHERE id = 'b-failed'")
+        db.execute("UPDATE runs SET validation_metrics = '[1,2', last_event = '\"x\"' WHERE id = 'c-lost'")
+    db.close()
+    listed = {run["id"]: run for run in json.loads(cli("runs", "list", "--runs-dir", str(copy), "--json"))}
+    assert listed["a-completed"]["status"] == "completed" and listed["a-completed"]["flags"] == {"lr": 0.3}
+    assert listed["a-completed"]["epochs"] == 2 and listed["b-failed"]["status"] == "failed"
+    lost = listed["c-lost"]
+    assert lost["status"] == "unreadable" and lost["detail"] == (
+        "its row in the run registry (validation_metrics, last_event) is not what trainbus writes: `trainbus runs "
+        "delete c-lost` removes it"), lost
+    assert "c-lost" in cli("runs", "list", "--runs-dir", str(copy))
+    with Registry(copy) as registry:  # the rows of runs with a directory were written again from it
+        rows = registry.runs(time.time())
+    assert rows["a-completed"]["flags"] == {"lr": 0.3} and rows["b-failed"]["status"] == "failed"
+    assert "deleted run c-lost" in cli("runs", "delete", "c-lost", "--yes", "--runs-dir", str(copy))
+    assert sorted(run["id"] for run in list_runs(copy)) == ["a-completed", "b-failed"]
+
+
 def test_a_registry_that_cannot_be_written_costs_one_warning_line_and_never_the_run(tmp_path, capfd):
     runs_dir = tmp_path / "runs"
     (runs_dir / REGISTRY_NAME).mkdir(parents=True)  # not a database file: every open fails
