@@ -100,9 +100,10 @@ def runs_list(
     from . import registry, runs, runs_view
 
     statuses = tuple(s.strip() for s in (status or "").split(",") if s.strip())
-    unknown = [s for s in statuses if s not in registry.STATUSES]
+    listed = (*registry.STATUSES, "unreadable")  # a run whose directory or registry row cannot be read is listed so
+    unknown = [s for s in statuses if s not in listed]
     if unknown:
-        raise UserError(f"--status {unknown[0]!r} is not a status; statuses: {', '.join(registry.STATUSES)}")
+        raise UserError(f"--status {unknown[0]!r} is not a status; statuses: {', '.join(listed)}")
     try:
         found = registry.list_runs(runs_dir, statuses, target)
     except runs.RunLookupError as exc:

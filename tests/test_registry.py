@@ -295,6 +295,8 @@ def test_a_registry_row_garbled_by_hand_is_read_again_from_its_run_and_the_other
         "its row in the run registry (validation_metrics, last_event) is not what trainbus writes: `trainbus runs "
         "delete c-lost` removes it"), lost
     assert "c-lost" in cli("runs", "list", "--runs-dir", str(copy))
+    picked = json.loads(cli("runs", "list", "--runs-dir", str(copy), "--json", "--status", "unreadable"))
+    assert [run["id"] for run in picked] == ["c-lost"]  # a status runs list shows is one it filters on
     with Registry(copy) as registry:  # the rows of runs with a directory were written again from it
         rows = registry.runs(time.time())
     assert rows["a-completed"]["flags"] == {"lr": 0.3} and rows["b-failed"]["status"] == "failed"
