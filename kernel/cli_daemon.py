@@ -217,7 +217,7 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
     Exit code 0 when one does, 3 when none (as `systemctl status`)."""
     from . import daemon, daemon_client
     from .pids import process_alive
-    from .registry import REGISTRY_NAME, Registry, RegistryError
+    from .registry import REGISTRY_NAME, Registry, RegistryError, cannot_read
     from .runs import no_runs_dir
 
     target = _remote(remote, key, server_key, runs_dir)
@@ -249,8 +249,7 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
         except RegistryError as exc:
             unreadable = str(exc)
         except sqlite3.Error as exc:  # a full disk: SQLite cannot even open it in WAL mode
-            unreadable = (f"{runs_dir / REGISTRY_NAME} cannot be read ({exc}); free space there (a full disk says "
-                          f"this)")
+            unreadable = cannot_read(runs_dir, exc)
     if answer is not None:
         answer = {k: v for k, v in answer.items() if k not in ("ok", "queued", "ended")}
     if as_json:

@@ -31,7 +31,7 @@ from .credentials import bindable
 from .daemon import (CONTROL_MAX_BYTES, ENDPOINT_FILE, LOG_FILE, PID_FILE, REMOTE_FILE, TICK_S, Daemon, DaemonError,
                      cancel, detected_devices, ended_jobs, epochs_of, local_user, make_daemon_dir, resumed_run, submit,
                      unplaceable, why_not_resumable)
-from .registry import MAX_RESUMES, JobError, Registry, RegistryError
+from .registry import MAX_RESUMES, JobError, Registry, RegistryError, cannot_read
 
 log = logging.getLogger("trainbus.daemon")
 LOG_MAX_BYTES = 10 * 1024 * 1024  # daemon.log is rotated at this size, 3 old files kept
@@ -269,7 +269,8 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
                 ended = ended_jobs(registry)  # how a submission went, for one who cannot `runs list` here
         except (sqlite3.Error, RegistryError, OSError) as exc:
             # the daemon serves all the same (its runs train, watched): status says so, and why its queue is unknown
-            return {"ok": True, **daemon.status(), "queued": [], "ended": [], "registry_error": str(exc)}
+            why = cannot_read(daemon.runs_dir, exc) if isinstance(exc, sqlite3.Error) else str(exc)
+            return {"ok": True, **daemon.status(), "queued": [], "ended": [], "registry_error": why}
         return {"ok": True, **daemon.status(), "queued": queued, "ended": ended}
     if op == "wake":
         daemon.woken = True

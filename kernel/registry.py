@@ -252,6 +252,12 @@ class Registry:
         return {row[0]: _from_row(row, now) for row in cursor}
 
 
+def cannot_read(runs_dir: Path, exc: sqlite3.Error) -> str:
+    """Why a registry SQLite could not open or read is unknown (a full disk is the usual cause: WAL mode writes to
+    open): the file and the fix, for `daemon status`, whether a daemon serves or not."""
+    return f"{Path(runs_dir) / REGISTRY_NAME} cannot be read ({exc}); free space there (a full disk says this)"
+
+
 def job_holds_run(job: dict[str, Any]) -> bool:
     """Whether a job still holds its run: queued, or started and its process alive. A started job whose process
     is gone while no daemon was up to settle it (the daemon stopped or killed first) holds nothing: the run's

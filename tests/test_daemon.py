@@ -720,6 +720,27 @@ def test_daemon_status_with_its_registry_garbled_says_the_daemon_serves_and_how_
     assert answer["serving"] and answer["pid"] == pid and "is not a run registry" in answer["registry_error"]
 
 
+def test_daemon_status_on_a_full_disk_names_the_registry_and_the_fix_as_with_no_daemon(tmp_path, mount_tmpfs, daemons):
+    # with a daemon serving, a registry SQLite could not open on a full disk was said as "queued: unknown: disk I/O
+    # error", naming neither the file nor the fix that `daemon status` gives when no daemon serves
+    runs = mount_tmpfs("runs", 4 << 20)
+    start_daemon(daemons, runs, "--gpus", "")
+    submit(runs, TINY)
+    with open(runs / "filler", "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    for name in ("registry.sqlite-wal", "registry.sqlite-shm"):  # as after a checkpoint: SQLite must write to open
+        (runs / name).unlink(missing_ok=True)
+    shown = cli("daemon", "status", "--runs-dir", str(runs), check=False)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    [line] = [line for line in shown.stdout.splitlines() if line.startswith("  queued: unknown: ")]
+    assert f"{runs / 'registry.sqlite'} cannot be read (" in line and "free space there" in line, shown.stdout
+
+
 def test_queued_runs_wait_while_the_disk_of_their_output_files_is_full_and_start_once_it_is_not(tmp_path, mount_tmpfs,
                                                                                                  daemons):
     # mount_tmpfs before daemons: fixtures end in reverse, so the daemon is stopped before its directory is unmounted
