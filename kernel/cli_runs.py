@@ -202,7 +202,7 @@ def runs_show(
                 out.print("  output: none yet (it is queued)" if details["job"] == "queued"
                           else "  output: none (the daemon never started a process for it)")
             return
-    if details["config_damage"]:  # on stderr: --json stays one JSON object
+    if details.get("config_damage"):  # on stderr: --json stays one JSON object (a queued run has no config.json)
         print(f"trainbus: warning: {details['config_damage']}", file=sys.stderr)
     for line in details.get("journal_damage") or []:
         print(f"trainbus: warning: {line}; what this shows leaves those events out", file=sys.stderr)

@@ -796,6 +796,10 @@ def test_a_queued_run_shows_its_command_and_who_submitted_it_by_a_start_of_its_i
     shown = cli("runs", "show", run_id[:-2], "--runs-dir", str(runs)).stdout
     assert f"run {run_id}: queued" in shown and "output: none yet (it is queued)" in shown, shown
     assert f"  command: trainbus run {TINY} " in shown and f" by {getpass.getuser()}\n" in shown, shown
+    as_json = cli("runs", "show", run_id, "--json", "--runs-dir", str(runs), check=False)  # was a KeyError
+    assert as_json.returncode == 0 and "Traceback" not in as_json.stderr, as_json.stderr
+    shown_json = json.loads(as_json.stdout)
+    assert shown_json["id"] == run_id and shown_json["status"] == "queued" and TINY in shown_json["argv"], shown_json
     assert cli("daemon", "cancel", run_id[:-2], "--runs-dir", str(runs)).stdout == f"cancelled {run_id}\n"
     from kernel_process import cli as in_dir
 
