@@ -41,7 +41,7 @@ from .kernel_log import cap_log
 from .pids import killed_by, process_alive
 from .private_dirs import make_dirs, others_can_write
 from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started,
-                       ended_without_directory, queued_resume, record_run, resume_started)
+                       ended_without_directory, queued_resume, record_run, resume_started, unreadable_row)
 from .runs import CONFIG, KERNEL_PID, RunLookupError, find_runs, kernel_process, resolve_run, run_overview
 
 log = logging.getLogger("trainbus.daemon")
@@ -661,7 +661,8 @@ def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
     now = time.time()
     try:
         with Registry(runs_dir) as registry:
-            rows = {i: row for i, row in registry.runs(now).items() if row.get("dir") is None}
+            rows = {i: unreadable_row(row) if "unreadable_row" in row else row  # garbled by hand: said so
+                    for i, row in registry.runs(now).items() if row.get("dir") is None}
             jobs = {j["id"]: j for j in registry.jobs() if j["id"] in rows}
     except (sqlite3.Error, OSError):  # as queued_job: the run directories still answer for the runs that have one
         return None

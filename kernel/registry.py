@@ -387,7 +387,7 @@ def _from_row(row: tuple, now: float) -> dict[str, Any]:
     return run
 
 
-def _unreadable_row(run: dict[str, Any]) -> dict[str, Any]:
+def unreadable_row(run: dict[str, Any]) -> dict[str, Any]:
     """A run the registry alone holds whose row is damaged, as `runs list` shows it: what it is and the fix."""
     bad = run.pop("unreadable_row")
     return {**run, "status": "unreadable", "detail": f"its row in the run registry ({', '.join(bad)}) is not what "
@@ -434,7 +434,7 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
             except sqlite3.Error as exc:  # readable but not writable (someone else's runs dir): list all the same
                 warn(runs_dir, exc)
         known.update(fresh)
-        known.update({i: _unreadable_row(run) for i, run in known.items() if "unreadable_row" in run})
+        known.update({i: unreadable_row(run) for i, run in known.items() if "unreadable_row" in run})
         for job in waiting:  # a resume waits in the queue: its directory tells how it last ended
             if job["id"] in dirs and known[job["id"]]["status"] != QUEUED:
                 known[job["id"]] = queued_resume(known[job["id"]], job["submitted_by"])

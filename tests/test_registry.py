@@ -297,6 +297,8 @@ def test_a_registry_row_garbled_by_hand_is_read_again_from_its_run_and_the_other
     assert "c-lost" in cli("runs", "list", "--runs-dir", str(copy))
     picked = json.loads(cli("runs", "list", "--runs-dir", str(copy), "--json", "--status", "unreadable"))
     assert [run["id"] for run in picked] == ["c-lost"]  # a status runs list shows is one it filters on
+    shown = json.loads(cli("runs", "show", "c-lost", "--json", "--runs-dir", str(copy)))
+    assert shown["status"] == "unreadable" and shown["detail"] == lost["detail"], shown  # as runs list says
     with Registry(copy) as registry:  # the rows of runs with a directory were written again from it
         rows = registry.runs(time.time())
     assert rows["a-completed"]["flags"] == {"lr": 0.3} and rows["b-failed"]["status"] == "failed"
