@@ -367,57 +367,6 @@ def test_the_end_mail_of_a_run_without_validation_names_its_training_loss(tmp_pa
     assert message["Subject"] == "[trainbus] run r1 completed: training loss 0.25 after 3 epochs", message["Subject"]
 
 
-def test_starttls_against_a_server_without_it_is_given_up_at_once_naming_the_setting(tmp_path):
-    """The default security = starttls against a relay that offers none was retried for six hours as if the server
-    were down: it is the settings, and says which."""
-    port = free_port()
-    controller, inbox = start_server(port)
-    settings = {"host": "127.0.0.1", "port": port, "security": "starttls", "recipients": [RECIPIENT],
-                "min_interval_s": 0.0, "retry_initial_s": 0.1, "retry_max_s": 0.2}
-    plugin = EmailAlertPlugin(settings, run_id="r1", run_dir=str(tmp_path))
-    said: list[str] = []
-    plugin.log = lambda text, level="info": said.append(text)
-    try:
-        plugin.setup()
-        plugin.handle(_end_event())
-        failed = tmp_path / "plugins" / "email.outbox" / "failed"
-        deadline = time.monotonic() + 30
-        while not list(failed.glob("*.eml")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        plugin.teardown()
-    finally:
-        controller.stop()
-    assert len(list(failed.glob("*.eml"))) == 1 and not inbox.messages
-    assert any('does not support what `security` asks' in line and '"none" for a server' in line for line in said), said
-
-
-def test_a_username_for_a_server_that_offers_no_login_is_given_up_naming_username_not_security(tmp_path, monkeypatch):
-    """A username set for a server that offers no AUTH (aiosmtpd's default: AUTH over TLS only) said `does not support
-    what security asks: set security = "none"`, with security already "none": the fix it named was the setting given."""
-    port = free_port()
-    controller, inbox = start_server(port)
-    monkeypatch.setenv("TRAINBUS_SMTP_PASSWORD", "secret")
-    settings = {"host": "127.0.0.1", "port": port, "security": "none", "username": "me", "recipients": [RECIPIENT],
-                "min_interval_s": 0.0, "retry_initial_s": 0.1, "retry_max_s": 0.2}
-    plugin = EmailAlertPlugin(settings, run_id="r1", run_dir=str(tmp_path))
-    said: list[str] = []
-    plugin.log = lambda text, level="info": said.append(text)
-    try:
-        plugin.setup()
-        plugin.handle(_end_event())
-        failed = tmp_path / "plugins" / "email.outbox" / "failed"
-        deadline = time.monotonic() + 30
-        while not list(failed.glob("*.eml")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        plugin.teardown()
-    finally:
-        controller.stop()
-    assert len(list(failed.glob("*.eml"))) == 1 and not inbox.messages
-    [line] = [line for line in said if "given up" in line]
-    assert f"127.0.0.1:{port} offers no login (SMTP AUTH)" in line and "username" in line, line
-    assert "`security` asks" not in line, line
-
-
 def _given_up_lines(tmp_path, port: int, **overrides) -> list[str]:
     """What the plugin logged as it tried its end mail against the server at `port` till the mail was given up."""
     settings = {"host": "127.0.0.1", "port": port, "security": "none", "recipients": [RECIPIENT],
@@ -435,6 +384,33 @@ def _given_up_lines(tmp_path, port: int, **overrides) -> list[str]:
     plugin.teardown()
     assert len(list(failed.glob("*.eml"))) == 1, said  # given up at once: retrying cannot help
     return said
+
+
+def test_starttls_against_a_server_without_it_is_given_up_at_once_naming_the_setting(tmp_path):
+    """The default security = starttls against a relay that offers none was retried for six hours as if the server
+    were down: it is the settings, and says which."""
+    controller, inbox = start_server(free_port())
+    try:
+        said = _given_up_lines(tmp_path, controller.port, security="starttls")
+    finally:
+        controller.stop()
+    assert not inbox.messages
+    assert any('does not support what `security` asks' in line and '"none" for a server' in line for line in said), said
+
+
+def test_a_username_for_a_server_that_offers_no_login_is_given_up_naming_username_not_security(tmp_path, monkeypatch):
+    """A username set for a server that offers no AUTH (aiosmtpd's default: AUTH over TLS only) said `does not support
+    what security asks: set security = "none"`, with security already "none": the fix it named was the setting given."""
+    controller, inbox = start_server(free_port())
+    monkeypatch.setenv("TRAINBUS_SMTP_PASSWORD", "secret")
+    try:
+        said = _given_up_lines(tmp_path, controller.port, username="me")
+    finally:
+        controller.stop()
+    assert not inbox.messages
+    [line] = [line for line in said if "given up" in line]
+    assert f"127.0.0.1:{controller.port} offers no login (SMTP AUTH)" in line and "username" in line, line
+    assert "`security` asks" not in line, line
 
 
 def test_ssl_against_a_server_that_speaks_no_tls_is_given_up_at_once_naming_the_setting(tmp_path):
