@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import random
 import secrets
@@ -174,3 +175,20 @@ def ctrl_c_once_it_says(code: str, args: list[str], word: str, cwd: Path | None 
     finally:
         process.kill()
     return process.returncode, out, err
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the filesystem refuses: every free page taken."""
+    path = directory / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (bytes(1 << 16), bytes(4096), b"\0"):
+            while True:
+                try:
+                    os.write(fd, chunk)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+    finally:
+        os.close(fd)
+    return path

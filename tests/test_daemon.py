@@ -24,7 +24,7 @@ from trainbus.proto import events as ev
 
 from conftest import TESTS_DIR, sigint_as_from_a_terminal, start_daemon, trainbus, trainbus_cmd
 from fixture_targets import open_gate
-from helpers import assert_same_weights
+from helpers import assert_same_weights, fill
 from kernel_process import JournalTail, process_gone, wait_until
 
 PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
@@ -726,13 +726,7 @@ def test_daemon_status_on_a_full_disk_names_the_registry_and_the_fix_as_with_no_
     runs = mount_tmpfs("runs", 4 << 20)
     start_daemon(daemons, runs, "--gpus", "")
     submit(runs, TINY)
-    with open(runs / "filler", "wb") as out:
-        try:
-            while True:
-                out.write(b"\0" * 65536)
-                out.flush()
-        except OSError:
-            pass
+    fill(runs)
     for name in ("registry.sqlite-wal", "registry.sqlite-shm"):  # as after a checkpoint: SQLite must write to open
         (runs / name).unlink(missing_ok=True)
     shown = cli("daemon", "status", "--runs-dir", str(runs), check=False)
@@ -750,14 +744,7 @@ def test_queued_runs_wait_while_the_disk_of_their_output_files_is_full_and_start
     runs.mkdir()
     mount_tmpfs("runs/.daemon", 2 << 20)
     start_daemon(daemons, runs, "--gpus", "")
-    filler = daemon_dir(runs) / "filler"
-    with open(filler, "wb") as out:
-        try:
-            while True:
-                out.write(b"\0" * 65536)
-                out.flush()
-        except OSError:
-            pass
+    filler = fill(daemon_dir(runs))
     run = submit(runs, TINY)
 
     def status() -> dict:

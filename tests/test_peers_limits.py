@@ -32,6 +32,8 @@ from trainbus.proto import (BEST_EFFORT, DURABLE, Event, control, decode_control
 from trainbus.proto import events as ev
 from trainbus.proto.journal_format import closed_segments, iter_records
 
+from helpers import fill
+
 LIVENESS_S = 3.0
 T0 = 1000.0  # the fake clock's start
 
@@ -639,23 +641,6 @@ def test_an_empty_replay_batch_is_valid():
 
 def record(seq: int, size: int = 1000) -> bytes:
     return encode_event(Event(seq, "r", "metric", 1.5, seq, 1, {"name": "x", "value": seq / 3, "pad": "p" * size}))
-
-
-def fill(directory: Path) -> Path:
-    """Write a file until the filesystem refuses: every free page taken."""
-    path = directory / "filler"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for chunk in (bytes(1 << 16), bytes(4096), b"\0"):
-            while True:
-                try:
-                    os.write(fd, chunk)
-                except OSError as exc:
-                    assert exc.errno == errno.ENOSPC, exc
-                    break
-    finally:
-        os.close(fd)
-    return path
 
 
 def assert_whole(path: Path, seqs: list[int]) -> None:
