@@ -447,8 +447,6 @@ def test_monitor_peers_that_ask_for_replays_and_never_read_them_hold_little_of_t
     as much (64 peers of one key: 2 GiB); a remote peer's are 512 KiB (control.py). Now a few MB."""
     import psutil
 
-    from trainbus.kernel.limits import LOG_TEXT_MAX_CHARS
-
     lines = 320  # 5 MiB of the journal: a batch as big as the kernel makes one for the peer
     gate = tmp_path / "gate"
     cfg = listening_config(runs_dir, keys["dir"], epochs=1, step_sleep_s=0, gate=gate)
@@ -458,16 +456,7 @@ def test_monitor_peers_that_ask_for_replays_and_never_read_them_hold_little_of_t
     conn = connection(kernel)
     ctx = zmq.Context()
     try:
-        logger = ctx.socket(zmq.DEALER)
-        logger.setsockopt(zmq.LINGER, 0)
-        secure_client(logger, keys["watcher"], conn["server_key"].encode())
-        logger.connect(conn["control"])
-        logger.send(pack({"v": 1, "type": "hello", "name": "logger", "pid": os.getpid(), "subscriptions": [],
-                          "replies": ["log"], "delivery": "best_effort"}))
-        for number in range(lines):  # random text: each line is its 16 KiB in the journal and in a batch
-            text = f"{number:06d} " + secrets.token_hex(LOG_TEXT_MAX_CHARS // 2)[:LOG_TEXT_MAX_CHARS - 7]
-            logger.send(pack({"v": 1, "type": "log", "level": "info", "text": text}))
-        wait_until(lambda: len(kernel.journal.of("log")) >= lines, 120, "the lines in the journal")
+        log_big_lines(ctx, keys, conn, kernel, lines)
         hogs = []
         for number in range(4):
             hog = ctx.socket(zmq.DEALER)
@@ -505,8 +494,6 @@ def test_one_monitor_key_whose_many_peers_ask_for_replays_and_never_read_them_ho
     past it are cut to one event."""
     import psutil
 
-    from trainbus.kernel.limits import LOG_TEXT_MAX_CHARS
-
     lines, hogs_n, asks = 320, 40, 9
     gate = tmp_path / "gate"
     cfg = listening_config(runs_dir, keys["dir"], epochs=1, step_sleep_s=0, gate=gate)
@@ -516,16 +503,7 @@ def test_one_monitor_key_whose_many_peers_ask_for_replays_and_never_read_them_ho
     conn = connection(kernel)
     ctx = zmq.Context()
     try:
-        logger = ctx.socket(zmq.DEALER)
-        logger.setsockopt(zmq.LINGER, 0)
-        secure_client(logger, keys["watcher"], conn["server_key"].encode())
-        logger.connect(conn["control"])
-        logger.send(pack({"v": 1, "type": "hello", "name": "logger", "pid": os.getpid(), "subscriptions": [],
-                          "replies": ["log"], "delivery": "best_effort"}))
-        for number in range(lines):  # random text: each line is its 16 KiB in the journal and in a batch
-            text = f"{number:06d} " + secrets.token_hex(LOG_TEXT_MAX_CHARS // 2)[:LOG_TEXT_MAX_CHARS - 7]
-            logger.send(pack({"v": 1, "type": "log", "level": "info", "text": text}))
-        wait_until(lambda: len(kernel.journal.of("log")) >= lines, 120, "the lines in the journal")
+        log_big_lines(ctx, keys, conn, kernel, lines)
         hogs = []
         for number in range(hogs_n):
             hog = ctx.socket(zmq.DEALER)
@@ -931,3 +909,20 @@ def test_a_key_flooding_the_control_socket_with_big_messages_holds_little_of_the
         ctx.destroy(linger=0)
     assert grown < 64 << 20, f"the kernel grew {grown >> 20} MB"
     assert kernel.result(timeout_s=180)["status"] == "completed"
+
+
+def log_big_lines(ctx: zmq.Context, keys: dict, conn: dict, kernel: KernelProcess, lines: int) -> None:
+    """`lines` log lines of 16 KiB of random text, sent by a peer of the watcher's key, once the journal holds them:
+    each line is its 16 KiB in the journal and in a replay batch, so batches are as big as the kernel makes them."""
+    from trainbus.kernel.limits import LOG_TEXT_MAX_CHARS
+
+    logger = ctx.socket(zmq.DEALER)
+    logger.setsockopt(zmq.LINGER, 0)
+    secure_client(logger, keys["watcher"], conn["server_key"].encode())
+    logger.connect(conn["control"])
+    logger.send(pack({"v": 1, "type": "hello", "name": "logger", "pid": os.getpid(), "subscriptions": [],
+                      "replies": ["log"], "delivery": "best_effort"}))
+    for number in range(lines):
+        text = f"{number:06d} " + secrets.token_hex(LOG_TEXT_MAX_CHARS // 2)[:LOG_TEXT_MAX_CHARS - 7]
+        logger.send(pack({"v": 1, "type": "log", "level": "info", "text": text}))
+    wait_until(lambda: len(kernel.journal.of("log")) >= lines, 120, "the lines in the journal")
