@@ -441,7 +441,11 @@ class Daemon:
         left = job["resumes_left"] - 1
         # the command it was submitted with, continued in place: its own --resume (a checkpoint file it started
         # from, a `runs resume`'s path) gives way, as an option given twice with two values is refused
-        argv = job["argv"]
+        # A config file too: `--resume RUN` with `--config` is a new run from RUN's checkpoint, which under RUN's own
+        # id fails at once (its directory exists); the run continued in place reads its config.json, the file's
+        # settings included
+        argv = _without_option(_without_option(job["argv"], "--config"), "-c")
+        argv = [word for word in argv if not (word.startswith("-c") and len(word) > 2)]  # -cFILE, click's short form
         if _last_option(argv, "--resume") != run_id or _last_option(argv, "--runs-dir") != str(self.runs_dir):
             argv = [*_without_option(argv, "--resume"), "--resume", run_id, "--runs-dir", str(self.runs_dir)]
         resume = {**job, "state": "queued", "submitted_ts": now, "argv": argv, "resumes_left": left, "devices": None,

@@ -498,6 +498,26 @@ def test_a_resume_the_daemon_queues_for_a_command_that_named_its_own_resume_give
     assert job["argv"] == ["--epochs", "3", "--resume", "r", "--runs-dir", str(runs.resolve())]
 
 
+@pytest.mark.parametrize("config", [["-c", "run.toml"], ["--config", "run.toml"], ["--config=run.toml"],
+                                    ["-crun.toml"]])
+def test_a_resume_the_daemon_queues_for_a_run_submitted_with_a_config_file_continues_it_in_place(tmp_path, config):
+    """`run -c run.toml --detach --max-resumes 1`, its kernel killed: the daemon queued `run -c run.toml --resume RUN`,
+    which `trainbus run` reads as a new run from RUN's checkpoint (README: `--resume` with `--config`), under RUN's own
+    id: it failed at once (`cannot create RUNS/RUN (File exists)`) and the run stayed died, its resumes spent. The
+    continued run takes its config from its own config.json, so the file is left out."""
+    runs = tmp_path / "runs"
+    (runs / "r").mkdir(parents=True)
+    argv = [TINY, *config, "--epochs", "3"]
+    with Registry(runs) as registry:
+        registry.submit({"id": "r", "state": "running", "submitted_ts": 1.0, "argv": argv, "cwd": str(tmp_path),
+                         "gpus": None, "resumes_left": 2, "pid": 2 ** 22 + 1, "pid_started": 1.0},
+                        {"id": "r", "dir": None, "status": "running"}, 1.0)
+        [job] = registry.jobs(["running"])
+        Daemon(runs, [])._resume_dead(registry, "r", job, "run died", 2.0)
+        [job] = registry.jobs(["queued"])
+    assert job["argv"] == [TINY, "--epochs", "3", "--resume", "r", "--runs-dir", str(runs.resolve())]
+
+
 def test_a_run_of_nproc_whose_launcher_is_killed_is_settled_as_its_ranks_end_it_and_resumed(tmp_path, daemons):
     """`run --nproc 2 --detach --max-resumes 1`, its launcher (the pid `daemon status` shows) killed with SIGKILL: its
     ranks end the run interrupted a moment later (PR_SET_PDEATHSIG). The daemon settled the job as the launcher went,
