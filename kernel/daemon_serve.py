@@ -71,6 +71,9 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
         _output_into(directory / LOG_FILE)
     _log_to(directory / LOG_FILE, foreground_log)
     daemon = Daemon(runs_dir, detected_devices() if devices is None else devices, max_concurrent)
+    # before the first round's lines (a run that ended while no daemon watched, one adopted): read top down, the log
+    # would say the daemon before, killed maybe, saw them
+    log.info("daemon pid %d starting for %s: settling the runs it finds, then serving", os.getpid(), daemon.runs_dir)
     try:
         # a registry it cannot read: a refusal to start; the queued runs start once it serves (its log says so first)
         daemon.safe_tick(time.time(), fatal=(RegistryError,), start=False)

@@ -1024,3 +1024,21 @@ def test_a_run_queued_before_the_daemon_starts_is_logged_started_after_the_daemo
     text = log.read_text()
     assert text.index(" serving ") < text.index(f"{queued}: started (pid"), text
     wait_until(lambda: listed(runs)[queued]["status"] == "completed", WAIT_S, "the run completed")
+
+
+def test_a_run_that_ended_while_no_daemon_watched_is_logged_under_the_daemon_that_settles_it(tmp_path, daemons):
+    """kill -9 of the daemon while its run trained, the run completing meanwhile: the next daemon's first round
+    (before its `serving` line) logged `RUN: run completed`, so read top down the log said the killed daemon saw the
+    run end, and nothing said that daemon had gone. The next daemon's first line comes before what it settles."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    first = start_daemon(daemons, runs)
+    run_id = submit(runs, TINY)
+    log = daemon_dir(runs) / "daemon.log"
+    wait_until(lambda: f"{run_id}: started (pid" in log.read_text(), WAIT_S, "the run started")
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: (runs / run_id / "summary.json").exists(), WAIT_S, "the run completed with no daemon")
+    second = start_daemon(daemons, runs)
+    wait_until(lambda: f"{run_id}: run completed" in log.read_text(), 30, "the run settled")
+    text = log.read_text()
+    assert text.index(f"daemon pid {second} ") < text.index(f"{run_id}: run completed"), text
