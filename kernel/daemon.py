@@ -243,6 +243,10 @@ class Daemon:
         self.stoppers: dict[str, subprocess.Popen] = {}  # `runs stop` of a running run, for a remote cancel: by run
         self.output_max_bytes = OUTPUT_MAX_BYTES
         self._next_output_check = float("-inf")
+        # the runs queued as the last round read the registry: one deleted or replaced under the daemon (`rm`, a
+        # cleanup script) comes back empty as the next round opens it, its queue lost unsaid
+        self._queued: list[str] = []
+        self.registry_lost = ""  # said on `daemon status`'s trouble line once that happened
 
     # -- one round ------------------------------------------------------------------------------------
 
@@ -250,6 +254,8 @@ class Daemon:
         """One round: adopt (the first), settle the runs that ended, start what the queue lets (not with `start`
         false: the daemon's first round, before it serves and logs that it does)."""
         with Registry(self.runs_dir) as registry:
+            if self.adopted:
+                self._check_registry_file(registry)
             if not self.adopted:
                 self._adopt(registry, now)
                 self.adopted = True
@@ -265,8 +271,9 @@ class Daemon:
                 for run_id in self.watched:
                     cap_log(output_file(self.runs_dir, run_id), self.output_max_bytes, "run output")
             busy = {d for w in self.watched.values() for d in w.devices}
-            starts, never = place(registry.jobs(["queued"]), busy, len(self.watched), self.devices,
-                                  self.max_concurrent)
+            queued = registry.jobs(["queued"])
+            self._queued = [job["id"] for job in queued]
+            starts, never = place(queued, busy, len(self.watched), self.devices, self.max_concurrent)
             for job, why in never:
                 self._fail_unstarted(registry, job, why, now)
             starts = starts if start else []
@@ -274,6 +281,23 @@ class Daemon:
                 self._check_output_disk()
             for job, devices in starts:
                 self._start(registry, job, devices, now)
+
+    def _check_registry_file(self, registry: Registry) -> None:
+        """Said once (log, `daemon status`) when the registry holds none of the jobs the last round saw (queued, or
+        started and watched): deleted or replaced under the daemon, its queue is lost, and those runs must be
+        submitted again. (Job rows are never deleted: a cancel or an end changes their state.)"""
+        known = [*self._queued, *self.watched]
+        if not known:
+            return
+        present = {job["id"] for job in registry.jobs()}
+        if any(run_id in present for run_id in known):
+            return
+        lost = [run_id for run_id in self._queued if run_id not in present]
+        self._queued = []
+        self.registry_lost = (f"{self.runs_dir / REGISTRY_NAME} was deleted or replaced while the daemon served "
+                              f"({time.strftime('%Y-%m-%d %H:%M', time.localtime())}): the queue it held is lost: "
+                              f"{len(lost)} run(s){', ' if lost else ''}{', '.join(lost)}; submit them again")
+        log.warning("%s", self.registry_lost)
 
     def _check_output_disk(self) -> None:
         """DaemonError when the disk of the runs' output files is (nearly) full: a kernel started now would fail
@@ -478,7 +502,8 @@ class Daemon:
                 "max_concurrent": self.max_concurrent, "remote": self.remote_endpoint,
                 "running": {w.job_id: {"pid": w.pid, "devices": w.devices, "resumes_left": w.resumes_left,
                                        **self._listening(w)} for w in self.watched.values()},
-                "trouble": self.trouble}  # why the last round failed: the log may be on the disk that is full
+                # why the last round failed: the log may be on the disk that is full
+                "trouble": "; ".join(t for t in (self.trouble, self.registry_lost) if t)}
 
     def _listening(self, watched: Watched) -> dict[str, str]:
         """{"listen": its control endpoint} for a run whose kernel listens on TCP (`--listen`, a free port maybe):

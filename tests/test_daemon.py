@@ -1042,3 +1042,28 @@ def test_a_run_that_ended_while_no_daemon_watched_is_logged_under_the_daemon_tha
     wait_until(lambda: f"{run_id}: run completed" in log.read_text(), 30, "the run settled")
     text = log.read_text()
     assert text.index(f"daemon pid {second} ") < text.index(f"{run_id}: run completed"), text
+
+
+def test_a_registry_deleted_under_the_daemon_is_said_with_the_queued_runs_it_lost(tmp_path, daemons):
+    """`rm runs/registry.sqlite` (a cleanup script) while a run trained and another waited: the daemon's next round
+    made a new, empty registry, and the queued run vanished without a word: `daemon status` said `queued: none`,
+    the log nothing. The daemon now says it in its log and on `daemon status`'s trouble line, naming the lost runs."""
+    runs, build_gate = tmp_path / "runs", tmp_path / "build_gate"
+    runs.mkdir()
+    start_daemon(daemons, runs)
+    held = submit(runs, SLOW_BUILD, "--set", f"build_gate={build_gate}", "--epochs", "1")
+    waiting = submit(runs, TINY)
+    try:
+        wait_until(lambda: build_gate.with_name("build_gate.waiting").exists(), WAIT_S, "the first run in build()")
+        for name in ("registry.sqlite", "registry.sqlite-wal", "registry.sqlite-shm"):
+            (runs / name).unlink(missing_ok=True)
+        log = daemon_dir(runs) / "daemon.log"
+        wait_until(lambda: "was deleted or replaced" in log.read_text(), 30, "the daemon's word on it")
+        said = log.read_text()
+        assert f"the queue it held is lost: 1 run(s), {waiting}; submit them again" in said, said
+        status = cli("daemon", "status", "--runs-dir", str(runs)).stdout
+        assert f"trouble: {runs / 'registry.sqlite'} was deleted or replaced" in status and waiting in status, status
+        assert f"running {held}" in status
+    finally:
+        open_gate(build_gate, 1)
+        open_gate(tmp_path / "gate", 10_000)
