@@ -481,20 +481,25 @@ def test_each_resume_the_daemon_queues_continues_the_run_with_the_command_it_was
             assert job["argv"] == [*argv, "--resume", "r", "--runs-dir", str(runs.resolve())]
 
 
-def test_a_resume_the_daemon_queues_for_a_command_that_named_its_own_resume_gives_it_once(tmp_path):
-    """`runs resume RUN --detach --max-resumes 2` queues `run --resume /path/RUN ...`, `run --resume ckpt.pt` starts a
-    new run from a file: the daemon's resume added a second --resume, which `trainbus run` refuses (an option given
-    twice with two values), so the resumed run failed at once."""
-    runs = tmp_path / "runs"
+def resumed_by_the_daemon(runs: Path, argv: list[str]) -> dict:
+    """The job the daemon queues to resume run `r` (submitted with `argv`, 2 resumes left) when its kernel died."""
     (runs / "r").mkdir(parents=True)
-    argv = ["--resume", str(runs / "r"), "--epochs", "3", "--resume=ckpt.pt"]
     with Registry(runs) as registry:
-        registry.submit({"id": "r", "state": "running", "submitted_ts": 1.0, "argv": argv, "cwd": str(tmp_path),
+        registry.submit({"id": "r", "state": "running", "submitted_ts": 1.0, "argv": argv, "cwd": str(runs.parent),
                          "gpus": None, "resumes_left": 2, "pid": 2 ** 22 + 1, "pid_started": 1.0},
                         {"id": "r", "dir": None, "status": "running"}, 1.0)
         [job] = registry.jobs(["running"])
         Daemon(runs, [])._resume_dead(registry, "r", job, "run died", 2.0)
         [job] = registry.jobs(["queued"])
+    return job
+
+
+def test_a_resume_the_daemon_queues_for_a_command_that_named_its_own_resume_gives_it_once(tmp_path):
+    """`runs resume RUN --detach --max-resumes 2` queues `run --resume /path/RUN ...`, `run --resume ckpt.pt` starts a
+    new run from a file: the daemon's resume added a second --resume, which `trainbus run` refuses (an option given
+    twice with two values), so the resumed run failed at once."""
+    runs = tmp_path / "runs"
+    job = resumed_by_the_daemon(runs, ["--resume", str(tmp_path / "runs" / "r"), "--epochs", "3", "--resume=ckpt.pt"])
     assert job["argv"] == ["--epochs", "3", "--resume", "r", "--runs-dir", str(runs.resolve())]
 
 
@@ -506,15 +511,7 @@ def test_a_resume_the_daemon_queues_for_a_run_submitted_with_a_config_file_conti
     id: it failed at once (`cannot create RUNS/RUN (File exists)`) and the run stayed died, its resumes spent. The
     continued run takes its config from its own config.json, so the file is left out."""
     runs = tmp_path / "runs"
-    (runs / "r").mkdir(parents=True)
-    argv = [TINY, *config, "--epochs", "3"]
-    with Registry(runs) as registry:
-        registry.submit({"id": "r", "state": "running", "submitted_ts": 1.0, "argv": argv, "cwd": str(tmp_path),
-                         "gpus": None, "resumes_left": 2, "pid": 2 ** 22 + 1, "pid_started": 1.0},
-                        {"id": "r", "dir": None, "status": "running"}, 1.0)
-        [job] = registry.jobs(["running"])
-        Daemon(runs, [])._resume_dead(registry, "r", job, "run died", 2.0)
-        [job] = registry.jobs(["queued"])
+    job = resumed_by_the_daemon(runs, [TINY, *config, "--epochs", "3"])
     assert job["argv"] == [TINY, "--epochs", "3", "--resume", "r", "--runs-dir", str(runs.resolve())]
 
 

@@ -457,17 +457,7 @@ def test_monitor_peers_that_ask_for_replays_and_never_read_them_hold_little_of_t
     ctx = zmq.Context()
     try:
         log_big_lines(ctx, keys, conn, kernel, lines)
-        hogs = []
-        for number in range(4):
-            hog = ctx.socket(zmq.DEALER)
-            hog.setsockopt(zmq.LINGER, 0)
-            hog.setsockopt(zmq.RCVHWM, 1)  # what it does not read stays with the kernel
-            hog.setsockopt(zmq.RCVBUF, 4096)
-            secure_client(hog, keys["watcher"], conn["server_key"].encode())
-            hog.connect(conn["control"])
-            hog.send(pack({"v": 1, "type": "hello", "name": f"hog{number}", "pid": os.getpid(),
-                           "subscriptions": [""], "replies": [], "delivery": "best_effort"}))
-            hogs.append(hog)
+        hogs = peers_that_never_read(ctx, keys, conn, 4)
         memory = psutil.Process(kernel.proc.pid)
         before = memory.memory_info().rss
         end = time.monotonic() + 3.0  # the budget's burst (100 batches) and 150 more; 1,000 a peer held them all
@@ -504,17 +494,7 @@ def test_one_monitor_key_whose_many_peers_ask_for_replays_and_never_read_them_ho
     ctx = zmq.Context()
     try:
         log_big_lines(ctx, keys, conn, kernel, lines)
-        hogs = []
-        for number in range(hogs_n):
-            hog = ctx.socket(zmq.DEALER)
-            hog.setsockopt(zmq.LINGER, 0)
-            hog.setsockopt(zmq.RCVHWM, 1)  # what it does not read stays with the kernel
-            hog.setsockopt(zmq.RCVBUF, 4096)
-            secure_client(hog, keys["watcher"], conn["server_key"].encode())
-            hog.connect(conn["control"])
-            hog.send(pack({"v": 1, "type": "hello", "name": f"hog{number}", "pid": os.getpid(),
-                           "subscriptions": [""], "replies": [], "delivery": "best_effort"}))
-            hogs.append(hog)
+        hogs = peers_that_never_read(ctx, keys, conn, hogs_n)
         memory = psutil.Process(kernel.proc.pid)
         before = memory.memory_info().rss
         for hog in hogs:  # a connection at a time, each to its queue's brim, within the key's 50 batches a second
@@ -926,3 +906,19 @@ def log_big_lines(ctx: zmq.Context, keys: dict, conn: dict, kernel: KernelProces
         text = f"{number:06d} " + secrets.token_hex(LOG_TEXT_MAX_CHARS // 2)[:LOG_TEXT_MAX_CHARS - 7]
         logger.send(pack({"v": 1, "type": "log", "level": "info", "text": text}))
     wait_until(lambda: len(kernel.journal.of("log")) >= lines, 120, "the lines in the journal")
+
+
+def peers_that_never_read(ctx: zmq.Context, keys: dict, conn: dict, count: int) -> list[zmq.Socket]:
+    """`count` peers of the watcher's key, said hello, that read nothing: what they are sent stays with the kernel."""
+    hogs = []
+    for number in range(count):
+        hog = ctx.socket(zmq.DEALER)
+        hog.setsockopt(zmq.LINGER, 0)
+        hog.setsockopt(zmq.RCVHWM, 1)
+        hog.setsockopt(zmq.RCVBUF, 4096)
+        secure_client(hog, keys["watcher"], conn["server_key"].encode())
+        hog.connect(conn["control"])
+        hog.send(pack({"v": 1, "type": "hello", "name": f"hog{number}", "pid": os.getpid(),
+                       "subscriptions": [""], "replies": [], "delivery": "best_effort"}))
+        hogs.append(hog)
+    return hogs
