@@ -300,20 +300,27 @@ _JOB_CHECKS = {
 _JOB_FALLBACK = {"argv": [], "env": None, "devices": None, "gpus": None, "cwd": ".", "resumes_left": None}
 
 
-def _job_from_row(row: tuple) -> dict[str, Any]:
-    """A job as the queue holds it; `unreadable` says why when a column is not what the daemon wrote."""
-    job, bad = {}, []
-    for name, value in zip(JOB_COLUMNS, row):
-        if name in JOB_JSON_COLUMNS and value is not None:
+def _checked_row(row: tuple, columns, json_columns, checks: dict, fallback: dict) -> tuple[dict[str, Any], list[str]]:
+    """A row by column name, its JSON decoded, and the columns that are not what trainbus writes (each then its
+    fallback: a row edited or damaged by hand must not cost every reader a traceback)."""
+    values, bad = {}, []
+    for name, value in zip(columns, row):
+        if name in json_columns and value is not None:
             try:
                 value = json.loads(value)
             except (TypeError, ValueError):
-                value = _JOB_FALLBACK[name]
+                value = fallback.get(name)
                 bad.append(name)
-        if name in _JOB_CHECKS and name not in bad and not _JOB_CHECKS[name](value):
-            value = _JOB_FALLBACK[name]
+        if name in checks and name not in bad and not checks[name](value):
+            value = fallback.get(name)
             bad.append(name)
-        job[name] = value
+        values[name] = value
+    return values, bad
+
+
+def _job_from_row(row: tuple) -> dict[str, Any]:
+    """A job as the queue holds it; `unreadable` says why when a column is not what the daemon wrote."""
+    job, bad = _checked_row(row, JOB_COLUMNS, JOB_JSON_COLUMNS, _JOB_CHECKS, _JOB_FALLBACK)
     if bad:
         job["unreadable"] = f"its queue row's {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not what " \
                             f"trainbus writes"
@@ -359,18 +366,7 @@ _ROW_FALLBACK = {"status": "unreadable", "observed_ts": 0.0}
 
 def _from_row(row: tuple, now: float) -> dict[str, Any]:
     """A row as run_overview's dict; `unreadable_row` names the columns that are not what trainbus writes."""
-    run, bad = {}, []
-    for name, value in zip(COLUMNS, row):
-        if name in JSON_COLUMNS and value is not None:
-            try:
-                value = json.loads(value)
-            except (TypeError, ValueError):
-                value = _ROW_FALLBACK.get(name)
-                bad.append(name)
-        if name in _ROW_CHECKS and name not in bad and not _ROW_CHECKS[name](value):
-            value = _ROW_FALLBACK.get(name)
-            bad.append(name)
-        run[name] = value
+    run, bad = _checked_row(row, COLUMNS, JSON_COLUMNS, _ROW_CHECKS, _ROW_FALLBACK)
     for name in _REAL_COLUMNS:
         if run[name] == NAN_TEXT:
             run[name] = math.nan
