@@ -22,6 +22,7 @@ from trainbus.proto.codec import MAX_MESSAGE_BYTES, N_COUNTS, new_packer
 from trainbus.proto.run_state import RunState
 
 from .journal import Journal
+from .limits import WorkShare
 from .remote import SUBSCRIPTIONS_MAX, Listener
 from .replies import Reply
 from .reply_ledger import ReplyLedger
@@ -58,6 +59,16 @@ TCP_EVENTS_HWM = 1000
 BURST_TOPICS_MAX = 1024  # distinct subscriptions tracked per bursts socket (any one means: make the bursts)
 CONTROL_MAX_MESSAGE_BYTES = 256 * 1024  # what a peer may send us; larger drops its connection (libzmq)
 CONTROL_PER_WAKE = 256  # control messages read per wake-up: heartbeats and flushes never wait behind a flood
+# The bus thread reads the TCP control socket for at most this share of the wall clock (up to twice it at once,
+# limits.BURST_S), measured on the wall clock (so also charged for the GIL it waits for). Each message costs the GIL
+# ~10 us before anything is known of it, more to decode: one monitor key's heartbeats from 4 connections were read
+# at ~40,000 a second, most of a core beside training on 2 (docs/benchmarks.md, "Hostile peers"). A bound per round
+# (CONTROL_PER_WAKE) is none per second. Past its share the socket is left unread until the share is back: each
+# connection's queue fills (CONTROL_RCVHWM) and TCP holds its sender back, so libzmq stops decrypting for it too.
+# Remote clients need far less: 50 attached monitors acking 10 bursts a second take ~0.5 %.
+REMOTE_CONTROL_SHARE = 0.05
+REMOTE_CONTROL_RESUME_S = 0.01  # once spent, it is read again when this much is back: 0.2 s later at 5 %
+REMOTE_PACED_SAID_EVERY_S = 60.0  # kernel.log says a flood held back at most this often, naming its key
 STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said hello (slow joiners)
 CLOSE_TIMEOUT_S = 10.0  # close() waits this long for the bus thread's last round
 FLUSH_NOW_TIMEOUT_S = 5.0  # flush_now's wait for a flush: the bus never takes longer unless its disk holds it up
@@ -93,6 +104,10 @@ class Bus:
         self._flushed: collections.deque[threading.Event] = collections.deque()
         self.counters = collections.Counter()
         self.ledger = ReplyLedger()  # what each remote key's connections can have queued (reply_ledger.py)
+        self._remote_share = WorkShare(REMOTE_CONTROL_SHARE, REMOTE_CONTROL_RESUME_S, time.monotonic())
+        self._remote_polled = True  # the TCP control socket is polled: its share of this thread's time is not spent
+        self._remote_senders: collections.Counter = collections.Counter()  # messages per key since last said
+        self._remote_paced_said = -REMOTE_PACED_SAID_EVERY_S
         self.failure: str | None = None  # why the run must stop (the journal's backlog overflowed)
         self.fast_heartbeats = True
         self.position = (0, 0)  # (step, epoch) of the latest numbered event, for kernel events
@@ -267,6 +282,8 @@ class Bus:
         while not self._closing.is_set():
             try:
                 due = min(next_heartbeat, self.supervisor.next_deadline(), next_flush)
+                if not self._remote_polled:
+                    due = min(due, self._remote_share.resumes_at(time.monotonic()))
                 ready = dict(poller.poll(0 if more else max(0.0, due - time.monotonic()) * 1000))
                 polled = time.monotonic()
                 if self._wake_rx in ready:  # the training thread waits on what is queued (flush_now)
@@ -283,6 +300,8 @@ class Bus:
                     self._cut_subscribed(poller)
                 control_ready = self.router in ready or (self.remote is not None and self.remote.router in ready)
                 more = (more or control_ready) and self._read_control(CONTROL_PER_WAKE)
+                if self.remote is not None:
+                    self._pace_remote(poller)
                 self._send_answers()
                 self.control.peers.heard_at = polled  # what waited then is read (bar a flood's rest: `more`)
                 now = time.monotonic()
@@ -370,7 +389,7 @@ class Bus:
     def _take_remote_sockets(self, poller: zmq.Poller, old: list[zmq.Socket]) -> None:
         """The TCP sockets the Listener has now in place of `old` (some closed: replaced), sent on and polled."""
         for socket in old:
-            poller.unregister(socket)
+            poller.register(socket, 0)  # unregistered; the control ROUTER may be already (_pace_remote)
         if old[1] is not self.remote.pub:
             self._remote_event_topics = set()  # each subscription comes again as its subscriber returns
         if old[2] is not self.remote.bursts:
@@ -379,6 +398,31 @@ class Bus:
         self._pubs[1], self._burst_pubs[1] = self.remote.pub, self.remote.bursts
         for socket in self._remote_sockets():
             poller.register(socket, zmq.POLLIN)
+        if not self._remote_polled:
+            poller.register(self.remote.router, 0)
+
+    def _pace_remote(self, poller: zmq.Poller) -> None:
+        """The TCP control socket polled while its share of this thread's time (REMOTE_CONTROL_SHARE) lasts, and
+        left unread until the share is back: said in kernel.log, with the key that sent the most since last said."""
+        now = time.monotonic()
+        polled = self._remote_share.allowance(now) > 0
+        if polled == self._remote_polled:
+            return
+        self._remote_polled = polled
+        poller.register(self.remote.router, zmq.POLLIN if polled else 0)
+        if polled:
+            return
+        self.counters["remote_control_paced"] += 1
+        if now - self._remote_paced_said < REMOTE_PACED_SAID_EVERY_S:
+            return
+        self._remote_paced_said = now
+        user_id, count = (self._remote_senders.most_common(1) or [("", 0)])[0]
+        key = self.control.peers.credentials.remote_key(user_id, now) if user_id else None
+        log.warning("TCP control messages took over %d %% of the bus thread's time (%d since last said, %d of them "
+                    "from key %s): read at that pace, the rest waits in its connections; training goes on",
+                    round(REMOTE_CONTROL_SHARE * 100), sum(self._remote_senders.values()), count,
+                    repr(key.name) if key else "(revoked since)" if user_id else "(none)")
+        self._remote_senders.clear()
 
     def _send_answers(self) -> None:
         while self._answers:
@@ -535,7 +579,18 @@ class Bus:
         dispatcher maps to a key name and role; never anything the message itself says."""
         if self.remote is None:
             return False
+        started = time.monotonic()
+        allowance = self._remote_share.allowance(started)
+        try:
+            return allowance > 0 and self._read_remote_for(budget, started + allowance)
+        finally:
+            self._remote_share.took(started, time.monotonic())
+
+    def _read_remote_for(self, budget: int, until: float) -> bool:
+        """_read_remote's messages, up to `budget` of them or until the clock reads `until`."""
         for _ in range(budget):
+            if time.monotonic() >= until:
+                return True
             try:
                 frames = self.remote.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -551,6 +606,7 @@ class Bus:
                 fd = frames[1].get(zmq.SRCFD)
             except zmq.ZMQError:  # a libzmq without it: released only when the control socket is replaced
                 fd = -1
+            self._remote_senders[user_id] += 1  # authenticated keys alone: as many as the key directory holds
             self.ledger.heard(REMOTE + frames[0].bytes, user_id, fd)
             self.control.handle(REMOTE + frames[0].bytes, frames[1].bytes, user_id=user_id)
         return True

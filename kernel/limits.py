@@ -73,6 +73,40 @@ class PeerBudget:
         return True
 
 
+class WorkShare:
+    """One kind of work held to `share` of the wall clock, up to BURST_S seconds' worth of it at once. Each round
+    takes what `allowance` says; one that ran over (a piece of work cannot be cut) is paid back by waiting. Once the
+    share is spent the work waits until `resume_s` of it is back: woken for each piece's worth of share, the rounds
+    would cost more than the work. Time is a parameter (tests pass a fake clock)."""
+
+    def __init__(self, share: float, resume_s: float, now: float):
+        self.share = share
+        self.capacity = share * BURST_S
+        self.resume_s = min(resume_s, self.capacity)
+        self.left = self.capacity  # seconds of work it may do now; below 0, a debt
+        self.updated = now
+        self.waiting = False
+
+    def allowance(self, now: float) -> float:
+        """Seconds the work may take from `now` on: 0 while it waits."""
+        self.left = min(self.capacity, self.left + (now - self.updated) * self.share)
+        self.updated = now
+        self.waiting = self.waiting and self.left < self.resume_s
+        return 0.0 if self.waiting else self.left
+
+    def took(self, started: float, ended: float) -> None:
+        """A round of the work ran from `started` to `ended`: one that left less than `resume_s` waits for it."""
+        self.allowance(ended)
+        self.left -= ended - started
+        self.waiting = self.left < self.resume_s
+
+    def resumes_at(self, now: float) -> float:
+        """When the work may go on: `now` unless it waits."""
+        if self.allowance(now) > 0:
+            return now
+        return now + (self.resume_s - self.left) / self.share
+
+
 def truncate(text: str, max_chars: int) -> tuple[str, bool]:
     """`text` cut to at most max_chars, the marker saying how much was cut included; (text, was_truncated)."""
     if len(text) <= max_chars:

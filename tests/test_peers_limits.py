@@ -24,7 +24,7 @@ from trainbus.kernel.bus import CONTROL_PER_WAKE, LOCAL, Bus
 from trainbus.kernel.control import Dispatcher
 from trainbus.kernel.credentials import CREDENTIAL_FILE, Credentials
 from trainbus.kernel.journal import RETRY_INTERVAL_S, Journal, decode_records, read_events
-from trainbus.kernel.limits import BURST_S, TRUNCATED, PeerBudget, PeerLimits, TokenBucket, truncate
+from trainbus.kernel.limits import BURST_S, TRUNCATED, PeerBudget, PeerLimits, TokenBucket, WorkShare, truncate
 from trainbus.kernel.keys import ClientKey
 from trainbus.kernel.peers import ALWAYS_ALLOWED, MAX_NAMES, MAX_PEERS, OWNER_ONLY, PERSISTER_MESSAGES, Peers, Refused
 from trainbus.proto import (BEST_EFFORT, DURABLE, Event, control, decode_control, encode_control, encode_event,
@@ -141,6 +141,58 @@ def test_a_cut_text_is_exactly_the_limit_long_whatever_the_digits_of_its_count()
         kept = text.index(" [... truncated")
         assert cut and len(text) == limit, (length, limit, len(text))
         assert text.endswith(TRUNCATED.format(length - kept)), text[-40:]
+
+
+
+def _worked(share: WorkShare, start: float, end: float, piece_s: float) -> tuple[float, int]:
+    """A worker with endless work in pieces of `piece_s` that it cannot cut, polled as the bus thread polls: each
+    round does pieces while its allowance lasts, and a round that is told to wait sleeps until resumes_at. Returns
+    the seconds of work done and the rounds (wake-ups) it took."""
+    now, worked, rounds = start, 0.0, 0
+    while now < end:
+        allowance = share.allowance(now)
+        if allowance == 0:
+            now = max(share.resumes_at(now), now + 1e-6)
+            continue
+        rounds += 1
+        began = now
+        while now - began < allowance:
+            now += piece_s
+        share.took(began, now)
+        worked += now - began
+    return worked, rounds
+
+
+@pytest.mark.parametrize("piece_s", [10e-6, 400e-6, 0.03])
+def test_work_held_to_a_share_takes_that_share_of_the_clock_in_a_few_rounds_a_second(piece_s):
+    """The bus thread's TCP control reading (kernel/bus.py, REMOTE_CONTROL_SHARE) under a flood: whatever a message
+    costs, the work takes its share of the time, give or take one piece and the saved-up burst, and it is woken a few
+    times a second, not once per piece's worth of share."""
+    share, resume_s, seconds = 0.05, 0.01, 600.0
+    worked, rounds = _worked(WorkShare(share, resume_s, T0), T0, T0 + seconds, piece_s)
+    assert share * seconds - 0.1 <= worked <= share * seconds + share * BURST_S + piece_s * rounds / 1000 + piece_s
+    assert rounds <= seconds * share / resume_s + 1, rounds
+
+
+def test_a_round_that_ran_over_is_paid_back_before_the_next():
+    share = WorkShare(0.05, 0.01, T0)
+    assert share.allowance(T0) == pytest.approx(0.05 * BURST_S)
+    share.took(T0, T0 + 0.3)  # one piece of 0.3 s: 0.2 s over what there was
+    assert share.allowance(T0 + 0.3) == 0 and share.waiting
+    back = share.resumes_at(T0 + 0.3)  # the debt paid (0.2 s at 5 %: 4 s) and 0.01 s more saved up (0.2 s)
+    assert back == pytest.approx(T0 + 0.3 + 4.0 + 0.2)
+    assert share.allowance(back - 0.01) == 0  # still waiting: the debt paid, not yet 0.01 s back
+    assert share.allowance(back) == pytest.approx(0.01) and not share.waiting
+    assert share.resumes_at(back) == back
+
+
+def test_work_that_never_used_its_share_is_never_told_to_wait():
+    share, now = WorkShare(0.05, 0.01, T0), T0
+    for _ in range(10_000):  # 1 ms of work every 100 ms: 1 %
+        assert share.allowance(now) > 0
+        share.took(now, now + 0.001)
+        now += 0.1
+    assert not share.waiting
 
 
 # -- Peers: hello ------------------------------------------------------------------------------------

@@ -549,6 +549,9 @@ def test_a_tcp_subscriber_that_never_reads_holds_a_bounded_queue_in_the_kernel(k
         stalled.setsockopt(zmq.LINGER, 0)
         stalled.setsockopt(zmq.RCVHWM, 1)  # what it does not read stays with the kernel (and the TCP buffers)
         secure_client(stalled, keys["watcher"], conn["server_key"].encode())
+        # No heartbeats on a socket that is not read: its connection, closed for pings whose answers it does not read,
+        # made again, and read at the end, aborts this process (libzmq #3937; PROTOCOL.md §15: clients keep reading)
+        stalled.setsockopt(zmq.HEARTBEAT_IVL, 0)
         stalled.setsockopt(zmq.SUBSCRIBE, b"")
         stalled.connect(conn["events"])
         assert stalled.poll(30_000), "the subscriber never got an event"  # connected, and from now on reads nothing
@@ -889,6 +892,51 @@ def test_a_key_flooding_the_control_socket_with_big_messages_holds_little_of_the
         ctx.destroy(linger=0)
     assert grown < 64 << 20, f"the kernel grew {grown >> 20} MB"
     assert kernel.result(timeout_s=180)["status"] == "completed"
+
+
+@pytest.mark.timeout(300)
+def test_a_key_flooding_the_control_socket_gets_a_share_of_the_bus_thread_and_another_keys_stop_still_lands(
+        keys, runs_dir, tmp_path, kernels):
+    """Each control message costs the bus thread the GIL before anything is known of it (~10 us for a heartbeat from
+    a peer that never said hello, more to decode): a monitor key's heartbeats from 4 connections kept it reading
+    ~40,000 a second, most of a core, beside training on 2 cores. It now reads the TCP control socket for at most 5 %
+    of its time (kernel/bus.py REMOTE_CONTROL_SHARE), says so naming the key, and leaves the rest in the connections,
+    where TCP holds the sender back; libzmq takes turns between connections, so a control key's stop still lands."""
+    cfg = listening_config(runs_dir, keys["dir"], epochs=50, step_sleep_s=0.005)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    kernel.wait_step(2, timeout_s=120)
+    ctx, pilot, beat = zmq.Context(), None, pack({"v": 1, "type": "heartbeat"})
+    try:
+        floods = []
+        for _ in range(4):
+            flood = ctx.socket(zmq.DEALER)
+            flood.setsockopt(zmq.LINGER, 0)
+            secure_client(flood, keys["watcher"], conn["server_key"].encode())
+            flood.connect(conn["control"])
+            floods.append(flood)
+        started, sent, pilot = time.monotonic(), 0, RemoteClient(conn, keys["pilot"])
+        while kernel.proc.poll() is None and time.monotonic() < started + 120:
+            for flood in floods:
+                try:
+                    flood.send(beat, zmq.NOBLOCK)
+                    sent += 1
+                except zmq.Again:
+                    pass
+            if pilot is not None and time.monotonic() > started + 3.0:  # the flood well under way
+                pilot.hello("operator", replies=["stop"])
+                pilot.send("stop", reason="stopped through a flood")
+                pilot = pilot.close()
+    finally:
+        ctx.destroy(linger=0)
+        if pilot is not None:
+            pilot.close()
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "stopped" and "stopped through a flood" in str(result), result
+    assert result["bus"].get("remote_control_paced", 0) >= 1, (sent, result["bus"])
+    said = [line for line in (kernel.run_dir / "kernel.log").read_text().splitlines() if "TCP control messages" in line]
+    assert said and "from key 'watcher'" in said[0] and "took over 5 % of the bus thread's time" in said[0], said
 
 
 def log_big_lines(ctx: zmq.Context, keys: dict, conn: dict, kernel: KernelProcess, lines: int) -> None:
