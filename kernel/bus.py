@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -89,6 +89,8 @@ class Bus:
         `stalled_after_s`: the loop reaching no seam this long is said, with where it waits (0: never)."""
         self.run_id = run_id
         self.stall_watch = StallWatch(stalled_after_s)
+        # Under torchrun: where the other ranks of this machine wait (kernel/rank_stacks.py), asked at a stall
+        self.ask_other_ranks: Callable[[], list[dict[str, Any]]] | None = None
         self._training_thread: int | None = None  # the thread that started the bus: the loop's
         self._last_loop_event = ""
         self.remote = remote
@@ -525,10 +527,15 @@ class Bus:
 
     def _say_stalled(self, stalled_s: float) -> None:
         stack, where = thread_stack(self._training_thread, is_user_file)
-        log.warning("training has stood still for %.0f s (after %s)%s; its thread's stack:\n%s", stalled_s,
-                    self._last_loop_event, f" in your code at {where}" if where else "", "".join(stack) or "-")
+        ranks = self.ask_other_ranks() if self.ask_other_ranks is not None else []
+        others = "".join(f"\nrank {r['rank']}: {r['error']}" if "error" in r else
+                         f"\nrank {r['rank']}{' in your code at ' + r['where'] if r['where'] else ''}:\n"
+                         f"{''.join(r['stack']) or '-'}" for r in ranks)
+        log.warning("training has stood still for %.0f s (after %s)%s; its thread's stack:\n%s%s", stalled_s,
+                    self._last_loop_event, f" in your code at {where}" if where else "", "".join(stack) or "-",
+                    others)
         self.emit(ev.TRAINING_STALLED, {"stalled_s": round(stalled_s, 1), "after": self._last_loop_event,
-                                        "where": where, "stack": stack})
+                                        "where": where, "stack": stack, **({"ranks": ranks} if ranks else {})})
 
     def _send_events(self, frames: list[tuple[bytes, bytes]]) -> None:
         """Each (topic, envelope) on the events sockets, then all of them as bursts on the bursts sockets."""

@@ -39,12 +39,13 @@ from .keys import KeyStore
 from .memory import keep_freed_memory
 from .pids import gone_within, signalled_when_gone
 from .private_dirs import make_dirs
+from .rank_stacks import StackAnswer, ask_ranks
 from .remote import ListenError, check_listen
 from .registry import record_run
 from .run_bus import PLUGIN_EXIT_TIMEOUT_S, close_bus, listen_on, open_bus, wait_drained, wait_ready
 from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers
-from .spec import SpecError, TrainingSpec, build_with_flags, load_target, user_code_error, user_trace
+from .spec import SpecError, TrainingSpec, build_with_flags, is_user_file, load_target, user_code_error, user_trace
 from .stepping import Stepper, SteppingError
 from .supervisor import PluginSpec
 
@@ -290,6 +291,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     bus.run_state.run["target"] = cfg.target  # what `trainbus attach` shows; no event carries it
     # a SIGTERM to every process (systemd stopping the unit, SLURM preempting) ends the plugins too: not early leavers
     bus.supervisor.stop_requested = lambda: bool(interrupts.count)
+    if ranks is not None and len(ranks.local_pids) > 1:  # a stall says where this machine's other ranks wait too
+        bus.ask_other_ranks = lambda: ask_ranks(run_dir, ranks.local_pids, is_user_file)
     loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s,
                 checkpointer=checkpointer, stepper=stepper, ranks=ranks, session_info={"cluster": cluster.describe()},
                 warn=lambda line: (log.warning("%s", line), announce(f"warning: {line}")))
@@ -473,6 +476,8 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
     loop = Loop(spec, _Silent(), device, vote_timeout_s=cfg.vote_timeout_s, stepper=stepper, ranks=ranks)
     if resume_state is not None:
         loop.resume(resume_state, str(resume_from))
+    # rank 0, seeing training stand still, asks where this rank waits (a signal only reaches its own machine)
+    stacks = StackAnswer(run_dir, ranks.rank) if ranks.rank in ranks.local_pids else None
     # A SIGTERM or Ctrl-C reaches every rank (torchrun and srun pass them on): rank 0 decides, and every rank
     # stops at the step it broadcasts; one rank stopping alone would leave the others waiting in a collective.
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _Interrupts.SIGNALS} \
@@ -498,6 +503,8 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if stacks is not None:
+            stacks.close()
     ranks.close()
     return RunResult(run_id=run_id, run_dir=str(run_dir), status="stopped" if outcome.stopped_early else "completed",
                      duration_s=round(time.monotonic() - started, 3), outcome=asdict(outcome), plugins={},

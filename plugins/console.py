@@ -196,8 +196,12 @@ class ConsolePlugin(Plugin):
     def on_training_stalled(self, event: Event) -> None:
         data = event.data
         where = f" in your code at {data['where']}" if data.get("where") else ""
+        ranks = [r for r in data.get("ranks") or [] if isinstance(r, dict)]  # under torchrun: this machine's others
+        waits = "".join(f"; rank {r.get('rank')} " + (f"in your code at {r['where']}" if r.get("where") else
+                                                      str(r.get("error") or "in none of your code")) for r in ranks)
         self._warn(f"training has stood still for {_fmt(data.get('stalled_s'))} s after {data.get('after')} at step "
-                   f"{event.step}{where}; its stack: {os.path.join(self.run_dir, 'kernel.log')}", "error")
+                   f"{event.step}{where}{waits}; {'their stacks' if ranks else 'its stack'}: "
+                   f"{os.path.join(self.run_dir, 'kernel.log')}", "error")
 
     def on_training_resumed(self, event: Event) -> None:
         self._say(f"training moved again after standing still for {_fmt(event.data.get('stalled_s'))} s")

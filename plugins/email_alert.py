@@ -323,6 +323,11 @@ def stalled_message(event: Event, run_dir: str) -> EmailMessage:
         "The training thread's stack (innermost last):",
         "".join(str(frame) for frame in stack).rstrip() or "(not found)",
     ]
+    for rank in [r for r in data.get("ranks") or [] if isinstance(r, dict)]:  # under torchrun: this machine's others
+        frames = rank.get("stack") if isinstance(rank.get("stack"), list) else []
+        lines += ["", f"Rank {rank.get('rank')}: " + (str(rank["error"]) if rank.get("error") else
+                                                      f"in your code at {rank.get('where') or '(none of it)'}")]
+        lines += ["".join(str(frame) for frame in frames).rstrip()] if frames else []
     message = EmailMessage()
     message["Subject"] = f"run {event.run} STALLED at step {event.step}"
     message.set_content("\n".join(lines) + "\n")

@@ -47,6 +47,8 @@ def paced_digits(hyperparameters: dict):
     """
     step_sleep_s = float(hyperparameters.pop("step_sleep_s", 0.01))
     gate = hyperparameters.pop("gate", "")
+    if os.environ.get("RANK", "0") != str(hyperparameters.pop("gate_rank", os.environ.get("RANK", "0"))):
+        gate = ""  # the gate holds one rank alone: the others wait for it in a collective
     diverged = hyperparameters.pop("diverged", False)  # every loss NaN, as a run that diverged has them
     spec = build(hyperparameters)
     spec.train_loader = _Paced(spec.train_loader, step_sleep_s, Path(gate) if gate else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import psutil
 import pytest
 
 from conftest import TESTS_DIR
+from fixture_targets import open_gate
 from helpers import PLUGIN_START_S, assert_same_weights, free_port, seeded_rng
 from kernel_process import Command, cli, wait_until
 from trainbus.kernel.journal import read_events
@@ -393,6 +395,44 @@ def test_a_rank_that_raises_is_named_with_its_error_in_rank_0s_journal_and_summa
     both = proc.stdout + proc.stderr
     assert both.count("Traceback") == 1 and both.count("bad batch 3 on rank 1 (in your code") == 1, both
     assert "closing signal" not in both and "exitcode" not in both and "SIGTERM" not in both, both
+
+
+def test_a_stall_names_where_each_rank_of_the_machine_waits(tmp_path):
+    """Under torchrun a hang is mostly one rank stuck (its loader, its file system) while the others wait for it in a
+    collective: rank 0's own stack, the one its bus thread can read, shows only the wait. Each other rank of the
+    machine now dumps its stacks when rank 0 asks (SIGUSR2, faulthandler: answered from inside a collective too), and
+    training_stalled carries them: rank 1 is named where the user's code holds it."""
+    gate = tmp_path / "gate"
+    open_gate(gate, 3)  # rank 1's batch 4 waits in the user's loader; rank 0 waits for it in DDP's all-reduce
+    (tmp_path / "stall.toml").write_text("[run]\nstalled_after_s = 1.0\n")
+    runs = tmp_path / "runs"
+    command = Command("run", f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits", "--device", "cpu", "--runs-dir",
+                      str(runs), "--nproc", "2", "--epochs", "1", "--plugins", "console", "--config",
+                      str(tmp_path / "stall.toml"), "--set", f"gate={gate}", "--set", "gate_rank=1", "--set",
+                      "step_sleep_s=0", cwd=tmp_path)
+    try:
+        def stalled():
+            journal = [p for p in runs.glob(f"*/{JOURNAL_NAME}")] if runs.is_dir() else []
+            found = [e for e in read_events(journal[0].parent) if e.type == "training_stalled"] if journal else []
+            return found[0] if found else None
+        event = wait_until(stalled, 240, "training_stalled", poll_s=0.2)
+        [rank_1] = event.data["ranks"]
+        fixture = str((TESTS_DIR / "fixture_targets.py").resolve())
+        assert rank_1["rank"] == 1 and rank_1["where"].startswith(fixture + ", line "), rank_1
+        assert any("in _wait_for_gate" in frame for frame in rank_1["stack"]), rank_1["stack"]
+        assert rank_1["stack"][-1].startswith(f'  File "{fixture}", line '), rank_1["stack"]  # innermost last
+        assert not event.data["where"] or "_wait_for_gate" not in "".join(event.data["stack"])  # rank 0 waits
+        kernel_log = (journal_dir := next(runs.iterdir())) / "kernel.log"
+        assert "rank 1 in your code at " + fixture in kernel_log.read_text()
+        assert (journal_dir / "rank1.stacks.txt").is_file()
+    finally:
+        open_gate(gate, 10**6)
+    out, err = command.communicate(timeout=240)
+    assert command.returncode == 0, out + err
+    [run_dir] = [p for p in runs.iterdir() if p.is_dir()]
+    assert [e.type for e in read_events(run_dir)].count("training_resumed") == 1
+    assert re.search(r"training has stood still .*; rank 1 in your code at .*fixture_targets\.py, line \d+; their "
+                     r"stacks: ", out + err), out + err
 
 
 def on_two_ranks(tmp_path, source: str) -> tuple[subprocess.CompletedProcess, str, Path]:

@@ -24,8 +24,8 @@ from trainbus.kernel.daemon import daemon_dir
 from trainbus.kernel.registry import Registry, list_runs
 from trainbus.kernel.runs import KERNEL_PID
 from trainbus.kernel.session import run_training
-from trainbus.plugins.email_alert import EmailAlertPlugin
-from trainbus.proto import JOURNAL_NAME, Event
+from trainbus.plugins.email_alert import EmailAlertPlugin, stalled_message
+from trainbus.proto import JOURNAL_NAME, Event, events as ev
 from trainbus.sdk import Harness, SettingsError
 
 from conftest import TESTS_DIR, start_daemon
@@ -135,6 +135,20 @@ def test_a_run_that_stands_still_is_mailed_with_where_its_training_waits(smtp, r
     assert body["In your code"].startswith(f"{TESTS_DIR / 'fixture_targets.py'}, line ")
     assert "in _wait_for_gate" in stalled.get_body(preferencelist=("plain",)).get_content()
     assert "completed" in ended["Subject"]
+
+
+
+def test_a_stalled_mail_under_torchrun_says_where_each_rank_of_the_machine_waits():
+    """training_stalled's `ranks` (kernel/rank_stacks.py; the run itself in test_distributed.py): each other rank of
+    rank 0's machine, where the user's code holds it and its frames, or why it did not answer."""
+    frame = '  File "/home/u/train.py", line 40, in __iter__\n'
+    event = Event(9, "run-1", ev.TRAINING_STALLED, 0.0, 3, 1, {
+        "stalled_s": 700.0, "after": ev.END_TRAINING_BATCH, "where": "", "stack": [], "ranks": [
+            {"rank": 1, "where": "/home/u/train.py, line 40", "stack": [frame]},
+            {"rank": 2, "error": "no answer within 1 s"}]})
+    body = stalled_message(event, "/runs/run-1").get_content()
+    assert "\nRank 1: in your code at /home/u/train.py, line 40\n" + frame in body, body
+    assert body.endswith("\nRank 2: no answer within 1 s\n"), body
 
 
 CRASHER = "raise SystemExit(3)  # dies on import, every time: the supervisor gives it up\n"

@@ -6,6 +6,8 @@ import json
 import linecache
 import math
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from kernel_process import Command, KernelProcess, cli, wait_until
 from trainbus.kernel.journal import Journal
 from trainbus.kernel.runs import run_overview
 from trainbus.kernel.config import ConfigError, RunConfig, check_run, resolve_plugin
+from trainbus.kernel.rank_stacks import STACKS, ask_ranks
 from trainbus.kernel.spec import is_user_file
 from trainbus.kernel.stall_watch import StallWatch, thread_stack
 from trainbus.proto import JOURNAL_NAME, Event, encode_event, events as ev
@@ -131,3 +134,26 @@ def test_a_loop_held_in_the_users_code_is_said_with_where_and_again_once_it_move
     assert "error: training has stood still for " in said
     assert " after end_training_batch at step 3 in your code at " in said
     assert "training moved again after standing still for " in said
+
+
+def test_a_rank_is_asked_for_its_stacks_only_by_the_process_that_registered(tmp_path: Path):
+    """SIGUSR2's default action ends a process: rank 0 signals only the process that wrote the rank's header, its pid
+    and its start time both, never another process that got that pid since (here a process that never registered;
+    asked, it would die)."""
+    import psutil
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = psutil.Process(other.pid).create_time()
+        header = "trainbus rank 1 pid {} started {!r} main thread 0x7f00\n"
+        (tmp_path / STACKS.format(1)).write_text(header.format(other.pid, started + 1.0))  # a pid reused since
+        (tmp_path / STACKS.format(2)).write_text(header.format(other.pid + 1, started))  # another rank's pid
+        answers = ask_ranks(tmp_path, {0: 1, 1: other.pid, 2: other.pid, 3: other.pid}, is_user_file, wait_s=0.2)
+        assert answers == [{"rank": 1, "error": "its process is gone"},
+                           {"rank": 2, "error": "its stacks file is not its own"},
+                           {"rank": 3, "error": "not listening for the question (SIGUSR2 taken by the user's code, or "
+                                               "its run directory not writable)"}], answers
+        assert other.poll() is None, "a process that never registered was sent SIGUSR2"
+    finally:
+        other.kill()
+        other.wait()
