@@ -16,7 +16,7 @@ from trainbus.proto import (DURABLE, ProtocolError, control, decode_control, enc
 from trainbus.proto.codec import MAX_CONTROL_CONTAINERS
 from trainbus.proto.text import printable
 
-from .limits import truncate
+from .limits import EVENT_JOURNAL_BYTES, truncate
 from .live_plugins import LivePlugins
 from .peers import Peer, Refused
 
@@ -243,7 +243,14 @@ class Dispatcher:
             return True
         self.counters[f"{kind}_dropped"] += 1
         peer.counters[f"{kind}_dropped"] += 1
-        if peer.counters[f"{kind}_dropped"] == 1:
+        if peer.budget.spent_out(nbytes + EVENT_JOURNAL_BYTES):
+            if not peer.budget.said_spent_out:  # once a key: all its peers share the one total
+                peer.budget.said_spent_out = True
+                log.warning("key %s's metric and log messages have added %g MB to the journal, its [limits] "
+                            "key_journal_mb: its metric and log messages are dropped from now on (counted); raise "
+                            "it in the run's config for a reporter that needs more", peer.key_name,
+                            peer.budget.limits.key_journal_mb)
+        elif peer.counters[f"{kind}_dropped"] == 1:
             log.warning("[%s] sends %s messages faster than its limit; dropping the excess (counted)", peer.name, kind)
         return False
 

@@ -12,6 +12,11 @@ LOGS_PER_S = 50.0
 BYTES_PER_S = 256 * 1024  # metric + log payload bytes: a byte budget, whatever the message count
 REPLAY_BATCHES_PER_S = 50.0  # 50 x 512 events: a crashed durable plugin still catches up at 25k events/s
 BURST_S = 2.0  # a bucket holds this many seconds of its rate: short bursts pass untouched
+# What one TCP key's metric and log messages may add to the journal over a kernel's life (MB): its byte budget
+# is a rate, and a monitor key at it (256 KiB/s) would fill 22 GB a day until the run's disk was full, which stops
+# training. A remote GPU monitor reporting 4 readings a second journals ~70 MB a day: two months to reach it.
+KEY_JOURNAL_MB = 4096.0
+EVENT_JOURNAL_BYTES = 160  # what a metric or log event costs the journal besides its name or text (envelope, fields)
 METRIC_NAME_MAX_CHARS = 200
 LOG_TEXT_MAX_CHARS = 16 * 1024  # a long traceback fits
 TRUNCATED = " [... truncated {} chars]"
@@ -27,6 +32,7 @@ class PeerLimits:
     replay_batches_per_s: float = REPLAY_BATCHES_PER_S
     metric_name_max_chars: int = METRIC_NAME_MAX_CHARS
     log_text_max_chars: int = LOG_TEXT_MAX_CHARS
+    key_journal_mb: float = KEY_JOURNAL_MB
 
 
 class TokenBucket:
@@ -53,24 +59,35 @@ class TokenBucket:
 
 
 class PeerBudget:
-    """One peer's buckets: metric and log messages, their bytes, and replay batches."""
+    """One peer's buckets: metric and log messages, their bytes, and replay batches; a TCP key's (`keyed`), also
+    what its messages may add to the journal in all (key_journal_mb)."""
 
-    def __init__(self, limits: PeerLimits, now: float):
+    def __init__(self, limits: PeerLimits, now: float, keyed: bool = False):
         self.limits = limits
         self.metrics = TokenBucket(limits.metrics_per_s, now)
         self.logs = TokenBucket(limits.logs_per_s, now)
         self.bytes = TokenBucket(limits.bytes_per_s, now)
         self.replays = TokenBucket(limits.replay_batches_per_s, now)
+        self.journal_left = limits.key_journal_mb * 2**20 if keyed else None  # bytes; None: a local peer, no total
+        self.said_spent_out = False
 
     def admit(self, kind: str, nbytes: int, now: float) -> bool:
-        """A metric or log message of `nbytes` payload may go through (both its buckets had room). A refused one
-        spends nothing: a count token spent on a message the byte bucket refused would starve the next one."""
+        """A metric or log message of `nbytes` payload may go through (both its buckets had room, and the key's
+        journal total). A refused one spends nothing: a count token spent on a message the byte bucket refused would
+        starve the next one."""
         bucket, cost = self.metrics if kind == "metric" else self.logs, min(nbytes, self.bytes.capacity)
-        if bucket.refill(now) < 1 or self.bytes.refill(now) < cost:
+        journaled = nbytes + EVENT_JOURNAL_BYTES
+        if bucket.refill(now) < 1 or self.bytes.refill(now) < cost or self.spent_out(journaled):
             return False
         bucket.tokens -= 1
         self.bytes.tokens -= cost
+        if self.journal_left is not None:
+            self.journal_left -= journaled
         return True
+
+    def spent_out(self, journaled: int = 0) -> bool:
+        """The key's journal total cannot take `journaled` more bytes (a local peer's never runs out)."""
+        return self.journal_left is not None and self.journal_left < journaled
 
 
 class WorkShare:

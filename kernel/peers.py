@@ -164,7 +164,7 @@ class Peers:
         votes = frozenset(hello["votes"]) & ev.VOTED_EVENTS if steers else frozenset()
         capabilities = tuple(hello["capabilities"]) if steers else ()
         budget = PeerBudget(self.limits, now) if key is None else \
-            self._key_budgets.setdefault(key.name, PeerBudget(self.limits, now))
+            self._key_budgets.setdefault(key.name, PeerBudget(self.limits, now, keyed=True))
         peer = Peer(identity, name, pid, hello["delivery"], frozenset(hello["replies"]), votes,
                     capabilities, spawned, now, budget, user_id,
                     key.name if key else "", key.role if key else "",

@@ -24,7 +24,8 @@ from trainbus.kernel.bus import CONTROL_PER_WAKE, LOCAL, Bus
 from trainbus.kernel.control import Dispatcher
 from trainbus.kernel.credentials import CREDENTIAL_FILE, Credentials
 from trainbus.kernel.journal import RETRY_INTERVAL_S, Journal, decode_records, read_events
-from trainbus.kernel.limits import BURST_S, TRUNCATED, PeerBudget, PeerLimits, TokenBucket, WorkShare, truncate
+from trainbus.kernel.limits import (BURST_S, EVENT_JOURNAL_BYTES, TRUNCATED, PeerBudget, PeerLimits, TokenBucket,
+                                    WorkShare, truncate)
 from trainbus.kernel.keys import ClientKey
 from trainbus.kernel.peers import ALWAYS_ALLOWED, MAX_NAMES, MAX_PEERS, OWNER_ONLY, PERSISTER_MESSAGES, Peers, Refused
 from trainbus.proto import (BEST_EFFORT, DURABLE, Event, control, decode_control, encode_control, encode_event,
@@ -121,6 +122,18 @@ def test_metric_and_log_messages_have_separate_count_buckets_and_share_the_bytes
     shared = PeerBudget(PeerLimits(metrics_per_s=100.0, logs_per_s=100.0, bytes_per_s=50.0), T0)  # 100 bytes
     assert shared.admit("metric", 60, T0)
     assert not shared.admit("log", 60, T0)  # the metric took the log's bytes
+
+
+def test_a_keys_metrics_and_logs_stop_at_what_they_may_add_to_the_journal_and_a_local_peers_never_do():
+    """Rates bound a TCP key's journal growth per second, not in all: a monitor key at its byte budget (256 KiB/s)
+    would fill 22 GB a day, and a full disk stops training. key_journal_mb bounds the total (payload + the event's
+    own ~160 bytes); a local plugin, the user's own process, has no such total."""
+    limits = PeerLimits(metrics_per_s=10**6, logs_per_s=10**6, bytes_per_s=10**9,
+                        key_journal_mb=10 * (1000 + EVENT_JOURNAL_BYTES) / 2**20)  # room for ten 1,000-byte logs
+    keyed, local = PeerBudget(limits, T0, keyed=True), PeerBudget(limits, T0)
+    assert [keyed.admit("log", 1000, T0 + i) for i in range(11)] == [True] * 10 + [False]
+    assert keyed.spent_out(1) and not keyed.admit("metric", 1, T0 + 3600)  # an hour on: a total, not a rate
+    assert all(local.admit("log", 1000, T0 + i) for i in range(1000)) and not local.spent_out(10**12)
 
 
 def test_truncate_marks_how_much_was_cut():

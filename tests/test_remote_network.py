@@ -771,6 +771,41 @@ def test_the_peers_of_one_key_share_one_budget_of_metrics_logs_and_replays(keys,
     assert result["bus"].get("metric_dropped", 0) >= 800 - len(taken), result["bus"]
 
 
+def test_what_a_keys_metrics_and_logs_add_to_the_journal_is_bounded_in_all_and_said_naming_the_key(keys, runs_dir,
+                                                                                                    tmp_path, kernels):
+    """A key's byte budget is a rate: a monitor key logging at it (256 KiB/s) grew the journal 22 GB a day, for as
+    long as the run lasted, until the disk was full and training stopped. What one key's metrics and logs add to the
+    journal is now bounded in all ([limits] key_journal_mb; 50 kB here): past it they are dropped, counted, and
+    kernel.log says so once, naming the key and the setting."""
+    gate = tmp_path / "gate"
+    cfg = listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate)
+    cfg.limits = {"logs_per_s": 10_000.0, "bytes_per_s": float(64 << 20), "key_journal_mb": 50_000 / 2**20}
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    ctx = zmq.Context()
+    try:
+        logger = ctx.socket(zmq.DEALER)
+        logger.setsockopt(zmq.LINGER, 1000)
+        secure_client(logger, keys["watcher"], conn["server_key"].encode())
+        logger.connect(conn["control"])
+        logger.send(pack({"v": 1, "type": "hello", "name": "chatty", "pid": os.getpid(), "subscriptions": [],
+                          "replies": ["log"], "delivery": "best_effort"}))
+        assert logger.poll(20_000) and msgpack.unpackb(logger.recv(), **LIMITS)["type"] == "welcome"
+        for number in range(100):  # 100 x ~1,160 journaled bytes: twice the total
+            logger.send(pack({"v": 1, "type": "log", "level": "info", "text": f"{number:04d} " + "x" * 995}))
+        wait_until(lambda: "key_journal_mb" in (kernel.run_dir / "kernel.log").read_text(), 60, "the key said")
+    finally:
+        ctx.destroy(linger=1000)
+        open_gate(gate, 2 * STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=120)
+    taken = [e for e in read_events(result["run_dir"]) if e.type == "log" and "(key watcher)" in e.data["plugin"]]
+    assert 40 <= len(taken) <= 50_000 // 1_000, len(taken)
+    assert result["bus"]["log_dropped"] == 100 - len(taken), result["bus"]
+    said = [line for line in (kernel.run_dir / "kernel.log").read_text().splitlines() if "key_journal_mb" in line]
+    assert len(said) == 1 and "key watcher's metric and log messages" in said[0], said
+
+
 def test_a_monitor_key_subscribing_to_endless_topics_holds_little_of_the_kernels_memory(keys, runs_dir, tmp_path,
                                                                                         kernels):
     """libzmq keeps every distinct subscription prefix in a trie, at ~25 bytes of memory per byte of prefix, and took
