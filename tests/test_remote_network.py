@@ -862,10 +862,7 @@ def test_messages_that_are_costly_to_decode_keep_neither_the_bus_nor_training_wa
     ctx = zmq.Context()
     costly = msgpack.packb({"v": 1, "type": "heartbeat", **{k: [[]] * 60_000 for k in "wxyz"}})
     try:
-        flood = ctx.socket(zmq.DEALER)
-        flood.setsockopt(zmq.LINGER, 0)
-        secure_client(flood, keys["watcher"], conn["server_key"].encode())
-        flood.connect(conn["control"])
+        [flood] = watcher_dealers(ctx, keys, conn, 1)
         assert watcher.next_event(30) is not None, "the watcher never got an event"
         first_step, beats, end = kernel.journal.step(), [], time.monotonic() + 6.0
         while time.monotonic() < end:
@@ -907,13 +904,7 @@ def test_a_key_flooding_the_control_socket_with_big_messages_holds_little_of_the
     assert len(bulky) < 256 * 1024
     ctx = zmq.Context()
     try:
-        floods = []
-        for _ in range(8):
-            flood = ctx.socket(zmq.DEALER)
-            flood.setsockopt(zmq.LINGER, 0)
-            secure_client(flood, keys["watcher"], conn["server_key"].encode())
-            flood.connect(conn["control"])
-            floods.append(flood)
+        floods = watcher_dealers(ctx, keys, conn, 8)
         before, grown, end = memory.memory_info().rss, 0, time.monotonic() + 8.0
         while time.monotonic() < end:
             for flood in floods:
@@ -944,13 +935,7 @@ def test_a_key_flooding_the_control_socket_gets_a_share_of_the_bus_thread_and_an
     kernel.wait_step(2, timeout_s=120)
     ctx, pilot, beat = zmq.Context(), None, pack({"v": 1, "type": "heartbeat"})
     try:
-        floods = []
-        for _ in range(4):
-            flood = ctx.socket(zmq.DEALER)
-            flood.setsockopt(zmq.LINGER, 0)
-            secure_client(flood, keys["watcher"], conn["server_key"].encode())
-            flood.connect(conn["control"])
-            floods.append(flood)
+        floods = watcher_dealers(ctx, keys, conn, 4)
         started, sent, pilot = time.monotonic(), 0, RemoteClient(conn, keys["pilot"])
         while kernel.proc.poll() is None and time.monotonic() < started + 120:
             for flood in floods:
@@ -989,6 +974,18 @@ def log_big_lines(ctx: zmq.Context, keys: dict, conn: dict, kernel: KernelProces
         text = f"{number:06d} " + secrets.token_hex(LOG_TEXT_MAX_CHARS // 2)[:LOG_TEXT_MAX_CHARS - 7]
         logger.send(pack({"v": 1, "type": "log", "level": "info", "text": text}))
     wait_until(lambda: len(kernel.journal.of("log")) >= lines, 120, "the lines in the journal")
+
+
+def watcher_dealers(ctx: zmq.Context, keys: dict, conn: dict, count: int) -> list[zmq.Socket]:
+    """`count` connections of the watcher's (monitor) key to the run's control port, none said hello."""
+    dealers = []
+    for _ in range(count):
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        secure_client(dealer, keys["watcher"], conn["server_key"].encode())
+        dealer.connect(conn["control"])
+        dealers.append(dealer)
+    return dealers
 
 
 def peers_that_never_read(ctx: zmq.Context, keys: dict, conn: dict, count: int) -> list[zmq.Socket]:
