@@ -249,6 +249,12 @@ class Outbox:
                                         f"\"ssl\" ({exc}): set security = \"starttls\" for a port that starts in "
                                         f"plain text (587), or \"none\" for a server that offers no encryption", say)
                     continue
+                if isinstance(exc, ssl.SSLCertVerificationError):  # no retry makes it trusted: this machine's setup
+                    self._give_up(path, f"{config.host}:{config.resolved_port()}'s TLS certificate is not trusted "
+                                        f"here ({exc.verify_message or exc}): set host to the name its certificate "
+                                        f"is for, or have this machine trust the CA that signed it (SSL_CERT_FILE="
+                                        f"/path/to/ca.pem in the run's environment)", say)
+                    continue
                 if isinstance(exc, smtplib.SMTPNotSupportedError):  # the settings, not the server's state: no retry
                     self._give_up(path, f"{config.host}:{config.resolved_port()} does not support what `security` "
                                         f"asks ({exc}): set security = \"ssl\" for a TLS port (465), or \"none\" for a "

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -57,9 +58,9 @@ class Inbox:
         return self.messages
 
 
-def start_server(port: int) -> tuple[Controller, Inbox]:
+def start_server(port: int, **options) -> tuple[Controller, Inbox]:
     inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, **options)
     controller.start()
     return controller, inbox
 
@@ -438,6 +439,32 @@ def test_ssl_against_a_server_that_speaks_no_tls_is_given_up_at_once_naming_the_
     [line] = [line for line in said if "given up" in line]
     assert "speaks no TLS" in line and 'security = "starttls"' in line, line
     assert not inbox.messages
+
+
+SELF_SIGNED = TESTS_DIR / "fixture_smtp_tls.pem"  # key and certificate (CN trainbus test, for 127.0.0.1, till 2126)
+
+
+def test_a_certificate_this_machine_does_not_trust_is_given_up_at_once_naming_the_fix(tmp_path, monkeypatch):
+    """A server whose certificate does not verify (self-signed, another host's name) was retried for six hours as if
+    it were down, a background sender left behind for all of it: no retry makes it trusted. With the fix it names
+    (SSL_CERT_FILE, the server's CA), the mail goes."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(SELF_SIGNED)
+    controller, inbox = start_server(free_port(), tls_context=context)
+    try:
+        said = _given_up_lines(tmp_path / "untrusted", controller.port, security="starttls")
+        [line] = [line for line in said if "given up" in line]
+        assert f"127.0.0.1:{controller.port}" in line and "certificate" in line and "SSL_CERT_FILE" in line, line
+        monkeypatch.setenv("SSL_CERT_FILE", str(SELF_SIGNED))
+        plugin = EmailAlertPlugin({"host": "127.0.0.1", "port": controller.port, "security": "starttls",
+                                   "recipients": [RECIPIENT], "min_interval_s": 0.0}, run_id="r1",
+                                  run_dir=str(tmp_path / "trusted"))
+        plugin.setup()
+        plugin.handle(_end_event())
+        assert len(inbox.wait_for(1)) == 1
+        plugin.teardown()
+    finally:
+        controller.stop()
 
 
 def test_a_password_never_comes_from_the_config(tmp_path, monkeypatch):
