@@ -66,6 +66,12 @@ class SmtpConfig:
     def resolved_port(self) -> int:
         return self.port or DEFAULT_PORTS[self.security]
 
+    def password_source(self) -> str:
+        """Where password() reads the password, for a line about a login the server refused."""
+        if self.password_file:
+            return f"password_file {Path(self.password_file).expanduser()}"
+        return f"the environment variable {self.password_env}" if self.password_env else "nowhere (no password_env)"
+
     def password(self) -> str | None:
         """From password_file (which must be 0600 or stricter) or the variable password_env; never from config."""
         if self.password_file:
@@ -235,6 +241,11 @@ class Outbox:
                 attempts.count += 1
                 attempts.last_error = f"{type(exc).__name__}: {exc}"
                 code = _smtp_code(exc)
+                if isinstance(exc, smtplib.SMTPAuthenticationError) and code >= PERMANENT_SMTP_CODE:
+                    self._give_up(path, f"{config.host}:{config.resolved_port()} refused the login ({code} "
+                                        f"{_reply_text(exc)}): check username {config.username!r} and the password "
+                                        f"from {config.password_source()}", say)
+                    continue
                 if code >= PERMANENT_SMTP_CODE:
                     self._give_up(path, f"refused by the server: {code} {exc}", say)
                     continue
@@ -289,6 +300,12 @@ def deliver_until_empty(outbox: Outbox, config: SmtpConfig, say: Say, poll_s: fl
         if wait is None:
             return
         time.sleep(min(max(wait, 0.01), poll_s))
+
+
+def _reply_text(exc: smtplib.SMTPResponseException) -> str:
+    """The server's reply text, as it said it (not the bytes' repr)."""
+    text = exc.smtp_error
+    return (text.decode(errors="replace") if isinstance(text, bytes) else str(text)).replace("\n", " ")
 
 
 def _smtp_code(exc: Exception) -> int:

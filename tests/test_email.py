@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 from trainbus.kernel import supervisor
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
@@ -426,6 +427,32 @@ def test_a_username_for_a_server_that_offers_no_login_is_given_up_naming_usernam
     [line] = [line for line in said if "given up" in line]
     assert f"127.0.0.1:{controller.port} offers no login (SMTP AUTH)" in line and "username" in line, line
     assert "`security` asks" not in line, line
+
+
+@pytest.mark.parametrize("source", ["password_env", "password_file"])
+def test_a_login_the_server_refuses_is_given_up_naming_where_the_password_came_from(tmp_path, monkeypatch, source):
+    """A 535 said `refused by the server: 535 (535, b'5.7.8 Authentication credentials invalid')`: not which
+    username was tried, nor whether the password came from an environment variable (which one) or a file."""
+    refuse = lambda server, session, envelope, mechanism, auth_data: AuthResult(success=False, handled=False)  # noqa: E731
+    controller, inbox = start_server(free_port(), authenticator=refuse, auth_require_tls=False)
+    settings = {"username": "me"}
+    if source == "password_env":
+        monkeypatch.setenv("MY_SMTP_SECRET", "wrong")
+        settings["password_env"] = "MY_SMTP_SECRET"
+        where = "the environment variable MY_SMTP_SECRET"
+    else:
+        secret = tmp_path / "smtp-password"
+        secret.write_text("wrong\n")
+        secret.chmod(0o600)
+        settings.update(password_file=str(secret), password_env="")
+        where = f"password_file {secret}"
+    try:
+        said = _given_up_lines(tmp_path / "run", controller.port, **settings)
+    finally:
+        controller.stop()
+    assert not inbox.messages
+    [line] = [line for line in said if "given up" in line]
+    assert "535" in line and "username 'me'" in line and where in line, line
 
 
 def test_ssl_against_a_server_that_speaks_no_tls_is_given_up_at_once_naming_the_setting(tmp_path):
