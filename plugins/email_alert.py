@@ -81,11 +81,10 @@ class EmailAlertPlugin(Plugin):
         "timeout_s": Setting(10.0, "SMTP connection timeout", min=0.001, max=3600),
     }
 
-    def __init__(self, settings: dict[str, Any] | None = None, run_id: str = "", run_dir: str = "."):
-        if settings and "password" in settings:
-            raise SettingsError("email: a password never goes in the config; set password_env (the name of an "
-                                "environment variable) or password_file (a file only you can read, mode 0600)")
-        super().__init__(settings, run_id=run_id, run_dir=run_dir)
+    # said in place of "no setting 'password'", by the check of --set and the config (sdk/plugin.py, merge_settings)
+    refused_settings = {"password": "a password never goes in the config or on the command line (config.json and "
+                                    "the process list would keep it); set password_env (the name of an environment "
+                                    "variable holding it) or password_file (a file only you can read, mode 0600)"}
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any]) -> None:

@@ -88,6 +88,9 @@ class Plugin:
     capabilities: tuple[str, ...] = ()
     # Accept setting keys that `settings` does not declare (the bz adapter: bz plugins read free-form config).
     open_settings: bool = False
+    # Setting names refused with the plugin's own one-line why and fix, not as an unknown setting (email's password:
+    # a secret never goes in the config).
+    refused_settings: dict[str, str] = {}
     # A durable plugin in a continued run (`--resume`) is replayed the run's earlier sessions first. True: its
     # handlers see them (to rebuild what it keeps: a best value, a patience count), but what they reply is not
     # sent (stop, metric, log: that session is over) and no earlier session's final event is handed over.
@@ -326,6 +329,8 @@ def merge_settings(cls: type, given: dict[str, Any]) -> dict[str, Any]:
             merged[key] = check_value(key, specs[key], value)
         elif getattr(cls, "open_settings", False):
             merged[key] = value
+        elif key in getattr(cls, "refused_settings", {}):  # a bz plugin class has none
+            raise SettingsError(cls.refused_settings[key])
         else:
             raise SettingsError(f"no setting {key!r} (known: {', '.join(sorted(specs)) or 'none'})")
     cls.check_settings(merged)

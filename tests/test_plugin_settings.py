@@ -488,6 +488,12 @@ BAD_SETTINGS = {
     "a value that is not UTF-8": (["--plugins", "metrics_log", "--set", "metrics_log.filename=a\udcffb.jsonl"],
                                   "plugin 'metrics_log': filename = 'a\\udcffb.jsonl' is not UTF-8 text (a byte of "
                                   "another encoding: 0xff); give it in UTF-8"),
+    # said `no setting 'password' (known: ...)`, as if the user had mistyped a setting, not how secrets are given
+    "a password given with --set": (
+        ["--plugins", "email", "--set", 'email.recipients=["ops@example.com"]', "--set", "email.password=hunter2"],
+        "plugin email: a password never goes in the config or on the command line (config.json and the process "
+        "list would keep it); set password_env (the name of an environment variable holding it) or "
+        "password_file (a file only you can read, mode 0600)"),
     "a metrics log outside the run directory": (
         ["--plugins", "metrics_log", "--set", "metrics_log.filename=/tmp/metrics.jsonl"],
         "plugin metrics_log: filename = '/tmp/metrics.jsonl' is not allowed; it must be a string: a path inside the "
