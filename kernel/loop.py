@@ -481,13 +481,14 @@ class Loop:
     def _apply(self, control: Control) -> bool:
         """Act on merged replies at a step boundary; True when training should stop now."""
         signal_name = self.stop_requested()
-        if signal_name and not control.should_stop:
-            control = Control(should_stop=True, reasons=(f"kernel: stop: interrupted ({signal_name})",))
-        if not control.should_stop:
+        if not (control.should_stop or signal_name):
             return False
+        # a signal is said first, with a plugin's stop at the same boundary too: the run ends interrupted (to be
+        # continued with `runs resume`), and what reads the reasons (the end mail, runs show) must say so
+        reasons = ((f"kernel: stop: interrupted ({signal_name})",) if signal_name else ()) + control.reasons
         self.outcome.stopped_early = True
-        self.outcome.stop_reasons.extend(control.reasons)
-        self._publish(ev.STOP_REQUESTED, reasons=list(control.reasons))
+        self.outcome.stop_reasons.extend(reasons)
+        self._publish(ev.STOP_REQUESTED, reasons=list(reasons))
         return True
 
     def _metric(self, name: str, value: Any) -> Any:

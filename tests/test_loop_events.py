@@ -232,6 +232,22 @@ def test_whole_epochs_say_so_and_publish_their_planned_batches():
     assert [(d["partial"], d["batches_planned"]) for d in bus.data_of(ev.END_EPOCH)] == [(False, TRAIN_BATCHES)] * 2
 
 
+def test_a_signal_at_the_step_a_plugins_stop_lands_on_is_in_the_stop_reasons():
+    """SIGTERM (a preemption) and early stopping's stop at one boundary: the run ended `interrupted` (exit 130), but
+    its stop_reasons named the plugin's stop alone, so its end mail said `stopped early`, with no `runs resume`."""
+    bus = StopAfterBatch(0)
+    loop = None
+
+    def interrupted() -> str:
+        return "SIGTERM" if loop.batches_done >= 1 else ""
+    loop = Loop(tiny({}), bus, torch.device("cpu"), stop_requested=interrupted)
+    outcome = loop.run()
+    assert outcome.stopped_early
+    assert outcome.stop_reasons == ["kernel: stop: interrupted (SIGTERM)", "user: stop: enough"]
+    [stop] = bus.data_of(ev.STOP_REQUESTED)
+    assert stop["reasons"] == outcome.stop_reasons
+
+
 def test_stop_reasons_hold_stop_replies_only():
     control = merge_replies([Reply("checkpoint_now", "a", "save"), Reply("stop", "b", "done"), Reply("log", "c", "x")])
     assert control.should_stop and control.checkpoint_now
