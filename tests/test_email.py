@@ -433,7 +433,8 @@ def test_a_username_for_a_server_that_offers_no_login_is_given_up_naming_usernam
 def test_a_login_the_server_refuses_is_given_up_naming_where_the_password_came_from(tmp_path, monkeypatch, source):
     """A 535 said `refused by the server: 535 (535, b'5.7.8 Authentication credentials invalid')`: not which
     username was tried, nor whether the password came from an environment variable (which one) or a file."""
-    refuse = lambda server, session, envelope, mechanism, auth_data: AuthResult(success=False, handled=False)  # noqa: E731
+    def refuse(server, session, envelope, mechanism, auth_data):
+        return AuthResult(success=False, handled=False)  # handled=False: aiosmtpd says the 535 itself
     controller, inbox = start_server(free_port(), authenticator=refuse, auth_require_tls=False)
     settings = {"username": "me"}
     if source == "password_env":
