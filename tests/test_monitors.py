@@ -216,6 +216,99 @@ def test_gpu_reads_every_device_and_leaves_out_what_is_not_supported(tmp_path, m
     assert not [r for r in plugin.outbox if r["type"] == "log"]
 
 
+class NvmlOf:
+    """pynvml as a machine with these GPUs (UUIDs) shows them: a device in `lost` raises GpuIsLost at every call."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):
+        pass
+
+    class NVMLError_GpuIsLost(NVMLError):
+        pass
+
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self, uuids: list[str], lost: tuple[int, ...] = ()):
+        self.uuids, self.lost = uuids, lost
+
+    def nvmlInit(self): pass
+    def nvmlShutdown(self): pass
+    def nvmlDeviceGetCount(self): return len(self.uuids)
+    def nvmlDeviceGetHandleByIndex(self, i): return i
+    def nvmlDeviceGetUUID(self, h): return self.uuids[h]
+
+    def _device(self, h):
+        if h in self.lost:
+            raise self.NVMLError_GpuIsLost("GPU is lost")
+        return h
+
+    def nvmlDeviceGetUtilizationRates(self, h): return namedtuple("U", "gpu memory")(10 * self._device(h), 40)
+    def nvmlDeviceGetMemoryInfo(self, h): return namedtuple("M", "used total")(self._device(h), 16 * 1024 ** 3)
+    def nvmlDeviceGetTemperature(self, h, sensor): return 60 + self._device(h)
+    def nvmlDeviceGetPowerUsage(self, h): return 1000 * self._device(h)
+
+
+FOUR_GPUS = ["GPU-aaaa1111-0000", "GPU-bbbb2222-0000", "GPU-bbbb3333-0000", "GPU-dddd4444-0000"]
+
+
+@pytest.mark.parametrize("visible, expected", [
+    (None, [0, 1, 2, 3]),  # unset: every GPU
+    ("", []),  # the daemon's run that asked for none
+    ("2,0", [2, 0]),  # CUDA numbers them in this order: cuda:0 is GPU 2
+    ("1, 3", [1, 3]),
+    ("1,-1,2", [1]),  # a negative one ends the list, as CUDA reads it
+    ("3,9,0", [3]),  # so does one past the last GPU
+    ("0,0", []),  # a repeated one shows none
+    ("1gpu,2", [1, 2]),  # CUDA reads each as strtoul does
+    ("GPU-dddd,GPU-aaaa1111-0000", [3, 0]),  # a UUID, or a unique start of one
+    ("GPU-bbbb,GPU-aaaa", []),  # an ambiguous start ends the list: none before it
+])
+def test_the_gpus_cuda_visible_devices_names_are_the_nvml_devices_cuda_numbers_so(visible, expected):
+    assert gpu_monitor.visible_devices(visible, FOUR_GPUS) == expected
+
+
+def test_gpu_reads_only_the_gpus_the_run_sees_named_as_cuda_numbers_them(tmp_path, monkeypatch):
+    """NVML shows every GPU of the machine: a run the daemon placed on GPU 2 (CUDA_VISIBLE_DEVICES=2) reported all
+    four, its own as gpu2, the others' runs' GPUs as gpu0, gpu1 and gpu3."""
+    monkeypatch.setattr(gpu_monitor, "pynvml", NvmlOf(FOUR_GPUS))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    plugin = GpuMonitorPlugin({"interval_s": 60.0}, run_dir=str(tmp_path))
+    h = Harness(plugin)
+    readings = plugin.tick()
+    h.close()
+    assert sorted({name.split("_")[0] for name in readings}) == ["gpu/gpu0"]
+    assert readings["gpu/gpu0_util_percent"] == 20 and readings["gpu/gpu0_temperature_c"] == 62
+
+
+def test_gpu_with_cuda_visible_devices_empty_says_the_run_sees_no_gpu_and_stays_idle(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_monitor, "pynvml", NvmlOf(FOUR_GPUS))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    plugin = GpuMonitorPlugin({"interval_s": 0.05}, run_dir=str(tmp_path))
+    h = Harness(plugin)
+    h.feed("end_training_session")
+    h.close()
+    assert plugin._thread is None and not h.replies_of("metric")
+    [log] = [r for r in h.replies if r["type"] == "log"]
+    assert "CUDA_VISIBLE_DEVICES" in log["text"] and "idle" in log["text"], log
+
+
+def test_a_gpu_that_is_lost_is_said_once_and_the_others_readings_go_on(tmp_path, monkeypatch):
+    """A GPU fallen off the bus (NVML's GpuIsLost) raised out of the whole sample: every GPU's readings were lost,
+    at every reading, for the rest of the run."""
+    monkeypatch.setattr(gpu_monitor, "pynvml", NvmlOf(FOUR_GPUS[:2], lost=(1,)))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    plugin = GpuMonitorPlugin({"interval_s": 60.0}, run_dir=str(tmp_path))
+    h = Harness(plugin)
+    first, second = plugin.tick(), plugin.tick()
+    h.close()
+    assert first == second and first["gpu/gpu0_util_percent"] == 0 and first["gpu/gpu0_temperature_c"] == 60
+    assert not [name for name in first if name.startswith("gpu/gpu1_")]
+    [log] = [r for r in plugin.outbox if r["type"] == "log"]
+    assert "gpu1" in log["text"] and "GPU is lost" in log["text"], log
+
+
 def _batch(plugin: PerfMonitorPlugin, kind: str, index: int, ts: float, seq: list[int]) -> None:
     seq[0] += 1
     data = {"batch_index": index} if kind == "start_training_batch" else {"batch_index": index, "batch_size": 32}
