@@ -190,9 +190,11 @@ class History:
                 progress(event.seq)
             if before_seq is not None and event.seq >= before_seq:
                 break
-            if event.seq > self.last_seq and not self.finished:
+            # past a session's final event too: a continued run's next start_training_session goes on (update)
+            if event.seq > self.last_seq:
+                before = self.last_seq
                 self.update(event)
-                taken += 1
+                taken += self.last_seq != before
         return taken
 
 

@@ -332,3 +332,45 @@ def test_a_continued_run_shows_each_step_once_with_the_values_it_trained_again(t
     accumulator.Reload()
     points = [(s.step, s.value) for s in accumulator.Scalars("loss/train_step")]
     assert points == [(step, 1.0) for step in range(1, 7)] + [(step, 2.0) for step in range(7, 13)]
+
+
+def test_a_run_interrupted_then_continued_is_drawn_whole_from_its_journal(tmp_path):
+    """A run Ctrl-C ended (its session's end_training_session journaled) and continued with `runs resume`: reading
+    its journal stopped at the first session's end, so `runs plot` drew that session alone, and a plugin restarted in
+    the second session (which backfills from the journal) took none of that session's events."""
+    from trainbus.proto import JOURNAL_NAME, Event, event_to_map, pack
+
+    events, seq = [], 0
+
+    def add(type_, step, at_epoch, **data):
+        nonlocal seq
+        seq += 1
+        events.append(Event(seq=seq, run="r", type=type_, ts=1000.0 + seq, step=step, epoch=at_epoch, data=data))
+
+    def epoch_end(epoch, loss, partial=False):
+        add("end_epoch", 10 * epoch, epoch, training_loss=loss, validation_loss=loss, training_metrics={},
+            validation_metrics={}, lr=0.1, partial=partial)
+
+    add("start_training_session", 0, 0, epochs=3)
+    epoch_end(1, 1.0)
+    epoch_end(2, 0.9, partial=True)  # Ctrl-C in epoch 2
+    add("end_training_session", 15, 2, epochs_completed=1, stopped_early=True,
+        stop_reasons=["kernel: stop: interrupted (SIGINT)"])
+    continued = seq + 1
+    add("start_training_session", 10, 1, epochs=3)
+    add("load_checkpoint", 10, 0, epoch=2, batches_done=0)  # the epoch it trains next
+    epoch_end(2, 0.5)
+    restarted = seq + 1
+    epoch_end(3, 0.25)
+    add("end_training_session", 30, 3, epochs_completed=3, stopped_early=False, stop_reasons=[])
+    (tmp_path / JOURNAL_NAME).write_bytes(b"".join(pack(event_to_map(e)) for e in events))
+
+    history = History.from_journal(tmp_path)
+    assert [(e.epoch, e.training_loss) for e in history.epochs] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    assert history.end == events[-1].data
+    restarted_plugin = History()  # a plugin restarted in the second session: backfill, then its replay
+    restarted_plugin.backfill(tmp_path, before_seq=restarted)
+    for event in events[restarted - 1:]:
+        restarted_plugin.update(event)
+    assert [e.epoch for e in restarted_plugin.epochs] == [1, 2, 3] and restarted_plugin.end == events[-1].data
+    assert continued < restarted
