@@ -17,6 +17,9 @@ from trainbus.proto.journal_format import read_journal
 
 
 FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
+# What a session publishes while it trains: its time ends at the last of them (plugins' exits and monitor readings
+# come after, and before the next session starts, plugins say hello: none of that is training time)
+SESSION_EVENTS = frozenset(ev.LIFECYCLE_EVENTS) | {ev.STOP_REQUESTED, ev.RUN_FAILED}
 # A curve's points kept (the per-step loss, each monitor reading): past this many, every other one is dropped and the
 # curve keeps one in twice as many from then on, so a multi-day run's record stays a few MB and a redraw costs what
 # an hour's did (10^7 steps kept 10^6 points, 137 MB, and each redraw took 2.4 s of CPU). Even, so that the point
@@ -52,6 +55,11 @@ class History:
     run_id: str = ""
     started_ts: float | None = None  # wall time of start_training_session (or the first event seen)
     ended_ts: float | None = None
+    # a run continued in place has sessions; the days between them are no training time (session_times)
+    sessions: int = 0  # start_training_session events taken
+    session_started_ts: float | None = None  # the latest one's
+    earlier_sessions_s: float = 0.0  # each earlier session from its start to the last of its SESSION_EVENTS taken
+    last_ts: float | None = None  # of the latest of SESSION_EVENTS
     epochs_total: int | None = None
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     epochs: list[EpochRecord] = field(default_factory=list)
@@ -92,12 +100,19 @@ class History:
             return
         self.last_seq, self.last_step, self.last_epoch = event.seq, event.step, event.epoch
         self.run_id = self.run_id or event.run
+        previous_ts = self.last_ts
+        if event.type in SESSION_EVENTS:
+            self.last_ts = event.ts
         if self.started_ts is None:
             self.started_ts = event.ts
         data = event.data
         if event.type == ev.START_TRAINING_SESSION:
             if not self.epochs and not self.step_losses:  # the run's first session: when it started
                 self.started_ts = event.ts
+            if self.session_started_ts is not None and previous_ts is not None:
+                self.earlier_sessions_s += max(0.0, previous_ts - self.session_started_ts)
+            self.sessions += 1
+            self.session_started_ts = event.ts
             self.epochs_total = _int(data.get("epochs"))
             self.hyperparameters = dict(data.get("hyperparameters") or {})
         elif event.type == ev.LOAD_CHECKPOINT:
@@ -163,9 +178,17 @@ class History:
         return min(scored, key=lambda e: e.validation_loss) if scored else None
 
     def duration_s(self) -> float | None:
+        """From the run's start to its end: a continued run's days between sessions included."""
         if self.started_ts is None or self.ended_ts is None:
             return None
         return self.ended_ts - self.started_ts
+
+    def session_times(self) -> tuple[float, float] | None:
+        """(the latest session's time, every session's together) once the run has ended; None without a start."""
+        if self.session_started_ts is None or self.ended_ts is None:
+            return None
+        latest = max(0.0, self.ended_ts - self.session_started_ts)
+        return latest, self.earlier_sessions_s + latest
 
     # from a journal
 

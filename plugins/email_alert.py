@@ -215,7 +215,7 @@ def end_message(history: History, event: Event, run_dir: str, attach_plot: bool)
     lines = [
         f"Run: {event.run}",
         f"Status: {status}",
-        f"Duration: {_duration(history.duration_s())}",
+        f"Duration: {_run_duration(history)}",
         f"Epochs: {epochs}" + (f" of {history.epochs_total}" if history.epochs_total else ""),
         f"Steps: {data.get('steps')}",
         f"Best validation loss: {_fmt(best.validation_loss)} (epoch {best.epoch})" if best else
@@ -252,7 +252,7 @@ def failure_message(history: History, event: Event, run_dir: str) -> EmailMessag
         "Status: failed",
         f"Error: {error}",
         f"At: epoch {event.epoch}, step {event.step}",
-        f"Duration: {_duration(history.duration_s())}",
+        f"Duration: {_run_duration(history)}",
         f"Run directory: {run_dir}",
         "",
         "Traceback (last lines):",
@@ -403,6 +403,18 @@ def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
     return f"{seconds:.2f} s ({datetime.timedelta(seconds=round(seconds))})"
+
+
+def _run_duration(history: History) -> str:
+    """The run's time; a run continued in place (`runs resume`): this session's, all of them together, and the
+    time since it began (the days between sessions trained nothing)."""
+    times = history.session_times()
+    if history.sessions < 2 or times is None:
+        return _duration(history.duration_s())
+    session_s, training_s = times
+    since = history.duration_s()
+    return (f"{_duration(session_s)} this session; {_duration(training_s)} of training over {history.sessions} "
+            f"sessions" + (f", {datetime.timedelta(seconds=round(since))} since the run began" if since else ""))
 
 
 def _fmt(value: Any) -> str:

@@ -368,6 +368,35 @@ def test_an_interrupted_run_is_mailed_as_interrupted_with_how_to_continue_it(tmp
     assert body["Continue it with"] == "trainbus runs resume r1"
 
 
+def test_the_end_mail_of_a_continued_run_says_its_training_time_over_its_sessions_and_this_ones(tmp_path):
+    """A run interrupted and continued with `runs resume` days later was mailed `Duration` from its first start to its
+    end, the days between included, as if it had trained all that time (runs list says the last session's)."""
+    plugin = EmailAlertPlugin({"host": "127.0.0.1", "port": free_port(), "security": "none",
+                               "recipients": [RECIPIENT], "retry_initial_s": 60.0, "retry_max_s": 60.0},
+                              run_id="r1", run_dir=str(tmp_path))
+    plugin.setup()
+    day = 86400.0
+
+    def event(seq: int, type_: str, ts: float, epoch: int, **data) -> Event:
+        return Event(seq=seq, run="r1", type=type_, ts=ts, step=10 * epoch, epoch=epoch, data=data)
+    # the first session, as the SDK replays it to a continued run's plugin: all but its final event (seq 4 is
+    # the next kernel's plugins starting, before its session starts)
+    plugin.handle(event(1, "start_training_session", 1000.0, 0, epochs=3))
+    plugin.handle(event(2, "end_epoch", 1100.0, 1, training_loss=0.9, validation_loss=0.8))
+    plugin.handle(event(3, "stop_requested", 1120.0, 1, reasons=["kernel: stop: interrupted (SIGTERM)"]))
+    plugin.handle(event(4, "plugin_started", 1000.0 + 2 * day - 5, 1, plugin="console"))  # the next kernel's
+    plugin.handle(event(5, "start_training_session", 1000.0 + 2 * day, 1, epochs=3))
+    plugin.handle(event(6, "end_epoch", 1000.0 + 2 * day + 100, 2, training_loss=0.5, validation_loss=0.4))
+    plugin.handle(event(7, "end_training_session", 1000.0 + 2 * day + 200, 2, epochs_completed=3, steps=30,
+                        stopped_early=False, stop_reasons=[], training_loss=0.5, validation_loss=0.4))
+    plugin._stopping.set()
+    plugin._wake.set()
+    [path] = (tmp_path / "plugins" / "email.outbox").glob("*-end.eml")
+    body = fields(email.message_from_bytes(path.read_bytes(), policy=email.policy.default))
+    assert body["Duration"] == "200.00 s (0:03:20) this session; 320.00 s (0:05:20) of training over 2 sessions, " \
+                               "2 days, 0:03:20 since the run began", body["Duration"]
+
+
 def test_the_end_mail_of_a_run_without_validation_names_its_training_loss(tmp_path):
     """A run with no validation loader was mailed `completed: validation loss none after 3 epochs`."""
     plugin = EmailAlertPlugin({"host": "127.0.0.1", "port": free_port(), "security": "none",
