@@ -156,6 +156,10 @@ def check_value(key: str, setting: Setting, value: Any) -> Any:
         quote = (f"; {_shown(value)} was read as {'true/false' if isinstance(value, bool) else 'a number'}: quote "
                  f"it (\"{_shown(value)}\" in a config file, '\"{_shown(value)}\"' after the = of a --set)"
                  if setting.type is str and isinstance(value, (int, float)) else "")
+        if setting.type is list and isinstance(value, str) and not value.lstrip().startswith("["):  # show a list
+            items = [part.strip() for part in value.split(",")] if setting.items in (str, None) else None
+            shown = json.dumps(items) if items is not None else f"[{value.strip()}]"
+            quote = (f"; a list is written in JSON: {shown} in a config file, '{shown}' after the = of a --set")
         allowed = setting.allowed()
         if isinstance(converted, float) and not math.isfinite(converted):  # NaN and infinity are numbers too
             allowed = allowed.replace(TYPE_PHRASES[float], f"a finite {TYPE_PHRASES[float].removeprefix('a ')}", 1)

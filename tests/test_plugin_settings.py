@@ -68,7 +68,8 @@ def test_plain_defaults_are_settings_of_their_types_and_strings_from_the_command
                    "config file, '\"3\"' after the = of a --set)"),
     ({"on": "maybe"}, "on = 'maybe' is not allowed; it must be true or false"),
     ({"on": 2}, "on = 2 is not allowed; it must be true or false"),
-    ({"names": "a,b"}, "names = 'a,b' is not allowed; it must be a list"),
+    ({"names": "a,b"}, "names = 'a,b' is not allowed; it must be a list; a list is written in JSON: [\"a\", \"b\"] "
+                       "in a config file, '[\"a\", \"b\"]' after the = of a --set"),
     ({"evry": 1}, "no setting 'evry' (known: anything, every, label, names, on, rate)"),
 ])
 def test_a_value_of_the_wrong_type_is_one_line_naming_the_setting_the_value_and_what_is_allowed(given, message):
@@ -140,7 +141,8 @@ def test_a_lists_elements_are_checked_against_its_element_type():
             ({"names": [1, 2]}, "names = [1, 2] is not allowed; it must be a list of strings"),
             ({"names": '["a", 3]'}, "names = '[\"a\", 3]' is not allowed; it must be a list of strings"),
             ({"rates": [True]}, "rates = [true] is not allowed; it must be a list of numbers"),
-            ({"rates": "0.5"}, "rates = '0.5' is not allowed; it must be a list of numbers"),
+            ({"rates": "0.5"}, "rates = '0.5' is not allowed; it must be a list of numbers; a list is written in "
+                               "JSON: [0.5] in a config file, '[0.5]' after the = of a --set"),
             ({"weights": ["x"]}, 'weights = ["x"] is not allowed; it must be a list of numbers')):
         with pytest.raises(SettingsError) as raised:
             Lists(given)
@@ -488,6 +490,13 @@ BAD_SETTINGS = {
     "a value that is not UTF-8": (["--plugins", "metrics_log", "--set", "metrics_log.filename=a\udcffb.jsonl"],
                                   "plugin 'metrics_log': filename = 'a\\udcffb.jsonl' is not UTF-8 text (a byte of "
                                   "another encoding: 0xff); give it in UTF-8"),
+    # said what is allowed but not how a list is written: a user giving one address, or several with commas, was
+    # left to guess
+    "a list given as plain text": (
+        ["--plugins", "email", "--set", "email.recipients=ops@example.com,me@example.com"],
+        "plugin email: recipients = 'ops@example.com,me@example.com' is not allowed; it must be a list of strings: "
+        "one or more e-mail addresses; a list is written in JSON: [\"ops@example.com\", \"me@example.com\"] in a "
+        "config file, '[\"ops@example.com\", \"me@example.com\"]' after the = of a --set"),
     # said `no setting 'password' (known: ...)`, as if the user had mistyped a setting, not how secrets are given
     "a password given with --set": (
         ["--plugins", "email", "--set", 'email.recipients=["ops@example.com"]', "--set", "email.password=hunter2"],
