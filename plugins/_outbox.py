@@ -101,8 +101,9 @@ class SmtpConfig:
         return None
 
 
-def send_message(raw: bytes, config: SmtpConfig) -> None:
-    """One SMTP session for one message; raises OSError or smtplib.SMTPException when it does not go out."""
+def send_message(raw: bytes, config: SmtpConfig) -> dict[str, tuple[int, bytes]]:
+    """One SMTP session for one message; raises OSError or smtplib.SMTPException when it does not go out. Returns
+    the recipients the server refused while it took the others (address -> (code, reply)): the mail went."""
     message = email.message_from_bytes(raw, policy=email.policy.SMTP)
     local = socket.gethostname()  # not getfqdn(): that may wait on DNS for seconds
     if config.security == "ssl":
@@ -118,7 +119,7 @@ def send_message(raw: bytes, config: SmtpConfig) -> None:
             if not client.has_extn("auth"):
                 raise LoginNotOffered("SMTP AUTH extension not supported by server")
             client.login(config.username, config.password() or "")
-        client.send_message(message)
+        return client.send_message(message)
 
 
 class LoginNotOffered(smtplib.SMTPNotSupportedError):
@@ -236,7 +237,7 @@ class Outbox:
                 break
             self._in_flight = (path.name, f"{config.host}:{config.resolved_port()}", now)
             try:
-                send_message(path.read_bytes(), config)
+                refused = send_message(path.read_bytes(), config)
             except (OSError, smtplib.SMTPException) as exc:
                 attempts.count += 1
                 attempts.last_error = f"{type(exc).__name__}: {exc}"
@@ -283,6 +284,11 @@ class Outbox:
             self._last_sent_at = time.monotonic()
             os.replace(path, self.path / "sent" / path.name)
             self._attempts.pop(path.name, None)
+            if refused:  # a typo among the addresses: those get nothing, and no retry changes that
+                said = "; ".join(f"{address} ({code} {_reply_text_of(reply)})" for address, (code, reply)
+                                 in refused.items())
+                say(f"e-mail {path.name} sent, but {config.host}:{config.resolved_port()} refused recipient(s) "
+                    f"{said}: they get no mail; fix them in the email plugin's recipients", "error")
         if not self.pending():
             return None
         return max(0.0, min(waits)) if waits else 0.0
@@ -304,7 +310,10 @@ def deliver_until_empty(outbox: Outbox, config: SmtpConfig, say: Say, poll_s: fl
 
 def _reply_text(exc: smtplib.SMTPResponseException) -> str:
     """The server's reply text, as it said it (not the bytes' repr)."""
-    text = exc.smtp_error
+    return _reply_text_of(exc.smtp_error)
+
+
+def _reply_text_of(text: bytes | str) -> str:
     return (text.decode(errors="replace") if isinstance(text, bytes) else str(text)).replace("\n", " ")
 
 

@@ -458,6 +458,39 @@ def test_a_username_for_a_server_that_offers_no_login_is_given_up_naming_usernam
     assert "`security` asks" not in line, line
 
 
+class RefusesOne(Inbox):
+    """Takes mail for every address but one, which it refuses as a server refuses an unknown mailbox."""
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address == "nobody@example.com":
+            return "550 5.1.1 nobody@example.com: mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+def test_a_recipient_the_server_refuses_while_it_takes_the_others_is_said_naming_it(tmp_path):
+    """With two recipients, one a mailbox the server does not know (a typo), the mail went to the other and the
+    refusal was dropped without a word: the user never learnt that one address gets nothing."""
+    inbox = RefusesOne()
+    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    plugin = EmailAlertPlugin({"host": "127.0.0.1", "port": controller.port, "security": "none",
+                               "recipients": [RECIPIENT, "nobody@example.com"], "min_interval_s": 0.0},
+                              run_id="r1", run_dir=str(tmp_path))
+    said: list[tuple[str, str]] = []
+    plugin.log = lambda text, level="info": said.append((level, text))
+    try:
+        plugin.setup()
+        plugin.handle(_end_event())
+        assert len(inbox.wait_for(1)) == 1
+        plugin.teardown()
+    finally:
+        controller.stop()
+    [line] = [text for level, text in said if "nobody@example.com" in text]
+    assert "550" in line and "mailbox unavailable" in line and "recipients" in line, line
+    assert ("error", line) in said, said  # counted as an error logged: `runs list` shows it
+
+
 @pytest.mark.parametrize("source", ["password_env", "password_file"])
 def test_a_login_the_server_refuses_is_given_up_naming_where_the_password_came_from(tmp_path, monkeypatch, source):
     """A 535 said `refused by the server: 535 (535, b'5.7.8 Authentication credentials invalid')`: not which
