@@ -57,6 +57,7 @@ class History:
     ended_ts: float | None = None
     # a run continued in place has sessions; the days between them are no training time (session_times)
     sessions: int = 0  # start_training_session events taken
+    first_session_ts: float | None = None  # the first one's
     session_started_ts: float | None = None  # the latest one's
     earlier_sessions_s: float = 0.0  # each earlier session from its start to the last of its SESSION_EVENTS taken
     last_ts: float | None = None  # of the latest of SESSION_EVENTS
@@ -113,6 +114,8 @@ class History:
                 self.earlier_sessions_s += max(0.0, previous_ts - self.session_started_ts)
             self.sessions += 1
             self.session_started_ts = event.ts
+            if self.first_session_ts is None:
+                self.first_session_ts = event.ts
             self.epochs_total = _int(data.get("epochs"))
             self.hyperparameters = dict(data.get("hyperparameters") or {})
         elif event.type == ev.LOAD_CHECKPOINT:
@@ -183,12 +186,13 @@ class History:
             return None
         return self.ended_ts - self.started_ts
 
-    def session_times(self) -> tuple[float, float] | None:
-        """(the latest session's time, every session's together) once the run has ended; None without a start."""
-        if self.session_started_ts is None or self.ended_ts is None:
+    def session_times(self) -> tuple[float, float, float] | None:
+        """(the latest session's time, every session's together, the time since the first began) once the run has
+        ended; None without a start."""
+        if self.session_started_ts is None or self.first_session_ts is None or self.ended_ts is None:
             return None
         latest = max(0.0, self.ended_ts - self.session_started_ts)
-        return latest, self.earlier_sessions_s + latest
+        return latest, self.earlier_sessions_s + latest, max(0.0, self.ended_ts - self.first_session_ts)
 
     # from a journal
 

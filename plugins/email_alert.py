@@ -411,10 +411,9 @@ def _run_duration(history: History) -> str:
     times = history.session_times()
     if history.sessions < 2 or times is None:
         return _duration(history.duration_s())
-    session_s, training_s = times
-    since = history.duration_s()
+    session_s, training_s, since_s = times
     return (f"{_duration(session_s)} this session; {_duration(training_s)} of training over {history.sessions} "
-            f"sessions" + (f", {datetime.timedelta(seconds=round(since))} since the run began" if since else ""))
+            f"sessions, {datetime.timedelta(seconds=round(since_s))} since the run began")
 
 
 def _fmt(value: Any) -> str:

@@ -368,7 +368,9 @@ def test_an_interrupted_run_is_mailed_as_interrupted_with_how_to_continue_it(tmp
     assert body["Continue it with"] == "trainbus runs resume r1"
 
 
-def test_the_end_mail_of_a_continued_run_says_its_training_time_over_its_sessions_and_this_ones(tmp_path):
+@pytest.mark.parametrize("first_epoch_ended", [True, False], ids=["an epoch", "cut short in its first epoch"])
+def test_the_end_mail_of_a_continued_run_says_its_training_time_over_its_sessions_and_this_ones(tmp_path,
+                                                                                              first_epoch_ended):
     """A run interrupted and continued with `runs resume` days later was mailed `Duration` from its first start to its
     end, the days between included, as if it had trained all that time (runs list says the last session's)."""
     plugin = EmailAlertPlugin({"host": "127.0.0.1", "port": free_port(), "security": "none",
@@ -382,7 +384,8 @@ def test_the_end_mail_of_a_continued_run_says_its_training_time_over_its_session
     # the first session, as the SDK replays it to a continued run's plugin: all but its final event (seq 4 is
     # the next kernel's plugins starting, before its session starts)
     plugin.handle(event(1, "start_training_session", 1000.0, 0, epochs=3))
-    plugin.handle(event(2, "end_epoch", 1100.0, 1, training_loss=0.9, validation_loss=0.8))
+    if first_epoch_ended:
+        plugin.handle(event(2, "end_epoch", 1100.0, 1, training_loss=0.9, validation_loss=0.8))
     plugin.handle(event(3, "stop_requested", 1120.0, 1, reasons=["kernel: stop: interrupted (SIGTERM)"]))
     plugin.handle(event(4, "plugin_started", 1000.0 + 2 * day - 5, 1, plugin="console"))  # the next kernel's
     plugin.handle(event(5, "start_training_session", 1000.0 + 2 * day, 1, epochs=3))
