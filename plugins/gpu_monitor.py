@@ -114,8 +114,8 @@ def visible_devices(visible: str | None, uuids: list[str]) -> list[int]:
     them (cuda:0 first); `uuids`: every GPU's UUID (`nvmlDeviceGetUUID`), by NVML index. Read as CUDA reads it (and
     torch's _parse_visible_devices): unset shows every GPU; each entry an index (as strtoul reads it, "1gpu" is 1) or
     a UUID or a unique start of one; the first entry that names no GPU ends the list, and one named twice shows none.
-    An index is NVML's, as the daemon gives them (the same as CUDA's unless CUDA_DEVICE_ORDER=FASTEST_FIRST reorders
-    unlike GPUs)."""
+    An index is NVML's (PCI bus order), as the daemon gives them: CUDA's too where the GPUs are alike or
+    CUDA_DEVICE_ORDER=PCI_BUS_ID (its default order puts faster unlike GPUs first)."""
     if visible is None:
         return list(range(len(uuids)))
     shown: list[int] = []
