@@ -57,6 +57,10 @@ class SmtpConfig:
             raise SmtpConfigError(f"email security must be one of {', '.join(SECURITY_MODES)}, got {self.security!r}")
         if not self.host:
             raise SmtpConfigError("email host must name the SMTP server")
+        name, _, port = self.host.rpartition(":")
+        if name and ":" not in name and port.isdigit():  # one colon: a port (an IPv6 address has several)
+            raise SmtpConfigError(f"email host {self.host!r} has a port in it, which would be looked up as part of "
+                                  f"the name; give them apart: host = \"{name}\", port = {port}")
         if self.username and self.password() is None:
             raise SmtpConfigError(f"email username {self.username!r} is set but no password is: export "
                                   f"{self.password_env or 'a variable named by password_env'} or set password_file")

@@ -615,6 +615,17 @@ def test_an_address_no_mail_can_carry_is_refused_before_the_run_naming_the_setti
     assert named in str(raised.value) and "name@domain" in str(raised.value), raised.value
 
 
+@pytest.mark.parametrize("host", ["smtp.example.com:587", "127.0.0.1:2525"])
+def test_a_host_with_a_port_in_it_is_refused_before_the_run_naming_the_port_setting(host):
+    """host = "smtp.example.com:587" passed the check, and every mail's connection failed to resolve that name
+    (`gaierror: Name or service not known`), retried for six hours as if the server were down."""
+    name, port = host.rsplit(":", 1)
+    with pytest.raises(SettingsError, match=f"^plugin email: email host {re.escape(repr(host))} ") as raised:
+        EmailAlertPlugin({"recipients": [RECIPIENT], "host": host})
+    assert f'host = "{name}"' in str(raised.value) and f"port = {port}" in str(raised.value), raised.value
+    assert EmailAlertPlugin({"recipients": [RECIPIENT], "host": "::1"}).settings["host"] == "::1"  # IPv6: no port
+
+
 def test_plugin_failed_mails_are_capped_but_the_end_mail_always_goes(tmp_path):
     plugin = EmailAlertPlugin({"host": "127.0.0.1", "port": free_port(), "security": "none",
                                "recipients": [RECIPIENT], "max_messages": 2, "retry_initial_s": 60.0,
