@@ -27,6 +27,7 @@ from ._durable_files import fsync_directory
 
 SECURITY_MODES = ("starttls", "ssl", "none")
 DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
+IMPLICIT_TLS_PORT = 465  # mail submission over TLS from the first byte: only security = "ssl" speaks to it
 SETTINGS_FILE = "smtp.json"  # what a background sender needs; never a password
 LOCK_FILE = ".lock"
 PERMANENT_SMTP_CODE = 500  # a 5xx reply (bad address, refused auth) will not get better by retrying
@@ -61,6 +62,10 @@ class SmtpConfig:
         if name and ":" not in name and port.isdigit():  # one colon: a port (an IPv6 address has several)
             raise SmtpConfigError(f"email host {self.host!r} has a port in it, which would be looked up as part of "
                                   f"the name; give them apart: host = \"{name}\", port = {port}")
+        if self.resolved_port() == IMPLICIT_TLS_PORT and self.security != "ssl":  # no greeting before TLS there
+            raise SmtpConfigError(f"email port {IMPLICIT_TLS_PORT} speaks TLS from its first byte (RFC 8314), but "
+                                  f"security = {self.security!r} waits for a plain-text greeting it never sends: set "
+                                  f"security = \"ssl\" for port {IMPLICIT_TLS_PORT}, or port = 587 for starttls")
         if self.username and self.password() is None:
             raise SmtpConfigError(f"email username {self.username!r} is set but no password is: export "
                                   f"{self.password_env or 'a variable named by password_env'} or set password_file")

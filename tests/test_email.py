@@ -626,6 +626,17 @@ def test_a_host_with_a_port_in_it_is_refused_before_the_run_naming_the_port_sett
     assert EmailAlertPlugin({"recipients": [RECIPIENT], "host": "::1"}).settings["host"] == "::1"  # IPv6: no port
 
 
+@pytest.mark.parametrize("security", ["starttls", "none"])
+def test_port_465_without_ssl_is_refused_before_the_run_naming_both_fixes(security):
+    """port = 465 (the TLS port providers list first) with the default security = "starttls": the client waited for
+    a greeting the server never sends before TLS, each try timed out (timeout_s), and the mail was retried for six
+    hours as if the server were down."""
+    with pytest.raises(SettingsError, match="^plugin email: email port 465 ") as raised:
+        EmailAlertPlugin({"recipients": [RECIPIENT], "port": 465, "security": security})
+    assert 'security = "ssl"' in str(raised.value) and "port = 587" in str(raised.value), raised.value
+    assert EmailAlertPlugin({"recipients": [RECIPIENT], "port": 465, "security": "ssl"}).settings["port"] == 465
+
+
 def test_plugin_failed_mails_are_capped_but_the_end_mail_always_goes(tmp_path):
     plugin = EmailAlertPlugin({"host": "127.0.0.1", "port": free_port(), "security": "none",
                                "recipients": [RECIPIENT], "max_messages": 2, "retry_initial_s": 60.0,
