@@ -324,7 +324,7 @@ class Bus:
                 if now >= next_flush:
                     self._flush()
                     next_flush = now + FLUSH_INTERVAL_S
-                self.control.serve_replays(now)
+                self.control.tick(now)
                 self.supervisor.tick(now)
             except Exception:  # the bus must never take training down: log, count, go on
                 self._bus_error("the bus thread's loop")

@@ -155,6 +155,8 @@ class Dispatcher:
             # see in time) is answered again, but the peer was ready already: one plugin_ready per welcome (§7.1);
             # one that says another pid or delivery is news (the run's state shows the plugin as its last ready said)
             self.bus.emit(ev.PLUGIN_READY, {"plugin": peer.name, "pid": peer.pid, "delivery": peer.delivery})
+            if peer.spawned:
+                self.live.ready(peer.name)
         # what the peer keeps (peer.votes) is trimmed to the awaited types: the rest is in its hello, a monitor key's
         # ignored unsaid (§15)
         unawaited = sorted(set(msg["votes"]) - ev.VOTED_EVENTS) if not peer.key_name or peer.role == "control" else []
@@ -194,6 +196,11 @@ class Dispatcher:
 
     def _on_replay(self, peer: Peer, msg: dict[str, Any]) -> None:
         peer.replay_from = max(msg["from_seq"], 1)  # served by serve_replays; a newer request replaces it
+
+    def tick(self, now: float) -> None:
+        """Each round of the bus thread: replays served, owners' attaches waiting on their plugin answered."""
+        self.serve_replays(now)
+        self.live.tick(now)
 
     def serve_replays(self, now: float) -> None:
         """One batch per peer per round, within each peer's replay rate; the journal's bytes as stored."""

@@ -23,6 +23,9 @@ from .supervisor import DETACH_GRACE_S, PluginSpec, Supervisor
 log = logging.getLogger("trainbus.kernel")
 
 CONSOLE = "console"  # draws on the kernel's terminal instead of logging to the run directory (kernel/session.py)
+# An attach is answered once the plugin said hello or its process exited, or after this long (still starting: a
+# plugin importing a large library), well within the command's own wait (sdk/command.py RESULT_TIMEOUT_S, 45 s).
+ATTACH_ANSWER_S = 10.0
 
 
 def installed_target(name: str) -> str:
@@ -39,6 +42,9 @@ class LivePlugins:
 
     def __init__(self, bus, supervisor: Supervisor, peers: Peers, checkpointer=None):
         self.bus, self.supervisor, self.peers, self.checkpointer = bus, supervisor, peers, checkpointer
+        # name -> (identity, label, msg, answer text, crashes before it started, when to answer anyway): attached
+        # plugins whose hello or first exit the owner's command waits for
+        self._starting: dict[str, tuple[bytes, str, dict[str, Any], str, int, float]] = {}
 
     def attach(self, peer: Peer, msg: dict[str, Any]) -> None:
         """Start it now. A durable plugin is welcomed with resume_from just past the last seq numbered when the
@@ -62,8 +68,34 @@ class LivePlugins:
         if child.proc is None:  # its program could not be started at all; plugin_failed says so too
             self._answer(peer.identity, peer.label, msg, False, f"{name} could not be started: {child.crashes[-1]}")
             return
-        self._answer(peer.identity, peer.label, msg, True,
-                     f"started {name} in run {self.bus.run_id} (pid {child.proc.pid}, from seq {after_seq + 1})")
+        # answered at its hello (ready) or its first exit (tick): a plugin that fails as it starts (a setting only
+        # the kernel's environment can check, a password variable not set there) is said, not called started
+        self._starting[name] = (peer.identity, peer.label, msg, f"started {name} in run {self.bus.run_id} (pid "
+                                f"{child.proc.pid}, from seq {after_seq + 1})", child.crash_count,
+                                time.monotonic() + ATTACH_ANSWER_S)
+
+    def ready(self, name: str) -> None:
+        """A plugin of the run said hello: an attach waiting for it is answered."""
+        if name in self._starting:
+            identity, label, msg, text, _, _ = self._starting.pop(name)
+            self._answer(identity, label, msg, True, text)
+
+    def tick(self, now: float) -> None:
+        """Attaches whose plugin exited before its hello are answered with why; those still starting after
+        ATTACH_ANSWER_S, with that."""
+        for name, (identity, label, msg, text, crashes, answer_at) in list(self._starting.items()):
+            child = self.supervisor.children.get(name)
+            if child is not None and child.crash_count > crashes:
+                del self._starting[name]
+                self._answer(identity, label, msg, False, (
+                    f"{name} exited before it said hello: {child.crashes[-1]}; what it printed: "
+                    f"{self.supervisor.log_dir / (name + '.log')}; it is started again (backoff), until `trainbus "
+                    f"plugins detach {self.bus.run_id} {name}` or it is given up"))
+            elif now >= answer_at or child is None or child.detached:
+                del self._starting[name]
+                self._answer(identity, label, msg, True, text + (
+                    f"; it has not said hello yet after {ATTACH_ANSWER_S:.0f} s: `trainbus runs show "
+                    f"{self.bus.run_id}` says when it does" if now >= answer_at else ""))
 
     def detach(self, peer: Peer, msg: dict[str, Any]) -> None:
         """SIGTERM it: it finishes its teardown (a durable one acks what it handled) and exits; never restarted,

@@ -354,6 +354,33 @@ def test_a_plugin_detached_before_its_hello_is_no_trouble(short_runs, tmp_path, 
     assert "never said hello" not in shown.stdout, shown.stdout
 
 
+def test_a_plugin_that_fails_as_it_starts_is_said_by_the_attach_not_called_started(short_runs, tmp_path, kernels,
+                                                                                    monkeypatch):  # noqa: F811
+    """`plugins attach` was answered as the process started: a plugin that failed at once (what only the kernel's
+    environment shows: a password variable set in the attaching shell, not the kernel's) was reported `started`, and
+    went on failing until given up. The answer now waits for its hello or its first exit: the command says why it
+    exited and where its output is, exit 2."""
+    site = tmp_path / "site"
+    info = site / "failing_plugins-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: failing_plugins\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[trainbus.plugins]\nfailing = fixture_plugins:FailsInInit\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ["PYTHONPATH"]]))
+    gate = tmp_path / "gate"
+    kernel = KernelProcess(config(short_runs, gate=str(gate)), tmp_path)
+    kernels.append(kernel)
+    open_gate(gate, 5)
+    kernel.wait_step(5, timeout_s=STARTUP_S)
+    attached = plugins_cli(kernel, "attach", kernel.run_id, "failing")
+    assert attached.returncode == 2 and attached.stdout == "", (attached.stdout, attached.stderr)
+    assert attached.stderr.startswith("error: failing exited before it said hello: "), attached.stderr
+    assert f"{kernel.run_dir / 'plugins' / 'failing.log'}" in attached.stderr, attached.stderr
+    assert f"trainbus plugins detach {kernel.run_id} failing" in attached.stderr, attached.stderr
+    assert plugins_cli(kernel, "detach", kernel.run_id, "failing").returncode == 0
+    open_gate(gate, 10**6)
+    assert kernel.result(timeout_s=STARTUP_S)["status"] == "completed"
+
+
 def test_ctrl_c_while_the_kernel_does_not_answer_says_nothing_was_sent(short_runs, tmp_path, kernels):  # noqa: F811
     """`plugins detach` to a kernel that is stopped (SIGSTOP, a debugger) waited 30 s in silence, and Ctrl-C then
     printed a Python traceback. Now the wait is said at once, with the fix, and Ctrl-C says that nothing was sent
