@@ -142,6 +142,61 @@ def test_memory_readings_are_consistent_and_it_warns_once(tmp_path):
     assert len(warnings) == 1 and "memory nearly exhausted" in warnings[0]["text"]
 
 
+@pytest.fixture
+def memory_cgroup():
+    """A memory cgroup of its own with a 1 GiB limit (v1 where the machine mounts it, else v2), removed after; the
+    test puts a process in it. Skipped where this process cannot make one (not root, no memory controller)."""
+    v1, v2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
+    if os.geteuid() != 0:
+        pytest.skip("making a memory cgroup takes root")
+    v2_controls = v2 / "cgroup.subtree_control"
+    if (v1 / "memory.limit_in_bytes").exists():
+        group, limit_file = v1 / f"trainbus-test-{os.getpid()}", "memory.limit_in_bytes"
+    elif v2_controls.exists() and "memory" in v2_controls.read_text().split():
+        group, limit_file = v2 / f"trainbus-test-{os.getpid()}", "memory.max"
+    else:
+        pytest.skip("no memory cgroup controller to make a group with")
+    try:
+        group.mkdir()
+        (group / limit_file).write_text(str(2**30))
+    except OSError as exc:
+        pytest.skip(f"cannot make a memory cgroup here: {exc}")
+    yield group
+    for _ in range(100):  # its process must be gone (reaped) before the group can be removed
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
+def test_memory_reads_the_limit_of_the_training_processs_memory_cgroup_and_warns_near_it(tmp_path, memory_cgroup):
+    """A SLURM job or a container is killed at its memory cgroup's limit, long before the machine runs out: the
+    monitor read the machine's memory alone, so `warn_percent` never warned of what ends such runs. It reads the
+    tightest limit over the watched process's cgroup (its own or one above: SLURM sets the job's) and warns at it."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.stdin.readline(); "
+                              "held = bytearray(64 * 2**20); print('held', flush=True); time.sleep(120)"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        (memory_cgroup / "cgroup.procs").write_text(str(child.pid))
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "held\n"  # 64 MiB charged to the group since it moved in
+        plugin = MemoryMonitorPlugin({"interval_s": 60.0, "warn_percent": 3.0, "pid": child.pid},
+                                     run_dir=str(tmp_path))
+        h = Harness(plugin)
+        readings = plugin.tick()
+        h.close()
+    finally:
+        child.kill()
+        child.wait()
+    assert readings["memory/limit_bytes"] == 2**30, readings
+    assert 64 * 2**20 <= readings["memory/limit_used_bytes"] < 2**30
+    assert readings["memory/limit_percent"] == pytest.approx(100 * readings["memory/limit_used_bytes"] / 2**30)
+    [warning] = [r for r in plugin.outbox if r["type"] == "log" and r["level"] == "warning"]
+    assert "within the limit of the run's memory cgroup" in warning["text"] and "of 1.0 GiB used" in warning["text"]
+
+
 def test_disk_replies_checkpoint_now_once_when_space_is_low(tmp_path):
     plugin = DiskMonitorPlugin({"interval_s": 60.0, "min_free_gib": 1e9}, run_dir=str(tmp_path))
     h = Harness(plugin)
