@@ -12,6 +12,7 @@ from __future__ import annotations
 import email
 import email.policy
 import fcntl
+import ipaddress
 import json
 import os
 import smtplib
@@ -66,6 +67,11 @@ class SmtpConfig:
             raise SmtpConfigError(f"email port {IMPLICIT_TLS_PORT} speaks TLS from its first byte (RFC 8314), but "
                                   f"security = {self.security!r} waits for a plain-text greeting it never sends: set "
                                   f"security = \"ssl\" for port {IMPLICIT_TLS_PORT}, or port = 587 for starttls")
+        if self.username and self.security == "none" and not _on_this_machine(self.host):
+            raise SmtpConfigError(f"email username {self.username!r} with security = \"none\" would send its password "
+                                  f"to {self.host} in plain text, for anyone on the path to read: set security = "
+                                  f"\"starttls\" (port 587) or \"ssl\" (465); plain text only to a relay on this "
+                                  f"machine (host = \"localhost\")")
         if self.username and self.password() is None:
             raise SmtpConfigError(f"email username {self.username!r} is set but no password is: export "
                                   f"{self.password_env or 'a variable named by password_env'} or set password_file")
@@ -333,3 +339,11 @@ def _smtp_code(exc: Exception) -> int:
     return getattr(exc, "smtp_code", 0) or 0
 
 
+def _on_this_machine(host: str) -> bool:
+    """A host name or address that is this machine's loopback (what never leaves it)."""
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -637,6 +637,21 @@ def test_port_465_without_ssl_is_refused_before_the_run_naming_both_fixes(securi
     assert EmailAlertPlugin({"recipients": [RECIPIENT], "port": 465, "security": "ssl"}).settings["port"] == 465
 
 
+def test_a_login_in_plain_text_to_another_machine_is_refused_before_the_run(monkeypatch):
+    """username with security = "none" logged in over plain text: the password crossed the network for anyone on the
+    path to read. Refused before the run, naming the two settings that encrypt it; a relay on this machine (the
+    loopback, which never leaves it) still takes a plain-text login."""
+    monkeypatch.setenv("MAIL_PASSWORD", "secret")
+    login = {"recipients": [RECIPIENT], "security": "none", "username": "me", "password_env": "MAIL_PASSWORD"}
+    for host in ("smtp.example.com", "10.0.0.5", "2001:db8::1"):
+        with pytest.raises(SettingsError, match=f"would send its password to {re.escape(host)} in plain text") as no:
+            EmailAlertPlugin({**login, "host": host})
+        assert 'security = "starttls" (port 587) or "ssl" (465)' in str(no.value), no.value
+    for host in ("localhost", "127.0.0.1", "::1"):
+        assert EmailAlertPlugin({**login, "host": host}).settings["host"] == host
+    assert EmailAlertPlugin({**login, "host": "smtp.example.com", "security": "starttls"})
+
+
 def test_plugin_failed_mails_are_capped_but_the_end_mail_always_goes(tmp_path):
     plugin = EmailAlertPlugin({"host": "127.0.0.1", "port": free_port(), "security": "none",
                                "recipients": [RECIPIENT], "max_messages": 2, "retry_initial_s": 60.0,
