@@ -7,7 +7,8 @@ best metrics, plugin trouble, last seq and step. The run directories stay the so
 the whole table from the directories.
 
 Who writes: the kernel, as its run starts and once it ended (kernel/session.py, `record_run`); `runs list`, for
-the rows it finds out of date (a running run, a directory with no row, a row whose directory moved). A row only
+the rows it finds out of date (a running run, a directory with no row, a row whose directory moved, an ended run
+whose summary.json or config.json changed after its row was written). A row only
 ever gives way to a newer observation, so a slow `runs list` never puts back what a kernel wrote after it looked.
 
 Several writers (kernels, the daemon, `runs list` loops) share the file safely: WAL mode (readers never wait for a
@@ -33,7 +34,7 @@ from .pids import process_alive
 from .private_dirs import others_can_write, others_can_write_file
 from .runs import STATUSES as RUN_STATUSES
 from .runs import no_runs_dir
-from .runs import _iso, find_runs, newest_first, overview_or_unreadable, run_overview
+from .runs import CONFIG, SUMMARY, _iso, find_runs, newest_first, overview_or_unreadable, run_overview
 
 REGISTRY_NAME = "registry.sqlite"
 SCHEMA_VERSION = 6  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,
@@ -417,12 +418,14 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
     try:
         with Registry(runs_dir) as registry:
             known = registry.runs(now)
+            observed = dict(registry.db.execute("SELECT id, observed_ts FROM runs"))
             started = {job["id"]: job for job in registry.jobs(["starting", "running"])}  # by the daemon
             waiting = registry.jobs([QUEUED])
             stale = [name for name, path in dirs.items()
                      if name not in known or known[name]["status"] in LIVE or known[name]["dir"] != str(path)
                      or name in started  # the daemon started it: its directory may say so any moment
-                     or "unreadable_row" in known[name]]  # garbled by hand: its directory says again
+                     or "unreadable_row" in known[name]  # garbled by hand: its directory says again
+                     or _changed_since(path, known[name]["status"], observed.get(name))]
             fresh = {name: overview_or_unreadable(dirs[name], now) for name in stale}
             try:
                 registry.record(fresh.values(), now)
@@ -445,6 +448,24 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
         found = [overview_or_unreadable(path, now) for path in dirs.values()]
     return newest_first([run for run in found if (not statuses or run["status"] in statuses)
                          and (target is None or _bare(target) in _bare(run.get("target") or ""))])
+
+
+def _changed_since(run_dir: Path, status: str, observed_ts: Any) -> bool:
+    """An ended run's files that say something else than its row may: its summary.json or config.json written after
+    the row was observed (garbled, edited), a summary gone from a run the row has ended, or one there for a run the
+    row has died (a summary its full disk kept elsewhere moved in, keeping its old time). Two stats a run. A queued
+    resume's row is the queue's word (list_runs reads its directory's through queued_resume)."""
+    if status == QUEUED:
+        return False
+    times = []
+    for name in (SUMMARY, CONFIG):
+        try:
+            times.append((run_dir / name).stat().st_mtime)
+        except OSError:
+            times.append(None)
+    if (times[0] is None) != (status == "died"):
+        return True
+    return not isinstance(observed_ts, (int, float)) or any(t is not None and t > observed_ts for t in times)
 
 
 def _bare(target: str) -> str:

@@ -306,6 +306,39 @@ def test_a_registry_row_garbled_by_hand_is_read_again_from_its_run_and_the_other
     assert sorted(run["id"] for run in list_runs(copy)) == ["a-completed", "b-failed"]
 
 
+def test_an_ended_runs_summary_or_config_changed_since_its_row_was_written_is_read_again(ended_runs, tmp_path):
+    """The run directories are the truth: a summary.json garbled after the run ended (a disk error, an edit), one
+    removed, one put back (a kept summary moved in), or a config.json edited, was listed as the registry's row last
+    said (`completed`) while `runs show` said `died`."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ended_runs, copy)
+    assert {r["id"]: r["status"] for r in list_runs(copy)} == {"a-completed": "completed", "b-failed": "failed"}
+    completed, failed = copy / "a-completed", copy / "b-failed"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for run_dir in (completed, failed):  # made in this process: a kernel that is gone, as a run's is once it ended
+        (run_dir / "kernel.pid").write_text(gone.stdout)
+    whole = (completed / "summary.json").read_text()
+    (completed / "summary.json").write_text(whole[:200])  # torn
+    (failed / "summary.json").rename(tmp_path / "b-summary.json")  # gone
+    listed = {r["id"]: r for r in list_runs(copy)}
+    assert listed["a-completed"]["status"] == "died", listed["a-completed"]
+    assert listed["a-completed"]["detail"].startswith("summary.json is unreadable ("), listed["a-completed"]
+    assert listed["b-failed"]["status"] == "died", listed["b-failed"]
+    shown = json.loads(cli("runs", "show", "a-completed", "--json", "--runs-dir", str(copy)))
+    assert (shown["status"], shown["detail"]) == (listed["a-completed"]["status"], listed["a-completed"]["detail"])
+    # both put back as they were (a move keeps the file's old time): listed as they ended again
+    (completed / "summary.json").write_text(whole)
+    (tmp_path / "b-summary.json").rename(failed / "summary.json")
+    assert {r["id"]: r["status"] for r in list_runs(copy)} == {"a-completed": "completed", "b-failed": "failed"}
+    config = json.loads((completed / "config.json").read_text())
+    (completed / "config.json").write_text(json.dumps({**config, "target": 5, "flags": {"lr": 0.5}}))
+    listed = {r["id"]: r for r in list_runs(copy)}
+    assert (listed["a-completed"]["target"], listed["a-completed"]["flags"]) == (None, {"lr": 0.5})
+    with Registry(copy) as registry:  # written back: the next list need not read them again
+        rows = registry.runs(time.time())
+    assert (rows["a-completed"]["status"], rows["a-completed"]["flags"]) == ("completed", {"lr": 0.5})
+
+
 def test_a_registry_that_cannot_be_written_costs_one_warning_line_and_never_the_run(tmp_path, capfd):
     runs_dir = tmp_path / "runs"
     (runs_dir / REGISTRY_NAME).mkdir(parents=True)  # not a database file: every open fails
