@@ -608,8 +608,13 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
               if isinstance(row.get("validation_loss"), float) and not row["partial"]]
     losses = [pair for pair in losses if not math.isnan(pair[0])] or losses  # NaN, less than nothing, is no best
     best = dict(zip(("validation_loss", "epoch"), min(losses))) if losses else None
-    if damage and info.get("best"):  # epochs the journal lost: the loop's own best (summary.json) saw them all
+    journal_lost = damage or not journal.is_file()
+    if journal_lost and info.get("best"):  # epochs the journal lost: the loop's own best (summary.json) saw them all
         best = info["best"]
+    if not journal.is_file() and info["status"] != "running":  # a kernel starting has not made it yet
+        # deleted (an `rm`, a cleanup script): what only the journal held is left out, which must not pass for none
+        damage.append(f"the journal {journal} is not there (deleted?): the run's per-epoch metrics, its plugins' "
+                      f"history and its checkpoints are in it")
     info.update(
         sessions=sessions, device=session.get("device"), model=session.get("model"), cluster=session.get("cluster"),
         parameters=session.get("parameters"), hyperparameters=session.get("hyperparameters", config.get("hyperparameters")),

@@ -406,6 +406,28 @@ def test_runs_show_and_plot_say_when_a_bad_byte_hides_the_journal_after_it(every
         plotted.stderr
 
 
+def test_runs_show_of_a_run_whose_journal_was_deleted_says_so_and_keeps_what_its_summary_holds(tmp_path):
+    """With the journal gone (an `rm`, a cleanup script) `runs show` left out the epochs table, the best epoch and the
+    checkpoints without a word, as if the run had never had any."""
+    runs_dir = tmp_path / "runs"
+    assert run_training(RunConfig(target=TINY, epochs=2, runs_dir=str(runs_dir), plugins=[]),
+                        run_id="r1").status == "completed"
+    outcome = json.loads((runs_dir / "r1" / "summary.json").read_text())["outcome"]
+    (runs_dir / "r1" / JOURNAL_NAME).unlink()
+    shown = subprocess.run([*trainbus_cmd(), "runs", "show", "r1", "--runs-dir", str(runs_dir)], capture_output=True,
+                           text=True, timeout=60)
+    journal = (runs_dir / "r1" / JOURNAL_NAME).resolve()
+    assert shown.returncode == 0 and shown.stderr == (
+        f"trainbus: warning: the journal {journal} is not there (deleted?): the run's per-epoch metrics, its plugins' "
+        f"history and its checkpoints are in it; what this shows leaves those events out\n"), shown.stderr
+    assert "completed" in shown.stdout.splitlines()[0]
+    assert f"best        validation loss {outcome['best_validation_loss']:.4f} at epoch {outcome['best_epoch']}" \
+        in shown.stdout, shown.stdout
+    as_json = subprocess.run([*trainbus_cmd(), "runs", "show", "r1", "--runs-dir", str(runs_dir), "--json"],
+                             capture_output=True, text=True, timeout=60)
+    assert json.loads(as_json.stdout)["journal_damage"] == [shown.stderr.split("warning: ")[1].split(";")[0]]
+
+
 def test_runs_show_of_a_damaged_journal_keeps_the_best_the_run_itself_recorded(every_status, tmp_path):
     """The journal read stops at a bad byte before the best epoch's end_epoch: `runs show` took the best of the
     epochs it could read, over summary.json's, and said "best validation loss 1.05 at epoch 2" beside a last epoch
