@@ -367,7 +367,8 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
             info["detail"] = (f"its disk was full: its summary is kept in {summary_path}; move it into {run_dir} "
                               f"once there is room")
         if summary is None:
-            _from_journal_tail(info, journal, tail, pid, alive, started, now, _unreadable(run_dir / SUMMARY))
+            _from_journal_tail(info, journal, tail, pid, alive, started, now, _unreadable(run_dir / SUMMARY),
+                               [e.ts for e in starts])
             return info
     outcome = summary.get("outcome") or {}
     # a failed run's outcome says 0 steps (the loop counts them at its end): the journal's last event knows
@@ -412,8 +413,10 @@ def _unreadable(path: Path) -> str | None:
 
 
 def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], pid: int | None, alive: bool | None,
-                       started: float | None, now: float, summary_problem: str | None = None) -> None:
-    """A run without a (readable) summary: running or died, and how far it got, from the journal's tail."""
+                       started: float | None, now: float, summary_problem: str | None = None,
+                       session_starts: list[float] = ()) -> None:
+    """A run without a (readable) summary: running or died, and how far it got, from the journal's tail. Its
+    duration is its latest session's, as a summary's is (session_starts: those the journal's head holds)."""
     last = tail[-1] if tail else None
     age = None if last is None else max(0.0, now - last.ts)
     if alive:
@@ -447,7 +450,9 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
     if status == "died":
         info["ended_ts"] = last.ts
     end = now if status == "running" else last.ts
-    info["duration_s"] = round(end - started, 3) if started is not None else None
+    begun = latest_session_start(journal.parent, started, end, [*session_starts, *(
+        e.ts for e in tail if e.type == ev.START_TRAINING_SESSION)])
+    info["duration_s"] = round(end - begun, 3) if begun is not None else None
     info["steps"] = last.step
     starts = [e for e in tail if e.type == ev.START_TRAINING_SESSION]
     if starts:
@@ -476,6 +481,20 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
         elif name and e.type == ev.PLUGIN_FAILED:
             plugins.setdefault(name, {"restarts": 0})["state"] = "failed"
     info["plugin_trouble"] = _plugin_trouble(plugins, {})
+
+
+def latest_session_start(run_dir: Path, started: float | None, end: float, session_starts) -> float | None:
+    """When a run's latest session began: its last start_training_session known, or where neither the journal's
+    head nor its tail holds that one (a long session), its kernel.pid's time, written as each session starts (one
+    from after the run's end is a copy's, `cp -r`: no session's)."""
+    known = [ts for ts in session_starts if isinstance(ts, (int, float))]
+    try:
+        written = (Path(run_dir) / KERNEL_PID).stat().st_mtime
+        if started is not None and started <= written <= end:
+            known.append(written)
+    except OSError:
+        pass
+    return max([started, *known]) if started is not None else None
 
 
 _LOOP_MOVES = frozenset(ev.LIFECYCLE_EVENTS) | {ev.TRAINING_STALLED, ev.TRAINING_RESUMED}

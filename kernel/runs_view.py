@@ -194,9 +194,12 @@ def print_show(console, run: dict[str, Any]) -> None:
         line("flags", escape(flags_text(run["flags"])))
     if run.get("hyperparameters"):
         line("hyperparams", escape(", ".join(f"{k}={json.dumps(v)}" for k, v in run["hyperparameters"].items())))
-    latest = " (the latest session)" if len(run.get("sessions") or []) > 1 and run["status"] != "running" else ""
-    line("started", f"{_when(run.get('started_at'))}, {'running for' if run['status'] == 'running' else 'lasted'} "
-                    f"{duration_text(run.get('duration_s'))}{latest}")
+    sessions = run.get("sessions") or []
+    # a continued run: its first start, then when its latest session began, which the duration is of
+    latest = (f" (the first of {len(sessions)} sessions); the latest {_when(sessions[-1].get('started_at'))}"
+              if len(sessions) > 1 else "")
+    how_long = "running for" if run["status"] == "running" else "lasted"
+    line("started", f"{_when(run.get('started_at'))}{latest}, {how_long} {duration_text(run.get('duration_s'))}")
     resumed = [s for s in run.get("sessions") or [] if s.get("resumed_from")]
     if len(run.get("sessions") or []) > 1 or resumed:
         line("sessions", escape(f"{len(run['sessions'])}; latest resumed from {resumed[-1]['resumed_from']}"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -459,6 +460,48 @@ def test_a_continued_run_lists_the_epochs_its_last_session_planned(tmp_path):
     (run_dir / "config.json").write_text(json.dumps({"target": "big.py:build", "epochs": 8}))
     (run,) = list_runs(tmp_path / "runs")
     assert run["epochs"] == 8, run["epochs"]
+
+
+def _two_session_run(run_dir: Path, first_ts: float, second_ts: float, end_ts: float) -> None:
+    """A run continued in place: a session of 60 s from first_ts, one from second_ts to end_ts (its last event)."""
+    seq = 0
+
+    def event(type_, ts, step, epoch, **data):
+        nonlocal seq
+        seq += 1
+        return pack(event_to_map(Event(seq=seq, run=run_dir.name, type=type_, ts=ts, step=step, epoch=epoch,
+                                       data=data)))
+    run_dir.mkdir(parents=True)
+    with open(run_dir / JOURNAL_NAME, "wb") as f:
+        f.write(event("start_training_session", first_ts, 0, 0, epochs=4, device="cpu", model="M", parameters=1))
+        f.write(event("end_epoch", first_ts + 60, 10, 1, training_loss=0.5, validation_loss=0.4))
+        f.write(event("start_training_session", second_ts, 10, 1, epochs=4, device="cpu", model="M", parameters=1))
+        f.write(event("end_epoch", end_ts, 20, 2, training_loss=0.3, validation_loss=0.2))
+    (run_dir / "config.json").write_text(json.dumps({"target": "m.py:build", "epochs": 4}))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / "kernel.pid").write_text(gone.stdout)  # its kernel is gone: died
+
+
+@pytest.mark.parametrize("status", ["died", "completed"])
+def test_show_of_a_continued_run_says_which_session_each_time_is_of(tmp_path, status):
+    """`started` was the first session's start and `lasted` the latest session's length (a completed run), or the
+    time from the first start to the last event, the hours between the sessions included (a run that died): said
+    as `started 10:00, lasted 1m 40s (the latest session)` or `lasted 30m 50s`, neither saying when the latest
+    session began. A run's duration is its latest session's, in runs list too."""
+    first = time.time() - 3600
+    run_dir = tmp_path / "runs" / "r1"
+    _two_session_run(run_dir, first, first + 1800, first + 1900)
+    if status == "completed":
+        (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "duration_s": 100.0}))
+    (listed,) = list_runs(tmp_path / "runs")
+    assert (listed["status"], listed["duration_s"]) == (status, 100.0), listed
+    shown = json.loads(cli("runs", "show", "r1", "--runs-dir", str(tmp_path / "runs"), "--json"))
+    assert shown["duration_s"] == 100.0 and len(shown["sessions"]) == 2, shown
+    text = cli("runs", "show", "r1", "--runs-dir", str(tmp_path / "runs"))
+    started = [line for line in text.splitlines() if line.startswith("  started")]
+    when = lambda ts: datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
+    assert started == [f"  started     {when(first)} (the first of 2 sessions); the latest {when(first + 1800)}, "
+                       f"lasted 1m 40s"], text
 
 
 def test_a_stop_mid_epoch_leaves_that_epoch_out_of_the_best(tmp_path, monkeypatch):
