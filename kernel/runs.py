@@ -619,6 +619,7 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
         if name in undrained:
             p["undrained_acked_seq"] = undrained[name]
     for c in saved:  # the checkpoint plugin's retention (save_top_k, max_total) removes most as the run goes
+        c["path"] = _where_now(c["path"], run_dir)
         c["present"] = isinstance(c["path"], str) and os.path.isfile(c["path"])
     session = sessions[-1] if sessions else {}
     rows = [epochs[k] for k in sorted(epochs)]
@@ -651,6 +652,17 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
     if info["status"] in ("running", "died") and rows:
         info["epochs_completed"] = max(info["epochs_completed"] or 0, rows[-1]["epoch"])
     return info
+
+
+def _where_now(path: Any, run_dir: Path) -> Any:
+    """A path the journal holds of a file inside the run's directory as it was then, inside run_dir now: a runs
+    directory moved or copied elsewhere keeps its checkpoints, under the path they were saved at no longer."""
+    if not isinstance(path, str):
+        return path
+    parts = Path(path).parts
+    if Path(path).is_relative_to(run_dir) or run_dir.name not in parts:
+        return path
+    return str(run_dir.joinpath(*parts[parts.index(run_dir.name) + 1:]))
 
 
 def _epoch_row(e: Event, started: float | None) -> dict[str, Any]:

@@ -836,6 +836,27 @@ def test_show_says_how_many_checkpoints_are_on_disk_and_that_it_lists_the_newest
     assert [re.search(r"\(epoch (\d+)", line)[1] for line in listed] == ["3", "4", "5"], text
 
 
+def test_show_of_a_moved_runs_directory_finds_its_checkpoints_where_they_are_now(tmp_path):
+    """The journal names each checkpoint by the path it was saved at: once the runs directory was moved (or copied
+    elsewhere, the original deleted) `runs show` said `2 saved (0 still on disk)` and named the old paths, though
+    every checkpoint was there in the run's directory."""
+    from trainbus.kernel.config import resolve_plugin
+
+    before = tmp_path / "before"
+    result = run_training(RunConfig(target=TINY, epochs=2, runs_dir=str(before), checkpoint_every_n_epochs=1,
+                                    plugins=[resolve_plugin("checkpoint", {})]), run_id="r1")
+    assert result.status == "completed"
+    saved = json.loads(cli("runs", "show", "r1", "--runs-dir", str(before), "--json"))["checkpoints"]["saved"]
+    assert saved and all(c["present"] for c in saved), saved
+    after = tmp_path / "after"
+    before.rename(after)
+    text = cli("runs", "show", "r1", "--runs-dir", str(after))
+    assert f"checkpoints: {len(saved)} saved ({len(saved)} still on disk" in text, text
+    moved = json.loads(cli("runs", "show", "r1", "--runs-dir", str(after), "--json"))["checkpoints"]["saved"]
+    assert [c["path"] for c in moved] == [c["path"].replace(str(before), str(after)) for c in saved], moved
+    assert all(c["present"] and Path(c["path"]).is_file() for c in moved), moved
+
+
 def test_show_takes_any_name_a_peer_attached_by_hand_said_hello_with(every_status, tmp_path):
     """A peer attached by hand says hello under any string: `runs show` took each for a plugin of the run and
     looked for its plugins/NAME.log, which for 300 characters raised ENAMETOOLONG (the whole command failed) and for
