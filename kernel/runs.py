@@ -138,7 +138,12 @@ def another_runs_kernel(pid: int, run_dir: Path) -> bool:
 # -- finding runs --------------------------------------------------------------------------------
 
 def is_run_dir(path: Path) -> bool:
-    return (path / CONFIG).is_file() or (path / JOURNAL_NAME).is_file()
+    """A folder with a config.json or a journal; one that cannot be looked into (someone else's, 0700; a disk error)
+    counts as one, which `runs list` lists unreadable, saying why, rather than failing on it."""
+    try:
+        return (path / CONFIG).is_file() or (path / JOURNAL_NAME).is_file()
+    except OSError:
+        return True
 
 
 def find_runs(runs_dir: Path) -> list[Path]:
@@ -165,7 +170,7 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
     path_like = os.sep in run or run.startswith(".")
     for candidate in (runs_dir / run, Path(run)) if path_like else (runs_dir / run,):
         if candidate.is_dir() and is_run_dir(candidate):
-            return candidate.resolve()
+            return _readable(candidate.resolve())
     if not runs_dir.is_dir():
         raise RunLookupError(f"no run {run!r}: {no_runs_dir(runs_dir)}")
     if run and not path_like:
@@ -181,7 +186,7 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
             raise AmbiguousRunError(f"run {run!r} is ambiguous in {runs_dir.resolve()}: "
                                     f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (give more of the id)")
         if matches:
-            return matches[0].resolve()
+            return _readable(matches[0].resolve())
         if pending:  # queued, or failed before its kernel made a directory: there, but with nothing to read
             run_id, status, detail = pending[0]
             raise RunLookupError(f"run {run_id} is {status} and has no run directory"
@@ -198,6 +203,18 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
     else:
         looked = f"{(runs_dir / run).resolve()} does not exist, and no run id there starts with {run!r}"
     raise RunLookupError(f"no run {run!r}: {looked} (is --runs-dir right? `trainbus runs list` shows the runs)")
+
+
+def _readable(run_dir: Path) -> Path:
+    """run_dir, when this user can look into it; else RunLookupError in one line (it was a traceback from whatever
+    read it first)."""
+    try:
+        with os.scandir(run_dir):
+            return run_dir
+    except OSError as exc:
+        raise RunLookupError(f"run {run_dir.name} cannot be read: {run_dir}: {exc.strerror or exc} (another user's "
+                             f"run directory, or a disk error); `trainbus runs list --status unreadable` lists "
+                             f"such runs") from None
 
 
 # -- what a run is -------------------------------------------------------------------------------

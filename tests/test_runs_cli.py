@@ -857,6 +857,57 @@ def test_show_of_a_moved_runs_directory_finds_its_checkpoints_where_they_are_now
     assert all(c["present"] and Path(c["path"]).is_file() for c in moved), moved
 
 
+@pytest.fixture
+def someone_elses_run(tmp_path):
+    """A runs directory with a run of ours (it died) and another user's run directory (0700, not ours), and how to
+    run a command as a user who cannot read the latter: root reads everything, so root runs it without
+    CAP_DAC_OVERRIDE (setpriv), the other directory owned by nobody."""
+    runs_dir = tmp_path / "runs"
+    for name in ("mine", "theirs"):
+        (runs_dir / name).mkdir(parents=True)
+        (runs_dir / name / "config.json").write_text(json.dumps({"target": "t.py:build", "epochs": 2}))
+    theirs = runs_dir / "theirs"
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root reads every directory, and there is no setpriv to run a command without that")
+        os.chown(theirs / "config.json", 65534, 65534)
+        os.chown(theirs, 65534, 65534)
+        theirs.chmod(0o700)
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    else:
+        theirs.chmod(0o000)
+        prefix = []
+    yield runs_dir, prefix
+    theirs.chmod(0o700)
+
+
+def test_a_run_directory_this_user_cannot_read_is_listed_unreadable_beside_the_others(someone_elses_run):
+    """`--status unreadable` is documented to pick someone else's run directories: one in the runs directory cost
+    `runs list` (and compare) a PermissionError traceback, listing none of the runs; `runs show`, `plot`, `resume`
+    and `delete` of it were a traceback too."""
+    runs_dir, prefix = someone_elses_run
+    listed = subprocess.run([*prefix, *trainbus_cmd(), "runs", "list", "--runs-dir", str(runs_dir), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    runs = {run["id"]: run for run in json.loads(listed.stdout)}
+    assert runs["mine"]["status"] == "died", runs
+    assert (runs["theirs"]["status"], runs["theirs"]["detail"]) == ("unreadable", "Permission denied"), runs
+    picked = subprocess.run([*prefix, *trainbus_cmd(), "runs", "list", "--runs-dir", str(runs_dir), "--status",
+                             "unreadable"], capture_output=True, text=True, timeout=60)
+    assert picked.returncode == 0 and [line.split()[:2] for line in picked.stdout.splitlines()[1:]] == [
+        ["theirs", "unreadable"]], (picked.stdout, picked.stderr)
+    compared = subprocess.run([*prefix, *trainbus_cmd(), "runs", "compare", "--runs-dir", str(runs_dir)],
+                              capture_output=True, text=True, timeout=60)
+    assert compared.returncode == 0 and "theirs" in compared.stdout, compared.stderr
+    theirs = (runs_dir / "theirs").resolve()
+    for command in (["show", "theirs"], ["plot", "th"], ["resume", "theirs"], ["delete", "theirs", "--yes"]):
+        done = subprocess.run([*prefix, *trainbus_cmd(), "runs", *command, "--runs-dir", str(runs_dir)],
+                              capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr) == (2, f"error: run theirs cannot be read: {theirs}: Permission denied "
+                                                     f"(another user's run directory, or a disk error); `trainbus "
+                                                     f"runs list --status unreadable` lists such runs\n"), command
+
+
 def test_show_takes_any_name_a_peer_attached_by_hand_said_hello_with(every_status, tmp_path):
     """A peer attached by hand says hello under any string: `runs show` took each for a plugin of the run and
     looked for its plugins/NAME.log, which for 300 characters raised ENAMETOOLONG (the whole command failed) and for
