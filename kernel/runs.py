@@ -536,9 +536,13 @@ def overview_or_unreadable(run_dir: Path, now: float) -> dict[str, Any]:
     """run_overview, or for a run that cannot be read (someone else's, 0700; a disk error) a row that says so."""
     try:
         return run_overview(run_dir, now)
-    except OSError as exc:
+    except OSError as exc:  # every key a readable run's has (a script reads --json's entries by key), none known
         return {"id": run_dir.name, "dir": str(run_dir.resolve()), "status": "unreadable",
-                "detail": f"{exc.strerror or exc}", "started_at": None, "started_ts": None}
+                "detail": f"{exc.strerror or exc}", "pid": None, "target": None, "started_at": None,
+                "started_ts": None, "duration_s": None, "epochs_completed": None, "epochs": None, "steps": None,
+                "training_loss": None, "validation_loss": None, "validation_metrics": {}, "training_metrics": {},
+                "stop_reasons": [], "error": None, "plugin_trouble": [], "last_event": None, "flags": {},
+                "hyperparameters": {}, "ended_ts": None, "last_seq": None, "best": None, "stalled": None}
 
 
 def newest_first(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

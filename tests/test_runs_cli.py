@@ -908,6 +908,17 @@ def test_a_run_directory_this_user_cannot_read_is_listed_unreadable_beside_the_o
                                                      f"runs list --status unreadable` lists such runs\n"), command
 
 
+def test_runs_list_json_gives_an_unreadable_run_every_key_the_others_have(someone_elses_run):
+    """A script reads `runs list --json` entries by key: an unreadable run's had 6 of the 26 (no `epochs`, no
+    `flags`, ...), a KeyError in a loop that read every other run fine."""
+    runs_dir, prefix = someone_elses_run
+    listed = subprocess.run([*prefix, *trainbus_cmd(), "runs", "list", "--runs-dir", str(runs_dir), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    runs = {run["id"]: run for run in json.loads(listed.stdout)}
+    assert runs["theirs"]["status"] == "unreadable" and sorted(runs["theirs"]) == sorted(runs["mine"]), runs
+    assert (runs["theirs"]["flags"], runs["theirs"]["plugin_trouble"], runs["theirs"]["epochs"]) == ({}, [], None)
+
+
 def test_show_takes_any_name_a_peer_attached_by_hand_said_hello_with(every_status, tmp_path):
     """A peer attached by hand says hello under any string: `runs show` took each for a plugin of the run and
     looked for its plugins/NAME.log, which for 300 characters raised ENAMETOOLONG (the whole command failed) and for
