@@ -198,10 +198,25 @@ def has_checkpoints(run_dir: Path) -> bool:
     return any((d / MANIFEST).is_file() for d in checkpoint_directories(run_dir))
 
 
-def no_checkpoints(where: str) -> str:
-    """What a resume of a run that wrote no checkpoint is told (by its kernel, and before it is queued)."""
-    return (f"--resume {where}: that run has no checkpoints (it ran without the checkpoint plugin, or ended before "
+FINAL_WEIGHTS = "final.pt"  # the trained weights a run ends with (kernel/session.py saves them)
+
+
+def no_checkpoints(where: str, run_dir: Path | None = None) -> str:
+    """What a resume of a run that wrote no checkpoint is told (by its kernel, and before it is queued); where its
+    full disk had its kernel keep the weights it trained in the temporary directory, where they are: run again, it
+    would train them anew."""
+    said = (f"--resume {where}: that run has no checkpoints (it ran without the checkpoint plugin, or ended before "
             f"its first); run it again instead")
+    if run_dir is None:
+        return said
+    from trainbus.proto.kept_files import kept_dirs
+    from trainbus.proto.messages import kept_name
+
+    run_dir = Path(run_dir).resolve()
+    kept = [d / kept_name(run_dir.name, FINAL_WEIGHTS) for d in kept_dirs()]
+    kept = [path for path in kept if path.is_file()]
+    return said + (f"; the weights it trained are kept in {kept[0]} (its disk was full): move them to "
+                   f"{run_dir / FINAL_WEIGHTS}" if kept else "")
 
 
 def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = None) -> Path:
@@ -223,7 +238,7 @@ def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = N
     manifests = [m for m in manifests if m.is_file()] or manifests[:1]
     manifest = manifests[0]
     if not manifest.is_file() and path.is_dir() and (path / "config.json").is_file():
-        raise CheckpointError(no_checkpoints(where))
+        raise CheckpointError(no_checkpoints(where, path))
     if not manifest.is_file() and not (path.is_file() and path.suffix == ".pt"):  # the checkpoint plugin's suffix
         what = ("is neither a checkpoint (.pt) nor a run directory" if path.is_file()
                 else f"is neither a run directory (no config.json) nor a checkpoint directory (no {MANIFEST})")

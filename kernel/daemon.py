@@ -541,7 +541,7 @@ def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False) -> 
             f"N above {done})" if checkpointed else "(it has no checkpoint to train on from: run it again, with more "
                                                     "epochs)"))
     if not checkpointed:  # what its kernel would refuse with, once started: said at submission
-        return no_checkpoints(run_dir.name)
+        return no_checkpoints(run_dir.name, run_dir)
     if epochs is not None and epochs <= done and not rank:  # it would "complete" having trained nothing
         return (f"run {run_dir.name} has trained {done} epochs; --epochs {epochs} would train none: give more than "
                 f"{done}, or leave --epochs out to train the epochs it planned")

@@ -26,7 +26,7 @@ from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir
 
 from .buffer_files import snapshot_directories
 from .bus import Bus
-from .checkpointing import CheckpointError, find_checkpoint, has_checkpoints, load_checkpoint
+from .checkpointing import FINAL_WEIGHTS, CheckpointError, find_checkpoint, has_checkpoints, load_checkpoint
 from .cluster import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID, LAUNCHER_PID, ClusterError, detect
 from .config import (ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings, check_run,
                      check_runs_dir_private)
@@ -51,7 +51,6 @@ from .supervisor import PluginSpec
 
 log = logging.getLogger("trainbus.kernel")
 
-FINAL_WEIGHTS = "final.pt"
 RANK_0_GONE_S = 5.0  # a rank whose collective rank 0's death broke waits this long to see it gone (pids.gone_within)
 
 

@@ -770,3 +770,25 @@ def test_a_run_whose_summary_was_kept_in_the_temp_dir_is_listed_as_it_ended_not_
                                 f"move it into {run_dir} once there is room"), listed
     shown = cli("runs", "show", "run-1", "--runs-dir", str(tmp_path / "runs"))  # the same TMPDIR: the test's env
     assert shown.returncode == 0 and "failed (its disk was full: its summary is kept in" in shown.stdout, shown.stdout
+
+
+def test_a_resume_refused_for_want_of_a_checkpoint_names_the_weights_its_full_disk_kept_elsewhere(tmp_path,
+                                                                                                  monkeypatch):
+    """A run without the checkpoint plugin whose disk filled up kept the weights it trained in $TMPDIR/trainbus-kept-
+    UID (its error says so); `runs resume` of it once the disk had room said only `that run has no checkpoints ...;
+    run it again instead`: days of training trained again, the weights there forgotten."""
+    spare, run_dir = spare_temp_dir_and_run(tmp_path, monkeypatch)
+    (run_dir / "config.json").write_text(json.dumps({"target": "demo", "epochs": 3}) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps({"run_id": "run-1", "status": "failed", "error": "disk full",
+                                                      "outcome": {"epochs_completed": 1}}) + "\n")
+    refused = cli("runs", "resume", "run-1", "--runs-dir", str(tmp_path / "runs"))
+    plain = ("error: --resume run-1: that run has no checkpoints (it ran without the checkpoint plugin, or ended "
+             "before its first); run it again instead")
+    assert (refused.returncode, refused.stderr) == (2, plain + "\n"), refused.stderr
+    kept = spare / f"trainbus-kept-{os.getuid()}"
+    kept.mkdir(mode=0o700)
+    (kept / "trainbus-run-1-final.pt").write_bytes(b"weights")
+    refused = cli("runs", "resume", "run-1", "--runs-dir", str(tmp_path / "runs"))
+    assert (refused.returncode, refused.stderr) == (2, (
+        f"{plain}; the weights it trained are kept in {kept / 'trainbus-run-1-final.pt'} (its disk was full): move "
+        f"them to {run_dir.resolve() / 'final.pt'}\n")), refused.stderr
