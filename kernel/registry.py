@@ -26,6 +26,7 @@ import os
 import sqlite3
 import sys
 import time
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -83,6 +84,10 @@ class JobError(Exception):
     """A submission or cancellation the queue cannot take (the CLI prints one line, exit 2)."""
 
 
+class _Unwritable(Exception):
+    """A registry on a read-only mount, which list_runs does not write back to."""
+
+
 class RegistryError(Exception):
     """The registry cannot be used: no runs directory, a file from a newer trainbus, or not a registry (one line,
     naming the fix)."""
@@ -105,15 +110,24 @@ class Registry:
         why = others_can_write(runs_dir) or others_can_write_file(self.path)
         if why:
             raise RegistryError(f"the run registry {self.path} is not this user's alone: {why}")
+        # a runs directory on a read-only mount (an archive, a snapshot): read, never written, by no one
+        self.read_only = self.path.is_file() and _read_only_mount(self.path)
         try:
             if not self.path.exists():  # owner-only, like all of a run's files; SQLite gives its -wal, -shm the same
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
         except OSError as exc:
             raise RegistryError(f"cannot create the run registry {self.path}: {exc.strerror or exc}") from None
         # isolation_level=None: no implicit transactions; each write below says BEGIN IMMEDIATE itself
-        self.db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
+        self.db = self._read_only_db() if self.read_only else sqlite3.connect(self.path, timeout=busy_timeout_s,
+                                                                              isolation_level=None)
         try:
             self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            if self.read_only:  # a schema it cannot migrate is a newer trainbus's, or not a registry
+                version = self.db.execute("PRAGMA user_version").fetchone()[0]
+                if version != SCHEMA_VERSION:
+                    raise RegistryError(f"{self.path} (on a read-only mount) is of schema {version}, not "
+                                        f"{SCHEMA_VERSION}: runs list reads the run directories instead")
+                return
             self.db.execute("PRAGMA journal_mode = WAL")  # persistent: said once per file, cheap to repeat
             self.db.execute("PRAGMA synchronous = NORMAL")  # WAL stays consistent; a power cut may lose the last rows
             self._migrate()
@@ -127,6 +141,19 @@ class Registry:
         except BaseException:
             self.db.close()
             raise
+
+    def _read_only_db(self) -> sqlite3.Connection:
+        """The registry of a read-only mount. A WAL database is read with its -wal and -shm files (mode=ro), which
+        the last writer's close removed, and which cannot be made here: then as a file that cannot change
+        (immutable=1), which it cannot."""
+        uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}"
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)  # opens lazily: the read tells
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.OperationalError:
+            db.close()
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
 
     def __enter__(self) -> Registry:
         return self
@@ -251,6 +278,13 @@ class Registry:
         """Every row, as run_overview's dicts, by id."""
         cursor = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM runs")
         return {row[0]: _from_row(row, now) for row in cursor}
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def cannot_read(runs_dir: Path, exc: sqlite3.Error) -> str:
@@ -428,8 +462,12 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
                      or _changed_since(path, known[name]["status"], observed.get(name))]
             fresh = {name: overview_or_unreadable(dirs[name], now) for name in stale}
             try:
+                if registry.read_only:  # read from the directories, as they are read each time
+                    raise _Unwritable
                 registry.record(fresh.values(), now)
                 registry.forget(i for i, run in known.items() if i not in dirs and run["dir"] is not None)
+            except _Unwritable:
+                pass
             except sqlite3.Error as exc:  # readable but not writable (someone else's runs dir): list all the same
                 warn(runs_dir, exc)
         known.update(fresh)

@@ -20,7 +20,7 @@ from trainbus.kernel.config import RunConfig
 from trainbus.kernel.registry import COLUMNS, JOB_COLUMNS, REGISTRY_NAME, SCHEMA_VERSION, Registry, list_runs
 from trainbus.kernel.session import run_training
 
-from conftest import TESTS_DIR
+from conftest import TESTS_DIR, trainbus_cmd
 from kernel_process import KernelProcess
 
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
@@ -337,6 +337,25 @@ def test_an_ended_runs_summary_or_config_changed_since_its_row_was_written_is_re
     with Registry(copy) as registry:  # written back: the next list need not read them again
         rows = registry.runs(time.time())
     assert (rows["a-completed"]["status"], rows["a-completed"]["flags"]) == ("completed", {"lr": 0.5})
+
+
+def test_a_runs_directory_on_a_read_only_mount_is_listed_through_its_registry_without_a_word(ended_runs,
+                                                                                            mount_tmpfs):
+    """An archive of runs on a read-only mount (a read-only NFS export, a snapshot): `runs list` warned `run registry
+    ... not usable (OperationalError: unable to open database file) ... (`trainbus runs reindex` rebuilds it)`,
+    a fix that cannot work there (SQLite's WAL mode wants to make a file beside it), and read every directory."""
+    disk = mount_tmpfs("archive", 64 << 20)
+    runs_dir = disk / "runs"
+    shutil.copytree(ended_runs, runs_dir)
+    before = list_runs(runs_dir)  # the copy's rows are written again for where they are now
+    remounted = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True, timeout=30)
+    assert remounted.returncode == 0, remounted.stderr
+    listed = subprocess.run([*trainbus_cmd(), "runs", "list", "--runs-dir", str(runs_dir), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert (listed.returncode, listed.stderr) == (0, ""), listed.stderr
+    assert _comparable(json.loads(listed.stdout)) == _comparable(json.loads(json.dumps(before))), listed.stdout
+    with Registry(runs_dir) as registry:  # read through the registry: its rows, not a read of each directory
+        assert sorted(registry.runs(time.time())) == ["a-completed", "b-failed"]
 
 
 def test_a_registry_that_cannot_be_written_costs_one_warning_line_and_never_the_run(tmp_path, capfd):
