@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -106,9 +107,12 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
     # From the start: a Ctrl-C while the user's build() imports or loads raised KeyboardInterrupt wherever it was
     # (a numpy import cut halfway then failed the build with a RecursionError); now it is a stop before the run.
     interrupts = _Interrupts(install_sigint)
+    held: list[int] = []  # a continued run's directory, locked while its kernel sets it up (check_not_running)
     try:
-        return _run_training(cfg, run_id, interrupts, announce, continue_run, metric_settings)
+        return _run_training(cfg, run_id, interrupts, announce, continue_run, metric_settings, held)
     finally:
+        for fd in held:
+            os.close(fd)
         interrupts.restore()
         for name, value in saved.items():
             if value is None:
@@ -118,7 +122,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
 
 
 def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, announce: Callable[[str], None],
-                  continue_run: bool, metric_settings: dict[str, str] | None) -> RunResult:
+                  continue_run: bool, metric_settings: dict[str, str] | None, held: list[int]) -> RunResult:
     """Train per the config with its plugins attached; never raises for what a plugin does.
 
     continue_run: `run_id` names an existing run, continued in place from its newest checkpoint (cfg.resume):
@@ -218,7 +222,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     warnings: list[str] = []  # said on the terminal and in kernel.log once the run has one
     resume_from = find_checkpoint(cfg.resume, runs_given, warnings) if cfg.resume else None
     if continue_run and (ranks is None or ranks.is_main):
-        check_not_running(run_dir)
+        held.append(check_not_running(run_dir))
         # The last session's: this one's failures are new. Cleared before the ranks meet below, since from there
         # another rank may fail at once and write its own (write_rank_error).
         for stale in run_dir.glob(RANK_ERROR.format("*")):
@@ -282,6 +286,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         raise ConfigError(f"cannot set up the run directory {run_dir}: {exc.strerror or exc}"
                           f"{f' ({exc.filename})' if exc.filename else ''}; free space there, or give --runs-dir "
                           f"another place") from None
+    while held:  # the journal is this kernel's now: a kernel continuing the run after it is refused by that
+        os.close(held.pop())
     for line in bus.journal.missing:  # a continued run's journal with a segment gone: plugins go on without it
         announce(f"warning: {line}")
     if bus.remote is not None:
@@ -510,14 +516,29 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
                      cluster=ranks.cluster.describe())
 
 
-def check_not_running(run_dir: Path) -> None:
-    """ConfigError when a kernel still holds the run's journal (two kernels must never write one run)."""
+def check_not_running(run_dir: Path) -> int:
+    """ConfigError when a kernel still holds the run's journal (two kernels must never write one run), or another
+    kernel continuing it is between this check and taking the journal: a kernel takes its journal only once it has
+    set the run up, rewriting kernel.pid and config.json, so two resumes at once both passed the check, and the
+    second to the journal failed having put its own pid in kernel.pid. Returns the run directory's descriptor,
+    locked (flock) until the caller holds the journal and closes it."""
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
+    fd = os.open(run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"--resume {run_dir.name}: another kernel is continuing this run (it is starting); wait for "
+                          f"it to end, or stop it (`trainbus runs stop {run_dir.name}`)") from None
+    except OSError:  # a filesystem that locks no directory: the journal's lock below stands alone, as before
+        pass
     try:
         check_free(run_dir / JOURNAL_NAME)
     except JournalInUse as exc:
+        os.close(fd)
         raise ConfigError(f"--resume {run_dir.name}: {exc}; wait for it to end, or stop it (Ctrl-C)") from None
+    return fd
 
 
 def _from_where_it_ran(cfg: RunConfig, started_in: str) -> None:

@@ -159,6 +159,32 @@ def probed_digits(hyperparameters: dict):
     return spec
 
 
+class _GatedRestore:
+    """A scheduler that changes nothing, whose load_state_dict (a resume restoring the checkpoint) touches
+    `gate`.waiting-PID and waits for the gate: a continued run held between its resume's checks and its journal."""
+
+    def __init__(self, gate: Path):
+        self.gate = gate
+
+    def step(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        self.gate.with_name(f"{self.gate.name}.waiting-{os.getpid()}").touch()
+        _wait_for_gate(self.gate, 1)
+
+
+def restore_gated(hyperparameters: dict):
+    """paced_digits whose resume waits, as it restores its checkpoint, for the file `restore_gate` (_GatedRestore)."""
+    gate = Path(hyperparameters.pop("restore_gate"))
+    spec = paced_digits(hyperparameters)
+    spec.scheduler = _GatedRestore(gate)
+    return spec
+
+
 class _SaysDevices:
     """A loader that, as training starts, writes the CUDA_VISIBLE_DEVICES its process was given to
     RUN_DIR/devices.txt (the run directory exists by then; at build time it does not yet). Written whole, by a

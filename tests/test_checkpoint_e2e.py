@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TESTS_DIR
+from conftest import TESTS_DIR, trainbus_cmd
 from fixture_targets import open_gate, paced_digits
 from helpers import PLUGIN_START_S, assert_same_weights, run_config, seeded_rng
 from kernel_process import KernelProcess, cli, of, process_gone, wait_until
@@ -758,6 +758,37 @@ def test_resuming_a_run_still_going_or_one_without_checkpoints_is_refused_saying
     proc = run_cli(tmp_path, "--resume", kernel.run_id, "--runs-dir", str(runs), "--detach")
     assert proc.returncode == 2 and "that run has no checkpoints" in proc.stderr, proc.stderr
     assert proc.stdout == "" and not (runs / ".daemon").exists(), "a run was queued"
+
+
+def test_two_resumes_of_one_run_at_once_continue_it_once_and_the_other_is_refused_in_one_line(tmp_path):
+    """Two `runs resume RUN` at once (two terminals, a script run twice) both passed the check that no kernel holds
+    the journal, which a kernel takes only once its run is set up: both rewrote kernel.pid, config.json and the
+    registry row, then the one that came second to the journal failed with `cannot set up the run directory ...
+    free space there`, its pid left in kernel.pid: the run that trained on was listed `died`. Held here between
+    the check and the journal (its checkpoint's restore waits at a gate), the second is refused at once."""
+    runs, gate = tmp_path / "runs", tmp_path / "restore-gate"
+    result = run_training(config(runs, [checkpointer()], 1, target="fixture_targets:restore_gated", every_n_epochs=1,
+                                 step_sleep_s=0.0, batch_size=256, restore_gate=str(gate)))
+    assert result.status == "completed", result.error
+    command = [*trainbus_cmd(), "runs", "resume", result.run_id, "--runs-dir", str(runs), "--epochs", "2"]
+    procs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        wait_until(lambda: len(list(tmp_path.glob("restore-gate.waiting-*"))) == 2
+                   or any(p.poll() is not None for p in procs), 180, "both resumes at their restore, or one refused")
+        open_gate(gate, 1)
+        said = [(p.wait(timeout=180), *p.communicate(timeout=10)) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    (winner, won), (_, lost) = sorted(zip(procs, said), key=lambda pair: pair[1][0])
+    assert [won[0], lost[0]] == [0, 2], said
+    assert lost[2] == (f"error: --resume {result.run_id}: another kernel is continuing this run (it is starting); "
+                       f"wait for it to end, or stop it (`trainbus runs stop {result.run_id}`)\n"), lost[2]
+    run_dir = Path(result.run_dir)
+    assert (run_dir / "kernel.pid").read_text().split() == [str(winner.pid)]  # the kernel that trained it
+    overview = run_overview(run_dir)
+    assert (overview["status"], overview["epochs_completed"]) == ("completed", 2), overview
 
 
 def test_a_checkpoint_copied_out_of_its_run_starts_a_new_run_and_a_non_checkpoint_is_one_line(tmp_path,
