@@ -123,23 +123,26 @@ def delete_run(run_dir: Path) -> None:
 
 @contextlib.contextmanager
 def _journal_locked(run_dir: Path) -> Iterator[None]:
-    """The run's journal locked as a kernel locks it (kernel/journal.py); RemovalError when a kernel holds it.
-    A run without a journal (it failed before its first event) has nothing to lock."""
-    try:
-        fd = os.open(Path(run_dir) / JOURNAL_NAME, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
+    """The run's journal locked as a kernel locks it (kernel/journal.py), and its directory as a kernel continuing
+    it locks that until it holds the journal (session.check_not_running); RemovalError when another process holds
+    either. A run without a journal (it failed before its first event) has no journal to lock."""
+    with contextlib.ExitStack() as held:
+        for path in (Path(run_dir), Path(run_dir) / JOURNAL_NAME):
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
+                continue
+            held.callback(os.close, fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its status said ended: the holder is a kernel continuing it, or another delete
+                raise RemovalError(f"run {Path(run_dir).name} is in use by another process (a kernel continuing it, "
+                                   f"or another `trainbus runs delete`); nothing deleted: try again once that is "
+                                   f"done") from None
+            except OSError:  # a filesystem that locks no directory: the journal's lock stands alone, as before
+                if path != Path(run_dir):
+                    raise
         yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # its status said ended: the holder is a kernel continuing it, or another delete
-            raise RemovalError(f"run {Path(run_dir).name} is in use by another process (a kernel continuing it, or "
-                               f"another `trainbus runs delete`); nothing deleted: try again once that is done") \
-                from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def _running(run_id: str) -> str:

@@ -529,8 +529,9 @@ def check_not_running(run_dir: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ConfigError(f"--resume {run_dir.name}: another kernel is continuing this run (it is starting); wait for "
-                          f"it to end, or stop it (`trainbus runs stop {run_dir.name}`)") from None
+        raise ConfigError(f"--resume {run_dir.name}: another process holds this run (a kernel starting to continue "
+                          f"it, or `trainbus runs delete`); wait for it to end, or stop it (`trainbus runs stop "
+                          f"{run_dir.name}`)") from None
     except OSError:  # a filesystem that locks no directory: the journal's lock below stands alone, as before
         pass
     try:

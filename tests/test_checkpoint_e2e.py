@@ -783,8 +783,9 @@ def test_two_resumes_of_one_run_at_once_continue_it_once_and_the_other_is_refuse
             p.kill()
     (winner, won), (_, lost) = sorted(zip(procs, said), key=lambda pair: pair[1][0])
     assert [won[0], lost[0]] == [0, 2], said
-    assert lost[2] == (f"error: --resume {result.run_id}: another kernel is continuing this run (it is starting); "
-                       f"wait for it to end, or stop it (`trainbus runs stop {result.run_id}`)\n"), lost[2]
+    assert lost[2] == (f"error: --resume {result.run_id}: another process holds this run (a kernel starting to "
+                       f"continue it, or `trainbus runs delete`); wait for it to end, or stop it (`trainbus runs stop "
+                       f"{result.run_id}`)\n"), lost[2]
     run_dir = Path(result.run_dir)
     assert (run_dir / "kernel.pid").read_text().split() == [str(winner.pid)]  # the kernel that trained it
     overview = run_overview(run_dir)

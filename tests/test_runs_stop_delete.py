@@ -188,6 +188,33 @@ def test_two_deletes_of_one_run_at_once_say_what_the_second_met(tmp_path):
     assert (runs / run_id / "summary.json").is_file()
 
 
+def test_a_run_whose_resume_is_starting_is_not_deleted_under_it(tmp_path):
+    """A resume takes the journal's lock only once it has set the run up (loaded its checkpoint, built the model):
+    `runs delete` meanwhile found the journal free and the run ended, and removed the directory under the kernel
+    continuing it, which then failed `cannot set up the run directory ...; free space there`."""
+    from trainbus.kernel.config import resolve_plugin
+
+    runs, gate = tmp_path / "runs", tmp_path / "restore-gate"
+    result = run_training(run_config(runs, [resolve_plugin("checkpoint", {})], 1, "fixture_targets:restore_gated",
+                                     checkpoint_every_n_epochs=1, step_sleep_s=0.0, batch_size=256,
+                                     restore_gate=str(gate)))
+    assert result.status == "completed", result.error
+    resume = subprocess.Popen([*trainbus_cmd(), "runs", "resume", result.run_id, "--runs-dir", str(runs), "--epochs",
+                               "2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: any(tmp_path.glob("restore-gate.waiting-*")) or resume.poll() is not None, 180,
+                   "the resume at its checkpoint's restore")
+        deleted = trainbus("runs", "delete", result.run_id, "--yes", "--runs-dir", str(runs))
+        open_gate(gate, 1)
+        code, out, err = resume.wait(timeout=180), *resume.communicate(timeout=10)
+    finally:
+        resume.kill()
+    assert deleted.returncode == 2 and deleted.stderr == (
+        f"error: run {result.run_id} is in use by another process (a kernel continuing it, or another `trainbus runs "
+        f"delete`); nothing deleted: try again once that is done\n"), deleted.stderr
+    assert code == 0 and f"run {result.run_id}: completed after 2 epochs" in out, err
+
+
 HOLD_JOURNAL = """import fcntl, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDONLY)
 fcntl.flock(fd, fcntl.LOCK_EX)
