@@ -255,7 +255,11 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
     if as_json:
         print(json.dumps({"serving": answer is not None, **(answer or {}), "queued": queued, "ended": ended,
                           **({"registry_error": unreadable} if unreadable else {}),
-                          **({"unwatched": orphans, "unwatched_gone": gone} if answer is None else {})}))
+                          **({"unwatched": orphans, "unwatched_gone": gone} if answer is None else {}),
+                          # whose queue this is, and a mistyped --runs-dir said, not taken for an idle queue
+                          **({"runs_dir": str(runs_dir.resolve())} if answer is None else {}),
+                          **({"runs_dir_error": no_runs_dir(runs_dir)} if answer is None and not runs_dir.is_dir()
+                             else {})}))
     elif answer is None:
         out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"  # and what starts the ones queued
                   + ("" if runs_dir.is_dir() else f": {escape(no_runs_dir(runs_dir))}")

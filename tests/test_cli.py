@@ -446,6 +446,24 @@ def test_daemon_commands_say_a_runs_dir_that_is_missing_or_a_file(args, code, ki
     assert (r.stdout + r.stderr).count("\n") == 1, r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_daemon_status_json_says_a_runs_dir_that_is_missing_or_a_file(kind, tmp_path):
+    """`daemon status --json` of a mistyped --runs-dir printed what it prints for an empty runs directory that no
+    daemon serves (`{"serving": false, "queued": [], ...}`): a script could not tell a typo from an idle queue."""
+    given = tmp_path / "runz"
+    if kind == "file":
+        given.write_text("")
+    r = trainbus("daemon", "status", "--json", "--runs-dir", str(given), cwd=tmp_path)
+    said = (f"the runs directory {given} is a file, not a directory (is --runs-dir right?)" if kind == "file" else
+            f"the runs directory {given} does not exist (is --runs-dir right?)")
+    status = json.loads(r.stdout)
+    assert r.returncode == 3 and (status["serving"], status["runs_dir"], status["runs_dir_error"]) == (
+        False, str(given), said), status
+    (tmp_path / "runs").mkdir()
+    idle = json.loads(trainbus("daemon", "status", "--json", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path).stdout)
+    assert idle["runs_dir"] == str(tmp_path / "runs") and "runs_dir_error" not in idle, idle
+
+
 @pytest.mark.parametrize("args, said", [
     (["run", "--epochs", "3", "--epochs", "4"], "--epochs given twice (--epochs 3 and --epochs 4): give it once"),
     (["run", "--device=cpu", "--device", "cuda"],
