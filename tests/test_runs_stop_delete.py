@@ -255,6 +255,21 @@ def test_a_ctrl_c_while_a_run_is_deleted_stops_once_that_run_is_gone_whole(tmp_p
     assert not (runs / ids[0]).exists() and (runs / ids[1] / "summary.json").is_file()
 
 
+def test_runs_on_a_read_only_mount_are_refused_deletion_up_front_in_one_line(tmp_path, mount_tmpfs):
+    """`runs delete A B` of runs on a read-only mount said `cannot delete run A: kernel.log: Read-only file system
+    (some of its files may be gone)`: nothing could go, and the line said something might have. Refused before any
+    file is touched, naming the mount."""
+    disk = mount_tmpfs("archive", 64 << 20)
+    runs = disk / "runs"
+    ids = [run_training(run_config(runs, target=TINY)).run_id for _ in range(2)]
+    remounted = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True, timeout=30)
+    assert remounted.returncode == 0, remounted.stderr
+    deleted = trainbus("runs", "delete", *ids, "--yes", "--runs-dir", str(runs))
+    assert (deleted.returncode, deleted.stdout) == (2, ""), deleted
+    assert deleted.stderr == (f"error: cannot delete run {ids[0]}: {runs.resolve()} is on a read-only filesystem; "
+                              f"nothing deleted\n"), deleted.stderr
+
+
 def test_delete_takes_only_a_run_the_kernel_made_never_a_folder_with_a_config_json_or_the_runs_directory(tmp_path):
     """A run is named by path too, and any folder with a config.json passed for one: `runs delete ..` deleted the
     project holding the runs directory, with everything in it; `runs delete ''` looked up the runs directory."""
