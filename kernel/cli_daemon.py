@@ -187,7 +187,7 @@ def daemon_cancel(
     """Take a queued run off the queue. With --remote, a running one is stopped at its next step boundary, its stop
     reason naming the key (here, `trainbus runs stop` stops it)."""
     from . import daemon
-    from .registry import JobError
+    from .registry import JobError, cannot_read
 
     target = _remote(remote, key, server_key, runs_dir)
     runs_dir = runs_dir or Path("runs")
@@ -204,6 +204,8 @@ def daemon_cancel(
             run = daemon.cancel(runs_dir, run)
         except JobError as exc:
             raise UserError(str(exc)) from None
+        except sqlite3.Error as exc:  # a full disk: SQLite cannot open the queue (it was a traceback)
+            raise UserError(f"cannot take run {run} off the queue: {cannot_read(runs_dir, exc)}") from None
     out.print(f"cancelled {escape(run)}")
 
 

@@ -240,7 +240,13 @@ def runs_stop(
                   f"there is nothing to stop", file=sys.stderr)
             raise typer.Exit(code=1)
         run = str(Path(runs_dir) / unmade["id"])
-    run_dir, status = _run_and_status(run, runs_dir)
+    try:
+        run_dir, status = _run_and_status(run, runs_dir)
+    except UserError:  # no run directory of that name: it may be queued in a queue that cannot be read (a full disk)
+        unread = daemon.unreadable_queue(runs_dir)
+        if unread is not None:
+            raise UserError(f"cannot take run {run} off the queue: {unread}") from None
+        raise
     if status != "running" and _resumed_by_the_daemon(runs_dir, run_dir):
         status = "running"
     if status != "running":

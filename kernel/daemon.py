@@ -40,7 +40,7 @@ from .checkpointing import has_checkpoints, no_checkpoints
 from .kernel_log import cap_log
 from .pids import killed_by, process_alive
 from .private_dirs import make_dirs, others_can_write
-from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started,
+from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started, cannot_read,
                        ended_without_directory, queued_resume, record_run, resume_started, unreadable_row)
 from .runs import CONFIG, KERNEL_PID, RunLookupError, find_runs, kernel_process, resolve_run, run_overview
 
@@ -664,6 +664,21 @@ def queued_job(runs_dir: Path, run: str) -> str | None:
         return None
     matches = named(ids, run)
     return matches[0] if len(matches) == 1 else None
+
+
+def unreadable_queue(runs_dir: Path) -> str | None:
+    """Why the queue of runs_dir's registry cannot be read, with the fix (a full disk: SQLite cannot open it); None
+    when it can, or there is none."""
+    if not (Path(runs_dir) / REGISTRY_NAME).is_file():
+        return None
+    try:
+        with Registry(runs_dir) as registry:
+            registry.jobs(["queued"])
+    except RegistryError as exc:
+        return str(exc)
+    except (sqlite3.Error, OSError) as exc:
+        return cannot_read(runs_dir, exc)
+    return None
 
 
 def as_queued(runs_dir: Path, run: dict[str, Any]) -> dict[str, Any]:

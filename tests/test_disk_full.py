@@ -448,6 +448,30 @@ def test_the_daemon_and_its_queue_on_a_full_disk_are_one_line_each(tmp_path, mou
     assert listed.stdout == f"no runs in {runs}\n", "nothing was queued"
 
 
+def test_taking_a_run_off_the_queue_on_a_full_disk_is_one_line(tmp_path, mount_tmpfs):
+    """`daemon cancel RUN` (and `runs stop RUN`, which takes a queued run off the queue) with the runs directory's
+    disk full printed a Python traceback (sqlite3.OperationalError). One line naming the registry and the fix; the run
+    stays queued."""
+    from conftest import trainbus
+
+    disk = mount_tmpfs("disk", 1 << 20)
+    runs = disk / "runs"
+    runs.mkdir(mode=0o755)
+    queued = trainbus("run", "--detach", "--runs-dir", str(runs), check=False)
+    assert queued.returncode == 0, queued.stderr
+    run_id = re.search(r"queued run ([0-9a-f-]+)", queued.stderr + queued.stdout)[1]
+    with Filler(disk):
+        for args in (["daemon", "cancel", run_id], ["runs", "stop", run_id]):
+            done = trainbus(*args, "--runs-dir", str(runs), check=False)
+            assert "Traceback" not in done.stderr, (args, done.stderr)
+            assert (done.returncode, done.stdout) == (2, ""), (args, done.stdout, done.stderr)
+            said = done.stderr
+            assert said.startswith(f"error: cannot take run {run_id} off the queue: {runs}/registry.sqlite cannot be "
+                                   f"read (") and said.endswith("free space there (a full disk says this)\n"), (args, said)
+    listed = trainbus("runs", "list", "--runs-dir", str(runs), "--status", "queued", check=False)
+    assert run_id in listed.stdout, "it stays queued"
+
+
 # -- the command's own output on a full disk ---------------------------------------------------------
 
 
