@@ -139,11 +139,12 @@ def another_runs_kernel(pid: int, run_dir: Path) -> bool:
 
 def is_run_dir(path: Path) -> bool:
     """A folder with a config.json or a journal; one that cannot be looked into (someone else's, 0700; a disk error)
-    counts as one, which `runs list` lists unreadable, saying why, rather than failing on it."""
+    counts as one, which `runs list` lists unreadable, saying why, rather than failing on it: but for the
+    lost+found of a runs directory at a filesystem's root (root's, 0700), which no run is."""
     try:
         return (path / CONFIG).is_file() or (path / JOURNAL_NAME).is_file()
     except OSError:
-        return True
+        return path.name != "lost+found"
 
 
 def find_runs(runs_dir: Path) -> list[Path]:

@@ -866,19 +866,23 @@ def someone_elses_run(tmp_path):
     for name in ("mine", "theirs"):
         (runs_dir / name).mkdir(parents=True)
         (runs_dir / name / "config.json").write_text(json.dumps({"target": "t.py:build", "epochs": 2}))
-    theirs = runs_dir / "theirs"
+    theirs, lost = runs_dir / "theirs", runs_dir / "lost+found"  # a runs directory at a filesystem's root has one
+    lost.mkdir()
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.skip("root reads every directory, and there is no setpriv to run a command without that")
         os.chown(theirs / "config.json", 65534, 65534)
-        os.chown(theirs, 65534, 65534)
-        theirs.chmod(0o700)
+        for folder in (theirs, lost):
+            os.chown(folder, 65534, 65534)
+            folder.chmod(0o700)
         prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
     else:
-        theirs.chmod(0o000)
+        for folder in (theirs, lost):
+            folder.chmod(0o000)
         prefix = []
     yield runs_dir, prefix
-    theirs.chmod(0o700)
+    for folder in (theirs, lost):
+        folder.chmod(0o700)
 
 
 def test_a_run_directory_this_user_cannot_read_is_listed_unreadable_beside_the_others(someone_elses_run):
@@ -890,6 +894,7 @@ def test_a_run_directory_this_user_cannot_read_is_listed_unreadable_beside_the_o
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
     runs = {run["id"]: run for run in json.loads(listed.stdout)}
+    assert sorted(runs) == ["mine", "theirs"], runs  # not lost+found, which no run is
     assert runs["mine"]["status"] == "died", runs
     assert (runs["theirs"]["status"], runs["theirs"]["detail"]) == ("unreadable", "Permission denied"), runs
     picked = subprocess.run([*prefix, *trainbus_cmd(), "runs", "list", "--runs-dir", str(runs_dir), "--status",
