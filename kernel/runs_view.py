@@ -84,7 +84,7 @@ def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
                   Column("error", overflow="fold"), box=None, pad_edge=False)
     for run in runs:
         metrics = _list_metrics(run)
-        table.add_row(escape(run["id"]), _status(run["status"]),
+        table.add_row(escape(printable(run["id"])), _status(run["status"]),
                       escape(_short_target(run.get("target"))), escape(flags_text(run.get("flags"))),
                       _when(run.get("started_at"))[:16],
                       duration_text(run.get("duration_s")), _epochs(run), _num(run.get("validation_loss")),
@@ -160,7 +160,7 @@ def print_comparison(console, rows: list[dict[str, Any]], runs_dir: Path) -> Non
     table = Table("run", "status", "target", *flag_names, *headers, "epochs done", "steps", "time", box=None,
                   pad_edge=False)
     for row in rows:
-        table.add_row(escape(row["id"]), _status(row["status"]),
+        table.add_row(escape(printable(row["id"])), _status(row["status"]),
                       escape(_short_target(row["target"])),
                       *[escape(_value(row["flags"][k])) if k in row["flags"] else "-" for k in flag_names],
                       *[_num(row["metrics"].get(m)) if m != "best_epoch" else str(row["metrics"].get(m) or "-")
@@ -178,9 +178,9 @@ def print_show(console, run: dict[str, Any]) -> None:
     def line(label: str, text: str) -> None:
         console.print(f"  {label:<12}{text}")
 
-    console.print(f"[bold]run {escape(run['id'])}[/bold]: {_status(run['status'])}"
+    console.print(f"[bold]run {escape(printable(run['id']))}[/bold]: {_status(run['status'])}"
                   + (f" ({escape(run['detail'])})" if run.get("detail") else ""))
-    line("directory", escape(run["dir"]))
+    line("directory", escape(printable(run["dir"])))
     line("target", escape(run.get("target") or "-"))
     if run.get("device") or run.get("model"):
         line("model", escape(f"{run.get('model') or '?'}, {run.get('parameters') or '?'} parameters, "

@@ -260,6 +260,21 @@ def test_a_copy_of_a_running_runs_directory_is_not_running(every_status, tmp_pat
     assert {r["id"]: r["status"] for r in original}["e-running"] == "running"
 
 
+def test_a_run_directory_whose_name_holds_a_newline_stays_on_its_own_row(every_status, tmp_path):
+    """A run folder's name is any name the file system takes (a copy made by a script, a name pasted with a newline):
+    printed raw, `\n` split its row in two in `runs list`, and a second line began as if it were another run."""
+    runs_dir, _ = every_status
+    odd = tmp_path / "runs" / "copied\nb-stopped"
+    shutil.copytree(runs_dir / "b-stopped", odd)
+    listed = subprocess.run([*trainbus_cmd(), "runs", "list", "--runs-dir", str(tmp_path / "runs")], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+    assert listed.returncode == 0, listed.stderr
+    rows = listed.stdout.splitlines()[1:]
+    assert len(rows) == 1 and rows[0].startswith("copied\\x0ab-stopped "), listed.stdout
+    shown = subprocess.run([*trainbus_cmd(), "runs", "show", str(odd)], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.startswith("run copied\\x0ab-stopped: stopped"), shown.stdout
+
+
 def _copy_file(source: str, destination: str) -> None:
     """As cp -r copies: regular files (the run's sockets are not), their times kept."""
     if os.path.isfile(source):
