@@ -139,6 +139,14 @@ STEERING = ("submit", "cancel", "stop")  # logged with who asked
 OPS = {"status": ("monitor", "control", LOCAL), "submit": ("control", LOCAL), "cancel": ("control", LOCAL),
        "wake": (LOCAL,), "stop": (LOCAL,)}
 ARGV_MAX_WORDS = 256
+# Requests a TCP connection may have queued in the daemon (a client sends one a connection and waits for its answer): at
+# 100 (up to 64 KiB each), 32 connections of one monitor key sending them faster than the loop decodes them grew the
+# daemon by ~180 MB in 15 s, up to 1.6 GB with 256. Past it TCP holds the sender back.
+REMOTE_RCVHWM = 4
+# Answers queued for a connection that does not read them (a status is a few KiB). Not fewer: the ROUTER drops an
+# answer when the queue looks full, and it learns what libzmq's I/O thread took from it only every SNDHWM / 2
+# messages, when the loop gets round to it; at 4, one request in ~50 went unanswered.
+REMOTE_SNDHWM = 16
 RUN_ID_MAX_CHARS = 200  # a request's run id, as far as it is read (ours are 22)
 
 
@@ -179,7 +187,7 @@ class Remote:
         from .remote import Crowd, curve_server
 
         socket = curve_server(self.context, zmq.ROUTER, self._secret, MAXMSGSIZE=CONTROL_MAX_BYTES, LINGER=0,
-                              RCVHWM=100, SNDHWM=100)
+                              RCVHWM=REMOTE_RCVHWM, SNDHWM=REMOTE_SNDHWM)
         return socket, Crowd(socket)
 
     def cut_crowded(self) -> bool:

@@ -332,3 +332,46 @@ def test_an_empty_key_file_or_a_remote_command_giving_an_option_twice_is_refused
     assert done.returncode == 2 and one_error_line(done) == (
         "error: the command's --epochs given twice (--epochs 3 and --epochs 4): give it once; nothing was "
         "submitted"), done.stderr
+
+
+def test_a_monitor_key_flooding_the_daemon_with_requests_holds_little_of_its_memory(tmp_path, daemons):
+    """What a TCP connection sends waits in the daemon until its loop reads it: its ROUTER queued 100 requests of up
+    to 64 KiB (MAXMSGSIZE) a connection, and 256 connections may be open. 32 connections of one monitor key sending
+    requests the daemon decodes slower than the wire brings them (31,000 one-letter strings in an unknown field)
+    grew it by ~180 MB in 15 s (64 connections: 400 MB). A client sends one request a connection and waits for its
+    answer, so the daemon now queues REMOTE_RCVHWM (4) requests a connection; past it TCP holds the sender back."""
+    import msgpack
+    import psutil
+    import zmq
+    from trainbus.proto.remote import secure_client
+
+    runs, [watcher], endpoint, pid = listening_daemon(tmp_path, daemons, [("w", "monitor")])
+    server_key = json.loads((daemon_dir(runs) / "remote.json").read_text())["server_key"].encode()
+    bulky = msgpack.packb({"op": "x", "y": ["a"] * 31_000})
+    assert len(bulky) < 64 * 1024
+    memory = psutil.Process(pid)
+    ctx = zmq.Context()
+    try:
+        floods = []
+        for _ in range(32):
+            flood = ctx.socket(zmq.DEALER)
+            flood.setsockopt(zmq.LINGER, 0)
+            secure_client(flood, watcher, server_key)
+            flood.connect(endpoint)
+            floods.append(flood)
+        before, grown, end = memory.memory_info().rss, 0, time.monotonic() + 10.0
+        while time.monotonic() < end:
+            for flood in floods:
+                try:
+                    flood.send(bulky, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+            grown = max(grown, memory.memory_info().rss - before)
+            time.sleep(0.001)
+    finally:
+        ctx.destroy(linger=0)
+    assert grown < 48 << 20, f"the daemon grew {grown >> 20} MB"
+    status = cli("daemon", "status", "--remote", endpoint, "--key", str(watcher), "--server-key",
+                 str(daemon_dir(runs) / "remote.json"), "--json", check=False)
+    assert status.returncode == 0 and json.loads(status.stdout)["serving"] is True, status.stderr
+
