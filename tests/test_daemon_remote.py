@@ -375,3 +375,38 @@ def test_a_monitor_key_flooding_the_daemon_with_requests_holds_little_of_its_mem
                  str(daemon_dir(runs) / "remote.json"), "--json", check=False)
     assert status.returncode == 0 and json.loads(status.stdout)["serving"] is True, status.stderr
 
+
+def test_requests_that_are_costly_to_decode_cost_the_daemon_little(tmp_path, daemons):
+    """A request is decoded before anything else is known of it, and msgpack makes one Python object per array or
+    map: 64 KB of empty arrays (under MAXMSGSIZE) took the daemon ~9 ms to decode, 64 of them a round, so one
+    monitor key kept it busy a second for every ~110 it sent. The daemon now stops decoding a request at its
+    1,024th array or map (MAX_CONTROL_CONTAINERS, as a run's kernel reads its peers): no request needs more."""
+    import psutil
+    import zmq
+    from trainbus.proto.remote import secure_client
+
+    runs, [watcher], endpoint, pid = listening_daemon(tmp_path, daemons, [("w", "monitor")])
+    server_key = json.loads((daemon_dir(runs) / "remote.json").read_text())["server_key"].encode()
+    costly = b"\xdc\xfd\xe8" + b"\x90" * 65_000  # an array of 65,000 empty arrays
+    ctx = zmq.Context()
+    try:
+        asker = ctx.socket(zmq.DEALER)
+        asker.setsockopt(zmq.LINGER, 0)
+        secure_client(asker, watcher, server_key)
+        asker.connect(endpoint)
+        asker.send(costly)  # the handshake first, out of the count
+        assert asker.poll(30_000), "no answer"
+        assert b"unknown request" in asker.recv()
+        daemon = psutil.Process(pid)
+        before, count = sum(daemon.cpu_times()[:2]), 100
+        for _ in range(count):
+            asker.send(costly)
+            assert asker.poll(10_000), "no answer"
+            assert b"unknown request" in asker.recv()
+        spent = sum(daemon.cpu_times()[:2]) - before
+    finally:
+        ctx.destroy(linger=0)
+    assert spent / count < 0.003, f"{spent / count * 1000:.1f} ms of the daemon's CPU a request"
+    status = cli("daemon", "status", "--remote", endpoint, "--key", str(watcher), "--server-key",
+                 str(daemon_dir(runs) / "remote.json"), "--json", check=False)
+    assert status.returncode == 0 and json.loads(status.stdout)["serving"] is True, status.stderr
