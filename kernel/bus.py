@@ -69,6 +69,12 @@ CONTROL_PER_WAKE = 256  # control messages read per wake-up: heartbeats and flus
 REMOTE_CONTROL_SHARE = 0.05
 REMOTE_CONTROL_RESUME_S = 0.01  # once spent, it is read again when this much is back: 0.2 s later at 5 %
 REMOTE_PACED_SAID_EVERY_S = 60.0  # kernel.log says a flood held back at most this often, naming its key
+# Replies queued to one local (ipc) connection, at most. A plugin pulls replay batches one at a time, and asks for a
+# run_state or sends a command now and then; a peer that asked for batches of up to 4 MiB and never read them had
+# 1,000 held for it (~4 GB of the kernel's memory in 25 s). Past it, a reply is dropped and counted unroutable, and the
+# peer asks again (as on TCP, kernel/remote.py CONTROL_SNDHWM). Not fewer: the ROUTER learns what libzmq's I/O thread
+# took from its queue only every SNDHWM / 2 messages, so a tiny queue can look full to a peer that reads.
+LOCAL_CONTROL_SNDHWM = 16
 STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said hello (slow joiners)
 CLOSE_TIMEOUT_S = 10.0  # close() waits this long for the bus thread's last round
 FLUSH_NOW_TIMEOUT_S = 5.0  # flush_now's wait for a flush: the bus never takes longer unless its disk holds it up
@@ -128,7 +134,7 @@ class Bus:
         self.bursts = _socket(self.ctx, zmq.XPUB, SNDHWM=BURSTS_HWM, LINGER=LINGER_MS)
         # ROUTER_MANDATORY: an unroutable reply raises (and is counted) instead of vanishing
         self.router = _socket(self.ctx, zmq.ROUTER, ROUTER_MANDATORY=1, MAXMSGSIZE=CONTROL_MAX_MESSAGE_BYTES,
-                              SNDHWM=1000, RCVHWM=10_000, LINGER=0)
+                              SNDHWM=LOCAL_CONTROL_SNDHWM, RCVHWM=10_000, LINGER=0)
         # The training thread's doorbell: a non-batch event is flushed at once, not at the next tick.
         # One pending ring is enough (SNDHWM 1); more would be dropped.
         self._wake_rx = _socket(self.ctx, zmq.PULL, LINGER=0)

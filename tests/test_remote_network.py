@@ -529,6 +529,48 @@ def test_one_monitor_key_whose_many_peers_ask_for_replays_and_never_read_them_ho
 
 
 @pytest.mark.timeout(300)
+def test_a_local_peer_that_asks_for_replays_and_never_reads_them_holds_a_bounded_queue_in_the_kernel(keys, runs_dir,
+                                                                                                   tmp_path, kernels):
+    """The TCP control socket queues 8 replies a connection (CONTROL_SNDHWM), the run's ipc one 1,000: a peer
+    attached with the run's credential (or a plugin of the run, stuck) asking for replay batches of 16 KiB log lines
+    within its 50 a second, and reading none, grew the kernel by ~4 GB in 25 s, 4 MiB a batch. The ipc control socket
+    now queues LOCAL_CONTROL_SNDHWM (16) replies a connection; past it a reply is dropped (counted unroutable) and
+    the peer asks again, as on TCP."""
+    import psutil
+
+    gate = tmp_path / "gate"
+    cfg = listening_config(runs_dir, keys["dir"], epochs=1, step_sleep_s=0, gate=gate)
+    cfg.limits = {"bytes_per_s": 64 << 20, "logs_per_s": 10_000.0}  # the lines go in at once
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    ctx = zmq.Context()
+    try:
+        log_big_lines(ctx, keys, conn, kernel, 320)  # 4 MiB replay batches
+        hog = ctx.socket(zmq.DEALER)
+        hog.setsockopt(zmq.LINGER, 0)
+        hog.setsockopt(zmq.RCVHWM, 1)
+        hog.setsockopt(zmq.RCVBUF, 4096)
+        hog.connect(f"ipc://{kernel.run_dir / 'control.sock'}")
+        hog.send(pack({"v": 1, "type": "hello", "name": "hog", "pid": os.getpid(), "subscriptions": [""],
+                       "replies": [], "delivery": "best_effort",
+                       "secret": (kernel.run_dir / "credential").read_text().strip()}))
+        memory = psutil.Process(kernel.proc.pid)
+        before, grown, end = memory.memory_info().rss, 0, time.monotonic() + 10.0
+        while time.monotonic() < end and grown < 256 << 20:  # past that it failed: spare the box the rest
+            hog.send(pack({"v": 1, "type": "replay", "from_seq": 1}), zmq.NOBLOCK)
+            hog.send(pack({"v": 1, "type": "heartbeat"}), zmq.NOBLOCK)
+            time.sleep(0.025)  # within its 50 batches a second
+            grown = max(grown, memory.memory_info().rss - before)
+    finally:
+        ctx.destroy(linger=0)
+    assert grown < 128 << 20, f"the kernel grew {grown >> 20} MB"
+    open_gate(gate, STEPS_PER_EPOCH)
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed", result["bus"]
+
+
+@pytest.mark.timeout(300)
 def test_a_tcp_subscriber_that_never_reads_holds_a_bounded_queue_in_the_kernel(keys, runs_dir, tmp_path, kernels):
     """A TCP events subscriber that connects and never reads had the kernel hold up to EVENTS_HWM (10,000) events for
     it, as a local plugin does: with plugins logging 16 KiB lines at their budget, 64 such connections grew the kernel
