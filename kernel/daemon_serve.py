@@ -87,6 +87,7 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
     context = zmq.Context()
     socket, endpoint, socket_home = _bind_control(context, directory)
     stopping: list[str] = []
+    refusals = Refusals()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.append(signal.Signals(signum).name))
     log.info("daemon pid %d serving %s: devices %s, max_concurrent %d, control %s%s", os.getpid(), daemon.runs_dir,
@@ -102,7 +103,7 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
         while not stopping:
             ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000))))
             if socket in ready:
-                _answer(socket, lambda frames: (LOCAL, f"the owner ({local_user()})"), daemon, stopping)
+                _answer(socket, lambda frames: (LOCAL, f"the owner ({local_user()})"), daemon, stopping, refusals)
             if remote and remote.crowd.monitor in ready:
                 old = (remote.socket, remote.crowd.monitor)
                 if remote.cut_crowded():
@@ -111,10 +112,11 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
                     poller.register(remote.socket, zmq.POLLIN)
                     poller.register(remote.crowd.monitor, zmq.POLLIN)
             if remote and remote.socket in ready:
-                _answer(remote.socket, remote.peer_of, daemon, stopping)
+                _answer(remote.socket, remote.peer_of, daemon, stopping, refusals)
             if time.monotonic() >= next_tick or daemon.woken:
                 daemon.woken = False
                 daemon.safe_tick(time.time())
+                refusals.flush(time.monotonic())
                 if remote:
                     remote.bind_unbound()
                 next_tick = time.monotonic() + TICK_S
@@ -140,6 +142,9 @@ STEERING = ("submit", "cancel", "stop")  # logged with who asked
 OPS = {"status": ("monitor", "control", LOCAL), "submit": ("control", LOCAL), "cancel": ("control", LOCAL),
        "wake": (LOCAL,), "stop": (LOCAL,)}
 ARGV_MAX_WORDS = 256
+# A key's refused requests after its first: a count in daemon.log at most this often. A line each, a monitor key asking
+# `submit` in a loop rotated every older line of the log (who submitted what, which run died) out in ~3 minutes.
+REFUSED_LOG_EVERY_S = 10.0
 # Requests a TCP connection may have queued in the daemon (a client sends one a connection and waits for its answer): at
 # 100 (up to 64 KiB each), 32 connections of one monitor key sending them faster than the loop decodes them grew the
 # daemon by ~180 MB in 15 s, up to 1.6 GB with 256. Past it TCP holds the sender back.
@@ -149,6 +154,30 @@ REMOTE_RCVHWM = 4
 # messages, when the loop gets round to it; at 4, one request in ~50 went unanswered.
 REMOTE_SNDHWM = 16
 RUN_ID_MAX_CHARS = 200  # a request's run id, as far as it is read (ours are 22)
+
+
+class Refusals:
+    """Requests refused for their key's role, in daemon.log: a key's first at once, the ones after it as a count at
+    most every REFUSED_LOG_EVERY_S (one entry per key of the key directory, and the owner's: bounded)."""
+
+    def __init__(self) -> None:
+        self._by: dict[str, tuple[float, int]] = {}  # who -> (when its last line was written, refused since)
+
+    def refused(self, op: str, who: str, role: str | None, now: float) -> None:
+        last, since = self._by.get(who, (-REFUSED_LOG_EVERY_S, 0))
+        if now - last < REFUSED_LOG_EVERY_S:
+            self._by[who] = (last, since + 1)
+            return
+        more = f"; {since} more refused from it since" if since else ""
+        log.warning("refused %s from %s (role %s)%s", op, who, role or "none", more)
+        self._by[who] = (now, 0)
+
+    def flush(self, now: float) -> None:
+        """The counts of keys that have stopped asking, once their interval is over (called every round)."""
+        for who, (last, since) in list(self._by.items()):
+            if since and now - last >= REFUSED_LOG_EVERY_S:
+                log.warning("refused %d more request(s) from %s", since, who)
+                self._by[who] = (now, 0)
 
 
 class Remote:
@@ -237,7 +266,7 @@ class Remote:
 
 
 def _answer(socket: zmq.Socket, peer_of: Callable[[list[zmq.Frame]], tuple[str | None, str]], daemon: Daemon,
-            stopping: list[str]) -> None:
+            stopping: list[str], refusals: Refusals) -> None:
     for _ in range(64):  # bounded per round: a flood of requests never starves the queue
         try:
             frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -256,7 +285,7 @@ def _answer(socket: zmq.Socket, peer_of: Callable[[list[zmq.Frame]], tuple[str |
         if not isinstance(op, str) or op not in OPS:  # a list or a map is unhashable: never looked up
             reply = {"ok": False, "error": f"unknown request; ops: {', '.join(OPS)}"}
         elif role not in OPS[op]:
-            log.warning("refused %s from %s (role %s)", op, who, role or "none")
+            refusals.refused(op, who, role, time.monotonic())
             roles = [r for r in OPS[op] if r != LOCAL]
             fix = (f": it takes a {' or '.join(roles)} key (`trainbus keys generate client NAME --role {roles[-1]}` "
                    f"on the daemon's host)") if roles else ": only the daemon's owner, on its host, may"

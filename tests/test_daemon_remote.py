@@ -410,3 +410,37 @@ def test_requests_that_are_costly_to_decode_cost_the_daemon_little(tmp_path, dae
     status = cli("daemon", "status", "--remote", endpoint, "--key", str(watcher), "--server-key",
                  str(daemon_dir(runs) / "remote.json"), "--json", check=False)
     assert status.returncode == 0 and json.loads(status.stdout)["serving"] is True, status.stderr
+
+
+def test_a_key_asking_in_a_loop_for_what_its_role_does_not_grant_leaves_daemon_log_its_history(tmp_path, daemons):
+    """Each refused request was a line of daemon.log: a monitor key asking `submit` as fast as it was answered wrote
+    ~240 KB a second, and rotated every older line (who submitted what, which run died and how to resume it) out of
+    the log's 40 MB in ~3 minutes. A key's refusals are now logged the first at once, then as a count at most once
+    every REFUSED_LOG_EVERY_S."""
+    import msgpack
+    import zmq
+    from trainbus.kernel.daemon_serve import REFUSED_LOG_EVERY_S
+    from trainbus.proto.remote import secure_client
+
+    runs, [watcher], endpoint, _ = listening_daemon(tmp_path, daemons, [("w", "monitor")])
+    server_key = json.loads((daemon_dir(runs) / "remote.json").read_text())["server_key"].encode()
+    log = daemon_dir(runs) / "daemon.log"
+    ctx = zmq.Context()
+    try:
+        asker = ctx.socket(zmq.DEALER)
+        asker.setsockopt(zmq.LINGER, 0)
+        secure_client(asker, watcher, server_key)
+        asker.connect(endpoint)
+        for _ in range(300):
+            asker.send(msgpack.packb({"op": "submit", "argv": ["x"]}))
+            assert asker.poll(10_000), "no answer"
+            assert b"submit is not granted to this key (role monitor)" in asker.recv()
+        assert log.read_text().count("refused submit from key w (role monitor)") == 1, log.read_text()[-2000:]
+        time.sleep(REFUSED_LOG_EVERY_S)
+        asker.send(msgpack.packb({"op": "cancel", "run": "x"}))  # the next one says how many went unsaid
+        assert asker.poll(10_000) and b"not granted" in asker.recv()
+    finally:
+        ctx.destroy(linger=0)
+    wait_until(lambda: "refused cancel from key w (role monitor); 299 more refused from it since" in log.read_text(),
+               30, "the count of the refusals in daemon.log")
+    assert len(log.read_text().splitlines()) < 10, log.read_text()[-2000:]
