@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trainbus.proto.run_state import MAX_STOP_REASONS
+
 
 @dataclass
 class Reply:
@@ -28,8 +30,19 @@ NO_CONTROL = Control()  # the usual step boundary: nothing asked; shared so the 
 
 
 def merge_replies(replies) -> Control:
-    """Any stop wins; any checkpoint_now asks for one checkpoint; each kind keeps its own reasons."""
-    stops = tuple(f"{r.plugin}: stop: {r.reason}" for r in replies if r.type == "stop")
-    checkpoints = tuple(f"{r.plugin}: {r.reason}" for r in replies if r.type == "checkpoint_now")
+    """Any stop wins; any checkpoint_now asks for one checkpoint; each kind keeps its own reasons, the first
+    MAX_STOP_REASONS distinct ones and one saying how many more came. All of them, summary.json's stop_reasons, the
+    registry's row, `runs show` and a daemon's status were 30 MB each after a peer that may stop the run sent 30,000
+    stops of 1,000 characters while a step lasted."""
+    stops = _first(f"{r.plugin}: stop: {r.reason}" for r in replies if r.type == "stop")
+    if len(stops) > MAX_STOP_REASONS:
+        stops = (*stops[:MAX_STOP_REASONS], f"kernel: stop: {len(stops) - MAX_STOP_REASONS:,} more stop requests at "
+                                            f"this step boundary, not listed")
+    checkpoints = _first(f"{r.plugin}: {r.reason}" for r in replies if r.type == "checkpoint_now")
     return Control(should_stop=bool(stops), checkpoint_now=bool(checkpoints), reasons=stops,
-                   checkpoint_reasons=checkpoints)
+                   checkpoint_reasons=checkpoints[:MAX_STOP_REASONS])
+
+
+def _first(reasons) -> tuple[str, ...]:
+    """The reasons in arrival order, each once: a client resending its stop (a reconnect) says it once."""
+    return tuple(dict.fromkeys(reasons))

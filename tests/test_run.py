@@ -193,3 +193,55 @@ def test_a_continued_run_replays_its_earlier_session_to_durable_plugins_without_
     finals = [e.seq for e in read_events(first.run_dir) if e.type == ev.END_TRAINING_SESSION]
     # each session's end, once: session 1's was not handed over again in session 2
     assert recorded(seen) == [(finals[0], ev.END_TRAINING_SESSION), (finals[1], ev.END_TRAINING_SESSION)]
+
+
+@pytest.mark.timeout(300)
+def test_a_flood_of_stops_before_a_step_boundary_leaves_a_summary_and_registry_of_bounded_size(runs_dir, tmp_path,
+                                                                                               kernels):
+    """Every stop reply that came before the boundary the run stopped at was one of its reasons: a peer with
+    `stop` among its replies (a control key, a plugin, a client attached by hand) sending 30,000 stops of 1,000
+    characters while a step lasted made summary.json, the registry's row and `runs show` 30 MB each (and a
+    daemon's `status`, which lists the runs it ended with their reasons, more than its clients take). The reasons
+    of one boundary are now its first MAX_STOP_REASONS distinct ones and one saying how many more there were."""
+    import json
+    import os
+    import time
+
+    import msgpack
+    import zmq
+
+    from fixture_targets import open_gate
+    from kernel_process import KernelProcess, cli, wait_until
+    from trainbus.proto.run_state import MAX_STOP_REASONS
+
+    gate = tmp_path / "gate"
+    cfg = RunConfig(target="fixture_targets:paced_digits", epochs=1, device="cpu", runs_dir=str(runs_dir), plugins=[],
+                    hyperparameters={"step_sleep_s": 0, "gate": str(gate)}, checkpoint_every_n_epochs=0)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    wait_until(lambda: (kernel.run_dir / "control.sock").exists() and (kernel.run_dir / "credential").exists(), 60,
+               "the run's control socket")
+    ctx = zmq.Context()
+    try:
+        stopper = ctx.socket(zmq.DEALER)
+        stopper.setsockopt(zmq.LINGER, 1000)
+        stopper.connect(f"ipc://{kernel.run_dir / 'control.sock'}")
+        send = lambda type_, **fields: stopper.send(msgpack.packb({"v": 1, "type": type_, **fields}))  # noqa: E731
+        send("hello", name="stopper", pid=os.getpid(), subscriptions=[], replies=["stop"], delivery="best_effort",
+             secret=(kernel.run_dir / "credential").read_text().strip())
+        for number in range(30_000):
+            send("stop", id=str(number), reason=f"{number:05d} " + "r" * 994)
+            if number % 1000 == 0:
+                send("heartbeat")
+        time.sleep(3.0)  # read by the kernel's bus thread meanwhile
+    finally:
+        ctx.destroy(linger=0)
+    open_gate(gate, 45)
+    assert kernel.result(timeout_s=120)["status"] == "stopped"
+    summary = json.loads((kernel.run_dir / "summary.json").read_text())
+    reasons = summary["outcome"]["stop_reasons"]
+    assert len(reasons) == MAX_STOP_REASONS + 1 and reasons[0] == "stopper: stop: 00000 " + "r" * 994, reasons[:2]
+    assert reasons[-1].startswith("kernel: stop: ") and " more stop" in reasons[-1], reasons[-1]
+    assert (kernel.run_dir / "summary.json").stat().st_size < 64 * 1024
+    shown = cli("runs", "show", kernel.run_id, "--runs-dir", str(runs_dir))
+    assert shown.returncode == 0 and len(shown.stdout) < 64 * 1024, len(shown.stdout)
