@@ -69,6 +69,7 @@ CONTROL_PER_WAKE = 256  # control messages read per wake-up: heartbeats and flus
 REMOTE_CONTROL_SHARE = 0.05
 REMOTE_CONTROL_RESUME_S = 0.01  # once spent, it is read again when this much is back: 0.2 s later at 5 %
 REMOTE_PACED_SAID_EVERY_S = 60.0  # kernel.log says a flood held back at most this often, naming its key
+PENDING_REPLIES_MAX = 64  # stops, and checkpoint_nows, held for the next step boundary (which lists 8: replies.py)
 # Replies queued to one local (ipc) connection, at most. A plugin pulls replay batches one at a time, and asks for a
 # run_state or sends a command now and then; a peer that asked for batches of up to 4 MiB and never read them had
 # 1,000 held for it (~4 GB of the kernel's memory in 25 s). Past it, a reply is dropped and counted unroutable, and the
@@ -106,7 +107,9 @@ class Bus:
         self.session_seq = journal.last_seq + 1  # this kernel's first: earlier ones are a continued run's past
         self._queue: collections.deque = collections.deque()  # (type, ts, step, epoch, data); step None: emit's
         self._unpublished: collections.deque = collections.deque()  # (topic, raw) numbered, not yet journaled
-        self._replies: collections.deque[Reply] = collections.deque()
+        # stop and checkpoint_now replies until the next step boundary takes them, each kind at most PENDING_REPLIES_MAX
+        self._stops: collections.deque[Reply] = collections.deque()
+        self._checkpoint_asks: collections.deque[Reply] = collections.deque()
         self._answers: collections.deque = collections.deque()  # (identity, raw) sent off the bus thread (send)
         # flush_now's: each set once a flush has numbered (journaled, sent) every event queued before it
         self._flushed: collections.deque[threading.Event] = collections.deque()
@@ -176,14 +179,24 @@ class Bus:
         self._queue.append((type_, time.time(), None, None, data))
 
     def reply(self, type_: str, plugin: str, reason: str) -> None:
-        """A stop or checkpoint_now for the loop's next step boundary."""
-        self._replies.append(Reply(type_, plugin, reason))
+        """A stop or checkpoint_now for the loop's next step boundary. Past PENDING_REPLIES_MAX of its kind, it is
+        counted on the last one queued (Reply.more), whose boundary says how many more came: each was held until
+        then, and a peer that may stop the run sending them through a long validation grew the kernel by GBs."""
+        pending = self._stops if type_ == "stop" else self._checkpoint_asks
+        if len(pending) < PENDING_REPLIES_MAX:
+            pending.append(Reply(type_, plugin, reason))
+            return
+        try:
+            pending[-1].more += 1
+        except IndexError:  # taken by the boundary this instant: the one it would have joined is being acted on
+            pass
 
     def take_replies(self) -> list[Reply]:
-        """Called at every step boundary: the empty case is one truth test (~70 ns)."""
-        if not self._replies:
+        """Called at every step boundary: the empty case is two truth tests (~100 ns)."""
+        if not self._stops and not self._checkpoint_asks:
             return []
-        return [self._replies.popleft() for _ in range(len(self._replies))]  # the bus thread only appends
+        # the bus thread only appends
+        return [pending.popleft() for pending in (self._stops, self._checkpoint_asks) for _ in range(len(pending))]
 
     def wait(self, done, timeout_s: float) -> bool:
         """Block the calling thread until done() holds (checked after each bus round) or timeout_s passes."""

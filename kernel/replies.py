@@ -14,6 +14,7 @@ class Reply:
     type: str  # stop | checkpoint_now
     plugin: str
     reason: str
+    more: int = 0  # of its kind that came after it, not kept (kernel/bus.py PENDING_REPLIES_MAX)
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,10 @@ def merge_replies(replies) -> Control:
     registry's row, `runs show` and a daemon's status were 30 MB each after a peer that may stop the run sent 30,000
     stops of 1,000 characters while a step lasted."""
     stops = _first(f"{r.plugin}: stop: {r.reason}" for r in replies if r.type == "stop")
-    if len(stops) > MAX_STOP_REASONS:
-        stops = (*stops[:MAX_STOP_REASONS], f"kernel: stop: {len(stops) - MAX_STOP_REASONS:,} more stop requests at "
-                                            f"this step boundary, not listed")
+    more = max(0, len(stops) - MAX_STOP_REASONS) + sum(r.more for r in replies if r.type == "stop")
+    if more > 0:
+        stops = (*stops[:MAX_STOP_REASONS], f"kernel: stop: {more:,} more stop requests at this step boundary, not "
+                                            f"listed")
     checkpoints = _first(f"{r.plugin}: {r.reason}" for r in replies if r.type == "checkpoint_now")
     return Control(should_stop=bool(stops), checkpoint_now=bool(checkpoints), reasons=stops,
                    checkpoint_reasons=checkpoints[:MAX_STOP_REASONS])
