@@ -273,7 +273,10 @@ class Dispatcher:
         # escaped as it comes in: the run's `stopped by:` line, `runs show`, the console and kernel.log all show it
         reason = truncate(printable(msg["reason"]), REASON_MAX_CHARS)[0]
         if peer.key_name:  # who sent it, journaled with the stop_requested it leads to
-            log.info("[%s] %s from key %s (%s): %s", peer.name, msg["type"], peer.key_name, peer.role, reason)
+            if peer.budget.reply_lines.take(time.monotonic()):  # a loop of them rotated kernel.log's history away
+                log.info("[%s] %s from key %s (%s): %s", peer.name, msg["type"], peer.key_name, peer.role, reason)
+            else:
+                self.counters["reply_lines_dropped"] += 1
         # and who sent it, escaped and cut the same: a hand-attached peer's name is any string it said hello with
         self.bus.reply(msg["type"], truncate(printable(peer.label), REASON_MAX_CHARS)[0], reason)
 

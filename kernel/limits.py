@@ -59,8 +59,8 @@ class TokenBucket:
 
 
 class PeerBudget:
-    """One peer's buckets: metric and log messages, their bytes, and replay batches; a TCP key's (`keyed`), also
-    what its messages may add to the journal in all (key_journal_mb)."""
+    """One peer's buckets: metric and log messages, their bytes, replay batches, and the lines its replies make; a TCP
+    key's (`keyed`), also what its messages may add to the journal in all (key_journal_mb)."""
 
     def __init__(self, limits: PeerLimits, now: float, keyed: bool = False):
         self.limits = limits
@@ -70,6 +70,9 @@ class PeerBudget:
         self.replays = TokenBucket(limits.replay_batches_per_s, now)
         self.journal_left = limits.key_journal_mb * 2**20 if keyed else None  # bytes; None: a local peer, no total
         self.said_spent_out = False
+        # kernel.log's line for each stop and checkpoint_now of a remote key (kernel/control.py): at a log message's
+        # rate, as each is a line too; a control key sending checkpoint_now in a loop wrote ~5 MB of them a second
+        self.reply_lines = TokenBucket(limits.logs_per_s, now)
 
     def admit(self, kind: str, nbytes: int, now: float) -> bool:
         """A metric or log message of `nbytes` payload may go through (both its buckets had room, and the key's

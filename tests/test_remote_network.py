@@ -571,6 +571,41 @@ def test_a_local_peer_that_asks_for_replays_and_never_reads_them_holds_a_bounded
 
 
 @pytest.mark.timeout(300)
+def test_a_control_key_sending_checkpoint_now_in_a_loop_leaves_kernel_log_its_history(keys, runs_dir, tmp_path,
+                                                                                       kernels):
+    """Each stop or checkpoint_now of a remote key was a line of kernel.log naming the key (~1 KB with its reason),
+    with no bound but the wire: a control key sending checkpoint_now in a loop (which does not end the run, as a
+    stop does) wrote ~20 MB of them in a few seconds, and kernel.log, rotated at 64 MB into one older file, kept
+    nothing of the run's earlier lines. They are now written within the key's budget of log lines (50 a second,
+    as its log messages are); the rest are counted (`reply_lines_dropped`)."""
+    cfg = listening_config(runs_dir, keys["dir"], epochs=50, step_sleep_s=0.005)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    kernel.wait_step(2, timeout_s=120)
+    pilot = RemoteClient(conn, keys["pilot"])
+    log = kernel.run_dir / "kernel.log"
+    try:
+        pilot.hello("pilot", replies=["checkpoint_now"])
+        assert pilot.reply(30, "welcome") is not None
+        before, end, number = log.stat().st_size, time.monotonic() + 6.0, 0
+        while time.monotonic() < end:
+            try:
+                pilot.send("checkpoint_now", id=str(number), reason=f"{number:06d} " + "c" * 900)
+                number += 1
+            except zmq.Again:
+                time.sleep(0.001)
+        time.sleep(1.0)
+        grown = log.stat().st_size - before
+    finally:
+        pilot.close()
+    assert number > 5_000, f"only {number} sent"
+    assert grown < 1 << 20, f"kernel.log grew {grown >> 20} MB from {number} checkpoint_now"
+    assert "checkpoint_now from key pilot (control): 000000 ccc" in log.read_text()
+    kernel.kill()
+
+
+@pytest.mark.timeout(300)
 def test_a_tcp_subscriber_that_never_reads_holds_a_bounded_queue_in_the_kernel(keys, runs_dir, tmp_path, kernels):
     """A TCP events subscriber that connects and never reads had the kernel hold up to EVENTS_HWM (10,000) events for
     it, as a local plugin does: with plugins logging 16 KiB lines at their budget, 64 such connections grew the kernel
