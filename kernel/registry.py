@@ -289,7 +289,14 @@ def _read_only_mount(path: Path) -> bool:
 
 def cannot_read(runs_dir: Path, exc: sqlite3.Error) -> str:
     """Why a registry SQLite could not open or read is unknown (a full disk is the usual cause: WAL mode writes to
-    open): the file and the fix, for `daemon status`, whether a daemon serves or not."""
+    open; a read-only mount the other): the file and the fix, for `daemon status`, whether a daemon serves or not."""
+    try:
+        read_only = bool(os.statvfs(runs_dir).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:  # "free space there" would send the user after a fix that cannot work
+        return (f"{Path(runs_dir) / REGISTRY_NAME} cannot be changed ({exc}): {Path(runs_dir).resolve()} is on a "
+                f"read-only filesystem; do this where the runs directory is mounted writable")
     return f"{Path(runs_dir) / REGISTRY_NAME} cannot be read ({exc}); free space there (a full disk says this)"
 
 

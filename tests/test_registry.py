@@ -356,6 +356,11 @@ def test_a_runs_directory_on_a_read_only_mount_is_listed_through_its_registry_wi
     assert _comparable(json.loads(listed.stdout)) == _comparable(json.loads(json.dumps(before))), listed.stdout
     with Registry(runs_dir) as registry:  # read through the registry: its rows, not a read of each directory
         assert sorted(registry.runs(time.time())) == ["a-completed", "b-failed"]
+    # taking a run off the queue writes: said as the read-only mount it is, not as a full disk to free space on
+    cancelled = subprocess.run([*trainbus_cmd(), "daemon", "cancel", "a-completed", "--runs-dir", str(runs_dir)],
+                               capture_output=True, text=True, timeout=60)
+    assert cancelled.returncode != 0 and "is on a read-only filesystem; do this where the runs directory is " \
+        "mounted writable" in cancelled.stderr and "free space" not in cancelled.stderr, cancelled.stderr
 
 
 def test_a_registry_that_cannot_be_written_costs_one_warning_line_and_never_the_run(tmp_path, capfd):
