@@ -15,6 +15,7 @@ from trainbus.proto.codec import MAX_ARRAY_LEN, MAX_STR_BYTES
 from conftest import TESTS_DIR
 from helpers import PLUGIN_START_S, assert_same_weights, recorded, run_config
 from specs import lifecycle
+from test_trust import short_runs  # noqa: F401
 
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
 
@@ -196,8 +197,8 @@ def test_a_continued_run_replays_its_earlier_session_to_durable_plugins_without_
 
 
 @pytest.mark.timeout(300)
-def test_a_flood_of_stops_before_a_step_boundary_costs_bounded_memory_and_leaves_bounded_reasons(runs_dir, tmp_path,
-                                                                                                   kernels):
+def test_a_flood_of_stops_before_a_step_boundary_costs_bounded_memory_and_leaves_bounded_reasons(short_runs, tmp_path,
+                                                                                                   kernels):  # noqa: F811
     """Every stop reply that came before the boundary the run stopped at was one of its reasons: a peer with
     `stop` among its replies (a control key, a plugin, a client attached by hand) sending 30,000 stops of 1,000
     characters while a step lasted made summary.json, the registry's row and `runs show` 30 MB each (and a
@@ -219,7 +220,8 @@ def test_a_flood_of_stops_before_a_step_boundary_costs_bounded_memory_and_leaves
     from trainbus.proto.run_state import MAX_STOP_REASONS
 
     gate = tmp_path / "gate"
-    cfg = RunConfig(target="fixture_targets:paced_digits", epochs=1, device="cpu", runs_dir=str(runs_dir), plugins=[],
+    # a short runs directory: the sockets in the run directory (a long path puts them in the temp dir instead)
+    cfg = RunConfig(target="fixture_targets:paced_digits", epochs=1, device="cpu", runs_dir=str(short_runs), plugins=[],
                     hyperparameters={"step_sleep_s": 0, "gate": str(gate)}, checkpoint_every_n_epochs=0)
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
@@ -251,5 +253,5 @@ def test_a_flood_of_stops_before_a_step_boundary_costs_bounded_memory_and_leaves
     assert len(reasons) == MAX_STOP_REASONS + 1 and reasons[0] == "stopper: stop: 00000 " + "r" * 994, reasons[:2]
     assert reasons[-1] == "kernel: stop: 59,992 more stop requests at this step boundary, not listed", reasons[-1]
     assert (kernel.run_dir / "summary.json").stat().st_size < 64 * 1024
-    shown = cli("runs", "show", kernel.run_id, "--runs-dir", str(runs_dir))
+    shown = cli("runs", "show", kernel.run_id, "--runs-dir", str(short_runs))
     assert shown.returncode == 0 and len(shown.stdout) < 64 * 1024, len(shown.stdout)
