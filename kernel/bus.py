@@ -62,7 +62,8 @@ CONTROL_PER_WAKE = 256  # control messages read per wake-up: heartbeats and flus
 # The bus thread reads the TCP control socket for at most this share of the wall clock (up to twice it at once,
 # limits.BURST_S), measured on the wall clock (so also charged for the GIL it waits for). Each message costs the GIL
 # ~10 us before anything is known of it, more to decode: one monitor key's heartbeats from 4 connections were read
-# at ~40,000 a second, most of a core beside training on 2 (docs/benchmarks.md, "Hostile peers"). A bound per round
+# at ~50,000 a second, half a core, and training's steps took 3.3 times as long on 2 cores; +3 % at 5 %
+# (docs/benchmarks.md, "Hostile peers"; scripts/bench/control_flood.py). A bound per round
 # (CONTROL_PER_WAKE) is none per second. Past its share the socket is left unread until the share is back: each
 # connection's queue fills (CONTROL_RCVHWM) and TCP holds its sender back, so libzmq stops decrypting for it too.
 # Remote clients need far less: 50 attached monitors acking 10 bursts a second take ~0.5 %.
