@@ -85,12 +85,14 @@ class LivePlugins:
         ATTACH_ANSWER_S, with that."""
         for name, (identity, label, msg, text, crashes, answer_at) in list(self._starting.items()):
             child = self.supervisor.children.get(name)
-            if child is not None and child.crash_count > crashes:
+            crashed = child is not None and child.crash_count > crashes
+            if crashed or (child is not None and child.state == "exited" and not child.detached):
                 del self._starting[name]
+                again = (f"it is started again (backoff), until `trainbus plugins detach {self.bus.run_id} {name}` "
+                         f"or it is given up" if crashed else "it is not started again")
                 self._answer(identity, label, msg, False, (
-                    f"{name} exited before it said hello: {child.crashes[-1]}; what it printed: "
-                    f"{self.supervisor.log_dir / (name + '.log')}; it is started again (backoff), until `trainbus "
-                    f"plugins detach {self.bus.run_id} {name}` or it is given up"))
+                    f"{name} exited before it said hello: {child.crashes[-1] if crashed else 'on its own'}; what it "
+                    f"printed: {self.supervisor.log_dir / (name + '.log')}; {again}"))
             elif now >= answer_at or child is None or child.detached:
                 del self._starting[name]
                 self._answer(identity, label, msg, True, text + (
