@@ -1,6 +1,6 @@
-"""What the tests of a kernel on TCP share (test_remote.py, test_remote_network.py, test_hostile_load.py): a key
-directory with a key of each kind, a paced run listening on a free port, its connection file, and a raw pyzmq client
-as an outsider would write one."""
+"""What the tests of a kernel on TCP share (test_remote.py, test_remote_network.py, test_remote_floods.py,
+test_hostile_load.py): a key directory with a key of each kind, a paced run listening on a free port, its connection
+file, and a raw pyzmq client as an outsider would write one."""
 
 from __future__ import annotations
 

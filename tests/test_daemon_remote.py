@@ -264,7 +264,7 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
 
 
 def test_a_flood_of_connections_with_no_key_costs_the_daemon_a_bounded_number_of_descriptors(tmp_path, daemons):
-    """As a kernel's (tests/test_remote_network.py): connections that never finish a handshake each held a descriptor
+    """As a kernel's (tests/test_remote_floods.py): connections that never finish a handshake each held a descriptor
     of the daemon's for 5 s, with no bound; over CONNECTIONS_PER_SOCKET at once its port is now closed and bound again,
     and a keyed client is answered once the flood stops."""
     from helpers import flood_connections

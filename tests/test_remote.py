@@ -3,8 +3,8 @@ that cannot get in is told why, in one line and at once; the keys CLI.
 
 Real kernels in their own processes listening on 127.0.0.1 (port 0: free ones), raw pyzmq clients as an
 outsider would write them, `trainbus attach` and the SDK's remote mode (`python -m trainbus.sdk ... --connect`).
-Parametrized after pyzmq's zmq/tests/test_auth.py. Remote plugins and attach over a network that fails them, and what
-a remote peer may cost the kernel: test_remote_network.py. Nothing is mocked.
+Parametrized after pyzmq's zmq/tests/test_auth.py. Remote plugins and attach over a network that fails them:
+test_remote_network.py; what a remote peer may cost the kernel: test_remote_floods.py. Nothing is mocked.
 """
 
 from __future__ import annotations
