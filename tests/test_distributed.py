@@ -422,9 +422,9 @@ def test_a_stall_names_where_each_rank_of_the_machine_waits(tmp_path):
         assert any("in _wait_for_gate" in frame for frame in rank_1["stack"]), rank_1["stack"]
         assert rank_1["stack"][-1].startswith(f'  File "{fixture}", line '), rank_1["stack"]  # innermost last
         assert not event.data["where"] or "_wait_for_gate" not in "".join(event.data["stack"])  # rank 0 waits
-        kernel_log = (journal_dir := next(runs.iterdir())) / "kernel.log"
-        assert "rank 1 in your code at " + fixture in kernel_log.read_text()
-        assert (journal_dir / "rank1.stacks.txt").is_file()
+        [run_dir] = [p.parent for p in runs.glob(f"*/{JOURNAL_NAME}")]  # beside it: the runs' registry
+        assert "rank 1 in your code at " + fixture in (run_dir / "kernel.log").read_text()
+        assert (run_dir / "rank1.stacks.txt").is_file()
     finally:
         open_gate(gate, 10**6)
     out, err = command.communicate(timeout=240)
