@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 import zlib
 
@@ -800,12 +801,20 @@ def test_a_voter_welcomed_while_the_kernel_waits_at_an_end_epoch_is_waited_for_f
     kernels.append(kernel)
     wait_sockets(kernel)
     holder, latecomer = Client(kernel.run_dir), None
+    beating, quiet = None, threading.Event()
     try:
         holder.drain_events(60.0)
         holder.hello("holder", attach_credential(kernel.run_dir), votes=["end_epoch"])  # never acks: holds each wait
         holder.wait_reply("welcome")
         ready = holder.wait_event(lambda e: e["type"] == "plugin_ready" and e["data"]["plugin"] == "holder")
         first = holder.wait_event(lambda e: e["type"] == "end_epoch" and e["seq"] > ready["seq"], timeout_s=120)
+        # The holder talks on while the test drives the latecomer: silent for the liveness window (3 s, the vote's
+        # timeout too) it was forgotten as the kernel's wait for it ended, on a busy box, and never named late.
+        def keep_talking() -> None:  # the holder's socket is this thread's alone from here to the end
+            while not quiet.wait(0.2):
+                holder.drain_events()
+        beating = threading.Thread(target=keep_talking, daemon=True)
+        beating.start()
         latecomer = Client(kernel.run_dir)  # connected after that end_epoch went out: it never receives it
         latecomer.drain_events(60.0)  # a heartbeat, while the kernel still waits for the holder
         latecomer.hello("latecomer", attach_credential(kernel.run_dir), replies=["stop"], votes=["end_epoch"])
@@ -813,12 +822,14 @@ def test_a_voter_welcomed_while_the_kernel_waits_at_an_end_epoch_is_waited_for_f
         assert not [e for _, e in latecomer.events if e["seq"] <= first["seq"]], "it must not have seen that event"
         voted = latecomer.wait_event(lambda e: e["type"] == "end_epoch" and e["epoch"] == first["epoch"] + 1,
                                      timeout_s=120)
-        holder.drain_events()
         time.sleep(1.0)  # a slow voter: the kernel waits for it
         latecomer.send("stop", reason="conformance: stop at this epoch")
         latecomer.send("ack", seq=voted["seq"])
         latecomer.wait_event(lambda e: e["type"] == "end_training_session", timeout_s=120)
     finally:
+        quiet.set()
+        if beating is not None:
+            beating.join()
         holder.close()
         if latecomer is not None:
             latecomer.close()
