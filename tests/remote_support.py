@@ -152,3 +152,30 @@ def three_ports_refusing() -> list[socket.socket]:
             for bound in held:
                 bound.close()
     raise AssertionError("no three consecutive free loopback ports in 50 tries")
+
+
+def curve_dealers(ctx: zmq.Context, key_file: Path, server_key: bytes, endpoint: str, count: int) -> list[zmq.Socket]:
+    """`count` DEALERs holding `key_file`, connected to `endpoint` (a kernel's control port, a daemon's), LINGER 0."""
+    dealers = []
+    for _ in range(count):
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        secure_client(dealer, key_file, server_key)
+        dealer.connect(endpoint)
+        dealers.append(dealer)
+    return dealers
+
+
+def peak_growth_while_flooding(floods: list[zmq.Socket], message: bytes, seconds: float, process) -> int:
+    """`message` sent on every socket as fast as each takes it for `seconds`: the most `process` (psutil.Process)
+    grew in RSS meanwhile, in bytes."""
+    before, grown, end = process.memory_info().rss, 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        for flood in floods:
+            try:
+                flood.send(message, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        grown = max(grown, process.memory_info().rss - before)
+        time.sleep(0.001)
+    return grown

@@ -20,6 +20,7 @@ from trainbus.kernel.registry import Registry
 from conftest import start_daemon, trainbus_cmd
 from fixture_targets import open_gate
 from kernel_process import wait_until
+from remote_support import curve_dealers, peak_growth_while_flooding
 from test_daemon import PACED, TINY, WAIT_S, cli, listed, one_error_line
 
 
@@ -343,7 +344,6 @@ def test_a_monitor_key_flooding_the_daemon_with_requests_holds_little_of_its_mem
     import msgpack
     import psutil
     import zmq
-    from trainbus.proto.remote import secure_client
 
     runs, [watcher], endpoint, pid = listening_daemon(tmp_path, daemons, [("w", "monitor")])
     server_key = json.loads((daemon_dir(runs) / "remote.json").read_text())["server_key"].encode()
@@ -352,22 +352,7 @@ def test_a_monitor_key_flooding_the_daemon_with_requests_holds_little_of_its_mem
     memory = psutil.Process(pid)
     ctx = zmq.Context()
     try:
-        floods = []
-        for _ in range(32):
-            flood = ctx.socket(zmq.DEALER)
-            flood.setsockopt(zmq.LINGER, 0)
-            secure_client(flood, watcher, server_key)
-            flood.connect(endpoint)
-            floods.append(flood)
-        before, grown, end = memory.memory_info().rss, 0, time.monotonic() + 10.0
-        while time.monotonic() < end:
-            for flood in floods:
-                try:
-                    flood.send(bulky, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-            grown = max(grown, memory.memory_info().rss - before)
-            time.sleep(0.001)
+        grown = peak_growth_while_flooding(curve_dealers(ctx, watcher, server_key, endpoint, 32), bulky, 10.0, memory)
     finally:
         ctx.destroy(linger=0)
     assert grown < 48 << 20, f"the daemon grew {grown >> 20} MB"
@@ -383,17 +368,13 @@ def test_requests_that_are_costly_to_decode_cost_the_daemon_little(tmp_path, dae
     1,024th array or map (MAX_CONTROL_CONTAINERS, as a run's kernel reads its peers): no request needs more."""
     import psutil
     import zmq
-    from trainbus.proto.remote import secure_client
 
     runs, [watcher], endpoint, pid = listening_daemon(tmp_path, daemons, [("w", "monitor")])
     server_key = json.loads((daemon_dir(runs) / "remote.json").read_text())["server_key"].encode()
     costly = b"\xdc\xfd\xe8" + b"\x90" * 65_000  # an array of 65,000 empty arrays
     ctx = zmq.Context()
     try:
-        asker = ctx.socket(zmq.DEALER)
-        asker.setsockopt(zmq.LINGER, 0)
-        secure_client(asker, watcher, server_key)
-        asker.connect(endpoint)
+        [asker] = curve_dealers(ctx, watcher, server_key, endpoint, 1)
         asker.send(costly)  # the handshake first, out of the count
         assert asker.poll(30_000), "no answer"
         assert b"unknown request" in asker.recv()
@@ -420,17 +401,13 @@ def test_a_key_asking_in_a_loop_for_what_its_role_does_not_grant_leaves_daemon_l
     import msgpack
     import zmq
     from trainbus.kernel.daemon_serve import REFUSED_LOG_EVERY_S
-    from trainbus.proto.remote import secure_client
 
     runs, [watcher], endpoint, _ = listening_daemon(tmp_path, daemons, [("w", "monitor")])
     server_key = json.loads((daemon_dir(runs) / "remote.json").read_text())["server_key"].encode()
     log = daemon_dir(runs) / "daemon.log"
     ctx = zmq.Context()
     try:
-        asker = ctx.socket(zmq.DEALER)
-        asker.setsockopt(zmq.LINGER, 0)
-        secure_client(asker, watcher, server_key)
-        asker.connect(endpoint)
+        [asker] = curve_dealers(ctx, watcher, server_key, endpoint, 1)
         for _ in range(300):
             asker.send(msgpack.packb({"op": "submit", "argv": ["x"]}))
             assert asker.poll(10_000), "no answer"

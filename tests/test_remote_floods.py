@@ -25,8 +25,8 @@ from trainbus.kernel.journal import read_events
 from trainbus.proto import pack
 from trainbus.proto.remote import secure_client
 
-from remote_support import (LIMITS, STEPS_PER_EPOCH, RemoteClient, connection, keys,  # noqa: F401 (a fixture)
-                            listening_config)
+from remote_support import (LIMITS, STEPS_PER_EPOCH, RemoteClient, connection, curve_dealers,  # noqa: F401
+                            keys, listening_config, peak_growth_while_flooding)
 
 
 def test_a_flood_of_connections_with_no_key_costs_the_kernel_a_bounded_number_of_descriptors(keys, runs_dir, tmp_path,
@@ -606,16 +606,7 @@ def test_a_key_flooding_the_control_socket_with_big_messages_holds_little_of_the
     assert len(bulky) < 256 * 1024
     ctx = zmq.Context()
     try:
-        floods = watcher_dealers(ctx, keys, conn, 8)
-        before, grown, end = memory.memory_info().rss, 0, time.monotonic() + 8.0
-        while time.monotonic() < end:
-            for flood in floods:
-                try:
-                    flood.send(bulky, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-            grown = max(grown, memory.memory_info().rss - before)
-            time.sleep(0.001)
+        grown = peak_growth_while_flooding(watcher_dealers(ctx, keys, conn, 8), bulky, 8.0, memory)
     finally:
         ctx.destroy(linger=0)
     assert grown < 64 << 20, f"the kernel grew {grown >> 20} MB"
@@ -680,14 +671,7 @@ def log_big_lines(ctx: zmq.Context, keys: dict, conn: dict, kernel: KernelProces
 
 def watcher_dealers(ctx: zmq.Context, keys: dict, conn: dict, count: int) -> list[zmq.Socket]:
     """`count` connections of the watcher's (monitor) key to the run's control port, none said hello."""
-    dealers = []
-    for _ in range(count):
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        secure_client(dealer, keys["watcher"], conn["server_key"].encode())
-        dealer.connect(conn["control"])
-        dealers.append(dealer)
-    return dealers
+    return curve_dealers(ctx, keys["watcher"], conn["server_key"].encode(), conn["control"], count)
 
 
 def peers_that_never_read(ctx: zmq.Context, keys: dict, conn: dict, count: int) -> list[zmq.Socket]:
