@@ -36,11 +36,12 @@ class PeerLimits:
 
 
 class TokenBucket:
-    """`rate` tokens a second, at most `rate * BURST_S` saved up. Time is a parameter (tests pass a fake clock)."""
+    """`rate` tokens a second, at most `rate * BURST_S` saved up (at least one token, unless `capacity` says what).
+    Time is a parameter (tests pass a fake clock)."""
 
-    def __init__(self, rate: float, now: float):
+    def __init__(self, rate: float, now: float, capacity: float | None = None):
         self.rate = rate
-        self.capacity = max(1.0, rate * BURST_S)
+        self.capacity = max(1.0, rate * BURST_S) if capacity is None else capacity
         self.tokens = self.capacity
         self.updated = now
 
@@ -100,31 +101,28 @@ class WorkShare:
     would cost more than the work. Time is a parameter (tests pass a fake clock)."""
 
     def __init__(self, share: float, resume_s: float, now: float):
-        self.share = share
-        self.capacity = share * BURST_S
-        self.resume_s = min(resume_s, self.capacity)
-        self.left = self.capacity  # seconds of work it may do now; below 0, a debt
-        self.updated = now
+        # seconds of work it may do now (below 0: a debt); a share below one second a second saves up less than one
+        self.seconds = TokenBucket(share, now, capacity=share * BURST_S)
+        self.resume_s = min(resume_s, self.seconds.capacity)
         self.waiting = False
 
     def allowance(self, now: float) -> float:
         """Seconds the work may take from `now` on: 0 while it waits."""
-        self.left = min(self.capacity, self.left + (now - self.updated) * self.share)
-        self.updated = now
-        self.waiting = self.waiting and self.left < self.resume_s
-        return 0.0 if self.waiting else self.left
+        left = self.seconds.refill(now)
+        self.waiting = self.waiting and left < self.resume_s
+        return 0.0 if self.waiting else left
 
     def took(self, started: float, ended: float) -> None:
         """A round of the work ran from `started` to `ended`: one that left less than `resume_s` waits for it."""
-        self.allowance(ended)
-        self.left -= ended - started
-        self.waiting = self.left < self.resume_s
+        self.seconds.refill(ended)
+        self.seconds.tokens -= ended - started
+        self.waiting = self.seconds.tokens < self.resume_s
 
     def resumes_at(self, now: float) -> float:
         """When the work may go on: `now` unless it waits."""
         if self.allowance(now) > 0:
             return now
-        return now + (self.resume_s - self.left) / self.share
+        return now + (self.resume_s - self.seconds.tokens) / self.seconds.rate
 
 
 def truncate(text: str, max_chars: int) -> tuple[str, bool]:
