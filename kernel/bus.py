@@ -25,6 +25,7 @@ from .journal import Journal
 from .limits import WorkShare
 from .remote import SUBSCRIPTIONS_MAX, Listener
 from .replies import Reply
+from .rank_stacks import described
 from .reply_ledger import ReplyLedger
 from .spec import is_user_file
 from .stall_watch import StallWatch, thread_stack
@@ -548,9 +549,7 @@ class Bus:
     def _say_stalled(self, stalled_s: float) -> None:
         stack, where = thread_stack(self._training_thread, is_user_file)
         ranks = self.ask_other_ranks() if self.ask_other_ranks is not None else []
-        others = "".join(f"\nrank {r['rank']}: {r['error']}" if "error" in r else
-                         f"\nrank {r['rank']}{' in your code at ' + r['where'] if r['where'] else ''}:\n"
-                         f"{''.join(r['stack']) or '-'}" for r in ranks)
+        others = "".join(f"\n{described(rank)}" for rank in ranks)
         log.warning("training has stood still for %.0f s (after %s)%s; its thread's stack:\n%s%s", stalled_s,
                     self._last_loop_event, f" in your code at {where}" if where else "", "".join(stack) or "-",
                     others)

@@ -116,6 +116,14 @@ def ask_ranks(run_dir: Path, pids: dict[int, int], is_user_file: Callable[[str],
     return [answers[rank] for rank in sorted(answers)]
 
 
+def described(rank: dict[str, Any]) -> str:
+    """One answer of ask_ranks as kernel.log says it: why there is none, or where the rank waits and its stack."""
+    if "error" in rank:
+        return f"rank {rank['rank']}: {rank['error']}"
+    where = f" in your code at {rank['where']}" if rank["where"] else ""
+    return f"rank {rank['rank']}{where}:\n{''.join(rank['stack']) or '-'}"
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
