@@ -111,7 +111,7 @@ class Registry:
         if why:
             raise RegistryError(f"the run registry {self.path} is not this user's alone: {why}")
         # a runs directory on a read-only mount (an archive, a snapshot): read, never written, by no one
-        self.read_only = self.path.is_file() and _read_only_mount(self.path)
+        self.read_only = self.path.is_file() and read_only_mount(self.path)
         try:
             if not self.path.exists():  # owner-only, like all of a run's files; SQLite gives its -wal, -shm the same
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
@@ -280,7 +280,8 @@ class Registry:
         return {row[0]: _from_row(row, now) for row in cursor}
 
 
-def _read_only_mount(path: Path) -> bool:
+def read_only_mount(path: Path) -> bool:
+    """Whether `path` is on a filesystem mounted read-only (False when that cannot be told)."""
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
@@ -290,11 +291,7 @@ def _read_only_mount(path: Path) -> bool:
 def cannot_read(runs_dir: Path, exc: sqlite3.Error) -> str:
     """Why a registry SQLite could not open or read is unknown (a full disk is the usual cause: WAL mode writes to
     open; a read-only mount the other): the file and the fix, for `daemon status`, whether a daemon serves or not."""
-    try:
-        read_only = bool(os.statvfs(runs_dir).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    if read_only:  # "free space there" would send the user after a fix that cannot work
+    if read_only_mount(runs_dir):  # "free space there" would send the user after a fix that cannot work
         return (f"{Path(runs_dir) / REGISTRY_NAME} cannot be changed ({exc}): {Path(runs_dir).resolve()} is on a "
                 f"read-only filesystem; do this where the runs directory is mounted writable")
     return f"{Path(runs_dir) / REGISTRY_NAME} cannot be read ({exc}); free space there (a full disk says this)"

@@ -30,11 +30,7 @@ def check_ended(run_dir: Path, runs_dir: Path) -> None:
     check_not_submitted(run_dir.parent, run_dir.name)
     with _journal_locked(run_dir):  # a kernel whose pid file says otherwise (one continuing the run) holds it
         pass
-    try:  # an archive on a read-only mount: said before any run is touched, not as a removal that failed halfway
-        read_only = bool(os.statvfs(run_dir).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    if read_only:
+    if registry.read_only_mount(run_dir):  # an archive: said before any run is touched, not as half a removal
         raise RemovalError(f"cannot delete run {Path(run_dir).name}: {Path(run_dir).resolve().parent} is on a "
                            f"read-only filesystem; nothing deleted")
 
