@@ -73,6 +73,16 @@ def daemon_start(
         out.print(_remote_line(answer["remote"], runs_dir))
 
 
+QUEUED_SHOWN = 20  # `daemon status` names this many queued runs on its line; --json names them all
+
+
+def _first_of(queued: list[str]) -> str:
+    """The queue as `daemon status` says it: its first runs, and how many more there are."""
+    more = len(queued) - QUEUED_SHOWN
+    return escape(", ".join(queued[:QUEUED_SHOWN]) or "none") + (f" and {more} more (`--json` lists them all)"
+                                                                  if more > 0 else "")
+
+
 def _remote_line(endpoint: str, runs_dir: Path) -> str:
     from . import daemon
 
@@ -238,7 +248,7 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
     if answer is None and (runs_dir / REGISTRY_NAME).is_file():
         try:
             with Registry(runs_dir) as registry:
-                queued = [job["id"] for job in registry.jobs(["queued"])]
+                queued = registry.job_ids(["queued"])
                 ended = daemon.ended_jobs(registry)
                 # runs a daemon started and still training while none watches them (it was killed): a daemon
                 # started again adopts them
@@ -291,7 +301,7 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
         if answer.get("registry_error"):
             out.print(f"  queued: unknown: {escape(answer['registry_error'])}")
         else:
-            out.print(f"  queued: {', '.join(queued) or 'none'}")
+            out.print(f"  queued: {_first_of(queued)}")
     if not as_json:
         for job in ended:  # a remote key's only view of how its submissions went
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["ended_ts"])) if job.get("ended_ts") else "?"

@@ -29,6 +29,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -271,9 +272,9 @@ class Daemon:
                 for run_id in self.watched:
                     cap_log(output_file(self.runs_dir, run_id), self.output_max_bytes, "run output")
             busy = {d for w in self.watched.values() for d in w.devices}
-            queued = registry.jobs(["queued"])
-            self._queued = [job["id"] for job in queued]
-            starts, never = place(queued, busy, len(self.watched), self.devices, self.max_concurrent)
+            self._queued = registry.job_ids(["queued"])
+            with closing(registry.each_job(["queued"])) as queued:  # read as far as place looks: the queue's head
+                starts, never = place(queued, busy, len(self.watched), self.devices, self.max_concurrent)
             for job, why in never:
                 self._fail_unstarted(registry, job, why, now)
             starts = starts if start else []
@@ -286,10 +287,13 @@ class Daemon:
         """Said once (log, `daemon status`) when the registry holds none of the jobs the last round saw (queued, or
         started and watched): deleted or replaced under the daemon, its queue is lost, and those runs must be
         submitted again. (Job rows are never deleted: a cancel or an end changes their state.)"""
-        known = [*self._queued, *self.watched]
+        known = [*self.watched, *self._queued]
         if not known:
             return
-        present = {job["id"] for job in registry.jobs()}
+        # rows are never deleted: one of them found is this file's (each round, so not the whole table every time)
+        if any(registry.job(run_id) is not None for run_id in known[:16]):
+            return
+        present = set(registry.job_ids())
         if any(run_id in present for run_id in known):
             return
         lost = [run_id for run_id in self._queued if run_id not in present]
@@ -455,7 +459,7 @@ class Daemon:
 
     @staticmethod
     def _job(registry: Registry, job_id: str) -> dict[str, Any] | None:
-        return next((j for j in registry.jobs(JOB_ACTIVE) if j["id"] == job_id), None)
+        return registry.job(job_id, JOB_ACTIVE)
 
     def _resume_dead(self, registry: Registry, run_id: str, job: dict[str, Any], detail: str, now: float) -> None:
         """A run submitted with --max-resumes whose kernel died (the OOM killer, kill -9, a reboot) or was killed
@@ -493,7 +497,7 @@ class Daemon:
         rows = registry.runs(now)
         row = rows.get(run_id) or {"id": run_id}
         if row.get("dir") is None:  # a run that has a directory is described by it
-            job = next((j for j in registry.jobs(JOB_ACTIVE + ("ended",)) if j["id"] == run_id), {})
+            job = registry.job(run_id, JOB_ACTIVE + ("ended",)) or {}
             started = job.get("started_ts") or now  # listed where it ran, among the others (newest first)
             registry.record([{**row, "status": status, "error": error, "started_ts": started, "ended_ts": now}], now)
 
@@ -659,7 +663,7 @@ def queued_job(runs_dir: Path, run: str) -> str | None:
         return None
     try:
         with Registry(runs_dir) as registry:
-            ids = [job["id"] for job in registry.jobs(["queued"])]
+            ids = registry.job_ids(["queued"])
     except (sqlite3.Error, OSError):  # a full disk: SQLite cannot open it; `runs stop` of a live run must still work
         return None
     matches = named(ids, run)
@@ -673,7 +677,7 @@ def unreadable_queue(runs_dir: Path) -> str | None:
         return None
     try:
         with Registry(runs_dir) as registry:
-            registry.jobs(["queued"])
+            registry.job_ids(["queued"])
     except RegistryError as exc:
         return str(exc)
     except (sqlite3.Error, OSError) as exc:
@@ -689,7 +693,7 @@ def as_queued(runs_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
         return run
     try:
         with Registry(runs_dir) as registry:
-            job = next((j for j in registry.jobs(JOB_ACTIVE) if j["id"] == run["id"]), None)
+            job = registry.job(run["id"], JOB_ACTIVE)
     except (sqlite3.Error, RegistryError, OSError):
         return run
     if job is None:
@@ -707,7 +711,7 @@ def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
         with Registry(runs_dir) as registry:
             rows = {i: unreadable_row(row) if "unreadable_row" in row else row  # garbled by hand: said so
                     for i, row in registry.runs(now).items() if row.get("dir") is None}
-            jobs = {j["id"]: j for j in registry.jobs() if j["id"] in rows}
+            jobs = {run_id: job for run_id in rows if (job := registry.job(run_id)) is not None}
     except (sqlite3.Error, OSError):  # as queued_job: the run directories still answer for the runs that have one
         return None
     matches = named(jobs, run_id)
@@ -729,7 +733,7 @@ def cancel(runs_dir: Path, run_id: str) -> str:
     run_id = queued_job(runs_dir, run_id) or run_id
     with Registry(runs_dir) as registry:
         if not registry.move_job(run_id, ["queued"], state="cancelled", ended_ts=time.time(), env=None):
-            running = named([j["id"] for j in registry.jobs(["starting", "running"])], run_id)
+            running = named(registry.job_ids(["starting", "running"]), run_id)
             raise JobError(f"run {running[0]} is not queued: it is running; `trainbus runs stop {running[0]}` stops it"
                            if len(running) == 1 else
                            f"run {run_id} is not queued (it started, ended or was never submitted)")

@@ -308,7 +308,7 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
     if op == "status":
         try:
             with Registry(daemon.runs_dir) as registry:
-                queued = [job["id"] for job in registry.jobs(["queued"])]
+                queued = registry.job_ids(["queued"])  # at most registry.MAX_QUEUED: ~240 KB
                 ended = ended_jobs(registry)  # how a submission went, for one who cannot `runs list` here
         except (sqlite3.Error, RegistryError, OSError) as exc:
             # the daemon serves all the same (its runs train, watched): status says so, and why its queue is unknown

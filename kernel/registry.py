@@ -27,7 +27,7 @@ import sqlite3
 import sys
 import time
 import urllib.parse
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -73,6 +73,10 @@ JOB_COLUMNS = {
     "resumes_left": "INTEGER",  # `--max-resumes`: how many more times the daemon continues the run if it dies
 }
 JOB_JSON_COLUMNS = ("argv", "env", "devices")
+# The queue's bound. A daemon's round reads the queue's head only, but `daemon status`, `runs list` and the rows
+# themselves (each with its environment, a few KiB) grow with it: a script submitting in a loop is stopped at a
+# figure no one queues by hand (Slurm's default MaxJobCount is 10,000 for a whole cluster).
+MAX_QUEUED = 10_000
 MAX_RESUMES = 1000  # --max-resumes' bound: each resume is a kernel's start, and a run dying at once would loop
 JOB_STATES = ("queued", "starting", "running", "ended", "cancelled")
 JOB_ACTIVE = ("queued", "starting", "running")  # a job in one of these holds its run id
@@ -219,6 +223,10 @@ class Registry:
             held = self.db.execute("SELECT state, pid, pid_started FROM jobs WHERE id = ?", (job["id"],)).fetchone()
             if held is not None and not replacing and job_holds_run(dict(zip(("state", "pid", "pid_started"), held))):
                 raise JobError(f"run {job['id']} is already {held[0]} in the daemon's queue")
+            queued = self.db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
+            if queued >= MAX_QUEUED and not replacing:
+                raise JobError(f"the daemon's queue holds {queued} runs, the most it takes: let some start, or take "
+                               f"some off it (`trainbus daemon cancel RUN`), then submit again")
             self.db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(JOB_COLUMNS)}) "
                             f"VALUES ({', '.join('?' * len(JOB_COLUMNS))})", _job_row(job))
             self.db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) "
@@ -226,10 +234,32 @@ class Registry:
 
     def jobs(self, states: Iterable[str] = JOB_STATES) -> list[dict[str, Any]]:
         """The jobs in these states, oldest submission first."""
+        with closing(self._select_jobs(JOB_COLUMNS, states)) as cursor:
+            return [_job_from_row(row) for row in cursor]
+
+    def each_job(self, states: Iterable[str]) -> Iterator[dict[str, Any]]:
+        """The jobs in these states, oldest submission first, read as they are asked for: a round that starts the
+        queue's first runs does not decode the thousands behind them (their argv and environment)."""
+        with closing(self._select_jobs(JOB_COLUMNS, states)) as cursor:
+            for row in cursor:
+                yield _job_from_row(row)
+
+    def job(self, job_id: str, states: Iterable[str] = JOB_STATES) -> dict[str, Any] | None:
+        """The job job_id when it is in one of these states; None when it is not."""
         states = list(states)
-        cursor = self.db.execute(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE state IN "
-                                 f"({', '.join('?' * len(states))}) ORDER BY submitted_ts, id", states)
-        return [_job_from_row(row) for row in cursor]
+        row = self.db.execute(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE id = ? AND state IN "
+                              f"({', '.join('?' * len(states))})", [job_id, *states]).fetchone()
+        return None if row is None else _job_from_row(row)
+
+    def job_ids(self, states: Iterable[str] = JOB_STATES) -> list[str]:
+        """The ids of the jobs in these states, oldest submission first (nothing else of them decoded)."""
+        with closing(self._select_jobs(("id",), states)) as cursor:
+            return [row[0] for row in cursor]
+
+    def _select_jobs(self, columns: Iterable[str], states: Iterable[str]) -> sqlite3.Cursor:
+        states = list(states)
+        return self.db.execute(f"SELECT {', '.join(columns)} FROM jobs WHERE state IN "
+                               f"({', '.join('?' * len(states))}) ORDER BY submitted_ts, id", states)
 
     def ended_jobs(self, limit: int) -> list[dict[str, Any]]:
         """The `limit` jobs that ended (or were cancelled) last, newest first, each with its run's status and error

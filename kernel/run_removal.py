@@ -55,8 +55,7 @@ def check_not_submitted(runs_dir: Path, run_id: str) -> None:
         return
     try:
         with registry.Registry(runs_dir) as rows:
-            job = next((j for j in rows.jobs(registry.JOB_ACTIVE) if j["id"] == run_id and registry.job_holds_run(j)),
-                       None)
+            job = rows.job(run_id, registry.JOB_ACTIVE)
     except (sqlite3.Error, OSError, registry.RegistryError) as exc:
         from .daemon_client import daemon_lives
 
@@ -67,7 +66,7 @@ def check_not_submitted(runs_dir: Path, run_id: str) -> None:
                                f"{Path(runs_dir) / registry.REGISTRY_NAME}: {exc}; stop the daemon "
                                f"(`trainbus daemon stop`) and delete again") from None
         return
-    if job is None:
+    if job is None or not registry.job_holds_run(job):
         return
     if job["state"] == "queued":
         raise RemovalError(f"run {run_id} is queued for the daemon; take it off the queue first with "
