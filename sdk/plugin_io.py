@@ -33,6 +33,12 @@ HEARTBEAT_LIVENESS = 3  # kernel silent this many intervals -> gone (zguide's Pa
 NAME_HELD = "hello_name_taken"
 CONNECT_TIMEOUT_S = 30.0  # no heartbeat from the kernel this long after start: give up
 INBOX_MAX_EVENTS = 10_000  # live events held for a slow handler; beyond it they are dropped (and replayed)
+# Replies held for a kernel that reads slower than the plugin sends (a thread reporting a metric in a loop; a remote
+# kernel reads TCP at a share of its time): past this many waiting, metrics and logs are dropped (the kernel would
+# drop most past its [limits] rates anyway), counted and said once. Others (a stop, a checkpoint's report, the
+# protocol's own) are held up to twice it, so a stop behind a flood still goes.
+OUTBOX_MAX_REPLIES = 10_000
+DROPPABLE_REPLIES = frozenset({"metric", "log"})
 # The I/O thread sleeps until something arrives, is to be sent, or a heartbeat or the kernel's liveness is due,
 # and at most this long; the main thread until something arrives. A Python thread's wake-up costs ~100 us of a core,
 # and on a busy 2-core box a plugin's CPU is taken from training: polling every 50 ms, as this did, woke each thread
@@ -104,6 +110,7 @@ class PluginIO(threading.Thread):
         self._ack_now = False
         self.received = 0  # live events that reached us: a durable plugin is not sent every one (Runner)
         self.dropped = 0
+        self.replies_dropped: dict[str, int] = {}  # by type: what send found no room for (OUTBOX_MAX_REPLIES)
         self.said_hello = False
         self.welcomed = False
         # A name still held by a predecessor that vanished (killed, restarted by hand) is free once it has been
@@ -146,7 +153,15 @@ class PluginIO(threading.Thread):
             self.wake.notify()
 
     def send(self, msg: dict[str, Any]) -> None:
-        """Queue a control message for the kernel; any thread may call it."""
+        """Queue a control message for the kernel; any thread may call it. Dropped (counted) when the outbox is full."""
+        kind = msg.get("type")
+        if len(self.outbox) >= OUTBOX_MAX_REPLIES * (1 if kind in DROPPABLE_REPLIES else 2):
+            if not self.replies_dropped:
+                print(f"trainbus: plugin {self.hello['name']}: the kernel takes its messages slower than it sends "
+                      f"them: replies past {OUTBOX_MAX_REPLIES} waiting are dropped, metrics and logs first (counted at "
+                      f"exit); report less often", file=sys.stderr, flush=True)
+            self.replies_dropped[kind] = self.replies_dropped.get(kind, 0) + 1
+            return
         self.outbox.append(msg)
         self._poke()
 

@@ -459,7 +459,8 @@ class Runner:
         # received: live events; processed counts the replayed ones too (a restart's, a reconnect's)
         stats = f"received {self.io.received} live, processed {self.processed}, gaps {self.gaps}, " \
                 f"failures {self.failures}, dead letters {self.dead_letters}, dropped {self.io.dropped}, " \
-                f"malformed {self.io.malformed}"
+                f"malformed {self.io.malformed}" + "".join(f", {kind} replies dropped {count}"
+                                                           for kind, count in self.io.replies_dropped.items())
         if self.unreached:
             pass  # no kernel ever answered: run() says so, and what to check, in one line
         elif self.io.refused and not self._set_up:  # turned down at hello: the kernel is there, and said why

@@ -218,6 +218,37 @@ def test_a_heartbeat_the_kernel_cannot_take_yet_does_not_end_the_io_thread(tmp_p
         _stop(io, kernel)
 
 
+def test_replies_a_kernel_does_not_take_are_held_up_to_a_bound_and_a_stop_after_them_still_goes(tmp_path, capfd):
+    """A plugin thread reporting a metric in a loop while its kernel reads slower than it sends (a remote plugin: the
+    kernel reads TCP at a share of its time, kernel/bus.py REMOTE_CONTROL_SHARE): the outbox kept every message, and
+    the plugin's memory grew without bound. Metrics and logs past OUTBOX_MAX_REPLIES are dropped now, counted and
+    said once; a stop behind them still goes, and once the kernel reads again it gets what was held."""
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    io = _io(kernel)
+    io.start()
+    try:
+        identity, _ = _hello(kernel)
+        kernel.welcome(identity, kernel.seq + 1)
+        assert _next(kernel, "heartbeat", publish=True) is not None  # welcomed; from here the kernel reads nothing
+        sent = 3 * plugin_io.OUTBOX_MAX_REPLIES
+        for i in range(sent):  # past the DEALER's and the ROUTER's queues (1000 each) and the bound
+            io.send(control("metric", name="spam", value=float(i), step=None, epoch=None))
+        io.send(control("stop", reason="diverged"))
+        assert len(io.outbox) <= plugin_io.OUTBOX_MAX_REPLIES + 1, len(io.outbox)
+        dropped = io.replies_dropped.get("metric", 0)
+        assert 0 < dropped <= sent - plugin_io.OUTBOX_MAX_REPLIES, io.replies_dropped
+        err = capfd.readouterr().err
+        assert err.count("waiting are dropped, metrics and logs first") == 1, err
+        metrics, deadline = 0, time.monotonic() + 3 * WAIT_S  # the kernel reads again: all that was held comes
+        while (got := kernel.receive(50)) is None or got[1]["type"] != "stop":
+            assert time.monotonic() < deadline, f"{metrics} metrics and no stop"
+            kernel.publish("heartbeat", interval_s=1.0)
+            metrics += got is not None and got[1]["type"] == "metric"
+        assert got[1]["reason"] == "diverged" and metrics == sent - dropped, (metrics, sent, dropped)
+    finally:
+        _stop(io, kernel)
+
+
 # -- SIGTERM before the welcome ------------------------------------------------------------------------------------
 
 def test_a_sigterm_before_the_welcome_exits_0_as_after_it(tmp_path):
