@@ -98,8 +98,9 @@ class Plugin:
     catch_up: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A delivery or votes declared wrong fails the class, at its line, as a Setting declared wrong does: the
-        plugin crashed at every start (delivery), or voted at each letter of a string, waited for nowhere (votes)."""
+        """A delivery, votes or subscriptions declared wrong fails the class, at its line, as a Setting declared wrong
+        does: the plugin crashed at every start (delivery, a subscriptions list), or voted at each letter of a
+        string, waited for nowhere (votes)."""
         super().__init_subclass__(**kwargs)
         if cls.delivery not in DELIVERY_CLASSES:
             raise SettingsError(f"{cls.__name__}.delivery = {cls.delivery!r} is not allowed; it must be DURABLE or "
@@ -111,6 +112,12 @@ class Plugin:
                 else "votes = ('end_epoch',), or () for none"
             raise SettingsError(f"{cls.__name__}.votes = {cls.votes!r} is not allowed; it must be a tuple of event "
                                 f"types: {fix}")
+        if not callable(cls.subscriptions):  # a list where the SDK calls a method: every start failed in our frames
+            listed = cls.subscriptions if isinstance(cls.subscriptions, (list, tuple)) else ["end_epoch"]
+            first = next((t for t in listed if isinstance(t, str) and t), "end_epoch")
+            raise SettingsError(f"{cls.__name__}.subscriptions = {cls.subscriptions!r} is not allowed; a plugin is "
+                                f"sent the events it has handlers for (def on_{first}(self, event)), or those a method "
+                                f"returns: def subscriptions(self): return {list(listed)!r}")
 
     def __init__(self, settings: dict[str, Any] | None = None, run_id: str = "", run_dir: str = "."):
         cls = type(self)
