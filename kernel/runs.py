@@ -29,8 +29,8 @@ from trainbus.proto import events as ev
 from trainbus.proto import kept_files
 from trainbus.proto.run_state import CLIENT_PREFIX
 from trainbus.proto.text import duration_text
-from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_head, journal_tail, last_event_of,
-                                          stream_journal)
+from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_first, journal_head, journal_tail,
+                                          last_event_of, stream_journal)
 
 from .config import PLUGIN_NAME
 
@@ -56,7 +56,10 @@ PLUGIN_FIELDS = {"state": str, "reason": str, "restarts": int, "crashes": list, 
                  "errors_logged": int, "checkpoints_failed": int}
 TEXT_LISTS = ("stop_reasons", "crashes")  # shown joined: text items only
 
-SMALL_TAIL_BYTES = 64 * 1024  # an ended run's last event
+# An ended run's last event: in this many bytes from the end (a few dozen events, each ~150 bytes), else in
+# SMALL_TAIL_BYTES (one large event last). Parsing is most of a listed run's cost: not 400 events for one.
+LAST_EVENT_BYTES = 8 * 1024
+SMALL_TAIL_BYTES = 64 * 1024
 LIVE_PLUGIN_STATES = ("starting", "running", "backoff", "hung")  # _plugin_event's, for a peer that has not ended
 STALE_S = 10.0  # no kernel.pid (a run from before there was one): heartbeats every second, or it is gone
 
@@ -353,10 +356,13 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir).resolve()
     journal = run_dir / JOURNAL_NAME
     config = read_config(run_dir)
-    head = journal_head(journal)
-    starts = [e for e in head if e.type == ev.START_TRAINING_SESSION]
-    if head:
-        started = head[0].ts
+    first = journal_first(journal)
+
+    def session_starts() -> list[Event]:  # the head's parse is most of a listed run's cost: only where needed
+        return [e for e in journal_head(journal) if e.type == ev.START_TRAINING_SESSION]
+
+    if first is not None:
+        started = first.ts
     else:
         try:
             started = (run_dir / CONFIG).stat().st_mtime
@@ -368,8 +374,8 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         # planned: config.json's, rewritten by each session (a continued run's --epochs 20 extends it); the head
         # of the journal holds only the first sessions' starts
         "epochs_completed": None,
-        "epochs": config["epochs"] if config.get("epochs") is not None else (
-            starts[-1].data.get("epochs") if starts else None),
+        "epochs": config["epochs"] if config.get("epochs") is not None else next(
+            (e.data.get("epochs") for e in reversed(session_starts())), None),
         "steps": None, "training_loss": None, "validation_loss": None, "validation_metrics": {}, "training_metrics": {},
         "stop_reasons": [], "error": None, "plugin_trouble": [], "last_event": None,
         "flags": config.get("flags") or {}, "hyperparameters": config.get("hyperparameters") or {},
@@ -386,11 +392,11 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
                               f"once there is room")
         if summary is None:
             _from_journal_tail(info, journal, tail, pid, alive, started, now, _unreadable(run_dir / SUMMARY),
-                               [e.ts for e in starts])
+                               [e.ts for e in session_starts()])
             return info
     outcome = summary.get("outcome") or {}
     # a failed run's outcome says 0 steps (the loop counts them at its end): the journal's last event knows
-    last = journal_tail(journal, SMALL_TAIL_BYTES)[-1:]
+    last = journal_tail(journal, LAST_EVENT_BYTES)[-1:] or journal_tail(journal, SMALL_TAIL_BYTES)[-1:]
     steps = max([outcome.get("steps") or 0] + [e.step for e in last])
     best = outcome.get("best_validation_loss")
     try:

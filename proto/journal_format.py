@@ -294,6 +294,15 @@ def _read_end(path: str | Path, max_bytes: int) -> tuple[int, bytes] | None:
 
 def journal_head(path: str | Path, max_bytes: int = HEAD_BYTES) -> list[Event]:
     """The events in the journal's first max_bytes."""
+    return list(_parse(_head_bytes(path, max_bytes)))
+
+
+def journal_first(path: str | Path) -> Event | None:
+    """The journal's first event (None for none): one record parsed, not a head's thousands."""
+    return next(_parse(_head_bytes(path, HEAD_BYTES)), None)
+
+
+def _head_bytes(path: str | Path, max_bytes: int) -> bytes:
     active, segments = _open_journal(path)
     pieces, size = [], 0
     try:
@@ -310,7 +319,7 @@ def journal_head(path: str | Path, max_bytes: int = HEAD_BYTES) -> list[Event]:
     finally:
         if active is not None:
             active.close()
-    return list(_parse(b"".join(pieces)))
+    return b"".join(pieces)
 
 
 def journal_tail(path: str | Path, max_bytes: int = TAIL_BYTES) -> list[Event]:
