@@ -488,7 +488,8 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
             known = registry.runs(now)
             observed = dict(registry.db.execute("SELECT id, observed_ts FROM runs"))
             started = {job["id"]: job for job in registry.jobs(["starting", "running"])}  # by the daemon
-            waiting = registry.jobs([QUEUED])
+            # queued resumes (a queue of new runs has no directories: not decoded, each with its environment)
+            waiting = [registry.job(i) for i in registry.job_ids([QUEUED]) if i in dirs]
             stale = [name for name, path in dirs.items()
                      if name not in known or known[name]["status"] in LIVE or known[name]["dir"] != str(path)
                      or name in started  # the daemon started it: its directory may say so any moment
@@ -507,7 +508,7 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
         known.update(fresh)
         known.update({i: unreadable_row(run) for i, run in known.items() if "unreadable_row" in run})
         for job in waiting:  # a resume waits in the queue: its directory tells how it last ended
-            if job["id"] in dirs and known[job["id"]]["status"] != QUEUED:
+            if job is not None and known[job["id"]]["status"] != QUEUED:
                 known[job["id"]] = queued_resume(known[job["id"]], job["submitted_by"])
         for i, job in started.items():  # started, and its kernel has not made the run directory yet, or not
             if i in known:              # yet said in a resumed run's directory that it runs
