@@ -66,6 +66,7 @@ class FakeKernelIO:
         self.lost_kernel = False
         self.heartbeat_interval_s = 1.0
         self.received = self.dropped = self.malformed = 0
+        self.replies_dropped: dict[str, int] = {}
         self.sent: list[dict] = []
         self.published = 0
         self.batch = batch
