@@ -78,6 +78,11 @@ PENDING_REPLIES_MAX = 64  # stops, and checkpoint_nows, held for the next step b
 # peer asks again (as on TCP, kernel/remote.py CONTROL_SNDHWM). Not fewer: the ROUTER learns what libzmq's I/O thread
 # took from its queue only every SNDHWM / 2 messages, so a tiny queue can look full to a peer that reads.
 LOCAL_CONTROL_SNDHWM = 16
+# Messages queued in the kernel from one local connection before the bus reads them, at most (as on TCP,
+# kernel/remote.py CONTROL_RCVHWM): at 10,000 of up to 256 KiB a process of the run's user resending a big message
+# grew the kernel by 2.3 GB in 8 s. Past it the sender waits, holding its own (the SDK's DEALER queues 1,000 and its
+# outbox more, sdk/plugin_io.py): a plugin's replies are not lost, only held where they were made.
+LOCAL_CONTROL_RCVHWM = 16
 STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said hello (slow joiners)
 CLOSE_TIMEOUT_S = 10.0  # close() waits this long for the bus thread's last round
 FLUSH_NOW_TIMEOUT_S = 5.0  # flush_now's wait for a flush: the bus never takes longer unless its disk holds it up
@@ -139,7 +144,7 @@ class Bus:
         self.bursts = _socket(self.ctx, zmq.XPUB, SNDHWM=BURSTS_HWM, LINGER=LINGER_MS)
         # ROUTER_MANDATORY: an unroutable reply raises (and is counted) instead of vanishing
         self.router = _socket(self.ctx, zmq.ROUTER, ROUTER_MANDATORY=1, MAXMSGSIZE=CONTROL_MAX_MESSAGE_BYTES,
-                              SNDHWM=LOCAL_CONTROL_SNDHWM, RCVHWM=10_000, LINGER=0)
+                              SNDHWM=LOCAL_CONTROL_SNDHWM, RCVHWM=LOCAL_CONTROL_RCVHWM, LINGER=0)
         # The training thread's doorbell: a non-batch event is flushed at once, not at the next tick.
         # One pending ring is enough (SNDHWM 1); more would be dropped.
         self._wake_rx = _socket(self.ctx, zmq.PULL, LINGER=0)

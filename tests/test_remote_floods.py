@@ -196,6 +196,35 @@ def test_a_local_peer_that_asks_for_replays_and_never_reads_them_holds_a_bounded
 
 
 @pytest.mark.timeout(300)
+def test_a_local_peer_flooding_the_control_socket_with_big_messages_holds_little_of_the_kernels_memory(
+        keys, runs_dir, tmp_path, kernels):
+    """As the TCP one, on the run's ipc control socket: it queued 10,000 messages a connection (RCVHWM), of up to
+    256 KiB each, 2.5 GB, and messages the bus decodes slower than they come (a plugin stuck in a loop resending a
+    big one, or any process of the run's user) grew the kernel by hundreds of MB in seconds. It now queues
+    LOCAL_CONTROL_RCVHWM a connection; past it the sender waits (the SDK holds its replies, sdk/plugin_io.py)."""
+    import psutil
+
+    cfg = listening_config(runs_dir, keys["dir"], epochs=50, step_sleep_s=0.005)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_step(2, timeout_s=120)
+    memory = psutil.Process(kernel.proc.pid)
+    bulky = msgpack.packb({"v": 1, "type": "heartbeat", "x": ["a"] * 100_000, "y": ["b"] * 26_000})
+    ctx = zmq.Context()
+    try:
+        floods = []
+        for _ in range(4):
+            floods.append(ctx.socket(zmq.DEALER))
+            floods[-1].setsockopt(zmq.LINGER, 0)
+            floods[-1].connect(f"ipc://{kernel.run_dir / 'control.sock'}")
+        grown = peak_growth_while_flooding(floods, bulky, 8.0, memory)
+    finally:
+        ctx.destroy(linger=0)
+    assert grown < 96 << 20, f"the kernel grew {grown >> 20} MB"
+    assert kernel.result(timeout_s=180)["status"] == "completed"
+
+
+@pytest.mark.timeout(300)
 def test_a_control_key_sending_checkpoint_now_in_a_loop_leaves_kernel_log_its_history(keys, runs_dir, tmp_path,
                                                                                        kernels):
     """Each stop or checkpoint_now of a remote key was a line of kernel.log naming the key (~1 KB with its reason),
