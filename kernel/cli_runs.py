@@ -94,6 +94,8 @@ def runs_list(
     as_json: bool = typer.Option(False, "--json", help="One JSON array of runs instead of a table."),
     status: Optional[str] = typer.Option(None, "--status", help="Only runs of these statuses (comma-separated)."),
     target: Optional[str] = typer.Option(None, "--target", help="Only runs whose target contains this text."),
+    last: Optional[int] = typer.Option(None, "--last", min=1, help="Only the newest N runs (of those the filters "
+                                                                    "keep)."),
 ) -> None:
     """Every run, newest first: status, target, flags, start, duration, epochs, last validation, plugin trouble,
     error."""
@@ -105,7 +107,7 @@ def runs_list(
     if unknown:
         raise UserError(f"--status {unknown[0]!r} is not a status; statuses: {', '.join(listed)}")
     try:
-        found = registry.list_runs(runs_dir, statuses, target)
+        found = registry.list_runs(runs_dir, statuses, target)[:last]
     except runs.RunLookupError as exc:
         raise UserError(str(exc)) from None
     if as_json:

@@ -94,6 +94,10 @@ def test_runs_list_reads_through_the_registry_with_filters(ended_runs):
     with pytest.raises(UserError, match="'done' is not a status; statuses: queued, running, completed"):
         CliRunner().invoke(app, ["runs", "list", "--runs-dir", str(ended_runs), "--status", "done"],
                            catch_exceptions=False)
+    assert [r["id"] for r in json.loads(cli("runs", "list", "--runs-dir", str(ended_runs), "--json", "--last", "1"))] \
+        == ["b-failed"]  # the newest, as a table of thousands takes seconds to draw
+    assert cli("runs", "list", "--runs-dir", str(ended_runs), "--status", "completed", "--last", "1").splitlines()[1] \
+        .split()[:2] == ["a-completed", "completed"]
 
 
 def test_reindex_of_a_copied_runs_dir_reproduces_the_list(ended_runs, tmp_path):
