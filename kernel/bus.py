@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 import traceback
@@ -22,7 +23,7 @@ from trainbus.proto.codec import MAX_MESSAGE_BYTES, N_COUNTS, new_packer
 from trainbus.proto.run_state import RunState
 
 from .journal import Journal
-from .limits import WorkShare
+from .limits import PacedReading
 from .remote import SUBSCRIPTIONS_MAX, Listener
 from .replies import Reply
 from .rank_stacks import described
@@ -69,8 +70,12 @@ CONTROL_PER_WAKE = 256  # control messages read per wake-up: heartbeats and flus
 # connection's queue fills (CONTROL_RCVHWM) and TCP holds its sender back, so libzmq stops decrypting for it too.
 # Remote clients need far less: 50 attached monitors acking 10 bursts a second take ~0.5 %.
 REMOTE_CONTROL_SHARE = 0.05
-REMOTE_CONTROL_RESUME_S = 0.01  # once spent, it is read again when this much is back: 0.2 s later at 5 %
-REMOTE_PACED_SAID_EVERY_S = 60.0  # kernel.log says a flood held back at most this often, naming its key
+# The run's ipc control socket likewise: a plugin of the run's reporting a metric in a loop from a thread of its own
+# (each one read, then dropped past [limits] metrics_per_s) kept the bus thread at 0.16 cores, 24 times a calm run's
+# whole bus thread. The run's own plugins need well under 1 %: their acks, heartbeats, votes and a few metrics.
+LOCAL_CONTROL_SHARE = 0.05
+CONTROL_RESUME_S = 0.01  # once spent, a socket is read again when this much is back: 0.2 s later at 5 %
+PACED_SAID_EVERY_S = 60.0  # kernel.log says a flood held back at most this often, naming who sent most of it
 PENDING_REPLIES_MAX = 64  # stops, and checkpoint_nows, held for the next step boundary (which lists 8: replies.py)
 # Replies queued to one local (ipc) connection, at most. A plugin pulls replay batches one at a time, and asks for a
 # run_state or sends a command now and then; a peer that asked for batches of up to 4 MiB and never read them had
@@ -122,10 +127,10 @@ class Bus:
         self._flushed: collections.deque[threading.Event] = collections.deque()
         self.counters = collections.Counter()
         self.ledger = ReplyLedger()  # what each remote key's connections can have queued (reply_ledger.py)
-        self._remote_share = WorkShare(REMOTE_CONTROL_SHARE, REMOTE_CONTROL_RESUME_S, time.monotonic())
-        self._remote_polled = True  # the TCP control socket is polled: its share of this thread's time is not spent
-        self._remote_senders: collections.Counter = collections.Counter()  # messages per key since last said
-        self._remote_paced_said = -REMOTE_PACED_SAID_EVERY_S
+        # each control socket's share of this thread's time; senders: ZAP User-Ids (TCP), peer names (ipc)
+        now = time.monotonic()
+        self._local_pace = PacedReading(LOCAL_CONTROL_SHARE, CONTROL_RESUME_S, PACED_SAID_EVERY_S, now)
+        self._remote_pace = PacedReading(REMOTE_CONTROL_SHARE, CONTROL_RESUME_S, PACED_SAID_EVERY_S, now)
         self.failure: str | None = None  # why the run must stop (the journal's backlog overflowed)
         self.fast_heartbeats = True
         self.position = (0, 0)  # (step, epoch) of the latest numbered event, for kernel events
@@ -310,8 +315,9 @@ class Bus:
         while not self._closing.is_set():
             try:
                 due = min(next_heartbeat, self.supervisor.next_deadline(), next_flush)
-                if not self._remote_polled:
-                    due = min(due, self._remote_share.resumes_at(time.monotonic()))
+                for paced in (self._local_pace, self._remote_pace):
+                    if not paced.polled:
+                        due = min(due, paced.work.resumes_at(time.monotonic()))
                 ready = dict(poller.poll(0 if more else max(0.0, due - time.monotonic()) * 1000))
                 polled = time.monotonic()
                 if self._wake_rx in ready:  # the training thread waits on what is queued (flush_now)
@@ -328,8 +334,10 @@ class Bus:
                     self._cut_subscribed(poller)
                 control_ready = self.router in ready or (self.remote is not None and self.remote.router in ready)
                 more = (more or control_ready) and self._read_control(CONTROL_PER_WAKE)
+                self._pace(poller, self.router, self._local_pace, "local_control_paced", self._say_local_paced)
                 if self.remote is not None:
-                    self._pace_remote(poller)
+                    self._pace(poller, self.remote.router, self._remote_pace, "remote_control_paced",
+                               self._say_remote_paced)
                 self._send_answers()
                 self.control.peers.heard_at = polled  # what waited then is read (bar a flood's rest: `more`)
                 now = time.monotonic()
@@ -357,7 +365,8 @@ class Bus:
                 time.sleep(FLUSH_INTERVAL_S)
             with self.idle:
                 self.idle.notify_all()
-        self._read_control(CONTROL_PER_WAKE)
+        self._read_local_for(CONTROL_PER_WAKE, math.inf)  # the plugins' last words (byes, final acks), unpaced
+        self._read_remote(CONTROL_PER_WAKE)
         if self.announce_close:  # here, after the thread's last heartbeat and peer messages: nothing follows it
             self.emit(ev.BUS_CLOSING, {})
         self._flush()
@@ -417,7 +426,7 @@ class Bus:
     def _take_remote_sockets(self, poller: zmq.Poller, old: list[zmq.Socket]) -> None:
         """The TCP sockets the Listener has now in place of `old` (some closed: replaced), sent on and polled."""
         for socket in old:
-            poller.register(socket, 0)  # unregistered; the control ROUTER may be already (_pace_remote)
+            poller.register(socket, 0)  # unregistered; the control ROUTER may be already (_pace)
         if old[1] is not self.remote.pub:
             self._remote_event_topics = set()  # each subscription comes again as its subscriber returns
         if old[2] is not self.remote.bursts:
@@ -426,31 +435,35 @@ class Bus:
         self._pubs[1], self._burst_pubs[1] = self.remote.pub, self.remote.bursts
         for socket in self._remote_sockets():
             poller.register(socket, zmq.POLLIN)
-        if not self._remote_polled:
+        if not self._remote_pace.polled:
             poller.register(self.remote.router, 0)
 
-    def _pace_remote(self, poller: zmq.Poller) -> None:
-        """The TCP control socket polled while its share of this thread's time (REMOTE_CONTROL_SHARE) lasts, and
-        left unread until the share is back: said in kernel.log, with the key that sent the most since last said."""
+    def _pace(self, poller: zmq.Poller, socket: zmq.Socket, paced: PacedReading, counter: str,
+              say: Callable[[int, Any, int], None]) -> None:
+        """A control socket polled while its share of this thread's time lasts, and left unread until the share is
+        back: counted, and said (`say`) at most once every PACED_SAID_EVERY_S with who sent the most since."""
         now = time.monotonic()
-        polled = self._remote_share.allowance(now) > 0
-        if polled == self._remote_polled:
+        if not paced.poll_changed(now):
             return
-        self._remote_polled = polled
-        poller.register(self.remote.router, zmq.POLLIN if polled else 0)
-        if polled:
+        poller.register(socket, zmq.POLLIN if paced.polled else 0)
+        if paced.polled:
             return
-        self.counters["remote_control_paced"] += 1
-        if now - self._remote_paced_said < REMOTE_PACED_SAID_EVERY_S:
-            return
-        self._remote_paced_said = now
-        user_id, count = (self._remote_senders.most_common(1) or [("", 0)])[0]
-        key = self.control.peers.credentials.remote_key(user_id, now) if user_id else None
+        self.counters[counter] += 1
+        if (said := paced.to_say(now)) is not None:
+            say(*said)
+
+    def _say_local_paced(self, total: int, name: str | None, count: int) -> None:
+        log.warning("control messages on the run's ipc socket took over %d %% of the bus thread's time (%d since last "
+                    "said, %d of them from %s): read at that pace, the rest waits with their senders; training goes "
+                    "on", round(LOCAL_CONTROL_SHARE * 100), total, count,
+                    "a peer that never said hello" if name == "" else repr(name) if name else "(none)")
+
+    def _say_remote_paced(self, total: int, user_id: str | None, count: int) -> None:
+        key = self.control.peers.credentials.remote_key(user_id, time.monotonic()) if user_id else None
         log.warning("TCP control messages took over %d %% of the bus thread's time (%d since last said, %d of them "
                     "from key %s): read at that pace, the rest waits in its connections; training goes on",
-                    round(REMOTE_CONTROL_SHARE * 100), sum(self._remote_senders.values()), count,
+                    round(REMOTE_CONTROL_SHARE * 100), total, count,
                     repr(key.name) if key else "(revoked since)" if user_id else "(none)")
-        self._remote_senders.clear()
 
     def _send_answers(self) -> None:
         while self._answers:
@@ -590,32 +603,42 @@ class Bus:
                 topics.discard(message[1:])
 
     def _read_control(self, budget: int) -> bool:
-        """Handle up to `budget` control messages (of each socket); True when more are waiting."""
-        more = False
-        for _ in range(budget):
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if len(frames) != 2:
-                self.control.malformed(f"{len(frames) - 1} frames from a peer, not 1 (a DEALER sends one; §3)")
-                continue
-            self.control.handle(LOCAL + frames[0], frames[1])
-        else:
-            more = True
+        """Handle up to `budget` control messages of each socket, within its share of this thread's time; True when
+        more are waiting."""
+        more = self._read_paced(self._local_pace, self._read_local_for, budget)
         return self._read_remote(budget) or more
 
     def _read_remote(self, budget: int) -> bool:
         """The TCP control socket: each message with its connection's CURVE key (the ZAP User-Id), which the
         dispatcher maps to a key name and role; never anything the message itself says."""
-        if self.remote is None:
-            return False
+        return self.remote is not None and self._read_paced(self._remote_pace, self._read_remote_for, budget)
+
+    @staticmethod
+    def _read_paced(paced: PacedReading, read_for: Callable[[int, float], bool], budget: int) -> bool:
         started = time.monotonic()
-        allowance = self._remote_share.allowance(started)
+        allowance = paced.work.allowance(started)
         try:
-            return allowance > 0 and self._read_remote_for(budget, started + allowance)
+            return allowance > 0 and read_for(budget, started + allowance)
         finally:
-            self._remote_share.took(started, time.monotonic())
+            paced.work.took(started, time.monotonic())
+
+    def _read_local_for(self, budget: int, until: float) -> bool:
+        """The run's ipc control socket's messages, up to `budget` of them or until the clock reads `until`."""
+        for _ in range(budget):
+            if time.monotonic() >= until:
+                return True
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            if len(frames) != 2:
+                self.control.malformed(f"{len(frames) - 1} frames from a peer, not 1 (a DEALER sends one; §3)")
+                continue
+            identity = LOCAL + frames[0]
+            peer = self.control.peers.get(identity)
+            self._local_pace.heard(peer.name if peer is not None else "")
+            self.control.handle(identity, frames[1])
+        return True
 
     def _read_remote_for(self, budget: int, until: float) -> bool:
         """_read_remote's messages, up to `budget` of them or until the clock reads `until`."""
@@ -637,7 +660,7 @@ class Bus:
                 fd = frames[1].get(zmq.SRCFD)
             except zmq.ZMQError:  # a libzmq without it: released only when the control socket is replaced
                 fd = -1
-            self._remote_senders[user_id] += 1  # authenticated keys alone: as many as the key directory holds
+            self._remote_pace.heard(user_id)  # authenticated keys alone: as many as the key directory holds
             self.ledger.heard(REMOTE + frames[0].bytes, user_id, fd)
             self.control.handle(REMOTE + frames[0].bytes, frames[1].bytes, user_id=user_id)
         return True

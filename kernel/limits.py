@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
+from typing import Any
 
 # Per-peer defaults ([limits] in the run's config overrides each). A monitor reports a few readings a
 # second and a logger a few lines; ten times that is still far below what costs training anything
@@ -123,6 +125,42 @@ class WorkShare:
         if self.allowance(now) > 0:
             return now
         return now + (self.resume_s - self.seconds.tokens) / self.seconds.rate
+
+
+class PacedReading:
+    """A control socket read for at most a share of the bus thread's time (WorkShare): whether it is polled now, and
+    who sent the most since its being held back was last said. Time is a parameter (tests pass a fake clock)."""
+
+    SENDERS_MAX = 256  # senders counted between two sayings (keys, peer names): a flood of new ones is not memory
+
+    def __init__(self, share: float, resume_s: float, said_every_s: float, now: float):
+        self.share = share
+        self.work = WorkShare(share, resume_s, now)
+        self.polled = True
+        self.senders: collections.Counter = collections.Counter()
+        self._said_every_s = said_every_s
+        self._said_at = now - said_every_s
+
+    def heard(self, sender: Any) -> None:
+        if sender in self.senders or len(self.senders) < self.SENDERS_MAX:
+            self.senders[sender] += 1
+
+    def poll_changed(self, now: float) -> bool:
+        """True when whether the socket is polled (`polled`, updated) changed: its share ran out, or came back."""
+        polled = self.work.allowance(now) > 0
+        changed, self.polled = polled != self.polled, polled
+        return changed
+
+    def to_say(self, now: float) -> tuple[int, Any, int] | None:
+        """(messages counted since last said, the sender of most of them, how many) when a pause is to be said now,
+        at most once every said_every_s; None otherwise."""
+        if now - self._said_at < self._said_every_s:
+            return None
+        self._said_at = now
+        top, count = (self.senders.most_common(1) or [(None, 0)])[0]
+        total = sum(self.senders.values())
+        self.senders.clear()
+        return total, top, count
 
 
 def truncate(text: str, max_chars: int) -> tuple[str, bool]:

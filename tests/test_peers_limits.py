@@ -24,8 +24,8 @@ from trainbus.kernel.bus import CONTROL_PER_WAKE, LOCAL, Bus
 from trainbus.kernel.control import Dispatcher
 from trainbus.kernel.credentials import CREDENTIAL_FILE, Credentials
 from trainbus.kernel.journal import RETRY_INTERVAL_S, Journal, decode_records, read_events
-from trainbus.kernel.limits import (BURST_S, EVENT_JOURNAL_BYTES, TRUNCATED, PeerBudget, PeerLimits, TokenBucket,
-                                    WorkShare, truncate)
+from trainbus.kernel.limits import (BURST_S, EVENT_JOURNAL_BYTES, TRUNCATED, PacedReading, PeerBudget, PeerLimits,
+                                    TokenBucket, WorkShare, truncate)
 from trainbus.kernel.keys import ClientKey
 from trainbus.kernel.peers import ALWAYS_ALLOWED, MAX_NAMES, MAX_PEERS, OWNER_ONLY, PERSISTER_MESSAGES, Peers, Refused
 from trainbus.proto import (BEST_EFFORT, DURABLE, Event, control, decode_control, encode_control, encode_event,
@@ -206,6 +206,26 @@ def test_work_that_never_used_its_share_is_never_told_to_wait():
         share.took(now, now + 0.001)
         now += 0.1
     assert not share.waiting
+
+
+def test_a_paced_socket_is_unpolled_once_its_share_is_spent_polled_when_it_is_back_and_said_once_a_minute():
+    """kernel/bus.py _pace: whether a control socket is polled follows its share (PacedReading.poll_changed), and a
+    pause is said at most once every said_every_s with who sent the most since; new senders past SENDERS_MAX are not
+    counted (a flood of connections each with a new routing id or name is not memory)."""
+    paced = PacedReading(0.05, 0.01, 60.0, T0)
+    for sender in ["hog"] * 5 + ["operator"]:
+        paced.heard(sender)
+    assert not paced.poll_changed(T0) and paced.polled
+    paced.work.took(T0, T0 + 0.2)  # twice the saved-up 0.1 s: spent, and 0.1 s in debt
+    assert paced.poll_changed(T0 + 0.2) and not paced.polled
+    assert paced.to_say(T0 + 0.2) == (6, "hog", 5)
+    assert paced.to_say(T0 + 30.0) is None  # said a minute at most
+    back = paced.work.resumes_at(T0 + 0.2)
+    assert not paced.poll_changed(back - 0.01) and paced.poll_changed(back) and paced.polled
+    for number in range(2 * PacedReading.SENDERS_MAX):
+        paced.heard(f"peer-{number}")
+    assert len(paced.senders) == PacedReading.SENDERS_MAX
+    assert paced.to_say(T0 + 60.2) == (PacedReading.SENDERS_MAX, "peer-0", 1)
 
 
 # -- Peers: hello ------------------------------------------------------------------------------------

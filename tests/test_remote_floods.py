@@ -681,6 +681,48 @@ def test_a_key_flooding_the_control_socket_gets_a_share_of_the_bus_thread_and_an
     assert said and "from key 'watcher'" in said[0] and "took over 5 % of the bus thread's time" in said[0], said
 
 
+@pytest.mark.timeout(300)
+def test_a_local_peer_flooding_the_control_socket_gets_a_share_of_the_bus_thread_and_another_peers_stop_lands(
+        keys, runs_dir, tmp_path, kernels):
+    """As the TCP one, on the run's ipc control socket: a plugin of the run's reporting a metric in a loop from a
+    thread of its own kept the bus thread at 0.16 cores (24 times a calm run's), every message read before it was
+    dropped past [limits]. The ipc socket is now read for at most 5 % of the bus thread's time too
+    (LOCAL_CONTROL_SHARE), said naming the peer; the rest waits with its sender, and another peer's stop lands."""
+    cfg = listening_config(runs_dir, keys["dir"], epochs=50, step_sleep_s=0.005)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_step(2, timeout_s=120)
+    secret, endpoint = (kernel.run_dir / "credential").read_text().strip(), f"ipc://{kernel.run_dir / 'control.sock'}"
+    ctx, sent, beat = zmq.Context(), 0, pack({"v": 1, "type": "heartbeat"})
+
+    def peer(name: str, replies: list[str]) -> zmq.Socket:
+        socket = ctx.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 1000)
+        socket.connect(endpoint)
+        socket.send(pack({"v": 1, "type": "hello", "name": name, "pid": os.getpid(), "subscriptions": [],
+                          "replies": replies, "delivery": "best_effort", "secret": secret}))
+        return socket
+
+    try:
+        hog, pilot, started = peer("hog", []), None, time.monotonic()
+        while kernel.proc.poll() is None and time.monotonic() < started + 120:
+            try:
+                hog.send(beat, zmq.NOBLOCK)
+                sent += 1
+            except zmq.Again:
+                time.sleep(0.0005)
+            if pilot is None and time.monotonic() > started + 3.0:  # the flood well under way
+                pilot = peer("operator", ["stop"])
+                pilot.send(pack({"v": 1, "type": "stop", "reason": "stopped through a flood"}))
+    finally:
+        ctx.destroy(linger=0)
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "stopped" and "stopped through a flood" in str(result), result
+    assert result["bus"].get("local_control_paced", 0) >= 1, (sent, result["bus"])
+    said = [line for line in (kernel.run_dir / "kernel.log").read_text().splitlines() if "run's ipc socket" in line]
+    assert said and "from 'hog'" in said[0] and "took over 5 % of the bus thread's time" in said[0], said
+
+
 def log_big_lines(ctx: zmq.Context, keys: dict, conn: dict, kernel: KernelProcess, lines: int) -> None:
     """`lines` log lines of 16 KiB of random text, sent by a peer of the watcher's key, once the journal holds them:
     each line is its 16 KiB in the journal and in a replay batch, so batches are as big as the kernel makes them."""
