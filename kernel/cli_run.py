@@ -490,7 +490,11 @@ def _print_summary(result) -> None:
                       f"it printed: {Path(result.run_dir) / 'plugins' / f'{name}.log'})")
         if p.get("greeted") is False and not p.get("detached"):
             printed = Path(result.run_dir) / "plugins" / f"{name}.log"
-            if p["crashes"]:  # a class whose constructor or import raised: the crash line above says why
+            if p.get("hello_trouble"):  # it said one the kernel did not take: why (the field, or the refusal)
+                out.print(f"  plugin {name}: never said a hello the kernel took, so it took no event: "
+                          f"{escape(p['hello_trouble'])} (what it printed: {printed}; a command plugin speaks "
+                          f"proto/PROTOCOL.md)")
+            elif p["crashes"]:  # a class whose constructor or import raised: the crash line above says why
                 out.print(f"  plugin {name}: never said hello, so it took no event: it crashed before it could (why: "
                           f"above; what it printed: {printed})")
             else:

@@ -13,7 +13,7 @@ from typing import Any
 
 from trainbus.proto import (DURABLE, ProtocolError, control, decode_control, encode_control, encode_replay_batch,
                             events as ev)
-from trainbus.proto.codec import MAX_CONTROL_CONTAINERS
+from trainbus.proto.codec import MAX_CONTROL_CONTAINERS, unpack
 from trainbus.proto.text import printable
 
 from .limits import EVENT_JOURNAL_BYTES, truncate
@@ -80,6 +80,8 @@ class Dispatcher:
                              time.monotonic())
                 return
             self.malformed(str(exc))
+            if not user_id:
+                self._malformed_hello(raw, str(exc))
             return
         kind, now = msg["type"], time.monotonic()
         try:
@@ -104,6 +106,18 @@ class Dispatcher:
         self.counters["malformed"] += 1
         if self.counters["malformed"] <= MALFORMED_LOGGED:
             log.warning("dropped a malformed control message: %s", why)
+
+    def _malformed_hello(self, raw: bytes, why: str) -> None:
+        """A malformed message that is a hello under a name of the run's: the plugin is told nothing (§11), and the
+        run's summary would say it never said hello, so its author, who sent one, learns why it was not taken."""
+        if b"\xa5hello" not in raw:  # no msgpack str "hello" anywhere: not one (and a flood is not decoded twice)
+            return
+        try:
+            m = unpack(raw, MAX_CONTROL_CONTAINERS)
+        except ProtocolError:
+            return
+        if type(m) is dict and m.get("type") == "hello" and type(m.get("name")) is str:
+            self.supervisor.hello_not_taken(m["name"], f"its hello was dropped as malformed: {why}")
 
     def _refuse(self, identity: bytes, kind: str, refusal: Refused, now: float) -> None:
         """Count every refusal; log it once per (peer, reason, message type), and tell the peer at most once a
@@ -131,7 +145,10 @@ class Dispatcher:
         previous = self.peers.get(identity)
         try:
             peer = self.peers.welcome(identity, msg, now, user_id)
-        except Refused:
+        except Refused as refusal:
+            if not user_id:  # a plugin of the run's (a remote peer under its name is not it): its summary says why
+                why = str(refusal).removeprefix(f"hello as {msg['name']!r} refused: ")
+                self.supervisor.hello_not_taken(msg["name"], f"its hello was refused: {why}")
             if previous is not None and previous.user_id == user_id:  # (another key on that routing id is not it)
                 # its refusal says welcome_lost (§7.2: nothing it sends is acted on), so the name the connection held
                 # must not go on speaking for it: that name leaves as with a bye

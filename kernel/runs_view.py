@@ -249,7 +249,9 @@ def print_show(console, run: dict[str, Any]) -> None:
             if p.get("left_early"):
                 trouble.append("left before the run ended")
             if p.get("greeted") is False and not p.get("detached"):  # it took no event of the run (as runs list says)
-                trouble.append("never said hello")
+                trouble.append(f"never said a hello the kernel took: {p['hello_trouble']}"
+                               if isinstance(p.get("hello_trouble"), str)
+                               else "never said hello")
             if p.get("errors_logged"):
                 trouble.append(f"{p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged (kernel.log)")
             if p.get("checkpoints_failed"):

@@ -124,6 +124,7 @@ class Child:
     patience: Patience | None = None  # silent nearly the liveness window: sampled to tell starved from hung
     greeted: bool = False  # some process of it said hello: the kernel knows what it can do (its capabilities)
     detached: bool = False  # its owner stopped it (plugins detach): gone on purpose, hello or not, so no trouble
+    hello_trouble: str = ""  # why a hello under its name was not taken (malformed, refused), while it has none taken
     restarts: int = 0
     crashes: list = field(default_factory=list)  # human-readable reasons, the newest CRASHES_KEPT, for the summary
     crashes_forgotten: int = 0  # older ones, counted
@@ -187,6 +188,13 @@ class Supervisor:
                 with self._lock:  # rechecked: shutdown (the training thread) may have told its exit in between
                     if child.state == "starting":
                         child.state, child.greeted = "running", True
+
+    def hello_not_taken(self, name: str, why: str) -> None:
+        """A hello under a name of the run's was dropped as malformed or refused: kept, while the plugin has had no
+        hello taken, for the run's summary, which otherwise says only that it never said hello."""
+        child = self.children.get(name)
+        if child is not None and not child.greeted:
+            child.hello_trouble = why
 
     def training_starts(self) -> None:
         """Every plugin goes below training from here (the ones running now, and every start from now on)."""
@@ -374,7 +382,8 @@ class Supervisor:
         return {
             name: {"state": c.state, "restarts": c.restarts, "crashes": list(c.crashes), "greeted": c.greeted,
                    **({"crash_count": c.crash_count} if c.crashes_forgotten else {}),
-                   **({"left_early": True} if c.left_early else {}), **({"detached": True} if c.detached else {})}
+                   **({"left_early": True} if c.left_early else {}), **({"detached": True} if c.detached else {}),
+                   **({"hello_trouble": c.hello_trouble} if c.hello_trouble and not c.greeted else {})}
             for name, c in self.children.items()
         }
 

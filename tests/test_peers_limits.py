@@ -251,6 +251,9 @@ class FakeSupervision:
     def seen(self, name: str, pid: int, now: float) -> None:
         self.seen_calls.append((name, pid, now))
 
+    def hello_not_taken(self, name: str, why: str) -> None:
+        pass
+
 
 def hello(name: str, pid: int, secret: str, delivery: str = DURABLE, replies=("stop", "metric"), votes=(),
           capabilities=()) -> dict:

@@ -165,3 +165,34 @@ def test_command_plugins_relative_to_where_the_run_started_start_in_a_run_contin
     ready = sorted(e.data["plugin"] for e in of(events, "plugin_ready") if e.seq > first_end)
     assert ready == ["argument", "checkpoint", "program"], (again.stderr, ready)
     assert not [e for e in events if e.type in ("plugin_crashed", "plugin_failed")], again.stderr
+
+
+@pytest.mark.parametrize("mistake, edit, said", [
+    ("a reply type misspelt", ('replies=["stop"]', 'replies=["stop", "checkpoint"]'),
+     "its hello was dropped as malformed: hello.replies may hold only"),
+    ("a wrong secret", ("secret=secret)", 'secret="0" * 64)'), "its hello was refused: wrong secret"),
+])
+def test_a_spawned_plugin_whose_hello_the_kernel_did_not_take_is_said_with_why(short_runs, tmp_path, capsys,
+                                                                              mistake, edit, said):  # noqa: F811
+    """A plugin written from PROTOCOL.md whose hello held a mistake (a reply type misspelt, `checkpoint` for
+    `checkpoint_now`) was told nothing (a malformed message is not answered, §11), and `trainbus run` said it
+    `never said hello, so it took no event ... a command plugin speaks proto/PROTOCOL.md`: its author, who had sent
+    one, had only kernel.log's first 10 malformed messages, not tied to any plugin, to find out why. The run's summary
+    now says why the hello was not taken, malformed (the field, as kernel.log says it) or refused (the reason)."""
+    from trainbus.kernel.cli_run import _print_summary
+
+    script = example(tmp_path)
+    text = script.read_text()
+    assert edit[0] in text
+    script.write_text(text.replace(edit[0], edit[1]))
+    plugin = PluginConfig("raw_example", "", {}, [sys.executable, str(script)])
+    result = run_training(run_config(short_runs, [plugin], epochs=1, target=PACED, batch_size=256,
+                                     step_sleep_s=0.0, ready_timeout_s=3))
+    entry = result.plugins["raw_example"]
+    assert entry["greeted"] is False and said in entry.get("hello_trouble", ""), entry
+    _print_summary(result)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "never said" in line]
+    assert len(lines) == 1 and said in lines[0] and "a command plugin speaks proto/PROTOCOL.md" in lines[0], lines
+    shown = cli("runs", "show", result.run_dir)
+    assert shown.returncode == 0 and "never said a hello the kernel took: " + said in " ".join(shown.stdout.split()), \
+        shown.stdout
