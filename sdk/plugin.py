@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from trainbus.proto import BEST_EFFORT, DELIVERY_CLASSES, Event, ProtocolError, control, events as ev
 
-from .settings import Setting, SettingsError, check_value, declared
+from .settings import HOST_PATH, Setting, SettingsError, check_value, declared
 
 # Every event a plugin can handle, as `on_<name>`: not bus_closing, which comes after the kernel waited for its
 # plugins to exit (they leave at the final event); attach clients end on it.
@@ -330,7 +330,9 @@ def merge_settings(cls: type, given: dict[str, Any]) -> dict[str, Any]:
     """The class's defaults with `given` on top, every value checked and converted (sdk/settings.py), then
     check_settings; SettingsError in one line, naming the setting, the value and what is allowed."""
     specs = declared(cls.settings)
-    merged = {key: spec.default for key, spec in specs.items()}
+    # a default is a value like any given one: a HOST_PATH's `~` (and a relative one) made absolute as a given one is
+    merged = {key: check_value(key, spec, spec.default) if spec.kind == HOST_PATH else spec.default
+              for key, spec in specs.items()}
     for key, value in given.items():
         if key in specs:
             merged[key] = check_value(key, specs[key], value)

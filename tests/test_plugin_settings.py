@@ -680,3 +680,15 @@ def test_a_host_path_is_made_absolute_from_the_directory_the_settings_are_checke
     assert merge_settings(Reader, {"source": "/etc/../etc/pw"})["source"] == "/etc/pw"
     assert merge_settings(Reader, {"source": ""})["source"] == ""
     assert "from the directory the command runs in" in Reader.settings["source"].constraint()
+
+
+def test_a_host_path_default_under_home_reaches_the_plugin_made_absolute_as_a_given_one_does(tmp_path, monkeypatch):
+    """`Setting("~/.netrc", kind=HOST_PATH)`: a given `~/...` was made absolute, but the default reached the plugin
+    as written, and `open("~/.netrc")` looks for a folder named `~` in the kernel's working directory. The default
+    is read as a value like any given one (README), so its `~` is the plugin's user's home too."""
+    class Reader(Plugin):
+        settings = {"netrc": Setting("~/.netrc", "a file it reads", kind=HOST_PATH)}
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert merge_settings(Reader, {})["netrc"] == str(tmp_path / "home" / ".netrc")
+    assert Reader().settings["netrc"] == str(tmp_path / "home" / ".netrc")
