@@ -110,6 +110,11 @@ def _options(words: list[str]) -> tuple[dict[str, str], dict[str, object]]:
 def _describe(targets: list[str]) -> int:
     """One JSON list on stdout; with settings given, each entry says whether they are valid and, when they
     are, gives them as the plugin will read them ("values": a string from the command line converted)."""
+    # stdout is the JSON alone (`trainbus run` and `plugins list` parse it): what a plugin's module prints as it is
+    # imported (a banner, a library's notice, from C too) goes to stderr
+    sys.stdout.flush()
+    json_out = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     out = []
     for item in targets:
         target, _, settings_json = item.partition("=")
@@ -127,7 +132,8 @@ def _describe(targets: list[str]) -> int:
         except Exception as exc:  # the plugin's own code (check_settings, a classmethod) raised: name its line
             info = {"target": target, "error": f"checking its settings raised {where_raised(exc)}"}
         out.append(info)
-    print(json.dumps(out))
+    with json_out:  # closed even when its reader has gone (BrokenPipeError, below): nothing left to flush at exit
+        json_out.write(json.dumps(out) + "\n")
     return 0
 
 

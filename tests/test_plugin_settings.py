@@ -692,3 +692,33 @@ def test_a_host_path_default_under_home_reaches_the_plugin_made_absolute_as_a_gi
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert merge_settings(Reader, {})["netrc"] == str(tmp_path / "home" / ".netrc")
     assert Reader().settings["netrc"] == str(tmp_path / "home" / ".netrc")
+
+
+NOISY_PLUGIN = '''
+import os
+import sys
+print("loading my plugin {")  # what a module says as it is imported: a banner, a library's notice
+os.write(1, b"and from C, as a library's own print does\\n")
+print("to stderr too", file=sys.stderr)
+from trainbus.sdk import Plugin, Setting
+
+class Noisy(Plugin):
+    settings = {"limit": Setting(1.0, "a limit", min=0)}
+'''
+
+
+def test_a_plugin_module_that_prints_as_it_is_imported_is_checked_as_any_other(tmp_path):
+    """`trainbus run` checks plugin settings in a `python -m trainbus.sdk --describe` process and reads its stdout
+    as JSON: a plugin module that printed a line as it was imported made that a JSONDecodeError traceback through
+    the CLI's frames, whatever its settings. What the plugin's code prints there goes to stderr; stdout is the
+    JSON alone."""
+    (tmp_path / "noisy.py").write_text(NOISY_PLUGIN)
+    (tmp_path / "run.toml").write_text('[run]\nepochs = 1\n[plugins.noisy]\ntarget = "noisy:Noisy"\n'
+                                       '[plugins.noisy.settings]\nlimit = -1\n')
+    r = trainbus("run", "-c", "run.toml", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: plugin noisy: limit = -1 is not allowed; it must be a number >= 0"), r.stderr
+    d = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", 'noisy:Noisy={"limit": 2}'],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert d.returncode == 0 and json.loads(d.stdout)[0]["values"] == {"limit": 2.0}, d.stdout
+    assert "loading my plugin {" in d.stderr and "and from C" in d.stderr, d.stderr
