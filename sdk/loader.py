@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import sysconfig
 import traceback
 from pathlib import Path
 from typing import Any
+
+from trainbus.proto.text import printable
 
 from .plugin import Plugin
 from .settings import describe_settings
 
 SDK_DIR = Path(__file__).resolve().parent
+STDLIB_DIR = Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
 class PluginLoadError(Exception):
@@ -28,6 +32,8 @@ def load_plugin_class(target: str) -> type[Plugin]:
                               f"PYTHONPATH)")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:  # argparse at import read this process's arguments, or a sys.exit(): no exit of ours
+        raise PluginLoadError(f"cannot import plugin module {module_name!r}: {_exited(exc)}") from None
     except Exception as exc:  # noqa: BLE001 -- the module's own code raised: say what and where, in one line
         if _is_missing(module_name, exc):  # no file to name: say where it could come from
             raise PluginLoadError(f"cannot import plugin module {module_name!r}: {exc}; install the package that has "
@@ -63,6 +69,20 @@ def where_raised(exc: Exception) -> str:
               if not f.filename.startswith("<") and Path(f.filename).parent != SDK_DIR]
     where = f"{frames[-1].filename}, line {frames[-1].lineno}: " if frames and not isinstance(exc, SyntaxError) else ""
     return f"{where}{type(exc).__name__}: {exc}"
+
+
+def _exited(exc: SystemExit) -> str:
+    """`File.py, line N: sys.exit(2) as it is imported ...; FIX` for a module that exited as it was imported, at its
+    own innermost line (argparse's, the standard library's, are not the author's)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if not f.filename.startswith("<") and Path(f.filename).parent != SDK_DIR
+           and not Path(f.filename).is_relative_to(STDLIB_DIR)]
+    where = f"{own[-1].filename}, line {own[-1].lineno}: " if own else ""
+    fix = ("argparse read the plugin process's command line: parse arguments under `if __name__ == \"__main__\":`, "
+           "and take what a plugin needs as its settings"
+           if any(Path(f.filename).name == "argparse.py" for f in frames)
+           else "a plugin module raises an exception instead")
+    return f"{where}sys.exit({printable(repr(exc.code), 500)}) as it is imported would end the process; {fix}"
 
 
 def describe(target: str) -> dict[str, Any]:

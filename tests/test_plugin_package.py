@@ -169,3 +169,27 @@ def test_a_name_two_packages_register_names_neither(tmp_path, monkeypatch):
     assert 'target = "alpha:Shared"' in message, "names the way to pick one"
     assert resolve_plugin("metrics_log", {}).target == known["metrics_log"], "a built-in's name stays the built-in's"
     assert set(plugin_name_clashes()) == {"shared", "metrics_log"}
+
+
+def test_a_plugin_module_that_exits_as_it_is_imported_is_one_line_naming_its_line_and_the_fix(tmp_path):
+    """A plugin module that parsed its own arguments at import (argparse, which then read `--describe ...` and
+    exited 2), or called sys.exit() there, ended the describing process: `trainbus run` and `plugins list` said
+    `could not load plugins: __main__.py: error: unrecognized arguments: --describe ...`, naming no plugin, file or
+    fix, and one such installed package took `plugins list` down for all. It is that module's load error now, as any
+    exception at import is: its file and line, and for argparse the fix."""
+    (tmp_path / "parses_args.py").write_text("import argparse\n\nparser = argparse.ArgumentParser()\n"
+                                             "parser.add_argument('--lr', type=float)\nARGS = parser.parse_args()\n")
+    (tmp_path / "exits.py").write_text('import sys\n\nsys.exit("no GPU here")\n')
+    proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", "parses_args:P", "exits:P",
+                           "trainbus.plugins.console:ConsolePlugin"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    infos = json.loads(proc.stdout)
+    assert infos[0]["error"] == (
+        f"cannot import plugin module 'parses_args': {tmp_path / 'parses_args.py'}, line 5: sys.exit(2) as it is "
+        f"imported would end the process; argparse read the plugin process's command line: parse arguments under "
+        f"`if __name__ == \"__main__\":`, and take what a plugin needs as its settings"), infos[0]
+    assert infos[1]["error"] == (
+        f"cannot import plugin module 'exits': {tmp_path / 'exits.py'}, line 3: sys.exit('no GPU here') as it is "
+        f"imported would end the process; a plugin module raises an exception instead"), infos[1]
+    assert "error" not in infos[2] and infos[2]["target"] == "trainbus.plugins.console:ConsolePlugin"
