@@ -455,6 +455,13 @@ def _of_processes(cluster: dict) -> str:
     return f" of {world} processes (a batch each)" if isinstance(world, int) and world > 1 else ""
 
 
+def _dropped(entry: dict) -> str:
+    """`1,234 metrics and 56 logs dropped`: what a plugin reported past its [limits] (summary.json's plugins)."""
+    counts = [f"{entry[f'{kind}_dropped']:,} {kind}{'s' * (entry[f'{kind}_dropped'] != 1)}"
+              for kind in ("metric", "log") if entry.get(f"{kind}_dropped")]
+    return " and ".join(counts) + " dropped"
+
+
 def _print_summary(result) -> None:
     o = result.outcome
     colour = {"completed": "green", "stopped": "yellow"}.get(result.status, "red")
@@ -503,6 +510,9 @@ def _print_summary(result) -> None:
         if p.get("checkpoints_failed"):
             out.print(f"  plugin {name}: {p['checkpoints_failed']} checkpoint{'s' * (p['checkpoints_failed'] != 1)} "
                       f"could not be written (see {Path(result.run_dir) / 'plugins' / f'{name}.log'})")
+        if p.get("metric_dropped") or p.get("log_dropped"):
+            out.print(f"  plugin {name}: {_dropped(p)}, past its \\[limits] (metrics_per_s, logs_per_s, "
+                      f"bytes_per_s; see kernel.log)")
         if p.get("errors_logged"):
             out.print(f"  plugin {name}: {p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged "
                       f"(see {Path(result.run_dir) / 'kernel.log'}; what it printed: plugins/{name}.log)")

@@ -55,6 +55,7 @@ class Dispatcher:
         self._told: collections.OrderedDict = collections.OrderedDict()
         self.errors_logged: collections.Counter = collections.Counter()  # plugin name -> error-level log replies
         self.checkpoints_failed: collections.Counter = collections.Counter()  # persister name -> checkpoint_failed
+        self.dropped: collections.Counter = collections.Counter()  # (plugin name, metric|log) -> dropped past [limits]
         self._command_ids: collections.OrderedDict = collections.OrderedDict()
         self._votes_told: set[str] = set()
         self.supervisor = supervisor
@@ -267,6 +268,7 @@ class Dispatcher:
             return True
         self.counters[f"{kind}_dropped"] += 1
         peer.counters[f"{kind}_dropped"] += 1
+        self.dropped[peer.name, kind] += 1  # the run's summary says each plugin's: its author takes them for written
         if peer.budget.spent_out(nbytes + EVENT_JOURNAL_BYTES):
             if not peer.budget.said_spent_out:  # once a key: all its peers share the one total
                 peer.budget.said_spent_out = True

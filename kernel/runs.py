@@ -626,7 +626,8 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
         if isinstance(p, dict):
             plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes", "crash_count",
                                                                   "errors_logged", "checkpoints_failed", "left_early",
-                                                                  "greeted", "detached", "hello_trouble")
+                                                                  "greeted", "detached", "hello_trouble",
+                                                                  "metric_dropped", "log_dropped")
                                                    if k in p})
     if info["status"] != "running":  # over: what the journal last said of a peer is no longer what it does
         told = summary.get("plugins") or {}  # a peer attached by hand whose bye came late or never, or a died run's

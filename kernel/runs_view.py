@@ -252,6 +252,11 @@ def print_show(console, run: dict[str, Any]) -> None:
                 trouble.append(f"never said a hello the kernel took: {p['hello_trouble']}"
                                if isinstance(p.get("hello_trouble"), str)
                                else "never said hello")
+            dropped = [f"{p[f'{kind}_dropped']:,} {kind}{'s' * (p[f'{kind}_dropped'] != 1)}"
+                       for kind in ("metric", "log") if isinstance(p.get(f"{kind}_dropped"), int)
+                       and p[f"{kind}_dropped"] > 0]
+            if dropped:  # past its [limits]: what it reported is not all in the journal
+                trouble.append(" and ".join(dropped) + " dropped past its [limits] (kernel.log)")
             if p.get("errors_logged"):
                 trouble.append(f"{p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged (kernel.log)")
             if p.get("checkpoints_failed"):

@@ -583,6 +583,9 @@ def _plugin_summary(bus: Bus) -> dict[str, dict[str, Any]]:
         entry["errors_logged"] = bus.control.errors_logged[name]
         if bus.control.checkpoints_failed[name]:  # a full disk, say: the run completed, its checkpoints did not
             entry["checkpoints_failed"] = bus.control.checkpoints_failed[name]
+        for kind in ("metric", "log"):  # past its [limits]: what it reported is not all in the journal
+            if bus.control.dropped[name, kind]:
+                entry[f"{kind}_dropped"] = bus.control.dropped[name, kind]
     return summary
 
 

@@ -95,6 +95,18 @@ class SamplerThreadFails(Plugin):
         pass
 
 
+class FloodsAtEpochEnd(Plugin):
+    """Reports far more metrics and logs at each end_epoch than its [limits] let through (200 and 50 a second)."""
+
+    votes = ("end_epoch",)  # its replies land before the run's final event
+
+    def on_end_epoch(self, event):
+        for i in range(1000):
+            self.metric(f"flood/{i % 10}", float(i))
+        for i in range(200):
+            self.log(f"flood {i}")
+
+
 class NonDaemonPoller(Plugin):
     """Polls on a thread that is not a daemon and that teardown never stops: Python's exit waits for it for good."""
 

@@ -933,3 +933,25 @@ def test_ctrl_c_twice_cuts_a_slow_drain_short(tmp_path):
     summary = json.loads((journal_path.parent / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert exited_after_s < 1.5 + 1.0, f"exited {exited_after_s:.1f} s after the second Ctrl-C"  # TERM grace + slack
+
+
+def test_a_plugin_whose_metrics_and_logs_go_past_its_limits_is_said_with_how_many_were_dropped(tmp_path, capsys):
+    """A plugin reporting 1,000 metrics at each epoch's end got ~600 of its 2,000 through ([limits] metrics_per_s
+    200, a burst of 400): the rest were dropped and counted in summary.json's `bus`, for no plugin in particular, and
+    kernel.log said it once; `trainbus run`'s summary, `runs show` and `runs list` said nothing, so its author took
+    the metrics for written. The run's summary now counts each plugin's drops, and says them with the limit."""
+    from trainbus.kernel.cli_run import _print_summary
+
+    cfg = run_config(tmp_path / "runs", [plugin("flood", "FloodsAtEpochEnd")], epochs=2, batch_size=64)
+    result = run_training(cfg)
+    assert result.status == "completed"
+    entry = result.plugins["flood"]
+    assert entry["metric_dropped"] == result.bus["metric_dropped"] >= 1000, (entry, result.bus)
+    assert entry["log_dropped"] == result.bus["log_dropped"] >= 200, (entry, result.bus)
+    _print_summary(result)
+    printed = [line for line in capsys.readouterr().out.splitlines() if "plugin flood:" in line]
+    assert printed == [f"  plugin flood: {entry['metric_dropped']:,} metrics and {entry['log_dropped']:,} logs dropped, "
+                       f"past its [limits] (metrics_per_s, logs_per_s, bytes_per_s; see kernel.log)"], printed
+    shown = cli("runs", "show", result.run_dir)
+    assert f"{entry['metric_dropped']:,} metrics and {entry['log_dropped']:,} logs dropped" in shown.stdout, \
+        shown.stdout
