@@ -65,18 +65,24 @@ def where_raised(exc: Exception) -> str:
     """`File.py, line N: Type: message` for the innermost frame of exc in a file, outside this SDK (a Setting
     declared wrong is the plugin's line, not the SDK's that checked it nor its generated `<string>` __init__); a
     SyntaxError names its line itself."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith("<") and Path(f.filename).parent != SDK_DIR]
+    frames = _authors(traceback.extract_tb(exc.__traceback__))
     where = f"{frames[-1].filename}, line {frames[-1].lineno}: " if frames and not isinstance(exc, SyntaxError) else ""
     return f"{where}{type(exc).__name__}: {exc}"
+
+
+def _authors(frames: traceback.StackSummary) -> list[traceback.FrameSummary]:
+    """The frames of files outside this SDK; of those, the author's (not the standard library's, nor an installed
+    package's, as the console tells them) when there is one: json.loads raising at a module's top is that line."""
+    files = [f for f in frames if not f.filename.startswith("<") and Path(f.filename).parent != SDK_DIR]
+    return [f for f in files if not Path(f.filename).is_relative_to(STDLIB_DIR)
+            and not {"site-packages", "dist-packages"} & set(Path(f.filename).parts)] or files
 
 
 def _exited(exc: SystemExit) -> str:
     """`File.py, line N: sys.exit(2) as it is imported ...; FIX` for a module that exited as it was imported, at its
     own innermost line (argparse's, the standard library's, are not the author's)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    own = [f for f in frames if not f.filename.startswith("<") and Path(f.filename).parent != SDK_DIR
-           and not Path(f.filename).is_relative_to(STDLIB_DIR)]
+    own = _authors(frames)
     where = f"{own[-1].filename}, line {own[-1].lineno}: " if own else ""
     fix = ("argparse read the plugin process's command line: parse arguments under `if __name__ == \"__main__\":`, "
            "and take what a plugin needs as its settings"

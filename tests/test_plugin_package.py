@@ -193,3 +193,16 @@ def test_a_plugin_module_that_exits_as_it_is_imported_is_one_line_naming_its_lin
         f"cannot import plugin module 'exits': {tmp_path / 'exits.py'}, line 3: sys.exit('no GPU here') as it is "
         f"imported would end the process; a plugin module raises an exception instead"), infos[1]
     assert "error" not in infos[2] and infos[2]["target"] == "trainbus.plugins.console:ConsolePlugin"
+
+
+def test_a_plugin_module_whose_import_fails_inside_the_standard_library_names_the_authors_line(tmp_path):
+    """`CONFIG = json.loads(TEXT)` at a plugin module's top, given bad text, was said at json/decoder.py's line 353,
+    where the standard library raised, not at the author's line that called it (a handler's error names the
+    innermost line of the author's code, as the console says it)."""
+    (tmp_path / "reads_config.py").write_text('import json\n\nCONFIG = json.loads("{not json")\n')
+    proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", "reads_config:P"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["error"].startswith(
+        f"cannot import plugin module 'reads_config': {tmp_path / 'reads_config.py'}, line 3: JSONDecodeError: "), \
+        proc.stdout
