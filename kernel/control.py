@@ -80,7 +80,9 @@ class Dispatcher:
                                                                  "daemon: give the daemon's --listen HOST:PORT"),
                              time.monotonic())
                 return
-            self.malformed(str(exc))
+            peer = self.peers.get(identity)  # whose message: an author running several plugins needs to know
+            self.malformed(str(exc), f"[{peer.label}]" if peer is not None and peer.user_id == user_id
+                           else "a connection not welcomed")
             if not user_id:
                 self._malformed_hello(raw, str(exc))
             return
@@ -102,11 +104,12 @@ class Dispatcher:
         except Refused as refusal:
             self._refuse(identity, kind, refusal, now)
 
-    def malformed(self, why: str) -> None:
-        """Count a message that is not one (the first MALFORMED_LOGGED logged, whatever was wrong with them)."""
+    def malformed(self, why: str, sender: str = "") -> None:
+        """Count a message that is not one (the first MALFORMED_LOGGED logged, whatever was wrong with them, and
+        who sent it when known: `[name]`, or a connection not welcomed)."""
         self.counters["malformed"] += 1
         if self.counters["malformed"] <= MALFORMED_LOGGED:
-            log.warning("dropped a malformed control message: %s", why)
+            log.warning("dropped a malformed control message%s: %s", f" from {sender}" if sender else "", why)
 
     def _malformed_hello(self, raw: bytes, why: str) -> None:
         """A malformed message that is a hello under a name of the run's: the plugin is told nothing (§11), and the

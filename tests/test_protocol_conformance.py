@@ -877,3 +877,29 @@ def test_a_peer_saying_hello_under_hundreds_of_names_forgets_no_plugin_of_the_ru
     events = read_events(kernel.run_dir)
     trouble = [(e.type, e.data) for e in events if e.type in ("plugin_crashed", "plugin_restarted", "plugin_hung")]
     assert trouble == [], trouble
+
+
+def test_a_malformed_message_from_a_welcomed_peer_is_logged_naming_the_peer(short_runs, tmp_path, kernels):  # noqa: F811
+    """kernel.log said `dropped a malformed control message: metric.value: expected float, got str`, and nothing of
+    who sent it: an author running three plugins (or a run's several remote monitors) could not tell whose message
+    it was. A welcomed peer's is now said with its name; one from a connection never welcomed says so."""
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels)
+    stranger = Client(kernel.run_dir)
+    try:
+        stranger.send("metric", name="loss", value=[1], step=None)
+        client.hello(NAME, attach_credential(kernel.run_dir), replies=["metric"])
+        client.wait_reply("welcome")
+        client.send("metric", name="loss", value="1.5", step=None)
+        log_path = kernel.run_dir / "kernel.log"
+        wait_until(lambda: log_path.read_text().count("dropped a malformed control message") == 2, 30, "both logged")
+        _bye(client)
+    finally:
+        stranger.close()
+        client.close()
+    open_gate(gate, 10**6)
+    kernel.result(timeout_s=120)
+    lines = [line.split(" WARNING trainbus.kernel: ", 1)[1] for line in (kernel.run_dir / "kernel.log").read_text()
+             .splitlines() if "dropped a malformed control message" in line]
+    assert lines == ["dropped a malformed control message from a connection not welcomed: metric.value: expected "
+                     "float, got list holding int",
+                     f"dropped a malformed control message from [{NAME}]: metric.value: expected float, got str"], lines
