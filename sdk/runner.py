@@ -85,6 +85,10 @@ class Runner:
         # it does not handle, which are most of a run's events: it sees a gap by seq, or by the envelope's `n`
         # where only per-batch events it is not sent lie between (_only_unsent_between).
         wanted, self.subscription_warnings = checked_subscriptions(plugin)  # said once welcomed
+        if type(plugin).warnings.__func__ is Plugin.warnings.__func__:  # (a bz plugin says its own as it is made)
+            # what `trainbus run` said of the class before the run (`on_end_epok`, named for no event), said too by
+            # a plugin run by hand or attached live, which no `trainbus run` checked, and in kernel.log
+            self.subscription_warnings += type(plugin).warnings()
         if "" in wanted:
             topics = [""]
         elif self.durable:

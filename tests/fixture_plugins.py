@@ -527,3 +527,13 @@ class FailsEveryBatch(Plugin):
 
     def on_end_training_batch(self, event):
         raise ValueError(f"cannot handle step {event.step}")
+
+
+class MisspeltHandler(Plugin):
+    """`on_end_epok`: a handler named for no event, never called."""
+
+    def on_end_epok(self, event):
+        pass
+
+    def on_end_training_session(self, event):
+        pass

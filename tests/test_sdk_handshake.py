@@ -435,3 +435,23 @@ def test_event_messages_of_the_wrong_frame_count_or_garbled_are_counted_and_the_
         io.dealer.close()
         io.ctx.term()
         kernel.close()
+
+
+def test_a_plugin_run_by_hand_says_what_is_likely_a_mistake_in_its_class_as_trainbus_run_does(tmp_path):
+    """`on_end_epok` (a handler named for no event), said by `trainbus run` before a run as a warning, was said
+    nowhere when the plugin was run by hand (`python -m trainbus.sdk`) or attached live: its author saw a plugin
+    that handled nothing. The runner says the class's warnings once welcomed, on its own output and in kernel.log,
+    as it says a subscription naming no event (and as a bz plugin says its own)."""
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    proc = kernel.start_plugin("fixture_plugins:MisspeltHandler", "misspelt", {}, tmp_path)
+    try:
+        identity, _ = _hello(kernel)
+        kernel.welcome(identity, kernel.seq + 1)
+        said = _next(kernel, "log")
+        kernel.publish("end_training_session")
+        output = _exited(proc)
+    finally:
+        _close(proc, kernel)
+    assert said["level"] == "warning" and "MisspeltHandler.on_end_epok" in said["text"] and \
+        "did you mean on_end_epoch?" in said["text"], said
+    assert "[misspelt] warning: MisspeltHandler.on_end_epok" in output, output
