@@ -137,7 +137,9 @@ class Peers:
             code, why = refusal
             raise Refused(code, f"hello as {name!r} refused: {why}")
         if spawned and not self.supervisor.is_current(name, pid):
-            raise Refused("hello_pid", f"hello as {name!r} refused: pid {pid} is not the process the kernel started")
+            raise Refused("hello_pid", f"hello as {name!r} refused: pid {pid} is not the process the kernel started; "
+                                       "a launcher (a shell script, `cargo run`, `npm start`) must exec the plugin, "
+                                       "not start it as its child")
         holder = self._by_name.get(name)
         # held only while its connection still speaks for it: one that said hello under another name let it go
         if holder is not None and holder.identity != identity and self._by_identity.get(holder.identity) is holder:

@@ -196,3 +196,16 @@ def test_a_spawned_plugin_whose_hello_the_kernel_did_not_take_is_said_with_why(s
     shown = cli("runs", "show", result.run_dir)
     assert shown.returncode == 0 and "never said a hello the kernel took: " + said in " ".join(shown.stdout.split()), \
         shown.stdout
+
+
+def test_a_plugin_started_by_a_launcher_that_forks_it_is_told_to_exec_it(short_runs, tmp_path):  # noqa: F811
+    """A command plugin run through a launcher that starts it as a child (`sh -c "python raw_example.py; ..."`,
+    `cargo run`, `npm start`) says hello with a pid the kernel did not start: refused `hello_pid`, whose reason said
+    only `pid N is not the process the kernel started`, and not the fix PROTOCOL.md §7.1 gives (exec the plugin)."""
+    launcher = ["sh", "-c", f"{sys.executable} {example(tmp_path)}; true"]  # `; true`: sh must fork, not exec
+    result = run_training(run_config(short_runs, [PluginConfig("raw_example", "", {}, launcher)], epochs=1,
+                                     target=PACED, batch_size=256, step_sleep_s=0.0, ready_timeout_s=3))
+    trouble = result.plugins["raw_example"].get("hello_trouble", "")
+    assert re.fullmatch(r"its hello was refused: pid \d+ is not the process the kernel started; a launcher \(a shell "
+                        r"script, `cargo run`, `npm start`\) must exec the plugin, not start it as its child", trouble), \
+        result.plugins
