@@ -206,6 +206,6 @@ def test_a_plugin_started_by_a_launcher_that_forks_it_is_told_to_exec_it(short_r
     result = run_training(run_config(short_runs, [PluginConfig("raw_example", "", {}, launcher)], epochs=1,
                                      target=PACED, batch_size=256, step_sleep_s=0.0, ready_timeout_s=3))
     trouble = result.plugins["raw_example"].get("hello_trouble", "")
-    assert re.fullmatch(r"its hello was refused: pid \d+ is not the process the kernel started; a launcher \(a shell "
-                        r"script, `cargo run`, `npm start`\) must exec the plugin, not start it as its child", trouble), \
-        result.plugins
+    said = (r"its hello was refused: pid \d+ is not the process the kernel started; a launcher \(a shell script, "
+            r"`cargo run`, `npm start`\) must exec the plugin, not start it as its child")
+    assert re.fullmatch(said, trouble), result.plugins

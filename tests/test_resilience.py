@@ -950,8 +950,9 @@ def test_a_plugin_whose_metrics_and_logs_go_past_its_limits_is_said_with_how_man
     assert entry["log_dropped"] == result.bus["log_dropped"] >= 200, (entry, result.bus)
     _print_summary(result)
     printed = [line for line in capsys.readouterr().out.splitlines() if "plugin flood:" in line]
-    assert printed == [f"  plugin flood: {entry['metric_dropped']:,} metrics and {entry['log_dropped']:,} logs dropped, "
-                       f"past its [limits] (metrics_per_s, logs_per_s, bytes_per_s; see kernel.log)"], printed
+    dropped = f"{entry['metric_dropped']:,} metrics and {entry['log_dropped']:,} logs dropped"
+    assert printed == [f"  plugin flood: {dropped}, past its [limits] (metrics_per_s, logs_per_s, bytes_per_s; see "
+                       f"kernel.log)"], printed
     shown = cli("runs", "show", result.run_dir)
     assert f"{entry['metric_dropped']:,} metrics and {entry['log_dropped']:,} logs dropped" in shown.stdout, \
         shown.stdout
