@@ -330,6 +330,10 @@ def _plugin_trouble(plugins: dict[str, Any], undrained: dict[str, Any]) -> list[
         if p.get("greeted") is False and not p.get("detached"):  # it took no event: not a plugin (a command that
             # speaks no PROTOCOL.md), or hung; one its owner detached while it still started was asked to go
             trouble.append(f"{name} never said hello")
+        dropped = [f"{p[f'{kind}_dropped']:,} {kind}{'s' * (p[f'{kind}_dropped'] != 1)}" for kind in ("metric", "log")
+                   if isinstance(p.get(f"{kind}_dropped"), int) and p[f"{kind}_dropped"] > 0]
+        if dropped:  # past its [limits]: what it reported is not all in the journal
+            trouble.append(f"{name} {' and '.join(dropped)} dropped")
         if p.get("errors_logged"):  # handlers that raised, or errors it logged itself: the plugin went on
             trouble.append(f"{name} {p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged")
         if p.get("checkpoints_failed"):

@@ -956,3 +956,5 @@ def test_a_plugin_whose_metrics_and_logs_go_past_its_limits_is_said_with_how_man
     shown = cli("runs", "show", result.run_dir)
     assert f"{entry['metric_dropped']:,} metrics and {entry['log_dropped']:,} logs dropped" in shown.stdout, \
         shown.stdout
+    listed = json.loads(cli("runs", "list", "--json", "--runs-dir", str(tmp_path / "runs")).stdout)
+    assert listed[0]["plugin_trouble"] == [f"flood {dropped}"], listed
