@@ -158,8 +158,8 @@ class PluginIO(threading.Thread):
         if len(self.outbox) >= OUTBOX_MAX_REPLIES * (1 if kind in DROPPABLE_REPLIES else 2):
             if not self.replies_dropped:
                 print(f"trainbus: plugin {self.hello['name']}: the kernel takes its messages slower than it sends "
-                      f"them: replies past {OUTBOX_MAX_REPLIES} waiting are dropped, metrics and logs first (counted at "
-                      f"exit); report less often", file=sys.stderr, flush=True)
+                      f"them: replies past {OUTBOX_MAX_REPLIES} waiting are dropped, metrics and logs first "
+                      f"(counted at exit); report less often", file=sys.stderr, flush=True)
             self.replies_dropped[kind] = self.replies_dropped.get(kind, 0) + 1
             return
         self.outbox.append(msg)

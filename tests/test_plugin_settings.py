@@ -535,13 +535,14 @@ BAD_DECLARATIONS = {
     # is not callable (at plugin.py:285 ...)", in the SDK's frames, restarted until given up
     "subscriptions": ('    subscriptions = ["end_epoch"]\n',
                       "Declared.subscriptions = ['end_epoch'] is not allowed; a plugin is sent the events it has "
-                      "handlers for (def on_end_epoch(self, event)), or those a method returns: def subscriptions(self): "
-                      "return ['end_epoch']"),
+                      "handlers for (def on_end_epoch(self, event)), or those a method returns: "
+                      "def subscriptions(self): return ['end_epoch']"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DECLARATIONS))
-def test_a_plugin_class_declaring_delivery_votes_or_subscriptions_wrong_is_refused_before_the_run_with_its_line(case, tmp_path):
+def test_a_plugin_class_declaring_delivery_votes_or_subscriptions_wrong_is_refused_before_the_run_with_its_line(
+        case, tmp_path):
     declaration, expected = BAD_DECLARATIONS[case]
     (tmp_path / "declared.py").write_text("from trainbus.sdk import Plugin\n\n\nclass Declared(Plugin):\n"
                                           + declaration + "\n    def on_end_epoch(self, event):\n        pass\n")
