@@ -1,7 +1,8 @@
-"""What a key flooding a run's TCP control socket costs its training, side by side with no flood.
+"""What a key flooding a run's TCP control socket (or a plugin its ipc one) costs its training, beside no flood.
 
     .venv/bin/python scripts/bench/control_flood.py                # ~3 min on 2 cores
     .venv/bin/python scripts/bench/control_flood.py --repeats 1    # a smoke run, ~1 min
+    .venv/bin/python scripts/bench/control_flood.py --from plugin  # a plugin of the run's, on its ipc socket
 
 The run is what `trainbus run` trains with no config (the digits MLP, batch 32, the default plugins console and
 metrics_log, torch's default thread count), plus `[run] listen` on 127.0.0.1 with CURVE keys made for the bench.
@@ -13,6 +14,10 @@ Three variants, interleaved over --repeats:
   and refused (`unknown_peer`): the cheapest message to send and one the kernel must read to know it is nothing;
 - flood, unpaced: the same with kernel/bus.py's REMOTE_CONTROL_SHARE set past 100 % for that run (what the
   kernel did before it paced its TCP control reading).
+
+With --from plugin the flood is a plugin of the run (scripts/bench/_spammer.py: a thread reporting a metric in a
+loop, at nice 10 as the kernel starts its plugins), read on the run's ipc control socket and dropped past [limits]
+metrics_per_s; "unpaced" sets LOCAL_CONTROL_SHARE instead.
 
 A remote attacker's CPU is not the kernel's machine's: on 4 or more cores the flood runs on the second half of
 them and the run on the first; on fewer it shares the cores at nice 19, and the figure is then an upper bound
@@ -42,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import REPO, add_rerun_options, machine_line, median, quiet_note, table
 from _runs import Measurer, batch_stamps, output_to, run_mean
 from attach_monitors import HOST, EventPathCPU, free_ports
-from trainbus.kernel.config import load_config
+from trainbus.kernel.config import load_config, resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.keys import KeyStore
 from trainbus.kernel.session import run_training
@@ -87,8 +92,11 @@ def one_run(args, variant: str, workdir: Path, keys: KeyStore, key_file: Path, k
     cfg = load_config(None)  # `trainbus run`'s defaults: the digits MLP and the default plugins
     cfg.epochs, cfg.runs_dir, cfg.device, cfg.seed = args.epochs, str(workdir / "runs"), "cpu", args.seed
     cfg.listen, cfg.keys_dir = f"{HOST}:{port}", str(keys.directory)
-    attacker, share = None, bus_module.REMOTE_CONTROL_SHARE
-    if variant != "calm":  # connects before the kernel listens (libzmq retries): on from the run's first step
+    attacker, shares = None, (bus_module.LOCAL_CONTROL_SHARE, bus_module.REMOTE_CONTROL_SHARE)
+    plugin = args.source == "plugin"
+    if plugin and variant != "calm":
+        cfg.plugins = [*cfg.plugins, resolve_plugin("spammer", {}, "_spammer:Spammer")]
+    if variant != "calm" and not plugin:  # connects before the kernel listens (libzmq retries): from the first step
         with open(workdir / "flood.err", "ab") as err:
             attacker = subprocess.Popen(
                 [sys.executable, "-c", FLOOD, f"tcp://{HOST}:{port}", str(key_file),
@@ -96,7 +104,9 @@ def one_run(args, variant: str, workdir: Path, keys: KeyStore, key_file: Path, k
                 stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
                 preexec_fn=(lambda: os.nice(19)) if flood_cpus & kernel_cpus else None)
         os.sched_setaffinity(attacker.pid, flood_cpus)
-    if variant == "flood, unpaced":
+    if variant == "flood, unpaced" and plugin:
+        bus_module.LOCAL_CONTROL_SHARE = 1e9
+    elif variant == "flood, unpaced":
         bus_module.REMOTE_CONTROL_SHARE = 1e9
     try:
         event_path = EventPathCPU()
@@ -107,7 +117,7 @@ def one_run(args, variant: str, workdir: Path, keys: KeyStore, key_file: Path, k
         seconds = time.monotonic() - began
         bus_s, io_s = event_path.total()
     finally:
-        bus_module.REMOTE_CONTROL_SHARE = share
+        bus_module.LOCAL_CONTROL_SHARE, bus_module.REMOTE_CONTROL_SHARE = shares
         if attacker is not None:
             attacker.kill()
             attacker.wait()
@@ -116,13 +126,16 @@ def one_run(args, variant: str, workdir: Path, keys: KeyStore, key_file: Path, k
     stamps = batch_stamps(read_events(result.run_dir))
     if not args.keep:
         shutil.rmtree(result.run_dir, ignore_errors=True)
+    read, paced = ("metric_dropped", "local_control_paced") if plugin else ("refused_unknown_peer",
+                                                                            "remote_control_paced")
     return {"stamps": stamps, "bus_cpu": bus_s / seconds, "io_cpu": io_s / seconds,
-            "read": result.bus.get("refused_unknown_peer", 0), "paced": result.bus.get("remote_control_paced", 0),
-            "seconds": seconds}
+            "read": result.bus.get(read, 0), "paced": result.bus.get(paced, 0), "seconds": seconds}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--from", dest="source", choices=("key", "plugin"), default="key",
+                   help="who floods: a monitor key over TCP (default), or a plugin of the run on its ipc socket")
     p.add_argument("--connections", type=int, default=4, help="the flood's CURVE connections (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of both variants (default 3)")
     p.add_argument("--epochs", type=int, default=40, help="epochs per run (the digits MLP: ~25 ms each)")
@@ -132,6 +145,9 @@ def main() -> int:
     args = p.parse_args()
     if not 1 <= args.warmup_epochs < args.epochs:
         p.error("--warmup-epochs must be at least 1 and fewer than --epochs")
+    if args.source == "plugin":  # the plugin process imports _spammer from here
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
+                                                                 os.environ.get("PYTHONPATH")]))
     cores = sorted(os.sched_getaffinity(0))
     half = len(cores) // 2 if len(cores) >= 4 else len(cores)
     kernel_cpus, flood_cpus = set(cores[:half]), set(cores[-half:])
@@ -144,9 +160,11 @@ def main() -> int:
     keys.generate_server()
     key_file = keys.generate_client("bench-flood", "monitor")[1]
     print(machine_line())
-    print(f"kernel on cores {sorted(kernel_cpus)}, flood on {sorted(flood_cpus)}"
-          + (" (shared: the flood at nice 19; its own CPU competes with training)" if kernel_cpus & flood_cpus
-             else "") + f"; work dir {workdir}", flush=True)
+    where = (f"kernel on cores {sorted(kernel_cpus)}, flood on {sorted(flood_cpus)}"
+             + (" (shared: the flood at nice 19; its own CPU competes with training)" if kernel_cpus & flood_cpus
+                else ""))
+    print(("the flood: a plugin of the run, on the kernel's cores at nice 10" if args.source == "plugin" else where)
+          + f"; work dir {workdir}", flush=True)
     measure = Measurer(args)
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     try:
@@ -173,8 +191,10 @@ def main() -> int:
     print()
     print(table(["variant", "us/step", "rep range", "paired vs calm", "bus thread CPU (cores)", "libzmq I/O CPU",
                  "flood messages read /s", "times paced"], rows,
-                f"digits MLP, default plugins, torch threads {torch.get_num_threads()}, {args.connections} flooding "
-                f"connections ({args.epochs - args.warmup_epochs} measured epochs x {args.repeats} reps)"))
+                f"digits MLP, default plugins, torch threads {torch.get_num_threads()}, "
+                + ("a plugin flooding its ipc socket " if args.source == "plugin" else
+                   f"{args.connections} flooding connections ")
+                + f"({args.epochs - args.warmup_epochs} measured epochs x {args.repeats} reps)"))
     print("  " + quiet_note(measure.foreign, args.quiet_cores))
     print(measure.closing_line())
     return 0
