@@ -374,9 +374,15 @@ class Supervisor:
 
     def _exit_cause(self, child: Child, code: int) -> str:
         """`exit code 1`, with the exception that ended it when its log says (an error in its constructor, say,
-        which the console otherwise never learns of)."""
-        words = _last_words(self.log_dir / f"{child.spec.name}.log") if code > 0 else ""
-        return f"{_cause(code)}: {words}" if words else _cause(code)
+        which the console otherwise never learns of). A command plugin (any language) that failed before its hello:
+        its log's last line, named as such (a program's own refusal, Python's `can't open file`, is no traceback)."""
+        log_file = self.log_dir / f"{child.spec.name}.log"
+        words = _last_words(log_file) if code > 0 else ""
+        if words:
+            return f"{_cause(code)}: {words}"
+        if code > 0 and child.spec.command and child.state == "starting" and (line := _last_line(log_file)):
+            return f"{_cause(code)}; its log's last line: {line}"
+        return _cause(code)
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {
@@ -517,16 +523,26 @@ class Supervisor:
 _FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>.+)$', re.M)
 
 
+def _log_tail(log_file: Path) -> str:
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - LAST_WORDS_BYTES))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _last_line(log_file: Path) -> str:
+    """The last line a plugin wrote that is not blank ("" for none)."""
+    lines = [line for line in _log_tail(log_file).splitlines() if line.strip()]
+    return printable(lines[-1].strip(), 300) if lines else ""
+
+
 def _last_words(log_file: Path) -> str:
     """Why a plugin exited with an error, when its log ends in a Python traceback: its exception and innermost
     frame, `RuntimeError: no database (at myplugin.py:17 in __init__)`; "" when it ends otherwise (a bare
     sys.exit(3) leaves whatever the plugin printed before, which would be misread as the cause)."""
-    try:
-        with open(log_file, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - LAST_WORDS_BYTES))
-            tail = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
+    tail = _log_tail(log_file)
     start = tail.rfind("Traceback (most recent call last")
     lines = [line for line in tail[max(start, 0):].splitlines() if line.strip()]
     # a traceback's end: its exception's line, under an indented frame or code line

@@ -209,3 +209,18 @@ def test_a_plugin_started_by_a_launcher_that_forks_it_is_told_to_exec_it(short_r
     said = (r"its hello was refused: pid \d+ is not the process the kernel started; a launcher \(a shell script, "
             r"`cargo run`, `npm start`\) must exec the plugin, not start it as its child")
     assert re.fullmatch(said, trouble), result.plugins
+
+
+def test_a_command_plugin_that_exits_before_its_hello_is_said_with_the_last_line_it_wrote(short_runs,  # noqa: F811
+                                                                                         tmp_path):
+    """A command plugin whose program failed at once (its script missing: `python3 monitor.py` from the wrong
+    directory) crashed as `exit code 2`, and only plugins/NAME.log said why: the reason is read from a Python
+    traceback only, and a program in another language, or Python's own refusal, writes none. A command plugin that
+    exits with an error before its hello now has its log's last line in its crash, named as such."""
+    missing = tmp_path / "nowhere" / "monitor.py"
+    plugin = PluginConfig("gone", "", {}, [sys.executable, str(missing)])
+    result = run_training(run_config(short_runs, [plugin], epochs=1, target=PACED, batch_size=256,
+                                     step_sleep_s=0.0, ready_timeout_s=3))
+    crashes = result.plugins["gone"]["crashes"]
+    assert crashes and crashes[0].startswith("exit code 2; its log's last line: ") and "can't open file" in crashes[0] \
+        and str(missing) in crashes[0], result.plugins["gone"]
