@@ -41,6 +41,21 @@ def _hello(kernel: StandInKernel) -> tuple[bytes, dict]:
     return got
 
 
+def _welcomed_io(kernel: StandInKernel) -> PluginIO:
+    """A started PluginIO the stand-in has welcomed, and heard heartbeat once: from here the kernel reads nothing
+    unless the test does."""
+    io = _io(kernel)
+    io.start()
+    try:
+        identity, _ = _hello(kernel)
+        kernel.welcome(identity, kernel.seq + 1)
+        assert _next(kernel, "heartbeat", publish=True) is not None
+    except BaseException:
+        _stop(io, kernel)
+        raise
+    return io
+
+
 def _next(kernel: StandInKernel, kind: str, within_s: float = WAIT_S, publish: bool = False) -> dict | None:
     """The next control message of this kind (others skipped), or None after within_s; with `publish`, the
     stand-in keeps publishing its heartbeat meanwhile, so the client never takes it for gone."""
@@ -200,12 +215,8 @@ def test_a_heartbeat_the_kernel_cannot_take_yet_does_not_end_the_io_thread(tmp_p
 
     monkeypatch.setattr(PluginIO, "_handler_stuck", counted)
     kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
-    io = _io(kernel)
-    io.start()
+    io = _welcomed_io(kernel)
     try:
-        identity, _ = _hello(kernel)
-        kernel.welcome(identity, kernel.seq + 1)
-        assert _next(kernel, "heartbeat", publish=True) is not None  # welcomed; from here the kernel reads nothing
         for _ in range(5000):  # past the DEALER's and the ROUTER's queues (1000 each) and the socket's buffers
             io.send(control("log", level="info", text="x" * 1000))
         deadline = time.monotonic() + 3 * WAIT_S
@@ -224,12 +235,8 @@ def test_replies_a_kernel_does_not_take_are_held_up_to_a_bound_and_a_stop_after_
     the plugin's memory grew without bound. Metrics and logs past OUTBOX_MAX_REPLIES are dropped now, counted and
     said once; a stop behind them still goes, and once the kernel reads again it gets what was held."""
     kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
-    io = _io(kernel)
-    io.start()
+    io = _welcomed_io(kernel)
     try:
-        identity, _ = _hello(kernel)
-        kernel.welcome(identity, kernel.seq + 1)
-        assert _next(kernel, "heartbeat", publish=True) is not None  # welcomed; from here the kernel reads nothing
         sent = 3 * plugin_io.OUTBOX_MAX_REPLIES
         for i in range(sent):  # past the DEALER's and the ROUTER's queues (1000 each) and the bound
             io.send(control("metric", name="spam", value=float(i), step=None, epoch=None))
