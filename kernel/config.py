@@ -405,10 +405,9 @@ def check_run(cfg: RunConfig, where: str = "config", programs: bool = True) -> N
     if not 0 <= cfg.stalled_after_s < math.inf:
         raise ConfigError(f"{where}: stalled_after_s must be a number of seconds >= 0 (0: never said), got "
                           f"{cfg.stalled_after_s}")
-    if not cfg.journal_backlog_mb > 0:
-        raise ConfigError(f"{where}: journal_backlog_mb must be > 0, got {cfg.journal_backlog_mb}")
-    if not cfg.journal_segment_mb > 0:
-        raise ConfigError(f"{where}: journal_segment_mb must be > 0, got {cfg.journal_segment_mb}")
+    for key in ("journal_backlog_mb", "journal_segment_mb"):  # inf: no byte count to open the journal with
+        if not 0 < getattr(cfg, key) < math.inf:
+            raise ConfigError(f"{where}: {key} must be a finite number > 0, got {getattr(cfg, key)}")
     values = [*((f"hyperparameter {k!r}", v) for k, v in cfg.hyperparameters.items()),
               *((f"plugin {p.name!r}: setting {k!r}", v) for p in cfg.plugins for k, v in p.settings.items())]
     for name, value in values:

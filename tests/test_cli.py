@@ -156,6 +156,13 @@ BAD_INPUT = {
                            "drain_timeout_s must be a number of seconds >= 0 (0: no waiting), got -1"),
     "a NaN timeout": (lambda t: ["run", "--config", _write(t, "nan.toml", "[run]\nvote_timeout_s = nan\n")],
                       "vote_timeout_s must be a number of seconds >= 0 (0: no waiting), got nan"),
+    # int(inf * 2**20) as the journal was opened: an OverflowError's traceback, exit 1, and a run left `died`
+    "an infinite journal_backlog_mb": (lambda t: ["run", "--config", _write(t, "jb.toml",
+                                                                          "[run]\njournal_backlog_mb = inf\n")],
+                                       "journal_backlog_mb must be a finite number > 0, got inf"),
+    "an infinite journal_segment_mb": (lambda t: ["run", "--config", _write(t, "js.toml",
+                                                                          "[run]\njournal_segment_mb = inf\n")],
+                                       "journal_segment_mb must be a finite number > 0, got inf"),
     "a hyperparameter in [run]": (lambda t: ["run", "--config", _write(t, "h.toml", "[run]\nlr = 0.1\n")],
                                   "[run]: unknown key 'lr' (a hyperparameter goes in [hyperparameters])"),
     # a Lightning user's Trainer arguments next to the precision [run] takes by Lightning's names were "a
