@@ -117,6 +117,11 @@ def run(
         _check_resumable(continuing, epochs)
         cfg = config_of_run(continuing)
         cfg.runs_dir = str(continuing.parent)
+        if seed is not None and seed != cfg.seed:  # as a flag (_check_trained_as_recorded): the build it runs again
+            # would draw from the new seed (a random_split: another validation set), the record say it for all of it
+            raise UserError(f"--resume {continuing.name} continues that run as it trained, with seed {cfg.seed}: "
+                            f"--seed {seed} would change it midway, while its record would say that for all of it; "
+                            f"leave --seed out to continue it, or start a new run with it")
     if target is not None:
         cfg.target = full_target(target)
     launch = {"nproc": nproc, "nnodes": nnodes, "max_restarts": max_restarts, "rdzv_endpoint": rdzv_endpoint}

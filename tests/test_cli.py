@@ -405,6 +405,25 @@ def test_a_run_continued_in_place_keeps_the_flags_it_trained_with(tmp_path):
     assert again.returncode == 0 and f"run {run_id}: completed after 2 epochs" in again.stdout, again.stderr
 
 
+def test_a_run_continued_in_place_keeps_the_seed_it_trained_with(tmp_path):
+    """`runs resume RUN --seed 5` of a run trained with seed 0 was taken: config.json then said seed 5 for the whole
+    run, and the build that resume runs again drew from seed 5 (a `random_split` of the user's data: another
+    validation set), while the checkpoint put back the RNG streams of seed 0. Refused in one line, as a flag is; the
+    seed it trained with is taken."""
+    runs = tmp_path / "runs"
+    ran = trainbus("run", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs))
+    assert ran.returncode == 0, ran.stderr
+    run_id = ran.stdout.split()[1].rstrip(":")
+    refused = trainbus("runs", "resume", run_id, "--seed", "5", "--epochs", "2", "--runs-dir", str(runs))
+    assert refused.returncode == 2 and refused.stderr == (
+        f"error: --resume {run_id} continues that run as it trained, with seed 0: --seed 5 would change it midway, "
+        f"while its record would say that for all of it; leave --seed out to continue it, or start a new run with "
+        f"it\n"), refused.stderr
+    assert json.loads((runs / run_id / "config.json").read_text())["seed"] == 0
+    again = trainbus("runs", "resume", run_id, "--seed", "0", "--epochs", "2", "--runs-dir", str(runs))
+    assert again.returncode == 0 and f"run {run_id}: completed after 2 epochs" in again.stdout, again.stderr
+
+
 def test_a_mistyped_option_of_runs_resume_points_at_a_command_there_is(tmp_path):
     """`runs resume RUN --epoch 20` becomes `python -m trainbus.kernel.cli run --resume RUN --epoch 20`, and its usage
     error said to see `python -m trainbus.kernel.cli run --help`."""
