@@ -125,7 +125,7 @@ def _near(name: str, sig: Signature) -> str:
     return near_miss(name, [flag.name for flag in sig.flags])
 
 
-def _an_option_of_run(name: str, text: str, target: str) -> str:
+def _an_option_of_run(name: str, text: Any, target: str) -> str:
     """" (seed is an option of trainbus run, not a flag of TARGET: --seed 3)" for a word that names one; else ""."""
     option = option_of_run(name, text)
     return f" ({name} is an option of trainbus run, not a flag of {target}: {option})" if option else ""
@@ -141,8 +141,9 @@ def resolve(sig: Signature, values: dict[str, Any], target: str) -> dict[str, An
     by_name = {f.name: f for f in sig.flags}
     unknown = [name for name in values if name not in by_name]
     if unknown and not sig.takes_extra:
-        raise FlagError(f"unknown flag {unknown[0]!r}{_near(unknown[0], sig)}; flags of {target}: {sig.known()}",
-                        flag=unknown[0])
+        name = unknown[0]  # `--set seed=3`, a config's `seed = 3`: said as the option, as `seed=3` is
+        raise FlagError(f"unknown flag {name!r}{_an_option_of_run(name, values[name], target) or _near(name, sig)}; "
+                        f"flags of {target}: {sig.known()}", flag=name)
     resolved = {}
     for flag in sig.flags:
         if flag.name in values:

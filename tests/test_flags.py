@@ -305,6 +305,20 @@ def test_a_flag_that_is_an_option_of_run_says_the_option(train_py, tmp_path, wor
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("given", ["--set", "config"])
+def test_an_option_of_run_set_as_a_hyperparameter_says_the_option_too(train_py, tmp_path, given):
+    """`--set seed=3`, or `seed = 3` in a config's [hyperparameters], was `unknown flag 'seed'` and the function's
+    flags alone, where `seed=3` on the command line (and the demo, either way) named `--seed 3`."""
+    config = tmp_path / "run.toml"
+    config.write_text("[hyperparameters]\nseed = 3\n")
+    words = ["--set", "seed=3"] if given == "--set" else ["--config", str(config)]
+    r = trainbus("run", f"{train_py}:build", *words, "--plugins", "", "--runs-dir", str(tmp_path / "runs"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: unknown flag 'seed' (seed is an option of trainbus run, not a flag of "
+                               f"{train_py}:build: --seed 3); flags of "), r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.fixture(scope="module")
 def flag_runs(train_py, tmp_path_factory):
     """Two runs of train.py with different flags (one with a plugin that writes its environment) and one of a
