@@ -67,5 +67,7 @@ def near_miss(word: str, known) -> str:
     """` (did you mean 'console'?)` for a typo of one of `known` (`consol`), else ""."""
     import difflib
 
-    near = difflib.get_close_matches(word, list(known), n=1, cutoff=0.8)
+    # a name in other case first: `LR` for `lr` is a typo whose two letters are too few for difflib's ratio
+    near = [name for name in known if isinstance(name, str) and name.lower() == word.lower()] or \
+        difflib.get_close_matches(word, list(known), n=1, cutoff=0.8)
     return f" (did you mean {near[0]!r}?)" if near else ""

@@ -279,6 +279,7 @@ def test_help_flags_prints_each_flag_with_type_default_and_help(train_py, tmp_pa
 
 @pytest.mark.parametrize("words, expected", [
     (["lrr=0.1"], "unknown flag 'lrr' (did you mean 'lr'?); flags of "),  # a typo: the flag it is close to
+    (["LR=0.1"], "unknown flag 'LR' (did you mean 'lr'?); flags of "),  # too short for difflib's ratio to see it
     (["lr=fast"], "flag lr: 'fast' is not a number; flags of "),
     (["epochs=1.5"], "flag epochs: '1.5' is not an integer; flags of "),
 ])
