@@ -19,6 +19,8 @@ import logging
 import re
 from typing import Any
 
+from trainbus.proto.text import near_miss
+
 from .config import DEFAULT_PLUGINS, ConfigError
 
 log = logging.getLogger("trainbus.kernel")
@@ -54,7 +56,8 @@ def from_bz(raw: Any, where: str) -> dict[str, Any]:
     table = _table(raw, where)
     for key in table:
         if key not in SECTIONS:
-            raise ConfigError(f"{where}: unknown key {key!r}; a bz config has {', '.join(SECTIONS)}")
+            raise ConfigError(f"{where}: unknown key {key!r}{near_miss(key, SECTIONS)}; a bz config has "
+                              f"{', '.join(SECTIONS)}")
     if _table(table.get("optuna") or {}, f"{where}: optuna").get("enabled"):
         raise ConfigError(f"{where}: optuna.enabled: trainbus runs no hyperparameter sweeps; run one config per trial")
     ignored = [key for key in NOT_READ if table.get(key)]
@@ -87,9 +90,11 @@ def from_bz(raw: Any, where: str) -> dict[str, Any]:
 def _plugin(name: str, body: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
     body = {key: value for key, value in body.items() if key != "dependencies"}  # each runs in its own process
     for key in body:  # said here, in the file's terms: past here the table is [plugins.<our name>], not the file's
-        if key not in PLUGIN_KEYS:
-            raise ConfigError(f"{where}: plugins.{name}: unknown key {key!r}; a bz plugin's settings go in its "
-                              f"\"config\" object (\"{name}\": {{\"config\": {{\"{key}\": ...}}}}); its keys: "
+        if key not in PLUGIN_KEYS:  # a typo of one of them (`enable`) said as that, not moved into "config"
+            where_it_goes = near_miss(key, PLUGIN_KEYS) or (
+                f"; a bz plugin's settings go in its \"config\" object (\"{name}\": {{\"config\": {{\"{key}\": "
+                f"...}}}})")
+            raise ConfigError(f"{where}: plugins.{name}: unknown key {key!r}{where_it_goes}; its keys: "
                               f"{', '.join(PLUGIN_KEYS)}")
     if name not in BUILTIN_PLUGINS:
         return name, body

@@ -792,7 +792,13 @@ def test_bz_json_config_maps_bz_names_to_ours(tmp_path, caplog):
                          ({"plugins": {"tensorboard": {"enabled": True, "log_dir": "tb"}}},
                           r": plugins\.tensorboard: unknown key 'log_dir'; a bz plugin's settings go in its \"config\" "
                           r"object \(\"tensorboard\": \{\"config\": \{\"log_dir\": \.\.\.\}\}\); its keys: "
-                          r"enabled, config, target, command, settings$")]:
+                          r"enabled, config, target, command, settings$"),
+                         # a typo of a key it has: it was told to move `enable` into "config", where it is no setting
+                         ({"plugins": {"console_out": {"enable": True}}},
+                          r": plugins\.console_out: unknown key 'enable' \(did you mean 'enabled'\?\); its keys: "
+                          r"enabled, config, target, command, settings$"),
+                         ({"trainng": {"epochs": 1}}, r": unknown key 'trainng' \(did you mean 'training'\?\); a bz "
+                                                      r"config has training, plugins")]:
         config_file.write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match=message):
             load_config(config_file)
