@@ -141,9 +141,11 @@ def run(
         except KeyboardInterrupt:  # its own raise (a Ctrl-C is _SaysAndExits'), or a Ctrl-C where that is not ours
             interrupted_before_start(f"KeyboardInterrupt while {cfg.target} was imported to read its flags; "
                                       f"nothing was made")
-    if plugins is not None:  # which plugins run; a name the config has a [plugins.NAME] table for runs as it says
+    if plugins is not None:  # which plugins run; a name the config has a [plugins.NAME] table for runs as it says,
+        # one with `enabled = false` too
         configured = {p.name: p for p in cfg.plugins}
-        cfg.plugins = [configured.get(name) or resolve_plugin(name, {}, where="--plugins")
+        cfg.plugins = [configured.get(name) or _turned_on(cfg.plugins_off.get(name), config) or
+                       resolve_plugin(name, {}, where="--plugins")
                        for name in (word.strip() for word in plugins.split(",")) if name]
     for key, value in (("epochs", epochs), ("seed", seed), ("device", device),
                        ("resume", str(resumed_run) if resumed_run else resume),
@@ -306,6 +308,14 @@ def _submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) ->
     else:
         print(f"trainbus: queued run {run_id}; no daemon serves {where} yet: start one with "
               f"`trainbus daemon start --runs-dir {where}`", file=sys.stderr)
+
+
+def _turned_on(table, config: Path | None):
+    """The plugin of a config's [plugins.NAME] table with `enabled = false` that --plugins names (its target resolved
+    now: an unknown plugin of the table's is said naming it); None for no such table."""
+    if table is None or table.command:
+        return table
+    return resolve_plugin(table.name, table.settings, table.target or None, where=f"{config}: [plugins.{table.name}]")
 
 
 def _is_flag_word(word: str) -> bool:

@@ -108,12 +108,17 @@ class RunConfig:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     plugins: list[PluginConfig] = field(default_factory=list)
     limits: dict[str, float] = field(default_factory=dict)  # [limits]: per-peer rate and size caps (PeerLimits)
+    # A config's [plugins.NAME] tables with `enabled = false`: not run, but `--plugins NAME` runs one as its table
+    # says (target, settings), as it does an enabled one. The file's own, never recorded (to_dict leaves it out).
+    plugins_off: dict[str, PluginConfig] = field(default_factory=dict, repr=False)
 
     def peer_limits(self) -> PeerLimits:
         return PeerLimits(**self.limits)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        recorded = asdict(self)
+        del recorded["plugins_off"]
+        return recorded
 
 
 def config_of_run(run_dir: Path) -> RunConfig:
@@ -126,6 +131,7 @@ def config_of_run(run_dir: Path) -> RunConfig:
             raise ValueError(problem)
         raw.pop("launch", None)  # how `run --nproc` launched it: launch_of_run's
         raw.pop("metrics", None)  # what the built spec reported: built again, it says again
+        raw.pop("plugins_off", None)  # a config file's, never recorded: one edited in would be taken for a table
         started_in = raw.pop("cwd", None)
         file_part, colon, function = str(raw.get("target", "")).rpartition(":")
         if colon and is_file_target(file_part) and started_in and not Path(file_part).is_absolute():
@@ -177,7 +183,8 @@ def launch_of_run(run_dir: Path) -> dict[str, Any]:
     return launch if isinstance(launch, dict) else {}
 
 
-_RUN_KEYS = {f.name: f.type for f in fields(RunConfig) if f.name not in ("hyperparameters", "plugins", "limits")}
+_RUN_KEYS = {f.name: f.type for f in fields(RunConfig)
+             if f.name not in ("hyperparameters", "plugins", "limits", "plugins_off")}
 _LIMIT_KEYS = {f.name: f.type for f in fields(PeerLimits)}
 _TOP_KEYS = ("run", "hyperparameters", "plugins", "limits")
 _PLUGIN_KEYS = ("enabled", "target", "command", "settings", "config")  # `config` is bz's spelling of settings
@@ -323,8 +330,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
                               f"(starting with a letter or digit, at most 64); it names the plugin's log file")
         body = _table(body, f"{where}: [plugins.{name}]")
         _no_unknown(body, _PLUGIN_KEYS, f"{where}: [plugins.{name}]")
-        if not _typed(body.get("enabled", True), "bool", f"{where}: plugins.{name}.enabled"):
-            continue
+        enabled = _typed(body.get("enabled", True), "bool", f"{where}: plugins.{name}.enabled")
         if "settings" in body and "config" in body:  # bz's spelling and ours: one of them would be dropped
             raise ConfigError(f"{where}: plugins.{name} has both settings and config (bz's name for settings); "
                               f"keep one")
@@ -339,9 +345,15 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         if command is not None:
             if not (isinstance(command, list) and command and all(isinstance(c, str) for c in command)):
                 raise ConfigError(f"{where}: plugins.{name}.command must be a non-empty list of strings")
-            cfg.plugins.append(PluginConfig(name=name, target="", settings=dict(settings), command=command))
-            continue
-        cfg.plugins.append(resolve_plugin(name, settings, target, where=f"{where}: [plugins.{name}]"))
+            plugin = PluginConfig(name=name, target="", settings=dict(settings), command=command)
+        elif not enabled:  # resolved once --plugins names it: a table kept off may name what is not installed here
+            plugin = PluginConfig(name=name, target=target or "", settings=dict(settings))
+        else:
+            plugin = resolve_plugin(name, settings, target, where=f"{where}: [plugins.{name}]")
+        if enabled:
+            cfg.plugins.append(plugin)
+        else:
+            cfg.plugins_off[name] = plugin
     check_run(cfg, where)
     return cfg
 

@@ -947,6 +947,28 @@ def test_a_config_plugins_table_that_drops_the_default_plugins_says_so(tmp_path,
     assert again.returncode == 0 and "note:" not in again.stderr, again.stderr
 
 
+def test_plugins_turns_on_a_config_table_that_is_off_with_its_target_and_settings(tmp_path):
+    """`--plugins NAME` keeps the target and settings of the config's [plugins.NAME] table (its --help says so), but
+    not of one with `enabled = false`, the way to keep a configured plugin off until asked for: its settings were
+    dropped without a word (metrics_log wrote metrics.jsonl, not the file named), and a plugin of one's own,
+    `target = "module:Class"`, was an unknown plugin."""
+    config_file = tmp_path / "run.toml"
+    config_file.write_text('[plugins.metrics_log]\nenabled = false\nsettings = { filename = "kept.jsonl" }\n'
+                           '[plugins.mylog]\nenabled = false\n'
+                           'target = "trainbus.plugins.metrics_log:MetricsLogPlugin"\n'
+                           'settings = { filename = "mine.jsonl" }\n[plugins.console]\n')
+    r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--epochs", "1", "-c", str(config_file), "--plugins",
+                 "metrics_log,mylog", "--runs-dir", str(tmp_path / "runs"))
+    assert r.returncode == 0, r.stderr
+    run_dir = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    plugins = json.loads((run_dir / "config.json").read_text())["plugins"]
+    assert [(p["name"], p["target"], p["settings"]) for p in plugins] == [
+        ("metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin", {"filename": "kept.jsonl"}),
+        ("mylog", "trainbus.plugins.metrics_log:MetricsLogPlugin", {"filename": "mine.jsonl"})]
+    assert (run_dir / "kept.jsonl").is_file() and (run_dir / "mine.jsonl").is_file()
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MAX_ARG_STRLEN is Linux's")
 def test_settings_at_the_cap_fit_in_one_environment_string_and_one_argument():
     """SETTINGS_MAX_BYTES is below what Linux takes in one string (MAX_ARG_STRLEN, 128 KiB): settings at the cap
