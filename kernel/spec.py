@@ -225,8 +225,10 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
         raise SpecError(f"target {target!r} must look like path/to/file.py:function or package.module:function")
     if is_file_target(module_part):
         path = Path(module_part)
-        if not path.is_file():
-            raise SpecError(f"target file {path} does not exist; check the path before ':{func_name}'")
+        if not path.is_file():  # a folder or a device exists: "does not exist" would send the user looking for it
+            why = ("is a directory, not a Python file" if path.is_dir() else
+                   "is not a regular file (a device, a pipe)" if path.exists() else "does not exist")
+            raise SpecError(f"target file {path} {why}; check the path before ':{func_name}'")
         _refuse_without(path, func_name)  # before its code runs: a script may train as it is imported
         module = _loaded_files.get(_file_key(path))  # the CLI read its flags: its code runs once, not twice
         if module is None:

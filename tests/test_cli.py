@@ -103,6 +103,12 @@ def _write(tmp_path, name, text):
 
 BAD_INPUT = {
     "missing target file": (lambda t: ["run", "no/such/file.py:build"], "does not exist"),
+    # said "does not exist" of a folder that does (`runs:build` for `train.py:build`) or of /dev/null
+    "a target file that is a folder": (lambda t: ["run", f"{t}:build"],
+                                       "is a directory, not a Python file; check the path before ':build'"),
+    "a target file that is a device": (lambda t: ["run", "/dev/null:build"],
+                                       "error: target file /dev/null is not a regular file (a device, a pipe); check "
+                                       "the path before ':build'"),
     "target not a function": (lambda t: ["run", f"{TESTS_DIR / 'specs.py'}:not_a_function"],
                               "is not a function (it is an int)"),
     "missing function": (lambda t: ["run", f"{TESTS_DIR / 'specs.py'}:nope"], "has no function 'nope'"),
