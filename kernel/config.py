@@ -185,6 +185,7 @@ def launch_of_run(run_dir: Path) -> dict[str, Any]:
 
 _RUN_KEYS = {f.name: f.type for f in fields(RunConfig)
              if f.name not in ("hyperparameters", "plugins", "limits", "plugins_off")}
+_PATH_KEYS = ("target", "runs_dir", "snapshot_dir", "keys_dir", "resume")  # [run]'s paths: a ~ in them is the home
 _LIMIT_KEYS = {f.name: f.type for f in fields(PeerLimits)}
 _TOP_KEYS = ("run", "hyperparameters", "plugins", "limits")
 _PLUGIN_KEYS = ("enabled", "target", "command", "settings", "config")  # `config` is bz's spelling of settings
@@ -314,7 +315,10 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         if key == "precision":  # Lightning's integers too: check_run takes them by our name
             cfg.precision = value
             continue
-        setattr(cfg, key, _typed(value, _RUN_KEYS[key], f"{where}: run.{key}"))
+        value = _typed(value, _RUN_KEYS[key], f"{where}: run.{key}")
+        if key in _PATH_KEYS and value.startswith("~"):  # the home, as on the command line, where the shell expands
+            value = os.path.expanduser(value)  # it: TOML does not, and `~/runs` became a folder named ~ right here
+        setattr(cfg, key, value)
     cfg.target = full_target(cfg.target)
     cfg.hyperparameters = dict(_table(raw.get("hyperparameters", {}), f"{where}: [hyperparameters]"))
     limits = _table(raw.get("limits", {}), f"{where}: [limits]")

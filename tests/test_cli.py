@@ -20,7 +20,7 @@ import pytest
 from conftest import TESTS_DIR, sigint_as_from_a_terminal, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import ctrl_c_once_it_says
-from kernel_process import cli
+from kernel_process import Command, cli
 from trainbus.kernel.config import SETTINGS_MAX_BYTES, ConfigError, RunConfig, load_config
 
 
@@ -459,6 +459,24 @@ def test_an_empty_runs_dir_in_a_config_file_is_refused_too(value, tmp_path):
     assert r.returncode == 2 and r.stderr == ("error: run.toml: runs_dir is empty: name a directory, or leave runs_dir "
                                               "out for ./runs\n"), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml"]
+
+
+def test_a_config_files_paths_take_the_tilde_for_home_as_a_shell_does(tmp_path):
+    """`runs_dir = "~/runs"` in a config made a folder named `~` in the current directory (the one `rm -rf ~` then
+    empties the home of), where `--runs-dir ~/runs` is the home's: the shell expands it, TOML does not."""
+    home, here = tmp_path / "home", tmp_path / "here"
+    home.mkdir()
+    here.mkdir()
+    (here / "run.toml").write_text(f'[run]\ntarget = "{TESTS_DIR / "specs.py"}:tiny"\nruns_dir = "~/runs"\n'
+                                   f'epochs = 1\n[plugins.console]\n')
+    command = Command("run", "-c", "run.toml", cwd=here, env={"HOME": str(home)})
+    try:
+        out, err = command.communicate(120)
+    finally:
+        command.kill()
+    assert command.returncode == 0, err
+    assert sorted(p.name for p in here.iterdir()) == ["run.toml"], "no folder named ~ here"
+    assert [p for p in (home / "runs").iterdir() if p.is_dir()] and str(home / "runs") in out
 
 
 @pytest.mark.parametrize("kind", ["missing", "file"])
