@@ -123,6 +123,12 @@ def run(
                             f"--seed {seed} would change it midway, while its record would say that for all of it; "
                             f"leave --seed out to continue it, or start a new run with it")
     if target is not None:
+        if continuing is not None and not _same_target(full_target(target), cfg.target):  # as a flag: the record
+            raise UserError(f"--resume {continuing.name} continues that run as it trained, with {cfg.target}: "
+                            f"{full_target(target)} would change it midway, while its record would say that for all "
+                            f"of it; leave the target out to continue it, or start a new run from one of its "
+                            f"checkpoints: trainbus run {full_target(target)} --resume "
+                            f"{continuing / 'checkpoints' / 'last.pt'}")
         cfg.target = full_target(target)
     launch = {"nproc": nproc, "nnodes": nnodes, "max_restarts": max_restarts, "rdzv_endpoint": rdzv_endpoint}
     if continuing is not None and all(v is None for v in launch.values()) and not under_a_launcher():
@@ -316,6 +322,19 @@ def _turned_on(table, config: Path | None):
     if table is None or table.command:
         return table
     return resolve_plugin(table.name, table.settings, table.target or None, where=f"{config}: [plugins.{table.name}]")
+
+
+def _same_target(given: str, recorded: str) -> bool:
+    """Whether a target given with `--resume RUN` is the one RUN trained: the same module and function, or the same
+    file's (by its name: given from another directory, or the project moved with its runs)."""
+    from .spec import is_file_target
+
+    given_part, _, given_function = given.rpartition(":")
+    recorded_part, _, recorded_function = recorded.rpartition(":")
+    if given_function != recorded_function or is_file_target(given_part) != is_file_target(recorded_part):
+        return False
+    return Path(given_part).name == Path(recorded_part).name if is_file_target(given_part) else \
+        given_part == recorded_part
 
 
 def _is_flag_word(word: str) -> bool:

@@ -430,6 +430,29 @@ def test_a_run_continued_in_place_keeps_the_seed_it_trained_with(tmp_path):
     assert again.returncode == 0 and f"run {run_id}: completed after 2 epochs" in again.stdout, again.stderr
 
 
+def test_a_run_continued_in_place_keeps_the_target_it_trained(tmp_path):
+    """`trainbus run other.py --resume RUN` continued RUN in place with other.py's build, and its config.json, `runs
+    list` and `runs compare` then said other.py:build for the whole run. Refused in one line, as a flag is; the
+    target it trained, given again (the same file from elsewhere too), is taken."""
+    runs = tmp_path / "runs"
+    ran = trainbus("run", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs))
+    assert ran.returncode == 0, ran.stderr
+    run_id = ran.stdout.split()[1].rstrip(":")
+    (tmp_path / "other.py").write_text("from trainbus.kernel.digits import build as digits\n\n\n"
+                                       "def build(hyperparameters):\n    return digits(hyperparameters)\n")
+    other = f"{tmp_path / 'other.py'}:build"  # a model the checkpoint fits: one that does not is refused as it loads
+    refused = trainbus("run", other, "--resume", run_id, "--epochs", "2", "--runs-dir", str(runs))
+    assert refused.returncode == 2 and refused.stderr == (
+        f"error: --resume {run_id} continues that run as it trained, with trainbus.kernel.digits:build: {other} would "
+        f"change it midway, while its record would say that for all of it; leave the target out to continue it, or "
+        f"start a new run from one of its checkpoints: trainbus run {other} --resume "
+        f"{runs / run_id / 'checkpoints' / 'last.pt'}\n"), refused.stderr
+    assert json.loads((runs / run_id / "config.json").read_text())["target"] == "trainbus.kernel.digits:build"
+    again = trainbus("run", "trainbus.kernel.digits:build", "--resume", run_id, "--epochs", "2", "--runs-dir",
+                     str(runs))
+    assert again.returncode == 0 and f"run {run_id}: completed after 2 epochs" in again.stdout, again.stderr
+
+
 def test_a_mistyped_option_of_runs_resume_points_at_a_command_there_is(tmp_path):
     """`runs resume RUN --epoch 20` becomes `python -m trainbus.kernel.cli run --resume RUN --epoch 20`, and its usage
     error said to see `python -m trainbus.kernel.cli run --help`."""
