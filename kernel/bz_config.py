@@ -56,7 +56,9 @@ def from_bz(raw: Any, where: str) -> dict[str, Any]:
     table = _table(raw, where)
     for key in table:
         if key not in SECTIONS:
-            raise ConfigError(f"{where}: unknown key {key!r}{near_miss(key, SECTIONS)}; a bz config has "
+            ours = f" ([{key}] is a table of trainbus's TOML config: write it in a .toml file)" \
+                if key in ("run", "limits") else ""  # a .json file is bz's; ours written in JSON is no typo
+            raise ConfigError(f"{where}: unknown key {key!r}{near_miss(key, SECTIONS) or ours}; a bz config has "
                               f"{', '.join(SECTIONS)}")
     if _table(table.get("optuna") or {}, f"{where}: optuna").get("enabled"):
         raise ConfigError(f"{where}: optuna.enabled: trainbus runs no hyperparameter sweeps; run one config per trial")

@@ -798,7 +798,10 @@ def test_bz_json_config_maps_bz_names_to_ours(tmp_path, caplog):
                           r": plugins\.console_out: unknown key 'enable' \(did you mean 'enabled'\?\); its keys: "
                           r"enabled, config, target, command, settings$"),
                          ({"trainng": {"epochs": 1}}, r": unknown key 'trainng' \(did you mean 'training'\?\); a bz "
-                                                      r"config has training, plugins")]:
+                                                      r"config has training, plugins"),
+                         # trainbus's own tables written in JSON: a .json file is read as bz's
+                         ({"run": {"epochs": 1}}, r": unknown key 'run' \(\[run\] is a table of trainbus's TOML "
+                                                  r"config: write it in a \.toml file\); a bz config has training, ")]:
         config_file.write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match=message):
             load_config(config_file)
