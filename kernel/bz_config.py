@@ -48,7 +48,8 @@ def in_bz_terms(message: str) -> str:
     not the one it became here (`checkpoint_every_n_epochs`), which its author never wrote."""
     for bz_key, ours in TRAINING_TO_RUN.items():
         message = re.sub(rf"\b(?:run\.)?{ours}(?= must )", f"training.{bz_key}", message)
-    return message
+    return message.replace("[run] epochs =", "training.epochs =").replace("[hyperparameters] epochs =",
+                                                                          "hyperparameters.epochs =")
 
 
 def from_bz(raw: Any, where: str) -> dict[str, Any]:

@@ -321,6 +321,10 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         setattr(cfg, key, value)
     cfg.target = full_target(cfg.target)
     cfg.hyperparameters = dict(_table(raw.get("hyperparameters", {}), f"{where}: [hyperparameters]"))
+    if "epochs" in run and "epochs" in cfg.hyperparameters and cfg.hyperparameters["epochs"] != cfg.epochs:
+        # [run]'s would win without a word, as the later of a flag given twice would: which was meant is unsaid
+        raise ConfigError(f"{where}: epochs given twice, as [run] epochs = {cfg.epochs} and [hyperparameters] epochs "
+                          f"= {cfg.hyperparameters['epochs']!r}: give it once")
     limits = _table(raw.get("limits", {}), f"{where}: [limits]")
     _no_unknown(limits, _LIMIT_KEYS, f"{where}: [limits]")
     for key, value in limits.items():

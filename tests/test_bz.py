@@ -800,6 +800,9 @@ def test_bz_json_config_maps_bz_names_to_ours(tmp_path, caplog):
                          ({"trainng": {"epochs": 1}}, r": unknown key 'trainng' \(did you mean 'training'\?\); a bz "
                                                       r"config has training, plugins"),
                          # trainbus's own tables written in JSON: a .json file is read as bz's
+                         ({"training": {"epochs": 2}, "hyperparameters": {"epochs": 1}},
+                          r": epochs given twice, as training\.epochs = 2 and hyperparameters\.epochs = 1: give it "
+                          r"once$"),
                          ({"run": {"epochs": 1}}, r": unknown key 'run' \(\[run\] is a table of trainbus's TOML "
                                                   r"config: write it in a \.toml file\); a bz config has training, ")]:
         config_file.write_text(json.dumps(bad))

@@ -152,6 +152,11 @@ BAD_INPUT = {
                      "is not UTF-8 text (byte 0xfc at offset 21); save it as UTF-8"),
     "toml with a bom": (lambda t: ["run", "--config", _write_bytes(t, "b.toml", b"\xef\xbb\xbf[run]\nepochs = 1\n")],
                         "starts with a byte-order mark; save it as UTF-8 without BOM"),
+    # [run] epochs won without a word, as a flag given twice would: the file says two counts
+    "epochs twice in one config": (lambda t: ["run", "--config", _write(
+        t, "e2.toml", "[run]\nepochs = 3\n[hyperparameters]\nepochs = 1\n")],
+                                   "e2.toml: epochs given twice, as [run] epochs = 3 and [hyperparameters] epochs = 1: "
+                                   "give it once"),
     "unknown config key": (lambda t: ["run", "--config", _write(t, "k.toml", "[run]\nepochz = 3\n")],
                            "unknown key 'epochz' (did you mean 'epochs'?)"),
     "a rendezvous endpoint with no port": (lambda t: ["run", "--nnodes", "2", "--rdzv-endpoint", "nodeA"],
