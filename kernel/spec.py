@@ -222,12 +222,16 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
     at its end) is read as Python source whatever its name ends with."""
     module_part, sep, func_name = full_target(target).rpartition(":")
     if not sep or not module_part or not func_name:
-        raise SpecError(f"target {target!r} must look like path/to/file.py:function or package.module:function")
+        meant = f" (did you mean {target}.py?)" if ":" not in target and Path(f"{target}.py").is_file() else ""
+        raise SpecError(f"target {target!r} must look like path/to/file.py:function or package.module:function"
+                        f"{meant}")  # `trainbus run train` for train.py, as `guild run train` finds it
     if is_file_target(module_part):
         path = Path(module_part)
         if not path.is_file():  # a folder or a device exists: "does not exist" would send the user looking for it
             why = ("is a directory, not a Python file" if path.is_dir() else
                    "is not a regular file (a device, a pipe)" if path.exists() else "does not exist")
+            if not path.exists() and Path(f"{module_part}.py").is_file():  # the script named without its .py
+                why += f" (did you mean {module_part}.py:{func_name}?)"
             raise SpecError(f"target file {path} {why}; check the path before ':{func_name}'")
         _refuse_without(path, func_name)  # before its code runs: a script may train as it is imported
         module = _loaded_files.get(_file_key(path))  # the CLI read its flags: its code runs once, not twice

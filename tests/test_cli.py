@@ -344,6 +344,21 @@ def test_a_config_files_booleans_take_the_words_a_flag_takes(tmp_path):
         load_config(Path(_write(tmp_path, "two.toml", "[run]\ncompile = 2\n")))
 
 
+@pytest.mark.parametrize("given, said", [
+    ("train", "target 'train' must look like path/to/file.py:function or package.module:function (did you mean "
+              "train.py?)"),
+    ("./train:build", "target file train does not exist (did you mean ./train.py:build?); check the path before "
+                      "':build'"),
+])
+def test_a_script_named_without_its_py_is_said_with_the_file_meant(given, said, tmp_path):
+    """`trainbus run train` for train.py (Guild's `guild run train` finds it) said only what a target looks like, or
+    that ./train does not exist, with train.py right there."""
+    (tmp_path / "train.py").write_text("def build():\n    pass\n")
+    r = trainbus("run", given, "--plugins", "", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == f"error: {said}\n", r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_input_gets_one_clear_line_and_no_traceback(case, tmp_path):
     make_args, expected = BAD_INPUT[case]
