@@ -205,8 +205,10 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
         spec.check_loaders_last()
     check_metric_settings(spec.metric_names(), metric_settings or {})
     if cfg.snapshot_dir and not (os.path.isdir(cfg.snapshot_dir) and os.access(cfg.snapshot_dir, os.W_OK)):
-        raise ConfigError(f"snapshot_dir {cfg.snapshot_dir}: not a writable directory; create it, or leave "
-                          f"snapshot_dir empty for /dev/shm")
+        why = ("does not exist; create it" if not os.path.exists(cfg.snapshot_dir) else
+               "is a file, not a directory; give a directory" if not os.path.isdir(cfg.snapshot_dir) else
+               "is not writable by this user; give one that is")
+        raise ConfigError(f"snapshot_dir {cfg.snapshot_dir} {why}, or leave snapshot_dir empty for /dev/shm")
     keys = KeyStore(keys_dir(cfg.keys_dir)) if cfg.listen else None
     if keys is not None:
         try:

@@ -240,7 +240,11 @@ BAD_INPUT = {
     "not a boolean": (lambda t: ["run", "--config", _write(t, "b.toml", "[run]\nkeep_freed_memory = 'maybe'\n")],
                       "run.keep_freed_memory must be true or false (or yes/no, on/off, 1/0), got 'maybe'"),
     "missing snapshot dir": (lambda t: ["run", "--config", _write(t, "d.toml", f"[run]\nsnapshot_dir = '{t}/nope'\n")],
-                             "not a writable directory"),
+                             "does not exist; create it, or leave snapshot_dir empty for /dev/shm"),
+    # it said "not a writable directory; create it": it exists, and is a file
+    "snapshot dir a file": (lambda t: ["run", "--config", _write(t, "d.toml", f"[run]\nsnapshot_dir = '{t}/d.toml'\n")],
+                            "d.toml is a file, not a directory; give a directory, or leave snapshot_dir empty for "
+                            "/dev/shm"),
     "negative seed": (lambda t: ["run", "--seed", "-1"], "seed must be between 0 and 4294967295"),
     "seed over 32 bits": (lambda t: ["run", "--seed", str(2**32)], "seed must be between 0 and 4294967295"),
     "seed over 32 bits beside a flag": (lambda t: ["run", "lr=0.01", "--seed", str(2**32)],
