@@ -185,7 +185,40 @@ def _cli_child(args: list[str], stdout_path: str, stderr_path: str, cwd: str, en
     sys.argv = ["trainbus", *args]
     from trainbus.kernel.cli import main
 
+    os.execv = _cli_exec_here(os.execv)
     main()
+
+
+# What `runs resume` execs to continue a run (kernel/cli_runs.py), whose start cost ~0.5 s of CPU to fail on a bad
+# run, and ~5 s more to train (torch and torch._dynamo imported again), in a dozen tests
+_CLI_MODULE = "trainbus.kernel.cli"
+
+
+def _cli_exec_here(real_execv: Callable[..., Any]) -> Callable[..., Any]:
+    """os.execv for a forked command: `python -m trainbus.kernel.cli ARGS` runs that command's main() in this
+    process, with what the exec keeps (pid, descriptors, environment, working directory) and what it resets (Ctrl-C
+    as the command started with, the standard streams unwrapped, no exit handlers of the first command); the
+    command line is checked as the exec would take it (this interpreter, the module `-m` names). Any other exec is
+    the real one. The tests of the exec itself start `trainbus` (conftest.trainbus_cmd)."""
+    sigint = signal.getsignal(signal.SIGINT)
+
+    def execv(path: Any, argv: Any) -> None:
+        argv = [os.fsdecode(word) for word in argv]
+        if os.fsdecode(path) != sys.executable or argv[:3] != [sys.executable, "-m", _CLI_MODULE]:
+            real_execv(path, argv)
+        import importlib
+
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        atexit._clear()
+        signal.signal(signal.SIGINT, sigint)
+        module = importlib.import_module(_CLI_MODULE)
+        sys.argv = [module.__file__, *argv[3:]]  # as `-m` sets it
+        module.main()  # it ends the process (kernel/cli.py's _exit), as the exec's would
+        os._exit(1)  # never: main() returned
+
+    return execv
 
 
 class Forked:

@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TESTS_DIR, trainbus_cmd
+from conftest import TESTS_DIR
 from fixture_targets import open_gate, paced_digits
 from helpers import PLUGIN_START_S, assert_same_weights, run_config, seeded_rng
-from kernel_process import KernelProcess, cli, of, process_gone, wait_until
+from kernel_process import Command, KernelProcess, cli, of, process_gone, wait_until
 from trainbus.kernel.checkpointing import find_checkpoint, load_checkpoint
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
@@ -770,9 +770,8 @@ def test_two_resumes_of_one_run_at_once_continue_it_once_and_the_other_is_refuse
     result = run_training(config(runs, [checkpointer()], 1, target="fixture_targets:restore_gated", every_n_epochs=1,
                                  step_sleep_s=0.0, batch_size=256, restore_gate=str(gate)))
     assert result.status == "completed", result.error
-    command = [*trainbus_cmd(), "runs", "resume", result.run_id, "--runs-dir", str(runs), "--epochs", "2"]
-    procs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    command = ["runs", "resume", result.run_id, "--runs-dir", str(runs), "--epochs", "2"]
+    procs = [Command(*command, cwd=tmp_path) for _ in range(2)]  # forked with torch loaded: two processes still
     try:
         wait_until(lambda: len(list(tmp_path.glob("restore-gate.waiting-*"))) == 2
                    or any(p.poll() is not None for p in procs), 180, "both resumes at their restore, or one refused")
