@@ -249,12 +249,14 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def cli(*args: str, cwd: str | Path | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd: str | Path | None = None, timeout: float = 120.0,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`trainbus ARGS` as subprocess.run(..., capture_output=True, text=True) runs it, forked with torch loaded (a
     run's command imports torch and torch._dynamo: ~3 s of CPU each, in dozens of tests). The command's own
     main() in a process of its own, from its first line to its exit code; what it cannot show is the console
-    script's start-up and a terminal, which the tests of those start `trainbus` itself (conftest.trainbus_cmd)."""
-    command = Command(*args, cwd=cwd)
+    script's start-up and a terminal, which the tests of those start `trainbus` itself (conftest.trainbus_cmd).
+    `env`: added to the test's."""
+    command = Command(*args, cwd=cwd, env=env)
     try:
         out, err = command.communicate(timeout)
     finally:
