@@ -20,6 +20,20 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
 
 
+def pytest_configure(config):
+    """trainbus's own modules byte-compiled once, before the workers start: under PYTHONDONTWRITEBYTECODE (set where
+    this suite runs) no process left a .pyc behind, so each of the suite's thousands of processes (plugins, kernels
+    the daemon starts, forked commands) compiled what it imported from source: ~0.04 s of CPU for a plugin's, 0.1 s
+    for `trainbus.kernel.cli`'s, 0.25 s for a kernel's. Python reads a .pyc whatever that variable says; a stale one
+    (a source edited since) is compiled again in memory, as before."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller has done it
+        return
+    import compileall
+
+    for package in ("proto", "kernel", "sdk", "plugins", "tests"):
+        compileall.compile_dir(REPO / package, quiet=2)
+
+
 @pytest.fixture(autouse=True)
 def _tests_on_child_path(monkeypatch):
     """Plugin processes import fixture plugins (fixture_plugins:Recorder) from the tests folder."""
