@@ -109,9 +109,11 @@ class JournalTail:
 
 
 # What every kernel imports before it trains, and the libraries every `trainbus` command loads (pydantic: typer's
-# parameter coercion, 0.15 s). Not trainbus.kernel.cli itself, nor typer: their import reads the environment (rich's
-# console, typer's TYPER_USE_RICH), which is the test's, set in the child.
-PRELOAD = ["torch", "torch._dynamo", "trainbus.kernel.session", "pydantic", "rich.console", "rich.table"]
+# parameter coercion, 0.15 s, with the parts of it typer/_adapters.py imports through pydantic's lazy attributes).
+# Not trainbus.kernel.cli itself, nor typer: their import reads the environment (rich's console, typer's
+# TYPER_USE_RICH), which is the test's, set in the child.
+PRELOAD = ["torch", "torch._dynamo", "trainbus.kernel.session", "pydantic", "pydantic.main", "pydantic.type_adapter",
+           "pydantic.functional_validators", "pydantic.fields", "pydantic.errors", "rich.console", "rich.table"]
 _forkserver: Any = None
 # The server's socket goes in multiprocessing's temporary directory, made once per process: made as the first forked
 # command of a worker starts, under a test that set TMPDIR to a directory of its own (test_disk_full's), its address
