@@ -983,8 +983,7 @@ def test_a_run_killed_with_the_daemon_is_died_and_runs_resume_ends_it_with_the_u
     open_gate(gate, 10_000)
     cli("runs", "resume", victim, "--runs-dir", str(runs), "--detach")
     wait_until(lambda: listed(runs)[victim]["status"] == "completed", WAIT_S, "the resumed run completed")
-    cli("run", PACED, "--runs-dir", str(reference), "--plugins", "", "--device", "cpu", "--set", "batch_size=256",
-        *settings)
+    cli("run", PACED, "--runs-dir", str(reference), "--device", "cpu", "--set", "batch_size=256", *settings)
     assert_same_weights(runs / victim, next(p for p in reference.iterdir() if p.is_dir()))
 
 
