@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from trainbus.proto import BEST_EFFORT, DELIVERY_CLASSES, Event, ProtocolError, control, events as ev
+from trainbus.proto.text import near_miss
 
 from .settings import HOST_PATH, Setting, SettingsError, check_value, declared
 
@@ -287,8 +288,6 @@ def checked_subscriptions(plugin: Plugin) -> tuple[list[str], list[str]]:
     """plugin.subscriptions() as the topics to subscribe to, and what is wrong with it, as warnings to say: a string
     for the list (its letters were each taken as a topic) is taken as its one type; a type no event starts with (a
     typo: the plugin was sent none, silently) is left out."""
-    from trainbus.proto.text import near_miss
-
     wanted, cls = plugin.subscriptions(), type(plugin).__name__
     if isinstance(wanted, str):
         return [wanted], [f"{cls}.subscriptions() returned the string {wanted!r}, not a list of event types: return "
@@ -341,7 +340,8 @@ def merge_settings(cls: type, given: dict[str, Any]) -> dict[str, Any]:
         elif key in getattr(cls, "refused_settings", {}):  # a bz plugin class has none
             raise SettingsError(cls.refused_settings[key])
         else:
-            raise SettingsError(f"no setting {key!r} (known: {', '.join(sorted(specs)) or 'none'})")
+            raise SettingsError(f"no setting {key!r}{near_miss(str(key), specs)} (known: "
+                                f"{', '.join(sorted(specs)) or 'none'})")
     cls.check_settings(merged)
     return merged
 

@@ -70,7 +70,8 @@ def test_plain_defaults_are_settings_of_their_types_and_strings_from_the_command
     ({"on": 2}, "on = 2 is not allowed; it must be true or false"),
     ({"names": "a,b"}, "names = 'a,b' is not allowed; it must be a list; a list is written in JSON: [\"a\", \"b\"] "
                        "in a config file, '[\"a\", \"b\"]' after the = of a --set"),
-    ({"evry": 1}, "no setting 'evry' (known: anything, every, label, names, on, rate)"),
+    ({"evry": 1}, "no setting 'evry' (did you mean 'every'?) (known: anything, every, label, names, on, rate)"),
+    ({"zzz": 1}, "no setting 'zzz' (known: anything, every, label, names, on, rate)"),
 ])
 def test_a_value_of_the_wrong_type_is_one_line_naming_the_setting_the_value_and_what_is_allowed(given, message):
     with pytest.raises(SettingsError) as raised:
