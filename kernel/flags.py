@@ -432,4 +432,4 @@ def _json_or_text(text: str) -> Any:
 
 def _text(value: Any) -> str:
     value = plain(value)
-    return value if isinstance(value, str) else json.dumps(value, default=str)
+    return value if isinstance(value, str) and value else json.dumps(value, default=str)  # "" shown, not a blank

@@ -118,7 +118,7 @@ def flags_text(flags: dict[str, Any] | None) -> str:
 
 
 def _value(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+    return value if isinstance(value, str) and value else json.dumps(value)  # tag="" shown so, not as `tag=`
 
 
 def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -271,6 +271,7 @@ def test_help_flags_prints_each_flag_with_type_default_and_help(train_py, tmp_pa
     assert rows["epochs"] == ["epochs", "int", "2", "How many epochs to train."]
     assert rows["width"][:3] == ["width", "int", "5"]
     assert rows["tag"] == ["tag", "str|none", "null"]
+    assert rows["env_out"][:3] == ["env_out", "str", '""']  # an empty default was a blank cell
     assert not (tmp_path / "runs").exists()
     # a dict function says what it takes
     r = trainbus("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--help-flags")
