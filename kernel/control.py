@@ -255,7 +255,7 @@ class Dispatcher:
                 # its owner asked it to go: a handler cut short then (README: 0.5 s) is said, not counted as trouble
                 level = "warning"
             self.bus.emit(ev.LOG, {"plugin": peer.label, "level": level, "text": text})
-            if level == "error":
+            if level == "error" and peer.spawned:  # the run's own plugins, which its summary lists
                 self.errors_logged[peer.name] += 1
             log.log(logging.getLevelName(level.upper()), "[%s] %s", peer.label, text)
 
@@ -271,7 +271,8 @@ class Dispatcher:
             return True
         self.counters[f"{kind}_dropped"] += 1
         peer.counters[f"{kind}_dropped"] += 1
-        self.dropped[peer.name, kind] += 1  # the run's summary says each plugin's: its author takes them for written
+        if peer.spawned:  # the run's summary says each of its plugins': its author takes them for written. Not
+            self.dropped[peer.name, kind] += 1  # others': a key saying hello under ever new names is no table
         if peer.budget.spent_out(nbytes + EVENT_JOURNAL_BYTES):
             if not peer.budget.said_spent_out:  # once a key: all its peers share the one total
                 peer.budget.said_spent_out = True
@@ -313,7 +314,7 @@ class Dispatcher:
                   for k, v in msg.items() if k not in ("v", "type")}
         event = ev.CHECKPOINT_SAVED if msg["type"] == "checkpoint_saved" else ev.CHECKPOINT_FAILED
         self.bus.emit(event, {"plugin": peer.name, **fields})
-        if event == ev.CHECKPOINT_FAILED:
+        if event == ev.CHECKPOINT_FAILED and peer.spawned:
             self.checkpoints_failed[peer.name] += 1
             log.warning("[%s] checkpoint failed: %s", peer.name, fields["reason"])
 

@@ -20,7 +20,7 @@ import msgpack
 import pytest
 import zmq
 
-from trainbus.kernel.bus import CONTROL_PER_WAKE, LOCAL, Bus
+from trainbus.kernel.bus import CONTROL_PER_WAKE, LOCAL, REMOTE, Bus
 from trainbus.kernel.control import Dispatcher
 from trainbus.kernel.credentials import CREDENTIAL_FILE, Credentials
 from trainbus.kernel.journal import RETRY_INTERVAL_S, Journal, decode_records, read_events
@@ -504,15 +504,39 @@ def test_only_a_control_keys_votes_make_the_kernel_wait(tmp_path, role, counted)
 # -- Bus: replies nobody takes ------------------------------------------------------------------------
 
 
-def served_bus(journal: Journal, tmp_path: Path):
+def served_bus(journal: Journal, tmp_path: Path, credentials: Credentials | None = None,
+               limits: PeerLimits | None = None):
     """The real bus on `journal`, its peers and dispatcher, serving (its sockets bound, driven by the caller, not
     started): (bus, credentials, peers, dispatcher)."""
-    credentials, supervision = Credentials(), FakeSupervision()
+    credentials, supervision = credentials or Credentials(), FakeSupervision()
     bus = Bus("run-x", journal, tmp_path, 1.0)
-    peers = Peers(credentials, supervision, PeerLimits(), LIVENESS_S)
+    peers = Peers(credentials, supervision, limits or PeerLimits(), LIVENESS_S)
     dispatcher = Dispatcher(bus, supervision, peers)
     bus.serve(supervision, dispatcher)
     return bus, credentials, peers, dispatcher
+
+
+def test_a_key_saying_hello_under_ever_new_names_leaves_no_count_of_theirs_behind(tmp_path):
+    """The per-plugin counts the run's summary gives (errors logged, checkpoints failed, metrics and logs dropped past
+    [limits]) were kept for any peer's name: a monitor key saying hello under a new name each time, its one budget
+    spent, added an entry a name to the dropped table for the kernel's life. They are the run's own plugins' now,
+    which the summary lists; a key's drops are counted in the bus's counters as before. The real bus and dispatcher,
+    fed as the bus thread feeds them (not started)."""
+    key = ClientKey("watcher", "monitor", "K" * 40, tmp_path / "k.key")
+    bus, _, _, dispatcher = served_bus(Journal(tmp_path / "events"), tmp_path, Credentials(OneKey(key)),
+                                       PeerLimits(metrics_per_s=1.0, logs_per_s=1.0))
+    try:
+        for number in range(300):
+            identity = REMOTE + f"c{number}".encode()
+            for message in [hello(f"name-{number}", 8, "", replies=["metric", "log"]),
+                            *[control("metric", name="m", value=1.0, step=None)] * 3,
+                            *[control("log", level="error", text="e")] * 3, control("bye", reason="done")]:
+                dispatcher.handle(identity, encode_control(message), user_id=key.public)
+        assert bus.counters["metric_dropped"] > 800 and bus.counters["log_dropped"] > 800, bus.counters
+        assert not dispatcher.dropped and not dispatcher.errors_logged, (len(dispatcher.dropped),
+                                                                        len(dispatcher.errors_logged))
+    finally:
+        bus.ctx.destroy(linger=0)  # bus.close() joins the bus thread, never started here
 
 
 def test_a_reply_to_a_gone_or_stalled_peer_is_counted_unroutable_and_dropped(tmp_path):
