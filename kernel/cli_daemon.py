@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sqlite3
 import sys
 import time
@@ -275,15 +276,16 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
     elif answer is None:
         out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"  # and what starts the ones queued
                   + ("" if runs_dir.is_dir() else f": {escape(no_runs_dir(runs_dir))}")
-                  + (f"; {len(queued)} run(s) queued: `trainbus daemon start --runs-dir {escape(str(runs_dir))}` "
-                     f"starts them" if queued else "")
+                  + (f"; {len(queued)} run(s) queued: `trainbus daemon start --runs-dir "
+                     f"{escape(shlex.quote(str(runs_dir)))}` starts them" if queued else "")
                   + (f"; its queue is unknown: {escape(unreadable)}" if unreadable else ""))
         for run_id, pid in orphans.items():
-            out.print(f"  running {run_id} (pid {pid}), started by a daemon that is gone: `trainbus daemon start` "
-                      f"watches it again")
+            out.print(f"  running {run_id} (pid {pid}), started by a daemon that is gone: `trainbus daemon start"
+                      f"{escape(daemon.runs_dir_option(runs_dir))}` watches it again")
         for run_id in gone:
+            option = escape(daemon.runs_dir_option(runs_dir))
             out.print(f"  gone {run_id}: started by a daemon that is gone, and its kernel is gone too (`trainbus runs "
-                      f"show {run_id}` says how it ended; `trainbus daemon start` records it as ended)")
+                      f"show {run_id}{option}` says how it ended; `trainbus daemon start{option}` records it as ended)")
     else:
         watched = answer.get("running") or {}
         out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])}: devices "

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import signal
 import sqlite3
 import sys
@@ -232,8 +233,8 @@ def run(
                                 "the daemon's run would fail as it starts; use bf16-mixed on the CPU")
         if cfg.resume:  # what the queued run would look for first: a verified checkpoint to start from
             find_checkpoint(cfg.resume, cfg.runs_dir)
-        ctrl_c_says(f"Ctrl-C as the run was submitted: `trainbus runs list --runs-dir {cfg.runs_dir}` shows whether "
-                     f"the daemon queued it")
+        ctrl_c_says(f"Ctrl-C as the run was submitted: `trainbus runs list --runs-dir "
+                    f"{shlex.quote(str(cfg.runs_dir))}` shows whether the daemon queued it")
         _submit(cfg, continuing, gpus, max_resumes or 0)
         return
     if cfg.listen and launch["nnodes"] == 1 and (cfg.listen, cfg.keys_dir) != listen_checked \
@@ -308,12 +309,12 @@ def _submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) ->
         raise UserError(f"cannot queue run {run_id}: {runs_dir / 'registry.sqlite'} cannot be written ({exc}); free "
                         f"space there (a full disk says this), or give --runs-dir another place") from None
     print(run_id)
-    where = escape(str(runs_dir.resolve()))
+    where = str(runs_dir.resolve())  # printed as it is (print, not rich)
     if told:
         print(f"trainbus: queued run {run_id} for the daemon of {where}", file=sys.stderr)
     else:
         print(f"trainbus: queued run {run_id}; no daemon serves {where} yet: start one with "
-              f"`trainbus daemon start --runs-dir {where}`", file=sys.stderr)
+              f"`trainbus daemon start --runs-dir {shlex.quote(where)}`", file=sys.stderr)
 
 
 def _turned_on(table, config: Path | None):

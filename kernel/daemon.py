@@ -25,6 +25,7 @@ import getpass
 import logging
 import os
 import re
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -431,8 +432,8 @@ class Daemon:
                 return
             if status == "died" and not detail.startswith(RESUME_FAILED):
                 log.warning("%s: the kernel died (no summary); %s", watched.job_id,
-                            f"`trainbus runs resume {watched.job_id} --runs-dir {self.runs_dir}` continues it from its "
-                            f"newest checkpoint"
+                            f"`trainbus runs resume {watched.job_id} --runs-dir {shlex.quote(str(self.runs_dir))}` "
+                            f"continues it from its newest checkpoint"
                             if has_checkpoints(run_dir) else
                             "it had no checkpoint yet: submit it again to train it")
         else:
@@ -554,10 +555,17 @@ def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False) -> 
 
 def _runs_dir_option(run_dir: Path) -> str:
     """` --runs-dir DIR` for a command suggested about a run outside the default ./runs; else ""."""
+    return runs_dir_option(Path(run_dir).parent)
+
+
+def runs_dir_option(runs_dir: Path) -> str:
+    """` --runs-dir DIR` for a command suggested about runs_dir when it is not the default ./runs, else "": quoted as
+    a shell takes it (`~/My Experiments/runs` pasted bare is two words)."""
     from .config import RunConfig
 
-    parent = Path(run_dir).parent
-    return "" if parent.resolve() == Path(RunConfig.runs_dir).resolve() else f" --runs-dir {parent}"
+    if Path(runs_dir).resolve() == Path(RunConfig.runs_dir).resolve():
+        return ""
+    return f" --runs-dir {shlex.quote(str(runs_dir))}"
 
 
 def ended_jobs(registry: Registry) -> list[dict[str, Any]]:
@@ -734,7 +742,8 @@ def cancel(runs_dir: Path, run_id: str) -> str:
     with Registry(runs_dir) as registry:
         if not registry.move_job(run_id, ["queued"], state="cancelled", ended_ts=time.time(), env=None):
             running = named(registry.job_ids(["starting", "running"]), run_id)
-            raise JobError(f"run {running[0]} is not queued: it is running; `trainbus runs stop {running[0]}` stops it"
+            raise JobError(f"run {running[0]} is not queued: it is running; `trainbus runs stop {running[0]}"
+                           f"{runs_dir_option(runs_dir)}` stops it"
                            if len(running) == 1 else
                            f"run {run_id} is not queued (it started, ended or was never submitted)")
         run_dir = runs_dir / run_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -129,7 +130,7 @@ def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -
     serving = request(runs_dir, "status", timeout_s=0.5)
     if serving is not None:  # refused here: a second daemon would only log its refusal into this one's log
         raise DaemonError(f"a daemon (pid {serving.get('pid', '?')}) already serves {Path(runs_dir).resolve()}; "
-                          f"`trainbus daemon status --runs-dir {runs_dir}` shows it")
+                          f"`trainbus daemon status --runs-dir {shlex.quote(str(runs_dir))}` shows it")
     try:
         written = (directory / LOG_FILE).stat().st_size  # its own lines come after this: older ones are others'
     except FileNotFoundError:

@@ -13,6 +13,7 @@ import json
 import logging
 import logging.handlers
 import os
+import shlex
 import signal
 import sqlite3
 import sys
@@ -49,8 +50,8 @@ class Lock:
         except BlockingIOError:
             holder = os.read(self.fd, 32).decode(errors="replace").strip() or "?"
             os.close(self.fd)
-            raise DaemonError(f"a daemon (pid {holder}) already serves {directory.parent}; "
-                              f"`trainbus daemon status --runs-dir {directory.parent}` shows it") from None
+            raise DaemonError(f"a daemon (pid {holder}) already serves {directory.parent}; `trainbus daemon status "
+                              f"--runs-dir {shlex.quote(str(directory.parent))}` shows it") from None
         try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)

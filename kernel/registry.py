@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import os
+import shlex
 import sqlite3
 import sys
 import time
@@ -140,8 +141,8 @@ class Registry:
             if type(exc) is not sqlite3.DatabaseError:  # locked, read-only, ...: not the file's fault
                 raise
             raise RegistryUnreadable(f"{self.path} is not a run registry ({exc}): `trainbus runs reindex --runs-dir "
-                                     f"{runs_dir}` sets it aside and builds a new one from the run directories (a "
-                                     f"daemon's queue in it is lost)") from None
+                                     f"{shlex.quote(str(runs_dir))}` sets it aside and builds a new one from the run "
+                                     f"directories (a daemon's queue in it is lost)") from None
         except BaseException:
             self.db.close()
             raise

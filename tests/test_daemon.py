@@ -375,7 +375,8 @@ def test_the_queue_outlives_a_killed_daemon_and_a_running_run_outlives_it(tmp_pa
     assert not process_gone(kernel), "killing the daemon stopped the run it had started"
     status = cli("daemon", "status", "--runs-dir", str(runs), check=False)  # what trains while no daemon watches
     assert status.returncode == 3 and (f"  running {second} (pid {kernel}), started by a daemon that is gone: "
-                                       f"`trainbus daemon start` watches it again") in status.stdout, status.stdout
+                                       f"`trainbus daemon start --runs-dir {runs}` watches it again"
+                                       ) in status.stdout, status.stdout
 
     start_daemon(daemons, runs)  # adopts the second (still held at its gate), then starts the third after it
     log = daemon_dir(runs) / "daemon.log"
@@ -562,8 +563,8 @@ def test_with_no_daemon_status_names_a_run_whose_daemon_and_kernel_are_both_gone
     status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
     assert status.returncode == 3, status
     assert ("  gone 20260101-000000-abcdef: started by a daemon that is gone, and its kernel is gone too (`trainbus "
-            "runs show 20260101-000000-abcdef` says how it ended; `trainbus daemon start` records it as ended)"
-            ) in status.stdout, status.stdout
+            f"runs show 20260101-000000-abcdef --runs-dir {runs}` says how it ended; `trainbus daemon start --runs-dir "
+            f"{runs}` records it as ended)") in status.stdout, status.stdout
     as_json = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json", check=False).stdout)
     assert as_json["unwatched"] == {} and as_json["unwatched_gone"] == ["20260101-000000-abcdef"], as_json
 
@@ -625,7 +626,8 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     assert not (runs / held).exists()
     refused = cli("daemon", "cancel", held[:-2], "--runs-dir", str(runs), check=False)  # here a running run is stopped
     assert refused.returncode == 2 and refused.stderr == (
-        f"error: run {held} is not queued: it is running; `trainbus runs stop {held}` stops it\n"), refused.stderr
+        f"error: run {held} is not queued: it is running; `trainbus runs stop {held} --runs-dir {runs}` stops it\n"
+    ), refused.stderr
     assert cli("runs", "show", held, "--runs-dir", str(runs)).stdout.startswith(f"run {held}: running")  # not queued
     # Ctrl-C while `runs stop` waits for it to listen: said that no stop went in (it exited 130 saying nothing)
     waiting = subprocess.Popen([*trainbus_cmd(), "runs", "stop", held, "--runs-dir", str(runs)],
@@ -775,6 +777,41 @@ def test_queued_runs_wait_while_the_disk_of_their_output_files_is_full_and_start
     filler.unlink()
     wait_until(lambda: listed(runs)[run]["status"] == "completed", WAIT_S, "the run started and completed")
     assert status()["trouble"] == ""
+
+
+def suggested_commands(text: str) -> list[list[str]]:
+    """The `trainbus ...` commands a message suggests between backticks, as a shell splits them."""
+    import re
+    import shlex
+
+    return [shlex.split(command) for command in re.findall(r"`(trainbus [^`]*)`", text)]
+
+
+def test_commands_suggested_about_a_runs_dir_that_is_not_dot_runs_name_it_as_a_shell_takes_it(tmp_path):
+    """An operator's runs directory with a space in its path (`~/My Experiments/runs`): each command suggested with a
+    --runs-dir printed the path bare (a shell split it in two), and some left --runs-dir out altogether (`daemon
+    cancel` of a running run said `trainbus runs stop ID`, `daemon status` `trainbus daemon start`): copied as they
+    were, they looked in ./runs and found nothing."""
+    from trainbus.kernel import daemon
+    from trainbus.kernel.registry import JobError
+
+    runs = tmp_path / "my runs [1]"
+    runs.mkdir()
+    queued = cli("run", TINY, "--detach", "--runs-dir", str(runs), "--plugins", "", "--device", "cpu")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # a daemon's run whose kernel is gone, and the daemon too
+    daemon.submit(runs, "20260101-000000-abcdef", [], None, None, {}, None, wake=False)
+    with Registry(runs) as registry:
+        registry.move_job("20260101-000000-abcdef", ["queued"], state="running", pid=ended.pid,
+                          pid_started=time.time() - 5)
+    status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
+    with pytest.raises(JobError) as not_queued:
+        daemon.cancel(runs, "20260101-000000-abcdef")
+    commands = [c for text in (queued.stderr, status.stdout, str(not_queued.value)) for c in suggested_commands(text)]
+    assert len(commands) == 5, (queued.stderr, status.stdout, not_queued.value)
+    for command in commands:
+        assert "--runs-dir" in command, command
+        assert Path(command[command.index("--runs-dir") + 1]).resolve() == runs.resolve(), command
 
 
 def one_error_line(done: subprocess.CompletedProcess) -> str:
