@@ -396,9 +396,34 @@ def _output_into(path: Path) -> None:
     os.close(fd)
 
 
+class _DaemonLog(logging.handlers.RotatingFileHandler):
+    """daemon.log, rotated. When our stdout and stderr go into it too (started in the background: _output_into), they
+    follow it to the new file at each rotation: left on the old one, a crash's traceback went into daemon.log.1, and
+    after three rotations into a deleted file, nowhere."""
+
+    def __init__(self, path: Path, holds_output: bool):
+        super().__init__(path, maxBytes=LOG_MAX_BYTES, backupCount=3, encoding="utf-8", errors="backslashreplace")
+        self.holds_output = holds_output
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        if self.holds_output and self.stream is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(self.stream.fileno(), 1)
+            os.dup2(self.stream.fileno(), 2)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        ours, theirs = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
 def _log_to(path: Path, also_stderr: bool) -> None:
-    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=3, encoding="utf-8",
-                                                   errors="backslashreplace")
+    handler = _DaemonLog(path, holds_output=_same_file(2, path))  # _output_into pointed stderr at it
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     handler.setFormatter(formatter)
     log.addHandler(handler)

@@ -779,6 +779,21 @@ def test_queued_runs_wait_while_the_disk_of_their_output_files_is_full_and_start
     assert status()["trouble"] == ""
 
 
+def test_a_background_daemons_own_output_stays_in_its_log_as_the_log_is_rotated(tmp_path):
+    """A daemon started in the background writes what is not a log line (a crash's traceback, a library's warning)
+    into daemon.log through its stdout and stderr. Once the log was rotated those went on into the file renamed
+    daemon.log.1, and after three rotations into a deleted one: the traceback of a daemon that died was nowhere."""
+    log = tmp_path / "daemon.log"
+    script = (f"import sys\nfrom pathlib import Path\nfrom trainbus.kernel import daemon_serve as d\n"
+              f"d.LOG_MAX_BYTES = 2000\npath = Path({str(log)!r})\nd._output_into(path)\nd._log_to(path, False)\n"
+              f"for i in range(200):\n    d.log.info('line %d %s', i, 'x' * 50)\n"
+              f"print('Traceback: the daemon crashed', file=sys.stderr, flush=True)\n"
+              f"print('a warning on stdout', flush=True)\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert (tmp_path / "daemon.log.3").exists()  # rotated, and more than the files kept
+    assert "Traceback: the daemon crashed\na warning on stdout\n" in log.read_text()
+
+
 def suggested_commands(text: str) -> list[list[str]]:
     """The `trainbus ...` commands a message suggests between backticks, as a shell splits them."""
     import re
