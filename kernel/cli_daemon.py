@@ -101,6 +101,11 @@ def daemon_stop(runs_dir: Path = RUNS_DIR_OPTION) -> None:
         answer = daemon_client.stop(runs_dir)
     except daemon.DaemonError as exc:
         raise UserError(str(exc)) from None
+    stuck = daemon_client.unanswering(runs_dir) if answer is None else None
+    if stuck is not None:  # it lives, holding the directory: not "no daemon serves"
+        pid, said = stuck
+        raise UserError(said + (f"; `kill {pid}` stops it as `daemon stop` does (SIGTERM), its runs training on"
+                                if pid is not None else ""))
     if answer is None:  # a typo in --runs-dir is said as one, not as a daemon gone
         out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"
                   + ("" if runs_dir.is_dir() else f": {escape(no_runs_dir(runs_dir))}"))
@@ -227,7 +232,8 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
                   server_key: Optional[Path] = SERVER_KEY_OPTION) -> None:
     """Whether a daemon serves the runs directory: its pid, devices, the runs it watches, the queue, the runs it
     ended last and how.
-    Exit code 0 when one does, 3 when none (as `systemctl status`)."""
+    Exit code 0 when one does, 3 when none (as `systemctl status`), 1 when one holds it but does not answer
+    (starting, or stuck)."""
     from . import daemon, daemon_client
     from .pids import process_alive
     from .registry import REGISTRY_NAME, Registry, RegistryError, cannot_read
@@ -242,6 +248,8 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
         if answer is not None and not answer.get("ok"):  # an answer without the daemon's state: its reason
             raise UserError(f"the daemon of {escape(str(runs_dir.resolve()))} could not say its status: "
                             f"{answer.get('error')}")
+    # a daemon that holds the directory but did not answer (starting, stuck): alive, said so, exit 1
+    stuck = daemon_client.unanswering(runs_dir) if answer is None and target is None else None
     queued, ended = (answer or {}).get("queued", []), (answer or {}).get("ended", [])
     unreadable = None  # no daemon, and a registry it could not read either: still exit 3, saying so
     orphans: dict[str, int] = {}
@@ -253,7 +261,7 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
                 ended = daemon.ended_jobs(registry)
                 # runs a daemon started and still training while none watches them (it was killed): a daemon
                 # started again adopts them
-                started = registry.jobs(["starting", "running"])
+                started = registry.jobs(["starting", "running"]) if stuck is None else []  # the stuck one's
                 orphans = {job["id"]: job["pid"] for job in started
                            if job["pid"] is not None and process_alive(job["pid"], job["pid_started"])}
                 # and those whose kernel is gone too (killed with the daemon, or after it): ended, though no daemon
@@ -266,13 +274,17 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
     if answer is not None:
         answer = {k: v for k, v in answer.items() if k not in ("ok", "queued", "ended")}
     if as_json:
-        print(json.dumps({"serving": answer is not None, **(answer or {}), "queued": queued, "ended": ended,
-                          **({"registry_error": unreadable} if unreadable else {}),
-                          **({"unwatched": orphans, "unwatched_gone": gone} if answer is None else {}),
+        print(json.dumps({"serving": answer is not None or stuck is not None, **(answer or {}), "queued": queued,
+                          "ended": ended, **({"registry_error": unreadable} if unreadable else {}),
+                          **({"answering": False, "pid": stuck[0], "error": stuck[1]} if stuck else {}),
+                          **({"unwatched": orphans, "unwatched_gone": gone} if answer is None and not stuck else {}),
                           # whose queue this is, and a mistyped --runs-dir said, not taken for an idle queue
                           **({"runs_dir": str(runs_dir.resolve())} if answer is None else {}),
                           **({"runs_dir_error": no_runs_dir(runs_dir)} if answer is None and not runs_dir.is_dir()
                              else {})}))
+    elif stuck is not None:
+        out.print(escape(stuck[1]) + (f"; {len(queued)} run(s) queued" if queued else "")
+                  + (f"; its queue is unknown: {escape(unreadable)}" if unreadable else ""))
     elif answer is None:
         out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"  # and what starts the ones queued
                   + ("" if runs_dir.is_dir() else f": {escape(no_runs_dir(runs_dir))}")
@@ -311,5 +323,5 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
             why = job.get("error") or (job.get("status") == "stopped" and "; ".join(job.get("stop_reasons") or []))
             out.print(f"  ended {escape(str(job.get('run')))} {when}: {escape(str(job.get('status')))}"
                       + (f" ({escape(str(why))})" if why else ""))
-    raise typer.Exit(code=0 if answer is not None else 3)
+    raise typer.Exit(code=0 if answer is not None else 1 if stuck is not None else 3)
 

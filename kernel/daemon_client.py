@@ -199,6 +199,19 @@ def daemon_lives(runs_dir: Path) -> bool:
         os.close(fd)
 
 
+def unanswering(runs_dir: Path) -> tuple[int | None, str] | None:
+    """(its pid, what to say) when a daemon holds runs_dir's lock but did not answer a request: starting, or stuck
+    (stopped, a round blocked). Not `no daemon serves`: one does, and `daemon start` says so. None when none lives."""
+    if not daemon_lives(runs_dir):
+        return None
+    try:
+        pid: int | None = int((daemon_dir(runs_dir) / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        pid = None
+    return pid, (f"daemon pid {pid if pid is not None else '?'} holds {Path(runs_dir).resolve()} but did not answer "
+                 f"(it is starting, or stuck: the end of its log {daemon_dir(runs_dir) / LOG_FILE} says which)")
+
+
 def stop(runs_dir: Path, timeout_s: float = 30.0) -> dict[str, Any] | None:
     """Ask the daemon to exit and wait until it has; None when none was running."""
     answer = request(runs_dir, "stop")

@@ -779,6 +779,29 @@ def test_queued_runs_wait_while_the_disk_of_their_output_files_is_full_and_start
     assert status()["trouble"] == ""
 
 
+def test_a_daemon_that_holds_its_runs_dir_but_does_not_answer_is_said_alive_not_gone(tmp_path, daemons):
+    """A daemon stuck (stopped, swapping, a round blocked) holds its lock but answers nothing: `daemon status` said
+    `no daemon serves DIR` (exit 3, `daemon start` starts it) while `daemon start` said one (pid N) serves it, and
+    `daemon stop` said none served and exited 0, the daemon still there."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    pid = start_daemon(daemons, runs)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
+        assert status.returncode == 1, (status.stdout, status.stderr)
+        assert status.stdout.startswith(f"daemon pid {pid} holds {runs} but did not answer"), status.stdout
+        as_json = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json", check=False).stdout)
+        assert as_json["serving"] is True and as_json["answering"] is False and as_json["pid"] == pid, as_json
+        stop = cli("daemon", "stop", "--runs-dir", str(runs), check=False)
+        assert stop.returncode == 2 and stop.stderr.startswith(f"error: daemon pid {pid} holds {runs} but did not "
+                                                               f"answer"), (stop.stdout, stop.stderr)
+        assert f"`kill {pid}`" in stop.stderr, stop.stderr
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert cli("daemon", "status", "--runs-dir", str(runs)).stdout.startswith(f"daemon pid {pid} serves")
+
+
 def test_a_background_daemons_own_output_stays_in_its_log_as_the_log_is_rotated(tmp_path):
     """A daemon started in the background writes what is not a log line (a crash's traceback, a library's warning)
     into daemon.log through its stdout and stderr. Once the log was rotated those went on into the file renamed
