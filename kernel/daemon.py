@@ -477,7 +477,9 @@ class Daemon:
         argv = [word for word in argv if not (word.startswith("-c") and len(word) > 2)]  # -cFILE, click's short form
         if _last_option(argv, "--resume") != run_id or _last_option(argv, "--runs-dir") != str(self.runs_dir):
             argv = [*_without_option(argv, "--resume"), "--resume", run_id, "--runs-dir", str(self.runs_dir)]
-        resume = {**job, "state": "queued", "submitted_ts": now, "argv": argv, "resumes_left": left, "devices": None,
+        # its submission time kept: the queue's order is by it, and the run holds its place before the runs submitted
+        # after it (a power cut's daemon came back to start a night's queue first and the run that trained last)
+        resume = {**job, "state": "queued", "argv": argv, "resumes_left": left, "devices": None,
                   "pid": None, "pid_started": None, "started_ts": None, "ended_ts": None, "exit_code": None,
                   "detail": None}
         run = queued_resume(run_overview(self.runs_dir / run_id, now), f"the daemon (--max-resumes: {left} left "

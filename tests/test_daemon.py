@@ -484,6 +484,23 @@ def test_each_resume_the_daemon_queues_continues_the_run_with_the_command_it_was
             assert job["argv"] == [*argv, "--resume", "r", "--runs-dir", str(runs.resolve())]
 
 
+def test_a_resume_the_daemon_queues_keeps_its_runs_place_before_the_runs_submitted_after_it(tmp_path):
+    """A power cut killed the daemon and its --max-resumes run; the next daemon queued the run's resume behind every
+    run submitted after it (its submission time made the moment of the resume), so a queue of a night's runs went
+    first and the run that was training waited for all of them."""
+    runs = tmp_path / "runs"
+    (runs / "r").mkdir(parents=True)
+    with Registry(runs) as registry:
+        registry.submit({"id": "r", "state": "running", "submitted_ts": 1.0, "argv": [TINY], "cwd": str(tmp_path),
+                         "gpus": None, "resumes_left": 2, "pid": 2 ** 22 + 1, "pid_started": 1.0},
+                        {"id": "r", "dir": None, "status": "running"}, 1.0)
+        registry.submit({"id": "later", "state": "queued", "submitted_ts": 5.0, "argv": [TINY], "cwd": str(tmp_path),
+                         "gpus": None}, {"id": "later", "dir": None, "status": "queued"}, 5.0)
+        [job] = registry.jobs(["running"])
+        Daemon(runs, [])._resume_dead(registry, "r", job, "run died", 10.0)
+        assert registry.job_ids(["queued"]) == ["r", "later"]
+
+
 def resumed_by_the_daemon(runs: Path, argv: list[str]) -> dict:
     """The job the daemon queues to resume run `r` (submitted with `argv`, 2 resumes left) when its kernel died."""
     (runs / "r").mkdir(parents=True)
