@@ -254,6 +254,7 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
     unreadable = None  # no daemon, and a registry it could not read either: still exit 3, saying so
     orphans: dict[str, int] = {}
     gone: list[str] = []
+    resumed: dict[str, int] = {}
     if answer is None and (runs_dir / REGISTRY_NAME).is_file():
         try:
             with Registry(runs_dir) as registry:
@@ -267,6 +268,9 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
                 # and those whose kernel is gone too (killed with the daemon, or after it): ended, though no daemon
                 # settled them yet; left out, the run a user looks for was in no line at all
                 gone = [job["id"] for job in started if job["pid"] is not None and job["id"] not in orphans]
+                # a --max-resumes run the next daemon resumes (a power cut), not records as ended
+                resumed = {job["id"]: left for job in started if job["id"] in gone
+                           and (left := daemon.resumed_when_settled(runs_dir, job)) is not None}
         except RegistryError as exc:
             unreadable = str(exc)
         except sqlite3.Error as exc:  # a full disk: SQLite cannot even open it in WAL mode
@@ -297,7 +301,9 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
         for run_id in gone:
             option = escape(daemon.runs_dir_option(runs_dir))
             out.print(f"  gone {run_id}: started by a daemon that is gone, and its kernel is gone too (`trainbus runs "
-                      f"show {run_id}{option}` says how it ended; `trainbus daemon start{option}` records it as ended)")
+                      f"show {run_id}{option}` says how it ended; `trainbus daemon start{option}` "
+                      + (f"resumes it from its newest checkpoint (--max-resumes: {resumed[run_id]} left))"
+                         if run_id in resumed else "records it as ended)"))
     else:
         watched = answer.get("running") or {}
         out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])}: devices "

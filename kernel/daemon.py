@@ -570,6 +570,17 @@ def runs_dir_option(runs_dir: Path) -> str:
     return f" --runs-dir {shlex.quote(str(runs_dir))}"
 
 
+def resumed_when_settled(runs_dir: Path, job: dict[str, Any]) -> int | None:
+    """The resumes left to a started job of runs_dir whose process is gone when a daemon started now would resume it
+    as it settles it (Daemon._settle: its run died or was interrupted, it has a checkpoint, it was submitted with
+    --max-resumes and has some left); None when that daemon records it as ended."""
+    left, run_dir = job.get("resumes_left") or 0, Path(runs_dir) / job["id"]
+    if not left or not (run_dir / CONFIG).is_file() or not has_checkpoints(run_dir) \
+            or not _kernel_since(run_dir, job.get("pid_started")):  # a resume refused before it trained: not again
+        return None
+    return left if run_overview(run_dir, time.time())["status"] in RESUMED_STATUSES else None
+
+
 def ended_jobs(registry: Registry) -> list[dict[str, Any]]:
     """The STATUS_ENDED jobs that ended last, each with how it went: its run's status and error, except for a resume
     refused before training, whose run is still as it last ended (failed, with the job's detail as the error)."""

@@ -432,6 +432,27 @@ def test_a_run_submitted_with_max_resumes_is_continued_by_the_daemon_when_its_ke
     assert job["state"] == "ended" and job["env"] is None  # the environment kept for a resume is gone with it
 
 
+def test_with_no_daemon_status_says_a_gone_run_with_resumes_left_is_resumed_by_the_next_daemon(tmp_path, daemons):
+    """A power cut: the daemon and its --max-resumes run killed at once. `daemon status` said the next daemon would
+    record the run as ended, when it resumes it from its checkpoint (an operator deciding whether to resume it by
+    hand, or to delete it, was told the wrong thing)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    pid = start_daemon(daemons, runs)
+    run_id = submit(runs, PACED, "--plugins", "checkpoint", "--set", "step_sleep_s=0.2", "--max-resumes", "2")
+    run_dir = runs / run_id
+    wait_until(lambda: has_checkpoints(run_dir) and (run_dir / "kernel.pid").is_file(), WAIT_S, "a checkpoint")
+    kernel = int((run_dir / "kernel.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    os.kill(kernel, signal.SIGKILL)
+    wait_until(lambda: process_gone(pid) and process_gone(kernel), 30, "the daemon and the kernel gone")
+    status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
+    assert status.returncode == 3 and (
+        f"  gone {run_id}: started by a daemon that is gone, and its kernel is gone too (`trainbus runs show {run_id} "
+        f"--runs-dir {runs}` says how it ended; `trainbus daemon start --runs-dir {runs}` resumes it from its newest "
+        f"checkpoint (--max-resumes: 2 left))") in status.stdout, status.stdout
+
+
 def test_runs_stop_of_a_run_the_daemon_is_resuming_waits_for_its_kernel_and_stops_it(tmp_path, daemons):
     """--max-resumes: its kernel killed, the daemon resumes the run, whose new kernel builds the spec first (loading
     data). `runs stop` meanwhile read the directory, which still says died: 'already ended, nothing to stop', exit
