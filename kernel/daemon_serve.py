@@ -367,10 +367,29 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
     daemon.woken = True
     return {"ok": True, "run": run_id}
 
+SOCKET_HOME_PREFIX = "trainbus-daemon-"  # a temporary directory for the socket when the runs path is too long
+
+
+def _remove_killed_socket_home(directory: Path) -> None:
+    """The temporary socket directory of a daemon of this runs directory that was killed (we hold the lock: it is gone),
+    named in the endpoint file it left: it removes its own as it stops, and one killed left it, one more a crash."""
+    import shutil
+
+    try:
+        endpoint = (directory / ENDPOINT_FILE).read_text().strip()
+    except OSError:
+        return
+    home = Path(endpoint.removeprefix("ipc://")).parent
+    if home.parent == Path(tempfile.gettempdir()) and home.name.startswith(SOCKET_HOME_PREFIX) \
+            and home.is_dir() and home.stat().st_uid == os.getuid():
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def _bind_control(context: zmq.Context, directory: Path) -> tuple[zmq.Socket, str, Path]:
+    _remove_killed_socket_home(directory)
     home = directory
     if not bindable(directory / "control.sock"):  # a long runs path: a short owner-only temp dir
-        home = Path(tempfile.mkdtemp(prefix="trainbus-daemon-"))
+        home = Path(tempfile.mkdtemp(prefix=SOCKET_HOME_PREFIX))
     endpoint = f"ipc://{home / 'control.sock'}"
     (home / "control.sock").unlink(missing_ok=True)  # a previous daemon killed with SIGKILL left it
     socket = context.socket(zmq.ROUTER)

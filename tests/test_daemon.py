@@ -840,6 +840,21 @@ def test_a_daemon_that_holds_its_runs_dir_but_does_not_answer_is_said_alive_not_
     assert cli("daemon", "status", "--runs-dir", str(runs)).stdout.startswith(f"daemon pid {pid} serves")
 
 
+def test_a_daemon_killed_on_a_long_runs_path_leaves_no_socket_directory_behind_once_one_serves_again(tmp_path,
+                                                                                                       daemons):
+    """A runs path too long for an ipc socket has the daemon's socket in a temporary directory of its own, removed as
+    it stops; one killed (kill -9, the OOM killer, a crash systemd restarts) left it in /tmp, one more each time."""
+    runs = tmp_path / ("a" * 60) / ("b" * 60)
+    runs.mkdir(parents=True)
+    pid = start_daemon(daemons, runs)
+    home = Path((daemon_dir(runs) / "endpoint").read_text().strip().removeprefix("ipc://")).parent
+    assert home.name.startswith("trainbus-daemon-") and home.is_dir(), home
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: process_gone(pid), 30, "the daemon gone")
+    start_daemon(daemons, runs)
+    assert not home.exists(), "the killed daemon's socket directory is left"
+
+
 def test_a_background_daemons_own_output_stays_in_its_log_as_the_log_is_rotated(tmp_path):
     """A daemon started in the background writes what is not a log line (a crash's traceback, a library's warning)
     into daemon.log through its stdout and stderr. Once the log was rotated those went on into the file renamed
