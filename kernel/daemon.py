@@ -384,7 +384,8 @@ class Daemon:
         output = output_file(self.runs_dir, job["id"])
         try:
             with open(output, "ab") as out:
-                popen = subprocess.Popen([self.python, "-m", "trainbus.kernel.cli", "run", *job["argv"]],
+                popen = subprocess.Popen([job.get("python") or self.python, "-m", "trainbus.kernel.cli", "run",
+                                          *job["argv"]],
                                          cwd=job["cwd"], env=env, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:  # the working directory is gone, the python moved, ...
@@ -647,8 +648,10 @@ def submit(runs_dir: Path, run_id: str, argv: list[str], gpus: int | None, targe
     runs_dir = Path(runs_dir).resolve()
     now = time.time()
     by = by or local_user()
+    # the interpreter with the environment: a submitter's virtual environment is its python's, not only its PATH
     job = {"id": run_id, "state": "queued", "submitted_ts": now, "argv": argv, "cwd": cwd or os.getcwd(),
-           "env": env, "gpus": gpus, "submitted_by": by, "resumes_left": max_resumes}
+           "env": env, "gpus": gpus, "submitted_by": by, "resumes_left": max_resumes,
+           "python": sys.executable if env is not None else None}
     if resumes is not None:
         run = queued_resume(run_overview(resumes, now), by)
     else:

@@ -39,8 +39,8 @@ from .runs import no_runs_dir
 from .runs import CONFIG, SUMMARY, _iso, find_runs, newest_first, overview_or_unreadable, run_overview
 
 REGISTRY_NAME = "registry.sqlite"
-SCHEMA_VERSION = 6  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,
-# 4: runs.hyperparameters, 5: runs.training_metrics, 6: jobs.resumes_left)
+SCHEMA_VERSION = 7  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,
+# 4: runs.hyperparameters, 5: runs.training_metrics, 6: jobs.resumes_left, 7: jobs.python)
 BUSY_TIMEOUT_S = 5.0  # a write waits this long for another writer's transaction (each takes milliseconds)
 QUEUED = "queued"  # a run the daemon has not started: it has no directory yet
 STATUSES = (QUEUED, *RUN_STATUSES)
@@ -72,6 +72,7 @@ JOB_COLUMNS = {
     "pid_started": "REAL", "started_ts": "REAL", "ended_ts": "REAL", "exit_code": "INTEGER", "detail": "TEXT",
     "submitted_by": "TEXT",  # who queued it: the owner's user name, or a remote peer's key (`key NAME`)
     "resumes_left": "INTEGER",  # `--max-resumes`: how many more times the daemon continues the run if it dies
+    "python": "TEXT",  # the submitter's interpreter (its virtual environment's); NULL: the daemon's (a remote peer's)
 }
 JOB_JSON_COLUMNS = ("argv", "env", "devices")
 # The queue's bound. A daemon's round reads the queue's head only, but `daemon status`, `runs list` and the rows
@@ -193,7 +194,8 @@ class Registry:
                 self.db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns})")
                 self.db.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submitted_ts)")
             have = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
-            for column, kind in (("submitted_by", "TEXT"), ("resumes_left", "INTEGER")):  # < 3, < 6
+            for column, kind in (("submitted_by", "TEXT"), ("resumes_left", "INTEGER"),  # < 3, < 6
+                                 ("python", "TEXT")):  # < 7
                 if column not in have:
                     self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")  # rows of before: NULL
             have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
@@ -366,8 +368,10 @@ _JOB_CHECKS = {
     "gpus": lambda v: v is None or isinstance(v, int) and v >= 0,
     "cwd": lambda v: isinstance(v, str),
     "resumes_left": lambda v: v is None or isinstance(v, int) and v >= 0,
+    "python": lambda v: v is None or isinstance(v, str),
 }
-_JOB_FALLBACK = {"argv": [], "env": None, "devices": None, "gpus": None, "cwd": ".", "resumes_left": None}
+_JOB_FALLBACK = {"argv": [], "env": None, "devices": None, "gpus": None, "cwd": ".", "resumes_left": None,
+                 "python": None}
 
 
 def _checked_row(row: tuple, columns, json_columns, checks: dict, fallback: dict) -> tuple[dict[str, Any], list[str]]:

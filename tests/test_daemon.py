@@ -855,6 +855,33 @@ def test_a_daemon_killed_on_a_long_runs_path_leaves_no_socket_directory_behind_o
     assert not home.exists(), "the killed daemon's socket directory is left"
 
 
+def test_a_run_submitted_from_another_virtual_environment_runs_in_it_not_in_the_daemons(tmp_path, daemons):
+    """A teammate's `run --detach` from a virtual environment of their own (a package the daemon's has not): the run
+    was started with the daemon's interpreter, the submitter's PATH and VIRTUAL_ENV around it, and failed at once
+    importing that package, where `trainbus run` in the same shell trained."""
+    import sysconfig
+    import venv
+
+    theirs = tmp_path / "their venv"
+    venv.EnvBuilder(with_pip=False).create(theirs)
+    [site] = list(theirs.glob("lib/python*/site-packages"))
+    (site / "ours.pth").write_text(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    (site / "teammod.py").write_text("EPOCHS = 1\n")
+    (tmp_path / "team.py").write_text("import teammod\nfrom trainbus.kernel.digits import build\n")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    start_daemon(daemons, runs)
+    python = str(theirs / "bin" / "python")
+    env = {**os.environ, "VIRTUAL_ENV": str(theirs), "PATH": f"{theirs / 'bin'}:{os.environ['PATH']}"}
+    submitted = subprocess.run([python, "-m", "trainbus.kernel.cli", "run", f"{tmp_path / 'team.py'}:build",
+                                "--detach", "--runs-dir", str(runs), "--plugins", "", "--device", "cpu", "--epochs",
+                                "1"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = submitted.stdout.strip()
+    wait_until(lambda: listed(runs)[run_id]["status"] not in ("queued", "running"), WAIT_S, "the run ended")
+    assert listed(runs)[run_id]["status"] == "completed", listed(runs)[run_id]
+
+
 def test_a_background_daemons_own_output_stays_in_its_log_as_the_log_is_rotated(tmp_path):
     """A daemon started in the background writes what is not a log line (a crash's traceback, a library's warning)
     into daemon.log through its stdout and stderr. Once the log was rotated those went on into the file renamed
