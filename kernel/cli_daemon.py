@@ -146,6 +146,11 @@ def _remote(remote: str | None, key: Path | None, server_key: Path | None, runs_
         raise UserError(str(exc)) from None
 
 
+def _key_options(target) -> str:
+    """`--key FILE --server-key FILE` of a suggested command, quoted as a shell takes them (`~/My Keys/...`)."""
+    return f"--key {shlex.quote(str(target.key_file))} --server-key {shlex.quote(str(target.server_key))}"
+
+
 def _ask(runs_dir: Path, remote, op: str, **fields) -> dict:
     """The daemon's answer, or one error line: none answering, or its refusal."""
     from trainbus.proto.remote import CannotConnect
@@ -189,7 +194,7 @@ def daemon_submit(
     answer = _ask(Path("."), target, "submit", argv=list(ctx.args), gpus=gpus, max_resumes=max_resumes)
     print(answer["run"])
     print(f"trainbus: queued run {answer['run']} on {target.host_port}; `trainbus daemon status --remote "
-          f"{target.host_port} --key {target.key_file} --server-key {target.server_key}` shows it queued, running, "
+          f"{target.host_port} {_key_options(target)}` shows it queued, running, "
           f"and how it ended", file=sys.stderr)
 
 
@@ -212,8 +217,7 @@ def daemon_cancel(
         run = str(answer.get("run", run))
         if answer.get("stopping"):
             out.print(f"stopping {escape(run)} at its next step boundary; `trainbus daemon status --remote "
-                      f"{escape(target.host_port)} --key {escape(str(target.key_file))} --server-key "
-                      f"{escape(str(target.server_key))}` shows how it ended")
+                      f"{escape(target.host_port)} {escape(_key_options(target))}` shows how it ended")
             return
     else:
         try:

@@ -5,6 +5,9 @@ roles, a flood of connections with no key, and the client commands' mistakes wit
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import shutil
 import select
 import socket
 import subprocess
@@ -84,6 +87,22 @@ def listening_daemon(tmp_path: Path, daemons, clients: list[tuple[str, str]], *f
     secrets = [store.generate_client(name, role)[1] for name, role in clients]
     pid = start_daemon(daemons, runs, *flags, "--listen", listen, "--keys-dir", str(store.directory))
     return runs, secrets, json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"], pid
+
+
+def test_the_status_command_a_remote_submission_suggests_runs_as_printed_with_key_paths_that_have_spaces(tmp_path,
+                                                                                                        daemons):
+    """`daemon submit --remote` prints the `daemon status --remote ...` command that shows the run: its key paths were
+    printed bare, so with the keys in `~/My Keys/` the command pasted into a shell named files that do not exist."""
+    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")], "--gpus", "")
+    keys = tmp_path / "my keys"
+    keys.mkdir(mode=0o700)
+    shutil.copy(pilot, keys / pilot.name)
+    shutil.copy(daemon_dir(runs) / "remote.json", keys / "remote.json")
+    submitted = cli("daemon", "submit", "--remote", endpoint, "--key", str(keys / pilot.name), "--server-key",
+                    str(keys / "remote.json"), "--", TINY, "--epochs", "1", "--plugins", "")
+    [suggested] = re.findall(r"`(trainbus daemon status [^`]*)`", submitted.stderr)
+    status = cli(*shlex.split(suggested)[1:])
+    assert status.stdout.startswith("daemon pid "), status.stdout
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
