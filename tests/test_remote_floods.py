@@ -693,7 +693,9 @@ def test_a_local_peer_flooding_the_control_socket_gets_a_share_of_the_bus_thread
     kernels.append(kernel)
     kernel.wait_step(2, timeout_s=120)
     secret, endpoint = (kernel.run_dir / "credential").read_text().strip(), f"ipc://{kernel.run_dir / 'control.sock'}"
-    ctx, sent, beat = zmq.Context(), 0, pack({"v": 1, "type": "heartbeat"})
+    # a heartbeat with a field the kernel decodes and ignores (~1 ms): its share is spent by a sender a loaded box
+    # starves too, as it is by a cheap one's tens of thousands a second on a quiet one
+    ctx, sent, beat = zmq.Context(), 0, pack({"v": 1, "type": "heartbeat", "x": ["a"] * 20_000})
 
     def peer(name: str, replies: list[str]) -> zmq.Socket:
         socket = ctx.socket(zmq.DEALER)
@@ -723,8 +725,8 @@ def test_a_local_peer_flooding_the_control_socket_gets_a_share_of_the_bus_thread
     finally:
         ctx.destroy(linger=0)
     result = kernel.result(timeout_s=120)
-    assert result["status"] == "stopped" and "stopped through a flood" in str(result), result
     assert result["bus"].get("local_control_paced", 0) >= 1, (sent, result["bus"])
+    assert result["status"] == "stopped" and "stopped through a flood" in str(result), result
     said = [line for line in (kernel.run_dir / "kernel.log").read_text().splitlines() if "run's ipc socket" in line]
     assert said and "from 'hog'" in said[0] and "took over 5 % of the bus thread's time" in said[0], said
 

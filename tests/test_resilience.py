@@ -946,8 +946,10 @@ def test_a_plugin_whose_metrics_and_logs_go_past_its_limits_is_said_with_how_man
     result = run_training(cfg)
     assert result.status == "completed"
     entry = result.plugins["flood"]
-    assert entry["metric_dropped"] == result.bus["metric_dropped"] >= 1000, (entry, result.bus)
-    assert entry["log_dropped"] == result.bus["log_dropped"] >= 200, (entry, result.bus)
+    # how many: the kernel reads its ipc socket at a share of its time (LOCAL_CONTROL_SHARE), so a burst is read over
+    # a while, the buckets refilling meanwhile, and what is still unread as the run ends is no drop of the kernel's
+    assert entry["metric_dropped"] == result.bus["metric_dropped"] > 0, (entry, result.bus)
+    assert entry["log_dropped"] == result.bus["log_dropped"] > 0, (entry, result.bus)
     _print_summary(result)
     printed = [line for line in capsys.readouterr().out.splitlines() if "plugin flood:" in line]
     dropped = f"{entry['metric_dropped']:,} metrics and {entry['log_dropped']:,} logs dropped"
