@@ -748,6 +748,17 @@ def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
             "output": str(output_file(runs_dir, row["id"]))}
 
 
+def _not_queued(job: dict[str, Any] | None, run_id: str, runs_dir: Path) -> str:
+    """Why `daemon cancel` cannot take run_id off the queue, when it is not running either."""
+    if job is None:
+        return f"run {run_id} is not queued: the daemon's queue never held a run of that id (or start of one)"
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["ended_ts"])) if job.get("ended_ts") else "earlier"
+    if job["state"] == "cancelled":
+        return f"run {run_id} is not queued: it was cancelled already ({when})"
+    return (f"run {run_id} is not queued: it ran and ended ({when}); `trainbus runs show {run_id}"
+            f"{runs_dir_option(runs_dir)}` says how")
+
+
 def cancel(runs_dir: Path, run_id: str) -> str:
     """Take a queued run off the queue: its id, or a unique start of it (JobError when it names no queued run).
     Returns the id."""
@@ -758,10 +769,10 @@ def cancel(runs_dir: Path, run_id: str) -> str:
     with Registry(runs_dir) as registry:
         if not registry.move_job(run_id, ["queued"], state="cancelled", ended_ts=time.time(), env=None):
             running = named(registry.job_ids(["starting", "running"]), run_id)
-            raise JobError(f"run {running[0]} is not queued: it is running; `trainbus runs stop {running[0]}"
-                           f"{runs_dir_option(runs_dir)}` stops it"
-                           if len(running) == 1 else
-                           f"run {run_id} is not queued (it started, ended or was never submitted)")
+            if len(running) == 1:
+                raise JobError(f"run {running[0]} is not queued: it is running; `trainbus runs stop {running[0]}"
+                               f"{runs_dir_option(runs_dir)}` stops it")
+            raise JobError(_not_queued(registry.job(run_id), run_id, runs_dir))
         run_dir = runs_dir / run_id
         if (run_dir / CONFIG).is_file():  # a queued resume: the run is again what its directory says
             now = time.time()

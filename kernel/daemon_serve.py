@@ -329,10 +329,11 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
         except JobError as exc:
             if not run:  # no id at all
                 return {"ok": False, "error": str(exc)}
+            not_queued = str(exc)  # why, when it is not running either (cancelled already, ended, never submitted)
         try:
             return {"ok": True, "run": daemon.stop_run(run, who), "stopping": True}
         except JobError as exc:
-            return {"ok": False, "error": str(exc)}
+            return {"ok": False, "error": str(exc) if "several" in str(exc) else not_queued}
     argv, gpus, max_resumes = request.get("argv"), request.get("gpus"), request.get("max_resumes", 0)
     if not (isinstance(argv, list) and len(argv) <= ARGV_MAX_WORDS and all(isinstance(w, str) for w in argv)) \
             or not (gpus is None or (isinstance(gpus, int) and 0 <= gpus <= 1024)) \

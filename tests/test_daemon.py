@@ -720,8 +720,13 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     stopped = cli("runs", "stop", waiting[:-2], "--runs-dir", str(runs)).stdout
     assert f"cancelled {waiting}: it was queued and never started" in stopped
     assert waiting not in listed(runs)
+    # each said "not queued (it started, ended or was never submitted)", whichever it was
     again = cli("daemon", "cancel", waiting, "--runs-dir", str(runs), check=False)
-    assert again.returncode == 2 and f"run {waiting} is not queued" in again.stderr
+    assert again.returncode == 2 and f"run {waiting} is not queued: it was cancelled already (" in again.stderr, \
+        again.stderr
+    never = cli("daemon", "cancel", "no-such-run", "--runs-dir", str(runs), check=False)
+    assert never.returncode == 2 and "run no-such-run is not queued: the daemon's queue never held a run of that id" \
+        in never.stderr, never.stderr
 
 
 _WINNER = """
