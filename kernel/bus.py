@@ -76,6 +76,10 @@ REMOTE_CONTROL_SHARE = 0.05
 LOCAL_CONTROL_SHARE = 0.05
 CONTROL_RESUME_S = 0.01  # once spent, a socket is read again when this much is back: 0.2 s later at 5 %
 PACED_SAID_EVERY_S = 60.0  # kernel.log says a flood held back at most this often, naming who sent most of it
+# Before the final event the ipc control socket is read unpaced: what the plugins sent (PROTOCOL.md §6.3), for at
+# most this long, waiting this long for each refill of their 16-message queues.
+FINAL_READ_S = 0.5
+FINAL_REFILL_MS = 10
 PENDING_REPLIES_MAX = 64  # stops, and checkpoint_nows, held for the next step boundary (which lists 8: replies.py)
 # Replies queued to one local (ipc) connection, at most. A plugin pulls replay batches one at a time, and asks for a
 # run_state or sends a command now and then; a peer that asked for batches of up to 4 MiB and never read them had
@@ -497,8 +501,8 @@ class Bus:
     def _number_and_send(self, batch: list) -> None:
         final = any(item[0] in FINAL_EVENTS for item in batch)
         if final:
-            # Replies already received go out before the final event: a plugin may exit right after it.
-            self._read_control(CONTROL_PER_WAKE * 8)
+            # Replies already sent go out before the final event: a plugin may exit right after it.
+            self._read_before_final()
             batch += _take_all(self._queue)
             batch.sort(key=lambda item: item[0] in FINAL_EVENTS)  # stable: only the final event moves
         if not batch and not self._unpublished:
@@ -621,6 +625,16 @@ class Bus:
             return allowance > 0 and read_for(budget, started + allowance)
         finally:
             paced.work.took(started, time.monotonic())
+
+    def _read_before_final(self) -> None:
+        """What the plugins sent before the final event, read whatever the ipc socket's share says: its connections
+        queue 16 messages each (LOCAL_CONTROL_RCVHWM), so what waits beyond them comes in as they are read, and is
+        waited for while it keeps coming (FINAL_REFILL_MS), for at most FINAL_READ_S (a flood's end is no reply)."""
+        until = time.monotonic() + FINAL_READ_S
+        while time.monotonic() < until:
+            if not self._read_local_for(CONTROL_PER_WAKE, until) and not self.router.poll(FINAL_REFILL_MS):
+                break
+        self._read_remote(CONTROL_PER_WAKE)
 
     def _read_local_for(self, budget: int, until: float) -> bool:
         """The run's ipc control socket's messages, up to `budget` of them or until the clock reads `until`."""

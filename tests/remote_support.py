@@ -73,6 +73,19 @@ def connection(kernel: KernelProcess, timeout_s: float = 60.0) -> dict[str, str]
     return wait_until(written, timeout_s, "the run's connection file")
 
 
+def local_control(kernel: KernelProcess, timeout_s: float = 60.0) -> str:
+    """The run's ipc control endpoint, as kernel.log's `sockets:` line names it: in the run directory, or in a
+    temporary one when the run directory's path is too long for a Unix socket (a test's, under xdist's)."""
+    from trainbus.sdk.attach import SOCKETS_LINE
+
+    def said():
+        kernel._check_alive()
+        found = SOCKETS_LINE.findall((kernel.run_dir / "kernel.log").read_text(errors="replace")) \
+            if (kernel.run_dir / "kernel.log").exists() else []
+        return found[-1][1] if found else None
+    return wait_until(said, timeout_s, "the run's sockets line in kernel.log")
+
+
 class RemoteClient:
     """SUBs (events, and bursts when the connection names them) + DEALER on a kernel's TCP endpoints in raw pyzmq +
     msgpack; CURVE when given a key file."""

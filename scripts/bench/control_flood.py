@@ -17,7 +17,8 @@ Three variants, interleaved over --repeats:
 
 With --from plugin the flood is a plugin of the run (scripts/bench/_spammer.py: a thread reporting a metric in a
 loop, at nice 10 as the kernel starts its plugins), read on the run's ipc control socket and dropped past [limits]
-metrics_per_s; "unpaced" sets LOCAL_CONTROL_SHARE instead.
+metrics_per_s; "unpaced" sets LOCAL_CONTROL_SHARE instead; "spin only" is the same plugin's thread spinning
+without sending: its own CPU's share of the cost, apart from what the kernel reads.
 
 A remote attacker's CPU is not the kernel's machine's: on 4 or more cores the flood runs on the second half of
 them and the run on the first; on fewer it shares the cores at nice 19, and the figure is then an upper bound
@@ -83,6 +84,7 @@ while True:
 
 
 VARIANTS = ("calm", "flood", "flood, unpaced")
+PLUGIN_VARIANTS = (*VARIANTS, "spin only")
 
 
 def one_run(args, variant: str, workdir: Path, keys: KeyStore, key_file: Path, kernel_cpus: set[int],
@@ -95,7 +97,7 @@ def one_run(args, variant: str, workdir: Path, keys: KeyStore, key_file: Path, k
     attacker, shares = None, (bus_module.LOCAL_CONTROL_SHARE, bus_module.REMOTE_CONTROL_SHARE)
     plugin = args.source == "plugin"
     if plugin and variant != "calm":
-        cfg.plugins = [*cfg.plugins, resolve_plugin("spammer", {}, "_spammer:Spammer")]
+        cfg.plugins = [*cfg.plugins, resolve_plugin("spammer", {"send": variant != "spin only"}, "_spammer:Spammer")]
     if variant != "calm" and not plugin:  # connects before the kernel listens (libzmq retries): from the first step
         with open(workdir / "flood.err", "ab") as err:
             attacker = subprocess.Popen(
@@ -137,7 +139,7 @@ def main() -> int:
     p.add_argument("--from", dest="source", choices=("key", "plugin"), default="key",
                    help="who floods: a monitor key over TCP (default), or a plugin of the run on its ipc socket")
     p.add_argument("--connections", type=int, default=4, help="the flood's CURVE connections (default 4)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of both variants (default 3)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every variant (default 3)")
     p.add_argument("--epochs", type=int, default=40, help="epochs per run (the digits MLP: ~25 ms each)")
     p.add_argument("--warmup-epochs", type=int, default=5, help="first epochs not measured")
     p.add_argument("--seed", type=int, default=0)
@@ -166,22 +168,23 @@ def main() -> int:
     print(("the flood: a plugin of the run, on the kernel's cores at nice 10" if args.source == "plugin" else where)
           + f"; work dir {workdir}", flush=True)
     measure = Measurer(args)
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    variants = PLUGIN_VARIANTS if args.source == "plugin" else VARIANTS
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     try:
         for rep in range(args.repeats):
             measure.settle()
-            for variant in VARIANTS[rep % 3:] + VARIANTS[:rep % 3]:
+            for variant in variants[rep % len(variants):] + variants[:rep % len(variants)]:
                 runs[variant].append(measure(lambda: one_run(args, variant, workdir, keys, key_file, kernel_cpus,
                                                              flood_cpus)))
             print(f"  rep {rep + 1}/{args.repeats}: " + ", ".join(
-                f"{v} {run_mean(runs[v][-1]['stamps'], args.warmup_epochs) * 1e6:.0f}" for v in VARIANTS)
+                f"{v} {run_mean(runs[v][-1]['stamps'], args.warmup_epochs) * 1e6:.0f}" for v in variants)
                 + " us/step", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    per_rep = {v: [run_mean(r["stamps"], args.warmup_epochs) * 1e6 for r in runs[v]] for v in VARIANTS}
+    per_rep = {v: [run_mean(r["stamps"], args.warmup_epochs) * 1e6 for r in runs[v]] for v in variants}
     rows = []
-    for v in VARIANTS:
+    for v in variants:
         ratio = median([a / b for a, b in zip(per_rep[v], per_rep["calm"])])
         rows.append([v, f"{median(per_rep[v]):.0f}", f"{min(per_rep[v]):.0f}-{max(per_rep[v]):.0f}",
                      f"{(ratio - 1) * 100:+.1f} %" if v != "calm" else "-",
