@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 import time
 import traceback
@@ -76,8 +75,8 @@ REMOTE_CONTROL_SHARE = 0.05
 LOCAL_CONTROL_SHARE = 0.05
 CONTROL_RESUME_S = 0.01  # once spent, a socket is read again when this much is back: 0.2 s later at 5 %
 PACED_SAID_EVERY_S = 60.0  # kernel.log says a flood held back at most this often, naming who sent most of it
-# Before the final event the ipc control socket is read unpaced: what the plugins sent (PROTOCOL.md §6.3), for at
-# most this long, waiting this long for each refill of their 16-message queues.
+# Before the final event and as the bus closes the ipc control socket is read unpaced: what the plugins sent
+# (PROTOCOL.md §6.3), for at most this long, waiting this long for each refill of their queues.
 FINAL_READ_S = 0.5
 FINAL_REFILL_MS = 10
 PENDING_REPLIES_MAX = 64  # stops, and checkpoint_nows, held for the next step boundary (which lists 8: replies.py)
@@ -87,11 +86,12 @@ PENDING_REPLIES_MAX = 64  # stops, and checkpoint_nows, held for the next step b
 # peer asks again (as on TCP, kernel/remote.py CONTROL_SNDHWM). Not fewer: the ROUTER learns what libzmq's I/O thread
 # took from its queue only every SNDHWM / 2 messages, so a tiny queue can look full to a peer that reads.
 LOCAL_CONTROL_SNDHWM = 16
-# Messages queued in the kernel from one local connection before the bus reads them, at most (as on TCP,
-# kernel/remote.py CONTROL_RCVHWM): at 10,000 of up to 256 KiB a process of the run's user resending a big message
-# grew the kernel by 2.3 GB in 8 s. Past it the sender waits, holding its own (the SDK's DEALER queues 1,000 and its
-# outbox more, sdk/plugin_io.py): a plugin's replies are not lost, only held where they were made.
-LOCAL_CONTROL_RCVHWM = 16
+# Messages queued in the kernel from one local connection before the bus reads them, at most: at 10,000 of up to
+# 256 KiB a process of the run's user resending a big message grew the kernel by 2.3 GB in 8 s. Past it the sender
+# waits, holding its own (the SDK's DEALER queues 1,000 and its outbox more, sdk/plugin_io.py). Not as few as TCP's
+# 16: libzmq drops what a connection has in flight past a full queue when its peer closes it, and at 16 a plugin's
+# last replies as it exits (a backlog's 90 log lines) were lost in 1 run of 4; at 1,000 in none of 12.
+LOCAL_CONTROL_RCVHWM = 1000
 STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said hello (slow joiners)
 CLOSE_TIMEOUT_S = 10.0  # close() waits this long for the bus thread's last round
 FLUSH_NOW_TIMEOUT_S = 5.0  # flush_now's wait for a flush: the bus never takes longer unless its disk holds it up
@@ -369,8 +369,7 @@ class Bus:
                 time.sleep(FLUSH_INTERVAL_S)
             with self.idle:
                 self.idle.notify_all()
-        self._read_local_for(CONTROL_PER_WAKE, math.inf)  # the plugins' last words (byes, final acks), unpaced
-        self._read_remote(CONTROL_PER_WAKE)
+        self._read_what_was_sent()  # the plugins' last words (byes, final acks, a backlog's log lines)
         if self.announce_close:  # here, after the thread's last heartbeat and peer messages: nothing follows it
             self.emit(ev.BUS_CLOSING, {})
         self._flush()
@@ -502,7 +501,7 @@ class Bus:
         final = any(item[0] in FINAL_EVENTS for item in batch)
         if final:
             # Replies already sent go out before the final event: a plugin may exit right after it.
-            self._read_before_final()
+            self._read_what_was_sent()
             batch += _take_all(self._queue)
             batch.sort(key=lambda item: item[0] in FINAL_EVENTS)  # stable: only the final event moves
         if not batch and not self._unpublished:
@@ -626,10 +625,11 @@ class Bus:
         finally:
             paced.work.took(started, time.monotonic())
 
-    def _read_before_final(self) -> None:
-        """What the plugins sent before the final event, read whatever the ipc socket's share says: its connections
-        queue 16 messages each (LOCAL_CONTROL_RCVHWM), so what waits beyond them comes in as they are read, and is
-        waited for while it keeps coming (FINAL_REFILL_MS), for at most FINAL_READ_S (a flood's end is no reply)."""
+    def _read_what_was_sent(self) -> None:
+        """What the plugins have sent, before the final event and as the bus closes, read whatever the ipc socket's
+        share says: its connections queue LOCAL_CONTROL_RCVHWM messages each, so what waits beyond them comes in
+        as they are read, and is waited for while it keeps coming (FINAL_REFILL_MS), for at most FINAL_READ_S (a
+        flood's end is no reply)."""
         until = time.monotonic() + FINAL_READ_S
         while time.monotonic() < until:
             if not self._read_local_for(CONTROL_PER_WAKE, until) and not self.router.poll(FINAL_REFILL_MS):

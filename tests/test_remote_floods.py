@@ -200,8 +200,9 @@ def test_a_local_peer_flooding_the_control_socket_with_big_messages_holds_little
         keys, runs_dir, tmp_path, kernels):
     """As the TCP one, on the run's ipc control socket: it queued 10,000 messages a connection (RCVHWM), of up to
     256 KiB each, 2.5 GB, and messages the bus decodes slower than they come (a plugin stuck in a loop resending a
-    big one, or any process of the run's user) grew the kernel by hundreds of MB in seconds. It now queues
-    LOCAL_CONTROL_RCVHWM a connection; past it the sender waits (the SDK holds its replies, sdk/plugin_io.py)."""
+    big one, or any process of the run's user) grew the kernel by 2.3 GB in 8 s from 4 connections. It now queues
+    LOCAL_CONTROL_RCVHWM (1,000) a connection, ~250 MB of such messages; past it the sender waits (the SDK holds its
+    replies, sdk/plugin_io.py). One connection here: the bound is per connection."""
     import psutil
 
     cfg = listening_config(runs_dir, keys["dir"], epochs=50, step_sleep_s=0.005)
@@ -212,15 +213,13 @@ def test_a_local_peer_flooding_the_control_socket_with_big_messages_holds_little
     bulky = msgpack.packb({"v": 1, "type": "heartbeat", "x": ["a"] * 100_000, "y": ["b"] * 26_000})
     ctx = zmq.Context()
     try:
-        floods = []
-        for _ in range(4):
-            floods.append(ctx.socket(zmq.DEALER))
-            floods[-1].setsockopt(zmq.LINGER, 0)
-            floods[-1].connect(endpoint)
-        grown = peak_growth_while_flooding(floods, bulky, 8.0, memory)
+        flood = ctx.socket(zmq.DEALER)
+        flood.setsockopt(zmq.LINGER, 0)
+        flood.connect(endpoint)
+        grown = peak_growth_while_flooding([flood], bulky, 8.0, memory)
     finally:
         ctx.destroy(linger=0)
-    assert grown < 96 << 20, f"the kernel grew {grown >> 20} MB"
+    assert grown < 320 << 20, f"the kernel grew {grown >> 20} MB"
     result = kernel.result(timeout_s=180)
     assert result["status"] == "completed" and result["bus"].get("refused_unknown_peer", 0) > 0, result["bus"]
 
