@@ -626,10 +626,10 @@ class Bus:
             paced.work.took(started, time.monotonic())
 
     def _read_what_was_sent(self) -> None:
-        """What the plugins have sent, before the final event and as the bus closes, read whatever the ipc socket's
-        share says: its connections queue LOCAL_CONTROL_RCVHWM messages each, so what waits beyond them comes in
-        as they are read, and is waited for while it keeps coming (FINAL_REFILL_MS), for at most FINAL_READ_S (a
-        flood's end is no reply)."""
+        """What the plugins have sent, read before the final event and as the bus closes, whether or not the ipc
+        socket's share is spent: its connections queue LOCAL_CONTROL_RCVHWM messages each, so what waits beyond them
+        comes in as they are read, and is waited for while it keeps coming (FINAL_REFILL_MS), for at most
+        FINAL_READ_S (a flood's end is no reply)."""
         until = time.monotonic() + FINAL_READ_S
         while time.monotonic() < until:
             if not self._read_local_for(CONTROL_PER_WAKE, until) and not self.router.poll(FINAL_REFILL_MS):
