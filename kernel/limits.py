@@ -134,7 +134,6 @@ class PacedReading:
     SENDERS_MAX = 256  # senders counted between two sayings (keys, peer names): a flood of new ones is not memory
 
     def __init__(self, share: float, resume_s: float, said_every_s: float, now: float):
-        self.share = share
         self.work = WorkShare(share, resume_s, now)
         self.polled = True
         self.senders: collections.Counter = collections.Counter()
