@@ -139,6 +139,36 @@ class RemoteClient:
         self.ctx.destroy(linger=0)
 
 
+def stopped_by(kernel: KernelProcess, conn: dict[str, str], key_file: Path, reason: str,
+               timeout_s: float = 120.0) -> dict:
+    """The run stopped by a control key's `stop` over TCP (a test done with it need not wait for its last epochs):
+    its result. The client stays connected until the kernel has ended, so the stop is not lost with its socket."""
+    pilot = RemoteClient(conn, key_file)
+    try:
+        pilot.hello("operator", replies=["stop"])
+        pilot.send("stop", reason=reason)
+        return kernel.result(timeout_s=timeout_s)
+    finally:
+        pilot.close()
+
+
+def stopped_locally(kernel: KernelProcess, reason: str, timeout_s: float = 120.0) -> dict:
+    """As stopped_by, from a peer on the run's ipc control socket holding its credential."""
+    ctx = zmq.Context()
+    try:
+        pilot = ctx.socket(zmq.DEALER)
+        pilot.setsockopt(zmq.LINGER, 0)
+        pilot.connect(local_control(kernel))
+        secret = (kernel.run_dir / "credential").read_text().strip()
+        for message in ({"type": "hello", "name": "operator", "pid": os.getpid(), "subscriptions": [],
+                         "replies": ["stop"], "delivery": "best_effort", "secret": secret},
+                        {"type": "stop", "reason": reason}):
+            pilot.send(msgpack.packb({"v": 1, **message}, use_bin_type=True))
+        return kernel.result(timeout_s=timeout_s)
+    finally:
+        ctx.destroy(linger=0)
+
+
 def heard_within(clients: dict[str, RemoteClient], seconds: float) -> dict[str, int]:
     """Events, bursts and control messages each client received in `seconds` (each polled in turn)."""
     heard, end = dict.fromkeys(clients, 0), time.monotonic() + seconds

@@ -26,7 +26,8 @@ from trainbus.proto import pack
 from trainbus.proto.remote import secure_client
 
 from remote_support import (LIMITS, STEPS_PER_EPOCH, RemoteClient, connection, curve_dealers,  # noqa: F401
-                            keys, listening_config, local_control, peak_growth_while_flooding)
+                            keys, listening_config, local_control, peak_growth_while_flooding, stopped_by,
+                            stopped_locally)
 
 
 def test_a_flood_of_connections_with_no_key_costs_the_kernel_a_bounded_number_of_descriptors(keys, runs_dir, tmp_path,
@@ -220,8 +221,8 @@ def test_a_local_peer_flooding_the_control_socket_with_big_messages_holds_little
     finally:
         ctx.destroy(linger=0)
     assert grown < 320 << 20, f"the kernel grew {grown >> 20} MB"
-    result = kernel.result(timeout_s=180)
-    assert result["status"] == "completed" and result["bus"].get("refused_unknown_peer", 0) > 0, result["bus"]
+    result = stopped_locally(kernel, "the flood is over", timeout_s=180)
+    assert result["status"] == "stopped" and result["bus"].get("refused_unknown_peer", 0) > 0, result["bus"]
 
 
 @pytest.mark.timeout(300)
@@ -612,8 +613,8 @@ def test_messages_that_are_costly_to_decode_keep_neither_the_bus_nor_training_wa
     gaps = [b - a for a, b in zip([end - 6.0, *beats], [*beats, end])]
     assert max(gaps) < 2.5, f"the kernel's heartbeats were {max(gaps):.1f} s apart during the flood"
     assert steps > 200, f"{steps} steps in 6 s of flood (0.005 s a step)"
-    result = kernel.result(timeout_s=120)
-    assert result["status"] == "completed" and result["bus"].get("malformed", 0) > 0, result["bus"]
+    result = stopped_by(kernel, conn, keys["pilot"], "the flood is over")
+    assert result["status"] == "stopped" and result["bus"].get("malformed", 0) > 0, result["bus"]
 
 
 @pytest.mark.timeout(300)
@@ -640,7 +641,7 @@ def test_a_key_flooding_the_control_socket_with_big_messages_holds_little_of_the
     finally:
         ctx.destroy(linger=0)
     assert grown < 64 << 20, f"the kernel grew {grown >> 20} MB"
-    assert kernel.result(timeout_s=180)["status"] == "completed"
+    assert stopped_by(kernel, conn, keys["pilot"], "the flood is over", timeout_s=180)["status"] == "stopped"
 
 
 @pytest.mark.timeout(300)
