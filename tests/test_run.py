@@ -206,7 +206,7 @@ def test_a_flood_of_stops_before_a_step_boundary_costs_bounded_memory_and_leaves
     held until the boundary: ~1.2 KB a stop, 60,000 of them ~70 MB of the kernel's memory (a control key flooding
     through a long validation: GBs). The reasons of one boundary are now its first MAX_STOP_REASONS distinct ones
     and one saying how many more there were, and the kernel holds PENDING_REPLIES_MAX of each kind, counting the
-    rest."""
+    rest. Here 20,000 stops: held, they grew the kernel 27 MB; now ~4-7 MB (the socket's queue, the allocator)."""
     import json
     import os
     import time
@@ -237,7 +237,7 @@ def test_a_flood_of_stops_before_a_step_boundary_costs_bounded_memory_and_leaves
              secret=(kernel.run_dir / "credential").read_text().strip())
         memory = psutil.Process(kernel.proc.pid)
         before = memory.memory_info().rss
-        for number in range(60_000):
+        for number in range(20_000):
             send("stop", id=str(number), reason=f"{number:05d} " + "r" * 994)
             if number % 1000 == 0:
                 send("heartbeat")
@@ -245,13 +245,13 @@ def test_a_flood_of_stops_before_a_step_boundary_costs_bounded_memory_and_leaves
         grown = memory.memory_info().rss - before
     finally:
         ctx.destroy(linger=0)
-    assert grown < 32 << 20, f"the kernel grew {grown >> 20} MB"
+    assert grown < 14 << 20, f"the kernel grew {grown >> 20} MB"
     open_gate(gate, 45)
     assert kernel.result(timeout_s=120)["status"] == "stopped"
     summary = json.loads((kernel.run_dir / "summary.json").read_text())
     reasons = summary["outcome"]["stop_reasons"]
     assert len(reasons) == MAX_STOP_REASONS + 1 and reasons[0] == "stopper: stop: 00000 " + "r" * 994, reasons[:2]
-    assert reasons[-1] == "kernel: stop: 59,992 more stop requests at this step boundary, not listed", reasons[-1]
+    assert reasons[-1] == "kernel: stop: 19,992 more stop requests at this step boundary, not listed", reasons[-1]
     assert (kernel.run_dir / "summary.json").stat().st_size < 64 * 1024
     shown = cli("runs", "show", kernel.run_id, "--runs-dir", str(short_runs))
     assert shown.returncode == 0 and len(shown.stdout) < 64 * 1024, len(shown.stdout)
