@@ -169,7 +169,8 @@ class Dispatcher:
             self.checkpointer.welcomed(peer)
         self.bus.send(identity, encode_control(control(
             "welcome", run=self.bus.run_id, resume_from=self.peers.resume_from(peer, self.bus.last_seq + 1),
-            heartbeat_interval_s=self.bus.heartbeat_interval_s, session_seq=self.bus.session_seq, role=peer.role)))
+            heartbeat_interval_s=self.bus.heartbeat_interval_s, session_seq=self.bus.session_seq, role=peer.role,
+            farewell=True)))
         if (previous is None or previous.name != peer.name or previous.user_id != user_id or previous.pid != peer.pid
                 or previous.delivery != peer.delivery):
             # a hello said again on the connection welcomed under that name (a client retrying a welcome it did not
@@ -195,6 +196,10 @@ class Dispatcher:
         else:  # a peer attached by hand (attach, a remote plugin) has no process of ours: its goodbye is the exit
             self.peers.left(peer)
             self.bus.emit(ev.PLUGIN_EXITED, {"plugin": peer.name, "exit_code": 0})
+        # Everything the peer sent before its bye is read now; until it hears so it keeps its socket open. A
+        # connection closed with messages still in its buffers loses them: over TCP the kernel's next write to it
+        # meets a reset, which drops what the kernel's side had not read (PROTOCOL.md §7.1).
+        self.bus.send(peer.identity, encode_control(control("farewell")))
 
     def _on_ack(self, peer: Peer, msg: dict[str, Any]) -> None:
         self.peers.ack(peer, msg["seq"], self.bus.journal.written_seq)

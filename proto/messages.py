@@ -120,6 +120,7 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         # the first seq this kernel numbered: a final event before it ends an earlier session of a continued run
         "session_seq": Default(int, 1),
         "role": Default(str, ""),  # over TCP, the connection's key's role (monitor, control); "" on ipc
+        "farewell": Default(bool, False),  # this kernel answers a bye with farewell: wait for it before closing
     },
     "replay_batch": {
         "events": list,  # encoded-ready envelopes (maps), in seq order
@@ -129,6 +130,8 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         "seq": int,  # the state includes every event up to and including this seq, and none after it
         "state": dict,  # proto/run_state.py RunState.to_map(): run, progress, series, plugins, ended, ...
     },
+    # the answer to bye, once everything the peer sent before it was read: it may close its socket now
+    "farewell": {},
     # the answer to attach_plugin or detach_plugin: `text` is one line for a person (a pid, or what was wrong)
     "command_result": {"id": str, "ok": bool, "text": str},
     # the kernel will not act on this peer's messages: a hello it turned down, or a message before any hello
@@ -147,4 +150,4 @@ PLUGIN_TO_KERNEL = frozenset(
      "checkpoint_saved", "checkpoint_failed", "snapshot", "attach_plugin", "detach_plugin"}
 )
 REPLY_TYPES = frozenset({"stop", "metric", "log", "checkpoint_now"})
-KERNEL_TO_PLUGIN = frozenset({"welcome", "replay_batch", "run_state", "command_result", "refused"})
+KERNEL_TO_PLUGIN = frozenset({"welcome", "replay_batch", "run_state", "command_result", "refused", "farewell"})

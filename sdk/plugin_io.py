@@ -53,6 +53,10 @@ KERNEL_EXITED = "the kernel process exited"
 # heartbeats to come back (libzmq reconnects by itself) before it gives up, as long as attach's reconnects take.
 REMOTE_SILENCE_S = 100.0
 UNKNOWN_PEER = "unknown_peer"  # the kernel's refusal of a peer it does not know (forgot, past its liveness window)
+# At exit, after bye, the socket stays open until the kernel's farewell says it read everything before it, this long
+# at most: closed with messages in flight, they are lost (over TCP the kernel reads 16 at a time, the rest wait in
+# its socket buffers, which a reset empties). A kernel at a share of a busy box's core reads thousands a second.
+FAREWELL_WAIT_S = 5.0
 
 
 class PluginIO(threading.Thread):
@@ -113,6 +117,7 @@ class PluginIO(threading.Thread):
         self.replies_dropped: dict[str, int] = {}  # by type: what send found no room for (OUTBOX_MAX_REPLIES)
         self.said_hello = False
         self.welcomed = False
+        self.farewell = False  # the kernel's welcome said it answers a bye with farewell (older kernels do not)
         # A name still held by a predecessor that vanished (killed, restarted by hand) is free once it has been
         # silent for the liveness window: until then each hello is refused, and said again an interval later.
         self._hello_tries_left = 2 * HEARTBEAT_LIVENESS
@@ -207,9 +212,10 @@ class PluginIO(threading.Thread):
             self.sub.close()
             self._take_ack()
             # leaving on purpose: a peer attached by hand is then gone (without it, the kernel took it for hung)
-            if self.said_hello and (self.gone is None or (self.stopped_by_user and not self.lost_kernel)):
+            said_bye = self.said_hello and (self.gone is None or (self.stopped_by_user and not self.lost_kernel))
+            if said_bye:
                 self.outbox.append(control("bye", reason="done"))
-            self._flush_outbox()
+            self._send_the_rest(until_farewell=said_bye and self.welcomed and self.farewell)
             self.dealer.close()
             for watch in self._watches:
                 watch.close()
@@ -371,13 +377,28 @@ class PluginIO(threading.Thread):
                     self._rehello, self._hello_at = True, time.monotonic()
                 continue
             if msg["type"] == "welcome":
-                self.welcomed, self._rehello = True, False
+                self.welcomed, self._rehello, self.farewell = True, False, msg["farewell"]
             if msg["type"] == "refused":  # the kernel will not act on anything we send: nothing to do here
                 self.refused, self.refused_code = msg["reason"], msg["code"]
                 self.gone = f"refused by the kernel: {msg['reason']}"
                 self.close()
                 return
             self.put(("control", msg))
+
+    def _send_the_rest(self, until_farewell: bool) -> None:
+        """The outbox sent as the thread ends; with `until_farewell`, until the kernel's answer to our bye says it
+        read all of it (PROTOCOL.md §7.1), for at most FAREWELL_WAIT_S, or until the kernel that spawned us exits.
+        Anything else the kernel sends meanwhile is of no use to a plugin that is leaving."""
+        self._flush_outbox()
+        deadline = time.monotonic() + FAREWELL_WAIT_S
+        while until_farewell and (left := deadline - time.monotonic()) > 0 and not self.kernel_exited():
+            if self.dealer.poll(int(min(left, 0.05) * 1000) + 1):
+                try:
+                    if decode_control(self.dealer.recv(zmq.NOBLOCK))["type"] == "farewell":
+                        return
+                except (zmq.Again, ProtocolError):
+                    pass
+            self._flush_outbox()
 
     def _flush_outbox(self) -> None:
         while self.outbox:

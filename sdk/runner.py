@@ -139,6 +139,13 @@ class Runner:
             return self._run()
         except CutShort:  # the SIGTERM's grace ran out in our plugin's code: that frame is gone, teardown is not
             return self._finish(self.io.gone)
+        except SystemExit as exc:  # the plugin's sys.exit(), honoured once it has left as any plugin leaves
+            if exc.code not in (0, None):  # a failure: no bye, which would say it left on purpose
+                self.io.gone = f"the plugin called sys.exit({exc.code!r})"
+            # its teardown, and the replies of the handler that exited: sent, then (exit 0) a bye, which is how a
+            # plugin attached by hand or remotely says it left (the kernel sees no exit code of its)
+            self._finish(self.io.gone)
+            raise
 
     def _run(self) -> int:
         self.io.start()

@@ -454,6 +454,18 @@ class LeavesAtStep(Plugin):
             sys.exit(0)
 
 
+class LogsThenLeaves(Plugin):
+    """At the first training batch it sees, logs `lines` lines and exits 0: what it said last is in flight as it
+    leaves."""
+
+    settings = {"lines": 300}
+
+    def on_end_training_batch(self, event):
+        for number in range(self.settings["lines"]):
+            self.log(f"{number:05d} said before leaving " + "x" * 200)
+        sys.exit(0)
+
+
 class DurableExitAtStart(ExitAtStart):
     """ExitAtStart as a durable plugin: the kernel keeps supervising it through the final drain."""
 

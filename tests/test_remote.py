@@ -284,6 +284,35 @@ def _try_bind(sock: zmq.Socket, endpoint: str) -> bool:
         return False
 
 
+def test_a_remote_peer_that_waits_for_the_farewell_to_its_bye_loses_nothing_it_said(keys, runs_dir, tmp_path,
+                                                                                      kernels):
+    """The kernel reads a TCP connection 16 messages at a time (CONTROL_RCVHWM), the rest waiting in its socket's
+    buffers: a peer that sent hello, 300 log lines and bye at once and closed its socket had ~28 lines journaled,
+    since the kernel's welcome, written to the closed connection, met a reset, which empties those buffers. The
+    kernel now answers a bye with `farewell` once it has read everything before it (PROTOCOL.md §7.1): a peer that
+    waits for it before closing loses nothing. (The SDK does: test_sdk_handshake.py.)"""
+    gate = tmp_path / "gate"
+    cfg = listening_config(runs_dir, keys["dir"], epochs=1, step_sleep_s=0, gate=gate)
+    cfg.limits = {"bytes_per_s": 64 << 20, "logs_per_s": 10_000.0}  # each line within the key's budget
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    conn = connection(kernel)
+    leaver = RemoteClient(conn, keys["watcher"])
+    try:
+        leaver.hello("leaver", replies=["log"])
+        for number in range(300):
+            leaver.send("log", level="info", text=f"{number:05d} said before leaving " + "x" * 200)
+        leaver.send("bye", reason="done")
+        assert leaver.reply(60, "farewell") is not None, "no farewell to the bye"
+    finally:
+        leaver.close()
+    open_gate(gate, STEPS_PER_EPOCH)
+    events = read_events(kernel.result(timeout_s=120)["run_dir"])
+    lines = [e for e in of(events, "log") if "said before leaving" in str(e.data["text"])]
+    assert len(lines) == 300, f"{len(lines)} of 300 lines journaled"
+    assert [e.data for e in of(events, "plugin_exited")] == [{"plugin": "leaver", "exit_code": 0}]
+
+
 @pytest.mark.parametrize("how", ["absent", "silent"])
 def test_with_the_authenticator_not_answering_nobody_gets_in(how, keys):
     """The kernel's TCP listener with its authenticator gone (ZAP_ENFORCE_DOMAIN: no handler is a refusal) or

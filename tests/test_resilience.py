@@ -351,7 +351,9 @@ def test_a_plugin_that_leaves_mid_run_on_purpose_is_not_restarted_but_shown_as_t
     events = read_events(result.run_dir)
     assert [e.data["exit_code"] for e in of(events, "plugin_exited") if e.data["plugin"] == "leaver"] == [0]
     assert not of(events, "plugin_restarted")
-    assert "plugin leaver left before the run ended (exit code 0)" in (Path(result.run_dir) / "kernel.log").read_text()
+    # sys.exit(0) in a handler: its bye goes first (PROTOCOL.md §7.1)
+    said = (Path(result.run_dir) / "kernel.log").read_text()
+    assert "plugin leaver left before the run ended (exit code 0, after bye)" in said
     listed = cli("runs", "list", "--runs-dir", str(tmp_path / "runs"), "--json")
     assert json.loads(listed.stdout)[0]["plugin_trouble"] == ["leaver left before the run ended"], listed.stdout
     shown = Command("runs", "show", result.run_id, "--runs-dir", str(tmp_path / "runs"), env={"COLUMNS": "200"})

@@ -18,7 +18,7 @@ from trainbus.sdk.runner import FINISH_ON_TERM_S, REPLAY_RESEND_S
 
 from trainbus.proto import Event, control, encode_control, encode_replay_batch
 from trainbus.sdk.plugin import Plugin
-from trainbus.sdk.plugin_io import HEARTBEAT_LIVENESS, PluginIO
+from trainbus.sdk.plugin_io import FAREWELL_WAIT_S, HEARTBEAT_LIVENESS, PluginIO
 
 
 def test_an_event_that_arrives_before_the_welcome_is_handled(tmp_path):
@@ -271,6 +271,32 @@ def test_a_reply_the_sdk_refuses_ends_the_handlers_traceback_at_the_authors_line
     assert said["level"] == "error" and "metric.value must be finite" in text, text
     frames = [line.split('"')[1] for line in text.splitlines() if line.startswith('  File "')]
     assert frames and all(f.endswith("fixture_plugins.py") for f in frames), text
+
+
+@pytest.mark.parametrize("answers_bye", [True, False])
+def test_a_plugin_that_leaves_keeps_its_socket_until_the_kernel_says_farewell(answers_bye, tmp_path):
+    """A plugin that said its last lines and left closed its socket at once: over TCP the kernel reads 16 messages of
+    a connection at a time and the rest wait in its socket's buffers, which the kernel's next write to the closed
+    connection empties (a reset). It now waits for the kernel's answer to its bye, `farewell` (PROTOCOL.md §7.1),
+    for at most FAREWELL_WAIT_S; an older kernel, whose welcome does not say it answers, is not waited for."""
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    proc = kernel.start_plugin("fixture_plugins:LogsThenLeaves", "leaver", {"lines": 300}, tmp_path)
+    try:
+        identity = _hello(kernel)[0]
+        kernel.router.send_multipart([identity, encode_control(control(
+            "welcome", run=kernel.run_id, heartbeat_interval_s=1.0, resume_from=1, farewell=answers_bye))])
+        kernel.publish("end_training_batch")  # it logs its lines and calls sys.exit(0)
+        said = _heard(kernel, 1.0, 20, lambda said: "bye" in said)
+        assert said.count("log") == 300 and said[-1] == "bye", said
+        if answers_bye:
+            time.sleep(1.0)
+            assert proc.poll() is None, "it left without waiting for the kernel's farewell"
+            kernel.router.send_multipart([identity, encode_control(control("farewell"))])
+        started = time.monotonic()
+        _exited(proc)
+        assert time.monotonic() - started < FAREWELL_WAIT_S - 1, "it waited for a farewell that was said or never comes"
+    finally:
+        _close(proc, kernel)
 
 
 def _first_log(tmp_path: Path, target: str, end_epoch: bool = True) -> tuple[dict, int]:
