@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -173,9 +174,13 @@ def render_all(history: History, out_dir: str | Path, size: PlotSize,
     written = []
     for filename, fig in figures(history, size).items():
         path = out / filename
-        temporary = path.with_suffix(".png.tmp")
-        temporary.write_bytes(png_bytes(fig, size))
-        os.replace(temporary, path)  # a reader (a browser, an e-mail) never sees half a PNG
+        # a name of this writer's own: `runs plot` draws into the directory the run's plugin draws into
+        temporary = out / f".{filename}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            temporary.write_bytes(png_bytes(fig, size))
+            os.replace(temporary, path)  # a reader (a browser, an e-mail) never sees half a PNG
+        finally:
+            temporary.unlink(missing_ok=True)  # left by a failed write (a full disk): gone, not left to pile up
         written.append(path)
         progress()
     return written

@@ -107,6 +107,21 @@ def test_plots_from_the_journal_alone_match_the_live_ones(visualized_run, tmp_pa
         assert again[name] == live[name], f"{name} drawn from the journal differs from the live one"
 
 
+def test_plots_drawn_into_a_directory_another_writer_draws_into_leave_its_files_alone(visualized_run, tmp_path):
+    """`trainbus runs plot RUN` draws into RUN_DIR/plots, where the run's visualization plugin draws too: both wrote
+    each PNG through one temporary name, `loss.png.tmp`, so one could truncate the other's half-written file, move
+    it into place half-written, and then fail to find its own. Each writer now has temporary names of its own."""
+    result, _ = visualized_run
+    out = tmp_path / "plots"
+    out.mkdir()
+    theirs = out / "loss.png.tmp"
+    theirs.write_bytes(b"another writer's PNG, half written")
+    written = plot_run(Path(result.run_dir), out)
+    assert theirs.read_bytes() == b"another writer's PNG, half written"
+    assert {Path(p).name for p in written} >= {"loss.png"} and not [p for p in out.iterdir() if p != theirs
+                                                                     and p.suffix != ".png"]
+
+
 def test_plot_command_says_what_is_wrong_with_a_directory_that_is_not_a_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "trainbus.plugins.visualization", "--plot", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
