@@ -255,7 +255,7 @@ class Outbox:
                 refused = send_message(path.read_bytes(), config)
             except (OSError, smtplib.SMTPException) as exc:
                 attempts.count += 1
-                attempts.last_error = f"{type(exc).__name__}: {exc}"
+                attempts.last_error = _why_not_sent(exc, config)
                 code = _smtp_code(exc)
                 if isinstance(exc, smtplib.SMTPAuthenticationError) and code >= PERMANENT_SMTP_CODE:
                     self._give_up(path, f"{config.host}:{config.resolved_port()} refused the login ({code} "
@@ -290,7 +290,7 @@ class Outbox:
                 attempts.next_at = now + attempts.backoff_s
                 attempts.backoff_s = min(attempts.backoff_s * 2, config.retry_max_s)
                 if attempts.count == 1:
-                    say(f"e-mail {path.name} not sent ({type(exc).__name__}: {exc}); retrying with backoff "
+                    say(f"e-mail {path.name} not sent ({attempts.last_error}); retrying with backoff "
                         f"for up to {config.retry_window_s:g} s", "warning")
                 waits.append(attempts.next_at - now)
                 continue
@@ -321,6 +321,18 @@ def deliver_until_empty(outbox: Outbox, config: SmtpConfig, say: Say, poll_s: fl
         if wait is None:
             return
         time.sleep(min(max(wait, 0.01), poll_s))
+
+
+def _why_not_sent(exc: Exception, config: SmtpConfig) -> str:
+    """A failed try, as its reader can act on it: a name that does not resolve is most often a typo in `host`, but
+    may be a resolver down for a while, so the mail is still tried again."""
+    if isinstance(exc, socket.gaierror):
+        return (f"{config.host} does not resolve ({exc.strerror or exc}): check `host` in the email plugin's "
+                f"settings, and this machine's DNS")
+    if isinstance(exc, ConnectionRefusedError):
+        return (f"{config.host}:{config.resolved_port()} refused the connection: is an SMTP server listening there "
+                f"(`host`, `port`)?")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _reply_text(exc: smtplib.SMTPResponseException) -> str:
