@@ -269,7 +269,8 @@ def test_mail_goes_out_once_the_server_is_back(runs_dir):
     assert result.plugins["email"]["errors_logged"] == 1, result.plugins["email"]
     logged = (Path(result.run_dir) / "kernel.log").read_text()
     assert "email: 1 message(s) not sent yet; background sender pid" in logged, logged[-2000:]
-    assert re.search(r"the SMTP server did not take them \(127\.0\.0\.1:\d+ refused the connection", logged), logged[-2000:]
+    assert re.search(r"the SMTP server did not take them \(127\.0\.0\.1:\d+ refused the connection", logged), \
+        logged[-2000:]
     outbox = Path(result.run_dir) / "plugins" / "email.outbox"
     assert len(list(outbox.glob("*.eml"))) == 1
     pid = int((outbox / "sender.pid").read_text())  # the background sender the plugin left behind
