@@ -425,6 +425,13 @@ class _DaemonLog(logging.handlers.RotatingFileHandler):
         super().__init__(path, maxBytes=LOG_MAX_BYTES, backupCount=3, encoding="utf-8", errors="backslashreplace")
         self.holds_output = holds_output
 
+    def _open(self):
+        # owner-only, as kernel.log and the registry: it names what users ran and who submitted it. The handler's
+        # own open() made it, and each rotation's new file, 0644; one an older trainbus made so is made 0600 too.
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        os.fchmod(fd, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
     def doRollover(self) -> None:
         super().doRollover()
         if self.holds_output and self.stream is not None:

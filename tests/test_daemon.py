@@ -1274,3 +1274,18 @@ def test_a_daemon_round_decodes_the_head_of_the_queue_not_every_queued_run(tmp_p
     for now in (1.0, 2.0):
         held.tick(now, start=False)  # the first run would start; the second must wait, and every one behind it
     assert 0 < len(decoded) <= 6, decoded
+
+
+def test_daemon_log_and_its_rotated_files_are_owner_only_as_a_runs_private_files_are(tmp_path):
+    """daemon.log holds what users ran (each run's command and who submitted it). A daemon started in the
+    foreground (`daemon start --foreground`, under systemd) created it 0644, as each rotation did its new file,
+    while kernel.log and the registry are 0600."""
+    log = tmp_path / "daemon.log"
+    script = (f"import os\nfrom pathlib import Path\nfrom trainbus.kernel import daemon_serve as d\nos.umask(0o022)\n"
+              f"d.LOG_MAX_BYTES = 2000\nd._log_to(Path({str(log)!r}), False)\n"
+              f"for i in range(200):\n    d.log.info('line %d %s', i, 'x' * 50)\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    written = sorted(tmp_path.glob("daemon.log*"))
+    assert len(written) == 4, written  # the log and the 3 rotated files kept
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == {
+        path.name: "0o600" for path in written}
