@@ -206,6 +206,9 @@ def run(
             note := defaults_left_out(config)):
         print(f"trainbus: note: {note}", file=sys.stderr)
     if gpus is not None and not detach:
+        if gpus and (no_gpu := _no_gpu_here(gpus)):  # --detach would not help: the daemon here has none either
+            raise UserError(f"{no_gpu}; --gpus is for a run queued (--detach) on the daemon's GPUs: drop --gpus to "
+                            f"train here on the CPU (--device cpu)")
         raise UserError("--gpus places a queued run: add --detach (a run started here uses the GPUs "
                         "CUDA_VISIBLE_DEVICES shows it)")
     if max_resumes is not None and not detach:
@@ -266,6 +269,14 @@ def run(
     raise typer.Exit(code=code)
 
 
+def _no_gpu_here(gpus: int) -> str:
+    """"--gpus N: this host has no GPU ... (why)" when NVML sees none here; "" when it sees some."""
+    from .daemon import gpu_census
+
+    found, why = gpu_census()
+    return "" if found else f"--gpus {gpus}: this host has no GPU that NVML sees ({why})"
+
+
 def _check_listen(listen: str, keys_dir: str | None) -> None:
     """--listen's keys, and its ports taken, said before torch's seconds of import (the run checks them again as it
     binds), and under --nproc before any rank starts: rank 0 binds only once the ranks have met and the others
@@ -299,6 +310,9 @@ def _submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) ->
     # a daemon that could never place it: said now
     serving = daemon_client.request(runs_dir, "status") if gpus else None
     if serving is not None and (why := daemon.unplaceable(gpus, list(serving.get("devices") or []))) is not None:
+        if not serving.get("devices") and (no_gpu := _no_gpu_here(gpus)):  # "start the daemon with --gpus": of what?
+            raise UserError(f"{no_gpu}, so the daemon can never place the run; drop --gpus to queue it on the CPU "
+                            f"(--device cpu)")
         raise UserError(f"--gpus {gpus}: the run {why}")
     try:
         told = daemon.submit(runs_dir, run_id, argv, gpus, cfg.target, dict(cfg.hyperparameters), continuing,

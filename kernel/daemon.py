@@ -216,16 +216,26 @@ def parse_devices(text: str) -> list[str]:
 
 def detected_devices() -> list[str]:
     """Every GPU NVML sees, by index; none without NVML (no driver, or no GPU)."""
+    return gpu_census()[0]
+
+
+def gpu_census() -> tuple[list[str], str]:
+    """Every GPU NVML sees, by index, and why it sees none ("" when it sees some), for a user told they have none."""
     try:
         import pynvml
-
+    except ImportError:
+        return [], "pynvml is not installed"
+    try:
         pynvml.nvmlInit()
         try:
-            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            found = [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 -- pynvml raises NVMLError_* or ImportError: either way, no GPUs to place
-        return []
+    except Exception as exc:  # noqa: BLE001 -- NVMLError_*: either way, no GPUs to place
+        said = str(exc) or type(exc).__name__
+        # NVML's own words ("NVML Shared Library Not Found") do not say what is missing
+        return [], f"NVML: {said}{'; no NVIDIA driver is installed' if 'Library Not Found' in said else ''}"
+    return found, "" if found else "NVML found 0 GPUs"
 
 
 class Daemon:

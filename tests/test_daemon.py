@@ -1289,3 +1289,25 @@ def test_daemon_log_and_its_rotated_files_are_owner_only_as_a_runs_private_files
     assert len(written) == 4, written  # the log and the 3 rotated files kept
     assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == {
         path.name: "0o600" for path in written}
+
+
+def test_run_gpus_on_a_host_without_gpus_says_it_has_none_and_to_train_on_the_cpu(tmp_path, daemons):
+    """`trainbus run --gpus 1` on a machine without GPUs said "add --detach", and with --detach to a daemon that has
+    none "start the daemon with --gpus listing them": neither can work here. Each now says the host has no GPU
+    (and NVML's why), and the way: drop --gpus, train on the CPU."""
+    from trainbus.kernel.daemon import gpu_census
+
+    found, why = gpu_census()
+    if found:
+        pytest.skip("this host has a GPU")
+    assert why, "no reason given for no GPU"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    here = cli("run", "--gpus", "1", "--runs-dir", str(runs), "epochs=1", check=False)
+    start_daemon(daemons, runs)
+    queued = cli("run", "--gpus", "1", "--detach", "--runs-dir", str(runs), "epochs=1", check=False)
+    for done in (here, queued):
+        assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
+        assert done.stderr.startswith(f"error: --gpus 1: this host has no GPU that NVML sees ({why})"), done.stderr
+        assert "drop --gpus" in done.stderr and "--device cpu" in done.stderr, done.stderr
+    assert listed(runs) == {}
