@@ -93,6 +93,10 @@ class Patience:
         return waited >= STARVED_WAIT_FRACTION * (now - then) and after[0] - first[0] < STARVED_CPU_S
 
 
+BUILTIN_PLUGINS = "trainbus.plugins."  # the built-ins' targets (pyproject.toml's entry points)
+BUILTIN_PERSISTER = "trainbus.plugins.checkpoint:CheckpointPlugin"  # the one built-in with the checkpoint capability
+
+
 @dataclass
 class PluginSpec:
     """What the run's config says about one plugin."""
@@ -220,9 +224,12 @@ class Supervisor:
         return child is not None and child.state not in ("exited", "failed", "detaching")
 
     def starting(self) -> list[str]:
-        """Plugins of the run that never said hello yet, and still may (starting, or restarting before their first)."""
+        """Plugins of the run that never said hello yet, and still may (starting, or restarting before their first),
+        and may turn out to persist checkpoints: trainbus's built-ins other than its checkpoint plugin persist
+        nothing, so a run without one is not told of a checkpoint plugin while its console starts slowly."""
         return [name for name, child in list(self.children.items())
-                if not child.greeted and child.state not in ("exited", "failed", "detaching")]
+                if not child.greeted and child.state not in ("exited", "failed", "detaching")
+                and (not child.spec.target.startswith(BUILTIN_PLUGINS) or child.spec.target == BUILTIN_PERSISTER)]
 
     def attached(self, name: str) -> Child | None:
         """The plugin of that name while it is the run's: starting, running, restarting or stopping."""

@@ -11,11 +11,12 @@ import signal
 import pytest
 
 from trainbus.kernel import supervisor
+from trainbus.kernel.config import registered_plugins
 from trainbus.kernel.supervisor import (HEALTHY_RESET_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S,
                                         INTERVAL_MAX_S, MAX_RESTARTS, RESTART_WINDOW_S, STARTUP_CPU_S,
                                         STARTUP_TIMEOUT_S, TERM_GRACE_S, DETACH_GRACE_S, EXIT_TERM_GRACE_S,
                                         STARVED_CPU_S, STARVED_MAX_S, STARVED_SAMPLE_S, STARVED_WAIT_FRACTION,
-                                        PluginSpec, Supervisor)
+                                        BUILTIN_PERSISTER, BUILTIN_PLUGINS, PluginSpec, Supervisor)
 from trainbus.proto import events as ev
 from trainbus.proto.process import TRAINING_ENV
 
@@ -319,6 +320,21 @@ def test_a_plugin_is_starting_until_its_first_hello_through_restarts_and_not_aft
     assert h.sup.starting() == []
     h.crash(h.child.next_start_at + 1.0)  # known now: its capabilities outlive the restart
     assert h.child.state == "backoff" and h.sup.starting() == []
+
+
+def test_only_plugins_that_may_persist_checkpoints_are_starting_for_a_checkpoint_skipped(tmp_path):
+    """A run with no checkpoint plugin whose console was slow to start had its checkpoints skipped "no checkpoint
+    plugin has said hello yet (plugins still starting: console)": trainbus's built-ins other than its checkpoint
+    plugin persist nothing, hello or not. One of those, or a plugin of the user's (a class, a program), may."""
+    specs = [PluginSpec("console", "trainbus.plugins.console:ConsolePlugin"),
+             PluginSpec("metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin"),
+             PluginSpec("checkpoint", "trainbus.plugins.checkpoint:CheckpointPlugin"),
+             PluginSpec("mine", "my_plugins:Saver"), PluginSpec("program", "", command=["./saver"])]
+    sup = Supervisor(specs, {}, tmp_path, lambda type_, data: None, processes=FakeProcesses(), clock=lambda: T0)
+    sup.start_all(now=T0)
+    assert sup.starting() == ["checkpoint", "mine", "program"]
+    builtins = registered_plugins()  # what the supervisor takes the built-ins to be is what pyproject.toml registers
+    assert builtins["checkpoint"] == BUILTIN_PERSISTER and all(t.startswith(BUILTIN_PLUGINS) for t in builtins.values())
 
 
 def test_a_plugin_given_up_before_any_hello_is_no_longer_starting(h):
