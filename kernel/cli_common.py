@@ -14,6 +14,7 @@ from typing import Callable, Iterator, NoReturn
 import typer
 from rich.console import Console
 
+from trainbus.proto.process import WARNINGS_SAID_ENV
 from trainbus.proto.settings_format import METRIC_FIELDS, metrics_named
 
 from .cluster import LAUNCH
@@ -130,6 +131,9 @@ def _check_plugin_settings(plugins, deliveries: dict[str, str] | None = None) ->
             raise UserError(f"plugin {p.name}: {info['error']}")
         for warning in info.get("warnings", []) if says_the_checks() else []:  # on the terminal, before the run:
             print(f"trainbus: warning: plugin {p.name}: {warning}", file=sys.stderr)  # the console is not up yet
+        if info.get("warnings") and says_the_checks():  # the plugin logs them into kernel.log, not to the console
+            said = os.environ.get(WARNINGS_SAID_ENV, "").split("\n")
+            os.environ[WARNINGS_SAID_ENV] = "\n".join(name for name in [*said, p.name] if name)
         given = set(p.settings)
         p.settings.update(info["values"])
         if deliveries is not None:

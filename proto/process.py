@@ -11,6 +11,16 @@ import sys
 # Set by the kernel for the plugins it starts (PROTOCOL.md, environment).
 KERNEL_PID_ENV = "TRAINBUS_KERNEL_PID"
 TRAINING_ENV = "TRAINBUS_TRAINING"  # "1": started while training runs (a restart, an attach)
+# Set by `trainbus run` (kernel/cli_common.py) in its own environment, which the run's plugins inherit: the names,
+# one a line, of the plugins whose class warnings it said on its terminal before the run.
+WARNINGS_SAID_ENV = "TRAINBUS_WARNINGS_SAID"
+
+
+def class_warning_level(name: str) -> str:
+    """The level a plugin logs its class's warnings at (a handler named for no event): "warning", or "info" when
+    `trainbus run` said them on its terminal already. Each is in kernel.log either way; at "warning" the console
+    shows it too, a second time on the same terminal."""
+    return "info" if name in os.environ.get(WARNINGS_SAID_ENV, "").split("\n") else "warning"
 
 
 def started_while_training() -> bool:

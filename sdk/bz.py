@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
 from typing import Any
 
 from trainbus.proto import DURABLE, Event, events as ev
+from trainbus.proto.process import class_warning_level
 
 from .plugin import Plugin as _SdkPlugin, SettingsError, call_warnings, refuse_awaitable
 from .runner import NotRetryable
@@ -181,7 +183,7 @@ class _BzConstruction(type):
         plugin.run_id, plugin.run_dir = kwargs["run_id"], kwargs["run_dir"]
         _forward_logging(plugin)
         for warning in cls.warnings():  # for kernel.log; `trainbus run` said it on the terminal before the run
-            plugin.log(warning, level="warning")
+            plugin.log(warning, level=class_warning_level(os.environ.get("TRAINBUS_PLUGIN_NAME") or plugin.name))
         return plugin
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import zmq
 
 from trainbus.proto import DURABLE, Event, control, events as ev, unpack
-from trainbus.proto.process import exit_without_teardown
+from trainbus.proto.process import class_warning_level, exit_without_teardown
 from trainbus.proto.settings_format import METRIC_FIELDS, metrics_named
 from trainbus.proto.remote import KeyFileError
 
@@ -85,10 +85,11 @@ class Runner:
         # it does not handle, which are most of a run's events: it sees a gap by seq, or by the envelope's `n`
         # where only per-batch events it is not sent lie between (_only_unsent_between).
         wanted, self.subscription_warnings = checked_subscriptions(plugin)  # said once welcomed
+        self.class_warnings: list[str] = []
         if type(plugin).warnings.__func__ is Plugin.warnings.__func__:  # (a bz plugin says its own as it is made)
             # what `trainbus run` said of the class before the run (`on_end_epok`, named for no event), said too by
             # a plugin run by hand or attached live, which no `trainbus run` checked, and in kernel.log
-            self.subscription_warnings += type(plugin).warnings()
+            self.class_warnings = type(plugin).warnings()
         if "" in wanted:
             topics = [""]
         elif self.durable:
@@ -167,8 +168,10 @@ class Runner:
         early = collections.deque(item for item in early if item[0] != "event" or item[1].seq >= self.next_seq)
         # replies from the plugin's own threads (a sampler) go out at once
         self.plugin.bind_sender(self.io.send, progress=self.io.still_working)
-        for warning in self.subscription_warnings:  # the kernel takes no log from a peer before its welcome
-            self.io.send(control("log", level="warning", text=warning))
+        said = class_warning_level(self.plugin.name)  # "info": `trainbus run` said those on the console's terminal
+        for level, warning in [("warning", w) for w in self.subscription_warnings] + [
+                (said, w) for w in self.class_warnings]:  # the kernel takes no log from a peer before its welcome
+            self.io.send(control("log", level=level, text=warning))
             _say(f"[{self.plugin.name}] warning: {warning}")
         # timed as a handler: one that never returns (a server that never answers) stops the heartbeats, so the
         # kernel restarts the plugin, saying so, rather than keep a live plugin that handles nothing all run

@@ -703,6 +703,22 @@ def test_trainbus_run_says_a_hook_that_is_none_on_the_terminal_before_the_run(bz
                                   "is none of bz's 14, so it is never called"), proc.stderr
 
 
+def test_a_hook_that_is_none_is_said_once_on_the_terminal_and_kept_in_kernel_log(bz_modules, tmp_path):
+    """With the console on, the warning `trainbus run` said before the run came a second time as the console showed
+    the plugin's own warning log of it; said once now, and kernel.log keeps it."""
+    (bz_modules / "bz_saver.py").write_text(
+        f"{OUR_IMPORT}\n\nclass Saver(Plugin):\n    def save_model_checkpoint(self, context):\n        pass\n")
+    config = tmp_path / "run.toml"
+    config.write_text('[plugins.console]\n[plugins.saver]\ntarget = "bz_saver:Saver"\n')
+    runs = tmp_path / "runs"
+    proc = cli("run", TINY, "--epochs", "1", "-c", str(config), "--runs-dir", str(runs))
+    assert proc.returncode == 0, proc.stderr
+    said = "Saver.save_model_checkpoint looks like a hook but is none of bz's 14"
+    assert (proc.stdout + proc.stderr).count(said) == 1, proc.stdout + proc.stderr
+    [run_dir] = [path for path in runs.iterdir() if path.is_dir() and not path.name.startswith(".")]
+    assert (run_dir / "kernel.log").read_text().count(said) == 1
+
+
 def test_trainbus_run_says_what_a_bz_config_has_that_is_not_read_as_a_warning_line(tmp_path):
     config = tmp_path / "bz_config.json"
     config.write_text(json.dumps({"metrics": {"metrics": ["accuracy"]}}))
