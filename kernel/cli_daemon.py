@@ -67,6 +67,12 @@ def daemon_start(
         answer = daemon_client.start_background(runs_dir, argv)
     except (daemon.DaemonError, ListenError, KeyFileError) as exc:
         raise UserError(str(exc)) from None
+    if answer.get("starting"):  # it holds the directory and works through its first round: not killed for it
+        out.print(f"daemon pid {answer['pid']} holds {escape(str(runs_dir.resolve()))} and is still settling its runs "
+                  f"before it serves (a long queue, a slow disk); `trainbus daemon status --runs-dir "
+                  f"{escape(shlex.quote(str(runs_dir)))}` says when it serves; log: "
+                  f"{escape(str(daemon.daemon_dir(runs_dir) / daemon.LOG_FILE))}")
+        return
     out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])} (devices: "
               f"{','.join(answer['devices']) or 'none'}, max concurrent {answer['max_concurrent']}); "
               f"log: {escape(str(daemon.daemon_dir(runs_dir) / daemon.LOG_FILE))}")

@@ -125,7 +125,9 @@ def _answered(socket: zmq.Socket, timeout_s: float, watch) -> bool:
 
 def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -> dict[str, Any]:
     """`daemon start`: the foreground daemon in its own session, detached from this terminal; returns its status
-    once it answers. DaemonError with the log's last lines when it exits first."""
+    once it answers. DaemonError with the log's last lines when it exits first. One that holds the runs directory
+    but has not answered within timeout_s is settling its runs (its first round: a long queue, a slow disk, the
+    registry busy): left to go on, and {"pid": its pid, "starting": True} returned."""
     directory = make_daemon_dir(runs_dir)
     serving = request(runs_dir, "status", timeout_s=0.5)
     if serving is not None:  # refused here: a second daemon would only log its refusal into this one's log
@@ -158,10 +160,21 @@ def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -
             if answer is not None and answer.get("pid") == process.pid:
                 return answer
             time.sleep(0.1)
+        if _holds(runs_dir, process.pid):  # past its lock and working: killed, its first round would be lost too
+            return {"pid": process.pid, "starting": True}
         process.terminate()
         raise DaemonError(f"the daemon did not answer within {timeout_s:.0f} s; see {directory / LOG_FILE}")
     finally:
         os.unlink(start_output)
+
+
+def _holds(runs_dir: Path, pid: int) -> bool:
+    """Whether the daemon process `pid` holds runs_dir's lock (serve took it, wrote its pid, and lives)."""
+    try:
+        written = int((daemon_dir(runs_dir) / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return False
+    return written == pid and daemon_lives(runs_dir)
 
 
 def _no_log(directory: Path) -> str:

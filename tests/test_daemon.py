@@ -1311,3 +1311,29 @@ def test_run_gpus_on_a_host_without_gpus_says_it_has_none_and_to_train_on_the_cp
         assert done.stderr.startswith(f"error: --gpus 1: this host has no GPU that NVML sees ({why})"), done.stderr
         assert "drop --gpus" in done.stderr and "--device cpu" in done.stderr, done.stderr
     assert listed(runs) == {}
+
+
+def test_a_daemon_whose_first_round_outlasts_the_start_wait_is_said_to_be_starting_not_killed(tmp_path, daemons):
+    """`daemon start` in the background waited 30 s for the daemon to answer, then sent it SIGTERM: a daemon whose
+    first round took longer (a long queue, a slow disk; here the registry held by another writer) was killed
+    while it worked. Past its lock, it is now left to go on and said to be starting; it serves once it can."""
+    from trainbus.kernel import daemon_client
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with Registry(runs) as registry:  # a job a daemon died starting: the first round writes it queued again
+        registry.submit({"id": "a", "state": "queued", "submitted_ts": 1.0, "argv": ["nosuch.py:build"],
+                         "cwd": str(tmp_path), "gpus": None}, {"id": "a", "status": "queued"}, 1.0)
+        assert registry.move_job("a", ["queued"], state="starting", started_ts=time.time())
+    holder = sqlite3.connect(runs / "registry.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # that write waits for it (the registry's busy_timeout) before it can serve
+    daemons.append(runs)
+    try:
+        started = daemon_client.start_background(runs, ["--runs-dir", str(runs), "--gpus", ""], timeout_s=4.0)
+    finally:
+        holder.rollback()
+        holder.close()
+    pid = int((daemon_dir(runs) / "daemon.pid").read_text())
+    assert started == {"pid": pid, "starting": True}, started
+    answer = wait_until(lambda: daemon_client.request(runs, "status", timeout_s=1.0), 60, "the daemon serving")
+    assert answer["pid"] == pid
