@@ -44,6 +44,7 @@ class RemoteDaemon:
             raise ValueError(f"--remote {self.host_port!r}: give HOST:PORT, the daemon's --listen address "
                              f"(the endpoint in its .daemon/{REMOTE_FILE})") from None
         self.host_port = f"{host}:{port}"
+        _not_stale(Path(self.server_key))
         self.server_public = load_server_key(Path(self.server_key))
         load_secret(Path(self.key_file), client=True)
 
@@ -58,6 +59,27 @@ class RemoteDaemon:
                                 service="trainbus daemon")
         socket.connect(endpoint)
         return watch
+
+
+def _not_stale(server_key: Path) -> None:
+    """KeyFileError when `server_key` is a daemon's own .daemon/remote.json on this host and no daemon serves that
+    runs directory: missing (its daemon stopped, or serves without --listen) or left by one that was killed. A
+    connection would wait seconds on a port nothing listens on, then only say so."""
+    from trainbus.proto.remote import KeyFileError
+
+    from .daemon import DAEMON_DIR
+
+    path = Path(server_key).absolute()
+    if path.name != REMOTE_FILE or path.parent.name != DAEMON_DIR:
+        return
+    runs = path.parent.parent
+    start = f"start one with `trainbus daemon start --runs-dir {shlex.quote(str(runs))} --listen HOST:PORT`"
+    if not path.exists() and path.parent.is_dir():
+        raise KeyFileError(f"{path}: no daemon serves {runs} with --listen (its remote.json is there only while one "
+                           f"does); {start}, or give --server-key the host's server.key")
+    if path.exists() and not daemon_lives(runs):
+        raise KeyFileError(f"{path} is left from a daemon that is gone: no daemon serves {runs} (it was killed, "
+                           f"or its host rebooted); {start}")
 
 
 def request(runs_dir: Path | None, op: str, timeout_s: float | None = None, remote: RemoteDaemon | None = None,

@@ -69,6 +69,8 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
     key may ask status, a control key may also submit and cancel runs."""
     directory = make_daemon_dir(runs_dir)
     lock = Lock(directory)
+    if not listen:  # a killed daemon's, naming a port nothing listens on (one listening writes its own)
+        (directory / REMOTE_FILE).unlink(missing_ok=True)
     if not foreground_log:  # started by start_background: the log is ours now
         _output_into(directory / LOG_FILE)
     _log_to(directory / LOG_FILE, foreground_log)
@@ -129,6 +131,8 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
             remote.close()
         context.term()
         (directory / ENDPOINT_FILE).unlink(missing_ok=True)
+        if remote:  # its endpoint is gone with it (a copy taken elsewhere still pins the same server key)
+            (directory / REMOTE_FILE).unlink(missing_ok=True)
         if socket_home != directory:
             import shutil
 

@@ -440,3 +440,44 @@ def test_a_key_asking_in_a_loop_for_what_its_role_does_not_grant_leaves_daemon_l
     wait_until(lambda: "refused cancel from key w (role monitor); 299 more refused from it since" in log.read_text(),
                30, "the count of the refusals in daemon.log")
     assert len(log.read_text().splitlines()) < 10, log.read_text()[-2000:]
+
+
+def test_remote_json_goes_with_the_daemon_and_a_stale_one_is_said_to_be_a_gone_daemons(tmp_path, daemons):
+    """remote.json stayed after `daemon stop` (and after a kill), naming a port nothing listens on: a client given it
+    waited 5 s and was told nothing accepts connections there. It is removed at a clean stop (a copy taken
+    elsewhere pins the same server key still), and a client given the daemon's own file, missing or left by a
+    daemon that is gone, is told so at once, in one line."""
+    import os
+    import signal
+
+    runs, [pilot], endpoint, pid = listening_daemon(tmp_path, daemons, [("p", "monitor")], "--gpus", "")
+    remote_json = daemon_dir(runs) / "remote.json"
+    copied = tmp_path / "remote.json"
+    shutil.copy(remote_json, copied)
+    cli("daemon", "stop", "--runs-dir", str(runs))
+    assert not remote_json.exists(), "remote.json outlived its daemon"
+    host_port = endpoint.removeprefix("tcp://")
+
+    def asked(server_key: Path) -> tuple[subprocess.CompletedProcess, float]:
+        began = time.monotonic()
+        done = cli("daemon", "status", "--remote", host_port, "--key", str(pilot), "--server-key", str(server_key),
+                   check=False)
+        return done, time.monotonic() - began
+
+    done, _ = asked(remote_json)
+    assert done.returncode == 2 and one_error_line(done).startswith(
+        f"error: {remote_json}: no daemon serves {runs} with --listen"), done.stderr
+    done, _ = asked(copied)  # a copy still pins the key: what is said is that nothing listens there
+    assert "nothing accepts connections" in one_error_line(done), done.stderr
+
+    pid = start_daemon(daemons, runs, "--gpus", "", "--listen", "127.0.0.1:0", "--keys-dir", str(tmp_path / "keys"))
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+               .lower(), 30, "the daemon gone")
+    assert remote_json.exists()  # a killed daemon removes nothing
+    done, took = asked(remote_json)
+    assert done.returncode == 2 and one_error_line(done).startswith(
+        f"error: {remote_json} is left from a daemon that is gone: no daemon serves {runs}"), done.stderr
+    assert took < 5, took  # at once, not after waiting on a port no one listens on
+    start_daemon(daemons, runs, "--gpus", "")  # serving without --listen: the dead one's file goes
+    assert not remote_json.exists()
