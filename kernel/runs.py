@@ -609,6 +609,7 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
         elif type_ == ev.START_TRAINING_SESSION:
             error = None  # a continued run: an earlier session's failure is not this one's
             sessions.append({"started_at": _iso(e.ts), "epochs": data.get("epochs"), "device": data.get("device"),
+                             "precision": data.get("precision"), "compile": data.get("compile"),
                              "model": data.get("model"), "parameters": data.get("parameters"),
                              "hyperparameters": data.get("hyperparameters"), "cluster": data.get("cluster"),
                              "resumed_from": None})

@@ -204,6 +204,11 @@ def print_show(console, run: dict[str, Any]) -> None:
     if len(run.get("sessions") or []) > 1 or resumed:
         line("sessions", escape(f"{len(run['sessions'])}; latest resumed from {resumed[-1]['resumed_from']}"
                                 if resumed else str(len(run["sessions"]))))
+    trained_with = [(s.get("device") or "?", str(s.get("precision") or "?"), bool(s.get("compile")))
+                    for s in run.get("sessions") or []]
+    if len(set(trained_with)) > 1:  # a resume changed them: config.json has the latest session's alone
+        line("trained on", escape("; ".join(f"session {i}: {device}, {precision}" + (", compiled" if compiled else "")
+                                              for i, (device, precision, compiled) in enumerate(trained_with, 1))))
     line("epochs", f"{_epochs(run)}, {run.get('steps') if run.get('steps') is not None else '-'} steps")
     if run.get("last_event"):
         e = run["last_event"]

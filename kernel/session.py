@@ -262,8 +262,9 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     try:  # a full disk here is one line, and a new run directory is not left half made
         run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints, sockets are nobody else's
         write_kernel_pid(run_dir)  # `trainbus runs list`: a run without summary.json is running while this pid lives
-        (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags, started_in), indent=2,
-                                                        default=str) + "\n")
+        recorded = _recorded_config(run_dir) if continue_run else None  # read before it is written again
+        (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags, started_in, recorded),
+                                                        indent=2, default=str) + "\n")
         record_run(run_dir)  # the run registry: running (never raises; a registry it cannot write costs a warning)
         handler = log_to(run_dir / "kernel.log")
         for line in warnings:
@@ -557,8 +558,17 @@ def _from_where_it_ran(cfg: RunConfig, started_in: str) -> None:
         plugin.cwd = os.path.normpath(os.path.join(started_in, plugin.cwd))  # "": the command's directory itself
 
 
+def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config.json a continued run was recorded with (None when it cannot be read: config_of_run said so)."""
+    try:
+        recorded = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def effective_config(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any],
-                     started_in: str | None = None) -> dict[str, Any]:
+                     started_in: str | None = None, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config as the run used it, for config.json: the hyperparameters and epochs of the built spec.
 
     A build() fills in its own defaults (the digits demo's lr, batch size, ...), so the spec's
@@ -575,7 +585,22 @@ def effective_config(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any],
     # what a relative target file is relative to, for a resume from elsewhere: where the command ran (`started_in`),
     # whatever directory the user's build() changed to
     config["cwd"] = started_in or os.getcwd()
+    if recorded is not None and _same_target_file(recorded, config["target"]):
+        # a continued run: its target as it was typed, with the directory it is relative to, not the absolute path
+        # config_of_run made of it to import it from wherever the resume ran
+        config["target"], config["cwd"] = recorded["target"], recorded["cwd"]
     return config
+
+
+def _same_target_file(recorded: dict[str, Any], target: str) -> bool:
+    """Whether `recorded` (a run's config.json) names `target` with a file path relative to its own cwd."""
+    was, cwd = recorded.get("target"), recorded.get("cwd")
+    if not isinstance(was, str) or not isinstance(cwd, str) or was == target:
+        return False
+    file_part, _, function = was.rpartition(":")
+    target_file, _, target_function = target.rpartition(":")
+    return bool(file_part) and not os.path.isabs(file_part) and function == target_function and \
+        os.path.normpath(os.path.join(cwd, file_part)) == os.path.normpath(target_file)
 
 
 def _plugin_summary(bus: Bus) -> dict[str, dict[str, Any]]:

@@ -1074,6 +1074,34 @@ def test_a_run_of_a_target_file_given_relative_resumes_from_another_directory(tm
     assert summary["status"] == "completed" and summary["outcome"]["epochs_completed"] == 2, summary
 
 
+def test_a_resume_keeps_the_recorded_target_and_says_what_each_session_trained_with(tmp_path):
+    """`runs resume` from another directory rewrote config.json's target to an absolute path (and its cwd to the
+    resume's), and a resume with --precision overwrote the recorded precision: nothing said any more that the first
+    epoch trained in 32 bit. The target stays as typed, with the directory it is relative to; `runs show` (and its
+    --json sessions) says each session's device, precision and compile when they differ."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "train.py").write_text(f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\n"
+                                      f"from specs import tiny as build\n")
+    runs = tmp_path / "runs"
+    first = run_cli(project, "train.py:build", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs),
+                    "--device", "cpu")
+    assert first.returncode == 0, first.stderr
+    [run_dir] = [d for d in runs.iterdir() if (d / "config.json").is_file()]
+    again = cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "2", "--precision",
+                "bf16-mixed", "--plugins", "", cwd=elsewhere)
+    assert again.returncode == 0, again.stderr
+    recorded = json.loads((run_dir / "config.json").read_text())
+    assert (recorded["target"], recorded["cwd"], recorded["precision"]) == ("train.py:build", str(project),
+                                                                            "bf16-mixed"), recorded
+    shown = cli("runs", "show", run_dir.name, "--runs-dir", str(runs)).stdout
+    assert "trained on session 1: cpu, 32; session 2: cpu, bf16-mixed" in " ".join(shown.split()), shown
+    sessions = json.loads(cli("runs", "show", run_dir.name, "--runs-dir", str(runs), "--json").stdout)["sessions"]
+    assert [(s["device"], s["precision"], s["compile"]) for s in sessions] == [("cpu", "32", False),
+                                                                               ("cpu", "bf16-mixed", False)]
+
+
 def test_a_persister_run_by_hand_with_a_relative_run_dir_has_its_checkpoints_taken(tmp_path, kernels):
     """README: `TRAINBUS_RUN_DIR=<run_dir> python -m trainbus.sdk module:Class` runs a plugin by hand. Given as a path
     relative to where it runs (as a shell user types one), the SDK kept it relative: the checkpoint plugin wrote its
