@@ -263,6 +263,9 @@ class Bus:
             late = [p.name for p in peers if type_ in p.votes and peers.is_live(p, time.monotonic())]
             log.warning("no vote from %s at %s: no flush numbered it within %.3g s (the journal's disk?); training "
                         "went on", ", ".join(late), type_, FLUSH_NOW_TIMEOUT_S + timeout_s)
+            if late:  # kernel.log is no one's console: the journal's event is what the console and `runs show` read
+                self.emit(ev.VOTE_MISSED, {"plugins": late, "at": type_, "seq": 0,
+                                           "timeout_s": FLUSH_NOW_TIMEOUT_S + timeout_s})
             return late
         seq = self._last_seq_of.get(type_, 0)
         self.wait(lambda: not peers.voters_behind(type_, seq, time.monotonic()),
@@ -272,6 +275,8 @@ class Bus:
             peers.mark_missed_vote(late, seq)
             log.warning("no vote from %s at %s (seq %d) within vote_timeout_s (%.3g s): training went on, and waits "
                         "for no vote of theirs until they ack seq %d", ", ".join(late), type_, seq, timeout_s, seq)
+            # kernel.log is no one's console: the journal's event is what the console and `runs show` read
+            self.emit(ev.VOTE_MISSED, {"plugins": late, "at": type_, "seq": seq, "timeout_s": timeout_s})
         return late
 
     @property

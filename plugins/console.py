@@ -203,6 +203,13 @@ class ConsolePlugin(Plugin):
                    f"{event.step}{where}{waits}; {'their stacks' if ranks else 'its stack'}: "
                    f"{os.path.join(self.run_dir, 'kernel.log')}", "error")
 
+    def on_vote_missed(self, event: Event) -> None:
+        data = event.data
+        who = ", ".join(str(p) for p in data.get("plugins") or []) or "?"
+        waited = _fmt(data.get("timeout_s"))
+        self._warn(f"no vote from {who} at {data.get('at')} of epoch {event.epoch} within {waited} s: training went "
+                   f"on (a stop it decided there lands at a later boundary)")
+
     def on_training_resumed(self, event: Event) -> None:
         self._say(f"training moved again after standing still for {_fmt(event.data.get('stalled_s'))} s")
 

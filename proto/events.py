@@ -61,6 +61,7 @@ PLUGIN_FAILED = "plugin_failed"  # restarted too often; given up for the rest of
 PLUGIN_ATTACHED = "plugin_attached"  # the run's owner started a plugin in the live run (who, what, from which seq)
 PLUGIN_DETACHED = "plugin_detached"  # the run's owner stopped one; its exit follows as plugin_exited
 STOP_REQUESTED = "stop_requested"  # a stop reply was accepted; training ends at the next boundary
+VOTE_MISSED = "vote_missed"  # voters that did not ack an event they vote at within vote_timeout_s: training went on
 RUN_FAILED = "run_failed"
 CHECKPOINT_SAVED = "checkpoint_saved"  # a persister made a snapshot durable (path, sha256, size)
 CHECKPOINT_FAILED = "checkpoint_failed"  # a persister could not (reason); earlier files stand
@@ -83,6 +84,7 @@ KERNEL_EVENTS: tuple[str, ...] = (
     PLUGIN_ATTACHED,
     PLUGIN_DETACHED,
     STOP_REQUESTED,
+    VOTE_MISSED,
     RUN_FAILED,
     CHECKPOINT_SAVED,
     CHECKPOINT_FAILED,

@@ -441,6 +441,7 @@ def test_console_without_a_tty_prints_plain_epoch_lines_and_warnings(tmp_path, c
     h.feed("end_epoch", training_loss=None, validation_loss=None, validation_metrics=None, lr=None)
     h.feed("plugin_crashed", plugin="gpu_monitor", exit_code=-9, cause="signal SIGKILL", hung=False)
     h.feed("plugin_hung", plugin="slow", pid=12, reason="silent for 3.2 s")
+    h.feed("vote_missed", plugins=["early_stopping"], at="end_epoch", seq=40, timeout_s=5.0)
     h.feed("plugin_failed", plugin="gpu_monitor", reason="6 failures within 60 s", log="runs/x/plugins/gpu.log")
     h.feed("log", plugin="metrics_log", level="error", text="handler failed:\nTraceback ...\nKeyError: 'x'")
     h.feed("log", plugin="metrics_log", level="info", text="all good")
@@ -456,6 +457,8 @@ def test_console_without_a_tty_prints_plain_epoch_lines_and_warnings(tmp_path, c
     assert any(line.startswith("epoch 3/2  train loss ?  val loss ?") for line in lines)
     assert "warning: plugin gpu_monitor crashed (signal SIGKILL)" in lines
     assert "warning: plugin slow hung (silent for 3.2 s)" in lines
+    assert ("warning: no vote from early_stopping at end_epoch of epoch 3 within 5 s: training went on (a stop it "
+            "decided there lands at a later boundary)") in lines
     assert any(line.startswith("error: plugin gpu_monitor given up: 6 failures") for line in lines)
     assert "error: metrics_log: handler failed: ... KeyError: 'x'" in lines
     assert "all good" not in out

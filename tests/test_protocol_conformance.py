@@ -316,6 +316,9 @@ def test_a_vote_holds_the_kernel_at_end_epoch_boundedly_and_a_stop_before_the_ac
     assert final["data"]["epochs_completed"] == voted["epoch"] and final["data"]["stopped_early"] is True
     assert final["data"]["stop_reasons"] == [f"{NAME}: stop: conformance: stop at this epoch"], final["data"]
     assert (kernel.run_dir / "kernel.log").read_text().count(f"no vote from {NAME} at end_epoch") == 1
+    # and in the journal, where the console and `runs show` read it: kernel.log alone is no one's console
+    missed = [e.data for e in of(events, "vote_missed")]
+    assert missed == [{"plugins": [NAME], "at": "end_epoch", "seq": silent["seq"], "timeout_s": 4.0}], missed
 
 
 class EnvProbe(Plugin):
