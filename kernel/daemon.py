@@ -123,6 +123,14 @@ def output_file(runs_dir: Path, run_id: str) -> Path:
     return daemon_dir(runs_dir) / OUTPUT_DIR / f"{run_id}.log"
 
 
+def open_output(path: Path):
+    """A run's output file, for appending, owner-only as daemon.log is: it holds what the user's code prints. (One
+    an older trainbus made 0644 is made 0600 too.)"""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    os.fchmod(fd, 0o600)
+    return open(fd, "ab")
+
+
 def output_tail(runs_dir: Path, job_id: str) -> str:
     """The line of a job's output that says how it ended: its last `error:` line, else its last line."""
     path = output_file(runs_dir, job_id)
@@ -356,7 +364,7 @@ class Daemon:
                            else f"{run} is the start of several running runs' ids: {', '.join(sorted(matches))}")
         run_id = matches[0]
         if run_id not in self.stoppers:  # asked twice: the first stop is on its way
-            with open(output_file(self.runs_dir, run_id), "ab") as out:
+            with open_output(output_file(self.runs_dir, run_id)) as out:
                 self.stoppers[run_id] = subprocess.Popen(
                     [self.python, "-m", "trainbus.kernel.cli", "runs", "stop", run_id, "--runs-dir", str(self.runs_dir),
                      "--reason", f"cancelled by {who}"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -393,7 +401,7 @@ class Daemon:
         make_daemon_dir(self.runs_dir)
         output = output_file(self.runs_dir, job["id"])
         try:
-            with open(output, "ab") as out:
+            with open_output(output) as out:
                 popen = subprocess.Popen([job.get("python") or self.python, "-m", "trainbus.kernel.cli", "run",
                                           *job["argv"]],
                                          cwd=job["cwd"], env=env, stdin=subprocess.DEVNULL, stdout=out,

@@ -106,7 +106,7 @@ def cap_log(path: Path, max_bytes: int, what: str) -> None:
     except FileNotFoundError:  # not started yet, or its directory is being removed
         return
     try:
-        shutil.copyfile(path, copy)
+        shutil.copy(path, copy)  # with its mode: an owner-only file's copy is owner-only
     except OSError as exc:
         copy.unlink(missing_ok=True)
         log.warning("%s %s passed %d MiB and could not be copied to %s (%s): emptied without a copy",

@@ -127,7 +127,8 @@ def test_a_daemon_that_died_mid_start_is_followed_by_one_that_adopts_the_started
 def test_a_runs_output_past_its_cap_is_copied_aside_and_emptied_in_place_every_output_check_s(tmp_path):
     """What a run prints (the user's code printing a line a step) went to its output file without bound. A stand-in
     for python writes 20 kB, waits for the file `go`, writes "after" and exits; the daemon's fake clock decides when
-    the size is checked."""
+    the size is checked. The file and its copy are owner-only, as daemon.log is (they were 0644: what the user's
+    code prints)."""
     runs, go = tmp_path / "runs", tmp_path / "go"
     runs.mkdir()
     noisy = tmp_path / "noisy"
@@ -144,13 +145,22 @@ def test_a_runs_output_past_its_cap_is_copied_aside_and_emptied_in_place_every_o
     daemon.output_max_bytes = 10_000
     out, copy = output_file(runs, "a"), output_file(runs, "a").with_name("a.log.1")
     t0 = 100.0
-    daemon.tick(t0)  # starts it
+    umask = os.umask(0o022)  # a login shell's: files are made 0644 unless said otherwise
+    try:
+        daemon.tick(t0)  # starts it
+    finally:
+        os.umask(umask)
     assert list(daemon.watched) == ["a"]
     wait_until(lambda: out.stat().st_size >= 20_000, 60, "the run's 20 kB of output")
     daemon.tick(t0 + OUTPUT_CHECK_S - 0.01)
     assert out.stat().st_size == 20_000 and not copy.exists()
-    daemon.tick(t0 + OUTPUT_CHECK_S)
+    umask = os.umask(0o022)
+    try:
+        daemon.tick(t0 + OUTPUT_CHECK_S)
+    finally:
+        os.umask(umask)
     assert copy.read_bytes() == (b"x" * 99 + b"\n") * 200 and out.stat().st_size == 0
+    assert [oct(path.stat().st_mode & 0o777) for path in (out, copy)] == ["0o600", "0o600"]
     go.touch()
     wait_until(lambda: daemon.tick(t0 + 6) or not daemon.watched, 60, "the run to end")
     assert out.read_bytes() == b"after\n"  # O_APPEND: at the emptied file's start, not behind a hole of NULs
