@@ -130,6 +130,7 @@ class Bus:
         # flush_now's: each set once a flush has numbered (journaled, sent) every event queued before it
         self._flushed: collections.deque[threading.Event] = collections.deque()
         self.counters = collections.Counter()
+        self.votes_missed: collections.Counter = collections.Counter()  # plugin name -> votes it did not ack in time
         self.ledger = ReplyLedger()  # what each remote key's connections can have queued (reply_ledger.py)
         # each control socket's share of this thread's time; senders: ZAP User-Ids (TCP), peer names (ipc)
         now = time.monotonic()
@@ -264,6 +265,7 @@ class Bus:
             log.warning("no vote from %s at %s: no flush numbered it within %.3g s (the journal's disk?); training "
                         "went on", ", ".join(late), type_, FLUSH_NOW_TIMEOUT_S + timeout_s)
             if late:  # kernel.log is no one's console: the journal's event is what the console and `runs show` read
+                self.votes_missed.update(late)
                 self.emit(ev.VOTE_MISSED, {"plugins": late, "at": type_, "seq": 0,
                                            "timeout_s": FLUSH_NOW_TIMEOUT_S + timeout_s})
             return late
@@ -276,6 +278,7 @@ class Bus:
             log.warning("no vote from %s at %s (seq %d) within vote_timeout_s (%.3g s): training went on, and waits "
                         "for no vote of theirs until they ack seq %d", ", ".join(late), type_, seq, timeout_s, seq)
             # kernel.log is no one's console: the journal's event is what the console and `runs show` read
+            self.votes_missed.update(late)
             self.emit(ev.VOTE_MISSED, {"plugins": late, "at": type_, "seq": seq, "timeout_s": timeout_s})
         return late
 

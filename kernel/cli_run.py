@@ -30,6 +30,7 @@ from .config import (ONE_GPU_PER_RANK, apply_set, check_metric_settings, check_r
                      registered_plugins, resolve_plugin)
 from .flags import FlagError
 from .registry import MAX_RESUMES
+from .runs import votes_missed
 from .spec import DEFAULT_TARGET, SpecError, full_target
 
 
@@ -562,6 +563,9 @@ def _print_summary(result) -> None:
         if p.get("metric_dropped") or p.get("log_dropped"):
             out.print(f"  plugin {name}: {_dropped(p)}, past its \\[limits] (metrics_per_s, logs_per_s, "
                       f"bytes_per_s; see kernel.log)")
+        if p.get("votes_missed"):
+            out.print(f"  plugin {name}: missed {votes_missed(p['votes_missed'])}: it did not answer within "
+                      f"vote_timeout_s")
         if p.get("errors_logged"):
             out.print(f"  plugin {name}: {p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged "
                       f"(see {Path(result.run_dir) / 'kernel.log'}; what it printed: plugins/{name}.log)")

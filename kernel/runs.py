@@ -338,8 +338,15 @@ def _plugin_trouble(plugins: dict[str, Any], undrained: dict[str, Any]) -> list[
             trouble.append(f"{name} {p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged")
         if p.get("checkpoints_failed"):
             trouble.append(f"{name} {p['checkpoints_failed']} checkpoint{'s' * (p['checkpoints_failed'] != 1)} failed")
+        if p.get("votes_missed"):
+            trouble.append(f"{name} missed {votes_missed(p['votes_missed'])}")
     trouble += [f"{name} undrained (acked to seq {acked})" for name, acked in sorted(undrained.items())]
     return trouble
+
+
+def votes_missed(count: int) -> str:
+    """`N vote(s)` as the trouble lines say it."""
+    return f"{count} vote{'s' * (count != 1)} (training went on without them)"
 
 
 def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
@@ -624,6 +631,11 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
             checkpoint_counts["failed"] += 1
         elif type_ == ev.CHECKPOINT_SKIPPED:
             checkpoint_counts["skipped"] += 1
+        elif type_ == ev.VOTE_MISSED and isinstance(data.get("plugins"), list):  # a peer attached by hand's too
+            for name in data["plugins"]:
+                if isinstance(name, str):
+                    p = plugins.setdefault(name, {"state": "not started", "restarts": 0, "crashes": []})
+                    p["votes_missed"] = p.get("votes_missed", 0) + 1
         elif type_.startswith("plugin_") and isinstance(data.get("plugin"), str):
             _plugin_event(plugins.setdefault(data["plugin"], {"state": "not started", "restarts": 0, "crashes": []}),
                           type_, data)
@@ -632,7 +644,7 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
             plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes", "crash_count",
                                                                   "errors_logged", "checkpoints_failed", "left_early",
                                                                   "greeted", "detached", "hello_trouble",
-                                                                  "metric_dropped", "log_dropped")
+                                                                  "metric_dropped", "log_dropped", "votes_missed")
                                                    if k in p})
     if info["status"] != "running":  # over: what the journal last said of a peer is no longer what it does
         told = summary.get("plugins") or {}  # a peer attached by hand whose bye came late or never, or a died run's

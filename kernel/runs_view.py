@@ -9,6 +9,8 @@ from typing import Any
 from trainbus.proto.strict_json import strict_dumps
 from trainbus.proto.text import duration_text, printable
 
+from .runs import votes_missed
+
 STATUS_STYLE = {"completed": "green", "stopped": "yellow", "running": "cyan", "interrupted": "magenta",
                 "failed": "red", "died": "red", "unreadable": "red", "queued": "blue"}
 
@@ -266,6 +268,8 @@ def print_show(console, run: dict[str, Any]) -> None:
                 trouble.append(f"{p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged (kernel.log)")
             if p.get("checkpoints_failed"):
                 trouble.append(f"{p['checkpoints_failed']} checkpoint{'s' * (p['checkpoints_failed'] != 1)} failed")
+            if p.get("votes_missed"):
+                trouble.append(f"missed {votes_missed(p['votes_missed'])}")
             if "undrained_acked_seq" in p:
                 trouble.append(f"did not catch up (acked to seq {p['undrained_acked_seq']})")
             state = p.get("state") or "-"

@@ -613,6 +613,8 @@ def _plugin_summary(bus: Bus) -> dict[str, dict[str, Any]]:
         for kind in ("metric", "log"):  # past its [limits]: what it reported is not all in the journal
             if bus.control.dropped[name, kind]:
                 entry[f"{kind}_dropped"] = bus.control.dropped[name, kind]
+        if bus.votes_missed[name]:  # training went on without its vote: a stop it decided there came late
+            entry["votes_missed"] = bus.votes_missed[name]
     return summary
 
 

@@ -66,6 +66,19 @@ class EpochVoter(Plugin):
         _append_fsynced(self.settings["path"], f"{event.seq} {event.type}")
 
 
+class SlowVoter(Plugin):
+    """Votes at end_epoch and answers the first one `sleep_s` late (early stopping that thinks too long)."""
+
+    votes = ("end_epoch",)
+    settings = {"sleep_s": 2.0}
+    answered = 0
+
+    def on_end_epoch(self, event):
+        if not self.answered:
+            time.sleep(self.settings["sleep_s"])
+        self.answered += 1
+
+
 class LiveRecorder(Recorder):
     """The best-effort twin of Recorder: what it misses it does not get back."""
 

@@ -319,6 +319,10 @@ def test_a_vote_holds_the_kernel_at_end_epoch_boundedly_and_a_stop_before_the_ac
     # and in the journal, where the console and `runs show` read it: kernel.log alone is no one's console
     missed = [e.data for e in of(events, "vote_missed")]
     assert missed == [{"plugins": [NAME], "at": "end_epoch", "seq": silent["seq"], "timeout_s": 4.0}], missed
+    # a peer attached by hand has no entry in the supervisor's summary: `runs show` counts it from the journal
+    shown = Command("runs", "show", kernel.run_id, "--runs-dir", str(short_runs), "--json")
+    details = json.loads(shown.communicate(120)[0])
+    assert details["plugins"][NAME]["votes_missed"] == 1, details["plugins"]
 
 
 class EnvProbe(Plugin):

@@ -577,6 +577,28 @@ def test_a_best_effort_voter_without_a_handler_for_its_vote_never_makes_the_kern
     assert time.monotonic() - started < 60.0
 
 
+def test_a_vote_that_came_too_late_is_the_plugins_trouble_in_the_summary_runs_list_and_runs_show(tmp_path):
+    """A voter that did not answer within vote_timeout_s was said only in kernel.log (then as a vote_missed event
+    the console shows): the run's summary, `runs list` and `runs show`, where trouble is read after the run, had
+    no word of it, and a stop it decided at that boundary landed later than its author meant."""
+    config = tmp_path / "run.toml"
+    config.write_text('[run]\nepochs = 2\nvote_timeout_s = 0.5\n[plugins.slow]\ntarget = "fixture_plugins:SlowVoter"\n'
+                      '[plugins.slow.settings]\nsleep_s = 3.0\n')
+    ran = cli("run", "--config", str(config), "--runs-dir", str(tmp_path / "runs"))
+    assert ran.returncode == 0, ran.stderr
+    assert "plugin slow: missed 1 vote (training went on without them): it did not answer within vote_timeout_s" \
+        in ran.stdout, ran.stdout
+    [run_dir] = [d for d in (tmp_path / "runs").iterdir() if (d / "summary.json").is_file()]
+    assert json.loads((run_dir / "summary.json").read_text())["plugins"]["slow"]["votes_missed"] == 1
+    said = "slow missed 1 vote (training went on without them)"
+    listed = cli("runs", "list", "--runs-dir", str(tmp_path / "runs"), "--json")
+    assert json.loads(listed.stdout)[0]["plugin_trouble"] == [said], listed.stdout
+    shown = Command("runs", "show", run_dir.name, "--runs-dir", str(tmp_path / "runs"), env={"COLUMNS": "200"})
+    shown.stdout, _ = shown.communicate(120)
+    assert re.search(r"slow\s+exited\s+0\s+missed 1 vote \(training went on without them\)", shown.stdout), \
+        shown.stdout
+
+
 # -- 5. kill -9 the kernel: no plugin outlives it ------------------------------------------------------
 
 
