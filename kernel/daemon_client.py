@@ -91,6 +91,8 @@ def request(runs_dir: Path | None, op: str, timeout_s: float | None = None, remo
         timeout_s = REQUEST_TIMEOUT_S if remote is None else REMOTE_REQUEST_TIMEOUT_S
     endpoint = None
     if remote is None:
+        if not daemon_lives(runs_dir):  # a killed daemon's endpoint file is left: nothing there can answer
+            return None
         try:
             endpoint = (daemon_dir(runs_dir) / ENDPOINT_FILE).read_text().strip()
         except OSError:

@@ -855,6 +855,26 @@ def test_a_daemon_that_holds_its_runs_dir_but_does_not_answer_is_said_alive_not_
     assert cli("daemon", "status", "--runs-dir", str(runs)).stdout.startswith(f"daemon pid {pid} serves")
 
 
+def test_a_killed_daemons_endpoint_is_not_asked_for_an_answer_no_process_can_give(tmp_path, daemons):
+    """kill -9 of the daemon (the OOM killer, a crash) leaves its endpoint file: `daemon status` and `daemon stop`
+    then sent their request there and waited REQUEST_TIMEOUT_S (3 s) before saying no daemon serves, and `daemon
+    start` its 0.5 s, though no process held the daemon's lock. With none holding it, none is asked."""
+    from trainbus.kernel import daemon_client
+    from trainbus.kernel.daemon import ENDPOINT_FILE
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    pid = start_daemon(daemons, runs)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: process_gone(pid), 30, "the daemon gone")
+    assert (daemon_dir(runs) / ENDPOINT_FILE).is_file(), "what a killed daemon leaves"
+    started = time.monotonic()
+    assert daemon_client.request(runs, "status", timeout_s=30) is None
+    assert time.monotonic() - started < 15, "waited for an answer from a daemon that is gone"
+    status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
+    assert status.returncode == 3 and status.stdout.startswith(f"no daemon serves {runs}"), status.stdout
+
+
 def test_a_daemon_killed_on_a_long_runs_path_leaves_no_socket_directory_behind_once_one_serves_again(tmp_path,
                                                                                                        daemons):
     """A runs path too long for an ipc socket has the daemon's socket in a temporary directory of its own, removed as
