@@ -27,7 +27,7 @@ from trainbus.proto import events as ev
 from conftest import TESTS_DIR, sigint_as_from_a_terminal, start_daemon, trainbus, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import assert_same_weights, fill
-from kernel_process import JournalTail, process_gone, wait_until
+from kernel_process import Command, JournalTail, process_gone, wait_until
 
 PACED = f"{TESTS_DIR / 'fixture_targets.py'}:paced_digits"
 DEVICES = f"{TESTS_DIR / 'fixture_targets.py'}:devices_digits"
@@ -839,14 +839,25 @@ def test_a_daemon_that_holds_its_runs_dir_but_does_not_answer_is_said_alive_not_
     runs = tmp_path / "runs"
     runs.mkdir()
     pid = start_daemon(daemons, runs)
+
+    def impatient(*args: str) -> subprocess.CompletedProcess:
+        """`trainbus ARGS` waiting 1 s for the daemon's answer, not REQUEST_TIMEOUT_S (3 s, three times over): the
+        stopped daemon never answers, and what is said of it does not hang on how long the wait was."""
+        command = Command(*args, constants={"trainbus.kernel.daemon_client.REQUEST_TIMEOUT_S": 1.0})
+        try:
+            out, err = command.communicate(WAIT_S)
+        finally:
+            command.kill()
+        return subprocess.CompletedProcess(command.args, command.returncode, out, err)
+
     os.kill(pid, signal.SIGSTOP)
     try:
-        status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
+        status = impatient("daemon", "status", "--runs-dir", str(runs))
         assert status.returncode == 1, (status.stdout, status.stderr)
         assert status.stdout.startswith(f"daemon pid {pid} holds {runs} but did not answer"), status.stdout
-        as_json = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json", check=False).stdout)
+        as_json = json.loads(impatient("daemon", "status", "--runs-dir", str(runs), "--json").stdout)
         assert as_json["serving"] is True and as_json["answering"] is False and as_json["pid"] == pid, as_json
-        stop = cli("daemon", "stop", "--runs-dir", str(runs), check=False)
+        stop = impatient("daemon", "stop", "--runs-dir", str(runs))
         assert stop.returncode == 2 and stop.stderr.startswith(f"error: daemon pid {pid} holds {runs} but did not "
                                                                f"answer"), (stop.stdout, stop.stderr)
         assert f"`kill {pid}`" in stop.stderr, stop.stderr
