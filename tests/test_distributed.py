@@ -831,7 +831,9 @@ def test_ctrl_c_while_the_ranks_build_is_said_once_and_ends_in_one_line(tmp_path
     target.write_text("import os, time\nfrom pathlib import Path\n"
                       "from trainbus.kernel.digits import build as digits\n\n"
                       "def build(hyperparameters):\n    Path(f\"building-{os.environ['RANK']}\").touch()\n"
-                      "    time.sleep(3)\n    return digits(hyperparameters)\n")
+                      "    end = time.monotonic() + 120\n"
+                      "    while not Path('built').exists() and time.monotonic() < end:\n        time.sleep(0.05)\n"
+                      "    return digits(hyperparameters)\n")
     runs = tmp_path / "runs"
     proc = Command("run", f"{target}:build", "--device", "cpu", "--runs-dir", str(runs), "--nproc", "2",
                    "--plugins", "", cwd=tmp_path)
@@ -839,8 +841,14 @@ def test_ctrl_c_while_the_ranks_build_is_said_once_and_ends_in_one_line(tmp_path
         wait_until(lambda: all((tmp_path / f"building-{rank}").exists() for rank in (0, 1)), 120,
                    "both ranks building", poll_s=0.1)
         proc.send_signal(signal.SIGINT)
+        # the builds end once the Ctrl-C is said (a rank saying it twice would say it meanwhile too), not after a
+        # fixed sleep that a loaded machine may outlast before the signal comes
+        wait_until(lambda: "stopping once the model and data are built" in proc.stderr_path.read_text(), 120,
+                   "the Ctrl-C said", poll_s=0.1)
+        (tmp_path / "built").touch()
         _, err = proc.communicate(timeout=120)
     finally:
+        (tmp_path / "built").touch()
         proc.kill()
     assert proc.returncode == 130, err
     assert err.count("stopping once the model and data are built") == 1, err
