@@ -573,8 +573,9 @@ def test_a_run_of_nproc_whose_launcher_is_killed_is_settled_as_its_ranks_end_it_
     runs = tmp_path / "runs"
     runs.mkdir()
     start_daemon(daemons, runs)
+    # 40 epochs of 23 steps a rank, 50 ms a step: ~46 s of training, most of it left when the launcher is killed
     run_id = submit(runs, PACED, "--nproc", "2", "--epochs", "40", "--plugins", "checkpoint", "--set",
-                    "step_sleep_s=0.1", "--max-resumes", "1")
+                    "step_sleep_s=0.05", "--max-resumes", "1")
     run_dir = runs / run_id
     journal = run_dir / JOURNAL_NAME
 
