@@ -641,10 +641,21 @@ def test_a_launcher_killed_with_sigkill_leaves_no_files_behind_once_another_laun
     finally:
         kill_launch(killed)
     assert list(tmp.rglob("*errors*")), "the killed launcher's file, which the next launch is to remove"
-    proc = Command("run", "--device", "cpu", "--runs-dir", str(runs), "--nproc", "2", "--precision", "16-mixed",
-                   cwd=tmp_path, env={"TMPDIR": str(tmp)})
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and "error: precision 16-mixed needs a CUDA device" in err, err
+    # the next launch: one that makes its directory and ends without starting a rank (two more ranks' torch imports,
+    # ~5 s, that the files left behind do not depend on): a --nnodes 2 launch waiting for its other machine, ended
+    # with Ctrl-C once it says it waits (its handlers set: the end removes its own directory)
+    endpoint = f"127.0.0.1:{free_port()}"
+    proc = Command("run", "--device", "cpu", "--runs-dir", str(runs), "--nnodes", "2", "--rdzv-endpoint", endpoint,
+                   cwd=tmp_path, env={"TMPDIR": str(tmp)},
+                   constants={"trainbus.kernel.launch_wait.WAITING_SAID_AFTER_S": SAID_AFTER_S})
+    try:
+        wait_until(lambda: proc.stderr_path.is_file() and "to meet at" in proc.stderr_path.read_text(), 120,
+                   "the next launch waiting for its other machine", poll_s=0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip().endswith(f"to meet at {endpoint}; nothing was made"), err
     # (torchinductor_<user>: a cache torch keeps for the user, one for all launches)
     left = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.name.startswith("torchinductor_"))
     assert left == [f"trainbus-launch-{os.getuid()}"], left
