@@ -1211,36 +1211,48 @@ def test_daemon_status_says_why_a_run_it_ended_was_stopped(tmp_path):
     assert ended[0]["stop_reasons"] == ["attach-ann@box-1: stop: cancelled by key alice"], ended
 
 
-def test_a_run_queued_before_the_daemon_starts_is_logged_started_after_the_daemon_serves(tmp_path, daemons):
+@pytest.fixture(scope="module")
+def queued_run_outliving_its_daemon(tmp_path_factory):
+    """One run for the two tests of the daemons' log order: queued before any daemon serves, started by the first
+    daemon, which is killed (kill -9) while the run trains; the run completes with no daemon, and the next daemon
+    settles it (one kernel start, not one per test). The log then, the run's id and the second daemon's pid."""
+    runs = tmp_path_factory.mktemp("outliving") / "runs"
+    runs.mkdir()
+    log = daemon_dir(runs) / "daemon.log"
+    with pytest.MonkeyPatch.context() as patch:  # the autouse PYTHONPATH fixture is per test
+        patch.setenv("PYTHONPATH", str(TESTS_DIR))
+        queued = submit(runs, TINY)
+        served: list[Path] = []
+        try:
+            first = start_daemon(served, runs)
+            wait_until(lambda: f"{queued}: started (pid" in log.read_text(), WAIT_S, "the queued run started")
+            os.kill(first, signal.SIGKILL)
+            wait_until(lambda: (runs / queued / "summary.json").exists(), WAIT_S, "the run completed with no daemon")
+            second = start_daemon(served, runs)
+            wait_until(lambda: f"{queued}: run completed" in log.read_text(), 30, "the run settled")
+            assert listed(runs)[queued]["status"] == "completed"
+        finally:
+            for directory in served:
+                trainbus("daemon", "stop", "--runs-dir", str(directory), check=False)
+    return {"run": queued, "second": second, "log": log.read_text()}
+
+
+def test_a_run_queued_before_the_daemon_starts_is_logged_started_after_the_daemon_serves(
+        queued_run_outliving_its_daemon):
     """The daemon's first round (before it bound its sockets) started the queued runs, so its log said a run
     `started` before the daemon's `serving` line: read top down, a run started by no daemon. Lines come as they
     happen: serving, then started."""
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    queued = submit(runs, PACED, "--epochs", "1")
-    start_daemon(daemons, runs)
-    log = daemon_dir(runs) / "daemon.log"
-    wait_until(lambda: f"{queued}: started (pid" in log.read_text(), 30, "the queued run started")
-    text = log.read_text()
+    text, queued = queued_run_outliving_its_daemon["log"], queued_run_outliving_its_daemon["run"]
     assert text.index(" serving ") < text.index(f"{queued}: started (pid"), text
-    wait_until(lambda: listed(runs)[queued]["status"] == "completed", WAIT_S, "the run completed")
 
 
-def test_a_run_that_ended_while_no_daemon_watched_is_logged_under_the_daemon_that_settles_it(tmp_path, daemons):
+def test_a_run_that_ended_while_no_daemon_watched_is_logged_under_the_daemon_that_settles_it(
+        queued_run_outliving_its_daemon):
     """kill -9 of the daemon while its run trained, the run completing meanwhile: the next daemon's first round
     (before its `serving` line) logged `RUN: run completed`, so read top down the log said the killed daemon saw the
     run end, and nothing said that daemon had gone. The next daemon's first line comes before what it settles."""
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    first = start_daemon(daemons, runs)
-    run_id = submit(runs, TINY)
-    log = daemon_dir(runs) / "daemon.log"
-    wait_until(lambda: f"{run_id}: started (pid" in log.read_text(), WAIT_S, "the run started")
-    os.kill(first, signal.SIGKILL)
-    wait_until(lambda: (runs / run_id / "summary.json").exists(), WAIT_S, "the run completed with no daemon")
-    second = start_daemon(daemons, runs)
-    wait_until(lambda: f"{run_id}: run completed" in log.read_text(), 30, "the run settled")
-    text = log.read_text()
+    text, run_id = queued_run_outliving_its_daemon["log"], queued_run_outliving_its_daemon["run"]
+    second = queued_run_outliving_its_daemon["second"]
     assert text.index(f"daemon pid {second} ") < text.index(f"{run_id}: run completed"), text
 
 
