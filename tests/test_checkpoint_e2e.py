@@ -355,12 +355,13 @@ def kill_the_checkpoint_plugin_while_it_writes(tmp_path: Path, kernels: list, he
     """Each kill takes about one checkpoint interval of the gated run (5 steps) on an idle box; on a busy one the
     starved plugin takes several (2 epochs ended before the fourth kill beside two CPU burners): 9 epochs for 4 kills,
     5 for 2 (100 steps or more a kill either way). The run trains every epoch after the kills, a checkpoint every 5
-    steps (33 MB each), which a longer run pays for in seconds."""
+    steps (33 MB each), which a longer run pays for in seconds. Unpaced: the gate alone sets how far training goes
+    while the kills land (a sleep per step made the ~200 steps after them last ~5 s more, the gate held anyway)."""
     epochs = max(5, 2 * kills + 1)
     rng, seed = seeded_rng()
     gate = tmp_path / "gate"  # training goes only as far as the test lets it: the kills land before the run ends
     cfg = config(tmp_path / "runs", [checkpointer(max_total=3)], epochs, target=HEAVY, every_n_steps=5,
-                 step_sleep_s=0.02, gate=str(gate))
+                 step_sleep_s=0.0, gate=str(gate))
     kernel = KernelProcess(cfg, tmp_path)
     reference = heavy_reference(epochs)  # started now, if not already run: it trains while this run starts
     kernels.append(kernel)
@@ -400,6 +401,9 @@ def kill_the_checkpoint_plugin_while_it_writes(tmp_path: Path, kernels: list, he
         problems = audit.check(strict=False)  # the restarted plugin is still in backoff: nothing moves
         assert not problems, f"after {log[-1]} (seed {seed}):\n" + "\n".join(problems)
 
+    # the last kill's restart ready before the rest of the run, which unpaced takes about a second: checkpoints
+    # land after the last kill, written by a process started after it
+    kernel.wait_ready("checkpoint", timeout_s=STARTUP_S, not_in=killed_pids)
     open_gate(gate, epochs * STEPS_PER_EPOCH)
     result = kernel.result(timeout_s=STARTUP_S + 120)
     why = f"(seed {seed}; a write took {write_s * 1000:.0f} ms)\n" + "\n".join(log)
