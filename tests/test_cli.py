@@ -413,14 +413,29 @@ def test_an_option_left_without_its_value_points_at_its_commands_help(args, comm
                                               f"shows what it takes)\n"), r.stderr
 
 
-def test_a_run_continued_in_place_keeps_the_flags_it_trained_with(tmp_path):
+@pytest.fixture(scope="module")
+def one_epoch_with_checkpoints(tmp_path_factory) -> Path:
+    """The run directory of `trainbus run --epochs 1 --plugins checkpoint`, trained once for the tests below that
+    continue such a run (each trained its own: an epoch and a checkpoint plugin's torch import, ~3 s): not to be
+    changed; `own_copy` gives a test a copy of its own."""
+    runs = tmp_path_factory.mktemp("one_epoch_with_checkpoints") / "runs"
+    ran = trainbus("run", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs))
+    assert ran.returncode == 0, ran.stderr
+    return runs / ran.stdout.split()[1].rstrip(":")
+
+
+def own_copy(run_dir: Path, runs: Path) -> str:
+    """A copy of a run directory in `runs`, under its run id (a run moved, as a user may); that id."""
+    runs.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copytree(run_dir, runs / run_dir.name, symlinks=True)).name
+
+
+def test_a_run_continued_in_place_keeps_the_flags_it_trained_with(tmp_path, one_epoch_with_checkpoints):
     """`runs resume RUN lr=0.1` trained on at the checkpoint's lr (its optimizer state) while config.json, the
     registry and `runs compare` said lr=0.1 for the whole run. Now a flag or --set hyperparameter that is not what
     the run trained with is refused in one line, nothing trained; the same value, and more epochs, are taken."""
     runs = tmp_path / "runs"
-    ran = trainbus("run", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs))
-    assert ran.returncode == 0, ran.stderr
-    run_id = ran.stdout.split()[1].rstrip(":")
+    run_id = own_copy(one_epoch_with_checkpoints, runs)  # of `trainbus run --epochs 1 --plugins checkpoint`
     for words, said in [
             (["lr=0.1"], 'with lr=0.001: lr=0.1 would change it midway'),
             (["--set", "model=cnn"], 'with model="mlp": model="cnn" would change it midway')]:
@@ -435,15 +450,13 @@ def test_a_run_continued_in_place_keeps_the_flags_it_trained_with(tmp_path):
     assert again.returncode == 0 and f"run {run_id}: completed after 2 epochs" in again.stdout, again.stderr
 
 
-def test_a_run_continued_in_place_keeps_the_seed_it_trained_with(tmp_path):
+def test_a_run_continued_in_place_keeps_the_seed_it_trained_with(tmp_path, one_epoch_with_checkpoints):
     """`runs resume RUN --seed 5` of a run trained with seed 0 was taken: config.json then said seed 5 for the whole
     run, and the build that resume runs again drew from seed 5 (a `random_split` of the user's data: another
     validation set), while the checkpoint put back the RNG streams of seed 0. Refused in one line, as a flag is; the
     seed it trained with is taken."""
     runs = tmp_path / "runs"
-    ran = trainbus("run", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs))
-    assert ran.returncode == 0, ran.stderr
-    run_id = ran.stdout.split()[1].rstrip(":")
+    run_id = own_copy(one_epoch_with_checkpoints, runs)  # of `trainbus run --epochs 1 --plugins checkpoint`
     refused = trainbus("runs", "resume", run_id, "--seed", "5", "--epochs", "2", "--runs-dir", str(runs))
     assert refused.returncode == 2 and refused.stderr == (
         f"error: --resume {run_id} continues that run as it trained, with seed 0: --seed 5 would change it midway, "
@@ -454,14 +467,12 @@ def test_a_run_continued_in_place_keeps_the_seed_it_trained_with(tmp_path):
     assert again.returncode == 0 and f"run {run_id}: completed after 2 epochs" in again.stdout, again.stderr
 
 
-def test_a_run_continued_in_place_keeps_the_target_it_trained(tmp_path):
+def test_a_run_continued_in_place_keeps_the_target_it_trained(tmp_path, one_epoch_with_checkpoints):
     """`trainbus run other.py --resume RUN` continued RUN in place with other.py's build, and its config.json, `runs
     list` and `runs compare` then said other.py:build for the whole run. Refused in one line, as a flag is; the
     target it trained, given again (the same file from elsewhere too), is taken."""
     runs = tmp_path / "runs"
-    ran = trainbus("run", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs))
-    assert ran.returncode == 0, ran.stderr
-    run_id = ran.stdout.split()[1].rstrip(":")
+    run_id = own_copy(one_epoch_with_checkpoints, runs)  # of `trainbus run --epochs 1 --plugins checkpoint`
     (tmp_path / "other.py").write_text("from trainbus.kernel.digits import build as digits\n\n\n"
                                        "def build(hyperparameters):\n    return digits(hyperparameters)\n")
     other = f"{tmp_path / 'other.py'}:build"  # a model the checkpoint fits: one that does not is refused as it loads
