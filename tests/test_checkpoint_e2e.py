@@ -695,19 +695,17 @@ def test_resume_from_nothing_is_one_clear_line_and_exit_2(tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run was started
 
 
-def test_a_completed_run_is_resumed_only_to_train_it_longer(tmp_path):
+def test_a_completed_run_is_resumed_only_to_train_it_longer(tmp_path, one_checkpointed_epoch):
     """A completed run's --resume would train nothing and rewrite its summary: refused in one line, the summary
     untouched; with --epochs above its count it trains the epochs after the last and the summary counts all."""
     runs = tmp_path / "runs"
-    result = run_training(config(runs, [checkpointer()], 2, target=PACED, every_n_epochs=1, step_sleep_s=0.0,
-                                 batch_size=256))
-    run_dir = Path(result.run_dir)
+    run_dir = copy_of(one_checkpointed_epoch, runs)  # a completed run of 1 epoch, with its epoch's checkpoint
     before = (run_dir / "summary.json").read_text()
-    for args in ((), ("--epochs", "2")):
+    for args in ((), ("--epochs", "1")):
         proc = run_cli(tmp_path, "--resume", run_dir.name, "--runs-dir", str(runs), *args)
         assert proc.returncode == 2 and proc.stderr == (
-            f"error: run {run_dir.name} has completed (2 epochs); nothing to resume (to train it longer: "
-            f"`trainbus run --resume {run_dir.name} --epochs N` with N above 2)\n"), proc.stderr
+            f"error: run {run_dir.name} has completed (1 epoch); nothing to resume (to train it longer: "
+            f"`trainbus run --resume {run_dir.name} --epochs N` with N above 1)\n"), proc.stderr
     assert (run_dir / "summary.json").read_text() == before
     elsewhere = tmp_path / "elsewhere"  # from another directory, the command it suggests names the runs directory
     elsewhere.mkdir()
@@ -715,19 +713,19 @@ def test_a_completed_run_is_resumed_only_to_train_it_longer(tmp_path):
     assert f"`trainbus run --resume {run_dir.name} --runs-dir {runs} --epochs N`" in proc.stderr, proc.stderr
 
     # `runs resume` takes `run`'s options, as README says: --epochs here
-    proc = cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "3", cwd=tmp_path)
+    proc = cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     # the same for a run that ended before its planned epochs: fewer than it trained would train none
     (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
-    proc = run_cli(tmp_path, "--resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "2")
+    proc = run_cli(tmp_path, "--resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "1")
     assert proc.returncode == 2 and proc.stderr == (
-        f"error: run {run_dir.name} has trained 3 epochs; --epochs 2 would train none: give more than 3, or leave "
+        f"error: run {run_dir.name} has trained 2 epochs; --epochs 1 would train none: give more than 2, or leave "
         f"--epochs out to train the epochs it planned\n"), proc.stderr
     (run_dir / "summary.json").write_text(json.dumps(summary))
-    assert summary["status"] == "completed" and summary["outcome"]["epochs_completed"] == 3, summary
+    assert summary["status"] == "completed" and summary["outcome"]["epochs_completed"] == 2, summary
     assert isinstance(summary["outcome"]["validation_loss"], float)
-    assert [e.epoch for e in of(read_events(run_dir), "end_epoch")] == [1, 2, 3]
+    assert [e.epoch for e in of(read_events(run_dir), "end_epoch")] == [1, 2]
 
 
 def test_a_run_whose_checkpoints_went_to_a_dirpath_resumes_from_there(tmp_path):
