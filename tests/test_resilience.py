@@ -377,7 +377,9 @@ def test_a_plugin_that_dies_leaves_no_process_of_its_group_behind(tmp_path, exit
     pid_file, seen_file = tmp_path / "child.pid", tmp_path / "seen"
     cfg = run_config(tmp_path / "runs", [plugin("parent", "LeavesAChild", step=2, pid_file=str(pid_file),
                                                 exit_code=exit_code, seen_file=str(seen_file))],
-                     epochs=2, target=PACED, batch_size=256, step_sleep_s=0.25, ready_timeout_s=PLUGIN_START_S)
+                     epochs=2, target=PACED, batch_size=256, ready_timeout_s=PLUGIN_START_S,
+                     # 12 steps: 3 s for a crashed one's restart to look at its next step; one that left needs none
+                     step_sleep_s=0.25 if exit_code else 0.05)
     try:
         result = run_training(cfg)
         assert result.status == "completed", result.error
