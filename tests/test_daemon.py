@@ -363,6 +363,28 @@ def listed(runs: Path, through_cli: bool = False) -> dict[str, dict]:
     return {run["id"]: run for run in json.loads(json.dumps(list_runs(runs), default=str))}
 
 
+def test_the_next_queued_run_starts_as_the_one_before_it_ends_not_at_the_next_round(tmp_path, daemons):
+    """The daemon looked at its runs once a round (TICK_S, 1 s): each run of a queue started up to a round after the
+    one before it ended, a sweep of short runs losing a second a run. A run the daemon started is its child, whose
+    end (SIGCHLD) now wakes it. Here a round is a minute: the second run must not wait for one."""
+    runs = tmp_path / "runs"
+    first = submit(runs, PACED, "--epochs", "1", "--set", "step_sleep_s=0")
+    second = submit(runs, PACED, "--epochs", "1", "--set", "step_sleep_s=0")
+    daemon = Command("daemon", "start", "--foreground", "--runs-dir", str(runs),
+                     constants={"trainbus.kernel.daemon_serve.TICK_S": 60.0})
+    daemons.append(runs)
+    try:
+        wait_until(lambda: listed(runs)[first]["status"] not in ("queued", "starting", "running"), 120,
+                   "the first run to end")
+        ended = time.monotonic()
+        wait_until(lambda: listed(runs)[second]["status"] != "queued", 30, "the second run to start")
+        assert time.monotonic() - ended < 30
+        wait_until(lambda: listed(runs)[second]["status"] == "completed", 120, "the second run to end")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(60)
+
+
 def test_the_queue_outlives_a_killed_daemon_and_a_running_run_outlives_it(tmp_path, daemons):
     runs, gate = tmp_path / "runs", tmp_path / "gate"
     runs.mkdir()
