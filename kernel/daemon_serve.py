@@ -27,6 +27,7 @@ import zmq
 
 from trainbus.proto import ProtocolError, unpack
 from trainbus.proto.codec import MAX_CONTROL_CONTAINERS
+from trainbus.proto.process import drain
 from trainbus.proto.remote import advertised
 
 from .credentials import bindable
@@ -112,7 +113,7 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
         while not stopping:
             ready = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000))))
             if woken_r in ready:  # a signal: a child's end (or a stop, which the loop's test sees)
-                _drain(woken_r)
+                drain(woken_r)
                 daemon.woken = daemon.woken or not stopping
             if socket in ready:
                 _answer(socket, lambda frames: (LOCAL, f"the owner ({local_user()})"), daemon, stopping, refusals)
@@ -477,12 +478,3 @@ def _log_to(path: Path, also_stderr: bool) -> None:
         log.addHandler(stream)
     log.setLevel(logging.INFO)
     log.propagate = False
-
-
-def _drain(fd: int) -> None:
-    """Read a non-blocking pipe empty."""
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass

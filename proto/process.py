@@ -46,3 +46,12 @@ def exit_without_teardown(code: int) -> None:
         except (OSError, ValueError):  # a closed pipe (| head): nothing more to say there
             pass
     os._exit(code)
+
+
+def drain(fd: int) -> None:
+    """Read a non-blocking pipe empty (a wake-up pipe: what was written only says "look")."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

@@ -23,6 +23,7 @@ from trainbus.proto import (
     encode_control,
     events as ev,
 )
+from trainbus.proto.process import drain
 from trainbus.proto.remote import ConnectionWatch
 
 from .tracebacks import user_stack
@@ -242,7 +243,7 @@ class PluginIO(threading.Thread):
                 # Drained before it is cleared, both before the outbox is read: a send from now on writes again. A send
                 # between a clear and a drain would write a byte the drain eats, leaving `_poked` set with the pipe
                 # empty, and no send or close() would wake this thread again.
-                _drain(self._poke_r)
+                drain(self._poke_r)
                 self._poked = False
             if self.sub in ready:
                 last_kernel = now
@@ -503,13 +504,3 @@ def _say(text: str) -> None:
         print(text, file=sys.stderr)
     except OSError:
         pass
-
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
-

@@ -97,7 +97,7 @@ def test_a_send_while_the_io_thread_drains_its_wake_pipe_does_not_lose_the_wake_
     monkeypatch.setattr(plugin_io, "MAX_POLL_S", 60.0)
     monkeypatch.setattr(plugin_io, "CONNECT_TIMEOUT_S", 60.0)  # not welcomed: no heartbeat of ours is due either
     held, release = threading.Event(), threading.Event()
-    drain = plugin_io._drain
+    drain = plugin_io.drain
 
     def held_drain(fd: int) -> None:
         if not held.is_set():  # the first wake-up: hold the I/O thread at its drain
@@ -105,7 +105,7 @@ def test_a_send_while_the_io_thread_drains_its_wake_pipe_does_not_lose_the_wake_
             release.wait(WAIT_S)
         drain(fd)
 
-    monkeypatch.setattr(plugin_io, "_drain", held_drain)
+    monkeypatch.setattr(plugin_io, "drain", held_drain)
     kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
     io = _io(kernel)
     io.start()
