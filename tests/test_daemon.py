@@ -900,7 +900,8 @@ def test_a_killed_daemons_endpoint_is_not_asked_for_an_answer_no_process_can_giv
     runs.mkdir()
     pid = start_daemon(daemons, runs)
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: process_gone(pid), 30, "the daemon gone")
+    # gone, and its lock with it: its main thread is reaped first, its files (the lock) go with its last thread
+    wait_until(lambda: process_gone(pid) and not daemon_client.daemon_lives(runs), 30, "the daemon gone")
     assert (daemon_dir(runs) / ENDPOINT_FILE).is_file(), "what a killed daemon leaves"
     started = time.monotonic()
     assert daemon_client.request(runs, "status", timeout_s=30) is None
