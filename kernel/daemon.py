@@ -123,12 +123,17 @@ def output_file(runs_dir: Path, run_id: str) -> Path:
     return daemon_dir(runs_dir) / OUTPUT_DIR / f"{run_id}.log"
 
 
-def open_output(path: Path):
-    """A run's output file, for appending, owner-only as daemon.log is: it holds what the user's code prints. (One
-    an older trainbus made 0644 is made 0600 too.)"""
+def private_append_fd(path: Path) -> int:
+    """`path` opened for appending, owner-only whatever the umask (one an older trainbus made 0644 is made 0600 too):
+    daemon.log and the runs' output files hold what users ran and what their code prints."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
     os.fchmod(fd, 0o600)
-    return open(fd, "ab")
+    return fd
+
+
+def open_output(path: Path):
+    """A run's output file, for appending, owner-only as daemon.log is."""
+    return open(private_append_fd(path), "ab")
 
 
 def output_tail(runs_dir: Path, job_id: str) -> str:

@@ -32,8 +32,8 @@ from trainbus.proto.remote import advertised
 
 from .credentials import bindable
 from .daemon import (CONTROL_MAX_BYTES, ENDPOINT_FILE, LOG_FILE, PID_FILE, REMOTE_FILE, TICK_S, Daemon, DaemonError,
-                     cancel, detected_devices, ended_jobs, epochs_of, local_user, make_daemon_dir, resumed_run, submit,
-                     unplaceable, why_not_resumable)
+                     cancel, detected_devices, ended_jobs, epochs_of, local_user, make_daemon_dir, private_append_fd,
+                     resumed_run, submit, unplaceable, why_not_resumable)
 from .registry import MAX_RESUMES, JobError, Registry, RegistryError, cannot_read
 
 log = logging.getLogger("trainbus.daemon")
@@ -446,9 +446,7 @@ class _DaemonLog(logging.handlers.RotatingFileHandler):
     def _open(self):
         # owner-only, as kernel.log and the registry: it names what users ran and who submitted it. The handler's
         # own open() made it, and each rotation's new file, 0644; one an older trainbus made so is made 0600 too.
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-        os.fchmod(fd, 0o600)
-        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+        return open(private_append_fd(Path(self.baseFilename)), "a", encoding=self.encoding, errors=self.errors)
 
     def doRollover(self) -> None:
         super().doRollover()
