@@ -289,8 +289,10 @@ def test_a_tcp_subscriber_that_never_reads_holds_a_bounded_queue_in_the_kernel(k
         assert stalled.poll(30_000), "the subscriber never got an event"  # connected, and from now on reads nothing
         probe = ctx.socket(zmq.SUB)
         probe.setsockopt(zmq.LINGER, 0)
-        probe.setsockopt(zmq.HEARTBEAT_IVL, 0)  # unread while the lines go out (6 s): the same abort, seen beside two
-        secure_client(probe, keys["watcher"], conn["server_key"].encode())  # CPU burners
+        secure_client(probe, keys["watcher"], conn["server_key"].encode())
+        # after secure_client, which sets a client's heartbeats: unread while the lines go out (6 s or more), the
+        # same abort, seen beside two CPU burners and on CI
+        probe.setsockopt(zmq.HEARTBEAT_IVL, 0)
         probe.setsockopt(zmq.SUBSCRIBE, b"log")
         probe.connect(conn["events"])
         logger = ctx.socket(zmq.DEALER)
