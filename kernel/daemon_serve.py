@@ -151,6 +151,8 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
             import shutil
 
             shutil.rmtree(socket_home, ignore_errors=True)
+        else:  # libzmq leaves the ipc socket's file behind as it closes
+            (directory / CONTROL_SOCKET).unlink(missing_ok=True)
         os.close(lock.fd)
     return 0
 
@@ -386,7 +388,9 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
     daemon.woken = True
     return {"ok": True, "run": run_id}
 
+
 SOCKET_HOME_PREFIX = "trainbus-daemon-"  # a temporary directory for the socket when the runs path is too long
+CONTROL_SOCKET = "control.sock"
 
 
 def _remove_killed_socket_home(directory: Path) -> None:
@@ -407,15 +411,15 @@ def _remove_killed_socket_home(directory: Path) -> None:
 def _bind_control(context: zmq.Context, directory: Path) -> tuple[zmq.Socket, str, Path]:
     _remove_killed_socket_home(directory)
     home = directory
-    if not bindable(directory / "control.sock"):  # a long runs path: a short owner-only temp dir
+    if not bindable(directory / CONTROL_SOCKET):  # a long runs path: a short owner-only temp dir
         home = Path(tempfile.mkdtemp(prefix=SOCKET_HOME_PREFIX))
-    endpoint = f"ipc://{home / 'control.sock'}"
-    (home / "control.sock").unlink(missing_ok=True)  # a previous daemon killed with SIGKILL left it
+    endpoint = f"ipc://{home / CONTROL_SOCKET}"
+    (home / CONTROL_SOCKET).unlink(missing_ok=True)  # a previous daemon killed with SIGKILL left it
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_BYTES)
     socket.setsockopt(zmq.LINGER, 0)
     socket.bind(endpoint)
-    os.chmod(home / "control.sock", 0o600)
+    os.chmod(home / CONTROL_SOCKET, 0o600)
     temporary = directory / f".{ENDPOINT_FILE}.tmp"
     temporary.write_text(endpoint + "\n")
     os.replace(temporary, directory / ENDPOINT_FILE)

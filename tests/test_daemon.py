@@ -742,6 +742,8 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     stopped = cli("daemon", "stop", "--runs-dir", str(runs))
     assert "daemon stopped" in stopped.stdout
     assert cli("daemon", "status", "--runs-dir", str(runs), check=False).returncode == 3
+    # nothing left that looks like a daemon listening (libzmq leaves an ipc socket's file behind as it closes)
+    assert not {"endpoint", "control.sock"} & {path.name for path in daemon_dir(runs).iterdir()}
 
     waiting = submit(runs, UNBUILDABLE)  # no daemon: it waits in the queue, and can be taken off it
     assert "no daemon serves" in cli("daemon", "status", "--runs-dir", str(runs), check=False).stdout
