@@ -913,3 +913,27 @@ def test_a_malformed_message_from_a_welcomed_peer_is_logged_naming_the_peer(
     assert lines == ["dropped a malformed control message from a connection not welcomed: metric.value: expected "
                      "float, got list holding int",
                      f"dropped a malformed control message from [{NAME}]: metric.value: expected float, got str"], lines
+
+
+def _section_6_rows(spec: str) -> dict[str, str]:
+    """Each event type's row of PROTOCOL.md §6.1 and §6.2 (the text of its cells), by type."""
+    section = spec[spec.index("### 6.1"):spec.index("### 6.3")]
+    return {m.group(1): m.group(2) for m in re.finditer(r"(?m)^\| `(\w+)` \|(.*)$", section)}
+
+
+def test_every_data_key_a_real_run_sends_is_named_in_its_events_row(short_runs):  # noqa: F811
+    """[C110] An author in another language reads §6 for what `data` holds: every key the kernel sends in an event's
+    data, and in `start_training_session`'s `cluster` map, is named in that event's row (`end_epoch`'s row names
+    `end_training_loop`'s and `end_validation_loop`'s keys as theirs)."""
+    spec = (Path(__file__).resolve().parents[1] / "proto" / "PROTOCOL.md").read_text(encoding="utf-8")
+    rows = _section_6_rows(spec)
+    rows["end_epoch"] += rows["end_training_loop"] + rows["end_validation_loop"]
+    result = run_training(config(short_runs, epochs=1, step_sleep_s=0.0))
+    unnamed = set()
+    for event in read_events(Path(result.run_dir)):
+        assert event.type in rows, f"{event.type} has no row in PROTOCOL.md §6"
+        unnamed |= {f"{event.type}.{key}" for key in event.data if f"`{key}`" not in rows[event.type]}
+        if event.type == "start_training_session":
+            unnamed |= {f"{event.type}.cluster.{key}" for key in event.data["cluster"]
+                        if f"`{key}`" not in rows[event.type]}
+    assert not unnamed, f"PROTOCOL.md §6 does not name: {sorted(unnamed)}"
