@@ -76,15 +76,23 @@ def socket_dir(run_dir: Path) -> Path:
     """Where the run's ipc sockets go: the run directory, or, when its path is too long for a Unix socket (or not
     UTF-8, which zmq cannot bind, or holding whitespace), a fresh directory of this kernel's own in an owner-only one
     of the temp dir (close_bus removes it; one of a kernel killed with SIGKILL is removed by the next kernel that
-    makes one: private_dirs.process_scratch_dir). Whitespace: kernel.log's `sockets:` line names the endpoints for a
-    client attached by hand, each read as `\\S+` (PROTOCOL.md §2), so a `~/My Drive/runs` run's could not be read."""
-    if bindable(run_dir / "control.sock") and not any(char.isspace() for char in str(run_dir)):
+    makes one: private_dirs.process_scratch_dir), or of /tmp when the temp dir's path is too long or holds
+    whitespace too. Whitespace: kernel.log's `sockets:` line names the endpoints for a client attached by hand, each
+    read as `\\S+` (PROTOCOL.md §2), so a `~/My Drive/runs` run's could not be read."""
+    if _socket_path_ok(run_dir):
         return run_dir
-    short = process_scratch_dir(f"trainbus-sockets-{os.getuid()}")
-    if not bindable(short / "control.sock"):
+    name = f"trainbus-sockets-{os.getuid()}"
+    for temp in dict.fromkeys([tempfile.gettempdir(), "/tmp"]):
+        short = process_scratch_dir(name, temp)
+        if _socket_path_ok(short):
+            return short
         remove_scratch_dir(short)
-        raise OSError(f"no socket path short enough under {tempfile.gettempdir()}; set TMPDIR to a short directory")
-    return short
+    raise OSError(f"no socket path short enough and without whitespace under {tempfile.gettempdir()} or /tmp; set "
+                  f"TMPDIR to a short directory")
+
+
+def _socket_path_ok(directory: Path) -> bool:
+    return bindable(directory / "control.sock") and not any(char.isspace() for char in str(directory))
 
 
 def bindable(path: Path) -> bool:

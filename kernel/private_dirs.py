@@ -85,12 +85,12 @@ def others_can_write_file(path: Path) -> str | None:
     return None
 
 
-def process_scratch_dir(name: str) -> Path:
-    """A fresh directory for this process alone in own_temp_dir(`name`), held (an flock on its SCRATCH_LOCK) until
-    remove_scratch_dir or the process's end. A process killed with SIGKILL cannot remove its own: those no process
-    holds any more are removed here first, so they never pile up. A lock, not a pid, says who is alive: a pid is
-    reused, and another pid namespace (a container sharing the temp dir) has its own."""
-    parent = own_temp_dir(name)
+def process_scratch_dir(name: str, temp: str | None = None) -> Path:
+    """A fresh directory for this process alone in own_temp_dir(`name`, `temp`), held (an flock on its
+    SCRATCH_LOCK) until remove_scratch_dir or the process's end. A process killed with SIGKILL cannot remove its
+    own: those no process holds any more are removed here first, so they never pile up. A lock, not a pid, says who
+    is alive: a pid is reused, and another pid namespace (a container sharing the temp dir) has its own."""
+    parent = own_temp_dir(name, temp=temp)
     for entry in parent.iterdir():
         _remove_if_abandoned(entry)
     while True:

@@ -15,11 +15,12 @@ from typing import Any
 from .messages import SUMMARY_NAME, kept_dir_name, kept_name
 
 
-def own_temp_dir(name: str, create: bool = True) -> Path | None:
-    """`name` in the temporary directory ($TMPDIR, /tmp), an owner-only directory of this user's, made if missing
-    and `create`. Not /tmp itself: a name there that another user can make first is one they can read or forge.
-    PermissionError when the one there is not ours or not owner-only; None when there is none and not `create`."""
-    path = Path(tempfile.gettempdir()) / name
+def own_temp_dir(name: str, create: bool = True, temp: str | None = None) -> Path | None:
+    """`name` in the temporary directory ($TMPDIR, /tmp; or `temp`), an owner-only directory of this user's, made if
+    missing and `create`. Not /tmp itself: a name there that another user can make first is one they can read or
+    forge. PermissionError when the one there is not ours or not owner-only; None when there is none and not
+    `create`."""
+    path = Path(temp or tempfile.gettempdir()) / name
     if create:
         try:
             os.mkdir(path, 0o700)

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from trainbus.kernel.config import PluginConfig
+from trainbus.kernel.credentials import socket_dir
 from trainbus.kernel.journal import read_events
+from trainbus.kernel.private_dirs import remove_scratch_dir
 from trainbus.kernel.session import run_training
 from trainbus.sdk.attach import SOCKETS_LINE
 
@@ -224,3 +228,23 @@ def test_a_command_plugin_that_exits_before_its_hello_is_said_with_the_last_line
     crashes = result.plugins["gone"]["crashes"]
     assert crashes and crashes[0].startswith("exit code 2; its log's last line: ") and "can't open file" in crashes[0] \
         and str(missing) in crashes[0], result.plugins["gone"]
+
+
+def test_a_run_whose_temp_dir_holds_a_space_still_names_its_sockets_in_a_line_the_pattern_reads(
+        tmp_path, monkeypatch):
+    """[C111] A run directory too long for a socket path, or holding a space, has its sockets in the temp dir; one
+    whose $TMPDIR held a space too (`/Users/Jo Doe/tmp`) had them there, and kernel.log's line named them with the
+    space: §2's pattern (`\\S+` an endpoint) matched no line, so no client attached by hand found the run."""
+    spaced_temp = Path(tempfile.mkdtemp(prefix="tb temp-", dir="/tmp"))  # short: the socket paths fit under it
+    monkeypatch.setattr(tempfile, "tempdir", str(spaced_temp))  # what $TMPDIR sets
+    run_dir = tmp_path / "my runs" / "20260101-000000-abcdef"
+    run_dir.mkdir(parents=True)
+    sockets = socket_dir(run_dir)
+    try:
+        line = (f"2026-01-01 00:00:00,000 INFO trainbus.kernel: sockets: events ipc://{sockets}/events.sock "
+                f"control ipc://{sockets}/control.sock bursts ipc://{sockets}/bursts.sock")
+        assert re.fullmatch(SOCKETS_LINE, line), line
+        assert len(str(sockets / "control.sock").encode()) < 100  # still a path a Unix socket takes
+    finally:
+        remove_scratch_dir(sockets)
+        shutil.rmtree(spaced_temp, ignore_errors=True)
