@@ -937,3 +937,55 @@ def test_every_data_key_a_real_run_sends_is_named_in_its_events_row(short_runs):
             unnamed |= {f"{event.type}.cluster.{key}" for key in event.data["cluster"]
                         if f"`{key}`" not in rows[event.type]}
     assert not unnamed, f"PROTOCOL.md §6 does not name: {sorted(unnamed)}"
+
+
+def test_every_refusal_code_a_local_peer_meets_is_named_in_the_protocol(short_runs, tmp_path, kernels):  # noqa: F811
+    """[C112] §2 and §7.2 tell a client to match `refused.code`, not the reason (which quotes a name that may say
+    anything): each code a local peer can be refused with is named in PROTOCOL.md, so a client in another language
+    knows what to match. A wrong secret, a spawned plugin's name, a reply not declared, a persister's message
+    without the capability, a settlement of no save_checkpoint, a peer never welcomed."""
+    spec = (Path(__file__).resolve().parents[1] / "proto" / "PROTOCOL.md").read_text(encoding="utf-8")
+    cfg = config(short_runs, plugins=[resolve_plugin("metrics_log", {})], epochs=1, step_sleep_s=0.0)
+    gate = tmp_path / "gate"
+    open_gate(gate, 0)  # held before its first batch while the peers are refused
+    cfg.hyperparameters["gate"] = str(gate)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    wait_sockets(kernel)
+    credential = attach_credential(kernel.run_dir)
+    kernel.wait_event("plugin_ready", lambda e: e.data["plugin"] == "metrics_log", timeout_s=120)
+    peers = [Intruder(kernel.run_dir, f"codes-{i}") for i in range(4)]
+    try:
+        codes = []
+
+        def refused(peer: Intruder) -> None:
+            codes.append(peer.wait_reply("refused")["code"])
+
+        peers[0].hello("codes-a", "00" * 32)
+        refused(peers[0])
+        peers[1].hello("metrics_log", credential)
+        refused(peers[1])
+        peers[2].send("heartbeat")
+        refused(peers[2])
+        peers[3].hello("codes-d", credential, replies=[])
+        peers[3].wait_reply("welcome")
+        peers[3].send("log", level="info", text="not declared")
+        refused(peers[3])
+        settlement = dict(seq=1, path=str(kernel.run_dir / "checkpoints" / "x.pt"), step=0, epoch=0,
+                          sha256="0" * 64, size=1)
+        peers[3].send("checkpoint_saved", **settlement)
+        refused(peers[3])
+        peers[3].hello("codes-d", credential, replies=[], capabilities=["checkpoint"])
+        peers[3].wait_reply("welcome")
+        peers[3].send("checkpoint_saved", **settlement)
+        refused(peers[3])
+        assert len(set(codes)) == 6, codes
+        unnamed = [code for code in codes if f"`{code}`" not in spec]
+        assert not unnamed, f"PROTOCOL.md does not name the refusal codes {unnamed} (of {codes})"
+        peers[3].send("bye", reason="done")
+        peers[3].wait_reply("farewell")
+    finally:
+        for peer in peers:
+            peer.close()
+        open_gate(gate, 10**6)
+    assert kernel.result(timeout_s=180)["status"] == "completed"
