@@ -7,6 +7,7 @@ Nothing from a peer that was not welcomed is acted on, and a welcomed peer only 
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import time
 from typing import Any
@@ -37,7 +38,6 @@ MALFORMED_LOGGED = 10  # malformed messages logged; the rest are counted
 TOLD_MAX = 1024  # (peer, refusal, message type) keys logged once; a flood of new identities is only counted
 REFUSAL_REPEAT_S = 1.0  # a refusal is told again to the same peer for the same reason at most this often
 COMMAND_IDS_KEPT = 4096  # (sender, id) of stop/checkpoint_now commands seen: a resent one is ignored
-COMMAND_ID_MAX_CHARS = 128  # of an id, what is remembered (the memory kept is bounded whatever peers send)
 VOTES_TOLD_MAX = 1024  # names told that some of their votes are never waited for (more names: not told again)
 # A daemon's request (kernel/daemon_client.py: a msgpack map whose first key is "op") sent to a run's port, as
 # `daemon status --remote` given a run's --listen endpoint does: malformed here, and dropped unanswered the client
@@ -291,7 +291,10 @@ class Dispatcher:
 
     def _on_reply(self, peer: Peer, msg: dict[str, Any]) -> None:
         if msg["id"]:  # a command resent (a client retrying after a reconnect, or replaying it) acts once
-            sent = (peer.user_id or peer.name, msg["id"][:COMMAND_ID_MAX_CHARS])
+            # a digest of the whole id: bounded memory whatever peers send, and ids that share a long prefix
+            # (a long name and a counter) stay distinct commands
+            digest = hashlib.blake2b(msg["id"].encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            sent = (peer.user_id or peer.name, digest)
             if sent in self._command_ids:
                 self.counters["duplicate_command"] += 1
                 return

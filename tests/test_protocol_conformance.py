@@ -989,3 +989,30 @@ def test_every_refusal_code_a_local_peer_meets_is_named_in_the_protocol(short_ru
             peer.close()
         open_gate(gate, 10**6)
     assert kernel.result(timeout_s=180)["status"] == "completed"
+
+
+def test_commands_whose_ids_differ_only_past_their_first_128_characters_are_each_acted_on(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """[C113] §7.1: the kernel acts once per (sender, id). It remembered ids cut to 128 characters, so two commands
+    whose ids shared those (an id made of a long name and a counter) were one, the second dropped as a duplicate
+    unanswered; every checkpoint_now is answered (§7.1), each distinct id's included."""
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels)
+    try:
+        client.hello(NAME, attach_credential(kernel.run_dir), replies=["checkpoint_now"])
+        client.wait_reply("welcome")
+        prefix = "n" * 200 + "-command-"
+        answers = []
+        for step, n in ((2, 1), (4, 2)):
+            client.send("checkpoint_now", reason=f"number {n}", id=f"{prefix}{n}")
+            open_gate(gate, step)
+            answers.append(client.wait_event(lambda e: e["type"] in ("checkpoint_skipped", "save_checkpoint")
+                                             and e["seq"] > max([a["seq"] for a in answers], default=0),
+                                             timeout_s=60))
+        client.send("checkpoint_now", reason="number 2 again", id=f"{prefix}2")  # the same id: acted on once
+        client.send("bye", reason="done")
+        client.wait_reply("farewell")
+    finally:
+        client.close()
+        open_gate(gate, 10**6)
+    result = kernel.result(timeout_s=180)
+    assert result["status"] == "completed" and result["bus"].get("duplicate_command") == 1, result["bus"]
