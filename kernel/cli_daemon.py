@@ -194,7 +194,9 @@ def daemon_submit(
     twice = _option_given_twice(["run", *ctx.args])  # the command `trainbus run` would refuse, once started there
     if twice:
         raise UserError(f"the command's {twice}; nothing was submitted")
-    target = _remote(remote, key, server_key)
+    # the daemon appends its own --runs-dir, which wins: one in ARGS (before or after `--`) would be dropped unsaid
+    runs_dir_given = any(word.partition("=")[0] == "--runs-dir" for word in ctx.args)
+    target = _remote(remote, key, server_key, Path(".") if runs_dir_given else None)
     if target is None:
         raise UserError("daemon submit is for a remote daemon (--remote); here, use `trainbus run ... --detach`")
     answer = _ask(Path("."), target, "submit", argv=list(ctx.args), gpus=gpus, max_resumes=max_resumes)

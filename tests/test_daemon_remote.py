@@ -336,6 +336,12 @@ def test_remote_options_given_where_they_do_nothing_are_refused_in_one_line(tmp_
                    "--server-key", str(key), check=False)
         assert one_error_line(done).startswith("error: --runs-dir is for a daemon on this host: a remote daemon "
                                                "serves its own runs directory; leave --runs-dir out"), done.stderr
+    # submit's --runs-dir, before `--` or after it, went into the command the daemon runs, which appends its own
+    for words in (["--runs-dir", str(runs), "--", "train.py:build"], ["--", "train.py:build", f"--runs-dir={runs}"]):
+        done = cli("daemon", "submit", "--remote", "127.0.0.1:9", "--key", str(key), "--server-key", str(key), *words,
+                   check=False)
+        assert one_error_line(done).startswith("error: --runs-dir is for a daemon on this host: a remote daemon "
+                                               "serves its own runs directory; leave --runs-dir out"), done.stderr
 
 
 def test_an_empty_key_file_or_a_remote_command_giving_an_option_twice_is_refused_before_anything_is_sent(tmp_path):
