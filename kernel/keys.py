@@ -102,8 +102,9 @@ class KeyStore:
         revoked = [key for key in self.clients(unreadable=True) if key.name == name and key.role == REVOKED]
         if revoked:  # a second revoke: not a typo's "no such key", which keys list would contradict
             raise KeyFileError(f"client key {name!r} is revoked already ({revoked[-1].path}): it lets nothing in; "
-                               f"`trainbus keys list` shows the keys")
-        raise KeyFileError(f"no client key named {name!r} in {self.directory}; `trainbus keys list` shows them")
+                               f"`trainbus keys list{self.keys_dir_option}` shows the keys")
+        raise KeyFileError(f"no client key named {name!r} in {self.directory}; "
+                           f"`trainbus keys list{self.keys_dir_option}` shows them")
 
     def clients(self, unreadable: bool = False) -> list[ClientKey]:
         """Every client key, authorized (by role) and revoked. A file gone by the time it is read (a revoke moved

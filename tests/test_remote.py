@@ -1098,11 +1098,13 @@ def test_revoking_a_key_revoked_already_says_so_not_that_there_is_no_such_key(tm
     store.revoke("bob")
     again = keys_cli("revoke", "bob", "--keys-dir", str(tmp_path / "k"))
     [kept] = (tmp_path / "k" / "revoked").glob("bob~*.key")
+    # the `keys list` suggested lists this --keys-dir, not the default directory
     assert (again.returncode, again.stdout, again.stderr) == (2, "", (
-        f"error: client key 'bob' is revoked already ({kept}): it lets nothing in; `trainbus keys list` shows the "
-        f"keys\n"))
+        f"error: client key 'bob' is revoked already ({kept}): it lets nothing in; `trainbus keys list --keys-dir "
+        f"{tmp_path / 'k'}` shows the keys\n"))
     typo = keys_cli("revoke", "bobb", "--keys-dir", str(tmp_path / "k"))
-    assert typo.returncode == 2 and "no client key named 'bobb'" in typo.stderr, typo.stderr
+    assert typo.returncode == 2 and typo.stderr == (f"error: no client key named 'bobb' in {tmp_path / 'k'}; `trainbus "
+                                                    f"keys list --keys-dir {tmp_path / 'k'}` shows them\n"), typo.stderr
 
 
 def test_a_remote_client_with_no_server_key_here_is_told_to_give_server_key(tmp_path):
