@@ -327,6 +327,9 @@ def _submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) ->
     where = str(runs_dir.resolve())  # printed as it is (print, not rich)
     if told:
         print(f"trainbus: queued run {run_id} for the daemon of {where}", file=sys.stderr)
+    elif (stuck := daemon_client.unanswering(runs_dir)) is not None:  # `daemon start` would say one serves it
+        print(f"trainbus: queued run {run_id}; {stuck[1]}; it starts the run once it answers (`trainbus daemon "
+              f"status --runs-dir {shlex.quote(where)}` says when)", file=sys.stderr)
     else:
         print(f"trainbus: queued run {run_id}; no daemon serves {where} yet: start one with "
               f"`trainbus daemon start --runs-dir {shlex.quote(where)}`", file=sys.stderr)

@@ -886,6 +886,14 @@ def test_a_daemon_that_holds_its_runs_dir_but_does_not_answer_is_said_alive_not_
         assert stop.returncode == 2 and stop.stderr.startswith(f"error: daemon pid {pid} holds {runs} but did not "
                                                                f"answer"), (stop.stdout, stop.stderr)
         assert f"`kill {pid}`" in stop.stderr, stop.stderr
+        # a run queued meanwhile was told to `daemon start` one, which would say that one serves the directory
+        queued = impatient("run", "--detach", "--epochs", "1", "--runs-dir", str(runs))
+        assert queued.returncode == 0, (queued.stdout, queued.stderr)
+        run_id = queued.stdout.strip()
+        assert queued.stderr.startswith(f"trainbus: queued run {run_id}; daemon pid {pid} holds {runs} but did not "
+                                        f"answer"), queued.stderr
+        assert "it starts the run once it answers" in queued.stderr, queued.stderr
+        cli("daemon", "cancel", run_id, "--runs-dir", str(runs))  # the registry, not the daemon: it still sleeps
     finally:
         os.kill(pid, signal.SIGCONT)
     assert cli("daemon", "status", "--runs-dir", str(runs)).stdout.startswith(f"daemon pid {pid} serves")
