@@ -549,28 +549,31 @@ class Daemon:
             return {}
 
 
-def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False) -> str | None:
+def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False, remote: bool = False) -> str | None:
     """Why the run in run_dir cannot be resumed now, in one line with the fix; None when it can: it is still going
     (unless `rank`: a rank of --nproc sees rank 0's kernel, its own run), its resume waits in the queue, or it
-    has trained every epoch it planned and `epochs` asks for no more."""
+    has trained every epoch it planned and `epochs` asks for no more. `remote`: said to a key's `daemon submit`,
+    whose fixes are the remote commands (it has no `runs stop` or `run` on the daemon's host)."""
     run = run_overview(run_dir)
+    stop = f"trainbus daemon cancel {run_dir.name} --remote ..." if remote else f"trainbus runs stop {run_dir.name}"
     if run["status"] == "running" and not rank:
         return (f"run {run_dir.name} is still going" + (f" (kernel pid {run['pid']})" if run.get("pid") else "")
-                + f": wait for it to end, or stop it with `trainbus runs stop {run_dir.name}`")
+                + f": wait for it to end, or stop it with `{stop}`")
     try:
         queued = queued_job(run_dir.parent, run_dir.name) == run_dir.name
     except (sqlite3.Error, RegistryError, OSError):  # an unreadable queue: the journal's lock stands
         queued = False
     if queued:  # resumed now, the daemon would resume it again afterwards (and fail: nothing left to resume)
         return (f"run {run_dir.name} is queued for the daemon to resume: take it off the queue first "
-                f"(`trainbus runs stop {run_dir.name}`), or let the daemon resume it")
+                f"(`{stop}`), or let the daemon resume it")
     checkpointed = has_checkpoints(run_dir)
     done = run.get("epochs_completed") or 0
+    longer = (f"trainbus daemon submit --remote ... -- --resume {run_dir.name} --epochs N" if remote
+              else f"trainbus run --resume {run_dir.name}{_runs_dir_option(run_dir)} --epochs N")
     if run["status"] == "completed" and (epochs is None or epochs <= done):
         return (f"run {run_dir.name} has completed ({done} epoch{'s' * (done != 1)}); nothing to resume " + (
-            f"(to train it longer: `trainbus run --resume {run_dir.name}{_runs_dir_option(run_dir)} --epochs N` with "
-            f"N above {done})" if checkpointed else "(it has no checkpoint to train on from: run it again, with more "
-                                                    "epochs)"))
+            f"(to train it longer: `{longer}` with N above {done})" if checkpointed
+            else "(it has no checkpoint to train on from: run it again, with more epochs)"))
     if not checkpointed:  # what its kernel would refuse with, once started: said at submission
         return no_checkpoints(run_dir.name, run_dir)
     if epochs is not None and epochs <= done and not rank:  # it would "complete" having trained nothing

@@ -374,7 +374,7 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
     if isinstance(continued, str):
         return {"ok": False, "error": continued}
     if continued is not None:  # `--resume RUN`: that run goes on in place, under its own id (as `run --detach`)
-        why = why_not_resumable(continued, epochs_of(argv))  # what `run --resume RUN --detach` says at once
+        why = why_not_resumable(continued, epochs_of(argv), remote=True)  # what `run --resume RUN --detach` says
         if why:
             return {"ok": False, "error": why}
         run_id, resumes = continued.name, continued

@@ -242,6 +242,9 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
     done = over_tcp(pilot, "submit", "--", "--resume", run_id[:-1])  # checked as locally: nothing to resume
     assert done.returncode == 2 and f"run {run_id} has completed (1 epoch); nothing to resume" in done.stderr, \
         done.stderr
+    # the fix it names is the remote key's own command, not `trainbus run --resume` on the daemon's host
+    assert f"(to train it longer: `trainbus daemon submit --remote ... -- --resume {run_id} --epochs N` with N above " \
+           f"1)" in done.stderr, done.stderr
     resumed = over_tcp(pilot, "submit", "--", "--resume", run_id[:-1], "--epochs", "2")
     assert resumed.returncode == 0 and resumed.stdout.strip() == run_id, (resumed.stdout, resumed.stderr)
 
