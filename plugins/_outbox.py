@@ -72,6 +72,10 @@ class SmtpConfig:
                                   f"to {self.host} in plain text, for anyone on the path to read: set security = "
                                   f"\"starttls\" (port 587) or \"ssl\" (465); plain text only to a relay on this "
                                   f"machine (host = \"localhost\")")
+        if self.password_file and not self.username:
+            raise SmtpConfigError(f"email password_file {Path(self.password_file).expanduser()} is set but username "
+                                  f"is not: no login is made, so no password is read; set username (the SMTP "
+                                  f"login), or drop password_file")
         if self.username and self.password() is None:
             raise SmtpConfigError(f"email username {self.username!r} is set but no password is: export "
                                   f"{self.password_env or 'a variable named by password_env'} or set password_file")

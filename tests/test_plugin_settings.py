@@ -504,6 +504,12 @@ BAD_SETTINGS = {
         "plugin email: a password never goes in the config or on the command line (config.json and the process "
         "list would keep it); set password_env (the name of an environment variable holding it) or "
         "password_file (a file only you can read, mode 0600)"),
+    # no username, no login: the file was never read, and a missing one went unsaid till a server refused the mail
+    "a password file with no username": (
+        ["--plugins", "email", "--set", 'email.recipients=["ops@example.com"]', "--set",
+         "email.password_file=/nonexistent/smtp-password"],
+        "plugin email: email password_file /nonexistent/smtp-password is set but username is not: no login is made, "
+        "so no password is read; set username (the SMTP login), or drop password_file"),
     "a metrics log outside the run directory": (
         ["--plugins", "metrics_log", "--set", "metrics_log.filename=/tmp/metrics.jsonl"],
         "plugin metrics_log: filename = '/tmp/metrics.jsonl' is not allowed; it must be a string: a path inside the "
