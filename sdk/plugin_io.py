@@ -402,13 +402,14 @@ class PluginIO(threading.Thread):
             self._flush_outbox()
 
     def _flush_outbox(self) -> None:
+        # taken off once sent, not before: a send() on another thread meanwhile counts it, so the outbox keeps to its
+        # bound (OUTBOX_MAX_REPLIES) instead of growing by the one this thread was holding
         while self.outbox:
-            msg = self.outbox.popleft()
             try:
-                self.dealer.send(encode_control(msg), zmq.NOBLOCK)
+                self.dealer.send(encode_control(self.outbox[0]), zmq.NOBLOCK)
             except zmq.Again:  # kernel not reading: keep it for the next round
-                self.outbox.appendleft(msg)
                 return
+            self.outbox.popleft()
 
     def still_working(self) -> None:
         """The running handler said it is making progress (Plugin.still_working): restart its clock."""
