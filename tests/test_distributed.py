@@ -319,6 +319,20 @@ def _rank_pid_or_none(launcher: int, rank: int) -> int | None:
         return None
 
 
+def ctrl_c_once_it_waits(launch: Command, what: str, meanwhile: Callable[[], object] = lambda: None,
+                         timeout_s: float = 120) -> str:
+    """Ctrl-C to a --nnodes launch once it says what it waits for ("to meet at"), after `meanwhile`; its stderr.
+    The launch is killed whatever happens."""
+    try:
+        meanwhile()
+        wait_until(lambda: launch.stderr_path.is_file() and "to meet at" in launch.stderr_path.read_text(), 120,
+                   what, poll_s=0.2)
+        launch.send_signal(signal.SIGINT)
+        return launch.communicate(timeout=timeout_s)[1]
+    finally:
+        launch.kill()
+
+
 def signalled_after_a_step(proc: Command, runs: Path, sig: int,
                            whom: Callable[[Path], int]) -> tuple[Path, int]:
     """Once the run of `trainbus run --nproc` (proc) has trained a step, `sig` to whom(run_dir); then the
@@ -648,13 +662,7 @@ def test_a_launcher_killed_with_sigkill_leaves_no_files_behind_once_another_laun
     proc = Command("run", "--device", "cpu", "--runs-dir", str(runs), "--nnodes", "2", "--rdzv-endpoint", endpoint,
                    cwd=tmp_path, env={"TMPDIR": str(tmp)},
                    constants={"trainbus.kernel.launch_wait.WAITING_SAID_AFTER_S": SAID_AFTER_S})
-    try:
-        wait_until(lambda: proc.stderr_path.is_file() and "to meet at" in proc.stderr_path.read_text(), 120,
-                   "the next launch waiting for its other machine", poll_s=0.2)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    err = ctrl_c_once_it_waits(proc, "the next launch waiting for its other machine")
     assert proc.returncode == 130 and err.strip().endswith(f"to meet at {endpoint}; nothing was made"), err
     # (torchinductor_<user>: a cache torch keeps for the user, one for all launches)
     left = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.name.startswith("torchinductor_"))
@@ -794,14 +802,9 @@ def test_ranks_and_machines_waiting_for_others_that_never_come_say_so_and_stop_o
     machine = Command("run", f"{TESTS_DIR / 'specs.py'}:tiny", "--device", "cpu", "--runs-dir", str(machine_runs),
                       "--plugins", "", "--nnodes", "2", "--rdzv-endpoint", endpoint,
                       constants={"trainbus.kernel.launch_wait.WAITING_SAID_AFTER_S": SAID_AFTER_S})
-    try:
-        _ranks_waiting_for_others_that_never_come(tmp_path / "runs")
-        wait_until(lambda: machine.stderr_path.is_file() and "to meet at" in machine.stderr_path.read_text(), 120,
-                   "the line saying what the machine waits for", poll_s=0.2)
-        machine.send_signal(signal.SIGINT)
-        _, err = machine.communicate(timeout=60)
-    finally:
-        machine.kill()
+    err = ctrl_c_once_it_waits(machine, "the line saying what the machine waits for",
+                               meanwhile=lambda: _ranks_waiting_for_others_that_never_come(tmp_path / "runs"),
+                               timeout_s=60)
     assert machine.returncode == 130, err
     waiting, stopped = err.strip().splitlines()
     assert waiting.startswith("trainbus: has waited ") and f"--nnodes 2 to meet at {endpoint}: run this same" \
