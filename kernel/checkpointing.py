@@ -198,7 +198,7 @@ def has_checkpoints(run_dir: Path) -> bool:
     return any((d / MANIFEST).is_file() for d in checkpoint_directories(run_dir))
 
 
-FINAL_WEIGHTS = "final.pt"  # the trained weights a run ends with (kernel/session.py saves them)
+FINAL_WEIGHTS = "final.pt"  # the trained weights a run ends with (kernel/run_end.py saves them)
 
 
 def no_checkpoints(where: str, run_dir: Path | None = None) -> str:

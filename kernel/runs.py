@@ -41,7 +41,7 @@ SUMMARY = "summary.json"
 CONFIG = "config.json"
 STATUSES = ("running", "completed", "stopped", "failed", "interrupted", "died")
 
-# summary.json's fields as the kernel writes them (session.py RunResult), each of them may be null. One of another
+# summary.json's fields as the kernel writes them (run_end.py RunResult), each of them may be null. One of another
 # type (an edit by hand) makes the summary unreadable, as torn JSON does: what shows it would raise on it.
 NUMBER = (float, int)
 SUMMARY_FIELDS = {"duration_s": NUMBER, "outcome": dict, "plugins": dict, "undrained": dict, "bus": dict, "error": str}

@@ -1,4 +1,4 @@
-"""One run from start to end: run directory, bus and plugins, the loop, Ctrl-C, the summary."""
+"""One run from start to end: its device and ranks, run directory, bus and plugins, the loop, and how it ended."""
 
 from __future__ import annotations
 
@@ -7,43 +7,43 @@ import json
 import logging
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from trainbus.proto import JOURNAL_NAME, events as ev
-from trainbus.proto.kept_files import kept_dir, kept_dirs
-from trainbus.proto.messages import SUMMARY_NAME, kept_name
 from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir
 
 from .buffer_files import snapshot_directories
 from .bus import Bus
-from .checkpointing import FINAL_WEIGHTS, CheckpointError, find_checkpoint, has_checkpoints, load_checkpoint
+from .checkpointing import find_checkpoint, has_checkpoints
 from .cluster import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID, LAUNCHER_PID, ClusterError, detect
 from .config import (ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings, check_run,
                      check_runs_dir_private)
-from .distributed import AGREE_EVERY, GroupInterrupted, PortInUse, Ranks, broken_by_a_peer, distribute, join_group
+from .distributed import GroupInterrupted, PortInUse, Ranks, broken_by_a_peer, distribute, join_group
 from .failures import RANK_ERROR, rank_errors, what_failed, write_rank_error
 from .kernel_log import log_to, stop_logging_to
 from .journal import JournalInUse, check_free
-from .loop import DamagedCheckpoint, Loop, pick_device, restore_weights, resume_problem, seed_everything
+from .interrupts import Interrupts
+from .loop import Loop, pick_device, seed_everything
 from .keys import KeyStore
 from .memory import keep_freed_memory
 from .pids import gone_within, signalled_when_gone
 from .private_dirs import make_dirs
 from .rank_stacks import StackAnswer, ask_ranks
 from .remote import ListenError, check_listen
+from .resuming import restore_checkpoint
 from .registry import record_run
 from .run_bus import PLUGIN_EXIT_TIMEOUT_S, close_bus, listen_on, open_bus, wait_drained, wait_ready
+from .run_end import RunResult, reason, save_final_weights, write_summary
 from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers
 from .spec import SpecError, TrainingSpec, build_with_flags, is_user_file, load_target, user_code_error, user_trace
@@ -55,42 +55,11 @@ log = logging.getLogger("trainbus.kernel")
 RANK_0_GONE_S = 5.0  # a rank whose collective rank 0's death broke waits this long to see it gone (pids.gone_within)
 
 
-@dataclass
-class RunResult:
-    run_id: str
-    run_dir: str
-    status: str  # completed | stopped | failed | interrupted
-    duration_s: float
-    outcome: dict[str, Any]
-    plugins: dict[str, Any]
-    undrained: dict[str, int] = field(default_factory=dict)  # durable plugins that did not catch up
-    bus: dict[str, int] = field(default_factory=dict)
-    error: str | None = None
-    trace: str = ""  # a failure's traceback trimmed to the user's frames ("" when none of their code raised it)
-    cluster: dict[str, Any] = field(default_factory=dict)  # kernel/cluster.py: launcher, rank, world size, node
-
-
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
 RUN_ENV = ("RUN_ID", "RUN_DIR", "TRAINBUS_RUN_ID", "TRAINBUS_RUN_DIR")  # what user code sees while its run trains
-
-
-def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Each param group's settings (lr, weight_decay, betas, ...): what a checkpoint's optimizer state replaces."""
-    return [{k: v for k, v in group.items() if k != "params" and isinstance(v, (bool, int, float, str, tuple))}
-            for group in optimizer.param_groups]
-
-
-def settings_replaced(built: list[dict[str, Any]], restored: list[dict[str, Any]]) -> str:
-    """'lr 0.001 (built 0.1), ...': the settings a checkpoint's state changed from what the build gave, once each."""
-    said: dict[str, str] = {}
-    for before, after in zip(built, restored):
-        for key, value in before.items():
-            if key in after and after[key] != value and key not in said:
-                said[key] = f"{key} {after[key]!r} (built {value!r})"
-    return ", ".join(said.values())
 
 
 class InterruptedBeforeStart(Exception):
@@ -106,7 +75,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
     saved = {name: os.environ.get(name) for name in RUN_ENV}
     # From the start: a Ctrl-C while the user's build() imports or loads raised KeyboardInterrupt wherever it was
     # (a numpy import cut halfway then failed the build with a RecursionError); now it is a stop before the run.
-    interrupts = _Interrupts(install_sigint)
+    interrupts = Interrupts(install_sigint)
     held: list[int] = []  # a continued run's directory, locked while its kernel sets it up (check_not_running)
     try:
         return _run_training(cfg, run_id, interrupts, announce, continue_run, metric_settings, held)
@@ -121,7 +90,7 @@ def run_training(cfg: RunConfig, run_id: str | None = None, install_sigint: bool
                 os.environ[name] = value
 
 
-def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, announce: Callable[[str], None],
+def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, announce: Callable[[str], None],
                   continue_run: bool, metric_settings: dict[str, str] | None, held: list[int]) -> RunResult:
     """Train per the config with its plugins attached; never raises for what a plugin does.
 
@@ -144,20 +113,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     if cluster.distributed and os.environ.get(LAUNCHER_PID, "").isdigit():
         # a rank of `run --nproc`, whose launcher's end (a kill -9) is taken as its SIGTERM: the run ends interrupted
         signalled_when_gone(int(os.environ[LAUNCHER_PID]))
-    device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"device {cfg.device} requested but no CUDA GPU is visible; use --device cpu or auto")
-    if device.index is not None:
-        if cluster.distributed:
-            raise SpecError(ONE_GPU_PER_RANK.format(device=cfg.device))
-        if device.index >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            raise SpecError(f"device {cfg.device}, but {count} GPU{'s' * (count != 1)} {'are' if count != 1 else 'is'} "
-                            f"visible (cuda:0 to cuda:{count - 1}, as CUDA_VISIBLE_DEVICES numbers them); give one "
-                            f"of those")
-        torch.cuda.set_device(device)  # what the user's own .cuda() and torch's defaults take too
-    if device.type == "cuda" and cluster.distributed:
-        device = gpu_of_rank(cluster.local_rank, cluster.local_world_size, torch.cuda.device_count())
+    device = _device_for(cfg, cluster)
     ranks = None
     if cluster.distributed:
         interrupts.joining = True
@@ -231,7 +187,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
             stale.unlink(missing_ok=True)
     if ranks is not None:  # rank 0's pick: a checkpoint landing meanwhile (a killed run's writer) must not split them
         resume_from = ranks.share(resume_from)
-    resume_state = _restored(spec, resume_from, cfg, flags, cluster.world_size, continue_run, warnings) \
+    resume_state = restore_checkpoint(spec, resume_from, cfg, flags, cluster.world_size, continue_run, warnings) \
         if resume_from else None
     if interrupts.count:  # Ctrl-C (or SIGTERM) while it was set up: leave before anything is made (every rank here)
         raise InterruptedBeforeStart(f"{interrupts.first} before the run began; nothing was made")
@@ -350,16 +306,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
     # which stopped training at a step boundary: what it trained is whole, and may be all there is of it.
     final_in_place = False
     if status in ("completed", "stopped") or bus.failure is not None:
-        final = run_dir / FINAL_WEIGHTS
-        saved_to, why = _keep_final_weights(spec, loop, final, run_id)
-        final_in_place = saved_to == final
-        if bus.failure is not None:
-            error += f"; the weights as trained to step {loop.step} are in {saved_to}" if saved_to else ""
-        elif why is not None:  # a full disk at the end of a long run: say so, keep them, close cleanly
-            moved = f"; they were saved to {saved_to} instead: move them there once it has space" if saved_to else ""
-            status, error = "failed", f"training {status}, but the final weights could not be saved to {final}: " \
-                                      f"{why}{moved}"
-            log.error("%s", error)
+        status, error, final_in_place = save_final_weights(spec, loop, run_dir, run_id, status, error,
+                                                           journal_failed=bus.failure is not None)
     drain_started = time.monotonic()
     undrained = wait_drained(bus, cfg.drain_timeout_s if status != "interrupted" else 2.0, abort=interrupts.hurry)
     # While the journal's disk still refuses the final event no plugin can reach it (nothing is published before it
@@ -376,81 +324,29 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: _Interrupts, a
                        duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
                        plugins=_plugin_summary(bus), undrained=undrained, bus=_counters(bus), error=error,
                        trace=trace, cluster=cluster.describe())
-    _write_summary(run_dir, result, final_in_place)
+    write_summary(run_dir, result, final_in_place)
     record_run(run_dir)  # the run registry: how it ended
     stop_logging_to(handler)
     return result
 
 
-def _restored(spec: TrainingSpec, resume_from: Path, cfg: RunConfig, flags: dict[str, Any], world_size: int,
-              continue_run: bool, warnings: list[str]) -> dict[str, Any]:
-    """The checkpoint's state, its weights and optimizer state put into the spec's; CheckpointError for one that is
-    not trainbus's, or whole, or does not fit the model, ConfigError for one a new run would train nothing from.
-    What the user should know (settings the optimizer goes on with, another number of processes) goes to warnings."""
-    resume_state = load_checkpoint(resume_from)
-    built = optimizer_settings(spec.optimizer)
-    try:
-        restore_weights(spec, resume_state)
-    except DamagedCheckpoint as exc:
-        raise CheckpointError(f"refusing checkpoint {resume_from}: {exc}; is it a checkpoint trainbus wrote, and "
-                              f"whole?") from None
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint {resume_from} does not fit {cfg.target}'s model: {exc}; "
-                              f"{_trained_with(Path(resume_from), cfg.target, flags)}") from None
-    problem = resume_problem(resume_state["trainbus"])
-    if problem is not None:
-        raise CheckpointError(f"refusing checkpoint {resume_from}: {problem}; is it a checkpoint trainbus wrote, "
-                              f"and whole?")
-    # A new run from a checkpoint with other flags (continued in place, a run keeps its own: the CLI refuses
-    # others); with the same, a scheduler's moves of the lr are the saved state's, rightly
-    saved = resume_state.get("hyperparameters") or {}
-    flags_differ = any(saved.get(k) != spec.hyperparameters.get(k)
-                       for k in set(saved) | set(spec.hyperparameters) if k != "epochs")
-    replaced = settings_replaced(built, optimizer_settings(spec.optimizer)) if flags_differ else ""
-    if replaced and not continue_run:
-        warnings.append(f"the optimizer goes on as {resume_from} saved it, its settings with its state: "
-                        f"{replaced}, not what this run's build gave it; a new run without --resume trains "
-                        f"with those")
-    trained = resume_state.get("trainbus") or {}
-    saved_world = len(trained.get("rank_rng") or []) or 1  # a checkpoint of one process has none
-    if saved_world != world_size:  # allowed (4 GPUs, then 2), but not the run it would have been
-        warnings.append(f"{resume_from} was saved by {_processes(saved_world)} and this run trains in "
-                        f"{_processes(world_size)}: an epoch is shared out anew (a step counts each "
-                        f"process's batch), and the data order and random streams are not those "
-                        f"{saved_world} would have had; resume in {saved_world} (--nproc {saved_world}, or as "
-                        f"many torchrun or srun ranks) to go on exactly")
-    if not continue_run and trained.get("epoch_complete") and trained.get("epoch", 0) >= spec.epochs:
-        raise ConfigError(f"checkpoint {resume_from} ends epoch {trained['epoch']} and this run trains "
-                          f"{spec.epochs}: a new run from it would train nothing; give --epochs above "
-                          f"{trained['epoch']}")
-    return resume_state
-
-
-def _write_summary(run_dir: Path, result: RunResult, final_in_place: bool) -> None:
-    """summary.json, whole or not at all: on a full disk it goes where the weights and the held events go, and the
-    terminal says where."""
-    run_id, status = result.run_id, result.status
-    summary, text = run_dir / "summary.json", json.dumps(asdict(result), indent=2) + "\n"
-    try:
-        summary.write_text(text)
-        _drop_superseded(run_id, final_in_place)
-    except OSError as exc:
-        summary.unlink(missing_ok=True)  # never a torn summary
-        # kept where the weights and the held events go, where `runs list` finds it (runs.kept_summary)
-        kept = None
-        try:
-            kept = kept_dir() / kept_name(run_id, SUMMARY_NAME)
-            kept.write_text(text)
-            moved = f"; it is in {kept}: move it there once the disk has space (`runs list` reads it there till then)"
-        except OSError:
-            if kept is not None:
-                kept.unlink(missing_ok=True)
-            moved = ""
-        print(f"trainbus: could not write {summary} ({_reason(exc)}); the run ended {status}{moved}", file=sys.stderr)
-
-
-def _processes(count: int) -> str:
-    return f"{count} process{'es' * (count != 1)}"
+def _device_for(cfg: RunConfig, cluster) -> torch.device:
+    """The device this process trains on: cfg.device, checked against the GPUs visible, or one GPU a rank."""
+    device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"device {cfg.device} requested but no CUDA GPU is visible; use --device cpu or auto")
+    if device.index is not None:
+        if cluster.distributed:
+            raise SpecError(ONE_GPU_PER_RANK.format(device=cfg.device))
+        if device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise SpecError(f"device {cfg.device}, but {count} GPU{'s' * (count != 1)} {'are' if count != 1 else 'is'} "
+                            f"visible (cuda:0 to cuda:{count - 1}, as CUDA_VISIBLE_DEVICES numbers them); give one "
+                            f"of those")
+        torch.cuda.set_device(device)  # what the user's own .cuda() and torch's defaults take too
+    if device.type == "cuda" and cluster.distributed:
+        device = gpu_of_rank(cluster.local_rank, cluster.local_world_size, torch.cuda.device_count())
+    return device
 
 
 def gpu_of_rank(local_rank: int, local_ranks: int, visible: int) -> torch.device:
@@ -488,7 +384,7 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
     stacks = StackAnswer(run_dir, ranks.rank) if ranks.rank in ranks.local_pids else None
     # A SIGTERM or Ctrl-C reaches every rank (torchrun and srun pass them on): rank 0 decides, and every rank
     # stops at the step it broadcasts; one rank stopping alone would leave the others waiting in a collective.
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _Interrupts.SIGNALS} \
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in Interrupts.SIGNALS} \
         if threading.current_thread() is threading.main_thread() else {}
     try:
         with keep_freed_memory(cfg.keep_freed_memory):
@@ -626,58 +522,12 @@ def _counters(bus: Bus) -> dict[str, int]:
     return counters
 
 
-def _keep_final_weights(spec, loop: Loop, path: Path, run_id: str) -> tuple[Path | None, str | None]:
-    """Where the trained weights went, and why not to `path` (None when they are there): when the run directory's
-    disk refuses them, the temporary directory ($TMPDIR, /tmp) is tried rather than lose them."""
-    try:
-        _save_final_weights(spec, loop, path)
-        return path, None
-    except (OSError, RuntimeError) as exc:
-        why = _reason(exc)
-    try:
-        elsewhere = kept_dir() / kept_name(run_id, path.name)
-        _save_final_weights(spec, loop, elsewhere)
-    except (OSError, RuntimeError) as exc:
-        log.error("the final weights could not be kept in the temporary directory either: %s", _reason(exc))
-        return None, why
-    return elsewhere, why
-
-
-def _drop_superseded(run_id: str, final_in_place: bool) -> None:
-    """An earlier session of this run kept its summary (and final weights) in kept_dir, its run directory's disk
-    being full; this one wrote its own in place, so those are stale, and left there they are what the earlier
-    session's message still tells the user to move back over the new ones."""
-    stale = [kept_name(run_id, SUMMARY_NAME)] + ([kept_name(run_id, FINAL_WEIGHTS)] if final_in_place else [])
-    for path in [directory / name for directory in kept_dirs() for name in stale]:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("could not remove %s, which this session supersedes: %s", path, _reason(exc))
-            continue
-        log.info("removed %s, kept there by an earlier session of this run: this one wrote its own", path)
-
-
-def _save_final_weights(spec, loop: Loop, path: Path) -> None:
-    """torch.save to a temporary name, then rename: never a partial file under the final name."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        # a file object: torch's error then carries the OSError (ENOSPC) as its context
-        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            torch.save({"model_state_dict": spec.model.state_dict(),
-                        "optimizer_state_dict": spec.optimizer.state_dict(), "epoch": loop.epoch, "step": loop.step}, f)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _make_runs_dir(path: Path, runs_dir: str) -> None:
     """The runs directory, made if missing; a ConfigError when it cannot be, or when others could change it."""
     try:
         make_dirs(path)
     except OSError as exc:
-        raise ConfigError(f"runs_dir {runs_dir}: cannot create {path} ({_reason(exc)}); pick a writable place "
+        raise ConfigError(f"runs_dir {runs_dir}: cannot create {path} ({reason(exc)}); pick a writable place "
                           f"with --runs-dir or [run] runs_dir") from None
     check_runs_dir_private(path, runs_dir)
 
@@ -687,125 +537,5 @@ def _make_dir(path: Path, runs_dir: str, **how) -> None:
     try:
         path.mkdir(**how)
     except OSError as exc:
-        raise ConfigError(f"runs_dir {runs_dir}: cannot create {path} ({_reason(exc)}); pick a writable place "
+        raise ConfigError(f"runs_dir {runs_dir}: cannot create {path} ({reason(exc)}); pick a writable place "
                           f"with --runs-dir or [run] runs_dir") from None
-
-
-def _reason(exc: Exception) -> str:
-    """What went wrong in the words users search for; torch wraps a failed write's OSError in a RuntimeError."""
-    cause = exc if isinstance(exc, OSError) else exc.__cause__ or exc.__context__
-    if isinstance(cause, OSError) and cause.strerror:
-        return f"{cause.strerror} (errno {cause.errno})"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _trained_with(checkpoint: Path, target: str, flags: dict[str, Any]) -> str:
-    """How to resume a checkpoint that does not fit `target` built with `flags`: with the target its run's
-    config.json names (a checkpoint in RUN_DIR/checkpoints/), and the flags of that run that differ from these
-    (`hidden=64` against a run of hidden=32 was told to give the target it was trained with: the same one); else
-    with the target it was trained with."""
-    try:
-        config = json.loads((checkpoint.parent.parent / "config.json").read_text())
-        trained, trained_flags = config.get("target"), config.get("flags")
-    except (OSError, ValueError, AttributeError):
-        trained, trained_flags = None, None
-    if isinstance(trained, str) and trained and trained != target:
-        return f"its run trained {trained}: `trainbus run {trained} --resume {checkpoint}`"
-    if trained == target and isinstance(trained_flags, dict):
-        words = [f"{name}={value if isinstance(value, str) else json.dumps(value)}"
-                 for name, value in trained_flags.items()
-                 # epochs: what the new run trains, beyond the checkpoint's (its own epochs would train none)
-                 if name in flags and flags[name] != value and name != "epochs"]
-        if words:
-            return (f"its run trained {target} with {' '.join(words)}: `trainbus run {target} "
-                    f"{' '.join(map(shlex.quote, words))} --resume {checkpoint}`")
-    return f"give the target it was trained with: `trainbus run TARGET --resume {checkpoint}`"
-
-
-class _Interrupts:
-    """First Ctrl-C or SIGTERM (kill, systemd stop, SLURM preemption, torchrun ending the group): stop at the
-    next batch boundary, let plugins drain, write the summary (interrupted). Second: stop at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, install: bool):
-        self.count = 0
-        self.first = ""  # the first signal's name: what the run's stop reason says
-        self.last = ""  # the latest one's: what a run ended at once says
-        self.started = False  # the run began (its directory and plugins exist): before, a first one stops the setup
-        self.closing = False  # training is over: a second Ctrl-C now hurries the shutdown instead of raising
-        self.joining = False  # waiting for the other ranks (distributed.join_group): the first one ends that wait
-        self.across_ranks = False  # one of several ranks: a stop lands where they next agree (distributed.AGREE_EVERY)
-        self._previous: dict[int, Any] = {}
-        # across ranks the launcher hands a signal to each: the machine's first rank says what it does, once
-        self._speaks = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
-        self._pid = os.getpid()
-        if install and threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
-
-    def _on_signal(self, signum, frame) -> None:
-        if os.getpid() != self._pid:
-            # a process forked from the kernel with this handler (a DataLoader's worker: a terminal's Ctrl-C reaches
-            # its whole process group): the kernel stops the run and its loaders' workers with it; said once, by it
-            self.count += 1
-            if self.count >= 2:  # twice: the worker ends as Python's own handler would end it
-                raise KeyboardInterrupt
-            return
-        self.count += 1
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        self.last = name
-        if self.count == 1:
-            self.first = name
-            if signum == signal.SIGTERM and os.environ.get(LAUNCH):
-                # `run --nproc`'s torchrun ends the group so when any rank exits (a failure, which is said with the
-                # run's end) as well as when it is itself stopped: the run's last line says which it was
-                return
-            if self.joining:  # join_group stops waiting at once, and the line that says so follows
-                return
-            message = ("training is over; the plugins are finishing (the last checkpoint, logs)" if self.closing
-                       else f"stopping where the ranks next agree (within {AGREE_EVERY} steps)"
-                       if self.started and self.across_ranks
-                       else "stopping at the next batch boundary" if self.started
-                       else "stopping once the model and data are built, before the run begins")
-            if self._speaks:
-                os.write(2, f"\ntrainbus: {name}: {message} ({name} again to stop now)\n".encode())
-            return
-        if self.closing and self._speaks:
-            os.write(2, f"\ntrainbus: {name} again: not waiting for the plugins\n".encode())
-        if not self.closing:
-            raise KeyboardInterrupt
-
-    def begin_closing(self) -> None:
-        self.closing = True
-
-    @property
-    def installed(self) -> bool:
-        return bool(self._previous)
-
-    def what_raised(self, exc: KeyboardInterrupt) -> str:
-        """The run's error for a KeyboardInterrupt out of training: a second signal (ours), Python's own Ctrl-C
-        (run_training called without our handler: a notebook), or the training code raising it itself."""
-        if self.count >= 2:
-            return f"interrupted (a second {self.last})"
-        if not self.installed:  # Python's own handler: a Ctrl-C and a raise look alike
-            return f"interrupted (KeyboardInterrupt{': ' + str(exc) if str(exc) else ''})"
-        return "interrupted: the training code raised KeyboardInterrupt" + (f" ({exc})" if str(exc) else "")
-
-    def hurry(self) -> bool:
-        """Ctrl-C twice in all: stop waiting for plugins. Once, even after training ended, lets them drain (the
-        last checkpoint may be being written), as the first Ctrl-C always does."""
-        return self.count >= 2
-
-    def requested(self) -> str:
-        """The first signal's name ("Ctrl-C", "SIGTERM"); "" while none came."""
-        return self.first
-
-    def restore(self) -> None:
-        for sig, previous in self._previous.items():
-            if sig == signal.SIGTERM and os.environ.get(LAUNCH):
-                # torchrun's, as another rank exits: this rank has only to say how the run ended and exit, which
-                # that signal would cut short (torchrun kills it after 30 s all the same)
-                previous = signal.SIG_IGN
-            signal.signal(sig, previous)
-        self._previous = {}

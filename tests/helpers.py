@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from trainbus.kernel.config import RunConfig
-from trainbus.kernel.session import FINAL_WEIGHTS
+from trainbus.kernel.checkpointing import FINAL_WEIGHTS
 
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 

@@ -33,12 +33,12 @@ from conftest import TESTS_DIR
 from fixture_targets import open_gate, paced_digits
 from helpers import PLUGIN_START_S, assert_same_weights, run_config, seeded_rng
 from kernel_process import Command, KernelProcess, cli, of, process_gone, wait_until
-from trainbus.kernel.checkpointing import find_checkpoint, load_checkpoint
+from trainbus.kernel.checkpointing import FINAL_WEIGHTS, find_checkpoint, load_checkpoint
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.runs import run_overview
 from trainbus.kernel.loop import Loop
-from trainbus.kernel.session import FINAL_WEIGHTS, run_training
+from trainbus.kernel.session import run_training
 from trainbus.kernel.spec import build_spec
 from trainbus.kernel.supervisor import MAX_RESTARTS
 from trainbus.proto import Event, checkpoint_format

@@ -70,7 +70,7 @@ def test_the_summary_names_a_plugin_that_crashed_once_and_was_not_restarted_befo
     # the restart backoff (0.25 s), so it crashed once and was never restarted. A run cannot be made to end inside
     # that window every time, so the summary is printed from its entry.
     from trainbus.kernel.cli_run import _print_summary
-    from trainbus.kernel.session import RunResult
+    from trainbus.kernel.run_end import RunResult
 
     outcome = {"epochs_completed": 2, "steps": 6, "stop_reasons": [], "validation_loss": None, "validation_metrics": {}}
     late = {"state": "exited", "restarts": 0, "crashes": ["exit code 3"], "errors_logged": 0}
@@ -81,7 +81,7 @@ def test_the_summary_names_a_plugin_that_crashed_once_and_was_not_restarted_befo
 
 def test_the_summary_of_a_run_without_validation_gives_its_training_loss_and_metrics(capsys):
     from trainbus.kernel.cli_run import _print_summary
-    from trainbus.kernel.session import RunResult
+    from trainbus.kernel.run_end import RunResult
 
     outcome = {"epochs_completed": 2, "steps": 6, "stop_reasons": [], "validation_loss": None, "validation_metrics": {},
                "training_loss": 0.25, "training_metrics": {"accuracy": 0.875}}

@@ -29,7 +29,8 @@ from trainbus.kernel.plugin_guard import ORPHAN_KILL_AFTER_S, ORPHAN_TERM_AFTER_
 from trainbus.proto import JOURNAL_NAME
 from trainbus.kernel.runs import run_overview
 from trainbus.kernel.run_bus import PLUGIN_EXIT_TIMEOUT_S
-from trainbus.kernel.session import FINAL_WEIGHTS, run_training
+from trainbus.kernel.checkpointing import FINAL_WEIGHTS
+from trainbus.kernel.session import run_training
 from trainbus.kernel.supervisor import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S, MAX_RESTARTS
 
 import fixture_plugins
