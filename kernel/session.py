@@ -25,7 +25,7 @@ from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir
 from .buffer_files import snapshot_directories
 from .bus import Bus
 from .checkpointing import find_checkpoint, has_checkpoints
-from .cluster import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID, LAUNCHER_PID, ClusterError, detect
+from .cluster import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID, LAUNCHER_PID, Cluster, ClusterError, detect
 from .config import (ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings, check_run,
                      check_runs_dir_private)
 from .distributed import GroupInterrupted, PortInUse, Ranks, broken_by_a_peer, distribute, join_group
@@ -114,18 +114,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
         # a rank of `run --nproc`, whose launcher's end (a kill -9) is taken as its SIGTERM: the run ends interrupted
         signalled_when_gone(int(os.environ[LAUNCHER_PID]))
     device = _device_for(cfg, cluster)
-    ranks = None
-    if cluster.distributed:
-        interrupts.joining = True
-        try:
-            ranks = join_group(cluster, device, lambda: interrupts.count > 0, announce)
-            interrupts.across_ranks = True
-        except GroupInterrupted as exc:
-            raise InterruptedBeforeStart(f"{interrupts.first}: {exc}; nothing was made") from None
-        except PortInUse as exc:
-            raise ConfigError(str(exc)) from None
-        finally:
-            interrupts.joining = False
+    ranks = _join(cluster, device, interrupts, announce) if cluster.distributed else None
     run_id = run_id or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
     if ranks is not None:
         run_id = ranks.meet(run_id)  # rank 0's: one run, one directory
@@ -141,42 +130,10 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
             cfg.resume = str(run_dir)
     # The user's code (build, loaders, loss, metrics) sees where its run is, as plugins do: Guild's names and ours.
     os.environ.update(RUN_ID=run_id, RUN_DIR=str(run_dir), TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir))
-    try:
-        # The target is imported under the seed, then the build starts from it again: as when the command line
-        # imported it first, to read its flags (kernel/cli_run.py _apply_flags), so a script's top-level draws (a model
-        # made there) and its build's are the seed's either way.
-        load_target(cfg.target)
-        seed_everything(cfg.seed)
-        spec, flags = build_with_flags(cfg.target, dict(cfg.hyperparameters), cfg.epochs)
-    except KeyboardInterrupt as exc:
-        if interrupts.count or not interrupts.installed:  # our second Ctrl-C; or Python's own, a raise alike
-            raise
-        raise user_code_error(exc, cfg.target) from None  # the user's code raised it: their error, shown as one
-    runs_given = cfg.runs_dir  # as given, for the lines that name it; absolute once a chdir made that another place
-    if os.getcwd() != started_in:
-        _from_where_it_ran(cfg, started_in)
-        runs_given = str(runs_path)
-    if cfg.epochs is not None:
-        spec.epochs = cfg.epochs
-        spec.check_loaders_last()
-    check_metric_settings(spec.metric_names(), metric_settings or {})
-    if cfg.snapshot_dir and not (os.path.isdir(cfg.snapshot_dir) and os.access(cfg.snapshot_dir, os.W_OK)):
-        why = ("does not exist; create it" if not os.path.exists(cfg.snapshot_dir) else
-               "is a file, not a directory; give a directory" if not os.path.isdir(cfg.snapshot_dir) else
-               "is not writable by this user; give one that is")
-        raise ConfigError(f"snapshot_dir {cfg.snapshot_dir} {why}, or leave snapshot_dir empty for /dev/shm")
-    keys = KeyStore(keys_dir(cfg.keys_dir)) if cfg.listen else None
-    if keys is not None:
-        try:
-            check_listen(cfg.listen, keys)  # before anything starts: a key file others can read stops us here
-        except (ListenError, KeyFileError) as exc:
-            raise ConfigError(str(exc)) from None
+    spec, flags, runs_given = _build(cfg, interrupts, started_in, runs_path, metric_settings)
+    keys = _check_places(cfg)
     spec.model.to(device)  # before loading optimizer state, which follows its parameters' device
-    try:
-        stepper = Stepper(spec.model, spec.optimizer, device, cfg.precision, cfg.accumulate_grad_batches,
-                          cfg.gradient_clip_val, cfg.compile)
-    except SteppingError as exc:
-        raise ConfigError(str(exc)) from None
+    stepper = _stepper(spec, device, cfg)
     warnings: list[str] = []  # said on the terminal and in kernel.log once the run has one
     resume_from = find_checkpoint(cfg.resume, runs_given, warnings) if cfg.resume else None
     if continue_run and (ranks is None or ranks.is_main):
@@ -201,50 +158,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
             interrupts.restore()  # another rank stops where rank 0 decides; a signal acts on it as it always did
             return _run_other_rank(spec, stepper, ranks, device, cfg, resume_state, resume_from, run_id, run_dir)
 
-    # The TCP ports are bound before the run directory is made: a port already taken is one line and exit 2, with
-    # no run left behind that never began.
-    remote = listen_on(cfg.listen, keys) if keys is not None else None
-    try:
-        _make_runs_dir(runs_path, cfg.runs_dir)
-        if continue_run:
-            (run_dir / "summary.json").unlink(missing_ok=True)  # the run is going again
-        else:
-            _make_dir(run_dir, cfg.runs_dir)
-    except BaseException:
-        if remote is not None:
-            remote.close()
-        raise
-    handler = None
-    try:  # a full disk here is one line, and a new run directory is not left half made
-        run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints, sockets are nobody else's
-        write_kernel_pid(run_dir)  # `trainbus runs list`: a run without summary.json is running while this pid lives
-        recorded = _recorded_config(run_dir) if continue_run else None  # read before it is written again
-        (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags, started_in, recorded),
-                                                        indent=2, default=str) + "\n")
-        record_run(run_dir)  # the run registry: running (never raises; a registry it cannot write costs a warning)
-        handler = log_to(run_dir / "kernel.log")
-        for line in warnings:
-            announce(f"warning: {line}")
-            log.warning("%s", line)
-
-        plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console"), cwd=p.cwd)
-                   for p in cfg.plugins]
-        buffers = SnapshotBuffers(run_id, snapshot_directories(run_dir, cfg.snapshot_dir))
-        bus, checkpointer, sockets = open_bus(run_id, run_dir, plugins, cfg.peer_limits(), buffers,
-                                              cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps,
-                                              journal_backlog_bytes=int(cfg.journal_backlog_mb * 2**20),
-                                              journal_segment_bytes=int(cfg.journal_segment_mb * 2**20),
-                                              remote=remote, stalled_after_s=cfg.stalled_after_s)
-    except OSError as exc:
-        if handler is not None:
-            stop_logging_to(handler)
-        if remote is not None:
-            remote.close()
-        if not continue_run:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise ConfigError(f"cannot set up the run directory {run_dir}: {exc.strerror or exc}"
-                          f"{f' ({exc.filename})' if exc.filename else ''}; free space there, or give --runs-dir "
-                          f"another place") from None
+    bus, checkpointer, sockets, handler = _open_run(cfg, spec, flags, run_dir, started_in, continue_run, keys,
+                                                    warnings, announce)
     while held:  # the journal is this kernel's now: a kernel continuing the run after it is refused by that
         os.close(held.pop())
     for line in bus.journal.missing:  # a continued run's journal with a segment gone: plugins go on without it
@@ -316,8 +231,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
     journal_error = close_bus(bus, run_dir, sockets, PLUGIN_EXIT_TIMEOUT_S, hurry)
     checkpointer.close()
     if journal_error is not None and bus.journal.backlog_bytes:  # kept in $TMPDIR, as the weights are, or lost
-        held = bus.journal.held_message()
-        status, error = "failed", f"{error}; {held}" if status == "failed" and error else held
+        kept = bus.journal.held_message()
+        status, error = "failed", f"{error}; {kept}" if status == "failed" and error else kept
     if interrupts.hurry() and status in ("completed", "stopped"):
         status, error = "interrupted", f"interrupted (a second {interrupts.last}) while plugins drained"
     result = RunResult(run_id=run_id, run_dir=str(run_dir), status=status,
@@ -330,7 +245,127 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
     return result
 
 
-def _device_for(cfg: RunConfig, cluster) -> torch.device:
+def _open_run(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any], run_dir: Path, started_in: str,
+              continue_run: bool, keys: KeyStore | None, warnings: list[str], announce: Callable[[str], None]):
+    """The run's directory (made, or a continued one reopened) with its config.json, kernel.log and registry row,
+    and its bus with the plugins it starts: (bus, checkpointer, sockets, kernel.log's handler). ConfigError, with
+    nothing left behind, for a port taken or a disk that refuses the directory."""
+    # The TCP ports are bound before the run directory is made: a port already taken is one line and exit 2, with
+    # no run left behind that never began.
+    remote = listen_on(cfg.listen, keys) if keys is not None else None
+    try:
+        _make_runs_dir(run_dir.parent, cfg.runs_dir)
+        if continue_run:
+            (run_dir / "summary.json").unlink(missing_ok=True)  # the run is going again
+        else:
+            _make_dir(run_dir, cfg.runs_dir)
+    except BaseException:
+        if remote is not None:
+            remote.close()
+        raise
+    handler = None
+    try:  # a full disk here is one line, and a new run directory is not left half made
+        run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints, sockets are nobody else's
+        write_kernel_pid(run_dir)  # `trainbus runs list`: a run without summary.json is running while this pid lives
+        recorded = _recorded_config(run_dir) if continue_run else None  # read before it is written again
+        (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags, started_in, recorded),
+                                                        indent=2, default=str) + "\n")
+        record_run(run_dir)  # the run registry: running (never raises; a registry it cannot write costs a warning)
+        handler = log_to(run_dir / "kernel.log")
+        for line in warnings:
+            announce(f"warning: {line}")
+            log.warning("%s", line)
+
+        plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console"), cwd=p.cwd)
+                   for p in cfg.plugins]
+        buffers = SnapshotBuffers(run_dir.name, snapshot_directories(run_dir, cfg.snapshot_dir))
+        bus, checkpointer, sockets = open_bus(run_dir.name, run_dir, plugins, cfg.peer_limits(), buffers,
+                                              cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps,
+                                              journal_backlog_bytes=int(cfg.journal_backlog_mb * 2**20),
+                                              journal_segment_bytes=int(cfg.journal_segment_mb * 2**20),
+                                              remote=remote, stalled_after_s=cfg.stalled_after_s)
+    except OSError as exc:
+        if handler is not None:
+            stop_logging_to(handler)
+        if remote is not None:
+            remote.close()
+        if not continue_run:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise ConfigError(f"cannot set up the run directory {run_dir}: {exc.strerror or exc}"
+                          f"{f' ({exc.filename})' if exc.filename else ''}; free space there, or give --runs-dir "
+                          f"another place") from None
+    return bus, checkpointer, sockets, handler
+
+
+def _join(cluster: Cluster, device: torch.device, interrupts: Interrupts, announce: Callable[[str], None]) -> Ranks:
+    """This rank in its process group, once every rank has joined; a first Ctrl-C ends the wait."""
+    interrupts.joining = True
+    try:
+        ranks = join_group(cluster, device, lambda: interrupts.count > 0, announce)
+        interrupts.across_ranks = True
+    except GroupInterrupted as exc:
+        raise InterruptedBeforeStart(f"{interrupts.first}: {exc}; nothing was made") from None
+    except PortInUse as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        interrupts.joining = False
+    return ranks
+
+
+def _build(cfg: RunConfig, interrupts: Interrupts, started_in: str, runs_path: Path,
+           metric_settings: dict[str, str] | None) -> tuple[TrainingSpec, dict[str, Any], str]:
+    """The user's spec built under the seed, with the flags its function was called with, and runs_dir as the
+    lines that name it give it (absolute once their build() changed directory)."""
+    try:
+        # The target is imported under the seed, then the build starts from it again: as when the command line
+        # imported it first, to read its flags (kernel/cli_run.py _apply_flags), so a script's top-level draws (a model
+        # made there) and its build's are the seed's either way.
+        load_target(cfg.target)
+        seed_everything(cfg.seed)
+        spec, flags = build_with_flags(cfg.target, dict(cfg.hyperparameters), cfg.epochs)
+    except KeyboardInterrupt as exc:
+        if interrupts.count or not interrupts.installed:  # our second Ctrl-C; or Python's own, a raise alike
+            raise
+        raise user_code_error(exc, cfg.target) from None  # the user's code raised it: their error, shown as one
+    runs_given = cfg.runs_dir  # as given, for the lines that name it; absolute once a chdir made that another place
+    if os.getcwd() != started_in:
+        _from_where_it_ran(cfg, started_in)
+        runs_given = str(runs_path)
+    if cfg.epochs is not None:
+        spec.epochs = cfg.epochs
+        spec.check_loaders_last()
+    check_metric_settings(spec.metric_names(), metric_settings or {})
+    return spec, flags, runs_given
+
+
+def _check_places(cfg: RunConfig) -> KeyStore | None:
+    """ConfigError for a snapshot_dir this user cannot write, or a listen address or key file that would not
+    be safe; the client keys when the run listens on TCP."""
+    if cfg.snapshot_dir and not (os.path.isdir(cfg.snapshot_dir) and os.access(cfg.snapshot_dir, os.W_OK)):
+        why = ("does not exist; create it" if not os.path.exists(cfg.snapshot_dir) else
+               "is a file, not a directory; give a directory" if not os.path.isdir(cfg.snapshot_dir) else
+               "is not writable by this user; give one that is")
+        raise ConfigError(f"snapshot_dir {cfg.snapshot_dir} {why}, or leave snapshot_dir empty for /dev/shm")
+    keys = KeyStore(keys_dir(cfg.keys_dir)) if cfg.listen else None
+    if keys is not None:
+        try:
+            check_listen(cfg.listen, keys)  # before anything starts: a key file others can read stops us here
+        except (ListenError, KeyFileError) as exc:
+            raise ConfigError(str(exc)) from None
+    return keys
+
+
+def _stepper(spec: TrainingSpec, device: torch.device, cfg: RunConfig) -> Stepper:
+    """How a batch is stepped: precision, accumulation, clipping, compile; ConfigError for one this device
+    cannot do (16-mixed on a CPU)."""
+    try:
+        return Stepper(spec.model, spec.optimizer, device, cfg.precision, cfg.accumulate_grad_batches,
+                       cfg.gradient_clip_val, cfg.compile)
+    except SteppingError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _device_for(cfg: RunConfig, cluster: Cluster) -> torch.device:
     """The device this process trains on: cfg.device, checked against the GPUs visible, or one GPU a rank."""
     device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
