@@ -25,6 +25,9 @@ LONG_JOURNAL_EVENTS = 100_000
 
 # `trainbus run`'s exit code, by the run's status; any other (failed): 1
 EXIT_CODES = {"completed": 0, "stopped": 0, "interrupted": 130}
+# how long the plugins' own process may take to import and describe them; torch and a plugin package's
+# imports take seconds, more on a busy machine
+DESCRIBE_TIMEOUT_S = 120.0
 
 KEYS_DIR_HELP = "Key directory (default $TRAINBUS_KEYS_DIR, else ~/.config/trainbus/keys)."
 
@@ -98,8 +101,14 @@ def _wide() -> Console:
 
 def _describe(items: list[str]) -> list[dict]:
     """Ask a plugin-side process to describe plugins: the kernel never imports plugin code itself."""
-    proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", *items],
-                          capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", *items],
+                              capture_output=True, text=True, timeout=DESCRIBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        targets = ", ".join(item.partition("=")[0] for item in items)
+        raise UserError(f"could not load plugins: describing them took over {DESCRIBE_TIMEOUT_S:g} s ({targets}): a "
+                        f"plugin module that waits as it is imported (for a device, a lock, the network) should wait "
+                        f"in its setup() instead; or the machine is too busy: try again once it is less so") from None
     if proc.returncode != 0:
         raise UserError(f"could not load plugins: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
     return json.loads(proc.stdout)

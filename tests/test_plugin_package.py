@@ -15,6 +15,7 @@ import pytest
 from trainbus.kernel.config import ConfigError, plugin_name_clashes, registered_plugins, resolve_plugin
 
 from conftest import TESTS_DIR
+from kernel_process import Command
 
 TINY = f"{TESTS_DIR / 'specs.py'}:tiny"
 
@@ -206,3 +207,24 @@ def test_a_plugin_module_whose_import_fails_inside_the_standard_library_names_th
     assert json.loads(proc.stdout)[0]["error"].startswith(
         f"cannot import plugin module 'reads_config': {tmp_path / 'reads_config.py'}, line 3: JSONDecodeError: "), \
         proc.stdout
+
+
+def test_a_plugin_module_that_waits_as_it_is_imported_is_one_line_and_starts_no_run(tmp_path):
+    """The check of a run's plugin settings asks a process of their own to import and describe them; one that did not
+    answer in time (a module waiting at import for a device or a lock; on a box with a load of 200, the built-ins
+    too) ended `trainbus run` with subprocess.TimeoutExpired's traceback. One line now, naming the plugins and the
+    fix, and no run is made."""
+    (tmp_path / "waits.py").write_text("import time\n\ntime.sleep(600)\n")
+    (tmp_path / "run.toml").write_text('[plugins.waiter]\ntarget = "waits:P"\n')
+    command = Command("run", "--config", str(tmp_path / "run.toml"), "--runs-dir", str(tmp_path / "runs"),
+                      cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+                      constants={"trainbus.kernel.cli_common.DESCRIBE_TIMEOUT_S": 2.0})
+    try:
+        out, err = command.communicate(120)
+    finally:
+        command.kill()
+    assert command.returncode == 2, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: could not load plugins: "
+                                                   "describing them took over 2 s (waits:P"), err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "no run was made"
