@@ -36,7 +36,8 @@ from .pids import process_alive
 from .private_dirs import others_can_write, others_can_write_file
 from .runs import STATUSES as RUN_STATUSES
 from .runs import no_runs_dir
-from .runs import CONFIG, SUMMARY, _iso, find_runs, newest_first, overview_or_unreadable, run_overview
+from .journal_history import iso_time
+from .runs import CONFIG, SUMMARY, find_runs, newest_first, overview_or_unreadable, run_overview
 
 REGISTRY_NAME = "registry.sqlite"
 SCHEMA_VERSION = 7  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,
@@ -447,7 +448,7 @@ def _from_row(row: tuple, now: float) -> dict[str, Any]:
     run["training_metrics"] = run["training_metrics"] or {}  # a row from before the column: none known
     best, epoch = run.pop("best_validation_loss"), run.pop("best_epoch")
     run["best"] = {"validation_loss": best, "epoch": epoch} if best is not None else None
-    run["started_at"] = _iso(run["started_ts"])
+    run["started_at"] = iso_time(run["started_ts"])
     if run["last_event"] and run["status"] == "died" and run["ended_ts"] is not None:
         run["last_event"]["age_s"] = round(max(0.0, now - run["ended_ts"]), 1)  # the age as of now
     run.pop("observed_ts")
@@ -582,9 +583,9 @@ def as_started(run: dict[str, Any], job: dict[str, Any], unwatched_tail: Callabl
     tail = None if unwatched_tail is None or job_holds_run(job) else unwatched_tail()
     if tail is not None:
         status, error = ended_without_directory("while no daemon watched it", tail)
-        return {**run, "status": status, "pid": None, "started_ts": started, "started_at": _iso(started),
+        return {**run, "status": status, "pid": None, "started_ts": started, "started_at": iso_time(started),
                 "ended_ts": None, "detail": None, "error": error}
-    return {**run, "status": "running", "pid": job["pid"], "started_ts": started, "started_at": _iso(started),
+    return {**run, "status": "running", "pid": job["pid"], "started_ts": started, "started_at": iso_time(started),
             "detail": f"started by the daemon (pid {job['pid']}); its kernel is starting"}
 
 

@@ -20,7 +20,6 @@ import math
 import os
 import socket
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +32,7 @@ from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_fir
                                           last_event_of, stream_journal)
 
 from .config import PLUGIN_NAME
+from .journal_history import LIVE_PLUGIN_STATES, JournalHistory, iso_time
 
 KERNEL_LOG = "kernel.log"  # the kernel's log, open while it runs
 KERNEL_PID = "kernel.pid"  # the kernel's process id, written as the run directory is made (0600)
@@ -48,10 +48,6 @@ SUMMARY_FIELDS = {"duration_s": NUMBER, "outcome": dict, "plugins": dict, "undra
 OUTCOME_FIELDS = {"epochs_completed": int, "steps": int, "stop_reasons": list, "training_loss": NUMBER,
                   "validation_loss": NUMBER, "validation_metrics": dict, "training_metrics": dict,
                   "best_validation_loss": NUMBER, "best_epoch": int}
-# A plugin that crashes now and then but never 6 times within a minute is restarted for as long as the run trains:
-# its summary (the supervisor's, and runs show's account from the journal) keeps the newest causes and counts the
-# rest (one every 13 s is ~6,600 a day, each up to ~400 bytes).
-CRASHES_KEPT = 20
 PLUGIN_FIELDS = {"state": str, "reason": str, "restarts": int, "crashes": list, "crash_count": int,
                  "errors_logged": int, "checkpoints_failed": int}
 TEXT_LISTS = ("stop_reasons", "crashes")  # shown joined: text items only
@@ -60,7 +56,6 @@ TEXT_LISTS = ("stop_reasons", "crashes")  # shown joined: text items only
 # SMALL_TAIL_BYTES (one large event last). Parsing is most of a listed run's cost: not 400 events for one.
 LAST_EVENT_BYTES = 8 * 1024
 SMALL_TAIL_BYTES = 64 * 1024
-LIVE_PLUGIN_STATES = ("starting", "running", "backoff", "hung")  # _plugin_event's, for a peer that has not ended
 STALE_S = 10.0  # no kernel.pid (a run from before there was one): heartbeats every second, or it is gone
 
 
@@ -303,14 +298,10 @@ def _json_kind(value: Any) -> str:
             float: "a number"}.get(kind, kind.__name__)
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
-
-
 def _event_brief(event: Event | None, now: float) -> dict[str, Any] | None:
     if event is None:
         return None
-    return {"type": event.type, "seq": event.seq, "epoch": event.epoch, "step": event.step, "at": _iso(event.ts),
+    return {"type": event.type, "seq": event.seq, "epoch": event.epoch, "step": event.step, "at": iso_time(event.ts),
             "age_s": round(max(0.0, now - event.ts), 1)}
 
 
@@ -381,7 +372,7 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
             started = None
     info: dict[str, Any] = {
         "id": run_dir.name, "dir": str(run_dir), "status": None, "detail": None, "pid": None,
-        "target": config.get("target"), "started_at": _iso(started), "started_ts": started, "duration_s": None,
+        "target": config.get("target"), "started_at": iso_time(started), "started_ts": started, "duration_s": None,
         # planned: config.json's, rewritten by each session (a continued run's --epochs 20 extends it); the head
         # of the journal holds only the first sessions' starts
         "epochs_completed": None,
@@ -588,16 +579,8 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
     info = run_overview(run_dir, now)
     summary = read_summary(run_dir) or {}
     config = read_config(run_dir)
-    epochs: dict[int, dict[str, Any]] = {}
-    epoch_started: dict[int, float] = {}
-    sessions: list[dict[str, Any]] = []
-    plugins: dict[str, dict[str, Any]] = {}
-    for p in config.get("plugins") or []:
-        if isinstance(p, dict) and isinstance(p.get("name"), str):
-            plugins[p["name"]] = {"state": "not started", "restarts": 0, "crashes": []}
-    saved: list[dict[str, Any]] = []
-    checkpoint_counts = {"failed": 0, "skipped": 0}
-    error = None
+    history = JournalHistory(p["name"] for p in config.get("plugins") or []
+                             if isinstance(p, dict) and isinstance(p.get("name"), str))
     journal = run_dir / JOURNAL_NAME
     last_record: dict[str, Any] | None = None
     damage: list[str] = []
@@ -605,40 +588,9 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
         last_record = record
         if progress is not None and read % PROGRESS_EVERY_RECORDS == 0:
             progress(record["seq"])
-        if record["type"] in FREQUENT_TYPES:
-            continue
-        e = as_event(record)
-        type_, data = e.type, e.data
-        if type_ == ev.START_EPOCH:
-            epoch_started[e.epoch] = e.ts
-        elif type_ == ev.END_EPOCH:
-            epochs[e.epoch] = _epoch_row(e, epoch_started.get(e.epoch))
-        elif type_ == ev.START_TRAINING_SESSION:
-            error = None  # a continued run: an earlier session's failure is not this one's
-            sessions.append({"started_at": _iso(e.ts), "epochs": data.get("epochs"), "device": data.get("device"),
-                             "precision": data.get("precision"), "compile": data.get("compile"),
-                             "model": data.get("model"), "parameters": data.get("parameters"),
-                             "hyperparameters": data.get("hyperparameters"), "cluster": data.get("cluster"),
-                             "resumed_from": None})
-        elif type_ == ev.LOAD_CHECKPOINT and sessions:
-            sessions[-1]["resumed_from"] = data.get("path")
-        elif type_ == ev.RUN_FAILED:
-            error = data.get("error")
-        elif type_ == ev.CHECKPOINT_SAVED:
-            saved.append({"path": data.get("path"), "epoch": data.get("epoch", e.epoch), "step": data.get("step", e.step),
-                          "at": _iso(e.ts)})
-        elif type_ == ev.CHECKPOINT_FAILED:
-            checkpoint_counts["failed"] += 1
-        elif type_ == ev.CHECKPOINT_SKIPPED:
-            checkpoint_counts["skipped"] += 1
-        elif type_ == ev.VOTE_MISSED and isinstance(data.get("plugins"), list):  # a peer attached by hand's too
-            for name in data["plugins"]:
-                if isinstance(name, str):
-                    p = plugins.setdefault(name, {"state": "not started", "restarts": 0, "crashes": []})
-                    p["votes_missed"] = p.get("votes_missed", 0) + 1
-        elif type_.startswith("plugin_") and isinstance(data.get("plugin"), str):
-            _plugin_event(plugins.setdefault(data["plugin"], {"state": "not started", "restarts": 0, "crashes": []}),
-                          type_, data)
+        if record["type"] not in FREQUENT_TYPES:
+            history.read(as_event(record))
+    plugins, sessions, saved = history.plugins, history.sessions, history.saved
     for name, p in (summary.get("plugins") or {}).items():  # the supervisor's own account wins where there is one
         if isinstance(p, dict):
             plugins.setdefault(name, {}).update({k: p[k] for k in ("state", "restarts", "crashes", "crash_count",
@@ -668,7 +620,7 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
         c["path"] = _where_now(c["path"], run_dir)
         c["present"] = isinstance(c["path"], str) and os.path.isfile(c["path"])
     session = sessions[-1] if sessions else {}
-    rows = [epochs[k] for k in sorted(epochs)]
+    rows = [history.epochs[k] for k in sorted(history.epochs)]
     # the best of whole epochs, as the loop's (summary.json's) is: a partial epoch's validation is not comparable
     losses = [(row["validation_loss"], row["epoch"]) for row in rows
               if isinstance(row.get("validation_loss"), float) and not row["partial"]]
@@ -684,12 +636,12 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
     info.update(
         sessions=sessions, device=session.get("device"), model=session.get("model"), cluster=session.get("cluster"),
         parameters=session.get("parameters"), hyperparameters=session.get("hyperparameters", config.get("hyperparameters")),
-        epoch_table=rows, best=best,
-        plugins=plugins, attached=attached, checkpoints={"saved": saved, **checkpoint_counts}, undrained=undrained,
+        epoch_table=rows, best=best, plugins=plugins, attached=attached,
+        checkpoints={"saved": saved, **history.checkpoint_counts}, undrained=undrained,
         bus=summary.get("bus") or {}, files=_files(run_dir), journal_damage=damage,
         config_damage=config_problem(run_dir))
-    if info["error"] is None and error is not None:
-        info["error"] = error
+    if info["error"] is None and history.error is not None:
+        info["error"] = history.error
     last = as_event(last_record) if last_record is not None else None
     if last is not None and info["status"] in ("running", "died"):
         info["last_event"] = _event_brief(last, now)
@@ -709,45 +661,6 @@ def _where_now(path: Any, run_dir: Path) -> Any:
     if Path(path).is_relative_to(run_dir) or run_dir.name not in parts:
         return path
     return str(run_dir.joinpath(*parts[parts.index(run_dir.name) + 1:]))
-
-
-def _epoch_row(e: Event, started: float | None) -> dict[str, Any]:
-    data = e.data
-    return {"epoch": e.epoch, "step": e.step, "training_loss": data.get("training_loss"),
-            "validation_loss": data.get("validation_loss"),
-            "training_metrics": data.get("training_metrics") or {},
-            "validation_metrics": data.get("validation_metrics") or {}, "lr": data.get("lr"),
-            "duration_s": round(e.ts - started, 3) if started is not None else None, "ended_at": _iso(e.ts),
-            "partial": data.get("partial") is True}  # a stop cut its training short: its losses are over part of it
-
-
-def _plugin_event(p: dict[str, Any], type_: str, data: dict[str, Any]) -> None:
-    """A plugin's state as the supervisor's events tell it (for a run with no summary to say so)."""
-    if type_ == ev.PLUGIN_STARTED:
-        p["state"], p["pid"] = "starting", data.get("pid")
-    elif type_ == ev.PLUGIN_READY:
-        p["state"] = "running"
-    elif type_ == ev.PLUGIN_RESTARTED:
-        p["state"], p["pid"], p["restarts"] = "starting", data.get("pid"), data.get("restarts", p["restarts"] + 1)
-    elif type_ in (ev.PLUGIN_CRASHED, ev.PLUGIN_HUNG):
-        p["state"] = "hung" if type_ == ev.PLUGIN_HUNG else "backoff"
-        if type_ == ev.PLUGIN_CRASHED and not data.get("hung"):
-            _crashed(p, str(data.get("cause")))
-        elif type_ == ev.PLUGIN_HUNG:
-            _crashed(p, f"hung ({data.get('reason')})")
-    elif type_ == ev.PLUGIN_FAILED:
-        p["state"], p["reason"] = "failed", data.get("reason")
-    elif type_ == ev.PLUGIN_EXITED:
-        p["state"] = "exited"
-
-
-def _crashed(p: dict[str, Any], cause: str) -> None:
-    """The newest CRASHES_KEPT causes, and once older ones are forgotten a count of them all, as the supervisor's
-    summary keeps them."""
-    count = p.get("crash_count", len(p["crashes"])) + 1
-    p["crashes"] = (p["crashes"] + [cause])[-CRASHES_KEPT:]
-    if count > len(p["crashes"]):
-        p["crash_count"] = count
 
 
 def _files(run_dir: Path) -> list[dict[str, Any]]:

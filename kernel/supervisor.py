@@ -21,7 +21,7 @@ from trainbus.proto.text import printable
 
 from .kernel_log import cap_log
 from .plugin_processes import Processes
-from .runs import CRASHES_KEPT
+from .journal_history import CRASHES_KEPT
 
 log = logging.getLogger("trainbus.kernel")
 
