@@ -60,47 +60,60 @@ class RunState:
         self.seq = max(self.seq, event.seq)
 
     def _fold(self, e: Event) -> None:
-        data, progress = e.data, self.progress
         if e.type != ev.HEARTBEAT:
-            progress.update(epoch=e.epoch, step=e.step, ts=e.ts)
-        if e.type == ev.END_TRAINING_BATCH:
-            progress["batches_done"] = int(data.get("training_batch_count", progress["batches_done"] + 1))
-            self._put("loss", data.get("loss"), e)
-            if not self.rate or e.ts - self.rate[-1][0] >= RATE_SAMPLE_S:
-                self.rate.append([e.ts, e.step])
-        elif e.type == ev.START_EPOCH:
-            progress.update(batches_done=0, batches_planned=_int(data.get("batches_planned")))
-        elif e.type == ev.END_EPOCH:
-            for key in ("training_loss", "validation_loss", "lr"):
-                self._put(key, data.get(key), e)
-            for prefix in ("training", "validation"):
-                for name, value in _map(data.get(f"{prefix}_metrics")).items():
-                    self._put(f"{prefix}_{name}", value, e)
-        elif e.type == ev.METRIC:
-            self._put(_text(data.get("name")), data.get("value"), e, plugin=_text(data.get("plugin")))
-        elif e.type == ev.START_TRAINING_SESSION:
-            self.run.update(device=_text(data.get("device")), model=_text(data.get("model")),
-                            parameters=_int(data.get("parameters")), epochs=_int(data.get("epochs")), started_ts=e.ts)
-            self.ended, self.stop_reasons, self.stalled = None, [], None  # a continued run goes on
-        elif e.type in PLUGIN_STATES:
-            self._plugin_event(e)
-        elif e.type == ev.LOG and data.get("level") == "error" and data.get("plugin") in self.plugins:
-            self.plugins[data["plugin"]]["errors"] += 1
-        elif e.type == ev.STOP_REQUESTED:
-            reasons = [_text(r) for r in data.get("reasons") or []]
-            self.stop_reasons = (self.stop_reasons + reasons)[-MAX_STOP_REASONS:]
-        elif e.type == ev.TRAINING_STALLED:
-            self.stalled = {"since_ts": e.ts - float(data.get("stalled_s") or 0), "after": _text(data.get("after")),
-                            "where": _text(data.get("where"))}
-        elif e.type == ev.TRAINING_RESUMED:
-            self.stalled = None
-        elif e.type == ev.CHECKPOINT_SAVED:
-            self.checkpoint = {"path": _text(data.get("path")), "step": _int(data.get("step")),
-                               "epoch": _int(data.get("epoch")), "ts": e.ts}
+            self.progress.update(epoch=e.epoch, step=e.step, ts=e.ts)
+        fold = self._FOLDS.get(e.type)
+        if fold is not None:
+            fold(self, e)
         if e.type in FINAL_EVENTS:
             self.stalled = None
-            self.ended = {"type": e.type, "seq": e.seq, "ts": e.ts, "error": _text(data.get("error")),
-                          "stopped_early": bool(data.get("stopped_early", False))}
+            self.ended = {"type": e.type, "seq": e.seq, "ts": e.ts, "error": _text(e.data.get("error")),
+                          "stopped_early": bool(e.data.get("stopped_early", False))}
+
+    def _on_end_training_batch(self, e: Event) -> None:
+        progress = self.progress
+        progress["batches_done"] = int(e.data.get("training_batch_count", progress["batches_done"] + 1))
+        self._put("loss", e.data.get("loss"), e)
+        if not self.rate or e.ts - self.rate[-1][0] >= RATE_SAMPLE_S:
+            self.rate.append([e.ts, e.step])
+
+    def _on_start_epoch(self, e: Event) -> None:
+        self.progress.update(batches_done=0, batches_planned=_int(e.data.get("batches_planned")))
+
+    def _on_end_epoch(self, e: Event) -> None:
+        for key in ("training_loss", "validation_loss", "lr"):
+            self._put(key, e.data.get(key), e)
+        for prefix in ("training", "validation"):
+            for name, value in _map(e.data.get(f"{prefix}_metrics")).items():
+                self._put(f"{prefix}_{name}", value, e)
+
+    def _on_metric(self, e: Event) -> None:
+        self._put(_text(e.data.get("name")), e.data.get("value"), e, plugin=_text(e.data.get("plugin")))
+
+    def _on_start_training_session(self, e: Event) -> None:
+        data = e.data
+        self.run.update(device=_text(data.get("device")), model=_text(data.get("model")),
+                        parameters=_int(data.get("parameters")), epochs=_int(data.get("epochs")), started_ts=e.ts)
+        self.ended, self.stop_reasons, self.stalled = None, [], None  # a continued run goes on
+
+    def _on_log(self, e: Event) -> None:
+        if e.data.get("level") == "error" and e.data.get("plugin") in self.plugins:
+            self.plugins[e.data["plugin"]]["errors"] += 1
+
+    def _on_stop_requested(self, e: Event) -> None:
+        reasons = [_text(r) for r in e.data.get("reasons") or []]
+        self.stop_reasons = (self.stop_reasons + reasons)[-MAX_STOP_REASONS:]
+
+    def _on_training_stalled(self, e: Event) -> None:
+        self.stalled = {"since_ts": e.ts - float(e.data.get("stalled_s") or 0), "after": _text(e.data.get("after")),
+                        "where": _text(e.data.get("where"))}
+
+    def _on_training_resumed(self, e: Event) -> None:
+        self.stalled = None
+
+    def _on_checkpoint_saved(self, e: Event) -> None:
+        self.checkpoint = {"path": _text(e.data.get("path")), "step": _int(e.data.get("step")),
+                           "epoch": _int(e.data.get("epoch")), "ts": e.ts}
 
     def _put(self, name: str | None, value: Any, e: Event, plugin: str | None = None) -> None:
         if not name or not _is_number(value):
@@ -202,6 +215,13 @@ class RunState:
         state.stalled = stalled if isinstance(stalled, dict) and _is_number(stalled.get("since_ts")) else None
         state.dropped.update(_map(m.get("dropped")))
         return state
+
+    # event type -> what it changes; a PLUGIN_STATES type changes that plugin's row
+    _FOLDS = {ev.END_TRAINING_BATCH: _on_end_training_batch, ev.START_EPOCH: _on_start_epoch,
+              ev.END_EPOCH: _on_end_epoch, ev.METRIC: _on_metric, ev.START_TRAINING_SESSION: _on_start_training_session,
+              ev.LOG: _on_log, ev.STOP_REQUESTED: _on_stop_requested, ev.TRAINING_STALLED: _on_training_stalled,
+              ev.TRAINING_RESUMED: _on_training_resumed, ev.CHECKPOINT_SAVED: _on_checkpoint_saved,
+              **dict.fromkeys(PLUGIN_STATES, _plugin_event)}
 
 
 def _is_number(value: Any) -> bool:
