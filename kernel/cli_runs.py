@@ -193,8 +193,8 @@ def runs_show(
         if details is None:
             raise UserError(str(exc)) from None
         if not as_json:
-            out.print(f"run {details['id']}: {details['status']}" + (f" ({escape(details['error'])})"
-                                                                     if details.get("error") else ""))
+            why = details.get("error") or (details.get("detail") if details["status"] == "cancelled" else None)
+            out.print(f"run {details['id']}: {details['status']}" + (f" ({escape(why)})" if why else ""))
             out.print(f"  command: {escape(shlex.join(['trainbus', 'run', *details['argv']]))}")  # as a shell takes it
             out.print(f"  submitted: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(details['submitted_ts']))}"
                       + (f" by {escape(details['submitted_by'])}" if details["submitted_by"] else ""))
@@ -238,7 +238,8 @@ def runs_stop(
     if unmade is not None:                                  # made the run directory
         if unmade["job"] not in ("starting", "running") or unmade["status"] != "running" \
                 or not _kernel_listens(runs_dir, unmade):
-            print(f"error: run {unmade['id']} has already ended ({unmade['status']}: {unmade.get('error') or '-'}); "
+            why = unmade.get("error") or (unmade.get("detail") if unmade["status"] == "cancelled" else None)
+            print(f"error: run {unmade['id']} has already ended ({unmade['status']}: {why or '-'}); "
                   f"there is nothing to stop", file=sys.stderr)
             raise typer.Exit(code=1)
         run = str(Path(runs_dir) / unmade["id"])

@@ -785,24 +785,23 @@ def _not_queued(job: dict[str, Any] | None, run_id: str, runs_dir: Path) -> str:
             f"{runs_dir_option(runs_dir)}` says how")
 
 
-def cancel(runs_dir: Path, run_id: str) -> str:
+def cancel(runs_dir: Path, run_id: str, by: str | None = None) -> str:
     """Take a queued run off the queue: its id, or a unique start of it (JobError when it names no queued run).
-    Returns the id."""
+    `by`: who asked (a remote peer's key; default this process's user). Returns the id. A new run stays listed,
+    cancelled; a queued resume's run is again what its directory says."""
     runs_dir = Path(runs_dir).resolve()
     if not run_id:  # the start of every id
         raise JobError("no run id given: name the run (its id, or a unique start of it)")
     run_id = queued_job(runs_dir, run_id) or run_id
+    run_dir = runs_dir / run_id
+    now = time.time()
+    resumed = run_overview(run_dir, now) if (run_dir / CONFIG).is_file() else None
     with Registry(runs_dir) as registry:
-        if not registry.move_job(run_id, ["queued"], state="cancelled", ended_ts=time.time(), env=None):
+        if not registry.cancel_job(run_id, now, f"taken off the daemon's queue by {by or local_user()} before it "
+                                                f"started", resumed):
             running = named(registry.job_ids(["starting", "running"]), run_id)
             if len(running) == 1:
                 raise JobError(f"run {running[0]} is not queued: it is running; `trainbus runs stop {running[0]}"
                                f"{runs_dir_option(runs_dir)}` stops it")
             raise JobError(_not_queued(registry.job(run_id), run_id, runs_dir))
-        run_dir = runs_dir / run_id
-        if (run_dir / CONFIG).is_file():  # a queued resume: the run is again what its directory says
-            now = time.time()
-            registry.record([run_overview(run_dir, now)], now)
-        else:
-            registry.forget([run_id])
     return run_id

@@ -44,7 +44,8 @@ SCHEMA_VERSION = 7  # PRAGMA user_version; a newer trainbus adds columns and tab
 # 4: runs.hyperparameters, 5: runs.training_metrics, 6: jobs.resumes_left, 7: jobs.python)
 BUSY_TIMEOUT_S = 5.0  # a write waits this long for another writer's transaction (each takes milliseconds)
 QUEUED = "queued"  # a run the daemon has not started: it has no directory yet
-STATUSES = (QUEUED, *RUN_STATUSES)
+CANCELLED = "cancelled"  # a queued run taken off the queue before it started: it never had a directory
+STATUSES = (QUEUED, *RUN_STATUSES, CANCELLED)
 LIVE = ("running",)  # a status that changes with no one to write it (a kernel killed): read anew at every list
 
 # The columns, and which of them hold JSON (dicts and lists); every other value is a plain SQL value.
@@ -76,6 +77,10 @@ JOB_COLUMNS = {
     "python": "TEXT",  # the submitter's interpreter (its virtual environment's); NULL: the daemon's (a remote peer's)
 }
 JOB_JSON_COLUMNS = ("argv", "env", "devices")
+# A run's row written, unless the one there was observed later (a slow `runs list` never puts back an older view).
+_UPSERT = (f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) ON CONFLICT (id) DO "
+           f"UPDATE SET {', '.join(f'{n} = excluded.{n}' for n in COLUMNS if n != 'id')} "
+           f"WHERE excluded.observed_ts >= runs.observed_ts")
 # The queue's bound. A daemon's round reads the queue's head only, but `daemon status`, `runs list` and the rows
 # themselves (each with its environment, a few KiB) grow with it: a script submitting in a loop is stopped at a
 # figure no one queues by hand (Slurm's default MaxJobCount is 10,000 for a whole cluster).
@@ -209,13 +214,9 @@ class Registry:
 
     def record(self, runs: Iterable[dict[str, Any]], observed_ts: float) -> None:
         """Upsert runs (run_overview's dicts) as seen at observed_ts; a row observed later is kept as it is."""
-        names = list(COLUMNS)
-        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != "id")
-        sql = (f"INSERT INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
-               f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE excluded.observed_ts >= runs.observed_ts")
         rows = [_to_row(run, observed_ts) for run in runs if run.get("status") in STATUSES]
         with self._write():
-            self.db.executemany(sql, rows)
+            self.db.executemany(_UPSERT, rows)
 
     # -- the daemon's queue ---------------------------------------------------------------------------
 
@@ -235,6 +236,22 @@ class Registry:
                             f"VALUES ({', '.join('?' * len(JOB_COLUMNS))})", _job_row(job))
             self.db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) "
                             f"VALUES ({', '.join('?' * len(COLUMNS))})", _to_row(run, observed_ts))
+
+    def cancel_job(self, job_id: str, now: float, detail: str, run: dict[str, Any] | None = None) -> bool:
+        """Take job_id off the queue, and say so in its run's row, in one transaction: a queued resume's row is
+        `run` again (its directory's overview); a new run's, which has no directory, stays, cancelled with `detail`
+        (who took it off), for `runs list` and `runs show` until `runs delete`. False when it was not queued."""
+        with self._write():
+            cursor = self.db.execute("UPDATE jobs SET state = 'cancelled', ended_ts = ?, env = NULL WHERE id = ? AND "
+                                     "state = 'queued'", (now, job_id))
+            if cursor.rowcount != 1:
+                return False
+            if run is not None:
+                self.db.execute(_UPSERT, _to_row(run, now))
+            else:
+                self.db.execute("UPDATE runs SET status = ?, detail = ?, ended_ts = ?, observed_ts = ? WHERE id = ? "
+                                "AND dir IS NULL", (CANCELLED, detail, now, now, job_id))
+        return True
 
     def jobs(self, states: Iterable[str] = JOB_STATES) -> list[dict[str, Any]]:
         """The jobs in these states, oldest submission first."""

@@ -189,10 +189,12 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
         if pending:  # queued, or failed before its kernel made a directory: there, but with nothing to read
             run_id, status, detail = pending[0]
             raise RunLookupError(f"run {run_id} is {status} and has no run directory"
-                                 + (" yet" if status == "queued" else " (it ended before its kernel made one)")
+                                 + (" yet" if status == "queued" else "" if status == "cancelled"
+                                    else " (it ended before its kernel made one)")
                                  + (f" ({detail})" if detail else "")
                                  + ("; it has one once the daemon starts it (`trainbus daemon status` shows the "
-                                    "queue)" if status == "queued" else ""))
+                                    "queue)" if status == "queued" else "")
+                                 + ("; submit it again to train it" if status == "cancelled" else ""))
     if path_like and Path(run).resolve() == (runs_dir / run).resolve():  # an absolute path: one place looked at
         looked = f"{Path(run).resolve()} is not a run directory (no {CONFIG}, no journal)"
     elif path_like:
@@ -557,7 +559,12 @@ def overview_or_unreadable(run_dir: Path, now: float) -> dict[str, Any]:
 def newest_first(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Newest start first; runs that have not started (queued for the daemon) above them, by id (submission)."""
     return sorted(runs, key=lambda r: (r.get("started_ts") is None and r.get("status") == "queued",
-                                       r.get("started_ts") or 0.0, r["id"]), reverse=True)
+                                       r.get("started_ts") or _cancelled_ts(r), r["id"]), reverse=True)
+
+
+def _cancelled_ts(run: dict[str, Any]) -> float:
+    """Where a run that never started is listed: a cancelled one when it was taken off the queue, not last."""
+    return (run.get("ended_ts") or 0.0) if run.get("status") == "cancelled" else 0.0
 
 
 PROGRESS_EVERY_RECORDS = 65_536  # run_details's progress: a call per this many records read

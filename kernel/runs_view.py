@@ -12,7 +12,7 @@ from trainbus.proto.text import duration_text, printable
 from .runs import votes_missed
 
 STATUS_STYLE = {"completed": "green", "stopped": "yellow", "running": "cyan", "interrupted": "magenta",
-                "failed": "red", "died": "red", "unreadable": "red", "queued": "blue"}
+                "failed": "red", "died": "red", "unreadable": "red", "queued": "blue", "cancelled": "yellow"}
 
 
 def _status(status: str) -> str:
@@ -91,7 +91,7 @@ def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
                       _when(run.get("started_at"))[:16],
                       duration_text(run.get("duration_s")), _epochs(run), _num(run.get("validation_loss")),
                       escape(metrics) or "-", escape("; ".join(run.get("plugin_trouble") or [])) or "-",
-                      escape(_first_line(run.get("error") or _queued_detail(run) or _stalled(run))))
+                      escape(_first_line(run.get("error") or _queue_detail(run) or _stalled(run))))
     _print_table(console, table)
 
 
@@ -103,9 +103,11 @@ def _stalled(run: dict[str, Any]) -> str | None:
     return f"training stalled {duration_text(stalled.get('stalled_s'))} at step {stalled.get('step')}"
 
 
-def _queued_detail(run: dict[str, Any]) -> str | None:
-    """A queued resume's "queued to be resumed by ann; last died (...)": how the run last ended, in the error
-    column (its status cell says only queued)."""
+def _queue_detail(run: dict[str, Any]) -> str | None:
+    """What the daemon's queue says of a run, in the error column (its status cell says only queued or cancelled):
+    a queued resume's "queued to be resumed by ann; last died (...)", a cancelled run's who took it off."""
+    if run["status"] == "cancelled":
+        return run.get("detail")
     return run.get("detail") if run["status"] == "queued" and run.get("dir") else None
 
 

@@ -754,7 +754,7 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
                                                                  f"`trainbus runs stop {waiting}`")
     stopped = cli("runs", "stop", waiting[:-2], "--runs-dir", str(runs)).stdout
     assert f"cancelled {waiting}: it was queued and never started" in stopped
-    assert waiting not in listed(runs)
+    assert listed(runs)[waiting]["status"] == "cancelled"
     # each said "not queued (it started, ended or was never submitted)", whichever it was
     again = cli("daemon", "cancel", waiting, "--runs-dir", str(runs), check=False)
     assert again.returncode == 2 and f"run {waiting} is not queued: it was cancelled already (" in again.stderr, \
@@ -1046,6 +1046,49 @@ def test_a_queued_run_shows_its_command_and_who_submitted_it_by_a_start_of_its_i
 
     bare = in_dir("run", "--detach", cwd=tmp_path).stdout.strip()  # the demo in ./runs: no word to add
     assert "  command: trainbus run\n" in cli("runs", "show", bare, "--runs-dir", str(runs)).stdout  # had a space
+
+
+def test_a_queued_run_taken_off_the_queue_is_listed_and_shown_cancelled_until_deleted(tmp_path):
+    """`daemon cancel` of a queued run (no daemon: it waits in the queue) removed its row: the run vanished from
+    `runs list` and `runs show` called it unknown, while a run that failed before it had a directory stays listed.
+    It stays, cancelled, with who took it off the queue, until `runs delete` removes it."""
+    import getpass
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    run_id = submit(runs, TINY, "--epochs", "1")
+    assert cli("daemon", "cancel", run_id, "--runs-dir", str(runs)).stdout == f"cancelled {run_id}\n"
+    said = f"taken off the daemon's queue by {getpass.getuser()} before it started"
+    row = listed(runs, through_cli=True)[run_id]
+    assert (row["status"], row["detail"], row["target"]) == ("cancelled", said, TINY), row
+    only = json.loads(cli("runs", "list", "--status", "cancelled", "--json", "--runs-dir", str(runs)).stdout)
+    assert [run["id"] for run in only] == [run_id], only
+    table = " ".join(cli("runs", "list", "--runs-dir", str(runs)).stdout.split())
+    assert f"{run_id} cancelled " in table and said in table, table
+    shown = cli("runs", "show", run_id[:-2], "--runs-dir", str(runs)).stdout
+    assert shown.startswith(f"run {run_id}: cancelled ({said})"), shown
+    assert "output: none (the daemon never started a process for it)" in shown, shown
+    stop = cli("runs", "stop", run_id, "--runs-dir", str(runs), check=False)
+    assert stop.returncode == 1 and stop.stderr == f"error: run {run_id} has already ended (cancelled: {said}); " \
+                                                   f"there is nothing to stop\n", stop.stderr
+    deleted = cli("runs", "delete", run_id, "--yes", "--runs-dir", str(runs)).stdout
+    assert deleted.strip() == f"deleted run {run_id} (it never had a directory)"
+    assert listed(runs) == {}
+
+
+def test_a_queued_run_a_remote_key_cancels_is_listed_cancelled_by_that_key(tmp_path):
+    """Who took a run off the queue is the connection's, as for a submission: a control key's `daemon cancel`."""
+    from trainbus.kernel.daemon_serve import _do
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with Registry(runs) as registry:
+        registry.submit({"id": "q", "state": "queued", "submitted_ts": 1.0, "argv": [], "cwd": str(tmp_path),
+                         "gpus": None}, {"id": "q", "dir": None, "status": "queued", "started_ts": None}, 1.0)
+    assert _do("cancel", {"run": "q"}, Daemon(runs, []), [], "key alice") == {"ok": True, "run": "q"}
+    [row] = list_runs(runs)
+    assert (row["status"], row["detail"]) == ("cancelled", "taken off the daemon's queue by key alice before it "
+                                                           "started"), row
 
 
 def test_a_run_asking_for_more_gpus_than_the_daemon_has_fails_with_the_reason_listed(tmp_path, daemons):
