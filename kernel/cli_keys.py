@@ -45,7 +45,8 @@ def keys_generate(
     kind: str = typer.Argument(..., help="server (this kernel host's pair) or client (one person or machine)."),
     name: Optional[str] = typer.Argument(None, help="The client's name, e.g. alice or gpu-box-3."),
     role: Optional[str] = typer.Option(None, "--role", help="A client's: monitor (events, replays, metric and log; "
-                                                             "the default) or control (also stop and checkpoint_now)."),
+                                                             "the default when left out) or control (also stop and "
+                                                             "checkpoint_now, and a daemon's submit and cancel)."),
     force: bool = typer.Option(False, "--force", help="Replace the server pair (clients pinned to it are locked out)."),
     keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", parser=keys_dir_path, help=KEYS_DIR_HELP),
 ) -> None:
@@ -69,12 +70,25 @@ def keys_generate(
         raise UserError(str(exc)) from None
     out.print(escape(f"public key: {public}\nsecret key: {secret}"))  # paths, as they are: never markup
     if kind == "client":
+        out.print(escape(_role_said(name, role, store)))
         keys = f"--key {secret.name} --server-key {store.server_public.name}"
         steer = "; --control to stop it or checkpoint" if role == "control" else ""
         out.print(escape(f"Copy {secret} and {store.server_public} to the client's machine (then delete {secret} "
                          f"here); there: trainbus attach HOST:PORT {keys} (a run's --listen HOST:PORT{steer}) watches "
                          f"a run, and python -m trainbus.sdk MODULE:CLASS --connect HOST:PORT {keys} runs a plugin "
                          f"against it"))
+
+
+def _role_said(name: str, role: Optional[str], store: KeyStore) -> str:
+    """The role a client key got, and what it may do; a monitor key's owner learns what a control key adds and how
+    to make one of that name, before a refused stop tells them."""
+    if role == "control":
+        return "role: control: may also stop a run and ask it to checkpoint, and submit and cancel a daemon's runs"
+    given = "" if role else ", as no --role was given"
+    option = store.keys_dir_option
+    return (f"role: monitor (the default{given}): may watch runs (events, replays), report metrics and logs, and ask "
+            f"a daemon's status, not stop or steer; for a control key of this name: `trainbus keys revoke {name}"
+            f"{option}`, then `trainbus keys generate client {name} --role control{option}`")
 
 
 @keys_app.command("list")

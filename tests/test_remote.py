@@ -930,6 +930,21 @@ def test_keys_generate_client_names_what_to_copy_and_the_attach_command_to_run_t
         in flat, said
 
 
+def test_keys_generate_client_says_the_role_the_key_got_and_how_to_get_a_control_key(tmp_path):
+    """`keys generate client NAME` without --role made a monitor key without a word: its owner found out only when a
+    stop was refused. The output names the role (monitor, the least-privileged, stays the default) and, for a
+    monitor key, what a control key adds and the commands that make one of that name."""
+    where = ["--keys-dir", str(tmp_path / "k")]
+    keys_cli("generate", "server", *where)
+    watcher = " ".join(keys_cli("generate", "client", "bob", *where).stdout.split())  # rich wraps the lines
+    assert "role: monitor (the default, as no --role was given): " in watcher, watcher
+    assert (f"`trainbus keys revoke bob --keys-dir {tmp_path / 'k'}`, then `trainbus keys generate client bob --role "
+            f"control --keys-dir {tmp_path / 'k'}`") in watcher, watcher
+    pilot = " ".join(keys_cli("generate", "client", "alice", "--role", "control", *where).stdout.split())
+    assert "role: control: " in pilot and "revoke" not in pilot, pilot
+    assert "the default" in " ".join(keys_cli("generate", "--help").stdout.split())
+
+
 def keys_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`trainbus keys ARGS`, forked (kernel_process.cli): the console script's own start (0.4 s of CPU against 0.27 s
     forked, and seconds on a busy box) is not what the thirty such commands below test."""
