@@ -315,6 +315,13 @@ def _submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) ->
             raise UserError(f"{no_gpu}, so the daemon can never place the run; drop --gpus to queue it on the CPU "
                             f"(--device cpu)")
         raise UserError(f"--gpus {gpus}: the run {why}")
+    if gpus and serving is None and not daemon_client.daemon_lives(runs_dir) and (no_gpu := _no_gpu_here(gpus)):
+        # the daemon started next takes the GPUs NVML sees, none, and fails it at placement: said now, as a serving
+        # daemon with none says it (one that holds the directory but did not answer may have been given devices)
+        raise UserError(f"{no_gpu} and no daemon serves {runs_dir.resolve()}, so a daemon started here could never "
+                        f"place the run; drop --gpus to queue it on the CPU (--device cpu), or first start one on "
+                        f"devices NVML does not see yet: `trainbus daemon start --gpus "
+                        f"{','.join(map(str, range(gpus)))}{daemon.runs_dir_option(runs_dir)}`")
     try:
         told = daemon.submit(runs_dir, run_id, argv, gpus, cfg.target, dict(cfg.hyperparameters), continuing,
                              env=dict(os.environ), max_resumes=max_resumes)

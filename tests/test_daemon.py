@@ -1094,9 +1094,14 @@ def test_a_queued_run_a_remote_key_cancels_is_listed_cancelled_by_that_key(tmp_p
 def test_a_run_asking_for_more_gpus_than_the_daemon_has_fails_with_the_reason_listed(tmp_path, daemons):
     """Queued while no daemon served (one that serves refuses it at submission: the test of two runs on two
     devices), then taken by a daemon with none."""
+    from trainbus.kernel.daemon import submit as queue
+
     runs = tmp_path / "runs"
     runs.mkdir()
-    run_id = submit(runs, PACED, "--gpus", "2")
+    # queued as `run --detach --gpus 2` queues it once checked: on a host without GPUs that refuses it now, with no
+    # daemon too (test_run_detach_gpus_with_no_gpu_and_no_daemon_is_refused_before_anything_is_queued)
+    run_id = "20260101-000000-a1b2c3"
+    queue(runs, run_id, [PACED, "--plugins", "", "--device", "cpu"], 2, PACED, {}, None)
     start_daemon(daemons, runs, "--gpus", "")
     wait_until(lambda: listed(runs)[run_id]["status"] == "failed", WAIT_S, "the run failed at placement")
     reason = "asks for 2 GPUs and the daemon has 0 (none); start the daemon with --gpus listing them"
@@ -1440,6 +1445,26 @@ def test_run_gpus_on_a_host_without_gpus_says_it_has_none_and_to_train_on_the_cp
         assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
         assert done.stderr.startswith(f"error: --gpus 1: this host has no GPU that NVML sees ({why})"), done.stderr
         assert "drop --gpus" in done.stderr and "--device cpu" in done.stderr, done.stderr
+    assert listed(runs) == {}
+
+
+def test_run_detach_gpus_with_no_gpu_and_no_daemon_is_refused_before_anything_is_queued(tmp_path):
+    """`trainbus run --detach --gpus 1` with no daemon on a host where NVML sees no GPU queued the run: a daemon
+    started here (its devices: every GPU NVML sees, none) fails it at placement, which a daemon already serving
+    refuses at submission (the test above). Refused as that one is, naming the host's lack and the fix."""
+    from trainbus.kernel.daemon import gpu_census
+
+    found, why = gpu_census()
+    if found:
+        pytest.skip("this host has a GPU")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    done = cli("run", "--gpus", "1", "--detach", "--runs-dir", str(runs), "epochs=1", check=False)
+    assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"error: --gpus 1: this host has no GPU that NVML sees ({why}) and no daemon "
+                                  f"serves {runs.resolve()}"), done.stderr
+    assert "drop --gpus" in done.stderr and "--device cpu" in done.stderr, done.stderr
+    assert "`trainbus daemon start --gpus" in done.stderr, done.stderr  # devices NVML does not see yet
     assert listed(runs) == {}
 
 
