@@ -34,6 +34,7 @@ from .credentials import bindable
 from .daemon import (CONTROL_MAX_BYTES, ENDPOINT_FILE, LOG_FILE, PID_FILE, REMOTE_FILE, TICK_S, Daemon, DaemonError,
                      cancel, detected_devices, ended_jobs, epochs_of, local_user, make_daemon_dir, private_append_fd,
                      resumed_run, submit, unplaceable, why_not_resumable)
+from .private_dirs import write_private
 from .registry import MAX_RESUMES, JobError, Registry, RegistryError, cannot_read
 
 log = logging.getLogger("trainbus.daemon")
@@ -229,9 +230,8 @@ class Remote:
             self.close()
             raise DaemonError(str(bind_error(host, port, exc, ports=1))) from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        temporary = directory / ".remote.tmp"
-        temporary.write_text(json.dumps({"endpoint": advertised(self.endpoint), "server_key": public.decode()}) + "\n")
-        os.replace(temporary, directory / REMOTE_FILE)
+        write_private(directory / REMOTE_FILE,
+                      json.dumps({"endpoint": advertised(self.endpoint), "server_key": public.decode()}) + "\n")
 
     def _router(self) -> tuple[zmq.Socket, Any]:
         """A new, unbound CURVE ROUTER and the count of its connections (kernel/remote.py Crowd)."""
@@ -420,9 +420,7 @@ def _bind_control(context: zmq.Context, directory: Path) -> tuple[zmq.Socket, st
     socket.setsockopt(zmq.LINGER, 0)
     socket.bind(endpoint)
     os.chmod(home / CONTROL_SOCKET, 0o600)
-    temporary = directory / f".{ENDPOINT_FILE}.tmp"
-    temporary.write_text(endpoint + "\n")
-    os.replace(temporary, directory / ENDPOINT_FILE)
+    write_private(directory / ENDPOINT_FILE, endpoint + "\n")
     return socket, endpoint, home
 
 

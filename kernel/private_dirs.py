@@ -85,6 +85,19 @@ def others_can_write_file(path: Path) -> str | None:
     return None
 
 
+def write_private(path: Path, text: str) -> None:
+    """`text` as the file `path`, owner-only (0600) whatever the umask and from its first byte, replaced whole: a
+    temporary file beside it, made 0600, renamed over it. Jupyter writes its connection files so: what tells a client
+    where to connect is no one else's to read."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.unlink(missing_ok=True)  # one a crash left keeps its own mode through O_TRUNC: made anew
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
 def process_scratch_dir(name: str, temp: str | None = None) -> Path:
     """A fresh directory for this process alone in own_temp_dir(`name`, `temp`), held (an flock on its
     SCRATCH_LOCK) until remove_scratch_dir or the process's end. A process killed with SIGKILL cannot remove its

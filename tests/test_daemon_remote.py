@@ -5,6 +5,7 @@ roles, a flood of connections with no key, and the client commands' mistakes wit
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -87,6 +88,24 @@ def listening_daemon(tmp_path: Path, daemons, clients: list[tuple[str, str]], *f
     secrets = [store.generate_client(name, role)[1] for name, role in clients]
     pid = start_daemon(daemons, runs, *flags, "--listen", listen, "--keys-dir", str(store.directory))
     return runs, secrets, json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"], pid
+
+
+def test_the_daemons_endpoint_and_remote_json_are_owner_only_whatever_the_umask(tmp_path, daemons):
+    """The files that tell clients where the daemon listens (.daemon/endpoint, .daemon/remote.json) were written
+    0644 under umask 022, in a 0700 directory; a run's connection.json is 0600, as Jupyter writes its connection
+    files. Each is owner-only from its first byte (made 0600, then renamed into place)."""
+    from trainbus.proto.remote import write_connection_file
+
+    before = os.umask(0o022)
+    try:
+        runs, _, endpoint, _ = listening_daemon(tmp_path, daemons, [("w", "monitor")], "--gpus", "")
+        connection = write_connection_file(tmp_path, "r", endpoint, endpoint, endpoint, b"k" * 40)
+    finally:
+        os.umask(before)
+    written = [daemon_dir(runs) / "endpoint", daemon_dir(runs) / "remote.json", connection]
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == {path.name: "0o600"
+                                                                                 for path in written}
+    assert not [path.name for path in daemon_dir(runs).iterdir() if path.name.endswith(".tmp")]
 
 
 def test_the_status_command_a_remote_submission_suggests_runs_as_printed_with_key_paths_that_have_spaces(tmp_path,
