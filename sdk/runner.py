@@ -617,6 +617,20 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         env.update(TRAINBUS_EVENTS=events_endpoint, TRAINBUS_CONTROL=control_endpoint)
     else:
         secure = None
+    configured = unpack(bytes.fromhex(env["TRAINBUS_PLUGIN_SETTINGS"])) if "TRAINBUS_PLUGIN_SETTINGS" in env else {}
+    settings = {**configured, **(settings or {})}
+    # By hand, a mistake in the settings is said before a missing or ended run is: the command line's own first. (The
+    # kernel checked a spawned plugin's before the run, and the constructor does again.)
+    if "TRAINBUS_KERNEL_PID" not in env:
+        try:
+            _check_metrics_produced(plugin_cls, named_settings(plugin_cls, settings), env.get("TRAINBUS_RUN_DIR"))
+        except SettingsError:
+            raise
+        except Exception as exc:  # the plugin's own check_settings raised: its frames, and one line
+            print(user_traceback(exc), file=sys.stderr)
+            print(f"error: plugin {name or getattr(plugin_cls, 'name', '') or plugin_cls.__name__}: checking its "
+                  f"settings raised {where_raised(exc)}", file=sys.stderr)
+            return 2
     missing = [k for k in ("TRAINBUS_EVENTS", "TRAINBUS_CONTROL") if k not in env]
     by_hand_in = env.get("TRAINBUS_RUN_DIR") if missing and not connect else None
     if by_hand_in and run_summary(by_hand_in) is None:
@@ -636,18 +650,6 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
         print(f"error: {', '.join(missing)} not set; start plugins through `trainbus run`, or set TRAINBUS_RUN_DIR "
               f"to the run's directory (see PROTOCOL.md)", file=sys.stderr)
         return 2
-    configured = unpack(bytes.fromhex(env["TRAINBUS_PLUGIN_SETTINGS"])) if "TRAINBUS_PLUGIN_SETTINGS" in env else {}
-    settings = {**configured, **(settings or {})}
-    if "TRAINBUS_KERNEL_PID" not in env:  # by hand: a mistake is said before an ended run is (the kernel checked
-        try:                                # a spawned plugin's before the run, and the constructor does again)
-            _check_metrics_produced(plugin_cls, named_settings(plugin_cls, settings), env.get("TRAINBUS_RUN_DIR"))
-        except SettingsError:
-            raise
-        except Exception as exc:  # the plugin's own check_settings raised: its frames, and one line
-            print(user_traceback(exc), file=sys.stderr)
-            print(f"error: plugin {name or getattr(plugin_cls, 'name', '') or plugin_cls.__name__}: checking its "
-                  f"settings raised {where_raised(exc)}", file=sys.stderr)
-            return 2
     # Attached by hand to a run that is over: say so now, not after the connect timeout. Its summary.json is in the
     # run directory, or beside the connection file read in place (a copy elsewhere has none: the kernel is asked).
     record = connection_run_dir(connect) if connect else env.get("TRAINBUS_RUN_DIR")

@@ -730,3 +730,18 @@ def test_a_plugin_module_that_prints_as_it_is_imported_is_checked_as_any_other(t
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert d.returncode == 0 and json.loads(d.stdout)[0]["values"] == {"limit": 2.0}, d.stdout
     assert "loading my plugin {" in d.stderr and "and from C" in d.stderr, d.stderr
+
+
+def test_a_setting_mistake_by_hand_is_said_before_the_missing_run(tmp_path):
+    """`python -m trainbus.sdk PLUGIN --set nosuch=1` with no run to attach to said only that TRAINBUS_EVENTS and
+    TRAINBUS_CONTROL were not set; with them set, it then said the setting was wrong: two tries for what one
+    command line can say. The command line's own mistake comes first now, as `trainbus run` says its flags' before
+    anything else."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINBUS_")}
+    r = subprocess.run([sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.metrics_log:MetricsLogPlugin",
+                        "--set", "every_n_step=5"], capture_output=True, text=True, cwd=tmp_path, timeout=60, env=env)
+    assert r.returncode == 2 and "every_n_step" in r.stderr and "not set" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.metrics_log:MetricsLogPlugin",
+                        "--set", "every_n_steps=5"], capture_output=True, text=True, cwd=tmp_path, timeout=60, env=env)
+    assert (r.returncode, r.stderr.startswith("error: TRAINBUS_EVENTS, TRAINBUS_CONTROL not set")) == (2, True), \
+        r.stderr
