@@ -560,7 +560,7 @@ def test_a_plugin_class_declaring_delivery_votes_or_subscriptions_wrong_is_refus
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: plugin declared: "), r.stderr
-    assert f"declared.py, line 4: " in lines[0] and lines[0].endswith(expected), r.stderr
+    assert "declared.py, line 4: " in lines[0] and lines[0].endswith(expected), r.stderr
     assert not runs.exists(), "nothing was started"
 
 
