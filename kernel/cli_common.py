@@ -62,6 +62,14 @@ def key_file_path(text: str) -> Path:
     return Path(text)
 
 
+def config_file_path(text: str) -> Path:
+    """--config's value. An empty one ("$UNSET_VARIABLE") was read as the current directory, and said as "config file
+    . is a directory", naming neither the empty value nor the fix."""
+    if not text.strip():
+        raise typer.BadParameter("is empty: name a TOML file (or bz's .json one), or leave --config out")
+    return Path(text)
+
+
 def reason_text(text: str) -> str:
     """A REASON option's value (`attach --stop`, `runs stop --reason`). click takes the word after the option for
     its value whatever it is, so `--stop --key FILE` journaled "--key" as the reason and then refused FILE as an

@@ -20,8 +20,8 @@ from rich.markup import escape
 from trainbus.proto.settings_format import typed_word
 
 from .checkpointing import find_checkpoint
-from .cli_common import (EXIT_CODES, KEYS_DIR_HELP, UserError, _check_plugin_settings, keys_dir_path, out,
-                         runs_dir_path, says_the_checks)
+from .cli_common import (EXIT_CODES, KEYS_DIR_HELP, UserError, _check_plugin_settings, config_file_path,
+                         keys_dir_path, out, runs_dir_path, says_the_checks)
 from .cli_ctrl_c import ctrl_c_back, ctrl_c_says, interrupted_before_start, says_ctrl_c_until_the_run_begins
 from .cli_launch import launch as launch_group, under_a_launcher
 from .cluster import restarts_left
@@ -43,7 +43,8 @@ def run(
                                                      help="Flags: the spec function's arguments (lr=0.01 epochs=5)."),
     help_flags: bool = typer.Option(False, "--help-flags", help="Print the target's flags (names, types, defaults, "
                                                                 "help) and exit."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML run config, or bz's JSON one (.json)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", parser=config_file_path,
+                                          help="TOML run config, or bz's JSON one (.json)."),
     plugins: Optional[str] = typer.Option(None, "--plugins", "-p", help="Comma-separated plugin names "
                                                                         "(replaces the config's list; '' for none); "
                                                                         "one the config has a [plugins.NAME] table "

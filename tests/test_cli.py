@@ -229,6 +229,9 @@ BAD_INPUT = {
     "an empty --listen": (lambda t: ["run", "--listen", ""],
                           "--listen is empty: give it a value, or leave --listen out"),
     "missing config file": (lambda t: ["run", "--config", str(t / "nope.toml")], "does not exist"),
+    # it said "config file . is a directory": `--config "$UNSET"` read as the current directory
+    "an empty --config": (lambda t: ["run", "--config", ""],
+                          "'--config' / '-c': is empty: name a TOML file (or bz's .json one), or leave --config out"),
     "no gpu": (lambda t: ["run", "--device", "tpu"], "device must be one of auto, cpu, cuda or cuda:N"),
     "a GPU index torch does not parse": (lambda t: ["run", "--device", "cuda:01"], "or cuda:N (the GPU of index N), "
                                                                                    "got 'cuda:01'"),
