@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import socket
+import re
 import stat
 import time
 import weakref
@@ -384,6 +385,8 @@ def split_host_port(text: str, ports: int = RUN_PORTS, lowest: int = 1) -> tuple
     host, sep, port = text.removeprefix("tcp://").rpartition(":")
     if ":" in host and not host.startswith("["):  # ::1:5555 reads as host ::1 only by luck, and libzmq takes none
         raise ValueError(f"{text!r}: an IPv6 address goes in brackets, [{host}]:{port}")
+    if ("[" in host or "]" in host) and not re.fullmatch(r"\[[^\[\]]+\]", host):  # libzmq would take "[:" for a host
+        raise ValueError(f"{text!r}: an IPv6 address goes in brackets, then its port: [ADDRESS]:PORT, as [::1]:5555")
     if not sep or not host or "/" in host or not port.isdigit() or not lowest <= int(port) <= 65536 - ports:
         span = f"a port from {lowest} to {65536 - ports}" + ("; events use PORT + 1, bursts PORT + 2"
                                                             if ports == RUN_PORTS else "")

@@ -204,6 +204,13 @@ BAD_INPUT = {
                              "plugin name '' is not one trainbus takes"),
     "an IPv6 address without brackets": (lambda t: ["run", "--listen", "::1:5555"],
                                          "'::1:5555': an IPv6 address goes in brackets, [::1]:5555"),
+    # it was bound as host "[::1" (or "[:" and port 1), said as "not an address of this machine"
+    "an IPv6 address without its closing bracket": (
+        lambda t: ["run", "--listen", "[::1:5555"],
+        "'[::1:5555': an IPv6 address goes in brackets, then its port: [ADDRESS]:PORT, as [::1]:5555"),
+    "an attach to an IPv6 address without its closing bracket": (
+        lambda t: ["attach", "[::1", "--key", str(t / "alice.key_secret")],
+        "'[::1': an IPv6 address goes in brackets, then its port: [ADDRESS]:PORT, as [::1]:5555"),
     "epochs past any run": (lambda t: ["run", "--epochs", str(2**63)], "epochs must be 1 to 1,000,000,000"),
     "epochs past 64 bits in a config": (
         lambda t: ["run", "--config", _write(t, "big.toml", f"[run]\nepochs = {10**21}\n")],
