@@ -27,6 +27,7 @@ import typer
 from trainbus.proto import PROTOCOL_VERSION
 from trainbus.proto.output import RefusalGuard
 from trainbus.proto.process import exit_without_teardown
+from trainbus.proto.text import printable
 
 from .checkpointing import CheckpointError
 from .cli_common import RUNS_DIR_OPTION, UserError, _attach_client, _wide, key_file_path, out, reason_text
@@ -266,8 +267,9 @@ def main() -> None:
         print("aborted", file=sys.stderr)
         _exit(130)
     except (UserError, ConfigError, SpecError, CheckpointError, RegistryError) as exc:
-        # their build() raised: their frames, then the one line
-        said = (exc.trace if isinstance(exc, UserCodeError) else "") + f"error: {exc}\n"
+        # their build() raised: their frames, then the one line, which may quote what the user typed (a target's
+        # file name): its control characters shown, not obeyed by the terminal, and the line kept one
+        said = (exc.trace if isinstance(exc, UserCodeError) else "") + f"error: {printable(str(exc))}\n"
         if _tell_launcher(said, os.environ.get("RANK", "") if isinstance(exc, UserCodeError) else ""):
             _exit(0)  # a rank of `run --nproc`: the launcher says it once, and exits 2
         print(said, end="", file=sys.stderr)

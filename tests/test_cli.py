@@ -237,6 +237,10 @@ BAD_INPUT = {
                           "--listen is empty: give it a value, or leave --listen out"),
     "missing config file": (lambda t: ["run", "--config", str(t / "nope.toml")], "does not exist"),
     # it said "config file . is a directory": `--config "$UNSET"` read as the current directory
+    # the name was printed as given: the terminal obeyed the escape, and a newline made the error two lines
+    "a target whose name holds a terminal escape": (lambda t: ["run", "\x1b[2Jtrain.py"],
+                                                    "target file \\x1b[2Jtrain.py does not exist"),
+    "a target whose name holds a newline": (lambda t: ["run", "a\nb.py"], "target file a\\x0ab.py does not exist"),
     "an empty --config": (lambda t: ["run", "--config", ""],
                           "'--config' / '-c': is empty: name a TOML file (or bz's .json one), or leave --config out"),
     "no gpu": (lambda t: ["run", "--device", "tpu"], "device must be one of auto, cpu, cuda or cuda:N"),
