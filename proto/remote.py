@@ -48,6 +48,8 @@ def check_secret_file(path: Path) -> None:
         info = path.stat()
     except OSError as exc:
         raise KeyFileError(f"key file {path}: {exc.strerror}; generate it with `trainbus keys generate`") from None
+    if stat.S_ISDIR(info.st_mode):  # its mode is a folder's: "chmod 600" would be the wrong fix
+        raise KeyFileError(f"key file {path} is a directory, not a key file: give the NAME{SECRET_SUFFIX} file itself")
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(f"secret key file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):o}); "
                            f"fix: chmod 600 {path}")

@@ -39,6 +39,8 @@ def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path
     garbage.write_text("not a key\n")
     garbage.chmod(0o600)
     no_server_key = tmp_path / "remote.json"
+    folder = tmp_path / "alice"  # a folder's mode, 0755: it was said as "readable by others; fix: chmod 600"
+    folder.mkdir(mode=0o755)
     mistakes = [  # (command, --key, --server-key, what the line says)
         (["status"], tmp_path / "nosuch.key", store.server_public, "nosuch.key: No such file or directory"),
         (["cancel", "x"], garbage, store.server_public, f"key file {garbage} is not a readable CURVE key"),
@@ -48,6 +50,8 @@ def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path
         (["status"], secret, store.server_secret, f"{store.server_secret} is a secret key: a client pins the server's "
                                                   f"public key"),
         (["status"], secret, garbage, f"server key file {garbage} is not a readable CURVE public key; copy server.key"),
+        (["status"], folder, store.server_public, f"key file {folder} is a directory, not a key file: give the "
+                                                  f"NAME.key_secret file itself"),
     ]
     free = socket.socket()  # a port nothing listens on
     free.bind(("127.0.0.1", 0))
