@@ -15,6 +15,8 @@ machines: copy each one there and delete it here.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -155,16 +157,35 @@ class KeyStore:
                                                       "in its place")
 
     def _create(self, directory: Path, name: str) -> tuple[Path, Path]:
-        make_dirs(self.directory.parent)  # 0755 at most: Path.mkdir's parents are 0777 less the umask
-        self.directory.mkdir(mode=0o700, exist_ok=True)
-        self.directory.chmod(0o700)
-        directory.mkdir(mode=0o700, exist_ok=True)
-        # Inside a 0700 directory nobody else can open the secret file before it is tightened below
-        # (pyzmq writes it with the umask's mode, 0644 by default).
-        public, secret = zmq.auth.create_certificates(directory, name)
-        Path(secret).chmod(0o600)
-        Path(public).chmod(0o644)  # whatever the umask (002 makes it group-writable, which check_secrets refuses)
+        try:
+            make_dirs(self.directory.parent)  # 0755 at most: Path.mkdir's parents are 0777 less the umask
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+            self.directory.chmod(0o700)
+            directory.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:  # a read-only mount, a folder of someone else's
+            raise self._unwritable(directory, exc) from None
+        pair = (directory / f"{name}.key", directory / f"{name}{SECRET_SUFFIX}")
+        replaced = {path for path in pair if path.exists()}  # --force's: the old server pair
+        try:
+            # Inside a 0700 directory nobody else can open the secret file before it is tightened below
+            # (pyzmq writes it with the umask's mode, 0644 by default).
+            public, secret = zmq.auth.create_certificates(directory, name)
+            Path(secret).chmod(0o600)
+            Path(public).chmod(0o644)  # whatever the umask (002 makes it group-writable, which check_secrets refuses)
+        except OSError as exc:  # a full disk: the half written goes, or a public key with no secret would stay
+            for path in set(pair) - replaced:
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            raise self._unwritable(directory, exc) from None
         return Path(public), Path(secret)
+
+    @staticmethod
+    def _unwritable(directory: Path, exc: OSError) -> KeyFileError:
+        where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != directory else ""
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return KeyFileError(f"cannot write the key pair in {directory}: {exc.strerror or exc}{where}; "
+                            f"{'free space on its disk, or ' if full else ''}give --keys-dir a directory of your own "
+                            f"that you can write")
 
 
 def _read_public(path: Path) -> str:

@@ -1299,3 +1299,25 @@ def test_logging_configured_by_the_users_code_shows_none_of_the_kernels_own_line
     assert "INFO:mine:data ready" in r.stderr, r.stderr  # the user's own logging is theirs, as they set it up
     assert "trainbus." not in r.stdout + r.stderr, r.stdout + r.stderr
     assert " INFO trainbus.kernel: sockets: " in next(runs.glob("*/kernel.log")).read_text()
+
+
+@pytest.mark.parametrize("how", ["read-only mount", "full disk"])
+def test_keys_generate_where_it_cannot_write_is_one_line_and_leaves_no_half_pair(how, mount_tmpfs):
+    """An OSError of the key pair's mkdir or write went out as a traceback; on a full disk the public half was
+    left, a key with no secret anywhere, in a role directory the kernel lets its holder in from."""
+    if how == "read-only mount":
+        disk = mount_tmpfs("ro", 1 << 20)
+        remount = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True)
+        if remount.returncode != 0:
+            pytest.skip(f"cannot remount read-only here: {remount.stderr.strip()}")
+        args = ["server"]
+    else:
+        disk = mount_tmpfs("full", 4096)  # one page: the public key's file fills it, the secret's is refused
+        args = ["client", "alice", "--role", "control"]
+    keys = disk / "keys"
+    r = trainbus("keys", "generate", *args, "--keys-dir", str(keys))
+    assert "Traceback" not in r.stderr + r.stdout
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(
+        f"error: cannot write the key pair in {keys}"), r.stderr
+    assert "--keys-dir" in r.stderr  # the fix
+    assert not [path for path in disk.rglob("*") if path.is_file()]
