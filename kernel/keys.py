@@ -94,11 +94,17 @@ class KeyStore:
         """Move the client's public key to revoked/ and delete its secret half; it is refused from now on."""
         for key in self.clients(unreadable=True):  # an unreadable file too: revoking is one of its fixes
             if key.name == name and key.role != REVOKED:
-                (self.directory / REVOKED).mkdir(mode=0o700, exist_ok=True)
                 # a name can be revoked twice; a file that holds no key has no fingerprint to tell them apart
                 fingerprint = hashlib.sha256(key.public.encode()).hexdigest()[:8] if key.public else \
                     secrets.token_hex(4)
-                key.path.replace(self.directory / REVOKED / f"{name}~{fingerprint}.key")
+                try:
+                    (self.directory / REVOKED).mkdir(mode=0o700, exist_ok=True)
+                    key.path.replace(self.directory / REVOKED / f"{name}~{fingerprint}.key")
+                except OSError as exc:  # a read-only mount, a directory of someone else's: nothing was moved
+                    raise KeyFileError(f"cannot revoke {key.role} key {name}: {exc.strerror or exc} "
+                                       f"({exc.filename}); it still lets its holder in: revoke it where its key "
+                                       f"directory can be written (as its owner, on a mount that is not read-only), "
+                                       f"or delete {key.path} there") from None
                 key.path.with_suffix(SECRET_SUFFIX).unlink(missing_ok=True)
                 return key
         revoked = [key for key in self.clients(unreadable=True) if key.name == name and key.role == REVOKED]

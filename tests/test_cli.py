@@ -1321,3 +1321,21 @@ def test_keys_generate_where_it_cannot_write_is_one_line_and_leaves_no_half_pair
         f"error: cannot write the key pair in {keys}"), r.stderr
     assert "--keys-dir" in r.stderr  # the fix
     assert not [path for path in disk.rglob("*") if path.is_file()]
+
+
+def test_keys_revoke_on_a_read_only_mount_is_one_line_saying_the_key_still_lets_in(mount_tmpfs):
+    """The OSError of revoked/'s mkdir went out as a traceback, which left unsaid whether the key was revoked."""
+    from trainbus.kernel.keys import KeyStore
+
+    disk = mount_tmpfs("keys", 1 << 20)
+    store = KeyStore(disk / "keys")
+    store.generate_server()
+    public, _ = store.generate_client("alice", "control")
+    remount = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True)
+    if remount.returncode != 0:
+        pytest.skip(f"cannot remount read-only here: {remount.stderr.strip()}")
+    r = trainbus("keys", "revoke", "alice", "--keys-dir", str(store.directory))
+    assert "Traceback" not in r.stderr + r.stdout
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(
+        "error: cannot revoke control key alice: Read-only file system"), r.stderr
+    assert "it still lets its holder in" in r.stderr and public.exists()
