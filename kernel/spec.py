@@ -225,6 +225,9 @@ def load_target(target: str) -> Callable[..., TrainingSpec]:
         meant = f" (did you mean {target}.py?)" if ":" not in target and Path(f"{target}.py").is_file() else ""
         raise SpecError(f"target {target!r} must look like path/to/file.py:function or package.module:function"
                         f"{meant}")  # `trainbus run train` for train.py, as `guild run train` finds it
+    if ":" in module_part and not is_file_target(module_part):  # no module's name holds one; a path may
+        raise SpecError(f"target {target!r} has more than one ':'; it must look like path/to/file.py:function or "
+                        f"package.module:function")
     if is_file_target(module_part):
         path = Path(module_part)
         if not path.is_file():  # a folder or a device exists: "does not exist" would send the user looking for it

@@ -241,6 +241,10 @@ BAD_INPUT = {
     "a target whose name holds a terminal escape": (lambda t: ["run", "\x1b[2Jtrain.py"],
                                                     "target file \\x1b[2Jtrain.py does not exist"),
     "a target whose name holds a newline": (lambda t: ["run", "a\nb.py"], "target file a\\x0ab.py does not exist"),
+    # it was said as "cannot import module 'train.py:build'; is it installed or on PYTHONPATH?"
+    "a target with two colons": (lambda t: ["run", "train.py:build:extra"],
+                                 "target 'train.py:build:extra' has more than one ':'; it must look like "
+                                 "path/to/file.py:function or package.module:function"),
     "an empty --config": (lambda t: ["run", "--config", ""],
                           "'--config' / '-c': is empty: name a TOML file (or bz's .json one), or leave --config out"),
     "no gpu": (lambda t: ["run", "--device", "tpu"], "device must be one of auto, cpu, cuda or cuda:N"),
