@@ -12,7 +12,7 @@ import signal
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NoReturn, Optional
 
 import typer
 from rich.markup import escape
@@ -165,20 +165,7 @@ def run(
             setattr(cfg, key, value)
     if runs_dir is not None:
         cfg.runs_dir = str(runs_dir)
-    flagged = {word.partition("=")[0]: word for word in flag_words}
-    set_before: dict[str, str] = {}
-    for item in hparam:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set {item!r} must look like KEY=VALUE")
-        word = flagged.get(key.removeprefix("hyperparameters."))
-        if word is not None and word.partition("=")[2] != raw:  # the later would win without a word
-            raise UserError(f"{key.removeprefix('hyperparameters.')} given twice, as {word} and as --set {item}: "
-                            f"give it once")
-        earlier = set_before.setdefault(_set_name(key), item)
-        if earlier.partition("=")[2] != raw:  # as a flag given twice: which one the run was meant to have is unsaid
-            raise UserError(f"{_set_name(key)} given twice, as --set {earlier} and as --set {item}: give it once")
-        apply_set(cfg, key, typed_word(raw))
+    _apply_sets(cfg, hparam, flag_words)
     _check_epochs_given_once(epochs, [*flag_words, *hparam], cfg.hyperparameters)
     only_in_file = in_file - {w.partition("=")[0] for w in flag_words} - {
         item.partition("=")[0].removeprefix("hyperparameters.") for item in hparam}
@@ -207,41 +194,13 @@ def run(
     if config is not None and plugins is None and continuing is None and says_the_checks() and (
             note := defaults_left_out(config)):
         print(f"trainbus: note: {note}", file=sys.stderr)
-    if gpus is not None and not detach:
-        if gpus and (no_gpu := _no_gpu_here(gpus)):  # --detach would not help: the daemon here has none either
-            raise UserError(f"{no_gpu}; --gpus is for a run queued (--detach) on the daemon's GPUs: drop --gpus to "
-                            f"train here on the CPU (--device cpu)")
-        raise UserError("--gpus places a queued run: add --detach (a run started here uses the GPUs "
-                        "CUDA_VISIBLE_DEVICES shows it)")
-    if max_resumes is not None and not detach:
-        raise UserError("--max-resumes is the daemon's: add --detach (a run started here is continued with "
-                        "`trainbus runs resume RUN`; --max-restarts restarts failed processes of --nproc)")
     if detach:
-        try:
-            _check_target(cfg)
-        except FlagError as exc:
-            raise UserError(from_file(exc)) from None
-        if device_index(cfg.device) is not None:
-            raise UserError(f"--device {cfg.device} with --detach: the daemon gives each run its GPUs (and numbers "
-                            f"them from 0 for it); use --device cuda, with --gpus N for more than one")
-        if cfg.precision == "16-mixed" and cfg.device == "cpu":  # the daemon's run would fail as it starts
-            raise UserError("--precision 16-mixed needs a CUDA device and this run asks for --device cpu; use "
-                            "bf16-mixed on the CPU")
-        if cfg.device.startswith("cuda") or cfg.precision == "16-mixed" and cfg.device == "auto":
-            from .daemon import detected_devices
-
-            if not detected_devices():  # the run would fail only once the daemon started it
-                if cfg.device.startswith("cuda"):
-                    raise UserError(f"--device {cfg.device}, but this host has no GPU that NVML sees, so the daemon's "
-                                    f"run would fail as it starts; use --device cpu or auto")
-                raise UserError("--precision 16-mixed needs a CUDA device, but this host has no GPU that NVML sees, so "
-                                "the daemon's run would fail as it starts; use bf16-mixed on the CPU")
-        if cfg.resume:  # what the queued run would look for first: a verified checkpoint to start from
-            find_checkpoint(cfg.resume, cfg.runs_dir)
+        _check_queueable(cfg, from_file)
         ctrl_c_says(f"Ctrl-C as the run was submitted: `trainbus runs list --runs-dir "
                     f"{shlex.quote(str(cfg.runs_dir))}` shows whether the daemon queued it")
         _submit(cfg, continuing, gpus, max_resumes or 0)
         return
+    _check_not_queue_options(gpus, max_resumes)
     if cfg.listen and launch["nnodes"] == 1 and (cfg.listen, cfg.keys_dir) != listen_checked \
             and not under_a_launcher():
         _check_listen(cfg.listen, cfg.keys_dir)
@@ -249,6 +208,12 @@ def run(
         if device_index(cfg.device) is not None:
             raise UserError(ONE_GPU_PER_RANK.format(device=cfg.device))
         launch_group(launch, cfg.runs_dir, continuing.name if continuing else None)
+    _train_here(cfg, continuing, metric_settings, from_file)
+
+
+def _train_here(cfg, continuing: Path | None, metric_settings: dict[str, str],
+                from_file: Callable[[Exception], str]) -> NoReturn:
+    """The run, in this process (a rank of --nproc's too): its summary printed, and the command's exit code."""
     from .session import InterruptedBeforeStart, run_training  # here: torch takes seconds to import, and a mistake
     # above is told at once
     ctrl_c_back(signal.default_int_handler)  # run_training takes it at once, and gives this back when it returns
@@ -269,6 +234,65 @@ def run(
         # launcher exits 130 from summary.json; 130 here would have torchrun restart the group (--max-restarts)
         code = 0
     raise typer.Exit(code=code)
+
+
+def _apply_sets(cfg, hparam: list[str], flag_words: list[str]) -> None:
+    """Each --set KEY=VALUE put into cfg; UserError for one malformed, or naming what a flag word or an earlier
+    --set gave another value."""
+    flagged = {word.partition("=")[0]: word for word in flag_words}
+    set_before: dict[str, str] = {}
+    for item in hparam:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r} must look like KEY=VALUE")
+        word = flagged.get(key.removeprefix("hyperparameters."))
+        if word is not None and word.partition("=")[2] != raw:  # the later would win without a word
+            raise UserError(f"{key.removeprefix('hyperparameters.')} given twice, as {word} and as --set {item}: "
+                            f"give it once")
+        earlier = set_before.setdefault(_set_name(key), item)
+        if earlier.partition("=")[2] != raw:  # as a flag given twice: which one the run was meant to have is unsaid
+            raise UserError(f"{_set_name(key)} given twice, as --set {earlier} and as --set {item}: give it once")
+        apply_set(cfg, key, typed_word(raw))
+
+
+def _check_not_queue_options(gpus: int | None, max_resumes: int | None) -> None:
+    """UserError for the options of a run queued for the daemon (--gpus, --max-resumes) on a run started here."""
+    if gpus is not None:
+        if gpus and (no_gpu := _no_gpu_here(gpus)):  # --detach would not help: the daemon here has none either
+            raise UserError(f"{no_gpu}; --gpus is for a run queued (--detach) on the daemon's GPUs: drop --gpus to "
+                            f"train here on the CPU (--device cpu)")
+        raise UserError("--gpus places a queued run: add --detach (a run started here uses the GPUs "
+                        "CUDA_VISIBLE_DEVICES shows it)")
+    if max_resumes is not None:
+        raise UserError("--max-resumes is the daemon's: add --detach (a run started here is continued with "
+                        "`trainbus runs resume RUN`; --max-restarts restarts failed processes of --nproc)")
+
+
+def _check_queueable(cfg, from_file: Callable[[Exception], str]) -> None:
+    """UserError for a run the daemon would queue only to fail as it starts it: a target that cannot be
+    imported, a GPU index (the daemon numbers a run's GPUs), CUDA on a host with none, a checkpoint to resume
+    from that is not one."""
+    try:
+        _check_target(cfg)
+    except FlagError as exc:
+        raise UserError(from_file(exc)) from None
+    if device_index(cfg.device) is not None:
+        raise UserError(f"--device {cfg.device} with --detach: the daemon gives each run its GPUs (and numbers "
+                        f"them from 0 for it); use --device cuda, with --gpus N for more than one")
+    if cfg.precision == "16-mixed" and cfg.device == "cpu":  # the daemon's run would fail as it starts
+        raise UserError("--precision 16-mixed needs a CUDA device and this run asks for --device cpu; use "
+                        "bf16-mixed on the CPU")
+    if cfg.device.startswith("cuda") or cfg.precision == "16-mixed" and cfg.device == "auto":
+        from .daemon import detected_devices
+
+        if not detected_devices():  # the run would fail only once the daemon started it
+            if cfg.device.startswith("cuda"):
+                raise UserError(f"--device {cfg.device}, but this host has no GPU that NVML sees, so the daemon's "
+                                f"run would fail as it starts; use --device cpu or auto")
+            raise UserError("--precision 16-mixed needs a CUDA device, but this host has no GPU that NVML sees, so "
+                            "the daemon's run would fail as it starts; use bf16-mixed on the CPU")
+    if cfg.resume:  # what the queued run would look for first: a verified checkpoint to start from
+        find_checkpoint(cfg.resume, cfg.runs_dir)
 
 
 def _no_gpu_here(gpus: int) -> str:
