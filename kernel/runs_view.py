@@ -177,7 +177,6 @@ def print_comparison(console, rows: list[dict[str, Any]], runs_dir: Path) -> Non
 def print_show(console, run: dict[str, Any]) -> None:
     """One run (runs.run_details's dict): its lines, then its epochs, plugins, checkpoints and files."""
     from rich.markup import escape
-    from rich.table import Table
 
     def line(label: str, text: str) -> None:
         console.print(f"  {label:<12}{text}")
@@ -228,6 +227,14 @@ def print_show(console, run: dict[str, Any]) -> None:
     line("validation", escape(validation + " (last epoch)" if validation != "-" else "-"))
     if run.get("best"):
         line("best", f"validation loss {_num(run['best']['validation_loss'])} at epoch {run['best']['epoch']}")
+    _print_epochs(console, run)
+    _print_plugins(console, run)
+    _print_checkpoints_and_files(console, run)
+
+
+def _print_epochs(console, run: dict[str, Any]) -> None:
+    """The table of epochs, the best one starred."""
+    from rich.table import Table
 
     rows = run.get("epoch_table") or []
     if rows:
@@ -247,33 +254,18 @@ def print_show(console, run: dict[str, Any]) -> None:
         console.print()
         _print_table(console, table)
 
+
+def _print_plugins(console, run: dict[str, Any]) -> None:
+    """The table of plugins with their trouble, then the clients attached to the run."""
+    from rich.markup import escape
+    from rich.table import Table
+
     plugins = run.get("plugins") or {}
     if plugins:
         table = Table("plugin", "state", "restarts", "trouble", "log", box=None, pad_edge=False, title="plugins",
                       title_justify="left")
         for name, p in plugins.items():
-            trouble = list(p.get("crashes") or [])[-3:]
-            if p.get("reason"):
-                trouble.append(p["reason"])
-            if p.get("left_early"):
-                trouble.append("left before the run ended")
-            if p.get("greeted") is False and not p.get("detached"):  # it took no event of the run (as runs list says)
-                trouble.append(f"never said a hello the kernel took: {p['hello_trouble']}"
-                               if isinstance(p.get("hello_trouble"), str)
-                               else "never said hello")
-            dropped = [f"{p[f'{kind}_dropped']:,} {kind}{'s' * (p[f'{kind}_dropped'] != 1)}"
-                       for kind in ("metric", "log") if isinstance(p.get(f"{kind}_dropped"), int)
-                       and p[f"{kind}_dropped"] > 0]
-            if dropped:  # past its [limits]: what it reported is not all in the journal
-                trouble.append(" and ".join(dropped) + " dropped past its [limits] (kernel.log)")
-            if p.get("errors_logged"):
-                trouble.append(f"{p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged (kernel.log)")
-            if p.get("checkpoints_failed"):
-                trouble.append(f"{p['checkpoints_failed']} checkpoint{'s' * (p['checkpoints_failed'] != 1)} failed")
-            if p.get("votes_missed"):
-                trouble.append(f"missed {votes_missed(p['votes_missed'])}")
-            if "undrained_acked_seq" in p:
-                trouble.append(f"did not catch up (acked to seq {p['undrained_acked_seq']})")
+            trouble = _trouble(p)
             state = p.get("state") or "-"
             # a peer attached by hand names itself: its name's newlines and escapes shown, not acted on
             table.add_row(escape(printable(name)), f"[red]{state}[/red]" if state == "failed" else escape(state),
@@ -285,6 +277,38 @@ def print_show(console, run: dict[str, Any]) -> None:
         console.print(f"attached: {len(attached)} client{'s' * (len(attached) != 1)} "
                       f"({escape(printable(', '.join(attached[:5])))}"
                       f"{', ...' if len(attached) > 5 else ''})", highlight=False)
+
+
+def _trouble(p: dict[str, Any]) -> list[str]:
+    """What went wrong with a plugin, for the plugins table: its latest crashes, why it failed, what it dropped."""
+    trouble = list(p.get("crashes") or [])[-3:]
+    if p.get("reason"):
+        trouble.append(p["reason"])
+    if p.get("left_early"):
+        trouble.append("left before the run ended")
+    if p.get("greeted") is False and not p.get("detached"):  # it took no event of the run (as runs list says)
+        trouble.append(f"never said a hello the kernel took: {p['hello_trouble']}"
+                       if isinstance(p.get("hello_trouble"), str)
+                       else "never said hello")
+    dropped = [f"{p[f'{kind}_dropped']:,} {kind}{'s' * (p[f'{kind}_dropped'] != 1)}"
+               for kind in ("metric", "log") if isinstance(p.get(f"{kind}_dropped"), int)
+               and p[f"{kind}_dropped"] > 0]
+    if dropped:  # past its [limits]: what it reported is not all in the journal
+        trouble.append(" and ".join(dropped) + " dropped past its [limits] (kernel.log)")
+    if p.get("errors_logged"):
+        trouble.append(f"{p['errors_logged']} error{'s' * (p['errors_logged'] != 1)} logged (kernel.log)")
+    if p.get("checkpoints_failed"):
+        trouble.append(f"{p['checkpoints_failed']} checkpoint{'s' * (p['checkpoints_failed'] != 1)} failed")
+    if p.get("votes_missed"):
+        trouble.append(f"missed {votes_missed(p['votes_missed'])}")
+    if "undrained_acked_seq" in p:
+        trouble.append(f"did not catch up (acked to seq {p['undrained_acked_seq']})")
+    return trouble
+
+
+def _print_checkpoints_and_files(console, run: dict[str, Any]) -> None:
+    """How many checkpoints were saved (the newest on disk listed), and what the run directory holds."""
+    from rich.markup import escape
 
     checkpoints = run.get("checkpoints") or {}
     if checkpoints.get("saved") or checkpoints.get("failed") or checkpoints.get("skipped"):
