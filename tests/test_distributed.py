@@ -634,6 +634,21 @@ def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_re
     assert "restart" not in proc.stderr.lower() and not (tmp_path / "runs").exists(), proc.stderr
 
 
+def test_more_processes_than_the_command_may_have_cpus_is_one_line_before_any_starts(tmp_path):
+    """`run --nproc 100000` (a typo for 10) started ranks, each importing torch, until the launcher itself was killed
+    for memory: on a 2-core box the load stood at ~200 for 40 minutes, the ranks it had started orphaned. More
+    processes than the CPUs the command may use train slower, not faster, so N is bounded by those CPUs."""
+    usable = len(os.sched_getaffinity(0))
+    proc = cli("run", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", str(usable + 1),
+               timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (
+        f"error: --nproc {usable + 1}: this command may use {usable} CPU{'s' * (usable != 1)}, and each process "
+        f"trains on one at least (more processes than CPUs train slower, not faster): give --nproc {usable} or "
+        f"fewer"), proc.stderr
+    assert not (tmp_path / "runs").exists(), "nothing was started"
+
+
 def test_a_launcher_killed_with_sigkill_leaves_no_files_behind_once_another_launch_has_run(tmp_path):
     """Each `run --nproc` made /tmp/trainbus-launch-*.errors and removed it at its end, which a launcher killed with
     SIGKILL never reached; and torchrun's logs went to a torchelastic_* directory of /tmp that no launch ever removed
