@@ -8,7 +8,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
@@ -246,9 +246,7 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
     ended last and how.
     Exit code 0 when one does, 3 when none (as `systemctl status`), 1 when one holds it but does not answer
     (starting, or stuck)."""
-    from . import daemon, daemon_client
-    from .pids import process_alive
-    from .registry import REGISTRY_NAME, Registry, RegistryError, cannot_read
+    from . import daemon_client
     from .runs import no_runs_dir
 
     target = _remote(remote, key, server_key, runs_dir)
@@ -263,11 +261,98 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
     # a daemon that holds the directory but did not answer (starting, stuck): alive, said so, exit 1
     stuck = daemon_client.unanswering(runs_dir) if answer is None and target is None else None
     queued, ended = (answer or {}).get("queued", []), (answer or {}).get("ended", [])
-    unreadable = None  # no daemon, and a registry it could not read either: still exit 3, saying so
+    unreadable, orphans, gone, resumed = None, {}, [], {}  # no daemon, and a registry it could not read: exit 3
+    if answer is None:
+        found = _queue_of_no_daemon(runs_dir, stuck)
+        queued, ended, unreadable = found["queued"], found["ended"], found["unreadable"]
+        orphans, gone, resumed = found["unwatched"], found["gone"], found["resumed"]
+    if answer is not None:
+        answer = {k: v for k, v in answer.items() if k not in ("ok", "queued", "ended")}
+    if as_json:
+        print(json.dumps({"serving": answer is not None or stuck is not None, **(answer or {}), "queued": queued,
+                          "ended": ended, **({"registry_error": unreadable} if unreadable else {}),
+                          **({"answering": False, "pid": stuck[0], "error": stuck[1]} if stuck else {}),
+                          **({"unwatched": orphans, "unwatched_gone": gone} if answer is None and not stuck else {}),
+                          # whose queue this is, and a mistyped --runs-dir said, not taken for an idle queue
+                          **({"runs_dir": str(runs_dir.resolve())} if answer is None else {}),
+                          **({"runs_dir_error": no_runs_dir(runs_dir)} if answer is None and not runs_dir.is_dir()
+                             else {})}))
+    elif stuck is not None:
+        out.print(escape(stuck[1]) + (f"; {len(queued)} run(s) queued" if queued else "")
+                  + (f"; its queue is unknown: {escape(unreadable)}" if unreadable else ""))
+    elif answer is None:
+        _print_no_daemon(runs_dir, queued, unreadable, orphans, gone, resumed)
+    else:
+        _print_serving(answer, runs_dir, queued, here=target is None)
+    if not as_json:
+        for job in ended:  # a remote key's only view of how its submissions went
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["ended_ts"])) if job.get("ended_ts") else "?"
+            # why it failed, or who stopped it and why (a remote `daemon cancel` names the key)
+            why = job.get("error") or (job.get("status") == "stopped" and "; ".join(job.get("stop_reasons") or []))
+            out.print(f"  ended {escape(str(job.get('run')))} {when}: {escape(str(job.get('status')))}"
+                      + (f" ({escape(str(why))})" if why else ""))
+    raise typer.Exit(code=0 if answer is not None else 1 if stuck is not None else 3)
+
+
+def _print_no_daemon(runs_dir: Path, queued: list[str], unreadable: str | None, orphans: dict[str, int],
+                     gone: list[str], resumed: dict[str, int]) -> None:
+    """`daemon status` with no daemon: what starts the runs queued, and the runs no daemon watches."""
+    from . import daemon
+    from .runs import no_runs_dir
+
+    out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"  # and what starts the ones queued
+              + ("" if runs_dir.is_dir() else f": {escape(no_runs_dir(runs_dir))}")
+              + (f"; {len(queued)} run(s) queued: `trainbus daemon start --runs-dir "
+                 f"{escape(shlex.quote(str(runs_dir)))}` starts them" if queued else "")
+              + (f"; its queue is unknown: {escape(unreadable)}" if unreadable else ""))
+    for run_id, pid in orphans.items():
+        out.print(f"  running {run_id} (pid {pid}), started by a daemon that is gone: `trainbus daemon start"
+                  f"{escape(daemon.runs_dir_option(runs_dir))}` watches it again")
+    for run_id in gone:
+        option = escape(daemon.runs_dir_option(runs_dir))
+        out.print(f"  gone {run_id}: started by a daemon that is gone, and its kernel is gone too (`trainbus runs "
+                  f"show {run_id}{option}` says how it ended; `trainbus daemon start{option}` "
+                  + (f"resumes it from its newest checkpoint (--max-resumes: {resumed[run_id]} left))"
+                     if run_id in resumed else "records it as ended)"))
+
+
+def _print_serving(answer: dict[str, Any], runs_dir: Path, queued: list[str], here: bool) -> None:
+    """`daemon status` of a daemon that answered: its devices, the runs it watches, its trouble and queue;
+    `here`: asked on this machine, not over --remote (whose endpoint line it would repeat)."""
+    watched = answer.get("running") or {}
+    out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])}: devices "
+              f"{','.join(answer['devices']) or 'none'}, max concurrent {answer['max_concurrent']}")
+    if answer.get("remote") and here:
+        out.print("  " + _remote_line(answer["remote"], runs_dir))
+    for run_id, info in watched.items():
+        out.print(f"  running {run_id} (pid {info['pid']}"
+                  + (f", CUDA_VISIBLE_DEVICES={','.join(info['devices'])}" if info["devices"] else "") + ")"
+                  + (f", listening on {escape(str(info['listen']))}" if info.get("listen") else "")
+                  + (f", resumed if it dies (--max-resumes: {info['resumes_left']} left)"
+                     if isinstance(info.get("resumes_left"), int) and info["resumes_left"] > 0 else ""))
+    if answer.get("trouble") and not answer.get("registry_error"):  # that one is said below
+        out.print(f"  trouble: {escape(answer['trouble'])}")
+    if answer.get("registry_error"):
+        out.print(f"  queued: unknown: {escape(answer['registry_error'])}")
+    else:
+        out.print(f"  queued: {_first_of(queued)}")
+
+
+def _queue_of_no_daemon(runs_dir: Path, stuck: tuple[int, str] | None) -> dict[str, Any]:
+    """What the registry says with no daemon answering: the queue, the runs ended last, and the runs a daemon
+    started that no daemon watches now (training still: `unwatched`; their kernel gone too: `gone`, with the
+    resumes left of those the next daemon resumes); `unreadable` when the registry cannot be read."""
+    from . import daemon
+    from .pids import process_alive
+    from .registry import REGISTRY_NAME, Registry, RegistryError, cannot_read
+
+    queued: list[str] = []
+    ended: list[dict[str, Any]] = []
+    unreadable = None
     orphans: dict[str, int] = {}
     gone: list[str] = []
     resumed: dict[str, int] = {}
-    if answer is None and (runs_dir / REGISTRY_NAME).is_file():
+    if (runs_dir / REGISTRY_NAME).is_file():
         try:
             with Registry(runs_dir) as registry:
                 queued = registry.job_ids(["queued"])
@@ -287,59 +372,6 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
             unreadable = str(exc)
         except sqlite3.Error as exc:  # a full disk: SQLite cannot even open it in WAL mode
             unreadable = cannot_read(runs_dir, exc)
-    if answer is not None:
-        answer = {k: v for k, v in answer.items() if k not in ("ok", "queued", "ended")}
-    if as_json:
-        print(json.dumps({"serving": answer is not None or stuck is not None, **(answer or {}), "queued": queued,
-                          "ended": ended, **({"registry_error": unreadable} if unreadable else {}),
-                          **({"answering": False, "pid": stuck[0], "error": stuck[1]} if stuck else {}),
-                          **({"unwatched": orphans, "unwatched_gone": gone} if answer is None and not stuck else {}),
-                          # whose queue this is, and a mistyped --runs-dir said, not taken for an idle queue
-                          **({"runs_dir": str(runs_dir.resolve())} if answer is None else {}),
-                          **({"runs_dir_error": no_runs_dir(runs_dir)} if answer is None and not runs_dir.is_dir()
-                             else {})}))
-    elif stuck is not None:
-        out.print(escape(stuck[1]) + (f"; {len(queued)} run(s) queued" if queued else "")
-                  + (f"; its queue is unknown: {escape(unreadable)}" if unreadable else ""))
-    elif answer is None:
-        out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"  # and what starts the ones queued
-                  + ("" if runs_dir.is_dir() else f": {escape(no_runs_dir(runs_dir))}")
-                  + (f"; {len(queued)} run(s) queued: `trainbus daemon start --runs-dir "
-                     f"{escape(shlex.quote(str(runs_dir)))}` starts them" if queued else "")
-                  + (f"; its queue is unknown: {escape(unreadable)}" if unreadable else ""))
-        for run_id, pid in orphans.items():
-            out.print(f"  running {run_id} (pid {pid}), started by a daemon that is gone: `trainbus daemon start"
-                      f"{escape(daemon.runs_dir_option(runs_dir))}` watches it again")
-        for run_id in gone:
-            option = escape(daemon.runs_dir_option(runs_dir))
-            out.print(f"  gone {run_id}: started by a daemon that is gone, and its kernel is gone too (`trainbus runs "
-                      f"show {run_id}{option}` says how it ended; `trainbus daemon start{option}` "
-                      + (f"resumes it from its newest checkpoint (--max-resumes: {resumed[run_id]} left))"
-                         if run_id in resumed else "records it as ended)"))
-    else:
-        watched = answer.get("running") or {}
-        out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])}: devices "
-                  f"{','.join(answer['devices']) or 'none'}, max concurrent {answer['max_concurrent']}")
-        if answer.get("remote") and target is None:
-            out.print("  " + _remote_line(answer["remote"], runs_dir))
-        for run_id, info in watched.items():
-            out.print(f"  running {run_id} (pid {info['pid']}"
-                      + (f", CUDA_VISIBLE_DEVICES={','.join(info['devices'])}" if info["devices"] else "") + ")"
-                      + (f", listening on {escape(str(info['listen']))}" if info.get("listen") else "")
-                      + (f", resumed if it dies (--max-resumes: {info['resumes_left']} left)"
-                         if isinstance(info.get("resumes_left"), int) and info["resumes_left"] > 0 else ""))
-        if answer.get("trouble") and not answer.get("registry_error"):  # that one is said below
-            out.print(f"  trouble: {escape(answer['trouble'])}")
-        if answer.get("registry_error"):
-            out.print(f"  queued: unknown: {escape(answer['registry_error'])}")
-        else:
-            out.print(f"  queued: {_first_of(queued)}")
-    if not as_json:
-        for job in ended:  # a remote key's only view of how its submissions went
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["ended_ts"])) if job.get("ended_ts") else "?"
-            # why it failed, or who stopped it and why (a remote `daemon cancel` names the key)
-            why = job.get("error") or (job.get("status") == "stopped" and "; ".join(job.get("stop_reasons") or []))
-            out.print(f"  ended {escape(str(job.get('run')))} {when}: {escape(str(job.get('status')))}"
-                      + (f" ({escape(str(why))})" if why else ""))
-    raise typer.Exit(code=0 if answer is not None else 1 if stuck is not None else 3)
+    return {"queued": queued, "ended": ended, "unwatched": orphans, "gone": gone, "resumed": resumed,
+            "unreadable": unreadable}
 
