@@ -1343,3 +1343,17 @@ def test_keys_revoke_on_a_read_only_mount_is_one_line_saying_the_key_still_lets_
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(
         "error: cannot revoke control key alice: Read-only file system"), r.stderr
     assert "it still lets its holder in" in r.stderr and public.exists()
+
+
+@pytest.mark.parametrize("args", [["run", "--plugins", ""], ["runs", "list"],
+                                  ["run", "-c", "loop.toml", "--plugins", ""]])
+def test_a_runs_dir_that_is_a_loop_of_symbolic_links_is_one_line(args, tmp_path):
+    """ELOOP went out as a traceback: from the stat of the runs dir's privacy check (`run`), or as pathlib's
+    RuntimeError from resolve() while `runs list` said that the directory does not exist."""
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    (tmp_path / "loop.toml").write_text("[run]\nruns_dir = 'a'\n")
+    r = trainbus(*args, *([] if "-c" in args else ["--runs-dir", "a"]), cwd=tmp_path)
+    assert "Traceback" not in r.stderr + r.stdout
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "a is a loop of symbolic links" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "loop.toml"]
