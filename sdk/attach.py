@@ -111,7 +111,11 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
         run_dir = Path(events.removeprefix("ipc://")).parent if events.startswith("ipc://") else None
         return Target(events, control_endpoint, run_dir if run_dir and (run_dir / CREDENTIAL_FILE).exists() else None,
                       bursts=_bursts_beside(events))
-    run_dir = Path(where).resolve()
+    try:
+        run_dir = Path(where).resolve()
+    except RuntimeError:  # pathlib's word for a loop of symbolic links (ELOOP)
+        raise TargetError(f"{where} is a loop of symbolic links (each leads to the next, and the last back): give the "
+                          f"run's directory") from None
     if (run_dir / "events.sock").exists():
         events = f"ipc://{run_dir / 'events.sock'}"
         return Target(events, f"ipc://{run_dir / 'control.sock'}", run_dir, bursts=_bursts_beside(events))

@@ -114,3 +114,15 @@ def test_a_plugin_whose_constructor_raises_exits_without_the_interpreters_teardo
     assert done.returncode == 1, done.stderr
     assert done.stderr.rstrip().endswith("RuntimeError: constructor fails on purpose"), done.stderr
 
+
+def test_a_plugin_started_by_hand_on_a_run_dir_that_is_a_loop_of_symbolic_links_says_so_in_one_line(tmp_path):
+    """pathlib's RuntimeError ("Symlink loop from ...") of resolving TRAINBUS_RUN_DIR went out as a traceback."""
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRAINBUS_EVENTS", "TRAINBUS_CONTROL")}
+    done = subprocess.run([sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.cpu_monitor:CpuMonitorPlugin"],
+                          env={**env, "TRAINBUS_RUN_DIR": str(tmp_path / "a")}, capture_output=True, text=True,
+                          timeout=EXIT_S)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith(
+        f"error: {tmp_path / 'a'} is a loop of symbolic links"), done.stderr
+
