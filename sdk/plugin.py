@@ -265,8 +265,8 @@ class Plugin:
         # its own, or a base of its author's: never the SDK's (how to write a plugin is no plugin's description)
         doc = next((k.__dict__["__doc__"] for k in cls.__mro__ if k.__dict__.get("__doc__")
                     and not k.__module__.startswith(("trainbus.sdk", "builtins"))), "")
-        doc = inspect.cleandoc(doc)
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        # the summary is the first paragraph: a sentence wrapped onto a second line is not cut where the line ends
+        return " ".join(inspect.cleandoc(doc).strip().split("\n\n")[0].split())
 
 
 for _name in HANDLED_EVENTS:  # do-nothing handlers, one per event: on_start_epoch(event), ...

@@ -675,6 +675,22 @@ def test_a_plugin_without_a_docstring_has_no_description_rather_than_the_sdks():
         ("", "Says what it does.", "Says what it does.", "")
 
 
+def test_a_description_is_the_docstrings_whole_first_paragraph_not_its_first_line():
+    """`plugins list` showed the memory monitor as "... the training process's RSS (and USS), its cgroup's": its
+    first sentence wraps, and the description stopped at the line's end, mid-phrase."""
+    from trainbus.plugins.memory_monitor import MemoryMonitorPlugin
+    from trainbus.sdk import Plugin
+
+    class Wrapped(Plugin):
+        """Says what it does, in a sentence too long
+        for one line.
+
+        More, which is not the description."""
+
+    assert Wrapped.description() == "Says what it does, in a sentence too long for one line."
+    assert MemoryMonitorPlugin.description().endswith("its cgroup's limit; warns near exhaustion.")
+
+
 def test_a_host_path_is_made_absolute_from_the_directory_the_settings_are_checked_in(tmp_path, monkeypatch):
     """The plugin reads it in the kernel's working directory, which `plugins attach` from elsewhere does not share:
     relative and ~ are made absolute where the command runs; an absolute one and '' (none) stay as given."""
