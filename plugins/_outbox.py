@@ -79,8 +79,13 @@ class SmtpConfig:
         if self.username and self.password() is None:
             raise SmtpConfigError(f"email username {self.username!r} is set but no password is: export "
                                   f"{self.password_env or 'a variable named by password_env'} or set password_file")
-        if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
-            raise SmtpConfigError("email retry_initial_s must be > 0 and retry_max_s >= retry_initial_s")
+        if self.retry_initial_s <= 0:  # the setting's min keeps it above 0; a config built by hand may not
+            raise SmtpConfigError(f"email retry_initial_s = {self.retry_initial_s:g} is not allowed; give a number "
+                                  f"of seconds > 0, e.g. 2")
+        if self.retry_max_s < self.retry_initial_s:
+            raise SmtpConfigError(f"email retry_max_s = {self.retry_max_s:g} is below retry_initial_s = "
+                                  f"{self.retry_initial_s:g}: the wait before a retry starts at retry_initial_s and "
+                                  f"doubles up to retry_max_s; set retry_max_s >= retry_initial_s")
 
     def resolved_port(self) -> int:
         return self.port or DEFAULT_PORTS[self.security]

@@ -653,6 +653,16 @@ def test_a_host_with_a_port_in_it_is_refused_before_the_run_naming_the_port_sett
     assert EmailAlertPlugin({"recipients": [RECIPIENT], "host": "::1"}).settings["host"] == "::1"  # IPv6: no port
 
 
+def test_a_retry_max_below_retry_initial_is_refused_naming_both_values_and_the_fix():
+    """It said "email retry_initial_s must be > 0 and retry_max_s >= retry_initial_s": the rule, not which values
+    broke it (the first half could not: retry_initial_s is at least 0.001)."""
+    with pytest.raises(SettingsError, match=r"^plugin email: email retry_max_s = 1 is below retry_initial_s = 100:") \
+            as raised:
+        EmailAlertPlugin({"recipients": [RECIPIENT], "retry_initial_s": 100, "retry_max_s": 1})
+    assert "set retry_max_s >= retry_initial_s" in str(raised.value), raised.value
+    assert EmailAlertPlugin({"recipients": [RECIPIENT], "retry_initial_s": 5, "retry_max_s": 5}).settings
+
+
 @pytest.mark.parametrize("security", ["starttls", "none"])
 def test_port_465_without_ssl_is_refused_before_the_run_naming_both_fixes(security):
     """port = 465 (the TLS port providers list first) with the default security = "starttls": the client waited for
