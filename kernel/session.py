@@ -224,7 +224,8 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
         status, error, final_in_place = save_final_weights(spec, loop, run_dir, run_id, status, error,
                                                            journal_failed=bus.failure is not None)
     drain_started = time.monotonic()
-    undrained = wait_drained(bus, cfg.drain_timeout_s if status != "interrupted" else 2.0, abort=interrupts.hurry)
+    # One Ctrl-C (or SIGTERM) lets the plugins drain, as any run's end does; a second one cuts the wait short.
+    undrained = wait_drained(bus, cfg.drain_timeout_s, abort=interrupts.hurry)
     # While the journal's disk still refuses the final event no plugin can reach it (nothing is published before it
     # is journaled): no waiting for the plugins' exit, which they make at the final event.
     hurry = lambda: interrupts.hurry() or bus.journal_refused_since(drain_started)  # noqa: E731

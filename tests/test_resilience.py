@@ -951,6 +951,31 @@ def test_ctrl_c_once_after_training_ended_lets_the_plugins_drain_and_the_run_com
     assert summary["plugins"]["rec"]["crashes"] == [], summary["plugins"]
 
 
+def test_ctrl_c_once_mid_training_waits_for_a_durable_plugin_as_any_run_end_does(tmp_path):
+    """An interrupted run waited 2 s for its durable plugins, not [run] drain_timeout_s (30 s) as README says every
+    run's end does: a visualization plugin drawing its last plots on a busy machine was named `did not catch up`
+    (and a checkpoint still being written was cut short), though one Ctrl-C is to let plugins drain."""
+    release = tmp_path / "release"
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(f'[hyperparameters]\nbatch_size = 16\n[plugins.held]\n'
+                           f'target = "fixture_plugins:HeldAtTheEnd"\nsettings = {{ release = "{release}" }}\n')
+    proc, journal_path = start_cli(tmp_path, "--config", str(config_path))
+    journal = JournalTail(journal_path)
+    try:
+        wait_until(lambda: journal.step() >= 20, 60, "20 training steps")
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: of(journal.poll(), "end_training_session"), 60, "the graceful stop to reach the drain")
+        time.sleep(3.0)  # past the 2 s the drain was cut to: the plugin is still in its last handler
+        release.touch()
+        out = finish_cli(proc, timeout_s=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "did not catch up" not in out, out
+    summary = json.loads((journal_path.parent / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["undrained"] == {}, summary
+    assert summary["plugins"]["held"]["crashes"] == [], summary["plugins"]
+
+
 def test_ctrl_c_twice_cuts_a_slow_drain_short(tmp_path):
     """The first Ctrl-C's graceful stop waits for a lagging durable plugin; the second ends that wait at once."""
     config_path = tmp_path / "run.toml"
