@@ -203,6 +203,25 @@ def plugin_entry_points() -> dict[str, list[tuple[str, str]]]:
     return found
 
 
+# Names a user reaches for that no plugin has, and where what they want is: what README calls the output
+# (TensorBoard files), the built-ins' module names (plugins/gpu_monitor.py), and the dashboard, which is a command.
+OTHER_NAMES = {
+    **{name: "TensorBoard files and PNG plots are the visualization plugin's: name it visualization"
+       for name in ("tensorboard", "plots")},
+    **{f"{name}_monitor": f"the built-in {what} monitor is named {name}"
+       for name, what in (("cpu", "CPU"), ("gpu", "GPU"), ("memory", "memory"), ("disk", "disk"), ("perf", "perf"))},
+    "email_alert": "the built-in e-mail plugin is named email",
+    "dashboard": "the live dashboard is a command, not a plugin: trainbus attach RUN, while the run trains",
+}
+
+
+def unknown_plugin_hint(name: str, known) -> str:
+    """` (did you mean 'console'?)` for a typo of a known name, or where what an unknown name asks for is."""
+    if name in OTHER_NAMES and name not in known:
+        return f" ({OTHER_NAMES[name]})"
+    return near_miss(name, known)
+
+
 def registered_plugins() -> dict[str, str]:
     """Plugin name -> "module:Class" from installed distributions' `trainbus.plugins` entry points. A built-in's
     name is reserved (another package's entry point of that name is left out), and a name two other packages
@@ -379,7 +398,8 @@ def resolve_plugin(name: str, settings: dict[str, Any], target: str | None = Non
         if name not in known and name in (clashes := plugin_name_clashes()):
             raise ConfigError(clashes[name])
         if name not in known:
-            raise ConfigError(f"{where + ': ' if where else ''}unknown plugin {name!r}{near_miss(name, known)}; "
+            hint = unknown_plugin_hint(name, known)
+            raise ConfigError(f"{where + ': ' if where else ''}unknown plugin {name!r}{hint}; "
                               f"known: {', '.join(sorted(known))} (or give a target = \"module:Class\" for your own)")
         target = known[name]
     return PluginConfig(name=name, target=target, settings=dict(settings))

@@ -13,10 +13,9 @@ import time
 from typing import Any
 
 from trainbus.proto import control, encode_control, events as ev, pack
-from trainbus.proto.text import near_miss
 
 from .checkpointing import persister_directory_inside
-from .config import SETTINGS_MAX_BYTES, ConfigError, registered_plugins
+from .config import SETTINGS_MAX_BYTES, ConfigError, registered_plugins, unknown_plugin_hint
 from .peers import Peer, Peers
 from .supervisor import DETACH_GRACE_S, PluginSpec, Supervisor
 
@@ -32,8 +31,8 @@ def installed_target(name: str) -> str:
     """The "module:Class" an installed plugin name runs (built-in or entry point); ConfigError naming them all."""
     known = registered_plugins()
     if name not in known:
-        raise ConfigError(f"unknown plugin {name!r}{near_miss(name, known)}; installed: {', '.join(sorted(known))} "
-                          f"(trainbus plugins list)")
+        raise ConfigError(f"unknown plugin {name!r}{unknown_plugin_hint(name, known)}; installed: "
+                          f"{', '.join(sorted(known))} (trainbus plugins list)")
     return known[name]
 
 

@@ -121,6 +121,16 @@ BAD_INPUT = {
     "a typo of a plugin in --plugins": (lambda t: ["run", "--plugins", "console,metric_log"],
                                         "--plugins: unknown plugin 'metric_log' (did you mean 'metrics_log'?); "
                                         "known: "),
+    # what README calls them (TensorBoard files, the live dashboard) or their modules: no near name, only the list
+    "tensorboard for visualization": (lambda t: ["run", "--plugins", "console,tensorboard"],
+                                      "--plugins: unknown plugin 'tensorboard' (TensorBoard files and PNG plots are "
+                                      "the visualization plugin's: name it visualization); known: "),
+    "a monitor's module name": (lambda t: ["run", "--plugins", "gpu_monitor"],
+                                "--plugins: unknown plugin 'gpu_monitor' (the built-in GPU monitor is named gpu); "
+                                "known: "),
+    "dashboard as a plugin": (lambda t: ["run", "--plugins", "console,dashboard"],
+                              "--plugins: unknown plugin 'dashboard' (the live dashboard is a command, not a plugin: "
+                              "trainbus attach RUN, while the run trains); known: "),
     "a typo of a plugin in a config": (lambda t: ["run", "--config", _write(t, "p.toml", "[plugins.consol]\n")],
                                        "p.toml: [plugins.consol]: unknown plugin 'consol' (did you mean 'console'?); "
                                        "known: "),
