@@ -458,7 +458,8 @@ def check_run(cfg: RunConfig, where: str = "config", programs: bool = True) -> N
     names = [p.name for p in cfg.plugins]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ConfigError(f"{where}: plugin {dupes[0]!r} is configured twice")
+        raise ConfigError(f"{where}: plugin {dupes[0]!r} is named twice; name each plugin once (a second one of the "
+                          f"same class: a [plugins.OTHER_NAME] table in a config file with its target)")
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise ConfigError(f"{where}: seed must be between 0 and {SEED_LIMIT - 1} (numpy and torch take 32-bit seeds), "
                           f"got {cfg.seed}")

@@ -131,6 +131,11 @@ BAD_INPUT = {
     "dashboard as a plugin": (lambda t: ["run", "--plugins", "console,dashboard"],
                               "--plugins: unknown plugin 'dashboard' (the live dashboard is a command, not a plugin: "
                               "trainbus attach RUN, while the run trains); known: "),
+    # said the problem ("is configured twice") and not the fix
+    "a plugin twice in --plugins": (lambda t: ["run", "--plugins", "console,cpu,console"],
+                                    "command line: plugin 'console' is named twice; name each plugin once (a second "
+                                    "one of the same class: a [plugins.OTHER_NAME] table in a config file with its "
+                                    "target)"),
     "a typo of a plugin in a config": (lambda t: ["run", "--config", _write(t, "p.toml", "[plugins.consol]\n")],
                                        "p.toml: [plugins.consol]: unknown plugin 'consol' (did you mean 'console'?); "
                                        "known: "),
