@@ -52,6 +52,9 @@ from .supervisor import PluginSpec
 
 log = logging.getLogger("trainbus.kernel")
 
+# After a SIGTERM the durable plugins get this long to catch up (then PLUGIN_EXIT_TIMEOUT_S to exit), not
+# [run] drain_timeout_s: the run's end must be written before the SIGKILL a scheduler sends after its grace.
+SIGTERM_DRAIN_S = 2.0
 RANK_0_GONE_S = 5.0  # a rank whose collective rank 0's death broke waits this long to see it gone (pids.gone_within)
 
 
@@ -224,8 +227,11 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
         status, error, final_in_place = save_final_weights(spec, loop, run_dir, run_id, status, error,
                                                            journal_failed=bus.failure is not None)
     drain_started = time.monotonic()
-    # One Ctrl-C (or SIGTERM) lets the plugins drain, as any run's end does; a second one cuts the wait short.
-    undrained = wait_drained(bus, cfg.drain_timeout_s, abort=interrupts.hurry)
+    # One Ctrl-C lets the plugins drain, as any run's end does; a second one cuts the wait short. A SIGTERM is a
+    # scheduler's or a service manager's, whose SIGKILL follows it (SLURM's KillWait: 30 s by default): a short wait,
+    # so that the plugins' exit and the summary come before that.
+    by_sigterm = status == "interrupted" and interrupts.first == "SIGTERM"
+    undrained = wait_drained(bus, SIGTERM_DRAIN_S if by_sigterm else cfg.drain_timeout_s, abort=interrupts.hurry)
     # While the journal's disk still refuses the final event no plugin can reach it (nothing is published before it
     # is journaled): no waiting for the plugins' exit, which they make at the final event.
     hurry = lambda: interrupts.hurry() or bus.journal_refused_since(drain_started)  # noqa: E731

@@ -976,6 +976,28 @@ def test_ctrl_c_once_mid_training_waits_for_a_durable_plugin_as_any_run_end_does
     assert summary["plugins"]["held"]["crashes"] == [], summary["plugins"]
 
 
+def test_a_sigterm_mid_training_waits_briefly_for_a_lagging_durable_plugin_whatever_drain_timeout_s(tmp_path):
+    """A SIGTERM is a scheduler's (SLURM preempting, systemd stopping the unit), whose SIGKILL follows after its
+    grace: the run's end is written first. The drain waits SIGTERM_DRAIN_S, not [run] drain_timeout_s (600 s here:
+    a Ctrl-C would wait for the plugin that long), and the plugin that did not catch up is named."""
+    release = tmp_path / "release"
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(f'[run]\ndrain_timeout_s = 600\n[hyperparameters]\nbatch_size = 16\n[plugins.held]\n'
+                           f'target = "fixture_plugins:HeldAtTheEnd"\nsettings = {{ release = "{release}" }}\n')
+    proc, journal_path = start_cli(tmp_path, "--config", str(config_path))
+    journal = JournalTail(journal_path)
+    try:
+        wait_until(lambda: journal.step() >= 20, 60, "20 training steps")
+        proc.send_signal(signal.SIGTERM)
+        out = finish_cli(proc, timeout_s=120)
+    finally:
+        release.touch()
+        proc.kill()
+    assert proc.returncode == 130 and "did not catch up" in out, out
+    summary = json.loads((journal_path.parent / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "held" in summary["undrained"], summary
+
+
 def test_ctrl_c_twice_cuts_a_slow_drain_short(tmp_path):
     """The first Ctrl-C's graceful stop waits for a lagging durable plugin; the second ends that wait at once."""
     config_path = tmp_path / "run.toml"
