@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import re
+import socket
 import stat
 import time
 import weakref
