@@ -193,7 +193,7 @@ def runs_show(
         if details is None:
             raise UserError(str(exc)) from None
         if not as_json:
-            why = details.get("error") or (details.get("detail") if details["status"] == "cancelled" else None)
+            why = _why_ended(details)
             out.print(f"run {details['id']}: {details['status']}" + (f" ({escape(why)})" if why else ""))
             out.print(f"  command: {escape(shlex.join(['trainbus', 'run', *details['argv']]))}")  # as a shell takes it
             out.print(f"  submitted: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(details['submitted_ts']))}"
@@ -238,7 +238,7 @@ def runs_stop(
     if unmade is not None:                                  # made the run directory
         if unmade["job"] not in ("starting", "running") or unmade["status"] != "running" \
                 or not _kernel_listens(runs_dir, unmade):
-            why = unmade.get("error") or (unmade.get("detail") if unmade["status"] == "cancelled" else None)
+            why = _why_ended(unmade)
             print(f"error: run {unmade['id']} has already ended ({unmade['status']}: {why or '-'}); "
                   f"there is nothing to stop", file=sys.stderr)
             raise typer.Exit(code=1)
@@ -416,3 +416,7 @@ def runs_resume(
     os.execv(sys.executable, [sys.executable, "-m", "trainbus.kernel.cli", "run", "--resume", str(run_dir),
                               *ctx.args, *(["--detach"] if detach else [])])
 
+
+def _why_ended(run: dict) -> str | None:
+    """Why a run with no directory ended: its error, or who took it off the queue (a cancelled one's detail)."""
+    return run.get("error") or (run.get("detail") if run["status"] == "cancelled" else None)
