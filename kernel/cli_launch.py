@@ -135,9 +135,15 @@ def launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         interrupted = isinstance(failure, SignalException)
         print(watch.stopped_line(failure.sigval) if interrupted else watch.timed_out_line(), file=sys.stderr)
         raise typer.Exit(code=130 if interrupted else 1)
+    raise typer.Exit(code=_exit_code(Path(runs_dir) / run_id / "summary.json", started, failure))
+
+
+def _exit_code(summary: Path, started: float, failure: Exception | None) -> int:
+    """The launch's exit code from how the run ended (its summary.json, if this session wrote one), saying what
+    rank 0 could not: a rank that failed with no word of it, one killed (which `runs resume` goes on from)."""
     # How the run ended, as rank 0 wrote it: a Ctrl-C or SIGTERM reaching the ranks ends the run interrupted (130),
     # whatever torchrun makes of its workers' exits.
-    summary, told = Path(runs_dir) / run_id / "summary.json", False
+    told = False
     try:
         if summary.stat().st_mtime < started:  # a continued run's last session's: this one never got that far
             raise ValueError(summary)
@@ -153,7 +159,7 @@ def launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     elif status == "failed" and _killed_ranks(failure) and (summary.parent / "config.json").is_file():
         # rank 0 said which rank died; that the run's code did not fail it, and so it can go on, only this sees
         print(f"trainbus: {resume_line(summary.parent.name)}", file=sys.stderr)
-    raise typer.Exit(code=0 if status is None else EXIT_CODES.get(status, 1))  # None: rank 0 on another node
+    return 0 if status is None else EXIT_CODES.get(status, 1)  # None: rank 0 on another node
 
 
 class _Restarts:
