@@ -290,7 +290,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"refusing checkpoint {path}: torch.load cannot read it ({type(exc).__name__}: "
                               f"{reason or _first_line(exc)}); is it a checkpoint, and whole?") from None
     if not isinstance(state, dict) or "trainbus" not in state:
-        raise CheckpointError(f"{path} is not a trainbus checkpoint (no 'trainbus' resume state)")
+        path = Path(path)
+        if path.name == FINAL_WEIGHTS and isinstance(state, dict) and "model_state_dict" in state:
+            raise CheckpointError(f"{path} is a run's final weights, which hold no resume state: resume from a file in "
+                                  f"{path.parent / 'checkpoints'}, or continue the run itself (`trainbus runs resume "
+                                  f"{path.parent.name}`)")
+        raise CheckpointError(f"{path} is not a trainbus checkpoint (no 'trainbus' resume state): give a file from a "
+                              f"run's checkpoints/ directory, or the run's id to resume from its newest")
     from .loop import checkpoint_problem  # torch's: loaded by now
 
     problem = checkpoint_problem(state)

@@ -875,6 +875,19 @@ DAMAGES = ("resume state a string", "another format", "no step", "step a string"
            "no optimizer_state_dict", "optimizer_state_dict without param_groups")
 
 
+def test_resuming_from_a_runs_final_weights_says_where_its_checkpoints_are(tmp_path, one_checkpointed_epoch):
+    """final.pt sits beside checkpoints/ and loads like a checkpoint, but holds the weights alone: `--resume
+    RUN/final.pt` said only that it was not a trainbus checkpoint, leaving the user to find what is one."""
+    final = one_checkpointed_epoch / FINAL_WEIGHTS
+    proc = run_cli(tmp_path, "--resume", str(final), "--runs-dir", str(tmp_path / "new"), "--epochs", "2",
+                   "--plugins", "", "--set", "batch_size=256")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (
+        f"error: {final} is a run's final weights, which hold no resume state: resume from a file in "
+        f"{one_checkpointed_epoch / 'checkpoints'}, or continue the run itself (`trainbus runs resume "
+        f"{one_checkpointed_epoch.name}`)"), proc.stderr
+
+
 def test_a_checkpoint_whose_fields_are_garbled_is_refused_in_one_line_and_starts_no_run(tmp_path,
                                                                                        one_checkpointed_epoch):
     """--resume FILE.pt of a checkpoint torch loads but whose fields are not what trainbus wrote (a hand-edited or
