@@ -21,7 +21,7 @@ from trainbus.proto.codec import fits_msgpack
 from trainbus.proto.messages import JOURNAL_NAME, RUN_DIR_RESERVED
 from trainbus.proto.settings_format import (HOST_PATH, KINDS, METRIC, METRIC_FIELDS, PATH, STEP_FIELDS, bool_word,
                                             template_fields)
-from trainbus.proto.text import not_utf8, printable
+from trainbus.proto.text import near_miss, not_utf8, printable
 
 __all__ = ["HOST_PATH", "METRIC", "METRIC_FIELDS", "PATH", "Setting", "SettingsError", "check_value", "declared", "describe_settings"]
 
@@ -163,7 +163,9 @@ def check_value(key: str, setting: Setting, value: Any) -> Any:
         allowed = setting.allowed()
         if isinstance(converted, float) and not math.isfinite(converted):  # NaN and infinity are numbers too
             allowed = allowed.replace(TYPE_PHRASES[float], f"a finite {TYPE_PHRASES[float].removeprefix('a ')}", 1)
-        raise SettingsError(f"{key} = {_shown(value)} is not allowed; it must be {allowed}{quote}")
+        # `MAX` for `max`: the value it was likely meant to be
+        near = near_miss(value, setting.choices) if setting.choices and isinstance(value, str) else ""
+        raise SettingsError(f"{key} = {_shown(value)} is not allowed{near}; it must be {allowed}{quote}")
     if setting.kind == HOST_PATH and converted:  # what the plugin opens in the kernel's working directory
         return os.path.abspath(os.path.expanduser(converted))
     return converted

@@ -84,6 +84,7 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_the_setting_the_value_and_
     ({"share": 1.5}, "share = 1.5 is not allowed; it must be a number between 0 and 1"),
     ({"share": "nan"}, "share = 'nan' is not allowed; it must be a finite number between 0 and 1"),
     ({"mode": "lowest"}, "mode = 'lowest' is not allowed; it must be one of 'min', 'max'"),
+    ({"mode": "MAX"}, "mode = 'MAX' is not allowed (did you mean 'max'?); it must be one of 'min', 'max'"),
     ({"out": "/tmp/elsewhere.txt"}, "out = '/tmp/elsewhere.txt' is not allowed; it must be a string: a path inside "
                                     "the run directory (relative, no '..', each name at most 255 bytes, no NUL, "
                                     "none of the kernel's own files: events, config.json, summary.json, "
