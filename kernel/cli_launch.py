@@ -48,6 +48,17 @@ def under_a_launcher() -> bool:
     return detect().distributed
 
 
+def check_nproc(nproc: int) -> None:
+    """UserError for more processes than the CPUs this command may use (a cgroup's or taskset's share, not the
+    machine's count): each trains on one at least, and a typo (100000 for 10) would start ranks, each importing
+    torch, until memory ran out."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if nproc > usable:
+        raise UserError(f"--nproc {nproc}: this command may use {usable} CPU{'s' * (usable != 1)}, and each process "
+                        f"trains on one at least (more processes than CPUs train slower, not faster): give --nproc "
+                        f"{usable} or fewer")
+
+
 def launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     """This same command in `nproc` processes (on each of `nnodes` machines) under torch.distributed.run, which
     restarts them up to `max_restarts` times; rank 0 keeps the run. Exits as the run ended (its summary.json):
@@ -64,12 +75,7 @@ def launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         raise UserError("--rdzv-endpoint is where the machines of a --nnodes run meet: add --nnodes N, or drop it")
     if rdzv_endpoint:
         check_rdzv_endpoint(rdzv_endpoint)
-    # a cgroup's or taskset's share, not the machine's count (sched_getaffinity is Linux's)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if nproc > usable:  # a typo (100000 for 10) would start ranks, each importing torch, until memory ran out
-        raise UserError(f"--nproc {nproc}: this command may use {usable} CPU{'s' * (usable != 1)}, and each process "
-                        f"trains on one at least (more processes than CPUs train slower, not faster): give --nproc "
-                        f"{usable} or fewer")
+    check_nproc(nproc)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import main as torchrun  # here: after the checks, which need no torch (seconds)

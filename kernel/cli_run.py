@@ -23,7 +23,7 @@ from .checkpointing import find_checkpoint
 from .cli_common import (EXIT_CODES, KEYS_DIR_HELP, UserError, _check_plugin_settings, config_file_path,
                          keys_dir_path, out, runs_dir_path, says_the_checks)
 from .cli_ctrl_c import ctrl_c_back, ctrl_c_says, interrupted_before_start, says_ctrl_c_until_the_run_begins
-from .cli_launch import launch as launch_group, under_a_launcher
+from .cli_launch import check_nproc, launch as launch_group, under_a_launcher
 from .cluster import restarts_left
 from .config import (ONE_GPU_PER_RANK, apply_set, check_metric_settings, check_runs_dir, config_of_run,
                      defaults_left_out, device_index, launch_of_run, load_config, plugin_name_clashes,
@@ -196,6 +196,7 @@ def run(
         print(f"trainbus: note: {note}", file=sys.stderr)
     if detach:
         _check_queueable(cfg, from_file)
+        check_nproc(launch["nproc"])  # the daemon runs it on this host: said now, not as the daemon starts it
         ctrl_c_says(f"Ctrl-C as the run was submitted: `trainbus runs list --runs-dir "
                     f"{shlex.quote(str(cfg.runs_dir))}` shows whether the daemon queued it")
         _submit(cfg, continuing, gpus, max_resumes or 0)

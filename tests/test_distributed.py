@@ -647,6 +647,11 @@ def test_more_processes_than_the_command_may_have_cpus_is_one_line_before_any_st
         f"trains on one at least (more processes than CPUs train slower, not faster): give --nproc {usable} or "
         f"fewer"), proc.stderr
     assert not (tmp_path / "runs").exists(), "nothing was started"
+    # queued for this host's daemon, the run would fail so as the daemon starts it: said at once, nothing queued
+    proc = cli("run", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", str(usable + 1),
+               "--detach", timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --nproc {usable + 1}: "), proc.stderr
+    assert not (tmp_path / "runs").exists(), "nothing was queued"
 
 
 def test_a_launcher_killed_with_sigkill_leaves_no_files_behind_once_another_launch_has_run(tmp_path):
