@@ -36,6 +36,7 @@ from .daemon import (CONTROL_MAX_BYTES, ENDPOINT_FILE, LOG_FILE, PID_FILE, REMOT
                      resumed_run, submit, unplaceable, why_not_resumable)
 from .private_dirs import write_private
 from .registry import MAX_RESUMES, JobError, Registry, RegistryError, cannot_read
+from .runs import RUNS_DIR_HINT
 
 log = logging.getLogger("trainbus.daemon")
 LOG_MAX_BYTES = 10 * 1024 * 1024  # daemon.log is rotated at this size, 3 old files kept
@@ -175,6 +176,8 @@ REMOTE_RCVHWM = 4
 # answer when the queue looks full, and it learns what libzmq's I/O thread took from it only every SNDHWM / 2
 # messages, when the loop gets round to it; at 4, one request in ~50 went unanswered.
 REMOTE_SNDHWM = 16
+REMOTE_RUNS_HINT = ("(--resume names a run of the daemon's runs directory: `trainbus daemon status --remote ...` "
+                    "lists the runs it ended last)")
 RUN_ID_MAX_CHARS = 200  # a request's run id, as far as it is read (ours are 22)
 
 
@@ -371,8 +374,8 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
         return {"ok": False, "error": f"--gpus {gpus}: the run {why}"}
     run_id, resumes = new_run_id(), None
     continued = resumed_run(argv, daemon.runs_dir) if "--config" not in options and "-c" not in options else None
-    if isinstance(continued, str):
-        return {"ok": False, "error": continued}
+    if isinstance(continued, str):  # --runs-dir and `runs list` are the host's: a key can ask the daemon's status
+        return {"ok": False, "error": continued.replace(RUNS_DIR_HINT, REMOTE_RUNS_HINT)}
     if continued is not None:  # `--resume RUN`: that run goes on in place, under its own id (as `run --detach`)
         why = why_not_resumable(continued, epochs_of(argv), remote=True)  # what `run --resume RUN --detach` says
         if why:

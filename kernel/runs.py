@@ -203,7 +203,11 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
         looked = f"{(runs_dir / run).resolve()} holds neither a {CONFIG} nor a journal"
     else:
         looked = f"{(runs_dir / run).resolve()} does not exist, and no run id there starts with {run!r}"
-    raise RunLookupError(f"no run {run!r}: {looked} (is --runs-dir right? `trainbus runs list` shows the runs)")
+    raise RunLookupError(f"no run {run!r}: {looked} {RUNS_DIR_HINT}")
+
+
+# what the host's user checks when no run has that id (a remote key has neither: kernel/daemon_serve.py says its own)
+RUNS_DIR_HINT = "(is --runs-dir right? `trainbus runs list` shows the runs)"
 
 
 def _readable(run_dir: Path) -> Path:

@@ -513,3 +513,17 @@ def test_remote_json_goes_with_the_daemon_and_a_stale_one_is_said_to_be_a_gone_d
     assert took < 5, took  # at once, not after waiting on a port no one listens on
     start_daemon(daemons, runs, "--gpus", "")  # serving without --listen: the dead one's file goes
     assert not remote_json.exists()
+
+
+def test_a_remote_resume_of_a_run_the_daemon_does_not_have_names_fixes_a_remote_key_can_use(tmp_path, daemons):
+    """`daemon submit --remote ... -- --resume RUN` naming no run of the daemon's runs directory was refused with the
+    host's hint, `is --runs-dir right? trainbus runs list shows the runs`: --runs-dir is refused with --remote and a
+    remote key has no `runs list`. The refusal now names what such a key has: `daemon status`."""
+    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")])
+    submitted = cli("daemon", "submit", "--remote", endpoint, "--key", str(pilot), "--server-key",
+                    str(daemon_dir(runs) / "remote.json"), "--", "--resume", "nope", check=False)
+    line = one_error_line(submitted)
+    assert submitted.returncode == 2 and "no run 'nope'" in line, line
+    assert "--runs-dir" not in line and "runs list" not in line, line
+    assert "a run of the daemon's runs directory" in line and "`trainbus daemon status --remote ...`" in line, line
+    assert listed(runs) == {}
