@@ -803,5 +803,10 @@ def cancel(runs_dir: Path, run_id: str, by: str | None = None) -> str:
             if len(running) == 1:
                 raise JobError(f"run {running[0]} is not queued: it is running; `trainbus runs stop {running[0]}"
                                f"{runs_dir_option(runs_dir)}` stops it")
-            raise JobError(_not_queued(registry.job(run_id), run_id, runs_dir))
+            held = named(registry.job_ids(), run_id)  # a start of ids names the runs it held, as a whole id does
+            if len(held) > 1:
+                raise JobError(f"run {run_id} is not queued: no queued run's id starts with it ({len(held)} runs "
+                               f"whose id does have ended or were cancelled: `trainbus daemon status` shows the queue)")
+            raise JobError(_not_queued(registry.job(held[0]) if held else None, held[0] if held else run_id,
+                                       runs_dir))
     return run_id

@@ -1076,6 +1076,25 @@ def test_a_queued_run_taken_off_the_queue_is_listed_and_shown_cancelled_until_de
     assert listed(runs) == {}
 
 
+def test_daemon_cancel_of_the_start_of_ids_the_queue_held_says_how_those_runs_ended_not_that_it_held_none(tmp_path):
+    """`daemon cancel PREFIX` naming no queued run said `the daemon's queue never held a run of that id (or start of
+    one)` even where PREFIX was the start of runs it had held (cancelled, here): only a whole id was looked up. A
+    unique start now says how that run ended, as its whole id does; one that several share says so."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    first, second = submit(runs, TINY, "--epochs", "1"), submit(runs, TINY, "--epochs", "1")
+    for run_id in (first, second):
+        cli("daemon", "cancel", run_id, "--runs-dir", str(runs))
+    unique = cli("daemon", "cancel", first[:-1], "--runs-dir", str(runs), check=False)
+    assert one_error_line(unique).startswith(f"error: run {first} is not queued: it was cancelled already ("), \
+        unique.stderr
+    shared = cli("daemon", "cancel", first[:4], "--runs-dir", str(runs), check=False)
+    line = one_error_line(shared)
+    assert shared.returncode == 2 and "never held" not in line, line
+    assert f"run {first[:4]} is not queued: no queued run's id starts with it" in line, line
+    assert "2 runs whose id does have ended or were cancelled" in line, line
+
+
 def test_a_queued_run_a_remote_key_cancels_is_listed_cancelled_by_that_key(tmp_path):
     """Who took a run off the queue is the connection's, as for a submission: a control key's `daemon cancel`."""
     from trainbus.kernel.daemon_serve import _do
