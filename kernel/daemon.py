@@ -368,6 +368,9 @@ class Daemon:
             raise JobError(f"run {run} is neither queued nor running under this daemon" if not matches
                            else f"{run} is the start of several running runs' ids: {', '.join(sorted(matches))}")
         run_id = matches[0]
+        if run != run_id and len(shared := self._ids_starting(run)) > 1:  # one ended run's start: stop none
+            raise JobError(f"{run} is the start of several runs' ids: {', '.join(shared[:5])}"
+                           f"{', ...' if len(shared) > 5 else ''} (give more of the id)")
         if run_id not in self.stoppers:  # asked twice: the first stop is on its way
             with open_output(output_file(self.runs_dir, run_id)) as out:
                 self.stoppers[run_id] = subprocess.Popen(
@@ -375,6 +378,17 @@ class Daemon:
                      "--reason", f"cancelled by {who}"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     start_new_session=True)
         return run_id
+
+    def _ids_starting(self, run: str) -> list[str]:
+        """Every run id of the runs directory that `run` starts (its directories, and the queue's jobs, those that
+        never had one), as `trainbus runs stop` on the host would weigh it."""
+        ids = {p.name for p in find_runs(self.runs_dir) if p.name.startswith(run)}
+        try:
+            with Registry(self.runs_dir) as registry:
+                ids.update(named(registry.job_ids(), run))
+        except (sqlite3.Error, RegistryError, OSError):  # unreadable: the directories still name the runs
+            pass
+        return sorted(ids)
 
     def _adopt(self, registry: Registry, now: float) -> None:
         """A previous daemon's jobs: watch the ones still running, settle the ones that ended meanwhile."""

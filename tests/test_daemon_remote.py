@@ -527,3 +527,27 @@ def test_a_remote_resume_of_a_run_the_daemon_does_not_have_names_fixes_a_remote_
     assert "--runs-dir" not in line and "runs list" not in line, line
     assert "a run of the daemon's runs directory" in line and "`trainbus daemon status --remote ...`" in line, line
     assert listed(runs) == {}
+
+
+def test_a_remote_cancel_stops_a_running_run_only_by_a_start_of_its_id_no_other_run_shares(tmp_path, daemons):
+    """A remote `daemon cancel PREFIX` stopped the one running run whose id PREFIX starts, though runs that had
+    ended shared it (`2026`, the start of every id this year): a key meaning an ended run stopped a live one.
+    `runs stop PREFIX` on the host refuses such a start as ambiguous; so does the daemon now, stopping nothing."""
+    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")])
+
+    def over_tcp(command: str, *args: str) -> subprocess.CompletedProcess:
+        return cli("daemon", command, "--remote", endpoint, "--key", str(pilot), "--server-key",
+                   str(daemon_dir(runs) / "remote.json"), *args, check=False)
+
+    ended = over_tcp("submit", "--", TINY, "--epochs", "1").stdout.strip()
+    wait_until(lambda: listed(runs).get(ended, {}).get("status") == "completed", WAIT_S, "the first run")
+    running = over_tcp("submit", "--", PACED, "--plugins", "", "--device", "cpu", "--set", "step_sleep_s=0.2").stdout
+    running = running.strip()
+    wait_until(lambda: listed(runs).get(running, {}).get("status") == "running", WAIT_S, "the second run to train")
+    shared = next(n for n in range(len(running), 0, -1) if ended.startswith(running[:n]))
+    refused = over_tcp("cancel", running[:shared])
+    line = one_error_line(refused)
+    assert "several" in line and ended in line and running in line, line
+    assert listed(runs)[running]["status"] == "running"
+    assert over_tcp("cancel", running[:shared + 1]).returncode == 0  # its own start: stopped
+    wait_until(lambda: listed(runs)[running]["status"] == "stopped", WAIT_S, "the second run to stop")
