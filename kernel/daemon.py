@@ -368,9 +368,8 @@ class Daemon:
             raise JobError(f"run {run} is neither queued nor running under this daemon" if not matches
                            else f"{run} is the start of several running runs' ids: {', '.join(sorted(matches))}")
         run_id = matches[0]
-        if run != run_id and len(shared := self._ids_starting(run)) > 1:  # one ended run's start: stop none
-            raise JobError(f"{run} is the start of several runs' ids: {', '.join(shared[:5])}"
-                           f"{', ...' if len(shared) > 5 else ''} (give more of the id)")
+        if run != run_id and len(shared := ids_starting(self.runs_dir, run)) > 1:  # one ended run's start: stop none
+            raise JobError(several_runs(run, shared))
         if run_id not in self.stoppers:  # asked twice: the first stop is on its way
             with open_output(output_file(self.runs_dir, run_id)) as out:
                 self.stoppers[run_id] = subprocess.Popen(
@@ -378,17 +377,6 @@ class Daemon:
                      "--reason", f"cancelled by {who}"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     start_new_session=True)
         return run_id
-
-    def _ids_starting(self, run: str) -> list[str]:
-        """Every run id of the runs directory that `run` starts (its directories, and the queue's jobs, those that
-        never had one), as `trainbus runs stop` on the host would weigh it."""
-        ids = {p.name for p in find_runs(self.runs_dir) if p.name.startswith(run)}
-        try:
-            with Registry(self.runs_dir) as registry:
-                ids.update(named(registry.job_ids(), run))
-        except (sqlite3.Error, RegistryError, OSError):  # unreadable: the directories still name the runs
-            pass
-        return sorted(ids)
 
     def _adopt(self, registry: Registry, now: float) -> None:
         """A previous daemon's jobs: watch the ones still running, settle the ones that ended meanwhile."""
@@ -721,6 +709,23 @@ def named(ids: Iterable[str], run: str) -> list[str]:
     return [run] if run in ids else [i for i in ids if run and i.startswith(run)]
 
 
+def ids_starting(runs_dir: Path, run: str) -> list[str]:
+    """Every run id of runs_dir that `run` starts (its directories, and the queue's jobs, those that never had one),
+    as `trainbus runs stop` on the host weighs a start of an id."""
+    ids = {p.name for p in find_runs(runs_dir) if p.name.startswith(run)}
+    try:
+        with Registry(runs_dir) as registry:
+            ids.update(named(registry.job_ids(), run))
+    except (sqlite3.Error, RegistryError, OSError):  # unreadable: the directories still name the runs
+        pass
+    return sorted(ids)
+
+
+def several_runs(run: str, ids: list[str]) -> str:
+    return f"{run} is the start of several runs' ids: {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''} " \
+           f"(give more of the id)"
+
+
 def queued_job(runs_dir: Path, run: str) -> str | None:
     """The id of the queued run `run` names (its id or a unique start of it); None when it names none."""
     if not (Path(runs_dir) / REGISTRY_NAME).is_file():
@@ -806,7 +811,10 @@ def cancel(runs_dir: Path, run_id: str, by: str | None = None) -> str:
     runs_dir = Path(runs_dir).resolve()
     if not run_id:  # the start of every id
         raise JobError("no run id given: name the run (its id, or a unique start of it)")
-    run_id = queued_job(runs_dir, run_id) or run_id
+    queued = queued_job(runs_dir, run_id)
+    if queued not in (None, run_id) and len(shared := ids_starting(runs_dir, run_id)) > 1:  # an ended run's too
+        raise JobError(several_runs(run_id, shared))
+    run_id = queued or run_id
     run_dir = runs_dir / run_id
     now = time.time()
     resumed = run_overview(run_dir, now) if (run_dir / CONFIG).is_file() else None
