@@ -226,10 +226,14 @@ def runs_stop(
     kernel journaled the stop. A run queued for the daemon is taken off the queue. A run that has ended: one
     line, exit 1."""
     from . import daemon
+    from .registry import JobError
 
     queued = daemon.queued_job(runs_dir, run)  # before the directory lookup: a queued run may have none yet
     if queued is not None:
-        daemon.cancel(runs_dir, queued)
+        try:  # refused when an ended run's id starts as the queued one's does
+            queued = daemon.cancel(runs_dir, run)
+        except JobError as exc:
+            raise UserError(str(exc)) from None
         resumed = (Path(runs_dir) / queued / "config.json").is_file()  # a queued resume: the run itself stays
         out.print(f"cancelled the queued resume of {queued}; the run stays as it was" if resumed
                   else f"cancelled {queued}: it was queued and never started")

@@ -1098,16 +1098,17 @@ def test_daemon_cancel_of_the_start_of_ids_the_queue_held_says_how_those_runs_en
 def test_daemon_cancel_takes_a_queued_run_off_only_by_a_start_of_its_id_no_other_run_shares(tmp_path):
     """`daemon cancel PREFIX` took off the one queued run PREFIX starts even where a run that had ended (cancelled,
     here) shared it: meaning the ended run, the user lost the queued one. A start several runs share is refused,
-    naming them, as `runs stop` refuses it, and the queued run stays queued."""
+    naming them (`runs stop PREFIX` too), and the queued run stays queued."""
     runs = tmp_path / "runs"
     runs.mkdir()
     first, second = submit(runs, TINY, "--epochs", "1"), submit(runs, TINY, "--epochs", "1")
     cli("daemon", "cancel", first, "--runs-dir", str(runs))
     shared = next(n for n in range(len(second), 0, -1) if first.startswith(second[:n]))
-    refused = cli("daemon", "cancel", second[:shared], "--runs-dir", str(runs), check=False)
-    line = one_error_line(refused)
-    assert "several" in line and first in line and second in line, line
-    assert listed(runs)[second]["status"] == "queued"
+    for command in (("daemon", "cancel"), ("runs", "stop")):
+        refused = cli(*command, second[:shared], "--runs-dir", str(runs), check=False)
+        line = one_error_line(refused)
+        assert "several" in line and first in line and second in line, (command, line)
+        assert listed(runs)[second]["status"] == "queued"
     assert cli("daemon", "cancel", second[:shared + 1], "--runs-dir", str(runs)).stdout == f"cancelled {second}\n"
 
 
