@@ -793,18 +793,19 @@ def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
             "output": str(output_file(runs_dir, row["id"]))}
 
 
-def _not_queued(job: dict[str, Any] | None, run_id: str, runs_dir: Path) -> str:
-    """Why `daemon cancel` cannot take run_id off the queue, when it is not running either."""
+def _not_queued(job: dict[str, Any] | None, run_id: str, runs_dir: Path, remote: bool = False) -> str:
+    """Why `daemon cancel` cannot take run_id off the queue, when it is not running either (remote: said to a key,
+    which has the daemon's status, not the host's `runs show`)."""
     if job is None:
         return f"run {run_id} is not queued: the daemon's queue never held a run of that id (or start of one)"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["ended_ts"])) if job.get("ended_ts") else "earlier"
     if job["state"] == "cancelled":
         return f"run {run_id} is not queued: it was cancelled already ({when})"
-    return (f"run {run_id} is not queued: it ran and ended ({when}); `trainbus runs show {run_id}"
-            f"{runs_dir_option(runs_dir)}` says how")
+    how = "trainbus daemon status --remote ..." if remote else f"trainbus runs show {run_id}{runs_dir_option(runs_dir)}"
+    return f"run {run_id} is not queued: it ran and ended ({when}); `{how}` says how"
 
 
-def cancel(runs_dir: Path, run_id: str, by: str | None = None) -> str:
+def cancel(runs_dir: Path, run_id: str, by: str | None = None, remote: bool = False) -> str:
     """Take a queued run off the queue: its id, or a unique start of it (JobError when it names no queued run).
     `by`: who asked (a remote peer's key; default this process's user). Returns the id. A new run stays listed,
     cancelled; a queued resume's run is again what its directory says."""
@@ -830,5 +831,5 @@ def cancel(runs_dir: Path, run_id: str, by: str | None = None) -> str:
                 raise JobError(f"run {run_id} is not queued: no queued run's id starts with it ({len(held)} runs "
                                f"whose id does have ended or were cancelled: `trainbus daemon status` shows the queue)")
             raise JobError(_not_queued(registry.job(held[0]) if held else None, held[0] if held else run_id,
-                                       runs_dir))
+                                       runs_dir, remote))
     return run_id

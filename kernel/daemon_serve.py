@@ -348,7 +348,7 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
     if op == "cancel":  # a queued run is taken off the queue; a running one is stopped (who asked is its reason)
         run = str(request.get("run", ""))[:RUN_ID_MAX_CHARS]
         try:
-            return {"ok": True, "run": cancel(daemon.runs_dir, run, by=who)}
+            return {"ok": True, "run": cancel(daemon.runs_dir, run, by=who, remote=who != LOCAL)}
         except JobError as exc:
             if not run:  # no id at all
                 return {"ok": False, "error": str(exc)}

@@ -551,3 +551,20 @@ def test_a_remote_cancel_stops_a_running_run_only_by_a_start_of_its_id_no_other_
     assert listed(runs)[running]["status"] == "running"
     assert over_tcp("cancel", running[:shared + 1]).returncode == 0  # its own start: stopped
     wait_until(lambda: listed(runs)[running]["status"] == "stopped", WAIT_S, "the second run to stop")
+
+
+def test_a_remote_cancel_of_a_run_that_ended_names_the_remote_status_not_a_command_of_the_host(tmp_path, daemons):
+    """A remote `daemon cancel RUN` of a run that had ended was answered `... it ran and ended (...); trainbus runs
+    show RUN says how`, a command of the training host a key has no use of. It now names `daemon status --remote`."""
+    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")])
+
+    def over_tcp(command: str, *args: str) -> subprocess.CompletedProcess:
+        return cli("daemon", command, "--remote", endpoint, "--key", str(pilot), "--server-key",
+                   str(daemon_dir(runs) / "remote.json"), *args, check=False)
+
+    ended = over_tcp("submit", "--", TINY, "--epochs", "1").stdout.strip()
+    wait_until(lambda: ended in [job["run"] for job in json.loads(over_tcp("status", "--json").stdout)["ended"]],
+               WAIT_S, "the daemon to see the run end")
+    line = one_error_line(over_tcp("cancel", ended))
+    assert f"run {ended} is not queued: it ran and ended" in line, line
+    assert "runs show" not in line and "`trainbus daemon status --remote ...` says how" in line, line
