@@ -86,10 +86,14 @@ def check_listen(host_port: str, store: KeyStore, ports: int = RUN_PORTS) -> tup
     clients = store.clients(unreadable=True)
     if not store.server_secret.exists() or not any(k.role != REVOKED for k in clients):
         where = store.keys_dir_option  # the commands that make keys where this kernel looks
-        raise ListenError(f"--listen {host_port} needs CURVE keys, and {store.directory} has "
-                          f"{'no client key' if store.server_secret.exists() else 'no server key'}: run "
-                          f"`trainbus keys generate server{where}` and `trainbus keys generate client NAME --role "
-                          f"monitor{where}` (or control) on this host (README, remote access)")
+        # Only the commands for what is missing: `keys generate server` refuses an existing server key.
+        server = f"`trainbus keys generate server{where}`"
+        client = f"`trainbus keys generate client NAME --role monitor{where}` (or control)"
+        has_client = any(k.role != REVOKED for k in clients)
+        lacks, run = (("no client key", client) if store.server_secret.exists() else
+                      ("no server key", server) if has_client else ("no server key", f"{server} and {client}"))
+        raise ListenError(f"--listen {host_port} needs CURVE keys, and {store.directory} has {lacks}: run {run} on "
+                          f"this host (README, remote access)")
     # A role's file that holds no key lets nobody in; refused here so that its owner hears of it now, not when
     # their client cannot connect.
     unreadable = next((k for k in clients if k.problem and k.role != REVOKED), None)

@@ -1231,3 +1231,25 @@ def test_daemon_status_given_a_runs_endpoint_says_within_seconds_it_is_not_a_dae
         2, f"error: {host_port} is a run's --listen endpoint (a trainbus kernel answered), not a daemon's: give the "
            f"daemon's --listen HOST:PORT (the endpoint in its .daemon/remote.json)\n"), status.stderr
     assert elapsed < 8, f"took {elapsed:.1f} s"
+
+
+def test_listen_short_of_keys_is_told_to_make_only_the_keys_it_lacks(tmp_path):
+    """`run --listen` with a server key but no client key said to run `trainbus keys generate server` too, which
+    then refuses (the server key exists; replacing it locks clients out); and with client keys but no server key,
+    to make a client key as well. Now the line names only the command for what is missing."""
+    store = KeyStore(tmp_path / "k")
+    store.generate_server()
+    option = f" --keys-dir {tmp_path / 'k'}"
+    no_client = trainbus("run", "--listen", "127.0.0.1:0", "--keys-dir", str(tmp_path / "k"), "--runs-dir",
+                         str(tmp_path / "runs"), check=False)
+    assert (no_client.returncode, no_client.stderr) == (2, (
+        f"error: --listen 127.0.0.1:0 needs CURVE keys, and {tmp_path / 'k'} has no client key: run `trainbus keys "
+        f"generate client NAME --role monitor{option}` (or control) on this host (README, remote access)\n"))
+    clients_only = KeyStore(tmp_path / "c")
+    clients_only.generate_client("ann", "monitor")
+    option = f" --keys-dir {tmp_path / 'c'}"
+    no_server = trainbus("run", "--listen", "127.0.0.1:0", "--keys-dir", str(tmp_path / "c"), "--runs-dir",
+                         str(tmp_path / "runs"), check=False)
+    assert (no_server.returncode, no_server.stderr) == (2, (
+        f"error: --listen 127.0.0.1:0 needs CURVE keys, and {tmp_path / 'c'} has no server key: run `trainbus keys "
+        f"generate server{option}` on this host (README, remote access)\n"))
