@@ -101,7 +101,8 @@ def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", parser
     if not store.directory.is_dir():
         said = f"no key directory {store.directory}"
         if keys_dir is not None:  # named, so likely mistyped
-            raise UserError(f"{said} (is --keys-dir right? `trainbus keys generate server` makes one)")
+            raise UserError(f"{said} (is --keys-dir right? `trainbus keys generate server{store.keys_dir_option}` "
+                            f"makes one)")
         out.print(f"{escape(said)} yet: `trainbus keys generate server` makes it")
         return
     table = Table("name", "role", "public key", "file")

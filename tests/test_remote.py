@@ -954,8 +954,10 @@ def keys_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 def test_keys_cli_generates_lists_and_revokes(tmp_path):
     where = ["--keys-dir", str(tmp_path / "k")]
     missing = keys_cli("list", *where)
+    # the command suggested makes the directory named, not the default one
     assert (missing.returncode, missing.stderr) == (2, f"error: no key directory {tmp_path / 'k'} (is --keys-dir "
-                                                       f"right? `trainbus keys generate server` makes one)\n")
+                                                       f"right? `trainbus keys generate server --keys-dir "
+                                                       f"{tmp_path / 'k'}` makes one)\n")
     for args in (["generate", "server"], ["generate", "client", "ana", "--role", "control"], ["revoke", "ana"]):
         proc = keys_cli(*args, *where)
         assert proc.returncode == 0, proc
