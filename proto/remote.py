@@ -33,6 +33,11 @@ HANDSHAKE_IVL_MS = 5000
 Z85_KEY_CHARS = 40  # a CURVE public key as text (z85 of 32 bytes), as connection.json and remote.json hold it
 
 
+# A client's key is made on the host it connects to: one generated on the client's machine is unknown there.
+CLIENT_KEY_FIX = (f"a client's key is made on the host it connects to (`trainbus keys generate client NAME --role "
+                  f"monitor|control` there) and its {SECRET_SUFFIX} copied to this machine")
+
+
 class KeyFileError(Exception):
     """A key file that is missing, unreadable, empty or readable by others; the text names the file and the fix."""
 
@@ -62,18 +67,19 @@ def load_secret(path: Path, client: bool = False) -> tuple[bytes, bytes]:
     --key, which is made on the host it connects to and copied here (generating one here would not help)."""
     path = Path(path)
     if client and not os.path.lexists(path):
-        raise KeyFileError(f"key file {path}: {os.strerror(errno.ENOENT)}; a client's key is made on the host it "
-                           f"connects to (`trainbus keys generate client NAME --role monitor|control` there) and its "
-                           f"{SECRET_SUFFIX} copied to this machine")
+        raise KeyFileError(f"key file {path}: {os.strerror(errno.ENOENT)}; {CLIENT_KEY_FIX}")
+    if client and path.is_file() and path.stat().st_size == 0:
+        raise KeyFileError(f"key file {path} is empty; {CLIENT_KEY_FIX}")
+    fix = CLIENT_KEY_FIX if client else "generate one with `trainbus keys generate`"
     try:
         check_secret_file(path)
     except KeyFileError:
         # A public key file is 0644 as pyzmq writes it: "chmod 600" would be the wrong fix for it.
-        if path.is_file() and not _load(path)[1]:
+        if path.is_file() and not _load(path, fix)[1]:
             raise KeyFileError(f"{path} holds no secret key; give the {SECRET_SUFFIX} file, not the public "
                                f"one") from None
         raise
-    public, secret = _load(path)
+    public, secret = _load(path, fix)
     if not secret:
         raise KeyFileError(f"{path} holds no secret key; give the {SECRET_SUFFIX} file, not the public one")
     return public, secret
@@ -120,15 +126,14 @@ def load_server_key(path: Path) -> bytes:
     return public
 
 
-def _load(path: Path) -> tuple[bytes, bytes | None]:
+def _load(path: Path, fix: str = "generate one with `trainbus keys generate`") -> tuple[bytes, bytes | None]:
     if not path.exists():
         raise KeyFileError(f"no key file {path}: copy it there (a server's server.key comes from its host, "
                            f"`trainbus keys list` there), or name another")
     try:
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
-        raise KeyFileError(f"key file {path} is not a readable CURVE key ({exc}); "
-                           f"generate one with `trainbus keys generate`") from None
+        raise KeyFileError(f"key file {path} is not a readable CURVE key ({exc}); {fix}") from None
 
 
 # ZeroMQ's own heartbeats (ZMTP PING/PONG, answered by libzmq's I/O thread however busy the kernel is) on a client's

@@ -1160,6 +1160,28 @@ def test_a_client_key_file_not_here_is_told_to_be_copied_from_the_host_not_gener
         assert (done.returncode, done.stderr) == (2, fix), (command, done.stderr)
 
 
+def test_a_damaged_client_key_file_is_told_to_be_copied_again_not_generated_here(keys, tmp_path):
+    """A client's --key file that holds no key (garbled in the copy, or empty) said `generate one with trainbus keys
+    generate`: on the client's machine that makes a key the host has never heard of. Like a missing one, it is told
+    that the key is made on the host and its .key_secret copied over."""
+    server_key = str(keys["dir"] / "server.key")
+    fix = ("a client's key is made on the host it connects to (`trainbus keys generate client NAME --role "
+           "monitor|control` there) and its .key_secret copied to this machine")
+    garbled, empty = tmp_path / "garbled.key_secret", tmp_path / "empty.key_secret"
+    garbled.write_text("not a key\n")
+    empty.write_text("")
+    for path in (garbled, empty):
+        path.chmod(0o600)
+    for command in ([*trainbus_cmd(), "attach", "127.0.0.1:5555"],
+                    [sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.cpu_monitor:CpuMonitorPlugin",
+                     "--connect", "127.0.0.1:5555"]):
+        for path, why in ((garbled, "is not a readable CURVE key"), (empty, "is empty")):
+            done = subprocess.run([*command, "--key", str(path), "--server-key", server_key], capture_output=True,
+                                  text=True, timeout=60)
+            assert done.returncode == 2 and done.stderr.startswith(f"error: key file {path} {why}"), done.stderr
+            assert done.stderr.endswith(f"; {fix}\n") and "\n" not in done.stderr[:-1], done.stderr
+
+
 @pytest.mark.parametrize("words, said", [
     (["foo"], "`server` takes no NAME (there is one server pair per host): for a client's pair, give `client foo`"),
     (["--role", "control"], "`server` takes no --role (roles are the client keys'): give `client NAME --role control`"),
