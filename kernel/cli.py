@@ -99,6 +99,9 @@ def attach(
     if control and not sys.stdin.isatty():
         raise UserError("--control reads its keys from a terminal, and stdin is not one: from a script, use "
                         "--stop REASON or --checkpoint REASON")
+    if server_key is not None and key is None:  # else a run of this host took it, unused, without a word
+        raise UserError("--server-key pins a remote kernel's key and goes with --key: give --key too for a remote "
+                        "kernel's HOST:PORT or connection.json, or leave --server-key out for a run of this host")
     where = run
     if key is not None and "://" not in run and not re.fullmatch(r"[^/\s]+:\d+", run) and not run.endswith(".json"):
         try:  # a run of this host's runs directory: said so, not that it is not HOST:PORT

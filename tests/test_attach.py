@@ -410,6 +410,12 @@ def test_attach_to_an_ended_run_says_so_at_once(runs_dir, tmp_path, kernels):
     assert proc.returncode == 2 and proc.stderr == ("error: --control reads its keys from a terminal, and stdin is "
                                                     "not one: from a script, use --stop REASON or --checkpoint "
                                                     "REASON\n"), proc.stderr
+    # --server-key without --key (it pins a remote kernel's key) was dropped without a word for a run of this host
+    proc = run_quickly(attach_cmd(kernel, "--server-key", str(tmp_path / "server.key")))
+    assert proc.returncode == 2 and proc.stderr == ("error: --server-key pins a remote kernel's key and goes with "
+                                                    "--key: give --key too for a remote kernel's HOST:PORT or "
+                                                    "connection.json, or leave --server-key out for a run of this "
+                                                    "host\n"), proc.stderr
     # the endpoint form, and a plugin attached by hand, are told too
     endpoint = f"ipc://{kernel.run_dir / 'events.sock'}"
     proc = run_quickly([*trainbus_cmd(), "attach", endpoint])
