@@ -116,8 +116,10 @@ def attach(
             run_dir = runs.resolve_run(run, runs_dir)
         except runs.RunLookupError as exc:
             if re.fullmatch(r"[^/\s]+:\d+", run) or run.endswith(".json"):  # a remote kernel, named without a key
-                raise UserError(f"{run} is a remote kernel's HOST:PORT or connection file: give --key (this "
-                                f"client's secret key file, `trainbus keys generate client NAME`)") from None
+                from trainbus.proto.remote import CLIENT_KEY_FIX
+
+                raise UserError(f"{run} is a remote kernel's HOST:PORT or connection file: give --key, this "
+                                f"client's secret key file: {CLIENT_KEY_FIX}") from None
             raise UserError(str(exc)) from None
         overview = runs.run_overview(run_dir)
         if overview["status"] != "running":

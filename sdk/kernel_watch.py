@@ -13,8 +13,8 @@ from typing import Any, Callable
 import zmq
 
 from trainbus.proto.messages import SUMMARY_NAME
-from trainbus.proto.remote import (CONNECTION_FILE, SERVER_KEY, KeyFileError, endpoints, keys_dir, load_secret,
-                                   load_server_key, read_connection_file, secure_client)
+from trainbus.proto.remote import (CLIENT_KEY_FIX, CONNECTION_FILE, SERVER_KEY, KeyFileError, endpoints, keys_dir,
+                                   load_secret, load_server_key, read_connection_file, secure_client)
 
 KERNEL_PID, KERNEL_HOST = "kernel.pid", "kernel.host"  # the run's kernel's pid and host (kernel/runs.py)
 
@@ -101,7 +101,7 @@ def remote_endpoints(connect: str, key: str,
     them): `secure(socket)` makes a socket a CURVE client with our key and the server's key pinned
     (trainbus.proto.remote.secure_client)."""
     if not key:
-        raise ValueError("--connect needs --key FILE: this client's secret key (`trainbus keys generate client`)")
+        raise ValueError(f"--connect needs --key FILE, this client's secret key file: {CLIENT_KEY_FIX}")
     if connect.endswith(".json"):
         info = read_connection_file(Path(connect))
         control_endpoint, events_endpoint, bursts_endpoint = info["control"], info["events"], info["bursts"]

@@ -1160,6 +1160,22 @@ def test_a_client_key_file_not_here_is_told_to_be_copied_from_the_host_not_gener
         assert (done.returncode, done.stderr) == (2, fix), (command, done.stderr)
 
 
+def test_a_remote_kernel_named_without_a_key_is_told_where_a_client_key_comes_from(tmp_path):
+    """attach HOST:PORT (or a plugin's --connect) without --key said to give this client's secret key,
+    `trainbus keys generate client NAME`: run on the client's machine, that makes a key the host has never heard
+    of. A client's key is made on the host and its .key_secret copied over: the line says so."""
+    fix = ("a client's key is made on the host it connects to (`trainbus keys generate client NAME --role "
+           "monitor|control` there) and its .key_secret copied to this machine")
+    attach = subprocess.run([*trainbus_cmd(), "attach", "127.0.0.1:5555"], capture_output=True, text=True, timeout=60)
+    assert (attach.returncode, attach.stderr) == (2, f"error: 127.0.0.1:5555 is a remote kernel's HOST:PORT or "
+                                                     f"connection file: give --key, this client's secret key file: "
+                                                     f"{fix}\n"), attach.stderr
+    plugin = subprocess.run([sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.cpu_monitor:CpuMonitorPlugin",
+                             "--connect", "127.0.0.1:5555"], capture_output=True, text=True, timeout=60)
+    assert (plugin.returncode, plugin.stderr) == (2, f"error: --connect needs --key FILE, this client's secret key "
+                                                     f"file: {fix}\n"), plugin.stderr
+
+
 def test_a_damaged_client_key_file_is_told_to_be_copied_again_not_generated_here(keys, tmp_path):
     """A client's --key file that holds no key (garbled in the copy, or empty) said `generate one with trainbus keys
     generate`: on the client's machine that makes a key the host has never heard of. Like a missing one, it is told
