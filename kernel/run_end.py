@@ -71,7 +71,8 @@ def save_final_weights(spec, loop: Loop, run_dir: Path, run_id: str, status: str
         error = f"{error}; the weights as trained to step {loop.step} are in {saved_to}" if saved_to else error
     elif why is not None:
         moved = f"; they were saved to {saved_to} instead: move them there once it has space" if saved_to else ""
-        status, error = "failed", f"training {status}, but the final weights could not be saved to {final}: {why}{moved}"
+        error = f"training {status}, but the final weights could not be saved to {final}: {why}{moved}"
+        status = "failed"
         log.error("%s", error)
     return status, error, saved_to == final
 
