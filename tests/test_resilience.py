@@ -951,16 +951,22 @@ def test_ctrl_c_once_after_training_ended_lets_the_plugins_drain_and_the_run_com
     assert summary["plugins"]["rec"]["crashes"] == [], summary["plugins"]
 
 
+def start_held_at_the_end(tmp_path: Path, run_table: str = "") -> tuple[Path, Command, Path, JournalTail]:
+    """`trainbus run` with a durable plugin held in its last handler until the returned `release` file exists:
+    (release, the command, its journal's path, a tail of it)."""
+    release = tmp_path / "release"
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(f'{run_table}[hyperparameters]\nbatch_size = 16\n[plugins.held]\n'
+                           f'target = "fixture_plugins:HeldAtTheEnd"\nsettings = {{ release = "{release}" }}\n')
+    proc, journal_path = start_cli(tmp_path, "--config", str(config_path))
+    return release, proc, journal_path, JournalTail(journal_path)
+
+
 def test_ctrl_c_once_mid_training_waits_for_a_durable_plugin_as_any_run_end_does(tmp_path):
     """An interrupted run waited 2 s for its durable plugins, not [run] drain_timeout_s (30 s) as README says every
     run's end does: a visualization plugin drawing its last plots on a busy machine was named `did not catch up`
     (and a checkpoint still being written was cut short), though one Ctrl-C is to let plugins drain."""
-    release = tmp_path / "release"
-    config_path = tmp_path / "run.toml"
-    config_path.write_text(f'[hyperparameters]\nbatch_size = 16\n[plugins.held]\n'
-                           f'target = "fixture_plugins:HeldAtTheEnd"\nsettings = {{ release = "{release}" }}\n')
-    proc, journal_path = start_cli(tmp_path, "--config", str(config_path))
-    journal = JournalTail(journal_path)
+    release, proc, journal_path, journal = start_held_at_the_end(tmp_path)
     try:
         wait_until(lambda: journal.step() >= 20, 60, "20 training steps")
         proc.send_signal(signal.SIGINT)
@@ -980,12 +986,7 @@ def test_a_sigterm_mid_training_waits_briefly_for_a_lagging_durable_plugin_whate
     """A SIGTERM is a scheduler's (SLURM preempting, systemd stopping the unit), whose SIGKILL follows after its
     grace: the run's end is written first. The drain waits SIGTERM_DRAIN_S, not [run] drain_timeout_s (600 s here:
     a Ctrl-C would wait for the plugin that long), and the plugin that did not catch up is named."""
-    release = tmp_path / "release"
-    config_path = tmp_path / "run.toml"
-    config_path.write_text(f'[run]\ndrain_timeout_s = 600\n[hyperparameters]\nbatch_size = 16\n[plugins.held]\n'
-                           f'target = "fixture_plugins:HeldAtTheEnd"\nsettings = {{ release = "{release}" }}\n')
-    proc, journal_path = start_cli(tmp_path, "--config", str(config_path))
-    journal = JournalTail(journal_path)
+    release, proc, journal_path, journal = start_held_at_the_end(tmp_path, run_table="[run]\ndrain_timeout_s = 600\n")
     try:
         wait_until(lambda: journal.step() >= 20, 60, "20 training steps")
         proc.send_signal(signal.SIGTERM)
