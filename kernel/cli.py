@@ -173,6 +173,20 @@ def _command_path(words: list[str]) -> str:
     return " ".join(path)
 
 
+def run_refusal(argv: list[str]) -> str | None:
+    """What `trainbus run ARGV` would refuse as it reads its options (no such option, a value missing or of the
+    wrong type, a --config that is not there), in click's words; None when it reads them. Nothing runs: no callback
+    of the command's, only its parsing (`--help` would print, so is let through)."""
+    if "--help" in argv:
+        return None
+    exceptions = _click_exceptions()
+    try:
+        typer.main.get_command(app).commands["run"].make_context("run", list(argv))
+    except exceptions.ClickException as exc:
+        return exc.format_message()
+    return None
+
+
 # Options the later of two counts for, unsaid: a daemon's remote `submit` appends its own --runs-dir to the command
 # it queues, whatever the submitter's said (docs/daemon.md).
 _LATER_WINS = {"runs_dir"}

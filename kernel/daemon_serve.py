@@ -363,6 +363,7 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
             or not (isinstance(max_resumes, int) and 0 <= max_resumes <= MAX_RESUMES):
         return {"ok": False, "error": f"submit needs argv (at most {ARGV_MAX_WORDS} strings), gpus (a count, or nil) "
                                       f"and max_resumes (0 to {MAX_RESUMES}, or left out)"}
+    from .cli import run_refusal  # it imports this module
     from .session import new_run_id
 
     options = [w.split("=", 1)[0] for w in argv]
@@ -372,6 +373,9 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
                                       "and --max-resumes"}
     if gpus is not None and (why := unplaceable(gpus, daemon.devices)) is not None:  # as `run --detach` says it
         return {"ok": False, "error": f"--gpus {gpus}: the run {why}"}
+    refused = run_refusal(argv)  # what the run would fail with once started, found only in its output file
+    if refused:
+        return {"ok": False, "error": f"`trainbus run` would refuse the command: {refused}"}
     run_id, resumes = new_run_id(), None
     continued = resumed_run(argv, daemon.runs_dir) if "--config" not in options and "-c" not in options else None
     if isinstance(continued, str):  # --runs-dir and `runs list` are the host's: a key can ask the daemon's status

@@ -154,6 +154,23 @@ def test_a_remote_submission_asking_for_more_gpus_than_the_daemon_has_is_refused
     assert json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json").stdout)["ended"] == []
 
 
+def test_a_remote_submission_trainbus_run_would_refuse_as_it_reads_its_options_is_refused_and_nothing_queued(
+        tmp_path, daemons):
+    """`daemon submit ... -- --resume` (no value), `-- --bogus` or `-- --epochs x` printed `queued run ID` (exit 0),
+    and the run failed once the daemon started it, click's usage error found only in the run's output. The daemon
+    now reads the command's options as `trainbus run` on its host would, and refuses it in click's words."""
+    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")], "--gpus", "")
+    host = endpoint.removeprefix("tcp://")
+    for argv, said in ((["--resume"], "Option '--resume' requires an argument."),
+                       ([TINY, "--bogus"], "No such option: --bogus"),
+                       ([TINY, "--epochs", "x"], "Invalid value for '--epochs'")):
+        submitted = cli("daemon", "submit", "--remote", endpoint, "--key", str(pilot), "--server-key",
+                        str(daemon_dir(runs) / "remote.json"), "--", *argv, check=False)
+        assert submitted.returncode == 2 and one_error_line(submitted).startswith(
+            f"error: the daemon at {host} refused: `trainbus run` would refuse the command: {said}"), submitted.stderr
+    assert listed(runs) == {}
+
+
 def test_a_run_submitted_over_tcp_to_listen_on_a_free_port_is_listed_with_the_endpoint_to_attach_to(tmp_path,
                                                                                                      daemons):
     """Alice submits from her laptop a run that listens (`-- ... --listen 127.0.0.1:0`) to watch it there: the port
