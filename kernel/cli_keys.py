@@ -105,6 +105,11 @@ def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", parser
                             f"makes one)")
         out.print(f"{escape(said)} yet: `trainbus keys generate server` makes it")
         return
+    clients = store.clients(unreadable=True)
+    if not clients and not store.server_public.exists():
+        out.print(f"no keys in {escape(str(store.directory))} yet: `trainbus keys generate "
+                  f"server{escape(store.keys_dir_option)}` makes the server's pair")
+        return
     table = Table("name", "role", "public key", "file")
     problems = []
     if store.server_public.exists():
@@ -117,10 +122,12 @@ def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", parser
                             f"keys generate server --force{store.keys_dir_option}` makes a new pair (every client "
                             f"then needs the new server.key)")
         table.add_row("server", "server", public, escape(str(store.server_public)))
-    clients = store.clients(unreadable=True)
     for key in clients:
         table.add_row(escape(key.name), key.role, escape(key.public) or "unreadable", escape(str(key.path)))
     _wide().print(table)  # piped or narrow, keys and paths whole: they are copied and scripted
+    if not clients:
+        out.print(f"no client keys yet: `trainbus keys generate client NAME --role monitor|control"
+                  f"{escape(store.keys_dir_option)}` makes one")
     for problem in problems + [key.problem for key in clients if key.problem]:  # below the table, whole: the fix
         out.print(escape(problem))
 

@@ -951,6 +951,21 @@ def keys_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     return cli("keys", *args, env=env)
 
 
+def test_keys_list_of_a_key_directory_with_no_key_or_no_client_key_says_which_command_makes_one(tmp_path):
+    """`keys list` of an empty key directory printed a table's header and nothing else, exit 0; one holding only the
+    server's pair, that row alone. Each now says what is missing and the command that makes it."""
+    where = ["--keys-dir", str(tmp_path / "k")]
+    (tmp_path / "k").mkdir(mode=0o700)
+    empty = " ".join(keys_cli("list", *where).stdout.split())
+    assert empty == (f"no keys in {tmp_path / 'k'} yet: `trainbus keys generate server --keys-dir {tmp_path / 'k'}` "
+                     f"makes the server's pair"), empty
+    keys_cli("generate", "server", *where)
+    server_only = " ".join(keys_cli("list", *where, env={"COLUMNS": "300"}).stdout.split())
+    assert "server.key " in server_only and server_only.endswith(
+        f"no client keys yet: `trainbus keys generate client NAME --role monitor|control --keys-dir "
+        f"{tmp_path / 'k'}` makes one"), server_only
+
+
 def test_keys_cli_generates_lists_and_revokes(tmp_path):
     where = ["--keys-dir", str(tmp_path / "k")]
     missing = keys_cli("list", *where)
