@@ -90,6 +90,8 @@ def attach(
     A run that has ended is told at once (its `runs show`), without waiting. Commands are journaled under this
     client's name (attach-USER@HOST-PID).
     """
+    from trainbus.proto.remote import CLIENT_KEY_FIX, names_connection_file
+
     from . import runs, runs_view
 
     modes = [flag for flag, given in (("--json", as_json), ("--control", control), ("--stop", stop is not None),
@@ -103,7 +105,8 @@ def attach(
         raise UserError("--server-key pins a remote kernel's key and goes with --key: give --key too for a remote "
                         "kernel's HOST:PORT or connection.json, or leave --server-key out for a run of this host")
     where = run
-    if key is not None and "://" not in run and not re.fullmatch(r"[^/\s]+:\d+", run) and not run.endswith(".json"):
+    if key is not None and "://" not in run and not re.fullmatch(r"[^/\s]+:\d+", run) \
+            and not names_connection_file(run):
         try:  # a run of this host's runs directory: said so, not that it is not HOST:PORT
             local = runs.resolve_run(run, runs_dir)
         except runs.RunLookupError:
@@ -115,9 +118,7 @@ def attach(
         try:
             run_dir = runs.resolve_run(run, runs_dir)
         except runs.RunLookupError as exc:
-            if re.fullmatch(r"[^/\s]+:\d+", run) or run.endswith(".json"):  # a remote kernel, named without a key
-                from trainbus.proto.remote import CLIENT_KEY_FIX
-
+            if re.fullmatch(r"[^/\s]+:\d+", run) or names_connection_file(run):  # a remote kernel, without a key
                 raise UserError(f"{run} is a remote kernel's HOST:PORT or connection file: give --key, this "
                                 f"client's secret key file: {CLIENT_KEY_FIX}") from None
             raise UserError(str(exc)) from None

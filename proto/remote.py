@@ -432,6 +432,12 @@ def write_connection_file(run_dir: Path, run_id: str, control: str, events: str,
     return path
 
 
+def names_connection_file(where: str) -> bool:
+    """Whether a client's target (`attach WHERE`, `--connect WHERE`) is a connection file rather than HOST:PORT:
+    a name ending .json, or any file there is (a copy may be renamed; a HOST:PORT is no file)."""
+    return where.endswith(".json") or os.path.isfile(where)
+
+
 def read_connection_file(path: Path) -> dict[str, str]:
     """A connection file's content: run, control, events, bursts ("" in one from a kernel without them), server_key
     (z85 text)."""

@@ -14,7 +14,8 @@ import zmq
 
 from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.proto.remote import (CLIENT_KEY_FIX, CONNECTION_FILE, SERVER_KEY, KeyFileError, endpoints, keys_dir,
-                                   load_secret, load_server_key, read_connection_file, secure_client)
+                                   load_secret, load_server_key, names_connection_file, read_connection_file,
+                                   secure_client)
 
 KERNEL_PID, KERNEL_HOST = "kernel.pid", "kernel.host"  # the run's kernel's pid and host (kernel/runs.py)
 
@@ -92,7 +93,7 @@ def connection_run_dir(connect: str) -> Path | None:
     """The folder of a connection.json given by path: the run directory when it is read in place, whose
     summary.json says whether the run has ended (a copy elsewhere has none); None for HOST:PORT."""
     path = Path(connect)
-    return path.resolve().parent if connect.endswith(".json") and path.is_file() else None
+    return path.resolve().parent if names_connection_file(connect) and path.is_file() else None
 
 
 def remote_endpoints(connect: str, key: str,
@@ -102,7 +103,7 @@ def remote_endpoints(connect: str, key: str,
     (trainbus.proto.remote.secure_client)."""
     if not key:
         raise ValueError(f"--connect needs --key FILE, this client's secret key file: {CLIENT_KEY_FIX}")
-    if connect.endswith(".json"):
+    if names_connection_file(connect):
         info = read_connection_file(Path(connect))
         control_endpoint, events_endpoint, bursts_endpoint = info["control"], info["events"], info["bursts"]
         pinned: bytes | Path = Path(server_key) if server_key else info["server_key"].encode("ascii")

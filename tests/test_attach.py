@@ -306,6 +306,17 @@ def test_a_connection_file_missing_a_field_names_it(tmp_path):
             f"error: connection file {connection} {said}; copy the run's connection.json again\n"), proc.stderr
 
 
+def test_a_connection_file_renamed_is_read_as_one_not_as_host_port(tmp_path):
+    """A connection.json copied under another name (`scp host:run/connection.json lab-run`) was read as HOST:PORT,
+    and so was any file given: "'lab-run' is not HOST:PORT (...)", not what is wrong with the file."""
+    for name, content, said in (("lab-run", json.dumps({"control": "tcp://127.0.0.1:1"}), "holds no 'run'"),
+                                ("notes.txt", "hello", "is unreadable (Expecting value: line 1 column 1 (char 0))")):
+        (tmp_path / name).write_text(content)
+        proc = run_quickly([*trainbus_cmd(), "attach", str(tmp_path / name), "--key", str(tmp_path / "k")])
+        assert proc.returncode == 2 and proc.stderr == (
+            f"error: connection file {tmp_path / name} {said}; copy the run's connection.json again\n"), proc.stderr
+
+
 def test_a_connection_file_whose_server_key_is_damaged_is_one_line(tmp_path):
     """A truncated copy of connection.json: libzmq refused the key with a traceback of our frames."""
     connection = tmp_path / "connection.json"
