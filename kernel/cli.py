@@ -174,18 +174,17 @@ def _command_path(words: list[str]) -> str:
     return " ".join(path)
 
 
-def run_refusal(argv: list[str]) -> str | None:
-    """What `trainbus run ARGV` would refuse as it reads its options (no such option, a value missing or of the
-    wrong type, a --config that is not there), in click's words; None when it reads them. Nothing runs: no callback
-    of the command's, only its parsing (`--help` would print, so is let through)."""
+def read_run_command(argv: list[str]) -> tuple[dict[str, Any], str | None]:
+    """`trainbus run ARGV`'s options and arguments as it reads them, and what it would refuse as it reads them (no
+    such option, a value missing or of the wrong type) in click's words, or None. Nothing runs: no callback of the
+    command's, only its parsing (`--help` would print, so is let through unread)."""
     if "--help" in argv:
-        return None
+        return {}, None
     exceptions = _click_exceptions()
     try:
-        typer.main.get_command(app).commands["run"].make_context("run", list(argv))
+        return typer.main.get_command(app).commands["run"].make_context("run", list(argv)).params, None
     except exceptions.ClickException as exc:
-        return exc.format_message()
-    return None
+        return {}, exc.format_message()
 
 
 # Options the later of two counts for, unsaid: a daemon's remote `submit` appends its own --runs-dir to the command

@@ -37,6 +37,7 @@ from .daemon import (CONTROL_MAX_BYTES, ENDPOINT_FILE, LOG_FILE, PID_FILE, REMOT
 from .private_dirs import write_private
 from .registry import MAX_RESUMES, JobError, Registry, RegistryError, cannot_read
 from .runs import RUNS_DIR_HINT
+from .spec import DEFAULT_TARGET
 
 log = logging.getLogger("trainbus.daemon")
 LOG_MAX_BYTES = 10 * 1024 * 1024  # daemon.log is rotated at this size, 3 old files kept
@@ -363,7 +364,7 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
             or not (isinstance(max_resumes, int) and 0 <= max_resumes <= MAX_RESUMES):
         return {"ok": False, "error": f"submit needs argv (at most {ARGV_MAX_WORDS} strings), gpus (a count, or nil) "
                                       f"and max_resumes (0 to {MAX_RESUMES}, or left out)"}
-    from .cli import run_refusal  # it imports this module
+    from .cli import read_run_command  # it imports this module
     from .session import new_run_id
 
     options = [w.split("=", 1)[0] for w in argv]
@@ -373,7 +374,7 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
                                       "and --max-resumes"}
     if gpus is not None and (why := unplaceable(gpus, daemon.devices)) is not None:  # as `run --detach` says it
         return {"ok": False, "error": f"--gpus {gpus}: the run {why}"}
-    refused = run_refusal(argv)  # what the run would fail with once started, found only in its output file
+    command, refused = read_run_command(argv)  # what the run would fail with once started, found only in its output
     if refused:
         return {"ok": False, "error": f"`trainbus run` would refuse the command: {refused}"}
     run_id, resumes = new_run_id(), None
@@ -385,7 +386,7 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
         if why:
             return {"ok": False, "error": why}
         run_id, resumes = continued.name, continued
-    target = argv[0] if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
+    target = _target(command)
     argv = [*argv, "--runs-dir", str(daemon.runs_dir)]  # the last one given counts: this daemon's, whatever it said
     try:
         submit(daemon.runs_dir, run_id, argv, gpus, target, {}, resumes, env=None, cwd=os.getcwd(), wake=False,
@@ -394,6 +395,15 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
         return {"ok": False, "error": str(exc)}
     daemon.woken = True
     return {"ok": True, "run": run_id}
+
+
+def _target(command: dict[str, Any]) -> str | None:
+    """The target a submitted `trainbus run` command trains, as `runs list` shows it while queued (or, failing
+    before it had a directory, for good): its own, or the digits demo's; None when a --config file names it."""
+    given = command.get("target")
+    if given and "=" not in given:  # `lr=0.1` first is a flag, as `trainbus run` reads it
+        return given
+    return None if command.get("config") else DEFAULT_TARGET
 
 
 SOCKET_HOME_PREFIX = "trainbus-daemon-"  # a temporary directory for the socket when the runs path is too long

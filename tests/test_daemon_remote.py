@@ -171,6 +171,24 @@ def test_a_remote_submission_trainbus_run_would_refuse_as_it_reads_its_options_i
     assert listed(runs) == {}
 
 
+def test_a_remote_submission_is_listed_with_the_target_it_trains_wherever_the_command_names_it(tmp_path, daemons):
+    """The daemon took a submission's first word for its target: `-- --epochs 1 missing.py:build` (an option first)
+    was listed with target `-`, as was `-- --epochs 1` (the digits demo), while queued and, failing before it had a
+    directory, for good. The target is now read as `trainbus run` reads it."""
+    from trainbus.kernel.spec import DEFAULT_TARGET
+
+    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")], "--gpus", "")
+    missing = str(tmp_path / "missing.py") + ":build"
+    ids = {}
+    for argv, target in ((["--epochs", "1", missing], missing), (["--epochs", "1", "hidden=8"], DEFAULT_TARGET)):
+        submitted = cli("daemon", "submit", "--remote", endpoint, "--key", str(pilot), "--server-key",
+                        str(daemon_dir(runs) / "remote.json"), "--", *argv)
+        ids[submitted.stdout.strip()] = target
+    wait_until(lambda: all(listed(runs).get(i, {}).get("status") in ("failed", "completed") for i in ids),
+               WAIT_S * 2, "both runs ended", poll_s=0.5)
+    assert {i: listed(runs)[i]["target"] for i in ids} == ids, listed(runs)
+
+
 def test_a_run_submitted_over_tcp_to_listen_on_a_free_port_is_listed_with_the_endpoint_to_attach_to(tmp_path,
                                                                                                      daemons):
     """Alice submits from her laptop a run that listens (`-- ... --listen 127.0.0.1:0`) to watch it there: the port
