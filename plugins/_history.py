@@ -106,59 +106,70 @@ class History:
             self.last_ts = event.ts
         if self.started_ts is None:
             self.started_ts = event.ts
-        data = event.data
         if event.type == ev.START_TRAINING_SESSION:
-            if not self.epochs and not self.step_losses:  # the run's first session: when it started
-                self.started_ts = event.ts
-            if self.session_started_ts is not None and previous_ts is not None:
-                self.earlier_sessions_s += max(0.0, previous_ts - self.session_started_ts)
-            self.sessions += 1
-            self.session_started_ts = event.ts
-            if self.first_session_ts is None:
-                self.first_session_ts = event.ts
-            self.epochs_total = _int(data.get("epochs"))
-            self.hyperparameters = dict(data.get("hyperparameters") or {})
-        elif event.type == ev.LOAD_CHECKPOINT:
-            resumed = _int(data.get("epoch")) or 0
-            self.epochs = [e for e in self.epochs if e.epoch < resumed]
-            self.step_losses = [(step, loss) for step, loss in self.step_losses if step <= event.step]
-        elif event.type == ev.END_TRAINING_BATCH:
-            loss = _number(data.get("loss"))
-            kept = self.every_n_steps and event.step % (self.every_n_steps * self.step_thinning) == 0
-            if kept:
-                self._seen("training loss per step", data.get("loss"))
-            if loss is not None and kept:
-                self.step_losses.append((event.step, loss))
-                if len(self.step_losses) > CURVE_POINTS_MAX:  # by step, not count: a step with no loss shifts nothing
-                    self.step_thinning *= 2
-                    spacing = self.every_n_steps * self.step_thinning
-                    self.step_losses = [(step, loss) for step, loss in self.step_losses if step % spacing == 0]
-        elif event.type == ev.END_EPOCH:
-            self._seen("training loss per epoch", data.get("training_loss"))
-            self._seen("validation loss per epoch", data.get("validation_loss"))
-            for group in ("training", "validation"):
-                metrics = data.get(f"{group}_metrics")
-                for name, value in (metrics.items() if isinstance(metrics, dict) else ()):
-                    self._seen(f"{group} {name}", value)
-            self._seen("learning rate", data.get("lr"))
-            self.epochs.append(EpochRecord(
-                epoch=event.epoch, step=event.step,
-                training_loss=_number(data.get("training_loss")), validation_loss=_number(data.get("validation_loss")),
-                training_metrics=_numbers(data.get("training_metrics")),
-                validation_metrics=_numbers(data.get("validation_metrics")), lr=_number(data.get("lr")),
-                partial=data.get("partial") is True, batches=_int(data.get("training_batch_count")),
-                batches_planned=_int(data.get("batches_planned"))))
-        elif event.type == ev.METRIC:
-            value = _number(data.get("value"))
-            tag = metric_tag(str(data.get("plugin") or "plugin"), str(data.get("name") or "value"))
-            if tag in self.readings or len(self.readings) < READING_SERIES_MAX:
-                self._seen(tag, data.get("value"))
-                if value is not None:
-                    self._add_reading(tag, (event.ts, value))
-        elif event.type == ev.END_TRAINING_SESSION:
-            self.end, self.ended_ts = dict(data), event.ts
-        elif event.type == ev.RUN_FAILED:
-            self.failure, self.ended_ts = dict(data), event.ts
+            self._session_started(event, previous_ts)
+        elif (fold := _FOLDS.get(event.type)) is not None:
+            fold(self, event)
+
+    def _session_started(self, event: Event, previous_ts: float | None) -> None:
+        if not self.epochs and not self.step_losses:  # the run's first session: when it started
+            self.started_ts = event.ts
+        if self.session_started_ts is not None and previous_ts is not None:
+            self.earlier_sessions_s += max(0.0, previous_ts - self.session_started_ts)
+        self.sessions += 1
+        self.session_started_ts = event.ts
+        if self.first_session_ts is None:
+            self.first_session_ts = event.ts
+        self.epochs_total = _int(event.data.get("epochs"))
+        self.hyperparameters = dict(event.data.get("hyperparameters") or {})
+
+    def _checkpoint_loaded(self, event: Event) -> None:
+        resumed = _int(event.data.get("epoch")) or 0
+        self.epochs = [e for e in self.epochs if e.epoch < resumed]
+        self.step_losses = [(step, loss) for step, loss in self.step_losses if step <= event.step]
+
+    def _batch_ended(self, event: Event) -> None:
+        loss = _number(event.data.get("loss"))
+        kept = self.every_n_steps and event.step % (self.every_n_steps * self.step_thinning) == 0
+        if kept:
+            self._seen("training loss per step", event.data.get("loss"))
+        if loss is not None and kept:
+            self.step_losses.append((event.step, loss))
+            if len(self.step_losses) > CURVE_POINTS_MAX:  # by step, not count: a step with no loss shifts nothing
+                self.step_thinning *= 2
+                spacing = self.every_n_steps * self.step_thinning
+                self.step_losses = [(step, loss) for step, loss in self.step_losses if step % spacing == 0]
+
+    def _epoch_ended(self, event: Event) -> None:
+        data = event.data
+        self._seen("training loss per epoch", data.get("training_loss"))
+        self._seen("validation loss per epoch", data.get("validation_loss"))
+        for group in ("training", "validation"):
+            metrics = data.get(f"{group}_metrics")
+            for name, value in (metrics.items() if isinstance(metrics, dict) else ()):
+                self._seen(f"{group} {name}", value)
+        self._seen("learning rate", data.get("lr"))
+        self.epochs.append(EpochRecord(
+            epoch=event.epoch, step=event.step,
+            training_loss=_number(data.get("training_loss")), validation_loss=_number(data.get("validation_loss")),
+            training_metrics=_numbers(data.get("training_metrics")),
+            validation_metrics=_numbers(data.get("validation_metrics")), lr=_number(data.get("lr")),
+            partial=data.get("partial") is True, batches=_int(data.get("training_batch_count")),
+            batches_planned=_int(data.get("batches_planned"))))
+
+    def _metric(self, event: Event) -> None:
+        value = _number(event.data.get("value"))
+        tag = metric_tag(str(event.data.get("plugin") or "plugin"), str(event.data.get("name") or "value"))
+        if tag in self.readings or len(self.readings) < READING_SERIES_MAX:
+            self._seen(tag, event.data.get("value"))
+            if value is not None:
+                self._add_reading(tag, (event.ts, value))
+
+    def _ended(self, event: Event) -> None:
+        self.end, self.ended_ts = dict(event.data), event.ts
+
+    def _failed(self, event: Event) -> None:
+        self.failure, self.ended_ts = dict(event.data), event.ts
 
     def _add_reading(self, tag: str, point: tuple[float, float]) -> None:
         """Keep one reading in `keep_every` offered; past CURVE_POINTS_MAX, halve the points kept and double that.
@@ -223,6 +234,17 @@ class History:
                 self.update(event)
                 taken += self.last_seq != before
         return taken
+
+
+# What each event type adds to a History (a run's start, which also needs the time before it, is update's own).
+_FOLDS: dict[str, Callable[[History, Event], None]] = {
+    ev.LOAD_CHECKPOINT: History._checkpoint_loaded,
+    ev.END_TRAINING_BATCH: History._batch_ended,
+    ev.END_EPOCH: History._epoch_ended,
+    ev.METRIC: History._metric,
+    ev.END_TRAINING_SESSION: History._ended,
+    ev.RUN_FAILED: History._failed,
+}
 
 
 def metric_tag(plugin: str, name: str) -> str:
