@@ -284,13 +284,14 @@ class Registry:
 
     def ended_jobs(self, limit: int) -> list[dict[str, Any]]:
         """The `limit` jobs that ended (or were cancelled) last, newest first, each with its run's status and error
-        from the runs table (what `runs list` shows for it): "deleted" when it has no row there any more (`runs
-        delete`, or its directory removed by hand, which `runs list` forgets)."""
+        from the runs table (what `runs list` shows for it), "cancelled" for a cancelled one: "deleted" when it has
+        no row there any more (`runs delete`, or its directory removed by hand, which `runs list` forgets), a
+        cancelled one's too."""
         cursor = self.db.execute(
             "SELECT jobs.id, jobs.state, jobs.ended_ts, jobs.detail, jobs.submitted_by, runs.status, runs.error, "
             "runs.stop_reasons FROM jobs LEFT JOIN runs ON runs.id = jobs.id WHERE jobs.state IN ('ended', "
             "'cancelled') ORDER BY jobs.ended_ts DESC, jobs.id LIMIT ?", (limit,))
-        return [{"run": run, "status": "cancelled" if state == "cancelled" else status or "deleted",
+        return [{"run": run, "status": "deleted" if not status else "cancelled" if state == "cancelled" else status,
                  "ended_ts": ended_ts, "submitted_by": by, "error": error, "detail": detail,
                  "stop_reasons": _text_list(reasons)}
                 for run, state, ended_ts, detail, by, status, error, reasons in cursor]

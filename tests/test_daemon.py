@@ -1051,7 +1051,8 @@ def test_a_queued_run_shows_its_command_and_who_submitted_it_by_a_start_of_its_i
 def test_a_queued_run_taken_off_the_queue_is_listed_and_shown_cancelled_until_deleted(tmp_path):
     """`daemon cancel` of a queued run (no daemon: it waits in the queue) removed its row: the run vanished from
     `runs list` and `runs show` called it unknown, while a run that failed before it had a directory stays listed.
-    It stays, cancelled, with who took it off the queue, until `runs delete` removes it."""
+    It stays, cancelled, with who took it off the queue, until `runs delete` removes it; `daemon status` then lists
+    it `deleted`, as it does any run `runs delete` took (it said `cancelled` of a run no command knew any more)."""
     import getpass
 
     runs = tmp_path / "runs"
@@ -1074,6 +1075,9 @@ def test_a_queued_run_taken_off_the_queue_is_listed_and_shown_cancelled_until_de
     deleted = cli("runs", "delete", run_id, "--yes", "--runs-dir", str(runs)).stdout
     assert deleted.strip() == f"deleted run {run_id} (it never had a directory)"
     assert listed(runs) == {}
+    status = cli("daemon", "status", "--runs-dir", str(runs), "--json", check=False)  # no daemon serves: exit 3
+    ended = json.loads(status.stdout)["ended"]
+    assert {job["run"]: job["status"] for job in ended} == {run_id: "deleted"}, ended
 
 
 def test_daemon_cancel_of_the_start_of_ids_the_queue_held_says_how_those_runs_ended_not_that_it_held_none(tmp_path):
