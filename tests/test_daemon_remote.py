@@ -154,39 +154,44 @@ def test_a_remote_submission_asking_for_more_gpus_than_the_daemon_has_is_refused
     assert json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json").stdout)["ended"] == []
 
 
-def test_a_remote_submission_trainbus_run_would_refuse_as_it_reads_its_options_is_refused_and_nothing_queued(
+def test_a_remote_submission_is_read_as_trainbus_run_reads_it_refused_in_its_words_and_listed_with_its_target(
         tmp_path, daemons):
     """`daemon submit ... -- --resume` (no value), `-- --bogus` or `-- --epochs x` printed `queued run ID` (exit 0),
-    and the run failed once the daemon started it, click's usage error found only in the run's output. The daemon
-    now reads the command's options as `trainbus run` on its host would, and refuses it in click's words."""
+    and the run failed once the daemon started it, click's usage error found only in the run's output; the daemon
+    now refuses each in click's words, nothing queued. And it took a submission's first word for its target:
+    `-- --epochs 1 missing.py:build` (an option first) was listed with target `-`, while queued and, failing before
+    it had a directory, for good."""
     runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")], "--gpus", "")
     host = endpoint.removeprefix("tcp://")
+
+    def submit(*argv: str) -> subprocess.CompletedProcess:
+        return cli("daemon", "submit", "--remote", endpoint, "--key", str(pilot), "--server-key",
+                   str(daemon_dir(runs) / "remote.json"), "--", *argv, check=False)
+
     for argv, said in ((["--resume"], "Option '--resume' requires an argument."),
                        ([TINY, "--bogus"], "No such option: --bogus"),
                        ([TINY, "--epochs", "x"], "Invalid value for '--epochs'")):
-        submitted = cli("daemon", "submit", "--remote", endpoint, "--key", str(pilot), "--server-key",
-                        str(daemon_dir(runs) / "remote.json"), "--", *argv, check=False)
-        assert submitted.returncode == 2 and one_error_line(submitted).startswith(
-            f"error: the daemon at {host} refused: `trainbus run` would refuse the command: {said}"), submitted.stderr
+        refused = submit(*argv)
+        assert refused.returncode == 2 and one_error_line(refused).startswith(
+            f"error: the daemon at {host} refused: `trainbus run` would refuse the command: {said}"), refused.stderr
     assert listed(runs) == {}
+    missing = str(tmp_path / "missing.py") + ":build"
+    run_id = submit("--epochs", "1", missing).stdout.strip()
+    wait_until(lambda: listed(runs).get(run_id, {}).get("status") == "failed", WAIT_S, "the run failed", poll_s=0.2)
+    assert listed(runs)[run_id]["target"] == missing, listed(runs)
 
 
-def test_a_remote_submission_is_listed_with_the_target_it_trains_wherever_the_command_names_it(tmp_path, daemons):
-    """The daemon took a submission's first word for its target: `-- --epochs 1 missing.py:build` (an option first)
-    was listed with target `-`, as was `-- --epochs 1` (the digits demo), while queued and, failing before it had a
-    directory, for good. The target is now read as `trainbus run` reads it."""
+def test_the_target_a_submitted_command_trains_is_its_own_the_demos_or_unknown_when_its_config_names_it():
+    """As `trainbus run` reads it: a first word with `=` is a flag; no target trains the digits demo, unless a
+    --config names one (the daemon reads no file for a listing)."""
+    from trainbus.kernel.cli import read_run_command
+    from trainbus.kernel.daemon_serve import _target
     from trainbus.kernel.spec import DEFAULT_TARGET
 
-    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")], "--gpus", "")
-    missing = str(tmp_path / "missing.py") + ":build"
-    ids = {}
-    for argv, target in ((["--epochs", "1", missing], missing), (["--epochs", "1", "hidden=8"], DEFAULT_TARGET)):
-        submitted = cli("daemon", "submit", "--remote", endpoint, "--key", str(pilot), "--server-key",
-                        str(daemon_dir(runs) / "remote.json"), "--", *argv)
-        ids[submitted.stdout.strip()] = target
-    wait_until(lambda: all(listed(runs).get(i, {}).get("status") in ("failed", "completed") for i in ids),
-               WAIT_S * 2, "both runs ended", poll_s=0.5)
-    assert {i: listed(runs)[i]["target"] for i in ids} == ids, listed(runs)
+    for argv, target in ((["--epochs", "1", "t.py:build", "lr=0.1"], "t.py:build"), (["lr=0.1"], DEFAULT_TARGET),
+                         ([], DEFAULT_TARGET), (["-c", __file__, "--epochs", "2"], None)):
+        command, refused = read_run_command(argv)
+        assert refused is None and _target(command) == target, (argv, command)
 
 
 def test_a_run_submitted_over_tcp_to_listen_on_a_free_port_is_listed_with_the_endpoint_to_attach_to(tmp_path,
