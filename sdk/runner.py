@@ -20,7 +20,7 @@ import threading
 import time
 from io import TextIOWrapper
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import zmq
 
@@ -591,6 +591,14 @@ def refused_hello(name: str, reason: str) -> str:
     return f"the kernel refused the hello as {name!r}: {why}{fix}"
 
 
+class _NothingToRun(Exception):
+    """What ends a plugin process before its plugin is made: said on stderr, and the process's exit code."""
+
+    def __init__(self, said: str, code: int):
+        super().__init__(said)
+        self.code = code
+
+
 def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connect: str = "", key: str = "",
         server_key: str = "", name: str = "") -> int:
     """Entry point inside a plugin process: read the kernel's environment, connect, run to the end. A plugin whose
@@ -606,62 +614,19 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     # in the process (a tail of the log showed nothing) and was lost with a kill. Each line goes out as printed.
     if isinstance(sys.stdout, TextIOWrapper) and not sys.stdout.line_buffering:
         sys.stdout.reconfigure(line_buffering=True)
-    env = os.environ
-    if connect:
-        try:
-            control_endpoint, events_endpoint, _, secure = remote_endpoints(connect, key, server_key)
-        except (KeyFileError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        env = {k: v for k, v in env.items() if k not in (SECRET_ENV, "TRAINBUS_KERNEL_PID")}
-        env.update(TRAINBUS_EVENTS=events_endpoint, TRAINBUS_CONTROL=control_endpoint)
-    else:
-        secure = None
-    configured = unpack(bytes.fromhex(env["TRAINBUS_PLUGIN_SETTINGS"])) if "TRAINBUS_PLUGIN_SETTINGS" in env else {}
-    settings = {**configured, **(settings or {})}
-    # By hand, a mistake in the settings is said before a missing or ended run is: the command line's own first. (The
-    # kernel checked a spawned plugin's before the run, and the constructor does again.)
-    if "TRAINBUS_KERNEL_PID" not in env:
-        try:
-            _check_metrics_produced(plugin_cls, named_settings(plugin_cls, settings), env.get("TRAINBUS_RUN_DIR"))
-        except SettingsError:
-            raise
-        except Exception as exc:  # the plugin's own check_settings raised: its frames, and one line
-            print(user_traceback(exc), file=sys.stderr)
-            print(f"error: plugin {name or getattr(plugin_cls, 'name', '') or plugin_cls.__name__}: checking its "
-                  f"settings raised {where_raised(exc)}", file=sys.stderr)
-            return 2
-    missing = [k for k in ("TRAINBUS_EVENTS", "TRAINBUS_CONTROL") if k not in env]
-    by_hand_in = env.get("TRAINBUS_RUN_DIR") if missing and not connect else None
-    if by_hand_in and run_summary(by_hand_in) is None:
-        # the run directory alone: its sockets, found as `trainbus attach RUN_DIR` finds them (beside it, or named
-        # by kernel.log when its path is too long for a socket); an ended run is said below, as with endpoints
-        from .attach import AttachError, target_of
-
-        try:
-            target = target_of(by_hand_in)
-        except AttachError as exc:
-            print(f"error: {exc}: is TRAINBUS_RUN_DIR a running run's directory? (`trainbus runs list` says)",
-                  file=sys.stderr)
-            return 2
-        env = {**env, "TRAINBUS_EVENTS": target.events, "TRAINBUS_CONTROL": target.control}
-        missing = []
-    if missing and not by_hand_in:
-        print(f"error: {', '.join(missing)} not set; start plugins through `trainbus run`, or set TRAINBUS_RUN_DIR "
-              f"to the run's directory (see PROTOCOL.md)", file=sys.stderr)
-        return 2
-    # Attached by hand to a run that is over: say so now, not after the connect timeout. Its summary.json is in the
-    # run directory, or beside the connection file read in place (a copy elsewhere has none: the kernel is asked).
-    record = connection_run_dir(connect) if connect else env.get("TRAINBUS_RUN_DIR")
-    ended = run_summary(record) if "TRAINBUS_KERNEL_PID" not in env else None
-    if ended is not None:
-        print(f"run {ended.get('run_id') or record} has ended ({ended.get('status', '?')}); there is nothing to "
-              f"attach to", file=sys.stderr)
-        return 0
-    dead = kernel_died(record) if "TRAINBUS_KERNEL_PID" not in env else None
-    if dead:
-        print(f"error: {dead}; there is nothing to attach to", file=sys.stderr)
-        return 1
+    try:
+        env, secure = _kernel_environment(connect, key, server_key)
+        configured = unpack(bytes.fromhex(env["TRAINBUS_PLUGIN_SETTINGS"])) if "TRAINBUS_PLUGIN_SETTINGS" in env else {}
+        settings = {**configured, **(settings or {})}
+        by_hand = "TRAINBUS_KERNEL_PID" not in env
+        if by_hand:  # a mistake in the settings is said before a missing or ended run: the command line's own first
+            _check_settings_by_hand(plugin_cls, settings, env, name)
+        env = _endpoints_found(env, connect)
+        if by_hand:
+            _check_run_is_live(connect, env)
+    except _NothingToRun as stop:
+        print(stop, file=sys.stderr)
+        return stop.code
     try:
         secret = "" if connect else _secret(env)  # before the plugin is made: its children never see ours
     except OSError as exc:  # the kernel would refuse the hello: said at once, not after the connect timeout
@@ -684,6 +649,87 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     plugin.name = name or env.get("TRAINBUS_PLUGIN_NAME") or plugin.name
     runner = Runner(plugin, env["TRAINBUS_EVENTS"], env["TRAINBUS_CONTROL"], kernel_pid, secret, secure)
     runner.threads_before = threads_before
+    _take_signals(runner, kernel_pid)
+    threading.excepthook = runner.report_thread_failure
+    code = runner.run()
+    runner.end_own_group()
+    _say_unreached(runner, env["TRAINBUS_CONTROL"], connect)
+    if runner.threads_left:
+        exit_without_threads(code)
+    if runner.setup_failed:
+        # The kernel restarts the plugin once it sees this process end, and what the plugin said is out by now (the
+        # I/O thread's last flush, stderr). Python's teardown with torch loaded took 4-14 s at nice 10 on a busy box
+        # (docs/benchmarks.md), silent all along: the restart came late, or the plugin was taken for hung.
+        exit_without_teardown(code)
+    return code
+
+
+def _kernel_environment(connect: str, key: str, server_key: str) -> tuple[Mapping[str, str], Any]:
+    """The environment the plugin reads its kernel from, and the CURVE set-up of its sockets (None: local ipc). A
+    remote kernel's endpoints replace the local ones, and a spawned plugin's secret and kernel pid are dropped."""
+    if not connect:
+        return os.environ, None
+    try:
+        control_endpoint, events_endpoint, _, secure = remote_endpoints(connect, key, server_key)
+    except (KeyFileError, ValueError) as exc:
+        raise _NothingToRun(f"error: {exc}", 2) from None
+    env = {k: v for k, v in os.environ.items() if k not in (SECRET_ENV, "TRAINBUS_KERNEL_PID")}
+    env.update(TRAINBUS_EVENTS=events_endpoint, TRAINBUS_CONTROL=control_endpoint)
+    return env, secure
+
+
+def _check_settings_by_hand(plugin_cls: type[Plugin], settings: dict[str, Any], env: Mapping[str, str],
+                            name: str) -> None:
+    """A plugin run by hand: its settings checked now (the kernel checked a spawned plugin's before the run, and the
+    constructor does again). SettingsError as it is; the plugin's own check_settings raising: its frames, one line."""
+    try:
+        _check_metrics_produced(plugin_cls, named_settings(plugin_cls, settings), env.get("TRAINBUS_RUN_DIR"))
+    except SettingsError:
+        raise
+    except Exception as exc:
+        print(user_traceback(exc), file=sys.stderr)
+        raise _NothingToRun(f"error: plugin {name or getattr(plugin_cls, 'name', '') or plugin_cls.__name__}: "
+                            f"checking its settings raised {where_raised(exc)}", 2) from None
+
+
+def _endpoints_found(env: Mapping[str, str], connect: str) -> Mapping[str, str]:
+    """env with the kernel's endpoints: as given, or a live run's found from TRAINBUS_RUN_DIR alone (its sockets, as
+    `trainbus attach RUN_DIR` finds them: beside it, or named by kernel.log when its path is too long for a
+    socket). An ended run's directory is left as it is, for _check_run_is_live to say so."""
+    missing = [k for k in ("TRAINBUS_EVENTS", "TRAINBUS_CONTROL") if k not in env]
+    if not missing:
+        return env
+    by_hand_in = env.get("TRAINBUS_RUN_DIR") if not connect else None
+    if not by_hand_in:
+        raise _NothingToRun(f"error: {', '.join(missing)} not set; start plugins through `trainbus run`, or set "
+                            f"TRAINBUS_RUN_DIR to the run's directory (see PROTOCOL.md)", 2)
+    if run_summary(by_hand_in) is not None:
+        return env
+    from .attach import AttachError, target_of
+
+    try:
+        target = target_of(by_hand_in)
+    except AttachError as exc:
+        raise _NothingToRun(f"error: {exc}: is TRAINBUS_RUN_DIR a running run's directory? (`trainbus runs list` "
+                            f"says)", 2) from None
+    return {**env, "TRAINBUS_EVENTS": target.events, "TRAINBUS_CONTROL": target.control}
+
+
+def _check_run_is_live(connect: str, env: Mapping[str, str]) -> None:
+    """Attached by hand to a run that is over, or whose kernel died: said now, not after the connect timeout. Its
+    summary.json is in the run directory, or beside the connection file read in place (a copy elsewhere has none:
+    the kernel is asked)."""
+    record = connection_run_dir(connect) if connect else env.get("TRAINBUS_RUN_DIR")
+    ended = run_summary(record)
+    if ended is not None:
+        raise _NothingToRun(f"run {ended.get('run_id') or record} has ended ({ended.get('status', '?')}); there is "
+                            f"nothing to attach to", 0)
+    dead = kernel_died(record)
+    if dead:
+        raise _NothingToRun(f"error: {dead}; there is nothing to attach to", 1)
+
+
+def _take_signals(runner: Runner, kernel_pid: int | None) -> None:
     # SIGTERM (supervisor, or a hang): finish the current handler (at most FINISH_ON_TERM_S), tear down, ack, exit.
     signal.signal(signal.SIGTERM, lambda *_: _terminate(runner))
     if kernel_pid is not None:
@@ -694,24 +740,17 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     # the console's writes would stop it (SIGTTOU), and a stopped plugin is declared hung and killed.
     # Ignored, the write goes through, as it would for the kernel.
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    threading.excepthook = runner.report_thread_failure
-    code = runner.run()
-    runner.end_own_group()
+
+
+def _say_unreached(runner: Runner, where: str, connect: str) -> None:
+    """Why the plugin never reached its kernel, if it did not: refused, or nobody answered."""
     if runner.unreached and runner.io.denied:
         print(f"error: {runner.io.denied}", file=sys.stderr)
     elif runner.unreached and not runner.terminating:
-        where, why = env["TRAINBUS_CONTROL"], runner.io.why_silent()
+        why = runner.io.why_silent()
         print(f"error: no kernel answered at {where}: " + (f"{why}; " if why else "") + (
             "check that the run listens there and that this machine reaches it (`trainbus runs list` on its host)"
             if connect else "is the run still running? (`trainbus runs list` says)"), file=sys.stderr)
-    if runner.threads_left:
-        exit_without_threads(code)
-    if runner.setup_failed:
-        # The kernel restarts the plugin once it sees this process end, and what the plugin said is out by now (the
-        # I/O thread's last flush, stderr). Python's teardown with torch loaded took 4-14 s at nice 10 on a busy box
-        # (docs/benchmarks.md), silent all along: the restart came late, or the plugin was taken for hung.
-        exit_without_teardown(code)
-    return code
 
 
 def _check_metrics_produced(plugin_cls: type, merged: dict[str, Any], run_dir: str | None) -> None:
