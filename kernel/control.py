@@ -80,9 +80,9 @@ class Dispatcher:
                                                                  "daemon: give the daemon's --listen HOST:PORT"),
                              time.monotonic())
                 return
-            peer = self.peers.get(identity)  # whose message: an author running several plugins needs to know
-            self.malformed(str(exc), f"[{peer.label}]" if peer is not None and peer.user_id == user_id
-                           else "a connection not welcomed")
+            peer = self._welcomed(identity, user_id, time.monotonic())
+            # whose message: an author running several plugins needs to know
+            self.malformed(str(exc), f"[{peer.label}]" if peer is not None else "a connection not welcomed")
             if not user_id:
                 self._malformed_hello(raw, str(exc))
             return
@@ -94,6 +94,7 @@ class Dispatcher:
             handler = self.handlers.get(kind)
             if handler is None:  # a kernel-to-plugin type sent our way
                 self.counters["unexpected"] += 1
+                self._welcomed(identity, user_id, now)
                 return
             peer = self.peers.get(identity)
             if peer is None or peer.user_id != user_id:  # another key on a welcomed peer's routing id is not it
@@ -103,6 +104,15 @@ class Dispatcher:
             handler(peer, msg)
         except Refused as refusal:
             self._refuse(identity, kind, refusal, now)
+
+    def _welcomed(self, identity: bytes, user_id: str, now: float) -> Peer | None:
+        """The welcomed peer a message that is acted on no further came from, if any, marked alive: whatever it
+        sent, its connection is live (PROTOCOL.md §8: any control message is a sign of life)."""
+        peer = self.peers.get(identity)
+        if peer is None or peer.user_id != user_id:  # another key on a welcomed peer's routing id is not it
+            return None
+        self.peers.seen(peer, now)
+        return peer
 
     def malformed(self, why: str, sender: str = "") -> None:
         """Count a message that is not one (the first MALFORMED_LOGGED logged, whatever was wrong with them, and

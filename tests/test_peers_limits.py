@@ -453,6 +453,31 @@ def test_a_refusal_is_told_for_each_message_type_outside_the_grant(table):
     assert wire.counters["refused_not_declared"] == 2
 
 
+def test_a_malformed_message_or_one_of_a_kernel_type_is_a_sign_of_life_too(table):
+    """PROTOCOL.md §8: any control message counts as a sign of life (zguide: treat any incoming data as a heartbeat).
+    One the kernel drops as malformed (a NaN metric), or a kernel-to-plugin type it only counts, still came from
+    that live connection: a peer attached by hand sending only such messages every half second was forgotten as
+    "silent for 6 s", and a spawned one would be declared hung."""
+    peers, credentials, supervision = table
+    wire = RefusalWire()
+    dispatcher = Dispatcher(wire, supervision, peers)
+    long_ago = time.monotonic() - 100 * LIVENESS_S
+    by_hand = peers.welcome(b"a", hello("by_hand", 7, credentials.attach_token()), long_ago)
+    peers.welcome(b"s", hello("trainer_log", 101, credentials.token_for("trainer_log")), long_ago)
+    malformed = msgpack.packb({"v": 1, "type": "metric", "name": "m", "value": float("nan"), "step": None})
+    unexpected = encode_control(control("welcome", run="r", heartbeat_interval_s=1.0, resume_from=1))
+    for raw in (malformed, unexpected):
+        by_hand.last_seen = long_ago
+        supervision.seen_calls.clear()
+        dispatcher.handle(b"a", raw)
+        dispatcher.handle(b"s", raw)
+        assert peers.is_live(by_hand, time.monotonic()), raw
+        assert [call[:2] for call in supervision.seen_calls] == [("trainer_log", 101)], raw
+    dispatcher.handle(b"stranger", malformed)  # from a connection never welcomed: nobody's sign of life
+    assert wire.counters["malformed"] == 3 and wire.counters["unexpected"] == 2, wire.counters
+    assert not wire.sent, "a malformed message is answered by nothing (§11)"
+
+
 class OneKey:
     """A key ring holding one authorized client key (kernel/keys.py KeyRing's lookup)."""
 
