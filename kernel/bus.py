@@ -18,7 +18,7 @@ from typing import Any, Callable
 import zmq
 
 from trainbus.proto import Event, ProtocolError, decode_event, encode_burst, encode_event, events as ev
-from trainbus.proto.codec import MAX_MESSAGE_BYTES, N_COUNTS, new_packer
+from trainbus.proto.codec import CONTROL_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES, N_COUNTS, new_packer
 from trainbus.proto.run_state import RunState
 
 from .journal import Journal
@@ -58,7 +58,6 @@ BURSTS_HWM = 100  # per subscriber, ~10 s of bursts (at most ~25 MB); past it on
 # 22 % of it); one that falls behind sees a seq gap and replays (PROTOCOL.md §4).
 TCP_EVENTS_HWM = 1000
 BURST_TOPICS_MAX = 1024  # distinct subscriptions tracked per bursts socket (any one means: make the bursts)
-CONTROL_MAX_MESSAGE_BYTES = 256 * 1024  # what a peer may send us; larger drops its connection (libzmq)
 CONTROL_PER_WAKE = 256  # control messages read per wake-up: heartbeats and flushes never wait behind a flood
 # The bus thread reads the TCP control socket for at most this share of the wall clock (up to twice it at once,
 # limits.BURST_S), measured on the wall clock (so also charged for the GIL it waits for). Each message costs the GIL

@@ -6,6 +6,8 @@ import collections
 from dataclasses import dataclass
 from typing import Any
 
+from trainbus.proto.text import TRUNCATED
+
 # Per-peer defaults ([limits] in the run's config overrides each). A monitor reports a few readings a
 # second and a logger a few lines; ten times that is still far below what costs training anything
 # (docs/benchmarks.md, "Hostile peers"), while a flood is cut at the bucket.
@@ -21,7 +23,6 @@ KEY_JOURNAL_MB = 4096.0
 EVENT_JOURNAL_BYTES = 160  # what a metric or log event costs the journal besides its name or text (envelope, fields)
 METRIC_NAME_MAX_CHARS = 200
 LOG_TEXT_MAX_CHARS = 16 * 1024  # a long traceback fits
-TRUNCATED = " [... truncated {} chars]"
 
 
 @dataclass

@@ -11,6 +11,7 @@ import msgpack
 from .events import COUNTED_BATCH_EVENTS
 from .messages import (CONTROL_SCHEMAS, DELIVERY_CLASSES, LOG_LEVELS, PEER_NAME_MAX_CHARS, PROTOCOL_VERSION,
                        REPLY_TYPES, Default, Event)
+from .text import cut_utf8
 
 # Limits on what a peer may make us allocate. A hostile or garbled message fails fast with
 # ProtocolError instead of costing memory; sockets also cap whole messages (MAX_MESSAGE_BYTES).
@@ -18,6 +19,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a replay batch is the largest message (R
 # One event, less than any message: it must fit alone in a replay_batch (a ~40-byte head around it) and in a burst,
 # both bounded by MAX_MESSAGE_BYTES, or a client is dropped at that batch and asks for it again, forever.
 MAX_EVENT_BYTES = MAX_MESSAGE_BYTES - 1024
+# One control message to the kernel, at most: its ROUTER's MAXMSGSIZE (PROTOCOL.md §3, §9). libzmq drops the
+# connection of a larger one, which never arrives to be cut to the kernel's [limits], counted or refused.
+CONTROL_MAX_MESSAGE_BYTES = 256 * 1024
 MAX_STR_BYTES = 1024 * 1024
 MAX_BIN_BYTES = 1024 * 1024
 MAX_ARRAY_LEN = 100_000
@@ -228,6 +232,32 @@ def control(type_: str, **fields: Any) -> dict[str, Any]:
 
 def encode_control(message: dict[str, Any]) -> bytes:
     return pack(check_control(message))
+
+
+# The free text of the replies a plugin sends (a log's text, a metric's name, a stop's or checkpoint's reason)
+_TEXT_FIELDS = ("text", "name", "reason")
+# What those may take of one control message together: the rest of a reply (its type, numbers, a seq, a short path)
+# is well under the room left
+CONTROL_TEXT_MAX_BYTES = CONTROL_MAX_MESSAGE_BYTES - 4096
+
+
+def fit_control(message: dict[str, Any]) -> dict[str, Any]:
+    """`message`, its free text cut (text.cut_utf8, saying how much) where the whole would not fit in one control
+    message to the kernel: past CONTROL_MAX_MESSAGE_BYTES it is not cut there but lost with the sender's connection."""
+    fields = [name for name in _TEXT_FIELDS if type(message.get(name)) is str]
+    if sum(len(message[name]) for name in fields) * 4 <= CONTROL_TEXT_MAX_BYTES:  # 4 bytes a character at most
+        return message
+    sizes = {name: len(message[name].encode("utf-8", "surrogatepass")) for name in fields}
+    over = sum(sizes.values()) - CONTROL_TEXT_MAX_BYTES
+    if over <= 0:
+        return message
+    fitted = dict(message)
+    for name in sorted(fields, key=sizes.get, reverse=True):  # the longest first: usually the one cut
+        if over <= 0:
+            break
+        fitted[name] = cut_utf8(message[name], max(0, sizes[name] - over))
+        over -= sizes[name] - len(fitted[name].encode("utf-8", "surrogatepass"))
+    return fitted
 
 
 def encode_replay_batch(count: int, records: bytes, done: bool) -> bytes:

@@ -6,6 +6,7 @@ UTF-8 log file and json with ensure_ascii=False all refuse), terminal escape seq
 or megabytes. Everything the kernel and the console take as "the error" goes through `printable` first.
 """
 
+TRUNCATED = " [... truncated {} chars]"  # what ends a text cut to a limit (a log line, a metric name)
 ERROR_CHARS = 500  # an error line in the console, summary.json and `runs list`; the whole text is in kernel.log
 
 # C0 controls, DEL and C1 controls, shown as escapes (\x1b) instead of acting on the terminal; a tab is a space.
@@ -71,3 +72,16 @@ def near_miss(word: str, known) -> str:
     near = [name for name in known if isinstance(name, str) and name.lower() == word.lower()] or \
         difflib.get_close_matches(word, list(known), n=1, cutoff=0.8)
     return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def cut_utf8(text: str, max_bytes: int) -> str:
+    """`text` as at most max_bytes of UTF-8: when longer, cut at a character's start, TRUNCATED saying how many
+    characters were cut."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= max_bytes:
+        return text
+    end = max(0, max_bytes - len(TRUNCATED.format(len(text))))  # the marker is ASCII, as long as any it can get
+    while end and raw[end] & 0xC0 == 0x80:  # a continuation byte: inside a character
+        end -= 1
+    kept = raw[:end].decode("utf-8", "surrogatepass")
+    return kept + TRUNCATED.format(len(text) - len(kept))

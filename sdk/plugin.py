@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from trainbus.proto import BEST_EFFORT, DELIVERY_CLASSES, Event, ProtocolError, control, events as ev
+from trainbus.proto.codec import fit_control
 from trainbus.proto.text import near_miss
 
 from .settings import HOST_PATH, Setting, SettingsError, check_value, declared
@@ -221,6 +222,7 @@ class Plugin:
             self._progress()
 
     def _reply(self, message: dict[str, Any]) -> None:
+        message = fit_control(message)  # a longer one would be lost with the connection the kernel drops for it
         send = self._send_now
         if send is not None and threading.current_thread() is not self._handler_thread:
             send(message)  # a sampler thread: no handler will return to drain the outbox for it

@@ -536,6 +536,35 @@ def test_a_metric_from_a_handler_without_a_step_is_at_its_events_step():
     assert idle.outbox[-1]["step"] is None
 
 
+def test_a_reply_too_long_for_one_control_message_goes_out_cut_not_lost():
+    """PROTOCOL.md §3: the kernel's ROUTER drops the connection of a control message over 256 KiB, which never
+    arrives. A `self.log` of a 300,000-character text (a dump, a long repr) vanished from a real run with no word, no
+    counter and no marker, where §7.1 says a long text is cut; so did a metric of such a name. The SDK cuts the text
+    of a reply that would not fit, saying how much (the kernel then cuts it to its [limits] and counts that)."""
+    from trainbus.proto.codec import CONTROL_MAX_MESSAGE_BYTES
+    from trainbus.sdk import Harness
+
+    class Says(Plugin):
+        def on_end_epoch(self, event):
+            self.log("\u00e9" * 300_000)  # two bytes each in UTF-8
+            self.metric("m" * 300_000, 1.0)
+            self.stop("r" * 300_000)
+            self.log("short")
+
+    h = Harness(Says())
+    replies = h.feed("end_epoch", step=45, epoch=1)
+    assert [r["type"] for r in replies] == ["log", "metric", "stop", "log"]
+    for reply in replies:
+        raw = encode_control(reply)
+        assert len(raw) <= CONTROL_MAX_MESSAGE_BYTES, (reply["type"], len(raw))
+        assert decode_control(raw, 1024) == reply  # what the kernel reads
+    log_, metric, stop, short = replies
+    for text, field in ((log_["text"], "\u00e9"), (metric["name"], "m"), (stop["reason"], "r")):
+        kept = len(text) - len(text.lstrip(field))
+        assert kept > 100_000 and text == field * kept + f" [... truncated {300_000 - kept} chars]", text[-60:]
+    assert short["text"] == "short"
+
+
 def test_a_metric_given_an_epoch_and_no_step_is_refused_in_the_plugin_not_stamped_with_another_epoch():
     """`self.metric("best/loss", v, epoch=e)` in on_end_training_session went out at that event's step and epoch: the
     epoch given was replaced without a word (from a thread, the kernel dropped it: PROTOCOL.md §7.1 ignores an
