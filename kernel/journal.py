@@ -195,7 +195,7 @@ class Journal:
             _write_all(self._fd, blob, self._size)
         except OSError as exc:
             if self.error is None:
-                log.warning("journal %s: %s; holding events in memory (at most %g MiB) and retrying", self.path,
+                log.warning("journal %s: %s; holding events in memory (at most %.4g MiB) and retrying", self.path,
                             exc.strerror, self.backlog_max_bytes / 2**20)
             self.error, self.refused_at, self._retry_at = exc, now, now + RETRY_INTERVAL_S
             self.failed_writes += 1
