@@ -880,8 +880,9 @@ def test_ctrl_c_twice_stops_at_once(tmp_path):
     assert len(failed) == 1 and failed[0].data["error"] == "interrupted (a second Ctrl-C)"
     assert not of(events, "end_training_session")
     assert not [e for e in of(events, "end_training_batch") if e.ts > second], "a step finished after the 2nd Ctrl-C"
-    # no drain wait to speak of: the plugin handles run_failed and exits
-    assert exited_after_s < 3.0, f"exited {exited_after_s:.1f} s after the second Ctrl-C"
+    # no drain wait (a Ctrl-C's is drain_timeout_s, 30 s): the plugin handles run_failed and exits. 3.8 s was seen on
+    # a busy 2-core box (the interpreters' teardown); the bound is a wait of the drain's kind, not a timing
+    assert exited_after_s < 10.0, f"exited {exited_after_s:.1f} s after the second Ctrl-C"
 
 
 def test_a_keyboardinterrupt_the_training_code_raises_is_named_as_that_not_as_a_second_ctrl_c(tmp_path):
