@@ -4,7 +4,7 @@ from trainbus.proto import BEST_EFFORT, DURABLE, Event
 
 from .harness import Harness
 from .plugin import KernelGoneInfo, Plugin
-from .runner import run
+from .entry import run
 from .settings import HOST_PATH, METRIC, METRIC_FIELDS, PATH, Setting, SettingsError
 
 __all__ = ["BEST_EFFORT", "DURABLE", "Event", "Harness", "HOST_PATH", "KernelGoneInfo", "METRIC", "METRIC_FIELDS", "PATH",

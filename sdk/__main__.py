@@ -14,7 +14,7 @@ from trainbus.proto.settings_format import typed_word
 from .bz import Plugin as BzPlugin, constructor_arguments
 from .loader import PluginLoadError, where_raised, describe, load_plugin_class
 from .plugin import SettingsError, merge_settings
-from .runner import run
+from .entry import run
 
 USAGE = """usage: python -m trainbus.sdk module:Class [--name NAME] [--set SETTING=VALUE ...]
            [--connect HOST:PORT|connection.json --key FILE [--server-key FILE]]

@@ -33,7 +33,8 @@ from trainbus.proto.run_state import CLIENT_PREFIX, RunState
 
 from .plugin_io import PluginIO
 from .kernel_watch import connection_run_dir, kernel_alive, kernel_died, remote_endpoints, run_summary
-from .runner import CREDENTIAL_FILE, REPLAY_RESEND_S, skip_lost
+from .entry import CREDENTIAL_FILE
+from .runner import REPLAY_RESEND_S, skip_lost
 
 RECONNECT_FIRST_S = 0.5  # backoff after the kernel went silent: 0.5, 1, 2, 4, 8, 8 ... (zguide's ppworker)
 RECONNECT_MAX_S = 8.0
