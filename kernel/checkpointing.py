@@ -297,7 +297,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                                   f"{path.parent.name}`)")
         raise CheckpointError(f"{path} is not a trainbus checkpoint (no 'trainbus' resume state): give a file from a "
                               f"run's checkpoints/ directory, or the run's id to resume from its newest")
-    from .loop import checkpoint_problem  # torch's: loaded by now
+    from .training_state import checkpoint_problem  # torch's: loaded by now
 
     problem = checkpoint_problem(state)
     if problem is not None:

@@ -18,10 +18,10 @@ from .distributed import AGREE_EVERY, Ranks, evenly_shared
 from .replies import NO_CONTROL, Control, merge_replies
 from .spec import TrainingSpec, hyperparameters_for_events
 from .stepping import Stepper
+from .training_state import RESUME_FORMAT, get_rng, loader_generators, set_rng
 
 log = logging.getLogger("trainbus.kernel")
 
-RESUME_FORMAT = 1  # version of the "trainbus" resume state inside a checkpoint
 LAST_CHECKPOINT_WAIT_S = 60.0  # the run's last checkpoint waits this long for a persister to free a buffer
 CHECKPOINT_NOW_AFTER_EPOCHS = ("checkpoint_now came with end_epoch's votes, after this epoch's own checkpoint: that "
                                "one (the save_checkpoint or checkpoint_skipped before end_epoch) is of the same state")
@@ -121,9 +121,9 @@ class Loop:
         if (isinstance(loader, torch.utils.data.DataLoader) and loader.persistent_workers and loader.num_workers > 0
                 and id(loader) not in self._workers_started):
             generators = loader_generators(loader)
-            before = _get_rng(python=False, generators=generators)
+            before = get_rng(python=False, generators=generators)
             iter(loader)
-            _set_rng(before, generators)
+            set_rng(before, generators)
             self._workers_started.add(id(loader))
         return iter(loader)
 
@@ -272,8 +272,8 @@ class Loop:
         """The epoch's (batch_index, batch) iterator; after a mid-epoch resume, the same order, skipped ahead."""
         resume, self._resume = self._resume, None
         if resume is not None:
-            _set_rng(resume["epoch_rng_state"], self._generators())  # the sampler draws its shuffle from this state
-        self.epoch_rng_state = _get_rng(python=True, generators=self._generators())  # a loader may shuffle with any
+            set_rng(resume["epoch_rng_state"], self._generators())  # the sampler draws its shuffle from this state
+        self.epoch_rng_state = get_rng(python=True, generators=self._generators())  # a loader may shuffle with any
         sampler = getattr(self.spec.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # a DistributedSampler shuffles by (seed, epoch)
             sampler.set_epoch(self.epoch)
@@ -285,7 +285,7 @@ class Loop:
                 next(iterator)
             self.batches_done, self.loss_total = resume["batches_done"], resume["loss_total"]
             self.metric_totals = dict(resume["metric_totals"])
-            _set_rng(resume["rng"], self._generators())
+            set_rng(resume["rng"], self._generators())
         batches = enumerate(iterator, start=self.batches_done)
         return self._together(batches) if self._batches_asked else batches
 
@@ -356,7 +356,7 @@ class Loop:
                 "format": RESUME_FORMAT, "epoch": self.epoch, "step": self.step,
                 "epoch_complete": epoch_complete, "batches_done": self.batches_done,
                 "loss_total": self.loss_total, "metric_totals": dict(self.metric_totals),
-                "epoch_rng_state": self.epoch_rng_state, "rng": _get_rng(python=True, generators=self._generators()),
+                "epoch_rng_state": self.epoch_rng_state, "rng": get_rng(python=True, generators=self._generators()),
                 # across ranks, in rank order (rng, loss_total and metric_totals above are rank 0's): each rank's
                 # RNG, and its share of the epoch's running totals (a resumed epoch's sums count each share once)
                 "rank_rng": [own["rng"] for own in ranks_own] if ranks_own else None,
@@ -422,7 +422,7 @@ class Loop:
         # every rank's RNG and running totals, so each resumes its own (the ranks are here together: they agreed on
         # this checkpoint)
         ranks_own = self.ranks.gather({
-            "rng": _get_rng(python=True, generators=self._generators()), "loss_total": _float(self.loss_total),
+            "rng": get_rng(python=True, generators=self._generators()), "loss_total": _float(self.loss_total),
             "metric_totals": {name: _float(total) for name, total in self.metric_totals.items()},
         }) if self.ranks is not None else None
         if self.checkpointer is None:  # another rank: rank 0 takes it
@@ -457,7 +457,7 @@ class Loop:
         self.stepper.load_state_dict(resume.get("loss_scaler"))
         if resume["epoch_complete"]:
             self.first_epoch = resume["epoch"] + 1
-            _set_rng(resume["rng"], self._generators())
+            set_rng(resume["rng"], self._generators())
             # what that epoch ended with is the run's until another ends (none will in a run continued from its last)
             self._restore_epoch_outcome(self.latest_metrics)
         else:
@@ -522,190 +522,12 @@ class Loop:
             scheduler.step(value)
 
 
-def checkpoint_problem(state: dict[str, Any]) -> str | None:
-    """What makes a loaded checkpoint's containers unlike what training_state() writes (a hand-edited or garbled
-    file, another tool's): said before anything is built from it, rather than as a traceback from deep in a resume."""
-    resume = state.get("trainbus")
-    if not isinstance(resume, dict):
-        return f"its resume state ('trainbus') is {_kind(resume)}, not a dict"
-    if resume.get("format") != RESUME_FORMAT:
-        return (f"its resume state is format {resume.get('format')!r}, which this trainbus does not read (it reads "
-                f"{RESUME_FORMAT}: one another version wrote resumes with that version)")
-    model = state.get("model_state_dict")
-    if model is not None and not (isinstance(model, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                                  for k, v in model.items())):
-        return f"its model_state_dict is {_kind(model)}, not a dict of tensors"
-    for key in ("optimizer_state_dict", "scheduler_state_dict", "metrics", "hyperparameters"):
-        if state.get(key) is not None and not isinstance(state[key], dict):
-            return f"its {key} is {_kind(state[key])}, not a dict"
-    if not all(isinstance(k, str) and _is_number(v) for k, v in (state.get("metrics") or {}).items()):
-        return "its metrics are not all names with a number"
-    return None
-
-
-def resume_problem(resume: dict[str, Any]) -> str | None:
-    """What in a checkpoint's resume state Loop.resume could not continue from: a field missing or of another type
-    (checked once restore_weights took the weights, so a checkpoint of another model is said as that first)."""
-    def whole(key: str, least: int) -> str | None:
-        value = resume.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            return f"its resume state's {key} is {_kind(value)}, not a whole number >= {least}"
-        return None
-
-    problem = whole("epoch", 1) or whole("step", 0)
-    if problem:
-        return problem
-    if not isinstance(resume.get("epoch_complete"), bool):
-        return f"its resume state's epoch_complete is {_kind(resume.get('epoch_complete'))}, not true or false"
-    states = [("rng", resume.get("rng"))]
-    if not resume["epoch_complete"]:  # mid-epoch: the epoch's data order and running totals too
-        problem = whole("batches_done", 0)
-        if problem:
-            return problem
-        if not _is_number(resume.get("loss_total")):
-            return f"its resume state's loss_total is {_kind(resume.get('loss_total'))}, not a number"
-        totals = resume.get("metric_totals")
-        if not isinstance(totals, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in totals.items()):
-            return f"its resume state's metric_totals is {_kind(totals)}, not names with a number"
-        states.append(("epoch_rng_state", resume.get("epoch_rng_state")))
-    for key in ("rank_rng", "rank_totals"):
-        if resume.get(key) is not None and not (isinstance(resume[key], list)
-                                                and all(isinstance(x, dict) for x in resume[key])):
-            return f"its resume state's {key} is {_kind(resume[key])}, not a list of dicts"
-    states += [(f"rank_rng[{i}]", rng) for i, rng in enumerate(resume.get("rank_rng") or [])]
-    if resume.get("loss_scaler") is not None and not isinstance(resume["loss_scaler"], dict):
-        return f"its resume state's loss_scaler is {_kind(resume['loss_scaler'])}, not a dict"
-    if resume.get("best_validation_loss") is not None and not _is_number(resume["best_validation_loss"]):
-        return f"its resume state's best_validation_loss is {_kind(resume['best_validation_loss'])}, not a number"
-    problem = whole("best_epoch", 0) if resume.get("best_epoch") is not None else None  # None: an older checkpoint's
-    if problem:
-        return problem
-    before = _get_rng(python=True)
-    try:
-        for key, rng in states:  # what torch, random and numpy take is only known by giving it to them
-            if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
-                return f"its resume state's {key} is {_kind(rng)}, not the RNG states trainbus saves"
-            generators = rng.get("generators", [])  # the loaders' own (loader_generators)
-            if not isinstance(generators, list) or not all(isinstance(g, torch.Tensor) for g in generators):
-                return f"its resume state's {key} generators are {_kind(generators)}, not a list of generator states"
-            try:
-                _set_rng(rng)
-            except Exception as exc:  # a state of another size or shape: torch's RuntimeError, random's ValueError
-                return f"its resume state's {key} is no RNG state torch, random and numpy take ({type(exc).__name__})"
-    finally:
-        _set_rng(before)  # the build's seeded state, until Loop.resume sets the checkpoint's
-    return None
-
-
-def _kind(value: Any) -> str:
-    """A field's value as an error names it: missing, or its type and (when short) itself."""
-    if value is None:
-        return "missing"
-    shown = repr(value)
-    return f"{type(value).__name__} {shown}" if len(shown) <= 40 else f"a {type(value).__name__}"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        or isinstance(value, torch.Tensor) and value.numel() == 1
-
-
-class DamagedCheckpoint(Exception):
-    """A checkpoint that lacks what trainbus writes (restore_weights): not one of another model, one not whole."""
-
-
-def restore_weights(spec: TrainingSpec, state: dict[str, Any]) -> None:
-    """Load model, optimizer and scheduler state from a checkpoint; raises ValueError when it does not fit, and
-    DamagedCheckpoint when it lacks the optimizer's state (once the model's keys fit)."""
-    resume = state["trainbus"]
-    if resume.get("format") != RESUME_FORMAT:
-        raise ValueError(f"resume format {resume.get('format')} is not {RESUME_FORMAT}")
-    wanted, saved = set(spec.model.state_dict()), set(state.get("model_state_dict") or {})
-    if wanted != saved:
-        raise ValueError(f"missing keys {_first(wanted - saved)}, unexpected keys {_first(saved - wanted)}")
-    try:
-        spec.model.load_state_dict(state["model_state_dict"])
-        # the weights fit: what is missing now is no other model's (torch's KeyError would say only the key)
-        if not isinstance(state.get("optimizer_state_dict"), dict):
-            raise DamagedCheckpoint("it holds no optimizer_state_dict")
-        missing = [key for key in ("state", "param_groups") if key not in state["optimizer_state_dict"]]
-        if missing:
-            raise DamagedCheckpoint(f"its optimizer_state_dict has no {missing[0]}")
-        spec.optimizer.load_state_dict(state["optimizer_state_dict"])
-        if spec.scheduler is not None and state.get("scheduler_state_dict") is not None:
-            spec.scheduler.load_state_dict(state["scheduler_state_dict"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        # torch's first line is a header ("Error(s) in loading state_dict for ...:"); the cause follows it
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise ValueError(" ".join(lines[:2])[:300]) from None
-
-
-def _first(keys: set[str], n: int = 4) -> str:
-    """A few keys, sorted, and how many more: enough to see which model the checkpoint was made for."""
-    shown = sorted(keys)[:n]
-    return "[" + ", ".join(shown) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]" if keys else "none"
-
-
 def planned_batches(loader: Any) -> int | None:
     """The batches an epoch of this loader holds: its len() (a DataLoader over a sized dataset), else None."""
     try:
         return len(loader)
     except (TypeError, NotImplementedError):  # an iterable dataset, a generator: unknown until it runs out
         return None
-
-
-def loader_generators(*loaders: Any) -> list[torch.Generator]:
-    """The torch.Generators the loaders draw their order from (DataLoader(generator=...), a sampler's own): apart
-    from torch's global RNG, so a checkpoint saves their states too, or a resumed run shuffles from their seeds again
-    (the first epoch's order in the epoch it resumes)."""
-    found: list[torch.Generator] = []
-    for loader in loaders:
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        sampler = getattr(loader, "sampler", None)
-        # a sampler's own sampler too: the user's that ShardedSampler shares out across ranks draws from its generator
-        for holder in (loader, sampler, getattr(sampler, "sampler", None), batch_sampler,
-                       getattr(batch_sampler, "sampler", None)):
-            generator = getattr(holder, "generator", None)
-            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-                found.append(generator)
-    return found
-
-
-def _get_rng(python: bool, generators: list[torch.Generator] = ()) -> dict[str, Any]:
-    states: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if generators:
-        states["generators"] = [g.get_state() for g in generators]
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    if python:
-        states["python"] = random.getstate()
-        numpy = _numpy()
-        if numpy is not None:
-            states["numpy"] = numpy.random.get_state()
-    return states
-
-
-def _set_rng(states: dict[str, Any], generators: list[torch.Generator] = ()) -> None:
-    torch.set_rng_state(states["torch"])
-    saved = states.get("generators") or []
-    if len(saved) == len(generators):  # else a spec whose loaders are not those it saved: theirs start as built
-        for generator, state in zip(generators, saved):
-            generator.set_state(state)
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    if "python" in states:
-        version, internal, gauss = states["python"]
-        random.setstate((version, tuple(internal), gauss))
-    numpy = _numpy()
-    if "numpy" in states and numpy is not None:
-        name, keys, pos, has_gauss, cached = states["numpy"]
-        numpy.random.set_state((name, numpy.asarray(keys, dtype=numpy.uint32), pos, has_gauss, cached))
-
-
-def _numpy():
-    import sys
-
-    return sys.modules.get("numpy")  # only if the user's code uses it: never import it for them
 
 
 def _flat_metrics(train: dict[str, Any], validation: dict[str, Any]) -> dict[str, float]:

@@ -12,7 +12,7 @@ import torch
 
 from .checkpointing import CheckpointError, load_checkpoint
 from .config import ConfigError, RunConfig
-from .loop import DamagedCheckpoint, restore_weights, resume_problem
+from .training_state import DamagedCheckpoint, restore_weights, resume_problem
 from .spec import TrainingSpec
 
 

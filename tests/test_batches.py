@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainbus.kernel.batches import BatchError
-from trainbus.kernel.loop import Loop, restore_weights, resume_problem, seed_everything
+from trainbus.kernel.loop import Loop, seed_everything
+from trainbus.kernel.training_state import restore_weights, resume_problem
 from trainbus.kernel.spec import SpecError, TrainingSpec, build_spec
 from trainbus.proto import events as ev
 

@@ -255,7 +255,7 @@ def test_stop_reasons_hold_stop_replies_only():
 
 
 def test_a_checkpoint_for_another_model_names_the_keys_in_one_line():
-    from trainbus.kernel.loop import restore_weights
+    from trainbus.kernel.training_state import restore_weights
 
     spec = tiny({})
     other = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Linear(8, 3))
