@@ -221,10 +221,13 @@ def print_show(console, run: dict[str, Any]) -> None:
         line("stopped by", escape("; ".join(run["stop_reasons"])))
     if run.get("error"):
         line("error", f"[red]{escape(run['error'])}[/red]")
+    # the run's last metrics are its last end_epoch's: after a stop mid-epoch, that cut epoch's, over part of it
+    rows = run.get("epoch_table") or []
+    which = f" (epoch {rows[-1]['epoch']}, partial)" if rows and rows[-1].get("partial") else " (last epoch)"
     if run.get("training_loss") is not None or run.get("training_metrics"):
-        line("training", escape(_last_epoch(run, "training") + " (last epoch)"))
+        line("training", escape(_last_epoch(run, "training") + which))
     validation = _last_epoch(run, "validation")
-    line("validation", escape(validation + " (last epoch)" if validation != "-" else "-"))
+    line("validation", escape(validation + which if validation != "-" else "-"))
     if run.get("best"):
         line("best", f"validation loss {_num(run['best']['validation_loss'])} at epoch {run['best']['epoch']}")
     _print_epochs(console, run)

@@ -520,7 +520,8 @@ def test_show_of_a_continued_run_says_which_session_each_time_is_of(tmp_path, st
 
 
 def test_a_stop_mid_epoch_leaves_that_epoch_out_of_the_best(tmp_path, monkeypatch):
-    """A partial epoch's validation follows fewer batches: never the run's best, in runs show as in summary.json."""
+    """A partial epoch's validation follows fewer batches: never the run's best, in runs show as in summary.json; the
+    run's last metrics, that epoch's, are said to be of it, not of a last (whole) epoch."""
     monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))  # the plugin process imports tests/fixture_plugins.py
     stopper = PluginConfig("stopper", "fixture_plugins:StopAtStep", {"step": 20})  # 6 steps an epoch: in epoch 4
     result = run_training(RunConfig(target=PACED, epochs=10, runs_dir=str(tmp_path / "runs"), plugins=[stopper],
@@ -532,6 +533,8 @@ def test_a_stop_mid_epoch_leaves_that_epoch_out_of_the_best(tmp_path, monkeypatc
     assert shown["best"]["epoch"] == result.outcome["best_epoch"] != partial[0]["epoch"], shown["best"]
     text = cli("runs", "show", result.run_id, "--runs-dir", str(tmp_path / "runs"))
     assert f"{partial[0]['epoch']} (partial)" in text, text
+    last = [line for line in text.splitlines() if line.startswith(("  training ", "  validation "))]
+    assert len(last) == 2 and all(line.endswith(f"(epoch {partial[0]['epoch']}, partial)") for line in last), text
 
 
 @pytest.fixture(scope="module")
