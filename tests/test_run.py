@@ -196,6 +196,30 @@ def test_a_continued_run_replays_its_earlier_session_to_durable_plugins_without_
     assert recorded(seen) == [(finals[0], ev.END_TRAINING_SESSION), (finals[1], ev.END_TRAINING_SESSION)]
 
 
+def test_a_continued_runs_events_before_its_training_starts_are_at_the_step_it_goes_on_from(runs_dir):
+    """A kernel continuing a run in place loads its checkpoint before its plugins start: what it journals before
+    its start_training_session (plugin_started, plugin_ready, a monitor's first readings, stamped with the kernel's
+    step as they come) is at that checkpoint's step, not at step 0 amid the run's later steps (TensorBoard and
+    metrics.jsonl drew a resumed run's first cpu readings at step 0). [C17]"""
+    from pathlib import Path
+
+    from trainbus.kernel.config import resolve_plugin
+
+    plugins = [resolve_plugin("checkpoint", {})]
+    first = run_training(run_config(runs_dir, plugins, epochs=1, target=TINY, ready_timeout_s=PLUGIN_START_S))
+    assert first.status == "completed", first.error
+    again = run_training(run_config(runs_dir, plugins, epochs=2, target=TINY, ready_timeout_s=PLUGIN_START_S,
+                                    resume=first.run_dir), run_id=Path(first.run_dir).name, continue_run=True)
+    assert again.status == "completed", again.error
+    events = read_events(first.run_dir)
+    starts = [e for e in events if e.type == ev.START_TRAINING_SESSION]
+    assert len(starts) == 2 and starts[1].step > 0, starts
+    first_kernel_closed = min(e.seq for e in events if e.type == "bus_closing")
+    before = [e for e in events if first_kernel_closed < e.seq < starts[1].seq and e.type != ev.HEARTBEAT]
+    assert any(e.type == "plugin_started" for e in before), [e.type for e in before]
+    assert {(e.type, e.step) for e in before} == {(e.type, starts[1].step) for e in before}, before
+
+
 @pytest.mark.timeout(300)
 def test_a_flood_of_stops_before_a_step_boundary_costs_bounded_memory_and_leaves_bounded_reasons(short_runs, tmp_path,
                                                                                                    kernels):  # noqa: F811
