@@ -31,6 +31,7 @@ from .config import (ONE_GPU_PER_RANK, apply_set, check_metric_settings, check_r
 from .flags import FlagError
 from .registry import MAX_RESUMES
 from .runs import votes_missed
+from .collector import importing_quietly
 from .spec import DEFAULT_TARGET, SpecError, full_target
 
 
@@ -215,8 +216,9 @@ def run(
 def _train_here(cfg, continuing: Path | None, metric_settings: dict[str, str],
                 from_file: Callable[[Exception], str]) -> NoReturn:
     """The run, in this process (a rank of --nproc's too): its summary printed, and the command's exit code."""
-    from .session import InterruptedBeforeStart, run_training  # here: torch takes seconds to import, and a mistake
-    # above is told at once
+    with importing_quietly():  # torch's ~300,000 objects, out of every collection's way (kernel/collector.py)
+        from .session import InterruptedBeforeStart, run_training  # here: torch takes seconds to import, and a
+        # mistake above is told at once
     ctrl_c_back(signal.default_int_handler)  # run_training takes it at once, and gives this back when it returns
     try:
         result = run_training(cfg, run_id=continuing.name if continuing else None, continue_run=continuing is not None,

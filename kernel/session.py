@@ -25,6 +25,7 @@ from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir
 from .buffer_files import snapshot_directories
 from .bus import Bus
 from .checkpointing import find_checkpoint, has_checkpoints
+from .collector import freeze_before_training
 from .cluster import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID, LAUNCHER_PID, Cluster, ClusterError, detect
 from .config import (ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings, check_run,
                      check_runs_dir_private)
@@ -196,6 +197,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
             line = f"plugins not ready after {cfg.ready_timeout_s:.0f} s, training anyway: {', '.join(missing)}"
             log.warning("%s", line)
             announce(f"warning: {line}")
+        freeze_before_training()
         with keep_freed_memory(cfg.keep_freed_memory):
             outcome = loop.run()
         if outcome.stopped_early:
@@ -432,6 +434,7 @@ def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: 
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in Interrupts.SIGNALS} \
         if threading.current_thread() is threading.main_thread() else {}
     try:
+        freeze_before_training()
         with keep_freed_memory(cfg.keep_freed_memory):
             outcome = loop.run()
     except BaseException as exc:  # said here (the user's frames), then torchrun ends the group on our exit (signals
