@@ -568,13 +568,15 @@ def _print_summary(result) -> None:
             out.file.flush()
             print(result.trace, end="", file=sys.stderr, flush=True)
         out.print(f"  error: {escape(result.error)}")
+    # the last metrics are the last end_epoch's: after a stop mid-epoch, that cut epoch's, over part of it
+    cut = f" (epoch {o['epochs_completed'] + 1}, partial)" if o.get("last_epoch_partial") else ""
     if o["validation_loss"] is not None:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in o["validation_metrics"].items())
-        out.print(f"  validation loss {o['validation_loss']:.4f}" + (f", {metrics}" if metrics else ""))
+        out.print(f"  validation loss {o['validation_loss']:.4f}" + (f", {metrics}" if metrics else "") + cut)
     elif o.get("training_loss") is not None:  # nothing validated: what training saw is all there is to say
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in (o.get("training_metrics") or {}).items())
         out.print(f"  training loss {o['training_loss']:.4f}" + (f", {metrics}" if metrics else "")
-                  + " (no validation)")
+                  + " (no validation)" + cut)
     for name, p in result.plugins.items():
         if p["crashes"] or p["restarts"] or p["state"] == "failed":  # a crash late in a run is not restarted
             crashes = p.get("crash_count", len(p["crashes"]))  # the summary keeps the newest causes only

@@ -48,6 +48,7 @@ class Outcome:
     training_metrics: dict[str, float] = field(default_factory=dict)  # the spec's metrics over the last epoch's batches
     best_validation_loss: float | None = None  # the lowest of a whole epoch's, the run's (resumed: from its checkpoint on)
     best_epoch: int | None = None
+    last_epoch_partial: bool = False  # the last metrics are of an epoch a stop cut short (epochs_completed + 1)
 
 
 def seed_everything(seed: int) -> None:
@@ -168,7 +169,7 @@ class Loop:
                 self._epoch_scheduler_step(train, validation)
             if not train["partial"]:  # an epoch a stop cut short still validates and ends, but is not done
                 out.epochs_completed = self.epoch
-            out.training_loss = train["training_loss"]
+            out.training_loss, out.last_epoch_partial = train["training_loss"], train["partial"]
             out.validation_loss = validation.get("validation_loss")
             out.validation_metrics = validation.get("validation_metrics", {})
             out.training_metrics = train.get("training_metrics") or {}

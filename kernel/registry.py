@@ -40,8 +40,8 @@ from .journal_history import iso_time
 from .runs import CONFIG, SUMMARY, find_runs, newest_first, overview_or_unreadable, run_overview
 
 REGISTRY_NAME = "registry.sqlite"
-SCHEMA_VERSION = 7  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,
-# 4: runs.hyperparameters, 5: runs.training_metrics, 6: jobs.resumes_left, 7: jobs.python)
+SCHEMA_VERSION = 8  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,
+# 4: runs.hyperparameters, 5: runs.training_metrics, 6: jobs.resumes_left, 7: jobs.python, 8: runs.last_epoch_partial)
 BUSY_TIMEOUT_S = 5.0  # a write waits this long for another writer's transaction (each takes milliseconds)
 QUEUED = "queued"  # a run the daemon has not started: it has no directory yet
 CANCELLED = "cancelled"  # a queued run taken off the queue before it started: it never had a directory
@@ -56,7 +56,7 @@ COLUMNS = {
     "training_loss": "REAL", "validation_loss": "REAL", "validation_metrics": "TEXT",
     "best_validation_loss": "REAL", "best_epoch": "INTEGER", "stop_reasons": "TEXT", "error": "TEXT",
     "plugin_trouble": "TEXT", "last_event": "TEXT", "observed_ts": "REAL NOT NULL", "hyperparameters": "TEXT",
-    "training_metrics": "TEXT",
+    "training_metrics": "TEXT", "last_epoch_partial": "INTEGER",
 }
 # SQLite stores a NaN as NULL, which `runs list` shows as nothing measured: a diverged run's NaN losses are kept as
 # this text instead (a REAL column keeps text that is no number as text) and read back as NaN.
@@ -205,9 +205,10 @@ class Registry:
                 if column not in have:
                     self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")  # rows of before: NULL
             have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
-            for column in ("hyperparameters", "training_metrics"):  # < 4, < 5
+            for column, kind in (("hyperparameters", "TEXT"), ("training_metrics", "TEXT"),  # < 4, < 5
+                                 ("last_epoch_partial", "INTEGER")):  # < 8
                 if column not in have:
-                    self.db.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")  # rows of before: NULL
+                    self.db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")  # rows of before: NULL
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- writing -------------------------------------------------------------------------------------
@@ -464,6 +465,7 @@ def _from_row(row: tuple, now: float) -> dict[str, Any]:
         if run[name] == NAN_TEXT:
             run[name] = math.nan
     run["training_metrics"] = run["training_metrics"] or {}  # a row from before the column: none known
+    run["last_epoch_partial"] = bool(run["last_epoch_partial"])  # 0/1 in SQL; NULL before the column: not known
     best, epoch = run.pop("best_validation_loss"), run.pop("best_epoch")
     run["best"] = {"validation_loss": best, "epoch": epoch} if best is not None else None
     run["started_at"] = iso_time(run["started_ts"])

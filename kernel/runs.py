@@ -47,7 +47,7 @@ NUMBER = (float, int)
 SUMMARY_FIELDS = {"duration_s": NUMBER, "outcome": dict, "plugins": dict, "undrained": dict, "bus": dict, "error": str}
 OUTCOME_FIELDS = {"epochs_completed": int, "steps": int, "stop_reasons": list, "training_loss": NUMBER,
                   "validation_loss": NUMBER, "validation_metrics": dict, "training_metrics": dict,
-                  "best_validation_loss": NUMBER, "best_epoch": int}
+                  "best_validation_loss": NUMBER, "best_epoch": int, "last_epoch_partial": bool}
 PLUGIN_FIELDS = {"state": str, "reason": str, "restarts": int, "crashes": list, "crash_count": int,
                  "errors_logged": int, "checkpoints_failed": int}
 TEXT_LISTS = ("stop_reasons", "crashes")  # shown joined: text items only
@@ -385,7 +385,7 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         "epochs": config["epochs"] if config.get("epochs") is not None else next(
             (e.data.get("epochs") for e in reversed(session_starts())), None),
         "steps": None, "training_loss": None, "validation_loss": None, "validation_metrics": {}, "training_metrics": {},
-        "stop_reasons": [], "error": None, "plugin_trouble": [], "last_event": None,
+        "last_epoch_partial": False, "stop_reasons": [], "error": None, "plugin_trouble": [], "last_event": None,
         "flags": config.get("flags") or {}, "hyperparameters": config.get("hyperparameters") or {},
         "ended_ts": None, "last_seq": None, "best": None, "stalled": None,
     }
@@ -419,6 +419,7 @@ def run_overview(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         training_loss=outcome.get("training_loss"), validation_loss=outcome.get("validation_loss"),
         validation_metrics=outcome.get("validation_metrics") or {}, stop_reasons=outcome.get("stop_reasons") or [],
         training_metrics=outcome.get("training_metrics") or {},
+        last_epoch_partial=outcome.get("last_epoch_partial") is True,
         error=summary.get("error"),
         plugin_trouble=_plugin_trouble(summary.get("plugins") or {}, summary.get("undrained") or {}))
     return info
@@ -556,7 +557,7 @@ def overview_or_unreadable(run_dir: Path, now: float) -> dict[str, Any]:
                 "detail": f"{exc.strerror or exc}", "pid": None, "target": None, "started_at": None,
                 "started_ts": None, "duration_s": None, "epochs_completed": None, "epochs": None, "steps": None,
                 "training_loss": None, "validation_loss": None, "validation_metrics": {}, "training_metrics": {},
-                "stop_reasons": [], "error": None, "plugin_trouble": [], "last_event": None, "flags": {},
+                "last_epoch_partial": False, "stop_reasons": [], "error": None, "plugin_trouble": [], "last_event": None, "flags": {},
                 "hyperparameters": {}, "ended_ts": None, "last_seq": None, "best": None, "stalled": None}
 
 

@@ -38,10 +38,12 @@ def _short_target(target: str | None) -> str:
 
 
 def _epochs(run: dict[str, Any]) -> str:
+    """Epochs done of planned, and the one a stop cut short, whose metrics are the run's last: `3/8 + partial 4`."""
     done, planned = run.get("epochs_completed"), run.get("epochs")
     if done is None:
         return "-"
-    return f"{done}/{planned}" if planned else str(done)
+    cut = f" + partial {done + 1}" if run.get("last_epoch_partial") else ""
+    return (f"{done}/{planned}" if planned else str(done)) + cut
 
 
 def _last_epoch(run: dict[str, Any], kind: str) -> str:

@@ -535,6 +535,21 @@ def test_a_stop_mid_epoch_leaves_that_epoch_out_of_the_best(tmp_path, monkeypatc
     assert f"{partial[0]['epoch']} (partial)" in text, text
     last = [line for line in text.splitlines() if line.startswith(("  training ", "  validation "))]
     assert len(last) == 2 and all(line.endswith(f"(epoch {partial[0]['epoch']}, partial)") for line in last), text
+    # summary.json, `runs list` (from the directory, then from the registry) and the run's end line say it too
+    done = result.outcome["epochs_completed"]
+    assert result.outcome["last_epoch_partial"] is True and done + 1 == partial[0]["epoch"], result.outcome
+    for _ in range(2):
+        (row,) = json.loads(cli("runs", "list", "--runs-dir", str(tmp_path / "runs"), "--json"))
+        assert row["last_epoch_partial"] is True, row
+        listed = fork_cli("runs", "list", "--runs-dir", str(tmp_path / "runs"), env={"COLUMNS": "300"}).stdout
+        assert f"{done}/10 + partial {done + 1}" in listed, listed
+    from trainbus.kernel.cli_common import out
+    from trainbus.kernel.cli_run import _print_summary
+
+    with out.capture() as said:
+        _print_summary(result)
+    assert f"validation loss {result.outcome['validation_loss']:.4f}" in said.get(), said.get()
+    assert f"(epoch {done + 1}, partial)\n" in said.get(), said.get()
 
 
 @pytest.fixture(scope="module")
