@@ -17,13 +17,15 @@ from typing import Any, Callable
 
 import zmq
 
-from trainbus.proto import Event, ProtocolError, decode_event, encode_burst, encode_event, events as ev
+from trainbus.proto import Event, ProtocolError, decode_event, encode_event, events as ev
 from trainbus.proto.codec import CONTROL_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES, N_COUNTS, new_packer
 from trainbus.proto.run_state import RunState
 
+from .bursts import BURSTS_HWM, bursts_of, read_subscriptions
+from .control_reading import CONTROL_PER_WAKE, LOCAL_CONTROL_RCVHWM, LOCAL_CONTROL_SNDHWM, REMOTE, ControlReading
 from .journal import Journal
-from .limits import PacedReading
-from .remote import SUBSCRIPTIONS_MAX, Listener
+from .remote import Listener
+from .remote_policing import RemotePolicing
 from .replies import Reply
 from .rank_stacks import described
 from .reply_ledger import ReplyLedger
@@ -46,58 +48,11 @@ STEP_EVENTS = frozenset({ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH})
 # usually ~200 B, so a stalled subscriber holds a few MB, and ~250 MB where plugins log 16 KiB lines at their
 # budget; a PUB queue past this drops (durable plugins replay). Local subscribers are the run's own plugins.
 EVENTS_HWM = 10_000
-# Bursts (PROTOCOL.md §4): each flush's events again as one zlib'd message, for clients that take every event
-# (trainbus attach). A PUB frames, and on TCP CURVE-encrypts, every message once per connection: as events, each
-# attached monitor cost libzmq's I/O thread ~2.5 us an event; as bursts, ~6x fewer bytes a burst (docs/benchmarks.md).
-# Made only while someone subscribes: an XPUB says when the first subscriber comes and the last one goes.
-BURST_MAX_BYTES = 256 * 1024  # before zlib; a larger flush (a backlog the journal released at once) goes as several
-BURSTS_HWM = 100  # per subscriber, ~10 s of bursts (at most ~25 MB); past it one is dropped and the client replays
-# EVENTS_HWM on TCP (--listen), where any monitor key may hold connections that never read, each its own queue of
-# events up to ~17 KiB: 64 of them grew the kernel by 266 MB in 110 s at 10,000, and by 28 MB at 1,000
-# (docs/architecture.md). A reader that keeps up misses nothing at 1,000 (a run at full speed on 2 cores; 100 lost
-# 22 % of it); one that falls behind sees a seq gap and replays (PROTOCOL.md §4).
-TCP_EVENTS_HWM = 1000
-BURST_TOPICS_MAX = 1024  # distinct subscriptions tracked per bursts socket (any one means: make the bursts)
-CONTROL_PER_WAKE = 256  # control messages read per wake-up: heartbeats and flushes never wait behind a flood
-# The bus thread reads the TCP control socket for at most this share of the wall clock (up to twice it at once,
-# limits.BURST_S), measured on the wall clock (so also charged for the GIL it waits for). Each message costs the GIL
-# ~10 us before anything is known of it, more to decode: one monitor key's heartbeats from 4 connections were read
-# at ~50,000 a second, half a core, and training's steps took 3.3 times as long on 2 cores; +3 % at 5 %
-# (docs/benchmarks.md, "Hostile peers"; scripts/bench/control_flood.py). A bound per round
-# (CONTROL_PER_WAKE) is none per second. Past its share the socket is left unread until the share is back: each
-# connection's queue fills (CONTROL_RCVHWM) and TCP holds its sender back, so libzmq stops decrypting for it too.
-# Remote clients need far less: 50 attached monitors acking 10 bursts a second take ~0.5 %.
-REMOTE_CONTROL_SHARE = 0.05
-# The run's ipc control socket likewise: a plugin of the run's reporting a metric in a loop from a thread of its own
-# (each one read, then dropped past [limits] metrics_per_s) kept the bus thread at 0.16 cores, 24 times a calm run's
-# whole bus thread. The run's own plugins need well under 1 %: their acks, heartbeats, votes and a few metrics.
-LOCAL_CONTROL_SHARE = 0.05
-CONTROL_RESUME_S = 0.01  # once spent, a socket is read again when this much is back: 0.2 s later at 5 %
-PACED_SAID_EVERY_S = 60.0  # kernel.log says a flood held back at most this often, naming who sent most of it
-# Before the final event and as the bus closes the ipc control socket is read unpaced: what the plugins sent
-# (PROTOCOL.md §6.3), for at most this long, waiting this long for each refill of their queues.
-FINAL_READ_S = 0.5
-FINAL_REFILL_MS = 10
 PENDING_REPLIES_MAX = 64  # stops, and checkpoint_nows, held for the next step boundary (which lists 8: replies.py)
-# Replies queued to one local (ipc) connection, at most. A plugin pulls replay batches one at a time, and asks for a
-# run_state or sends a command now and then; a peer that asked for batches of up to 4 MiB and never read them had
-# 1,000 held for it (~4 GB of the kernel's memory in 25 s). Past it, a reply is dropped and counted unroutable, and the
-# peer asks again (as on TCP, kernel/remote.py CONTROL_SNDHWM). Not fewer: the ROUTER learns what libzmq's I/O thread
-# took from its queue only every SNDHWM / 2 messages, so a tiny queue can look full to a peer that reads.
-LOCAL_CONTROL_SNDHWM = 16
-# Messages queued in the kernel from one local connection before the bus reads them, at most: at 10,000 of up to
-# 256 KiB a process of the run's user resending a big message grew the kernel by 2.3 GB in 8 s. Past it the sender
-# waits, holding its own (the SDK's DEALER queues 1,000 and its outbox more, sdk/plugin_io.py). Not as few as TCP's
-# 16: libzmq drops what a connection has in flight past a full queue when its peer closes it, and at 16 a plugin's
-# last replies as it exits (a backlog's 90 log lines) were lost in 1 run of 4; at 1,000 in none of 12.
-LOCAL_CONTROL_RCVHWM = 1000
 STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said hello (slow joiners)
 CLOSE_TIMEOUT_S = 10.0  # close() waits this long for the bus thread's last round
 FLUSH_NOW_TIMEOUT_S = 5.0  # flush_now's wait for a flush: the bus never takes longer unless its disk holds it up
 LINGER_MS = 1000
-# The dispatcher knows a connection by socket and routing id: a peer on one socket can never pose as one on the
-# other by picking its routing id (a local one as a remote key's connection, or the reverse).
-LOCAL, REMOTE = b"L", b"R"
 FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
 _MORE, _LAST = int(zmq.SNDMORE | zmq.NOBLOCK), int(zmq.NOBLOCK)
 
@@ -131,10 +86,6 @@ class Bus:
         self.counters = collections.Counter()
         self.votes_missed: collections.Counter = collections.Counter()  # plugin name -> votes it did not ack in time
         self.ledger = ReplyLedger()  # what each remote key's connections can have queued (reply_ledger.py)
-        # each control socket's share of this thread's time; senders: ZAP User-Ids (TCP), peer names (ipc)
-        now = time.monotonic()
-        self._local_pace = PacedReading(LOCAL_CONTROL_SHARE, CONTROL_RESUME_S, PACED_SAID_EVERY_S, now)
-        self._remote_pace = PacedReading(REMOTE_CONTROL_SHARE, CONTROL_RESUME_S, PACED_SAID_EVERY_S, now)
         self.failure: str | None = None  # why the run must stop (the journal's backlog overflowed)
         self.fast_heartbeats = True
         self.position = (0, 0)  # (step, epoch) of the latest numbered event, for kernel events
@@ -167,7 +118,10 @@ class Bus:
         self._pubs = [self.pub] if remote is None else [self.pub, remote.pub]
         self._burst_pubs = [self.bursts] if remote is None else [self.bursts, remote.bursts]
         self._burst_topics: dict[zmq.Socket, set[bytes]] = {pub: set() for pub in self._burst_pubs}  # subscribed
-        self._remote_event_topics: set[bytes] = set()  # what the TCP events XPUB's subscribers hold (counted only)
+        self.reading = ControlReading(self.router, remote, self.ledger, self.counters)
+        self.policing = None if remote is None else RemotePolicing(remote, self.reading.remote_pace, self.ledger,
+                                                                   self.counters, self._pubs, self._burst_pubs,
+                                                                   self._burst_topics)
         self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bursts_endpoint = self.bursts.getsockopt_string(zmq.LAST_ENDPOINT)
         self.control_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -176,6 +130,7 @@ class Bus:
     def serve(self, supervisor, control) -> None:
         """The supervisor it ticks and the dispatcher it feeds (kernel/session.py); before start()."""
         self.supervisor, self.control = supervisor, control
+        self.reading.control = control
 
     # -- the training thread's side ---------------------------------------------------------------
 
@@ -317,44 +272,37 @@ class Bus:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
-        if self.remote is not None:
-            for socket in self._remote_sockets():  # control; the events XPUB's subscriptions; each socket's monitor
+        if self.policing is not None:
+            for socket in self.policing.sockets():  # control; the events XPUB's subscriptions; each socket's monitor
                 poller.register(socket, zmq.POLLIN)
         for pub in self._burst_pubs:
             poller.register(pub, zmq.POLLIN)  # (un)subscriptions
         next_heartbeat, next_flush, more = 0.0, 0.0, False
         while not self._closing.is_set():
             try:
-                due = min(next_heartbeat, self.supervisor.next_deadline(), next_flush)
-                for paced in (self._local_pace, self._remote_pace):
-                    if not paced.polled:
-                        due = min(due, paced.work.resumes_at(time.monotonic()))
+                due = self.reading.resumes_at(min(next_heartbeat, self.supervisor.next_deadline(), next_flush))
                 ready = dict(poller.poll(0 if more else max(0.0, due - time.monotonic()) * 1000))
                 polled = time.monotonic()
                 if self._wake_rx in ready:  # the training thread waits on what is queued (flush_now)
                     _drain(self._wake_rx)
                     next_flush = 0.0
-                if self.remote is not None and any(monitor in ready for monitor in self.remote.monitors()):
-                    self._cut_crowded(poller)
+                if self.policing is not None:
+                    self.policing.after_poll(poller, ready)
                 for pub in self._burst_pubs:
                     if pub in ready:
-                        self._read_subscriptions(pub, self._burst_topics[pub])
-                if self.remote is not None and self.remote.pub in ready:
-                    self._read_subscriptions(self.remote.pub, self._remote_event_topics)
-                if self.remote is not None:
-                    self._cut_subscribed(poller)
+                        read_subscriptions(pub, self._burst_topics[pub])
+                if self.policing is not None:
+                    self.policing.after_subscriptions(poller, ready)
                 control_ready = self.router in ready or (self.remote is not None and self.remote.router in ready)
-                more = (more or control_ready) and self._read_control(CONTROL_PER_WAKE)
-                self._pace(poller, self.router, self._local_pace, "local_control_paced", self._say_local_paced)
-                if self.remote is not None:
-                    self._pace(poller, self.remote.router, self._remote_pace, "remote_control_paced",
-                               self._say_remote_paced)
+                more = (more or control_ready) and self.reading.read(CONTROL_PER_WAKE)
+                self.reading.pace(poller)
                 self._send_answers()
                 self.control.peers.heard_at = polled  # what waited then is read (bar a flood's rest: `more`)
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     self._heartbeat()
-                    self._cut_revoked(poller)
+                    if self.policing is not None:
+                        self.policing.cut_revoked(poller)
                     interval = STARTUP_HEARTBEAT_INTERVAL_S if self.fast_heartbeats else self.heartbeat_interval_s
                     next_heartbeat = now + interval
                     stalled_s = self.stall_watch.tick(now)
@@ -376,104 +324,11 @@ class Bus:
                 time.sleep(FLUSH_INTERVAL_S)
             with self.idle:
                 self.idle.notify_all()
-        self._read_what_was_sent()  # the plugins' last words (byes, final acks, a backlog's log lines)
+        self.reading.read_what_was_sent()  # the plugins' last words (byes, final acks, a backlog's log lines)
         if self.announce_close:  # here, after the thread's last heartbeat and peer messages: nothing follows it
             self.emit(ev.BUS_CLOSING, {})
         self._flush()
         self._send_answers()
-
-    def _cut_revoked(self, poller: zmq.Poller) -> None:
-        """A key revoked mid-run loses its open events and bursts connections too (kernel/remote.py cut_revoked):
-        the TCP publishers are replaced, and with them what this thread sends on and polls."""
-        if self.remote is None:
-            return
-        self.remote.bind_unbound()
-        old = self._remote_sockets()
-        if not self.remote.cut_revoked():
-            return
-        self._take_remote_sockets(poller, old)
-        log.warning("a client key was revoked: every TCP subscriber was cut off and the others reconnect")
-
-    def _cut_crowded(self, poller: zmq.Poller) -> None:
-        """A TCP socket holding more connections than its cap (kernel/remote.py cut_crowded, a flood with no key:
-        each costs a file descriptor until its handshake times out) is replaced, its connections cut."""
-        old = self._remote_sockets()
-        cut = self.remote.cut_crowded()
-        if "control" in cut:
-            self.ledger.clear()
-        else:
-            self.ledger.closed(self.remote.take_closed_control())
-        if not cut:
-            return
-        self._take_remote_sockets(poller, old)
-        self.counters["tcp_connections_cut"] += 1
-        if self.counters["tcp_connections_cut"] <= 10:
-            log.warning("over %d TCP connections at once on the %s socket (a client opening connections it does "
-                        "not finish, or too many clients): all of them cut; keyed clients reconnect by themselves",
-                        self.remote.cap, " and ".join(cut))
-
-    def _cut_subscribed(self, poller: zmq.Poller) -> None:
-        """A TCP publisher whose subscribers hold over SUBSCRIPTIONS_MAX distinct topics (libzmq keeps them all, at
-        ~25 bytes a byte: a client subscribing to endless made-up ones) is replaced, its subscribers cut."""
-        held = (("pub", self._remote_event_topics), ("bursts", self._burst_topics[self.remote.bursts]))
-        for attribute, topics in held:
-            if len(topics) < SUBSCRIPTIONS_MAX:
-                continue
-            old = self._remote_sockets()
-            self.remote.cut_subscribed(attribute)
-            self._take_remote_sockets(poller, old)
-            self.counters["tcp_subscriptions_cut"] += 1
-            if self.counters["tcp_subscriptions_cut"] <= 10:
-                log.warning("over %d distinct subscriptions on the TCP %s socket (a client subscribing to made-up "
-                            "topics): every subscriber cut; keyed clients reconnect by themselves", SUBSCRIPTIONS_MAX,
-                            Listener.ROLES[attribute])
-
-    def _remote_sockets(self) -> list[zmq.Socket]:
-        """What this thread polls of the TCP side: its control ROUTER, its events and bursts XPUBs (subscriptions),
-        and its connection monitors."""
-        return [self.remote.router, self.remote.pub, self.remote.bursts, *self.remote.monitors()]
-
-    def _take_remote_sockets(self, poller: zmq.Poller, old: list[zmq.Socket]) -> None:
-        """The TCP sockets the Listener has now in place of `old` (some closed: replaced), sent on and polled."""
-        for socket in old:
-            poller.register(socket, 0)  # unregistered; the control ROUTER may be already (_pace)
-        if old[1] is not self.remote.pub:
-            self._remote_event_topics = set()  # each subscription comes again as its subscriber returns
-        if old[2] is not self.remote.bursts:
-            del self._burst_topics[old[2]]
-            self._burst_topics[self.remote.bursts] = set()
-        self._pubs[1], self._burst_pubs[1] = self.remote.pub, self.remote.bursts
-        for socket in self._remote_sockets():
-            poller.register(socket, zmq.POLLIN)
-        if not self._remote_pace.polled:
-            poller.register(self.remote.router, 0)
-
-    def _pace(self, poller: zmq.Poller, socket: zmq.Socket, paced: PacedReading, counter: str,
-              say: Callable[[int, Any, int], None]) -> None:
-        """A control socket polled while its share of this thread's time lasts, and left unread until the share is
-        back: counted, and said (`say`) at most once every PACED_SAID_EVERY_S with who sent the most since."""
-        now = time.monotonic()
-        if not paced.poll_changed(now):
-            return
-        poller.register(socket, zmq.POLLIN if paced.polled else 0)
-        if paced.polled:
-            return
-        self.counters[counter] += 1
-        if (said := paced.to_say(now)) is not None:
-            say(*said)
-
-    def _say_local_paced(self, total: int, name: str | None, count: int) -> None:
-        log.warning("control messages on the run's ipc socket took over %d %% of the bus thread's time (%d since last "
-                    "said, %d of them from %s): read at that pace, the rest waits with their senders; training goes "
-                    "on", round(LOCAL_CONTROL_SHARE * 100), total, count,
-                    "a peer that never said hello" if name == "" else repr(name) if name else "(none)")
-
-    def _say_remote_paced(self, total: int, user_id: str | None, count: int) -> None:
-        key = self.control.peers.credentials.remote_key(user_id, time.monotonic()) if user_id else None
-        log.warning("TCP control messages took over %d %% of the bus thread's time (%d since last said, %d of them "
-                    "from key %s): read at that pace, the rest waits in its connections; training goes on",
-                    round(REMOTE_CONTROL_SHARE * 100), total, count,
-                    repr(key.name) if key else "(revoked since)" if user_id else "(none)")
 
     def _send_answers(self) -> None:
         while self._answers:
@@ -508,7 +363,7 @@ class Bus:
         final = any(item[0] in FINAL_EVENTS for item in batch)
         if final:
             # Replies already sent go out before the final event: a plugin may exit right after it.
-            self._read_what_was_sent()
+            self.reading.read_what_was_sent()
             batch += _take_all(self._queue)
             batch.sort(key=lambda item: item[0] in FINAL_EVENTS)  # stable: only the final event moves
         if not batch and not self._unpublished:
@@ -595,96 +450,9 @@ class Bus:
                 pub.send(raw, _LAST)
         takers = [pub for pub in self._burst_pubs if self._burst_topics[pub]]
         if takers and frames:
-            for burst in _bursts([raw for _, raw in frames]):
+            for burst in bursts_of([raw for _, raw in frames]):
                 for pub in takers:
                     pub.send(burst, _LAST)
-
-    def _read_subscriptions(self, pub: zmq.Socket, topics: set[bytes]) -> None:
-        """An XPUB passes on a topic's first subscription (b"\\x01" + topic) and its last unsubscription (b"\\x00" +
-        topic), kept in `topics`: a bursts socket's make the bursts while any is held."""
-        for _ in range(CONTROL_PER_WAKE):
-            try:
-                message = pub.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if message[:1] == b"\x01" and len(topics) < BURST_TOPICS_MAX:
-                topics.add(message[1:])
-            elif message[:1] == b"\x00":
-                topics.discard(message[1:])
-
-    def _read_control(self, budget: int) -> bool:
-        """Handle up to `budget` control messages of each socket, within its share of this thread's time; True when
-        more are waiting."""
-        more = self._read_paced(self._local_pace, self._read_local_for, budget)
-        return self._read_remote(budget) or more
-
-    def _read_remote(self, budget: int) -> bool:
-        """The TCP control socket: each message with its connection's CURVE key (the ZAP User-Id), which the
-        dispatcher maps to a key name and role; never anything the message itself says."""
-        return self.remote is not None and self._read_paced(self._remote_pace, self._read_remote_for, budget)
-
-    @staticmethod
-    def _read_paced(paced: PacedReading, read_for: Callable[[int, float], bool], budget: int) -> bool:
-        started = time.monotonic()
-        allowance = paced.work.allowance(started)
-        try:
-            return allowance > 0 and read_for(budget, started + allowance)
-        finally:
-            paced.work.took(started, time.monotonic())
-
-    def _read_what_was_sent(self) -> None:
-        """What the plugins have sent, read before the final event and as the bus closes, whether or not the ipc
-        socket's share is spent: its connections queue LOCAL_CONTROL_RCVHWM messages each, so what waits beyond them
-        comes in as they are read, and is waited for while it keeps coming (FINAL_REFILL_MS), for at most
-        FINAL_READ_S (a flood's end is no reply)."""
-        until = time.monotonic() + FINAL_READ_S
-        while time.monotonic() < until:
-            if not self._read_local_for(CONTROL_PER_WAKE, until) and not self.router.poll(FINAL_REFILL_MS):
-                break
-        self._read_remote(CONTROL_PER_WAKE)
-
-    def _read_local_for(self, budget: int, until: float) -> bool:
-        """The run's ipc control socket's messages, up to `budget` of them or until the clock reads `until`."""
-        for _ in range(budget):
-            if time.monotonic() >= until:
-                return True
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return False
-            if len(frames) != 2:
-                self.control.malformed(f"{len(frames) - 1} frames from a peer, not 1 (a DEALER sends one; §3)")
-                continue
-            identity = LOCAL + frames[0]
-            peer = self.control.peers.get(identity)
-            self._local_pace.heard(peer.name if peer is not None else "")
-            self.control.handle(identity, frames[1])
-        return True
-
-    def _read_remote_for(self, budget: int, until: float) -> bool:
-        """_read_remote's messages, up to `budget` of them or until the clock reads `until`."""
-        for _ in range(budget):
-            if time.monotonic() >= until:
-                return True
-            try:
-                frames = self.remote.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return False
-            if len(frames) != 2:
-                self.control.malformed(f"{len(frames) - 1} frames from a peer, not 1 (a DEALER sends one; §3)")
-                continue
-            user_id = frames[1].get("User-Id")
-            if not user_id:  # cannot be, behind CURVE and ZAP; if it ever were, such a peer is nobody
-                self.counters["unauthenticated"] += 1
-                continue
-            try:  # the descriptor it came on: its close releases what the ledger counts for it
-                fd = frames[1].get(zmq.SRCFD)
-            except zmq.ZMQError:  # a libzmq without it: released only when the control socket is replaced
-                fd = -1
-            self._remote_pace.heard(user_id)  # authenticated keys alone: as many as the key directory holds
-            self.ledger.heard(REMOTE + frames[0].bytes, user_id, fd)
-            self.control.handle(REMOTE + frames[0].bytes, frames[1].bytes, user_id=user_id)
-        return True
 
     def send(self, identity: bytes, raw: bytes) -> None:
         if threading.current_thread() is not self._thread and self._thread.is_alive():
@@ -712,19 +480,6 @@ def _counts_at_end(journal: Journal) -> list[int]:
             if n is not None:
                 return list(n)
     return [0] * N_COUNTS
-
-
-def _bursts(records: list[bytes], max_bytes: int = BURST_MAX_BYTES) -> list[bytes]:
-    """`records` as bursts of at most `max_bytes` each (one record larger than that goes alone); none for none."""
-    bursts, start, size = [], 0, 0
-    for i, record in enumerate(records):
-        if size and size + len(record) > max_bytes:
-            bursts.append(encode_burst(records[start:i]))
-            start, size = i, 0
-        size += len(record)
-    if start < len(records):
-        bursts.append(encode_burst(records[start:]))
-    return bursts
 
 
 def _take_all(queue: collections.deque) -> list:

@@ -11,9 +11,11 @@ from typing import Callable
 
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
+from trainbus.proto.codec import CONTROL_MAX_MESSAGE_BYTES
 from trainbus.proto.remote import KeyFileError, write_connection_file
 
-from .bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, TCP_EVENTS_HWM, Bus
+from .bursts import BURSTS_HWM
+from .bus import Bus
 from .checkpointing import Checkpointer, persister_directory
 from .config import ConfigError
 from .control import Dispatcher
@@ -24,7 +26,7 @@ from .keys import KeyStore
 from .limits import PeerLimits
 from .peers import Peers
 from .private_dirs import remove_scratch_dir
-from .remote import ListenError, Listener
+from .remote import TCP_EVENTS_HWM, ListenError, Listener
 from .snapshot import SnapshotBuffers
 from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
 

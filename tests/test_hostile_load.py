@@ -591,8 +591,9 @@ def garbage_flood(tmp_path, kernels, epochs: int, attack_s: float) -> dict:
 
 def test_garbage_flood_short(tmp_path, kernels):
     """CI: ~2 s of random-bytes messages at up to 20,000/s; every plugin stays, metrics.jsonl is complete. The kernel
-    reads its ipc control socket for at most 5 % of its bus thread's time (kernel/bus.py LOCAL_CONTROL_SHARE): what
-    it does not take waits with the attacker (`again`), so the attack is what was tried, sent or held back."""
+    reads its ipc control socket for at most 5 % of its bus thread's time (kernel/control_reading.py
+    LOCAL_CONTROL_SHARE): what it does not take waits with the attacker (`again`), so the attack is what was tried,
+    sent or held back."""
     figures = garbage_flood(tmp_path, kernels, epochs=5, attack_s=2.0)
     assert figures["sent"] + figures["again"] >= 0.25 * 20_000 * 2.0, figures  # it really happened, on a busy box too
     assert figures["sent"] >= 1_000, figures  # and the kernel read a good part of it

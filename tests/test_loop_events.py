@@ -11,7 +11,8 @@ import pytest
 import torch
 import zmq
 
-from trainbus.kernel.bus import CONTROL_PER_WAKE, FLUSH_INTERVAL_S
+from trainbus.kernel.bus import FLUSH_INTERVAL_S
+from trainbus.kernel.control_reading import CONTROL_PER_WAKE
 from trainbus.kernel.checkpointing import Checkpointer
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.loop import CHECKPOINT_NOW_AFTER_EPOCHS, Loop

@@ -20,7 +20,8 @@ import msgpack
 import pytest
 import zmq
 
-from trainbus.kernel.bus import CONTROL_PER_WAKE, LOCAL, REMOTE, Bus
+from trainbus.kernel.bus import Bus
+from trainbus.kernel.control_reading import CONTROL_PER_WAKE, LOCAL, REMOTE
 from trainbus.kernel.control import Dispatcher
 from trainbus.kernel.credentials import CREDENTIAL_FILE, Credentials
 from trainbus.kernel.journal import RETRY_INTERVAL_S, Journal, decode_records, read_events
@@ -178,9 +179,9 @@ def _worked(share: WorkShare, start: float, end: float, piece_s: float) -> tuple
 
 @pytest.mark.parametrize("piece_s", [10e-6, 400e-6, 0.03])
 def test_work_held_to_a_share_takes_that_share_of_the_clock_in_a_few_rounds_a_second(piece_s):
-    """The bus thread's TCP control reading (kernel/bus.py, REMOTE_CONTROL_SHARE) under a flood: whatever a message
-    costs, the work takes its share of the time, give or take one piece and the saved-up burst, and it is woken a few
-    times a second, not once per piece's worth of share."""
+    """The bus thread's TCP control reading (kernel/control_reading.py, REMOTE_CONTROL_SHARE) under a flood:
+    whatever a message costs, the work takes its share of the time, give or take one piece and the saved-up burst,
+    and it is woken a few times a second, not once per piece's worth of share."""
     share, resume_s, seconds = 0.05, 0.01, 600.0
     worked, rounds = _worked(WorkShare(share, resume_s, T0), T0, T0 + seconds, piece_s)
     assert share * seconds - 0.1 <= worked <= share * seconds + share * BURST_S + piece_s * rounds / 1000 + piece_s
@@ -209,9 +210,10 @@ def test_work_that_never_used_its_share_is_never_told_to_wait():
 
 
 def test_a_paced_socket_is_unpolled_once_its_share_is_spent_polled_when_it_is_back_and_said_once_a_minute():
-    """kernel/bus.py _pace: whether a control socket is polled follows its share (PacedReading.poll_changed), and a
-    pause is said at most once every said_every_s with who sent the most since; new senders past SENDERS_MAX are not
-    counted (a flood of connections each with a new routing id or name is not memory)."""
+    """kernel/control_reading.py _pace: whether a control socket is polled follows its share
+    (PacedReading.poll_changed), and a pause is said at most once every said_every_s with who sent the most since;
+    new senders past SENDERS_MAX are not counted (a flood of connections each with a new routing id or name is not
+    memory)."""
     paced = PacedReading(0.05, 0.01, 60.0, T0)
     for sender in ["hog"] * 5 + ["operator"]:
         paced.heard(sender)
@@ -584,7 +586,7 @@ def test_a_reply_to_a_gone_or_stalled_peer_is_counted_unroutable_and_dropped(tmp
         while not done():
             assert time.monotonic() < deadline, "the bus did not get there within 10 s"
             bus.router.poll(20)
-            bus._read_control(CONTROL_PER_WAKE)
+            bus.reading.read(CONTROL_PER_WAKE)
 
     def connect(name: str, **options: int) -> tuple[zmq.Socket, object]:
         """A DEALER welcomed under `name` (its welcome read), and its peer."""
@@ -689,7 +691,7 @@ def test_a_replay_batch_that_begins_after_a_lost_segment_and_reaches_the_end_say
         while (peer := peers.get(LOCAL + b"reader")) is None or peer.replay_from is None:
             assert time.monotonic() < deadline, "the bus did not read the hello and replay within 10 s"
             bus.router.poll(20)
-            bus._read_control(CONTROL_PER_WAKE)
+            bus.reading.read(CONTROL_PER_WAKE)
         dispatcher.serve_replays(time.monotonic() + 1.0)
         messages = []
         while dealer.poll(10_000 if len(messages) < 2 else 0):

@@ -121,16 +121,16 @@ def test_a_burst_is_its_envelopes_as_one_array_and_decodes_to_its_events():
 
 
 def test_the_bus_cuts_a_flush_into_bursts_under_the_cap_keeping_every_record_in_order():
-    from trainbus.kernel.bus import _bursts
+    from trainbus.kernel.bursts import bursts_of
     values = [bytes([i]) * (10 + i) for i in range(40)]
     records = [msgpack.packb(v) for v in values]
     for cap in (1, 25, 100, 10_000):
-        bursts = [zlib.decompress(b) for b in _bursts(records, max_bytes=cap)]
+        bursts = [zlib.decompress(b) for b in bursts_of(records, max_bytes=cap)]
         assert [v for b in bursts for v in msgpack.unpackb(b)] == values, cap
         for b in bursts:
             held = [msgpack.packb(v) for v in msgpack.unpackb(b)]
             assert len(held) == 1 or sum(map(len, held)) <= cap, (cap, list(map(len, held)))
-    assert len(_bursts(records, max_bytes=10_000)) == 1 and _bursts([]) == []
+    assert len(bursts_of(records, max_bytes=10_000)) == 1 and bursts_of([]) == []
 
 
 @pytest.mark.parametrize(("kind", "fields"), CONTROL_EXAMPLES, ids=[k for k, _ in CONTROL_EXAMPLES])

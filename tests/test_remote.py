@@ -28,11 +28,12 @@ import zmq
 from conftest import trainbus, trainbus_cmd
 from fixture_targets import open_gate
 from kernel_process import KernelProcess, cli, of, wait_until
-from trainbus.kernel.bus import BURSTS_HWM, CONTROL_MAX_MESSAGE_BYTES, TCP_EVENTS_HWM
+from trainbus.kernel.bursts import BURSTS_HWM
+from trainbus.proto.codec import CONTROL_MAX_MESSAGE_BYTES
 from trainbus.kernel.journal import read_events
 from trainbus.proto.journal_format import read_journal
 from trainbus.kernel.keys import REFRESH_INTERVAL_S, KeyStore
-from trainbus.kernel.remote import Listener
+from trainbus.kernel.remote import TCP_EVENTS_HWM, Listener
 from trainbus.proto import pack
 from trainbus.proto.remote import CONNECTION_FILE, HANDSHAKE_IVL_MS
 

@@ -20,8 +20,8 @@ import zmq
 
 from fixture_targets import open_gate
 from kernel_process import KernelProcess, of, wait_until
-from trainbus.kernel.bus import TCP_EVENTS_HWM
 from trainbus.kernel.journal import read_events
+from trainbus.kernel.remote import TCP_EVENTS_HWM
 from trainbus.proto import pack
 from trainbus.proto.remote import secure_client
 
@@ -652,8 +652,9 @@ def test_a_key_flooding_the_control_socket_gets_a_share_of_the_bus_thread_and_an
     """Each control message costs the bus thread the GIL before anything is known of it (~10 us for a heartbeat from
     a peer that never said hello, more to decode): a monitor key's heartbeats from 4 connections kept it reading
     ~40,000 a second, most of a core, beside training on 2 cores. It now reads the TCP control socket for at most 5 %
-    of its time (kernel/bus.py REMOTE_CONTROL_SHARE), says so naming the key, and leaves the rest in the connections,
-    where TCP holds the sender back; libzmq takes turns between connections, so a control key's stop still lands."""
+    of its time (kernel/control_reading.py REMOTE_CONTROL_SHARE), says so naming the key, and leaves the rest in the
+    connections, where TCP holds the sender back; libzmq takes turns between connections, so a control key's stop
+    still lands."""
     cfg = listening_config(runs_dir, keys["dir"], epochs=50, step_sleep_s=0.005)
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)

@@ -231,9 +231,9 @@ def test_a_heartbeat_the_kernel_cannot_take_yet_does_not_end_the_io_thread(tmp_p
 
 def test_replies_a_kernel_does_not_take_are_held_up_to_a_bound_and_a_stop_after_them_still_goes(tmp_path, capfd):
     """A plugin thread reporting a metric in a loop while its kernel reads slower than it sends (a remote plugin: the
-    kernel reads TCP at a share of its time, kernel/bus.py REMOTE_CONTROL_SHARE): the outbox kept every message, and
-    the plugin's memory grew without bound. Metrics and logs past OUTBOX_MAX_REPLIES are dropped now, counted and
-    said once; a stop behind them still goes, and once the kernel reads again it gets what was held."""
+    kernel reads TCP at a share of its time, kernel/control_reading.py REMOTE_CONTROL_SHARE): the outbox kept every
+    message, and the plugin's memory grew without bound. Metrics and logs past OUTBOX_MAX_REPLIES are dropped now,
+    counted and said once; a stop behind them still goes, and once the kernel reads again it gets what was held."""
     kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
     io = _welcomed_io(kernel)
     try:

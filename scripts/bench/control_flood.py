@@ -12,7 +12,7 @@ Three variants, interleaved over --repeats:
 - flood: the same run while another process, holding a monitor-role key, sends `heartbeat` messages on
   --connections CURVE connections as fast as the kernel takes them. It never said hello, so each one is decoded
   and refused (`unknown_peer`): the cheapest message to send and one the kernel must read to know it is nothing;
-- flood, unpaced: the same with kernel/bus.py's REMOTE_CONTROL_SHARE set past 100 % for that run (what the
+- flood, unpaced: the same with kernel/control_reading.py's REMOTE_CONTROL_SHARE set past 100 % for that run (what the
   kernel did before it paced its TCP control reading).
 
 With --from plugin the flood is a plugin of the run (scripts/bench/_spammer.py: a thread reporting a metric in a
@@ -27,7 +27,7 @@ them and the run on the first; on fewer it shares the cores at nice 19, and the 
 Reported per variant: us/step (_runs.run_mean after --warmup-epochs, median over the repetitions) and the paired
 ratio; the kernel's bus thread and libzmq I/O threads' CPU per second of the run (attach_monitors.EventPathCPU);
 the flood's messages the kernel read (`refused_unknown_peer`) and the times its TCP control reading used up its
-share (`remote_control_paced`, kernel/bus.py REMOTE_CONTROL_SHARE).
+share (`remote_control_paced`, kernel/control_reading.py REMOTE_CONTROL_SHARE).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-import trainbus.kernel.bus as bus_module
+import trainbus.kernel.control_reading as control_reading
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import REPO, add_rerun_options, machine_line, median, quiet_note, table
@@ -94,7 +94,7 @@ def one_run(args, variant: str, workdir: Path, keys: KeyStore, key_file: Path, k
     cfg = load_config(None)  # `trainbus run`'s defaults: the digits MLP and the default plugins
     cfg.epochs, cfg.runs_dir, cfg.device, cfg.seed = args.epochs, str(workdir / "runs"), "cpu", args.seed
     cfg.listen, cfg.keys_dir = f"{HOST}:{port}", str(keys.directory)
-    attacker, shares = None, (bus_module.LOCAL_CONTROL_SHARE, bus_module.REMOTE_CONTROL_SHARE)
+    attacker, shares = None, (control_reading.LOCAL_CONTROL_SHARE, control_reading.REMOTE_CONTROL_SHARE)
     plugin = args.source == "plugin"
     if plugin and variant != "calm":
         cfg.plugins = [*cfg.plugins, resolve_plugin("spammer", {"send": variant != "spin only"}, "_spammer:Spammer")]
@@ -107,9 +107,9 @@ def one_run(args, variant: str, workdir: Path, keys: KeyStore, key_file: Path, k
                 preexec_fn=(lambda: os.nice(19)) if flood_cpus & kernel_cpus else None)
         os.sched_setaffinity(attacker.pid, flood_cpus)
     if variant == "flood, unpaced" and plugin:
-        bus_module.LOCAL_CONTROL_SHARE = 1e9
+        control_reading.LOCAL_CONTROL_SHARE = 1e9
     elif variant == "flood, unpaced":
-        bus_module.REMOTE_CONTROL_SHARE = 1e9
+        control_reading.REMOTE_CONTROL_SHARE = 1e9
     try:
         event_path = EventPathCPU()
         event_path.start()
@@ -119,7 +119,7 @@ def one_run(args, variant: str, workdir: Path, keys: KeyStore, key_file: Path, k
         seconds = time.monotonic() - began
         bus_s, io_s = event_path.total()
     finally:
-        bus_module.LOCAL_CONTROL_SHARE, bus_module.REMOTE_CONTROL_SHARE = shares
+        control_reading.LOCAL_CONTROL_SHARE, control_reading.REMOTE_CONTROL_SHARE = shares
         if attacker is not None:
             attacker.kill()
             attacker.wait()
