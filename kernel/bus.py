@@ -13,25 +13,24 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 
-from trainbus.proto import Event, ProtocolError, decode_event, encode_event, events as ev
-from trainbus.proto.codec import CONTROL_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES, N_COUNTS, new_packer
-from trainbus.proto.run_state import RunState
+from trainbus.proto import Event, encode_event, events as ev
+from trainbus.proto.codec import CONTROL_MAX_MESSAGE_BYTES
 
 from .bursts import BURSTS_HWM, bursts_of, read_subscriptions
 from .control_reading import CONTROL_PER_WAKE, LOCAL_CONTROL_RCVHWM, LOCAL_CONTROL_SNDHWM, REMOTE, ControlReading
 from .journal import Journal
+from .loop_watch import LoopWatch
+from .numbering import FINAL_EVENTS, Numbering
 from .remote import Listener
 from .remote_policing import RemotePolicing
 from .replies import Reply
-from .rank_stacks import described
 from .reply_ledger import ReplyLedger
-from .spec import is_user_file
-from .stall_watch import StallWatch, thread_stack
 from .tensors import materialize_tensors
+from .votes import Votes
 
 log = logging.getLogger("trainbus.kernel")
 
@@ -41,9 +40,6 @@ log = logging.getLogger("trainbus.kernel")
 # a small model's epoch boundaries (5-20 a second) woke every plugin again and again; they ride the bursts now.
 # What someone waits on goes at once: the training thread's flush_now (a vote at end_epoch, the run's end).
 FLUSH_INTERVAL_S = 0.1
-# The loop's per-step events carry only numbers it made (batch index and size, losses, counts): their bytes
-# need no decode to prove a peer can read them. 2 us of the bus thread's GIL an event, each step twice.
-STEP_EVENTS = frozenset({ev.START_TRAINING_BATCH, ev.END_TRAINING_BATCH})
 # Per subscriber. With every plugin-made string capped (kernel/limits.py) an event is at most ~17 KiB and
 # usually ~200 B, so a stalled subscriber holds a few MB, and ~250 MB where plugins log 16 KiB lines at their
 # budget; a PUB queue past this drops (durable plugins replay). Local subscribers are the run's own plugins.
@@ -53,7 +49,6 @@ STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said he
 CLOSE_TIMEOUT_S = 10.0  # close() waits this long for the bus thread's last round
 FLUSH_NOW_TIMEOUT_S = 5.0  # flush_now's wait for a flush: the bus never takes longer unless its disk holds it up
 LINGER_MS = 1000
-FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
 _MORE, _LAST = int(zmq.SNDMORE | zmq.NOBLOCK), int(zmq.NOBLOCK)
 
 
@@ -65,15 +60,13 @@ class Bus:
         """`remote`: the run's TCP endpoints (kernel/remote.py), served beside the ipc ones by this thread.
         `stalled_after_s`: the loop reaching no seam this long is said, with where it waits (0: never)."""
         self.run_id = run_id
-        self.stall_watch = StallWatch(stalled_after_s)
-        # Under torchrun: where the other ranks of this machine wait (kernel/rank_stacks.py), asked at a stall
-        self.ask_other_ranks: Callable[[], list[dict[str, Any]]] | None = None
-        self._training_thread: int | None = None  # the thread that started the bus: the loop's
-        self._last_loop_event = ""
         self.remote = remote
         self.journal = journal
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.last_seq = journal.last_seq  # the last seq numbered
+        self.numbering = Numbering(run_id, journal, self._final_numbered, self._checkpoint_numbered, self._bus_error)
+        self.run_state = self.numbering.run_state  # what a `snapshot` answers (trainbus attach)
+        self.loop_watch = LoopWatch(stalled_after_s, self.emit)
+        self.votes = Votes(self)
         self.session_seq = journal.last_seq + 1  # this kernel's first: earlier ones are a continued run's past
         self._queue: collections.deque = collections.deque()  # (type, ts, step, epoch, data); step None: emit's
         self._unpublished: collections.deque = collections.deque()  # (topic, raw) numbered, not yet journaled
@@ -84,19 +77,11 @@ class Bus:
         # flush_now's: each set once a flush has numbered (journaled, sent) every event queued before it
         self._flushed: collections.deque[threading.Event] = collections.deque()
         self.counters = collections.Counter()
-        self.votes_missed: collections.Counter = collections.Counter()  # plugin name -> votes it did not ack in time
         self.ledger = ReplyLedger()  # what each remote key's connections can have queued (reply_ledger.py)
         self.failure: str | None = None  # why the run must stop (the journal's backlog overflowed)
         self.fast_heartbeats = True
-        self.position = (0, 0)  # (step, epoch) of the latest numbered event, for kernel events
-        self._final_seq = 0  # seq of end_training_session or run_failed: what durable plugins drain to
         self.announce_close = False  # close() ends the journal with bus_closing (a run's end, close_bus)
-        self._last_seq_of: dict[str, int] = {}  # event type -> seq of its latest instance
-        self._counts = _counts_at_end(journal)  # every envelope's `n`: per-batch events numbered so far in the run
-        # What a `snapshot` answers (trainbus attach): every numbered event folded in, here on the bus thread.
-        self.run_state = RunState(run_id, journal.last_seq)
         self._closing = threading.Event()
-        self._packer = new_packer()  # the bus thread's own: it encodes every event
         self.idle = threading.Condition()  # notified after every round of the bus thread
 
         self.ctx = zmq.Context()
@@ -135,7 +120,7 @@ class Bus:
     # -- the training thread's side ---------------------------------------------------------------
 
     def start(self) -> None:
-        self._training_thread = threading.get_ident()
+        self.loop_watch.started()
         self.supervisor.start_all()
         self._thread.start()
 
@@ -193,9 +178,9 @@ class Bus:
         Out means numbered by a flush that started after this call: an empty queue is not enough, since a burst
         may have taken the events and not yet numbered them (a vote would then be awaited at the seq before).
         False when timeout_s passed first: a flush held up (the journal's fsync behind other writes to its disk)."""
-        return self.wait(self._ring().is_set, FLUSH_NOW_TIMEOUT_S if timeout_s is None else timeout_s)
+        return self.wait(self.ring().is_set, FLUSH_NOW_TIMEOUT_S if timeout_s is None else timeout_s)
 
-    def _ring(self) -> threading.Event:
+    def ring(self) -> threading.Event:
         """Ask the bus to flush at once; the Event is set once a flush numbered every event queued before it."""
         flushed = threading.Event()
         self._flushed.append(flushed)  # after this thread's events: the flush that takes it takes them
@@ -206,44 +191,22 @@ class Bus:
         return flushed
 
     def await_votes(self, type_: str, timeout_s: float) -> list[str]:
-        """Wait until every live plugin voting at `type_` acked its latest instance; return who did not."""
-        peers = self.control.peers
-        if timeout_s <= 0 or not peers.has_voters(type_):
-            return []
-        # The vote is at the seq a flush gives the event. Until one has numbered it the latest of its type is the one
-        # before, which every voter acked long ago: a flush held up past flush_now's wait (an fsync behind a
-        # checkpoint being written) is waited for within the vote's time too, and what it leaves is the vote's.
-        out, end = self._ring(), time.monotonic() + FLUSH_NOW_TIMEOUT_S + timeout_s
-        if not self.wait(out.is_set, end - time.monotonic()):
-            late = [p.name for p in peers if type_ in p.votes and peers.is_live(p, time.monotonic())]
-            log.warning("no vote from %s at %s: no flush numbered it within %.3g s (the journal's disk?); training "
-                        "went on", ", ".join(late), type_, FLUSH_NOW_TIMEOUT_S + timeout_s)
-            if late:  # kernel.log is no one's console: the journal's event is what the console and `runs show` read
-                self.votes_missed.update(late)
-                self.emit(ev.VOTE_MISSED, {"plugins": late, "at": type_, "seq": 0,
-                                           "timeout_s": FLUSH_NOW_TIMEOUT_S + timeout_s})
-            return late
-        seq = self._last_seq_of.get(type_, 0)
-        self.wait(lambda: not peers.voters_behind(type_, seq, time.monotonic()),
-                  min(timeout_s, end - time.monotonic()))
-        late = peers.voters_behind(type_, seq, time.monotonic())
-        if late:
-            peers.mark_missed_vote(late, seq)
-            log.warning("no vote from %s at %s (seq %d) within vote_timeout_s (%.3g s): training went on, and waits "
-                        "for no vote of theirs until they ack seq %d", ", ".join(late), type_, seq, timeout_s, seq)
-            # kernel.log is no one's console: the journal's event is what the console and `runs show` read
-            self.votes_missed.update(late)
-            self.emit(ev.VOTE_MISSED, {"plugins": late, "at": type_, "seq": seq, "timeout_s": timeout_s})
-        return late
+        """Wait until every live plugin voting at `type_` acked its latest instance; return who did not (votes.py)."""
+        return self.votes.wait(type_, timeout_s, FLUSH_NOW_TIMEOUT_S)
+
+    @property
+    def last_seq(self) -> int:
+        """The last seq numbered."""
+        return self.numbering.last_seq
 
     @property
     def final_seq(self) -> int:
-        return self._final_seq or self.last_seq
+        return self.numbering.final_seq or self.numbering.last_seq
 
     @property
     def ended(self) -> bool:
         """The run's final event is numbered: from here plugins drain and are stopped (bus thread)."""
-        return bool(self._final_seq)
+        return bool(self.numbering.final_seq)
 
     def close(self) -> OSError | None:
         """Stop the bus thread after a last flush; close sockets and the journal (its last error, if any)."""
@@ -305,9 +268,7 @@ class Bus:
                         self.policing.cut_revoked(poller)
                     interval = STARTUP_HEARTBEAT_INTERVAL_S if self.fast_heartbeats else self.heartbeat_interval_s
                     next_heartbeat = now + interval
-                    stalled_s = self.stall_watch.tick(now)
-                    if stalled_s is not None:
-                        self._say_stalled(stalled_s)
+                    self.loop_watch.tick(now)
                     for peer in self.control.peers.forget_dead(now):  # attached by hand, gone without a bye
                         self.emit(ev.PLUGIN_HUNG, {"plugin": peer.name, "pid": peer.pid, "reason": (
                             f"silent for {now - peer.last_seen:.0f} s without a bye (attached, not ours to "
@@ -346,7 +307,7 @@ class Bus:
             return
         # Events wait for the disk and nothing is published before it is journaled: a sign of life only,
         # repeating the last journaled seq (PROTOCOL.md, the journal), so plugins do not take us for gone.
-        step, epoch = self.position
+        step, epoch = self.numbering.position
         beat = Event(max(1, self.journal.written_seq), self.run_id, ev.HEARTBEAT, time.time(), step, epoch,
                      {"interval_s": self.heartbeat_interval_s, "held_back": len(self._unpublished)})
         self._send_events([(ev.HEARTBEAT.encode(), encode_event(beat))])
@@ -368,45 +329,13 @@ class Bus:
             batch.sort(key=lambda item: item[0] in FINAL_EVENTS)  # stable: only the final event moves
         if not batch and not self._unpublished:
             return
-        self._watch_progress(batch, final)
+        self.loop_watch.moved(batch, final)
         try:
             materialize_tensors(batch)
         except Exception:  # a tensor that cannot be read: its event says so below (not encodable), the rest go on
             self._bus_error("reading the events' tensors")
-        first_seq, records, counts = self.last_seq + 1, [], self._counts
-        for type_, ts, step, epoch, data in batch:
-            # A seq is taken only together with its record: an exception here (a kernel bug) costs its event, never
-            # a gap in the journal, whose append would refuse every later batch (no event published again).
-            try:
-                if step is None:  # a kernel event (emit): where the event before it left the loop
-                    step, epoch = self.position
-                    if type_ == ev.METRIC and data["step"] is None:  # reported without a step: the kernel's
-                        data["step"], data["epoch"] = step, epoch        # as it arrived (a step alone: epoch nil)
-                seq, n, counted = self.last_seq + 1, counts[:], ev.COUNTED_INDEX.get(type_)
-                if counted is not None:
-                    n[counted] += 1
-                event = Event.fast(seq, self.run_id, type_, ts, step, epoch, data, n)
-                try:
-                    raw = encode_event(event, check=type_ not in STEP_EVENTS, packer=self._packer)
-                except ProtocolError as exc:  # a user metric of an odd type: keep the seq, say why
-                    event = Event(seq, self.run_id, type_, ts, step, epoch,
-                                  {"error": f"event data not encodable: {exc}"}, n=n)
-                    raw = encode_event(event)
-                records.append(raw)
-                self._unpublished.append((type_.encode(), raw))
-                self.last_seq = seq
-                if counted is not None:
-                    counts[counted] += 1
-                self._last_seq_of[type_] = seq
-                if type_ in FINAL_EVENTS:
-                    self._final_seq = seq
-                    self.supervisor.training_over = True
-                self.position = (step, epoch)
-                self.run_state.fold(event)
-                if type_ == ev.SAVE_CHECKPOINT:
-                    self.control.checkpointer.numbered(seq, data)
-            except Exception:
-                self._bus_error(f"numbering a {type_} event")
+        first_seq = self.numbering.last_seq + 1
+        records = self.numbering.number(batch, self._unpublished)
         written = self.journal.append(records, first_seq)  # journal first: a published event is always replayable
         self._send_events([self._unpublished.popleft() for _ in range(written)])
         self.counters["events"] += written
@@ -414,30 +343,11 @@ class Bus:
             self.failure = self.journal.overflow_message()
             self.reply("stop", "kernel", self.failure)
 
-    def _watch_progress(self, batch: list, final: bool) -> None:
-        """The loop's events (those with a step) move the stall watch; the first after a stall that was said is
-        followed by training_resumed, numbered right behind it."""
-        first = next((i for i, item in enumerate(batch) if item[2] is not None), None)
-        if first is None:
-            return
-        self._last_loop_event = next(item[0] for item in reversed(batch) if item[2] is not None)
-        stalled_s = self.stall_watch.moved(time.monotonic())
-        if stalled_s is not None:
-            log.warning("training moved again (%s) after standing still for %.0f s", batch[first][0], stalled_s)
-            batch.insert(first + 1, (ev.TRAINING_RESUMED, time.time(), None, None,
-                                     {"stalled_s": round(stalled_s, 1), "event": batch[first][0]}))
-        if final:
-            self.stall_watch.ended()
+    def _final_numbered(self) -> None:
+        self.supervisor.training_over = True
 
-    def _say_stalled(self, stalled_s: float) -> None:
-        stack, where = thread_stack(self._training_thread, is_user_file)
-        ranks = self.ask_other_ranks() if self.ask_other_ranks is not None else []
-        others = "".join(f"\n{described(rank)}" for rank in ranks)
-        log.warning("training has stood still for %.0f s (after %s)%s; its thread's stack:\n%s%s", stalled_s,
-                    self._last_loop_event, f" in your code at {where}" if where else "", "".join(stack) or "-",
-                    others)
-        self.emit(ev.TRAINING_STALLED, {"stalled_s": round(stalled_s, 1), "after": self._last_loop_event,
-                                        "where": where, "stack": stack, **({"ranks": ranks} if ranks else {})})
+    def _checkpoint_numbered(self, seq: int, data: dict) -> None:
+        self.control.checkpointer.numbered(seq, data)
 
     def _send_events(self, frames: list[tuple[bytes, bytes]]) -> None:
         """Each (topic, envelope) on the events sockets, then all of them as bursts on the bursts sockets."""
@@ -468,18 +378,6 @@ class Bus:
             return
         if identity[:1] == REMOTE:
             self.ledger.sent(identity, len(raw))
-
-
-def _counts_at_end(journal: Journal) -> list[int]:
-    """The `n` of the journal's last event, where a continued run's numbering goes on; zeros for a new journal (or
-    one written before `n`: a plugin then sees its counts start afresh, does not take them for proof, and replays)."""
-    if journal.written_seq >= 1:
-        count, blob = journal.read_range(journal.written_seq, 1, MAX_MESSAGE_BYTES)
-        if count:
-            n = decode_event(blob).n
-            if n is not None:
-                return list(n)
-    return [0] * N_COUNTS
 
 
 def _take_all(queue: collections.deque) -> list:

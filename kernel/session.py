@@ -175,7 +175,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
     # a SIGTERM to every process (systemd stopping the unit, SLURM preempting) ends the plugins too: not early leavers
     bus.supervisor.stop_requested = lambda: bool(interrupts.count)
     if ranks is not None and len(ranks.local_pids) > 1:  # a stall says where this machine's other ranks wait too
-        bus.ask_other_ranks = lambda: ask_ranks(run_dir, ranks.local_pids, is_user_file)
+        bus.loop_watch.ask_other_ranks = lambda: ask_ranks(run_dir, ranks.local_pids, is_user_file)
     loop = Loop(spec, bus, device, stop_requested=interrupts.requested, vote_timeout_s=cfg.vote_timeout_s,
                 checkpointer=checkpointer, stepper=stepper, ranks=ranks, session_info={"cluster": cluster.describe()},
                 warn=lambda line: (log.warning("%s", line), announce(f"warning: {line}")))
@@ -557,8 +557,8 @@ def _plugin_summary(bus: Bus) -> dict[str, dict[str, Any]]:
         for kind in ("metric", "log"):  # past its [limits]: what it reported is not all in the journal
             if bus.control.dropped[name, kind]:
                 entry[f"{kind}_dropped"] = bus.control.dropped[name, kind]
-        if bus.votes_missed[name]:  # training went on without its vote: a stop it decided there came late
-            entry["votes_missed"] = bus.votes_missed[name]
+        if bus.votes.missed[name]:  # training went on without its vote: a stop it decided there came late
+            entry["votes_missed"] = bus.votes.missed[name]
     return summary
 
 
