@@ -20,14 +20,15 @@ import zmq
 from trainbus.proto import Event, encode_event, events as ev
 from trainbus.proto.codec import CONTROL_MAX_MESSAGE_BYTES
 
-from .bursts import BURSTS_HWM, bursts_of, read_subscriptions
 from .control_reading import CONTROL_PER_WAKE, LOCAL_CONTROL_RCVHWM, LOCAL_CONTROL_SNDHWM, REMOTE, ControlReading
+from .doorbell import Doorbell
 from .journal import Journal
 from .loop_watch import LoopWatch
 from .numbering import FINAL_EVENTS, Numbering
+from .publishers import BURSTS_HWM, Publishers
 from .remote import Listener
 from .remote_policing import RemotePolicing
-from .replies import Reply
+from .replies import PendingReplies
 from .reply_ledger import ReplyLedger
 from .tensors import materialize_tensors
 from .votes import Votes
@@ -44,12 +45,10 @@ FLUSH_INTERVAL_S = 0.1
 # usually ~200 B, so a stalled subscriber holds a few MB, and ~250 MB where plugins log 16 KiB lines at their
 # budget; a PUB queue past this drops (durable plugins replay). Local subscribers are the run's own plugins.
 EVENTS_HWM = 10_000
-PENDING_REPLIES_MAX = 64  # stops, and checkpoint_nows, held for the next step boundary (which lists 8: replies.py)
 STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said hello (slow joiners)
 CLOSE_TIMEOUT_S = 10.0  # close() waits this long for the bus thread's last round
 FLUSH_NOW_TIMEOUT_S = 5.0  # flush_now's wait for a flush: the bus never takes longer unless its disk holds it up
 LINGER_MS = 1000
-_MORE, _LAST = int(zmq.SNDMORE | zmq.NOBLOCK), int(zmq.NOBLOCK)
 
 
 class Bus:
@@ -70,12 +69,11 @@ class Bus:
         self.session_seq = journal.last_seq + 1  # this kernel's first: earlier ones are a continued run's past
         self._queue: collections.deque = collections.deque()  # (type, ts, step, epoch, data); step None: emit's
         self._unpublished: collections.deque = collections.deque()  # (topic, raw) numbered, not yet journaled
-        # stop and checkpoint_now replies until the next step boundary takes them, each kind at most PENDING_REPLIES_MAX
-        self._stops: collections.deque[Reply] = collections.deque()
-        self._checkpoint_asks: collections.deque[Reply] = collections.deque()
+        # Stops and checkpoint_nows for the loop's next step boundary: the bus thread's reply, the training thread's
+        # take_replies at every boundary, bound here so that neither costs a call more than a method of the Bus.
+        self.replies = PendingReplies()
+        self.reply, self.take_replies = self.replies.add, self.replies.take
         self._answers: collections.deque = collections.deque()  # (identity, raw) sent off the bus thread (send)
-        # flush_now's: each set once a flush has numbered (journaled, sent) every event queued before it
-        self._flushed: collections.deque[threading.Event] = collections.deque()
         self.counters = collections.Counter()
         self.ledger = ReplyLedger()  # what each remote key's connections can have queued (reply_ledger.py)
         self.failure: str | None = None  # why the run must stop (the journal's backlog overflowed)
@@ -90,23 +88,16 @@ class Bus:
         # ROUTER_MANDATORY: an unroutable reply raises (and is counted) instead of vanishing
         self.router = _socket(self.ctx, zmq.ROUTER, ROUTER_MANDATORY=1, MAXMSGSIZE=CONTROL_MAX_MESSAGE_BYTES,
                               SNDHWM=LOCAL_CONTROL_SNDHWM, RCVHWM=LOCAL_CONTROL_RCVHWM, LINGER=0)
-        # The training thread's doorbell: a non-batch event is flushed at once, not at the next tick.
-        # One pending ring is enough (SNDHWM 1); more would be dropped.
-        self._wake_rx = _socket(self.ctx, zmq.PULL, LINGER=0)
-        self._wake_rx.bind(f"inproc://trainbus-wake-{id(self)}")
-        self._wake_tx = _socket(self.ctx, zmq.PUSH, LINGER=0, SNDHWM=1)  # used by the training thread only
-        self._wake_tx.connect(f"inproc://trainbus-wake-{id(self)}")
+        # What the training thread waits on is flushed at once, not at the next tick.
+        self.doorbell = Doorbell(self.ctx, f"trainbus-wake-{id(self)}")
         # ipc only, in an owner-only directory: never a TCP port anyone on the host could reach
         self.pub.bind(f"ipc://{socket_dir / 'events.sock'}")
         self.bursts.bind(f"ipc://{socket_dir / 'bursts.sock'}")
         self.router.bind(f"ipc://{socket_dir / 'control.sock'}")
-        self._pubs = [self.pub] if remote is None else [self.pub, remote.pub]
-        self._burst_pubs = [self.bursts] if remote is None else [self.bursts, remote.bursts]
-        self._burst_topics: dict[zmq.Socket, set[bytes]] = {pub: set() for pub in self._burst_pubs}  # subscribed
+        self.publishers = Publishers(self.pub, self.bursts, remote)
         self.reading = ControlReading(self.router, remote, self.ledger, self.counters)
         self.policing = None if remote is None else RemotePolicing(remote, self.reading.remote_pace, self.ledger,
-                                                                   self.counters, self._pubs, self._burst_pubs,
-                                                                   self._burst_topics)
+                                                                   self.counters, self.publishers)
         self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bursts_endpoint = self.bursts.getsockopt_string(zmq.LAST_ENDPOINT)
         self.control_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -134,26 +125,6 @@ class Bus:
         epoch are filled in as it is numbered: per-batch events queued before it (not yet flushed) come first."""
         self._queue.append((type_, time.time(), None, None, data))
 
-    def reply(self, type_: str, plugin: str, reason: str) -> None:
-        """A stop or checkpoint_now for the loop's next step boundary. Past PENDING_REPLIES_MAX of its kind, it is
-        counted on the last one queued (Reply.more), whose boundary says how many more came: each was held until
-        then, and a peer that may stop the run sending them through a long validation grew the kernel by GBs."""
-        pending = self._stops if type_ == "stop" else self._checkpoint_asks
-        if len(pending) < PENDING_REPLIES_MAX:
-            pending.append(Reply(type_, plugin, reason))
-            return
-        try:
-            pending[-1].more += 1
-        except IndexError:  # taken by the boundary this instant: the one it would have joined is being acted on
-            pass
-
-    def take_replies(self) -> list[Reply]:
-        """Called at every step boundary: the empty case is two truth tests (~100 ns)."""
-        if not self._stops and not self._checkpoint_asks:
-            return []
-        # the bus thread only appends
-        return [pending.popleft() for pending in (self._stops, self._checkpoint_asks) for _ in range(len(pending))]
-
     def wait(self, done, timeout_s: float) -> bool:
         """Block the calling thread until done() holds (checked after each bus round) or timeout_s passes."""
         end = time.monotonic() + timeout_s
@@ -178,17 +149,7 @@ class Bus:
         Out means numbered by a flush that started after this call: an empty queue is not enough, since a burst
         may have taken the events and not yet numbered them (a vote would then be awaited at the seq before).
         False when timeout_s passed first: a flush held up (the journal's fsync behind other writes to its disk)."""
-        return self.wait(self.ring().is_set, FLUSH_NOW_TIMEOUT_S if timeout_s is None else timeout_s)
-
-    def ring(self) -> threading.Event:
-        """Ask the bus to flush at once; the Event is set once a flush numbered every event queued before it."""
-        flushed = threading.Event()
-        self._flushed.append(flushed)  # after this thread's events: the flush that takes it takes them
-        try:
-            self._wake_tx.send(b"", zmq.NOBLOCK)
-        except zmq.Again:  # a ring is already pending: the bus is waking anyway
-            pass
-        return flushed
+        return self.wait(self.doorbell.ring().is_set, FLUSH_NOW_TIMEOUT_S if timeout_s is None else timeout_s)
 
     def await_votes(self, type_: str, timeout_s: float) -> list[str]:
         """Wait until every live plugin voting at `type_` acked its latest instance; return who did not (votes.py)."""
@@ -220,8 +181,9 @@ class Bus:
                       "left open until the process exits", CLOSE_TIMEOUT_S)
             return self.journal.error
         error = self.journal.close()
-        for socket in (self.pub, self.bursts, self.router, self._wake_tx, self._wake_rx):
+        for socket in (self.pub, self.bursts, self.router):
             socket.close()
+        self.doorbell.close()
         self.ctx.term()
         if self.remote is not None:
             self.remote.close()
@@ -234,11 +196,11 @@ class Bus:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
-        poller.register(self._wake_rx, zmq.POLLIN)
+        poller.register(self.doorbell.rx, zmq.POLLIN)
         if self.policing is not None:
             for socket in self.policing.sockets():  # control; the events XPUB's subscriptions; each socket's monitor
                 poller.register(socket, zmq.POLLIN)
-        for pub in self._burst_pubs:
+        for pub in self.publishers.burst_pubs:
             poller.register(pub, zmq.POLLIN)  # (un)subscriptions
         next_heartbeat, next_flush, more = 0.0, 0.0, False
         while not self._closing.is_set():
@@ -246,14 +208,12 @@ class Bus:
                 due = self.reading.resumes_at(min(next_heartbeat, self.supervisor.next_deadline(), next_flush))
                 ready = dict(poller.poll(0 if more else max(0.0, due - time.monotonic()) * 1000))
                 polled = time.monotonic()
-                if self._wake_rx in ready:  # the training thread waits on what is queued (flush_now)
-                    _drain(self._wake_rx)
+                if self.doorbell.rx in ready:  # the training thread waits on what is queued (flush_now)
+                    self.doorbell.heard()
                     next_flush = 0.0
                 if self.policing is not None:
                     self.policing.after_poll(poller, ready)
-                for pub in self._burst_pubs:
-                    if pub in ready:
-                        read_subscriptions(pub, self._burst_topics[pub])
+                self.publishers.read_subscriptions(ready)
                 if self.policing is not None:
                     self.policing.after_subscriptions(poller, ready)
                 control_ready = self.router in ready or (self.remote is not None and self.remote.router in ready)
@@ -310,10 +270,10 @@ class Bus:
         step, epoch = self.numbering.position
         beat = Event(max(1, self.journal.written_seq), self.run_id, ev.HEARTBEAT, time.time(), step, epoch,
                      {"interval_s": self.heartbeat_interval_s, "held_back": len(self._unpublished)})
-        self._send_events([(ev.HEARTBEAT.encode(), encode_event(beat))])
+        self.publishers.send([(ev.HEARTBEAT.encode(), encode_event(beat))])
 
     def _flush(self) -> None:
-        waiting = _take_all(self._flushed)  # first: every event queued before one of them is in the batch below
+        waiting = self.doorbell.waiting()  # first: every event queued before one of them is in the batch below
         try:
             self._number_and_send(_take_all(self._queue))
         finally:
@@ -337,7 +297,7 @@ class Bus:
         first_seq = self.numbering.last_seq + 1
         records = self.numbering.number(batch, self._unpublished)
         written = self.journal.append(records, first_seq)  # journal first: a published event is always replayable
-        self._send_events([self._unpublished.popleft() for _ in range(written)])
+        self.publishers.send([self._unpublished.popleft() for _ in range(written)])
         self.counters["events"] += written
         if self.journal.overflowing and self.failure is None:  # the disk stays full: stop at the next step
             self.failure = self.journal.overflow_message()
@@ -348,21 +308,6 @@ class Bus:
 
     def _checkpoint_numbered(self, seq: int, data: dict) -> None:
         self.control.checkpointer.numbered(seq, data)
-
-    def _send_events(self, frames: list[tuple[bytes, bytes]]) -> None:
-        """Each (topic, envelope) on the events sockets, then all of them as bursts on the bursts sockets."""
-        # Two sends with int flags: send_multipart's per-frame flag arithmetic on pyzmq's enums is most of its
-        # cost (2.9 -> 1.3 us an event uncontended, docs/benchmarks.md). A PUB never blocks: at its high-water
-        # mark it drops the whole message for that subscriber.
-        for pub in self._pubs:
-            for topic, raw in frames:
-                pub.send(topic, _MORE)
-                pub.send(raw, _LAST)
-        takers = [pub for pub in self._burst_pubs if self._burst_topics[pub]]
-        if takers and frames:
-            for burst in bursts_of([raw for _, raw in frames]):
-                for pub in takers:
-                    pub.send(burst, _LAST)
 
     def send(self, identity: bytes, raw: bytes) -> None:
         if threading.current_thread() is not self._thread and self._thread.is_alive():
@@ -382,14 +327,6 @@ class Bus:
 
 def _take_all(queue: collections.deque) -> list:
     return [queue.popleft() for _ in range(len(queue))]  # other threads only append
-
-
-def _drain(socket: zmq.Socket) -> None:
-    while True:
-        try:
-            socket.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            return
 
 
 def _socket(ctx: zmq.Context, kind: int, **options: int) -> zmq.Socket:

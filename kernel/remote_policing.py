@@ -12,8 +12,8 @@ import logging
 
 import zmq
 
-from .bursts import read_subscriptions
 from .limits import PacedReading
+from .publishers import Publishers, read_subscriptions
 from .remote import SUBSCRIPTIONS_MAX, Listener
 from .reply_ledger import ReplyLedger
 
@@ -21,14 +21,13 @@ log = logging.getLogger("trainbus.kernel")
 
 
 class RemotePolicing:
-    """The bus thread's TCP sockets kept affordable. `pubs` and `burst_pubs` are the bus's publishers ([0] ipc, [1]
-    TCP) and `burst_topics` its bursts sockets' subscriptions: a replaced socket is put in its place there."""
+    """The bus thread's TCP sockets kept affordable; a replaced publisher is put in its place in `publishers`, which
+    the bus sends on."""
 
     def __init__(self, remote: Listener, remote_pace: PacedReading, ledger: ReplyLedger,
-                 counters: collections.Counter, pubs: list[zmq.Socket], burst_pubs: list[zmq.Socket],
-                 burst_topics: dict[zmq.Socket, set[bytes]]):
+                 counters: collections.Counter, publishers: Publishers):
         self.remote, self.remote_pace, self.ledger, self.counters = remote, remote_pace, ledger, counters
-        self.pubs, self.burst_pubs, self.burst_topics = pubs, burst_pubs, burst_topics
+        self.publishers = publishers
         self.event_topics: set[bytes] = set()  # what the TCP events XPUB's subscribers hold (counted only)
 
     def sockets(self) -> list[zmq.Socket]:
@@ -78,7 +77,7 @@ class RemotePolicing:
     def cut_subscribed(self, poller: zmq.Poller) -> None:
         """A TCP publisher whose subscribers hold over SUBSCRIPTIONS_MAX distinct topics (libzmq keeps them all, at
         ~25 bytes a byte: a client subscribing to endless made-up ones) is replaced, its subscribers cut."""
-        held = (("pub", self.event_topics), ("bursts", self.burst_topics[self.remote.bursts]))
+        held = (("pub", self.event_topics), ("bursts", self.publishers.topics[self.remote.bursts]))
         for attribute, topics in held:
             if len(topics) < SUBSCRIPTIONS_MAX:
                 continue
@@ -97,10 +96,7 @@ class RemotePolicing:
             poller.register(socket, 0)  # unregistered; the control ROUTER may be already (ControlReading.pace)
         if old[1] is not self.remote.pub:
             self.event_topics = set()  # each subscription comes again as its subscriber returns
-        if old[2] is not self.remote.bursts:
-            del self.burst_topics[old[2]]
-            self.burst_topics[self.remote.bursts] = set()
-        self.pubs[1], self.burst_pubs[1] = self.remote.pub, self.remote.bursts
+        self.publishers.replace_remote(self.remote.pub, self.remote.bursts)
         for socket in self.sockets():
             poller.register(socket, zmq.POLLIN)
         if not self.remote_pace.polled:

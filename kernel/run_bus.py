@@ -14,7 +14,7 @@ from trainbus.proto.checkpoint_format import CHECKPOINT_DIR
 from trainbus.proto.codec import CONTROL_MAX_MESSAGE_BYTES
 from trainbus.proto.remote import KeyFileError, write_connection_file
 
-from .bursts import BURSTS_HWM
+from .publishers import BURSTS_HWM
 from .bus import Bus
 from .checkpointing import Checkpointer, persister_directory
 from .config import ConfigError

@@ -29,7 +29,7 @@ class Votes:
         # The vote is at the seq a flush gives the event. Until one has numbered it the latest of its type is the one
         # before, which every voter acked long ago: a flush held up past flush_now's wait (an fsync behind a
         # checkpoint being written) is waited for within the vote's time too, and what it leaves is the vote's.
-        out, end = bus.ring(), time.monotonic() + flush_wait_s + timeout_s
+        out, end = bus.doorbell.ring(), time.monotonic() + flush_wait_s + timeout_s
         if not bus.wait(out.is_set, end - time.monotonic()):
             late = [p.name for p in peers if type_ in p.votes and peers.is_live(p, time.monotonic())]
             log.warning("no vote from %s at %s: no flush numbered it within %.3g s (the journal's disk?); training "

@@ -121,7 +121,7 @@ def test_a_burst_is_its_envelopes_as_one_array_and_decodes_to_its_events():
 
 
 def test_the_bus_cuts_a_flush_into_bursts_under_the_cap_keeping_every_record_in_order():
-    from trainbus.kernel.bursts import bursts_of
+    from trainbus.kernel.publishers import bursts_of
     values = [bytes([i]) * (10 + i) for i in range(40)]
     records = [msgpack.packb(v) for v in values]
     for cap in (1, 25, 100, 10_000):

@@ -28,7 +28,7 @@ import zmq
 from conftest import trainbus, trainbus_cmd
 from fixture_targets import open_gate
 from kernel_process import KernelProcess, cli, of, wait_until
-from trainbus.kernel.bursts import BURSTS_HWM
+from trainbus.kernel.publishers import BURSTS_HWM
 from trainbus.proto.codec import CONTROL_MAX_MESSAGE_BYTES
 from trainbus.kernel.journal import read_events
 from trainbus.proto.journal_format import read_journal
