@@ -1,8 +1,10 @@
 """The kernel's wire: numbers, journals and publishes events; reads control messages and hands them on.
 
 All sockets live in one bus thread; the training thread only appends to a deque (`publish`) and drains
-replies (`take_replies`), so it never waits on a plugin, a socket or the disk. What a control message
-does is kernel/control.py, who may send it kernel/peers.py; kernel/session.py wires them together.
+replies (`take_replies`), so it never waits on a plugin, a socket or the disk. Each job of the thread's round is
+a part the Bus holds: numbering.py, publishers.py, doorbell.py, control_reading.py, remote_policing.py, votes.py,
+loop_watch.py. What a control message does is kernel/control.py, who may send it kernel/peers.py;
+kernel/session.py wires them together.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .doorbell import Doorbell
 from .journal import Journal
 from .loop_watch import LoopWatch
 from .numbering import FINAL_EVENTS, Numbering
-from .publishers import BURSTS_HWM, Publishers
+from .publishers import Publishers
 from .remote import Listener
 from .remote_policing import RemotePolicing
 from .replies import PendingReplies
@@ -41,14 +43,9 @@ log = logging.getLogger("trainbus.kernel")
 # a small model's epoch boundaries (5-20 a second) woke every plugin again and again; they ride the bursts now.
 # What someone waits on goes at once: the training thread's flush_now (a vote at end_epoch, the run's end).
 FLUSH_INTERVAL_S = 0.1
-# Per subscriber. With every plugin-made string capped (kernel/limits.py) an event is at most ~17 KiB and
-# usually ~200 B, so a stalled subscriber holds a few MB, and ~250 MB where plugins log 16 KiB lines at their
-# budget; a PUB queue past this drops (durable plugins replay). Local subscribers are the run's own plugins.
-EVENTS_HWM = 10_000
 STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said hello (slow joiners)
 CLOSE_TIMEOUT_S = 10.0  # close() waits this long for the bus thread's last round
 FLUSH_NOW_TIMEOUT_S = 5.0  # flush_now's wait for a flush: the bus never takes longer unless its disk holds it up
-LINGER_MS = 1000
 
 
 class Bus:
@@ -83,23 +80,18 @@ class Bus:
         self.idle = threading.Condition()  # notified after every round of the bus thread
 
         self.ctx = zmq.Context()
-        self.pub = _socket(self.ctx, zmq.PUB, SNDHWM=EVENTS_HWM, LINGER=LINGER_MS)
-        self.bursts = _socket(self.ctx, zmq.XPUB, SNDHWM=BURSTS_HWM, LINGER=LINGER_MS)
+        self.publishers = Publishers(self.ctx, socket_dir, remote)  # the events and bursts sockets
         # ROUTER_MANDATORY: an unroutable reply raises (and is counted) instead of vanishing
         self.router = _socket(self.ctx, zmq.ROUTER, ROUTER_MANDATORY=1, MAXMSGSIZE=CONTROL_MAX_MESSAGE_BYTES,
                               SNDHWM=LOCAL_CONTROL_SNDHWM, RCVHWM=LOCAL_CONTROL_RCVHWM, LINGER=0)
         # What the training thread waits on is flushed at once, not at the next tick.
         self.doorbell = Doorbell(self.ctx, f"trainbus-wake-{id(self)}")
         # ipc only, in an owner-only directory: never a TCP port anyone on the host could reach
-        self.pub.bind(f"ipc://{socket_dir / 'events.sock'}")
-        self.bursts.bind(f"ipc://{socket_dir / 'bursts.sock'}")
         self.router.bind(f"ipc://{socket_dir / 'control.sock'}")
-        self.publishers = Publishers(self.pub, self.bursts, remote)
         self.reading = ControlReading(self.router, remote, self.ledger, self.counters)
         self.policing = None if remote is None else RemotePolicing(remote, self.reading.remote_pace, self.ledger,
                                                                    self.counters, self.publishers)
-        self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.bursts_endpoint = self.bursts.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.events_endpoint, self.bursts_endpoint = self.publishers.events_endpoint, self.publishers.bursts_endpoint
         self.control_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._thread = threading.Thread(target=self._run, name="trainbus-bus", daemon=True)
 
@@ -181,8 +173,8 @@ class Bus:
                       "left open until the process exits", CLOSE_TIMEOUT_S)
             return self.journal.error
         error = self.journal.close()
-        for socket in (self.pub, self.bursts, self.router):
-            socket.close()
+        self.publishers.close()
+        self.router.close()
         self.doorbell.close()
         self.ctx.term()
         if self.remote is not None:
@@ -212,10 +204,10 @@ class Bus:
                     self.doorbell.heard()
                     next_flush = 0.0
                 if self.policing is not None:
-                    self.policing.after_poll(poller, ready)
+                    self.policing.watch_connections(poller, ready)
                 self.publishers.read_subscriptions(ready)
                 if self.policing is not None:
-                    self.policing.after_subscriptions(poller, ready)
+                    self.policing.watch_subscriptions(poller, ready)
                 control_ready = self.router in ready or (self.remote is not None and self.remote.router in ready)
                 more = (more or control_ready) and self.reading.read(CONTROL_PER_WAKE)
                 self.reading.pace(poller)

@@ -8,14 +8,20 @@ Made only while someone subscribes: an XPUB says when the first subscriber comes
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import zmq
 
 from trainbus.proto import encode_burst
 
+from .control_reading import CONTROL_PER_WAKE
 from .remote import Listener
 
-from .control_reading import CONTROL_PER_WAKE
-
+# Per subscriber. With every plugin-made string capped (kernel/limits.py) an event is at most ~17 KiB and
+# usually ~200 B, so a stalled subscriber holds a few MB, and ~250 MB where plugins log 16 KiB lines at their
+# budget; a PUB queue past this drops (durable plugins replay). Local subscribers are the run's own plugins.
+EVENTS_HWM = 10_000
+LINGER_MS = 1000
 BURST_MAX_BYTES = 256 * 1024  # before zlib; a larger flush (a backlog the journal released at once) goes as several
 BURSTS_HWM = 100  # per subscriber, ~10 s of bursts (at most ~25 MB); past it one is dropped and the client replays
 BURST_TOPICS_MAX = 1024  # distinct subscriptions tracked per bursts socket (any one means: make the bursts)
@@ -24,12 +30,19 @@ _MORE, _LAST = int(zmq.SNDMORE | zmq.NOBLOCK), int(zmq.NOBLOCK)
 
 class Publishers:
     """The events sockets (a PUB on ipc, with --listen an XPUB on TCP too) and the bursts XPUBs, which the bus thread
-    sends on, and what each bursts socket's subscribers hold. A TCP socket the Listener replaced is put in its place
-    (replace_remote: kernel/remote_policing.py)."""
+    sends on, and what each bursts socket's subscribers hold. The ipc ones are made here, in the bus's context; a TCP
+    socket the Listener replaced is put in its place (replace_remote: kernel/remote_policing.py)."""
 
-    def __init__(self, pub: zmq.Socket, bursts: zmq.Socket, remote: Listener | None):
-        self.pubs = [pub] if remote is None else [pub, remote.pub]
-        self.burst_pubs = [bursts] if remote is None else [bursts, remote.bursts]
+    def __init__(self, ctx: zmq.Context, socket_dir: Path, remote: Listener | None):
+        self.pub, self.bursts = ctx.socket(zmq.PUB), ctx.socket(zmq.XPUB)
+        for socket, hwm, name in ((self.pub, EVENTS_HWM, "events.sock"), (self.bursts, BURSTS_HWM, "bursts.sock")):
+            socket.setsockopt(zmq.SNDHWM, hwm)
+            socket.setsockopt(zmq.LINGER, LINGER_MS)
+            socket.bind(f"ipc://{socket_dir / name}")  # in an owner-only directory: never a TCP port
+        self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.bursts_endpoint = self.bursts.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.pubs = [self.pub] if remote is None else [self.pub, remote.pub]
+        self.burst_pubs = [self.bursts] if remote is None else [self.bursts, remote.bursts]
         self.topics: dict[zmq.Socket, set[bytes]] = {pub: set() for pub in self.burst_pubs}  # subscribed
 
     def read_subscriptions(self, ready: dict) -> None:
@@ -60,6 +73,11 @@ class Publishers:
             del self.topics[self.burst_pubs[1]]
             self.topics[bursts] = set()
         self.pubs[1], self.burst_pubs[1] = pub, bursts
+
+    def close(self) -> None:
+        """The ipc ones (their LINGER lets the last events out); the TCP ones are the Listener's."""
+        self.pub.close()
+        self.bursts.close()
 
 
 def bursts_of(records: list[bytes], max_bytes: int = BURST_MAX_BYTES) -> list[bytes]:

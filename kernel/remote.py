@@ -43,10 +43,10 @@ CONTROL_RCVHWM = 16
 # batches of up to 4 MiB each held for it (four monitor keys: +300 MB of the kernel's memory in 20 s). Past it, a
 # reply is dropped and counted unroutable, and the peer asks again.
 CONTROL_SNDHWM = 8
-# EVENTS_HWM (kernel/bus.py) on TCP (--listen), where any monitor key may hold connections that never read, each its
-# own queue of events up to ~17 KiB: 64 of them grew the kernel by 266 MB in 110 s at 10,000, and by 28 MB at 1,000
-# (docs/architecture.md). A reader that keeps up misses nothing at 1,000 (a run at full speed on 2 cores; 100 lost
-# 22 % of it); one that falls behind sees a seq gap and replays (PROTOCOL.md §4).
+# EVENTS_HWM (kernel/publishers.py) on TCP (--listen), where any monitor key may hold connections that never read,
+# each its own queue of events up to ~17 KiB: 64 of them grew the kernel by 266 MB in 110 s at 10,000, and by 28 MB
+# at 1,000 (docs/architecture.md). A reader that keeps up misses nothing at 1,000 (a run at full speed on 2 cores;
+# 100 lost 22 % of it); one that falls behind sees a seq gap and replays (PROTOCOL.md §4).
 TCP_EVENTS_HWM = 1000
 TCP_KEEPALIVE_IDLE_S = 60  # a peer whose machine vanished is noticed and its connection closed
 REBIND_ATTEMPTS, REBIND_PAUSE_S = 400, 0.005  # binding a publisher's port again: up to 2 s

@@ -35,12 +35,12 @@ class RemotePolicing:
         and its connection monitors."""
         return [self.remote.router, self.remote.pub, self.remote.bursts, *self.remote.monitors()]
 
-    def after_poll(self, poller: zmq.Poller, ready: dict) -> None:
+    def watch_connections(self, poller: zmq.Poller, ready: dict) -> None:
         """A socket monitor that polled ready: connections came or went, perhaps too many (cut_crowded)."""
         if any(monitor in ready for monitor in self.remote.monitors()):
             self.cut_crowded(poller)
 
-    def after_subscriptions(self, poller: zmq.Poller, ready: dict) -> None:
+    def watch_subscriptions(self, poller: zmq.Poller, ready: dict) -> None:
         """The TCP events XPUB's new subscriptions counted, and a publisher holding too many cut (cut_subscribed)."""
         if self.remote.pub in ready:
             read_subscriptions(self.remote.pub, self.event_topics)

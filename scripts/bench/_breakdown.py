@@ -229,7 +229,7 @@ def flush_cost(workdir: Path) -> None:
     def append(k, items):
         journal.append(items, journal.last_seq + 1)
 
-    pub = bus.pub
+    pub = bus.publishers.pub
 
     def send_multipart(k, items):
         for raw in items:

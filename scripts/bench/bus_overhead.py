@@ -70,7 +70,7 @@ from _benchutil import (
 )
 from _breakdown import diagnose
 from _runs import Measurer, bare_run, epoch_means, run_mean, step_medians, trainbus_run
-from trainbus.kernel.bus import EVENTS_HWM
+from trainbus.kernel.publishers import EVENTS_HWM
 from trainbus.kernel.config import DEFAULT_PLUGINS, load_config
 from trainbus.kernel.session import close_bus, open_bus, wait_ready
 

@@ -56,7 +56,8 @@ from _benchutil import (
     table,
     wait_quiet,
 )
-from trainbus.kernel.bus import EVENTS_HWM, FLUSH_INTERVAL_S, Bus
+from trainbus.kernel.bus import FLUSH_INTERVAL_S, Bus
+from trainbus.kernel.publishers import EVENTS_HWM
 from trainbus.kernel.config import RunConfig
 from trainbus.kernel.journal import FSYNC_INTERVAL_S, Journal
 from trainbus.kernel.session import close_bus, open_bus, run_training, wait_ready
