@@ -47,7 +47,7 @@ def daemon_start(
     """Start the daemon for a runs directory: it runs the queued runs (`trainbus run ... --detach`) in order."""
     from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
 
-    from . import daemon, daemon_client
+    from . import daemon, daemon_client, daemon_files
     from .daemon_serve import serve
     from .keys import KeyStore
     from .remote import ListenError, check_listen
@@ -65,17 +65,17 @@ def daemon_start(
         argv += ["--listen", listen] if listen else []
         argv += ["--keys-dir", str(keys_dir.resolve())] if keys_dir else []
         answer = daemon_client.start_background(runs_dir, argv)
-    except (daemon.DaemonError, ListenError, KeyFileError) as exc:
+    except (daemon_files.DaemonError, ListenError, KeyFileError) as exc:
         raise UserError(str(exc)) from None
     if answer.get("starting"):  # it holds the directory and works through its first round: not killed for it
         out.print(f"daemon pid {answer['pid']} holds {escape(str(runs_dir.resolve()))} and is still settling its runs "
                   f"before it serves (a long queue, a slow disk); `trainbus daemon status --runs-dir "
                   f"{escape(shlex.quote(str(runs_dir)))}` says when it serves; log: "
-                  f"{escape(str(daemon.daemon_dir(runs_dir) / daemon.LOG_FILE))}")
+                  f"{escape(str(daemon_files.daemon_dir(runs_dir) / daemon_files.LOG_FILE))}")
         return
     out.print(f"daemon pid {answer['pid']} serves {escape(answer['runs_dir'])} (devices: "
               f"{','.join(answer['devices']) or 'none'}, max concurrent {answer['max_concurrent']}); "
-              f"log: {escape(str(daemon.daemon_dir(runs_dir) / daemon.LOG_FILE))}")
+              f"log: {escape(str(daemon_files.daemon_dir(runs_dir) / daemon_files.LOG_FILE))}")
     if answer.get("remote"):
         out.print(_remote_line(answer["remote"], runs_dir))
 
@@ -91,21 +91,21 @@ def _first_of(queued: list[str]) -> str:
 
 
 def _remote_line(endpoint: str, runs_dir: Path) -> str:
-    from . import daemon
+    from . import daemon_files
 
     return (f"remote endpoint {escape(endpoint)}: clients need a key of `trainbus keys` and "
-            f"{escape(str(daemon.daemon_dir(runs_dir) / daemon.REMOTE_FILE))} (--server-key)")
+            f"{escape(str(daemon_files.daemon_dir(runs_dir) / daemon_files.REMOTE_FILE))} (--server-key)")
 
 
 @daemon_app.command("stop")
 def daemon_stop(runs_dir: Path = RUNS_DIR_OPTION) -> None:
     """Stop the daemon; its runs go on training and the next daemon adopts them."""
-    from . import daemon, daemon_client
+    from . import daemon_client, daemon_files
     from .runs import no_runs_dir
 
     try:
         answer = daemon_client.stop(runs_dir)
-    except daemon.DaemonError as exc:
+    except daemon_files.DaemonError as exc:
         raise UserError(str(exc)) from None
     stuck = daemon_client.unanswering(runs_dir) if answer is None else None
     if stuck is not None:  # it lives, holding the directory: not "no daemon serves"

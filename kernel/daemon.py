@@ -39,42 +39,29 @@ from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, read_connection
 
 from .buffer_files import remove_dead_runs_buffers
 from .checkpointing import has_checkpoints, no_checkpoints
+from .daemon_files import (OUTPUT_DIR, DaemonError, make_daemon_dir, open_output, output_file, output_tail,
+                           unwatched_tail)
 from .kernel_log import cap_log
 from .pids import killed_by, process_alive
-from .private_dirs import make_dirs, others_can_write
 from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started, cannot_read,
                        ended_without_directory, queued_resume, record_run, resume_started, unreadable_row)
 from .runs import CONFIG, KERNEL_PID, RunLookupError, find_runs, kernel_process, resolve_run, run_overview
 
 log = logging.getLogger("trainbus.daemon")
 
-DAEMON_DIR = ".daemon"
-PID_FILE = "daemon.pid"
-LOG_FILE = "daemon.log"
-REMOTE_FILE = "remote.json"  # the TCP endpoint and the server's public key, for `--remote` clients
-ENDPOINT_FILE = "endpoint"  # the control socket's ipc endpoint (in DAEMON_DIR unless that path is too long)
-OUTPUT_DIR = "output"  # one file per job: its process's stdout and stderr
 RESUME_FAILED = "its resume ended before training"  # how a job's detail says so (`daemon status` shows it)
 RESUMED_STATUSES = ("died", "interrupted")  # what a run submitted with --max-resumes is continued from by itself
 STATUS_ENDED = 10  # `status` lists this many of the runs it ended last (a remote key has no `runs list`)
 TICK_S = 1.0  # the queue is looked at this often without a wake-up (submit wakes the daemon at once)
-CONTROL_MAX_BYTES = 64 * 1024
 OUTPUT_FREE_MIN = 1 << 20  # below this free on the output files' disk, queued runs wait (see Daemon.tick)
-OUTPUT_TAIL_BYTES = 2000  # of a job that failed before its run had a directory, what the listing shows
 # A run's output file (what its `trainbus run` prints: the console's lines, and whatever the user's code prints) is
 # capped as a plugin's log is: past OUTPUT_MAX_BYTES, checked every OUTPUT_CHECK_S, it is copied to RUN_ID.log.1 and
 # emptied in place. Code printing a line a step would otherwise fill the disk in a multi-day run.
 OUTPUT_MAX_BYTES = 64 * 1024 * 1024
 OUTPUT_CHECK_S = 5.0
-REQUEST_TIMEOUT_S = 3.0
-REMOTE_REQUEST_TIMEOUT_S = 15.0  # a CURVE handshake and the authenticator first, maybe over a slow network
 # What CUDA_VISIBLE_DEVICES takes: an index, or a UUID as `nvidia-smi -L` prints it (GPU-..., MIG-... and the
 # older MIG-GPU-.../GI/CI form).
 DEVICE_PATTERN = re.compile(r"[0-9]+|GPU-[0-9A-Fa-f-]+|MIG-(GPU-)?[0-9A-Fa-f-]+(/[0-9]+/[0-9]+)?")
-
-
-class DaemonError(Exception):
-    """The daemon cannot do what was asked (one line, naming the fix)."""
 
 
 @dataclass
@@ -116,61 +103,6 @@ def launched_for(run_id: str) -> int | None:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return None
-
-
-def output_file(runs_dir: Path, run_id: str) -> Path:
-    """Where the daemon writes the output (stdout and stderr) of the process it starts for run_id."""
-    return daemon_dir(runs_dir) / OUTPUT_DIR / f"{run_id}.log"
-
-
-def private_append_fd(path: Path) -> int:
-    """`path` opened for appending, owner-only whatever the umask (one an older trainbus made 0644 is made 0600 too):
-    daemon.log and the runs' output files hold what users ran and what their code prints."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-    os.fchmod(fd, 0o600)
-    return fd
-
-
-def open_output(path: Path):
-    """A run's output file, for appending, owner-only as daemon.log is."""
-    return open(private_append_fd(path), "ab")
-
-
-def output_tail(runs_dir: Path, job_id: str) -> str:
-    """The line of a job's output that says how it ended: its last `error:` line, else its last line."""
-    path = output_file(runs_dir, job_id)
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - OUTPUT_TAIL_BYTES))
-            lines = f.read().decode(errors="replace").strip().splitlines()
-    except OSError:
-        return f"no output ({path})"
-    errors = [line for line in lines if line.startswith("error:")]
-    return (errors or lines or ["no output"])[-1].strip()
-
-
-def unwatched_tail(runs_dir: Path, job_id: str) -> str | None:
-    """A started job's output_tail when no daemon lives to settle it (its process ended meanwhile); None while one
-    does."""
-    from .daemon_client import daemon_lives
-
-    return None if daemon_lives(runs_dir) else output_tail(runs_dir, job_id)
-
-
-def daemon_dir(runs_dir: Path) -> Path:
-    return Path(runs_dir).resolve() / DAEMON_DIR
-
-
-def make_daemon_dir(runs_dir: Path) -> Path:
-    path = daemon_dir(runs_dir)
-    make_dirs(path.parent)
-    path.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)  # the control socket inside is reachable by whoever can enter this directory
-    why = others_can_write(path)  # a .daemon another user made first is theirs: its socket, its pid file
-    if why:
-        raise DaemonError(f"cannot serve {path.parent}: {why}")
-    (path / OUTPUT_DIR).mkdir(mode=0o700, exist_ok=True)
-    return path
 
 
 def wanted_devices(job: dict[str, Any], devices: list[str]) -> int:

@@ -19,8 +19,11 @@ import zmq
 
 from trainbus.proto import ProtocolError, unpack
 
-from .daemon import (CONTROL_MAX_BYTES, ENDPOINT_FILE, LOG_FILE, PID_FILE, REMOTE_FILE, REMOTE_REQUEST_TIMEOUT_S,
-                     REQUEST_TIMEOUT_S, DaemonError, daemon_dir, make_daemon_dir)
+from .daemon_files import (CONTROL_MAX_BYTES, ENDPOINT_FILE, LOG_FILE, PID_FILE, REMOTE_FILE, DaemonError, daemon_dir,
+                           make_daemon_dir)
+
+REQUEST_TIMEOUT_S = 3.0
+REMOTE_REQUEST_TIMEOUT_S = 15.0  # a CURVE handshake and the authenticator first, maybe over a slow network
 
 
 @dataclass
@@ -67,7 +70,7 @@ def _not_stale(server_key: Path) -> None:
     connection would wait seconds on a port nothing listens on, then only say so."""
     from trainbus.proto.remote import KeyFileError
 
-    from .daemon import DAEMON_DIR
+    from .daemon_files import DAEMON_DIR
 
     path = Path(server_key).absolute()
     if path.name != REMOTE_FILE or path.parent.name != DAEMON_DIR:

@@ -32,6 +32,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .daemon_files import unwatched_tail
 from .pids import process_alive
 from .private_dirs import others_can_write, others_can_write_file
 from .runs import STATUSES as RUN_STATUSES
@@ -505,8 +506,6 @@ def list_runs(runs_dir: Path, statuses: tuple[str, ...] = (), target: str | None
     directory only when it may be out of date, and written back. Without a usable registry, from the directories.
 
     statuses: keep only these; target: keep runs whose target contains it."""
-    from .daemon import unwatched_tail  # the daemon imports this module
-
     now = time.time() if now is None else now
     dirs = {path.name: path.resolve() for path in find_runs(runs_dir)}
     try:

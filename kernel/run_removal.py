@@ -105,7 +105,7 @@ def delete_run(run_dir: Path) -> None:
             raise RemovalError(f"cannot delete run {run_dir.name}: {exc.filename or run_dir}: "
                                f"{exc.strerror or exc} (some of its files may be gone)") from None
     runs_dir = run_dir.parent
-    from .daemon import output_file
+    from .daemon_files import output_file
 
     try:  # the daemon's copy of its process's output, when the daemon started it, and the older part of it (capped)
         output = output_file(runs_dir, run_dir.name)

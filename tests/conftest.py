@@ -116,7 +116,7 @@ def daemons():
 
 def start_daemon(daemons: list[Path], runs: Path, *extra: str) -> int:
     """`trainbus daemon start` for runs (stopped at the test's end); the daemon's pid."""
-    from trainbus.kernel.daemon import PID_FILE, daemon_dir
+    from trainbus.kernel.daemon_files import PID_FILE, daemon_dir
 
     done = trainbus("daemon", "start", "--runs-dir", str(runs), *extra)
     assert "serves" in done.stdout, done.stdout

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from trainbus.kernel.checkpointing import has_checkpoints
-from trainbus.kernel.daemon import OUTPUT_CHECK_S, Daemon, DaemonError, daemon_dir, output_file, parse_devices, place
+from trainbus.kernel.daemon import OUTPUT_CHECK_S, Daemon, parse_devices, place
+from trainbus.kernel.daemon_files import DaemonError, daemon_dir, output_file
 from trainbus.kernel.cli_daemon import QUEUED_SHOWN
 from trainbus.kernel.registry import MAX_QUEUED, Registry, list_runs
 from trainbus.proto import JOURNAL_NAME
@@ -904,7 +905,7 @@ def test_a_killed_daemons_endpoint_is_not_asked_for_an_answer_no_process_can_giv
     then sent their request there and waited REQUEST_TIMEOUT_S (3 s) before saying no daemon serves, and `daemon
     start` its 0.5 s, though no process held the daemon's lock. With none holding it, none is asked."""
     from trainbus.kernel import daemon_client
-    from trainbus.kernel.daemon import ENDPOINT_FILE
+    from trainbus.kernel.daemon_files import ENDPOINT_FILE
 
     runs = tmp_path / "runs"
     runs.mkdir()

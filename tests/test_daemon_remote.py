@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trainbus.kernel.daemon import daemon_dir
+from trainbus.kernel.daemon_files import daemon_dir
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.registry import Registry
 

@@ -22,7 +22,7 @@ from aiosmtpd.smtp import AuthResult
 
 from trainbus.kernel import supervisor
 from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
-from trainbus.kernel.daemon import daemon_dir
+from trainbus.kernel.daemon_files import daemon_dir
 from trainbus.kernel.registry import Registry, list_runs
 from trainbus.kernel.runs import KERNEL_PID
 from trainbus.kernel.session import run_training

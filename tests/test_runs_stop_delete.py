@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainbus.kernel import daemon
+from trainbus.kernel import daemon, daemon_files
 from trainbus.kernel.registry import Registry
 from trainbus.kernel.session import run_training
 from trainbus.proto import JOURNAL_NAME
@@ -159,8 +159,8 @@ def test_a_run_queued_to_be_resumed_is_not_deleted_until_taken_off_the_queue(run
 
     proc = trainbus("runs", "stop", "a-queued", *where)
     assert proc.returncode == 0 and "cancelled the queued resume of a-queued; the run stays as it was" in proc.stdout
-    output = daemon.output_file(runs_dir, "a-queued")  # as if a daemon had run it once: its output goes too
-    daemon.make_daemon_dir(runs_dir)
+    output = daemon_files.output_file(runs_dir, "a-queued")  # as if a daemon had run it once: its output goes too
+    daemon_files.make_daemon_dir(runs_dir)
     output.write_text("trainbus: ...\n")
     older = output.with_name(output.name + ".1")  # what the daemon's cap moved aside (kernel/daemon.py)
     older.write_text("epoch 1 ...\n")

@@ -790,7 +790,7 @@ def test_a_key_directory_another_user_could_swap_lets_none_of_their_keys_in(othe
     daemon or kernel refuses to start on a key directory others could swap, and a running one that finds it so lets
     no key in (as with any key directory it cannot trust)."""
     from conftest import trainbus_cmd
-    from trainbus.kernel.daemon import daemon_dir
+    from trainbus.kernel.daemon_files import daemon_dir
     from trainbus.kernel.keys import KeyStore
 
     name, uid, gid = other_user
