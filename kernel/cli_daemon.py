@@ -47,14 +47,14 @@ def daemon_start(
     """Start the daemon for a runs directory: it runs the queued runs (`trainbus run ... --detach`) in order."""
     from trainbus.proto.remote import KeyFileError, keys_dir as default_keys_dir
 
-    from . import daemon, daemon_client, daemon_files
+    from . import daemon_client, daemon_files, placement
     from .daemon_serve import serve
     from .keys import KeyStore
     from .remote import ListenError, check_listen
 
     check_runs_dir(str(runs_dir))
     try:
-        devices = None if gpus is None else daemon.parse_devices(gpus)
+        devices = None if gpus is None else placement.parse_devices(gpus)
         if listen:
             check_listen(listen, KeyStore(default_keys_dir(keys_dir)), ports=1)  # one port: the daemon's
         if foreground:

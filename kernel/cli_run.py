@@ -286,7 +286,7 @@ def _check_queueable(cfg, from_file: Callable[[Exception], str]) -> None:
         raise UserError("--precision 16-mixed needs a CUDA device and this run asks for --device cpu; use "
                         "bf16-mixed on the CPU")
     if cfg.device.startswith("cuda") or cfg.precision == "16-mixed" and cfg.device == "auto":
-        from .daemon import detected_devices
+        from .placement import detected_devices
 
         if not detected_devices():  # the run would fail only once the daemon started it
             if cfg.device.startswith("cuda"):
@@ -300,7 +300,7 @@ def _check_queueable(cfg, from_file: Callable[[Exception], str]) -> None:
 
 def _no_gpu_here(gpus: int) -> str:
     """"--gpus N: this host has no GPU ... (why)" when NVML sees none here; "" when it sees some."""
-    from .daemon import gpu_census
+    from .placement import gpu_census
 
     found, why = gpu_census()
     return "" if found else f"--gpus {gpus}: this host has no GPU that NVML sees ({why})"
@@ -324,7 +324,7 @@ def _check_listen(listen: str, keys_dir: str | None) -> None:
 def _submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) -> None:
     """`run --detach`: this command, checked and less --detach, --gpus and --max-resumes, queued for the daemon; its
     id printed."""
-    from . import daemon, daemon_client
+    from . import daemon, daemon_client, placement
     from .registry import JobError
     from .session import new_run_id
 
@@ -338,7 +338,7 @@ def _submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) ->
     runs_dir = Path(cfg.runs_dir)
     # a daemon that could never place it: said now
     serving = daemon_client.request(runs_dir, "status") if gpus else None
-    if serving is not None and (why := daemon.unplaceable(gpus, list(serving.get("devices") or []))) is not None:
+    if serving is not None and (why := placement.unplaceable(gpus, list(serving.get("devices") or []))) is not None:
         if not serving.get("devices") and (no_gpu := _no_gpu_here(gpus)):  # "start the daemon with --gpus": of what?
             raise UserError(f"{no_gpu}, so the daemon can never place the run; drop --gpus to queue it on the CPU "
                             f"(--device cpu)")

@@ -31,10 +31,10 @@ from trainbus.proto.process import drain
 from trainbus.proto.remote import advertised
 
 from .credentials import bindable
-from .daemon import (TICK_S, Daemon, cancel, detected_devices, ended_jobs, epochs_of, local_user, resumed_run, submit,
-                     unplaceable, why_not_resumable)
+from .daemon import TICK_S, Daemon, cancel, ended_jobs, epochs_of, local_user, resumed_run, submit, why_not_resumable
 from .daemon_files import (CONTROL_MAX_BYTES, ENDPOINT_FILE, LOG_FILE, PID_FILE, REMOTE_FILE, DaemonError,
                            make_daemon_dir, private_append_fd)
+from .placement import detected_devices, unplaceable
 from .private_dirs import write_private
 from .registry import MAX_RESUMES, JobError, Registry, RegistryError, cannot_read
 from .runs import RUNS_DIR_HINT

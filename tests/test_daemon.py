@@ -1,6 +1,6 @@
-"""The kernel daemon (kernel/daemon.py): placement as a pure function, and the real daemon process with real
-runs: a queue that outlives `kill -9` of the daemon, two runs placed on a configured two-device list at once,
-one daemon per runs directory, a run that fails before it has a directory."""
+"""The kernel daemon (kernel/daemon.py): placement as a pure function (kernel/placement.py), and the real daemon
+process with real runs: a queue that outlives `kill -9` of the daemon, two runs placed on a configured two-device
+list at once, one daemon per runs directory, a run that fails before it has a directory."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from trainbus.kernel.checkpointing import has_checkpoints
-from trainbus.kernel.daemon import OUTPUT_CHECK_S, Daemon, parse_devices, place
+from trainbus.kernel.daemon import OUTPUT_CHECK_S, Daemon
 from trainbus.kernel.daemon_files import DaemonError, daemon_dir, output_file
+from trainbus.kernel.placement import parse_devices, place
 from trainbus.kernel.cli_daemon import QUEUED_SHOWN
 from trainbus.kernel.registry import MAX_QUEUED, Registry, list_runs
 from trainbus.proto import JOURNAL_NAME
@@ -1203,7 +1204,7 @@ NO_GPU_REFUSALS = {
 
 @pytest.mark.parametrize("case", NO_GPU_REFUSALS)
 def test_run_detach_that_needs_a_gpu_this_host_lacks_is_refused_and_queues_nothing(tmp_path, case):
-    from trainbus.kernel.daemon import detected_devices
+    from trainbus.kernel.placement import detected_devices
 
     if detected_devices():
         pytest.skip("this host has a GPU: the run would start")
@@ -1471,7 +1472,7 @@ def test_run_gpus_on_a_host_without_gpus_says_it_has_none_and_to_train_on_the_cp
     """`trainbus run --gpus 1` on a machine without GPUs said "add --detach", and with --detach to a daemon that has
     none "start the daemon with --gpus listing them": neither can work here. Each now says the host has no GPU
     (and NVML's why), and the way: drop --gpus, train on the CPU."""
-    from trainbus.kernel.daemon import gpu_census
+    from trainbus.kernel.placement import gpu_census
 
     found, why = gpu_census()
     if found:
@@ -1493,7 +1494,7 @@ def test_run_detach_gpus_with_no_gpu_and_no_daemon_is_refused_before_anything_is
     """`trainbus run --detach --gpus 1` with no daemon on a host where NVML sees no GPU queued the run: a daemon
     started here (its devices: every GPU NVML sees, none) fails it at placement, which a daemon already serving
     refuses at submission (the test above). Refused as that one is, naming the host's lack and the fix."""
-    from trainbus.kernel.daemon import gpu_census
+    from trainbus.kernel.placement import gpu_census
 
     found, why = gpu_census()
     if found:
