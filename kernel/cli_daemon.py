@@ -215,7 +215,7 @@ def daemon_cancel(
 ) -> None:
     """Take a queued run off the queue. With --remote, a running one is stopped at its next step boundary, its stop
     reason naming the key (here, `trainbus runs stop` stops it)."""
-    from . import daemon
+    from . import daemon_queue
     from .registry import JobError, cannot_read
 
     target = _remote(remote, key, server_key, runs_dir)
@@ -229,7 +229,7 @@ def daemon_cancel(
             return
     else:
         try:
-            run = daemon.cancel(runs_dir, run)
+            run = daemon_queue.cancel(runs_dir, run)
         except JobError as exc:
             raise UserError(str(exc)) from None
         except sqlite3.Error as exc:  # a full disk: SQLite cannot open the queue (it was a traceback)
@@ -297,7 +297,7 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
 def _print_no_daemon(runs_dir: Path, queued: list[str], unreadable: str | None, orphans: dict[str, int],
                      gone: list[str], resumed: dict[str, int]) -> None:
     """`daemon status` with no daemon: what starts the runs queued, and the runs no daemon watches."""
-    from . import daemon
+    from . import daemon_queue
     from .runs import no_runs_dir
 
     out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"  # and what starts the ones queued
@@ -307,9 +307,9 @@ def _print_no_daemon(runs_dir: Path, queued: list[str], unreadable: str | None, 
               + (f"; its queue is unknown: {escape(unreadable)}" if unreadable else ""))
     for run_id, pid in orphans.items():
         out.print(f"  running {run_id} (pid {pid}), started by a daemon that is gone: `trainbus daemon start"
-                  f"{escape(daemon.runs_dir_option(runs_dir))}` watches it again")
+                  f"{escape(daemon_queue.runs_dir_option(runs_dir))}` watches it again")
     for run_id in gone:
-        option = escape(daemon.runs_dir_option(runs_dir))
+        option = escape(daemon_queue.runs_dir_option(runs_dir))
         out.print(f"  gone {run_id}: started by a daemon that is gone, and its kernel is gone too (`trainbus runs "
                   f"show {run_id}{option}` says how it ended; `trainbus daemon start{option}` "
                   + (f"resumes it from its newest checkpoint (--max-resumes: {resumed[run_id]} left))"
@@ -342,7 +342,7 @@ def _queue_of_no_daemon(runs_dir: Path, stuck: tuple[int, str] | None) -> dict[s
     """What the registry says with no daemon answering: the queue, the runs ended last, and the runs a daemon
     started that no daemon watches now (training still: `unwatched`; their kernel gone too: `gone`, with the
     resumes left of those the next daemon resumes); `unreadable` when the registry cannot be read."""
-    from . import daemon
+    from . import daemon_queue
     from .pids import process_alive
     from .registry import REGISTRY_NAME, Registry, RegistryError, cannot_read
 
@@ -356,7 +356,7 @@ def _queue_of_no_daemon(runs_dir: Path, stuck: tuple[int, str] | None) -> dict[s
         try:
             with Registry(runs_dir) as registry:
                 queued = registry.job_ids(["queued"])
-                ended = daemon.ended_jobs(registry)
+                ended = daemon_queue.ended_jobs(registry)
                 # runs a daemon started and still training while none watches them (it was killed): a daemon
                 # started again adopts them
                 started = registry.jobs(["starting", "running"]) if stuck is None else []  # the stuck one's
@@ -367,7 +367,7 @@ def _queue_of_no_daemon(runs_dir: Path, stuck: tuple[int, str] | None) -> dict[s
                 gone = [job["id"] for job in started if job["pid"] is not None and job["id"] not in orphans]
                 # a --max-resumes run the next daemon resumes (a power cut), not records as ended
                 resumed = {job["id"]: left for job in started if job["id"] in gone
-                           and (left := daemon.resumed_when_settled(runs_dir, job)) is not None}
+                           and (left := daemon_queue.resumed_when_settled(runs_dir, job)) is not None}
         except RegistryError as exc:
             unreadable = str(exc)
         except sqlite3.Error as exc:  # a full disk: SQLite cannot even open it in WAL mode

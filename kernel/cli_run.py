@@ -324,7 +324,7 @@ def _check_listen(listen: str, keys_dir: str | None) -> None:
 def _submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) -> None:
     """`run --detach`: this command, checked and less --detach, --gpus and --max-resumes, queued for the daemon; its
     id printed."""
-    from . import daemon, daemon_client, placement
+    from . import daemon_client, daemon_queue, placement
     from .registry import JobError
     from .session import new_run_id
 
@@ -349,9 +349,9 @@ def _submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) ->
         raise UserError(f"{no_gpu} and no daemon serves {runs_dir.resolve()}, so a daemon started here could never "
                         f"place the run; drop --gpus to queue it on the CPU (--device cpu), or first start one on "
                         f"devices NVML does not see yet: `trainbus daemon start --gpus "
-                        f"{','.join(map(str, range(gpus)))}{daemon.runs_dir_option(runs_dir)}`")
+                        f"{','.join(map(str, range(gpus)))}{daemon_queue.runs_dir_option(runs_dir)}`")
     try:
-        told = daemon.submit(runs_dir, run_id, argv, gpus, cfg.target, dict(cfg.hyperparameters), continuing,
+        told = daemon_queue.submit(runs_dir, run_id, argv, gpus, cfg.target, dict(cfg.hyperparameters), continuing,
                              env=dict(os.environ), max_resumes=max_resumes)
     except JobError as exc:
         raise UserError(str(exc)) from None
@@ -474,8 +474,8 @@ def _epochs_named(words: list[str]) -> list[str]:
 
 
 def _check_resumable(run_dir: Path, epochs: int | None) -> None:
-    """UserError for a run that cannot be resumed now (kernel/daemon.py why_not_resumable)."""
-    from .daemon import why_not_resumable
+    """UserError for a run that cannot be resumed now (kernel/daemon_queue.py why_not_resumable)."""
+    from .daemon_queue import why_not_resumable
 
     why = why_not_resumable(run_dir, epochs, rank=under_a_launcher())
     if why:

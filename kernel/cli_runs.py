@@ -182,14 +182,14 @@ def runs_show(
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
 ) -> None:
     """One run in detail: status, per-epoch metrics, plugins and their state, the error, where its files are."""
-    from . import daemon, runs, runs_view
+    from . import daemon_queue, runs, runs_view
 
     try:
         run_dir = runs.resolve_run(run, runs_dir)
         with journal_progress(run_dir / JOURNAL_NAME, f"run {run_dir.name}") as progress:
-            details = daemon.as_queued(runs_dir, runs.run_details(run_dir, progress=progress))
+            details = daemon_queue.as_queued(runs_dir, runs.run_details(run_dir, progress=progress))
     except runs.RunLookupError as exc:
-        details = daemon.run_without_directory(runs_dir, run)  # queued, or failed before its kernel made one
+        details = daemon_queue.run_without_directory(runs_dir, run)  # queued, or failed before its kernel made one
         if details is None:
             raise UserError(str(exc)) from None
         if not as_json:
@@ -225,20 +225,20 @@ def runs_stop(
     """Stop a running run at its next step boundary, as `trainbus attach RUN --stop REASON` does; exits once the
     kernel journaled the stop. A run queued for the daemon is taken off the queue. A run that has ended: one
     line, exit 1."""
-    from . import daemon
+    from . import daemon_queue
     from .registry import JobError
 
-    queued = daemon.queued_job(runs_dir, run)  # before the directory lookup: a queued run may have none yet
+    queued = daemon_queue.queued_job(runs_dir, run)  # before the directory lookup: a queued run may have none yet
     if queued is not None:
         try:  # refused when an ended run's id starts as the queued one's does
-            queued = daemon.cancel(runs_dir, run)
+            queued = daemon_queue.cancel(runs_dir, run)
         except JobError as exc:
             raise UserError(str(exc)) from None
         resumed = (Path(runs_dir) / queued / "config.json").is_file()  # a queued resume: the run itself stays
         out.print(f"cancelled the queued resume of {queued}; the run stays as it was" if resumed
                   else f"cancelled {queued}: it was queued and never started")
         return
-    unmade = daemon.run_without_directory(runs_dir, run)  # the daemon started it, or failed to, before its kernel
+    unmade = daemon_queue.run_without_directory(runs_dir, run)  # the daemon started it, or failed to, before its kernel
     if unmade is not None:                                  # made the run directory
         if unmade["job"] not in ("starting", "running") or unmade["status"] != "running" \
                 or not _kernel_listens(runs_dir, unmade):
@@ -250,7 +250,7 @@ def runs_stop(
     try:
         run_dir, status = _run_and_status(run, runs_dir)
     except UserError:  # no run directory of that name: it may be queued in a queue that cannot be read (a full disk)
-        unread = daemon.unreadable_queue(runs_dir)
+        unread = daemon_queue.unreadable_queue(runs_dir)
         if unread is not None:
             raise UserError(f"cannot take run {run} off the queue: {unread}") from None
         raise
@@ -288,7 +288,7 @@ def _resumed_by_the_daemon(runs_dir: Path, run_dir: Path) -> bool:
     """A run whose directory says how its last session ended while the daemon resumes it (--max-resumes, a queued
     `runs resume`) and the new kernel builds the spec: wait, while the daemon's process for it lives, until that
     kernel runs. False when the resume ended first."""
-    from .daemon import as_queued
+    from .daemon_queue import as_queued
     from .runs import run_overview
 
     def runs() -> bool | None:
@@ -334,7 +334,7 @@ def runs_delete(
     """Delete ended runs: each run directory, with every file in it, and its row in the run registry. A running
     run, or one the daemon has queued, is refused (stop it first with `trainbus runs stop`); nothing is deleted
     unless every run named can be."""
-    from . import daemon, run_removal, runs
+    from . import daemon_queue, run_removal, runs
 
     run_dirs: dict[Path, None] = {}  # in the order named, once each
     records: dict[str, Path] = {}  # the daemon's runs that failed before they had a directory: their output
@@ -343,7 +343,7 @@ def runs_delete(
             try:
                 run_dir = runs.resolve_run(run, runs_dir)
             except runs.RunLookupError:
-                record = daemon.run_without_directory(runs_dir, run)
+                record = daemon_queue.run_without_directory(runs_dir, run)
                 if record is None:
                     raise
                 run_removal.check_not_submitted(runs_dir, record["id"])

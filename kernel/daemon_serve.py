@@ -31,9 +31,10 @@ from trainbus.proto.process import drain
 from trainbus.proto.remote import advertised
 
 from .credentials import bindable
-from .daemon import TICK_S, Daemon, cancel, ended_jobs, epochs_of, local_user, resumed_run, submit, why_not_resumable
+from .daemon import TICK_S, Daemon
 from .daemon_files import (CONTROL_MAX_BYTES, ENDPOINT_FILE, LOG_FILE, PID_FILE, REMOTE_FILE, DaemonError,
                            make_daemon_dir, private_append_fd)
+from .daemon_queue import cancel, ended_jobs, epochs_of, local_user, resumed_run, submit, why_not_resumable
 from .placement import detected_devices, unplaceable
 from .private_dirs import write_private
 from .registry import MAX_RESUMES, JobError, Registry, RegistryError, cannot_read

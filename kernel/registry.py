@@ -66,9 +66,9 @@ _REAL_COLUMNS = tuple(name for name, kind in COLUMNS.items() if kind.startswith(
 JSON_COLUMNS = ("flags", "validation_metrics", "stop_reasons", "plugin_trouble", "last_event", "hyperparameters",
                 "training_metrics")
 
-# The daemon's queue (kernel/daemon.py): how to start each submitted run, and where its process is. A job's run
-# also has a row in `runs` from the moment it is queued (status queued, no dir), which its kernel's own record
-# replaces once it has a directory.
+# The daemon's queue (submitted by kernel/daemon_queue.py, started by kernel/daemon.py): how to start each submitted
+# run, and where its process is. A job's run also has a row in `runs` from the moment it is queued (status queued,
+# no dir), which its kernel's own record replaces once it has a directory.
 JOB_COLUMNS = {
     "id": "TEXT PRIMARY KEY", "state": "TEXT NOT NULL", "submitted_ts": "REAL NOT NULL", "argv": "TEXT NOT NULL",
     "cwd": "TEXT NOT NULL", "env": "TEXT", "gpus": "INTEGER", "devices": "TEXT", "pid": "INTEGER",

@@ -1233,7 +1233,7 @@ def test_a_ctrl_c_in_a_command_other_than_run_says_what_it_left_in_one_line(tmp_
      "Ctrl-C as the daemon started: `trainbus daemon status` shows whether it serves"),
     ("trainbus.kernel.daemon_client:stop", ["daemon", "stop"],
      "Ctrl-C: stopped waiting; `trainbus daemon status` shows whether the daemon still serves (its runs train on)"),
-    ("trainbus.kernel.daemon:cancel", ["daemon", "cancel", "r1"],
+    ("trainbus.kernel.daemon_queue:cancel", ["daemon", "cancel", "r1"],
      "Ctrl-C: stopped; `trainbus daemon status` shows whether the run is still queued"),
     ("trainbus.kernel.daemon_client:request", ["daemon", "cancel", "r1", "--remote", "127.0.0.1:1", "--key",
                                                "c.key_secret", "--server-key", "s.key"],

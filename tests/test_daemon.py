@@ -216,7 +216,7 @@ def test_a_resume_that_fails_at_once_says_why_in_the_queue_not_just_the_runs_old
 def test_a_run_with_no_checkpoint_is_refused_a_resume_at_submission_not_once_started(tmp_path):
     """A remote `submit -- --resume RUN --epochs 2` of a run that had no checkpoint plugin was queued, then its kernel
     refused it ("that run has no checkpoints"); `run --detach` said so at once. Both now say it at submission."""
-    from trainbus.kernel.daemon import why_not_resumable
+    from trainbus.kernel.daemon_queue import why_not_resumable
 
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
@@ -623,11 +623,11 @@ def test_a_run_of_nproc_whose_launcher_is_killed_is_settled_as_its_ranks_end_it_
 def test_with_no_daemon_status_names_a_run_whose_daemon_and_kernel_are_both_gone(tmp_path):
     """What a daemon killed with its runs leaves in the registry: a job `running` under a pid that is gone. Status
     listed the live ones ("started by a daemon that is gone") and left this one out, as if it never was."""
-    from trainbus.kernel import daemon
+    from trainbus.kernel import daemon_queue
 
     runs = tmp_path / "runs"
     runs.mkdir()
-    daemon.submit(runs, "20260101-000000-abcdef", [], None, None, {}, None, wake=False)
+    daemon_queue.submit(runs, "20260101-000000-abcdef", [], None, None, {}, None, wake=False)
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()  # its pid: a kernel that is gone
     with Registry(runs) as registry:
@@ -992,7 +992,7 @@ def test_commands_suggested_about_a_runs_dir_that_is_not_dot_runs_name_it_as_a_s
     --runs-dir printed the path bare (a shell split it in two), and some left --runs-dir out altogether (`daemon
     cancel` of a running run said `trainbus runs stop ID`, `daemon status` `trainbus daemon start`): copied as they
     were, they looked in ./runs and found nothing."""
-    from trainbus.kernel import daemon
+    from trainbus.kernel import daemon_queue
     from trainbus.kernel.registry import JobError
 
     runs = tmp_path / "my runs [1]"
@@ -1000,13 +1000,13 @@ def test_commands_suggested_about_a_runs_dir_that_is_not_dot_runs_name_it_as_a_s
     queued = cli("run", TINY, "--detach", "--runs-dir", str(runs), "--plugins", "", "--device", "cpu")
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()  # a daemon's run whose kernel is gone, and the daemon too
-    daemon.submit(runs, "20260101-000000-abcdef", [], None, None, {}, None, wake=False)
+    daemon_queue.submit(runs, "20260101-000000-abcdef", [], None, None, {}, None, wake=False)
     with Registry(runs) as registry:
         registry.move_job("20260101-000000-abcdef", ["queued"], state="running", pid=ended.pid,
                           pid_started=time.time() - 5)
     status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
     with pytest.raises(JobError) as not_queued:
-        daemon.cancel(runs, "20260101-000000-abcdef")
+        daemon_queue.cancel(runs, "20260101-000000-abcdef")
     commands = [c for text in (queued.stderr, status.stdout, str(not_queued.value)) for c in suggested_commands(text)]
     assert len(commands) == 5, (queued.stderr, status.stdout, not_queued.value)
     for command in commands:
@@ -1136,7 +1136,7 @@ def test_a_queued_run_a_remote_key_cancels_is_listed_cancelled_by_that_key(tmp_p
 def test_a_run_asking_for_more_gpus_than_the_daemon_has_fails_with_the_reason_listed(tmp_path, daemons):
     """Queued while no daemon served (one that serves refuses it at submission: the test of two runs on two
     devices), then taken by a daemon with none."""
-    from trainbus.kernel.daemon import submit as queue
+    from trainbus.kernel.daemon_queue import submit as queue
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -1316,7 +1316,7 @@ def test_daemon_status_says_why_a_run_it_ended_was_stopped(tmp_path):
     """A remote `daemon cancel` of a running run ends it `stopped`, its reason `cancelled by key alice`
     (docs/daemon.md): `daemon status`, a remote key's only view, listed it as `stopped` alone, whoever stopped it
     and why. It now gives the stop's reasons, as `failed` gives its error."""
-    from trainbus.kernel.daemon import submit
+    from trainbus.kernel.daemon_queue import submit
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -1439,12 +1439,12 @@ def test_a_full_queue_is_served_said_in_part_and_refuses_the_next_run_with_the_f
 def test_a_daemon_round_decodes_the_head_of_the_queue_not_every_queued_run(tmp_path, monkeypatch):
     """Each round (every second) read and decoded the whole queue, each row's argv and environment, to start its
     first run: CPU grew with the queue. It reads as far as placement looks now; counted through the row decoder."""
-    from trainbus.kernel import daemon, registry
+    from trainbus.kernel import daemon_queue, registry
 
     runs = tmp_path / "runs"
     runs.mkdir()
     for i in range(50):
-        daemon.submit(runs, f"r{i:03d}", [TINY], None, TINY, {}, None, wake=False)
+        daemon_queue.submit(runs, f"r{i:03d}", [TINY], None, TINY, {}, None, wake=False)
     decoded, real = [], registry._job_from_row
     monkeypatch.setattr(registry, "_job_from_row", lambda row: decoded.append(row[0]) or real(row))
     held = Daemon(runs, [], max_concurrent=1)

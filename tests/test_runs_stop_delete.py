@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainbus.kernel import daemon, daemon_files
+from trainbus.kernel import daemon_files, daemon_queue
 from trainbus.kernel.registry import Registry
 from trainbus.kernel.session import run_training
 from trainbus.proto import JOURNAL_NAME
@@ -144,7 +144,7 @@ def test_a_stop_reason_with_escape_codes_and_newlines_is_kept_escaped_not_sent_t
 def test_a_run_queued_to_be_resumed_is_not_deleted_until_taken_off_the_queue(runs_dir):
     assert run_training(run_config(runs_dir, target=TINY), run_id="a-queued").status == "completed"
     # as `trainbus runs resume a-queued --detach` queues it for a daemon not running yet
-    daemon.submit(runs_dir, "a-queued", ["a-queued"], None, None, {}, resumes=runs_dir / "a-queued", wake=False)
+    daemon_queue.submit(runs_dir, "a-queued", ["a-queued"], None, None, {}, resumes=runs_dir / "a-queued", wake=False)
     where = ("--runs-dir", str(runs_dir))
 
     proc = trainbus("runs", "delete", "a-queued", "--yes", *where)
