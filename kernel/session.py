@@ -183,7 +183,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
         loop.resume(resume_state, str(resume_from))
         # what the bus journals before training starts (its plugins starting, their first readings) is where the
         # run goes on from, as start_training_session will be, not at step 0 amid the run's later steps
-        bus.position = (loop.step, loop.epoch)
+        bus.numbering.position = (loop.step, loop.epoch)
         at = resume_state["trainbus"]
         where = f"epoch {at['epoch']}" + ("" if at["epoch_complete"] else f", batch {at['batches_done']}")
         announce(f"{'continuing run ' + run_id if continue_run else 'resuming'} from {resume_from} "
