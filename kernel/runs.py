@@ -557,8 +557,9 @@ def overview_or_unreadable(run_dir: Path, now: float) -> dict[str, Any]:
                 "detail": f"{exc.strerror or exc}", "pid": None, "target": None, "started_at": None,
                 "started_ts": None, "duration_s": None, "epochs_completed": None, "epochs": None, "steps": None,
                 "training_loss": None, "validation_loss": None, "validation_metrics": {}, "training_metrics": {},
-                "last_epoch_partial": False, "stop_reasons": [], "error": None, "plugin_trouble": [], "last_event": None, "flags": {},
-                "hyperparameters": {}, "ended_ts": None, "last_seq": None, "best": None, "stalled": None}
+                "last_epoch_partial": False, "stop_reasons": [], "error": None, "plugin_trouble": [],
+                "last_event": None, "flags": {}, "hyperparameters": {}, "ended_ts": None, "last_seq": None,
+                "best": None, "stalled": None}
 
 
 def newest_first(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
