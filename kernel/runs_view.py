@@ -148,7 +148,7 @@ def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"id": run["id"], "status": run["status"], "target": run.get("target"),
                      "flags": flags, "metrics": metrics,
                      "epochs_completed": run.get("epochs_completed"), "steps": run.get("steps"),
-                     "duration_s": run.get("duration_s")})
+                     "last_epoch_partial": bool(run.get("last_epoch_partial")), "duration_s": run.get("duration_s")})
     return rows
 
 
@@ -171,7 +171,7 @@ def print_comparison(console, rows: list[dict[str, Any]], runs_dir: Path) -> Non
                       *[escape(_value(row["flags"][k])) if k in row["flags"] else "-" for k in flag_names],
                       *[_num(row["metrics"].get(m)) if m != "best_epoch" else str(row["metrics"].get(m) or "-")
                         for m in metric_names],
-                      str(row["epochs_completed"] if row["epochs_completed"] is not None else "-"),
+                      _epochs(row),  # done (its planned is among the flags), and a partial one
                       str(row["steps"] if row["steps"] is not None else "-"), duration_text(row["duration_s"]))
     _print_table(console, table)
 

@@ -543,6 +543,10 @@ def test_a_stop_mid_epoch_leaves_that_epoch_out_of_the_best(tmp_path, monkeypatc
         assert row["last_epoch_partial"] is True, row
         listed = fork_cli("runs", "list", "--runs-dir", str(tmp_path / "runs"), env={"COLUMNS": "300"}).stdout
         assert f"{done}/10 + partial {done + 1}" in listed, listed
+    (compared,) = json.loads(cli("runs", "compare", result.run_id, "--runs-dir", str(tmp_path / "runs"), "--json"))
+    assert compared["last_epoch_partial"] is True, compared
+    compared = fork_cli("runs", "compare", result.run_id, "--runs-dir", str(tmp_path / "runs"), env={"COLUMNS": "300"})
+    assert f" {done} + partial {done + 1} " in compared.stdout, compared.stdout
     from trainbus.kernel.cli_common import out
     from trainbus.kernel.cli_run import _print_summary
 
