@@ -68,36 +68,54 @@ def outcome(state: RunState) -> str:
 
 # -- the dashboard --------------------------------------------------------------------------------
 
+def _escape(text: str) -> str:
+    """Every string here came over the wire, and a peer's name or its metric's name is any string it chose: rich
+    passes an escape sequence through to the terminal (one clears it), so control characters are shown escaped."""
+    from rich.markup import escape
+
+    return escape(printable(text))
+
+
 def render(state: RunState, status: str, footer: str = ""):
     """One frame: run, progress, metrics, resources, plugins."""
     from rich.console import Group
-    from rich.markup import escape as markup_escape
+
+    parts: list[Any] = [*_run_and_progress(state, status), *_series_tables(state), _plugins_table(state)]
+    parts += _notes(state)
+    if footer:
+        parts.append(footer)
+    return Group(*parts)
+
+
+def _run_and_progress(state: RunState, status: str) -> list[Any]:
+    """The run's id, target and device, and its progress: epoch, batch, step, rate, ETA, and a bar when planned."""
     from rich.progress_bar import ProgressBar
     from rich.table import Table
 
-    def escape(text: str) -> str:
-        # every string here came over the wire, and a peer's name or its metric's name is any string it chose: rich
-        # passes an escape sequence through to the terminal (one clears it), so control characters are shown escaped
-        return markup_escape(printable(text))
-
     run, p = state.run, state.progress
     head = Table.grid(padding=(0, 2))
-    head.add_row(f"[bold]run {escape(str(run.get('id') or '?'))}[/bold]", status)
-    head.add_row("target", escape(str(run.get("target") or "-")))
-    head.add_row("device", escape(f"{run.get('device') or '-'}  model {run.get('model') or '-'} "
-                                  f"({run.get('parameters') or '?'} parameters)"))
+    head.add_row(f"[bold]run {_escape(str(run.get('id') or '?'))}[/bold]", status)
+    head.add_row("target", _escape(str(run.get("target") or "-")))
+    head.add_row("device", _escape(f"{run.get('device') or '-'}  model {run.get('model') or '-'} "
+                                   f"({run.get('parameters') or '?'} parameters)"))
     rate, eta = state.steps_per_s(), state.eta_s()
     planned = p.get("batches_planned")
     head.add_row("progress", f"epoch {p.get('epoch', 0)}/{run.get('epochs') or '?'}  "
                              f"batch {p.get('batches_done', 0)}/{planned or '?'}  step {p.get('step', 0)}  "
                              f"{f'{rate:.1f} steps/s' if rate else '- steps/s'}  ETA {duration_text(eta)}")
-    parts: list[Any] = [head]
-    if run.get("epochs") and planned:
-        total = run["epochs"] * planned
-        done = min(total, (max(p.get("epoch", 1), 1) - 1) * planned + p.get("batches_done", 0))
-        bar = Table.grid(padding=(0, 2))
-        bar.add_row(ProgressBar(total=total, completed=done, width=60), f"{100 * done / total:.0f} %")
-        parts.append(bar)
+    if not (run.get("epochs") and planned):
+        return [head]
+    total = run["epochs"] * planned
+    done = min(total, (max(p.get("epoch", 1), 1) - 1) * planned + p.get("batches_done", 0))
+    bar = Table.grid(padding=(0, 2))
+    bar.add_row(ProgressBar(total=total, completed=done, width=60), f"{100 * done / total:.0f} %")
+    return [head, bar]
+
+
+def _series_tables(state: RunState) -> list[Any]:
+    """The metrics table and the resources table (the monitors' readings; one row for all cores)."""
+    from rich.table import Table
+
     titled = dict(box=None, pad_edge=False, title_justify="left")
     metrics = Table("metric", "latest", "step", "history", title="metrics", **titled)
     resources = Table("resource", "latest", "history", title="resources", **titled)
@@ -107,47 +125,57 @@ def render(state: RunState, status: str, footer: str = ""):
             if "/core" in name:  # one row per core would fill the screen: summarised below
                 cores.append(s["value"])
                 continue
-            resources.add_row(escape(name), _reading(name, s["value"]), sparkline(list(s["history"])))
+            resources.add_row(_escape(name), _reading(name, s["value"]), sparkline(list(s["history"])))
         else:
-            metrics.add_row(escape(name), f"{s['value']:.4g}", str(s.get("step", "")), sparkline(list(s["history"])))
+            metrics.add_row(_escape(name), f"{s['value']:.4g}", str(s.get("step", "")), sparkline(list(s["history"])))
     if cores:
         resources.add_row(f"cpu/cores ({len(cores)}, mean)", f"{sum(cores) / len(cores):.4g}",
                           f"min {min(cores):.4g}  max {max(cores):.4g}")
     if not resources.row_count:  # an empty table under its header reads as a view that is broken
         resources.add_row("[dim]none yet[/dim]", "", f"[dim]no monitor reports ({', '.join(MONITORS)}): `trainbus "
                                                      f"plugins attach RUN cpu` on the run's host adds one[/dim]")
-    parts += [metrics, resources]
-    plugins = Table("plugin", "state", "restarts", "lag", "errors", "trouble", title="plugins", **titled)
-    clients = [name for name in state.plugins if name.startswith(CLIENT_PREFIX)]
+    return [metrics, resources]
+
+
+def _plugins_table(state: RunState):
+    """The run's plugins: state, restarts, lag, errors, trouble (attached clients are counted in _notes)."""
+    from rich.table import Table
+
+    plugins = Table("plugin", "state", "restarts", "lag", "errors", "trouble", title="plugins", box=None,
+                    pad_edge=False, title_justify="left")
     for name, plugin in sorted(state.plugins.items()):
-        if name in clients:  # attached views like this one: counted below, not plugins of the run
+        if name.startswith(CLIENT_PREFIX):  # attached views like this one: counted below, not plugins of the run
             continue
         # an exited or given-up plugin's lag is the kernel's last reading before it went: behind on nothing now
         gone = plugin.get("state") in ("exited", "failed")
         lag = "-" if plugin.get("lag") is None or gone else str(plugin["lag"])
         colour = {"running": "green", "failed": "red", "crashed": "red", "hung": "red"}.get(plugin.get("state"), "")
-        text = escape(str(plugin.get("state")))
-        plugins.add_row(escape(name), f"[{colour}]{text}[/{colour}]" if colour else text,
+        text = _escape(str(plugin.get("state")))
+        plugins.add_row(_escape(name), f"[{colour}]{text}[/{colour}]" if colour else text,
                         str(plugin.get("restarts", 0)), lag, str(plugin.get("errors", 0)),
-                        escape(str(plugin.get("reason") or "")))
-    parts.append(plugins)
+                        _escape(str(plugin.get("reason") or "")))
+    return plugins
+
+
+def _notes(state: RunState) -> list[str]:
+    """The lines under the tables: clients attached, training standing still, stops asked for, the last checkpoint."""
+    notes = []
+    clients = [name for name in state.plugins if name.startswith(CLIENT_PREFIX)]
     attached = len(clients) + state.dropped["clients_forgotten"]  # those gone long ago are counted, not kept
     if attached > 1:
-        parts.append(f"{attached} clients have attached (trainbus attach)")
+        notes.append(f"{attached} clients have attached (trainbus attach)")
     if state.stalled:  # the loop reached no seam for [run] stalled_after_s: its thread's stack is in kernel.log
         stalled, where = state.stalled, state.stalled.get("where")
         since = time.strftime("%H:%M:%S", time.localtime(stalled["since_ts"]))
-        parts.append(f"[bold red]training has stood still since {since} (after {escape(str(stalled.get('after')))})"
-                     f"{escape(f' in your code at {where}') if where else ''}[/bold red]; its stack is in the run's "
+        notes.append(f"[bold red]training has stood still since {since} (after {_escape(str(stalled.get('after')))})"
+                     f"{_escape(f' in your code at {where}') if where else ''}[/bold red]; its stack is in the run's "
                      f"kernel.log")
     if state.stop_reasons:
-        parts.append(f"stop requested: {escape('; '.join(state.stop_reasons))}")
+        notes.append(f"stop requested: {_escape('; '.join(state.stop_reasons))}")
     if state.checkpoint:
         checkpoint = state.checkpoint
-        parts.append(f"last checkpoint: {escape(str(checkpoint.get('path')))} (step {checkpoint.get('step')})")
-    if footer:
-        parts.append(footer)
-    return Group(*parts)
+        notes.append(f"last checkpoint: {_escape(str(checkpoint.get('path')))} (step {checkpoint.get('step')})")
+    return notes
 
 
 class Keys:
