@@ -94,7 +94,8 @@ class CheckpointPlugin(Plugin):
         "mode": Setting("min", "min: lower monitor is better; max: higher is better", choices=MODES),
         "save_top_k": Setting(-1, "keep the k best by monitor (the k newest without one); -1: keep all", min=-1),
         "save_last": Setting(True, f"always keep the newest, linked as {LAST}"),
-        "max_total": Setting(0, "at most this many checkpoints, oldest removed first (0: unlimited)", min=0),
+        "max_total": Setting(0, "at most this many checkpoints (last.pt not counted), oldest removed first but never "
+                             "the newest (with save_last) nor the best by monitor (0: unlimited)", min=0),
         # The writing thread, on a box where training keeps every core busy (docs/benchmarks.md):
         # "background": nice 19: all the CPU training leaves idle, and ~1.5 % of a busy core, so a
         # checkpoint always lands (805 MB: ~13 s on 2 busy cores) and training loses 2-8 % meanwhile.
