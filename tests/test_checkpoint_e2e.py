@@ -1146,3 +1146,15 @@ def test_a_persister_run_by_hand_with_a_relative_run_dir_has_its_checkpoints_tak
         print(plugin.communicate(timeout=60)[0])  # what it said, for a failure
     assert kernel.result(timeout_s=180)["status"] == "completed"
     assert "refused_settle_path" not in kernel.result()["bus"]
+
+
+def test_the_checkpoint_stall_bench_runs_on_a_tiny_model(tmp_path):
+    """docs/benchmarks.md records this script's figures: it must still drive the kernel's loop it times."""
+    bench = TESTS_DIR.parent / "scripts" / "bench" / "checkpoint_stall.py"
+    result = subprocess.run(
+        [sys.executable, str(bench), "--dir", str(tmp_path), "--width", "64", "--layers", "2", "--steps", "12",
+         "--every", "4", "--baseline-steps", "6", "--pairs", "1", "--overload-steps", "0", "--reps", "1",
+         "--inline-reps", "1", "--ab-steps", "0", "--quiet-wait-s", "0"],
+        capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "every 4 steps: 3 saved" in result.stdout, result.stdout[-2000:]
