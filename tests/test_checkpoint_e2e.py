@@ -1158,3 +1158,6 @@ def test_the_checkpoint_stall_bench_runs_on_a_tiny_model(tmp_path):
         capture_output=True, text=True, timeout=120, start_new_session=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "every 4 steps: 3 saved" in result.stdout, result.stdout[-2000:]
+    # the run's last checkpoint (step 12) waits for a buffer after training: a row of its own, never a stall
+    assert re.search(r"every 4 steps: the run's last, after training: waits for a buffer +1 ", result.stdout), \
+        result.stdout[-2000:]

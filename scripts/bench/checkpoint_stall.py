@@ -101,7 +101,8 @@ class StallClock:
     which buffer its snapshot went into: "first" (the run's first snapshot, into buffers a preparer
     process made beforehand, or allocated by this take when none did), "fresh" (a later take that
     allocated: a state that grew), "prepared" (first use of the other buffer), "reused", or
-    "skipped" (both busy)."""
+    "skipped" (both busy); the run's last checkpoint apart, as "last": training is over by then, so
+    it waits for a buffer to be freed (Loop._checkpoint's `last`), which stalls no step."""
 
     def __init__(self):
         self.calls: list[dict] = []  # {"s": seconds, "kind": ...}
@@ -126,7 +127,8 @@ class StallClock:
             clock._kind = None  # stays None when no snapshot is taken: both buffers busy
             started = time.perf_counter()
             clock._real_checkpoint(loop, *args, **kwargs)
-            clock.calls.append({"s": time.perf_counter() - started, "kind": clock._kind or "skipped"})
+            kind = clock._kind or "skipped"
+            clock.calls.append({"s": time.perf_counter() - started, "kind": "last" if kwargs.get("last") else kind})
 
         SnapshotBuffers.take, Loop._checkpoint = take, checkpoint
         return self
@@ -349,7 +351,8 @@ def _cpu_of(pid: int) -> float:
 
 STALL_KINDS = {"reused": "reused buffer", "first": "the run's first snapshot",
                "prepared": "first use of the other buffer", "fresh": "a grown state: buffers allocated",
-               "skipped": "skipped: both buffers busy"}
+               "skipped": "skipped: both buffers busy", "last": "the run's last, after training: waits for a buffer"}
+
 
 def _throughput_rows(r: dict, base_rate: float, indent: str) -> list[list]:
     rows = []
