@@ -115,6 +115,11 @@ class PluginIO(threading.Thread):
         self._ack_now = False
         self.received = 0  # live events that reached us: a durable plugin is not sent every one (Runner)
         self.dropped = 0
+        # [first, last] seq runs of the events dropped above that the handler has not passed yet: at exit a
+        # best-effort plugin counts them as missed too, since no seq jump has shown them to it
+        self.dropped_runs: list[list[int]] = []
+        self.passed_seq = 0  # a best-effort plugin's next expected seq, set by its Runner
+        self.final_seq = 0  # the run's final event, once it came: what follows it no handler is owed
         self.replies_dropped: dict[str, int] = {}  # by type: what send found no room for (OUTBOX_MAX_REPLIES)
         self.said_hello = False
         self.welcomed = False
@@ -322,12 +327,22 @@ class PluginIO(threading.Thread):
                     self.heartbeat_interval_s = float(event.data.get("interval_s", 1.0))
                 if len(self.inbox) + len(burst) >= INBOX_MAX_EVENTS and event.type not in FINAL_EVENTS:
                     self.dropped += 1  # a durable plugin notices the gap and replays it
+                    if self.dropped_runs and self.dropped_runs[-1][1] == event.seq - 1:
+                        self.dropped_runs[-1][1] = event.seq
+                    else:
+                        self.dropped_runs.append([event.seq, event.seq])
                     continue
+                if event.type in FINAL_EVENTS and not self.final_seq:
+                    self.final_seq = event.seq
                 burst.append(("event", event))
         self.received += received
         if burst:
             with self.wake:
                 self.inbox.extend(burst)
+                # runs the handler has passed are counted as its gaps: forget them, so what is kept is bounded by
+                # the inbox (a run lies between two events it admitted)
+                while self.dropped_runs and self.dropped_runs[0][1] < self.passed_seq:
+                    self.dropped_runs.pop(0)
                 self.wake.notify()
 
     def _not_a_run(self, now: float) -> bool:

@@ -243,7 +243,7 @@ class Runner:
                 return
             if self.counts_gaps and self.next_seq and event.seq > self.next_seq:
                 self.gaps += event.seq - self.next_seq
-            self.next_seq = event.seq + 1
+            self.next_seq = self.io.passed_seq = event.seq + 1
             self._dispatch(event)
             return
         if self.replaying:
@@ -475,15 +475,31 @@ class Runner:
                  f"reaches its host (`trainbus runs list` there says whether the run goes on; start this plugin "
                  f"again once it answers); exiting. {stats}")
         elif gone:  # the kernel lost, or (a SIGTERM from a live kernel, our I/O thread failing) ended on this side
+            if not self.io.lost_kernel:
+                self._report_missed(behind=True)
             _say(f"[{self.plugin.name}] {f'kernel gone ({gone})' if self.io.lost_kernel else gone}; exiting. {stats}")
         else:
-            if self.gaps and not self.durable:
-                self.io.send(control("log", level="warning", text=f"missed {self.gaps} events (best-effort gaps)"))
+            self._report_missed(behind=False)
             if not sys.stderr.isatty():  # the plugin's log file; on a terminal (console) it would be noise
                 _say(f"[{self.plugin.name}] run ended. {stats}")
         self.io.close()
         self.io.join(timeout=3)
         return 1 if self.io.refused or self.io.denied or (self.remote and self.io.lost_kernel) else 0
+
+    def _report_missed(self, behind: bool) -> None:
+        """A best-effort plugin tells the kernel how many events it missed: the gaps its handler met and, stopped while
+        `behind`, the events up to the run's final one that its inbox dropped past where its handler got to (no seq
+        jump has shown it those)."""
+        if self.durable or not self.counts_gaps:
+            return
+        ahead = 0
+        if behind:
+            end = getattr(self.io, "final_seq", 0) or float("inf")
+            for first, last in list(getattr(self.io, "dropped_runs", ())):
+                first, last = max(first, self.next_seq), min(last, end - 1)
+                ahead += max(0, last - first + 1)
+        if self.gaps + ahead:
+            self.io.send(control("log", level="warning", text=f"missed {self.gaps + ahead} events (best-effort gaps)"))
 
     def _kernel_died(self) -> bool:
         """The kernel is gone with the run unfinished: not refused, not stopped by a live kernel, not after the

@@ -580,6 +580,29 @@ def test_slow_plugins_never_block_the_kernel(tmp_path, monkeypatch, one_torch_th
     assert f"processed {len(recorded(live))}, gaps {gaps}," in log_line
 
 
+def test_a_best_effort_plugin_still_behind_at_the_runs_end_reports_what_it_missed(tmp_path):
+    """A slow best-effort plugin whose backlog outlasts the exit timeout is stopped by the kernel's SIGTERM. Its
+    missed count went only to its own log then (and as `gaps 0`: the events its inbox dropped lay ahead of where its
+    handler had got to), so the run's journal and kernel.log never said that it had missed events."""
+    live = tmp_path / "live.txt"
+    # 20 events held at 0.4 s each outlast the kernel's PLUGIN_EXIT_TIMEOUT_S: still behind when SIGTERM comes
+    cfg = run_config(tmp_path / "runs", [plugin("live", "LaggingLiveRecorder", path=str(live), sleep_s=0.4)],
+                     epochs=1, batch_size=64)
+    result = run_training(cfg)
+
+    assert result.status == "completed"
+    log_line = (Path(result.run_dir) / "plugins" / "live.log").read_text()
+    assert "terminated (SIGTERM)" in log_line, log_line
+    dropped = int(re.search(r"dropped (\d+),", log_line).group(1))
+    events = read_events(result.run_dir)
+    missed_logs = [e for e in of(events, "log", "live") if "missed" in e.data["text"]]
+    assert dropped > 0 and len(missed_logs) == 1, (log_line, [e.data for e in of(events, "log")])
+    missed = int(missed_logs[0].data["text"].split()[1])
+    # what it dropped after the final event (heartbeats, its own exit) is not owed to a handler: not missed
+    after_final = sum(1 for e in events if e.seq > of(events, "end_training_session")[0].seq)
+    assert dropped - after_final <= missed <= dropped, (missed, dropped, after_final, log_line)
+
+
 def test_a_best_effort_voter_without_a_handler_for_its_vote_never_makes_the_kernel_wait(tmp_path):
     """It was sent only the types it handled, not end_epoch: it never acked, and the kernel waited out
     vote_timeout_s (here 60 s, 5 s by default) at the first epoch's end for a vote that could not come."""
