@@ -117,7 +117,7 @@ class PluginIO(threading.Thread):
         self.dropped = 0
         # [first, last] seq runs of the events dropped above that the handler has not passed yet: at exit a
         # best-effort plugin counts them as missed too, since no seq jump has shown them to it
-        self.dropped_runs: list[list[int]] = []
+        self.dropped_runs: collections.deque[list[int]] = collections.deque()
         self.passed_seq = 0  # a best-effort plugin's next expected seq, set by its Runner
         self.final_seq = 0  # the run's final event, once it came: what follows it no handler is owed
         self.replies_dropped: dict[str, int] = {}  # by type: what send found no room for (OUTBOX_MAX_REPLIES)
@@ -342,7 +342,7 @@ class PluginIO(threading.Thread):
                 # runs the handler has passed are counted as its gaps: forget them, so what is kept is bounded by
                 # the inbox (a run lies between two events it admitted)
                 while self.dropped_runs and self.dropped_runs[0][1] < self.passed_seq:
-                    self.dropped_runs.pop(0)
+                    self.dropped_runs.popleft()
                 self.wake.notify()
 
     def _not_a_run(self, now: float) -> bool:
