@@ -96,18 +96,17 @@ class Dispatcher:
                 self.counters["unexpected"] += 1
                 self._welcomed(identity, user_id, now)
                 return
-            peer = self.peers.get(identity)
-            if peer is None or peer.user_id != user_id:  # another key on a welcomed peer's routing id is not it
+            peer = self._welcomed(identity, user_id, now)
+            if peer is None:
                 raise Refused("unknown_peer", f"{kind} from a peer that was not welcomed: say hello first")
-            self.peers.seen(peer, now)
             self.peers.check_allowed(peer, kind)
             handler(peer, msg)
         except Refused as refusal:
             self._refuse(identity, kind, refusal, now)
 
     def _welcomed(self, identity: bytes, user_id: str, now: float) -> Peer | None:
-        """The welcomed peer a message that is acted on no further came from, if any, marked alive: whatever it
-        sent, its connection is live (PROTOCOL.md §8: any control message is a sign of life)."""
+        """The welcomed peer a message came from, if any, marked alive: whatever it sent, well-formed or not, its
+        connection is live (PROTOCOL.md §8: any control message is a sign of life)."""
         peer = self.peers.get(identity)
         if peer is None or peer.user_id != user_id:  # another key on a welcomed peer's routing id is not it
             return None
