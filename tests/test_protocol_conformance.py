@@ -713,7 +713,9 @@ def test_an_attached_plugins_dirpath_outside_the_run_or_unresolvable_names_no_ch
             client.wait_reply("command_result")
         client.send("checkpoint_now", reason="a snapshot to settle")
         open_gate(gate, 1)
-        save = client.wait_event(lambda e: e["type"] == "save_checkpoint", 120.0)
+        # a skip ends the wait too, saying why (a full suite beside two CPU burners once waited out 120 s here)
+        save = client.wait_event(lambda e: e["type"] in ("save_checkpoint", "checkpoint_skipped"), 100.0)
+        assert save["type"] == "save_checkpoint", save
         client.replies.clear()
         client.send("checkpoint_saved", seq=save["seq"], path=str(outside / "stolen.pt"), step=1, epoch=1,
                     sha256="0" * 64, size=1)
