@@ -412,11 +412,13 @@ class StopAtStep(Plugin):
     best-effort plugin may start after that step, or have it dropped, and never stop the run."""
 
     delivery = DURABLE
-    settings = {"step": 8}
+    settings = {"step": 8, "then_log": False}
 
     def on_end_training_batch(self, event):
         if event.step == self.settings["step"]:
             self.stop(f"enough at step {event.step}")
+            if self.settings["then_log"]:  # journaled as it arrives, after the stop on the same socket: a test holding
+                self.log("stop sent")  # training at a gate knows from it that the kernel has the stop
 
 
 class CheckpointAtStep(Plugin):

@@ -522,7 +522,8 @@ def test_attaching_after_the_final_event_while_plugins_drain_streams_the_drain_t
 
 
 def test_stop_from_attach_is_journaled_with_who_sent_it(runs_dir, tmp_path, kernels):
-    kernel = live_run(runs_dir, tmp_path, kernels, epochs=3, batch_s=0.05)
+    # long enough to outlast two attaches on a busy box (three epochs ended before the stop came); the stop ends it
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=40, batch_s=0.05)
     kernel.wait_step(3, timeout_s=60)
     # a checkpoint with no checkpoint plugin: what the step boundary made of it, not "sent" (exit 0) as before
     skipped = subprocess.run(attach_cmd(kernel, "--checkpoint", "before it stops"), capture_output=True, text=True,

@@ -1054,7 +1054,9 @@ def test_a_plugin_whose_metrics_and_logs_go_past_its_limits_is_said_with_how_man
     the metrics for written. The run's summary now counts each plugin's drops, and says them with the limit."""
     from trainbus.kernel.cli_run import _print_summary
 
-    cfg = run_config(tmp_path / "runs", [plugin("flood", "FloodsAtEpochEnd")], epochs=2, batch_size=64)
+    # a vote missed on a busy box (its 1,200 sends outlast the 5 s) would be a second line of trouble
+    cfg = run_config(tmp_path / "runs", [plugin("flood", "FloodsAtEpochEnd")], epochs=2, batch_size=64,
+                     vote_timeout_s=120)
     result = run_training(cfg)
     assert result.status == "completed"
     entry = result.plugins["flood"]

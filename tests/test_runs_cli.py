@@ -522,11 +522,26 @@ def test_show_of_a_continued_run_says_which_session_each_time_is_of(tmp_path, st
 def test_a_stop_mid_epoch_leaves_that_epoch_out_of_the_best(tmp_path, monkeypatch):
     """A partial epoch's validation follows fewer batches: never the run's best, in runs show as in summary.json; the
     run's last metrics, that epoch's, are said to be of it, not of a last (whole) epoch."""
+    from fixture_targets import open_gate
+
     monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))  # the plugin process imports tests/fixture_plugins.py
-    stopper = PluginConfig("stopper", "fixture_plugins:StopAtStep", {"step": 20})  # 6 steps an epoch: in epoch 4
+    # 6 steps an epoch: a stop in epoch 4, its line journaled when the kernel has the stop
+    stopper = PluginConfig("stopper", "fixture_plugins:StopAtStep", {"step": 20, "then_log": True})
+    # Held at the gate until the kernel has the stop: a reply that came after four more paced steps (a busy box)
+    # landed at epoch 4's end, and no epoch was partial.
+    gate = tmp_path / "gate"
+    open_gate(gate, 21)
+
+    def open_once_stopped() -> None:
+        journal = wait_until(lambda: next((tmp_path / "runs").glob(f"*/{JOURNAL_NAME}"), None), 120, "a journal")
+        wait_until(lambda: JournalTail(journal).of("log", "stopper"), 120, "the stopper's line", poll_s=0.05)
+        open_gate(gate, 60)
+
+    threading.Thread(target=open_once_stopped, daemon=True).start()
     result = run_training(RunConfig(target=PACED, epochs=10, runs_dir=str(tmp_path / "runs"), plugins=[stopper],
-                                    ready_timeout_s=120, hyperparameters={"batch_size": 256, "step_sleep_s": 0.05}))
-    assert result.status == "stopped"
+                                    ready_timeout_s=120, hyperparameters={"batch_size": 256, "step_sleep_s": 0,
+                                                                          "gate": str(gate)}))
+    assert result.status == "stopped" and result.outcome["steps"] in (21, 22), result.outcome
     shown = json.loads(cli("runs", "show", result.run_id, "--runs-dir", str(tmp_path / "runs"), "--json"))
     partial = [row for row in shown["epoch_table"] if row["partial"]]
     assert len(partial) == 1 and partial[0] == shown["epoch_table"][-1], shown["epoch_table"]
