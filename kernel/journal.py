@@ -45,7 +45,12 @@ RETRY_INTERVAL_S = 0.2  # a refused write is tried again this often, not at ever
 # bus thread ~40 ms once per ~55,000 events, and a replay from a closed segment decompresses 8 MiB (~20 ms).
 SEGMENT_BYTES = 8 * 2**20
 COMPRESS_LEVEL = 1  # level 6 gains a sixth in size for four times the time
-CACHED_SEGMENTS = 2  # closed segments kept decompressed for replays: two plugins catching up at once
+# Closed segments kept decompressed for replays: a resumed run's durable plugins all catch up from seq 1 and soon
+# each reads a segment of its own, asking in turn; a cache smaller than their number decompressed a segment at every
+# batch (2 kept, 3 plugins: ~20 ms of the kernel's control thread per 512 events instead of ~1). Up to this many
+# bytes (seven of the default 8 MiB segments: the five built-in durable plugins and some), at least two segments.
+CACHED_SEGMENTS_BYTES = 64 * 2**20
+CACHED_SEGMENTS_MIN = 2
 
 
 class JournalInUse(OSError):
@@ -70,6 +75,7 @@ class Journal:
         self._segments = closed_segments(self.path)
         self._segment_firsts = [s.first for s in self._segments]
         self._cache: dict[Path, tuple[bytes, array]] = {}  # decompressed closed segments, oldest use first
+        self._cached_bytes = 0  # what they hold, records and offsets
         self._lost: set[Path] = set()  # segments found unreadable (said once each)
         self.missing: list[str] = []  # stretches of seqs no segment holds (a segment deleted or never copied)
         for before, after in zip([Segment(0, 0, self.path), *self._segments], self._segments):
@@ -332,9 +338,12 @@ class Journal:
         with open(segment.path, "rb") as f:
             blob = gzip.decompress(f.read())
         offsets = _offsets_in(blob)
-        while len(self._cache) >= CACHED_SEGMENTS:
-            del self._cache[next(iter(self._cache))]
+        size = len(blob) + offsets.itemsize * len(offsets)
+        while len(self._cache) >= CACHED_SEGMENTS_MIN and self._cached_bytes + size > CACHED_SEGMENTS_BYTES:
+            old_blob, old_offsets = self._cache.pop(next(iter(self._cache)))  # the least recently used
+            self._cached_bytes -= len(old_blob) + old_offsets.itemsize * len(old_offsets)
         self._cache[segment.path] = blob, offsets
+        self._cached_bytes += size
         return blob, offsets
 
     def close(self) -> OSError | None:
@@ -354,6 +363,7 @@ class Journal:
         os.close(self._read_fd)
         self._fd = -1
         self._cache.clear()
+        self._cached_bytes = 0
         return self.error
 
     def _keep_backlog(self) -> Path | None:
