@@ -401,6 +401,10 @@ def main() -> int:
         persist_loop(Path(args.persist_loop[0]), args.persist_loop[1], Path(args.persist_loop[2]))
         return 0
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device cuda: no CUDA device is visible to torch {torch.__version__}; run it on a machine "
+              f"with one, or use --device cpu", file=sys.stderr)
+        return 2
     workdir = args.dir.resolve() / f"bench-checkpoint-stall-{os.getpid()}"
     workdir.mkdir(parents=True)
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))

@@ -1,0 +1,23 @@
+"""The bench scripts as a user starts them: a setting the machine cannot run is one line, not a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_checkpoint_stall_on_cuda_without_a_gpu_is_one_error_line_and_leaves_nothing(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH / "checkpoint_stall.py"), "--device", "cuda", "--dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --device cuda") and "--device cpu" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []  # no work directory made for a run that cannot start
