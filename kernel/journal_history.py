@@ -31,12 +31,15 @@ class JournalHistory:
         self.plugins: dict[str, dict[str, Any]] = {name: _not_started() for name in plugin_names}
         self.saved: list[dict[str, Any]] = []
         self.checkpoint_counts = {"failed": 0, "skipped": 0}
+        # save_checkpoint seqs no persister answered (checkpoint_saved or checkpoint_failed name the seq they answer)
+        self.unanswered_saves: dict[int, None] = {}
         self.error: str | None = None
         self._epoch_started: dict[int, float] = {}
         self._handlers: dict[str, Callable[[Event], None]] = {
             ev.START_EPOCH: self._on_start_epoch, ev.END_EPOCH: self._on_end_epoch,
             ev.START_TRAINING_SESSION: self._on_start_training_session, ev.LOAD_CHECKPOINT: self._on_load_checkpoint,
-            ev.RUN_FAILED: self._on_run_failed, ev.CHECKPOINT_SAVED: self._on_checkpoint_saved,
+            ev.RUN_FAILED: self._on_run_failed, ev.SAVE_CHECKPOINT: self._on_save_checkpoint,
+            ev.CHECKPOINT_SAVED: self._on_checkpoint_saved,
             ev.CHECKPOINT_FAILED: self._on_checkpoint_failed, ev.CHECKPOINT_SKIPPED: self._on_checkpoint_skipped,
             ev.VOTE_MISSED: self._on_vote_missed}
 
@@ -69,11 +72,16 @@ class JournalHistory:
     def _on_run_failed(self, e: Event) -> None:
         self.error = e.data.get("error")
 
+    def _on_save_checkpoint(self, e: Event) -> None:
+        self.unanswered_saves[e.seq] = None
+
     def _on_checkpoint_saved(self, e: Event) -> None:
+        self.unanswered_saves.pop(e.data.get("seq"), None)
         self.saved.append({"path": e.data.get("path"), "epoch": e.data.get("epoch", e.epoch),
                            "step": e.data.get("step", e.step), "at": iso_time(e.ts)})
 
     def _on_checkpoint_failed(self, e: Event) -> None:
+        self.unanswered_saves.pop(e.data.get("seq"), None)
         self.checkpoint_counts["failed"] += 1
 
     def _on_checkpoint_skipped(self, e: Event) -> None:

@@ -584,8 +584,8 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
     parameters, cluster (the latest session's: where it trained), hyperparameters, epoch_table (one row per epoch;
     a repeated epoch's latest row), best
     (the lowest validation loss and its epoch), plugins ({name: state, restarts, crashes, log, ...}),
-    checkpoints (saved paths, and counts of failed and skipped), undrained, bus, files. `progress`: called with the
-    seq reached every PROGRESS_EVERY_RECORDS records (a run of days: 10^7).
+    checkpoints (saved paths, and counts of failed, skipped and unwritten: taken, never answered), undrained, bus,
+    files. `progress`: called with the seq reached every PROGRESS_EVERY_RECORDS records (a run of days: 10^7).
     """
     now = time.time() if now is None else now
     run_dir = Path(run_dir).resolve()
@@ -650,7 +650,8 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
         sessions=sessions, device=session.get("device"), model=session.get("model"), cluster=session.get("cluster"),
         parameters=session.get("parameters"), hyperparameters=session.get("hyperparameters", config.get("hyperparameters")),
         epoch_table=rows, best=best, plugins=plugins, attached=attached,
-        checkpoints={"saved": saved, **history.checkpoint_counts}, undrained=undrained,
+        checkpoints={"saved": saved, **history.checkpoint_counts, "unwritten": len(history.unanswered_saves)},
+        undrained=undrained,
         bus=summary.get("bus") or {}, files=_files(run_dir), journal_damage=damage,
         config_damage=config_problem(run_dir))
     if info["error"] is None and history.error is not None:

@@ -316,12 +316,17 @@ def _print_checkpoints_and_files(console, run: dict[str, Any]) -> None:
     from rich.markup import escape
 
     checkpoints = run.get("checkpoints") or {}
-    if checkpoints.get("saved") or checkpoints.get("failed") or checkpoints.get("skipped"):
+    unwritten = checkpoints.get("unwritten") or 0
+    if checkpoints.get("saved") or checkpoints.get("failed") or checkpoints.get("skipped") or unwritten:
         console.print()
         kept = [c for c in checkpoints["saved"] if c.get("present")]
+        # a snapshot no persister answered: one behind (replaying a long journal) or gone when its session ended
+        not_written = ((f", {unwritten} not written yet" if run.get("status") == "running" else
+                        f", {unwritten} never written (no persister answered before its session ended)")
+                       if unwritten else "")
         console.print(f"checkpoints: {len(checkpoints['saved'])} saved ({len(kept)} still on disk"
                       f"{', the newest 3 below' if len(kept) > 3 else ''}), {checkpoints['failed']} failed, "
-                      f"{checkpoints['skipped']} skipped")
+                      f"{checkpoints['skipped']} skipped{not_written}")
         for c in kept[-3:]:
             console.print(escape(f"  {c['path']} (epoch {c['epoch']}, step {c['step']})"))
 
