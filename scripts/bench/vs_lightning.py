@@ -43,6 +43,7 @@ import os
 import shutil
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -63,7 +64,11 @@ try:
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 except ImportError:
-    sys.exit("vs_lightning.py needs Lightning: .venv/bin/pip install -e '.[bench]' (or pip install 'lightning>=2.4')")
+    if not {"-h", "--help"} & set(sys.argv[1:]):  # its help needs no Lightning
+        print("error: vs_lightning.py needs Lightning: .venv/bin/pip install -e '.[bench]' (or pip install "
+              "'lightning>=2.4')", file=sys.stderr)
+        sys.exit(2)
+    L = types.SimpleNamespace(LightningModule=object)
 
 BARE = "bare"
 TB_NONE, TB_DEFAULT, TB_MONITORS, TB_LOG = ("trainbus, 0 plugins", "trainbus, default plugins",
