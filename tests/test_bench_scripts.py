@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +25,7 @@ def test_checkpoint_stall_on_cuda_without_a_gpu_is_one_error_line_and_leaves_not
 
 
 def test_vs_lightning_without_lightning_shows_its_help_and_says_the_install_line_as_an_error():
-    try:
-        import lightning  # noqa: F401
-    except ImportError:
-        pass
-    else:
+    if importlib.util.find_spec("lightning") is not None:
         pytest.skip("needs a venv without Lightning (the bench extra)")
     helped = subprocess.run([sys.executable, str(BENCH / "vs_lightning.py"), "--help"], capture_output=True, text=True,
                             timeout=120)
