@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import shlex
 import sqlite3
@@ -33,51 +32,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .daemon_files import unwatched_tail
+from .journal_history import iso_time
 from .pids import process_alive
 from .private_dirs import others_can_write, others_can_write_file
-from .runs import STATUSES as RUN_STATUSES
-from .runs import no_runs_dir
-from .journal_history import iso_time
-from .runs import CONFIG, SUMMARY, find_runs, newest_first, overview_or_unreadable, run_overview
+from .registry_rows import (CANCELLED, COLUMNS, JOB_COLUMNS, JOB_JSON_COLUMNS, QUEUED, STATUSES, from_row, job_from_row,
+                            job_row, text_list, to_row, unreadable_row)
+from .runs import CONFIG, SUMMARY, find_runs, newest_first, no_runs_dir, overview_or_unreadable, run_overview
 
 REGISTRY_NAME = "registry.sqlite"
 SCHEMA_VERSION = 8  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,
 # 4: runs.hyperparameters, 5: runs.training_metrics, 6: jobs.resumes_left, 7: jobs.python, 8: runs.last_epoch_partial)
 BUSY_TIMEOUT_S = 5.0  # a write waits this long for another writer's transaction (each takes milliseconds)
-QUEUED = "queued"  # a run the daemon has not started: it has no directory yet
-CANCELLED = "cancelled"  # a queued run taken off the queue before it started: it never had a directory
-STATUSES = (QUEUED, *RUN_STATUSES, CANCELLED)
 LIVE = ("running",)  # a status that changes with no one to write it (a kernel killed): read anew at every list
-
-# The columns, and which of them hold JSON (dicts and lists); every other value is a plain SQL value.
-COLUMNS = {
-    "id": "TEXT PRIMARY KEY", "dir": "TEXT", "status": "TEXT NOT NULL", "detail": "TEXT", "pid": "INTEGER",
-    "target": "TEXT", "flags": "TEXT", "started_ts": "REAL", "ended_ts": "REAL", "duration_s": "REAL",
-    "epochs_completed": "INTEGER", "epochs": "INTEGER", "steps": "INTEGER", "last_seq": "INTEGER",
-    "training_loss": "REAL", "validation_loss": "REAL", "validation_metrics": "TEXT",
-    "best_validation_loss": "REAL", "best_epoch": "INTEGER", "stop_reasons": "TEXT", "error": "TEXT",
-    "plugin_trouble": "TEXT", "last_event": "TEXT", "observed_ts": "REAL NOT NULL", "hyperparameters": "TEXT",
-    "training_metrics": "TEXT", "last_epoch_partial": "INTEGER",
-}
-# SQLite stores a NaN as NULL, which `runs list` shows as nothing measured: a diverged run's NaN losses are kept as
-# this text instead (a REAL column keeps text that is no number as text) and read back as NaN.
-NAN_TEXT = "NaN"
-_REAL_COLUMNS = tuple(name for name, kind in COLUMNS.items() if kind.startswith("REAL"))
-JSON_COLUMNS = ("flags", "validation_metrics", "stop_reasons", "plugin_trouble", "last_event", "hyperparameters",
-                "training_metrics")
-
-# The daemon's queue (submitted by kernel/daemon_queue.py, started by kernel/daemon.py): how to start each submitted
-# run, and where its process is. A job's run also has a row in `runs` from the moment it is queued (status queued,
-# no dir), which its kernel's own record replaces once it has a directory.
-JOB_COLUMNS = {
-    "id": "TEXT PRIMARY KEY", "state": "TEXT NOT NULL", "submitted_ts": "REAL NOT NULL", "argv": "TEXT NOT NULL",
-    "cwd": "TEXT NOT NULL", "env": "TEXT", "gpus": "INTEGER", "devices": "TEXT", "pid": "INTEGER",
-    "pid_started": "REAL", "started_ts": "REAL", "ended_ts": "REAL", "exit_code": "INTEGER", "detail": "TEXT",
-    "submitted_by": "TEXT",  # who queued it: the owner's user name, or a remote peer's key (`key NAME`)
-    "resumes_left": "INTEGER",  # `--max-resumes`: how many more times the daemon continues the run if it dies
-    "python": "TEXT",  # the submitter's interpreter (its virtual environment's); NULL: the daemon's (a remote peer's)
-}
-JOB_JSON_COLUMNS = ("argv", "env", "devices")
 # A run's row written, unless the one there was observed later (a slow `runs list` never puts back an older view).
 _UPSERT = (f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) ON CONFLICT (id) DO "
            f"UPDATE SET {', '.join(f'{n} = excluded.{n}' for n in COLUMNS if n != 'id')} "
@@ -216,7 +182,7 @@ class Registry:
 
     def record(self, runs: Iterable[dict[str, Any]], observed_ts: float) -> None:
         """Upsert runs (run_overview's dicts) as seen at observed_ts; a row observed later is kept as it is."""
-        rows = [_to_row(run, observed_ts) for run in runs if run.get("status") in STATUSES]
+        rows = [to_row(run, observed_ts) for run in runs if run.get("status") in STATUSES]
         with self._write():
             self.db.executemany(_UPSERT, rows)
 
@@ -235,9 +201,9 @@ class Registry:
                 raise JobError(f"the daemon's queue holds {queued} runs, the most it takes: let some start, or take "
                                f"some off it (`trainbus daemon cancel RUN`), then submit again")
             self.db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(JOB_COLUMNS)}) "
-                            f"VALUES ({', '.join('?' * len(JOB_COLUMNS))})", _job_row(job))
+                            f"VALUES ({', '.join('?' * len(JOB_COLUMNS))})", job_row(job))
             self.db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) "
-                            f"VALUES ({', '.join('?' * len(COLUMNS))})", _to_row(run, observed_ts))
+                            f"VALUES ({', '.join('?' * len(COLUMNS))})", to_row(run, observed_ts))
 
     def cancel_job(self, job_id: str, now: float, detail: str, run: dict[str, Any] | None = None) -> bool:
         """Take job_id off the queue, and say so in its run's row, in one transaction: a queued resume's row is
@@ -249,7 +215,7 @@ class Registry:
             if cursor.rowcount != 1:
                 return False
             if run is not None:
-                self.db.execute(_UPSERT, _to_row(run, now))
+                self.db.execute(_UPSERT, to_row(run, now))
             else:
                 self.db.execute("UPDATE runs SET status = ?, detail = ?, ended_ts = ?, observed_ts = ? WHERE id = ? "
                                 "AND dir IS NULL", (CANCELLED, detail, now, now, job_id))
@@ -258,21 +224,21 @@ class Registry:
     def jobs(self, states: Iterable[str] = JOB_STATES) -> list[dict[str, Any]]:
         """The jobs in these states, oldest submission first."""
         with closing(self._select_jobs(JOB_COLUMNS, states)) as cursor:
-            return [_job_from_row(row) for row in cursor]
+            return [job_from_row(row) for row in cursor]
 
     def each_job(self, states: Iterable[str]) -> Iterator[dict[str, Any]]:
         """The jobs in these states, oldest submission first, read as they are asked for: a round that starts the
         queue's first runs does not decode the thousands behind them (their argv and environment)."""
         with closing(self._select_jobs(JOB_COLUMNS, states)) as cursor:
             for row in cursor:
-                yield _job_from_row(row)
+                yield job_from_row(row)
 
     def job(self, job_id: str, states: Iterable[str] = JOB_STATES) -> dict[str, Any] | None:
         """The job job_id when it is in one of these states; None when it is not."""
         states = list(states)
         row = self.db.execute(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE id = ? AND state IN "
                               f"({', '.join('?' * len(states))})", [job_id, *states]).fetchone()
-        return None if row is None else _job_from_row(row)
+        return None if row is None else job_from_row(row)
 
     def job_ids(self, states: Iterable[str] = JOB_STATES) -> list[str]:
         """The ids of the jobs in these states, oldest submission first (nothing else of them decoded)."""
@@ -295,7 +261,7 @@ class Registry:
             "'cancelled') ORDER BY jobs.ended_ts DESC, jobs.id LIMIT ?", (limit,))
         return [{"run": run, "status": "deleted" if not status else "cancelled" if state == "cancelled" else status,
                  "ended_ts": ended_ts, "submitted_by": by, "error": error, "detail": detail,
-                 "stop_reasons": _text_list(reasons)}
+                 "stop_reasons": text_list(reasons)}
                 for run, state, ended_ts, detail, by, status, error, reasons in cursor]
 
     def move_job(self, job_id: str, from_states: Iterable[str], **fields: Any) -> bool:
@@ -320,7 +286,7 @@ class Registry:
     def replace(self, runs: Iterable[dict[str, Any]], observed_ts: float) -> None:
         """Every row with a directory replaced by `runs`, in one transaction (readers see before or after); the
         daemon's runs that have none (queued, or failed before their kernel made one) are kept."""
-        rows = [_to_row(run, observed_ts) for run in runs if run.get("status") in STATUSES]
+        rows = [to_row(run, observed_ts) for run in runs if run.get("status") in STATUSES]
         with self._write():
             self.db.execute("DELETE FROM runs WHERE dir IS NOT NULL")
             self.db.executemany(f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) "
@@ -331,7 +297,7 @@ class Registry:
     def runs(self, now: float) -> dict[str, dict[str, Any]]:
         """Every row, as run_overview's dicts, by id."""
         cursor = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM runs")
-        return {row[0]: _from_row(row, now) for row in cursor}
+        return {row[0]: from_row(row, now) for row in cursor}
 
 
 def read_only_mount(path: Path) -> bool:
@@ -360,130 +326,6 @@ def job_holds_run(job: dict[str, Any]) -> bool:
     if job["state"] == "queued" or job["pid"] is None:  # being started: the daemon knows its process soon
         return True
     return process_alive(job["pid"], job["pid_started"])
-
-
-def _text_list(stored: str | None) -> list[str]:
-    """A JSON list-of-text column as the list of its text items ([] for NULL, or a value damaged by hand)."""
-    try:
-        value = json.loads(stored) if stored else []
-    except ValueError:
-        return []
-    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
-
-
-def _to_row(run: dict[str, Any], observed_ts: float) -> tuple:
-    best = run.get("best") or {}
-    values = {**run, "best_validation_loss": best.get("validation_loss"), "best_epoch": best.get("epoch"),
-              "observed_ts": observed_ts}
-    return tuple(json.dumps(values.get(n), default=str) if n in JSON_COLUMNS else _storable(values.get(n))
-                 for n in COLUMNS)
-
-
-# What each job column must hold, for a row written by hand or damaged: the daemon fails such a job with the reason
-# instead of stalling its queue on it, and status and `runs list` show it instead of raising.
-_JOB_CHECKS = {
-    "argv": lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v),
-    "env": lambda v: v is None or isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
-                                                             for k, x in v.items()),
-    "devices": lambda v: v is None or isinstance(v, list) and all(isinstance(d, str) for d in v),
-    "gpus": lambda v: v is None or isinstance(v, int) and v >= 0,
-    "cwd": lambda v: isinstance(v, str),
-    "resumes_left": lambda v: v is None or isinstance(v, int) and v >= 0,
-    "python": lambda v: v is None or isinstance(v, str),
-}
-_JOB_FALLBACK = {"argv": [], "env": None, "devices": None, "gpus": None, "cwd": ".", "resumes_left": None,
-                 "python": None}
-
-
-def _checked_row(row: tuple, columns, json_columns, checks: dict, fallback: dict) -> tuple[dict[str, Any], list[str]]:
-    """A row by column name, its JSON decoded, and the columns that are not what trainbus writes (each then its
-    fallback: a row edited or damaged by hand must not cost every reader a traceback)."""
-    values, bad = {}, []
-    for name, value in zip(columns, row):
-        if name in json_columns and value is not None:
-            try:
-                value = json.loads(value)
-            except (TypeError, ValueError):
-                value = fallback.get(name)
-                bad.append(name)
-        if name in checks and name not in bad and not checks[name](value):
-            value = fallback.get(name)
-            bad.append(name)
-        values[name] = value
-    return values, bad
-
-
-def _job_from_row(row: tuple) -> dict[str, Any]:
-    """A job as the queue holds it; `unreadable` says why when a column is not what the daemon wrote."""
-    job, bad = _checked_row(row, JOB_COLUMNS, JOB_JSON_COLUMNS, _JOB_CHECKS, _JOB_FALLBACK)
-    if bad:
-        job["unreadable"] = f"its queue row's {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not what " \
-                            f"trainbus writes"
-    return job
-
-
-def _job_row(job: dict[str, Any]) -> tuple:
-    return tuple(json.dumps(job.get(n)) if n in JOB_JSON_COLUMNS and job.get(n) is not None else _storable(job.get(n))
-                 for n in JOB_COLUMNS)
-
-
-def _storable(value: Any) -> Any:
-    """A value SQLite takes, where it would fail the whole write, and every `runs list` after it: a lone surrogate
-    (a file name that is not UTF-8, in a run's error as an older summary.json holds it) escaped, an integer past
-    SQLite's 64 bits (a run's files from elsewhere, or from before epochs had a bound) as a float."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, int) and not -2**63 <= value < 2**63:
-        return float(value)
-    if isinstance(value, float) and math.isnan(value):
-        return NAN_TEXT
-    return value
-
-
-def _number(value: Any) -> bool:
-    return value is None or value == NAN_TEXT or isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# What each runs column must hold, for a row written by hand or damaged: such a row is read again from its run
-# directory (`runs list`), or, for a run that has none, listed unreadable; never a traceback for every run.
-_ROW_CHECKS = {
-    "status": lambda v: v in STATUSES, "observed_ts": lambda v: isinstance(v, (int, float)),
-    **{n: lambda v: v is None or isinstance(v, str) for n in ("dir", "detail", "target", "error")},
-    **{n: lambda v: v is None or isinstance(v, int) for n, kind in COLUMNS.items() if kind == "INTEGER"},
-    **{n: _number for n in _REAL_COLUMNS if n != "observed_ts"},
-    **{n: lambda v: v is None or isinstance(v, dict) for n in ("flags", "validation_metrics", "hyperparameters",
-                                                                "training_metrics", "last_event")},
-    **{n: lambda v: v is None or isinstance(v, list) and all(isinstance(i, str) for i in v)
-       for n in ("stop_reasons", "plugin_trouble")},
-}
-_ROW_FALLBACK = {"status": "unreadable", "observed_ts": 0.0}
-
-
-def _from_row(row: tuple, now: float) -> dict[str, Any]:
-    """A row as run_overview's dict; `unreadable_row` names the columns that are not what trainbus writes."""
-    run, bad = _checked_row(row, COLUMNS, JSON_COLUMNS, _ROW_CHECKS, _ROW_FALLBACK)
-    for name in _REAL_COLUMNS:
-        if run[name] == NAN_TEXT:
-            run[name] = math.nan
-    run["training_metrics"] = run["training_metrics"] or {}  # a row from before the column: none known
-    run["last_epoch_partial"] = bool(run["last_epoch_partial"])  # 0/1 in SQL; NULL before the column: not known
-    best, epoch = run.pop("best_validation_loss"), run.pop("best_epoch")
-    run["best"] = {"validation_loss": best, "epoch": epoch} if best is not None else None
-    run["started_at"] = iso_time(run["started_ts"])
-    if run["last_event"] and run["status"] == "died" and run["ended_ts"] is not None:
-        run["last_event"]["age_s"] = round(max(0.0, now - run["ended_ts"]), 1)  # the age as of now
-    run.pop("observed_ts")
-    run["stalled"] = None  # only a running run's, which every list reads anew from its journal
-    if bad:
-        run["unreadable_row"] = bad
-    return run
-
-
-def unreadable_row(run: dict[str, Any]) -> dict[str, Any]:
-    """A run the registry alone holds whose row is damaged, as `runs list` shows it: what it is and the fix."""
-    bad = run.pop("unreadable_row")
-    return {**run, "status": "unreadable", "detail": f"its row in the run registry ({', '.join(bad)}) is not what "
-                                                     f"trainbus writes: `trainbus runs delete {run['id']}` removes it"}
 
 
 # -- what the kernel and the CLI call ----------------------------------------------------------------

@@ -1445,8 +1445,8 @@ def test_a_daemon_round_decodes_the_head_of_the_queue_not_every_queued_run(tmp_p
     runs.mkdir()
     for i in range(50):
         daemon_queue.submit(runs, f"r{i:03d}", [TINY], None, TINY, {}, None, wake=False)
-    decoded, real = [], registry._job_from_row
-    monkeypatch.setattr(registry, "_job_from_row", lambda row: decoded.append(row[0]) or real(row))
+    decoded, real = [], registry.job_from_row
+    monkeypatch.setattr(registry, "job_from_row", lambda row: decoded.append(row[0]) or real(row))
     held = Daemon(runs, [], max_concurrent=1)
     for now in (1.0, 2.0):
         held.tick(now, start=False)  # the first run would start; the second must wait, and every one behind it
