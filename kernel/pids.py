@@ -7,6 +7,8 @@ import signal
 import time
 
 START_TIME_SLACK_S = 1.0  # psutil derives start times from the boot time, which /proc/stat gives in whole seconds
+# signalled_when_gone's notice of a parent's death: a real-time signal no library of a training script takes
+PARENT_GONE_SIGNAL = signal.SIGRTMIN + 5 if hasattr(signal, "SIGRTMIN") else signal.SIGTERM
 
 
 def process_alive(pid: int, started: float | None) -> bool:
@@ -52,15 +54,32 @@ def started_by(pid: int, when: float) -> bool:
 def signalled_when_gone(parent: int) -> None:
     """SIGTERM to this process once `parent` (the process that started it) is gone, at once if it is gone already.
     A rank of `run --nproc` runs in a session of its own, out of its launcher's reach: a launcher killed with
-    SIGKILL left its ranks training on, unseen, to the run's end. Linux's PR_SET_PDEATHSIG; elsewhere nothing."""
+    SIGKILL left its ranks training on, unseen, to the run's end. Linux's PR_SET_PDEATHSIG; elsewhere nothing.
+
+    Linux sends that signal as each thread of the parent that holds this process ends: once per thread of a dying
+    launcher it is handed through, and when the thread that started it ends while the launcher lives (prctl(2)).
+    Each taken for a SIGTERM, the second would read as "stop at once" and cut the run short, its plugins undrained;
+    so the signal is a real-time one of ours, turned into one SIGTERM, sent once, when the parent process is gone."""
     import ctypes
     import os
+    import threading
 
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # not Linux
         return
-    if prctl(1, signal.SIGTERM, 0, 0, 0) == 0 and os.getppid() != parent:  # 1: PR_SET_PDEATHSIG; already gone
+    notice = signal.SIGTERM
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGRTMIN"):
+        notice = PARENT_GONE_SIGNAL
+        said = []
+
+        def _parent_gone(signum, frame) -> None:
+            if not said and os.getppid() != parent:
+                said.append(True)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(notice, _parent_gone)
+    if prctl(1, notice, 0, 0, 0) == 0 and os.getppid() != parent:  # 1: PR_SET_PDEATHSIG; already gone
         os.kill(os.getpid(), signal.SIGTERM)
 
 
