@@ -107,7 +107,7 @@ def rank_errors(run_dir: Path, error: str, tail: str, trace: str, local_ranks: i
         others = [o for o in others if not o.get("peer_gone")]
         if peer_gone:
             lead = "; ".join(f"rank {o['rank']}: {o['error']}" for o in others)
-            return lead, "".join(f"rank {o['rank']}:\n{o['traceback']}" for o in others) + tail, \
+            return lead, _tracebacks(others, tail), \
                 "".join(f"rank {o['rank']}: {o['trace']}" for o in others if o.get("trace"))
     # the same error on several ranks (the same code on each: the usual case) is said once, naming them
     same = [o["rank"] for o in others if o.get("error") == error]
@@ -116,5 +116,13 @@ def rank_errors(run_dir: Path, error: str, tail: str, trace: str, local_ranks: i
     if not others:
         return (f"{error} ({own})" if same else error), tail, trace
     lead = "; ".join(f"rank {o['rank']}: {o['error']}" for o in others)
-    return (f"{lead} ({own}: {error})", "".join(f"rank {o['rank']}:\n{o['traceback']}" for o in others) + tail,
+    return (f"{lead} ({own}: {error})", _tracebacks(others, tail),
             "".join(f"rank {o['rank']}: {o['trace']}" for o in others if o.get("trace")) + trace)
+
+
+def _tracebacks(others: list[dict[str, Any]], tail: str) -> str:
+    """The other ranks' tracebacks, each under its rank, then rank 0's under its own: a rank killed without a word
+    has none, and rank 0's (the broken collective it then met) read under that rank's name would say it was the
+    cause."""
+    said = "".join(f"rank {o['rank']}:\n" + (o["traceback"] or f"(no traceback: {o['error']})\n") for o in others)
+    return said + (f"rank 0:\n{tail}" if said and tail else tail)
