@@ -617,7 +617,7 @@ def check_runs_dir_private(path: Path, runs_dir: str) -> None:
 def _no_unknown(table: dict, known, where: str) -> None:
     for key in table:
         if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r}{_where_it_goes(str(key), known)}; known keys: "
+            raise ConfigError(f"{where}: unknown key {key!r}{_where_it_goes(str(key), known, table[key])}; known keys: "
                               f"{', '.join(known)}")
 
 
@@ -634,12 +634,19 @@ LIGHTNING_TRAINER = {
 }
 
 
-def _where_it_goes(key: str, known) -> str:
+# `trainbus run`'s options of how it launches (cli_launch.py), the command line's alone: config.json records them
+# as `launch`, and a resume launches the run again so
+COMMAND_LINE_ONLY = ("nproc", "nnodes", "max_restarts", "rdzv_endpoint")
+
+
+def _where_it_goes(key: str, known, value: Any = None) -> str:
     """A hint for a key in the wrong place: a near miss of a known one, a key of another table, a plugin's setting
-    written in its table, or, in [run] or at the top, a hyperparameter (what an unknown name there most often
-    is). Which table it was found in, `known` says."""
+    written in its table, an option of the command line, or, in [run] or at the top, a hyperparameter (what an
+    unknown name there most often is). Which table it was found in, `known` says."""
     if known is _RUN_KEYS and key in LIGHTNING_TRAINER:  # before a near miss: `devices` is no typo of `device`
         return f" (Lightning's {key} {LIGHTNING_TRAINER[key]})"
+    if known is _RUN_KEYS and key in COMMAND_LINE_ONLY:
+        return f" ({key} is an option of trainbus run, not a [run] key: --{key.replace('_', '-')} {value})"
     near = near_miss(key, known)
     if near:
         return near

@@ -107,7 +107,7 @@ def parse_words(sig: Signature, words: list[str], target: str) -> dict[str, Any]
 
 # `trainbus run`'s options that Guild's and Lightning's users write as flags (`seed=3`, `precision=bf16-mixed`)
 RUN_OPTIONS = ("seed", "device", "precision", "accumulate_grad_batches", "gradient_clip_val", "compile", "plugins",
-               "runs_dir", "nproc")
+               "runs_dir", "nproc", "nnodes", "max_restarts", "rdzv_endpoint")
 
 
 def option_of_run(name: str, value: Any) -> str | None:
