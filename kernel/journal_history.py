@@ -61,6 +61,8 @@ class JournalHistory:
         data = e.data
         self.sessions.append({"started_at": iso_time(e.ts), "epochs": data.get("epochs"), "device": data.get("device"),
                               "precision": data.get("precision"), "compile": data.get("compile"),
+                              "accumulate_grad_batches": data.get("accumulate_grad_batches"),
+                              "gradient_clip_val": data.get("gradient_clip_val"),
                               "model": data.get("model"), "parameters": data.get("parameters"),
                               "hyperparameters": data.get("hyperparameters"), "cluster": data.get("cluster"),
                               "resumed_from": None})

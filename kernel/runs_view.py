@@ -176,6 +176,22 @@ def print_comparison(console, rows: list[dict[str, Any]], runs_dir: Path) -> Non
     _print_table(console, table)
 
 
+def _loop_text(session: dict[str, Any]) -> str:
+    """How a session's loop trained where it was not the default (start_training_session's precision, compile,
+    accumulation and clipping): "bf16-mixed, compiled, an optimizer step every 4 batches, ..."; "" for the default."""
+    said = []
+    if session.get("precision") not in (None, "32"):
+        said.append(str(session["precision"]))
+    if session.get("compile"):
+        said.append("compiled")
+    accumulate, clip = session.get("accumulate_grad_batches"), session.get("gradient_clip_val")
+    if isinstance(accumulate, int) and accumulate > 1:
+        said.append(f"an optimizer step every {accumulate} batches")
+    if isinstance(clip, (int, float)) and clip > 0:
+        said.append(f"gradients clipped to norm {clip:g}")
+    return ", ".join(said)
+
+
 def print_show(console, run: dict[str, Any]) -> None:
     """One run (runs.run_details's dict): its lines, then its epochs, plugins, checkpoints and files."""
     from rich.markup import escape
@@ -214,6 +230,8 @@ def print_show(console, run: dict[str, Any]) -> None:
     if len(set(trained_with)) > 1:  # a resume changed them: config.json has the latest session's alone
         line("trained on", escape("; ".join(f"session {i}: {device}, {precision}" + (", compiled" if compiled else "")
                                               for i, (device, precision, compiled) in enumerate(trained_with, 1))))
+    elif sessions and _loop_text(sessions[-1]):  # one way throughout: said when it is not the default loop
+        line("loop", escape(_loop_text(sessions[-1])))
     line("epochs", f"{_epochs(run)}, {run.get('steps') if run.get('steps') is not None else '-'} steps")
     if run.get("last_event"):
         e = run["last_event"]
