@@ -24,7 +24,7 @@ from .cli_common import (EXIT_CODES, KEYS_DIR_HELP, UserError, _check_plugin_set
                          keys_dir_path, out, runs_dir_path, says_the_checks)
 from .cli_ctrl_c import ctrl_c_back, ctrl_c_says, interrupted_before_start, says_ctrl_c_until_the_run_begins
 from .cli_launch import check_nproc, launch as launch_group, under_a_launcher
-from .cluster import restarts_left
+from .cluster import LAUNCH_RUN_ID, restarts_left
 from .config import (ONE_GPU_PER_RANK, apply_set, check_metric_settings, check_runs_dir, config_of_run,
                      defaults_left_out, device_index, launch_of_run, load_config, plugin_name_clashes,
                      registered_plugins, resolve_plugin)
@@ -613,6 +613,9 @@ def _print_summary(result) -> None:
         out.print(f"  plugin {name}: did not catch up (acked up to seq {acked})")
     out.print(f"  results: {result.run_dir}")
     left = restarts_left() if result.status == "failed" else 0
-    if left:  # --max-restarts: this failure is not the run's end
+    if left and os.environ.get(LAUNCH_RUN_ID):  # --max-restarts: this failure is not the run's end
         out.print(f"  torchrun restarts the group ({left} restart{'s' * (left != 1)} left): the run goes on in place "
                   f"from its newest checkpoint")
+    elif left:  # the user's own torchrun: its restarted group names no run to go on with, so makes a new one
+        out.print(f"  torchrun restarts the group ({left} restart{'s' * (left != 1)} left) as a new run, from the "
+                  f"start: a restart continues the run in place only under `trainbus run --nproc N --max-restarts M`")
