@@ -31,7 +31,7 @@ from trainbus.proto.messages import KEY_REVOKED_CODES
 from trainbus.proto.remote import UNANSWERED_S, KeyFileError, key_refused
 from trainbus.proto.run_state import CLIENT_PREFIX, RunState
 
-from .plugin_io import PluginIO
+from .plugin_io import UNKNOWN_PEER, PluginIO
 from .kernel_watch import connection_run_dir, kernel_alive, kernel_died, remote_endpoints, run_summary
 from .entry import CREDENTIAL_FILE
 from .runner import REPLAY_RESEND_S, skip_lost
@@ -366,6 +366,11 @@ class Attachment:
         self.close()
         if refused and io.refused_code in KEY_REVOKED_CODES:  # revoked while attached: as a fresh attach is told
             raise TargetError(key_refused(self.target.control))
+        if refused and io.refused_code == UNKNOWN_PEER and self._welcomed:
+            # Our messages stood still past the kernel's liveness window while its events kept coming (this
+            # process stopped or asleep, a stalled link): it forgot us. A new connection says hello again.
+            refused, why = None, "the kernel forgot this client after a silence of its own (stopped, asleep, a " \
+                                 "stalled link)"
         if refused:
             raise AttachError(f"the kernel refused us: {refused}")
         if denied:  # our keys' handshake failed (unknown or revoked, another server's key pinned): no retry helps
