@@ -140,7 +140,27 @@ class KeyStore:
         if why:
             raise KeyFileError(why)
         for path in sorted(self.directory.glob(f"**/*{SECRET_SUFFIX}")):
-            check_secret_file(path)
+            try:
+                check_secret_file(path)
+            except KeyFileError:
+                if path.is_file() and not path.is_symlink() and path.stat().st_size == 0 \
+                        and not path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                    raise KeyFileError(self._empty_secret(path)) from None
+                raise
+
+    def _empty_secret(self, path: Path) -> str:
+        """Why an empty secret file here is refused, with a fix that works as written: the server's pair made
+        again (`keys generate server` keeps an existing one without --force), or a client's secret deleted, which
+        the host never needs (its holder has a copy)."""
+        where = self.keys_dir_option
+        if path == self.server_secret:
+            return (f"secret key file {path} is empty; fix: make the server's key pair again with `trainbus keys "
+                    f"generate server --force{where}`, then give the clients the new {self.server_public.name}")
+        name, role = path.name.removesuffix(SECRET_SUFFIX), path.parent.name
+        again = (f"; to make that key again, `trainbus keys revoke {name}{where}`, then `trainbus keys generate "
+                 f"client {name} --role {role}{where}`" if role in ROLES else "")
+        return (f"secret key file {path} is empty; fix: delete it (`rm {path}`): the host needs only {name}.key, and "
+                f"the client uses its own copy{again}")
 
     def who_else_can_write(self) -> str | None:
         """Why another user could change which keys are let in, naming the fix; None when nobody can. A key another
