@@ -73,7 +73,11 @@ def keys_generate(
         out.print(escape(_role_said(name, role, store)))
         keys = f"--key {secret.name} --server-key {store.server_public.name}"
         steer = "; --control to stop it or checkpoint" if role == "control" else ""
-        out.print(escape(f"Copy {secret} and {store.server_public} to the client's machine (then delete {secret} "
+        # a client key made before the host's pair: the server.key to copy is not there yet, and says so
+        server = (f"{store.server_public}" if store.server_public.exists() else
+                  f"{store.server_public} (not made yet: `trainbus keys generate server{store.keys_dir_option}` "
+                  f"makes it)")
+        out.print(escape(f"Copy {secret} and {server} to the client's machine (then delete {secret} "
                          f"here); there: trainbus attach HOST:PORT {keys} (a run's --listen HOST:PORT{steer}) watches "
                          f"a run, and python -m trainbus.sdk MODULE:CLASS --connect HOST:PORT {keys} runs a plugin "
                          f"against it"))
