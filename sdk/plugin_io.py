@@ -89,6 +89,9 @@ class PluginIO(threading.Thread):
         self._silent_since: float | None = None  # the kernel fell silent while still alive (_kernel_gone): since when
         # over TCP (the Runner of a remote plugin): how long a silent kernel is waited for; 0: gone at once
         self.wait_out_silence_s = 0.0
+        # attached by hand on the kernel's machine (the Runner sets it): whether the run's kernel process still
+        # runs, so a silence of ours (this process stopped, Ctrl-Z) is not taken for the kernel's death
+        self.kernel_alive: Callable[[], object] | None = None
         self._rehello = False  # saying hello again to a kernel that forgot us (wait_out_silence_s)
         self.gone: str | None = None  # why the kernel is considered gone
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
@@ -382,7 +385,8 @@ class PluginIO(threading.Thread):
                 self._hello_tries_left -= 1
                 self.said_hello, self._hello_at = False, time.monotonic() + self.heartbeat_interval_s
                 continue
-            if (msg["type"] == "refused" and msg["code"] == UNKNOWN_PEER and self.wait_out_silence_s
+            if (msg["type"] == "refused" and msg["code"] == UNKNOWN_PEER
+                    and (self.wait_out_silence_s or self.kernel_alive is not None)
                     and (self.welcomed or self._rehello)):
                 # back after a silence longer than the kernel keeps a silent peer's place: it forgot us. Say hello
                 # again (after the next event, as the first time); a durable plugin then replays what went by.
@@ -481,6 +485,14 @@ class PluginIO(threading.Thread):
                 _say(f"[{self.hello['name']}] the kernel is back after {now - self._silent_since:.1f} s of silence; "
                      f"going on")
                 self._silent_since = None
+            return None
+        if self.kernel_pid is None and self.kernel_alive is not None and self.kernel_alive():
+            # attached by hand beside a kernel that still runs: the silence was ours (stopped) or its (stopped,
+            # starved); wait for it, as a spawned plugin does, and say so once
+            if self._silent_since is None:
+                self._silent_since = last_kernel
+                _say(f"[{self.hello['name']}] no kernel heartbeat for {now - last_kernel:.1f} s, but the run's kernel "
+                     f"still runs (stopped or starved, or this plugin was); waiting for it")
             return None
         if self.kernel_pid is None:  # attached by hand or remote: silence is all we can know of the kernel
             if now - last_kernel > self.wait_out_silence_s:

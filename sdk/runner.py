@@ -25,7 +25,7 @@ import zmq
 from trainbus.proto import DURABLE, Event, control, events as ev
 from trainbus.proto.process import class_warning_level
 
-from .kernel_watch import run_summary
+from .kernel_watch import kernel_alive, run_summary
 from .plugin import KernelGoneInfo, Plugin, checked_subscriptions
 from .plugin_io import FINAL_EVENTS, KERNEL_EXITED, MAX_POLL_S, REMOTE_SILENCE_S, PluginIO, _say
 from .tracebacks import user_traceback
@@ -98,6 +98,9 @@ class Runner:
         self.remote = secure is not None  # over TCP: a silent kernel may be a network down; it is waited for
         if self.remote:
             self.io.wait_out_silence_s = REMOTE_SILENCE_S
+        elif not self.spawned and plugin.run_dir:
+            run_dir = Path(plugin.run_dir)
+            self.io.kernel_alive = lambda: kernel_alive(run_dir)
         self.counts_gaps = topics == [""]
         # What is dispatched; the rest (a durable plugin is sent every type but the per-batch ones it does not
         # handle, a best-effort one heartbeats) is stepped over in order, without a handler call. A plugin with
