@@ -128,6 +128,10 @@ def keys_list(keys_dir: Optional[Path] = typer.Option(None, "--keys-dir", parser
         table.add_row("server", "server", public, escape(str(store.server_public)))
     for key in clients:
         table.add_row(escape(key.name), key.role, escape(key.public) or "unreadable", escape(str(key.path)))
+    try:  # what a kernel would refuse to start with (an empty secret, one others can read), said here first
+        store.check_secrets()
+    except KeyFileError as exc:
+        problems.append(str(exc))
     _wide().print(table)  # piped or narrow, keys and paths whole: they are copied and scripted
     if not clients:
         out.print(f"no client keys yet: `trainbus keys generate client NAME --role monitor|control"

@@ -38,3 +38,18 @@ def test_the_fix_named_for_an_empty_client_secret_on_the_host_is_one_that_fixes_
     secret.unlink()
     store.check_secrets()
     assert [k.role for k in store.clients() if k.name == "alice"] == ["control"]
+
+
+def test_keys_list_says_what_a_kernel_would_refuse_to_start_with(tmp_path):
+    """`keys list` showed a key directory whose server secret was empty as whole: the first the user heard of it
+    was a run with --listen refusing to start."""
+    store = KeyStore(tmp_path / "keys")
+    store.generate_server()
+    store.generate_client("alice", "monitor")
+    listed = cli("keys", "list", "--keys-dir", str(store.directory), timeout=60)
+    assert listed.returncode == 0 and " is empty" not in listed.stdout, listed.stdout
+    store.server_secret.write_bytes(b"")
+    listed = cli("keys", "list", "--keys-dir", str(store.directory), timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    said = " ".join(listed.stdout.split())  # the line as said, whatever the width it was wrapped at
+    assert f"secret key file {store.server_secret} is empty; fix: " in said and "--force" in said, listed.stdout
