@@ -245,6 +245,8 @@ class Bus:
                         self.emit(ev.PLUGIN_HUNG, {"plugin": peer.name, "pid": peer.pid, "reason": (
                             f"silent for {now - peer.last_seen:.0f} s without a bye (attached, not ours to "
                             f"stop): forgotten; a new hello under its name is welcome")})
+                    # once a heartbeat: segments due are handed to the journal's worker, never compacted here
+                    self.journal.compact_through(self.control.compactable_through(now))
                 # Control traffic alone does not flush: events keep their bursts however often a peer talks (a
                 # flood of heartbeats or replay requests flushed, and woke every plugin, per message).
                 if now >= next_flush:

@@ -59,6 +59,7 @@ class Dispatcher:
         self._command_ids: collections.OrderedDict = collections.OrderedDict()
         self._votes_told: set[str] = set()
         self.supervisor = supervisor
+        self.newest_checkpoint_seq = 0  # the newest save_checkpoint a persister of this kernel said it saved
         self.live = LivePlugins(bus, supervisor, peers, checkpointer)
         self.handlers = {
             "heartbeat": _nothing, "ack": self._on_ack, "replay": self._on_replay,
@@ -232,6 +233,15 @@ class Dispatcher:
     def _on_replay(self, peer: Peer, msg: dict[str, Any]) -> None:
         peer.replay_from = max(msg["from_seq"], 1)  # served by serve_replays; a newer request replaces it
 
+    def compactable_through(self, now: float) -> int:
+        """The last seq the journal may compact through (PROTOCOL.md §13): before the newest checkpoint a persister
+        saved, and acked by every durable plugin that may still return (connected, or spawned and restarting). 0
+        (nothing) while a spawned plugin has not said hello (it may be durable and replay from seq 1), and in a run
+        no persister saved a checkpoint of: without one, every event stays."""
+        if not self.newest_checkpoint_seq or self.peers.starting():
+            return 0
+        return min(self.newest_checkpoint_seq - 1, self.peers.durable_floor(now))
+
     def tick(self, now: float) -> None:
         """Each round of the bus thread: replays served, owners' attaches waiting on their plugin answered."""
         self.serve_replays(now)
@@ -248,10 +258,10 @@ class Dispatcher:
             max_bytes = REPLAY_BATCH_MAX_BYTES
             if peer.user_id:  # within what its key's connections may hold unread (reply_ledger.py); one event always
                 max_bytes = max(1, min(REMOTE_REPLAY_BATCH_MAX_BYTES, self.bus.ledger.room(peer.identity)))
-            first, count, records = journal.read_batch(from_seq, REPLAY_BATCH_MAX_EVENTS, max_bytes)
-            done = first + count - 1 >= journal.written_seq
-            self.bus.send(peer.identity, encode_replay_batch(count, records, done))
-            self.counters["replayed"] += count
+            read = journal.read_batch(from_seq, REPLAY_BATCH_MAX_EVENTS, max_bytes)
+            done = read.last >= journal.written_seq
+            self.bus.send(peer.identity, encode_replay_batch(read.count, read.records, done, read.compacted))
+            self.counters["replayed"] += read.count
 
     def _on_metric(self, peer: Peer, msg: dict[str, Any]) -> None:
         name, cut = truncate(msg["name"], peer.budget.limits.metric_name_max_chars)
@@ -330,6 +340,8 @@ class Dispatcher:
         fields = {k: truncate(v, REASON_MAX_CHARS)[0] if isinstance(v, str) and k != "path" else v
                   for k, v in msg.items() if k not in ("v", "type")}
         event = ev.CHECKPOINT_SAVED if msg["type"] == "checkpoint_saved" else ev.CHECKPOINT_FAILED
+        if event == ev.CHECKPOINT_SAVED:
+            self.newest_checkpoint_seq = max(self.newest_checkpoint_seq, msg["seq"])
         self.bus.emit(event, {"plugin": peer.name, **fields})
         if event == ev.CHECKPOINT_FAILED and peer.spawned:
             self.checkpoints_failed[peer.name] += 1

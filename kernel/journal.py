@@ -7,19 +7,26 @@ the caller publishes only what is written. Once space returns the file is comple
 The active file rotates: once it holds `segment_bytes` it is compressed whole into a closed segment beside it
 (`events.<first>-<last>.gz`) and starts again empty, so the disk holds ~1/6 of the raw bytes and the offset index,
 which covers the active file only, stays bounded (PROTOCOL.md, the journal).
+
+Closed segments are compacted once nothing can need their per-batch events again (`compact_through`, PROTOCOL.md
+§13): a worker thread of the journal's rewrites each into `events.<first>-<last>.compacted.gz`, holding only what
+`kept_by_compaction` keeps, so a run of days costs its disk the events a person reads, not every batch's.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import fcntl
 import gzip
 import logging
 import os
+import queue
+import threading
 import time
 from array import array
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -27,8 +34,9 @@ from trainbus.proto import Event
 from trainbus.proto.codec import UNPACK_LIMITS
 from trainbus.proto.kept_files import kept_dir, kept_dirs
 from trainbus.proto.messages import kept_name
-from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, iter_records, next_seq_path,
-                                           read_journal, recorded_next_seq, segment_name)
+from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, compacted_path, iter_records,
+                                           kept_by_compaction, next_seq_path, open_segment, read_journal,
+                                           recorded_next_seq, segment_files, segment_name)
 
 
 log = logging.getLogger("trainbus.kernel")
@@ -51,6 +59,20 @@ COMPRESS_LEVEL = 1  # level 6 gains a sixth in size for four times the time
 # bytes (seven of the default 8 MiB segments: the five built-in durable plugins and some), at least two segments.
 CACHED_SEGMENTS_BYTES = 64 * 2**20
 CACHED_SEGMENTS_MIN = 2
+# Segments waiting for the compaction worker: it takes one at a time (~50 ms for 8 MiB of records); what does not fit
+# is offered again at the next compact_through, so the bus thread never waits on a full queue.
+COMPACT_QUEUE = 4
+COMPACT_JOIN_S = 10.0  # close() waits this long for a compaction under way, then leaves it (both files stay whole)
+
+
+class ReplayRead(NamedTuple):
+    """A replay's read (read_batch): `count` records as stored, from seq `first` to seq `last`. `compacted`: the seqs
+    between from_seq and `last` that are not among them were compacted away, not lost (PROTOCOL.md §12)."""
+    first: int
+    count: int
+    records: bytes
+    last: int
+    compacted: bool = False
 
 
 class JournalInUse(OSError):
@@ -64,17 +86,20 @@ class Journal:
     """
 
     def __init__(self, path: Path, fsync_interval_s: float = FSYNC_INTERVAL_S,
-                 backlog_max_bytes: int = BACKLOG_MAX_BYTES, segment_bytes: int = SEGMENT_BYTES):
+                 backlog_max_bytes: int = BACKLOG_MAX_BYTES, segment_bytes: int = SEGMENT_BYTES,
+                 compact: bool = True):
         self.path = Path(path)
         self.fsync_interval_s = fsync_interval_s
         self.backlog_max_bytes = backlog_max_bytes
         self.segment_bytes = segment_bytes
         self._fd = _open_locked(self.path, os.O_WRONLY | os.O_CREAT)
         for leftover in self.path.parent.glob(f".{self.path.name}.*"):
-            leftover.unlink()  # a rotation cut short by a crash: the active file still holds its records
+            leftover.unlink()  # a rotation or compaction cut short by a crash: the full files still hold the records
+        _finish_compactions(self.path)
         self._segments = closed_segments(self.path)
         self._segment_firsts = [s.first for s in self._segments]
-        self._cache: dict[Path, tuple[bytes, array]] = {}  # decompressed closed segments, oldest use first
+        # decompressed closed segments by first seq, oldest use first: (records, offsets, seqs of a compacted one)
+        self._cache: dict[int, tuple[bytes, array, array | None]] = {}
         self._cached_bytes = 0  # what they hold, records and offsets
         self._lost: set[Path] = set()  # segments found unreadable (said once each)
         self.missing: list[str] = []  # stretches of seqs no segment holds (a segment deleted or never copied)
@@ -115,6 +140,12 @@ class Journal:
         self.failed_writes = 0
         self.kept_elsewhere: Path | None = None  # where the events the disk refused to the end went instead
         self._last_fsync = time.monotonic()
+        self.compact = compact
+        self._compact_next = 0  # index in _segments of the oldest segment not yet offered for compaction
+        self._compactions: queue.Queue[Segment | None] = queue.Queue(COMPACT_QUEUE)
+        self._compacted: collections.deque[tuple[Segment, Segment | None]] = collections.deque()  # the worker's
+        self._compactor: threading.Thread | None = None
+        self.compacted_events = 0  # dropped by this kernel's compactions (the run's summary)
 
     def _set_aside(self, unread: int) -> None:
         """Keep the active file's bytes past its last whole record in a file beside it before they are cut: a torn
@@ -170,6 +201,11 @@ class Journal:
     @property
     def first_seq(self) -> int:
         return self._segments[0].first if self._segments else self._first_seq
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The closed segments, oldest first, as the bus thread sees them (compactions it has taken in)."""
+        return list(self._segments)
 
     @property
     def written_seq(self) -> int:
@@ -301,28 +337,38 @@ class Journal:
     def read_range(self, from_seq: int, max_events: int, max_bytes: int) -> tuple[int, bytes]:
         """(count, bytes as stored) of written records from from_seq on: at most max_events, and max_bytes
         unless one record alone is larger. A range starting in a closed segment ends with that segment."""
-        return self.read_batch(from_seq, max_events, max_bytes)[1:]
+        read = self.read_batch(from_seq, max_events, max_bytes)
+        return read.count, read.records
 
-    def read_batch(self, from_seq: int, max_events: int, max_bytes: int) -> tuple[int, int, bytes]:
-        """read_range's (count, bytes) after the seq they begin at: later than from_seq where records were lost."""
-        from_seq = max(from_seq, self.first_seq)
+    def read_batch(self, from_seq: int, max_events: int, max_bytes: int) -> ReplayRead:
+        """read_range's records, with the seqs they begin at (later than from_seq where records were lost) and end at,
+        and whether the seqs they skip were compacted away (a compacted segment's records jump) rather than lost."""
+        self._apply_compactions()
+        from_seq, lost = max(from_seq, self.first_seq), False
         while from_seq < self._first_seq:
             at = bisect.bisect_right(self._segment_firsts, from_seq) - 1
             segment = self._segments[at]
-            try:  # one found unreadable is not read again at every replay into it
-                blob, offsets = self._decompressed(segment) if from_seq <= segment.last and segment.path not in \
-                    self._lost else (b"", array("q"))
-            except SEGMENT_ERRORS as exc:
-                self._say_lost(segment, f"unreadable ({type(exc).__name__}: {exc})")
-                blob, offsets = b"", array("q")
-            start, end, count = _span(offsets, len(blob), from_seq - segment.first, max_events, max_bytes)
+            blob, offsets, seqs = b"", array("q"), None
+            if from_seq <= segment.last and segment.path not in self._lost:
+                try:  # one found unreadable is not read again at every replay into it
+                    blob, offsets, seqs = self._decompressed(segment)
+                except SEGMENT_ERRORS as exc:
+                    self._say_lost(segment, f"unreadable ({type(exc).__name__}: {exc})")
+            index = from_seq - segment.first if seqs is None else bisect.bisect_left(seqs, from_seq)
+            start, end, count = _span(offsets, len(blob), index, max_events, max_bytes)
+            if count and seqs is not None:
+                # A segment lost on the way here is said as loss (compacted false): the reader's log names the loss
+                # with the compacted seqs in it, rather than a compacted flag hiding it.
+                return ReplayRead(from_seq, count, blob[start:end], seqs[index + count - 1], not lost)
             if count:
-                return from_seq, count, blob[start:end]
+                return ReplayRead(from_seq, count, blob[start:end], from_seq + count - 1)
             # Lost to damage (a segment missing, garbled or cut short): the records after the loss are served, and
             # a reader sees where they begin (PROTOCOL.md §12: a batch may begin after the seq it asked for).
+            lost = lost or seqs is None
             from_seq = self._segments[at + 1].first if at + 1 < len(self._segments) else self._first_seq
         start, end, count = _span(self._offsets, self._size, from_seq - self._first_seq, max_events, max_bytes)
-        return from_seq, count, os.pread(self._read_fd, end - start, start) if count else b""
+        return ReplayRead(from_seq, count, os.pread(self._read_fd, end - start, start) if count else b"",
+                          from_seq + count - 1)
 
     def _say_lost(self, segment: Segment, why: str) -> None:
         if segment.path not in self._lost:  # once per segment: replays of many plugins come back to it
@@ -330,26 +376,113 @@ class Journal:
             log.error("journal segment %s is %s: its events (%d-%d) cannot be replayed", segment.path, why,
                       segment.first, segment.last)
 
-    def _decompressed(self, segment: Segment) -> tuple[bytes, array]:
-        """A closed segment's records and their offsets, from the cache or the disk."""
-        if segment.path in self._cache:
-            self._cache[segment.path] = self._cache.pop(segment.path)  # the most recently used goes last
-            return self._cache[segment.path]
-        with open(segment.path, "rb") as f:
-            blob = gzip.decompress(f.read())
-        offsets = _offsets_in(blob)
-        size = len(blob) + offsets.itemsize * len(offsets)
+    def _decompressed(self, segment: Segment) -> tuple[bytes, array, array | None]:
+        """A closed segment's records, their offsets and, compacted, their seqs, from the cache or the disk."""
+        if segment.first in self._cache:
+            self._cache[segment.first] = self._cache.pop(segment.first)  # the most recently used goes last
+            return self._cache[segment.first]
+        f, compacted = open_segment(segment)  # compacted by the worker since it was listed: its compacted file
+        with f:
+            blob = f.read()
+        offsets, seqs = _offsets_in(blob, compacted)
+        size = len(blob) + offsets.itemsize * len(offsets) * (2 if compacted else 1)
         while len(self._cache) >= CACHED_SEGMENTS_MIN and self._cached_bytes + size > CACHED_SEGMENTS_BYTES:
-            old_blob, old_offsets = self._cache.pop(next(iter(self._cache)))  # the least recently used
-            self._cached_bytes -= len(old_blob) + old_offsets.itemsize * len(old_offsets)
-        self._cache[segment.path] = blob, offsets
+            self._uncache(next(iter(self._cache)))  # the least recently used
+        self._cache[segment.first] = blob, offsets, seqs
         self._cached_bytes += size
-        return blob, offsets
+        return blob, offsets, seqs
+
+    def _uncache(self, first: int) -> None:
+        blob, offsets, seqs = self._cache.pop(first)
+        self._cached_bytes -= len(blob) + offsets.itemsize * len(offsets) * (1 if seqs is None else 2)
+
+    # -- compaction -------------------------------------------------------------------------------
+
+    def compact_through(self, seq: int) -> None:
+        """Hand the worker the closed segments whose events are all at or before `seq` (the bus's bound: acked by
+        every durable plugin, and before the newest checkpoint a persister saved), oldest first. Called by the bus
+        thread about once a second: a comparison or two when no segment is due, and never a wait."""
+        self._apply_compactions()
+        if not self.compact:
+            return
+        while self._compact_next < len(self._segments):
+            segment = self._segments[self._compact_next]
+            if segment.last > seq:
+                return
+            if not segment.compacted and segment.path not in self._lost:
+                try:
+                    self._compactions.put_nowait(segment)
+                except queue.Full:  # offered again at the next call
+                    return
+                if self._compactor is None:
+                    self._compactor = threading.Thread(target=self._compact_all, name="trainbus-compaction",
+                                                       daemon=True)
+                    self._compactor.start()
+            self._compact_next += 1
+
+    def _compact_all(self) -> None:
+        """The worker: compacts what it is handed until handed None."""
+        while (segment := self._compactions.get()) is not None:
+            self._compacted.append((segment, *self._compact_one(segment)))
+
+    def _compact_one(self, segment: Segment) -> tuple[Segment | None, int]:
+        """Rewrite one closed segment with only the records compaction keeps: to a hidden file, fsynced, renamed to
+        its compacted name, the directory fsynced, then the full one removed. (its compacted Segment, records
+        dropped); (None, 0) when it could not (said in kernel.log), the full segment left as it was."""
+        target = compacted_path(segment)
+        hidden = target.with_name(f".{target.name}")
+        try:
+            with open(segment.path, "rb") as f:
+                kept, dropped = _kept_records(gzip.decompress(f.read()))
+            _write_file(hidden, gzip.compress(kept, COMPRESS_LEVEL, mtime=0))
+            os.rename(hidden, target)
+            _fsync_dir(self.path.parent)
+        except (*SEGMENT_ERRORS, ValueError, msgpack.UnpackException) as exc:
+            try:
+                hidden.unlink(missing_ok=True)
+            except OSError:
+                pass
+            log.warning("journal %s: could not compact %s (%s: %s); it is kept whole", self.path, segment.path.name,
+                        type(exc).__name__, exc)
+            return None, 0
+        try:  # readers take the compacted file of a range that has both; a kernel reopening removes the full one
+            os.unlink(segment.path)
+        except OSError as exc:
+            log.warning("journal %s: compacted %s but could not remove it (%s)", self.path, segment.path.name,
+                        exc.strerror)
+        return Segment(segment.first, segment.last, target, True), dropped
+
+    def _apply_compactions(self) -> None:
+        """The worker's results, taken into the bus thread's list of segments (which only this thread reads)."""
+        while self._compacted:
+            full, compacted, dropped = self._compacted.popleft()
+            if compacted is None:
+                continue
+            at = bisect.bisect_left(self._segment_firsts, full.first)
+            if at < len(self._segments) and self._segments[at].first == full.first:
+                self._segments[at] = compacted
+            if full.first in self._cache:  # its full records, in memory for nothing now
+                self._uncache(full.first)
+            self.compacted_events += dropped
+
+    def _stop_compacting(self) -> None:
+        if self._compactor is None:
+            return
+        try:
+            while True:
+                self._compactions.get_nowait()  # not begun: left whole, offered again by the next kernel
+        except queue.Empty:
+            pass
+        self._compactions.put(None)
+        self._compactor.join(COMPACT_JOIN_S)
+        self._compactor = None
+        self._apply_compactions()
 
     def close(self) -> OSError | None:
         """Write what the backlog holds if the disk takes it, fsync, close; the last error, if any."""
         if self._fd < 0:
             return self.error
+        self._stop_compacting()
         if self._backlog:
             self._retry_at = 0.0  # the last chance: tried now, whenever the last refusal was
             self.append([], self.last_seq + 1)
@@ -436,15 +569,56 @@ def _span(offsets: array, size: int, index: int, max_events: int, max_bytes: int
     return offsets[index], end_of(stop - 1), stop - index
 
 
-def _offsets_in(blob: bytes) -> array:
-    """Where each of a closed segment's records starts (all whole and valid: it was written from whole ones)."""
+def _offsets_in(blob: bytes, compacted: bool = False) -> tuple[array, array | None]:
+    """Where each of a closed segment's records starts (all whole and valid: it was written from whole ones), and,
+    compacted, each one's seq (a full segment's are its first seq on, one a record)."""
     unpacker = msgpack.Unpacker(max_buffer_size=max(len(blob), 1), **UNPACK_LIMITS)
     unpacker.feed(blob)
-    offsets = array("q")
+    offsets, seqs = array("q"), array("q") if compacted else None
     while (offset := unpacker.tell()) < len(blob):
         offsets.append(offset)
-        unpacker.skip()
-    return offsets
+        if seqs is None:
+            unpacker.skip()
+        else:
+            seqs.append(next(unpacker)["seq"])
+    return offsets, seqs
+
+
+def _kept_records(blob: bytes) -> tuple[bytes, int]:
+    """A closed segment's records that compaction keeps, as stored: its first and last (so its name's seq range
+    holds, and a continued run finds the last event's counts), and those kept_by_compaction keeps; and how many
+    were dropped."""
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(blob), 1), **UNPACK_LIMITS)
+    unpacker.feed(blob)
+    kept, dropped, start = [], 0, 0
+    for record in unpacker:
+        end = unpacker.tell()
+        if start == 0 or end == len(blob) or kept_by_compaction(record):
+            kept.append(blob[start:end])
+        else:
+            dropped += 1
+        start = end
+    return b"".join(kept), dropped
+
+
+def _finish_compactions(active: Path) -> None:
+    """A range left both full and compacted (a crash between the rename and the removal) keeps its compacted file,
+    which was whole before it was renamed into place and was made under the policy (so the events it lacks were
+    meant to go): the full one is removed, as the compaction would have. One that does not read whole is removed
+    instead, and the full one kept: nothing compaction keeps is lost."""
+    files = segment_files(active)
+    for full, compacted in zip(files, files[1:]):
+        if (full.first, full.last) != (compacted.first, compacted.last) or full.compacted or not compacted.compacted:
+            continue
+        try:
+            with open(compacted.path, "rb") as f:
+                gzip.decompress(f.read())
+            gone = full
+        except SEGMENT_ERRORS:
+            gone = compacted
+        gone.path.unlink()
+        log.warning("journal %s: %s and %s held the same events (a compaction cut short); %s is removed", active,
+                    full.path.name, compacted.path.name, gone.path.name)
 
 
 def _write_file(path: Path, blob: bytes) -> None:

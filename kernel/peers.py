@@ -340,5 +340,11 @@ class Peers:
         return {p.name: self.positions.get(p.name, 0) for p in list(self._by_name.values())
                 if p.delivery == DURABLE and self.may_return(p.name, now) and self.positions.get(p.name, 0) < seq}
 
+    def durable_floor(self, now: float) -> int:
+        """The lowest position among durable names that may still return (what all of them acked); a large number
+        when there is none."""
+        return min((self.positions.get(p.name, 0) for p in list(self._by_name.values())
+                    if p.delivery == DURABLE and self.may_return(p.name, now)), default=2**63 - 1)
+
     def welcomed_names(self) -> set[str]:
         return {p.name for p in self}

@@ -46,7 +46,8 @@ def listen_on(listen: str, keys: KeyStore) -> Listener:
 def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: PeerLimits | None = None,
              buffers: SnapshotBuffers | None = None, every_n_epochs: int = 0, every_n_steps: int = 0,
              journal_backlog_bytes: int = BACKLOG_MAX_BYTES, journal_segment_bytes: int = SEGMENT_BYTES,
-             remote: Listener | None = None, stalled_after_s: float = 0.0) -> tuple[Bus, Checkpointer | None, Path]:
+             remote: Listener | None = None, stalled_after_s: float = 0.0,
+             journal_compact: bool = True) -> tuple[Bus, Checkpointer | None, Path]:
     """The run's bus with everything it serves: supervisor, credentials and peers, the checkpoint half; with
     `remote` (_listen's), its TCP endpoints too, described in <run_dir>/connection.json.
 
@@ -60,7 +61,7 @@ def open_bus(run_id: str, run_dir: Path, plugins: list[PluginSpec], limits: Peer
     credentials = Credentials(remote.keyring if remote else None)
     credentials.write_attach_file(run_dir)
     journal = Journal(run_dir / JOURNAL_NAME, backlog_max_bytes=journal_backlog_bytes,
-                      segment_bytes=journal_segment_bytes)
+                      segment_bytes=journal_segment_bytes, compact=journal_compact)
     sockets = socket_dir(run_dir)
     bus = Bus(run_id, journal, sockets, HEARTBEAT_INTERVAL_S, remote, stalled_after_s)
     # Where a hand-attached client finds them when they are not in the run directory (PROTOCOL.md, environment).

@@ -295,6 +295,7 @@ def _open_run(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any], run_dir
                                               cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps,
                                               journal_backlog_bytes=int(cfg.journal_backlog_mb * 2**20),
                                               journal_segment_bytes=int(cfg.journal_segment_mb * 2**20),
+                                              journal_compact=cfg.journal_compact,
                                               remote=remote, stalled_after_s=cfg.stalled_after_s)
     except OSError as exc:
         if handler is not None:

@@ -260,13 +260,15 @@ def fit_control(message: dict[str, Any]) -> dict[str, Any]:
     return fitted
 
 
-def encode_replay_batch(count: int, records: bytes, done: bool) -> bytes:
+def encode_replay_batch(count: int, records: bytes, done: bool, compacted: bool = False) -> bytes:
     """A replay_batch whose `count` events are journal records spliced in as stored: the same bytes as
-    packing their decoded maps, without decoding and re-encoding each one."""
+    packing their decoded maps, without decoding and re-encoding each one. `compacted` is sent only when true: a
+    batch without it is byte for byte what clients before it were sent."""
     packer = msgpack.Packer(use_bin_type=True, datetime=False)
-    head = b"".join((packer.pack_map_header(4), packer.pack("v"), packer.pack(PROTOCOL_VERSION),
+    flag = (packer.pack("compacted"), packer.pack(True)) if compacted else ()
+    head = b"".join((packer.pack_map_header(4 + len(flag) // 2), packer.pack("v"), packer.pack(PROTOCOL_VERSION),
                      packer.pack("type"), packer.pack("replay_batch"), packer.pack("done"), packer.pack(done),
-                     packer.pack("events"), packer.pack_array_header(count)))
+                     *flag, packer.pack("events"), packer.pack_array_header(count)))
     return head + records
 
 

@@ -2,8 +2,10 @@
 
 A journal is its closed segments (`events.<first>-<last>.gz`, gzip, oldest first) then the active file
 (`events`); every reader here takes the active file's path (or the run directory) and reads them all, in seq
-order. Read whole, streamed (read_journal, stream_journal), or in bounded pieces from either end (journal_head,
-journal_tail, last_event_of): a journal of many GB costs a reader of its ends no more than one of a few KB.
+order. A compacted segment (`events.<first>-<last>.compacted.gz`) holds only the events compaction keeps
+(`kept_by_compaction`): its seqs rise with jumps, which no reader takes for loss. Read whole, streamed
+(read_journal, stream_journal), or in bounded pieces from either end (journal_head, journal_tail, last_event_of):
+a journal of many GB costs a reader of its ends no more than one of a few KB.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ _RECORD_WINDOW = 1024 * 1024  # the bytes decoded from where a record found by i
 DAMAGE_LOOK_BYTES = 1024  # the journal's last few records, read on their own: are there events past a bad byte?
 
 SEGMENT_SUFFIX = ".gz"
+COMPACTED_SUFFIX = ".compacted" + SEGMENT_SUFFIX
 NEXT_SEQ_SUFFIX = ".next-seq"
 SEGMENT_ERRORS = (OSError, EOFError, zlib.error)  # a segment unreadable, cut short or garbled: what it held is lost
 
@@ -39,6 +42,19 @@ READ_PROGRESS = "progress: "
 
 # Nearly all of a long journal: the per-batch events and heartbeats.
 FREQUENT_TYPES = ev.BATCH_EVENTS | {ev.HEARTBEAT}
+# Compaction keeps the end_training_batch of every this many steps: `runs plot`'s per-step loss curve keeps its shape
+# (it draws at most CURVE_POINTS_MAX points of a long run anyway) at a hundredth of the per-batch events' bytes.
+COMPACTION_KEEP_EVERY_STEPS = 100
+
+
+def kept_by_compaction(record: dict[str, Any]) -> bool:
+    """Whether compaction keeps this event map: every event but the frequent kinds (per-batch events, heartbeats:
+    what a finished stretch of a run no longer needs), and the end_training_batch of every
+    COMPACTION_KEEP_EVERY_STEPS-th step. A compacted segment also keeps its first and last record (Journal)."""
+    type_ = record.get("type")
+    if type_ not in FREQUENT_TYPES:
+        return True
+    return type_ == ev.END_TRAINING_BATCH and record.get("step", 1) % COMPACTION_KEEP_EVERY_STEPS == 0
 
 # Every record is pack(event_to_map(event)): a map of the same keys in the same order, with "n" (the counts) or
 # without it. msgpack writes a map as a header that holds only its number of entries, then each key and value, so
@@ -66,27 +82,57 @@ def _record_start(data: bytes, begin: int = 0, end: int | None = None, last: boo
 # -- the journal's files -------------------------------------------------------------------------
 
 class Segment(NamedTuple):
-    """A closed segment: the gzip of the consecutive records first..last, named for them."""
+    """A closed segment: the gzip of the consecutive records first..last, named for them; compacted, of those of
+    them compaction kept (first and last among them), in order."""
     first: int
     last: int
     path: Path
+    compacted: bool = False
 
 
-def segment_name(active: str | Path, first: int, last: int) -> str:
+def segment_name(active: str | Path, first: int, last: int, compacted: bool = False) -> str:
     """A closed segment's file name: zero-padded so that names sort in seq order (`ls`, `zcat events.*.gz`)."""
-    return f"{Path(active).name}.{first:012d}-{last:012d}{SEGMENT_SUFFIX}"
+    return f"{Path(active).name}.{first:012d}-{last:012d}{COMPACTED_SUFFIX if compacted else SEGMENT_SUFFIX}"
 
 
-def closed_segments(active: str | Path) -> list[Segment]:
-    """The journal's closed segments beside its active file, oldest first."""
+def segment_files(active: str | Path) -> list[Segment]:
+    """Every closed segment file beside the active file, oldest first: a range compacted while it was listed (or
+    by a kernel that crashed before removing the full one) is there twice, full and compacted."""
     active = Path(active)
-    pattern = re.compile(re.escape(active.name) + r"\.(\d+)-(\d+)" + re.escape(SEGMENT_SUFFIX))
+    pattern = re.compile(re.escape(active.name) + r"\.(\d+)-(\d+)(\.compacted)?" + re.escape(SEGMENT_SUFFIX))
     try:
         names = os.listdir(active.parent)
     except OSError:
         return []
     found = (pattern.fullmatch(name) for name in names)
-    return sorted(Segment(int(m[1]), int(m[2]), active.parent / m[0]) for m in found if m)
+    return sorted((Segment(int(m[1]), int(m[2]), active.parent / m[0], bool(m[3])) for m in found if m),
+                  key=lambda s: (s.first, s.last, s.compacted))  # of a range there twice, the full one first
+
+
+def closed_segments(active: str | Path) -> list[Segment]:
+    """The journal's closed segments beside its active file, oldest first, one a range: of a range there twice the
+    compacted file, which is whole (renamed into place once written and fsynced) while the full one is on its way
+    out (a reader that opened it first reads it whole all the same)."""
+    chosen: dict[tuple[int, int], Segment] = {}
+    for segment in segment_files(active):
+        chosen[segment.first, segment.last] = segment  # the compacted one comes after the full one
+    return list(chosen.values())
+
+
+def open_segment(segment: Segment) -> tuple[IO[bytes], bool]:
+    """A closed segment opened for reading (gzip), and whether it is compacted: a full one listed and then compacted
+    before it was opened is read from its compacted file."""
+    try:
+        return gzip.open(segment.path, "rb"), segment.compacted
+    except FileNotFoundError:
+        if segment.compacted:
+            raise
+        return gzip.open(compacted_path(segment), "rb"), True
+
+
+def compacted_path(segment: Segment) -> Path:
+    """Where a full segment's compacted file goes: its name, `.compacted` before `.gz`."""
+    return segment.path.with_name(segment.path.name[:-len(SEGMENT_SUFFIX)] + COMPACTED_SUFFIX)
 
 
 def next_seq_path(active: str | Path) -> Path:
@@ -123,41 +169,44 @@ def _open_journal(path: str | Path) -> tuple[IO[bytes] | None, list[Segment]]:
     return f, closed_segments(active)
 
 
-def _chained(path: str | Path, records: Callable[[IO[bytes], list[int]], Iterator[Any]],
+def _chained(path: str | Path, records: Callable[[IO[bytes], list[int], bool], Iterator[Any]],
              damage: list[str] | None = None, seq_of: Callable[[Any], int] = itemgetter("seq")) -> Iterator[Any]:
     """`records` (maps, or what `seq_of` reads a seq from) of each closed segment, then of the active file, skipping
-    seqs already read. A segment that
+    seqs already read (records(file, bad offsets, compacted): a compacted file's seqs jump). A segment that
     cannot be read (garbled, cut short) or is missing loses only its own events: the read goes on past it, and
     `damage` (when given) gets a line for each such loss, naming the file and the seqs. A bad record in the active
     file ends the read there (`records` notes its offset): the events past it are named too."""
     active, segments = _open_journal(path)
     last = 0
 
-    def fresh(file_records: Iterator[dict[str, Any]], name: str) -> Iterator[dict[str, Any]]:
-        """Those past the last seq read; a jump past it is damage. A loop, not a filter's call a record: a reader of
-        a run of days goes through 10^7 of them (runs show, runs plot)."""
+    def fresh(file_records: Iterator[dict[str, Any]], name: str, compacted: bool = False) -> Iterator[dict[str, Any]]:
+        """Those past the last seq read; a jump past it is damage, but within a compacted file (its first record is
+        its first seq: a jump into it is damage still). A loop, not a filter's call a record: a reader of a run of
+        days goes through 10^7 of them (runs show, runs plot)."""
         nonlocal last
+        within = False
         for r in file_records:
             seq = seq_of(r)
             if seq <= last:
                 continue
-            if seq > last + 1 and damage is not None:
+            if seq > last + 1 and damage is not None and not within:
                 damage.append(f"events {last + 1}-{seq - 1} are missing from the journal before {name}")
-            last = seq
+            last, within = seq, compacted
             yield r
 
     try:
         for segment in segments:
             try:
-                with gzip.open(segment.path, "rb") as f:
-                    yield from fresh(records(f, []), segment.path.name)
+                f, compacted = open_segment(segment)
+                with f:
+                    yield from fresh(records(f, [], compacted), segment.path.name, compacted)
             except SEGMENT_ERRORS as exc:
                 if damage is not None:
                     damage.append(f"segment {segment.path.name} is unreadable after seq {last} "
                                   f"({type(exc).__name__}: {exc})")
         if active is not None:
             bad: list[int] = []
-            yield from fresh(records(active, bad), Path(active.name).name)
+            yield from fresh(records(active, bad, False), Path(active.name).name)
             if bad and damage is not None:  # not a torn end (that waits for bytes): does a whole event follow?
                 ends_at = max((e.seq for e in _events_near_end(path)), default=last)
                 if ends_at > last:
@@ -207,7 +256,7 @@ def read_journal(path: str | Path, damage: list[str] | None = None) -> Iterator[
     """Every whole event of a journal, closed segments and active file, in order; `path` is the active file or
     its run directory. `damage`: where a line goes for each stretch of events lost (_chained). Each record is
     decoded once, its check and its Event in one (event_from_map)."""
-    events = lambda f, bad: (e for _, _, e in _valid_records(_file_unpacker(f), event_from_map, bad))  # noqa: E731
+    events = lambda f, bad, _: (e for _, _, e in _valid_records(_file_unpacker(f), event_from_map, bad))  # noqa: E731
     yield from _chained(path, events, damage, seq_of=attrgetter("seq"))
 
 
@@ -227,12 +276,13 @@ def _checked_quickly(r: Any) -> dict[str, Any]:
     return r
 
 
-def _consecutive(unpacker: msgpack.Unpacker, bad: list[int] | None = None) -> Iterator[dict[str, Any]]:
-    """The unpacker's whole, valid event maps, gap-free by seq, up to the first torn, garbled or out-of-order one
-    (a garbled one's offset goes to `bad`)."""
+def _consecutive(unpacker: msgpack.Unpacker, bad: list[int] | None = None,
+                 jumps: bool = False) -> Iterator[dict[str, Any]]:
+    """The unpacker's whole, valid event maps, gap-free by seq (`jumps`, of a compacted segment: rising), up to the
+    first torn, garbled or out-of-order one (a garbled one's offset goes to `bad`)."""
     previous = None
     for _, _, r in _valid_records(unpacker, _checked_quickly, bad):
-        if previous is not None and r["seq"] != previous + 1:
+        if previous is not None and (r["seq"] <= previous if jumps else r["seq"] != previous + 1):
             return
         previous = r["seq"]
         yield r
@@ -247,16 +297,17 @@ def as_event(r: dict[str, Any]) -> Event:
 def stream_journal(path: str | Path, damage: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Every whole event map of a journal, streamed, in seq order and gap-free within each file; the frequent kinds
     checked quickly. `damage`: as read_journal's."""
-    yield from _chained(path, lambda f, bad: _consecutive(_file_unpacker(f), bad), damage)
+    yield from _chained(path, lambda f, bad, compacted: _consecutive(_file_unpacker(f), bad, compacted), damage)
 
 
 # -- reading the ends of a journal ---------------------------------------------------------------
 
-def _parse(data: bytes) -> Iterator[Event]:
-    """The whole, valid, consecutive events at the start of `data`."""
+def _parse(data: bytes, jumps: bool = False) -> Iterator[Event]:
+    """The whole, valid, consecutive events at the start of `data` (`jumps`: bytes of a compacted segment among
+    them, rising events)."""
     unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1), **UNPACK_LIMITS)
     unpacker.feed(data)
-    return (as_event(r) for r in _consecutive(unpacker))
+    return (as_event(r) for r in _consecutive(unpacker, jumps=jumps))
 
 
 def _first_seq(data: bytes) -> int | None:
@@ -264,9 +315,10 @@ def _first_seq(data: bytes) -> int | None:
     return next((e.seq for e in _parse(data[:_RECORD_WINDOW])), None)
 
 
-def _read_end(path: str | Path, max_bytes: int) -> tuple[int, bytes] | None:
-    """(where they start: 0 at a record's start, the bytes) of the journal's last max_bytes, reaching into the
-    closed segments when the active file holds less; None when it cannot be read."""
+def _read_end(path: str | Path, max_bytes: int) -> tuple[int, bytes, bool] | None:
+    """(where they start: 0 at a record's start, the bytes, whether a compacted segment's are among them: their seqs
+    jump) of the journal's last max_bytes, reaching into the closed segments when the active file holds less; None
+    when it cannot be read."""
     active, segments = _open_journal(path)
     if active is None:
         return None
@@ -277,41 +329,46 @@ def _read_end(path: str | Path, max_bytes: int) -> tuple[int, bytes] | None:
             active.seek(start)
             data = active.read(size - start)
         before = _first_seq(data) if start == 0 and data else None
+        jumps = False
         for segment in reversed(segments):  # newest first, those before the active file's first record
             if start > 0 or len(data) >= max_bytes:
                 break
             if before is not None and segment.last >= before:
                 continue  # rotated after the active file was opened: its records are in `data` already
-            with gzip.open(segment.path, "rb") as f:
+            f, compacted = open_segment(segment)
+            with f:
                 older = f.read()
+            jumps = jumps or compacted
             start = max(0, len(older) - (max_bytes - len(data)))
             data = older[start:] + data
             before = segment.first
-        return start, data
+        return start, data, jumps
     except SEGMENT_ERRORS:
         return None
 
 
 def journal_head(path: str | Path, max_bytes: int = HEAD_BYTES) -> list[Event]:
     """The events in the journal's first max_bytes."""
-    return list(_parse(_head_bytes(path, max_bytes)))
+    return list(_parse(*_head_bytes(path, max_bytes)))
 
 
 def journal_first(path: str | Path) -> Event | None:
     """The journal's first event (None for none): one record parsed, not a head's thousands."""
-    return next(_parse(_head_bytes(path, HEAD_BYTES)), None)
+    return next(_parse(*_head_bytes(path, HEAD_BYTES)), None)
 
 
-def _head_bytes(path: str | Path, max_bytes: int) -> bytes:
+def _head_bytes(path: str | Path, max_bytes: int) -> tuple[bytes, bool]:
+    """The journal's first max_bytes, and whether a compacted segment's are among them."""
     active, segments = _open_journal(path)
-    pieces, size = [], 0
+    pieces, size, jumps = [], 0, False
     try:
         for segment in segments:
             if size >= max_bytes:
                 break
-            with gzip.open(segment.path, "rb") as f:
+            f, compacted = open_segment(segment)
+            with f:
                 pieces.append(f.read(max_bytes - size))
-            size += len(pieces[-1])
+            size, jumps = size + len(pieces[-1]), jumps or compacted
         if active is not None and size < max_bytes:
             pieces.append(active.read(max_bytes - size))
     except SEGMENT_ERRORS:
@@ -319,7 +376,7 @@ def _head_bytes(path: str | Path, max_bytes: int) -> bytes:
     finally:
         if active is not None:
             active.close()
-    return b"".join(pieces)
+    return b"".join(pieces), jumps
 
 
 def journal_tail(path: str | Path, max_bytes: int = TAIL_BYTES) -> list[Event]:
@@ -327,12 +384,12 @@ def journal_tail(path: str | Path, max_bytes: int = TAIL_BYTES) -> list[Event]:
     end = _read_end(path, max_bytes)
     if end is None:
         return []
-    start, data = end
+    start, data, jumps = end
     if start == 0:
-        return list(_parse(data))
+        return list(_parse(data, jumps))
     at, single = _record_start(data), []
     while at != -1:
-        events = list(_parse(data[at:]))
+        events = list(_parse(data[at:], jumps))
         if len(events) >= 2:  # a false start inside a record does not go on as consecutive, valid events
             return events
         single = single or events
@@ -346,10 +403,10 @@ def _events_near_end(path: str | Path, max_bytes: int = DAMAGE_LOOK_BYTES) -> li
     end = _read_end(path, max_bytes)
     if end is None:
         return []
-    _, data = end
+    _, data, jumps = end
     found, at = [], 0 if data[:1] in _HEADERS else _record_start(data)
     while at != -1:
-        found.extend(_parse(data[at:]))
+        found.extend(_parse(data[at:], jumps))
         at = _record_start(data, at + 1)
     return found
 
@@ -360,12 +417,12 @@ def last_event_of(path: str | Path, type_: str, max_bytes: int = EPOCH_SCAN_BYTE
     end = _read_end(path, max_bytes)
     if end is None:
         return None
-    _, data = end
+    _, data, jumps = end
     before = len(data)
     while (hit := data.rfind(marker, 0, before)) != -1:
         begin = _record_start(data, max(0, hit - _TYPE_KEY_REACH), hit, last=True)
         if begin != -1:
-            event = next(_parse(data[begin:begin + _RECORD_WINDOW]), None)
+            event = next(_parse(data[begin:begin + _RECORD_WINDOW], jumps), None)
             if event is not None and event.type == type_:
                 return event
         before = hit

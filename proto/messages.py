@@ -125,6 +125,8 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
     "replay_batch": {
         "events": list,  # encoded-ready envelopes (maps), in seq order
         "done": bool,  # True when the batch reaches the journal's end
+        # the seqs it skips (before its first event, between its events) were compacted away, not lost (§12, §13)
+        "compacted": Default(bool, False),
     },
     "run_state": {
         "seq": int,  # the state includes every event up to and including this seq, and none after it

@@ -286,12 +286,12 @@ class Runner:
     def _on_replay(self, batch: dict[str, Any]) -> None:
         self.next_seq = skip_lost(batch, self.next_seq, f"[{self.plugin.name}]")
         for event in batch["events"]:
-            if event.seq == self.next_seq:
+            if in_order(batch, event, self.next_seq):
                 if self._wants(event):
                     self._dispatch(event)
                 else:
                     self.last_event = event
-                self.next_seq += 1
+                self.next_seq = event.seq + 1
                 if self._done() or self.terminating:
                     return
                 self._maybe_ack()  # a batch is up to 512 events: ack as we go, so a kill costs little redo
@@ -603,12 +603,21 @@ def refused_hello(name: str, reason: str) -> str:
 
 def skip_lost(batch: dict[str, Any], next_seq: int, who: str) -> int:
     """The seq to go on from after a replay batch: the batch's first when it begins after next_seq, which the
-    kernel does only for events its journal lost (a segment deleted or garbled: PROTOCOL.md §12); said once."""
+    kernel does only for events its journal lost (a segment deleted or garbled: PROTOCOL.md §12), said once, or
+    compacted away (the batch says `compacted`: §13), said not at all."""
     events = batch["events"]
     if events and events[0].seq > next_seq:
-        _say(f"{who} events {next_seq}-{events[0].seq - 1} are lost from the run's journal: going on without them")
+        if not batch.get("compacted"):
+            _say(f"{who} events {next_seq}-{events[0].seq - 1} are lost from the run's journal: going on without "
+                 f"them")
         return events[0].seq
     return next_seq
+
+
+def in_order(batch: dict[str, Any], event: Event, next_seq: int) -> bool:
+    """Whether a replayed event is the next to take: the one at next_seq, or, in a compacted batch (whose seqs jump
+    over what compaction dropped), any after it."""
+    return event.seq == next_seq or (event.seq > next_seq and bool(batch.get("compacted")))
 
 
 def _terminate(runner: Runner, why: str = "terminated (SIGTERM)") -> None:

@@ -240,6 +240,10 @@ class FakeSupervision:
         self.current = dict(current)  # spawned name -> live pid, or None
         self.restarting: set[str] = set()  # spawned names that are down and will be started again
         self.seen_calls: list[tuple[str, int, float]] = []
+        self.still_starting: list[str] = []  # spawned names that have not said hello yet
+
+    def starting(self) -> list[str]:
+        return list(self.still_starting)
 
     def spawned(self, name: str) -> bool:
         return name in self.current

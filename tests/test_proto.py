@@ -70,8 +70,8 @@ VALID_CONTROL: dict[str, list[dict]] = {
     "welcome": [dict(run="run-1", heartbeat_interval_s=1.0, resume_from=1, session_seq=1, role="", farewell=False),
                 dict(run="r", heartbeat_interval_s=2, resume_from=99, session_seq=40, role="monitor", farewell=True)],
     "farewell": [{}],
-    "replay_batch": [dict(events=[event_to_map(HEARTBEAT), event_to_map(EVENT)], done=True),
-                     dict(events=[], done=False)],
+    "replay_batch": [dict(events=[event_to_map(HEARTBEAT), event_to_map(EVENT)], done=True, compacted=True),
+                     dict(events=[], done=False, compacted=False)],
     "refused": [dict(reason="hello as 'metrics_log' refused: wrong secret", welcome_lost=True, code="hello_secret"),
                 dict(reason="x: stop is not among the replies its hello declared", welcome_lost=False, code="")],
 }

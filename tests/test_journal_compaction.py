@@ -1,0 +1,224 @@
+"""Journal compaction (PROTOCOL.md §13): closed segments every durable plugin acked and a saved checkpoint covers
+keep their lifecycle, metric, log, plugin and kernel events and every 100th step's end_training_batch; every reader
+reads them with no loss said, a replay from one says `compacted`, and a crash mid-compaction loses nothing kept."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+import zmq
+
+from test_journal_segments import fast_forward, simulated_records
+from test_peers_limits import hello, served_bus
+from trainbus.kernel.journal import Journal, decode_records
+from trainbus.kernel.control_reading import CONTROL_PER_WAKE, LOCAL
+from trainbus.proto import JOURNAL_NAME, control, decode_control, encode_control, encode_replay_batch
+from trainbus.proto import events as ev
+from trainbus.proto.journal_format import (COMPACTION_KEEP_EVERY_STEPS, closed_segments, journal_head, journal_tail,
+                                           kept_by_compaction, last_event_of, read_journal, stream_journal)
+from trainbus.sdk.runner import in_order, skip_lost
+
+COUNT = 60_000
+SEGMENT_BYTES = 256 * 1024  # ~1,700 events a segment: tens of segments
+
+
+def compact(journal: Journal, through: int) -> list:
+    """Offer the journal's worker everything through `through` until every segment ending there is compacted."""
+    for _ in range(1000):
+        journal.compact_through(through)
+        if all(s.compacted for s in journal.segments if s.last <= through):
+            return journal.segments
+        time.sleep(0.01)
+    raise AssertionError(f"segments through {through} not compacted within 10 s: {journal.segments}")
+
+
+def originals(count: int) -> dict[int, dict]:
+    return {m["seq"]: m for _, batch in simulated_records(count) for m in decode_records(b"".join(batch))}
+
+
+def expected_after(segments: list, every: dict[int, dict]) -> list[int]:
+    """The seqs a journal keeps once these segments are compacted: within each compacted one its first and last and
+    what kept_by_compaction keeps; everything else."""
+    kept = []
+    for seq, record in every.items():
+        home = next((s for s in segments if s.first <= seq <= s.last), None)
+        if home is None or not home.compacted or seq in (home.first, home.last) or kept_by_compaction(record):
+            kept.append(seq)
+    return kept
+
+
+def test_compacted_segments_keep_all_but_the_per_batch_events_and_no_reader_says_a_loss(tmp_path):
+    fast_forward(tmp_path, COUNT, SEGMENT_BYTES)
+    before = sum(p.stat().st_size for p in tmp_path.iterdir())
+    journal = Journal(tmp_path / JOURNAL_NAME, segment_bytes=SEGMENT_BYTES)
+    through = journal.segments[-3].last  # the newest two stay whole
+    segments = compact(journal, through)
+    assert journal.compacted_events > COUNT // 2
+    journal.close()
+    assert [s.compacted for s in segments] == [s.last <= through for s in segments]
+    assert all(p.name.endswith(".compacted.gz") for p in tmp_path.glob("events.*.gz") if int(
+        p.name.split(".")[1].split("-")[1]) <= through)
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) < before / 5
+
+    every = originals(COUNT)
+    kept = expected_after(segments, every)
+    for read in (lambda d: [e.seq for e in read_journal(tmp_path, d)],
+                 lambda d: [m["seq"] for m in stream_journal(tmp_path, d)]):
+        damage: list[str] = []
+        assert read(damage) == kept and damage == []  # rising, and exactly what the rule keeps: no loss said
+    batch_steps = {every[s]["step"] for s in kept if every[s]["type"] == ev.END_TRAINING_BATCH and s <= through}
+    assert batch_steps and all(step % COMPACTION_KEEP_EVERY_STEPS == 0 or any(
+        every[s]["step"] == step and s in (g.first, g.last) for g in segments for s in (g.first, g.last))
+        for step in batch_steps)
+    assert journal_head(tmp_path)[0].seq == 1 and len(journal_head(tmp_path)) > 10
+    assert journal_tail(tmp_path)[-1].seq == COUNT
+    assert last_event_of(tmp_path, ev.END_EPOCH).type == ev.END_EPOCH
+
+    journal = Journal(tmp_path / JOURNAL_NAME)  # reopened: nothing missing, and the next seq where it was
+    assert journal.missing == [] and journal.last_seq == COUNT and journal.first_seq == 1
+    journal.close()
+
+
+def test_the_journal_compacts_nothing_past_the_bound_nor_when_told_not_to(tmp_path):
+    fast_forward(tmp_path, 20_000, SEGMENT_BYTES)
+    journal = Journal(tmp_path / JOURNAL_NAME, compact=False)
+    for _ in range(20):
+        journal.compact_through(journal.last_seq)
+        time.sleep(0.01)
+    assert not any(s.compacted for s in journal.segments)
+    journal.close()
+    journal = Journal(tmp_path / JOURNAL_NAME)
+    bound = journal.segments[2].last - 1  # inside the third: the first two only
+    segments = compact(journal, bound)
+    time.sleep(0.2)
+    journal.compact_through(bound)
+    assert [s.compacted for s in journal.segments] == [True, True] + [False] * (len(segments) - 2)
+    journal.close()
+
+
+def test_the_bound_is_the_lowest_durable_ack_and_before_the_newest_saved_checkpoint(tmp_path):
+    """Dispatcher.compactable_through, on the real peer table: nothing without a saved checkpoint; then the lower of
+    the checkpoint's seq - 1 and the lowest ack of the durable plugins that may still return."""
+    fast_forward(tmp_path, 20_000, SEGMENT_BYTES)
+    journal = Journal(tmp_path / JOURNAL_NAME)
+    bus, credentials, peers, dispatcher = served_bus(journal, tmp_path)
+    try:
+        now = time.monotonic()
+        assert dispatcher.compactable_through(now) == 0  # no checkpoint saved: the journal stays whole
+        dispatcher.newest_checkpoint_seq = 15_000
+        assert dispatcher.compactable_through(now) == 14_999  # no durable plugin: the checkpoint alone
+        peers.supervisor.still_starting.append("late")
+        assert dispatcher.compactable_through(now) == 0  # a plugin not yet said hello may be durable, from seq 1
+        peers.supervisor.still_starting.clear()
+        slow = peers.welcome(LOCAL + b"a", hello("slow", 1, credentials.attach_token()), now)
+        fast = peers.welcome(LOCAL + b"b", hello("fast", 2, credentials.attach_token()), now)
+        peers.welcome(LOCAL + b"c", hello("monitor", 3, credentials.attach_token(), delivery="best_effort"), now)
+        assert dispatcher.compactable_through(now) == 0  # neither has acked
+        peers.ack(fast, 19_000, journal.written_seq)
+        peers.ack(slow, 4_000, journal.written_seq)
+        assert dispatcher.compactable_through(now) == 4_000
+        peers.ack(slow, 18_000, journal.written_seq)
+        assert dispatcher.compactable_through(now) == 14_999
+        compact(journal, dispatcher.compactable_through(now))
+        assert all(s.compacted == (s.last <= 14_999) for s in journal.segments)
+    finally:
+        bus.ctx.destroy(linger=0)
+        journal.close()
+
+
+def test_a_crash_between_the_rename_and_the_removal_keeps_the_compacted_file(tmp_path, caplog):
+    fast_forward(tmp_path, 20_000, SEGMENT_BYTES)
+    full = closed_segments(tmp_path / JOURNAL_NAME)
+    saved = tmp_path.parent / f"{tmp_path.name}-saved"
+    saved.mkdir()
+    for segment in full[:2]:
+        shutil.copy(segment.path, saved / segment.path.name)
+    journal = Journal(tmp_path / JOURNAL_NAME)
+    compact(journal, full[1].last)
+    journal.close()
+    compacted = closed_segments(tmp_path / JOURNAL_NAME)[:2]
+    expected = [e.seq for e in read_journal(tmp_path)]
+    for segment in full[:2]:  # the full ones back beside their compacted files: the crash came before the removal
+        shutil.copy(saved / segment.path.name, segment.path)
+    compacted[1].path.write_bytes(compacted[1].path.read_bytes()[:100])  # and one compacted file cut short
+    assert [e.seq for e in read_journal(tmp_path)][:5] == expected[:5]  # readers take the compacted one meanwhile
+    with caplog.at_level(logging.WARNING, "trainbus.kernel"):
+        journal = Journal(tmp_path / JOURNAL_NAME)
+    assert not full[0].path.exists() and compacted[0].path.exists()  # whole: the work is finished
+    assert full[1].path.exists() and not compacted[1].path.exists()  # cut short: the full one stays
+    assert journal.missing == []
+    journal.close()
+    damage: list[str] = []
+    seqs = [e.seq for e in read_journal(tmp_path, damage)]
+    assert damage == [] and seqs == sorted(set(expected) | set(range(full[1].first, full[1].last + 1)))
+    assert "a compaction cut short" in caplog.text
+
+
+def test_a_segment_that_cannot_be_compacted_is_left_as_it_was_and_said(tmp_path, caplog):
+    fast_forward(tmp_path, 20_000, SEGMENT_BYTES)
+    segments = closed_segments(tmp_path / JOURNAL_NAME)
+    garbled = segments[1].path.read_bytes()
+    garbled = garbled[:len(garbled) // 2] + bytes(64) + garbled[len(garbled) // 2 + 64:]
+    segments[1].path.write_bytes(garbled)
+    journal = Journal(tmp_path / JOURNAL_NAME)
+    with caplog.at_level(logging.WARNING, "trainbus.kernel"):
+        for _ in range(1000):
+            journal.compact_through(segments[2].last)
+            if journal.segments[0].compacted and journal.segments[2].compacted and "could not compact" in caplog.text:
+                break
+            time.sleep(0.01)
+    assert [s.compacted for s in journal.segments[:3]] == [True, False, True]
+    journal.close()
+    assert segments[1].path.read_bytes() == garbled
+    assert f"could not compact {segments[1].path.name}" in caplog.text
+
+
+def test_a_replay_from_a_compacted_segment_says_so_and_the_sdk_takes_its_jumps_for_no_loss(tmp_path, capsys):
+    fast_forward(tmp_path, 20_000, SEGMENT_BYTES)
+    journal = Journal(tmp_path / JOURNAL_NAME)
+    segments = compact(journal, journal.segments[1].last)
+    bus, credentials, peers, dispatcher = served_bus(journal, tmp_path)
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.ROUTING_ID, b"reader")
+        dealer.connect(bus.control_endpoint)
+        dealer.send(encode_control(hello("reader", 1, credentials.attach_token())))
+        batches, asked = [], 5
+        while asked < segments[2].first + 10:
+            dealer.send(encode_control(control("replay", from_seq=asked)))
+            deadline = time.monotonic() + 10
+            while (peer := peers.get(LOCAL + b"reader")) is None or peer.replay_from is None:
+                assert time.monotonic() < deadline, "the bus did not read the replay within 10 s"
+                bus.router.poll(20)
+                bus.reading.read(CONTROL_PER_WAKE)
+            dispatcher.serve_replays(time.monotonic() + len(batches) + 1.0)
+            while True:
+                assert dealer.poll(10_000)
+                message = decode_control(dealer.recv())
+                if message["type"] == "replay_batch":
+                    break
+            batches.append(message)
+            asked = message["events"][-1].seq + 1
+    finally:
+        ctx.destroy(linger=0)
+        bus.ctx.destroy(linger=0)
+        journal.close()
+    assert all(b["compacted"] for b in batches[:-1]) and not batches[-1]["compacted"]  # the last: a full segment
+    assert batches[0]["events"][0].seq > 5  # seq 5 was a batch event: the batch begins past it
+    next_seq, taken = 5, []
+    for batch in batches:
+        next_seq = skip_lost(batch, next_seq, "[reader]")
+        for event in batch["events"]:
+            if in_order(batch, event, next_seq):
+                taken.append(event.seq)
+                next_seq = event.seq + 1
+    assert "lost" not in capsys.readouterr().err
+    assert taken == [s for s in expected_after(segments, originals(20_000)) if 5 <= s < next_seq]
+    assert decode_control(encode_replay_batch(0, b"", True))["compacted"] is False  # no flag sent: as before it
+    plain = dict(batches[0], compacted=False)  # a client that ignores the flag takes the jump for a loss, and says so
+    skip_lost(plain, 5, "[reader]")
+    assert "are lost from the run's journal" in capsys.readouterr().err
