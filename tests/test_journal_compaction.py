@@ -7,19 +7,26 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from pathlib import Path
 
+import pytest
 import zmq
 
 from test_journal_segments import fast_forward, simulated_records
+from helpers import PLUGIN_START_S, assert_same_weights, run_config
+from kernel_process import cli
 from test_peers_limits import hello, served_bus
+from trainbus.kernel.config import resolve_plugin
+from trainbus.kernel.session import run_training
 from trainbus.kernel.journal import Journal, decode_records
 from trainbus.kernel.control_reading import CONTROL_PER_WAKE, LOCAL
-from trainbus.proto import JOURNAL_NAME, control, decode_control, encode_control, encode_replay_batch
+from trainbus.proto import JOURNAL_NAME, control, decode_control, encode_control, encode_replay_batch, event_to_map
 from trainbus.proto import events as ev
 from trainbus.proto.journal_format import (COMPACTION_KEEP_EVERY_STEPS, closed_segments, journal_head, journal_tail,
                                            kept_by_compaction, last_event_of, read_journal, stream_journal)
 from trainbus.sdk.runner import in_order, skip_lost
 
+PACED = "fixture_targets:paced_digits"  # the digits demo with a sleep per step: same weights, known pace
 COUNT = 60_000
 SEGMENT_BYTES = 256 * 1024  # ~1,700 events a segment: tens of segments
 
@@ -222,3 +229,41 @@ def test_a_replay_from_a_compacted_segment_says_so_and_the_sdk_takes_its_jumps_f
     plain = dict(batches[0], compacted=False)  # a client that ignores the flag takes the jump for a loss, and says so
     skip_lost(plain, 5, "[reader]")
     assert "are lost from the run's journal" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(4 * PLUGIN_START_S)  # three runs starting plugins (torch, starved when busy), and runs plot
+def test_a_real_run_in_tiny_segments_is_compacted_plots_and_resumes_exactly(tmp_path):
+    """The checkpoint plugin (a persister, durable) and metrics_log (durable) on a paced digits run in ~2 KB
+    segments: segments behind the saved checkpoints are compacted while it trains, `trainbus runs plot` draws the
+    result, and the run continued for one more epoch ends with the weights of a run never interrupted."""
+    plugins = [resolve_plugin("checkpoint", {}), resolve_plugin("metrics_log", {})]
+    settings = dict(target=PACED, seed=3, journal_segment_mb=0.002, checkpoint_every_n_steps=10,
+                    ready_timeout_s=PLUGIN_START_S, drain_timeout_s=60, step_sleep_s=0.05)
+    first = run_training(run_config(tmp_path / "runs", plugins, epochs=2, **settings))
+    assert first.status == "completed" and not first.undrained, (first.error, first.undrained)
+    run_dir = Path(first.run_dir)
+    compacted = [s for s in closed_segments(run_dir / JOURNAL_NAME) if s.compacted]
+    assert compacted, sorted(p.name for p in run_dir.glob("events*"))
+    saved = [e for e in read_journal(run_dir) if e.type == ev.CHECKPOINT_SAVED]
+    assert all(s.last < max(e.data["seq"] for e in saved) for s in compacted)  # none past the newest checkpoint
+    damage: list[str] = []
+    events = list(read_journal(run_dir, damage))
+    seqs = [e.seq for e in events]
+    assert damage == [] and seqs == sorted(set(seqs)) and seqs[-1] == events[-1].seq
+    inside = [e for e in events if any(s.first < e.seq < s.last for s in compacted)]  # a segment keeps its ends
+    assert all(kept_by_compaction(event_to_map(e)) for e in inside)
+    assert len(inside) < sum(s.last - s.first - 1 for s in compacted) / 2
+
+    plotted = cli("runs", "plot", run_dir.name, "--runs-dir", str(tmp_path / "runs"), "--out",
+                  str(tmp_path / "plots"), timeout=PLUGIN_START_S)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "plots" / "loss.png").is_file() and "missing" not in plotted.stderr
+
+    resumed = run_training(run_config(tmp_path / "runs", plugins, epochs=3, resume=str(run_dir), **settings),
+                           run_id=run_dir.name, continue_run=True)
+    assert resumed.status == "completed" and not resumed.undrained, (resumed.error, resumed.undrained)
+    for log in (run_dir / "plugins").glob("*.log"):  # they replayed the compacted journal from seq 1: no loss said
+        assert "lost from the run's journal" not in log.read_text(), log
+    reference = run_training(run_config(tmp_path / "reference", plugins, epochs=3, **settings))
+    assert reference.status == "completed", reference.error
+    assert_same_weights(resumed.run_dir, reference.run_dir)

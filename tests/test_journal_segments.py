@@ -202,14 +202,15 @@ def test_an_active_file_from_before_segments_is_closed_into_several(tmp_path):
 @pytest.mark.timeout(3 * PLUGIN_START_S)  # three runs, each starting a checkpoint plugin (torch, starved when busy)
 def test_a_continued_run_goes_on_after_the_last_seq_of_a_journal_in_segments(tmp_path):
     checkpoint = [resolve_plugin("checkpoint", {})]  # a continued run starts from its newest checkpoint
+    # compaction off: this is about the segments, and every seq is read back (test_journal_compaction.py has it on)
     first = run_training(run_config(tmp_path, checkpoint, epochs=1, target=TINY, journal_segment_mb=0.002,
-                                    ready_timeout_s=PLUGIN_START_S))
+                                    journal_compact=False, ready_timeout_s=PLUGIN_START_S))
     assert first.status == "completed", first.error
     journal = Path(first.run_dir) / JOURNAL_NAME
     before = [e.seq for e in read_journal(journal)]
     assert len(closed_segments(journal)) >= 2 and before == list(range(1, len(before) + 1))
     resumed = run_training(run_config(tmp_path, checkpoint, epochs=2, target=TINY, journal_segment_mb=0.002,
-                                      resume=first.run_dir, ready_timeout_s=PLUGIN_START_S),
+                                      journal_compact=False, resume=first.run_dir, ready_timeout_s=PLUGIN_START_S),
                            run_id=Path(first.run_dir).name, continue_run=True)
     assert resumed.status == "completed", resumed.error
     events = list(read_journal(journal))
@@ -225,7 +226,8 @@ def test_a_continued_run_goes_on_after_the_last_seq_of_a_journal_in_segments(tmp
     # a segment lost meanwhile: the next session's durable plugin goes on past the loss (it waited for it for ever)
     closed_segments(journal)[1].path.unlink()
     again = run_training(run_config(tmp_path, checkpoint, epochs=3, target=TINY, journal_segment_mb=0.002,
-                                    resume=first.run_dir, drain_timeout_s=30, ready_timeout_s=PLUGIN_START_S),
+                                    journal_compact=False, resume=first.run_dir, drain_timeout_s=30,
+                                    ready_timeout_s=PLUGIN_START_S),
                          run_id=Path(first.run_dir).name, continue_run=True)
     assert again.status == "completed" and not again.undrained, (again.error, again.undrained)
     assert "are lost from the run's journal: going on without them" in (
