@@ -42,9 +42,11 @@ READ_PROGRESS = "progress: "
 
 # Nearly all of a long journal: the per-batch events and heartbeats.
 FREQUENT_TYPES = ev.BATCH_EVENTS | {ev.HEARTBEAT}
-# Compaction keeps the end_training_batch of every this many steps: `runs plot`'s per-step loss curve keeps its shape
-# (it draws at most CURVE_POINTS_MAX points of a long run anyway) at a hundredth of the per-batch events' bytes.
-COMPACTION_KEEP_EVERY_STEPS = 100
+# Compaction keeps the end_training_batch of every this many steps. 80, not a round 100: the plots' record of a run
+# (plugins/_history.py) keeps a loss point every every_n_steps (10 by default) steps, twice as far apart each time
+# it passes CURVE_POINTS_MAX, so a long run's curve has points every 10 * 2**k steps; from 80 on every such point is
+# a multiple of 80, kept, and `runs plot` of a compacted run draws every point it would have drawn of the whole one.
+COMPACTION_KEEP_EVERY_STEPS = 80
 
 
 def kept_by_compaction(record: dict[str, Any]) -> bool:

@@ -18,6 +18,7 @@ from kernel_process import cli
 from test_peers_limits import hello, served_bus
 from trainbus.kernel.config import resolve_plugin
 from trainbus.kernel.session import run_training
+from trainbus.plugins._history import History
 from trainbus.kernel.journal import Journal, decode_records
 from trainbus.kernel.control_reading import CONTROL_PER_WAKE, LOCAL
 from trainbus.proto import JOURNAL_NAME, control, decode_control, encode_control, encode_replay_batch, event_to_map
@@ -267,3 +268,21 @@ def test_a_real_run_in_tiny_segments_is_compacted_plots_and_resumes_exactly(tmp_
     reference = run_training(run_config(tmp_path / "reference", plugins, epochs=3, **settings))
     assert reference.status == "completed", reference.error
     assert_same_weights(resumed.run_dir, reference.run_dir)
+
+
+def test_runs_plot_of_a_long_compacted_run_has_every_point_of_the_whole_ones(tmp_path):
+    """400,000 events, ~200,000 steps: the plots' record thins its curve to a point every 80 steps or more, each a
+    step compaction keeps (COMPACTION_KEEP_EVERY_STEPS), so the compacted journal's curve holds all of the whole
+    journal's points, the same losses, and its epochs are the same rows."""
+    count = 400_000
+    fast_forward(tmp_path / "whole", count, SEGMENT_BYTES)
+    whole = History.from_journal(tmp_path / "whole", every_n_steps=10)
+    assert whole.every_n_steps * whole.step_thinning == 80  # a long run's spacing: 10 * 2**3 at this count
+    shutil.copytree(tmp_path / "whole", tmp_path / "compacted")
+    journal = Journal(tmp_path / "compacted" / JOURNAL_NAME)
+    compact(journal, journal.segments[-1].last)
+    journal.close()
+    compacted = History.from_journal(tmp_path / "compacted", every_n_steps=10)
+    assert set(whole.step_losses) <= set(compacted.step_losses)
+    assert len(compacted.step_losses) <= 2 * len(whole.step_losses)
+    assert compacted.epochs == whole.epochs and compacted.last_step == whole.last_step
