@@ -28,8 +28,8 @@ from trainbus.proto import events as ev
 from trainbus.proto import kept_files
 from trainbus.proto.run_state import CLIENT_PREFIX
 from trainbus.proto.text import duration_text
-from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, journal_first, journal_head, journal_tail,
-                                          last_event_of, stream_journal)
+from trainbus.proto.journal_format import (FREQUENT_TYPES, as_event, closed_segments, journal_first, journal_head,
+                                          journal_tail, last_event_of, stream_journal)
 
 from .config import PLUGIN_NAME
 from .journal_history import LIVE_PLUGIN_STATES, JournalHistory, iso_time
@@ -653,6 +653,7 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
         checkpoints={"saved": saved, **history.checkpoint_counts, "unwritten": len(history.unanswered_saves)},
         undrained=undrained,
         bus=summary.get("bus") or {}, files=_files(run_dir), journal_damage=damage,
+        journal_compacted=_compacted(journal),
         config_damage=config_problem(run_dir))
     if info["error"] is None and history.error is not None:
         info["error"] = history.error
@@ -675,6 +676,15 @@ def _where_now(path: Any, run_dir: Path) -> Any:
     if Path(path).is_relative_to(run_dir) or run_dir.name not in parts:
         return path
     return str(run_dir.joinpath(*parts[parts.index(run_dir.name) + 1:]))
+
+
+def _compacted(journal: Path) -> dict[str, int]:
+    """How much of the journal compaction thinned (PROTOCOL.md §13): its closed segments, those compacted, and the
+    last seq of the newest compacted one (0: none)."""
+    segments = closed_segments(journal)
+    compacted = [s for s in segments if s.compacted]
+    return {"segments": len(segments), "compacted": len(compacted),
+            "through_seq": compacted[-1].last if compacted else 0}
 
 
 def _files(run_dir: Path) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from trainbus.proto.journal_format import COMPACTION_KEEP_EVERY_STEPS
 from trainbus.proto.strict_json import strict_dumps
 from trainbus.proto.text import duration_text, printable
 
@@ -237,6 +238,11 @@ def print_show(console, run: dict[str, Any]) -> None:
         e = run["last_event"]
         line("last event", escape(f"{e['type']} (seq {e['seq']}, epoch {e['epoch']}, step {e['step']}) "
                                   f"{duration_text(e['age_s'])} ago"))
+    compacted = run.get("journal_compacted") or {}
+    if compacted.get("compacted"):  # PROTOCOL.md §13: what the journal no longer holds, and why
+        line("journal", f"{compacted['compacted']} of {compacted['segments']} closed segments compacted: up to seq "
+                        f"{compacted['through_seq']:,} it keeps no per-batch events but every "
+                        f"{COMPACTION_KEEP_EVERY_STEPS}th step's end_training_batch, and no heartbeats")
     if run.get("stop_reasons"):
         line("stopped by", escape("; ".join(run["stop_reasons"])))
     if run.get("error"):

@@ -4,6 +4,7 @@ reads them with no loss said, a replay from one says `compacted`, and a crash mi
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import time
@@ -11,12 +12,15 @@ from pathlib import Path
 
 import pytest
 import zmq
+from rich.console import Console
 
 from test_journal_segments import fast_forward, simulated_records
 from helpers import PLUGIN_START_S, assert_same_weights, run_config
 from kernel_process import cli
 from test_peers_limits import hello, served_bus
 from trainbus.kernel.config import resolve_plugin
+from trainbus.kernel.runs import run_details
+from trainbus.kernel.runs_view import print_show
 from trainbus.kernel.session import run_training
 from trainbus.plugins._history import History
 from trainbus.kernel.journal import Journal, decode_records
@@ -87,6 +91,15 @@ def test_compacted_segments_keep_all_but_the_per_batch_events_and_no_reader_says
     journal = Journal(tmp_path / JOURNAL_NAME)  # reopened: nothing missing, and the next seq where it was
     assert journal.missing == [] and journal.last_seq == COUNT and journal.first_seq == 1
     journal.close()
+
+    details = run_details(tmp_path)  # runs show: no damage, and one line saying how much was compacted
+    assert details["journal_damage"] == []
+    assert details["journal_compacted"] == {"segments": len(segments), "compacted": len(segments) - 2,
+                                            "through_seq": through}
+    shown = io.StringIO()
+    print_show(Console(file=shown, width=300), details)
+    assert f"journal     {len(segments) - 2} of {len(segments)} closed segments compacted: up to seq {through:,}" \
+        in shown.getvalue()
 
 
 def test_the_journal_compacts_nothing_past_the_bound_nor_when_told_not_to(tmp_path):
