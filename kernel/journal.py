@@ -59,8 +59,9 @@ COMPRESS_LEVEL = 1  # level 6 gains a sixth in size for four times the time
 # bytes (seven of the default 8 MiB segments: the five built-in durable plugins and some), at least two segments.
 CACHED_SEGMENTS_BYTES = 64 * 2**20
 CACHED_SEGMENTS_MIN = 2
-# Segments waiting for the compaction worker: it takes one at a time (~50 ms for 8 MiB of records); what does not fit
-# is offered again at the next compact_through, so the bus thread never waits on a full queue.
+# Segments waiting for the compaction worker: it takes one at a time (0.15-0.4 s an 8 MiB segment on this busy 2-core
+# box, docs/benchmarks.md); what does not fit is offered again at the next compact_through, so the bus thread never
+# waits on a full queue.
 COMPACT_QUEUE = 4
 COMPACT_JOIN_S = 10.0  # close() waits this long for a compaction under way, then leaves it (both files stay whole)
 
@@ -143,9 +144,10 @@ class Journal:
         self.compact = compact
         self._compact_next = 0  # index in _segments of the oldest segment not yet offered for compaction
         self._compactions: queue.Queue[Segment | None] = queue.Queue(COMPACT_QUEUE)
-        self._compacted: collections.deque[tuple[Segment, Segment | None]] = collections.deque()  # the worker's
+        # the worker's results, for the bus thread: (full segment, its compacted one or None, records dropped)
+        self._compacted: collections.deque[tuple[Segment, Segment | None, int]] = collections.deque()
         self._compactor: threading.Thread | None = None
-        self.compacted_events = 0  # dropped by this kernel's compactions (the run's summary)
+        self.compacted_events = 0  # records this process's compactions dropped
 
     def _set_aside(self, unread: int) -> None:
         """Keep the active file's bytes past its last whole record in a file beside it before they are cut: a torn
