@@ -344,3 +344,21 @@ def test_ten_million_events_compacted_keep_a_few_mb_flat_memory_and_a_whole_plot
     seqs = [m["seq"] for m in stream_journal(tmp_path, damage)]
     assert damage == [] and seqs[0] == 1 and seqs[-1] == count and seqs == sorted(seqs)
     assert {p.name for p in plot_run(tmp_path, tmp_path / "plots")} >= {"loss.png"}
+
+
+def test_a_segment_read_for_a_replay_then_compacted_is_served_compacted_and_leaves_the_cache(tmp_path):
+    """A replay reads a full segment (kept decompressed for the next batches), the worker compacts it: the next batch
+    from it comes from the compacted file, says so, and the full segment's records no longer take the cache's room."""
+    fast_forward(tmp_path, 20_000, SEGMENT_BYTES)
+    journal = Journal(tmp_path / JOURNAL_NAME)
+    first = journal.segments[0]
+    before = journal.read_batch(first.first + 2, 512, 4 * 2**20)
+    assert not before.compacted and before.count == 512 and before.last == first.first + 513
+    cached = journal._cached_bytes
+    compact(journal, first.last)
+    after = journal.read_batch(first.first + 2, 512, 4 * 2**20)
+    assert after.compacted and after.last <= first.last
+    assert [m["seq"] for m in decode_records(after.records)] == [
+        s for s in expected_after(journal.segments, originals(20_000)) if first.first + 2 <= s <= after.last]
+    assert journal._cached_bytes < cached / 5  # the compacted file's few records, not the full segment's
+    journal.close()
