@@ -9,20 +9,17 @@ The active file rotates: once it holds `segment_bytes` it is compressed whole in
 which covers the active file only, stays bounded (PROTOCOL.md, the journal).
 
 Closed segments are compacted once nothing can need their per-batch events again (`compact_through`, PROTOCOL.md
-§13): a worker thread of the journal's rewrites each into `events.<first>-<last>.compacted.gz`, holding only what
-`kept_by_compaction` keeps, so a run of days costs its disk the events a person reads, not every batch's.
+§13): a worker thread (kernel/compaction.py) rewrites each into `events.<first>-<last>.compacted.gz`, holding only
+what `kept_by_compaction` keeps, so a run of days costs its disk the events a person reads, not every batch's.
 """
 
 from __future__ import annotations
 
 import bisect
-import collections
 import fcntl
 import gzip
 import logging
 import os
-import queue
-import threading
 import time
 from array import array
 from pathlib import Path
@@ -34,9 +31,11 @@ from trainbus.proto import Event
 from trainbus.proto.codec import UNPACK_LIMITS
 from trainbus.proto.kept_files import kept_dir, kept_dirs
 from trainbus.proto.messages import kept_name
-from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, compacted_path, iter_records,
-                                           kept_by_compaction, next_seq_path, open_segment, read_journal,
-                                           recorded_next_seq, segment_files, segment_name)
+from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, iter_records, next_seq_path,
+                                           open_segment, read_journal, recorded_next_seq, segment_name)
+
+from .compaction import Compactor, finish_compactions
+from .durable_writes import CLOEXEC, fsync_dir, write_all, write_file
 
 
 log = logging.getLogger("trainbus.kernel")
@@ -59,11 +58,6 @@ COMPRESS_LEVEL = 1  # level 6 gains a sixth in size for four times the time
 # bytes (seven of the default 8 MiB segments: the five built-in durable plugins and some), at least two segments.
 CACHED_SEGMENTS_BYTES = 64 * 2**20
 CACHED_SEGMENTS_MIN = 2
-# Segments waiting for the compaction worker: it takes one at a time (0.15-0.4 s an 8 MiB segment on this busy 2-core
-# box, docs/benchmarks.md); what does not fit is offered again at the next compact_through, so the bus thread never
-# waits on a full queue.
-COMPACT_QUEUE = 4
-COMPACT_JOIN_S = 10.0  # close() waits this long for a compaction under way, then leaves it (both files stay whole)
 
 
 class ReplayRead(NamedTuple):
@@ -96,7 +90,7 @@ class Journal:
         self._fd = _open_locked(self.path, os.O_WRONLY | os.O_CREAT)
         for leftover in self.path.parent.glob(f".{self.path.name}.*"):
             leftover.unlink()  # a rotation or compaction cut short by a crash: the full files still hold the records
-        _finish_compactions(self.path)
+        finish_compactions(self.path)
         self._segments = closed_segments(self.path)
         self._segment_firsts = [s.first for s in self._segments]
         # decompressed closed segments by first seq, oldest use first: (records, offsets, seqs of a compacted one)
@@ -132,7 +126,7 @@ class Journal:
             self._set_aside(unread)
         os.ftruncate(self._fd, self._size)
         self._rejoin_kept()
-        self._read_fd = os.open(self.path, os.O_RDONLY | _CLOEXEC)
+        self._read_fd = os.open(self.path, os.O_RDONLY | CLOEXEC)
         self._backlog: list[bytes] = []  # numbered records the disk has not taken yet
         self.backlog_bytes = 0
         self.error: OSError | None = None  # why the backlog is not empty
@@ -143,10 +137,7 @@ class Journal:
         self._last_fsync = time.monotonic()
         self.compact = compact
         self._compact_next = 0  # index in _segments of the oldest segment not yet offered for compaction
-        self._compactions: queue.Queue[Segment | None] = queue.Queue(COMPACT_QUEUE)
-        # the worker's results, for the bus thread: (full segment, its compacted one or None, records dropped)
-        self._compacted: collections.deque[tuple[Segment, Segment | None, int]] = collections.deque()
-        self._compactor: threading.Thread | None = None
+        self._compactor = Compactor(self.path, COMPRESS_LEVEL)
         self.compacted_events = 0  # records this process's compactions dropped
 
     def _set_aside(self, unread: int) -> None:
@@ -183,7 +174,7 @@ class Journal:
             with open(kept, "rb") as f:
                 blob = f.read(records[-1][1])
             try:
-                _write_all(self._fd, blob, self._size)
+                write_all(self._fd, blob, self._size)
                 os.fsync(self._fd)
             except OSError:
                 os.ftruncate(self._fd, self._size)
@@ -236,7 +227,7 @@ class Journal:
             return 0
         blob = b"".join(self._backlog)
         try:
-            _write_all(self._fd, blob, self._size)
+            write_all(self._fd, blob, self._size)
         except OSError as exc:
             if self.error is None:
                 log.warning("journal %s: %s; holding events in memory (at most %.4g MiB) and retrying", self.path,
@@ -274,13 +265,13 @@ class Journal:
                 segment = Segment(first, last, self.path.parent / segment_name(self.path, first, last))
                 begin, end = self._offsets[start], self._offsets[stop] if stop < len(self._offsets) else self._size
                 hidden = self.path.parent / f".{segment.path.name}"
-                _write_file(hidden, gzip.compress(os.pread(self._read_fd, end - begin, begin), COMPRESS_LEVEL, mtime=0))
+                write_file(hidden, gzip.compress(os.pread(self._read_fd, end - begin, begin), COMPRESS_LEVEL, mtime=0))
                 os.rename(hidden, segment.path)
                 closed.append(segment)
             fd = _open_locked(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            _fsync_dir(self.path.parent)  # the segments are on disk before the active file is emptied
+            fsync_dir(self.path.parent)  # the segments are on disk before the active file is emptied
             os.rename(fresh, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as exc:  # the disk: the active file goes on growing, and tries again a segment later
             log.warning("journal %s: could not close a segment (%s); the active file grows meanwhile", self.path,
                         exc.strerror)
@@ -292,7 +283,7 @@ class Journal:
             return
         os.close(self._fd)
         os.close(self._read_fd)
-        self._fd, self._read_fd = fd, os.open(self.path, os.O_RDONLY | _CLOEXEC)
+        self._fd, self._read_fd = fd, os.open(self.path, os.O_RDONLY | CLOEXEC)
         self._segments.extend(closed)
         self._segment_firsts.extend(s.first for s in closed)
         self._offsets, self._first_seq, self._size = array("q"), self.written_seq + 1, 0
@@ -307,9 +298,9 @@ class Journal:
         marker = next_seq_path(self.path)
         hidden = marker.with_name(f".{marker.name}")
         try:
-            _write_file(hidden, b"%d\n" % self._first_seq)
+            write_file(hidden, b"%d\n" % self._first_seq)
             os.rename(hidden, marker)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             hidden.unlink(missing_ok=True)
             log.warning("journal %s: could not record the seq it goes on from in %s (%s)", self.path, marker.name,
@@ -411,53 +402,14 @@ class Journal:
             segment = self._segments[self._compact_next]
             if segment.last > seq:
                 return
-            if not segment.compacted and segment.path not in self._lost:
-                try:
-                    self._compactions.put_nowait(segment)
-                except queue.Full:  # offered again at the next call
-                    return
-                if self._compactor is None:
-                    self._compactor = threading.Thread(target=self._compact_all, name="trainbus-compaction",
-                                                       daemon=True)
-                    self._compactor.start()
+            if not segment.compacted and segment.path not in self._lost and not self._compactor.offer(segment):
+                return  # the worker's queue is full: offered again at the next call
             self._compact_next += 1
-
-    def _compact_all(self) -> None:
-        """The worker: compacts what it is handed until handed None."""
-        while (segment := self._compactions.get()) is not None:
-            self._compacted.append((segment, *self._compact_one(segment)))
-
-    def _compact_one(self, segment: Segment) -> tuple[Segment | None, int]:
-        """Rewrite one closed segment with only the records compaction keeps: to a hidden file, fsynced, renamed to
-        its compacted name, the directory fsynced, then the full one removed. (its compacted Segment, records
-        dropped); (None, 0) when it could not (said in kernel.log), the full segment left as it was."""
-        target = compacted_path(segment)
-        hidden = target.with_name(f".{target.name}")
-        try:
-            with open(segment.path, "rb") as f:
-                kept, dropped = _kept_records(gzip.decompress(f.read()))
-            _write_file(hidden, gzip.compress(kept, COMPRESS_LEVEL, mtime=0))
-            os.rename(hidden, target)
-            _fsync_dir(self.path.parent)
-        except (*SEGMENT_ERRORS, ValueError, msgpack.UnpackException) as exc:
-            try:
-                hidden.unlink(missing_ok=True)
-            except OSError:
-                pass
-            log.warning("journal %s: could not compact %s (%s: %s); it is kept whole", self.path, segment.path.name,
-                        type(exc).__name__, exc)
-            return None, 0
-        try:  # readers take the compacted file of a range that has both; a kernel reopening removes the full one
-            os.unlink(segment.path)
-        except OSError as exc:
-            log.warning("journal %s: compacted %s but could not remove it (%s)", self.path, segment.path.name,
-                        exc.strerror)
-        return Segment(segment.first, segment.last, target, True), dropped
 
     def _apply_compactions(self) -> None:
         """The worker's results, taken into the bus thread's list of segments (which only this thread reads)."""
-        while self._compacted:
-            full, compacted, dropped = self._compacted.popleft()
+        while self._compactor.done:
+            full, compacted, dropped = self._compactor.done.popleft()
             if compacted is None:
                 continue
             at = bisect.bisect_left(self._segment_firsts, full.first)
@@ -467,24 +419,12 @@ class Journal:
                 self._uncache(full.first)
             self.compacted_events += dropped
 
-    def _stop_compacting(self) -> None:
-        if self._compactor is None:
-            return
-        try:
-            while True:
-                self._compactions.get_nowait()  # not begun: left whole, offered again by the next kernel
-        except queue.Empty:
-            pass
-        self._compactions.put(None)
-        self._compactor.join(COMPACT_JOIN_S)
-        self._compactor = None
-        self._apply_compactions()
-
     def close(self) -> OSError | None:
         """Write what the backlog holds if the disk takes it, fsync, close; the last error, if any."""
         if self._fd < 0:
             return self.error
-        self._stop_compacting()
+        self._compactor.stop()
+        self._apply_compactions()
         if self._backlog:
             self._retry_at = 0.0  # the last chance: tried now, whenever the last refusal was
             self.append([], self.last_seq + 1)
@@ -510,7 +450,7 @@ class Journal:
         kept = None
         try:
             kept = kept_dir() / name
-            _write_file(kept, b"".join(self._backlog))
+            write_file(kept, b"".join(self._backlog))
         except OSError as exc:
             if kept is not None:
                 kept.unlink(missing_ok=True)
@@ -536,7 +476,6 @@ def _kept_stem(path: Path) -> str:
     return kept_name(path.parent.name, path.name)
 
 
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def check_free(path: Path) -> None:
@@ -550,7 +489,7 @@ def check_free(path: Path) -> None:
 
 def _open_locked(path: Path, flags: int) -> int:
     """The journal file opened and locked (flock) for this process; JournalInUse when another holds it."""
-    fd = os.open(path, flags | _CLOEXEC, 0o600)
+    fd = os.open(path, flags | CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -584,67 +523,6 @@ def _offsets_in(blob: bytes, compacted: bool = False) -> tuple[array, array | No
         else:
             seqs.append(next(unpacker)["seq"])
     return offsets, seqs
-
-
-def _kept_records(blob: bytes) -> tuple[bytes, int]:
-    """A closed segment's records that compaction keeps, as stored: its first and last (so its name's seq range
-    holds, and a continued run finds the last event's counts), and those kept_by_compaction keeps; and how many
-    were dropped."""
-    unpacker = msgpack.Unpacker(max_buffer_size=max(len(blob), 1), **UNPACK_LIMITS)
-    unpacker.feed(blob)
-    kept, dropped, start = [], 0, 0
-    for record in unpacker:
-        end = unpacker.tell()
-        if start == 0 or end == len(blob) or kept_by_compaction(record):
-            kept.append(blob[start:end])
-        else:
-            dropped += 1
-        start = end
-    return b"".join(kept), dropped
-
-
-def _finish_compactions(active: Path) -> None:
-    """A range left both full and compacted (a crash between the rename and the removal) keeps its compacted file,
-    which was whole before it was renamed into place and was made under the policy (so the events it lacks were
-    meant to go): the full one is removed, as the compaction would have. One that does not read whole is removed
-    instead, and the full one kept: nothing compaction keeps is lost."""
-    files = segment_files(active)
-    for full, compacted in zip(files, files[1:]):
-        if (full.first, full.last) != (compacted.first, compacted.last) or full.compacted or not compacted.compacted:
-            continue
-        try:
-            with open(compacted.path, "rb") as f:
-                gzip.decompress(f.read())
-            gone = full
-        except SEGMENT_ERRORS:
-            gone = compacted
-        gone.path.unlink()
-        log.warning("journal %s: %s and %s held the same events (a compaction cut short); %s is removed", active,
-                    full.path.name, compacted.path.name, gone.path.name)
-
-
-def _write_file(path: Path, blob: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC, 0o600)
-    try:
-        _write_all(fd, blob, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | _CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, blob: bytes, offset: int) -> None:
-    view = memoryview(blob)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 def decode_records(blob: bytes) -> list[dict[str, Any]]:
