@@ -339,8 +339,10 @@ def _closed_streams_to_devnull() -> None:
         except OSError:
             devnull = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one, or one below it
             if devnull != fd:
-                os.dup2(devnull, fd)
+                os.dup2(devnull, fd)  # inheritable, as dup2 makes it
                 os.close(devnull)
+            else:  # os.open's is close-on-exec: the plugins, which draw on the kernel's stdout, would have none
+                os.set_inheritable(fd, True)
     for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, mode, closefd=False, errors="backslashreplace"))

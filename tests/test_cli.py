@@ -630,7 +630,9 @@ def test_a_run_whose_standard_streams_are_closed_trains_and_no_file_takes_their_
     so the first line the kernel printed raised AttributeError inside the training loop, and the run failed naming
     trainbus's own proto/output.py as "your code"; exit 120. With descriptors 1 and 2 free, the next files and pipes
     the kernel opened took them, so a write meant for the terminal would have gone into them. Now a closed standard
-    stream is /dev/null: the run completes, exit 0; so does a listing."""
+    stream is /dev/null: the run completes, exit 0; so does a listing. The plugins inherit it: /dev/null made on the
+    lowest free descriptor was close-on-exec, so the console's process had no stdout and every line it drew failed
+    (errors logged, plugin trouble in `runs list`)."""
     closed = lambda: (os.close(1), os.close(2))  # noqa: E731
     runs_dir = tmp_path / "runs"
     r = subprocess.run([*trainbus_cmd(), "run", "--epochs", "1", "--plugins", "console", "--runs-dir", str(runs_dir)],
@@ -638,6 +640,7 @@ def test_a_run_whose_standard_streams_are_closed_trains_and_no_file_takes_their_
     (run_dir,) = [p for p in runs_dir.iterdir() if p.is_dir()]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (r.returncode, summary["status"], summary.get("error")) == (0, "completed", None), summary
+    assert summary["plugins"]["console"]["errors_logged"] == 0, (run_dir / "plugins" / "console.log").read_text()
     listed = subprocess.run([*trainbus_cmd(), "runs", "list", "--runs-dir", str(runs_dir)], timeout=60, cwd=tmp_path,
                             stdin=subprocess.DEVNULL, preexec_fn=closed)
     assert listed.returncode == 0
