@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from trainbus.proto.text import near_miss
+
 from .flags import option_of_run
 from .spec import SpecError
 
@@ -46,7 +48,7 @@ def checked(hyperparameters: dict) -> dict:
     unknown = sorted(set(hyperparameters) - set(_RULES))
     if unknown:  # a typo (lrr=0.1) would otherwise train with the default and say nothing
         option = option_of_run(unknown[0], hyperparameters[unknown[0]])
-        said = f" ({unknown[0]} is an option of trainbus run: {option})" if option else ""
+        said = f" ({unknown[0]} is an option of trainbus run: {option})" if option else near_miss(unknown[0], _RULES)
         raise SpecError(f"the demo has no hyperparameter {unknown[0]!r}{said}; it takes {', '.join(_RULES)} "
                         f"(e.g. --set lr=0.01)", flag=unknown[0])
     hp = {**DEFAULTS, **hyperparameters}

@@ -351,8 +351,9 @@ DEMO_BAD_SET = {
     "batch_size=0": "the demo's batch_size must be a whole number of at least 1, got 0 (e.g. --set batch_size=32)",
     "model=cnn2": "the demo's model must be mlp or cnn, got 'cnn2' (e.g. --set model=cnn)",
     "epochs=0": "the demo's epochs must be a whole number of at least 1, got 0 (e.g. --set epochs=10)",
-    "lrr=0.1": "the demo has no hyperparameter 'lrr'; it takes lr, batch_size, hidden, validation_fraction, model, "
-               "epochs (e.g. --set lr=0.01)",
+    # a typo is said as the one it is close to, as a function's flags say it (README: `lrr=0.1`)
+    "lrr=0.1": "the demo has no hyperparameter 'lrr' (did you mean 'lr'?); it takes lr, batch_size, hidden, "
+               "validation_fraction, model, epochs (e.g. --set lr=0.01)",
     "seed=3": "the demo has no hyperparameter 'seed' (seed is an option of trainbus run: --seed 3); it takes lr, "
               "batch_size, hidden, validation_fraction, model, epochs (e.g. --set lr=0.01)",
 }
