@@ -142,8 +142,9 @@ def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             trained = {"epochs": run["epochs"], **trained}
         flags = {k: given[k] if k in given else trained[k] for k in names if k in given or k in trained}
         best = run.get("best") or {}
-        metrics = {"training_loss": run.get("training_loss"), "validation_loss": run.get("validation_loss"),
+        metrics = {"training_loss": run.get("training_loss"),
                    **{f"training_{k}": v for k, v in (run.get("training_metrics") or {}).items()},
+                   "validation_loss": run.get("validation_loss"),
                    **{f"validation_{k}": v for k, v in (run.get("validation_metrics") or {}).items()},
                    "best_validation_loss": best.get("validation_loss"), "best_epoch": best.get("epoch")}
         rows.append({"id": run["id"], "status": run["status"], "target": run.get("target"),
@@ -151,6 +152,14 @@ def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "epochs_completed": run.get("epochs_completed"), "steps": run.get("steps"),
                      "last_epoch_partial": bool(run.get("last_epoch_partial")), "duration_s": run.get("duration_s")})
     return rows
+
+
+def _metric_group(name: str) -> int:
+    """Where a comparison's metric column goes: training loss, training metrics, validation loss, validation
+    metrics, the best validation loss and its epoch (sorted() is stable: within a group, first seen first)."""
+    order = ("training_loss", "training_", "validation_loss", "validation_", "best_validation_loss", "best_epoch")
+    return next((i for i, start in enumerate(order) if name == start or (start.endswith("_") and
+                                                                           name.startswith(start))), len(order))
 
 
 def print_comparison(console, rows: list[dict[str, Any]], runs_dir: Path) -> None:
@@ -162,7 +171,9 @@ def print_comparison(console, rows: list[dict[str, Any]], runs_dir: Path) -> Non
         console.print(f"no runs in {escape(str(Path(runs_dir).resolve()))}")
         return
     flag_names = list(dict.fromkeys(k for row in rows for k in row["flags"]))
-    metric_names = list(dict.fromkeys(k for row in rows for k in row["metrics"]))
+    # training's, validation's, then the best, whichever run first has each (one without validation, named first,
+    # would put another's validation metrics after the best)
+    metric_names = sorted(dict.fromkeys(k for row in rows for k in row["metrics"]), key=_metric_group)
     headers = [m.replace("validation_", "val ").replace("training_", "train ").replace("_", " ") for m in metric_names]
     table = Table("run", "status", "target", *flag_names, *headers, "epochs done", "steps", "time", box=None,
                   pad_edge=False)

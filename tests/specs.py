@@ -37,6 +37,13 @@ def tiny_unvalidated(hyperparameters: dict) -> TrainingSpec:
     return spec
 
 
+def tiny_accuracy(hyperparameters: dict) -> TrainingSpec:
+    """tiny with an accuracy, over its training and its validation batches."""
+    spec = tiny(hyperparameters)
+    spec.metrics = {"accuracy": lambda outputs, targets: (outputs.argmax(1) == targets).float().mean()}
+    return spec
+
+
 def diverged(hyperparameters: dict) -> TrainingSpec:
     """tiny whose every loss is NaN, as a run that diverged has them (the run itself completes)."""
     spec = tiny(hyperparameters)

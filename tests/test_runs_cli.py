@@ -166,6 +166,23 @@ def test_a_run_without_validation_shows_its_training_metrics_in_list_show_compar
         assert registry.runs(time.time())[result.run_id]["training_metrics"] == {"accuracy": accuracy}
 
 
+def test_compare_puts_training_then_validation_then_best_columns_whichever_run_comes_first(tmp_path):
+    """README: compare's columns are the flags, then the last epoch's training loss and metrics, validation loss and
+    metrics, and the best validation loss. They came in the order the runs first had them: training loss, validation
+    loss, training accuracy, then, with a run without validation named first, the best validation loss and epoch
+    before the other run's validation accuracy."""
+    ids = [run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:{name}", epochs=1, device="cpu",
+                                  runs_dir=str(tmp_path), plugins=[])).run_id
+           for name in ("tiny_unvalidated", "tiny_accuracy")]
+    header = cli("runs", "compare", *ids, "--runs-dir", str(tmp_path)).splitlines()[0]
+    columns = [c for c in re.split(r"\s{2,}", header.strip()) if "loss" in c or "accuracy" in c or "best" in c]
+    assert columns == ["train loss", "train accuracy", "val loss", "val accuracy", "best val loss",
+                       "best epoch"], header
+    compared = json.loads(cli("runs", "compare", *ids, "--runs-dir", str(tmp_path), "--json"))
+    assert list(compared[1]["metrics"]) == ["training_loss", "training_accuracy", "validation_loss",
+                                            "validation_accuracy", "best_validation_loss", "best_epoch"], compared
+
+
 def _strict_json(text: str):
     """JSON as jq and JavaScript's JSON.parse read it: NaN and Infinity are no JSON."""
     def refuse(constant: str):
