@@ -94,7 +94,7 @@ def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
                       _when(run.get("started_at"))[:16],
                       duration_text(run.get("duration_s")), _epochs(run), _num(run.get("validation_loss")),
                       escape(metrics) or "-", escape("; ".join(run.get("plugin_trouble") or [])) or "-",
-                      escape(_first_line(run.get("error") or _queue_detail(run) or _stalled(run))))
+                      escape(_first_line(run.get("error") or _status_detail(run) or _stalled(run))))
     _print_table(console, table)
 
 
@@ -106,10 +106,11 @@ def _stalled(run: dict[str, Any]) -> str | None:
     return f"training stalled {duration_text(stalled.get('stalled_s'))} at step {stalled.get('step')}"
 
 
-def _queue_detail(run: dict[str, Any]) -> str | None:
+def _status_detail(run: dict[str, Any]) -> str | None:
     """What the daemon's queue says of a run, in the error column (its status cell says only queued or cancelled):
-    a queued resume's "queued to be resumed by ann; last died (...)", a cancelled run's who took it off."""
-    if run["status"] == "cancelled":
+    a queued resume's "queued to be resumed by ann; last died (...)", a cancelled run's who took it off; and why a
+    run is died (its kernel gone, or its summary.json torn), which its status cell cannot say either."""
+    if run["status"] in ("cancelled", "died"):
         return run.get("detail")
     return run.get("detail") if run["status"] == "queued" and run.get("dir") else None
 

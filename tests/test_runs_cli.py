@@ -166,6 +166,21 @@ def test_a_run_without_validation_shows_its_training_metrics_in_list_show_compar
         assert registry.runs(time.time())[result.run_id]["training_metrics"] == {"accuracy": accuracy}
 
 
+def test_list_says_why_a_run_is_died_in_its_error_column(tmp_path):
+    """README: `runs list` shows a run `died` once its kernel is gone, as for a summary.json that is torn, the
+    detail saying which. The table said only `died`, its error column `-`: the detail was in --json and `runs show`
+    alone. It goes in the error column, as a queued or cancelled run's does."""
+    result = run_training(RunConfig(target=f"{TESTS_DIR / 'specs.py'}:tiny", epochs=1, device="cpu",
+                                    runs_dir=str(tmp_path), plugins=[]))
+    summary = Path(result.run_dir) / "summary.json"
+    summary.write_text(summary.read_text()[:40])  # torn
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (Path(result.run_dir) / "kernel.pid").write_text(gone.stdout)  # the kernel ran in this process: now gone
+    listed = cli("runs", "list", "--runs-dir", str(tmp_path))
+    row = next(line for line in listed.splitlines() if line.startswith(result.run_id))
+    assert " died " in row and "summary.json is unreadable" in " ".join(listed.split()), listed
+
+
 def test_compare_puts_training_then_validation_then_best_columns_whichever_run_comes_first(tmp_path):
     """README: compare's columns are the flags, then the last epoch's training loss and metrics, validation loss and
     metrics, and the best validation loss. They came in the order the runs first had them: training loss, validation
