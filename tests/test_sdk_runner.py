@@ -590,6 +590,23 @@ def test_a_metric_given_an_epoch_and_no_step_is_refused_in_the_plugin_not_stampe
     assert (idle.outbox[-1]["step"], idle.outbox[-1]["epoch"]) == (90, 2)
 
 
+def test_a_plugin_catches_a_refused_metric_as_the_sdks_own_protocol_error():
+    """README: a metric that is not finite "raises `ProtocolError` in the plugin"; a sampler thread guarding its
+    reports catches it, importing it from where it imports Plugin."""
+    from trainbus.sdk import Harness, Plugin, ProtocolError
+
+    class Guarded(Plugin):
+        def on_end_epoch(self, event):
+            try:
+                self.metric("ratio", float("nan"))
+            except ProtocolError as refused:
+                self.log(f"skipped: {refused}")
+
+    h = Harness(Guarded())
+    h.feed("end_epoch", epoch=1)
+    assert [r["text"] for r in h.replies_of("log")] == ["skipped: metric.value must be finite, got nan"]
+
+
 class SubscribesToATypo(Plugin):
     def subscriptions(self):  # end_epochs: no event type starts so
         return ["end_epochs"]
