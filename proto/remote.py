@@ -104,7 +104,7 @@ def load_server_key(path: Path) -> bytes:
     path = Path(path)
     fix = (f"copy {SERVER_KEY}.key from the server's key directory (`trainbus keys list` there), or its run's "
            f"{CONNECTION_FILE} (a daemon's .daemon/remote.json)")
-    if path.suffix == ".json":
+    if path.suffix == ".json" or _holds_json_object(path):
         try:
             key = json.loads(path.read_text())["server_key"]
             if not is_z85_key(key):
@@ -124,6 +124,16 @@ def load_server_key(path: Path) -> bytes:
         raise KeyFileError(f"{path} is a secret key: a client pins the server's public key, {fix}; and keep the "
                            f"secret on the server's host alone (whoever holds it can pose as the server)")
     return public
+
+
+def _holds_json_object(path: Path) -> bool:
+    """Whether a file is a connection file under another name (a copy renamed, as a client's target may be): a JSON
+    object, where a key file is ZeroMQ's certificate text, its first line a comment."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip().startswith(b"{")
+    except OSError:  # not there, a directory: _load names it
+        return False
 
 
 def _load(path: Path, fix: str = "generate one with `trainbus keys generate`") -> tuple[bytes, bytes | None]:

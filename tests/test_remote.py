@@ -613,6 +613,26 @@ def test_attach_to_a_port_where_nothing_listens_says_so_in_seconds(keys):
     assert UNANSWERED_S <= time.monotonic() - started < SAID_AT_ONCE_S + UNANSWERED_S
 
 
+def test_a_renamed_copy_of_a_connection_file_pins_the_server_key_as_the_target_it_is_read_as(keys, tmp_path):
+    """README: a connection file is taken "under any name (a copy renamed is read as one)", and --server-key takes "a
+    copy of the run's connection.json"; a renamed copy as --server-key was refused as "not a readable CURVE public
+    key", the fix it named being the file given. Pinned so, attach goes on to the port (here: nothing listens)."""
+    from trainbus.proto.remote import load_public
+
+    copy = tmp_path / "run-a1b2.conn"
+    copy.write_text(json.dumps({"run": "r", "control": "tcp://127.0.0.1:1", "events": "tcp://127.0.0.1:2",
+                                "bursts": "tcp://127.0.0.1:3",
+                                "server_key": load_public(keys["dir"] / "server.key").decode()}))
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    proc = subprocess.run([*trainbus_cmd(), "attach", f"127.0.0.1:{port}", "--key", str(keys["watcher"]),
+                           "--server-key", str(copy), "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"nothing accepts connections at tcp://127.0.0.1:{port}" in one_line(
+        proc.stderr), proc.stderr
+
+
 def test_attach_to_a_port_that_takes_connections_and_never_answers_says_so_in_seconds(keys, monkeypatch):
     """A port another service holds (it accepts, and waits for its own protocol): each CURVE handshake times out,
     and attach waited out 30 s; now two timed-out handshakes (10 s) end it in one line. Each handshake given 2 s
