@@ -124,6 +124,7 @@ def attach(
             raise UserError(str(exc)) from None
         overview = runs.run_overview(run_dir)
         if overview["status"] != "running":
+            _refused_stdout_stops_attach()
             if as_json:
                 print(runs_view.as_json({"type": "ended", **overview}, indent=None))
             else:
@@ -139,6 +140,19 @@ def attach(
         + (["--key", str(key)] if key is not None else []) + (["--server-key", str(server_key)] if server_key else [])
     _attach_client(where, flags)
 
+
+
+def _refused_stdout_stops_attach() -> None:
+    """An ended run's attach says a full disk as the client says it for a live one (plugins/dashboard.py): its
+    output is all it makes, so the refusal is an error and attach stops, not a warning that the rest is dropped."""
+    def say(line: str) -> None:
+        try:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        except OSError:  # stderr on the same full disk: the exit code says it
+            pass
+
+    if isinstance(sys.stdout, RefusalGuard):
+        sys.stdout.say_instead(say, "attach stops")
 
 
 def _click_exceptions():

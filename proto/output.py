@@ -58,6 +58,11 @@ class RefusalGuard:
         except OSError as exc:
             self._refuse(exc)
 
+    def say_instead(self, said: Callable[[str], None], then: str) -> None:
+        """What a refusal from now on calls, and what its line says the command does then: a command that has just
+        learned its output is all it makes (`attach` of an ended run, told from its directory)."""
+        self._said, self._then = said, then
+
     def __getattr__(self, name: str):  # fileno, isatty, encoding, buffer ...: the stream's own
         return getattr(self._stream, name)
 

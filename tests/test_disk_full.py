@@ -730,6 +730,26 @@ def test_attach_json_into_a_full_disk_says_so_in_one_line_and_exits_1(tmp_path, 
     assert kernel.proc.poll() is None, "the run goes on"
 
 
+@pytest.mark.parametrize("as_json", [True, False])
+def test_attach_to_an_ended_run_into_a_full_disk_says_so_as_for_a_live_one(as_json, tmp_path, kernels):
+    """README: attach's output the disk refuses "is one `error:` line naming the file and the fix ... exit 1". A run
+    that has ended is told from its directory, not by the client: that said `trainbus: warning: ... what follows is
+    not written there`, though nothing follows. It is attach's line now, whichever way the run is told."""
+    from conftest import trainbus_cmd
+
+    cfg = RunConfig(target=PACED, epochs=1, seed=0, device="cpu", runs_dir=str(tmp_path / "runs"),
+                    checkpoint_every_n_epochs=0, hyperparameters={"step_sleep_s": 0.0}, plugins=[])
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([*trainbus_cmd(), "attach", *["--json"] * as_json, kernel.run_id, "--runs-dir",
+                               cfg.runs_dir], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr == ("error: cannot write to /dev/full (No space left on device); "
+                                                    "free space there, or send the output elsewhere: attach "
+                                                    "stops\n"), done.stderr
+
+
 def spare_temp_dir_and_run(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
     """TMPDIR set to a fresh directory (what a full run-directory disk's files go to), and a run directory, run-1."""
     spare = tmp_path / "spare"
