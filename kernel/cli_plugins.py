@@ -64,6 +64,9 @@ def plugins_attach(
     setting_words: Optional[list[str]] = typer.Argument(None, metavar="[SETTING=VALUE]...",
                                                         help="Its settings, typed and checked as `trainbus run "
                                                              "--set NAME.SETTING=VALUE` does."),
+    set_words: Optional[list[str]] = typer.Option(None, "--set", metavar="[NAME.]SETTING=VALUE",
+                                                  help="A setting as `trainbus run --set` gives it (repeatable); the "
+                                                       "same as a SETTING=VALUE word."),
     from_start: bool = typer.Option(False, "--from-start", help="A durable plugin handles the run from seq 1 (the "
                                                                 "journal, replayed); default: from the current seq."),
     runs_dir: Path = RUNS_DIR_OPTION,
@@ -80,7 +83,9 @@ def plugins_attach(
         target = installed_target(name)
         plugin = resolve_plugin(name, configured_settings(run_dir, name, target), target)
     given: dict[str, str] = {}
-    for word in setting_words or []:
+    # `--set` as `trainbus run` takes it, its NAME. optional here (this command names the plugin): the habit of
+    # run's users, which click refused as no such option
+    for word in [*(setting_words or []), *(w.removeprefix(f"{name}.") for w in set_words or [])]:
         key, sep, raw = word.partition("=")
         if not sep or not key:
             raise UserError(f"{word!r} must look like SETTING=VALUE")

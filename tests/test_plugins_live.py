@@ -128,13 +128,15 @@ def test_a_relative_host_path_given_to_plugins_attach_is_read_from_where_the_com
     open_gate(gate, ATTACH_AT)
     kernel.wait_step(ATTACH_AT, timeout_s=STARTUP_S)
     assert Path.cwd() != here and not Path("watched").exists()  # the kernel's directory has none
+    # a setting as a word, and one as `trainbus run --set` gives it (refused as no such option before)
     attached = subprocess.run([*trainbus_cmd(), "plugins", "attach", kernel.run_id, "disk", "path=watched",
-                               "interval_s=0.1", "--runs-dir", str(short_runs)], capture_output=True, text=True,
-                              timeout=STARTUP_S, cwd=here)
+                               "--set", "disk.interval_s=0.1", "--runs-dir", str(short_runs)], capture_output=True,
+                              text=True, timeout=STARTUP_S, cwd=here)
     assert attached.returncode == 0, attached.stderr
     kernel.wait_ready("disk", timeout_s=STARTUP_S)
     event = kernel.wait_event("plugin_attached", lambda e: e.data["plugin"] == "disk", timeout_s=STARTUP_S)
-    assert event.data["settings"]["path"] == str(here / "watched"), event.data
+    assert event.data["settings"]["path"] == str(here / "watched") and event.data["settings"]["interval_s"] == 0.1, \
+        event.data
     kernel.wait_event("metric", lambda e: e.data["plugin"] == "disk", timeout_s=STARTUP_S)  # it reads the path
     open_gate(gate, EPOCHS * STEPS_PER_EPOCH)
     result = kernel.result(timeout_s=STARTUP_S)
