@@ -719,12 +719,9 @@ def tcp_attack(tmp_path, kernels, keys, frames: int, connections: int) -> dict:
     assert report["raw_still_open"] == 0, figures
     assert report["raw_close_s_max"] <= HANDSHAKE_IVL_MS / 1000 + CLOSE_MARGIN_S, figures
     assert report["oversized_disconnects"] >= 1, figures
-    # the garbled messages reached the kernel during the run and were dropped there (none slipped through: the
-    # weights below). It reads the TCP control socket at <= 5 % of the bus thread's time, so beside busy cores the
-    # last of them can still be queued, unread and never acted on, when the run ends (4,245 of 4,944 counted
-    # beside two CPU burners)
+    # every garbled message reached the kernel during the run and was dropped there (none slipped through)
     garbled = sum(report["by_kind"].get(k, 0) for k in ("bytes", "msgpack", "multipart", "bad_envelope"))
-    assert figures["kernel_malformed"] >= 0.75 * garbled, figures
+    assert figures["kernel_malformed"] >= 0.9 * garbled, figures
     assert not result["outcome"]["stopped_early"] and not result["outcome"]["stop_reasons"], result["outcome"]
     assert not of(events, "stop_requested")
     assert_same_weights(result["run_dir"], reference.run_dir)
