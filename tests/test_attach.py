@@ -522,19 +522,36 @@ def test_attaching_after_the_final_event_while_plugins_drain_streams_the_drain_t
 
 
 def test_stop_from_attach_is_journaled_with_who_sent_it(runs_dir, tmp_path, kernels):
-    # long enough to outlast two attaches on a busy box (three epochs ended before the stop came); the stop ends it
-    kernel = live_run(runs_dir, tmp_path, kernels, epochs=40, batch_s=0.05)
+    # gated: the run steps on only while a command waits for its step boundary, so however slowly the attaches
+    # start it cannot end before them (three ungated epochs once did, on a busy box)
+    gate = tmp_path / "gate"
+    open_gate(gate, 3)
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=3, batch_s=0.05, gate=gate)
     kernel.wait_step(3, timeout_s=60)
+
+    def stepped_until_done(command: list[str]) -> subprocess.CompletedProcess:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            step = kernel.journal.step()
+            while proc.poll() is None and step < 3 * 45:  # one step at a time, each a boundary it may land at
+                step += 1
+                open_gate(gate, step)
+                wait_until(lambda: proc.poll() is not None or kernel.journal.step() >= step, 60, f"step {step}")
+            out, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
     # a checkpoint with no checkpoint plugin: what the step boundary made of it, not "sent" (exit 0) as before
-    skipped = subprocess.run(attach_cmd(kernel, "--checkpoint", "before it stops"), capture_output=True, text=True,
-                             timeout=120)
+    skipped = stepped_until_done(attach_cmd(kernel, "--checkpoint", "before it stops"))
     assert skipped.returncode == 1 and skipped.stderr.startswith("error: checkpoint_now reached run "), skipped.stderr
     # a live run's fix is to attach one, not to start the run again with --plugins (as the line used to say)
     assert ("was skipped: no checkpoint plugin is attached (`trainbus plugins attach RUN checkpoint` on the run's "
             "host adds one to the live run; `--plugins checkpoint` to a run at its start)") in skipped.stderr
     # an empty reason is a stop all the same (it was taken for no command: the dashboard, never ending)
-    proc = subprocess.run(attach_cmd(kernel, "--stop", ""), capture_output=True, text=True, timeout=120)
+    proc = stepped_until_done(attach_cmd(kernel, "--stop", ""))
     assert proc.returncode == 0, proc.stderr
+    open_gate(gate, 3 * 45)  # the kernel has the stop (it exits 0 once so): it lands at the next boundary
     name = re.search(r"as (attach-\S+)", proc.stdout).group(1)
     result = kernel.result(timeout_s=120)
     assert result["status"] == "stopped"
