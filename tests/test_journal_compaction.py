@@ -18,7 +18,7 @@ from rich.console import Console
 from test_journal_segments import fast_forward, simulated_records
 from helpers import PLUGIN_START_S, assert_same_weights, run_config
 from kernel_process import cli
-from test_peers_limits import hello, served_bus
+from test_peers_limits import hello, read_until_replay_asked, reader, served_bus
 from trainbus.kernel.checkpointing import Checkpointer
 from trainbus.kernel.config import resolve_plugin
 from trainbus.kernel.runs import run_details
@@ -27,7 +27,7 @@ from trainbus.kernel.session import run_training
 from trainbus.plugins._history import History
 from trainbus.plugins.visualization import plot_run
 from trainbus.kernel.journal import Journal, decode_records
-from trainbus.kernel.control_reading import CONTROL_PER_WAKE, LOCAL
+from trainbus.kernel.control_reading import LOCAL
 from trainbus.proto import JOURNAL_NAME, control, decode_control, encode_control, encode_replay_batch, event_to_map
 from trainbus.proto import events as ev
 from trainbus.proto.journal_format import (COMPACTION_KEEP_EVERY_STEPS, closed_segments, journal_head, journal_tail,
@@ -223,19 +223,11 @@ def test_a_replay_from_a_compacted_segment_says_so_and_the_sdk_takes_its_jumps_f
     bus, credentials, peers, dispatcher = served_bus(journal, tmp_path)
     ctx = zmq.Context()
     try:
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.ROUTING_ID, b"reader")
-        dealer.connect(bus.control_endpoint)
-        dealer.send(encode_control(hello("reader", 1, credentials.attach_token())))
+        dealer = reader(ctx, bus, credentials)
         batches, asked = [], 5
         while asked < segments[2].first + 10:
             dealer.send(encode_control(control("replay", from_seq=asked)))
-            deadline = time.monotonic() + 10
-            while (peer := peers.get(LOCAL + b"reader")) is None or peer.replay_from is None:
-                assert time.monotonic() < deadline, "the bus did not read the replay within 10 s"
-                bus.router.poll(20)
-                bus.reading.read(CONTROL_PER_WAKE)
+            read_until_replay_asked(bus, peers)
             dispatcher.serve_replays(time.monotonic() + len(batches) + 1.0)
             while True:
                 assert dealer.poll(10_000)

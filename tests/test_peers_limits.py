@@ -547,6 +547,25 @@ def served_bus(journal: Journal, tmp_path: Path, credentials: Credentials | None
     return bus, credentials, peers, dispatcher
 
 
+def reader(ctx: zmq.Context, bus: Bus, credentials: Credentials) -> zmq.Socket:
+    """A DEALER that sent its hello, as `reader`, to a served bus (which the caller drives to read it)."""
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.ROUTING_ID, b"reader")
+    dealer.connect(bus.control_endpoint)
+    dealer.send(encode_control(hello("reader", 1, credentials.attach_token())))
+    return dealer
+
+
+def read_until_replay_asked(bus: Bus, peers: Peers) -> None:
+    """Drive a served bus's reading until `reader` is welcomed and its replay request is read (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while (peer := peers.get(LOCAL + b"reader")) is None or peer.replay_from is None:
+        assert time.monotonic() < deadline, "the bus did not read the hello and replay within 10 s"
+        bus.router.poll(20)
+        bus.reading.read(CONTROL_PER_WAKE)
+
+
 def test_a_key_saying_hello_under_ever_new_names_leaves_no_count_of_theirs_behind(tmp_path):
     """The per-plugin counts the run's summary gives (errors logged, checkpoints failed, metrics and logs dropped past
     [limits]) were kept for any peer's name: a monitor key saying hello under a new name each time, its one budget
@@ -685,17 +704,9 @@ def test_a_replay_batch_that_begins_after_a_lost_segment_and_reaches_the_end_say
     bus, credentials, peers, dispatcher = served_bus(journal, tmp_path)
     ctx = zmq.Context()
     try:
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.ROUTING_ID, b"reader")
-        dealer.connect(bus.control_endpoint)
-        dealer.send(encode_control(hello("reader", 1, credentials.attach_token())))
+        dealer = reader(ctx, bus, credentials)
         dealer.send(encode_control(control("replay", from_seq=lost.first + 1)))
-        deadline = time.monotonic() + 10
-        while (peer := peers.get(LOCAL + b"reader")) is None or peer.replay_from is None:
-            assert time.monotonic() < deadline, "the bus did not read the hello and replay within 10 s"
-            bus.router.poll(20)
-            bus.reading.read(CONTROL_PER_WAKE)
+        read_until_replay_asked(bus, peers)
         dispatcher.serve_replays(time.monotonic() + 1.0)
         messages = []
         while dealer.poll(10_000 if len(messages) < 2 else 0):
