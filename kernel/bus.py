@@ -3,8 +3,8 @@
 All sockets live in one bus thread; the training thread only appends to a deque (`publish`) and drains
 replies (`take_replies`), so it never waits on a plugin, a socket or the disk. Each job of the thread's round is
 a part the Bus holds: numbering.py, publishers.py, doorbell.py, control_reading.py, remote_policing.py, votes.py,
-loop_watch.py. What a control message does is kernel/control.py, who may send it kernel/peers.py;
-kernel/session.py wires them together.
+loop_watch.py, and replies.py holds the replies for the loop's next step boundary. What a control message does is
+kernel/control.py, who may send it kernel/peers.py; kernel/session.py wires them together.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .numbering import FINAL_EVENTS, Numbering
 from .publishers import Publishers
 from .remote import Listener
 from .remote_policing import RemotePolicing
-from .replies import Reply
+from .replies import HeldReplies
 from .reply_ledger import ReplyLedger
 from .tensors import materialize_tensors
 from .votes import Votes
@@ -46,7 +46,6 @@ FLUSH_INTERVAL_S = 0.1
 STARTUP_HEARTBEAT_INTERVAL_S = 0.1  # fast heartbeats until every plugin said hello (slow joiners)
 CLOSE_TIMEOUT_S = 10.0  # close() waits this long for the bus thread's last round
 FLUSH_NOW_TIMEOUT_S = 5.0  # flush_now's wait for a flush: the bus never takes longer unless its disk holds it up
-PENDING_REPLIES_MAX = 64  # stops, and checkpoint_nows, held for the next step boundary (which lists 8: replies.py)
 
 
 class Bus:
@@ -67,9 +66,10 @@ class Bus:
         self.session_seq = journal.last_seq + 1  # this kernel's first: earlier ones are a continued run's past
         self._queue: collections.deque = collections.deque()  # (type, ts, step, epoch, data); step None: emit's
         self._unpublished: collections.deque = collections.deque()  # (topic, raw) numbered, not yet journaled
-        # stop and checkpoint_now replies until the next step boundary takes them, each kind at most PENDING_REPLIES_MAX
-        self._stops: collections.deque[Reply] = collections.deque()
-        self._checkpoint_asks: collections.deque[Reply] = collections.deque()
+        # stop and checkpoint_now replies until the next step boundary takes them (replies.py); the loop calls
+        # take_replies at every step, so it is HeldReplies.take itself, not a method wrapping it
+        self.held_replies = HeldReplies()
+        self.reply, self.take_replies = self.held_replies.add, self.held_replies.take
         self._answers: collections.deque = collections.deque()  # (identity, raw) sent off the bus thread (send)
         self.counters = collections.Counter()
         self.ledger = ReplyLedger()  # what each remote key's connections can have queued (reply_ledger.py)
@@ -116,26 +116,6 @@ class Bus:
         """A kernel event, numbered in order with the loop's events (called from the bus thread). Its step and
         epoch are filled in as it is numbered: per-batch events queued before it (not yet flushed) come first."""
         self._queue.append((type_, time.time(), None, None, data))
-
-    def reply(self, type_: str, plugin: str, reason: str) -> None:
-        """A stop or checkpoint_now for the loop's next step boundary. Past PENDING_REPLIES_MAX of its kind, it is
-        counted on the last one queued (Reply.more), whose boundary says how many more came: each was held until
-        then, and a peer that may stop the run sending them through a long validation grew the kernel by GBs."""
-        pending = self._stops if type_ == "stop" else self._checkpoint_asks
-        if len(pending) < PENDING_REPLIES_MAX:
-            pending.append(Reply(type_, plugin, reason))
-            return
-        try:
-            pending[-1].more += 1
-        except IndexError:  # taken by the boundary this instant: the one it would have joined is being acted on
-            pass
-
-    def take_replies(self) -> list[Reply]:
-        """Called at every step boundary: the empty case is two truth tests (~100 ns)."""
-        if not self._stops and not self._checkpoint_asks:
-            return []
-        # the bus thread only appends
-        return [pending.popleft() for pending in (self._stops, self._checkpoint_asks) for _ in range(len(pending))]
 
     def wait(self, done, timeout_s: float) -> bool:
         """Block the calling thread until done() holds (checked after each bus round) or timeout_s passes."""
