@@ -28,7 +28,8 @@ from .peers import Peers
 from .private_dirs import remove_scratch_dir
 from .remote import TCP_EVENTS_HWM, ListenError, Listener
 from .snapshot import SnapshotBuffers
-from .supervisor import HEARTBEAT_INTERVAL_S, PluginSpec, Supervisor
+from .liveness import HEARTBEAT_INTERVAL_S
+from .supervisor import PluginSpec, Supervisor
 
 log = logging.getLogger("trainbus.kernel")
 

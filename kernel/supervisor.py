@@ -1,10 +1,12 @@
-"""Spawns plugin processes and keeps them alive: exit watch, heartbeat liveness, restart with backoff."""
+"""Spawns plugin processes and keeps them alive: exit watch, heartbeat liveness, restart with backoff.
+
+When a silent plugin is hung is liveness.py's, what its exit says last_words.py's, and what is done to the OS for it
+plugin_processes.py's; the decisions, and each plugin's state, are here.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,17 +19,15 @@ from typing import Any, Callable
 
 from trainbus.proto import events as ev, pack
 from trainbus.proto.process import TRAINING_ENV
-from trainbus.proto.text import printable
 
-from .kernel_log import cap_log
-from .plugin_processes import Processes
 from .journal_history import CRASHES_KEPT
+from .kernel_log import cap_log
+from .last_words import exit_status, last_line, last_words
+from .liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, STARVED_SAMPLE_S, Patience, await_exit
+from .plugin_processes import Processes
 
 log = logging.getLogger("trainbus.kernel")
 
-# Paranoid Pirate (zguide ch. 4) numbers: a peer silent for HEARTBEAT_LIVENESS intervals is hung.
-HEARTBEAT_INTERVAL_S = 1.0
-HEARTBEAT_LIVENESS = 3
 # spawn -> hello. A plugin starting on a loaded box (importing torch at nice 10 beside training and other
 # busy processes took 58 s of wall time, ~3 s of its own CPU) is slow, not stuck: it is declared hung after
 # STARTUP_CPU_S of its own CPU time, or STARTUP_TIMEOUT_S of wall time, whichever comes first.
@@ -48,49 +48,14 @@ INTERVAL_MAX_S = 8.0
 HEALTHY_RESET_S = 10.0
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
-# Starved is not hung. On a box busy with other work (two neighbours' jobs on two cores) a nice-10 plugin gets ~1/11
-# of a core, and a thread of it at nice 19 (the checkpoint writer) ~1/70 while it holds the GIL the I/O thread needs:
-# it can stay silent for seconds, or take seconds to exit, while it waits for a CPU. Its threads' run-queue wait
-# (/proc/<pid>/task/*/schedstat, counted by the scheduler) tells the two apart: silent while waiting for a CPU
-# most of the time is slow; silent while asleep (deadlocked, stopped) or while running (spinning in C with the GIL
-# held) is hung. Sampled only for a plugin silent past the liveness window less one sample, or overdue to exit.
-STARVED_SAMPLE_S = HEARTBEAT_INTERVAL_S  # the window each verdict looks at
-STARVED_WAIT_FRACTION = 0.5  # waited for a CPU at least this part of the window: starved, given one more window
-STARVED_CPU_S = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS  # ... unless it ran this much CPU since, saying nothing
-STARVED_MAX_S = 60.0  # ... and never past this much more than it was given, whatever the reason
 # A plugin's output log (runs/<id>/plugins/<name>.log) is capped: past LOG_MAX_BYTES it is copied to <name>.log.1
 # (the previous copy replaced) and emptied in place, as logrotate's copytruncate does, since the plugin holds the
 # file open. A plugin that prints a line a step would otherwise fill the disk in a multi-day run. Checked every
 # LOG_CHECK_S; what the plugin writes between the copy and the truncation (microseconds) is lost.
 LOG_MAX_BYTES = 64 * 1024 * 1024
-LAST_WORDS_BYTES = 8192  # the end of a plugin's log read for why it exited with an error (_last_words)
 LOG_CHECK_S = 5.0
 
 Emit = Callable[[str, dict[str, Any]], None]
-
-
-class Patience:
-    """Whether a silent (or overdue) plugin is starved rather than hung, from its threads' run-queue wait between
-    samples (STARVED_*): each verdict looks at the time since the previous one, and samples again."""
-
-    def __init__(self, processes: Processes, pid: int, now: float):
-        self.processes, self.pid = processes, pid
-        self.first = self.last = (now, processes.sched_seconds(pid))
-        self.measurable = self.first[1] is not None
-
-    def waiting(self, now: float) -> bool:
-        """Wait on: the window since the last look is not over yet, or it is and the plugin was starved over it.
-        Never without schedstat (not Linux): there, the deadline alone decides."""
-        return self.measurable and (now < self.last[0] + STARVED_SAMPLE_S or self.starved(now))
-
-    def starved(self, now: float) -> bool:
-        (then, before), (started, first) = self.last, self.first
-        after = self.processes.sched_seconds(self.pid)
-        self.last = (now, after)
-        if before is None or after is None or now <= then or now - started > STARVED_MAX_S:
-            return False  # no schedstat (the process gone), or patient long enough
-        waited = after[1] - before[1]
-        return waited >= STARVED_WAIT_FRACTION * (now - then) and after[0] - first[0] < STARVED_CPU_S
 
 
 BUILTIN_PLUGINS = "trainbus.plugins."  # the built-ins' targets (pyproject.toml's entry points)
@@ -309,14 +274,14 @@ class Supervisor:
             self.stopping = True
             procs = [c.proc for c in list(self.children.values()) if c.proc and c.proc.poll() is None]
         started = self.clock()
-        procs = self._await_exit(procs, deadline_s, abort)
+        procs = await_exit(self.processes, procs, deadline_s, self.clock, self.sleep, abort)
         if not abort():  # still running at the deadline: it did not finish with the run (a second Ctrl-C is the user's)
             for child in list(self.children.values()):
                 if child.proc is not None and any(child.proc is p for p in procs):
                     child.overdue = f"still running {self.clock() - started:.0f} s after the run's end"
         for p in procs:
             self.processes.signal(p, signal.SIGTERM)
-        procs = self._await_exit(procs, EXIT_TERM_GRACE_S)
+        procs = await_exit(self.processes, procs, EXIT_TERM_GRACE_S, self.clock, self.sleep)
         for p in procs:
             self.processes.signal(p, signal.SIGKILL)
         for child in list(self.children.values()):
@@ -329,25 +294,6 @@ class Supervisor:
                         self._ended_at_shutdown(child, code)
         self.processes.close()  # every group reaped: the guard has nothing left to watch
         self._cap_logs()  # what they wrote since the last look: a short run's 70 MB too
-
-    def _await_exit(self, procs: list, seconds: float, abort: Callable[[], bool] = lambda: False) -> list:
-        """Waits up to `seconds` (or until abort()) for procs to exit; one that spent the last part of it waiting
-        for a CPU gets a sample window more, and more, within STARVED_MAX_S (Patience). Returns those still running."""
-        due = {p.pid: self.clock() + seconds for p in procs}
-        patience: dict[int, Patience] = {}
-        while True:
-            now = self.clock()
-            procs = [p for p in procs if p.poll() is None]
-            if not procs or abort():
-                return procs
-            waiting = False
-            for p in procs:
-                if p.pid not in patience and now >= due[p.pid] - STARVED_SAMPLE_S:
-                    patience[p.pid] = Patience(self.processes, p.pid, now)
-                waiting = waiting or now < due[p.pid] or patience[p.pid].waiting(now)
-            if not waiting:
-                return procs
-            self.sleep(0.02)
 
     def _detached(self, child: Child, code: int) -> None:
         """Its owner asked it to go (detach): whatever its exit code, not a crash; the owner is answered."""
@@ -370,13 +316,13 @@ class Supervisor:
         # still importing); one that had to be killed was hung. Before the deadline, a non-zero exit is a crash.
         hung = bool(child.overdue) and code == -signal.SIGKILL
         if hung or (not child.overdue and code != 0 and not child.leaving):
-            cause = (f"{child.overdue} ({_cause(code)})" if child.overdue
+            cause = (f"{child.overdue} ({exit_status(code)})" if child.overdue
                      else f"{self._exit_cause(child, code)} at the run's end")
             child.crashed(cause)
             self.emit(ev.PLUGIN_CRASHED, {"plugin": name, "exit_code": code, "cause": cause, "hung": hung})
             return
         if child.overdue:
-            log.warning("plugin %s was %s; it stopped when asked (%s)", name, child.overdue, _cause(code))
+            log.warning("plugin %s was %s; it stopped when asked (%s)", name, child.overdue, exit_status(code))
         self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
 
     def _exit_cause(self, child: Child, code: int) -> str:
@@ -384,12 +330,12 @@ class Supervisor:
         which the console otherwise never learns of). A command plugin (any language) that failed before its hello:
         its log's last line, named as such (a program's own refusal, Python's `can't open file`, is no traceback)."""
         log_file = self.log_dir / f"{child.spec.name}.log"
-        words = _last_words(log_file) if code > 0 else ""
+        words = last_words(log_file) if code > 0 else ""
         if words:
-            return f"{_cause(code)}: {words}"
-        if code > 0 and child.spec.command and child.state == "starting" and (line := _last_line(log_file)):
-            return f"{_cause(code)}; its log's last line: {line}"
-        return _cause(code)
+            return f"{exit_status(code)}: {words}"
+        if code > 0 and child.spec.command and child.state == "starting" and (line := last_line(log_file)):
+            return f"{exit_status(code)}; its log's last line: {line}"
+        return exit_status(code)
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {
@@ -502,7 +448,7 @@ class Supervisor:
                             "nothing more of this run", name, code, ", after bye" if child.leaving else "")
             self.emit(ev.PLUGIN_EXITED, {"plugin": name, "exit_code": code})
             return
-        cause = self._exit_cause(child, code) if not hung else _cause(code)
+        cause = self._exit_cause(child, code) if not hung else exit_status(code)
         log.warning("plugin %s exited with %s", name, cause)
         if not hung:
             child.crashed(cause)
@@ -526,46 +472,3 @@ class Supervisor:
         child.next_start_at = now + child.backoff_s
         child.backoff_s = min(child.backoff_s * 2, INTERVAL_MAX_S)
 
-
-_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>.+)$', re.M)
-
-
-def _log_tail(log_file: Path) -> str:
-    try:
-        with open(log_file, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - LAST_WORDS_BYTES))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-def _last_line(log_file: Path) -> str:
-    """The last line a plugin wrote that is not blank ("" for none)."""
-    lines = [line for line in _log_tail(log_file).splitlines() if line.strip()]
-    return printable(lines[-1].strip(), 300) if lines else ""
-
-
-def _last_words(log_file: Path) -> str:
-    """Why a plugin exited with an error, when its log ends in a Python traceback: its exception and innermost
-    frame, `RuntimeError: no database (at myplugin.py:17 in __init__)`; "" when it ends otherwise (a bare
-    sys.exit(3) leaves whatever the plugin printed before, which would be misread as the cause)."""
-    tail = _log_tail(log_file)
-    start = tail.rfind("Traceback (most recent call last")
-    lines = [line for line in tail[max(start, 0):].splitlines() if line.strip()]
-    # a traceback's end: its exception's line, under an indented frame or code line
-    if start < 0 or len(lines) < 3 or lines[-1][:1].isspace() or not lines[-2][:1].isspace():
-        return ""
-    frames = list(_FRAME.finditer(tail[start:]))
-    where = f" (at {os.path.basename(frames[-1]['file'])}:{frames[-1]['line']} in {frames[-1]['name']})" \
-        if frames else ""
-    return printable(lines[-1].strip(), 300) + where
-
-
-def _cause(code: int) -> str:
-    """A process's exit status in words: `exit code 3`, `signal SIGKILL`."""
-    if code >= 0:
-        return f"exit code {code}"
-    try:
-        return f"signal {signal.Signals(-code).name}"
-    except ValueError:
-        return f"signal {-code}"

@@ -118,9 +118,9 @@ def test_a_crash_seen_by_both_threads_at_shutdown_is_told_once(bus_with, tmp_pat
     before `stopping` was set must not be handled by shutdown as well: one plugin_crashed, one crash in the summary,
     and the plugin ends `exited`, not `backoff`.
 
-    Here the bus thread is held inside its handling of the crash (in _cause, before it records anything) while the
+    Here the bus thread is held inside its handling of the crash (in exit_status, before it records anything) while the
     training thread runs shutdown; then it is let go."""
-    inside, let_go = hold_on_bus_thread(monkeypatch, supervisor_module, "_cause")
+    inside, let_go = hold_on_bus_thread(monkeypatch, supervisor_module, "exit_status")
     bus = bus_with(tmp_path / "run", [PluginSpec("crasher", "", command=[sys.executable, "-c", "raise SystemExit(3)"])])
     supervisor = bus.supervisor
     crasher = supervisor.children["crasher"]

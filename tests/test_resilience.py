@@ -31,7 +31,8 @@ from trainbus.kernel.runs import run_overview
 from trainbus.kernel.run_bus import PLUGIN_EXIT_TIMEOUT_S
 from trainbus.kernel.checkpointing import FINAL_WEIGHTS
 from trainbus.kernel.session import run_training
-from trainbus.kernel.supervisor import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S, MAX_RESTARTS
+from trainbus.kernel.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+from trainbus.kernel.supervisor import INTERVAL_INIT_S, MAX_RESTARTS
 
 import fixture_plugins
 from fixture_targets import open_gate
@@ -454,11 +455,11 @@ def test_the_runs_summary_of_a_plugin_that_crashed_before_its_hello_points_at_it
     ("", ""),
 ])
 def test_a_plugins_last_words_are_read_only_from_a_traceback_its_log_ends_in(tmp_path, log, words):
-    from trainbus.kernel.supervisor import _last_words
+    from trainbus.kernel.last_words import last_words
 
     (tmp_path / "p.log").write_text(log)
-    assert _last_words(tmp_path / "p.log") == words
-    assert _last_words(tmp_path / "missing.log") == ""
+    assert last_words(tmp_path / "p.log") == words
+    assert last_words(tmp_path / "missing.log") == ""
 
 
 def test_a_plugin_that_dies_or_hangs_as_the_run_ends_is_named_in_its_summary(tmp_path, monkeypatch):

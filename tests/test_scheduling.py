@@ -14,7 +14,7 @@ import pytest
 
 from trainbus.kernel.plugin_guard import watch
 from trainbus.kernel.plugin_processes import PLUGIN_NICE, Processes, _sched_seconds
-from trainbus.kernel.supervisor import STARVED_WAIT_FRACTION
+from trainbus.kernel.liveness import STARVED_WAIT_FRACTION
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/task") or not hasattr(os, "sched_setaffinity")
                                 or _sched_seconds(os.getpid()) is None, reason="needs Linux schedstat and affinity")

@@ -12,11 +12,12 @@ import pytest
 
 from trainbus.kernel import supervisor
 from trainbus.kernel.config import registered_plugins
-from trainbus.kernel.supervisor import (HEALTHY_RESET_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, INTERVAL_INIT_S,
-                                        INTERVAL_MAX_S, MAX_RESTARTS, RESTART_WINDOW_S, STARTUP_CPU_S,
-                                        STARTUP_TIMEOUT_S, TERM_GRACE_S, DETACH_GRACE_S, EXIT_TERM_GRACE_S,
-                                        STARVED_CPU_S, STARVED_MAX_S, STARVED_SAMPLE_S, STARVED_WAIT_FRACTION,
-                                        BUILTIN_PERSISTER, BUILTIN_PLUGINS, PluginSpec, Supervisor)
+from trainbus.kernel.liveness import (HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, STARVED_CPU_S, STARVED_MAX_S,
+                                      STARVED_SAMPLE_S, STARVED_WAIT_FRACTION)
+from trainbus.kernel.supervisor import (HEALTHY_RESET_S, INTERVAL_INIT_S, INTERVAL_MAX_S, MAX_RESTARTS,
+                                        RESTART_WINDOW_S, STARTUP_CPU_S, STARTUP_TIMEOUT_S, TERM_GRACE_S,
+                                        DETACH_GRACE_S, EXIT_TERM_GRACE_S, BUILTIN_PERSISTER, BUILTIN_PLUGINS,
+                                        PluginSpec, Supervisor)
 from trainbus.proto import events as ev
 from trainbus.proto.process import TRAINING_ENV
 
