@@ -1,5 +1,5 @@
-"""What a run leaves as it ends: its final weights and summary.json, each whole, and kept in the temporary
-directory ($TMPDIR, /tmp) when the run directory's disk refuses them."""
+"""What a run leaves as it ends: its final weights and summary.json (with the plugins' and the bus's accounts), each
+whole, and kept in the temporary directory ($TMPDIR, /tmp) when the run directory's disk refuses them."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from trainbus.proto.kept_files import kept_dir, kept_dirs
 from trainbus.proto.messages import SUMMARY_NAME, kept_name
 
+from .bus import Bus
 from .checkpointing import FINAL_WEIGHTS
 from .loop import Loop
 
@@ -130,3 +131,26 @@ def reason(exc: Exception) -> str:
         return f"{cause.strerror} (errno {cause.errno})"
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def plugin_summary(bus: Bus) -> dict[str, dict[str, Any]]:
+    """The supervisor's account of each plugin, with the errors it reported (a failed handler's log reply)."""
+    summary = bus.supervisor.summary()
+    for name, entry in summary.items():
+        entry["errors_logged"] = bus.control.errors_logged[name]
+        if bus.control.checkpoints_failed[name]:  # a full disk, say: the run completed, its checkpoints did not
+            entry["checkpoints_failed"] = bus.control.checkpoints_failed[name]
+        for kind in ("metric", "log"):  # past its [limits]: what it reported is not all in the journal
+            if bus.control.dropped[name, kind]:
+                entry[f"{kind}_dropped"] = bus.control.dropped[name, kind]
+        if bus.votes.missed[name]:  # training went on without its vote: a stop it decided there came late
+            entry["votes_missed"] = bus.votes.missed[name]
+    return summary
+
+
+def bus_counters(bus: Bus) -> dict[str, int]:
+    """What the bus counted (events, refusals by reason, drops), plus the journal's refused writes."""
+    counters = {k: v for k, v in bus.counters.items() if v}
+    if bus.journal.failed_writes:
+        counters["journal_write_errors"] = bus.journal.failed_writes
+    return counters

@@ -126,7 +126,7 @@ def delete_run(run_dir: Path) -> None:
 @contextlib.contextmanager
 def _journal_locked(run_dir: Path) -> Iterator[None]:
     """The run's journal locked as a kernel locks it (kernel/journal.py), and its directory as a kernel continuing
-    it locks that until it holds the journal (session.check_not_running); RemovalError when another process holds
+    it locks that until it holds the journal (run_dir.check_not_running); RemovalError when another process holds
     either. A run without a journal (it failed before its first event) has no journal to lock."""
     with contextlib.ExitStack() as held:
         for path in (Path(run_dir), Path(run_dir) / JOURNAL_NAME):

@@ -1,16 +1,16 @@
-"""One run from start to end: its device and ranks, run directory, bus and plugins, the loop, and how it ended."""
+"""One run from start to end: its device and ranks, run directory, bus and plugins, the loop, and how it ended.
+
+This is the order of things; the parts are their own modules': devices.py (the device), user_build.py (the user's
+spec), run_dir.py (the run directory, config.json), run_bus.py (the bus and its plugins), other_ranks.py (how ranks
+other than 0 train), run_end.py (what the run leaves).
+"""
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import secrets
 import shutil
-import signal
-import sys
-import threading
 import time
 import traceback
 from dataclasses import asdict
@@ -19,44 +19,43 @@ from typing import Any, Callable
 
 import torch
 
-from trainbus.proto import JOURNAL_NAME, events as ev
+from trainbus.proto import events as ev
 from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir
 
 from .buffer_files import snapshot_directories
-from .bus import Bus
 from .checkpointing import find_checkpoint, has_checkpoints
 from .collector import freeze_before_training
-from .cluster import LAUNCH, LAUNCH_ERRORS, LAUNCH_RUN_ID, LAUNCHER_PID, Cluster, ClusterError, detect
-from .config import (ONE_GPU_PER_RANK, ConfigError, RunConfig, check_metric_settings, check_run,
-                     check_runs_dir_private)
+from .cluster import LAUNCH_RUN_ID, LAUNCHER_PID, Cluster, ClusterError, detect
+from .config import ConfigError, RunConfig, check_run
+from .devices import device_for
 from .distributed import GroupInterrupted, PortInUse, Ranks, broken_by_a_peer, distribute, join_group
-from .failures import RANK_ERROR, rank_errors, what_failed, write_rank_error
+from .failures import RANK_ERROR, rank_errors, what_failed
 from .kernel_log import log_to, stop_logging_to
-from .journal import JournalInUse, check_free
 from .interrupts import Interrupts
-from .loop import Loop, pick_device, seed_everything
+from .loop import Loop, seed_everything
 from .keys import KeyStore
 from .memory import keep_freed_memory
-from .pids import gone_within, signalled_when_gone
-from .private_dirs import make_dirs
-from .rank_stacks import StackAnswer, ask_ranks
+from .other_ranks import run_other_rank
+from .pids import signalled_when_gone
+from .rank_stacks import ask_ranks
 from .remote import ListenError, check_listen
 from .resuming import restore_checkpoint
 from .registry import record_run
 from .run_bus import PLUGIN_EXIT_TIMEOUT_S, close_bus, listen_on, open_bus, wait_drained, wait_ready
-from .run_end import RunResult, reason, save_final_weights, write_summary
+from .run_dir import check_not_running, make_run_dir, write_config
+from .run_end import RunResult, bus_counters, plugin_summary, save_final_weights, write_summary
 from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers
-from .spec import SpecError, TrainingSpec, build_with_flags, is_user_file, load_target, user_code_error, user_trace
+from .spec import TrainingSpec, is_user_file, user_trace
 from .stepping import Stepper, SteppingError
 from .supervisor import PluginSpec
+from .user_build import build_for_run
 
 log = logging.getLogger("trainbus.kernel")
 
 # After a SIGTERM the durable plugins get this long to catch up (then PLUGIN_EXIT_TIMEOUT_S to exit), not
 # [run] drain_timeout_s: the run's end must be written before the SIGKILL a scheduler sends after its grace.
 SIGTERM_DRAIN_S = 2.0
-RANK_0_GONE_S = 5.0  # a rank whose collective rank 0's death broke waits this long to see it gone (pids.gone_within)
 
 
 def new_run_id() -> str:
@@ -117,7 +116,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
     if cluster.distributed and os.environ.get(LAUNCHER_PID, "").isdigit():
         # a rank of `run --nproc`, whose launcher's end (a kill -9) is taken as its SIGTERM: the run ends interrupted
         signalled_when_gone(int(os.environ[LAUNCHER_PID]))
-    device = _device_for(cfg, cluster)
+    device = device_for(cfg, cluster)
     ranks = _join(cluster, device, interrupts, announce) if cluster.distributed else None
     run_id = run_id or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
     if ranks is not None:
@@ -134,7 +133,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
             cfg.resume = str(run_dir)
     # The user's code (build, loaders, loss, metrics) sees where its run is, as plugins do: Guild's names and ours.
     os.environ.update(RUN_ID=run_id, RUN_DIR=str(run_dir), TRAINBUS_RUN_ID=run_id, TRAINBUS_RUN_DIR=str(run_dir))
-    spec, flags, runs_given = _build(cfg, interrupts, started_in, runs_path, metric_settings)
+    spec, flags, runs_given = build_for_run(cfg, interrupts, started_in, runs_path, metric_settings)
     keys = _check_places(cfg)
     spec.model.to(device)  # before loading optimizer state, which follows its parameters' device
     stepper = _stepper(spec, device, cfg)
@@ -160,7 +159,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
             raise ConfigError(str(exc)) from None
         if not ranks.is_main:
             interrupts.restore()  # another rank stops where rank 0 decides; a signal acts on it as it always did
-            return _run_other_rank(spec, stepper, ranks, device, cfg, resume_state, resume_from, run_id, run_dir)
+            return run_other_rank(spec, stepper, ranks, device, cfg, resume_state, resume_from, run_id, run_dir)
 
     bus, checkpointer, sockets, handler = _open_run(cfg, spec, flags, run_dir, started_in, continue_run, keys,
                                                     warnings, announce)
@@ -249,7 +248,7 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
         status, error = "interrupted", f"interrupted (a second {interrupts.last}) while plugins drained"
     result = RunResult(run_id=run_id, run_dir=str(run_dir), status=status,
                        duration_s=round(time.monotonic() - started, 3), outcome=asdict(loop.outcome),
-                       plugins=_plugin_summary(bus), undrained=undrained, bus=_counters(bus), error=error,
+                       plugins=plugin_summary(bus), undrained=undrained, bus=bus_counters(bus), error=error,
                        trace=trace, cluster=cluster.describe())
     write_summary(run_dir, result, final_in_place)
     record_run(run_dir)  # the run registry: how it ended
@@ -266,11 +265,7 @@ def _open_run(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any], run_dir
     # no run left behind that never began.
     remote = listen_on(cfg.listen, keys) if keys is not None else None
     try:
-        _make_runs_dir(run_dir.parent, cfg.runs_dir)
-        if continue_run:
-            (run_dir / "summary.json").unlink(missing_ok=True)  # the run is going again
-        else:
-            _make_dir(run_dir, cfg.runs_dir)
+        make_run_dir(run_dir, cfg.runs_dir, continue_run)
     except BaseException:
         if remote is not None:
             remote.close()
@@ -279,9 +274,7 @@ def _open_run(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any], run_dir
     try:  # a full disk here is one line, and a new run directory is not left half made
         run_dir.chmod(0o700)  # owner-only (whatever the umask): journal, logs, checkpoints, sockets are nobody else's
         write_kernel_pid(run_dir)  # `trainbus runs list`: a run without summary.json is running while this pid lives
-        recorded = _recorded_config(run_dir) if continue_run else None  # read before it is written again
-        (run_dir / "config.json").write_text(json.dumps(effective_config(cfg, spec, flags, started_in, recorded),
-                                                        indent=2, default=str) + "\n")
+        write_config(run_dir, cfg, spec, flags, started_in, continue_run)
         record_run(run_dir)  # the run registry: running (never raises; a registry it cannot write costs a warning)
         handler = log_to(run_dir / "kernel.log")
         for line in warnings:
@@ -325,32 +318,6 @@ def _join(cluster: Cluster, device: torch.device, interrupts: Interrupts, announ
     return ranks
 
 
-def _build(cfg: RunConfig, interrupts: Interrupts, started_in: str, runs_path: Path,
-           metric_settings: dict[str, str] | None) -> tuple[TrainingSpec, dict[str, Any], str]:
-    """The user's spec built under the seed, with the flags its function was called with, and runs_dir as the
-    lines that name it give it (absolute once their build() changed directory)."""
-    try:
-        # The target is imported under the seed, then the build starts from it again: as when the command line
-        # imported it first, to read its flags (kernel/cli_run.py _apply_flags), so a script's top-level draws (a model
-        # made there) and its build's are the seed's either way.
-        load_target(cfg.target)
-        seed_everything(cfg.seed)
-        spec, flags = build_with_flags(cfg.target, dict(cfg.hyperparameters), cfg.epochs)
-    except KeyboardInterrupt as exc:
-        if interrupts.count or not interrupts.installed:  # our second Ctrl-C; or Python's own, a raise alike
-            raise
-        raise user_code_error(exc, cfg.target) from None  # the user's code raised it: their error, shown as one
-    runs_given = cfg.runs_dir  # as given, for the lines that name it; absolute once a chdir made that another place
-    if os.getcwd() != started_in:
-        _from_where_it_ran(cfg, started_in)
-        runs_given = str(runs_path)
-    if cfg.epochs is not None:
-        spec.epochs = cfg.epochs
-        spec.check_loaders_last()
-    check_metric_settings(spec.metric_names(), metric_settings or {})
-    return spec, flags, runs_given
-
-
 def _check_places(cfg: RunConfig) -> KeyStore | None:
     """ConfigError for a snapshot_dir this user cannot write, or a listen address or key file that would not
     be safe; the client keys when the run listens on TCP."""
@@ -378,213 +345,3 @@ def _stepper(spec: TrainingSpec, device: torch.device, cfg: RunConfig) -> Steppe
         raise ConfigError(str(exc)) from None
 
 
-def _device_for(cfg: RunConfig, cluster: Cluster) -> torch.device:
-    """The device this process trains on: cfg.device, checked against the GPUs visible, or one GPU a rank."""
-    device = pick_device() if cfg.device == "auto" else torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"device {cfg.device} requested but no CUDA GPU is visible; use --device cpu or auto")
-    if device.index is not None:
-        if cluster.distributed:
-            raise SpecError(ONE_GPU_PER_RANK.format(device=cfg.device))
-        if device.index >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            raise SpecError(f"device {cfg.device}, but {count} GPU{'s' * (count != 1)} {'are' if count != 1 else 'is'} "
-                            f"visible (cuda:0 to cuda:{count - 1}, as CUDA_VISIBLE_DEVICES numbers them); give one "
-                            f"of those")
-        torch.cuda.set_device(device)  # what the user's own .cuda() and torch's defaults take too
-    if device.type == "cuda" and cluster.distributed:
-        device = gpu_of_rank(cluster.local_rank, cluster.local_world_size, torch.cuda.device_count())
-    return device
-
-
-def gpu_of_rank(local_rank: int, local_ranks: int, visible: int) -> torch.device:
-    """The GPU of this machine's local_rank-th process: one a process, as torchrun and srun lay them out. More
-    processes than GPUs is one line, not CUDA's "invalid device ordinal" from deep in the first copy to it; said by
-    every process of the machine, not only those without a GPU: the others would wait for those to meet them."""
-    if local_ranks > visible:
-        raise SpecError(f"{local_ranks} processes on this machine train on a GPU each, but {visible} "
-                        f"GPU{'s' * (visible != 1)} {'are' if visible != 1 else 'is'} visible: start at most "
-                        f"{visible} (--nproc {visible}), or make more visible (CUDA_VISIBLE_DEVICES)")
-    return torch.device("cuda", local_rank)
-
-
-class _Silent:
-    """The bus of a rank other than 0: it publishes nothing and hears nothing (rank 0 tells it what to do)."""
-
-    def publish(self, type_: str, step: int, epoch: int, data: dict[str, Any]) -> None:
-        pass
-
-    def take_replies(self) -> list:
-        return []
-
-    def await_votes(self, type_: str, timeout_s: float) -> list[str]:
-        return []
-
-
-def _run_other_rank(spec: TrainingSpec, stepper: Stepper, ranks: Ranks, device: torch.device, cfg: RunConfig,
-                    resume_state: dict[str, Any] | None, resume_from: Path | None, run_id: str, run_dir: Path) -> RunResult:
-    """Train as one of ranks 1..N-1: the same loop, no bus, no plugins, no files (rank 0 keeps the run)."""
-    started = time.monotonic()
-    loop = Loop(spec, _Silent(), device, vote_timeout_s=cfg.vote_timeout_s, stepper=stepper, ranks=ranks)
-    if resume_state is not None:
-        loop.resume(resume_state, str(resume_from))
-    # rank 0, seeing training stand still, asks where this rank waits (a signal only reaches its own machine)
-    stacks = StackAnswer(run_dir, ranks.rank) if ranks.rank in ranks.local_pids else None
-    # A SIGTERM or Ctrl-C reaches every rank (torchrun and srun pass them on): rank 0 decides, and every rank
-    # stops at the step it broadcasts; one rank stopping alone would leave the others waiting in a collective.
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in Interrupts.SIGNALS} \
-        if threading.current_thread() is threading.main_thread() else {}
-    try:
-        freeze_before_training()
-        with keep_freed_memory(cfg.keep_freed_memory):
-            outcome = loop.run()
-    except BaseException as exc:  # said here (the user's frames), then torchrun ends the group on our exit (signals
-        # are ignored here: a KeyboardInterrupt is the user's own)
-        beside_rank_0 = ranks.cluster.node_rank == 0
-        said = write_rank_error(run_dir, ranks.rank, exc, beside_rank_0,
-                                main_pid=ranks.main_pid if beside_rank_0 else None)
-        if (not said and beside_rank_0 and broken_by_a_peer(exc) and ranks.main_pid is not None
-                and not os.environ.get(LAUNCH_ERRORS) and gone_within(ranks.main_pid, RANK_0_GONE_S)
-                and not (run_dir / "summary.json").exists()):  # which rank 0 writes as it ends, failed or not
-            # rank 0, which says the run's end, is gone without a word (kill -9, the out-of-memory killer): under
-            # `run --nproc` the launcher says so; under srun or the user's torchrun, this rank, or no one
-            said = (f"error: rank {ranks.rank} stopped: rank 0 (pid {ranks.main_pid}) ended without a word: killed "
-                    f"(kill -9, the out-of-memory killer: `dmesg` says which) or an os._exit; `trainbus runs resume "
-                    f"{run_id}` continues the run from its newest checkpoint\n")
-        print(said, end="", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if stacks is not None:
-            stacks.close()
-    ranks.close()
-    return RunResult(run_id=run_id, run_dir=str(run_dir), status="stopped" if outcome.stopped_early else "completed",
-                     duration_s=round(time.monotonic() - started, 3), outcome=asdict(outcome), plugins={},
-                     cluster=ranks.cluster.describe())
-
-
-def check_not_running(run_dir: Path) -> int:
-    """ConfigError when a kernel still holds the run's journal (two kernels must never write one run), or another
-    kernel continuing it is between this check and taking the journal: a kernel takes its journal only once it has
-    set the run up, rewriting kernel.pid and config.json, so two resumes at once both passed the check, and the
-    second to the journal failed having put its own pid in kernel.pid. Returns the run directory's descriptor,
-    locked (flock) until the caller holds the journal and closes it."""
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
-    fd = os.open(run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"--resume {run_dir.name}: another process holds this run (a kernel starting to continue "
-                          f"it, or `trainbus runs delete`); wait for it to end, or stop it (`trainbus runs stop "
-                          f"{run_dir.name}`)") from None
-    except OSError:  # a filesystem that locks no directory: the journal's lock below stands alone, as before
-        pass
-    try:
-        check_free(run_dir / JOURNAL_NAME)
-    except JournalInUse as exc:
-        os.close(fd)
-        raise ConfigError(f"--resume {run_dir.name}: {exc}; wait for it to end, or stop it (Ctrl-C)") from None
-    return fd
-
-
-def _from_where_it_ran(cfg: RunConfig, started_in: str) -> None:
-    """The config's relative paths made absolute from `started_in`, the command's directory, which the user's build()
-    changed: a --resume path, snapshot_dir, keys_dir, and where each plugin's process starts."""
-    if cfg.resume and os.path.exists(os.path.join(started_in, cfg.resume)):  # a checkpoint or run directory's path
-        cfg.resume = os.path.join(started_in, cfg.resume)
-    if cfg.snapshot_dir:
-        cfg.snapshot_dir = os.path.join(started_in, cfg.snapshot_dir)
-    if cfg.keys_dir:
-        cfg.keys_dir = os.path.join(started_in, os.path.expanduser(cfg.keys_dir))
-    for plugin in cfg.plugins:
-        plugin.cwd = os.path.normpath(os.path.join(started_in, plugin.cwd))  # "": the command's directory itself
-
-
-def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
-    """The config.json a continued run was recorded with (None when it cannot be read: config_of_run said so)."""
-    try:
-        recorded = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return recorded if isinstance(recorded, dict) else None
-
-
-def effective_config(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any],
-                     started_in: str | None = None, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The config as the run used it, for config.json: the hyperparameters and epochs of the built spec.
-
-    A build() fills in its own defaults (the digits demo's lr, batch size, ...), so the spec's
-    hyperparameters are what trained; those given that the spec does not name are kept. `flags` are the
-    arguments the spec function was called with (kernel/flags.py): a run continued from this file is given
-    them again (config_of_run), so it builds the same spec."""
-    config = cfg.to_dict()
-    config["hyperparameters"] = {**cfg.hyperparameters, **spec.hyperparameters}
-    config["flags"] = flags
-    config["epochs"] = spec.epochs
-    config["metrics"] = spec.metric_names()  # what a plugin attached later may name (`plugins attach` checks)
-    if os.environ.get(LAUNCH):  # launched by `trainbus run --nproc`: how, for a resume to launch it alike
-        config["launch"] = json.loads(os.environ[LAUNCH])
-    # what a relative target file is relative to, for a resume from elsewhere: where the command ran (`started_in`),
-    # whatever directory the user's build() changed to
-    config["cwd"] = started_in or os.getcwd()
-    if recorded is not None and _same_target_file(recorded, config["target"]):
-        # a continued run: its target as it was typed, with the directory it is relative to, not the absolute path
-        # config_of_run made of it to import it from wherever the resume ran
-        config["target"], config["cwd"] = recorded["target"], recorded["cwd"]
-    return config
-
-
-def _same_target_file(recorded: dict[str, Any], target: str) -> bool:
-    """Whether `recorded` (a run's config.json) names `target` with a file path relative to its own cwd."""
-    was, cwd = recorded.get("target"), recorded.get("cwd")
-    if not isinstance(was, str) or not isinstance(cwd, str) or was == target:
-        return False
-    file_part, _, function = was.rpartition(":")
-    target_file, _, target_function = target.rpartition(":")
-    return bool(file_part) and not os.path.isabs(file_part) and function == target_function and \
-        os.path.normpath(os.path.join(cwd, file_part)) == os.path.normpath(target_file)
-
-
-def _plugin_summary(bus: Bus) -> dict[str, dict[str, Any]]:
-    """The supervisor's account of each plugin, with the errors it reported (a failed handler's log reply)."""
-    summary = bus.supervisor.summary()
-    for name, entry in summary.items():
-        entry["errors_logged"] = bus.control.errors_logged[name]
-        if bus.control.checkpoints_failed[name]:  # a full disk, say: the run completed, its checkpoints did not
-            entry["checkpoints_failed"] = bus.control.checkpoints_failed[name]
-        for kind in ("metric", "log"):  # past its [limits]: what it reported is not all in the journal
-            if bus.control.dropped[name, kind]:
-                entry[f"{kind}_dropped"] = bus.control.dropped[name, kind]
-        if bus.votes.missed[name]:  # training went on without its vote: a stop it decided there came late
-            entry["votes_missed"] = bus.votes.missed[name]
-    return summary
-
-
-def _counters(bus: Bus) -> dict[str, int]:
-    """What the bus counted (events, refusals by reason, drops), plus the journal's refused writes."""
-    counters = {k: v for k, v in bus.counters.items() if v}
-    if bus.journal.failed_writes:
-        counters["journal_write_errors"] = bus.journal.failed_writes
-    return counters
-
-
-def _make_runs_dir(path: Path, runs_dir: str) -> None:
-    """The runs directory, made if missing; a ConfigError when it cannot be, or when others could change it."""
-    try:
-        make_dirs(path)
-    except OSError as exc:
-        raise ConfigError(f"runs_dir {runs_dir}: cannot create {path} ({reason(exc)}); pick a writable place "
-                          f"with --runs-dir or [run] runs_dir") from None
-    check_runs_dir_private(path, runs_dir)
-
-
-def _make_dir(path: Path, runs_dir: str, **how) -> None:
-    """mkdir, or a ConfigError naming runs_dir: a read-only mount, no permission, a file in the way (exit 2)."""
-    try:
-        path.mkdir(**how)
-    except OSError as exc:
-        raise ConfigError(f"runs_dir {runs_dir}: cannot create {path} ({reason(exc)}); pick a writable place "
-                          f"with --runs-dir or [run] runs_dir") from None

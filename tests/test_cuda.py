@@ -116,7 +116,7 @@ def test_nccl_with_one_rank_trains_through_ddp_and_agrees(tmp_path):
     from trainbus.kernel.distributed import Ranks, distribute
     from trainbus.kernel.loop import Loop
     from trainbus.kernel.replies import Control
-    from trainbus.kernel.session import _Silent
+    from trainbus.kernel.other_ranks import SilentBus
     from trainbus.kernel.spec import build_spec
     from trainbus.kernel.stepping import Stepper
 
@@ -128,7 +128,7 @@ def test_nccl_with_one_rank_trains_through_ddp_and_agrees(tmp_path):
         spec.model.to(device)
         stepper = Stepper(spec.model, spec.optimizer, device)
         distribute(spec, stepper, ranks, device, RunConfig(device="cuda"))
-        outcome = Loop(spec, _Silent(), device, stepper=stepper, ranks=ranks).run()
+        outcome = Loop(spec, SilentBus(), device, stepper=stepper, ranks=ranks).run()
         assert outcome.epochs_completed == 2 and outcome.validation_metrics["accuracy"] > 0.5
         assert ranks.agree(Control(should_stop=True)).should_stop and ranks.sum([1.5, 2]) == [1.5, 2.0]
     finally:

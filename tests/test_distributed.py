@@ -538,7 +538,7 @@ def test_more_processes_than_gpus_is_one_line_naming_the_fix():
     """Rank 1 of a machine with one visible GPU got cuda:1, and CUDA's "invalid device ordinal" at its first copy."""
     import torch
 
-    from trainbus.kernel.session import gpu_of_rank
+    from trainbus.kernel.devices import gpu_of_rank
     from trainbus.kernel.spec import SpecError
 
     assert [gpu_of_rank(rank, 2, 2) for rank in (0, 1)] == [torch.device("cuda", 0), torch.device("cuda", 1)]
