@@ -53,7 +53,7 @@ def check_not_running(run_dir: Path) -> int:
         raise ConfigError(f"--resume {run_dir.name}: another process holds this run (a kernel starting to continue "
                           f"it, or `trainbus runs delete`); wait for it to end, or stop it (`trainbus runs stop "
                           f"{run_dir.name}`)") from None
-    except OSError:  # a filesystem that locks no directory: the journal's lock below stands alone, as before
+    except OSError:  # a filesystem that locks no directory: the journal's lock below stands alone
         pass
     try:
         check_free(run_dir / JOURNAL_NAME)
@@ -117,10 +117,10 @@ def _make_runs_dir(path: Path, runs_dir: str) -> None:
     check_runs_dir_private(path, runs_dir)
 
 
-def _make_dir(path: Path, runs_dir: str, **how) -> None:
+def _make_dir(path: Path, runs_dir: str) -> None:
     """mkdir, or a ConfigError naming runs_dir: a read-only mount, no permission, a file in the way (exit 2)."""
     try:
-        path.mkdir(**how)
+        path.mkdir()
     except OSError as exc:
         raise _cannot_create(path, runs_dir, exc) from None
 

@@ -233,7 +233,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-# config.json's fields that reading a run goes by, as the kernel writes them (session.py effective_config). One of
+# config.json's fields that reading a run goes by, as the kernel writes them (run_dir.py effective_config). One of
 # another type (an edit by hand) is read as missing, as in a run from before trainbus recorded it: what shows it
 # would raise on it, and one such run would hide every other run of the directory.
 CONFIG_FIELDS = {"target": str, "epochs": int, "flags": dict, "hyperparameters": dict, "plugins": list,
