@@ -112,9 +112,10 @@ def daemon_stop(runs_dir: Path = RUNS_DIR_OPTION) -> None:
         pid, said = stuck
         raise UserError(said + (f"; `kill {pid}` stops it as `daemon stop` does (SIGTERM), its runs training on"
                                 if pid is not None else ""))
-    if answer is None:  # a typo in --runs-dir is said as one, not as a daemon gone
-        out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}"
-                  + ("" if runs_dir.is_dir() else f": {escape(no_runs_dir(runs_dir))}"))
+    if answer is None and not runs_dir.is_dir():  # a typo in --runs-dir: an error, not a daemon stopped
+        raise UserError(f"no daemon serves {runs_dir.resolve()}: {no_runs_dir(runs_dir)}")
+    if answer is None:  # nothing to stop: done, as `systemctl stop` of a unit already stopped
+        out.print(f"no daemon serves {escape(str(runs_dir.resolve()))}")
         return
     running = answer.get("running") or []
     out.print("daemon stopped" + (f"; still training (adopted by the next daemon): {', '.join(running)}"

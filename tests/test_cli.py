@@ -572,12 +572,13 @@ def test_a_config_files_paths_take_the_tilde_for_home_as_a_shell_does(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["missing", "file"])
-@pytest.mark.parametrize("args, code", [(["daemon", "status"], 3), (["daemon", "stop"], 0),
+@pytest.mark.parametrize("args, code", [(["daemon", "status"], 3), (["daemon", "stop"], 2),
                                         (["daemon", "cancel", "x"], 2)])
 def test_daemon_commands_say_a_runs_dir_that_is_missing_or_a_file(args, code, kind, tmp_path):
     """A typo in --runs-dir: `daemon status` and `stop` said only `no daemon serves DIR`, as if the daemon of the
     runs there had gone, and `daemon cancel` called a file there missing. Each says what the path is, as `runs list`
-    does (the exit codes are as before: status 3, no daemon; stop 0, nothing to stop)."""
+    does. status exits 3 (no daemon serves it); stop exits 2, an error as cancel's: exit 0 let a mistyped
+    `ExecStop=` or script go on as if the daemon it meant had stopped."""
     given = tmp_path / "runz"
     if kind == "file":
         given.write_text("")
@@ -586,6 +587,15 @@ def test_daemon_commands_say_a_runs_dir_that_is_missing_or_a_file(args, code, ki
             f"the runs directory {given} does not exist (is --runs-dir right?)")
     assert r.returncode == code and said in r.stdout + r.stderr, (r.returncode, r.stdout, r.stderr)
     assert (r.stdout + r.stderr).count("\n") == 1, r.stdout + r.stderr
+    if code == 2:
+        assert r.stderr.startswith("error: ") and not r.stdout, (r.stdout, r.stderr)
+
+
+def test_daemon_stop_with_no_daemon_in_a_runs_dir_is_done(tmp_path):
+    """An existing runs directory that no daemon serves: nothing to stop, exit 0 (as `systemctl stop` of a unit
+    already stopped), unlike a --runs-dir that does not exist."""
+    r = trainbus("daemon", "stop", "--runs-dir", str(tmp_path), cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"no daemon serves {tmp_path}\n", ""), r
 
 
 @pytest.mark.parametrize("kind", ["missing", "file"])
