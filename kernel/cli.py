@@ -17,6 +17,7 @@ from .cli_ctrl_c import ctrl_c_back, ctrl_c_says
 _SIGINT_BEFORE = signal.getsignal(signal.SIGINT)
 ctrl_c_says("Ctrl-C as it started; nothing was done")
 
+import difflib
 import logging
 import re
 from pathlib import Path
@@ -188,17 +189,47 @@ def _command_path(words: list[str]) -> str:
     return " ".join(path)
 
 
-def read_run_command(argv: list[str]) -> tuple[dict[str, Any], str | None]:
+# A mistyped option's suggestions. click compares it with each option dashes and all, alike in every one, and lists
+# all over difflib's 0.6: `--epoch` got `--detach, --epochs, --nproc`, `--lr` got `--help`. Compared without
+# the dashes, the options at least SUGGEST_CUTOFF alike and within SUGGEST_SPREAD of the closest are named.
+SUGGEST_CUTOFF = 0.7
+SUGGEST_SPREAD = 0.1
+# `trainbus run`'s options that a remote submission takes as `daemon submit`'s own, not in its ARGS (daemon_serve)
+SUBMIT_OWN = ("--gpus", "--max-resumes")
+SUBMIT_REFUSED = ("--detach", *SUBMIT_OWN)
+
+
+def usage_error(exc: Exception, submitted: bool = False) -> str:
+    """click's usage error in its words; an unknown option with the one or two options it is likely a misspelling
+    of, as a question. `submitted`: of a remote submission's ARGS, where `daemon submit`'s own options are named as
+    its own and --detach not at all."""
+    if type(exc).__name__ != "NoSuchOption" or getattr(exc, "ctx", None) is None:
+        return exc.format_message()
+    ctx, given = exc.ctx, exc.option_name.lstrip("-")
+    names = {opt.lstrip("-"): opt for param in ctx.command.get_params(ctx)
+             for opt in (*param.opts, *param.secondary_opts) if opt.startswith("--")}
+    if submitted:
+        names = {name: opt for name, opt in names.items() if opt not in SUBMIT_REFUSED or opt in SUBMIT_OWN}
+    alike = sorted(((difflib.SequenceMatcher(None, given, name).ratio(), name) for name in names), reverse=True)
+    cutoff = max(SUGGEST_CUTOFF, alike[0][0] - SUGGEST_SPREAD) if alike else 1
+    close = [names[name] for ratio, name in alike[:2] if ratio >= cutoff]
+    if submitted:
+        close = [f"daemon submit's own {opt}, given before `--`" if opt in SUBMIT_OWN else opt for opt in close]
+    return exc.message + (f" (did you mean {' or '.join(close)}?)" if close else "")
+
+
+def read_run_command(argv: list[str], submitted: bool = False) -> tuple[dict[str, Any], str | None]:
     """`trainbus run ARGV`'s options and arguments as it reads them, and what it would refuse as it reads them (no
     such option, a value missing or of the wrong type) in click's words, or None. Nothing runs: no callback of the
-    command's, only its parsing (`--help` would print, so is let through unread)."""
+    command's, only its parsing (`--help` would print, so is let through unread). `submitted`: ARGV is a remote
+    submission's (usage_error)."""
     if "--help" in argv:
         return {}, None
     exceptions = _click_exceptions()
     try:
         return typer.main.get_command(app).commands["run"].make_context("run", list(argv)).params, None
     except exceptions.ClickException as exc:
-        return {}, exc.format_message()
+        return {}, usage_error(exc, submitted)
 
 
 # Options the later of two counts for, unsaid: a daemon's remote `submit` appends its own --runs-dir to the command
@@ -291,7 +322,7 @@ def main() -> None:
             exc.show()
             _exit(exc.exit_code)
         where = exc.ctx.command_path if exc.ctx is not None else _command_path(sys.argv[1:])
-        print(f"error: {exc.format_message()} (`{where} --help` shows what it takes)", file=sys.stderr)
+        print(f"error: {usage_error(exc)} (`{where} --help` shows what it takes)", file=sys.stderr)
         _exit(2)
     except click.ClickException as exc:
         exc.show()

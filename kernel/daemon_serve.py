@@ -366,17 +366,18 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
             or not (isinstance(max_resumes, int) and 0 <= max_resumes <= MAX_RESUMES):
         return {"ok": False, "error": f"submit needs argv (at most {ARGV_MAX_WORDS} strings), gpus (a count, or nil) "
                                       f"and max_resumes (0 to {MAX_RESUMES}, or left out)"}
-    from .cli import read_run_command  # it imports this module
+    from .cli import SUBMIT_REFUSED, read_run_command  # it imports this module
     from .session import new_run_id
 
     options = [w.split("=", 1)[0] for w in argv]
-    if {"--detach", "--gpus", "--max-resumes"} & set(options):
+    if set(SUBMIT_REFUSED) & set(options):
         return {"ok": False, "error": "submit's argv is what `trainbus run` is given on the daemon's host: queued "
                                       "already, so no --detach, and the GPUs and resumes go as submit's own --gpus "
                                       "and --max-resumes"}
     if gpus is not None and (why := unplaceable(gpus, daemon.devices)) is not None:  # as `run --detach` says it
         return {"ok": False, "error": f"--gpus {gpus}: the run {why}"}
-    command, refused = read_run_command(argv)  # what the run would fail with once started, found only in its output
+    # what the run would fail with once started, found only in its output
+    command, refused = read_run_command(argv, submitted=True)
     if refused:
         return {"ok": False, "error": f"`trainbus run` would refuse the command: {refused}"}
     run_id, resumes = new_run_id(), None

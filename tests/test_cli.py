@@ -529,8 +529,27 @@ def test_a_mistyped_option_of_runs_resume_points_at_a_command_there_is(tmp_path)
     assert ran.returncode == 0, ran.stderr
     r = subprocess.run([*trainbus_cmd(), "runs", "resume", ran.stdout.split()[1].rstrip(":"), "--epoch", "20"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL)
-    assert r.returncode == 2 and r.stderr == ("error: No such option: --epoch (Possible options: --detach, --epochs, "
-                                              "--nproc) (`trainbus run --help` shows what it takes)\n"), r.stderr
+    assert r.returncode == 2 and r.stderr == ("error: No such option: --epoch (did you mean --epochs?) (`trainbus run "
+                                              "--help` shows what it takes)\n"), r.stderr
+
+
+@pytest.mark.parametrize("args, said", [
+    (["run", "--epoch", "2"], "No such option: --epoch (did you mean --epochs?)"),
+    (["run", "--max-resume", "2"], "No such option: --max-resume (did you mean --max-resumes?)"),
+    (["run", "--plugin", "x"], "No such option: --plugin (did you mean --plugins?)"),
+    (["run", "--compiled"], "No such option: --compiled (did you mean --compile?)"),
+    (["daemon", "start", "--gpu", "1"], "No such option: --gpu (did you mean --gpus?)"),
+    (["daemon", "start", "--runsdir", "x"], "No such option: --runsdir (did you mean --runs-dir?)"),
+    (["run", "--lr", "0.1"], "No such option: --lr"),
+])
+def test_a_mistyped_option_is_said_with_the_options_it_is_close_to(args, said, tmp_path):
+    """click compared an unknown option with each option, dashes and all, and listed every one over its cutoff as
+    `(Possible options: ...)`: `--epoch` got `--detach, --epochs, --nproc`, `--plugin` got `--listen`, and one
+    close option still read as a list (`(Possible options: --gpus)`). Now the closest option or two are named as
+    a question, none when none is close."""
+    r = trainbus(*args, cwd=tmp_path)
+    command = "trainbus " + " ".join(args[:2] if args[0] == "daemon" else args[:1])
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {said} (`{command} --help` shows what it takes)\n")
 
 
 @pytest.mark.parametrize("args", [["run"], ["runs", "delete", "x", "--yes"], ["daemon", "start"]])

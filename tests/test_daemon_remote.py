@@ -170,10 +170,16 @@ def test_a_remote_submission_is_read_as_trainbus_run_reads_it_refused_in_its_wor
 
     for argv, said in ((["--resume"], "Option '--resume' requires an argument."),
                        ([TINY, "--bogus"], "No such option: --bogus"),
-                       ([TINY, "--epochs", "x"], "Invalid value for '--epochs'")):
+                       ([TINY, "--epochs", "x"], "Invalid value for '--epochs'"),
+                       # the near miss of an option `daemon submit` takes itself is pointed there, not at `run --gpus`,
+                       # which a submission's ARGS may not hold
+                       ([TINY, "--gpu", "1"], "No such option: --gpu (did you mean daemon submit's own --gpus, given "
+                                              "before `--`?)"),
+                       ([TINY, "--detatch"], "No such option: --detatch")):
         refused = submit(*argv)
         assert refused.returncode == 2 and one_error_line(refused).startswith(
             f"error: the daemon at {host} refused: `trainbus run` would refuse the command: {said}"), refused.stderr
+        assert "--detach" not in refused.stderr, refused.stderr  # it queues; no --detach to suggest
     assert listed(runs) == {}
     missing = str(tmp_path / "missing.py") + ":build"
     run_id = submit("--epochs", "1", missing).stdout.strip()
