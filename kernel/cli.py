@@ -201,8 +201,10 @@ SUBMIT_REFUSED = ("--detach", *SUBMIT_OWN)
 
 def usage_error(exc: Exception, submitted: bool = False) -> str:
     """click's usage error in its words; an unknown option with the one or two options it is likely a misspelling
-    of, as a question. `submitted`: of a remote submission's ARGS, where `daemon submit`'s own options are named as
-    its own and --detach not at all."""
+    of, as a question; a number out of range or not one, with what the option takes. `submitted`: of a remote
+    submission's ARGS, where `daemon submit`'s own options are named as its own and --detach not at all."""
+    if type(exc).__name__ == "BadParameter":
+        return _bad_number(exc) or exc.format_message()
     if type(exc).__name__ != "NoSuchOption" or getattr(exc, "ctx", None) is None:
         return exc.format_message()
     ctx, given = exc.ctx, exc.option_name.lstrip("-")
@@ -216,6 +218,33 @@ def usage_error(exc: Exception, submitted: bool = False) -> str:
     if submitted:
         close = [f"daemon submit's own {opt}, given before `--`" if opt in SUBMIT_OWN else opt for opt in close]
     return exc.message + (f" (did you mean {' or '.join(close)}?)" if close else "")
+
+
+# pydantic's error types (its stable API: docs.pydantic.dev, "Validation Errors") for a bound click's min or max set
+INCLUSIVE_BOUND_ERRORS = ("greater_than_equal", "less_than_equal")
+
+
+def _bad_number(exc: Exception) -> str | None:
+    """`Invalid value for '--last': must be a whole number, 1 or more, got 0` for a numeric option's bad value, which
+    typer (0.2x) checks with pydantic and says in its words, naming neither the value nor both bounds (`Input should
+    be greater than or equal to 1`); None for any other error. Older typer's click says its own (`0 is not in the
+    range x>=1`)."""
+    errors, param = getattr(exc.__cause__, "errors", None), getattr(exc, "param", None)
+    error = next(iter(errors()), None) if callable(errors) and param is not None else None
+    if error is None:
+        return None
+    family = error["type"].partition("_")[0]  # int_parsing, int_from_float, float_parsing
+    if family in ("int", "float"):
+        got = repr(error.get("input"))
+    elif error["type"] in INCLUSIVE_BOUND_ERRORS:
+        family, got = type(next(iter(error["ctx"].values()))).__name__, str(error.get("input"))
+    else:
+        return None
+    low, high = getattr(param, "min", None), getattr(param, "max", None)
+    bounds = (f" from {low} to {high}" if low is not None and high is not None else f", {low} or more"
+              if low is not None else f", {high} or less" if high is not None else "")
+    return f"Invalid value for '{param.opts[0]}': must be {'a whole number' if family == 'int' else 'a number'}" \
+           f"{bounds}, got {got}"
 
 
 def read_run_command(argv: list[str], submitted: bool = False) -> tuple[dict[str, Any], str | None]:

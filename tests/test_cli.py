@@ -552,6 +552,26 @@ def test_a_mistyped_option_is_said_with_the_options_it_is_close_to(args, said, t
     assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {said} (`{command} --help` shows what it takes)\n")
 
 
+@pytest.mark.parametrize("args, said", [
+    (["run", "--accumulate-grad-batches", "0"],
+     "Invalid value for '--accumulate-grad-batches': must be a whole number, 1 or more, got 0"),
+    (["run", "--epochs", "x"], "Invalid value for '--epochs': must be a whole number, 1 or more, got 'x'"),
+    (["run", "--seed", "1.5"], "Invalid value for '--seed': must be a whole number, got '1.5'"),
+    (["run", "--gradient-clip-val", "abc"], "Invalid value for '--gradient-clip-val': must be a number, got 'abc'"),
+    (["runs", "list", "--last", "0"], "Invalid value for '--last': must be a whole number, 1 or more, got 0"),
+    (["daemon", "submit", "--max-resumes", "1001"],
+     "Invalid value for '--max-resumes': must be a whole number from 0 to 1000, got 1001"),
+])
+def test_an_option_value_out_of_range_or_of_the_wrong_type_names_what_the_option_takes(args, said, tmp_path):
+    """typer validates an option's value with pydantic, whose words were the line: `Invalid value for
+    '--accumulate-grad-batches': Input should be greater than or equal to 1`, the value given unsaid, and `Input should
+    be a valid integer, unable to parse string as an integer`. Now what the option takes and what it got, as a
+    config file's `[run]` value is said."""
+    r = trainbus(*args, cwd=tmp_path)
+    command = "trainbus " + " ".join(args[:2] if args[0] in ("daemon", "runs") else args[:1])
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {said} (`{command} --help` shows what it takes)\n")
+
+
 @pytest.mark.parametrize("args", [["run"], ["runs", "delete", "x", "--yes"], ["daemon", "start"]])
 def test_an_empty_runs_dir_is_refused_not_taken_for_the_current_directory(args, tmp_path):
     """`--runs-dir "$UNSET"` was the current directory: runs made, or looked for and deleted, there."""
