@@ -37,6 +37,11 @@ SEED_LIMIT = 2**32  # numpy and torch take 32-bit seeds: [0, 2**32)
 # steps = epochs x batches stay within the 64 bits of SQLite's integers and of msgpack's (a count past 2**64 made
 # start_training_session unencodable and the run registry unwritable).
 MAX_COUNT = 10**9
+# The smallest journal segment a config file may set. Each rotation gzips, fsyncs and renames a file on the bus
+# thread and leaves one more file every reader opens; at 0.001 MiB a segment held ~7 events (14 files for a
+# 45-step demo epoch). At 1 MiB it holds ~6,500 events of ~160 B, a rotation ~5 ms (docs/architecture.md). A
+# RunConfig made in Python goes lower (check_run takes any size > 0): the tests' short runs rotate a few KiB.
+JOURNAL_SEGMENT_MIN_MB = 1.0
 # A plugin's settings reach its process in one environment variable (TRAINBUS_PLUGIN_SETTINGS, msgpack as hex: two
 # characters a byte), and `trainbus run` checks them in one argument (JSON); Linux refuses any one string over
 # 128 KiB (MAX_ARG_STRLEN) and the plugin could not start. 60 KiB encoded leaves room for the variable's name.
@@ -385,6 +390,10 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
             cfg.plugins.append(plugin)
         else:
             cfg.plugins_off[name] = plugin
+    if not JOURNAL_SEGMENT_MIN_MB <= cfg.journal_segment_mb < math.inf:
+        raise ConfigError(f"{where}: journal_segment_mb must be a finite number >= {JOURNAL_SEGMENT_MIN_MB:g} (MiB: "
+                          f"each segment is a gzipped file the kernel writes as it trains; default 8), got "
+                          f"{cfg.journal_segment_mb}")
     check_run(cfg, where)
     return cfg
 
