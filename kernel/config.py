@@ -130,6 +130,14 @@ class RunConfig:
         return recorded
 
 
+def _is_cwd(directory: str) -> bool:
+    """Whether `directory` is the one this process runs in (by the file, not the spelling)."""
+    try:
+        return os.path.samefile(directory, os.getcwd())
+    except OSError:  # gone (the project moved), or the working directory deleted
+        return False
+
+
 def config_of_run(run_dir: Path) -> RunConfig:
     """The config a run was started with (its config.json), to continue it in place."""
     path = Path(run_dir) / "config.json"
@@ -143,8 +151,9 @@ def config_of_run(run_dir: Path) -> RunConfig:
         raw.pop("plugins_off", None)  # a config file's, never recorded: one edited in would be taken for a table
         started_in = raw.pop("cwd", None)
         file_part, colon, function = str(raw.get("target", "")).rpartition(":")
-        if colon and is_file_target(file_part) and started_in and not Path(file_part).is_absolute():
-            raw["target"] = f"{Path(started_in) / file_part}:{function}"  # resumed from another directory too
+        if colon and is_file_target(file_part) and started_in and not Path(file_part).is_absolute() \
+                and not _is_cwd(started_in):  # resumed from another directory: named as typed where it still names it
+            raw["target"] = f"{Path(started_in) / file_part}:{function}"
         raw["plugins"] = [PluginConfig(**p) for p in raw.get("plugins", [])]
         if started_in and Path(started_in).is_dir():  # resumed from another directory too
             for plugin in raw["plugins"]:

@@ -1117,6 +1117,32 @@ def test_a_resume_keeps_the_recorded_target_and_says_what_each_session_trained_w
                                                                                ("cpu", "bf16-mixed", False)]
 
 
+def test_a_resume_names_the_target_as_the_fresh_run_did_where_that_still_names_it(tmp_path):
+    """A fresh run's start line names its target as typed (`train.py:build`); its resume, from the same directory,
+    named it by the absolute path config_of_run makes of it for a resume from elsewhere. From the same directory it is
+    now as typed; from another, where `train.py` is not that file, it is still the absolute path."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "train.py").write_text(f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\n"
+                                      f"from specs import tiny as build\n")
+    runs = tmp_path / "runs"
+
+    def started(proc: subprocess.CompletedProcess) -> str:
+        assert proc.returncode == 0, proc.stderr
+        return next(line for line in proc.stderr.splitlines() if line.startswith("trainbus: run "))
+
+    first = started(run_cli(project, "train.py:build", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir",
+                            str(runs), "--device", "cpu"))
+    [run_dir] = [d for d in runs.iterdir() if (d / "config.json").is_file()]
+    assert first == f"trainbus: run {run_dir.name} on cpu: train.py:build, plugins: checkpoint", first
+    here = started(cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "2", cwd=project))
+    assert here == first, (here, first)
+    there = started(cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "3", cwd=elsewhere))
+    assert there == f"trainbus: run {run_dir.name} on cpu: {project / 'train.py'}:build, plugins: checkpoint", there
+    assert json.loads((run_dir / "config.json").read_text())["target"] == "train.py:build"
+
+
 def test_a_persister_run_by_hand_with_a_relative_run_dir_has_its_checkpoints_taken(tmp_path, kernels):
     """README: `TRAINBUS_RUN_DIR=<run_dir> python -m trainbus.sdk module:Class` runs a plugin by hand. Given as a path
     relative to where it runs (as a shell user types one), the SDK kept it relative: the checkpoint plugin wrote its
