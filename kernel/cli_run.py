@@ -232,6 +232,8 @@ def _train_here(cfg, continuing: Path | None, metric_settings: dict[str, str],
         raise UserError(from_file(exc)) from None
     if result.cluster.get("rank", 0) == 0:  # across ranks, rank 0 tells how the run went
         _print_summary(result)
+    elif result.cluster.get("local_rank") == 0 and result.cluster.get("node_rank", 0) > 0:
+        _print_node_done(result, cfg.runs_dir)
     code = EXIT_CODES.get(result.status, 1)
     if code == 130 and os.environ.get("TRAINBUS_LAUNCH"):  # distributed.LAUNCH: a rank of `run --nproc`, whose
         # launcher exits 130 from summary.json; 130 here would have torchrun restart the group (--max-restarts)
@@ -548,6 +550,19 @@ def _dropped(entry: dict) -> str:
     counts = [f"{entry[f'{kind}_dropped']:,} {kind}{'s' * (entry[f'{kind}_dropped'] != 1)}"
               for kind in ("metric", "log") if entry.get(f"{kind}_dropped")]
     return " and ".join(counts) + " dropped"
+
+
+def _print_node_done(result, runs_dir: str) -> None:
+    """Another machine's end of a --nnodes run, said by its first rank: its ranks' outcome, and that rank 0's machine
+    keeps the run (its directory, journal and summary, printed there). Without it that machine's `trainbus run` ended
+    with nothing said."""
+    cluster, outcome = result.cluster, result.outcome
+    first, last = cluster["rank"], cluster["rank"] + cluster["local_world_size"] - 1
+    epochs, steps = outcome["epochs_completed"], outcome["steps"]
+    ranks = f"rank {first}" if first == last else f"ranks {first}-{last}"
+    print(f"run {result.run_id}: node {cluster['node_rank']}'s {ranks} trained {epochs} epoch{'s' * (epochs != 1)}, "
+          f"{steps} step{'s' * (steps != 1)} ({result.status}); rank 0's machine ({cluster['main_address']}) keeps "
+          f"the run, its journal and summary: {Path(runs_dir) / result.run_id} there", flush=True)
 
 
 def _print_summary(result) -> None:

@@ -361,7 +361,8 @@ def assert_same_epochs(run_dir: Path, reference_dir: Path) -> None:
 
 def test_two_agents_stand_in_for_two_machines(tmp_path):
     """--nnodes 2: two `trainbus run`s meet at one rendezvous endpoint, one process each; rank 0's node owns the
-    run (one directory, one journal), and both train it."""
+    run (one directory, one journal), and both train it. The other machine's `trainbus run` printed nothing at all
+    as it succeeded; it says in one line that its ranks finished, and where the run is kept."""
     endpoint = f"127.0.0.1:{free_port()}"
     command = ["run", PROBED, "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--epochs", "2", "--plugins",
                "metrics_log", "--nnodes", "2", "--rdzv-endpoint", endpoint]
@@ -383,6 +384,10 @@ def test_two_agents_stand_in_for_two_machines(tmp_path):
     [start] = [e for e in events if e.type == "start_training_session"]
     assert start.data["cluster"]["world_size"] == 2 and start.data["cluster"]["node_rank"] == 0
     assert "".join(outputs).count("completed after 2 epochs") == 1  # told once, by rank 0's node
+    [other] = [text for text in outputs if f"run {run_dir.name}: completed" not in text]
+    said = [line for line in other.splitlines() if line.startswith(f"run {run_dir.name}: ")]
+    assert len(said) == 1 and said[0].startswith(f"run {run_dir.name}: node 1's rank 1 trained 2 epochs, ") \
+        and " steps (completed); rank 0's machine (" in said[0] and said[0].endswith(f"{run_dir} there"), other
     rank0, rank1 = probes(run_dir)  # rank 1, on the other node, trained the same run in the same directory
     assert len(rank0) == 2 and rank0 == rank1
 
