@@ -338,6 +338,39 @@ def _tcp_attack(ctx, params: dict) -> dict:
             if disconnects < n_oversized:
                 oversized.send(os.urandom(OVERSIZED_BYTES))
 
+    def read_to_the_end(s: zmq.Socket, name: str) -> int:
+        """Return once the kernel has read every frame sent on `s`, then say bye (the answers read meanwhile,
+        counted). What is still queued when the attacker exits is lost, and the kernel reads a connection a few
+        messages at a time at a small share of its bus thread: beside busy cores a good part of the attack was still
+        queued as it ended, never counted. A connection's messages are read in order, so an answer to the last one
+        proves the rest were read; it must be one no hostile frame draws (a hostile hello draws `welcome`, a bye
+        `farewell`): a hello under a name of its own, then a snapshot, whose run_state names that name only once the
+        hello was read. A snapshot is dropped while the key's replay budget is short, and a reply while the
+        connection's queue is full: it is asked again."""
+        final = f"{name}-last-{os.getpid()}"  # no hostile frame says it
+        s.send(pack({"v": 1, "type": "hello", "name": final, "pid": os.getpid(), "subscriptions": [""],
+                     "replies": [], "delivery": "best_effort"}))
+        count, give_up, read = 0, time.monotonic() + 60, False  # a hang guard: on a busy box late, not never
+        while not read and time.monotonic() < give_up:
+            s.send(pack({"v": 1, "type": "snapshot"}))
+            ask_again = time.monotonic() + 1.0
+            while not read and s.poll(max(0.0, ask_again - time.monotonic()) * 1000):
+                answer = msgpack.unpackb(s.recv_multipart()[-1], raw=False)
+                count += 1
+                read = answer["type"] == "run_state" and any(p.startswith(final)
+                                                             for p in answer["state"].get("plugins", {}))
+        if not read:
+            raise SystemExit(f"{name}: the kernel had not read the attack's last frames 60 s after they were sent")
+        # every hostile frame was answered before that run_state: a farewell now is this bye's (waited for
+        # boundedly, as the reference client does: a bye still unread then is lost, and the name forgotten as silent)
+        s.send(pack({"v": 1, "type": "bye", "reason": "attack over"}))
+        give_up = time.monotonic() + 5
+        while s.poll(max(0.0, give_up - time.monotonic()) * 1000):
+            count += 1
+            if msgpack.unpackb(s.recv_multipart()[-1], raw=False)["type"] == "farewell":
+                break
+        return count
+
     oversized.send(os.urandom(OVERSIZED_BYTES))
     for n in range(frames - n_oversized):
         s, name = peers[n % 2]
@@ -354,6 +387,8 @@ def _tcp_attack(ctx, params: dict) -> dict:
     while disconnects < n_oversized and time.monotonic() < end:
         next_oversized(100)
     oversized.disable_monitor()
+    for s, name in peers:
+        received += read_to_the_end(s, name)
     watcher.join()
     for tcp, _ in raw:
         tcp.close()
@@ -719,9 +754,10 @@ def tcp_attack(tmp_path, kernels, keys, frames: int, connections: int) -> dict:
     assert report["raw_still_open"] == 0, figures
     assert report["raw_close_s_max"] <= HANDSHAKE_IVL_MS / 1000 + CLOSE_MARGIN_S, figures
     assert report["oversized_disconnects"] >= 1, figures
-    # every garbled message reached the kernel during the run and was dropped there (none slipped through)
+    # every garbled message reached the kernel during the run and was dropped there (none slipped through): the
+    # attacker left only once the kernel had read all it sent
     garbled = sum(report["by_kind"].get(k, 0) for k in ("bytes", "msgpack", "multipart", "bad_envelope"))
-    assert figures["kernel_malformed"] >= 0.9 * garbled, figures
+    assert figures["kernel_malformed"] >= garbled, figures
     assert not result["outcome"]["stopped_early"] and not result["outcome"]["stop_reasons"], result["outcome"]
     assert not of(events, "stop_requested")
     assert_same_weights(result["run_dir"], reference.run_dir)
