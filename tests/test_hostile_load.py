@@ -131,7 +131,13 @@ def _attack_main(mode: str, params: dict) -> dict:
                     break
             time.sleep(0.0005)
         end = time.time()
-        s.close(linger=2000)  # what our queue still holds goes out before we leave
+        # The kernel reads this socket at a small share of its time: what it has not read when we leave is lost.
+        # A connection is read in order and random bytes draw no answer (none is welcomed), so the welcome to a
+        # hello sent last says every message before it was read.
+        answer = hello(s, f"garbage-end-{os.getpid()}", "best_effort", [])
+        assert answer["type"] == "welcome", answer
+        s.send(pack("bye", reason="attack over"))
+        s.poll(5000)  # its farewell (as the reference client, a bounded wait: nothing counted hangs on it)
         out = {"sent": sent, "again": again, "multipart": multipart}
 
     elif mode == "stall":  # acceptance 6: stalled subscribers, and metric names of 1 MB and 200 KB
@@ -618,8 +624,9 @@ def garbage_flood(tmp_path, kernels, epochs: int, attack_s: float) -> dict:
                "rss_growth_mb": round((memory["rss_max"] - memory["rss_first"]) / 2**20, 1),
                "epochs": len(of(events, "end_epoch")), "seed": seed}
     print(f"\nHOSTILE garbage_flood: {json.dumps(figures)}")
-    # every message that got out reached the kernel and was dropped as malformed (none slipped through)
-    assert bus.get("malformed", 0) >= 0.95 * report["sent"], (bus, report)
+    # every message that got out reached the kernel and was dropped as malformed (none slipped through): the
+    # attacker left only once the kernel had read all it sent
+    assert bus.get("malformed", 0) >= report["sent"], (bus, report)
     assert max(gaps) <= 2 * HEARTBEAT_INTERVAL_S, f"heartbeat gaps {sorted(gaps)[-5:]}"
     return figures
 
