@@ -422,6 +422,13 @@ def main(argv: list[str]) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    try:
+        # `trainbus attach` (and `runs stop`) blocked Ctrl-C as they handed over to this process
+        # (kernel/cli_common.py _attach_client): one pressed during its start comes now, where it can be said
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    except KeyboardInterrupt:
+        print("trainbus: Ctrl-C before attaching; nothing was sent, and the run goes on", file=sys.stderr)
+        return 130
     signal.signal(signal.SIGTERM, _on_sigterm)
     _guard_stdout()
     parser = argparse.ArgumentParser(prog="trainbus attach", description=__doc__.splitlines()[0])

@@ -600,6 +600,28 @@ def test_ctrl_c_ends_an_attach_in_one_line_saying_the_run_goes_on(runs_dir, tmp_
     assert kernel.proc.poll() is None, "the run goes on"
 
 
+def test_ctrl_c_as_the_attach_client_starts_is_said_in_one_line(runs_dir, tmp_path, kernels):
+    """`trainbus attach` execs its client (plugins/dashboard.py): a Ctrl-C from the exec until the client's Python had
+    started and imported what it needs killed it without a word (exit -2), or with a traceback of an import. Sent as
+    soon as the exec is seen (/proc's cmdline), it is one line and exit 130, wherever in its start it lands."""
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=20, batch_s=0.05, monitors=False)
+    kernel.wait_step(3, timeout_s=60)
+    proc = subprocess.Popen(attach_cmd(kernel, "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_from_a_terminal)
+    try:
+        wait_until(lambda: b"trainbus.plugins.dashboard" in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 90,
+                   "attach's exec of its client", poll_s=0.0005)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err)
+    said = [line for line in err.splitlines() if "Ctrl-C" in line]
+    assert said in (["trainbus: Ctrl-C before attaching; nothing was sent, and the run goes on"],  # in its start
+                    ["trainbus: Ctrl-C: attach ended; leaving does not stop the run"]), err  # a busy box: later
+    assert kernel.proc.poll() is None, "the run goes on"
+
+
 def test_runs_stop_of_a_stopped_kernel_says_so_and_goes_in_once_it_runs_again(runs_dir, tmp_path, kernels):
     """A SIGSTOPped kernel answers nothing: `runs stop` waited in silence for as long as it stayed stopped. It says
     the kernel is stopped and how to let it run; after SIGCONT the stop goes in as any other."""
