@@ -587,11 +587,20 @@ def test_ctrl_c_ends_an_attach_in_one_line_saying_the_run_goes_on(runs_dir, tmp_
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=sigint_as_from_a_terminal)
     try:
-        # attached: the snapshot's line (--json), or the line that says the dashboard is drawn at the end
-        ready, _, _ = select.select([proc.stdout if mode else proc.stderr], [], [], 90)
-        assert ready and (proc.stdout if mode else proc.stderr).readline(), "attach said nothing in 90 s"
+        # the client runs: the snapshot's line (--json, on stdout: only the client writes there), or its line that
+        # says the dashboard is drawn at the end; not any line on stderr, which `trainbus` itself may say first (a
+        # warning): a Ctrl-C after it lands in `trainbus`'s start or its exec of the client
+        stream = proc.stdout if mode else proc.stderr
+        wanted = "" if mode else "trainbus attach: stdout is not a terminal"
+        said, deadline = "", time.monotonic() + 90
+        while not any(line.startswith(wanted) for line in said.splitlines(keepends=True) if line.endswith("\n")):
+            chunk = (os.read(stream.fileno(), 65536).decode()
+                     if select.select([stream], [], [], max(0.0, deadline - time.monotonic()))[0] else "")
+            assert chunk, f"the attach client said nothing in 90 s: {said!r}"
+            said += chunk
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
+        err = err if mode else said + err
     finally:
         proc.kill()
     said = [line for line in err.splitlines() if "Ctrl-C" in line]
