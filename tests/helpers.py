@@ -92,9 +92,15 @@ def assert_same_weights(run_dir: str | Path, reference_dir: str | Path) -> None:
     assert (got["epoch"], got["step"]) == (want["epoch"], want["step"])
 
 
+def fresh_seed() -> int:
+    """A seed for a test's random choices, printed in its failures: TRAINBUS_TEST_SEED=... replays it. Drawn from the
+    OS, not from `random`'s global state, which a training run in the same process seeds the same way every time."""
+    return int(os.environ.get("TRAINBUS_TEST_SEED", secrets.randbits(32)))
+
+
 def seeded_rng() -> tuple[random.Random, int]:
-    """Random choices, reproducible from the seed printed in every failure (TRAINBUS_TEST_SEED=... to replay)."""
-    seed = int(os.environ.get("TRAINBUS_TEST_SEED", secrets.randbits(32)))
+    """Random choices from fresh_seed(), reproducible from the seed printed in every failure."""
+    seed = fresh_seed()
     return random.Random(seed), seed
 
 

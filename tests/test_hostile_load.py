@@ -607,7 +607,7 @@ def test_replay_flood_30s(tmp_path, kernels, replay_baselines, delivery):
 def garbage_flood(tmp_path, kernels, epochs: int, attack_s: float) -> dict:
     kernel = KernelProcess(config(tmp_path, epochs), tmp_path)
     kernels.append(kernel)
-    seed = int(os.environ.get("TRAINBUS_TEST_SEED", random.randrange(2**32)))  # TRAINBUS_TEST_SEED=... replays it
+    seed = fresh_seed()
     attack = Attack("garbage", kernel, rate=20_000, duration_s=attack_s, max_size=64 * 1024, seed=seed)
     kernels.append(attack)  # killed at teardown too, if the test fails halfway
     memory = watch(kernel, attack)
@@ -704,7 +704,7 @@ def test_stalled_subscribers_and_huge_names_30s(tmp_path, kernels):
 # -- 7. the TCP endpoint: hostile frames from authorized keys, raw connections ---------------------
 
 from fixture_targets import open_gate  # noqa: E402
-from helpers import assert_same_weights, run_config  # noqa: E402
+from helpers import assert_same_weights, fresh_seed, run_config  # noqa: E402
 from kernel_process import wait_until  # noqa: E402
 from remote_support import PACED, STEPS_PER_EPOCH, connection, keys  # noqa: E402, F401 (keys: a fixture)
 from trainbus.kernel.session import run_training  # noqa: E402
@@ -737,7 +737,7 @@ def tcp_attack(tmp_path, kernels, keys, frames: int, connections: int) -> dict:
     conn = connection(kernel)
     kernel.wait_step(1, timeout_s=60)
     fds_before = open_fds(kernel.pid)  # the listener is up and training runs
-    seed = int(os.environ.get("TRAINBUS_TEST_SEED", random.randrange(2**32)))  # TRAINBUS_TEST_SEED=... replays it
+    seed = fresh_seed()
     attack = Attack("tcp", kernel, control=conn["control"], events=conn["events"], server_key=conn["server_key"],
                     monitor_key=str(keys["watcher"]), control_key=str(keys["pilot"]), frames=frames,
                     connections=connections, seed=seed, close_give_up_s=HANDSHAKE_IVL_MS / 1000 + 30)
