@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 TIMED = "fixture_targets:digits_for_seconds"  # each epoch trains for epoch_s of wall time, whatever the machine
-HEARTBEAT_INTERVAL_S = 1.0  # kernel/supervisor.py; the journal's heartbeats after start_training_session
+HEARTBEAT_INTERVAL_S = 1.0  # kernel/liveness.py; the journal's heartbeats after start_training_session
 LOST = ("plugin_hung", "plugin_crashed", "plugin_exited", "plugin_failed", "plugin_restarted")
 
 

@@ -1,7 +1,7 @@
 """Resilience with real processes and real signals: plugins killed, stopped, crashing, slow or poisoned;
 the kernel killed; Ctrl-C. Nothing is mocked; timings are read from the run's journal.
 
-Numbers the assertions rest on (kernel/supervisor.py): heartbeats every 1 s, a peer silent for 3 of
+Numbers the assertions rest on (kernel/liveness.py, kernel/supervisor.py): heartbeats every 1 s, a peer silent for 3 of
 them is hung, restarts back off 0.25 s doubling, a plugin failing 6 times within 60 s is failed.
 """
 
