@@ -238,7 +238,7 @@ class Dispatcher:
         saved, and acked by every durable plugin that may still return (connected, or spawned and restarting). 0
         (nothing) while a spawned plugin has not said hello (it may be durable and replay from seq 1), and in a run
         no persister saved a checkpoint of: without one, every event stays."""
-        if not self.newest_checkpoint_seq or self.peers.starting():
+        if not self.newest_checkpoint_seq or self.peers.unannounced():
             return 0
         return min(self.newest_checkpoint_seq - 1, self.peers.durable_floor(now))
 

@@ -54,6 +54,8 @@ class Supervision(Protocol):
     def is_current(self, name: str, pid: int) -> bool: ...
     def coming_back(self, name: str) -> bool: ...
     def seen(self, name: str, pid: int, now: float) -> None: ...
+    def starting(self) -> list[str]: ...
+    def unannounced(self) -> list[str]: ...
 
 
 @dataclass
@@ -284,8 +286,12 @@ class Peers:
         return peer.identity in self._by_identity and self.is_live(peer, now)
 
     def starting(self) -> list[str]:
-        """Spawned plugins that have not said hello yet: what they can do (persist checkpoints) is not known."""
+        """Spawned plugins that have not said hello yet and may persist checkpoints (Supervisor.starting)."""
         return self.supervisor.starting()
+
+    def unannounced(self) -> list[str]:
+        """Spawned plugins that have not said hello yet: whether durable, and from where they replay, is not known."""
+        return self.supervisor.unannounced()
 
     def forget_dead(self, now: float) -> list[Peer]:
         """Drop connections that are gone; their names keep their ack positions. Returns the peers attached by hand

@@ -73,6 +73,11 @@ class PluginSpec:
     console: bool = False  # draws on the kernel's terminal instead of logging to the run dir
     cwd: str = ""  # where its process starts ("": the kernel's working directory; config.PluginConfig.cwd)
 
+    def may_persist(self) -> bool:
+        """Whether it may declare the checkpoint capability in its hello: trainbus's built-ins other than its
+        checkpoint plugin never do; a class or program of the user's may."""
+        return not self.target.startswith(BUILTIN_PLUGINS) or self.target == BUILTIN_PERSISTER
+
 
 @dataclass
 class Child:
@@ -188,13 +193,17 @@ class Supervisor:
         child = self.children.get(name)
         return child is not None and child.state not in ("exited", "failed", "detaching")
 
-    def starting(self) -> list[str]:
-        """Plugins of the run that never said hello yet, and still may (starting, or restarting before their first),
-        and may turn out to persist checkpoints: trainbus's built-ins other than its checkpoint plugin persist
-        nothing, so a run without one is not told of a checkpoint plugin while its console starts slowly."""
+    def unannounced(self) -> list[str]:
+        """Plugins of the run that never said hello yet, and still may (starting, or restarting before their first):
+        what they can do, and where a durable one replays from, is not known."""
         return [name for name, child in list(self.children.items())
-                if not child.greeted and child.state not in ("exited", "failed", "detaching")
-                and (not child.spec.target.startswith(BUILTIN_PLUGINS) or child.spec.target == BUILTIN_PERSISTER)]
+                if not child.greeted and child.state not in ("exited", "failed", "detaching")]
+
+    def starting(self) -> list[str]:
+        """The unannounced plugins that may turn out to persist checkpoints: trainbus's built-ins other than its
+        checkpoint plugin persist nothing, so a run without one is not told of a checkpoint plugin while its console
+        starts slowly."""
+        return [name for name in self.unannounced() if self.children[name].spec.may_persist()]
 
     def attached(self, name: str) -> Child | None:
         """The plugin of that name while it is the run's: starting, running, restarting or stopping."""

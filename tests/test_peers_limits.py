@@ -245,6 +245,9 @@ class FakeSupervision:
     def starting(self) -> list[str]:
         return list(self.still_starting)
 
+    def unannounced(self) -> list[str]:
+        return list(self.still_starting)
+
     def spawned(self, name: str) -> bool:
         return name in self.current
 

@@ -6,18 +6,24 @@ CPU time) is a fake (FakeProcesses), and `now` is whatever the test says. No sle
 
 from __future__ import annotations
 
+import collections
 import signal
+from types import SimpleNamespace
 
 import pytest
 
 from trainbus.kernel import supervisor
 from trainbus.kernel.config import registered_plugins
+from trainbus.kernel.control import Dispatcher
+from trainbus.kernel.credentials import Credentials
+from trainbus.kernel.limits import PeerLimits
 from trainbus.kernel.liveness import (HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, STARVED_CPU_S, STARVED_MAX_S,
                                       STARVED_SAMPLE_S, STARVED_WAIT_FRACTION)
 from trainbus.kernel.supervisor import (HEALTHY_RESET_S, INTERVAL_INIT_S, INTERVAL_MAX_S, MAX_RESTARTS,
                                         RESTART_WINDOW_S, STARTUP_CPU_S, STARTUP_TIMEOUT_S, TERM_GRACE_S,
                                         DETACH_GRACE_S, EXIT_TERM_GRACE_S, BUILTIN_PERSISTER, BUILTIN_PLUGINS,
                                         PluginSpec, Supervisor)
+from trainbus.kernel.peers import Peers
 from trainbus.proto import events as ev
 from trainbus.proto.process import TRAINING_ENV
 
@@ -440,3 +446,17 @@ def test_at_the_runs_end_a_starved_plugin_is_waited_for_a_hung_one_is_not(tmp_pa
     assert asleep.events[-1][0] == ev.PLUGIN_CRASHED and asleep.events[-1][1]["hung"] is True
     assert asleep.child.crashes == ["still running 5 s after the run's end (signal SIGKILL)"]
     assert T0 + 5 + EXIT_TERM_GRACE_S <= asleep.now < T0 + 5 + EXIT_TERM_GRACE_S + 0.1
+
+
+def test_the_journal_compacts_nothing_while_a_durable_built_in_has_not_said_hello(tmp_path):
+    """PROTOCOL.md §13: nothing is compacted while a spawned plugin has not said hello yet; a durable one replays from
+    its name's last ack (seq 1 for a first process). The bound asked the checkpoint's list of plugins still starting,
+    which leaves out the built-ins that persist nothing: metrics_log, durable, still starting, did not hold it."""
+    specs = [PluginSpec("metrics_log", "trainbus.plugins.metrics_log:MetricsLogPlugin")]
+    sup = Supervisor(specs, {}, tmp_path, lambda type_, data: None, processes=FakeProcesses(), clock=lambda: T0)
+    sup.start_all(now=T0)
+    peers = Peers(Credentials(), sup, PeerLimits(), LIVENESS_S)
+    dispatcher = Dispatcher(SimpleNamespace(counters=collections.Counter()), sup, peers)
+    dispatcher.newest_checkpoint_seq = 500  # a persister (attached by hand, gone since) saved one
+    assert sup.starting() == []  # no persister among them: no checkpoint waits on it
+    assert dispatcher.compactable_through(T0) == 0
