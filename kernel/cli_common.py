@@ -165,6 +165,7 @@ def _check_plugin_settings(plugins, deliveries: dict[str, str] | None = None) ->
             os.environ[WARNINGS_SAID_ENV] = "\n".join(name for name in [*said, p.name] if name)
         given = set(p.settings)
         p.settings.update(info["values"])
+        p.capabilities = info["capabilities"]  # whether the kernel waits for it as a persister while it starts
         if deliveries is not None:
             deliveries[p.name] = info["delivery"]
         for key, s in info["settings"].items():

@@ -70,6 +70,9 @@ class PluginConfig:
     # Where its process starts: "" the kernel's working directory; in a continued run, the one its first session was
     # started in, where a relative program or file of its command (`./monitor-bin`, `python raw_example.py`) is
     cwd: str = ""
+    # The capabilities its class declares, as `trainbus run` describes it before the run (None: not described, as a
+    # command's); not recorded in config.json: the installed code says, each time it is described
+    capabilities: list[str] | None = None
 
 
 @dataclass
@@ -127,6 +130,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         recorded = asdict(self)
         del recorded["plugins_off"]
+        for plugin in recorded["plugins"]:
+            del plugin["capabilities"]
         return recorded
 
 

@@ -72,10 +72,16 @@ class PluginSpec:
     command: list[str] = field(default_factory=list)  # instead of target: any program speaking the protocol
     console: bool = False  # draws on the kernel's terminal instead of logging to the run dir
     cwd: str = ""  # where its process starts ("": the kernel's working directory; config.PluginConfig.cwd)
+    # What its class declares (config.PluginConfig.capabilities); None: not known before its hello
+    capabilities: tuple[str, ...] | None = None
 
     def may_persist(self) -> bool:
-        """Whether it may declare the checkpoint capability in its hello: trainbus's built-ins other than its
-        checkpoint plugin never do; a class or program of the user's may."""
+        """Whether its hello may declare the checkpoint capability: as its class declares, where `trainbus run`
+        described it; else trainbus's built-ins other than its checkpoint plugin never do, and a program, or a class
+        started without that description (run_training called from Python, a plugin attached to a live run), may.
+        Only a guess, for what is said while it starts: its hello is what makes it a persister."""
+        if self.capabilities is not None:
+            return "checkpoint" in self.capabilities
         return not self.target.startswith(BUILTIN_PLUGINS) or self.target == BUILTIN_PERSISTER
 
 

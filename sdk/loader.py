@@ -99,5 +99,6 @@ def describe(target: str) -> dict[str, Any]:
         "delivery": cls.delivery,
         "settings": describe_settings(cls.settings),  # name -> type, default, constraint, help, kind
         "events": cls.handled_events(),
+        "capabilities": list(cls.capabilities),  # "checkpoint": the kernel waits for its hello to take snapshots
         "warnings": cls.warnings(),
     }

@@ -250,6 +250,12 @@ class HeldBeforeHello(Plugin):
             time.sleep(0.05)
 
 
+class PersisterHeldBeforeHello(HeldBeforeHello):
+    """HeldBeforeHello, declaring the checkpoint capability: a persister still starting."""
+
+    capabilities = ("checkpoint",)
+
+
 class StuckInHandler(Plugin):
     """Its end_epoch handler sleeps far past its handler_timeout_s, without saying still_working()."""
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import TESTS_DIR, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import PLUGIN_START_S, run_config
-from kernel_process import KernelProcess, of, wait_until
+from kernel_process import KernelProcess, cli, of, wait_until
 from trainbus.kernel.config import PluginConfig
 from trainbus.kernel.journal import read_events
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST, read_manifest
@@ -126,3 +126,22 @@ def test_a_plugin_started_by_hand_on_a_run_dir_that_is_a_loop_of_symbolic_links_
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith(
         f"error: {tmp_path / 'a'} is a loop of symbolic links"), done.stderr
 
+
+
+@pytest.mark.parametrize("target, skipped", [("fixture_plugins:HeldBeforeHello", False),
+                                             ("fixture_plugins:PersisterHeldBeforeHello", True)])
+def test_a_plugin_still_starting_holds_checkpoints_only_if_its_class_declares_it_persists(tmp_path, target, skipped):
+    """A run with no checkpoint plugin had each checkpoint due skipped, "no checkpoint plugin has said hello yet
+    (plugins still starting: held)", while a plugin of the user's was still importing: until its hello the kernel did
+    not know what it could do. `trainbus run` describes the class before the run: one that declares no checkpoint
+    capability holds nothing, and the run is as one without a persister; one that does is waited for, and said."""
+    config = tmp_path / "run.toml"
+    config.write_text(f'[run]\nepochs = 1\nready_timeout_s = 0\n\n[plugins.held]\ntarget = "{target}"\n'
+                      f'settings = {{ gate = "{tmp_path / "never"}" }}\n')
+    done = cli("run", "--config", str(config), "--runs-dir", str(tmp_path / "runs"), timeout=STARTUP_S)
+    assert done.returncode == 0, done.stderr
+    [run_dir] = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    events = read_events(run_dir)
+    assert of(events, "plugin_started") and of(events, "plugin_ready") == []  # held before its hello the whole run
+    reasons = [e.data["reason"] for e in of(events, "checkpoint_skipped")]
+    assert reasons == (["no checkpoint plugin has said hello yet (plugins still starting: held)"] if skipped else [])

@@ -12,7 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from test_peers_limits import hello
 from trainbus.kernel import supervisor
+from trainbus.kernel.checkpointing import Checkpointer
 from trainbus.kernel.config import registered_plugins
 from trainbus.kernel.control import Dispatcher
 from trainbus.kernel.credentials import Credentials
@@ -460,3 +462,28 @@ def test_the_journal_compacts_nothing_while_a_durable_built_in_has_not_said_hell
     dispatcher.newest_checkpoint_seq = 500  # a persister (attached by hand, gone since) saved one
     assert sup.starting() == []  # no persister among them: no checkpoint waits on it
     assert dispatcher.compactable_through(T0) == 0
+
+
+def test_a_class_described_as_no_persister_is_not_waited_for_yet_its_hello_still_makes_it_one(tmp_path):
+    """`trainbus run` describes each class before the run (PluginSpec.capabilities): while it starts, only one that
+    declares "checkpoint", or one not described (a program), holds a checkpoint due. The description is a guess for
+    what is said meanwhile; the hello is what grants: a class that declares it only there is a persister all the
+    same."""
+    specs = [PluginSpec("mine", "my_plugins:Logger", capabilities=()),
+             PluginSpec("saver", "my_plugins:Saver", capabilities=("checkpoint",)),
+             PluginSpec("program", "", command=["./saver"]),
+             PluginSpec("checkpoint", BUILTIN_PERSISTER, capabilities=("checkpoint",)),
+             PluginSpec("console", "trainbus.plugins.console:ConsolePlugin", capabilities=())]
+    credentials = Credentials()
+    sup = Supervisor(specs, {}, tmp_path, lambda type_, data: None, processes=FakeProcesses(), clock=lambda: T0,
+                     token_for=credentials.token_for)
+    sup.start_all(now=T0)
+    assert sup.starting() == ["saver", "program", "checkpoint"]
+    assert sup.unannounced() == ["mine", "saver", "program", "checkpoint", "console"]  # compaction waits for all
+    peers = Peers(credentials, sup, PeerLimits(), LIVENESS_S)
+    checkpointer = Checkpointer(None, peers, 1, 0, [tmp_path / "checkpoints"])  # its buffers: not used
+    assert not checkpointer.has_persister()
+    pid = sup.children["mine"].proc.pid
+    peers.welcome(b"mine", hello("mine", pid, credentials.token_for("mine"), capabilities=["checkpoint"]), T0 + 1)
+    sup.seen("mine", pid, T0 + 1)
+    assert checkpointer.has_persister() and checkpointer.due_at_epoch(1)
