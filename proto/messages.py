@@ -78,6 +78,8 @@ class Default:
 # Control messages: plugin -> kernel on the DEALER/ROUTER socket, and kernel -> plugin replies to it.
 # Each entry is field -> type (required) or Default (optional). `int` never admits bool; `float` admits int.
 _STR_LIST = list[str]
+# What a hello's `capabilities` may declare that a kernel acts on: "checkpoint" persists save_checkpoint snapshots.
+CAPABILITIES = ("checkpoint",)
 CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
     # plugin -> kernel
     "hello": {
@@ -87,7 +89,7 @@ CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
         "replies": _STR_LIST,  # reply types it may send (stop, metric, log, checkpoint_now)
         "delivery": str,  # one of DELIVERY_CLASSES
         "votes": Default(_STR_LIST, ()),  # event types whose stop vote the kernel awaits (bounded)
-        "capabilities": Default(_STR_LIST, ()),  # e.g. "checkpoint": persists save_checkpoint snapshots
+        "capabilities": Default(_STR_LIST, ()),  # of CAPABILITIES; others are welcomed and mean nothing
         # Proof of who the peer is: TRAINBUS_SECRET for a spawned plugin, the run's credential file for one
         # attached by hand. A remote peer proves itself with its CURVE key instead and may leave it empty.
         "secret": Default(str, ""),

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from trainbus.proto import BEST_EFFORT, DELIVERY_CLASSES, Event, ProtocolError, control, events as ev
 from trainbus.proto.codec import fit_control
+from trainbus.proto.messages import CAPABILITIES
 from trainbus.proto.text import near_miss
 
 from .settings import HOST_PATH, Setting, SettingsError, check_value, declared
@@ -48,6 +49,22 @@ class EventData(dict):
 
     def __reduce__(self):  # pickled (a thread pool, a multiprocessing queue) as the plain dict it holds
         return dict, (dict(self),)
+
+
+def _check_capabilities(cls: type) -> None:
+    """A string where a tuple goes declared each letter; a near miss of a capability declared nothing the kernel acts
+    on: either way the plugin was silently never a persister."""
+    given = cls.capabilities
+    if isinstance(given, str) or not isinstance(given, (tuple, list)) \
+            or not all(isinstance(c, str) for c in given):
+        fix = f"capabilities = ({given!r},)" if isinstance(given, str) else "capabilities = ('checkpoint',)"
+        raise SettingsError(f"{cls.__name__}.capabilities = {given!r} is not allowed; it must be a tuple of "
+                            f"capabilities: {fix}")
+    for name in given:
+        if name not in CAPABILITIES:
+            known = ", ".join(CAPABILITIES)
+            raise SettingsError(f"{cls.__name__}.capabilities = {given!r} is not allowed: {name!r} is no "
+                                f"capability{near_miss(name, CAPABILITIES)}; the kernel knows: {known}")
 
 
 class Plugin:
@@ -100,9 +117,9 @@ class Plugin:
     catch_up: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A delivery, votes or subscriptions declared wrong fails the class, at its line, as a Setting declared wrong
-        does: the plugin crashed at every start (delivery, a subscriptions list), or voted at each letter of a
-        string, waited for nowhere (votes)."""
+        """A delivery, votes, capabilities or subscriptions declared wrong fails the class, at its line, as a Setting
+        declared wrong does: the plugin crashed at every start (delivery, a subscriptions list), voted at each letter
+        of a string, waited for nowhere (votes), or was never the persister it meant to be (capabilities)."""
         super().__init_subclass__(**kwargs)
         if cls.delivery not in DELIVERY_CLASSES:
             raise SettingsError(f"{cls.__name__}.delivery = {cls.delivery!r} is not allowed; it must be DURABLE or "
@@ -114,6 +131,7 @@ class Plugin:
                 else "votes = ('end_epoch',), or () for none"
             raise SettingsError(f"{cls.__name__}.votes = {cls.votes!r} is not allowed; it must be a tuple of event "
                                 f"types: {fix}")
+        _check_capabilities(cls)
         if not callable(cls.subscriptions):  # a list where the SDK calls a method: every start failed in our frames
             listed = cls.subscriptions if isinstance(cls.subscriptions, (list, tuple)) else ["end_epoch"]
             first = next((t for t in listed if isinstance(t, str) and t), "end_epoch")

@@ -539,6 +539,15 @@ BAD_DECLARATIONS = {
     # decided there landed epochs late, or never; said only in kernel.log
     "votes": ('    votes = ("end_epoch")\n',
               "Declared.votes = 'end_epoch' is not allowed; it must be a tuple of event types: votes = ('end_epoch',)"),
+    # a string, not a tuple: the hello declared 'c', 'h', 'e', ..., so the plugin was never a persister, the
+    # kernel took no snapshot for it, and nothing said why
+    "capabilities": ('    capabilities = ("checkpoint")\n',
+                     "Declared.capabilities = 'checkpoint' is not allowed; it must be a tuple of capabilities: "
+                     "capabilities = ('checkpoint',)"),
+    # a near miss: never a persister either
+    "a capability misspelled": ('    capabilities = ("checkpoints",)\n',
+                                "Declared.capabilities = ('checkpoints',) is not allowed: 'checkpoints' is no "
+                                "capability (did you mean 'checkpoint'?); the kernel knows: checkpoint"),
     # a list where the SDK has a method: every start crashed in checked_subscriptions with "TypeError: 'list' object
     # is not callable (at plugin.py:285 ...)", in the SDK's frames, restarted until given up
     "subscriptions": ('    subscriptions = ["end_epoch"]\n',
@@ -549,7 +558,7 @@ BAD_DECLARATIONS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DECLARATIONS))
-def test_a_plugin_class_declaring_delivery_votes_or_subscriptions_wrong_is_refused_before_the_run_with_its_line(
+def test_a_plugin_class_declaring_delivery_votes_capabilities_or_subscriptions_wrong_is_refused_before_the_run(
         case, tmp_path):
     declaration, expected = BAD_DECLARATIONS[case]
     (tmp_path / "declared.py").write_text("from trainbus.sdk import Plugin\n\n\nclass Declared(Plugin):\n"
