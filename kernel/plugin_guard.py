@@ -24,7 +24,7 @@ import sys
 import time
 
 # Longer than the SDK's own way out of an orphaned plugin (Plugin.on_kernel_gone, bounded at 10 s, and
-# sdk/runner.py ORPHAN_EXIT_S, 10 s after it saw the kernel gone): the guard never cuts that short.
+# sdk/plugin_exit.py ORPHAN_EXIT_S, 10 s after it saw the kernel gone): the guard never cuts that short.
 ORPHAN_TERM_AFTER_S = 15.0
 ORPHAN_KILL_AFTER_S = 3.0  # SIGTERM -> SIGKILL, as at a run's end (kernel/supervisor.py EXIT_TERM_GRACE_S)
 PARENT_CHECK_S = 0.2  # how often the guard looks whether its parent is still the kernel

@@ -34,7 +34,7 @@ from trainbus.proto.run_state import CLIENT_PREFIX, RunState
 from .plugin_io import UNKNOWN_PEER, PluginIO
 from .kernel_watch import connection_run_dir, kernel_alive, kernel_died, remote_endpoints, run_summary
 from .entry import CREDENTIAL_FILE
-from .runner import REPLAY_RESEND_S, in_order, skip_lost
+from .replay import REPLAY_RESEND_S, in_order, skip_lost
 
 RECONNECT_FIRST_S = 0.5  # backoff after the kernel went silent: 0.5, 1, 2, 4, 8, 8 ... (zguide's ppworker)
 RECONNECT_MAX_S = 8.0

@@ -21,7 +21,8 @@ from trainbus.proto.settings_format import METRIC_FIELDS, metrics_named
 from .kernel_watch import connection_run_dir, kernel_died, remote_endpoints, run_summary
 from .loader import where_raised
 from .plugin import Plugin, _snake, check_constructed, named_settings
-from .runner import Runner, _terminate, exit_without_threads
+from .plugin_exit import end_own_group, exit_without_threads, terminate
+from .runner import Runner
 from .settings import SettingsError, declared
 from .tracebacks import user_traceback
 
@@ -91,7 +92,7 @@ def run(plugin_cls: type[Plugin], settings: dict[str, Any] | None = None, connec
     _take_signals(runner, kernel_pid)
     threading.excepthook = runner.report_thread_failure
     code = runner.run()
-    runner.end_own_group()
+    end_own_group(runner)
     _say_unreached(runner, env["TRAINBUS_CONTROL"], connect)
     if runner.threads_left:
         exit_without_threads(code)
@@ -170,11 +171,11 @@ def _check_run_is_live(connect: str, env: Mapping[str, str]) -> None:
 
 def _take_signals(runner: Runner, kernel_pid: int | None) -> None:
     # SIGTERM (supervisor, or a hang): finish the current handler (at most FINISH_ON_TERM_S), tear down, ack, exit.
-    signal.signal(signal.SIGTERM, lambda *_: _terminate(runner))
+    signal.signal(signal.SIGTERM, lambda *_: terminate(runner))
     if kernel_pid is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the kernel; it tells us when to stop
     else:  # by hand, the terminal's Ctrl-C is how its user stops it: as SIGTERM does (teardown, acks), not ignored
-        signal.signal(signal.SIGINT, lambda *_: _terminate(runner, "interrupted (Ctrl-C)"))
+        signal.signal(signal.SIGINT, lambda *_: terminate(runner, "interrupted (Ctrl-C)"))
     # A plugin is a background process group in the kernel's session: on a terminal with `stty tostop`
     # the console's writes would stop it (SIGTTOU), and a stopped plugin is declared hung and killed.
     # Ignored, the write goes through, as it would for the kernel.

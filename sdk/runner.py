@@ -3,14 +3,13 @@
 Two threads. The I/O thread (plugin_io.py) owns both sockets: it reads events and control replies into the
 inbox, sends what the main thread queued, heartbeats, and watches the kernel. The main thread runs the
 handlers in seq order. Heartbeats stop when a handler runs past `handler_timeout_s`, so a plugin
-that is truly stuck is declared hung by the kernel, while a slow one is not.
+that is truly stuck is declared hung by the kernel, while a slow one is not. How the process ends (a SIGTERM, a
+kernel gone) is plugin_exit.py's; which events of a replay batch are taken, replay.py's.
 """
 
 from __future__ import annotations
 
-import atexit
 import collections
-import gc
 import json
 import os
 import signal
@@ -27,7 +26,9 @@ from trainbus.proto.process import class_warning_level
 
 from .kernel_watch import kernel_alive, run_summary
 from .plugin import KernelGoneInfo, Plugin, checked_subscriptions
-from .plugin_io import FINAL_EVENTS, KERNEL_EXITED, MAX_POLL_S, REMOTE_SILENCE_S, PluginIO, _say
+from .plugin_exit import FINISH_ON_TERM_S, LEFTOVER_THREAD_S, CutShort, leave_if_orphaned, threads_left
+from .plugin_io import FINAL_EVENTS, MAX_POLL_S, REMOTE_SILENCE_S, PluginIO, _say
+from .replay import REPLAY_RESEND_S, in_order, skip_lost
 from .tracebacks import user_traceback
 
 MAX_HANDLER_ATTEMPTS = 3  # a poison event is tried this often, then dead-lettered
@@ -35,24 +36,6 @@ MAX_REPORTED_TRACEBACKS = 20  # after this many, failures are counted, not each 
 # What a durable plugin is always sent: every type but the per-batch ones (PROTOCOL.md §12). A type a newer kernel
 # adds is not among them: its events look like a gap, and a replay brings them.
 NOT_PER_BATCH = frozenset(ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS) - ev.BATCH_EVENTS
-# PR_SET_PDEATHSIG fires as the parent *thread* dies: on a kill -9 the kernel's threads die one by one, and the
-# SIGTERM often comes before we are re-parented away from the kernel. Watched, that took under a millisecond;
-# this long tells it from the SIGTERM of a kernel that lives on (its shutdown, a hang).
-KERNEL_EXIT_GRACE_S = 0.25
-# A SIGTERM while the plugin's own code runs (a handler, setup) lets it finish for this long after the signal, then cuts
-# it short and tears down: well under the kernel's SIGKILL, 3 s after its SIGTERM at the run's end
-# (kernel/supervisor.py EXIT_TERM_GRACE_S), with time left for teardown on a busy box.
-FINISH_ON_TERM_S = 0.5
-# The kernel gone (kill -9) while the plugin's code holds the main thread where no signal reaches it (SIGTERM ignored,
-# a blocking C call): past this, the process exits without its teardown rather than live on, an orphan no one ends.
-ORPHAN_EXIT_S = 10.0
-# A replay asked for and not answered in this long is asked for again: its answer was lost on the way (a connection
-# dropped with it in flight, or the kernel could not route it). The kernel answers within a round of its bus thread
-# (a closed segment's batch in ~50 ms, docs/benchmarks.md); a request repeated replaces the one it holds.
-REPLAY_RESEND_S = 5.0
-# After teardown, how long a thread of the plugin's that is no daemon gets to end before it is said, and the process
-# (whose Python exit would wait for it for good) ends without it: well inside the kernel's 5 s exit timeout.
-LEFTOVER_THREAD_S = 1.0
 
 
 class NotRetryable(Exception):
@@ -144,7 +127,7 @@ class Runner:
 
     def _run(self) -> int:
         self.io.start()
-        threading.Thread(target=self._leave_if_orphaned, name="trainbus-orphan-watch", daemon=True).start()
+        threading.Thread(target=leave_if_orphaned, args=(self,), name="trainbus-orphan-watch", daemon=True).start()
         welcome, early = self._wait_welcome()
         if welcome is None:
             # refused, or stopped by SIGTERM while waiting (exit 0, as after the welcome): not an unreachable kernel
@@ -199,37 +182,6 @@ class Runner:
                 self._request_replay()
             self._maybe_ack()
         return self._finish(None)
-
-    def _leave_if_orphaned(self) -> None:
-        """Once the I/O thread ended for a lost kernel, the main thread has ORPHAN_EXIT_S to reach _finish (a handler
-        the kernel's death SIGTERM cuts short does); one the plugin's code still holds then never will: exit."""
-        self.io.join()
-        if not self.io.lost_kernel:
-            return
-        deadline = time.monotonic() + ORPHAN_EXIT_S
-        while not self._ended and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if self._ended:
-            return
-        event = self.io.busy_with
-        what = f"the handler for {event.type} (seq {event.seq})" if event is not None else "the plugin's code"
-        _say(f"[{self.plugin.name}] the kernel is gone and {what} has not returned {ORPHAN_EXIT_S:g} s later "
-             f"(SIGTERM ignored, or blocked where no signal reaches it); exiting without teardown")
-        self.end_own_group()
-        os._exit(0)
-
-    def end_own_group(self) -> None:
-        """A spawned plugin whose kernel is gone: what it started in its process group (a worker, a helper program)
-        is sent SIGTERM, as the kernel's supervisor would have; none is left to do it. By hand, the group may be a
-        shell's: left alone."""
-        if not (self.spawned and self.io.lost_kernel and os.getpgrp() == os.getpid()):
-            return
-        if threading.current_thread() is threading.main_thread():  # (else the main thread is stuck: os._exit next)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's signal is not for us: we are leaving already
-        try:
-            os.killpg(0, signal.SIGTERM)
-        except OSError:
-            pass
 
     def _done(self) -> bool:
         """The run's final event is handled, and the plugin expects nothing published after it."""
@@ -451,7 +403,7 @@ class Runner:
                 self._report_outside_handlers("teardown", exc)
             self._send_replies()  # a last log line or metric of teardown's goes with the last ack
         if self.threads_before is not None:
-            self.threads_left = _threads_left(LEFTOVER_THREAD_S, self.threads_before)
+            self.threads_left = threads_left(LEFTOVER_THREAD_S, self.threads_before)
         if self.threads_left:  # said while the kernel still listens; run() then exits without waiting for them
             names = ", ".join(repr(name) for name in self.threads_left)
             said = (f"thread {names} still runs after teardown() and is no daemon, so Python's exit would wait for it "
@@ -559,97 +511,9 @@ class Runner:
         _say(f"[{self.plugin.name}] {what} failed:\n{error}")
 
 
-def _threads_left(grace_s: float, before: frozenset[threading.Thread]) -> list[str]:
-    """The names of the threads started since `before`, not daemons, still running after `grace_s` (joined meanwhile),
-    which Python's exit would wait for. Not a thread pool's workers: Python's exit ends them, after their work."""
-    deadline = time.monotonic() + grace_s
-    left = []
-    for thread in threading.enumerate():
-        if thread in before or thread.daemon or _pool_worker(thread):
-            continue
-        thread.join(max(0.0, deadline - time.monotonic()))
-        if thread.is_alive():
-            left.append(thread.name)
-    return left
-
-
-def _pool_worker(thread: threading.Thread) -> bool:
-    target = getattr(thread, "_target", None)
-    return getattr(target, "__module__", "") == "concurrent.futures.thread"
-
-
-def exit_without_threads(code: int) -> None:
-    """End the process as Python's exit would, less the wait for threads that are no daemons (the plugin's, said in
-    _finish): the exit handlers run, a thread pool's work is done (its own exit handler), the streams are flushed."""
-    for hook in list(getattr(threading, "_threading_atexits", [])):  # a thread pool's: its queued work first
-        hook()
-    gc.collect()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
 def refused_hello(name: str, reason: str) -> str:
     """The kernel's refusal of our hello in one line, with the fix when it is the name (one the run's config gives a
     plugin, or a live peer's)."""
     why = reason.removeprefix(f"hello as {name!r} refused: ")  # the kernel's own words start so (kernel/peers.py)
     fix = "; pick another name with --name NAME" if "name" in why else ""
     return f"the kernel refused the hello as {name!r}: {why}{fix}"
-
-
-def skip_lost(batch: dict[str, Any], next_seq: int, who: str) -> int:
-    """The seq to go on from after a replay batch: the batch's first when it begins after next_seq, which the
-    kernel does only for events its journal lost (a segment deleted or garbled: PROTOCOL.md §12), said once, or
-    compacted away (the batch says `compacted`: §13), said not at all."""
-    events = batch["events"]
-    if events and events[0].seq > next_seq:
-        if not batch.get("compacted"):
-            _say(f"{who} events {next_seq}-{events[0].seq - 1} are lost from the run's journal: going on without "
-                 f"them")
-        return events[0].seq
-    return next_seq
-
-
-def in_order(batch: dict[str, Any], event: Event, next_seq: int) -> bool:
-    """Whether a replayed event is the next to take: the one at next_seq, or, in a compacted batch (whose seqs jump
-    over what compaction dropped), any after it."""
-    return event.seq == next_seq or (event.seq > next_seq and bool(batch.get("compacted")))
-
-
-def _terminate(runner: Runner, why: str = "terminated (SIGTERM)") -> None:
-    # PR_SET_PDEATHSIG follows the parent *thread*: a plugin restarted from the kernel's bus thread is
-    # re-parented to another kernel thread as each one dies, and signalled again every time (3 SIGTERMs
-    # seen from one kill -9). Handle the first; the rest would run teardown again from inside it.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would run teardown again from inside the first
-    arrived = time.monotonic()
-    if runner._ended:  # already finishing (the I/O thread saw the kernel go first): let that run to its end
-        return
-    io = runner.io
-    if io.gone is None and io.kernel_exited(KERNEL_EXIT_GRACE_S):  # PR_SET_PDEATHSIG's, not the kernel's own
-        io.lost_kernel, io.gone = True, io.gone or KERNEL_EXITED
-    io.gone = io.gone or why
-    io.stopped_by_user = not runner.spawned  # the kernel started none of it: its user did, and stops it now
-    runner.terminating = True
-    with io.wake:
-        io.wake.notify()  # a main thread waiting for the next event goes to _finish now
-    # One busy in the plugin's code (a handler, setup) finishes it, then sees `terminating`; past the grace, CutShort
-    # is raised where it is. Raising at once, as this did, ran teardown in the middle of the handler.
-    signal.signal(signal.SIGALRM, lambda *_: _cut_short(runner))
-    # from the SIGTERM, not from here: telling the kernel's SIGTERM from PR_SET_PDEATHSIG's took up to 0.25 s of it
-    signal.setitimer(signal.ITIMER_REAL, max(0.01, FINISH_ON_TERM_S - (time.monotonic() - arrived)))
-
-
-class CutShort(SystemExit):
-    """Raised in the main thread by the SIGTERM's timer: the plugin's code ran past FINISH_ON_TERM_S."""
-
-
-def _cut_short(runner: Runner) -> None:
-    # Not once _finish has begun (it disarms the timer, but an alarm may already be on its way): cut short there,
-    # Runner.run's second _finish would return at once, with no teardown, no last ack and no close.
-    if not runner._ended:
-        raise CutShort(0)

@@ -893,7 +893,7 @@ def test_an_attached_clients_replay_whose_answer_was_lost_is_asked_for_again(tmp
 
     from trainbus.proto import control, encode_control
     from trainbus.sdk.attach import Attachment, Target
-    from trainbus.sdk.runner import REPLAY_RESEND_S
+    from trainbus.sdk.replay import REPLAY_RESEND_S
 
     kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
     endpoints = [s.getsockopt_string(zmq.LAST_ENDPOINT) for s in (kernel.pub, kernel.router)]

@@ -32,7 +32,7 @@ from trainbus.proto import JOURNAL_NAME, control, decode_control, encode_control
 from trainbus.proto import events as ev
 from trainbus.proto.journal_format import (COMPACTION_KEEP_EVERY_STEPS, closed_segments, journal_head, journal_tail,
                                            kept_by_compaction, last_event_of, read_journal, stream_journal)
-from trainbus.sdk.runner import in_order, skip_lost
+from trainbus.sdk.replay import in_order, skip_lost
 
 PACED = "fixture_targets:paced_digits"  # the digits demo with a sleep per step: same weights, known pace
 COUNT = 60_000

@@ -14,7 +14,8 @@ from typing import Callable
 import pytest
 import zmq
 from stand_in_kernel import StandInKernel
-from trainbus.sdk.runner import FINISH_ON_TERM_S, REPLAY_RESEND_S
+from trainbus.sdk.plugin_exit import FINISH_ON_TERM_S
+from trainbus.sdk.replay import REPLAY_RESEND_S
 
 from trainbus.proto import Event, control, encode_control, encode_replay_batch
 from trainbus.sdk.plugin import Plugin

@@ -307,7 +307,7 @@ class AlarmAtDisarm(Plugin):
 
 
 def test_the_sigterms_timer_firing_as_teardown_begins_does_not_skip_teardown(tmp_path):
-    """Runner._finish set `_ended`, then disarmed the timer _terminate armed: an alarm in between (or already pending)
+    """Runner._finish set `_ended`, then disarmed the timer terminate armed: an alarm in between (or already pending)
     raised CutShort out of _finish, and Runner.run's second _finish returned at once, since `_ended` was set: no
     teardown (a logger's last flush), no last ack, no close. Once teardown has begun there is nothing to cut short."""
     record = tmp_path / "record.txt"
