@@ -2,11 +2,13 @@
 
 An append is all or nothing. A write that fails (ENOSPC, EDQUOT, EIO) is cut back to the last whole
 record and its records wait in memory, up to `backlog_max_bytes`, to be written by the next append;
-the caller publishes only what is written. Once space returns the file is complete and gap-free.
+the caller publishes only what is written. Once space returns the file is complete and gap-free. What the disk still
+refuses as the journal closes is kept in the temporary directory, and rejoins it when it opens (kept_events.py).
 
 The active file rotates: once it holds `segment_bytes` it is compressed whole into a closed segment beside it
-(`events.<first>-<last>.gz`) and starts again empty, so the disk holds ~1/6 of the raw bytes and the offset index,
-which covers the active file only, stays bounded (PROTOCOL.md, the journal).
+(`events.<first>-<last>.gz`, rotation.py) and starts again empty, so the disk holds ~1/6 of the raw bytes and the
+offset index, which covers the active file only, stays bounded (PROTOCOL.md, the journal). A replay from a closed
+segment reads it decompressed, kept for the next batches (segment_cache.py).
 
 Closed segments are compacted once nothing can need their per-batch events again (`compact_through`, PROTOCOL.md
 §13): a worker thread (kernel/compaction.py) rewrites each into `events.<first>-<last>.compacted.gz`, holding only
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import fcntl
-import gzip
 import logging
 import os
 import time
@@ -29,13 +30,14 @@ import msgpack
 
 from trainbus.proto import Event
 from trainbus.proto.codec import UNPACK_LIMITS
-from trainbus.proto.kept_files import kept_dir, kept_dirs
-from trainbus.proto.messages import kept_name
-from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, iter_records, next_seq_path,
-                                           open_segment, read_journal, recorded_next_seq, segment_name)
+from trainbus.proto.journal_format import (SEGMENT_ERRORS, Segment, closed_segments, iter_records, read_journal,
+                                           recorded_next_seq)
 
 from .compaction import Compactor, finish_compactions
-from .durable_writes import CLOEXEC, fsync_dir, write_all, write_file
+from .durable_writes import CLOEXEC, fsync_dir, write_all
+from .kept_events import keep, kept_to_rejoin
+from .rotation import COMPRESS_LEVEL, record_next_seq, write_segments
+from .segment_cache import SegmentCache
 
 
 log = logging.getLogger("trainbus.kernel")
@@ -51,13 +53,6 @@ RETRY_INTERVAL_S = 0.2  # a refused write is tried again this often, not at ever
 # records (docs/benchmarks.md, journal segments): level 1 compresses ~6x at ~200 MB/s, so a rotation costs the
 # bus thread ~40 ms once per ~55,000 events, and a replay from a closed segment decompresses 8 MiB (~20 ms).
 SEGMENT_BYTES = 8 * 2**20
-COMPRESS_LEVEL = 1  # level 6 gains a sixth in size for four times the time
-# Closed segments kept decompressed for replays: a resumed run's durable plugins all catch up from seq 1 and soon
-# each reads a segment of its own, asking in turn; a cache smaller than their number decompressed a segment at every
-# batch (2 kept, 3 plugins: ~20 ms of the kernel's control thread per 512 events instead of ~1). Up to this many
-# bytes (seven of the default 8 MiB segments: the five built-in durable plugins and some), at least two segments.
-CACHED_SEGMENTS_BYTES = 64 * 2**20
-CACHED_SEGMENTS_MIN = 2
 
 
 class ReplayRead(NamedTuple):
@@ -93,9 +88,7 @@ class Journal:
         finish_compactions(self.path)
         self._segments = closed_segments(self.path)
         self._segment_firsts = [s.first for s in self._segments]
-        # decompressed closed segments by first seq, oldest use first: (records, offsets, seqs of a compacted one)
-        self._cache: dict[int, tuple[bytes, array, array | None]] = {}
-        self._cached_bytes = 0  # what they hold, records and offsets
+        self._cache = SegmentCache()  # closed segments decompressed for replays
         self._lost: set[Path] = set()  # segments found unreadable (said once each)
         self.missing: list[str] = []  # stretches of seqs no segment holds (a segment deleted or never copied)
         for before, after in zip([Segment(0, 0, self.path), *self._segments], self._segments):
@@ -159,32 +152,24 @@ class Journal:
 
     def _rejoin_kept(self) -> None:
         """Events an earlier kernel of this run kept in the temporary directory as it closed (its disk refused
-        them: _keep_backlog) are appended back when the journal opens again, so a continued run goes on after them,
-        not over their seqs. Only a file that starts at the journal's next seq and holds whole, gap-free records."""
+        them: kept_events.keep) are appended back when the journal opens again, so a continued run goes on after
+        them, not over their seqs."""
         next_seq = self._first_seq + len(self._offsets)
-        try:
-            kept_dir(create=False)
-        except OSError as exc:  # not ours: nothing in it is taken into the journal (kept_dirs leaves it out)
-            log.warning("journal %s: %s", self.path, exc)
-        # any temporary directory: the kernel's $TMPDIR may have been full (its files went to /tmp), or another
-        for kept in [k for directory in kept_dirs() for k in directory.glob(f"{_kept_stem(self.path)}.{next_seq}-*")]:
-            records = list(iter_records(kept))
-            if [r["seq"] for _, _, r in records] != list(range(next_seq, next_seq + len(records))) or not records:
-                continue
-            with open(kept, "rb") as f:
-                blob = f.read(records[-1][1])
-            try:
-                write_all(self._fd, blob, self._size)
-                os.fsync(self._fd)
-            except OSError:
-                os.ftruncate(self._fd, self._size)
-                raise
-            self._offsets.extend(self._size + offset for offset, _, _ in records)
-            self._size += len(blob)
-            kept.unlink()
-            log.warning("journal %s: events %d-%d, kept in %s when the disk refused them, are back in the journal",
-                        self.path, next_seq, next_seq + len(records) - 1, kept)
+        found = kept_to_rejoin(self.path, next_seq)
+        if found is None:
             return
+        kept, blob, offsets = found
+        try:
+            write_all(self._fd, blob, self._size)
+            os.fsync(self._fd)
+        except OSError:
+            os.ftruncate(self._fd, self._size)
+            raise
+        self._offsets.extend(self._size + offset for offset in offsets)
+        self._size += len(blob)
+        kept.unlink()
+        log.warning("journal %s: events %d-%d, kept in %s when the disk refused them, are back in the journal",
+                    self.path, next_seq, next_seq + len(offsets) - 1, kept)
 
     @property
     def last_seq(self) -> int:
@@ -260,13 +245,8 @@ class Journal:
         closed: list[Segment] = []
         fresh, fd = self.path.parent / f".{self.path.name}.new", -1
         try:
-            for start, stop in self._pieces():
-                first, last = self._first_seq + start, self._first_seq + stop - 1
-                segment = Segment(first, last, self.path.parent / segment_name(self.path, first, last))
-                begin, end = self._offsets[start], self._offsets[stop] if stop < len(self._offsets) else self._size
-                hidden = self.path.parent / f".{segment.path.name}"
-                write_file(hidden, gzip.compress(os.pread(self._read_fd, end - begin, begin), COMPRESS_LEVEL, mtime=0))
-                os.rename(hidden, segment.path)
+            for segment in write_segments(self.path, self._read_fd, self._offsets, self._size, self._first_seq,
+                                          self.segment_bytes):
                 closed.append(segment)
             fd = _open_locked(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             fsync_dir(self.path.parent)  # the segments are on disk before the active file is emptied
@@ -289,34 +269,7 @@ class Journal:
         self._offsets, self._first_seq, self._size = array("q"), self.written_seq + 1, 0
         self._rotate_at = self.segment_bytes
         self._last_fsync = time.monotonic()
-        self._record_next_seq()
-
-    def _record_next_seq(self) -> None:
-        """The emptied active file's first seq, in a file beside it: the newest segment is then the only other
-        record of where the journal goes on, and one lost (a bad copy, a hand freeing space) would have a continued
-        run number new events with its seqs. Not kept, it is one such record less, as before segments existed."""
-        marker = next_seq_path(self.path)
-        hidden = marker.with_name(f".{marker.name}")
-        try:
-            write_file(hidden, b"%d\n" % self._first_seq)
-            os.rename(hidden, marker)
-            fsync_dir(self.path.parent)
-        except OSError as exc:
-            hidden.unlink(missing_ok=True)
-            log.warning("journal %s: could not record the seq it goes on from in %s (%s)", self.path, marker.name,
-                        exc.strerror)
-
-    def _pieces(self) -> list[tuple[int, int]]:
-        """The active file's records as (start, stop) index ranges of about segment_bytes each: the last append
-        crosses the size a little, and that little goes with the piece before it, not into a segment of its own."""
-        pieces, start = [], 0
-        while start < len(self._offsets):
-            stop = bisect.bisect_left(self._offsets, self._offsets[start] + self.segment_bytes, start + 1)
-            pieces.append((start, stop))
-            start = stop
-        if len(pieces) >= 2 and self._size - self._offsets[pieces[-1][0]] < self.segment_bytes // 2:
-            pieces[-2:] = [(pieces[-2][0], pieces[-1][1])]
-        return pieces
+        record_next_seq(self.path, self._first_seq)
 
     def _maybe_fsync(self) -> None:
         now = time.monotonic()
@@ -344,7 +297,7 @@ class Journal:
             blob, offsets, seqs = b"", array("q"), None
             if from_seq <= segment.last and segment.path not in self._lost:
                 try:  # one found unreadable is not read again at every replay into it
-                    blob, offsets, seqs = self._decompressed(segment)
+                    blob, offsets, seqs = self._cache.get(segment)
                 except SEGMENT_ERRORS as exc:
                     self._say_lost(segment, f"unreadable ({type(exc).__name__}: {exc})")
             index = from_seq - segment.first if seqs is None else bisect.bisect_left(seqs, from_seq)
@@ -368,26 +321,6 @@ class Journal:
             self._lost.add(segment.path)
             log.error("journal segment %s is %s: its events (%d-%d) cannot be replayed", segment.path, why,
                       segment.first, segment.last)
-
-    def _decompressed(self, segment: Segment) -> tuple[bytes, array, array | None]:
-        """A closed segment's records, their offsets and, compacted, their seqs, from the cache or the disk."""
-        if segment.first in self._cache:
-            self._cache[segment.first] = self._cache.pop(segment.first)  # the most recently used goes last
-            return self._cache[segment.first]
-        f, compacted = open_segment(segment)  # compacted by the worker since it was listed: its compacted file
-        with f:
-            blob = f.read()
-        offsets, seqs = _offsets_in(blob, compacted)
-        size = len(blob) + offsets.itemsize * len(offsets) * (2 if compacted else 1)
-        while len(self._cache) >= CACHED_SEGMENTS_MIN and self._cached_bytes + size > CACHED_SEGMENTS_BYTES:
-            self._uncache(next(iter(self._cache)))  # the least recently used
-        self._cache[segment.first] = blob, offsets, seqs
-        self._cached_bytes += size
-        return blob, offsets, seqs
-
-    def _uncache(self, first: int) -> None:
-        blob, offsets, seqs = self._cache.pop(first)
-        self._cached_bytes -= len(blob) + offsets.itemsize * len(offsets) * (1 if seqs is None else 2)
 
     # -- compaction -------------------------------------------------------------------------------
 
@@ -415,8 +348,7 @@ class Journal:
             at = bisect.bisect_left(self._segment_firsts, full.first)
             if at < len(self._segments) and self._segments[at].first == full.first:
                 self._segments[at] = compacted
-            if full.first in self._cache:  # its full records, in memory for nothing now
-                self._uncache(full.first)
+            self._cache.drop(full.first)  # its full records, in memory for nothing now
             self.compacted_events += dropped
 
     def close(self) -> OSError | None:
@@ -429,7 +361,7 @@ class Journal:
             self._retry_at = 0.0  # the last chance: tried now, whenever the last refusal was
             self.append([], self.last_seq + 1)
         if self._backlog:
-            self.kept_elsewhere = self._keep_backlog()
+            self.kept_elsewhere = keep(self.path, self.written_seq + 1, self.last_seq, self._backlog)
         try:
             os.fsync(self._fd)
         except OSError as exc:
@@ -438,27 +370,7 @@ class Journal:
         os.close(self._read_fd)
         self._fd = -1
         self._cache.clear()
-        self._cached_bytes = 0
         return self.error
-
-    def _keep_backlog(self) -> Path | None:
-        """The events the disk still refuses as the journal closes, in a file of the temporary directory ($TMPDIR,
-        /tmp; another disk, as a rule) rather than lost with the process: the same records, so appending the file to
-        the journal (`cat FILE >> events`) makes it whole. None when that is refused too."""
-        first, last = self.written_seq + 1, self.last_seq
-        name = f"{_kept_stem(self.path)}.{first}-{last}"
-        kept = None
-        try:
-            kept = kept_dir() / name
-            write_file(kept, b"".join(self._backlog))
-        except OSError as exc:
-            if kept is not None:
-                kept.unlink(missing_ok=True)
-            log.error("journal %s: events %d-%d could not be kept in the temporary directory either (%s): they are "
-                      "lost", self.path, first, last, exc.strerror or exc)
-            return None
-        log.error("journal %s: events %d-%d, which its disk refused, are kept in %s", self.path, first, last, kept)
-        return kept
 
     def held_message(self) -> str:
         """What became of the events the disk refused to the end: where they are and how they rejoin the journal."""
@@ -469,13 +381,6 @@ class Journal:
             return f"{held}: free space on the disk holding {self.path}"
         return (f"{held}; they are in {self.kept_elsewhere}: once the disk has space, `trainbus runs resume` puts them "
                 f"back in the journal, or append them by hand: cat {self.kept_elsewhere} >> {self.path}")
-
-
-def _kept_stem(path: Path) -> str:
-    """The name, in the temporary directory, of a run's events its disk refused: trainbus-<run id>-events."""
-    return kept_name(path.parent.name, path.name)
-
-
 
 
 def check_free(path: Path) -> None:
@@ -508,21 +413,6 @@ def _span(offsets: array, size: int, index: int, max_events: int, max_bytes: int
     while stop < min(count, index + max_events) and end_of(stop) - offsets[index] <= max_bytes:
         stop += 1
     return offsets[index], end_of(stop - 1), stop - index
-
-
-def _offsets_in(blob: bytes, compacted: bool = False) -> tuple[array, array | None]:
-    """Where each of a closed segment's records starts (all whole and valid: it was written from whole ones), and,
-    compacted, each one's seq (a full segment's are its first seq on, one a record)."""
-    unpacker = msgpack.Unpacker(max_buffer_size=max(len(blob), 1), **UNPACK_LIMITS)
-    unpacker.feed(blob)
-    offsets, seqs = array("q"), array("q") if compacted else None
-    while (offset := unpacker.tell()) < len(blob):
-        offsets.append(offset)
-        if seqs is None:
-            unpacker.skip()
-        else:
-            seqs.append(next(unpacker)["seq"])
-    return offsets, seqs
 
 
 def decode_records(blob: bytes) -> list[dict[str, Any]]:

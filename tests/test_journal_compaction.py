@@ -346,11 +346,11 @@ def test_a_segment_read_for_a_replay_then_compacted_is_served_compacted_and_leav
     first = journal.segments[0]
     before = journal.read_batch(first.first + 2, 512, 4 * 2**20)
     assert not before.compacted and before.count == 512 and before.last == first.first + 513
-    cached = journal._cached_bytes
+    cached = journal._cache.bytes
     compact(journal, first.last)
     after = journal.read_batch(first.first + 2, 512, 4 * 2**20)
     assert after.compacted and after.last <= first.last
     assert [m["seq"] for m in decode_records(after.records)] == [
         s for s in expected_after(journal.segments, originals(20_000)) if first.first + 2 <= s <= after.last]
-    assert journal._cached_bytes < cached / 5  # the compacted file's few records, not the full segment's
+    assert journal._cache.bytes < cached / 5  # the compacted file's few records, not the full segment's
     journal.close()
