@@ -403,7 +403,7 @@ def _apply_flags(cfg, flag_words: list[str], help_flags: bool, seed: int) -> Non
     (checked here, before anything is made: an unknown flag or a bad value is one line, exit 2)."""
     from .config import SEED_LIMIT
     from .flags import help_text, parse_words, signature_of
-    from .loop import seed_everything
+    from .training_state import seed_everything
     from .spec import load_target
 
     if 0 <= seed < SEED_LIMIT:  # else check_run says what it takes, once the rest is read

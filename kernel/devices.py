@@ -6,8 +6,11 @@ import torch
 
 from .cluster import Cluster
 from .config import ONE_GPU_PER_RANK, RunConfig
-from .loop import pick_device
 from .spec import SpecError
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def device_for(cfg: RunConfig, cluster: Cluster) -> torch.device:

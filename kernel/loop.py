@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
-import random
-import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,14 +12,15 @@ from trainbus.proto import events as ev
 
 from .batches import BatchError, batch_size, describe, split, to_device
 from .distributed import AGREE_EVERY, Ranks, evenly_shared
+from .epoch_metrics import as_float, flat_metrics, is_better, mean, planned_batches
+from .loop_checkpoints import LoopCheckpoints
 from .replies import NO_CONTROL, Control, merge_replies
 from .spec import TrainingSpec, hyperparameters_for_events
 from .stepping import Stepper
-from .training_state import RESUME_FORMAT, get_rng, loader_generators, set_rng
+from .training_state import get_rng, loader_generators, set_rng
 
 log = logging.getLogger("trainbus.kernel")
 
-LAST_CHECKPOINT_WAIT_S = 60.0  # the run's last checkpoint waits this long for a persister to free a buffer
 CHECKPOINT_NOW_AFTER_EPOCHS = ("checkpoint_now came with end_epoch's votes, after this epoch's own checkpoint: that "
                                "one (the save_checkpoint or checkpoint_skipped before end_epoch) is of the same state")
 
@@ -51,22 +49,7 @@ class Outcome:
     last_epoch_partial: bool = False  # the last metrics are of an epoch a stop cut short (epochs_completed + 1)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    try:
-        import numpy
-
-        numpy.random.seed(seed)
-    except ImportError:
-        pass
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class Loop:
+class Loop(LoopCheckpoints):
     """Runs a TrainingSpec and publishes its lifecycle; asks `stop_requested()` at every step boundary."""
 
     def __init__(self, spec: TrainingSpec, bus: Publisher, device: torch.device, stop_requested=lambda: "",
@@ -173,9 +156,9 @@ class Loop:
             out.validation_loss = validation.get("validation_loss")
             out.validation_metrics = validation.get("validation_metrics", {})
             out.training_metrics = train.get("training_metrics") or {}
-            if not train["partial"] and _better(out.validation_loss, out.best_validation_loss):
+            if not train["partial"] and is_better(out.validation_loss, out.best_validation_loss):
                 out.best_validation_loss, out.best_epoch = out.validation_loss, self.epoch
-            self.latest_metrics = _flat_metrics(train, validation)
+            self.latest_metrics = flat_metrics(train, validation)
             # the epoch's boundary: replies that came during validation, end_epoch, the votes on it
             early, self._held = self._held + self.bus.take_replies(), []
             # a checkpoint asked for in the epoch's last batches, or the schedule's; named for what asked: a
@@ -260,11 +243,11 @@ class Loop:
         # Without a length, a stop after the last batch cannot be told from one before it: partial, to be safe.
         partial = cut_short and (planned is None or self.batches_done < planned)  # planned: this rank's share
         loss_total, count, totals = self._over_ranks(self.loss_total, self.batches_done, self.metric_totals)
-        metrics = {name: _mean(total, count) for name, total in totals.items()}
+        metrics = {name: mean(total, count) for name, total in totals.items()}
         if planned is not None and self.ranks is not None:  # counted as the batches are: over every rank's share
             planned *= self.ranks.world_size  # a DistributedSampler gives each rank as many (or each rank all)
-        summary = {"training_loss_total": _float(loss_total), "training_batch_count": count,
-                   "training_loss": _mean(loss_total, count), "training_metrics": metrics,
+        summary = {"training_loss_total": as_float(loss_total), "training_batch_count": count,
+                   "training_loss": mean(loss_total, count), "training_metrics": metrics,
                    "batches_planned": planned, "partial": partial}
         self._publish(ev.END_TRAINING_LOOP, **summary)
         return summary
@@ -332,49 +315,20 @@ class Loop:
         if count == 0:  # every epoch validates on something, or the epoch's validation metrics are not there
             raise BatchError(f"validation_loader gave no batch in epoch {self.epoch}: it is empty, or a one-shot "
                              f"iterator an earlier epoch used up; give a DataLoader (or None for no validation)")
-        metrics = {name: _mean(total, count) for name, total in metric_totals.items()}
-        summary = {"validation_loss_total": _float(loss_total), "validation_batch_count": count,
-                   "validation_loss": _mean(loss_total, count), "validation_metrics": metrics}
+        metrics = {name: mean(total, count) for name, total in metric_totals.items()}
+        summary = {"validation_loss_total": as_float(loss_total), "validation_batch_count": count,
+                   "validation_loss": mean(loss_total, count), "validation_metrics": metrics}
         self._publish(ev.END_VALIDATION_LOOP, **summary)
         return summary
 
-    # -- checkpoints ------------------------------------------------------------------------------
-
-    def training_state(self, epoch_complete: bool, ranks_own: list | None = None) -> dict[str, Any]:
-        """What a checkpoint holds: the keys users expect, plus what resume needs to continue exactly."""
-        spec = self.spec
-        return {
-            "epoch": self.epoch,
-            "step": self.step,
-            "model_state_dict": spec.model.state_dict(),
-            "optimizer_state_dict": spec.optimizer.state_dict(),
-            "scheduler_state_dict": spec.scheduler.state_dict() if spec.scheduler is not None else None,
-            "metrics": dict(self.latest_metrics),
-            # as events carry them: the snapshot's plain part travels in save_checkpoint, and one too large for it
-            # made every checkpoint fail ("snapshot buffer None cannot be read"); config.json holds them whole
-            "hyperparameters": dict(self._event_hyperparameters),
-            "trainbus": {
-                "format": RESUME_FORMAT, "epoch": self.epoch, "step": self.step,
-                "epoch_complete": epoch_complete, "batches_done": self.batches_done,
-                "loss_total": self.loss_total, "metric_totals": dict(self.metric_totals),
-                "epoch_rng_state": self.epoch_rng_state, "rng": get_rng(python=True, generators=self._generators()),
-                # across ranks, in rank order (rng, loss_total and metric_totals above are rank 0's): each rank's
-                # RNG, and its share of the epoch's running totals (a resumed epoch's sums count each share once)
-                "rank_rng": [own["rng"] for own in ranks_own] if ranks_own else None,
-                "rank_totals": [{k: own[k] for k in ("loss_total", "metric_totals")} for own in ranks_own]
-                if ranks_own else None,
-                "loss_scaler": self.stepper.state_dict(),
-                # the run's best so far, so a resumed run's summary names the best of all its sessions
-                "best_validation_loss": self.outcome.best_validation_loss, "best_epoch": self.outcome.best_epoch,
-            },
-        }
+    # -- step boundaries (the checkpoints taken there: loop_checkpoints.py) -----------------------
 
     def _over_ranks(self, loss_total: Any, count: int, metric_totals: dict[str, Any]) -> tuple[Any, int, dict[str, Any]]:
         """An epoch's totals over every rank's share of the data (one process: as they are)."""
         if self.ranks is None:
             return loss_total, count, metric_totals
         names = list(metric_totals)
-        sums = self.ranks.sum([_float(loss_total), count, *(_float(metric_totals[n]) for n in names)])
+        sums = self.ranks.sum([as_float(loss_total), count, *(as_float(metric_totals[n]) for n in names)])
         return sums[0], int(sums[1]), dict(zip(names, sums[2:]))
 
     def _step_boundary(self, replies: list, last_batch: bool = False) -> bool:
@@ -401,10 +355,6 @@ class Loop:
         self._agreed = self.ranks is not None and self._deferred_checkpoint is not None
         return self._apply(control)
 
-    def _take_deferred_checkpoint(self) -> None:
-        reason, self._deferred_checkpoint, self._agreed = self._deferred_checkpoint, None, False
-        self._checkpoint(reason, epoch_complete=False)
-
     def _decide(self, replies: list, checkpoint: str | None) -> tuple[Control, str | None]:
         """What this boundary does: the replies merged, and the checkpoint to take (why), or None. In one
         process, as they are; across ranks, rank 0's decision on every rank (kernel/distributed.py)."""
@@ -418,64 +368,6 @@ class Loop:
         if self.ranks.is_main:
             return control, checkpoint
         return agreed, "checkpoint_now" if agreed.checkpoint_now else None
-
-    def _checkpoint(self, reason: str, epoch_complete: bool, last: bool = False) -> None:
-        # every rank's RNG and running totals, so each resumes its own (the ranks are here together: they agreed on
-        # this checkpoint)
-        ranks_own = self.ranks.gather({
-            "rng": get_rng(python=True, generators=self._generators()), "loss_total": _float(self.loss_total),
-            "metric_totals": {name: _float(total) for name, total in self.metric_totals.items()},
-        }) if self.ranks is not None else None
-        if self.checkpointer is None:  # another rank: rank 0 takes it
-            return
-        if not self.checkpointer.has_persister():
-            self._publish(ev.CHECKPOINT_SKIPPED, reason=self.checkpointer.why_none())
-            return
-        if last:  # the run's last: training is over, so wait (bounded) rather than skip what last.pt should be
-            asked = time.monotonic()
-            self.checkpointer.wait_for_a_free_buffer(LAST_CHECKPOINT_WAIT_S,
-                                                     lambda: self.bus.journal_refused_since(asked))
-        try:
-            snapshot = self.checkpointer.take(self.training_state(epoch_complete, ranks_own))
-        except OSError as exc:  # no room for the buffer anywhere: training goes on, the next one may fit
-            log.warning("checkpoint at step %d skipped: %s", self.step, exc)
-            self._publish(ev.CHECKPOINT_SKIPPED, reason=str(exc))
-            return
-        if snapshot is None:  # never wait for a disk: skip, say so, the next one will land
-            self._publish(ev.CHECKPOINT_SKIPPED, reason="both snapshot buffers are still being persisted")
-            return
-        self._publish(ev.SAVE_CHECKPOINT, reason=reason, metrics=dict(self.latest_metrics), **snapshot.event_data())
-
-    def resume(self, state: dict[str, Any], path: str) -> None:
-        """Continue from a checkpoint whose weights restore_weights() loaded: same step, epoch, data order, RNG."""
-        resume = dict(state["trainbus"])
-        ranks, totals = resume.get("rank_rng"), resume.get("rank_totals")
-        if self.ranks is not None and ranks and len(ranks) == self.ranks.world_size:
-            resume["rng"] = ranks[self.ranks.rank]  # this rank's own; with another world size, rank 0's for all
-            if totals:  # a checkpoint from before rank_totals: rank 0's totals on every rank, as it was
-                resume.update(totals[self.ranks.rank])
-        self.step, self.latest_metrics = resume["step"], dict(state.get("metrics") or {})
-        self.stepper.load_state_dict(resume.get("loss_scaler"))
-        if resume["epoch_complete"]:
-            self.first_epoch = resume["epoch"] + 1
-            set_rng(resume["rng"], self._generators())
-            # what that epoch ended with is the run's until another ends (none will in a run continued from its last)
-            self._restore_epoch_outcome(self.latest_metrics)
-        else:
-            self.first_epoch = resume["epoch"]
-            self._resume = resume
-        self.outcome.epochs_completed = self.first_epoch - 1  # the run's count, not this session's
-        self.outcome.best_validation_loss = resume.get("best_validation_loss")  # None from an older checkpoint
-        self.outcome.best_epoch = resume.get("best_epoch")
-        self._loaded_from = path
-
-    def _restore_epoch_outcome(self, flat: dict[str, float]) -> None:
-        """The outcome's losses and metrics from a checkpoint's flat metrics (_flat_metrics' inverse)."""
-        out = self.outcome
-        out.training_loss, out.validation_loss = flat.get("training_loss"), flat.get("validation_loss")
-        for prefix, attribute in (("training_", "training_metrics"), ("validation_", "validation_metrics")):
-            setattr(out, attribute, {name[len(prefix):]: value for name, value in flat.items()
-                                 if name.startswith(prefix) and name != f"{prefix}loss"})
 
     # -- replies ----------------------------------------------------------------------------------
 
@@ -518,38 +410,6 @@ class Loop:
         if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step()
             return
-        value = _flat_metrics(train, validation).get(self.spec.scheduler_monitor)
+        value = flat_metrics(train, validation).get(self.spec.scheduler_monitor)
         if value is not None:  # an epoch without it (a stop before validation): the plateau waits for one
             scheduler.step(value)
-
-
-def planned_batches(loader: Any) -> int | None:
-    """The batches an epoch of this loader holds: its len() (a DataLoader over a sized dataset), else None."""
-    try:
-        return len(loader)
-    except (TypeError, NotImplementedError):  # an iterable dataset, a generator: unknown until it runs out
-        return None
-
-
-def _flat_metrics(train: dict[str, Any], validation: dict[str, Any]) -> dict[str, float]:
-    flat = {k: v for k, v in (("training_loss", train.get("training_loss")),
-                              ("validation_loss", validation.get("validation_loss"))) if v is not None}
-    for prefix, summary, key in (("training", train, "training_metrics"), ("validation", validation, "validation_metrics")):
-        flat.update({f"{prefix}_{name}": value for name, value in (summary.get(key) or {}).items() if value is not None})
-    return flat
-
-
-def _better(loss: Any, best: float | None) -> bool:
-    """A whole epoch's validation loss is the run's best so far: lower, or a number where the best is NaN (which
-    compares less than nothing: a first epoch's NaN stayed the best through every later epoch)."""
-    if not isinstance(loss, float):
-        return False
-    return best is None or loss < best or (math.isnan(best) and not math.isnan(loss))
-
-
-def _float(x: Any) -> float:
-    return x.item() if isinstance(x, torch.Tensor) else float(x)
-
-
-def _mean(total: Any, count: int) -> float | None:
-    return _float(total) / count if count else None

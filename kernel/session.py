@@ -32,7 +32,7 @@ from .distributed import GroupInterrupted, PortInUse, Ranks, broken_by_a_peer, d
 from .failures import RANK_ERROR, rank_errors, what_failed
 from .kernel_log import log_to, stop_logging_to
 from .interrupts import Interrupts
-from .loop import Loop, seed_everything
+from .loop import Loop
 from .keys import KeyStore
 from .memory import keep_freed_memory
 from .other_ranks import run_other_rank
@@ -49,6 +49,7 @@ from .snapshot import SnapshotBuffers
 from .spec import TrainingSpec, is_user_file, user_trace
 from .stepping import Stepper, SteppingError
 from .supervisor import PluginSpec
+from .training_state import seed_everything
 from .user_build import build_for_run
 
 log = logging.getLogger("trainbus.kernel")

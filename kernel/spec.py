@@ -76,7 +76,7 @@ class TrainingSpec:
 
     def metric_names(self) -> list[str]:
         """The metrics every epoch of this spec reports (end_epoch's, and what checkpoints are ranked by: the
-        loop's _flat_metrics), which a plugin's monitor setting may name."""
+        kernel/epoch_metrics.py flat_metrics), which a plugin's monitor setting may name."""
         groups = ("training", "validation") if self.validation_loader is not None else ("training",)
         return [f"{group}_{name}" for group in groups for name in ("loss", *self.metrics)]
 

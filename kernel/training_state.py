@@ -1,6 +1,6 @@
 """A checkpoint's training state, checked and put back: its containers and resume fields (said before a resume
 uses them, not as a traceback from deep in one), every RNG's state (torch's, CUDA's, the loaders' generators',
-random's, numpy's) and the weights restored into the built spec."""
+random's, numpy's: seeded as a run starts, read, put back) and the weights restored into the built spec."""
 
 from __future__ import annotations
 
@@ -136,6 +136,18 @@ def _first(keys: set[str], n: int = 4) -> str:
     """A few keys, sorted, and how many more: enough to see which model the checkpoint was made for."""
     shown = sorted(keys)[:n]
     return "[" + ", ".join(shown) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]" if keys else "none"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a build and the loop draw from: random's, torch's (every CUDA device's too), numpy's."""
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    try:
+        import numpy
+
+        numpy.random.seed(seed)
+    except ImportError:
+        pass
 
 
 def loader_generators(*loaders: Any) -> list[torch.Generator]:

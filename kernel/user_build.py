@@ -9,8 +9,8 @@ from typing import Any
 
 from .config import RunConfig, check_metric_settings
 from .interrupts import Interrupts
-from .loop import seed_everything
 from .spec import TrainingSpec, build_with_flags, load_target, user_code_error
+from .training_state import seed_everything
 
 
 def build_for_run(cfg: RunConfig, interrupts: Interrupts, started_in: str, runs_path: Path,

@@ -17,9 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainbus.kernel.batches import BatchError
-from trainbus.kernel.loop import Loop, seed_everything
+from trainbus.kernel.loop import Loop
 from trainbus.kernel.training_state import restore_weights, resume_problem
 from trainbus.kernel.spec import SpecError, TrainingSpec, build_spec
+from trainbus.kernel.training_state import seed_everything
 from trainbus.proto import events as ev
 
 from test_loop_events import RecordingBus

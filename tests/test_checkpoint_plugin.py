@@ -42,7 +42,7 @@ class Trainer:
         self.scheduler.step()
 
     def state(self, metrics: dict) -> dict:
-        """The shape of kernel/loop.py's training_state()."""
+        """The shape of kernel/loop_checkpoints.py's training_state()."""
         return {
             "epoch": self.epoch,
             "step": self.step,

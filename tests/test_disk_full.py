@@ -283,7 +283,7 @@ def test_a_run_that_ends_on_a_full_disk_waits_for_no_plugin_that_cannot_hear_it(
     the persister never saw the save events of the snapshots it holds, nor could any durable plugin see the
     final event: the run's last checkpoint waited its 60 s for a buffer, then the drain its 30 s, for nothing.
     Now the run ends as soon as it is done, with what it trained kept."""
-    from trainbus.kernel.loop import LAST_CHECKPOINT_WAIT_S
+    from trainbus.kernel.loop_checkpoints import LAST_CHECKPOINT_WAIT_S
 
     runs = mount_tmpfs("runs", 4 << 20)
     config = tmp_path / "run.toml"

@@ -16,7 +16,8 @@ import torch
 import zmq
 
 from trainbus.kernel.journal import read_events
-from trainbus.kernel.loop import LAST_CHECKPOINT_WAIT_S, Loop
+from trainbus.kernel.loop import Loop
+from trainbus.kernel.loop_checkpoints import LAST_CHECKPOINT_WAIT_S
 from trainbus.kernel.run_bus import close_bus, open_bus
 from trainbus.kernel.buffer_files import remove_stale_buffers, snapshot_directories
 from trainbus.kernel.snapshot import SLOTS, SnapshotBuffers
@@ -154,9 +155,9 @@ def test_with_both_buffers_held_a_due_checkpoint_is_skipped_and_training_goes_on
     That wait is by design (the run's last snapshot is what last.pt should be) and comes here too, at step 6 (a
     checkpoint due after an epoch's last batch is the epoch's): it is made none, this test being about the others.
     Steps 3 and 6, each an epoch's last, are skipped at their epoch's end, so END_EPOCH follows those skips."""
-    import trainbus.kernel.loop as loop_module
+    import trainbus.kernel.loop_checkpoints as loop_checkpoints
 
-    monkeypatch.setattr(loop_module, "LAST_CHECKPOINT_WAIT_S", 0.0)
+    monkeypatch.setattr(loop_checkpoints, "LAST_CHECKPOINT_WAIT_S", 0.0)
     buffers = SnapshotBuffers(f"test-{os.getpid()}-busy", [tmp_path])
     bus, checkpointer, sockets = open_bus("busy", tmp_path, plugins=[], buffers=buffers, every_n_steps=1)
     bus.start()

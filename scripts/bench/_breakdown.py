@@ -16,10 +16,11 @@ from _benchutil import DATA, FINAL, Subscribers, batch_data, median, quiet_note,
 from _runs import Measurer, bare_run, output_to, run_mean, trainbus_run
 from trainbus.kernel.bus import Bus
 from trainbus.kernel.config import load_config
-from trainbus.kernel.loop import Loop, seed_everything
+from trainbus.kernel.loop import Loop
 from trainbus.kernel.run_bus import close_bus, open_bus, wait_drained, wait_ready
 from trainbus.kernel.spec import DEFAULT_TARGET, build_spec
 from trainbus.kernel.supervisor import PluginSpec
+from trainbus.kernel.training_state import seed_everything
 from trainbus.proto import events as ev
 
 

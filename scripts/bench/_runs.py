@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import CpuWatch, median, wait_quiet
 from trainbus.kernel.config import RunConfig
 from trainbus.kernel.journal import read_events
-from trainbus.kernel.loop import seed_everything
+from trainbus.kernel.training_state import seed_everything
 from trainbus.kernel.memory import keep_freed_memory
 from trainbus.kernel.session import run_training
 from trainbus.kernel.spec import DEFAULT_TARGET, build_spec

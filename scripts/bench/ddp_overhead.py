@@ -57,7 +57,7 @@ def worker(out: Path, epochs: int, seed: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from trainbus.kernel.distributed import shard
-    from trainbus.kernel.loop import seed_everything
+    from trainbus.kernel.training_state import seed_everything
     from trainbus.kernel.memory import keep_freed_memory
     from trainbus.kernel.spec import DEFAULT_TARGET, build_spec
 

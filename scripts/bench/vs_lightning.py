@@ -56,7 +56,7 @@ from _benchutil import REPO, add_rerun_options, machine_line, median, quiet_note
 from _runs import Measurer, bare_run, output_to, run_mean, trainbus_run
 from trainbus.kernel.config import load_config, resolve_plugin
 from trainbus.kernel.digits import accuracy
-from trainbus.kernel.loop import seed_everything
+from trainbus.kernel.training_state import seed_everything
 from trainbus.kernel.memory import keep_freed_memory
 from trainbus.kernel.spec import DEFAULT_TARGET, TrainingSpec, build_spec
 
