@@ -32,7 +32,8 @@ from .flags import FlagError
 from .registry import MAX_RESUMES
 from .runs import votes_missed
 from .collector import importing_quietly
-from .spec import DEFAULT_TARGET, SpecError, full_target
+from .spec import SpecError
+from .target import DEFAULT_TARGET, full_target
 
 
 @says_ctrl_c_until_the_run_begins
@@ -383,7 +384,7 @@ def _turned_on(table, config: Path | None):
 def _same_target(given: str, recorded: str) -> bool:
     """Whether a target given with `--resume RUN` is the one RUN trained: the same module and function, or the same
     file's (by its name: given from another directory, or the project moved with its runs)."""
-    from .spec import is_file_target
+    from .target import is_file_target
 
     given_part, _, given_function = given.rpartition(":")
     recorded_part, _, recorded_function = recorded.rpartition(":")
@@ -404,7 +405,7 @@ def _apply_flags(cfg, flag_words: list[str], help_flags: bool, seed: int) -> Non
     from .config import SEED_LIMIT
     from .flags import help_text, parse_words, signature_of
     from .training_state import seed_everything
-    from .spec import load_target
+    from .target import load_target
 
     if 0 <= seed < SEED_LIMIT:  # else check_run says what it takes, once the rest is read
         seed_everything(seed)  # what a script draws as it is imported (a model made at its top) is the seed's too
@@ -443,7 +444,7 @@ def _check_target(cfg) -> None:
     function is not called here (building the model and data is the run's); a dict-taking target's values are
     checked by that function, when the run starts."""
     from .flags import resolve, signature_of
-    from .spec import load_target
+    from .target import load_target
 
     resolve(signature_of(load_target(cfg.target)), dict(cfg.hyperparameters), cfg.target)
 

@@ -22,7 +22,7 @@ from trainbus.proto.text import near_miss, not_utf8, printable
 
 from .limits import PeerLimits
 from .private_dirs import others_can_write
-from .spec import DEFAULT_TARGET, full_target, is_file_target
+from .target import DEFAULT_TARGET, full_target, is_file_target
 
 PLUGIN_ENTRY_POINT_GROUP = "trainbus.plugins"
 BUILTIN_DISTRIBUTION = "trainbus"  # its entry points are the built-in plugins, whose names no package can take

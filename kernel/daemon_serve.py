@@ -39,7 +39,7 @@ from .placement import detected_devices, unplaceable
 from .private_dirs import write_private
 from .registry import MAX_RESUMES, JobError, Registry, RegistryError, cannot_read
 from .runs import RUNS_DIR_HINT
-from .spec import DEFAULT_TARGET
+from .target import DEFAULT_TARGET
 
 log = logging.getLogger("trainbus.daemon")
 LOG_MAX_BYTES = 10 * 1024 * 1024  # daemon.log is rotated at this size, 3 old files kept

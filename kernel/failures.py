@@ -11,7 +11,7 @@ from typing import Any
 
 from .distributed import broken_by_a_peer
 from .pids import process_alive
-from .spec import error_line, user_trace
+from .user_errors import error_line, user_trace
 from .stepping import WHERE_IN_STEP
 
 RANK_ERROR = "rank{}.error.json"  # in the run directory: what failed on a rank other than 0, for rank 0 to report

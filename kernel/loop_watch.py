@@ -11,7 +11,7 @@ from typing import Any, Callable
 from trainbus.proto import events as ev
 
 from .rank_stacks import described
-from .spec import is_user_file
+from .user_errors import is_user_file
 from .stall_watch import StallWatch, thread_stack
 
 log = logging.getLogger("trainbus.kernel")

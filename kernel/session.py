@@ -46,11 +46,12 @@ from .run_dir import check_not_running, make_run_dir, write_config
 from .run_end import RunResult, bus_counters, plugin_summary, save_final_weights, write_summary
 from .runs import write_kernel_pid
 from .snapshot import SnapshotBuffers
-from .spec import TrainingSpec, is_user_file, user_trace
+from .spec import TrainingSpec
 from .stepping import Stepper, SteppingError
 from .supervisor import PluginSpec
 from .training_state import seed_everything
 from .user_build import build_for_run
+from .user_errors import is_user_file, user_trace
 
 log = logging.getLogger("trainbus.kernel")
 

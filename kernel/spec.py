@@ -1,27 +1,16 @@
-"""The training spec a user provides, and loading it from `file.py:function` or `package.module:function`."""
+"""The training spec a user provides, checked, and built by calling their function with its flags (its target
+loaded by target.py; their exceptions said by user_errors.py)."""
 
 from __future__ import annotations
 
-import ast
 import collections.abc
-import importlib
-import importlib.machinery
-import importlib.util
-import inspect
 import json
-import os
-import re
-import sys
-import sysconfig
-import traceback
 import types
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from trainbus.proto import __file__ as trainbus_proto_file
 from trainbus.proto.codec import ProtocolError, fits_msgpack, pack, unpack
-from trainbus.proto.text import ERROR_CHARS, exception_message, printable
+from trainbus.proto.text import printable
 
 if TYPE_CHECKING:  # torch loads with the user's code: the CLI's other commands start without it (1.4 s)
     import torch
@@ -118,9 +107,11 @@ class TrainingSpec:
             raise SpecError(f"{shape} {type(self.metrics).__name__}")
         for name, fn in self.metrics.items():
             if not isinstance(name, str):
-                raise SpecError(f"{shape} dict with a name that is not a string: {name!r} ({_a(type(name).__name__)})")
+                raise SpecError(f"{shape} dict with a name that is not a string: {name!r} "
+                                f"({with_article(type(name).__name__)})")
             if not callable(fn):
-                raise SpecError(f"{shape} dict whose {name!r} is {_a(type(fn).__name__)}, not callable")
+                raise SpecError(f"{shape} dict whose {name!r} is {with_article(type(fn).__name__)}, not "
+                                f"callable")
             if not name or not name.isprintable():  # said raw in the run's summary line, and as training_NAME
                 raise SpecError(f"TrainingSpec.metrics names a metric {printable(repr(name))}: a metric's name is "
                                 f"printable text, not empty (it is said as training_NAME and validation_NAME)")
@@ -201,150 +192,6 @@ def _one_shot(loader: Any) -> bool:
         module in ("builtins", "itertools") or module.startswith("torch.utils.data"))
 
 
-DEFAULT_TARGET = "trainbus.kernel.digits:build"
-
-
-def is_file_target(module_part: str) -> bool:
-    """The part before ':' of a target names a file (path/to/file.py), not a module (package.module)."""
-    return module_part.endswith(".py") or "/" in module_part
-
-
-DEFAULT_FUNCTION = "build"  # what a file named alone stands for: `trainbus run train.py`, as `guild run train.py`
-
-
-def full_target(target: str) -> str:
-    """`train.py` as `train.py:build`, so that the run records, lists and resumes the function it called."""
-    return f"{target}:{DEFAULT_FUNCTION}" if ":" not in target and is_file_target(target) else target
-
-
-def load_target(target: str) -> Callable[..., TrainingSpec]:
-    """Resolve `path/to/file.py:function` or `package.module:function` to the function. A path (a / in it, or .py
-    at its end) is read as Python source whatever its name ends with."""
-    module_part, sep, func_name = full_target(target).rpartition(":")
-    if not sep or not module_part or not func_name:
-        meant = f" (did you mean {target}.py?)" if ":" not in target and Path(f"{target}.py").is_file() else ""
-        raise SpecError(f"target {target!r} must look like path/to/file.py:function or package.module:function"
-                        f"{meant}")  # `trainbus run train` for train.py, as `guild run train` finds it
-    if ":" in module_part and not is_file_target(module_part):  # no module's name holds one; a path may
-        raise SpecError(f"target {target!r} has more than one ':'; it must look like path/to/file.py:function or "
-                        f"package.module:function")
-    if is_file_target(module_part):
-        path = Path(module_part)
-        if not path.is_file():  # a folder or a device exists: "does not exist" would send the user looking for it
-            why = ("is a directory, not a Python file" if path.is_dir() else
-                   "is not a regular file (a device, a pipe)" if path.exists() else "does not exist")
-            if not path.exists() and Path(f"{module_part}.py").is_file():  # the script named without its .py
-                why += f" (did you mean {module_part}.py:{func_name}?)"
-            raise SpecError(f"target file {path} {why}; check the path before ':{func_name}'")
-        _refuse_without(path, func_name)  # before its code runs: a script may train as it is imported
-        module = _loaded_files.get(_file_key(path))  # the CLI read its flags: its code runs once, not twice
-        if module is None:
-            sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
-            name = _module_name(path)
-            # Python source whatever the file's name, as `python trainscript` runs one: importlib alone knows no
-            # loader for a name without .py
-            loader = importlib.machinery.SourceFileLoader(name, str(path))
-            module_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            try:
-                module_spec.loader.exec_module(module)
-            except KeyboardInterrupt:
-                raise  # a Ctrl-C, or theirs: the command tells them apart
-            except BaseException as exc:  # SystemExit: a script's argparse, reading trainbus's arguments; any
-                raise user_code_error(exc, f"importing {path}") from None  # BaseException of theirs
-            _loaded_files[_file_key(path)] = module
-    else:
-        if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` and the plugins' processes have it
-            sys.path.append(os.getcwd())  # after what is installed: a local directory shadows nothing
-        try:
-            module = importlib.import_module(module_part)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_part.startswith(exc.name):
-                if Path(module_part).is_file():  # `trainbus run train:build` for a script named train
-                    raise SpecError(f"cannot import module {module_part!r}; {module_part} is a file here: name it "
-                                    f"./{module_part}:{func_name} to load it as Python source") from None
-                raise SpecError(f"cannot import module {module_part!r}; is it installed or on PYTHONPATH?") from None
-            raise user_code_error(exc, f"importing {module_part}") from None
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # SystemExit, GeneratorExit, a library's own BaseException
-            raise user_code_error(exc, f"importing {module_part}") from None
-    func = getattr(module, func_name, None)
-    if func is None:
-        own = [name for name, value in vars(module).items() if inspect.isfunction(value)
-               and value.__module__ == module.__name__ and not name.startswith("_")]
-        named = f"name one of its functions: {', '.join(f'{module_part}:{name}' for name in own)}" if own else \
-            "name a function that returns a TrainingSpec"
-        raise SpecError(f"{module_part} has no function {func_name!r}; {named}")
-    if not callable(func) or isinstance(func, type):
-        raise SpecError(f"{target} is not a function (it is {_a(type(func).__name__)}); name a function that returns a "
-                        f"TrainingSpec")
-    return func
-
-
-def _module_name(path: Path) -> str:
-    """The name a target file's module gets: its own (train for train.py), the name another process imports it by to
-    unpickle what it defines (a DataLoader's workers under multiprocessing_context "spawn" or "forkserver", a
-    multiprocessing Pool's) from its folder, first on sys.path there too, and the name its neighbours import it by
-    (`from train import CONFIG`: the same module, not a second copy). trainbus_user_STEM where that name finds
-    another module (a builtin's, json.py beside an imported json) or none (a file not named NAME.py), and where a
-    module of that name is imported already, this file's too (run_training called where the file was imported:
-    re-run under its name, it would replace the module its importers hold), unless that is what we loaded of it."""
-    imported = sys.modules.get(path.stem)
-    if imported is not None and all(imported is not loaded for loaded in _loaded_files.values()):
-        return f"trainbus_user_{path.stem}"
-    try:
-        found = importlib.util.find_spec(path.stem) if path.stem.isidentifier() else None
-    except (ImportError, ValueError):  # a module of that name already imported without a spec (__main__'s kind)
-        found = None
-    origin = getattr(found, "origin", None)
-    if origin and os.path.exists(origin) and os.path.samefile(origin, path):
-        return path.stem
-    return f"trainbus_user_{path.stem}"
-
-
-def _refuse_without(path: Path, function: str) -> None:
-    """SpecError when the file binds no `function` anywhere, read and not run (a Guild script: flags as globals,
-    training at its top level). Anything that might bind it (an import, an assignment, a star import, a module
-    __getattr__) is left to the import, as is a file that is no Python."""
-    try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
-    except (OSError, SyntaxError, ValueError):
-        return
-    if any(_might_bind(node, function) for node in ast.walk(tree)):
-        return
-    functions = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-                 and not node.name.startswith("_")]
-    if functions:
-        raise SpecError(f"{path} has no function {function!r}; name one of its functions: "
-                        f"{', '.join(f'{path}:{name}' for name in functions)}")
-    flags = [f"{node.targets[0].id}={ast.unparse(node.value)}" for node in tree.body
-             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-             and isinstance(node.value, ast.Constant) and not node.targets[0].id.startswith("_")][:4]
-    raise SpecError(f"{path} has no function {function!r}: trainbus calls a function that returns a TrainingSpec, its "
-                    f"parameters the flags; define one in it, as {function}({', '.join(flags)}), or name yours, "
-                    f"{path}:FUNCTION")
-
-
-def _might_bind(node: ast.AST, name: str) -> bool:
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return node.name in (name, "__getattr__")
-    if isinstance(node, ast.Name):
-        return node.id == name
-    if isinstance(node, ast.alias):
-        return name in (node.asname, node.name.split(".")[0], "*")
-    return False
-
-
-_loaded_files: dict[tuple[str, int, int], Any] = {}  # (path, mtime_ns, size) -> module: an edited file loads anew
-
-
-def _file_key(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
-
-
 def build_spec(target: str, hyperparameters: dict[str, Any]) -> TrainingSpec:
     """Call the user's function with its flags (or the hyperparameters dict) and check its result."""
     return build_with_flags(target, hyperparameters)[0]
@@ -358,7 +205,9 @@ def build_with_flags(target: str, hyperparameters: dict[str, Any],
     epochs: `--epochs` (or a resumed run's), also the function's `epochs` flag when it has one: it builds for the
     epochs that train, and its recorded flags say them (they said its default beside fewer epochs trained).
     A flag that is unknown or of the wrong type raises FlagError (a SpecError) before the user's function runs."""
-    from . import flags  # here: flags builds on this module's SpecError
+    from . import flags  # here: flags, target and user_errors build on this module's SpecError
+    from .target import load_target
+    from .user_errors import user_code_error
 
     func = load_target(target)
     signature = flags.signature_of(func)
@@ -405,13 +254,13 @@ def hyperparameters_for_events(hyperparameters: dict[str, Any]) -> tuple[dict[st
             carried[name] = value
             continue
         size = f"{len(value):,} items" if isinstance(value, (list, dict)) else f"{len(str(value)):,} characters"
-        carried[name] = (f"{_a(type(value).__name__)} of {size}, more than an event carries: config.json holds it "
-                         f"whole")
+        carried[name] = (f"{with_article(type(value).__name__)} of {size}, more than an event carries: config.json "
+                         f"holds it whole")
         described.append(name)
     return carried, described
 
 
-def _a(noun: str) -> str:
+def with_article(noun: str) -> str:
     """`a float`, `an int`: a type's name with its article."""
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
@@ -436,82 +285,3 @@ def _plain(value: Any) -> Any:
         return value
     except (TypeError, ValueError):
         return str(value)
-
-
-# Where frames are not the user's: the standard library, installed packages, this kernel and the protocol it uses
-# (outside site-packages in an editable install: ./scripts/setup's).
-_NOT_USER_ROOTS = tuple({os.path.abspath(p) + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib")
-                         if (p := sysconfig.get_paths().get(key))}
-                        | {os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, trainbus_proto_file)})
-
-
-def is_user_file(path: str) -> bool:
-    """Whether an absolute path is the user's code: not the standard library, an installed package or trainbus."""
-    return not path.startswith(_NOT_USER_ROOTS)
-
-
-def user_code_error(exc: BaseException, what: str) -> UserCodeError:
-    """The user's exception as one line, and its traceback trimmed to their frames (their files)."""
-    where, trace = user_trace(exc)
-    if isinstance(exc, SystemExit):
-        return UserCodeError(f"{what}: {_exited(exc)}{where}", trace)
-    text = printable((exception_message(exc).strip().splitlines() or [""])[0], ERROR_CHARS)
-    return UserCodeError(f"{what} raised {type(exc).__name__}{': ' + text if text else ''}{where}", trace)
-
-
-def _exited(exc: SystemExit) -> str:
-    """A sys.exit() in the user's code, said with its fix: it would end the kernel, and the run, with no word."""
-    by_argparse = any(os.path.basename(frame.filename) == "argparse.py"
-                      for frame in traceback.extract_tb(exc.__traceback__))
-    fix = ("argparse read trainbus's own command line: parse arguments under `if __name__ == \"__main__\":` and take "
-           "them as the function's parameters (flags: NAME=VALUE)" if by_argparse
-           else "a training function returns, or raises an exception, to end")
-    return f"sys.exit({printable(repr(exc.code), ERROR_CHARS)}) would end the process; {fix}"
-
-
-TRACE_MESSAGE_CHARS = 5000  # the exception's message under the user's frames on the terminal (kernel.log has it all)
-
-# torch re-raises an exception from a DataLoader worker process with the worker's traceback as text in its message
-_WORKER = re.compile(r"\A(Caught \w+ in (DataLoader worker process \d+))\.\nOriginal Traceback \(most recent call "
-                     r"last\):\n(?P<trace>.*)\Z", re.S)
-_TRACE_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>.+)\n(?:    (?P<code>.*)\n)?', re.M)
-
-
-def error_line(exc: BaseException) -> str:
-    """The exception as the one-line error: `Type: message`. One from a DataLoader worker is the worker's own
-    last line, and where it ran (torch's message holds the worker's whole traceback)."""
-    if isinstance(exc, SystemExit):
-        return f"SystemExit: {_exited(exc)}"
-    message = exception_message(exc)
-    worker = _WORKER.match(message)
-    if worker:
-        last = [line for line in worker["trace"].strip().splitlines() if line.strip()][-1]
-        return f"{printable(last.strip(), ERROR_CHARS)} (in {worker[2]})"
-    lines = [line for line in message.splitlines() if line.strip()]
-    text = type(exc).__name__ + (f": {printable(lines[0].strip(), ERROR_CHARS)}" if lines else "") + (
-        " (the whole message is in the run's kernel.log)" if len(lines) > 1 else "")
-    if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
-        text += "; torch.compile failed: fix what it names, or train without --compile"
-    return text
-
-
-def user_trace(exc: BaseException) -> tuple[str, str]:
-    """Where in the user's code `exc` was raised (" (in your code: FILE, line N)", or "" when none of their code
-    ran) and its traceback trimmed to their frames: "" without any (a lone exception line would only repeat
-    the one-line error), except for a SyntaxError, whose file, line and caret are the point. An exception from a
-    DataLoader worker is read from the worker's traceback, which torch passes on as text."""
-    worker = _WORKER.match(exception_message(exc))
-    if worker:
-        frames = [traceback.FrameSummary(m["file"], int(m["line"]), m["name"], line=m["code"] or "")
-                  for m in _TRACE_FRAME.finditer(worker["trace"])]
-        last = error_line(exc).rsplit(" (in ", 1)[0] + "\n"
-    else:
-        frames, last = traceback.extract_tb(exc.__traceback__), None
-    frames = [f for f in frames
-              if not f.filename.startswith("<") and is_user_file(os.path.abspath(f.filename))]
-    if not frames and not isinstance(exc, SyntaxError):
-        return "", ""
-    header = ["Traceback (most recent call last; your code only):\n"] if frames else []
-    last = last or printable("".join(traceback.format_exception_only(type(exc), exc)), TRACE_MESSAGE_CHARS, lines=True)
-    trace = "".join([*header, *traceback.format_list(frames), last.rstrip("\n") + "\n"])
-    return (f" (in your code: {frames[-1].filename}, line {frames[-1].lineno})" if frames else ""), trace

@@ -9,8 +9,10 @@ from typing import Any
 
 from .config import RunConfig, check_metric_settings
 from .interrupts import Interrupts
-from .spec import TrainingSpec, build_with_flags, load_target, user_code_error
+from .spec import TrainingSpec, build_with_flags
+from .target import load_target
 from .training_state import seed_everything
+from .user_errors import user_code_error
 
 
 def build_for_run(cfg: RunConfig, interrupts: Interrupts, started_in: str, runs_path: Path,

@@ -192,7 +192,7 @@ def test_the_target_a_submitted_command_trains_is_its_own_the_demos_or_unknown_w
     --config names one (the daemon reads no file for a listing)."""
     from trainbus.kernel.cli import read_run_command
     from trainbus.kernel.daemon_serve import _target
-    from trainbus.kernel.spec import DEFAULT_TARGET
+    from trainbus.kernel.target import DEFAULT_TARGET
 
     for argv, target in ((["--epochs", "1", "t.py:build", "lr=0.1"], "t.py:build"), (["lr=0.1"], DEFAULT_TARGET),
                          ([], DEFAULT_TARGET), (["-c", __file__, "--epochs", "2"], None)):

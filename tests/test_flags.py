@@ -98,7 +98,7 @@ def train_py(tmp_path_factory) -> Path:
 # -- the signature and the docstring ---------------------------------------------------------------
 
 def test_flags_come_from_the_signature_annotations_defaults_and_docstring(train_py):
-    from trainbus.kernel.spec import load_target
+    from trainbus.kernel.target import load_target
 
     sig = signature_of(load_target(f"{train_py}:build"))
     assert not sig.takes_dict and not sig.takes_extra

@@ -20,7 +20,7 @@ from trainbus.kernel.journal import Journal
 from trainbus.kernel.runs import run_overview
 from trainbus.kernel.config import ConfigError, RunConfig, check_run, resolve_plugin
 from trainbus.kernel.rank_stacks import STACKS, ask_ranks
-from trainbus.kernel.spec import is_user_file
+from trainbus.kernel.user_errors import is_user_file
 from trainbus.kernel.stall_watch import StallWatch, thread_stack
 from trainbus.proto import JOURNAL_NAME, Event, encode_event, events as ev
 from trainbus.proto.journal_format import TAIL_BYTES

@@ -18,8 +18,9 @@ from trainbus.kernel.bus import Bus
 from trainbus.kernel.config import load_config
 from trainbus.kernel.loop import Loop
 from trainbus.kernel.run_bus import close_bus, open_bus, wait_drained, wait_ready
-from trainbus.kernel.spec import DEFAULT_TARGET, build_spec
+from trainbus.kernel.spec import build_spec
 from trainbus.kernel.supervisor import PluginSpec
+from trainbus.kernel.target import DEFAULT_TARGET
 from trainbus.kernel.training_state import seed_everything
 from trainbus.proto import events as ev
 

@@ -18,7 +18,8 @@ from trainbus.kernel.journal import read_events
 from trainbus.kernel.training_state import seed_everything
 from trainbus.kernel.memory import keep_freed_memory
 from trainbus.kernel.session import run_training
-from trainbus.kernel.spec import DEFAULT_TARGET, build_spec
+from trainbus.kernel.spec import build_spec
+from trainbus.kernel.target import DEFAULT_TARGET
 from trainbus.proto import events as ev
 
 

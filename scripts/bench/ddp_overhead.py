@@ -59,7 +59,8 @@ def worker(out: Path, epochs: int, seed: int) -> None:
     from trainbus.kernel.distributed import shard
     from trainbus.kernel.training_state import seed_everything
     from trainbus.kernel.memory import keep_freed_memory
-    from trainbus.kernel.spec import DEFAULT_TARGET, build_spec
+    from trainbus.kernel.spec import build_spec
+    from trainbus.kernel.target import DEFAULT_TARGET
 
     dist.init_process_group("gloo")
     seed_everything(seed)

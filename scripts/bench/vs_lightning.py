@@ -58,7 +58,8 @@ from trainbus.kernel.config import load_config, resolve_plugin
 from trainbus.kernel.digits import accuracy
 from trainbus.kernel.training_state import seed_everything
 from trainbus.kernel.memory import keep_freed_memory
-from trainbus.kernel.spec import DEFAULT_TARGET, TrainingSpec, build_spec
+from trainbus.kernel.spec import TrainingSpec, build_spec
+from trainbus.kernel.target import DEFAULT_TARGET
 
 try:
     import lightning as L
