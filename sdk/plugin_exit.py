@@ -12,7 +12,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from .plugin_io import KERNEL_EXITED, _say
+from .kernel_liveness import KERNEL_EXITED
+from .plugin_io import _say
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -45,7 +46,7 @@ def terminate(runner: Runner, why: str = "terminated (SIGTERM)") -> None:
     if runner._ended:  # already finishing (the I/O thread saw the kernel go first): let that run to its end
         return
     io = runner.io
-    if io.gone is None and io.kernel_exited(KERNEL_EXIT_GRACE_S):  # PR_SET_PDEATHSIG's, not the kernel's own
+    if io.gone is None and io.liveness.exited(KERNEL_EXIT_GRACE_S):  # PR_SET_PDEATHSIG's, not the kernel's own
         io.lost_kernel, io.gone = True, io.gone or KERNEL_EXITED
     io.gone = io.gone or why
     io.stopped_by_user = not runner.spawned  # the kernel started none of it: its user did, and stops it now

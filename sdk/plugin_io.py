@@ -26,13 +26,12 @@ from trainbus.proto import (
 from trainbus.proto.process import drain
 from trainbus.proto.remote import ConnectionWatch
 
+from .kernel_liveness import HEARTBEAT_LIVENESS, KernelLiveness
 from .tracebacks import user_stack
 
-HEARTBEAT_LIVENESS = 3  # kernel silent this many intervals -> gone (zguide's Paranoid Pirate)
 # the code of the kernel's refusal of a hello under a name still held (PROTOCOL.md §2): the code, not the reason's
 # text, which quotes the name (any string) and is worded for people
 NAME_HELD = "hello_name_taken"
-CONNECT_TIMEOUT_S = 30.0  # no heartbeat from the kernel this long after start: give up
 INBOX_MAX_EVENTS = 10_000  # live events held for a slow handler; beyond it they are dropped (and replayed)
 # Replies held for a kernel that reads slower than the plugin sends (a thread reporting a metric in a loop; a remote
 # kernel reads TCP at a share of its time): past this many waiting, metrics and logs are dropped (the kernel would
@@ -49,10 +48,6 @@ MAX_POLL_S = 1.0
 # each costs the kernel's bus thread, which shares training's GIL, a decode; a restart redoes at most this much more.
 ACK_INTERVAL_S = 0.25
 FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
-KERNEL_EXITED = "the kernel process exited"
-# A remote plugin (over TCP) cannot tell a kernel gone from a network down: it waits this long for the kernel's
-# heartbeats to come back (libzmq reconnects by itself) before it gives up, as long as attach's reconnects take.
-REMOTE_SILENCE_S = 100.0
 UNKNOWN_PEER = "unknown_peer"  # the kernel's refusal of a peer it does not know (forgot, past its liveness window)
 # At exit, after bye, the socket stays open until the kernel's farewell says it read everything before it, this long
 # at most: closed with messages in flight, they are lost (over TCP the kernel reads 16 at a time, the rest wait in
@@ -71,14 +66,14 @@ class PluginIO(threading.Thread):
         `log_not_acted`: a refused single message is also a line on stderr (a plugin's log); attach shows its own.
         `bursts`: `events_endpoint` is the kernel's bursts XPUB (every event, a flush's in one message; topics [""]).
         `unanswered_after_s` (with `secure`): give up when the control endpoint accepted no connection that long
-        (ConnectionWatch; None: wait out CONNECT_TIMEOUT_S, as a plugin started before its kernel must)."""
+        (ConnectionWatch; None: wait out kernel_liveness.CONNECT_TIMEOUT_S, as a plugin started before its kernel
+        must)."""
         super().__init__(name="trainbus-plugin-io", daemon=True)
         self.inbox: collections.deque = collections.deque()  # ("event", Event) | ("control", msg)
         self.outbox: collections.deque = collections.deque()  # control messages to send
         self.wake = threading.Condition()
         self.hello = hello
         self.handler_timeout_s = handler_timeout_s
-        self.kernel_pid = kernel_pid
         self.busy_since: float | None = None  # set by the main thread around each handler
         self.busy_with: Event | None = None  # and the event it handles (formatted only if it gets stuck)
         # When the running handler last said it is getting somewhere (still_working), from any thread: its clock runs
@@ -86,13 +81,9 @@ class PluginIO(threading.Thread):
         # set busy_since could land just after the handler returned and leave an idle plugin "stuck".
         self.progress_at = 0.0
         self._stuck_told: float | None = None  # the handler clock (_busy_clock) we said is past its timeout
-        self._silent_since: float | None = None  # the kernel fell silent while still alive (_kernel_gone): since when
-        # over TCP (the Runner of a remote plugin): how long a silent kernel is waited for; 0: gone at once
-        self.wait_out_silence_s = 0.0
-        # attached by hand on the kernel's machine (the Runner sets it): whether the run's kernel process still
-        # runs, so a silence of ours (this process stopped, Ctrl-Z) is not taken for the kernel's death
-        self.kernel_alive: Callable[[], object] | None = None
-        self._rehello = False  # saying hello again to a kernel that forgot us (wait_out_silence_s)
+        # whether the kernel is gone (its wait_out_silence_s and kernel_alive are the Runner's to set)
+        self.liveness = KernelLiveness(kernel_pid, lambda text: _say(f"[{hello['name']}] {text}"))
+        self._rehello = False  # saying hello again to a kernel that forgot us (liveness.wait_out_silence_s)
         self.gone: str | None = None  # why the kernel is considered gone
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
         # gone, but on purpose: a plugin run by hand whose user stopped it (Ctrl-C, SIGTERM) says bye as it leaves
@@ -281,7 +272,7 @@ class PluginIO(threading.Thread):
                     next_heartbeat = now + self.heartbeat_interval_s
                 elif self._stuck_told != self._busy_clock():
                     self._tell_stuck(now)
-            reason = self._kernel_gone(now, started, last_kernel)
+            reason = self.liveness.gone(now, started, last_kernel, self.heartbeat_interval_s)
             if reason:
                 self.gone, self.lost_kernel = reason, True
                 return
@@ -300,9 +291,8 @@ class PluginIO(threading.Thread):
         if self.welcomed:
             # a heartbeat held back by a stuck handler (_handler_stuck) is looked at again every 0.1 s
             due = min(due, max(next_heartbeat, now + 0.1))
-        silent_until = (started + CONNECT_TIMEOUT_S if last_kernel is None
-                        else last_kernel + self.heartbeat_interval_s * HEARTBEAT_LIVENESS)
-        if self._silent_since is None:  # else it is past already: MAX_POLL_S paces the look at the kernel's pid
+        silent_until = self.liveness.silent_until(started, last_kernel, self.heartbeat_interval_s)
+        if silent_until is not None:  # else it is past already: MAX_POLL_S paces the look at the kernel's pid
             due = min(due, silent_until + 0.001)
         return max(1, int((due - now) * 1000) + 1)
 
@@ -386,7 +376,7 @@ class PluginIO(threading.Thread):
                 self.said_hello, self._hello_at = False, time.monotonic() + self.heartbeat_interval_s
                 continue
             if (msg["type"] == "refused" and msg["code"] == UNKNOWN_PEER
-                    and (self.wait_out_silence_s or self.kernel_alive is not None)
+                    and (self.liveness.wait_out_silence_s or self.liveness.kernel_alive is not None)
                     and (self.welcomed or self._rehello)):
                 # back after a silence longer than the kernel keeps a silent peer's place: it forgot us. Say hello
                 # again (after the next event, as the first time); a durable plugin then replays what went by.
@@ -411,7 +401,7 @@ class PluginIO(threading.Thread):
         Anything else the kernel sends meanwhile is of no use to a plugin that is leaving."""
         self._flush_outbox()
         deadline = time.monotonic() + FAREWELL_WAIT_S
-        while until_farewell and (left := deadline - time.monotonic()) > 0 and not self.kernel_exited():
+        while until_farewell and (left := deadline - time.monotonic()) > 0 and not self.liveness.exited():
             if self.dealer.poll(int(min(left, 0.05) * 1000) + 1):
                 try:
                     if decode_control(self.dealer.recv(zmq.NOBLOCK))["type"] == "farewell":
@@ -462,54 +452,6 @@ class PluginIO(threading.Thread):
     def _handler_stuck(self, now: float) -> bool:
         busy = self._busy_clock()
         return busy is not None and now - busy > self.handler_timeout_s
-
-    def kernel_exited(self, grace_s: float = 0.0) -> bool:
-        """The kernel that spawned us is no longer our parent (orphans are re-parented), or is not within grace_s."""
-        if self.kernel_pid is None:
-            return False
-        deadline = time.monotonic() + grace_s
-        while os.getppid() == self.kernel_pid:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.005)
-        return True
-
-    def _kernel_gone(self, now: float, started: float, last_kernel: float | None) -> str | None:
-        if self.kernel_exited():
-            return KERNEL_EXITED
-        if last_kernel is None:
-            return f"no kernel heartbeat within {CONNECT_TIMEOUT_S:.0f} s" if now - started > CONNECT_TIMEOUT_S else None
-        window = self.heartbeat_interval_s * HEARTBEAT_LIVENESS
-        if now - last_kernel <= window:
-            if self._silent_since is not None:
-                _say(f"[{self.hello['name']}] the kernel is back after {now - self._silent_since:.1f} s of silence; "
-                     f"going on")
-                self._silent_since = None
-            return None
-        if self.kernel_pid is None and self.kernel_alive is not None and self.kernel_alive():
-            # attached by hand beside a kernel that still runs: the silence was ours (stopped) or its (stopped,
-            # starved); wait for it, as a spawned plugin does, and say so once
-            if self._silent_since is None:
-                self._silent_since = last_kernel
-                _say(f"[{self.hello['name']}] no kernel heartbeat for {now - last_kernel:.1f} s, but the run's kernel "
-                     f"still runs (stopped or starved, or this plugin was); waiting for it")
-            return None
-        if self.kernel_pid is None:  # attached by hand or remote: silence is all we can know of the kernel
-            if now - last_kernel > self.wait_out_silence_s:
-                return f"no kernel heartbeat for {now - last_kernel:.1f} s"
-            # over TCP a silence is as likely a network down for a while (the kernel lives on): wait for it
-            if self._silent_since is None:
-                self._silent_since = last_kernel
-                _say(f"[{self.hello['name']}] no kernel heartbeat for {now - last_kernel:.1f} s: the network to its "
-                     f"host is down, or the kernel is gone or hung; waiting up to {self.wait_out_silence_s:.0f} s")
-            return None
-        # Still our parent (PR_SET_PDEATHSIG ends us with it): a kernel stopped (SIGSTOP, a frozen cgroup, swapped
-        # out) is silent, not gone; leaving would lose the rest of the run's events. Wait for it, and say so once.
-        if self._silent_since is None:
-            self._silent_since = last_kernel
-            _say(f"[{self.hello['name']}] no kernel heartbeat for {now - last_kernel:.1f} s, but the kernel (pid "
-                 f"{self.kernel_pid}) is still running (stopped or starved?); waiting for it")
-        return None
 
 
 def _one_event(frames: list[zmq.Frame]) -> list[Event]:

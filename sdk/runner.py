@@ -27,7 +27,8 @@ from trainbus.proto.process import class_warning_level
 from .kernel_watch import kernel_alive, run_summary
 from .plugin import KernelGoneInfo, Plugin, checked_subscriptions
 from .plugin_exit import FINISH_ON_TERM_S, LEFTOVER_THREAD_S, CutShort, leave_if_orphaned, threads_left
-from .plugin_io import FINAL_EVENTS, MAX_POLL_S, REMOTE_SILENCE_S, PluginIO, _say
+from .kernel_liveness import REMOTE_SILENCE_S
+from .plugin_io import FINAL_EVENTS, MAX_POLL_S, PluginIO, _say
 from .replay import REPLAY_RESEND_S, in_order, skip_lost
 from .tracebacks import user_traceback
 
@@ -80,10 +81,10 @@ class Runner:
                           secure)
         self.remote = secure is not None  # over TCP: a silent kernel may be a network down; it is waited for
         if self.remote:
-            self.io.wait_out_silence_s = REMOTE_SILENCE_S
+            self.io.liveness.wait_out_silence_s = REMOTE_SILENCE_S
         elif not self.spawned and plugin.run_dir:
             run_dir = Path(plugin.run_dir)
-            self.io.kernel_alive = lambda: kernel_alive(run_dir)
+            self.io.liveness.kernel_alive = lambda: kernel_alive(run_dir)
         self.counts_gaps = topics == [""]
         # What is dispatched; the rest (a durable plugin is sent every type but the per-batch ones it does not
         # handle, a best-effort one heartbeats) is stepped over in order, without a handler call. A plugin with

@@ -916,7 +916,7 @@ def test_a_remote_plugin_that_no_kernel_answers_says_what_to_check_in_one_line(k
     # no other test's process takes one meanwhile (a free port's next one was, once: "broke the ZeroMQ handshake")
     held = three_ports_refusing()
     port = held[0].getsockname()[1]
-    code = ("import sys, trainbus.sdk.plugin_io as io; io.CONNECT_TIMEOUT_S = 2.0; "
+    code = ("import sys, trainbus.sdk.kernel_liveness as liveness; liveness.CONNECT_TIMEOUT_S = 2.0; "
             "from trainbus.sdk.__main__ import main; sys.exit(main(sys.argv[1:]))")
     try:
         proc = subprocess.run([sys.executable, "-c", code, "trainbus.plugins.cpu_monitor:CpuMonitorPlugin",
@@ -1280,7 +1280,7 @@ def test_a_refused_key_and_an_unresolved_host_are_said_of_the_host_port_given_no
             assert str(refused.value).startswith(f"tcp://127.0.0.1:{port} {REFUSED_KEY}"), str(refused.value)
     finally:
         listener.close()
-    code = ("import sys, trainbus.sdk.plugin_io as io; io.CONNECT_TIMEOUT_S = 2.0; "
+    code = ("import sys, trainbus.sdk.kernel_liveness as liveness; liveness.CONNECT_TIMEOUT_S = 2.0; "
             "from trainbus.sdk.__main__ import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "trainbus.plugins.cpu_monitor:CpuMonitorPlugin", "--connect",
                            f"{UNKNOWN_HOST}:5555", "--key", str(keys["watcher"]), "--server-key",

@@ -13,7 +13,7 @@ import zmq
 from stand_in_kernel import StandInKernel
 
 from trainbus.proto import control
-from trainbus.sdk import plugin_io
+from trainbus.sdk import kernel_liveness, plugin_io
 from trainbus.sdk.plugin import Plugin
 from trainbus.sdk.plugin_io import PluginIO
 from trainbus.sdk.runner import Runner
@@ -95,7 +95,7 @@ def test_a_send_while_the_io_thread_drains_its_wake_pipe_does_not_lose_the_wake_
     wrote nothing and waited for the next thing to arrive or the poll's timeout. Here nothing arrives and the timeout
     is a minute: the third message must still go at once."""
     monkeypatch.setattr(plugin_io, "MAX_POLL_S", 60.0)
-    monkeypatch.setattr(plugin_io, "CONNECT_TIMEOUT_S", 60.0)  # not welcomed: no heartbeat of ours is due either
+    monkeypatch.setattr(kernel_liveness, "CONNECT_TIMEOUT_S", 60.0)  # not welcomed: no heartbeat of ours is due either
     held, release = threading.Event(), threading.Event()
     drain = plugin_io.drain
 

@@ -20,7 +20,7 @@ from trainbus.proto.codec import event_to_map
 from trainbus.proto.messages import SUMMARY_NAME
 from trainbus.sdk.bz import Plugin as BzPlugin
 from trainbus.sdk.plugin import KernelGoneInfo, Plugin
-from trainbus.sdk.plugin_io import KERNEL_EXITED
+from trainbus.sdk.kernel_liveness import KERNEL_EXITED, KernelLiveness
 from trainbus.sdk.runner import Runner
 
 RUN = "r1"
@@ -64,6 +64,7 @@ class FakeKernelIO:
         self.closing = threading.Event()
         self.gone = self.refused = self.denied = self.busy_since = None
         self.lost_kernel = False
+        self.liveness = KernelLiveness(kernel_pid, lambda text: None)  # what the Runner sets on it
         self.heartbeat_interval_s = 1.0
         self.received = self.dropped = self.malformed = 0
         self.replies_dropped: dict[str, int] = {}
