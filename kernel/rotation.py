@@ -39,7 +39,7 @@ def write_segments(path: Path, read_fd: int, offsets: array, size: int, first_se
 def record_next_seq(path: Path, next_seq: int) -> None:
     """The emptied active file's first seq, in a file beside it: the newest segment is then the only other
     record of where the journal goes on, and one lost (a bad copy, a hand freeing space) would have a continued
-    run number new events with its seqs. Not kept, it is one such record less, as before segments existed."""
+    run number new events with its seqs. Not kept (a full disk), the newest segment is the one record left."""
     marker = next_seq_path(path)
     hidden = marker.with_name(f".{marker.name}")
     try:

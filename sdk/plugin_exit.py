@@ -54,7 +54,7 @@ def terminate(runner: Runner, why: str = "terminated (SIGTERM)") -> None:
     with io.wake:
         io.wake.notify()  # a main thread waiting for the next event goes to _finish now
     # One busy in the plugin's code (a handler, setup) finishes it, then sees `terminating`; past the grace, CutShort
-    # is raised where it is. Raising at once, as this did, ran teardown in the middle of the handler.
+    # is raised where it is. Raising at once would run teardown in the middle of the handler.
     signal.signal(signal.SIGALRM, lambda *_: _cut_short(runner))
     # from the SIGTERM, not from here: telling the kernel's SIGTERM from PR_SET_PDEATHSIG's took up to 0.25 s of it
     signal.setitimer(signal.ITIMER_REAL, max(0.01, FINISH_ON_TERM_S - (time.monotonic() - arrived)))

@@ -41,7 +41,7 @@ OUTBOX_MAX_REPLIES = 10_000
 DROPPABLE_REPLIES = frozenset({"metric", "log"})
 # The I/O thread sleeps until something arrives, is to be sent, or a heartbeat or the kernel's liveness is due,
 # and at most this long; the main thread until something arrives. A Python thread's wake-up costs ~100 us of a core,
-# and on a busy 2-core box a plugin's CPU is taken from training: polling every 50 ms, as this did, woke each thread
+# and on a busy 2-core box a plugin's CPU is taken from training: polling every 50 ms would wake each thread
 # ~35 times a second for nothing (docs/benchmarks.md, "Fewer events and fewer wake-ups").
 MAX_POLL_S = 1.0
 # A durable plugin's acks go at most this often (with its heartbeats when idle), and at once for a vote and at exit:
