@@ -10,13 +10,18 @@ import signal
 import subprocess
 import sys
 
+from fixture_targets import open_gate
 from helpers import recorded, run_config
 from kernel_process import KernelProcess, wait_until
 from trainbus.proto.journal_format import read_journal
 
 
 def test_a_durable_plugin_attached_by_hand_goes_on_after_its_process_was_stopped(runs_dir, tmp_path, kernels):
-    kernel = KernelProcess(run_config(runs_dir, epochs=14, target="fixture_targets:paced_digits", step_sleep_s=0.03),
+    # gated: the run steps on only where the test lets it, so it outlasts the plugin's stop however slowly a busy
+    # machine forgets the silent peer, and the events that go by while it stands still are known to have gone by
+    gate, per_epoch, epochs = tmp_path / "gate", 45, 3
+    open_gate(gate, 1)
+    kernel = KernelProcess(run_config(runs_dir, epochs=epochs, target="fixture_targets:paced_digits", gate=str(gate)),
                            tmp_path)
     kernels.append(kernel)
     kernel.wait_step(1, timeout_s=60)
@@ -27,13 +32,20 @@ def test_a_durable_plugin_attached_by_hand_goes_on_after_its_process_was_stopped
         env={**os.environ, "TRAINBUS_RUN_DIR": str(kernel.run_dir)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
+        kernel.wait_event("plugin_ready", lambda e: e.data["plugin"] == "by_hand", timeout_s=60)
+        open_gate(gate, per_epoch)
         wait_until(lambda: record.exists() and len(recorded(record)) > 20, 60, "the plugin's first events")
         plugin.send_signal(signal.SIGSTOP)
         try:  # past twice the liveness window the kernel forgets a peer attached by hand (peers.forget_dead)
-            kernel.wait_event("plugin_hung", lambda e: e.data["plugin"] == "by_hand", timeout_s=60)
+            open_gate(gate, 2 * per_epoch)  # an epoch goes by while the plugin stands still
+            hung = kernel.wait_event("plugin_hung", lambda e: e.data["plugin"] == "by_hand", timeout_s=60)
+            kernel.wait_step(2 * per_epoch, timeout_s=60)
             assert not kernel.journal.of("end_training_session"), "the run ended before the test could look"
         finally:
             plugin.send_signal(signal.SIGCONT)
+        # awake, its next message is refused as a stranger's: it says hello again before the run goes on (and ends)
+        kernel.wait_event("plugin_ready", lambda e: e.data["plugin"] == "by_hand", timeout_s=60, after_seq=hung.seq)
+        open_gate(gate, epochs * per_epoch)
         kernel.result(timeout_s=180)
         out, err = plugin.communicate(timeout=60)
     finally:
