@@ -10,6 +10,7 @@ import socket
 import threading
 from pathlib import Path
 
+from fixture_targets import open_gate
 from kernel_process import Command, KernelProcess, wait_until
 from remote_support import connection, keys, listening_config  # noqa: F401
 from trainbus.proto.journal_format import read_journal
@@ -58,7 +59,12 @@ class HeldControlLink:
 
 def test_attach_json_goes_on_after_the_kernel_forgot_it_during_a_stalled_control_link(runs_dir, tmp_path, keys,
                                                                                       kernels):
-    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=14, step_sleep_s=0.03), tmp_path)
+    # gated: the run steps on only where the test lets it, so it outlasts the stall however slowly a busy machine
+    # forgets the client, and the events that go by during the stall are known to have gone by
+    gate, per_epoch, epochs = tmp_path / "gate", 45, 3
+    open_gate(gate, 1)
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], epochs=epochs, step_sleep_s=0.01, gate=gate),
+                           tmp_path)
     kernels.append(kernel)
     conn = connection(kernel)
     link = HeldControlLink(int(conn["control"].rpartition(":")[2]))
@@ -69,13 +75,19 @@ def test_attach_json_goes_on_after_the_kernel_forgot_it_during_a_stalled_control
     attach = Command("attach", str(via_link), "--key", str(keys["pilot"]), "--json")
     try:
         printed = Path(attach.stdout_path)
-        wait_until(lambda: printed.exists() and printed.read_text().count("\n") > 20, 60,
-                   "attach's snapshot and first events")
+        wait_until(lambda: printed.exists() and printed.read_text().count("\n") > 0, 60, "attach's snapshot")
+        open_gate(gate, per_epoch)
+        wait_until(lambda: printed.read_text().count("\n") > 20, 60, "attach's first events")
         link.flowing.clear()
+        open_gate(gate, 2 * per_epoch)  # an epoch goes by during the stall
         # past twice the liveness window the kernel forgets a client attached by hand (peers.forget_dead)
         kernel.wait_event("plugin_hung", lambda e: e.data["plugin"].startswith("attach-"), timeout_s=60)
+        kernel.wait_step(2 * per_epoch, timeout_s=60)
         assert not kernel.journal.of("end_training_session"), "the run ended before the test could look"
         link.flowing.set()
+        said = Path(attach.stderr_path)
+        wait_until(lambda: "reconnected after" in said.read_text() or attach.poll() is not None, 60, "attach back")
+        open_gate(gate, epochs * per_epoch)
         kernel.result(timeout_s=180)
         attach.wait(60)
         out, err = attach.communicate(5)
