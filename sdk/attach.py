@@ -209,6 +209,8 @@ class Attachment:
                     item = self._ready.popleft()
                     yield item
                     if item[0] == "event" and item[1].type == ev.BUS_CLOSING:
+                        if self._io is not None:  # nothing follows it: no bye, nor a wait for its farewell
+                            self._io.kernel_closing = True
                         return  # attached after the final event too: what the plugins' drain brings comes first
                 if self._io is None:  # the kernel went after the final event
                     return

@@ -118,6 +118,7 @@ class PluginIO(threading.Thread):
         self.said_hello = False
         self.welcomed = False
         self.farewell = False  # the kernel's welcome said it answers a bye with farewell (older kernels do not)
+        self.kernel_closing = False  # its bus_closing came: it closes its sockets, and a bye would go unanswered
         # A name still held by a predecessor that vanished (killed, restarted by hand) is free once it has been
         # silent for the liveness window: until then each hello is refused, and said again an interval later.
         self._hello_tries_left = 2 * HEARTBEAT_LIVENESS
@@ -212,7 +213,8 @@ class PluginIO(threading.Thread):
             self.sub.close()
             self._take_ack()
             # leaving on purpose: a peer attached by hand is then gone (without it, the kernel took it for hung)
-            said_bye = self.said_hello and (self.gone is None or (self.stopped_by_user and not self.lost_kernel))
+            said_bye = self.said_hello and not self.kernel_closing and (
+                self.gone is None or (self.stopped_by_user and not self.lost_kernel))
             if said_bye:
                 self.outbox.append(control("bye", reason="done"))
             self._send_the_rest(until_farewell=said_bye and self.welcomed and self.farewell)

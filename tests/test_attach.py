@@ -940,3 +940,50 @@ def test_an_attached_clients_replay_whose_answer_was_lost_is_asked_for_again(tmp
     finally:
         attachment.close()
         kernel.close()
+
+
+def test_an_attached_client_says_nothing_after_the_kernels_bus_closing(tmp_path):
+    """bus_closing is the kernel's last word before it closes its sockets (PROTOCOL.md §6): a bye then is answered by
+    no one. `attach` said one all the same and waited for its farewell, so it exited 3 s after the run's end (its
+    I/O thread's join timeout), in every script that watches a run to its end."""
+    import zmq
+    from stand_in_kernel import StandInKernel
+
+    from trainbus.proto import control, encode_control
+    from trainbus.sdk.attach import Attachment, Target
+
+    kernel = StandInKernel(f"ipc://{tmp_path}/events", f"ipc://{tmp_path}/control")
+    attachment = Attachment(Target(*[s.getsockopt_string(zmq.LAST_ENDPOINT) for s in (kernel.pub, kernel.router)]))
+    items = iter(attachment)
+    said: list[dict] = []
+    try:
+        got, deadline = None, time.monotonic() + 30
+        while got is None and time.monotonic() < deadline:  # heartbeats until it is subscribed and says hello
+            kernel.publish("heartbeat", interval_s=1.0)
+            next(items)
+            got = kernel.receive(50)
+        identity, hello = got
+        assert hello["type"] == "hello", hello
+        # a kernel that answers a bye with farewell, as trainbus's does (until it closes)
+        kernel.router.send_multipart([identity, encode_control(control(
+            "welcome", run=kernel.run_id, heartbeat_interval_s=1.0, resume_from=1, farewell=True))])
+        asked, deadline = [], time.monotonic() + 30
+        while "snapshot" not in asked and time.monotonic() < deadline:  # its steps read the welcome and ask
+            kernel.publish("heartbeat", interval_s=1.0)
+            next(items)
+            while (got := kernel.receive(10)) is not None:
+                asked.append(got[1]["type"])
+        assert "snapshot" in asked, asked
+        kernel.router.send_multipart([identity, encode_control(control(
+            "run_state", seq=kernel.seq, state=RunState(kernel.run_id, kernel.seq).to_map()))])
+        kernel.publish("end_training_session")
+        kernel.publish("bus_closing")
+        seen = [item for item in items if item is not None]  # ends with bus_closing, its connection closed
+        assert [(kind, getattr(what, "type", None)) for kind, what in seen[-2:]] == [
+            ("event", "end_training_session"), ("event", "bus_closing")], seen
+        while (got := kernel.receive(500)) is not None:  # what it sent after bus_closing (the stand-in stays)
+            said.append(got[1])
+    finally:
+        attachment.close()
+        kernel.close()
+    assert [m["type"] for m in said if m["type"] not in ("heartbeat", "ack", "snapshot")] == [], said
