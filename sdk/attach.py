@@ -207,10 +207,11 @@ class Attachment:
             while True:
                 while self._ready:
                     item = self._ready.popleft()
+                    closing = item[0] == "event" and item[1].type == ev.BUS_CLOSING
+                    if closing and self._io is not None:  # nothing follows it: no bye, nor a wait for its farewell
+                        self._io.kernel_closing = True  # before the yield: a caller may stop iterating at it
                     yield item
-                    if item[0] == "event" and item[1].type == ev.BUS_CLOSING:
-                        if self._io is not None:  # nothing follows it: no bye, nor a wait for its farewell
-                            self._io.kernel_closing = True
+                    if closing:
                         return  # attached after the final event too: what the plugins' drain brings comes first
                 if self._io is None:  # the kernel went after the final event
                     return
