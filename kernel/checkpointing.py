@@ -311,6 +311,7 @@ def _first_line(exc: Exception) -> str:
 
 
 def _unpickler_reason(exc: Exception) -> str | None:
-    """torch's "Unsupported global: GLOBAL mod.Cls was not an allowed global by default" clause, if that is the cause."""
+    """torch's "Unsupported global: GLOBAL mod.Cls was not an allowed global by default" clause, if that is
+    the cause."""
     found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. |\.?$)", str(exc), re.MULTILINE)  # its next line
     return (found.group(1).strip() or None) if found else None

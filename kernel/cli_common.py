@@ -130,7 +130,8 @@ def _describe(items: list[str]) -> list[dict]:
                         f"plugin module that waits as it is imported (for a device, a lock, the network) should wait "
                         f"in its setup() instead; or the machine is too busy: try again once it is less so") from None
     if proc.returncode != 0:
-        raise UserError(f"could not load plugins: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode
+        raise UserError(f"could not load plugins: {reason}")
     return json.loads(proc.stdout)
 
 

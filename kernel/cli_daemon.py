@@ -124,9 +124,11 @@ def daemon_stop(runs_dir: Path = RUNS_DIR_OPTION) -> None:
 
 REMOTE_OPTION = typer.Option(None, "--remote", metavar="HOST:PORT",
                              help="A daemon started with --listen, over TCP with CURVE (needs --key, --server-key).")
-KEY_OPTION = typer.Option(None, "--key", parser=key_file_path, help="With --remote: this client's secret key file (`trainbus keys`).")
-SERVER_KEY_OPTION = typer.Option(None, "--server-key", parser=key_file_path, help="With --remote: the daemon host's public server key "
-                                                           "file, or its .daemon/remote.json.")
+KEY_OPTION = typer.Option(None, "--key", parser=key_file_path,
+                          help="With --remote: this client's secret key file (`trainbus keys`).")
+SERVER_KEY_OPTION = typer.Option(None, "--server-key", parser=key_file_path,
+                                 help="With --remote: the daemon host's public server key file, or its "
+                                      ".daemon/remote.json.")
 
 
 def _remote(remote: str | None, key: Path | None, server_key: Path | None, runs_dir: Path | None = None):

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from .keys import KeyStore
 
 keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                       help="CURVE keys for remote plugins and attach: a server pair per host, a client pair per person.")
+                       help="CURVE keys for remote plugins and attach: a server pair per host, a client pair "
+                            "per person.")
 
 
 def _store(keys_dir: Optional[Path]) -> KeyStore:
@@ -154,4 +155,5 @@ def keys_revoke(
         key = store.revoke(name)
     except KeyFileError as exc:
         raise UserError(str(exc)) from None
-    out.print(escape(f"revoked {key.role} key {key.name} ({key.public or 'unreadable'})"))  # z85 has [ and ]: not markup
+    # z85 has [ and ]: not markup
+    out.print(escape(f"revoked {key.role} key {key.name} ({key.public or 'unreadable'})"))

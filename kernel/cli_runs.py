@@ -177,7 +177,8 @@ def runs_reindex(
 
 @runs_app.command("show")
 def runs_show(
-    run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run directory."),
+    run: str = typer.Argument(..., help="Run id (a folder of --runs-dir, or a unique start of one) or a run "
+                                        "directory."),
     runs_dir: Path = RUNS_DIR_OPTION,
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
 ) -> None:

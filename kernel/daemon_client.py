@@ -164,8 +164,8 @@ def start_background(runs_dir: Path, argv: list[str], timeout_s: float = 30.0) -
         written = (directory / LOG_FILE).stat().st_size  # its own lines come after this: older ones are others'
     except FileNotFoundError:
         written = 0
-    # Its output goes to a file of its own until it holds the lock (daemon_serve.serve: _output_into), then to the log: a
-    # daemon started at the same instant that loses the lock says so here, not in the winner's log.
+    # Its output goes to a file of its own until it holds the lock (daemon_serve.serve: _output_into), then to the
+    # log: a daemon started at the same instant that loses the lock says so here, not in the winner's log.
     fd, start_output = tempfile.mkstemp(prefix="start-", suffix=".out", dir=directory)  # 0600, in the 0700 dir
     try:
         with os.fdopen(fd, "wb") as out:

@@ -116,7 +116,8 @@ class Ranks:
         self.local_pids: dict[int, int] = {}  # rank -> process id, for the ranks of rank 0's machine (meet)
         # env:// reads these; srun sets none of them, torchrun all
         os.environ.update(MASTER_ADDR=cluster.main_address, MASTER_PORT=str(cluster.main_port),
-                          RANK=str(cluster.rank), WORLD_SIZE=str(cluster.world_size), LOCAL_RANK=str(cluster.local_rank))
+                          RANK=str(cluster.rank), WORLD_SIZE=str(cluster.world_size),
+                          LOCAL_RANK=str(cluster.local_rank))
         backend = "nccl" if device.type == "cuda" else "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)

@@ -44,7 +44,8 @@ class Outcome:
     validation_loss: float | None = None
     validation_metrics: dict[str, float] = field(default_factory=dict)
     training_metrics: dict[str, float] = field(default_factory=dict)  # the spec's metrics over the last epoch's batches
-    best_validation_loss: float | None = None  # the lowest of a whole epoch's, the run's (resumed: from its checkpoint on)
+    # the lowest of a whole epoch's, the run's (resumed: from its checkpoint on)
+    best_validation_loss: float | None = None
     best_epoch: int | None = None
     last_epoch_partial: bool = False  # the last metrics are of an epoch a stop cut short (epochs_completed + 1)
 
@@ -323,7 +324,8 @@ class Loop(LoopCheckpoints):
 
     # -- step boundaries (the checkpoints taken there: loop_checkpoints.py) -----------------------
 
-    def _over_ranks(self, loss_total: Any, count: int, metric_totals: dict[str, Any]) -> tuple[Any, int, dict[str, Any]]:
+    def _over_ranks(self, loss_total: Any, count: int,
+                    metric_totals: dict[str, Any]) -> tuple[Any, int, dict[str, Any]]:
         """An epoch's totals over every rank's share of the data (one process: as they are)."""
         if self.ranks is None:
             return loss_total, count, metric_totals

@@ -324,7 +324,8 @@ class Peers:
 
     def named(self, names_with: str, now: float) -> list[Peer]:
         """The latest peer of each name with capability `names_with` that may still return."""
-        return [p for p in list(self._by_name.values()) if names_with in p.capabilities and self.may_return(p.name, now)]
+        return [p for p in list(self._by_name.values())
+                if names_with in p.capabilities and self.may_return(p.name, now)]
 
     def voters_behind(self, type_: str, seq: int, now: float) -> list[str]:
         """Live voters at `type_` that have not acked `seq`, less those still behind a vote they missed and those

@@ -461,7 +461,8 @@ def _from_journal_tail(info: dict[str, Any], journal: Path, tail: list[Event], p
         status, detail = "died", summary_problem + (f"; the journal ends with {reached.type} (seq {reached.seq})"
                                                     if reached is not None else "")
     elif pid is not None:
-        how = "trains another run (this one is a copy of it?)" if another_runs_kernel(pid, journal.parent) else "is gone"
+        how = ("trains another run (this one is a copy of it?)" if another_runs_kernel(pid, journal.parent)
+               else "is gone")
         status, detail = "died", f"kernel pid {pid} {how} and wrote no {SUMMARY}"
     elif age is not None and age < STALE_S:  # no kernel.pid of this host: heartbeats say it is going
         status, detail = "running", f"no {KERNEL_PID} of this host; the journal grew {age:.0f} s ago"
@@ -648,7 +649,8 @@ def run_details(run_dir: Path, now: float | None = None, progress: Callable[[int
                       f"history and its checkpoints are in it")
     info.update(
         sessions=sessions, device=session.get("device"), model=session.get("model"), cluster=session.get("cluster"),
-        parameters=session.get("parameters"), hyperparameters=session.get("hyperparameters", config.get("hyperparameters")),
+        parameters=session.get("parameters"),
+        hyperparameters=session.get("hyperparameters", config.get("hyperparameters")),
         epoch_table=rows, best=best, plugins=plugins, attached=attached,
         checkpoints={"saved": saved, **history.checkpoint_counts, "unwritten": len(history.unanswered_saves)},
         undrained=undrained,

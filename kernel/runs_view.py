@@ -84,8 +84,8 @@ def print_list(console, runs: list[dict[str, Any]], runs_dir: Path) -> None:
 
     fixed = dict(no_wrap=True)
     table = Table(Column("run", **fixed), Column("status", **fixed), Column("target", overflow="fold"),
-                  Column("flags", overflow="fold"), Column("started", **fixed), Column("duration", **fixed), Column("epochs", **fixed),
-                  Column("val loss", **fixed), Column("metrics"), Column("plugin trouble"),
+                  Column("flags", overflow="fold"), Column("started", **fixed), Column("duration", **fixed),
+                  Column("epochs", **fixed), Column("val loss", **fixed), Column("metrics"), Column("plugin trouble"),
                   Column("error", overflow="fold"), box=None, pad_edge=False)
     for run in runs:
         metrics = _list_metrics(run)

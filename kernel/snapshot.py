@@ -231,7 +231,8 @@ class SnapshotBuffers:
                 failures.append(f"{directory}: {exc.strerror}")
                 continue
             return path, fd
-        raise OSError(f"no room for a {nbytes / 1e6:.0f} MB snapshot buffer ({'; '.join(failures) or 'no writable directory'})")
+        raise OSError(f"no room for a {nbytes / 1e6:.0f} MB snapshot buffer "
+                      f"({'; '.join(failures) or 'no writable directory'})")
 
     def close(self) -> None:
         if self._preparer is not None:

@@ -80,7 +80,8 @@ class TrainingSpec:
         if not isinstance(self.model, torch.nn.Module):
             raise SpecError(f"TrainingSpec.model must be a torch.nn.Module, got {type(self.model).__name__}")
         if not isinstance(self.optimizer, torch.optim.Optimizer):
-            raise SpecError(f"TrainingSpec.optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
+            raise SpecError(f"TrainingSpec.optimizer must be a torch.optim.Optimizer, "
+                            f"got {type(self.optimizer).__name__}")
         if not callable(self.loss_fn):
             raise SpecError("TrainingSpec.loss_fn must be callable(outputs, targets) -> loss tensor")
         if not any(p.requires_grad for group in self.optimizer.param_groups for p in group["params"]):
@@ -130,14 +131,15 @@ class TrainingSpec:
             needed = ("step", "state_dict", "load_state_dict")  # stepped, saved with checkpoints, restored
             missing = [m for m in needed if not callable(getattr(self.scheduler, m, None))]
             if missing:
-                raise SpecError(f"TrainingSpec.scheduler must be a torch.optim.lr_scheduler scheduler (or anything with "
-                                f"step, state_dict and load_state_dict), got {type(self.scheduler).__name__} without "
-                                f"{', '.join(missing)}")
+                raise SpecError(f"TrainingSpec.scheduler must be a torch.optim.lr_scheduler scheduler (or anything "
+                                f"with step, state_dict and load_state_dict), got {type(self.scheduler).__name__} "
+                                f"without {', '.join(missing)}")
             if getattr(self.scheduler, "optimizer", self.optimizer) is not self.optimizer:
-                raise SpecError("TrainingSpec.scheduler steps another optimizer than TrainingSpec.optimizer, which would "
-                                "train at an unchanged rate: make it from the spec's optimizer")
+                raise SpecError("TrainingSpec.scheduler steps another optimizer than TrainingSpec.optimizer, "
+                                "which would train at an unchanged rate: make it from the spec's optimizer")
         if self.scheduler_interval not in ("epoch", "step"):
-            raise SpecError(f"TrainingSpec.scheduler_interval must be 'epoch' or 'step', got {self.scheduler_interval!r}")
+            raise SpecError(f"TrainingSpec.scheduler_interval must be 'epoch' or 'step', "
+                            f"got {self.scheduler_interval!r}")
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             if self.scheduler_interval != "epoch":
                 raise SpecError("ReduceLROnPlateau steps on an epoch's metric: leave scheduler_interval 'epoch'")

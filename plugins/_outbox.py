@@ -354,7 +354,8 @@ def _reply_text_of(text: bytes | str) -> str:
 
 
 def _smtp_code(exc: Exception) -> int:
-    """The server's reply code for a refusal (every recipient refused counts as its lowest code); 0 for network errors."""
+    """The server's reply code for a refusal (every recipient refused counts as its lowest code); 0 for
+    network errors."""
     if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
         return min(code for code, _ in exc.recipients.values())
     return getattr(exc, "smtp_code", 0) or 0

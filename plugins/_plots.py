@@ -122,7 +122,8 @@ def resource_figures(history: History, size: PlotSize) -> dict[str, Figure]:
             rank, axis, unit = placed
             by_source.setdefault(tag.split("/", 1)[0], {}).setdefault((rank, unit, axis.title), []).append(tag)
     figures = {}
-    start = history.started_ts or 0.0  # readings from before the session started come out negative: monitors start first
+    # readings from before the session started come out negative: monitors start first
+    start = history.started_ts or 0.0
     for source, panels in by_source.items():
         keys = sorted(panels)[:MAX_PANELS]
         fig = _figure(size)

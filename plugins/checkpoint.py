@@ -81,7 +81,8 @@ class CheckpointPlugin(Plugin):
     settings = {
         # The kernel accepts a checkpoint_saved only for a file in <run_dir>/checkpoints or this dirpath
         # (kernel/checkpointing.py), so it is a PATH: inside the run directory.
-        "dirpath": Setting("", f"where checkpoints go, relative to the run directory ('': {CHECKPOINT_DIR})", kind=PATH),
+        "dirpath": Setting("", f"where checkpoints go, relative to the run directory ('': {CHECKPOINT_DIR})",
+                           kind=PATH),
         # a metric not measured yet reads "na", and a name an earlier checkpoint has gets "-step{step:06d}"
         # added (unique_name)
         "filename": Setting("epoch{epoch:03d}-step{step:06d}", "file name template; fields: epoch, step and any "
@@ -295,7 +296,8 @@ class CheckpointPlugin(Plugin):
             linked = os.path.samefile(self.directory / LAST, self.directory / entry["file"])
         except OSError:
             return False
-        return linked and bool(lines) and lines[-1].get("seq") == entry.get("seq") and lines[-1].get("run") == entry.get("run")
+        return (linked and bool(lines) and lines[-1].get("seq") == entry.get("seq")
+                and lines[-1].get("run") == entry.get("run"))
 
     def _retain(self, directory: Path, entries: list[dict[str, Any]]) -> None:
         current = current_entries(entries, directory)
@@ -484,7 +486,8 @@ def _check_filename(template: str) -> None:
         names = template_fields(template)  # Setting's METRIC_FIELDS check made them names
         name = render_filename(template, {**{n: 0.0 for n in names}, "epoch": 0, "step": 0})  # every format checked
     except (ValueError, TypeError, KeyError, IndexError) as exc:
-        raise SettingsError(f"{where} ({exc}); fields are epoch, step or a metric, e.g. {{validation_loss:.4f}}") from None
+        raise SettingsError(f"{where} ({exc}); fields are epoch, step or a metric, "
+                            f"e.g. {{validation_loss:.4f}}") from None
     if name == LAST:
         raise SettingsError(f"{where}; {LAST} is the link to the newest checkpoint, pick another name")
     if len(name.encode()) > NAME_MAX_BYTES:

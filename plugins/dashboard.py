@@ -325,8 +325,8 @@ def _one_command(attachment: Attachment, kind: str, reason: str, sent: list[bool
         now = time.monotonic()
         if item is not None and item[0] == "snapshot" and end == float("inf"):
             if item[1].ended is not None:  # attached as it ends: its plugins are draining, it steps no more
-                print(f"error: run {run()} has ended ({outcome(item[1])}): there is nothing to {kind.partition('_')[0]}",
-                      file=sys.stderr)
+                print(f"error: run {run()} has ended ({outcome(item[1])}): "
+                      f"there is nothing to {kind.partition('_')[0]}", file=sys.stderr)
                 return 1
             send_command(attachment, kind, reason)
             sent.append(True)

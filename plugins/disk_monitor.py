@@ -17,7 +17,8 @@ REARM_FACTOR = 1.1  # after a low-space alarm, free space must climb 10 % above 
 
 
 class DiskMonitorPlugin(SamplingPlugin):
-    """Disk every interval_s: free/used space where the run is written, read/write bytes/s; asks for a checkpoint when space runs low.
+    """Disk every interval_s: free/used space where the run is written, read/write bytes/s; asks for a checkpoint
+    when space runs low.
 
     Metrics: disk/free_bytes, disk/used_bytes, disk/total_bytes, disk/percent of the filesystem holding
     `path` (default: the run directory), and disk/read_bytes_per_s, disk/write_bytes_per_s for the

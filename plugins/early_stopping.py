@@ -58,14 +58,16 @@ class EarlyStoppingPlugin(Plugin):
         "mode": Setting("min", "min: lower is better; max: higher is better", choices=MODES),
         "patience": Setting(3, "epochs without improvement before training stops", min=1),
         "min_delta": Setting(0.0, "how much an epoch must beat the best by to count as an improvement", min=0),
-        "check_finite": Setting(True, "stop at once when the monitored value is NaN or infinite (training diverged), "
-                                      "as Lightning's EarlyStopping does; false: such an epoch counts as no improvement"),
+        "check_finite": Setting(True, "stop at once when the monitored value is NaN or infinite (training "
+                                      "diverged), as Lightning's EarlyStopping does; false: such an epoch counts "
+                                      "as no improvement"),
     }
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any]) -> None:
         if not settings["monitor"]:
-            raise SettingsError("monitor = '' is not allowed; it must name a value of end_epoch, e.g. 'validation_loss'")
+            raise SettingsError("monitor = '' is not allowed; it must name a value of end_epoch, "
+                                "e.g. 'validation_loss'")
 
     def setup(self) -> None:
         self.state_path = Path(self.run_dir) / "plugins" / f"{self.name}.state.json"

@@ -224,7 +224,8 @@ def end_message(history: History, event: Event, run_dir: str, attach_plot: bool)
         f"Final training loss: {_fmt(data.get('training_loss'))}",
     ]
     lines += [f"Final training {name}: {_fmt(value)}" for name, value in (data.get("training_metrics") or {}).items()]
-    lines += [f"Final validation {name}: {_fmt(value)}" for name, value in (data.get("validation_metrics") or {}).items()]
+    lines += [f"Final validation {name}: {_fmt(value)}"
+              for name, value in (data.get("validation_metrics") or {}).items()]
     if data.get("stopped_early"):
         lines.append("Stopped by: " + "; ".join(reasons))
     if interrupted:
@@ -343,7 +344,8 @@ def smtp_config(settings: dict[str, Any]) -> SmtpConfig:
 
 
 def start_background_sender(outbox_dir: Path) -> int:
-    """A detached process (its own session, so the supervisor's cleanup of our group spares it) that empties the outbox."""
+    """A detached process (its own session, so the supervisor's cleanup of our group spares it) that empties
+    the outbox."""
     log = open(outbox_dir / "sender.log", "ab")
     try:
         proc = subprocess.Popen([sys.executable, "-m", "trainbus.plugins.email_alert", "--deliver", str(outbox_dir)],
@@ -357,7 +359,8 @@ def start_background_sender(outbox_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainbus.plugins.email_alert",
                                      description="Send what an e-mail plugin's outbox still holds, then exit.")
-    parser.add_argument("--deliver", metavar="OUTBOX", required=True, help="the outbox folder (<run_dir>/plugins/email.outbox)")
+    parser.add_argument("--deliver", metavar="OUTBOX", required=True,
+                        help="the outbox folder (<run_dir>/plugins/email.outbox)")
     args = parser.parse_args(argv)
     outbox = Outbox(Path(args.deliver))
     try:

@@ -16,7 +16,8 @@ MILLIWATTS_PER_WATT = 1000.0
 
 
 class GpuMonitorPlugin(SamplingPlugin):
-    """GPUs every interval_s via NVML: utilisation, memory used/total, temperature, power; idle (saying why, once) without a GPU.
+    """GPUs every interval_s via NVML: utilisation, memory used/total, temperature, power; idle (saying why,
+    once) without a GPU.
 
     Metrics per device N: gpu/gpu<N>_util_percent, gpu/gpu<N>_memory_util_percent,
     gpu/gpu<N>_memory_used_bytes, gpu/gpu<N>_memory_total_bytes, gpu/gpu<N>_temperature_c,

@@ -64,7 +64,8 @@ class Window:
 
 
 class PerfMonitorPlugin(SamplingPlugin):
-    """Training speed every interval_s from the events: steps/s, samples/s, step time p50/p95, data-wait vs compute share.
+    """Training speed every interval_s from the events: steps/s, samples/s, step time p50/p95, data-wait vs
+    compute share.
 
     start_training_batch is published before the batch moves to the device and end_training_batch after
     the optimizer step, so compute is start -> end of a batch and data wait is the end of one batch to

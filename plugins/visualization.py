@@ -1,8 +1,9 @@
-"""TensorBoard event files and PNG plots of a run, live; `python -m trainbus.plugins.visualization --plot RUN_DIR` redraws the plots from a journal.
+"""TensorBoard event files and PNG plots of a run, live; `--plot RUN_DIR` redraws the plots from a journal.
 
 Live, the plugin writes `<run_dir>/tensorboard/` (TensorBoard's records, _event_file: held on a full disk) and redraws
-`<run_dir>/plots/*.png` every N epochs and at the end. Afterwards, `--plot` rebuilds the same
-History from `<run_dir>/events` alone and draws the same plots (what `trainbus runs plot` runs).
+`<run_dir>/plots/*.png` every N epochs and at the end. Afterwards, `python -m trainbus.plugins.visualization --plot
+RUN_DIR` rebuilds the same History from `<run_dir>/events` alone and draws the same plots (what `trainbus runs plot`
+runs).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ class VisualizationPlugin(Plugin):
     TensorBoard scalars, all against the global step: loss/train_step (every_n_steps), loss/training and
     loss/validation (per epoch), metrics/training_<name>, metrics/validation_<name>, lr, and every metric
     event under its own name when it has a '/' (cpu/process_percent, ...), else under its plugin's
-    (`self.metric("probe_value", ...)` of plugin probe: probe/probe_value). PNGs in plots/: loss.png, metrics.png and one
-    resources-<monitor>.png per monitor, redrawn every plot_every_n_epochs epochs (at most every
+    (`self.metric("probe_value", ...)` of plugin probe: probe/probe_value). PNGs in plots/: loss.png, metrics.png
+    and one resources-<monitor>.png per monitor, redrawn every plot_every_n_epochs epochs (at most every
     PLOT_MIN_INTERVAL_S, 10 s) and at the end.
     """
 

@@ -24,7 +24,8 @@ RATE_SAMPLE_S = 1.0
 MAX_STOP_REASONS = 8
 TEXT_MAX_CHARS = 1000  # a plugin's reason, an error: as the kernel caps them (kernel/control.py)
 FINAL_EVENTS = frozenset({ev.END_TRAINING_SESSION, ev.RUN_FAILED})
-CLIENT_PREFIX = "attach-"  # the peer names `trainbus attach` clients take (sdk/attach.py client_name): views, not plugins
+# the peer names `trainbus attach` clients take (sdk/attach.py client_name): views, not plugins
+CLIENT_PREFIX = "attach-"
 PLUGIN_STATES = {  # what each supervisor event says about a plugin
     ev.PLUGIN_STARTED: "starting", ev.PLUGIN_READY: "running", ev.PLUGIN_RESTARTED: "starting",
     ev.PLUGIN_CRASHED: "crashed", ev.PLUGIN_HUNG: "hung", ev.PLUGIN_FAILED: "failed", ev.PLUGIN_EXITED: "exited",

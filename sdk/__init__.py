@@ -7,5 +7,5 @@ from .plugin import KernelGoneInfo, Plugin
 from .entry import run
 from .settings import HOST_PATH, METRIC, METRIC_FIELDS, PATH, Setting, SettingsError
 
-__all__ = ["BEST_EFFORT", "DURABLE", "Event", "Harness", "HOST_PATH", "KernelGoneInfo", "METRIC", "METRIC_FIELDS", "PATH",
-           "Plugin", "ProtocolError", "Setting", "SettingsError", "run"]
+__all__ = ["BEST_EFFORT", "DURABLE", "Event", "Harness", "HOST_PATH", "KernelGoneInfo", "METRIC", "METRIC_FIELDS",
+           "PATH", "Plugin", "ProtocolError", "Setting", "SettingsError", "run"]

@@ -289,8 +289,8 @@ class Runner:
                 self.io.send(control("log", level="error", text=f"{said}; plugins/{self.plugin.name}.log has where"))
                 raise
             except SystemExit as exc:  # the plugin's own choice, honoured; its log says where it was made
-                _say(f"[{self.plugin.name}] the handler for {event.type} (seq {event.seq}) called sys.exit({exc.code!r}):"
-                     f"\n{user_traceback(exc)}")
+                _say(f"[{self.plugin.name}] the handler for {event.type} (seq {event.seq}) "
+                     f"called sys.exit({exc.code!r}):\n{user_traceback(exc)}")
                 raise
             except Exception as exc:
                 called = self.plugin.handler_of(event.type)

@@ -23,7 +23,8 @@ from trainbus.proto.settings_format import (HOST_PATH, KINDS, METRIC, METRIC_FIE
                                             template_fields)
 from trainbus.proto.text import near_miss, not_utf8, printable
 
-__all__ = ["HOST_PATH", "METRIC", "METRIC_FIELDS", "PATH", "Setting", "SettingsError", "check_value", "declared", "describe_settings"]
+__all__ = ["HOST_PATH", "METRIC", "METRIC_FIELDS", "PATH", "Setting", "SettingsError", "check_value", "declared",
+           "describe_settings"]
 
 # The article-and-noun each type is called by in an error ("must be an integer >= 0").
 TYPE_PHRASES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
@@ -135,8 +136,8 @@ class Setting:
 def declared(settings: dict[str, Any]) -> dict[str, Setting]:
     """A class's `settings`, every entry a Setting (a plain default becomes one)."""
     if not isinstance(settings, dict) or not all(isinstance(key, str) for key in settings):
-        raise SettingsError(f"settings = {_shown(settings)[:80]} is not allowed; the class's settings must be a dict of "
-                            f"name -> Setting(default, help) (or a plain default)")
+        raise SettingsError(f"settings = {_shown(settings)[:80]} is not allowed; the class's settings must be a "
+                            f"dict of name -> Setting(default, help) (or a plain default)")
     return {key: value if isinstance(value, Setting) else Setting(value) for key, value in settings.items()}
 
 

@@ -14,8 +14,9 @@ keys made for the bench (a server pair, one monitor-role client key). Two varian
 - N monitors: the same run with N `trainbus attach HOST:PORT --json --key K --server-key S` processes, what a
   user runs to watch a run from another machine: each is welcomed as a peer, asks a snapshot (and again every
   5 s), and gets every event over its own CURVE connection, a flush's events as one burst (the kernel's libzmq
-  thread frames and encrypts each burst once per monitor; PROTOCOL.md §4). They are started before the run and connect as soon as the kernel listens; their JSON lines go
-  to files, counted afterwards (every monitor must have printed every event after its snapshot).
+  thread frames and encrypts each burst once per monitor; PROTOCOL.md §4). They are started before the run and
+  connect as soon as the kernel listens; their JSON lines go to files, counted afterwards (every monitor must have
+  printed every event after its snapshot).
 
 Real processes over TCP, not Attachment objects in a few processes: that is what users run, and the kernel's
 cost (50 connections, 50 peers, 50 encryptions of every burst) is the same however the clients are packed.

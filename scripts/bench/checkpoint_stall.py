@@ -381,9 +381,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--baseline-steps", type=int, default=40, help="steps of the run without checkpoints")
     p.add_argument("--steps", type=int, default=160, help="steps of the run with checkpoints")
-    p.add_argument("--pairs", type=int, default=3, help="(d): runs without and with checkpoints, interleaved, this many of each")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="(d): runs without and with checkpoints, interleaved, this many of each")
     p.add_argument("--every", type=int, default=40, help="a snapshot due every N steps in that run")
-    p.add_argument("--overload-steps", type=int, default=30, help="steps of a run whose persister never idles (0: skip)")
+    p.add_argument("--overload-steps", type=int, default=30,
+                   help="steps of a run whose persister never idles (0: skip)")
     p.add_argument("--overload-every", type=int, default=3, help="a snapshot due every N steps in that run")
     p.add_argument("--warmup", type=int, default=2, help="first steps of each run not counted")
     p.add_argument("--reps", type=int, default=9, help="repetitions of the bare copy and of Checkpointer.take")
@@ -478,7 +480,8 @@ def main() -> int:
              ["(b) inline torch.save + fsync, same disk", len(inline_s), *ms(inline_s), vs(inline_s, copy_med),
               vs(inline_s, stall_med), f"{state_bytes / inline_med / 1e9:.2f} GB/s"]]
     print(table(["what the training loop waits for", "n", "median ms", "min ms", "max ms", "x copy", "x stall",
-                 "rate"], rows, f"Per checkpoint (x stall: vs. the median reused-buffer stall, every {args.every} steps)"))
+                 "rate"], rows,
+                f"Per checkpoint (x stall: vs. the median reused-buffer stall, every {args.every} steps)"))
     print()
     rows, ratios = [], []
     for i, (base, r) in enumerate(zip(baselines, mains), 1):
@@ -491,7 +494,8 @@ def main() -> int:
             ratios.append(during / base_rate)
     base_rate = statistics.median(rate(b["steps"]) for b in baselines)
     for r in runs[len(mains):]:
-        rows.append([f"no checkpoints: median of the {len(baselines)} runs above", "", f"{base_rate:.3f}", "1.000x", ""])
+        rows.append([f"no checkpoints: median of the {len(baselines)} runs above", "", f"{base_rate:.3f}",
+                     "1.000x", ""])
         rows += _throughput_rows(r, base_rate, "")
     print(table(["run", "steps", "steps/s", "x no checkpoints", "other procs' cores"], rows,
                 f"Training throughput ({args.layers} x Linear({args.width}, {args.width}), batch {args.batch}, "

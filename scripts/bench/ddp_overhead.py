@@ -136,7 +136,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions of every variant (default 5)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run, the first not measured (default 21)")
-    p.add_argument("--quick", action="store_true", help="by default 2 repetitions of 4 epochs, retries for 20 s at most")
+    p.add_argument("--quick", action="store_true",
+                   help="by default 2 repetitions of 4 epochs, retries for 20 s at most")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # one rank of the bare run
     add_rerun_options(p)

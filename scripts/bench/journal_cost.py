@@ -126,7 +126,8 @@ def journal_bench(args, workdir: Path, records: list[bytes]) -> None:
 
 
 def _append_timed(journal: Journal, records: list[bytes], k: int, batch: int, calls: list[float]) -> tuple[int, int]:
-    """Append the next `batch` records (cycling through them), its wall time added to calls; (next k, records appended)."""
+    """Append the next `batch` records (cycling through them), its wall time added to calls; (next k, records
+    appended)."""
     chunk = records[k:k + batch]
     t = time.perf_counter()
     journal.append(chunk, journal.last_seq + 1)
@@ -331,7 +332,8 @@ def fanout_bench(args, workdir: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dir", default=str(REPO / "runs"), help="where the journal goes (default: runs/, the run dir's disk)")
+    p.add_argument("--dir", default=str(REPO / "runs"),
+                   help="where the journal goes (default: runs/, the run dir's disk)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--journal-events", type=int, default=20_000, help="events per tight-loop journal measurement")
     p.add_argument("--paced-s", type=float, default=3.0, help="seconds per paced journal measurement")

@@ -277,8 +277,9 @@ def bench_case(case: Case, args, run: dict, measure: Measurer) -> tuple[dict, bo
     noisy = max(foreign) > args.quiet_cores or spread > 0.25
     print()
     print(table(["variant", "us/step", "rep range", "vs bare", "vs Lightning minimal"], rows,
-                f"{case.name} on {args.device}, torch threads {torch.get_num_threads()} ({case.hp}, {steps} steps/epoch "
-                f"x {epochs - 1} measured epochs x {args.reps} reps; bare varied {spread * 100:.0f} % across reps)"))
+                f"{case.name} on {args.device}, torch threads {torch.get_num_threads()} ({case.hp}, "
+                f"{steps} steps/epoch x {epochs - 1} measured epochs x {args.reps} reps; "
+                f"bare varied {spread * 100:.0f} % across reps)"))
     print("  " + quiet_note(foreign, args.quiet_cores), flush=True)
     print()
     return over, noisy
