@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -350,10 +351,31 @@ def test_best_effort_plugin_exiting_at_start_is_failed_while_training_goes_on(tm
 def test_a_plugin_that_leaves_mid_run_on_purpose_is_not_restarted_but_shown_as_trouble(tmp_path):
     """Exit code 0 before the run's end: not a crash, so not restarted (a plugin may leave on purpose), but the
     run lost it; it said "exited" like every plugin at the end, and nothing in the summary, list or show told."""
-    cfg = run_config(tmp_path / "runs", [plugin("leaver", "LeavesAtStep", step=3), plugin("stayer", "Recorder",
-                                                                                        path=str(tmp_path / "rec"))],
-                     epochs=2, target=PACED, batch_size=256, step_sleep_s=0.25)  # 12 steps: 3 s after it left
-    result = run_training(cfg)
+    # gated: the run waits after the leaver's step until the kernel has seen it leave, so it is known to have left
+    # before the run's end however slowly a busy machine runs the plugin (12 paced steps were only a margin)
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    open_gate(gate, 3)
+    cfg = run_config(runs, [plugin("leaver", "LeavesAtStep", step=3), plugin("stayer", "Recorder",
+                                                                             path=str(tmp_path / "rec"))],
+                     epochs=2, target=PACED, batch_size=256, step_sleep_s=0, gate=str(gate))
+
+    def left() -> bool:
+        journals = list(runs.glob(f"*/{JOURNAL_NAME}"))
+        return bool(journals) and bool(of(read_events(journals[0].parent), "plugin_exited", "leaver"))
+
+    def open_once_it_left() -> None:
+        try:
+            wait_until(left, 60, "the leaver's exit in the journal", poll_s=0.05)
+        finally:
+            open_gate(gate, 10**6)
+
+    opener = threading.Thread(target=open_once_it_left, daemon=True)
+    opener.start()
+    try:
+        result = run_training(cfg)
+    finally:
+        open_gate(gate, 10**6)
+        opener.join(timeout=120)
     assert result.status == "completed", result.error
     assert result.plugins["leaver"] == {"state": "exited", "restarts": 0, "crashes": [], "greeted": True,
                                         "errors_logged": 0, "left_early": True}, result.plugins["leaver"]
