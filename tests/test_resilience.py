@@ -18,7 +18,9 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -363,19 +365,8 @@ def test_a_plugin_that_leaves_mid_run_on_purpose_is_not_restarted_but_shown_as_t
         journals = list(runs.glob(f"*/{JOURNAL_NAME}"))
         return bool(journals) and bool(of(read_events(journals[0].parent), "plugin_exited", "leaver"))
 
-    def open_once_it_left() -> None:
-        try:
-            wait_until(left, 60, "the leaver's exit in the journal", poll_s=0.05)
-        finally:
-            open_gate(gate, 10**6)
-
-    opener = threading.Thread(target=open_once_it_left, daemon=True)
-    opener.start()
-    try:
+    with gate_opened_once(gate, left, "the leaver's exit in the journal"):
         result = run_training(cfg)
-    finally:
-        open_gate(gate, 10**6)
-        opener.join(timeout=120)
     assert result.status == "completed", result.error
     assert result.plugins["leaver"] == {"state": "exited", "restarts": 0, "crashes": [], "greeted": True,
                                         "errors_logged": 0, "left_early": True}, result.plugins["leaver"]
@@ -393,19 +384,44 @@ def test_a_plugin_that_leaves_mid_run_on_purpose_is_not_restarted_but_shown_as_t
     assert re.search(r"leaver\s+exited\s+0\s+left before the run ended", shown.stdout), shown.stdout
 
 
+@contextmanager
+def gate_opened_once(gate: Path, ready: Callable[[], bool], what: str) -> Iterator[None]:
+    """While the body runs a gated run in this process (run_training), a thread opens the gate (paced_digits') all
+    the way once ready() holds; opened at the body's end whatever happens, so the run is never left held."""
+    ended = threading.Event()
+
+    def opener() -> None:
+        try:
+            wait_until(lambda: ended.is_set() or ready(), 60, what, poll_s=0.05)
+        finally:
+            open_gate(gate, 10**6)
+
+    thread = threading.Thread(target=opener, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        ended.set()
+        open_gate(gate, 10**6)
+        thread.join(timeout=120)
+
+
 @pytest.mark.parametrize("exit_code", [-signal.SIGKILL, 0])
 def test_a_plugin_that_dies_leaves_no_process_of_its_group_behind(tmp_path, exit_code):
     """A plugin's group is what the kernel kills (docs/architecture.md), but it signalled the group only of a plugin
     still running: a child in the group of one that crashed (its restart started beside it) or left ran on,
     orphaned, past the run's end, and a crash a day left a process a day. Its leftovers go as its exit is seen."""
-    pid_file, seen_file = tmp_path / "child.pid", tmp_path / "seen"
+    pid_file, seen_file, gate = tmp_path / "child.pid", tmp_path / "seen", tmp_path / "gate"
+    # a crashed one's restart looks for the child as it starts: the run is held after the crash's step until it
+    # has looked, however slowly a busy machine restarts it (a fixed pace was only a margin); one that left needs none
+    open_gate(gate, 2 if exit_code else 10**6)
     cfg = run_config(tmp_path / "runs", [plugin("parent", "LeavesAChild", step=2, pid_file=str(pid_file),
                                                 exit_code=exit_code, seen_file=str(seen_file))],
-                     epochs=2, target=PACED, batch_size=256, ready_timeout_s=PLUGIN_START_S,
-                     # 12 steps: 3 s for a crashed one's restart to look at its next step; one that left needs none
-                     step_sleep_s=0.25 if exit_code else 0.05)
+                     epochs=2, target=PACED, batch_size=256, ready_timeout_s=PLUGIN_START_S, step_sleep_s=0,
+                     gate=str(gate))
     try:
-        result = run_training(cfg)
+        with gate_opened_once(gate, seen_file.exists if exit_code else lambda: True, "the restarted plugin's look"):
+            result = run_training(cfg)
         assert result.status == "completed", result.error
         child = int(pid_file.read_text())
         if exit_code:  # restarted: its new process looked for the child at its next step
