@@ -233,7 +233,6 @@ def test_a_flood_of_stops_before_a_step_boundary_costs_bounded_memory_and_leaves
     rest. Here 20,000 stops: held, they grew the kernel 27 MB; now ~4-7 MB (the socket's queue, the allocator)."""
     import json
     import os
-    import time
 
     import msgpack
     import psutil
@@ -265,7 +264,16 @@ def test_a_flood_of_stops_before_a_step_boundary_costs_bounded_memory_and_leaves
             send("stop", id=str(number), reason=f"{number:05d} " + "r" * 994)
             if number % 1000 == 0:
                 send("heartbeat")
-        time.sleep(3.0)  # read by the kernel's bus thread meanwhile
+        # the kernel reads a socket's messages in order: once it answers a snapshot sent after the stops, it has
+        # read every stop (a fixed wait was a margin a busy machine could outlast)
+        send("snapshot")
+
+        def answered() -> bool:
+            while stopper.poll(100):
+                if msgpack.unpackb(stopper.recv())["type"] == "run_state":
+                    return True
+            return False
+        wait_until(answered, 120, "the kernel's answer to a snapshot sent after the stops", poll_s=0)
         grown = memory.memory_info().rss - before
     finally:
         ctx.destroy(linger=0)
