@@ -495,7 +495,13 @@ def test_the_peers_of_one_key_share_one_budget_of_metrics_logs_and_replays(keys,
         for peer in peers:
             for _ in range(100):
                 peer.send(pack({"v": 1, "type": "metric", "name": "reading", "value": 1.0, "step": None}))
-        time.sleep(3.0)
+        # the kernel answers a bye (farewell) once it has read all its peer sent before: every metric was read, not
+        # a fixed wait's worth of them (3 s, which a busy machine could outlast)
+        for peer in peers:
+            peer.send(pack({"v": 1, "type": "bye", "reason": "flood over"}))
+        for peer in peers:
+            wait_until(lambda: peer.poll(100) and msgpack.unpackb(peer.recv(), **LIMITS)["type"] == "farewell", 60,
+                       "the kernel's farewell, once it read the peer's metrics", poll_s=0)
         elapsed = time.monotonic() - started
     finally:
         ctx.destroy(linger=1000)
