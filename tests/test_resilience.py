@@ -424,7 +424,7 @@ def test_a_plugin_that_dies_leaves_no_process_of_its_group_behind(tmp_path, exit
             result = run_training(cfg)
         assert result.status == "completed", result.error
         child = int(pid_file.read_text())
-        if exit_code:  # restarted: its new process looked for the child at its next step
+        if exit_code:  # restarted: its new process looked for the child as it started
             assert result.plugins["parent"]["restarts"] == 1, result.plugins["parent"]
             assert wait_until(seen_file.exists, 10, "the restarted plugin's look") and \
                 seen_file.read_text().strip() == "gone", "the crashed plugin's child ran on beside its restart"
