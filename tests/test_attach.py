@@ -885,6 +885,20 @@ def test_a_remote_attach_whose_kernel_was_killed_gives_up_naming_what_to_check(r
             "the run's host says whether the run still goes; attach again once it answers)") in said, said
 
 
+def _hello_to_stand_in(kernel, items) -> bytes:
+    """An attachment's steps under the stand-in's heartbeats until it is subscribed and says hello (bounded): its
+    routing id."""
+    got, deadline = None, time.monotonic() + 30
+    while got is None and time.monotonic() < deadline:
+        kernel.publish("heartbeat", interval_s=1.0)
+        next(items)
+        got = kernel.receive(50)
+    assert got is not None, "no hello within 30 s"
+    identity, hello = got
+    assert hello["type"] == "hello", hello
+    return identity
+
+
 def test_an_attached_clients_replay_whose_answer_was_lost_is_asked_for_again(tmp_path):
     """As a durable plugin's (sdk/runner.py): a replay_batch lost on its way left `attach` replaying for ever, every
     live event ignored, the dashboard frozen at the gap while the run went on."""
@@ -900,13 +914,7 @@ def test_an_attached_clients_replay_whose_answer_was_lost_is_asked_for_again(tmp
     attachment = Attachment(Target(*endpoints))
     items = iter(attachment)
     try:
-        got, deadline = None, time.monotonic() + 30
-        while got is None and time.monotonic() < deadline:  # heartbeats until it is subscribed and says hello
-            kernel.publish("heartbeat", interval_s=1.0)
-            next(items)
-            got = kernel.receive(50)
-        identity, hello = got
-        assert hello["type"] == "hello", hello
+        identity = _hello_to_stand_in(kernel, items)
         kernel.welcome(identity, 1)
         asked: list[dict] = []
         answering = []  # once it holds True, the stand-in answers every replay, as a kernel does
@@ -957,13 +965,7 @@ def test_an_attached_client_says_nothing_after_the_kernels_bus_closing(tmp_path)
     items = iter(attachment)
     said: list[dict] = []
     try:
-        got, deadline = None, time.monotonic() + 30
-        while got is None and time.monotonic() < deadline:  # heartbeats until it is subscribed and says hello
-            kernel.publish("heartbeat", interval_s=1.0)
-            next(items)
-            got = kernel.receive(50)
-        identity, hello = got
-        assert hello["type"] == "hello", hello
+        identity = _hello_to_stand_in(kernel, items)
         # a kernel that answers a bye with farewell, as trainbus's does (until it closes)
         kernel.router.send_multipart([identity, encode_control(control(
             "welcome", run=kernel.run_id, heartbeat_interval_s=1.0, resume_from=1, farewell=True))])

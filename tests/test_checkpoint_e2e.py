@@ -1089,16 +1089,22 @@ def test_a_run_of_a_target_file_given_relative_resumes_from_another_directory(tm
     assert summary["status"] == "completed" and summary["outcome"]["epochs_completed"] == 2, summary
 
 
-def test_a_resume_keeps_the_recorded_target_and_says_what_each_session_trained_with(tmp_path):
-    """`runs resume` from another directory rewrote config.json's target to an absolute path (and its cwd to the
-    resume's), and a resume with --precision overwrote the recorded precision: nothing said any more that the first
-    epoch trained in 32 bit. The target stays as typed, with the directory it is relative to; `runs show` (and its
-    --json sessions) says each session's device, precision and compile when they differ."""
+def _project_and_elsewhere(tmp_path: Path) -> tuple[Path, Path]:
+    """A project directory whose train.py:build is the tiny spec, and another directory to resume from."""
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     project.mkdir()
     elsewhere.mkdir()
     (project / "train.py").write_text(f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\n"
                                       f"from specs import tiny as build\n")
+    return project, elsewhere
+
+
+def test_a_resume_keeps_the_recorded_target_and_says_what_each_session_trained_with(tmp_path):
+    """`runs resume` from another directory rewrote config.json's target to an absolute path (and its cwd to the
+    resume's), and a resume with --precision overwrote the recorded precision: nothing said any more that the first
+    epoch trained in 32 bit. The target stays as typed, with the directory it is relative to; `runs show` (and its
+    --json sessions) says each session's device, precision and compile when they differ."""
+    project, elsewhere = _project_and_elsewhere(tmp_path)
     runs = tmp_path / "runs"
     first = run_cli(project, "train.py:build", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs),
                     "--device", "cpu")
@@ -1121,11 +1127,7 @@ def test_a_resume_names_the_target_as_the_fresh_run_did_where_that_still_names_i
     """A fresh run's start line names its target as typed (`train.py:build`); its resume, from the same directory,
     named it by the absolute path config_of_run makes of it for a resume from elsewhere. From the same directory it is
     now as typed; from another, where `train.py` is not that file, it is still the absolute path."""
-    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
-    project.mkdir()
-    elsewhere.mkdir()
-    (project / "train.py").write_text(f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\n"
-                                      f"from specs import tiny as build\n")
+    project, elsewhere = _project_and_elsewhere(tmp_path)
     runs = tmp_path / "runs"
 
     def started(proc: subprocess.CompletedProcess) -> str:
