@@ -186,16 +186,10 @@ BAD_INPUT = {
     "an infinite journal_backlog_mb": (lambda t: ["run", "--config", _write(t, "jb.toml",
                                                                           "[run]\njournal_backlog_mb = inf\n")],
                                        "journal_backlog_mb must be a finite number > 0, got inf"),
-    "an infinite journal_segment_mb": (lambda t: ["run", "--config", _write(t, "js.toml",
-                                                                          "[run]\njournal_segment_mb = inf\n")],
-                                       "journal_segment_mb must be a finite number >= 1 (MiB"),
-    # segments of ~7 events each: 14 gzip files for a 45-step demo epoch, each rotation the bus thread's work
-    "a journal_segment_mb below its floor": (lambda t: ["run", "--config", _write(t, "jf.toml",
-                                                                                "[run]\njournal_segment_mb = 0.001\n")],
-                                             "journal_segment_mb must be a finite number >= 1 (MiB"),
-    "a journal_segment_mb of 0": (lambda t: ["run", "--config", _write(t, "j0.toml",
-                                                                     "[run]\njournal_segment_mb = 0\n")],
-                                  "journal_segment_mb must be a finite number >= 1 (MiB"),
+    # inf: as journal_backlog_mb; 0.001: segments of ~7 events each, 14 gzip files for a 45-step demo epoch
+    **{f"a journal_segment_mb of {mb}": (lambda t, mb=mb: ["run", "--config", _write(
+        t, "js.toml", f"[run]\njournal_segment_mb = {mb}\n")], "journal_segment_mb must be a finite number >= 1 (MiB")
+       for mb in ("inf", "0.001", "0")},
     "a hyperparameter in [run]": (lambda t: ["run", "--config", _write(t, "h.toml", "[run]\nlr = 0.1\n")],
                                   "[run]: unknown key 'lr' (a hyperparameter goes in [hyperparameters])"),
     # a Lightning user's Trainer arguments next to the precision [run] takes by Lightning's names were "a
