@@ -21,7 +21,7 @@ import msgpack
 from trainbus.proto.codec import UNPACK_LIMITS
 from trainbus.proto.journal_format import SEGMENT_ERRORS, Segment, compacted_path, kept_by_compaction, segment_files
 
-from .durable_writes import fsync_dir, write_file
+from .durable_writes import replace_file
 
 log = logging.getLogger("trainbus.kernel")
 
@@ -76,18 +76,11 @@ class Compactor:
         its compacted name, the directory fsynced, then the full one removed. (its compacted Segment, records
         dropped); (None, 0) when it could not (said in kernel.log), the full segment left as it was."""
         target = compacted_path(segment)
-        hidden = target.with_name(f".{target.name}")
         try:
             with open(segment.path, "rb") as f:
                 kept, dropped = kept_records(gzip.decompress(f.read()))
-            write_file(hidden, gzip.compress(kept, self.compress_level, mtime=0))
-            os.rename(hidden, target)
-            fsync_dir(self.journal.parent)
+            replace_file(target, gzip.compress(kept, self.compress_level, mtime=0))
         except (*SEGMENT_ERRORS, ValueError, msgpack.UnpackException) as exc:
-            try:
-                hidden.unlink(missing_ok=True)
-            except OSError:
-                pass
             log.warning("journal %s: could not compact %s (%s: %s); it is kept whole", self.journal,
                         segment.path.name, type(exc).__name__, exc)
             return None, 0

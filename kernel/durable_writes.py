@@ -3,6 +3,7 @@ directory fsynced once a rename has put it in place (the journal's rotations, co
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -17,6 +18,22 @@ def write_file(path: Path, blob: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, blob: bytes, sync_dir: bool = True) -> None:
+    """`blob` as the whole of `path`, or `path` as it was: written and fsynced under a hidden name (`.NAME`), renamed
+    into place, and the directory fsynced (sync_dir False: the caller fsyncs it once, after several). OSError: the
+    hidden file is removed (where it can be) and the error raised."""
+    hidden = path.with_name(f".{path.name}")
+    try:
+        write_file(hidden, blob)
+        os.rename(hidden, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            hidden.unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:

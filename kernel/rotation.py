@@ -14,7 +14,7 @@ from typing import Iterator
 
 from trainbus.proto.journal_format import Segment, next_seq_path, segment_name
 
-from .durable_writes import fsync_dir, write_file
+from .durable_writes import replace_file
 
 log = logging.getLogger("trainbus.kernel")
 
@@ -30,9 +30,9 @@ def write_segments(path: Path, read_fd: int, offsets: array, size: int, first_se
         first, last = first_seq + start, first_seq + stop - 1
         segment = Segment(first, last, path.parent / segment_name(path, first, last))
         begin, end = offsets[start], offsets[stop] if stop < len(offsets) else size
-        hidden = path.parent / f".{segment.path.name}"
-        write_file(hidden, gzip.compress(os.pread(read_fd, end - begin, begin), COMPRESS_LEVEL, mtime=0))
-        os.rename(hidden, segment.path)
+        # the directory is fsynced once, by the caller, before the active file is emptied
+        replace_file(segment.path, gzip.compress(os.pread(read_fd, end - begin, begin), COMPRESS_LEVEL, mtime=0),
+                     sync_dir=False)
         yield segment
 
 
@@ -41,13 +41,9 @@ def record_next_seq(path: Path, next_seq: int) -> None:
     record of where the journal goes on, and one lost (a bad copy, a hand freeing space) would have a continued
     run number new events with its seqs. Not kept (a full disk), the newest segment is the one record left."""
     marker = next_seq_path(path)
-    hidden = marker.with_name(f".{marker.name}")
     try:
-        write_file(hidden, b"%d\n" % next_seq)
-        os.rename(hidden, marker)
-        fsync_dir(path.parent)
+        replace_file(marker, b"%d\n" % next_seq)
     except OSError as exc:
-        hidden.unlink(missing_ok=True)
         log.warning("journal %s: could not record the seq it goes on from in %s (%s)", path, marker.name,
                     exc.strerror)
 
