@@ -20,6 +20,7 @@ from trainbus.proto.codec import fits_msgpack
 from trainbus.proto.settings_format import BOOL_WORDS_SAID, bool_word
 from trainbus.proto.text import near_miss, not_utf8, printable
 
+from .flags import option_of_run
 from .limits import PeerLimits
 from .private_dirs import others_can_write
 from .target import DEFAULT_TARGET, full_target, is_file_target
@@ -660,19 +661,15 @@ LIGHTNING_TRAINER = {
 }
 
 
-# `trainbus run`'s options of how it launches (cli_launch.py), the command line's alone: config.json records them
-# as `launch`, and a resume launches the run again so
-COMMAND_LINE_ONLY = ("nproc", "nnodes", "max_restarts", "rdzv_endpoint")
-
-
 def _where_it_goes(key: str, known, value: Any = None) -> str:
     """A hint for a key in the wrong place: a near miss of a known one, a key of another table, a plugin's setting
     written in its table, an option of the command line, or, in [run] or at the top, a hyperparameter (what an
     unknown name there most often is). Which table it was found in, `known` says."""
     if known is _RUN_KEYS and key in LIGHTNING_TRAINER:  # before a near miss: `devices` is no typo of `device`
         return f" (Lightning's {key} {LIGHTNING_TRAINER[key]})"
-    if known is _RUN_KEYS and key in COMMAND_LINE_ONLY:
-        return f" ({key} is an option of trainbus run, not a [run] key: --{key.replace('_', '-')} {value})"
+    # how it launches (cli_launch.py): the command line's alone, recorded in config.json as `launch`
+    if known is _RUN_KEYS and (option := option_of_run(key, value)):
+        return f" ({key} is an option of trainbus run, not a [run] key: {option})"
     near = near_miss(key, known)
     if near:
         return near
