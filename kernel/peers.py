@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 from trainbus.proto import DURABLE
 from trainbus.proto import events as ev
@@ -344,14 +344,18 @@ class Peers:
 
     def durable_behind(self, seq: int, now: float) -> dict[str, int]:
         """Durable names that may still return and have not acked `seq`: what the end-of-run drain waits for."""
-        return {p.name: self.positions.get(p.name, 0) for p in list(self._by_name.values())
-                if p.delivery == DURABLE and self.may_return(p.name, now) and self.positions.get(p.name, 0) < seq}
+        return {name: position for name, position in self._durable_positions(now) if position < seq}
 
     def durable_floor(self, now: float) -> int:
         """The lowest position among durable names that may still return (what all of them acked); a large number
         when there is none."""
-        return min((self.positions.get(p.name, 0) for p in list(self._by_name.values())
-                    if p.delivery == DURABLE and self.may_return(p.name, now)), default=2**63 - 1)
+        return min((position for _, position in self._durable_positions(now)), default=2**63 - 1)
+
+    def _durable_positions(self, now: float) -> Iterator[tuple[str, int]]:
+        """(name, position) of each durable peer that may still return."""
+        for p in list(self._by_name.values()):
+            if p.delivery == DURABLE and self.may_return(p.name, now):
+                yield p.name, self.positions.get(p.name, 0)
 
     def welcomed_names(self) -> set[str]:
         return {p.name for p in self}

@@ -243,8 +243,8 @@ def print_show(console, run: dict[str, Any]) -> None:
     if len(set(trained_with)) > 1:  # a resume changed them: config.json has the latest session's alone
         line("trained on", escape("; ".join(f"session {i}: {device}, {precision}" + (", compiled" if compiled else "")
                                               for i, (device, precision, compiled) in enumerate(trained_with, 1))))
-    elif sessions and _loop_text(sessions[-1]):  # one way throughout: said when it is not the default loop
-        line("loop", escape(_loop_text(sessions[-1])))
+    elif sessions and (loop := _loop_text(sessions[-1])):  # one way throughout: said when not the default loop
+        line("loop", escape(loop))
     line("epochs", f"{_epochs(run)}, {run.get('steps') if run.get('steps') is not None else '-'} steps")
     if run.get("last_event"):
         e = run["last_event"]

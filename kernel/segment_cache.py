@@ -34,7 +34,7 @@ class SegmentCache:
         with f:
             blob = f.read()
         offsets, seqs = _offsets_in(blob, compacted)
-        size = len(blob) + offsets.itemsize * len(offsets) * (2 if compacted else 1)
+        size = _size(blob, offsets, seqs)
         while len(self._segments) >= CACHED_SEGMENTS_MIN and self.bytes + size > CACHED_SEGMENTS_BYTES:
             self.drop(next(iter(self._segments)))  # the least recently used
         self._segments[segment.first] = blob, offsets, seqs
@@ -46,7 +46,7 @@ class SegmentCache:
         if first not in self._segments:
             return
         blob, offsets, seqs = self._segments.pop(first)
-        self.bytes -= len(blob) + offsets.itemsize * len(offsets) * (1 if seqs is None else 2)
+        self.bytes -= _size(blob, offsets, seqs)
 
     def clear(self) -> None:
         self._segments.clear()
@@ -66,3 +66,8 @@ def _offsets_in(blob: bytes, compacted: bool = False) -> tuple[array, array | No
         else:
             seqs.append(next(unpacker)["seq"])
     return offsets, seqs
+
+
+def _size(blob: bytes, offsets: array, seqs: array | None) -> int:
+    """What a cached segment holds: its records, their offsets and, compacted, their seqs (as many as offsets)."""
+    return len(blob) + offsets.itemsize * len(offsets) * (1 if seqs is None else 2)
