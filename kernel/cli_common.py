@@ -103,14 +103,13 @@ def _attach_client(where: str, flags: list[str]) -> NoReturn:
     """This process becomes the attach client (plugins/dashboard.py) for WHERE, a live run: the client is a
     plugin-side process (the kernel imports no sdk or plugin code); exec keeps the terminal and the exit code.
 
-    Ctrl-C is blocked across the exec (a signal mask outlives it): until the client can say it, a Ctrl-C killed it
-    without a word (exit -2, the exec and Python's start) or with a traceback of one of its imports. The client
-    unblocks it first thing, and a Ctrl-C pressed meanwhile comes then, said."""
+    Ctrl-C is blocked across the exec (a signal mask outlives it), so that one pressed during the exec, Python's
+    start and the client's imports is delivered once the client can say it: it unblocks it first thing."""
     sys.stdout.flush()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         os.execv(sys.executable, [sys.executable, "-m", "trainbus.plugins.dashboard", where, *flags])
-    finally:  # the exec failed: this process goes on, and says a Ctrl-C as before (ctrl_c_says)
+    finally:  # the exec failed: this process goes on, and says a Ctrl-C itself (ctrl_c_says)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 

@@ -83,8 +83,8 @@ def plugins_attach(
         target = installed_target(name)
         plugin = resolve_plugin(name, configured_settings(run_dir, name, target), target)
     given: dict[str, str] = {}
-    # `--set` as `trainbus run` takes it, its NAME. optional here (this command names the plugin): the habit of
-    # run's users, which click refused as no such option
+    # `--set` as `trainbus run` takes it, as run's users are used to; its NAME. optional here (this command names
+    # the plugin)
     for word in [*(setting_words or []), *(w.removeprefix(f"{name}.") for w in set_words or [])]:
         key, sep, raw = word.partition("=")
         if not sep or not key:

@@ -555,8 +555,7 @@ def _dropped(entry: dict) -> str:
 
 def _print_node_done(result, runs_dir: str) -> None:
     """Another machine's end of a --nnodes run, said by its first rank: its ranks' outcome, and that rank 0's machine
-    keeps the run (its directory, journal and summary, printed there). Without it that machine's `trainbus run` ended
-    with nothing said."""
+    keeps the run (its directory, journal and summary, printed there): the one line its user sees at the end."""
     cluster, outcome = result.cluster, result.outcome
     first, last = cluster["rank"], cluster["rank"] + cluster["local_world_size"] - 1
     epochs, steps = outcome["epochs_completed"], outcome["steps"]

@@ -105,7 +105,8 @@ class RunConfig:
     # The journal's active file is compressed into a closed segment at this size (kernel/journal.py).
     journal_segment_mb: float = 8.0
     # Closed segments every durable plugin acked and a saved checkpoint covers keep only their lifecycle, metric, log,
-    # plugin and kernel events and every 80th step's end_training_batch (kernel/journal.py); false: every event.
+    # plugin and kernel events and some steps' end_training_batch (proto/journal_format.py kept_by_compaction,
+    # PROTOCOL.md §13); false: every event.
     journal_compact: bool = True
     # How a batch becomes an optimizer step, as Lightning names them (kernel/stepping.py)
     precision: str = "32"  # "32", "bf16-mixed", "16-mixed" (CUDA), "bf16-true"
