@@ -34,7 +34,7 @@ from trainbus.proto.run_state import CLIENT_PREFIX, RunState
 from .plugin_io import UNKNOWN_PEER, PluginIO
 from .kernel_watch import connection_run_dir, kernel_alive, kernel_died, remote_endpoints, run_summary
 from .entry import CREDENTIAL_FILE
-from .replay import REPLAY_RESEND_S, in_order, skip_lost
+from .replay import REPLAY_RESEND_S, events_to_take
 
 RECONNECT_FIRST_S = 0.5  # backoff after the kernel went silent: 0.5, 1, 2, 4, 8, 8 ... (zguide's ppworker)
 RECONNECT_MAX_S = 8.0
@@ -325,10 +325,8 @@ class Attachment:
         self._deliver(event)
 
     def _on_replay(self, batch: dict[str, Any]) -> None:
-        self.next_seq = skip_lost(batch, self.next_seq, "attach:")
-        for event in batch["events"]:
-            if in_order(batch, event, self.next_seq):
-                self._deliver(event)
+        for event in events_to_take(batch, self.next_seq, "attach:"):
+            self._deliver(event)  # its next_seq goes on from it
         if batch["done"] and (not batch["events"] or batch["events"][-1].seq < self.next_seq):
             self._replaying = False
         else:

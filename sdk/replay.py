@@ -3,7 +3,7 @@ runner (runner.py) and attach's client (attach.py) read replays alike."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from trainbus.proto import Event
 
@@ -28,7 +28,13 @@ def skip_lost(batch: dict[str, Any], next_seq: int, who: str) -> int:
     return next_seq
 
 
-def in_order(batch: dict[str, Any], event: Event, next_seq: int) -> bool:
-    """Whether a replayed event is the next to take: the one at next_seq, or, in a compacted batch (whose seqs jump
-    over what compaction dropped), any after it."""
-    return event.seq == next_seq or (event.seq > next_seq and bool(batch.get("compacted")))
+def events_to_take(batch: dict[str, Any], next_seq: int, who: str) -> Iterator[Event]:
+    """A replay batch's events to take, in order, for a reader that has taken every seq before next_seq (and goes
+    on from each event it takes): past the loss skip_lost says, each at the next seq or, in a compacted batch (whose
+    seqs jump over what compaction dropped), any after it. Repeats already taken are left out."""
+    next_seq = skip_lost(batch, next_seq, who)
+    compacted = bool(batch.get("compacted"))
+    for event in batch["events"]:
+        if event.seq == next_seq or (compacted and event.seq > next_seq):
+            yield event
+            next_seq = event.seq + 1

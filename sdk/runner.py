@@ -29,7 +29,7 @@ from .plugin import KernelGoneInfo, Plugin, checked_subscriptions
 from .plugin_exit import FINISH_ON_TERM_S, LEFTOVER_THREAD_S, CutShort, leave_if_orphaned, threads_left
 from .kernel_liveness import REMOTE_SILENCE_S
 from .plugin_io import FINAL_EVENTS, MAX_POLL_S, PluginIO, _say
-from .replay import REPLAY_RESEND_S, in_order, skip_lost
+from .replay import REPLAY_RESEND_S, events_to_take
 from .tracebacks import user_traceback
 
 MAX_HANDLER_ATTEMPTS = 3  # a poison event is tried this often, then dead-lettered
@@ -237,17 +237,15 @@ class Runner:
         return self.wanted is None or event.type in self.wanted
 
     def _on_replay(self, batch: dict[str, Any]) -> None:
-        self.next_seq = skip_lost(batch, self.next_seq, f"[{self.plugin.name}]")
-        for event in batch["events"]:
-            if in_order(batch, event, self.next_seq):
-                if self._wants(event):
-                    self._dispatch(event)
-                else:
-                    self.last_event = event
-                self.next_seq = event.seq + 1
-                if self._done() or self.terminating:
-                    return
-                self._maybe_ack()  # a batch is up to 512 events: ack as we go, so a kill costs little redo
+        for event in events_to_take(batch, self.next_seq, f"[{self.plugin.name}]"):
+            if self._wants(event):
+                self._dispatch(event)
+            else:
+                self.last_event = event
+            self.next_seq = event.seq + 1
+            if self._done() or self.terminating:
+                return
+            self._maybe_ack()  # a batch is up to 512 events: ack as we go, so a kill costs little redo
         if batch["done"] and (not batch["events"] or batch["events"][-1].seq < self.next_seq):
             self.replaying = False
         else:

@@ -32,7 +32,7 @@ from trainbus.proto import JOURNAL_NAME, control, decode_control, encode_control
 from trainbus.proto import events as ev
 from trainbus.proto.journal_format import (COMPACTION_KEEP_EVERY_STEPS, closed_segments, journal_head, journal_tail,
                                            kept_by_compaction, last_event_of, read_journal, stream_journal)
-from trainbus.sdk.replay import in_order, skip_lost
+from trainbus.sdk.replay import events_to_take, skip_lost
 
 PACED = "fixture_targets:paced_digits"  # the digits demo with a sleep per step: same weights, known pace
 COUNT = 60_000
@@ -244,11 +244,9 @@ def test_a_replay_from_a_compacted_segment_says_so_and_the_sdk_takes_its_jumps_f
     assert batches[0]["events"][0].seq > 5  # seq 5 was a batch event: the batch begins past it
     next_seq, taken = 5, []
     for batch in batches:
-        next_seq = skip_lost(batch, next_seq, "[reader]")
-        for event in batch["events"]:
-            if in_order(batch, event, next_seq):
-                taken.append(event.seq)
-                next_seq = event.seq + 1
+        for event in events_to_take(batch, next_seq, "[reader]"):
+            taken.append(event.seq)
+            next_seq = event.seq + 1
     assert "lost" not in capsys.readouterr().err
     assert taken == [s for s in expected_after(segments, originals(20_000)) if 5 <= s < next_seq]
     assert decode_control(encode_replay_batch(0, b"", True))["compacted"] is False  # no flag sent: as before it
