@@ -60,7 +60,8 @@ from trainbus.kernel.bus import FLUSH_INTERVAL_S, Bus
 from trainbus.kernel.publishers import EVENTS_HWM
 from trainbus.kernel.config import RunConfig
 from trainbus.kernel.journal import FSYNC_INTERVAL_S, Journal
-from trainbus.kernel.session import close_bus, open_bus, run_training, wait_ready
+from trainbus.kernel.run_bus import close_bus, open_bus, wait_ready
+from trainbus.kernel.session import run_training
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto import events as ev
 
