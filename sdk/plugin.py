@@ -51,15 +51,20 @@ class EventData(dict):
         return dict, (dict(self),)
 
 
+def _check_strings(cls: type, attr: str, what: str, example: str) -> None:
+    """A class attribute that must be a tuple of strings: a string there is each of its letters (votes at 'e', 'n',
+    'd', ...), said with the one-element tuple it was meant to be."""
+    given = getattr(cls, attr)
+    if isinstance(given, str) or not isinstance(given, (tuple, list)) or not all(isinstance(x, str) for x in given):
+        fix = f"{attr} = ({given!r},)" if isinstance(given, str) else example
+        raise SettingsError(f"{cls.__name__}.{attr} = {given!r} is not allowed; it must be a tuple of {what}: {fix}")
+
+
 def _check_capabilities(cls: type) -> None:
     """A string where a tuple goes declared each letter; a near miss of a capability declared nothing the kernel acts
     on: either way the plugin was silently never a persister."""
+    _check_strings(cls, "capabilities", "capabilities", "capabilities = ('checkpoint',)")
     given = cls.capabilities
-    if isinstance(given, str) or not isinstance(given, (tuple, list)) \
-            or not all(isinstance(c, str) for c in given):
-        fix = f"capabilities = ({given!r},)" if isinstance(given, str) else "capabilities = ('checkpoint',)"
-        raise SettingsError(f"{cls.__name__}.capabilities = {given!r} is not allowed; it must be a tuple of "
-                            f"capabilities: {fix}")
     for name in given:
         if name not in CAPABILITIES:
             known = ", ".join(CAPABILITIES)
@@ -125,12 +130,7 @@ class Plugin:
             raise SettingsError(f"{cls.__name__}.delivery = {cls.delivery!r} is not allowed; it must be DURABLE or "
                                 f"BEST_EFFORT (from trainbus.sdk import DURABLE), the strings 'durable' and "
                                 f"'best_effort'")
-        if isinstance(cls.votes, str) or not isinstance(cls.votes, (tuple, list)) \
-                or not all(isinstance(t, str) for t in cls.votes):
-            fix = f"votes = ({cls.votes!r},)" if isinstance(cls.votes, str) \
-                else "votes = ('end_epoch',), or () for none"
-            raise SettingsError(f"{cls.__name__}.votes = {cls.votes!r} is not allowed; it must be a tuple of event "
-                                f"types: {fix}")
+        _check_strings(cls, "votes", "event types", "votes = ('end_epoch',), or () for none")
         _check_capabilities(cls)
         if not callable(cls.subscriptions):  # a list where the SDK calls a method: every start failed in our frames
             listed = cls.subscriptions if isinstance(cls.subscriptions, (list, tuple)) else ["end_epoch"]
