@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST, read_manifest, sha256_of
+from trainbus.proto.messages import PERSISTS
 
 from .peers import Refused
 
@@ -108,7 +109,7 @@ class Checkpointer:
     # -- the bus thread ---------------------------------------------------------------------------
 
     def welcomed(self, peer) -> None:
-        if "checkpoint" in peer.capabilities:
+        if PERSISTS in peer.capabilities:
             self.persister_seen = True
 
     def numbered(self, seq: int, data: dict[str, Any]) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 from typing import Callable
 
+from trainbus.proto.messages import HEARTBEAT_LIVENESS
+
 from .plugin_processes import Processes
 
-# Paranoid Pirate (zguide ch. 4) numbers: a peer silent for HEARTBEAT_LIVENESS intervals is hung.
+# Paranoid Pirate (zguide ch. 4): a peer silent for HEARTBEAT_LIVENESS intervals is hung.
 HEARTBEAT_INTERVAL_S = 1.0
-HEARTBEAT_LIVENESS = 3
 # Starved is not hung. On a box busy with other work (two neighbours' jobs on two cores) a nice-10 plugin gets ~1/11
 # of a core, and a thread of it at nice 19 (the checkpoint writer) ~1/70 while it holds the GIL the I/O thread needs:
 # it can stay silent for seconds, or take seconds to exit, while it waits for a CPU. Its threads' run-queue wait

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Protocol
 
 from trainbus.proto import DURABLE
 from trainbus.proto import events as ev
+from trainbus.proto.messages import PERSISTS
 
 from .credentials import Credentials
 from .keys import ClientKey
@@ -228,7 +229,7 @@ class Peers:
                                            f"plugins attach` is); not a plugin of the run, not a remote key")
             return
         if kind in PERSISTER_MESSAGES:
-            if "checkpoint" not in peer.capabilities:
+            if PERSISTS not in peer.capabilities:
                 raise Refused("not_persister", f"{peer.name}: {kind} from a peer without the checkpoint capability")
             return
         if kind not in peer.replies:

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainbus.proto import events as ev, pack
+from trainbus.proto.messages import HEARTBEAT_LIVENESS, PERSISTS
 from trainbus.proto.process import TRAINING_ENV
 
 from .journal_history import CRASHES_KEPT
 from .kernel_log import cap_log
 from .last_words import exit_status, last_line, last_words
-from .liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, STARVED_SAMPLE_S, Patience, await_exit
+from .liveness import HEARTBEAT_INTERVAL_S, STARVED_SAMPLE_S, Patience, await_exit
 from .plugin_processes import Processes
 
 log = logging.getLogger("trainbus.kernel")
@@ -81,7 +82,7 @@ class PluginSpec:
         started without that description (run_training called from Python, a plugin attached to a live run), may.
         Only a guess, for what is said while it starts: its hello is what makes it a persister."""
         if self.capabilities is not None:
-            return "checkpoint" in self.capabilities
+            return PERSISTS in self.capabilities
         return not self.target.startswith(BUILTIN_PLUGINS) or self.target == BUILTIN_PERSISTER
 
 

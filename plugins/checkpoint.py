@@ -40,6 +40,7 @@ from typing import Any
 
 from trainbus.proto import DURABLE, Event
 from trainbus.proto.checkpoint_format import CHECKPOINT_DIR, MANIFEST
+from trainbus.proto.messages import PERSISTS
 from trainbus.proto.process import started_while_training
 from trainbus.proto.settings_format import template_fields
 from trainbus.sdk import METRIC, METRIC_FIELDS, PATH, Plugin, Setting, SettingsError
@@ -76,7 +77,7 @@ class CheckpointPlugin(Plugin):
     """
 
     delivery = DURABLE  # a missed snapshot is a lost checkpoint; the kernel reuses a buffer once we answer
-    capabilities = ("checkpoint",)
+    capabilities = (PERSISTS,)
     handler_timeout_s = 600.0  # writing and fsyncing a large model can take minutes on a slow disk
     settings = {
         # The kernel accepts a checkpoint_saved only for a file in <run_dir>/checkpoints or this dirpath

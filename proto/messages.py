@@ -32,6 +32,8 @@ DURABLE = "durable"  # acks what it processed; missed events are replayed from t
 DELIVERY_CLASSES = (BEST_EFFORT, DURABLE)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# A peer silent for this many heartbeat intervals is gone (zguide's Paranoid Pirate), on either side (PROTOCOL.md §8).
+HEARTBEAT_LIVENESS = 3
 # A hello's name rides in every event of that peer (each metric and log's `plugin`), so it is bounded like a metric's
 # name: a hand-attached peer chooses it, and a 250 KiB one made each of its 400 burst metrics a 250 KiB event.
 PEER_NAME_MAX_CHARS = 200
@@ -78,8 +80,9 @@ class Default:
 # Control messages: plugin -> kernel on the DEALER/ROUTER socket, and kernel -> plugin replies to it.
 # Each entry is field -> type (required) or Default (optional). `int` never admits bool; `float` admits int.
 _STR_LIST = list[str]
-# What a hello's `capabilities` may declare that a kernel acts on: "checkpoint" persists save_checkpoint snapshots.
-CAPABILITIES = ("checkpoint",)
+# What a hello's `capabilities` may declare that a kernel acts on: PERSISTS persists save_checkpoint snapshots.
+PERSISTS = "checkpoint"
+CAPABILITIES = (PERSISTS,)
 CONTROL_SCHEMAS: dict[str, dict[str, Any]] = {
     # plugin -> kernel
     "hello": {

@@ -8,7 +8,8 @@ import os
 import time
 from typing import Callable
 
-HEARTBEAT_LIVENESS = 3  # kernel silent this many intervals -> gone (zguide's Paranoid Pirate)
+from trainbus.proto.messages import HEARTBEAT_LIVENESS
+
 CONNECT_TIMEOUT_S = 30.0  # no heartbeat from the kernel this long after start: give up
 KERNEL_EXITED = "the kernel process exited"
 # A remote plugin (over TCP) cannot tell a kernel gone from a network down: it waits this long for the kernel's
@@ -67,25 +68,23 @@ class KernelLiveness:
             return None
         if self.kernel_pid is None and self.kernel_alive is not None and self.kernel_alive():
             # attached by hand beside a kernel that still runs: the silence was ours (stopped) or its (stopped,
-            # starved); wait for it, as a spawned plugin does, and say so once
-            if self.silent_since is None:
-                self.silent_since = last_kernel
-                self.say(f"no kernel heartbeat for {now - last_kernel:.1f} s, but the run's kernel still runs "
-                         f"(stopped or starved, or this plugin was); waiting for it")
-            return None
+            # starved); wait for it, as a spawned plugin does
+            return self._wait(last_kernel, f"no kernel heartbeat for {now - last_kernel:.1f} s, but the run's kernel "
+                                           f"still runs (stopped or starved, or this plugin was); waiting for it")
         if self.kernel_pid is None:  # attached by hand or remote: silence is all we can know of the kernel
             if now - last_kernel > self.wait_out_silence_s:
                 return f"no kernel heartbeat for {now - last_kernel:.1f} s"
             # over TCP a silence is as likely a network down for a while (the kernel lives on): wait for it
-            if self.silent_since is None:
-                self.silent_since = last_kernel
-                self.say(f"no kernel heartbeat for {now - last_kernel:.1f} s: the network to its host is down, or "
-                         f"the kernel is gone or hung; waiting up to {self.wait_out_silence_s:.0f} s")
-            return None
+            return self._wait(last_kernel, f"no kernel heartbeat for {now - last_kernel:.1f} s: the network to its "
+                                           f"host is down, or the kernel is gone or hung; waiting up to "
+                                           f"{self.wait_out_silence_s:.0f} s")
         # Still our parent (PR_SET_PDEATHSIG ends us with it): a kernel stopped (SIGSTOP, a frozen cgroup, swapped
-        # out) is silent, not gone; leaving would lose the rest of the run's events. Wait for it, and say so once.
+        # out) is silent, not gone; leaving would lose the rest of the run's events. Wait for it.
+        return self._wait(last_kernel, f"no kernel heartbeat for {now - last_kernel:.1f} s, but the kernel (pid "
+                                       f"{self.kernel_pid}) is still running (stopped or starved?); waiting for it")
+
+    def _wait(self, last_kernel: float, line: str) -> None:
+        """Wait out the kernel's silence, saying so once (not every turn of the I/O thread)."""
         if self.silent_since is None:
             self.silent_since = last_kernel
-            self.say(f"no kernel heartbeat for {now - last_kernel:.1f} s, but the kernel (pid {self.kernel_pid}) is "
-                     f"still running (stopped or starved?); waiting for it")
-        return None
+            self.say(line)

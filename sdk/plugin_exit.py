@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .kernel_liveness import KERNEL_EXITED
-from .plugin_io import _say
+from .plugin_io import say
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -43,7 +43,7 @@ def terminate(runner: Runner, why: str = "terminated (SIGTERM)") -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would run teardown again from inside the first
     arrived = time.monotonic()
-    if runner._ended:  # already finishing (the I/O thread saw the kernel go first): let that run to its end
+    if runner.ended:  # already finishing (the I/O thread saw the kernel go first): let that run to its end
         return
     io = runner.io
     if io.gone is None and io.liveness.exited(KERNEL_EXIT_GRACE_S):  # PR_SET_PDEATHSIG's, not the kernel's own
@@ -67,7 +67,7 @@ class CutShort(SystemExit):
 def _cut_short(runner: Runner) -> None:
     # Not once _finish has begun (it disarms the timer, but an alarm may already be on its way): cut short there,
     # Runner.run's second _finish would return at once, with no teardown, no last ack and no close.
-    if not runner._ended:
+    if not runner.ended:
         raise CutShort(0)
 
 
@@ -78,13 +78,13 @@ def leave_if_orphaned(runner: Runner) -> None:
     if not runner.io.lost_kernel:
         return
     deadline = time.monotonic() + ORPHAN_EXIT_S
-    while not runner._ended and time.monotonic() < deadline:
+    while not runner.ended and time.monotonic() < deadline:
         time.sleep(0.1)
-    if runner._ended:
+    if runner.ended:
         return
     event = runner.io.busy_with
     what = f"the handler for {event.type} (seq {event.seq})" if event is not None else "the plugin's code"
-    _say(f"[{runner.plugin.name}] the kernel is gone and {what} has not returned {ORPHAN_EXIT_S:g} s later "
+    say(f"[{runner.plugin.name}] the kernel is gone and {what} has not returned {ORPHAN_EXIT_S:g} s later "
          f"(SIGTERM ignored, or blocked where no signal reaches it); exiting without teardown")
     end_own_group(runner)
     os._exit(0)

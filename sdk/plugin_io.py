@@ -23,10 +23,11 @@ from trainbus.proto import (
     encode_control,
     events as ev,
 )
+from trainbus.proto.messages import HEARTBEAT_LIVENESS
 from trainbus.proto.process import drain
 from trainbus.proto.remote import ConnectionWatch
 
-from .kernel_liveness import HEARTBEAT_LIVENESS, KernelLiveness
+from .kernel_liveness import KernelLiveness
 from .tracebacks import user_stack
 
 # the code of the kernel's refusal of a hello under a name still held (PROTOCOL.md §2): the code, not the reason's
@@ -82,7 +83,7 @@ class PluginIO(threading.Thread):
         self.progress_at = 0.0
         self._stuck_told: float | None = None  # the handler clock (_busy_clock) we said is past its timeout
         # whether the kernel is gone (its wait_out_silence_s and kernel_alive are the Runner's to set)
-        self.liveness = KernelLiveness(kernel_pid, lambda text: _say(f"[{hello['name']}] {text}"))
+        self.liveness = KernelLiveness(kernel_pid, lambda text: say(f"[{hello['name']}] {text}"))
         self._rehello = False  # saying hello again to a kernel that forgot us (liveness.wait_out_silence_s)
         self.gone: str | None = None  # why the kernel is considered gone
         self.lost_kernel = False  # gone because the kernel died or fell silent (not refused, not our own failure)
@@ -369,7 +370,7 @@ class PluginIO(threading.Thread):
                 continue
             if msg["type"] == "refused" and not msg["welcome_lost"]:  # one message outside our grant
                 if self.log_not_acted:
-                    _say(f"[{self.hello['name']}] the kernel did not act on a message: {msg['reason']}")
+                    say(f"[{self.hello['name']}] the kernel did not act on a message: {msg['reason']}")
                 self.not_acted.append(msg["reason"])
                 continue
             if (msg["type"] == "refused" and not self.welcomed and msg["code"] == NAME_HELD
@@ -383,7 +384,7 @@ class PluginIO(threading.Thread):
                 # back after a silence longer than the kernel keeps a silent peer's place: it forgot us. Say hello
                 # again (after the next event, as the first time); a durable plugin then replays what went by.
                 if not self._rehello:  # each message sent meanwhile (heartbeat, ack, replay) is refused alike: once
-                    _say(f"[{self.hello['name']}] the kernel no longer knew this plugin after the silence; saying "
+                    say(f"[{self.hello['name']}] the kernel no longer knew this plugin after the silence; saying "
                          f"hello again")
                     self.welcomed = self.said_hello = False
                     self._rehello, self._hello_at = True, time.monotonic()
@@ -444,7 +445,7 @@ class PluginIO(threading.Thread):
             self.dealer.send(encode_control(control("log", level="error", text=text)), zmq.NOBLOCK)
         except zmq.Again:  # the kernel is not reading us: our silence tells it all the same
             pass
-        _say(f"[{self.hello['name']}] {text}")
+        say(f"[{self.hello['name']}] {text}")
 
     def _busy_clock(self) -> float | None:
         """Where the running handler's hang clock starts (its start or its last progress); None when none runs."""
@@ -470,7 +471,7 @@ def _burst_events(frames: list[zmq.Frame]) -> list[Event]:
     return decode_burst(frames[0].bytes)
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     """A line for the plugin's log (its stderr); on a full disk it is lost and the plugin goes on."""
     try:
         print(text, file=sys.stderr)

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 from trainbus.proto import Event
 
-from .plugin_io import _say
+from .plugin_io import say
 
 # A replay asked for and not answered in this long is asked for again: its answer was lost on the way (a connection
 # dropped with it in flight, or the kernel could not route it). The kernel answers within a round of its bus thread
@@ -22,7 +22,7 @@ def skip_lost(batch: dict[str, Any], next_seq: int, who: str) -> int:
     events = batch["events"]
     if events and events[0].seq > next_seq:
         if not batch.get("compacted"):
-            _say(f"{who} events {next_seq}-{events[0].seq - 1} are lost from the run's journal: going on without "
+            say(f"{who} events {next_seq}-{events[0].seq - 1} are lost from the run's journal: going on without "
                  f"them")
         return events[0].seq
     return next_seq

@@ -28,7 +28,7 @@ from .kernel_watch import kernel_alive, run_summary
 from .plugin import KernelGoneInfo, Plugin, checked_subscriptions
 from .plugin_exit import FINISH_ON_TERM_S, LEFTOVER_THREAD_S, CutShort, leave_if_orphaned, threads_left
 from .kernel_liveness import REMOTE_SILENCE_S
-from .plugin_io import FINAL_EVENTS, MAX_POLL_S, PluginIO, _say
+from .plugin_io import FINAL_EVENTS, MAX_POLL_S, PluginIO, say
 from .replay import REPLAY_RESEND_S, events_to_take
 from .tracebacks import user_traceback
 
@@ -104,7 +104,7 @@ class Runner:
         self.session_seq = 1  # the first seq this kernel numbered (welcome)
         self._caught_up_said = False
         self._set_up = False  # setup() returned: only then may on_kernel_gone run
-        self._ended = False  # _finish ran: teardown happens once, whichever way the plugin ends
+        self.ended = False  # _finish ran: teardown happens once, whichever way the plugin ends
         self.setup_failed = False  # setup() raised: the process ends, and the kernel restarts it
         self.terminating = False  # SIGTERM: no next event; the one being handled may finish (FINISH_ON_TERM_S)
         # Threads that were there before the plugin (set by run(), the plugin process's entry; None: not checked), and
@@ -150,7 +150,7 @@ class Runner:
         for level, warning in [("warning", w) for w in self.subscription_warnings] + [
                 (said, w) for w in self.class_warnings]:  # the kernel takes no log from a peer before its welcome
             self.io.send(control("log", level=level, text=warning))
-            _say(f"[{self.plugin.name}] warning: {warning}")
+            say(f"[{self.plugin.name}] warning: {warning}")
         # timed as a handler: one that never returns (a server that never answers) stops the heartbeats, so the
         # kernel restarts the plugin, saying so, rather than keep a live plugin that handles nothing all run
         self.io.busy_with, self.io.busy_since = None, time.monotonic()
@@ -268,7 +268,7 @@ class Runner:
                 return
             if not self._caught_up_said:
                 self._caught_up_said = True
-                _say(f"[{self.plugin.name}] catching up on the run's earlier session(s) (seq < {self.session_seq}): "
+                say(f"[{self.plugin.name}] catching up on the run's earlier session(s) (seq < {self.session_seq}): "
                      f"handlers see them, their replies are not sent")
         failure: Exception | None = None
         for attempt in range(1, MAX_HANDLER_ATTEMPTS + 1):
@@ -282,12 +282,12 @@ class Runner:
                 again = "not acked: it comes again" if self.durable else "a best-effort plugin is not sent it again"
                 said = (f"the handler for {event.type} (seq {event.seq}) was still running {FINISH_ON_TERM_S} s "
                         f"after SIGTERM and was cut short ({again})")
-                _say(f"[{self.plugin.name}] {said}:\n{user_traceback(exc)}")
+                say(f"[{self.plugin.name}] {said}:\n{user_traceback(exc)}")
                 # to the kernel too: work a plugin never finished is trouble the run's summary names
                 self.io.send(control("log", level="error", text=f"{said}; plugins/{self.plugin.name}.log has where"))
                 raise
             except SystemExit as exc:  # the plugin's own choice, honoured; its log says where it was made
-                _say(f"[{self.plugin.name}] the handler for {event.type} (seq {event.seq}) "
+                say(f"[{self.plugin.name}] the handler for {event.type} (seq {event.seq}) "
                      f"called sys.exit({exc.code!r}):\n{user_traceback(exc)}")
                 raise
             except Exception as exc:
@@ -334,7 +334,7 @@ class Runner:
             self.io.send(control("log", level="error",
                                  text=f"handler for {event.type} (seq {event.seq}) {what} {MAX_HANDLER_ATTEMPTS} "
                                       f"attempts:\n{error}"))
-        _say(f"[{self.plugin.name}] handler for {event.type} seq {event.seq} failed:\n{error}")
+        say(f"[{self.plugin.name}] handler for {event.type} seq {event.seq} failed:\n{error}")
 
     def _report_once(self, event: Event, error: str, failure: NotRetryable) -> None:
         """Each distinct failure once (at most MAX_REPORTED_TRACEBACKS of them): its own message first (the
@@ -345,7 +345,7 @@ class Runner:
         self._reported_once.add(what)
         text = f"{what}\n(handler for {event.type}, seq {event.seq}; not retried, and reported once)\n{error}"
         self.io.send(control("log", level="error", text=text))
-        _say(f"[{self.plugin.name}] {text}")
+        say(f"[{self.plugin.name}] {text}")
 
     def _send_replies(self) -> None:
         while self.plugin.outbox:
@@ -388,9 +388,9 @@ class Runner:
             early.append(item)
 
     def _finish(self, gone: str | None) -> int:
-        if self._ended:  # a SIGTERM arriving while the run loop is already finishing
+        if self.ended:  # a SIGTERM arriving while the run loop is already finishing
             return 0
-        self._ended = True
+        self.ended = True
         if self.terminating:
             signal.setitimer(signal.ITIMER_REAL, 0)  # what runs from here is ours: no cut short
         if gone and self._kernel_died():
@@ -409,7 +409,7 @@ class Runner:
                     f"(the kernel kills a plugin still running 5 s after the run's end); exiting without it: stop "
                     f"it in teardown(), or start it with daemon=True")
             self.io.send(control("log", level="warning", text=said))
-            _say(f"[{self.plugin.name}] warning: {said}")
+            say(f"[{self.plugin.name}] warning: {said}")
         if self.failures > MAX_REPORTED_TRACEBACKS:  # the first ones went with their tracebacks; say the rest
             self.io.send(control("log", level="warning", text=(
                 f"{self.failures} handler failures in all: the first {MAX_REPORTED_TRACEBACKS} were reported with "
@@ -423,19 +423,19 @@ class Runner:
         if self.unreached:
             pass  # no kernel ever answered: run() says so, and what to check, in one line
         elif self.io.refused and not self._set_up:  # turned down at hello: the kernel is there, and said why
-            _say(f"[{self.plugin.name}] {refused_hello(self.plugin.name, self.io.refused)}")
+            say(f"[{self.plugin.name}] {refused_hello(self.plugin.name, self.io.refused)}")
         elif gone and self.remote and self.io.lost_kernel:  # over TCP: which of the two, nothing here can say
-            _say(f"[{self.plugin.name}] lost the kernel ({gone}): it has exited or hangs, or this machine no longer "
+            say(f"[{self.plugin.name}] lost the kernel ({gone}): it has exited or hangs, or this machine no longer "
                  f"reaches its host (`trainbus runs list` there says whether the run goes on; start this plugin "
                  f"again once it answers); exiting. {stats}")
         elif gone:  # the kernel lost, or (a SIGTERM from a live kernel, our I/O thread failing) ended on this side
             if not self.io.lost_kernel:
                 self._report_missed(behind=True)
-            _say(f"[{self.plugin.name}] {f'kernel gone ({gone})' if self.io.lost_kernel else gone}; exiting. {stats}")
+            say(f"[{self.plugin.name}] {f'kernel gone ({gone})' if self.io.lost_kernel else gone}; exiting. {stats}")
         else:
             self._report_missed(behind=False)
             if not sys.stderr.isatty():  # the plugin's log file; on a terminal (console) it would be noise
-                _say(f"[{self.plugin.name}] run ended. {stats}")
+                say(f"[{self.plugin.name}] run ended. {stats}")
         self.io.close()
         self.io.join(timeout=3)
         return 1 if self.io.refused or self.io.denied or (self.remote and self.io.lost_kernel) else 0
@@ -475,7 +475,7 @@ class Runner:
         hook.join(self.plugin.kernel_gone_timeout_s)
         if hook.is_alive():
             self.failures += 1
-            _say(f"[{self.plugin.name}] on_kernel_gone still running after kernel_gone_timeout_s "
+            say(f"[{self.plugin.name}] on_kernel_gone still running after kernel_gone_timeout_s "
                  f"{self.plugin.kernel_gone_timeout_s:g} s; going on without it")
 
     def _run_kernel_gone(self, info: KernelGoneInfo) -> None:
@@ -483,7 +483,7 @@ class Runner:
             self.plugin.on_kernel_gone(info)
         except Exception as exc:  # as any handler's: logged, and the plugin goes on (to its teardown)
             self.failures += 1
-            _say(f"[{self.plugin.name}] on_kernel_gone failed:\n{user_traceback(exc)}")
+            say(f"[{self.plugin.name}] on_kernel_gone failed:\n{user_traceback(exc)}")
 
     def report_thread_failure(self, args: threading.ExceptHookArgs) -> None:
         """threading.excepthook in a plugin's process: an exception that ends a thread of the plugin's own (a sampler
@@ -501,13 +501,13 @@ class Runner:
             self.io.send(control("log", level="error",
                                  text=f"thread {thread!r} failed: {type(exc).__name__}: {exc}\n{error}"))
         finally:
-            _say(f"[{self.plugin.name}] thread {thread!r} failed:\n{error}")
+            say(f"[{self.plugin.name}] thread {thread!r} failed:\n{error}")
 
     def _report_outside_handlers(self, what: str, exc: Exception) -> None:
         """setup's or teardown's exception: in the plugin's log, and to the kernel's log (the console shows it)."""
         error = user_traceback(exc)
         self.io.send(control("log", level="error", text=f"{what} failed: {type(exc).__name__}: {exc}\n{error}"))
-        _say(f"[{self.plugin.name}] {what} failed:\n{error}")
+        say(f"[{self.plugin.name}] {what} failed:\n{error}")
 
 
 def refused_hello(name: str, reason: str) -> str:

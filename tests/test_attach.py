@@ -26,9 +26,8 @@ from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
 from trainbus.proto import event_to_map, events as ev, pack
 from trainbus.proto.codec import unpack
 from trainbus.proto.journal_format import read_journal
-from trainbus.proto.messages import Event
+from trainbus.proto.messages import HEARTBEAT_LIVENESS, Event
 from trainbus.proto.run_state import HISTORY_POINTS, MAX_PLUGINS, MAX_SERIES, RunState
-from trainbus.sdk.kernel_liveness import HEARTBEAT_LIVENESS
 
 from conftest import TESTS_DIR, sigint_as_from_a_terminal, trainbus_cmd
 from fixture_targets import open_gate

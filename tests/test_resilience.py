@@ -34,7 +34,8 @@ from trainbus.kernel.runs import run_overview
 from trainbus.kernel.run_bus import PLUGIN_EXIT_TIMEOUT_S
 from trainbus.kernel.checkpointing import FINAL_WEIGHTS
 from trainbus.kernel.session import run_training
-from trainbus.kernel.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+from trainbus.kernel.liveness import HEARTBEAT_INTERVAL_S
+from trainbus.proto.messages import HEARTBEAT_LIVENESS
 from trainbus.kernel.supervisor import INTERVAL_INIT_S, MAX_RESTARTS
 
 import fixture_plugins

@@ -19,7 +19,7 @@ from trainbus.sdk.replay import REPLAY_RESEND_S
 
 from trainbus.proto import Event, control, encode_control, encode_replay_batch
 from trainbus.sdk.plugin import Plugin
-from trainbus.sdk.kernel_liveness import HEARTBEAT_LIVENESS
+from trainbus.proto.messages import HEARTBEAT_LIVENESS
 from trainbus.sdk.plugin_io import FAREWELL_WAIT_S, PluginIO
 
 

@@ -19,14 +19,15 @@ from trainbus.kernel.config import registered_plugins
 from trainbus.kernel.control import Dispatcher
 from trainbus.kernel.credentials import Credentials
 from trainbus.kernel.limits import PeerLimits
-from trainbus.kernel.liveness import (HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, STARVED_CPU_S, STARVED_MAX_S,
-                                      STARVED_SAMPLE_S, STARVED_WAIT_FRACTION)
+from trainbus.kernel.liveness import (HEARTBEAT_INTERVAL_S, STARVED_CPU_S, STARVED_MAX_S, STARVED_SAMPLE_S,
+                                      STARVED_WAIT_FRACTION)
 from trainbus.kernel.supervisor import (HEALTHY_RESET_S, INTERVAL_INIT_S, INTERVAL_MAX_S, MAX_RESTARTS,
                                         RESTART_WINDOW_S, STARTUP_CPU_S, STARTUP_TIMEOUT_S, TERM_GRACE_S,
                                         DETACH_GRACE_S, EXIT_TERM_GRACE_S, BUILTIN_PERSISTER, BUILTIN_PLUGINS,
                                         PluginSpec, Supervisor)
 from trainbus.kernel.peers import Peers
 from trainbus.proto import events as ev
+from trainbus.proto.messages import HEARTBEAT_LIVENESS
 from trainbus.proto.process import TRAINING_ENV
 
 LIVENESS_S = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
