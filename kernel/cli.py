@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, TextIO
 import typer
 
 from trainbus.proto import PROTOCOL_VERSION
-from trainbus.proto.output import RefusalGuard
+from trainbus.proto.output import ATTACH_STOPS, RefusalGuard, error_on_stderr
 from trainbus.proto.process import exit_without_teardown
 from trainbus.proto.text import printable
 
@@ -144,16 +144,9 @@ def attach(
 
 
 def _refused_stdout_stops_attach() -> None:
-    """An ended run's attach says a full disk as the client says it for a live one (plugins/dashboard.py): its
-    output is all it makes, so the refusal is an error and attach stops, not a warning that the rest is dropped."""
-    def say(line: str) -> None:
-        try:
-            print(f"error: {line}", file=sys.stderr, flush=True)
-        except OSError:  # stderr on the same full disk: the exit code says it
-            pass
-
+    """An ended run's attach says a full disk as the client says it for a live one (plugins/dashboard.py)."""
     if isinstance(sys.stdout, RefusalGuard):
-        sys.stdout.say_instead(say, "attach stops")
+        sys.stdout.say_instead(error_on_stderr, ATTACH_STOPS)
 
 
 def _click_exceptions():

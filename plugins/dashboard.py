@@ -20,7 +20,7 @@ from typing import Any
 
 from trainbus.proto import event_to_map, events as ev
 from trainbus.proto.kept_files import kept_summary
-from trainbus.proto.output import RefusalGuard
+from trainbus.proto.output import ATTACH_STOPS, RefusalGuard, error_on_stderr
 from trainbus.proto.run_state import RunState
 from trainbus.proto.strict_json import strict_dumps
 from trainbus.proto.text import duration_text, printable
@@ -405,11 +405,7 @@ def _guard_stdout() -> None:
     one line on stderr, naming the file and the fix, and the client stops with exit 1 (_output_refused): what it
     makes is all in that file, and a script must not take a cut one for the stream. A closed pipe (`| head -1`)
     ends it quietly (__main__)."""
-    def say(line: str) -> None:
-        with contextlib.suppress(OSError):  # stderr on the same full disk: the exit code says it
-            print(f"error: {line}", file=sys.stderr, flush=True)
-
-    sys.stdout = RefusalGuard(sys.stdout, say, then="attach stops")
+    sys.stdout = RefusalGuard(sys.stdout, error_on_stderr, then=ATTACH_STOPS)
 
 
 def _output_refused() -> bool:

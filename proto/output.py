@@ -9,6 +9,7 @@ exit 0 into a traceback and exit 1.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable, TextIO
 
 
@@ -21,11 +22,21 @@ def stream_path(stream: TextIO) -> str:
 
 
 REST_DROPPED = "what follows is not written there"
+# attach's output is all it makes: a refused write is an error and attach stops, not a warning that the rest is dropped
+ATTACH_STOPS = "attach stops"
 
 
 def refused_line(path: str, exc: OSError, then: str = REST_DROPPED) -> str:
     """The one line that says a stream's file refuses writes, and the fix; `then`: what the command does now."""
     return f"cannot write to {path} ({exc.strerror or exc}); free space there, or send the output elsewhere: {then}"
+
+
+def error_on_stderr(line: str) -> None:
+    """Say a refusal of stdout as an error on stderr (attach's); stderr on the same full disk: the exit code says it."""
+    try:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 class RefusalGuard:
