@@ -19,7 +19,7 @@ from trainbus.proto.process import WARNINGS_SAID_ENV
 from trainbus.proto.settings_format import METRIC_FIELDS, metrics_named
 
 from .cluster import LAUNCH
-from .config import LOOP_OF_LINKS, loop_of_links
+from .runs_dir_check import LOOP_OF_LINKS, loop_of_links
 
 # A read of a whole journal this long (runs show, runs plot) says how far it got: about a second of reading on a
 # quiet core, more on a busy one, and a run of days is 10^7 events, half a minute or more (docs/benchmarks.md).

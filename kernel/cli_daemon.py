@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from .cli_common import KEYS_DIR_HELP, UserError, key_file_path, keys_dir_path, out, runs_dir_path
-from .config import check_runs_dir
+from .runs_dir_check import check_runs_dir
 from .registry import MAX_RESUMES
 
 daemon_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,

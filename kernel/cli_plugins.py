@@ -16,7 +16,9 @@ from trainbus.proto import DURABLE
 from trainbus.proto.settings_format import typed_word
 
 from .cli_common import RUNS_DIR_OPTION, UserError, _check_plugin_settings, _describe, _run_and_status, _wide
-from .config import PluginConfig, check_metric_settings, plugin_name_clashes, registered_plugins, resolve_plugin
+from .config import PluginConfig
+from .config_checks import check_metric_settings
+from .plugin_names import plugin_name_clashes, registered_plugins, resolve_plugin
 from .runs import read_config
 
 plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,

@@ -25,9 +25,12 @@ from .cli_common import (EXIT_CODES, KEYS_DIR_HELP, UserError, _check_plugin_set
 from .cli_ctrl_c import ctrl_c_back, ctrl_c_says, interrupted_before_start, says_ctrl_c_until_the_run_begins
 from .cli_launch import check_nproc, launch as launch_group, under_a_launcher
 from .cluster import LAUNCH_RUN_ID, restarts_left
-from .config import (ONE_GPU_PER_RANK, apply_set, check_metric_settings, check_runs_dir, config_of_run,
-                     defaults_left_out, device_index, launch_of_run, load_config, plugin_name_clashes,
-                     registered_plugins, resolve_plugin)
+from .config import apply_set
+from .config_checks import ONE_GPU_PER_RANK, check_metric_settings, device_index
+from .config_file import defaults_left_out, load_config
+from .plugin_names import plugin_name_clashes, registered_plugins, resolve_plugin
+from .recorded_config import config_of_run, launch_of_run
+from .runs_dir_check import check_runs_dir
 from .flags import FlagError
 from .registry import MAX_RESUMES
 from .runs import votes_missed
@@ -177,7 +180,7 @@ def run(
         # the command line's epochs=N beats the file's [run] epochs (or a resumed run's), as every flag beats it;
         # a wrong N is left to the checks of the function it is a flag of, which say what it takes
         cfg.epochs = named_epochs
-    from .config import check_run
+    from .config_checks import check_run
 
     check_run(cfg, "command line")
     check_runs_dir(cfg.runs_dir)
@@ -402,7 +405,7 @@ def _is_flag_word(word: str) -> bool:
 def _apply_flags(cfg, flag_words: list[str], help_flags: bool, seed: int) -> None:
     """--help-flags: print the target's flags and exit; else the NAME=VALUE words, typed, into the hyperparameters
     (checked here, before anything is made: an unknown flag or a bad value is one line, exit 2)."""
-    from .config import SEED_LIMIT
+    from .config_checks import SEED_LIMIT
     from .flags import help_text, parse_words, signature_of
     from .training_state import seed_everything
     from .target import load_target

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .cluster import Cluster
-from .config import ONE_GPU_PER_RANK, RunConfig
+from .config import RunConfig
+from .config_checks import ONE_GPU_PER_RANK
 from .spec import SpecError
 
 

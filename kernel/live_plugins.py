@@ -15,7 +15,9 @@ from typing import Any
 from trainbus.proto import control, encode_control, events as ev, pack
 
 from .checkpointing import persister_directory_inside
-from .config import SETTINGS_MAX_BYTES, ConfigError, registered_plugins, unknown_plugin_hint
+from .config import ConfigError
+from .config_checks import SETTINGS_MAX_BYTES
+from .plugin_names import registered_plugins, unknown_plugin_hint
 from .peers import Peer, Peers
 from .supervisor import DETACH_GRACE_S, PluginSpec, Supervisor
 
@@ -139,7 +141,7 @@ class LivePlugins:
         target, command, cwd = (had.spec.target, list(had.spec.command), had.spec.cwd) if had is not None else (
             installed_target(name), [], "")
         size = len(pack(settings))
-        if size > SETTINGS_MAX_BYTES:  # they reach the plugin in one environment variable (kernel/config.py)
+        if size > SETTINGS_MAX_BYTES:  # they reach the plugin in one environment variable (kernel/config_checks.py)
             raise ConfigError(f"{name}: its settings take {size:,} bytes encoded, over the {SETTINGS_MAX_BYTES:,} "
                               f"that fit in its environment; put large data in a file and give its path")
         return target, command, cwd

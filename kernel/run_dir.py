@@ -12,7 +12,8 @@ from typing import Any
 from trainbus.proto import JOURNAL_NAME
 
 from .cluster import LAUNCH
-from .config import ConfigError, RunConfig, check_runs_dir_private
+from .config import ConfigError, RunConfig
+from .runs_dir_check import check_runs_dir_private
 from .journal import JournalInUse, check_free
 from .private_dirs import make_dirs
 from .run_end import reason

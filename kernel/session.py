@@ -26,7 +26,8 @@ from .buffer_files import snapshot_directories
 from .checkpointing import find_checkpoint, has_checkpoints
 from .collector import freeze_before_training
 from .cluster import LAUNCH_RUN_ID, LAUNCHER_PID, Cluster, ClusterError, detect
-from .config import ConfigError, RunConfig, check_run
+from .config import ConfigError, RunConfig
+from .config_checks import check_run
 from .devices import device_for
 from .distributed import GroupInterrupted, PortInUse, Ranks, broken_by_a_peer, distribute, join_group
 from .failures import RANK_ERROR, rank_errors, what_failed

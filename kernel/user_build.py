@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, check_metric_settings
+from .config import RunConfig
+from .config_checks import check_metric_settings
 from .interrupts import Interrupts
 from .spec import TrainingSpec, build_with_flags
 from .target import load_target

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
+from trainbus.kernel.config import PluginConfig, RunConfig
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.proto import event_to_map, events as ev, pack
 from trainbus.proto.codec import unpack
 from trainbus.proto.journal_format import read_journal

@@ -539,7 +539,7 @@ def test_hyperparameters_of_any_type_are_recorded_as_their_text_and_checkpoints_
     carry the hyperparameters, and a class is nothing msgpack encodes, so their data was replaced with an error (the
     console said 'train loss ?' each epoch); with the checkpoint plugin the run failed at its first snapshot,
     'TypeError: cannot snapshot a type in the training state'."""
-    from trainbus.kernel.config import resolve_plugin
+    from trainbus.kernel.plugin_names import resolve_plugin
     from trainbus.kernel.journal import read_events
     from trainbus.kernel.session import run_training
     from helpers import PLUGIN_START_S, run_config

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from trainbus.kernel.config import ConfigError, load_config, parse_config
+from trainbus.kernel.config import ConfigError
+from trainbus.kernel.config_file import load_config, parse_config
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
 from trainbus.proto import DURABLE

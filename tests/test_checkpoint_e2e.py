@@ -34,7 +34,8 @@ from fixture_targets import open_gate, paced_digits
 from helpers import PLUGIN_START_S, assert_same_weights, run_config, seeded_rng
 from kernel_process import Command, KernelProcess, cli, of, process_gone, wait_until
 from trainbus.kernel.checkpointing import FINAL_WEIGHTS, find_checkpoint, load_checkpoint
-from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
+from trainbus.kernel.config import PluginConfig, RunConfig
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.runs import run_overview
 from trainbus.kernel.loop import Loop

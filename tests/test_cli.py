@@ -21,7 +21,9 @@ from conftest import TESTS_DIR, sigint_as_from_a_terminal, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import ctrl_c_once_it_says
 from kernel_process import Command, cli
-from trainbus.kernel.config import SETTINGS_MAX_BYTES, ConfigError, RunConfig, load_config
+from trainbus.kernel.config import ConfigError, RunConfig
+from trainbus.kernel.config_checks import SETTINGS_MAX_BYTES
+from trainbus.kernel.config_file import load_config
 
 
 def trainbus(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -664,7 +664,7 @@ def test_a_continued_run_that_writes_its_own_summary_and_weights_removes_the_one
     stayed there after `runs resume` trained the run to its end and wrote its own in place: left, they are what
     that session's message still told the user to move back, over the new ones."""
     from helpers import PLUGIN_START_S, run_config
-    from trainbus.kernel.config import resolve_plugin
+    from trainbus.kernel.plugin_names import resolve_plugin
 
     spare = Path(tempfile.mkdtemp(prefix="tb-"))  # short: a run directory's sockets may go there
     request.addfinalizer(lambda: shutil.rmtree(spare, ignore_errors=True))

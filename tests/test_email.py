@@ -21,7 +21,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 from trainbus.kernel import supervisor
-from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
+from trainbus.kernel.config import PluginConfig, RunConfig
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.daemon_files import daemon_dir
 from trainbus.kernel.registry import Registry, list_runs
 from trainbus.kernel.runs import KERNEL_PID

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from trainbus.kernel.config import config_of_run
+from trainbus.kernel.recorded_config import config_of_run
 from trainbus.kernel.flags import (FlagError, Flag, docstring_help, help_text, parse_words, resolve,
                                    signature_of)
 

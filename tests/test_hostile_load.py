@@ -415,7 +415,8 @@ if __name__ == "__main__":
 
 import psutil  # noqa: E402
 
-from trainbus.kernel.config import RunConfig, resolve_plugin  # noqa: E402
+from trainbus.kernel.config import RunConfig  # noqa: E402
+from trainbus.kernel.plugin_names import resolve_plugin  # noqa: E402
 from trainbus.kernel.journal import read_events  # noqa: E402
 from trainbus.proto import JOURNAL_NAME  # noqa: E402
 

@@ -20,7 +20,7 @@ from helpers import PLUGIN_START_S, assert_same_weights, run_config
 from kernel_process import cli
 from test_peers_limits import hello, read_until_replay_asked, reader, served_bus
 from trainbus.kernel.checkpointing import Checkpointer
-from trainbus.kernel.config import resolve_plugin
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.runs import run_details
 from trainbus.kernel.runs_view import print_show
 from trainbus.kernel.session import run_training

@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from trainbus.kernel.config import RunConfig, resolve_plugin
+from trainbus.kernel.config import RunConfig
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
 from trainbus.plugins import _sampling, gpu_monitor
@@ -615,7 +616,7 @@ def test_disk_low_space_in_a_real_run_triggers_a_checkpoint(tmp_path):
 
 
 def test_plugins_list_shows_every_builtin_with_one_line_and_its_settings():
-    from trainbus.kernel.config import registered_plugins
+    from trainbus.kernel.plugin_names import registered_plugins
     from trainbus.sdk.loader import describe
 
     env = dict(os.environ, COLUMNS="400")  # one table row per plugin, nothing wrapped

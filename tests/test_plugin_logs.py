@@ -14,7 +14,7 @@ from pathlib import Path
 
 from helpers import PLUGIN_START_S, run_config
 from trainbus.kernel import kernel_log
-from trainbus.kernel.config import resolve_plugin
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.session import run_training
 from trainbus.kernel.supervisor import (CRASHES_KEPT, INTERVAL_MAX_S, LOG_CHECK_S, RESTART_WINDOW_S, PluginSpec,
                                         Supervisor)

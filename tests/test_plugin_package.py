@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from trainbus.kernel.config import ConfigError, plugin_name_clashes, registered_plugins, resolve_plugin
+from trainbus.kernel.config import ConfigError
+from trainbus.kernel.plugin_names import plugin_name_clashes, registered_plugins, resolve_plugin
 
 from conftest import TESTS_DIR
 from kernel_process import Command

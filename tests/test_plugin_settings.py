@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trainbus.kernel.config import PluginConfig, RunConfig, registered_plugins
+from trainbus.kernel.config import PluginConfig, RunConfig
+from trainbus.kernel.plugin_names import registered_plugins
 from trainbus.kernel.session import run_training
 from trainbus.plugins.early_stopping import EarlyStoppingPlugin
 from trainbus.sdk import HOST_PATH, METRIC, METRIC_FIELDS, PATH, Plugin, Setting, SettingsError

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
+from trainbus.kernel.config import PluginConfig, RunConfig
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
 from trainbus.plugins.console import ConsolePlugin

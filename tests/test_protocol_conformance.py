@@ -24,7 +24,8 @@ import zmq
 from fixture_targets import open_gate
 from kernel_process import Command, KernelProcess, of, wait_until
 from test_trust import LIMITS, Intruder, attach_credential, config, short_runs, wait_sockets  # noqa: F401
-from trainbus.kernel.config import PluginConfig, resolve_plugin
+from trainbus.kernel.config import PluginConfig
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
 from trainbus.proto import decode_control, decode_event, pack

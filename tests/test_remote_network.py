@@ -372,7 +372,7 @@ def test_a_monitor_key_that_calls_itself_a_persister_holds_no_snapshot_buffer(ke
     among the persisters every snapshot buffer waits for: connected and silent about snapshots, it had every
     checkpoint after the first two skipped (both buffers held) and the last one wait 60 s. A monitor key's hello
     now grants no capability, as it grants no vote: the checkpoints are taken and saved."""
-    from trainbus.kernel.config import resolve_plugin
+    from trainbus.kernel.plugin_names import resolve_plugin
 
     gate = tmp_path / "gate"
     cfg = listening_config(runs_dir, keys["dir"], step_sleep_s=0.05, gate=gate)

@@ -179,7 +179,7 @@ def test_a_continued_run_replays_its_earlier_session_to_durable_plugins_without_
     it stops the new session at its own first epoch's end."""
     from pathlib import Path
 
-    from trainbus.kernel.config import resolve_plugin
+    from trainbus.kernel.plugin_names import resolve_plugin
 
     seen = tmp_path / "finals.txt"
     plugins = [resolve_plugin("checkpoint", {}),
@@ -203,7 +203,7 @@ def test_a_continued_runs_events_before_its_training_starts_are_at_the_step_it_g
     metrics.jsonl drew a resumed run's first cpu readings at step 0). [C17]"""
     from pathlib import Path
 
-    from trainbus.kernel.config import resolve_plugin
+    from trainbus.kernel.plugin_names import resolve_plugin
 
     plugins = [resolve_plugin("checkpoint", {})]
     first = run_training(run_config(runs_dir, plugins, epochs=1, target=TINY, ready_timeout_s=PLUGIN_START_S))

@@ -899,7 +899,7 @@ def test_show_says_how_many_checkpoints_are_on_disk_and_that_it_lists_the_newest
     """Five kept (save_top_k -1, the default): the count is 5 and the list 3, which the line says. Each epoch waits
     at the gate until the previous one's checkpoint is written: a fast run skips a snapshot while both buffers are
     being persisted."""
-    from trainbus.kernel.config import resolve_plugin
+    from trainbus.kernel.plugin_names import resolve_plugin
 
     from fixture_targets import open_gate
     from helpers import run_config
@@ -926,7 +926,7 @@ def test_show_of_a_moved_runs_directory_finds_its_checkpoints_where_they_are_now
     """The journal names each checkpoint by the path it was saved at: once the runs directory was moved (or copied
     elsewhere, the original deleted) `runs show` said `2 saved (0 still on disk)` and named the old paths, though
     every checkpoint was there in the run's directory."""
-    from trainbus.kernel.config import resolve_plugin
+    from trainbus.kernel.plugin_names import resolve_plugin
 
     before = tmp_path / "before"
     result = run_training(RunConfig(target=TINY, epochs=2, runs_dir=str(before), checkpoint_every_n_epochs=1,

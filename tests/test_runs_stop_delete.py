@@ -192,7 +192,7 @@ def test_a_run_whose_resume_is_starting_is_not_deleted_under_it(tmp_path):
     """A resume takes the journal's lock only once it has set the run up (loaded its checkpoint, built the model):
     `runs delete` meanwhile found the journal free and the run ended, and removed the directory under the kernel
     continuing it, which then failed `cannot set up the run directory ...; free space there`."""
-    from trainbus.kernel.config import resolve_plugin
+    from trainbus.kernel.plugin_names import resolve_plugin
 
     runs, gate = tmp_path / "runs", tmp_path / "restore-gate"
     result = run_training(run_config(runs, [resolve_plugin("checkpoint", {})], 1, "fixture_targets:restore_gated",

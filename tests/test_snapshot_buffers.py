@@ -265,7 +265,7 @@ def test_a_live_kernels_buffers_are_held_and_a_killed_ones_removed_by_the_next_k
     from fixture_targets import open_gate
     from helpers import PLUGIN_START_S, run_config
     from kernel_process import KernelProcess
-    from trainbus.kernel.config import resolve_plugin
+    from trainbus.kernel.plugin_names import resolve_plugin
     from trainbus.kernel.session import run_training
 
     gate = tmp_path / "gate"  # held at step 6 until killed, a snapshot taken at step 5

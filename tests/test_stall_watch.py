@@ -18,7 +18,9 @@ from fixture_targets import open_gate
 from kernel_process import Command, KernelProcess, cli, wait_until
 from trainbus.kernel.journal import Journal
 from trainbus.kernel.runs import run_overview
-from trainbus.kernel.config import ConfigError, RunConfig, check_run, resolve_plugin
+from trainbus.kernel.config import ConfigError, RunConfig
+from trainbus.kernel.config_checks import check_run
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.rank_stacks import STACKS, ask_ranks
 from trainbus.kernel.user_errors import is_user_file
 from trainbus.kernel.stall_watch import StallWatch, thread_stack

@@ -10,7 +10,9 @@ import torch
 
 from kernel_process import cli
 from helpers import PLUGIN_START_S, assert_same_weights
-from trainbus.kernel.config import RunConfig, parse_config, resolve_plugin
+from trainbus.kernel.config import RunConfig
+from trainbus.kernel.config_file import parse_config
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
 from trainbus.kernel.stepping import Stepper, SteppingError, check_precision

@@ -15,7 +15,7 @@ import pytest
 from test_peers_limits import hello
 from trainbus.kernel import supervisor
 from trainbus.kernel.checkpointing import Checkpointer
-from trainbus.kernel.config import registered_plugins
+from trainbus.kernel.plugin_names import registered_plugins
 from trainbus.kernel.control import Dispatcher
 from trainbus.kernel.credentials import Credentials
 from trainbus.kernel.limits import PeerLimits

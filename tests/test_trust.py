@@ -34,7 +34,8 @@ from fixture_targets import open_gate
 from helpers import metrics_records_expected
 from kernel_process import KernelProcess, of, process_gone, wait_until
 from trainbus.kernel.control import REFUSAL_REPEAT_S
-from trainbus.kernel.config import PluginConfig, RunConfig, resolve_plugin
+from trainbus.kernel.config import PluginConfig, RunConfig
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.proto import JOURNAL_NAME, pack
 

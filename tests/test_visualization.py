@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainbus.kernel.config import RunConfig, resolve_plugin
+from trainbus.kernel.config import RunConfig
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
 from trainbus.plugins._history import History

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import DATA, FINAL, Subscribers, batch_data, median, quiet_note, table
 from _runs import Measurer, bare_run, output_to, run_mean, trainbus_run
 from trainbus.kernel.bus import Bus
-from trainbus.kernel.config import load_config
+from trainbus.kernel.config_file import load_config
 from trainbus.kernel.loop import Loop
 from trainbus.kernel.run_bus import close_bus, open_bus, wait_drained, wait_ready
 from trainbus.kernel.spec import build_spec

@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import REPO, add_rerun_options, machine_line, median, quiet_note, table
 from _runs import Measurer, output_to, run_mean
-from trainbus.kernel.config import load_config
+from trainbus.kernel.config_file import load_config
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.keys import KeyStore
 from trainbus.kernel.session import run_training

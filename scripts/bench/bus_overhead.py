@@ -71,7 +71,8 @@ from _benchutil import (
 from _breakdown import diagnose
 from _runs import Measurer, bare_run, epoch_means, run_mean, step_medians, trainbus_run
 from trainbus.kernel.publishers import EVENTS_HWM
-from trainbus.kernel.config import DEFAULT_PLUGINS, load_config
+from trainbus.kernel.config import DEFAULT_PLUGINS
+from trainbus.kernel.config_file import load_config
 from trainbus.kernel.session import close_bus, open_bus, wait_ready
 
 TARGETS = {"tiny MLP": 0.10, "small CNN": 0.02}

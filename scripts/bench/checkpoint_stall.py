@@ -60,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import REPO, CpuWatch, filesystem_of, machine_line, table, wait_quiet  # noqa: E402
 from trainbus.kernel import TrainingSpec  # noqa: E402
 from trainbus.kernel.checkpointing import Checkpointer  # noqa: E402
-from trainbus.kernel.config import RunConfig, resolve_plugin  # noqa: E402
+from trainbus.kernel.config import RunConfig  # noqa: E402
+from trainbus.kernel.plugin_names import resolve_plugin  # noqa: E402
 from trainbus.kernel.journal import read_events  # noqa: E402
 from trainbus.kernel.loop import Loop  # noqa: E402
 from trainbus.kernel.memory import keep_freed_memory  # noqa: E402

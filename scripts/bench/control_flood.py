@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import REPO, add_rerun_options, machine_line, median, quiet_note, table
 from _runs import Measurer, batch_stamps, output_to, run_mean
 from attach_monitors import HOST, EventPathCPU, free_ports
-from trainbus.kernel.config import load_config, resolve_plugin
+from trainbus.kernel.config_file import load_config
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.keys import KeyStore
 from trainbus.kernel.session import run_training

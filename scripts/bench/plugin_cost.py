@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import machine_line, table  # noqa: E402
 from _runs import trainbus_run  # noqa: E402
 
-from trainbus.kernel.config import resolve_plugin  # noqa: E402
+from trainbus.kernel.plugin_names import resolve_plugin  # noqa: E402
 
 
 def plugin_pid(target: str, timeout_s: float = 60.0) -> int:

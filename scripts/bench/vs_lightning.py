@@ -54,7 +54,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchutil import REPO, add_rerun_options, machine_line, median, quiet_note, table
 from _runs import Measurer, bare_run, output_to, run_mean, trainbus_run
-from trainbus.kernel.config import load_config, resolve_plugin
+from trainbus.kernel.config_file import load_config
+from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.digits import accuracy
 from trainbus.kernel.training_state import seed_everything
 from trainbus.kernel.memory import keep_freed_memory
