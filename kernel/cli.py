@@ -94,6 +94,8 @@ def attach(
     from trainbus.proto.remote import CLIENT_KEY_FIX, names_connection_file
 
     from . import runs, runs_view
+    from .run_details import run_details
+    from .run_overview import run_overview
 
     modes = [flag for flag, given in (("--json", as_json), ("--control", control), ("--stop", stop is not None),
                                       ("--checkpoint", checkpoint is not None)) if given]
@@ -123,13 +125,13 @@ def attach(
                 raise UserError(f"{run} is a remote kernel's HOST:PORT or connection file: give --key, this "
                                 f"client's secret key file: {CLIENT_KEY_FIX}") from None
             raise UserError(str(exc)) from None
-        overview = runs.run_overview(run_dir)
+        overview = run_overview(run_dir)
         if overview["status"] != "running":
             _refused_stdout_stops_attach()
             if as_json:
                 print(runs_view.as_json({"type": "ended", **overview}, indent=None))
             else:
-                runs_view.print_show(_wide(), runs.run_details(run_dir))
+                runs_view.print_show(_wide(), run_details(run_dir))
             if stop is not None or checkpoint is not None:  # not done: exit 1, as a command the kernel refused
                 print(f"error: run {overview['id']} has ended ({overview['status']}): there is no run to "
                       f"{'stop' if stop is not None else 'checkpoint'}", file=sys.stderr)

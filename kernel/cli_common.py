@@ -182,12 +182,13 @@ def _run_and_status(run: str, runs_dir: Path) -> tuple[Path, str]:
     """The run directory `run` names (an id, a unique start of one, a directory) and its status; UserError for
     no such run."""
     from . import runs
+    from .run_overview import run_overview
 
     try:
         run_dir = runs.resolve_run(run, runs_dir)
     except runs.RunLookupError as exc:
         raise UserError(str(exc)) from None
-    return run_dir, runs.run_overview(run_dir)["status"]
+    return run_dir, run_overview(run_dir)["status"]
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from .cli_common import RUNS_DIR_OPTION, UserError, _check_plugin_settings, _des
 from .config import PluginConfig
 from .config_checks import check_metric_settings
 from .plugin_names import plugin_name_clashes, registered_plugins, resolve_plugin
-from .runs import read_config
+from .run_json import read_config
 
 plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                           help="Plugins: what is installed; attach one to a live run, or detach it.")

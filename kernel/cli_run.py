@@ -33,7 +33,7 @@ from .recorded_config import config_of_run, launch_of_run
 from .runs_dir_check import check_runs_dir
 from .flags import FlagError
 from .registry import MAX_RESUMES
-from .runs import votes_missed
+from .run_overview import votes_missed
 from .collector import importing_quietly
 from .spec import SpecError
 from .target import DEFAULT_TARGET, full_target

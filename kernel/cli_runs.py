@@ -184,11 +184,12 @@ def runs_show(
 ) -> None:
     """One run in detail: status, per-epoch metrics, plugins and their state, the error, where its files are."""
     from . import daemon_queue, runs, runs_view
+    from .run_details import run_details
 
     try:
         run_dir = runs.resolve_run(run, runs_dir)
         with journal_progress(run_dir / JOURNAL_NAME, f"run {run_dir.name}") as progress:
-            details = daemon_queue.as_queued(runs_dir, runs.run_details(run_dir, progress=progress))
+            details = daemon_queue.as_queued(runs_dir, run_details(run_dir, progress=progress))
     except runs.RunLookupError as exc:
         details = daemon_queue.run_without_directory(runs_dir, run)  # queued, or failed before its kernel made one
         if details is None:
@@ -290,7 +291,7 @@ def _resumed_by_the_daemon(runs_dir: Path, run_dir: Path) -> bool:
     `runs resume`) and the new kernel builds the spec: wait, while the daemon's process for it lives, until that
     kernel runs. False when the resume ended first."""
     from .daemon_queue import as_queued
-    from .runs import run_overview
+    from .run_overview import run_overview
 
     def runs() -> bool | None:
         run = run_overview(run_dir)

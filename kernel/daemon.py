@@ -40,11 +40,13 @@ from .daemon_files import OUTPUT_DIR, DaemonError, make_daemon_dir, open_output,
 from .daemon_queue import (RESUME_FAILED, RESUMED_STATUSES, ids_starting, kernel_since, last_option, named,
                            several_runs, without_option)
 from .kernel_log import cap_log
+from .kernel_pid import kernel_process
 from .pids import killed_by, process_alive
 from .placement import place
 from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, ended_without_directory,
                        queued_resume, record_run)
-from .runs import CONFIG, kernel_process, run_overview
+from .run_json import CONFIG
+from .run_overview import run_overview
 
 log = logging.getLogger("trainbus.daemon")
 

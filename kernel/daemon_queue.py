@@ -22,7 +22,10 @@ from .daemon_client import request
 from .daemon_files import make_daemon_dir, output_file, unwatched_tail
 from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started, cannot_read,
                        queued_resume, resume_started, unreadable_row)
-from .runs import CONFIG, KERNEL_PID, RunLookupError, find_runs, resolve_run, run_overview
+from .kernel_pid import KERNEL_PID
+from .run_json import CONFIG
+from .run_overview import run_overview
+from .runs import RunLookupError, find_runs, resolve_run
 
 RESUME_FAILED = "its resume ended before training"  # how a job's detail says so (`daemon status` shows it)
 RESUMED_STATUSES = ("died", "interrupted")  # what a run submitted with --max-resumes is continued from by itself

@@ -3,7 +3,7 @@ every run directory to know what ran.
 
 `<runs_dir>/registry.sqlite` holds one row per run: status, target, flags, start and end, duration, the last and
 best metrics, plugin trouble, last seq and step. The run directories stay the source of truth: a row is what
-`runs.run_overview` read from its directory at one moment (`observed_ts`), and `trainbus runs reindex` rebuilds
+`run_overview` read from its directory at one moment (`observed_ts`), and `trainbus runs reindex` rebuilds
 the whole table from the directories.
 
 Who writes: the kernel, as its run starts and once it ended (kernel/session.py, `record_run`); `runs list`, for
@@ -37,7 +37,9 @@ from .pids import process_alive
 from .private_dirs import others_can_write, others_can_write_file
 from .registry_rows import (CANCELLED, COLUMNS, JOB_COLUMNS, JOB_JSON_COLUMNS, QUEUED, STATUSES, from_row, job_from_row,
                             job_row, text_list, to_row, unreadable_row)
-from .runs import CONFIG, SUMMARY, find_runs, newest_first, no_runs_dir, overview_or_unreadable, run_overview
+from .run_json import CONFIG, SUMMARY
+from .run_overview import run_overview
+from .runs import find_runs, newest_first, no_runs_dir, overview_or_unreadable
 
 REGISTRY_NAME = "registry.sqlite"
 SCHEMA_VERSION = 8  # PRAGMA user_version; a newer trainbus adds columns and tables in _migrate (2: jobs, 3: who,

@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from .journal_history import iso_time
-from .runs import STATUSES as RUN_STATUSES
+from .run_json import STATUSES as RUN_STATUSES
 
 QUEUED = "queued"  # a run the daemon has not started: it has no directory yet
 CANCELLED = "cancelled"  # a queued run taken off the queue before it started: it never had a directory

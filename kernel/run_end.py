@@ -48,7 +48,7 @@ def write_summary(run_dir: Path, result: RunResult, final_in_place: bool) -> Non
         _drop_superseded(run_id, final_in_place)
     except OSError as exc:
         summary.unlink(missing_ok=True)  # never a torn summary
-        # kept where the weights and the held events go, where `runs list` finds it (runs.kept_summary)
+        # kept where the weights and the held events go, where `runs list` finds it (run_json.kept_summary)
         kept = None
         try:
             kept = kept_dir() / kept_name(run_id, SUMMARY_NAME)

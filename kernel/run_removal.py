@@ -13,7 +13,9 @@ from typing import Iterator
 from trainbus.proto import JOURNAL_NAME
 
 from . import registry
-from .runs import CONFIG, KERNEL_PID, SUMMARY, run_overview
+from .kernel_pid import KERNEL_PID
+from .run_json import CONFIG, SUMMARY
+from .run_overview import run_overview
 
 
 class RemovalError(Exception):

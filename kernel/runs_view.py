@@ -1,4 +1,5 @@
-"""How `trainbus runs list` and `trainbus runs show` print what kernel.runs found: tables, lines, or JSON."""
+"""How `trainbus runs list` and `trainbus runs show` print what kernel/run_overview.py and run_details.py found:
+tables, lines, or JSON."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from trainbus.proto.journal_format import COMPACTION_KEEP_EVERY_STEPS
 from trainbus.proto.strict_json import strict_dumps
 from trainbus.proto.text import duration_text, printable
 
-from .runs import votes_missed
+from .run_overview import votes_missed
 
 STATUS_STYLE = {"completed": "green", "stopped": "yellow", "running": "cyan", "interrupted": "magenta",
                 "failed": "red", "died": "red", "unreadable": "red", "queued": "blue", "cancelled": "yellow"}
@@ -130,7 +131,7 @@ def _value(value: Any) -> str:
 
 
 def comparison(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What `runs compare` shows of each run (runs.run_overview's dicts): its flags and its final metrics.
+    """What `runs compare` shows of each run (run_overview's dicts): its flags and its final metrics.
 
     A flag another run was given and this one was not is this run's hyperparameter of that name when its spec
     has one (a function taking the hyperparameters dict fills in its own defaults), or for `epochs` the epochs it
@@ -206,7 +207,7 @@ def _loop_text(session: dict[str, Any]) -> str:
 
 
 def print_show(console, run: dict[str, Any]) -> None:
-    """One run (runs.run_details's dict): its lines, then its epochs, plugins, checkpoints and files."""
+    """One run (run_details's dict): its lines, then its epochs, plugins, checkpoints and files."""
     from rich.markup import escape
 
     def line(label: str, text: str) -> None:

@@ -45,7 +45,7 @@ from .registry import record_run
 from .run_bus import PLUGIN_EXIT_TIMEOUT_S, close_bus, listen_on, open_bus, wait_drained, wait_ready
 from .run_dir import check_not_running, make_run_dir, write_config
 from .run_end import RunResult, bus_counters, plugin_summary, save_final_weights, write_summary
-from .runs import write_kernel_pid
+from .kernel_pid import write_kernel_pid
 from .snapshot import SnapshotBuffers
 from .spec import TrainingSpec
 from .stepping import Stepper, SteppingError

@@ -1,6 +1,6 @@
 """What a kernel keeps in the temporary directory when its run directory's disk refuses it (the summary, the final
 weights, the journal's last events), and finding it again: the kernel writes there (kernel/run_end.py,
-kernel/kept_events.py); `runs list`/`show` (kernel/runs.py) and a client whose command the run may have ended on
+kernel/kept_events.py); `runs list`/`show` (kernel/run_json.py) and a client whose command the run may have ended on
 (plugins/dashboard.py) read there. The names are messages.kept_dir_name and kept_name."""
 
 from __future__ import annotations

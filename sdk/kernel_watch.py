@@ -17,7 +17,7 @@ from trainbus.proto.remote import (CLIENT_KEY_FIX, CONNECTION_FILE, SERVER_KEY, 
                                    load_secret, load_server_key, names_connection_file, read_connection_file,
                                    secure_client)
 
-KERNEL_PID, KERNEL_HOST = "kernel.pid", "kernel.host"  # the run's kernel's pid and host (kernel/runs.py)
+KERNEL_PID, KERNEL_HOST = "kernel.pid", "kernel.host"  # the run's kernel's pid and host (kernel/kernel_pid.py)
 
 
 def run_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
@@ -39,7 +39,8 @@ def disk_full(path: Path | None) -> bool:
 
 
 def _local_kernel_pid(run_dir: Path | None) -> int | None:
-    """The pid of the run's kernel when it runs on this machine (kernel/runs.py write_kernel_pid); None if unknown."""
+    """The pid of the run's kernel when it runs on this machine (kernel/kernel_pid.py write_kernel_pid); None if
+    unknown."""
     if run_dir is None:
         return None
     try:

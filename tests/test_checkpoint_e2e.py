@@ -37,7 +37,7 @@ from trainbus.kernel.checkpointing import FINAL_WEIGHTS, find_checkpoint, load_c
 from trainbus.kernel.config import PluginConfig, RunConfig
 from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.journal import read_events
-from trainbus.kernel.runs import run_overview
+from trainbus.kernel.run_overview import run_overview
 from trainbus.kernel.loop import Loop
 from trainbus.kernel.session import run_training
 from trainbus.kernel.spec import build_spec
@@ -602,7 +602,7 @@ def test_retention_policy_on_a_real_run(tmp_path, kernels, policy):
     assert not of(events, "checkpoint_failed")
     assert len(of(events, "end_epoch")) == epochs
     # `runs show` tells the files retention kept from those it removed
-    from trainbus.kernel.runs import run_details
+    from trainbus.kernel.run_details import run_details
 
     shown = {Path(c["path"]).name: c["present"] for c in run_details(Path(result["run_dir"]))["checkpoints"]["saved"]}
     assert {name for name, present in shown.items() if present} == keep, shown

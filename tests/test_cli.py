@@ -1263,7 +1263,7 @@ def _interrupted_while_held(tmp_path, held: str, args: list[str]) -> tuple[int, 
 
 @pytest.mark.parametrize("held, args, said", [
     ("trainbus.kernel.registry:list_runs", ["runs", "list"], "the listing stopped; nothing was changed"),
-    ("trainbus.kernel.runs:run_details", ["runs", "show", "r1"], "stopped; nothing was changed"),
+    ("trainbus.kernel.run_details:run_details", ["runs", "show", "r1"], "stopped; nothing was changed"),
     ("trainbus.kernel.daemon_client:request", ["daemon", "status"], "stopped asking; nothing was changed"),
     ("trainbus.kernel.keys:KeyStore.generate_client", ["keys", "generate", "client", "bob", "--keys-dir", "keys"],
      "stopped; `trainbus keys list` shows whether the pair was made"),

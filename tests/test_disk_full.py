@@ -796,7 +796,7 @@ def test_a_run_whose_summary_was_kept_in_the_temp_dir_is_listed_as_it_ended_not_
     """A run whose disk filled up ends with its summary.json in $TMPDIR/trainbus-kept-UID (the kernel's last line
     says so): `runs list` and `runs show` found none in the run directory and a kernel gone, and listed it `died`.
     They now read the kept one, from an owner-only directory of ours alone, and say where it is."""
-    from trainbus.kernel.runs import run_overview
+    from trainbus.kernel.run_overview import run_overview
 
     spare, run_dir = spare_temp_dir_and_run(tmp_path, monkeypatch)
     (run_dir / "config.json").write_text("{}\n")

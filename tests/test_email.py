@@ -25,7 +25,7 @@ from trainbus.kernel.config import PluginConfig, RunConfig
 from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.daemon_files import daemon_dir
 from trainbus.kernel.registry import Registry, list_runs
-from trainbus.kernel.runs import KERNEL_PID
+from trainbus.kernel.kernel_pid import KERNEL_PID
 from trainbus.kernel.session import run_training
 from trainbus.plugins.email_alert import EmailAlertPlugin, stalled_message
 from trainbus.proto import JOURNAL_NAME, Event, events as ev

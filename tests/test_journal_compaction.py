@@ -21,7 +21,7 @@ from kernel_process import cli
 from test_peers_limits import hello, read_until_replay_asked, reader, served_bus
 from trainbus.kernel.checkpointing import Checkpointer
 from trainbus.kernel.plugin_names import resolve_plugin
-from trainbus.kernel.runs import run_details
+from trainbus.kernel.run_details import run_details
 from trainbus.kernel.runs_view import print_show
 from trainbus.kernel.session import run_training
 from trainbus.plugins._history import History

@@ -13,7 +13,8 @@ import pytest
 from helpers import PLUGIN_START_S, run_config
 from trainbus.kernel.journal import SEGMENT_BYTES, Journal, decode_records
 from trainbus.kernel.plugin_names import resolve_plugin
-from trainbus.kernel.runs import run_details, run_overview
+from trainbus.kernel.run_details import run_details
+from trainbus.kernel.run_overview import run_overview
 from trainbus.kernel.session import run_training
 from trainbus.plugins._history import CURVE_POINTS_MAX, PROGRESS_EVERY_EVENTS, History
 from trainbus.plugins.visualization import VisualizationPlugin, plot_run

@@ -25,7 +25,7 @@ from test_trust import (PACED, STEPS_PER_EPOCH, Intruder, attach_credential, sho
                         wait_sockets)
 from trainbus.kernel.config import PluginConfig
 from trainbus.kernel.journal import read_events
-from trainbus.kernel.runs import run_details
+from trainbus.kernel.run_details import run_details
 
 EPOCHS = 2
 EVERY_N_STEPS = 5  # metrics_log's step records

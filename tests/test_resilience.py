@@ -30,7 +30,7 @@ from trainbus.kernel.config import PluginConfig
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.plugin_guard import ORPHAN_KILL_AFTER_S, ORPHAN_TERM_AFTER_S
 from trainbus.proto import JOURNAL_NAME
-from trainbus.kernel.runs import run_overview
+from trainbus.kernel.run_overview import run_overview
 from trainbus.kernel.run_bus import PLUGIN_EXIT_TIMEOUT_S
 from trainbus.kernel.checkpointing import FINAL_WEIGHTS
 from trainbus.kernel.session import run_training

@@ -113,7 +113,7 @@ def test_a_plugin_program_that_cannot_be_started_fails_that_plugin_and_training_
 def test_a_plugin_program_that_exits_without_a_hello_is_trouble_the_run_names(runs_dir):
     """A program that is no plugin (it speaks no PROTOCOL.md) and exits 0 at once: it took no event, which the
     run's summary and `runs list` used to show as no trouble at all ("exited, -")."""
-    from trainbus.kernel.runs import run_overview
+    from trainbus.kernel.run_overview import run_overview
 
     result = run_training(RunConfig(target=TINY, runs_dir=str(runs_dir), ready_timeout_s=5, plugins=[
         PluginConfig("quiet", "", command=["true"])]))

@@ -389,18 +389,19 @@ def test_list_reads_only_the_tail_of_a_long_journal(tmp_path, monkeypatch):
     last_seq = _write_long_journal(journal, batches_before=150_000, batches_after=20_000)
     assert journal.stat().st_size > 8 * TAIL_BYTES and journal.stat().st_size - 20_000 * 60 > TAIL_BYTES
 
-    import trainbus.kernel.runs as runs_module
+    import trainbus.kernel.run_details as details_module
+    import trainbus.kernel.run_overview as overview_module
 
     def no_streaming(*_):
         raise AssertionError("list decoded the whole journal")
-    monkeypatch.setattr(runs_module, "stream_journal", no_streaming)
+    monkeypatch.setattr(details_module, "stream_journal", no_streaming)
     decoded = []  # what list decoded, counted (not timed: a busy machine makes any time bound flaky or meaningless)
     for name in ("journal_head", "journal_tail"):
-        def counting(*args, _read=getattr(runs_module, name), **kwargs):
+        def counting(*args, _read=getattr(overview_module, name), **kwargs):
             events = _read(*args, **kwargs)
             decoded.extend(events)
             return events
-        monkeypatch.setattr(runs_module, name, counting)
+        monkeypatch.setattr(overview_module, name, counting)
     (run,) = list_runs(tmp_path / "runs")
     assert run["status"] == "died" and "no kernel.pid" in run["detail"]
     assert run["last_event"]["seq"] == last_seq and run["steps"] == 170_000
@@ -480,7 +481,7 @@ def test_runs_show_of_a_damaged_journal_keeps_the_best_the_run_itself_recorded(e
     """The journal read stops at a bad byte before the best epoch's end_epoch: `runs show` took the best of the
     epochs it could read, over summary.json's, and said "best validation loss 1.05 at epoch 2" beside a last epoch
     of 0.46. The run's own account of its best (summary.json, every epoch) wins where the journal lost epochs."""
-    from trainbus.kernel.runs import run_details
+    from trainbus.kernel.run_details import run_details
     from trainbus.proto.journal_format import iter_records
 
     run_dir = tmp_path / "a-completed"
@@ -724,7 +725,7 @@ def test_a_file_where_a_directory_belongs_is_named_as_a_file(two_runs, tmp_path)
 
 
 def test_plugin_trouble_names_a_crash_the_run_ended_before_restarting():
-    from trainbus.kernel.runs import _plugin_trouble
+    from trainbus.kernel.run_overview import _plugin_trouble
 
     plugins = {"late": {"state": "exited", "restarts": 0, "crashes": ["exit code 3"]},
                "fine": {"state": "exited", "restarts": 0, "crashes": []},
@@ -747,7 +748,7 @@ def test_show_names_a_plugins_logged_errors_and_failed_checkpoints_as_list_does(
 
 
 def test_a_torn_summary_is_said_to_be_torn_not_a_kernel_that_died_without_one(tmp_path):
-    from trainbus.kernel.runs import run_overview
+    from trainbus.kernel.run_overview import run_overview
 
     result = run_training(RunConfig(target=TINY, epochs=1, runs_dir=str(tmp_path), plugins=[]), run_id="torn")
     summary = Path(result.run_dir) / "summary.json"
@@ -775,7 +776,7 @@ SUMMARIES_OF_WRONG_TYPES = {
 def test_a_summary_with_fields_of_the_wrong_type_is_unreadable_as_a_torn_one_is(tmp_path):
     """`runs show` of a summary.json edited by hand died on it: AttributeError: 'list' object has no attribute
     'items'."""
-    from trainbus.kernel.runs import run_overview
+    from trainbus.kernel.run_overview import run_overview
 
     result = run_training(RunConfig(target=TINY, epochs=1, runs_dir=str(tmp_path / "runs"), plugins=[]), run_id="R")
     summary = Path(result.run_dir) / "summary.json"
@@ -880,7 +881,7 @@ def test_a_kernel_pid_of_another_host_is_not_taken_for_a_dead_process_here(tmp_p
     node's pid table, so runs list, attach and a plugin started by hand go by what the run wrote instead."""
     import socket
 
-    from trainbus.kernel.runs import kernel_process
+    from trainbus.kernel.kernel_pid import kernel_process
     from trainbus.sdk.kernel_watch import kernel_died
 
     dead_here = subprocess.Popen([sys.executable, "-c", "pass"])

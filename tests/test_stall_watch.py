@@ -17,7 +17,7 @@ import fixture_targets
 from fixture_targets import open_gate
 from kernel_process import Command, KernelProcess, cli, wait_until
 from trainbus.kernel.journal import Journal
-from trainbus.kernel.runs import run_overview
+from trainbus.kernel.run_overview import run_overview
 from trainbus.kernel.config import ConfigError, RunConfig
 from trainbus.kernel.config_checks import check_run
 from trainbus.kernel.plugin_names import resolve_plugin
