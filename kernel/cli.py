@@ -1,8 +1,8 @@
 """The `trainbus` command: its commands put together, and how it exits; user mistakes get one line, exit 2.
 
-Its commands live beside it: cli_run.py (`run`), cli_runs.py (`runs`), cli_plugins.py (`plugins`), cli_keys.py
-(`keys`), cli_daemon.py (`daemon`); `run --nproc`'s launching, in cli_launch.py; a Ctrl-C before anything was made,
-in cli_ctrl_c.py; what they share, in cli_common.py. `attach` is here.
+Its commands live beside it: cli_run.py (`run`, with its cli_run_*.py), cli_runs.py (`runs`), cli_plugins.py
+(`plugins`), cli_keys.py (`keys`), cli_daemon.py (`daemon`); `run --nproc`'s launching, in cli_launch.py; a Ctrl-C
+before anything was made, in cli_ctrl_c.py; what they share, in cli_common.py. `attach` is here.
 """
 
 from __future__ import annotations

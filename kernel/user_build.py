@@ -22,8 +22,8 @@ def build_for_run(cfg: RunConfig, interrupts: Interrupts, started_in: str, runs_
     lines that name it give it (absolute once their build() changed directory)."""
     try:
         # The target is imported under the seed, then the build starts from it again: as when the command line
-        # imported it first, to read its flags (kernel/cli_run.py _apply_flags), so a script's top-level draws (a model
-        # made there) and its build's are the seed's either way.
+        # imported it first, to read its flags (kernel/cli_run_flags.py apply_flags), so a script's top-level draws
+        # (a model made there) and its build's are the seed's either way.
         load_target(cfg.target)
         seed_everything(cfg.seed)
         spec, flags = build_with_flags(cfg.target, dict(cfg.hyperparameters), cfg.epochs)

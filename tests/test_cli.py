@@ -71,24 +71,24 @@ def test_the_summary_names_a_plugin_that_crashed_once_and_was_not_restarted_befo
     # summary.json's entry for a plugin that exited 3 at the last end_epoch of a 2-epoch run: the run ended inside
     # the restart backoff (0.25 s), so it crashed once and was never restarted. A run cannot be made to end inside
     # that window every time, so the summary is printed from its entry.
-    from trainbus.kernel.cli_run import _print_summary
+    from trainbus.kernel.cli_run_summary import print_summary
     from trainbus.kernel.run_end import RunResult
 
     outcome = {"epochs_completed": 2, "steps": 6, "stop_reasons": [], "validation_loss": None, "validation_metrics": {}}
     late = {"state": "exited", "restarts": 0, "crashes": ["exit code 3"], "errors_logged": 0}
-    _print_summary(RunResult(run_id="r", run_dir="/runs/r", status="completed", duration_s=2.3, outcome=outcome,
-                             plugins={"late": late}))
+    print_summary(RunResult(run_id="r", run_dir="/runs/r", status="completed", duration_s=2.3, outcome=outcome,
+                            plugins={"late": late}))
     assert "  plugin late: exited, 1 crash, 0 restarts (exit code 3)" in capsys.readouterr().out.splitlines()
 
 
 def test_the_summary_of_a_run_without_validation_gives_its_training_loss_and_metrics(capsys):
-    from trainbus.kernel.cli_run import _print_summary
+    from trainbus.kernel.cli_run_summary import print_summary
     from trainbus.kernel.run_end import RunResult
 
     outcome = {"epochs_completed": 2, "steps": 6, "stop_reasons": [], "validation_loss": None, "validation_metrics": {},
                "training_loss": 0.25, "training_metrics": {"accuracy": 0.875}}
-    _print_summary(RunResult(run_id="r", run_dir="/runs/r", status="completed", duration_s=2.3, outcome=outcome,
-                             plugins={}))
+    print_summary(RunResult(run_id="r", run_dir="/runs/r", status="completed", duration_s=2.3, outcome=outcome,
+                            plugins={}))
     assert "  training loss 0.2500, accuracy 0.8750 (no validation)" in capsys.readouterr().out.splitlines()
 
 

@@ -183,7 +183,7 @@ def test_a_spawned_plugin_whose_hello_the_kernel_did_not_take_is_said_with_why(s
     `never said hello, so it took no event ... a command plugin speaks proto/PROTOCOL.md`: its author, who had sent
     one, had only kernel.log's first 10 malformed messages, not tied to any plugin, to find out why. The run's summary
     now says why the hello was not taken, malformed (the field, as kernel.log says it) or refused (the reason)."""
-    from trainbus.kernel.cli_run import _print_summary
+    from trainbus.kernel.cli_run_summary import print_summary
 
     script = example(tmp_path)
     text = script.read_text()
@@ -194,7 +194,7 @@ def test_a_spawned_plugin_whose_hello_the_kernel_did_not_take_is_said_with_why(s
                                      step_sleep_s=0.0, ready_timeout_s=3))
     entry = result.plugins["raw_example"]
     assert entry["greeted"] is False and said in entry.get("hello_trouble", ""), entry
-    _print_summary(result)
+    print_summary(result)
     lines = [line for line in capsys.readouterr().out.splitlines() if "never said" in line]
     assert len(lines) == 1 and said in lines[0] and "a command plugin speaks proto/PROTOCOL.md" in lines[0], lines
     shown = cli("runs", "show", result.run_dir)

@@ -473,11 +473,11 @@ def test_the_runs_summary_of_a_plugin_that_crashed_before_its_hello_points_at_it
     """`trainbus run`'s summary of an author's plugin whose constructor raised said, under the crash line, "never
     said hello, so it took no event (...; a command plugin speaks proto/PROTOCOL.md)": a wire-protocol hint for a
     Python class that simply crashed. It now points at the crash the line above names."""
-    from trainbus.kernel.cli_run import _print_summary
+    from trainbus.kernel.cli_run_summary import print_summary
 
     result = run_training(run_config(tmp_path / "runs", [plugin("db", "FailsInInit")], epochs=1))
     capsys.readouterr()
-    _print_summary(result)
+    print_summary(result)
     said = [line for line in capsys.readouterr().out.splitlines() if "plugin db: never said hello" in line]
     assert len(said) == 1 and "PROTOCOL.md" not in said[0], said
     assert said[0].strip().startswith("plugin db: never said hello, so it took no event: it crashed before it could "
@@ -1092,7 +1092,7 @@ def test_a_plugin_whose_metrics_and_logs_go_past_its_limits_is_said_with_how_man
     200, a burst of 400): the rest were dropped and counted in summary.json's `bus`, for no plugin in particular, and
     kernel.log said it once; `trainbus run`'s summary, `runs show` and `runs list` said nothing, so its author took
     the metrics for written. The run's summary now counts each plugin's drops, and says them with the limit."""
-    from trainbus.kernel.cli_run import _print_summary
+    from trainbus.kernel.cli_run_summary import print_summary
 
     # a vote missed on a busy box (its 1,200 sends outlast the 5 s) would be a second line of trouble
     cfg = run_config(tmp_path / "runs", [plugin("flood", "FloodsAtEpochEnd")], epochs=2, batch_size=64,
@@ -1104,7 +1104,7 @@ def test_a_plugin_whose_metrics_and_logs_go_past_its_limits_is_said_with_how_man
     # a while, the buckets refilling meanwhile, and what is still unread as the run ends is no drop of the kernel's
     assert entry["metric_dropped"] == result.bus["metric_dropped"] > 0, (entry, result.bus)
     assert entry["log_dropped"] == result.bus["log_dropped"] > 0, (entry, result.bus)
-    _print_summary(result)
+    print_summary(result)
     printed = [line for line in capsys.readouterr().out.splitlines() if "plugin flood:" in line]
     dropped = f"{entry['metric_dropped']:,} metrics and {entry['log_dropped']:,} logs dropped"
     assert printed == [f"  plugin flood: {dropped}, past its [limits] (metrics_per_s, logs_per_s, bytes_per_s; see "

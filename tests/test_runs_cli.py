@@ -596,10 +596,10 @@ def test_a_stop_mid_epoch_leaves_that_epoch_out_of_the_best(tmp_path, monkeypatc
     compared = fork_cli("runs", "compare", result.run_id, "--runs-dir", str(tmp_path / "runs"), env={"COLUMNS": "300"})
     assert f" {done} + partial {done + 1} " in compared.stdout, compared.stdout
     from trainbus.kernel.cli_common import out
-    from trainbus.kernel.cli_run import _print_summary
+    from trainbus.kernel.cli_run_summary import print_summary
 
     with out.capture() as said:
-        _print_summary(result)
+        print_summary(result)
     assert f"validation loss {result.outcome['validation_loss']:.4f}" in said.get(), said.get()
     assert f"(epoch {done + 1}, partial)\n" in said.get(), said.get()
 
