@@ -146,13 +146,6 @@ def _load(path: Path, fix: str = "generate one with `trainbus keys generate`") -
         raise KeyFileError(f"key file {path} is not a readable CURVE key ({exc}); {fix}") from None
 
 
-# ZeroMQ's own heartbeats (ZMTP PING/PONG, answered by libzmq's I/O thread however busy the kernel is) on a client's
-# connections: a link gone silent without a FIN or RST (a NAT's or firewall's entry timed out, a suspended laptop)
-# looks alive to TCP for ever; with no traffic for the timeout the connection is closed and made again. The TTL
-# asks the server to drop ours likewise, so it holds no dead connection.
-CLIENT_HEARTBEAT_IVL_MS = 2_000
-CLIENT_HEARTBEAT_TIMEOUT_MS = 10_000
-
 # Each CURVE client socket's (public, secret, pinned server) keys, for as long as the socket lives.
 _CLIENT_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -169,9 +162,10 @@ def secure_client(socket: zmq.Socket, key_file: Path | tuple[bytes, bytes], serv
     socket.curve_serverkey = pinned
     _CLIENT_KEYS[socket] = (public, secret, pinned)  # libzmq gives no key back: ConnectionWatch's probe reads them
     socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
-    socket.setsockopt(zmq.HEARTBEAT_IVL, CLIENT_HEARTBEAT_IVL_MS)
-    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, CLIENT_HEARTBEAT_TIMEOUT_MS)
-    socket.setsockopt(zmq.HEARTBEAT_TTL, CLIENT_HEARTBEAT_TIMEOUT_MS)
+    # No ZeroMQ heartbeats (ZMTP PING): libzmq 4.3.5 aborts the process that reads a PING left in a connection it
+    # had stopped reading once its peer closed it (upstream #4841), and the kernel holds back a client that sends
+    # past its share. A silent link is told by the kernel's own heartbeats instead, and the client connects anew
+    # (sdk/plugin_io.py REDIAL_AFTER_S, sdk/attach.py).
     socket.setsockopt(zmq.IPV6, 1)  # a kernel listening on [::1] or another IPv6 address; IPv4 ones still connect
 
 

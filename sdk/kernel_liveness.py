@@ -13,7 +13,8 @@ from trainbus.proto.messages import HEARTBEAT_LIVENESS
 CONNECT_TIMEOUT_S = 30.0  # no heartbeat from the kernel this long after start: give up
 KERNEL_EXITED = "the kernel process exited"
 # A remote plugin (over TCP) cannot tell a kernel gone from a network down: it waits this long for the kernel's
-# heartbeats to come back (libzmq reconnects by itself) before it gives up, as long as attach's reconnects take.
+# heartbeats to come back (connecting anew now and then, sdk/plugin_io.py REDIAL_AFTER_S) before it gives up, as long as
+# attach's reconnects take.
 REMOTE_SILENCE_S = 100.0
 
 

@@ -54,6 +54,11 @@ UNKNOWN_PEER = "unknown_peer"  # the kernel's refusal of a peer it does not know
 # at most: closed with messages in flight, they are lost (over TCP the kernel reads 16 at a time, the rest wait in
 # its socket buffers, which a reset empties). A kernel at a share of a busy box's core reads thousands a second.
 FAREWELL_WAIT_S = 5.0
+# Over TCP a link can go silent without a FIN or RST (a NAT's or firewall's entry timed out, a suspended laptop): its
+# connections look alive to TCP for ever, and libzmq never makes them again. While the kernel is silent a remote
+# plugin connects anew this often. ZeroMQ's own heartbeats would close such a connection, but a PING of a client's
+# left unread in a connection the kernel holds back aborts the kernel (libzmq 4.3.5, docs/architecture.md).
+REDIAL_AFTER_S = 10.0
 
 
 class PluginIO(threading.Thread):
@@ -146,7 +151,8 @@ class PluginIO(threading.Thread):
         self.dealer = self.ctx.socket(zmq.DEALER)
         # Our own routing id: when libzmq reconnects (the kernel dropped an oversized message's connection)
         # the kernel still knows us, instead of seeing an unknown peer whose acks it ignores.
-        self.dealer.setsockopt(zmq.ROUTING_ID, f"{hello['name']}-{hello['pid']}-{os.urandom(4).hex()}".encode()[:255])
+        self.dealer.setsockopt(zmq.ROUTING_ID, self._routing_id())
+        self._control_endpoint, self._remote, self._redialed_at = control_endpoint, secure is not None, 0.0
         self.dealer.setsockopt(zmq.LINGER, 1000)  # let the last acks out
         self.dealer.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         if secure is not None:
@@ -279,6 +285,25 @@ class PluginIO(threading.Thread):
             if reason:
                 self.gone, self.lost_kernel = reason, True
                 return
+            if self._remote and self.liveness.silent_since is not None:
+                self._redial(now, last_kernel)
+
+    def _routing_id(self) -> bytes:
+        return f"{self.hello['name']}-{self.hello['pid']}-{os.urandom(4).hex()}".encode()[:255]
+
+    def _redial(self, now: float, last_kernel: float) -> None:
+        """Connect both sockets anew, once the kernel has been silent for REDIAL_AFTER_S and every REDIAL_AFTER_S
+        after: a connection the link left silent is never made again by libzmq. The control socket under a new
+        routing id, since the kernel's ROUTER refuses one a connection it still holds has; the kernel, which forgot
+        this plugin meanwhile, answers `unknown_peer`, and it says hello again (_read_control)."""
+        if now - max(last_kernel, self._redialed_at) < REDIAL_AFTER_S:
+            return
+        self._redialed_at = now
+        self.sub.disconnect(self._events_endpoint)
+        self.sub.connect(self._events_endpoint)
+        self.dealer.disconnect(self._control_endpoint)
+        self.dealer.setsockopt(zmq.ROUTING_ID, self._routing_id())
+        self.dealer.connect(self._control_endpoint)
 
     def why_silent(self) -> str:
         """What the connections met when the kernel never answered ("" when nothing tells: ipc, or no watch saw

@@ -100,9 +100,8 @@ class RemoteClient:
             sock.setsockopt(zmq.LINGER, 0)
             if key_file is not None:
                 secure_client(sock, key_file, server_key or conn["server_key"].encode())
-        # A test reads when it is ready to: a receive queue that filled meanwhile (1,000 events) stops libzmq reading
-        # the connection, its heartbeats time out, and the read after libzmq made it again aborts the test's process
-        # (libzmq #3937, PROTOCOL.md §15). What a run sends a test fits in memory: no queue limit, no stall.
+        # A test reads when it is ready to: what a run sends a test fits in memory, so no queue limit (1,000 events
+        # by default) drops any of it meanwhile.
         for sub in (self.sub, self.bursts):
             sub.setsockopt(zmq.RCVHWM, 0)
         for sub in (self.sub, self.bursts):

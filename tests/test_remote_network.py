@@ -28,7 +28,8 @@ from fixture_targets import open_gate
 from kernel_process import KernelProcess, of, wait_until
 from trainbus.kernel.journal import read_events
 from trainbus.proto import pack
-from trainbus.proto.remote import CLIENT_HEARTBEAT_TIMEOUT_MS, CONNECTION_FILE
+from trainbus.proto.remote import CONNECTION_FILE
+from trainbus.sdk.plugin_io import REDIAL_AFTER_S
 
 from remote_support import (LIVENESS_S, STEPS_PER_EPOCH, RemoteClient, connection, heard_within, keys,  # noqa: F401
                             listening_config, three_ports_refusing)
@@ -183,17 +184,16 @@ class Forwarder:
 
 
 def remote_recorder_through(link: Forwarder, keys: dict, record: Path,
-                            heartbeat_timeout_ms: int | None = None) -> subprocess.Popen:
+                            redial_after_s: float | None = None) -> subprocess.Popen:
     """The durable RemoteRecorder as a remote plugin with the control key, connected through `link`, recording every
-    event's seq to `record`; its output in .stdout. With `heartbeat_timeout_ms`, its sockets' ZeroMQ heartbeats
-    (proto/remote.py CLIENT_HEARTBEAT_*) close a silent connection after that long instead of 10 s."""
+    event's seq to `record`; its output in .stdout. With `redial_after_s`, it connects anew after that long of its
+    kernel's silence (sdk/plugin_io.py REDIAL_AFTER_S) instead of 10 s."""
     env = {**os.environ, "TRAINBUS_PLUGIN_NAME": "remote_recorder",
            "TRAINBUS_PLUGIN_SETTINGS": pack({"path": str(record)}).hex()}
     python = [sys.executable, "-m", "trainbus.sdk"]
-    if heartbeat_timeout_ms is not None:
-        python = [sys.executable, "-c", "import sys, trainbus.proto.remote as remote; "
-                  f"remote.CLIENT_HEARTBEAT_TIMEOUT_MS = {heartbeat_timeout_ms}; "
-                  f"remote.CLIENT_HEARTBEAT_IVL_MS = {heartbeat_timeout_ms // 4}; "
+    if redial_after_s is not None:
+        python = [sys.executable, "-c", "import sys, trainbus.sdk.plugin_io as plugin_io; "
+                  f"plugin_io.REDIAL_AFTER_S = {redial_after_s}; "
                   "from trainbus.sdk.__main__ import main; sys.exit(main(sys.argv[1:]))"]
     return subprocess.Popen([*python, "fixture_remote:RemoteRecorder", "--connect",
                              f"127.0.0.1:{link.port}", "--key", str(keys["pilot"]), "--server-key",
@@ -254,8 +254,9 @@ def test_a_remote_plugin_whose_connections_go_silent_for_good_reconnects_and_mis
                                                                                            kernels):
     """A link that goes silent without a word (a NAT's or firewall's entry timed out, a suspended laptop): no FIN,
     no RST, so the client's TCP connections look alive for ever. The remote plugin kept its sockets on them, heard
-    nothing, and exited 1 after its 100 s wait though the network was fine for new connections. ZeroMQ's own
-    heartbeats on a client's sockets (proto/remote.py CLIENT_HEARTBEAT_*) close such a connection and connect again."""
+    nothing, and exited 1 after its 100 s wait though the network was fine for new connections. It connects anew
+    while its kernel is silent (sdk/plugin_io.py REDIAL_AFTER_S; ZeroMQ's own heartbeats did it, but their PINGs can
+    abort the kernel, docs/architecture.md)."""
     # gated: the run trains a stretch while the link is silent (what the plugin must replay), then waits, heartbeating,
     # until the plugin is back, and only then trains to its end; however slow the machine, it outlasts the silence
     gate = tmp_path / "gate"
@@ -264,14 +265,14 @@ def test_a_remote_plugin_whose_connections_go_silent_for_good_reconnects_and_mis
     kernels.append(kernel)
     link = Forwarder(connection(kernel))
     record = tmp_path / "remote.txt"
-    # the heartbeats' 10 s cut to 3 s: what is tested is that they close the silent connection, not how soon
-    plugin = remote_recorder_through(link, keys, record, heartbeat_timeout_ms=3000)
+    # the 10 s cut to 3 s: what is tested is that it connects anew, not how soon
+    plugin = remote_recorder_through(link, keys, record, redial_after_s=3.0)
     try:
         wait_until(lambda: len(recorded_seqs(record)) >= 20, 120, "the remote plugin's first 20 events")
         link.blackhole()
         silent_at = max(recorded_seqs(record))
         open_gate(gate, 85)  # 65 batches while silent: ~140 events (two a batch), past the 100 waited for below
-        wait_until(lambda: max(recorded_seqs(record)) > silent_at + 100, 3 * CLIENT_HEARTBEAT_TIMEOUT_MS / 1000 + 30,
+        wait_until(lambda: max(recorded_seqs(record)) > silent_at + 100, 3 * REDIAL_AFTER_S + 30,
                    "the remote plugin's events after its connections went silent")
         open_gate(gate, 2 * STEPS_PER_EPOCH)
         result = kernel.result(timeout_s=180)
