@@ -90,17 +90,6 @@ class Checkpointer:
             self._slot_seq[snapshot.slot] = SLOT_RESERVED
         return snapshot
 
-    def wait_for_a_persister(self, timeout_s: float) -> bool:
-        """Block until a checkpoint plugin has said hello (True), or none that may be one is still starting, or
-        timeout_s passed; for the run's last checkpoint, when training is over and waiting costs it nothing: a short
-        run whose checkpoint plugin started slower than it trained (a busy machine, a slow import) had none."""
-        end = time.monotonic() + timeout_s
-        while not self.has_persister():
-            if time.monotonic() >= end or not self.peers.starting():
-                return False
-            time.sleep(0.05)
-        return True
-
     def wait_for_a_free_buffer(self, timeout_s: float, in_vain: Callable[[], bool] = lambda: False) -> bool:
         """Block until a persister has freed a buffer (True), or timeout_s passed or in_vain() says no persister
         can free one (the journal's disk refuses the save events: none reached it); for the run's last checkpoint,

@@ -14,8 +14,7 @@ from .training_state import RESUME_FORMAT, get_rng, set_rng
 
 log = logging.getLogger("trainbus.kernel")
 
-# the run's last checkpoint waits this long for a persister still starting to say hello, then to free a buffer
-LAST_CHECKPOINT_WAIT_S = 60.0
+LAST_CHECKPOINT_WAIT_S = 60.0  # the run's last checkpoint waits this long for a persister to free a buffer
 
 
 class LoopCheckpoints:
@@ -64,11 +63,6 @@ class LoopCheckpoints:
         }) if self.ranks is not None else None
         if self.checkpointer is None:  # another rank: rank 0 takes it
             return
-        starting = self.checkpointer.peers.starting() if last and not self.checkpointer.has_persister() else []
-        if starting:
-            log.info("the run's last checkpoint waits up to %.0f s for a plugin still starting: %s",
-                     LAST_CHECKPOINT_WAIT_S, ", ".join(starting))
-            self.checkpointer.wait_for_a_persister(LAST_CHECKPOINT_WAIT_S)
         if not self.checkpointer.has_persister():
             self._publish(ev.CHECKPOINT_SKIPPED, reason=self.checkpointer.why_none())
             return

@@ -13,7 +13,6 @@ import zmq
 
 from trainbus.kernel.bus import FLUSH_INTERVAL_S
 from trainbus.kernel.control_reading import CONTROL_PER_WAKE
-from trainbus.kernel import loop_checkpoints
 from trainbus.kernel.checkpointing import Checkpointer
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.loop import CHECKPOINT_NOW_AFTER_EPOCHS, Loop
@@ -78,31 +77,10 @@ class NoPersister:
         return self._starting
 
 
-class PersisterSaysHelloLate(NoPersister):
-    """A persister still starting that says hello once the checkpointer has asked after the plugins still starting
-    `asks` times: while the run's last checkpoint waits for it, not before."""
-
-    def __init__(self, asks: int):
-        super().__init__(["checkpoint"])
-        self.asks = asks
-
-    def starting(self) -> list[str]:
-        self.asks -= 1
-        return self._starting
-
-    def named(self, capability: str, now: float) -> list:
-        return [OnePersister._Peer()] if self.asks <= 0 else []
-
-    def position(self, name: str) -> int:
-        return 1 << 62
-
-
 @pytest.mark.parametrize("starting", [["checkpoint"], []])
-def test_a_checkpoint_without_a_persister_is_skipped_saying_why(tmp_path, starting, monkeypatch):
+def test_a_checkpoint_without_a_persister_is_skipped_saying_why(tmp_path, starting):
     """A persister still starting (a slow import past ready_timeout_s): scheduled and asked-for checkpoints are
-    skipped, each with that reason, the run's last one once it has waited for it in vain; with none configured the
-    schedule is silent and checkpoint_now says so."""
-    monkeypatch.setattr(loop_checkpoints, "LAST_CHECKPOINT_WAIT_S", 0.2)
+    skipped, each with that reason; with none configured the schedule is silent and checkpoint_now says so."""
     asked = Reply("checkpoint_now", "watcher", "now please")
     bus = RecordingBus({(ev.START_TRAINING_BATCH, 1): [asked]})
     buffers = SnapshotBuffers("loop-test", [tmp_path])
@@ -120,24 +98,6 @@ def test_a_checkpoint_without_a_persister_is_skipped_saying_why(tmp_path, starti
     else:
         assert skipped == [(1, "no checkpoint plugin is attached (`trainbus plugins attach RUN checkpoint` on the "
                                "run's host adds one to the live run; `--plugins checkpoint` to a run at its start)")]
-
-
-def test_the_runs_last_checkpoint_waits_for_a_persister_still_starting(tmp_path):
-    """A one-epoch run whose checkpoint plugin started slower than it trained (a busy machine: the plugin imports
-    torch) skipped its only checkpoint, and `runs resume` then said it had none. Training is over at the last one, so
-    it waits (bounded) for the plugins still starting; the one that says hello meanwhile gets it."""
-    bus = RecordingBus()
-    buffers = SnapshotBuffers("loop-test", [tmp_path])
-    # asked at each of epoch 1's and 2's schedules (and their skips), then during the last one's wait
-    checkpointer = Checkpointer(buffers, PersisterSaysHelloLate(asks=5), every_n_epochs=1, every_n_steps=0,
-                                directories=[tmp_path])
-    try:
-        Loop(tiny({}), bus, torch.device("cpu"), checkpointer=checkpointer).run()
-    finally:
-        checkpointer.close()
-    saved = [epoch for type_, epoch, _ in bus.events if type_ == ev.SAVE_CHECKPOINT]
-    skipped = [epoch for type_, epoch, _ in bus.events if type_ == ev.CHECKPOINT_SKIPPED]
-    assert saved == [2] and skipped == [1], (saved, skipped)
 
 
 def test_the_checkpointer_keeps_verdicts_only_for_what_its_slots_hold(tmp_path):
