@@ -19,7 +19,7 @@ import pytest
 
 from conftest import TESTS_DIR, sigint_as_from_a_terminal, trainbus_cmd
 from fixture_targets import open_gate
-from helpers import ctrl_c_once_it_says
+from helpers import PLUGIN_START_S, ctrl_c_once_it_says
 from kernel_process import Command, cli
 from trainbus.kernel.config import ConfigError, RunConfig
 from trainbus.kernel.config_checks import SETTINGS_MAX_BYTES
@@ -456,7 +456,11 @@ def one_epoch_with_checkpoints(tmp_path_factory) -> Path:
     continue such a run (each trained its own: an epoch and a checkpoint plugin's torch import, ~3 s): not to be
     changed; `own_copy` gives a test a copy of its own."""
     runs = tmp_path_factory.mktemp("one_epoch_with_checkpoints") / "runs"
-    ran = trainbus("run", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs))
+    # training waits for the checkpoint plugin's hello: beside other load it took past the default 15 s to import
+    # torch, the epoch ended before it, and the run had no checkpoint to continue from
+    config = runs.parent / "ready.toml"
+    config.write_text(f"[run]\nready_timeout_s = {PLUGIN_START_S}\n")
+    ran = trainbus("run", "--epochs", "1", "--plugins", "checkpoint", "--config", str(config), "--runs-dir", str(runs))
     assert ran.returncode == 0, ran.stderr
     return runs / ran.stdout.split()[1].rstrip(":")
 
