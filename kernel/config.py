@@ -11,6 +11,7 @@ from .limits import PeerLimits
 from .target import DEFAULT_TARGET
 
 DEFAULT_PLUGINS = ("console", "metrics_log")
+# A plugin's name makes a file name (its log, plugins/NAME.log) and its peer's name: no separators, no dot first.
 PLUGIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 

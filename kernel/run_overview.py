@@ -34,6 +34,7 @@ STALE_S = 10.0  # no kernel.pid (a run from before there was one): heartbeats ev
 
 
 def event_brief(event: Event | None, now: float) -> dict[str, Any] | None:
+    """An event as `runs list --json` and `runs show --json` name the last one seen: where, when, and how long ago."""
     if event is None:
         return None
     return {"type": event.type, "seq": event.seq, "epoch": event.epoch, "step": event.step, "at": iso_time(event.ts),
