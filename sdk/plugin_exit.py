@@ -85,7 +85,7 @@ def leave_if_orphaned(runner: Runner) -> None:
     event = runner.io.busy_with
     what = f"the handler for {event.type} (seq {event.seq})" if event is not None else "the plugin's code"
     say(f"[{runner.plugin.name}] the kernel is gone and {what} has not returned {ORPHAN_EXIT_S:g} s later "
-         f"(SIGTERM ignored, or blocked where no signal reaches it); exiting without teardown")
+        f"(SIGTERM ignored, or blocked where no signal reaches it); exiting without teardown")
     end_own_group(runner)
     os._exit(0)
 

@@ -144,6 +144,8 @@ class PluginIO(threading.Thread):
         # Over TCP a failed handshake is silence on the socket; libzmq's monitor says why, at once.
         self._watches: list[ConnectionWatch] = []
         self._events_endpoint, self._unanswered_after_s = events_endpoint, unanswered_after_s
+        self._control_endpoint = control_endpoint
+        self._remote, self._redialed_at = secure is not None, 0.0  # over TCP: redialed while the kernel is silent
         if secure is not None:
             secure(self.sub)
             self._watches.append(ConnectionWatch(self.sub, events_endpoint, said_as=control_endpoint))
@@ -152,7 +154,6 @@ class PluginIO(threading.Thread):
         # Our own routing id: when libzmq reconnects (the kernel dropped an oversized message's connection)
         # the kernel still knows us, instead of seeing an unknown peer whose acks it ignores.
         self.dealer.setsockopt(zmq.ROUTING_ID, self._routing_id())
-        self._control_endpoint, self._remote, self._redialed_at = control_endpoint, secure is not None, 0.0
         self.dealer.setsockopt(zmq.LINGER, 1000)  # let the last acks out
         self.dealer.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         if secure is not None:
@@ -410,7 +411,7 @@ class PluginIO(threading.Thread):
                 # again (after the next event, as the first time); a durable plugin then replays what went by.
                 if not self._rehello:  # each message sent meanwhile (heartbeat, ack, replay) is refused alike: once
                     say(f"[{self.hello['name']}] the kernel no longer knew this plugin after the silence; saying "
-                         f"hello again")
+                        f"hello again")
                     self.welcomed = self.said_hello = False
                     self._rehello, self._hello_at = True, time.monotonic()
                 continue

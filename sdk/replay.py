@@ -23,7 +23,7 @@ def skip_lost(batch: dict[str, Any], next_seq: int, who: str) -> int:
     if events and events[0].seq > next_seq:
         if not batch.get("compacted"):
             say(f"{who} events {next_seq}-{events[0].seq - 1} are lost from the run's journal: going on without "
-                 f"them")
+                f"them")
         return events[0].seq
     return next_seq
 

@@ -269,7 +269,7 @@ class Runner:
             if not self._caught_up_said:
                 self._caught_up_said = True
                 say(f"[{self.plugin.name}] catching up on the run's earlier session(s) (seq < {self.session_seq}): "
-                     f"handlers see them, their replies are not sent")
+                    f"handlers see them, their replies are not sent")
         failure: Exception | None = None
         for attempt in range(1, MAX_HANDLER_ATTEMPTS + 1):
             self.io.busy_with, self.io.busy_since = event, time.monotonic()
@@ -288,7 +288,7 @@ class Runner:
                 raise
             except SystemExit as exc:  # the plugin's own choice, honoured; its log says where it was made
                 say(f"[{self.plugin.name}] the handler for {event.type} (seq {event.seq}) "
-                     f"called sys.exit({exc.code!r}):\n{user_traceback(exc)}")
+                    f"called sys.exit({exc.code!r}):\n{user_traceback(exc)}")
                 raise
             except Exception as exc:
                 called = self.plugin.handler_of(event.type)
@@ -426,8 +426,8 @@ class Runner:
             say(f"[{self.plugin.name}] {refused_hello(self.plugin.name, self.io.refused)}")
         elif gone and self.remote and self.io.lost_kernel:  # over TCP: which of the two, nothing here can say
             say(f"[{self.plugin.name}] lost the kernel ({gone}): it has exited or hangs, or this machine no longer "
-                 f"reaches its host (`trainbus runs list` there says whether the run goes on; start this plugin "
-                 f"again once it answers); exiting. {stats}")
+                f"reaches its host (`trainbus runs list` there says whether the run goes on; start this plugin "
+                f"again once it answers); exiting. {stats}")
         elif gone:  # the kernel lost, or (a SIGTERM from a live kernel, our I/O thread failing) ended on this side
             if not self.io.lost_kernel:
                 self._report_missed(behind=True)
@@ -476,7 +476,7 @@ class Runner:
         if hook.is_alive():
             self.failures += 1
             say(f"[{self.plugin.name}] on_kernel_gone still running after kernel_gone_timeout_s "
-                 f"{self.plugin.kernel_gone_timeout_s:g} s; going on without it")
+                f"{self.plugin.kernel_gone_timeout_s:g} s; going on without it")
 
     def _run_kernel_gone(self, info: KernelGoneInfo) -> None:
         try:
