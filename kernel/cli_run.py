@@ -178,9 +178,10 @@ def run(
         # the command line's epochs=N beats the file's [run] epochs (or a resumed run's), as every flag beats it;
         # a wrong N is left to the checks of the function it is a flag of, which say what it takes
         cfg.epochs = named_epochs
-    from .config_checks import check_run
+    from .config_checks import check_precision_on_device, check_run
 
     check_run(cfg, "command line")
+    check_precision_on_device(cfg)
     check_runs_dir(cfg.runs_dir)
     _warn_name_clashes(cfg.plugins)
     metric_settings = _check_plugin_settings(cfg.plugins)

@@ -39,9 +39,6 @@ def check_queueable(cfg, from_file: Callable[[Exception], str]) -> None:
     if device_index(cfg.device) is not None:
         raise UserError(f"--device {cfg.device} with --detach: the daemon gives each run its GPUs (and numbers "
                         f"them from 0 for it); use --device cuda, with --gpus N for more than one")
-    if cfg.precision == "16-mixed" and cfg.device == "cpu":  # the daemon's run would fail as it starts
-        raise UserError("--precision 16-mixed needs a CUDA device and this run asks for --device cpu; use "
-                        "bf16-mixed on the CPU")
     if cfg.device.startswith("cuda") or cfg.precision == "16-mixed" and cfg.device == "auto":
         from .placement import detected_devices
 

@@ -43,6 +43,15 @@ ONE_GPU_PER_RANK = ("--device {device} picks one GPU, but each process of a dist
                     "local rank's): use --device cuda, and CUDA_VISIBLE_DEVICES to choose which GPUs the processes see")
 
 
+def check_precision_on_device(cfg: RunConfig) -> None:
+    """ConfigError for 16-mixed asked of the CPU: said before torch is imported (the kernel says it too, once it has
+    the device, after seconds of imports, and under --nproc after every rank's). Not in check_run: a config file's
+    device may be the command line's to change."""
+    if cfg.precision == "16-mixed" and cfg.device == "cpu":
+        raise ConfigError("precision 16-mixed needs a CUDA device (float16 autocast with a loss scaler) and this run "
+                          "asks for device cpu; use bf16-mixed on the CPU")
+
+
 def device_index(device: str) -> int | None:
     """N of a device given as cuda:N (as torch names one GPU); None for auto, cpu and cuda."""
     kind, colon, index = device.partition(":")  # as torch parses it: no leading zero, within 31 bits

@@ -1197,8 +1197,9 @@ NO_GPU_REFUSALS = {
     "16-mixed, device auto": (["--precision", "16-mixed"], "error: --precision 16-mixed needs a CUDA device, but this "
                               "host has no GPU that NVML sees, so the daemon's run would fail as it starts; use "
                               "bf16-mixed on the CPU\n"),
-    "16-mixed, device cpu": (["--precision", "16-mixed", "--device", "cpu"], "error: --precision 16-mixed needs a "
-                             "CUDA device and this run asks for --device cpu; use bf16-mixed on the CPU\n"),
+    "16-mixed, device cpu": (["--precision", "16-mixed", "--device", "cpu"], "error: precision 16-mixed needs a CUDA "
+                             "device (float16 autocast with a loss scaler) and this run asks for device cpu; use "
+                             "bf16-mixed on the CPU\n"),
 }
 
 

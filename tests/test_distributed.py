@@ -633,7 +633,8 @@ def test_what_the_checks_before_the_run_say_is_said_once_under_nproc(one_epoch_o
 def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_restart(tmp_path):
     proc = cli("run", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2", "--max-restarts", "2",
                "--precision", "16-mixed", timeout=300, cwd=tmp_path)
-    said = "error: precision 16-mixed needs a CUDA device"
+    said = ("error: precision 16-mixed needs a CUDA device (float16 autocast with a loss scaler) and this run asks "
+            "for device cpu; use bf16-mixed on the CPU")  # the launcher's, before any rank imports torch
     assert proc.returncode == 2 and proc.stderr.count(said) == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(said) and "Traceback" not in proc.stderr, proc.stderr
     assert "restart" not in proc.stderr.lower() and not (tmp_path / "runs").exists(), proc.stderr
