@@ -342,15 +342,21 @@ def signalled_after_a_step(proc: Command, runs: Path, sig: int,
     """Once the run of `trainbus run --nproc` (proc) has trained a step, `sig` to whom(run_dir); then the
     launcher's end. (run_dir, the pid signalled)."""
     try:
-        journal = wait_until(lambda: next(runs.glob(f"*/{JOURNAL_NAME}"), None), 180, "the run's journal")
-        wait_until(lambda: any(e.type == "end_training_batch" for e in read_events(journal.parent)), 180, "a step")
-        target = whom(journal.parent)
+        run_dir = wait_for_a_step(runs)
+        target = whom(run_dir)
         os.kill(target, sig)
         proc.wait(timeout=180)
     finally:
         if proc.poll() is None:
             kill_launch(proc)
-    return journal.parent, target
+    return run_dir, target
+
+
+def wait_for_a_step(runs: Path) -> Path:
+    """The directory of the run in `runs`, once it has trained a step."""
+    journal = wait_until(lambda: next(runs.glob(f"*/{JOURNAL_NAME}"), None), 180, "the run's journal")
+    wait_until(lambda: any(e.type == "end_training_batch" for e in read_events(journal.parent)), 180, "a step")
+    return journal.parent
 
 
 def assert_same_epochs(run_dir: Path, reference_dir: Path) -> None:
@@ -1031,10 +1037,10 @@ def test_the_ranks_of_a_launcher_killed_with_sigkill_end_the_run_interrupted(tmp
     each in a session of its own, trained on unseen to the run's end, holding their CPUs or GPUs, with no one left
     to stop them. Each now takes its launcher's end as a SIGTERM: the run ends interrupted, its summary written."""
     runs = tmp_path / "runs"
-    proc = start_paced(runs, ["--nproc", "2", "--epochs", "40", "--plugins", "checkpoint"], tmp_path / "output.txt")
+    proc = start_paced(runs, ["--nproc", "2", "--epochs", "40", "--plugins", ""], tmp_path / "output.txt")
     ranks = []
     try:
-        run_dir = wait_for_checkpoint(runs, 2, proc)  # mid-run
+        run_dir = wait_for_a_step(runs)  # mid-run
         ranks = [psutil.Process(rank_pid(proc.pid, rank)) for rank in (0, 1)]
         proc.kill()
         proc.wait(timeout=30)
