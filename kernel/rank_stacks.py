@@ -65,9 +65,10 @@ class StackAnswer:
                     self._forget()
 
     def close(self) -> None:
-        """Rank 0 asks no more (the header is gone). The handler and its file stay until the process exits: a
-        question already on its way then ends no process, and its dump lands in that file, not in another file that
-        took its descriptor."""
+        """Rank 0 asks no more (the file is gone). The handler and its open file stay until the process exits: a
+        question already on its way then ends no process, and its dump lands in that unlinked file, not in another
+        file that took its descriptor. Nothing is left in the run directory (the dumps rank 0 read are in its
+        kernel.log)."""
         self._closed.set()
         with self._lock:
             if self.file is not None:
@@ -75,8 +76,8 @@ class StackAnswer:
 
     def _forget(self) -> None:
         try:
-            self.file.seek(0)
-            self.file.truncate()
+            if os.stat(self.file.name).st_ino == os.fstat(self.file.fileno()).st_ino:  # not a later rank's file
+                os.unlink(self.file.name)
         except OSError:
             pass
 

@@ -100,6 +100,7 @@ def test_two_processes_train_the_demo_as_one_run(three_epochs_on_two_ranks):
     # the same weights on both ranks after every epoch, each rank training on its half of the data
     rank0, rank1 = probes(run_dir)
     assert len(rank0) == len(rank1) == 3 and rank0 == rank1
+    assert not list(run_dir.glob("rank*.stacks.txt"))  # rank 1's, for rank 0 to ask its stacks, gone with it
     steps = [e.step for e in events if e.type == "end_epoch"]
     assert [p["batches"] for p in rank0] == steps
     # validation over all of the data (both halves reduced): it learns
