@@ -47,20 +47,26 @@ def test_plugins_list_describes_every_builtin():
     assert " 3 " in patience and ">= 1" in patience  # each setting with its default and what is allowed
 
 
-def test_run_prints_id_outcome_and_results(tmp_path):
-    r = trainbus("run", "--epochs", "1", "--plugins", "metrics_log", "--runs-dir", str(tmp_path))
+@pytest.fixture(scope="module")
+def one_demo_epoch(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`trainbus run --epochs 1 --plugins console,metrics_log` (the demo) and its run directory, trained once for the
+    two tests below that read what it printed and wrote (each trained its own): not to be changed."""
+    runs = tmp_path_factory.mktemp("one_demo_epoch")
+    r = trainbus("run", "--epochs", "1", "--plugins", "console,metrics_log", "--runs-dir", str(runs))
     assert r.returncode == 0, r.stderr
-    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())  # beside registry.sqlite
+    return r, next(p for p in runs.iterdir() if p.is_dir())  # beside registry.sqlite
+
+
+def test_run_prints_id_outcome_and_results(one_demo_epoch):
+    r, run_dir = one_demo_epoch
     assert f"run {run_dir.name}" in r.stdout and "completed" in r.stdout and str(run_dir) in r.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert (run_dir / "metrics.jsonl").read_text().strip(), "metrics_log wrote its records"
 
 
-def test_the_terminal_gets_what_the_console_draws_and_plugins_diagnostics_go_to_their_logs(tmp_path):
-    r = trainbus("run", "--epochs", "1", "--plugins", "console,metrics_log", "--runs-dir", str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())  # beside registry.sqlite
+def test_the_terminal_gets_what_the_console_draws_and_plugins_diagnostics_go_to_their_logs(one_demo_epoch):
+    r, run_dir = one_demo_epoch
     assert "epoch 1/1" in r.stdout and "finished: 1 epoch," in r.stdout  # the console, on the kernel's stdout
     assert "run ended" not in r.stdout + r.stderr  # the SDK's counts, one line per plugin
     for name in ("console", "metrics_log"):
@@ -453,8 +459,8 @@ def test_an_option_left_without_its_value_points_at_its_commands_help(args, comm
 @pytest.fixture(scope="module")
 def one_epoch_with_checkpoints(tmp_path_factory) -> Path:
     """The run directory of `trainbus run --epochs 1 --plugins checkpoint`, trained once for the tests below that
-    continue such a run (each trained its own: an epoch and a checkpoint plugin's torch import, ~3 s): not to be
-    changed; `own_copy` gives a test a copy of its own."""
+    continue such a run, or need one to resume (each trained its own: an epoch and a checkpoint plugin's torch
+    import, ~3 s): not to be changed; `own_copy` gives a test a copy of its own."""
     runs = tmp_path_factory.mktemp("one_epoch_with_checkpoints") / "runs"
     # training waits for the checkpoint plugin's hello: beside other load it took past the default 15 s to import
     # torch, the epoch ended before it, and the run had no checkpoint to continue from
@@ -487,7 +493,8 @@ def test_a_run_continued_in_place_keeps_the_flags_it_trained_with(tmp_path, one_
             refused.stderr
     summary = json.loads((runs / run_id / "summary.json").read_text())
     assert summary["outcome"]["epochs_completed"] == 1, "nothing trained"
-    again = trainbus("runs", "resume", run_id, "lr=0.001", "--epochs", "2", "--runs-dir", str(runs))
+    # without the run's checkpoint plugin (~1.2 s of CPU to import torch): what is taken is the point here
+    again = trainbus("runs", "resume", run_id, "lr=0.001", "--epochs", "2", "--plugins", "", "--runs-dir", str(runs))
     assert again.returncode == 0 and f"run {run_id}: completed after 2 epochs" in again.stdout, again.stderr
 
 
@@ -504,7 +511,8 @@ def test_a_run_continued_in_place_keeps_the_seed_it_trained_with(tmp_path, one_e
         f"while its record would say that for all of it; leave --seed out to continue it, or start a new run with "
         f"it\n"), refused.stderr
     assert json.loads((runs / run_id / "config.json").read_text())["seed"] == 0
-    again = trainbus("runs", "resume", run_id, "--seed", "0", "--epochs", "2", "--runs-dir", str(runs))
+    again = trainbus("runs", "resume", run_id, "--seed", "0", "--epochs", "2", "--plugins", "", "--runs-dir",
+                     str(runs))  # without the run's checkpoint plugin, as above
     assert again.returncode == 0 and f"run {run_id}: completed after 2 epochs" in again.stdout, again.stderr
 
 
@@ -524,17 +532,16 @@ def test_a_run_continued_in_place_keeps_the_target_it_trained(tmp_path, one_epoc
         f"start a new run from one of its checkpoints: trainbus run {other} --resume "
         f"{runs / run_id / 'checkpoints' / 'last.pt'}\n"), refused.stderr
     assert json.loads((runs / run_id / "config.json").read_text())["target"] == "trainbus.kernel.digits:build"
-    again = trainbus("run", "trainbus.kernel.digits:build", "--resume", run_id, "--epochs", "2", "--runs-dir",
-                     str(runs))
+    again = trainbus("run", "trainbus.kernel.digits:build", "--resume", run_id, "--epochs", "2", "--plugins", "",
+                     "--runs-dir", str(runs))  # without the run's checkpoint plugin, as above
     assert again.returncode == 0 and f"run {run_id}: completed after 2 epochs" in again.stdout, again.stderr
 
 
-def test_a_mistyped_option_of_runs_resume_points_at_a_command_there_is(tmp_path):
+def test_a_mistyped_option_of_runs_resume_points_at_a_command_there_is(tmp_path, one_epoch_with_checkpoints):
     """`runs resume RUN --epoch 20` becomes `python -m trainbus.kernel.cli run --resume RUN --epoch 20`, and its usage
     error said to see `python -m trainbus.kernel.cli run --help`."""
-    ran = trainbus("run", "--epochs", "1", "--plugins", "", "--runs-dir", str(tmp_path / "runs"))
-    assert ran.returncode == 0, ran.stderr
-    r = subprocess.run([*trainbus_cmd(), "runs", "resume", ran.stdout.split()[1].rstrip(":"), "--epoch", "20"],
+    run_id = own_copy(one_epoch_with_checkpoints, tmp_path / "runs")  # a run to resume; none trained for it
+    r = subprocess.run([*trainbus_cmd(), "runs", "resume", run_id, "--epoch", "20"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and r.stderr == ("error: No such option: --epoch (did you mean --epochs?) (`trainbus run "
                                               "--help` shows what it takes)\n"), r.stderr
@@ -712,10 +719,16 @@ def test_a_run_in_a_runs_dir_whose_path_is_not_utf_8_trains(tmp_path):
     short = Path(tempfile.mkdtemp(prefix="tb-", dir="/tmp"))
     try:
         odd = short / os.fsdecode(b"runs-\xff")
-        r = subprocess.run([*trainbus_cmd(), "run", "--plugins", "metrics_log", "--epochs", "1", "--runs-dir",
-                            str(odd)], capture_output=True, timeout=120, cwd=tmp_path)
-        stderr = r.stderr.decode(errors="surrogateescape")
-        assert r.returncode == 0 and "Traceback" not in stderr, stderr
+        # forked (kernel_process.Command), its output in a file read as bytes: what it prints holds the path's byte
+        output = tmp_path / "output"
+        command = Command("run", "--plugins", "metrics_log", "--epochs", "1", "--runs-dir", str(odd), cwd=tmp_path,
+                          output=output)
+        try:
+            command.wait(120)
+        finally:
+            command.kill()
+        said = output.read_bytes().decode(errors="surrogateescape")  # its stdout and stderr, as written
+        assert command.returncode == 0 and "Traceback" not in said, said
         [run_dir] = [p for p in odd.iterdir() if p.is_dir()]
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
         assert (run_dir / "metrics.jsonl").stat().st_size > 0  # the plugin reached it too
@@ -920,7 +933,9 @@ def test_a_build_that_changes_directory_trains_in_the_runs_dir_given_and_resumes
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     assert (run_dir / "metrics.jsonl").is_file() and list((run_dir / "checkpoints").glob("*.pt"))
     assert not list((tmp_path / "data").iterdir())
-    resumed = cli("runs", "resume", run_dir.name, "--epochs", "2", "--runs-dir", "runs", cwd=tmp_path)
+    # without its plugins (the checkpoint plugin's torch import, ~1.2 s of CPU): the resume finding train.py is
+    # what is checked of it
+    resumed = cli("runs", "resume", run_dir.name, "--epochs", "2", "--plugins", "", "--runs-dir", "runs", cwd=tmp_path)
     assert resumed.returncode == 0 and "completed after 2 epochs" in resumed.stdout, resumed.stdout + resumed.stderr
 
 
