@@ -620,6 +620,14 @@ def _trainbus(*args: str, cwd: Path | None = None) -> subprocess.CompletedProces
     return fork_cli(*args, cwd=cwd)
 
 
+def _in_process(*args: str) -> subprocess.CompletedProcess:
+    """`trainbus ARGS` in this process (as cli() above), shown as _trainbus shows a forked one, for the commands a
+    test runs many times over (each forked one ~0.27 s of CPU): an exception the command does not turn into its
+    exit code raises here, the test's failure."""
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    return subprocess.CompletedProcess(["trainbus", *args], result.exit_code, result.stdout, result.stderr)
+
+
 def _error_line(r: subprocess.CompletedProcess) -> str:
     """Exit 2 with exactly one line, `error: ...`, on stderr and nothing on stdout; returns that line."""
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, (r.returncode, r.stdout, r.stderr)
@@ -790,11 +798,11 @@ def test_a_summary_with_fields_of_the_wrong_type_is_unreadable_as_a_torn_one_is(
         shown = cli("runs", "show", result.run_dir)
         assert shown.startswith(f"run R: died ({run['detail']}"), (case, shown)
         assert json.loads(cli("runs", "show", result.run_dir, "--json"))["status"] == "died", case
-        compared = _trainbus("runs", "compare", result.run_dir, result.run_dir)
+        compared = _in_process("runs", "compare", result.run_dir, result.run_dir)
         assert compared.returncode == 0 and "Traceback" not in compared.stderr, (case, compared.stderr)
         # the registry keeps an ended run's row as it was: read from its directory again, it is died
-        assert _trainbus("runs", "reindex", "--runs-dir", str(tmp_path / "runs")).returncode == 0, case
-        listed = _trainbus("runs", "list", "--runs-dir", str(tmp_path / "runs"))
+        assert _in_process("runs", "reindex", "--runs-dir", str(tmp_path / "runs")).returncode == 0, case
+        listed = _in_process("runs", "list", "--runs-dir", str(tmp_path / "runs"))
         assert listed.returncode == 0 and "died" in listed.stdout, (case, listed.stdout, listed.stderr)
 
 
@@ -841,8 +849,8 @@ def _no_traceback(done: subprocess.CompletedProcess, *what) -> None:
 def test_runs_whose_config_json_holds_fields_of_the_wrong_type_are_listed_beside_the_others(runs_of_wrong_types):
     runs = runs_of_wrong_types
     for command in (["runs", "reindex"], ["runs", "list"], ["runs", "compare"]):
-        _no_traceback(_trainbus(*command, "--runs-dir", str(runs)), command)
-    listed = json.loads(_trainbus("runs", "list", "--json", "--runs-dir", str(runs)).stdout)
+        _no_traceback(_in_process(*command, "--runs-dir", str(runs)), command)
+    listed = json.loads(_in_process("runs", "list", "--json", "--runs-dir", str(runs)).stdout)
     assert {run["id"]: run["status"] for run in listed} == {
         "R": "completed", **{f"case-{n}": "completed" for n in range(len(CONFIGS_OF_WRONG_TYPES))}}
 
@@ -851,8 +859,8 @@ def test_runs_whose_config_json_holds_fields_of_the_wrong_type_are_listed_beside
 def test_a_run_whose_config_json_holds_a_field_of_the_wrong_type_is_shown_and_plotted(runs_of_wrong_types, n,
                                                                                         tmp_path):
     run_dir = str(runs_of_wrong_types / f"case-{n}")
-    _no_traceback(_trainbus("runs", "show", run_dir), "show")
-    assert json.loads(_trainbus("runs", "show", run_dir, "--json").stdout)["status"] == "completed"
+    _no_traceback(_in_process("runs", "show", run_dir), "show")
+    assert json.loads(_in_process("runs", "show", run_dir, "--json").stdout)["status"] == "completed"
     _no_traceback(_trainbus("runs", "plot", run_dir, "--out", str(tmp_path / "plots")), "plot")
 
 
