@@ -878,9 +878,9 @@ def test_runs_show_of_a_damaged_config_json_says_what_it_leaves_out(runs_of_wron
     shutil.copytree(runs_of_wrong_types / "R", run_dir)
     (run_dir / "config.json").write_text(content)
     for as_json in ([], ["--json"]):
-        shown = _trainbus("runs", "show", str(run_dir), *as_json)
+        shown = _in_process("runs", "show", str(run_dir), *as_json)
         assert shown.returncode == 0 and shown.stderr == f"trainbus: warning: {warning}\n", shown.stderr
-    whole = _trainbus("runs", "show", str(runs_of_wrong_types / "R"))
+    whole = _in_process("runs", "show", str(runs_of_wrong_types / "R"))
     assert whole.returncode == 0 and not whole.stderr, whole.stderr
 
 
