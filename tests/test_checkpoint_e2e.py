@@ -153,8 +153,31 @@ class CheckpointAudit:
 # -- 1. resume after kill -9 of the kernel is exact ------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The kill-free run of the digits demo by epochs and seed: a future of its RunResult, each run once per module,
+    in a thread of this process while the first test's killed run goes on in its subprocess (both mostly wait). No
+    plugin: a resumed run is compared with the run no checkpoint ever touched (the digits demo and paced_digits,
+    unpaced or not, train the same weights)."""
+    cache: dict[tuple[int, int], Future] = {}
+    pool = ThreadPoolExecutor(1)
+
+    def run(epochs: int, seed: int):
+        result = run_training(config(tmp_path_factory.mktemp("uninterrupted"), epochs=epochs, seed=seed))
+        assert result.status == "completed", result.error
+        return result
+
+    def get(epochs: int, seed: int) -> Future:
+        if (epochs, seed) not in cache:
+            cache[epochs, seed] = pool.submit(run, epochs, seed)
+        return cache[epochs, seed]
+
+    yield get
+    pool.shutdown(wait=True)
+
+
 @pytest.mark.parametrize("where", ["mid_epoch", "epoch_boundary"])
-def test_resume_after_kill_9_of_the_kernel_is_exact(tmp_path, kernels, where):
+def test_resume_after_kill_9_of_the_kernel_is_exact(tmp_path, kernels, uninterrupted, where):
     """An uninterrupted run vs. the same run killed in epoch 2 and resumed from its run directory.
 
     mid_epoch: step checkpoints only (every 7 steps, none at an epoch end), killed as soon as one of
@@ -170,18 +193,15 @@ def test_resume_after_kill_9_of_the_kernel_is_exact(tmp_path, kernels, where):
     kernel = KernelProcess(config(tmp_path / "killed", [checkpointer()], epochs, target=PACED, seed=seed,
                                   step_sleep_s=0.02, gate=str(gate), **schedule), tmp_path)
     kernels.append(kernel)
-    # the uninterrupted run, in this process, while the other one runs towards its kill (both mostly wait)
-    with ThreadPoolExecutor(1) as pool:
-        uninterrupted = pool.submit(run_training, config(tmp_path / "reference", [checkpointer()], epochs, seed=seed,
-                                                         **schedule))
-        # mid_epoch: one of epoch 2's, or (when a loaded box skipped them all, both buffers still being written)
-        # one of epoch 3's before the gate: a resume inside an epoch either way
-        saved = kernel.wait_event("checkpoint_saved", lambda e: e.data["epoch"] in ((2, 3) if where == "mid_epoch"
-                                                                                  else (1,)), timeout_s=120)
-        if where == "epoch_boundary":
-            kernel.wait_step(STEPS_PER_EPOCH + 10)
-        kernel.kill()
-        reference = uninterrupted.result(timeout=120)
+    reference_run = uninterrupted(epochs, seed)  # trains while this run goes towards its kill, if not already run
+    # mid_epoch: one of epoch 2's, or (when a loaded box skipped them all, both buffers still being written)
+    # one of epoch 3's before the gate: a resume inside an epoch either way
+    saved = kernel.wait_event("checkpoint_saved", lambda e: e.data["epoch"] in ((2, 3) if where == "mid_epoch"
+                                                                              else (1,)), timeout_s=120)
+    if where == "epoch_boundary":
+        kernel.wait_step(STEPS_PER_EPOCH + 10)
+    kernel.kill()
+    reference = reference_run.result(timeout=120)
     assert reference.status == "completed"
     events = kernel.journal.poll()
     killed_at = kernel.journal.step()
@@ -213,7 +233,7 @@ def test_resume_after_kill_9_of_the_kernel_is_exact(tmp_path, kernels, where):
     assert resumed.outcome["validation_loss"] == reference.outcome["validation_loss"]
 
 
-def test_a_run_continued_from_its_last_epochs_checkpoint_ends_in_that_epoch(tmp_path, kernels):
+def test_a_run_continued_from_its_last_epochs_checkpoint_ends_in_that_epoch(tmp_path, kernels, uninterrupted):
     """A kernel killed after the last epoch's checkpoint (in the final drain, here) leaves nothing to train: the
     continued run trained no epoch and kept the epoch it started with, 0, so its final.pt said epoch 0 beside the
     uninterrupted run's 1 (the same weights), and its end_training_session (metrics.jsonl's session_end) epoch 0;
@@ -221,8 +241,7 @@ def test_a_run_continued_from_its_last_epochs_checkpoint_ends_in_that_epoch(tmp_
     held = PluginConfig(name="held", target="fixture_plugins:HeldAtTheEnd", settings={"release": str(tmp_path / "no")})
     kernel = KernelProcess(config(tmp_path / "runs", [checkpointer(), held], epochs=1, every_n_epochs=1), tmp_path)
     kernels.append(kernel)
-    reference = run_training(config(tmp_path / "reference", [checkpointer()], epochs=1, every_n_epochs=1))
-    assert reference.status == "completed", reference.error
+    reference = uninterrupted(1, 0).result(timeout=120)
     kernel.wait_event("checkpoint_saved", lambda e: e.data["epoch"] == 1, timeout_s=120)
     kernel.wait_event("end_training_session", timeout_s=120)
     kernel.kill()  # the drain waits for `held`, which never finishes its last handler
@@ -242,21 +261,17 @@ def test_a_run_continued_from_its_last_epochs_checkpoint_ends_in_that_epoch(tmp_
 
 
 @pytest.mark.timeout(360)  # three runs (the killed one, the resume, the reference): beside busy cores, minutes
-def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels):
+def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels, uninterrupted):
     """kill -9 mid-epoch, then `trainbus run --resume ID` and nothing else: the same directory and config, the
     journal going on gap-free, the weights of an uninterrupted run, and a history with every epoch once."""
-    epochs, seed, runs = 3, 5, tmp_path / "runs"
+    epochs, seed, runs = 3, 7, tmp_path / "runs"
     gate, held_at = tmp_path / "gate", STEPS_PER_EPOCH  # training goes only as far as the gate says
     open_gate(gate, held_at)
     cfg = config(runs, [checkpointer(), resolve_plugin("metrics_log", {"every_n_steps": 0})], epochs, target=PACED,
                  seed=seed, every_n_steps=7, step_sleep_s=0.0, gate=str(gate))
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
-    # the uninterrupted run, in this process, while the other one is killed and resumed (both mostly wait)
-    pool = ThreadPoolExecutor(1)
-    uninterrupted = pool.submit(run_training, config(tmp_path / "reference", [checkpointer()], epochs, target=PACED,
-                                                     seed=seed, every_n_steps=7, step_sleep_s=0.0))
-    pool.shutdown(wait=False)
+    reference_run = uninterrupted(epochs, seed)  # trains while this run is killed and resumed, if not already run
 
     def saved_in_epoch_2() -> bool:
         """Once a checkpoint of epoch 2 is on disk; till then epoch 2 goes on a checkpoint interval at a time, from
@@ -301,7 +316,7 @@ def test_resume_by_run_id_alone_continues_the_run_in_place(tmp_path, kernels):
     records = [json.loads(line) for line in (kernel.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2, 3], "each epoch's record once"
 
-    reference = uninterrupted.result(timeout=180)
+    reference = reference_run.result(timeout=180)
     assert_same_weights(kernel.run_dir, reference.run_dir)
 
 
