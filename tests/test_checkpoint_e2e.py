@@ -25,6 +25,7 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -1087,47 +1088,62 @@ def test_a_damaged_newest_checkpoint_is_passed_over_saying_so(tmp_path):
                     f"since it was written, so an older one is taken"]
 
 
-def test_a_run_of_a_target_file_given_relative_resumes_from_another_directory(tmp_path):
+class ProjectRun(NamedTuple):
+    """A run of a project's train.py:build (the tiny spec), started in that directory: what it printed, and where."""
+    project: Path
+    run_dir: Path
+    start_line: str
+
+
+def started(proc: subprocess.CompletedProcess) -> str:
+    """The start line of a command that ran a run (`trainbus: run ID on DEVICE: TARGET, plugins: ...`)."""
+    assert proc.returncode == 0, proc.stderr
+    return next(line for line in proc.stderr.splitlines() if line.startswith("trainbus: run "))
+
+
+@pytest.fixture(scope="module")
+def one_epoch_of_a_project(tmp_path_factory) -> ProjectRun:
+    """`trainbus run train.py:build --epochs 1 --plugins checkpoint` in a project directory, the target given
+    relative to it: run once for the tests below of resuming such a run (each ran its own, the same, and waited for
+    its checkpoint plugin's torch import). Not to be changed: a test continues a copy of its own (copy_of)."""
+    project = tmp_path_factory.mktemp("project")
+    (project / "train.py").write_text(f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\n"
+                                      f"from specs import tiny as build\n")
+    runs = tmp_path_factory.mktemp("project_runs")
+    with pytest.MonkeyPatch.context() as patch:  # the autouse PYTHONPATH fixture is per test
+        patch.setenv("PYTHONPATH", str(TESTS_DIR))
+        line = started(run_cli(project, "train.py:build", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir",
+                               str(runs), "--device", "cpu"))
+    [run_dir] = [d for d in runs.iterdir() if (d / "config.json").is_file()]
+    return ProjectRun(project, run_dir, line)
+
+
+def elsewhere_than(tmp_path: Path) -> Path:
+    """A directory to resume from that is not the project's (no train.py there)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    return elsewhere
+
+
+def test_a_run_of_a_target_file_given_relative_resumes_from_another_directory(tmp_path, one_epoch_of_a_project):
     """config.json kept `train.py:build` as typed, so `--resume RUN` from anywhere but where the run started said
     "target file train.py does not exist", a fix the user never needed. The run's directory says where it began."""
-    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
-    project.mkdir()
-    elsewhere.mkdir()
-    (project / "train.py").write_text("from trainbus.kernel.digits import build as digits\n\n\n"
-                                      "def build(hyperparameters: dict):\n    return digits(hyperparameters)\n")
-    runs = tmp_path / "runs"
-    first = run_cli(project, "train.py:build", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs))
-    assert first.returncode == 0, first.stderr
-    [run_dir] = [d for d in runs.iterdir() if (d / "config.json").is_file()]
-    again = run_cli(elsewhere, "--resume", str(run_dir), "--epochs", "2", "--plugins", "")
+    run_dir = copy_of(one_epoch_of_a_project.run_dir, tmp_path / "runs")
+    again = run_cli(elsewhere_than(tmp_path), "--resume", str(run_dir), "--epochs", "2", "--plugins", "")
     assert again.returncode == 0, again.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["outcome"]["epochs_completed"] == 2, summary
 
 
-def _project_and_elsewhere(tmp_path: Path) -> tuple[Path, Path]:
-    """A project directory whose train.py:build is the tiny spec, and another directory to resume from."""
-    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
-    project.mkdir()
-    elsewhere.mkdir()
-    (project / "train.py").write_text(f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\n"
-                                      f"from specs import tiny as build\n")
-    return project, elsewhere
-
-
-def test_a_resume_keeps_the_recorded_target_and_says_what_each_session_trained_with(tmp_path):
+def test_a_resume_keeps_the_recorded_target_and_says_what_each_session_trained_with(tmp_path, one_epoch_of_a_project):
     """`runs resume` from another directory rewrote config.json's target to an absolute path (and its cwd to the
     resume's), and a resume with --precision overwrote the recorded precision: nothing said any more that the first
     epoch trained in 32 bit. The target stays as typed, with the directory it is relative to; `runs show` (and its
     --json sessions) says each session's device, precision and compile when they differ."""
-    project, elsewhere = _project_and_elsewhere(tmp_path)
-    runs = tmp_path / "runs"
-    first = run_cli(project, "train.py:build", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir", str(runs),
-                    "--device", "cpu")
-    assert first.returncode == 0, first.stderr
-    [run_dir] = [d for d in runs.iterdir() if (d / "config.json").is_file()]
+    project, runs = one_epoch_of_a_project.project, tmp_path / "runs"
+    run_dir = copy_of(one_epoch_of_a_project.run_dir, runs)  # trained in 32 bit on the cpu
     again = cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "2", "--precision",
-                "bf16-mixed", "--plugins", "", cwd=elsewhere)
+                "bf16-mixed", "--plugins", "", cwd=elsewhere_than(tmp_path))
     assert again.returncode == 0, again.stderr
     recorded = json.loads((run_dir / "config.json").read_text())
     assert (recorded["target"], recorded["cwd"], recorded["precision"]) == ("train.py:build", str(project),
@@ -1139,24 +1155,17 @@ def test_a_resume_keeps_the_recorded_target_and_says_what_each_session_trained_w
                                                                                ("cpu", "bf16-mixed", False)]
 
 
-def test_a_resume_names_the_target_as_the_fresh_run_did_where_that_still_names_it(tmp_path):
+def test_a_resume_names_the_target_as_the_fresh_run_did_where_that_still_names_it(tmp_path, one_epoch_of_a_project):
     """A fresh run's start line names its target as typed (`train.py:build`); its resume, from the same directory,
     named it by the absolute path config_of_run makes of it for a resume from elsewhere. From the same directory it is
     now as typed; from another, where `train.py` is not that file, it is still the absolute path."""
-    project, elsewhere = _project_and_elsewhere(tmp_path)
-    runs = tmp_path / "runs"
-
-    def started(proc: subprocess.CompletedProcess) -> str:
-        assert proc.returncode == 0, proc.stderr
-        return next(line for line in proc.stderr.splitlines() if line.startswith("trainbus: run "))
-
-    first = started(run_cli(project, "train.py:build", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir",
-                            str(runs), "--device", "cpu"))
-    [run_dir] = [d for d in runs.iterdir() if (d / "config.json").is_file()]
+    project, runs, first = one_epoch_of_a_project.project, tmp_path / "runs", one_epoch_of_a_project.start_line
+    run_dir = copy_of(one_epoch_of_a_project.run_dir, runs)
     assert first == f"trainbus: run {run_dir.name} on cpu: train.py:build, plugins: checkpoint", first
     here = started(cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "2", cwd=project))
     assert here == first, (here, first)
-    there = started(cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "3", cwd=elsewhere))
+    there = started(cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "3",
+                       cwd=elsewhere_than(tmp_path)))
     assert there == f"trainbus: run {run_dir.name} on cpu: {project / 'train.py'}:build, plugins: checkpoint", there
     assert json.loads((run_dir / "config.json").read_text())["target"] == "train.py:build"
 
