@@ -729,8 +729,8 @@ def test_a_completed_run_is_resumed_only_to_train_it_longer(tmp_path, one_checkp
     proc = run_cli(elsewhere, "--resume", run_dir.name, "--runs-dir", str(runs))
     assert f"`trainbus run --resume {run_dir.name} --runs-dir {runs} --epochs N`" in proc.stderr, proc.stderr
 
-    # `runs resume` takes `run`'s options, as README says: --epochs here
-    proc = cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "2", cwd=tmp_path)
+    # `runs resume` takes `run`'s options, as README says: --epochs here (and --plugins: none is under test)
+    proc = cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "2", "--plugins", "", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     # the same for a run that ended before its planned epochs: fewer than it trained would train none
@@ -789,7 +789,8 @@ def test_two_resumes_of_one_run_at_once_continue_it_once_and_the_other_is_refuse
     result = run_training(config(runs, [checkpointer()], 1, target="fixture_targets:restore_gated", every_n_epochs=1,
                                  step_sleep_s=0.0, batch_size=256, restore_gate=str(gate)))
     assert result.status == "completed", result.error
-    command = ["runs", "resume", result.run_id, "--runs-dir", str(runs), "--epochs", "2"]
+    # no plugin: what is tested is the hold on the run between the check and the journal, which no plugin joins
+    command = ["runs", "resume", result.run_id, "--runs-dir", str(runs), "--epochs", "2", "--plugins", ""]
     procs = [Command(*command, cwd=tmp_path) for _ in range(2)]  # forked with torch loaded: two processes still
     try:
         wait_until(lambda: len(list(tmp_path.glob("restore-gate.waiting-*"))) == 2
