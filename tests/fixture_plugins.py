@@ -450,6 +450,21 @@ class Poison(Plugin):
         _append_fsynced(self.settings["path"], f"{event.seq} {event.type}")
 
 
+class FullDiskPoison(Poison):
+    """Poison (durable, its handler fails on one event type) whose log (stderr) and dead-letter folder are on
+    a full disk: what a plugin meets when the run directory's disk fills while events still reach it
+    (test_disk_full.py; here, not there, so that its process does not import torch with that test module)."""
+
+    settings = {**Poison.settings, "full_dir": ""}
+
+    def setup(self):
+        full = Path(self.settings["full_dir"])
+        self.run_dir = str(full)  # the SDK writes dead letters to <run_dir>/plugins/
+        fd = os.open(full / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
 class LaggingLiveRecorder(LiveRecorder):
     """A slow best-effort Recorder with a small inbox, so it really misses events in a short run.
 

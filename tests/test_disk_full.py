@@ -23,7 +23,6 @@ import msgpack
 import psutil
 import pytest
 
-from fixture_plugins import Poison
 from helpers import PLUGIN_START_S, recorded
 from kernel_process import Command, KernelProcess, cli, of, wait_until
 from trainbus.kernel.config import PluginConfig, RunConfig
@@ -317,20 +316,6 @@ def test_a_run_that_ends_on_a_full_disk_waits_for_no_plugin_that_cannot_hear_it(
 # -- a plugin on a full disk -------------------------------------------------------------------------
 
 
-class FullDiskPoison(Poison):
-    """Poison (durable, its handler fails on one event type) whose log (stderr) and dead-letter folder are on
-    a full disk: what a plugin meets when the run directory's disk fills while events still reach it."""
-
-    settings = {**Poison.settings, "full_dir": ""}
-
-    def setup(self):
-        full = Path(self.settings["full_dir"])
-        self.run_dir = str(full)  # the SDK writes dead letters to <run_dir>/plugins/
-        fd = os.open(full / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(fd, 2)
-        os.close(fd)
-
-
 def test_a_plugin_whose_log_and_dead_letters_cannot_be_written_goes_on(tmp_path, mount_tmpfs):
     """A failing handler's dead letter and the SDK's line on stderr both meet ENOSPC: the plugin is not taken
     down by that (no crash, no restart), the kernel still hears of each failure, every other event is handled."""
@@ -340,7 +325,7 @@ def test_a_plugin_whose_log_and_dead_letters_cannot_be_written_goes_on(tmp_path,
     record = tmp_path / "handled.txt"
     cfg = RunConfig(epochs=2, seed=0, device="cpu", runs_dir=str(tmp_path / "runs"), checkpoint_every_n_epochs=0,
                     ready_timeout_s=PLUGIN_START_S,  # every event handled: the plugin is there from the first
-                    plugins=[PluginConfig("poison", "test_disk_full:FullDiskPoison",
+                    plugins=[PluginConfig("poison", "fixture_plugins:FullDiskPoison",
                                           {"path": str(record), "poison_type": "end_epoch", "full_dir": str(full)})])
     with Filler(full):
         result = run_training(cfg)
