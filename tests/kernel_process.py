@@ -270,17 +270,21 @@ class Command(Forked):
     """`trainbus ARGS` forked as cli() runs it, shown as subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)
     shows a child: Forked's pid, poll, wait, send_signal, kill and returncode, and communicate. `env`: added to the
     test's. `output`: both streams to that file instead, in the order written, as `> FILE 2>&1` (the test reads it;
-    communicate() is not for such a command). `constants`: {"module.NAME": value} set in the command's process
-    before it starts (a window shortened where the test is not about its length)."""
+    communicate() is not for such a command); with `errors` too, stderr goes to that file, as `> FILE 2> ERRORS`;
+    `append`: those files appended to, as `>>` does, not truncated. `constants`: {"module.NAME": value} set in the
+    command's process before it starts (a window shortened where the test is not about its length)."""
 
     def __init__(self, *args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None,
-                 output: str | Path | None = None, constants: dict[str, Any] | None = None):
+                 output: str | Path | None = None, errors: str | Path | None = None, append: bool = False,
+                 constants: dict[str, Any] | None = None):
         self.args = ["trainbus", *args]
         prefix = Path(tempfile.gettempdir()) / f"trainbus-cli-{secrets.token_hex(4)}"
         self.stdout_path, self.stderr_path = prefix.with_suffix(".out"), prefix.with_suffix(".err")
         if output is not None:
-            self.stdout_path = self.stderr_path = Path(output)
-            self.stdout_path.write_text("")  # truncated, as `>` does; the child appends to it
+            self.stdout_path = Path(output)
+            self.stderr_path = self.stdout_path if errors is None else Path(errors)
+            for path in () if append else {self.stdout_path, self.stderr_path}:
+                path.write_text("")  # truncated, as `>` does; the child appends to it
         process = _context().Process(target=_cli_child, daemon=False, args=(
             list(args), str(self.stdout_path), str(self.stderr_path), str(cwd or os.getcwd()),
             {**os.environ, **(env or {})}, dict(constants or {})))

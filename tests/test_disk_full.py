@@ -466,16 +466,13 @@ def test_a_full_disk_under_the_commands_output_costs_the_output_only(tmp_path, m
     summary cannot be printed. That is said once on stderr, naming the file and the fix, and the command exits as
     the run ended (0: completed); it died in a traceback of rich's frames and exited 1. With `2>&1` there is nowhere
     to say it: the exit code alone is right."""
-    from conftest import trainbus_cmd
-
     disk = mount_tmpfs("out", 64 << 10)
     log_path, err_path = disk / "train.log", tmp_path / "stderr.txt"
+    err_path.write_text("")  # read below, stderr there or not
     runs = tmp_path / "runs"
-    args = [*trainbus_cmd(), "run", PACED, "step_sleep_s=0.02", "--epochs", "2", "--plugins", "", "--device", "cpu",
-            "--runs-dir", str(runs)]
-    with open(log_path, "ab") as log_file, open(err_path, "wb") as err_file:
-        proc = subprocess.Popen(args, stdout=log_file, stderr=log_file if stderr_there_too else err_file,
-                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    proc = Command("run", PACED, "step_sleep_s=0.02", "--epochs", "2", "--plugins", "", "--device", "cpu",
+                   "--runs-dir", str(runs), output=log_path, errors=None if stderr_there_too else err_path,
+                   env={"PYTHONPATH": str(Path(__file__).parent)})
     try:
         wait_until(lambda: next(runs.glob(f"*/{JOURNAL_NAME}"), None), 60, "the run's journal", poll_s=0.05)
         with open(log_path, "ab") as pad:  # the file's last page made whole: the next line needs a new one
@@ -502,15 +499,17 @@ def test_the_console_plugin_on_a_full_output_disk_says_so_once_and_goes_on(tmp_p
     """The console plugin prints into the kernel's stdout: a `train.log` on a full disk failed every one of its
     handlers (each a traceback, an error logged, `console N errors logged` in `runs list`). It now says once, as a
     warning naming the file, and drops the rest: no error, no restart."""
-    from conftest import trainbus_cmd
-
     disk = mount_tmpfs("out", 64 << 10)
     log_path, err_path = disk / "train.log", tmp_path / "stderr.txt"
     log_path.write_bytes(b"." * 4095 + b"\n")  # a whole page from earlier runs: the next line needs a new one
     runs = tmp_path / "runs"
-    args = [*trainbus_cmd(), "run", "--epochs", "2", "--plugins", "console", "--device", "cpu", "--runs-dir", str(runs)]
-    with Filler(disk), open(log_path, "ab") as log_file, open(err_path, "wb") as err_file:
-        done = subprocess.run(args, stdout=log_file, stderr=err_file, timeout=180)
+    with Filler(disk):
+        done = Command("run", "--epochs", "2", "--plugins", "console", "--device", "cpu", "--runs-dir", str(runs),
+                       output=log_path, errors=err_path, append=True)  # `>> train.log 2> stderr.txt`
+        try:
+            done.wait(timeout=180)
+        finally:
+            done.kill()
     said = err_path.read_text()
     assert done.returncode == 0 and "Traceback" not in said, said
     run_dir = next(runs.glob("*/summary.json")).parent
