@@ -208,8 +208,8 @@ def test_attach_to_steer_with_a_monitor_key_says_so_at_once_and_sends_nothing(ke
     kernels.append(kernel)
     connection(kernel)
     try:
-        proc = subprocess.run([*trainbus_cmd(), "attach", str(kernel.run_dir / CONNECTION_FILE), "--key",
-                               str(keys["watcher"]), *steer], capture_output=True, text=True, timeout=120)
+        proc = cli("attach", str(kernel.run_dir / CONNECTION_FILE), "--key", str(keys["watcher"]), *steer,
+                   timeout=120)
     finally:
         open_gate(gate, 2 * STEPS_PER_EPOCH)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (proc.returncode, proc.stderr)
@@ -646,8 +646,8 @@ def test_a_renamed_copy_of_a_connection_file_pins_the_server_key_as_the_target_i
     free.bind(("127.0.0.1", 0))
     port = free.getsockname()[1]
     free.close()
-    proc = subprocess.run([*trainbus_cmd(), "attach", f"127.0.0.1:{port}", "--key", str(keys["watcher"]),
-                           "--server-key", str(copy), "--json"], capture_output=True, text=True, timeout=120)
+    proc = cli("attach", f"127.0.0.1:{port}", "--key", str(keys["watcher"]), "--server-key", str(copy), "--json",
+               timeout=120)
     assert proc.returncode == 2 and f"nothing accepts connections at tcp://127.0.0.1:{port}" in one_line(
         proc.stderr), proc.stderr
 
@@ -921,7 +921,7 @@ def test_the_endpoint_as_the_kernel_prints_it_reaches_the_run_and_without_a_key_
     first = json.loads(watched.stdout.splitlines()[0])
     assert (first["type"], first["run"]) == ("snapshot", kernel.run_id), watched.stdout[:500] + watched.stderr
     assert monitor.returncode == 0 and re.search(r"received [1-9]", monitored), monitored
-    unkeyed = subprocess.run([*trainbus_cmd(), "attach", endpoint], capture_output=True, text=True, timeout=60)
+    unkeyed = cli("attach", endpoint, timeout=60)
     assert unkeyed.returncode != 0 and "takes CURVE keys: give --key" in one_line(unkeyed.stderr), unkeyed.stderr
     leaked = subprocess.run([*plugin, "--server-key", str(keys["server"])], capture_output=True, text=True, timeout=60)
     assert leaked.returncode == 2 and "is a secret key: a client pins the server's public key" in one_line(
@@ -948,6 +948,13 @@ def test_a_remote_plugin_that_no_kernel_answers_says_what_to_check_in_one_line(k
     assert one_line(proc.stderr).startswith(f"error: no kernel answered at tcp://127.0.0.1:{port}: nothing accepted a "
                                             f"connection there (refused or unreachable); check that the run "
                                             f"listens there and that this machine reaches it"), proc.stderr
+
+
+def run_client(command: list[str]) -> subprocess.CompletedProcess:
+    """A client command line, its output captured: `trainbus ...` forked (kernel_process.cli), anything else run."""
+    if command[0] == "trainbus":
+        return cli(*command[1:], timeout=60)
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
 def one_line(stderr: str) -> str:
@@ -1206,12 +1213,11 @@ def test_a_client_key_file_not_here_is_told_to_be_copied_from_the_host_not_gener
     fix = (f"error: key file {missing}: No such file or directory; a client's key is made on the host it connects "
            f"to (`trainbus keys generate client NAME --role monitor|control` there) and its .key_secret copied to "
            f"this machine\n")
-    for command in ([*trainbus_cmd(), "attach", "127.0.0.1:5555"],
+    for command in (["trainbus", "attach", "127.0.0.1:5555"],
                     [sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.cpu_monitor:CpuMonitorPlugin",
                      "--connect", "127.0.0.1:5555"],
-                    [*trainbus_cmd(), "daemon", "status", "--remote", "127.0.0.1:7000"]):
-        done = subprocess.run([*command, "--key", str(missing), "--server-key", server_key], capture_output=True,
-                              text=True, timeout=60)
+                    ["trainbus", "daemon", "status", "--remote", "127.0.0.1:7000"]):
+        done = run_client([*command, "--key", str(missing), "--server-key", server_key])
         assert (done.returncode, done.stderr) == (2, fix), (command, done.stderr)
 
 
@@ -1221,7 +1227,7 @@ def test_a_remote_kernel_named_without_a_key_is_told_where_a_client_key_comes_fr
     of. A client's key is made on the host and its .key_secret copied over: the line says so."""
     fix = ("a client's key is made on the host it connects to (`trainbus keys generate client NAME --role "
            "monitor|control` there) and its .key_secret copied to this machine")
-    attach = subprocess.run([*trainbus_cmd(), "attach", "127.0.0.1:5555"], capture_output=True, text=True, timeout=60)
+    attach = cli("attach", "127.0.0.1:5555", timeout=60)
     assert (attach.returncode, attach.stderr) == (2, f"error: 127.0.0.1:5555 is a remote kernel's HOST:PORT or "
                                                      f"connection file: give --key, this client's secret key file: "
                                                      f"{fix}\n"), attach.stderr
@@ -1243,12 +1249,11 @@ def test_a_damaged_client_key_file_is_told_to_be_copied_again_not_generated_here
     empty.write_text("")
     for path in (garbled, empty):
         path.chmod(0o600)
-    for command in ([*trainbus_cmd(), "attach", "127.0.0.1:5555"],
+    for command in (["trainbus", "attach", "127.0.0.1:5555"],
                     [sys.executable, "-m", "trainbus.sdk", "trainbus.plugins.cpu_monitor:CpuMonitorPlugin",
                      "--connect", "127.0.0.1:5555"]):
         for path, why in ((garbled, "is not a readable CURVE key"), (empty, "is empty")):
-            done = subprocess.run([*command, "--key", str(path), "--server-key", server_key], capture_output=True,
-                                  text=True, timeout=60)
+            done = run_client([*command, "--key", str(path), "--server-key", server_key])
             assert done.returncode == 2 and done.stderr.startswith(f"error: key file {path} {why}"), done.stderr
             assert done.stderr.endswith(f"; {fix}\n") and "\n" not in done.stderr[:-1], done.stderr
 
@@ -1317,9 +1322,8 @@ def test_daemon_status_given_a_runs_endpoint_says_within_seconds_it_is_not_a_dae
     kernels.append(kernel)
     host_port = connection(kernel)["control"].removeprefix("tcp://")
     started = time.monotonic()
-    status = subprocess.run(trainbus_cmd() + ["daemon", "status", "--remote", host_port, "--key", str(keys["watcher"]),
-                                              "--server-key", str(keys["dir"] / "server.key")],
-                            capture_output=True, text=True, timeout=60)
+    status = cli("daemon", "status", "--remote", host_port, "--key", str(keys["watcher"]), "--server-key",
+                 str(keys["dir"] / "server.key"), timeout=60)  # forked: the console script's start is not timed
     elapsed = time.monotonic() - started
     kernel.kill()
     assert (status.returncode, one_line(status.stderr)) == (
