@@ -21,7 +21,7 @@ from trainbus.kernel.daemon_files import daemon_dir
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.registry import Registry
 
-from conftest import start_daemon, trainbus_cmd
+from conftest import TESTS_DIR, start_daemon, trainbus_cmd
 from fixture_targets import open_gate
 from kernel_process import wait_until
 from remote_support import curve_dealers, peak_growth_while_flooding
@@ -94,6 +94,49 @@ def listening_daemon(tmp_path: Path, daemons, clients: list[tuple[str, str]], *f
     return runs, secrets, json.loads((daemon_dir(runs) / "remote.json").read_text())["endpoint"], pid
 
 
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory):
+    """One listening daemon (--gpus "": no devices) for the tests that only ask it something or end the runs they
+    submit: its runs directory, a control key (`pilot`), a monitor key (`watcher`), its endpoint and remote.json.
+    A daemon start and stop each cost those tests ~0.8 s of CPU; each test compares what it looks at with what was
+    there before it, as others may have left ended runs."""
+    served: list[Path] = []
+    with pytest.MonkeyPatch.context() as patch:  # the autouse PYTHONPATH fixture is per test
+        patch.setenv("PYTHONPATH", str(TESTS_DIR))
+        try:
+            runs, [pilot, watcher], endpoint, _ = listening_daemon(tmp_path_factory.mktemp("shared"), served,
+                                                                   [("p", "control"), ("w", "monitor")], "--gpus", "")
+            yield {"runs": runs, "pilot": pilot, "watcher": watcher, "endpoint": endpoint,
+                   "remote_json": daemon_dir(runs) / "remote.json"}
+        finally:
+            for directory in served:
+                cli("daemon", "stop", "--runs-dir", str(directory), check=False)
+
+
+def over_tcp_with(daemon: dict, key: str = "pilot"):
+    """`trainbus daemon COMMAND --remote ... ARGS` to the shared daemon with its key `key`, check=False."""
+    def over_tcp(command: str, *args: str) -> subprocess.CompletedProcess:
+        return cli("daemon", command, "--remote", daemon["endpoint"], "--key", str(daemon[key]), "--server-key",
+                   str(daemon["remote_json"]), *args, check=False)
+    return over_tcp
+
+
+def all_ended(runs: Path) -> bool:
+    """Every job of the daemon's queue ended, as the daemon settles it once its run's process is gone."""
+    with Registry(runs) as registry:
+        return all(job["state"] == "ended" for job in registry.jobs())
+
+
+@pytest.fixture(scope="module")
+def ended_over_tcp(shared_daemon) -> str:
+    """A run a control key submitted to the shared daemon, completed and settled (its job ended): its id."""
+    runs = shared_daemon["runs"]
+    ended = over_tcp_with(shared_daemon)("submit", "--", TINY, "--epochs", "1").stdout.strip()
+    wait_until(lambda: listed(runs).get(ended, {}).get("status") == "completed" and all_ended(runs), WAIT_S,
+               "the submitted run to complete and be settled")
+    return ended
+
+
 def test_the_daemons_endpoint_and_remote_json_are_owner_only_whatever_the_umask(tmp_path, daemons):
     """The files that tell clients where the daemon listens (.daemon/endpoint, .daemon/remote.json) were written
     0644 under umask 022, in a 0700 directory; a run's connection.json is 0600, as Jupyter writes its connection
@@ -113,19 +156,20 @@ def test_the_daemons_endpoint_and_remote_json_are_owner_only_whatever_the_umask(
 
 
 def test_the_status_command_a_remote_submission_suggests_runs_as_printed_with_key_paths_that_have_spaces(tmp_path,
-                                                                                                        daemons):
+                                                                                                        shared_daemon):
     """`daemon submit --remote` prints the `daemon status --remote ...` command that shows the run: its key paths were
     printed bare, so with the keys in `~/My Keys/` the command pasted into a shell named files that do not exist."""
-    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")], "--gpus", "")
+    pilot = shared_daemon["pilot"]
     keys = tmp_path / "my keys"
     keys.mkdir(mode=0o700)
     shutil.copy(pilot, keys / pilot.name)
-    shutil.copy(daemon_dir(runs) / "remote.json", keys / "remote.json")
-    submitted = cli("daemon", "submit", "--remote", endpoint, "--key", str(keys / pilot.name), "--server-key",
-                    str(keys / "remote.json"), "--", TINY, "--epochs", "1", "--plugins", "")
+    shutil.copy(shared_daemon["remote_json"], keys / "remote.json")
+    submitted = cli("daemon", "submit", "--remote", shared_daemon["endpoint"], "--key", str(keys / pilot.name),
+                    "--server-key", str(keys / "remote.json"), "--", TINY, "--epochs", "1", "--plugins", "")
     [suggested] = re.findall(r"`(trainbus daemon status [^`]*)`", submitted.stderr)
     status = cli(*shlex.split(suggested)[1:])
     assert status.stdout.startswith("daemon pid "), status.stdout
+    wait_until(lambda: all_ended(shared_daemon["runs"]), WAIT_S, "the submitted run's end")  # the next test's daemon
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
@@ -140,33 +184,33 @@ def test_the_remote_endpoint_listens_on_an_ipv6_address_as_a_run_does(tmp_path, 
 
 
 def test_a_remote_submission_asking_for_more_gpus_than_the_daemon_has_is_refused_as_run_detach_refuses_it(
-        tmp_path, daemons):
+        shared_daemon):
     """`daemon submit --remote ... --gpus 1` to a daemon with no devices printed `queued run ID` (exit 0), and the
     run failed a second later, found only in `daemon status`; `run --detach --gpus 1` on the host is refused at
     once. Now the submission is, in the same words, and nothing is queued."""
-    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")], "--gpus", "")
-    submitted = cli("daemon", "submit", "--remote", endpoint, "--key", str(pilot), "--server-key",
-                    str(daemon_dir(runs) / "remote.json"), "--gpus", "1", "--", TINY, check=False)
+    runs, endpoint = shared_daemon["runs"], shared_daemon["endpoint"]
+    before = set(listed(runs))
+    submitted = over_tcp_with(shared_daemon)("submit", "--gpus", "1", "--", TINY)
     assert (submitted.returncode, submitted.stdout, submitted.stderr) == (2, "", (
         f"error: the daemon at {endpoint.removeprefix('tcp://')} refused: --gpus 1: the run asks for 1 GPU and the "
         f"daemon has 0 (none); start the daemon with --gpus listing them\n")), submitted.stderr
-    assert listed(runs) == {}
-    assert json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json").stdout)["ended"] == []
+    assert set(listed(runs)) == before
+    ended = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json").stdout)["ended"]
+    assert {job["run"] for job in ended} <= before, ended  # no run of this submission failed later
 
 
 def test_a_remote_submission_is_read_as_trainbus_run_reads_it_refused_in_its_words_and_listed_with_its_target(
-        tmp_path, daemons):
+        tmp_path, shared_daemon):
     """`daemon submit ... -- --resume` (no value), `-- --bogus` or `-- --epochs x` printed `queued run ID` (exit 0),
     and the run failed once the daemon started it, click's usage error found only in the run's output; the daemon
     now refuses each in click's words, nothing queued. And it took a submission's first word for its target:
     `-- --epochs 1 missing.py:build` (an option first) was listed with target `-`, while queued and, failing before
     it had a directory, for good."""
-    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")], "--gpus", "")
-    host = endpoint.removeprefix("tcp://")
+    runs, host = shared_daemon["runs"], shared_daemon["endpoint"].removeprefix("tcp://")
+    before = set(listed(runs))
 
     def submit(*argv: str) -> subprocess.CompletedProcess:
-        return cli("daemon", "submit", "--remote", endpoint, "--key", str(pilot), "--server-key",
-                   str(daemon_dir(runs) / "remote.json"), "--", *argv, check=False)
+        return over_tcp_with(shared_daemon)("submit", "--", *argv)
 
     for argv, said in ((["--resume"], "Option '--resume' requires an argument."),
                        ([TINY, "--bogus"], "No such option: --bogus"),
@@ -180,11 +224,12 @@ def test_a_remote_submission_is_read_as_trainbus_run_reads_it_refused_in_its_wor
         assert refused.returncode == 2 and one_error_line(refused).startswith(
             f"error: the daemon at {host} refused: `trainbus run` would refuse the command: {said}"), refused.stderr
         assert "--detach" not in refused.stderr, refused.stderr  # it queues; no --detach to suggest
-    assert listed(runs) == {}
+    assert set(listed(runs)) == before
     missing = str(tmp_path / "missing.py") + ":build"
     run_id = submit("--epochs", "1", missing).stdout.strip()
     wait_until(lambda: listed(runs).get(run_id, {}).get("status") == "failed", WAIT_S, "the run failed", poll_s=0.2)
     assert listed(runs)[run_id]["target"] == missing, listed(runs)
+    wait_until(lambda: all_ended(runs), WAIT_S, "the daemon to settle the failed run")  # the next test's daemon
 
 
 def test_the_target_a_submitted_command_trains_is_its_own_the_demos_or_unknown_when_its_config_names_it():
@@ -374,16 +419,16 @@ def test_a_flood_of_connections_with_no_key_costs_the_daemon_a_bounded_number_of
     assert "TCP connections at once" in (daemon_dir(runs) / "daemon.log").read_text()
 
 
-def test_attach_given_the_daemons_endpoint_says_it_is_not_a_runs_at_once(tmp_path, daemons):
+def test_attach_given_the_daemons_endpoint_says_it_is_not_a_runs_at_once(shared_daemon):
     """`trainbus attach HOST:PORT` with the daemon's --listen endpoint (one port) instead of its run's (three): the
     daemon took the CURVE handshake, nothing listened on PORT + 1, and attach waited 30 s to say `no kernel
     heartbeat`, asking whether the run listens there. It now says within seconds that the port is not a run's."""
     from trainbus.proto.remote import UNANSWERED_S
     from trainbus.sdk.attach import Attachment, TargetError, target_of
 
-    runs, [watcher], endpoint, _ = listening_daemon(tmp_path, daemons, [("w", "monitor")])
+    endpoint = shared_daemon["endpoint"]
     port = int(endpoint.rpartition(":")[2])
-    attachment = Attachment(target_of(endpoint, str(watcher), str(daemon_dir(runs) / "remote.json")))
+    attachment = Attachment(target_of(endpoint, str(shared_daemon["watcher"]), str(shared_daemon["remote_json"])))
     started = time.monotonic()
     with pytest.raises(TargetError) as said:
         for _ in attachment:
@@ -564,56 +609,48 @@ def test_remote_json_goes_with_the_daemon_and_a_stale_one_is_said_to_be_a_gone_d
     assert not remote_json.exists()
 
 
-def test_a_remote_resume_of_a_run_the_daemon_does_not_have_names_fixes_a_remote_key_can_use(tmp_path, daemons):
+def test_a_remote_resume_of_a_run_the_daemon_does_not_have_names_fixes_a_remote_key_can_use(shared_daemon):
     """`daemon submit --remote ... -- --resume RUN` naming no run of the daemon's runs directory was refused with the
     host's hint, `is --runs-dir right? trainbus runs list shows the runs`: --runs-dir is refused with --remote and a
     remote key has no `runs list`. The refusal now names what such a key has: `daemon status`."""
-    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")])
-    submitted = cli("daemon", "submit", "--remote", endpoint, "--key", str(pilot), "--server-key",
-                    str(daemon_dir(runs) / "remote.json"), "--", "--resume", "nope", check=False)
+    runs = shared_daemon["runs"]
+    before = set(listed(runs))
+    submitted = over_tcp_with(shared_daemon)("submit", "--", "--resume", "nope")
     line = one_error_line(submitted)
     assert submitted.returncode == 2 and "no run 'nope'" in line, line
     assert "--runs-dir" not in line and "runs list" not in line, line
     assert "a run of the daemon's runs directory" in line and "`trainbus daemon status --remote ...`" in line, line
-    assert listed(runs) == {}
+    assert set(listed(runs)) == before
 
 
-def test_a_remote_cancel_stops_a_running_run_only_by_a_start_of_its_id_no_other_run_shares(tmp_path, daemons):
+def test_a_remote_cancel_stops_a_running_run_only_by_a_start_of_its_id_no_other_run_shares(shared_daemon,
+                                                                                            ended_over_tcp):
     """A remote `daemon cancel PREFIX` stopped the one running run whose id PREFIX starts, though runs that had
     ended shared it (`2026`, the start of every id this year): a key meaning an ended run stopped a live one.
     `runs stop PREFIX` on the host refuses such a start as ambiguous; so does the daemon now, stopping nothing."""
-    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")])
-
-    def over_tcp(command: str, *args: str) -> subprocess.CompletedProcess:
-        return cli("daemon", command, "--remote", endpoint, "--key", str(pilot), "--server-key",
-                   str(daemon_dir(runs) / "remote.json"), *args, check=False)
-
-    ended = over_tcp("submit", "--", TINY, "--epochs", "1").stdout.strip()
-    wait_until(lambda: listed(runs).get(ended, {}).get("status") == "completed", WAIT_S, "the first run")
+    runs, over_tcp, ended = shared_daemon["runs"], over_tcp_with(shared_daemon), ended_over_tcp
     running = over_tcp("submit", "--", PACED, "--plugins", "", "--device", "cpu", "--set", "step_sleep_s=0.2").stdout
     running = running.strip()
     wait_until(lambda: listed(runs).get(running, {}).get("status") == "running", WAIT_S, "the second run to train")
     shared = next(n for n in range(len(running), 0, -1) if ended.startswith(running[:n]))
+    # the start the running run alone has: one character past the longest it shares with any other run here
+    own = 1 + max(next(n for n in range(len(running), -1, -1) if other.startswith(running[:n]))
+                  for other in listed(runs) if other != running)
     refused = over_tcp("cancel", running[:shared])
     line = one_error_line(refused)
     assert "several" in line and ended in line and running in line, line
     assert listed(runs)[running]["status"] == "running"
-    assert over_tcp("cancel", running[:shared + 1]).returncode == 0  # its own start: stopped
+    assert over_tcp("cancel", running[:own]).returncode == 0  # its own start: stopped
     wait_until(lambda: listed(runs)[running]["status"] == "stopped", WAIT_S, "the second run to stop")
+    wait_until(lambda: all_ended(runs), WAIT_S, "the daemon to settle the stopped run")  # the next test's daemon too
 
 
-def test_a_remote_cancel_of_a_run_that_ended_names_the_remote_status_not_a_command_of_the_host(tmp_path, daemons):
+def test_a_remote_cancel_of_a_run_that_ended_names_the_remote_status_not_a_command_of_the_host(shared_daemon,
+                                                                                               ended_over_tcp):
     """A remote `daemon cancel RUN` of a run that had ended was answered `... it ran and ended (...); trainbus runs
     show RUN says how`, a command of the training host a key has no use of. It now names `daemon status --remote`."""
-    runs, [pilot], endpoint, _ = listening_daemon(tmp_path, daemons, [("p", "control")])
-
-    def over_tcp(command: str, *args: str) -> subprocess.CompletedProcess:
-        return cli("daemon", command, "--remote", endpoint, "--key", str(pilot), "--server-key",
-                   str(daemon_dir(runs) / "remote.json"), *args, check=False)
-
-    ended = over_tcp("submit", "--", TINY, "--epochs", "1").stdout.strip()
-    wait_until(lambda: ended in [job["run"] for job in json.loads(over_tcp("status", "--json").stdout)["ended"]],
-               WAIT_S, "the daemon to see the run end")
+    over_tcp, ended = over_tcp_with(shared_daemon), ended_over_tcp
+    assert ended in [job["run"] for job in json.loads(over_tcp("status", "--json").stdout)["ended"]]
     line = one_error_line(over_tcp("cancel", ended))
     assert f"run {ended} is not queued: it ran and ended" in line, line
     assert "runs show" not in line and "`trainbus daemon status --remote ...` says how" in line, line
