@@ -466,44 +466,58 @@ def test_a_run_submitted_with_max_resumes_is_continued_by_the_daemon_when_its_ke
     assert job["state"] == "ended" and job["env"] is None  # the environment kept for a resume is gone with it
 
 
-def test_with_no_daemon_status_says_a_gone_run_with_resumes_left_is_resumed_by_the_next_daemon(tmp_path, daemons):
+@pytest.fixture(scope="module")
+def power_cut(tmp_path_factory):
+    """A --max-resumes 1 run with a checkpoint, killed (kill -9) at once with the daemon that started it, as a power
+    cut leaves them; its next session's build() will wait for `build_gate`. What `daemon status` said then, with no
+    daemon (one checkpointed session for the two tests: the test of its status reads what was said then, the test of
+    `runs stop` starts the next daemon, which resumes the run, and is the only one to act on it)."""
+    runs = tmp_path_factory.mktemp("power_cut") / "runs"
+    build_gate, gate = runs.parent / "build_gate", runs.parent / "gate"
+    runs.mkdir()
+    with pytest.MonkeyPatch.context() as patch:  # the autouse PYTHONPATH fixture is per test
+        patch.setenv("PYTHONPATH", str(TESTS_DIR))
+        pid = start_daemon([], runs)
+        try:
+            open_gate(build_gate, 1)
+            open_gate(gate, 10_000)
+            run_id = submit(runs, SLOW_BUILD, "--set", f"build_gate={build_gate}", "--set", f"gate={gate}",
+                            "--plugins", "checkpoint", "--set", "step_sleep_s=0.2", "--max-resumes", "1")
+            run_dir = runs / run_id
+            wait_until(lambda: has_checkpoints(run_dir) and (run_dir / "kernel.pid").is_file(), WAIT_S,
+                       "a checkpoint")
+        except BaseException:  # the daemon is killed below, once the run has what the tests need
+            trainbus("daemon", "stop", "--runs-dir", str(runs), check=False)
+            raise
+        open_gate(build_gate, 0)  # the resume's build() waits
+        waiting = build_gate.with_name("build_gate.waiting")
+        waiting.unlink()
+        kernel = int((run_dir / "kernel.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        os.kill(kernel, signal.SIGKILL)
+        wait_until(lambda: process_gone(pid) and process_gone(kernel), 30, "the daemon and the kernel gone")
+        status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
+    return {"runs": runs, "run": run_id, "status": status, "build_gate": build_gate, "waiting": waiting}
+
+
+def test_with_no_daemon_status_says_a_gone_run_with_resumes_left_is_resumed_by_the_next_daemon(power_cut):
     """A power cut: the daemon and its --max-resumes run killed at once. `daemon status` said the next daemon would
     record the run as ended, when it resumes it from its checkpoint (an operator deciding whether to resume it by
     hand, or to delete it, was told the wrong thing)."""
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    pid = start_daemon(daemons, runs)
-    run_id = submit(runs, PACED, "--plugins", "checkpoint", "--set", "step_sleep_s=0.2", "--max-resumes", "2")
-    run_dir = runs / run_id
-    wait_until(lambda: has_checkpoints(run_dir) and (run_dir / "kernel.pid").is_file(), WAIT_S, "a checkpoint")
-    kernel = int((run_dir / "kernel.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
-    os.kill(kernel, signal.SIGKILL)
-    wait_until(lambda: process_gone(pid) and process_gone(kernel), 30, "the daemon and the kernel gone")
-    status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
+    runs, run_id, status = power_cut["runs"], power_cut["run"], power_cut["status"]
     assert status.returncode == 3 and (
         f"  gone {run_id}: started by a daemon that is gone, and its kernel is gone too (`trainbus runs show {run_id} "
         f"--runs-dir {runs}` says how it ended; `trainbus daemon start --runs-dir {runs}` resumes it from its newest "
-        f"checkpoint (--max-resumes: 2 left))") in status.stdout, status.stdout
+        f"checkpoint (--max-resumes: 1 left))") in status.stdout, status.stdout
 
 
-def test_runs_stop_of_a_run_the_daemon_is_resuming_waits_for_its_kernel_and_stops_it(tmp_path, daemons):
-    """--max-resumes: its kernel killed, the daemon resumes the run, whose new kernel builds the spec first (loading
-    data). `runs stop` meanwhile read the directory, which still says died: 'already ended, nothing to stop', exit
-    1, and the resume trained on (a remote `daemon cancel` was told it was stopping)."""
-    runs, build_gate, gate = tmp_path / "runs", tmp_path / "build_gate", tmp_path / "gate"
-    runs.mkdir()
-    start_daemon(daemons, runs)
-    open_gate(build_gate, 1)
-    open_gate(gate, 10_000)
-    run_id = submit(runs, SLOW_BUILD, "--set", f"build_gate={build_gate}", "--set", f"gate={gate}", "--plugins",
-                    "checkpoint", "--set", "step_sleep_s=0.2", "--max-resumes", "1")
-    run_dir = runs / run_id
-    wait_until(lambda: has_checkpoints(run_dir), WAIT_S, "a checkpoint")
-    open_gate(build_gate, 0)  # the resume's build() waits
-    waiting = build_gate.with_name("build_gate.waiting")
-    waiting.unlink()
-    os.kill(int((run_dir / "kernel.pid").read_text().split()[0]), signal.SIGKILL)
+def test_runs_stop_of_a_run_the_daemon_is_resuming_waits_for_its_kernel_and_stops_it(power_cut, daemons):
+    """--max-resumes: its kernel killed (here with its daemon, a power cut), the daemon resumes the run, whose new
+    kernel builds the spec first (loading data). `runs stop` meanwhile read the directory, which still says died:
+    'already ended, nothing to stop', exit 1, and the resume trained on (a remote `daemon cancel` was told it was
+    stopping)."""
+    runs, run_id, build_gate, waiting = (power_cut[key] for key in ("runs", "run", "build_gate", "waiting"))
+    start_daemon(daemons, runs)  # it settles the run as died and resumes it, as status said it would
     wait_until(waiting.exists, WAIT_S, "the daemon's resume in its build()")
     stopping = subprocess.Popen([*trainbus_cmd(), "runs", "stop", run_id, "--runs-dir", str(runs)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
