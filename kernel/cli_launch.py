@@ -81,7 +81,7 @@ def launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     from torch.distributed.run import main as torchrun  # here: after the checks, which need no torch (seconds)
 
     from .cluster import LAUNCH, LAUNCH_RUN_ID, LAUNCHER_PID
-    from .session import new_run_id
+    from .runs import new_run_id
 
     argv, words = [], iter(sys.argv[1:])
     for word in words:  # the command as given, less what is torchrun's

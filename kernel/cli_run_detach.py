@@ -13,6 +13,7 @@ from .checkpointing import find_checkpoint
 from .cli_common import UserError
 from .config_checks import device_index
 from .flags import FlagError
+from .target import DEFAULT_TARGET
 
 
 def check_not_queue_options(gpus: int | None, max_resumes: int | None) -> None:
@@ -32,10 +33,11 @@ def check_queueable(cfg, from_file: Callable[[Exception], str]) -> None:
     """UserError for a run the daemon would queue only to fail as it starts it: a target that cannot be
     imported, a GPU index (the daemon numbers a run's GPUs), CUDA on a host with none, a checkpoint to resume
     from that is not one."""
-    try:
-        _check_target(cfg)
-    except FlagError as exc:
-        raise UserError(from_file(exc)) from None
+    if cfg.target != DEFAULT_TARGET:  # the demo's hyperparameters are checked without torch (cli_run), and it imports
+        try:
+            _check_target(cfg)
+        except FlagError as exc:
+            raise UserError(from_file(exc)) from None
     if device_index(cfg.device) is not None:
         raise UserError(f"--device {cfg.device} with --detach: the daemon gives each run its GPUs (and numbers "
                         f"them from 0 for it); use --device cuda, with --gpus N for more than one")
@@ -65,7 +67,7 @@ def submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) -> 
     id printed."""
     from . import daemon_client, daemon_queue, placement
     from .registry import JobError
-    from .session import new_run_id
+    from .runs import new_run_id
 
     words, argv = iter(sys.argv[sys.argv.index("run", 1) + 1:]), []
     for word in words:

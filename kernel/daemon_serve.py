@@ -367,7 +367,7 @@ def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], w
         return {"ok": False, "error": f"submit needs argv (at most {ARGV_MAX_WORDS} strings), gpus (a count, or nil) "
                                       f"and max_resumes (0 to {MAX_RESUMES}, or left out)"}
     from .cli import SUBMIT_REFUSED, read_run_command  # it imports this module
-    from .session import new_run_id
+    from .runs import new_run_id
 
     options = [w.split("=", 1)[0] for w in argv]
     if set(SUBMIT_REFUSED) & set(options):

@@ -8,6 +8,7 @@ kernel/run_overview.py reads a run in brief, kernel/run_details.py in full, from
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,11 @@ from trainbus.proto import JOURNAL_NAME
 
 from .run_json import CONFIG
 from .run_overview import run_overview
+
+
+def new_run_id() -> str:
+    """A new run's id: when it started, then 6 random hex digits (sorted, the runs list in the order they began)."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
 class RunLookupError(Exception):

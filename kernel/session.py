@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import time
 import traceback
@@ -45,6 +44,7 @@ from .registry import record_run
 from .run_bus import PLUGIN_EXIT_TIMEOUT_S, close_bus, listen_on, open_bus, wait_drained, wait_ready
 from .run_dir import check_not_running, make_run_dir, write_config
 from .run_end import RunResult, bus_counters, plugin_summary, save_final_weights, write_summary
+from .runs import new_run_id
 from .kernel_pid import write_kernel_pid
 from .snapshot import SnapshotBuffers
 from .spec import TrainingSpec
@@ -59,10 +59,6 @@ log = logging.getLogger("trainbus.kernel")
 # After a SIGTERM the durable plugins get this long to catch up (then PLUGIN_EXIT_TIMEOUT_S to exit), not
 # [run] drain_timeout_s: the run's end must be written before the SIGKILL a scheduler sends after its grace.
 SIGTERM_DRAIN_S = 2.0
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
 RUN_ENV = ("RUN_ID", "RUN_DIR", "TRAINBUS_RUN_ID", "TRAINBUS_RUN_DIR")  # what user code sees while its run trains

@@ -1172,6 +1172,21 @@ def test_a_run_asking_for_more_gpus_than_the_daemon_has_fails_with_the_reason_li
     assert deleted.strip() == f"deleted run {run_id} (it never had a directory)"
 
 
+def test_run_detach_of_the_demo_queues_it_without_importing_torch(tmp_path):
+    """The demo's settings are checked without torch (as `trainbus run` checks them before it trains); importing the
+    demo's module to check that it imports cost `run --detach` ~1.5 s of CPU (seconds on a busy box) for nothing. A
+    torch that raises on import stands in for the real one: the command never reaches it."""
+    shadow = tmp_path / "shadow" / "torch"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    done = subprocess.run([*trainbus_cmd(), "run", "--detach", "--runs-dir", str(tmp_path / "runs"), "--epochs", "1",
+                           "--device", "cpu", "--set", "lr=0.01"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": f"{shadow.parent}{os.pathsep}{TESTS_DIR}"})
+    assert done.returncode == 0 and "queued run" in done.stderr, done.stderr
+    with Registry(tmp_path / "runs") as registry:
+        assert [job["state"] for job in registry.jobs()] == ["queued"]
+
+
 @pytest.mark.parametrize("target, flag, expected", [
     ("nosuchmod:build", None, "cannot import module 'nosuchmod'"),
     ("nosuch.py:build", None, "target file nosuch.py does not exist"),

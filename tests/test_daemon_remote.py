@@ -104,10 +104,10 @@ def shared_daemon(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # the autouse PYTHONPATH fixture is per test
         patch.setenv("PYTHONPATH", str(TESTS_DIR))
         try:
-            runs, [pilot, watcher], endpoint, _ = listening_daemon(tmp_path_factory.mktemp("shared"), served,
-                                                                   [("p", "control"), ("w", "monitor")], "--gpus", "")
+            runs, [pilot, watcher], endpoint, pid = listening_daemon(tmp_path_factory.mktemp("shared"), served,
+                                                                     [("p", "control"), ("w", "monitor")], "--gpus", "")
             yield {"runs": runs, "pilot": pilot, "watcher": watcher, "endpoint": endpoint,
-                   "remote_json": daemon_dir(runs) / "remote.json"}
+                   "remote_json": daemon_dir(runs) / "remote.json", "pid": pid}
         finally:
             for directory in served:
                 cli("daemon", "stop", "--runs-dir", str(directory), check=False)
@@ -135,6 +135,13 @@ def ended_over_tcp(shared_daemon) -> str:
     wait_until(lambda: listed(runs).get(ended, {}).get("status") == "completed" and all_ended(runs), WAIT_S,
                "the submitted run to complete and be settled")
     return ended
+
+
+def test_a_remote_submission_leaves_torch_out_of_the_daemon(shared_daemon, ended_over_tcp):
+    """The daemon's answer to a submit imported the kernel's session module for a new run id, and torch with it:
+    ~1.5 s of CPU, and ~300 MB of the daemon's memory kept for as long as it served. Its runs import torch, each in
+    its own process."""
+    assert "libtorch" not in Path(f"/proc/{shared_daemon['pid']}/maps").read_text()
 
 
 def test_the_daemons_endpoint_and_remote_json_are_owner_only_whatever_the_umask(tmp_path, daemons):
