@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -38,6 +40,14 @@ def pytest_configure(config):
 def _tests_on_child_path(monkeypatch):
     """Plugin processes import fixture plugins (fixture_plugins:Recorder) from the tests folder."""
     monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))
+
+
+@contextlib.contextmanager
+def tests_on_child_path() -> Iterator[None]:
+    """What _tests_on_child_path does for a test, for a module-scoped fixture (which runs outside any one test)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", str(TESTS_DIR))
+        yield
 
 
 @pytest.fixture

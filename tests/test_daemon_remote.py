@@ -21,7 +21,7 @@ from trainbus.kernel.daemon_files import daemon_dir
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.registry import Registry
 
-from conftest import TESTS_DIR, start_daemon, trainbus_cmd
+from conftest import start_daemon, tests_on_child_path, trainbus_cmd
 from fixture_targets import open_gate
 from kernel_process import wait_until
 from remote_support import curve_dealers, peak_growth_while_flooding
@@ -101,8 +101,7 @@ def shared_daemon(tmp_path_factory):
     A daemon start and stop each cost those tests ~0.8 s of CPU; each test compares what it looks at with what was
     there before it, as others may have left ended runs."""
     served: list[Path] = []
-    with pytest.MonkeyPatch.context() as patch:  # the autouse PYTHONPATH fixture is per test
-        patch.setenv("PYTHONPATH", str(TESTS_DIR))
+    with tests_on_child_path():
         try:
             runs, [pilot, watcher], endpoint, pid = listening_daemon(tmp_path_factory.mktemp("shared"), served,
                                                                      [("p", "control"), ("w", "monitor")], "--gpus", "")
@@ -139,7 +138,7 @@ def ended_over_tcp(shared_daemon) -> str:
 
 def test_a_remote_submission_leaves_torch_out_of_the_daemon(shared_daemon, ended_over_tcp):
     """The daemon's answer to a submit imported the kernel's session module for a new run id, and torch with it:
-    ~1.5 s of CPU, and ~300 MB of the daemon's memory kept for as long as it served. Its runs import torch, each in
+    ~1.5 s of CPU, and ~200 MB more of the daemon's memory kept for as long as it served. Its runs import torch, each in
     its own process."""
     assert "libtorch" not in Path(f"/proc/{shared_daemon['pid']}/maps").read_text()
 
@@ -368,17 +367,11 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
            f"1)" in done.stderr, done.stderr
     resumed = over_tcp(pilot, "submit", "--", "--resume", run_id[:-1], "--epochs", "2")
     assert resumed.returncode == 0 and resumed.stdout.strip() == run_id, (resumed.stdout, resumed.stderr)
-
-
-    def all_ended() -> bool:
-        with Registry(runs) as registry:
-            return all(job["state"] == "ended" for job in registry.jobs())
-
-    wait_until(all_ended, WAIT_S, "the resume to end")
+    wait_until(lambda: all_ended(runs), WAIT_S, "the resume to end")
     # how a submission went is the remote key's to see in `status` (it has no `runs list` there), newest first
     failing = over_tcp(pilot, "submit", "--", "nosuch_module_xyz:build")
     assert f"`trainbus daemon status --remote {host_port} --key {pilot}" in failing.stderr, failing.stderr
-    wait_until(all_ended, WAIT_S, "the failing submission to end")
+    wait_until(lambda: all_ended(runs), WAIT_S, "the failing submission to end")
     ended = json.loads(over_tcp(watcher, "status", "--json").stdout)["ended"]
     assert [(job["run"], job["status"]) for job in ended] == [(failing.stdout.strip(), "failed"), (run_id, "completed")]
     assert "cannot import module 'nosuch_module_xyz'" in ended[0]["error"] and ended[0]["submitted_by"] == "key p"
@@ -402,7 +395,8 @@ def test_over_tcp_a_monitor_key_sees_the_queue_a_control_key_submits_and_an_unkn
     summary = json.loads((runs / held / "summary.json").read_text())
     assert summary["status"] == "stopped" and "cancelled by key p" in "; ".join(summary["outcome"]["stop_reasons"]), \
         summary["outcome"]
-    wait_until(all_ended, WAIT_S, "the daemon to settle the stopped run")  # its process exits after the summary
+    # its process exits after the summary
+    wait_until(lambda: all_ended(runs), WAIT_S, "the daemon to settle the stopped run")
     gone = over_tcp(pilot, "cancel", held)
     assert gone.returncode == 2 and f"run {held} is not queued: it ran and ended (" in gone.stderr, gone.stderr
 
