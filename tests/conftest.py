@@ -43,7 +43,7 @@ def _tests_on_child_path(monkeypatch):
 
 
 @contextlib.contextmanager
-def tests_on_child_path() -> Iterator[None]:
+def child_path_with_tests() -> Iterator[None]:
     """What _tests_on_child_path does for a test, for a module-scoped fixture (which runs outside any one test)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", str(TESTS_DIR))

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from conftest import TESTS_DIR, tests_on_child_path
+from conftest import TESTS_DIR, child_path_with_tests
 from fixture_targets import open_gate, paced_digits
 from helpers import PLUGIN_START_S, assert_same_weights, run_config, seeded_rng
 from kernel_process import Command, KernelProcess, cli, of, process_gone, wait_until
@@ -688,7 +688,7 @@ def one_checkpointed_epoch(tmp_path_factory) -> Path:
     """The run directory of one epoch of the paced demo (batch size 256: 6 steps) with its epoch's checkpoint, trained
     once for the tests below that need such a run (each waited ~3 s more for its checkpoint plugin's torch import):
     not to be changed; `copy_of_it` gives a test a copy of its own."""
-    with tests_on_child_path():
+    with child_path_with_tests():
         result = run_training(config(tmp_path_factory.mktemp("one_checkpointed_epoch") / "runs", [checkpointer()], 1,
                                      target=PACED, every_n_epochs=1, step_sleep_s=0.0, batch_size=256))
     assert result.status == "completed", result.error
@@ -1110,7 +1110,7 @@ def one_epoch_of_a_project(tmp_path_factory) -> ProjectRun:
     (project / "train.py").write_text(f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\n"
                                       f"from specs import tiny as build\n")
     runs = tmp_path_factory.mktemp("project_runs")
-    with tests_on_child_path():
+    with child_path_with_tests():
         line = started(run_cli(project, "train.py:build", "--epochs", "1", "--plugins", "checkpoint", "--runs-dir",
                                str(runs), "--device", "cpu"))
     [run_dir] = [d for d in runs.iterdir() if (d / "config.json").is_file()]

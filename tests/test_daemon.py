@@ -26,7 +26,7 @@ from trainbus.kernel.registry import MAX_QUEUED, Registry, list_runs
 from trainbus.proto import JOURNAL_NAME
 from trainbus.proto import events as ev
 
-from conftest import TESTS_DIR, sigint_as_from_a_terminal, start_daemon, tests_on_child_path, trainbus, trainbus_cmd
+from conftest import TESTS_DIR, sigint_as_from_a_terminal, start_daemon, child_path_with_tests, trainbus, trainbus_cmd
 from fixture_targets import open_gate
 from helpers import assert_same_weights, fill
 from kernel_process import Command, JournalTail, process_gone, wait_until
@@ -475,7 +475,7 @@ def power_cut(tmp_path_factory):
     runs = tmp_path_factory.mktemp("power_cut") / "runs"
     build_gate, gate = runs.parent / "build_gate", runs.parent / "gate"
     runs.mkdir()
-    with tests_on_child_path():
+    with child_path_with_tests():
         pid = start_daemon([], runs)
         try:
             open_gate(build_gate, 1)
@@ -1371,7 +1371,7 @@ def queued_run_outliving_its_daemon(tmp_path_factory):
     runs = tmp_path_factory.mktemp("outliving") / "runs"
     runs.mkdir()
     log = daemon_dir(runs) / "daemon.log"
-    with tests_on_child_path():
+    with child_path_with_tests():
         queued = submit(runs, TINY)
         served: list[Path] = []
         try:

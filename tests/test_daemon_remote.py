@@ -21,7 +21,7 @@ from trainbus.kernel.daemon_files import daemon_dir
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.registry import Registry
 
-from conftest import start_daemon, tests_on_child_path, trainbus_cmd
+from conftest import start_daemon, child_path_with_tests, trainbus_cmd
 from fixture_targets import open_gate
 from kernel_process import wait_until
 from remote_support import curve_dealers, peak_growth_while_flooding
@@ -101,7 +101,7 @@ def shared_daemon(tmp_path_factory):
     A daemon start and stop each cost those tests ~0.8 s of CPU; each test compares what it looks at with what was
     there before it, as others may have left ended runs."""
     served: list[Path] = []
-    with tests_on_child_path():
+    with child_path_with_tests():
         try:
             runs, [pilot, watcher], endpoint, pid = listening_daemon(tmp_path_factory.mktemp("shared"), served,
                                                                      [("p", "control"), ("w", "monitor")], "--gpus", "")

@@ -16,7 +16,7 @@ from typing import Callable
 import psutil
 import pytest
 
-from conftest import TESTS_DIR, tests_on_child_path
+from conftest import TESTS_DIR, child_path_with_tests
 from fixture_targets import open_gate
 from helpers import PLUGIN_START_S, assert_same_weights, free_port, seeded_rng
 from kernel_process import Command, cli, wait_until
@@ -76,7 +76,7 @@ def three_epochs_on_two_ranks(tmp_path_factory) -> tuple[subprocess.CompletedPro
     config = where / "run.toml"
     config.write_text("[run]\ncheckpoint_every_n_steps = 10\naccumulate_grad_batches = 3\n[hyperparameters]\n"
                       "lr = 0.003\n[plugins.checkpoint]\n")
-    with tests_on_child_path():
+    with child_path_with_tests():
         proc, run_dir = train(where, "--nproc", "2", "--epochs", "3", "--config", str(config))
     return proc, run_dir
 
@@ -147,7 +147,7 @@ def reference(tmp_path_factory) -> tuple[list[str], Path]:
     config.write_text(f"[run]\ncheckpoint_every_n_steps = 8\ncheckpoint_every_n_epochs = 0\n"
                       f"ready_timeout_s = {PLUGIN_START_S}\n")  # checkpoints from the first steps on
     args = ["--nproc", "2", "--epochs", "3", "--plugins", "checkpoint", "--config", str(config)]
-    with tests_on_child_path():
+    with child_path_with_tests():
         _, run_dir = train(where, *args)
     return args, run_dir
 
