@@ -197,7 +197,12 @@ class Bus:
         next_heartbeat, next_flush, more = 0.0, 0.0, False
         while not self._closing.is_set():
             try:
-                due = self.reading.resumes_at(min(next_heartbeat, self.supervisor.next_deadline(), next_flush))
+                # The control sockets in the poller now: what waits on them at `polled` is read this round (bar a
+                # flood's rest: `more`). One left unread while its share is spent holds its peers' heartbeats, not
+                # their silence: no liveness window ends meanwhile (peers.heard_at, Supervisor.tick).
+                local_read, remote_read = self.reading.local_pace.polled, self.reading.remote_pace.polled
+                due = self.reading.resumes_at(min(next_heartbeat, self.supervisor.next_deadline(local_read),
+                                                  next_flush))
                 ready = dict(poller.poll(0 if more else max(0.0, due - time.monotonic()) * 1000))
                 polled = time.monotonic()
                 if self.doorbell.rx in ready:  # the training thread waits on what is queued (flush_now)
@@ -212,7 +217,10 @@ class Bus:
                 more = (more or control_ready) and self.reading.read(CONTROL_PER_WAKE)
                 self.reading.pace(poller)
                 self._send_answers()
-                self.control.peers.heard_at = polled  # what waited then is read (bar a flood's rest: `more`)
+                if local_read:
+                    self.control.peers.heard_at = polled
+                if remote_read:
+                    self.control.peers.heard_remote_at = polled
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     self._heartbeat()
@@ -233,7 +241,7 @@ class Bus:
                     self._flush()
                     next_flush = now + FLUSH_INTERVAL_S
                 self.control.tick(now)
-                self.supervisor.tick(now)
+                self.supervisor.tick(now, self.control.peers.heard_at)
             except Exception:  # the bus must never take training down: log, count, go on
                 self._bus_error("the bus thread's loop")
                 time.sleep(FLUSH_INTERVAL_S)

@@ -116,9 +116,13 @@ class WorkShare:
         return 0.0 if self.waiting else left
 
     def took(self, started: float, ended: float) -> None:
-        """A round of the work ran from `started` to `ended`: one that left less than `resume_s` waits for it."""
+        """A round of the work ran from `started` to `ended`: one that left less than `resume_s` waits for it.
+        It owes at most what the bucket holds: a round ends at its allowance bar the piece it was doing (a control
+        message: a few ms at most, docs/benchmarks.md), so a longer one was the thread not running (descheduled on a
+        busy box, a garbage collection, a write its disk held up). Owed in full, a 1 s stall left the run's control
+        socket unread for 18 s at 5 %, its plugins' votes, acks and heartbeats waiting with it."""
         self.seconds.refill(ended)
-        self.seconds.tokens -= ended - started
+        self.seconds.tokens = max(self.seconds.tokens - (ended - started), -self.seconds.capacity)
         self.waiting = self.seconds.tokens < self.resume_s
 
     def resumes_at(self, now: float) -> float:

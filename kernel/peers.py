@@ -109,10 +109,13 @@ class Peers:
         # the grant is the key's, and 64 peers of one monitor key at their own limits journaled ~100 MB in 30 s.
         self._key_budgets: dict[str, PeerBudget] = {}
         self._silent: list[Peer] = []  # forgotten hand-attached peers not yet returned by forget_dead (<= MAX_PEERS)
-        # Until when the bus thread has read what peers sent (Bus._run): silence counts up to then, not up to `now`.
-        # The training thread judges liveness too (votes, the drain, has a persister said hello), and a bus thread
-        # held up (a flush waiting for its disk) reads nobody meanwhile; those peers are not silent, just unread.
+        # Until when the bus thread has read what peers sent (Bus._run), on the ipc socket and on the TCP one: silence
+        # counts up to then, not up to `now`. The training thread judges liveness too (votes, the drain, has a
+        # persister said hello), and a bus thread held up (a flush waiting for its disk) reads nobody meanwhile, nor
+        # does it read a socket whose share of its time is spent (kernel/control_reading.py): those peers are not
+        # silent, just unread.
         self.heard_at = float("inf")
+        self.heard_remote_at = float("inf")
 
     def __iter__(self):
         return iter(list(self._by_identity.values()))
@@ -275,7 +278,11 @@ class Peers:
         """A spawned peer lives while its process does; an attached one while it keeps talking."""
         if peer.spawned:
             return self.supervisor.is_current(peer.name, peer.pid)
-        return min(now, self.heard_at) - peer.last_seen < self.liveness_s
+        return self._silent_for(peer, now) < self.liveness_s
+
+    def _silent_for(self, peer: Peer, now: float) -> float:
+        """How long the peer has said nothing, counted while its socket was read."""
+        return min(now, self.heard_remote_at if peer.user_id else self.heard_at) - peer.last_seen
 
     def may_return(self, name: str, now: float) -> bool:
         """Live, or spawned and on its way back (restarting); not failed, not left."""
@@ -304,7 +311,7 @@ class Peers:
 
     def _drop_dead(self, now: float) -> None:
         for identity, peer in list(self._by_identity.items()):
-            if not self.is_live(peer, now) and (peer.spawned or now - peer.last_seen > 2 * self.liveness_s):
+            if not self.is_live(peer, now) and (peer.spawned or self._silent_for(peer, now) > 2 * self.liveness_s):
                 del self._by_identity[identity]
                 if not peer.spawned and self._by_name.get(peer.name) is peer:  # not since replaced by a new hello
                     self._silent.append(peer)

@@ -255,10 +255,12 @@ class Supervisor:
         once a signal asked it to stop (one sent to every process, systemd's or SLURM's, ends the plugins too)."""
         return not self.training_over and not self.stop_requested()
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float, heard_at: float = float("inf")) -> None:
+        """Restarts, kills and verdicts due at `now`; a plugin's silence counts up to `heard_at`, when the bus thread
+        last read the ipc control socket (a socket left unread while its share is spent holds their heartbeats)."""
         with self._lock:
             for child in self.children.values():
-                self._check(child, now)
+                self._check(child, now, heard_at)
         if now >= self._next_log_check:
             self._next_log_check = now + LOG_CHECK_S
             self._cap_logs()
@@ -267,11 +269,12 @@ class Supervisor:
         for name in list(self.children):
             cap_log(self.log_dir / f"{name}.log", self.log_max_bytes, "plugin log")
 
-    def next_deadline(self) -> float:
-        """When tick() next has something to decide (a liveness window ending, a restart due); inf if never."""
+    def next_deadline(self, listening: bool = True) -> float:
+        """When tick() next has something to decide (a liveness window ending, a restart due); inf if never. Not a
+        liveness window while the ipc control socket is left unread (not `listening`): silence does not count then."""
         deadlines = [float("inf")]
         for c in self.children.values():
-            if c.state == "running":
+            if c.state == "running" and listening:
                 deadlines.append(c.last_seen + self.liveness_s - STARVED_SAMPLE_S if c.patience is None
                                  else max(c.last_seen + self.liveness_s, c.patience.last[0] + STARVED_SAMPLE_S))
             elif c.state == "backoff":
@@ -393,7 +396,7 @@ class Supervisor:
         self.emit(ev.PLUGIN_STARTED, {"plugin": spec.name, "pid": child.proc.pid, "restarts": child.restarts})
         return True
 
-    def _check(self, child: Child, now: float) -> None:
+    def _check(self, child: Child, now: float, heard_at: float) -> None:
         if child.state == "backoff":
             if now >= child.next_start_at and not self.stopping:
                 child.restarts += 1
@@ -415,16 +418,16 @@ class Supervisor:
         if self.stopping:
             return
         if child.state == "running":
-            self._check_silence(child, now)
+            self._check_silence(child, now, heard_at)
         elif child.state == "starting" and now - child.started_at > STARTUP_CPU_S:
             cpu_s = self.processes.cpu_seconds(child.proc.pid)
             if cpu_s > STARTUP_CPU_S or now - child.started_at > STARTUP_TIMEOUT_S:
                 self._declare_hung(child, now, f"no hello after {now - child.started_at:.0f} s ({cpu_s:.1f} s of CPU)")
 
-    def _check_silence(self, child: Child, now: float) -> None:
+    def _check_silence(self, child: Child, now: float, heard_at: float) -> None:
         """Hung once silent past the liveness window, unless it spent it waiting for a CPU (Patience): then it
         is given another sample window, and another, within STARVED_MAX_S."""
-        silent = now - child.last_seen
+        silent = min(now, heard_at) - child.last_seen
         if silent < self.liveness_s - STARVED_SAMPLE_S:
             return
         if child.patience is None:  # (a first look already past the window, the bus thread late, waits a window)

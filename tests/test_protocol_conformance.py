@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -886,6 +887,55 @@ def test_a_peer_saying_hello_under_hundreds_of_names_forgets_no_plugin_of_the_ru
     assert "refused_unknown_peer" not in result["bus"], result["bus"]
     events = read_events(kernel.run_dir)
     trouble = [(e.type, e.data) for e in events if e.type in ("plugin_crashed", "plugin_restarted", "plugin_hung")]
+    assert trouble == [], trouble
+
+
+STOPS, STOPPED_S = 3, 1.0
+
+
+def test_a_kernel_stopped_while_reading_a_burst_answers_soon_after_and_declares_no_plugin_hung(
+        short_runs, tmp_path, kernels):  # noqa: F811
+    """The bus thread reads the ipc control socket for 5 % of its time, each round charged on the wall clock. A round
+    the thread was stalled in (here: the kernel stopped for a second while it read a burst of heartbeats; in a suite
+    run on a busy box, something like it) was owed in full: the socket was left unread for ~19 s, a hello went
+    unanswered, and the run's own plugin, its heartbeats unread, was declared hung, killed and restarted. A round
+    now owes at most one bucket (2.2 s unread at most), and silence counts only while the socket is read. A stop
+    lands in a round about half the time (the burst is read for ~0.1 s; 3 of 6 in a probe), hence three."""
+    recorder = PluginConfig("recorder", "fixture_plugins:Recorder", {"path": str(tmp_path / "recorded")})
+    gate = tmp_path / "gate"
+    cfg = config(short_runs, plugins=[recorder], epochs=1, step_sleep_s=0.0)
+    cfg.hyperparameters["gate"] = str(gate)
+    open_gate(gate, 5)
+    kernel = KernelProcess(cfg, tmp_path)
+    kernels.append(kernel)
+    kernel.wait_event("plugin_ready", lambda e: e.data["plugin"] == "recorder", timeout_s=120)
+    client = Client(kernel.run_dir)
+    answered_in = []
+    try:
+        client.drain_events(60.0)
+        client.hello(NAME, attach_credential(kernel.run_dir))
+        client.wait_reply("welcome")
+        for _ in range(STOPS):
+            for _ in range(3000):  # ~0.1 s of the bus thread's reading: the burst its bucket holds
+                client.send("heartbeat")
+            time.sleep(0.01)
+            os.kill(kernel.pid, signal.SIGSTOP)
+            time.sleep(STOPPED_S)
+            os.kill(kernel.pid, signal.SIGCONT)
+            asked = time.monotonic()
+            client.send("replay", from_seq=1)  # any request the kernel answers: its answer says it read again
+            client.wait_reply("replay_batch", timeout_s=60.0)
+            answered_in.append(time.monotonic() - asked)
+        _bye(client)
+    finally:
+        client.close()
+    open_gate(gate, 10**6)
+    result = kernel.result(timeout_s=120)
+    assert result["status"] == "completed", result
+    # 2.2 s unread at most, then the burst's rest at the socket's pace (~19 s unread before, the peer forgotten)
+    assert max(answered_in) < 15.0, answered_in
+    trouble = [(e.type, e.data) for e in read_events(kernel.run_dir)
+               if e.type in ("plugin_crashed", "plugin_restarted", "plugin_hung")]
     assert trouble == [], trouble
 
 

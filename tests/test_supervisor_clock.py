@@ -155,6 +155,22 @@ def test_silent_past_the_liveness_window_is_hung_then_killed_after_the_grace(h):
     assert h.child.state == "backoff"
 
 
+def test_silence_counts_only_while_the_control_socket_is_read(h):
+    """The bus thread leaves the run's ipc control socket unread while its share of the thread's time is spent
+    (kernel/control_reading.py): a plugin's heartbeats wait in its connection meanwhile. Counted as silence, a
+    socket left unread for 3 s had the run's plugins declared hung and killed. The bus passes when it last read it
+    (`heard_at`), and wakes for no liveness window while it does not read it."""
+    h.hello(T0)
+    assert h.sup.next_deadline(listening=False) == float("inf")
+    h.sup.tick(T0 + 10 * LIVENESS_S, heard_at=T0 + 1.0)  # unread since T0 + 1: silent for 1 s
+    assert h.child.state == "running" and ev.PLUGIN_HUNG not in h.types()
+    h.sup.tick(T0 + 10 * LIVENESS_S, heard_at=T0 + LIVENESS_S)  # read until then: the window, not yet past it
+    assert h.child.state == "running"
+    h.sup.tick(T0 + 10 * LIVENESS_S, heard_at=T0 + LIVENESS_S + 0.01)  # read since, and nothing from it: hung
+    assert h.child.state == "terminating"
+    assert [d["reason"] for t, d in h.events if t == ev.PLUGIN_HUNG] == [f"silent for {LIVENESS_S + 0.01:.1f} s"]
+
+
 def test_killed_by_someone_else_while_declared_hung_is_a_crash_by_that_signal(h):
     """Silent because it was dying: a kill -9 (a person, the OOM killer) lands on a starved process, which takes
     seconds to exit; its exit by SIGKILL before our grace ran out is not ours, so not a hang."""
