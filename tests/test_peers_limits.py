@@ -411,6 +411,31 @@ def test_forget_dead_drops_gone_connections_and_keeps_their_positions(table):
     assert peers.durable_behind(10, T0 + 10) == {}
 
 
+def test_a_peer_attached_by_hand_holds_snapshot_buffers_and_the_drain_only_while_live(table):
+    """PROTOCOL.md 6.3 and 8: a snapshot buffer (Checkpointer.slot_free asks Peers.named) and the end-of-run drain
+    (durable_behind) wait for the persisters and durable plugins that may still return: a spawned one while its
+    process runs or is being restarted, one attached by hand only while it is live, since no process of the
+    kernel's comes back for it and its replacement is welcomed only once that window has passed (2)."""
+    peers, credentials, supervision = table
+    spawned = peers.welcome(b"s", hello("checkpoint", 202, credentials.token_for("checkpoint"),
+                                        capabilities=["checkpoint"]), T0)
+    by_hand = peers.welcome(b"h", hello("by_hand", 9, credentials.attach_token(), capabilities=["checkpoint"]), T0)
+    peers.welcome(b"m", hello("watcher", 10, credentials.attach_token(), delivery=BEST_EFFORT), T0)  # neither
+    peers.ack(spawned, 5, published_seq=10)
+    peers.ack(by_hand, 4, published_seq=10)
+    persisters = lambda now: sorted(p.name for p in peers.named("checkpoint", now))  # noqa: E731
+    assert persisters(T0 + LIVENESS_S - 0.1) == ["by_hand", "checkpoint"]
+    assert peers.durable_behind(10, T0 + LIVENESS_S - 0.1) == {"checkpoint": 5, "by_hand": 4}
+    # silent for the window (the kernel reading its socket all along): it holds neither a buffer nor the drain
+    assert persisters(T0 + LIVENESS_S + 0.1) == ["checkpoint"]
+    assert peers.durable_behind(10, T0 + LIVENESS_S + 0.1) == {"checkpoint": 5}
+    supervision.current["checkpoint"] = None  # its process died, and the supervisor restarts it
+    supervision.restarting.add("checkpoint")
+    assert persisters(T0 + 10 * LIVENESS_S) == ["checkpoint"]
+    supervision.restarting.clear()  # given up: nothing comes back for its buffers
+    assert persisters(T0 + 10 * LIVENESS_S) == [] and peers.durable_behind(10, T0 + 10 * LIVENESS_S) == {}
+
+
 def test_remembered_names_are_bounded_oldest_first(table):
     peers, credentials, _ = table
     attach = credentials.attach_token()
