@@ -32,7 +32,7 @@ from trainbus.proto.remote import UNANSWERED_S, KeyFileError, key_refused
 from trainbus.proto.run_state import CLIENT_PREFIX, RunState
 
 from .plugin_io import UNKNOWN_PEER, PluginIO
-from .kernel_watch import connection_run_dir, kernel_alive, kernel_died, remote_endpoints, run_summary
+from .kernel_watch import KERNEL_PID, connection_run_dir, kernel_alive, kernel_died, remote_endpoints, run_summary
 from .entry import CREDENTIAL_FILE
 from .replay import REPLAY_RESEND_S, events_to_take
 
@@ -121,14 +121,30 @@ def target_of(where: str, key: str = "", server_key: str = "") -> Target:
         events = f"ipc://{run_dir / 'events.sock'}"
         return Target(events, f"ipc://{run_dir / 'control.sock'}", run_dir, bursts=_bursts_beside(events))
     try:  # a run directory too deep for a Unix socket path: its kernel says where they are
-        found = SOCKETS_LINE.findall((run_dir / "kernel.log").read_text(errors="replace"))
+        found = list(SOCKETS_LINE.finditer((run_dir / "kernel.log").read_text(errors="replace")))
     except OSError:
         found = []
+    if found and _said_before_its_kernel_started(found[-1].group(0), run_dir):
+        pid = kernel_alive(run_dir)
+        if pid is not None:
+            raise AttachError(f"the run's kernel (pid {pid}) is starting and has not said where its sockets are yet "
+                              f"(kernel.log's last sockets line is the previous kernel's): try again in a moment")
     if found:
-        events, control_endpoint, bursts = found[-1]
+        events, control_endpoint, bursts = found[-1].groups(default="")
         _check_sockets(run_dir, events, control_endpoint)
         return Target(events, control_endpoint, run_dir, bursts=bursts)
     raise AttachError(f"no live kernel sockets for {run_dir} (no events.sock; kernel.log names none)")
+
+
+def _said_before_its_kernel_started(line: str, run_dir: Path) -> bool:
+    """A sockets line older than kernel.pid, which each kernel writes before it binds its sockets and says where they
+    are: a continued run's new kernel in its first moment, the last line still its predecessor's (PROTOCOL.md §2)."""
+    try:
+        said = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))  # logging's asctime: local, to the second
+        started = (run_dir / KERNEL_PID).stat().st_mtime
+    except (ValueError, OSError):  # no kernel.pid (a run from before it): the line is all there is
+        return False
+    return said + 1.0 < started  # + 1 s: the line's milliseconds, which the comparison leaves out
 
 
 def _check_sockets(run_dir: Path | None, *endpoints: str) -> None:

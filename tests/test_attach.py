@@ -381,6 +381,30 @@ def test_attach_finds_the_kernels_bursts_socket_from_every_form_of_where(tmp_pat
     assert target_of(str(connection), key=client_secret).bursts == "tcp://h:7002"
 
 
+def test_a_continued_runs_kernel_not_yet_bound_is_said_to_be_starting_not_to_be_killed(tmp_path):
+    """PROTOCOL.md 2: a continued run's new kernel writes kernel.pid, then binds and says its sockets in kernel.log;
+    in between, the last sockets line is the previous kernel's, whose socket files under the temp dir are gone. That
+    is a kernel starting: said so, not taken for a live kernel whose sockets were removed (which `kill -TERM`
+    stops)."""
+    from trainbus.sdk.attach import AttachError, TargetError, target_of
+
+    run_dir = tmp_path / "deep"
+    run_dir.mkdir()
+    gone = tmp_path / "gone"  # the previous kernel's socket directory, removed as it ended
+    said = "2026-01-01 00:00:00"
+    (run_dir / "kernel.log").write_text(f"{said},000 INFO trainbus.kernel: sockets: events ipc://{gone}/events.sock "
+                                        f"control ipc://{gone}/control.sock bursts ipc://{gone}/bursts.sock\n")
+    (run_dir / "kernel.pid").write_text(f"{os.getpid()}\n")  # this process stands for the new kernel: alive
+    said_s = time.mktime(time.strptime(said, "%Y-%m-%d %H:%M:%S"))
+    os.utime(run_dir / "kernel.pid", (said_s + 60, said_s + 60))  # written a minute after the line: a later kernel
+    with pytest.raises(AttachError, match="is starting and has not said where its sockets are yet") as caught:
+        target_of(str(run_dir))
+    assert "kill" not in str(caught.value)
+    os.utime(run_dir / "kernel.pid", (said_s - 60, said_s - 60))  # the line's own kernel: its sockets were removed
+    with pytest.raises(TargetError, match="its socket files were removed"):
+        target_of(str(run_dir))
+
+
 def test_an_attachment_takes_its_events_from_the_bursts_socket(runs_dir, tmp_path, kernels):
     """What the kernel sends a monitor is one message a flush, not one an event (docs/benchmarks.md): the client's
     SUB is on bursts.sock, and what comes through it is every event in order after the snapshot."""
