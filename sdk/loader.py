@@ -72,10 +72,17 @@ def where_raised(exc: Exception) -> str:
 
 def _authors(frames: traceback.StackSummary) -> list[traceback.FrameSummary]:
     """The frames of files outside this SDK; of those, the author's (not the standard library's, nor an installed
-    package's, as the console tells them) when there is one: json.loads raising at a module's top is that line."""
+    package's, as the console tells them) when there is one: json.loads raising at a module's top is that line.
+    A plugin package pip installed has only installed frames: then those, still not the standard library's
+    (argparse.py's line is not where its author called parse_args)."""
     files = [f for f in frames if not f.filename.startswith("<") and Path(f.filename).parent != SDK_DIR]
-    return [f for f in files if not Path(f.filename).is_relative_to(STDLIB_DIR)
-            and not {"site-packages", "dist-packages"} & set(Path(f.filename).parts)] or files
+    outside_stdlib = [f for f in files if _installed(f) or not Path(f.filename).is_relative_to(STDLIB_DIR)]
+    return [f for f in outside_stdlib if not _installed(f)] or outside_stdlib or files
+
+
+def _installed(frame: traceback.FrameSummary) -> bool:
+    """In an installed package (a site-packages under the standard library's folder too, as a system Python has)."""
+    return bool({"site-packages", "dist-packages"} & set(Path(frame.filename).parts))
 
 
 def _exited(exc: SystemExit) -> str:

@@ -229,3 +229,23 @@ def test_a_plugin_module_that_waits_as_it_is_imported_is_one_line_and_starts_no_
     assert err.strip().splitlines()[-1].startswith("error: could not load plugins: "
                                                    "describing them took over 2 s (waits:P"), err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "no run was made"
+
+
+def test_an_installed_plugin_module_that_exits_or_fails_in_the_standard_library_names_its_own_line(tmp_path):
+    """A plugin package pip installed lives in site-packages, so none of its frames is the author's by the console's
+    measure: argparse at its import was said at argparse.py's line (the standard library's), and json.loads's bad
+    text at json/decoder.py's, not at the package's own line that called them."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "parses_args_pkg.py").write_text("import argparse\n\nparser = argparse.ArgumentParser()\n"
+                                             "parser.add_argument('--lr', type=float)\nARGS = parser.parse_args()\n")
+    (site / "reads_config_pkg.py").write_text('import json\n\nCONFIG = json.loads("{not json")\n')
+    proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", "parses_args_pkg:P",
+                           "reads_config_pkg:P"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr
+    errors = [info["error"] for info in json.loads(proc.stdout)]
+    assert errors[0].startswith(f"cannot import plugin module 'parses_args_pkg': {site / 'parses_args_pkg.py'}, "
+                                f"line 5: sys.exit(2) as it is imported would end the process; argparse "), errors[0]
+    assert errors[1].startswith(f"cannot import plugin module 'reads_config_pkg': {site / 'reads_config_pkg.py'}, "
+                                f"line 3: JSONDecodeError: "), errors[1]
