@@ -62,7 +62,7 @@ def plugins_attach(
     run: str = typer.Argument(..., help="A running run: its id (a folder of --runs-dir, or a unique start of one) or "
                                         "its directory."),
     name: str = typer.Argument(..., help="An installed plugin's name (`trainbus plugins list`), or one "
-                                        "the run's config names (its own target or command too)."),
+                                        "the run's config runs (its own target or command too)."),
     setting_words: Optional[list[str]] = typer.Argument(None, metavar="[SETTING=VALUE]...",
                                                         help="Its settings, typed and checked as `trainbus run "
                                                              "--set NAME.SETTING=VALUE` does."),
