@@ -19,7 +19,7 @@ _RULES = {
     "lr": (lambda v: _number(v) and 0 < v < math.inf, "a positive number", "0.001"),
     "batch_size": (lambda v: _whole(v) and v >= 1, "a whole number of at least 1", "32"),
     "hidden": (lambda v: _whole(v) and v >= 1, "a whole number of at least 1", "128"),
-    "validation_fraction": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1", "0.2"),
+    "validation_fraction": (lambda v: _number(v) and 0 < v < 1, "a number above 0 and below 1", "0.2"),
     "model": (lambda v: v in ("mlp", "cnn"), "mlp or cnn", "cnn"),
     "epochs": (lambda v: _whole(v) and v >= 1, "a whole number of at least 1", "10"),
 }

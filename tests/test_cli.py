@@ -360,6 +360,11 @@ DEMO_BAD_SET = {
     "batch_size=0": "the demo's batch_size must be a whole number of at least 1, got 0 (e.g. --set batch_size=32)",
     "model=cnn2": "the demo's model must be mlp or cnn, got 'cnn2' (e.g. --set model=cnn)",
     "epochs=0": "the demo's epochs must be a whole number of at least 1, got 0 (e.g. --set epochs=10)",
+    # 0 and 1 themselves are refused (no validation split, or no training one): "between 0 and 1" read as allowing them
+    "validation_fraction=0": "the demo's validation_fraction must be a number above 0 and below 1, got 0 (e.g. --set "
+                             "validation_fraction=0.2)",
+    "validation_fraction=1": "the demo's validation_fraction must be a number above 0 and below 1, got 1 (e.g. --set "
+                             "validation_fraction=0.2)",
     # a typo is said as the one it is close to, as a function's flags say it (README: `lrr=0.1`)
     "lrr=0.1": "the demo has no hyperparameter 'lrr' (did you mean 'lr'?); it takes lr, batch_size, hidden, "
                "validation_fraction, model, epochs (e.g. --set lr=0.01)",
