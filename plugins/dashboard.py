@@ -205,10 +205,20 @@ class Keys:
 
 def dashboard(attachment: Attachment, steer: bool) -> int:
     from rich.console import Console
+
+    console = Console()
+    drawn: list[bool] = []  # one entry once a frame of the run is drawn
+    try:
+        return _dashboard(attachment, steer, console, drawn)
+    finally:  # off a terminal rich draws a live display once, as it stops, and leaves that last line open
+        if drawn and not console.is_terminal:
+            console.line()
+
+
+def _dashboard(attachment: Attachment, steer: bool, console, drawn: list[bool]) -> int:
     from rich.live import Live
     from rich.markup import escape
 
-    console = Console()
     pending, said = "", ""  # a command waiting for its y; what the last command did
     with Keys() as keys, Live(console=console, auto_refresh=False, transient=False) as live:
         # keys are read only from a terminal; the frame drawn at the run's end is the last (we are leaving)
@@ -219,11 +229,12 @@ def dashboard(attachment: Attachment, steer: bool) -> int:
                           f"{escape(why)}[/yellow]")
                 live.update(render(attachment.state, status), refresh=True)
         attachment.on_reconnect = reconnecting
-        drawn = 0.0
+        drawn_at = 0.0
         # as the user named it: the run's directory, or a remote kernel's HOST:PORT (its control endpoint; events
         # and bursts are PORT + 1 and + 2, which would read as a wrong port)
         where = attachment.target.run_dir or attachment.target.control
-        live.update(f"attaching to {escape(str(where))} ...", refresh=True)
+        if console.is_terminal:  # off one, only the run's end is drawn: not this, should attaching fail
+            live.update(f"attaching to {escape(str(where))} ...", refresh=True)
         for item in attachment:
             state = attachment.state
             if state is None:
@@ -244,13 +255,14 @@ def dashboard(attachment: Attachment, steer: bool) -> int:
                 said = f"[red]refused: {escape(attachment.refusals.pop())}[/red]"
             ended = state.ended is not None  # said at the final event; its plugins' last words come after it
             now = time.monotonic()
-            if ended or now - drawn >= REFRESH_S:
+            if ended or now - drawn_at >= REFRESH_S:
                 again = f" (reconnected {attachment.reconnects}x)" if attachment.reconnects else ""
                 status = f"[bold]run ended: {escape(outcome(state))}[/bold]" if ended else f"[cyan]live[/cyan]{again}"
                 footer = (f"{pending}? y to confirm, any other key to cancel" if pending and not ended else
                           f"{said}  {'' if ended else keys_help}".strip())
                 live.update(render(state, status, footer), refresh=True)
-                drawn = now
+                drawn_at = now
+                drawn.append(True)
     return 0
 
 

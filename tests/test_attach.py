@@ -293,6 +293,48 @@ def test_an_attach_that_cannot_work_says_why_at_once(args, said):
     assert proc.returncode == 2 and proc.stderr.startswith(said) and proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_a_dashboard_off_a_terminal_that_cannot_attach_leaves_its_error_on_a_line_of_its_own(tmp_path):
+    """With stdout not a terminal the dashboard is drawn once, at the run's end: yet its `attaching to ...`
+    placeholder was written there, with no newline, when the attach failed. `trainbus attach HOST:PORT ... 2>&1`
+    then read `attaching to tcp://...:PORT ...error: nothing accepts connections ...`, the one error line glued to it.
+    A port where nothing listens (free_port's pick) is refused for 5 s before the client gives up."""
+    import zmq.auth
+
+    from helpers import free_port
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    server_public, _ = zmq.auth.create_certificates(keys, "server")
+    _, client_secret = zmq.auth.create_certificates(keys, "me")
+    os.chmod(client_secret, 0o600)
+    where = f"127.0.0.1:{free_port()}"
+    proc = subprocess.run([*trainbus_cmd(), "attach", where, "--key", str(client_secret), "--server-key",
+                           str(server_public)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"error: nothing accepts connections at tcp://{where}" in proc.stderr, proc.stderr
+    assert proc.stdout == "", "no frame was drawn: nothing was attached to"
+
+
+def test_a_dashboard_off_a_terminal_draws_the_runs_end_once_as_whole_lines(runs_dir, tmp_path, kernels):
+    """`trainbus attach RUN > dashboard.txt`: the frame drawn at the run's end lacked its last newline (rich draws
+    a live display's end so only on a terminal), so the file's last line was cut and what came next joined it."""
+    gate = tmp_path / "gate"  # the run waits at step 5 until the dashboard has said hello
+    open_gate(gate, 5)
+    kernel = live_run(runs_dir, tmp_path, kernels, epochs=1, batch_s=0.0, monitors=False, gate=gate)
+    kernel.wait_step(3, timeout_s=60)
+    proc = subprocess.Popen(attach_cmd(kernel), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: any(e.type == ev.PLUGIN_READY and e.data["plugin"].startswith("attach-")
+                               for e in read_journal(kernel.run_dir)) or proc.poll() is not None, 90,
+                   "the dashboard's hello")
+        open_gate(gate, STEPS_PER_EPOCH)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        open_gate(gate, STEPS_PER_EPOCH)
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "run ended: completed" in out and out.endswith("\n"), repr(out[-200:])
+
+
 def test_a_connection_file_missing_a_field_names_it(tmp_path):
     """A connection.json cut short or written by hand without its run: the line said only `is unreadable ('run')`,
     the bare repr of a KeyError; a file that holds no JSON object said `('str' object is not subscriptable)`."""
