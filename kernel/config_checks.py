@@ -159,12 +159,15 @@ def _check_plugin(p: PluginConfig, where: str) -> None:
         raise ConfigError(f"{where}: plugin {p.name!r}: its settings take {size:,} bytes encoded, over the "
                           f"{SETTINGS_MAX_BYTES:,} that fit in the environment variable its process gets them in; "
                           f"put large data in a file and give its path as a setting")
-    if p.command and shutil.which(os.path.join(p.cwd, p.command[0]) if p.cwd and os.sep in p.command[0]
-                                  else p.command[0]) is None:
-        program = p.command[0]
-        if os.sep in program:
-            why = "is not an executable file" if os.path.exists(program) else "does not exist"
-            fix = f"fix the path in plugins.{p.name}.command"
+    program = p.command[0] if p.command else ""
+    found = os.path.join(p.cwd, program) if p.cwd and os.sep in program else program  # as the plugin's start finds it
+    if program and shutil.which(found) is None:
+        if os.sep in program and os.path.isdir(found):
+            why, fix = "is a directory", f"give the program's own path in plugins.{p.name}.command"
+        elif os.sep in program and os.path.exists(found):  # there, but its mode lets no one run it
+            why, fix = "is not executable", f"fix: chmod +x {found}"
+        elif os.sep in program:
+            why, fix = "does not exist", f"fix the path in plugins.{p.name}.command"
         else:
             why = "is not on PATH"
             fix = f"install it, or give its path in plugins.{p.name}.command (./{program} for one in this folder)"

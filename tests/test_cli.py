@@ -109,6 +109,7 @@ def _write(tmp_path, name, text):
     return str(path)
 
 
+SHELL_SCRIPT = "#!/bin/sh\n"
 BAD_INPUT = {
     "missing target file": (lambda t: ["run", "no/such/file.py:build"], "does not exist"),
     # said "does not exist" of a folder that does (`runs:build` for `train.py:build`) or of /dev/null
@@ -298,6 +299,13 @@ BAD_INPUT = {
         "plugin 'go_monitor': program 'no-such-trainbus-monitor' is not on PATH"),
     "plugin program path missing": (lambda t: ["run", "--config", _write(
         t, "q.toml", f"[plugins.go_monitor]\ncommand = ['{t}/monitor-bin']\n")], "monitor-bin' does not exist"),
+    # both said "is not an executable file; fix the path in plugins.go_monitor.command": neither named the fix
+    "plugin program without its x bit": (lambda t: ["run", "--config", _write(
+        t, "q.toml", f"[plugins.go_monitor]\ncommand = ['{_write(t, 'monitor-bin', SHELL_SCRIPT)}']\n")],
+        "/monitor-bin' is not executable; fix: chmod +x /"),
+    "plugin program a directory": (lambda t: ["run", "--config", _write(
+        t, "q.toml", f"[plugins.go_monitor]\ncommand = ['{t}']\n")],
+        "is a directory; give the program's own path in plugins.go_monitor.command"),
     "plugin settings too big": (lambda t: ["run", "--config", _write(
         t, "big.toml", f"[plugins.early_stopping.settings]\nmonitor = '{'m' * (SETTINGS_MAX_BYTES + 1)}'\n")],
         "plugin 'early_stopping': its settings take"),
