@@ -162,6 +162,8 @@ def check_value(key: str, setting: Setting, value: Any) -> Any:
             shown = json.dumps(items) if items is not None else f"[{value.strip()}]"
             quote = (f"; a list is written in JSON: {shown} in a config file, '{shown}' after the = of a --set")
         allowed = setting.allowed()
+        if converted is not _REFUSED and (setting.kind or setting.rule):  # of its type already: what else it must be
+            allowed = setting.constraint() + (" (or null)" if setting.default is None else "")
         if isinstance(converted, float) and not math.isfinite(converted):  # NaN and infinity are numbers too
             allowed = allowed.replace(TYPE_PHRASES[float], f"a finite {TYPE_PHRASES[float].removeprefix('a ')}", 1)
         # `MAX` for `max`: the value it was likely meant to be

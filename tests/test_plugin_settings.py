@@ -86,10 +86,12 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_the_setting_the_value_and_
     ({"share": "nan"}, "share = 'nan' is not allowed; it must be a finite number between 0 and 1"),
     ({"mode": "lowest"}, "mode = 'lowest' is not allowed; it must be one of 'min', 'max'"),
     ({"mode": "MAX"}, "mode = 'MAX' is not allowed (did you mean 'max'?); it must be one of 'min', 'max'"),
-    ({"out": "/tmp/elsewhere.txt"}, "out = '/tmp/elsewhere.txt' is not allowed; it must be a string: a path inside "
+    # text already: "it must be a string: a path ..." read as if the text were not one
+    ({"out": "/tmp/elsewhere.txt"}, "out = '/tmp/elsewhere.txt' is not allowed; it must be a path inside "
                                     "the run directory (relative, no '..', each name at most 255 bytes, no NUL, "
                                     "none of the kernel's own files: events, config.json, summary.json, "
                                     "plugins/, checkpoints/manifest.jsonl, ...)"),
+    ({"out": 5}, "out = 5 is not allowed; it must be a string: a path inside the run directory"),
     ({"out": "logs/../../up.txt"}, "out = 'logs/../../up.txt' is not allowed"),
     ({"out": "~/home.txt"}, "out = '~/home.txt' is not allowed"),
     # the spawned plugins' logs (plugins/NAME.log), and the kernel's sockets
@@ -514,8 +516,8 @@ BAD_SETTINGS = {
         "so no password is read; set username (the SMTP login), or drop password_file"),
     "a metrics log outside the run directory": (
         ["--plugins", "metrics_log", "--set", "metrics_log.filename=/tmp/metrics.jsonl"],
-        "plugin metrics_log: filename = '/tmp/metrics.jsonl' is not allowed; it must be a string: a path inside the "
-        "run directory"),
+        "plugin metrics_log: filename = '/tmp/metrics.jsonl' is not allowed; it must be a path inside the run "
+        "directory"),
 }
 
 
