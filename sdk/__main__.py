@@ -10,6 +10,7 @@ import sys
 from trainbus.proto.messages import PEER_NAME_MAX_CHARS
 from trainbus.proto.process import exit_without_teardown
 from trainbus.proto.settings_format import typed_word
+from trainbus.proto.text import near_miss
 
 from .bz import Plugin as BzPlugin, constructor_arguments
 from .loader import PluginLoadError, where_raised, describe, load_plugin_class
@@ -85,7 +86,8 @@ def _options(words: list[str]) -> tuple[dict[str, str], dict[str, object]]:
     given: dict[str, str] = {}  # each setting's --set as written: one given twice with two values is refused
     for flag, value in zip(words[::2], words[1::2] + [None]):
         if flag not in OPTIONS:
-            raise UsageError(f"unknown option {flag!r}; the options are {', '.join(OPTIONS)} (see --help)")
+            raise UsageError(f"unknown option {flag!r}{near_miss(flag, OPTIONS)}; the options are "
+                             f"{', '.join(OPTIONS)} (see --help)")
         if value is None:
             raise UsageError(f"{flag} needs a value (see --help)")
         if flag == "--set":

@@ -397,6 +397,14 @@ def test_a_setting_given_twice_by_hand_with_two_values_is_refused(tmp_path):
     assert (r.returncode, r.stderr) == (2, "error: --name given twice ('a' and 'b'): give it once\n"), r.stderr
 
 
+def test_a_mistyped_option_by_hand_names_the_one_it_is_close_to():
+    """`--nme x` listed every option, where `trainbus run --epoch 3` names the one meant (--epochs)."""
+    r = subprocess.run([sys.executable, "-m", "trainbus.sdk", "test_plugin_settings:WatchesAMetric", "--nme", "a"],
+                       capture_output=True, text=True, cwd=TESTS_DIR, timeout=60)
+    assert (r.returncode, r.stderr) == (2, "error: unknown option '--nme' (did you mean '--name'?); the options are "
+                                           "--name, --set, --connect, --key, --server-key (see --help)\n"), r.stderr
+
+
 class TakesNoEvent(Plugin):
     def on_end_epoch(self):
         pass
