@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import getpass
 import os
-import shlex
 import sqlite3
 import sys
 import time
@@ -25,7 +24,7 @@ from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryEr
 from .kernel_pid import KERNEL_PID
 from .run_json import CONFIG
 from .run_overview import run_overview
-from .runs import RunLookupError, find_runs, resolve_run
+from .runs import RunLookupError, find_runs, resolve_run, runs_dir_option
 
 RESUME_FAILED = "its resume ended before training"  # how a job's detail says so (`daemon status` shows it)
 RESUMED_STATUSES = ("died", "interrupted")  # what a run submitted with --max-resumes is continued from by itself
@@ -40,7 +39,8 @@ def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False, rem
     has trained every epoch it planned and `epochs` asks for no more. `remote`: said to a key's `daemon submit`,
     whose fixes are the remote commands (it has no `runs stop` or `run` on the daemon's host)."""
     run = run_overview(run_dir)
-    stop = f"trainbus daemon cancel {run_dir.name} --remote ..." if remote else f"trainbus runs stop {run_dir.name}"
+    stop = (f"trainbus daemon cancel {run_dir.name} --remote ..." if remote
+            else f"trainbus runs stop {run_dir.name}{_runs_dir_option(run_dir)}")
     if run["status"] == "running" and not rank:
         return (f"run {run_dir.name} is still going" + (f" (kernel pid {run['pid']})" if run.get("pid") else "")
                 + f": wait for it to end, or stop it with `{stop}`")
@@ -70,16 +70,6 @@ def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False, rem
 def _runs_dir_option(run_dir: Path) -> str:
     """` --runs-dir DIR` for a command suggested about a run outside the default ./runs; else ""."""
     return runs_dir_option(Path(run_dir).parent)
-
-
-def runs_dir_option(runs_dir: Path) -> str:
-    """` --runs-dir DIR` for a command suggested about runs_dir when it is not the default ./runs, else "": quoted as
-    a shell takes it (`~/My Experiments/runs` pasted bare is two words)."""
-    from .config import RunConfig
-
-    if Path(runs_dir).resolve() == Path(RunConfig.runs_dir).resolve():
-        return ""
-    return f" --runs-dir {shlex.quote(str(runs_dir))}"
 
 
 def resumed_when_settled(runs_dir: Path, job: dict[str, Any]) -> int | None:
@@ -310,7 +300,8 @@ def cancel(runs_dir: Path, run_id: str, by: str | None = None, remote: bool = Fa
             held = named(registry.job_ids(), run_id)  # a start of ids names the runs it held, as a whole id does
             if len(held) > 1:
                 raise JobError(f"run {run_id} is not queued: no queued run's id starts with it ({len(held)} runs "
-                               f"whose id does have ended or were cancelled: `trainbus daemon status` shows the queue)")
+                               f"whose id does have ended or were cancelled: `trainbus daemon status"
+                               f"{runs_dir_option(runs_dir)}` shows the queue)")
             raise JobError(_not_queued(registry.job(held[0]) if held else None, held[0] if held else run_id,
                                        runs_dir, remote))
     return run_id

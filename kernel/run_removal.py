@@ -16,6 +16,7 @@ from . import registry
 from .kernel_pid import KERNEL_PID
 from .run_json import CONFIG, SUMMARY
 from .run_overview import run_overview
+from .runs import runs_dir_option
 
 
 class RemovalError(Exception):
@@ -28,7 +29,7 @@ def check_ended(run_dir: Path, runs_dir: Path) -> None:
     check_made_by_a_kernel(run_dir, runs_dir)
     status = run_overview(run_dir)["status"]
     if status == "running":
-        raise RemovalError(_running(run_dir.name))
+        raise RemovalError(_running(run_dir.name, runs_dir))
     check_not_submitted(run_dir.parent, run_dir.name)
     with _journal_locked(run_dir):  # a kernel whose pid file says otherwise (one continuing the run) holds it
         pass
@@ -66,14 +67,14 @@ def check_not_submitted(runs_dir: Path, run_id: str) -> None:
         if daemon_lives(runs_dir):
             raise RemovalError(f"cannot tell whether the daemon holds run {run_id}: "
                                f"{Path(runs_dir) / registry.REGISTRY_NAME}: {exc}; stop the daemon "
-                               f"(`trainbus daemon stop`) and delete again") from None
+                               f"(`trainbus daemon stop{runs_dir_option(runs_dir)}`) and delete again") from None
         return
     if job is None or not registry.job_holds_run(job):
         return
     if job["state"] == "queued":
         raise RemovalError(f"run {run_id} is queued for the daemon; take it off the queue first with "
-                           f"`trainbus runs stop {run_id}`")
-    raise RemovalError(_running(run_id))
+                           f"`trainbus runs stop {run_id}{runs_dir_option(runs_dir)}`")
+    raise RemovalError(_running(run_id, runs_dir))
 
 
 def delete_record(runs_dir: Path, run_id: str, output: Path) -> None:
@@ -149,5 +150,5 @@ def _journal_locked(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def _running(run_id: str) -> str:
-    return f"run {run_id} is running; stop it first with `trainbus runs stop {run_id}`"
+def _running(run_id: str, runs_dir: Path) -> str:
+    return f"run {run_id} is running; stop it first with `trainbus runs stop {run_id}{runs_dir_option(runs_dir)}`"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,16 @@ class RunLookupError(Exception):
 
 class AmbiguousRunError(RunLookupError):
     """A start of a run id that more than one run has; the message lists them."""
+
+
+def runs_dir_option(runs_dir: Path) -> str:
+    """` --runs-dir DIR` for a command suggested about runs_dir when it is not the default ./runs, else "": quoted as
+    a shell takes it (`~/My Experiments/runs` pasted bare is two words)."""
+    from .config import RunConfig
+
+    if Path(runs_dir).resolve() == Path(RunConfig.runs_dir).resolve():
+        return ""
+    return f" --runs-dir {shlex.quote(str(runs_dir))}"
 
 
 def is_run_dir(path: Path) -> bool:
@@ -89,8 +100,8 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
                                  + (" yet" if status == "queued" else "" if status == "cancelled"
                                     else " (it ended before its kernel made one)")
                                  + (f" ({detail})" if detail else "")
-                                 + ("; it has one once the daemon starts it (`trainbus daemon status` shows the "
-                                    "queue)" if status == "queued" else "")
+                                 + ("; it has one once the daemon starts it (`trainbus daemon status"
+                                    f"{runs_dir_option(runs_dir)}` shows the queue)" if status == "queued" else "")
                                  + ("; submit it again to train it" if status == "cancelled" else ""))
     if path_like and Path(run).resolve() == (runs_dir / run).resolve():  # an absolute path: one place looked at
         looked = f"{Path(run).resolve()} is not a run directory (no {CONFIG}, no journal)"

@@ -766,7 +766,7 @@ def test_one_daemon_per_runs_directory_and_a_run_that_fails_before_it_has_a_dire
     refused = cli("runs", "delete", waiting, "--yes", "--runs-dir", str(runs), check=False)
     assert refused.returncode == 2 and refused.stderr.strip() == (f"error: run {waiting} is queued for the daemon; "
                                                                  f"take it off the queue first with "
-                                                                 f"`trainbus runs stop {waiting}`")
+                                                                 f"`trainbus runs stop {waiting} --runs-dir {runs}`")
     stopped = cli("runs", "stop", waiting[:-2], "--runs-dir", str(runs)).stdout
     assert f"cancelled {waiting}: it was queued and never started" in stopped
     assert listed(runs)[waiting]["status"] == "cancelled"
@@ -1020,11 +1020,43 @@ def test_commands_suggested_about_a_runs_dir_that_is_not_dot_runs_name_it_as_a_s
     status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
     with pytest.raises(JobError) as not_queued:
         daemon_queue.cancel(runs, "20260101-000000-abcdef")
-    commands = [c for text in (queued.stderr, status.stdout, str(not_queued.value)) for c in suggested_commands(text)]
-    assert len(commands) == 5, (queued.stderr, status.stdout, not_queued.value)
+    assert_each_names_the_runs_dir([queued.stderr, status.stdout, str(not_queued.value)], runs, 5)
+
+
+def assert_each_names_the_runs_dir(texts: list[str], runs: Path, count: int) -> None:
+    """The texts suggest `count` trainbus commands, each with --runs-dir naming runs as a shell takes it."""
+    commands = [command for text in texts for command in suggested_commands(text)]
+    assert len(commands) == count, texts
     for command in commands:
         assert "--runs-dir" in command, command
         assert Path(command[command.index("--runs-dir") + 1]).resolve() == runs.resolve(), command
+
+
+def test_the_fixes_said_of_a_queued_or_started_run_outside_dot_runs_name_its_runs_dir(tmp_path):
+    """A run queued in a runs directory that is not ./runs: `run --resume` and `runs delete` of its queued resume
+    said to take it off the queue with `trainbus runs stop ID`, `runs delete` of one the daemon is starting to stop
+    it so, and `runs resume` of a new queued run and `daemon cancel` of a start of ended runs' ids that `trainbus
+    daemon status` shows the queue: copied as they were, each looked in ./runs and found nothing there."""
+    from trainbus.kernel import daemon_queue
+    from trainbus.kernel.session import run_training
+    from helpers import run_config
+
+    runs = tmp_path / "my runs"
+    runs.mkdir()
+    assert run_training(run_config(runs, target=TINY), run_id="a-queued").status == "completed"
+    daemon_queue.submit(runs, "a-queued", ["a-queued"], None, None, {}, resumes=runs / "a-queued", wake=False)
+    where = ("--runs-dir", str(runs))
+    texts = [cli("run", "--resume", "a-queued", "--epochs", "3", *where, check=False).stderr,
+             cli("runs", "delete", "a-queued", "--yes", *where, check=False).stderr]
+    with Registry(runs) as registry:
+        assert registry.move_job("a-queued", ["queued"], state="starting")  # no pid yet: the daemon is starting it
+    texts.append(cli("runs", "delete", "a-queued", "--yes", *where, check=False).stderr)
+    first, second = submit(runs, TINY, "--epochs", "1"), submit(runs, TINY, "--epochs", "1")
+    texts.append(cli("runs", "resume", first, *where, check=False).stderr)
+    for run_id in (first, second):
+        cli("daemon", "cancel", run_id, *where)
+    texts.append(cli("daemon", "cancel", first[:4], *where, check=False).stderr)
+    assert_each_names_the_runs_dir(texts, runs, 5)
 
 
 def one_error_line(done: subprocess.CompletedProcess) -> str:
@@ -1215,7 +1247,8 @@ def test_a_queued_run_is_called_queued_not_missing_by_the_commands_that_need_its
         done = cli(*command, run_id[:15], "--runs-dir", str(runs), check=False)
         assert done.returncode != 0 and done.stderr.startswith(f"error: run {run_id} is queued and has no run "
                                                                f"directory yet (submitted "), (command, done.stderr)
-        assert "`trainbus daemon status` shows the queue" in done.stderr and len(done.stderr.splitlines()) == 1
+        assert f"`trainbus daemon status --runs-dir {runs}` shows the queue" in done.stderr, done.stderr
+        assert len(done.stderr.splitlines()) == 1, done.stderr
 
 
 NO_GPU_REFUSALS = {

@@ -69,7 +69,8 @@ def test_stop_a_live_run_then_delete_it(runs_dir, tmp_path, kernels):
     # a running run is not deleted, nor anything named with it
     proc = trainbus("runs", "delete", "a-ended", kernel.run_id, "--yes", *where)
     assert proc.returncode == 2 and one_line(proc) == \
-        f"error: run {kernel.run_id} is running; stop it first with `trainbus runs stop {kernel.run_id}`"
+        f"error: run {kernel.run_id} is running; stop it first with `trainbus runs stop {kernel.run_id} --runs-dir " \
+        f"{runs_dir}`"
     assert (runs_dir / "a-ended").is_dir() and kernel.run_dir.is_dir()
 
     # its socket files gone (a cleaner of /tmp, a hand's rm): said at once, with the signal that still stops it,
@@ -149,13 +150,14 @@ def test_a_run_queued_to_be_resumed_is_not_deleted_until_taken_off_the_queue(run
 
     proc = trainbus("runs", "delete", "a-queued", "--yes", *where)
     assert proc.returncode == 2 and one_line(proc) == \
-        "error: run a-queued is queued for the daemon; take it off the queue first with `trainbus runs stop a-queued`"
+        "error: run a-queued is queued for the daemon; take it off the queue first with `trainbus runs stop " \
+        f"a-queued --runs-dir {runs_dir}`"
     assert (runs_dir / "a-queued" / JOURNAL_NAME).is_file()
     # nor resumed here meanwhile (the daemon would resume it again afterwards)
     proc = trainbus("run", "--resume", "a-queued", "--epochs", "3", *where)
     assert proc.returncode == 2 and one_line(proc) == (
         "error: run a-queued is queued for the daemon to resume: take it off the queue first "
-        "(`trainbus runs stop a-queued`), or let the daemon resume it")
+        f"(`trainbus runs stop a-queued --runs-dir {runs_dir}`), or let the daemon resume it")
 
     proc = trainbus("runs", "stop", "a-queued", *where)
     assert proc.returncode == 0 and "cancelled the queued resume of a-queued; the run stays as it was" in proc.stdout
