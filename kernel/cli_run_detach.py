@@ -100,6 +100,10 @@ def submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) -> 
         raise UserError(f"cannot queue run {run_id}: {runs_dir / 'registry.sqlite'} cannot be written ({exc}); free "
                         f"space there (a full disk says this), or give --runs-dir another place") from None
     print(run_id)
+    if max_resumes and not _may_checkpoint(cfg):
+        print(f"trainbus: note: --max-resumes {max_resumes}, but none of the run's plugins saves checkpoints: a "
+              f"kernel that dies leaves nothing to resume from, so the daemon cannot continue it (add checkpoint to "
+              f"--plugins)", file=sys.stderr)
     where = str(runs_dir.resolve())  # printed as it is (print, not rich)
     if told:
         print(f"trainbus: queued run {run_id} for the daemon of {where}", file=sys.stderr)
@@ -109,6 +113,13 @@ def submit(cfg, continuing: Path | None, gpus: int | None, max_resumes: int) -> 
     else:
         print(f"trainbus: queued run {run_id}; no daemon serves {where} yet: start one with "
               f"`trainbus daemon start --runs-dir {shlex.quote(where)}`", file=sys.stderr)
+
+
+def _may_checkpoint(cfg) -> bool:
+    """Whether one of the run's plugins may save its checkpoints (the daemon resumes a run from one)."""
+    from .supervisor import PluginSpec
+
+    return any(PluginSpec.of(plugin).may_persist() for plugin in cfg.plugins)
 
 
 def _check_target(cfg) -> None:

@@ -280,9 +280,7 @@ def _open_run(cfg: RunConfig, spec: TrainingSpec, flags: dict[str, Any], run_dir
             announce(f"warning: {line}")
             log.warning("%s", line)
 
-        plugins = [PluginSpec(p.name, p.target, p.settings, p.command, console=(p.name == "console"), cwd=p.cwd,
-                              capabilities=None if p.capabilities is None else tuple(p.capabilities))
-                   for p in cfg.plugins]
+        plugins = [PluginSpec.of(p) for p in cfg.plugins]
         buffers = SnapshotBuffers(run_dir.name, snapshot_directories(run_dir, cfg.snapshot_dir))
         bus, checkpointer, sockets = open_bus(run_dir.name, run_dir, plugins, cfg.peer_limits(), buffers,
                                               cfg.checkpoint_every_n_epochs, cfg.checkpoint_every_n_steps,

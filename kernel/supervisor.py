@@ -76,6 +76,12 @@ class PluginSpec:
     # What its class declares (config.PluginConfig.capabilities); None: not known before its hello
     capabilities: tuple[str, ...] | None = None
 
+    @classmethod
+    def of(cls, plugin) -> PluginSpec:
+        """The spec of a run config's plugin (config.PluginConfig)."""
+        return cls(plugin.name, plugin.target, plugin.settings, plugin.command, console=plugin.name == "console",
+                   cwd=plugin.cwd, capabilities=None if plugin.capabilities is None else tuple(plugin.capabilities))
+
     def may_persist(self) -> bool:
         """Whether its hello may declare the checkpoint capability: as its class declares, where `trainbus run`
         described it; else trainbus's built-ins other than its checkpoint plugin never do, and a program, or a class

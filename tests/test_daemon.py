@@ -1203,6 +1203,23 @@ def test_a_run_asking_for_more_gpus_than_the_daemon_has_fails_with_the_reason_li
     assert deleted.strip() == f"deleted run {run_id} (it never had a directory)"
 
 
+def test_run_detach_max_resumes_with_no_plugin_that_saves_checkpoints_says_the_daemon_cannot_continue_it(tmp_path):
+    """`run --detach --max-resumes 3` with the default plugins (console, metrics_log) was queued in silence, as the
+    README's example shows it, and the daemon never continued the run: its kernel killed, it had no checkpoint to
+    resume from (`the kernel died ...; it had no checkpoint yet`). Queued still (a checkpoint plugin may be
+    attached to the live run), with a note saying so and the fix."""
+    runs = tmp_path / "runs"
+    submitted = {plugins: cli("run", TINY, "--detach", "--max-resumes", "3", "--runs-dir", str(runs), "--device",
+                              "cpu", *(("--plugins", plugins) if plugins is not None else ()))
+                 for plugins in (None, "console,checkpoint")}
+    assert all(done.returncode == 0 and "queued run" in done.stderr for done in submitted.values()), submitted
+    assert "trainbus: note: --max-resumes 3, but none of the run's plugins saves checkpoints" in \
+        submitted[None].stderr and "add checkpoint to --plugins" in submitted[None].stderr, submitted[None].stderr
+    assert "note:" not in submitted["console,checkpoint"].stderr, submitted["console,checkpoint"].stderr
+    plain = cli("run", TINY, "--detach", "--runs-dir", str(runs), "--device", "cpu")
+    assert plain.returncode == 0 and "note:" not in plain.stderr, plain.stderr
+
+
 def test_run_detach_of_the_demo_queues_it_without_importing_torch(tmp_path):
     """The demo's settings are checked without torch (as `trainbus run` checks them before it trains); importing the
     demo's module to check that it imports cost `run --detach` ~1.5 s of CPU (seconds on a busy box) for nothing. A
