@@ -192,8 +192,10 @@ def daemon_submit(
     """Queue `trainbus run ARGS...` on a remote daemon (`-- ARGS`, as they are to be run on that host, in the
     daemon's directory and environment); prints the run id. Locally, `trainbus run ... --detach` checks the
     arguments first and is the way."""
-    from .cli import _option_given_twice  # it imports this module
+    from .cli import _click_exceptions, _option_given_twice  # it imports this module
 
+    if (unknown := _unknown_before_dashes(ctx)) is not None:  # a typo of submit's own: said here, nothing sent
+        raise _click_exceptions().NoSuchOption(unknown, ctx=ctx)
     twice = _option_given_twice(["run", *ctx.args])  # the command `trainbus run` would refuse, once started there
     if twice:
         raise UserError(f"the command's {twice}; nothing was submitted")
@@ -207,6 +209,25 @@ def daemon_submit(
     print(f"trainbus: queued run {answer['run']} on {target.host_port}; `trainbus daemon status --remote "
           f"{target.host_port} {_key_options(target)}` shows it queued, running, "
           f"and how it ended", file=sys.stderr)
+
+
+def _unknown_before_dashes(ctx: typer.Context) -> str | None:
+    """The first option before `--` that `daemon submit` has not (`--gpu` for its --gpus): the command's ARGS come
+    after `--`, so it is a mistake in submit's own, which click, taking unknown options as ARGS, would send to the
+    daemon. None without `--`, where the words after submit's options are the command's."""
+    words = sys.argv[sys.argv.index("submit", 1) + 1:] if "submit" in sys.argv[1:] else []  # not: called from Python
+    if "--" not in words:
+        return None
+    own = {opt: param.is_flag for param in ctx.command.get_params(ctx) for opt in param.opts}
+    before = iter(words[:words.index("--")])
+    for word in before:
+        name = word.partition("=")[0]
+        if name in own:
+            if "=" not in word and not own[name]:
+                next(before, None)  # its value
+        elif name.startswith("-") and name != "--runs-dir":  # that one is said with its fix (_remote)
+            return name
+    return None
 
 
 @daemon_app.command("cancel")

@@ -205,6 +205,23 @@ def test_a_remote_submission_asking_for_more_gpus_than_the_daemon_has_is_refused
     assert {job["run"] for job in ended} <= before, ended  # no run of this submission failed later
 
 
+def test_an_option_before_dashes_that_daemon_submit_has_not_is_refused_here_in_its_words(tmp_path):
+    """`daemon submit ... --gpu 1 -- train.py:build`: the mistyped --gpus, given before `--`, went to the daemon as part
+    of the command, which said "`trainbus run` would refuse the command: No such option: --gpu (did you mean daemon
+    submit's own --gpus, given before `--`?)" of an option given before `--`; with no daemon there, the typo was
+    never said at all (`nothing accepts connections ...`, after 5 s). Before `--` are submit's own options: one it
+    has not is refused here, in one line, nothing sent. Without `--`, the command's words are still the run's."""
+    key = tmp_path / "k.key_secret"
+    remote = ("daemon", "submit", "--remote", "127.0.0.1:9", "--key", str(key), "--server-key", str(key))
+    for words, said in ((["--gpu", "1"], "No such option: --gpu (did you mean --gpus?)"),
+                        (["--max-resumes=2", "--bogus"], "No such option: --bogus")):
+        done = cli(*remote, *words, "--", TINY, "--epochs", "1", check=False)
+        assert one_error_line(done) == f"error: {said} (`trainbus daemon submit --help` shows what it takes)", \
+            done.stderr
+    sent = cli(*remote, "--epochs", "1", TINY, check=False)  # no `--`: ARGS, read as the key files are
+    assert "No such option" not in sent.stderr and "k.key_secret" in one_error_line(sent), sent.stderr
+
+
 def test_a_remote_submission_is_read_as_trainbus_run_reads_it_refused_in_its_words_and_listed_with_its_target(
         tmp_path, shared_daemon):
     """`daemon submit ... -- --resume` (no value), `-- --bogus` or `-- --epochs x` printed `queued run ID` (exit 0),
