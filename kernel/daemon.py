@@ -310,7 +310,8 @@ class Daemon:
                             f"`trainbus runs resume {watched.job_id} --runs-dir {shlex.quote(str(self.runs_dir))}` "
                             f"continues it from its newest checkpoint"
                             if has_checkpoints(run_dir) else
-                            "it had no checkpoint yet: submit it again to train it")
+                            "it had no checkpoint (it ran without the checkpoint plugin, or died before its "
+                            "first): submit it again to train it")
         else:
             # killed (the OOM killer, kill -9) while its target was still built: died, as a kernel killed later
             # is, unless its output says why it failed; gone while no daemon watched it (-1): the same

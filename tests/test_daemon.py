@@ -1206,7 +1206,7 @@ def test_a_run_asking_for_more_gpus_than_the_daemon_has_fails_with_the_reason_li
 def test_run_detach_max_resumes_with_no_plugin_that_saves_checkpoints_says_the_daemon_cannot_continue_it(tmp_path):
     """`run --detach --max-resumes 3` with the default plugins (console, metrics_log) was queued in silence, as the
     README's example shows it, and the daemon never continued the run: its kernel killed, it had no checkpoint to
-    resume from (`the kernel died ...; it had no checkpoint yet`). Queued still (a checkpoint plugin may be
+    resume from (`the kernel died ...; it had no checkpoint`). Queued still (a checkpoint plugin may be
     attached to the live run), with a note saying so and the fix."""
     runs = tmp_path / "runs"
     submitted = {plugins: cli("run", TINY, "--detach", "--max-resumes", "3", "--runs-dir", str(runs), "--device",
