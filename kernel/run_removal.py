@@ -7,6 +7,7 @@ import fcntl
 import os
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -83,7 +84,7 @@ def delete_record(runs_dir: Path, run_id: str, output: Path) -> None:
     check_not_submitted(runs_dir, run_id)
     try:
         with registry.Registry(runs_dir) as rows:
-            rows.forget([run_id])
+            _forget(rows, run_id)
     except (sqlite3.Error, OSError, registry.RegistryError) as exc:
         raise RemovalError(f"cannot delete run {run_id} from {Path(runs_dir) / registry.REGISTRY_NAME}: {exc} "
                            f"(is the runs directory yours and writable?)") from None
@@ -91,6 +92,15 @@ def delete_record(runs_dir: Path, run_id: str, output: Path) -> None:
         Path(output).unlink(missing_ok=True)
     except OSError as exc:
         raise RemovalError(f"cannot delete {output}: {exc.strerror or exc}") from None
+
+
+def _forget(rows: registry.Registry, run_id: str) -> None:
+    """The run's row gone; a daemon's job of it still started, whose process is gone (check_not_submitted let the run
+    be deleted: its daemon stopped or killed first), ended first, as deleted: else the next daemon would settle the
+    job and record the run again, as one that never had a directory. (A queued job holds its run: never here.)"""
+    rows.move_job(run_id, ["starting", "running"], state="ended", ended_ts=time.time(), env=None,
+                  detail="deleted (`trainbus runs delete`) after its process ended, while no daemon watched it")
+    rows.forget([run_id])
 
 
 def delete_run(run_dir: Path) -> None:
@@ -121,7 +131,7 @@ def delete_run(run_dir: Path) -> None:
         return
     try:
         with registry.Registry(runs_dir) as rows:
-            rows.forget([run_dir.name])
+            _forget(rows, run_dir.name)
     except (sqlite3.Error, OSError, registry.RegistryError) as exc:
         registry.warn(runs_dir, exc)
 

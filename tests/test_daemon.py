@@ -268,6 +268,35 @@ def test_a_started_job_whose_process_died_with_no_daemon_up_holds_its_run_no_mor
                 registry.move_job("d", ["running"], state="ended")
 
 
+def test_a_run_deleted_while_no_daemon_watched_its_ended_kernel_is_listed_deleted_not_brought_back_died(tmp_path):
+    """The daemon and its run's kernel killed, then `runs delete RUN` with no daemon up (as docs/daemon.md says it
+    may be): the job still said running, so `daemon status` named it `gone` with `runs show RUN` to see how it ended,
+    and the next daemon settled it as a run that never had a directory: `runs list` showed the deleted run again,
+    `died (ended before its run had a directory ...)`, and `runs show` said the daemon never started a process for
+    it. The delete now ends the job: listed `deleted`, as any run `runs delete` took, and nothing to settle."""
+    import psutil
+    from trainbus.kernel.session import run_training
+    from helpers import run_config
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert run_training(run_config(runs, target=TINY), run_id="d").status == "completed"  # the run's directory
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_started = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    with Registry(runs) as registry:
+        registry.submit({"id": "d", "state": "queued", "submitted_ts": 1.0, "argv": [], "cwd": str(tmp_path)},
+                        {"id": "d", "status": "queued"}, 1.0)
+        registry.move_job("d", ["queued"], state="running", pid=gone.pid, pid_started=gone_started)
+    assert cli("runs", "delete", "d", "--yes", "--runs-dir", str(runs)).returncode == 0
+    status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
+    assert status.returncode == 3 and "gone d" not in status.stdout, status.stdout
+    Daemon(runs, [], max_concurrent=1).tick(100.0)  # what the next daemon settles: nothing of d
+    assert "d" not in listed(runs), listed(runs)
+    ended = json.loads(cli("daemon", "status", "--runs-dir", str(runs), "--json", check=False).stdout)["ended"]
+    assert [(job["run"], job["status"]) for job in ended] == [("d", "deleted")], ended
+
+
 def test_a_started_run_that_failed_before_its_directory_while_no_daemon_watched_is_failed_not_running(tmp_path,
                                                                                                       daemons):
     """The daemon stopped while a run it started still built its spec; the build then raised. Nobody settled the
