@@ -287,8 +287,12 @@ class Daemon:
             return
         if (run_dir / CONFIG).is_file():
             record_run(run_dir)  # a kernel killed by SIGKILL wrote nothing: its directory says died
-            status = run_overview(run_dir, now)["status"]
-            if code > 0 and not kernel_since(run_dir, watched.pid_started):
+            overview = run_overview(run_dir, now)
+            status = overview["status"]
+            if status == "running":  # not its kernel (that one is watched above): `runs resume` by hand, meanwhile
+                detail = (f"its process was gone; the run goes on in a kernel the daemon did not start (pid "
+                          f"{overview.get('pid')})")
+            elif code > 0 and not kernel_since(run_dir, watched.pid_started):
                 # a resume refused before its kernel took the run over: the directory still says how it last ended
                 detail = (f"{RESUME_FAILED} (exit code {code}): {output_tail(self.runs_dir, watched.job_id)}; "
                           f"the run is still {status}")

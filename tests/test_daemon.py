@@ -297,6 +297,44 @@ def test_a_run_deleted_while_no_daemon_watched_its_ended_kernel_is_listed_delete
     assert [(job["run"], job["status"]) for job in ended] == [("d", "deleted")], ended
 
 
+def test_a_daemon_settling_a_job_whose_run_was_resumed_by_hand_meanwhile_says_so_not_run_running(tmp_path, caplog):
+    """The daemon and its run's kernel killed, then `runs resume RUN` by hand: the next daemon ended the job (its
+    process gone: it holds the run no more) with the detail `run running`, in its log and as `daemon status` listed
+    it. It says now that the run goes on in a kernel it did not start, and which."""
+    import logging
+
+    import psutil
+    from trainbus.kernel.kernel_pid import KERNEL_PID
+    from trainbus.kernel.run_json import SUMMARY
+    from trainbus.kernel.session import run_training
+    from helpers import run_config
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert run_training(run_config(runs, target=TINY), run_id="d").status == "completed"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_started = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    by_hand = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the resumed run's kernel
+    try:
+        (runs / "d" / SUMMARY).unlink()  # as a kernel still training leaves its directory
+        (runs / "d" / KERNEL_PID).write_text(f"{by_hand.pid}\n")
+        with Registry(runs) as registry:
+            registry.submit({"id": "d", "state": "queued", "submitted_ts": 1.0, "argv": [], "cwd": str(tmp_path)},
+                            {"id": "d", "status": "queued"}, 1.0)
+            registry.move_job("d", ["queued"], state="running", pid=gone.pid, pid_started=gone_started)
+        with caplog.at_level(logging.INFO, logger="trainbus.daemon"):
+            Daemon(runs, [], max_concurrent=1).tick(100.0)
+        with Registry(runs) as registry:
+            job = registry.job("d")
+        said = f"its process was gone; the run goes on in a kernel the daemon did not start (pid {by_hand.pid})"
+        assert job["state"] == "ended" and job["detail"] == said, job
+        assert f"d: {said}" in caplog.text, caplog.text
+    finally:
+        by_hand.kill()
+        by_hand.wait()
+
+
 def test_a_started_run_that_failed_before_its_directory_while_no_daemon_watched_is_failed_not_running(tmp_path,
                                                                                                       daemons):
     """The daemon stopped while a run it started still built its spec; the build then raised. Nobody settled the
