@@ -285,11 +285,11 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
     # a daemon that holds the directory but did not answer (starting, stuck): alive, said so, exit 1
     stuck = daemon_client.unanswering(runs_dir) if answer is None and target is None else None
     queued, ended = (answer or {}).get("queued", []), (answer or {}).get("ended", [])
-    unreadable, orphans, gone, resumed = None, {}, [], {}  # no daemon, and a registry it could not read: exit 3
+    unreadable, orphans, gone, resumed, elsewhere = None, {}, [], {}, {}  # no daemon, no registry read: exit 3
     if answer is None:
         found = _queue_of_no_daemon(runs_dir, stuck)
         queued, ended, unreadable = found["queued"], found["ended"], found["unreadable"]
-        orphans, gone, resumed = found["unwatched"], found["gone"], found["resumed"]
+        orphans, gone, resumed, elsewhere = found["unwatched"], found["gone"], found["resumed"], found["elsewhere"]
     if answer is not None:
         answer = {k: v for k, v in answer.items() if k not in ("ok", "queued", "ended")}
     if as_json:
@@ -305,7 +305,7 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
         out.print(escape(stuck[1]) + (f"; {len(queued)} run(s) queued" if queued else "")
                   + (f"; its queue is unknown: {escape(unreadable)}" if unreadable else ""))
     elif answer is None:
-        _print_no_daemon(runs_dir, queued, unreadable, orphans, gone, resumed)
+        _print_no_daemon(runs_dir, queued, unreadable, orphans, gone, resumed, elsewhere)
     else:
         _print_serving(answer, runs_dir, queued, here=target is None)
     if not as_json:
@@ -319,7 +319,7 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
 
 
 def _print_no_daemon(runs_dir: Path, queued: list[str], unreadable: str | None, orphans: dict[str, int],
-                     gone: list[str], resumed: dict[str, int]) -> None:
+                     gone: list[str], resumed: dict[str, int], elsewhere: dict[str, int]) -> None:
     """`daemon status` with no daemon: what starts the runs queued, and the runs no daemon watches."""
     from . import daemon_queue
     from .runs import no_runs_dir
@@ -334,6 +334,11 @@ def _print_no_daemon(runs_dir: Path, queued: list[str], unreadable: str | None, 
                   f"{escape(daemon_queue.runs_dir_option(runs_dir))}` watches it again")
     for run_id in gone:
         option = escape(daemon_queue.runs_dir_option(runs_dir))
+        if run_id in elsewhere:
+            out.print(f"  gone {run_id}: started by a daemon that is gone; the run goes on in a kernel the daemon did "
+                      f"not start (pid {elsewhere[run_id]}), and `trainbus daemon start{option}` records the daemon's "
+                      f"part as ended")
+            continue
         out.print(f"  gone {run_id}: started by a daemon that is gone, and its kernel is gone too (`trainbus runs "
                   f"show {run_id}{option}` says how it ended; `trainbus daemon start{option}` "
                   + (f"resumes it from its newest checkpoint (--max-resumes: {resumed[run_id]} left))"
@@ -367,6 +372,7 @@ def _queue_of_no_daemon(runs_dir: Path, stuck: tuple[int, str] | None) -> dict[s
     started that no daemon watches now (training still: `unwatched`; their kernel gone too: `gone`, with the
     resumes left of those the next daemon resumes); `unreadable` when the registry cannot be read."""
     from . import daemon_queue
+    from .kernel_pid import kernel_process
     from .pids import process_alive
     from .registry import REGISTRY_NAME, Registry, RegistryError, cannot_read
 
@@ -376,6 +382,7 @@ def _queue_of_no_daemon(runs_dir: Path, stuck: tuple[int, str] | None) -> dict[s
     orphans: dict[str, int] = {}
     gone: list[str] = []
     resumed: dict[str, int] = {}
+    elsewhere: dict[str, int] = {}
     if (runs_dir / REGISTRY_NAME).is_file():
         try:
             with Registry(runs_dir) as registry:
@@ -392,10 +399,14 @@ def _queue_of_no_daemon(runs_dir: Path, stuck: tuple[int, str] | None) -> dict[s
                 # a --max-resumes run the next daemon resumes (a power cut), not records as ended
                 resumed = {job["id"]: left for job in started if job["id"] in gone
                            and (left := daemon_queue.resumed_when_settled(runs_dir, job)) is not None}
+                for run_id in gone:  # and those whose run goes on in a kernel no daemon started (resumed by hand)
+                    pid, alive = kernel_process(runs_dir / run_id)
+                    if alive:
+                        elsewhere[run_id] = pid
         except RegistryError as exc:
             unreadable = str(exc)
         except sqlite3.Error as exc:  # a full disk: SQLite cannot even open it in WAL mode
             unreadable = cannot_read(runs_dir, exc)
     return {"queued": queued, "ended": ended, "unwatched": orphans, "gone": gone, "resumed": resumed,
-            "unreadable": unreadable}
+            "elsewhere": elsewhere, "unreadable": unreadable}
 

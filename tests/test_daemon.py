@@ -298,9 +298,9 @@ def test_a_run_deleted_while_no_daemon_watched_its_ended_kernel_is_listed_delete
 
 
 def test_a_daemon_settling_a_job_whose_run_was_resumed_by_hand_meanwhile_says_so_not_run_running(tmp_path, caplog):
-    """The daemon and its run's kernel killed, then `runs resume RUN` by hand: the next daemon ended the job (its
-    process gone: it holds the run no more) with the detail `run running`, in its log and as `daemon status` listed
-    it. It says now that the run goes on in a kernel it did not start, and which."""
+    """The daemon and its run's kernel killed, then `runs resume RUN` by hand: `daemon status` said the run's kernel
+    was gone too, and the next daemon ended the job (its process gone: it holds the run no more) with the detail
+    `run running`. Each says now that the run goes on in a kernel the daemon did not start, and which."""
     import logging
 
     import psutil
@@ -323,6 +323,9 @@ def test_a_daemon_settling_a_job_whose_run_was_resumed_by_hand_meanwhile_says_so
             registry.submit({"id": "d", "state": "queued", "submitted_ts": 1.0, "argv": [], "cwd": str(tmp_path)},
                             {"id": "d", "status": "queued"}, 1.0)
             registry.move_job("d", ["queued"], state="running", pid=gone.pid, pid_started=gone_started)
+        status = cli("daemon", "status", "--runs-dir", str(runs), check=False).stdout
+        assert (f"  gone d: started by a daemon that is gone; the run goes on in a kernel the daemon did not start "
+                f"(pid {by_hand.pid})") in status, status
         with caplog.at_level(logging.INFO, logger="trainbus.daemon"):
             Daemon(runs, [], max_concurrent=1).tick(100.0)
         with Registry(runs) as registry:
