@@ -120,7 +120,7 @@ def run(
     resumed_run = run_to_continue(resume, runs_dir or Path(cfg.runs_dir)) if resume else None
     continuing = resumed_run if config is None else None  # with --config: a new run from that run's checkpoint
     if continuing is not None:
-        check_resumable(continuing, epochs)
+        check_resumable(continuing, epochs, detach)
         cfg = config_of_run(continuing)
         cfg.runs_dir = str(continuing.parent)
         if seed is not None and seed != cfg.seed:  # as a flag (check_trained_as_recorded): the build it runs again

@@ -31,11 +31,11 @@ def run_to_continue(resume: str, runs_dir: Path) -> Path | None:
     return run_dir if (run_dir / "config.json").is_file() else None
 
 
-def check_resumable(run_dir: Path, epochs: int | None) -> None:
+def check_resumable(run_dir: Path, epochs: int | None, detach: bool) -> None:
     """UserError for a run that cannot be resumed now (kernel/daemon_queue.py why_not_resumable)."""
     from .daemon_queue import why_not_resumable
 
-    why = why_not_resumable(run_dir, epochs, rank=under_a_launcher())
+    why = why_not_resumable(run_dir, epochs, rank=under_a_launcher(), detach=detach)
     if why:
         raise UserError(why)
 

@@ -33,11 +33,13 @@ STATUS_ENDED = 10  # `status` lists this many of the runs it ended last (a remot
 
 # -- resuming: whether a run can be now, and whether the daemon would by itself --------------------------
 
-def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False, remote: bool = False) -> str | None:
+def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False, remote: bool = False,
+                      detach: bool = False) -> str | None:
     """Why the run in run_dir cannot be resumed now, in one line with the fix; None when it can: it is still going
     (unless `rank`: a rank of --nproc sees rank 0's kernel, its own run), its resume waits in the queue, or it
     has trained every epoch it planned and `epochs` asks for no more. `remote`: said to a key's `daemon submit`,
-    whose fixes are the remote commands (it has no `runs stop` or `run` on the daemon's host)."""
+    whose fixes are the remote commands (it has no `runs stop` or `run` on the daemon's host); `detach`: asked of
+    `run --resume --detach`, whose fix queues it for the daemon too."""
     run = run_overview(run_dir)
     stop = (f"trainbus daemon cancel {run_dir.name} --remote ..." if remote
             else f"trainbus runs stop {run_dir.name}{_runs_dir_option(run_dir)}")
@@ -54,7 +56,7 @@ def why_not_resumable(run_dir: Path, epochs: int | None, rank: bool = False, rem
     checkpointed = has_checkpoints(run_dir)
     done = run.get("epochs_completed") or 0
     longer = (f"trainbus daemon submit --remote ... -- --resume {run_dir.name} --epochs N" if remote
-              else f"trainbus run --resume {run_dir.name}{_runs_dir_option(run_dir)} --epochs N")
+              else f"trainbus run --resume {run_dir.name}{_runs_dir_option(run_dir)}{' --detach' * detach} --epochs N")
     if run["status"] == "completed" and (epochs is None or epochs <= done):
         return (f"run {run_dir.name} has completed ({done} epoch{'s' * (done != 1)}); nothing to resume " + (
             f"(to train it longer: `{longer}` with N above {done})" if checkpointed

@@ -727,6 +727,8 @@ def test_a_completed_run_is_resumed_only_to_train_it_longer(tmp_path, one_checkp
     elsewhere.mkdir()
     proc = run_cli(elsewhere, "--resume", run_dir.name, "--runs-dir", str(runs))
     assert f"`trainbus run --resume {run_dir.name} --runs-dir {runs} --epochs N`" in proc.stderr, proc.stderr
+    proc = cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--detach", cwd=tmp_path)  # for the daemon:
+    assert f"`trainbus run --resume {run_dir.name} --detach --epochs N`" in proc.stderr, proc.stderr  # so is its fix
 
     # `runs resume` takes `run`'s options, as README says: --epochs here (and --plugins: none is under test)
     proc = cli("runs", "resume", run_dir.name, "--runs-dir", str(runs), "--epochs", "2", "--plugins", "", cwd=tmp_path)
