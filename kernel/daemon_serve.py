@@ -84,12 +84,17 @@ def serve(runs_dir: Path, devices: list[str] | None, max_concurrent: int, foregr
     # before the first round's lines (a run that ended while no daemon watched, one adopted): read top down, the log
     # would say the daemon before, killed maybe, saw them
     log.info("daemon pid %d starting for %s: settling the runs it finds, then serving", os.getpid(), daemon.runs_dir)
+    remote = None
     try:
+        # the TCP endpoint before the local one (a port it cannot bind leaves no endpoint file for clients to try) and
+        # before the first round: a daemon that cannot start settles nothing it would then leave unwatched
+        remote = Remote(listen, keys_dir, directory) if listen else None
         # a registry it cannot read: a refusal to start; the queued runs start once it serves (its log says so first)
         daemon.safe_tick(time.time(), fatal=(RegistryError,), start=False)
-        # the TCP endpoint before the local one: a port it cannot bind leaves no endpoint file for clients to try
-        remote = Remote(listen, keys_dir, directory) if listen else None
     except BaseException:  # ListenError, KeyFileError, DaemonError, RegistryError: each names its fix (the CLI)
+        if remote is not None:  # bound, and then the registry refused: no endpoint left for clients to try
+            remote.close()
+            (directory / REMOTE_FILE).unlink(missing_ok=True)
         os.close(lock.fd)
         raise
     daemon.remote_endpoint = remote and remote.endpoint

@@ -12,6 +12,7 @@ import shutil
 import select
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -179,6 +180,38 @@ def test_the_status_command_a_remote_submission_suggests_runs_as_printed_with_ke
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_a_daemon_that_cannot_bind_its_port_settles_nothing_and_leaves_no_endpoint(tmp_path):
+    """`daemon start --listen` on a port another process holds ran its first round (settling the runs a killed
+    daemon left: a job ended, a run adopted) before its bind failed, and exited with nobody watching what it had
+    just taken on. The port is bound first: a daemon that cannot start changes nothing."""
+    import psutil
+    from trainbus.kernel.keys import KeyStore
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    store = KeyStore(tmp_path / "keys")
+    store.generate_server()
+    store.generate_client("w", "monitor")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # a killed daemon's run, its process gone since
+    gone_started = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    with Registry(runs) as registry:
+        registry.submit({"id": "d", "state": "queued", "submitted_ts": 1.0, "argv": [], "cwd": str(tmp_path)},
+                        {"id": "d", "status": "queued"}, 1.0)
+        registry.move_job("d", ["queued"], state="running", pid=gone.pid, pid_started=gone_started)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = cli("daemon", "start", "--runs-dir", str(runs), "--listen", f"127.0.0.1:{port}", "--keys-dir",
+                   str(tmp_path / "keys"), check=False)
+    assert proc.returncode == 2 and f"cannot bind port {port}" in proc.stderr, proc.stderr
+    with Registry(runs) as registry:
+        assert registry.job("d")["state"] == "running"  # left for a daemon that serves to settle
+    assert not (daemon_dir(runs) / "remote.json").exists()
+    assert "d:" not in (daemon_dir(runs) / "daemon.log").read_text()
+
+
 def test_the_remote_endpoint_listens_on_an_ipv6_address_as_a_run_does(tmp_path, daemons):
     """`daemon start --listen [::1]:0`, as `run --listen` takes it: it said `[::1] is not an address of this
     machine` (libzmq's `No such device` for a socket without IPv6 on) and did not start."""
