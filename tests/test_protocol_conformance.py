@@ -462,14 +462,19 @@ def test_durable_resume_from_is_one_past_the_last_ack_in_a_kernel_process_and_1_
             resumed.wait()
 
 
-def _held_kernel_and_client(runs: Path, tmp_path: Path, kernels: list) -> tuple[KernelProcess, Path, Client]:
-    """A one-epoch run held before its first batch (open_gate(gate, ...) lets it go), and a raw client of it whose
-    subscription is live."""
-    cfg = config(runs, epochs=1, step_sleep_s=0.0)
+def _held_kernel_and_client(runs: Path, tmp_path: Path, kernels: list, plugins=(),
+                            steps: int = 0) -> tuple[KernelProcess, Path, Client]:
+    """A one-epoch run held after `steps` batches (open_gate(gate, ...) lets it go on), its `plugins` said ready, and
+    a raw client of it whose subscription is live."""
+    cfg = config(runs, plugins=plugins, epochs=1, step_sleep_s=0.0)
     gate = tmp_path / "gate"
     cfg.hyperparameters["gate"] = str(gate)
+    if steps:
+        open_gate(gate, steps)
     kernel = KernelProcess(cfg, tmp_path)
     kernels.append(kernel)
+    for plugin in plugins:
+        kernel.wait_event("plugin_ready", lambda e, name=plugin.name: e.data["plugin"] == name, timeout_s=120)
     wait_sockets(kernel)
     client = Client(kernel.run_dir)
     try:
@@ -478,6 +483,11 @@ def _held_kernel_and_client(runs: Path, tmp_path: Path, kernels: list) -> tuple[
         client.close()
         raise
     return kernel, gate, client
+
+
+def _recorder(tmp_path: Path) -> PluginConfig:
+    """A durable plugin of the run's (fixture_plugins.Recorder), recording into tmp_path/recorded."""
+    return PluginConfig("recorder", "fixture_plugins:Recorder", {"path": str(tmp_path / "recorded")})
 
 
 def _bye(client: Client) -> None:
@@ -862,17 +872,8 @@ def test_a_peer_saying_hello_under_hundreds_of_names_forgets_no_plugin_of_the_ru
     kernel forget them while they ran, connection and durable position both; their next acks were refused
     (`unknown_peer`), the reference client exited 1, and each was restarted and replayed the run from seq 1. Forgetting
     a name also dropped whatever connection now had its routing id: the churning peer's own current name."""
-    recorder = PluginConfig("recorder", "fixture_plugins:Recorder", {"path": str(tmp_path / "recorded")})
-    kernel, gate, client = None, tmp_path / "gate", None
-    cfg = config(short_runs, plugins=[recorder], epochs=1, step_sleep_s=0.0)
-    cfg.hyperparameters["gate"] = str(gate)
-    open_gate(gate, 5)
-    kernel = KernelProcess(cfg, tmp_path)
-    kernels.append(kernel)
-    kernel.wait_event("plugin_ready", lambda e: e.data["plugin"] == "recorder", timeout_s=120)
-    client = Client(kernel.run_dir)
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels, [_recorder(tmp_path)], steps=5)
     try:
-        client.drain_events(60.0)
         for i in range(300):
             client.hello(f"churn{i}", attach_credential(kernel.run_dir))
             client.wait_reply("welcome")
@@ -901,18 +902,9 @@ def test_a_kernel_stopped_while_reading_a_burst_answers_soon_after_and_declares_
     unanswered, and the run's own plugin, its heartbeats unread, was declared hung, killed and restarted. A round
     now owes at most one bucket (2.2 s unread at most), and silence counts only while the socket is read. A stop
     lands in a round about half the time (the burst is read for ~0.1 s; 3 of 6 in a probe), hence three."""
-    recorder = PluginConfig("recorder", "fixture_plugins:Recorder", {"path": str(tmp_path / "recorded")})
-    gate = tmp_path / "gate"
-    cfg = config(short_runs, plugins=[recorder], epochs=1, step_sleep_s=0.0)
-    cfg.hyperparameters["gate"] = str(gate)
-    open_gate(gate, 5)
-    kernel = KernelProcess(cfg, tmp_path)
-    kernels.append(kernel)
-    kernel.wait_event("plugin_ready", lambda e: e.data["plugin"] == "recorder", timeout_s=120)
-    client = Client(kernel.run_dir)
+    kernel, gate, client = _held_kernel_and_client(short_runs, tmp_path, kernels, [_recorder(tmp_path)], steps=5)
     answered_in = []
     try:
-        client.drain_events(60.0)
         client.hello(NAME, attach_credential(kernel.run_dir))
         client.wait_reply("welcome")
         for _ in range(STOPS):
