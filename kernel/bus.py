@@ -319,7 +319,14 @@ class Bus:
             return
         router = self.remote.router if identity[:1] == REMOTE and self.remote is not None else self.router
         try:
-            router.send_multipart((identity[1:], raw), zmq.NOBLOCK)
+            try:
+                router.send_multipart((identity[1:], raw), zmq.NOBLOCK)
+            except zmq.Again:
+                # The ROUTER learns what libzmq's I/O thread took from a connection's queue from commands it reads only
+                # now and then: a queue its peer reads can look full (a welcome dropped in 1 run of 5 on a busy box,
+                # the peer waiting for it). EVENTS reads them; a queue still full is a peer that does not read.
+                router.getsockopt(zmq.EVENTS)
+                router.send_multipart((identity[1:], raw), zmq.NOBLOCK)
         except (zmq.Again, zmq.ZMQError):  # gone or stalled peer: it will ask again
             self.counters["unroutable"] += 1
             return
