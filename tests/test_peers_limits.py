@@ -204,8 +204,8 @@ def test_a_round_that_ran_over_is_paid_back_before_the_next():
 def test_a_round_the_thread_was_stalled_in_owes_at_most_what_the_bucket_holds(stalled_s):
     """A round ends at its allowance bar one message (a few ms); one that lasted seconds was the bus thread not
     running (descheduled, a garbage collection, a disk holding a write up). Owed in full, the ipc control socket was
-    left unread for 20 times the stall: 20 s in a suite run, a peer's hello unanswered and its plugins' heartbeats
-    with it. It owes one bucket at most: back in (capacity + resume) / share, 2.2 s at 5 %, however long the stall."""
+    left unread for 20 times the stall, the run's plugins' heartbeats, votes and acks with it. It owes one bucket at
+    most: back in (capacity + resume) / share, 2.2 s at 5 %, however long the stall."""
     share = WorkShare(0.05, 0.01, T0)
     share.took(T0, T0 + stalled_s)
     assert share.allowance(T0 + stalled_s) == 0 and share.waiting

@@ -897,8 +897,8 @@ STOPS, STOPPED_S = 3, 1.0
 def test_a_kernel_stopped_while_reading_a_burst_answers_soon_after_and_declares_no_plugin_hung(
         short_runs, tmp_path, kernels):  # noqa: F811
     """The bus thread reads the ipc control socket for 5 % of its time, each round charged on the wall clock. A round
-    the thread was stalled in (here: the kernel stopped for a second while it read a burst of heartbeats; in a suite
-    run on a busy box, something like it) was owed in full: the socket was left unread for ~19 s, a hello went
+    the thread was stalled in (here: the kernel stopped for a second while it read a burst of heartbeats; on a busy
+    box, the thread descheduled) was owed in full: the socket was left unread for ~19 s, a hello went
     unanswered, and the run's own plugin, its heartbeats unread, was declared hung, killed and restarted. A round
     now owes at most one bucket (2.2 s unread at most), and silence counts only while the socket is read. A stop
     lands in a round about half the time (the burst is read for ~0.1 s; 3 of 6 in a probe), hence three."""
