@@ -268,26 +268,32 @@ def test_a_started_job_whose_process_died_with_no_daemon_up_holds_its_run_no_mor
                 registry.move_job("d", ["running"], state="ended")
 
 
+def started_by_a_gone_daemon(runs: Path, run_id: str, cwd: Path) -> None:
+    """A job of the queue in runs as a killed daemon leaves one it started: running, its process gone since."""
+    import psutil
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_started = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    with Registry(runs) as registry:
+        registry.submit({"id": run_id, "state": "queued", "submitted_ts": 1.0, "argv": [], "cwd": str(cwd)},
+                        {"id": run_id, "status": "queued"}, 1.0)
+        registry.move_job(run_id, ["queued"], state="running", pid=gone.pid, pid_started=gone_started)
+
+
 def test_a_run_deleted_while_no_daemon_watched_its_ended_kernel_is_listed_deleted_not_brought_back_died(tmp_path):
     """The daemon and its run's kernel killed, then `runs delete RUN` with no daemon up (as docs/daemon.md says it
     may be): the job still said running, so `daemon status` named it `gone` with `runs show RUN` to see how it ended,
     and the next daemon settled it as a run that never had a directory: `runs list` showed the deleted run again,
     `died (ended before its run had a directory ...)`, and `runs show` said the daemon never started a process for
     it. The delete now ends the job: listed `deleted`, as any run `runs delete` took, and nothing to settle."""
-    import psutil
     from trainbus.kernel.session import run_training
     from helpers import run_config
 
     runs = tmp_path / "runs"
     runs.mkdir()
     assert run_training(run_config(runs, target=TINY), run_id="d").status == "completed"  # the run's directory
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone_started = psutil.Process(gone.pid).create_time()
-    gone.wait()
-    with Registry(runs) as registry:
-        registry.submit({"id": "d", "state": "queued", "submitted_ts": 1.0, "argv": [], "cwd": str(tmp_path)},
-                        {"id": "d", "status": "queued"}, 1.0)
-        registry.move_job("d", ["queued"], state="running", pid=gone.pid, pid_started=gone_started)
+    started_by_a_gone_daemon(runs, "d", tmp_path)
     assert cli("runs", "delete", "d", "--yes", "--runs-dir", str(runs)).returncode == 0
     status = cli("daemon", "status", "--runs-dir", str(runs), check=False)
     assert status.returncode == 3 and "gone d" not in status.stdout, status.stdout
@@ -303,7 +309,6 @@ def test_a_daemon_settling_a_job_whose_run_was_resumed_by_hand_meanwhile_says_so
     `run running`. Each says now that the run goes on in a kernel the daemon did not start, and which."""
     import logging
 
-    import psutil
     from trainbus.kernel.kernel_pid import KERNEL_PID
     from trainbus.kernel.run_json import SUMMARY
     from trainbus.kernel.session import run_training
@@ -312,17 +317,11 @@ def test_a_daemon_settling_a_job_whose_run_was_resumed_by_hand_meanwhile_says_so
     runs = tmp_path / "runs"
     runs.mkdir()
     assert run_training(run_config(runs, target=TINY), run_id="d").status == "completed"
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone_started = psutil.Process(gone.pid).create_time()
-    gone.wait()
     by_hand = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the resumed run's kernel
     try:
         (runs / "d" / SUMMARY).unlink()  # as a kernel still training leaves its directory
         (runs / "d" / KERNEL_PID).write_text(f"{by_hand.pid}\n")
-        with Registry(runs) as registry:
-            registry.submit({"id": "d", "state": "queued", "submitted_ts": 1.0, "argv": [], "cwd": str(tmp_path)},
-                            {"id": "d", "status": "queued"}, 1.0)
-            registry.move_job("d", ["queued"], state="running", pid=gone.pid, pid_started=gone_started)
+        started_by_a_gone_daemon(runs, "d", tmp_path)
         status = cli("daemon", "status", "--runs-dir", str(runs), check=False).stdout
         assert (f"  gone d: started by a daemon that is gone; the run goes on in a kernel the daemon did not start "
                 f"(pid {by_hand.pid})") in status, status

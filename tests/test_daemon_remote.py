@@ -12,7 +12,6 @@ import shutil
 import select
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from conftest import start_daemon, child_path_with_tests, trainbus_cmd
 from fixture_targets import open_gate
 from kernel_process import wait_until
 from remote_support import curve_dealers, peak_growth_while_flooding
-from test_daemon import PACED, TINY, WAIT_S, cli, listed, one_error_line
+from test_daemon import PACED, TINY, WAIT_S, cli, listed, one_error_line, started_by_a_gone_daemon
 
 
 def test_key_file_mistakes_on_remote_daemon_commands_are_one_error_line(tmp_path):
@@ -184,7 +183,6 @@ def test_a_daemon_that_cannot_bind_its_port_settles_nothing_and_leaves_no_endpoi
     """`daemon start --listen` on a port another process holds ran its first round (settling the runs a killed
     daemon left: a job ended, a run adopted) before its bind failed, and exited with nobody watching what it had
     just taken on. The port is bound first: a daemon that cannot start changes nothing."""
-    import psutil
     from trainbus.kernel.keys import KeyStore
 
     runs = tmp_path / "runs"
@@ -192,13 +190,7 @@ def test_a_daemon_that_cannot_bind_its_port_settles_nothing_and_leaves_no_endpoi
     store = KeyStore(tmp_path / "keys")
     store.generate_server()
     store.generate_client("w", "monitor")
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # a killed daemon's run, its process gone since
-    gone_started = psutil.Process(gone.pid).create_time()
-    gone.wait()
-    with Registry(runs) as registry:
-        registry.submit({"id": "d", "state": "queued", "submitted_ts": 1.0, "argv": [], "cwd": str(tmp_path)},
-                        {"id": "d", "status": "queued"}, 1.0)
-        registry.move_job("d", ["queued"], state="running", pid=gone.pid, pid_started=gone_started)
+    started_by_a_gone_daemon(runs, "d", tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
