@@ -22,6 +22,7 @@ import zmq
 from trainbus.proto import Event, encode_event, events as ev
 from trainbus.proto.codec import CONTROL_MAX_MESSAGE_BYTES
 
+from .answers import send_answer
 from .control_reading import CONTROL_PER_WAKE, LOCAL_CONTROL_RCVHWM, LOCAL_CONTROL_SNDHWM, REMOTE, ControlReading
 from .doorbell import Doorbell
 from .journal import Journal
@@ -318,16 +319,7 @@ class Bus:
             self._answers.append((identity, raw))
             return
         router = self.remote.router if identity[:1] == REMOTE and self.remote is not None else self.router
-        try:
-            try:
-                router.send_multipart((identity[1:], raw), zmq.NOBLOCK)
-            except zmq.Again:
-                # The ROUTER learns what libzmq's I/O thread took from a connection's queue from commands it reads only
-                # now and then: a queue its peer reads can look full (a welcome dropped in 1 run of 5 on a busy box,
-                # the peer waiting for it). EVENTS reads them; a queue still full is a peer that does not read.
-                router.getsockopt(zmq.EVENTS)
-                router.send_multipart((identity[1:], raw), zmq.NOBLOCK)
-        except (zmq.Again, zmq.ZMQError):  # gone or stalled peer: it will ask again
+        if not send_answer(router, (identity[1:], raw)):  # gone or stalled peer: it will ask again
             self.counters["unroutable"] += 1
             return
         if identity[:1] == REMOTE:

@@ -45,7 +45,7 @@ FINAL_REFILL_MS = 10
 # 1,000 held for it (~4 GB of the kernel's memory in 25 s). Past it, a reply is dropped and counted unroutable, and the
 # peer asks again (as on TCP, kernel/remote.py CONTROL_SNDHWM). Not fewer: the ROUTER learns what libzmq's I/O thread
 # took from its queue only every SNDHWM / 2 messages, so a tiny queue can look full to a peer that reads (at 16 too,
-# on a busy box: Bus.send then reads the socket's commands and tries once more).
+# on a busy box: kernel/answers.py then reads the socket's commands and tries once more).
 LOCAL_CONTROL_SNDHWM = 16
 # Messages queued in the kernel from one local connection before the bus reads them, at most: at 10,000 of up to
 # 256 KiB a process of the run's user resending a big message grew the kernel by 2.3 GB in 8 s. Past it the sender

@@ -30,6 +30,7 @@ from trainbus.proto.codec import MAX_CONTROL_CONTAINERS
 from trainbus.proto.process import drain
 from trainbus.proto.remote import advertised
 
+from .answers import send_answer
 from .credentials import bindable
 from .daemon import TICK_S, Daemon
 from .daemon_files import (CONTROL_MAX_BYTES, ENDPOINT_FILE, LOG_FILE, PID_FILE, REMOTE_FILE, DaemonError,
@@ -182,7 +183,8 @@ REFUSED_LOG_EVERY_S = 10.0
 REMOTE_RCVHWM = 4
 # Answers queued for a connection that does not read them (a status is a few KiB). Not fewer: the ROUTER drops an
 # answer when the queue looks full, and it learns what libzmq's I/O thread took from it only every SNDHWM / 2
-# messages, when the loop gets round to it; at 4, one request in ~50 went unanswered.
+# messages, when the loop gets round to it; at 4, one request in ~50 went unanswered (at 16 too, now and then, on a
+# busy box: kernel/answers.py then reads the socket's commands and tries once more).
 REMOTE_SNDHWM = 16
 REMOTE_RUNS_HINT = ("(--resume names a run of the daemon's runs directory: `trainbus daemon status --remote ...` "
                     "lists the runs it ended last)")
@@ -249,7 +251,7 @@ class Remote:
         from .remote import Crowd, curve_server
 
         socket = curve_server(self.context, zmq.ROUTER, self._secret, MAXMSGSIZE=CONTROL_MAX_BYTES, LINGER=0,
-                              RCVHWM=REMOTE_RCVHWM, SNDHWM=REMOTE_SNDHWM)
+                              RCVHWM=REMOTE_RCVHWM, SNDHWM=REMOTE_SNDHWM, ROUTER_MANDATORY=1)
         return socket, Crowd(socket)
 
     def cut_crowded(self) -> bool:
@@ -330,10 +332,7 @@ def _answer(socket: zmq.Socket, peer_of: Callable[[list[zmq.Frame]], tuple[str |
             except Exception as exc:  # one request's fault (a field of an odd type) never takes the queue down
                 log.exception("request %s failed", op)
                 reply = {"ok": False, "error": f"{op} failed: {type(exc).__name__}: {exc}"}
-        try:
-            socket.send_multipart([frames[0], msgpack.packb(reply, default=str)], zmq.NOBLOCK)
-        except zmq.ZMQError:  # the peer is gone, or not reading: its answer is dropped
-            pass
+        send_answer(socket, [frames[0], msgpack.packb(reply, default=str)])  # dropped: the peer is gone, or not reading
 
 
 def _do(op: str, request: dict[str, Any], daemon: Daemon, stopping: list[str], who: str) -> dict[str, Any]:
@@ -441,6 +440,7 @@ def _bind_control(context: zmq.Context, directory: Path) -> tuple[zmq.Socket, st
     endpoint = f"ipc://{home / CONTROL_SOCKET}"
     (home / CONTROL_SOCKET).unlink(missing_ok=True)  # a previous daemon killed with SIGKILL left it
     socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a queue that only looks full is said, and sent to again (answers.py)
     socket.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_BYTES)
     socket.setsockopt(zmq.LINGER, 0)
     socket.bind(endpoint)
