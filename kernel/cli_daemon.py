@@ -98,11 +98,17 @@ def _remote_line(endpoint: str, runs_dir: Path) -> str:
 
 
 @daemon_app.command("stop")
-def daemon_stop(runs_dir: Path = RUNS_DIR_OPTION) -> None:
+def daemon_stop(runs_dir: Path = RUNS_DIR_OPTION,
+                remote: Optional[str] = typer.Option(None, "--remote", hidden=True),
+                key: Optional[str] = typer.Option(None, "--key", hidden=True),
+                server_key: Optional[str] = typer.Option(None, "--server-key", hidden=True)) -> None:
     """Stop the daemon; its runs go on training and the next daemon adopts them."""
     from . import daemon_client, daemon_files
     from .runs import no_runs_dir
 
+    if (remote, key, server_key) != (None, None, None):  # a key reaches no further than its runs (docs/daemon.md, "Who can ask it what")
+        raise UserError("`daemon stop` is for the daemon's own host: run it there; a control key stops a run with "
+                        "`daemon cancel RUN --remote HOST:PORT ...`")
     try:
         answer = daemon_client.stop(runs_dir)
     except daemon_files.DaemonError as exc:

@@ -504,6 +504,17 @@ def test_remote_options_given_where_they_do_nothing_are_refused_in_one_line(tmp_
                                                "serves its own runs directory; leave --runs-dir out"), done.stderr
 
 
+def test_daemon_stop_with_remote_options_says_it_is_the_hosts_alone(tmp_path):
+    """`daemon stop --remote ...` said only "No such option: --remote", as if the option were mistyped: stop is
+    the host's (a key never stops the daemon), and a control key stops a run with `daemon cancel`."""
+    key = tmp_path / "k.key_secret"
+    for options in (["--remote", "127.0.0.1:9"], ["--key", str(key)], ["--server-key", str(key)]):
+        done = cli("daemon", "stop", "--runs-dir", str(tmp_path / "runs"), *options, check=False)
+        assert done.returncode == 2, done
+        assert one_error_line(done) == ("error: `daemon stop` is for the daemon's own host: run it there; a control "
+                                        "key stops a run with `daemon cancel RUN --remote HOST:PORT ...`"), done.stderr
+
+
 def test_an_empty_key_file_or_a_remote_command_giving_an_option_twice_is_refused_before_anything_is_sent(tmp_path):
     """`--key "$UNSET"` was read as the current directory ("server key file . is not a readable CURVE public key");
     `daemon submit -- --epochs 3 --epochs 4` was queued, and failed once the daemon started it."""
