@@ -89,6 +89,7 @@ class Loop(LoopCheckpoints):
         self._agreed = False  # across ranks: _deferred_checkpoint was agreed on, and waits only for that step
         self._buffers_asked = checkpointer is None  # once the state's full size is known and a persister is here
         self._held: list = []  # across ranks: rank 0's replies until the ranks next agree
+        self._signal = ""  # the Ctrl-C or SIGTERM the latest _decide read (and, across ranks, rank 0 broadcast)
         self._loaded_from: str | None = None
         self._kept_in_eval: list[torch.nn.Module] = []  # submodules the user's code put in eval mode (run())
         self._workers_started: set[int] = set()  # id() of each DataLoader whose persistent workers _iterate started
@@ -363,9 +364,12 @@ class Loop(LoopCheckpoints):
         control = merge_replies(replies) if replies else NO_CONTROL
         if control.checkpoint_now:
             checkpoint = "checkpoint_now"
+        # read once, for _apply too: a signal whose handler ran as rank 0's broadcast of 'go on' returned (it came
+        # while rank 0 waited there) would stop rank 0 alone, the others waiting in their next all-reduce
+        self._signal = self.stop_requested()
         if self.ranks is None:
             return control, checkpoint
-        agreed = self.ranks.agree(Control(should_stop=control.should_stop or bool(self.stop_requested()),
+        agreed = self.ranks.agree(Control(should_stop=control.should_stop or bool(self._signal),
                                           checkpoint_now=checkpoint is not None))
         if self.ranks.is_main:
             return control, checkpoint
@@ -374,8 +378,9 @@ class Loop(LoopCheckpoints):
     # -- replies ----------------------------------------------------------------------------------
 
     def _apply(self, control: Control) -> bool:
-        """Act on merged replies at a step boundary; True when training should stop now."""
-        signal_name = self.stop_requested()
+        """Act on merged replies at a step boundary (and the signal _decide read); True when training should stop
+        now."""
+        signal_name = self._signal
         if not (control.should_stop or signal_name):
             return False
         # a signal is said first, with a plugin's stop at the same boundary too: the run ends interrupted (to be

@@ -308,3 +308,40 @@ def killed_once(hyperparameters: dict):
 
     spec.model.register_forward_hook(count)
     return spec
+
+
+class _SignalsRank0InAnAgreement:
+    """A metric (always 0) by which, at training batch `at` (an agreement's step: distributed.AGREE_EVERY), rank 0
+    says it got there (RUN_DIR/rank0-at-agreement) and rank 1, once it has, sends rank 0 a SIGTERM before it joins
+    the agreement itself: rank 0 has read that no signal came and waits in that broadcast, and its handler runs as
+    the broadcast returns."""
+
+    def __init__(self, model, at: int):
+        self.model, self.at, self.batches = model, at, 0
+
+    def __call__(self, outputs, targets) -> float:
+        import signal
+
+        self.batches += self.model.training
+        if not self.model.training or self.batches != self.at:
+            return 0.0
+        run_dir = Path(os.environ["RUN_DIR"])
+        there = run_dir / "rank0-at-agreement"
+        if os.environ.get("RANK") == "0":
+            there.touch()
+            return 0.0
+        deadline = time.monotonic() + GATE_TIMEOUT_S
+        while not there.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # rank 0, past its metrics, reads the signals and enters the broadcast, which waits for us
+        os.kill(int((run_dir / "kernel.pid").read_text()), signal.SIGTERM)
+        return 0.0
+
+
+def signalled_in_an_agreement(hyperparameters: dict):
+    """probed_digits whose rank 0 gets a SIGTERM from rank 1 while it waits in the ranks' agreement at training batch
+    `at` (default 16: the first; _SignalsRank0InAnAgreement)."""
+    at = int(hyperparameters.pop("at", 16))
+    spec = probed_digits(hyperparameters)
+    spec.metrics["signal"] = _SignalsRank0InAnAgreement(spec.model, at)
+    return spec

@@ -238,6 +238,25 @@ def test_a_sigterm_ends_a_two_process_run_interrupted_with_exit_130(tmp_path, wh
     assert "error:" not in output, output
 
 
+def test_a_sigterm_that_comes_as_rank_0_waits_in_an_agreement_stops_every_rank_at_the_same_step(tmp_path):
+    """A SIGTERM to rank 0 as it waited in the ranks' agreement (torchrun passing on a Ctrl-C, while rank 1 had not
+    joined yet): rank 0 broadcast 'go on', then read the signal again as the broadcast returned and stopped alone;
+    rank 1 went on into its next all-reduce, and gloo aborted rank 0 ('Received data size doesn't match'): no
+    summary, the run `died`. Every rank now acts on what was agreed, so both stop at the next agreement."""
+    proc = cli("run", f"{TESTS_DIR / 'fixture_targets.py'}:signalled_in_an_agreement", "--device", "cpu",
+               "--runs-dir", str(tmp_path / "runs"), "--nproc", "2", "--epochs", "3", "--plugins", "",
+               timeout=300, cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    [run_dir] = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert proc.returncode == 130 and (run_dir / "summary.json").is_file(), output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    assert summary["outcome"]["stop_reasons"] == ["kernel: stop: interrupted (SIGTERM)"], summary["outcome"]
+    rank0, rank1 = probes(run_dir)
+    assert rank0 == rank1 and rank0[-1]["batches"] == summary["outcome"]["steps"] > 16, (rank0, rank1)
+    assert "error:" not in output, output
+
+
 @pytest.mark.slow  # a two-process run and its restart (~25 s each on 2 cores): run with -m slow
 @pytest.mark.parametrize("rank", [0, 1])  # 0 owns the journal and the plugins; 1 dies under rank 0's collective
 def test_a_rank_killed_mid_epoch_is_restarted_and_the_run_goes_on_exactly(tmp_path, reference, rank):
