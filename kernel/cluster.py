@@ -134,4 +134,4 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None, launcher
     try:
         return int(value)
     except ValueError:
-        raise ClusterError(f"{name}={value!r} is not an integer") from None
+        raise ClusterError(f"{name}={value!r} is not an integer: give it a whole number, or unset it") from None

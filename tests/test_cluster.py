@@ -64,7 +64,9 @@ def test_the_first_host_keeps_what_follows_its_range(nodelist, first):
 
 @pytest.mark.parametrize("env, message", [
     ({**TORCHRUN, "RANK": "4"}, "rank 4 is not below world size 4"),
-    ({**TORCHRUN, "WORLD_SIZE": "four"}, "WORLD_SIZE='four' is not an integer"),
+    # said no way out, and an empty one (MASTER_PORT=$UNSET) read as a value
+    ({**TORCHRUN, "WORLD_SIZE": "four"}, r"^WORLD_SIZE='four' is not an integer: give it a whole number, or unset it$"),
+    ({**SRUN, "MASTER_PORT": ""}, r"^MASTER_PORT='' is not an integer: give it a whole number, or unset it$"),
     # what was set by hand said no way out: "SLURM_PROCID is not set, though the launcher set the others of its
     # variables"
     ({k: v for k, v in TORCHRUN.items() if k != "WORLD_SIZE"},
