@@ -187,7 +187,7 @@ class _Restarts:
                        if isinstance(exitcode, int) and exitcode < 0 else f"exited with code {exitcode}")
                 rank = f"rank {local_rank}" if self.nnodes == 1 else f"local rank {local_rank} of this machine"
                 print(f"trainbus: {rank} (pid {pid}) {how}; torchrun restarts the group ({self.left} restart"
-                      f"{'s' * (self.left != 1)} left): the run goes on in place from its newest checkpoint",
+                      f"{'s' * (self.left != 1)} left): {restart_goes_on(self.summary.parent)}",
                       file=sys.stderr, flush=True)
             self.left -= 1
             self.attempt_began = time.time()
@@ -235,6 +235,14 @@ def _killed_ranks(failure: Exception | None) -> list[tuple[int, Any]]:
     killed = sorted((rank, process) for rank, process in getattr(failure, "failures", {}).items()
                     if process.exitcode < 0)
     return [(rank, process) for rank, process in killed if process.exitcode != -signal.SIGTERM] or killed
+
+
+def restart_goes_on(run_dir: Path) -> str:
+    """Where a group torchrun restarts (--max-restarts) takes the run up again (session.py: continue_run)."""
+    from .checkpointing import has_checkpoints
+
+    return ("the run goes on in place from its newest checkpoint" if has_checkpoints(run_dir) else
+            "the run goes on in place from where it began (it has no checkpoint yet)")
 
 
 def resume_line(run_id: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from .cli_common import out
+from .cli_launch import restart_goes_on
 from .cluster import LAUNCH_RUN_ID, restarts_left
 from .run_overview import votes_missed
 
@@ -102,8 +103,8 @@ def print_summary(result) -> None:
     out.print(f"  results: {result.run_dir}")
     left = restarts_left() if result.status == "failed" else 0
     if left and os.environ.get(LAUNCH_RUN_ID):  # --max-restarts: this failure is not the run's end
-        out.print(f"  torchrun restarts the group ({left} restart{'s' * (left != 1)} left): the run goes on in place "
-                  f"from its newest checkpoint")
+        out.print(f"  torchrun restarts the group ({left} restart{'s' * (left != 1)} left): "
+                  f"{restart_goes_on(Path(result.run_dir))}")
     elif left:  # the user's own torchrun: its restarted group names no run to go on with, so makes a new one
         out.print(f"  torchrun restarts the group ({left} restart{'s' * (left != 1)} left) as a new run, from the "
                   f"start: a restart continues the run in place only under `trainbus run --nproc N --max-restarts M`")

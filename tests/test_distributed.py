@@ -991,6 +991,19 @@ def test_ranks_given_uneven_batches_by_the_users_loader_end_the_epoch_together(t
     assert proc.stderr.count("different numbers of batches") == 1, proc.stderr
 
 
+def test_a_failed_attempt_of_a_run_without_checkpoints_says_its_restart_goes_on_from_where_it_began(tmp_path):
+    """--max-restarts 1 and no checkpoint plugin, rank 1 raising at its third batch each attempt: rank 0's summary of
+    the first said the run went on 'from its newest checkpoint', of which there was none; it began again."""
+    tmp_path.mkdir(exist_ok=True)
+    proc = cli("run", f"{TESTS_DIR / 'fixture_targets.py'}:fails_on_rank_1", "--device", "cpu", "--runs-dir",
+               str(tmp_path / "runs"), "--nproc", "2", "--epochs", "1", "--plugins", "", "--max-restarts", "1",
+               timeout=300, cwd=tmp_path)
+    both = proc.stdout + proc.stderr
+    said = [line.strip() for line in proc.stdout.splitlines() if "torchrun restarts the group" in line]
+    assert proc.returncode == 1 and said == ["torchrun restarts the group (1 restart left): the run goes on in place "
+                                             "from where it began (it has no checkpoint yet)"], both
+
+
 @pytest.mark.parametrize("rank, at", [(0, 5), (1, 0)])  # rank 0 mid-epoch; rank 1 as it builds, before the run began
 def test_a_rank_killed_while_restarts_are_left_is_named_with_the_restart(tmp_path, rank, at):
     """kill -9 of a rank under --max-restarts 1: where rank 0 could not say it (it was the one killed, or the run had
@@ -1004,8 +1017,9 @@ def test_a_rank_killed_while_restarts_are_left_is_named_with_the_restart(tmp_pat
     assert proc.returncode == 0 and (tmp_path / f"killed-rank{rank}").exists(), both
     said = [line for line in proc.stderr.splitlines() if "was killed by SIGKILL" in line]
     assert len(said) == 1 and said[0].startswith(f"trainbus: rank {rank} (pid "), both
-    assert said[0].endswith("torchrun restarts the group (1 restart left): the run goes on in place from its newest "
-                            "checkpoint"), both
+    # no checkpoint plugin: the restart goes on from where the run began, which the line said was its newest checkpoint
+    assert said[0].endswith("torchrun restarts the group (1 restart left): the run goes on in place from where it "
+                            "began (it has no checkpoint yet)"), both
     assert both.count("completed after 1 epoch") == 1, both
 
 
