@@ -194,6 +194,16 @@ SUBMIT_OWN = ("--gpus", "--max-resumes")
 SUBMIT_REFUSED = ("--detach", *SUBMIT_OWN)
 
 
+# `trainbus run` options another tool's users reach for that no near miss names (`--devices` is no typo of --device)
+RUN_OPTIONS_ELSEWHERE = {
+    "devices": "Lightning's --devices is --nproc N here: processes on this machine, one GPU each on CUDA; or "
+               "--device cuda:N for one GPU",
+    "accelerator": "Lightning's --accelerator is --device here: auto, cpu or cuda",
+    "strategy": "Lightning's --strategy has nothing to set here: DDP under --nproc, torchrun or srun",
+    "nproc_per_node": "torchrun's --nproc-per-node is --nproc N here",
+}
+
+
 def usage_error(exc: Exception, submitted: bool = False) -> str:
     """click's usage error in its words; an unknown option with the one or two options it is likely a misspelling
     of, as a question; a number out of range or not one, with what the option takes. `submitted`: of a remote
@@ -203,6 +213,8 @@ def usage_error(exc: Exception, submitted: bool = False) -> str:
     if type(exc).__name__ != "NoSuchOption" or getattr(exc, "ctx", None) is None:
         return exc.format_message()
     ctx, given = exc.ctx, exc.option_name.lstrip("-")
+    if ctx.command.name == "run" and (elsewhere := RUN_OPTIONS_ELSEWHERE.get(given.replace("-", "_"))):
+        return f"{exc.message} ({elsewhere})"
     names = {opt.lstrip("-"): opt for param in ctx.command.get_params(ctx)
              for opt in (*param.opts, *param.secondary_opts) if opt.startswith("--")}
     if submitted:

@@ -568,6 +568,13 @@ def test_a_mistyped_option_of_runs_resume_points_at_a_command_there_is(tmp_path,
     (["daemon", "start", "--gpu", "1"], "No such option: --gpu (did you mean --gpus?)"),
     (["daemon", "start", "--runsdir", "x"], "No such option: --runsdir (did you mean --runs-dir?)"),
     (["run", "--lr", "0.1"], "No such option: --lr"),
+    # another tool's option that no near miss names: Lightning's --devices is no typo of --device
+    (["run", "--devices", "2"], "No such option: --devices (Lightning's --devices is --nproc N here: processes on this "
+                                "machine, one GPU each on CUDA; or --device cuda:N for one GPU)"),
+    (["run", "--nproc_per_node=2"], "No such option: --nproc_per_node (torchrun's --nproc-per-node is --nproc N "
+                                    "here)"),
+    (["run", "--accelerator", "gpu"], "No such option: --accelerator (Lightning's --accelerator is --device here: "
+                                      "auto, cpu or cuda)"),
 ])
 def test_a_mistyped_option_is_said_with_the_options_it_is_close_to(args, said, tmp_path):
     """click compared an unknown option with each option, dashes and all, and listed every one over its cutoff as
