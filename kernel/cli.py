@@ -94,6 +94,7 @@ def attach(
     from trainbus.proto.remote import CLIENT_KEY_FIX, names_connection_file
 
     from . import runs, runs_view
+    from .kernel_pid import kernel_elsewhere
     from .run_details import run_details
     from .run_overview import run_overview
 
@@ -121,6 +122,12 @@ def attach(
         try:
             run_dir = runs.resolve_run(run, runs_dir)
         except runs.RunLookupError as exc:
+            beside = Path(run).parent.resolve()
+            if names_connection_file(run) and runs.is_run_dir(beside) and not kernel_elsewhere(beside):
+                # the file `run --listen` prints, read on the run's own host: its ipc sockets need no key
+                raise UserError(f"{run} is the connection file of a run on this host: attach its run directory "
+                                f"without --key, `trainbus attach {beside}` (--key is for a remote kernel's "
+                                f"HOST:PORT or connection.json)") from None
             if re.fullmatch(r"[^/\s]+:\d+", run) or names_connection_file(run):  # a remote kernel, without a key
                 raise UserError(f"{run} is a remote kernel's HOST:PORT or connection file: give --key, this "
                                 f"client's secret key file: {CLIENT_KEY_FIX}") from None

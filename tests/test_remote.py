@@ -1286,6 +1286,27 @@ def test_attach_to_a_local_run_with_a_key_says_a_local_run_needs_none(tmp_path):
                                                                f"connection.json)\n"), proc.stderr
 
 
+def test_a_local_runs_connection_file_without_a_key_is_told_to_attach_its_run_directory(tmp_path):
+    """`trainbus run --listen` prints `clients: RUN_DIR/connection.json`, and on the run's own host `attach` of that
+    file without --key was told to get a client key made and copied: the run directory beside it needs none. A
+    connection file in a run directory of another host's kernel (a shared filesystem) is still a remote one."""
+    run_dir = tmp_path / "runs" / "20250101-120000-a1b2c3"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / CONNECTION_FILE).write_text("{}")
+    for where, cwd in ((str(run_dir / CONNECTION_FILE), tmp_path), (CONNECTION_FILE, run_dir)):
+        proc = subprocess.run([str(Path(sys.executable).parent / "trainbus"), "attach", where], cwd=cwd,
+                              capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, one_line(proc.stderr)) == (2, f"error: {where} is the connection file of a run on "
+                                                               f"this host: attach its run directory without --key, "
+                                                               f"`trainbus attach {run_dir}` (--key is for a remote "
+                                                               f"kernel's HOST:PORT or connection.json)\n"), proc.stderr
+    (run_dir / "kernel.host").write_text("another-host\n")
+    proc = subprocess.run([str(Path(sys.executable).parent / "trainbus"), "attach", str(run_dir / CONNECTION_FILE)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is a remote kernel's HOST:PORT or connection file: give --key" in proc.stderr
+
+
 def test_a_refused_key_and_an_unresolved_host_are_said_of_the_host_port_given_not_another_port(keys):
     """Attach takes its events from PORT + 2 and a plugin from PORT + 1: whichever socket's handshake failed first
     named its own port, so a refused key was said of PORT + 2 (and a plugin's unresolved host of PORT + 1), a
