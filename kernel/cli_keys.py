@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -82,6 +83,11 @@ def keys_generate(
                          f"here); there: trainbus attach HOST:PORT {keys} (a run's --listen HOST:PORT{steer}) watches "
                          f"a run, and python -m trainbus.sdk MODULE:CLASS --connect HOST:PORT {keys} runs a plugin "
                          f"against it"))
+    try:  # what `run --listen` would refuse these keys for, said before they are copied to the clients
+        store.check_secrets()
+    except KeyFileError as exc:
+        print(f"trainbus: warning: a kernel or daemon refuses --listen with this key directory until this is fixed: "
+              f"{exc}", file=sys.stderr)
 
 
 def _role_said(name: str, role: Optional[str], store: KeyStore) -> str:

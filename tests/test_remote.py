@@ -1258,6 +1258,26 @@ def test_a_damaged_client_key_file_is_told_to_be_copied_again_not_generated_here
             assert done.stderr.endswith(f"; {fix}\n") and "\n" not in done.stderr[:-1], done.stderr
 
 
+def test_keys_made_where_a_kernel_would_refuse_them_say_so_as_they_are_made(tmp_path):
+    """`trainbus keys generate` into a key directory under a folder others can write (not sticky) made the keys and
+    said nothing: the refusal came only at `trainbus run --listen`, after the keys were copied to the clients. It
+    is said as they are made (a warning: the keys are made and good once the folder is fixed), with the fix."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    keys_dir = shared / "keys"
+    for args in (["server"], ["client", "alice"]):
+        made = keys_cli("generate", *args, "--keys-dir", str(keys_dir))
+        assert made.returncode == 0 and (keys_dir / "server.key").exists(), made.stderr
+        said = one_line(made.stderr)
+        assert said.startswith("trainbus: warning: a kernel or daemon refuses --listen with this key directory "
+                               f"until this is fixed: {shared} is writable by other users") and said.endswith(
+            f"fix: chmod go-w {shared} (or chmod +t)\n"), made.stderr
+    shared.chmod(0o755)
+    made = keys_cli("generate", "client", "bob", "--keys-dir", str(keys_dir))
+    assert (made.returncode, made.stderr) == (0, "")
+
+
 @pytest.mark.parametrize("words, said", [
     (["foo"], "`server` takes no NAME (there is one server pair per host): for a client's pair, give `client foo`"),
     (["--role", "control"], "`server` takes no --role (roles are the client keys'): give `client NAME --role control`"),
