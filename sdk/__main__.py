@@ -42,7 +42,8 @@ options:
   --connect HOST:PORT|connection.json
                         a remote kernel (`trainbus run --listen`; tcp://HOST:PORT as it prints it is taken too),
                         over TCP with CURVE keys
-  --key FILE            with --connect: this client's secret key (`trainbus keys generate client`)
+  --key FILE            with --connect: this client's secret key, NAME.key_secret, made on the kernel's host
+                        (`trainbus keys generate client NAME` there) and copied to this machine
   --server-key FILE     with --connect: the server's public key, pinned: its server.key or the run's
                         connection.json (default: the connection file's, else server.key in the key directory)
   --describe T ...      print each plugin's description and settings as JSON, checking SETTINGS_JSON if given
