@@ -258,6 +258,11 @@ class KeyRing:
             self._refresh(now)
         return self._revocations
 
+    @property
+    def unsafe(self) -> str | None:
+        """Why no key is let in now (another user could change the key directory), as last read; None when safe."""
+        return self._unsafe
+
     def callback(self, domain: str, key: bytes) -> bool:
         """zmq.auth's credentials provider: asked at every CURVE handshake with the client's z85 key."""
         return self.lookup(key.decode("ascii", "replace"), fresh=True) is not None

@@ -54,7 +54,11 @@ class RemotePolicing:
         if not self.remote.cut_revoked():
             return
         self._take(poller, old)
-        log.warning("a client key was revoked: every TCP subscriber was cut off and the others reconnect")
+        if self.remote.keyring.unsafe:  # every key gone at once, none revoked: nobody can reconnect until it is fixed
+            log.warning("no client key is let in while the key directory is unsafe (said above): every TCP subscriber "
+                        "was cut off")
+        else:
+            log.warning("a client key was revoked: every TCP subscriber was cut off and the others reconnect")
 
     def cut_crowded(self, poller: zmq.Poller) -> None:
         """A TCP socket holding more connections than its cap (kernel/remote.py cut_crowded, a flood with no key:

@@ -166,6 +166,29 @@ def test_a_key_revoked_while_connected_is_cut_off_the_events_and_bursts_and_the_
     assert lines[1:] == [as_json(journal[s]) for s in seqs] and seqs[-1] == max(journal)
 
 
+def test_a_key_directory_made_unsafe_mid_run_is_said_as_such_not_as_a_revoked_key(keys, runs_dir, tmp_path, kernels):
+    """A key directory others could write, found so mid-run, lets no key in and cuts every TCP subscriber, as a
+    revocation does; kernel.log then said `a client key was revoked ... the others reconnect`: no key was revoked,
+    and none can reconnect until the directory is fixed."""
+    gate = tmp_path / "gate"  # held at its first batch: the bus thread looks at the key directory meanwhile
+    kernel = KernelProcess(listening_config(runs_dir, keys["dir"], step_sleep_s=0, gate=gate), tmp_path)
+    kernels.append(kernel)
+    connection(kernel)
+    log = kernel.run_dir / "kernel.log"
+    keys["dir"].chmod(0o777)
+    try:
+        wait_until(lambda: "every TCP subscriber was cut off" in log.read_text(), 30,
+                   "the kernel to cut its subscribers")
+    finally:
+        keys["dir"].chmod(0o700)
+    said = log.read_text()
+    assert "a client key was revoked" not in said, said
+    assert "no client key is let in while the key directory is unsafe (said above): every TCP subscriber was cut " \
+           "off" in said, said
+    open_gate(gate, 2 * STEPS_PER_EPOCH)
+    assert kernel.result(timeout_s=120)["status"] == "completed"
+
+
 def test_attach_whose_key_is_revoked_while_attached_ends_as_a_key_the_host_does_not_take(keys, runs_dir, tmp_path,
                                                                                           kernels):
     """README: keys the host does not take end attach at once, exit 2, `refused this client's key` (unknown or
