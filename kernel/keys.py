@@ -111,6 +111,10 @@ class KeyStore:
         if revoked:  # a second revoke: not a typo's "no such key", which keys list would contradict
             raise KeyFileError(f"client key {name!r} is revoked already ({revoked[-1].path}): it lets nothing in; "
                                f"`trainbus keys list{self.keys_dir_option}` shows the keys")
+        if name == SERVER_KEY:  # `keys list` lists the host's pair as `server`: no client key may take that name
+            raise KeyFileError(f"the server's pair is not revoked as a client key is: `trainbus keys generate server "
+                               f"--force{self.keys_dir_option}` replaces it (every client then needs the new "
+                               f"{self.server_public.name})")
         raise KeyFileError(f"no client key named {name!r} in {self.directory}; "
                            f"`trainbus keys list{self.keys_dir_option}` shows them")
 

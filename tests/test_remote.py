@@ -1191,6 +1191,18 @@ def test_a_host_name_that_does_not_resolve_is_said_at_once_by_attach_and_daemon_
         ctx.destroy(linger=0)
 
 
+def test_revoking_the_server_key_names_how_to_replace_it_not_that_there_is_no_such_key(tmp_path):
+    """`trainbus keys revoke server` said `no client key named 'server'`, pointing at `keys list`, which lists a key
+    named server: the host's pair is replaced, not revoked, and the line says how."""
+    store = KeyStore(tmp_path / "k")
+    store.generate_server()
+    done = keys_cli("revoke", "server", "--keys-dir", str(tmp_path / "k"))
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", (
+        f"error: the server's pair is not revoked as a client key is: `trainbus keys generate server --force "
+        f"--keys-dir {tmp_path / 'k'}` replaces it (every client then needs the new server.key)\n"))
+    assert store.server_public.exists() and store.server_secret.exists()
+
+
 def test_revoking_a_key_revoked_already_says_so_not_that_there_is_no_such_key(tmp_path):
     """`trainbus keys revoke bob` a second time said `no client key named 'bob'`, as for a typo, though `keys list`
     shows bob, revoked: now it says the key is revoked already and where it is kept."""
