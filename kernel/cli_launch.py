@@ -72,7 +72,8 @@ def launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
         raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every machine: one of "
                         f"them, and a port free there")
     if rdzv_endpoint and nnodes == 1:
-        raise UserError("--rdzv-endpoint is where the machines of a --nnodes run meet: add --nnodes N, or drop it")
+        raise UserError("--rdzv-endpoint is where the machines of a --nnodes N run meet, and this run has one "
+                        "(--nnodes 1, the default): give --nnodes N for N machines, or drop --rdzv-endpoint")
     if rdzv_endpoint:
         check_rdzv_endpoint(rdzv_endpoint)
     check_nproc(nproc)

@@ -668,6 +668,20 @@ def test_a_mistake_in_the_command_under_nproc_is_said_once_with_exit_2_and_no_re
     assert "restart" not in proc.stderr.lower() and not (tmp_path / "runs").exists(), proc.stderr
 
 
+@pytest.mark.parametrize("options, said", [
+    (["--nproc", "2", "--nnodes", "2"], "error: --nnodes 2 needs --rdzv-endpoint HOST:PORT, the same on every machine: "
+                                        "one of them, and a port free there"),
+    # said as if --nnodes were missing ("add --nnodes N") to a command that gave --nnodes 1
+    (["--nproc", "2", "--nnodes", "1", "--rdzv-endpoint", "127.0.0.1:9"],
+     "error: --rdzv-endpoint is where the machines of a --nnodes N run meet, and this run has one (--nnodes 1, the "
+     "default): give --nnodes N for N machines, or drop --rdzv-endpoint"),
+])
+def test_launch_options_that_do_not_fit_together_are_one_line_before_any_process_starts(tmp_path, options, said):
+    proc = cli("run", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), *options, timeout=120, cwd=tmp_path)
+    assert (proc.returncode, proc.stderr.strip()) == (2, said), proc.stderr
+    assert not (tmp_path / "runs").exists(), "nothing was started"
+
+
 def test_more_processes_than_the_command_may_have_cpus_is_one_line_before_any_starts(tmp_path):
     """`run --nproc 100000` (a typo for 10) started ranks, each importing torch, until the launcher itself was killed
     for memory: on a 2-core box the load stood at ~200 for 40 minutes, the ranks it had started orphaned. More
