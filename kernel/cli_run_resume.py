@@ -10,15 +10,16 @@ from .cli_launch import under_a_launcher
 
 
 def run_to_continue(resume: str, runs_dir: Path) -> Path | None:
-    """The run directory `--resume` names (a run id under runs_dir, a unique start of one, or a run directory);
-    None for anything else, which find_checkpoint reads (a checkpoint file or directory) or says is not there.
-    UserError for a start of more than one run id."""
+    """The run directory `--resume` names (a run id under runs_dir, a unique start of one, or a run directory: one
+    whose config.json is gone too, which config_of_run refuses rather than have it taken for a checkpoint
+    directory and a new run started); None for anything else, which find_checkpoint reads (a checkpoint file or
+    directory) or says is not there. UserError for a start of more than one run id."""
     from . import runs
 
     if Path(resume).is_file():  # a checkpoint file wins over run ids that start with its name
         return None
     for candidate in (Path(resume), runs_dir / resume):
-        if candidate.is_dir() and (candidate / "config.json").is_file():
+        if candidate.is_dir() and runs.is_run_dir(candidate):
             return candidate.resolve()
     if Path(resume).exists() or (runs_dir / resume).exists():
         return None
@@ -28,7 +29,7 @@ def run_to_continue(resume: str, runs_dir: Path) -> Path | None:
         raise UserError(f"--resume: {exc}") from None
     except runs.RunLookupError:
         return None
-    return run_dir if (run_dir / "config.json").is_file() else None
+    return run_dir
 
 
 def check_resumable(run_dir: Path, epochs: int | None, detach: bool) -> None:

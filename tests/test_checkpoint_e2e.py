@@ -969,6 +969,26 @@ def test_a_run_whose_config_json_holds_a_field_of_the_wrong_type_is_not_continue
         assert (run_dir / "config.json").read_text() == json.dumps(make(real)), case
 
 
+def test_a_run_whose_config_json_is_gone_is_not_continued_as_a_new_run(tmp_path, one_checkpointed_epoch):
+    """`trainbus runs resume RUN` of a run whose config.json was deleted started a new run from its checkpoint, with
+    another id, the default target, plugins (no checkpoint plugin) and epochs, saying only `resuming from ...` (found
+    by a checkpoints audit): its directory was taken for a checkpoint directory. It is the run's, to continue in
+    place, so it is refused as a torn config.json is: one line naming the file and the way on; nothing made."""
+    run_dir = copy_of(one_checkpointed_epoch, tmp_path / "runs")
+    (run_dir / "config.json").unlink()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    for command in (["runs", "resume", str(run_dir)], ["run", "--resume", str(run_dir)],
+                    ["run", "--resume", run_dir.name, "--runs-dir", str(run_dir.parent)]):
+        proc = cli(*command, "--epochs", "3", cwd=tmp_path)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, (command, proc.stderr)
+        assert lines[0].startswith(f"error: cannot continue {run_dir}: {run_dir / 'config.json'} is unreadable ("), \
+            (command, lines[0])
+        assert lines[0].endswith(f"--resume {run_dir / 'checkpoints' / 'last.pt'}"), (command, lines[0])
+        assert sorted(p.name for p in run_dir.parent.iterdir() if p.is_dir()) == [run_dir.name], command
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before, command
+
+
 def test_a_manifest_line_with_fields_of_the_wrong_type_is_skipped_as_a_torn_one_is(tmp_path, one_checkpointed_epoch):
     """checkpoints/manifest.jsonl with a line whose step is text (an edit by hand, another tool's line): `runs
     resume` died sorting the entries (TypeError: '<' not supported between 'str' and 'int') with a traceback (found
