@@ -262,16 +262,29 @@ def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = N
         raise CheckpointError(f"--resume {where}: {file.name} matches no entry of {manifest} "
                               f"(a checkpoint must match a manifest entry's size and sha256)")
     written = [(m.parent / e["file"], e) for m in manifests for e in read_manifest(m)]
+    damaged: dict[tuple[int, int], Path] = {}  # by inode: last.pt is a link to a checkpoint, with a line of each
+    gone = False
     for file, entry in sorted(written, key=lambda fe: (fe[1].get("step", 0), fe[1].get("time", 0)), reverse=True):
         if not file.is_file():
+            gone = True
             continue  # removed by the plugin's retention: the usual case
         if file.stat().st_size == entry.get("size") and sha256_of(file) == entry.get("sha256"):
             return file
+        inode = (file.stat().st_dev, file.stat().st_ino)
+        if inode in damaged:
+            continue
+        damaged[inode] = file
         if passed_over is not None:
             passed_over.append(f"checkpoint {file} does not match its manifest entry (size or sha256): damaged or "
                                f"changed since it was written, so an older one is taken")
-    raise CheckpointError(f"--resume {where}: no verified checkpoint in {', '.join(map(str, manifests))} "
-                          f"(a file must exist and match its manifest entry's size and sha256)")
+    newest = next(iter(damaged.values()), None)
+    found = ("every file it lists is gone" if newest is None else
+             f"{newest} does not match its manifest entry (size or sha256), damaged or changed since it was "
+             f"written" if len(damaged) == 1 else
+             f"{len(damaged)} on disk do not match their manifest entries (size or sha256), damaged or changed since "
+             f"they were written (the newest: {newest})") + (", and the rest are gone" if newest and gone else "")
+    raise CheckpointError(f"--resume {where}: no verified checkpoint in {', '.join(map(str, manifests))}: {found}; "
+                          f"run it again instead")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from conftest import TESTS_DIR, child_path_with_tests
 from fixture_targets import open_gate, paced_digits
 from helpers import PLUGIN_START_S, assert_same_weights, run_config, seeded_rng
 from kernel_process import Command, KernelProcess, cli, of, process_gone, wait_until
-from trainbus.kernel.checkpointing import FINAL_WEIGHTS, find_checkpoint, load_checkpoint
+from trainbus.kernel.checkpointing import FINAL_WEIGHTS, CheckpointError, find_checkpoint, load_checkpoint
 from trainbus.kernel.config import PluginConfig, RunConfig
 from trainbus.kernel.plugin_names import resolve_plugin
 from trainbus.kernel.journal import read_events
@@ -1108,6 +1108,49 @@ def test_a_damaged_newest_checkpoint_is_passed_over_saying_so(tmp_path):
     assert find_checkpoint(str(tmp_path / "run"), str(tmp_path), said) == directory / "step000010.pt"
     assert said == [f"checkpoint {damaged} does not match its manifest entry (size or sha256): damaged or changed "
                     f"since it was written, so an older one is taken"]
+
+
+def test_a_run_with_no_intact_checkpoint_left_is_refused_naming_the_damaged_and_the_way_on(tmp_path):
+    """Every checkpoint of a run damaged (or gone): `runs resume` said only `no verified checkpoint in MANIFEST (a file
+    must exist and match ...)`, neither which files failed the check nor what to do (found by a checkpoints audit).
+    The line names how many on disk are damaged, the newest of them, and that the run is to be run again."""
+    directory = tmp_path / "run" / "checkpoints"
+    directory.mkdir(parents=True)
+    lines = []
+    for step in (10, 20, 30):
+        path = directory / f"step{step:06d}.pt"
+        path.write_bytes(bytes([step]) * 100)
+        lines.append(json.dumps({"file": path.name, "step": step, "epoch": 1, "size": 100, "sha256": sha256_of(path)}))
+    manifest = directory / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    (directory / "step000010.pt").unlink()
+    for name in ("step000020.pt", "step000030.pt"):
+        (directory / name).write_bytes(b"\xff" * 50)  # cut short and overwritten
+    os.link(directory / "step000030.pt", directory / "last.pt")  # as the plugin links it, with a line of its own
+    with open(manifest, "a") as lines_of:
+        lines_of.write(json.dumps({"file": "last.pt", "step": 30, "epoch": 1, "size": 100, "sha256": "0" * 64,
+                                   "alias_of": "step000030.pt"}) + "\n")
+    said: list[str] = []
+    with pytest.raises(CheckpointError) as refused:
+        find_checkpoint(str(tmp_path / "run"), str(tmp_path), said)
+    assert str(refused.value) == (f"--resume {tmp_path / 'run'}: no verified checkpoint in {manifest}: 2 on disk do "
+                                  f"not match their manifest entries (size or sha256), damaged or changed since they "
+                                  f"were written (the newest: {directory / 'step000030.pt'}), and the rest are gone; "
+                                  f"run it again instead")
+    assert len(said) == 2, said  # each damaged checkpoint once, not its last.pt link again
+    (directory / "step000020.pt").unlink()
+    with pytest.raises(CheckpointError) as refused:
+        find_checkpoint(str(tmp_path / "run"), str(tmp_path))
+    assert str(refused.value) == (f"--resume {tmp_path / 'run'}: no verified checkpoint in {manifest}: "
+                                  f"{directory / 'step000030.pt'} does not match its manifest entry (size or sha256), "
+                                  f"damaged or changed since it was written, and the rest are gone; run it again "
+                                  f"instead")
+    for name in ("step000030.pt", "last.pt"):
+        (directory / name).unlink()
+    with pytest.raises(CheckpointError) as refused:
+        find_checkpoint(str(tmp_path / "run"), str(tmp_path), said)
+    assert str(refused.value) == (f"--resume {tmp_path / 'run'}: no verified checkpoint in {manifest}: every file it "
+                                  f"lists is gone; run it again instead")
 
 
 class ProjectRun(NamedTuple):
