@@ -240,7 +240,7 @@ def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = N
     manifest = manifests[0]
     if not manifest.is_file() and path.is_dir() and (path / "config.json").is_file():
         raise CheckpointError(no_checkpoints(where, path))
-    if not manifest.is_file() and not (path.is_file() and path.suffix == ".pt"):  # the checkpoint plugin's suffix
+    if (path.suffix != ".pt" if path.is_file() else not manifest.is_file()):  # the checkpoint plugin's suffix
         what = ("is neither a checkpoint (.pt) nor a run directory" if path.is_file()
                 else f"is neither a run directory (no config.json) nor a checkpoint directory (no {MANIFEST})")
         raise CheckpointError(f"--resume {where}: {path} {what}; --resume takes a run id (or a unique start of one), "

@@ -343,6 +343,10 @@ BAD_INPUT = {
     "--resume a file that is not a checkpoint": (lambda t: ["run", "--resume", str(TESTS_DIR / "specs.py")],
                                                  f"{TESTS_DIR / 'specs.py'} is neither a checkpoint (.pt) nor a run "
                                                  f"directory; --resume takes a run id"),
+    # beside a manifest (a run's checkpoints/): said as what --resume takes, before any entry is looked at
+    "--resume a file beside checkpoints that is not one": (
+        lambda t: ["run", "--resume", (_write(t, "manifest.jsonl", ""), _write(t, "notes.txt", "x"))[1]],
+        "notes.txt is neither a checkpoint (.pt) nor a run directory; --resume takes a run id"),
     "epochs as a flag and as --epochs": (lambda t: ["run", "epochs=2", "--epochs", "1"],
                                          "epochs given twice, as epochs=2 and as --epochs 1: give epochs once"),
     "epochs with --set and as --epochs": (lambda t: ["run", "--set", "epochs=3", "--epochs", "1"],
