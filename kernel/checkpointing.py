@@ -176,15 +176,20 @@ def persister_directory_inside(run_dir: Path, settings: dict[str, Any]) -> Path 
         return None
 
 
+def _recorded_plugins(run_dir: Path) -> list:
+    """The plugins list of the run's config.json; [] for one that is gone, torn or edited into another shape."""
+    try:
+        plugins = json.loads((Path(run_dir) / "config.json").read_text()).get("plugins") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return plugins if isinstance(plugins, list) else []
+
+
 def checkpoint_directories(run_dir: Path) -> list[Path]:
     """Where a run's persisters wrote: its checkpoints/, and each `dirpath` its config.json gave a plugin."""
     run_dir = Path(run_dir)
     directories = [run_dir / CHECKPOINT_DIR]
-    try:
-        plugins = json.loads((run_dir / "config.json").read_text()).get("plugins") or []
-    except (OSError, ValueError, AttributeError):
-        plugins = []
-    for plugin in plugins if isinstance(plugins, list) else []:
+    for plugin in _recorded_plugins(run_dir):
         settings = plugin.get("settings") if isinstance(plugin, dict) else None
         directory = persister_directory(run_dir, settings) if isinstance(settings, dict) else None
         # a PATH setting is checked relative and inside at start; an edited config.json is not trusted to be
@@ -202,12 +207,22 @@ def has_checkpoints(run_dir: Path) -> bool:
 FINAL_WEIGHTS = "final.pt"  # the trained weights a run ends with (kernel/run_end.py saves them)
 
 
+def _ran_the_checkpoint_plugin(run_dir: Path) -> bool:
+    """Whether the run's config.json names the built-in checkpoint plugin among its plugins."""
+    from .supervisor import BUILTIN_PERSISTER
+
+    return any(isinstance(p, dict) and p.get("target") == BUILTIN_PERSISTER for p in _recorded_plugins(run_dir))
+
+
 def no_checkpoints(where: str, run_dir: Path | None = None) -> str:
     """What a resume of a run that wrote no checkpoint is told (by its kernel, and before it is queued); where its
     full disk had its kernel keep the weights it trained in the temporary directory, where they are: run again, it
     would train them anew."""
-    said = (f"--resume {where}: that run has no checkpoints (it ran without the checkpoint plugin, or ended before "
-            f"its first); run it again instead")
+    why = "it ran without the checkpoint plugin, or ended before its first"
+    if run_dir is not None and _ran_the_checkpoint_plugin(Path(run_dir)):  # its snapshots skipped (no room) or failed
+        why = (f"its checkpoint plugin wrote none: each was skipped or failed, or the run ended before its first; "
+               f"`trainbus runs show {Path(run_dir).resolve()}` says which")
+    said = f"--resume {where}: that run has no checkpoints ({why}); run it again instead"
     if run_dir is None:
         return said
     from trainbus.proto.kept_files import kept_dirs

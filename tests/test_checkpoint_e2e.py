@@ -1153,6 +1153,21 @@ def test_a_run_with_no_intact_checkpoint_left_is_refused_naming_the_damaged_and_
                                   f"lists is gone; run it again instead")
 
 
+def test_a_run_whose_checkpoint_plugin_wrote_none_is_not_said_to_have_run_without_it(tmp_path):
+    """A run with the checkpoint plugin whose every snapshot was skipped (no room for its buffers in snapshot_dir):
+    `runs resume` said it "ran without the checkpoint plugin, or ended before its first", when it had the plugin and
+    trained its epochs (found by a checkpoints audit). It says the plugin wrote none, and where to read why."""
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    plugin = {"name": "checkpoint", "target": "trainbus.plugins.checkpoint:CheckpointPlugin", "settings": {}}
+    (run_dir / "config.json").write_text(json.dumps({"target": "demo", "epochs": 3, "plugins": [plugin]}) + "\n")
+    with pytest.raises(CheckpointError) as refused:
+        find_checkpoint("r", str(tmp_path / "runs"))
+    assert str(refused.value) == (f"--resume r: that run has no checkpoints (its checkpoint plugin wrote none: each was "
+                                  f"skipped or failed, or the run ended before its first; `trainbus runs show "
+                                  f"{run_dir.resolve()}` says which); run it again instead")
+
+
 class ProjectRun(NamedTuple):
     """A run of a project's train.py:build (the tiny spec), started in that directory: what it printed, and where."""
     project: Path
