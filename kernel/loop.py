@@ -88,6 +88,7 @@ class Loop(LoopCheckpoints):
         self._deferred_checkpoint: str | None = None  # asked for mid-accumulation: taken at the next optimizer step
         self._agreed = False  # across ranks: _deferred_checkpoint was agreed on, and waits only for that step
         self._buffers_asked = checkpointer is None  # once the state's full size is known and a persister is here
+        self._said_busy = False  # kernel.log said a checkpoint skipped for both buffers busy (loop_checkpoints.py)
         self._held: list = []  # across ranks: rank 0's replies until the ranks next agree
         self._signal = ""  # the Ctrl-C or SIGTERM the latest _decide read (and, across ranks, rank 0 broadcast)
         self._loaded_from: str | None = None

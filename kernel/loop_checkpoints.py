@@ -77,6 +77,11 @@ class LoopCheckpoints:
             self._publish(ev.CHECKPOINT_SKIPPED, reason=str(exc))
             return
         if snapshot is None:  # never wait for a disk: skip, say so, the next one will land
+            if not self._said_busy:  # each is in the journal; once in kernel.log, where a run without console looks
+                self._said_busy = True
+                log.warning("checkpoint at step %d skipped: both snapshot buffers are still being persisted (the "
+                            "persister writes slower than checkpoints come: checkpoint less often, or have it "
+                            "write to a faster disk); said once, `trainbus runs show` counts them", self.step)
             self._publish(ev.CHECKPOINT_SKIPPED, reason="both snapshot buffers are still being persisted")
             return
         self._publish(ev.SAVE_CHECKPOINT, reason=reason, metrics=dict(self.latest_metrics), **snapshot.event_data())

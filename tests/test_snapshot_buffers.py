@@ -142,7 +142,7 @@ class HoldingPersister:
         self.ctx.destroy(linger=0)
 
 
-def test_with_both_buffers_held_a_due_checkpoint_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
+def test_with_both_buffers_held_a_due_checkpoint_is_skipped_and_training_goes_on(tmp_path, monkeypatch, caplog):
     """PROTOCOL.md 6.3: when both buffers are busy the kernel skips the checkpoint (checkpoint_skipped) rather
     than wait. A real bus, checkpointer, buffers and loop (tiny: 3 steps an epoch, 2 epochs), a checkpoint due at
     every step, and a persister (the test) that holds every buffer it is sent from its hello to the run's end.
@@ -191,6 +191,11 @@ def test_with_both_buffers_held_a_due_checkpoint_is_skipped_and_training_goes_on
     skipped = [e for e in events if e.type == ev.CHECKPOINT_SKIPPED]
     assert [(e.step, e.data["reason"]) for e in skipped] == \
         [(step, "both snapshot buffers are still being persisted") for step in range(3, steps + 1)]
+    # kernel.log says the first (a run without the console plugin said none), not one a step
+    said = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert said == ["checkpoint at step 3 skipped: both snapshot buffers are still being persisted (the persister "
+                    "writes slower than checkpoints come: checkpoint less often, or have it write to a faster "
+                    "disk); said once, `trainbus runs show` counts them"], said
     lifecycle = [e for e in events if e.type in ev.LIFECYCLE_EVENTS or e.type == ev.CHECKPOINT_SKIPPED]
     for skip in skipped:  # training went on: the loop's next seam follows each skip
         after = lifecycle[lifecycle.index(skip) + 1]
