@@ -106,7 +106,7 @@ def daemon_stop(runs_dir: Path = RUNS_DIR_OPTION,
     from . import daemon_client, daemon_files
     from .runs import no_runs_dir
 
-    if (remote, key, server_key) != (None, None, None):  # a key reaches no further than its runs (docs/daemon.md, "Who can ask it what")
+    if (remote, key, server_key) != (None, None, None):  # a key reaches no further than runs (docs/daemon.md)
         raise UserError("`daemon stop` is for the daemon's own host: run it there; a control key stops a run with "
                         "`daemon cancel RUN --remote HOST:PORT ...`")
     try:

@@ -1163,8 +1163,8 @@ def test_a_run_whose_checkpoint_plugin_wrote_none_is_not_said_to_have_run_withou
     (run_dir / "config.json").write_text(json.dumps({"target": "demo", "epochs": 3, "plugins": [plugin]}) + "\n")
     with pytest.raises(CheckpointError) as refused:
         find_checkpoint("r", str(tmp_path / "runs"))
-    assert str(refused.value) == (f"--resume r: that run has no checkpoints (its checkpoint plugin wrote none: each was "
-                                  f"skipped or failed, or the run ended before its first; `trainbus runs show "
+    assert str(refused.value) == (f"--resume r: that run has no checkpoints (its checkpoint plugin wrote none: each "
+                                  f"was skipped or failed, or the run ended before its first; `trainbus runs show "
                                   f"{run_dir.resolve()}` says which); run it again instead")
 
 
