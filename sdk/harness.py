@@ -72,7 +72,7 @@ class Harness:
             try:
                 self.plugin.handle(event)
             except Exception as exc:  # raised from the handler's frames: the SDK's dispatch to it is no place to fix
-                raise exc.with_traceback(from_authors_frames(exc.__traceback__))
+                raise exc.with_traceback(from_authors_frames(exc, self.plugin.handler_of(type_)))
             finally:
                 self.plugin.handling = None
                 # what it replied before raising went out in a run (its last try's): in h.replies, not the next feed's

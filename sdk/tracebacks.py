@@ -55,10 +55,23 @@ def user_stack(frame: FrameType) -> str:
     return "".join(_theirs(traceback.extract_stack(frame)).format()).rstrip()
 
 
-def from_authors_frames(tb: TracebackType | None) -> TracebackType | None:
-    """`tb` from the first frame that is not ours: a handler's exception as a plugin's test sees it out of a Harness
-    (all of it when every frame is ours, the SDK's own bug)."""
-    theirs = tb
-    while theirs is not None and theirs.tb_frame.f_code.co_filename.startswith(_SDK_DIR):
-        theirs = theirs.tb_next
-    return theirs or tb
+def from_authors_frames(exc: BaseException, called: Any = None) -> TracebackType | None:
+    """`exc`'s traceback from the author's first frame to their last: a handler's exception as a plugin's test sees it
+    out of a Harness, as user_traceback shows it in a run (all of it when every frame is ours, the SDK's own bug).
+
+    called: the author's function the SDK called. When the call itself failed (none of the author's frames), there is
+    no frame of theirs to show: a note names the function's `def` line, the place to fix, and no frame is left."""
+    entries = []
+    tb = exc.__traceback__
+    while tb is not None:
+        entries.append(tb)
+        tb = tb.tb_next
+    theirs = [entry for entry in entries if not entry.tb_frame.f_code.co_filename.startswith((_SDK_DIR, _PROTO_DIR))]
+    if theirs:
+        theirs[-1].tb_next = None  # where the SDK raised what their line asked of it: a NaN metric, context.model
+        return theirs[0]
+    code = getattr(called, "__code__", None)
+    if code is not None and not code.co_filename.startswith(_SDK_DIR):
+        exc.add_note(f"(at {code.co_filename}:{code.co_firstlineno} in {code.co_name}, its def line)")
+        return None
+    return exc.__traceback__

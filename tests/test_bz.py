@@ -17,7 +17,7 @@ from trainbus.kernel.config import ConfigError
 from trainbus.kernel.config_file import load_config, parse_config
 from trainbus.kernel.journal import read_events
 from trainbus.kernel.session import run_training
-from trainbus.proto import DURABLE
+from trainbus.proto import DURABLE, ProtocolError
 from trainbus.sdk import Harness, Plugin
 from trainbus.sdk.bz import NotInThisProcess, Plugin as BzPlugin, constructor_arguments
 from trainbus.sdk.plugin import SettingsError, merge_settings
@@ -626,6 +626,46 @@ def test_a_hook_that_raises_under_a_harness_shows_the_tests_frames_then_the_auth
                                             "authors", "feed", handler, "check"], frames
         shown = [entry.frame.code.name for entry in raised.traceback.filter(raised)]  # as pytest prints it
         assert shown[1:] == [handler, "check"], shown
+
+
+def test_a_harness_shows_no_sdk_frame_for_a_failed_call_or_a_refused_reply():
+    """Out of a Harness, a handler that cannot take the event (or is async def) raised with Plugin.handle's (and
+    refuse_awaitable's) frames alone, pytest showing their source as the place to look, and a NaN metric's traceback
+    ended in five frames of plugin.py and proto/codec.py after the author's self.metric line; a run's console names
+    the def line and the author's line (test_sdk_runner.py). The test sees the same: its frame, then the author's."""
+    import traceback
+
+    class TakesNoEvent(Plugin):
+        def on_end_epoch(self):
+            pass
+
+    class Awaits(Plugin):
+        async def on_end_epoch(self, event):
+            pass
+
+    class NoContext(BzPlugin):
+        def end_epoch(self):
+            pass
+
+    class ReportsNaN(Plugin):
+        def on_end_epoch(self, event):
+            self.metric("val/ratio", float("nan"))
+
+    sdk_dir = os.path.dirname(inspect.getfile(Plugin))
+    proto_dir = os.path.dirname(inspect.getfile(ProtocolError))
+    for plugin, handler in ((TakesNoEvent(), TakesNoEvent.on_end_epoch), (Awaits(), Awaits.on_end_epoch),
+                            (NoContext(), NoContext.end_epoch)):
+        with pytest.raises(TypeError) as raised:
+            Harness(plugin).feed("end_epoch", epoch=1, training_loss=1.0)
+        frames = traceback.extract_tb(raised.value.__traceback__)
+        assert not [f for f in frames if f.name != "feed" and f.filename.startswith(sdk_dir)], frames
+        line = inspect.getsourcelines(handler)[1]
+        assert raised.value.__notes__ == [f"(at {__file__}:{line} in {handler.__name__}, its def line)"]
+    with pytest.raises(ProtocolError, match="must be finite") as raised:
+        Harness(ReportsNaN()).feed("end_epoch", epoch=1)
+    frames = traceback.extract_tb(raised.value.__traceback__)
+    assert frames[-1].name == "on_end_epoch" and frames[-1].filename == __file__, frames
+    assert not [f for f in frames if f.filename.startswith(proto_dir)], frames
 
 
 def test_a_method_named_like_a_hook_that_is_none_is_said_as_a_warning_at_start():
