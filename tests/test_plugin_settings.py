@@ -124,7 +124,7 @@ def test_a_default_is_read_as_the_declared_type_and_one_that_is_not_allowed_is_r
             (lambda: Setting("up", choices=("min", "max")), "Setting default 'up' is not allowed; it must be one of "
                                                             "'min', 'max'"),
             (lambda: Setting("loss", kind="metrik"), "Setting kind='metrik': not a kind; one of METRIC, PATH, "
-                                                     "METRIC_FIELDS"),
+                                                     "METRIC_FIELDS, HOST_PATH"),
             (lambda: Setting("e{epoch", kind=METRIC_FIELDS), "Setting default 'e{epoch' is not allowed; it must be a "
                                                              "string: a template whose {fields} are epoch, step or "
                                                              "metrics the run produces")):
