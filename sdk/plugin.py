@@ -122,9 +122,10 @@ class Plugin:
     catch_up: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A delivery, votes, capabilities or subscriptions declared wrong fails the class, at its line, as a Setting
-        declared wrong does: the plugin crashed at every start (delivery, a subscriptions list), voted at each letter
-        of a string, waited for nowhere (votes), or was never the persister it meant to be (capabilities)."""
+        """A delivery, votes, capabilities, subscriptions or check_settings declared wrong fails the class, at its line,
+        as a Setting declared wrong does: the plugin crashed at every start (delivery, a subscriptions list), voted at
+        each letter of a string, waited for nowhere (votes), was never the persister it meant to be (capabilities),
+        or failed every check of its settings (a check_settings that is no classmethod)."""
         super().__init_subclass__(**kwargs)
         if cls.delivery not in DELIVERY_CLASSES:
             raise SettingsError(f"{cls.__name__}.delivery = {cls.delivery!r} is not allowed; it must be DURABLE or "
@@ -132,6 +133,12 @@ class Plugin:
                                 f"'best_effort'")
         _check_strings(cls, "votes", "event types", "votes = ('end_epoch',), or () for none")
         _check_capabilities(cls)
+        if "check_settings" in cls.__dict__ and not isinstance(cls.__dict__["check_settings"],
+                                                              (classmethod, staticmethod)):
+            # it is called on the class (merge_settings, --describe): every check failed in a TypeError naming no fix
+            raise SettingsError(f"{cls.__name__}.check_settings is not a classmethod; it is called on the class, "
+                                f"before the plugin is made: put @classmethod above it, def check_settings(cls, "
+                                f"settings)")
         if not callable(cls.subscriptions):  # a list where the SDK calls a method: every start failed in our frames
             listed = cls.subscriptions if isinstance(cls.subscriptions, (list, tuple)) else ["end_epoch"]
             first = next((t for t in listed if isinstance(t, str) and t), "end_epoch")

@@ -565,6 +565,11 @@ BAD_DECLARATIONS = {
                       "Declared.subscriptions = ['end_epoch'] is not allowed; a plugin is sent the events it has "
                       "handlers for (def on_end_epoch(self, event)), or those a method returns: "
                       "def subscriptions(self): return ['end_epoch']"),
+    # no @classmethod: it is called on the class before the plugin is made, so every check said "checking its
+    # settings raised TypeError: Declared.check_settings() missing 1 required positional argument: 'settings'"
+    "check_settings": ('    def check_settings(self, settings):\n        pass\n',
+                       "Declared.check_settings is not a classmethod; it is called on the class, before the plugin is "
+                       "made: put @classmethod above it, def check_settings(cls, settings)"),
 }
 
 
