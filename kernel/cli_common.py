@@ -19,6 +19,7 @@ from trainbus.proto.process import WARNINGS_SAID_ENV
 from trainbus.proto.settings_format import METRIC_FIELDS, metrics_named
 
 from .cluster import LAUNCH
+from .last_words import exit_status
 from .runs_dir_check import LOOP_OF_LINKS, loop_of_links
 
 # A read of a whole journal this long (runs show, runs plot) says how far it got: about a second of reading on a
@@ -120,17 +121,23 @@ def _wide() -> Console:
 
 def _describe(items: list[str]) -> list[dict]:
     """Ask a plugin-side process to describe plugins: the kernel never imports plugin code itself."""
+    targets = ", ".join(item.partition("=")[0] for item in items)
     try:
         proc = subprocess.run([sys.executable, "-m", "trainbus.sdk", "--describe", *items],
                               capture_output=True, text=True, timeout=DESCRIBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        targets = ", ".join(item.partition("=")[0] for item in items)
         raise UserError(f"could not load plugins: describing them took over {DESCRIBE_TIMEOUT_S:g} s ({targets}): a "
                         f"plugin module that waits as it is imported (for a device, a lock, the network) should wait "
                         f"in its setup() instead; or the machine is too busy: try again once it is less so") from None
-    if proc.returncode != 0:
-        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode
-        raise UserError(f"could not load plugins: {reason}")
+    if proc.returncode != 0:  # --describe says each plugin's failure in its JSON: a module ended the process itself
+        if len(items) > 1:  # which one: each alone, so the others are still described (plugins list)
+            return [info for item in items for info in _describe([item])]
+        module = targets.partition(":")[0]
+        said = "".join(f": {line}" for line in proc.stderr.strip().splitlines()[-1:])
+        return [{"target": targets, "error": f"cannot import plugin module {module!r}: it ended the process as it "
+                                             f"was imported ({exit_status(proc.returncode)}{said}), as os._exit or a "
+                                             f"crash in a C extension it imports does; see where with python -c "
+                                             f"'import {module}'"}]
     return json.loads(proc.stdout)
 
 

@@ -231,6 +231,27 @@ def test_a_plugin_module_that_waits_as_it_is_imported_is_one_line_and_starts_no_
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "no run was made"
 
 
+@pytest.mark.parametrize("module, how", [("os._exit(3)", "exit code 3"),
+                                         ("os.kill(os.getpid(), signal.SIGKILL)", "signal SIGKILL")])
+def test_a_plugin_module_that_ends_its_process_as_it_is_imported_is_that_plugins_one_line(tmp_path, module, how):
+    """os._exit at a plugin module's import, or a crash in a C extension it imports, ends the describing process before
+    it can say anything: `trainbus run` said `could not load plugins: 3` (or `-9`), naming no plugin and no fix, and
+    one such installed package took `plugins list` down for all. It is that plugin's load error now."""
+    (tmp_path / "ends.py").write_text(f"import os\nimport signal\n\n{module}\n")
+    (tmp_path / "run.toml").write_text('[plugins.ender]\ntarget = "ends:P"\n[plugins.console]\n')
+    command = Command("run", "--config", str(tmp_path / "run.toml"), "--runs-dir", str(tmp_path / "runs"),
+                      cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    try:
+        _, err = command.communicate(120)
+    finally:
+        command.kill()
+    assert command.returncode == 2, err
+    assert err.strip().splitlines() == [
+        f"error: plugin ender: cannot import plugin module 'ends': it ended the process as it was imported ({how}), as "
+        f"os._exit or a crash in a C extension it imports does; see where with python -c 'import ends'"], err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "no run was made"
+
+
 def test_an_installed_plugin_module_that_exits_or_fails_in_the_standard_library_names_its_own_line(tmp_path):
     """A plugin package pip installed lives in site-packages, so none of its frames is the author's by the console's
     measure: argparse at its import was said at argparse.py's line (the standard library's), and json.loads's bad
