@@ -9,9 +9,8 @@ import weakref
 from typing import Any
 
 from trainbus.proto import DURABLE, Event, check_control, events as ev
-from trainbus.proto.text import near_miss
 
-from .plugin import Plugin, check_constructed, checked_subscriptions
+from .plugin import Plugin, check_constructed, checked_subscriptions, near_event_type
 from .tracebacks import from_authors_frames
 
 
@@ -60,7 +59,7 @@ class Harness:
         plugin gets every type, like any plugin handling every type through on_event)."""
         __tracebackhide__ = True  # pytest shows a handler's failure from the test's line to the handler's
         if type_ not in ev.ALL_EVENTS:
-            raise ValueError(f"unknown event type {type_!r}{_near_type(type_)}; the types are proto/PROTOCOL.md §6's: "
+            raise ValueError(f"unknown event type {type_!r}{near_event_type(type_)}; the types are proto/PROTOCOL.md §6's: "
                              f"{', '.join(ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS)}")
         self.seq += 1
         self.step = self.step if step is None else step
@@ -96,10 +95,3 @@ class Harness:
         new = [check_control(m) for m in self.plugin.outbox[before:]]
         self.replies.extend(new)
         return new
-
-
-def _near_type(word: str) -> str:
-    """` (did you mean 'end_epoch'?)` for a typo of an event type, or its words in another order (`epoch_end`,
-    as Lightning orders them), else ""."""
-    same_words = [t for t in ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS if sorted(t.split("_")) == sorted(word.split("_"))]
-    return f" (did you mean {same_words[0]!r}?)" if same_words else near_miss(word, ev.ALL_EVENTS)

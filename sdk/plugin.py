@@ -311,6 +311,13 @@ def check_constructed(plugin: Plugin) -> None:
                         f"plugin has none of the SDK's state (its settings, name, replies); call it first in __init__")
 
 
+def near_event_type(word: str) -> str:
+    """` (did you mean 'end_epoch'?)` for a typo of an event type, or its words in another order (`epoch_end`,
+    as Lightning orders them), else ""."""
+    same_words = [t for t in ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS if sorted(t.split("_")) == sorted(word.split("_"))]
+    return f" (did you mean {same_words[0]!r}?)" if same_words else near_miss(word, ev.ALL_EVENTS)
+
+
 def checked_subscriptions(plugin: Plugin) -> tuple[list[str], list[str]]:
     """plugin.subscriptions() as the topics to subscribe to, and what is wrong with it, as warnings to say: a string
     for the list (its letters were each taken as a topic) is taken as its one type; a type no event starts with (a
@@ -322,7 +329,7 @@ def checked_subscriptions(plugin: Plugin) -> tuple[list[str], list[str]]:
     wanted = list(wanted)
     unknown = [t for t in wanted if not any(known.startswith(t) for known in ev.ALL_EVENTS)]
     return [t for t in wanted if t not in unknown], [
-        f"{cls}.subscriptions() names {t!r}, which no event type starts with{near_miss(str(t), HANDLED_EVENTS)}, so "
+        f"{cls}.subscriptions() names {t!r}, which no event type starts with{near_event_type(str(t))}, so "
         f"it is sent none; the types are proto/PROTOCOL.md §6's" for t in unknown]
 
 

@@ -616,6 +616,14 @@ class SubscribesToATypo(Plugin):
         pass
 
 
+class SubscribesInLightningsOrder(Plugin):
+    def subscriptions(self):  # Lightning orders the words so: no near miss of end_epoch by letters
+        return ["epoch_end"]
+
+    def on_end_epoch(self, event):
+        pass
+
+
 class SubscribesToAString(Plugin):
     def subscriptions(self):  # a string, not a list: its letters were taken as topics
         return "end_epoch"
@@ -627,6 +635,9 @@ class SubscribesToAString(Plugin):
 @pytest.mark.parametrize("make, said", [
     (SubscribesToATypo, "SubscribesToATypo.subscriptions() names 'end_epochs', which no event type starts with "
                         "(did you mean 'end_epoch'?), so it is sent none; the types are proto/PROTOCOL.md §6's"),
+    (SubscribesInLightningsOrder, "SubscribesInLightningsOrder.subscriptions() names 'epoch_end', which no event "
+                                  "type starts with (did you mean 'end_epoch'?), so it is sent none; the types are "
+                                  "proto/PROTOCOL.md §6's"),
     (SubscribesToAString, "SubscribesToAString.subscriptions() returned the string 'end_epoch', not a list of event "
                           "types: return ['end_epoch']"),
 ])
