@@ -209,11 +209,14 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
     except BaseException as exc:  # SystemExit: the user's sys.exit(), which would end us without a word; any
         status = "failed"  # BaseException of theirs (a library's own timeout class) too: KeyboardInterrupt is above
         error, trace = what_failed(exc)
-        tail = "".join(traceback.format_exc().splitlines(keepends=True)[-30:])
+        whole = traceback.format_exc()
+        tail = "".join(whole.splitlines(keepends=True)[-30:])  # what the event carries
         if ranks is not None:  # a collective failing here is mostly another rank's failure: say whose, and why
             error, tail, trace = rank_errors(run_dir, error, tail, trace, cluster.local_world_size,
                                              pids=ranks.local_pids, peer_gone=broken_by_a_peer(exc))
-        log.error("training failed:\n%s", tail)
+        # kernel.log has the whole traceback (a deep model's outer frames, where the trimmed one has none of the
+        # user's); under ranks, each rank's as it wrote it
+        log.error("training failed:\n%s", whole if ranks is None else tail)
         bus.publish(ev.RUN_FAILED, loop.step, loop.epoch, {"error": error, "traceback": tail})
     loop.outcome.steps = loop.step  # also when the loop never got to its own end to count them (Ctrl-C, an error)
     if bus.failure is not None:  # the journal's disk: the loop stopped at a step boundary for it

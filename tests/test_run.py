@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,33 @@ def test_training_exception_fails_the_run_and_tells_plugins(runs_dir, tmp_path):
     assert len(failed) == 1 and "FloatingPointError" in failed[0].data["traceback"]
     assert result.outcome["steps"] == failed[0].step > 0  # the steps it trained, though the loop never ended
     assert recorded(rec)[-1] == (failed[0].seq, ev.RUN_FAILED), "a durable plugin sees the failure last"
+
+def test_kernel_log_holds_the_whole_traceback_of_a_deep_failure(runs_dir, tmp_path):
+    """A failure deep in the user's code (a nested model, a DataLoader worker's) has a traceback of more lines than
+    the run_failed event carries: kernel.log keeps the whole of it, its outermost frames included."""
+    target = tmp_path / "deep.py"
+    target.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(TESTS_DIR)!r})\n"
+        "from specs import tiny\n"
+        "def level0():\n"
+        "    raise RuntimeError('deep down')\n"
+        # frames of their own: a recursion's repeated frames are said in one line
+        + "".join(f"def level{n}():\n    return level{n - 1}()\n" for n in range(1, 20)) +
+        "def outermost_loss(outputs, targets):\n"
+        "    return level19()\n"
+        "def build(hyperparameters):\n"
+        "    spec = tiny(hyperparameters)\n"
+        "    spec.loss_fn = outermost_loss\n"
+        "    return spec\n")
+    result = run_training(RunConfig(target=f"{target}:build", runs_dir=str(runs_dir), plugins=[]))
+    assert result.status == "failed" and "deep down" in result.error
+    failed = [e for e in read_events(result.run_dir) if e.type == ev.RUN_FAILED]
+    assert "outermost_loss" not in failed[0].data["traceback"], "the event carries the traceback's last lines"
+    logged = Path(result.run_dir, "kernel.log").read_text()
+    assert "Traceback (most recent call last)" in logged and "in outermost_loss" in logged, logged
+    assert "RuntimeError: deep down" in logged
+
 
 @pytest.mark.parametrize("data", [{1: "int key"}, {"s": "x" * (MAX_STR_BYTES + 1)}, {"a": [0] * (MAX_ARRAY_LEN + 1)}],
                          ids=["int key", "long string", "long array"])
@@ -177,7 +205,6 @@ def test_a_continued_run_replays_its_earlier_session_to_durable_plugins_without_
     """Session 1 stops after epoch 1 (a durable stopper that votes). Continued for more epochs, the stopper is
     replayed session 1 (its epoch 1 again: a stop it decides there is not sent) and is not handed session 1's end;
     it stops the new session at its own first epoch's end."""
-    from pathlib import Path
 
     from trainbus.kernel.plugin_names import resolve_plugin
 
