@@ -8,6 +8,8 @@ without one, it is one line naming what the batch was and that field.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -31,7 +33,8 @@ def split(batch: Any, unpack: Callable[[Any], Any] | None, where: str) -> tuple[
 
 def _example(batch: Any) -> str:
     """An unpack_batch body for this batch's shape: by index for a sequence, by its own keys for a dict (a list's
-    batch told to use batch['x'] fails with a TypeError of its own), the inputs themselves for inputs alone."""
+    batch told to use batch['x'] fails with a TypeError of its own), by its fields for a dataclass, the inputs
+    themselves for inputs alone."""
     if isinstance(batch, (tuple, list)) and len(batch) > 2:
         return "(batch[0], batch[1])"
     # inputs alone (an autoencoder's data; a TensorDataset of one tensor yields a list of 1)
@@ -39,9 +42,13 @@ def _example(batch: Any) -> str:
         return "(batch[0], batch[0]) (the inputs as their own targets), or (batch[0], None) for no targets"
     if isinstance(batch, torch.Tensor):
         return "(batch, batch) (the inputs as their own targets), or (batch, None) for no targets"
-    if isinstance(batch, dict) and len(batch) >= 2 and all(isinstance(k, str) for k in batch):
+    # a mapping that is no dict too: transformers' BatchEncoding (a UserDict)
+    if isinstance(batch, Mapping) and len(batch) >= 2 and all(isinstance(k, str) for k in batch):
         first, second = list(batch)[:2]
         return f"(batch[{first!r}], batch[{second!r}])"
+    fields = [f.name for f in dataclasses.fields(batch)] if dataclasses.is_dataclass(batch) else []
+    if len(fields) >= 2:  # a custom collate's dataclass, which batch['x'] fails on: not subscriptable
+        return f"(batch.{fields[0]}, batch.{fields[1]})"
     return "(batch['x'], batch['y'])"
 
 

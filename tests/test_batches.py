@@ -9,6 +9,7 @@ import gc
 import random
 import re
 import sys
+from collections import UserDict
 from dataclasses import dataclass
 
 import numpy
@@ -119,6 +120,22 @@ def test_the_unpack_batch_example_fits_the_batch():
     # and such a spec trains, without targets too
     run(spec(DataLoader(x, batch_size=BATCH), loss_fn=lambda out, y: out.pow(2).mean(),
              unpack_batch=lambda b: (b, None)))
+
+
+def test_the_unpack_batch_example_of_an_object_batch_uses_its_fields():
+    """A custom collate's dataclass was told `(batch['x'], batch['y'])`, which fails on it with a TypeError of its
+    own (not subscriptable); a mapping that is no dict (transformers' BatchEncoding, a UserDict) is shown its keys."""
+    x, y = data()
+    collate = lambda items: Batch(torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]))  # noqa: E731
+    with pytest.raises(BatchError) as raised:
+        run(spec(DataLoader(TensorDataset(x, y), batch_size=BATCH, collate_fn=collate)))
+    assert str(raised.value).endswith("e.g. unpack_batch=lambda batch: (batch.x, batch.y)"), raised.value
+    mapping = lambda items: UserDict(inputs=torch.stack([i[0] for i in items]),  # noqa: E731
+                                     labels=torch.stack([i[1] for i in items]))
+    with pytest.raises(BatchError) as raised:
+        run(spec(DataLoader(TensorDataset(x, y), batch_size=BATCH, collate_fn=mapping)))
+    assert str(raised.value).endswith("e.g. unpack_batch=lambda batch: (batch['inputs'], batch['labels'])"), \
+        raised.value
 
 
 @pytest.mark.parametrize("returned, said", [
