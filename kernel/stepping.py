@@ -87,7 +87,11 @@ class Stepper:
                                  "torch.tensor(...), numpy, or torch.no_grad()); compute it from the outputs with "
                                  "torch operations")
             scaled = loss / self.k if self.k > 1 else loss
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            try:
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            except Exception as exc:  # autograd's own (an in-place change, a graph freed): no frame of theirs
+                _mark(exc, lambda: "in the backward pass of loss_fn's loss")
+                raise
         self.pending += 1
         self._unreduced = not syncing
         return outputs, loss

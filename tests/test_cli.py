@@ -901,6 +901,9 @@ def build(hyperparameters):
                                        "model's forward, given inputs a float32 tensor of shape (16, 5))"),
     (5, "torch.nn.MSELoss()", "(in loss_fn, given outputs a float32 tensor of shape (16, 3) and targets an int64 "
                               "tensor of shape (16,))"),
+    # torch's autograd raises it from loss.backward(), the loop's call: the lambda had returned, no frame of theirs
+    (5, "lambda out, y: torch.nn.functional.cross_entropy(out.sigmoid().add_(1), y)",
+     "(in the backward pass of loss_fn's loss)"),
 ])
 def test_an_error_in_torchs_own_modules_says_where_in_the_step_and_the_shapes(in_features, loss, said, tmp_path):
     """A model and loss of torch's modules alone run none of the user's code: the error was torch's message with no
