@@ -25,7 +25,7 @@ RANK_ERROR_WAIT_S = 10.0
 def what_failed(exc: BaseException) -> tuple[str, str]:
     """The one-line error of a failed run, and the traceback trimmed to the user's frames. The line names where in
     the user's code; when none of it ran (a model of torch's modules: their frames are torch's), where in the step,
-    " (in the model's forward, given inputs ...)", for an exception of the forward or the loss."""
+    " (in the model's forward, given inputs ...)", for an exception of the forward, the loss or the backward pass."""
     where, trace = user_trace(exc)
     note = getattr(exc, WHERE_IN_STEP, None)
     return error_line(exc) + (where or (f" ({note})" if isinstance(note, str) else "")), trace
