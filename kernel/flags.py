@@ -121,7 +121,11 @@ def option_of_run(name: str, value: Any) -> str | None:
 
 
 def _near(name: str, sig: Signature) -> str:
-    """" (did you mean 'lr'?)" for a typo of one of the flags (`lrr`); else ""."""
+    """" (did you mean 'lr'?)" for a typo of one of the flags (`lrr`); else "". `build(hyperparameters=None)`, meant
+    to take the dict, is one flag of that name (signature_of): said, with the way to the dict."""
+    if len(sig.flags) == 1 and sig.flags[0].name == DICT_PARAMETER and sig.flags[0].default is not REQUIRED:
+        return (f" (the parameter {DICT_PARAMETER} has a default, so it is one flag of that name: without the default "
+                f"it takes the hyperparameters as one dict, each NAME=VALUE into it)")
     return near_miss(name, [flag.name for flag in sig.flags])
 
 

@@ -125,6 +125,20 @@ def test_a_function_taking_the_hyperparameters_dict_takes_any_flag():
             parse_words(sig, ["lr=0.5", "model=cnn", "lr=0.2"], "t")
 
 
+def test_a_hyperparameters_parameter_with_a_default_is_one_flag_and_an_unknown_name_says_so():
+    """`def build(hyperparameters=None)` is a flag of that name, not the dict: `lr=0.1` was only an unknown flag."""
+    def build(hyperparameters=None):
+        return hyperparameters
+
+    sig = signature_of(build)
+    assert not sig.takes_dict
+    with pytest.raises(FlagError, match=r"^unknown flag 'lr' \(the parameter hyperparameters has a default, so it "
+                                        r"is one flag of that name: without the default it takes the hyperparameters "
+                                        r"as one dict, each NAME=VALUE into it\); flags of t: "):
+        parse_words(sig, ["lr=0.1"], "t")
+    assert parse_words(sig, ['hyperparameters={"lr": 0.1}'], "t") == {"hyperparameters": {"lr": 0.1}}
+
+
 def test_a_positional_only_flag_is_passed_in_its_place():
     """`def build(lr=0.1, /)` was called with lr as a keyword: a TypeError, said as the user's code raising."""
     from trainbus.kernel.flags import call
