@@ -167,6 +167,6 @@ def _answer(path: Path, before: int, is_user_file: Callable[[str], bool]) -> dic
     frames = [m.groups() for m in map(_FRAME.match, dump[blocks[main[0]].end():end].splitlines()) if m]
     frames = frames[:STACK_FRAMES_MAX][::-1]  # the innermost, last: as Python's tracebacks
     where = next((f"{name}, line {line}" for name, line, _ in reversed(frames)
-                  if not name.startswith("<") and is_user_file(os.path.abspath(name))), "")
+                  if not name.startswith("<") and is_user_file(name)), "")
     return {"where": where,
             "stack": [f'  File "{name}", line {line}, in {function}\n' for name, line, function in frames]}

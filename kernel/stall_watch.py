@@ -9,7 +9,6 @@ allocation doing nothing. The bus thread, which sees every event the loop publis
 from __future__ import annotations
 
 import linecache
-import os
 import sys
 
 STACK_FRAMES_MAX = 40  # the innermost; outer frames (the CLI, the session) say nothing about the wait
@@ -61,6 +60,6 @@ def thread_stack(thread_id: int | None, is_user_file) -> tuple[list[str], str]:
         cached = linecache.cache.get(filename)
         source = cached[2][lineno - 1].strip() if cached and len(cached) > 2 and 0 < lineno <= len(cached[2]) else ""
         lines.append(f'  File "{filename}", line {lineno}, in {name}\n' + (f"    {source}\n" if source else ""))
-        if not filename.startswith("<") and is_user_file(os.path.abspath(filename)):
+        if not filename.startswith("<") and is_user_file(filename):
             where = f"{filename}, line {lineno}"
     return lines, where

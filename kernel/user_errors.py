@@ -21,8 +21,12 @@ _NOT_USER_ROOTS = tuple({os.path.abspath(p) + os.sep for key in ("stdlib", "plat
 
 
 def is_user_file(path: str) -> bool:
-    """Whether an absolute path is the user's code: not the standard library, an installed package or trainbus."""
-    return not path.startswith(_NOT_USER_ROOTS)
+    """Whether a frame's file is the user's code: not the standard library, an installed package or trainbus, nor a
+    compiled extension's Cython source, which its frames name relative (`pandas/_libs/parsers.pyx`): not a file in
+    the working directory."""
+    if not os.path.isabs(path) and path.endswith((".pyx", ".pxd", ".pxi")):
+        return False
+    return not os.path.abspath(path).startswith(_NOT_USER_ROOTS)
 
 
 def user_code_error(exc: BaseException, what: str) -> UserCodeError:
@@ -84,7 +88,7 @@ def user_trace(exc: BaseException) -> tuple[str, str]:
     else:
         frames, last = traceback.extract_tb(exc.__traceback__), None
     frames = [f for f in frames
-              if not f.filename.startswith("<") and is_user_file(os.path.abspath(f.filename))]
+              if not f.filename.startswith("<") and is_user_file(f.filename)]
     if not frames and not isinstance(exc, SyntaxError):
         return "", ""
     header = ["Traceback (most recent call last; your code only):\n"] if frames else []

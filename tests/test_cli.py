@@ -931,6 +931,17 @@ def test_an_exception_in_the_users_code_shows_their_frames_then_one_line(case, t
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_compiled_librarys_cython_frame_is_not_the_users(tmp_path):
+    """A Cython extension's frame names its source relative, `msgpack/_unpacker.pyx` (pandas' `parsers.pyx`), which
+    was taken for a file of the user's in the working directory: `(in your code: msgpack/_unpacker.pyx, line 209)`,
+    and shown among their frames."""
+    target = tmp_path / "train.py"
+    target.write_text("import msgpack\n\n\ndef build(lr=0.1):\n    msgpack.unpackb(b'\\xc1')\n")
+    r = trainbus("run", f"{target}:build", "--plugins", "", "--runs-dir", str(tmp_path / "runs"))
+    assert r.returncode == 2 and r.stderr.splitlines()[-1].endswith(f"(in your code: {target}, line 5)"), r.stderr
+    assert _trace_files(r.stderr) == [str(target)], r.stderr
+
+
 def test_trainbus_own_proto_frames_are_not_the_users_where_trainbus_is_installed_editable(tmp_path):
     """With trainbus installed editable (./scripts/setup: proto/ in the clone, not in site-packages), an exception
     raised inside trainbus.proto was named as the user's: `(in your code: .../proto/codec.py, line 79)`, its frames
