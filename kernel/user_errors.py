@@ -75,11 +75,47 @@ def error_line(exc: BaseException) -> str:
     return text
 
 
+# how Python's own traceback joins an exception to the one it was raised from
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
 def user_trace(exc: BaseException) -> tuple[str, str]:
     """Where in the user's code `exc` was raised (" (in your code: FILE, line N)", or "" when none of their code
     ran) and its traceback trimmed to their frames: "" without any (a lone exception line would only repeat
     the one-line error), except for a SyntaxError, whose file, line and caret are the point. An exception from a
-    DataLoader worker is read from the worker's traceback, which torch passes on as text."""
+    DataLoader worker is read from the worker's traceback, which torch passes on as text.
+
+    The exceptions it was raised from lead it, as Python chains them: `raise ... from e`'s cause always (trimmed
+    too; its line alone where none of its frames are theirs), one it was raised while handling where their code
+    handled it (a library's own handling is not theirs to read)."""
+    where, trace = _trimmed(exc)
+    seen = {id(exc)}
+    while trace:
+        if exc.__cause__ is not None:
+            cause, link = exc.__cause__, _CAUSE
+        elif exc.__context__ is not None and not exc.__suppress_context__:
+            cause, link = exc.__context__, _CONTEXT
+        else:
+            break
+        if id(cause) in seen:
+            break
+        seen.add(id(cause))
+        said = _trimmed(cause)[1]
+        if not said and link is _CONTEXT:
+            break
+        trace = (said or _exception_only(cause)) + link + trace
+        exc = cause
+    return where, trace
+
+
+def _exception_only(exc: BaseException) -> str:
+    text = printable("".join(traceback.format_exception_only(type(exc), exc)), TRACE_MESSAGE_CHARS, lines=True)
+    return text.rstrip("\n") + "\n"
+
+
+def _trimmed(exc: BaseException) -> tuple[str, str]:
+    """user_trace for exc alone, not the exceptions it was raised from."""
     worker = _WORKER.match(exception_message(exc))
     if worker:
         frames = [traceback.FrameSummary(m["file"], int(m["line"]), m["name"], line=m["code"] or "")
@@ -92,6 +128,6 @@ def user_trace(exc: BaseException) -> tuple[str, str]:
     if not frames and not isinstance(exc, SyntaxError):
         return "", ""
     header = ["Traceback (most recent call last; your code only):\n"] if frames else []
-    last = last or printable("".join(traceback.format_exception_only(type(exc), exc)), TRACE_MESSAGE_CHARS, lines=True)
+    last = last or _exception_only(exc)
     trace = "".join([*header, *traceback.format_list(frames), last.rstrip("\n") + "\n"])
     return (f" (in your code: {frames[-1].filename}, line {frames[-1].lineno})" if frames else ""), trace

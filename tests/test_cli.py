@@ -1050,6 +1050,34 @@ def test_an_exception_in_the_users_code_while_training_shows_their_frames_and_wh
     assert f"error: ValueError: boom in user helper (in your code: {target}, line 4)" in r.stdout, r.stdout
 
 
+@pytest.mark.parametrize("raised, said", [
+    ("raise RuntimeError('cannot load the data') from e",
+     "\nThe above exception was the direct cause of the following exception:\n\n"),
+    ("raise RuntimeError('cannot load the data')",
+     "\nDuring handling of the above exception, another exception occurred:\n\n"),
+    ("raise RuntimeError('cannot load the data') from None", None),
+])
+def test_the_users_trimmed_traceback_keeps_the_exception_their_code_raised_from(raised, said, tmp_path):
+    """`raise RuntimeError(...) from e` in their code showed the RuntimeError alone: the cause, the file that was
+    not found, was nowhere (a build's error leaves no kernel.log). It is shown trimmed to their frames too, as
+    Python shows a chain; `from None` still hides it."""
+    target = tmp_path / "train.py"
+    target.write_text("def load(path):\n    return open(path).read()\n\n"
+                      "def build(hyperparameters):\n    try:\n        load('/nonexistent/data.csv')\n"
+                      f"    except FileNotFoundError as e:\n        {raised}\n")
+    r = trainbus("run", f"{target}:build", "--plugins", "", "--runs-dir", str(tmp_path / "runs"), timeout=60)
+    _one_line(r, "raised RuntimeError: cannot load the data")
+    files = _trace_files(r.stderr)
+    assert files and set(files) == {str(target)}, r.stderr
+    if said is None:
+        assert "FileNotFoundError" not in r.stderr, r.stderr
+        return
+    cause, _, effect = r.stderr.partition(said)
+    assert f'File "{target}", line 2, in load' in cause and "FileNotFoundError: [Errno 2]" in cause, r.stderr
+    assert cause.startswith("Traceback (most recent call last; your code only):\n"), r.stderr
+    assert f'File "{target}", line 8, in build' in effect, r.stderr
+
+
 def test_sys_exit_in_the_users_training_code_fails_the_run_naming_it(tmp_path):
     target = tmp_path / "train.py"
     target.write_text("import sys\nfrom trainbus.kernel.digits import build as digits\n\n"
