@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -16,7 +17,7 @@ from .epoch_metrics import as_float, flat_metrics, is_better, mean, planned_batc
 from .loop_checkpoints import LoopCheckpoints
 from .replies import NO_CONTROL, Control, merge_replies
 from .spec import TrainingSpec, hyperparameters_for_events
-from .stepping import Stepper
+from .stepping import Stepper, _mark
 from .training_state import get_rng, loader_generators, set_rng
 
 log = logging.getLogger("trainbus.kernel")
@@ -211,7 +212,7 @@ class Loop(LoopCheckpoints):
             # forward backward update
             outputs, loss = stepper.batch(inputs, targets, spec.loss_fn)
             if stepper.due():
-                self._optimizer_step()
+                self._optimizer_step(self.step + 1)
             self.step += 1
             self.batches_done = batch_index + 1
             loss_value = self._scalar(loss)
@@ -230,7 +231,8 @@ class Loop(LoopCheckpoints):
             if self._step_boundary(self.bus.take_replies(), last_batch=self.batches_done == planned):
                 cut_short = True
                 break
-        self._optimizer_step()  # an epoch's last batches step, however few (a stop's too: they were trained on)
+        # an epoch's last batches step, however few (a stop's too: they were trained on)
+        self._optimizer_step(self.step)
         if self._batches_asked:
             left_over = int(self.ranks.sum([float(self._left_over)])[0])  # ranks that had batches left
             if self.batches_done == 0 and left_over:
@@ -408,16 +410,30 @@ class Loop(LoopCheckpoints):
         raise BatchError(f"metric {name!r} returned {describe(value)}: a metric must return one number (a float, an "
                          f"int or a one-element tensor or array); average or pick what it should report")
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, step: int) -> None:
+        """The optimizer step due after the run's batch `step` (1-based), and a per-step schedule's."""
         if self.stepper.step() and self.spec.scheduler is not None and self.spec.scheduler_interval == "step":
             self._stepped_lr = self.spec.optimizer.param_groups[0]["lr"]
-            self.spec.scheduler.step()  # a per-step schedule (OneCycleLR, warm-up): after each optimizer step
+            with _scheduler_step(self.spec.scheduler, f"after step {step} (scheduler_interval 'step')"):
+                self.spec.scheduler.step()  # a per-step schedule (OneCycleLR, warm-up): after each optimizer step
 
     def _epoch_scheduler_step(self, train: dict[str, Any], validation: dict[str, Any]) -> None:
         scheduler = self.spec.scheduler
-        if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step()
-            return
-        value = flat_metrics(train, validation).get(self.spec.scheduler_monitor)
-        if value is not None:  # an epoch without it (a stop before validation): the plateau waits for one
-            scheduler.step(value)
+        with _scheduler_step(scheduler, f"after epoch {self.epoch} (scheduler_interval 'epoch')"):
+            if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step()
+                return
+            value = flat_metrics(train, validation).get(self.spec.scheduler_monitor)
+            if value is not None:  # an epoch without it (a stop before validation): the plateau waits for one
+                scheduler.step(value)
+
+
+@contextlib.contextmanager
+def _scheduler_step(scheduler: Any, when: str):
+    """A scheduler's step: torch's error in it (OneCycleLR's total_steps run past) says where it came from, as the
+    forward's and the loss's do (the loop steps it: no frame of the user's)."""
+    try:
+        yield
+    except Exception as exc:
+        _mark(exc, lambda: f"in the scheduler's step, {type(scheduler).__name__}, {when}")
+        raise

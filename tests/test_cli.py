@@ -914,6 +914,22 @@ def test_an_error_in_torchs_own_modules_says_where_in_the_step_and_the_shapes(in
     assert r.returncode == 1 and said in r.stdout + r.stderr, (r.stdout, r.stderr)
 
 
+@pytest.mark.parametrize("interval, total, said", [
+    ("step", 5, "after step 6 (scheduler_interval 'step')"),
+    ("epoch", 1, "after epoch 2 (scheduler_interval 'epoch')")])
+def test_an_error_torch_raises_in_the_schedulers_step_says_so(interval, total, said, tmp_path):
+    """OneCycleLR's total_steps shorter than the run: torch's 'Tried to step 6 times' said nothing of where (the
+    loop steps the scheduler: no frame of the user's), as an error of the forward or the loss does."""
+    target = tmp_path / "train.py"
+    target.write_text(SHAPES.replace("IN", "5").replace("LOSS", "torch.nn.CrossEntropyLoss()").replace(
+        "epochs=1)", f"epochs=2,\n        scheduler_interval={interval!r}, scheduler=torch.optim.lr_scheduler."
+                     f"OneCycleLR(optimizer, max_lr=0.1, total_steps={total}))").replace(
+        "optimizer=torch.optim.SGD(model.parameters(), lr=0.1)", "optimizer=optimizer").replace(
+        "    return", "    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n    return"))
+    r = trainbus("run", f"{target}:build", "--plugins", "", "--runs-dir", str(tmp_path / "runs"), timeout=120)
+    assert r.returncode == 1 and f"(in the scheduler's step, OneCycleLR, {said})" in r.stdout, (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("case", sorted(USER_CODE))
 def test_an_exception_in_the_users_code_shows_their_frames_then_one_line(case, tmp_path):
     source, expected, frames = USER_CODE[case]
