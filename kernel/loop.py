@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,7 +16,7 @@ from .epoch_metrics import as_float, flat_metrics, is_better, mean, planned_batc
 from .loop_checkpoints import LoopCheckpoints
 from .replies import NO_CONTROL, Control, merge_replies
 from .spec import TrainingSpec, hyperparameters_for_events
-from .stepping import Stepper, _mark
+from .stepping import Stepper, mark_where
 from .training_state import get_rng, loader_generators, set_rng
 
 log = logging.getLogger("trainbus.kernel")
@@ -414,26 +413,26 @@ class Loop(LoopCheckpoints):
         """The optimizer step due after the run's batch `step` (1-based), and a per-step schedule's."""
         if self.stepper.step() and self.spec.scheduler is not None and self.spec.scheduler_interval == "step":
             self._stepped_lr = self.spec.optimizer.param_groups[0]["lr"]
-            with _scheduler_step(self.spec.scheduler, f"after step {step} (scheduler_interval 'step')"):
+            try:
                 self.spec.scheduler.step()  # a per-step schedule (OneCycleLR, warm-up): after each optimizer step
+            except Exception as exc:
+                self._scheduler_failed(exc, f"after step {step} (scheduler_interval 'step')")
+                raise
 
     def _epoch_scheduler_step(self, train: dict[str, Any], validation: dict[str, Any]) -> None:
         scheduler = self.spec.scheduler
-        with _scheduler_step(scheduler, f"after epoch {self.epoch} (scheduler_interval 'epoch')"):
+        try:
             if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step()
                 return
             value = flat_metrics(train, validation).get(self.spec.scheduler_monitor)
             if value is not None:  # an epoch without it (a stop before validation): the plateau waits for one
                 scheduler.step(value)
+        except Exception as exc:
+            self._scheduler_failed(exc, f"after epoch {self.epoch} (scheduler_interval 'epoch')")
+            raise
 
-
-@contextlib.contextmanager
-def _scheduler_step(scheduler: Any, when: str):
-    """A scheduler's step: torch's error in it (OneCycleLR's total_steps run past) says where it came from, as the
-    forward's and the loss's do (the loop steps it: no frame of the user's)."""
-    try:
-        yield
-    except Exception as exc:
-        _mark(exc, lambda: f"in the scheduler's step, {type(scheduler).__name__}, {when}")
-        raise
+    def _scheduler_failed(self, exc: Exception, when: str) -> None:
+        """torch's error in the scheduler's step (OneCycleLR's total_steps run past) says where it came from, as the
+        forward's and the loss's do (the loop steps it: no frame of the user's)."""
+        mark_where(exc, lambda: f"in the scheduler's step, {type(self.spec.scheduler).__name__}, {when}")

@@ -90,7 +90,7 @@ class Stepper:
             try:
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             except Exception as exc:  # autograd's own (an in-place change, a graph freed): no frame of theirs
-                _mark(exc, lambda: "in the backward pass of loss_fn's loss")
+                mark_where(exc, lambda: "in the backward pass of loss_fn's loss")
                 raise
         self.pending += 1
         self._unreduced = not syncing
@@ -104,12 +104,12 @@ class Stepper:
             try:
                 outputs = self.forward(inputs)
             except Exception as exc:
-                _mark(exc, lambda: f"in the model's forward, given inputs {_shape(inputs)}")
+                mark_where(exc, lambda: f"in the model's forward, given inputs {_shape(inputs)}")
                 raise
             try:
                 loss = loss_fn(outputs, targets)
             except Exception as exc:
-                _mark(exc, lambda: f"in loss_fn, given outputs {_shape(outputs)} and targets {_shape(targets)}")
+                mark_where(exc, lambda: f"in loss_fn, given outputs {_shape(outputs)} and targets {_shape(targets)}")
                 raise
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:  # numel: an attribute, no device sync
             raise BatchError(f"loss_fn returned {describe(loss)}: it must return the batch's loss as one number in a "
@@ -165,7 +165,7 @@ def _shape(value: Any) -> str:
     return describe(value)
 
 
-def _mark(exc: BaseException, where: Callable[[], str]) -> None:
+def mark_where(exc: BaseException, where: Callable[[], str]) -> None:
     """Set exc's WHERE_IN_STEP, unless it has one already (the same exception object raised again)."""
     if not hasattr(exc, WHERE_IN_STEP):
         try:
