@@ -59,8 +59,8 @@ class Harness:
         plugin gets every type, like any plugin handling every type through on_event)."""
         __tracebackhide__ = True  # pytest shows a handler's failure from the test's line to the handler's
         if type_ not in ev.ALL_EVENTS:
-            raise ValueError(f"unknown event type {type_!r}{near_event_type(type_)}; the types are proto/PROTOCOL.md §6's: "
-                             f"{', '.join(ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS)}")
+            raise ValueError(f"unknown event type {type_!r}{near_event_type(type_)}; the types are "
+                             f"proto/PROTOCOL.md §6's: {', '.join(ev.LIFECYCLE_EVENTS + ev.KERNEL_EVENTS)}")
         self.seq += 1
         self.step = self.step if step is None else step
         self.epoch = self.epoch if epoch is None else epoch

@@ -1092,8 +1092,9 @@ def test_a_checkpoint_of_the_same_target_with_other_flags_names_the_flags_its_ru
                              f"'name=b c' --resume {path}`"), lines
 
 
-def test_a_damaged_newest_checkpoint_is_passed_over_saying_so(tmp_path):
-    directory = tmp_path / "run" / "checkpoints"
+def three_checkpoints(run_dir: Path) -> Path:
+    """RUN_DIR/checkpoints with three files (steps 10, 20, 30) and the manifest that verifies them."""
+    directory = run_dir / "checkpoints"
     directory.mkdir(parents=True)
     lines = []
     for step in (10, 20, 30):
@@ -1101,6 +1102,11 @@ def test_a_damaged_newest_checkpoint_is_passed_over_saying_so(tmp_path):
         path.write_bytes(bytes([step]) * 100)
         lines.append(json.dumps({"file": path.name, "step": step, "epoch": 1, "size": 100, "sha256": sha256_of(path)}))
     (directory / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_saying_so(tmp_path):
+    directory = three_checkpoints(tmp_path / "run")
     (directory / "step000020.pt").unlink()  # removed by retention: nothing to say
     damaged = directory / "step000030.pt"
     damaged.write_bytes(b"\xff" + damaged.read_bytes()[1:])  # one byte flipped: same size, another hash
@@ -1114,15 +1120,8 @@ def test_a_run_with_no_intact_checkpoint_left_is_refused_naming_the_damaged_and_
     """Every checkpoint of a run damaged (or gone): `runs resume` said only `no verified checkpoint in MANIFEST (a file
     must exist and match ...)`, neither which files failed the check nor what to do (found by a checkpoints audit).
     The line names how many on disk are damaged, the newest of them, and that the run is to be run again."""
-    directory = tmp_path / "run" / "checkpoints"
-    directory.mkdir(parents=True)
-    lines = []
-    for step in (10, 20, 30):
-        path = directory / f"step{step:06d}.pt"
-        path.write_bytes(bytes([step]) * 100)
-        lines.append(json.dumps({"file": path.name, "step": step, "epoch": 1, "size": 100, "sha256": sha256_of(path)}))
+    directory = three_checkpoints(tmp_path / "run")
     manifest = directory / "manifest.jsonl"
-    manifest.write_text("\n".join(lines) + "\n")
     (directory / "step000010.pt").unlink()
     for name in ("step000020.pt", "step000030.pt"):
         (directory / name).write_bytes(b"\xff" * 50)  # cut short and overwritten
