@@ -110,8 +110,9 @@ def _stalled(run: dict[str, Any]) -> str | None:
 def _status_detail(run: dict[str, Any]) -> str | None:
     """What the daemon's queue says of a run, in the error column (its status cell says only queued or cancelled):
     a queued resume's "queued to be resumed by ann; last died (...)", a cancelled run's who took it off; and why a
-    run is died (its kernel gone, or its summary.json torn), which its status cell cannot say either."""
-    if run["status"] in ("cancelled", "died"):
+    run is died (its kernel gone, or its summary.json torn) or unreadable (its directory refused, or its registry row
+    damaged, with the `runs delete` that removes it), which its status cell cannot say either."""
+    if run["status"] in ("cancelled", "died", "unreadable"):
         return run.get("detail")
     return run.get("detail") if run["status"] == "queued" and run.get("dir") else None
 
