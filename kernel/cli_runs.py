@@ -337,6 +337,8 @@ def runs_delete(
     run, or one the daemon has queued, is refused (stop it first with `trainbus runs stop`); nothing is deleted
     unless every run named can be."""
     from . import daemon_queue, run_removal, runs
+    from .daemon_files import output_file
+    from .registry import runs_without_directory
 
     run_dirs: dict[Path, None] = {}  # in the order named, once each
     records: dict[str, Path] = {}  # the daemon's runs that failed before they had a directory: their output
@@ -344,10 +346,15 @@ def runs_delete(
         for run in run_ids:
             try:
                 run_dir = runs.resolve_run(run, runs_dir)
-            except runs.RunLookupError:
+            except runs.RunLookupError as exc:
                 record = daemon_queue.run_without_directory(runs_dir, run)
                 if record is None:
-                    raise
+                    # a row the registry alone holds with no queue job beside it (garbled or written by hand):
+                    # `runs list` names this command as what removes it
+                    pending = [] if isinstance(exc, runs.AmbiguousRunError) else runs_without_directory(runs_dir, run)
+                    if len(pending) != 1:
+                        raise
+                    record = {"id": pending[0][0], "output": output_file(runs_dir, pending[0][0])}
                 run_removal.check_not_submitted(runs_dir, record["id"])
                 records[record["id"]] = Path(record["output"])
             else:

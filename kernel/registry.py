@@ -427,11 +427,13 @@ def runs_without_directory(runs_dir: Path, prefix: str) -> list[tuple[str, str, 
         return []
     try:
         with Registry(runs_dir) as registry:
-            rows = registry.db.execute("SELECT id, status, detail FROM runs WHERE dir IS NULL AND substr(id, 1, ?) = ?",
-                                       (len(prefix), prefix)).fetchall()
+            rows = registry.db.execute(f"SELECT {', '.join(COLUMNS)} FROM runs WHERE dir IS NULL "
+                                       "AND substr(id, 1, ?) = ?", (len(prefix), prefix)).fetchall()
     except (sqlite3.Error, OSError, RegistryError):
         return []
-    return sorted((str(i), str(status), detail) for i, status, detail in rows)
+    runs = [from_row(row, time.time()) for row in rows]  # a row garbled by hand: unreadable, as `runs list` says
+    runs = [unreadable_row(run) if "unreadable_row" in run else run for run in runs]
+    return sorted((str(run["id"]), run["status"], run["detail"]) for run in runs)
 
 
 def as_started(run: dict[str, Any], job: dict[str, Any], unwatched_tail: Callable[[], str | None] | None = None

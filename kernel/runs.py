@@ -96,6 +96,8 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
             return _readable(matches[0].resolve())
         if pending:  # queued, or failed before its kernel made a directory: there, but with nothing to read
             run_id, status, detail = pending[0]
+            if status == "unreadable":  # its row garbled by hand: the detail says which columns, and the fix
+                raise RunLookupError(f"run {run_id} has no run directory, and {detail}")
             raise RunLookupError(f"run {run_id} is {status} and has no run directory"
                                  + (" yet" if status == "queued" else "" if status == "cancelled"
                                     else " (it ended before its kernel made one)")

@@ -311,6 +311,26 @@ def test_a_registry_row_garbled_by_hand_is_read_again_from_its_run_and_the_other
     assert sorted(run["id"] for run in list_runs(copy)) == ["a-completed", "b-failed"]
 
 
+def test_a_garbled_row_of_a_run_with_no_directory_and_no_job_is_deleted_as_runs_list_says(ended_runs, tmp_path):
+    """A row the registry alone holds, garbled by hand with no queue job beside it (a row inserted, or its job
+    removed, in sqlite3): `runs list` named `runs delete` as its fix, and `runs delete` refused it, as `run ... is
+    bogus and has no run directory`, the garbled status said as one."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ended_runs, copy)
+    db = sqlite3.connect(copy / REGISTRY_NAME)
+    with db:
+        db.execute("INSERT INTO runs (id, dir, status, observed_ts) VALUES ('c-lost', NULL, 'bogus', 1.0)")
+    db.close()
+    listed = {run["id"]: run for run in json.loads(cli("runs", "list", "--runs-dir", str(copy), "--json"))}
+    lost = listed["c-lost"]
+    assert lost["status"] == "unreadable" and lost["detail"].endswith("`trainbus runs delete c-lost` removes it"), lost
+    with pytest.raises(UserError) as shown:
+        cli("runs", "show", "c-lost", "--runs-dir", str(copy))
+    assert "bogus" not in str(shown.value) and "`trainbus runs delete c-lost` removes it" in str(shown.value), shown
+    assert "deleted run c-lost" in cli("runs", "delete", "c-l", "--yes", "--runs-dir", str(copy))
+    assert sorted(run["id"] for run in list_runs(copy)) == ["a-completed", "b-failed"]
+
+
 def test_an_ended_runs_summary_or_config_changed_since_its_row_was_written_is_read_again(ended_runs, tmp_path):
     """The run directories are the truth: a summary.json garbled after the run ended (a disk error, an edit), one
     removed, one put back (a kept summary moved in), or a config.json edited, was listed as the registry's row last
