@@ -19,8 +19,8 @@ from typing import Any, Iterable
 from .checkpointing import has_checkpoints, no_checkpoints
 from .daemon_client import request
 from .daemon_files import make_daemon_dir, output_file, unwatched_tail
-from .registry import (JOB_ACTIVE, REGISTRY_NAME, JobError, Registry, RegistryError, as_started, cannot_read,
-                       queued_resume, resume_started, unreadable_row)
+from .registry import (JOB_ACTIVE, JobError, Registry, RegistryError, as_started, cannot_read,
+                       has_registry, queued_resume, resume_started, unreadable_row)
 from .kernel_pid import KERNEL_PID
 from .run_json import CONFIG
 from .run_overview import run_overview
@@ -201,7 +201,7 @@ def several_runs(run: str, ids: list[str]) -> str:
 
 def queued_job(runs_dir: Path, run: str) -> str | None:
     """The id of the queued run `run` names (its id or a unique start of it); None when it names none."""
-    if not (Path(runs_dir) / REGISTRY_NAME).is_file():
+    if not has_registry(runs_dir):
         return None
     try:
         with Registry(runs_dir) as registry:
@@ -215,7 +215,7 @@ def queued_job(runs_dir: Path, run: str) -> str | None:
 def unreadable_queue(runs_dir: Path) -> str | None:
     """Why the queue of runs_dir's registry cannot be read, with the fix (a full disk: SQLite cannot open it); None
     when it can, or there is none."""
-    if not (Path(runs_dir) / REGISTRY_NAME).is_file():
+    if not has_registry(runs_dir):
         return None
     try:
         with Registry(runs_dir) as registry:
@@ -231,7 +231,7 @@ def as_queued(runs_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
     """`run` (a run directory's details) as queued when its resume waits in the daemon's queue of runs_dir, as
     running while the daemon starts it (registry.resume_started); as it is when none does, or when the registry
     cannot be read (the directory still tells the run)."""
-    if Path(run["dir"]) != (Path(runs_dir) / run["id"]).resolve() or not (Path(runs_dir) / REGISTRY_NAME).is_file():
+    if Path(run["dir"]) != (Path(runs_dir) / run["id"]).resolve() or not has_registry(runs_dir):
         return run
     try:
         with Registry(runs_dir) as registry:
@@ -246,7 +246,7 @@ def as_queued(runs_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
 def run_without_directory(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
     """A submitted run that has no run directory (queued, or failed before its kernel made one), as the registry
     has it, with its command and its output file; None when run_id names none."""
-    if not (Path(runs_dir) / REGISTRY_NAME).is_file():
+    if not has_registry(runs_dir):
         return None
     now = time.time()
     try:

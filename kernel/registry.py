@@ -415,11 +415,20 @@ def _bare(target: str) -> str:
     return target.removeprefix("./").replace("/./", "/")
 
 
+def has_registry(runs_dir: Path) -> bool:
+    """Whether runs_dir holds a registry file; False where this user cannot search runs_dir (someone else's: the
+    command says so as it lists or looks up its runs, find_runs and resolve_run)."""
+    try:
+        return (Path(runs_dir) / REGISTRY_NAME).is_file()
+    except OSError:
+        return False
+
+
 def runs_without_directory(runs_dir: Path, prefix: str) -> list[tuple[str, str, str | None]]:
     """(id, status, detail), by id, of the runs starting with `prefix` that the registry alone holds (queued, or
     failed before their kernel made a directory): a run-id prefix is unique only among these and the directories
     together. [] without a usable registry (the directories are all there is then)."""
-    if not (Path(runs_dir) / REGISTRY_NAME).is_file():
+    if not has_registry(runs_dir):
         return []
     try:
         prefix.encode()

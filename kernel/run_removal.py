@@ -55,7 +55,7 @@ def check_made_by_a_kernel(run_dir: Path, runs_dir: Path) -> None:
 def check_not_submitted(runs_dir: Path, run_id: str) -> None:
     """RemovalError when the daemon of runs_dir holds run_id: queued (to be started or resumed) or started, even
     before its kernel made or locked the run's directory."""
-    if not (Path(runs_dir) / registry.REGISTRY_NAME).is_file():
+    if not registry.has_registry(runs_dir):
         return
     try:
         with registry.Registry(runs_dir) as rows:

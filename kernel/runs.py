@@ -58,7 +58,16 @@ def find_runs(runs_dir: Path) -> list[Path]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise RunLookupError(no_runs_dir(runs_dir))
-    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and is_run_dir(p))
+    try:
+        return sorted(p for p in runs_dir.iterdir() if p.is_dir() and is_run_dir(p))
+    except OSError as exc:  # someone else's runs directory (0700), or a disk error: was a traceback
+        raise RunLookupError(unreadable_runs_dir(runs_dir, exc)) from None
+
+
+def unreadable_runs_dir(runs_dir: Path, exc: OSError) -> str:
+    """Why runs_dir's runs cannot be listed though it is there."""
+    return (f"cannot read the runs directory {Path(runs_dir).resolve()}: {exc.strerror or exc} (another user's, or a "
+            f"disk error; is --runs-dir right?)")
 
 
 def no_runs_dir(runs_dir: Path) -> str:
@@ -75,9 +84,17 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
         raise RunLookupError("no run given (an empty id): give a run id, a unique start of one, or a run directory "
                              "(`trainbus runs list` shows them)")
     path_like = os.sep in run or run.startswith(".")
+    if not path_like and runs_dir.is_dir():
+        try:  # a runs directory this user cannot read: said so, not a traceback from whatever looks in it first
+            os.scandir(runs_dir).close()
+        except OSError as exc:
+            raise RunLookupError(unreadable_runs_dir(runs_dir, exc)) from None
     for candidate in (runs_dir / run, Path(run)) if path_like else (runs_dir / run,):
-        if candidate.is_dir() and is_run_dir(candidate):
-            return _readable(candidate.resolve())
+        try:
+            if candidate.is_dir() and is_run_dir(candidate):
+                return _readable(candidate.resolve())
+        except OSError:  # a folder on its path this user cannot search: not there for them (the error below)
+            continue
     if not runs_dir.is_dir():
         raise RunLookupError(f"no run {run!r}: {no_runs_dir(runs_dir)}")
     if run and not path_like:

@@ -1019,6 +1019,24 @@ def test_runs_list_json_gives_an_unreadable_run_every_key_the_others_have(someon
     assert (runs["theirs"]["flags"], runs["theirs"]["plugin_trouble"], runs["theirs"]["epochs"]) == ({}, [], None)
 
 
+def test_a_runs_directory_this_user_cannot_read_is_one_error_line(someone_elses_run):
+    """A --runs-dir someone else's (0700) cost `runs list`, `compare`, `show`, `delete`, `stop` a PermissionError
+    traceback, exit 1."""
+    runs_dir, prefix = someone_elses_run
+    runs_dir.chmod(0o000)
+    try:
+        for command in (["list"], ["list", "--json"], ["compare"], ["show", "mine"], ["delete", "mi", "--yes"],
+                        ["plot", "mine"], ["stop", "mine"]):
+            done = subprocess.run([*prefix, *trainbus_cmd(), "runs", *command, "--runs-dir", str(runs_dir)],
+                                  capture_output=True, text=True, timeout=60)
+            assert (done.returncode, done.stdout, done.stderr.count("\n")) == (2, "", 1), (command, done.stderr)
+            assert done.stderr.startswith(f"error: cannot read the runs directory {runs_dir}: Permission denied"), \
+                (command, done.stderr)
+    finally:
+        runs_dir.chmod(0o755)
+    assert (runs_dir / "mine").is_dir()
+
+
 def test_show_takes_any_name_a_peer_attached_by_hand_said_hello_with(every_status, tmp_path):
     """A peer attached by hand says hello under any string: `runs show` took each for a plugin of the run and
     looked for its plugins/NAME.log, which for 300 characters raised ENAMETOOLONG (the whole command failed) and for
