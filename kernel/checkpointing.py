@@ -226,13 +226,19 @@ def no_checkpoints(where: str, run_dir: Path | None = None) -> str:
     if run_dir is None:
         return said
     from trainbus.proto.kept_files import kept_dirs
-    from trainbus.proto.messages import kept_name
+    from trainbus.proto.messages import JOURNAL_NAME, kept_name
 
     run_dir = Path(run_dir).resolve()
     kept = [d / kept_name(run_dir.name, FINAL_WEIGHTS) for d in kept_dirs()]
     kept = [path for path in kept if path.is_file()]
-    return said + (f"; the weights it trained are kept in {kept[0]} (its disk was full): move them to "
-                   f"{run_dir / FINAL_WEIGHTS}" if kept else "")
+    said += (f"; the weights it trained are kept in {kept[0]} (its disk was full): move them to "
+             f"{run_dir / FINAL_WEIGHTS}" if kept else "")
+    # its last events too: the kernel's line said a resume puts them back, but only a journal that opens again does
+    events = sorted((p for d in kept_dirs() for p in d.glob(f"{kept_name(run_dir.name, JOURNAL_NAME)}.*-*")),
+                    key=lambda p: (len(first := p.name.rpartition(".")[2].partition("-")[0]), first))  # by seq
+    files = " ".join(map(str, events))
+    return said + (f"; the events its disk refused are kept in {files}: append them to its journal once there is "
+                   f"room: cat {files} >> {run_dir / JOURNAL_NAME}" if events else "")
 
 
 def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = None) -> Path:

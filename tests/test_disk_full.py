@@ -820,3 +820,26 @@ def test_a_resume_refused_for_want_of_a_checkpoint_names_the_weights_its_full_di
     assert (refused.returncode, refused.stderr) == (2, (
         f"{plain}; the weights it trained are kept in {kept / 'trainbus-run-1-final.pt'} (its disk was full): move "
         f"them to {run_dir.resolve() / 'final.pt'}\n")), refused.stderr
+
+
+def test_a_resume_refused_for_want_of_a_checkpoint_names_the_events_its_full_disk_kept_elsewhere(tmp_path,
+                                                                                                 monkeypatch):
+    """A run without the checkpoint plugin whose disk refused its last events kept them in $TMPDIR/trainbus-kept-UID,
+    its error line saying `trainbus runs resume` puts them back; that resume refused the run (no checkpoint) without
+    a word of them, and no journal opened to take them back: the run's record stayed short of its end, unsaid."""
+    from test_journal import envelope
+
+    from trainbus.proto import pack
+
+    spare, run_dir = spare_temp_dir_and_run(tmp_path, monkeypatch)
+    (run_dir / "config.json").write_text(json.dumps({"target": "demo", "epochs": 3}) + "\n")
+    (run_dir / JOURNAL_NAME).write_bytes(b"".join(pack(envelope(seq)) for seq in range(1, 11)))
+    kept = spare / f"trainbus-kept-{os.getuid()}"
+    kept.mkdir(mode=0o700)
+    events = kept / f"trainbus-run-1-{JOURNAL_NAME}.11-20"
+    events.write_bytes(b"".join(pack(envelope(seq)) for seq in range(11, 21)))
+    refused = cli("runs", "resume", "run-1", "--runs-dir", str(tmp_path / "runs"))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.rstrip().endswith(
+        f"; the events its disk refused are kept in {events}: append them to its journal once there is room: "
+        f"cat {events} >> {run_dir.resolve() / JOURNAL_NAME}"), refused.stderr
