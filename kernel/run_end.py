@@ -53,7 +53,8 @@ def write_summary(run_dir: Path, result: RunResult, final_in_place: bool) -> Non
         try:
             kept = kept_dir() / kept_name(run_id, SUMMARY_NAME)
             kept.write_text(text)
-            moved = f"; it is in {kept}: move it there once the disk has space (`runs list` reads it there till then)"
+            moved = (f"; it is in {kept}: move it to {summary} once the disk has space (`runs list` reads it "
+                     f"where it is till then)")
         except OSError:
             if kept is not None:
                 kept.unlink(missing_ok=True)
@@ -71,7 +72,8 @@ def save_final_weights(spec, loop: Loop, run_dir: Path, run_id: str, status: str
     if journal_failed:
         error = f"{error}; the weights as trained to step {loop.step} are in {saved_to}" if saved_to else error
     elif why is not None:
-        moved = f"; they were saved to {saved_to} instead: move them there once it has space" if saved_to else ""
+        moved = f"; they were saved to {saved_to} instead: move them to {final} once its disk has space" if saved_to \
+            else ""
         error = f"training {status}, but the final weights could not be saved to {final}: {why}{moved}"
         status = "failed"
         log.error("%s", error)

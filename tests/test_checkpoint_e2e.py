@@ -671,7 +671,7 @@ def test_a_disk_full_at_the_end_fails_the_run_in_one_line_and_closes_it_cleanly(
     assert result.error.startswith("training completed, but the final weights could not be saved to ")
     kept = spare / f"trainbus-kept-{os.getuid()}" / f"trainbus-{Path(result.run_dir).name}-{FINAL_WEIGHTS}"
     assert result.error.endswith(f"No space left on device (errno 28); they were saved to {kept} instead: move them "
-                                 f"there once it has space"), result.error
+                                 f"to {Path(result.run_dir) / FINAL_WEIGHTS} once its disk has space"), result.error
     assert torch.load(kept, weights_only=True)["epoch"] == 1
     run_dir = Path(result.run_dir)
     assert not (run_dir / FINAL_WEIGHTS).exists() and not list(run_dir.glob(f".{FINAL_WEIGHTS}*"))

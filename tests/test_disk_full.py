@@ -559,7 +559,7 @@ def test_events_the_disk_refuses_to_the_end_are_kept_and_rejoin_the_journal(tmp_
     if not summary.exists():  # refused too (the filler holds every page but one it has not taken back yet)
         said = [line for line in err.splitlines() if str(summary) in line]
         moved = kept_in / f"trainbus-{journal.parent.name}-summary.json"
-        assert len(said) == 1 and f"it is in {moved}: move it there" in said[0], err
+        assert len(said) == 1 and f"it is in {moved}: move it to {summary} once" in said[0], err
         shutil.move(moved, summary)
     listed = cli("runs", "list", "--json", "--runs-dir", str(runs))
     assert json.loads(listed.stdout)[0]["status"] == "failed", listed.stdout
