@@ -19,7 +19,8 @@ import time
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from trainbus.proto.remote import HANDSHAKE_IVL_MS, RUN_PORTS, KeyFileError, load_secret, split_host_port
+from trainbus.proto.remote import (HANDSHAKE_IVL_MS, KEYS_DIR_ENV, RUN_PORTS, KeyFileError, load_secret,
+                                   split_host_port)
 
 from .keys import REVOKED, KeyRing, KeyStore
 
@@ -88,6 +89,10 @@ def check_listen(host_port: str, store: KeyStore, ports: int = RUN_PORTS) -> tup
     except ValueError as exc:
         raise ListenError(f"--listen: {exc}, e.g. 127.0.0.1:5555 (an address of this host; port 0: a free "
                           f"one)") from None
+    if store.directory.exists() and not store.directory.is_dir():  # `keys generate` would refuse it: say it now
+        raise ListenError(f"--listen {host_port} needs CURVE keys, and the key directory {store.directory} is a file, "
+                          f"not a directory: give --keys-dir (or ${KEYS_DIR_ENV}) the directory `trainbus keys "
+                          f"generate` made")
     clients = store.clients(unreadable=True)
     if not store.server_secret.exists() or not any(k.role != REVOKED for k in clients):
         where = store.keys_dir_option  # the commands that make keys where this kernel looks

@@ -1408,6 +1408,19 @@ def test_daemon_status_given_a_runs_endpoint_says_within_seconds_it_is_not_a_dae
     assert elapsed < 8, f"took {elapsed:.1f} s"
 
 
+def test_listen_with_a_keys_dir_that_is_a_file_says_so_not_to_make_keys_there(tmp_path):
+    """`run --listen` whose key directory ($TRAINBUS_KEYS_DIR, --keys-dir) is a file said it `has no server key` and to
+    run `trainbus keys generate server`, which then refuses that file: two commands to learn the path is wrong."""
+    keys = tmp_path / "keys"
+    keys.write_text("not a directory\n")
+    refused = trainbus("run", "--listen", "127.0.0.1:0", "--keys-dir", str(keys), "--runs-dir", str(tmp_path / "runs"),
+                       check=False)
+    assert (refused.returncode, refused.stderr) == (2, (
+        f"error: --listen 127.0.0.1:0 needs CURVE keys, and the key directory {keys} is a file, not a directory: "
+        f"give --keys-dir (or $TRAINBUS_KEYS_DIR) the directory `trainbus keys generate` made\n")), refused.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_listen_short_of_keys_is_told_to_make_only_the_keys_it_lacks(tmp_path):
     """`run --listen` with a server key but no client key said to run `trainbus keys generate server` too, which
     then refuses (the server key exists; replacing it locks clients out); and with client keys but no server key,
