@@ -246,4 +246,6 @@ def typed(value: Any, annotation: Any, where: str) -> Any:
         if expected == "a string" and isinstance(value, (int, float)) and not isinstance(value, bool):
             raise ConfigError(f"{where} must be a string; {value!r} was read as a number: quote it (\"{value}\")")
         raise ConfigError(f"{where} must be {expected}, got {value!r}")
+    if isinstance(value, str) and "\0" in value:  # TOML's and JSON's \u0000: the OS refuses it in a path or argv
+        raise ConfigError(f"{where} holds a NUL character (\\u0000), which no path, target or name takes; remove it")
     return value

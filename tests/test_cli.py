@@ -256,6 +256,12 @@ BAD_INPUT = {
     "a precision of no one's": (lambda t: ["run", "--precision", "fp8"],
                                 "precision must be one of 32, bf16-mixed, 16-mixed, bf16-true (or Lightning's 32-true, "
                                 "16, bf16), got 'fp8'"),
+    "a NUL in a plugin's target": (  # TOML's \u0000: no argv or environment holds one (a ValueError's traceback)
+        lambda t: ["run", "--config", _write(t, "c.toml", '[plugins.mine]\ntarget = "my\\u0000mod:P"\n')],
+        "c.toml: plugins.mine.target holds a NUL character (\\u0000), which no path, target or name takes; remove it"),
+    "a NUL in a config's runs_dir": (
+        lambda t: ["run", "--config", _write(t, "c.toml", '[run]\nruns_dir = "r\\u0000s"\n')],
+        "c.toml: run.runs_dir holds a NUL character (\\u0000), which no path, target or name takes; remove it"),
     "an empty --resume": (lambda t: ["run", "--resume", ""],
                           "--resume is empty: give it a value, or leave --resume out"),
     "an empty --listen": (lambda t: ["run", "--listen", ""],
