@@ -81,7 +81,7 @@ def launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import main as torchrun  # here: after the checks, which need no torch (seconds)
 
-    from .cluster import LAUNCH, LAUNCH_RUN_ID, LAUNCHER_PID
+    from .cluster import LAUNCH, LAUNCH_RUN_ID, LAUNCHER_PID, ClusterError, launch_run_id
     from .runs import new_run_id
 
     argv, words = [], iter(sys.argv[1:])
@@ -93,7 +93,10 @@ def launch(launch: dict, runs_dir: str, continuing: str | None) -> NoReturn:
     meet = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
             "--rdzv-conf", f"join_timeout={JOIN_TIMEOUT_S}"] if nnodes > 1 else ["--standalone"]
     # every rank, and a restarted group, trains the same run (the daemon names it for a queued one)
-    run_id = os.environ[LAUNCH_RUN_ID] = continuing or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
+    try:
+        run_id = os.environ[LAUNCH_RUN_ID] = continuing or launch_run_id() or new_run_id()
+    except ClusterError as exc:
+        raise UserError(str(exc)) from None
     os.environ[LAUNCH] = json.dumps(launch)
     os.environ[LAUNCHER_PID] = str(os.getpid())  # each rank ends the run once this process is gone, killed or not
     # torchrun hands its workers one TCP store for the whole job, and a restarted group's processes read

@@ -30,6 +30,16 @@ class ClusterError(ValueError):
     """The launcher's variables contradict each other; the message names them."""
 
 
+def launch_run_id() -> str | None:
+    """$TRAINBUS_LAUNCH_RUN_ID, the run id a launcher or the daemon chose; ClusterError for one that is not a single
+    name: a stale or hand-set `../x` would put the run directory outside the runs directory."""
+    value = os.environ.get(LAUNCH_RUN_ID)
+    if value and (value in (".", "..") or "/" in value or "\0" in value or len(value.encode(errors="replace")) > 255):
+        raise ClusterError(f"${LAUNCH_RUN_ID} {value!r} is not a run id (one name: no '/', not . or ..); `trainbus run "
+                           f"--nproc` and the daemon set it for the processes they start: unset it")
+    return value or None
+
+
 class PeerGone(Exception):
     """A collective before the run began broke because another rank went away: that rank's own error (or its
     exit, which the launcher reports) says why, and this rank adds nothing but a line."""

@@ -24,7 +24,7 @@ from trainbus.proto.remote import CONNECTION_FILE, KeyFileError, keys_dir
 from .buffer_files import snapshot_directories
 from .checkpointing import find_checkpoint, has_checkpoints
 from .collector import freeze_before_training
-from .cluster import LAUNCH_RUN_ID, LAUNCHER_PID, Cluster, ClusterError, detect
+from .cluster import LAUNCHER_PID, Cluster, ClusterError, detect, launch_run_id
 from .config import ConfigError, RunConfig
 from .config_checks import check_run
 from .devices import device_for
@@ -117,7 +117,10 @@ def _run_training(cfg: RunConfig, run_id: str | None, interrupts: Interrupts, an
         signalled_when_gone(int(os.environ[LAUNCHER_PID]))
     device = device_for(cfg, cluster)
     ranks = _join(cluster, device, interrupts, announce) if cluster.distributed else None
-    run_id = run_id or os.environ.get(LAUNCH_RUN_ID) or new_run_id()
+    try:
+        run_id = run_id or launch_run_id() or new_run_id()
+    except ClusterError as exc:
+        raise ConfigError(str(exc)) from None
     if ranks is not None:
         run_id = ranks.meet(run_id)  # rank 0's: one run, one directory
     run_dir = Path(cfg.runs_dir).resolve() / run_id

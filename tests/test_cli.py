@@ -1535,3 +1535,16 @@ def test_a_runs_dir_that_is_a_loop_of_symbolic_links_is_one_line(args, tmp_path)
     assert "Traceback" not in r.stderr + r.stdout
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "a is a loop of symbolic links" in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "loop.toml"]
+
+
+@pytest.mark.parametrize("run_id", ["../escape", "a/b", ".."])
+def test_a_launch_run_id_that_is_not_one_name_is_refused_not_made_a_directory_outside_the_runs(run_id, tmp_path):
+    """$TRAINBUS_LAUNCH_RUN_ID, the run id `run --nproc` and the daemon give the processes they start, was taken as
+    it came: a stale or hand-set `../escape` made the run directory beside the runs directory, not in it."""
+    env = {**os.environ, "TRAINBUS_LAUNCH_RUN_ID": run_id}
+    r = subprocess.run([*trainbus_cmd(), "run", "--epochs", "1", "--plugins", "", "--runs-dir", str(tmp_path / "runs")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL)
+    assert (r.returncode, r.stderr) == (2, (
+        f"error: $TRAINBUS_LAUNCH_RUN_ID {run_id!r} is not a run id (one name: no '/', not . or ..); `trainbus run "
+        f"--nproc` and the daemon set it for the processes they start: unset it\n")), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
