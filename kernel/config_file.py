@@ -63,7 +63,7 @@ def load_config(path: Path | None) -> RunConfig:
     if path.exists() and not path.is_file():  # a FIFO would block the read, /dev/zero never end it
         raise ConfigError(f"config file {path} is not a regular file; give --config a TOML file (or bz's .json one)")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist; check the path given to --config")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

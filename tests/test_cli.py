@@ -266,7 +266,8 @@ BAD_INPUT = {
                           "--resume is empty: give it a value, or leave --resume out"),
     "an empty --listen": (lambda t: ["run", "--listen", ""],
                           "--listen is empty: give it a value, or leave --listen out"),
-    "missing config file": (lambda t: ["run", "--config", str(t / "nope.toml")], "does not exist"),
+    "missing config file": (lambda t: ["run", "--config", str(t / "nope.toml")],
+                            "nope.toml does not exist; check the path given to --config"),
     # it said "config file . is a directory": `--config "$UNSET"` read as the current directory
     # the name was printed as given: the terminal obeyed the escape, and a newline made the error two lines
     "a target whose name holds a terminal escape": (lambda t: ["run", "\x1b[2Jtrain.py"],
