@@ -277,10 +277,15 @@ def daemon_status(runs_dir: Optional[Path] = LOCAL_RUNS_DIR_OPTION,
     Exit code 0 when one does, 3 when none (as `systemctl status`), 1 when one holds it but does not answer
     (starting, or stuck)."""
     from . import daemon_client
-    from .runs import no_runs_dir
+    from .runs import RunLookupError, check_readable, no_runs_dir
 
     target = _remote(remote, key, server_key, runs_dir)
     runs_dir = runs_dir or Path("runs")
+    if target is None and runs_dir.is_dir():
+        try:
+            check_readable(runs_dir)
+        except RunLookupError as exc:
+            raise UserError(str(exc)) from None
     if target is not None:
         answer = _ask(runs_dir, target, "status")
     else:

@@ -70,6 +70,15 @@ def unreadable_runs_dir(runs_dir: Path, exc: OSError) -> str:
             f"disk error; is --runs-dir right?)")
 
 
+def check_readable(runs_dir: Path) -> None:
+    """RunLookupError for a runs directory this user cannot read: said so, not a traceback from whatever looks in it
+    first (its registry, a run's directory)."""
+    try:
+        os.scandir(runs_dir).close()
+    except OSError as exc:
+        raise RunLookupError(unreadable_runs_dir(runs_dir, exc)) from None
+
+
 def no_runs_dir(runs_dir: Path) -> str:
     """Why runs_dir holds no runs: a file where the directory should be is a different mistake from a typo."""
     if runs_dir.exists():
@@ -85,10 +94,7 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
                              "(`trainbus runs list` shows them)")
     path_like = os.sep in run or run.startswith(".")
     if not path_like and runs_dir.is_dir():
-        try:  # a runs directory this user cannot read: said so, not a traceback from whatever looks in it first
-            os.scandir(runs_dir).close()
-        except OSError as exc:
-            raise RunLookupError(unreadable_runs_dir(runs_dir, exc)) from None
+        check_readable(runs_dir)
     for candidate in (runs_dir / run, Path(run)) if path_like else (runs_dir / run,):
         try:
             if candidate.is_dir() and is_run_dir(candidate):

@@ -1020,14 +1020,15 @@ def test_runs_list_json_gives_an_unreadable_run_every_key_the_others_have(someon
 
 
 def test_a_runs_directory_this_user_cannot_read_is_one_error_line(someone_elses_run):
-    """A --runs-dir someone else's (0700) cost `runs list`, `compare`, `show`, `delete`, `stop` a PermissionError
-    traceback, exit 1."""
+    """A --runs-dir someone else's (0700) cost `runs list`, `compare`, `show`, `delete`, `stop` and `daemon status` a
+    PermissionError traceback, exit 1."""
     runs_dir, prefix = someone_elses_run
     runs_dir.chmod(0o000)
     try:
-        for command in (["list"], ["list", "--json"], ["compare"], ["show", "mine"], ["delete", "mi", "--yes"],
-                        ["plot", "mine"], ["stop", "mine"]):
-            done = subprocess.run([*prefix, *trainbus_cmd(), "runs", *command, "--runs-dir", str(runs_dir)],
+        for command in (["runs", "list"], ["runs", "list", "--json"], ["runs", "compare"], ["runs", "show", "mine"],
+                        ["runs", "delete", "mi", "--yes"], ["runs", "plot", "mine"], ["runs", "stop", "mine"],
+                        ["daemon", "status"]):
+            done = subprocess.run([*prefix, *trainbus_cmd(), *command, "--runs-dir", str(runs_dir)],
                                   capture_output=True, text=True, timeout=60)
             assert (done.returncode, done.stdout, done.stderr.count("\n")) == (2, "", 1), (command, done.stderr)
             assert done.stderr.startswith(f"error: cannot read the runs directory {runs_dir}: Permission denied"), \
