@@ -289,9 +289,10 @@ def find_checkpoint(where: str, runs_dir: str, passed_over: list[str] | None = N
         if not file.is_file():
             gone = True
             continue  # removed by the plugin's retention: the usual case
-        if file.stat().st_size == entry.get("size") and sha256_of(file) == entry.get("sha256"):
+        stat = file.stat()
+        if stat.st_size == entry.get("size") and sha256_of(file) == entry.get("sha256"):
             return file
-        inode = (file.stat().st_dev, file.stat().st_ino)
+        inode = (stat.st_dev, stat.st_ino)
         if inode in damaged:
             continue
         damaged[inode] = file

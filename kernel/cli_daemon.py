@@ -385,7 +385,7 @@ def _queue_of_no_daemon(runs_dir: Path, stuck: tuple[int, str] | None) -> dict[s
     from . import daemon_queue
     from .kernel_pid import kernel_process
     from .pids import process_alive
-    from .registry import REGISTRY_NAME, Registry, RegistryError, cannot_read
+    from .registry import Registry, RegistryError, cannot_read, has_registry
 
     queued: list[str] = []
     ended: list[dict[str, Any]] = []
@@ -394,7 +394,7 @@ def _queue_of_no_daemon(runs_dir: Path, stuck: tuple[int, str] | None) -> dict[s
     gone: list[str] = []
     resumed: dict[str, int] = {}
     elsewhere: dict[str, int] = {}
-    if (runs_dir / REGISTRY_NAME).is_file():
+    if has_registry(runs_dir):
         try:
             with Registry(runs_dir) as registry:
                 queued = registry.job_ids(["queued"])

@@ -57,8 +57,8 @@ class Setting:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:  # a misspelt kind would be no kind at all: nothing checked, silently
-            raise SettingsError(f"Setting kind={self.kind!r}: not a kind; one of METRIC, PATH, METRIC_FIELDS, "
-                                f"HOST_PATH")
+            raise SettingsError(f"Setting kind={self.kind!r}: not a kind; one of "
+                                f"{', '.join(kind.upper() for kind in KINDS if kind)}")
         if self.type is not None and not isinstance(self.type, type):  # type="float", as a YAML schema names one
             raise SettingsError(f"Setting type={self.type!r} is not allowed: type= takes the type itself, one of str, "
                                 f"int, float, bool, list or dict (type=float), not its name")
