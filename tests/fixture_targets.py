@@ -311,10 +311,10 @@ def killed_once(hyperparameters: dict):
 
 
 class _SignalsRank0InAnAgreement:
-    """A metric (always 0) by which, at training batch `at` (an agreement's step: distributed.AGREE_EVERY), rank 0
-    says it got there (RUN_DIR/rank0-at-agreement) and rank 1, once it has, sends rank 0 a SIGTERM before it joins
-    the agreement itself: rank 0 has read that no signal came and waits in that broadcast, and its handler runs as
-    the broadcast returns."""
+    """A metric (always 0) by which, at training batch `at` (an agreement's step: distributed.AGREE_EVERY), rank 1
+    sends rank 0 a SIGTERM once rank 0 has entered that agreement's broadcast (RUN_DIR/rank0-at-agreement, touched by
+    rank 0's torch.distributed.broadcast as it is called: after rank 0 read that no signal came), and only then joins
+    it: rank 0 waits in the broadcast as the signal comes, and its handler runs as the broadcast returns."""
 
     def __init__(self, model, at: int):
         self.model, self.at, self.batches = model, at, 0
@@ -328,14 +328,26 @@ class _SignalsRank0InAnAgreement:
         run_dir = Path(os.environ["RUN_DIR"])
         there = run_dir / "rank0-at-agreement"
         if os.environ.get("RANK") == "0":
-            there.touch()
+            self._arm(there)
             return 0.0
         deadline = time.monotonic() + GATE_TIMEOUT_S
         while not there.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(0.5)  # rank 0, past its metrics, reads the signals and enters the broadcast, which waits for us
         os.kill(int((run_dir / "kernel.pid").read_text()), signal.SIGTERM)
         return 0.0
+
+    def _arm(self, there: Path) -> None:
+        """The next broadcast (the agreement at this step: the loop's next collective) touches `there` as it is
+        called."""
+        import torch.distributed as dist
+
+        broadcast = dist.broadcast
+
+        def touching(*args, **kwargs):
+            dist.broadcast = broadcast
+            there.touch()
+            return broadcast(*args, **kwargs)
+        dist.broadcast = touching
 
 
 def signalled_in_an_agreement(hyperparameters: dict):
